@@ -1,0 +1,60 @@
+"""Shared test fixtures: real services (PostgreSQL, Redis) when reachable.
+
+Tests that need a service skip with a clear reason when it is not reachable, unless
+BASTION_REQUIRE_SERVICES=1 (set by .ci/run), in which case they fail instead.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+
+import pytest
+
+POSTGRES_URL = os.environ.get("BASTION_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
+REDIS_URL = os.environ.get("BASTION_TEST_REDIS", "redis://127.0.0.1:6379/0")
+
+
+def _reachable(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+def require_service(name: str, host: str, port: int) -> None:
+    if _reachable(host, port):
+        return
+    message = f"{name} is not reachable at {host}:{port}"
+    if os.environ.get("BASTION_REQUIRE_SERVICES") == "1":
+        pytest.fail(f"{message} and BASTION_REQUIRE_SERVICES=1")
+    pytest.skip(f"SKIPPED: {message} (set BASTION_REQUIRE_SERVICES=1 to make this a failure)")
+
+
+@pytest.fixture
+def postgres_url() -> str:
+    """A PostgreSQL URL whose search_path is a fresh schema, dropped after the test."""
+    require_service("PostgreSQL", "127.0.0.1", 5432)
+    import psycopg
+
+    schema = f"t_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(POSTGRES_URL, autocommit=True) as conn:
+        conn.execute(f"CREATE SCHEMA {schema}")
+    yield f"{POSTGRES_URL}?options=-csearch_path%3D{schema}"
+    with psycopg.connect(POSTGRES_URL, autocommit=True) as conn:
+        conn.execute(f"DROP SCHEMA {schema} CASCADE")
+
+
+@pytest.fixture
+def sqlite_url(tmp_path) -> str:
+    return str(tmp_path / "bastion.db")
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request) -> str:
+    """Runs a test once on a real SQLite file and once on a real PostgreSQL schema."""
+    if request.param == "sqlite":
+        return request.getfixturevalue("sqlite_url")
+    return request.getfixturevalue("postgres_url")
