@@ -1,0 +1,384 @@
+"""The durable fact store: facts, policy versions and the change log, on SQLite or PostgreSQL.
+
+Every write is one transaction that also appends a row to the change log with the next sequence
+number. Writers are serialised (SQLite's write lock; a PostgreSQL advisory lock), so sequence
+order is commit order and a replica that has applied sequence N has seen every earlier write.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from bastion.db import Database
+from bastion.facts.model import (
+    FactError,
+    arg_to_json,
+    check_fact,
+    fact_from_json,
+    fact_to_json,
+    matches,
+)
+
+# Arguments 1..INDEXED_ARGS get a column of their own, so patterns on them are matched by SQL.
+INDEXED_ARGS = 4
+CHANGES_CHANNEL = "bastion_changes"
+
+_MIGRATIONS = [
+    """
+    CREATE TABLE facts (
+        key TEXT PRIMARY KEY,
+        predicate TEXT NOT NULL,
+        arity INTEGER NOT NULL,
+        a1 TEXT, a2 TEXT, a3 TEXT, a4 TEXT,
+        args TEXT NOT NULL,
+        expires_at DOUBLE PRECISION
+    );
+    CREATE INDEX facts_p_a1 ON facts (predicate, a1);
+    CREATE INDEX facts_p_a3 ON facts (predicate, a3);
+    CREATE TABLE changes (
+        seq BIGINT PRIMARY KEY,
+        at DOUBLE PRECISION NOT NULL,
+        actor TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        payload TEXT NOT NULL
+    );
+    CREATE TABLE policies (
+        version INTEGER PRIMARY KEY,
+        text TEXT NOT NULL,
+        source TEXT NOT NULL,
+        created_at DOUBLE PRECISION NOT NULL,
+        created_by TEXT NOT NULL,
+        note TEXT NOT NULL
+    );
+    """,
+]
+
+
+def _arg_key(arg: Any) -> str:
+    """One canonical text per argument value; ``true`` and ``1`` stay different."""
+    return json.dumps(arg_to_json(arg), sort_keys=True, separators=(",", ":"))
+
+
+def fact_key(fact: tuple) -> str:
+    """The canonical text of a fact: its identity in the store."""
+    return json.dumps(fact_to_json(fact), sort_keys=True, separators=(",", ":"))
+
+
+def epoch(expires_at: datetime | float | int | None) -> float | None:
+    """An expiry as epoch seconds (``None`` for a fact that never expires)."""
+    if expires_at is None:
+        return None
+    if isinstance(expires_at, datetime):
+        if expires_at.tzinfo is None:
+            raise FactError("expires_at must carry a time zone (for example UTC)")
+        return expires_at.timestamp()
+    if isinstance(expires_at, bool) or not isinstance(expires_at, (int, float)):
+        raise FactError(f"expires_at must be a datetime or epoch seconds, got {expires_at!r}")
+    return float(expires_at)
+
+
+@dataclass(frozen=True)
+class StoredFact:
+    fact: tuple
+    expires_at: float | None = None
+
+    def to_json(self) -> dict:
+        out = fact_to_json(self.fact)
+        if self.expires_at is not None:
+            out["expires_at"] = self.expires_at
+        return out
+
+    @classmethod
+    def from_json(cls, obj: Any) -> StoredFact:
+        fact = fact_from_json(obj)
+        return cls(fact, epoch(obj.get("expires_at")))
+
+
+@dataclass(frozen=True)
+class Change:
+    """One entry of the change log. ``kind`` is ``facts`` or ``policy``."""
+
+    seq: int
+    at: float
+    actor: str
+    kind: str
+    inserts: tuple[StoredFact, ...] = ()
+    deletes: tuple[tuple, ...] = ()
+    policy_version: int | None = None
+
+
+@dataclass(frozen=True)
+class PolicyVersion:
+    version: int
+    text: str
+    source: str
+    created_at: float
+    created_by: str
+    note: str
+
+    def summary(self) -> dict:
+        return {
+            "version": self.version,
+            "source": self.source,
+            "created_at": self.created_at,
+            "created_by": self.created_by,
+            "note": self.note,
+        }
+
+
+@dataclass(frozen=True)
+class WriteResult:
+    seq: int
+    inserted: int = 0
+    deleted: int = 0
+
+
+class FactStore:
+    """Facts, policy versions and the change log in one `Database`."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+        db.migrate("facts", _MIGRATIONS)
+
+    @classmethod
+    def open(cls, url: str) -> FactStore:
+        return cls(Database(url))
+
+    def close(self) -> None:
+        self.db.close()
+
+    # -- writes ----------------------------------------------------------------------------
+
+    def _begin_write(self) -> int:
+        """Inside a transaction: take the writers' lock and return the next sequence number."""
+        if self.db.is_postgres:
+            self.db.execute("SELECT pg_advisory_xact_lock(hashtext(?))", ("bastion:changes",))
+        return self.db.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM changes")[0][0]
+
+    def _log(self, seq: int, actor: str, kind: str, payload: dict) -> None:
+        self.db.execute(
+            "INSERT INTO changes (seq, at, actor, kind, payload) VALUES (?, ?, ?, ?, ?)",
+            (seq, time.time(), actor, kind, json.dumps(payload, separators=(",", ":"))),
+        )
+        if self.db.is_postgres:
+            # Delivered at commit; listeners then catch up by sequence.
+            self.db.execute("SELECT pg_notify(?, ?)", (CHANGES_CHANNEL, str(seq)))
+
+    def apply(
+        self,
+        inserts: Iterable[StoredFact | tuple] = (),
+        deletes: Iterable[tuple] = (),
+        *,
+        actor: str = "system",
+    ) -> WriteResult:
+        """Delete every fact matching the patterns, then insert the facts: all or nothing.
+
+        Inserting a fact that is already stored replaces its expiry. Returns the sequence of the
+        change (the consistency token) and the counts.
+        """
+        ins = [f if isinstance(f, StoredFact) else StoredFact(check_fact(f)) for f in inserts]
+        ins = [StoredFact(check_fact(f.fact), f.expires_at) for f in ins]
+        dels = [check_fact(p, pattern=True) for p in deletes]
+        with self.db.transaction():
+            seq = self._begin_write()
+            deleted = sum(self._delete_matching(p) for p in dels)
+            self._upsert(ins)
+            self._log(
+                seq,
+                actor,
+                "facts",
+                {
+                    "insert": [f.to_json() for f in ins],
+                    "delete": [fact_to_json(p) for p in dels],
+                },
+            )
+        return WriteResult(seq, inserted=len(ins), deleted=deleted)
+
+    def _upsert(self, facts: Sequence[StoredFact]) -> None:
+        rows = []
+        for f in facts:
+            args = f.fact[1:]
+            cols = [_arg_key(a) for a in args[:INDEXED_ARGS]]
+            cols += [None] * (INDEXED_ARGS - len(cols))
+            rows.append(
+                (
+                    fact_key(f.fact),
+                    f.fact[0],
+                    len(args),
+                    *cols,
+                    json.dumps([arg_to_json(a) for a in args], separators=(",", ":")),
+                    f.expires_at,
+                )
+            )
+        if rows:
+            self.db.executemany(
+                "INSERT INTO facts (key, predicate, arity, a1, a2, a3, a4, args, expires_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                " ON CONFLICT (key) DO UPDATE SET expires_at = excluded.expires_at",
+                rows,
+            )
+
+    def _where(self, pattern: tuple) -> tuple[str, list]:
+        sql = ["predicate = ?", "arity = ?"]
+        params: list = [pattern[0], len(pattern) - 1]
+        for i, arg in enumerate(pattern[1 : INDEXED_ARGS + 1], start=1):
+            if arg is not None:
+                sql.append(f"a{i} = ?")
+                params.append(_arg_key(arg))
+        return " AND ".join(sql), params
+
+    def _delete_matching(self, pattern: tuple) -> int:
+        where, params = self._where(pattern)
+        rest = pattern[INDEXED_ARGS + 1 :]
+        if all(a is None for a in rest):
+            return len(self.db.execute(f"DELETE FROM facts WHERE {where} RETURNING key", params))
+        keys = [(fact_key(f.fact),) for f in self._select(pattern)]
+        self.db.executemany("DELETE FROM facts WHERE key = ?", keys)
+        return len(keys)
+
+    # -- reads -----------------------------------------------------------------------------
+
+    def _select(
+        self, pattern: tuple | None, *, after: str = "", limit: int | None = None
+    ) -> list[StoredFact]:
+        if pattern is None:
+            where, params = "1 = 1", []
+        else:
+            where, params = self._where(pattern)
+        sql = f"SELECT key, predicate, args, expires_at FROM facts WHERE {where} AND key > ?"
+        params = [*params, after]
+        sql += " ORDER BY key"
+        if limit is not None:
+            sql += f" LIMIT {int(limit)}"
+        out = []
+        for _key, predicate, args, expires_at in self.db.execute(sql, params):
+            fact = fact_from_json({"predicate": predicate, "args": json.loads(args)})
+            if pattern is None or matches(fact, pattern):
+                out.append(StoredFact(fact, expires_at))
+        return out
+
+    def get(
+        self,
+        pattern: tuple | None = None,
+        *,
+        after: str = "",
+        limit: int | None = None,
+        include_expired: bool = False,
+    ) -> list[StoredFact]:
+        """Stored facts matching ``pattern`` (``None`` for all) in key order, from ``after`` on.
+
+        Use `fact_key` of the last fact returned as ``after`` to read the next page.
+        """
+        if pattern is not None:
+            pattern = check_fact(pattern, pattern=True)
+        now = time.time()
+        facts = self._select(pattern, after=after, limit=limit)
+        if include_expired:
+            return facts
+        return [f for f in facts if f.expires_at is None or f.expires_at > now]
+
+    def iter_all(self, *, batch: int = 5000, include_expired: bool = False) -> Iterator[StoredFact]:
+        """Every stored fact, read a page at a time."""
+        after = ""
+        while True:
+            page = self._select(None, after=after, limit=batch)
+            if not page:
+                return
+            now = time.time()
+            for f in page:
+                if include_expired or f.expires_at is None or f.expires_at > now:
+                    yield f
+            after = fact_key(page[-1].fact)
+
+    def count(self) -> int:
+        return self.db.execute("SELECT COUNT(*) FROM facts")[0][0]
+
+    def snapshot(self) -> tuple[int, list[StoredFact], PolicyVersion | None]:
+        """The head sequence, all live facts and the policy in force, as of one moment."""
+        with self.db.transaction():
+            if self.db.is_postgres:
+                self.db.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+            seq = self.head()
+            facts = list(self.iter_all(batch=50_000))
+            policy = self.policy()
+        return seq, facts, policy
+
+    # -- change log ------------------------------------------------------------------------
+
+    def head(self) -> int:
+        """The sequence of the latest committed change (0 for an empty store)."""
+        return self.db.execute("SELECT COALESCE(MAX(seq), 0) FROM changes")[0][0]
+
+    def changes_since(self, seq: int, *, limit: int = 100) -> list[Change]:
+        rows = self.db.execute(
+            "SELECT seq, at, actor, kind, payload FROM changes WHERE seq > ? ORDER BY seq"
+            f" LIMIT {int(limit)}",
+            (seq,),
+        )
+        out = []
+        for seq_, at, actor, kind, payload in rows:
+            body = json.loads(payload)
+            if kind == "facts":
+                out.append(
+                    Change(
+                        seq_,
+                        at,
+                        actor,
+                        kind,
+                        inserts=tuple(StoredFact.from_json(f) for f in body["insert"]),
+                        deletes=tuple(fact_from_json(p, pattern=True) for p in body["delete"]),
+                    )
+                )
+            else:
+                out.append(Change(seq_, at, actor, kind, policy_version=body["version"]))
+        return out
+
+    # -- policy versions -------------------------------------------------------------------
+
+    def put_policy(
+        self, text: str, *, source: str = "policy.polar", actor: str = "system", note: str = ""
+    ) -> tuple[int, int]:
+        """Store a new policy version and make it the one in force. Returns (version, seq).
+
+        The caller validates the text first; the store keeps whatever it is given.
+        """
+        with self.db.transaction():
+            seq = self._begin_write()
+            version = self.db.execute("SELECT COALESCE(MAX(version), 0) + 1 FROM policies")[0][0]
+            self.db.execute(
+                "INSERT INTO policies (version, text, source, created_at, created_by, note)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                (version, text, source, time.time(), actor, note),
+            )
+            self._log(seq, actor, "policy", {"version": version})
+        return version, seq
+
+    def policy(self, version: int | None = None) -> PolicyVersion | None:
+        """A policy version (the one in force, the latest, when ``version`` is None)."""
+        sql = "SELECT version, text, source, created_at, created_by, note FROM policies"
+        if version is None:
+            rows = self.db.execute(sql + " ORDER BY version DESC LIMIT 1")
+        else:
+            rows = self.db.execute(sql + " WHERE version = ?", (version,))
+        return PolicyVersion(*rows[0]) if rows else None
+
+    def policy_versions(self) -> list[PolicyVersion]:
+        rows = self.db.execute(
+            "SELECT version, text, source, created_at, created_by, note FROM policies"
+            " ORDER BY version"
+        )
+        return [PolicyVersion(*r) for r in rows]
+
+    def rollback_policy(self, version: int, *, actor: str = "system") -> tuple[int, int]:
+        """Put an earlier version's text back in force as a new version. Returns (version, seq)."""
+        old = self.policy(version)
+        if old is None:
+            raise LookupError(f"there is no policy version {version}")
+        return self.put_policy(
+            old.text, source=old.source, actor=actor, note=f"rollback to version {version}"
+        )

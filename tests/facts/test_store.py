@@ -1,0 +1,202 @@
+"""The durable fact store behaves the same on a real SQLite file and a real PostgreSQL schema."""
+
+from __future__ import annotations
+
+import threading
+import time
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from bastion.db import Database
+from bastion.facts.model import Entity, FactError
+from bastion.facts.store import FactStore, StoredFact, fact_key
+
+ALICE = Entity("User", "alice")
+BOB = Entity("User", "bob")
+ACME = Entity("Org", "acme")
+ANVIL = Entity("Repo", "anvil")
+
+
+@pytest.fixture
+def store(database_url):
+    s = FactStore.open(database_url)
+    yield s
+    s.close()
+
+
+def facts_of(store: FactStore, pattern=None) -> set[tuple]:
+    return {f.fact for f in store.get(pattern)}
+
+
+def test_inserted_facts_survive_reopening_the_store(database_url):
+    s = FactStore.open(database_url)
+    s.apply([("has_role", ALICE, "admin", ACME), ("is_public", ANVIL)])
+    s.close()
+    s = FactStore.open(database_url)
+    assert facts_of(s) == {("has_role", ALICE, "admin", ACME), ("is_public", ANVIL)}
+    s.close()
+
+
+def test_every_write_gets_the_next_sequence(store):
+    assert store.head() == 0
+    first = store.apply([("is_public", ANVIL)])
+    second = store.apply(deletes=[("is_public", None)])
+    version, third = store.put_policy("allow(_, _, _);")
+    assert (first.seq, second.seq, third) == (1, 2, 3)
+    assert version == 1
+    assert store.head() == 3
+    changes = store.changes_since(0)
+    assert [c.seq for c in changes] == [1, 2, 3]
+    assert changes[0].inserts == (StoredFact(("is_public", ANVIL)),)
+    assert changes[1].deletes == (("is_public", None),)
+    assert changes[2].kind == "policy" and changes[2].policy_version == 1
+    assert [c.seq for c in store.changes_since(2)] == [3]
+
+
+def test_wildcard_delete_removes_only_matching_facts(store):
+    store.apply(
+        [
+            ("has_role", ALICE, "admin", ACME),
+            ("has_role", ALICE, "member", ANVIL),
+            ("has_role", BOB, "admin", ACME),
+        ]
+    )
+    result = store.apply(deletes=[("has_role", ALICE, None, None)])
+    assert result.deleted == 2
+    assert facts_of(store) == {("has_role", BOB, "admin", ACME)}
+
+
+def test_values_of_different_types_are_different_facts(store):
+    store.apply([("level", ALICE, 1), ("level", ALICE, True), ("level", ALICE, "1")])
+    assert len(store.get()) == 3
+    store.apply(deletes=[("level", ALICE, True)])
+    assert facts_of(store) == {("level", ALICE, 1), ("level", ALICE, "1")}
+
+
+def test_patterns_beyond_the_indexed_columns_still_match_exactly(store):
+    wide = ("wide", ALICE, "a", "b", "c", "d", "e")
+    other = ("wide", ALICE, "a", "b", "c", "d", "f")
+    store.apply([wide, other])
+    assert facts_of(store, ("wide", None, None, None, None, None, "e")) == {wide}
+    assert store.apply(deletes=[("wide", None, None, None, None, None, "f")]).deleted == 1
+    assert facts_of(store) == {wide}
+
+
+def test_a_batch_that_fails_changes_nothing(store):
+    store.apply([("is_public", ANVIL)])
+    with pytest.raises(FactError):
+        store.apply(
+            [("has_role", ALICE, "admin", ACME), ("bad", 1.5)], deletes=[("is_public", None)]
+        )
+    assert facts_of(store) == {("is_public", ANVIL)}
+    assert store.head() == 1
+
+
+def test_a_batch_interrupted_inside_the_transaction_leaves_nothing(store):
+    class Boom(Exception):
+        pass
+
+    original = store._upsert
+
+    def upsert_then_fail(rows):
+        original(rows)
+        raise Boom
+
+    store._upsert = upsert_then_fail
+    with pytest.raises(Boom):
+        store.apply([("is_public", ANVIL)], deletes=[])
+    store._upsert = original
+    assert store.get() == [] and store.head() == 0 and store.changes_since(0) == []
+
+
+def test_inserting_again_replaces_the_expiry(store):
+    later = datetime.now(UTC) + timedelta(hours=1)
+    store.apply([StoredFact(("is_public", ANVIL), later.timestamp())])
+    assert store.get()[0].expires_at == pytest.approx(later.timestamp())
+    store.apply([("is_public", ANVIL)])
+    assert store.get()[0].expires_at is None
+    assert len(store.get()) == 1
+
+
+def test_expired_facts_are_not_returned(store):
+    store.apply(
+        [StoredFact(("is_public", ANVIL), time.time() - 1), StoredFact(("is_public", ACME), None)]
+    )
+    assert facts_of(store) == {("is_public", ACME)}
+    assert len(store.get(include_expired=True)) == 2
+    _, live, _ = store.snapshot()
+    assert {f.fact for f in live} == {("is_public", ACME)}
+
+
+def test_pages_cover_every_fact_once(store):
+    store.apply([("is_public", Entity("Repo", f"r{i}")) for i in range(25)])
+    seen, after = [], ""
+    while page := store.get(("is_public", None), after=after, limit=10):
+        seen += [f.fact for f in page]
+        after = fact_key(page[-1].fact)
+    assert len(seen) == 25 and len(set(seen)) == 25
+
+
+def test_policy_versions_keep_who_and_when_and_roll_back(store):
+    store.put_policy('allow(_, "read", _);', actor="key:ops", source="a.polar")
+    store.put_policy('allow(_, "write", _);', actor="key:dev")
+    assert store.policy().text == 'allow(_, "write", _);'
+    version, _ = store.rollback_policy(1, actor="key:ops")
+    assert version == 3
+    assert store.policy().text == 'allow(_, "read", _);'
+    versions = store.policy_versions()
+    assert [v.created_by for v in versions] == ["key:ops", "key:dev", "key:ops"]
+    assert versions[2].note == "rollback to version 1"
+    with pytest.raises(LookupError):
+        store.rollback_policy(42)
+
+
+def test_snapshot_matches_the_head_sequence(store):
+    store.apply([("is_public", ANVIL)])
+    store.put_policy("allow(_, _, _);")
+    seq, facts, policy = store.snapshot()
+    assert seq == 2 and [f.fact for f in facts] == [("is_public", ANVIL)]
+    assert policy.version == 1
+
+
+def test_two_stores_starting_at_once_migrate_once(database_url):
+    errors = []
+
+    def start():
+        try:
+            FactStore(Database(database_url)).close()
+        except Exception as e:  # pragma: no cover - the failure this test looks for
+            errors.append(e)
+
+    threads = [threading.Thread(target=start) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    db = Database(database_url)
+    assert db.execute("SELECT COUNT(*) FROM schema_migrations WHERE component = 'facts'") == [(1,)]
+    db.close()
+
+
+def test_concurrent_writers_get_distinct_gapless_sequences(database_url):
+    stores = [FactStore.open(database_url) for _ in range(3)]
+    seqs: list[int] = []
+    lock = threading.Lock()
+
+    def write(s: FactStore, n: int):
+        for i in range(10):
+            r = s.apply([("is_public", Entity("Repo", f"{n}-{i}"))])
+            with lock:
+                seqs.append(r.seq)
+
+    threads = [threading.Thread(target=write, args=(s, n)) for n, s in enumerate(stores)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(seqs) == list(range(1, 31))
+    assert stores[0].count() == 30
+    for s in stores:
+        s.close()
