@@ -1,0 +1,104 @@
+"""Server configuration: `bastion.toml`, then ``BASTION_*`` environment variables over it.
+
+Every key, its default and its meaning is listed in docs/operations.md.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+DEFAULT_CONFIG_FILE = "bastion.toml"
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot be used; the message names the key and the fix."""
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    # A SQLite file path, or a postgresql:// URL.
+    database: str = "bastion.db"
+    # Loaded into the store at start when the store holds no policy yet.
+    policy_file: str = ""
+    # Requests larger than this are refused with 413 (bulk import has its own limit).
+    max_body_bytes: int = 1_048_576
+    max_import_bytes: int = 512 * 1_048_576
+    # How long a decision with at_least=<seq> may wait for this replica to catch up.
+    consistency_timeout: float = 2.0
+    # How often a replica polls the change log when no notification arrives.
+    poll_interval: float = 0.05
+    # Decisions remembered per process for /v1/decisions/{id}.
+    decision_log_size: int = 10_000
+    log_level: str = "info"
+    # Read from the environment only: an admin key accepted besides the stored ones.
+    admin_key: str = field(default="", repr=False)
+    # The [oauth] table, handed to the authorization server as it is.
+    oauth: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def load(
+        cls,
+        path: str | os.PathLike | None = None,
+        *,
+        env: dict[str, str] | None = None,
+        overrides: dict[str, Any] | None = None,
+    ) -> ServerConfig:
+        """Defaults, then the TOML file (if it exists), then ``BASTION_*``, then ``overrides``.
+
+        An explicitly named file must exist; the default ``bastion.toml`` may be absent.
+        """
+        env = dict(os.environ if env is None else env)
+        values: dict[str, Any] = {}
+        file = Path(path or env.get("BASTION_CONFIG") or DEFAULT_CONFIG_FILE)
+        if file.exists():
+            try:
+                data = tomllib.loads(file.read_text())
+            except tomllib.TOMLDecodeError as e:
+                raise ConfigError(f"{file}: {e}") from None
+            server = data.get("server", {})
+            for key, value in server.items():
+                values[key] = value
+            if "oauth" in data:
+                values["oauth"] = data["oauth"]
+        elif path is not None:
+            raise ConfigError(f"configuration file {file} does not exist")
+        names = {f.name: f for f in fields(cls)}
+        for name in names:
+            if name == "oauth":
+                continue
+            var = f"BASTION_{name.upper()}"
+            if var in env:
+                values[name] = env[var]
+        values.update(overrides or {})
+        config = cls()
+        checked = {}
+        for key, value in values.items():
+            if key not in names:
+                raise ConfigError(
+                    f"unknown key [server].{key}; known keys: {', '.join(sorted(names))}"
+                )
+            checked[key] = _coerce(key, value, type(getattr(config, key)))
+        return replace(config, **checked)
+
+
+def _coerce(key: str, value: Any, kind: type) -> Any:
+    if kind is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"[{key}] must be a table")
+        return value
+    try:
+        if kind is int and not isinstance(value, bool):
+            return int(value)
+        if kind is float and not isinstance(value, bool):
+            return float(value)
+        if kind is str:
+            return str(value)
+    except (TypeError, ValueError):
+        pass
+    raise ConfigError(f"{key} must be a {kind.__name__}, got {value!r}")

@@ -1,0 +1,183 @@
+"""API keys for the `/v1` API: random, stored only as SHA-256 hashes, with scopes and expiry.
+
+A key reads ``bst_<id>_<secret>``: the id finds the row, the secret (32 random bytes) makes it
+unguessable. A plain SHA-256 is enough because the key is high-entropy, not a password: there is
+no dictionary to try, so a slow hash would add nothing but latency to every request.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+import time
+from dataclasses import dataclass
+
+from bastion.db import Database
+
+SCOPES = ("decide", "facts:read", "facts:write", "policy:read", "policy:write", "admin")
+KEY_PREFIX = "bst_"
+
+_MIGRATIONS = [
+    """
+    CREATE TABLE api_keys (
+        id TEXT PRIMARY KEY,
+        hash TEXT NOT NULL,
+        name TEXT NOT NULL,
+        scopes TEXT NOT NULL,
+        created_at DOUBLE PRECISION NOT NULL,
+        created_by TEXT NOT NULL,
+        expires_at DOUBLE PRECISION,
+        revoked_at DOUBLE PRECISION
+    );
+    """,
+]
+
+
+def _hash(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class ApiKey:
+    """What the server knows about a key: never the key itself."""
+
+    id: str
+    name: str
+    scopes: frozenset[str]
+    created_at: float
+    created_by: str
+    expires_at: float | None = None
+    revoked_at: float | None = None
+
+    def allows(self, scope: str) -> bool:
+        return "admin" in self.scopes or scope in self.scopes
+
+    @property
+    def principal(self) -> str:
+        """How writes made with this key are recorded (policy versions, change log)."""
+        return f"key:{self.id}:{self.name}"
+
+    def to_json(self) -> dict:
+        return {
+            "id": self.id,
+            "name": self.name,
+            "scopes": sorted(self.scopes),
+            "created_at": self.created_at,
+            "created_by": self.created_by,
+            "expires_at": self.expires_at,
+            "revoked_at": self.revoked_at,
+        }
+
+
+def check_scopes(scopes: list[str] | tuple[str, ...]) -> frozenset[str]:
+    unknown = [s for s in scopes if s not in SCOPES]
+    if unknown or not scopes:
+        raise ValueError(
+            f"unknown scope(s) {', '.join(map(repr, unknown))}; choose from {', '.join(SCOPES)}"
+            if unknown
+            else f"a key needs at least one scope; choose from {', '.join(SCOPES)}"
+        )
+    return frozenset(scopes)
+
+
+class KeyStore:
+    """API keys in the shared `Database`."""
+
+    def __init__(
+        self, db: Database, *, env_admin_key: str | None = None, cache_seconds: float = 1.0
+    ) -> None:
+        self.db = db
+        # Verified keys are remembered briefly so decisions do not wait on the database; a
+        # revocation therefore reaches every replica within ``cache_seconds``.
+        self._cache: dict[str, tuple[float, ApiKey | None]] = {}
+        self._cache_seconds = cache_seconds
+        db.migrate("api_keys", _MIGRATIONS)
+        self._env_hash = None
+        if env_admin_key:
+            if len(env_admin_key) < 32:
+                raise ValueError(
+                    "BASTION_ADMIN_KEY must be at least 32 random characters;"
+                    " make one with: python -c 'import secrets; print(secrets.token_urlsafe(32))'"
+                )
+            self._env_hash = _hash(env_admin_key)
+
+    def create(
+        self,
+        name: str,
+        scopes: list[str] | tuple[str, ...],
+        *,
+        expires_in: float | None = None,
+        created_by: str = "cli",
+    ) -> tuple[str, ApiKey]:
+        """Make a key; return the key (shown once, never stored) and its record."""
+        scope_set = check_scopes(list(scopes))
+        key_id = secrets.token_hex(6)
+        key = f"{KEY_PREFIX}{key_id}_{secrets.token_urlsafe(32)}"
+        now = time.time()
+        expires_at = now + expires_in if expires_in else None
+        self.db.execute(
+            "INSERT INTO api_keys (id, hash, name, scopes, created_at, created_by, expires_at)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (key_id, _hash(key), name, " ".join(sorted(scope_set)), now, created_by, expires_at),
+        )
+        return key, ApiKey(key_id, name, scope_set, now, created_by, expires_at)
+
+    def _row(self, key_id: str) -> tuple | None:
+        rows = self.db.execute(
+            "SELECT id, hash, name, scopes, created_at, created_by, expires_at, revoked_at"
+            " FROM api_keys WHERE id = ?",
+            (key_id,),
+        )
+        return rows[0] if rows else None
+
+    @staticmethod
+    def _record(row: tuple) -> ApiKey:
+        id_, _hash_, name, scopes, created_at, created_by, expires_at, revoked_at = row
+        return ApiKey(
+            id_, name, frozenset(scopes.split()), created_at, created_by, expires_at, revoked_at
+        )
+
+    def verify(self, key: str) -> ApiKey | None:
+        """The record of a valid key, or None if unknown, wrong, expired or revoked."""
+        digest = _hash(key)
+        now = time.monotonic()
+        hit = self._cache.get(digest)
+        if hit is not None and hit[0] > now:
+            return hit[1]
+        record = self._verify(key)
+        if len(self._cache) > 10_000:
+            self._cache.clear()
+        self._cache[digest] = (now + self._cache_seconds, record)
+        return record
+
+    def _verify(self, key: str) -> ApiKey | None:
+        if self._env_hash is not None and hmac.compare_digest(_hash(key), self._env_hash):
+            return ApiKey("env", "BASTION_ADMIN_KEY", frozenset({"admin"}), 0.0, "environment")
+        if not key.startswith(KEY_PREFIX):
+            return None
+        key_id, _, _secret = key[len(KEY_PREFIX) :].partition("_")
+        row = self._row(key_id)
+        if row is None or not hmac.compare_digest(row[1], _hash(key)):
+            return None
+        record = self._record(row)
+        now = time.time()
+        if record.revoked_at is not None or (record.expires_at and record.expires_at <= now):
+            return None
+        return record
+
+    def list(self) -> list[ApiKey]:
+        rows = self.db.execute(
+            "SELECT id, hash, name, scopes, created_at, created_by, expires_at, revoked_at"
+            " FROM api_keys ORDER BY created_at"
+        )
+        return [self._record(r) for r in rows]
+
+    def revoke(self, key_id: str) -> bool:
+        """Revoke a key at once; False if there is no such key or it was already revoked."""
+        rows = self.db.execute(
+            "UPDATE api_keys SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL RETURNING id",
+            (time.time(), key_id),
+        )
+        self._cache.clear()
+        return bool(rows)

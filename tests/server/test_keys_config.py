@@ -1,0 +1,96 @@
+"""API keys are stored only as hashes and refused once expired or revoked; configuration layers."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from bastion.db import Database
+from bastion.server.config import ConfigError, ServerConfig
+from bastion.server.keys import KeyStore
+
+
+@pytest.fixture
+def keys(database_url):
+    db = Database(database_url)
+    yield KeyStore(db, cache_seconds=0)
+    db.close()
+
+
+def test_a_created_key_verifies_with_its_scopes(keys):
+    key, record = keys.create("ci", ["decide", "facts:read"])
+    found = keys.verify(key)
+    assert found is not None and found.id == record.id
+    assert found.allows("decide") and not found.allows("facts:write")
+
+
+def test_the_store_holds_only_a_hash_of_the_key(keys):
+    key, record = keys.create("ci", ["admin"])
+    rows = keys.db.execute("SELECT * FROM api_keys")
+    assert key not in repr(rows)
+    assert key.split("_")[-1] not in repr(rows)
+
+
+def test_a_wrong_secret_with_a_real_id_is_refused(keys):
+    key, _ = keys.create("ci", ["admin"])
+    forged = key[:-4] + ("AAAA" if not key.endswith("AAAA") else "BBBB")
+    assert keys.verify(forged) is None
+    assert keys.verify("bst_nothere_x") is None
+    assert keys.verify("") is None
+
+
+def test_a_revoked_key_is_refused_at_once(keys):
+    key, record = keys.create("ci", ["admin"])
+    assert keys.revoke(record.id)
+    assert keys.verify(key) is None
+    assert not keys.revoke(record.id)
+
+
+def test_an_expired_key_is_refused(keys):
+    key, _ = keys.create("short", ["decide"], expires_in=0.01)
+    time.sleep(0.05)
+    assert keys.verify(key) is None
+
+
+def test_unknown_scopes_are_refused_with_the_list_of_known_ones(keys):
+    with pytest.raises(ValueError, match="facts:write"):
+        keys.create("x", ["facts:rw"])
+    with pytest.raises(ValueError):
+        keys.create("x", [])
+
+
+def test_the_environment_admin_key_must_be_long_and_grants_admin(database_url):
+    db = Database(database_url)
+    with pytest.raises(ValueError, match="32"):
+        KeyStore(db, env_admin_key="secret")
+    strong = "k" * 40
+    store = KeyStore(db, env_admin_key=strong)
+    assert store.verify(strong).allows("policy:write")
+    assert store.verify("k" * 39) is None
+    db.close()
+
+
+def test_config_defaults_file_and_environment_layer(tmp_path):
+    defaults = ServerConfig.load(None, env={"BASTION_CONFIG": str(tmp_path / "absent.toml")})
+    assert (defaults.host, defaults.port, defaults.admin_key) == ("127.0.0.1", 8000, "")
+    file = tmp_path / "bastion.toml"
+    file.write_text(
+        '[server]\nport = 9001\ndatabase = "x.db"\n[oauth]\nissuer = "http://127.0.0.1"\n'
+    )
+    config = ServerConfig.load(file, env={"BASTION_PORT": "9002"})
+    assert (config.host, config.port, config.database) == ("127.0.0.1", 9002, "x.db")
+    assert config.oauth == {"issuer": "http://127.0.0.1"}
+
+
+def test_config_refuses_unknown_keys_and_bad_types(tmp_path):
+    file = tmp_path / "bastion.toml"
+    file.write_text("[server]\nprot = 9001\n")
+    with pytest.raises(ConfigError, match="prot"):
+        ServerConfig.load(file, env={})
+    with pytest.raises(ConfigError, match="port"):
+        ServerConfig.load(
+            None, env={"BASTION_PORT": "eighty", "BASTION_CONFIG": str(tmp_path / "x")}
+        )
+    with pytest.raises(ConfigError, match="does not exist"):
+        ServerConfig.load(tmp_path / "missing.toml", env={})
