@@ -1,0 +1,85 @@
+"""An append-only audit event log stored in bastion's database (SQLite or PostgreSQL).
+
+Each event has a kind (``token.issued``, ``grant.revoked``...), the actor and subject it concerns,
+the OAuth client when there is one, and a JSON detail. The gateway adds decision records later.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from bastion.db import Database
+
+_MIGRATIONS = [
+    """
+    CREATE TABLE audit_events (
+        id TEXT PRIMARY KEY,
+        at DOUBLE PRECISION NOT NULL,
+        kind TEXT NOT NULL,
+        subject TEXT,
+        client_id TEXT,
+        detail TEXT NOT NULL
+    );
+    CREATE INDEX audit_events_kind_at ON audit_events (kind, at);
+    """,
+]
+
+
+@dataclass(frozen=True)
+class AuditEvent:
+    """One recorded event."""
+
+    id: str
+    at: float
+    kind: str
+    subject: str | None
+    client_id: str | None
+    detail: dict[str, Any] = field(default_factory=dict)
+
+
+class AuditLog:
+    """Writes and reads audit events. Details must never hold secrets (tokens, passwords, keys)."""
+
+    def __init__(self, db: Database, clock: Callable[[], float] = time.time) -> None:
+        self.db = db
+        self.clock = clock
+        db.migrate("audit", _MIGRATIONS)
+
+    def record(
+        self,
+        kind: str,
+        *,
+        subject: str | None = None,
+        client_id: str | None = None,
+        **detail: Any,
+    ) -> AuditEvent:
+        event = AuditEvent(uuid.uuid4().hex, self.clock(), kind, subject, client_id, detail)
+        self.db.execute(
+            "INSERT INTO audit_events (id, at, kind, subject, client_id, detail)"
+            " VALUES (?, ?, ?, ?, ?, ?)",
+            (
+                event.id,
+                event.at,
+                kind,
+                subject,
+                client_id,
+                json.dumps(detail, sort_keys=True, default=str),
+            ),
+        )
+        return event
+
+    def events(self, kind: str | None = None, limit: int = 1000) -> list[AuditEvent]:
+        """The most recent events first, optionally of one kind."""
+        sql = "SELECT id, at, kind, subject, client_id, detail FROM audit_events"
+        params: tuple = ()
+        if kind is not None:
+            sql += " WHERE kind = ?"
+            params = (kind,)
+        sql += " ORDER BY at DESC, id LIMIT ?"
+        rows = self.db.execute(sql, (*params, limit))
+        return [AuditEvent(r[0], r[1], r[2], r[3], r[4], json.loads(r[5])) for r in rows]

@@ -1,0 +1,391 @@
+"""The authorization endpoint (RFC 6749 §4.1, as profiled by OAuth 2.1 and MCP): validates the
+request, has the person log in and consent, and redirects back with a code and the issuer
+(RFC 9207). PKCE S256 is required (RFC 7636), the redirect URI must match a registered one
+exactly, and the ``resource`` (RFC 8707) must be one of the configured protected resources.
+
+Errors that cannot be trusted to the redirect URI (unknown client, unregistered redirect URI,
+a forged or expired form) are shown on a page; every other error goes back to the client.
+"""
+
+from __future__ import annotations
+
+import hmac
+import uuid
+from typing import TYPE_CHECKING
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+from starlette.requests import Request
+from starlette.responses import RedirectResponse, Response
+
+from bastion.oauth import pages, pkce
+from bastion.oauth.errors import InvalidScope, InvalidTarget, OAuthError
+from bastion.oauth.store import Client, Grant, PendingAuthorization, digest, new_secret
+from bastion.oauth.users import check_password
+
+if TYPE_CHECKING:
+    from bastion.oauth.server import AuthorizationServer
+
+SESSION_COOKIE = "bastion_session"
+BROWSER_COOKIE = "bastion_browser"
+PENDING_SECONDS = 600
+_SINGLE = (
+    "response_type",
+    "client_id",
+    "redirect_uri",
+    "state",
+    "scope",
+    "code_challenge",
+    "code_challenge_method",
+    "resource",
+    "prompt",
+)
+
+
+class _PageError(Exception):
+    """An error shown to the person, never sent to a redirect URI that is not trusted."""
+
+    def __init__(self, error: str, description: str, status: int = 400) -> None:
+        super().__init__(description)
+        self.response = pages.error_page(error, description, status)
+
+
+def redirect_with(uri: str, params: dict[str, str | None], status: int = 302) -> RedirectResponse:
+    """Redirect to ``uri`` with ``params`` added to its query (keeping the query it already has)."""
+    parts = urlsplit(uri)
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    query += [(k, v) for k, v in params.items() if v is not None]
+    location = urlunsplit((parts.scheme, parts.netloc, parts.path, urlencode(query), ""))
+    return RedirectResponse(location, status_code=status, headers={"Cache-Control": "no-store"})
+
+
+def select_scope(requested: str | None, resource_scopes: tuple[str, ...], client: Client) -> str:
+    """The scope to grant: the requested one if allowed, else the resource's (and client's) all."""
+    allowed = set(resource_scopes)
+    if client.scope is not None:
+        allowed &= set(client.scope.split())
+    if requested is None or not requested.strip():
+        return " ".join(s for s in resource_scopes if s in allowed)
+    wanted = list(dict.fromkeys(requested.split()))
+    refused = [s for s in wanted if s not in allowed]
+    if refused:
+        raise InvalidScope(
+            f"scopes {refused} are not available to this client for this resource;"
+            f" available: {sorted(allowed)}"
+        )
+    return " ".join(wanted)
+
+
+class AuthorizationEndpoint:
+    def __init__(self, server: AuthorizationServer) -> None:
+        self.server = server
+        self.settings = server.settings
+        self.store = server.store
+        self.secure_cookies = self.settings.issuer.startswith("https://")
+        self.cookie_path = self.settings.issuer_path or "/"
+
+    # GET /authorize
+
+    async def authorize(self, request: Request) -> Response:
+        try:
+            return await self._authorize(request)
+        except _PageError as error:
+            return error.response
+
+    async def _authorize(self, request: Request) -> Response:
+        query = request.query_params
+        repeated = [k for k in _SINGLE if len(query.getlist(k)) > 1]
+        client_id = query.get("client_id")
+        if not client_id:
+            raise _PageError("invalid_request", "client_id is missing")
+        client = await self._client(client_id)
+        redirect_uri = query.get("redirect_uri")
+        if redirect_uri is None and len(client.redirect_uris) == 1:
+            redirect_uri = client.redirect_uris[0]
+        if redirect_uri is None or "redirect_uri" in repeated:
+            raise _PageError("invalid_request", "redirect_uri is required (exactly once)")
+        if redirect_uri not in client.redirect_uris:
+            raise _PageError(
+                "invalid_request",
+                "redirect_uri does not exactly match any redirect URI registered for this client",
+            )
+        state = query.get("state") if "state" not in repeated else None
+        try:
+            pending = self._validate(query, client, redirect_uri, state, repeated)
+        except OAuthError as error:
+            self.server.audit.record(
+                "authorization.refused",
+                client_id=client.client_id,
+                error=error.error,
+                description=error.description,
+            )
+            return self._error_redirect(redirect_uri, state, error)
+        browser = request.cookies.get(BROWSER_COOKIE) or new_secret()
+        pending = PendingAuthorization(**{**pending.__dict__, "browser_digest": digest(browser)})
+        self.store.save_pending(pending)
+        username = self._session_user(request)
+        if username is not None:
+            response = self._after_login(pending, client, username, query.get("prompt"), 302)
+        else:
+            response = self._login_page(pending, client)
+        self._set_cookie(response, BROWSER_COOKIE, browser, PENDING_SECONDS)
+        return response
+
+    def _validate(
+        self, query, client: Client, redirect_uri: str, state: str | None, repeated: list[str]
+    ) -> PendingAuthorization:
+        if repeated:
+            raise OAuthError("invalid_request", f"parameters {repeated} must appear at most once")
+        if query.get("response_type") != "code":
+            raise OAuthError(
+                "unsupported_response_type",
+                f"response_type {query.get('response_type')!r} is not supported; use 'code'",
+            )
+        if "authorization_code" not in client.grant_types:
+            raise OAuthError(
+                "unauthorized_client", "this client is not registered for authorization_code"
+            )
+        challenge = pkce.require_s256_challenge(
+            query.get("code_challenge"), query.get("code_challenge_method")
+        )
+        resources = query.getlist("resource")
+        if len(resources) != 1:
+            raise InvalidTarget(
+                "exactly one resource parameter (RFC 8707) naming the protected resource is required"
+            )
+        resource = self.settings.resource(resources[0])
+        if resource is None:
+            raise InvalidTarget(
+                f"resource {resources[0]!r} is not a protected resource of this server"
+            )
+        scope = select_scope(query.get("scope"), resource.scopes, client)
+        return PendingAuthorization(
+            request_id=new_secret(),
+            browser_digest="",
+            csrf_token=new_secret(),
+            client_id=client.client_id,
+            redirect_uri=redirect_uri,
+            state=state,
+            resource=resource.uri,
+            scope=scope,
+            code_challenge=challenge,
+            expires_at=self.server.clock() + PENDING_SECONDS,
+        )
+
+    # POST /authorize/login
+
+    async def login(self, request: Request) -> Response:
+        try:
+            form = await request.form()
+            pending, client = await self._pending_from_form(request, form)
+            username = str(form.get("username", ""))
+            password = str(form.get("password", ""))
+            if not username or not password or not check_password(self.store, username, password):
+                self.server.audit.record(
+                    "login.failed", subject=username or None, client_id=client.client_id
+                )
+                return self._login_page(
+                    pending, client, error="Wrong username or password.", status=401
+                )
+            self.server.audit.record(
+                "login.succeeded", subject=username, client_id=client.client_id
+            )
+            session = self.store.create_session(
+                username, self.server.clock(), self.settings.session_seconds
+            )
+            response = self._after_login(pending, client, username, prompt=None, status=303)
+            self._set_cookie(response, SESSION_COOKIE, session, self.settings.session_seconds)
+            return response
+        except _PageError as error:
+            return error.response
+
+    # POST /authorize/consent
+
+    async def consent(self, request: Request) -> Response:
+        try:
+            form = await request.form()
+            pending, client = await self._pending_from_form(request, form)
+            username = self._session_user(request)
+            if username is None:
+                raise _PageError("access_denied", "you are not signed in; start again", 403)
+            decision = form.get("decision")
+            if decision not in ("allow", "deny"):
+                raise _PageError("invalid_request", "decision must be 'allow' or 'deny'")
+            if not self.store.finish_pending(pending.request_id):
+                raise _PageError(
+                    "invalid_request", "this authorization request was already answered"
+                )
+            if decision == "deny":
+                self.server.audit.record(
+                    "consent.denied",
+                    subject=username,
+                    client_id=client.client_id,
+                    resource=pending.resource,
+                    scope=pending.scope,
+                )
+                return self._error_redirect(
+                    pending.redirect_uri,
+                    pending.state,
+                    OAuthError("access_denied", "the user denied the request"),
+                    status=303,
+                )
+            self.store.remember_consent(
+                username, client.client_id, pending.resource, pending.scope, self.server.clock()
+            )
+            self.server.audit.record(
+                "consent.granted",
+                subject=username,
+                client_id=client.client_id,
+                resource=pending.resource,
+                scope=pending.scope,
+            )
+            return self._issue_code(pending, username, status=303)
+        except _PageError as error:
+            return error.response
+
+    # shared steps
+
+    async def _client(self, client_id: str) -> Client:
+        try:
+            client = await self.server.find_client(client_id)
+        except OAuthError as error:
+            raise _PageError(error.error, error.description) from error
+        if client is None or client.revoked_at is not None:
+            raise _PageError("invalid_client", f"client {client_id!r} is unknown or revoked")
+        return client
+
+    async def _pending_from_form(
+        self, request: Request, form
+    ) -> tuple[PendingAuthorization, Client]:
+        """The pending request a form answers, after the CSRF and browser-binding checks."""
+        request_id = str(form.get("request_id", ""))
+        pending = self.store.pending(request_id, self.server.clock()) if request_id else None
+        if pending is None:
+            raise _PageError("invalid_request", "this authorization request is unknown or expired")
+        csrf = str(form.get("csrf_token", ""))
+        browser = request.cookies.get(BROWSER_COOKIE, "")
+        if not (
+            csrf
+            and hmac.compare_digest(csrf, pending.csrf_token)
+            and browser
+            and hmac.compare_digest(digest(browser), pending.browser_digest)
+        ):
+            self.server.audit.record("authorization.csrf_refused", client_id=pending.client_id)
+            raise _PageError(
+                "access_denied",
+                "the form is missing its CSRF token or comes from another browser",
+                403,
+            )
+        return pending, await self._client(pending.client_id)
+
+    def _session_user(self, request: Request) -> str | None:
+        session = request.cookies.get(SESSION_COOKIE)
+        return self.store.session_user(session, self.server.clock()) if session else None
+
+    def _after_login(
+        self,
+        pending: PendingAuthorization,
+        client: Client,
+        username: str,
+        prompt: str | None,
+        status: int,
+    ) -> Response:
+        consented = self.store.consented_scope(username, client.client_id, pending.resource)
+        if (
+            prompt != "consent"
+            and consented is not None
+            and set(pending.scope.split()) <= consented
+        ):
+            if not self.store.finish_pending(pending.request_id):
+                raise _PageError(
+                    "invalid_request", "this authorization request was already answered"
+                )
+            return self._issue_code(pending, username, status=status)
+        return pages.consent_page(
+            action=self.settings.endpoint("authorize/consent"),
+            request_id=pending.request_id,
+            csrf_token=pending.csrf_token,
+            username=username,
+            client_name=client.client_name,
+            client_id=client.client_id,
+            redirect_host=urlsplit(pending.redirect_uri).netloc,
+            resource=pending.resource,
+            scopes=pending.scope.split(),
+        )
+
+    def _login_page(
+        self,
+        pending: PendingAuthorization,
+        client: Client,
+        error: str | None = None,
+        status: int = 200,
+    ) -> Response:
+        return pages.login_page(
+            action=self.settings.endpoint("authorize/login"),
+            request_id=pending.request_id,
+            csrf_token=pending.csrf_token,
+            client_name=client.client_name,
+            redirect_host=urlsplit(pending.redirect_uri).netloc,
+            error=error,
+            status=status,
+        )
+
+    def _issue_code(self, pending: PendingAuthorization, username: str, status: int) -> Response:
+        now = self.server.clock()
+        grant = Grant(
+            grant_id=uuid.uuid4().hex,
+            client_id=pending.client_id,
+            username=username,
+            resource=pending.resource,
+            scope=pending.scope,
+            created_at=now,
+            expires_at=now + max(self.settings.refresh_token_seconds, self.settings.code_seconds),
+            revoked_at=None,
+        )
+        code = new_secret()
+        with self.store.db.transaction():
+            self.store.create_grant(grant)
+            self.store.save_code(
+                code,
+                grant.grant_id,
+                pending.redirect_uri,
+                pending.code_challenge,
+                now + self.settings.code_seconds,
+            )
+        self.server.audit.record(
+            "code.issued",
+            subject=username,
+            client_id=pending.client_id,
+            grant_id=grant.grant_id,
+            resource=pending.resource,
+            scope=pending.scope,
+        )
+        return redirect_with(
+            pending.redirect_uri,
+            {"code": code, "state": pending.state, "iss": self.settings.issuer},
+            status=status,
+        )
+
+    def _error_redirect(
+        self, redirect_uri: str, state: str | None, error: OAuthError, status: int = 302
+    ) -> Response:
+        return redirect_with(
+            redirect_uri,
+            {
+                "error": error.error,
+                "error_description": error.description,
+                "state": state,
+                "iss": self.settings.issuer,
+            },
+            status=status,
+        )
+
+    def _set_cookie(self, response: Response, name: str, value: str, seconds: int) -> None:
+        response.set_cookie(
+            name,
+            value,
+            max_age=seconds,
+            path=self.cookie_path,
+            secure=self.secure_cookies,
+            httponly=True,
+            samesite="lax",
+        )

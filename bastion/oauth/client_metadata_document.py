@@ -1,0 +1,186 @@
+"""OAuth Client ID Metadata Documents (draft-ietf-oauth-client-id-metadata-document, adopted by the
+MCP authorization specification): a ``client_id`` that is an https URL names a JSON document of
+client metadata, which the authorization server fetches and validates.
+
+Fetches are bounded (time, size, no redirects) and never reach private, loopback or link-local
+addresses unless ``allow_private_addresses`` is configured. Valid documents are cached.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import ssl
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+import anyio
+import httpx
+
+from bastion.oauth.errors import OAuthError
+from bastion.oauth.registration import redirect_uri_problem
+from bastion.oauth.settings import ClientMetadataDocumentSettings
+from bastion.oauth.store import Client
+
+_FORBIDDEN_MEMBERS = ("client_secret", "client_secret_expires_at")
+_GRANT_TYPES = ("authorization_code", "refresh_token")
+
+
+class ClientMetadataDocumentError(OAuthError):
+    """The document cannot be used; answered as ``invalid_client``."""
+
+    def __init__(self, url: str, description: str) -> None:
+        super().__init__("invalid_client", f"client metadata document {url}: {description}", 401)
+
+
+def is_client_id_url(client_id: str) -> bool:
+    """Whether a client_id names a metadata document rather than a registered client."""
+    return client_id.startswith("https://")
+
+
+def client_id_url_problem(url: str) -> str | None:
+    """Why a URL cannot be a client_id (the draft's §3 rules), or None."""
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError for a malformed port
+    except ValueError:
+        return "not a valid URL"
+    if parts.scheme != "https" or not parts.hostname:
+        return "must be an https URL"
+    if parts.path in ("", "/"):
+        return "must have a path"
+    if parts.fragment or "#" in url:
+        return "must not have a fragment"
+    if parts.username or parts.password:
+        return "must not carry user information"
+    if any(segment in (".", "..") for segment in parts.path.split("/")):
+        return "must not have dot segments"
+    return None
+
+
+@dataclass(frozen=True)
+class _Cached:
+    client: Client
+    expires_at: float
+
+
+class ClientMetadataDocuments:
+    """Fetches, validates and caches client ID metadata documents."""
+
+    def __init__(
+        self, settings: ClientMetadataDocumentSettings, clock: Callable[[], float]
+    ) -> None:
+        self.settings = settings
+        self.clock = clock
+        self._cache: dict[str, _Cached] = {}
+
+    async def client(self, url: str) -> Client:
+        """The client a document URL describes, from cache or a fresh fetch."""
+        cached = self._cache.get(url)
+        if cached is not None and cached.expires_at > self.clock():
+            return cached.client
+        document = await self._fetch(url)
+        client = self._validate(url, document)
+        self._cache[url] = _Cached(client, self.clock() + self.settings.cache_seconds)
+        return client
+
+    async def _check_address(self, url: str, host: str, port: int) -> None:
+        if self.settings.allow_private_addresses:
+            return
+        try:
+            infos = await anyio.getaddrinfo(host, port)
+        except OSError as exc:
+            raise ClientMetadataDocumentError(url, f"cannot resolve {host}") from exc
+        for info in infos:
+            address = ipaddress.ip_address(info[4][0])
+            if not address.is_global:
+                raise ClientMetadataDocumentError(
+                    url, f"{host} resolves to non-public address {address}; refused"
+                )
+
+    async def _fetch(self, url: str) -> dict[str, Any]:
+        problem = client_id_url_problem(url)
+        if problem:
+            raise ClientMetadataDocumentError(url, problem)
+        parts = urlsplit(url)
+        await self._check_address(url, parts.hostname or "", parts.port or 443)
+        verify: ssl.SSLContext | bool = True
+        if self.settings.ca_file:
+            verify = ssl.create_default_context(cafile=self.settings.ca_file)
+        limit = self.settings.max_bytes
+        try:
+            async with (
+                httpx.AsyncClient(
+                    verify=verify,
+                    timeout=self.settings.timeout_seconds,
+                    follow_redirects=False,
+                    trust_env=False,
+                ) as http,
+                http.stream("GET", url, headers={"Accept": "application/json"}) as response,
+            ):
+                if response.status_code != 200:
+                    raise ClientMetadataDocumentError(
+                        url, f"answered HTTP {response.status_code}, expected 200"
+                    )
+                body = bytearray()
+                with anyio.fail_after(self.settings.timeout_seconds):
+                    async for chunk in response.aiter_bytes():
+                        body += chunk
+                        if len(body) > limit:
+                            raise ClientMetadataDocumentError(url, f"is larger than {limit} bytes")
+        except (httpx.HTTPError, TimeoutError) as exc:
+            raise ClientMetadataDocumentError(url, f"could not be fetched ({exc!r})") from exc
+        try:
+            document = json.loads(bytes(body))
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise ClientMetadataDocumentError(url, "is not JSON") from exc
+        if not isinstance(document, dict):
+            raise ClientMetadataDocumentError(url, "is not a JSON object")
+        return document
+
+    def _validate(self, url: str, document: dict[str, Any]) -> Client:
+        if document.get("client_id") != url:
+            raise ClientMetadataDocumentError(url, "its client_id must equal the document URL")
+        for member in _FORBIDDEN_MEMBERS:
+            if member in document:
+                raise ClientMetadataDocumentError(url, f"must not contain {member}")
+        method = document.get("token_endpoint_auth_method", "none")
+        if method != "none":
+            raise ClientMetadataDocumentError(
+                url, f"token_endpoint_auth_method {method!r} is not supported; use 'none'"
+            )
+        redirect_uris = document.get("redirect_uris")
+        if not isinstance(redirect_uris, list) or not redirect_uris or len(redirect_uris) > 10:
+            raise ClientMetadataDocumentError(url, "redirect_uris must list 1 to 10 URIs")
+        for uri in redirect_uris:
+            problem = redirect_uri_problem(uri)
+            if problem:
+                raise ClientMetadataDocumentError(url, problem)
+        grant_types = document.get("grant_types", ["authorization_code"])
+        if not isinstance(grant_types, list) or not set(grant_types) <= set(_GRANT_TYPES):
+            raise ClientMetadataDocumentError(
+                url, f"grant_types must be among {list(_GRANT_TYPES)}"
+            )
+        name = document.get("client_name")
+        if name is not None and (not isinstance(name, str) or len(name) > 200):
+            raise ClientMetadataDocumentError(
+                url, "client_name must be a string of at most 200 characters"
+            )
+        scope = document.get("scope")
+        if scope is not None and not isinstance(scope, str):
+            raise ClientMetadataDocumentError(url, "scope must be a string")
+        return Client(
+            client_id=url,
+            client_name=(name or "").strip() or urlsplit(url).hostname or url,
+            redirect_uris=tuple(redirect_uris),
+            grant_types=tuple(dict.fromkeys(grant_types)),
+            token_endpoint_auth_method="none",
+            scope=scope,
+            source="metadata_document",
+            may_introspect=False,
+            metadata={},
+            created_at=self.clock(),
+            revoked_at=None,
+        )

@@ -1,0 +1,107 @@
+"""Signing keys for access tokens (ES256, RFC 7518 §3.4) and the JWKS that publishes their public
+halves (RFC 7517).
+
+Private keys are PEM files (mode 0600) under ``key_dir``; the database holds only public JWKs and
+each key's life: the newest key signs, and a retired key stays published until every token it
+signed has expired, so rotation never invalidates a token early. Private keys are never put in a
+JWKS, a log line or an error message.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+from joserfc.jwk import ECKey, KeySet
+
+from bastion.oauth.store import OAuthStore
+
+ALGORITHM = "ES256"
+_RELOAD_SECONDS = 60
+
+
+class KeyRing:
+    """The issuer's signing keys: one current signer, plus retired keys still verifying."""
+
+    def __init__(
+        self,
+        store: OAuthStore,
+        key_dir: str | os.PathLike,
+        retain_seconds: float,
+        clock: Callable[[], float],
+    ) -> None:
+        self.store = store
+        self.key_dir = Path(key_dir)
+        self.retain_seconds = retain_seconds
+        self.clock = clock
+        self._signer: ECKey | None = None
+        self._public: KeySet | None = None
+        self._signer_at = 0.0
+        self._public_at = 0.0
+
+    def _fresh(self, loaded_at: float) -> bool:
+        # Another replica may rotate: reread the key table at least once a minute.
+        return self.clock() - loaded_at < _RELOAD_SECONDS
+
+    def _private_path(self, kid: str) -> Path:
+        return self.key_dir / f"{kid}.pem"
+
+    def rotate(self) -> str:
+        """Create a new signing key; it signs from now on. Returns its ``kid``."""
+        self.key_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        key = ECKey.generate_key("P-256")
+        kid = key.thumbprint()
+        path = self._private_path(kid)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as out:
+            out.write(key.as_pem(private=True))
+        public = {**key.as_dict(private=False), "kid": kid, "use": "sig", "alg": ALGORITHM}
+        self.store.add_signing_key(kid, json.dumps(public, sort_keys=True), self.clock())
+        self._signer = None
+        self._public = None
+        self.prune()
+        return kid
+
+    def prune(self) -> None:
+        """Forget keys retired long enough ago that no token they signed can still be valid."""
+        cutoff = self.clock() - self.retain_seconds
+        for kid, _public, _created, retired in self.store.signing_keys():
+            if retired is not None and retired < cutoff:
+                self._private_path(kid).unlink(missing_ok=True)
+        self.store.forget_signing_keys_retired_before(cutoff)
+
+    def signer(self) -> ECKey:
+        """The current signing key, creating the first one on first use."""
+        if self._signer is not None and self._fresh(self._signer_at):
+            return self._signer
+        for kid, _public, _created, retired in self.store.signing_keys():
+            if retired is None and self._private_path(kid).exists():
+                key = ECKey.import_key(
+                    self._private_path(kid).read_bytes(), {"kid": kid, "alg": ALGORITHM}
+                )
+                self._signer = key
+                self._signer_at = self.clock()
+                return key
+        self.rotate()
+        return self.signer()
+
+    def public_keys(self, refresh: bool = False) -> KeySet:
+        """Every key a valid token may be signed with: public halves only."""
+        if self._public is None or refresh or not self._fresh(self._public_at):
+            self._public = KeySet([ECKey.import_key(jwk) for jwk in self.jwks()["keys"]])
+            self._public_at = self.clock()
+        return self._public
+
+    def jwks(self) -> dict[str, list[dict]]:
+        cutoff = self.clock() - self.retain_seconds
+        keys = []
+        for _kid, public, _created, retired in self.store.signing_keys():
+            if retired is None or retired >= cutoff:
+                jwk = json.loads(public)
+                # Defence in depth: a JWK with any private member never leaves this function.
+                keys.append(
+                    {k: v for k, v in jwk.items() if k not in ("d", "p", "q", "dp", "dq", "qi")}
+                )
+        return {"keys": keys}

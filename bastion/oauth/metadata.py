@@ -1,0 +1,43 @@
+"""RFC 8414 OAuth 2.0 Authorization Server Metadata, served at
+``/.well-known/oauth-authorization-server`` (path-inserted when the issuer has a path, §3.1)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from bastion.oauth.registration import AUTH_METHODS, GRANT_TYPES
+from bastion.oauth.settings import OAuthSettings
+
+WELL_KNOWN = "/.well-known/oauth-authorization-server"
+
+
+def metadata_path(settings: OAuthSettings) -> str:
+    """Where the metadata is served: the well-known prefix, then the issuer's path."""
+    return WELL_KNOWN + settings.issuer_path
+
+
+def authorization_server_metadata(settings: OAuthSettings) -> dict[str, Any]:
+    metadata: dict[str, Any] = {
+        "issuer": settings.issuer,
+        "authorization_endpoint": settings.endpoint("authorize"),
+        "token_endpoint": settings.endpoint("token"),
+        "jwks_uri": settings.endpoint("jwks.json"),
+        "revocation_endpoint": settings.endpoint("revoke"),
+        "introspection_endpoint": settings.endpoint("introspect"),
+        "scopes_supported": settings.scopes_supported,
+        "response_types_supported": ["code"],
+        "response_modes_supported": ["query"],
+        "grant_types_supported": list(GRANT_TYPES),
+        "token_endpoint_auth_methods_supported": list(AUTH_METHODS),
+        "revocation_endpoint_auth_methods_supported": list(AUTH_METHODS),
+        "introspection_endpoint_auth_methods_supported": [
+            "client_secret_basic",
+            "client_secret_post",
+        ],
+        "code_challenge_methods_supported": ["S256"],
+        "authorization_response_iss_parameter_supported": True,
+        "client_id_metadata_document_supported": settings.client_metadata.enabled,
+    }
+    if settings.registration != "closed":
+        metadata["registration_endpoint"] = settings.endpoint("register")
+    return metadata

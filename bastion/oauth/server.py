@@ -1,0 +1,191 @@
+"""The OAuth 2.1 authorization server for MCP clients: composes the endpoints into Starlette
+routes under the issuer's path. Each endpoint's rules live in the module of its standard."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from bastion.audit import AuditLog
+from bastion.db import Database
+from bastion.oauth import introspection, registration, revocation
+from bastion.oauth.authorize import AuthorizationEndpoint
+from bastion.oauth.client_auth import authenticate_client
+from bastion.oauth.client_metadata_document import ClientMetadataDocuments, is_client_id_url
+from bastion.oauth.errors import InvalidRequest, OAuthError
+from bastion.oauth.keys import KeyRing
+from bastion.oauth.metadata import authorization_server_metadata, metadata_path
+from bastion.oauth.settings import OAuthSettings
+from bastion.oauth.store import Client, OAuthStore
+from bastion.oauth.tokens import TokenEndpoint
+from bastion.oauth.verifier import TokenVerifier
+
+MAX_BODY_BYTES = 64 * 1024
+_NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}
+
+
+def json_response(body: dict[str, Any], status: int = 200) -> JSONResponse:
+    return JSONResponse(body, status_code=status, headers=_NO_STORE)
+
+
+def error_response(error: OAuthError) -> JSONResponse:
+    response = json_response(error.as_dict(), error.status)
+    if error.status == 401:
+        scheme = "Bearer" if error.error == "invalid_token" else "Basic"
+        response.headers["WWW-Authenticate"] = f'{scheme} error="{error.error}"'
+    return response
+
+
+async def _form(request: Request) -> dict[str, str]:
+    """A token-style request body: form-encoded, each parameter at most once (RFC 6749 §3.2)."""
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type != "application/x-www-form-urlencoded":
+        raise InvalidRequest("the body must be application/x-www-form-urlencoded")
+    body = await request.body()
+    if len(body) > MAX_BODY_BYTES:
+        raise InvalidRequest(f"the body is larger than {MAX_BODY_BYTES} bytes")
+    form = await request.form()
+    repeated = sorted({k for k in form if len(form.getlist(k)) > 1})
+    if repeated:
+        raise InvalidRequest(f"parameters {repeated} must appear at most once")
+    return {k: str(v) for k, v in form.items()}
+
+
+class AuthorizationServer:
+    """bastion's authorization server over one database. Mount `routes()` at the host root."""
+
+    def __init__(
+        self, settings: OAuthSettings, db: Database, clock: Callable[[], float] = time.time
+    ) -> None:
+        self.settings = settings
+        self.db = db
+        self.clock = clock
+        self.store = OAuthStore(db)
+        self.audit = AuditLog(db, clock)
+        self.keys = KeyRing(
+            self.store,
+            settings.key_dir,
+            retain_seconds=settings.access_token_seconds + settings.leeway_seconds,
+            clock=clock,
+        )
+        self.verifier = TokenVerifier(
+            issuer=settings.issuer,
+            keys=self.keys,
+            store=self.store,
+            audit=self.audit,
+            clock=clock,
+            leeway_seconds=settings.leeway_seconds,
+        )
+        self.documents = ClientMetadataDocuments(settings.client_metadata, clock)
+        self._authorization = AuthorizationEndpoint(self)
+        self._tokens = TokenEndpoint(self)
+
+    async def find_client(self, client_id: str) -> Client | None:
+        """A registered client, or the client a metadata document URL describes (fetched)."""
+        client = self.store.client(client_id)
+        if not (is_client_id_url(client_id) and self.settings.client_metadata.enabled):
+            return client
+        if client is not None and client.revoked_at is not None:
+            return client
+        fetched = await self.documents.client(client_id)
+        if client is None or client.metadata != fetched.metadata or client != fetched:
+            await run_in_threadpool(self.store.save_client, fetched)
+        return fetched
+
+    def routes(self) -> list[Route]:
+        prefix = self.settings.issuer_path
+        return [
+            Route(metadata_path(self.settings), self._metadata, methods=["GET"]),
+            Route(f"{prefix}/jwks.json", self._jwks, methods=["GET"]),
+            Route(f"{prefix}/register", self._register, methods=["POST"]),
+            Route(f"{prefix}/authorize", self._authorization.authorize, methods=["GET"]),
+            Route(f"{prefix}/authorize/login", self._authorization.login, methods=["POST"]),
+            Route(f"{prefix}/authorize/consent", self._authorization.consent, methods=["POST"]),
+            Route(f"{prefix}/token", self._token, methods=["POST"]),
+            Route(f"{prefix}/revoke", self._revoke, methods=["POST"]),
+            Route(f"{prefix}/introspect", self._introspect, methods=["POST"]),
+        ]
+
+    async def _metadata(self, request: Request) -> Response:
+        return JSONResponse(authorization_server_metadata(self.settings))
+
+    async def _jwks(self, request: Request) -> Response:
+        jwks = await run_in_threadpool(self.keys.jwks)
+        if not jwks["keys"]:
+            await run_in_threadpool(self.keys.signer)
+            jwks = await run_in_threadpool(self.keys.jwks)
+        return JSONResponse(jwks, headers={"Cache-Control": "public, max-age=60"})
+
+    async def _register(self, request: Request) -> Response:
+        try:
+            body = await request.body()
+            if len(body) > MAX_BODY_BYTES:
+                raise registration.InvalidClientMetadata(
+                    f"the body is larger than {MAX_BODY_BYTES} bytes"
+                )
+            values = registration.validate_client_metadata(
+                registration.parse_registration_body(body), self.settings
+            )
+            authorization = request.headers.get("authorization", "")
+            scheme, _, token = authorization.partition(" ")
+            initial_token = token.strip() if scheme.lower() == "bearer" else None
+            registration.check_registration_allowed(self.settings, values, initial_token)
+            registered = registration.new_client(values, source="dynamic", now=self.clock())
+            await run_in_threadpool(self.store.save_client, registered.client)
+        except OAuthError as error:
+            return error_response(error)
+        self.audit.record(
+            "client.registered",
+            client_id=registered.client.client_id,
+            client_name=registered.client.client_name,
+            auth_method=registered.client.token_endpoint_auth_method,
+        )
+        return json_response(registered.response(), 201)
+
+    async def _authenticated(self, request: Request) -> tuple[Client, dict[str, str]]:
+        form = await _form(request)
+        client = await authenticate_client(
+            request.headers.get("authorization"), form, self.find_client
+        )
+        return client, form
+
+    async def _token(self, request: Request) -> Response:
+        form: dict[str, str] = {}
+        try:
+            form = await _form(request)
+            client = await authenticate_client(
+                request.headers.get("authorization"), form, self.find_client
+            )
+            body = await run_in_threadpool(self._tokens.exchange, client, form)
+        except OAuthError as error:
+            self.audit.record(
+                "token.refused",
+                client_id=form.get("client_id"),
+                grant_type=form.get("grant_type"),
+                error=error.error,
+                description=error.description,
+            )
+            return error_response(error)
+        return json_response(body)
+
+    async def _revoke(self, request: Request) -> Response:
+        try:
+            client, form = await self._authenticated(request)
+            await run_in_threadpool(revocation.revoke, self, client, form)
+        except OAuthError as error:
+            return error_response(error)
+        return json_response({})
+
+    async def _introspect(self, request: Request) -> Response:
+        try:
+            client, form = await self._authenticated(request)
+            body = await run_in_threadpool(introspection.introspect, self, client, form)
+        except OAuthError as error:
+            return error_response(error)
+        return json_response(body)

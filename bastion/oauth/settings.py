@@ -1,0 +1,187 @@
+"""Configuration of the authorization server: the ``[oauth]`` table of bastion.toml."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
+
+REGISTRATION_POLICIES = ("open", "initial_access_token", "closed")
+
+
+class SettingsError(ValueError):
+    """A configuration value that cannot be used, with the key that holds it."""
+
+
+@dataclass(frozen=True)
+class ProtectedResource:
+    """One resource server (usually an MCP server URL) tokens may be issued for (RFC 8707)."""
+
+    uri: str
+    scopes: tuple[str, ...]
+    name: str = ""
+
+
+@dataclass(frozen=True)
+class ClientMetadataDocumentSettings:
+    """Fetching client ID metadata documents (a ``client_id`` that is an https URL)."""
+
+    enabled: bool = True
+    timeout_seconds: float = 5.0
+    max_bytes: int = 5120
+    cache_seconds: int = 300
+    allow_private_addresses: bool = False
+    ca_file: str | None = None
+
+
+@dataclass(frozen=True)
+class OAuthSettings:
+    issuer: str
+    resources: tuple[ProtectedResource, ...]
+    key_dir: str
+    registration: str = "open"
+    initial_access_tokens: tuple[str, ...] = ()
+    access_token_seconds: int = 300
+    refresh_token_seconds: int = 30 * 24 * 3600
+    code_seconds: int = 60
+    session_seconds: int = 8 * 3600
+    leeway_seconds: int = 30
+    client_metadata: ClientMetadataDocumentSettings = field(
+        default_factory=ClientMetadataDocumentSettings
+    )
+
+    @property
+    def issuer_path(self) -> str:
+        """The issuer's path without a trailing slash ('' for an issuer at the host root)."""
+        return urlsplit(self.issuer).path.rstrip("/")
+
+    def endpoint(self, name: str) -> str:
+        return f"{self.issuer.rstrip('/')}/{name}"
+
+    def resource(self, uri: str) -> ProtectedResource | None:
+        for resource in self.resources:
+            if resource.uri == uri:
+                return resource
+        return None
+
+    @property
+    def scopes_supported(self) -> list[str]:
+        seen: dict[str, None] = {}
+        for resource in self.resources:
+            for scope in resource.scopes:
+                seen[scope] = None
+        return list(seen)
+
+    @classmethod
+    def from_mapping(cls, table: Mapping[str, Any]) -> OAuthSettings:
+        """Build settings from the ``[oauth]`` table; every wrong value names its key."""
+        known = {
+            "issuer",
+            "resources",
+            "key_dir",
+            "registration",
+            "initial_access_tokens",
+            "access_token_seconds",
+            "refresh_token_seconds",
+            "code_seconds",
+            "session_seconds",
+            "leeway_seconds",
+            "client_metadata",
+        }
+        unknown = sorted(set(table) - known)
+        if unknown:
+            raise SettingsError(f"oauth: unknown keys {unknown}; known keys are {sorted(known)}")
+        issuer = _issuer(table.get("issuer"))
+        resources = tuple(_resource(i, r) for i, r in enumerate(table.get("resources") or []))
+        if not resources:
+            raise SettingsError(
+                "oauth.resources: configure at least one protected resource, e.g."
+                ' [[oauth.resources]] uri = "https://mcp.example.com/mcp" scopes = ["tools:read"]'
+            )
+        if len({r.uri for r in resources}) != len(resources):
+            raise SettingsError("oauth.resources: each uri may appear only once")
+        key_dir = table.get("key_dir")
+        if not isinstance(key_dir, str) or not key_dir:
+            raise SettingsError(
+                "oauth.key_dir: a directory for the private signing keys is required"
+            )
+        registration = table.get("registration", "open")
+        if registration not in REGISTRATION_POLICIES:
+            raise SettingsError(
+                f"oauth.registration: {registration!r} is not one of {list(REGISTRATION_POLICIES)}"
+            )
+        tokens = table.get("initial_access_tokens", [])
+        if not isinstance(tokens, list) or not all(
+            isinstance(t, str) and len(t) >= 16 for t in tokens
+        ):
+            raise SettingsError(
+                "oauth.initial_access_tokens: a list of strings of at least 16 characters"
+            )
+        if registration == "initial_access_token" and not tokens:
+            raise SettingsError(
+                "oauth.initial_access_tokens: required when registration = 'initial_access_token'"
+            )
+        numbers = {}
+        for key, default in (
+            ("access_token_seconds", 300),
+            ("refresh_token_seconds", 30 * 24 * 3600),
+            ("code_seconds", 60),
+            ("session_seconds", 8 * 3600),
+            ("leeway_seconds", 30),
+        ):
+            value = table.get(key, default)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise SettingsError(f"oauth.{key}: a whole number of seconds >= 0, got {value!r}")
+            numbers[key] = value
+        if numbers["access_token_seconds"] == 0 or numbers["code_seconds"] == 0:
+            raise SettingsError("oauth.access_token_seconds and oauth.code_seconds must be > 0")
+        return cls(
+            issuer=issuer,
+            resources=resources,
+            key_dir=key_dir,
+            registration=registration,
+            initial_access_tokens=tuple(tokens),
+            client_metadata=_client_metadata(table.get("client_metadata") or {}),
+            **numbers,
+        )
+
+
+def _issuer(value: Any) -> str:
+    if not isinstance(value, str):
+        raise SettingsError('oauth.issuer: required, e.g. issuer = "https://auth.example.com"')
+    parts = urlsplit(value)
+    loopback = parts.hostname in ("127.0.0.1", "localhost", "::1")
+    if parts.scheme != "https" and not (parts.scheme == "http" and loopback):
+        raise SettingsError(f"oauth.issuer: {value!r} must be an https URL (http only on loopback)")
+    if parts.query or parts.fragment:
+        raise SettingsError(f"oauth.issuer: {value!r} must have no query or fragment (RFC 8414 §2)")
+    return value.rstrip("/")
+
+
+def _resource(index: int, value: Any) -> ProtectedResource:
+    where = f"oauth.resources[{index}]"
+    if not isinstance(value, Mapping):
+        raise SettingsError(f"{where}: a table with uri and scopes")
+    uri = value.get("uri")
+    if not isinstance(uri, str) or urlsplit(uri).scheme not in ("https", "http"):
+        raise SettingsError(f"{where}.uri: an absolute http(s) URL, got {uri!r}")
+    if urlsplit(uri).fragment:
+        raise SettingsError(f"{where}.uri: must have no fragment (RFC 8707 §2)")
+    scopes = value.get("scopes", [])
+    if not isinstance(scopes, list) or not all(
+        isinstance(s, str) and s and " " not in s for s in scopes
+    ):
+        raise SettingsError(f"{where}.scopes: a list of scope names without spaces")
+    return ProtectedResource(uri=uri, scopes=tuple(scopes), name=str(value.get("name", "")))
+
+
+def _client_metadata(value: Any) -> ClientMetadataDocumentSettings:
+    if not isinstance(value, Mapping):
+        raise SettingsError("oauth.client_metadata: a table")
+    defaults = ClientMetadataDocumentSettings()
+    allowed = set(defaults.__dataclass_fields__)
+    unknown = sorted(set(value) - allowed)
+    if unknown:
+        raise SettingsError(f"oauth.client_metadata: unknown keys {unknown}")
+    return ClientMetadataDocumentSettings(**{**defaults.__dict__, **dict(value)})

@@ -1,0 +1,523 @@
+"""Persistent state of the authorization server: clients, users, consents, pending authorization
+requests, login sessions, codes, grants, refresh tokens, issued access tokens and signing keys.
+
+Secrets (codes, refresh tokens, session ids, client secrets) are stored only as SHA-256 digests:
+they are high-entropy random strings, so a digest is enough and a database leak reveals none.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import secrets
+from dataclasses import dataclass
+
+from bastion.db import Database
+
+_MIGRATIONS = [
+    """
+    CREATE TABLE oauth_clients (
+        client_id TEXT PRIMARY KEY,
+        secret_digest TEXT,
+        client_name TEXT NOT NULL,
+        redirect_uris TEXT NOT NULL,
+        grant_types TEXT NOT NULL,
+        token_endpoint_auth_method TEXT NOT NULL,
+        scope TEXT,
+        source TEXT NOT NULL,
+        may_introspect INTEGER NOT NULL DEFAULT 0,
+        metadata TEXT NOT NULL,
+        created_at DOUBLE PRECISION NOT NULL,
+        revoked_at DOUBLE PRECISION
+    );
+    CREATE TABLE oauth_users (
+        username TEXT PRIMARY KEY,
+        password_hash TEXT NOT NULL,
+        created_at DOUBLE PRECISION NOT NULL,
+        disabled_at DOUBLE PRECISION
+    );
+    CREATE TABLE oauth_consents (
+        username TEXT NOT NULL,
+        client_id TEXT NOT NULL,
+        resource TEXT NOT NULL,
+        scope TEXT NOT NULL,
+        granted_at DOUBLE PRECISION NOT NULL,
+        PRIMARY KEY (username, client_id, resource)
+    );
+    CREATE TABLE oauth_pending_authorizations (
+        request_id TEXT PRIMARY KEY,
+        browser_digest TEXT NOT NULL,
+        csrf_token TEXT NOT NULL,
+        client_id TEXT NOT NULL,
+        redirect_uri TEXT NOT NULL,
+        state TEXT,
+        resource TEXT NOT NULL,
+        scope TEXT NOT NULL,
+        code_challenge TEXT NOT NULL,
+        expires_at DOUBLE PRECISION NOT NULL
+    );
+    CREATE TABLE oauth_sessions (
+        session_digest TEXT PRIMARY KEY,
+        username TEXT NOT NULL,
+        expires_at DOUBLE PRECISION NOT NULL
+    );
+    CREATE TABLE oauth_grants (
+        grant_id TEXT PRIMARY KEY,
+        client_id TEXT NOT NULL,
+        username TEXT,
+        resource TEXT NOT NULL,
+        scope TEXT NOT NULL,
+        created_at DOUBLE PRECISION NOT NULL,
+        expires_at DOUBLE PRECISION NOT NULL,
+        revoked_at DOUBLE PRECISION,
+        revoked_reason TEXT
+    );
+    CREATE TABLE oauth_codes (
+        code_digest TEXT PRIMARY KEY,
+        grant_id TEXT NOT NULL REFERENCES oauth_grants (grant_id),
+        redirect_uri TEXT NOT NULL,
+        code_challenge TEXT NOT NULL,
+        expires_at DOUBLE PRECISION NOT NULL,
+        used_at DOUBLE PRECISION
+    );
+    CREATE TABLE oauth_refresh_tokens (
+        token_digest TEXT PRIMARY KEY,
+        grant_id TEXT NOT NULL REFERENCES oauth_grants (grant_id),
+        created_at DOUBLE PRECISION NOT NULL,
+        expires_at DOUBLE PRECISION NOT NULL,
+        used_at DOUBLE PRECISION
+    );
+    CREATE INDEX oauth_refresh_tokens_grant ON oauth_refresh_tokens (grant_id);
+    CREATE TABLE oauth_access_tokens (
+        jti TEXT PRIMARY KEY,
+        grant_id TEXT NOT NULL REFERENCES oauth_grants (grant_id),
+        expires_at DOUBLE PRECISION NOT NULL,
+        revoked_at DOUBLE PRECISION
+    );
+    CREATE INDEX oauth_access_tokens_grant ON oauth_access_tokens (grant_id);
+    CREATE TABLE oauth_signing_keys (
+        kid TEXT PRIMARY KEY,
+        public_jwk TEXT NOT NULL,
+        created_at DOUBLE PRECISION NOT NULL,
+        retired_at DOUBLE PRECISION
+    );
+    """,
+]
+
+
+def digest(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def new_secret(nbytes: int = 32) -> str:
+    return secrets.token_urlsafe(nbytes)
+
+
+@dataclass(frozen=True)
+class Client:
+    client_id: str
+    client_name: str
+    redirect_uris: tuple[str, ...]
+    grant_types: tuple[str, ...]
+    token_endpoint_auth_method: str
+    scope: str | None
+    source: str  # "dynamic" (RFC 7591), "metadata_document", or "admin"
+    may_introspect: bool
+    metadata: dict
+    created_at: float
+    revoked_at: float | None
+    secret_digest: str | None = None
+
+    @property
+    def is_public(self) -> bool:
+        return self.token_endpoint_auth_method == "none"
+
+
+@dataclass(frozen=True)
+class PendingAuthorization:
+    """A validated /authorize request waiting for the person to log in and consent."""
+
+    request_id: str
+    browser_digest: str
+    csrf_token: str
+    client_id: str
+    redirect_uri: str
+    state: str | None
+    resource: str
+    scope: str
+    code_challenge: str
+    expires_at: float
+
+
+@dataclass(frozen=True)
+class Grant:
+    """One authorization a person (or a client acting as itself) gave: the root every code,
+    refresh token and access token hangs from, so revoking it revokes them all."""
+
+    grant_id: str
+    client_id: str
+    username: str | None
+    resource: str
+    scope: str
+    created_at: float
+    expires_at: float
+    revoked_at: float | None
+
+
+_CLIENT_COLUMNS = (
+    "client_id, client_name, redirect_uris, grant_types, token_endpoint_auth_method, scope,"
+    " source, may_introspect, metadata, created_at, revoked_at, secret_digest"
+)
+_GRANT_COLUMNS = (
+    "grant_id, client_id, username, resource, scope, created_at, expires_at, revoked_at"
+)
+
+
+def _client(row: tuple) -> Client:
+    return Client(
+        client_id=row[0],
+        client_name=row[1],
+        redirect_uris=tuple(json.loads(row[2])),
+        grant_types=tuple(json.loads(row[3])),
+        token_endpoint_auth_method=row[4],
+        scope=row[5],
+        source=row[6],
+        may_introspect=bool(row[7]),
+        metadata=json.loads(row[8]),
+        created_at=row[9],
+        revoked_at=row[10],
+        secret_digest=row[11],
+    )
+
+
+class OAuthStore:
+    """Data access for the authorization server; one method per thing it needs to know or do."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+        db.migrate("oauth", _MIGRATIONS)
+
+    # clients
+
+    def save_client(self, client: Client) -> None:
+        """Insert a client, or replace the cached copy of a metadata-document client."""
+        with self.db.transaction():
+            self.db.execute(
+                "DELETE FROM oauth_clients WHERE client_id = ? AND source = 'metadata_document'"
+                " AND revoked_at IS NULL",
+                (client.client_id,),
+            )
+            self.db.execute(
+                f"INSERT INTO oauth_clients ({_CLIENT_COLUMNS})"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    client.client_id,
+                    client.client_name,
+                    json.dumps(list(client.redirect_uris)),
+                    json.dumps(list(client.grant_types)),
+                    client.token_endpoint_auth_method,
+                    client.scope,
+                    client.source,
+                    int(client.may_introspect),
+                    json.dumps(client.metadata, sort_keys=True),
+                    client.created_at,
+                    client.revoked_at,
+                    client.secret_digest,
+                ),
+            )
+
+    def client(self, client_id: str) -> Client | None:
+        rows = self.db.execute(
+            f"SELECT {_CLIENT_COLUMNS} FROM oauth_clients WHERE client_id = ?", (client_id,)
+        )
+        return _client(rows[0]) if rows else None
+
+    def clients(self) -> list[Client]:
+        rows = self.db.execute(f"SELECT {_CLIENT_COLUMNS} FROM oauth_clients ORDER BY created_at")
+        return [_client(r) for r in rows]
+
+    def revoke_client(self, client_id: str, now: float) -> bool:
+        """Revoke the client and every grant it holds; False when no such active client."""
+        with self.db.transaction():
+            rows = self.db.execute(
+                "UPDATE oauth_clients SET revoked_at = ? WHERE client_id = ? AND revoked_at IS NULL"
+                " RETURNING client_id",
+                (now, client_id),
+            )
+            if not rows:
+                return False
+            for (grant_id,) in self.db.execute(
+                "SELECT grant_id FROM oauth_grants WHERE client_id = ? AND revoked_at IS NULL",
+                (client_id,),
+            ):
+                self.revoke_grant(grant_id, now, "client revoked")
+            return True
+
+    # users
+
+    def create_user(self, username: str, password_hash: str, now: float) -> None:
+        self.db.execute(
+            "INSERT INTO oauth_users (username, password_hash, created_at) VALUES (?, ?, ?)",
+            (username, password_hash, now),
+        )
+
+    def user_password_hash(self, username: str) -> str | None:
+        """The stored hash of an enabled user, or None."""
+        rows = self.db.execute(
+            "SELECT password_hash FROM oauth_users WHERE username = ? AND disabled_at IS NULL",
+            (username,),
+        )
+        return rows[0][0] if rows else None
+
+    def set_password_hash(self, username: str, password_hash: str) -> None:
+        self.db.execute(
+            "UPDATE oauth_users SET password_hash = ? WHERE username = ?", (password_hash, username)
+        )
+
+    def users(self) -> list[tuple[str, float, float | None]]:
+        return [
+            (r[0], r[1], r[2])
+            for r in self.db.execute(
+                "SELECT username, created_at, disabled_at FROM oauth_users ORDER BY username"
+            )
+        ]
+
+    def disable_user(self, username: str, now: float) -> bool:
+        """Disable the user, end their sessions and revoke every grant they gave."""
+        with self.db.transaction():
+            rows = self.db.execute(
+                "UPDATE oauth_users SET disabled_at = ? WHERE username = ? AND disabled_at IS NULL"
+                " RETURNING username",
+                (now, username),
+            )
+            if not rows:
+                return False
+            self.db.execute("DELETE FROM oauth_sessions WHERE username = ?", (username,))
+            self.db.execute("DELETE FROM oauth_consents WHERE username = ?", (username,))
+            for (grant_id,) in self.db.execute(
+                "SELECT grant_id FROM oauth_grants WHERE username = ? AND revoked_at IS NULL",
+                (username,),
+            ):
+                self.revoke_grant(grant_id, now, "user disabled")
+            return True
+
+    # consents
+
+    def consented_scope(self, username: str, client_id: str, resource: str) -> set[str] | None:
+        rows = self.db.execute(
+            "SELECT scope FROM oauth_consents WHERE username = ? AND client_id = ? AND resource = ?",
+            (username, client_id, resource),
+        )
+        return set(rows[0][0].split()) if rows else None
+
+    def remember_consent(
+        self, username: str, client_id: str, resource: str, scope: str, now: float
+    ) -> None:
+        with self.db.transaction():
+            self.db.execute(
+                "DELETE FROM oauth_consents WHERE username = ? AND client_id = ? AND resource = ?",
+                (username, client_id, resource),
+            )
+            self.db.execute(
+                "INSERT INTO oauth_consents (username, client_id, resource, scope, granted_at)"
+                " VALUES (?, ?, ?, ?, ?)",
+                (username, client_id, resource, scope, now),
+            )
+
+    # pending authorization requests and login sessions
+
+    def save_pending(self, pending: PendingAuthorization) -> None:
+        self.db.execute(
+            "INSERT INTO oauth_pending_authorizations (request_id, browser_digest, csrf_token,"
+            " client_id, redirect_uri, state, resource, scope, code_challenge, expires_at)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                pending.request_id,
+                pending.browser_digest,
+                pending.csrf_token,
+                pending.client_id,
+                pending.redirect_uri,
+                pending.state,
+                pending.resource,
+                pending.scope,
+                pending.code_challenge,
+                pending.expires_at,
+            ),
+        )
+
+    def pending(self, request_id: str, now: float) -> PendingAuthorization | None:
+        rows = self.db.execute(
+            "SELECT request_id, browser_digest, csrf_token, client_id, redirect_uri, state,"
+            " resource, scope, code_challenge, expires_at FROM oauth_pending_authorizations"
+            " WHERE request_id = ? AND expires_at > ?",
+            (request_id, now),
+        )
+        return PendingAuthorization(*rows[0]) if rows else None
+
+    def finish_pending(self, request_id: str) -> bool:
+        """Consume a pending request; False if it was already consumed (a double submit)."""
+        rows = self.db.execute(
+            "DELETE FROM oauth_pending_authorizations WHERE request_id = ? RETURNING request_id",
+            (request_id,),
+        )
+        return bool(rows)
+
+    def create_session(self, username: str, now: float, seconds: int) -> str:
+        session_id = new_secret()
+        self.db.execute(
+            "INSERT INTO oauth_sessions (session_digest, username, expires_at) VALUES (?, ?, ?)",
+            (digest(session_id), username, now + seconds),
+        )
+        return session_id
+
+    def session_user(self, session_id: str, now: float) -> str | None:
+        rows = self.db.execute(
+            "SELECT s.username FROM oauth_sessions s JOIN oauth_users u ON u.username = s.username"
+            " WHERE s.session_digest = ? AND s.expires_at > ? AND u.disabled_at IS NULL",
+            (digest(session_id), now),
+        )
+        return rows[0][0] if rows else None
+
+    # grants, codes, refresh and access tokens
+
+    def create_grant(self, grant: Grant) -> None:
+        self.db.execute(
+            f"INSERT INTO oauth_grants ({_GRANT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                grant.grant_id,
+                grant.client_id,
+                grant.username,
+                grant.resource,
+                grant.scope,
+                grant.created_at,
+                grant.expires_at,
+                grant.revoked_at,
+            ),
+        )
+
+    def grant(self, grant_id: str) -> Grant | None:
+        rows = self.db.execute(
+            f"SELECT {_GRANT_COLUMNS} FROM oauth_grants WHERE grant_id = ?", (grant_id,)
+        )
+        return Grant(*rows[0]) if rows else None
+
+    def revoke_grant(self, grant_id: str, now: float, reason: str) -> bool:
+        """Revoke a grant and everything issued under it; False if it was already revoked."""
+        with self.db.transaction():
+            rows = self.db.execute(
+                "UPDATE oauth_grants SET revoked_at = ?, revoked_reason = ?"
+                " WHERE grant_id = ? AND revoked_at IS NULL RETURNING grant_id",
+                (now, reason, grant_id),
+            )
+            self.db.execute(
+                "UPDATE oauth_access_tokens SET revoked_at = ? WHERE grant_id = ? AND revoked_at IS NULL",
+                (now, grant_id),
+            )
+            self.db.execute(
+                "UPDATE oauth_refresh_tokens SET used_at = ? WHERE grant_id = ? AND used_at IS NULL",
+                (now, grant_id),
+            )
+            return bool(rows)
+
+    def save_code(
+        self, code: str, grant_id: str, redirect_uri: str, code_challenge: str, expires_at: float
+    ) -> None:
+        self.db.execute(
+            "INSERT INTO oauth_codes (code_digest, grant_id, redirect_uri, code_challenge,"
+            " expires_at) VALUES (?, ?, ?, ?, ?)",
+            (digest(code), grant_id, redirect_uri, code_challenge, expires_at),
+        )
+
+    def code(self, code: str) -> tuple[str, str, str, float, float | None] | None:
+        """(grant_id, redirect_uri, code_challenge, expires_at, used_at) of a code."""
+        rows = self.db.execute(
+            "SELECT grant_id, redirect_uri, code_challenge, expires_at, used_at FROM oauth_codes"
+            " WHERE code_digest = ?",
+            (digest(code),),
+        )
+        return rows[0] if rows else None
+
+    def use_code(self, code: str, now: float) -> bool:
+        """Mark a code used; exactly one caller ever gets True for a given code."""
+        rows = self.db.execute(
+            "UPDATE oauth_codes SET used_at = ? WHERE code_digest = ? AND used_at IS NULL"
+            " RETURNING code_digest",
+            (now, digest(code)),
+        )
+        return bool(rows)
+
+    def save_refresh_token(self, token: str, grant_id: str, now: float, expires_at: float) -> None:
+        self.db.execute(
+            "INSERT INTO oauth_refresh_tokens (token_digest, grant_id, created_at, expires_at)"
+            " VALUES (?, ?, ?, ?)",
+            (digest(token), grant_id, now, expires_at),
+        )
+
+    def refresh_token(self, token: str) -> tuple[str, float, float | None] | None:
+        """(grant_id, expires_at, used_at) of a refresh token."""
+        rows = self.db.execute(
+            "SELECT grant_id, expires_at, used_at FROM oauth_refresh_tokens WHERE token_digest = ?",
+            (digest(token),),
+        )
+        return rows[0] if rows else None
+
+    def use_refresh_token(self, token: str, now: float) -> bool:
+        """Mark a refresh token rotated; exactly one caller ever gets True for a given token."""
+        rows = self.db.execute(
+            "UPDATE oauth_refresh_tokens SET used_at = ? WHERE token_digest = ? AND used_at IS NULL"
+            " RETURNING token_digest",
+            (now, digest(token)),
+        )
+        return bool(rows)
+
+    def save_access_token(self, jti: str, grant_id: str, expires_at: float) -> None:
+        self.db.execute(
+            "INSERT INTO oauth_access_tokens (jti, grant_id, expires_at) VALUES (?, ?, ?)",
+            (jti, grant_id, expires_at),
+        )
+
+    def access_token_state(self, jti: str) -> tuple[str, bool] | None:
+        """(grant_id, revoked) for an issued access token; revoked covers its grant too."""
+        rows = self.db.execute(
+            "SELECT t.grant_id, t.revoked_at, g.revoked_at FROM oauth_access_tokens t"
+            " JOIN oauth_grants g ON g.grant_id = t.grant_id WHERE t.jti = ?",
+            (jti,),
+        )
+        if not rows:
+            return None
+        grant_id, token_revoked, grant_revoked = rows[0]
+        return grant_id, token_revoked is not None or grant_revoked is not None
+
+    def revoke_access_token(self, jti: str, now: float) -> None:
+        self.db.execute(
+            "UPDATE oauth_access_tokens SET revoked_at = ? WHERE jti = ? AND revoked_at IS NULL",
+            (now, jti),
+        )
+
+    # signing keys (public halves only: private keys live in files under key_dir)
+
+    def signing_keys(self) -> list[tuple[str, str, float, float | None]]:
+        """(kid, public JWK JSON, created_at, retired_at), newest first."""
+        return [
+            tuple(r)
+            for r in self.db.execute(
+                "SELECT kid, public_jwk, created_at, retired_at FROM oauth_signing_keys"
+                " ORDER BY created_at DESC, kid"
+            )
+        ]
+
+    def add_signing_key(self, kid: str, public_jwk: str, now: float) -> None:
+        with self.db.transaction():
+            self.db.execute(
+                "UPDATE oauth_signing_keys SET retired_at = ? WHERE retired_at IS NULL", (now,)
+            )
+            self.db.execute(
+                "INSERT INTO oauth_signing_keys (kid, public_jwk, created_at) VALUES (?, ?, ?)",
+                (kid, public_jwk, now),
+            )
+
+    def forget_signing_keys_retired_before(self, cutoff: float) -> None:
+        self.db.execute(
+            "DELETE FROM oauth_signing_keys WHERE retired_at IS NOT NULL AND retired_at < ?",
+            (cutoff,),
+        )

@@ -1,0 +1,247 @@
+"""The token endpoint (RFC 6749 §3.2 as profiled by OAuth 2.1): the ``authorization_code`` grant
+with PKCE (§4.1.3), ``refresh_token`` with rotation on every use (§6, RFC 9700 §4.14.2) and
+``client_credentials`` (§4.4) for an agent acting as itself.
+
+A code is single use: a second use revokes the grant the first one started. A refresh token is
+single use: presenting a rotated one revokes the whole grant (it was stolen, or the client is
+broken; either way no token of that grant may live on).
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+from bastion.oauth import pkce
+from bastion.oauth.access_token import mint_access_token
+from bastion.oauth.errors import (
+    InvalidGrant,
+    InvalidRequest,
+    InvalidScope,
+    InvalidTarget,
+    UnauthorizedClient,
+    UnsupportedGrantType,
+)
+from bastion.oauth.store import Client, Grant, new_secret
+
+if TYPE_CHECKING:
+    from bastion.oauth.server import AuthorizationServer
+
+
+class TokenEndpoint:
+    def __init__(self, server: AuthorizationServer) -> None:
+        self.server = server
+        self.settings = server.settings
+        self.store = server.store
+        self.audit = server.audit
+
+    def exchange(self, client: Client, form: Mapping[str, str]) -> dict[str, Any]:
+        """Answer one token request from an authenticated client, or raise the RFC's error."""
+        grant_type = form.get("grant_type")
+        if not grant_type:
+            raise InvalidRequest("grant_type is required")
+        handler = {
+            "authorization_code": self._authorization_code,
+            "refresh_token": self._refresh_token,
+            "client_credentials": self._client_credentials,
+        }.get(grant_type)
+        if handler is None:
+            raise UnsupportedGrantType(f"grant_type {grant_type!r} is not supported")
+        if grant_type not in client.grant_types:
+            raise UnauthorizedClient(f"this client is not registered for the {grant_type} grant")
+        return handler(client, form)
+
+    def _authorization_code(self, client: Client, form: Mapping[str, str]) -> dict[str, Any]:
+        code = form.get("code")
+        if not code:
+            raise InvalidRequest("code is required")
+        if not form.get("redirect_uri"):
+            raise InvalidRequest("redirect_uri is required")
+        if not form.get("code_verifier"):
+            raise InvalidRequest("code_verifier is required (PKCE)")
+        found = self.store.code(code)
+        if found is None:
+            raise InvalidGrant("the authorization code is unknown")
+        grant_id, redirect_uri, challenge, expires_at, used_at = found
+        grant = self.store.grant(grant_id)
+        if grant is None or grant.client_id != client.client_id:
+            raise InvalidGrant("the authorization code was issued to another client")
+        if used_at is not None:
+            return self._replayed_code(grant)
+        now = self.server.clock()
+        if expires_at <= now:
+            raise InvalidGrant("the authorization code has expired")
+        if grant.revoked_at is not None:
+            raise InvalidGrant("the grant of this code has been revoked")
+        if form["redirect_uri"] != redirect_uri:
+            raise InvalidGrant("redirect_uri differs from the one of the authorization request")
+        pkce.check_verifier(form.get("code_verifier"), challenge)
+        self._check_resource(form, grant)
+        with self.store.db.transaction():
+            if not self.store.use_code(code, now):
+                replayed = True
+            else:
+                replayed = False
+                response = self._issue(grant, client, grant.scope, refresh=True)
+        if replayed:
+            return self._replayed_code(grant)
+        self.audit.record(
+            "token.issued",
+            subject=grant.username,
+            client_id=client.client_id,
+            grant_id=grant.grant_id,
+            grant_type="authorization_code",
+            resource=grant.resource,
+            scope=grant.scope,
+        )
+        return response
+
+    def _replayed_code(self, grant: Grant) -> dict[str, Any]:
+        self.store.revoke_grant(grant.grant_id, self.server.clock(), "authorization code replayed")
+        self.audit.record(
+            "grant.revoked",
+            subject=grant.username,
+            client_id=grant.client_id,
+            grant_id=grant.grant_id,
+            reason="authorization code replayed",
+        )
+        raise InvalidGrant("the authorization code was already used; its grant is now revoked")
+
+    def _refresh_token(self, client: Client, form: Mapping[str, str]) -> dict[str, Any]:
+        token = form.get("refresh_token")
+        if not token:
+            raise InvalidRequest("refresh_token is required")
+        found = self.store.refresh_token(token)
+        if found is None:
+            raise InvalidGrant("the refresh token is unknown")
+        grant_id, expires_at, used_at = found
+        grant = self.store.grant(grant_id)
+        if grant is None or grant.client_id != client.client_id:
+            raise InvalidGrant("the refresh token was issued to another client")
+        if grant.revoked_at is not None:
+            raise InvalidGrant("the grant of this refresh token has been revoked")
+        if used_at is not None:
+            return self._reused_refresh_token(grant)
+        now = self.server.clock()
+        if expires_at <= now:
+            raise InvalidGrant("the refresh token has expired")
+        scope = grant.scope
+        if form.get("scope"):
+            wider = sorted(set(form["scope"].split()) - set(grant.scope.split()))
+            if wider:
+                raise InvalidScope(f"scopes {wider} were not granted; a refresh may only narrow")
+            scope = " ".join(dict.fromkeys(form["scope"].split()))
+        self._check_resource(form, grant)
+        with self.store.db.transaction():
+            if not self.store.use_refresh_token(token, now):
+                reused = True
+            else:
+                reused = False
+                response = self._issue(grant, client, scope, refresh=True)
+        if reused:
+            return self._reused_refresh_token(grant)
+        self.audit.record(
+            "token.refreshed",
+            subject=grant.username,
+            client_id=client.client_id,
+            grant_id=grant.grant_id,
+            resource=grant.resource,
+            scope=scope,
+        )
+        return response
+
+    def _reused_refresh_token(self, grant: Grant) -> dict[str, Any]:
+        self.store.revoke_grant(grant.grant_id, self.server.clock(), "refresh token reused")
+        self.audit.record(
+            "grant.revoked",
+            subject=grant.username,
+            client_id=grant.client_id,
+            grant_id=grant.grant_id,
+            reason="refresh token reused",
+        )
+        raise InvalidGrant("the refresh token was already used; its grant is now revoked")
+
+    def _client_credentials(self, client: Client, form: Mapping[str, str]) -> dict[str, Any]:
+        if client.is_public:
+            raise UnauthorizedClient("client_credentials needs a confidential client")
+        resource_uri = form.get("resource")
+        if not resource_uri:
+            raise InvalidTarget("resource (RFC 8707) is required")
+        resource = self.settings.resource(resource_uri)
+        if resource is None:
+            raise InvalidTarget(
+                f"resource {resource_uri!r} is not a protected resource of this server"
+            )
+        allowed = set(resource.scopes) & set((client.scope or "").split())
+        if form.get("scope"):
+            wanted = list(dict.fromkeys(form["scope"].split()))
+            refused = [s for s in wanted if s not in allowed]
+            if refused:
+                raise InvalidScope(
+                    f"scopes {refused} are not registered for this client on this resource;"
+                    f" available: {sorted(allowed)}"
+                )
+        else:
+            wanted = [s for s in resource.scopes if s in allowed]
+        now = self.server.clock()
+        grant = Grant(
+            grant_id=uuid.uuid4().hex,
+            client_id=client.client_id,
+            username=None,
+            resource=resource.uri,
+            scope=" ".join(wanted),
+            created_at=now,
+            expires_at=now + self.settings.access_token_seconds,
+            revoked_at=None,
+        )
+        with self.store.db.transaction():
+            self.store.create_grant(grant)
+            response = self._issue(grant, client, grant.scope, refresh=False)
+        self.audit.record(
+            "token.issued",
+            subject=client.client_id,
+            client_id=client.client_id,
+            grant_id=grant.grant_id,
+            grant_type="client_credentials",
+            resource=grant.resource,
+            scope=grant.scope,
+        )
+        return response
+
+    def _check_resource(self, form: Mapping[str, str], grant: Grant) -> None:
+        resource = form.get("resource")
+        if resource is not None and resource != grant.resource:
+            raise InvalidTarget(
+                f"resource {resource!r} differs from {grant.resource!r}, the resource of this grant"
+            )
+
+    def _issue(self, grant: Grant, client: Client, scope: str, refresh: bool) -> dict[str, Any]:
+        now = self.server.clock()
+        access = mint_access_token(
+            self.server.keys,
+            issuer=self.settings.issuer,
+            subject=grant.username or client.client_id,
+            client_id=client.client_id,
+            resource=grant.resource,
+            scope=scope,
+            now=now,
+            seconds=self.settings.access_token_seconds,
+        )
+        self.store.save_access_token(access.jti, grant.grant_id, access.expires_at)
+        response: dict[str, Any] = {
+            "access_token": access.token,
+            "token_type": "Bearer",
+            "expires_in": self.settings.access_token_seconds,
+            "scope": scope,
+        }
+        if (
+            refresh
+            and "refresh_token" in client.grant_types
+            and self.settings.refresh_token_seconds
+        ):
+            token = new_secret()
+            expires_at = min(now + self.settings.refresh_token_seconds, grant.expires_at)
+            self.store.save_refresh_token(token, grant.grant_id, now, expires_at)
+            response["refresh_token"] = token
+        return response

@@ -1,0 +1,59 @@
+"""Local users who log in at the authorization server; passwords hashed with Argon2id."""
+
+from __future__ import annotations
+
+from argon2 import PasswordHasher
+from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
+
+from bastion.oauth.store import OAuthStore
+
+_HASHER = PasswordHasher()
+# Verified against when the user does not exist, so both cases take the same time.
+_ABSENT = _HASHER.hash("bastion: no such user")
+
+
+class UserError(ValueError):
+    pass
+
+
+def validate_username(username: str) -> None:
+    if (
+        not username
+        or len(username) > 128
+        or not username.isprintable()
+        or username.strip() != username
+    ):
+        raise UserError("a username is 1 to 128 printable characters without surrounding spaces")
+
+
+def validate_password(password: str) -> None:
+    if len(password) < 8:
+        raise UserError("a password has at least 8 characters")
+
+
+def hash_password(password: str) -> str:
+    validate_password(password)
+    return _HASHER.hash(password)
+
+
+def create_user(store: OAuthStore, username: str, password: str, now: float) -> None:
+    validate_username(username)
+    if store.user_password_hash(username) is not None or any(
+        u[0] == username for u in store.users()
+    ):
+        raise UserError(f"user {username!r} already exists")
+    store.create_user(username, hash_password(password), now)
+
+
+def check_password(store: OAuthStore, username: str, password: str) -> bool:
+    """Whether an enabled user has this password; rehashes when the parameters have grown."""
+    stored = store.user_password_hash(username)
+    try:
+        _HASHER.verify(stored or _ABSENT, password)
+    except (VerifyMismatchError, VerificationError, InvalidHashError):
+        return False
+    if stored is None:
+        return False
+    if _HASHER.check_needs_rehash(stored):
+        store.set_password_hash(username, _HASHER.hash(password))
+    return True

@@ -1,0 +1,155 @@
+"""Access token verification for resource servers (RFC 9068 §4, RFC 6750).
+
+Checks, in order: the JOSE header (``alg`` ES256 only, ``typ`` ``at+jwt``, a known ``kid``), the
+signature, ``iss``, ``aud`` (the resource this server is), ``exp``/``iat``/``nbf`` with a small
+leeway, and revocation: a token whose ``jti`` or grant was revoked is refused on its next use.
+Every refusal is an audit event.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from joserfc import jwt
+from joserfc.errors import JoseError
+
+from bastion.audit import AuditLog
+from bastion.oauth.access_token import TOKEN_TYPE
+from bastion.oauth.errors import InvalidToken
+from bastion.oauth.keys import ALGORITHM, KeyRing
+from bastion.oauth.store import OAuthStore
+
+
+@dataclass(frozen=True)
+class VerifiedToken:
+    """What a resource server learns from a valid access token."""
+
+    subject: str
+    client_id: str
+    scopes: frozenset[str]
+    audience: tuple[str, ...]
+    jti: str
+    issued_at: int
+    expires_at: int
+    grant_id: str
+    claims: dict[str, Any]
+
+
+def _header(token: str) -> dict[str, Any]:
+    parts = token.split(".")
+    if len(parts) != 3:
+        raise InvalidToken("not a compact JWS (three dot-separated parts)")
+    try:
+        raw = base64.urlsafe_b64decode(parts[0] + "=" * (-len(parts[0]) % 4))
+        header = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InvalidToken("the JOSE header is not base64url JSON") from exc
+    if not isinstance(header, dict):
+        raise InvalidToken("the JOSE header is not a JSON object")
+    return header
+
+
+def _number(claims: dict[str, Any], name: str) -> int:
+    value = claims.get(name)
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        raise InvalidToken(f"claim {name!r} is missing or not a number")
+    return int(value)
+
+
+class TokenVerifier:
+    """Verifies bastion access tokens against the issuer's keys and revocation state."""
+
+    def __init__(
+        self,
+        *,
+        issuer: str,
+        keys: KeyRing,
+        store: OAuthStore,
+        audit: AuditLog,
+        clock: Callable[[], float],
+        leeway_seconds: int = 30,
+    ) -> None:
+        self.issuer = issuer
+        self.keys = keys
+        self.store = store
+        self.audit = audit
+        self.clock = clock
+        self.leeway = leeway_seconds
+
+    def verify(self, token: str, resource: str | None, audit: bool = True) -> VerifiedToken:
+        """Return the token's facts, or raise `InvalidToken` saying why it is refused.
+
+        ``resource`` is the URI this resource server is known by; the token's ``aud`` must name
+        it. ``None`` skips only the audience check (for introspection, which reports ``aud``).
+        ``audit=False`` is for the server's own look-ups (introspection, revocation), which are
+        not uses of the token.
+        """
+        try:
+            return self._verify(token, resource)
+        except InvalidToken as refused:
+            if audit:
+                self.audit.record("token.refused", reason=refused.reason, resource=resource)
+            raise
+
+    def _verify(self, token: str, resource: str | None) -> VerifiedToken:
+        header = _header(token)
+        if header.get("alg") != ALGORITHM:
+            raise InvalidToken(f"alg {header.get('alg')!r} is not accepted; tokens are {ALGORITHM}")
+        if header.get("typ") not in (TOKEN_TYPE, f"application/{TOKEN_TYPE}"):
+            raise InvalidToken(f"typ {header.get('typ')!r} is not {TOKEN_TYPE!r} (RFC 9068 §4)")
+        kid = header.get("kid")
+        if not isinstance(kid, str):
+            raise InvalidToken("the header has no kid")
+        keys = self.keys.public_keys()
+        if not _has_kid(keys, kid):
+            keys = self.keys.public_keys(refresh=True)
+            if not _has_kid(keys, kid):
+                raise InvalidToken(f"kid {kid!r} is not a key of issuer {self.issuer}")
+        try:
+            claims = jwt.decode(token, keys, algorithms=[ALGORITHM]).claims
+        except (JoseError, ValueError) as exc:
+            raise InvalidToken(f"signature or encoding is invalid: {exc}") from exc
+        if claims.get("iss") != self.issuer:
+            raise InvalidToken(f"iss {claims.get('iss')!r} is not {self.issuer!r}")
+        audience = claims.get("aud")
+        audiences = tuple(audience) if isinstance(audience, list) else (audience,)
+        if resource is not None and resource not in audiences:
+            raise InvalidToken(f"the token is for {audience!r}, not for {resource!r}")
+        now = self.clock()
+        expires_at = _number(claims, "exp")
+        issued_at = _number(claims, "iat")
+        if now > expires_at + self.leeway:
+            raise InvalidToken("the token has expired")
+        if issued_at > now + self.leeway:
+            raise InvalidToken("the token is issued in the future")
+        if "nbf" in claims and _number(claims, "nbf") > now + self.leeway:
+            raise InvalidToken("the token is not valid yet (nbf)")
+        for name in ("sub", "client_id", "jti"):
+            if not isinstance(claims.get(name), str):
+                raise InvalidToken(f"claim {name!r} is missing")
+        state = self.store.access_token_state(claims["jti"])
+        if state is None:
+            raise InvalidToken("the token was not issued by this server (unknown jti)")
+        grant_id, revoked = state
+        if revoked:
+            raise InvalidToken("the token or its grant has been revoked")
+        scope = claims.get("scope", "")
+        return VerifiedToken(
+            subject=claims["sub"],
+            client_id=claims["client_id"],
+            scopes=frozenset(scope.split()) if isinstance(scope, str) else frozenset(),
+            audience=audiences,
+            jti=claims["jti"],
+            issued_at=issued_at,
+            expires_at=expires_at,
+            grant_id=grant_id,
+            claims=dict(claims),
+        )
+
+
+def _has_kid(keys: Any, kid: str) -> bool:
+    return any(key.kid == kid for key in keys.keys)

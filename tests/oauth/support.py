@@ -1,0 +1,213 @@
+"""Helpers for the authorization server tests: a real database, real HTTP servers on loopback
+(uvicorn in a thread), a clock the test can move forward, and helpers that act as a browser."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import re
+import secrets
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from urllib.parse import parse_qs, urlencode, urlsplit
+
+import httpx
+import uvicorn
+from starlette.applications import Starlette
+
+from bastion.db import Database
+from bastion.oauth import AuthorizationServer, OAuthSettings
+from bastion.oauth.users import create_user
+
+PASSWORD = "correct horse battery staple"
+
+
+class Clock:
+    """Real time plus an offset the test can advance (tokens expire without sleeping)."""
+
+    def __init__(self) -> None:
+        self.offset = 0.0
+
+    def __call__(self) -> float:
+        return time.time() + self.offset
+
+    def advance(self, seconds: float) -> None:
+        self.offset += seconds
+
+
+def free_socket() -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    return sock
+
+
+@contextmanager
+def serve(app, sock: socket.socket, **ssl) -> Iterator[str]:
+    """Run an ASGI app with uvicorn on an already bound loopback socket; yield its base URL."""
+    config = uvicorn.Config(app, log_level="warning", lifespan="on", **ssl)
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("uvicorn did not start")
+        time.sleep(0.01)
+    scheme = "https" if ssl else "http"
+    try:
+        yield f"{scheme}://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+def pkce_pair() -> tuple[str, str]:
+    verifier = secrets.token_urlsafe(48)
+    digest = hashlib.sha256(verifier.encode()).digest()
+    return verifier, base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
+
+
+@dataclass
+class Bastion:
+    """A running authorization server and what a test needs to drive it."""
+
+    server: AuthorizationServer
+    url: str
+    resource: str
+    other_resource: str
+    clock: Clock
+    http: httpx.Client
+
+    @property
+    def db(self) -> Database:
+        return self.server.db
+
+    def register(self, **metadata) -> dict:
+        body = {
+            "client_name": "Test agent",
+            "redirect_uris": ["http://127.0.0.1:9/callback"],
+            "token_endpoint_auth_method": "none",
+            "grant_types": ["authorization_code", "refresh_token"],
+            **metadata,
+        }
+        response = self.http.post(f"{self.url}/register", json=body)
+        assert response.status_code == 201, response.text
+        return response.json()
+
+    def authorize_params(self, client: dict, challenge: str, **overrides) -> dict:
+        params = {
+            "response_type": "code",
+            "client_id": client["client_id"],
+            "redirect_uri": client["redirect_uris"][0],
+            "state": "xyz-state",
+            "code_challenge": challenge,
+            "code_challenge_method": "S256",
+            "resource": self.resource,
+            "scope": "tools:read",
+            **overrides,
+        }
+        return {k: v for k, v in params.items() if v is not None}
+
+    def log_in_and_consent(self, url: str, browser: httpx.Client | None = None) -> httpx.Response:
+        """Act as the person: open the authorization URL, sign in, allow. Returns the redirect."""
+        browser = browser or httpx.Client(follow_redirects=False)
+        page = browser.get(url)
+        if page.is_redirect:
+            return page
+        assert page.status_code == 200, page.text
+        if 'name="password"' in page.text or "name=password" in page.text:
+            page = browser.post(
+                f"{self.url}/authorize/login",
+                data={**hidden_fields(page.text), "username": "alice", "password": PASSWORD},
+            )
+            if page.is_redirect:
+                return page
+            assert page.status_code == 200, page.text
+        return browser.post(
+            f"{self.url}/authorize/consent", data={**hidden_fields(page.text), "decision": "allow"}
+        )
+
+    def code_for(self, client: dict, **overrides) -> tuple[str, str]:
+        """Run the browser part of the flow; return (code, verifier)."""
+        verifier, challenge = pkce_pair()
+        params = self.authorize_params(client, challenge, **overrides)
+        response = self.log_in_and_consent(f"{self.url}/authorize?{urlencode(params)}")
+        assert response.status_code in (302, 303), response.text
+        query = parse_qs(urlsplit(response.headers["location"]).query)
+        assert "code" in query, query
+        return query["code"][0], verifier
+
+    def tokens_for(self, client: dict) -> dict:
+        code, verifier = self.code_for(client)
+        response = self.token(
+            grant_type="authorization_code",
+            code=code,
+            redirect_uri=client["redirect_uris"][0],
+            code_verifier=verifier,
+            client_id=client["client_id"],
+        )
+        assert response.status_code == 200, response.text
+        return response.json()
+
+    def token(self, **form) -> httpx.Response:
+        return self.http.post(f"{self.url}/token", data=form)
+
+    def rows(self) -> dict[str, list]:
+        """Every row of every OAuth table except the audit log: to show bad input changed nothing."""
+        tables = [
+            "oauth_clients",
+            "oauth_users",
+            "oauth_consents",
+            "oauth_pending_authorizations",
+            "oauth_sessions",
+            "oauth_grants",
+            "oauth_codes",
+            "oauth_refresh_tokens",
+            "oauth_access_tokens",
+            "oauth_signing_keys",
+        ]
+        return {t: sorted(map(repr, self.db.execute(f"SELECT * FROM {t}"))) for t in tables}
+
+
+def hidden_fields(html: str) -> dict[str, str]:
+    return dict(re.findall(r"<input type=hidden name=(\w+) value='([^']*)'>", html))
+
+
+def make_settings(url: str, resource: str, other: str, key_dir: str, **extra) -> OAuthSettings:
+    return OAuthSettings.from_mapping(
+        {
+            "issuer": url,
+            "key_dir": key_dir,
+            "resources": [
+                {"uri": resource, "scopes": ["tools:read", "tools:call"]},
+                {"uri": other, "scopes": ["tools:read"]},
+            ],
+            "initial_access_tokens": ["initial-access-token-for-tests"],
+            "client_metadata": {"allow_private_addresses": True},
+            **extra,
+        }
+    )
+
+
+@contextmanager
+def running_bastion(database_url: str, tmp_path, resource: str | None = None, **extra):
+    sock = free_socket()
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    resource = resource or "http://127.0.0.1:9/mcp"
+    settings = make_settings(
+        url, resource, "http://127.0.0.1:9/other-mcp", str(tmp_path / "keys"), **extra
+    )
+    clock = Clock()
+    db = Database(database_url)
+    server = AuthorizationServer(settings, db, clock=clock)
+    create_user(server.store, "alice", PASSWORD, clock())
+    app = Starlette(routes=server.routes())
+    with serve(app, sock) as base, httpx.Client(timeout=10) as http:
+        assert base == url
+        yield Bastion(server, url, resource, "http://127.0.0.1:9/other-mcp", clock, http)
+    db.close()
