@@ -1,0 +1,361 @@
+"""Decision routes: authorize (one or a batch), list, actions, query, and explain a decision."""
+
+from __future__ import annotations
+
+import itertools
+import secrets
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from bastion.decide import Authorizer
+from bastion.facts.model import Entity, arg_from_json, arg_to_json
+from bastion.server.auth import require
+from bastion.server.problems import Problem, bad_request, entity, read_json
+from bastion.server.problems import field as get_field
+from bastion.server.replica import ConsistencyTimeout, Replica
+
+MAX_BATCH = 1000
+MAX_PAGE = 1000
+
+
+@dataclass
+class DecisionRecord:
+    """What was asked and answered, so the decision can be explained afterwards."""
+
+    id: str
+    kind: str
+    request: dict
+    result: Any
+    seq: int
+    policy_version: int | None
+    at: float
+    explanation: dict | None = field(default=None)
+
+    def to_json(self) -> dict:
+        return {
+            "decision_id": self.id,
+            "kind": self.kind,
+            "request": self.request,
+            "result": self.result,
+            "sequence": self.seq,
+            "policy_version": self.policy_version,
+            "at": self.at,
+        }
+
+
+class DecisionLog:
+    """The most recent decisions of this process, by id (bounded; oldest forgotten first)."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._records: OrderedDict[str, DecisionRecord] = OrderedDict()
+        self._prefix = secrets.token_hex(4)
+        self._counter = itertools.count(1)
+
+    def new_id(self) -> str:
+        return f"{self._prefix}-{next(self._counter)}"
+
+    def add(self, record: DecisionRecord) -> None:
+        self._records[record.id] = record
+        while len(self._records) > self.size:
+            self._records.popitem(last=False)
+
+    def get(self, decision_id: str) -> DecisionRecord | None:
+        return self._records.get(decision_id)
+
+    def made_here(self, decision_id: str) -> bool:
+        return decision_id.startswith(self._prefix + "-")
+
+
+# -- helpers -----------------------------------------------------------------------------------
+
+
+async def _fresh(request: Request, body: dict) -> Replica:
+    """The replica, once it reflects ``at_least`` (if given)."""
+    replica: Replica = request.app.state.replica
+    at_least = get_field(body, "at_least", int, required=False)
+    if at_least:
+        try:
+            await replica.wait_for(at_least, request.app.state.config.consistency_timeout)
+        except ConsistencyTimeout as e:
+            store = request.app.state.store
+            head = await anyio.to_thread.run_sync(store.head)
+            if at_least > head:
+                raise bad_request(
+                    f"at_least={at_least} is not the sequence of any write: the latest is {head};"
+                    " pass the 'sequence' that a write returned"
+                ) from None
+            raise Problem(
+                503, "Not yet consistent", str(e), sequence=replica.applied, at_least=at_least
+            ) from None
+    return replica
+
+
+def _context(body: dict) -> dict | None:
+    return get_field(body, "context", dict, required=False)
+
+
+def _known_type(authz: Authorizer, e: Entity, name: str) -> None:
+    # Only a policy that declares its types (actor and resource blocks) can refuse one.
+    types = authz.policy.program.entity_types
+    if types and e.type not in types:
+        raise bad_request(
+            f"the field {name!r} has the entity type {e.type!r}, which the policy does not"
+            f" declare; declared types: {', '.join(sorted(types)) or 'none'}"
+        )
+
+
+def _check(authz: Authorizer, body: dict) -> tuple[Entity, str, Entity]:
+    actor = entity(body, "actor")
+    action = get_field(body, "action", str)
+    resource = entity(body, "resource")
+    _known_type(authz, actor, "actor")
+    _known_type(authz, resource, "resource")
+    return actor, action, resource
+
+
+def _record(
+    request: Request, kind: str, req: dict, result: Any, explanation: dict | None = None
+) -> str:
+    log: DecisionLog = request.app.state.decisions
+    replica: Replica = request.app.state.replica
+    decision_id = log.new_id()
+    log.add(
+        DecisionRecord(
+            decision_id,
+            kind,
+            req,
+            result,
+            replica.applied,
+            replica.policy_version,
+            time.time(),
+            explanation,
+        )
+    )
+    return decision_id
+
+
+def _observe(request: Request, kind: str, started: float, result: str) -> None:
+    metrics = request.app.state.metrics
+    metrics.latency.labels(kind).observe(time.perf_counter() - started)
+    metrics.decisions.labels(kind, result).inc()
+
+
+def _entity_json(e: Entity) -> dict:
+    return {"type": e.type, "id": e.id}
+
+
+# -- routes ------------------------------------------------------------------------------------
+
+
+async def authorize(request: Request) -> JSONResponse:
+    require(request, "decide")
+    body = await read_json(request)
+    replica = await _fresh(request, body)
+    authz = replica.authz
+    actor, action, resource = _check(authz, body)
+    context = _context(body)
+    explain = get_field(body, "explain", bool, required=False)
+    started = time.perf_counter()
+    explanation = None
+    if explain:
+        decision = authz.decide(actor, action, resource, context)
+        allowed = decision.allowed
+        explanation = _explanation_json(decision)
+    else:
+        allowed = authz.authorize(actor, action, resource, context)
+    _observe(request, "authorize", started, "allow" if allowed else "deny")
+    req = {"actor": _entity_json(actor), "action": action, "resource": _entity_json(resource)}
+    if context is not None:
+        req["context"] = context
+    decision_id = _record(request, "authorize", req, allowed, explanation)
+    out = {"allowed": allowed, "decision_id": decision_id, "sequence": replica.applied}
+    if explanation is not None:
+        out["explanation"] = explanation
+    return JSONResponse(out)
+
+
+async def authorize_batch(request: Request) -> JSONResponse:
+    require(request, "decide")
+    body = await read_json(request)
+    replica = await _fresh(request, body)
+    authz = replica.authz
+    checks = get_field(body, "checks", list)
+    if len(checks) > MAX_BATCH:
+        raise bad_request(f"a batch holds at most {MAX_BATCH} checks, got {len(checks)}")
+    shared_context = _context(body)
+    parsed = []
+    for i, check in enumerate(checks):
+        if not isinstance(check, dict):
+            raise bad_request(f"checks[{i}] must be an object")
+        try:
+            parsed.append((*_check(authz, check), _context(check) or shared_context))
+        except Problem as p:
+            raise bad_request(f"checks[{i}]: {p.detail}") from None
+    results = []
+    for actor, action, resource, context in parsed:
+        started = time.perf_counter()
+        allowed = authz.authorize(actor, action, resource, context)
+        _observe(request, "authorize", started, "allow" if allowed else "deny")
+        req = {"actor": _entity_json(actor), "action": action, "resource": _entity_json(resource)}
+        if context is not None:
+            req["context"] = context
+        results.append(
+            {"allowed": allowed, "decision_id": _record(request, "authorize", req, allowed)}
+        )
+    return JSONResponse({"results": results, "sequence": replica.applied})
+
+
+async def list_resources(request: Request) -> JSONResponse:
+    require(request, "decide")
+    body = await read_json(request)
+    replica = await _fresh(request, body)
+    authz = replica.authz
+    actor = entity(body, "actor")
+    _known_type(authz, actor, "actor")
+    action = get_field(body, "action", str)
+    resource_type = get_field(body, "resource_type", str)
+    limit = get_field(body, "limit", int, required=False) or 100
+    if not 1 <= limit <= MAX_PAGE:
+        raise bad_request(f"limit must be between 1 and {MAX_PAGE}")
+    cursor = get_field(body, "cursor", str, required=False) or ""
+    context = _context(body)
+    started = time.perf_counter()
+    ids = sorted(authz.list(actor, action, resource_type, context))
+    _observe(request, "list", started, "allow" if ids else "deny")
+    page = [i for i in ids if i > cursor][:limit] if cursor else ids[:limit]
+    more = bool(page) and page[-1] != ids[-1]
+    req = {"actor": _entity_json(actor), "action": action, "resource_type": resource_type}
+    decision_id = _record(request, "list", req, {"count": len(ids)})
+    return JSONResponse(
+        {
+            "ids": page,
+            "next_cursor": page[-1] if more else None,
+            "decision_id": decision_id,
+            "sequence": replica.applied,
+        }
+    )
+
+
+async def actions(request: Request) -> JSONResponse:
+    require(request, "decide")
+    body = await read_json(request)
+    replica = await _fresh(request, body)
+    authz = replica.authz
+    actor = entity(body, "actor")
+    resource = entity(body, "resource")
+    _known_type(authz, actor, "actor")
+    _known_type(authz, resource, "resource")
+    started = time.perf_counter()
+    result = sorted(authz.actions(actor, resource, _context(body)))
+    _observe(request, "actions", started, "allow" if result else "deny")
+    req = {"actor": _entity_json(actor), "resource": _entity_json(resource)}
+    decision_id = _record(request, "actions", req, result)
+    return JSONResponse(
+        {"actions": result, "decision_id": decision_id, "sequence": replica.applied}
+    )
+
+
+async def query(request: Request) -> JSONResponse:
+    from bastion.decide import Variable
+
+    require(request, "decide")
+    body = await read_json(request)
+    replica = await _fresh(request, body)
+    predicate = get_field(body, "predicate", str)
+    raw_args = get_field(body, "args", list, required=False) or []
+    args = []
+    for i, a in enumerate(raw_args):
+        if isinstance(a, dict) and set(a) == {"var"} and isinstance(a["var"], str):
+            args.append(Variable(a["var"]))
+        else:
+            try:
+                args.append(arg_from_json(a))
+            except ValueError as e:
+                raise bad_request(f'args[{i}]: {e}; a variable is {{"var": "name"}}') from None
+    started = time.perf_counter()
+    try:
+        rows = replica.authz.query(predicate, *args, context=_context(body))
+    except ValueError as e:
+        raise bad_request(str(e)) from None
+    _observe(request, "query", started, "allow" if rows else "deny")
+    results = [[arg_to_json(v) for v in row] for row in rows]
+    decision_id = _record(request, "query", {"predicate": predicate, "args": raw_args}, len(rows))
+    return JSONResponse(
+        {"results": results, "decision_id": decision_id, "sequence": replica.applied}
+    )
+
+
+def _explanation_json(decision: Any) -> dict:
+    explanation = decision.explanation
+    to_dict = getattr(explanation, "to_dict", None)
+    return {
+        "allowed": decision.allowed,
+        "text": str(explanation),
+        "detail": to_dict() if to_dict else None,
+    }
+
+
+async def get_decision(request: Request) -> JSONResponse:
+    require(request, "decide")
+    record = _find(request)
+    return JSONResponse(record.to_json())
+
+
+async def explain(request: Request) -> JSONResponse:
+    """The explanation of an authorize decision: kept if asked for, otherwise evaluated again."""
+    require(request, "decide")
+    record = _find(request)
+    if record.kind != "authorize":
+        raise Problem(
+            409,
+            "Not explainable",
+            f"only authorize decisions are explained; this is a {record.kind}",
+        )
+    replica: Replica = request.app.state.replica
+    out = record.to_json()
+    if record.explanation is not None:
+        out["explanation"] = record.explanation
+        out["exact"] = True
+        return JSONResponse(out)
+    r = record.request
+    decision = replica.authz.decide(
+        Entity(**r["actor"]), r["action"], Entity(**r["resource"]), r.get("context")
+    )
+    out["explanation"] = _explanation_json(decision)
+    # Evaluated again now: exact only if nothing changed since the decision was made.
+    out["exact"] = replica.applied == record.seq
+    out["explained_at_sequence"] = replica.applied
+    return JSONResponse(out)
+
+
+def _find(request: Request) -> DecisionRecord:
+    log: DecisionLog = request.app.state.decisions
+    decision_id = request.path_params["decision_id"]
+    record = log.get(decision_id)
+    if record is None:
+        where = (
+            "it is older than the last decisions this server remembers (decision_log_size)"
+            if log.made_here(decision_id)
+            else "it was not made by this server process; ask the replica that made it"
+        )
+        raise Problem(404, "Unknown decision", f"no decision {decision_id!r}: {where}")
+    return record
+
+
+routes = [
+    Route("/v1/authorize", authorize, methods=["POST"]),
+    Route("/v1/authorize/batch", authorize_batch, methods=["POST"]),
+    Route("/v1/list", list_resources, methods=["POST"]),
+    Route("/v1/actions", actions, methods=["POST"]),
+    Route("/v1/query", query, methods=["POST"]),
+    Route("/v1/decisions/{decision_id}", get_decision, methods=["GET"]),
+    Route("/v1/decisions/{decision_id}/explanation", explain, methods=["GET"]),
+]

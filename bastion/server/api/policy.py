@@ -1,0 +1,123 @@
+"""Policy routes: get, validate without applying, put (atomic swap), versions, roll back."""
+
+from __future__ import annotations
+
+import contextlib
+
+import anyio
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from bastion.decide import Authorizer
+from bastion.facts.store import FactStore
+from bastion.policy.errors import PolicyError
+from bastion.server.auth import require
+from bastion.server.problems import Problem, read_json, unprocessable
+from bastion.server.problems import field as get_field
+from bastion.server.replica import ConsistencyTimeout, Replica
+
+
+def policy_problem(e: PolicyError) -> Problem:
+    """A policy that does not load: every diagnostic with its place."""
+    diagnostics = [
+        {
+            "source": d.location.source,
+            "line": d.location.line,
+            "column": d.location.column,
+            "message": d.message,
+            "severity": d.severity,
+        }
+        for d in e.diagnostics
+    ]
+    return unprocessable(f"the policy does not load; fix these: {e}", diagnostics=diagnostics)
+
+
+def validate_policy(text: str, source: str) -> list[str]:
+    """Warnings of a policy that loads; `PolicyError` otherwise. Checked on a fresh engine."""
+    return [str(w) for w in Authorizer("").check_policy(text, source=source)]
+
+
+async def _await_applied(request: Request, seq: int) -> None:
+    replica: Replica = request.app.state.replica
+    with contextlib.suppress(ConsistencyTimeout):
+        await replica.wait_for(seq, request.app.state.config.consistency_timeout)
+
+
+async def get_policy(request: Request) -> JSONResponse:
+    require(request, "policy:read")
+    replica: Replica = request.app.state.replica
+    store: FactStore = request.app.state.store
+    current = await anyio.to_thread.run_sync(store.policy)
+    if current is None:
+        return JSONResponse({"version": None, "text": "", "source": None})
+    return JSONResponse(
+        {**current.summary(), "text": current.text, "applied": replica.policy_version}
+    )
+
+
+async def validate(request: Request) -> JSONResponse:
+    require(request, "policy:read")
+    body = await read_json(request)
+    text = get_field(body, "text", str)
+    source = get_field(body, "source", str, required=False) or "policy.polar"
+    try:
+        warnings = validate_policy(text, source)
+    except PolicyError as e:
+        raise policy_problem(e) from None
+    return JSONResponse({"valid": True, "warnings": warnings})
+
+
+async def put_policy(request: Request) -> JSONResponse:
+    key = require(request, "policy:write")
+    body = await read_json(request)
+    text = get_field(body, "text", str)
+    source = get_field(body, "source", str, required=False) or "policy.polar"
+    note = get_field(body, "note", str, required=False) or ""
+    try:
+        warnings = validate_policy(text, source)
+    except PolicyError as e:
+        raise policy_problem(e) from None
+    store: FactStore = request.app.state.store
+    version, seq = await anyio.to_thread.run_sync(
+        lambda: store.put_policy(text, source=source, actor=key.principal, note=note)
+    )
+    request.app.state.metrics.writes.labels("policy").inc()
+    await _await_applied(request, seq)
+    return JSONResponse({"version": version, "sequence": seq, "warnings": warnings})
+
+
+async def versions(request: Request) -> JSONResponse:
+    require(request, "policy:read")
+    store: FactStore = request.app.state.store
+    found = await anyio.to_thread.run_sync(store.policy_versions)
+    return JSONResponse({"versions": [v.summary() for v in found]})
+
+
+async def rollback(request: Request) -> JSONResponse:
+    key = require(request, "policy:write")
+    body = await read_json(request)
+    version = get_field(body, "version", int)
+    store: FactStore = request.app.state.store
+    old = await anyio.to_thread.run_sync(store.policy, version)
+    if old is None:
+        raise Problem(404, "Unknown policy version", f"there is no policy version {version}")
+    try:
+        validate_policy(old.text, old.source)
+    except PolicyError as e:
+        raise policy_problem(e) from None
+    new_version, seq = await anyio.to_thread.run_sync(
+        lambda: store.rollback_policy(version, actor=key.principal)
+    )
+    request.app.state.metrics.writes.labels("policy").inc()
+    await _await_applied(request, seq)
+    return JSONResponse({"version": new_version, "sequence": seq, "rolled_back_to": version})
+
+
+routes = [
+    Route("/v1/policy", get_policy, methods=["GET"]),
+    Route("/v1/policy", put_policy, methods=["PUT"]),
+    Route("/v1/policy/validate", validate, methods=["POST"]),
+    Route("/v1/policy/versions", versions, methods=["GET"]),
+    Route("/v1/policy/rollback", rollback, methods=["POST"]),
+]

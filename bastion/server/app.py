@@ -1,0 +1,137 @@
+"""The ASGI application: the `/v1` API, health, metrics, OpenAPI and (when present) OAuth."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import anyio
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import BaseRoute, Route
+
+from bastion.db import Database
+from bastion.facts.store import FactStore
+from bastion.policy.errors import PolicyError
+from bastion.server import api
+from bastion.server.api.decisions import DecisionLog
+from bastion.server.api.policy import validate_policy
+from bastion.server.config import ConfigError, ServerConfig
+from bastion.server.keys import KeyStore
+from bastion.server.metrics import Metrics, metrics_endpoint
+from bastion.server.openapi import openapi_document
+from bastion.server.problems import Problem, problem_handler
+from bastion.server.replica import Replica
+
+log = logging.getLogger("bastion.server")
+
+
+async def healthz(request: Request) -> JSONResponse:
+    """Alive: the process answers."""
+    return JSONResponse({"status": "ok"})
+
+
+async def readyz(request: Request) -> JSONResponse:
+    """Ready: the facts are loaded and the change log is being followed."""
+    replica: Replica = request.app.state.replica
+    body = {
+        "ready": replica.ready and replica.listening,
+        "sequence": replica.applied,
+        "lag": replica.lag,
+        "policy_version": replica.policy_version,
+        "facts": len(replica.authz.facts),
+    }
+    return JSONResponse(body, status_code=200 if body["ready"] else 503)
+
+
+async def openapi(request: Request) -> JSONResponse:
+    return JSONResponse(openapi_document())
+
+
+async def http_problem(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, HTTPException)
+    detail = {
+        404: f"there is no route {request.url.path}; see /v1/openapi.json",
+        405: f"{request.method} is not allowed on {request.url.path}; see /v1/openapi.json",
+    }.get(exc.status_code, str(exc.detail))
+    return Problem(exc.status_code, str(exc.detail), detail).response()
+
+
+def _bootstrap_policy(store: FactStore, config: ServerConfig) -> None:
+    """Store the configured policy file when the store has no policy yet."""
+    if not config.policy_file or store.policy() is not None:
+        return
+    path = Path(config.policy_file)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ConfigError(f"policy_file {path}: {e}") from None
+    try:
+        validate_policy(text, str(path))
+    except PolicyError as e:
+        raise ConfigError(f"policy_file {path} does not load:\n{e}") from None
+    store.put_policy(text, source=path.name, actor="bastion.toml", note="policy_file at start")
+
+
+def _oauth_routes(config: ServerConfig, db: Database) -> list[BaseRoute]:
+    """The OAuth authorization server's routes, mounted at the root, from the [oauth] table.
+
+    This is the single place where the authorization server plugs in.
+    """
+    if not config.oauth:
+        return []
+    try:
+        from bastion.oauth import AuthorizationServer
+    except ImportError as e:
+        raise ConfigError(
+            f"bastion.toml has an [oauth] table but the authorization server is unavailable: {e}"
+        ) from None
+    return list(AuthorizationServer(config.oauth, db).routes())
+
+
+def create_app(config: ServerConfig) -> Starlette:
+    """The whole server for one configuration. State is opened by the lifespan."""
+    # Writes and key checks use this connection; the replica reads the log on its own.
+    db = Database(config.database)
+    store = FactStore(db)
+    keys = KeyStore(db, env_admin_key=config.admin_key or None)
+    _bootstrap_policy(store, config)
+    replica = Replica(config.database, poll_interval=config.poll_interval)
+    metrics = Metrics()
+    metrics.observe_state(
+        lambda: len(replica.authz.facts), lambda: replica.applied, lambda: replica.lag
+    )
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        await replica.start()
+        try:
+            yield
+        finally:
+            await replica.stop()
+            await anyio.to_thread.run_sync(db.close)
+
+    routes: list[BaseRoute] = [
+        Route("/healthz", healthz, methods=["GET"]),
+        Route("/readyz", readyz, methods=["GET"]),
+        Route("/metrics", metrics_endpoint, methods=["GET"]),
+        Route("/v1/openapi.json", openapi, methods=["GET"]),
+        *api.routes(),
+        *_oauth_routes(config, db),
+    ]
+    app = Starlette(
+        routes=routes,
+        lifespan=lifespan,
+        exception_handlers={Problem: problem_handler, HTTPException: http_problem},
+    )
+    app.state.config = config
+    app.state.store = store
+    app.state.keys = keys
+    app.state.replica = replica
+    app.state.metrics = metrics
+    app.state.decisions = DecisionLog(config.decision_log_size)
+    return app

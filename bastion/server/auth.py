@@ -1,0 +1,26 @@
+"""Who is calling the `/v1` API: a Bearer API key, checked for the scope each route needs."""
+
+from __future__ import annotations
+
+from starlette.requests import Request
+
+from bastion.server.keys import ApiKey
+from bastion.server.problems import Problem
+
+
+def require(request: Request, scope: str) -> ApiKey:
+    """The caller's key if it is valid and grants ``scope``; 401 or 403 otherwise."""
+    header = request.headers.get("authorization", "")
+    kind, _, token = header.partition(" ")
+    if kind.lower() != "bearer" or not token.strip():
+        raise Problem(401, "Unauthorized", "send an API key as 'Authorization: Bearer <key>'")
+    key = request.app.state.keys.verify(token.strip())
+    if key is None:
+        raise Problem(401, "Unauthorized", "the API key is unknown, expired or revoked")
+    if not key.allows(scope):
+        raise Problem(
+            403,
+            "Forbidden",
+            f"this key lacks the scope {scope!r}; create a key with it (bastion keys create)",
+        )
+    return key

@@ -1,0 +1,217 @@
+"""One server process's in-memory `Authorizer`, kept current by following the change log.
+
+At start the replica loads a snapshot (facts, policy, head sequence), then applies each change
+after it in sequence order. On PostgreSQL a LISTEN connection wakes it on every commit; it also
+polls, so a lost notification or a reconnect only delays it. On SQLite it polls the log.
+All changes are applied on the event loop thread, the same thread that makes decisions, so a
+decision never sees half of a batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+import time
+
+import anyio
+
+from bastion.decide import Authorizer
+from bastion.facts.model import FactError, matches
+from bastion.facts.store import CHANGES_CHANNEL, Change, FactStore, StoredFact
+from bastion.policy.errors import PolicyError
+
+log = logging.getLogger("bastion.replica")
+
+# The change log is read this many entries at a time.
+_PAGE = 200
+# On PostgreSQL notifications drive the replica; polling is only the safety net.
+_PG_POLL_INTERVAL = 1.0
+
+
+class ConsistencyTimeout(Exception):
+    """This replica did not reach the requested sequence in time."""
+
+
+def load_facts(authz: Authorizer, facts: list[StoredFact]) -> list[StoredFact]:
+    """Put stored facts into ``authz``; return those the policy in force cannot use.
+
+    A stored fact can outlive the policy that used it (a rollback, say). It stays in the store
+    and is offered again after every policy change.
+    """
+    by_expiry: dict[float | None, list[tuple]] = {}
+    for f in facts:
+        by_expiry.setdefault(f.expires_at, []).append(f.fact)
+    refused: list[StoredFact] = []
+    for expires_at, group in by_expiry.items():
+        try:
+            authz.facts.apply(group, [], expires_at=expires_at)
+        except FactError:
+            for fact in group:
+                try:
+                    authz.facts.insert(fact, expires_at=expires_at)
+                except FactError:
+                    refused.append(StoredFact(fact, expires_at))
+    return refused
+
+
+class Replica:
+    """The decision state of this process: an `Authorizer`, the policy version, the sequence."""
+
+    def __init__(self, database: str, *, poll_interval: float = 0.05) -> None:
+        self.database = database
+        self.store = FactStore.open(database)
+        self.is_postgres = self.store.db.is_postgres
+        self.poll_interval = _PG_POLL_INTERVAL if self.is_postgres else poll_interval
+        self.authz: Authorizer = Authorizer("")
+        self.applied = 0
+        self.head_seen = 0
+        self.policy_version: int | None = None
+        # Stored facts the policy in force has no use for; offered again on a policy change.
+        self.unusable: list[StoredFact] = []
+        self.ready = False
+        self.listening = not self.is_postgres
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._wake: asyncio.Event | None = None
+        self._advanced: asyncio.Condition | None = None
+        self._task: asyncio.Task | None = None
+        self._stopping = threading.Event()
+        self._listener: threading.Thread | None = None
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._wake = asyncio.Event()
+        self._advanced = asyncio.Condition()
+        started = time.perf_counter()
+        seq, facts, policy = await anyio.to_thread.run_sync(self.store.snapshot)
+        text, source = (policy.text, policy.source) if policy else ("", "")
+        self.authz = await anyio.to_thread.run_sync(self._build, text, facts, source)
+        self.policy_version = policy.version if policy else None
+        self.applied = self.head_seen = seq
+        log.info(
+            "loaded %d facts and policy version %s at sequence %d in %.2fs",
+            len(facts),
+            self.policy_version,
+            seq,
+            time.perf_counter() - started,
+        )
+        if self.is_postgres:
+            self._listener = threading.Thread(
+                target=self._listen, name="bastion-listen", daemon=True
+            )
+            self._listener.start()
+        self._task = asyncio.create_task(self._follow())
+        self.ready = True
+
+    def _build(self, text: str, facts: list[StoredFact], source: str) -> Authorizer:
+        authz = Authorizer("")
+        if text:
+            authz.load_policy(text, source=source or "policy.polar")
+        self.unusable = load_facts(authz, facts)
+        if self.unusable:
+            log.warning("%d stored facts are not used by the policy in force", len(self.unusable))
+        return authz
+
+    async def stop(self) -> None:
+        self._stopping.set()
+        if self._task:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if self._listener:
+            await anyio.to_thread.run_sync(self._listener.join, 2.0)
+        self.store.close()
+
+    # -- following the log -----------------------------------------------------------------
+
+    def kick(self) -> None:
+        """Wake the follower now (thread-safe)."""
+        if self._loop is not None and self._wake is not None:
+            self._loop.call_soon_threadsafe(self._wake.set)
+
+    def _listen(self) -> None:
+        import psycopg
+
+        while not self._stopping.is_set():
+            try:
+                with psycopg.connect(self.database, autocommit=True) as conn:
+                    conn.execute(f"LISTEN {CHANGES_CHANNEL}")
+                    self.listening = True
+                    self.kick()  # catch up on whatever was written while not listening
+                    while not self._stopping.is_set():
+                        for note in conn.notifies(timeout=0.5):
+                            if note.payload.isdigit():
+                                self.head_seen = max(self.head_seen, int(note.payload))
+                            self.kick()
+            except Exception as e:  # a dropped connection: reconnect, then catch up
+                self.listening = False
+                log.warning("change notifications lost (%s); reconnecting", e)
+                self._stopping.wait(0.5)
+        self.listening = False
+
+    async def _follow(self) -> None:
+        assert self._wake is not None
+        while True:
+            self._wake.clear()
+            try:
+                changes = await anyio.to_thread.run_sync(
+                    lambda: self.store.changes_since(self.applied, limit=_PAGE)
+                )
+            except Exception as e:
+                log.warning("cannot read the change log (%s); retrying", e)
+                changes = []
+                await asyncio.sleep(0.5)
+            if changes:
+                for change in changes:
+                    self._apply(change)
+                self.head_seen = max(self.head_seen, self.applied)
+                async with self._advanced:
+                    self._advanced.notify_all()
+                if len(changes) == _PAGE:
+                    continue
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.poll_interval)
+
+    def _apply(self, change: Change) -> None:
+        if change.kind == "facts":
+            if self.unusable and change.deletes:
+                self.unusable = [
+                    f for f in self.unusable if not any(matches(f.fact, p) for p in change.deletes)
+                ]
+            self.authz.facts.apply([], list(change.deletes))
+            self.unusable += load_facts(self.authz, list(change.inserts))
+        elif change.kind == "policy":
+            policy = self.store.policy(change.policy_version)
+            if policy is not None:
+                try:
+                    self.authz.load_policy(policy.text, source=policy.source)
+                    self.policy_version = policy.version
+                except PolicyError as e:
+                    # Validated before it was stored, so only a newer engine could refuse it.
+                    log.error("policy version %s refused, keeping the old: %s", policy.version, e)
+                if self.unusable:
+                    self.unusable = load_facts(self.authz, self.unusable)
+        self.applied = change.seq
+
+    async def wait_for(self, seq: int, timeout: float) -> None:
+        """Return once every change up to ``seq`` is applied; raise `ConsistencyTimeout`."""
+        if self.applied >= seq:
+            return
+        assert self._advanced is not None
+        self.kick()
+        try:
+            async with asyncio.timeout(timeout):
+                async with self._advanced:
+                    await self._advanced.wait_for(lambda: self.applied >= seq)
+        except TimeoutError:
+            raise ConsistencyTimeout(
+                f"this replica has applied changes up to {self.applied}, not yet {seq};"
+                " retry, or ask another replica"
+            ) from None
+
+    @property
+    def lag(self) -> int:
+        return max(0, self.head_seen - self.applied)
