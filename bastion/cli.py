@@ -9,11 +9,14 @@ import sys
 # Modules that define ``register(subparsers)``; each adds its commands and sets ``func``.
 COMMAND_MODULES = [
     "bastion.policy.commands",
+    "bastion.server.commands",
 ]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="bastion", description="Authorization for AI agents and MCP.")
+    parser = argparse.ArgumentParser(
+        prog="bastion", description="Authorization for AI agents and MCP."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(sub)

@@ -152,6 +152,16 @@ class _Ops:
         )
         return self._wrote(r)["sequence"]
 
+    def facts_insert_many(self, facts: Iterable[tuple], expires_at: Any = None) -> Op:
+        """Insert facts in one write; returns the response (sequence and counts)."""
+        body = {"facts": [StoredFact(f, epoch(expires_at)).to_json() for f in facts]}
+        return self._wrote((yield _Call("POST", "/v1/facts", body)))
+
+    def facts_delete_many(self, patterns: Iterable[tuple]) -> Op:
+        """Delete what matches any pattern in one write; returns the response."""
+        body = {"patterns": [fact_to_json(p) for p in patterns]}
+        return self._wrote((yield _Call("POST", "/v1/facts/delete", body)))
+
     def facts_delete(self, pattern: tuple) -> Op:
         """Delete every fact matching the pattern (None is a wildcard); returns how many."""
         r = yield _Call("POST", "/v1/facts/delete", {"patterns": [fact_to_json(pattern)]})
@@ -303,6 +313,7 @@ _OPS = [
 ]
 _FACT_OPS = {"insert": "facts_insert", "delete": "facts_delete", "apply": "facts_apply"}
 _FACT_OPS |= {"get": "facts_get", "import_lines": "facts_import"}
+_FACT_OPS |= {"insert_many": "facts_insert_many", "delete_many": "facts_delete_many"}
 
 
 class Client:

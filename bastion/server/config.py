@@ -36,6 +36,8 @@ class ServerConfig:
     # Decisions remembered per process for /v1/decisions/{id}.
     decision_log_size: int = 10_000
     log_level: str = "info"
+    # One log line per request (uvicorn's access log).
+    access_log: bool = False
     # Read from the environment only: an admin key accepted besides the stored ones.
     admin_key: str = field(default="", repr=False)
     # The [oauth] table, handed to the authorization server as it is.
@@ -62,8 +64,12 @@ class ServerConfig:
             except tomllib.TOMLDecodeError as e:
                 raise ConfigError(f"{file}: {e}") from None
             server = data.get("server", {})
-            for key, value in server.items():
-                values[key] = value
+            if "admin_key" in server:
+                raise ConfigError(
+                    f"{file}: admin_key belongs in the BASTION_ADMIN_KEY environment variable,"
+                    " not in a file"
+                )
+            values.update(server)
             if "oauth" in data:
                 values["oauth"] = data["oauth"]
         elif path is not None:
@@ -92,6 +98,12 @@ def _coerce(key: str, value: Any, kind: type) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"[{key}] must be a table")
         return value
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if str(value).lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+            return str(value).lower() in ("1", "true", "yes", "on")
+        raise ConfigError(f"{key} must be true or false, got {value!r}")
     try:
         if kind is int and not isinstance(value, bool):
             return int(value)
