@@ -1,7 +1,24 @@
 """bastion: authorization for AI agents and the Model Context Protocol."""
 
-from bastion.decide import Authorizer, Decision
-from bastion.facts.model import Entity, FactError
-from bastion.policy.errors import PolicyError
+from __future__ import annotations
 
-__all__ = ["Authorizer", "Decision", "Entity", "FactError", "PolicyError"]
+import importlib
+from typing import Any
+
+# Imported on first use, so that ``import bastion.db`` (say, in a migration) stays cheap.
+_EXPORTS = {
+    "Authorizer": "bastion.decide",
+    "Decision": "bastion.decide",
+    "Variable": "bastion.decide",
+    "Entity": "bastion.facts.model",
+    "FactError": "bastion.facts.model",
+    "PolicyError": "bastion.policy.errors",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'bastion' has no attribute {name!r}")

@@ -79,7 +79,11 @@ def check_fact(fact: tuple, *, pattern: bool = False) -> tuple:
         elif isinstance(arg, (str, int, bool)) or (pattern and arg is None):
             out.append(arg)
         else:
-            kind = "entity, string, integer, boolean or None" if pattern else "entity, string, integer or boolean"
+            kind = (
+                "entity, string, integer, boolean or None"
+                if pattern
+                else "entity, string, integer or boolean"
+            )
             raise FactError(f"argument {i + 1} of {predicate} must be an {kind}, got {arg!r}")
     return tuple(out)
 

@@ -1,0 +1,330 @@
+"""The policy decision point: authorize, decide (with an explanation), list, actions and query.
+
+`Authorizer` holds one policy in force and one fact index. Loading a policy compiles it fully
+before it replaces the one in force, so a policy that fails to load changes nothing. Decisions
+take the fact lock briefly, so a batch of writes is seen whole or not at all.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from bastion.facts.index import FactIndex
+from bastion.facts.model import Entity, FactError, check_fact, format_fact
+from bastion.policy import LoadedPolicy, load
+from bastion.policy.compile import CompiledPolicy
+from bastion.policy.errors import Diagnostic
+from bastion.policy.explain import Explanation, explain
+from bastion.policy.parser import parse_fact
+from bastion.policy.program import VALUE_TYPES
+from bastion.policy.runtime import Query
+
+
+@dataclass(frozen=True, slots=True)
+class Variable:
+    """An unbound argument of `Authorizer.query`."""
+
+    name: str = "_"
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    allowed: bool
+    explanation: Explanation
+
+    def __bool__(self) -> bool:
+        return self.allowed
+
+
+class _Active:
+    """A loaded policy with its compiled entry points, swapped in as one object."""
+
+    __slots__ = ("loaded", "compiled", "allow", "deny")
+
+    def __init__(self, loaded: LoadedPolicy, index: FactIndex) -> None:
+        self.loaded = loaded
+        self.compiled = CompiledPolicy(loaded.program, index)
+        defines = self.compiled.defines
+        self.allow = self.compiled.function("allow", 3, "bbb") if defines("allow", 3) else None
+        self.deny = self.compiled.function("deny", 3, "bbb") if defines("deny", 3) else None
+        # Compile the shapes that list and actions use now, so a plan error shows at load time.
+        if self.allow is not None:
+            self.compiled.function("allow", 3, "bbf")
+            self.compiled.function("allow", 3, "bfb")
+
+
+def _epoch(value: datetime | float | int | None) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, datetime):
+        return value.timestamp()
+    return float(value)
+
+
+class FactSet:
+    """The facts of an `Authorizer`: insert, delete, get, and atomic batches."""
+
+    def __init__(self, authorizer: Authorizer) -> None:
+        self._authz = authorizer
+        self._index = authorizer._index
+
+    def _parse(self, fact: tuple | str, pattern: bool = False) -> tuple:
+        if isinstance(fact, str):
+            fact = parse_fact(fact)
+        return check_fact(tuple(fact), pattern=pattern)
+
+    def validate(self, fact: tuple | str) -> tuple:
+        """The fact as a checked tuple; `FactError` if malformed or if the policy cannot use it."""
+        fact = self._parse(fact)
+        program = self._authz._active.loaded.program
+        key = (fact[0], len(fact) - 1)
+        signatures = program.fact_signatures.get(key)
+        if not signatures:
+            uses = sorted(f"{n}/{a}" for n, a in program.fact_signatures)
+            raise FactError(
+                f"{format_fact(fact)}: the policy has no use for {key[0]}/{key[1]} facts "
+                f"(it uses {', '.join(uses) or 'no facts'}; declare new fact types with 'declare')"
+            )
+        for signature in signatures:
+            if all(_fits(spec, arg) for spec, arg in zip(signature, fact[1:], strict=True)):
+                return fact
+        expected = "; ".join(
+            f"{key[0]}({', '.join(_describe(s) for s in sig)})" for sig in signatures
+        )
+        raise FactError(
+            f"{format_fact(fact)} does not fit any {key[0]} fact the policy uses: expected {expected}"
+        )
+
+    def insert(self, fact: tuple | str, expires_at: datetime | float | None = None) -> bool:
+        """Add a fact (optionally until ``expires_at``); return False if it was already there."""
+        return self.apply([fact], [], expires_at=expires_at) > 0
+
+    def delete(self, pattern: tuple | str) -> int:
+        """Remove every fact matching ``pattern`` (``None`` or ``_`` is a wildcard); return how many."""
+        return -self.apply([], [pattern])
+
+    def get(self, pattern: tuple | str) -> list[tuple]:
+        pattern = self._parse(pattern, pattern=True)
+        with self._index.lock:
+            self._purge()
+            return sorted(self._index.matching(pattern), key=format_fact)
+
+    def expiry(self, fact: tuple | str) -> float | None:
+        """When the fact expires (epoch seconds), or None."""
+        return self._index.expiry_of(self._parse(fact))
+
+    def apply(
+        self, inserts: list, deletes: list, expires_at: datetime | float | None = None
+    ) -> int:
+        """Delete the patterns in ``deletes``, then insert ``inserts``, as one atomic change.
+
+        Every insert is validated first; if any is refused nothing changes. Returns the number of
+        facts added minus the number removed.
+        """
+        checked = [self.validate(f) for f in inserts]
+        patterns = [self._parse(p, pattern=True) for p in deletes]
+        expiry = _epoch(expires_at)
+        index = self._index
+        with index.lock:
+            removed = 0
+            for pattern in patterns:
+                for fact in list(index.matching(pattern)):
+                    removed += index.remove(fact)
+            added = 0
+            if expiry is None or expiry > time.time():
+                for fact in checked:
+                    added += index.add(fact, expiry)
+        return added - removed
+
+    @contextmanager
+    def batch(self) -> Iterator[_Batch]:
+        """``with authz.facts.batch() as b: b.insert(...); b.delete(...)``: all or nothing."""
+        b = _Batch()
+        yield b
+        self.apply(b.inserts, b.deletes)
+
+    def _purge(self) -> None:
+        if self._index.next_expiry <= time.time():
+            self._index.purge_expired(time.time())
+
+    def __len__(self) -> int:
+        self._purge()
+        return self._index.count
+
+    def __iter__(self) -> Iterator[tuple]:
+        self._purge()
+        with self._index.lock:
+            return iter(list(self._index))
+
+
+class _Batch:
+    def __init__(self) -> None:
+        self.inserts: list = []
+        self.deletes: list = []
+
+    def insert(self, fact: tuple | str) -> None:
+        self.inserts.append(fact)
+
+    def delete(self, pattern: tuple | str) -> None:
+        self.deletes.append(pattern)
+
+
+def _fits(spec: tuple, arg: Any) -> bool:
+    kind, allowed = spec
+    if kind == "values":
+        return isinstance(arg, str) and arg in allowed
+    if isinstance(arg, Entity):
+        return arg.type in allowed
+    return any(type(arg) is VALUE_TYPES[t] for t in allowed if t in VALUE_TYPES)
+
+
+def _describe(spec: tuple) -> str:
+    kind, allowed = spec
+    if kind == "values":
+        return "|".join(f'"{v}"' for v in sorted(allowed))
+    return "|".join(sorted(allowed)) or "nothing"
+
+
+class Authorizer:
+    """A policy in force over a set of facts. Thread-safe."""
+
+    def __init__(self, policy: str = "", *, source: str = "<policy>") -> None:
+        self._index = FactIndex()
+        self._active: _Active | None = None
+        self.facts = FactSet(self)
+        self.load_policy(policy, source=source)
+
+    @classmethod
+    def from_files(cls, *paths: str | Path) -> Authorizer:
+        authz = cls()
+        authz.load_files(*paths)
+        return authz
+
+    # -- policy -----------------------------------------------------------------------------
+
+    def load_files(self, *paths: str | Path) -> list[Diagnostic]:
+        return self._swap(load([(str(p), Path(p).read_text()) for p in paths]))
+
+    def load_policy(self, text: str, *, source: str = "<policy>") -> list[Diagnostic]:
+        """Check, compile and put ``text`` in force; return its warnings.
+
+        Raises `PolicyError` with every problem found; the policy in force then stays.
+        """
+        return self._swap(load([(source, text)]))
+
+    def check_policy(self, text: str, *, source: str = "<policy>") -> list[Diagnostic]:
+        """Check and compile ``text`` without putting it in force; return its warnings."""
+        loaded = load([(source, text)])
+        _Active(loaded, FactIndex())
+        return loaded.warnings
+
+    def _swap(self, loaded: LoadedPolicy) -> list[Diagnostic]:
+        active = _Active(loaded, self._index)  # compiles fully before the swap
+        self._active = active
+        return loaded.warnings
+
+    @property
+    def policy(self) -> LoadedPolicy:
+        return self._active.loaded
+
+    @property
+    def policy_text(self) -> str:
+        return self._active.loaded.text
+
+    # -- decisions --------------------------------------------------------------------------
+
+    def authorize(
+        self, actor: Any, action: Any, resource: Any, context: dict | None = None
+    ) -> bool:
+        active = self._active
+        index = self._index
+        if index.next_expiry <= time.time():
+            index.purge_expired(time.time())
+        if active.allow is None:
+            return False
+        q = Query(context, index)
+        with index.lock:
+            if not active.allow(q, actor, action, resource):
+                return False
+            return active.deny is None or not active.deny(q, actor, action, resource)
+
+    def decide(
+        self, actor: Any, action: Any, resource: Any, context: dict | None = None
+    ) -> Decision:
+        """Like `authorize`, with the rules and facts that proved the answer (or failed to)."""
+        active = self._active
+        index = self._index
+        if index.next_expiry <= time.time():
+            index.purge_expired(time.time())
+        with index.lock:
+            allowed = self.authorize(actor, action, resource, context)
+            explanation = explain(
+                active.loaded.program, index, (actor, action, resource), context, allowed
+            )
+        return Decision(allowed, explanation)
+
+    def list(
+        self, actor: Any, action: Any, resource_type: str, context: dict | None = None
+    ) -> list[str]:
+        """Ids of the resources of ``resource_type`` that ``actor`` may ``action``, sorted."""
+        active = self._active
+        if active.allow is None:
+            return []
+        index = self._index
+        if index.next_expiry <= time.time():
+            index.purge_expired(time.time())
+        fn = active.compiled.function("allow", 3, "bbf")
+        q = Query(context, index)
+        with index.lock:
+            found = {
+                r for r in fn(q, actor, action) if r.__class__ is Entity and r[0] == resource_type
+            }
+            if active.deny is not None:
+                found = {
+                    r for r in found if not active.deny(Query(context, index), actor, action, r)
+                }
+        return sorted(r[1] for r in found)
+
+    def actions(self, actor: Any, resource: Any, context: dict | None = None) -> set[str]:
+        """Every action ``actor`` may take on ``resource``."""
+        active = self._active
+        if active.allow is None:
+            return set()
+        index = self._index
+        if index.next_expiry <= time.time():
+            index.purge_expired(time.time())
+        fn = active.compiled.function("allow", 3, "bfb")
+        q = Query(context, index)
+        with index.lock:
+            found = {a for a in fn(q, actor, resource) if isinstance(a, str)}
+            if active.deny is not None:
+                found = {
+                    a for a in found if not active.deny(Query(context, index), actor, a, resource)
+                }
+        return found
+
+    def query(self, predicate: str, *args: Any, context: dict | None = None) -> list[tuple]:
+        """Every ``(predicate, *values)`` that holds, with `Variable` (or None) args left open."""
+        active = self._active
+        if not active.compiled.defines(predicate, len(args)):
+            raise FactError(f"the policy defines no {predicate}/{len(args)}")
+        mask = "".join("f" if a is None or isinstance(a, Variable) else "b" for a in args)
+        fn = active.compiled.function(predicate, len(args), mask)
+        bound = [a for a, m in zip(args, mask, strict=True) if m == "b"]
+        q = Query(context, self._index)
+        with self._index.lock:
+            if "f" not in mask:
+                return [(predicate, *args)] if fn(q, *bound) else []
+            rows = set()
+            for hit in fn(q, *bound):
+                values = iter((hit,) if mask.count("f") == 1 else hit)
+                rows.add(
+                    tuple(next(values) if m == "f" else a for a, m in zip(args, mask, strict=True))
+                )
+        return [(predicate, *row) for row in sorted(rows, key=repr)]

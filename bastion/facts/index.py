@@ -1,0 +1,205 @@
+"""The in-memory fact index the policy engine reads: facts by predicate and by bound arguments.
+
+Per predicate, a set of argument tuples answers "is this fact true?"; for each lookup shape the
+compiled policy uses (which arguments are bound), a dict maps the bound values to the list of the
+free ones. Shapes are built on first use and kept current on every write. Entities and strings
+are interned, so a million facts over a few thousand entities share them.
+"""
+
+from __future__ import annotations
+
+import heapq
+import sys
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+from bastion.facts.model import Entity
+
+
+def _key(values: tuple, positions: tuple[int, ...]) -> Any:
+    return values[positions[0]] if len(positions) == 1 else tuple(values[i] for i in positions)
+
+
+class PredicateFacts:
+    """The facts of one predicate (name and arity), with their lookup indexes."""
+
+    __slots__ = ("name", "arity", "all", "modes", "_positions")
+
+    def __init__(self, name: str, arity: int) -> None:
+        self.name = name
+        self.arity = arity
+        self.all: set[tuple] = set()
+        self.modes: dict[str, dict] = {}
+        self._positions: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {}
+
+    def mode(self, mask: str) -> dict:
+        """The index for lookups where ``mask[i] == "b"`` marks a bound argument."""
+        index = self.modes.get(mask)
+        if index is None:
+            bound = tuple(i for i, m in enumerate(mask) if m == "b")
+            free = tuple(i for i, m in enumerate(mask) if m != "b")
+            self._positions[mask] = (bound, free)
+            index = self.modes[mask] = {}
+            for values in self.all:
+                index.setdefault(_key(values, bound), []).append(_key(values, free))
+        return index
+
+    def add(self, values: tuple) -> bool:
+        if values in self.all:
+            return False
+        self.all.add(values)
+        for mask, index in self.modes.items():
+            bound, free = self._positions[mask]
+            index.setdefault(_key(values, bound), []).append(_key(values, free))
+        return True
+
+    def remove(self, values: tuple) -> bool:
+        if values not in self.all:
+            return False
+        self.all.discard(values)
+        for mask, index in self.modes.items():
+            bound, free = self._positions[mask]
+            key = _key(values, bound)
+            items = index[key]
+            items.remove(_key(values, free))
+            if not items:
+                del index[key]
+        return True
+
+
+class FactIndex:
+    """All facts in memory. Writers hold ``lock``; readers never block (see `Authorizer`)."""
+
+    def __init__(self) -> None:
+        self.predicates: dict[tuple[str, int], PredicateFacts] = {}
+        self.lock = threading.RLock()
+        self._interned: dict[Any, Any] = {}
+        self._expiry: dict[tuple, float] = {}
+        self._expiry_heap: list[tuple[float, tuple]] = []
+        self.next_expiry = float("inf")
+        self._entity_types: dict[str, dict[Entity, int]] | None = None
+        self.count = 0
+
+    def predicate(self, name: str, arity: int) -> PredicateFacts:
+        key = (name, arity)
+        pf = self.predicates.get(key)
+        if pf is None:
+            pf = self.predicates[key] = PredicateFacts(name, arity)
+        return pf
+
+    def _intern(self, value: Any) -> Any:
+        if isinstance(value, Entity):
+            found = self._interned.get(value)
+            if found is None:
+                found = Entity(sys.intern(value.type), sys.intern(value.id))
+                self._interned[found] = found
+            return found
+        if isinstance(value, str):
+            return sys.intern(value)
+        return value
+
+    # -- writes (callers hold the lock) -----------------------------------------------------
+
+    def add(self, fact: tuple, expires_at: float | None = None) -> bool:
+        values = tuple(self._intern(v) for v in fact[1:])
+        added = self.predicate(fact[0], len(values)).add(values)
+        if added:
+            self.count += 1
+            self._count_entities(values, +1)
+        full = (fact[0], *values)
+        if expires_at is not None:
+            self._expiry[full] = expires_at
+            heapq.heappush(self._expiry_heap, (expires_at, full))
+            self.next_expiry = self._expiry_heap[0][0]
+        elif full in self._expiry:
+            del self._expiry[full]  # re-inserted without an expiry: it no longer expires
+        return added
+
+    def remove(self, fact: tuple) -> bool:
+        pf = self.predicates.get((fact[0], len(fact) - 1))
+        if pf is None or not pf.remove(tuple(fact[1:])):
+            return False
+        self.count -= 1
+        self._count_entities(fact[1:], -1)
+        self._expiry.pop(fact, None)
+        return True
+
+    def purge_expired(self, now: float) -> int:
+        """Remove facts whose expiry has passed; return how many."""
+        removed = 0
+        with self.lock:
+            heap = self._expiry_heap
+            while heap and heap[0][0] <= now:
+                at, fact = heapq.heappop(heap)
+                if self._expiry.get(fact) == at and self.remove(fact):
+                    removed += 1
+            self.next_expiry = heap[0][0] if heap else float("inf")
+        return removed
+
+    def expiry_of(self, fact: tuple) -> float | None:
+        return self._expiry.get(fact)
+
+    # -- reads ------------------------------------------------------------------------------
+
+    def matching(self, pattern: tuple) -> Iterator[tuple]:
+        """Facts that fit ``pattern`` (``None`` is a wildcard)."""
+        name, args = pattern[0], pattern[1:]
+        pf = self.predicates.get((name, len(args)))
+        if pf is None:
+            return iter(())
+        if all(a is not None for a in args):
+            return iter([(name, *args)] if tuple(args) in pf.all else [])
+        bound = [i for i, a in enumerate(args) if a is not None]
+        candidates: Iterable[tuple] = pf.all
+        if bound:
+            mask = "".join("b" if a is not None else "f" for a in args)
+            if mask in pf.modes:
+                free = [i for i, a in enumerate(args) if a is None]
+                hits = pf.modes[mask].get(_key(args, tuple(bound)), ())
+                rows = []
+                for hit in hits:
+                    row = list(args)
+                    parts = (hit,) if len(free) == 1 else hit
+                    for i, v in zip(free, parts, strict=True):
+                        row[i] = v
+                    rows.append(tuple(row))
+                candidates = rows
+        return (
+            (name, *v)
+            for v in list(candidates)
+            if all(a is None or a == b for a, b in zip(args, v, strict=True))
+        )
+
+    def __iter__(self) -> Iterator[tuple]:
+        for (name, _), pf in list(self.predicates.items()):
+            for values in list(pf.all):
+                yield (name, *values)
+
+    def entities_of(self, types: frozenset[str]) -> list[Entity]:
+        """Every entity of the given types that appears in some fact."""
+        with self.lock:
+            if self._entity_types is None:
+                self._entity_types = {}
+                for pf in self.predicates.values():
+                    for values in pf.all:
+                        self._count_entities(values, +1, building=True)
+            return [e for t in types for e in self._entity_types.get(t, ())]
+
+    def _count_entities(self, values: Iterable[Any], delta: int, building: bool = False) -> None:
+        by_type = self._entity_types
+        if by_type is None:
+            return
+        for v in values:
+            if isinstance(v, Entity):
+                counts = by_type.setdefault(v.type, {})
+                n = counts.get(v, 0) + delta
+                if n > 0:
+                    counts[v] = n
+                else:
+                    counts.pop(v, None)
+
+
+def now() -> float:
+    return time.time()

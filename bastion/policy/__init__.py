@@ -1,0 +1,54 @@
+"""The policy language: parse -> lower and check -> compile -> evaluate (see docs/architecture.md).
+
+`load` turns Polar source files into a checked `LoadedPolicy`; `CompiledPolicy` generates the
+evaluation functions over a fact index.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from bastion.policy import ast
+from bastion.policy.errors import Diagnostic, PolicyError
+from bastion.policy.lower import lower
+from bastion.policy.parser import parse
+from bastion.policy.program import Program
+
+
+@dataclass(slots=True)
+class LoadedPolicy:
+    program: Program
+    sources: list[tuple[str, str]]  # (name, text)
+    warnings: list[Diagnostic] = field(default_factory=list)
+    tests: list[ast.TestBlock] = field(default_factory=list)
+
+    @property
+    def text(self) -> str:
+        return "\n".join(text for _, text in self.sources)
+
+
+def load(sources: list[tuple[str, str]]) -> LoadedPolicy:
+    """Parse and check policy sources given as (name, text); raise `PolicyError` on any error."""
+    merged = ast.Policy()
+    errors: list[Diagnostic] = []
+    for name, text in sources:
+        try:
+            policy = parse(text, name)
+        except PolicyError as err:
+            errors.extend(err.diagnostics)
+            continue
+        merged.blocks += policy.blocks
+        merged.rules += policy.rules
+        merged.declares += policy.declares
+        merged.tests += policy.tests
+    if errors:
+        raise PolicyError(errors)
+    program, diagnostics = lower(merged)
+    errors = [d for d in diagnostics if d.severity == "error"]
+    if errors:
+        raise PolicyError(errors)
+    warnings = [d for d in diagnostics if d.severity != "error"]
+    return LoadedPolicy(program, list(sources), warnings, merged.tests)
+
+
+__all__ = ["LoadedPolicy", "PolicyError", "load"]

@@ -1,0 +1,174 @@
+"""The syntax tree of a policy, as the parser builds it (before shorthand rules are expanded)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from bastion.policy.errors import Location
+
+# Terms ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Var:
+    name: str
+    location: Location = field(compare=False)
+
+
+@dataclass(frozen=True, slots=True)
+class Const:
+    """A string, integer, float, boolean or entity (`Entity`) value."""
+
+    value: Any
+    location: Location = field(compare=False)
+
+
+@dataclass(frozen=True, slots=True)
+class ContextPath:
+    """``context.a.b``: a field of the request's context, looked up at evaluation time."""
+
+    path: tuple[str, ...]
+    location: Location = field(compare=False)
+
+
+@dataclass(frozen=True, slots=True)
+class ListTerm:
+    items: tuple[Term, ...]
+    location: Location = field(compare=False)
+
+
+@dataclass(frozen=True, slots=True)
+class DictTerm:
+    """``{key: value, ...}``: only as the context of a test assertion."""
+
+    items: tuple[tuple[str, Term], ...]
+    location: Location = field(compare=False)
+
+
+Term = Var | Const | ContextPath | ListTerm | DictTerm
+
+# Expressions (rule bodies) -------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Call:
+    name: str
+    args: tuple[Term, ...]
+    location: Location = field(compare=False)
+
+
+@dataclass(frozen=True, slots=True)
+class Compare:
+    op: str  # == != < <= > >= = in
+    left: Term
+    right: Term
+    location: Location = field(compare=False)
+
+
+@dataclass(frozen=True, slots=True)
+class Matches:
+    term: Term
+    type: str
+    location: Location = field(compare=False)
+
+
+@dataclass(frozen=True, slots=True)
+class Shorthand:
+    """``"reader"``, ``"reader" on "parent"`` or ``global "admin"`` inside a resource block."""
+
+    name: str
+    relation: str | None
+    is_global: bool
+    location: Location = field(compare=False)
+
+
+@dataclass(frozen=True, slots=True)
+class And:
+    items: tuple[Expr, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Or:
+    items: tuple[Expr, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Not:
+    item: Expr
+    location: Location = field(compare=False)
+
+
+Expr = Call | Compare | Matches | Shorthand | And | Or | Not
+
+# Declarations --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Param:
+    term: Term
+    type: str | None  # the specializer, e.g. ``actor: User``
+    location: Location = field(compare=False)
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    name: str
+    params: tuple[Param, ...]
+    body: Expr | None
+    location: Location = field(compare=False)
+    text: str = field(compare=False, default="")  # the rule as written
+
+
+@dataclass(frozen=True, slots=True)
+class ShorthandRule:
+    head: str
+    head_location: Location
+    body: Expr
+    location: Location = field(compare=False)
+
+
+@dataclass(slots=True)
+class Block:
+    """``actor User { }``, ``resource Repo { ... }`` or ``global { ... }`` (name ``None``)."""
+
+    kind: str  # "actor", "resource", "global"
+    name: str | None
+    location: Location
+    roles: dict[str, Location] = field(default_factory=dict)
+    permissions: dict[str, Location] = field(default_factory=dict)
+    relations: dict[str, tuple[str, Location]] = field(default_factory=dict)
+    shorthand: list[ShorthandRule] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class Declare:
+    """``declare has_tag(User, Tag);``: a fact type the policy accepts."""
+
+    name: str
+    types: tuple[str, ...]
+    location: Location
+
+
+@dataclass(frozen=True, slots=True)
+class Assertion:
+    expect: bool  # assert (True) or assert_not (False)
+    call: Call
+    context: DictTerm | None
+    location: Location
+
+
+@dataclass(frozen=True, slots=True)
+class TestBlock:
+    name: str
+    setup: tuple[Call, ...]
+    assertions: tuple[Assertion, ...]
+    location: Location
+
+
+@dataclass(slots=True)
+class Policy:
+    blocks: list[Block] = field(default_factory=list)
+    rules: list[Rule] = field(default_factory=list)
+    declares: list[Declare] = field(default_factory=list)
+    tests: list[TestBlock] = field(default_factory=list)

@@ -1,0 +1,101 @@
+"""Time builtins: a weekly window in a time zone (business hours), and before/after an instant.
+
+A time is an ISO 8601 string with an offset (``2026-11-30T10:00:00Z``), a naive ISO string (read
+as UTC), or epoch seconds. ``context.time`` is always present: the decision fills it with the
+current time when the caller does not.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from functools import lru_cache
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+_DAYS = ["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
+
+
+def to_datetime(value: object) -> datetime | None:
+    if isinstance(value, datetime):
+        return value if value.tzinfo else value.replace(tzinfo=UTC)
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return datetime.fromtimestamp(value, UTC)
+    if isinstance(value, str):
+        return _parse_iso(value)
+    return None
+
+
+@lru_cache(maxsize=4096)
+def _parse_iso(text: str) -> datetime | None:
+    try:
+        parsed = datetime.fromisoformat(text)
+    except ValueError:
+        return None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+@lru_cache(maxsize=256)
+def _days(spec: str) -> frozenset[int] | None:
+    """``"Mon-Fri"``, ``"Sat,Sun"``, ``"Mon-Wed,Fri"`` or ``"*"`` to weekday numbers (Mon = 0)."""
+    if spec.strip() == "*":
+        return frozenset(range(7))
+    days: set[int] = set()
+    for part in spec.lower().split(","):
+        first, _, last = part.strip().partition("-")
+        if first[:3] not in _DAYS or (last and last[:3] not in _DAYS):
+            return None
+        a = _DAYS.index(first[:3])
+        b = _DAYS.index(last[:3]) if last else a
+        days.update(range(a, b + 1) if a <= b else [*range(a, 7), *range(0, b + 1)])
+    return frozenset(days)
+
+
+@lru_cache(maxsize=256)
+def _minutes(hhmm: str) -> int | None:
+    hours, _, minutes = hhmm.partition(":")
+    if not (hours.isdigit() and minutes.isdigit()):
+        return None
+    h, m = int(hours), int(minutes)
+    if h > 24 or m > 59 or (h == 24 and m):
+        return None
+    return h * 60 + m
+
+
+@lru_cache(maxsize=64)
+def _zone(name: str) -> ZoneInfo | None:
+    try:
+        return ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError):
+        return None
+
+
+def in_time_window(time: object, days: object, start: object, end: object, zone: object) -> bool:
+    """True when ``time``, seen in ``zone``, falls on one of ``days`` within [start, end)."""
+    if not all(isinstance(x, str) for x in (days, start, end, zone)):
+        return False
+    moment, weekdays, lo, hi, tz = (
+        to_datetime(time),
+        _days(days),
+        _minutes(start),
+        _minutes(end),
+        _zone(zone),
+    )
+    if moment is None or weekdays is None or lo is None or hi is None or tz is None:
+        return False
+    local = moment.astimezone(tz)
+    minute = local.hour * 60 + local.minute
+    if lo <= hi:
+        return local.weekday() in weekdays and lo <= minute < hi
+    # A window across midnight ("22:00" to "06:00") belongs to the day it starts on.
+    if minute >= lo:
+        return local.weekday() in weekdays
+    return minute < hi and (local.weekday() - 1) % 7 in weekdays
+
+
+def time_before(time: object, limit: object) -> bool:
+    a, b = to_datetime(time), to_datetime(limit)
+    return a is not None and b is not None and a < b
+
+
+def time_after(time: object, limit: object) -> bool:
+    a, b = to_datetime(time), to_datetime(limit)
+    return a is not None and b is not None and a > b

@@ -1,0 +1,127 @@
+"""``bastion policy check|test|explain``: work on policy files without a server."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from bastion.facts.model import Entity, FactError, fact_from_json
+from bastion.policy import LoadedPolicy, load
+from bastion.policy.errors import PolicyError
+from bastion.policy.parser import parse_fact
+
+# Other modules add their ``bastion policy ...`` commands (push, versions, rollback) here.
+POLICY_COMMANDS: argparse._SubParsersAction | None = None
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    global POLICY_COMMANDS
+    policy = sub.add_parser("policy", help="check, test and explain policies")
+    POLICY_COMMANDS = policy.add_subparsers(dest="policy_command", required=True)
+
+    check = POLICY_COMMANDS.add_parser("check", help="load policy files and report problems")
+    check.add_argument("files", nargs="+", type=Path)
+    check.set_defaults(func=cmd_check)
+
+    test = POLICY_COMMANDS.add_parser("test", help="run the test blocks of policy files")
+    test.add_argument("files", nargs="+", type=Path)
+    test.set_defaults(func=cmd_test)
+
+    explain = POLICY_COMMANDS.add_parser("explain", help="explain one decision")
+    explain.add_argument("files", nargs="+", type=Path, help="policy files")
+    explain.add_argument(
+        "--facts", type=Path, action="append", default=[], help="facts: Polar lines or JSON lines"
+    )
+    explain.add_argument("--context", default=None, help="the request context as JSON")
+    explain.add_argument("--json", action="store_true", help="print the explanation as JSON")
+    explain.add_argument("actor", help="Type:id")
+    explain.add_argument("action")
+    explain.add_argument("resource", help="Type:id")
+    explain.set_defaults(func=cmd_explain)
+
+
+def _load(files: list[Path]) -> LoadedPolicy | None:
+    try:
+        loaded = load([(str(f), f.read_text()) for f in files])
+    except OSError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return None
+    except PolicyError as err:
+        for d in err.diagnostics:
+            print(d, file=sys.stderr)
+        return None
+    for w in loaded.warnings:
+        print(w, file=sys.stderr)
+    return loaded
+
+
+def read_facts(path: Path) -> list[tuple]:
+    """Facts from a file: JSON lines (``.jsonl``/``.json``) or one Polar fact per line."""
+    facts = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        try:
+            facts.append(
+                fact_from_json(json.loads(line))
+                if path.suffix in (".jsonl", ".json")
+                else parse_fact(line)
+            )
+        except (FactError, PolicyError, json.JSONDecodeError) as err:
+            raise FactError(f"{path}:{number}: {err}") from None
+    return facts
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    loaded = _load(args.files)
+    if loaded is None:
+        return 1
+    from bastion.decide import Authorizer
+
+    try:
+        Authorizer()._swap(loaded)  # compiling finds rules that can never be evaluated
+    except PolicyError as err:
+        for d in err.diagnostics:
+            print(d, file=sys.stderr)
+        return 1
+    rules = sum(len(c) for c in loaded.program.clauses.values())
+    print(
+        f"ok: {len(args.files)} file(s), {rules} rule clause(s), {len(loaded.tests)} test(s), {len(loaded.warnings)} warning(s)"
+    )
+    return 0
+
+
+def cmd_test(args: argparse.Namespace) -> int:
+    from bastion.policy.testing import run_and_report
+
+    loaded = _load(args.files)
+    if loaded is None:
+        return 1
+    return 0 if run_and_report(loaded, sys.stdout) else 1
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    from bastion.decide import Authorizer
+
+    loaded = _load(args.files)
+    if loaded is None:
+        return 1
+    authz = Authorizer()
+    try:
+        authz._swap(loaded)
+        for path in args.facts:
+            authz.facts.apply(read_facts(path), [])
+        actor, resource = Entity.parse(args.actor), Entity.parse(args.resource)
+        context = json.loads(args.context) if args.context else None
+    except (FactError, PolicyError, ValueError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    decision = authz.decide(actor, args.action, resource, context=context)
+    if args.json:
+        print(json.dumps(decision.explanation.to_dict(), indent=2))
+    else:
+        print(decision.explanation)
+    return 0

@@ -1,0 +1,406 @@
+"""Explanations: which rules and facts proved a decision, or which paths were tried and failed.
+
+A small top-down interpreter over the same clauses and join order as the compiled code, that
+keeps a proof tree as it goes. It is slower than the compiled functions and only runs when an
+explanation is asked for (`Authorizer.decide`, ``bastion policy explain``, failing tests).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from bastion.facts.index import FactIndex
+from bastion.facts.model import Entity, format_arg, format_fact
+from bastion.policy.ast import Const, ContextPath, Var
+from bastion.policy.builtins import BUILTINS
+from bastion.policy.plan import PlanError, negation_shared, plan
+from bastion.policy.program import (
+    VALUE_TYPES,
+    CallLit,
+    Clause,
+    CmpLit,
+    Literal,
+    NotLit,
+    Program,
+    TypeLit,
+    format_literal,
+    term_vars,
+)
+from bastion.policy.runtime import MISSING, Query, compare, contains, members
+
+MAX_DEPTH = 12
+MAX_SOLUTIONS = 64
+MAX_FAILED_PATHS = 16
+
+
+@dataclass(slots=True)
+class Step:
+    """One goal in a proof (``ok``) or in a failed search (not ``ok``)."""
+
+    goal: str
+    ok: bool
+    kind: str  # "rule", "fact", "builtin", "check", "not", "none"
+    rule: str | None = None
+    location: str | None = None
+    reason: str | None = None
+    children: list[Step] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        out: dict[str, Any] = {"goal": self.goal, "ok": self.ok, "kind": self.kind}
+        for name in ("rule", "location", "reason"):
+            if getattr(self, name) is not None:
+                out[name] = getattr(self, name)
+        if self.children:
+            out["children"] = [c.to_dict() for c in self.children]
+        return out
+
+    def lines(self, indent: int = 0) -> list[str]:
+        mark = "✓" if self.ok else "✗"
+        text = f"{'  ' * indent}{mark} {self.goal}"
+        if self.kind == "attempt":
+            text = f"{'  ' * indent}{mark} via {self.rule}" + (
+                f" @ {self.location}" if self.location else ""
+            )
+        elif self.rule:
+            text += f"    [{self.rule}" + (f" @ {self.location}" if self.location else "") + "]"
+        elif self.kind == "fact" and self.ok:
+            text += "    [fact]"
+        if self.reason:
+            text += f"    ({self.reason})"
+        return [text] + [line for child in self.children for line in child.lines(indent + 1)]
+
+
+@dataclass(slots=True)
+class Explanation:
+    allowed: bool
+    query: str
+    steps: list[Step]
+
+    def rules(self) -> list[str]:
+        """The rules that decided: for an allow, those of the proof; for a deny, the deny rules
+        that fired, or none (nothing allowed it)."""
+        found: list[str] = []
+
+        def walk(step: Step) -> None:
+            if step.ok and step.rule and step.rule not in found:
+                found.append(step.rule)
+            for child in step.children:
+                if step.ok:
+                    walk(child)
+
+        for step in self.steps:
+            if step.ok:
+                walk(step)
+        return found
+
+    def facts(self) -> list[str]:
+        found: list[str] = []
+
+        def walk(step: Step) -> None:
+            if step.ok and step.kind == "fact" and step.goal not in found:
+                found.append(step.goal)
+            if step.ok:
+                for child in step.children:
+                    walk(child)
+
+        for step in self.steps:
+            walk(step)
+        return found
+
+    def to_dict(self) -> dict:
+        return {
+            "allowed": self.allowed,
+            "query": self.query,
+            "rules": self.rules(),
+            "facts": self.facts(),
+            "steps": [s.to_dict() for s in self.steps],
+        }
+
+    def __str__(self) -> str:
+        head = f"{'ALLOW' if self.allowed else 'DENY'} {self.query}"
+        return "\n".join([head] + [line for s in self.steps for line in s.lines(1)])
+
+
+def _fmt(value: Any) -> str:
+    return "_" if value is None else format_arg(value)
+
+
+def _goal(name: str, args: tuple) -> str:
+    return f"{name}({', '.join(_fmt(a) for a in args)})"
+
+
+class _Interpreter:
+    def __init__(self, program: Program, index: FactIndex, context: dict | None) -> None:
+        self.program = program
+        self.index = index
+        self.q = Query(context, index)
+        self.in_progress: set[tuple] = set()
+
+    def value(self, term: Any, env: dict) -> Any:
+        if isinstance(term, Const):
+            return term.value
+        if isinstance(term, Var):
+            return env.get(term.name)
+        if isinstance(term, ContextPath):
+            return self.q.lookup(term.path)
+        items = [self.value(t, env) for t in term.items]
+        return MISSING if any(i is MISSING or i is None for i in items) else tuple(items)
+
+    # -- solving ----------------------------------------------------------------------------
+
+    def solve(self, name: str, args: tuple, depth: int) -> list[tuple[tuple, Step]]:
+        """Solutions of ``name(args)`` (None = unbound): the full argument tuples and proofs."""
+        key = (name, args)
+        if depth > MAX_DEPTH or key in self.in_progress:
+            return []
+        self.in_progress.add(key)
+        try:
+            out: list[tuple[tuple, Step]] = []
+            if (name, len(args)) in self.program.fact_predicates:
+                for fact in self.index.matching((name, *args)):
+                    out.append((fact[1:], Step(format_fact(fact), True, "fact")))
+                    if len(out) >= MAX_SOLUTIONS:
+                        return out
+            for clause in self.program.clauses.get((name, len(args)), ()):
+                for values, step in self.solve_clause(clause, args, depth):
+                    out.append((values, step))
+                    if len(out) >= MAX_SOLUTIONS:
+                        return out
+            return out
+        finally:
+            self.in_progress.discard(key)
+
+    def head_env(self, clause: Clause, args: tuple) -> dict | None:
+        env: dict[str, Any] = {}
+        for term, arg in zip(clause.head, args, strict=True):
+            if arg is None:
+                continue
+            if isinstance(term, Const):
+                if term.value != arg:
+                    return None
+            elif term.name in env:
+                if env[term.name] != arg:
+                    return None
+            else:
+                env[term.name] = arg
+        return env
+
+    def order(self, clause: Clause, env: dict) -> list[Literal]:
+        head_vars = {v for t in clause.head for v in term_vars(t)}
+        try:
+            return plan(clause.body, set(env), head_vars, clause.location)
+        except PlanError:
+            return list(clause.body)
+
+    def solve_clause(self, clause: Clause, args: tuple, depth: int):
+        env = self.head_env(clause, args)
+        if env is None:
+            return
+        for env2, steps in self.solve_body(self.order(clause, env), 0, env, clause.body, depth):
+            values = tuple(self.value(t, env2) for t in clause.head)
+            goal = _goal(clause.name, values)
+            yield (
+                values,
+                Step(goal, True, "rule", clause.text, str(clause.location), children=steps),
+            )
+
+    def solve_body(self, order: list[Literal], i: int, env: dict, body: tuple, depth: int):
+        if i == len(order):
+            yield env, []
+            return
+        for env2, step in self.solve_literal(order[i], env, body, depth):
+            for env3, steps in self.solve_body(order, i + 1, env2, body, depth):
+                yield env3, ([step] if step else []) + steps
+
+    def solve_literal(self, lit: Literal, env: dict, body: tuple, depth: int):
+        """Yield (env, step) for each way ``lit`` holds; step is None for silent checks."""
+        if isinstance(lit, TypeLit):
+            if isinstance(lit.term, Var) and lit.term.name not in env:
+                for e in self.index.entities_of(
+                    frozenset(t for t in lit.types if t not in VALUE_TYPES)
+                ):
+                    yield {**env, lit.term.name: e}, None
+                return
+            v = self.value(lit.term, env)
+            if _has_type(v, lit.types):
+                yield env, None
+            return
+        if isinstance(lit, CmpLit):
+            yield from self.solve_comparison(lit, env)
+            return
+        if isinstance(lit, NotLit):
+            shared = negation_shared(lit, body, set(env))
+            inner_env = {k: v for k, v in env.items() if k in shared or k in env}
+            order = plan(lit.body, set(inner_env), set(inner_env), lit.location)
+            for _ in self.solve_body(order, 0, inner_env, lit.body, depth + 1):
+                return
+            yield env, Step(self.describe(lit, env), True, "not")
+            return
+        args = tuple(self.value(a, env) for a in lit.args)
+        if any(a is MISSING for a in args):
+            return
+        if (lit.name, len(args)) in BUILTINS:
+            if BUILTINS[(lit.name, len(args))].function(*args):
+                yield env, Step(_goal(lit.name, args), True, "builtin")
+            return
+        for values, step in self.solve(lit.name, args, depth + 1):
+            env2 = dict(env)
+            ok = True
+            for term, value in zip(lit.args, values, strict=True):
+                if isinstance(term, Var):
+                    if term.name in env2 and env2[term.name] != value:
+                        ok = False
+                        break
+                    env2[term.name] = value
+            if ok:
+                yield env2, step
+
+    def solve_comparison(self, lit: CmpLit, env: dict):
+        left_free = isinstance(lit.left, Var) and lit.left.name not in env
+        right_free = isinstance(lit.right, Var) and lit.right.name not in env
+        if lit.op in ("=", "==") and (left_free or right_free):
+            var, other = (lit.left, lit.right) if left_free else (lit.right, lit.left)
+            v = self.value(other, env)
+            if v is not MISSING:
+                yield (
+                    {**env, var.name: v},
+                    Step(self.describe(lit, {**env, var.name: v}), True, "check"),
+                )
+            return
+        if lit.op == "in" and left_free:
+            for item in members(self.value(lit.right, env)):
+                yield {**env, lit.left.name: item}, None
+            return
+        left, right = self.value(lit.left, env), self.value(lit.right, env)
+        if left is MISSING or right is MISSING:
+            return
+        if lit.op in ("=", "=="):
+            ok = left == right
+        elif lit.op == "!=":
+            ok = left != right
+        elif lit.op == "in":
+            ok = contains(right, left)
+        else:
+            ok = compare(lit.op, left, right)
+        if ok:
+            yield env, Step(self.describe(lit, env), True, "check")
+
+    def describe(self, lit: Literal, env: dict) -> str:
+        """The literal's text with bound variables replaced by their values."""
+        if isinstance(lit, CallLit):
+            return _goal(lit.name, tuple(self.value(a, env) for a in lit.args))
+        text = format_literal(lit)
+        for name, value in sorted(env.items(), key=lambda kv: -len(kv[0])):
+            if not name.startswith("_"):
+                text = _replace_var(text, name, _fmt(value))
+        return text
+
+    # -- failures ---------------------------------------------------------------------------
+
+    def why_not(self, name: str, args: tuple, depth: int, budget: list[int]) -> Step:
+        """A failed goal: for each rule that could have proved it, where its search stopped."""
+        step = Step(_goal(name, args), False, "goal")
+        reasons = []
+        if (name, len(args)) in self.program.fact_predicates:
+            reasons.append("no matching fact")
+        applicable = [
+            (clause, env)
+            for clause in self.program.clauses.get((name, len(args)), ())
+            if (env := self.head_env(clause, args)) is not None and self.head_types_fit(clause, env)
+        ]
+        reasons.append("no rule proved it" if applicable else "no rule applies")
+        step.reason = "; ".join(reasons)
+        for clause, env in applicable:
+            if budget[0] <= 0 or depth > MAX_DEPTH:
+                break
+            budget[0] -= 1
+            step.children.append(self.why_not_clause(clause, env, depth, budget))
+        return step
+
+    def head_types_fit(self, clause: Clause, env: dict) -> bool:
+        """False when a specializer on a bound argument already rules the clause out."""
+        for lit in clause.body:
+            if (
+                isinstance(lit, TypeLit)
+                and isinstance(lit.term, Var)
+                and lit.term.name in env
+                and not _has_type(env[lit.term.name], lit.types)
+            ):
+                return False
+        return True
+
+    def why_not_clause(self, clause: Clause, env: dict, depth: int, budget: list[int]) -> Step:
+        order = self.order(clause, env)
+        # Walk the body with the first solution of each literal; stop at the first that fails.
+        current = env
+        done: list[Step] = []
+        for lit in order:
+            got = next(iter(self.solve_literal(lit, current, clause.body, depth + 1)), None)
+            if got is None:
+                failed = Step(self.describe(lit, current), False, "check", reason="false")
+                if isinstance(lit, CallLit) and (lit.name, len(lit.args)) not in BUILTINS:
+                    args = tuple(self.value(a, current) for a in lit.args)
+                    if not any(a is MISSING for a in args):
+                        failed = self.why_not(lit.name, args, depth + 1, budget)
+                    else:
+                        failed.reason = "a context field it needs is missing"
+                elif _touches_missing(lit, current, self):
+                    failed.reason = "a context field it needs is missing"
+                return Step(
+                    "",
+                    False,
+                    "attempt",
+                    clause.text,
+                    str(clause.location),
+                    children=[*done, failed],
+                )
+            current, step = got
+            if step is not None:
+                done.append(step)
+        goal = _goal(clause.name, tuple(self.value(t, current) for t in clause.head))
+        return Step(goal, True, "rule", clause.text, str(clause.location), children=done)
+
+
+def _touches_missing(lit: Literal, env: dict, interp: _Interpreter) -> bool:
+    terms = []
+    if isinstance(lit, CmpLit):
+        terms = [lit.left, lit.right]
+    elif isinstance(lit, TypeLit):
+        terms = [lit.term]
+    return any(isinstance(t, ContextPath) and interp.value(t, env) is MISSING for t in terms)
+
+
+def _replace_var(text: str, name: str, value: str) -> str:
+    import re
+
+    return re.sub(rf"(?<![\w\"]){re.escape(name)}(?![\w\"])", value, text)
+
+
+def _has_type(value: Any, types: frozenset[str]) -> bool:
+    if isinstance(value, Entity):
+        return value.type in types
+    return any(type(value) is VALUE_TYPES[t] for t in types if t in VALUE_TYPES)
+
+
+def explain(
+    program: Program, index: FactIndex, query: tuple, context: dict | None, allowed: bool
+) -> Explanation:
+    """Explain ``allow(actor, action, resource)`` (and ``deny``) for the decision ``allowed``."""
+    interp = _Interpreter(program, index, context)
+    text = _goal("allow", query)
+    steps: list[Step] = []
+    proofs = interp.solve("allow", query, 0)
+    if proofs:
+        steps.append(proofs[0][1])
+        if program.has_deny:
+            denials = interp.solve("deny", query, 0)
+            if denials:
+                steps.append(denials[0][1])
+            else:
+                steps.append(
+                    Step(_goal("deny", query), False, "rule", reason="no deny rule applies")
+                )
+    else:
+        steps.append(interp.why_not("allow", query, 0, [MAX_FAILED_PATHS]))
+    return Explanation(allowed, text, steps)

@@ -1,0 +1,96 @@
+"""Polar source text to tokens, each with its line and column."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from bastion.policy.errors import Diagnostic, Location, PolicyError
+
+# Words that are never names. Block words (actor, resource, roles, test, ...) are recognised by
+# position instead, so that ``resource`` and ``actor`` stay usable as variable names.
+KEYWORDS = {"if", "and", "or", "not", "in", "on", "true", "false", "matches"}
+
+_TOKEN = re.compile(
+    r"""
+    (?P<ws>[ \t\r]+)
+  | (?P<nl>\n)
+  | (?P<comment>\#[^\n]*)
+  | (?P<string>"(?:[^"\\\n]|\\.)*")
+  | (?P<badstring>"[^\n]*)
+  | (?P<number>-?\d+(?:\.\d+)?)
+  | (?P<name>[A-Za-z_][A-Za-z0-9_]*)
+  | (?P<op>==|!=|<=|>=|[<>=(){}\[\],;:.])
+    """,
+    re.VERBOSE,
+)
+
+_ESCAPES = {"n": "\n", "t": "\t", '"': '"', "\\": "\\"}
+
+
+@dataclass(frozen=True, slots=True)
+class Token:
+    kind: str  # "string", "number", "name", "keyword", "op", "eof"
+    value: object
+    location: Location
+    offset: int = 0  # where the token starts in the source text
+
+    def describe(self) -> str:
+        if self.kind == "eof":
+            return "end of input"
+        if self.kind == "string":
+            return f"string {_quote(self.value)}"
+        return f"'{self.value}'"
+
+
+def _quote(s: object) -> str:
+    return '"' + str(s).replace('"', '\\"') + '"'
+
+
+def _unescape(raw: str, location: Location) -> str:
+    out, i = [], 0
+    while i < len(raw):
+        c = raw[i]
+        if c == "\\":
+            nxt = raw[i + 1]
+            if nxt not in _ESCAPES:
+                raise PolicyError([Diagnostic(location, f"unknown escape \\{nxt} in string")])
+            out.append(_ESCAPES[nxt])
+            i += 2
+        else:
+            out.append(c)
+            i += 1
+    return "".join(out)
+
+
+def tokenize(text: str, source: str) -> list[Token]:
+    tokens: list[Token] = []
+    line, line_start, pos = 1, 0, 0
+    while pos < len(text):
+        m = _TOKEN.match(text, pos)
+        loc = Location(source, line, pos - line_start + 1)
+        if m is None:
+            raise PolicyError([Diagnostic(loc, f"unexpected character {text[pos]!r}")])
+        kind = m.lastgroup
+        value = m.group()
+        pos = m.end()
+        if kind == "nl":
+            line, line_start = line + 1, pos
+        elif kind in ("ws", "comment"):
+            continue
+        elif kind == "badstring":
+            raise PolicyError(
+                [Diagnostic(loc, "unterminated string (strings end on the same line)")]
+            )
+        elif kind == "string":
+            tokens.append(Token("string", _unescape(value[1:-1], loc), loc, m.start()))
+        elif kind == "number":
+            tokens.append(
+                Token("number", float(value) if "." in value else int(value), loc, m.start())
+            )
+        elif kind == "name":
+            tokens.append(Token("keyword" if value in KEYWORDS else "name", value, loc, m.start()))
+        else:
+            tokens.append(Token("op", value, loc, m.start()))
+    tokens.append(Token("eof", None, Location(source, line, pos - line_start + 1), pos))
+    return tokens

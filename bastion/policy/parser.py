@@ -1,0 +1,380 @@
+"""Tokens to the syntax tree. A syntax error names what was expected and where."""
+
+from __future__ import annotations
+
+from bastion.facts.model import Entity
+from bastion.policy import ast
+from bastion.policy.errors import Diagnostic, PolicyError
+from bastion.policy.lexer import Token, tokenize
+
+_COMPARISONS = {"==", "!=", "<", "<=", ">", ">=", "="}
+
+
+class _Parser:
+    def __init__(self, tokens: list[Token], text: str = "") -> None:
+        self.tokens = tokens
+        self.text = text
+        self.pos = 0
+
+    def source_since(self, start: Token) -> str:
+        """The source text from ``start`` up to the ';' just read, on one line."""
+        end = self.tokens[self.pos - 1]
+        return " ".join(self.text[start.offset : end.offset].split())
+
+    # -- token helpers ----------------------------------------------------------------------
+
+    @property
+    def tok(self) -> Token:
+        return self.tokens[self.pos]
+
+    def peek(self, offset: int = 1) -> Token:
+        return self.tokens[min(self.pos + offset, len(self.tokens) - 1)]
+
+    def at(self, value: str, kind: str | None = None) -> bool:
+        t = self.tok
+        return t.value == value and t.kind in ((kind,) if kind else ("op", "keyword", "name"))
+
+    def advance(self) -> Token:
+        t = self.tok
+        self.pos += 1
+        return t
+
+    def fail(self, expected: str, token: Token | None = None) -> PolicyError:
+        token = token or self.tok
+        return PolicyError(
+            [Diagnostic(token.location, f"expected {expected}, found {token.describe()}")]
+        )
+
+    def expect(self, value: str, what: str | None = None) -> Token:
+        if not self.at(value):
+            raise self.fail(what or f"'{value}'")
+        return self.advance()
+
+    def expect_kind(self, kind: str, what: str) -> Token:
+        if self.tok.kind != kind:
+            raise self.fail(what)
+        return self.advance()
+
+    # -- top level --------------------------------------------------------------------------
+
+    def policy(self) -> ast.Policy:
+        policy = ast.Policy()
+        while self.tok.kind != "eof":
+            t = self.tok
+            if (
+                t.kind == "name"
+                and t.value in ("actor", "resource")
+                and self.peek().kind == "name"
+                or t.kind == "name"
+                and t.value == "global"
+                and self.peek().value == "{"
+            ):
+                policy.blocks.append(self.block())
+            elif t.kind == "name" and t.value == "test" and self.peek().kind == "string":
+                policy.tests.append(self.test_block())
+            elif t.kind == "name" and t.value == "declare" and self.peek().kind == "name":
+                policy.declares.append(self.declare())
+            elif t.kind == "name":
+                policy.rules.append(self.rule())
+            else:
+                raise self.fail(
+                    "a rule, a declaration, an actor/resource/global block or a test block"
+                )
+        return policy
+
+    def block(self) -> ast.Block:
+        kind_tok = self.advance()
+        name = None
+        if kind_tok.value != "global":
+            name = self.expect_kind("name", "a type name").value
+        block = ast.Block(kind_tok.value, name, kind_tok.location)
+        self.expect("{")
+        while not self.at("}"):
+            t = self.tok
+            if (
+                t.kind == "name"
+                and t.value in ("roles", "permissions")
+                and self.peek().value == "="
+            ):
+                self.advance()
+                self.expect("=")
+                target = block.roles if t.value == "roles" else block.permissions
+                for s in self.string_list():
+                    if s.value in target:
+                        raise PolicyError(
+                            [
+                                Diagnostic(
+                                    s.location, f"{t.value[:-1]} {s.value!r} is declared twice"
+                                )
+                            ]
+                        )
+                    target[s.value] = s.location
+                self.expect(";")
+            elif t.kind == "name" and t.value == "relations" and self.peek().value == "=":
+                self.advance()
+                self.expect("=")
+                self.expect("{")
+                while True:
+                    rel = self.expect_kind("name", "a relation name")
+                    self.expect(":")
+                    typ = self.expect_kind("name", "a type name")
+                    block.relations[rel.value] = (typ.value, typ.location)
+                    if not self.at(","):
+                        break
+                    self.advance()
+                self.expect("}", "',' or '}'")
+                self.expect(";")
+            elif t.kind == "string":
+                head = self.advance()
+                self.expect("if", "'if'")
+                body = self.expr(shorthand=True)
+                self.expect(";", "'and', 'or' or ';'")
+                block.shorthand.append(
+                    ast.ShorthandRule(head.value, head.location, body, head.location)
+                )
+            else:
+                raise self.fail(
+                    "roles = [...], permissions = [...], relations = {...}, a shorthand rule or '}'"
+                )
+        self.advance()
+        return block
+
+    def string_list(self) -> list[Token]:
+        self.expect("[")
+        items = []
+        if not self.at("]"):
+            items.append(self.expect_kind("string", "a string"))
+            while self.at(","):
+                self.advance()
+                items.append(self.expect_kind("string", "a string"))
+        self.expect("]", "',' or ']'")
+        return items
+
+    def declare(self) -> ast.Declare:
+        start = self.advance()
+        name = self.expect_kind("name", "a predicate name").value
+        self.expect("(")
+        types = []
+        if not self.at(")"):
+            types.append(self.expect_kind("name", "a type name").value)
+            while self.at(","):
+                self.advance()
+                types.append(self.expect_kind("name", "a type name").value)
+        self.expect(")", "',' or ')'")
+        self.expect(";")
+        return ast.Declare(name, tuple(types), start.location)
+
+    def rule(self) -> ast.Rule:
+        name_tok = self.expect_kind("name", "a rule name")
+        self.expect("(", "'(' after the rule name")
+        params = []
+        if not self.at(")"):
+            params.append(self.param())
+            while self.at(","):
+                self.advance()
+                params.append(self.param())
+        self.expect(")", "',' or ')'")
+        body = None
+        if self.at("if"):
+            self.advance()
+            body = self.expr(shorthand=False)
+        self.expect(";", "'if' or ';'" if body is None else "'and', 'or' or ';'")
+        return ast.Rule(
+            name_tok.value, tuple(params), body, name_tok.location, self.source_since(name_tok)
+        )
+
+    def param(self) -> ast.Param:
+        loc = self.tok.location
+        term = self.term()
+        typ = None
+        if self.at(":"):
+            self.advance()
+            typ = self.expect_kind("name", "a type name after ':'").value
+        return ast.Param(term, typ, loc)
+
+    def test_block(self) -> ast.TestBlock:
+        start = self.advance()
+        name = self.advance().value
+        self.expect("{")
+        setup: list[ast.Call] = []
+        assertions: list[ast.Assertion] = []
+        while not self.at("}"):
+            t = self.tok
+            if t.kind == "name" and t.value == "setup":
+                self.advance()
+                self.expect("{")
+                while not self.at("}"):
+                    setup.append(self.call())
+                    self.expect(";")
+                self.advance()
+            elif t.kind == "name" and t.value in ("assert", "assert_not"):
+                self.advance()
+                call = self.call()
+                context = None
+                if self.tok.kind == "name" and self.tok.value == "with":
+                    self.advance()
+                    if not (self.tok.kind == "name" and self.tok.value == "context"):
+                        raise self.fail("'context'")
+                    self.advance()
+                    context = self.dict_term()
+                self.expect(";")
+                assertions.append(ast.Assertion(t.value == "assert", call, context, t.location))
+            else:
+                raise self.fail("setup { ... }, assert, assert_not or '}'")
+        self.advance()
+        return ast.TestBlock(name, tuple(setup), tuple(assertions), start.location)
+
+    # -- expressions ------------------------------------------------------------------------
+
+    def expr(self, shorthand: bool) -> ast.Expr:
+        items = [self.conj(shorthand)]
+        while self.at("or"):
+            self.advance()
+            items.append(self.conj(shorthand))
+        return items[0] if len(items) == 1 else ast.Or(tuple(items))
+
+    def conj(self, shorthand: bool) -> ast.Expr:
+        items = [self.unary(shorthand)]
+        while self.at("and"):
+            self.advance()
+            items.append(self.unary(shorthand))
+        return items[0] if len(items) == 1 else ast.And(tuple(items))
+
+    def unary(self, shorthand: bool) -> ast.Expr:
+        if self.at("not"):
+            loc = self.advance().location
+            return ast.Not(self.unary(shorthand), loc)
+        if self.at("("):
+            self.advance()
+            inner = self.expr(shorthand)
+            self.expect(")", "'and', 'or' or ')'")
+            return inner
+        return self.literal(shorthand)
+
+    def literal(self, shorthand: bool) -> ast.Expr:
+        t = self.tok
+        if shorthand and t.kind == "name" and t.value == "global" and self.peek().kind == "string":
+            self.advance()
+            name = self.advance()
+            return ast.Shorthand(name.value, None, True, name.location)
+        if shorthand and t.kind == "string" and self.peek().value not in _COMPARISONS | {"in"}:
+            self.advance()
+            relation = None
+            if self.at("on"):
+                self.advance()
+                relation = self.expect_kind("string", "a relation name (a string) after 'on'").value
+            return ast.Shorthand(t.value, relation, False, t.location)
+        if t.kind == "name" and self.peek().value == "(":
+            return self.call()
+        left = self.term()
+        if self.at("matches"):
+            self.advance()
+            typ = self.expect_kind("name", "a type name after 'matches'")
+            return ast.Matches(left, typ.value, t.location)
+        op = self.tok
+        if op.kind in ("op", "keyword") and op.value in _COMPARISONS | {"in"}:
+            self.advance()
+            return ast.Compare(op.value, left, self.term(), op.location)
+        raise self.fail("a comparison (==, !=, <, <=, >, >=, =, in) or 'matches'")
+
+    def call(self) -> ast.Call:
+        name = self.expect_kind("name", "a predicate name")
+        self.expect("(", "'('")
+        args = []
+        if not self.at(")"):
+            args.append(self.term())
+            while self.at(","):
+                self.advance()
+                args.append(self.term())
+        self.expect(")", "',' or ')'")
+        return ast.Call(name.value, tuple(args), name.location)
+
+    # -- terms ------------------------------------------------------------------------------
+
+    def term(self) -> ast.Term:
+        t = self.tok
+        if t.kind in ("string", "number"):
+            self.advance()
+            return ast.Const(t.value, t.location)
+        if t.kind == "keyword" and t.value in ("true", "false"):
+            self.advance()
+            return ast.Const(t.value == "true", t.location)
+        if t.kind == "op" and t.value == "[":
+            self.advance()
+            items = []
+            if not self.at("]"):
+                items.append(self.term())
+                while self.at(","):
+                    self.advance()
+                    items.append(self.term())
+            self.expect("]", "',' or ']'")
+            return ast.ListTerm(tuple(items), t.location)
+        if t.kind == "name":
+            self.advance()
+            if self.at("{"):
+                self.advance()
+                id_tok = self.expect_kind(
+                    "string", f'the id of the {t.value}, e.g. {t.value}{{"id"}}'
+                )
+                self.expect("}")
+                return ast.Const(Entity(t.value, id_tok.value), t.location)
+            if t.value == "context":
+                path = []
+                while self.at("."):
+                    self.advance()
+                    path.append(self.field_name())
+                return ast.ContextPath(tuple(path), t.location)
+            if self.at("."):
+                raise PolicyError(
+                    [Diagnostic(self.tok.location, "field lookup is only allowed on 'context'")]
+                )
+            return ast.Var(t.value, t.location)
+        raise self.fail("a value or a variable")
+
+    def field_name(self) -> str:
+        t = self.tok
+        if t.kind in ("name", "keyword", "string"):
+            self.advance()
+            return str(t.value)
+        raise self.fail("a field name after '.'")
+
+    def dict_term(self) -> ast.DictTerm:
+        start = self.expect("{")
+        items = []
+        if not self.at("}"):
+            items.append(self.dict_item())
+            while self.at(","):
+                self.advance()
+                items.append(self.dict_item())
+        self.expect("}", "',' or '}'")
+        return ast.DictTerm(tuple(items), start.location)
+
+    def dict_item(self) -> tuple[str, ast.Term]:
+        key = self.field_name()
+        self.expect(":")
+        value = self.dict_term() if self.at("{") else self.term()
+        return key, value
+
+
+def parse(text: str, source: str = "<policy>") -> ast.Policy:
+    """Parse Polar text into a syntax tree; raise `PolicyError` on a syntax error."""
+    return _Parser(tokenize(text, source), text).policy()
+
+
+def parse_fact(text: str) -> tuple:
+    """Parse the Polar text of one ground fact or pattern (``_`` is a wildcard) into a tuple."""
+    p = _Parser(tokenize(text.strip().rstrip(";"), "<fact>"))
+    call = p.call()
+    if p.tok.kind != "eof":
+        raise p.fail("end of the fact")
+    args = []
+    for term in call.args:
+        if isinstance(term, ast.Const):
+            args.append(term.value)
+        elif isinstance(term, ast.Var) and term.name == "_":
+            args.append(None)
+        else:
+            raise PolicyError(
+                [Diagnostic(term.location, "a fact's arguments must be values or entities")]
+            )
+    return (call.name, *args)

@@ -1,0 +1,122 @@
+"""The normalised program: every rule as a list of clauses whose bodies are flat conjunctions.
+
+This is what the compiler, the explainer and the reference evaluator all read. Shorthand rules
+are expanded, ``or`` is distributed into separate clauses, specializers become type checks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from bastion.policy.ast import Const, ContextPath, ListTerm, Var
+from bastion.policy.errors import Location
+
+Term = Var | Const | ContextPath | ListTerm
+
+VALUE_TYPES = {"String": str, "Integer": int, "Boolean": bool, "Float": float}
+
+
+@dataclass(frozen=True, slots=True)
+class CallLit:
+    name: str
+    args: tuple[Term, ...]
+    location: Location = field(compare=False)
+
+
+@dataclass(frozen=True, slots=True)
+class CmpLit:
+    """A comparison; ``=`` unifies (binds an unbound side), ``in`` tests list membership."""
+
+    op: str
+    left: Term
+    right: Term
+    location: Location = field(compare=False)
+
+
+@dataclass(frozen=True, slots=True)
+class TypeLit:
+    """The term is an entity of one of ``types`` (or a value of a value type such as String)."""
+
+    term: Term
+    types: frozenset[str]
+    location: Location = field(compare=False)
+
+
+@dataclass(frozen=True, slots=True)
+class NotLit:
+    """Negation as failure of a conjunction: true when the conjunction has no solution."""
+
+    body: tuple[Literal, ...]
+    location: Location = field(compare=False)
+
+
+Literal = CallLit | CmpLit | TypeLit | NotLit
+
+
+@dataclass(frozen=True, slots=True)
+class Clause:
+    name: str
+    head: tuple[Term, ...]  # Var or Const (possibly entity) per argument
+    body: tuple[Literal, ...]
+    location: Location = field(compare=False)
+    text: str = field(compare=False, default="")  # how the rule reads, for explanations
+
+
+@dataclass(slots=True)
+class Program:
+    clauses: dict[tuple[str, int], list[Clause]]  # (name, arity) -> clauses
+    fact_predicates: set[tuple[str, int]]  # predicates whose facts come from the store
+    fact_signatures: dict[tuple[str, int], list[tuple[Any, ...]]]
+    actor_types: frozenset[str]
+    resource_types: frozenset[str]
+    entity_types: frozenset[str]
+    permissions: dict[str, tuple[str, ...]]  # resource type -> declared permissions
+    has_deny: bool = False
+
+
+def term_vars(term: Term) -> list[str]:
+    if isinstance(term, Var):
+        return [term.name]
+    if isinstance(term, ListTerm):
+        return [v for item in term.items for v in term_vars(item)]
+    return []
+
+
+def literal_vars(lit: Literal) -> list[str]:
+    if isinstance(lit, CallLit):
+        return [v for a in lit.args for v in term_vars(a)]
+    if isinstance(lit, CmpLit):
+        return term_vars(lit.left) + term_vars(lit.right)
+    if isinstance(lit, TypeLit):
+        return term_vars(lit.term)
+    return [v for sub in lit.body for v in literal_vars(sub)]
+
+
+def format_term(term: Term) -> str:
+    from bastion.facts.model import format_arg
+
+    if isinstance(term, Var):
+        return term.name
+    if isinstance(term, Const):
+        return format_arg(term.value)
+    if isinstance(term, ContextPath):
+        return ".".join(("context", *term.path))
+    return "[" + ", ".join(format_term(t) for t in term.items) + "]"
+
+
+def format_literal(lit: Literal) -> str:
+    if isinstance(lit, CallLit):
+        return f"{lit.name}({', '.join(format_term(a) for a in lit.args)})"
+    if isinstance(lit, CmpLit):
+        return f"{format_term(lit.left)} {lit.op} {format_term(lit.right)}"
+    if isinstance(lit, TypeLit):
+        return f"{format_term(lit.term)} matches {'|'.join(sorted(lit.types))}"
+    return "not (" + " and ".join(format_literal(sub) for sub in lit.body) + ")"
+
+
+def format_clause(clause: Clause) -> str:
+    head = f"{clause.name}({', '.join(format_term(t) for t in clause.head)})"
+    if not clause.body:
+        return head
+    return f"{head} if " + " and ".join(format_literal(lit) for lit in clause.body)
