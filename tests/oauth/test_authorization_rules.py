@@ -1,0 +1,406 @@
+"""Each rule of the authorization and token endpoints, tried and refused."""
+
+from __future__ import annotations
+
+from urllib.parse import parse_qs, urlencode, urlsplit
+
+import httpx
+import pytest
+
+from bastion.oauth import InvalidToken
+
+from .support import Bastion, hidden_fields, pkce_pair
+
+
+def redirect_query(response: httpx.Response) -> dict[str, str]:
+    assert response.status_code in (302, 303), response.text
+    return {k: v[0] for k, v in parse_qs(urlsplit(response.headers["location"]).query).items()}
+
+
+def authorize(bastion: Bastion, params: dict) -> httpx.Response:
+    return bastion.http.get(f"{bastion.url}/authorize?{urlencode(params)}")
+
+
+def exchange(
+    bastion: Bastion, client: dict, code: str, verifier: str, **overrides
+) -> httpx.Response:
+    form = {
+        "grant_type": "authorization_code",
+        "code": code,
+        "redirect_uri": client["redirect_uris"][0],
+        "code_verifier": verifier,
+        "client_id": client["client_id"],
+        **overrides,
+    }
+    return bastion.token(**{k: v for k, v in form.items() if v is not None})
+
+
+def assert_oauth_error(response: httpx.Response, error: str, status: int = 400) -> None:
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert body["error"] == error
+    assert body["error_description"]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "error"),
+    [
+        ({"code_challenge": None, "code_challenge_method": None}, "invalid_request"),
+        ({"code_challenge_method": None}, "invalid_request"),
+        ({"code_challenge_method": "plain"}, "invalid_request"),
+        ({"response_type": "token"}, "unsupported_response_type"),
+        ({"resource": None}, "invalid_target"),
+        ({"resource": "http://127.0.0.1:9/not-configured"}, "invalid_target"),
+        ({"scope": "tools:read admin"}, "invalid_scope"),
+    ],
+    ids=[
+        "no-pkce",
+        "pkce-without-method",
+        "plain-pkce",
+        "implicit",
+        "no-resource",
+        "unknown-resource",
+        "unknown-scope",
+    ],
+)
+def test_authorization_request_errors_go_back_to_the_client_and_change_nothing(
+    bastion: Bastion, overrides, error
+):
+    client = bastion.register()
+    _, challenge = pkce_pair()
+    before = bastion.rows()
+    query = redirect_query(
+        authorize(bastion, bastion.authorize_params(client, challenge, **overrides))
+    )
+    assert query["error"] == error
+    assert query["error_description"]
+    assert query["state"] == "xyz-state"
+    assert query["iss"] == bastion.url
+    assert "code" not in query
+    assert bastion.rows() == before
+
+
+def test_a_scope_the_other_resource_lacks_is_refused(bastion: Bastion):
+    client = bastion.register()
+    _, challenge = pkce_pair()
+    params = bastion.authorize_params(
+        client, challenge, resource=bastion.other_resource, scope="tools:call"
+    )
+    assert redirect_query(authorize(bastion, params))["error"] == "invalid_scope"
+
+
+def test_redirect_uri_differing_by_one_character_is_refused_without_redirecting(bastion: Bastion):
+    client = bastion.register()
+    _, challenge = pkce_pair()
+    before = bastion.rows()
+    for wrong in (
+        "http://127.0.0.1:9/callbacK",
+        "http://127.0.0.1:9/callback/",
+        "http://127.0.0.1:8/callback",
+    ):
+        response = authorize(
+            bastion, bastion.authorize_params(client, challenge, redirect_uri=wrong)
+        )
+        assert response.status_code == 400
+        assert "location" not in response.headers
+        assert "redirect_uri" in response.text
+    assert bastion.rows() == before
+
+
+def test_unknown_client_gets_an_error_page_not_a_redirect(bastion: Bastion):
+    _, challenge = pkce_pair()
+    params = bastion.authorize_params(
+        {"client_id": "nobody", "redirect_uris": ["https://evil.example/cb"]}, challenge
+    )
+    response = authorize(bastion, params)
+    assert response.status_code == 400 and "location" not in response.headers
+    assert "invalid_client" in response.text
+
+
+def test_repeated_parameters_are_refused(bastion: Bastion):
+    client = bastion.register()
+    _, challenge = pkce_pair()
+    params = list(bastion.authorize_params(client, challenge).items()) + [("scope", "tools:call")]
+    response = bastion.http.get(f"{bastion.url}/authorize?{urlencode(params)}")
+    assert redirect_query(response)["error"] == "invalid_request"
+
+
+def test_the_redirect_carries_code_state_and_issuer(bastion: Bastion):
+    client = bastion.register()
+    verifier, challenge = pkce_pair()
+    params = bastion.authorize_params(client, challenge)
+    query = redirect_query(
+        bastion.log_in_and_consent(f"{bastion.url}/authorize?{urlencode(params)}")
+    )
+    assert query["state"] == "xyz-state"
+    assert query["iss"] == bastion.url
+    assert exchange(bastion, client, query["code"], verifier).status_code == 200
+
+
+def test_wrong_code_verifier_is_refused_and_the_code_stays_unused(bastion: Bastion):
+    client = bastion.register()
+    code, verifier = bastion.code_for(client)
+    before = bastion.rows()
+    other_verifier, _ = pkce_pair()
+    assert_oauth_error(exchange(bastion, client, code, other_verifier), "invalid_grant")
+    assert_oauth_error(exchange(bastion, client, code, "short"), "invalid_grant")
+    assert_oauth_error(exchange(bastion, client, code, None), "invalid_request")
+    assert bastion.rows() == before
+    assert exchange(bastion, client, code, verifier).status_code == 200
+
+
+def test_redirect_uri_at_the_token_endpoint_must_match(bastion: Bastion):
+    client = bastion.register(
+        redirect_uris=["http://127.0.0.1:9/callback", "http://127.0.0.1:9/callback2"]
+    )
+    code, verifier = bastion.code_for(client)
+    before = bastion.rows()
+    response = exchange(
+        bastion, client, code, verifier, redirect_uri="http://127.0.0.1:9/callback2"
+    )
+    assert_oauth_error(response, "invalid_grant")
+    assert bastion.rows() == before
+
+
+def test_code_replay_fails_and_revokes_what_the_first_use_issued(bastion: Bastion):
+    client = bastion.register()
+    code, verifier = bastion.code_for(client)
+    first = exchange(bastion, client, code, verifier).json()
+    bastion.server.verifier.verify(first["access_token"], bastion.resource)
+
+    replay = exchange(bastion, client, code, verifier)
+    assert_oauth_error(replay, "invalid_grant")
+    with pytest.raises(InvalidToken, match="revoked"):
+        bastion.server.verifier.verify(first["access_token"], bastion.resource)
+    refresh = bastion.token(
+        grant_type="refresh_token",
+        refresh_token=first["refresh_token"],
+        client_id=client["client_id"],
+    )
+    assert_oauth_error(refresh, "invalid_grant")
+    assert "grant.revoked" in [e.kind for e in bastion.server.audit.events()]
+
+
+def test_a_code_is_bound_to_its_client(bastion: Bastion):
+    client = bastion.register()
+    thief = bastion.register()
+    code, verifier = bastion.code_for(client)
+    response = exchange(bastion, thief, code, verifier, redirect_uri=client["redirect_uris"][0])
+    assert_oauth_error(response, "invalid_grant")
+    assert exchange(bastion, client, code, verifier).status_code == 200
+
+
+def test_expired_code_is_refused(bastion: Bastion):
+    client = bastion.register()
+    code, verifier = bastion.code_for(client)
+    bastion.clock.advance(bastion.server.settings.code_seconds + 1)
+    assert_oauth_error(exchange(bastion, client, code, verifier), "invalid_grant")
+
+
+def test_refresh_rotates_the_refresh_token(bastion: Bastion):
+    client = bastion.register()
+    first = bastion.tokens_for(client)
+    second = bastion.token(
+        grant_type="refresh_token",
+        refresh_token=first["refresh_token"],
+        client_id=client["client_id"],
+    ).json()
+    assert second["refresh_token"] != first["refresh_token"]
+    verified = bastion.server.verifier.verify(second["access_token"], bastion.resource)
+    assert verified.scopes == {"tools:read"}
+
+
+def test_refresh_token_reuse_revokes_the_whole_grant(bastion: Bastion):
+    client = bastion.register()
+    first = bastion.tokens_for(client)
+    refresh = {"grant_type": "refresh_token", "client_id": client["client_id"]}
+    second = bastion.token(**refresh, refresh_token=first["refresh_token"]).json()
+
+    reuse = bastion.token(**refresh, refresh_token=first["refresh_token"])
+    assert_oauth_error(reuse, "invalid_grant")
+    # Everything of the grant is dead: the newest refresh token and every access token.
+    assert_oauth_error(
+        bastion.token(**refresh, refresh_token=second["refresh_token"]), "invalid_grant"
+    )
+    for token in (first["access_token"], second["access_token"]):
+        with pytest.raises(InvalidToken, match="revoked"):
+            bastion.server.verifier.verify(token, bastion.resource)
+
+
+def test_refresh_cannot_widen_scope_or_change_resource(bastion: Bastion):
+    client = bastion.register()
+    tokens = bastion.tokens_for(client)
+    before = bastion.rows()
+    refresh = {
+        "grant_type": "refresh_token",
+        "client_id": client["client_id"],
+        "refresh_token": tokens["refresh_token"],
+    }
+    assert_oauth_error(bastion.token(**refresh, scope="tools:read tools:call"), "invalid_scope")
+    assert_oauth_error(bastion.token(**refresh, resource=bastion.other_resource), "invalid_target")
+    assert bastion.rows() == before
+
+
+def test_another_client_cannot_use_a_refresh_token(bastion: Bastion):
+    client = bastion.register()
+    thief = bastion.register()
+    tokens = bastion.tokens_for(client)
+    response = bastion.token(
+        grant_type="refresh_token",
+        refresh_token=tokens["refresh_token"],
+        client_id=thief["client_id"],
+    )
+    assert_oauth_error(response, "invalid_grant")
+
+
+def test_token_request_for_another_resource_than_authorized_is_refused(bastion: Bastion):
+    client = bastion.register()
+    code, verifier = bastion.code_for(client)
+    response = exchange(bastion, client, code, verifier, resource=bastion.other_resource)
+    assert_oauth_error(response, "invalid_target")
+
+
+def test_consent_post_without_csrf_token_is_refused(bastion: Bastion):
+    client = bastion.register()
+    _, challenge = pkce_pair()
+    browser = httpx.Client()
+    page = browser.get(
+        f"{bastion.url}/authorize?{urlencode(bastion.authorize_params(client, challenge))}"
+    )
+    fields = hidden_fields(page.text)
+    page = browser.post(
+        f"{bastion.url}/authorize/login",
+        data={**fields, "username": "alice", "password": "correct horse battery staple"},
+    )
+    assert "decision" in page.text
+    fields = hidden_fields(page.text)
+    before = bastion.rows()
+    for forged in ({"request_id": fields["request_id"]}, {**fields, "csrf_token": "guess"}):
+        response = browser.post(
+            f"{bastion.url}/authorize/consent", data={**forged, "decision": "allow"}
+        )
+        assert response.status_code == 403
+        assert "location" not in response.headers
+    assert bastion.rows() == before
+    # The same form from another browser (no binding cookie) is refused too.
+    other = httpx.Client(cookies={"bastion_session": browser.cookies["bastion_session"]})
+    response = other.post(f"{bastion.url}/authorize/consent", data={**fields, "decision": "allow"})
+    assert response.status_code == 403
+    assert bastion.rows() == before
+
+
+def test_login_without_csrf_token_is_refused(bastion: Bastion):
+    client = bastion.register()
+    _, challenge = pkce_pair()
+    browser = httpx.Client()
+    page = browser.get(
+        f"{bastion.url}/authorize?{urlencode(bastion.authorize_params(client, challenge))}"
+    )
+    fields = hidden_fields(page.text)
+    before = bastion.rows()
+    response = browser.post(
+        f"{bastion.url}/authorize/login",
+        data={
+            "request_id": fields["request_id"],
+            "username": "alice",
+            "password": "correct horse battery staple",
+        },
+    )
+    assert response.status_code == 403
+    assert bastion.rows() == before
+
+
+def test_wrong_password_is_refused_and_audited(bastion: Bastion):
+    client = bastion.register()
+    _, challenge = pkce_pair()
+    browser = httpx.Client()
+    page = browser.get(
+        f"{bastion.url}/authorize?{urlencode(bastion.authorize_params(client, challenge))}"
+    )
+    response = browser.post(
+        f"{bastion.url}/authorize/login",
+        data={**hidden_fields(page.text), "username": "alice", "password": "wrong password"},
+    )
+    assert response.status_code == 401
+    assert "bastion_session" not in browser.cookies
+    assert "login.failed" in [e.kind for e in bastion.server.audit.events()]
+
+
+def test_denied_consent_returns_access_denied(bastion: Bastion):
+    client = bastion.register()
+    _, challenge = pkce_pair()
+    browser = httpx.Client()
+    page = browser.get(
+        f"{bastion.url}/authorize?{urlencode(bastion.authorize_params(client, challenge))}"
+    )
+    page = browser.post(
+        f"{bastion.url}/authorize/login",
+        data={
+            **hidden_fields(page.text),
+            "username": "alice",
+            "password": "correct horse battery staple",
+        },
+    )
+    response = browser.post(
+        f"{bastion.url}/authorize/consent", data={**hidden_fields(page.text), "decision": "deny"}
+    )
+    query = redirect_query(response)
+    assert query["error"] == "access_denied" and query["state"] == "xyz-state"
+
+
+def test_consent_is_remembered_per_user_client_and_scopes(bastion: Bastion):
+    client = bastion.register()
+    browser = httpx.Client()
+    _, challenge = pkce_pair()
+    first = bastion.log_in_and_consent(
+        f"{bastion.url}/authorize?{urlencode(bastion.authorize_params(client, challenge))}", browser
+    )
+    assert "code" in redirect_query(first)
+    # Same scopes again: straight back with a code, no page.
+    again = browser.get(
+        f"{bastion.url}/authorize?{urlencode(bastion.authorize_params(client, challenge))}"
+    )
+    assert "code" in redirect_query(again)
+    # More scopes: the person is asked again.
+    wider = bastion.authorize_params(client, challenge, scope="tools:read tools:call")
+    page = browser.get(f"{bastion.url}/authorize?{urlencode(wider)}")
+    assert page.status_code == 200 and "tools:call" in page.text
+    # Another client: asked again.
+    other = bastion.register(client_name="Other agent")
+    page = browser.get(
+        f"{bastion.url}/authorize?{urlencode(bastion.authorize_params(other, challenge))}"
+    )
+    assert page.status_code == 200 and "Other agent" in page.text
+
+
+def test_pages_forbid_framing(bastion: Bastion):
+    client = bastion.register()
+    _, challenge = pkce_pair()
+    login = bastion.http.get(
+        f"{bastion.url}/authorize?{urlencode(bastion.authorize_params(client, challenge))}"
+    )
+    error = bastion.http.get(f"{bastion.url}/authorize?client_id=nobody")
+    for page in (login, error):
+        assert page.headers["x-frame-options"] == "DENY"
+        assert "frame-ancestors 'none'" in page.headers["content-security-policy"]
+        assert page.headers["cache-control"] == "no-store"
+
+
+def test_consent_page_names_the_client_and_its_redirect_host_escaped(bastion: Bastion):
+    client = bastion.register(client_name="<script>alert(1)</script>")
+    _, challenge = pkce_pair()
+    browser = httpx.Client()
+    page = browser.get(
+        f"{bastion.url}/authorize?{urlencode(bastion.authorize_params(client, challenge))}"
+    )
+    page = browser.post(
+        f"{bastion.url}/authorize/login",
+        data={
+            **hidden_fields(page.text),
+            "username": "alice",
+            "password": "correct horse battery staple",
+        },
+    )
+    assert "<script>" not in page.text
+    assert "&lt;script&gt;" in page.text
+    assert "127.0.0.1:9" in page.text
