@@ -38,9 +38,7 @@ def hash_password(password: str) -> str:
 
 def create_user(store: OAuthStore, username: str, password: str, now: float) -> None:
     validate_username(username)
-    if store.user_password_hash(username) is not None or any(
-        u[0] == username for u in store.users()
-    ):
+    if any(user[0] == username for user in store.users()):
         raise UserError(f"user {username!r} already exists")
     store.create_user(username, hash_password(password), now)
 
