@@ -1,0 +1,351 @@
+"""The /v1 API: decisions, facts, policy, keys; bad input is refused with a problem and changes nothing."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from starlette.testclient import TestClient
+
+from bastion.server.app import create_app
+from bastion.server.openapi import openapi_document
+
+from .conftest import POLICY, entity, role
+
+
+def write_roles(api, *facts) -> int:
+    r = api.post("/v1/facts", json={"facts": list(facts)})
+    assert r.status_code == 200, r.text
+    return r.json()["sequence"]
+
+
+def allowed(api, user: str, action: str, type_: str, id_: str, **extra) -> bool:
+    body = {"actor": entity("User", user), "action": action, "resource": entity(type_, id_)}
+    r = api.post("/v1/authorize", json={**body, **extra})
+    assert r.status_code == 200, r.text
+    return r.json()["allowed"]
+
+
+def head(api) -> int:
+    return api.get("/readyz").json()["sequence"]
+
+
+def assert_problem(r, status: int, *words: str) -> dict:
+    assert r.status_code == status, r.text
+    assert r.headers["content-type"].startswith("application/problem+json")
+    body = r.json()
+    for w in words:
+        assert w in body["detail"], body
+    return body
+
+
+# -- decisions ---------------------------------------------------------------------------------
+
+
+def test_a_role_on_the_parent_org_lets_a_member_read_the_repo(api):
+    api.post(
+        "/v1/facts/batch",
+        json={
+            "insert": [
+                role("alice", "member", "Org", "acme"),
+                {
+                    "predicate": "has_relation",
+                    "args": [entity("Repo", "anvil"), "parent", entity("Org", "acme")],
+                },
+            ]
+        },
+    ).raise_for_status()
+    assert allowed(api, "alice", "read", "Repo", "anvil")
+    assert not allowed(api, "alice", "push", "Repo", "anvil")
+    assert not allowed(api, "bob", "read", "Repo", "anvil")
+
+
+def test_the_short_entity_form_is_accepted(api):
+    write_roles(api, role("alice", "reader", "Repo", "anvil"))
+    r = api.post(
+        "/v1/authorize", json={"actor": "User:alice", "action": "read", "resource": "Repo:anvil"}
+    )
+    assert r.json()["allowed"] is True
+
+
+def test_a_batch_answers_each_check_in_order(api):
+    write_roles(api, role("alice", "maintainer", "Repo", "anvil"))
+    checks = [
+        {"actor": entity("User", "alice"), "action": a, "resource": entity("Repo", "anvil")}
+        for a in ("read", "push", "delete")
+    ]
+    r = api.post("/v1/authorize/batch", json={"checks": checks})
+    results = r.json()["results"]
+    assert [x["allowed"] for x in results] == [True, True, False]
+    assert len({x["decision_id"] for x in results}) == 3
+
+
+def test_list_pages_through_every_allowed_resource_once(api):
+    write_roles(api, *[role("alice", "reader", "Repo", f"r{i:02}") for i in range(25)])
+    write_roles(api, role("bob", "reader", "Repo", "other"))
+    ids, cursor = [], None
+    while True:
+        body = {"actor": entity("User", "alice"), "action": "read", "resource_type": "Repo"}
+        body["limit"] = 10
+        if cursor:
+            body["cursor"] = cursor
+        page = api.post("/v1/list", json=body).json()
+        ids += page["ids"]
+        cursor = page["next_cursor"]
+        if not cursor:
+            break
+    assert ids == [f"r{i:02}" for i in range(25)]
+
+
+def test_actions_and_query(api):
+    write_roles(api, role("alice", "maintainer", "Repo", "anvil"))
+    r = api.post(
+        "/v1/actions", json={"actor": entity("User", "alice"), "resource": entity("Repo", "anvil")}
+    )
+    assert r.json()["actions"] == ["push", "read"]
+    r = api.post(
+        "/v1/query",
+        json={"predicate": "has_role", "args": [{"var": "u"}, "maintainer", {"var": "r"}]},
+    )
+    assert r.json()["results"] == [
+        ["has_role", entity("User", "alice"), "maintainer", entity("Repo", "anvil")]
+    ]
+    assert "decision_id" in r.json()
+
+
+def test_a_decision_can_be_explained_afterwards(api):
+    write_roles(api, role("alice", "reader", "Repo", "anvil"))
+    body = {"actor": entity("User", "alice"), "action": "read", "resource": entity("Repo", "anvil")}
+    decision_id = api.post("/v1/authorize", json=body).json()["decision_id"]
+    r = api.get(f"/v1/decisions/{decision_id}/explanation")
+    assert r.status_code == 200
+    out = r.json()
+    assert out["exact"] is True and out["explanation"]["allowed"] is True
+    assert "has_role" in out["explanation"]["text"]
+    assert_problem(api.get("/v1/decisions/nope-1/explanation"), 404, "not made by this server")
+
+
+def test_at_least_waits_for_a_write_and_refuses_an_unknown_sequence(api):
+    seq = write_roles(api, role("alice", "reader", "Repo", "anvil"))
+    assert allowed(api, "alice", "read", "Repo", "anvil", at_least=seq)
+    body = {"actor": "User:alice", "action": "read", "resource": "Repo:anvil", "at_least": seq + 50}
+    assert_problem(api.post("/v1/authorize", json=body), 400, "latest is")
+
+
+# -- bad input ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "words"),
+    [
+        (b"{not json", 400, ["not valid JSON"]),
+        (b"[1, 2]", 400, ["JSON object"]),
+        (b'{"actor": "User:alice", "action": 3, "resource": "Repo:x"}', 400, ["action"]),
+        (b'{"actor": "User:alice", "resource": "Repo:x"}', 400, ["'action' is required"]),
+        (b'{"actor": "Robot:r2", "action": "read", "resource": "Repo:x"}', 400, ["Robot"]),
+        (b'{"actor": {"type": "User"}, "action": "read", "resource": "Repo:x"}', 400, ["actor"]),
+        (b'{"actor": "User:a", "action": "read", "resource": "Repo:x", "at_least": "1"}', 400, []),
+    ],
+)
+def test_bad_decision_requests_get_a_problem_that_says_what_to_fix(api, body, status, words):
+    assert_problem(api.post("/v1/authorize", content=body), status, *words)
+
+
+def test_a_fact_the_policy_cannot_use_is_refused_and_the_batch_changes_nothing(api):
+    write_roles(api, role("alice", "reader", "Repo", "anvil"))
+    before = head(api)
+    r = api.post(
+        "/v1/facts/batch",
+        json={
+            "delete": [{"predicate": "has_role", "args": [None, None, None]}],
+            "insert": [
+                role("bob", "reader", "Repo", "anvil"),
+                {"predicate": "has_rol", "args": [entity("User", "bob")]},
+            ],
+        },
+    )
+    assert_problem(r, 422, "facts[1]", "has_rol")
+    assert head(api) == before
+    assert allowed(api, "alice", "read", "Repo", "anvil")
+    assert not allowed(api, "bob", "read", "Repo", "anvil")
+
+
+def test_an_oversized_body_is_refused(config):
+    small = config.__class__(**{**config.__dict__, "max_body_bytes": 200})
+    with TestClient(create_app(small)) as api:
+        api.headers["authorization"] = f"Bearer {config.admin_key}"
+        facts = [role(f"user{i}", "reader", "Repo", "anvil") for i in range(20)]
+        assert_problem(api.post("/v1/facts", json={"facts": facts}), 413, "200 bytes")
+        assert head(api) == 1  # only the policy
+
+
+def test_an_import_with_one_bad_line_imports_nothing(api):
+    lines = [json.dumps(role(f"u{i}", "reader", "Repo", "anvil")) for i in range(10)]
+    lines[7] = '{"predicate": "has_role", "args": [1.5]}'
+    before = head(api)
+    r = api.post("/v1/facts/import", content="\n".join(lines).encode())
+    assert_problem(r, 422, "line 8")
+    assert head(api) == before
+    assert api.get("/v1/facts").json()["facts"] == []
+
+
+def test_unknown_routes_and_methods_are_problems_too(api):
+    assert_problem(api.get("/v1/nothing"), 404, "openapi")
+    assert_problem(api.delete("/v1/authorize"), 405, "DELETE")
+
+
+# -- facts -------------------------------------------------------------------------------------
+
+
+def test_wildcard_delete_revokes_access_at_once(api):
+    write_roles(
+        api, role("alice", "reader", "Repo", "anvil"), role("alice", "maintainer", "Repo", "forge")
+    )
+    r = api.post(
+        "/v1/facts/delete",
+        json={
+            "patterns": [{"predicate": "has_role", "args": [entity("User", "alice"), None, None]}]
+        },
+    )
+    assert r.json()["deleted"] == 2
+    assert not allowed(api, "alice", "read", "Repo", "anvil")
+    assert not allowed(api, "alice", "read", "Repo", "forge")
+
+
+def test_facts_are_read_back_a_page_at_a_time(api):
+    write_roles(api, *[role(f"u{i:02}", "reader", "Repo", "anvil") for i in range(15)])
+    write_roles(api, role("x", "admin", "Org", "acme"))
+    pattern = json.dumps({"predicate": "has_role", "args": [None, "reader", None]})
+    seen, cursor = [], None
+    while True:
+        params = {"pattern": pattern, "limit": "4"}
+        if cursor:
+            params["cursor"] = cursor
+        page = api.get("/v1/facts", params=params).json()
+        seen += page["facts"]
+        cursor = page["next_cursor"]
+        if not cursor:
+            break
+    assert len(seen) == 15 and len({json.dumps(f) for f in seen}) == 15
+
+
+def test_export_then_import_round_trips_with_expiry(api):
+    far = 4102444800.0  # 2100-01-01
+    write_roles(api, {**role("alice", "reader", "Repo", "anvil"), "expires_at": far})
+    write_roles(api, role("bob", "reader", "Repo", "anvil"))
+    exported = api.get("/v1/facts/export").content
+    api.post(
+        "/v1/facts/delete", json={"patterns": [{"predicate": "has_role", "args": [None] * 3}]}
+    ).raise_for_status()
+    assert not allowed(api, "alice", "read", "Repo", "anvil")
+    r = api.post("/v1/facts/import", content=exported)
+    assert r.json()["inserted"] == 2
+    facts = api.get("/v1/facts").json()["facts"]
+    assert {f.get("expires_at") for f in facts} == {far, None}
+    assert allowed(api, "alice", "read", "Repo", "anvil")
+
+
+def test_an_expired_grant_no_longer_allows(api):
+    write_roles(api, {**role("alice", "reader", "Repo", "anvil"), "expires_at": 1.0})
+    assert not allowed(api, "alice", "read", "Repo", "anvil")
+
+
+# -- policy ------------------------------------------------------------------------------------
+
+
+def test_a_policy_that_does_not_load_leaves_the_old_one_in_force(api):
+    write_roles(api, role("alice", "reader", "Repo", "anvil"))
+    r = api.put("/v1/policy", json={"text": "allow(actor, action, resource) if"})
+    body = assert_problem(r, 422, "does not load")
+    assert body["diagnostics"][0]["line"] == 1
+    assert api.get("/v1/policy").json()["version"] == 1
+    assert allowed(api, "alice", "read", "Repo", "anvil")
+
+
+def test_validate_does_not_apply(api):
+    r = api.post("/v1/policy/validate", json={"text": POLICY + "\n# v2\n"})
+    assert r.json()["valid"] is True
+    assert api.get("/v1/policy").json()["version"] == 1
+
+
+def test_put_then_roll_back_the_policy(api):
+    write_roles(api, role("alice", "reader", "Repo", "anvil"))
+    deny_all = POLICY.replace('"read" if "reader";', "")
+    r = api.put("/v1/policy", json={"text": deny_all, "note": "lockdown"})
+    assert r.json()["version"] == 2
+    assert not allowed(api, "alice", "read", "Repo", "anvil")
+    r = api.post("/v1/policy/rollback", json={"version": 1})
+    assert r.json()["version"] == 3
+    assert allowed(api, "alice", "read", "Repo", "anvil")
+    versions = api.get("/v1/policy/versions").json()["versions"]
+    assert [v["note"] for v in versions][1:] == ["lockdown", "rollback to version 1"]
+    assert versions[1]["created_by"].startswith("key:env")
+    assert_problem(api.post("/v1/policy/rollback", json={"version": 9}), 404, "no policy version 9")
+
+
+# -- keys and scopes ---------------------------------------------------------------------------
+
+
+def test_requests_without_a_valid_key_are_refused(api):
+    body = {"actor": "User:alice", "action": "read", "resource": "Repo:anvil"}
+    r = api.post("/v1/authorize", json=body, headers={"authorization": ""})
+    assert_problem(r, 401, "Bearer")
+    r = api.post("/v1/authorize", json=body, headers={"authorization": "Bearer bst_x_y"})
+    assert_problem(r, 401, "unknown")
+
+
+def test_a_decide_key_cannot_write_facts_or_policy(api):
+    created = api.post("/v1/keys", json={"name": "app", "scopes": ["decide"]}).json()
+    h = {"authorization": f"Bearer {created['key']}"}
+    body = {"actor": "User:alice", "action": "read", "resource": "Repo:anvil"}
+    assert api.post("/v1/authorize", json=body, headers=h).status_code == 200
+    r = api.post(
+        "/v1/facts", json={"facts": [role("eve", "maintainer", "Repo", "anvil")]}, headers=h
+    )
+    assert_problem(r, 403, "facts:write")
+    assert_problem(api.put("/v1/policy", json={"text": ""}, headers=h), 403, "policy:write")
+    assert_problem(api.get("/v1/keys", headers=h), 403, "admin")
+    assert api.get("/v1/facts").json()["facts"] == []
+
+
+def test_a_revoked_key_is_refused(api):
+    created = api.post("/v1/keys", json={"name": "tmp", "scopes": ["facts:read"]}).json()
+    assert "key" in created
+    listed = api.get("/v1/keys").json()["keys"]
+    assert created["key"] not in json.dumps(listed)
+    api.delete(f"/v1/keys/{created['id']}").raise_for_status()
+    api.app.state.keys._cache.clear()
+    r = api.get("/v1/facts", headers={"authorization": f"Bearer {created['key']}"})
+    assert_problem(r, 401, "revoked")
+
+
+def test_keys_with_unknown_scopes_are_refused(api):
+    assert_problem(api.post("/v1/keys", json={"name": "x", "scopes": ["root"]}), 400, "root")
+
+
+# -- service -----------------------------------------------------------------------------------
+
+
+def test_metrics_count_decisions_by_result(api):
+    write_roles(api, role("alice", "reader", "Repo", "anvil"))
+    allowed(api, "alice", "read", "Repo", "anvil")
+    allowed(api, "alice", "push", "Repo", "anvil")
+    text = api.get("/metrics").text
+    assert 'bastion_decisions_total{kind="authorize",result="allow"} 1.0' in text
+    assert 'bastion_decisions_total{kind="authorize",result="deny"} 1.0' in text
+    assert "bastion_facts 1.0" in text
+    assert "bastion_changelog_lag 0.0" in text
+    assert "bastion_decision_seconds_bucket" in text
+
+
+def test_the_openapi_document_describes_every_route(api):
+    doc = api.get("/v1/openapi.json").json()
+    assert doc["openapi"].startswith("3.")
+    served = {
+        (route.path, method.lower())
+        for route in api.app.routes
+        for method in (route.methods or ())
+        if method != "HEAD"
+    }
+    documented = {(path, m) for path, ops in openapi_document()["paths"].items() for m in ops}
+    assert served == documented
