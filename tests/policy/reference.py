@@ -1,0 +1,271 @@
+"""A deliberately simple reference evaluator, used only by tests.
+
+Naive bottom-up evaluation: starting from the facts, apply every clause to everything known
+until nothing new appears, stratum by stratum (so a negation only looks at finished predicates).
+Variables that the body leaves unbound range over the active domain (every value in the facts,
+the policy and the query). Slow and obviously correct, so the fast engine is checked against it.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+from bastion.facts.model import Entity
+from bastion.policy.ast import Const, ContextPath, ListTerm, Var
+from bastion.policy.builtins import BUILTINS
+from bastion.policy.program import VALUE_TYPES, CallLit, Clause, CmpLit, NotLit, Program, TypeLit
+
+_MISSING = object()
+
+
+def _lookup(context: dict | None, path: tuple[str, ...]) -> Any:
+    value: Any = context or {}
+    for name in path:
+        if not isinstance(value, dict) or name not in value or value[name] is None:
+            return _MISSING
+        value = value[name]
+    return value
+
+
+def _has_type(value: Any, types: frozenset[str]) -> bool:
+    if isinstance(value, Entity):
+        return value.type in types
+    return any(type(value) is VALUE_TYPES[t] for t in types if t in VALUE_TYPES)
+
+
+class Reference:
+    def __init__(
+        self, program: Program, facts: list[tuple], context: dict | None, extra: list[Any]
+    ) -> None:
+        self.program = program
+        self.context = context
+        self.db: set[tuple] = set(facts)
+        domain = {a for f in facts for a in f[1:]} | set(extra)
+        for clauses in program.clauses.values():
+            for clause in clauses:
+                for term in clause.head:
+                    if isinstance(term, Const):
+                        domain.add(term.value)
+        self.domain = sorted(domain, key=repr)
+        self._run()
+
+    def _strata(self) -> list[list[tuple[str, int]]]:
+        """Predicates in an order where every negated predicate comes before its users."""
+        preds = list(self.program.clauses)
+        deps: dict = {p: set() for p in preds}
+        for p in preds:
+            for clause in self.program.clauses[p]:
+                for lit in clause.body:
+                    for sub in _calls(lit):
+                        if (sub.name, len(sub.args)) in self.program.clauses:
+                            deps[p].add((sub.name, len(sub.args)))
+        # Group mutually recursive predicates together; order groups by dependency.
+        reach = {p: _closure(deps, p) for p in preds}
+        groups: list[list] = []
+        for p in preds:
+            for g in groups:
+                if p in reach[g[0]] and g[0] in reach[p]:
+                    g.append(p)
+                    break
+            else:
+                groups.append([p])
+        ordered: list[list] = []
+        while groups:
+            for g in groups:
+                if all(d in g or any(d in o for o in ordered) for p in g for d in deps[p]):
+                    ordered.append(g)
+                    groups.remove(g)
+                    break
+            else:
+                raise AssertionError("unstratifiable")
+        return ordered
+
+    def _run(self) -> None:
+        for group in self._strata():
+            while True:
+                new = set()
+                for pred in group:
+                    for clause in self.program.clauses[pred]:
+                        new |= self._apply(clause)
+                if new <= self.db:
+                    break
+                self.db |= new
+
+    def _apply(self, clause: Clause) -> set[tuple]:
+        out = set()
+        head = {v for t in clause.head if isinstance(t, Var) for v in [t.name]}
+        # A negation's variables that are used elsewhere must be bound before it runs; the
+        # others are local to it ("there is no ... such that").
+        self.shared = {}
+        for lit in clause.body:
+            if isinstance(lit, NotLit):
+                elsewhere = set(head).union(*(set(_vars(o)) for o in clause.body if o is not lit))
+                self.shared[id(lit)] = set(_vars(lit)) & elsewhere
+        for env in self._solve(list(clause.body), {}):
+            head_vars = [t.name for t in clause.head if isinstance(t, Var) and t.name not in env]
+            for values in itertools.product(self.domain, repeat=len(set(head_vars))):
+                full = dict(env)
+                full.update(zip(dict.fromkeys(head_vars), values, strict=True))
+                out.add(
+                    (
+                        clause.name,
+                        *(full[t.name] if isinstance(t, Var) else t.value for t in clause.head),
+                    )
+                )
+        return out
+
+    def _value(self, term: Any, env: dict) -> Any:
+        if isinstance(term, Const):
+            return term.value
+        if isinstance(term, Var):
+            return env[term.name]
+        if isinstance(term, ContextPath):
+            return _lookup(self.context, term.path)
+        items = [self._value(t, env) for t in term.items]
+        return _MISSING if _MISSING in items else tuple(items)
+
+    def _bound(self, term: Any, env: dict) -> bool:
+        if isinstance(term, Var):
+            return term.name in env
+        if isinstance(term, ListTerm):
+            return all(self._bound(t, env) for t in term.items)
+        return True
+
+    def _solve(self, body: list, env: dict):
+        if not body:
+            yield env
+            return
+        # The first literal whose inputs are bound; unbound variables range over the domain.
+        for i, lit in enumerate(body):
+            if self._ready(lit, env):
+                rest = body[:i] + body[i + 1 :]
+                for env2 in self._literal(lit, env):
+                    yield from self._solve(rest, env2)
+                return
+        lit = body[0]
+        candidates = self.shared.get(id(lit), set()) if isinstance(lit, NotLit) else _vars(lit)
+        var = next(v for v in sorted(candidates) if v not in env)
+        for value in self.domain:
+            yield from self._solve(body, {**env, var: value})
+
+    def _ready(self, lit: Any, env: dict) -> bool:
+        if isinstance(lit, CallLit):
+            return (lit.name, len(lit.args)) not in BUILTINS or all(
+                self._bound(a, env) for a in lit.args
+            )
+        if isinstance(lit, NotLit):
+            return all(v in env for v in self.shared.get(id(lit), ()))
+        return all(v in env for v in _vars(lit))
+
+    def _literal(self, lit: Any, env: dict):
+        if isinstance(lit, CallLit):
+            args = [self._value(a, env) if self._bound(a, env) else None for a in lit.args]
+            if _MISSING in args:
+                return
+            if (lit.name, len(args)) in BUILTINS:
+                if BUILTINS[(lit.name, len(args))].function(*args):
+                    yield env
+                return
+            for atom in self.db:
+                if atom[0] != lit.name or len(atom) != len(args) + 1:
+                    continue
+                env2 = dict(env)
+                ok = True
+                for term, arg, value in zip(lit.args, args, atom[1:], strict=True):
+                    if arg is not None:
+                        ok = ok and arg == value
+                    elif isinstance(term, Var):
+                        if term.name in env2 and env2[term.name] != value:
+                            ok = False
+                        env2[term.name] = value
+                if ok:
+                    yield env2
+        elif isinstance(lit, NotLit):
+            if next(iter(self._solve(list(lit.body), env)), None) is None:
+                yield env
+        elif isinstance(lit, TypeLit):
+            if _has_type(self._value(lit.term, env), lit.types):
+                yield env
+        elif isinstance(lit, CmpLit):
+            a, b = self._value(lit.left, env), self._value(lit.right, env)
+            if a is _MISSING or b is _MISSING:
+                return
+            ok = {
+                "=": lambda: a == b,
+                "==": lambda: a == b,
+                "!=": lambda: a != b,
+                "in": lambda: isinstance(b, (list, tuple)) and a in b,
+            }.get(lit.op)
+            if ok is None:
+                numbers = all(
+                    isinstance(x, (int, float)) and not isinstance(x, bool) for x in (a, b)
+                )
+                if not (numbers or type(a) is type(b) is str):
+                    return
+                ok = {
+                    "<": lambda: a < b,
+                    "<=": lambda: a <= b,
+                    ">": lambda: a > b,
+                    ">=": lambda: a >= b,
+                }[lit.op]
+            if ok():
+                yield env
+
+    # -- the three questions ----------------------------------------------------------------
+
+    def allowed(self, actor: Any, action: Any, resource: Any) -> bool:
+        return ("allow", actor, action, resource) in self.db and (
+            "deny",
+            actor,
+            action,
+            resource,
+        ) not in self.db
+
+    def list(self, actor: Any, action: Any, resource_type: str) -> list[str]:
+        return sorted(
+            a[3].id
+            for a in self.db
+            if a[0] == "allow" and len(a) == 4 and a[1] == actor and a[2] == action
+            and isinstance(a[3], Entity) and a[3].type == resource_type and self.allowed(actor, action, a[3])
+        )  # fmt: skip
+
+    def actions(self, actor: Any, resource: Any) -> set[str]:
+        return {
+            a[2]
+            for a in self.db
+            if a[0] == "allow" and len(a) == 4 and a[1] == actor and a[3] == resource
+            and isinstance(a[2], str) and self.allowed(actor, a[2], resource)
+        }  # fmt: skip
+
+    def holds(self, predicate: str, *args: Any) -> set[tuple]:
+        return {
+            a for a in self.db
+            if a[0] == predicate and len(a) == len(args) + 1
+            and all(x is None or x == y for x, y in zip(args, a[1:], strict=True))
+        }  # fmt: skip
+
+
+def _vars(lit: Any) -> list[str]:
+    from bastion.policy.program import literal_vars
+
+    return literal_vars(lit)
+
+
+def _calls(lit: Any):
+    if isinstance(lit, CallLit):
+        yield lit
+    elif isinstance(lit, NotLit):
+        for sub in lit.body:
+            yield from _calls(sub)
+
+
+def _closure(deps: dict, start: Any) -> set:
+    seen, stack = set(), [start]
+    while stack:
+        p = stack.pop()
+        for d in deps.get(p, ()):
+            if d not in seen:
+                seen.add(d)
+                stack.append(d)
+    return seen

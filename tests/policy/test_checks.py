@@ -1,0 +1,123 @@
+"""Load-time checks: every problem is refused with its file, line and column, and a policy that
+fails to load never replaces the one in force."""
+
+from __future__ import annotations
+
+import pytest
+
+from bastion import Authorizer, Entity, PolicyError
+
+BASE = """
+actor User {}
+resource Org {
+  roles = ["member"];
+  permissions = ["read"];
+  "read" if "member";
+}
+"""
+
+
+def errors_of(text: str) -> list[str]:
+    with pytest.raises(PolicyError) as err:
+        Authorizer(text, source="p.polar")
+    return [str(d) for d in err.value.diagnostics]
+
+
+def test_syntax_error_says_what_was_expected_and_where():
+    (message,) = errors_of('allow(actor, "read", resource) if is_public(resource) is_admin(actor);')
+    assert message.startswith("p.polar:1:55: error: expected 'and', 'or' or ';'")
+    assert "found 'is_admin'" in message
+
+
+def test_unterminated_string_is_reported_at_its_start():
+    (message,) = errors_of('actor User {}\nfoo(x) if x = "abc;')
+    assert message.startswith("p.polar:2:15:") and "unterminated string" in message
+
+
+def test_shorthand_naming_an_undeclared_role_is_refused():
+    text = BASE.replace('"read" if "member";', '"read" if "membr";')
+    (message,) = errors_of(text)
+    assert "p.polar:6:13" in message
+    assert "Org declares no role, permission or relation 'membr' (did you mean member?)" in message
+
+
+def test_shorthand_head_must_be_a_declared_role_or_permission():
+    (message,) = errors_of(BASE.replace('"read" if "member";', '"write" if "member";'))
+    assert "p.polar:6:3" in message and "no role or permission 'write'" in message
+
+
+def test_shorthand_through_an_undeclared_relation_is_refused():
+    text = BASE + 'resource Repo { roles = ["reader"]; "reader" if "member" on "parnt"; }'
+    (message,) = errors_of(text)
+    assert "Repo declares no relation 'parnt'" in message
+
+
+def test_relation_to_an_undeclared_type_is_refused():
+    (message,) = errors_of(BASE + "resource Repo { relations = { parent: Organisation }; }")
+    assert "p.polar:8:39" in message
+    assert "points to Organisation, which no actor or resource block declares" in message
+
+
+def test_call_to_an_undefined_predicate_is_refused_with_a_suggestion():
+    text = BASE + "declare is_blocked(User);\ndeny(actor, _a, _r) if is_blokced(actor);"
+    (message,) = errors_of(text)
+    assert "p.polar:9:24" in message
+    assert (
+        "is_blokced/1 is not defined by any rule, builtin or declaration (did you mean is_blocked?)"
+        in message
+    )
+
+
+def test_call_with_the_wrong_number_of_arguments_is_refused():
+    (message,) = errors_of(
+        BASE + "declare is_blocked(User);\ndeny(actor, _a, _r) if is_blocked(actor, 1);"
+    )
+    assert "is_blocked takes 1 arguments, not 2" in message
+
+
+def test_unknown_type_in_a_specializer_is_refused():
+    (message,) = errors_of(BASE + "allow(actor: Usr, _a, _r) if actor = actor;")
+    assert "unknown type Usr (did you mean User?)" in message
+
+
+def test_negation_through_recursion_is_refused():
+    text = "resource N {}\ndeclare e(N, N);\np(x: N, y: N) if e(x, y) and not p(y, x);"
+    (message,) = errors_of(text)
+    assert "negation through recursion" in message
+
+
+def test_a_variable_that_is_never_bound_is_refused():
+    (message,) = errors_of(BASE + "allow(_actor, _action, _resource) if x > 3;")
+    assert "variable(s) x are never bound" in message
+
+
+def test_singleton_variable_is_a_warning_not_an_error():
+    authz = Authorizer(
+        BASE + "declare is_blocked(User);\ndeny(actor, action, _r) if is_blocked(actor);",
+        source="p.polar",
+    )
+    messages = [str(w) for w in authz.policy.warnings]
+    assert messages == [
+        "p.polar:9:1: warning: variable action is used only once in deny; name it _action or _ if that is intended"
+    ]
+
+
+def test_a_policy_that_fails_to_load_never_replaces_the_one_in_force():
+    authz = Authorizer(BASE)
+    alice, acme = Entity("User", "alice"), Entity("Org", "acme")
+    authz.facts.insert(("has_role", alice, "member", acme))
+    assert authz.authorize(alice, "read", acme)
+    with pytest.raises(PolicyError):
+        authz.load_policy("actor User {} allow(actor, _, _) if ;")
+    assert authz.authorize(alice, "read", acme)
+    assert 'roles = ["member"]' in authz.policy_text
+
+
+def test_every_error_is_reported_not_just_the_first():
+    text = BASE + 'resource Repo { roles = ["r"]; "r" if "x"; "y" if "r"; }'
+    assert len(errors_of(text)) == 2
+
+
+def test_builtins_cannot_be_redefined():
+    (message,) = errors_of("cidr_contains(_a, _b) if 1 = 1;")
+    assert "cidr_contains is a builtin" in message

@@ -1,0 +1,108 @@
+"""``bastion policy check|test|explain`` as a person runs them: a real subprocess each."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+EXAMPLES = ROOT / "examples"
+
+
+def bastion(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "bastion.cli", *args], capture_output=True, text=True, cwd=ROOT
+    )
+
+
+def test_every_example_policy_passes_its_own_tests():
+    for name in ("gitclub", "folders", "agents"):
+        result = bastion("policy", "test", str(EXAMPLES / f"{name}.polar"))
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert " 0 failed" in result.stdout and " passed" in result.stdout
+
+
+def test_a_failing_assertion_fails_the_run_and_shows_the_explanation(tmp_path):
+    broken = tmp_path / "broken.polar"
+    broken.write_text(
+        (EXAMPLES / "gitclub.polar")
+        .read_text()
+        .replace('assert_not allow(User{"alice"}, "push"', 'assert allow(User{"alice"}, "push"')
+    )
+    result = bastion("policy", "test", str(broken))
+    assert result.returncode == 1
+    assert '"organization members read their repositories and issues" FAILED' in result.stdout
+    assert 'assert allow(User{"alice"}, "push", Repository{"anvil"}) failed' in result.stdout
+    assert 'via resource Repository: "push" if "maintainer"' in result.stdout
+    assert "4 passed, 1 failed" in result.stdout
+
+
+def test_check_reports_errors_with_locations_and_exits_nonzero(tmp_path):
+    bad = tmp_path / "bad.polar"
+    bad.write_text('actor User {}\nresource Repo { roles = ["reader"]; "read" if "reader"; }\n')
+    result = bastion("policy", "check", str(bad))
+    assert result.returncode == 1
+    assert f"{bad}:2:37: error: Repo declares no role or permission 'read'" in result.stderr
+    ok = bastion("policy", "check", str(EXAMPLES / "agents.polar"))
+    assert ok.returncode == 0 and ok.stdout.startswith("ok: 1 file(s)")
+
+
+def test_explain_one_decision_from_a_facts_file():
+    result = bastion(
+        "policy",
+        "explain",
+        str(EXAMPLES / "gitclub.polar"),
+        "--facts",
+        str(EXAMPLES / "gitclub.facts"),
+        "User:alice",
+        "read",
+        "Repository:anvil",
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith('ALLOW allow(User{"alice"}, "read", Repository{"anvil"})')
+    assert 'has_role(User{"alice"}, "member", Organization{"acme"})    [fact]' in result.stdout
+
+
+def test_explain_as_json_with_context(tmp_path):
+    facts = tmp_path / "facts.jsonl"
+    facts.write_text(
+        json.dumps({"predicate": "has_role", "args": [{"type": "User", "id": "root"}, "admin"]})
+        + "\n"
+    )
+    result = bastion(
+        "policy",
+        "explain",
+        str(EXAMPLES / "agents.polar"),
+        "--facts",
+        str(facts),
+        "--json",
+        "--context",
+        '{"client": {"ip": "203.0.113.1"}}',
+        "User:root",
+        "call",
+        "Tool:crm/search",
+    )
+    data = json.loads(result.stdout)
+    assert data["allowed"] is False
+    assert any(
+        r.startswith("deny(_actor, _action, _resource) if not cidr_contains") for r in data["rules"]
+    )
+
+
+def test_explain_refuses_a_fact_the_policy_cannot_use(tmp_path):
+    facts = tmp_path / "facts.polar"
+    facts.write_text('has_role(User{"alice"}, "owner", Organization{"acme"})\n')
+    result = bastion(
+        "policy",
+        "explain",
+        str(EXAMPLES / "gitclub.polar"),
+        "--facts",
+        str(facts),
+        "User:alice",
+        "read",
+        "Repository:anvil",
+    )
+    assert result.returncode == 1
+    assert "does not fit any has_role fact" in result.stderr

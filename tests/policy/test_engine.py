@@ -1,0 +1,258 @@
+"""Decisions: authorize, list, actions, query and explanations, over RBAC, ReBAC and ABAC."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from bastion import Authorizer, Entity, FactError, Variable
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+User, Org, Repo, Issue = (
+    (lambda i: Entity("User", i)),
+    (lambda i: Entity("Organization", i)),
+    (lambda i: Entity("Repository", i)),
+    (lambda i: Entity("Issue", i)),
+)  # noqa: E731
+
+
+@pytest.fixture
+def gitclub() -> Authorizer:
+    authz = Authorizer.from_files(EXAMPLES / "gitclub.polar")
+    authz.facts.apply(
+        [
+            ("has_role", User("alice"), "member", Org("acme")),
+            ("has_role", User("carol"), "admin", Org("acme")),
+            ("has_relation", Repo("anvil"), "parent", Org("acme")),
+            ("has_relation", Repo("rocket"), "parent", Org("acme")),
+            ("has_relation", Repo("other"), "parent", Org("beta")),
+            ("has_relation", Issue("i1"), "repository", Repo("anvil")),
+            ("is_public", Repo("gitclub")),
+        ],
+        [],
+    )
+    return authz
+
+
+def test_role_inherited_through_the_parent_org(gitclub):
+    assert gitclub.authorize(User("alice"), "read", Repo("anvil"))
+    assert not gitclub.authorize(User("alice"), "read", Repo("other"))
+    assert not gitclub.authorize(User("alice"), "push", Repo("anvil"))
+
+
+def test_deny_by_default_for_unknown_actors_actions_and_types(gitclub):
+    assert not gitclub.authorize(User("nobody"), "read", Repo("anvil"))
+    assert not gitclub.authorize(User("alice"), "fly", Repo("anvil"))
+    assert not gitclub.authorize(Entity("Robot", "r2"), "read", Repo("gitclub"))
+    assert not gitclub.authorize("alice", "read", "anvil")
+
+
+def test_an_empty_policy_allows_nothing():
+    assert not Authorizer("").authorize(User("alice"), "read", Repo("anvil"))
+
+
+def test_deny_wins_over_allow(gitclub):
+    assert gitclub.authorize(User("carol"), "delete", Repo("anvil"))
+    gitclub.facts.insert(("is_blocked", User("carol")))
+    assert not gitclub.authorize(User("carol"), "delete", Repo("anvil"))
+    assert gitclub.list(User("carol"), "read", "Repository") == []
+    assert gitclub.actions(User("carol"), Repo("anvil")) == set()
+
+
+def test_list_returns_the_ids_a_user_may_act_on(gitclub):
+    assert gitclub.list(User("alice"), "read", "Repository") == ["anvil", "gitclub", "rocket"]
+    assert gitclub.list(User("alice"), "read", "Issue") == ["i1"]
+    assert gitclub.list(User("alice"), "delete", "Repository") == []
+    assert gitclub.list(User("carol"), "delete", "Repository") == ["anvil", "rocket"]
+
+
+def test_actions_lists_every_permitted_action(gitclub):
+    assert gitclub.actions(User("alice"), Repo("anvil")) == {"read", "create_issue"}
+    assert gitclub.actions(User("carol"), Repo("anvil")) == {
+        "read",
+        "create_issue",
+        "push",
+        "delete",
+    }
+    assert gitclub.actions(User("alice"), Issue("i1")) == {"read", "comment"}
+
+
+def test_query_with_unbound_variables(gitclub):
+    rows = gitclub.query("has_role", User("carol"), Variable("role"), Variable("on"))
+    assert ("has_role", User("carol"), "maintainer", Repo("anvil")) in rows
+    assert ("has_role", User("carol"), "admin", Org("acme")) in rows
+    assert gitclub.query("has_role", User("alice"), "reader", Repo("rocket")) == [
+        ("has_role", User("alice"), "reader", Repo("rocket"))
+    ]
+    assert gitclub.query("has_role", User("alice"), "admin", Repo("rocket")) == []
+
+
+def test_revoking_a_role_takes_effect_on_the_next_decision(gitclub):
+    assert gitclub.authorize(User("alice"), "read", Repo("anvil"))
+    assert gitclub.facts.delete(("has_role", User("alice"), None, None)) == 1
+    assert not gitclub.authorize(User("alice"), "read", Repo("anvil"))
+
+
+def test_decide_explains_an_allow_with_the_rules_and_facts_that_proved_it(gitclub):
+    decision = gitclub.decide(User("alice"), "read", Repo("anvil"))
+    assert decision.allowed
+    data = decision.explanation.to_dict()
+    assert 'has_role(User{"alice"}, "member", Organization{"acme"})' in data["facts"]
+    assert 'has_relation(Repository{"anvil"}, "parent", Organization{"acme"})' in data["facts"]
+    assert 'resource Repository: "reader" if "member" on "parent"' in data["rules"]
+
+
+def test_decide_explains_a_deny_with_the_paths_tried(gitclub):
+    decision = gitclub.decide(User("alice"), "push", Repo("anvil"))
+    assert not decision.allowed
+    text = str(decision.explanation)
+    assert text.startswith('DENY allow(User{"alice"}, "push", Repository{"anvil"})')
+    assert 'via resource Repository: "push" if "maintainer"' in text
+    assert '✗ has_role(User{"alice"}, "admin", Organization{"acme"})    (no matching fact' in text
+
+
+def test_decide_names_the_deny_rule_that_fired(gitclub):
+    gitclub.facts.insert('is_blocked(User{"alice"})')
+    decision = gitclub.decide(User("alice"), "read", Repo("anvil"))
+    assert not decision.allowed
+    assert any(r.startswith("deny(user: User") for r in decision.explanation.rules())
+
+
+FOLDERS = (EXAMPLES / "folders.polar").read_text()
+
+
+def test_deep_folder_tree_recursion():
+    authz = Authorizer(FOLDERS)
+    chain = [Entity("Folder", f"f{i}") for i in range(300)]
+    authz.facts.apply([("has_relation", chain[i + 1], "parent", chain[i]) for i in range(299)], [])
+    authz.facts.insert(("has_role", User("alice"), "viewer", chain[0]))
+    assert authz.authorize(User("alice"), "view", chain[-1])
+    assert len(authz.list(User("alice"), "view", "Folder")) == 300
+    assert not authz.authorize(User("bob"), "view", chain[-1])
+
+
+def test_cycles_terminate_with_the_right_answer():
+    authz = Authorizer(FOLDERS)
+    a, b, c, d = (Entity("Folder", x) for x in "abcd")
+    authz.facts.apply(
+        [
+            ("has_relation", a, "parent", b),
+            ("has_relation", b, "parent", c),
+            ("has_relation", c, "parent", a),
+        ],
+        [],
+    )
+    authz.facts.insert(("has_relation", d, "parent", a))
+    assert not authz.authorize(User("alice"), "view", a)
+    authz.facts.insert(("has_role", User("alice"), "viewer", c))
+    assert all(authz.authorize(User("alice"), "view", f) for f in (a, b, c, d))
+    assert authz.list(User("alice"), "view", "Folder") == ["a", "b", "c", "d"]
+
+
+AGENTS = (EXAMPLES / "agents.polar").read_text()
+OFFICE = {"client": {"ip": "10.0.0.7"}}
+
+
+def test_context_fields_comparisons_and_missing_fields_fail_closed():
+    authz = Authorizer(AGENTS)
+    pay = Entity("Tool", "billing/pay")
+    authz.facts.apply(
+        [("has_role", User("root"), "admin"), ("has_attribute", pay, "kind", "payment")], []
+    )
+    assert authz.authorize(User("root"), "call", pay, {**OFFICE, "arguments": {"amount": 10}})
+    assert not authz.authorize(User("root"), "call", pay, {**OFFICE, "arguments": {"amount": 1001}})
+    assert not authz.authorize(User("root"), "call", pay, {"client": {"ip": "8.8.8.8"}})
+    assert not authz.authorize(User("root"), "call", pay, {"client": {}})  # missing ip: denied
+    assert not authz.authorize(User("root"), "call", pay)
+
+
+def test_business_hours_in_a_time_zone():
+    policy = 'actor User {}\nresource Tool {}\nallow(_u: User, "call", _t: Tool) if in_time_window(context.time, "Mon-Fri", "09:00", "17:00", "America/New_York");'
+    authz = Authorizer(policy)
+    u, t = User("a"), Entity("Tool", "x")
+    assert authz.authorize(
+        u, "call", t, {"time": "2026-11-30T14:00:00Z"}
+    )  # Monday 09:00 in New York
+    assert not authz.authorize(u, "call", t, {"time": "2026-11-30T13:59:00Z"})  # 08:59
+    assert not authz.authorize(u, "call", t, {"time": "2026-11-30T22:00:00Z"})  # 17:00
+    assert not authz.authorize(u, "call", t, {"time": "2026-11-29T15:00:00Z"})  # Sunday
+    assert authz.authorize(u, "call", t, {"time": 1796047200})  # epoch seconds: Monday 09:00 EST
+    assert not authz.authorize(u, "call", t, {"time": "not a time"})
+
+
+def test_in_over_lists_and_cidr_matching():
+    policy = """actor User {}\nresource Doc {}
+allow(_u: User, "read", _d: Doc) if "support" in context.groups and cidr_contains("192.168.0.0/16", context.ip);
+allow(_u: User, "write", _d: Doc) if context.level in [3, 4];"""
+    authz = Authorizer(policy)
+    u, d = User("a"), Entity("Doc", "d")
+    assert authz.authorize(u, "read", d, {"groups": ["eng", "support"], "ip": "192.168.4.4"})
+    assert not authz.authorize(u, "read", d, {"groups": ["eng"], "ip": "192.168.4.4"})
+    assert not authz.authorize(
+        u, "read", d, {"groups": "support", "ip": "192.168.4.4"}
+    )  # not a list
+    assert not authz.authorize(u, "read", d, {"groups": ["support"], "ip": "::1"})
+    assert authz.authorize(u, "write", d, {"level": 4}) and not authz.authorize(
+        u, "write", d, {"level": 5}
+    )
+
+
+def test_a_grant_with_an_expiry_stops_matching_at_that_instant():
+    authz = Authorizer.from_files(EXAMPLES / "gitclub.polar")
+    fact = ("has_role", User("temp"), "admin", Org("acme"))
+    authz.facts.insert(fact, expires_at=time.time() + 0.3)
+    assert authz.authorize(User("temp"), "manage_members", Org("acme"))
+    assert authz.facts.expiry(fact) is not None
+    time.sleep(0.4)
+    assert not authz.authorize(User("temp"), "manage_members", Org("acme"))
+    assert authz.facts.get(("has_role", User("temp"), None, None)) == []
+
+
+def test_a_grant_that_has_already_expired_is_not_added():
+    authz = Authorizer.from_files(EXAMPLES / "gitclub.polar")
+    authz.facts.insert(("has_role", User("late"), "admin", Org("acme")), expires_at=time.time() - 1)
+    assert not authz.authorize(User("late"), "manage_members", Org("acme"))
+
+
+def test_fact_writes_are_checked_against_the_policy(gitclub):
+    with pytest.raises(FactError, match="the policy has no use for is_admin/1 facts"):
+        gitclub.facts.insert(("is_admin", User("x")))
+    with pytest.raises(
+        FactError,
+        match=r'does not fit any has_role fact the policy uses: expected .*"admin"\|"member"',
+    ):
+        gitclub.facts.insert(("has_role", User("x"), "owner", Org("acme")))  # no such role
+    with pytest.raises(FactError, match="does not fit"):
+        gitclub.facts.insert(("has_relation", Repo("r"), "parent", Repo("q")))  # wrong type
+    with pytest.raises(FactError, match="does not fit"):
+        gitclub.facts.insert(("is_public", Org("acme")))
+    with pytest.raises(FactError, match="argument 1 of is_public must be"):
+        gitclub.facts.insert(("is_public", 3.5))
+
+
+def test_a_batch_with_one_bad_fact_changes_nothing(gitclub):
+    before = sorted(gitclub.facts, key=repr)
+    with pytest.raises(FactError), gitclub.facts.batch() as batch:
+        batch.delete(("has_role", None, None, None))
+        batch.insert(("is_public", Repo("new")))
+        batch.insert(("has_role", User("x"), "typo", Org("acme")))
+    assert sorted(gitclub.facts, key=repr) == before
+
+
+def test_facts_as_polar_text_and_wildcard_patterns(gitclub):
+    gitclub.facts.insert('has_role(User{"dan"}, "member", Organization{"beta"})')
+    assert gitclub.facts.get('has_role(User{"dan"}, _, _)') == [
+        ("has_role", User("dan"), "member", Org("beta"))
+    ]
+    assert gitclub.facts.delete('has_relation(_, "parent", Organization{"acme"})') == 2
+    assert not gitclub.authorize(User("alice"), "read", Repo("anvil"))
+
+
+def test_reloading_the_policy_keeps_the_facts(gitclub):
+    gitclub.load_policy(
+        (EXAMPLES / "gitclub.polar").read_text().replace('"delete" if "admin";', "")
+    )
+    assert not gitclub.authorize(User("carol"), "delete", Repo("anvil"))
+    assert gitclub.authorize(User("carol"), "push", Repo("anvil"))
