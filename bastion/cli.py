@@ -10,6 +10,7 @@ import sys
 COMMAND_MODULES = [
     "bastion.policy.commands",
     "bastion.server.commands",
+    "bastion.oauth.commands",
 ]
 
 

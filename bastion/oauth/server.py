@@ -4,7 +4,7 @@ routes under the issuer's path. Each endpoint's rules live in the module of its 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from starlette.concurrency import run_in_threadpool
@@ -61,8 +61,14 @@ class AuthorizationServer:
     """bastion's authorization server over one database. Mount `routes()` at the host root."""
 
     def __init__(
-        self, settings: OAuthSettings, db: Database, clock: Callable[[], float] = time.time
+        self,
+        settings: OAuthSettings | Mapping[str, Any],
+        db: Database,
+        clock: Callable[[], float] = time.time,
     ) -> None:
+        if not isinstance(settings, OAuthSettings):
+            # The [oauth] table as read from bastion.toml.
+            settings = OAuthSettings.from_mapping(settings)
         self.settings = settings
         self.db = db
         self.clock = clock

@@ -1,0 +1,244 @@
+"""``bastion users ...``, ``bastion clients ...`` and ``bastion signing-keys ...``: the admin side
+of the authorization server, working on the database named by --database, BASTION_DATABASE or
+bastion.toml."""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import json
+import os
+import sys
+import time
+from datetime import UTC, datetime
+
+from bastion.db import Database
+from bastion.oauth.errors import OAuthError
+from bastion.oauth.settings import OAuthSettings, SettingsError
+from bastion.oauth.store import OAuthStore
+from bastion.oauth.users import UserError, create_user, hash_password
+
+
+class CommandError(Exception):
+    pass
+
+
+def _config(args: argparse.Namespace):
+    from bastion.server.config import ServerConfig
+
+    return ServerConfig.load(args.config)
+
+
+def _database(args: argparse.Namespace) -> Database:
+    url = args.database or os.environ.get("BASTION_DATABASE") or _config(args).database
+    return Database(url)
+
+
+def _settings(args: argparse.Namespace) -> OAuthSettings:
+    table = _config(args).oauth
+    if not table:
+        raise CommandError("this command needs the [oauth] table of bastion.toml (give --config)")
+    return OAuthSettings.from_mapping(table)
+
+
+def _password(args: argparse.Namespace) -> str:
+    if args.password_stdin:
+        return sys.stdin.readline().rstrip("\n")
+    first = getpass.getpass("Password: ")
+    if getpass.getpass("Again: ") != first:
+        raise CommandError("the passwords differ")
+    return first
+
+
+def _when(timestamp: float | None) -> str:
+    if timestamp is None:
+        return "-"
+    return datetime.fromtimestamp(timestamp, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def users_create(args: argparse.Namespace) -> int:
+    store = OAuthStore(_database(args))
+    create_user(store, args.username, _password(args), time.time())
+    print(f"created user {args.username}")
+    return 0
+
+
+def users_set_password(args: argparse.Namespace) -> int:
+    store = OAuthStore(_database(args))
+    if not any(user[0] == args.username for user in store.users()):
+        raise CommandError(f"no user {args.username!r}")
+    store.set_password_hash(args.username, hash_password(_password(args)))
+    print(f"password of {args.username} changed")
+    return 0
+
+
+def users_list(args: argparse.Namespace) -> int:
+    for username, created, disabled in OAuthStore(_database(args)).users():
+        state = f"disabled {_when(disabled)}" if disabled else "active"
+        print(f"{username}\tcreated {_when(created)}\t{state}")
+    return 0
+
+
+def users_disable(args: argparse.Namespace) -> int:
+    if not OAuthStore(_database(args)).disable_user(args.username, time.time()):
+        raise CommandError(f"no active user {args.username!r}")
+    print(f"disabled {args.username}; their sessions, consents and grants are revoked")
+    return 0
+
+
+def clients_create(args: argparse.Namespace) -> int:
+    from bastion.oauth import registration
+
+    settings = _settings(args)
+    grant_types = args.grant_type or (
+        ["client_credentials"] if args.confidential else ["authorization_code", "refresh_token"]
+    )
+    metadata = {
+        "client_name": args.name,
+        "redirect_uris": args.redirect_uri or [],
+        "grant_types": grant_types,
+        "token_endpoint_auth_method": "client_secret_basic" if args.confidential else "none",
+    }
+    if args.scope:
+        metadata["scope"] = args.scope
+    values = registration.validate_client_metadata(metadata, settings)
+    registered = registration.new_client(
+        values, source="admin", now=time.time(), may_introspect=args.introspection
+    )
+    if args.introspection and registered.client.is_public:
+        raise CommandError("--introspection needs --confidential")
+    OAuthStore(_database(args)).save_client(registered.client)
+    # The secret is shown this once; only its digest is stored.
+    print(json.dumps(registered.response(), indent=2))
+    return 0
+
+
+def clients_list(args: argparse.Namespace) -> int:
+    clients = OAuthStore(_database(args)).clients()
+    if args.json:
+        rows = [
+            {
+                "client_id": c.client_id,
+                "client_name": c.client_name,
+                "source": c.source,
+                "token_endpoint_auth_method": c.token_endpoint_auth_method,
+                "grant_types": list(c.grant_types),
+                "redirect_uris": list(c.redirect_uris),
+                "scope": c.scope,
+                "may_introspect": c.may_introspect,
+                "created_at": c.created_at,
+                "revoked_at": c.revoked_at,
+            }
+            for c in clients
+        ]
+        print(json.dumps(rows, indent=2))
+        return 0
+    for c in clients:
+        state = f"revoked {_when(c.revoked_at)}" if c.revoked_at else "active"
+        print(
+            f"{c.client_id}\t{c.client_name}\t{c.source}\t{c.token_endpoint_auth_method}\t{state}"
+        )
+    return 0
+
+
+def clients_revoke(args: argparse.Namespace) -> int:
+    if not OAuthStore(_database(args)).revoke_client(args.client_id, time.time()):
+        raise CommandError(f"no active client {args.client_id!r}")
+    print(f"revoked {args.client_id} and every grant it held")
+    return 0
+
+
+def signing_keys_rotate(args: argparse.Namespace) -> int:
+    from bastion.oauth.keys import KeyRing
+
+    settings = _settings(args)
+    ring = KeyRing(
+        OAuthStore(_database(args)),
+        settings.key_dir,
+        retain_seconds=settings.access_token_seconds + settings.leeway_seconds,
+        clock=time.time,
+    )
+    print(f"new signing key {ring.rotate()}; the previous key verifies until its tokens expire")
+    return 0
+
+
+def signing_keys_list(args: argparse.Namespace) -> int:
+    for kid, _public, created, retired in OAuthStore(_database(args)).signing_keys():
+        state = f"retired {_when(retired)}" if retired else "signing"
+        print(f"{kid}\tcreated {_when(created)}\t{state}")
+    return 0
+
+
+def _guarded(func):
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return func(args)
+        except (CommandError, UserError, SettingsError, OAuthError) as error:
+            message = error.description if isinstance(error, OAuthError) else str(error)
+            print(f"bastion: {message}", file=sys.stderr)
+            return 2
+
+    return run
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--database", help="SQLite path or postgresql:// URL (or BASTION_DATABASE, or bastion.toml)"
+    )
+    parser.add_argument("--config", help="bastion.toml (default: ./bastion.toml if present)")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    users = sub.add_parser("users", help="people who log in at the authorization server")
+    users_sub = users.add_subparsers(dest="users_command", required=True)
+    for name, func, help_text in (
+        ("create", users_create, "create a user (password from a prompt or --password-stdin)"),
+        ("set-password", users_set_password, "change a user's password"),
+    ):
+        p = users_sub.add_parser(name, help=help_text)
+        p.add_argument("username")
+        p.add_argument("--password-stdin", action="store_true", help="read the password from stdin")
+        _common(p)
+        p.set_defaults(func=_guarded(func))
+    p = users_sub.add_parser("list", help="list users")
+    _common(p)
+    p.set_defaults(func=_guarded(users_list))
+    p = users_sub.add_parser("disable", help="disable a user and revoke their grants")
+    p.add_argument("username")
+    _common(p)
+    p.set_defaults(func=_guarded(users_disable))
+
+    clients = sub.add_parser("clients", help="OAuth clients (agents) of the authorization server")
+    clients_sub = clients.add_subparsers(dest="clients_command", required=True)
+    p = clients_sub.add_parser("create", help="register a client; prints its secret once")
+    p.add_argument("--name", required=True)
+    p.add_argument("--redirect-uri", action="append", help="repeat for several")
+    p.add_argument(
+        "--grant-type",
+        action="append",
+        choices=["authorization_code", "refresh_token", "client_credentials"],
+        help="repeat for several (default: authorization_code + refresh_token, or"
+        " client_credentials with --confidential)",
+    )
+    p.add_argument("--confidential", action="store_true", help="give the client a secret")
+    p.add_argument("--scope", help="space-separated scopes the client may receive")
+    p.add_argument("--introspection", action="store_true", help="may call /introspect")
+    _common(p)
+    p.set_defaults(func=_guarded(clients_create))
+    p = clients_sub.add_parser("list", help="list clients (never their secrets)")
+    p.add_argument("--json", action="store_true")
+    _common(p)
+    p.set_defaults(func=_guarded(clients_list))
+    p = clients_sub.add_parser("revoke", help="revoke a client and every grant it holds")
+    p.add_argument("client_id")
+    _common(p)
+    p.set_defaults(func=_guarded(clients_revoke))
+
+    keys = sub.add_parser("signing-keys", help="the keys that sign access tokens")
+    keys_sub = keys.add_subparsers(dest="signing_keys_command", required=True)
+    p = keys_sub.add_parser("rotate", help="start signing with a new key")
+    _common(p)
+    p.set_defaults(func=_guarded(signing_keys_rotate))
+    p = keys_sub.add_parser("list", help="list signing keys (public information only)")
+    _common(p)
+    p.set_defaults(func=_guarded(signing_keys_list))

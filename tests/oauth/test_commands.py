@@ -1,0 +1,161 @@
+"""The admin CLI: ``bastion users``, ``bastion clients`` and ``bastion signing-keys``."""
+
+from __future__ import annotations
+
+import io
+import json
+import sys
+
+from bastion.cli import main
+from bastion.db import Database
+from bastion.oauth.store import OAuthStore
+from bastion.oauth.users import check_password
+
+
+def run(capsys, monkeypatch, *argv: str, stdin: str = "") -> tuple[int, str, str]:
+    monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
+    code = main(list(argv))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def write_config(tmp_path, database: str) -> str:
+    path = tmp_path / "bastion.toml"
+    path.write_text(
+        f"""
+[server]
+database = "{database}"
+
+[oauth]
+issuer = "https://auth.example.com"
+key_dir = "{tmp_path / "keys"}"
+
+[[oauth.resources]]
+uri = "https://mcp.example.com/mcp"
+scopes = ["tools:read", "tools:call"]
+"""
+    )
+    return str(path)
+
+
+def test_users_create_list_disable(capsys, monkeypatch, sqlite_url):
+    code, out, _ = run(
+        capsys,
+        monkeypatch,
+        "users",
+        "create",
+        "bob",
+        "--password-stdin",
+        "--database",
+        sqlite_url,
+        stdin="a long enough password\n",
+    )
+    assert code == 0 and "bob" in out
+    store = OAuthStore(Database(sqlite_url))
+    assert check_password(store, "bob", "a long enough password")
+    assert not check_password(store, "bob", "another password")
+    stored = store.db.execute("SELECT password_hash FROM oauth_users")[0][0]
+    assert stored.startswith("$argon2id$") and "a long enough password" not in stored
+    code, _, err = run(
+        capsys,
+        monkeypatch,
+        "users",
+        "create",
+        "bob",
+        "--password-stdin",
+        "--database",
+        sqlite_url,
+        stdin="a long enough password\n",
+    )
+    assert code == 2 and "already exists" in err
+    code, _, err = run(
+        capsys,
+        monkeypatch,
+        "users",
+        "create",
+        "eve",
+        "--password-stdin",
+        "--database",
+        sqlite_url,
+        stdin="short\n",
+    )
+    assert code == 2 and "at least 8" in err
+    code, out, _ = run(capsys, monkeypatch, "users", "list", "--database", sqlite_url)
+    assert "bob" in out and "active" in out
+    code, _, _ = run(capsys, monkeypatch, "users", "disable", "bob", "--database", sqlite_url)
+    assert code == 0
+    assert not check_password(store, "bob", "a long enough password")
+
+
+def test_clients_create_list_revoke(capsys, monkeypatch, sqlite_url, tmp_path):
+    config = write_config(tmp_path, sqlite_url)
+    code, out, err = run(
+        capsys,
+        monkeypatch,
+        "clients",
+        "create",
+        "--name",
+        "Nightly agent",
+        "--confidential",
+        "--scope",
+        "tools:read",
+        "--config",
+        config,
+    )
+    assert code == 0, err
+    created = json.loads(out)
+    assert created["client_secret"] and created["grant_types"] == ["client_credentials"]
+    code, out, _ = run(capsys, monkeypatch, "clients", "list", "--json", "--config", config)
+    listed = json.loads(out)
+    assert [c["client_id"] for c in listed] == [created["client_id"]]
+    assert created["client_secret"] not in out
+    code, out, _ = run(
+        capsys, monkeypatch, "clients", "revoke", created["client_id"], "--config", config
+    )
+    assert code == 0
+    code, out, _ = run(capsys, monkeypatch, "clients", "list", "--config", config)
+    assert "revoked" in out
+    code, _, err = run(capsys, monkeypatch, "clients", "revoke", "nobody", "--config", config)
+    assert code == 2 and "no active client" in err
+
+
+def test_clients_create_refuses_bad_metadata(capsys, monkeypatch, sqlite_url, tmp_path):
+    config = write_config(tmp_path, sqlite_url)
+    code, _, err = run(
+        capsys,
+        monkeypatch,
+        "clients",
+        "create",
+        "--name",
+        "x",
+        "--redirect-uri",
+        "http://example.com/cb",
+        "--config",
+        config,
+    )
+    assert code == 2 and "https" in err
+    code, _, err = run(
+        capsys,
+        monkeypatch,
+        "clients",
+        "create",
+        "--name",
+        "x",
+        "--confidential",
+        "--scope",
+        "admin",
+        "--config",
+        config,
+    )
+    assert code == 2 and "admin" in err
+
+
+def test_signing_keys_rotate_and_list(capsys, monkeypatch, sqlite_url, tmp_path):
+    config = write_config(tmp_path, sqlite_url)
+    code, out, _ = run(capsys, monkeypatch, "signing-keys", "rotate", "--config", config)
+    assert code == 0
+    run(capsys, monkeypatch, "signing-keys", "rotate", "--config", config)
+    code, out, _ = run(capsys, monkeypatch, "signing-keys", "list", "--config", config)
+    lines = out.strip().splitlines()
+    assert len(lines) == 2 and "signing" in lines[0] and "retired" in lines[1]
+    assert "PRIVATE" not in out
