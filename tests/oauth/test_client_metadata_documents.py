@@ -1,0 +1,180 @@
+"""Client ID metadata documents: fetched over https with limits, validated, cached, refused when
+they lie about themselves or live on an address the server must not reach."""
+
+from __future__ import annotations
+
+import json
+from urllib.parse import urlencode
+
+import anyio
+import pytest
+from starlette.applications import Starlette
+from starlette.responses import Response
+from starlette.routing import Route
+
+from bastion.oauth.client_metadata_document import ClientMetadataDocuments
+from bastion.oauth.errors import OAuthError
+from bastion.oauth.settings import ClientMetadataDocumentSettings
+
+from .support import Clock, free_socket, pkce_pair, running_bastion, self_signed_certificate, serve
+
+REDIRECT = "http://127.0.0.1:9/callback"
+
+
+@pytest.fixture
+def host(tmp_path):
+    """An https loopback server answering each path with the (status, body, headers) set for it."""
+    cert, key = self_signed_certificate(tmp_path)
+    sock = free_socket()
+    base = f"https://127.0.0.1:{sock.getsockname()[1]}"
+    answers: dict[str, tuple[int, bytes, dict]] = {}
+    fetches: list[str] = []
+
+    async def answer(request):
+        fetches.append(request.url.path)
+        status, body, headers = answers.get(request.url.path, (404, b"", {}))
+        return Response(body, status_code=status, headers=headers, media_type="application/json")
+
+    class Host:
+        ca_file = cert
+
+        def url(self, path: str) -> str:
+            return f"{base}{path}"
+
+        def document(self, path: str, **overrides) -> str:
+            url = self.url(path)
+            body = {
+                "client_id": url,
+                "client_name": "Doc agent",
+                "redirect_uris": [REDIRECT],
+                **overrides,
+            }
+            answers[path] = (
+                200,
+                json.dumps({k: v for k, v in body.items() if v is not None}).encode(),
+                {},
+            )
+            return url
+
+        def raw(self, path: str, status: int, body: bytes, headers: dict | None = None) -> str:
+            answers[path] = (status, body, headers or {})
+            return self.url(path)
+
+    Host.fetches = fetches
+    app = Starlette(routes=[Route("/{path:path}", answer)])
+    with serve(app, sock, ssl_certfile=cert, ssl_keyfile=key):
+        yield Host()
+
+
+def resolve(host, url: str, **settings) -> object:
+    documents = ClientMetadataDocuments(
+        ClientMetadataDocumentSettings(
+            **{"allow_private_addresses": True, "ca_file": host.ca_file, **settings}
+        ),
+        Clock(),
+    )
+    return anyio.run(documents.client, url)
+
+
+def refused(host, url: str, message: str, **settings) -> None:
+    with pytest.raises(OAuthError, match=message) as caught:
+        resolve(host, url, **settings)
+    assert caught.value.error == "invalid_client"
+
+
+def test_a_valid_document_describes_a_public_client(host):
+    client = resolve(host, host.document("/agent.json"))
+    assert client.client_name == "Doc agent"
+    assert client.redirect_uris == (REDIRECT,)
+    assert client.token_endpoint_auth_method == "none"
+    assert client.source == "metadata_document"
+
+
+def test_document_whose_client_id_differs_from_its_url_is_refused(host):
+    url = host.document("/liar.json", client_id=host.url("/someone-else.json"))
+    refused(host, url, "client_id must equal")
+
+
+def test_document_with_a_secret_is_refused(host):
+    refused(host, host.document("/secret.json", client_secret="s3cret"), "client_secret")
+
+
+def test_document_with_a_confidential_auth_method_is_refused(host):
+    url = host.document("/jwt.json", token_endpoint_auth_method="private_key_jwt")
+    refused(host, url, "token_endpoint_auth_method")
+
+
+def test_document_with_bad_redirect_uris_is_refused(host):
+    refused(host, host.document("/none.json", redirect_uris=[]), "redirect_uris")
+    refused(host, host.document("/http.json", redirect_uris=["http://example.com/cb"]), "https")
+
+
+def test_oversized_document_is_refused(host):
+    url = host.raw("/big.json", 200, b'{"client_id": "' + b"x" * 10_000 + b'"}')
+    refused(host, url, "larger than", max_bytes=5120)
+
+
+def test_redirects_are_not_followed(host):
+    target = host.document("/real.json")
+    url = host.raw("/moved.json", 302, b"", {"location": target})
+    refused(host, url, "HTTP 302")
+
+
+def test_non_json_and_missing_documents_are_refused(host):
+    refused(host, host.raw("/text.json", 200, b"hello"), "not JSON")
+    refused(host, host.url("/missing.json"), "HTTP 404")
+
+
+def test_urls_that_cannot_be_client_ids_are_refused(host):
+    refused(host, host.url("/"), "must have a path")
+    refused(host, host.url("/a/../b.json"), "dot segments")
+    refused(host, host.url("/agent.json") + "#frag", "fragment")
+
+
+def test_loopback_and_private_addresses_are_refused_by_default(host):
+    url = host.document("/agent.json")
+    host.fetches.clear()
+    refused(host, url, "non-public address", allow_private_addresses=False)
+    assert host.fetches == []
+
+
+def test_untrusted_certificate_is_refused(host):
+    url = host.document("/agent.json")
+    with pytest.raises(OAuthError, match="could not be fetched"):
+        anyio.run(
+            ClientMetadataDocuments(
+                ClientMetadataDocumentSettings(allow_private_addresses=True), Clock()
+            ).client,
+            url,
+        )
+
+
+def test_authorize_with_a_lying_document_shows_an_error_page_and_changes_nothing(
+    host, sqlite_url, tmp_path
+):
+    url = host.document("/liar.json", client_id=host.url("/other.json"))
+    settings = {"allow_private_addresses": True, "ca_file": host.ca_file}
+    with running_bastion(sqlite_url, tmp_path, client_metadata=settings) as bastion:
+        before = bastion.rows()
+        _, challenge = pkce_pair()
+        params = bastion.authorize_params(
+            {"client_id": url, "redirect_uris": [REDIRECT]}, challenge
+        )
+        response = bastion.http.get(f"{bastion.url}/authorize?{urlencode(params)}")
+        assert response.status_code == 400 and "location" not in response.headers
+        assert "client_id must equal" in response.text
+        assert bastion.rows() == before
+
+
+def test_revoked_document_client_stays_refused(host, sqlite_url, tmp_path):
+    url = host.document("/agent.json")
+    settings = {"allow_private_addresses": True, "ca_file": host.ca_file}
+    with running_bastion(sqlite_url, tmp_path, client_metadata=settings) as bastion:
+        client = {"client_id": url, "redirect_uris": [REDIRECT]}
+        bastion.code_for(client)
+        assert bastion.server.store.revoke_client(url, bastion.clock())
+        _, challenge = pkce_pair()
+        response = bastion.http.get(
+            f"{bastion.url}/authorize?{urlencode(bastion.authorize_params(client, challenge))}"
+        )
+        assert response.status_code == 400 and "revoked" in response.text

@@ -1,0 +1,52 @@
+"""The [oauth] table: defaults, and a clear error naming the key for each wrong value."""
+
+from __future__ import annotations
+
+import pytest
+
+from bastion.oauth import OAuthSettings, SettingsError
+
+BASE = {
+    "issuer": "https://auth.example.com",
+    "key_dir": "/var/lib/bastion/keys",
+    "resources": [{"uri": "https://mcp.example.com/mcp", "scopes": ["tools:read"]}],
+}
+
+
+def test_defaults_are_safe():
+    settings = OAuthSettings.from_mapping(BASE)
+    assert settings.registration == "open"
+    assert settings.access_token_seconds == 300
+    assert settings.client_metadata.allow_private_addresses is False
+    assert settings.client_metadata.max_bytes == 5120
+    assert settings.scopes_supported == ["tools:read"]
+
+
+@pytest.mark.parametrize(
+    ("change", "key"),
+    [
+        ({"issuer": "http://auth.example.com"}, "oauth.issuer"),
+        ({"issuer": "https://auth.example.com?x=1"}, "oauth.issuer"),
+        ({"issuer": None}, "oauth.issuer"),
+        ({"resources": []}, "oauth.resources"),
+        ({"resources": [{"uri": "mcp"}]}, "oauth.resources[0].uri"),
+        ({"resources": [{"uri": "https://a/mcp", "scopes": ["a b"]}]}, "oauth.resources[0].scopes"),
+        ({"key_dir": ""}, "oauth.key_dir"),
+        ({"registration": "anyone"}, "oauth.registration"),
+        ({"registration": "initial_access_token"}, "oauth.initial_access_tokens"),
+        ({"initial_access_tokens": ["short"]}, "oauth.initial_access_tokens"),
+        ({"access_token_seconds": -1}, "oauth.access_token_seconds"),
+        ({"access_token_seconds": "300"}, "oauth.access_token_seconds"),
+        ({"client_metadata": {"allow_everything": True}}, "oauth.client_metadata"),
+        ({"issuer_url": "https://x"}, "unknown keys"),
+    ],
+)
+def test_wrong_values_name_their_key(change, key):
+    table = {k: v for k, v in {**BASE, **change}.items() if v is not None}
+    with pytest.raises(SettingsError, match=key.replace("[", r"\[").replace("]", r"\]")):
+        OAuthSettings.from_mapping(table)
+
+
+def test_http_issuer_is_allowed_on_loopback_only():
+    settings = OAuthSettings.from_mapping({**BASE, "issuer": "http://127.0.0.1:8000/"})
+    assert settings.issuer == "http://127.0.0.1:8000"
