@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 from typing import Any
 
 from starlette.concurrency import run_in_threadpool
@@ -91,6 +92,7 @@ class AuthorizationServer:
         self.documents = ClientMetadataDocuments(settings.client_metadata, clock)
         self._authorization = AuthorizationEndpoint(self)
         self._tokens = TokenEndpoint(self)
+        self._last_housekeeping = 0.0
 
     async def find_client(self, client_id: str) -> Client | None:
         """A registered client, or the client a metadata document URL describes (fetched)."""
@@ -100,9 +102,18 @@ class AuthorizationServer:
         if client is not None and client.revoked_at is not None:
             return client
         fetched = await self.documents.client(client_id)
-        if client is None or client.metadata != fetched.metadata or client != fetched:
+        # Keep a copy in the clients table so an admin can list and revoke it.
+        if client is None or replace(fetched, created_at=client.created_at) != client:
             await run_in_threadpool(self.store.save_client, fetched)
         return fetched
+
+    def housekeeping(self) -> None:
+        """Delete expired rows, at most once a minute (called on the request path)."""
+        now = self.clock()
+        if now - self._last_housekeeping < 60:
+            return
+        self._last_housekeeping = now
+        self.store.purge_expired(now, keep_seconds=self.settings.leeway_seconds + 3600)
 
     def routes(self) -> list[Route]:
         prefix = self.settings.issuer_path
@@ -169,6 +180,7 @@ class AuthorizationServer:
                 request.headers.get("authorization"), form, self.find_client
             )
             body = await run_in_threadpool(self._tokens.exchange, client, form)
+            await run_in_threadpool(self.housekeeping)
         except OAuthError as error:
             self.audit.record(
                 "token.refused",

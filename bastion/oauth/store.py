@@ -494,6 +494,18 @@ class OAuthStore:
             (now, jti),
         )
 
+    def purge_expired(self, now: float, keep_seconds: float) -> None:
+        """Forget rows that can no longer matter: expired pending requests and sessions, and
+        codes and tokens expired for more than ``keep_seconds`` (kept a while so a late replay
+        is still recognised as one). Grants stay: they are the record of what was consented."""
+        cutoff = now - keep_seconds
+        with self.db.transaction():
+            self.db.execute("DELETE FROM oauth_pending_authorizations WHERE expires_at < ?", (now,))
+            self.db.execute("DELETE FROM oauth_sessions WHERE expires_at < ?", (now,))
+            self.db.execute("DELETE FROM oauth_codes WHERE expires_at < ?", (cutoff,))
+            self.db.execute("DELETE FROM oauth_refresh_tokens WHERE expires_at < ?", (cutoff,))
+            self.db.execute("DELETE FROM oauth_access_tokens WHERE expires_at < ?", (cutoff,))
+
     # signing keys (public halves only: private keys live in files under key_dir)
 
     def signing_keys(self) -> list[tuple[str, str, float, float | None]]:

@@ -404,3 +404,14 @@ def test_consent_page_names_the_client_and_its_redirect_host_escaped(bastion: Ba
     assert "<script>" not in page.text
     assert "&lt;script&gt;" in page.text
     assert "127.0.0.1:9" in page.text
+
+
+def test_housekeeping_forgets_expired_codes_tokens_and_sessions_but_keeps_grants(bastion: Bastion):
+    client = bastion.register()
+    bastion.tokens_for(client)
+    bastion.clock.advance(bastion.server.settings.refresh_token_seconds + 7200)
+    bastion.server.housekeeping()
+    rows = bastion.rows()
+    for table in ("oauth_codes", "oauth_refresh_tokens", "oauth_access_tokens", "oauth_sessions"):
+        assert rows[table] == [], table
+    assert len(rows["oauth_grants"]) == 1

@@ -6,6 +6,9 @@ import io
 import json
 import sys
 
+import pytest
+from argon2 import PasswordHasher
+
 from bastion.cli import main
 from bastion.db import Database
 from bastion.oauth.store import OAuthStore
@@ -38,6 +41,7 @@ scopes = ["tools:read", "tools:call"]
     return str(path)
 
 
+@pytest.mark.real_password_hashing
 def test_users_create_list_disable(capsys, monkeypatch, sqlite_url):
     code, out, _ = run(
         capsys,
@@ -56,6 +60,7 @@ def test_users_create_list_disable(capsys, monkeypatch, sqlite_url):
     assert not check_password(store, "bob", "another password")
     stored = store.db.execute("SELECT password_hash FROM oauth_users")[0][0]
     assert stored.startswith("$argon2id$") and "a long enough password" not in stored
+    assert not PasswordHasher().check_needs_rehash(stored)  # the library's current parameters
     code, _, err = run(
         capsys,
         monkeypatch,
