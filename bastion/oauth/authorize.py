@@ -14,6 +14,7 @@ import uuid
 from typing import TYPE_CHECKING
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
+from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 
@@ -179,7 +180,11 @@ class AuthorizationEndpoint:
             pending, client = await self._pending_from_form(request, form)
             username = str(form.get("username", ""))
             password = str(form.get("password", ""))
-            if not username or not password or not check_password(self.store, username, password):
+            # Argon2 takes a while on purpose: keep it off the event loop.
+            valid = bool(username and password) and await run_in_threadpool(
+                check_password, self.store, username, password
+            )
+            if not valid:
                 self.server.audit.record(
                     "login.failed", subject=username or None, client_id=client.client_id
                 )

@@ -34,7 +34,8 @@ class KeyRing:
     ) -> None:
         self.store = store
         self.key_dir = Path(key_dir)
-        self.retain_seconds = retain_seconds
+        # A replica may go on signing with a retired key until it rereads the key table.
+        self.retain_seconds = retain_seconds + _RELOAD_SECONDS
         self.clock = clock
         self._signer: ECKey | None = None
         self._public: KeySet | None = None

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import functools
+
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
 
 from bastion.oauth.store import OAuthStore
 
 _HASHER = PasswordHasher()
-# Verified against when the user does not exist, so both cases take the same time.
-_ABSENT = _HASHER.hash("bastion: no such user")
+
+
+@functools.cache
+def _absent_user_hash(hasher: PasswordHasher) -> str:
+    """Verified against when the user does not exist, so both cases take the same time."""
+    return hasher.hash("bastion: no such user")
 
 
 class UserError(ValueError):
@@ -47,7 +53,7 @@ def check_password(store: OAuthStore, username: str, password: str) -> bool:
     """Whether an enabled user has this password; rehashes when the parameters have grown."""
     stored = store.user_password_hash(username)
     try:
-        _HASHER.verify(stored or _ABSENT, password)
+        _HASHER.verify(stored or _absent_user_hash(_HASHER), password)
     except (VerifyMismatchError, VerificationError, InvalidHashError):
         return False
     if stored is None:

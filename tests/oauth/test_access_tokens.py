@@ -152,7 +152,7 @@ def test_rotation_keeps_tokens_of_the_previous_key_valid(bastion: Bastion, issue
     assert kids == {old_kid, new_kid}
     # Once every token of the old key has expired, the key leaves the JWKS and the disk.
     settings = bastion.server.settings
-    bastion.clock.advance(settings.access_token_seconds + settings.leeway_seconds + 1)
+    bastion.clock.advance(settings.access_token_seconds + settings.leeway_seconds + 120)
     bastion.server.keys.prune()
     kids = {k["kid"] for k in bastion.http.get(f"{bastion.url}/jwks.json").json()["keys"]}
     assert kids == {new_kid}
