@@ -58,8 +58,11 @@ class Database:
                 self._conn.executemany(sql, rows)
 
     @contextmanager
-    def transaction(self) -> Iterator[Database]:
-        """All statements inside apply together or not at all. Nested calls join the outer one."""
+    def transaction(self, *, read_only: bool = False) -> Iterator[Database]:
+        """All statements inside apply together or not at all. Nested calls join the outer one.
+
+        ``read_only=True`` reads one consistent snapshot without taking SQLite's write lock.
+        """
         with self._lock:
             if self._depth:
                 self._depth += 1
@@ -68,7 +71,11 @@ class Database:
                 finally:
                     self._depth -= 1
                 return
-            self._conn.execute("BEGIN" if self.is_postgres else "BEGIN IMMEDIATE")
+            if self.is_postgres:
+                begin = "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY" if read_only else "BEGIN"
+            else:
+                begin = "BEGIN" if read_only else "BEGIN IMMEDIATE"
+            self._conn.execute(begin)
             self._depth = 1
             try:
                 yield self

@@ -300,9 +300,7 @@ class FactStore:
 
     def snapshot(self) -> tuple[int, list[StoredFact], PolicyVersion | None]:
         """The head sequence, all live facts and the policy in force, as of one moment."""
-        with self.db.transaction():
-            if self.db.is_postgres:
-                self.db.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+        with self.db.transaction(read_only=True):
             seq = self.head()
             facts = list(self.iter_all(batch=50_000))
             policy = self.policy()

@@ -349,3 +349,20 @@ def test_the_openapi_document_describes_every_route(api):
     }
     documented = {(path, m) for path, ops in openapi_document()["paths"].items() for m in ops}
     assert served == documented
+
+
+def test_an_oauth_table_mounts_the_authorization_server_beside_the_api(tmp_path, sqlite_url):
+    from bastion.server.config import ServerConfig
+
+    toml = tmp_path / "bastion.toml"
+    toml.write_text(
+        f'[server]\ndatabase = "{sqlite_url}"\n'
+        f'[oauth]\nissuer = "http://127.0.0.1:8000"\nkey_dir = "{tmp_path / "keys"}"\n'
+        '[[oauth.resources]]\nuri = "http://127.0.0.1:8000/mcp/files"\nscopes = ["tools:read"]\n'
+    )
+    config = ServerConfig.load(toml, env={"BASTION_ADMIN_KEY": "a" * 40})
+    with TestClient(create_app(config)) as client:
+        metadata = client.get("/.well-known/oauth-authorization-server")
+        assert metadata.status_code == 200
+        assert metadata.json()["issuer"] == "http://127.0.0.1:8000"
+        assert client.get("/readyz").status_code == 200
