@@ -167,3 +167,32 @@ def test_a_second_server_on_the_same_database_verifies_tokens_of_the_first(
     replica = AuthorizationServer(bastion.server.settings, bastion.db, clock=bastion.clock)
     verified = replica.verifier.verify(issued["access_token"], bastion.resource)
     assert verified.subject == "alice"
+
+
+def test_private_keys_never_reach_logs_audit_or_database(bastion: Bastion, caplog):
+    import logging
+
+    caplog.set_level(logging.DEBUG)
+    client = bastion.register()
+    bastion.tokens_for(client)
+    bastion.server.keys.rotate()
+    bastion.tokens_for(client)
+    private_values = []
+    for name in os.listdir(bastion.server.settings.key_dir):
+        with open(os.path.join(bastion.server.settings.key_dir, name), "rb") as pem:
+            private_values.append(ECKey.import_key(pem.read()).as_dict(private=True)["d"])
+    audit = json.dumps([e.detail for e in bastion.server.audit.events()])
+    everything = json.dumps(
+        {
+            t: bastion.db.execute(f"SELECT * FROM {t}")
+            for t in ("oauth_signing_keys", "audit_events")
+        }
+    )
+    for d in private_values:
+        assert d not in caplog.text and d not in audit and d not in everything
+    assert "PRIVATE KEY" not in caplog.text
+
+
+def test_disabling_a_user_refuses_their_tokens_on_next_use(bastion: Bastion, issued: dict):
+    assert bastion.server.store.disable_user("alice", bastion.clock())
+    refused(bastion, issued["access_token"], "revoked")

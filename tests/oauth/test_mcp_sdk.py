@@ -10,6 +10,7 @@ import time
 from urllib.parse import parse_qs, urlsplit
 
 import anyio
+import httpx
 import httpx2
 import pytest
 from mcp.client.auth import OAuthClientProvider
@@ -223,3 +224,52 @@ def test_sdk_client_uses_a_client_id_metadata_document(
         assert "client.registered" not in [e.kind for e in bastion.server.audit.events()]
         assert metadata_document_host["fetches"] == ["/agents/sdk-test.json"]
         assert json.loads(json.dumps(stored.redirect_uris)) == [REDIRECT_URI]
+
+
+def test_the_mcp_server_refuses_tokens_for_another_resource_revoked_or_expired(
+    sqlite_url, tmp_path
+):
+    mcp_sock = free_socket()
+    resource = f"http://127.0.0.1:{mcp_sock.getsockname()[1]}/mcp"
+    with (
+        running_bastion(sqlite_url, tmp_path, resource=resource) as bastion,
+        serve(mcp_app(bastion, resource), mcp_sock),
+    ):
+        client = bastion.register()
+
+        def token_for(target: str) -> dict:
+            code, verifier = bastion.code_for(client, resource=target)
+            return bastion.token(
+                grant_type="authorization_code",
+                code=code,
+                redirect_uri=client["redirect_uris"][0],
+                code_verifier=verifier,
+                client_id=client["client_id"],
+            ).json()
+
+        def list_tools(token: str) -> httpx.Response:
+            return httpx.post(
+                resource,
+                json={"jsonrpc": "2.0", "id": 1, "method": "tools/list", "params": {}},
+                headers={
+                    "Authorization": f"Bearer {token}",
+                    "Accept": "application/json, text/event-stream",
+                    "MCP-Protocol-Version": "2025-11-25",
+                },
+            )
+
+        good = token_for(resource)
+        # Past authentication (without an initialize the server may still answer 400).
+        assert list_tools(good["access_token"]).status_code != 401
+        other = token_for(bastion.other_resource)
+        refused = list_tools(other["access_token"])
+        assert refused.status_code == 401
+        assert "resource_metadata=" in refused.headers["www-authenticate"]
+        bastion.http.post(
+            f"{bastion.url}/revoke",
+            data={"token": good["access_token"], "client_id": client["client_id"]},
+        )
+        assert list_tools(good["access_token"]).status_code == 401
+        fresh = token_for(resource)
+        bastion.clock.advance(3600)
+        assert list_tools(fresh["access_token"]).status_code == 401
