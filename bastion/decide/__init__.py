@@ -150,16 +150,18 @@ class FactSet:
         self.apply(b.inserts, b.deletes)
 
     def _purge(self) -> None:
+        """Drop expired facts; the caller holds the lock."""
         if self._index.next_expiry <= time.time():
             self._index.purge_expired(time.time())
 
     def __len__(self) -> int:
-        self._purge()
-        return self._index.count
+        with self._index.lock:
+            self._purge()
+            return self._index.count
 
     def __iter__(self) -> Iterator[tuple]:
-        self._purge()
         with self._index.lock:
+            self._purge()
             return iter(list(self._index))
 
 
@@ -196,6 +198,7 @@ class Authorizer:
 
     def __init__(self, policy: str = "", *, source: str = "<policy>") -> None:
         self._index = FactIndex()
+        self._query = Query(None, self._index)
         self._active: _Active | None = None
         self.facts = FactSet(self)
         self.load_policy(policy, source=source)
@@ -225,8 +228,8 @@ class Authorizer:
         return loaded.warnings
 
     def _swap(self, loaded: LoadedPolicy) -> list[Diagnostic]:
-        active = _Active(loaded, self._index)  # compiles fully before the swap
-        self._active = active
+        with self._index.lock:  # compiling builds fact indexes, which writes must not disturb
+            self._active = _Active(loaded, self._index)  # compiled fully before it is in force
         return loaded.warnings
 
     @property
@@ -237,58 +240,75 @@ class Authorizer:
     def policy_text(self) -> str:
         return self._active.loaded.text
 
-    # -- decisions --------------------------------------------------------------------------
+    # -- decisions ---------------------------------------------------------------------------
+    #
+    # Every decision holds the fact lock while it evaluates (a batch of writes is seen whole or
+    # not at all) and reuses one query state, which is safe because the lock serialises them.
+
+    def _begin(self, context: dict | None) -> Query:
+        index = self._index
+        if index.next_expiry <= time.time():
+            with index.lock:
+                index.purge_expired(time.time())
+        index.lock.acquire()
+        q = self._query
+        q.context = context
+        q.tables = None
+        return q
+
+    def _allowed(self, active: _Active, q: Query, actor: Any, action: Any, resource: Any) -> bool:
+        if active.allow is None or not active.allow(q, actor, action, resource):
+            return False
+        return active.deny is None or not active.deny(q, actor, action, resource)
 
     def authorize(
         self, actor: Any, action: Any, resource: Any, context: dict | None = None
     ) -> bool:
+        """True when the policy allows ``actor`` to ``action`` ``resource`` and no deny rule fires."""
         active = self._active
-        index = self._index
-        if index.next_expiry <= time.time():
-            index.purge_expired(time.time())
-        if active.allow is None:
-            return False
-        q = Query(context, index)
-        with index.lock:
-            if not active.allow(q, actor, action, resource):
-                return False
-            return active.deny is None or not active.deny(q, actor, action, resource)
+        q = self._begin(context)
+        try:
+            return self._allowed(active, q, actor, action, resource)
+        finally:
+            self._index.lock.release()
 
     def decide(
         self, actor: Any, action: Any, resource: Any, context: dict | None = None
     ) -> Decision:
         """Like `authorize`, with the rules and facts that proved the answer (or failed to)."""
         active = self._active
-        index = self._index
-        if index.next_expiry <= time.time():
-            index.purge_expired(time.time())
-        with index.lock:
-            allowed = self.authorize(actor, action, resource, context)
+        q = self._begin(context)
+        try:
+            allowed = self._allowed(active, q, actor, action, resource)
             explanation = explain(
-                active.loaded.program, index, (actor, action, resource), context, allowed
+                active.loaded.program, self._index, (actor, action, resource), context, allowed
             )
+        finally:
+            self._index.lock.release()
         return Decision(allowed, explanation)
 
     def list(
         self, actor: Any, action: Any, resource_type: str, context: dict | None = None
     ) -> list[str]:
-        """Ids of the resources of ``resource_type`` that ``actor`` may ``action``, sorted."""
+        """Ids of the resources of ``resource_type`` that ``actor`` may ``action``, sorted.
+
+        Only resources that some fact mentions can be listed.
+        """
         active = self._active
         if active.allow is None:
             return []
-        index = self._index
-        if index.next_expiry <= time.time():
-            index.purge_expired(time.time())
-        fn = active.compiled.function("allow", 3, "bbf")
-        q = Query(context, index)
-        with index.lock:
+        q = self._begin(context)
+        try:
+            fn = active.compiled.function(
+                "allow", 3, "bbf"
+            )  # compiled on first use, under the lock
             found = {
                 r for r in fn(q, actor, action) if r.__class__ is Entity and r[0] == resource_type
             }
             if active.deny is not None:
-                found = {
-                    r for r in found if not active.deny(Query(context, index), actor, action, r)
-                }
+                found = {r for r in found if not active.deny(q, actor, action, r)}
+        finally:
+            self._index.lock.release()
         return sorted(r[1] for r in found)
 
     def actions(self, actor: Any, resource: Any, context: dict | None = None) -> set[str]:
@@ -296,17 +316,16 @@ class Authorizer:
         active = self._active
         if active.allow is None:
             return set()
-        index = self._index
-        if index.next_expiry <= time.time():
-            index.purge_expired(time.time())
-        fn = active.compiled.function("allow", 3, "bfb")
-        q = Query(context, index)
-        with index.lock:
+        q = self._begin(context)
+        try:
+            fn = active.compiled.function(
+                "allow", 3, "bfb"
+            )  # compiled on first use, under the lock
             found = {a for a in fn(q, actor, resource) if isinstance(a, str)}
             if active.deny is not None:
-                found = {
-                    a for a in found if not active.deny(Query(context, index), actor, a, resource)
-                }
+                found = {a for a in found if not active.deny(q, actor, a, resource)}
+        finally:
+            self._index.lock.release()
         return found
 
     def query(self, predicate: str, *args: Any, context: dict | None = None) -> list[tuple]:
@@ -315,10 +334,12 @@ class Authorizer:
         if not active.compiled.defines(predicate, len(args)):
             raise FactError(f"the policy defines no {predicate}/{len(args)}")
         mask = "".join("f" if a is None or isinstance(a, Variable) else "b" for a in args)
-        fn = active.compiled.function(predicate, len(args), mask)
         bound = [a for a, m in zip(args, mask, strict=True) if m == "b"]
-        q = Query(context, self._index)
-        with self._index.lock:
+        q = self._begin(context)
+        try:
+            fn = active.compiled.function(
+                predicate, len(args), mask
+            )  # compiled on first use, under the lock
             if "f" not in mask:
                 return [(predicate, *args)] if fn(q, *bound) else []
             rows = set()
@@ -327,4 +348,6 @@ class Authorizer:
                 rows.add(
                     tuple(next(values) if m == "f" else a for a, m in zip(args, mask, strict=True))
                 )
+        finally:
+            self._index.lock.release()
         return [(predicate, *row) for row in sorted(rows, key=repr)]

@@ -70,11 +70,12 @@ class PredicateFacts:
 
 
 class FactIndex:
-    """All facts in memory. Writers hold ``lock``; readers never block (see `Authorizer`)."""
+    """All facts in memory. Every read and write holds ``lock`` (not re-entrant), so a batch of
+    writes is seen whole or not at all."""
 
     def __init__(self) -> None:
         self.predicates: dict[tuple[str, int], PredicateFacts] = {}
-        self.lock = threading.RLock()
+        self.lock = threading.Lock()
         self._interned: dict[Any, Any] = {}
         self._expiry: dict[tuple, float] = {}
         self._expiry_heap: list[tuple[float, tuple]] = []
@@ -127,15 +128,14 @@ class FactIndex:
         return True
 
     def purge_expired(self, now: float) -> int:
-        """Remove facts whose expiry has passed; return how many."""
+        """Remove facts whose expiry has passed; return how many. The caller holds the lock."""
         removed = 0
-        with self.lock:
-            heap = self._expiry_heap
-            while heap and heap[0][0] <= now:
-                at, fact = heapq.heappop(heap)
-                if self._expiry.get(fact) == at and self.remove(fact):
-                    removed += 1
-            self.next_expiry = heap[0][0] if heap else float("inf")
+        heap = self._expiry_heap
+        while heap and heap[0][0] <= now:
+            at, fact = heapq.heappop(heap)
+            if self._expiry.get(fact) == at and self.remove(fact):
+                removed += 1
+        self.next_expiry = heap[0][0] if heap else float("inf")
         return removed
 
     def expiry_of(self, fact: tuple) -> float | None:
@@ -178,16 +178,15 @@ class FactIndex:
                 yield (name, *values)
 
     def entities_of(self, types: frozenset[str]) -> list[Entity]:
-        """Every entity of the given types that appears in some fact."""
-        with self.lock:
-            if self._entity_types is None:
-                self._entity_types = {}
-                for pf in self.predicates.values():
-                    for values in pf.all:
-                        self._count_entities(values, +1, building=True)
-            return [e for t in types for e in self._entity_types.get(t, ())]
+        """Every entity of the given types that appears in some fact. The caller holds the lock."""
+        if self._entity_types is None:
+            self._entity_types = {}
+            for pf in self.predicates.values():
+                for values in pf.all:
+                    self._count_entities(values, +1)
+        return [e for t in types for e in self._entity_types.get(t, ())]
 
-    def _count_entities(self, values: Iterable[Any], delta: int, building: bool = False) -> None:
+    def _count_entities(self, values: Iterable[Any], delta: int) -> None:
         by_type = self._entity_types
         if by_type is None:
             return

@@ -1,16 +1,25 @@
-"""Program to Python: each (predicate, binding mode) becomes one generated Python function.
+"""Program to Python: each shape of call to a predicate becomes one generated Python function.
 
-A mode says which arguments are bound when the predicate is called ("bbf": first two bound).
-For a mode with every argument bound the function returns a bool; otherwise it is a generator of
-the free arguments (a value when one is free, else a tuple). Functions are generated on first use
-of their mode and cached, so each shape of question is planned once and never per call. Facts are
-read straight from the index's sets and dicts, which the compiled code holds by reference.
+A shape (`Node`) says, per argument, whether it is bound at run time ("b"), a constant known at
+compile time ("c"), or free ("f"). Constants are specialised away: a call such as
+``has_role(user, "reader", repo)`` gets a function holding only the clauses whose head can be
+"reader", so a role hierarchy compiles to straight calls with no search. When most clauses of a
+predicate differ by a constant in one bound argument (say, the action), the function dispatches
+on it with one dict lookup. Shapes are generated on first use and cached: each question is
+planned once, never per call.
+
+A function whose every argument is bound returns a bool; otherwise it is a generator of the free
+arguments (a value when one is free, else a tuple). Facts are read straight from the index's sets
+and dicts, which the generated code holds by reference. Shapes that call each other in a cycle
+(found with Tarjan's algorithm as they are generated) are evaluated with tabling, so recursion
+over cyclic data terminates.
 """
 
 from __future__ import annotations
 
 import itertools
 from collections import defaultdict
+from dataclasses import dataclass
 from typing import Any
 
 from bastion.facts.index import FactIndex
@@ -33,52 +42,23 @@ from bastion.policy.program import (
 from bastion.policy.runtime import MISSING, compare, contains, members
 
 
-def recursive_groups(program: Program) -> dict[tuple[str, int], int]:
-    """Predicates that take part in recursion, each mapped to the id of its group (SCC)."""
-    edges: dict[tuple, set] = defaultdict(set)
-    for key, clauses in program.clauses.items():
-        for clause in clauses:
-            for lit in _all_literals(clause.body):
-                if isinstance(lit, CallLit):
-                    edges[key].add((lit.name, len(lit.args)))
-    index, low, stack, on_stack, result = {}, {}, [], set(), {}
-    counter = itertools.count()
-    group = itertools.count()
+@dataclass(frozen=True, slots=True)
+class Node:
+    """One shape of call: predicate, per-argument mode, the compile-time constants in order."""
 
-    def strongconnect(v):  # Tarjan's algorithm
-        index[v] = low[v] = next(counter)
-        stack.append(v)
-        on_stack.add(v)
-        for w in edges.get(v, ()):
-            if w not in index:
-                strongconnect(w)
-                low[v] = min(low[v], low[w])
-            elif w in on_stack:
-                low[v] = min(low[v], index[w])
-        if low[v] == index[v]:
-            members_ = []
-            while True:
-                w = stack.pop()
-                on_stack.discard(w)
-                members_.append(w)
-                if w == v:
-                    break
-            if len(members_) > 1 or v in edges.get(v, ()):
-                gid = next(group)
-                for m in members_:
-                    result[m] = gid
+    name: str
+    arity: int
+    mask: str  # "b" bound at run time, "c" constant, "f" free
+    consts: tuple = ()
+    facts: bool = True  # False for the specialised functions a dispatcher calls after its facts
+    types: tuple = ()  # per argument: the entity types a bound argument is known to have, or None
 
-    for v in list(edges):
-        if v not in index:
-            strongconnect(v)
-    return result
+    def type_of(self, pos: int) -> frozenset | None:
+        return self.types[pos] if self.types else None
 
 
-def _all_literals(body):
-    for lit in body:
-        yield lit
-        if isinstance(lit, NotLit):
-            yield from _all_literals(lit.body)
+class _DeadClause(Exception):
+    """A clause that can never match this shape (a constant or type check fails statically)."""
 
 
 class _Emitter:
@@ -89,13 +69,16 @@ class _Emitter:
         self.lines.append("    " * depth + line)
 
 
+def _simple_constant(value: Any) -> bool:
+    return isinstance(value, (str, int, bool, Entity)) and not isinstance(value, float)
+
+
 class CompiledPolicy:
     """The generated functions for one program over one fact index."""
 
     def __init__(self, program: Program, index: FactIndex) -> None:
         self.program = program
         self.index = index
-        self.groups = recursive_groups(program)
         self.namespace: dict[str, Any] = {
             "MISSING": MISSING,
             "Entity": Entity,
@@ -105,25 +88,37 @@ class CompiledPolicy:
         }
         for (name, arity), builtin in BUILTINS.items():
             self.namespace[f"B_{name}_{arity}"] = builtin.function
-        self._functions: dict[tuple[str, int, str], str] = {}
+        self._names: dict[Node, str] = {}
         self._constants: dict[Any, str] = {}
         self._counter = itertools.count()
+        self._groups = itertools.count()
         self.sources: list[str] = []
+        # Tarjan's algorithm, run over shapes as they are generated.
+        self._tick = itertools.count()
+        self._index: dict[Node, int] = {}
+        self._low: dict[Node, int] = {}
+        self._stack: list[Node] = []
+        self._on_stack: set[Node] = set()
+        self._callers: list[Node] = []
+        self._edges: dict[Node, set[Node]] = defaultdict(set)
+        self._pending: dict[Node, str] = {}
+        self._dispatch: list[tuple[dict, Any, str]] = []
+        self._vtypes: dict[
+            str, frozenset
+        ] = {}  # entity types known for the current clause's variables
 
     # -- entry points -----------------------------------------------------------------------
 
     def function(self, name: str, arity: int, mask: str) -> Any:
-        """The compiled function for predicate ``name/arity`` called in ``mask`` mode."""
-        fname = self._ensure(name, arity, mask)
+        """The compiled function for ``name/arity`` called with ``mask`` ("b"/"f" per argument)."""
+        fname = self._ensure(Node(name, arity, mask))
         return self.namespace[fname]
 
     def defines(self, name: str, arity: int) -> bool:
-        return (name, arity) in self.program.clauses or (
-            name,
-            arity,
-        ) in self.program.fact_predicates
+        key = (name, arity)
+        return key in self.program.clauses or key in self.program.fact_predicates
 
-    # -- generation -------------------------------------------------------------------------
+    # -- shapes and their order of generation -----------------------------------------------
 
     def _const(self, value: Any) -> str:
         if isinstance(value, (str, int, float, bool)) and not isinstance(value, Entity):
@@ -135,55 +130,93 @@ class CompiledPolicy:
             self.namespace[name] = self.index._intern(value) if isinstance(value, Entity) else value
         return name
 
-    def _ensure(self, name: str, arity: int, mask: str) -> str:
-        key = (name, arity, mask)
-        fname = self._functions.get(key)
-        if fname is not None:
-            return fname
-        fname = f"p_{name}_{arity}_{mask}"
-        self._functions[key] = fname
-        group = self.groups.get((name, arity))
-        raw = f"r_{name}_{arity}_{mask}" if group is not None else fname
-        source = self._generate(raw, name, arity, mask)
-        if group is not None:
-            params = ", ".join(f"a{i}" for i, m in enumerate(mask) if m == "b")
-            tup = f"({params},)" if params else "()"
-            source += (
-                f"\ndef {fname}(q{', ' + params if params else ''}):\n"
-                f"    return q.tabled({group}, {raw}, ({fname!r}, {tup}), {tup}, {mask.count('f') == 0})\n"
-            )
-        self.sources.append(source)
-        exec(compile(source, f"<policy {name}/{arity} {mask}>", "exec"), self.namespace)
-        return fname
+    def _ensure(self, node: Node) -> str:
+        caller = self._callers[-1] if self._callers else None
+        if caller is not None:
+            self._edges[caller].add(node)
+        name = self._names.get(node)
+        if name is not None:
+            if caller is not None and node in self._on_stack:
+                self._low[caller] = min(self._low[caller], self._index[node])
+            return name
+        name = self._names[node] = f"p_{node.name}_{node.arity}_{node.mask}_{next(self._counter)}"
+        self._index[node] = self._low[node] = next(self._tick)
+        self._stack.append(node)
+        self._on_stack.add(node)
+        self._callers.append(node)
+        outer_types = self._vtypes  # the caller's clause is mid-generation
+        try:
+            self._pending[node] = self._generate(node)
+        finally:
+            self._callers.pop()
+            self._vtypes = outer_types
+        if self._low[node] == self._index[node]:
+            self._finish_group(node)
+        if caller is not None:
+            self._low[caller] = min(self._low[caller], self._low[node])
+        return name
 
-    def _generate(self, fname: str, name: str, arity: int, mask: str) -> str:
-        out = _Emitter()
-        bound_params = [f"a{i}" for i, m in enumerate(mask) if m == "b"]
-        is_bool = "f" not in mask
-        out.emit(0, f"def {fname}(q{''.join(', ' + p for p in bound_params)}):")
-        if (name, arity) in self.program.fact_predicates:
-            pf = self.index.predicate(name, arity)
-            if is_bool:
-                fa = f"FA_{name}_{arity}"
-                self.namespace[fa] = pf.all
-                out.emit(1, f"if ({''.join(p + ', ' for p in bound_params)}) in {fa}:")
-                out.emit(2, "return True")
-            elif not bound_params:
-                fa = f"FA_{name}_{arity}"
-                self.namespace[fa] = pf.all
-                out.emit(1, f"yield from {fa}" if arity > 1 else f"for _t in {fa}: yield _t[0]")
+    def _finish_group(self, root: Node) -> None:
+        """Define the functions of one strongly connected group of shapes."""
+        group = []
+        while True:
+            node = self._stack.pop()
+            self._on_stack.discard(node)
+            group.append(node)
+            if node == root:
+                break
+        recursive = len(group) > 1 or root in self._edges[root]
+        gid = next(self._groups)
+        source = []
+        for node in group:
+            name = self._names[node]
+            params = [f"a{i}" for i, m in enumerate(node.mask) if m == "b"]
+            if recursive:
+                raw = f"{name}_r"
+                tup = f"({', '.join(params)},)" if params else "()"
+                source.append(self._pending.pop(node).replace("def @(", f"def {raw}(", 1))
+                source.append(
+                    f"def {name}(q{''.join(', ' + p for p in params)}):\n"
+                    f"    return q.tabled({gid}, {raw}, ({name!r}, {tup}), {tup}, {'f' not in node.mask})\n"
+                )
             else:
-                fm = f"FM_{name}_{arity}_{mask}"
-                self.namespace[fm] = pf.mode(mask)
-                key = bound_params[0] if len(bound_params) == 1 else f"({', '.join(bound_params)})"
-                out.emit(1, f"yield from {fm}.get({key}, ())")
-        for clause in self.program.clauses.get((name, arity), ()):
+                source.append(self._pending.pop(node).replace("def @(", f"def {name}(", 1))
+        text = "\n".join(source)
+        self.sources.append(text)
+        exec(compile(text, f"<policy {root.name}/{root.arity}>", "exec"), self.namespace)
+        still = []
+        for table, key, fname in self._dispatch:
+            if fname in self.namespace:
+                table[key] = self.namespace[fname]
+            else:
+                still.append((table, key, fname))
+        self._dispatch = still
+
+    # -- one shape --------------------------------------------------------------------------
+
+    def _generate(self, node: Node) -> str:
+        out = _Emitter()
+        params = [f"a{i}" for i, m in enumerate(node.mask) if m == "b"]
+        is_bool = "f" not in node.mask
+        out.emit(0, f"def @(q{''.join(', ' + p for p in params)}):")
+        consts = iter(node.consts)
+        args = [
+            f"a{i}" if m == "b" else self._const(next(consts)) if m == "c" else None
+            for i, m in enumerate(node.mask)
+        ]
+        key = (node.name, node.arity)
+        if node.facts and key in self.program.fact_predicates:
+            self._facts(out, node, args, is_bool)
+        clauses = self.program.clauses.get(key, ())
+        clauses = self._dispatch_on_constant(out, node, clauses, args, is_bool)
+        clauses = self._dispatch_on_type(out, node, clauses, is_bool)
+        for clause in clauses:
             try:
-                self._clause(out, clause, mask, is_bool)
+                self._clause(out, clause, node, args, is_bool)
+            except _DeadClause:
+                continue
             except PlanError as err:
-                raise PolicyError(
-                    [Diagnostic(err.location, f"{err} (in {clause.text}, mode {mask})")]
-                ) from None
+                raise PolicyError([Diagnostic(err.location, f"{err} (in {clause.text})")]) from None
         if is_bool:
             out.emit(1, "return False")
         else:
@@ -191,28 +224,139 @@ class CompiledPolicy:
             out.emit(1, "yield")
         return "\n".join(out.lines) + "\n"
 
-    def _clause(self, out: _Emitter, clause: Clause, mask: str, is_bool: bool) -> None:
-        env: dict[str, str] = {}
-        depth = 1
-        out.emit(depth, f"# {clause.text}")
-        out.emit(depth, "while True:")  # a block to 'break' out of when a head check fails
-        depth += 1
-        for i, (term, m) in enumerate(zip(clause.head, mask, strict=True)):
+    def _facts(self, out: _Emitter, node: Node, args: list, is_bool: bool) -> None:
+        pf = self.index.predicate(node.name, node.arity)
+        bound = [a for a in args if a is not None]
+        if is_bool:
+            fa = f"FA_{node.name}_{node.arity}"
+            self.namespace[fa] = pf.all
+            out.emit(1, f"if ({''.join(a + ', ' for a in args)}) in {fa}:")
+            out.emit(2, "return True")
+        elif not bound:
+            fa = f"FA_{node.name}_{node.arity}"
+            self.namespace[fa] = pf.all
+            out.emit(1, f"yield from {fa}" if node.arity > 1 else f"for _t in {fa}: yield _t[0]")
+        else:
+            fact_mask = "".join("f" if a is None else "b" for a in args)
+            fm = f"FM_{node.name}_{node.arity}_{fact_mask}"
+            self.namespace[fm] = pf.mode(fact_mask)
+            key = bound[0] if len(bound) == 1 else f"({', '.join(bound)})"
+            out.emit(1, f"yield from {fm}.get({key}, ())")
+
+    def _dispatch_on_constant(
+        self, out: _Emitter, node: Node, clauses: Any, args: list, is_bool: bool
+    ) -> list:
+        """Route on the first run-time argument that most clauses fix to a constant.
+
+        Clauses with a constant head there move into one specialised function per constant,
+        found with one dict lookup; the others stay in this function.
+        """
+        for pos, m in enumerate(node.mask):
             if m != "b":
                 continue
-            if isinstance(term, Const):
-                out.emit(depth, f"if a{i} != {self._const(term.value)}: break")
-            elif isinstance(term, Var):
-                if term.name in env:
-                    out.emit(depth, f"if a{i} != {env[term.name]}: break")
+            groups: dict[Any, list[Clause]] = defaultdict(list)
+            rest = []
+            for clause in clauses:
+                term = clause.head[pos]
+                if isinstance(term, Const) and _simple_constant(term.value):
+                    groups[(type(term.value), term.value)].append(clause)
                 else:
-                    env[term.name] = f"a{i}"
+                    rest.append(clause)
+            if len(groups) < 2:
+                continue
+            table: dict[Any, Any] = {}
+            tname = f"D{next(self._counter)}"
+            self.namespace[tname] = table
+            mask = node.mask[:pos] + "c" + node.mask[pos + 1 :]
+            before = node.mask[:pos].count("c")
+            for (_, value), _group in groups.items():
+                consts = node.consts[:before] + (value,) + node.consts[before:]
+                fname = self._ensure(Node(node.name, node.arity, mask, consts, False, node.types))
+                self._dispatch.append((table, value, fname))
+            rest_params = "".join(
+                f", a{i}" for i, mm in enumerate(node.mask) if mm == "b" and i != pos
+            )
+            out.emit(1, f"_f = {tname}.get(a{pos})")
+            if is_bool:
+                out.emit(1, f"if _f is not None and _f(q{rest_params}):")
+                out.emit(2, "return True")
+            else:
+                out.emit(1, "if _f is not None:")
+                out.emit(2, f"yield from _f(q{rest_params})")
+            return rest
+        return list(clauses)
+
+    def _dispatch_on_type(self, out: _Emitter, node: Node, clauses: list, is_bool: bool) -> list:
+        """Route on the entity type of the first run-time argument whose type clauses differ by.
+
+        A clause whose specializer fixes that argument to one type moves into a function
+        specialised to the type, where its type checks are settled at compile time.
+        """
+        for pos, m in enumerate(node.mask):
+            if m != "b" or node.type_of(pos) is not None:
+                continue
+            groups: dict[str, list[Clause]] = defaultdict(list)
+            rest = []
+            for clause in clauses:
+                required = _required_types(clause, pos)
+                if required is not None and len(required) == 1:
+                    groups[next(iter(required))].append(clause)
+                else:
+                    rest.append(clause)
+            if len(groups) < 2 and not (groups and not rest and len(clauses) > 1):
+                continue
+            table: dict[Any, Any] = {}
+            tname = f"T{next(self._counter)}"
+            self.namespace[tname] = table
+            for typ in groups:
+                types = list(node.types or (None,) * node.arity)
+                types[pos] = frozenset([typ])
+                fname = self._ensure(
+                    Node(node.name, node.arity, node.mask, node.consts, False, tuple(types))
+                )
+                self._dispatch.append((table, typ, fname))
+            params = "".join(f", a{i}" for i, mm in enumerate(node.mask) if mm == "b")
+            out.emit(1, f"_f = {tname}.get(a{pos}[0]) if a{pos}.__class__ is Entity else None")
+            if is_bool:
+                out.emit(1, f"if _f is not None and _f(q{params}):")
+                out.emit(2, "return True")
+            else:
+                out.emit(1, "if _f is not None:")
+                out.emit(2, f"yield from _f(q{params})")
+            return rest
+        return clauses
+
+    def _clause(self, out: _Emitter, clause: Clause, node: Node, args: list, is_bool: bool) -> None:
+        env: dict[str, str] = {}
+        statics: dict[str, Any] = {}  # variables bound to compile-time constants
+        self._vtypes = {}
+        consts = iter(node.consts)
+        lines = _Emitter()
+        depth = 2
+        for pos, (term, m, arg) in enumerate(zip(clause.head, node.mask, args, strict=True)):
+            if m == "f":
+                continue
+            value = next(consts) if m == "c" else None
+            if isinstance(term, Var) and term.name not in env and node.type_of(pos) is not None:
+                self._vtypes[term.name] = node.type_of(pos)
+            if isinstance(term, Const):
+                if m == "c":
+                    if not _same(term.value, value):
+                        raise _DeadClause
+                else:
+                    lines.emit(depth, f"if {arg} != {self._const(term.value)}: break")
+            elif term.name in env:
+                lines.emit(depth, f"if {arg} != {env[term.name]}: break")
+            else:
+                env[term.name] = arg
+                if m == "c":
+                    statics[term.name] = value
         head_vars = {v for t in clause.head for v in term_vars(t)}
         order = plan(clause.body, set(env), head_vars, clause.location)
-        depth = self._body(out, order, clause.body, env, depth, head_vars)
+        depth = self._body(lines, order, clause.body, env, statics, depth, head_vars)
         outputs = []
-        for term, m in zip(clause.head, mask, strict=True):
-            if m == "b":
+        for term, m in zip(clause.head, node.mask, strict=True):
+            if m != "f":
                 continue
             if isinstance(term, Const):
                 outputs.append(self._const(term.value))
@@ -224,11 +368,14 @@ class CompiledPolicy:
                     f"variable {term.name} is never bound, so this rule cannot list its values",
                 )
         if is_bool:
-            out.emit(depth, "return True")
+            lines.emit(depth, "return True")
         elif len(outputs) == 1:
-            out.emit(depth, f"yield {outputs[0]}")
+            lines.emit(depth, f"yield {outputs[0]}")
         else:
-            out.emit(depth, f"yield ({', '.join(outputs)})")
+            lines.emit(depth, f"yield ({', '.join(outputs)})")
+        out.emit(1, f"# {clause.text}")
+        out.emit(1, "while True:")  # a block to 'break' out of when a head check fails
+        out.lines.extend(lines.lines)
         out.emit(2, "break")
 
     def _value(self, out: _Emitter, term: Any, env: dict, depth: int) -> tuple[str, int]:
@@ -259,33 +406,50 @@ class CompiledPolicy:
         order: list[Literal],
         body: tuple,
         env: dict,
+        statics: dict,
         depth: int,
         outside: set[str],
     ) -> int:
         for lit in order:
             if isinstance(lit, TypeLit):
-                depth = self._type_check(out, lit, env, depth)
+                depth = self._type_check(out, lit, env, statics, depth)
             elif isinstance(lit, CmpLit):
                 depth = self._comparison(out, lit, env, depth)
             elif isinstance(lit, NotLit):
-                depth = self._negation(out, lit, body, env, depth, outside)
+                depth = self._negation(out, lit, body, env, statics, depth, outside)
             else:
-                depth = self._call(out, lit, env, depth)
+                depth = self._call(out, lit, env, statics, depth)
         return depth
 
-    def _type_check(self, out: _Emitter, lit: TypeLit, env: dict, depth: int) -> int:
+    def _type_check(self, out: _Emitter, lit: TypeLit, env: dict, statics: dict, depth: int) -> int:
         term = lit.term
+        if isinstance(term, Var) and term.name in statics:
+            if not _has_type(statics[term.name], lit.types):
+                raise _DeadClause
+            return depth
+        if isinstance(term, Const):
+            if not _has_type(term.value, lit.types):
+                raise _DeadClause
+            return depth
+        entity_types = frozenset(t for t in lit.types if t not in VALUE_TYPES)
         if isinstance(term, Var) and term.name not in env:
-            entity_types = frozenset(t for t in lit.types if t not in VALUE_TYPES)
             var = self._bind(term.name, env)
+            self._vtypes[term.name] = entity_types
             out.emit(depth, f"for {var} in q.index.entities_of({self._const(entity_types)}):")
             return depth + 1
+        known = self._vtypes.get(term.name) if isinstance(term, Var) else None
+        if known is not None:
+            if known <= lit.types:
+                return depth  # settled at compile time
+            if not known & lit.types:
+                raise _DeadClause
+        if isinstance(term, Var) and entity_types and entity_types == lit.types:
+            self._vtypes[term.name] = entity_types & known if known is not None else entity_types
         expr, depth = self._value(out, term, env, depth)
         checks = []
-        entity_types = sorted(t for t in lit.types if t not in VALUE_TYPES)
         if entity_types:
             checks.append(
-                f"({expr}.__class__ is Entity and {expr}[0] in {self._const(frozenset(entity_types))})"
+                f"({expr}.__class__ is Entity and {expr}[0] in {self._const(entity_types)})"
             )
         for t in sorted(lit.types & VALUE_TYPES.keys()):
             py = VALUE_TYPES[t].__name__
@@ -320,24 +484,72 @@ class CompiledPolicy:
         return depth + 1
 
     def _negation(
-        self, out: _Emitter, lit: NotLit, body: tuple, env: dict, depth: int, outside: set[str]
+        self,
+        out: _Emitter,
+        lit: NotLit,
+        body: tuple,
+        env: dict,
+        statics: dict,
+        depth: int,
+        outside: set[str],
     ) -> int:
         shared = sorted(negation_shared(lit, body, outside))
         fname = f"n{next(self._counter)}"
+        params = [env[v] for v in shared]
         inner = _Emitter()
-        inner.emit(0, f"def {fname}(q{''.join(', ' + env[v] for v in shared)}):")
+        inner.emit(0, f"def {fname}(q{''.join(', ' + p for p in params)}):")
         inner_env = {v: env[v] for v in shared}
+        inner_statics = {v: statics[v] for v in shared if v in statics}
         order = plan(lit.body, set(shared), set(shared), lit.location)
-        inner_depth = self._body(inner, order, lit.body, inner_env, 1, set(shared))
+        try:
+            inner_depth = self._body(
+                inner, order, lit.body, inner_env, inner_statics, 1, set(shared)
+            )
+        except _DeadClause:
+            return depth  # the negated conjunction can never hold: 'not' is always true
         inner.emit(inner_depth, "return True")
         inner.emit(1, "return False")
         source = "\n".join(inner.lines) + "\n"
         self.sources.append(source)
         exec(compile(source, "<policy negation>", "exec"), self.namespace)
-        out.emit(depth, f"if not {fname}(q{''.join(', ' + env[v] for v in shared)}):")
+        out.emit(depth, f"if not {fname}(q{''.join(', ' + p for p in params)}):")
         return depth + 1
 
-    def _call(self, out: _Emitter, lit: CallLit, env: dict, depth: int) -> int:
+    def _output_types(
+        self, lit: CallLit, mask: list, consts: list, types: list
+    ) -> dict[str, frozenset]:
+        """Types of the variables a call binds, when the fact types the policy declares settle
+        them (a predicate with facts only: ``has_relation(Repo, "parent", Org)``)."""
+        key = (lit.name, len(lit.args))
+        if key in self.program.clauses:
+            return {}
+        values = iter(consts)
+        fixed = [next(values) if m == "c" else None for m in mask]
+        found: dict[str, set] = {}
+        for signature in self.program.fact_signatures.get(key, ()):
+            fits = True
+            for (kind, allowed), m, value, known in zip(signature, mask, fixed, types, strict=True):
+                if m == "c":
+                    fits = (
+                        value in allowed
+                        if kind == "values"
+                        else (isinstance(value, Entity) and value.type in allowed)
+                    )
+                elif m == "b" and known is not None and kind == "types":
+                    fits = bool(known & allowed)
+                if not fits:
+                    break
+            if not fits:
+                continue
+            for a, (kind, allowed), m in zip(lit.args, signature, mask, strict=True):
+                if m == "f" and isinstance(a, Var):
+                    if kind != "types" or allowed & VALUE_TYPES.keys():
+                        found[a.name] = {None}
+                    else:
+                        found.setdefault(a.name, set()).update(allowed)
+        return {n: frozenset(t) for n, t in found.items() if None not in t and t}
+
+    def _call(self, out: _Emitter, lit: CallLit, env: dict, statics: dict, depth: int) -> int:
         key = (lit.name, len(lit.args))
         if key in BUILTINS:
             args = []
@@ -346,9 +558,10 @@ class CompiledPolicy:
                 args.append(expr)
             out.emit(depth, f"if B_{lit.name}_{len(lit.args)}({', '.join(args)}):")
             return depth + 1
-        mask, bound_args, targets, checks = [], [], [], []
+        mask, consts, bound_args, targets, checks, types = [], [], [], [], [], []
         new_vars: dict[str, str] = {}
         for a in lit.args:
+            types.append(self._vtypes.get(a.name) if isinstance(a, Var) and a.name in env else None)
             if isinstance(a, Var) and a.name not in env:
                 if a.name in new_vars:  # the same unbound variable twice: compare after binding
                     tmp = f"t{next(self._counter)}"
@@ -358,12 +571,31 @@ class CompiledPolicy:
                     new_vars[a.name] = f"v_{a.name}_{next(self._counter)}"
                     targets.append(new_vars[a.name])
                 mask.append("f")
+            elif isinstance(a, Const) and _simple_constant(a.value):
+                mask.append("c")
+                consts.append(a.value)
+            elif isinstance(a, Var) and a.name in statics:
+                mask.append("c")
+                consts.append(statics[a.name])
             else:
                 expr, depth = self._value(out, a, env, depth)
                 bound_args.append(expr)
                 mask.append("b")
-        fname = self._ensure(lit.name, len(lit.args), "".join(mask))
+        typed = tuple(t if m == "b" else None for t, m in zip(types, mask, strict=True))
+        fname = self._ensure(
+            Node(
+                lit.name,
+                len(lit.args),
+                "".join(mask),
+                tuple(consts),
+                True,
+                typed if any(typed) else (),
+            )
+        )
         call = f"{fname}(q{''.join(', ' + b for b in bound_args)})"
+        for name, found in self._output_types(lit, mask, consts, types).items():
+            if name in new_vars:
+                self._vtypes[name] = found
         if not targets:
             out.emit(depth, f"if {call}:")
             return depth + 1
@@ -375,3 +607,26 @@ class CompiledPolicy:
             out.emit(depth, f"if {' and '.join(checks)}:")
             depth += 1
         return depth
+
+
+def _required_types(clause: Clause, pos: int) -> frozenset | None:
+    """The entity types a clause's specializer demands of argument ``pos``, if any."""
+    term = clause.head[pos]
+    if isinstance(term, Const):
+        return frozenset([term.value.type]) if isinstance(term.value, Entity) else None
+    for lit in clause.body:
+        if isinstance(lit, TypeLit) and isinstance(lit.term, Var) and lit.term.name == term.name:
+            if lit.types & VALUE_TYPES.keys():
+                return None
+            return lit.types
+    return None
+
+
+def _same(a: Any, b: Any) -> bool:
+    return a == b and (type(a) is type(b) or not (isinstance(a, bool) or isinstance(b, bool)))
+
+
+def _has_type(value: Any, types: frozenset[str]) -> bool:
+    if isinstance(value, Entity):
+        return value.type in types
+    return any(type(value) is VALUE_TYPES[t] for t in types if t in VALUE_TYPES)

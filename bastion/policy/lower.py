@@ -287,11 +287,10 @@ class _Lowering:
             )
             clauses[("allow", 3)].extend(self.clauses_of(implied))
 
-        declared: dict[tuple[str, int], list[ast.Declare]] = defaultdict(list)
+        declared: dict[tuple[str, int], list[tuple]] = defaultdict(list)
         for decl in self.policy.declares:
-            for typ in decl.types:
-                self.resolve_type(typ, decl.location)
-            declared[(decl.name, len(decl.types))].append(decl)
+            types = [self.resolve_type(t, decl.location) or frozenset() for t in decl.types]
+            declared[(decl.name, len(decl.types))].append(tuple(_type_spec(t) for t in types))
         fact_predicates = set(STANDARD_FACTS) | set(declared)
 
         self.check_calls(clauses, fact_predicates)
@@ -379,14 +378,8 @@ class _Lowering:
 
     def fact_signatures(self, declared: dict) -> dict:
         sigs: dict[tuple[str, int], list[tuple]] = defaultdict(list)
-        for key, decls in declared.items():
-            for decl in decls:
-                sigs[key].append(
-                    tuple(
-                        _type_spec(self.resolve_type(t, decl.location) or frozenset())
-                        for t in decl.types
-                    )
-                )
+        for key, signatures in declared.items():
+            sigs[key].extend(signatures)
         actors = _type_spec(self.actor_types)
         for name, block in self.blocks.items():
             if block.roles:

@@ -41,6 +41,8 @@ class Reference:
         self.program = program
         self.context = context
         self.db: set[tuple] = set(facts)
+        # list() can only name resources that something mentions: those in the facts.
+        self.known = {a for f in facts for a in f[1:] if isinstance(a, Entity)}
         domain = {a for f in facts for a in f[1:]} | set(extra)
         for clauses in program.clauses.values():
             for clause in clauses:
@@ -227,7 +229,8 @@ class Reference:
             a[3].id
             for a in self.db
             if a[0] == "allow" and len(a) == 4 and a[1] == actor and a[2] == action
-            and isinstance(a[3], Entity) and a[3].type == resource_type and self.allowed(actor, action, a[3])
+            and isinstance(a[3], Entity) and a[3].type == resource_type and a[3] in self.known
+            and self.allowed(actor, action, a[3])
         )  # fmt: skip
 
     def actions(self, actor: Any, resource: Any) -> set[str]:
