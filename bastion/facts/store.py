@@ -16,6 +16,7 @@ from typing import Any
 
 from bastion.db import Database
 from bastion.facts.model import (
+    Entity,
     FactError,
     arg_to_json,
     check_fact,
@@ -60,13 +61,26 @@ _MIGRATIONS = [
 
 
 def _arg_key(arg: Any) -> str:
-    """One canonical text per argument value; ``true`` and ``1`` stay different."""
-    return json.dumps(arg_to_json(arg), sort_keys=True, separators=(",", ":"))
+    """One canonical text per argument value, cheap to make: ``E:User:alice``, ``s:admin``,
+    ``i:3``, ``b:true``. An entity type is an identifier, so the first ``:`` after it ends it.
+    """
+    if arg.__class__ is Entity:
+        return f"E:{arg[0]}:{arg[1]}"
+    if arg.__class__ is str:
+        return "s:" + arg
+    if arg.__class__ is bool:
+        return "b:true" if arg else "b:false"
+    return f"i:{arg}"
 
 
 def fact_key(fact: tuple) -> str:
-    """The canonical text of a fact: its identity in the store."""
-    return json.dumps(fact_to_json(fact), sort_keys=True, separators=(",", ":"))
+    """The canonical text of a fact: its identity in the store, and the order of pages."""
+    return json.dumps([fact[0], *map(_arg_key, fact[1:])])
+
+
+def _args_from_json(args: list) -> tuple:
+    # Rows were checked when they were written; only rebuild the entities.
+    return tuple(Entity(a["type"], a["id"]) if a.__class__ is dict else a for a in args)
 
 
 def epoch(expires_at: datetime | float | int | None) -> float | None:
@@ -181,8 +195,12 @@ class FactStore:
         Inserting a fact that is already stored replaces its expiry. Returns the sequence of the
         change (the consistency token) and the counts.
         """
-        ins = [f if isinstance(f, StoredFact) else StoredFact(check_fact(f)) for f in inserts]
-        ins = [StoredFact(check_fact(f.fact), f.expires_at) for f in ins]
+        ins = [
+            StoredFact(check_fact(f.fact), f.expires_at)
+            if isinstance(f, StoredFact)
+            else StoredFact(check_fact(f))
+            for f in inserts
+        ]
         dels = [check_fact(p, pattern=True) for p in deletes]
         with self.db.transaction():
             seq = self._begin_write()
@@ -211,7 +229,7 @@ class FactStore:
                     f.fact[0],
                     len(args),
                     *cols,
-                    json.dumps([arg_to_json(a) for a in args], separators=(",", ":")),
+                    json.dumps([arg_to_json(a) for a in args]),
                     f.expires_at,
                 )
             )
@@ -257,7 +275,7 @@ class FactStore:
             sql += f" LIMIT {int(limit)}"
         out = []
         for _key, predicate, args, expires_at in self.db.execute(sql, params):
-            fact = fact_from_json({"predicate": predicate, "args": json.loads(args)})
+            fact = (predicate, *_args_from_json(json.loads(args)))
             if pattern is None or matches(fact, pattern):
                 out.append(StoredFact(fact, expires_at))
         return out
@@ -328,8 +346,15 @@ class FactStore:
                         at,
                         actor,
                         kind,
-                        inserts=tuple(StoredFact.from_json(f) for f in body["insert"]),
-                        deletes=tuple(fact_from_json(p, pattern=True) for p in body["delete"]),
+                        inserts=tuple(
+                            StoredFact(
+                                (f["predicate"], *_args_from_json(f["args"])), f.get("expires_at")
+                            )
+                            for f in body["insert"]
+                        ),
+                        deletes=tuple(
+                            (p["predicate"], *_args_from_json(p["args"])) for p in body["delete"]
+                        ),
                     )
                 )
             else:
