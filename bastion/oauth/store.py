@@ -497,7 +497,7 @@ class OAuthStore:
     def purge_expired(self, now: float, keep_seconds: float) -> None:
         """Forget rows that can no longer matter: expired pending requests and sessions, and
         codes and tokens expired for more than ``keep_seconds`` (kept a while so a late replay
-        is still recognised as one). Grants stay: they are the record of what was consented."""
+        is still recognised as one). Grants a person consented to stay, as the record of it."""
         cutoff = now - keep_seconds
         with self.db.transaction():
             self.db.execute("DELETE FROM oauth_pending_authorizations WHERE expires_at < ?", (now,))
@@ -505,6 +505,12 @@ class OAuthStore:
             self.db.execute("DELETE FROM oauth_codes WHERE expires_at < ?", (cutoff,))
             self.db.execute("DELETE FROM oauth_refresh_tokens WHERE expires_at < ?", (cutoff,))
             self.db.execute("DELETE FROM oauth_access_tokens WHERE expires_at < ?", (cutoff,))
+            # A client_credentials grant records no consent: forget it once it is spent.
+            self.db.execute(
+                "DELETE FROM oauth_grants WHERE username IS NULL AND expires_at < ? AND NOT EXISTS"
+                " (SELECT 1 FROM oauth_access_tokens t WHERE t.grant_id = oauth_grants.grant_id)",
+                (cutoff,),
+            )
 
     # signing keys (public halves only: private keys live in files under key_dir)
 

@@ -34,3 +34,8 @@ def test_code_flow_refresh_replay_and_revocation_on_each_database(database_url, 
             bastion.server.verifier.verify(second["access_token"], bastion.resource)
         # A replayed code fails too.
         assert bastion.token(**form).json()["error"] == "invalid_grant"
+        # Housekeeping runs on each backend and keeps the consented grant.
+        bastion.clock.advance(bastion.server.settings.refresh_token_seconds + 7200)
+        bastion.server.housekeeping()
+        rows = bastion.rows()
+        assert rows["oauth_refresh_tokens"] == [] and len(rows["oauth_grants"]) == 1

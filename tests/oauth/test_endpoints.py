@@ -412,3 +412,13 @@ def test_introspection_is_for_allowed_confidential_clients_only(bastion: Bastion
         403,
     )
     assert_oauth_error(bastion.http.post(url, data={"token": "x"}), "invalid_client", 401)
+
+
+def test_spent_client_credentials_grants_are_forgotten(bastion: Bastion):
+    agent = confidential(bastion)
+    form = {"grant_type": "client_credentials", "resource": bastion.resource}
+    bastion.http.post(f"{bastion.url}/token", data=form, headers=basic(agent))
+    assert len(bastion.rows()["oauth_grants"]) == 1
+    bastion.clock.advance(2 * 3600)
+    bastion.server.housekeeping()
+    assert bastion.rows()["oauth_grants"] == []
