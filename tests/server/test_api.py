@@ -366,3 +366,26 @@ def test_an_oauth_table_mounts_the_authorization_server_beside_the_api(tmp_path,
         assert metadata.status_code == 200
         assert metadata.json()["issuer"] == "http://127.0.0.1:8000"
         assert client.get("/readyz").status_code == 200
+
+
+def test_facts_a_later_policy_cannot_use_are_kept_and_count_again_after_a_rollback(config):
+    member = role("alice", "member", "Org", "acme")
+    parent = {
+        "predicate": "has_relation",
+        "args": [entity("Repo", "anvil"), "parent", entity("Org", "acme")],
+    }
+    without_parents = POLICY.replace("relations = { parent: Org };", "").replace(
+        '"reader" if "member" on "parent";', ""
+    )
+    with TestClient(create_app(config)) as api:
+        api.headers["authorization"] = f"Bearer {config.admin_key}"
+        write_roles(api, member, parent)
+        assert api.put("/v1/policy", json={"text": without_parents}).status_code == 200
+    # A fresh process loads the store while the policy in force has no use for has_relation.
+    with TestClient(create_app(config)) as api:
+        api.headers["authorization"] = f"Bearer {config.admin_key}"
+        assert not allowed(api, "alice", "read", "Repo", "anvil")
+        assert len(api.get("/v1/facts").json()["facts"]) == 2
+        assert api.get("/readyz").json()["facts"] == 1  # has_relation waits in the store
+        api.post("/v1/policy/rollback", json={"version": 1}).raise_for_status()
+        assert allowed(api, "alice", "read", "Repo", "anvil")
