@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hmac
 import uuid
+from dataclasses import replace
 from typing import TYPE_CHECKING
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
@@ -121,7 +122,7 @@ class AuthorizationEndpoint:
             )
             return self._error_redirect(redirect_uri, state, error)
         browser = request.cookies.get(BROWSER_COOKIE) or new_secret()
-        pending = PendingAuthorization(**{**pending.__dict__, "browser_digest": digest(browser)})
+        pending = replace(pending, browser_digest=digest(browser))
         self.store.save_pending(pending)
         username = self._session_user(request)
         if username is not None:
