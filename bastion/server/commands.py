@@ -10,11 +10,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sqlite3
 import sys
 import time
 from collections.abc import Iterable, Iterator
 from datetime import datetime
 from typing import Any
+
+import psycopg
 
 from bastion.facts.model import FactError, format_fact
 from bastion.facts.store import FactStore, StoredFact, epoch
@@ -473,6 +476,8 @@ def _guard(func):
             return _fail(f"the server refused: {e.detail} ({e.status} {e.title})")
         except ValueError as e:
             return _fail(str(e))
+        except (sqlite3.Error, psycopg.Error) as e:
+            return _fail(f"the database refused: {e}".strip())
 
     return run
 

@@ -132,15 +132,21 @@ async def import_lines(request: Request) -> JSONResponse:
     """Bulk import: one fact per line (JSON); the whole body is one transaction."""
     request.state.key = require(request, "facts:write")
     body = await read_body(request, request.app.state.config.max_import_bytes)
-    inserts = []
-    for n, line in enumerate(body.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise bad_request(f"line {n} is not valid JSON: {e}") from None
-        inserts.append(_stored_fact(request, obj, n, what="line"))
+
+    def parse() -> list[StoredFact]:
+        inserts = []
+        for n, line in enumerate(body.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise bad_request(f"line {n} is not valid JSON: {e}") from None
+            inserts.append(_stored_fact(request, obj, n, what="line"))
+        return inserts
+
+    # A large import is checked off the event loop, so decisions go on meanwhile.
+    inserts = await anyio.to_thread.run_sync(parse)
     if not inserts:
         raise bad_request("the body holds no facts; send one JSON fact per line")
     return JSONResponse(await _write(request, inserts, []))
