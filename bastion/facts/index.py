@@ -22,6 +22,38 @@ def _key(values: tuple, positions: tuple[int, ...]) -> Any:
     return values[positions[0]] if len(positions) == 1 else tuple(values[i] for i in positions)
 
 
+class Many(list):
+    """Two or more free parts under one key. A key with one free part maps to it directly,
+    which saves a list per key (most keys, such as a repository's parent, have one)."""
+
+    __slots__ = ()
+
+
+def _append(index: dict, key: Any, item: Any) -> None:
+    found = index.get(key, index)
+    if found is index:
+        index[key] = item
+    elif found.__class__ is Many:
+        found.append(item)
+    else:
+        index[key] = Many((found, item))
+
+
+def _discard(index: dict, key: Any, item: Any) -> None:
+    found = index[key]
+    if found.__class__ is not Many:
+        del index[key]
+        return
+    found.remove(item)
+    if len(found) == 1:
+        index[key] = found[0]
+
+
+def items_of(found: Any) -> Any:
+    """The free parts stored under one key (see `Many`), as an iterable."""
+    return found if found.__class__ is Many else (found,)
+
+
 class PredicateFacts:
     """The facts of one predicate (name and arity), with their lookup indexes."""
 
@@ -35,7 +67,11 @@ class PredicateFacts:
         self._positions: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {}
 
     def mode(self, mask: str) -> dict:
-        """The index for lookups where ``mask[i] == "b"`` marks a bound argument."""
+        """The index for lookups where ``mask[i] == "b"`` marks a bound argument.
+
+        It maps the bound values (one value, or a tuple) to the free ones (one value or a tuple
+        per fact; several facts under one key are held in a `Many`).
+        """
         index = self.modes.get(mask)
         if index is None:
             bound = tuple(i for i, m in enumerate(mask) if m == "b")
@@ -43,7 +79,7 @@ class PredicateFacts:
             self._positions[mask] = (bound, free)
             index = self.modes[mask] = {}
             for values in self.all:
-                index.setdefault(_key(values, bound), []).append(_key(values, free))
+                _append(index, _key(values, bound), _key(values, free))
         return index
 
     def add(self, values: tuple) -> bool:
@@ -52,7 +88,7 @@ class PredicateFacts:
         self.all.add(values)
         for mask, index in self.modes.items():
             bound, free = self._positions[mask]
-            index.setdefault(_key(values, bound), []).append(_key(values, free))
+            _append(index, _key(values, bound), _key(values, free))
         return True
 
     def remove(self, values: tuple) -> bool:
@@ -61,11 +97,7 @@ class PredicateFacts:
         self.all.discard(values)
         for mask, index in self.modes.items():
             bound, free = self._positions[mask]
-            key = _key(values, bound)
-            items = index[key]
-            items.remove(_key(values, free))
-            if not items:
-                del index[key]
+            _discard(index, _key(values, bound), _key(values, free))
         return True
 
 
@@ -157,9 +189,9 @@ class FactIndex:
             mask = "".join("b" if a is not None else "f" for a in args)
             if mask in pf.modes:
                 free = [i for i, a in enumerate(args) if a is None]
-                hits = pf.modes[mask].get(_key(args, tuple(bound)), ())
+                hits = pf.modes[mask].get(_key(args, tuple(bound)))
                 rows = []
-                for hit in hits:
+                for hit in () if hits is None else items_of(hits):
                     row = list(args)
                     parts = (hit,) if len(free) == 1 else hit
                     for i, v in zip(free, parts, strict=True):

@@ -22,7 +22,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
 
-from bastion.facts.index import FactIndex
+from bastion.facts.index import FactIndex, Many
 from bastion.facts.model import Entity
 from bastion.policy.ast import Const, ContextPath, Var
 from bastion.policy.builtins import BUILTINS
@@ -82,6 +82,7 @@ class CompiledPolicy:
         self.namespace: dict[str, Any] = {
             "MISSING": MISSING,
             "Entity": Entity,
+            "Many": Many,
             "_compare": compare,
             "_contains": contains,
             "_members": members,
@@ -241,7 +242,12 @@ class CompiledPolicy:
             fm = f"FM_{node.name}_{node.arity}_{fact_mask}"
             self.namespace[fm] = pf.mode(fact_mask)
             key = bound[0] if len(bound) == 1 else f"({', '.join(bound)})"
-            out.emit(1, f"yield from {fm}.get({key}, ())")
+            out.emit(1, f"_v = {fm}.get({key})")
+            out.emit(1, "if _v is not None:")
+            out.emit(2, "if _v.__class__ is Many:")
+            out.emit(3, "yield from _v")
+            out.emit(2, "else:")
+            out.emit(3, "yield _v")
 
     def _dispatch_on_constant(
         self, out: _Emitter, node: Node, clauses: Any, args: list, is_bool: bool
