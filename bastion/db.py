@@ -57,6 +57,22 @@ class Database:
             else:
                 self._conn.executemany(sql, rows)
 
+    def copy_rows(self, table: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+        """Load many rows into ``table`` at once: PostgreSQL's COPY; plain inserts on SQLite."""
+        with self._lock:
+            if self.is_postgres:
+                with (
+                    self._conn.cursor() as cur,
+                    cur.copy(f"COPY {table} ({', '.join(columns)}) FROM STDIN") as copy,
+                ):
+                    for row in rows:
+                        copy.write_row(row)
+            else:
+                marks = ", ".join("?" * len(columns))
+                self._conn.executemany(
+                    f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({marks})", rows
+                )
+
     @contextmanager
     def transaction(self, *, read_only: bool = False) -> Iterator[Database]:
         """All statements inside apply together or not at all. Nested calls join the outer one.

@@ -8,6 +8,7 @@ order is commit order and a replica that has applied sequence N has seen every e
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -28,6 +29,9 @@ from bastion.facts.model import (
 # Arguments 1..INDEXED_ARGS get a column of their own, so patterns on them are matched by SQL.
 INDEXED_ARGS = 4
 CHANGES_CHANNEL = "bastion_changes"
+# On PostgreSQL, batches at least this large are loaded with COPY.
+_COPY_THRESHOLD = 500
+_FACT_COLUMNS = ("key", "predicate", "arity", "a1", "a2", "a3", "a4", "args", "expires_at")
 
 _MIGRATIONS = [
     """
@@ -78,6 +82,36 @@ def fact_key(fact: tuple) -> str:
     return json.dumps([fact[0], *map(_arg_key, fact[1:])])
 
 
+def _rows(facts: Sequence[StoredFact]) -> list[tuple]:
+    """The ``facts`` table rows of these facts (columns as in `_FACT_COLUMNS`)."""
+    rows = []
+    pad = (None,) * INDEXED_ARGS
+    for f in facts:
+        args = f.fact[1:]
+        cols = (*map(_arg_key, args[:INDEXED_ARGS]), *pad)[:INDEXED_ARGS]
+        rows.append(
+            (
+                fact_key(f.fact),
+                f.fact[0],
+                len(args),
+                *cols,
+                json.dumps([arg_to_json(a) for a in args]),
+                f.expires_at,
+            )
+        )
+    return rows
+
+
+def _facts_payload(rows: list[tuple], deletes: list[tuple]) -> str:
+    """The change-log entry of a facts write, reusing the rows' encoded arguments."""
+    inserts = ",".join(
+        f'{{"predicate":{json.dumps(r[1])},"args":{r[7]}'
+        + (f',"expires_at":{float(r[8])!r}}}' if r[8] is not None else "}")
+        for r in rows
+    )
+    return f'{{"insert":[{inserts}],"delete":{json.dumps([fact_to_json(p) for p in deletes])}}}'
+
+
 def _args_from_json(args: list) -> tuple:
     # Rows were checked when they were written; only rebuild the entities.
     return tuple(Entity(a["type"], a["id"]) if a.__class__ is dict else a for a in args)
@@ -91,7 +125,11 @@ def epoch(expires_at: datetime | float | int | None) -> float | None:
         if expires_at.tzinfo is None:
             raise FactError("expires_at must carry a time zone (for example UTC)")
         return expires_at.timestamp()
-    if isinstance(expires_at, bool) or not isinstance(expires_at, (int, float)):
+    if (
+        isinstance(expires_at, bool)
+        or not isinstance(expires_at, (int, float))
+        or not math.isfinite(expires_at)
+    ):
         raise FactError(f"expires_at must be a datetime or epoch seconds, got {expires_at!r}")
     return float(expires_at)
 
@@ -174,10 +212,10 @@ class FactStore:
             self.db.execute("SELECT pg_advisory_xact_lock(hashtext(?))", ("bastion:changes",))
         return self.db.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM changes")[0][0]
 
-    def _log(self, seq: int, actor: str, kind: str, payload: dict) -> None:
+    def _log(self, seq: int, actor: str, kind: str, payload: str) -> None:
         self.db.execute(
             "INSERT INTO changes (seq, at, actor, kind, payload) VALUES (?, ?, ?, ?, ?)",
-            (seq, time.time(), actor, kind, json.dumps(payload, separators=(",", ":"))),
+            (seq, time.time(), actor, kind, payload),
         )
         if self.db.is_postgres:
             # Delivered at commit; listeners then catch up by sequence.
@@ -202,44 +240,39 @@ class FactStore:
             for f in inserts
         ]
         dels = [check_fact(p, pattern=True) for p in deletes]
+        # Encode before taking the writers' lock, so it is held only for the database work.
+        rows = _rows(ins)
+        payload = _facts_payload(rows, dels)
         with self.db.transaction():
             seq = self._begin_write()
             deleted = sum(self._delete_matching(p) for p in dels)
-            self._upsert(ins)
-            self._log(
-                seq,
-                actor,
-                "facts",
-                {
-                    "insert": [f.to_json() for f in ins],
-                    "delete": [fact_to_json(p) for p in dels],
-                },
-            )
+            self._upsert(rows)
+            self._log(seq, actor, "facts", payload)
         return WriteResult(seq, inserted=len(ins), deleted=deleted)
 
-    def _upsert(self, facts: Sequence[StoredFact]) -> None:
-        rows = []
-        for f in facts:
-            args = f.fact[1:]
-            cols = [_arg_key(a) for a in args[:INDEXED_ARGS]]
-            cols += [None] * (INDEXED_ARGS - len(cols))
-            rows.append(
-                (
-                    fact_key(f.fact),
-                    f.fact[0],
-                    len(args),
-                    *cols,
-                    json.dumps([arg_to_json(a) for a in args]),
-                    f.expires_at,
-                )
+    def _upsert(self, rows: list[tuple]) -> None:
+        if not rows:
+            return
+        if self.db.is_postgres and len(rows) >= _COPY_THRESHOLD:
+            # COPY into a scratch table, then one upsert: many times faster than row inserts.
+            # The same fact twice in one batch would trip the upsert; the last copy wins.
+            rows = list({row[0]: row for row in rows}.values())
+            self.db.execute(
+                "CREATE TEMP TABLE IF NOT EXISTS facts_incoming"
+                " (LIKE facts INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
             )
-        if rows:
-            self.db.executemany(
-                "INSERT INTO facts (key, predicate, arity, a1, a2, a3, a4, args, expires_at)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
-                " ON CONFLICT (key) DO UPDATE SET expires_at = excluded.expires_at",
-                rows,
+            self.db.copy_rows("facts_incoming", _FACT_COLUMNS, rows)
+            self.db.execute(
+                f"INSERT INTO facts ({', '.join(_FACT_COLUMNS)})"
+                f" SELECT {', '.join(_FACT_COLUMNS)} FROM facts_incoming"
+                " ON CONFLICT (key) DO UPDATE SET expires_at = excluded.expires_at"
             )
+            return
+        self.db.executemany(
+            f"INSERT INTO facts ({', '.join(_FACT_COLUMNS)}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+            " ON CONFLICT (key) DO UPDATE SET expires_at = excluded.expires_at",
+            rows,
+        )
 
     def _where(self, pattern: tuple) -> tuple[str, list]:
         sql = ["predicate = ?", "arity = ?"]
@@ -378,7 +411,7 @@ class FactStore:
                 " VALUES (?, ?, ?, ?, ?, ?)",
                 (version, text, source, time.time(), actor, note),
             )
-            self._log(seq, actor, "policy", {"version": version})
+            self._log(seq, actor, "policy", json.dumps({"version": version}))
         return version, seq
 
     def policy(self, version: int | None = None) -> PolicyVersion | None:

@@ -200,3 +200,51 @@ def test_concurrent_writers_get_distinct_gapless_sequences(database_url):
     assert stores[0].count() == 30
     for s in stores:
         s.close()
+
+
+def test_a_large_batch_with_repeats_is_stored_once_each_with_the_last_expiry(store):
+    repos = [("is_public", Entity("Repo", f"r{i}")) for i in range(1500)]
+    batch = [StoredFact(f) for f in repos] + [StoredFact(repos[0], 4102444800.0)]
+    store.apply(batch)
+    assert store.count() == 1500
+    assert store.get(repos[0])[0].expires_at == 4102444800.0
+    store.apply([StoredFact(f, 4102444800.0) for f in repos])
+    assert {f.expires_at for f in store.get()} == {4102444800.0}
+    assert store.count() == 1500
+
+
+def test_a_failed_large_batch_leaves_nothing_and_the_next_one_works(store):
+    repos = [("is_public", Entity("Repo", f"r{i}")) for i in range(800)]
+
+    def fail_after_upsert(*a, **k):
+        raise RuntimeError("stop")
+
+    original = store._log
+    store._log = fail_after_upsert
+    with pytest.raises(RuntimeError):
+        store.apply(repos)
+    store._log = original
+    assert store.count() == 0
+    store.apply(repos)
+    assert store.count() == 800
+
+
+@pytest.mark.parametrize("bad", [float("inf"), float("nan"), True, "tomorrow"])
+def test_an_expiry_must_be_a_finite_time(bad):
+    with pytest.raises(FactError):
+        StoredFact.from_json({"predicate": "is_public", "args": [], "expires_at": bad})
+
+
+def test_the_change_log_reads_back_what_was_written(store):
+    later = 4102444800.5
+    quoted = Entity("Repo", 'a "quoted" \\ name')
+    store.apply(
+        [StoredFact(("is_public", quoted), later), ("level", ALICE, 3, True, "x")],
+        deletes=[("has_role", None, "admin", ACME)],
+    )
+    (change,) = store.changes_since(0)
+    assert set(change.inserts) == {
+        StoredFact(("is_public", quoted), later),
+        StoredFact(("level", ALICE, 3, True, "x")),
+    }
+    assert change.deletes == (("has_role", None, "admin", ACME),)
