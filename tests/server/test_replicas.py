@@ -55,6 +55,17 @@ def test_a_role_deleted_through_one_replica_is_enforced_by_the_other_within_a_se
         assert r.json()["deleted"] == 1
         assert eventually(lambda: not decide(cb), within=1.0)
 
+        # An API key revoked through one replica is refused by the other too.
+        created = ca.post("/v1/keys", json={"name": "app", "scopes": ["decide"]}).json()
+        app_key = {"authorization": f"Bearer {created['key']}"}
+        assert cb.post("/v1/authorize", json=READ_ANVIL, headers=app_key).status_code == 200
+        ca.delete(f"/v1/keys/{created['id']}").raise_for_status()
+
+        def refused() -> bool:
+            return cb.post("/v1/authorize", json=READ_ANVIL, headers=app_key).status_code == 401
+
+        assert eventually(refused, within=2.0)  # each process remembers a key for one second
+
 
 def test_a_consistency_token_from_one_replica_is_honoured_by_the_other(postgres_url, serve):
     a, b = serve(postgres_url), serve(postgres_url)
