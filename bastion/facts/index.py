@@ -19,7 +19,9 @@ from bastion.facts.model import Entity
 
 
 def _key(values: tuple, positions: tuple[int, ...]) -> Any:
-    return values[positions[0]] if len(positions) == 1 else tuple(values[i] for i in positions)
+    if len(positions) == 1:
+        return values[positions[0]]
+    return tuple(values[i] for i in positions)
 
 
 class Many(list):
@@ -64,40 +66,47 @@ class PredicateFacts:
         self.arity = arity
         self.all: set[tuple] = set()
         self.modes: dict[str, dict] = {}
-        self._positions: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {}
+        self._positions: dict[tuple, tuple] = {}
 
-    def mode(self, mask: str) -> dict:
+    def mode(self, mask: str, fixed: tuple[tuple[int, Any], ...] = ()) -> dict:
         """The index for lookups where ``mask[i] == "b"`` marks a bound argument.
 
         It maps the bound values (one value, or a tuple) to the free ones (one value or a tuple
-        per fact; several facts under one key are held in a `Many`).
+        per fact; several facts under one key are held in a `Many`). ``fixed`` lists arguments
+        that compiled code always asks about with one constant, as (position, value): the index
+        then holds only the facts with those values, and they are left out of its keys.
         """
-        index = self.modes.get(mask)
+        shape = (mask, fixed)
+        index = self.modes.get(shape)
         if index is None:
-            bound = tuple(i for i, m in enumerate(mask) if m == "b")
+            pinned = {p for p, _ in fixed}
+            bound = tuple(i for i, m in enumerate(mask) if m == "b" and i not in pinned)
             free = tuple(i for i, m in enumerate(mask) if m != "b")
-            self._positions[mask] = (bound, free)
-            index = self.modes[mask] = {}
+            self._positions[shape] = (bound, free, fixed)
+            index = self.modes[shape] = {}
             for values in self.all:
-                _append(index, _key(values, bound), _key(values, free))
+                if all(values[p] == v for p, v in fixed):
+                    _append(index, _key(values, bound), _key(values, free))
         return index
 
     def add(self, values: tuple) -> bool:
         if values in self.all:
             return False
         self.all.add(values)
-        for mask, index in self.modes.items():
-            bound, free = self._positions[mask]
-            _append(index, _key(values, bound), _key(values, free))
+        for shape, index in self.modes.items():
+            bound, free, fixed = self._positions[shape]
+            if not fixed or all(values[p] == v for p, v in fixed):
+                _append(index, _key(values, bound), _key(values, free))
         return True
 
     def remove(self, values: tuple) -> bool:
         if values not in self.all:
             return False
         self.all.discard(values)
-        for mask, index in self.modes.items():
-            bound, free = self._positions[mask]
-            _discard(index, _key(values, bound), _key(values, free))
+        for shape, index in self.modes.items():
+            bound, free, fixed = self._positions[shape]
+            if not fixed or all(values[p] == v for p, v in fixed):
+                _discard(index, _key(values, bound), _key(values, free))
         return True
 
 
@@ -187,9 +196,9 @@ class FactIndex:
         candidates: Iterable[tuple] = pf.all
         if bound:
             mask = "".join("b" if a is not None else "f" for a in args)
-            if mask in pf.modes:
+            if (mask, ()) in pf.modes:
                 free = [i for i, a in enumerate(args) if a is None]
-                hits = pf.modes[mask].get(_key(args, tuple(bound)))
+                hits = pf.modes[(mask, ())].get(_key(args, tuple(bound)))
                 rows = []
                 for hit in () if hits is None else items_of(hits):
                     row = list(args)

@@ -239,9 +239,12 @@ class CompiledPolicy:
             out.emit(1, f"yield from {fa}" if node.arity > 1 else f"for _t in {fa}: yield _t[0]")
         else:
             fact_mask = "".join("f" if a is None else "b" for a in args)
-            fm = f"FM_{node.name}_{node.arity}_{fact_mask}"
-            self.namespace[fm] = pf.mode(fact_mask)
-            key = bound[0] if len(bound) == 1 else f"({', '.join(bound)})"
+            values = iter(node.consts)
+            fixed = tuple((i, next(values)) for i, m in enumerate(node.mask) if m == "c")
+            fm = f"FM{next(self._counter)}_{node.name}_{node.arity}_{node.mask}"
+            self.namespace[fm] = pf.mode(fact_mask, fixed)
+            keys = [f"a{i}" for i, m in enumerate(node.mask) if m == "b"]
+            key = keys[0] if len(keys) == 1 else f"({''.join(k + ', ' for k in keys)})"
             out.emit(1, f"_v = {fm}.get({key})")
             out.emit(1, "if _v is not None:")
             out.emit(2, "if _v.__class__ is Many:")
