@@ -30,9 +30,16 @@ format: $(STAMP)
 	$(BIN)/ruff format bastion tests benchmarks
 	$(BIN)/ruff check --fix bastion tests benchmarks
 
-bench: $(STAMP)
-	$(BIN)/pip install --quiet -e '.[test,bench]'
-	$(BIN)/python benchmarks/policy_bench.py
+# The peers have their own environment: oso 0.27.3 pins an older cffi than the runtime wants.
+BENCH := .venv-bench
+$(BENCH)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(BENCH)
+	$(BENCH)/bin/pip install --quiet --upgrade pip
+	$(BENCH)/bin/pip install --quiet -e '.[bench]'
+	@touch $(BENCH)/.installed
+
+bench: $(BENCH)/.installed
+	$(BENCH)/bin/python benchmarks/policy_bench.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(BENCH) .pytest_cache .ruff_cache
