@@ -29,7 +29,7 @@ from bastion.policy.program import (
 )
 from bastion.policy.runtime import MISSING, Query, compare, contains, members
 
-MAX_DEPTH = 12
+MAX_DEPTH = 64
 MAX_SOLUTIONS = 64
 MAX_FAILED_PATHS = 16
 
@@ -391,7 +391,12 @@ def explain(
     text = _goal("allow", query)
     steps: list[Step] = []
     proofs = interp.solve("allow", query, 0)
-    if proofs:
+    if allowed and not proofs:
+        # Only when the proof is deeper than MAX_DEPTH: say so rather than show a false path.
+        steps.append(
+            Step(text, True, "rule", reason=f"proved, but deeper than {MAX_DEPTH} steps to show")
+        )
+    elif proofs:
         steps.append(proofs[0][1])
         if program.has_deny:
             denials = interp.solve("deny", query, 0)

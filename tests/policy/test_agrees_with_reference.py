@@ -63,7 +63,13 @@ def test_gitclub_authorize_list_and_actions_agree(facts, actor, action, resource
     policy = (EXAMPLES / "gitclub.polar").read_text()
     authz = _engine(policy, facts)
     ref = Reference(authz.policy.program, facts, None, [actor, resource, action])
-    assert authz.authorize(actor, action, resource) == ref.allowed(actor, action, resource)
+    allowed = ref.allowed(actor, action, resource)
+    assert authz.authorize(actor, action, resource) == allowed
+    explanation = authz.decide(actor, action, resource).explanation
+    assert explanation.allowed == allowed
+    # The explanation agrees with the answer: a proof of allow, and of deny when denied by one.
+    proved = explanation.steps[0].ok and not any(s.ok for s in explanation.steps[1:])
+    assert proved == allowed, str(explanation)
     for resource_type in ("Organization", "Repository", "Issue"):
         assert authz.list(actor, action, resource_type) == ref.list(actor, action, resource_type)
     assert authz.actions(actor, resource) == ref.actions(actor, resource)
