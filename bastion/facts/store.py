@@ -394,6 +394,21 @@ class FactStore:
                 out.append(Change(seq_, at, actor, kind, policy_version=body["version"]))
         return out
 
+    def prune_changes(self, keep: int) -> int:
+        """Delete all but the latest ``keep`` change-log entries; return how many went.
+
+        The latest entry always stays, so sequences go on from it. A replica that needed a pruned
+        entry notices the gap and reloads a snapshot.
+        """
+        keep = max(1, keep)
+        with self.db.transaction():
+            self._begin_write()
+            rows = self.db.execute(
+                "DELETE FROM changes WHERE seq <= (SELECT MAX(seq) FROM changes) - ? RETURNING seq",
+                (keep,),
+            )
+        return len(rows)
+
     # -- policy versions -------------------------------------------------------------------
 
     def put_policy(

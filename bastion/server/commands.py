@@ -459,6 +459,20 @@ def cmd_policy_rollback(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- changes prune -----------------------------------------------------------------------------
+
+
+def cmd_changes_prune(args: argparse.Namespace) -> int:
+    store = _local_store(args)
+    try:
+        removed = store.prune_changes(args.keep)
+        head = store.head()
+    finally:
+        store.close()
+    print(f"removed {removed} change-log entries; the log now ends at {head}", file=sys.stderr)
+    return 0
+
+
 # -- registration ------------------------------------------------------------------------------
 
 
@@ -532,6 +546,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("file", nargs="?", default="-")
     _target_options(p)
     p.set_defaults(func=_guard(cmd_facts_export))
+
+    changes = _subcommands(sub, "changes", "the change log that replicas follow")
+    p = changes.add_parser(
+        "prune", help="drop old change-log entries (replicas further behind reload a snapshot)"
+    )
+    p.add_argument("--keep", type=int, default=100_000, help="entries to keep (default 100000)")
+    p.add_argument("--database", help="SQLite path or postgresql:// URL (or BASTION_DATABASE)")
+    p.add_argument("--config", help="bastion.toml to read the database from")
+    p.set_defaults(func=_guard(cmd_changes_prune))
 
     policy = _subcommands(sub, "policy", "policy commands")
     p = policy.add_parser("push", help="validate a policy file and put it in force")

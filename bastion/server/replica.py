@@ -56,6 +56,13 @@ def load_facts(authz: Authorizer, facts: list[StoredFact]) -> list[StoredFact]:
     return refused
 
 
+def _build(text: str, facts: list[StoredFact], source: str) -> tuple[Authorizer, list[StoredFact]]:
+    authz = Authorizer("")
+    if text:
+        authz.load_policy(text, source=source or "policy.polar")
+    return authz, load_facts(authz, facts)
+
+
 class Replica:
     """The decision state of this process: an `Authorizer`, the policy version, the sequence."""
 
@@ -85,19 +92,7 @@ class Replica:
         self._loop = asyncio.get_running_loop()
         self._wake = asyncio.Event()
         self._advanced = asyncio.Condition()
-        started = time.perf_counter()
-        seq, facts, policy = await anyio.to_thread.run_sync(self.store.snapshot)
-        text, source = (policy.text, policy.source) if policy else ("", "")
-        self.authz = await anyio.to_thread.run_sync(self._build, text, facts, source)
-        self.policy_version = policy.version if policy else None
-        self.applied = self.head_seen = seq
-        log.info(
-            "loaded %d facts and policy version %s at sequence %d in %.2fs",
-            len(facts),
-            self.policy_version,
-            seq,
-            time.perf_counter() - started,
-        )
+        await self._resync()
         if self.is_postgres:
             self._listener = threading.Thread(
                 target=self._listen, name="bastion-listen", daemon=True
@@ -106,14 +101,25 @@ class Replica:
         self._task = asyncio.create_task(self._follow())
         self.ready = True
 
-    def _build(self, text: str, facts: list[StoredFact], source: str) -> Authorizer:
-        authz = Authorizer("")
-        if text:
-            authz.load_policy(text, source=source or "policy.polar")
-        self.unusable = load_facts(authz, facts)
-        if self.unusable:
-            log.warning("%d stored facts are not used by the policy in force", len(self.unusable))
-        return authz
+    async def _resync(self) -> None:
+        """Load a snapshot into a new `Authorizer`, then swap it in (decisions go on meanwhile)."""
+        started = time.perf_counter()
+        seq, facts, policy = await anyio.to_thread.run_sync(self.store.snapshot)
+        text, source = (policy.text, policy.source) if policy else ("", "")
+        authz, unusable = await anyio.to_thread.run_sync(_build, text, facts, source)
+        if unusable:
+            log.warning("%d stored facts are not used by the policy in force", len(unusable))
+        self.authz, self.unusable = authz, unusable
+        self.policy_version = policy.version if policy else None
+        self.applied = seq
+        self.head_seen = max(self.head_seen, seq)
+        log.info(
+            "loaded %d facts and policy version %s at sequence %d in %.2fs",
+            len(facts),
+            self.policy_version,
+            seq,
+            time.perf_counter() - started,
+        )
 
     async def stop(self) -> None:
         self._stopping.set()
@@ -164,6 +170,17 @@ class Replica:
                 log.warning("cannot read the change log (%s); retrying", e)
                 changes = []
                 await asyncio.sleep(0.5)
+            if changes and changes[0].seq != self.applied + 1:
+                # The entries this replica needs were pruned: start again from a snapshot.
+                log.warning(
+                    "change log pruned past sequence %d (next is %d); reloading a snapshot",
+                    self.applied,
+                    changes[0].seq,
+                )
+                await self._resync()
+                async with self._advanced:
+                    self._advanced.notify_all()
+                continue
             if changes:
                 for change in changes:
                     self._apply(change)

@@ -248,3 +248,13 @@ def test_the_change_log_reads_back_what_was_written(store):
         StoredFact(("level", ALICE, 3, True, "x")),
     }
     assert change.deletes == (("has_role", None, "admin", ACME),)
+
+
+def test_pruning_the_change_log_keeps_the_head_and_sequences_go_on(store):
+    for i in range(5):
+        store.apply([("is_public", Entity("Repo", f"r{i}"))])
+    assert store.prune_changes(2) == 3
+    assert [c.seq for c in store.changes_since(0)] == [4, 5]
+    assert store.prune_changes(0) == 1  # the latest entry always stays
+    assert store.apply([("is_public", ANVIL)]).seq == 6
+    assert store.count() == 6

@@ -389,3 +389,25 @@ def test_facts_a_later_policy_cannot_use_are_kept_and_count_again_after_a_rollba
         assert api.get("/readyz").json()["facts"] == 1  # has_relation waits in the store
         api.post("/v1/policy/rollback", json={"version": 1}).raise_for_status()
         assert allowed(api, "alice", "read", "Repo", "anvil")
+
+
+def test_a_replica_behind_a_pruned_change_log_reloads_a_snapshot(config):
+    from bastion.facts.store import FactStore
+
+    idle = config.__class__(**{**config.__dict__, "poll_interval": 3600.0})
+    with TestClient(create_app(idle)) as api:
+        api.headers["authorization"] = f"Bearer {config.admin_key}"
+        # Written behind this replica's back (it polls once an hour), then pruned.
+        other = FactStore.open(config.database)
+        other.apply([("has_role", *_alice_reader_anvil())])
+        seq = other.apply([("has_role", *_alice_reader_anvil("forge"))]).seq
+        assert other.prune_changes(1) >= 1
+        other.close()
+        assert allowed(api, "alice", "read", "Repo", "anvil", at_least=seq)
+        assert allowed(api, "alice", "read", "Repo", "forge")
+
+
+def _alice_reader_anvil(repo: str = "anvil") -> tuple:
+    from bastion.facts.model import Entity
+
+    return (Entity("User", "alice"), "reader", Entity("Repo", repo))
