@@ -61,6 +61,7 @@ async def read_body(request: Request, limit: int) -> bytes:
 async def read_json(request: Request) -> dict:
     """The body as a JSON object; anything else is a 400 that says so."""
     body = await read_body(request, request.app.state.config.max_body_bytes)
+    request.state.body_size = len(body)
     try:
         value = json.loads(body or b"null")
     except (UnicodeDecodeError, json.JSONDecodeError) as e:

@@ -411,3 +411,15 @@ def _alice_reader_anvil(repo: str = "anvil") -> tuple:
     from bastion.facts.model import Entity
 
     return (Entity("User", "alice"), "reader", Entity("Repo", repo))
+
+
+def test_a_large_context_is_not_kept_for_a_later_explanation(api):
+    write_roles(api, role("alice", "reader", "Repo", "anvil"))
+    body = {"actor": "User:alice", "action": "read", "resource": "Repo:anvil"}
+    small = api.post("/v1/authorize", json={**body, "context": {"ip": "127.0.0.1"}}).json()
+    large = api.post("/v1/authorize", json={**body, "context": {"blob": "x" * 70_000}}).json()
+    kept = api.get(f"/v1/decisions/{small['decision_id']}").json()
+    assert kept["request"]["context"] == {"ip": "127.0.0.1"}
+    assert "context" not in api.get(f"/v1/decisions/{large['decision_id']}").json()["request"]
+    r = api.get(f"/v1/decisions/{large['decision_id']}/explanation")
+    assert_problem(r, 409, '"explain": true')

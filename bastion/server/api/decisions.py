@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import itertools
 import secrets
 import time
@@ -23,6 +24,8 @@ from bastion.server.replica import ConsistencyTimeout, Replica
 
 MAX_BATCH = 1000
 MAX_PAGE = 1000
+# Contexts of requests larger than this are not kept in the decision log.
+KEEP_CONTEXT_BYTES = 64 * 1024
 
 
 @dataclass
@@ -142,6 +145,16 @@ def _record(
     return decision_id
 
 
+def _keep_context(request: Request, req: dict, context: dict | None) -> None:
+    """Remember the context with the decision, unless the request was large (bounded memory)."""
+    if context is None:
+        return
+    if getattr(request.state, "body_size", 0) > KEEP_CONTEXT_BYTES:
+        req["context_omitted"] = True
+    else:
+        req["context"] = context
+
+
 def _observe(request: Request, kind: str, started: float, result: str) -> None:
     metrics = request.app.state.metrics
     metrics.latency.labels(kind).observe(time.perf_counter() - started)
@@ -173,8 +186,7 @@ async def authorize(request: Request) -> JSONResponse:
         allowed = authz.authorize(actor, action, resource, context)
     _observe(request, "authorize", started, "allow" if allowed else "deny")
     req = {"actor": _entity_json(actor), "action": action, "resource": _entity_json(resource)}
-    if context is not None:
-        req["context"] = context
+    _keep_context(request, req, context)
     decision_id = _record(request, "authorize", req, allowed, explanation)
     out = {"allowed": allowed, "decision_id": decision_id, "sequence": replica.applied}
     if explanation is not None:
@@ -205,8 +217,7 @@ async def authorize_batch(request: Request) -> JSONResponse:
         allowed = authz.authorize(actor, action, resource, context)
         _observe(request, "authorize", started, "allow" if allowed else "deny")
         req = {"actor": _entity_json(actor), "action": action, "resource": _entity_json(resource)}
-        if context is not None:
-            req["context"] = context
+        _keep_context(request, req, context)
         results.append(
             {"allowed": allowed, "decision_id": _record(request, "authorize", req, allowed)}
         )
@@ -230,7 +241,8 @@ async def list_resources(request: Request) -> JSONResponse:
     started = time.perf_counter()
     ids = sorted(authz.list(actor, action, resource_type, context))
     _observe(request, "list", started, "allow" if ids else "deny")
-    page = [i for i in ids if i > cursor][:limit] if cursor else ids[:limit]
+    start = bisect.bisect_right(ids, cursor) if cursor else 0
+    page = ids[start : start + limit]
     more = bool(page) and page[-1] != ids[-1]
     req = {"actor": _entity_json(actor), "action": action, "resource_type": resource_type}
     decision_id = _record(request, "list", req, {"count": len(ids)})
@@ -326,6 +338,13 @@ async def explain(request: Request) -> JSONResponse:
         out["exact"] = True
         return JSONResponse(out)
     r = record.request
+    if r.get("context_omitted"):
+        raise Problem(
+            409,
+            "Not explainable",
+            "the request was too large for its context to be kept; send it again with"
+            ' "explain": true to get the explanation in the answer',
+        )
     decision = replica.authz.decide(
         Entity(**r["actor"]), r["action"], Entity(**r["resource"]), r.get("context")
     )
