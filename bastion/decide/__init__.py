@@ -328,6 +328,16 @@ class Authorizer:
             self._index.lock.release()
         return found
 
+    def defines(self, predicate: str, arity: int) -> bool:
+        """True when the policy in force has rules or facts for ``predicate/arity``."""
+        return self._active.compiled.defines(predicate, arity)
+
+    def holds(self, predicate: str, *args: Any, context: dict | None = None) -> bool:
+        """True when ``predicate(*args)`` holds (every argument bound); False if undefined."""
+        return self.defines(predicate, len(args)) and bool(
+            self.query(predicate, *args, context=context)
+        )
+
     def query(self, predicate: str, *args: Any, context: dict | None = None) -> list[tuple]:
         """Every ``(predicate, *values)`` that holds, with `Variable` (or None) args left open."""
         active = self._active
