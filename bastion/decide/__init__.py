@@ -193,6 +193,17 @@ def _describe(spec: tuple) -> str:
     return "|".join(sorted(allowed)) or "nothing"
 
 
+def _check_arguments(*args: Any) -> None:
+    """Raise a clear error for a decision argument that is neither an entity nor a value."""
+    for name, arg in zip(("actor", "action", "resource"), args, strict=False):
+        if not isinstance(arg, (Entity, str, int, float, bool)) or (
+            isinstance(arg, Entity) and not all(isinstance(x, str) for x in arg)
+        ):
+            raise FactError(
+                f"{name} must be an Entity or a string, integer or boolean, got {arg!r}"
+            )
+
+
 class Authorizer:
     """A policy in force over a set of facts. Thread-safe."""
 
@@ -257,9 +268,13 @@ class Authorizer:
         return q
 
     def _allowed(self, active: _Active, q: Query, actor: Any, action: Any, resource: Any) -> bool:
-        if active.allow is None or not active.allow(q, actor, action, resource):
-            return False
-        return active.deny is None or not active.deny(q, actor, action, resource)
+        try:
+            if active.allow is None or not active.allow(q, actor, action, resource):
+                return False
+            return active.deny is None or not active.deny(q, actor, action, resource)
+        except TypeError:
+            _check_arguments(actor, action, resource)  # say which argument is wrong
+            raise
 
     def authorize(
         self, actor: Any, action: Any, resource: Any, context: dict | None = None
@@ -294,14 +309,13 @@ class Authorizer:
 
         Only resources that some fact mentions can be listed.
         """
+        _check_arguments(actor, action)
         active = self._active
         if active.allow is None:
             return []
         q = self._begin(context)
         try:
-            fn = active.compiled.function(
-                "allow", 3, "bbf"
-            )  # compiled on first use, under the lock
+            fn = active.compiled.function("allow", 3, "bbf")  # compiled on first use, locked
             found = {
                 r for r in fn(q, actor, action) if r.__class__ is Entity and r[0] == resource_type
             }
@@ -313,14 +327,13 @@ class Authorizer:
 
     def actions(self, actor: Any, resource: Any, context: dict | None = None) -> set[str]:
         """Every action ``actor`` may take on ``resource``."""
+        _check_arguments(actor, "", resource)
         active = self._active
         if active.allow is None:
             return set()
         q = self._begin(context)
         try:
-            fn = active.compiled.function(
-                "allow", 3, "bfb"
-            )  # compiled on first use, under the lock
+            fn = active.compiled.function("allow", 3, "bfb")  # compiled on first use, locked
             found = {a for a in fn(q, actor, resource) if isinstance(a, str)}
             if active.deny is not None:
                 found = {a for a in found if not active.deny(q, actor, a, resource)}
