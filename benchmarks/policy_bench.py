@@ -24,6 +24,7 @@ import json
 import os
 import random
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -395,9 +396,17 @@ def main() -> None:
     )
     parser.add_argument("--cedarpy-max", type=int, default=1_000_000)
     args = parser.parse_args()
-    print(f"python {sys.version.split()[0]}; medians of 15 batches per figure; times are per call")
-    for size in args.sizes:
-        run(size, args.peers, {"oso": args.oso_max, "cedarpy": args.cedarpy_max})
+    if len(args.sizes) > 1:
+        # One process per size, so that memory freed by one size cannot hide the next one's.
+        print(
+            f"python {sys.version.split()[0]}; medians of 15 batches per figure; times are per call"
+        )
+        for size in args.sizes:
+            sys.stdout.flush()
+            subprocess.run([sys.executable, __file__, "--sizes", str(size), "--peers", *args.peers,
+                            "--oso-max", str(args.oso_max), "--cedarpy-max", str(args.cedarpy_max)], check=True)  # fmt: skip
+        return
+    run(args.sizes[0], args.peers, {"oso": args.oso_max, "cedarpy": args.cedarpy_max})
 
 
 if __name__ == "__main__":
