@@ -11,7 +11,6 @@ from __future__ import annotations
 import heapq
 import sys
 import threading
-import time
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -109,6 +108,31 @@ class PredicateFacts:
                 _discard(index, _key(values, bound), _key(values, free))
         return True
 
+    def candidates(self, args: tuple) -> list[tuple]:
+        """Argument tuples that may fit ``args`` (``None`` = any): read from the existing index
+        that binds the most of them, or every fact when none fits."""
+        best, best_bound = None, 0
+        for shape, (bound, _free, fixed) in self._positions.items():
+            if any(args[p] is None or args[p] != v for p, v in fixed):
+                continue
+            if any(args[p] is None for p in bound):
+                continue
+            if len(bound) + len(fixed) > best_bound:
+                best, best_bound = shape, len(bound) + len(fixed)
+        if best is None:
+            return list(self.all)
+        bound, free, fixed = self._positions[best]
+        found = self.modes[best].get(_key(args, bound)) if bound else self.modes[best].get(())
+        rows = []
+        for hit in () if found is None else items_of(found):
+            row = list(args)
+            for i, v in zip(free, (hit,) if len(free) == 1 else hit, strict=True):
+                row[i] = v
+            for p, v in fixed:
+                row[p] = v
+            rows.append(tuple(row))
+        return rows
+
 
 class FactIndex:
     """All facts in memory. Every read and write holds ``lock`` (not re-entrant), so a batch of
@@ -131,7 +155,8 @@ class FactIndex:
             pf = self.predicates[key] = PredicateFacts(name, arity)
         return pf
 
-    def _intern(self, value: Any) -> Any:
+    def intern(self, value: Any) -> Any:
+        """The shared copy of an entity or string, so that equal values are stored once."""
         if isinstance(value, Entity):
             found = self._interned.get(value)
             if found is None:
@@ -145,7 +170,7 @@ class FactIndex:
     # -- writes (callers hold the lock) -----------------------------------------------------
 
     def add(self, fact: tuple, expires_at: float | None = None) -> bool:
-        values = tuple(self._intern(v) for v in fact[1:])
+        values = tuple(self.intern(v) for v in fact[1:])
         added = self.predicate(fact[0], len(values)).add(values)
         if added:
             self.count += 1
@@ -185,33 +210,14 @@ class FactIndex:
     # -- reads ------------------------------------------------------------------------------
 
     def matching(self, pattern: tuple) -> Iterator[tuple]:
-        """Facts that fit ``pattern`` (``None`` is a wildcard)."""
-        name, args = pattern[0], pattern[1:]
+        """Facts that fit ``pattern`` (``None`` is a wildcard), using an index when one fits."""
+        name, args = pattern[0], tuple(pattern[1:])
         pf = self.predicates.get((name, len(args)))
         if pf is None:
             return iter(())
-        if all(a is not None for a in args):
-            return iter([(name, *args)] if tuple(args) in pf.all else [])
-        bound = [i for i, a in enumerate(args) if a is not None]
-        candidates: Iterable[tuple] = pf.all
-        if bound:
-            mask = "".join("b" if a is not None else "f" for a in args)
-            if (mask, ()) in pf.modes:
-                free = [i for i, a in enumerate(args) if a is None]
-                hits = pf.modes[(mask, ())].get(_key(args, tuple(bound)))
-                rows = []
-                for hit in () if hits is None else items_of(hits):
-                    row = list(args)
-                    parts = (hit,) if len(free) == 1 else hit
-                    for i, v in zip(free, parts, strict=True):
-                        row[i] = v
-                    rows.append(tuple(row))
-                candidates = rows
-        return (
-            (name, *v)
-            for v in list(candidates)
-            if all(a is None or a == b for a, b in zip(args, v, strict=True))
-        )
+        if None not in args:
+            return iter([(name, *args)] if args in pf.all else [])
+        return ((name, *values) for values in pf.candidates(args) if _fits(values, args))
 
     def __iter__(self) -> Iterator[tuple]:
         for (name, _), pf in list(self.predicates.items()):
@@ -241,5 +247,5 @@ class FactIndex:
                     counts.pop(v, None)
 
 
-def now() -> float:
-    return time.time()
+def _fits(values: tuple, args: tuple) -> bool:
+    return all(a is None or a == v for a, v in zip(args, values, strict=True))

@@ -128,7 +128,7 @@ class CompiledPolicy:
         name = self._constants.get(key)
         if name is None:
             name = self._constants[key] = f"K{next(self._counter)}"
-            self.namespace[name] = self.index._intern(value) if isinstance(value, Entity) else value
+            self.namespace[name] = self.index.intern(value) if isinstance(value, Entity) else value
         return name
 
     def _ensure(self, node: Node) -> str:

@@ -256,3 +256,24 @@ def test_reloading_the_policy_keeps_the_facts(gitclub):
     )
     assert not gitclub.authorize(User("carol"), "delete", Repo("anvil"))
     assert gitclub.authorize(User("carol"), "push", Repo("anvil"))
+
+
+def test_fact_patterns_read_through_indexes_match_a_full_scan(gitclub):
+    # Build the indexes that decisions use, then compare pattern reads with a plain filter.
+    gitclub.list(User("alice"), "read", "Repository")
+    everything = list(gitclub.facts)
+    patterns = [
+        ("has_relation", Repo("anvil"), "parent", None),
+        ("has_relation", None, "parent", Org("acme")),
+        ("has_role", User("alice"), "member", None),
+        ("has_role", None, None, Org("acme")),
+        ("has_role", None, "admin", None),
+        ("is_public", None),
+    ]
+    for pattern in patterns:
+        expected = sorted(
+            (f for f in everything if len(f) == len(pattern) and f[0] == pattern[0]
+             and all(p is None or p == v for p, v in zip(pattern[1:], f[1:], strict=True))),
+            key=repr,
+        )  # fmt: skip
+        assert sorted(gitclub.facts.get(pattern), key=repr) == expected, pattern
