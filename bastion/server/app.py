@@ -77,20 +77,29 @@ def _bootstrap_policy(store: FactStore, config: ServerConfig) -> None:
     store.put_policy(text, source=path.name, actor="bastion.toml", note="policy_file at start")
 
 
-def _oauth_routes(config: ServerConfig, db: Database) -> list[BaseRoute]:
-    """The OAuth authorization server's routes, mounted at the root, from the [oauth] table.
+def _oauth_server(config: ServerConfig, db: Database):
+    """The OAuth authorization server from the [oauth] table, or None.
 
     This is the single place where the authorization server plugs in.
     """
     if not config.oauth:
-        return []
+        return None
     try:
         from bastion.oauth import AuthorizationServer
     except ImportError as e:
         raise ConfigError(
             f"bastion.toml has an [oauth] table but the authorization server is unavailable: {e}"
         ) from None
-    return list(AuthorizationServer(config.oauth, db).routes())
+    return AuthorizationServer(config.oauth, db)
+
+
+# -- MCP gateway (issue 5): mounted when bastion.toml has a [gateway] table ---------------------
+def _gateway(config: ServerConfig, oauth, replica: Replica):
+    if not config.gateway:
+        return None
+    from bastion.gateway.mount import gateway_from_config
+
+    return gateway_from_config(config, oauth, lambda: replica.authz)
 
 
 def create_app(config: ServerConfig) -> Starlette:
@@ -106,12 +115,19 @@ def create_app(config: ServerConfig) -> Starlette:
         lambda: len(replica.authz.facts), lambda: replica.applied, lambda: replica.lag
     )
 
+    oauth = _oauth_server(config, db)
+    gateway = _gateway(config, oauth, replica)
+
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await replica.start()
+        if gateway is not None:
+            await gateway.start()
         try:
             yield
         finally:
+            if gateway is not None:
+                await gateway.close()
             await replica.stop()
             await anyio.to_thread.run_sync(db.close)
 
@@ -121,7 +137,8 @@ def create_app(config: ServerConfig) -> Starlette:
         Route("/metrics", metrics_endpoint, methods=["GET"]),
         Route("/v1/openapi.json", openapi, methods=["GET"]),
         *api.routes(),
-        *_oauth_routes(config, db),
+        *(oauth.routes() if oauth is not None else []),
+        *(gateway.routes() if gateway is not None else []),
     ]
     app = Starlette(
         routes=routes,
@@ -134,4 +151,6 @@ def create_app(config: ServerConfig) -> Starlette:
     app.state.replica = replica
     app.state.metrics = metrics
     app.state.decisions = DecisionLog(config.decision_log_size)
+    app.state.oauth = oauth
+    app.state.gateway = gateway
     return app

@@ -42,6 +42,8 @@ class ServerConfig:
     admin_key: str = field(default="", repr=False)
     # The [oauth] table, handed to the authorization server as it is.
     oauth: dict[str, Any] = field(default_factory=dict)
+    # The [gateway] table, read by bastion.gateway.config (issue 5).
+    gateway: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def load(
@@ -72,11 +74,13 @@ class ServerConfig:
             values.update(server)
             if "oauth" in data:
                 values["oauth"] = data["oauth"]
+            if "gateway" in data:
+                values["gateway"] = data["gateway"]
         elif path is not None:
             raise ConfigError(f"configuration file {file} does not exist")
         names = {f.name: f for f in fields(cls)}
         for name in names:
-            if name == "oauth":
+            if name in ("oauth", "gateway"):
                 continue
             var = f"BASTION_{name.upper()}"
             if var in env:

@@ -1,0 +1,151 @@
+"""Decision records: one row per decision the gateway enforced, enough to explain it later.
+
+A record holds the decision id, the time, the principals, the MCP method and target, a SHA-256
+digest of the arguments (never the arguments: they may hold personal data), the context the
+policy saw, the result, the rules that decided, the obligations applied and the latency.
+Records are buffered in memory and written in batches off the request path.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from bastion.db import Database
+
+_MIGRATIONS = [
+    """
+    CREATE TABLE audit_decisions (
+        seq BIGINT PRIMARY KEY,
+        id TEXT NOT NULL UNIQUE,
+        at DOUBLE PRECISION NOT NULL,
+        server TEXT NOT NULL,
+        method TEXT NOT NULL,
+        target TEXT NOT NULL,
+        principals TEXT NOT NULL,
+        result TEXT NOT NULL,
+        arguments_digest TEXT NOT NULL,
+        record TEXT NOT NULL
+    );
+    CREATE INDEX audit_decisions_at ON audit_decisions (at);
+    """,
+]
+
+# How the `result` column reads: allow, deny, step_up, rate_limited, held, error.
+RESULTS = ("allow", "deny", "step_up", "rate_limited", "held", "error")
+
+
+def new_decision_id() -> str:
+    return uuid.uuid4().hex
+
+
+@dataclass(frozen=True)
+class DecisionRecord:
+    id: str
+    at: float
+    server: str
+    method: str
+    target: str
+    principals: tuple[str, ...]
+    result: str
+    arguments_digest: str = ""
+    context: dict[str, Any] = field(default_factory=dict)
+    # The principal the decision turned on (the one refused, or the last one allowed).
+    deciding_principal: str = ""
+    rules: tuple[str, ...] = ()
+    obligations: dict[str, Any] = field(default_factory=dict)
+    reason: str = ""
+    latency_us: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["principals"] = list(self.principals)
+        data["rules"] = list(self.rules)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> DecisionRecord:
+        data = dict(data)
+        data["principals"] = tuple(data.get("principals", ()))
+        data["rules"] = tuple(data.get("rules", ()))
+        return cls(**data)
+
+
+class DecisionRecords:
+    """Appends and reads decision records. `add` only buffers; `flush` writes."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+        db.migrate("audit_decisions", _MIGRATIONS)
+        self._buffer: list[DecisionRecord] = []
+        self._lock = threading.Lock()
+
+    def add(self, record: DecisionRecord) -> None:
+        with self._lock:
+            self._buffer.append(record)
+
+    def flush(self) -> int:
+        with self._lock:
+            batch, self._buffer = self._buffer, []
+        if not batch:
+            return 0
+        rows = [
+            (
+                0,
+                r.id,
+                r.at,
+                r.server,
+                r.method,
+                r.target,
+                json.dumps(list(r.principals)),
+                r.result,
+                r.arguments_digest,
+                json.dumps(r.to_dict(), sort_keys=True, default=str),
+            )
+            for r in batch
+        ]
+        with self.db.transaction():
+            # Sequences give `audit tail` a total order; writers are serialised to assign them.
+            if self.db.is_postgres:
+                self.db.execute("SELECT pg_advisory_xact_lock(hashtext('bastion:audit_decisions'))")
+            head = self.db.execute("SELECT COALESCE(MAX(seq), 0) FROM audit_decisions")[0][0]
+            rows = [(head + i, *row[1:]) for i, row in enumerate(rows, start=1)]
+            self.db.executemany(
+                "INSERT INTO audit_decisions (seq, id, at, server, method, target, principals,"
+                " result, arguments_digest, record) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                rows,
+            )
+        return len(batch)
+
+    def after(self, seq: int = 0, limit: int = 1000) -> list[tuple[int, DecisionRecord]]:
+        """Records written after sequence ``seq``, oldest first, with their sequence."""
+        rows = self.db.execute(
+            "SELECT seq, record FROM audit_decisions WHERE seq > ? ORDER BY seq LIMIT ?",
+            (seq, limit),
+        )
+        return [(s, DecisionRecord.from_dict(json.loads(text))) for s, text in rows]
+
+    def last_seq(self, back: int = 0) -> int:
+        """The sequence ``back`` records before the newest one (0: the newest)."""
+        rows = self.db.execute(
+            "SELECT seq FROM audit_decisions ORDER BY seq DESC LIMIT 1 OFFSET ?", (back,)
+        )
+        return rows[0][0] if rows else 0
+
+    def get(self, decision_id: str) -> DecisionRecord | None:
+        rows = self.db.execute("SELECT record FROM audit_decisions WHERE id = ?", (decision_id,))
+        return DecisionRecord.from_dict(json.loads(rows[0][0])) if rows else None
+
+    def follow(self, seq: int, poll: float = 0.5) -> Iterator[tuple[int, DecisionRecord]]:
+        """Yield records after ``seq`` as they are written, forever."""
+        while True:
+            batch = self.after(seq)
+            for seq, record in batch:  # noqa: B007 - the last seq carries on
+                yield seq, record
+            if not batch:
+                time.sleep(poll)

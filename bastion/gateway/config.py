@@ -1,0 +1,190 @@
+"""The ``[gateway]`` table of bastion.toml: the upstream MCP servers and the gateway's limits.
+
+```toml
+[gateway]
+public_url = "https://mcp.example.com"   # where clients reach bastion; default: the OAuth issuer
+
+[[gateway.upstreams]]
+name = "desk"                            # served at /mcp/desk
+command = "python"                       # a stdio server ...
+args = ["server.py"]
+env = { DESK_DB = "desk.db" }
+cwd = "examples/quickstart"
+
+[[gateway.upstreams]]
+name = "files"
+url = "http://127.0.0.1:9000/mcp"        # ... or a Streamable HTTP server
+headers = { Authorization = "Bearer ${FILES_KEY}" }   # bastion's own credential, from the env
+scopes = ["files:read"]                  # asked for in the 401 challenge
+```
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from bastion.server.config import ConfigError
+
+# Methods forwarded without a policy decision: they reveal nothing and change nothing.
+DEFAULT_PASS_METHODS = ("ping", "notifications/initialized", "notifications/cancelled")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+@dataclass(frozen=True)
+class UpstreamConfig:
+    """One upstream MCP server: a stdio command or a Streamable HTTP URL."""
+
+    name: str
+    command: str = ""
+    args: tuple[str, ...] = ()
+    env: Mapping[str, str] = field(default_factory=dict)
+    cwd: str = ""
+    url: str = ""
+    headers: Mapping[str, str] = field(default_factory=dict, repr=False)
+    scopes: tuple[str, ...] = ()
+    timeout: float = 60.0
+
+    @property
+    def transport(self) -> str:
+        return "stdio" if self.command else "http"
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    upstreams: tuple[UpstreamConfig, ...] = ()
+    public_url: str = ""
+    max_body_bytes: int = 1_048_576
+    pass_methods: tuple[str, ...] = DEFAULT_PASS_METHODS
+    # Idle legacy-era sessions are forgotten after this many seconds.
+    session_idle_seconds: float = 3600.0
+
+    def upstream(self, name: str) -> UpstreamConfig | None:
+        for upstream in self.upstreams:
+            if upstream.name == name:
+                return upstream
+        return None
+
+    @classmethod
+    def from_mapping(
+        cls, table: Mapping[str, Any], env: Mapping[str, str] | None = None
+    ) -> GatewayConfig:
+        env = os.environ if env is None else env
+        known = {
+            "upstreams",
+            "public_url",
+            "max_body_bytes",
+            "pass_methods",
+            "session_idle_seconds",
+        }
+        _only(table, known, "gateway")
+        upstreams = tuple(
+            _upstream(i, u, env) for i, u in enumerate(_list(table, "upstreams", "gateway"))
+        )
+        names = [u.name for u in upstreams]
+        if len(set(names)) != len(names):
+            raise ConfigError("[[gateway.upstreams]]: each name may appear only once")
+        public_url = str(table.get("public_url", "")).rstrip("/")
+        if public_url and not public_url.startswith(("http://", "https://")):
+            raise ConfigError(f"gateway.public_url must be an http(s) URL, got {public_url!r}")
+        pass_methods = table.get("pass_methods", list(DEFAULT_PASS_METHODS))
+        if not isinstance(pass_methods, list) or not all(isinstance(m, str) for m in pass_methods):
+            raise ConfigError("gateway.pass_methods must be a list of method names")
+        return cls(
+            upstreams=upstreams,
+            public_url=public_url,
+            max_body_bytes=_positive(table, "max_body_bytes", 1_048_576, "gateway"),
+            pass_methods=tuple(pass_methods),
+            session_idle_seconds=float(_positive(table, "session_idle_seconds", 3600, "gateway")),
+        )
+
+
+def _only(table: Mapping[str, Any], known: set[str], where: str) -> None:
+    unknown = sorted(set(table) - known)
+    if unknown:
+        raise ConfigError(
+            f"unknown key {where}.{unknown[0]}; known keys: {', '.join(sorted(known))}"
+        )
+
+
+def _list(table: Mapping[str, Any], key: str, where: str) -> list:
+    value = table.get(key, [])
+    if not isinstance(value, list):
+        raise ConfigError(f"{where}.{key} must be an array of tables ([[{where}.{key}]])")
+    return value
+
+
+def _positive(table: Mapping[str, Any], key: str, default: int, where: str) -> int:
+    value = table.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+        raise ConfigError(f"{where}.{key} must be a positive number, got {value!r}")
+    return int(value)
+
+
+def _strings(value: Any, where: str) -> dict[str, str]:
+    if not isinstance(value, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in value.items()
+    ):
+        raise ConfigError(f"{where} must be a table of strings")
+    return dict(value)
+
+
+def _expand(value: str, env: Mapping[str, str], where: str) -> str:
+    def sub(match: re.Match) -> str:
+        name = match.group(1)
+        if name not in env:
+            raise ConfigError(f"{where} names ${{{name}}} but the environment has no {name}")
+        return env[name]
+
+    return _ENV.sub(sub, value)
+
+
+def _upstream(index: int, value: Any, env: Mapping[str, str]) -> UpstreamConfig:
+    where = f"gateway.upstreams[{index}]"
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}: a table with name and command or url")
+    _only(
+        value,
+        {"name", "command", "args", "env", "cwd", "url", "headers", "scopes", "timeout"},
+        where,
+    )
+    name = value.get("name")
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise ConfigError(
+            f"{where}.name: letters, digits, '.', '_' or '-' (it is the URL path /mcp/<name>)"
+        )
+    command, url = value.get("command", ""), value.get("url", "")
+    if bool(command) == bool(url):
+        raise ConfigError(f"{where} ({name}): give either command (stdio) or url (Streamable HTTP)")
+    if url and not (isinstance(url, str) and url.startswith(("http://", "https://"))):
+        raise ConfigError(f"{where}.url must be an http(s) URL, got {url!r}")
+    args = value.get("args", [])
+    if not isinstance(args, list) or not all(isinstance(a, str) for a in args):
+        raise ConfigError(f"{where}.args must be a list of strings")
+    scopes = value.get("scopes", [])
+    if not isinstance(scopes, list) or not all(isinstance(s, str) and " " not in s for s in scopes):
+        raise ConfigError(f"{where}.scopes must be a list of scope names")
+    headers = {
+        k: _expand(v, env, f"{where}.headers.{k}")
+        for k, v in _strings(value.get("headers", {}), f"{where}.headers").items()
+    }
+    if any(k.lower() in ("host", "content-length", "mcp-session-id") for k in headers):
+        raise ConfigError(f"{where}.headers may not set Host, Content-Length or Mcp-Session-Id")
+    return UpstreamConfig(
+        name=name,
+        command=str(command),
+        args=tuple(args),
+        env={
+            k: _expand(v, env, f"{where}.env.{k}")
+            for k, v in _strings(value.get("env", {}), f"{where}.env").items()
+        },
+        cwd=str(value.get("cwd", "")),
+        url=str(url),
+        headers=headers,
+        scopes=tuple(scopes),
+        timeout=float(_positive(value, "timeout", 60, where)),
+    )

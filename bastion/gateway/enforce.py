@@ -1,0 +1,220 @@
+"""The enforcement point's decision step: context, the PDP's answer, obligations, the record.
+
+Every message the gateway decides goes through `Enforcer.decide`: it builds the ``context`` the
+policy sees, asks `decide_chain` (every principal must be allowed), turns the answer into a
+`Verdict`, and buffers a decision record. The gateway never reads policy text: it only asks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from bastion.audit.decisions import DecisionRecord, DecisionRecords, new_decision_id
+from bastion.decide import Authorizer
+from bastion.decide.contract import ChainDecision, Obligations, decide_chain
+from bastion.facts.model import Entity
+from bastion.gateway.jsonrpc import RATE_LIMITED, REFUSED_BY_POLICY, RpcError
+from bastion.gateway.ratelimit import RateLimiter
+
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    """Who sends a message: the verified token's user and agent, and where from."""
+
+    subject: str
+    client_id: str
+    scopes: frozenset[str]
+    address: str
+    protocol_version: str
+
+    @property
+    def principals(self) -> tuple[Entity, ...]:
+        return (Entity("User", self.subject), Entity("Agent", self.client_id))
+
+
+@dataclass(frozen=True, slots=True)
+class StepUp(Exception):
+    """The token lacks scopes the policy requires: answer 403 ``insufficient_scope``."""
+
+    scopes: tuple[str, ...]
+    decision_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """An allowed message and what must be done to it."""
+
+    decision_id: str
+    obligations: Obligations
+    record: dict[str, Any] = field(default_factory=dict)
+
+
+def digest(arguments: Any) -> str:
+    if arguments is None:
+        return ""
+    text = json.dumps(arguments, sort_keys=True, separators=(",", ":"), default=str)
+    return "sha256:" + hashlib.sha256(text.encode()).hexdigest()
+
+
+def refused(target: str, decision_id: str, reason: str, **extra: Any) -> RpcError:
+    """The error an agent sees: refused, and the decision id to quote; no policy internals."""
+    return RpcError(
+        REFUSED_BY_POLICY,
+        f"bastion refused this request ({target}): {reason.replace('_', ' ')}",
+        {"decision_id": decision_id, "reason": reason, **extra},
+    )
+
+
+class Enforcer:
+    def __init__(
+        self,
+        authorizer: Callable[[], Authorizer],
+        records: DecisionRecords | None,
+        limiter: RateLimiter | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.authorizer = authorizer
+        self.records = records
+        self.limiter = limiter or RateLimiter()
+        self.clock = clock
+
+    def context(self, caller: Caller, server: str, method: str, **extra: Any) -> dict[str, Any]:
+        return {
+            "server": server,
+            "method": method,
+            "scopes": sorted(caller.scopes),
+            "client": {"ip": caller.address, "id": caller.client_id},
+            "time": datetime.fromtimestamp(self.clock(), UTC),
+            **extra,
+        }
+
+    def visible(
+        self, caller: Caller, resources: list[Entity], context: dict[str, Any]
+    ) -> list[bool]:
+        """For a list page: may every principal ``list`` each resource?"""
+        authz = self.authorizer()
+        principals = caller.principals
+        return [all(authz.authorize(p, "list", r, context) for p in principals) for r in resources]
+
+    def decide(
+        self,
+        caller: Caller,
+        server: str,
+        method: str,
+        action: str,
+        resource: Entity,
+        context: dict[str, Any],
+        arguments: Any = None,
+    ) -> Verdict:
+        """Allow (with obligations), or raise `StepUp` or the `RpcError` to send back."""
+        started = time.perf_counter()
+        authz = self.authorizer()
+        decision_id = new_decision_id()
+        target = resource.id
+        chain = decide_chain(
+            authz, caller.principals, action, resource, context, granted_scopes=caller.scopes
+        )
+        result, reason, retry_after = "allow", "", None
+        if chain.missing_scopes:
+            result, reason = "step_up", "insufficient_scope"
+        elif not chain.allowed:
+            result, reason = "deny", "not_permitted"
+        elif chain.obligations.requires_approval:
+            # Approvals arrive in a later issue; until then a hold refuses (fails closed).
+            result, reason = "held", "requires_approval"
+        else:
+            retry_after = self.limiter.admit(chain.obligations.rate_limits, action, resource)
+            if retry_after is not None:
+                result, reason = "rate_limited", "rate_limited"
+        record = self._record(
+            authz,
+            decision_id,
+            caller,
+            server,
+            method,
+            action,
+            resource,
+            context,
+            arguments,
+            chain,
+            result,
+            reason,
+            started,
+        )
+        if result == "step_up":
+            raise StepUp(chain.missing_scopes, decision_id)
+        if result == "rate_limited":
+            raise RpcError(
+                RATE_LIMITED,
+                f"bastion refused this request ({target}): rate limited",
+                {
+                    "decision_id": decision_id,
+                    "reason": reason,
+                    "retry_after": round(retry_after, 3),
+                },
+            )
+        if result != "allow":
+            raise refused(target, decision_id, reason)
+        return Verdict(decision_id, chain.obligations, record)
+
+    def _record(
+        self,
+        authz: Authorizer,
+        decision_id: str,
+        caller: Caller,
+        server: str,
+        method: str,
+        action: str,
+        resource: Entity,
+        context: dict[str, Any],
+        arguments: Any,
+        chain: ChainDecision,
+        result: str,
+        reason: str,
+        started: float,
+    ) -> dict[str, Any]:
+        deciding = chain.refused_by or chain.principals[-1]
+        rules: tuple[str, ...] = ()
+        if result in ("allow", "deny", "held", "rate_limited"):
+            rules = tuple(authz.decide(deciding, action, resource, context).explanation.rules())
+        obligations = {
+            "masks": list(chain.obligations.masks),
+            "rate_limits": [
+                {"principal": repr(r.principal), "max": r.max, "seconds": r.seconds}
+                for r in chain.obligations.rate_limits
+            ],
+            "required_scopes": list(chain.obligations.required_scopes),
+        }
+        if chain.missing_scopes:
+            obligations["missing_scopes"] = list(chain.missing_scopes)
+        seen = {k: v for k, v in context.items() if k != "arguments"}
+        record = {
+            "id": decision_id,
+            "at": self.clock(),
+            "server": server,
+            "method": method,
+            "target": repr(resource),
+            "principals": tuple(repr(p) for p in chain.principals),
+            "result": result,
+            "arguments_digest": digest(arguments),
+            "context": seen,
+            "deciding_principal": repr(deciding),
+            "rules": rules,
+            "obligations": obligations,
+            "reason": reason,
+            "latency_us": int((time.perf_counter() - started) * 1e6),
+        }
+        if result != "allow":
+            self.write(record)
+        return record
+
+    def write(self, record: dict[str, Any], **more: Any) -> None:
+        """Buffer a decision record (an allowed one once its obligations are known)."""
+        if self.records is not None:
+            self.records.add(DecisionRecord(**{**record, **more}))

@@ -1,0 +1,204 @@
+"""The MCP gateway: upstreams, the enforcer, sessions, and the routes it adds to the server."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import BaseRoute, Route
+
+from bastion.audit.decisions import DecisionRecords
+from bastion.decide import Authorizer
+from bastion.facts.model import Entity
+from bastion.gateway.config import GatewayConfig
+from bastion.gateway.enforce import Enforcer, refused
+from bastion.gateway.handlers import Exchange, Progress
+from bastion.gateway.jsonrpc import notification
+from bastion.gateway.metadata import ProtectedResourceMetadata, metadata_url
+from bastion.gateway.sessions import SessionTable
+from bastion.gateway.upstream import Upstream, open_upstream
+from bastion.oauth.verifier import TokenVerifier
+
+log = logging.getLogger("bastion.gateway")
+
+_HINTS = ("readOnlyHint", "destructiveHint", "idempotentHint", "openWorldHint")
+
+
+class UpstreamState:
+    """One upstream and what bastion remembers of it: its tools' annotations."""
+
+    def __init__(self, upstream: Upstream) -> None:
+        self.upstream = upstream
+        self.name = upstream.name
+        self._annotations: dict[str, dict[str, Any]] = {}
+        self._complete = False
+
+    def learn_tools(self, tools: list[dict[str, Any]]) -> None:
+        for tool in tools:
+            notes = tool.get("annotations") or {}
+            self._annotations[str(tool.get("name"))] = {
+                k: notes[k] for k in _HINTS if isinstance(notes.get(k), bool)
+            }
+
+    def forget_tools(self) -> None:
+        self._annotations.clear()
+        self._complete = False
+
+    async def annotations(self, tool: str) -> dict[str, Any]:
+        """The tool's annotations (hints), reading the upstream's tool list once if needed."""
+        if tool not in self._annotations and not self._complete:
+            cursor = None
+            for _ in range(100):
+                params = {"cursor": cursor} if cursor else {}
+                response = await self.upstream.request("tools/list", params)
+                page = response.get("result") or {}
+                self.learn_tools([t for t in page.get("tools") or () if isinstance(t, dict)])
+                cursor = page.get("nextCursor")
+                if not cursor:
+                    break
+            self._complete = True
+        return self._annotations.get(tool, {})
+
+
+class Gateway:
+    def __init__(
+        self,
+        config: GatewayConfig,
+        *,
+        verifier: TokenVerifier,
+        issuer: str,
+        authorizer: Callable[[], Authorizer],
+        records: DecisionRecords | None,
+        resource_scopes: Callable[[str], tuple[str, ...]] = lambda uri: (),
+    ) -> None:
+        self.config = config
+        self.verifier = verifier
+        self.issuer = issuer
+        self.public_url = config.public_url or _origin(issuer)
+        self.records = records
+        self.enforcer = Enforcer(authorizer, records)
+        self.sessions = SessionTable(config.session_idle_seconds)
+        self.resource_scopes = resource_scopes
+        self.progress_routes: dict[str, tuple[Progress, Any]] = {}
+        self.upstreams: dict[str, UpstreamState] = {}
+        for upstream_config in config.upstreams:
+            state = UpstreamState(open_upstream(upstream_config))
+            state.upstream.on_notification = self._notification_handler(state)
+            self.upstreams[state.name] = state
+        self._flusher: asyncio.Task | None = None
+
+    # -- identity of each protected resource ---------------------------------------------------
+
+    def resource(self, server: str) -> str:
+        return f"{self.public_url}/mcp/{server}"
+
+    def metadata_url(self, server: str) -> str:
+        return metadata_url(self.public_url, f"/mcp/{server}")
+
+    def challenge_scopes(self, server: str) -> tuple[str, ...]:
+        upstream = self.config.upstream(server)
+        return upstream.scopes if upstream and upstream.scopes else ()
+
+    def metadata(self, server: str) -> ProtectedResourceMetadata:
+        return ProtectedResourceMetadata(
+            resource=self.resource(server),
+            authorization_servers=(self.issuer,),
+            scopes_supported=self.resource_scopes(self.resource(server))
+            or self.challenge_scopes(server),
+            resource_name=server,
+        )
+
+    # -- decisions shared by every handler -------------------------------------------------------
+
+    def admit(self, ex: Exchange, record: bool = False) -> None:
+        """``connect`` on the server, for every principal, on every message (continuous)."""
+        enforcer = self.enforcer
+        context = enforcer.context(ex.caller, ex.server, ex.message.method or "")
+        server = Entity("McpServer", ex.server)
+        authz = enforcer.authorizer()
+        if record or not all(
+            authz.authorize(p, "connect", server, context) for p in ex.caller.principals
+        ):
+            verdict = enforcer.decide(
+                ex.caller, ex.server, ex.message.method or "", "connect", server, context
+            )
+            enforcer.write(verdict.record)
+
+    # -- upstream notifications ------------------------------------------------------------------
+
+    def _notification_handler(self, state: UpstreamState):
+        async def handle(message: dict[str, Any]) -> None:
+            method = message.get("method", "")
+            params = message.get("params") or {}
+            if method == "notifications/progress":
+                route = self.progress_routes.get(str(params.get("progressToken")))
+                if route is not None:
+                    send, token = route
+                    await send(notification(method, {**params, "progressToken": token}))
+            elif method.endswith("/list_changed"):
+                if method == "notifications/tools/list_changed":
+                    state.forget_tools()
+                for session in self.sessions.of_server(state.name):
+                    session.push(notification(method, params or None))
+
+        return handle
+
+    # -- lifecycle and routes --------------------------------------------------------------------
+
+    async def start(self) -> None:
+        if self.records is not None:
+            self._flusher = asyncio.create_task(self._flush_forever())
+
+    async def _flush_forever(self) -> None:
+        assert self.records is not None
+        while True:
+            await asyncio.sleep(0.2)
+            try:
+                await asyncio.to_thread(self.records.flush)
+            except Exception:
+                log.exception("writing decision records failed; will retry")
+
+    async def close(self) -> None:
+        self.sessions.close_all()
+        if self._flusher is not None:
+            self._flusher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._flusher
+        if self.records is not None:
+            await asyncio.to_thread(self.records.flush)
+        for state in self.upstreams.values():
+            with contextlib.suppress(Exception):
+                await state.upstream.close()
+
+    async def _metadata_endpoint(self, request: Request) -> JSONResponse:
+        server = request.path_params["server"]
+        if server not in self.upstreams:
+            return JSONResponse({"error": "not_found"}, status_code=404)
+        return JSONResponse(self.metadata(server).to_dict())
+
+    def routes(self) -> list[BaseRoute]:
+        from bastion.gateway.transport import StreamableHttpEndpoint
+
+        return [
+            Route(
+                "/.well-known/oauth-protected-resource/mcp/{server}",
+                self._metadata_endpoint,
+                methods=["GET"],
+            ),
+            Route("/mcp/{server}", StreamableHttpEndpoint(self), methods=["GET", "POST", "DELETE"]),
+        ]
+
+
+def _origin(url: str) -> str:
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc}"
+
+
+__all__ = ["Gateway", "refused"]

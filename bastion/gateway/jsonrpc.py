@@ -1,0 +1,97 @@
+"""JSON-RPC 2.0 messages as the gateway reads and writes them (the MCP base protocol).
+
+Messages stay plain dicts end to end (no model round trip on the hot path); this module checks
+their shape once, on the way in, and builds the error responses the gateway sends.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+PARSE_ERROR = -32700
+INVALID_REQUEST = -32600
+METHOD_NOT_FOUND = -32601
+INVALID_PARAMS = -32602
+INTERNAL_ERROR = -32603
+# Implementation-defined server errors (-32000..-32099).
+UPSTREAM_UNAVAILABLE = -32000
+REFUSED_BY_POLICY = -32003
+RATE_LIMITED = -32004
+SESSION_NOT_FOUND = -32005
+# MCP 2026-07-28.
+HEADER_MISMATCH = -32020
+UNSUPPORTED_PROTOCOL_VERSION = -32022
+
+RequestId = str | int
+
+
+@dataclass(frozen=True, slots=True)
+class RpcError(Exception):
+    """A JSON-RPC error to send back; ``http_status`` is the status of the HTTP response."""
+
+    code: int
+    message: str
+    data: dict[str, Any] | None = None
+    http_status: int = 200
+
+    def body(self, request_id: RequestId | None) -> dict[str, Any]:
+        error: dict[str, Any] = {"code": self.code, "message": self.message}
+        if self.data is not None:
+            error["data"] = self.data
+        return {"jsonrpc": "2.0", "id": request_id, "error": error}
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """One inbound JSON-RPC message: a request (has an id), a notification, or a response."""
+
+    raw: dict[str, Any]
+    method: str | None
+    id: RequestId | None
+    params: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def is_request(self) -> bool:
+        return self.method is not None and "id" in self.raw
+
+    @property
+    def is_notification(self) -> bool:
+        return self.method is not None and "id" not in self.raw
+
+
+def parse_message(value: Any) -> Message:
+    """Check one decoded message; raise `RpcError` naming what is wrong with it."""
+    if not isinstance(value, dict):
+        raise RpcError(INVALID_REQUEST, "a JSON-RPC message must be a JSON object", http_status=400)
+    if value.get("jsonrpc") != "2.0":
+        raise RpcError(INVALID_REQUEST, 'the message must carry "jsonrpc": "2.0"', http_status=400)
+    request_id = value.get("id")
+    if "id" in value and (
+        isinstance(request_id, bool) or not isinstance(request_id, str | int) or request_id is None
+    ):
+        raise RpcError(INVALID_REQUEST, "id must be a string or an integer", http_status=400)
+    method = value.get("method")
+    if method is None:
+        if "id" in value and ("result" in value or "error" in value):
+            return Message(value, None, request_id)
+        raise RpcError(INVALID_REQUEST, "the message has no method", http_status=400)
+    if not isinstance(method, str) or not method:
+        raise RpcError(INVALID_REQUEST, "method must be a non-empty string", http_status=400)
+    params = value.get("params", {})
+    if params is None:
+        params = {}
+    if not isinstance(params, dict):
+        raise RpcError(INVALID_PARAMS, "params must be an object", http_status=400)
+    return Message(value, method, request_id, params)
+
+
+def result(request_id: RequestId | None, body: dict[str, Any]) -> dict[str, Any]:
+    return {"jsonrpc": "2.0", "id": request_id, "result": body}
+
+
+def notification(method: str, params: dict[str, Any] | None = None) -> dict[str, Any]:
+    message: dict[str, Any] = {"jsonrpc": "2.0", "method": method}
+    if params is not None:
+        message["params"] = params
+    return message

@@ -1,0 +1,91 @@
+"""The ``mask`` obligation: redact JSON paths of a result before it leaves bastion.
+
+A path is dot-separated keys; ``*`` stands for every element of a list or every key of an
+object: ``customers.*.email``. Masks apply to a tool's ``structuredContent`` and to every text
+item that holds JSON (tool content, resource contents, prompt messages). Text that is not JSON
+cannot be masked field by field, so it is withheld whole: a mask never fails open.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+MASKED = "[masked]"
+WITHHELD = "[withheld by bastion: a field of this result is masked and this text is not JSON]"
+
+
+def compile_paths(paths: tuple[str, ...]) -> tuple[tuple[str, ...], ...]:
+    return tuple(tuple(p.removeprefix("$.").split(".")) for p in paths if p)
+
+
+def _redact(value: Any, path: tuple[str, ...]) -> int:
+    """Redact ``path`` in ``value`` in place; return how many fields were redacted."""
+    if not path:
+        return 0
+    head, rest = path[0], path[1:]
+    if isinstance(value, dict):
+        keys = list(value) if head == "*" else ([head] if head in value else [])
+        count = 0
+        for key in keys:
+            if rest:
+                count += _redact(value[key], rest)
+            else:
+                value[key] = MASKED
+                count += 1
+        return count
+    if isinstance(value, list):
+        if head == "*":
+            indices = range(len(value))
+        elif head.isdigit() and int(head) < len(value):
+            indices = range(int(head), int(head) + 1)
+        else:
+            return 0
+        count = 0
+        for i in indices:
+            if rest:
+                count += _redact(value[i], rest)
+            else:
+                value[i] = MASKED
+                count += 1
+        return count
+    return 0
+
+
+def _mask_text(item: dict[str, Any], paths: tuple[tuple[str, ...], ...]) -> int:
+    text = item.get("text")
+    if not isinstance(text, str):
+        return 0
+    try:
+        data = json.loads(text)
+    except ValueError:
+        item["text"] = WITHHELD
+        return 1
+    if not isinstance(data, dict | list):
+        item["text"] = WITHHELD
+        return 1
+    count = sum(_redact(data, p) for p in paths)
+    if count:
+        item["text"] = json.dumps(data, indent=2)
+    return count
+
+
+def mask_result(result: dict[str, Any], paths: tuple[tuple[str, ...], ...]) -> int:
+    """Apply ``paths`` to an MCP result in place; return how many fields were changed."""
+    if not paths:
+        return 0
+    count = 0
+    structured = result.get("structuredContent")
+    if isinstance(structured, dict | list):
+        count += sum(_redact(structured, p) for p in paths)
+    for item in result.get("content") or ():
+        if isinstance(item, dict):
+            count += _mask_text(item, paths)
+    for item in result.get("contents") or ():  # resources/read
+        if isinstance(item, dict):
+            count += _mask_text(item, paths)
+    for message in result.get("messages") or ():  # prompts/get
+        content = message.get("content") if isinstance(message, dict) else None
+        if isinstance(content, dict):
+            count += _mask_text(content, paths)
+    return count

@@ -1,0 +1,43 @@
+"""Builds the gateway from bastion.toml for `bastion.server.app.create_app`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from bastion.audit.decisions import DecisionRecords
+from bastion.db import Database
+from bastion.decide import Authorizer
+from bastion.gateway.config import GatewayConfig
+from bastion.gateway.gateway import Gateway
+from bastion.server.config import ConfigError, ServerConfig
+
+
+def gateway_from_config(
+    config: ServerConfig, oauth, authorizer: Callable[[], Authorizer]
+) -> Gateway:
+    """The gateway of the ``[gateway]`` table; it checks tokens with the ``[oauth]`` server."""
+    if oauth is None:
+        raise ConfigError(
+            "bastion.toml has a [gateway] table but no [oauth] table: the gateway accepts"
+            " bastion's access tokens only (see docs/gateway.md)"
+        )
+    gateway_config = GatewayConfig.from_mapping(config.gateway)
+    settings = oauth.settings
+    records = DecisionRecords(Database(config.database))
+    gateway = Gateway(
+        gateway_config,
+        verifier=oauth.verifier,
+        issuer=settings.issuer,
+        authorizer=authorizer,
+        records=records,
+        resource_scopes=lambda uri: r.scopes if (r := settings.resource(uri)) else (),
+    )
+    for name in gateway.upstreams:
+        uri = gateway.resource(name)
+        if settings.resource(uri) is None:
+            raise ConfigError(
+                f"gateway upstream {name!r} is served at {uri}, but [oauth] has no resource with"
+                f' that uri; add [[oauth.resources]] uri = "{uri}"'
+                + ("" if gateway_config.public_url else " (or set gateway.public_url)")
+            )
+    return gateway

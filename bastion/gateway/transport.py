@@ -1,0 +1,498 @@
+"""``/mcp/<server>``: MCP Streamable HTTP for clients, in both protocol eras.
+
+- 2025-11-25: ``initialize`` opens a session (``Mcp-Session-Id``, bound to the token's user and
+  agent); later POSTs carry it; GET opens the standing SSE stream; DELETE ends the session.
+- 2026-07-28: every POST stands alone: the ``MCP-Protocol-Version``, ``Mcp-Method`` and
+  ``Mcp-Name`` headers must agree with the body's envelope, method and name.
+
+Answers are JSON, or SSE when the request asked for progress (notifications first, the answer
+last). Bad input (malformed JSON-RPC, batches, header/body mismatch, unknown sessions, oversized
+bodies) is refused here, before anything reaches an upstream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from typing import TYPE_CHECKING, Any
+
+import anyio
+from starlette.types import Receive, Scope, Send
+
+from bastion.gateway.enforce import Caller, StepUp
+from bastion.gateway.handlers import LEGACY_VERSIONS, MODERN_VERSIONS, Exchange, handler_for
+from bastion.gateway.jsonrpc import (
+    HEADER_MISMATCH,
+    INTERNAL_ERROR,
+    INVALID_PARAMS,
+    INVALID_REQUEST,
+    PARSE_ERROR,
+    SESSION_NOT_FOUND,
+    UNSUPPORTED_PROTOCOL_VERSION,
+    RpcError,
+    parse_message,
+    result,
+)
+from bastion.gateway.metadata import challenge
+from bastion.oauth.errors import InvalidToken
+
+if TYPE_CHECKING:
+    from bastion.gateway.gateway import Gateway
+
+log = logging.getLogger("bastion.gateway")
+
+_NAME_PARAMS = {"tools/call": "name", "prompts/get": "name", "resources/read": "uri"}
+_ENVELOPE_VERSION = "io.modelcontextprotocol/protocolVersion"
+_ENVELOPE_CAPABILITIES = "io.modelcontextprotocol/clientCapabilities"
+
+
+class HttpError(Exception):
+    """An HTTP answer that is not a JSON-RPC response (401, 403, 405, 413...)."""
+
+    def __init__(
+        self, status: int, body: dict[str, Any] | None = None, headers: dict[str, str] | None = None
+    ) -> None:
+        self.status, self.body, self.headers = status, body, headers or {}
+
+
+def _headers(scope: Scope) -> dict[str, str]:
+    return {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+
+
+def _decode_name(value: str | None) -> str | None:
+    """Mcp-Name values that are not plain ASCII come as ``=?base64?...?=``."""
+    if value and value.startswith("=?base64?") and value.endswith("?="):
+        import base64
+
+        try:
+            return base64.b64decode(value[9:-2]).decode()
+        except ValueError:
+            return None
+    return value
+
+
+async def _send_json(
+    send: Send, status: int, body: Any, headers: dict[str, str] | None = None
+) -> None:
+    data = b"" if body is None else json.dumps(body, separators=(",", ":")).encode()
+    raw = [(b"content-type", b"application/json")] if body is not None else []
+    raw += [(k.encode(), v.encode()) for k, v in (headers or {}).items()]
+    raw.append((b"content-length", str(len(data)).encode()))
+    await send({"type": "http.response.start", "status": status, "headers": raw})
+    await send({"type": "http.response.body", "body": data})
+
+
+def _event(message: dict[str, Any]) -> bytes:
+    return b"event: message\ndata: " + json.dumps(message, separators=(",", ":")).encode() + b"\n\n"
+
+
+async def _start_events(send: Send, headers: dict[str, str] | None = None) -> None:
+    raw = [
+        (b"content-type", b"text/event-stream"),
+        (b"cache-control", b"no-cache, no-transform"),
+        (b"x-accel-buffering", b"no"),
+    ]
+    raw += [(k.encode(), v.encode()) for k, v in (headers or {}).items()]
+    await send({"type": "http.response.start", "status": 200, "headers": raw})
+
+
+class StreamableHttpEndpoint:
+    """The ASGI app behind ``/mcp/{server}``."""
+
+    def __init__(self, gateway: Gateway) -> None:
+        self.gateway = gateway
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        server = scope["path_params"]["server"]
+        upstream = self.gateway.upstreams.get(server)
+        try:
+            if upstream is None:
+                raise HttpError(404, {"error": f"no MCP server named {server!r} behind bastion"})
+            headers = _headers(scope)
+            caller = await self._authenticate(server, headers, scope)
+            method = scope["method"]
+            if method == "POST":
+                await self._post(upstream, caller, headers, scope, receive, send)
+            elif method == "GET":
+                await self._get(server, caller, headers, receive, send)
+            elif method == "DELETE":
+                self._delete(server, caller, headers)
+                await _send_json(send, 204, None)
+            else:
+                raise HttpError(405, None, {"allow": "GET, POST, DELETE"})
+        except HttpError as e:
+            await _send_json(send, e.status, e.body, e.headers)
+
+    # -- authentication (RFC 6750, RFC 9728) -----------------------------------------------------
+
+    async def _authenticate(self, server: str, headers: dict[str, str], scope: Scope) -> Caller:
+        gateway = self.gateway
+        authorization = headers.get("authorization", "")
+        scheme, _, token = authorization.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise HttpError(
+                401,
+                {
+                    "error": "invalid_token",
+                    "error_description": "a Bearer access token is required",
+                },
+                {
+                    "www-authenticate": challenge(
+                        gateway.metadata_url(server), gateway.challenge_scopes(server)
+                    )
+                },
+            )
+        try:
+            verified = await anyio.to_thread.run_sync(
+                gateway.verifier.verify, token.strip(), gateway.resource(server)
+            )
+        except InvalidToken as e:
+            raise HttpError(
+                401,
+                {"error": "invalid_token", "error_description": e.reason},
+                {
+                    "www-authenticate": challenge(
+                        gateway.metadata_url(server),
+                        gateway.challenge_scopes(server),
+                        error="invalid_token",
+                        description=e.reason,
+                    )
+                },
+            ) from None
+        client = scope.get("client") or ("", 0)
+        return Caller(
+            subject=verified.subject,
+            client_id=verified.client_id,
+            scopes=verified.scopes,
+            address=client[0] or "",
+            protocol_version=headers.get("mcp-protocol-version", ""),
+        )
+
+    # -- POST --------------------------------------------------------------------------------------
+
+    async def _body(self, headers: dict[str, str], receive: Receive) -> bytes:
+        limit = self.gateway.config.max_body_bytes
+        declared = headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > limit:
+            raise _too_large(limit)
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise HttpError(400, RpcError(INVALID_REQUEST, "the client went away").body(None))
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                raise _too_large(limit)
+            chunks.append(chunk)
+            if not message.get("more_body"):
+                return b"".join(chunks)
+
+    async def _post(
+        self,
+        upstream,
+        caller: Caller,
+        headers: dict[str, str],
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+    ) -> None:
+        gateway = self.gateway
+        if not headers.get("content-type", "").lower().startswith("application/json"):
+            raise HttpError(
+                415,
+                RpcError(INVALID_REQUEST, "POST a JSON-RPC message as application/json").body(None),
+            )
+        raw = await self._body(headers, receive)
+        try:
+            value = json.loads(raw)
+        except ValueError as e:
+            raise HttpError(
+                400, RpcError(PARSE_ERROR, f"the body is not JSON: {e}").body(None)
+            ) from None
+        if isinstance(value, list):
+            raise HttpError(
+                400,
+                RpcError(
+                    INVALID_REQUEST,
+                    "JSON-RPC batches are not accepted: MCP 2025-06-18 and later send one message"
+                    " per POST",
+                ).body(None),
+            )
+        try:
+            message = parse_message(value)
+        except RpcError as e:
+            request_id = value.get("id") if isinstance(value, dict) else None
+            raise HttpError(
+                e.http_status, e.body(request_id if isinstance(request_id, str | int) else None)
+            ) from None
+        version = headers.get("mcp-protocol-version", "")
+        modern = version in MODERN_VERSIONS
+        session = None
+        response_headers: dict[str, str] = {}
+        try:
+            if modern:
+                self._check_modern(message, headers, scope)
+            elif version and version not in LEGACY_VERSIONS:
+                raise RpcError(
+                    UNSUPPORTED_PROTOCOL_VERSION,
+                    f"MCP-Protocol-Version {version!r} is not supported",
+                    {"supported": [*MODERN_VERSIONS, *LEGACY_VERSIONS], "requested": version},
+                    http_status=400,
+                )
+            elif message.method == "initialize":
+                if "mcp-session-id" in headers:
+                    raise RpcError(
+                        INVALID_REQUEST,
+                        "initialize opens a session; send it without Mcp-Session-Id",
+                        http_status=400,
+                    )
+            elif message.method == "server/discover":
+                pass  # a probe: answered without a session
+            else:
+                session = self._session(upstream.name, caller, headers)
+        except RpcError as e:
+            raise HttpError(e.http_status, e.body(message.id)) from None
+        if not message.is_request:
+            # Notifications and responses from the client are acknowledged and not forwarded.
+            await _send_json(send, 202, None)
+            return
+        exchange = Exchange(gateway, upstream, caller, message)
+        handler = handler_for(message.method, gateway.config.pass_methods)
+        meta = message.params.get("_meta")
+        wants_events = "text/event-stream" in headers.get("accept", "")
+        if wants_events and isinstance(meta, dict) and "progressToken" in meta:
+            await self._answer_with_events(exchange, handler, send, response_headers)
+            return
+        body, status, extra = await self._run(exchange, handler)
+        if message.method == "initialize" and "error" not in body:
+            opened = gateway.sessions.open(
+                upstream.name, caller.subject, caller.client_id, exchange.notes["protocol_version"]
+            )
+            extra["mcp-session-id"] = opened.id
+        del session
+        await _send_json(send, status, body, {**response_headers, **extra})
+
+    async def _run(self, ex: Exchange, handler) -> tuple[dict[str, Any], int, dict[str, str]]:
+        """Run a handler; return (JSON-RPC response, HTTP status, headers)."""
+        try:
+            body = await handler(ex)
+            if ex.caller.protocol_version in MODERN_VERSIONS:
+                _modern_result(ex.message.method, body)
+            return result(ex.message.id, body), 200, {}
+        except StepUp as e:
+            scopes = sorted(set(ex.caller.scopes) | set(e.scopes))
+            gateway = self.gateway
+            raise HttpError(
+                403,
+                {
+                    "error": "insufficient_scope",
+                    "error_description": f"this request needs scope {' '.join(e.scopes)}",
+                    "decision_id": e.decision_id,
+                },
+                {
+                    "www-authenticate": challenge(
+                        gateway.metadata_url(ex.server),
+                        scopes,
+                        error="insufficient_scope",
+                        description=f"this request needs scope {' '.join(e.scopes)}",
+                    )
+                },
+            ) from None
+        except RpcError as e:
+            return e.body(ex.message.id), e.http_status, {}
+        except Exception:
+            log.exception("gateway: %s on %s failed", ex.message.method, ex.server)
+            return (
+                RpcError(INTERNAL_ERROR, "internal error in bastion").body(ex.message.id),
+                200,
+                {},
+            )
+
+    async def _answer_with_events(
+        self, ex: Exchange, handler, send: Send, headers: dict[str, str]
+    ) -> None:
+        """Answer on SSE if the upstream reports progress; else (or if refused) as plain JSON."""
+        queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+
+        async def progress(message: dict[str, Any]) -> None:
+            queue.put_nowait(message)
+
+        ex.progress = progress
+        task = asyncio.ensure_future(self._run(ex, handler))
+        started = False
+        while True:
+            getter = asyncio.ensure_future(queue.get())
+            done, _ = await asyncio.wait({task, getter}, return_when=asyncio.FIRST_COMPLETED)
+            if getter not in done:
+                getter.cancel()
+                break
+            if not started:
+                await _start_events(send, headers)
+                started = True
+            await send(
+                {"type": "http.response.body", "body": _event(getter.result()), "more_body": True}
+            )
+        body, status, extra = task.result()  # re-raises HttpError (403) before any event
+        if not started:
+            await _send_json(send, status, body, {**headers, **extra})
+            return
+        while not queue.empty():
+            await send(
+                {
+                    "type": "http.response.body",
+                    "body": _event(queue.get_nowait()),
+                    "more_body": True,
+                }
+            )
+        await send({"type": "http.response.body", "body": _event(body), "more_body": False})
+
+    # -- era checks --------------------------------------------------------------------------------
+
+    def _check_modern(self, message, headers: dict[str, str], scope: Scope) -> None:
+        """2026-07-28: the routing headers must agree with the body (HEADER_MISMATCH if not)."""
+        seen: set[str] = set()
+        for name, _ in scope["headers"]:
+            key = name.decode("latin-1").lower()
+            if key in ("mcp-protocol-version", "mcp-method", "mcp-name"):
+                if key in seen:
+                    raise RpcError(
+                        HEADER_MISMATCH, f"the {key} header is sent twice", http_status=400
+                    )
+                seen.add(key)
+        if "mcp-session-id" in headers:
+            raise RpcError(
+                INVALID_REQUEST,
+                "MCP 2026-07-28 has no sessions; send no Mcp-Session-Id",
+                http_status=400,
+            )
+        if message.method is None:
+            return
+        if headers.get("mcp-method") != message.method:
+            raise RpcError(
+                HEADER_MISMATCH,
+                "the Mcp-Method header does not match the body's method",
+                http_status=400,
+            )
+        key = _NAME_PARAMS.get(message.method)
+        if key is not None and _decode_name(headers.get("mcp-name")) != message.params.get(key):
+            raise RpcError(
+                HEADER_MISMATCH, f"the Mcp-Name header does not match params.{key}", http_status=400
+            )
+        if message.is_request:
+            meta = message.params.get("_meta")
+            if (
+                not isinstance(meta, dict)
+                or _ENVELOPE_VERSION not in meta
+                or _ENVELOPE_CAPABILITIES not in meta
+            ):
+                raise RpcError(
+                    INVALID_PARAMS,
+                    f"params._meta must carry {_ENVELOPE_VERSION!r} and {_ENVELOPE_CAPABILITIES!r}",
+                    http_status=400,
+                )
+            if meta[_ENVELOPE_VERSION] != headers.get("mcp-protocol-version"):
+                raise RpcError(
+                    HEADER_MISMATCH,
+                    "the MCP-Protocol-Version header does not match the body's protocol version",
+                    http_status=400,
+                )
+
+    def _session(self, server: str, caller: Caller, headers: dict[str, str]):
+        session_id = headers.get("mcp-session-id")
+        if not session_id:
+            raise RpcError(
+                INVALID_REQUEST,
+                "Mcp-Session-Id is required (initialize first, or use MCP 2026-07-28)",
+                http_status=400,
+            )
+        session = self.gateway.sessions.find(session_id, server, caller.subject, caller.client_id)
+        if session is None:
+            raise RpcError(
+                SESSION_NOT_FOUND, "unknown or expired session; initialize again", http_status=404
+            )
+        return session
+
+    # -- GET (standing stream) and DELETE -------------------------------------------------------
+
+    async def _get(
+        self, server: str, caller: Caller, headers: dict[str, str], receive: Receive, send: Send
+    ) -> None:
+        if headers.get("mcp-protocol-version") in MODERN_VERSIONS:
+            raise HttpError(405, None, {"allow": "POST"})
+        if "text/event-stream" not in headers.get("accept", ""):
+            raise HttpError(
+                406, RpcError(INVALID_REQUEST, "GET needs Accept: text/event-stream").body(None)
+            )
+        try:
+            session = self._session(server, caller, headers)
+        except RpcError as e:
+            raise HttpError(e.http_status, e.body(None)) from None
+        if session.stream is not None:
+            raise HttpError(
+                409, RpcError(INVALID_REQUEST, "this session already has a GET stream").body(None)
+            )
+        session.stream = asyncio.Queue()
+        await _start_events(send)
+        await send({"type": "http.response.body", "body": b": stream open\n\n", "more_body": True})
+
+        async def disconnected() -> None:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+
+        watcher = asyncio.ensure_future(disconnected())
+        try:
+            while True:
+                getter = asyncio.ensure_future(session.stream.get())
+                done, _ = await asyncio.wait({watcher, getter}, return_when=asyncio.FIRST_COMPLETED)
+                if getter not in done:
+                    getter.cancel()
+                    return
+                message = getter.result()
+                if message is None:
+                    break
+                await send(
+                    {"type": "http.response.body", "body": _event(message), "more_body": True}
+                )
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        finally:
+            watcher.cancel()
+            session.stream = None
+
+    def _delete(self, server: str, caller: Caller, headers: dict[str, str]) -> None:
+        if headers.get("mcp-protocol-version") in MODERN_VERSIONS:
+            raise HttpError(405, None, {"allow": "POST"})
+        try:
+            session = self._session(server, caller, headers)
+        except RpcError as e:
+            raise HttpError(e.http_status, e.body(None)) from None
+        self.gateway.sessions.end(session)
+
+
+_CACHEABLE = {
+    "server/discover",
+    "tools/list",
+    "prompts/list",
+    "resources/list",
+    "resources/templates/list",
+    "resources/read",
+}
+
+
+def _modern_result(method: str, body: dict[str, Any]) -> None:
+    """2026-07-28 results carry ``resultType``; cacheable ones carry caching directives. What
+    bastion answers was decided for this caller on live facts: never shared, never reused."""
+    body.setdefault("resultType", "complete")
+    if method in _CACHEABLE:
+        body["ttlMs"] = 0
+        body["cacheScope"] = "private"
+
+
+def _too_large(limit: int) -> HttpError:
+    return HttpError(
+        413,
+        RpcError(
+            INVALID_REQUEST, f"the body is larger than the gateway's limit of {limit} bytes"
+        ).body(None),
+    )

@@ -1,0 +1,355 @@
+"""Connections to the upstream MCP servers: a child process over stdio, or Streamable HTTP.
+
+bastion talks to each upstream as one client of its own, in the 2025-11-25 era (the one every
+server speaks), whatever era its own clients use. Requests of all clients share that one
+connection; ids are bastion's. The client's token never travels upstream: an HTTP upstream gets
+only the headers configured for it. Requests the upstream sends back (sampling, elicitation,
+roots) are answered with an error: bastion does not relay them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import logging
+import os
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import httpx
+
+from bastion.gateway.config import UpstreamConfig
+from bastion.gateway.jsonrpc import METHOD_NOT_FOUND, UPSTREAM_UNAVAILABLE, RpcError
+
+log = logging.getLogger("bastion.gateway.upstream")
+
+UPSTREAM_PROTOCOL_VERSION = "2025-11-25"
+CLIENT_INFO = {"name": "bastion-gateway", "version": "0.1.0"}
+# A stdio line (one message) may be this large.
+_MAX_LINE = 64 * 1024 * 1024
+
+Notify = Callable[[dict[str, Any]], Awaitable[None]]
+
+
+class Upstream:
+    """What the gateway needs of an upstream: request, notify, and its initialize result."""
+
+    def __init__(self, config: UpstreamConfig) -> None:
+        self.config = config
+        self.name = config.name
+        self.init_result: dict[str, Any] = {}
+        # Called with every notification the upstream sends (progress, list_changed...).
+        self.on_notification: Notify | None = None
+        self._ids = itertools.count(1)
+        self._start_lock = asyncio.Lock()
+        self._started = False
+
+    async def ensure_started(self) -> None:
+        if self._started:
+            return
+        async with self._start_lock:
+            if not self._started:
+                await self._connect()
+                self._started = True
+
+    async def request(self, method: str, params: dict[str, Any] | None) -> dict[str, Any]:
+        """Send one request; return the upstream's JSON-RPC response (with result or error)."""
+        await self.ensure_started()
+        message: dict[str, Any] = {"jsonrpc": "2.0", "id": next(self._ids), "method": method}
+        if params is not None:
+            message["params"] = params
+        try:
+            return await asyncio.wait_for(self._exchange(message), self.config.timeout)
+        except TimeoutError:
+            raise RpcError(
+                UPSTREAM_UNAVAILABLE,
+                f"upstream {self.name} did not answer {method} within {self.config.timeout:g}s",
+            ) from None
+
+    async def notify(self, method: str, params: dict[str, Any] | None = None) -> None:
+        await self.ensure_started()
+        message: dict[str, Any] = {"jsonrpc": "2.0", "method": method}
+        if params is not None:
+            message["params"] = params
+        await self._send_notification(message)
+
+    async def _handshake(self) -> None:
+        response = await self._exchange(
+            {
+                "jsonrpc": "2.0",
+                "id": next(self._ids),
+                "method": "initialize",
+                "params": {
+                    "protocolVersion": UPSTREAM_PROTOCOL_VERSION,
+                    "capabilities": {},
+                    "clientInfo": CLIENT_INFO,
+                },
+            }
+        )
+        if "result" not in response:
+            raise RpcError(
+                UPSTREAM_UNAVAILABLE,
+                f"upstream {self.name} refused initialize: {response.get('error')}",
+            )
+        self.init_result = response["result"]
+        await self._send_notification({"jsonrpc": "2.0", "method": "notifications/initialized"})
+
+    async def _deliver(self, message: dict[str, Any]) -> None:
+        if self.on_notification is not None:
+            try:
+                await self.on_notification(message)
+            except Exception:
+                log.exception("upstream %s: notification handler failed", self.name)
+
+    # Transport-specific parts.
+    async def _connect(self) -> None:
+        raise NotImplementedError
+
+    async def _exchange(self, message: dict[str, Any]) -> dict[str, Any]:
+        raise NotImplementedError
+
+    async def _send_notification(self, message: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    async def close(self) -> None:
+        raise NotImplementedError
+
+
+class StdioUpstream(Upstream):
+    """A child process speaking newline-delimited JSON-RPC on stdin/stdout (MCP stdio transport)."""
+
+    def __init__(self, config: UpstreamConfig) -> None:
+        super().__init__(config)
+        self._process: asyncio.subprocess.Process | None = None
+        self._pending: dict[Any, asyncio.Future] = {}
+        self._write_lock = asyncio.Lock()
+        self._tasks: list[asyncio.Task] = []
+
+    async def _connect(self) -> None:
+        env = {**os.environ, **self.config.env}
+        try:
+            self._process = await asyncio.create_subprocess_exec(
+                self.config.command,
+                *self.config.args,
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+                env=env,
+                cwd=self.config.cwd or None,
+                limit=_MAX_LINE,
+            )
+        except OSError as e:
+            raise RpcError(
+                UPSTREAM_UNAVAILABLE,
+                f"upstream {self.name}: cannot start {self.config.command}: {e}",
+            ) from None
+        self._tasks = [
+            asyncio.create_task(self._read(self._process)),
+            asyncio.create_task(self._drain_stderr(self._process)),
+        ]
+        await self._handshake()
+
+    async def _read(self, process: asyncio.subprocess.Process) -> None:
+        assert process.stdout is not None
+        try:
+            while line := await process.stdout.readline():
+                try:
+                    message = json.loads(line)
+                except ValueError:
+                    log.warning("upstream %s wrote a line that is not JSON", self.name)
+                    continue
+                if not isinstance(message, dict):
+                    continue
+                await self._dispatch(message)
+        except (ValueError, ConnectionError) as e:
+            log.warning("upstream %s: stdout unreadable: %s", self.name, e)
+        finally:
+            self._lost(f"upstream {self.name} exited")
+
+    async def _dispatch(self, message: dict[str, Any]) -> None:
+        if "method" in message:
+            if "id" in message:  # a request from the server: not relayed
+                await self._write(
+                    RpcError(METHOD_NOT_FOUND, "bastion does not relay server requests").body(
+                        message["id"]
+                    )
+                )
+            else:
+                await self._deliver(message)
+            return
+        future = self._pending.pop(message.get("id"), None)
+        if future is not None and not future.done():
+            future.set_result(message)
+
+    async def _drain_stderr(self, process: asyncio.subprocess.Process) -> None:
+        assert process.stderr is not None
+        while line := await process.stderr.readline():
+            log.debug("upstream %s: %s", self.name, line.decode(errors="replace").rstrip())
+
+    def _lost(self, reason: str) -> None:
+        self._started = False
+        for future in self._pending.values():
+            if not future.done():
+                future.set_exception(RpcError(UPSTREAM_UNAVAILABLE, reason))
+        self._pending.clear()
+
+    async def _write(self, message: dict[str, Any]) -> None:
+        process = self._process
+        if process is None or process.stdin is None or process.returncode is not None:
+            raise RpcError(UPSTREAM_UNAVAILABLE, f"upstream {self.name} is not running")
+        data = json.dumps(message, separators=(",", ":")).encode() + b"\n"
+        async with self._write_lock:
+            try:
+                process.stdin.write(data)
+                await process.stdin.drain()
+            except (ConnectionError, BrokenPipeError):
+                raise RpcError(UPSTREAM_UNAVAILABLE, f"upstream {self.name} closed stdin") from None
+
+    async def _exchange(self, message: dict[str, Any]) -> dict[str, Any]:
+        future = asyncio.get_running_loop().create_future()
+        self._pending[message["id"]] = future
+        try:
+            await self._write(message)
+            return await future
+        finally:
+            self._pending.pop(message["id"], None)
+
+    async def _send_notification(self, message: dict[str, Any]) -> None:
+        await self._write(message)
+
+    async def close(self) -> None:
+        process, self._process = self._process, None
+        self._started = False
+        if process is not None and process.returncode is None:
+            if process.stdin is not None:
+                process.stdin.close()
+            try:
+                await asyncio.wait_for(process.wait(), 2)
+            except TimeoutError:
+                process.terminate()
+                try:
+                    await asyncio.wait_for(process.wait(), 2)
+                except TimeoutError:
+                    process.kill()
+                    await process.wait()
+        for task in self._tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks = []
+
+
+class HttpUpstream(Upstream):
+    """A Streamable HTTP server; its JSON or SSE responses are both read."""
+
+    def __init__(self, config: UpstreamConfig) -> None:
+        super().__init__(config)
+        self._http = httpx.AsyncClient(
+            timeout=httpx.Timeout(config.timeout, connect=10),
+            limits=httpx.Limits(max_connections=64, max_keepalive_connections=64),
+        )
+        self._session_id: str | None = None
+        self._protocol_version: str | None = None
+
+    def _headers(self) -> dict[str, str]:
+        headers = {
+            "content-type": "application/json",
+            "accept": "application/json, text/event-stream",
+            **self.config.headers,
+        }
+        if self._protocol_version:
+            headers["mcp-protocol-version"] = self._protocol_version
+        if self._session_id:
+            headers["mcp-session-id"] = self._session_id
+        return headers
+
+    async def _connect(self) -> None:
+        self._session_id = None
+        self._protocol_version = None
+        await self._handshake()
+
+    async def _handshake(self) -> None:
+        await super()._handshake()
+        self._protocol_version = self.init_result.get("protocolVersion", UPSTREAM_PROTOCOL_VERSION)
+
+    async def _post(self, message: dict[str, Any]) -> httpx.Response:
+        body = json.dumps(message, separators=(",", ":")).encode()
+        request = self._http.build_request(
+            "POST", self.config.url, content=body, headers=self._headers()
+        )
+        try:
+            return await self._http.send(request, stream=True)
+        except httpx.HTTPError as e:
+            raise RpcError(UPSTREAM_UNAVAILABLE, f"upstream {self.name}: {e}") from None
+
+    async def _exchange(self, message: dict[str, Any], retry: bool = True) -> dict[str, Any]:
+        response = await self._post(message)
+        try:
+            if response.status_code == 404 and self._session_id and retry:
+                # The upstream forgot our session (restart): open a new one, once.
+                await response.aclose()
+                await self._connect()
+                return await self._exchange(message, retry=False)
+            if message.get("method") == "initialize" and "mcp-session-id" in response.headers:
+                self._session_id = response.headers["mcp-session-id"]
+            kind = response.headers.get("content-type", "")
+            if response.status_code >= 400 and "json" not in kind:
+                text = (await response.aread()).decode(errors="replace")[:200]
+                raise RpcError(
+                    UPSTREAM_UNAVAILABLE,
+                    f"upstream {self.name} answered HTTP {response.status_code}: {text}",
+                )
+            if kind.startswith("text/event-stream"):
+                return await self._from_events(response, message["id"])
+            data = json.loads(await response.aread())
+            if not isinstance(data, dict):
+                raise RpcError(UPSTREAM_UNAVAILABLE, f"upstream {self.name} sent a non-object")
+            return data
+        except (httpx.HTTPError, ValueError) as e:
+            raise RpcError(UPSTREAM_UNAVAILABLE, f"upstream {self.name}: {e}") from None
+        finally:
+            await response.aclose()
+
+    async def _from_events(self, response: httpx.Response, request_id: Any) -> dict[str, Any]:
+        data: list[str] = []
+        async for line in response.aiter_lines():
+            if line.startswith("data:"):
+                data.append(line[5:].removeprefix(" "))
+                continue
+            if line or not data:
+                continue
+            message = json.loads("\n".join(data))
+            data = []
+            if not isinstance(message, dict):
+                continue
+            if "method" in message:
+                if "id" in message:
+                    await self._send_notification(
+                        RpcError(METHOD_NOT_FOUND, "bastion does not relay server requests").body(
+                            message["id"]
+                        )
+                    )
+                else:
+                    await self._deliver(message)
+            elif message.get("id") == request_id:
+                return message
+        raise RpcError(
+            UPSTREAM_UNAVAILABLE, f"upstream {self.name} ended the stream without an answer"
+        )
+
+    async def _send_notification(self, message: dict[str, Any]) -> None:
+        response = await self._post(message)
+        await response.aclose()
+
+    async def close(self) -> None:
+        if self._session_id:
+            with contextlib.suppress(httpx.HTTPError):
+                await self._http.delete(self.config.url, headers=self._headers())
+        self._started = False
+        await self._http.aclose()
+
+
+def open_upstream(config: UpstreamConfig) -> Upstream:
+    return StdioUpstream(config) if config.transport == "stdio" else HttpUpstream(config)

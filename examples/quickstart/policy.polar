@@ -1,0 +1,147 @@
+# The quickstart policy: who may do what on the customer desk MCP server ("desk").
+#
+# RBAC:  a role on the server (admin) or on a team (member).
+# ReBAC: the server belongs to the support team, so the team's members may use it; tools belong
+#        to the server.
+# ABAC:  the tool's annotations, the time of day and the token's scopes decide the rest.
+
+actor User {}
+actor Agent {}
+
+resource Team {
+  roles = ["member", "lead"];
+  "member" if "lead";
+}
+
+resource McpServer {
+  roles = ["user", "admin"];
+  permissions = ["connect"];
+  relations = { team: Team };
+
+  "user" if "admin";
+  "user" if "member" on "team";
+  "connect" if "user";
+}
+
+resource Tool {
+  permissions = ["list"];
+  relations = { server: McpServer };
+  "list" if "user" on "server";
+}
+
+resource McpResource {
+  permissions = ["list", "read"];
+  relations = { server: McpServer };
+  "list" if "user" on "server";
+  "read" if "user" on "server";
+}
+
+resource Prompt {
+  permissions = ["list", "get"];
+  relations = { server: McpServer };
+  "list" if "user" on "server";
+  "get" if "user" on "server";
+}
+
+declare has_attribute(McpResource, String, String);
+declare blocked(Agent);
+
+allow(actor, action, resource) if has_permission(actor, action, resource);
+
+# Read-only tools: every user of the server.
+allow(user: User, "call", tool: Tool) if
+  has_relation(tool, "server", server) and
+  has_role(user, "user", server) and
+  context.annotations.readOnlyHint = true;
+
+# Email leaves the company: users of the server, in business hours only.
+allow(user: User, "call", tool: Tool) if
+  context.annotations.openWorldHint = true and
+  has_relation(tool, "server", server) and
+  has_role(user, "user", server) and
+  in_time_window(context.time, "Mon-Fri", "09:00", "18:00", "Europe/Paris");
+
+# Admins call every tool of their server, destructive ones included.
+allow(user: User, "call", tool: Tool) if
+  has_relation(tool, "server", server) and
+  has_role(user, "admin", server);
+
+# Internal notes are for admins only, even in lists.
+deny(user: User, _action, resource: McpResource) if
+  has_attribute(resource, "audience", "admin") and
+  has_relation(resource, "server", server) and
+  not has_role(user, "admin", server);
+
+# Agents (OAuth clients) act within what their user may do (every message is decided for the
+# user and for the agent), unless an administrator blocks one.
+allow(agent: Agent, "connect", server: McpServer) if
+  has_relation(server, "team", _team) and not blocked(agent);
+allow(agent: Agent, action, tool: Tool) if
+  action in ["list", "call"] and has_relation(tool, "server", _server) and not blocked(agent);
+allow(agent: Agent, action, resource: McpResource) if
+  action in ["list", "read"] and has_relation(resource, "server", _server) and not blocked(agent);
+allow(agent: Agent, action, prompt: Prompt) if
+  action in ["list", "get"] and has_relation(prompt, "server", _server) and not blocked(agent);
+
+# Obligations.
+requires_scope("call", _tool: Tool, "customers:write") if
+  context.annotations.destructiveHint = true;
+
+mask(user: User, "call", tool: Tool, "customers.*.email") if
+  has_relation(tool, "server", server) and
+  not has_role(user, "admin", server);
+
+rate_limit(_agent: Agent, "call", _tool: Tool, 5, 60) if
+  context.annotations.openWorldHint = true;
+
+test "support agents search with emails masked, cannot delete, email in business hours" {
+  setup {
+    has_role(User{"sam"}, "member", Team{"support"});
+    has_relation(McpServer{"desk"}, "team", Team{"support"});
+    has_relation(Tool{"desk/search_customers"}, "server", McpServer{"desk"});
+    has_relation(Tool{"desk/delete_customer"}, "server", McpServer{"desk"});
+    has_relation(Tool{"desk/send_email"}, "server", McpServer{"desk"});
+  }
+  assert allow(User{"sam"}, "connect", McpServer{"desk"});
+  assert allow(User{"sam"}, "list", Tool{"desk/delete_customer"});
+  assert allow(User{"sam"}, "call", Tool{"desk/search_customers"})
+    with context {annotations: {readOnlyHint: true}};
+  assert mask(User{"sam"}, "call", Tool{"desk/search_customers"}, "customers.*.email");
+  assert_not allow(User{"sam"}, "call", Tool{"desk/delete_customer"})
+    with context {annotations: {destructiveHint: true}};
+  # Monday 2026-11-30, 10:00 in Paris (09:00 UTC); then 20:00 in Paris; then a Sunday.
+  assert allow(User{"sam"}, "call", Tool{"desk/send_email"})
+    with context {annotations: {openWorldHint: true}, time: "2026-11-30T09:00:00Z"};
+  assert_not allow(User{"sam"}, "call", Tool{"desk/send_email"})
+    with context {annotations: {openWorldHint: true}, time: "2026-11-30T19:00:00Z"};
+  assert_not allow(User{"sam"}, "call", Tool{"desk/send_email"})
+    with context {annotations: {openWorldHint: true}, time: "2026-11-29T09:00:00Z"};
+}
+
+test "admins delete, see emails and read internal notes; others do not" {
+  setup {
+    has_role(User{"avery"}, "admin", McpServer{"desk"});
+    has_role(User{"sam"}, "member", Team{"support"});
+    has_relation(McpServer{"desk"}, "team", Team{"support"});
+    has_relation(Tool{"desk/delete_customer"}, "server", McpServer{"desk"});
+    has_relation(Tool{"desk/search_customers"}, "server", McpServer{"desk"});
+    has_relation(McpResource{"desk/customers://audit-notes"}, "server", McpServer{"desk"});
+    has_attribute(McpResource{"desk/customers://audit-notes"}, "audience", "admin");
+  }
+  assert allow(User{"avery"}, "call", Tool{"desk/delete_customer"})
+    with context {annotations: {destructiveHint: true}};
+  assert requires_scope("call", Tool{"desk/delete_customer"}, "customers:write")
+    with context {annotations: {destructiveHint: true}};
+  assert_not mask(User{"avery"}, "call", Tool{"desk/search_customers"}, "customers.*.email");
+  assert allow(User{"avery"}, "read", McpResource{"desk/customers://audit-notes"});
+  assert_not allow(User{"sam"}, "list", McpResource{"desk/customers://audit-notes"});
+}
+
+test "agents act within their user's rights unless blocked" {
+  setup {
+    blocked(Agent{"rogue"});
+    has_relation(Tool{"desk/search_customers"}, "server", McpServer{"desk"});
+  }
+  assert allow(Agent{"claude"}, "call", Tool{"desk/search_customers"});
+  assert_not allow(Agent{"rogue"}, "call", Tool{"desk/search_customers"});
+}

@@ -1,0 +1,291 @@
+"""A whole bastion (decision service, authorization server, gateway) on loopback, with the
+quickstart's MCP server as upstream twice: over stdio (a child process) and over Streamable HTTP
+(uvicorn in a thread, wrapped so the test sees every request that reached it)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import parse_qs, urlencode, urlsplit
+
+import anyio
+import httpx
+import httpx2
+from mcp.client.auth import OAuthClientProvider
+from mcp.client.client import Client as McpClient
+from mcp.client.streamable_http import streamable_http_client
+from mcp.shared.auth import AuthorizationCodeResult, OAuthClientMetadata
+
+from bastion.facts.store import FactStore
+from bastion.oauth.users import create_user
+from bastion.policy.parser import parse_fact
+from bastion.server.app import create_app
+from bastion.server.config import ServerConfig
+from tests.oauth.support import free_socket, hidden_fields, pkce_pair, serve
+from tests.oauth.test_mcp_sdk import MemoryStorage
+
+ROOT = Path(__file__).resolve().parents[2]
+QUICKSTART = ROOT / "examples" / "quickstart"
+PASSWORD = "gateway-test-password"
+UPSTREAM_KEY = "upstream-credential-of-bastion"
+REDIRECT_URI = "http://127.0.0.1:9/callback"
+SERVERS = ("desk", "deskhttp")  # the same MCP server over stdio, then over Streamable HTTP
+
+
+def demo_server_module():
+    spec = importlib.util.spec_from_file_location("quickstart_server", QUICKSTART / "server.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+class Recorder:
+    """ASGI wrapper: remembers every request (headers and body) that reaches the upstream."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+        self.requests: list[dict] = []
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        entry = {"method": scope["method"], "headers": dict(scope["headers"]), "body": b""}
+        self.requests.append(entry)
+
+        async def recording_receive():
+            message = await receive()
+            if message["type"] == "http.request":
+                entry["body"] += message.get("body", b"")
+            return message
+
+        return await self.app(scope, recording_receive, send)
+
+    def messages(self) -> list[dict]:
+        found = []
+        for r in self.requests:
+            if r["body"]:
+                try:
+                    found.append(json.loads(r["body"]))
+                except ValueError:
+                    found.append({"unparsed": r["body"]})
+        return found
+
+
+def test_policy() -> str:
+    """The quickstart policy with business hours taken out, so tests do not depend on the clock."""
+    text = (QUICKSTART / "policy.polar").read_text()
+    window = 'in_time_window(context.time, "Mon-Fri", "09:00", "18:00", "Europe/Paris")'
+    assert window in text
+    return text.replace(window, 'context.method = "tools/call"')
+
+
+def facts() -> list[tuple]:
+    lines = (QUICKSTART / "desk.facts").read_text().splitlines()
+    found = []
+    for line in lines:
+        if line.strip() and not line.startswith("#"):
+            found.append(parse_fact(line))
+            if "desk/" in line or 'McpServer{"desk"}' in line:
+                other = line.replace("desk/", "deskhttp/").replace(
+                    'McpServer{"desk"}', 'McpServer{"deskhttp"}'
+                )
+                found.append(parse_fact(other))
+    return found
+
+
+@dataclass
+class Running:
+    url: str
+    app: object
+    recorder: Recorder
+    trace: Path
+    http: httpx.Client
+    logins: list[str] = field(default_factory=list)
+
+    @property
+    def store(self) -> FactStore:
+        return self.app.state.store
+
+    @property
+    def records(self):
+        return self.app.state.gateway.records
+
+    def mcp_url(self, server: str) -> str:
+        return f"{self.url}/mcp/{server}"
+
+    def apply(self, inserts=(), deletes=()) -> None:
+        """Write facts through the store, then wait until this server's replica has them."""
+        seq = self.store.apply(inserts, deletes, actor="test").seq
+        deadline = time.monotonic() + 10
+        while self.app.state.replica.applied < seq:
+            assert time.monotonic() < deadline, "the replica did not catch up"
+            time.sleep(0.01)
+
+    def flush(self):
+        self.records.flush()
+
+    # -- acting as a person in a browser -------------------------------------------------------
+
+    def log_in_and_consent(self, url: str, username: str) -> httpx.Response:
+        self.logins.append(username)
+        browser = httpx.Client(follow_redirects=False, timeout=10)
+        page = browser.get(url)
+        if page.is_redirect:
+            return page
+        assert page.status_code == 200, page.text
+        if "name=password" in page.text or 'name="password"' in page.text:
+            page = browser.post(
+                f"{self.url}/authorize/login",
+                data={**hidden_fields(page.text), "username": username, "password": PASSWORD},
+            )
+            if page.is_redirect:
+                return page
+            assert page.status_code == 200, page.text
+        return browser.post(
+            f"{self.url}/authorize/consent", data={**hidden_fields(page.text), "decision": "allow"}
+        )
+
+    def token(self, username: str, server: str, scope: str = "customers:read") -> str:
+        """An access token by the plain OAuth flow (no SDK), for raw HTTP tests."""
+        client = self.http.post(
+            f"{self.url}/register",
+            json={
+                "client_name": "raw test client",
+                "redirect_uris": [REDIRECT_URI],
+                "token_endpoint_auth_method": "none",
+                "grant_types": ["authorization_code", "refresh_token"],
+            },
+        ).json()
+        verifier, challenge = pkce_pair()
+        params = {
+            "response_type": "code",
+            "client_id": client["client_id"],
+            "redirect_uri": REDIRECT_URI,
+            "state": "s",
+            "code_challenge": challenge,
+            "code_challenge_method": "S256",
+            "resource": self.mcp_url(server),
+            "scope": scope,
+        }
+        response = self.log_in_and_consent(f"{self.url}/authorize?{urlencode(params)}", username)
+        code = parse_qs(urlsplit(response.headers["location"]).query)["code"][0]
+        tokens = self.http.post(
+            f"{self.url}/token",
+            data={
+                "grant_type": "authorization_code",
+                "code": code,
+                "redirect_uri": REDIRECT_URI,
+                "code_verifier": verifier,
+                "client_id": client["client_id"],
+            },
+        )
+        assert tokens.status_code == 200, tokens.text
+        return tokens.json()["access_token"]
+
+    # -- the official SDK client -------------------------------------------------------------
+
+    def sdk(self, username: str, server: str, mode: str, script) -> dict:
+        """Connect with the SDK's OAuthClientProvider as ``username``; run ``script(client, seen)``."""
+        seen: dict = {"redirects": []}
+        storage = MemoryStorage()
+        callback: dict = {}
+
+        async def redirect_handler(url: str) -> None:
+            seen["redirects"].append(url)
+            response = await anyio.to_thread.run_sync(self.log_in_and_consent, url, username)
+            query = parse_qs(urlsplit(response.headers["location"]).query)
+            callback.update({k: v[0] for k, v in query.items()})
+
+        async def callback_handler() -> AuthorizationCodeResult:
+            return AuthorizationCodeResult(
+                code=callback["code"], state=callback.get("state"), iss=callback.get("iss")
+            )
+
+        provider = OAuthClientProvider(
+            server_url=self.mcp_url(server),
+            client_metadata=OAuthClientMetadata(
+                client_name="gateway test agent",
+                redirect_uris=[REDIRECT_URI],
+                token_endpoint_auth_method="none",
+                grant_types=["authorization_code", "refresh_token"],
+            ),
+            storage=storage,
+            redirect_handler=redirect_handler,
+            callback_handler=callback_handler,
+        )
+
+        async def main() -> None:
+            async with (
+                httpx2.AsyncClient(auth=provider, timeout=20) as http,
+                McpClient(
+                    streamable_http_client(self.mcp_url(server), http_client=http), mode=mode
+                ) as client,
+            ):
+                seen["protocol_version"] = client.protocol_version
+                await script(client, seen)
+            seen["tokens"] = storage.tokens
+
+        anyio.run(main)
+        return seen
+
+
+def start(tmp_path):
+    """Start everything; a context manager yielding `Running`."""
+    from contextlib import contextmanager
+
+    @contextmanager
+    def running():
+        module = demo_server_module()
+        recorder = Recorder(module.server.streamable_http_app(streamable_http_path="/mcp"))
+        upstream_sock = free_socket()
+        sock = free_socket()
+        base = f"http://127.0.0.1:{sock.getsockname()[1]}"
+        trace = tmp_path / "stdio-trace.jsonl"
+        policy = tmp_path / "policy.polar"
+        policy.write_text(test_policy())
+        with serve(recorder, upstream_sock) as upstream_url:
+            config = ServerConfig(
+                database=str(tmp_path / "bastion.db"),
+                policy_file=str(policy),
+                oauth={
+                    "issuer": base,
+                    "key_dir": str(tmp_path / "keys"),
+                    "resources": [
+                        {
+                            "uri": f"{base}/mcp/{name}",
+                            "scopes": ["customers:read", "customers:write"],
+                        }
+                        for name in SERVERS
+                    ],
+                },
+                gateway={
+                    "max_body_bytes": 65536,
+                    "upstreams": [
+                        {
+                            "name": "desk",
+                            "command": sys.executable,
+                            "args": [str(QUICKSTART / "server.py")],
+                            "env": {"DEMO_TRACE": str(trace)},
+                            "scopes": ["customers:read"],
+                        },
+                        {
+                            "name": "deskhttp",
+                            "url": f"{upstream_url}/mcp",
+                            "headers": {"X-Desk-Key": UPSTREAM_KEY},
+                            "scopes": ["customers:read"],
+                        },
+                    ],
+                },
+            )
+            app = create_app(config)
+            for name in ("sam", "avery"):
+                create_user(app.state.oauth.store, name, PASSWORD, time.time())
+            app.state.store.apply(facts(), actor="test")
+            with serve(app, sock) as url, httpx.Client(timeout=20) as http:
+                yield Running(url, app, recorder, trace, http)
+
+    return running()
