@@ -88,6 +88,7 @@ requires_scope("call", _tool: Tool, "customers:write") if
   context.annotations.destructiveHint = true;
 
 mask(user: User, "call", tool: Tool, "customers.*.email") if
+  context.tool = "search_customers" and
   has_relation(tool, "server", server) and
   not has_role(user, "admin", server);
 
@@ -106,7 +107,8 @@ test "support agents search with emails masked, cannot delete, email in business
   assert allow(User{"sam"}, "list", Tool{"desk/delete_customer"});
   assert allow(User{"sam"}, "call", Tool{"desk/search_customers"})
     with context {annotations: {readOnlyHint: true}};
-  assert mask(User{"sam"}, "call", Tool{"desk/search_customers"}, "customers.*.email");
+  assert mask(User{"sam"}, "call", Tool{"desk/search_customers"}, "customers.*.email")
+    with context {tool: "search_customers"};
   assert_not allow(User{"sam"}, "call", Tool{"desk/delete_customer"})
     with context {annotations: {destructiveHint: true}};
   # Monday 2026-11-30, 10:00 in Paris (09:00 UTC); then 20:00 in Paris; then a Sunday.
@@ -132,7 +134,8 @@ test "admins delete, see emails and read internal notes; others do not" {
     with context {annotations: {destructiveHint: true}};
   assert requires_scope("call", Tool{"desk/delete_customer"}, "customers:write")
     with context {annotations: {destructiveHint: true}};
-  assert_not mask(User{"avery"}, "call", Tool{"desk/search_customers"}, "customers.*.email");
+  assert_not mask(User{"avery"}, "call", Tool{"desk/search_customers"}, "customers.*.email")
+    with context {tool: "search_customers"};
   assert allow(User{"avery"}, "read", McpResource{"desk/customers://audit-notes"});
   assert_not allow(User{"sam"}, "list", McpResource{"desk/customers://audit-notes"});
 }

@@ -18,7 +18,11 @@ import httpx2
 from mcp.client.auth import OAuthClientProvider
 from mcp.client.client import Client as McpClient
 from mcp.client.streamable_http import streamable_http_client
-from mcp.shared.auth import AuthorizationCodeResult, OAuthClientMetadata
+from mcp.shared.auth import (
+    AuthorizationCodeResult,
+    OAuthClientInformationFull,
+    OAuthClientMetadata,
+)
 
 from bastion.facts.store import FactStore
 from bastion.oauth.users import create_user
@@ -188,17 +192,42 @@ class Running:
 
     # -- the official SDK client -------------------------------------------------------------
 
-    def sdk(self, username: str, server: str, mode: str, script) -> dict:
-        """Connect with the SDK's OAuthClientProvider as ``username``; run ``script(client, seen)``."""
+    def register(self, scope: str) -> OAuthClientInformationFull:
+        """A client registered ahead of time, allowed ``scope`` (it may step up within it)."""
+        response = self.http.post(
+            f"{self.url}/register",
+            json={
+                "client_name": "pre-registered test agent",
+                "redirect_uris": [REDIRECT_URI],
+                "token_endpoint_auth_method": "none",
+                "grant_types": ["authorization_code", "refresh_token"],
+                "scope": scope,
+            },
+        )
+        assert response.status_code == 201, response.text
+        return OAuthClientInformationFull.model_validate(response.json())
+
+    def sdk(
+        self, username: str, server: str, mode: str, script, registered_scope: str | None = None
+    ) -> dict:
+        """Connect with the SDK's OAuthClientProvider as ``username``; run ``script(client, seen)``.
+
+        The SDK registers the client itself, unless ``registered_scope`` asks for a client
+        registered beforehand with that scope.
+        """
         seen: dict = {"redirects": []}
         storage = MemoryStorage()
+        if registered_scope is not None:
+            storage.client_info = self.register(registered_scope)
         callback: dict = {}
 
         async def redirect_handler(url: str) -> None:
             seen["redirects"].append(url)
             response = await anyio.to_thread.run_sync(self.log_in_and_consent, url, username)
             query = parse_qs(urlsplit(response.headers["location"]).query)
+            callback.clear()
             callback.update({k: v[0] for k, v in query.items()})
+            assert "code" in callback, callback
 
         async def callback_handler() -> AuthorizationCodeResult:
             return AuthorizationCodeResult(

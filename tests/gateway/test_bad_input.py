@@ -1,0 +1,156 @@
+"""Bad input is refused with a clear error before anything reaches the upstream."""
+
+from __future__ import annotations
+
+import pytest
+
+INIT = {
+    "jsonrpc": "2.0",
+    "id": 1,
+    "method": "initialize",
+    "params": {
+        "protocolVersion": "2025-11-25",
+        "capabilities": {},
+        "clientInfo": {"name": "t", "version": "1"},
+    },
+}
+ENVELOPE = {
+    "io.modelcontextprotocol/protocolVersion": "2026-07-28",
+    "io.modelcontextprotocol/clientCapabilities": {},
+}
+
+
+@pytest.fixture(scope="module")
+def token(bastion):
+    return bastion.token("sam", "deskhttp")
+
+
+def post(bastion, token, body=None, content=None, **headers):
+    return bastion.http.post(
+        bastion.mcp_url("deskhttp"),
+        json=body,
+        content=content,
+        headers={"authorization": f"Bearer {token}", "content-type": "application/json", **headers},
+    )
+
+
+def call(name="search_customers", **params):
+    return {
+        "jsonrpc": "2.0",
+        "id": 7,
+        "method": "tools/call",
+        "params": {"name": name, "arguments": {}, "_meta": ENVELOPE, **params},
+    }
+
+
+MODERN = {
+    "mcp-protocol-version": "2026-07-28",
+    "mcp-method": "tools/call",
+    "mcp-name": "search_customers",
+}
+
+CASES = {
+    "not JSON": (dict(content=b"{not json"), 400, -32700),
+    "not JSON-RPC": (dict(body={"hello": "world"}), 400, -32600),
+    "a batch": (dict(body=[call(), call()], **MODERN), 400, -32600),
+    "Mcp-Method differs from the body": (
+        dict(body=call(), **{**MODERN, "mcp-method": "tools/list"}),
+        400,
+        -32020,
+    ),
+    "Mcp-Name differs from the body": (
+        dict(body=call(), **{**MODERN, "mcp-name": "delete_customer"}),
+        400,
+        -32020,
+    ),
+    "no envelope in a 2026-07-28 request": (
+        dict(
+            body={
+                "jsonrpc": "2.0",
+                "id": 1,
+                "method": "tools/call",
+                "params": {"name": "search_customers"},
+            },
+            **MODERN,
+        ),
+        400,
+        -32602,
+    ),
+    "an unknown session id": (
+        dict(
+            body=call(),
+            **{"mcp-protocol-version": "2025-11-25", "mcp-session-id": "no-such-session"},
+        ),
+        404,
+        -32005,
+    ),
+    "no session id in the 2025-11-25 era": (
+        dict(body=call(), **{"mcp-protocol-version": "2025-11-25"}),
+        400,
+        -32600,
+    ),
+    "an unsupported protocol version": (
+        dict(body=call(), **{"mcp-protocol-version": "1999-01-01"}),
+        400,
+        -32022,
+    ),
+    "an oversized body": (dict(body=call(arguments={"query": "x" * 70000}), **MODERN), 413, -32600),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_input_gets_a_clear_error_and_nothing_is_forwarded(bastion, token, case):
+    kwargs, status, code = CASES[case]
+    before = len(bastion.recorder.requests)
+    response = post(bastion, token, **kwargs)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["code"] == code and error["message"]
+    assert len(bastion.recorder.requests) == before  # the upstream saw nothing
+
+
+def test_another_users_session_id_is_unknown(bastion, token):
+    opened = post(bastion, token, body=INIT, **{"mcp-protocol-version": "2025-11-25"})
+    session = opened.headers["mcp-session-id"]
+    other = bastion.token("avery", "deskhttp")
+    before = len(bastion.recorder.requests)
+    response = post(
+        bastion,
+        other,
+        body=call(),
+        **{"mcp-protocol-version": "2025-11-25", "mcp-session-id": session},
+    )
+    assert response.status_code == 404
+    assert len(bastion.recorder.requests) == before
+    # DELETE ends the session for its owner; afterwards it is unknown.
+    headers = {
+        "authorization": f"Bearer {token}",
+        "mcp-session-id": session,
+        "mcp-protocol-version": "2025-11-25",
+    }
+    assert bastion.http.delete(bastion.mcp_url("deskhttp"), headers=headers).status_code == 204
+    again = post(
+        bastion,
+        token,
+        body=call(),
+        **{"mcp-protocol-version": "2025-11-25", "mcp-session-id": session},
+    )
+    assert again.status_code == 404
+
+
+def test_unknown_methods_are_refused_by_default(bastion, token):
+    body = {
+        "jsonrpc": "2.0",
+        "id": 3,
+        "method": "completion/complete",
+        "params": {"_meta": ENVELOPE},
+    }
+    before = len(bastion.recorder.requests)
+    response = post(
+        bastion,
+        token,
+        body=body,
+        **{"mcp-protocol-version": "2026-07-28", "mcp-method": "completion/complete"},
+    )
+    assert response.json()["error"]["code"] == -32601
+    assert len(bastion.recorder.requests) == before
