@@ -45,10 +45,11 @@ class Decision:
 class _Active:
     """A loaded policy with its compiled entry points, swapped in as one object."""
 
-    __slots__ = ("loaded", "compiled", "allow", "deny")
+    __slots__ = ("loaded", "compiled", "allow", "deny", "fact_shapes")
 
     def __init__(self, loaded: LoadedPolicy, index: FactIndex) -> None:
         self.loaded = loaded
+        self.fact_shapes: set[tuple] = set()  # shapes of facts already found acceptable
         self.compiled = CompiledPolicy(loaded.program, index)
         defines = self.compiled.defines
         self.allow = self.compiled.function("allow", 3, "bbb") if defines("allow", 3) else None
@@ -82,7 +83,11 @@ class FactSet:
     def validate(self, fact: tuple | str) -> tuple:
         """The fact as a checked tuple; `FactError` if malformed or if the policy cannot use it."""
         fact = self._parse(fact)
-        program = self._authz._active.loaded.program
+        active = self._authz._active
+        shape = _shape(fact)
+        if shape is not None and shape in active.fact_shapes:
+            return fact
+        program = active.loaded.program
         key = (fact[0], len(fact) - 1)
         signatures = program.fact_signatures.get(key)
         if not signatures:
@@ -93,6 +98,10 @@ class FactSet:
             )
         for signature in signatures:
             if all(_fits(spec, arg) for spec, arg in zip(signature, fact[1:], strict=True)):
+                if shape is not None:
+                    if len(active.fact_shapes) > 10_000:
+                        active.fact_shapes.clear()
+                    active.fact_shapes.add(shape)
                 return fact
         expected = "; ".join(
             f"{key[0]}({', '.join(_describe(s) for s in sig)})" for sig in signatures
@@ -175,6 +184,22 @@ class _Batch:
 
     def delete(self, pattern: tuple | str) -> None:
         self.deletes.append(pattern)
+
+
+def _shape(fact: tuple) -> tuple | None:
+    """What validating a fact depends on: its predicate, entity types, value kinds, and string
+    values (role and relation names are checked by value). None for a fact not worth caching."""
+    shape: list[Any] = [fact[0]]
+    for a in fact[1:]:
+        if a.__class__ is Entity:
+            shape.append(a.type)
+        elif a.__class__ is str:
+            if len(a) > 64:
+                return None
+            shape.append((a,))
+        else:
+            shape.append(type(a))
+    return tuple(shape)
 
 
 def _fits(spec: tuple, arg: Any) -> bool:

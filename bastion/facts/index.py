@@ -58,14 +58,17 @@ def items_of(found: Any) -> Any:
 class PredicateFacts:
     """The facts of one predicate (name and arity), with their lookup indexes."""
 
-    __slots__ = ("name", "arity", "all", "modes", "_positions")
+    __slots__ = ("name", "arity", "all", "modes", "_positions", "_routes")
 
     def __init__(self, name: str, arity: int) -> None:
         self.name = name
         self.arity = arity
         self.all: set[tuple] = set()
-        self.modes: dict[str, dict] = {}
+        self.modes: dict[tuple, dict] = {}
         self._positions: dict[tuple, tuple] = {}
+        # Which indexes a new fact goes to: per tuple of pinned positions, the pinned values ->
+        # the (index, bound, free) triples that hold facts with those values.
+        self._routes: dict[tuple[int, ...], dict[tuple, list[tuple]]] = {}
 
     def mode(self, mask: str, fixed: tuple[tuple[int, Any], ...] = ()) -> dict:
         """The index for lookups where ``mask[i] == "b"`` marks a bound argument.
@@ -78,34 +81,37 @@ class PredicateFacts:
         shape = (mask, fixed)
         index = self.modes.get(shape)
         if index is None:
-            pinned = {p for p, _ in fixed}
+            pinned = tuple(p for p, _ in fixed)
             bound = tuple(i for i, m in enumerate(mask) if m == "b" and i not in pinned)
             free = tuple(i for i, m in enumerate(mask) if m != "b")
             self._positions[shape] = (bound, free, fixed)
             index = self.modes[shape] = {}
+            wanted = tuple(v for _, v in fixed)
             for values in self.all:
-                if all(values[p] == v for p, v in fixed):
+                if tuple(values[p] for p in pinned) == wanted:
                     _append(index, _key(values, bound), _key(values, free))
+            routes = self._routes.setdefault(pinned, {})
+            routes.setdefault(wanted, []).append((index, bound, free))
         return index
+
+    def _indexes_for(self, values: tuple) -> Iterator[tuple]:
+        for pinned, routes in self._routes.items():
+            yield from routes.get(tuple(values[p] for p in pinned), ())
 
     def add(self, values: tuple) -> bool:
         if values in self.all:
             return False
         self.all.add(values)
-        for shape, index in self.modes.items():
-            bound, free, fixed = self._positions[shape]
-            if not fixed or all(values[p] == v for p, v in fixed):
-                _append(index, _key(values, bound), _key(values, free))
+        for index, bound, free in self._indexes_for(values):
+            _append(index, _key(values, bound), _key(values, free))
         return True
 
     def remove(self, values: tuple) -> bool:
         if values not in self.all:
             return False
         self.all.discard(values)
-        for shape, index in self.modes.items():
-            bound, free, fixed = self._positions[shape]
-            if not fixed or all(values[p] == v for p, v in fixed):
-                _discard(index, _key(values, bound), _key(values, free))
+        for index, bound, free in self._indexes_for(values):
+            _discard(index, _key(values, bound), _key(values, free))
         return True
 
     def candidates(self, args: tuple) -> list[tuple]:
