@@ -14,8 +14,12 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 run: $(STAMP)
-	$(BIN)/bastion policy test examples/gitclub.polar examples/folders.polar examples/agents.polar
-	$(BIN)/bastion policy explain examples/gitclub.polar --facts examples/gitclub.facts User:alice read Repo:anvil
+	$(BIN)/bastion policy test examples/gitclub.polar
+	$(BIN)/bastion policy test examples/folders.polar
+	$(BIN)/bastion policy test examples/agents.polar
+	$(BIN)/bastion policy test examples/quickstart/policy.polar
+	$(BIN)/python examples/quickstart/setup.py .quickstart/bastion.db
+	$(BIN)/bastion serve --config examples/quickstart/bastion.toml
 
 test: $(STAMP)
 	$(BIN)/ruff check bastion tests benchmarks

@@ -11,6 +11,7 @@ COMMAND_MODULES = [
     "bastion.policy.commands",
     "bastion.server.commands",
     "bastion.oauth.commands",
+    "bastion.audit.commands",
 ]
 
 

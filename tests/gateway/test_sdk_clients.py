@@ -62,3 +62,24 @@ def test_upstream_never_sees_the_clients_token(bastion):
         assert "authorization" not in headers
         assert headers.get("x-desk-key") == "upstream-credential-of-bastion"
         assert token not in json.dumps(headers) and token.encode() not in request["body"]
+
+
+def test_audit_tail_prints_the_latest_decisions(bastion, capsys):
+    from bastion.cli import main
+
+    async def script(client, seen):
+        await client.call_tool("search_customers", {"query": "alan"})
+
+    bastion.sdk("sam", "desk", "legacy", script)
+    bastion.flush()
+    database = bastion.app.state.config.database
+    assert main(["audit", "tail", "-n", "2", "--database", database]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 2
+    assert 'allow        initialize      McpServer{"desk"} by User{"sam"}' in lines[0]
+    assert 'allow        tools/call      Tool{"desk/search_customers"} by User{"sam"}' in lines[-1]
+    assert "masked=1" in lines[-1]  # one customer matches, one email masked
+    assert main(["audit", "tail", "-n", "1", "--json", "--database", database]) == 0
+    record = json.loads(capsys.readouterr().out)
+    assert record["rules"] and record["obligations"]["masks"] == ["customers.*.email"]
+    assert record["context"]["annotations"] == {"readOnlyHint": True}

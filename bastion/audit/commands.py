@@ -1,0 +1,66 @@
+"""CLI: ``bastion audit tail``: print the gateway's decision records, and follow new ones."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from datetime import UTC, datetime
+
+from bastion.audit.decisions import DecisionRecord, DecisionRecords
+from bastion.db import Database
+
+
+def _line(record: DecisionRecord) -> str:
+    at = datetime.fromtimestamp(record.at, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")[:-4] + "Z"
+    who = " ".join(record.principals)
+    extra = []
+    if record.obligations.get("masks"):
+        extra.append(f"masked={record.obligations.get('masked_fields', 0)}")
+    if record.reason and record.result != "allow":
+        extra.append(f"reason={record.reason}")
+    if record.rules:
+        extra.append(f"rules={len(record.rules)}")
+    return (
+        f"{at} {record.result:<12} {record.method:<15} {record.target} by {who}"
+        f" {' '.join(extra)} {record.latency_us}us id={record.id}"
+    ).rstrip()
+
+
+def cmd_tail(args: argparse.Namespace) -> int:
+    from bastion.server.config import ServerConfig
+
+    database = args.database or os.environ.get("BASTION_DATABASE")
+    if not database:
+        database = ServerConfig.load(args.config).database
+    db = Database(database)
+    records = DecisionRecords(db)
+    # The newest `lines` records start after the (lines+1)-th newest one.
+    start = records.last_seq(back=args.lines) if args.lines > 0 else records.last_seq()
+    show = (lambda r: json.dumps(r.to_dict(), default=str)) if args.json else _line
+    try:
+        batch = records.after(start, limit=args.lines) if args.lines > 0 else []
+        for _, record in batch:
+            print(show(record), flush=True)
+        if not args.follow:
+            return 0
+        seq = batch[-1][0] if batch else start
+        for _, record in records.follow(seq):
+            print(show(record), flush=True)
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        db.close()
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    audit = sub.add_parser("audit", help="the gateway's decision records")
+    commands = audit.add_subparsers(dest="audit_command", required=True)
+    tail = commands.add_parser("tail", help="print the latest decisions; -f follows new ones")
+    tail.add_argument("-n", "--lines", type=int, default=20, help="how many to show first")
+    tail.add_argument("-f", "--follow", action="store_true", help="keep printing new decisions")
+    tail.add_argument("--json", action="store_true", help="one JSON record per line")
+    tail.add_argument("--database", help="SQLite path or postgresql:// URL (or BASTION_DATABASE)")
+    tail.add_argument("--config", help="bastion.toml to read the database from")
+    tail.set_defaults(func=cmd_tail)

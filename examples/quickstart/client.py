@@ -1,0 +1,98 @@
+"""Connect to the quickstart through bastion with the official MCP Python SDK, as a person would.
+
+    python examples/quickstart/client.py sam      # the support agent
+    python examples/quickstart/client.py avery    # the admin
+
+The SDK finds bastion's authorization server from the 401 challenge, registers itself, and opens
+the login page in your browser (or prints its address). Log in with the user's name and the
+password ``quickstart-password``, allow, then paste the address your browser was sent to.
+"""
+
+from __future__ import annotations
+
+import sys
+import webbrowser
+from urllib.parse import parse_qs, urlsplit
+
+import anyio
+import httpx2
+from mcp.client.auth import OAuthClientProvider
+from mcp.client.client import Client
+from mcp.client.streamable_http import streamable_http_client
+from mcp.shared.auth import (
+    AuthorizationCodeResult,
+    OAuthClientInformationFull,
+    OAuthClientMetadata,
+    OAuthToken,
+)
+from mcp.shared.exceptions import MCPError
+
+URL = "http://127.0.0.1:8000/mcp/desk"
+REDIRECT_URI = "http://127.0.0.1:33418/callback"  # nothing listens: you copy the address back
+
+
+class Memory:
+    def __init__(self) -> None:
+        self.tokens: OAuthToken | None = None
+        self.client: OAuthClientInformationFull | None = None
+
+    async def get_tokens(self):
+        return self.tokens
+
+    async def set_tokens(self, tokens):
+        self.tokens = tokens
+
+    async def get_client_info(self):
+        return self.client
+
+    async def set_client_info(self, info):
+        self.client = info
+
+
+async def open_browser(url: str) -> None:
+    print(f"\nLog in at:\n  {url}\n")
+    webbrowser.open(url)
+
+
+async def pasted_callback() -> AuthorizationCodeResult:
+    url = await anyio.to_thread.run_sync(input, "Paste the address your browser was sent to: ")
+    query = {k: v[0] for k, v in parse_qs(urlsplit(url.strip()).query).items()}
+    return AuthorizationCodeResult(code=query["code"], state=query.get("state"), iss=query.get("iss"))
+
+
+async def main(user: str) -> None:
+    auth = OAuthClientProvider(
+        server_url=URL,
+        client_metadata=OAuthClientMetadata(
+            client_name=f"quickstart client ({user})",
+            redirect_uris=[REDIRECT_URI],
+            token_endpoint_auth_method="none",
+            grant_types=["authorization_code", "refresh_token"],
+            scope="customers:read customers:write",
+        ),
+        storage=Memory(),
+        redirect_handler=open_browser,
+        callback_handler=pasted_callback,
+    )
+    async with (
+        httpx2.AsyncClient(auth=auth, timeout=30) as http,
+        Client(streamable_http_client(URL, http_client=http)) as client,
+    ):
+        print("protocol", client.protocol_version)
+        print("tools    ", [t.name for t in (await client.list_tools()).tools])
+        print("resources", [str(r.uri) for r in (await client.list_resources()).resources])
+        found = await client.call_tool("search_customers", {"query": ""})
+        print("search   ", found.content[0].text)
+        for name, arguments in [
+            ("send_email", {"to": "ada@example.com", "subject": "Hello", "body": "Hi Ada"}),
+            ("delete_customer", {"customer_id": "c-101"}),
+        ]:
+            try:
+                result = await client.call_tool(name, arguments)
+                print(f"{name:<9}", result.content[0].text)
+            except MCPError as e:
+                print(f"{name:<9} refused: {e.error.message} {e.error.data}")
+
+
+if __name__ == "__main__":
+    anyio.run(main, sys.argv[1] if len(sys.argv) > 1 else "sam")
