@@ -412,15 +412,25 @@ class FactStore:
     # -- policy versions -------------------------------------------------------------------
 
     def put_policy(
-        self, text: str, *, source: str = "policy.polar", actor: str = "system", note: str = ""
-    ) -> tuple[int, int]:
+        self,
+        text: str,
+        *,
+        source: str = "policy.polar",
+        actor: str = "system",
+        note: str = "",
+        only_if_none: bool = False,
+    ) -> tuple[int, int] | None:
         """Store a new policy version and make it the one in force. Returns (version, seq).
 
-        The caller validates the text first; the store keeps whatever it is given.
+        The caller validates the text first; the store keeps whatever it is given. With
+        ``only_if_none`` it stores nothing (and returns None) if the store has a policy already,
+        checked under the writers' lock, so replicas starting together store it once.
         """
         with self.db.transaction():
             seq = self._begin_write()
             version = self.db.execute("SELECT COALESCE(MAX(version), 0) + 1 FROM policies")[0][0]
+            if only_if_none and version > 1:
+                return None
             self.db.execute(
                 "INSERT INTO policies (version, text, source, created_at, created_by, note)"
                 " VALUES (?, ?, ?, ?, ?, ?)",

@@ -74,7 +74,9 @@ def _bootstrap_policy(store: FactStore, config: ServerConfig) -> None:
         validate_policy(text, str(path))
     except PolicyError as e:
         raise ConfigError(f"policy_file {path} does not load:\n{e}") from None
-    store.put_policy(text, source=path.name, actor="bastion.toml", note="policy_file at start")
+    store.put_policy(
+        text, source=path.name, actor="bastion.toml", note="policy_file at start", only_if_none=True
+    )
 
 
 def _oauth_server(config: ServerConfig, db: Database):

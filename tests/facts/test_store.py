@@ -258,3 +258,22 @@ def test_pruning_the_change_log_keeps_the_head_and_sequences_go_on(store):
     assert store.prune_changes(0) == 1  # the latest entry always stays
     assert store.apply([("is_public", ANVIL)]).seq == 6
     assert store.count() == 6
+
+
+def test_a_first_policy_is_stored_once_when_replicas_start_together(database_url):
+    stores = [FactStore.open(database_url) for _ in range(3)]
+    results: list = []
+    threads = [
+        threading.Thread(
+            target=lambda s=s: results.append(s.put_policy("allow(_, _, _);", only_if_none=True))
+        )
+        for s in stores
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results.count(None) == 2 and (1, 1) in results
+    assert len(stores[0].policy_versions()) == 1
+    for s in stores:
+        s.close()
