@@ -54,10 +54,13 @@ class _Active:
         defines = self.compiled.defines
         self.allow = self.compiled.function("allow", 3, "bbb") if defines("allow", 3) else None
         self.deny = self.compiled.function("deny", 3, "bbb") if defines("deny", 3) else None
-        # Compile the shapes that list and actions use now, so a plan error shows at load time.
+        # Compile the shapes that list and actions use now, and every rule with all its
+        # arguments given (the easiest shape): a rule that cannot run even so is a load error.
         if self.allow is not None:
             self.compiled.function("allow", 3, "bbf")
             self.compiled.function("allow", 3, "bfb")
+        for name, arity in loaded.program.clauses:
+            self.compiled.function(name, arity, "b" * arity)
 
 
 def _epoch(value: datetime | float | int | None) -> float | None:

@@ -104,15 +104,25 @@ class CompiledPolicy:
         self._edges: dict[Node, set[Node]] = defaultdict(set)
         self._pending: dict[Node, str] = {}
         self._dispatch: list[tuple[dict, Any, str]] = []
-        self._vtypes: dict[
-            str, frozenset
-        ] = {}  # entity types known for the current clause's variables
+        # Entity types known for the variables of the clause being generated.
+        self._vtypes: dict[str, frozenset] = {}
 
     # -- entry points -----------------------------------------------------------------------
 
     def function(self, name: str, arity: int, mask: str) -> Any:
         """The compiled function for ``name/arity`` called with ``mask`` ("b"/"f" per argument)."""
-        fname = self._ensure(Node(name, arity, mask))
+        try:
+            fname = self._ensure(Node(name, arity, mask))
+        except BaseException:
+            # Forget the shapes this call left half made, so a later call starts clean.
+            self._stack.clear()
+            self._on_stack.clear()
+            self._callers.clear()
+            self._pending.clear()
+            for node, fname in list(self._names.items()):
+                if fname not in self.namespace:
+                    del self._names[node]
+            raise
         return self.namespace[fname]
 
     def defines(self, name: str, arity: int) -> bool:

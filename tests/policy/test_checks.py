@@ -121,3 +121,10 @@ def test_every_error_is_reported_not_just_the_first():
 def test_builtins_cannot_be_redefined():
     (message,) = errors_of("cidr_contains(_a, _b) if 1 = 1;")
     assert "cidr_contains is a builtin" in message
+
+
+def test_a_helper_rule_that_can_never_run_is_refused_at_load():
+    (message,) = errors_of(
+        BASE + "declare level(Org, Integer);\nhigh(o: Org) if level(o, m) and m > n;"
+    )
+    assert "variable(s) n are never bound" in message and "p.polar:9:" in message

@@ -277,3 +277,15 @@ def test_fact_patterns_read_through_indexes_match_a_full_scan(gitclub):
             key=repr,
         )  # fmt: skip
         assert sorted(gitclub.facts.get(pattern), key=repr) == expected, pattern
+
+
+def test_a_query_shape_that_cannot_be_planned_is_refused_and_leaves_the_engine_working():
+    from bastion import PolicyError
+
+    policy = "actor User {}\nresource Doc {}\ndeclare level(Doc, Integer);\nhigh(d: Doc, n) if level(d, m) and m > n;"
+    authz = Authorizer(policy)
+    authz.facts.insert(("level", Entity("Doc", "d"), 5))
+    with pytest.raises(PolicyError, match="never bound"):
+        authz.query("high", Variable("d"), Variable("n"))  # n must be given
+    assert authz.query("high", Variable("d"), 3) == [("high", Entity("Doc", "d"), 3)]
+    assert authz.query("high", Entity("Doc", "d"), 7) == []
