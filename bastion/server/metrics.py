@@ -47,6 +47,7 @@ class Metrics:
             ["kind"],
             registry=self.registry,
         )
+        self._children: dict[tuple[str, str], tuple] = {}
         self._facts = Gauge("bastion_facts", "Facts held in memory.", registry=self.registry)
         self._applied = Gauge(
             "bastion_changelog_applied_sequence",
@@ -58,6 +59,15 @@ class Metrics:
             "Changes known to be committed but not yet applied by this process.",
             registry=self.registry,
         )
+
+    def decision(self, kind: str, result: str, seconds: float) -> None:
+        """Count one decision and its evaluation time (label children are looked up once)."""
+        children = self._children.get((kind, result))
+        if children is None:
+            children = (self.decisions.labels(kind, result), self.latency.labels(kind))
+            self._children[(kind, result)] = children
+        children[0].inc()
+        children[1].observe(seconds)
 
     def observe_state(
         self, facts: Callable[[], float], applied: Callable[[], float], lag: Callable[[], float]

@@ -97,6 +97,12 @@ def _names(kinds: tuple[type, ...]) -> str:
 
 def entity(body: dict, name: str) -> Entity:
     """An entity field: ``{"type": "User", "id": "alice"}`` or the short form ``"User:alice"``."""
+    value = body.get(name)
+    # The common, well-formed case first: it is on the path of every decision.
+    if value.__class__ is dict and len(value) == 2:
+        type_, id_ = value.get("type"), value.get("id")
+        if type_.__class__ is str and id_.__class__ is str and type_:
+            return Entity(type_, id_)
     value = field(body, name, (dict, str))
     if isinstance(value, str):
         try:

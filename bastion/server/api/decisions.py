@@ -28,7 +28,7 @@ MAX_PAGE = 1000
 KEEP_CONTEXT_BYTES = 64 * 1024
 
 
-@dataclass
+@dataclass(slots=True)
 class DecisionRecord:
     """What was asked and answered, so the decision can be explained afterwards."""
 
@@ -156,9 +156,7 @@ def _keep_context(request: Request, req: dict, context: dict | None) -> None:
 
 
 def _observe(request: Request, kind: str, started: float, result: str) -> None:
-    metrics = request.app.state.metrics
-    metrics.latency.labels(kind).observe(time.perf_counter() - started)
-    metrics.decisions.labels(kind, result).inc()
+    request.app.state.metrics.decision(kind, result, time.perf_counter() - started)
 
 
 def _entity_json(e: Entity) -> dict:
