@@ -187,11 +187,16 @@ class _Interpreter:
         return env
 
     def order(self, clause: Clause, env: dict) -> list[Literal]:
-        head_vars = {v for t in clause.head for v in term_vars(t)}
-        try:
-            return plan(clause.body, set(env), head_vars, clause.location)
-        except PlanError:
-            return list(clause.body)
+        key = (id(clause), frozenset(env))
+        found = self.program.plans.get(key)
+        if found is None:
+            head_vars = {v for t in clause.head for v in term_vars(t)}
+            try:
+                found = plan(clause.body, set(env), head_vars, clause.location)
+            except PlanError:
+                found = list(clause.body)
+            self.program.plans[key] = found
+        return found
 
     def solve_clause(self, clause: Clause, args: tuple, depth: int):
         env = self.head_env(clause, args)
@@ -232,7 +237,12 @@ class _Interpreter:
         if isinstance(lit, NotLit):
             shared = negation_shared(lit, body, set(env))
             inner_env = {k: v for k, v in env.items() if k in shared or k in env}
-            order = plan(lit.body, set(inner_env), set(inner_env), lit.location)
+            key = (id(lit), frozenset(inner_env))
+            order = self.program.plans.get(key)
+            if order is None:
+                order = self.program.plans[key] = plan(
+                    lit.body, set(inner_env), set(inner_env), lit.location
+                )
             for _ in self.solve_body(order, 0, inner_env, lit.body, depth + 1):
                 return
             yield env, Step(self.describe(lit, env), True, "not")

@@ -73,6 +73,8 @@ class Program:
     entity_types: frozenset[str]
     permissions: dict[str, tuple[str, ...]]  # resource type -> declared permissions
     has_deny: bool = False
+    # Join orders the explainer has worked out, by (clause, bound variables): planned once.
+    plans: dict = field(default_factory=dict)
 
 
 def term_vars(term: Term) -> list[str]:
