@@ -14,7 +14,7 @@ from bastion.facts.index import FactIndex
 from bastion.facts.model import Entity, format_arg, format_fact
 from bastion.policy.ast import Const, ContextPath, Var
 from bastion.policy.builtins import BUILTINS
-from bastion.policy.plan import PlanError, negation_shared, plan
+from bastion.policy.plan import PlanError, plan
 from bastion.policy.program import (
     VALUE_TYPES,
     CallLit,
@@ -235,15 +235,12 @@ class _Interpreter:
             yield from self.solve_comparison(lit, env)
             return
         if isinstance(lit, NotLit):
-            shared = negation_shared(lit, body, set(env))
-            inner_env = {k: v for k, v in env.items() if k in shared or k in env}
-            key = (id(lit), frozenset(inner_env))
+            # The planner ran it once the variables it shares are bound; the rest are its own.
+            key = (id(lit), frozenset(env))
             order = self.program.plans.get(key)
             if order is None:
-                order = self.program.plans[key] = plan(
-                    lit.body, set(inner_env), set(inner_env), lit.location
-                )
-            for _ in self.solve_body(order, 0, inner_env, lit.body, depth + 1):
+                order = self.program.plans[key] = plan(lit.body, set(env), set(env), lit.location)
+            for _ in self.solve_body(order, 0, env, lit.body, depth + 1):
                 return
             yield env, Step(self.describe(lit, env), True, "not")
             return
