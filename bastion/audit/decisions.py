@@ -12,8 +12,8 @@ import json
 import threading
 import time
 import uuid
-from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from bastion.db import Database
@@ -82,18 +82,27 @@ class DecisionRecords:
     def __init__(self, db: Database) -> None:
         self.db = db
         db.migrate("audit_decisions", _MIGRATIONS)
-        self._buffer: list[DecisionRecord] = []
+        self._buffer: list[tuple[DecisionRecord, Callable | None]] = []
         self._lock = threading.Lock()
 
-    def add(self, record: DecisionRecord) -> None:
+    def add(
+        self, record: DecisionRecord, rules: Callable[[dict], tuple[str, ...]] | None = None
+    ) -> None:
+        """Buffer a record. ``rules``, if given, computes its deciding rules at write time
+        (given a memo shared by the batch), keeping explanations off the request path."""
         with self._lock:
-            self._buffer.append(record)
+            self._buffer.append((record, rules))
 
     def flush(self) -> int:
         with self._lock:
-            batch, self._buffer = self._buffer, []
-        if not batch:
+            pending, self._buffer = self._buffer, []
+        if not pending:
             return 0
+        memo: dict = {}
+        batch = [
+            replace(record, rules=rules(memo)) if rules is not None else record
+            for record, rules in pending
+        ]
         rows = [
             (
                 0,

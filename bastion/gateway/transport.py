@@ -280,6 +280,9 @@ class StreamableHttpEndpoint:
             body = await handler(ex)
             if ex.caller.protocol_version in MODERN_VERSIONS:
                 _modern_result(ex.message.method, body)
+            else:
+                for key in ("resultType", "ttlMs", "cacheScope"):
+                    body.pop(key, None)
             return result(ex.message.id, body), 200, {}
         except StepUp as e:
             scopes = sorted(set(ex.caller.scopes) | set(e.scopes))

@@ -1,7 +1,8 @@
 """Connections to the upstream MCP servers: a child process over stdio, or Streamable HTTP.
 
-bastion talks to each upstream as one client of its own, in the 2025-11-25 era (the one every
-server speaks), whatever era its own clients use. Requests of all clients share that one
+bastion talks to each upstream as one client of its own, whatever era its own clients use: over
+HTTP in 2026-07-28 when the upstream answers ``server/discover`` (no session, one POST per
+request), else in 2025-11-25, which every server speaks; over stdio in 2025-11-25. Requests of all clients share that one
 connection; ids are bastion's. The client's token never travels upstream: an HTTP upstream gets
 only the headers configured for it. Requests the upstream sends back (sampling, elicitation,
 roots) are answered with an error: bastion does not relay them.
@@ -31,6 +32,20 @@ CLIENT_INFO = {"name": "bastion-gateway", "version": "0.1.0"}
 _MAX_LINE = 64 * 1024 * 1024
 
 Notify = Callable[[dict[str, Any]], Awaitable[None]]
+
+MODERN_VERSION = "2026-07-28"
+_ENVELOPE = {
+    "io.modelcontextprotocol/protocolVersion": MODERN_VERSION,
+    "io.modelcontextprotocol/clientCapabilities": {},
+    "io.modelcontextprotocol/clientInfo": CLIENT_INFO,
+}
+_NAME_PARAMS = {"tools/call": "name", "prompts/get": "name", "resources/read": "uri"}
+
+
+def _b64_header(value: str) -> str:
+    import base64
+
+    return "=?base64?" + base64.b64encode(value.encode()).decode() + "?="
 
 
 class Upstream:
@@ -252,6 +267,7 @@ class HttpUpstream(Upstream):
         )
         self._session_id: str | None = None
         self._protocol_version: str | None = None
+        self._modern = False
 
     def _headers(self) -> dict[str, str]:
         headers = {
@@ -268,17 +284,57 @@ class HttpUpstream(Upstream):
     async def _connect(self) -> None:
         self._session_id = None
         self._protocol_version = None
-        await self._handshake()
+        self._modern = False
+        if not await self._discover():
+            await self._handshake()
+
+    async def _discover(self) -> bool:
+        """Use 2026-07-28 (one POST per request, no session: cheaper) if the upstream has it."""
+        self._protocol_version = MODERN_VERSION
+        self._modern = True
+        try:
+            response = await self._exchange(
+                {
+                    "jsonrpc": "2.0",
+                    "id": next(self._ids),
+                    "method": "server/discover",
+                    "params": {},
+                },
+                retry=False,
+            )
+        except RpcError:
+            response = {}
+        found = response.get("result") if isinstance(response, dict) else None
+        if isinstance(found, dict) and MODERN_VERSION in (found.get("supportedVersions") or ()):
+            meta = found.get("_meta") or {}
+            self.init_result = {
+                "protocolVersion": MODERN_VERSION,
+                "capabilities": found.get("capabilities") or {},
+                "serverInfo": meta.get("io.modelcontextprotocol/serverInfo") or {},
+                "instructions": found.get("instructions"),
+            }
+            return True
+        self._protocol_version = None
+        self._modern = False
+        return False
 
     async def _handshake(self) -> None:
         await super()._handshake()
         self._protocol_version = self.init_result.get("protocolVersion", UPSTREAM_PROTOCOL_VERSION)
 
     async def _post(self, message: dict[str, Any]) -> httpx.Response:
+        headers = self._headers()
+        if self._modern and "method" in message:
+            method = message["method"]
+            params = dict(message.get("params") or {})
+            params["_meta"] = {**(params.get("_meta") or {}), **_ENVELOPE}
+            message = {**message, "params": params}
+            headers["mcp-method"] = method
+            name = params.get(_NAME_PARAMS.get(method, ""))
+            if isinstance(name, str):
+                headers["mcp-name"] = name if name.isascii() else _b64_header(name)
         body = json.dumps(message, separators=(",", ":")).encode()
-        request = self._http.build_request(
-            "POST", self.config.url, content=body, headers=self._headers()
-        )
+        request = self._http.build_request("POST", self.config.url, content=body, headers=headers)
         try:
             return await self._http.send(request, stream=True)
         except httpx.HTTPError as e:
@@ -340,6 +396,8 @@ class HttpUpstream(Upstream):
         )
 
     async def _send_notification(self, message: dict[str, Any]) -> None:
+        if self._modern:
+            return  # 2026-07-28 has no client-to-server notifications over HTTP
         response = await self._post(message)
         await response.aclose()
 

@@ -57,7 +57,9 @@ async def open_browser(url: str) -> None:
 async def pasted_callback() -> AuthorizationCodeResult:
     url = await anyio.to_thread.run_sync(input, "Paste the address your browser was sent to: ")
     query = {k: v[0] for k, v in parse_qs(urlsplit(url.strip()).query).items()}
-    return AuthorizationCodeResult(code=query["code"], state=query.get("state"), iss=query.get("iss"))
+    return AuthorizationCodeResult(
+        code=query["code"], state=query.get("state"), iss=query.get("iss")
+    )
 
 
 async def main(user: str) -> None:

@@ -1,0 +1,264 @@
+"""Gateway overhead: the same ``tools/call`` workload, directly against an upstream MCP server over
+Streamable HTTP and through bastion's gateway to that same upstream, in one run.
+
+    .venv/bin/python benchmarks/gateway_bench.py [--clients 4] [--requests 1500] [--rounds 3]
+
+The upstream is the quickstart's MCP server (official SDK) in its own process; bastion runs
+``bastion serve`` in another, with the quickstart policy (the support agent's search, with emails
+masked). Clients are concurrent asyncio tasks in this process, speaking MCP 2026-07-28 (one POST
+per call, no session). Rounds alternate direct and gateway so drift hits both alike. Prints the
+median and p99 latency of each path, the added latency, and the throughput ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import hashlib
+import os
+import re
+import secrets
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from urllib.parse import parse_qs, urlencode, urlsplit
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+QUICKSTART = ROOT / "examples" / "quickstart"
+PASSWORD = "benchmark-password"
+REDIRECT = "http://127.0.0.1:9/callback"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until_up(url: str, process: subprocess.Popen) -> None:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise SystemExit(f"{url}: the process exited with {process.returncode}")
+        try:
+            httpx.get(url, timeout=1)
+            return
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    raise SystemExit(f"{url} did not come up")
+
+
+def access_token(base: str, resource: str) -> str:
+    http = httpx.Client(timeout=10)
+    client = http.post(
+        f"{base}/register",
+        json={
+            "client_name": "bench",
+            "redirect_uris": [REDIRECT],
+            "token_endpoint_auth_method": "none",
+        },
+    ).json()
+    verifier = secrets.token_urlsafe(48)
+    challenge = base64.urlsafe_b64encode(hashlib.sha256(verifier.encode()).digest()).rstrip(b"=")
+    params = {
+        "response_type": "code",
+        "client_id": client["client_id"],
+        "redirect_uri": REDIRECT,
+        "state": "s",
+        "code_challenge": challenge.decode(),
+        "code_challenge_method": "S256",
+        "resource": resource,
+        "scope": "customers:read",
+    }
+    page = http.get(f"{base}/authorize?{urlencode(params)}")
+    fields = dict(re.findall(r"<input type=hidden name=(\w+) value='([^']*)'>", page.text))
+    page = http.post(
+        f"{base}/authorize/login", data={**fields, "username": "sam", "password": PASSWORD}
+    )
+    fields = dict(re.findall(r"<input type=hidden name=(\w+) value='([^']*)'>", page.text))
+    done = http.post(f"{base}/authorize/consent", data={**fields, "decision": "allow"})
+    code = parse_qs(urlsplit(done.headers["location"]).query)["code"][0]
+    tokens = http.post(
+        f"{base}/token",
+        data={
+            "grant_type": "authorization_code",
+            "code": code,
+            "redirect_uri": REDIRECT,
+            "code_verifier": verifier,
+            "client_id": client["client_id"],
+        },
+    )
+    return tokens.json()["access_token"]
+
+
+def call_body(i: int) -> dict:
+    return {
+        "jsonrpc": "2.0",
+        "id": i,
+        "method": "tools/call",
+        "params": {
+            "name": "search_customers",
+            "arguments": {"query": "a"},
+            "_meta": {
+                "io.modelcontextprotocol/protocolVersion": "2026-07-28",
+                "io.modelcontextprotocol/clientCapabilities": {},
+            },
+        },
+    }
+
+
+async def run_load(
+    url: str, headers: dict, clients: int, requests: int
+) -> tuple[list[float], float]:
+    headers = {
+        "content-type": "application/json",
+        "accept": "application/json, text/event-stream",
+        "mcp-protocol-version": "2026-07-28",
+        "mcp-method": "tools/call",
+        "mcp-name": "search_customers",
+        **headers,
+    }
+    latencies: list[float] = []
+    counter = iter(range(requests))
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(timeout=30, limits=limits) as http:
+
+        async def worker() -> None:
+            for i in counter:
+                started = time.perf_counter()
+                response = await http.post(url, json=call_body(i), headers=headers)
+                body = response.text
+                latencies.append(time.perf_counter() - started)
+                if response.status_code != 200 or '"error"' in body[:200]:
+                    raise SystemExit(f"{url}: {response.status_code} {body[:300]}")
+
+        started = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(clients)))
+        elapsed = time.perf_counter() - started
+    return latencies, requests / elapsed
+
+
+def p(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--clients", type=int, default=4)
+    parser.add_argument("--requests", type=int, default=1500, help="per round and path")
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="bastion-gateway-bench-"))
+    upstream_port, bastion_port = free_port(), free_port()
+    base = f"http://127.0.0.1:{bastion_port}"
+    upstream_url = f"http://127.0.0.1:{upstream_port}/mcp"
+    database = str(work / "bastion.db")
+    (work / "bastion.toml").write_text(
+        f"""
+[server]
+database = "{database}"
+policy_file = "{QUICKSTART / "policy.polar"}"
+port = {bastion_port}
+log_level = "warning"
+
+[oauth]
+issuer = "{base}"
+key_dir = "{work / "keys"}"
+[[oauth.resources]]
+uri = "{base}/mcp/desk"
+scopes = ["customers:read", "customers:write"]
+
+[gateway]
+[[gateway.upstreams]]
+name = "desk"
+url = "{upstream_url}"
+scopes = ["customers:read"]
+"""
+    )
+    sys.path.insert(0, str(QUICKSTART))
+    from setup import setup  # the quickstart's facts and users
+
+    import bastion.oauth.users as users
+
+    setup(database)
+    from bastion.db import Database
+    from bastion.oauth.store import OAuthStore
+
+    db = Database(database)
+    OAuthStore(db).set_password_hash("sam", users.hash_password(PASSWORD))
+    db.close()
+
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    upstream = subprocess.Popen(
+        [sys.executable, str(QUICKSTART / "server.py"), "--http", str(upstream_port)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    server = subprocess.Popen(
+        [
+            str(Path(sys.executable).parent / "bastion"),
+            "serve",
+            "--config",
+            str(work / "bastion.toml"),
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_until_up(upstream_url, upstream)
+        wait_until_up(f"{base}/healthz", server)
+        token = access_token(base, f"{base}/mcp/desk")
+        paths = {
+            "direct": (upstream_url, {}),
+            "gateway": (f"{base}/mcp/desk", {"authorization": f"Bearer {token}"}),
+        }
+        for url, headers in paths.values():  # warm up both (connections, stdio, caches)
+            asyncio.run(run_load(url, headers, args.clients, 100))
+        results: dict[str, dict[str, list]] = {k: {"lat": [], "tput": []} for k in paths}
+        for _ in range(args.rounds):
+            for name, (url, headers) in paths.items():
+                latencies, throughput = asyncio.run(
+                    run_load(url, headers, args.clients, args.requests)
+                )
+                results[name]["lat"] += latencies
+                results[name]["tput"].append(throughput)
+    finally:
+        for process in (server, upstream):
+            process.send_signal(signal.SIGINT)
+        for process in (server, upstream):
+            try:
+                process.wait(10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+    print(
+        f"gateway benchmark: tools/call search_customers, {args.clients} concurrent clients,"
+        f" {args.rounds} rounds x {args.requests} calls per path, MCP 2026-07-28 over HTTP"
+    )
+    print(f"{'path':<8} {'median ms':>10} {'p99 ms':>8} {'calls/s':>9}")
+    summary = {}
+    for name, data in results.items():
+        median = statistics.median(data["lat"]) * 1000
+        p99 = p(data["lat"], 0.99) * 1000
+        tput = statistics.median(data["tput"])
+        summary[name] = (median, p99, tput)
+        print(f"{name:<8} {median:>10.3f} {p99:>8.3f} {tput:>9.0f}")
+    d, g = summary["direct"], summary["gateway"]
+    print(f"added latency: median {g[0] - d[0]:.3f} ms, p99 {g[1] - d[1]:.3f} ms")
+    print(f"throughput through bastion: {g[2] / d[2]:.0%} of direct")
+
+
+if __name__ == "__main__":
+    main()
