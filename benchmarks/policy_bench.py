@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import itertools
 import json
 import os
 import random
@@ -102,25 +103,13 @@ class Bastion:
             (lambda i: Entity("Repository", i)),
         )  # noqa: E731
         self.authz = Authorizer.from_files(POLICY)
-        chunk: list[tuple] = []
-
-        def flush() -> None:
+        facts = itertools.chain(
+            (("has_role", User(u), role, Org(o)) for u, role, o in w.org_roles),
+            (("has_role", User(u), role, Repo(r)) for u, role, r in w.repo_roles),
+            (("has_relation", Repo(r), "parent", Org(o)) for r, o in w.parents),
+        )
+        while chunk := list(itertools.islice(facts, 50_000)):
             self.authz.facts.apply(chunk, [])
-            chunk.clear()
-
-        for u, role, o in w.org_roles:
-            chunk.append(("has_role", User(u), role, Org(o)))
-            if len(chunk) >= 50_000:
-                flush()
-        for u, role, r in w.repo_roles:
-            chunk.append(("has_role", User(u), role, Repo(r)))
-            if len(chunk) >= 50_000:
-                flush()
-        for r, o in w.parents:
-            chunk.append(("has_relation", Repo(r), "parent", Org(o)))
-            if len(chunk) >= 50_000:
-                flush()
-        flush()
         self.User, self.Repo = User, Repo
 
     def authorize(self, user: str, action: str, repo: str):

@@ -201,7 +201,7 @@ class CompiledPolicy:
                 table[key] = self.namespace[fname]
             else:
                 still.append((table, key, fname))
-        self._dispatch = still
+        self._dispatch[:] = still  # in place: a caller may hold the list
 
     # -- one shape --------------------------------------------------------------------------
 
@@ -283,25 +283,14 @@ class CompiledPolicy:
                     rest.append(clause)
             if len(groups) < 2:
                 continue
-            table: dict[Any, Any] = {}
-            tname = f"D{next(self._counter)}"
-            self.namespace[tname] = table
             mask = node.mask[:pos] + "c" + node.mask[pos + 1 :]
             before = node.mask[:pos].count("c")
-            for (_, value), _group in groups.items():
+            targets = {}
+            for _, value in groups:
                 consts = node.consts[:before] + (value,) + node.consts[before:]
-                fname = self._ensure(Node(node.name, node.arity, mask, consts, False, node.types))
-                self._dispatch.append((table, value, fname))
-            rest_params = "".join(
-                f", a{i}" for i, mm in enumerate(node.mask) if mm == "b" and i != pos
-            )
-            out.emit(1, f"_f = {tname}.get(a{pos})")
-            if is_bool:
-                out.emit(1, f"if _f is not None and _f(q{rest_params}):")
-                out.emit(2, "return True")
-            else:
-                out.emit(1, "if _f is not None:")
-                out.emit(2, f"yield from _f(q{rest_params})")
+                targets[value] = Node(node.name, node.arity, mask, consts, False, node.types)
+            rest_params = [f"a{i}" for i, mm in enumerate(node.mask) if mm == "b" and i != pos]
+            self._emit_dispatch(out, f"a{pos}", targets, rest_params, is_bool)
             return rest
         return list(clauses)
 
@@ -324,26 +313,36 @@ class CompiledPolicy:
                     rest.append(clause)
             if len(groups) < 2 and not (groups and not rest and len(clauses) > 1):
                 continue
-            table: dict[Any, Any] = {}
-            tname = f"T{next(self._counter)}"
-            self.namespace[tname] = table
+            targets = {}
             for typ in groups:
                 types = list(node.types or (None,) * node.arity)
                 types[pos] = frozenset([typ])
-                fname = self._ensure(
-                    Node(node.name, node.arity, node.mask, node.consts, False, tuple(types))
+                targets[typ] = Node(
+                    node.name, node.arity, node.mask, node.consts, False, tuple(types)
                 )
-                self._dispatch.append((table, typ, fname))
-            params = "".join(f", a{i}" for i, mm in enumerate(node.mask) if mm == "b")
-            out.emit(1, f"_f = {tname}.get(a{pos}[0]) if a{pos}.__class__ is Entity else None")
-            if is_bool:
-                out.emit(1, f"if _f is not None and _f(q{params}):")
-                out.emit(2, "return True")
-            else:
-                out.emit(1, "if _f is not None:")
-                out.emit(2, f"yield from _f(q{params})")
+            params = [f"a{i}" for i, mm in enumerate(node.mask) if mm == "b"]
+            key = f"a{pos}[0] if a{pos}.__class__ is Entity else None"
+            self._emit_dispatch(out, key, targets, params, is_bool)
             return rest
         return clauses
+
+    def _emit_dispatch(
+        self, out: _Emitter, key: str, targets: dict[Any, Node], params: list[str], is_bool: bool
+    ) -> None:
+        """One dict lookup on ``key`` picks the specialised function to call (if any)."""
+        table: dict[Any, Any] = {}
+        tname = f"D{next(self._counter)}"
+        self.namespace[tname] = table
+        for value, target in targets.items():
+            self._dispatch.append((table, value, self._ensure(target)))
+        call = f"_f(q{''.join(', ' + p for p in params)})"
+        out.emit(1, f"_f = {tname}.get({key})")
+        if is_bool:
+            out.emit(1, f"if _f is not None and {call}:")
+            out.emit(2, "return True")
+        else:
+            out.emit(1, "if _f is not None:")
+            out.emit(2, f"yield from {call}")
 
     def _clause(self, out: _Emitter, clause: Clause, node: Node, args: list, is_bool: bool) -> None:
         env: dict[str, str] = {}
