@@ -8,7 +8,7 @@ take the fact lock briefly, so a batch of writes is seen whole or not at all.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
@@ -139,18 +139,38 @@ class FactSet:
         Every insert is validated first; if any is refused nothing changes. Returns the number of
         facts added minus the number removed.
         """
-        checked = [self.validate(f) for f in inserts]
-        patterns = [self._parse(p, pattern=True) for p in deletes]
         expiry = _epoch(expires_at)
+        checked = [(self.validate(f), expiry) for f in inserts]
+        return self._commit(checked, [self._parse(p, pattern=True) for p in deletes])
+
+    def load(self, facts: Iterable[tuple], deletes: Iterable = ()) -> list[tuple]:
+        """Delete ``deletes``, then insert every usable fact, as one atomic change.
+
+        ``facts`` holds ``(fact, expires_at)`` pairs, each with its own expiry (or None). Facts
+        the policy in force cannot use are left out and returned as such pairs, so that a store
+        can offer them again after a policy change; a malformed fact raises `FactError`.
+        """
+        checked, refused = [], []
+        for fact, expires_at in facts:
+            fact = self._parse(fact)
+            try:
+                checked.append((self.validate(fact), _epoch(expires_at)))
+            except FactError:
+                refused.append((fact, expires_at))
+        self._commit(checked, [self._parse(p, pattern=True) for p in deletes])
+        return refused
+
+    def _commit(self, inserts: list[tuple[tuple, float | None]], patterns: list[tuple]) -> int:
         index = self._index
+        now = time.time()
         with index.lock:
             removed = 0
             for pattern in patterns:
                 for fact in list(index.matching(pattern)):
                     removed += index.remove(fact)
             added = 0
-            if expiry is None or expiry > time.time():
-                for fact in checked:
+            for fact, expiry in inserts:
+                if expiry is None or expiry > now:
                     added += index.add(fact, expiry)
         return added - removed
 
@@ -274,6 +294,11 @@ class Authorizer:
     @property
     def policy(self) -> LoadedPolicy:
         return self._active.loaded
+
+    @property
+    def entity_types(self) -> frozenset[str]:
+        """The types the policy declares with ``actor`` and ``resource`` blocks."""
+        return self._active.loaded.program.entity_types
 
     @property
     def policy_text(self) -> str:

@@ -14,11 +14,12 @@ import contextlib
 import logging
 import threading
 import time
+from collections.abc import Iterable
 
 import anyio
 
 from bastion.decide import Authorizer
-from bastion.facts.model import FactError, matches
+from bastion.facts.model import matches
 from bastion.facts.store import CHANGES_CHANNEL, Change, FactStore, StoredFact
 from bastion.policy.errors import PolicyError
 
@@ -34,26 +35,17 @@ class ConsistencyTimeout(Exception):
     """This replica did not reach the requested sequence in time."""
 
 
-def load_facts(authz: Authorizer, facts: list[StoredFact]) -> list[StoredFact]:
-    """Put stored facts into ``authz``; return those the policy in force cannot use.
+def load_facts(
+    authz: Authorizer, facts: list[StoredFact], deletes: Iterable[tuple] = ()
+) -> list[StoredFact]:
+    """Apply ``deletes``, then put stored facts into ``authz``, as one atomic change; return
+    those the policy in force cannot use.
 
     A stored fact can outlive the policy that used it (a rollback, say). It stays in the store
     and is offered again after every policy change.
     """
-    by_expiry: dict[float | None, list[tuple]] = {}
-    for f in facts:
-        by_expiry.setdefault(f.expires_at, []).append(f.fact)
-    refused: list[StoredFact] = []
-    for expires_at, group in by_expiry.items():
-        try:
-            authz.facts.apply(group, [], expires_at=expires_at)
-        except FactError:
-            for fact in group:
-                try:
-                    authz.facts.insert(fact, expires_at=expires_at)
-                except FactError:
-                    refused.append(StoredFact(fact, expires_at))
-    return refused
+    refused = authz.facts.load([(f.fact, f.expires_at) for f in facts], deletes)
+    return [StoredFact(fact, expires_at) for fact, expires_at in refused]
 
 
 def _build(text: str, facts: list[StoredFact], source: str) -> tuple[Authorizer, list[StoredFact]]:
@@ -198,8 +190,7 @@ class Replica:
                 self.unusable = [
                     f for f in self.unusable if not any(matches(f.fact, p) for p in change.deletes)
                 ]
-            self.authz.facts.apply([], list(change.deletes))
-            self.unusable += load_facts(self.authz, list(change.inserts))
+            self.unusable += load_facts(self.authz, list(change.inserts), change.deletes)
         elif change.kind == "policy":
             policy = self.store.policy(change.policy_version)
             if policy is not None:

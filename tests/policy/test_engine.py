@@ -289,3 +289,21 @@ def test_a_query_shape_that_cannot_be_planned_is_refused_and_leaves_the_engine_w
         authz.query("high", Variable("d"), Variable("n"))  # n must be given
     assert authz.query("high", Variable("d"), 3) == [("high", Entity("Doc", "d"), 3)]
     assert authz.query("high", Entity("Doc", "d"), 7) == []
+
+
+def test_load_takes_per_fact_expiries_and_returns_what_the_policy_cannot_use(gitclub):
+    future = time.time() + 3600
+    refused = gitclub.facts.load(
+        [
+            (("has_role", User("x"), "member", Org("acme")), future),
+            (("has_role", User("y"), "owner", Org("acme")), None),  # no such role
+            (("is_public", Repo("new")), None),
+        ],
+        deletes=[("has_role", User("alice"), None, None)],
+    )
+    assert refused == [(("has_role", User("y"), "owner", Org("acme")), None)]
+    assert gitclub.facts.expiry(("has_role", User("x"), "member", Org("acme"))) == future
+    assert gitclub.authorize(User("anyone"), "read", Repo("new"))
+    assert not gitclub.authorize(User("alice"), "read", Repo("anvil"))
+    with pytest.raises(FactError):
+        gitclub.facts.load([(("has_role", 3.5), None)])

@@ -107,7 +107,7 @@ def _context(body: dict) -> dict | None:
 
 def _known_type(authz: Authorizer, e: Entity, name: str) -> None:
     # Only a policy that declares its types (actor and resource blocks) can refuse one.
-    types = authz.policy.program.entity_types
+    types = authz.entity_types
     if types and e.type not in types:
         raise bad_request(
             f"the field {name!r} has the entity type {e.type!r}, which the policy does not"
