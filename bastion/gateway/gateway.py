@@ -22,7 +22,7 @@ from bastion.gateway.jsonrpc import notification
 from bastion.gateway.metadata import ProtectedResourceMetadata, metadata_url
 from bastion.gateway.sessions import SessionTable
 from bastion.gateway.upstream import Upstream, open_upstream
-from bastion.oauth.verifier import TokenVerifier
+from bastion.oauth.verifier import VerifiedTokens
 
 log = logging.getLogger("bastion.gateway")
 
@@ -70,14 +70,14 @@ class Gateway:
         self,
         config: GatewayConfig,
         *,
-        verifier: TokenVerifier,
+        tokens: VerifiedTokens,
         issuer: str,
         authorizer: Callable[[], Authorizer],
         records: DecisionRecords | None,
         resource_scopes: Callable[[str], tuple[str, ...]] = lambda uri: (),
     ) -> None:
         self.config = config
-        self.verifier = verifier
+        self.tokens = tokens
         self.issuer = issuer
         self.public_url = config.public_url or _origin(issuer)
         self.records = records
@@ -174,6 +174,7 @@ class Gateway:
         for state in self.upstreams.values():
             with contextlib.suppress(Exception):
                 await state.upstream.close()
+        self.tokens.close()
 
     async def _metadata_endpoint(self, request: Request) -> JSONResponse:
         server = request.path_params["server"]

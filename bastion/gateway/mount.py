@@ -9,6 +9,7 @@ from bastion.db import Database
 from bastion.decide import Authorizer
 from bastion.gateway.config import GatewayConfig
 from bastion.gateway.gateway import Gateway
+from bastion.oauth.verifier import VerifiedTokens
 from bastion.server.config import ConfigError, ServerConfig
 
 
@@ -26,7 +27,7 @@ def gateway_from_config(
     records = DecisionRecords(Database(config.database))
     gateway = Gateway(
         gateway_config,
-        verifier=oauth.verifier,
+        tokens=VerifiedTokens(oauth.verifier, config.database),
         issuer=settings.issuer,
         authorizer=authorizer,
         records=records,

@@ -143,10 +143,17 @@ class StreamableHttpEndpoint:
                     )
                 },
             )
+        token, resource = token.strip(), gateway.resource(server)
+        tokens = gateway.tokens
         try:
-            verified = await anyio.to_thread.run_sync(
-                gateway.verifier.verify, token.strip(), gateway.resource(server)
-            )
+            # A token seen before is checked in memory (revocations included); a new one is
+            # verified in full off the event loop (a signature check and a database read).
+            if tokens.local:
+                verified = tokens.remembered(token, resource)
+            else:
+                verified = await anyio.to_thread.run_sync(tokens.remembered, token, resource)
+            if verified is None:
+                verified = await anyio.to_thread.run_sync(tokens.verify, token, resource)
         except InvalidToken as e:
             raise HttpError(
                 401,

@@ -19,9 +19,8 @@ import os
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-import httpx
-
 from bastion.gateway.config import UpstreamConfig
+from bastion.gateway.http1 import Http1Client, HttpClientError, Response
 from bastion.gateway.jsonrpc import METHOD_NOT_FOUND, UPSTREAM_UNAVAILABLE, RpcError
 
 log = logging.getLogger("bastion.gateway.upstream")
@@ -261,10 +260,7 @@ class HttpUpstream(Upstream):
 
     def __init__(self, config: UpstreamConfig) -> None:
         super().__init__(config)
-        self._http = httpx.AsyncClient(
-            timeout=httpx.Timeout(config.timeout, connect=10),
-            limits=httpx.Limits(max_connections=64, max_keepalive_connections=64),
-        )
+        self._http = Http1Client(config.url, connect_timeout=min(10.0, config.timeout))
         self._session_id: str | None = None
         self._protocol_version: str | None = None
         self._modern = False
@@ -322,7 +318,7 @@ class HttpUpstream(Upstream):
         await super()._handshake()
         self._protocol_version = self.init_result.get("protocolVersion", UPSTREAM_PROTOCOL_VERSION)
 
-    async def _post(self, message: dict[str, Any]) -> httpx.Response:
+    async def _post(self, message: dict[str, Any]) -> Response:
         headers = self._headers()
         if self._modern and "method" in message:
             method = message["method"]
@@ -332,12 +328,12 @@ class HttpUpstream(Upstream):
             headers["mcp-method"] = method
             name = params.get(_NAME_PARAMS.get(method, ""))
             if isinstance(name, str):
-                headers["mcp-name"] = name if name.isascii() else _b64_header(name)
+                plain = name.isascii() and name.isprintable()
+                headers["mcp-name"] = name if plain else _b64_header(name)
         body = json.dumps(message, separators=(",", ":")).encode()
-        request = self._http.build_request("POST", self.config.url, content=body, headers=headers)
         try:
-            return await self._http.send(request, stream=True)
-        except httpx.HTTPError as e:
+            return await self._http.request("POST", headers, body)
+        except HttpClientError as e:
             raise RpcError(UPSTREAM_UNAVAILABLE, f"upstream {self.name}: {e}") from None
 
     async def _exchange(self, message: dict[str, Any], retry: bool = True) -> dict[str, Any]:
@@ -345,32 +341,32 @@ class HttpUpstream(Upstream):
         try:
             if response.status_code == 404 and self._session_id and retry:
                 # The upstream forgot our session (restart): open a new one, once.
-                await response.aclose()
+                response.close()
                 await self._connect()
                 return await self._exchange(message, retry=False)
             if message.get("method") == "initialize" and "mcp-session-id" in response.headers:
                 self._session_id = response.headers["mcp-session-id"]
             kind = response.headers.get("content-type", "")
             if response.status_code >= 400 and "json" not in kind:
-                text = (await response.aread()).decode(errors="replace")[:200]
+                text = (await response.read()).decode(errors="replace")[:200]
                 raise RpcError(
                     UPSTREAM_UNAVAILABLE,
                     f"upstream {self.name} answered HTTP {response.status_code}: {text}",
                 )
             if kind.startswith("text/event-stream"):
                 return await self._from_events(response, message["id"])
-            data = json.loads(await response.aread())
+            data = json.loads(await response.read())
             if not isinstance(data, dict):
                 raise RpcError(UPSTREAM_UNAVAILABLE, f"upstream {self.name} sent a non-object")
             return data
-        except (httpx.HTTPError, ValueError) as e:
+        except (HttpClientError, ValueError) as e:
             raise RpcError(UPSTREAM_UNAVAILABLE, f"upstream {self.name}: {e}") from None
         finally:
-            await response.aclose()
+            response.close()
 
-    async def _from_events(self, response: httpx.Response, request_id: Any) -> dict[str, Any]:
+    async def _from_events(self, response: Response, request_id: Any) -> dict[str, Any]:
         data: list[str] = []
-        async for line in response.aiter_lines():
+        async for line in response.lines():
             if line.startswith("data:"):
                 data.append(line[5:].removeprefix(" "))
                 continue
@@ -399,12 +395,16 @@ class HttpUpstream(Upstream):
         if self._modern:
             return  # 2026-07-28 has no client-to-server notifications over HTTP
         response = await self._post(message)
-        await response.aclose()
+        try:
+            await response.read()
+        finally:
+            response.close()
 
     async def close(self) -> None:
         if self._session_id:
-            with contextlib.suppress(httpx.HTTPError):
-                await self._http.delete(self.config.url, headers=self._headers())
+            with contextlib.suppress(HttpClientError):
+                response = await self._http.request("DELETE", self._headers())
+                response.close()
         self._started = False
         await self._http.aclose()
 

@@ -3,13 +3,15 @@
 Checks, in order: the JOSE header (``alg`` ES256 only, ``typ`` ``at+jwt``, a known ``kid``), the
 signature, ``iss``, ``aud`` (the resource this server is), ``exp``/``iat``/``nbf`` with a small
 leeway, and revocation: a token whose ``jti`` or grant was revoked is refused on its next use.
-Every refusal is an audit event.
+Every refusal is an audit event. `VerifiedTokens` remembers verified tokens for a resource
+server's per-request path (the MCP gateway) without weakening the revocation rule.
 """
 
 from __future__ import annotations
 
 import base64
 import json
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -18,6 +20,7 @@ from joserfc import jwt
 from joserfc.errors import JoseError
 
 from bastion.audit import AuditLog
+from bastion.db import Database
 from bastion.oauth.access_token import TOKEN_TYPE
 from bastion.oauth.errors import InvalidToken
 from bastion.oauth.keys import ALGORITHM, KeyRing
@@ -149,6 +152,71 @@ class TokenVerifier:
             grant_id=grant_id,
             claims=dict(claims),
         )
+
+
+class VerifiedTokens:
+    """Tokens `TokenVerifier` accepted, remembered until they expire, for per-request use.
+
+    A token's signature and claims are checked once; its revocation state is kept in memory and
+    read again from the store whenever the database has changed since it was last read. On
+    SQLite the change marker is ``PRAGMA data_version`` on a connection of this object's own,
+    which moves on every commit by any other connection or process: a revocation committed
+    anywhere is refused on the token's next use, and uses in between read no rows. PostgreSQL
+    has no such marker, so there `remembered` reads the state on every use (``local`` is False:
+    call it off the event loop).
+    """
+
+    def __init__(self, verifier: TokenVerifier, database_url: str, max_tokens: int = 10_000):
+        self.verifier = verifier
+        self.max_tokens = max_tokens
+        self._db = Database(database_url)
+        self._store = OAuthStore(self._db)
+        self.local = not self._db.is_postgres
+        # (token, resource) -> [VerifiedToken, change marker when its state was last read]
+        self._tokens: dict[tuple[str, str | None], list] = {}
+        self._lock = threading.Lock()
+
+    def _marker(self) -> int | None:
+        if not self.local:
+            return None
+        return self._db.execute("PRAGMA data_version")[0][0]
+
+    def remembered(self, token: str, resource: str | None) -> VerifiedToken | None:
+        """The token's facts if it was verified before and is still valid; None means: call
+        `verify` (a token not seen yet, expired, revoked, or forgotten)."""
+        entry = self._tokens.get((token, resource))
+        if entry is None:
+            return None
+        verified, seen = entry
+        if self.verifier.clock() > verified.expires_at + self.verifier.leeway:
+            self._tokens.pop((token, resource), None)
+            return None
+        marker = self._marker()
+        if marker is None or marker != seen:
+            state = self._store.access_token_state(verified.jti)
+            if state is None or state[1]:
+                self._tokens.pop((token, resource), None)
+                return None
+            entry[1] = marker
+        return verified
+
+    def verify(self, token: str, resource: str | None) -> VerifiedToken:
+        """`TokenVerifier.verify` (every check, refusals audited), then remember the token."""
+        marker = self._marker()  # read before the state, so a revocation in between is seen
+        verified = self.verifier.verify(token, resource)
+        with self._lock:
+            if len(self._tokens) >= self.max_tokens:
+                now = self.verifier.clock()
+                for key, (known, _) in list(self._tokens.items()):
+                    if now > known.expires_at + self.verifier.leeway:
+                        del self._tokens[key]
+                while len(self._tokens) >= self.max_tokens:
+                    del self._tokens[next(iter(self._tokens))]
+            self._tokens[(token, resource)] = [verified, marker]
+        return verified
+
+    def close(self) -> None:
+        self._db.close()
 
 
 def _has_kid(keys: Any, kid: str) -> bool:

@@ -1,0 +1,259 @@
+"""A small HTTP/1.1 client (RFC 9112) for the gateway's upstreams: pooled keep-alive connections,
+each request sent in one write, responses parsed by httptools (the C parser uvicorn uses).
+
+The gateway's second hop is on every call's path; a general-purpose client spends more there
+than the upstream spends answering. This one does only what an MCP upstream needs: a request
+with a body, a response read whole or line by line (SSE), over http or https.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import ssl
+from collections.abc import AsyncIterator, Mapping
+from urllib.parse import urlsplit
+
+import httptools
+
+
+class HttpClientError(Exception):
+    """The upstream could not be reached, or its answer was not HTTP/1.1 we can read."""
+
+
+def _check_header(name: str, value: str) -> None:
+    # A CR, LF or NUL in a header would let a value start a new header or request upstream.
+    if any(c in name for c in "\r\n\0:") or any(c in value for c in "\r\n\0"):
+        raise HttpClientError(f"header {name!r} has a character HTTP/1.1 does not allow")
+
+
+class _Connection(asyncio.Protocol):
+    """One TCP (or TLS) connection; one request at a time on it."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.lost = False
+        self._error: Exception | None = None
+        self._parser: httptools.HttpResponseParser | None = None
+        self._headers: dict[str, str] = {}
+        self._name = b""
+        self._head: asyncio.Future[None] | None = None
+        self._chunks: collections.deque[bytes] = collections.deque()
+        self._waiter: asyncio.Future[None] | None = None
+        self.received = 0
+        self.complete = False
+
+    # asyncio.Protocol
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        self.received += len(data)
+        if self._parser is None:
+            self._fail(HttpClientError("the upstream sent data nobody asked for"))
+            return
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserError as e:
+            self._fail(HttpClientError(f"unreadable HTTP response: {e}"))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        if not self.complete:
+            self._fail(
+                HttpClientError(f"the upstream closed the connection{f': {exc}' if exc else ''}")
+            )
+
+    # httptools callbacks
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._name = name.lower()
+        self._headers[self._name.decode("latin-1")] = value.decode("latin-1")
+
+    def on_headers_complete(self) -> None:
+        if self._head is not None and not self._head.done():
+            self._head.set_result(None)
+
+    def on_body(self, body: bytes) -> None:
+        self._chunks.append(body)
+        self._wake()
+
+    def on_message_complete(self) -> None:
+        self.complete = True
+        self._wake()
+
+    # used by Response
+    def _fail(self, error: Exception) -> None:
+        if self._error is None:
+            self._error = error
+        if self._head is not None and not self._head.done():
+            self._head.set_exception(error)
+        self._wake()
+        if self.transport is not None:
+            self.transport.close()
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    def send(self, data: bytes) -> asyncio.Future[None]:
+        """Write a request; the future resolves when the response's head has arrived."""
+        assert self.transport is not None
+        self._parser = httptools.HttpResponseParser(self)
+        self._headers = {}
+        self._chunks.clear()
+        self.complete = False
+        self.received = 0
+        self._error = None
+        self._head = asyncio.get_running_loop().create_future()
+        self.transport.write(data)
+        return self._head
+
+    async def next_chunk(self) -> bytes | None:
+        while True:
+            if self._chunks:
+                return self._chunks.popleft()
+            if self.complete:
+                return None
+            if self._error is not None:
+                raise self._error
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+
+    @property
+    def reusable(self) -> bool:
+        return (
+            self.complete
+            and not self.lost
+            and self._error is None
+            and self._parser is not None
+            and self._parser.should_keep_alive()
+        )
+
+
+class Response:
+    """An upstream's answer: status and headers now, the body when read."""
+
+    def __init__(self, client: Http1Client, connection: _Connection) -> None:
+        self._client = client
+        self._connection = connection
+        self.status_code = connection._parser.get_status_code()  # type: ignore[union-attr]
+        self.headers: Mapping[str, str] = connection._headers
+        self._closed = False
+
+    async def read(self) -> bytes:
+        parts = []
+        while (chunk := await self._connection.next_chunk()) is not None:
+            parts.append(chunk)
+        return b"".join(parts)
+
+    async def lines(self) -> AsyncIterator[str]:
+        """The body as text lines without their line ends (for text/event-stream)."""
+        pending = b""
+        while (chunk := await self._connection.next_chunk()) is not None:
+            pending += chunk
+            *complete, pending = pending.split(b"\n")
+            for line in complete:
+                yield line.removesuffix(b"\r").decode()
+        if pending:
+            yield pending.removesuffix(b"\r").decode()
+
+    def close(self) -> None:
+        """Give the connection back for the next request, or close it if it cannot be reused
+        (the body was not read to its end, or the upstream asked to close)."""
+        if self._closed:
+            return
+        self._closed = True
+        self._client._release(self._connection)
+
+
+class Http1Client:
+    """Requests to one origin over a pool of keep-alive connections."""
+
+    def __init__(self, url: str, *, connect_timeout: float = 10.0, max_idle: int = 64) -> None:
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"not an http(s) URL: {url!r}")
+        self.host = parts.hostname
+        self.port = parts.port or (443 if parts.scheme == "https" else 80)
+        self.target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        default_port = self.port == (443 if parts.scheme == "https" else 80)
+        self._host_header = parts.netloc.rpartition("@")[2] if not default_port else self.host
+        self._ssl = ssl.create_default_context() if parts.scheme == "https" else None
+        self._connect_timeout = connect_timeout
+        self._max_idle = max_idle
+        self._idle: list[_Connection] = []
+        self._closed = False
+
+    async def _connect(self) -> _Connection:
+        loop = asyncio.get_running_loop()
+        try:
+            _, connection = await asyncio.wait_for(
+                loop.create_connection(
+                    _Connection,
+                    self.host,
+                    self.port,
+                    ssl=self._ssl,
+                    server_hostname=self.host if self._ssl else None,
+                ),
+                self._connect_timeout,
+            )
+        except (OSError, TimeoutError) as e:
+            raise HttpClientError(
+                f"cannot connect to {self.host}:{self.port}: {e or 'timed out'}"
+            ) from None
+        return connection
+
+    def _encode(self, method: str, headers: Mapping[str, str], body: bytes) -> bytes:
+        lines = [f"{method} {self.target} HTTP/1.1", f"host: {self._host_header}"]
+        for name, value in headers.items():
+            _check_header(name, value)
+            lines.append(f"{name}: {value}")
+        lines.append(f"content-length: {len(body)}")
+        lines.append("accept-encoding: identity")
+        return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+
+    async def request(self, method: str, headers: Mapping[str, str], body: bytes = b"") -> Response:
+        """Send a request and return once the response's status and headers are in. The caller
+        reads the body and must `Response.close` it."""
+        if self._closed:
+            raise HttpClientError("the client is closed")
+        data = self._encode(method, headers, body)
+        while self._idle:
+            connection = self._idle.pop()
+            if connection.lost:
+                continue
+            try:
+                await connection.send(data)
+                return Response(self, connection)
+            except HttpClientError:
+                if connection.received:
+                    raise
+                # The upstream closed this idle connection as we wrote: nothing reached it.
+                continue
+            except BaseException:
+                connection.transport.close()  # type: ignore[union-attr]
+                raise
+        connection = await self._connect()
+        try:
+            await connection.send(data)
+        except BaseException:
+            connection.transport.close()  # type: ignore[union-attr]
+            raise
+        return Response(self, connection)
+
+    def _release(self, connection: _Connection) -> None:
+        if connection.reusable and not self._closed and len(self._idle) < self._max_idle:
+            connection._parser = None
+            self._idle.append(connection)
+        elif connection.transport is not None:
+            connection.transport.close()
+
+    async def aclose(self) -> None:
+        self._closed = True
+        idle, self._idle = self._idle, []
+        for connection in idle:
+            if connection.transport is not None:
+                connection.transport.close()
