@@ -7,7 +7,8 @@ The upstream is the quickstart's MCP server (official SDK) in its own process; b
 ``bastion serve`` in another, with the quickstart policy (the support agent's search, with emails
 masked). Clients are concurrent asyncio tasks in this process, speaking MCP 2026-07-28 (one POST
 per call, no session). Rounds alternate direct and gateway so drift hits both alike. Prints the
-median and p99 latency of each path, the added latency, and the throughput ratio.
+median and p99 latency of each path, the added latency, the throughput ratio, and the CPU time
+bastion and the upstream spent per call (from /proc: steadier than latency on a shared machine).
 """
 
 from __future__ import annotations
@@ -146,6 +147,15 @@ async def run_load(
     return latencies, requests / elapsed
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used so far (Linux /proc; 0 elsewhere)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def p(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
@@ -226,14 +236,17 @@ scopes = ["customers:read"]
         }
         for url, headers in paths.values():  # warm up both (connections, stdio, caches)
             asyncio.run(run_load(url, headers, args.clients, 100))
-        results: dict[str, dict[str, list]] = {k: {"lat": [], "tput": []} for k in paths}
+        results: dict[str, dict[str, list]] = {k: {"lat": [], "tput": [], "cpu": []} for k in paths}
         for _ in range(args.rounds):
             for name, (url, headers) in paths.items():
+                before = (cpu_seconds(server.pid), cpu_seconds(upstream.pid))
                 latencies, throughput = asyncio.run(
                     run_load(url, headers, args.clients, args.requests)
                 )
+                after = (cpu_seconds(server.pid), cpu_seconds(upstream.pid))
                 results[name]["lat"] += latencies
                 results[name]["tput"].append(throughput)
+                results[name]["cpu"].append([b - a for a, b in zip(before, after, strict=True)])
     finally:
         for process in (server, upstream):
             process.send_signal(signal.SIGINT)
@@ -247,14 +260,22 @@ scopes = ["customers:read"]
         f"gateway benchmark: tools/call search_customers, {args.clients} concurrent clients,"
         f" {args.rounds} rounds x {args.requests} calls per path, MCP 2026-07-28 over HTTP"
     )
-    print(f"{'path':<8} {'median ms':>10} {'p99 ms':>8} {'calls/s':>9}")
+    print(
+        f"{'path':<8} {'median ms':>10} {'p99 ms':>8} {'calls/s':>9}"
+        f" {'bastion CPU us/call':>20} {'upstream CPU us/call':>21}"
+    )
     summary = {}
+    calls = args.rounds * args.requests
     for name, data in results.items():
         median = statistics.median(data["lat"]) * 1000
         p99 = p(data["lat"], 0.99) * 1000
         tput = statistics.median(data["tput"])
+        server_cpu, upstream_cpu = (sum(c[i] for c in data["cpu"]) / calls * 1e6 for i in (0, 1))
         summary[name] = (median, p99, tput)
-        print(f"{name:<8} {median:>10.3f} {p99:>8.3f} {tput:>9.0f}")
+        print(
+            f"{name:<8} {median:>10.3f} {p99:>8.3f} {tput:>9.0f}"
+            f" {server_cpu:>20.0f} {upstream_cpu:>21.0f}"
+        )
     d, g = summary["direct"], summary["gateway"]
     print(f"added latency: median {g[0] - d[0]:.3f} ms, p99 {g[1] - d[1]:.3f} ms")
     print(f"throughput through bastion: {g[2] / d[2]:.0%} of direct")

@@ -16,6 +16,9 @@ from urllib.parse import urlsplit
 
 import httptools
 
+# How long a response's unread rest may take to arrive before its connection is dropped.
+_DRAIN_SECONDS = 5.0
+
 
 class HttpClientError(Exception):
     """The upstream could not be reached, or its answer was not HTTP/1.1 we can read."""
@@ -42,6 +45,7 @@ class _Connection(asyncio.Protocol):
         self._waiter: asyncio.Future[None] | None = None
         self.received = 0
         self.complete = False
+        self._keep_alive = False
 
     # asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -70,6 +74,8 @@ class _Connection(asyncio.Protocol):
         self._headers[self._name.decode("latin-1")] = value.decode("latin-1")
 
     def on_headers_complete(self) -> None:
+        # Asked now: once the message is complete the parser has moved on to the next one.
+        self._keep_alive = self._parser.should_keep_alive()  # type: ignore[union-attr]
         if self._head is not None and not self._head.done():
             self._head.set_result(None)
 
@@ -102,6 +108,7 @@ class _Connection(asyncio.Protocol):
         self._headers = {}
         self._chunks.clear()
         self.complete = False
+        self._keep_alive = False
         self.received = 0
         self._error = None
         self._head = asyncio.get_running_loop().create_future()
@@ -129,7 +136,7 @@ class _Connection(asyncio.Protocol):
             and not self.lost
             and self._error is None
             and self._parser is not None
-            and self._parser.should_keep_alive()
+            and self._keep_alive
         )
 
 
@@ -161,12 +168,31 @@ class Response:
             yield pending.removesuffix(b"\r").decode()
 
     def close(self) -> None:
-        """Give the connection back for the next request, or close it if it cannot be reused
-        (the body was not read to its end, or the upstream asked to close)."""
+        """Give the connection back for the next request, or close it if it cannot be reused.
+
+        A body not read to its end (an SSE stream that goes on after the answer the caller
+        wanted) is read to its end in the background first, for a few seconds at most.
+        """
         if self._closed:
             return
         self._closed = True
-        self._client._release(self._connection)
+        connection = self._connection
+        if connection.complete or connection._error is not None or connection.lost:
+            self._client._release(connection)
+        else:
+            task = asyncio.ensure_future(self._drain())
+            self._client._draining.add(task)
+            task.add_done_callback(self._client._draining.discard)
+
+    async def _drain(self) -> None:
+        try:
+            async with asyncio.timeout(_DRAIN_SECONDS):
+                while await self._connection.next_chunk() is not None:
+                    pass
+        except (HttpClientError, TimeoutError):
+            pass
+        finally:
+            self._client._release(self._connection)
 
 
 class Http1Client:
@@ -185,6 +211,7 @@ class Http1Client:
         self._connect_timeout = connect_timeout
         self._max_idle = max_idle
         self._idle: list[_Connection] = []
+        self._draining: set[asyncio.Task] = set()
         self._closed = False
 
     async def _connect(self) -> _Connection:
@@ -253,6 +280,8 @@ class Http1Client:
 
     async def aclose(self) -> None:
         self._closed = True
+        for task in list(self._draining):
+            task.cancel()
         idle, self._idle = self._idle, []
         for connection in idle:
             if connection.transport is not None:

@@ -57,7 +57,12 @@ class Recorder:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        entry = {"method": scope["method"], "headers": dict(scope["headers"]), "body": b""}
+        entry = {
+            "method": scope["method"],
+            "headers": dict(scope["headers"]),
+            "body": b"",
+            "client": tuple(scope.get("client") or ()),
+        }
         self.requests.append(entry)
 
         async def recording_receive():

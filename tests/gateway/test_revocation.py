@@ -105,3 +105,12 @@ def test_a_remembered_token_is_refused_once_it_expires(bastion):
         assert tokens.remembered(token, bastion.mcp_url("desk")) is None  # another audience
     finally:
         tokens.close()
+
+
+def test_calls_reuse_one_keep_alive_connection_to_the_upstream(bastion):
+    token = bastion.token("sam", "deskhttp")
+    before = len(bastion.recorder.requests)
+    for _ in range(4):
+        assert "error" not in call(bastion, token).json()
+    clients = {r["client"] for r in bastion.recorder.requests[before:]}
+    assert len(clients) == 1, clients
