@@ -3,6 +3,7 @@
 ```toml
 [gateway]
 public_url = "https://mcp.example.com"   # where clients reach bastion; default: the OAuth issuer
+redis_url = "redis://127.0.0.1:6379/0"    # rate-limit counters shared by processes (optional)
 
 [[gateway.upstreams]]
 name = "desk"                            # served at /mcp/desk
@@ -62,6 +63,10 @@ class GatewayConfig:
     pass_methods: tuple[str, ...] = DEFAULT_PASS_METHODS
     # Idle legacy-era sessions are forgotten after this many seconds.
     session_idle_seconds: float = 3600.0
+    # Rate-limit counters shared by every bastion process using this Redis; "" = in-process.
+    redis_url: str = ""
+    # Keys are "<redis_prefix>:ratelimit:...", so deployments can share one Redis.
+    redis_prefix: str = "bastion"
 
     def upstream(self, name: str) -> UpstreamConfig | None:
         for upstream in self.upstreams:
@@ -80,6 +85,8 @@ class GatewayConfig:
             "max_body_bytes",
             "pass_methods",
             "session_idle_seconds",
+            "redis_url",
+            "redis_prefix",
         }
         _only(table, known, "gateway")
         upstreams = tuple(
@@ -94,8 +101,18 @@ class GatewayConfig:
         pass_methods = table.get("pass_methods", list(DEFAULT_PASS_METHODS))
         if not isinstance(pass_methods, list) or not all(isinstance(m, str) for m in pass_methods):
             raise ConfigError("gateway.pass_methods must be a list of method names")
+        redis_url = _expand(str(table.get("redis_url", "")), env, "gateway.redis_url")
+        if redis_url and not redis_url.startswith(("redis://", "rediss://", "unix://")):
+            raise ConfigError(
+                f"gateway.redis_url must be a redis://, rediss:// or unix:// URL, got {redis_url!r}"
+            )
+        redis_prefix = table.get("redis_prefix", "bastion")
+        if not isinstance(redis_prefix, str) or not _NAME.match(redis_prefix):
+            raise ConfigError("gateway.redis_prefix: letters, digits, '.', '_' or '-'")
         return cls(
             upstreams=upstreams,
+            redis_url=redis_url,
+            redis_prefix=redis_prefix,
             public_url=public_url,
             max_body_bytes=_positive(table, "max_body_bytes", 1_048_576, "gateway"),
             pass_methods=tuple(pass_methods),

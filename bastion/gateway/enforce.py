@@ -19,8 +19,13 @@ from bastion.audit.decisions import DecisionRecord, DecisionRecords, new_decisio
 from bastion.decide import Authorizer
 from bastion.decide.contract import ChainDecision, Obligations, decide_chain
 from bastion.facts.model import Entity
-from bastion.gateway.jsonrpc import RATE_LIMITED, REFUSED_BY_POLICY, RpcError
-from bastion.gateway.ratelimit import RateLimiter
+from bastion.gateway.jsonrpc import (
+    RATE_LIMIT_UNAVAILABLE,
+    RATE_LIMITED,
+    REFUSED_BY_POLICY,
+    RpcError,
+)
+from bastion.gateway.ratelimit import LimitsUnavailable, RateLimiter, RedisRateLimiter
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,7 +81,7 @@ class Enforcer:
         self,
         authorizer: Callable[[], Authorizer],
         records: DecisionRecords | None,
-        limiter: RateLimiter | None = None,
+        limiter: RateLimiter | RedisRateLimiter | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.authorizer = authorizer
@@ -102,7 +107,7 @@ class Enforcer:
         principals = caller.principals
         return [all(authz.authorize(p, "list", r, context) for p in principals) for r in resources]
 
-    def decide(
+    async def decide(
         self,
         caller: Caller,
         server: str,
@@ -128,10 +133,17 @@ class Enforcer:
         elif chain.obligations.requires_approval:
             # Approvals arrive in a later issue; until then a hold refuses (fails closed).
             result, reason = "held", "requires_approval"
-        else:
-            retry_after = self.limiter.admit(chain.obligations.rate_limits, action, resource)
-            if retry_after is not None:
-                result, reason = "rate_limited", "rate_limited"
+        elif chain.obligations.rate_limits:
+            try:
+                retry_after = await self.limiter.admit(
+                    chain.obligations.rate_limits, action, resource
+                )
+            except LimitsUnavailable:
+                # Fail closed: a limit that cannot be counted is not a limit that let it pass.
+                result, reason = "unavailable", "rate_limit_unavailable"
+            else:
+                if retry_after is not None:
+                    result, reason = "rate_limited", "rate_limited"
         record = self._record(
             authz,
             decision_id,
@@ -159,6 +171,13 @@ class Enforcer:
                     "retry_after": round(retry_after, 3),
                 },
             )
+        if result == "unavailable":
+            raise RpcError(
+                RATE_LIMIT_UNAVAILABLE,
+                f"bastion refused this request ({target}): its rate limit cannot be checked"
+                " right now (the shared counters are unreachable); try again later",
+                {"decision_id": decision_id, "reason": reason},
+            )
         if result != "allow":
             raise refused(target, decision_id, reason)
         return Verdict(decision_id, chain.obligations, record)
@@ -181,7 +200,7 @@ class Enforcer:
     ) -> dict[str, Any]:
         deciding = chain.refused_by or chain.principals[-1]
         rules: tuple[str, ...] = ()
-        if result in ("deny", "held", "rate_limited"):
+        if result in ("deny", "held", "rate_limited", "unavailable"):
             # Refusals are explained on the spot. Allows are explained when the record is
             # written (see `write`): an explanation costs about a millisecond.
             rules = tuple(authz.decide(deciding, action, resource, context).explanation.rules())

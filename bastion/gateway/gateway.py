@@ -20,6 +20,7 @@ from bastion.gateway.enforce import Enforcer, refused
 from bastion.gateway.handlers import Exchange, Progress
 from bastion.gateway.jsonrpc import notification
 from bastion.gateway.metadata import ProtectedResourceMetadata, metadata_url
+from bastion.gateway.ratelimit import RateLimiter, RedisRateLimiter
 from bastion.gateway.sessions import SessionTable
 from bastion.gateway.upstream import Upstream, open_upstream
 from bastion.oauth.verifier import VerifiedTokens
@@ -81,7 +82,12 @@ class Gateway:
         self.issuer = issuer
         self.public_url = config.public_url or _origin(issuer)
         self.records = records
-        self.enforcer = Enforcer(authorizer, records)
+        self.limiter = (
+            RedisRateLimiter(config.redis_url, config.redis_prefix)
+            if config.redis_url
+            else RateLimiter()
+        )
+        self.enforcer = Enforcer(authorizer, records, self.limiter)
         self.sessions = SessionTable(config.session_idle_seconds)
         self.resource_scopes = resource_scopes
         self.progress_routes: dict[str, tuple[Progress, Any]] = {}
@@ -115,7 +121,7 @@ class Gateway:
 
     # -- decisions shared by every handler -------------------------------------------------------
 
-    def admit(self, ex: Exchange, record: bool = False) -> None:
+    async def admit(self, ex: Exchange, record: bool = False) -> None:
         """``connect`` on the server, for every principal, on every message (continuous)."""
         enforcer = self.enforcer
         context = enforcer.context(ex.caller, ex.server, ex.message.method or "")
@@ -124,7 +130,7 @@ class Gateway:
         if record or not all(
             authz.authorize(p, "connect", server, context) for p in ex.caller.principals
         ):
-            verdict = enforcer.decide(
+            verdict = await enforcer.decide(
                 ex.caller, ex.server, ex.message.method or "", "connect", server, context
             )
             enforcer.write(verdict.record)
@@ -175,6 +181,8 @@ class Gateway:
             with contextlib.suppress(Exception):
                 await state.upstream.close()
         self.tokens.close()
+        with contextlib.suppress(Exception):
+            await self.limiter.close()
 
     async def _metadata_endpoint(self, request: Request) -> JSONResponse:
         server = request.path_params["server"]

@@ -107,7 +107,7 @@ def server_capabilities(ex: Exchange) -> dict[str, Any]:
 
 async def initialize(ex: Exchange) -> dict[str, Any]:
     await ex.upstream.upstream.ensure_started()
-    ex.gateway.admit(ex, record=True)
+    await ex.gateway.admit(ex, record=True)
     info = ex.upstream.upstream.init_result
     requested = ex.message.params.get("protocolVersion")
     version = requested if requested in LEGACY_VERSIONS else LEGACY_VERSIONS[0]
@@ -124,7 +124,7 @@ async def initialize(ex: Exchange) -> dict[str, Any]:
 
 async def discover(ex: Exchange) -> dict[str, Any]:
     await ex.upstream.upstream.ensure_started()
-    ex.gateway.admit(ex, record=True)
+    await ex.gateway.admit(ex, record=True)
     info = ex.upstream.upstream.init_result
     result: dict[str, Any] = {
         "supportedVersions": list(MODERN_VERSIONS),
@@ -156,7 +156,7 @@ LISTS = {
 
 
 async def list_items(ex: Exchange) -> dict[str, Any]:
-    ex.gateway.admit(ex)
+    await ex.gateway.admit(ex)
     key, kind, field_name = LISTS[ex.message.method]
     result = await ex.forward()
     items = [i for i in result.get(key) or () if isinstance(i, dict)]
@@ -176,9 +176,9 @@ async def _decide_and_forward(
     ex: Exchange, action: str, resource: Entity, extra: dict[str, Any], arguments: Any
 ) -> dict[str, Any]:
     enforcer = ex.gateway.enforcer
-    ex.gateway.admit(ex)
+    await ex.gateway.admit(ex)
     context = enforcer.context(ex.caller, ex.server, ex.message.method, **extra)
-    verdict = enforcer.decide(
+    verdict = await enforcer.decide(
         ex.caller, ex.server, ex.message.method, action, resource, context, arguments
     )
     try:
@@ -233,7 +233,7 @@ async def get_prompt(ex: Exchange) -> dict[str, Any]:
 
 async def pass_through(ex: Exchange) -> dict[str, Any]:
     """Methods configured in ``gateway.pass_methods``: forwarded after the connect check."""
-    ex.gateway.admit(ex)
+    await ex.gateway.admit(ex)
     return await ex.forward()
 
 

@@ -1,11 +1,16 @@
 """The ``rate_limit`` obligation: at most ``max`` calls per ``seconds``, per principal and target.
 
-Counters live in this process (a sliding window of call times per key). Replicas behind a load
-balancer each count on their own; sharing counters through Redis is not built yet.
+Without Redis, counters live in this process (`RateLimiter`: a sliding window of call times per
+key), so replicas behind a load balancer each count on their own. With ``gateway.redis_url``,
+`RedisRateLimiter` keeps the windows in Redis, shared by every bastion process that uses it: one
+Lua script checks and counts all the limits of a call atomically, on Redis's clock. If Redis
+cannot be reached, calls that carry a rate limit are refused (fail closed), never let through.
 """
 
 from __future__ import annotations
 
+import logging
+import secrets
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -13,13 +18,23 @@ from collections.abc import Callable, Sequence
 from bastion.decide.contract import RateLimit
 from bastion.facts.model import Entity
 
+log = logging.getLogger("bastion.gateway.ratelimit")
+
+
+class LimitsUnavailable(Exception):
+    """The shared counters cannot be reached: the call cannot be checked, so it is refused."""
+
 
 class RateLimiter:
+    """In-process counters (the default)."""
+
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self.clock = clock
         self._calls: dict[tuple, deque[float]] = {}
 
-    def admit(self, limits: Sequence[RateLimit], action: str, resource: Entity) -> float | None:
+    async def admit(
+        self, limits: Sequence[RateLimit], action: str, resource: Entity
+    ) -> float | None:
         """Count one call against every limit; return None if admitted, else seconds to wait.
 
         A refused call is not counted.
@@ -42,3 +57,86 @@ class RateLimiter:
         for window in windows:
             window.append(now)
         return None
+
+    async def close(self) -> None:
+        pass
+
+
+# KEYS: one sorted set per limit (members: calls, scores: their times in ms).
+# ARGV: a member id unique to this call, then max and window (ms) per key.
+# Returns 0 if the call was admitted (and counted under every key), else the ms to wait.
+_SLIDING_WINDOW = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local wait = 0
+for i, key in ipairs(KEYS) do
+  local max = tonumber(ARGV[2 * i])
+  local window = tonumber(ARGV[2 * i + 1])
+  redis.call('ZREMRANGEBYSCORE', key, '-inf', now - window)
+  if max <= 0 then
+    wait = math.max(wait, 1)
+  elseif redis.call('ZCARD', key) >= max then
+    local oldest = redis.call('ZRANGE', key, 0, 0, 'WITHSCORES')
+    wait = math.max(wait, tonumber(oldest[2]) + window - now, 1)
+  end
+end
+if wait > 0 then
+  return wait
+end
+for i, key in ipairs(KEYS) do
+  redis.call('ZADD', key, now, ARGV[1])
+  redis.call('PEXPIRE', key, tonumber(ARGV[2 * i + 1]))
+end
+return 0
+"""
+
+
+class RedisRateLimiter:
+    """Counters shared through Redis by every bastion process configured with the same URL."""
+
+    def __init__(self, url: str, prefix: str = "bastion", timeout: float = 1.0) -> None:
+        import redis.asyncio as redis
+
+        self.url = url
+        self.prefix = prefix
+        self._errors = (redis.RedisError, OSError)
+        self._redis = redis.Redis.from_url(
+            url, socket_timeout=timeout, socket_connect_timeout=timeout
+        )
+        self._script = self._redis.register_script(_SLIDING_WINDOW)
+
+    def key(self, limit: RateLimit, action: str, resource: Entity) -> str:
+        return (
+            f"{self.prefix}:ratelimit:{limit.principal!r}|{action}|{resource!r}"
+            f"|{limit.max}|{limit.seconds:g}"
+        )
+
+    async def admit(
+        self, limits: Sequence[RateLimit], action: str, resource: Entity
+    ) -> float | None:
+        """As `RateLimiter.admit`, across processes; `LimitsUnavailable` if Redis is not there."""
+        if not limits:
+            return None
+        keys = [self.key(limit, action, resource) for limit in limits]
+        args: list[object] = [secrets.token_hex(8)]
+        for limit in limits:
+            args += [limit.max, max(1, int(limit.seconds * 1000))]
+        try:
+            wait_ms = await self._script(keys=keys, args=args)
+        except self._errors as e:
+            log.error("rate limits cannot be checked: Redis at %s: %s", _safe(self.url), e)
+            raise LimitsUnavailable() from None
+        return None if int(wait_ms) == 0 else int(wait_ms) / 1000
+
+    async def close(self) -> None:
+        await self._redis.aclose()
+
+
+def _safe(url: str) -> str:
+    """The URL without a password, for logs."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    if parts.password:
+        return url.replace(f":{parts.password}@", ":***@")
+    return url

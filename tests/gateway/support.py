@@ -114,6 +114,9 @@ class Running:
     trace: Path
     http: httpx.Client
     logins: list[str] = field(default_factory=list)
+    # More bastion processes' worth of app on the same database and configuration (same issuer,
+    # same resources), each on its own port: what replicas behind a load balancer would be.
+    replicas: list[str] = field(default_factory=list)
 
     @property
     def store(self) -> FactStore:
@@ -267,9 +270,10 @@ class Running:
         return seen
 
 
-def start(tmp_path):
-    """Start everything; a context manager yielding `Running`."""
-    from contextlib import contextmanager
+def start(tmp_path, gateway: dict | None = None, replicas: int = 0):
+    """Start everything; a context manager yielding `Running`. ``gateway`` adds settings to the
+    ``[gateway]`` table; ``replicas`` more apps share the first one's database and settings."""
+    from contextlib import ExitStack, contextmanager
 
     @contextmanager
     def running():
@@ -297,6 +301,7 @@ def start(tmp_path):
                     ],
                 },
                 gateway={
+                    **(gateway or {}),
                     "max_body_bytes": 65536,
                     "upstreams": [
                         {
@@ -319,7 +324,11 @@ def start(tmp_path):
             for name in ("sam", "avery"):
                 create_user(app.state.oauth.store, name, PASSWORD, time.time())
             app.state.store.apply(facts(), actor="test")
-            with serve(app, sock) as url, httpx.Client(timeout=20) as http:
-                yield Running(url, app, recorder, trace, http)
+            with serve(app, sock) as url, httpx.Client(timeout=20) as http, ExitStack() as more:
+                others = [
+                    more.enter_context(serve(create_app(config), free_socket()))
+                    for _ in range(replicas)
+                ]
+                yield Running(url, app, recorder, trace, http, replicas=others)
 
     return running()
