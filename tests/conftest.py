@@ -27,7 +27,17 @@ def _reachable(host: str, port: int) -> bool:
 def require_service(name: str, host: str, port: int) -> None:
     if _reachable(host, port):
         return
-    message = f"{name} is not reachable at {host}:{port}"
+    _unavailable(f"{name} is not reachable at {host}:{port}")
+
+
+def require_program(name: str, path: str) -> None:
+    """Like `require_service`, for a program installed on the machine (e.g. a browser)."""
+    if os.access(path, os.X_OK):
+        return
+    _unavailable(f"{name} is not installed at {path}")
+
+
+def _unavailable(message: str) -> None:
     if os.environ.get("BASTION_REQUIRE_SERVICES") == "1":
         pytest.fail(f"{message} and BASTION_REQUIRE_SERVICES=1")
     pytest.skip(f"SKIPPED: {message} (set BASTION_REQUIRE_SERVICES=1 to make this a failure)")

@@ -24,8 +24,9 @@ SECURITY_HEADERS = {
 
 _STYLE = (
     "body{font-family:system-ui,sans-serif;max-width:28rem;margin:3rem auto;padding:0 1rem}"
-    "label{display:block;margin:.75rem 0 .25rem}input{width:100%;padding:.4rem}"
-    "button{margin:1rem .5rem 0 0;padding:.5rem 1rem}.error{color:#a00}code{word-break:break-all}"
+    "label{display:block;margin:.75rem 0 .25rem}"
+    "input{width:100%;padding:.4rem;box-sizing:border-box}"
+    "button{margin:1rem .5rem 0 0;padding:.5rem 1rem}.error{color:#a00}code{overflow-wrap:anywhere}"
 )
 
 

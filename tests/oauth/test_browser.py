@@ -1,0 +1,345 @@
+"""The login and consent pages in a real browser: Debian's chromium, driven by Playwright.
+
+A real bastion runs on a loopback port, and a tiny loopback HTTP server plays the client's site
+(its redirect URI, and a page of another origin that tries to frame bastion's pages). Playwright
+never downloads a browser: it launches /usr/bin/chromium with a fresh profile, and any request
+the browser makes off this machine is aborted and fails the test.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import tempfile
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from html import escape
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs, urlencode, urlsplit
+
+import pytest
+from playwright.sync_api import BrowserContext, Page, sync_playwright
+
+from tests.conftest import require_program
+
+from .support import PASSWORD, Bastion, pkce_pair
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+SCRATCH = "/tmp/browser-test"
+CLIENT_NAME = "Browser Test Agent"
+
+
+class ClientSite:
+    """The client's own web site on another loopback port: the redirect URI (which records what
+    it is sent), a page that puts any URLs in <iframe>s, and a plain page that may be framed."""
+
+    def __init__(self) -> None:
+        self.arrivals: list[dict[str, list[str]]] = []
+        site = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                parts = urlsplit(self.path)
+                query = parse_qs(parts.query)
+                if parts.path == "/callback":
+                    site.arrivals.append(query)
+                    body = "<!doctype html><title>Client</title><h1>Back at the client</h1>"
+                elif parts.path == "/plain":
+                    body = "<!doctype html><title>Plain</title><h1>A page that may be framed</h1>"
+                elif parts.path == "/frame":
+                    frames = "".join(
+                        f"<iframe name={name} src='{escape(src[0], quote=True)}'"
+                        " width=640 height=480></iframe>"
+                        for name, src in query.items()
+                    )
+                    body = f"<!doctype html><title>Framing</title><h1>Another site</h1>{frames}"
+                else:
+                    self.send_error(404)
+                    return
+                data = body.encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "text/html; charset=utf-8")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.host = urlsplit(self.url).netloc
+        self.callback = f"{self.url}/callback"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(10)
+
+
+@dataclass
+class Tab:
+    """A page in a fresh browser profile, with what the browser reported while it was used."""
+
+    page: Page
+    console_errors: list[str] = field(default_factory=list)
+    failed_requests: list[tuple[str, str]] = field(default_factory=list)
+
+
+def _on_this_machine(url: str) -> bool:
+    parts = urlsplit(url)
+    return parts.scheme not in ("http", "https", "ws", "wss") or parts.hostname == "127.0.0.1"
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[tuple[BrowserContext, list[str]]]:
+    """Chromium with a fresh profile, for this module; and the off-machine URLs it tried."""
+    require_program("Debian's chromium", CHROMIUM)
+    os.makedirs(SCRATCH, exist_ok=True)
+    profile = tempfile.mkdtemp(prefix="profile-", dir=SCRATCH)
+    off_machine: list[str] = []
+
+    def refuse(route) -> None:
+        off_machine.append(route.request.url)
+        route.abort()
+
+    try:
+        with sync_playwright() as driver:
+            context = driver.chromium.launch_persistent_context(
+                profile, executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True
+            )
+            context.route(lambda url: not _on_this_machine(url), refuse)
+            yield context, off_machine
+            context.close()
+    finally:
+        shutil.rmtree(profile, ignore_errors=True)
+
+
+@pytest.fixture
+def tab(browser: tuple[BrowserContext, list[str]]) -> Iterator[Tab]:
+    """A new page, with no cookies left from an earlier test."""
+    context, off_machine = browser
+    context.clear_cookies()
+    tab = Tab(context.new_page())
+    tab.page.on(
+        "console", lambda m: tab.console_errors.append(m.text) if m.type == "error" else None
+    )
+    tab.page.on("requestfailed", lambda r: tab.failed_requests.append((r.url, r.failure or "")))
+    yield tab
+    tab.page.close()
+    assert off_machine == [], "the browser tried to reach beyond this machine"
+
+
+@pytest.fixture
+def site() -> Iterator[ClientSite]:
+    site = ClientSite()
+    yield site
+    site.close()
+
+
+@pytest.fixture
+def client(bastion: Bastion, site: ClientSite) -> dict:
+    return bastion.register(client_name=CLIENT_NAME, redirect_uris=[site.callback])
+
+
+def open_authorization(tab: Tab, bastion: Bastion, client: dict, **overrides) -> tuple[str, str]:
+    """Open the client's /authorize URL (PKCE S256, a resource); return (verifier, state)."""
+    verifier, challenge = pkce_pair()
+    state = secrets.token_urlsafe(12)
+    params = bastion.authorize_params(client, challenge, state=state, **overrides)
+    response = tab.page.goto(f"{bastion.url}/authorize?{urlencode(params)}")
+    assert response is not None and response.status == 200
+    return verifier, state
+
+
+def sign_in(tab: Tab, password: str = PASSWORD) -> int:
+    """Type the username and password and press the button, as a person does; return the
+    status of the page it leads to."""
+    page = tab.page
+    assert page.title() == "Sign in to bastion"
+    page.get_by_label("Username").fill("alice")
+    page.get_by_label("Password").fill(password)
+    with page.expect_navigation() as navigation:
+        page.get_by_role("button", name="Sign in").click()
+    return navigation.value.status
+
+
+def answer(tab: Tab, decision: str) -> int:
+    page = tab.page
+    with page.expect_navigation() as navigation:
+        page.get_by_role("button", name=decision).click()
+    return navigation.value.status
+
+
+def text_of(page: Page) -> str:
+    return " ".join(page.locator("body").inner_text().split())
+
+
+def issued_nothing(bastion: Bastion) -> bool:
+    rows = bastion.rows()
+    return not any(
+        rows[t]
+        for t in ("oauth_grants", "oauth_codes", "oauth_access_tokens", "oauth_refresh_tokens")
+    )
+
+
+def test_sign_in_and_allow_lands_on_the_client_with_a_code_for_a_working_token(
+    bastion: Bastion, client: dict, site: ClientSite, tab: Tab, tmp_path
+):
+    page = tab.page
+    verifier, state = open_authorization(tab, bastion, client)
+    assert page.get_by_role("heading", name="Sign in to bastion").is_visible()
+    login_text = text_of(page)
+    assert CLIENT_NAME in login_text and site.host in login_text
+    assert page.get_by_label("Username").is_visible() and page.get_by_label("Password").is_visible()
+    page.screenshot(path=tmp_path / "login.png", full_page=True)
+
+    assert sign_in(tab) == 200
+    assert page.get_by_role("heading", name="Allow access?").is_visible()
+    consent_text = text_of(page)
+    assert "Signed in as alice" in consent_text
+    assert f"{CLIENT_NAME} (sends you back to {site.host}) asks to act for you." in consent_text
+    assert bastion.resource in consent_text and "tools:read" in consent_text
+    page.screenshot(path=tmp_path / "consent.png", full_page=True)
+    session = {c["name"]: c for c in page.context.cookies()}["bastion_session"]
+    assert session["httpOnly"] and session["sameSite"] == "Lax"
+
+    assert answer(tab, "Allow") == 200
+    landed = urlsplit(page.url)
+    assert f"{landed.scheme}://{landed.netloc}{landed.path}" == site.callback
+    query = parse_qs(landed.query)
+    assert set(query) == {"code", "state", "iss"}
+    assert query["state"] == [state] and query["iss"] == [bastion.url]
+    assert page.get_by_role("heading", name="Back at the client").is_visible()
+    assert site.arrivals == [query]
+
+    response = bastion.token(
+        grant_type="authorization_code",
+        code=query["code"][0],
+        redirect_uri=site.callback,
+        code_verifier=verifier,
+        client_id=client["client_id"],
+    )
+    assert response.status_code == 200, response.text
+    tokens = response.json()
+    assert tokens["token_type"] == "Bearer" and tokens["scope"] == "tools:read"
+    verified = bastion.server.verifier.verify(tokens["access_token"], bastion.resource)
+    assert verified.subject == "alice"
+    assert verified.client_id == client["client_id"]
+    assert verified.scopes == {"tools:read"}
+    assert verified.audience == (bastion.resource,)
+    assert verified.claims["iss"] == bastion.url
+    assert tab.console_errors == [] and tab.failed_requests == []
+
+
+def test_a_wrong_password_shows_an_error_and_issues_nothing(
+    bastion: Bastion, client: dict, site: ClientSite, tab: Tab, tmp_path
+):
+    page = tab.page
+    open_authorization(tab, bastion, client)
+    assert sign_in(tab, password="not the password") == 401
+    assert page.get_by_role("alert").inner_text() == "Wrong username or password."
+    assert page.get_by_role("heading", name="Sign in to bastion").is_visible()
+    assert page.get_by_label("Password").input_value() == ""
+    page.screenshot(path=tmp_path / "login-error.png", full_page=True)
+    assert "bastion_session" not in {c["name"] for c in page.context.cookies()}
+    assert bastion.rows()["oauth_sessions"] == [] and issued_nothing(bastion)
+    assert site.arrivals == []
+
+    # The page shown again is a working form: the right password goes on to consent.
+    assert sign_in(tab) == 200
+    assert page.get_by_role("heading", name="Allow access?").is_visible()
+
+
+def test_deny_lands_on_the_client_with_access_denied(
+    bastion: Bastion, client: dict, site: ClientSite, tab: Tab
+):
+    page = tab.page
+    _, state = open_authorization(tab, bastion, client)
+    sign_in(tab)
+    assert answer(tab, "Deny") == 200
+    landed = urlsplit(page.url)
+    assert f"{landed.scheme}://{landed.netloc}{landed.path}" == site.callback
+    query = parse_qs(landed.query)
+    assert query["error"] == ["access_denied"] and "code" not in query
+    assert query["state"] == [state] and query["iss"] == [bastion.url]
+    assert site.arrivals == [query]
+    assert issued_nothing(bastion) and bastion.rows()["oauth_consents"] == []
+
+
+def test_the_pages_refuse_to_be_framed_by_another_origin(
+    bastion: Bastion, client: dict, site: ClientSite, tab: Tab, tmp_path
+):
+    page = tab.page
+    _, challenge = pkce_pair()
+
+    def authorize_url(**overrides) -> str:
+        params = bastion.authorize_params(client, challenge, **overrides)
+        return f"{bastion.url}/authorize?{urlencode(params)}"
+
+    def framed(url: str):
+        """Open the other origin's page that frames ``url`` next to a page that may be framed."""
+        tab.failed_requests.clear()
+        tab.console_errors.clear()
+        page.goto(f"{site.url}/frame?{urlencode({'target': url, 'control': f'{site.url}/plain'})}")
+        frames = {f.name: f for f in page.frames}
+        control = frames["control"]
+        assert control.get_by_role("heading", name="A page that may be framed").is_visible()
+        return frames["target"]
+
+    # Signed out, the URL shows the login page; the browser refuses to show it in a frame.
+    login = authorize_url()
+    target = framed(login)
+    assert (login, "net::ERR_BLOCKED_BY_RESPONSE") in tab.failed_requests
+    assert target.url.startswith("chrome-error://")
+    assert "Sign in to bastion" not in target.content()
+    assert target.locator("input[name=password]").count() == 0
+    assert any("frame-ancestors 'none'" in e for e in tab.console_errors)
+
+    # Signed in, the same request with prompt=consent is the consent page: framed, it stays empty.
+    open_authorization(tab, bastion, client)
+    sign_in(tab)
+    consent = authorize_url(prompt="consent")
+    page.goto(consent)
+    assert page.get_by_role("heading", name="Allow access?").is_visible()
+    target = framed(consent)
+    assert (consent, "net::ERR_BLOCKED_BY_RESPONSE") in tab.failed_requests
+    assert target.url.startswith("chrome-error://")
+    assert "Allow access?" not in target.content()
+    assert target.locator("input[name=csrf_token], button[name=decision]").count() == 0
+    assert any("frame-ancestors 'none'" in e for e in tab.console_errors)
+    page.screenshot(path=tmp_path / "framed.png", full_page=True)
+    assert issued_nothing(bastion) and site.arrivals == []
+
+
+def test_consent_without_its_csrf_token_is_refused_in_the_browser(
+    bastion: Bastion, client: dict, site: ClientSite, tab: Tab, tmp_path
+):
+    page = tab.page
+    open_authorization(tab, bastion, client)
+    sign_in(tab)
+    assert page.locator("input[name=csrf_token]").count() == 1
+    page.evaluate("document.querySelector('input[name=csrf_token]').remove()")
+    assert page.locator("input[name=csrf_token]").count() == 0
+
+    assert answer(tab, "Allow") == 403
+    assert page.get_by_role("heading", name="Authorization failed").is_visible()
+    assert "missing its CSRF token" in page.get_by_role("alert").inner_text()
+    page.screenshot(path=tmp_path / "error.png", full_page=True)
+    assert urlsplit(page.url).netloc == urlsplit(bastion.url).netloc
+    assert site.arrivals == []
+    assert issued_nothing(bastion) and bastion.rows()["oauth_consents"] == []
