@@ -75,7 +75,8 @@ class Upstream:
         if params is not None:
             message["params"] = params
         try:
-            return await asyncio.wait_for(self._exchange(message), self.config.timeout)
+            async with asyncio.timeout(self.config.timeout):  # no task per call, as wait_for has
+                return await self._exchange(message)
         except TimeoutError:
             raise RpcError(
                 UPSTREAM_UNAVAILABLE,
