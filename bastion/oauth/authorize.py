@@ -190,7 +190,11 @@ class AuthorizationEndpoint:
                     "login.failed", subject=username or None, client_id=client.client_id
                 )
                 return self._login_page(
-                    pending, client, error="Wrong username or password.", status=401
+                    pending,
+                    client,
+                    error="Wrong username or password.",
+                    status=401,
+                    username=username,
                 )
             self.server.audit.record(
                 "login.succeeded", subject=username, client_id=client.client_id
@@ -324,6 +328,7 @@ class AuthorizationEndpoint:
         client: Client,
         error: str | None = None,
         status: int = 200,
+        username: str = "",
     ) -> Response:
         return pages.login_page(
             action=self.settings.endpoint("authorize/login"),
@@ -333,6 +338,7 @@ class AuthorizationEndpoint:
             redirect_host=urlsplit(pending.redirect_uri).netloc,
             error=error,
             status=status,
+            username=username,
         )
 
     def _issue_code(self, pending: PendingAuthorization, username: str, status: int) -> Response:

@@ -62,13 +62,16 @@ def login_page(
     redirect_host: str,
     error: str | None = None,
     status: int = 200,
+    username: str = "",
 ) -> HTMLResponse:
     problem = f"<p class=error role=alert>{escape(error)}</p>" if error else ""
+    # After a failed attempt the name stays filled in; only the password is asked again.
+    name = f" value='{escape(username, quote=True)}'" if username else ""
     body = (
         f"{_client_line(client_name, redirect_host)}{problem}"
         f"<form method=post action='{escape(action, quote=True)}'>{_hidden(request_id, csrf_token)}"
         "<label for=username>Username</label>"
-        "<input id=username name=username autocomplete=username required autofocus>"
+        f"<input id=username name=username autocomplete=username required autofocus{name}>"
         "<label for=password>Password</label>"
         "<input id=password name=password type=password autocomplete=current-password required>"
         "<button type=submit>Sign in</button></form>"

@@ -255,6 +255,7 @@ def test_a_wrong_password_shows_an_error_and_issues_nothing(
     assert page.get_by_role("alert").inner_text() == "Wrong username or password."
     assert page.get_by_role("heading", name="Sign in to bastion").is_visible()
     assert page.get_by_label("Password").input_value() == ""
+    assert page.get_by_label("Username").input_value() == "alice"  # no need to type it again
     page.screenshot(path=tmp_path / "login-error.png", full_page=True)
     assert "bastion_session" not in {c["name"] for c in page.context.cookies()}
     assert bastion.rows()["oauth_sessions"] == [] and issued_nothing(bastion)
@@ -343,3 +344,14 @@ def test_consent_without_its_csrf_token_is_refused_in_the_browser(
     assert urlsplit(page.url).netloc == urlsplit(bastion.url).netloc
     assert site.arrivals == []
     assert issued_nothing(bastion) and bastion.rows()["oauth_consents"] == []
+
+
+def test_the_name_typed_back_into_the_login_page_is_escaped():
+    from bastion.oauth.pages import login_page
+
+    html = login_page(
+        action="/authorize/login", request_id="r", csrf_token="c", client_name="app",
+        redirect_host="127.0.0.1", error="Wrong username or password.", username="x'><script>alert(1)</script>",
+    ).body.decode()  # fmt: skip
+    assert "<script>alert(1)</script>" not in html
+    assert "value='x&#x27;&gt;&lt;script&gt;alert(1)&lt;/script&gt;'" in html
