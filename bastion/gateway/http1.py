@@ -11,11 +11,14 @@ from __future__ import annotations
 import asyncio
 import collections
 import ssl
+import time
 from collections.abc import AsyncIterator, Mapping
 from urllib.parse import urlsplit
 
 import httptools
 
+# An idle connection older than this is closed rather than reused.
+_IDLE_SECONDS = 3.0
 # How long a response's unread rest may take to arrive before its connection is dropped.
 _DRAIN_SECONDS = 5.0
 
@@ -46,6 +49,7 @@ class _Connection(asyncio.Protocol):
         self.received = 0
         self.complete = False
         self._keep_alive = False
+        self.idle_since = 0.0
 
     # asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -248,22 +252,18 @@ class Http1Client:
         if self._closed:
             raise HttpClientError("the client is closed")
         data = self._encode(method, headers, body)
+        connection = None
+        now = time.monotonic()
         while self._idle:
-            connection = self._idle.pop()
-            if connection.lost:
-                continue
-            try:
-                await connection.send(data)
-                return Response(self, connection)
-            except HttpClientError:
-                if connection.received:
-                    raise
-                # The upstream closed this idle connection as we wrote: nothing reached it.
-                continue
-            except BaseException:
-                connection.transport.close()  # type: ignore[union-attr]
-                raise
-        connection = await self._connect()
+            candidate = self._idle.pop()
+            # Servers close idle connections (uvicorn after 5 s): a request is never retried,
+            # since it may have reached the upstream, so one that may be closing is not used.
+            if not candidate.lost and now - candidate.idle_since < _IDLE_SECONDS:
+                connection = candidate
+                break
+            candidate.transport.close()  # type: ignore[union-attr]
+        if connection is None:
+            connection = await self._connect()
         try:
             await connection.send(data)
         except BaseException:
@@ -274,6 +274,7 @@ class Http1Client:
     def _release(self, connection: _Connection) -> None:
         if connection.reusable and not self._closed and len(self._idle) < self._max_idle:
             connection._parser = None
+            connection.idle_since = time.monotonic()
             self._idle.append(connection)
         elif connection.transport is not None:
             connection.transport.close()
