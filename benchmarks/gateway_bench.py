@@ -35,6 +35,12 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "examples" / "quickstart"
 PASSWORD = "benchmark-password"
+# The SDK's server runs uvicorn inside anyio.run, on asyncio's own loop; `bastion serve` runs
+# uvicorn on uvloop. The same loop on both sides keeps the comparison fair.
+UPSTREAM = (
+    "import runpy, sys, uvloop; uvloop.install(); sys.argv = sys.argv[1:];"
+    " runpy.run_path(sys.argv[0], run_name='__main__')"
+)
 REDIRECT = "http://127.0.0.1:9/callback"
 
 
@@ -210,7 +216,14 @@ scopes = ["customers:read"]
 
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     upstream = subprocess.Popen(
-        [sys.executable, str(QUICKSTART / "server.py"), "--http", str(upstream_port)],
+        [
+            sys.executable,
+            "-c",
+            UPSTREAM,
+            str(QUICKSTART / "server.py"),
+            "--http",
+            str(upstream_port),
+        ],
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
