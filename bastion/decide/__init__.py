@@ -45,11 +45,12 @@ class Decision:
 class _Active:
     """A loaded policy with its compiled entry points, swapped in as one object."""
 
-    __slots__ = ("loaded", "compiled", "allow", "deny", "fact_shapes")
+    __slots__ = ("loaded", "compiled", "allow", "deny", "fact_shapes", "shapes")
 
     def __init__(self, loaded: LoadedPolicy, index: FactIndex) -> None:
         self.loaded = loaded
         self.fact_shapes: set[tuple] = set()  # shapes of facts already found acceptable
+        self.shapes: dict[tuple[str, str], Any] = {}  # (predicate, mask) -> compiled function
         self.compiled = CompiledPolicy(loaded.program, index)
         defines = self.compiled.defines
         self.allow = self.compiled.function("allow", 3, "bbb") if defines("allow", 3) else None
@@ -241,6 +242,39 @@ def _describe(spec: tuple) -> str:
     return "|".join(sorted(allowed)) or "nothing"
 
 
+class Session:
+    """Questions asked under one lock (see `Authorizer.session`)."""
+
+    __slots__ = ("_authz", "_active", "_q")
+
+    def __init__(self, authz: Authorizer, active: _Active, q: Query) -> None:
+        self._authz, self._active, self._q = authz, active, q
+
+    def allowed(self, actor: Any, action: Any, resource: Any) -> bool:
+        """The same answer as `Authorizer.authorize`."""
+        return self._authz._allowed(self._active, self._q, actor, action, resource)
+
+    def values(self, predicate: str, *args: Any) -> set:
+        """The values of the `Variable` (or None) arguments for which ``predicate(*args)`` holds:
+        a set of single values when one argument is open, of tuples when several are; with none
+        open, ``{()}`` if it holds. Empty when the policy does not define the predicate."""
+        mask = "".join("f" if a is None or isinstance(a, Variable) else "b" for a in args)
+        return self.rows(predicate, mask, *(a for a, m in zip(args, mask, strict=True) if m == "b"))
+
+    def rows(self, predicate: str, mask: str, *bound: Any) -> set:
+        """`values` with the shape given: ``mask`` has "b" per bound argument (given in order in
+        ``bound``) and "f" per open one. For callers that ask the same shape many times."""
+        fn = self._active.shapes.get((predicate, mask))
+        if fn is None:
+            if not self._active.compiled.defines(predicate, len(mask)):
+                return set()
+            fn = self._active.compiled.function(predicate, len(mask), mask)
+            self._active.shapes[(predicate, mask)] = fn
+        if "f" not in mask:
+            return {()} if fn(self._q, *bound) else set()
+        return set(fn(self._q, *bound))
+
+
 def _check_arguments(*args: Any) -> None:
     """Raise a clear error for a decision argument that is neither an entity nor a value."""
     for name, arg in zip(("actor", "action", "resource"), args, strict=False):
@@ -319,6 +353,20 @@ class Authorizer:
         q.context = context
         q.tables = None
         return q
+
+    @contextmanager
+    def session(self, context: dict | None = None) -> Iterator[Session]:
+        """Ask several questions as one: one policy, one view of the facts, one lock.
+
+        ``with authz.session(ctx) as s: s.allowed(...); s.values("mask", ...)``. The facts cannot
+        change between its questions, and it costs less than asking them one by one.
+        """
+        active = self._active
+        q = self._begin(context)
+        try:
+            yield Session(self, active, q)
+        finally:
+            self._index.lock.release()
 
     def _allowed(self, active: _Active, q: Query, actor: Any, action: Any, resource: Any) -> bool:
         try:

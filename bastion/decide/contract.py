@@ -16,9 +16,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
-from bastion.decide import Authorizer, Variable
+from bastion.decide import Authorizer
 from bastion.facts.model import Entity
 
 
@@ -48,20 +47,6 @@ class ChainDecision:
     obligations: Obligations = field(default_factory=Obligations)
 
 
-def _values(
-    authz: Authorizer,
-    predicate: str,
-    args: Sequence[Any],
-    context: dict | None,
-    picks: Sequence[int],
-) -> list[tuple]:
-    if not authz.defines(predicate, len(args)):
-        return []
-    return [
-        tuple(row[1 + i] for i in picks) for row in authz.query(predicate, *args, context=context)
-    ]
-
-
 def decide_chain(
     authz: Authorizer,
     principals: Sequence[Entity],
@@ -73,63 +58,46 @@ def decide_chain(
     """Decide ``action`` on ``resource`` for every principal of the chain, with obligations.
 
     ``granted_scopes`` are the token's scopes; when given, a scope that ``requires_scope``
-    demands and the token lacks refuses the request with ``missing_scopes`` set.
+    demands and the token lacks refuses the request with ``missing_scopes`` set. All of it is
+    asked in one `Authorizer.session`: one view of the facts.
     """
     chain = tuple(principals)
     if not chain:
         return ChainDecision(False, chain)
-    for principal in chain:
-        if not authz.authorize(principal, action, resource, context):
-            return ChainDecision(False, chain, refused_by=principal)
-    required = tuple(
-        sorted(
-            {
-                s
-                for (s,) in _values(
-                    authz, "requires_scope", (action, resource, Variable("s")), context, (2,)
+    with authz.session(context) as s:
+        for principal in chain:
+            if not s.allowed(principal, action, resource):
+                return ChainDecision(False, chain, refused_by=principal)
+        required = tuple(
+            sorted(
+                v for v in s.rows("requires_scope", "bbf", action, resource) if isinstance(v, str)
+            )
+        )
+        if granted_scopes is not None:
+            granted = set(granted_scopes)
+            missing = tuple(scope for scope in required if scope not in granted)
+            if missing:
+                return ChainDecision(
+                    False,
+                    chain,
+                    missing_scopes=missing,
+                    obligations=Obligations(required_scopes=required),
                 )
-                if isinstance(s, str)
-            }
-        )
-    )
-    if granted_scopes is not None:
-        missing = tuple(s for s in required if s not in set(granted_scopes))
-        if missing:
-            return ChainDecision(
-                False,
-                chain,
-                missing_scopes=missing,
-                obligations=Obligations(required_scopes=required),
+        masks: set[str] = set()
+        limits: list[RateLimit] = []
+        approval = False
+        for principal in chain:
+            masks.update(
+                v for v in s.rows("mask", "bbbf", principal, action, resource) if isinstance(v, str)
             )
-    masks: set[str] = set()
-    limits: list[RateLimit] = []
-    approval = False
-    for principal in chain:
-        masks.update(
-            p
-            for (p,) in _values(
-                authz, "mask", (principal, action, resource, Variable("p")), context, (3,)
-            )
-            if isinstance(p, str)
-        )
-        for n, secs in _values(
-            authz,
-            "rate_limit",
-            (principal, action, resource, Variable("n"), Variable("s")),
-            context,
-            (3, 4),
-        ):
-            if (
-                isinstance(n, int)
-                and isinstance(secs, int)
-                and not isinstance(n, bool)
-                and secs > 0
+            for n, secs in sorted(
+                s.rows("rate_limit", "bbbff", principal, action, resource), key=repr
             ):
-                limits.append(RateLimit(principal, n, secs))
-        approval = approval or (
-            authz.defines("requires_approval", 3)
-            and authz.holds("requires_approval", principal, action, resource, context=context)
-        )
+                if type(n) is int and type(secs) is int and secs > 0:
+                    limits.append(RateLimit(principal, n, secs))
+            approval = approval or bool(
+                s.rows("requires_approval", "bbb", principal, action, resource)
+            )
     return ChainDecision(
         True,
         chain,

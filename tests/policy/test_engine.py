@@ -307,3 +307,16 @@ def test_load_takes_per_fact_expiries_and_returns_what_the_policy_cannot_use(git
     assert not gitclub.authorize(User("alice"), "read", Repo("anvil"))
     with pytest.raises(FactError):
         gitclub.facts.load([(("has_role", 3.5), None)])
+
+
+def test_a_session_asks_several_questions_on_one_view_of_the_facts(gitclub):
+    with gitclub.session() as s:
+        assert s.allowed(User("alice"), "read", Repo("anvil"))
+        assert not s.allowed(User("alice"), "push", Repo("anvil"))
+        roles = s.values("has_role", User("carol"), Variable("role"), Repo("anvil"))
+        assert roles == {"reader", "maintainer", "admin"}
+        assert s.values("has_role", User("carol"), "admin", Org("acme")) == {()}
+        assert s.values("no_such_rule", User("carol")) == set()
+        assert s.rows("has_relation", "bbf", Repo("anvil"), "parent") == {Org("acme")}
+    gitclub.facts.insert(("is_blocked", User("alice")))  # the lock was released
+    assert not gitclub.authorize(User("alice"), "read", Repo("anvil"))
