@@ -22,7 +22,7 @@ from bastion.policy.compile import CompiledPolicy
 from bastion.policy.errors import Diagnostic
 from bastion.policy.explain import Explanation, explain
 from bastion.policy.parser import parse_fact
-from bastion.policy.program import VALUE_TYPES
+from bastion.policy.program import has_type
 from bastion.policy.runtime import Query
 
 
@@ -230,9 +230,7 @@ def _fits(spec: tuple, arg: Any) -> bool:
     kind, allowed = spec
     if kind == "values":
         return isinstance(arg, str) and arg in allowed
-    if isinstance(arg, Entity):
-        return arg.type in allowed
-    return any(type(arg) is VALUE_TYPES[t] for t in allowed if t in VALUE_TYPES)
+    return has_type(arg, allowed)
 
 
 def _describe(spec: tuple) -> str:

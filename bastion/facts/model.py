@@ -6,11 +6,7 @@ values (str, int, bool). A pattern is the same shape where ``None`` stands for "
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from typing import Any, NamedTuple
-
-Value = str | int | bool
-Arg = "Entity | Value"
 
 
 class Entity(NamedTuple):
@@ -120,13 +116,9 @@ def matches(fact: tuple, pattern: tuple) -> bool:
     """True when ``fact`` fits ``pattern`` (same predicate and arity; ``None`` matches anything)."""
     if len(fact) != len(pattern) or fact[0] != pattern[0]:
         return False
-    return all(p is None or _same(p, a) for p, a in zip(pattern[1:], fact[1:], strict=True))
+    return all(p is None or same_value(p, a) for p, a in zip(pattern[1:], fact[1:], strict=True))
 
 
-def _same(a: Any, b: Any) -> bool:
-    # True == 1 in Python; in facts a boolean and an integer are different values.
+def same_value(a: Any, b: Any) -> bool:
+    """Equality of fact values: ``True == 1`` in Python, but a boolean is not an integer here."""
     return a == b and type(a) is type(b) if isinstance(a, bool) or isinstance(b, bool) else a == b
-
-
-def as_facts(items: Iterable[Any]) -> list[tuple]:
-    return [check_fact(tuple(f)) for f in items]

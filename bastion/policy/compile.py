@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from bastion.facts.index import FactIndex, Many
-from bastion.facts.model import Entity
+from bastion.facts.model import Entity, same_value
 from bastion.policy.ast import Const, ContextPath, Var
 from bastion.policy.builtins import BUILTINS
 from bastion.policy.errors import Diagnostic, PolicyError
@@ -37,6 +37,7 @@ from bastion.policy.program import (
     NotLit,
     Program,
     TypeLit,
+    has_type,
     term_vars,
 )
 from bastion.policy.runtime import MISSING, compare, contains, members
@@ -359,7 +360,7 @@ class CompiledPolicy:
                 self._vtypes[term.name] = node.type_of(pos)
             if isinstance(term, Const):
                 if m == "c":
-                    if not _same(term.value, value):
+                    if not same_value(term.value, value):
                         raise _DeadClause
                 else:
                     lines.emit(depth, f"if {arg} != {self._const(term.value)}: break")
@@ -442,11 +443,11 @@ class CompiledPolicy:
     def _type_check(self, out: _Emitter, lit: TypeLit, env: dict, statics: dict, depth: int) -> int:
         term = lit.term
         if isinstance(term, Var) and term.name in statics:
-            if not _has_type(statics[term.name], lit.types):
+            if not has_type(statics[term.name], lit.types):
                 raise _DeadClause
             return depth
         if isinstance(term, Const):
-            if not _has_type(term.value, lit.types):
+            if not has_type(term.value, lit.types):
                 raise _DeadClause
             return depth
         entity_types = frozenset(t for t in lit.types if t not in VALUE_TYPES)
@@ -638,13 +639,3 @@ def _required_types(clause: Clause, pos: int) -> frozenset | None:
                 return None
             return lit.types
     return None
-
-
-def _same(a: Any, b: Any) -> bool:
-    return a == b and (type(a) is type(b) or not (isinstance(a, bool) or isinstance(b, bool)))
-
-
-def _has_type(value: Any, types: frozenset[str]) -> bool:
-    if isinstance(value, Entity):
-        return value.type in types
-    return any(type(value) is VALUE_TYPES[t] for t in types if t in VALUE_TYPES)

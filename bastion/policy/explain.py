@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from bastion.facts.index import FactIndex
-from bastion.facts.model import Entity, format_arg, format_fact
+from bastion.facts.model import format_arg, format_fact
 from bastion.policy.ast import Const, ContextPath, Var
 from bastion.policy.builtins import BUILTINS
 from bastion.policy.plan import PlanError, plan
@@ -25,6 +25,7 @@ from bastion.policy.program import (
     Program,
     TypeLit,
     format_literal,
+    has_type,
     term_vars,
 )
 from bastion.policy.runtime import MISSING, Query, compare, contains, members
@@ -228,7 +229,7 @@ class _Interpreter:
                     yield {**env, lit.term.name: e}, None
                 return
             v = self.value(lit.term, env)
-            if _has_type(v, lit.types):
+            if has_type(v, lit.types):
                 yield env, None
             return
         if isinstance(lit, CmpLit):
@@ -332,7 +333,7 @@ class _Interpreter:
                 isinstance(lit, TypeLit)
                 and isinstance(lit.term, Var)
                 and lit.term.name in env
-                and not _has_type(env[lit.term.name], lit.types)
+                and not has_type(env[lit.term.name], lit.types)
             ):
                 return False
         return True
@@ -382,12 +383,6 @@ def _replace_var(text: str, name: str, value: str) -> str:
     import re
 
     return re.sub(rf"(?<![\w\"]){re.escape(name)}(?![\w\"])", value, text)
-
-
-def _has_type(value: Any, types: frozenset[str]) -> bool:
-    if isinstance(value, Entity):
-        return value.type in types
-    return any(type(value) is VALUE_TYPES[t] for t in types if t in VALUE_TYPES)
 
 
 def explain(

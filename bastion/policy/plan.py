@@ -7,7 +7,7 @@ the last resort. The compiler and the explainer both follow this order.
 
 from __future__ import annotations
 
-from bastion.policy.ast import Const, ContextPath, ListTerm, Var
+from bastion.policy.ast import ListTerm, Var
 from bastion.policy.builtins import BUILTINS
 from bastion.policy.errors import Location
 from bastion.policy.program import (
@@ -99,9 +99,3 @@ def negation_shared(lit: NotLit, body: tuple[Literal, ...], head_vars: set[str])
         if other is not lit:
             elsewhere |= set(literal_vars(other))
     return set(literal_vars(lit)) & elsewhere
-
-
-def is_ground(term) -> bool:
-    return isinstance(term, (Const, ContextPath)) or (
-        isinstance(term, ListTerm) and all(is_ground(t) for t in term.items)
-    )

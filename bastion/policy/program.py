@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from bastion.facts.model import Entity
 from bastion.policy.ast import Const, ContextPath, ListTerm, Var
 from bastion.policy.errors import Location
 
@@ -75,6 +76,13 @@ class Program:
     has_deny: bool = False
     # Join orders the explainer has worked out, by (clause, bound variables): planned once.
     plans: dict = field(default_factory=dict)
+
+
+def has_type(value: Any, types: frozenset[str]) -> bool:
+    """Whether ``value`` is an entity of one of ``types`` or a value of one of its value types."""
+    if isinstance(value, Entity):
+        return value.type in types
+    return any(type(value) is VALUE_TYPES[t] for t in types if t in VALUE_TYPES)
 
 
 def term_vars(term: Term) -> list[str]:
