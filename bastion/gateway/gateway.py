@@ -1,4 +1,4 @@
-"""The MCP gateway: upstreams, the enforcer, sessions, and the routes it adds to the server."""
+"""The MCP gateway: upstreams, the enforcer, sessions, and the ASGI app of the paths it serves."""
 
 from __future__ import annotations
 
@@ -8,9 +8,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from starlette.requests import Request
-from starlette.responses import JSONResponse
-from starlette.routing import BaseRoute, Route
+from starlette.types import Receive, Scope, Send
 
 from bastion.audit.decisions import DecisionRecords
 from bastion.decide import Authorizer
@@ -19,14 +17,17 @@ from bastion.gateway.config import GatewayConfig
 from bastion.gateway.enforce import Enforcer, refused
 from bastion.gateway.handlers import Exchange, Progress
 from bastion.gateway.jsonrpc import notification
-from bastion.gateway.metadata import ProtectedResourceMetadata, metadata_url
+from bastion.gateway.metadata import WELL_KNOWN, ProtectedResourceMetadata, metadata_url
 from bastion.gateway.ratelimit import RateLimiter, RedisRateLimiter
 from bastion.gateway.sessions import SessionTable
+from bastion.gateway.transport import StreamableHttpEndpoint, send_json
 from bastion.gateway.upstream import Upstream, open_upstream
 from bastion.oauth.verifier import VerifiedTokens
 
 log = logging.getLogger("bastion.gateway")
 
+_MCP = "/mcp/"
+_METADATA = WELL_KNOWN + _MCP
 _HINTS = ("readOnlyHint", "destructiveHint", "idempotentHint", "openWorldHint")
 
 
@@ -97,6 +98,7 @@ class Gateway:
             state.upstream.on_notification = self._notification_handler(state)
             self.upstreams[state.name] = state
         self._flusher: asyncio.Task | None = None
+        self._endpoint = StreamableHttpEndpoint(self)
 
     # -- identity of each protected resource ---------------------------------------------------
 
@@ -184,23 +186,34 @@ class Gateway:
         with contextlib.suppress(Exception):
             await self.limiter.close()
 
-    async def _metadata_endpoint(self, request: Request) -> JSONResponse:
-        server = request.path_params["server"]
-        if server not in self.upstreams:
-            return JSONResponse({"error": "not_found"}, status_code=404)
-        return JSONResponse(self.metadata(server).to_dict())
+    # -- ASGI: the paths the gateway serves -----------------------------------------------------
 
-    def routes(self) -> list[BaseRoute]:
-        from bastion.gateway.transport import StreamableHttpEndpoint
+    # ``/mcp/<server>`` and its RFC 9728 metadata: the server sends every request under these
+    # prefixes here, ahead of the API's routing (see `bastion.gateway.mount.GatewayFirst`).
+    PREFIXES = (_MCP, _METADATA)
 
-        return [
-            Route(
-                "/.well-known/oauth-protected-resource/mcp/{server}",
-                self._metadata_endpoint,
-                methods=["GET"],
-            ),
-            Route("/mcp/{server}", StreamableHttpEndpoint(self), methods=["GET", "POST", "DELETE"]),
-        ]
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = route_path(scope)
+        if path.startswith(_MCP):
+            await self._endpoint.serve(path[len(_MCP) :], scope, receive, send)
+        elif path.startswith(_METADATA):
+            await self._metadata_endpoint(path[len(_METADATA) :], scope, send)
+        else:
+            await send_json(send, 404, {"error": "not_found"})
+
+    async def _metadata_endpoint(self, server: str, scope: Scope, send: Send) -> None:
+        if scope["method"] not in ("GET", "HEAD"):
+            await send_json(send, 405, None, {"allow": "GET"})
+        elif server not in self.upstreams:
+            await send_json(send, 404, {"error": "not_found"})
+        else:
+            await send_json(send, 200, self.metadata(server).to_dict())
+
+
+def route_path(scope: Scope) -> str:
+    """The request's path below the application's root path (as Starlette's router reads it)."""
+    path, root = scope["path"], scope.get("root_path")
+    return path[len(root) :] if root and path.startswith(root) else path
 
 
 def _origin(url: str) -> str:
@@ -210,4 +223,4 @@ def _origin(url: str) -> str:
     return f"{parts.scheme}://{parts.netloc}"
 
 
-__all__ = ["Gateway", "refused"]
+__all__ = ["Gateway", "refused", "route_path"]

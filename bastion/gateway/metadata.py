@@ -31,9 +31,12 @@ class ProtectedResourceMetadata:
         return body
 
 
+WELL_KNOWN = "/.well-known/oauth-protected-resource"
+
+
 def metadata_url(public_url: str, path: str) -> str:
     """RFC 9728 §3.1: the well-known segment goes between the host and the resource's path."""
-    return f"{public_url}/.well-known/oauth-protected-resource{path}"
+    return f"{public_url}{WELL_KNOWN}{path}"
 
 
 def _quote(value: str) -> str:

@@ -1,16 +1,41 @@
-"""Builds the gateway from bastion.toml for `bastion.server.app.create_app`."""
+"""Builds the gateway from bastion.toml for `bastion.server.app.create_app`, and the ASGI branch
+that sends the gateway's paths to it ahead of the API's routing."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
+from starlette.types import ASGIApp, Receive, Scope, Send
+
 from bastion.audit.decisions import DecisionRecords
 from bastion.db import Database
 from bastion.decide import Authorizer
 from bastion.gateway.config import GatewayConfig
-from bastion.gateway.gateway import Gateway
+from bastion.gateway.gateway import Gateway, route_path
 from bastion.oauth.verifier import VerifiedTokens
 from bastion.server.config import ConfigError, ServerConfig
+
+
+class GatewayFirst:
+    """ASGI middleware: HTTP requests under `Gateway.PREFIXES` go straight to the gateway,
+    everything else to ``app``.
+
+    The gateway's per-message path needs none of what the API's routes and middleware do (its
+    own body limit, authentication and error answers are in `transport`), and walking the API's
+    routes cost it more than its token check. Placed inside Starlette's ServerErrorMiddleware,
+    so an unexpected exception still gets a 500 and is logged.
+    """
+
+    def __init__(self, app: ASGIApp, gateway: Gateway) -> None:
+        self.app = app
+        self.gateway = gateway
+        self.prefixes = gateway.PREFIXES
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and route_path(scope).startswith(self.prefixes):
+            await self.gateway(scope, receive, send)
+        else:
+            await self.app(scope, receive, send)
 
 
 def gateway_from_config(

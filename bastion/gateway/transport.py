@@ -57,7 +57,8 @@ class HttpError(Exception):
 
 
 def _headers(scope: Scope) -> dict[str, str]:
-    return {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+    # ASGI servers give header names lowercased.
+    return {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
 
 
 def _decode_name(value: str | None) -> str | None:
@@ -72,19 +73,25 @@ def _decode_name(value: str | None) -> str | None:
     return value
 
 
-async def _send_json(
+# One encoder for every answer (``json.dumps`` with options builds a new one per call).
+_encode = json.JSONEncoder(separators=(",", ":")).encode
+
+
+async def send_json(
     send: Send, status: int, body: Any, headers: dict[str, str] | None = None
 ) -> None:
-    data = b"" if body is None else json.dumps(body, separators=(",", ":")).encode()
+    """A whole HTTP response: ``body`` as compact JSON (none if None), with ``headers``."""
+    data = b"" if body is None else _encode(body).encode()
     raw = [(b"content-type", b"application/json")] if body is not None else []
-    raw += [(k.encode(), v.encode()) for k, v in (headers or {}).items()]
+    if headers:
+        raw += [(k.encode(), v.encode()) for k, v in headers.items()]
     raw.append((b"content-length", str(len(data)).encode()))
     await send({"type": "http.response.start", "status": status, "headers": raw})
     await send({"type": "http.response.body", "body": data})
 
 
 def _event(message: dict[str, Any]) -> bytes:
-    return b"event: message\ndata: " + json.dumps(message, separators=(",", ":")).encode() + b"\n\n"
+    return b"event: message\ndata: " + _encode(message).encode() + b"\n\n"
 
 
 async def _start_events(send: Send, headers: dict[str, str] | None = None) -> None:
@@ -98,13 +105,13 @@ async def _start_events(send: Send, headers: dict[str, str] | None = None) -> No
 
 
 class StreamableHttpEndpoint:
-    """The ASGI app behind ``/mcp/{server}``."""
+    """What answers at ``/mcp/<server>``."""
 
     def __init__(self, gateway: Gateway) -> None:
         self.gateway = gateway
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        server = scope["path_params"]["server"]
+    async def serve(self, server: str, scope: Scope, receive: Receive, send: Send) -> None:
+        """Answer one HTTP request (ASGI) for the upstream named ``server``."""
         upstream = self.gateway.upstreams.get(server)
         try:
             if upstream is None:
@@ -118,11 +125,11 @@ class StreamableHttpEndpoint:
                 await self._get(server, caller, headers, receive, send)
             elif method == "DELETE":
                 self._delete(server, caller, headers)
-                await _send_json(send, 204, None)
+                await send_json(send, 204, None)
             else:
                 raise HttpError(405, None, {"allow": "GET, POST, DELETE"})
         except HttpError as e:
-            await _send_json(send, e.status, e.body, e.headers)
+            await send_json(send, e.status, e.body, e.headers)
 
     # -- authentication (RFC 6750, RFC 9728) -----------------------------------------------------
 
@@ -263,7 +270,7 @@ class StreamableHttpEndpoint:
             raise HttpError(e.http_status, e.body(message.id)) from None
         if not message.is_request:
             # Notifications and responses from the client are acknowledged and not forwarded.
-            await _send_json(send, 202, None)
+            await send_json(send, 202, None)
             return
         exchange = Exchange(gateway, upstream, caller, message)
         handler = handler_for(message.method, gateway.config.pass_methods)
@@ -279,7 +286,7 @@ class StreamableHttpEndpoint:
             )
             extra["mcp-session-id"] = opened.id
         del session
-        await _send_json(send, status, body, {**response_headers, **extra})
+        await send_json(send, status, body, {**response_headers, **extra})
 
     async def _run(self, ex: Exchange, handler) -> tuple[dict[str, Any], int, dict[str, str]]:
         """Run a handler; return (JSON-RPC response, HTTP status, headers)."""
@@ -346,7 +353,7 @@ class StreamableHttpEndpoint:
             )
         body, status, extra = task.result()  # re-raises HttpError (403) before any event
         if not started:
-            await _send_json(send, status, body, {**headers, **extra})
+            await send_json(send, status, body, {**headers, **extra})
             return
         while not queue.empty():
             await send(

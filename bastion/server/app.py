@@ -10,6 +10,7 @@ from pathlib import Path
 import anyio
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import BaseRoute, Route
@@ -140,10 +141,16 @@ def create_app(config: ServerConfig) -> Starlette:
         Route("/v1/openapi.json", openapi, methods=["GET"]),
         *api.routes(),
         *(oauth.routes() if oauth is not None else []),
-        *(gateway.routes() if gateway is not None else []),
     ]
+    middleware: list[Middleware] = []
+    if gateway is not None:
+        from bastion.gateway.mount import GatewayFirst
+
+        # /mcp/<server> and its RFC 9728 metadata go to the gateway ahead of the API's routes.
+        middleware.append(Middleware(GatewayFirst, gateway=gateway))
     app = Starlette(
         routes=routes,
+        middleware=middleware,
         lifespan=lifespan,
         exception_handlers={Problem: problem_handler, HTTPException: http_problem},
     )
