@@ -37,10 +37,12 @@ class Caller:
     scopes: frozenset[str]
     address: str
     protocol_version: str
+    # The user and the agent, as the policy sees them (every one must be allowed).
+    principals: tuple[Entity, ...] = field(init=False)
 
-    @property
-    def principals(self) -> tuple[Entity, ...]:
-        return (Entity("User", self.subject), Entity("Agent", self.client_id))
+    def __post_init__(self) -> None:
+        principals = (Entity("User", self.subject), Entity("Agent", self.client_id))
+        object.__setattr__(self, "principals", principals)
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,11 +62,14 @@ class Verdict:
     record: dict[str, Any] = field(default_factory=dict)
 
 
+# Canonical JSON (sorted keys, no spaces) for digests and keys; built once, not per call.
+_canonical = json.JSONEncoder(sort_keys=True, separators=(",", ":"), default=str).encode
+
+
 def digest(arguments: Any) -> str:
     if arguments is None:
         return ""
-    text = json.dumps(arguments, sort_keys=True, separators=(",", ":"), default=str)
-    return "sha256:" + hashlib.sha256(text.encode()).hexdigest()
+    return "sha256:" + hashlib.sha256(_canonical(arguments).encode()).hexdigest()
 
 
 def refused(target: str, decision_id: str, reason: str, **extra: Any) -> RpcError:
@@ -255,7 +260,7 @@ def _explainer(args: tuple) -> Callable[[dict], tuple[str, ...]]:
         principal,
         action,
         resource,
-        json.dumps({k: v for k, v in context.items() if k != "time"}, sort_keys=True, default=str),
+        _canonical({k: v for k, v in context.items() if k != "time"}),
     )
 
     def rules(memo: dict) -> tuple[str, ...]:

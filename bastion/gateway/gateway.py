@@ -37,6 +37,7 @@ class UpstreamState:
     def __init__(self, upstream: Upstream) -> None:
         self.upstream = upstream
         self.name = upstream.name
+        self.entity = Entity("McpServer", upstream.name)
         self._annotations: dict[str, dict[str, Any]] = {}
         self._complete = False
 
@@ -126,8 +127,8 @@ class Gateway:
     async def admit(self, ex: Exchange, record: bool = False) -> None:
         """``connect`` on the server, for every principal, on every message (continuous)."""
         enforcer = self.enforcer
-        context = enforcer.context(ex.caller, ex.server, ex.message.method or "")
-        server = Entity("McpServer", ex.server)
+        context = ex.context()
+        server = ex.upstream.entity
         authz = enforcer.authorizer()
         if record or not all(
             authz.authorize(p, "connect", server, context) for p in ex.caller.principals

@@ -38,10 +38,20 @@ class Exchange:
     message: Message
     progress: Progress | None = None
     notes: dict[str, Any] = field(default_factory=dict)
+    _context: dict[str, Any] | None = None
 
     @property
     def server(self) -> str:
         return self.upstream.name
+
+    def context(self, **extra: Any) -> dict[str, Any]:
+        """The ``context`` the policy sees for this message, with ``extra`` (built once: every
+        decision about one message sees the same time)."""
+        if self._context is None:
+            self._context = self.gateway.enforcer.context(
+                self.caller, self.server, self.message.method or ""
+            )
+        return {**self._context, **extra} if extra else self._context
 
     async def forward(self, params: dict[str, Any] | None = None) -> dict[str, Any]:
         """Send this request upstream (bastion's own connection) and return its result."""
@@ -163,8 +173,7 @@ async def list_items(ex: Exchange) -> dict[str, Any]:
     if key == "tools":
         ex.upstream.learn_tools(items)
     entities = [Entity(kind, f"{ex.server}/{i.get(field_name, '')}") for i in items]
-    context = ex.gateway.enforcer.context(ex.caller, ex.server, ex.message.method)
-    shown = ex.gateway.enforcer.visible(ex.caller, entities, context)
+    shown = ex.gateway.enforcer.visible(ex.caller, entities, ex.context())
     result[key] = [item for item, ok in zip(items, shown, strict=True) if ok]
     return result
 
@@ -177,9 +186,8 @@ async def _decide_and_forward(
 ) -> dict[str, Any]:
     enforcer = ex.gateway.enforcer
     await ex.gateway.admit(ex)
-    context = enforcer.context(ex.caller, ex.server, ex.message.method, **extra)
     verdict = await enforcer.decide(
-        ex.caller, ex.server, ex.message.method, action, resource, context, arguments
+        ex.caller, ex.server, ex.message.method, action, resource, ex.context(**extra), arguments
     )
     try:
         result = await ex.forward()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import re
 import ssl
 import time
 from collections.abc import AsyncIterator, Mapping
@@ -27,9 +28,13 @@ class HttpClientError(Exception):
     """The upstream could not be reached, or its answer was not HTTP/1.1 we can read."""
 
 
+_BAD_NAME = re.compile("[\r\n\0:]")
+_BAD_VALUE = re.compile("[\r\n\0]")
+
+
 def _check_header(name: str, value: str) -> None:
     # A CR, LF or NUL in a header would let a value start a new header or request upstream.
-    if any(c in name for c in "\r\n\0:") or any(c in value for c in "\r\n\0"):
+    if _BAD_NAME.search(name) or _BAD_VALUE.search(value):
         raise HttpClientError(f"header {name!r} has a character HTTP/1.1 does not allow")
 
 

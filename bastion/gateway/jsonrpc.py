@@ -6,6 +6,7 @@ their shape once, on the way in, and builds the error responses the gateway send
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,6 +27,10 @@ HEADER_MISMATCH = -32020
 UNSUPPORTED_PROTOCOL_VERSION = -32022
 
 RequestId = str | int
+
+# Compact JSON for every message bastion writes, with one encoder built once (``json.dumps``
+# with options builds a new encoder on every call).
+encode = json.JSONEncoder(separators=(",", ":")).encode
 
 
 @dataclass(frozen=True, slots=True)

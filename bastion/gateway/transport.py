@@ -31,6 +31,7 @@ from bastion.gateway.jsonrpc import (
     SESSION_NOT_FOUND,
     UNSUPPORTED_PROTOCOL_VERSION,
     RpcError,
+    encode,
     parse_message,
     result,
 )
@@ -73,15 +74,11 @@ def _decode_name(value: str | None) -> str | None:
     return value
 
 
-# One encoder for every answer (``json.dumps`` with options builds a new one per call).
-_encode = json.JSONEncoder(separators=(",", ":")).encode
-
-
 async def send_json(
     send: Send, status: int, body: Any, headers: dict[str, str] | None = None
 ) -> None:
     """A whole HTTP response: ``body`` as compact JSON (none if None), with ``headers``."""
-    data = b"" if body is None else _encode(body).encode()
+    data = b"" if body is None else encode(body).encode()
     raw = [(b"content-type", b"application/json")] if body is not None else []
     if headers:
         raw += [(k.encode(), v.encode()) for k, v in headers.items()]
@@ -91,7 +88,7 @@ async def send_json(
 
 
 def _event(message: dict[str, Any]) -> bytes:
-    return b"event: message\ndata: " + _encode(message).encode() + b"\n\n"
+    return b"event: message\ndata: " + encode(message).encode() + b"\n\n"
 
 
 async def _start_events(send: Send, headers: dict[str, str] | None = None) -> None:

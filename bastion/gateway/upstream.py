@@ -10,6 +10,7 @@ roots) are answered with an error: bastion does not relay them.
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import contextlib
 import itertools
@@ -21,7 +22,7 @@ from typing import Any
 
 from bastion.gateway.config import UpstreamConfig
 from bastion.gateway.http1 import Http1Client, HttpClientError, Response
-from bastion.gateway.jsonrpc import METHOD_NOT_FOUND, UPSTREAM_UNAVAILABLE, RpcError
+from bastion.gateway.jsonrpc import METHOD_NOT_FOUND, UPSTREAM_UNAVAILABLE, RpcError, encode
 
 log = logging.getLogger("bastion.gateway.upstream")
 
@@ -47,7 +48,7 @@ def _b64_header(value: str) -> str:
     return "=?base64?" + base64.b64encode(value.encode()).decode() + "?="
 
 
-class Upstream:
+class Upstream(abc.ABC):
     """What the gateway needs of an upstream: request, notify, and its initialize result."""
 
     def __init__(self, config: UpstreamConfig) -> None:
@@ -119,17 +120,21 @@ class Upstream:
                 log.exception("upstream %s: notification handler failed", self.name)
 
     # Transport-specific parts.
+    @abc.abstractmethod
     async def _connect(self) -> None:
-        raise NotImplementedError
+        """Start the process or open the connection, then do the MCP handshake."""
 
+    @abc.abstractmethod
     async def _exchange(self, message: dict[str, Any]) -> dict[str, Any]:
-        raise NotImplementedError
+        """Send one request; return the response with its id."""
 
+    @abc.abstractmethod
     async def _send_notification(self, message: dict[str, Any]) -> None:
-        raise NotImplementedError
+        """Send one message that gets no answer."""
 
+    @abc.abstractmethod
     async def close(self) -> None:
-        raise NotImplementedError
+        """Stop the process or close the connections."""
 
 
 class StdioUpstream(Upstream):
@@ -214,7 +219,7 @@ class StdioUpstream(Upstream):
         process = self._process
         if process is None or process.stdin is None or process.returncode is not None:
             raise RpcError(UPSTREAM_UNAVAILABLE, f"upstream {self.name} is not running")
-        data = json.dumps(message, separators=(",", ":")).encode() + b"\n"
+        data = encode(message).encode() + b"\n"
         async with self._write_lock:
             try:
                 process.stdin.write(data)
@@ -331,7 +336,7 @@ class HttpUpstream(Upstream):
             if isinstance(name, str):
                 plain = name.isascii() and name.isprintable()
                 headers["mcp-name"] = name if plain else _b64_header(name)
-        body = json.dumps(message, separators=(",", ":")).encode()
+        body = encode(message).encode()
         try:
             return await self._http.request("POST", headers, body)
         except HttpClientError as e:
