@@ -68,7 +68,7 @@ class TokenEndpoint:
         if grant is None or grant.client_id != client.client_id:
             raise InvalidGrant("the authorization code was issued to another client")
         if used_at is not None:
-            return self._replayed_code(grant)
+            return self._revoke_on_reuse(grant, "authorization code replayed", "authorization code")
         now = self.server.clock()
         if expires_at <= now:
             raise InvalidGrant("the authorization code has expired")
@@ -85,7 +85,7 @@ class TokenEndpoint:
                 replayed = False
                 response = self._issue(grant, client, grant.scope, refresh=True)
         if replayed:
-            return self._replayed_code(grant)
+            return self._revoke_on_reuse(grant, "authorization code replayed", "authorization code")
         self.audit.record(
             "token.issued",
             subject=grant.username,
@@ -97,16 +97,17 @@ class TokenEndpoint:
         )
         return response
 
-    def _replayed_code(self, grant: Grant) -> dict[str, Any]:
-        self.store.revoke_grant(grant.grant_id, self.server.clock(), "authorization code replayed")
+    def _revoke_on_reuse(self, grant: Grant, reason: str, what: str) -> dict[str, Any]:
+        """A single-use credential came back: revoke everything its grant issued (RFC 9700)."""
+        self.store.revoke_grant(grant.grant_id, self.server.clock(), reason)
         self.audit.record(
             "grant.revoked",
             subject=grant.username,
             client_id=grant.client_id,
             grant_id=grant.grant_id,
-            reason="authorization code replayed",
+            reason=reason,
         )
-        raise InvalidGrant("the authorization code was already used; its grant is now revoked")
+        raise InvalidGrant(f"the {what} was already used; its grant is now revoked")
 
     def _refresh_token(self, client: Client, form: Mapping[str, str]) -> dict[str, Any]:
         token = form.get("refresh_token")
@@ -122,7 +123,7 @@ class TokenEndpoint:
         if grant.revoked_at is not None:
             raise InvalidGrant("the grant of this refresh token has been revoked")
         if used_at is not None:
-            return self._reused_refresh_token(grant)
+            return self._revoke_on_reuse(grant, "refresh token reused", "refresh token")
         now = self.server.clock()
         if expires_at <= now:
             raise InvalidGrant("the refresh token has expired")
@@ -140,7 +141,7 @@ class TokenEndpoint:
                 reused = False
                 response = self._issue(grant, client, scope, refresh=True)
         if reused:
-            return self._reused_refresh_token(grant)
+            return self._revoke_on_reuse(grant, "refresh token reused", "refresh token")
         self.audit.record(
             "token.refreshed",
             subject=grant.username,
@@ -150,17 +151,6 @@ class TokenEndpoint:
             scope=scope,
         )
         return response
-
-    def _reused_refresh_token(self, grant: Grant) -> dict[str, Any]:
-        self.store.revoke_grant(grant.grant_id, self.server.clock(), "refresh token reused")
-        self.audit.record(
-            "grant.revoked",
-            subject=grant.username,
-            client_id=grant.client_id,
-            grant_id=grant.grant_id,
-            reason="refresh token reused",
-        )
-        raise InvalidGrant("the refresh token was already used; its grant is now revoked")
 
     def _client_credentials(self, client: Client, form: Mapping[str, str]) -> dict[str, Any]:
         if client.is_public:
