@@ -35,32 +35,26 @@ def _redact(value: Any, path: tuple[str, ...]) -> int:
     if not path:
         return 0
     head, rest = path[0], path[1:]
+    slots: Any
     if isinstance(value, dict):
-        keys = list(value) if head == "*" else ([head] if head in value else [])
-        count = 0
-        for key in keys:
-            if rest:
-                count += _redact(value[key], rest)
-            else:
-                value[key] = MASKED
-                count += 1
-        return count
-    if isinstance(value, list):
+        slots = list(value) if head == "*" else ([head] if head in value else [])
+    elif isinstance(value, list):
         if head == "*":
-            indices = range(len(value))
+            slots = range(len(value))
         elif head.isdigit() and int(head) < len(value):
-            indices = range(int(head), int(head) + 1)
+            slots = [int(head)]
         else:
             return 0
-        count = 0
-        for i in indices:
-            if rest:
-                count += _redact(value[i], rest)
-            else:
-                value[i] = MASKED
-                count += 1
-        return count
-    return 0
+    else:
+        return 0
+    count = 0
+    for slot in slots:
+        if rest:
+            count += _redact(value[slot], rest)
+        else:
+            value[slot] = MASKED
+            count += 1
+    return count
 
 
 def _mask_text(item: dict[str, Any], paths: tuple[tuple[str, ...], ...]) -> int:
