@@ -446,30 +446,21 @@ class Authorizer:
 
     def holds(self, predicate: str, *args: Any, context: dict | None = None) -> bool:
         """True when ``predicate(*args)`` holds (every argument bound); False if undefined."""
-        return self.defines(predicate, len(args)) and bool(
-            self.query(predicate, *args, context=context)
-        )
+        with self.session(context) as s:
+            return bool(s.values(predicate, *args))
 
     def query(self, predicate: str, *args: Any, context: dict | None = None) -> list[tuple]:
         """Every ``(predicate, *values)`` that holds, with `Variable` (or None) args left open."""
-        active = self._active
-        if not active.compiled.defines(predicate, len(args)):
+        if not self.defines(predicate, len(args)):
             raise FactError(f"the policy defines no {predicate}/{len(args)}")
-        mask = "".join("f" if a is None or isinstance(a, Variable) else "b" for a in args)
-        bound = [a for a, m in zip(args, mask, strict=True) if m == "b"]
-        q = self._begin(context)
-        try:
-            fn = active.compiled.function(
-                predicate, len(args), mask
-            )  # compiled on first use, under the lock
-            if "f" not in mask:
-                return [(predicate, *args)] if fn(q, *bound) else []
-            rows = set()
-            for hit in fn(q, *bound):
-                values = iter((hit,) if mask.count("f") == 1 else hit)
-                rows.add(
-                    tuple(next(values) if m == "f" else a for a, m in zip(args, mask, strict=True))
-                )
-        finally:
-            self._index.lock.release()
-        return [(predicate, *row) for row in sorted(rows, key=repr)]
+        open_positions = [i for i, a in enumerate(args) if a is None or isinstance(a, Variable)]
+        with self.session(context) as s:
+            hits = s.values(predicate, *args)
+        rows = []
+        for hit in hits:
+            row = list(args)
+            values = hit if len(open_positions) != 1 else (hit,)
+            for i, v in zip(open_positions, values, strict=True):
+                row[i] = v
+            rows.append((predicate, *row))
+        return sorted(rows, key=repr)
