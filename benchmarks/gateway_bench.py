@@ -106,6 +106,11 @@ def access_token(base: str, resource: str) -> str:
     return tokens.json()["access_token"]
 
 
+# Each call searches for another letter: arguments vary, as an agent's do, and so do the answers
+# (one to three customers each, emails masked through bastion).
+QUERIES = "acdeghilmnoprtuv"
+
+
 def call_body(i: int) -> dict:
     return {
         "jsonrpc": "2.0",
@@ -113,7 +118,7 @@ def call_body(i: int) -> dict:
         "method": "tools/call",
         "params": {
             "name": "search_customers",
-            "arguments": {"query": "a"},
+            "arguments": {"query": QUERIES[i % len(QUERIES)]},
             "_meta": {
                 "io.modelcontextprotocol/protocolVersion": "2026-07-28",
                 "io.modelcontextprotocol/clientCapabilities": {},

@@ -252,6 +252,19 @@ class Session:
         """The same answer as `Authorizer.authorize`."""
         return self._authz._allowed(self._active, self._q, actor, action, resource)
 
+    def explain(self, actor: Any, action: Any, resource: Any) -> Explanation:
+        """`allowed` with the rules and facts that proved it, or the paths that failed (an
+        interpreter, not the compiled code: tens to hundreds of microseconds)."""
+        allowed = self.allowed(actor, action, resource)
+        program = self._active.loaded.program
+        return explain(program, self._q.index, (actor, action, resource), self._q.context, allowed)
+
+    @property
+    def generation(self) -> int:
+        """Which facts and policy these answers come from: the same generation, the same
+        answers (see `FactIndex.generation`)."""
+        return self._q.index.generation
+
     def values(self, predicate: str, *args: Any) -> set:
         """The values of the `Variable` (or None) arguments for which ``predicate(*args)`` holds:
         a set of single values when one argument is open, of tuples when several are; with none
@@ -321,6 +334,7 @@ class Authorizer:
     def _swap(self, loaded: LoadedPolicy) -> list[Diagnostic]:
         with self._index.lock:  # compiling builds fact indexes, which writes must not disturb
             self._active = _Active(loaded, self._index)  # compiled fully before it is in force
+            self._index.generation += 1
         return loaded.warnings
 
     @property
@@ -390,16 +404,9 @@ class Authorizer:
         self, actor: Any, action: Any, resource: Any, context: dict | None = None
     ) -> Decision:
         """Like `authorize`, with the rules and facts that proved the answer (or failed to)."""
-        active = self._active
-        q = self._begin(context)
-        try:
-            allowed = self._allowed(active, q, actor, action, resource)
-            explanation = explain(
-                active.loaded.program, self._index, (actor, action, resource), context, allowed
-            )
-        finally:
-            self._index.lock.release()
-        return Decision(allowed, explanation)
+        with self.session(context) as s:
+            explanation = s.explain(actor, action, resource)
+        return Decision(explanation.allowed, explanation)
 
     def list(
         self, actor: Any, action: Any, resource_type: str, context: dict | None = None

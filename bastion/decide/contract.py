@@ -45,6 +45,7 @@ class ChainDecision:
     refused_by: Entity | None = None  # the first principal the policy did not allow
     missing_scopes: tuple[str, ...] = ()  # required scopes the token lacks (403 step-up)
     obligations: Obligations = field(default_factory=Obligations)
+    generation: int = -1  # the facts and policy it was decided on (`Session.generation`)
 
 
 def decide_chain(
@@ -65,9 +66,10 @@ def decide_chain(
     if not chain:
         return ChainDecision(False, chain)
     with authz.session(context) as s:
+        generation = s.generation
         for principal in chain:
             if not s.allowed(principal, action, resource):
-                return ChainDecision(False, chain, refused_by=principal)
+                return ChainDecision(False, chain, refused_by=principal, generation=generation)
         required = tuple(
             sorted(
                 v for v in s.rows("requires_scope", "bbf", action, resource) if isinstance(v, str)
@@ -82,6 +84,7 @@ def decide_chain(
                     chain,
                     missing_scopes=missing,
                     obligations=Obligations(required_scopes=required),
+                    generation=generation,
                 )
         masks: set[str] = set()
         limits: list[RateLimit] = []
@@ -102,4 +105,5 @@ def decide_chain(
         True,
         chain,
         obligations=Obligations(tuple(sorted(masks)), tuple(limits), required, approval),
+        generation=generation,
     )

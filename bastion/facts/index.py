@@ -153,6 +153,9 @@ class FactIndex:
         self.next_expiry = float("inf")
         self._entity_types: dict[str, dict[Entity, int]] | None = None
         self.count = 0
+        # Bumped by every change to the facts (and by a new policy): equal generations, same
+        # answers. Lets callers keep what they derived from the facts until the next change.
+        self.generation = 0
 
     def predicate(self, name: str, arity: int) -> PredicateFacts:
         key = (name, arity)
@@ -178,6 +181,7 @@ class FactIndex:
     def add(self, fact: tuple, expires_at: float | None = None) -> bool:
         values = tuple(self.intern(v) for v in fact[1:])
         added = self.predicate(fact[0], len(values)).add(values)
+        self.generation += 1
         if added:
             self.count += 1
             self._count_entities(values, +1)
@@ -194,6 +198,7 @@ class FactIndex:
         pf = self.predicates.get((fact[0], len(fact) - 1))
         if pf is None or not pf.remove(tuple(fact[1:])):
             return False
+        self.generation += 1
         self.count -= 1
         self._count_entities(fact[1:], -1)
         self._expiry.pop(fact, None)

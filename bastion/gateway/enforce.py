@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import partial
 from typing import Any
 
 from bastion.audit.decisions import DecisionRecord, DecisionRecords, new_decision_id
@@ -26,6 +28,7 @@ from bastion.gateway.jsonrpc import (
     RpcError,
 )
 from bastion.gateway.ratelimit import LimitsUnavailable, RateLimiter, RedisRateLimiter
+from bastion.policy.runtime import context_value
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,6 +96,7 @@ class Enforcer:
         self.records = records
         self.limiter = limiter or RateLimiter()
         self.clock = clock
+        self.explained = Explained()
 
     def context(self, caller: Caller, server: str, method: str, **extra: Any) -> dict[str, Any]:
         return {
@@ -204,11 +208,12 @@ class Enforcer:
         started: float,
     ) -> dict[str, Any]:
         deciding = chain.refused_by or chain.principals[-1]
-        rules: tuple[str, ...] = ()
-        if result in ("deny", "held", "rate_limited", "unavailable"):
-            # Refusals are explained on the spot. Allows are explained when the record is
-            # written (see `write`): an explanation costs about a millisecond.
-            rules = tuple(authz.decide(deciding, action, resource, context).explanation.rules())
+        question = (deciding, action, resource)
+        rules = self.explained.get(chain.generation, question, context)
+        if rules is None and result in ("deny", "held", "rate_limited", "unavailable"):
+            # Refusals are explained on the spot; allows when the record is written (`write`),
+            # off the request path: an explanation costs a few hundred microseconds.
+            rules = self.explained.explain(authz, question, context)
         obligations = {
             "masks": list(chain.obligations.masks),
             "rate_limits": [
@@ -231,15 +236,15 @@ class Enforcer:
             "arguments_digest": digest(arguments),
             "context": seen,
             "deciding_principal": repr(deciding),
-            "rules": rules,
+            "rules": rules or (),
             "obligations": obligations,
             "reason": reason,
             "latency_us": int((time.perf_counter() - started) * 1e6),
         }
         if result != "allow":
             self.write(record)
-        else:
-            record["_explain"] = (authz, deciding, action, resource, context)
+        elif rules is None:
+            record["_explain"] = (authz, question, context)
         return record
 
     def write(self, record: dict[str, Any], **more: Any) -> None:
@@ -248,26 +253,56 @@ class Enforcer:
             return
         fields = {**record, **more}
         explain = fields.pop("_explain", None)
-        self.records.add(DecisionRecord(**fields), _explainer(explain) if explain else None)
+        rules = partial(self.explained.explain, *explain) if explain else None
+        self.records.add(DecisionRecord(**fields), rules)
 
 
-def _explainer(args: tuple) -> Callable[[dict], tuple[str, ...]]:
-    """The rules that proved an allow, computed when the record is written, once per batch for
-    identical decisions (same principal, action, resource and context but the time)."""
-    authz, principal, action, resource, context = args
-    key = (
-        id(authz),
-        principal,
-        action,
-        resource,
-        _canonical({k: v for k, v in context.items() if k != "time"}),
-    )
+class Explained:
+    """The rules that decided each question, kept until the facts or the policy change.
 
-    def rules(memo: dict) -> tuple[str, ...]:
-        if key not in memo:
-            memo[key] = tuple(
-                authz.decide(principal, action, resource, context).explanation.rules()
-            )
-        return memo[key]
+    An explanation depends only on the policy, the facts, the question and the ``context``
+    paths its search read (`Explanation.reads`). So within one generation of the facts
+    (`Session.generation`), a question asked again with a context that agrees on those paths
+    has the same rules, and need not be explained again. Written by the record writer's
+    thread, read on the event loop: the state is swapped whole, never changed under a reader.
+    """
 
-    return rules
+    QUESTIONS = 4096  # questions remembered per generation
+    VARIANTS = 8  # contexts remembered per question
+
+    def __init__(self) -> None:
+        self._state: tuple[int, dict[tuple, list]] = (-1, {})
+        self._lock = threading.Lock()
+
+    def get(self, generation: int, question: tuple, context: dict) -> tuple[str, ...] | None:
+        known_generation, known = self._state
+        if generation != known_generation:
+            return None
+        for reads, rules in known.get(question, ()):
+            if all(_same(context_value(context, path), seen) for path, seen in reads):
+                return rules
+        return None
+
+    def explain(self, authz: Authorizer, question: tuple, context: dict) -> tuple[str, ...]:
+        """Explain ``question`` on the facts in force now, and remember the answer."""
+        with authz.session(context) as s:
+            explanation = s.explain(*question)
+            generation = s.generation
+        rules = tuple(explanation.rules())
+        with self._lock:
+            known_generation, known = self._state
+            if generation != known_generation or len(known) >= self.QUESTIONS:
+                if generation < known_generation:
+                    return rules  # the facts moved on while this was explained
+                known = {}
+            else:
+                known = dict(known)
+            variants = known[question] = list(known.get(question, ()))
+            if len(variants) < self.VARIANTS:
+                variants.append((tuple(explanation.reads.items()), rules))
+            self._state = (generation, known)
+        return rules
+
+
+def _same(value: Any, seen: Any) -> bool:
+    return value is seen or (type(value) is type(seen) and value == seen)

@@ -77,6 +77,9 @@ class Explanation:
     allowed: bool
     query: str
     steps: list[Step]
+    # Every ``context`` path the search looked at, with the value it saw. The same question
+    # over the same facts, with a context that agrees on these paths, has this explanation.
+    reads: dict[tuple[str, ...], Any] = field(default_factory=dict)
 
     def rules(self) -> list[str]:
         """The rules that decided: for an allow, those of the proof; for a deny, the deny rules
@@ -137,6 +140,7 @@ class _Interpreter:
         self.index = index
         self.q = Query(context, index)
         self.in_progress: set[tuple] = set()
+        self.reads: dict[tuple[str, ...], Any] = {}
 
     def value(self, term: Any, env: dict) -> Any:
         if isinstance(term, Const):
@@ -144,7 +148,8 @@ class _Interpreter:
         if isinstance(term, Var):
             return env.get(term.name)
         if isinstance(term, ContextPath):
-            return self.q.lookup(term.path)
+            value = self.reads[term.path] = self.q.lookup(term.path)
+            return value
         items = [self.value(t, env) for t in term.items]
         return MISSING if any(i is MISSING or i is None for i in items) else tuple(items)
 
@@ -410,4 +415,4 @@ def explain(
                 )
     else:
         steps.append(interp.why_not("allow", query, 0, [MAX_FAILED_PATHS]))
-    return Explanation(allowed, text, steps)
+    return Explanation(allowed, text, steps, interp.reads)

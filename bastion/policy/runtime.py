@@ -33,6 +33,21 @@ class _Table:
         self.scc = scc
 
 
+def context_value(context: dict | None, path: tuple[str, ...]) -> Any:
+    """What ``context.<path>`` means to a policy: MISSING when absent or null; ``time`` is
+    the current time unless the context gives one."""
+    value: Any = context
+    if path and path[0] == "time" and (value is None or "time" not in value):
+        value = {"time": datetime.now(UTC)}
+    for name in path:
+        if not isinstance(value, dict):
+            return MISSING
+        value = value.get(name, MISSING)
+        if value is MISSING:
+            return MISSING
+    return MISSING if value is None else value
+
+
 class Query:
     """The state of one top-level evaluation."""
 
@@ -44,16 +59,7 @@ class Query:
         self.tables: dict | None = None
 
     def lookup(self, path: tuple[str, ...]) -> Any:
-        value: Any = self.context
-        if path and path[0] == "time" and (value is None or "time" not in value):
-            value = {"time": datetime.now(UTC)}
-        for name in path:
-            if not isinstance(value, dict):
-                return MISSING
-            value = value.get(name, MISSING)
-            if value is MISSING:
-                return MISSING
-        return MISSING if value is None else value
+        return context_value(self.context, path)
 
     def tabled(self, scc: int, fn: Any, key: tuple, args: tuple, is_bool: bool) -> Any:
         """Evaluate a recursive predicate call with tabling, to a fixpoint, cycles included."""

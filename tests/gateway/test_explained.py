@@ -1,0 +1,115 @@
+"""The rules behind a decision are remembered per generation of the facts, and never outlive it.
+
+`Explained` spares the record writer an explanation per call: within one generation of the facts
+and policy, a question asked again with a context that agrees on every path the explanation read
+gets the remembered rules. These tests try to make it answer with rules that no longer hold.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime
+
+from bastion.decide import Authorizer
+from bastion.decide.contract import decide_chain
+from bastion.facts.model import Entity
+from bastion.gateway.enforce import Explained
+
+POLICY = """
+actor User {}
+resource Tool { roles = ["user", "admin"]; }
+allow(user: User, "call", tool: Tool) if has_role(user, "admin", tool);
+allow(user: User, "call", tool: Tool) if
+    has_role(user, "user", tool) and context.annotations.readOnlyHint = true;
+"""
+
+SAM, SEARCH = Entity("User", "sam"), Entity("Tool", "desk/search")
+QUESTION = (SAM, "call", SEARCH)
+ADMIN_RULE = 'allow(user: User, "call", tool: Tool) if has_role(user, "admin", tool)'
+
+
+def context(read_only: object = True, query: str = "a") -> dict:
+    return {
+        "time": datetime.now(UTC),
+        "arguments": {"query": query},
+        "annotations": {"readOnlyHint": read_only},
+    }
+
+
+def generation(authz: Authorizer, ctx: dict) -> int:
+    return decide_chain(authz, [SAM], "call", SEARCH, ctx).generation
+
+
+def setup() -> tuple[Authorizer, Explained]:
+    authz = Authorizer(POLICY)
+    authz.facts.insert(("has_role", SAM, "user", SEARCH))
+    return authz, Explained()
+
+
+def test_remembered_for_a_context_that_agrees_on_what_was_read() -> None:
+    authz, explained = setup()
+    first = context(query="a")
+    rules = explained.explain(authz, QUESTION, first)
+    assert any("readOnlyHint" in rule for rule in rules)
+    # Other arguments and another time: the explanation never read them.
+    again = context(query="something else")
+    assert explained.get(generation(authz, again), QUESTION, again) == rules
+
+
+def test_a_context_that_differs_on_a_read_path_is_explained_again() -> None:
+    authz, explained = setup()
+    explained.explain(authz, QUESTION, context(read_only=True))
+    for other in (context(read_only=False), context(read_only=1), context(read_only=None)):
+        assert explained.get(generation(authz, other), QUESTION, other) is None
+    missing = {"time": datetime.now(UTC)}
+    assert explained.get(generation(authz, missing), QUESTION, missing) is None
+
+
+def test_another_question_is_not_answered_from_memory() -> None:
+    authz, explained = setup()
+    ctx = context()
+    explained.explain(authz, QUESTION, ctx)
+    other_tool = (SAM, "call", Entity("Tool", "desk/delete"))
+    other_user = (Entity("User", "avery"), "call", SEARCH)
+    for question in (other_tool, other_user, (SAM, "read", SEARCH)):
+        assert explained.get(generation(authz, ctx), question, ctx) is None
+
+
+def test_a_fact_change_forgets_and_the_new_rules_are_the_ones_that_decided() -> None:
+    authz, explained = setup()
+    ctx = context()
+    before = explained.explain(authz, QUESTION, ctx)
+    old_generation = generation(authz, ctx)
+    authz.facts.insert(("has_role", SAM, "admin", SEARCH))
+    new_generation = generation(authz, ctx)
+    assert new_generation != old_generation
+    assert explained.get(new_generation, QUESTION, ctx) is None
+    after = explained.explain(authz, QUESTION, ctx)
+    assert ADMIN_RULE in after and after != before
+    assert explained.get(new_generation, QUESTION, ctx) == after
+    # An explanation of the older facts never replaces what the newer ones say.
+    assert explained.get(old_generation, QUESTION, ctx) is None
+
+
+def test_a_fact_that_expires_forgets() -> None:
+    authz, explained = setup()
+    authz.facts.insert(
+        ("has_role", SAM, "admin", SEARCH), expires_at=datetime.now(UTC).timestamp() + 0.05
+    )
+    ctx = context()
+    assert ADMIN_RULE in explained.explain(authz, QUESTION, ctx)
+    remembered = generation(authz, ctx)
+    time.sleep(0.1)
+    assert generation(authz, ctx) != remembered  # the expiry is a change of the facts
+    assert explained.get(generation(authz, ctx), QUESTION, ctx) is None
+    assert ADMIN_RULE not in explained.explain(authz, QUESTION, ctx)
+
+
+def test_a_new_policy_forgets() -> None:
+    authz, explained = setup()
+    ctx = context()
+    explained.explain(authz, QUESTION, ctx)
+    remembered = generation(authz, ctx)
+    authz.load_policy(POLICY.replace("readOnlyHint = true", "readOnlyHint = true and true = true"))
+    assert generation(authz, ctx) != remembered
+    assert explained.get(generation(authz, ctx), QUESTION, ctx) is None
