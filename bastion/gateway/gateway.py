@@ -8,6 +8,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+import anyio
 from starlette.types import Receive, Scope, Send
 
 from bastion.audit.decisions import DecisionRecords
@@ -19,9 +20,16 @@ from bastion.gateway.handlers import Exchange, Progress
 from bastion.gateway.jsonrpc import notification
 from bastion.gateway.metadata import WELL_KNOWN, ProtectedResourceMetadata, metadata_url
 from bastion.gateway.ratelimit import RateLimiter, RedisRateLimiter
-from bastion.gateway.sessions import SessionTable
+from bastion.gateway.sessions import (
+    LIST_CHANGED,
+    RESOURCE_UPDATED,
+    SUBSCRIPTION_ID,
+    Listener,
+    SessionTable,
+)
 from bastion.gateway.transport import StreamableHttpEndpoint, send_json
 from bastion.gateway.upstream import Upstream, open_upstream
+from bastion.oauth.errors import InvalidToken
 from bastion.oauth.verifier import VerifiedTokens
 
 log = logging.getLogger("bastion.gateway")
@@ -143,19 +151,63 @@ class Gateway:
     def _notification_handler(self, state: UpstreamState):
         async def handle(message: dict[str, Any]) -> None:
             method = message.get("method", "")
-            params = message.get("params") or {}
+            params = message.get("params")
+            params = params if isinstance(params, dict) else {}
             if method == "notifications/progress":
                 route = self.progress_routes.get(str(params.get("progressToken")))
                 if route is not None:
                     send, token = route
                     await send(notification(method, {**params, "progressToken": token}))
-            elif method.endswith("/list_changed"):
+            elif method in LIST_CHANGED:
                 if method == "notifications/tools/list_changed":
                     state.forget_tools()
+                # Only the method travels on: the upstream's params are about its own streams.
                 for session in self.sessions.of_server(state.name):
-                    session.push(notification(method, params or None))
+                    session.push(notification(method))
+                for listener in self.sessions.listeners_of(state.name):
+                    if method in listener.methods and await self.may_hear(listener, method):
+                        listener.push(
+                            notification(method, {"_meta": {SUBSCRIPTION_ID: listener.id}})
+                        )
+            elif method == RESOURCE_UPDATED and isinstance(params.get("uri"), str):
+                uri = params["uri"]
+                for listener in self.sessions.listeners_of(state.name):
+                    if uri in listener.uris and await self.may_hear(listener, method, uri):
+                        listener.push(
+                            notification(
+                                method, {"uri": uri, "_meta": {SUBSCRIPTION_ID: listener.id}}
+                            )
+                        )
 
         return handle
+
+    async def may_hear(self, listener: Listener, method: str, uri: str | None = None) -> bool:
+        """Decided again for each notification of a listen stream: the token must still be valid
+        and every principal may still ``connect`` (else the stream ends), and for a resource's
+        update, ``read`` it (else that notification is not sent)."""
+        tokens, resource = self.tokens, self.resource(listener.server)
+        try:
+            verified = (
+                tokens.remembered(listener.token, resource)
+                if tokens.local
+                else await anyio.to_thread.run_sync(tokens.remembered, listener.token, resource)
+            )
+            if verified is None:
+                await anyio.to_thread.run_sync(tokens.verify, listener.token, resource)
+        except InvalidToken:
+            listener.close(refused=True)
+            return False
+        authz = self.enforcer.authorizer()
+        context = self.enforcer.context(listener.caller, listener.server, method)
+        principals = listener.caller.principals
+        server = Entity("McpServer", listener.server)
+        if not all(authz.authorize(p, "connect", server, context) for p in principals):
+            listener.close(refused=True)
+            return False
+        if uri is None:
+            return True
+        target = Entity("McpResource", f"{listener.server}/{uri}")
+        return all(authz.authorize(p, "read", target, {**context, "uri": uri}) for p in principals)
 
     # -- lifecycle and routes --------------------------------------------------------------------
 

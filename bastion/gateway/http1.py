@@ -193,6 +193,16 @@ class Response:
             self._client._draining.add(task)
             task.add_done_callback(self._client._draining.discard)
 
+    def abort(self) -> None:
+        """Close the connection under a response that is not wanted any more (a stream ended
+        early, a request cancelled): nothing more is read from it, and it is not reused."""
+        if self._closed:
+            return
+        self._closed = True
+        transport = self._connection.transport
+        if transport is not None:
+            transport.close()
+
     async def _drain(self) -> None:
         try:
             async with asyncio.timeout(_DRAIN_SECONDS):

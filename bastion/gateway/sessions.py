@@ -1,8 +1,10 @@
-"""Sessions of the 2025-11-25 era: ``Mcp-Session-Id``, bound to the token's user and agent.
+"""Where upstream notifications go: 2025-11-25 sessions and 2026-07-28 listen streams.
 
-A session id is a random 128-bit value. It is only ever found again by the same user, agent and
-server that opened it: anyone else gets 404, as for an id that never existed. Each session may
-hold one standing GET stream, which receives the upstream's list_changed notifications.
+A 2025-11-25 session (``Mcp-Session-Id``, a random 128-bit value) is only ever found again by
+the same user, agent and server that opened it: anyone else gets 404, as for an id that never
+existed. Each session may hold one standing GET stream, which receives the upstream's
+list_changed notifications. In 2026-07-28 there are no sessions: a client asks for notifications
+with ``subscriptions/listen``, whose answer is the stream (`Listener`).
 """
 
 from __future__ import annotations
@@ -13,6 +15,19 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
+
+from bastion.gateway.enforce import Caller
+from bastion.gateway.jsonrpc import RequestId
+
+# The list_changed notifications and the `subscriptions/listen` filter flag that asks for each.
+LIST_CHANGED = {
+    "notifications/tools/list_changed": "toolsListChanged",
+    "notifications/prompts/list_changed": "promptsListChanged",
+    "notifications/resources/list_changed": "resourcesListChanged",
+}
+RESOURCE_UPDATED = "notifications/resources/updated"
+# In every notification of a listen stream: the id of the listen request that opened it.
+SUBSCRIPTION_ID = "io.modelcontextprotocol/subscriptionId"
 
 
 @dataclass(eq=False)
@@ -37,11 +52,37 @@ class Session:
             self.stream.put_nowait(None)
 
 
+@dataclass(eq=False)
+class Listener:
+    """One 2026-07-28 ``subscriptions/listen`` stream: who opened it with which token, and the
+    notifications bastion agreed to send on it (list_changed methods, resource URIs)."""
+
+    id: RequestId
+    server: str
+    caller: Caller
+    token: str
+    methods: frozenset[str]
+    uris: frozenset[str]
+    stream: asyncio.Queue[dict[str, Any] | None] = field(default_factory=asyncio.Queue)
+    # True when the stream ends because its token or its ``connect`` was refused: it is then
+    # cut off without the listen request's result, and the client has to listen again.
+    refused: bool = False
+
+    def push(self, message: dict[str, Any]) -> None:
+        self.stream.put_nowait(message)
+
+    def close(self, refused: bool = False) -> None:
+        """End the stream: gracefully (with the listen request's result), or as refused."""
+        self.refused = self.refused or refused
+        self.stream.put_nowait(None)
+
+
 class SessionTable:
     def __init__(self, idle_seconds: float, clock: Callable[[], float] = time.monotonic) -> None:
         self.idle_seconds = idle_seconds
         self.clock = clock
         self._sessions: dict[str, Session] = {}
+        self._listeners: set[Listener] = set()
         self._last_sweep = 0.0
 
     def open(self, server: str, subject: str, client_id: str, protocol_version: str) -> Session:
@@ -74,9 +115,21 @@ class SessionTable:
     def of_server(self, server: str) -> Iterator[Session]:
         return (s for s in list(self._sessions.values()) if s.server == server)
 
+    def listen(self, listener: Listener) -> None:
+        self._listeners.add(listener)
+
+    def unlisten(self, listener: Listener) -> None:
+        self._listeners.discard(listener)
+
+    def listeners_of(self, server: str) -> Iterator[Listener]:
+        return (s for s in list(self._listeners) if s.server == server)
+
     def close_all(self) -> None:
+        """End every session and every listen stream (their open streams end cleanly)."""
         for session in list(self._sessions.values()):
             self.end(session)
+        for listener in list(self._listeners):
+            listener.close()
 
     def __len__(self) -> int:
         return len(self._sessions)

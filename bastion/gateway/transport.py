@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 from starlette.types import Receive, Scope, Send
 
+from bastion.facts.model import Entity
 from bastion.gateway.enforce import Caller, StepUp
 from bastion.gateway.handlers import LEGACY_VERSIONS, MODERN_VERSIONS, Exchange, handler_for
 from bastion.gateway.jsonrpc import (
@@ -32,10 +33,12 @@ from bastion.gateway.jsonrpc import (
     UNSUPPORTED_PROTOCOL_VERSION,
     RpcError,
     encode,
+    notification,
     parse_message,
     result,
 )
 from bastion.gateway.metadata import challenge
+from bastion.gateway.sessions import LIST_CHANGED, SUBSCRIPTION_ID, Listener
 from bastion.oauth.errors import InvalidToken
 
 if TYPE_CHECKING:
@@ -269,6 +272,9 @@ class StreamableHttpEndpoint:
             # Notifications and responses from the client are acknowledged and not forwarded.
             await send_json(send, 202, None)
             return
+        if modern and message.method == "subscriptions/listen":
+            await self._listen(upstream, caller, message, headers, receive, send)
+            return
         exchange = Exchange(gateway, upstream, caller, message)
         handler = handler_for(message.method, gateway.config.pass_methods)
         meta = message.params.get("_meta")
@@ -448,31 +454,109 @@ class StreamableHttpEndpoint:
                 409, RpcError(INVALID_REQUEST, "this session already has a GET stream").body(None)
             )
         session.stream = asyncio.Queue()
-        await _start_events(send)
-        await send({"type": "http.response.body", "body": b": stream open\n\n", "more_body": True})
-
-        async def disconnected() -> None:
-            while (await receive())["type"] != "http.disconnect":
-                pass
-
-        watcher = asyncio.ensure_future(disconnected())
         try:
-            while True:
-                getter = asyncio.ensure_future(session.stream.get())
-                done, _ = await asyncio.wait({watcher, getter}, return_when=asyncio.FIRST_COMPLETED)
-                if getter not in done:
-                    getter.cancel()
-                    return
-                message = getter.result()
-                if message is None:
-                    break
-                await send(
-                    {"type": "http.response.body", "body": _event(message), "more_body": True}
-                )
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            try:
+                await self.gateway.upstreams[server].upstream.watch(frozenset())
+            except RpcError as e:
+                raise HttpError(502, e.body(None)) from None
+            await _start_events(send)
+            await send(
+                {"type": "http.response.body", "body": b": stream open\n\n", "more_body": True}
+            )
+            if await _relay(session.stream, receive, send):
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
         finally:
-            watcher.cancel()
             session.stream = None
+
+    # -- 2026-07-28: subscriptions/listen ------------------------------------------------------
+
+    async def _listen(
+        self,
+        upstream,
+        caller: Caller,
+        message,
+        headers: dict[str, str],
+        receive: Receive,
+        send: Send,
+    ) -> None:
+        """A ``subscriptions/listen`` request: its answer is an SSE stream that opens with
+        ``notifications/subscriptions/acknowledged`` (what bastion agreed to send), carries the
+        notifications, and ends with the request's result when bastion ends it.
+
+        List changes are granted for the features the upstream has. A resource's updates are granted
+        only if every principal may ``read`` it now, and each update is decided again before it
+        is sent (see `Gateway.may_hear`)."""
+        gateway = self.gateway
+        ex = Exchange(gateway, upstream, caller, message)
+        try:
+            if "text/event-stream" not in headers.get("accept", ""):
+                raise RpcError(
+                    INVALID_REQUEST,
+                    "subscriptions/listen is answered as text/event-stream; accept it",
+                    http_status=406,
+                )
+            wanted, uris = _listen_filter(message.params)
+            await upstream.upstream.ensure_started()
+            await gateway.admit(ex, record=True)
+        except RpcError as e:
+            raise HttpError(e.http_status, e.body(message.id)) from None
+        except StepUp:
+            raise HttpError(403, None) from None
+        offered = upstream.upstream.init_result.get("capabilities") or {}
+        methods = frozenset(
+            method
+            for method, flag in LIST_CHANGED.items()
+            # Granted for each feature the upstream has: SDK servers declare
+            # ``listChanged: false`` and still announce changes.
+            if wanted.get(flag) and flag.removesuffix("ListChanged") in offered
+        )
+        context = ex.context()
+        authz = gateway.enforcer.authorizer()
+        readable = frozenset(
+            uri
+            for uri in uris
+            if "resources" in offered
+            and all(
+                authz.authorize(
+                    p,
+                    "read",
+                    Entity("McpResource", f"{upstream.name}/{uri}"),
+                    {**context, "uri": uri},
+                )
+                for p in caller.principals
+            )
+        )
+        _, _, token = headers.get("authorization", "").partition(" ")
+        listener = Listener(message.id, upstream.name, caller, token.strip(), methods, readable)
+        granted: dict[str, Any] = {
+            flag: True for method, flag in LIST_CHANGED.items() if method in methods
+        }
+        if readable:
+            granted["resourceSubscriptions"] = sorted(readable)
+        meta = {SUBSCRIPTION_ID: message.id}
+        gateway.sessions.listen(listener)
+        try:
+            try:
+                await upstream.upstream.watch(readable)
+            except RpcError as e:
+                raise HttpError(e.http_status, e.body(message.id)) from None
+            await _start_events(send)
+            acknowledged = notification(
+                "notifications/subscriptions/acknowledged",
+                {"_meta": meta, "notifications": granted},
+            )
+            await send(
+                {"type": "http.response.body", "body": _event(acknowledged), "more_body": True}
+            )
+            if await _relay(listener.stream, receive, send):
+                end = (
+                    b""
+                    if listener.refused
+                    else _event(result(message.id, {"_meta": meta, "resultType": "complete"}))
+                )
+                await send({"type": "http.response.body", "body": end, "more_body": False})
+        finally:
+            gateway.sessions.unlisten(listener)
 
     def _delete(self, server: str, caller: Caller, headers: dict[str, str]) -> None:
         if headers.get("mcp-protocol-version") in MODERN_VERSIONS:
@@ -482,6 +566,64 @@ class StreamableHttpEndpoint:
         except RpcError as e:
             raise HttpError(e.http_status, e.body(None)) from None
         self.gateway.sessions.end(session)
+
+
+async def _relay(
+    stream: asyncio.Queue[dict[str, Any] | None], receive: Receive, send: Send
+) -> bool:
+    """Send what comes on ``stream`` as SSE events until None comes (True: end the response) or
+    the client disconnects (False)."""
+
+    async def disconnected() -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+
+    watcher = asyncio.ensure_future(disconnected())
+    try:
+        while True:
+            getter = asyncio.ensure_future(stream.get())
+            done, _ = await asyncio.wait({watcher, getter}, return_when=asyncio.FIRST_COMPLETED)
+            if getter not in done:
+                getter.cancel()
+                return False
+            message = getter.result()
+            if message is None:
+                return True
+            await send({"type": "http.response.body", "body": _event(message), "more_body": True})
+    finally:
+        watcher.cancel()
+
+
+_LISTEN_FLAGS = frozenset(LIST_CHANGED.values())
+_MAX_LISTEN_URIS = 1000
+
+
+def _listen_filter(params: dict[str, Any]) -> tuple[dict[str, bool], list[str]]:
+    """The ``notifications`` filter of a listen request, checked: its flags and resource URIs."""
+    wanted = params.get("notifications")
+    if not isinstance(wanted, dict):
+        raise RpcError(INVALID_PARAMS, "params.notifications must be an object", http_status=400)
+    flags: dict[str, bool] = {}
+    for key, value in wanted.items():
+        if key in _LISTEN_FLAGS:
+            if not isinstance(value, bool):
+                raise RpcError(
+                    INVALID_PARAMS, f"params.notifications.{key} must be a boolean", http_status=400
+                )
+            flags[key] = value
+    uris = wanted.get("resourceSubscriptions", [])
+    if (
+        not isinstance(uris, list)
+        or len(uris) > _MAX_LISTEN_URIS
+        or not all(isinstance(u, str) and u for u in uris)
+    ):
+        raise RpcError(
+            INVALID_PARAMS,
+            "params.notifications.resourceSubscriptions must be a list of at most"
+            f" {_MAX_LISTEN_URIS} resource URIs",
+            http_status=400,
+        )
+    return flags, uris
 
 
 _CACHEABLE = {

@@ -40,6 +40,7 @@ _ENVELOPE = {
     "io.modelcontextprotocol/clientInfo": CLIENT_INFO,
 }
 _NAME_PARAMS = {"tools/call": "name", "prompts/get": "name", "resources/read": "uri"}
+_LIST_FLAGS = ("toolsListChanged", "promptsListChanged", "resourcesListChanged")
 
 
 def _b64_header(value: str) -> str:
@@ -83,6 +84,11 @@ class Upstream(abc.ABC):
                 UPSTREAM_UNAVAILABLE,
                 f"upstream {self.name} did not answer {method} within {self.config.timeout:g}s",
             ) from None
+
+    async def watch(self, uris: frozenset[str]) -> None:
+        """Make sure the upstream's notifications reach bastion: list changes, and updates of
+        the resources ``uris``. Over stdio they always do."""
+        await self.ensure_started()
 
     async def notify(self, method: str, params: dict[str, Any] | None = None) -> None:
         await self.ensure_started()
@@ -270,6 +276,8 @@ class HttpUpstream(Upstream):
         self._session_id: str | None = None
         self._protocol_version: str | None = None
         self._modern = False
+        self._watcher: asyncio.Task | None = None
+        self._watched: frozenset[str] = frozenset()
 
     def _headers(self) -> dict[str, str]:
         headers = {
@@ -371,31 +379,87 @@ class HttpUpstream(Upstream):
             response.close()
 
     async def _from_events(self, response: Response, request_id: Any) -> dict[str, Any]:
-        data: list[str] = []
-        async for line in response.lines():
-            if line.startswith("data:"):
-                data.append(line[5:].removeprefix(" "))
-                continue
-            if line or not data:
-                continue
-            message = json.loads("\n".join(data))
-            data = []
-            if not isinstance(message, dict):
-                continue
+        async for message in _events(response):
             if "method" in message:
-                if "id" in message:
-                    await self._send_notification(
-                        RpcError(METHOD_NOT_FOUND, "bastion does not relay server requests").body(
-                            message["id"]
-                        )
-                    )
-                else:
-                    await self._deliver(message)
+                await self._from_server(message)
             elif message.get("id") == request_id:
                 return message
         raise RpcError(
             UPSTREAM_UNAVAILABLE, f"upstream {self.name} ended the stream without an answer"
         )
+
+    async def _from_server(self, message: dict[str, Any]) -> None:
+        """A request or notification the upstream sent on a stream."""
+        if "id" in message:
+            await self._send_notification(
+                RpcError(METHOD_NOT_FOUND, "bastion does not relay server requests").body(
+                    message["id"]
+                )
+            )
+        else:
+            await self._deliver(message)
+
+    # -- the standing stream: notifications that belong to no request ----------------------------
+
+    async def watch(self, uris: frozenset[str]) -> None:
+        await self.ensure_started()
+        watcher = self._watcher
+        if watcher is not None and not watcher.done() and uris <= self._watched:
+            return
+        self._watched |= uris
+        if watcher is not None:
+            watcher.cancel()
+        self._watcher = asyncio.create_task(self._watch_forever(self._watched))
+
+    async def _watch_forever(self, uris: frozenset[str]) -> None:
+        """Keep a stream of notifications open from the upstream; open it again a second after
+        it ends or fails, unless the upstream has no such stream."""
+        while True:
+            try:
+                if not await self._watch_once(uris):
+                    return
+            except (HttpClientError, RpcError, ValueError) as e:
+                log.warning("upstream %s: notification stream: %s", self.name, e)
+            await asyncio.sleep(1.0)
+            with contextlib.suppress(RpcError):
+                await self.ensure_started()
+
+    async def _watch_once(self, uris: frozenset[str]) -> bool:
+        """One stream: ``subscriptions/listen`` in 2026-07-28 (every list change and the updates
+        of ``uris``), the GET stream in 2025-11-25. False if the upstream offers none."""
+        if self._modern:
+            wanted: dict[str, Any] = {flag: True for flag in _LIST_FLAGS}
+            if uris:
+                wanted["resourceSubscriptions"] = sorted(uris)
+            response = await self._post(
+                {
+                    "jsonrpc": "2.0",
+                    "id": f"bastion-listen-{next(self._ids)}",
+                    "method": "subscriptions/listen",
+                    "params": {"notifications": wanted},
+                }
+            )
+        else:
+            headers = self._headers()
+            del headers["content-type"]
+            headers["accept"] = "text/event-stream"
+            response = await self._http.request("GET", headers)
+        try:
+            if response.status_code == 405:
+                return False
+            if response.status_code != 200 or not response.headers.get(
+                "content-type", ""
+            ).startswith("text/event-stream"):
+                raise RpcError(
+                    UPSTREAM_UNAVAILABLE,
+                    f"upstream {self.name} answered HTTP {response.status_code} to its stream",
+                )
+            async for message in _events(response):
+                if "method" in message:
+                    await self._from_server(message)
+            return True
+        finally:
+            response.abort()
 
     async def _send_notification(self, message: dict[str, Any]) -> None:
         if self._modern:
@@ -407,12 +471,32 @@ class HttpUpstream(Upstream):
             response.close()
 
     async def close(self) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watcher
+            self._watcher = None
         if self._session_id:
             with contextlib.suppress(HttpClientError):
                 response = await self._http.request("DELETE", self._headers())
                 response.close()
         self._started = False
         await self._http.aclose()
+
+
+async def _events(response: Response):
+    """The JSON-RPC messages of a text/event-stream body (objects only)."""
+    data: list[str] = []
+    async for line in response.lines():
+        if line.startswith("data:"):
+            data.append(line[5:].removeprefix(" "))
+            continue
+        if line or not data:
+            continue
+        message = json.loads("\n".join(data))
+        data = []
+        if isinstance(message, dict):
+            yield message
 
 
 def open_upstream(config: UpstreamConfig) -> Upstream:

@@ -37,14 +37,34 @@ QUICKSTART = ROOT / "examples" / "quickstart"
 PASSWORD = "gateway-test-password"
 UPSTREAM_KEY = "upstream-credential-of-bastion"
 REDIRECT_URI = "http://127.0.0.1:9/callback"
-SERVERS = ("desk", "deskhttp")  # the same MCP server over stdio, then over Streamable HTTP
+LAB = Path(__file__).resolve().parent / "lab_server.py"
+# The same MCP server over stdio, then over Streamable HTTP: the quickstart's, and the lab's
+# (lists that change, slow calls, questions to the client).
+SERVERS = ("desk", "deskhttp", "lab", "labhttp")
+LAB_FACTS = """
+has_relation(McpServer{"lab"}, "team", Team{"support"})
+has_role(User{"avery"}, "admin", McpServer{"lab"})
+has_relation(Tool{"lab/announce"}, "server", McpServer{"lab"})
+has_relation(Tool{"lab/wait"}, "server", McpServer{"lab"})
+has_relation(Tool{"lab/greet"}, "server", McpServer{"lab"})
+has_relation(Tool{"lab/quiz"}, "server", McpServer{"lab"})
+has_relation(McpResource{"lab/lab://open"}, "server", McpServer{"lab"})
+has_relation(McpResource{"lab/lab://secret"}, "server", McpServer{"lab"})
+has_attribute(McpResource{"lab/lab://secret"}, "audience", "admin")
+has_relation(Prompt{"lab/hello"}, "server", McpServer{"lab"})
+"""
 
 
-def demo_server_module():
-    spec = importlib.util.spec_from_file_location("quickstart_server", QUICKSTART / "server.py")
+def _load(name: str, path: Path):
+    # A fresh module each time: each running bastion gets its own SDK server instance.
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def demo_server_module():
+    return _load("quickstart_server", QUICKSTART / "server.py")
 
 
 class Recorder:
@@ -93,16 +113,17 @@ def test_policy() -> str:
 
 
 def facts() -> list[tuple]:
-    lines = (QUICKSTART / "desk.facts").read_text().splitlines()
+    lines = (QUICKSTART / "desk.facts").read_text().splitlines() + LAB_FACTS.splitlines()
     found = []
     for line in lines:
         if line.strip() and not line.startswith("#"):
             found.append(parse_fact(line))
-            if "desk/" in line or 'McpServer{"desk"}' in line:
-                other = line.replace("desk/", "deskhttp/").replace(
-                    'McpServer{"desk"}', 'McpServer{"deskhttp"}'
-                )
-                found.append(parse_fact(other))
+            for name in ("desk", "lab"):
+                if f"{name}/" in line or f'McpServer{{"{name}"}}' in line:
+                    other = line.replace(f"{name}/", f"{name}http/").replace(
+                        f'McpServer{{"{name}"}}', f'McpServer{{"{name}http"}}'
+                    )
+                    found.append(parse_fact(other))
     return found
 
 
@@ -113,6 +134,7 @@ class Running:
     recorder: Recorder
     trace: Path
     http: httpx.Client
+    lab_trace: Path
     logins: list[str] = field(default_factory=list)
     # More bastion processes' worth of app on the same database and configuration (same issuer,
     # same resources), each on its own port: what replicas behind a load balancer would be.
@@ -216,12 +238,19 @@ class Running:
         return OAuthClientInformationFull.model_validate(response.json())
 
     def sdk(
-        self, username: str, server: str, mode: str, script, registered_scope: str | None = None
+        self,
+        username: str,
+        server: str,
+        mode: str,
+        script,
+        registered_scope: str | None = None,
+        **client_options,
     ) -> dict:
         """Connect with the SDK's OAuthClientProvider as ``username``; run ``script(client, seen)``.
 
         The SDK registers the client itself, unless ``registered_scope`` asks for a client
-        registered beforehand with that scope.
+        registered beforehand with that scope. ``client_options`` go to the SDK's ``Client``
+        (``sampling_callback``, ``elicitation_callback``...).
         """
         seen: dict = {"redirects": []}
         storage = MemoryStorage()
@@ -259,7 +288,9 @@ class Running:
             async with (
                 httpx2.AsyncClient(auth=provider, timeout=20) as http,
                 McpClient(
-                    streamable_http_client(self.mcp_url(server), http_client=http), mode=mode
+                    streamable_http_client(self.mcp_url(server), http_client=http),
+                    mode=mode,
+                    **client_options,
                 ) as client,
             ):
                 seen["protocol_version"] = client.protocol_version
@@ -279,13 +310,21 @@ def start(tmp_path, gateway: dict | None = None, replicas: int = 0):
     def running():
         module = demo_server_module()
         recorder = Recorder(module.server.streamable_http_app(streamable_http_path="/mcp"))
+        lab = _load("lab_server", LAB)
+        lab_trace = tmp_path / "lab-trace.jsonl"
+        lab.TRACE = str(lab_trace)
         upstream_sock = free_socket()
+        lab_sock = free_socket()
         sock = free_socket()
         base = f"http://127.0.0.1:{sock.getsockname()[1]}"
         trace = tmp_path / "stdio-trace.jsonl"
         policy = tmp_path / "policy.polar"
         policy.write_text(test_policy())
-        with serve(recorder, upstream_sock) as upstream_url:
+        lab_app = lab.server.streamable_http_app(streamable_http_path="/mcp")
+        with (
+            serve(recorder, upstream_sock) as upstream_url,
+            serve(lab_app, lab_sock) as lab_url,
+        ):
             config = ServerConfig(
                 database=str(tmp_path / "bastion.db"),
                 policy_file=str(policy),
@@ -317,6 +356,13 @@ def start(tmp_path, gateway: dict | None = None, replicas: int = 0):
                             "headers": {"X-Desk-Key": UPSTREAM_KEY},
                             "scopes": ["customers:read"],
                         },
+                        {
+                            "name": "lab",
+                            "command": sys.executable,
+                            "args": [str(LAB)],
+                            "env": {"LAB_TRACE": str(lab_trace)},
+                        },
+                        {"name": "labhttp", "url": f"{lab_url}/mcp"},
                     ],
                 },
             )
@@ -329,6 +375,6 @@ def start(tmp_path, gateway: dict | None = None, replicas: int = 0):
                     more.enter_context(serve(create_app(config), free_socket()))
                     for _ in range(replicas)
                 ]
-                yield Running(url, app, recorder, trace, http, replicas=others)
+                yield Running(url, app, recorder, trace, http, lab_trace, replicas=others)
 
     return running()
