@@ -3,7 +3,8 @@
 ```toml
 [gateway]
 public_url = "https://mcp.example.com"   # where clients reach bastion; default: the OAuth issuer
-redis_url = "redis://127.0.0.1:6379/0"    # rate-limit counters shared by processes (optional)
+redis_url = "redis://127.0.0.1:6379/0"    # rate-limit counters shared by processes (optional;
+                                          # redis+cluster://host:port for a Redis Cluster)
 
 [[gateway.upstreams]]
 name = "desk"                            # served at /mcp/desk
@@ -102,9 +103,11 @@ class GatewayConfig:
         if not isinstance(pass_methods, list) or not all(isinstance(m, str) for m in pass_methods):
             raise ConfigError("gateway.pass_methods must be a list of method names")
         redis_url = _expand(str(table.get("redis_url", "")), env, "gateway.redis_url")
-        if redis_url and not redis_url.startswith(("redis://", "rediss://", "unix://")):
+        schemes = ("redis://", "rediss://", "unix://", "redis+cluster://", "rediss+cluster://")
+        if redis_url and not redis_url.startswith(schemes):
             raise ConfigError(
-                f"gateway.redis_url must be a redis://, rediss:// or unix:// URL, got {redis_url!r}"
+                "gateway.redis_url must be a redis://, rediss:// or unix:// URL, or"
+                f" redis+cluster:// (rediss+cluster://) for a Redis Cluster, got {redis_url!r}"
             )
         redis_prefix = table.get("redis_prefix", "bastion")
         if not isinstance(redis_prefix, str) or not _NAME.match(redis_prefix):

@@ -5,10 +5,16 @@ key), so replicas behind a load balancer each count on their own. With ``gateway
 `RedisRateLimiter` keeps the windows in Redis, shared by every bastion process that uses it: one
 Lua script checks and counts all the limits of a call atomically, on Redis's clock. If Redis
 cannot be reached, calls that carry a rate limit are refused (fail closed), never let through.
+
+A ``redis+cluster://`` (or ``rediss+cluster://``) URL names any node of a Redis Cluster. A
+script may only touch keys of one hash slot, so every key of a call carries the same hash tag,
+made from the call's target: the limits of one call (the user's, the agent's) are counted on
+one node, atomically, and different targets spread over the cluster.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import secrets
 import time
@@ -91,23 +97,35 @@ return 0
 """
 
 
+CLUSTER_SCHEMES = ("redis+cluster", "rediss+cluster")
+
+
 class RedisRateLimiter:
     """Counters shared through Redis by every bastion process configured with the same URL."""
 
     def __init__(self, url: str, prefix: str = "bastion", timeout: float = 1.0) -> None:
         import redis.asyncio as redis
+        from redis.exceptions import RedisClusterException
 
         self.url = url
         self.prefix = prefix
-        self._errors = (redis.RedisError, OSError)
-        self._redis = redis.Redis.from_url(
-            url, socket_timeout=timeout, socket_connect_timeout=timeout
-        )
+        # A cluster that cannot be reached raises RedisClusterException, not a RedisError.
+        self._errors = (redis.RedisError, RedisClusterException, OSError)
+        scheme, sep, rest = url.partition("://")
+        timeouts = {"socket_timeout": timeout, "socket_connect_timeout": timeout}
+        if scheme in CLUSTER_SCHEMES:
+            plain = scheme.removesuffix("+cluster") + sep + rest
+            self._redis = redis.RedisCluster.from_url(plain, **timeouts)
+        else:
+            self._redis = redis.Redis.from_url(url, **timeouts)
         self._script = self._redis.register_script(_SLIDING_WINDOW)
 
     def key(self, limit: RateLimit, action: str, resource: Entity) -> str:
+        # The hash tag (in braces) is the target's digest: all keys of one call share a slot.
+        target = f"{action}|{resource!r}"
+        tag = hashlib.sha256(target.encode()).hexdigest()[:16]
         return (
-            f"{self.prefix}:ratelimit:{limit.principal!r}|{action}|{resource!r}"
+            f"{self.prefix}:ratelimit:{{{tag}}}:{limit.principal!r}|{target}"
             f"|{limit.max}|{limit.seconds:g}"
         )
 

@@ -1,0 +1,145 @@
+"""Rate limits shared through a real Redis Cluster (``redis+cluster://``).
+
+The fixture starts three ``redis-server`` nodes in cluster mode on free ports and joins them with
+``redis-cli --cluster create``. The limits of one call (the user's and the agent's) must be counted
+atomically in one script, which a cluster only allows within one hash slot: these tests count
+across two limiters (two bastion processes) and across principals, and check that targets spread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+
+import pytest
+
+from bastion.decide.contract import RateLimit
+from bastion.facts.model import Entity
+from bastion.gateway.ratelimit import LimitsUnavailable, RedisRateLimiter
+from tests.conftest import require_program
+from tests.oauth.support import free_socket
+
+USER, AGENT = Entity("User", "sam"), Entity("Agent", "client-1")
+
+
+def _free_port() -> int:
+    with free_socket() as s:
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory) -> Iterator[list[int]]:
+    require_program("redis-server", shutil.which("redis-server") or "/usr/bin/redis-server")
+    require_program("redis-cli", shutil.which("redis-cli") or "/usr/bin/redis-cli")
+    work = tmp_path_factory.mktemp("redis-cluster")
+    ports = [_free_port() for _ in range(3)]
+    nodes = [
+        subprocess.Popen(
+            ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--dir", str(work)]
+            + ["--cluster-enabled", "yes", "--cluster-config-file", f"nodes-{port}.conf"]
+            + ["--save", "", "--appendonly", "no"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        for port in ports
+    ]
+    try:
+        for port in ports:
+            _wait(["redis-cli", "-p", str(port), "ping"], "PONG")
+        subprocess.run(
+            ["redis-cli", "--cluster", "create"]
+            + [f"127.0.0.1:{port}" for port in ports]
+            + ["--cluster-replicas", "0", "--cluster-yes"],
+            check=True,
+            capture_output=True,
+            timeout=60,
+        )
+        for port in ports:
+            _wait(["redis-cli", "-p", str(port), "cluster", "info"], "cluster_state:ok")
+        yield ports
+    finally:
+        for node in nodes:
+            node.terminate()
+        for node in nodes:
+            node.wait(10)
+
+
+def _wait(command: list[str], expected: str) -> None:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        done = subprocess.run(command, capture_output=True, text=True)
+        if expected in done.stdout:
+            return
+        time.sleep(0.1)
+    raise RuntimeError(f"{' '.join(command)} never printed {expected!r}")
+
+
+def limits(max_calls: int) -> list[RateLimit]:
+    return [RateLimit(USER, max_calls, 60), RateLimit(AGENT, max_calls, 60)]
+
+
+def test_two_limiters_count_one_window_across_principals(cluster):
+    url = f"redis+cluster://127.0.0.1:{cluster[0]}"
+    prefix = f"bastion-test-{uuid.uuid4().hex[:12]}"
+    tool = Entity("Tool", "desk/send_email")
+
+    async def scenario() -> list[float | None]:
+        # Two bastion processes: each its own client, one entering by another node.
+        first = RedisRateLimiter(url, prefix)
+        second = RedisRateLimiter(f"redis+cluster://127.0.0.1:{cluster[2]}", prefix)
+        try:
+            return [
+                await limiter.admit(limits(3), "call", tool)
+                for limiter in (first, second, first, second, first)
+            ]
+        finally:
+            await first.close()
+            await second.close()
+
+    outcomes = asyncio.run(scenario())
+    assert outcomes[:3] == [None, None, None]  # user and agent limits counted in one script
+    assert all(wait is not None and 0 < wait <= 60 for wait in outcomes[3:])
+
+
+def test_targets_spread_over_the_cluster_but_each_call_stays_in_one_slot(cluster):
+    from redis.crc import key_slot
+
+    limiter = RedisRateLimiter(f"redis+cluster://127.0.0.1:{cluster[0]}")
+    slots = set()
+    for i in range(50):
+        tool = Entity("Tool", f"desk/tool-{i}")
+        keys = [limiter.key(limit, "call", tool) for limit in limits(1)]
+        call_slots = {key_slot(key.encode()) for key in keys}
+        assert len(call_slots) == 1, keys
+        slots |= call_slots
+    assert len(slots) > 10  # fifty targets do not all land on one node
+    asyncio.run(limiter.close())
+
+
+def test_an_unreachable_cluster_refuses(cluster):
+    with free_socket() as closed:  # bound, never listening
+        url = f"redis+cluster://127.0.0.1:{closed.getsockname()[1]}"
+
+        async def scenario() -> None:
+            limiter = RedisRateLimiter(url, timeout=0.5)
+            try:
+                await limiter.admit(limits(3), "call", Entity("Tool", "desk/send_email"))
+            finally:
+                await limiter.close()
+
+        with pytest.raises(LimitsUnavailable):
+            asyncio.run(scenario())
+
+
+def test_cluster_urls_are_accepted_and_others_refused():
+    from bastion.gateway.config import GatewayConfig
+    from bastion.server.config import ConfigError
+
+    url = "redis+cluster://10.0.0.1:7000"
+    assert GatewayConfig.from_mapping({"redis_url": url}).redis_url == url
+    with pytest.raises(ConfigError, match="redis\\+cluster"):
+        GatewayConfig.from_mapping({"redis_url": "cluster://10.0.0.1:7000"})
