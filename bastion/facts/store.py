@@ -217,9 +217,8 @@ class FactStore:
             "INSERT INTO changes (seq, at, actor, kind, payload) VALUES (?, ?, ?, ?, ?)",
             (seq, time.time(), actor, kind, payload),
         )
-        if self.db.is_postgres:
-            # Delivered at commit; listeners then catch up by sequence.
-            self.db.execute("SELECT pg_notify(?, ?)", (CHANGES_CHANNEL, str(seq)))
+        # Delivered at commit (PostgreSQL); listeners then catch up by sequence.
+        self.db.notify(CHANGES_CHANNEL, str(seq))
 
     def apply(
         self,

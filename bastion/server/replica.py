@@ -12,12 +12,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import threading
 import time
 from collections.abc import Iterable
 
 import anyio
 
+from bastion.db import Listener
 from bastion.decide import Authorizer
 from bastion.facts.model import matches
 from bastion.facts.store import CHANGES_CHANNEL, Change, FactStore, StoredFact
@@ -70,13 +70,11 @@ class Replica:
         # Stored facts the policy in force has no use for; offered again on a policy change.
         self.unusable: list[StoredFact] = []
         self.ready = False
-        self.listening = not self.is_postgres
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wake: asyncio.Event | None = None
         self._advanced: asyncio.Condition | None = None
         self._task: asyncio.Task | None = None
-        self._stopping = threading.Event()
-        self._listener: threading.Thread | None = None
+        self._listener: Listener | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -86,8 +84,13 @@ class Replica:
         self._advanced = asyncio.Condition()
         await self._resync()
         if self.is_postgres:
-            self._listener = threading.Thread(
-                target=self._listen, name="bastion-listen", daemon=True
+            self._listener = Listener(
+                self.database,
+                CHANGES_CHANNEL,
+                on_notify=self._notified,
+                # catch up on whatever was written while not listening
+                on_listening=self.kick,
+                name="bastion-listen",
             )
             self._listener.start()
         self._task = asyncio.create_task(self._follow())
@@ -113,14 +116,18 @@ class Replica:
             time.perf_counter() - started,
         )
 
+    @property
+    def listening(self) -> bool:
+        """Whether this replica hears of every commit as it happens (always true on SQLite)."""
+        return not self.is_postgres or (self._listener is not None and self._listener.healthy)
+
     async def stop(self) -> None:
-        self._stopping.set()
         if self._task:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
         if self._listener:
-            await anyio.to_thread.run_sync(self._listener.join, 2.0)
+            await anyio.to_thread.run_sync(self._listener.stop)
         self.store.close()
 
     # -- following the log -----------------------------------------------------------------
@@ -130,25 +137,10 @@ class Replica:
         if self._loop is not None and self._wake is not None:
             self._loop.call_soon_threadsafe(self._wake.set)
 
-    def _listen(self) -> None:
-        import psycopg
-
-        while not self._stopping.is_set():
-            try:
-                with psycopg.connect(self.database, autocommit=True) as conn:
-                    conn.execute(f"LISTEN {CHANGES_CHANNEL}")
-                    self.listening = True
-                    self.kick()  # catch up on whatever was written while not listening
-                    while not self._stopping.is_set():
-                        for note in conn.notifies(timeout=0.5):
-                            if note.payload.isdigit():
-                                self.head_seen = max(self.head_seen, int(note.payload))
-                            self.kick()
-            except Exception as e:  # a dropped connection: reconnect, then catch up
-                self.listening = False
-                log.warning("change notifications lost (%s); reconnecting", e)
-                self._stopping.wait(0.5)
-        self.listening = False
+    def _notified(self, payload: str) -> None:
+        if payload.isdigit():
+            self.head_seen = max(self.head_seen, int(payload))
+        self.kick()
 
     async def _follow(self) -> None:
         assert self._wake is not None
