@@ -3,6 +3,8 @@ requests, login sessions, codes, grants, refresh tokens, issued access tokens an
 
 Secrets (codes, refresh tokens, session ids, client secrets) are stored only as SHA-256 digests:
 they are high-entropy random strings, so a digest is enough and a database leak reveals none.
+Every revocation of an access token or a grant is announced, in its transaction, on
+`REVOCATIONS_CHANNEL` (PostgreSQL NOTIFY) and, once committed, to this process's subscribers.
 """
 
 from __future__ import annotations
@@ -10,9 +12,13 @@ from __future__ import annotations
 import hashlib
 import json
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from bastion.db import Database
+
+# The payload of each notification is the grant_id whose tokens (all, or one) were revoked.
+REVOCATIONS_CHANNEL = "bastion_revocations"
 
 _MIGRATIONS = [
     """
@@ -195,7 +201,21 @@ class OAuthStore:
 
     def __init__(self, db: Database) -> None:
         self.db = db
+        self._revocation_subscribers: list[Callable[[str], None]] = []
         db.migrate("oauth", _MIGRATIONS)
+
+    # revocations: who must forget a token at once
+
+    def on_revoked(self, callback: Callable[[str], None]) -> None:
+        """Call ``callback(grant_id)`` after each commit, through this store, that revokes an
+        access token of the grant or the grant itself (other processes hear of it by NOTIFY)."""
+        self._revocation_subscribers.append(callback)
+
+    def _announce_revocation(self, grant_id: str) -> None:
+        """Inside the revoking transaction: NOTIFY at its commit, and tell subscribers after."""
+        self.db.notify(REVOCATIONS_CHANNEL, grant_id)
+        for callback in self._revocation_subscribers:
+            self.db.after_commit(lambda callback=callback: callback(grant_id))
 
     # clients
 
@@ -417,6 +437,7 @@ class OAuthStore:
                 "UPDATE oauth_refresh_tokens SET used_at = ? WHERE grant_id = ? AND used_at IS NULL",
                 (now, grant_id),
             )
+            self._announce_revocation(grant_id)
             return bool(rows)
 
     def save_code(
@@ -489,10 +510,14 @@ class OAuthStore:
         return grant_id, token_revoked is not None or grant_revoked is not None
 
     def revoke_access_token(self, jti: str, now: float) -> None:
-        self.db.execute(
-            "UPDATE oauth_access_tokens SET revoked_at = ? WHERE jti = ? AND revoked_at IS NULL",
-            (now, jti),
-        )
+        with self.db.transaction():
+            rows = self.db.execute(
+                "UPDATE oauth_access_tokens SET revoked_at = ? WHERE jti = ? AND revoked_at IS NULL"
+                " RETURNING grant_id",
+                (now, jti),
+            )
+            if rows:
+                self._announce_revocation(rows[0][0])
 
     def purge_expired(self, now: float, keep_seconds: float) -> None:
         """Forget rows that can no longer matter: expired pending requests and sessions, and

@@ -20,11 +20,11 @@ from joserfc import jwt
 from joserfc.errors import JoseError
 
 from bastion.audit import AuditLog
-from bastion.db import Database
+from bastion.db import Database, Listener
 from bastion.oauth.access_token import TOKEN_TYPE
 from bastion.oauth.errors import InvalidToken
 from bastion.oauth.keys import ALGORITHM, KeyRing
-from bastion.oauth.store import OAuthStore
+from bastion.oauth.store import REVOCATIONS_CHANNEL, OAuthStore
 
 
 @dataclass(frozen=True)
@@ -157,66 +157,137 @@ class TokenVerifier:
 class VerifiedTokens:
     """Tokens `TokenVerifier` accepted, remembered until they expire, for per-request use.
 
-    A token's signature and claims are checked once; its revocation state is kept in memory and
-    read again from the store whenever the database has changed since it was last read. On
-    SQLite the change marker is ``PRAGMA data_version`` on a connection of this object's own,
-    which moves on every commit by any other connection or process: a revocation committed
-    anywhere is refused on the token's next use, and uses in between read no rows. PostgreSQL
-    has no such marker, so there `remembered` reads the state on every use (``local`` is False:
-    call it off the event loop).
+    A token's signature and claims are checked once; after that only its revocation matters, and
+    how that is learnt depends on the database:
+
+    - SQLite: the state is read again whenever ``PRAGMA data_version`` (on a connection of this
+      object's own) has moved, which it does on every commit by any other connection or process.
+      A revocation committed anywhere is refused on the token's next use; uses in between read
+      no rows.
+    - PostgreSQL: each revocation NOTIFYs `REVOCATIONS_CHANNEL` in its transaction, and a
+      `Listener` of this object's own forgets the grant's tokens when it hears it. While that
+      listener is healthy a remembered token is checked in memory; while it is not (starting,
+      reconnecting, silent), every use reads the state as before, and once it is back every
+      remembered token is forgotten, since a revocation may have been missed meanwhile.
+
+    Either way a revocation through ``verifier.store`` (this process) forgets the grant's tokens
+    as soon as it commits. ``local`` says whether `remembered` can be called on the event loop
+    (it reads nothing over the network).
     """
 
     def __init__(self, verifier: TokenVerifier, database_url: str, max_tokens: int = 10_000):
         self.verifier = verifier
         self.max_tokens = max_tokens
-        self._db = Database(database_url)
-        self._store = OAuthStore(self._db)
-        self.local = not self._db.is_postgres
+        self.db = Database(database_url)
+        self._store = OAuthStore(self.db)
         # (token, resource) -> [VerifiedToken, change marker when its state was last read]
         self._tokens: dict[tuple[str, str | None], list] = {}
+        # grant_id -> the keys of ``_tokens`` it issued, so a revocation finds them at once
+        self._grants: dict[str, set[tuple[str, str | None]]] = {}
+        # Moves at every forgetting: a `verify` that overlapped one does not remember its token.
+        self._forgotten = 0
         self._lock = threading.Lock()
+        verifier.store.on_revoked(self._forget_grant)
+        self.listener: Listener | None = None
+        if self.db.is_postgres:
+            self.listener = Listener(
+                database_url,
+                REVOCATIONS_CHANNEL,
+                on_notify=self._notified,
+                on_listening=self._forget_all,
+                name="bastion-revocations",
+            )
+            self.listener.start()
+
+    @property
+    def local(self) -> bool:
+        """True when `remembered` reads no row over the network: always on SQLite, and on
+        PostgreSQL while the revocation listener is healthy."""
+        return self.listener is None or self.listener.healthy
 
     def _marker(self) -> int | None:
-        if not self.local:
+        if self.db.is_postgres:
             return None
-        return self._db.execute("PRAGMA data_version")[0][0]
+        return self.db.execute("PRAGMA data_version")[0][0]
 
     def remembered(self, token: str, resource: str | None) -> VerifiedToken | None:
         """The token's facts if it was verified before and is still valid; None means: call
         `verify` (a token not seen yet, expired, revoked, or forgotten)."""
-        entry = self._tokens.get((token, resource))
+        key = (token, resource)
+        entry = self._tokens.get(key)
         if entry is None:
             return None
         verified, seen = entry
         if self.verifier.clock() > verified.expires_at + self.verifier.leeway:
-            self._tokens.pop((token, resource), None)
+            with self._lock:
+                self._drop(key)
             return None
+        if self.listener is not None and self.listener.healthy:
+            return verified  # a revocation would have removed the entry
+        # SQLite, or PostgreSQL without a healthy listener (then this reads the state, even if
+        # the caller saw ``local`` just before the listener fell ill).
         marker = self._marker()
         if marker is None or marker != seen:
             state = self._store.access_token_state(verified.jti)
             if state is None or state[1]:
-                self._tokens.pop((token, resource), None)
+                with self._lock:
+                    self._drop(key)
                 return None
             entry[1] = marker
         return verified
 
     def verify(self, token: str, resource: str | None) -> VerifiedToken:
         """`TokenVerifier.verify` (every check, refusals audited), then remember the token."""
-        marker = self._marker()  # read before the state, so a revocation in between is seen
+        # Both read before the state, so a revocation in between is seen.
+        marker = self._marker()
+        forgotten = self._forgotten
         verified = self.verifier.verify(token, resource)
         with self._lock:
+            if self._forgotten != forgotten:
+                return verified  # valid when read, but not remembered: the next use verifies
             if len(self._tokens) >= self.max_tokens:
                 now = self.verifier.clock()
                 for key, (known, _) in list(self._tokens.items()):
                     if now > known.expires_at + self.verifier.leeway:
-                        del self._tokens[key]
+                        self._drop(key)
                 while len(self._tokens) >= self.max_tokens:
-                    del self._tokens[next(iter(self._tokens))]
-            self._tokens[(token, resource)] = [verified, marker]
+                    self._drop(next(iter(self._tokens)))
+            key = (token, resource)
+            self._tokens[key] = [verified, marker]
+            self._grants.setdefault(verified.grant_id, set()).add(key)
         return verified
 
+    def _drop(self, key: tuple[str, str | None]) -> None:
+        """Under the lock: forget one remembered token."""
+        entry = self._tokens.pop(key, None)
+        if entry is not None:
+            keys = self._grants.get(entry[0].grant_id)
+            if keys is not None:
+                keys.discard(key)
+                if not keys:
+                    del self._grants[entry[0].grant_id]
+
+    def _forget_grant(self, grant_id: str) -> None:
+        """A token of the grant, or the grant, was revoked: forget every token it issued."""
+        with self._lock:
+            self._forgotten += 1
+            for key in self._grants.pop(grant_id, ()):
+                self._tokens.pop(key, None)
+
+    def _notified(self, grant_id: str) -> None:
+        """A revocation committed by any process (this one included) has been announced."""
+        self._forget_grant(grant_id)
+
+    def _forget_all(self) -> None:
+        with self._lock:
+            self._forgotten += 1
+            self._tokens.clear()
+            self._grants.clear()
+
     def close(self) -> None:
-        self._db.close()
+        if self.listener is not None:
+            self.listener.stop()
+        self.db.close()
 
 
 def _has_kid(keys: Any, kid: str) -> bool:

@@ -1,0 +1,249 @@
+"""Revocations pushed to every process on PostgreSQL (NOTIFY in the revoking transaction, one
+LISTEN connection per process): a remembered token is checked in memory, yet a token revoked by
+another replica is refused once the notice arrives, one revoked through this process at once, and
+while the listener is down every call reads the database, so nothing revoked meanwhile is missed.
+
+"Another replica" is an `OAuthStore` on a `Database` of its own, as a second bastion process
+would have. Database reads of the process under test are counted on its own `Database`.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+import psycopg
+import pytest
+
+from bastion.db import Database
+from bastion.oauth import InvalidToken
+from bastion.oauth.store import OAuthStore
+from bastion.oauth.verifier import VerifiedTokens
+
+from .support import Bastion, running_bastion
+
+
+def eventually(condition: Callable[[], bool], within: float = 20.0) -> bool:
+    """Poll until ``condition`` holds; False if it never did (the caller asserts)."""
+    deadline = time.monotonic() + within
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.005)
+    return True
+
+
+class Reads:
+    """Counts the statements a `Database` runs."""
+
+    def __init__(self, db: Database, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.count = 0
+        execute = db.execute
+
+        def counted(*args, **kwargs):
+            self.count += 1
+            return execute(*args, **kwargs)
+
+        monkeypatch.setattr(db, "execute", counted)
+
+
+class Replicas:
+    """Process A (an authorization server and the gateway's `VerifiedTokens`) and the store of
+    another replica B, on one PostgreSQL database."""
+
+    def __init__(self, a: Bastion, tokens: VerifiedTokens, b: OAuthStore) -> None:
+        self.a, self.tokens, self.b = a, tokens, b
+        self.client = a.register()
+
+    def issue(self) -> tuple[str, str, str]:
+        """A fresh grant's access token, remembered by A: (token, jti, grant_id)."""
+        token = self.a.tokens_for(self.client)["access_token"]
+        verified = self.tokens.verify(token, self.a.resource)
+        return token, verified.jti, verified.grant_id
+
+    def remembered(self, token: str):
+        return self.tokens.remembered(token, self.a.resource)
+
+
+@pytest.fixture
+def replicas(postgres_url, tmp_path) -> Iterator[Replicas]:
+    with running_bastion(postgres_url, tmp_path) as a:
+        tokens = VerifiedTokens(a.server.verifier, postgres_url)
+        b = OAuthStore(Database(postgres_url))
+        try:
+            assert eventually(lambda: tokens.local), "the revocation listener never came up"
+            yield Replicas(a, tokens, b)
+        finally:
+            tokens.close()
+            b.db.close()
+
+
+@pytest.fixture
+def listener_gate(monkeypatch) -> threading.Event:
+    """While cleared, the revocation listener cannot (re)connect: a network outage for it alone."""
+    gate = threading.Event()
+    gate.set()
+    connect = psycopg.connect
+
+    def gated(*args, **kwargs):
+        if kwargs.get("application_name") == "bastion-revocations" and not gate.is_set():
+            raise psycopg.OperationalError("connection refused (held down by the test)")
+        return connect(*args, **kwargs)
+
+    monkeypatch.setattr(psycopg, "connect", gated)
+    return gate
+
+
+REVOCATIONS_BY_ANOTHER_REPLICA = {
+    "access token": lambda b, jti, grant_id: b.revoke_access_token(jti, time.time()),
+    "grant": lambda b, jti, grant_id: b.revoke_grant(grant_id, time.time(), "test"),
+    "user disabled": lambda b, jti, grant_id: b.disable_user("alice", time.time()),
+    "client revoked": lambda b, jti, grant_id: b.revoke_client(
+        b.grant(grant_id).client_id, time.time()
+    ),
+}
+
+
+@pytest.mark.parametrize("revocation", REVOCATIONS_BY_ANOTHER_REPLICA)
+def test_a_revocation_by_another_replica_is_refused_once_notified_without_a_read_per_call(
+    replicas, monkeypatch, revocation
+):
+    token, jti, grant_id = replicas.issue()
+    sibling, _, _ = replicas.issue()  # another grant of the same user and client
+    reads = Reads(replicas.tokens.db, monkeypatch)
+    for _ in range(50):
+        assert replicas.remembered(token).jti == jti
+    assert reads.count == 0, "a remembered token was checked with a database read"
+
+    REVOCATIONS_BY_ANOTHER_REPLICA[revocation](replicas.b, jti, grant_id)
+
+    assert eventually(lambda: replicas.remembered(token) is None), "the notice never arrived"
+    assert reads.count == 0, "refused by a database read, not by the notice"
+    with pytest.raises(InvalidToken, match="revoked"):
+        replicas.tokens.verify(token, replicas.a.resource)
+    if revocation in ("access token", "grant"):
+        assert replicas.remembered(sibling) is not None  # other grants are not forgotten
+    else:
+        assert eventually(lambda: replicas.remembered(sibling) is None)
+
+
+@pytest.fixture
+def held_notices(monkeypatch) -> Iterator[threading.Event]:
+    """Notices reach the listener but are not acted on until the event is set, so a refusal seen
+    meanwhile cannot be the notice's doing."""
+    release = threading.Event()
+    notified = VerifiedTokens._notified
+
+    def held(self, payload: str) -> None:
+        release.wait()
+        notified(self, payload)
+
+    monkeypatch.setattr(VerifiedTokens, "_notified", held)
+    yield release
+    release.set()
+
+
+def revoke_at_the_endpoint(replicas: Replicas, issued: dict) -> None:
+    response = replicas.a.http.post(
+        f"{replicas.a.url}/revoke",
+        data={"token": issued["access_token"], "client_id": replicas.client["client_id"]},
+    )
+    assert response.status_code == 200, response.text
+
+
+def reuse_the_refresh_token(replicas: Replicas, issued: dict) -> None:
+    refresh = {"grant_type": "refresh_token", "client_id": replicas.client["client_id"]}
+    assert replicas.a.token(**refresh, refresh_token=issued["refresh_token"]).status_code == 200
+    reused = replicas.a.token(**refresh, refresh_token=issued["refresh_token"])
+    assert reused.json()["error"] == "invalid_grant"
+
+
+@pytest.mark.parametrize("revoke", [revoke_at_the_endpoint, reuse_the_refresh_token])
+def test_a_revocation_through_this_process_is_refused_on_the_very_next_call(
+    held_notices, replicas, monkeypatch, revoke
+):
+    issued = replicas.a.tokens_for(replicas.client)
+    token = issued["access_token"]
+    assert replicas.tokens.verify(token, replicas.a.resource)
+    assert replicas.remembered(token) is not None
+
+    revoke(replicas, issued)
+
+    reads = Reads(replicas.tokens.db, monkeypatch)
+    assert replicas.remembered(token) is None
+    assert reads.count == 0, "refused by a database read, not forgotten at the revocation"
+    held_notices.set()
+
+
+def test_while_the_listener_is_down_every_call_reads_and_nothing_revoked_meanwhile_is_missed(
+    listener_gate, replicas, monkeypatch
+):
+    checked, checked_jti, _ = replicas.issue()
+    unseen, unseen_jti, _ = replicas.issue()
+    kept, _, _ = replicas.issue()
+    reads = Reads(replicas.tokens.db, monkeypatch)
+
+    listener_gate.clear()
+    with psycopg.connect(replicas.a.server.db.url, autocommit=True) as admin:
+        admin.execute("SELECT pg_terminate_backend(%s)", (replicas.tokens.listener.backend_pid,))
+    assert eventually(lambda: not replicas.tokens.local), "the dropped listener was trusted"
+
+    # Down: a remembered token costs one read per call, so a revocation is seen at once.
+    assert replicas.remembered(checked) is not None
+    assert replicas.remembered(checked) is not None
+    assert reads.count == 2
+    replicas.b.revoke_access_token(checked_jti, time.time())
+    assert replicas.remembered(checked) is None
+    # A revocation no call looks at while the listener is down...
+    replicas.b.revoke_access_token(unseen_jti, time.time())
+
+    listener_gate.set()
+    assert eventually(lambda: replicas.tokens.local), "the listener never came back"
+    # ...is refused once it is back, though its notice was sent to nobody.
+    assert replicas.remembered(unseen) is None
+    with pytest.raises(InvalidToken, match="revoked"):
+        replicas.tokens.verify(unseen, replicas.a.resource)
+    # A token nobody revoked is still accepted, and again checked in memory.
+    assert (
+        replicas.remembered(kept) or replicas.tokens.verify(kept, replicas.a.resource)
+    ).subject == "alice"
+    before = reads.count
+    assert replicas.remembered(kept) is not None
+    assert reads.count == before
+
+
+def test_a_verification_overlapping_a_revocation_is_not_remembered(replicas):
+    token, _, grant_id = replicas.issue()
+    replicas.tokens.verify(token, None)  # the same token remembered a second time
+    verifier = replicas.a.server.verifier
+    verify = verifier.verify
+
+    def revoked_meanwhile(*args, **kwargs):
+        verified = verify(*args, **kwargs)  # the state is read: not revoked yet
+        replicas.b.revoke_grant(grant_id, time.time(), "test")
+        assert eventually(lambda: replicas.tokens.remembered(token, None) is None)
+        return verified
+
+    verifier.verify = revoked_meanwhile
+    try:
+        replicas.tokens.verify(token, replicas.a.resource)  # valid when it was checked...
+    finally:
+        verifier.verify = verify
+    assert replicas.remembered(token) is None  # ...but not remembered as valid
+
+
+def test_a_revocation_rolled_back_is_not_announced(database_url, tmp_path):
+    with running_bastion(database_url, tmp_path) as a:
+        store = a.server.store
+        grant_id = a.server.verifier.verify(
+            a.tokens_for(a.register())["access_token"], a.resource
+        ).grant_id
+        announced: list[str] = []
+        store.on_revoked(announced.append)
+        with pytest.raises(RuntimeError), store.db.transaction():
+            store.revoke_client(store.grant(grant_id).client_id, time.time())
+            raise RuntimeError("the revoking transaction fails")
+        assert announced == [] and store.grant(grant_id).revoked_at is None
+        store.revoke_client(store.grant(grant_id).client_id, time.time())
+        assert announced == [grant_id]
