@@ -27,7 +27,7 @@ from bastion.gateway.sessions import (
     Listener,
     SessionTable,
 )
-from bastion.gateway.transport import StreamableHttpEndpoint, send_json
+from bastion.gateway.transport import InFlight, StreamableHttpEndpoint, send_json
 from bastion.gateway.upstream import Upstream, open_upstream
 from bastion.oauth.errors import InvalidToken
 from bastion.oauth.verifier import VerifiedTokens
@@ -101,6 +101,8 @@ class Gateway:
         self.sessions = SessionTable(config.session_idle_seconds)
         self.resource_scopes = resource_scopes
         self.progress_routes: dict[str, tuple[Progress, Any]] = {}
+        # (server, user, agent, session id or None, the client's request id) -> its request
+        self.in_flight: dict[tuple, InFlight] = {}
         self.upstreams: dict[str, UpstreamState] = {}
         for upstream_config in config.upstreams:
             state = UpstreamState(open_upstream(upstream_config))

@@ -7,6 +7,7 @@ Holds for human approval (a later issue) slot in at `Enforcer.decide`, before fo
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -193,6 +194,9 @@ async def _decide_and_forward(
         result = await ex.forward()
     except RpcError as e:
         enforcer.write(verdict.record, reason=f"upstream error {e.code}")
+        raise
+    except asyncio.CancelledError:
+        enforcer.write(verdict.record, reason="cancelled by the client")
         raise
     masked = mask_result(result, compile_paths(verdict.obligations.masks))
     obligations = dict(verdict.record["obligations"])

@@ -6,7 +6,8 @@
   ``Mcp-Name`` headers must agree with the body's envelope, method and name.
 
 Answers are JSON, or SSE when the request asked for progress (notifications first, the answer
-last). Bad input (malformed JSON-RPC, batches, header/body mismatch, unknown sessions, oversized
+last) or is still running after a moment. A request is cancelled upstream when its client
+cancels it (``notifications/cancelled``) or goes away. Bad input (malformed JSON-RPC, batches, header/body mismatch, unknown sessions, oversized
 bodies) is refused here, before anything reaches an upstream.
 """
 
@@ -268,8 +269,13 @@ class StreamableHttpEndpoint:
                 session = self._session(upstream.name, caller, headers)
         except RpcError as e:
             raise HttpError(e.http_status, e.body(message.id)) from None
+        owner = (upstream.name, caller.subject, caller.client_id, session and session.id)
         if not message.is_request:
             # Notifications and responses from the client are acknowledged and not forwarded.
+            if message.method == "notifications/cancelled":
+                flight = gateway.in_flight.get((*owner, message.params.get("requestId")))
+                if flight is not None:
+                    flight.cancel("cancelled")
             await send_json(send, 202, None)
             return
         if modern and message.method == "subscriptions/listen":
@@ -279,16 +285,49 @@ class StreamableHttpEndpoint:
         handler = handler_for(message.method, gateway.config.pass_methods)
         meta = message.params.get("_meta")
         wants_events = "text/event-stream" in headers.get("accept", "")
-        if wants_events and isinstance(meta, dict) and "progressToken" in meta:
-            await self._answer_with_events(exchange, handler, send, response_headers)
+        # While bastion waits, the request can be cancelled: by the client's
+        # notifications/cancelled (same user, agent and session), or by its going away. A request
+        # still running after _WATCH_AFTER seconds gets a task that notices the client leaving
+        # and, if the client accepts SSE, starts the answer as an event stream (SDK clients send
+        # nothing more, a cancellation included, until an answer has begun). Quicker requests
+        # cost one timer.
+        key = (*owner, message.id)
+        flight = gateway.in_flight[key] = InFlight(asyncio.current_task())
+        progress = wants_events and isinstance(meta, dict) and "progressToken" in meta
+        early = wants_events and not progress and message.method not in _ANSWERED_WHOLE
+        timer = asyncio.get_running_loop().call_later(
+            _WATCH_AFTER, flight.watch, receive, send if early else None, response_headers
+        )
+        try:
+            if progress:
+                await self._answer_with_events(exchange, handler, send, response_headers, flight)
+                return
+            body, status, extra = await self._run(exchange, handler)
+        except HttpError as e:
+            if flight.sending is None:
+                raise
+            # The answer has begun as events: a refusal can only be a JSON-RPC error now.
+            body = RpcError(INVALID_REQUEST, _refusal_text(e)).body(message.id)
+        except asyncio.CancelledError:
+            if flight.reason is None:
+                raise
+            asyncio.current_task().uncancel()  # type: ignore[union-attr]
+            if flight.reason == "cancelled":
+                await flight.end(send, None)
             return
-        body, status, extra = await self._run(exchange, handler)
+        finally:
+            timer.cancel()
+            flight.finish()
+            if gateway.in_flight.get(key) is flight:
+                del gateway.in_flight[key]
+        if flight.sending is not None:
+            await flight.end(send, body)
+            return
         if message.method == "initialize" and "error" not in body:
             opened = gateway.sessions.open(
                 upstream.name, caller.subject, caller.client_id, exchange.notes["protocol_version"]
             )
             extra["mcp-session-id"] = opened.id
-        del session
         await send_json(send, status, body, {**response_headers, **extra})
 
     async def _run(self, ex: Exchange, handler) -> tuple[dict[str, Any], int, dict[str, str]]:
@@ -331,7 +370,7 @@ class StreamableHttpEndpoint:
             )
 
     async def _answer_with_events(
-        self, ex: Exchange, handler, send: Send, headers: dict[str, str]
+        self, ex: Exchange, handler, send: Send, headers: dict[str, str], flight: InFlight
     ) -> None:
         """Answer on SSE if the upstream reports progress; else (or if refused) as plain JSON."""
         queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
@@ -340,7 +379,7 @@ class StreamableHttpEndpoint:
             queue.put_nowait(message)
 
         ex.progress = progress
-        task = asyncio.ensure_future(self._run(ex, handler))
+        task = flight.task = asyncio.ensure_future(self._run(ex, handler))
         started = False
         while True:
             getter = asyncio.ensure_future(queue.get())
@@ -354,6 +393,12 @@ class StreamableHttpEndpoint:
             await send(
                 {"type": "http.response.body", "body": _event(getter.result()), "more_body": True}
             )
+        if task.cancelled() and flight.reason is not None:
+            if flight.reason == "cancelled":
+                if not started:
+                    await _start_events(send, headers)
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+            return
         body, status, extra = task.result()  # re-raises HttpError (403) before any event
         if not started:
             await send_json(send, status, body, {**headers, **extra})
@@ -566,6 +611,72 @@ class StreamableHttpEndpoint:
         except RpcError as e:
             raise HttpError(e.http_status, e.body(None)) from None
         self.gateway.sessions.end(session)
+
+
+# A request still running after this many seconds gets a task that notices its client leaving.
+_WATCH_AFTER = 0.1
+
+
+# Answered as one JSON body: initialize's answer carries the session's header.
+_ANSWERED_WHOLE = frozenset({"initialize", "server/discover", "ping"})
+
+
+class InFlight:
+    """A client's request while bastion works on it: how to cancel it (the task to cancel, and
+    why it was: ``"cancelled"`` by the client, or ``"disconnect"``), and whether its answer has
+    begun as an event stream (``sending`` guards that stream's writes)."""
+
+    __slots__ = ("task", "reason", "watcher", "sending")
+
+    def __init__(self, task: asyncio.Future | None) -> None:
+        self.task = task
+        self.reason: str | None = None
+        self.watcher: asyncio.Task | None = None
+        self.sending: asyncio.Lock | None = None
+
+    def cancel(self, reason: str) -> None:
+        if self.reason is None and self.task is not None:
+            self.reason = reason
+            self.task.cancel()
+
+    def watch(self, receive: Receive, send: Send | None, headers: dict[str, str]) -> None:
+        """Still running: watch for the client leaving; begin the answer if ``send`` is given."""
+        if self.task is None:
+            return
+        if send is not None:
+            self.sending = asyncio.Lock()
+        self.watcher = asyncio.ensure_future(self._watch(receive, send, headers))
+
+    async def _watch(self, receive: Receive, send: Send | None, headers: dict[str, str]) -> None:
+        if send is not None and self.sending is not None:
+            async with self.sending:
+                await _start_events(send, headers)
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        self.cancel("disconnect")
+
+    def finish(self) -> None:
+        self.task = None
+        if self.watcher is not None and not (self.sending and self.sending.locked()):
+            self.watcher.cancel()
+
+    async def end(self, send: Send, answer: dict[str, Any] | None) -> None:
+        """Finish the answer as an event stream: ``answer``, or nothing for a request the client
+        cancelled (a cancelled request is not answered)."""
+        body = b"" if answer is None else _event(answer)
+        if self.sending is None:
+            await _start_events(send)
+            await send({"type": "http.response.body", "body": body, "more_body": False})
+            return
+        async with self.sending:
+            await send({"type": "http.response.body", "body": body, "more_body": False})
+        if self.watcher is not None:
+            self.watcher.cancel()
+
+
+def _refusal_text(error: HttpError) -> str:
+    body = error.body or {}
+    return f"bastion refused this request: {body.get('error_description') or body.get('error')}"
 
 
 async def _relay(

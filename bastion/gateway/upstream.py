@@ -79,7 +79,12 @@ class Upstream(abc.ABC):
         try:
             async with asyncio.timeout(self.config.timeout):  # no task per call, as wait_for has
                 return await self._exchange(message)
+        except asyncio.CancelledError:
+            # Its client cancelled or went away: the upstream may stop working on it.
+            self._abandon(message["id"], "the client cancelled the request")
+            raise
         except TimeoutError:
+            self._abandon(message["id"], "bastion stopped waiting")
             raise RpcError(
                 UPSTREAM_UNAVAILABLE,
                 f"upstream {self.name} did not answer {method} within {self.config.timeout:g}s",
@@ -126,6 +131,11 @@ class Upstream(abc.ABC):
                 log.exception("upstream %s: notification handler failed", self.name)
 
     # Transport-specific parts.
+    @abc.abstractmethod
+    def _abandon(self, request_id: Any, reason: str) -> None:
+        """Tell the upstream that bastion no longer waits for ``request_id`` (no await: this
+        runs while the waiting task is being cancelled)."""
+
     @abc.abstractmethod
     async def _connect(self) -> None:
         """Start the process or open the connection, then do the MCP handshake."""
@@ -245,6 +255,13 @@ class StdioUpstream(Upstream):
     async def _send_notification(self, message: dict[str, Any]) -> None:
         await self._write(message)
 
+    def _abandon(self, request_id: Any, reason: str) -> None:
+        process = self._process
+        if process is None or process.stdin is None or process.returncode is not None:
+            return
+        # One write of a whole line: it cannot land inside another message (no await between).
+        process.stdin.write(encode(_cancelled(request_id, reason)).encode() + b"\n")
+
     async def close(self) -> None:
         process, self._process = self._process, None
         self._started = False
@@ -278,6 +295,7 @@ class HttpUpstream(Upstream):
         self._modern = False
         self._watcher: asyncio.Task | None = None
         self._watched: frozenset[str] = frozenset()
+        self._chores: set[asyncio.Task] = set()  # notifications/cancelled being sent
 
     def _headers(self) -> dict[str, str]:
         headers = {
@@ -375,8 +393,21 @@ class HttpUpstream(Upstream):
             return data
         except (HttpClientError, ValueError) as e:
             raise RpcError(UPSTREAM_UNAVAILABLE, f"upstream {self.name}: {e}") from None
+        except asyncio.CancelledError:
+            # In 2026-07-28 closing the stream is how a request is cancelled; in 2025-11-25 the
+            # notification follows (`_abandon`), and the connection is not reused either way.
+            response.abort()
+            raise
         finally:
             response.close()
+
+    def _abandon(self, request_id: Any, reason: str) -> None:
+        if self._modern:
+            return
+        task = asyncio.ensure_future(self._send_notification(_cancelled(request_id, reason)))
+        self._chores.add(task)
+        task.add_done_callback(self._chores.discard)
+        task.add_done_callback(_log_failure)
 
     async def _from_events(self, response: Response, request_id: Any) -> dict[str, Any]:
         async for message in _events(response):
@@ -482,6 +513,19 @@ class HttpUpstream(Upstream):
                 response.close()
         self._started = False
         await self._http.aclose()
+
+
+def _cancelled(request_id: Any, reason: str) -> dict[str, Any]:
+    return {
+        "jsonrpc": "2.0",
+        "method": "notifications/cancelled",
+        "params": {"requestId": request_id, "reason": reason},
+    }
+
+
+def _log_failure(task: asyncio.Task) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.warning("upstream: notifications/cancelled not sent: %s", task.exception())
 
 
 async def _events(response: Response):

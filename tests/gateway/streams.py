@@ -4,6 +4,7 @@ line (what an SDK client hides: the exact frames bastion sends)."""
 from __future__ import annotations
 
 import json
+import time
 
 ENVELOPE = {
     "io.modelcontextprotocol/protocolVersion": "2026-07-28",
@@ -54,3 +55,43 @@ def events(response):
         elif not line and data:
             yield json.loads("\n".join(data))
             data = []
+
+
+def legacy_session(bastion, token: str, server: str) -> dict[str, str]:
+    """Open a 2025-11-25 session; the headers that use it."""
+    opened = bastion.http.post(
+        bastion.mcp_url(server),
+        json={
+            "jsonrpc": "2.0",
+            "id": 0,
+            "method": "initialize",
+            "params": {
+                "protocolVersion": "2025-11-25",
+                "capabilities": {},
+                "clientInfo": {"name": "raw test client", "version": "1"},
+            },
+        },
+        headers={"authorization": f"Bearer {token}", "mcp-protocol-version": "2025-11-25"},
+    )
+    assert opened.status_code == 200, opened.text
+    return {
+        "authorization": f"Bearer {token}",
+        "content-type": "application/json",
+        "accept": "application/json, text/event-stream",
+        "mcp-protocol-version": "2025-11-25",
+        "mcp-session-id": opened.headers["mcp-session-id"],
+    }
+
+
+def traced(bastion, kind: str, tag: str, seconds: float = 15) -> bool:
+    """Whether the lab server notes ``kind`` for ``tag`` (waiting up to ``seconds`` for it)."""
+    deadline = time.monotonic() + seconds
+    while True:
+        if bastion.lab_trace.exists():
+            for line in bastion.lab_trace.read_text().splitlines():
+                entry = json.loads(line)
+                if entry["kind"] == kind and entry.get("tag") == tag:
+                    return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)

@@ -1,0 +1,120 @@
+"""A request whose client leaves, or cancels it, is cancelled upstream: bastion sends
+``notifications/cancelled`` for its own request id (stdio, 2025-11-25) or closes the request's
+stream (2026-07-28), and stops waiting. Only the caller who sent a request can cancel it."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import uuid
+from urllib.parse import urlsplit
+
+import anyio
+import pytest
+
+from .streams import legacy_session, modern_headers, modern_request, traced
+
+
+def _wait_call(request_id, tag: str, seconds: float = 30) -> dict:
+    return {
+        "jsonrpc": "2.0",
+        "id": request_id,
+        "method": "tools/call",
+        "params": {"name": "wait", "arguments": {"seconds": seconds, "tag": tag}},
+    }
+
+
+@pytest.mark.parametrize("server", ["lab", "labhttp"])
+def test_a_client_that_goes_away_cancels_the_upstream_call(bastion, server):
+    token = bastion.token("sam", server)
+    tag = uuid.uuid4().hex
+    body = json.dumps(
+        modern_request(3, "tools/call", {"name": "wait", "arguments": {"seconds": 30, "tag": tag}})
+    ).encode()
+    headers = {**modern_headers(token, "tools/call", "wait"), "content-length": str(len(body))}
+    url = urlsplit(bastion.mcp_url(server))
+    raw = f"POST {url.path} HTTP/1.1\r\nhost: {url.netloc}\r\n"
+    raw += "".join(f"{k}: {v}\r\n" for k, v in headers.items()) + "\r\n"
+    with socket.create_connection((url.hostname, url.port)) as client:
+        client.sendall(raw.encode() + body)
+        assert traced(bastion, "wait-started", tag)
+    # The client is gone: the upstream's handler is cancelled, long before it would finish.
+    assert traced(bastion, "wait-cancelled", tag)
+    assert not traced(bastion, "wait-finished", tag, seconds=0)
+
+
+def _post_in_background(bastion, server, headers, body) -> dict:
+    answer: dict = {}
+
+    def post():
+        response = bastion.http.post(bastion.mcp_url(server), json=body, headers=headers)
+        answer["status"] = response.status_code
+        answer["type"] = response.headers.get("content-type", "")
+        answer["text"] = response.text
+
+    thread = threading.Thread(target=post)
+    thread.start()
+    answer["thread"] = thread
+    return answer
+
+
+def _cancel(bastion, server, headers, request_id) -> int:
+    body = {
+        "jsonrpc": "2.0",
+        "method": "notifications/cancelled",
+        "params": {"requestId": request_id, "reason": "the user pressed stop"},
+    }
+    return bastion.http.post(bastion.mcp_url(server), json=body, headers=headers).status_code
+
+
+@pytest.mark.parametrize("server", ["lab", "labhttp"])
+def test_notifications_cancelled_from_the_client_cancels_the_upstream_call(bastion, server):
+    headers = legacy_session(bastion, bastion.token("sam", server), server)
+    tag = uuid.uuid4().hex
+    answer = _post_in_background(bastion, server, headers, _wait_call(5, tag))
+    assert traced(bastion, "wait-started", tag)
+    assert _cancel(bastion, server, headers, 5) == 202
+    assert traced(bastion, "wait-cancelled", tag)
+    answer["thread"].join(15)
+    # The cancelled request is not answered: its stream ends with no JSON-RPC response.
+    assert answer["status"] == 200 and answer["type"].startswith("text/event-stream")
+    assert "jsonrpc" not in answer["text"]
+
+
+@pytest.mark.parametrize("server", ["lab", "labhttp"])
+def test_no_one_else_can_cancel_a_callers_request(bastion, server):
+    owner = legacy_session(bastion, bastion.token("sam", server), server)
+    tag = uuid.uuid4().hex
+    answer = _post_in_background(bastion, server, owner, _wait_call(6, tag, seconds=1.5))
+    assert traced(bastion, "wait-started", tag)
+    # Another user, the same user in another session, and 2026-07-28 (no session) all name
+    # request 6; none of them is the session that sent it.
+    avery = legacy_session(bastion, bastion.token("avery", server), server)
+    again = legacy_session(bastion, bastion.token("sam", server), server)
+    assert _cancel(bastion, server, avery, 6) == 202
+    assert _cancel(bastion, server, again, 6) == 202
+    modern = modern_headers(bastion.token("sam", server), "notifications/cancelled")
+    assert _cancel(bastion, server, modern, 6) == 202
+    answer["thread"].join(15)
+    # Still running after a moment, its answer began as an event stream; the result came last.
+    data = [line[5:] for line in answer["text"].splitlines() if line.startswith("data:")]
+    assert answer["type"].startswith("text/event-stream")
+    assert json.loads(data[-1])["result"]["content"][0]["text"] == "waited 1.5s"
+    assert traced(bastion, "wait-finished", tag)
+    assert not traced(bastion, "wait-cancelled", tag, seconds=0)
+
+
+@pytest.mark.parametrize("server", ["lab", "labhttp"])
+@pytest.mark.parametrize("mode", ["legacy", "auto"])
+def test_an_sdk_client_that_cancels_a_call_cancels_it_upstream(bastion, server, mode):
+    tag = uuid.uuid4().hex
+
+    async def script(client, seen):
+        async with anyio.create_task_group() as group:
+            group.start_soon(client.call_tool, "wait", {"seconds": 30, "tag": tag})
+            await anyio.to_thread.run_sync(traced, bastion, "wait-started", tag)
+            group.cancel_scope.cancel()
+
+    bastion.sdk("sam", server, mode, script)
+    assert traced(bastion, "wait-cancelled", tag)
