@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import signal
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -109,6 +111,7 @@ class Gateway:
             state.upstream.on_notification = self._notification_handler(state)
             self.upstreams[state.name] = state
         self._flusher: asyncio.Task | None = None
+        self._signal_handlers: list[tuple[int, Any, Any]] = []
         self._endpoint = StreamableHttpEndpoint(self)
 
     # -- identity of each protected resource ---------------------------------------------------
@@ -216,6 +219,28 @@ class Gateway:
     async def start(self) -> None:
         if self.records is not None:
             self._flusher = asyncio.create_task(self._flush_forever())
+        self._end_streams_on_stop_signals()
+
+    def _end_streams_on_stop_signals(self) -> None:
+        """uvicorn waits for open responses to finish before the lifespan's shutdown, and a
+        standing stream (a GET stream, a listen stream) never finishes by itself: so when the
+        process is told to stop (SIGINT, SIGTERM), end them first, cleanly, then let the
+        server's own handler run. Signals reach the main thread only; elsewhere (an app run in
+        a thread) nothing is hooked."""
+        if threading.current_thread() is not threading.main_thread():
+            return
+        loop = asyncio.get_running_loop()
+        for number in (signal.SIGINT, signal.SIGTERM):
+            previous = signal.getsignal(number)
+            if not callable(previous):
+                continue  # no handler to run after ours: leave the default behaviour alone
+
+            def stop(signum, frame, previous=previous) -> None:
+                loop.call_soon_threadsafe(self.sessions.close_all)
+                previous(signum, frame)
+
+            signal.signal(number, stop)
+            self._signal_handlers.append((number, previous, stop))
 
     async def _flush_forever(self) -> None:
         assert self.records is not None
@@ -227,6 +252,10 @@ class Gateway:
                 log.exception("writing decision records failed; will retry")
 
     async def close(self) -> None:
+        for number, previous, ours in self._signal_handlers:
+            if signal.getsignal(number) is ours:
+                signal.signal(number, previous)
+        self._signal_handlers.clear()
         self.sessions.close_all()
         if self._flusher is not None:
             self._flusher.cancel()

@@ -135,6 +135,7 @@ class Running:
     trace: Path
     http: httpx.Client
     lab_trace: Path
+    password: str = PASSWORD
     logins: list[str] = field(default_factory=list)
     # More bastion processes' worth of app on the same database and configuration (same issuer,
     # same resources), each on its own port: what replicas behind a load balancer would be.
@@ -174,7 +175,7 @@ class Running:
         if "name=password" in page.text or 'name="password"' in page.text:
             page = browser.post(
                 f"{self.url}/authorize/login",
-                data={**hidden_fields(page.text), "username": username, "password": PASSWORD},
+                data={**hidden_fields(page.text), "username": username, "password": self.password},
             )
             if page.is_redirect:
                 return page
