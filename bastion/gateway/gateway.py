@@ -105,6 +105,9 @@ class Gateway:
         self.progress_routes: dict[str, tuple[Progress, Any]] = {}
         # (server, user, agent, session id or None, the client's request id) -> its request
         self.in_flight: dict[tuple, InFlight] = {}
+        # What bastion asked a client on an upstream's behalf: its id -> (the owner, as above
+        # without the request id, and where the client's response goes)
+        self.asked: dict[str, tuple[tuple, asyncio.Future]] = {}
         self.upstreams: dict[str, UpstreamState] = {}
         for upstream_config in config.upstreams:
             state = UpstreamState(open_upstream(upstream_config))

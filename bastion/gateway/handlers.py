@@ -3,25 +3,48 @@
 Each handler decides before it forwards and applies obligations before it answers. A handler
 returns the ``result`` object or raises `RpcError` / `StepUp`; the transport frames the answer.
 Holds for human approval (a later issue) slot in at `Enforcer.decide`, before forwarding.
+`Exchange.forward` also carries what the upstream asks the client on the way (sampling,
+elicitation, roots: MCP 2025-11-25 server requests, 2026-07-28 ``input_required`` results).
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
+import secrets
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from bastion.facts.model import Entity
 from bastion.gateway.enforce import Caller
-from bastion.gateway.jsonrpc import INVALID_PARAMS, METHOD_NOT_FOUND, Message, RpcError
+from bastion.gateway.jsonrpc import (
+    INVALID_PARAMS,
+    INVALID_REQUEST,
+    METHOD_NOT_FOUND,
+    UPSTREAM_UNAVAILABLE,
+    Message,
+    RpcError,
+)
 from bastion.gateway.masks import compile_paths, mask_result
 
 if TYPE_CHECKING:
     from bastion.gateway.gateway import Gateway, UpstreamState
 
 Progress = Callable[[dict[str, Any]], Awaitable[None]]
+# Puts one message on the event stream that answers the client's request (starting it if need be).
+Emit = Callable[[dict[str, Any]], Awaitable[None]]
+# The requests an upstream may send a client, and the capability the client must have declared.
+CLIENT_REQUESTS = {
+    "sampling/createMessage": "sampling",
+    "elicitation/create": "elicitation",
+    "roots/list": "roots",
+}
+# A 2026-07-28 result that asks the client for input first (SEP-2322; the draft says
+# "incomplete", the SDK "input_required").
+INPUT_REQUIRED = ("input_required", "incomplete")
+_CAPABILITIES = frozenset(CLIENT_REQUESTS.values())
+_MAX_INPUT_ROUNDS = 10
 _tokens = itertools.count(1)
 # The 2026-07-28 per-request envelope; bastion speaks the 2025-11-25 era upstream.
 _ENVELOPE_PREFIX = "io.modelcontextprotocol/"
@@ -39,6 +62,13 @@ class Exchange:
     message: Message
     progress: Progress | None = None
     notes: dict[str, Any] = field(default_factory=dict)
+    # What the client declared it can do (2025-11-25: at initialize; 2026-07-28: per request).
+    capabilities: dict[str, Any] = field(default_factory=dict)
+    # (server, user, agent, session id or None): who may answer what bastion asks this client.
+    owner: tuple = ()
+    # The answer's event stream, where requests to the client go; None if the client does not
+    # accept text/event-stream.
+    emit: Emit | None = None
     _context: dict[str, Any] | None = None
 
     @property
@@ -73,20 +103,147 @@ class Exchange:
                 params["_meta"] = meta
             else:
                 params.pop("_meta")
+        modern = self.caller.protocol_version in MODERN_VERSIONS
+        asks = (
+            {k: v for k, v in self.capabilities.items() if k in _CAPABILITIES}
+            if self.capabilities
+            else None
+        )
         try:
-            response = await self.upstream.upstream.request(self.message.method, params)
+            response = await self.upstream.upstream.request(
+                self.message.method, params, capabilities=asks, ask=self._relay_request
+            )
+            for _ in range(_MAX_INPUT_ROUNDS):
+                result = _result(response)
+                if result.get("resultType") not in INPUT_REQUIRED or modern:
+                    break
+                # A 2025-11-25 client: ask it each question, then retry for it.
+                params = {**params, **await self._answers(result)}
+                response = await self.upstream.upstream.request(
+                    self.message.method, params, capabilities=asks, ask=self._relay_request
+                )
         finally:
             if route is not None:
                 self.gateway.progress_routes.pop(route, None)
-        if "error" in response:
-            error = response["error"] if isinstance(response["error"], dict) else {}
+        result = _result(response)
+        if result.get("resultType") in INPUT_REQUIRED:
+            if not modern:
+                raise RpcError(UPSTREAM_UNAVAILABLE, f"upstream {self.server} kept asking")
+            # A 2026-07-28 client answers the questions itself and retries (a new request,
+            # decided again): each question must be one it may be asked.
+            questions = result.get("inputRequests") or {}
+            if not isinstance(questions, dict):
+                raise RpcError(UPSTREAM_UNAVAILABLE, f"upstream {self.server}: bad inputRequests")
+            for question in questions.values():
+                self._check_question(question)
+        return result
+
+    # -- requests to the client (sampling, elicitation, roots) ----------------------------------
+
+    def _check_question(self, question: Any) -> None:
+        """Refuse (RpcError) a request for the client that bastion may not relay to it."""
+        method = question.get("method") if isinstance(question, dict) else None
+        params = question.get("params") if isinstance(question, dict) else None
+        capability = CLIENT_REQUESTS.get(method)  # type: ignore[arg-type]
+        if capability is None or not isinstance(params, dict):
+            raise RpcError(METHOD_NOT_FOUND, f"bastion relays no {method!r} requests to clients")
+        declared = self.capabilities.get(capability)
+        if not isinstance(declared, dict):
             raise RpcError(
-                int(error.get("code", -32603)),
-                str(error.get("message", "upstream error")),
-                error.get("data"),
+                METHOD_NOT_FOUND, f"the client did not declare the {capability} capability"
             )
-        result = response.get("result")
-        return result if isinstance(result, dict) else {}
+        if capability == "elicitation":
+            mode = params.get("mode", "form")
+            if declared and mode not in declared:
+                raise RpcError(METHOD_NOT_FOUND, f"the client did not declare {mode} elicitation")
+        if self.notes.get("masks"):
+            # What would travel to the client cannot be masked field by field: fail closed.
+            raise RpcError(
+                INVALID_REQUEST,
+                "a call whose result is masked cannot ask its client for input",
+            )
+
+    async def ask_client(self, method: str, params: dict[str, Any]) -> dict[str, Any]:
+        """Send the client a request on its answer's event stream; return its response
+        (``result`` or ``error``). Only this request's user, agent and session may answer."""
+        self._check_question({"method": method, "params": params})
+        if self.caller.protocol_version in MODERN_VERSIONS:
+            # 2026-07-28 has no requests to the client mid-request (only input_required results),
+            # and a 2025-11-25 upstream's pending call cannot wait for a retry.
+            raise RpcError(
+                METHOD_NOT_FOUND,
+                "a 2026-07-28 client can be asked only by an input_required result",
+            )
+        if self.emit is None:
+            raise RpcError(
+                INVALID_REQUEST, "the client's request does not accept text/event-stream"
+            )
+        request_id = f"bastion-{secrets.token_urlsafe(12)}"
+        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        pending = self.gateway.asked
+        pending[request_id] = (self.owner, future)
+        try:
+            await self.emit(
+                {"jsonrpc": "2.0", "id": request_id, "method": method, "params": params}
+            )
+            timeout = self.upstream.upstream.config.timeout
+            try:
+                async with asyncio.timeout(timeout):
+                    return await future
+            except TimeoutError:
+                raise RpcError(
+                    UPSTREAM_UNAVAILABLE, f"the client did not answer {method} within {timeout:g}s"
+                ) from None
+        finally:
+            pending.pop(request_id, None)
+
+    async def _relay_request(self, message: dict[str, Any]) -> dict[str, Any]:
+        """A request from a 2025-11-25 upstream, sent while it answers ours: the answer (result
+        or error) to send back to it."""
+        params = message.get("params")
+        try:
+            answer = await self.ask_client(str(message.get("method")), params or {})
+        except RpcError as e:
+            return {"error": e.body(None)["error"]}
+        if isinstance(answer.get("result"), dict):
+            return {"result": answer["result"]}
+        error = answer.get("error")
+        return {"error": error if isinstance(error, dict) else {"code": -32603, "message": "?"}}
+
+    async def _answers(self, result: dict[str, Any]) -> dict[str, Any]:
+        """A 2026-07-28 upstream's questions, asked of a 2025-11-25 client one by one; the
+        params to retry with."""
+        questions = result.get("inputRequests") or {}
+        if not isinstance(questions, dict):
+            raise RpcError(UPSTREAM_UNAVAILABLE, f"upstream {self.server}: bad inputRequests")
+        answers: dict[str, Any] = {}
+        for key, question in questions.items():
+            self._check_question(question)
+            answer = await self.ask_client(question["method"], question["params"])
+            if not isinstance(answer.get("result"), dict):
+                error = answer.get("error") if isinstance(answer.get("error"), dict) else {}
+                raise RpcError(
+                    int(error.get("code", INVALID_REQUEST)),
+                    str(error.get("message", "the client did not answer")),
+                )
+            answers[key] = answer["result"]
+        retry: dict[str, Any] = {"inputResponses": answers}
+        if "requestState" in result:
+            retry["requestState"] = result["requestState"]
+        return retry
+
+
+def _result(response: dict[str, Any]) -> dict[str, Any]:
+    """The result of an upstream's JSON-RPC response, or its error raised as `RpcError`."""
+    if "error" in response:
+        error = response["error"] if isinstance(response["error"], dict) else {}
+        raise RpcError(
+            int(error.get("code", -32603)),
+            str(error.get("message", "upstream error")),
+            error.get("data"),
+        )
+    result = response.get("result")
+    return result if isinstance(result, dict) else {}
 
 
 def _name(params: dict[str, Any], key: str) -> str:
@@ -190,6 +347,7 @@ async def _decide_and_forward(
     verdict = await enforcer.decide(
         ex.caller, ex.server, ex.message.method, action, resource, ex.context(**extra), arguments
     )
+    ex.notes["masks"] = verdict.obligations.masks
     try:
         result = await ex.forward()
     except RpcError as e:

@@ -38,6 +38,8 @@ class Session:
     client_id: str
     protocol_version: str
     last_seen: float
+    # What the client declared at initialize (sampling, elicitation, roots...).
+    capabilities: dict[str, Any] = field(default_factory=dict)
     stream: asyncio.Queue[dict[str, Any] | None] | None = None
     closed: bool = False
     _done: asyncio.Event = field(default_factory=asyncio.Event)
@@ -85,10 +87,23 @@ class SessionTable:
         self._listeners: set[Listener] = set()
         self._last_sweep = 0.0
 
-    def open(self, server: str, subject: str, client_id: str, protocol_version: str) -> Session:
+    def open(
+        self,
+        server: str,
+        subject: str,
+        client_id: str,
+        protocol_version: str,
+        capabilities: dict[str, Any] | None = None,
+    ) -> Session:
         self._sweep()
         session = Session(
-            secrets.token_urlsafe(16), server, subject, client_id, protocol_version, self.clock()
+            secrets.token_urlsafe(16),
+            server,
+            subject,
+            client_id,
+            protocol_version,
+            self.clock(),
+            capabilities or {},
         )
         self._sessions[session.id] = session
         return session

@@ -270,8 +270,13 @@ class StreamableHttpEndpoint:
         except RpcError as e:
             raise HttpError(e.http_status, e.body(message.id)) from None
         owner = (upstream.name, caller.subject, caller.client_id, session and session.id)
+        if message.method is None:
+            # A response to what bastion asked this client for an upstream (sampling...).
+            self._answered(owner, message)
+            await send_json(send, 202, None)
+            return
         if not message.is_request:
-            # Notifications and responses from the client are acknowledged and not forwarded.
+            # Notifications from the client are acknowledged and not forwarded.
             if message.method == "notifications/cancelled":
                 flight = gateway.in_flight.get((*owner, message.params.get("requestId")))
                 if flight is not None:
@@ -281,9 +286,20 @@ class StreamableHttpEndpoint:
         if modern and message.method == "subscriptions/listen":
             await self._listen(upstream, caller, message, headers, receive, send)
             return
-        exchange = Exchange(gateway, upstream, caller, message)
-        handler = handler_for(message.method, gateway.config.pass_methods)
         meta = message.params.get("_meta")
+        if modern:
+            declared = meta.get(_ENVELOPE_CAPABILITIES)  # type: ignore[union-attr]
+        else:
+            declared = session.capabilities if session is not None else None
+        exchange = Exchange(
+            gateway,
+            upstream,
+            caller,
+            message,
+            capabilities=declared if isinstance(declared, dict) else {},
+            owner=owner,
+        )
+        handler = handler_for(message.method, gateway.config.pass_methods)
         wants_events = "text/event-stream" in headers.get("accept", "")
         # While bastion waits, the request can be cancelled: by the client's
         # notifications/cancelled (same user, agent and session), or by its going away. A request
@@ -298,6 +314,12 @@ class StreamableHttpEndpoint:
         timer = asyncio.get_running_loop().call_later(
             _WATCH_AFTER, flight.watch, receive, send if early else None, response_headers
         )
+        if early:
+
+            async def emit(event: dict[str, Any]) -> None:
+                await flight.emit(send, response_headers, event)
+
+            exchange.emit = emit
         try:
             if progress:
                 await self._answer_with_events(exchange, handler, send, response_headers, flight)
@@ -324,11 +346,32 @@ class StreamableHttpEndpoint:
             await flight.end(send, body)
             return
         if message.method == "initialize" and "error" not in body:
+            capabilities = message.params.get("capabilities")
             opened = gateway.sessions.open(
-                upstream.name, caller.subject, caller.client_id, exchange.notes["protocol_version"]
+                upstream.name,
+                caller.subject,
+                caller.client_id,
+                exchange.notes["protocol_version"],
+                capabilities if isinstance(capabilities, dict) else {},
             )
             extra["mcp-session-id"] = opened.id
         await send_json(send, status, body, {**response_headers, **extra})
+
+    def _answered(self, owner: tuple, message) -> None:
+        """Route a client's response to the request bastion sent it; refuse (400, nothing
+        forwarded) a response to no such request, or from anyone but the client it was sent to
+        (its user, agent and session)."""
+        pending = self.gateway.asked.get(message.id)
+        if pending is None or pending[0] != owner:
+            raise HttpError(
+                400,
+                RpcError(INVALID_REQUEST, "bastion sent this client no request with that id").body(
+                    None
+                ),
+            )
+        future = pending[1]
+        if not future.done():
+            future.set_result(message.raw)
 
     async def _run(self, ex: Exchange, handler) -> tuple[dict[str, Any], int, dict[str, str]]:
         """Run a handler; return (JSON-RPC response, HTTP status, headers)."""
@@ -379,6 +422,7 @@ class StreamableHttpEndpoint:
             queue.put_nowait(message)
 
         ex.progress = progress
+        ex.emit = progress
         task = flight.task = asyncio.ensure_future(self._run(ex, handler))
         started = False
         while True:
@@ -626,13 +670,14 @@ class InFlight:
     why it was: ``"cancelled"`` by the client, or ``"disconnect"``), and whether its answer has
     begun as an event stream (``sending`` guards that stream's writes)."""
 
-    __slots__ = ("task", "reason", "watcher", "sending")
+    __slots__ = ("task", "reason", "watcher", "sending", "started")
 
     def __init__(self, task: asyncio.Future | None) -> None:
         self.task = task
         self.reason: str | None = None
         self.watcher: asyncio.Task | None = None
         self.sending: asyncio.Lock | None = None
+        self.started = False
 
     def cancel(self, reason: str) -> None:
         if self.reason is None and self.task is not None:
@@ -643,17 +688,31 @@ class InFlight:
         """Still running: watch for the client leaving; begin the answer if ``send`` is given."""
         if self.task is None:
             return
-        if send is not None:
+        if send is not None and self.sending is None:
             self.sending = asyncio.Lock()
         self.watcher = asyncio.ensure_future(self._watch(receive, send, headers))
 
     async def _watch(self, receive: Receive, send: Send | None, headers: dict[str, str]) -> None:
         if send is not None and self.sending is not None:
             async with self.sending:
-                await _start_events(send, headers)
+                await self._begin(send, headers)
         while (await receive())["type"] != "http.disconnect":
             pass
         self.cancel("disconnect")
+
+    async def _begin(self, send: Send, headers: dict[str, str] | None) -> None:
+        # Called holding ``sending``.
+        if not self.started:
+            self.started = True
+            await _start_events(send, headers)
+
+    async def emit(self, send: Send, headers: dict[str, str], message: dict[str, Any]) -> None:
+        """Put ``message`` on the answer's event stream, beginning it if need be."""
+        if self.sending is None:
+            self.sending = asyncio.Lock()
+        async with self.sending:
+            await self._begin(send, headers)
+            await send({"type": "http.response.body", "body": _event(message), "more_body": True})
 
     def finish(self) -> None:
         self.task = None
@@ -669,6 +728,7 @@ class InFlight:
             await send({"type": "http.response.body", "body": body, "more_body": False})
             return
         async with self.sending:
+            await self._begin(send, None)
             await send({"type": "http.response.body", "body": body, "more_body": False})
         if self.watcher is not None:
             self.watcher.cancel()

@@ -4,8 +4,9 @@ bastion talks to each upstream as one client of its own, whatever era its own cl
 HTTP in 2026-07-28 when the upstream answers ``server/discover`` (no session, one POST per
 request), else in 2025-11-25, which every server speaks; over stdio in 2025-11-25. Requests of all clients share that one
 connection; ids are bastion's. The client's token never travels upstream: an HTTP upstream gets
-only the headers configured for it. Requests the upstream sends back (sampling, elicitation,
-roots) are answered with an error: bastion does not relay them.
+only the headers configured for it. A request an HTTP upstream sends on the stream of one of
+bastion's requests (sampling, elicitation, roots) goes to that request's ``ask``; any other
+(over stdio, on a standing stream) names no client and is answered with an error.
 """
 
 from __future__ import annotations
@@ -32,11 +33,15 @@ CLIENT_INFO = {"name": "bastion-gateway", "version": "0.1.0"}
 _MAX_LINE = 64 * 1024 * 1024
 
 Notify = Callable[[dict[str, Any]], Awaitable[None]]
+# Relays a request the upstream sent while answering one of bastion's to the client that sent
+# that one; returns the client's JSON-RPC response.
+Ask = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
 
 MODERN_VERSION = "2026-07-28"
+_CAPABILITIES = "io.modelcontextprotocol/clientCapabilities"
 _ENVELOPE = {
     "io.modelcontextprotocol/protocolVersion": MODERN_VERSION,
-    "io.modelcontextprotocol/clientCapabilities": {},
+    _CAPABILITIES: {},
     "io.modelcontextprotocol/clientInfo": CLIENT_INFO,
 }
 _NAME_PARAMS = {"tools/call": "name", "prompts/get": "name", "resources/read": "uri"}
@@ -51,6 +56,9 @@ def _b64_header(value: str) -> str:
 
 class Upstream(abc.ABC):
     """What the gateway needs of an upstream: request, notify, and its initialize result."""
+
+    # What bastion declares at initialize (2025-11-25): what it can relay to its clients.
+    CLIENT_CAPABILITIES: dict[str, Any] = {}
 
     def __init__(self, config: UpstreamConfig) -> None:
         self.config = config
@@ -70,15 +78,26 @@ class Upstream(abc.ABC):
                 await self._connect()
                 self._started = True
 
-    async def request(self, method: str, params: dict[str, Any] | None) -> dict[str, Any]:
-        """Send one request; return the upstream's JSON-RPC response (with result or error)."""
+    async def request(
+        self,
+        method: str,
+        params: dict[str, Any] | None,
+        *,
+        capabilities: dict[str, Any] | None = None,
+        ask: Ask | None = None,
+    ) -> dict[str, Any]:
+        """Send one request; return the upstream's JSON-RPC response (with result or error).
+
+        ``capabilities``: what the client behind this request declared (sampling, elicitation,
+        roots), told to a 2026-07-28 upstream. ``ask``: where requests the upstream sends while
+        answering this one go (else they are refused)."""
         await self.ensure_started()
         message: dict[str, Any] = {"jsonrpc": "2.0", "id": next(self._ids), "method": method}
         if params is not None:
             message["params"] = params
         try:
             async with asyncio.timeout(self.config.timeout):  # no task per call, as wait_for has
-                return await self._exchange(message)
+                return await self._exchange(message, capabilities=capabilities, ask=ask)
         except asyncio.CancelledError:
             # Its client cancelled or went away: the upstream may stop working on it.
             self._abandon(message["id"], "the client cancelled the request")
@@ -110,7 +129,7 @@ class Upstream(abc.ABC):
                 "method": "initialize",
                 "params": {
                     "protocolVersion": UPSTREAM_PROTOCOL_VERSION,
-                    "capabilities": {},
+                    "capabilities": self.CLIENT_CAPABILITIES,
                     "clientInfo": CLIENT_INFO,
                 },
             }
@@ -141,7 +160,13 @@ class Upstream(abc.ABC):
         """Start the process or open the connection, then do the MCP handshake."""
 
     @abc.abstractmethod
-    async def _exchange(self, message: dict[str, Any]) -> dict[str, Any]:
+    async def _exchange(
+        self,
+        message: dict[str, Any],
+        *,
+        capabilities: dict[str, Any] | None = None,
+        ask: Ask | None = None,
+    ) -> dict[str, Any]:
         """Send one request; return the response with its id."""
 
     @abc.abstractmethod
@@ -243,7 +268,14 @@ class StdioUpstream(Upstream):
             except (ConnectionError, BrokenPipeError):
                 raise RpcError(UPSTREAM_UNAVAILABLE, f"upstream {self.name} closed stdin") from None
 
-    async def _exchange(self, message: dict[str, Any]) -> dict[str, Any]:
+    async def _exchange(
+        self,
+        message: dict[str, Any],
+        *,
+        capabilities: dict[str, Any] | None = None,
+        ask: Ask | None = None,
+    ) -> dict[str, Any]:
+        # A request the server sends back over stdio names no request of ours: never relayed.
         future = asyncio.get_running_loop().create_future()
         self._pending[message["id"]] = future
         try:
@@ -286,6 +318,10 @@ class StdioUpstream(Upstream):
 
 class HttpUpstream(Upstream):
     """A Streamable HTTP server; its JSON or SSE responses are both read."""
+
+    # A request the server sends on the stream of one of bastion's requests belongs to that
+    # request's client, and is relayed to it (if that client declared the capability).
+    CLIENT_CAPABILITIES = {"sampling": {}, "elicitation": {"form": {}, "url": {}}, "roots": {}}
 
     def __init__(self, config: UpstreamConfig) -> None:
         super().__init__(config)
@@ -350,12 +386,16 @@ class HttpUpstream(Upstream):
         await super()._handshake()
         self._protocol_version = self.init_result.get("protocolVersion", UPSTREAM_PROTOCOL_VERSION)
 
-    async def _post(self, message: dict[str, Any]) -> Response:
+    async def _post(
+        self, message: dict[str, Any], capabilities: dict[str, Any] | None = None
+    ) -> Response:
         headers = self._headers()
         if self._modern and "method" in message:
             method = message["method"]
             params = dict(message.get("params") or {})
             params["_meta"] = {**(params.get("_meta") or {}), **_ENVELOPE}
+            if capabilities:
+                params["_meta"][_CAPABILITIES] = capabilities
             message = {**message, "params": params}
             headers["mcp-method"] = method
             name = params.get(_NAME_PARAMS.get(method, ""))
@@ -368,14 +408,23 @@ class HttpUpstream(Upstream):
         except HttpClientError as e:
             raise RpcError(UPSTREAM_UNAVAILABLE, f"upstream {self.name}: {e}") from None
 
-    async def _exchange(self, message: dict[str, Any], retry: bool = True) -> dict[str, Any]:
-        response = await self._post(message)
+    async def _exchange(
+        self,
+        message: dict[str, Any],
+        *,
+        capabilities: dict[str, Any] | None = None,
+        ask: Ask | None = None,
+        retry: bool = True,
+    ) -> dict[str, Any]:
+        response = await self._post(message, capabilities)
         try:
             if response.status_code == 404 and self._session_id and retry:
                 # The upstream forgot our session (restart): open a new one, once.
                 response.close()
                 await self._connect()
-                return await self._exchange(message, retry=False)
+                return await self._exchange(
+                    message, capabilities=capabilities, ask=ask, retry=False
+                )
             if message.get("method") == "initialize" and "mcp-session-id" in response.headers:
                 self._session_id = response.headers["mcp-session-id"]
             kind = response.headers.get("content-type", "")
@@ -386,7 +435,7 @@ class HttpUpstream(Upstream):
                     f"upstream {self.name} answered HTTP {response.status_code}: {text}",
                 )
             if kind.startswith("text/event-stream"):
-                return await self._from_events(response, message["id"])
+                return await self._from_events(response, message["id"], ask)
             data = json.loads(await response.read())
             if not isinstance(data, dict):
                 raise RpcError(UPSTREAM_UNAVAILABLE, f"upstream {self.name} sent a non-object")
@@ -409,9 +458,14 @@ class HttpUpstream(Upstream):
         task.add_done_callback(self._chores.discard)
         task.add_done_callback(_log_failure)
 
-    async def _from_events(self, response: Response, request_id: Any) -> dict[str, Any]:
+    async def _from_events(
+        self, response: Response, request_id: Any, ask: Ask | None = None
+    ) -> dict[str, Any]:
         async for message in _events(response):
-            if "method" in message:
+            if "method" in message and "id" in message and ask is not None:
+                answer = await ask(message)
+                await self._send_notification({**answer, "jsonrpc": "2.0", "id": message["id"]})
+            elif "method" in message:
                 await self._from_server(message)
             elif message.get("id") == request_id:
                 return message

@@ -15,7 +15,15 @@ from typing import Annotated
 import anyio
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.resolve import Elicit, Resolve, Sample
-from mcp.types import SamplingMessage, TextContent, ToolAnnotations
+from mcp.types import (
+    CallToolResult,
+    ElicitRequest,
+    ElicitRequestFormParams,
+    InputRequiredResult,
+    SamplingMessage,
+    TextContent,
+    ToolAnnotations,
+)
 from pydantic import BaseModel
 
 TRACE = os.environ.get("LAB_TRACE")
@@ -87,6 +95,25 @@ def ask_model() -> Sample:
 async def quiz(answer: Annotated[object, Resolve(ask_model)]) -> str:
     """Ask the client's model a question (sampling), then repeat its answer."""
     return f"the model said {answer.content.text}"
+
+
+@server.tool(annotations=READ_ONLY)
+async def greet_privately(who: Annotated[Name, Resolve(ask_name)]) -> str:
+    """As greet; the tests' policy masks this tool's result."""
+    return f"hello {who.name}"
+
+
+@server.tool(annotations=READ_ONLY)
+async def ask_anyway(ctx: Context) -> CallToolResult | InputRequiredResult:
+    """Ask for elicitation (2026-07-28) whatever the client declared: a server that misbehaves."""
+    if ctx.input_responses:
+        return CallToolResult(content=[TextContent(type="text", text="answered")])
+    question = ElicitRequest(
+        params=ElicitRequestFormParams(
+            message="Anything?", requested_schema={"type": "object", "properties": {}}
+        )
+    )
+    return InputRequiredResult(input_requests={"q": question}, request_state="lab-state")
 
 
 @server.resource("lab://open", mime_type="text/plain")

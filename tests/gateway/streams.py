@@ -57,8 +57,11 @@ def events(response):
             data = []
 
 
-def legacy_session(bastion, token: str, server: str) -> dict[str, str]:
-    """Open a 2025-11-25 session; the headers that use it."""
+def legacy_session(
+    bastion, token: str, server: str, capabilities: dict | None = None
+) -> dict[str, str]:
+    """Open a 2025-11-25 session (the client declaring ``capabilities``); the headers that use
+    it."""
     opened = bastion.http.post(
         bastion.mcp_url(server),
         json={
@@ -67,7 +70,7 @@ def legacy_session(bastion, token: str, server: str) -> dict[str, str]:
             "method": "initialize",
             "params": {
                 "protocolVersion": "2025-11-25",
-                "capabilities": {},
+                "capabilities": capabilities or {},
                 "clientInfo": {"name": "raw test client", "version": "1"},
             },
         },

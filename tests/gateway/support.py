@@ -40,7 +40,7 @@ REDIRECT_URI = "http://127.0.0.1:9/callback"
 LAB = Path(__file__).resolve().parent / "lab_server.py"
 # The same MCP server over stdio, then over Streamable HTTP: the quickstart's, and the lab's
 # (lists that change, slow calls, questions to the client).
-SERVERS = ("desk", "deskhttp", "lab", "labhttp")
+SERVERS = ("desk", "deskhttp", "lab", "labhttp", "labold")
 LAB_FACTS = """
 has_relation(McpServer{"lab"}, "team", Team{"support"})
 has_role(User{"avery"}, "admin", McpServer{"lab"})
@@ -48,6 +48,8 @@ has_relation(Tool{"lab/announce"}, "server", McpServer{"lab"})
 has_relation(Tool{"lab/wait"}, "server", McpServer{"lab"})
 has_relation(Tool{"lab/greet"}, "server", McpServer{"lab"})
 has_relation(Tool{"lab/quiz"}, "server", McpServer{"lab"})
+has_relation(Tool{"lab/greet_privately"}, "server", McpServer{"lab"})
+has_relation(Tool{"lab/ask_anyway"}, "server", McpServer{"lab"})
 has_relation(McpResource{"lab/lab://open"}, "server", McpServer{"lab"})
 has_relation(McpResource{"lab/lab://secret"}, "server", McpServer{"lab"})
 has_attribute(McpResource{"lab/lab://secret"}, "audience", "admin")
@@ -65,6 +67,51 @@ def _load(name: str, path: Path):
 
 def demo_server_module():
     return _load("quickstart_server", QUICKSTART / "server.py")
+
+
+class LegacyOnly:
+    """ASGI wrapper: an MCP server that does not speak 2026-07-28 (``server/discover`` gets
+    -32601), so bastion talks 2025-11-25 to it, sessions and all."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] != "POST":
+            return await self.app(scope, receive, send)
+        chunks = []
+        while True:
+            message = await receive()
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body"):
+                break
+        body = b"".join(chunks)
+        try:
+            request = json.loads(body)
+        except ValueError:
+            request = None
+        if isinstance(request, dict) and request.get("method") == "server/discover":
+            answer = json.dumps(
+                {
+                    "jsonrpc": "2.0",
+                    "id": request.get("id"),
+                    "error": {"code": -32601, "message": "Method not found"},
+                }
+            ).encode()
+            headers = [(b"content-type", b"application/json")]
+            await send({"type": "http.response.start", "status": 200, "headers": headers})
+            await send({"type": "http.response.body", "body": answer})
+            return None
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        return await self.app(scope, replay, send)
 
 
 class Recorder:
@@ -109,7 +156,12 @@ def test_policy() -> str:
     text = (QUICKSTART / "policy.polar").read_text()
     window = 'in_time_window(context.time, "Mon-Fri", "09:00", "18:00", "Europe/Paris")'
     assert window in text
-    return text.replace(window, 'context.method = "tools/call"')
+    text = text.replace(window, 'context.method = "tools/call"')
+    # A lab tool whose result is masked (what its upstream asks the client cannot be).
+    return (
+        text
+        + '\nmask(_user: User, "call", _tool: Tool, "note") if context.tool = "greet_privately";\n'
+    )
 
 
 def facts() -> list[tuple]:
@@ -118,12 +170,13 @@ def facts() -> list[tuple]:
     for line in lines:
         if line.strip() and not line.startswith("#"):
             found.append(parse_fact(line))
-            for name in ("desk", "lab"):
+            for name, others in (("desk", ("deskhttp",)), ("lab", ("labhttp", "labold"))):
                 if f"{name}/" in line or f'McpServer{{"{name}"}}' in line:
-                    other = line.replace(f"{name}/", f"{name}http/").replace(
-                        f'McpServer{{"{name}"}}', f'McpServer{{"{name}http"}}'
-                    )
-                    found.append(parse_fact(other))
+                    for other in others:
+                        copy = line.replace(f"{name}/", f"{other}/").replace(
+                            f'McpServer{{"{name}"}}', f'McpServer{{"{other}"}}'
+                        )
+                        found.append(parse_fact(copy))
     return found
 
 
@@ -322,9 +375,13 @@ def start(tmp_path, gateway: dict | None = None, replicas: int = 0):
         policy = tmp_path / "policy.polar"
         policy.write_text(test_policy())
         lab_app = lab.server.streamable_http_app(streamable_http_path="/mcp")
+        old = _load("lab_server_legacy", LAB)
+        old.TRACE = str(lab_trace)
+        old_app = LegacyOnly(old.server.streamable_http_app(streamable_http_path="/mcp"))
         with (
             serve(recorder, upstream_sock) as upstream_url,
             serve(lab_app, lab_sock) as lab_url,
+            serve(old_app, free_socket()) as old_url,
         ):
             config = ServerConfig(
                 database=str(tmp_path / "bastion.db"),
@@ -364,6 +421,7 @@ def start(tmp_path, gateway: dict | None = None, replicas: int = 0):
                             "env": {"LAB_TRACE": str(lab_trace)},
                         },
                         {"name": "labhttp", "url": f"{lab_url}/mcp"},
+                        {"name": "labold", "url": f"{old_url}/mcp"},
                     ],
                 },
             )

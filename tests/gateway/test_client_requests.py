@@ -1,0 +1,167 @@
+"""Requests an upstream sends the client (elicitation, sampling) pass through bastion: to the
+client whose request the upstream is answering, only if that client declared the capability,
+and only that client's answer goes back. In 2025-11-25 they travel on the request's event stream
+(relayed from a 2025-11-25 upstream, or asked one by one for a 2026-07-28 upstream's
+``input_required`` result); in 2026-07-28 the client answers the upstream's ``input_required``
+result itself and retries."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import pytest
+from mcp import types
+from mcp.shared.exceptions import MCPError
+
+from .streams import events, legacy_session
+
+# labhttp speaks 2026-07-28 to bastion; labold only 2025-11-25 (sessions, requests on streams).
+HTTP_LABS = ["labhttp", "labold"]
+
+
+def callbacks(seen: dict) -> dict:
+    async def elicit(context, params):
+        seen.setdefault("asked", []).append(params.message)
+        return types.ElicitResult(action="accept", content={"name": "Ada"})
+
+    async def sample(context, params):
+        seen.setdefault("asked", []).append(params.messages[0].content.text)
+        text = types.TextContent(type="text", text="Paris")
+        return types.CreateMessageResult(role="assistant", content=text, model="test-model")
+
+    return {"elicitation_callback": elicit, "sampling_callback": sample}
+
+
+async def _call(client, seen, tool):
+    try:
+        result = await client.call_tool(tool, {})
+        seen["text"] = result.content[0].text
+        seen["is_error"] = result.is_error
+    except MCPError as e:
+        seen["error"] = e
+
+
+@pytest.mark.parametrize(
+    ("server", "mode"), [("labhttp", "legacy"), ("labhttp", "auto"), ("labold", "legacy")]
+)
+def test_the_upstream_asks_the_client_and_gets_its_answers(bastion, server, mode):
+    asked: dict = {}
+
+    async def script(client, seen):
+        seen["greet"] = (await client.call_tool("greet", {})).content[0].text
+        seen["quiz"] = (await client.call_tool("quiz", {})).content[0].text
+
+    seen = bastion.sdk("sam", server, mode, script, **callbacks(asked))
+    assert seen["greet"] == "hello Ada"
+    assert seen["quiz"] == "the model said Paris"
+    assert asked["asked"] == ["What is your name?", "Capital of France?"]
+
+
+def test_a_2026_client_is_not_asked_by_a_2025_upstream(bastion):
+    # The 2025-11-25 upstream asks in the middle of its call; a 2026-07-28 client can only be
+    # asked by an input_required result, which that call cannot turn into.
+    asked: dict = {}
+
+    async def script(client, seen):
+        await _call(client, seen, "greet")
+
+    seen = bastion.sdk("sam", "labold", "auto", script, **callbacks(asked))
+    assert "asked" not in asked
+    assert seen.get("text") != "hello Ada"
+
+
+@pytest.mark.parametrize("server", HTTP_LABS)
+@pytest.mark.parametrize("mode", ["legacy", "auto"])
+def test_a_client_is_not_asked_what_it_did_not_declare(bastion, server, mode):
+    async def script(client, seen):
+        await _call(client, seen, "greet")
+
+    seen = bastion.sdk("sam", server, mode, script)  # no elicitation callback: not declared
+    assert "error" in seen or seen["is_error"]
+    assert seen.get("text") != "hello Ada"
+
+
+@pytest.mark.parametrize("mode", ["legacy", "auto"])
+def test_an_upstream_that_asks_anyway_is_refused(bastion, mode):
+    # labhttp asks for elicitation whatever the client declared: bastion relays none of it.
+    async def script(client, seen):
+        await _call(client, seen, "ask_anyway")
+
+    seen = bastion.sdk("sam", "labhttp", mode, script)
+    assert "error" in seen and "did not declare the elicitation capability" in str(seen["error"])
+
+
+@pytest.mark.parametrize("server", HTTP_LABS)
+@pytest.mark.parametrize("mode", ["legacy", "auto"])
+def test_a_call_whose_result_is_masked_cannot_ask_its_client(bastion, server, mode):
+    asked: dict = {}
+
+    async def script(client, seen):
+        await _call(client, seen, "greet_privately")
+
+    seen = bastion.sdk("sam", server, mode, script, **callbacks(asked))
+    assert "asked" not in asked
+    assert seen.get("text") != "hello Ada"
+
+
+def test_a_stdio_upstream_cannot_ask_a_client(bastion):
+    # Over stdio a request from the server names no request of bastion's: no client to ask.
+    asked: dict = {}
+
+    async def script(client, seen):
+        await _call(client, seen, "greet")
+
+    seen = bastion.sdk("sam", "lab", "legacy", script, **callbacks(asked))
+    assert "asked" not in asked
+    assert seen.get("text") != "hello Ada"
+
+
+def _answer(bastion, server, headers, request_id, name):
+    body = {
+        "jsonrpc": "2.0",
+        "id": request_id,
+        "result": {"action": "accept", "content": {"name": name}},
+    }
+    response = bastion.http.post(bastion.mcp_url(server), json=body, headers=headers)
+    return response.status_code
+
+
+@pytest.mark.parametrize("server", HTTP_LABS)
+def test_only_the_client_that_was_asked_may_answer(bastion, server):
+    token = bastion.token("sam", server)
+    sam = legacy_session(bastion, token, server, {"elicitation": {}})
+    call = {"jsonrpc": "2.0", "id": 41, "method": "tools/call"}
+    call["params"] = {"name": "greet", "arguments": {}}
+    frames: list = []
+    asked = threading.Event()
+
+    def run():
+        with bastion.http.stream(
+            "POST", bastion.mcp_url(server), json=call, headers=sam
+        ) as response:
+            for frame in events(response):
+                frames.append(frame)
+                asked.set()
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    assert asked.wait(15)
+    question = frames[0]
+    assert question["method"] == "elicitation/create"
+    assert question["params"]["message"] == "What is your name?"
+    # bastion's own id, unique across clients; never the upstream's.
+    assert str(question["id"]).startswith("bastion-")
+
+    avery = legacy_session(bastion, bastion.token("avery", server), server, {"elicitation": {}})
+    other_session = legacy_session(bastion, token, server, {"elicitation": {}})
+    assert _answer(bastion, server, avery, question["id"], "Mallory") == 400
+    assert _answer(bastion, server, other_session, question["id"], "Mallory") == 400
+    assert _answer(bastion, server, sam, "bastion-no-such-request", "Mallory") == 400
+    assert _answer(bastion, server, sam, question["id"], "Ada") == 202
+    thread.join(15)
+    assert frames[-1]["id"] == 41
+    assert frames[-1]["result"]["content"][0]["text"] == "hello Ada"
+    assert json.dumps(frames).count("Mallory") == 0
+    # Answered once: a second answer finds nothing to answer.
+    assert _answer(bastion, server, sam, question["id"], "Ada") == 400
