@@ -175,6 +175,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         port=config.port,
         log_level=config.log_level,
         access_log=config.access_log,
+        # The gateway ends its open SSE streams on SIGINT/SIGTERM; anything else still open
+        # after this many seconds is cut, so a stop never hangs on a client.
+        timeout_graceful_shutdown=10,
     )
     return 0
 
