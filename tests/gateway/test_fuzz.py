@@ -49,6 +49,7 @@ json_values = st.recursive(
 
 _NAME_KEYS = {"tools/call": "name", "prompts/get": "name", "resources/read": "uri"}
 _MUTATIONS = [
+    "in sam's 2025-11-25 session",
     "drop a header",
     "another method in the header",
     "another name in the header",
@@ -91,7 +92,10 @@ def requests(draw) -> tuple[object, dict[str, str]]:
     # The ones that replace the whole message come last (the list is in _MUTATIONS' order).
     for mutation in sorted(chosen, key=_MUTATIONS.index):
         event(mutation)
-        if mutation == "drop a header":
+        if mutation == "in sam's 2025-11-25 session":
+            # The test puts the id of a session it opened as sam in place of SESSION.
+            headers = {"mcp-protocol-version": "2025-11-25", "mcp-session-id": "SESSION"}
+        elif mutation == "drop a header":
             headers.pop(draw(st.sampled_from(sorted(headers))))
         elif mutation == "another method in the header":
             headers["mcp-method"] = draw(st.sampled_from(METHODS))
@@ -124,6 +128,29 @@ def token(bastion):
     return bastion.token("sam", "deskhttp")
 
 
+@pytest.fixture(scope="module")
+def session(bastion, token):
+    opened = bastion.http.post(
+        bastion.mcp_url("deskhttp"),
+        json={
+            "jsonrpc": "2.0",
+            "id": 1,
+            "method": "initialize",
+            "params": {
+                "protocolVersion": "2025-11-25",
+                "capabilities": {},
+                "clientInfo": {"name": "fuzz", "version": "1"},
+            },
+        },
+        headers={
+            "authorization": f"Bearer {token}",
+            "content-type": "application/json",
+            "mcp-protocol-version": "2025-11-25",
+        },
+    )
+    return opened.headers["mcp-session-id"]
+
+
 def _delete_reached(bastion, since: int) -> bool:
     return any(b"delete_customer" in r["body"] for r in bastion.recorder.requests[since:])
 
@@ -134,8 +161,12 @@ def _delete_reached(bastion, since: int) -> bool:
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
 @given(request=requests())
-def test_any_post_gets_a_clear_answer_and_forwards_nothing_it_should_not(bastion, token, request):
+def test_any_post_gets_a_clear_answer_and_forwards_nothing_it_should_not(
+    bastion, token, session, request
+):
     message, headers = request
+    if headers.get("mcp-session-id") == "SESSION":
+        headers = {**headers, "mcp-session-id": session}
     before = len(bastion.recorder.requests)
     response = bastion.http.post(
         bastion.mcp_url("deskhttp"),
@@ -147,6 +178,7 @@ def test_any_post_gets_a_clear_answer_and_forwards_nothing_it_should_not(bastion
         },
         timeout=30,
     )
+    event(f"HTTP {response.status_code}")
     event(f"HTTP {response.status_code}")
     assert response.status_code < 500, response.text
     assert not _delete_reached(bastion, before), (message, headers)
