@@ -61,9 +61,16 @@ def redirect_with(uri: str, params: dict[str, str | None], status: int = 302) ->
 
 
 def select_scope(requested: str | None, resource_scopes: tuple[str, ...], client: Client) -> str:
-    """The scope to grant: the requested one if allowed, else the resource's (and client's) all."""
+    """The scope to ask the user for: the requested one if allowed, else all that are.
+
+    Allowed: the resource's scopes, narrowed to the client's registered scope only when an
+    administrator registered it. A client that registered itself (dynamic registration, a
+    metadata document) could have registered every scope, so its registered scope limits
+    nothing; MCP clients register with the scope of the first challenge and must be able to
+    step up later (the MCP SDK does exactly that). The user consents to each scope either way.
+    """
     allowed = set(resource_scopes)
-    if client.scope is not None:
+    if client.scope is not None and client.source == "admin":
         allowed &= set(client.scope.split())
     if requested is None or not requested.strip():
         return " ".join(s for s in resource_scopes if s in allowed)
