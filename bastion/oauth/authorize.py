@@ -61,7 +61,8 @@ def redirect_with(uri: str, params: dict[str, str | None], status: int = 302) ->
 
 
 def select_scope(requested: str | None, resource_scopes: tuple[str, ...], client: Client) -> str:
-    """The scope to ask the user for: the requested one if allowed, else all that are.
+    """The scope to ask the user for: the requested one if allowed; when none is requested, the
+    resource's scopes within the client's registered scope (all of them if it registered none).
 
     Allowed: the resource's scopes, narrowed to the client's registered scope only when an
     administrator registered it. A client that registered itself (dynamic registration, a
@@ -69,11 +70,12 @@ def select_scope(requested: str | None, resource_scopes: tuple[str, ...], client
     nothing; MCP clients register with the scope of the first challenge and must be able to
     step up later (the MCP SDK does exactly that). The user consents to each scope either way.
     """
-    allowed = set(resource_scopes)
-    if client.scope is not None and client.source == "admin":
-        allowed &= set(client.scope.split())
+    registered = set(client.scope.split()) if client.scope is not None else None
     if requested is None or not requested.strip():
-        return " ".join(s for s in resource_scopes if s in allowed)
+        return " ".join(s for s in resource_scopes if registered is None or s in registered)
+    allowed = set(resource_scopes)
+    if registered is not None and client.source == "admin":
+        allowed &= registered
     wanted = list(dict.fromkeys(requested.split()))
     refused = [s for s in wanted if s not in allowed]
     if refused:
