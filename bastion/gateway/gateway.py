@@ -17,18 +17,12 @@ from bastion.audit.decisions import DecisionRecords
 from bastion.decide import Authorizer
 from bastion.facts.model import Entity
 from bastion.gateway.config import GatewayConfig
-from bastion.gateway.enforce import Enforcer, refused
+from bastion.gateway.enforce import Enforcer, StepUp, refused
 from bastion.gateway.handlers import Exchange, Progress
-from bastion.gateway.jsonrpc import notification
+from bastion.gateway.jsonrpc import RpcError, notification
 from bastion.gateway.metadata import WELL_KNOWN, ProtectedResourceMetadata, metadata_url
 from bastion.gateway.ratelimit import RateLimiter, RedisRateLimiter
-from bastion.gateway.sessions import (
-    LIST_CHANGED,
-    RESOURCE_UPDATED,
-    SUBSCRIPTION_ID,
-    Listener,
-    SessionTable,
-)
+from bastion.gateway.sessions import LIST_CHANGED, RESOURCE_UPDATED, Listener, SessionTable
 from bastion.gateway.transport import InFlight, StreamableHttpEndpoint, send_json
 from bastion.gateway.upstream import Upstream, open_upstream
 from bastion.oauth.errors import InvalidToken
@@ -170,29 +164,22 @@ class Gateway:
                 if method == "notifications/tools/list_changed":
                     state.forget_tools()
                 # Only the method travels on: the upstream's params are about its own streams.
-                for session in self.sessions.of_server(state.name):
-                    session.push(notification(method))
                 for listener in self.sessions.listeners_of(state.name):
                     if method in listener.methods and await self.may_hear(listener, method):
-                        listener.push(
-                            notification(method, {"_meta": {SUBSCRIPTION_ID: listener.id}})
-                        )
+                        listener.notify(method)
             elif method == RESOURCE_UPDATED and isinstance(params.get("uri"), str):
                 uri = params["uri"]
                 for listener in self.sessions.listeners_of(state.name):
                     if uri in listener.uris and await self.may_hear(listener, method, uri):
-                        listener.push(
-                            notification(
-                                method, {"uri": uri, "_meta": {SUBSCRIPTION_ID: listener.id}}
-                            )
-                        )
+                        listener.notify(method, {"uri": uri})
 
         return handle
 
     async def may_hear(self, listener: Listener, method: str, uri: str | None = None) -> bool:
-        """Decided again for each notification of a listen stream: the token must still be valid
-        and every principal may still ``connect`` (else the stream ends), and for a resource's
-        update, ``read`` it (else that notification is not sent)."""
+        """Decided again for each notification of a stream (a listen stream, a session's GET
+        stream): the token that opened it must still be valid and every principal may still
+        ``connect`` (else the stream ends, and a refused ``connect`` is recorded), and for a
+        resource's update, ``read`` it (else that notification is not sent)."""
         tokens, resource = self.tokens, self.resource(listener.server)
         try:
             verified = (
@@ -205,16 +192,25 @@ class Gateway:
         except InvalidToken:
             listener.close(refused=True)
             return False
-        authz = self.enforcer.authorizer()
-        context = self.enforcer.context(listener.caller, listener.server, method)
-        principals = listener.caller.principals
+        enforcer = self.enforcer
+        authz = enforcer.authorizer()
+        caller = listener.caller
+        context = enforcer.context(caller, listener.server, method)
         server = Entity("McpServer", listener.server)
-        if not all(authz.authorize(p, "connect", server, context) for p in principals):
-            listener.close(refused=True)
-            return False
+        if not all(authz.authorize(p, "connect", server, context) for p in caller.principals):
+            # Decided again in full, so that the refusal is recorded (with its rules).
+            try:
+                verdict = await enforcer.decide(
+                    caller, listener.server, method, "connect", server, context
+                )
+            except (RpcError, StepUp):
+                listener.close(refused=True)
+                return False
+            enforcer.write(verdict.record)  # allowed after all: the facts changed meanwhile
         if uri is None:
             return True
         target = Entity("McpResource", f"{listener.server}/{uri}")
+        principals = caller.principals
         return all(authz.authorize(p, "read", target, {**context, "uri": uri}) for p in principals)
 
     # -- lifecycle and routes --------------------------------------------------------------------

@@ -30,6 +30,7 @@ from bastion.gateway.masks import compile_paths, mask_result
 
 if TYPE_CHECKING:
     from bastion.gateway.gateway import Gateway, UpstreamState
+    from bastion.gateway.sessions import Session
 
 Progress = Callable[[dict[str, Any]], Awaitable[None]]
 # Puts one message on the event stream that answers the client's request (starting it if need be).
@@ -69,6 +70,8 @@ class Exchange:
     # The answer's event stream, where requests to the client go; None if the client does not
     # accept text/event-stream.
     emit: Emit | None = None
+    # The 2025-11-25 session the request came in (None in 2026-07-28, and at initialize).
+    session: Session | None = None
     _context: dict[str, Any] | None = None
 
     @property
@@ -261,7 +264,7 @@ def server_capabilities(ex: Exchange) -> dict[str, Any]:
     for key in ("tools", "prompts", "resources"):
         if key in upstream:
             caps[key] = dict(upstream[key] or {})
-    if "resources" in caps and "resources/subscribe" not in passes:
+    if "resources" in caps and not ex.upstream.upstream.offers_subscribe():
         caps["resources"].pop("subscribe", None)
     if "completions" in upstream and "completion/complete" in passes:
         caps["completions"] = upstream["completions"]
@@ -401,6 +404,61 @@ async def get_prompt(ex: Exchange) -> dict[str, Any]:
     )
 
 
+# A session may subscribe to this many resources at most.
+MAX_SUBSCRIPTIONS = 1000
+
+
+async def subscribe(ex: Exchange) -> dict[str, Any]:
+    """``resources/subscribe`` (2025-11-25): decided as ``read`` on the resource; its updates then
+    go on the session's GET stream, each decided again (`Gateway.may_hear`)."""
+    session = _subscriber(ex)
+    uri = _name(ex.message.params, "uri")
+    if uri not in session.subscriptions and len(session.subscriptions) >= MAX_SUBSCRIPTIONS:
+        raise RpcError(
+            INVALID_PARAMS,
+            f"a session may subscribe to at most {MAX_SUBSCRIPTIONS} resources",
+            http_status=400,
+        )
+    enforcer = ex.gateway.enforcer
+    await ex.gateway.admit(ex)
+    verdict = await enforcer.decide(
+        ex.caller,
+        ex.server,
+        ex.message.method,
+        "read",
+        Entity("McpResource", f"{ex.server}/{uri}"),
+        ex.context(uri=uri),
+    )
+    enforcer.write(verdict.record)
+    # One stream of notifications from the upstream serves every client (see Upstream.watch).
+    await ex.upstream.upstream.watch(frozenset((uri,)))
+    session.subscriptions.add(uri)
+    return {}
+
+
+async def unsubscribe(ex: Exchange) -> dict[str, Any]:
+    """``resources/unsubscribe``: no more updates of the resource for this session. The upstream
+    is not told (other clients may want them)."""
+    session = _subscriber(ex)
+    uri = _name(ex.message.params, "uri")
+    await ex.gateway.admit(ex)
+    session.subscriptions.discard(uri)
+    return {}
+
+
+def _subscriber(ex: Exchange) -> Session:
+    if ex.session is None:
+        raise RpcError(
+            METHOD_NOT_FOUND,
+            "2026-07-28 clients ask for a resource's updates with subscriptions/listen",
+        )
+    if not ex.upstream.upstream.offers_subscribe():
+        raise RpcError(
+            METHOD_NOT_FOUND, f"upstream {ex.server} does not offer resource subscriptions"
+        )
+    return ex.session
+
+
 async def pass_through(ex: Exchange) -> dict[str, Any]:
     """Methods configured in ``gateway.pass_methods``: forwarded after the connect check."""
     await ex.gateway.admit(ex)
@@ -423,6 +481,8 @@ HANDLERS: dict[str, Callable[[Exchange], Awaitable[dict[str, Any]]]] = {
     "tools/call": call_tool,
     "resources/read": read_resource,
     "prompts/get": get_prompt,
+    "resources/subscribe": subscribe,
+    "resources/unsubscribe": unsubscribe,
 }
 
 

@@ -3,8 +3,10 @@
 A 2025-11-25 session (``Mcp-Session-Id``, a random 128-bit value) is only ever found again by
 the same user, agent and server that opened it: anyone else gets 404, as for an id that never
 existed. Each session may hold one standing GET stream, which receives the upstream's
-list_changed notifications. In 2026-07-28 there are no sessions: a client asks for notifications
-with ``subscriptions/listen``, whose answer is the stream (`Listener`).
+list_changed notifications and the updates of the resources the session subscribed to. In
+2026-07-28 there are no sessions: a client asks for notifications with ``subscriptions/listen``,
+whose answer is the stream. Both kinds of stream are a `Listener`, held to the token that opened
+it and decided again before each notification.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from bastion.gateway.enforce import Caller
-from bastion.gateway.jsonrpc import RequestId
+from bastion.gateway.jsonrpc import RequestId, notification
 
 # The list_changed notifications and the `subscriptions/listen` filter flag that asks for each.
 LIST_CHANGED = {
@@ -40,38 +42,42 @@ class Session:
     last_seen: float
     # What the client declared at initialize (sampling, elicitation, roots...).
     capabilities: dict[str, Any] = field(default_factory=dict)
-    stream: asyncio.Queue[dict[str, Any] | None] | None = None
+    # The resources the client subscribed to (``resources/subscribe``), each allowed ``read``
+    # when it did; their updates go on the GET stream, decided again each time.
+    subscriptions: set[str] = field(default_factory=set)
+    # The standing GET stream, while one is open.
+    listener: Listener | None = None
     closed: bool = False
-    _done: asyncio.Event = field(default_factory=asyncio.Event)
-
-    def push(self, message: dict[str, Any]) -> None:
-        if self.stream is not None:
-            self.stream.put_nowait(message)
 
     def close(self) -> None:
         self.closed = True
-        if self.stream is not None:
-            self.stream.put_nowait(None)
+        if self.listener is not None:
+            self.listener.close()
 
 
 @dataclass(eq=False)
 class Listener:
-    """One 2026-07-28 ``subscriptions/listen`` stream: who opened it with which token, and the
-    notifications bastion agreed to send on it (list_changed methods, resource URIs)."""
+    """A stream of notifications to one client: a 2026-07-28 ``subscriptions/listen`` stream
+    (``id`` is the listen request's) or a 2025-11-25 session's GET stream (``id`` is None). Who
+    opened it with which token, and the notifications bastion agreed to send on it (list_changed
+    methods, resource URIs: for a GET stream, its session's subscriptions as they change)."""
 
-    id: RequestId
+    id: RequestId | None
     server: str
     caller: Caller
     token: str
     methods: frozenset[str]
-    uris: frozenset[str]
+    uris: frozenset[str] | set[str]
     stream: asyncio.Queue[dict[str, Any] | None] = field(default_factory=asyncio.Queue)
     # True when the stream ends because its token or its ``connect`` was refused: it is then
     # cut off without the listen request's result, and the client has to listen again.
     refused: bool = False
 
-    def push(self, message: dict[str, Any]) -> None:
-        self.stream.put_nowait(message)
+    def notify(self, method: str, params: dict[str, Any] | None = None) -> None:
+        """Send a notification on the stream; a listen stream's carry the listen request's id."""
+        if self.id is not None:
+            params = {**(params or {}), "_meta": {SUBSCRIPTION_ID: self.id}}
+        self.stream.put_nowait(notification(method, params))
 
     def close(self, refused: bool = False) -> None:
         """End the stream: gracefully (with the listen request's result), or as refused."""
@@ -127,9 +133,6 @@ class SessionTable:
         session.close()
         self._sessions.pop(session.id, None)
 
-    def of_server(self, server: str) -> Iterator[Session]:
-        return (s for s in list(self._sessions.values()) if s.server == server)
-
     def listen(self, listener: Listener) -> None:
         self._listeners.add(listener)
 
@@ -140,7 +143,7 @@ class SessionTable:
         return (s for s in list(self._listeners) if s.server == server)
 
     def close_all(self) -> None:
-        """End every session and every listen stream (their open streams end cleanly)."""
+        """End every session and every stream (GET and listen streams end cleanly)."""
         for session in list(self._sessions.values()):
             self.end(session)
         for listener in list(self._listeners):

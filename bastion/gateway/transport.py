@@ -14,8 +14,10 @@ bodies) is refused here, before anything reaches an upstream.
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import logging
+import time
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -30,6 +32,9 @@ from bastion.gateway.jsonrpc import (
     INVALID_PARAMS,
     INVALID_REQUEST,
     PARSE_ERROR,
+    RATE_LIMIT_UNAVAILABLE,
+    RATE_LIMITED,
+    REFUSED_BY_POLICY,
     SESSION_NOT_FOUND,
     UNSUPPORTED_PROTOCOL_VERSION,
     RpcError,
@@ -69,8 +74,6 @@ def _headers(scope: Scope) -> dict[str, str]:
 def _decode_name(value: str | None) -> str | None:
     """Mcp-Name values that are not plain ASCII come as ``=?base64?...?=``."""
     if value and value.startswith("=?base64?") and value.endswith("?="):
-        import base64
-
         try:
             return base64.b64decode(value[9:-2]).decode()
         except ValueError:
@@ -298,6 +301,7 @@ class StreamableHttpEndpoint:
             message,
             capabilities=declared if isinstance(declared, dict) else {},
             owner=owner,
+            session=session,
         )
         handler = handler_for(message.method, gateway.config.pass_methods)
         wants_events = "text/event-stream" in headers.get("accept", "")
@@ -538,24 +542,47 @@ class StreamableHttpEndpoint:
             session = self._session(server, caller, headers)
         except RpcError as e:
             raise HttpError(e.http_status, e.body(None)) from None
-        if session.stream is not None:
+        gateway = self.gateway
+        upstream = gateway.upstreams[server]
+        # Decided and recorded as a ``connect``, as a listen request is; then held to the token
+        # of this GET and decided again before each notification (`Gateway.may_hear`).
+        context = gateway.enforcer.context(caller, server, "GET")
+        try:
+            await upstream.upstream.ensure_started()
+            verdict = await gateway.enforcer.decide(
+                caller, server, "GET", "connect", upstream.entity, context
+            )
+        except RpcError as e:
+            raise HttpError(_REFUSAL_STATUS.get(e.code, 502), e.body(None)) from None
+        except StepUp:
+            raise HttpError(403, None) from None
+        gateway.enforcer.write(verdict.record)
+        if session.listener is not None:  # checked after the last await: no GET in between
             raise HttpError(
                 409, RpcError(INVALID_REQUEST, "this session already has a GET stream").body(None)
             )
-        session.stream = asyncio.Queue()
+        _, _, token = headers.get("authorization", "").partition(" ")
+        listener = session.listener = Listener(
+            None, server, caller, token.strip(), frozenset(LIST_CHANGED), session.subscriptions
+        )
+        gateway.sessions.listen(listener)
+        expiry = _end_at_expiry(listener)
         try:
             try:
-                await self.gateway.upstreams[server].upstream.watch(frozenset())
+                await upstream.upstream.watch(frozenset(session.subscriptions))
             except RpcError as e:
                 raise HttpError(502, e.body(None)) from None
             await _start_events(send)
             await send(
                 {"type": "http.response.body", "body": b": stream open\n\n", "more_body": True}
             )
-            if await _relay(session.stream, receive, send):
+            if await _relay(listener.stream, receive, send):
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
         finally:
-            session.stream = None
+            expiry.cancel()
+            gateway.sessions.unlisten(listener)
+            if session.listener is listener:
+                session.listener = None
 
     # -- 2026-07-28: subscriptions/listen ------------------------------------------------------
 
@@ -624,6 +651,7 @@ class StreamableHttpEndpoint:
             granted["resourceSubscriptions"] = sorted(readable)
         meta = {SUBSCRIPTION_ID: message.id}
         gateway.sessions.listen(listener)
+        expiry = _end_at_expiry(listener)
         try:
             try:
                 await upstream.upstream.watch(readable)
@@ -645,6 +673,7 @@ class StreamableHttpEndpoint:
                 )
                 await send({"type": "http.response.body", "body": end, "more_body": False})
         finally:
+            expiry.cancel()
             gateway.sessions.unlisten(listener)
 
     def _delete(self, server: str, caller: Caller, headers: dict[str, str]) -> None:
@@ -732,6 +761,23 @@ class InFlight:
             await send({"type": "http.response.body", "body": body, "more_body": False})
         if self.watcher is not None:
             self.watcher.cancel()
+
+
+# The HTTP status of a GET stream that is refused when it opens.
+_REFUSAL_STATUS = {REFUSED_BY_POLICY: 403, RATE_LIMITED: 429, RATE_LIMIT_UNAVAILABLE: 503}
+
+
+def _end_at_expiry(listener: Listener) -> asyncio.TimerHandle:
+    """Cut ``listener``'s stream off when its token expires, whether a notification comes or
+    not. The token was verified for the request that opened the stream: its ``exp`` is read,
+    not checked again."""
+    try:
+        payload = listener.token.split(".")[1]
+        claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+        left = float(claims["exp"]) - time.time()
+    except (IndexError, KeyError, TypeError, ValueError):
+        left = 0.0  # cannot tell: fail closed
+    return asyncio.get_running_loop().call_later(max(left, 0.0), listener.close, True)
 
 
 def _refusal_text(error: HttpError) -> str:

@@ -46,6 +46,9 @@ _ENVELOPE = {
 }
 _NAME_PARAMS = {"tools/call": "name", "prompts/get": "name", "resources/read": "uri"}
 _LIST_FLAGS = ("toolsListChanged", "promptsListChanged", "resourcesListChanged")
+_ACKNOWLEDGED = "notifications/subscriptions/acknowledged"
+# How long `HttpUpstream.watch` waits for its stream to open before it lets the client go on.
+_OPEN_WAIT = 5.0
 
 
 def _b64_header(value: str) -> str:
@@ -69,6 +72,8 @@ class Upstream(abc.ABC):
         self._ids = itertools.count(1)
         self._start_lock = asyncio.Lock()
         self._started = False
+        # The resources whose updates bastion asked for (it never asks the upstream to stop).
+        self._watched: frozenset[str] = frozenset()
 
     async def ensure_started(self) -> None:
         if self._started:
@@ -111,8 +116,51 @@ class Upstream(abc.ABC):
 
     async def watch(self, uris: frozenset[str]) -> None:
         """Make sure the upstream's notifications reach bastion: list changes, and updates of
-        the resources ``uris``. Over stdio they always do."""
+        the resources ``uris`` (`RpcError` if the upstream refuses to send them). Over stdio
+        they always arrive; resources are subscribed to with ``resources/subscribe``."""
         await self.ensure_started()
+        new = uris - self._watched
+        await self._subscribe(new)
+        self._watched |= new
+
+    def offers_subscribe(self) -> bool:
+        """Whether the upstream sends a resource's updates on request."""
+        resources = (self.init_result.get("capabilities") or {}).get("resources")
+        return isinstance(resources, dict) and resources.get("subscribe") is True
+
+    async def _subscribe(self, uris: frozenset[str]) -> None:
+        """``resources/subscribe`` (2025-11-25) to each of ``uris``, on bastion's connection.
+        Called while connecting too, so it sends through `_exchange`, not `request`."""
+        if not uris or not self.offers_subscribe():
+            return
+        for uri in sorted(uris):
+            message = {
+                "jsonrpc": "2.0",
+                "id": next(self._ids),
+                "method": "resources/subscribe",
+                "params": {"uri": uri},
+            }
+            try:
+                async with asyncio.timeout(self.config.timeout):
+                    response = await self._exchange(message)
+            except TimeoutError:
+                raise RpcError(
+                    UPSTREAM_UNAVAILABLE,
+                    f"upstream {self.name} did not answer resources/subscribe",
+                ) from None
+            if "error" in response:
+                raise RpcError(
+                    UPSTREAM_UNAVAILABLE,
+                    f"upstream {self.name} refused resources/subscribe for {uri}:"
+                    f" {response['error']}",
+                )
+
+    async def _subscribe_again(self) -> None:
+        """After a (re)connection: the upstream forgot what bastion subscribed to."""
+        try:
+            await self._subscribe(self._watched)
+        except RpcError as e:
+            log.warning("upstream %s: subscribing again: %s", self.name, e.message)
 
     async def notify(self, method: str, params: dict[str, Any] | None = None) -> None:
         await self.ensure_started()
@@ -211,6 +259,7 @@ class StdioUpstream(Upstream):
             asyncio.create_task(self._drain_stderr(self._process)),
         ]
         await self._handshake()
+        await self._subscribe_again()
 
     async def _read(self, process: asyncio.subprocess.Process) -> None:
         assert process.stdout is not None
@@ -330,7 +379,8 @@ class HttpUpstream(Upstream):
         self._protocol_version: str | None = None
         self._modern = False
         self._watcher: asyncio.Task | None = None
-        self._watched: frozenset[str] = frozenset()
+        # Set once the current notification stream is open (or the upstream has none).
+        self._opened = asyncio.Event()
         self._chores: set[asyncio.Task] = set()  # notifications/cancelled being sent
 
     def _headers(self) -> dict[str, str]:
@@ -351,6 +401,7 @@ class HttpUpstream(Upstream):
         self._modern = False
         if not await self._discover():
             await self._handshake()
+            await self._subscribe_again()
 
     async def _discover(self) -> bool:
         """Use 2026-07-28 (one POST per request, no session: cheaper) if the upstream has it."""
@@ -487,21 +538,38 @@ class HttpUpstream(Upstream):
     # -- the standing stream: notifications that belong to no request ----------------------------
 
     async def watch(self, uris: frozenset[str]) -> None:
+        """One notification stream from the upstream, shared by every client: in 2026-07-28 a
+        ``subscriptions/listen`` for every list and the resources ``uris`` (opened again when
+        they grow), in 2025-11-25 the GET stream, and ``resources/subscribe`` for new ``uris``.
+        Returns once the stream is open (or after a few seconds: it keeps trying)."""
         await self.ensure_started()
         watcher = self._watcher
-        if watcher is not None and not watcher.done() and uris <= self._watched:
-            return
-        self._watched |= uris
-        if watcher is not None:
-            watcher.cancel()
-        self._watcher = asyncio.create_task(self._watch_forever(self._watched))
+        running = watcher is not None and not watcher.done()
+        if self._modern:
+            if running and uris <= self._watched:
+                return
+            self._watched |= uris
+            if watcher is not None:
+                watcher.cancel()
+            running = False
+        if not running:
+            self._opened = asyncio.Event()
+            self._watcher = asyncio.create_task(self._watch_forever(self._watched, self._opened))
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(min(self.config.timeout, _OPEN_WAIT)):
+                await self._opened.wait()
+        if not self._modern:
+            new = uris - self._watched
+            await self._subscribe(new)
+            self._watched |= new
 
-    async def _watch_forever(self, uris: frozenset[str]) -> None:
+    async def _watch_forever(self, uris: frozenset[str], opened: asyncio.Event) -> None:
         """Keep a stream of notifications open from the upstream; open it again a second after
         it ends or fails, unless the upstream has no such stream."""
         while True:
             try:
-                if not await self._watch_once(uris):
+                if not await self._watch_once(uris, opened):
+                    opened.set()  # none to wait for
                     return
             except (HttpClientError, RpcError, ValueError) as e:
                 log.warning("upstream %s: notification stream: %s", self.name, e)
@@ -509,9 +577,10 @@ class HttpUpstream(Upstream):
             with contextlib.suppress(RpcError):
                 await self.ensure_started()
 
-    async def _watch_once(self, uris: frozenset[str]) -> bool:
+    async def _watch_once(self, uris: frozenset[str], opened: asyncio.Event) -> bool:
         """One stream: ``subscriptions/listen`` in 2026-07-28 (every list change and the updates
-        of ``uris``), the GET stream in 2025-11-25. False if the upstream offers none."""
+        of ``uris``; open once acknowledged), the GET stream in 2025-11-25. False if the
+        upstream offers none."""
         if self._modern:
             wanted: dict[str, Any] = {flag: True for flag in _LIST_FLAGS}
             if uris:
@@ -539,8 +608,12 @@ class HttpUpstream(Upstream):
                     UPSTREAM_UNAVAILABLE,
                     f"upstream {self.name} answered HTTP {response.status_code} to its stream",
                 )
+            if not self._modern:
+                opened.set()
             async for message in _events(response):
-                if "method" in message:
+                if message.get("method") == _ACKNOWLEDGED:
+                    opened.set()
+                elif "method" in message:
                     await self._from_server(message)
             return True
         finally:

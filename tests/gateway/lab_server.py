@@ -1,9 +1,10 @@
 """An MCP server for the gateway's transport tests, written with the official MCP Python SDK.
 
-Its lists change (it says so on request), it sends resource updates, it takes its time (and
-notes when a call is cancelled), and it asks the client for input (elicitation, sampling). Over
-stdio by default; the tests also serve ``server.streamable_http_app()`` in-process. Set
-``LAB_TRACE`` to a file path to append what happened, one JSON per line.
+Its lists change (it says so on request), it sends resource updates (and takes
+``resources/subscribe``), it takes its time (and notes when a call is cancelled), and it asks
+the client for input (elicitation, sampling). Over stdio by default; the tests also serve
+``server.streamable_http_app()`` in-process. Set ``LAB_TRACE`` to a file path to append what
+happened, one JSON per line.
 """
 
 from __future__ import annotations
@@ -19,8 +20,10 @@ from mcp.types import (
     CallToolResult,
     ElicitRequest,
     ElicitRequestFormParams,
+    EmptyResult,
     InputRequiredResult,
     SamplingMessage,
+    SubscribeRequestParams,
     TextContent,
     ToolAnnotations,
 )
@@ -129,6 +132,19 @@ def secret_note() -> str:
 @server.prompt()
 def hello() -> str:
     return "Say hello."
+
+
+async def subscribe(ctx, params: SubscribeRequestParams) -> EmptyResult:
+    """resources/subscribe (2025-11-25): noted; ``announce`` sends updates whoever subscribed."""
+    trace("subscribed", tag=str(params.uri))
+    return EmptyResult()
+
+
+# MCPServer has no decorator for it; with the handler, 2025-11-25 clients are offered
+# ``resources.subscribe`` (2026-07-28 ones subscribe through subscriptions/listen).
+server._lowlevel_server.add_request_handler(
+    "resources/subscribe", SubscribeRequestParams, subscribe
+)
 
 
 if __name__ == "__main__":

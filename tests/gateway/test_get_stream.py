@@ -1,0 +1,158 @@
+"""A 2025-11-25 session's GET stream is held to the token that opened it and to the policy: before
+each notification the token is checked again and ``connect`` decided again, and if either is
+refused the stream ends, hearing nothing more (as a 2026-07-28 listen stream does)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+
+import anyio
+import pytest
+from mcp.types import ToolListChangedNotification
+
+from bastion.gateway.enforce import Caller
+from bastion.gateway.sessions import Listener
+from bastion.gateway.transport import _end_at_expiry
+from bastion.policy.parser import parse_fact
+
+from .streams import call_tool, events, legacy_session
+
+TOOLS_CHANGED = {"jsonrpc": "2.0", "method": "notifications/tools/list_changed"}
+SAM_IS_A_MEMBER = parse_fact('has_role(User{"sam"}, "member", Team{"support"})')
+
+
+def open_get(bastion, server, headers):
+    get = {k: v for k, v in headers.items() if k != "content-type"}
+    return bastion.http.stream(
+        "GET", bastion.mcp_url(server), headers={**get, "accept": "text/event-stream"}
+    )
+
+
+def announce_tools(bastion, server):
+    """Someone else (avery, in 2026-07-28) makes the upstream say its tools changed."""
+    answer = call_tool(
+        bastion, bastion.token("avery", server), server, "announce", {"kind": "tools"}
+    )
+    assert "error" not in answer, answer
+
+
+def revoke(bastion, token: str) -> None:
+    payload = token.split(".")[1]
+    claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    revoked = bastion.http.post(
+        f"{bastion.url}/revoke", data={"token": token, "client_id": claims["client_id"]}
+    )
+    assert revoked.status_code == 200, revoked.text
+
+
+@pytest.mark.parametrize("server", ["lab", "labhttp", "labold"])
+def test_a_get_stream_hears_the_upstreams_list_changes(bastion, server):
+    headers = legacy_session(bastion, bastion.token("sam", server), server)
+    with open_get(bastion, server, headers) as response:
+        assert response.status_code == 200
+        frames = events(response)
+        announce_tools(bastion, server)
+        assert next(frames) == TOOLS_CHANGED
+
+
+def test_a_session_holds_one_get_stream(bastion):
+    headers = legacy_session(bastion, bastion.token("sam", "lab"), "lab")
+    with open_get(bastion, "lab", headers) as first:
+        assert first.status_code == 200
+        with open_get(bastion, "lab", headers) as second:
+            assert second.status_code == 409
+
+
+@pytest.mark.parametrize("server", ["lab", "labhttp", "labold"])
+def test_a_get_stream_whose_token_is_revoked_is_cut_off_and_hears_nothing_more(bastion, server):
+    token = bastion.token("sam", server)
+    headers = legacy_session(bastion, token, server)
+    with open_get(bastion, server, headers) as response:
+        assert response.status_code == 200
+        frames = events(response)
+        revoke(bastion, token)
+        announce_tools(bastion, server)
+        # The stream ends without the notification.
+        assert list(frames) == []
+    # And it cannot be opened again with that token.
+    with open_get(bastion, server, headers) as again:
+        assert again.status_code == 401
+
+
+@pytest.mark.parametrize("server", ["lab", "labhttp"])
+def test_a_get_stream_whose_user_loses_connect_is_cut_off_and_the_refusal_recorded(bastion, server):
+    headers = legacy_session(bastion, bastion.token("sam", server), server)
+    with open_get(bastion, server, headers) as response:
+        assert response.status_code == 200
+        frames = events(response)
+        seq = bastion.records.last_seq()
+        bastion.apply(deletes=[SAM_IS_A_MEMBER])  # sam is no longer on the server's team
+        try:
+            announce_tools(bastion, server)
+            assert list(frames) == []
+            # Opening the stream again is decided again, and refused.
+            with open_get(bastion, server, headers) as again:
+                assert again.status_code == 403
+                refusal = json.loads(again.read())["error"]
+                assert refusal["data"]["reason"] == "not_permitted"
+        finally:
+            bastion.apply(inserts=[SAM_IS_A_MEMBER])
+    bastion.flush()
+    refused = [
+        r
+        for _, r in bastion.records.after(seq)
+        if r.result == "deny" and 'User{"sam"}' in r.principals
+    ]
+    cut_off, reopened = refused
+    assert cut_off.method == "notifications/tools/list_changed"
+    assert cut_off.target == f'McpServer{{"{server}"}}'
+    assert cut_off.reason == "not_permitted"
+    assert (reopened.method, reopened.id) == ("GET", refusal["data"]["decision_id"])
+
+
+def test_an_sdk_client_hears_list_changes_on_its_get_stream(bastion):
+    heard: list = []
+    arrived = anyio.Event()
+
+    async def on_message(message) -> None:
+        if isinstance(message, ToolListChangedNotification):
+            heard.append(message)
+            arrived.set()
+
+    async def script(client, seen):
+        await client.call_tool("announce", {"kind": "tools"})
+        with anyio.fail_after(15):
+            await arrived.wait()
+
+    seen = bastion.sdk("sam", "labold", "legacy", script, message_handler=on_message)
+    assert seen["protocol_version"] == "2025-11-25"
+    assert len(heard) == 1
+
+
+def _listener(token: str) -> Listener:
+    caller = Caller("sam", "agent", frozenset(), "127.0.0.1", "2025-11-25")
+    return Listener(None, "lab", caller, token, frozenset(), set())
+
+
+def _token(claims: dict) -> str:
+    body = base64.urlsafe_b64encode(json.dumps(claims).encode()).decode().rstrip("=")
+    return f"e30.{body}.signature"
+
+
+def test_a_stream_ends_when_its_token_expires_even_without_notifications():
+    async def main():
+        expired = _listener(_token({"exp": 1}))
+        unreadable = _listener("not a token")
+        valid = _listener(_token({"exp": 2**40}))
+        timers = [_end_at_expiry(x) for x in (expired, unreadable, valid)]
+        async with asyncio.timeout(10):
+            ends = [await expired.stream.get(), await unreadable.stream.get()]
+        for timer in timers:
+            timer.cancel()
+        return ends, expired, unreadable, valid
+
+    ends, expired, unreadable, valid = asyncio.run(main())
+    assert ends == [None, None] and expired.refused and unreadable.refused
+    assert valid.stream.empty() and not valid.refused

@@ -1,0 +1,208 @@
+"""2025-11-25 clients subscribe to a resource's updates with ``resources/subscribe``: decided as
+``read`` on the resource, and each update is decided again before it goes on the session's GET
+stream, so a caller who may no longer read the resource hears no more of it."""
+
+from __future__ import annotations
+
+import json
+import uuid
+
+import anyio
+import pytest
+from mcp.types import ResourceUpdatedNotification
+
+from bastion.gateway import handlers
+from bastion.policy.parser import parse_fact
+
+from .streams import call_tool, events, legacy_session, modern_headers, modern_request, traced
+from .test_get_stream import TOOLS_CHANGED, open_get
+
+SERVERS = ["lab", "labhttp", "labold"]
+
+
+def post(bastion, server, headers, method: str, params: dict, request_id=7):
+    body = {"jsonrpc": "2.0", "id": request_id, "method": method, "params": params}
+    return bastion.http.post(bastion.mcp_url(server), json=body, headers=headers)
+
+
+def subscribe(bastion, server, headers, uri: str) -> dict:
+    response = post(bastion, server, headers, "resources/subscribe", {"uri": uri})
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def announce(bastion, server, kind: str, uri: str = "") -> None:
+    """avery (an admin, in 2026-07-28) makes the upstream announce a change."""
+    token = bastion.token("avery", server)
+    answer = call_tool(bastion, token, server, "announce", {"kind": kind, "uri": uri})
+    assert "error" not in answer, answer
+
+
+def updated(uri: str) -> dict:
+    return {"jsonrpc": "2.0", "method": "notifications/resources/updated", "params": {"uri": uri}}
+
+
+def capabilities(bastion, server: str) -> dict:
+    headers = legacy_session(bastion, bastion.token("sam", server), server)
+    del headers["mcp-session-id"]
+    body = {
+        "protocolVersion": "2025-11-25",
+        "capabilities": {},
+        "clientInfo": {"name": "t", "version": "1"},
+    }
+    return post(bastion, server, headers, "initialize", body).json()["result"]["capabilities"]
+
+
+def test_subscribe_is_offered_only_when_the_upstream_has_it(bastion):
+    assert capabilities(bastion, "lab")["resources"]["subscribe"] is True
+    assert capabilities(bastion, "labold")["resources"]["subscribe"] is True
+    assert not capabilities(bastion, "desk")["resources"].get("subscribe")
+
+
+@pytest.mark.parametrize("server", SERVERS)
+def test_sam_hears_the_updates_of_a_resource_he_subscribed_to_and_no_other(bastion, server):
+    headers = legacy_session(bastion, bastion.token("sam", server), server)
+    with open_get(bastion, server, headers) as response:
+        frames = events(response)
+        assert subscribe(bastion, server, headers, "lab://open") == {
+            "jsonrpc": "2.0",
+            "id": 7,
+            "result": {},
+        }
+        # Not subscribed to (and not for sam): had it been sent, it would come first.
+        announce(bastion, server, "updated", "lab://secret")
+        announce(bastion, server, "updated", "lab://open")
+        assert next(frames) == updated("lab://open")
+    if server != "labhttp":  # a 2026-07-28 upstream is asked through its listen stream
+        assert traced(bastion, "subscribed", "lab://open")
+
+
+@pytest.mark.parametrize("server", SERVERS)
+def test_subscribing_to_a_resource_one_may_not_read_is_refused_and_forwards_nothing(
+    bastion, server
+):
+    headers = legacy_session(bastion, bastion.token("sam", server), server)
+    hidden = f"lab://hidden-{uuid.uuid4().hex}"  # no fact relates it to the server: no read
+    with open_get(bastion, server, headers) as response:
+        frames = events(response)
+        seq = bastion.records.last_seq()
+        answer = subscribe(bastion, server, headers, hidden)
+        error = answer["error"]
+        assert error["code"] == -32003 and error["data"]["reason"] == "not_permitted"
+        assert not traced(bastion, "subscribed", hidden, seconds=0)
+        assert subscribe(bastion, server, headers, "lab://open")["result"] == {}
+        announce(bastion, server, "updated", hidden)
+        announce(bastion, server, "updated", "lab://open")
+        assert next(frames) == updated("lab://open")
+    bastion.flush()
+    record = bastion.records.get(error["data"]["decision_id"])
+    assert (record.method, record.result) == ("resources/subscribe", "deny")
+    assert record.target == f'McpResource{{"{server}/{hidden}"}}'
+    assert record.id in {r.id for _, r in bastion.records.after(seq)}
+
+
+@pytest.mark.parametrize("server", ["lab", "labhttp"])
+def test_losing_read_mid_session_stops_the_updates(bastion, server):
+    headers = legacy_session(bastion, bastion.token("avery", server), server)
+    with open_get(bastion, server, headers) as response:
+        frames = events(response)
+        assert subscribe(bastion, server, headers, "lab://secret")["result"] == {}
+        assert subscribe(bastion, server, headers, "lab://open")["result"] == {}
+        announce(bastion, server, "updated", "lab://secret")
+        assert next(frames) == updated("lab://secret")
+        admin = parse_fact(f'has_role(User{{"avery"}}, "admin", McpServer{{"{server}"}})')
+        member = parse_fact('has_role(User{"avery"}, "member", Team{"support"})')
+        # avery stays a user of the server, but may no longer read the secret.
+        bastion.apply(inserts=[member], deletes=[admin])
+        try:
+            announce(bastion, server, "updated", "lab://secret")
+            announce(bastion, server, "updated", "lab://open")
+            assert next(frames) == updated("lab://open")
+        finally:
+            bastion.apply(inserts=[admin], deletes=[member])
+
+
+def test_unsubscribe_stops_the_updates(bastion):
+    headers = legacy_session(bastion, bastion.token("sam", "lab"), "lab")
+    with open_get(bastion, "lab", headers) as response:
+        frames = events(response)
+        assert subscribe(bastion, "lab", headers, "lab://open")["result"] == {}
+        answer = post(bastion, "lab", headers, "resources/unsubscribe", {"uri": "lab://open"})
+        assert answer.json()["result"] == {}
+        announce(bastion, "lab", "updated", "lab://open")
+        announce(bastion, "lab", "tools")
+        assert next(frames) == TOOLS_CHANGED
+
+
+def test_subscriptions_are_the_sessions_own(bastion):
+    mine = legacy_session(bastion, bastion.token("sam", "lab"), "lab")
+    other = legacy_session(bastion, bastion.token("sam", "lab"), "lab")
+    assert subscribe(bastion, "lab", mine, "lab://open")["result"] == {}
+    with open_get(bastion, "lab", other) as response:
+        frames = events(response)
+        announce(bastion, "lab", "updated", "lab://open")
+        announce(bastion, "lab", "tools")
+        assert next(frames) == TOOLS_CHANGED
+
+
+def test_an_upstream_without_subscriptions_is_not_asked(bastion):
+    headers = legacy_session(bastion, bastion.token("sam", "desk"), "desk")
+    error = subscribe(bastion, "desk", headers, "customers://plans")["error"]
+    # bastion's answer (the upstream's own would not name it).
+    assert error == {
+        "code": -32601,
+        "message": "upstream desk does not offer resource subscriptions",
+    }
+
+
+def test_a_2026_client_listens_instead(bastion):
+    token = bastion.token("sam", "lab")
+    response = bastion.http.post(
+        bastion.mcp_url("lab"),
+        json=modern_request(3, "resources/subscribe", {"uri": "lab://open"}),
+        headers=modern_headers(token, "resources/subscribe"),
+    )
+    assert response.json()["error"]["code"] == -32601
+
+
+BAD_PARAMS = {"no uri": {}, "an empty uri": {"uri": ""}, "a uri that is not text": {"uri": 7}}
+
+
+@pytest.mark.parametrize("case", list(BAD_PARAMS))
+def test_a_malformed_subscribe_is_refused(bastion, case):
+    headers = legacy_session(bastion, bastion.token("sam", "lab"), "lab")
+    response = post(bastion, "lab", headers, "resources/subscribe", BAD_PARAMS[case])
+    assert response.status_code == 400
+    assert response.json()["error"]["code"] == -32602
+
+
+def test_a_session_subscribes_to_a_bounded_number_of_resources(bastion, monkeypatch):
+    monkeypatch.setattr(handlers, "MAX_SUBSCRIPTIONS", 1)
+    headers = legacy_session(bastion, bastion.token("avery", "lab"), "lab")
+    assert subscribe(bastion, "lab", headers, "lab://open")["result"] == {}
+    assert subscribe(bastion, "lab", headers, "lab://open")["result"] == {}  # the same again
+    response = post(bastion, "lab", headers, "resources/subscribe", {"uri": "lab://secret"})
+    assert response.status_code == 400
+    assert json.loads(response.text)["error"]["code"] == -32602
+
+
+@pytest.mark.filterwarnings("ignore:resources/subscribe is removed")
+def test_an_sdk_client_subscribes_and_hears_the_updates(bastion):
+    heard: list = []
+    arrived = anyio.Event()
+
+    async def on_message(message) -> None:
+        if isinstance(message, ResourceUpdatedNotification):
+            heard.append(message.params.uri)
+            arrived.set()
+
+    async def script(client, seen):
+        seen["offered"] = client.server_capabilities.resources.subscribe
+        await client.subscribe_resource("lab://open")
+        await client.call_tool("announce", {"kind": "updated", "uri": "lab://open"})
+        with anyio.fail_after(15):
+            await arrived.wait()
+
+    seen = bastion.sdk("sam", "labold", "legacy", script, message_handler=on_message)
+    assert seen["offered"] is True
+    assert [str(uri) for uri in heard] == ["lab://open"]
