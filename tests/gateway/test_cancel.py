@@ -7,11 +7,14 @@ from __future__ import annotations
 import json
 import socket
 import threading
+import time
 import uuid
 from urllib.parse import urlsplit
 
 import anyio
 import pytest
+
+from bastion.gateway.enforce import digest
 
 from .streams import legacy_session, modern_headers, modern_request, traced
 
@@ -118,3 +121,55 @@ def test_an_sdk_client_that_cancels_a_call_cancels_it_upstream(bastion, server, 
 
     bastion.sdk("sam", server, mode, script)
     assert traced(bastion, "wait-cancelled", tag)
+
+
+def _record_of_wait(bastion, tag: str, seconds: float, after: int):
+    """The decision record of the ``wait`` call with these arguments, written after ``after``
+    (waiting a little for it: the upstream may note the cancellation first)."""
+    wanted = digest({"seconds": seconds, "tag": tag})
+    deadline = time.monotonic() + 15
+    while True:
+        bastion.flush()
+        found = [r for _, r in bastion.records.after(after) if r.arguments_digest == wanted]
+        if found or time.monotonic() > deadline:
+            (record,) = found
+            return record
+        time.sleep(0.02)
+
+
+@pytest.mark.parametrize("server", ["lab", "labhttp"])
+def test_the_record_of_a_call_its_client_cancelled_says_so(bastion, server):
+    headers = legacy_session(bastion, bastion.token("sam", server), server)
+    seq = bastion.records.last_seq()
+    cancelled, finished = uuid.uuid4().hex, uuid.uuid4().hex
+    answer = _post_in_background(bastion, server, headers, _wait_call(8, cancelled))
+    assert traced(bastion, "wait-started", cancelled)
+    assert _cancel(bastion, server, headers, 8) == 202
+    assert traced(bastion, "wait-cancelled", cancelled)
+    answer["thread"].join(15)
+    record = _record_of_wait(bastion, cancelled, 30, seq)
+    assert (record.method, record.result) == ("tools/call", "allow")
+    assert record.reason == "cancelled by the client"
+    # A call left alone is recorded without that reason.
+    answer = _post_in_background(bastion, server, headers, _wait_call(9, finished, seconds=0))
+    answer["thread"].join(15)
+    assert traced(bastion, "wait-finished", finished)
+    assert _record_of_wait(bastion, finished, 0, seq).reason == ""
+
+
+def test_the_record_of_a_call_whose_client_went_away_says_it_was_cancelled(bastion):
+    token = bastion.token("sam", "labhttp")
+    seq = bastion.records.last_seq()
+    tag = uuid.uuid4().hex
+    body = json.dumps(
+        modern_request(3, "tools/call", {"name": "wait", "arguments": {"seconds": 30, "tag": tag}})
+    ).encode()
+    headers = {**modern_headers(token, "tools/call", "wait"), "content-length": str(len(body))}
+    url = urlsplit(bastion.mcp_url("labhttp"))
+    raw = f"POST {url.path} HTTP/1.1\r\nhost: {url.netloc}\r\n"
+    raw += "".join(f"{k}: {v}\r\n" for k, v in headers.items()) + "\r\n"
+    with socket.create_connection((url.hostname, url.port)) as client:
+        client.sendall(raw.encode() + body)
+        assert traced(bastion, "wait-started", tag)
+    assert traced(bastion, "wait-cancelled", tag)
+    assert _record_of_wait(bastion, tag, 30, seq).reason == "cancelled by the client"
