@@ -4,16 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-INIT = {
-    "jsonrpc": "2.0",
-    "id": 1,
-    "method": "initialize",
-    "params": {
-        "protocolVersion": "2025-11-25",
-        "capabilities": {},
-        "clientInfo": {"name": "t", "version": "1"},
-    },
-}
+from .streams import legacy_session
+
 ENVELOPE = {
     "io.modelcontextprotocol/protocolVersion": "2026-07-28",
     "io.modelcontextprotocol/clientCapabilities": {},
@@ -110,8 +102,7 @@ def test_bad_input_gets_a_clear_error_and_nothing_is_forwarded(bastion, token, c
 
 
 def test_another_users_session_id_is_unknown(bastion, token):
-    opened = post(bastion, token, body=INIT, **{"mcp-protocol-version": "2025-11-25"})
-    session = opened.headers["mcp-session-id"]
+    session = legacy_session(bastion, token, "deskhttp")["mcp-session-id"]
     other = bastion.token("avery", "deskhttp")
     before = len(bastion.recorder.requests)
     response = post(

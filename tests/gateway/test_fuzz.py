@@ -17,6 +17,8 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
+from .streams import legacy_session
+
 ENVELOPE = {
     "io.modelcontextprotocol/protocolVersion": "2026-07-28",
     "io.modelcontextprotocol/clientCapabilities": {},
@@ -130,25 +132,7 @@ def token(bastion):
 
 @pytest.fixture(scope="module")
 def session(bastion, token):
-    opened = bastion.http.post(
-        bastion.mcp_url("deskhttp"),
-        json={
-            "jsonrpc": "2.0",
-            "id": 1,
-            "method": "initialize",
-            "params": {
-                "protocolVersion": "2025-11-25",
-                "capabilities": {},
-                "clientInfo": {"name": "fuzz", "version": "1"},
-            },
-        },
-        headers={
-            "authorization": f"Bearer {token}",
-            "content-type": "application/json",
-            "mcp-protocol-version": "2025-11-25",
-        },
-    )
-    return opened.headers["mcp-session-id"]
+    return legacy_session(bastion, token, "deskhttp")["mcp-session-id"]
 
 
 def _delete_reached(bastion, since: int) -> bool:

@@ -12,7 +12,7 @@ from mcp.client.subscriptions import PromptsListChanged, ResourceUpdated, ToolsL
 
 from bastion.policy.parser import parse_fact
 
-from .streams import call_tool, events, modern_headers, modern_request
+from .streams import call_tool, events, legacy_session, modern_headers, modern_request
 
 LISTS = dict(tools_list_changed=True, prompts_list_changed=True, resources_list_changed=True)
 
@@ -153,29 +153,10 @@ def test_a_malformed_listen_request_is_refused_and_opens_nothing(bastion, case):
 
 
 def test_a_2025_client_cannot_listen(bastion):
-    token = bastion.token("sam", "labhttp")
-    opened = bastion.http.post(
-        bastion.mcp_url("labhttp"),
-        json={
-            "jsonrpc": "2.0",
-            "id": 1,
-            "method": "initialize",
-            "params": {
-                "protocolVersion": "2025-11-25",
-                "capabilities": {},
-                "clientInfo": {"name": "t", "version": "1"},
-            },
-        },
-        headers={"authorization": f"Bearer {token}", "mcp-protocol-version": "2025-11-25"},
-    )
+    headers = legacy_session(bastion, bastion.token("sam", "labhttp"), "labhttp")
     response = bastion.http.post(
         bastion.mcp_url("labhttp"),
         json={"jsonrpc": "2.0", "id": 2, "method": "subscriptions/listen", "params": {}},
-        headers={
-            "authorization": f"Bearer {token}",
-            "mcp-protocol-version": "2025-11-25",
-            "mcp-session-id": opened.headers["mcp-session-id"],
-            "accept": "application/json, text/event-stream",
-        },
+        headers=headers,
     )
     assert response.json()["error"]["code"] == -32601
