@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -437,3 +438,47 @@ def start(tmp_path, gateway: dict | None = None, replicas: int = 0):
                 yield Running(url, app, recorder, trace, http, lab_trace, replicas=others)
 
     return running()
+
+
+def serve_quickstart(directory: Path) -> tuple[subprocess.Popen, str]:
+    """`bastion serve` of examples/quickstart/bastion.toml in a process of its own, as `make run`
+    starts it, but on a free port with a fresh database in ``directory`` (set up by the
+    quickstart's setup.py). Returns the process and its URL once it is ready; the caller stops it.
+    """
+    port = free_socket().getsockname()[1]
+    config = (QUICKSTART / "bastion.toml").read_text()
+    for old, new in [
+        ("127.0.0.1:8000", f"127.0.0.1:{port}"),
+        ("port = 8000", f"port = {port}"),
+        ('".quickstart/', f'"{directory}/'),
+        ('".venv/bin/python"', json.dumps(sys.executable)),
+    ]:
+        assert old in config, f"examples/quickstart/bastion.toml no longer has {old!r}"
+        config = config.replace(old, new)
+    path = directory / "bastion.toml"
+    path.write_text(config)
+    subprocess.run(
+        [sys.executable, str(QUICKSTART / "setup.py"), str(directory / "bastion.db")],
+        cwd=ROOT,
+        check=True,
+    )
+    log = directory / "serve.log"
+    with open(log, "wb") as out:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "bastion.cli", "serve", "--config", str(path)],
+            cwd=ROOT,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while True:
+        if server.poll() is not None or time.monotonic() > deadline:
+            server.kill()
+            raise AssertionError(f"bastion serve did not come up:\n{log.read_text()}")
+        try:
+            if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
+                return server, url
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.05)

@@ -30,8 +30,9 @@ import pytest
 from tests.conftest import require_program
 from tests.oauth.support import hidden_fields
 
+from .support import serve_quickstart
+
 ROOT = Path(__file__).resolve().parents[2]
-QUICKSTART = ROOT / "examples" / "quickstart"
 PASSWORD = "quickstart-password"  # examples/quickstart/setup.py
 INSPECTOR_VERSION = "2.12.0"  # the README's command pins the same version
 NPM_PREFIX = ROOT / ".npm-inspector"
@@ -110,42 +111,9 @@ class Quickstart:
 @pytest.fixture(scope="module")
 def quickstart(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("quickstart")
-    port = free_port()
-    config = (QUICKSTART / "bastion.toml").read_text()
-    for old, new in [
-        ("127.0.0.1:8000", f"127.0.0.1:{port}"),
-        ("port = 8000", f"port = {port}"),
-        ('".quickstart/', f'"{tmp}/'),
-        ('".venv/bin/python"', json.dumps(sys.executable)),
-    ]:
-        assert old in config, f"examples/quickstart/bastion.toml no longer has {old!r}"
-        config = config.replace(old, new)
-    path = tmp / "bastion.toml"
-    path.write_text(config)
-    python = [sys.executable]
-    subprocess.run(
-        python + [str(QUICKSTART / "setup.py"), str(tmp / "bastion.db")], cwd=ROOT, check=True
-    )
-    log = tmp / "serve.log"
-    with open(log, "wb") as out:
-        server = subprocess.Popen(
-            python + ["-m", "bastion.cli", "serve", "--config", str(path)],
-            cwd=ROOT,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    running = Quickstart(f"http://127.0.0.1:{port}", path)
+    server, url = serve_quickstart(tmp)
+    running = Quickstart(url, tmp / "bastion.toml")
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            assert server.poll() is None, f"bastion serve exited:\n{log.read_text()}"
-            assert time.monotonic() < deadline, f"bastion serve is not ready:\n{log.read_text()}"
-            try:
-                if httpx.get(f"{running.url}/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.05)
         yield running
     finally:
         server.send_signal(signal.SIGTERM)

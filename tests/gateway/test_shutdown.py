@@ -6,57 +6,14 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
-import sys
 import threading
-import time
 
 import httpx
 
-from tests.oauth.support import free_socket
-
 from .streams import legacy_session, modern_headers, modern_request
-from .support import QUICKSTART, ROOT, Running
+from .support import Running, serve_quickstart
 
 QUICKSTART_PASSWORD = "quickstart-password"  # examples/quickstart/setup.py
-
-
-def _serve(tmp_path) -> tuple[subprocess.Popen, str]:
-    port = free_socket().getsockname()[1]
-    config = (QUICKSTART / "bastion.toml").read_text()
-    for old, new in [
-        ("127.0.0.1:8000", f"127.0.0.1:{port}"),
-        ("port = 8000", f"port = {port}"),
-        ('".quickstart/', f'"{tmp_path}/'),
-        ('".venv/bin/python"', json.dumps(sys.executable)),
-    ]:
-        assert old in config, f"examples/quickstart/bastion.toml no longer has {old!r}"
-        config = config.replace(old, new)
-    path = tmp_path / "bastion.toml"
-    path.write_text(config)
-    subprocess.run(
-        [sys.executable, str(QUICKSTART / "setup.py"), str(tmp_path / "bastion.db")],
-        cwd=ROOT,
-        check=True,
-    )
-    log = tmp_path / "serve.log"
-    with open(log, "wb") as out:
-        server = subprocess.Popen(
-            [sys.executable, "-m", "bastion.cli", "serve", "--config", str(path)],
-            cwd=ROOT,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while True:
-        assert server.poll() is None, f"bastion serve exited:\n{log.read_text()}"
-        assert time.monotonic() < deadline, f"bastion serve is not ready:\n{log.read_text()}"
-        try:
-            if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                return server, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.05)
 
 
 def _hold(open_stream, seen: dict, opened: threading.Event) -> threading.Thread:
@@ -83,7 +40,7 @@ def _hold(open_stream, seen: dict, opened: threading.Event) -> threading.Thread:
 
 
 def test_sigterm_ends_the_open_streams_cleanly_and_bastion_exits(tmp_path):
-    server, url = _serve(tmp_path)
+    server, url = serve_quickstart(tmp_path)
     try:
         with httpx.Client(timeout=httpx.Timeout(10, read=60)) as http:
             running = Running(url, None, None, None, http, None, password=QUICKSTART_PASSWORD)
