@@ -15,7 +15,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from bastion.facts.index import FactIndex
+from bastion.facts.index import GENERATIONS, FactIndex
 from bastion.facts.model import Entity, FactError, check_fact, format_fact
 from bastion.policy import LoadedPolicy, load
 from bastion.policy.compile import CompiledPolicy
@@ -334,7 +334,7 @@ class Authorizer:
     def _swap(self, loaded: LoadedPolicy) -> list[Diagnostic]:
         with self._index.lock:  # compiling builds fact indexes, which writes must not disturb
             self._active = _Active(loaded, self._index)  # compiled fully before it is in force
-            self._index.generation += 1
+            self._index.generation = next(GENERATIONS)
         return loaded.warnings
 
     @property

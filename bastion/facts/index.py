@@ -9,6 +9,7 @@ are interned, so a million facts over a few thousand entities share them.
 from __future__ import annotations
 
 import heapq
+import itertools
 import sys
 import threading
 from collections.abc import Iterable, Iterator
@@ -140,6 +141,9 @@ class PredicateFacts:
         return rows
 
 
+GENERATIONS = itertools.count(1)
+
+
 class FactIndex:
     """All facts in memory. Every read and write holds ``lock`` (not re-entrant), so a batch of
     writes is seen whole or not at all."""
@@ -153,9 +157,10 @@ class FactIndex:
         self.next_expiry = float("inf")
         self._entity_types: dict[str, dict[Entity, int]] | None = None
         self.count = 0
-        # Bumped by every change to the facts (and by a new policy): equal generations, same
-        # answers. Lets callers keep what they derived from the facts until the next change.
-        self.generation = 0
+        # Renewed by every change to the facts (and by a new policy), from a counter shared by
+        # every index in the process: equal generations, same index and same answers. Lets
+        # callers keep what they derived from the facts until the next change.
+        self.generation = next(GENERATIONS)
 
     def predicate(self, name: str, arity: int) -> PredicateFacts:
         key = (name, arity)
@@ -181,7 +186,7 @@ class FactIndex:
     def add(self, fact: tuple, expires_at: float | None = None) -> bool:
         values = tuple(self.intern(v) for v in fact[1:])
         added = self.predicate(fact[0], len(values)).add(values)
-        self.generation += 1
+        self.generation = next(GENERATIONS)
         if added:
             self.count += 1
             self._count_entities(values, +1)
@@ -198,7 +203,7 @@ class FactIndex:
         pf = self.predicates.get((fact[0], len(fact) - 1))
         if pf is None or not pf.remove(tuple(fact[1:])):
             return False
-        self.generation += 1
+        self.generation = next(GENERATIONS)
         self.count -= 1
         self._count_entities(fact[1:], -1)
         self._expiry.pop(fact, None)

@@ -113,3 +113,18 @@ def test_a_new_policy_forgets() -> None:
     authz.load_policy(POLICY.replace("readOnlyHint = true", "readOnlyHint = true and true = true"))
     assert generation(authz, ctx) != remembered
     assert explained.get(generation(authz, ctx), QUESTION, ctx) is None
+
+
+def test_another_authorizer_never_gets_rules_remembered_for_the_first() -> None:
+    # A replica that resyncs builds a new Authorizer; its facts' generations must not collide
+    # with the old one's, whatever the number of changes on either side.
+    authz, explained = setup()
+    ctx = context()
+    explained.explain(authz, QUESTION, ctx)
+    remembered = generation(authz, ctx)
+    for changes in range(1, 6):
+        other = Authorizer(POLICY)
+        for i in range(changes):
+            other.facts.insert(("has_role", Entity("User", f"u{i}"), "admin", SEARCH))
+        assert generation(other, ctx) != remembered
+        assert explained.get(generation(other, ctx), QUESTION, ctx) is None
