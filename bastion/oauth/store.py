@@ -211,6 +211,11 @@ class OAuthStore:
         access token of the grant or the grant itself (other processes hear of it by NOTIFY)."""
         self._revocation_subscribers.append(callback)
 
+    def off_revoked(self, callback: Callable[[str], None]) -> None:
+        """Stop calling ``callback`` (a closed subscriber)."""
+        if callback in self._revocation_subscribers:
+            self._revocation_subscribers.remove(callback)
+
     def _announce_revocation(self, grant_id: str) -> None:
         """Inside the revoking transaction: NOTIFY at its commit, and tell subscribers after."""
         self.db.notify(REVOCATIONS_CHANNEL, grant_id)

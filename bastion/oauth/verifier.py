@@ -285,6 +285,7 @@ class VerifiedTokens:
             self._grants.clear()
 
     def close(self) -> None:
+        self.verifier.store.off_revoked(self._forget_grant)
         if self.listener is not None:
             self.listener.stop()
         self.db.close()

@@ -247,3 +247,16 @@ def test_a_revocation_rolled_back_is_not_announced(database_url, tmp_path):
         assert announced == [] and store.grant(grant_id).revoked_at is None
         store.revoke_client(store.grant(grant_id).client_id, time.time())
         assert announced == [grant_id]
+
+
+def test_a_closed_verified_tokens_is_no_longer_told_of_revocations(database_url, tmp_path):
+    with running_bastion(database_url, tmp_path) as a:
+        store = a.server.store
+        tokens = VerifiedTokens(a.server.verifier, database_url)
+        tokens.close()
+        forgotten = tokens._forgotten  # moves each time a revocation reaches it
+        grant_id = a.server.verifier.verify(
+            a.tokens_for(a.register())["access_token"], a.resource
+        ).grant_id
+        store.revoke_client(store.grant(grant_id).client_id, time.time())
+        assert tokens._forgotten == forgotten
