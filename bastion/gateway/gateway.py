@@ -22,7 +22,13 @@ from bastion.gateway.handlers import Exchange, Progress
 from bastion.gateway.jsonrpc import RpcError, notification
 from bastion.gateway.metadata import WELL_KNOWN, ProtectedResourceMetadata, metadata_url
 from bastion.gateway.ratelimit import RateLimiter, RedisRateLimiter
-from bastion.gateway.sessions import LIST_CHANGED, RESOURCE_UPDATED, Listener, SessionTable
+from bastion.gateway.sessions import (
+    LIST_CHANGED,
+    RESOURCE_UPDATED,
+    Listener,
+    SessionTable,
+    may_read,
+)
 from bastion.gateway.transport import InFlight, StreamableHttpEndpoint, send_json
 from bastion.gateway.upstream import Upstream, open_upstream
 from bastion.oauth.errors import InvalidToken
@@ -207,11 +213,7 @@ class Gateway:
                 listener.close(refused=True)
                 return False
             enforcer.write(verdict.record)  # allowed after all: the facts changed meanwhile
-        if uri is None:
-            return True
-        target = Entity("McpResource", f"{listener.server}/{uri}")
-        principals = caller.principals
-        return all(authz.authorize(p, "read", target, {**context, "uri": uri}) for p in principals)
+        return uri is None or may_read(authz, caller, listener.server, uri, context)
 
     # -- lifecycle and routes --------------------------------------------------------------------
 

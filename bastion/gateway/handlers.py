@@ -157,8 +157,10 @@ class Exchange:
             )
         if capability == "elicitation":
             mode = params.get("mode", "form")
-            if declared and mode not in declared:
-                raise RpcError(METHOD_NOT_FOUND, f"the client did not declare {mode} elicitation")
+            # MCP: an empty ``elicitation`` capability declares form mode only.
+            modes = declared or {"form": {}}
+            if not isinstance(mode, str) or mode not in modes:
+                raise RpcError(METHOD_NOT_FOUND, f"the client did not declare {mode!r} elicitation")
         if self.notes.get("masks"):
             # What would travel to the client cannot be masked field by field: fail closed.
             raise RpcError(

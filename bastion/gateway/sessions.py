@@ -18,6 +18,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from bastion.decide import Authorizer
+from bastion.decide.contract import decide_chain
+from bastion.facts.model import Entity
 from bastion.gateway.enforce import Caller
 from bastion.gateway.jsonrpc import RequestId, notification
 
@@ -30,6 +33,23 @@ LIST_CHANGED = {
 RESOURCE_UPDATED = "notifications/resources/updated"
 # In every notification of a listen stream: the id of the listen request that opened it.
 SUBSCRIPTION_ID = "io.modelcontextprotocol/subscriptionId"
+
+
+def may_read(
+    authz: Authorizer, caller: Caller, server: str, uri: str, context: dict[str, Any]
+) -> bool:
+    """Whether ``caller`` may hear of the resource ``uri`` now: every principal may ``read`` it,
+    the token has every scope that requires, and no human has to approve it first (as
+    ``resources/read`` would be decided; a notification is not counted by rate limits)."""
+    chain = decide_chain(
+        authz,
+        caller.principals,
+        "read",
+        Entity("McpResource", f"{server}/{uri}"),
+        {**context, "uri": uri},
+        granted_scopes=caller.scopes,
+    )
+    return chain.allowed and not chain.obligations.requires_approval
 
 
 @dataclass(eq=False)

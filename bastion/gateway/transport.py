@@ -23,7 +23,6 @@ from typing import TYPE_CHECKING, Any
 import anyio
 from starlette.types import Receive, Scope, Send
 
-from bastion.facts.model import Entity
 from bastion.gateway.enforce import Caller, StepUp
 from bastion.gateway.handlers import LEGACY_VERSIONS, MODERN_VERSIONS, Exchange, handler_for
 from bastion.gateway.jsonrpc import (
@@ -44,7 +43,7 @@ from bastion.gateway.jsonrpc import (
     result,
 )
 from bastion.gateway.metadata import challenge
-from bastion.gateway.sessions import LIST_CHANGED, SUBSCRIPTION_ID, Listener
+from bastion.gateway.sessions import LIST_CHANGED, SUBSCRIPTION_ID, Listener, may_read
 from bastion.oauth.errors import InvalidToken
 
 if TYPE_CHECKING:
@@ -281,9 +280,12 @@ class StreamableHttpEndpoint:
         if not message.is_request:
             # Notifications from the client are acknowledged and not forwarded.
             if message.method == "notifications/cancelled":
-                flight = gateway.in_flight.get((*owner, message.params.get("requestId")))
-                if flight is not None:
-                    flight.cancel("cancelled")
+                named = message.params.get("requestId")
+                # Only an id a request can have (a list or an object is no key: a 500 if tried).
+                if isinstance(named, str | int) and not isinstance(named, bool):
+                    flight = gateway.in_flight.get((*owner, named))
+                    if flight is not None:
+                        flight.cancel("cancelled")
             await send_json(send, 202, None)
             return
         if modern and message.method == "subscriptions/listen":
@@ -631,16 +633,7 @@ class StreamableHttpEndpoint:
         readable = frozenset(
             uri
             for uri in uris
-            if "resources" in offered
-            and all(
-                authz.authorize(
-                    p,
-                    "read",
-                    Entity("McpResource", f"{upstream.name}/{uri}"),
-                    {**context, "uri": uri},
-                )
-                for p in caller.principals
-            )
+            if "resources" in offered and may_read(authz, caller, upstream.name, uri, context)
         )
         _, _, token = headers.get("authorization", "").partition(" ")
         listener = Listener(message.id, upstream.name, caller, token.strip(), methods, readable)

@@ -51,6 +51,9 @@ has_relation(Tool{"lab/greet"}, "server", McpServer{"lab"})
 has_relation(Tool{"lab/quiz"}, "server", McpServer{"lab"})
 has_relation(Tool{"lab/greet_privately"}, "server", McpServer{"lab"})
 has_relation(Tool{"lab/ask_anyway"}, "server", McpServer{"lab"})
+has_relation(Tool{"lab/ask_by_url"}, "server", McpServer{"lab"})
+has_relation(McpResource{"lab/lab://guarded"}, "server", McpServer{"lab"})
+has_relation(McpResource{"lab/lab://held"}, "server", McpServer{"lab"})
 has_relation(McpResource{"lab/lab://open"}, "server", McpServer{"lab"})
 has_relation(McpResource{"lab/lab://secret"}, "server", McpServer{"lab"})
 has_attribute(McpResource{"lab/lab://secret"}, "audience", "admin")
@@ -158,10 +161,14 @@ def test_policy() -> str:
     window = 'in_time_window(context.time, "Mon-Fri", "09:00", "18:00", "Europe/Paris")'
     assert window in text
     text = text.replace(window, 'context.method = "tools/call"')
-    # A lab tool whose result is masked (what its upstream asks the client cannot be).
+    # A lab tool whose result is masked (what its upstream asks the client cannot be), and two
+    # lab resources read only with more than the tests' tokens have: a scope, an approval.
     return (
         text
         + '\nmask(_user: User, "call", _tool: Tool, "note") if context.tool = "greet_privately";\n'
+        + 'requires_scope("read", _r: McpResource, "customers:write") if\n'
+        + '  context.uri = "lab://guarded";\n'
+        + 'requires_approval(_user: User, "read", _r: McpResource) if context.uri = "lab://held";\n'
     )
 
 
