@@ -22,7 +22,7 @@ from bastion.decide import Authorizer
 from bastion.decide.contract import decide_chain
 from bastion.facts.model import Entity
 from bastion.gateway.enforce import Caller
-from bastion.gateway.jsonrpc import RequestId, notification
+from bastion.gateway.jsonrpc import INVALID_REQUEST, RequestId, RpcError, notification
 
 # The list_changed notifications and the `subscriptions/listen` filter flag that asks for each.
 LIST_CHANGED = {
@@ -33,6 +33,11 @@ LIST_CHANGED = {
 RESOURCE_UPDATED = "notifications/resources/updated"
 # In every notification of a listen stream: the id of the listen request that opened it.
 SUBSCRIPTION_ID = "io.modelcontextprotocol/subscriptionId"
+# Streams (GET and listen) a user may hold open on one server at a time, all their agents
+# together: an agent never exceeds its user, and registering more agents buys no more.
+MAX_STREAMS_PER_USER = 32
+# Notifications waiting for a client that does not read them: past this, its stream is cut off.
+MAX_BACKLOG = 1000
 
 
 def may_read(
@@ -94,7 +99,16 @@ class Listener:
     refused: bool = False
 
     def notify(self, method: str, params: dict[str, Any] | None = None) -> None:
-        """Send a notification on the stream; a listen stream's carry the listen request's id."""
+        """Send a notification on the stream; a listen stream's carry the listen request's id.
+        A client that falls `MAX_BACKLOG` notifications behind is cut off, as refused (what
+        waits for it is dropped): a stream holds bounded memory whatever the upstream sends."""
+        if self.refused:
+            return
+        if self.stream.qsize() >= MAX_BACKLOG:
+            while not self.stream.empty():
+                self.stream.get_nowait()
+            self.close(refused=True)
+            return
         if self.id is not None:
             params = {**(params or {}), "_meta": {SUBSCRIPTION_ID: self.id}}
         self.stream.put_nowait(notification(method, params))
@@ -111,6 +125,7 @@ class SessionTable:
         self.clock = clock
         self._sessions: dict[str, Session] = {}
         self._listeners: set[Listener] = set()
+        self._streams: dict[tuple[str, str], int] = {}  # (server, user) -> open streams
         self._last_sweep = 0.0
 
     def open(
@@ -154,10 +169,28 @@ class SessionTable:
         self._sessions.pop(session.id, None)
 
     def listen(self, listener: Listener) -> None:
+        """Start sending ``listener`` its notifications; `RpcError` (HTTP 429) if its user
+        already holds `MAX_STREAMS_PER_USER` streams on that server."""
+        key = (listener.server, listener.caller.subject)
+        held = self._streams.get(key, 0)
+        if held >= MAX_STREAMS_PER_USER:
+            raise RpcError(
+                INVALID_REQUEST,
+                f"a user may hold at most {MAX_STREAMS_PER_USER} notification streams open on"
+                " a server; close one first",
+                http_status=429,
+            )
+        self._streams[key] = held + 1
         self._listeners.add(listener)
 
     def unlisten(self, listener: Listener) -> None:
+        if listener not in self._listeners:
+            return
         self._listeners.discard(listener)
+        key = (listener.server, listener.caller.subject)
+        held = self._streams.pop(key, 1) - 1
+        if held:
+            self._streams[key] = held
 
     def listeners_of(self, server: str) -> Iterator[Listener]:
         return (s for s in list(self._listeners) if s.server == server)

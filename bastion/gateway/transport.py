@@ -564,10 +564,14 @@ class StreamableHttpEndpoint:
                 409, RpcError(INVALID_REQUEST, "this session already has a GET stream").body(None)
             )
         _, _, token = headers.get("authorization", "").partition(" ")
-        listener = session.listener = Listener(
+        listener = Listener(
             None, server, caller, token.strip(), frozenset(LIST_CHANGED), session.subscriptions
         )
-        gateway.sessions.listen(listener)
+        try:
+            gateway.sessions.listen(listener)
+        except RpcError as e:
+            raise HttpError(e.http_status, e.body(None)) from None
+        session.listener = listener
         expiry = _end_at_expiry(listener)
         try:
             try:
@@ -643,7 +647,10 @@ class StreamableHttpEndpoint:
         if readable:
             granted["resourceSubscriptions"] = sorted(readable)
         meta = {SUBSCRIPTION_ID: message.id}
-        gateway.sessions.listen(listener)
+        try:
+            gateway.sessions.listen(listener)
+        except RpcError as e:
+            raise HttpError(e.http_status, e.body(message.id)) from None
         expiry = _end_at_expiry(listener)
         try:
             try:

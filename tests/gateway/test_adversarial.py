@@ -1,14 +1,20 @@
 """What a hostile client (or upstream) tries against the message path added for notifications,
 cancellation and requests to the client, and what bastion does instead: crafted ids get a 4xx,
 never a 500; notifications of a resource reach only callers who may read it now, obligations
-(a scope, an approval) included; a client is asked only in the modes it declared."""
+(a scope, an approval) included; a client is asked only in the modes it declared; what one user
+(or a client that reads nothing) can make bastion hold is bounded."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
+import time
 
 import pytest
+
+from bastion.gateway.enforce import Caller
+from bastion.gateway.sessions import LIST_CHANGED, MAX_BACKLOG, MAX_STREAMS_PER_USER, Listener
 
 from .streams import events, legacy_session, modern_headers, modern_request
 
@@ -119,3 +125,65 @@ def test_a_client_that_declared_url_elicitation_is_asked(bastion):
     assert first["params"]["url"] == "https://phish.example/login"
     answer = {"jsonrpc": "2.0", "id": first["id"], "result": {"action": "decline"}}
     assert _post(bastion, "labhttp", headers, answer).status_code == 202
+
+
+def _open_stream(bastion, stack, server, token=None, headers=None):
+    """A listen stream (2026-07-28, with ``token``) or a session's GET stream (``headers``),
+    kept open in ``stack``; its HTTP status."""
+    if headers is None:
+        body = modern_request("watch", "subscriptions/listen", {"notifications": {}})
+        opened = bastion.http.stream(
+            "POST",
+            bastion.mcp_url(server),
+            json=body,
+            headers=modern_headers(token, "subscriptions/listen"),
+        )
+    else:
+        opened = bastion.http.stream("GET", bastion.mcp_url(server), headers=headers)
+    response = stack.enter_context(opened)
+    if response.status_code == 200:
+        # Open once its first line has come; the reader is kept (dropping it closes the stream).
+        next(stack.enter_context(contextlib.closing(response.iter_lines())))
+    else:
+        response.read()
+    return response.status_code
+
+
+def test_a_user_holds_a_bounded_number_of_streams_whatever_their_agents(bastion):
+    # Each stream holds memory and a connection: a user's agents together hold at most
+    # MAX_STREAMS_PER_USER on a server (listen and GET streams alike), another user is not
+    # affected, and a stream closed makes room for one more.
+    first, second = bastion.token("sam", "desk"), bastion.token("sam", "desk")
+    session = legacy_session(bastion, second, "desk")
+    del session["content-type"]
+    session["accept"] = "text/event-stream"
+    with contextlib.ExitStack() as streams, contextlib.ExitStack() as last:
+        for _ in range(MAX_STREAMS_PER_USER - 2):
+            assert _open_stream(bastion, streams, "desk", first) == 200
+        assert _open_stream(bastion, last, "desk", second) == 200
+        assert _open_stream(bastion, streams, "desk", headers=session) == 200
+        assert _open_stream(bastion, streams, "desk", first) == 429
+        assert _open_stream(bastion, streams, "desk", second) == 429
+        other = legacy_session(bastion, first, "desk")
+        del other["content-type"]
+        other["accept"] = "text/event-stream"
+        assert _open_stream(bastion, streams, "desk", headers=other) == 429
+        assert _open_stream(bastion, streams, "desk", bastion.token("avery", "desk")) == 200
+        last.close()
+        # bastion notices the closed stream when its connection ends: wait for it.
+        deadline = time.monotonic() + 15
+        while (status := _open_stream(bastion, streams, "desk", first)) == 429:
+            assert time.monotonic() < deadline, "the closed stream was never let go"
+            time.sleep(0.05)
+        assert status == 200
+
+
+def test_a_client_that_reads_nothing_is_cut_off_instead_of_piling_up_notifications():
+    caller = Caller("sam", "agent", frozenset(), "127.0.0.1", "2026-07-28")
+    listener = Listener("watch", "lab", caller, "token", frozenset(LIST_CHANGED), set())
+    for _ in range(MAX_BACKLOG + 5):
+        listener.notify("notifications/tools/list_changed")
+    # Cut off as refused (no listen result): the stream's next message is its end.
+    assert listener.refused
+    assert listener.stream.get_nowait() is None
+    assert listener.stream.empty()
