@@ -15,6 +15,7 @@ from starlette.types import Receive, Scope, Send
 
 from bastion.audit.decisions import DecisionRecords
 from bastion.decide import Authorizer
+from bastion.decide.contract import decide_chain
 from bastion.facts.model import Entity
 from bastion.gateway.config import GatewayConfig
 from bastion.gateway.enforce import Enforcer, StepUp, refused
@@ -141,14 +142,24 @@ class Gateway:
     # -- decisions shared by every handler -------------------------------------------------------
 
     async def admit(self, ex: Exchange, record: bool = False) -> None:
-        """``connect`` on the server, for every principal, on every message (continuous)."""
+        """``connect`` on the server, for every principal, on every message (continuous).
+
+        Allowed with nothing to do, it stays unrecorded (the message's own decision is). Anything
+        else goes through `Enforcer.decide`: a refusal, and also the obligations a policy may put
+        on ``connect`` (a scope to step up to, an approval, a rate limit), never ignored."""
         enforcer = self.enforcer
         context = ex.context()
         server = ex.upstream.entity
-        authz = enforcer.authorizer()
-        if record or not all(
-            authz.authorize(p, "connect", server, context) for p in ex.caller.principals
-        ):
+        chain = decide_chain(
+            enforcer.authorizer(),
+            ex.caller.principals,
+            "connect",
+            server,
+            context,
+            granted_scopes=ex.caller.scopes,
+        )
+        duties = chain.obligations.requires_approval or chain.obligations.rate_limits
+        if record or not chain.allowed or chain.missing_scopes or duties:
             verdict = await enforcer.decide(
                 ex.caller, ex.server, ex.message.method or "", "connect", server, context
             )
