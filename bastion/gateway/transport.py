@@ -559,7 +559,13 @@ class StreamableHttpEndpoint:
         except StepUp:
             raise HttpError(403, None) from None
         gateway.enforcer.write(verdict.record)
-        if session.listener is not None:  # checked after the last await: no GET in between
+        # Checked after the last await, so nothing can come in between: the session may have
+        # ended (DELETE) or got a GET stream while this one was being decided.
+        if session.closed:
+            raise HttpError(
+                404, RpcError(SESSION_NOT_FOUND, "the session ended; initialize again").body(None)
+            )
+        if session.listener is not None:
             raise HttpError(
                 409, RpcError(INVALID_REQUEST, "this session already has a GET stream").body(None)
             )

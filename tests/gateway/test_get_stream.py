@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import threading
 
 import anyio
 import pytest
@@ -156,3 +157,44 @@ def test_a_stream_ends_when_its_token_expires_even_without_notifications():
     ends, expired, unreadable, valid = asyncio.run(main())
     assert ends == [None, None] and expired.refused and unreadable.refused
     assert valid.stream.empty() and not valid.refused
+
+
+def test_a_get_that_loses_a_race_with_delete_opens_nothing(bastion, monkeypatch):
+    # The GET is held inside its `connect` decision while the session is deleted: when it
+    # resumes, the session is gone, and no stream may open on it.
+    gateway = bastion.app.state.gateway
+    token = bastion.token("sam", "lab")
+    headers = legacy_session(bastion, token, "lab")
+    deciding, release = threading.Event(), threading.Event()
+    decide = gateway.enforcer.decide
+
+    async def held(caller, server, method, *args, **kwargs):
+        if method == "GET":
+            deciding.set()
+            await anyio.to_thread.run_sync(release.wait, 30)
+        return await decide(caller, server, method, *args, **kwargs)
+
+    monkeypatch.setattr(gateway.enforcer, "decide", held)
+    seen = {}
+
+    def get():
+        with open_get(bastion, "lab", headers) as response:
+            seen["status"] = response.status_code
+            seen["body"] = response.read()
+
+    thread = threading.Thread(target=get, daemon=True)
+    thread.start()
+    assert deciding.wait(30)
+    deleted = bastion.http.delete(
+        bastion.mcp_url("lab"), headers={k: v for k, v in headers.items() if k != "content-type"}
+    )
+    assert deleted.status_code == 204
+    release.set()
+    thread.join(30)
+    assert seen["status"] == 404, seen
+    assert b"-32005" in seen["body"]
+    assert not [
+        listener
+        for listener in gateway.sessions.listeners_of("lab")
+        if listener.caller.subject == "sam" and listener.id is None
+    ]
