@@ -277,19 +277,29 @@ class StdioUpstream(Upstream):
             log.warning("upstream %s: stdout unreadable: %s", self.name, e)
         finally:
             self._lost(f"upstream {self.name} exited")
+            if process.returncode is None:
+                # Nothing reads it any more: stop it, or the next start would leave it running.
+                with contextlib.suppress(ProcessLookupError):
+                    process.kill()
 
     async def _dispatch(self, message: dict[str, Any]) -> None:
+        request_id = message.get("id")
+        if "id" in message and not _plain_id(request_id):
+            log.warning(
+                "upstream %s sent a message whose id is neither text nor a number", self.name
+            )
+            return
         if "method" in message:
             if "id" in message:  # a request from the server: not relayed
                 await self._write(
                     RpcError(METHOD_NOT_FOUND, "bastion does not relay server requests").body(
-                        message["id"]
+                        request_id
                     )
                 )
             else:
                 await self._deliver(message)
             return
-        future = self._pending.pop(message.get("id"), None)
+        future = self._pending.pop(request_id, None)
         if future is not None and not future.done():
             future.set_result(message)
 
@@ -672,3 +682,8 @@ async def _events(response: Response):
 
 def open_upstream(config: UpstreamConfig) -> Upstream:
     return StdioUpstream(config) if config.transport == "stdio" else HttpUpstream(config)
+
+
+def _plain_id(value: Any) -> bool:
+    """A JSON-RPC id bastion can match: a string or an integer (not a boolean)."""
+    return isinstance(value, str) or (isinstance(value, int) and not isinstance(value, bool))

@@ -1,0 +1,57 @@
+"""A misbehaving stdio upstream cannot break bastion's side of the pipe: messages with ids bastion
+cannot match are dropped, the real answer still arrives, and no second process is started."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import textwrap
+
+from bastion.gateway.config import UpstreamConfig
+from bastion.gateway.upstream import StdioUpstream
+
+# A raw MCP stdio server (no SDK): before each answer it writes messages with crafted ids.
+SERVER = textwrap.dedent(
+    """
+    import json, sys
+    for line in sys.stdin:
+        message = json.loads(line)
+        if "id" not in message:
+            continue
+        if message["method"] == "initialize":
+            result = {"protocolVersion": "2025-11-25", "capabilities": {"tools": {}},
+                      "serverInfo": {"name": "raw", "version": "1"}}
+        else:
+            for crafted in ([message["id"]], {"id": message["id"]}, 1.5, True, None):
+                print(json.dumps({"jsonrpc": "2.0", "id": crafted, "result": {}}), flush=True)
+            print(json.dumps({"jsonrpc": "2.0", "id": [1], "method": "roots/list"}), flush=True)
+            result = {"tools": [{"name": "echo", "inputSchema": {"type": "object"}}]}
+        print(json.dumps({"jsonrpc": "2.0", "id": message["id"], "result": result}), flush=True)
+    """
+)
+
+
+def test_crafted_ids_from_a_stdio_upstream_are_dropped_and_the_answer_arrives(tmp_path):
+    script = tmp_path / "raw_server.py"
+    script.write_text(SERVER)
+
+    async def scenario() -> tuple[list, int, int, bool]:
+        upstream = StdioUpstream(
+            UpstreamConfig(name="raw", command=sys.executable, args=(str(script),), timeout=10)
+        )
+        try:
+            first = await upstream.request("tools/list", {})
+            pid = upstream._process.pid
+            second = await upstream.request("tools/list", {})
+            return (
+                [first["result"]["tools"][0]["name"], second["result"]["tools"][0]["name"]],
+                pid,
+                upstream._process.pid,
+                upstream._process.returncode is None,
+            )
+        finally:
+            await upstream.close()
+
+    names, first_pid, second_pid, running = asyncio.run(scenario())
+    assert names == ["echo", "echo"]
+    assert first_pid == second_pid and running  # the same process throughout, still running
