@@ -24,6 +24,14 @@ _IDLE_SECONDS = 3.0
 _DRAIN_SECONDS = 5.0
 
 
+# The most bastion reads of one response body, or of one line of an event stream.
+MAX_MESSAGE = 64 * 1024 * 1024
+
+
+def _text(line: bytearray) -> str:
+    return bytes(line).removesuffix(b"\r").decode(errors="replace")
+
+
 class HttpClientError(Exception):
     """The upstream could not be reached, or its answer was not HTTP/1.1 we can read."""
 
@@ -159,22 +167,32 @@ class Response:
         self.headers: Mapping[str, str] = connection._headers
         self._closed = False
 
-    async def read(self) -> bytes:
-        parts = []
+    async def read(self, limit: int = MAX_MESSAGE) -> bytes:
+        """The whole body; `HttpClientError` if it grows past ``limit`` bytes."""
+        parts, size = [], 0
         while (chunk := await self._connection.next_chunk()) is not None:
+            size += len(chunk)
+            if size > limit:
+                raise HttpClientError(f"the response is larger than {limit} bytes")
             parts.append(chunk)
         return b"".join(parts)
 
-    async def lines(self) -> AsyncIterator[str]:
-        """The body as text lines without their line ends (for text/event-stream)."""
-        pending = b""
+    async def lines(self, limit: int = MAX_MESSAGE) -> AsyncIterator[str]:
+        """The body as text lines without their line ends (for text/event-stream); a line
+        longer than ``limit`` bytes is an `HttpClientError`. Each byte is searched once."""
+        pending = bytearray()
         while (chunk := await self._connection.next_chunk()) is not None:
+            searched = len(pending)  # the part before holds no line end
             pending += chunk
-            *complete, pending = pending.split(b"\n")
-            for line in complete:
-                yield line.removesuffix(b"\r").decode()
+            start = 0
+            while (end := pending.find(b"\n", max(start, searched))) != -1:
+                yield _text(pending[start:end])
+                start = end + 1
+            del pending[:start]
+            if len(pending) > limit:
+                raise HttpClientError(f"a line of the response is longer than {limit} bytes")
         if pending:
-            yield pending.removesuffix(b"\r").decode()
+            yield _text(pending)
 
     def close(self) -> None:
         """Give the connection back for the next request, or close it if it cannot be reused.

@@ -22,7 +22,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from bastion.gateway.config import UpstreamConfig
-from bastion.gateway.http1 import Http1Client, HttpClientError, Response
+from bastion.gateway.http1 import MAX_MESSAGE, Http1Client, HttpClientError, Response
 from bastion.gateway.jsonrpc import METHOD_NOT_FOUND, UPSTREAM_UNAVAILABLE, RpcError, encode
 
 log = logging.getLogger("bastion.gateway.upstream")
@@ -30,7 +30,7 @@ log = logging.getLogger("bastion.gateway.upstream")
 UPSTREAM_PROTOCOL_VERSION = "2025-11-25"
 CLIENT_INFO = {"name": "bastion-gateway", "version": "0.1.0"}
 # A stdio line (one message) may be this large.
-_MAX_LINE = 64 * 1024 * 1024
+_MAX_LINE = MAX_MESSAGE  # a stdio message, as an HTTP response: at most 64 MiB
 
 Notify = Callable[[dict[str, Any]], Awaitable[None]]
 # Relays a request the upstream sent while answering one of bastion's to the client that sent
@@ -666,16 +666,27 @@ def _log_failure(task: asyncio.Task) -> None:
 
 
 async def _events(response: Response):
-    """The JSON-RPC messages of a text/event-stream body (objects only)."""
+    """The JSON-RPC messages of a text/event-stream body (objects only); an event larger than
+    `MAX_MESSAGE` is an `HttpClientError`, one that is not JSON is skipped."""
     data: list[str] = []
+    size = 0
     async for line in response.lines():
         if line.startswith("data:"):
             data.append(line[5:].removeprefix(" "))
+            size += len(data[-1])
+            if size > MAX_MESSAGE:
+                raise HttpClientError(
+                    f"an event of the response is larger than {MAX_MESSAGE} bytes"
+                )
             continue
         if line or not data:
             continue
-        message = json.loads("\n".join(data))
-        data = []
+        text, data, size = "\n".join(data), [], 0
+        try:
+            message = json.loads(text)
+        except ValueError:
+            log.warning("an upstream sent an event that is not JSON")
+            continue
         if isinstance(message, dict):
             yield message
 

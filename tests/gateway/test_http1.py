@@ -77,3 +77,67 @@ def test_an_unreachable_upstream_is_a_clear_error():
             await client.request("POST", {}, b"{}")
 
     asyncio.run(main())
+
+
+def test_lines_split_across_chunks_and_the_limits_on_lines_and_bodies():
+    async def main():
+        # One event-stream body sent in awkward chunks: line ends split from their lines, a CR
+        # LF, an empty line, a last line with no end; then a line, and a body, over the limit.
+        body = [b'data: {"a"', b": 1}\r", b"\n\nda", b"ta: 2\n", b"\ntail"]
+        chunked = b"".join(b"%x\r\n%s\r\n" % (len(c), c) for c in body) + b"0\r\n\r\n"
+        answers = [
+            b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked"
+            b"\r\n\r\n" + chunked,
+            b"HTTP/1.1 200 OK\r\ncontent-length: 40\r\n\r\n" + b"x" * 40,
+            b"HTTP/1.1 200 OK\r\ncontent-length: 40\r\n\r\n" + b"y" * 40,
+        ]
+        server, url, _ = await serving(answers)
+        client = Http1Client(url)
+        try:
+            response = await client.request("POST", {}, b"{}")
+            lines = [line async for line in response.lines()]
+            assert lines == ['data: {"a": 1}', "", "data: 2", "", "tail"]
+            response.close()
+            response = await client.request("POST", {}, b"{}")
+            with pytest.raises(HttpClientError, match="longer than 16 bytes"):
+                [line async for line in response.lines(limit=16)]
+            response.abort()
+            response = await client.request("POST", {}, b"{}")
+            with pytest.raises(HttpClientError, match="larger than 16 bytes"):
+                await response.read(limit=16)
+            response.abort()
+        finally:
+            await client.aclose()
+            server.close()
+
+    asyncio.run(main())
+
+
+def test_events_skip_what_is_not_json_and_refuse_an_event_over_the_limit(monkeypatch):
+    from bastion.gateway import upstream
+
+    async def main():
+        stream = b'data: {not json\n\ndata: [1]\n\ndata: {"id": 1}\n\n'
+        big = b"data: " + b"z" * 30 + b"\ndata: " + b"z" * 30 + b"\n\n"
+        answers = [
+            b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncontent-length: %d\r\n\r\n"
+            % len(body)
+            + body
+            for body in (stream, big)
+        ]
+        server, url, _ = await serving(answers)
+        client = Http1Client(url)
+        try:
+            response = await client.request("POST", {}, b"{}")
+            assert [m async for m in upstream._events(response)] == [{"id": 1}]
+            response.close()
+            monkeypatch.setattr(upstream, "MAX_MESSAGE", 50)  # each line fits, the event does not
+            response = await client.request("POST", {}, b"{}")
+            with pytest.raises(HttpClientError, match="event of the response is larger"):
+                [m async for m in upstream._events(response)]
+            response.abort()
+        finally:
+            await client.aclose()
+            server.close()
+
+    asyncio.run(main())
