@@ -38,6 +38,9 @@ SUBSCRIPTION_ID = "io.modelcontextprotocol/subscriptionId"
 MAX_STREAMS_PER_USER = 32
 # Notifications waiting for a client that does not read them: past this, its stream is cut off.
 MAX_BACKLOG = 1000
+# 2025-11-25 sessions a user may hold on one server, all their agents together; opening one more
+# ends the one used least recently (its client gets 404 and initializes again, as after a restart).
+MAX_SESSIONS_PER_USER = 64
 
 
 def may_read(
@@ -124,6 +127,7 @@ class SessionTable:
         self.idle_seconds = idle_seconds
         self.clock = clock
         self._sessions: dict[str, Session] = {}
+        self._by_user: dict[tuple[str, str], dict[str, Session]] = {}  # (server, user) -> theirs
         self._listeners: set[Listener] = set()
         self._streams: dict[tuple[str, str], int] = {}  # (server, user) -> open streams
         self._last_sweep = 0.0
@@ -137,6 +141,9 @@ class SessionTable:
         capabilities: dict[str, Any] | None = None,
     ) -> Session:
         self._sweep()
+        theirs = self._by_user.setdefault((server, subject), {})
+        if len(theirs) >= MAX_SESSIONS_PER_USER:
+            self.end(min(theirs.values(), key=lambda s: s.last_seen))
         session = Session(
             secrets.token_urlsafe(16),
             server,
@@ -147,6 +154,7 @@ class SessionTable:
             capabilities or {},
         )
         self._sessions[session.id] = session
+        theirs[session.id] = session
         return session
 
     def find(self, session_id: str, server: str, subject: str, client_id: str) -> Session | None:
@@ -167,6 +175,12 @@ class SessionTable:
     def end(self, session: Session) -> None:
         session.close()
         self._sessions.pop(session.id, None)
+        key = (session.server, session.subject)
+        theirs = self._by_user.get(key)
+        if theirs is not None:
+            theirs.pop(session.id, None)
+            if not theirs:
+                del self._by_user[key]
 
     def listen(self, listener: Listener) -> None:
         """Start sending ``listener`` its notifications; `RpcError` (HTTP 429) if its user
