@@ -41,10 +41,11 @@ class Database:
             self._conn = psycopg.connect(url, autocommit=True)
         else:
             path = url.removeprefix("sqlite:///").removeprefix("sqlite://")
-            self._conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-            self._conn.execute("PRAGMA journal_mode=WAL")
+            self._conn = sqlite3.connect(
+                path, check_same_thread=False, isolation_level=None, timeout=10
+            )
+            _use_wal(self._conn)
             self._conn.execute("PRAGMA synchronous=NORMAL")
-            self._conn.execute("PRAGMA busy_timeout=10000")
             self._conn.execute("PRAGMA foreign_keys=ON")
 
     def _sql(self, sql: str) -> str:
@@ -165,6 +166,21 @@ class Database:
     def close(self) -> None:
         with self._lock:
             self._conn.close()
+
+
+def _use_wal(conn: sqlite3.Connection, seconds: float = 10.0) -> None:
+    """Switch the file to WAL. Connections opening a new file at once (replicas starting
+    together) each try, and SQLite answers "locked" to all but one without waiting for the busy
+    timeout, so this waits and tries again until the file is in WAL mode."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as e:
+            if "locked" not in str(e) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
 
 
 class Listener:

@@ -169,7 +169,7 @@ def test_two_stores_starting_at_once_migrate_once(database_url):
         except Exception as e:  # pragma: no cover - the failure this test looks for
             errors.append(e)
 
-    threads = [threading.Thread(target=start) for _ in range(4)]
+    threads = [threading.Thread(target=start) for _ in range(8)]
     for t in threads:
         t.start()
     for t in threads:
