@@ -4,6 +4,8 @@ line (what an SDK client hides: the exact frames bastion sends)."""
 from __future__ import annotations
 
 import json
+import queue
+import threading
 import time
 
 ENVELOPE = {
@@ -55,6 +57,24 @@ def events(response):
         elif not line and data:
             yield json.loads("\n".join(data))
             data = []
+
+
+def first_event(frames, trigger, attempts: int = 20) -> dict:
+    """The first message of ``frames`` (from `events`), calling ``trigger()`` until one comes.
+
+    A 2025-11-25 upstream built on the SDK sends its GET stream's headers a moment before it
+    registers the stream, and drops what it sends in between; bastion cannot see that moment.
+    So a test that makes the upstream notify right after a stream opened tries again, a fixed
+    number of times, rather than depend on that moment having passed."""
+    found: queue.Queue = queue.Queue()
+    threading.Thread(target=lambda: found.put(next(frames, None)), daemon=True).start()
+    for _ in range(attempts):
+        trigger()
+        try:
+            return found.get(timeout=1)
+        except queue.Empty:
+            continue
+    raise AssertionError(f"nothing arrived after {attempts} attempts")
 
 
 def legacy_session(

@@ -18,7 +18,7 @@ from bastion.gateway.sessions import Listener
 from bastion.gateway.transport import _end_at_expiry
 from bastion.policy.parser import parse_fact
 
-from .streams import call_tool, events, legacy_session
+from .streams import call_tool, events, first_event, legacy_session
 
 TOOLS_CHANGED = {"jsonrpc": "2.0", "method": "notifications/tools/list_changed"}
 SAM_IS_A_MEMBER = parse_fact('has_role(User{"sam"}, "member", Team{"support"})')
@@ -54,8 +54,7 @@ def test_a_get_stream_hears_the_upstreams_list_changes(bastion, server):
     with open_get(bastion, server, headers) as response:
         assert response.status_code == 200
         frames = events(response)
-        announce_tools(bastion, server)
-        assert next(frames) == TOOLS_CHANGED
+        assert first_event(frames, lambda: announce_tools(bastion, server)) == TOOLS_CHANGED
 
 
 def test_a_session_holds_one_get_stream(bastion):
