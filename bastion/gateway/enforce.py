@@ -40,6 +40,7 @@ class Caller:
     scopes: frozenset[str]
     address: str
     protocol_version: str
+    grant_id: str = ""  # the grant its token belongs to: revoking it ends the caller's streams
     # The user and the agent, as the policy sees them (every one must be allowed).
     principals: tuple[Entity, ...] = field(init=False)
 

@@ -18,7 +18,7 @@ from bastion.decide import Authorizer
 from bastion.decide.contract import decide_chain
 from bastion.facts.model import Entity
 from bastion.gateway.config import GatewayConfig
-from bastion.gateway.enforce import Enforcer, StepUp, refused
+from bastion.gateway.enforce import Caller, Enforcer, StepUp, refused
 from bastion.gateway.handlers import Exchange, Progress
 from bastion.gateway.jsonrpc import RpcError, notification
 from bastion.gateway.metadata import WELL_KNOWN, ProtectedResourceMetadata, metadata_url
@@ -150,20 +150,25 @@ class Gateway:
         enforcer = self.enforcer
         context = ex.context()
         server = ex.upstream.entity
-        chain = decide_chain(
-            enforcer.authorizer(),
-            ex.caller.principals,
-            "connect",
-            server,
-            context,
-            granted_scopes=ex.caller.scopes,
-        )
-        duties = chain.obligations.requires_approval or chain.obligations.rate_limits
-        if record or not chain.allowed or chain.missing_scopes or duties:
+        if record or self._connect_needs_deciding(ex.caller, server, context):
             verdict = await enforcer.decide(
                 ex.caller, ex.server, ex.message.method or "", "connect", server, context
             )
             enforcer.write(verdict.record)
+
+    def _connect_needs_deciding(self, caller: Caller, server: Entity, context: dict) -> bool:
+        """Whether ``connect`` must go through `Enforcer.decide`: a principal is refused, or the
+        policy attaches something to do (a scope the token lacks, an approval, a rate limit)."""
+        chain = decide_chain(
+            self.enforcer.authorizer(),
+            caller.principals,
+            "connect",
+            server,
+            context,
+            granted_scopes=caller.scopes,
+        )
+        duties = chain.obligations.requires_approval or chain.obligations.rate_limits
+        return not chain.allowed or bool(chain.missing_scopes) or bool(duties)
 
     # -- upstream notifications ------------------------------------------------------------------
 
@@ -214,8 +219,8 @@ class Gateway:
         caller = listener.caller
         context = enforcer.context(caller, listener.server, method)
         server = Entity("McpServer", listener.server)
-        if not all(authz.authorize(p, "connect", server, context) for p in caller.principals):
-            # Decided again in full, so that the refusal is recorded (with its rules).
+        if self._connect_needs_deciding(caller, server, context):
+            # Decided again in full, so that a refusal is recorded (with its rules).
             try:
                 verdict = await enforcer.decide(
                     caller, listener.server, method, "connect", server, context
@@ -232,6 +237,12 @@ class Gateway:
         if self.records is not None:
             self._flusher = asyncio.create_task(self._flush_forever())
         self._end_streams_on_stop_signals()
+        # A revocation this process makes or hears of (NOTIFY, on PostgreSQL) cuts the grant's
+        # streams off at once, not at their next notification.
+        loop = asyncio.get_running_loop()
+        self.tokens.on_forget(
+            lambda grant_id: loop.call_soon_threadsafe(self.sessions.end_grant, grant_id)
+        )
 
     def _end_streams_on_stop_signals(self) -> None:
         """uvicorn waits for open responses to finish before the lifespan's shutdown, and a

@@ -209,6 +209,12 @@ class SessionTable:
     def listeners_of(self, server: str) -> Iterator[Listener]:
         return (s for s in list(self._listeners) if s.server == server)
 
+    def end_grant(self, grant_id: str) -> None:
+        """A grant, or one of its tokens, was revoked: cut off the streams opened with it."""
+        for listener in list(self._listeners):
+            if grant_id and listener.caller.grant_id == grant_id:
+                listener.close(refused=True)
+
     def close_all(self) -> None:
         """End every session and every stream (GET and listen streams end cleanly)."""
         for session in list(self._sessions.values()):

@@ -184,6 +184,7 @@ class StreamableHttpEndpoint:
             scopes=verified.scopes,
             address=client[0] or "",
             protocol_version=headers.get("mcp-protocol-version", ""),
+            grant_id=verified.grant_id,
         )
 
     # -- POST --------------------------------------------------------------------------------------

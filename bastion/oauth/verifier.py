@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,6 +26,8 @@ from bastion.oauth.access_token import TOKEN_TYPE
 from bastion.oauth.errors import InvalidToken
 from bastion.oauth.keys import ALGORITHM, KeyRing
 from bastion.oauth.store import REVOCATIONS_CHANNEL, OAuthStore
+
+log = logging.getLogger("bastion.oauth.verifier")
 
 
 @dataclass(frozen=True)
@@ -187,6 +190,7 @@ class VerifiedTokens:
         # Moves at every forgetting: a `verify` that overlapped one does not remember its token.
         self._forgotten = 0
         self._lock = threading.Lock()
+        self._forget_callbacks: list[Callable[[str], None]] = []
         verifier.store.on_revoked(self._forget_grant)
         self.listener: Listener | None = None
         if self.db.is_postgres:
@@ -267,12 +271,23 @@ class VerifiedTokens:
                 if not keys:
                     del self._grants[entry[0].grant_id]
 
+    def on_forget(self, callback: Callable[[str], None]) -> None:
+        """Call ``callback(grant_id)`` whenever a grant's tokens are forgotten because it, or one
+        of its tokens, was revoked (on the thread that learnt of it: the revoking one, or the
+        listener's)."""
+        self._forget_callbacks.append(callback)
+
     def _forget_grant(self, grant_id: str) -> None:
         """A token of the grant, or the grant, was revoked: forget every token it issued."""
         with self._lock:
             self._forgotten += 1
             for key in self._grants.pop(grant_id, ()):
                 self._tokens.pop(key, None)
+        for callback in list(self._forget_callbacks):
+            try:
+                callback(grant_id)
+            except Exception:  # a subscriber's failure must not undo or break a revocation
+                log.exception("a subscriber to revocations failed")
 
     def _notified(self, grant_id: str) -> None:
         """A revocation committed by any process (this one included) has been announced."""
@@ -286,6 +301,7 @@ class VerifiedTokens:
 
     def close(self) -> None:
         self.verifier.store.off_revoked(self._forget_grant)
+        self._forget_callbacks.clear()
         if self.listener is not None:
             self.listener.stop()
         self.db.close()

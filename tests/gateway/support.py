@@ -169,11 +169,12 @@ def test_policy() -> str:
         + 'requires_scope("read", _r: McpResource, "customers:write") if\n'
         + '  context.uri = "lab://guarded";\n'
         + 'requires_approval(_user: User, "read", _r: McpResource) if context.uri = "lab://held";\n'
-        # Obligations on `connect` itself, switched on per server by a fact.
+        # Obligations on `connect` itself, switched on per server (and user) by a fact.
         + "declare connect_scope(McpServer, String);\n"
-        + "declare connect_held(McpServer);\n"
+        + "declare connect_held(McpServer, User);\n"
         + 'requires_scope("connect", server: McpServer, scope) if connect_scope(server, scope);\n'
-        + 'requires_approval(_user: User, "connect", server: McpServer) if connect_held(server);\n'
+        + 'requires_approval(user: User, "connect", server: McpServer) if\n'
+        + "  connect_held(server, user);\n"
     )
 
 

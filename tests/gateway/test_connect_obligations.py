@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from bastion.policy.parser import parse_fact
 
-from .streams import modern_headers, modern_request
+from .streams import call_tool, events, modern_headers, modern_request
 
 LIST_TOOLS = "tools/list"
 
@@ -37,7 +37,7 @@ def test_a_scope_required_to_connect_sends_the_client_to_step_up(bastion):
 
 def test_a_hold_on_connect_refuses_every_message(bastion):
     token = bastion.token("sam", "labhttp")
-    held = parse_fact('connect_held(McpServer{"labhttp"})')
+    held = parse_fact('connect_held(McpServer{"labhttp"}, User{"sam"})')
     before = len(bastion.recorder.requests)
     bastion.apply(inserts=[held])
     try:
@@ -48,3 +48,27 @@ def test_a_hold_on_connect_refuses_every_message(bastion):
     finally:
         bastion.apply(deletes=[held])
     assert "result" in list_tools(bastion, token).json()
+
+
+def test_a_hold_on_connect_cuts_a_listen_stream_off_at_its_next_notification(bastion):
+    token = bastion.token("sam", "labhttp")
+    held = parse_fact('connect_held(McpServer{"labhttp"}, User{"sam"})')
+    with bastion.http.stream(
+        "POST",
+        bastion.mcp_url("labhttp"),
+        json=modern_request(
+            "w", "subscriptions/listen", {"notifications": {"toolsListChanged": True}}
+        ),
+        headers=modern_headers(token, "subscriptions/listen"),
+    ) as response:
+        frames = events(response)
+        assert next(frames)["method"] == "notifications/subscriptions/acknowledged"
+        bastion.apply(inserts=[held])
+        try:
+            # avery (not held) makes the upstream announce; sam's stream ends instead of hearing it.
+            call_tool(
+                bastion, bastion.token("avery", "labhttp"), "labhttp", "announce", {"kind": "tools"}
+            )
+            assert list(frames) == []
+        finally:
+            bastion.apply(deletes=[held])

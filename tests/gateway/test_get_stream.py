@@ -18,7 +18,7 @@ from bastion.gateway.sessions import Listener
 from bastion.gateway.transport import _end_at_expiry
 from bastion.policy.parser import parse_fact
 
-from .streams import call_tool, events, first_event, legacy_session
+from .streams import call_tool, events, first_event, legacy_session, modern_headers, modern_request
 
 TOOLS_CHANGED = {"jsonrpc": "2.0", "method": "notifications/tools/list_changed"}
 SAM_IS_A_MEMBER = parse_fact('has_role(User{"sam"}, "member", Team{"support"})')
@@ -202,3 +202,36 @@ def test_a_get_that_loses_a_race_with_delete_opens_nothing(bastion, monkeypatch)
         for listener in gateway.sessions.listeners_of("lab")
         if listener.caller.subject == "sam" and listener.id is None
     ]
+
+
+@pytest.mark.parametrize("era", ["legacy", "modern"])
+def test_revoking_a_token_ends_its_streams_at_once(bastion, era):
+    # No notification comes: the stream must end because of the revocation itself. A token of
+    # another grant keeps its stream.
+    token, other = bastion.token("sam", "lab"), bastion.token("sam", "lab")
+    if era == "legacy":
+        opened = [
+            open_get(bastion, "lab", legacy_session(bastion, t, "lab")) for t in (token, other)
+        ]
+    else:
+        opened = [
+            bastion.http.stream(
+                "POST",
+                bastion.mcp_url("lab"),
+                json=modern_request(f"w-{i}", "subscriptions/listen", {"notifications": {}}),
+                headers=modern_headers(t, "subscriptions/listen"),
+            )
+            for i, t in enumerate((token, other))
+        ]
+    with opened[0] as revoked_stream, opened[1] as kept_stream:
+        assert revoked_stream.status_code == kept_stream.status_code == 200
+        frames = events(revoked_stream)
+        if era == "modern":
+            assert next(frames)["method"] == "notifications/subscriptions/acknowledged"
+        revoke(bastion, token)
+        assert list(frames) == []  # ended (a client read timeout would fail the test instead)
+        assert [
+            listener
+            for listener in bastion.app.state.gateway.sessions.listeners_of("lab")
+            if listener.token == other
+        ]
