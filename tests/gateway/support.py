@@ -30,7 +30,7 @@ from bastion.oauth.users import create_user
 from bastion.policy.parser import parse_fact
 from bastion.server.app import create_app
 from bastion.server.config import ServerConfig
-from tests.oauth.support import free_socket, hidden_fields, pkce_pair, serve
+from tests.oauth.support import free_socket, log_in_and_consent, pkce_pair, serve
 from tests.oauth.test_mcp_sdk import MemoryStorage
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -234,22 +234,7 @@ class Running:
 
     def log_in_and_consent(self, url: str, username: str) -> httpx.Response:
         self.logins.append(username)
-        browser = httpx.Client(follow_redirects=False, timeout=10)
-        page = browser.get(url)
-        if page.is_redirect:
-            return page
-        assert page.status_code == 200, page.text
-        if "name=password" in page.text or 'name="password"' in page.text:
-            page = browser.post(
-                f"{self.url}/authorize/login",
-                data={**hidden_fields(page.text), "username": username, "password": self.password},
-            )
-            if page.is_redirect:
-                return page
-            assert page.status_code == 200, page.text
-        return browser.post(
-            f"{self.url}/authorize/consent", data={**hidden_fields(page.text), "decision": "allow"}
-        )
+        return log_in_and_consent(self.url, url, username, self.password)
 
     def token(self, username: str, server: str, scope: str = "customers:read") -> str:
         """An access token by the plain OAuth flow (no SDK), for raw HTTP tests."""

@@ -72,6 +72,29 @@ def pkce_pair() -> tuple[str, str]:
     return verifier, base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
 
 
+def log_in_and_consent(
+    issuer: str, url: str, username: str, password: str, browser: httpx.Client | None = None
+) -> httpx.Response:
+    """Act as the person: open the authorization URL, sign in if asked, allow. Returns the
+    response that sends the browser back to the client."""
+    browser = browser or httpx.Client(follow_redirects=False, timeout=10)
+    page = browser.get(url)
+    if page.is_redirect:
+        return page
+    assert page.status_code == 200, page.text
+    if 'name="password"' in page.text or "name=password" in page.text:
+        page = browser.post(
+            f"{issuer}/authorize/login",
+            data={**hidden_fields(page.text), "username": username, "password": password},
+        )
+        if page.is_redirect:
+            return page
+        assert page.status_code == 200, page.text
+    return browser.post(
+        f"{issuer}/authorize/consent", data={**hidden_fields(page.text), "decision": "allow"}
+    )
+
+
 @dataclass
 class Bastion:
     """A running authorization server and what a test needs to drive it."""
@@ -114,23 +137,8 @@ class Bastion:
         return {k: v for k, v in params.items() if v is not None}
 
     def log_in_and_consent(self, url: str, browser: httpx.Client | None = None) -> httpx.Response:
-        """Act as the person: open the authorization URL, sign in, allow. Returns the redirect."""
-        browser = browser or httpx.Client(follow_redirects=False)
-        page = browser.get(url)
-        if page.is_redirect:
-            return page
-        assert page.status_code == 200, page.text
-        if 'name="password"' in page.text or "name=password" in page.text:
-            page = browser.post(
-                f"{self.url}/authorize/login",
-                data={**hidden_fields(page.text), "username": "alice", "password": PASSWORD},
-            )
-            if page.is_redirect:
-                return page
-            assert page.status_code == 200, page.text
-        return browser.post(
-            f"{self.url}/authorize/consent", data={**hidden_fields(page.text), "decision": "allow"}
-        )
+        """Act as alice: open the authorization URL, sign in, allow. Returns the redirect."""
+        return log_in_and_consent(self.url, url, "alice", PASSWORD, browser)
 
     def code_for(self, client: dict, **overrides) -> tuple[str, str]:
         """Run the browser part of the flow; return (code, verifier)."""
