@@ -29,6 +29,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from bastion.gateway.ratelimit import CLUSTER_SCHEMES
 from bastion.server.config import ConfigError
 
 # Methods forwarded without a policy decision: they reveal nothing and change nothing.
@@ -103,8 +104,8 @@ class GatewayConfig:
         if not isinstance(pass_methods, list) or not all(isinstance(m, str) for m in pass_methods):
             raise ConfigError("gateway.pass_methods must be a list of method names")
         redis_url = _expand(str(table.get("redis_url", "")), env, "gateway.redis_url")
-        schemes = ("redis://", "rediss://", "unix://", "redis+cluster://", "rediss+cluster://")
-        if redis_url and not redis_url.startswith(schemes):
+        schemes = ("redis", "rediss", "unix", *CLUSTER_SCHEMES)
+        if redis_url and not redis_url.startswith(tuple(f"{scheme}://" for scheme in schemes)):
             raise ConfigError(
                 "gateway.redis_url must be a redis://, rediss:// or unix:// URL, or"
                 f" redis+cluster:// (rediss+cluster://) for a Redis Cluster, got {redis_url!r}"
