@@ -16,13 +16,10 @@ from urllib.parse import parse_qs, urlencode, urlsplit
 import anyio
 import httpx
 import httpx2
-from mcp.client.auth import OAuthClientProvider
 from mcp.client.client import Client as McpClient
 from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.auth import (
-    AuthorizationCodeResult,
     OAuthClientInformationFull,
-    OAuthClientMetadata,
 )
 
 from bastion.facts.store import FactStore
@@ -30,8 +27,14 @@ from bastion.oauth.users import create_user
 from bastion.policy.parser import parse_fact
 from bastion.server.app import create_app
 from bastion.server.config import ServerConfig
-from tests.oauth.support import free_socket, log_in_and_consent, pkce_pair, serve
-from tests.oauth.test_mcp_sdk import MemoryStorage
+from tests.oauth.support import (
+    MemoryStorage,
+    free_socket,
+    log_in_and_consent,
+    pkce_pair,
+    sdk_auth,
+    serve,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 QUICKSTART = ROOT / "examples" / "quickstart"
@@ -309,32 +312,13 @@ class Running:
         storage = MemoryStorage()
         if registered_scope is not None:
             storage.client_info = self.register(registered_scope)
-        callback: dict = {}
-
-        async def redirect_handler(url: str) -> None:
-            seen["redirects"].append(url)
-            response = await anyio.to_thread.run_sync(self.log_in_and_consent, url, username)
-            query = parse_qs(urlsplit(response.headers["location"]).query)
-            callback.clear()
-            callback.update({k: v[0] for k, v in query.items()})
-            assert "code" in callback, callback
-
-        async def callback_handler() -> AuthorizationCodeResult:
-            return AuthorizationCodeResult(
-                code=callback["code"], state=callback.get("state"), iss=callback.get("iss")
-            )
-
-        provider = OAuthClientProvider(
-            server_url=self.mcp_url(server),
-            client_metadata=OAuthClientMetadata(
-                client_name="gateway test agent",
-                redirect_uris=[REDIRECT_URI],
-                token_endpoint_auth_method="none",
-                grant_types=["authorization_code", "refresh_token"],
-            ),
-            storage=storage,
-            redirect_handler=redirect_handler,
-            callback_handler=callback_handler,
+        provider = sdk_auth(
+            self.mcp_url(server),
+            lambda url: self.log_in_and_consent(url, username),
+            storage,
+            seen["redirects"],
+            client_name="gateway test agent",
+            redirect_uri=REDIRECT_URI,
         )
 
         async def main() -> None:

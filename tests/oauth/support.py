@@ -10,13 +10,21 @@ import secrets
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from urllib.parse import parse_qs, urlencode, urlsplit
 
+import anyio
 import httpx
 import uvicorn
+from mcp.client.auth import OAuthClientProvider
+from mcp.shared.auth import (
+    AuthorizationCodeResult,
+    OAuthClientInformationFull,
+    OAuthClientMetadata,
+    OAuthToken,
+)
 from starlette.applications import Starlette
 
 from bastion.db import Database
@@ -92,6 +100,69 @@ def log_in_and_consent(
         assert page.status_code == 200, page.text
     return browser.post(
         f"{issuer}/authorize/consent", data={**hidden_fields(page.text), "decision": "allow"}
+    )
+
+
+class MemoryStorage:
+    """Where the SDK's OAuthClientProvider keeps its client registration and tokens."""
+
+    def __init__(self) -> None:
+        self.tokens: OAuthToken | None = None
+        self.client_info: OAuthClientInformationFull | None = None
+
+    async def get_tokens(self) -> OAuthToken | None:
+        return self.tokens
+
+    async def set_tokens(self, tokens: OAuthToken) -> None:
+        self.tokens = tokens
+
+    async def get_client_info(self) -> OAuthClientInformationFull | None:
+        return self.client_info
+
+    async def set_client_info(self, client_info: OAuthClientInformationFull) -> None:
+        self.client_info = client_info
+
+
+def sdk_auth(
+    mcp_url: str,
+    log_in: Callable[[str], httpx.Response],
+    storage: MemoryStorage,
+    redirects: list[str],
+    *,
+    client_name: str,
+    redirect_uri: str,
+    client_metadata_url: str | None = None,
+) -> OAuthClientProvider:
+    """The SDK's OAuthClientProvider for a public client, with a person at the browser: each
+    authorization URL (noted in ``redirects``) goes to ``log_in`` (run in a thread), whose
+    response sends the browser back with the code the SDK then redeems."""
+    callback: dict = {}
+
+    async def redirect_handler(url: str) -> None:
+        redirects.append(url)
+        response = await anyio.to_thread.run_sync(log_in, url)
+        query = parse_qs(urlsplit(response.headers["location"]).query)
+        callback.clear()
+        callback.update({k: v[0] for k, v in query.items()})
+        assert "code" in callback, callback
+
+    async def callback_handler() -> AuthorizationCodeResult:
+        return AuthorizationCodeResult(
+            code=callback["code"], state=callback.get("state"), iss=callback.get("iss")
+        )
+
+    return OAuthClientProvider(
+        server_url=mcp_url,
+        client_metadata=OAuthClientMetadata(
+            client_name=client_name,
+            redirect_uris=[redirect_uri],
+            token_endpoint_auth_method="none",
+            grant_types=["authorization_code", "refresh_token"],
+        ),
+        storage=storage,
+        redirect_handler=redirect_handler,
+        callback_handler=callback_handler,
+        client_metadata_url=client_metadata_url,
     )
 
 

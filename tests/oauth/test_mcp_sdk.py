@@ -13,25 +13,25 @@ import anyio
 import httpx
 import httpx2
 import pytest
-from mcp.client.auth import OAuthClientProvider
 from mcp.client.client import Client as McpClient
 from mcp.client.streamable_http import streamable_http_client
 from mcp.server.auth.provider import AccessToken
 from mcp.server.auth.settings import AuthSettings
 from mcp.server.mcpserver import MCPServer
-from mcp.shared.auth import (
-    AuthorizationCodeResult,
-    OAuthClientInformationFull,
-    OAuthClientMetadata,
-    OAuthToken,
-)
 from starlette.applications import Starlette
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from bastion.oauth import InvalidToken, TokenVerifier
 
-from .support import free_socket, running_bastion, self_signed_certificate, serve
+from .support import (
+    MemoryStorage,
+    free_socket,
+    running_bastion,
+    sdk_auth,
+    self_signed_certificate,
+    serve,
+)
 
 REDIRECT_URI = "http://127.0.0.1:9/callback"
 
@@ -58,24 +58,6 @@ class BastionTokenVerifier:
         )
 
 
-class MemoryStorage:
-    def __init__(self) -> None:
-        self.tokens: OAuthToken | None = None
-        self.client_info: OAuthClientInformationFull | None = None
-
-    async def get_tokens(self) -> OAuthToken | None:
-        return self.tokens
-
-    async def set_tokens(self, tokens: OAuthToken) -> None:
-        self.tokens = tokens
-
-    async def get_client_info(self) -> OAuthClientInformationFull | None:
-        return self.client_info
-
-    async def set_client_info(self, client_info: OAuthClientInformationFull) -> None:
-        self.client_info = client_info
-
-
 def mcp_app(bastion, resource: str) -> Starlette:
     server = MCPServer(
         "bastion-test",
@@ -100,30 +82,13 @@ def run_sdk_client(bastion, mcp_url: str, client_metadata_url: str | None = None
     """Connect with the SDK's OAuthClientProvider; return what happened, for the assertions."""
     seen: dict = {"redirects": []}
     storage = MemoryStorage()
-    callback: dict = {}
-
-    async def redirect_handler(url: str) -> None:
-        seen["redirects"].append(url)
-        response = await anyio.to_thread.run_sync(bastion.log_in_and_consent, url)
-        query = parse_qs(urlsplit(response.headers["location"]).query)
-        callback.update({k: v[0] for k, v in query.items()})
-
-    async def callback_handler() -> AuthorizationCodeResult:
-        return AuthorizationCodeResult(
-            code=callback["code"], state=callback.get("state"), iss=callback.get("iss")
-        )
-
-    provider = OAuthClientProvider(
-        server_url=mcp_url,
-        client_metadata=OAuthClientMetadata(
-            client_name="SDK test agent",
-            redirect_uris=[REDIRECT_URI],
-            token_endpoint_auth_method="none",
-            grant_types=["authorization_code", "refresh_token"],
-        ),
-        storage=storage,
-        redirect_handler=redirect_handler,
-        callback_handler=callback_handler,
+    provider = sdk_auth(
+        mcp_url,
+        bastion.log_in_and_consent,
+        storage,
+        seen["redirects"],
+        client_name="SDK test agent",
+        redirect_uri=REDIRECT_URI,
         client_metadata_url=client_metadata_url,
     )
 
