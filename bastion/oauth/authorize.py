@@ -1,7 +1,8 @@
 """The authorization endpoint (RFC 6749 §4.1, as profiled by OAuth 2.1 and MCP): validates the
 request, has the person log in and consent, and redirects back with a code and the issuer
 (RFC 9207). PKCE S256 is required (RFC 7636), the redirect URI must match a registered one
-exactly, and the ``resource`` (RFC 8707) must be one of the configured protected resources.
+exactly (but for the port of a loopback IP literal: `redirect_uri_allowed`), and the ``resource``
+(RFC 8707) must be one of the configured protected resources.
 
 Errors that cannot be trusted to the redirect URI (unknown client, unregistered redirect URI,
 a forged or expired form) are shown on a page; every other error goes back to the client.
@@ -21,6 +22,7 @@ from starlette.responses import RedirectResponse, Response
 
 from bastion.oauth import pages, pkce
 from bastion.oauth.errors import InvalidScope, InvalidTarget, OAuthError
+from bastion.oauth.redirect_uris import redirect_uri_allowed
 from bastion.oauth.store import Client, Grant, PendingAuthorization, digest, new_secret
 from bastion.oauth.users import check_password
 
@@ -114,10 +116,11 @@ class AuthorizationEndpoint:
             redirect_uri = client.redirect_uris[0]
         if redirect_uri is None or "redirect_uri" in repeated:
             raise _PageError("invalid_request", "redirect_uri is required (exactly once)")
-        if redirect_uri not in client.redirect_uris:
+        if not redirect_uri_allowed(client.redirect_uris, redirect_uri):
             raise _PageError(
                 "invalid_request",
-                "redirect_uri does not exactly match any redirect URI registered for this client",
+                "redirect_uri does not exactly match any redirect URI registered for this client"
+                " (only the port of a loopback IP literal may differ)",
             )
         state = query.get("state") if "state" not in repeated else None
         try:

@@ -20,7 +20,7 @@ import anyio
 import httpx
 
 from bastion.oauth.errors import OAuthError
-from bastion.oauth.registration import redirect_uri_problem
+from bastion.oauth.redirect_uris import redirect_uri_problem
 from bastion.oauth.settings import ClientMetadataDocumentSettings
 from bastion.oauth.store import Client
 
@@ -33,6 +33,44 @@ class ClientMetadataDocumentError(OAuthError):
 
     def __init__(self, url: str, description: str) -> None:
         super().__init__("invalid_client", f"client metadata document {url}: {description}", 401)
+
+
+# IPv6 forms that carry an IPv4 address the packets end up at: NAT64 (RFC 6052), 6to4 (RFC 3056),
+# Teredo (RFC 4380) and IPv4-compatible addresses (RFC 4291 §2.5.5.1, deprecated but routable by
+# some stacks). IPv4-mapped addresses (::ffff:0:0/96) are read by ``ipv4_mapped``.
+_NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
+# RFC 8215: a translator's local-use prefix; what it reaches is the operator's own network.
+_NAT64_LOCAL = ipaddress.IPv6Network("64:ff9b:1::/48")
+_SIX_TO_FOUR = ipaddress.IPv6Network("2002::/16")
+_TEREDO = ipaddress.IPv6Network("2001::/32")
+_IPV4_COMPATIBLE = ipaddress.IPv6Network("::/96")
+
+
+def embedded_ipv4(address: ipaddress.IPv6Address) -> tuple[ipaddress.IPv4Address, ...] | None:
+    """The IPv4 addresses an IPv6 address leads to (a Teredo address has two: its server and its
+    client), or None when it is not one of the forms that embed one."""
+    if address.ipv4_mapped is not None:
+        return (address.ipv4_mapped,)
+    if address in _TEREDO:
+        server, client = address.teredo
+        return (server, client)
+    if address in _SIX_TO_FOUR:
+        return (address.sixtofour,)
+    if address in _NAT64 or (address in _IPV4_COMPATIBLE and int(address) > 1):
+        return (ipaddress.IPv4Address(int(address) & 0xFFFFFFFF),)
+    return None
+
+
+def is_public_address(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    """Whether a fetch may connect to ``address``: globally reachable, and not a private,
+    loopback, link-local, shared (CGNAT), reserved or multicast address, even wrapped in IPv6."""
+    if isinstance(address, ipaddress.IPv6Address):
+        if address in _NAT64_LOCAL:
+            return False
+        inner = embedded_ipv4(address)
+        if inner is not None:
+            return all(is_public_address(v4) for v4 in inner)
+    return address.is_global and not address.is_multicast
 
 
 def is_client_id_url(client_id: str) -> bool:
@@ -95,7 +133,7 @@ class ClientMetadataDocuments:
             raise ClientMetadataDocumentError(url, f"cannot resolve {host}") from exc
         for info in infos:
             address = ipaddress.ip_address(info[4][0])
-            if not address.is_global:
+            if not is_public_address(address):
                 raise ClientMetadataDocumentError(
                     url, f"{host} resolves to non-public address {address}; refused"
                 )

@@ -9,7 +9,6 @@ every registration under ``initial_access_token``; ``closed`` leaves registratio
 from __future__ import annotations
 
 import hmac
-import ipaddress
 import json
 import uuid
 from collections.abc import Mapping
@@ -18,6 +17,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from bastion.oauth.errors import InvalidClientMetadata, InvalidRedirectUri, OAuthError
+from bastion.oauth.redirect_uris import redirect_uri_problem
 from bastion.oauth.settings import OAuthSettings
 from bastion.oauth.store import Client, digest, new_secret
 
@@ -32,37 +32,6 @@ _DESCRIPTIVE = (
     "software_id",
     "software_version",
 )
-
-
-def is_loopback_host(host: str | None) -> bool:
-    if host is None:
-        return False
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
-
-
-def redirect_uri_problem(uri: Any) -> str | None:
-    """Why a redirect URI cannot be registered, or None when it can (RFC 6749 §3.1.2, RFC 8252)."""
-    if not isinstance(uri, str) or not uri or len(uri) > 2000:
-        return "a redirect URI must be a non-empty string of at most 2000 characters"
-    try:
-        parts = urlsplit(uri)
-        parts.port  # noqa: B018 - raises ValueError for a malformed port
-    except ValueError:
-        return f"redirect URI {uri!r} is not a valid URL"
-    if parts.fragment or "#" in uri:
-        return f"redirect URI {uri!r} must not have a fragment"
-    if parts.username or parts.password:
-        return f"redirect URI {uri!r} must not carry user information"
-    if parts.scheme == "https" and parts.hostname:
-        return None
-    if parts.scheme == "http" and is_loopback_host(parts.hostname):
-        return None
-    return f"redirect URI {uri!r} must be https, or http on a loopback address (RFC 8252 §7.3)"
 
 
 @dataclass(frozen=True)

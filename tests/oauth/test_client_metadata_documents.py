@@ -3,6 +3,7 @@ they lie about themselves or live on an address the server must not reach."""
 
 from __future__ import annotations
 
+import ipaddress
 import json
 from urllib.parse import urlencode
 
@@ -12,7 +13,7 @@ from starlette.applications import Starlette
 from starlette.responses import Response
 from starlette.routing import Route
 
-from bastion.oauth.client_metadata_document import ClientMetadataDocuments
+from bastion.oauth.client_metadata_document import ClientMetadataDocuments, is_public_address
 from bastion.oauth.errors import OAuthError
 from bastion.oauth.settings import ClientMetadataDocumentSettings
 
@@ -178,3 +179,76 @@ def test_revoked_document_client_stays_refused(host, sqlite_url, tmp_path):
             f"{bastion.url}/authorize?{urlencode(bastion.authorize_params(client, challenge))}"
         )
         assert response.status_code == 400 and "revoked" in response.text
+
+
+def test_document_with_a_redirect_uri_outside_rfc_3986_is_refused(host):
+    for number, uri in enumerate(["http://127.0.0.1:9/cb\n", "https://example.com/c b"]):
+        url = host.document(f"/bad-{number}.json", redirect_uris=[uri])
+        refused(host, url, "RFC 3986")
+
+
+# Private, loopback, link-local, shared, reserved and special IPv4 ranges (a sample of each).
+PRIVATE_IPV4 = [
+    "10.1.2.3",
+    "172.16.0.1",
+    "192.168.1.1",
+    "127.0.0.1",
+    "169.254.169.254",
+    "100.64.0.1",
+    "0.0.0.0",
+    "192.0.0.1",
+    "198.18.0.1",
+    "224.0.0.1",
+    "240.0.0.1",
+    "255.255.255.255",
+]
+PUBLIC_IPV4 = "8.8.8.8"
+
+
+def _forms(inner: str, public: str = PUBLIC_IPV4) -> dict[str, ipaddress.IPv6Address]:
+    """Every IPv6 form that leads to the IPv4 address ``inner``."""
+    v4, other = int(ipaddress.IPv4Address(inner)), int(ipaddress.IPv4Address(public))
+    return {
+        "ipv4-mapped": ipaddress.IPv6Address((0xFFFF << 32) | v4),
+        "ipv4-compatible": ipaddress.IPv6Address(v4),
+        "nat64": ipaddress.IPv6Address((0x64FF9B << 96) | v4),
+        "6to4": ipaddress.IPv6Address((0x2002 << 112) | (v4 << 80) | 1),
+        "teredo-server": ipaddress.IPv6Address(
+            (0x20010000 << 96) | (v4 << 64) | (~other & 0xFFFFFFFF)
+        ),
+        "teredo-client": ipaddress.IPv6Address(
+            (0x20010000 << 96) | (other << 64) | (~v4 & 0xFFFFFFFF)
+        ),
+    }
+
+
+@pytest.mark.parametrize("inner", PRIVATE_IPV4)
+@pytest.mark.parametrize(
+    "form",
+    ["ipv4", "ipv4-mapped", "ipv4-compatible", "nat64", "6to4", "teredo-server", "teredo-client"],
+)
+def test_a_private_ipv4_address_is_not_public_in_any_ipv6_wrapping(inner, form):
+    address = ipaddress.IPv4Address(inner) if form == "ipv4" else _forms(inner)[form]
+    assert not is_public_address(address), address
+
+
+@pytest.mark.parametrize(
+    "form", ["ipv4-mapped", "ipv4-compatible", "nat64", "6to4", "teredo-server", "teredo-client"]
+)
+def test_a_public_ipv4_address_stays_public_when_wrapped(form):
+    assert is_public_address(_forms(PUBLIC_IPV4)[form])
+
+
+@pytest.mark.parametrize(
+    "address", ["64:ff9b:1::808:808", "64:ff9b:1::a00:1", "::", "::1", "fe80::1"]
+)
+def test_the_local_use_nat64_prefix_and_ipv6_specials_are_not_public(address):
+    assert not is_public_address(ipaddress.ip_address(address))
+
+
+@pytest.mark.parametrize("form", ["ipv4-mapped", "nat64", "6to4", "teredo-client"])
+def test_a_document_on_a_wrapped_loopback_address_is_not_fetched(form):
+    url = f"https://[{_forms('127.0.0.1')[form]}]:1/agent.json"
+    documents = ClientMetadataDocuments(ClientMetadataDocumentSettings(), Clock())
+    with pytest.raises(OAuthError, match="non-public address"):
+        anyio.run(documents.client, url)
