@@ -28,9 +28,17 @@ class ClientMetadataDocumentSettings:
     """Fetching client ID metadata documents (a ``client_id`` that is an https URL)."""
 
     enabled: bool = True
+    # One deadline for all of a fetch: resolving, connecting, TLS, headers and body.
     timeout_seconds: float = 5.0
     max_bytes: int = 5120
     cache_seconds: int = 300
+    # A URL whose fetch or document failed is not fetched again for this long.
+    failure_cache_seconds: int = 30
+    max_concurrent_fetches_per_host: int = 2
+    # Distinct document URLs of one host remembered (cached) at a time.
+    max_documents_per_host: int = 20
+    # Entries of each cache (documents, failures) per process.
+    max_cached_documents: int = 10_000
     allow_private_addresses: bool = False
     ca_file: str | None = None
 
@@ -184,4 +192,34 @@ def _client_metadata(value: Any) -> ClientMetadataDocumentSettings:
     unknown = sorted(set(value) - allowed)
     if unknown:
         raise SettingsError(f"oauth.client_metadata: unknown keys {unknown}")
-    return ClientMetadataDocumentSettings(**{**defaults.__dict__, **dict(value)})
+    merged = {**defaults.__dict__, **dict(value)}
+    for key in ("enabled", "allow_private_addresses"):
+        if not isinstance(merged[key], bool):
+            raise SettingsError(f"oauth.client_metadata.{key}: true or false")
+    if not _is_number(merged["timeout_seconds"]) or merged["timeout_seconds"] <= 0:
+        raise SettingsError("oauth.client_metadata.timeout_seconds: a number of seconds > 0")
+    for key in (
+        "max_bytes",
+        "cache_seconds",
+        "failure_cache_seconds",
+        "max_concurrent_fetches_per_host",
+        "max_documents_per_host",
+        "max_cached_documents",
+    ):
+        minimum = 0 if key.endswith("_seconds") else 1
+        _whole(f"oauth.client_metadata.{key}", merged[key], minimum)
+    if merged["ca_file"] is not None and not isinstance(merged["ca_file"], str):
+        raise SettingsError("oauth.client_metadata.ca_file: a file path")
+    merged["ca_file"] = merged["ca_file"] or None
+    return ClientMetadataDocumentSettings(**merged)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _whole(key: str, value: Any, minimum: int) -> int:
+    """A whole number of at least ``minimum`` (and at most 2**31, far above any sane limit)."""
+    if not isinstance(value, int) or isinstance(value, bool) or not minimum <= value <= 2**31:
+        raise SettingsError(f"{key}: a whole number from {minimum} to 2**31, got {value!r}")
+    return value

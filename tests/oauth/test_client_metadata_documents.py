@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import socket
+import ssl
+import threading
 from urllib.parse import urlencode
 
 import anyio
@@ -252,3 +255,150 @@ def test_a_document_on_a_wrapped_loopback_address_is_not_fetched(form):
     documents = ClientMetadataDocuments(ClientMetadataDocumentSettings(), Clock())
     with pytest.raises(OAuthError, match="non-public address"):
         anyio.run(documents.client, url)
+
+
+class TricklingHost:
+    """An https server on a real socket that answers each request with a status line, then the
+    bytes of a header one at a time (``pad`` of them, ``interval`` seconds apart), then a valid
+    document: every read gets a byte well within any per-read timeout."""
+
+    def __init__(self, directory, pad: int, interval: float) -> None:
+        cert, key = self_signed_certificate(directory)
+        self.ca_file = cert
+        self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.context.load_cert_chain(cert, key)
+        self.pad, self.interval = pad, interval
+        self.accepted = 0
+        self.stopped = threading.Event()
+        self.listener = free_socket()
+        self.listener.listen(16)
+        self.listener.settimeout(0.1)
+        self.base = f"https://127.0.0.1:{self.listener.getsockname()[1]}"
+        self.thread = threading.Thread(target=self._accept, daemon=True)
+        self.thread.start()
+
+    def url(self, path: str) -> str:
+        return f"{self.base}{path}"
+
+    def _accept(self) -> None:
+        while not self.stopped.is_set():
+            try:
+                connection, _ = self.listener.accept()
+            except TimeoutError:
+                continue
+            self.accepted += 1
+            threading.Thread(target=self._answer, args=(connection,), daemon=True).start()
+
+    def _answer(self, connection: socket.socket) -> None:
+        try:
+            with self.context.wrap_socket(connection, server_side=True) as tls:
+                request = b""
+                while b"\r\n\r\n" not in request:
+                    request += tls.recv(4096)
+                path = request.split(b" ")[1].decode()
+                body = json.dumps(
+                    {"client_id": self.url(path), "redirect_uris": [REDIRECT]}
+                ).encode()
+                tls.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nX-Pad: ")
+                for _ in range(self.pad):
+                    if self.stopped.wait(self.interval):
+                        return
+                    tls.sendall(b"a")
+                tls.sendall(b"\r\nContent-Length: %d\r\nConnection: close\r\n\r\n" % len(body))
+                tls.sendall(body)
+        except OSError:
+            pass  # the client gave up
+
+    def close(self) -> None:
+        self.stopped.set()
+        self.thread.join(5)
+        self.listener.close()
+
+
+@pytest.fixture
+def trickling(tmp_path):
+    hosts: list[TricklingHost] = []
+
+    def start(pad: int, interval: float) -> TricklingHost:
+        hosts.append(TricklingHost(tmp_path, pad, interval))
+        return hosts[-1]
+
+    yield start
+    for host in hosts:
+        host.close()
+
+
+def documents_for(host, clock=None, **settings) -> ClientMetadataDocuments:
+    return ClientMetadataDocuments(
+        ClientMetadataDocumentSettings(
+            **{"allow_private_addresses": True, "ca_file": host.ca_file, **settings}
+        ),
+        clock or Clock(),
+    )
+
+
+def test_a_document_whose_headers_trickle_in_is_refused_at_one_deadline_for_the_whole_fetch(
+    trickling,
+):
+    # Sixty bytes a tenth of a second apart: no read waits a second, the whole takes six.
+    host = trickling(pad=60, interval=0.1)
+    documents = documents_for(host, timeout_seconds=1)
+    with pytest.raises(OAuthError, match="could not be fetched within 1 s"):
+        anyio.run(documents.client, host.url("/slow.json"))
+
+
+def test_a_host_gets_a_bounded_number_of_fetches_in_progress(trickling):
+    host = trickling(pad=1000, interval=0.1)
+    documents = documents_for(host, timeout_seconds=3, max_concurrent_fetches_per_host=1)
+    outcome: dict[str, str] = {}
+
+    async def main() -> None:
+        async def first() -> None:
+            with pytest.raises(OAuthError):
+                await documents.client(host.url("/first.json"))
+
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(first)
+            while host.accepted < 1:
+                await anyio.sleep(0.01)
+            try:
+                await documents.client(host.url("/second.json"))
+            except OAuthError as error:
+                outcome["second"] = error.description
+            tasks.cancel_scope.cancel()
+
+    anyio.run(main)
+    assert "in progress" in outcome["second"]
+    assert host.accepted == 1
+
+
+def test_a_failing_url_is_not_fetched_again_until_its_failure_is_forgotten(host):
+    clock = Clock()
+    documents = documents_for(host, clock, failure_cache_seconds=30)
+    url = host.raw("/flaky.json", 500, b"")
+    host.fetches.clear()
+    for _ in range(3):
+        with pytest.raises(OAuthError, match="HTTP 500"):
+            anyio.run(documents.client, url)
+    assert host.fetches == ["/flaky.json"]
+    host.document("/flaky.json")
+    with pytest.raises(OAuthError, match="HTTP 500"):
+        anyio.run(documents.client, url)
+    clock.advance(31)
+    assert anyio.run(documents.client, url).client_name == "Doc agent"
+    assert host.fetches == ["/flaky.json", "/flaky.json"]
+
+
+def test_a_host_gets_a_bounded_number_of_documents(host):
+    clock = Clock()
+    documents = documents_for(host, clock, max_documents_per_host=2, cache_seconds=300)
+    first, second, third = (host.document(f"/agent-{n}.json") for n in range(3))
+    anyio.run(documents.client, first)
+    anyio.run(documents.client, second)
+    host.fetches.clear()
+    with pytest.raises(OAuthError, match="at most 2 per host"):
+        anyio.run(documents.client, third)
+    assert host.fetches == []
+    assert anyio.run(documents.client, first).client_id == first  # from the cache
+    clock.advance(301)
+    assert anyio.run(documents.client, third).client_id == third

@@ -19,6 +19,10 @@ def test_defaults_are_safe():
     assert settings.access_token_seconds == 300
     assert settings.client_metadata.allow_private_addresses is False
     assert settings.client_metadata.max_bytes == 5120
+    assert settings.client_metadata.timeout_seconds == 5.0
+    assert settings.client_metadata.failure_cache_seconds == 30
+    assert settings.client_metadata.max_concurrent_fetches_per_host == 2
+    assert settings.client_metadata.max_documents_per_host == 20
     assert settings.scopes_supported == ["tools:read"]
 
 
@@ -38,6 +42,20 @@ def test_defaults_are_safe():
         ({"access_token_seconds": -1}, "oauth.access_token_seconds"),
         ({"access_token_seconds": "300"}, "oauth.access_token_seconds"),
         ({"client_metadata": {"allow_everything": True}}, "oauth.client_metadata"),
+        ({"client_metadata": {"timeout_seconds": 0}}, "oauth.client_metadata.timeout_seconds"),
+        (
+            {"client_metadata": {"max_concurrent_fetches_per_host": 0}},
+            "oauth.client_metadata.max_concurrent_fetches_per_host",
+        ),
+        (
+            {"client_metadata": {"failure_cache_seconds": "30"}},
+            "oauth.client_metadata.failure_cache_seconds",
+        ),
+        (
+            {"client_metadata": {"max_documents_per_host": 1e9}},
+            "oauth.client_metadata.max_documents_per_host",
+        ),
+        ({"client_metadata": {"enabled": "yes"}}, "oauth.client_metadata.enabled"),
         ({"issuer_url": "https://x"}, "unknown keys"),
     ],
 )
