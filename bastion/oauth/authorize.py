@@ -10,6 +10,7 @@ a forged or expired form) are shown on a page; every other error goes back to th
 
 from __future__ import annotations
 
+import functools
 import hmac
 import uuid
 from dataclasses import replace
@@ -24,6 +25,7 @@ from bastion.oauth import pages, pkce
 from bastion.oauth.errors import InvalidScope, InvalidTarget, OAuthError
 from bastion.oauth.redirect_uris import redirect_uri_allowed
 from bastion.oauth.store import Client, Grant, PendingAuthorization, digest, new_secret
+from bastion.oauth.throttle import client_address
 from bastion.oauth.users import check_password
 
 if TYPE_CHECKING:
@@ -126,11 +128,16 @@ class AuthorizationEndpoint:
         try:
             pending = self._validate(query, client, redirect_uri, state, repeated)
         except OAuthError as error:
-            self.server.audit.record(
-                "authorization.refused",
-                client_id=client.client_id,
-                error=error.error,
-                description=error.description,
+            # Anyone can send this request for any client: aggregated, not a row each.
+            await run_in_threadpool(
+                functools.partial(
+                    self.server.refusals.record,
+                    "authorization.refused",
+                    address=client_address(request),
+                    reason=error.error,
+                    client_id=client.client_id,
+                    description=error.description,
+                )
             )
             return self._error_redirect(redirect_uri, state, error)
         browser = request.cookies.get(BROWSER_COOKIE) or new_secret()
@@ -291,7 +298,15 @@ class AuthorizationEndpoint:
             and browser
             and hmac.compare_digest(digest(browser), pending.browser_digest)
         ):
-            self.server.audit.record("authorization.csrf_refused", client_id=pending.client_id)
+            await run_in_threadpool(
+                functools.partial(
+                    self.server.refusals.record,
+                    "authorization.csrf_refused",
+                    address=client_address(request),
+                    reason="csrf",
+                    client_id=pending.client_id,
+                )
+            )
             raise _PageError(
                 "access_denied",
                 "the form is missing its CSRF token or comes from another browser",

@@ -14,6 +14,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from bastion.audit import AuditLog
+from bastion.audit.refusals import RefusalLog
 from bastion.db import Database
 from bastion.oauth import introspection, registration, revocation
 from bastion.oauth.authorize import AuthorizationEndpoint
@@ -24,6 +25,7 @@ from bastion.oauth.keys import KeyRing
 from bastion.oauth.metadata import authorization_server_metadata, metadata_path
 from bastion.oauth.settings import OAuthSettings
 from bastion.oauth.store import Client, OAuthStore
+from bastion.oauth.throttle import client_address
 from bastion.oauth.tokens import TokenEndpoint
 from bastion.oauth.verifier import TokenVerifier
 
@@ -75,6 +77,12 @@ class AuthorizationServer:
         self.clock = clock
         self.store = OAuthStore(db)
         self.audit = AuditLog(db, clock)
+        self.refusals = RefusalLog(
+            self.audit,
+            window_seconds=settings.refusal_audit.window_seconds,
+            max_keys=settings.refusal_audit.max_keys,
+            clock=clock,
+        )
         self.keys = KeyRing(
             self.store,
             settings.key_dir,
@@ -88,6 +96,7 @@ class AuthorizationServer:
             audit=self.audit,
             clock=clock,
             leeway_seconds=settings.leeway_seconds,
+            refusals=self.refusals,
         )
         self.documents = ClientMetadataDocuments(settings.client_metadata, clock)
         self._authorization = AuthorizationEndpoint(self)
@@ -108,12 +117,18 @@ class AuthorizationServer:
         return fetched
 
     def housekeeping(self) -> None:
-        """Delete expired rows, at most once a minute (called on the request path)."""
+        """Delete expired rows and write the counts of closed refusal windows, at most once a
+        minute (called on the request path)."""
         now = self.clock()
         if now - self._last_housekeeping < 60:
             return
         self._last_housekeeping = now
         self.store.purge_expired(now, keep_seconds=self.settings.leeway_seconds + 3600)
+        self.refusals.flush()
+
+    def close(self) -> None:
+        """At shutdown: write the refusal counts of windows still open."""
+        self.refusals.flush(everything=True)
 
     def routes(self) -> list[Route]:
         prefix = self.settings.issuer_path
@@ -174,6 +189,7 @@ class AuthorizationServer:
 
     async def _token(self, request: Request) -> Response:
         form: dict[str, str] = {}
+        client: Client | None = None
         try:
             form = await _form(request)
             client = await authenticate_client(
@@ -182,15 +198,36 @@ class AuthorizationServer:
             body = await run_in_threadpool(self._tokens.exchange, client, form)
             await run_in_threadpool(self.housekeeping)
         except OAuthError as error:
-            self.audit.record(
-                "token.refused",
-                client_id=form.get("client_id"),
-                grant_type=form.get("grant_type"),
-                error=error.error,
-                description=error.description,
-            )
+            await run_in_threadpool(self._token_refused, request, form, client, error)
             return error_response(error)
         return json_response(body)
+
+    def _token_refused(
+        self, request: Request, form: dict[str, str], client: Client | None, error: OAuthError
+    ) -> None:
+        """A confidential client that proved its secret keeps a row per refusal; any other
+        request (no client, a wrong secret, a public client anyone can name) is aggregated."""
+        detail = {
+            "grant_type": form.get("grant_type"),
+            "error": error.error,
+            "description": error.description,
+        }
+        if client is not None and not client.is_public:
+            self.audit.record(
+                "token.refused",
+                client_id=client.client_id,
+                address=client_address(request),
+                **detail,
+            )
+            return
+        self.refusals.record(
+            "token.refused",
+            address=client_address(request),
+            reason=error.error,
+            client_id=client.client_id if client is not None else None,
+            claimed_client_id=form.get("client_id"),
+            **detail,
+        )
 
     async def _revoke(self, request: Request) -> Response:
         try:

@@ -44,6 +44,46 @@ class ClientMetadataDocumentSettings:
 
 
 @dataclass(frozen=True)
+class LoginSettings:
+    """How the login form is throttled (``[oauth.login]``; `bastion/oauth/login_throttle.py`)."""
+
+    # Failures of one username, or from one address, before each further attempt must wait.
+    max_failures_per_user: int = 5
+    max_failures_per_address: int = 20
+    # The first wait, doubled at each further failure up to max_backoff_seconds.
+    backoff_seconds: int = 30
+    max_backoff_seconds: int = 900
+    # A counter whose last failure is older than this starts again from zero.
+    failure_window_seconds: int = 3600
+    # Failed sign-ins one pending authorization request survives; then it must start again.
+    max_failures_per_request: int = 3
+    # Argon2id hashes computed at once per process (each takes ~64 MiB); more are answered "busy".
+    max_concurrent_password_checks: int = 4
+
+
+@dataclass(frozen=True)
+class OpenRegistrationSettings:
+    """Limits on open dynamic registration (``[oauth.open_registration]``)."""
+
+    # Registrations from one address per window.
+    max_per_address: int = 10
+    window_seconds: int = 3600
+    # Open-registered clients that have no grant yet, in total.
+    max_unused_clients: int = 1000
+    # An open-registered (or metadata-document) client with no grant is deleted after this long.
+    unused_client_seconds: int = 24 * 3600
+
+
+@dataclass(frozen=True)
+class RefusalAuditSettings:
+    """How refusals of unauthenticated requests are aggregated (``[oauth.refusal_audit]``;
+    `bastion/audit/refusals.py`)."""
+
+    window_seconds: int = 60
+    max_keys: int = 1000
+
+
+@dataclass(frozen=True)
 class OAuthSettings:
     issuer: str
     resources: tuple[ProtectedResource, ...]
@@ -58,6 +98,9 @@ class OAuthSettings:
     client_metadata: ClientMetadataDocumentSettings = field(
         default_factory=ClientMetadataDocumentSettings
     )
+    login: LoginSettings = field(default_factory=LoginSettings)
+    open_registration: OpenRegistrationSettings = field(default_factory=OpenRegistrationSettings)
+    refusal_audit: RefusalAuditSettings = field(default_factory=RefusalAuditSettings)
 
     @property
     def issuer_path(self) -> str:
@@ -96,6 +139,9 @@ class OAuthSettings:
             "session_seconds",
             "leeway_seconds",
             "client_metadata",
+            "login",
+            "open_registration",
+            "refusal_audit",
         }
         unknown = sorted(set(table) - known)
         if unknown:
@@ -151,6 +197,13 @@ class OAuthSettings:
             registration=registration,
             initial_access_tokens=tuple(tokens),
             client_metadata=_client_metadata(table.get("client_metadata") or {}),
+            login=_limits("login", table.get("login") or {}, LoginSettings),
+            open_registration=_limits(
+                "open_registration", table.get("open_registration") or {}, OpenRegistrationSettings
+            ),
+            refusal_audit=_limits(
+                "refusal_audit", table.get("refusal_audit") or {}, RefusalAuditSettings
+            ),
             **numbers,
         )
 
@@ -212,6 +265,22 @@ def _client_metadata(value: Any) -> ClientMetadataDocumentSettings:
         raise SettingsError("oauth.client_metadata.ca_file: a file path")
     merged["ca_file"] = merged["ca_file"] or None
     return ClientMetadataDocumentSettings(**merged)
+
+
+def _limits(name: str, value: Any, kind: type) -> Any:
+    """A table of limits, each a whole number >= 1, with the dataclass ``kind``'s defaults."""
+    if not isinstance(value, Mapping):
+        raise SettingsError(f"oauth.{name}: a table")
+    defaults = kind()
+    unknown = sorted(set(value) - set(defaults.__dataclass_fields__))
+    if unknown:
+        raise SettingsError(
+            f"oauth.{name}: unknown keys {unknown}; known keys are"
+            f" {sorted(defaults.__dataclass_fields__)}"
+        )
+    for key, number in value.items():
+        _whole(f"oauth.{name}.{key}", number, 1)
+    return kind(**{**defaults.__dict__, **dict(value)})
 
 
 def _is_number(value: Any) -> bool:
