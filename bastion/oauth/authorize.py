@@ -200,21 +200,9 @@ class AuthorizationEndpoint:
             pending, client = await self._pending_from_form(request, form)
             username = str(form.get("username", ""))
             password = str(form.get("password", ""))
-            # Argon2 takes a while on purpose: keep it off the event loop.
-            valid = bool(username and password) and await run_in_threadpool(
-                check_password, self.store, username, password
-            )
-            if not valid:
-                self.server.audit.record(
-                    "login.failed", subject=username or None, client_id=client.client_id
-                )
-                return self._login_page(
-                    pending,
-                    client,
-                    error="Wrong username or password.",
-                    status=401,
-                    username=username,
-                )
+            refused = await self._refuse_login(request, pending, client, username, password)
+            if refused is not None:
+                return refused
             self.server.audit.record(
                 "login.succeeded", subject=username, client_id=client.client_id
             )
@@ -226,6 +214,97 @@ class AuthorizationEndpoint:
             return response
         except _PageError as error:
             return error.response
+
+    async def _refuse_login(
+        self,
+        request: Request,
+        pending: PendingAuthorization,
+        client: Client,
+        username: str,
+        password: str,
+    ) -> Response | None:
+        """The answer to a sign-in that does not succeed, or None when the password is right.
+
+        In order, each before any hashing it makes unnecessary: a missing field; a username or
+        address that must wait (429); no free password-check slot (503); a pending request that
+        has used its attempts (it ends). Then the password is checked off the event loop."""
+        server, settings = self.server, self.settings.login
+        address = client_address(request)
+
+        def refused(reason: str, kind: str = "login.failed", **detail) -> None:
+            server.refusals.record(
+                kind, address=address, reason=reason, client_id=client.client_id, **detail
+            )
+
+        if not (username and password):
+            await run_in_threadpool(refused, "incomplete")
+            return self._login_page(
+                pending, client, "Enter your username and password.", 401, username
+            )
+        wait = await run_in_threadpool(server.login_throttle.wait, username, address)
+        if wait is not None:
+            await run_in_threadpool(
+                functools.partial(refused, wait.counter, "login.throttled", username=username)
+            )
+            whose = "for this username" if wait.counter == "user" else "from your network"
+            response = self._login_page(
+                pending,
+                client,
+                f"Too many failed sign-ins {whose}. Try again in {wait.seconds} seconds.",
+                429,
+                username,
+            )
+            response.headers["Retry-After"] = str(wait.seconds)
+            return response
+        if not server.password_checks.take():
+            await run_in_threadpool(refused, "busy", "login.throttled")
+            response = self._login_page(
+                pending, client, "The server is busy. Try again in a moment.", 503, username
+            )
+            response.headers["Retry-After"] = "1"
+            return response
+        try:
+            attempt = await run_in_threadpool(
+                self.store.use_login_attempt, pending.request_id, settings.max_failures_per_request
+            )
+            if attempt is None:
+                raise _PageError(
+                    "access_denied",
+                    "too many failed sign-ins for this request; return to the application"
+                    " and start again",
+                    403,
+                )
+            # Argon2 takes a while on purpose: keep it off the event loop.
+            if await run_in_threadpool(check_password, self.store, username, password):
+                await run_in_threadpool(server.login_throttle.succeeded, username)
+                return None
+        finally:
+            server.password_checks.give_back()
+        await run_in_threadpool(self._login_failed, address, client, username)
+        if attempt >= settings.max_failures_per_request:
+            self.store.finish_pending(pending.request_id)
+            raise _PageError(
+                "access_denied",
+                f"{attempt} failed sign-ins: this request has ended; return to the application"
+                " and start again",
+                403,
+            )
+        return self._login_page(pending, client, "Wrong username or password.", 401, username)
+
+    def _login_failed(self, address: str | None, client: Client, username: str) -> None:
+        """Count the failure; a failure for an existing user is a row of its own (the throttle
+        bounds how many), one for a name that does not exist is aggregated."""
+        server = self.server
+        server.login_throttle.failed(username, address)
+        if self.store.user_password_hash(username) is not None:
+            server.audit.record(
+                "login.failed", subject=username, client_id=client.client_id, address=address
+            )
+        else:
+            server.refusals.record(
+                "login.failed", address=address, reason="unknown_user", client_id=client.client_id
+            )
+        server.housekeeping()
 
     # POST /authorize/consent
 

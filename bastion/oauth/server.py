@@ -25,7 +25,7 @@ from bastion.oauth.keys import KeyRing
 from bastion.oauth.metadata import authorization_server_metadata, metadata_path
 from bastion.oauth.settings import OAuthSettings
 from bastion.oauth.store import Client, OAuthStore
-from bastion.oauth.throttle import client_address
+from bastion.oauth.throttle import LoginThrottle, PasswordCheckSlots, client_address
 from bastion.oauth.tokens import TokenEndpoint
 from bastion.oauth.verifier import TokenVerifier
 
@@ -98,6 +98,8 @@ class AuthorizationServer:
             leeway_seconds=settings.leeway_seconds,
             refusals=self.refusals,
         )
+        self.login_throttle = LoginThrottle(self.store, settings.login, clock)
+        self.password_checks = PasswordCheckSlots(settings.login.max_concurrent_password_checks)
         self.documents = ClientMetadataDocuments(settings.client_metadata, clock)
         self._authorization = AuthorizationEndpoint(self)
         self._tokens = TokenEndpoint(self)
@@ -124,6 +126,7 @@ class AuthorizationServer:
             return
         self._last_housekeeping = now
         self.store.purge_expired(now, keep_seconds=self.settings.leeway_seconds + 3600)
+        self.login_throttle.forget_old()
         self.refusals.flush()
 
     def close(self) -> None:

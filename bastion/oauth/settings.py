@@ -197,12 +197,12 @@ class OAuthSettings:
             registration=registration,
             initial_access_tokens=tuple(tokens),
             client_metadata=_client_metadata(table.get("client_metadata") or {}),
-            login=_limits("login", table.get("login") or {}, LoginSettings),
+            login=_limits("login", table.get("login", {}), LoginSettings),
             open_registration=_limits(
-                "open_registration", table.get("open_registration") or {}, OpenRegistrationSettings
+                "open_registration", table.get("open_registration", {}), OpenRegistrationSettings
             ),
             refusal_audit=_limits(
-                "refusal_audit", table.get("refusal_audit") or {}, RefusalAuditSettings
+                "refusal_audit", table.get("refusal_audit", {}), RefusalAuditSettings
             ),
             **numbers,
         )

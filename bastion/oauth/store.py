@@ -108,6 +108,16 @@ _MIGRATIONS = [
         retired_at DOUBLE PRECISION
     );
     """,
+    # Login throttling: failure counters shared by every process on the database, and the
+    # sign-in attempts each pending authorization request has used.
+    """
+    CREATE TABLE oauth_login_failures (
+        counter TEXT PRIMARY KEY,
+        failures INTEGER NOT NULL,
+        last_failure_at DOUBLE PRECISION NOT NULL
+    );
+    ALTER TABLE oauth_pending_authorizations ADD COLUMN login_attempts INTEGER NOT NULL DEFAULT 0;
+    """,
 ]
 
 
@@ -386,6 +396,46 @@ class OAuthStore:
             (request_id,),
         )
         return bool(rows)
+
+    def use_login_attempt(self, request_id: str, most: int) -> int | None:
+        """Count one sign-in attempt against a pending request; its number, or None when the
+        request has used ``most`` already (or is gone). Counted before the password is checked,
+        so attempts in parallel cannot exceed ``most`` either."""
+        rows = self.db.execute(
+            "UPDATE oauth_pending_authorizations SET login_attempts = login_attempts + 1"
+            " WHERE request_id = ? AND login_attempts < ? RETURNING login_attempts",
+            (request_id, most),
+        )
+        return rows[0][0] if rows else None
+
+    # login failure counters ("user:<name>", "address:<ip>")
+
+    def login_failures(self, counters: list[str], since: float) -> dict[str, tuple[int, float]]:
+        """(failures, last_failure_at) of each counter whose last failure is at ``since`` or later."""
+        marks = ", ".join("?" * len(counters))
+        rows = self.db.execute(
+            "SELECT counter, failures, last_failure_at FROM oauth_login_failures"
+            f" WHERE counter IN ({marks}) AND last_failure_at >= ?",
+            (*counters, since),
+        )
+        return {row[0]: (row[1], row[2]) for row in rows}
+
+    def add_login_failure(self, counter: str, now: float, restart_before: float) -> None:
+        """One more failure; a counter whose last failure is before ``restart_before`` restarts."""
+        self.db.execute(
+            "INSERT INTO oauth_login_failures (counter, failures, last_failure_at) VALUES (?, 1, ?)"
+            " ON CONFLICT (counter) DO UPDATE SET failures = CASE"
+            " WHEN oauth_login_failures.last_failure_at < ? THEN 1"
+            " ELSE oauth_login_failures.failures + 1 END,"
+            " last_failure_at = excluded.last_failure_at",
+            (counter, now, restart_before),
+        )
+
+    def clear_login_failures(self, counter: str) -> None:
+        self.db.execute("DELETE FROM oauth_login_failures WHERE counter = ?", (counter,))
+
+    def forget_login_failures_before(self, cutoff: float) -> None:
+        self.db.execute("DELETE FROM oauth_login_failures WHERE last_failure_at < ?", (cutoff,))
 
     def create_session(self, username: str, now: float, seconds: int) -> str:
         session_id = new_secret()

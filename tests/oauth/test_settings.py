@@ -23,6 +23,12 @@ def test_defaults_are_safe():
     assert settings.client_metadata.failure_cache_seconds == 30
     assert settings.client_metadata.max_concurrent_fetches_per_host == 2
     assert settings.client_metadata.max_documents_per_host == 20
+    assert settings.login.max_failures_per_user == 5
+    assert settings.login.max_failures_per_address == 20
+    assert settings.login.max_failures_per_request == 3
+    assert settings.login.max_concurrent_password_checks == 4
+    assert settings.open_registration.max_per_address == 10
+    assert settings.refusal_audit.window_seconds == 60
     assert settings.scopes_supported == ["tools:read"]
 
 
@@ -56,6 +62,12 @@ def test_defaults_are_safe():
             "oauth.client_metadata.max_documents_per_host",
         ),
         ({"client_metadata": {"enabled": "yes"}}, "oauth.client_metadata.enabled"),
+        ({"login": {"max_failures_per_user": 0}}, "oauth.login.max_failures_per_user"),
+        ({"login": {"backoff_seconds": 1.5}}, "oauth.login.backoff_seconds"),
+        ({"login": {"lockout": True}}, "oauth.login: unknown keys"),
+        ({"login": []}, "oauth.login: a table"),
+        ({"open_registration": {"max_per_address": -1}}, "oauth.open_registration.max_per_address"),
+        ({"refusal_audit": {"window_seconds": "60"}}, "oauth.refusal_audit.window_seconds"),
         ({"issuer_url": "https://x"}, "unknown keys"),
     ],
 )
