@@ -4,12 +4,15 @@ Who may register is the ``registration`` policy: ``open`` lets anyone register a
 (``token_endpoint_auth_method: none``) whose redirect URIs are https or loopback http; confidential
 clients and the ``client_credentials`` grant need an initial access token (RFC 7591 §3), as does
 every registration under ``initial_access_token``; ``closed`` leaves registration to the admin CLI.
+Open registrations are limited per address and in number (``[oauth.open_registration]``), and an
+open-registered client that has had no grant after ``unused_client_seconds`` is deleted.
 """
 
 from __future__ import annotations
 
 import hmac
 import json
+import math
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -18,8 +21,8 @@ from urllib.parse import urlsplit
 
 from bastion.oauth.errors import InvalidClientMetadata, InvalidRedirectUri, OAuthError
 from bastion.oauth.redirect_uris import redirect_uri_problem
-from bastion.oauth.settings import OAuthSettings
-from bastion.oauth.store import Client, digest, new_secret
+from bastion.oauth.settings import OAuthSettings, OpenRegistrationSettings
+from bastion.oauth.store import Client, OpenRegistrationRefusal, digest, new_secret
 
 AUTH_METHODS = ("none", "client_secret_basic", "client_secret_post")
 GRANT_TYPES = ("authorization_code", "refresh_token", "client_credentials")
@@ -143,8 +146,10 @@ def validate_client_metadata(
 
 def check_registration_allowed(
     settings: OAuthSettings, values: Mapping[str, Any], initial_access_token: str | None
-) -> None:
-    """Apply the registration policy; raise when this registration is not open to the caller."""
+) -> bool:
+    """Apply the registration policy; raise when this registration is not open to the caller.
+    Returns whether it is an open one (no initial access token), which `open_registration`
+    limits."""
     if settings.registration == "closed":
         raise OAuthError(
             "access_denied",
@@ -158,7 +163,7 @@ def check_registration_allowed(
     if initial_access_token is not None and not token_ok:
         raise OAuthError("invalid_token", "the initial access token is not valid", status=401)
     if token_ok:
-        return
+        return False
     if settings.registration == "initial_access_token":
         raise OAuthError(
             "invalid_token",
@@ -175,6 +180,37 @@ def check_registration_allowed(
             " a confidential client needs an initial access token",
             status=401,
         )
+    return True
+
+
+class RegistrationLimited(InvalidClientMetadata):
+    """An open registration over a limit of ``[oauth.open_registration]``: 429 with Retry-After.
+    RFC 7591 defines no error for it; its generic ``invalid_client_metadata`` is used."""
+
+    def __init__(self, description: str, retry_after: int) -> None:
+        super().__init__(description)
+        self.status = 429
+        self.retry_after = retry_after
+
+
+def open_registration_refused(
+    refusal: OpenRegistrationRefusal, settings: OpenRegistrationSettings, now: float
+) -> RegistrationLimited:
+    """The error for an open registration the store refused, saying when to try again."""
+    if refusal.limit == "address":
+        retry = refusal.oldest + settings.window_seconds - now
+        description = (
+            f"too many clients registered from your address ({refusal.count} in the last"
+            f" {settings.window_seconds} s, at most {settings.max_per_address}); try again"
+            f" in {math.ceil(max(retry, 1))} s, or reuse a client you registered"
+        )
+    else:
+        retry = refusal.oldest + settings.unused_client_seconds - now
+        description = (
+            f"this server holds {refusal.count} open registrations that have not been used yet"
+            f" (at most {settings.max_unused_clients}); try again later"
+        )
+    return RegistrationLimited(description, math.ceil(max(retry, 1)))
 
 
 def new_client(

@@ -3,6 +3,7 @@ routes under the issuer's path. Each endpoint's rules live in the module of its 
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import replace
@@ -119,13 +120,17 @@ class AuthorizationServer:
         return fetched
 
     def housekeeping(self) -> None:
-        """Delete expired rows and write the counts of closed refusal windows, at most once a
-        minute (called on the request path)."""
+        """Delete expired rows, self-registered clients that never got a grant and old login
+        failure counters, and write the counts of closed refusal windows; at most once a minute
+        (called on the request path of the token, registration and login endpoints)."""
         now = self.clock()
         if now - self._last_housekeeping < 60:
             return
         self._last_housekeeping = now
         self.store.purge_expired(now, keep_seconds=self.settings.leeway_seconds + 3600)
+        self.store.forget_unused_clients(
+            now - self.settings.open_registration.unused_client_seconds
+        )
         self.login_throttle.forget_old()
         self.refusals.flush()
 
@@ -170,18 +175,54 @@ class AuthorizationServer:
             authorization = request.headers.get("authorization", "")
             scheme, _, token = authorization.partition(" ")
             initial_token = token.strip() if scheme.lower() == "bearer" else None
-            registration.check_registration_allowed(self.settings, values, initial_token)
+            is_open = registration.check_registration_allowed(self.settings, values, initial_token)
             registered = registration.new_client(values, source="dynamic", now=self.clock())
-            await run_in_threadpool(self.store.save_client, registered.client)
+            if is_open:
+                await self._save_open_registration(request, registered.client)
+            else:
+                await run_in_threadpool(self.store.save_client, registered.client)
         except OAuthError as error:
-            return error_response(error)
+            response = error_response(error)
+            if isinstance(error, registration.RegistrationLimited):
+                response.headers["Retry-After"] = str(error.retry_after)
+            return response
         self.audit.record(
             "client.registered",
+            address=client_address(request),
             client_id=registered.client.client_id,
             client_name=registered.client.client_name,
             auth_method=registered.client.token_endpoint_auth_method,
         )
         return json_response(registered.response(), 201)
+
+    async def _save_open_registration(self, request: Request, client: Client) -> None:
+        """Save a client registered without an initial access token, within the limits of
+        ``[oauth.open_registration]``; raise `RegistrationLimited` (429) past them."""
+        limits, now = self.settings.open_registration, self.clock()
+        address = client_address(request) or "unknown"
+        refusal = await run_in_threadpool(
+            functools.partial(
+                self.store.save_open_registration,
+                client,
+                address,
+                now,
+                window_seconds=limits.window_seconds,
+                max_per_address=limits.max_per_address,
+                max_unused=limits.max_unused_clients,
+            )
+        )
+        if refusal is not None:
+            await run_in_threadpool(
+                functools.partial(
+                    self.refusals.record,
+                    "registration.refused",
+                    address=address,
+                    reason=refusal.limit,
+                    client_name=client.client_name,
+                )
+            )
+            raise registration.open_registration_refused(refusal, limits, now)
+        await run_in_threadpool(self.housekeeping)
 
     async def _authenticated(self, request: Request) -> tuple[Client, dict[str, str]]:
         form = await _form(request)

@@ -66,7 +66,7 @@ class OpenRegistrationSettings:
     """Limits on open dynamic registration (``[oauth.open_registration]``)."""
 
     # Registrations from one address per window.
-    max_per_address: int = 10
+    max_per_address: int = 20
     window_seconds: int = 3600
     # Open-registered clients that have no grant yet, in total.
     max_unused_clients: int = 1000

@@ -249,6 +249,8 @@ class Bastion:
             "oauth_refresh_tokens",
             "oauth_access_tokens",
             "oauth_signing_keys",
+            "oauth_login_failures",
+            "oauth_open_registrations",
         ]
         return {t: sorted(map(repr, self.db.execute(f"SELECT * FROM {t}"))) for t in tables}
 

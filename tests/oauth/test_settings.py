@@ -27,7 +27,7 @@ def test_defaults_are_safe():
     assert settings.login.max_failures_per_address == 20
     assert settings.login.max_failures_per_request == 3
     assert settings.login.max_concurrent_password_checks == 4
-    assert settings.open_registration.max_per_address == 10
+    assert settings.open_registration.max_per_address == 20
     assert settings.refusal_audit.window_seconds == 60
     assert settings.scopes_supported == ["tools:read"]
 
