@@ -416,16 +416,28 @@ class AuthorizationEndpoint:
                     "invalid_request", "this authorization request was already answered"
                 )
             return self._issue_code(pending, username, status=status)
+        resource = self.settings.resource(pending.resource)
         return pages.consent_page(
             action=self.settings.endpoint("authorize/consent"),
             request_id=pending.request_id,
             csrf_token=pending.csrf_token,
             username=username,
-            client_name=client.client_name,
+            client=self._shown(client, pending),
+            resource_name=resource.name if resource is not None else "",
+            resource_uri=pending.resource,
+            scopes=[
+                pages.ScopeShown(s, resource.describe(s) if resource is not None else None)
+                for s in pending.scope.split()
+            ],
+        )
+
+    @staticmethod
+    def _shown(client: Client, pending: PendingAuthorization) -> pages.ClientShown:
+        return pages.ClientShown(
+            name=client.client_name,
             client_id=client.client_id,
+            source=client.source,
             redirect_host=urlsplit(pending.redirect_uri).netloc,
-            resource=pending.resource,
-            scopes=pending.scope.split(),
         )
 
     def _login_page(
@@ -440,8 +452,7 @@ class AuthorizationEndpoint:
             action=self.settings.endpoint("authorize/login"),
             request_id=pending.request_id,
             csrf_token=pending.csrf_token,
-            client_name=client.client_name,
-            redirect_host=urlsplit(pending.redirect_uri).netloc,
+            client=self._shown(client, pending),
             error=error,
             status=status,
             username=username,

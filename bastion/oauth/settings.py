@@ -21,6 +21,12 @@ class ProtectedResource:
     uri: str
     scopes: tuple[str, ...]
     name: str = ""
+    # (scope, what it lets a client do), shown on the consent page; scopes without one show their name.
+    scope_descriptions: tuple[tuple[str, str], ...] = ()
+
+    def describe(self, scope: str) -> str | None:
+        """What ``scope`` lets a client do, in words for the person asked to consent, or None."""
+        return dict(self.scope_descriptions).get(scope)
 
 
 @dataclass(frozen=True)
@@ -234,7 +240,35 @@ def _resource(index: int, value: Any) -> ProtectedResource:
         isinstance(s, str) and s and " " not in s for s in scopes
     ):
         raise SettingsError(f"{where}.scopes: a list of scope names without spaces")
-    return ProtectedResource(uri=uri, scopes=tuple(scopes), name=str(value.get("name", "")))
+    name = value.get("name", "")
+    if not isinstance(name, str) or len(name) > 200:
+        raise SettingsError(
+            f"{where}.name: a name of at most 200 characters, shown on the consent page"
+        )
+    descriptions = value.get("scope_descriptions", {})
+    if not isinstance(descriptions, Mapping):
+        raise SettingsError(
+            f'{where}.scope_descriptions: a table, e.g. {{ "{scopes[0] if scopes else "tools:read"}"'
+            ' = "Read the tools" }'
+        )
+    for scope, text in descriptions.items():
+        if scope not in scopes:
+            raise SettingsError(
+                f"{where}.scope_descriptions: {scope!r} is not one of this resource's scopes {scopes}"
+            )
+        if not isinstance(text, str) or not text.strip() or len(text) > 200:
+            raise SettingsError(
+                f"{where}.scope_descriptions.{scope}: a description of 1 to 200 characters"
+            )
+    unknown = sorted(set(value) - {"uri", "scopes", "name", "scope_descriptions"})
+    if unknown:
+        raise SettingsError(f"{where}: unknown keys {unknown}")
+    return ProtectedResource(
+        uri=uri,
+        scopes=tuple(scopes),
+        name=name.strip(),
+        scope_descriptions=tuple((s, descriptions[s].strip()) for s in scopes if s in descriptions),
+    )
 
 
 def _client_metadata(value: Any) -> ClientMetadataDocumentSettings:

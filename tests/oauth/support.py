@@ -265,7 +265,13 @@ def make_settings(url: str, resource: str, other: str, key_dir: str, **extra) ->
             "issuer": url,
             "key_dir": key_dir,
             "resources": [
-                {"uri": resource, "scopes": ["tools:read", "tools:call"]},
+                {
+                    "uri": resource,
+                    "scopes": ["tools:read", "tools:call"],
+                    "name": "Test tools",
+                    # tools:call has none: the consent page shows it by its name.
+                    "scope_descriptions": {"tools:read": "See the test tools and their results"},
+                },
                 {"uri": other, "scopes": ["tools:read"]},
             ],
             "initial_access_tokens": ["initial-access-token-for-tests"],

@@ -11,6 +11,7 @@ import threading
 from urllib.parse import urlencode
 
 import anyio
+import httpx
 import pytest
 from starlette.applications import Starlette
 from starlette.responses import Response
@@ -20,7 +21,16 @@ from bastion.oauth.client_metadata_document import ClientMetadataDocuments, is_p
 from bastion.oauth.errors import OAuthError
 from bastion.oauth.settings import ClientMetadataDocumentSettings
 
-from .support import Clock, free_socket, pkce_pair, running_bastion, self_signed_certificate, serve
+from .support import (
+    PASSWORD,
+    Clock,
+    free_socket,
+    hidden_fields,
+    pkce_pair,
+    running_bastion,
+    self_signed_certificate,
+    serve,
+)
 
 REDIRECT = "http://127.0.0.1:9/callback"
 
@@ -402,3 +412,28 @@ def test_a_host_gets_a_bounded_number_of_documents(host):
     assert anyio.run(documents.client, first).client_id == first  # from the cache
     clock.advance(301)
     assert anyio.run(documents.client, third).client_id == third
+
+
+def test_the_consent_page_shows_the_documents_host_and_calls_the_client_unverified(
+    host, sqlite_url, tmp_path
+):
+    url = host.document("/agent.json", client_name="Claude Desktop (example)")
+    settings = {"allow_private_addresses": True, "ca_file": host.ca_file}
+    with running_bastion(sqlite_url, tmp_path, client_metadata=settings) as bastion:
+        _, challenge = pkce_pair()
+        params = bastion.authorize_params(
+            {"client_id": url, "redirect_uris": [REDIRECT]}, challenge
+        )
+        browser = httpx.Client(timeout=10)
+        login = browser.get(f"{bastion.url}/authorize?{urlencode(params)}")
+        consent = browser.post(
+            f"{bastion.url}/authorize/login",
+            data={**hidden_fields(login.text), "username": "alice", "password": PASSWORD},
+        )
+        assert consent.status_code == 200
+        for page in (login.text, consent.text):
+            assert "Unverified application from <span class=host>127.0.0.1</span>" in page
+            assert "a document published at <strong>127.0.0.1</strong>" in page
+            assert (
+                "&ldquo;Claude Desktop (example)&rdquo;, is whatever 127.0.0.1 wrote there" in page
+            )

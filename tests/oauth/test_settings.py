@@ -41,6 +41,30 @@ def test_defaults_are_safe():
         ({"resources": []}, "oauth.resources"),
         ({"resources": [{"uri": "mcp"}]}, "oauth.resources[0].uri"),
         ({"resources": [{"uri": "https://a/mcp", "scopes": ["a b"]}]}, "oauth.resources[0].scopes"),
+        (
+            {
+                "resources": [
+                    {"uri": "https://a/mcp", "scopes": ["a"], "scope_descriptions": {"b": "B"}}
+                ]
+            },
+            "oauth.resources[0].scope_descriptions",
+        ),
+        (
+            {
+                "resources": [
+                    {"uri": "https://a/mcp", "scopes": ["a"], "scope_descriptions": {"a": ""}}
+                ]
+            },
+            "oauth.resources[0].scope_descriptions.a",
+        ),
+        (
+            {"resources": [{"uri": "https://a/mcp", "scopes": ["a"], "scope_description": {}}]},
+            r"oauth.resources[0]: unknown keys",
+        ),
+        (
+            {"resources": [{"uri": "https://a/mcp", "scopes": ["a"], "name": 7}]},
+            "oauth.resources[0].name",
+        ),
         ({"key_dir": ""}, "oauth.key_dir"),
         ({"registration": "anyone"}, "oauth.registration"),
         ({"registration": "initial_access_token"}, "oauth.initial_access_tokens"),
@@ -80,3 +104,17 @@ def test_wrong_values_name_their_key(change, key):
 def test_http_issuer_is_allowed_on_loopback_only():
     settings = OAuthSettings.from_mapping({**BASE, "issuer": "http://127.0.0.1:8000/"})
     assert settings.issuer == "http://127.0.0.1:8000"
+
+
+def test_a_resource_has_a_name_and_describes_its_scopes():
+    resource = {
+        "uri": "https://mcp.example.com/mcp",
+        "scopes": ["customers:read", "customers:write"],
+        "name": "Customer desk",
+        "scope_descriptions": {"customers:read": "Read customer records"},
+    }
+    settings = OAuthSettings.from_mapping({**BASE, "resources": [resource]})
+    desk = settings.resource("https://mcp.example.com/mcp")
+    assert desk.name == "Customer desk"
+    assert desk.describe("customers:read") == "Read customer records"
+    assert desk.describe("customers:write") is None
