@@ -5,9 +5,6 @@ from __future__ import annotations
 
 import ipaddress
 import json
-import socket
-import ssl
-import threading
 from urllib.parse import urlencode
 
 import anyio
@@ -24,6 +21,7 @@ from bastion.oauth.settings import ClientMetadataDocumentSettings
 from .support import (
     PASSWORD,
     Clock,
+    TricklingHost,
     free_socket,
     hidden_fields,
     pkce_pair,
@@ -267,70 +265,12 @@ def test_a_document_on_a_wrapped_loopback_address_is_not_fetched(form):
         anyio.run(documents.client, url)
 
 
-class TricklingHost:
-    """An https server on a real socket that answers each request with a status line, then the
-    bytes of a header one at a time (``pad`` of them, ``interval`` seconds apart), then a valid
-    document: every read gets a byte well within any per-read timeout."""
-
-    def __init__(self, directory, pad: int, interval: float) -> None:
-        cert, key = self_signed_certificate(directory)
-        self.ca_file = cert
-        self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        self.context.load_cert_chain(cert, key)
-        self.pad, self.interval = pad, interval
-        self.accepted = 0
-        self.stopped = threading.Event()
-        self.listener = free_socket()
-        self.listener.listen(16)
-        self.listener.settimeout(0.1)
-        self.base = f"https://127.0.0.1:{self.listener.getsockname()[1]}"
-        self.thread = threading.Thread(target=self._accept, daemon=True)
-        self.thread.start()
-
-    def url(self, path: str) -> str:
-        return f"{self.base}{path}"
-
-    def _accept(self) -> None:
-        while not self.stopped.is_set():
-            try:
-                connection, _ = self.listener.accept()
-            except TimeoutError:
-                continue
-            self.accepted += 1
-            threading.Thread(target=self._answer, args=(connection,), daemon=True).start()
-
-    def _answer(self, connection: socket.socket) -> None:
-        try:
-            with self.context.wrap_socket(connection, server_side=True) as tls:
-                request = b""
-                while b"\r\n\r\n" not in request:
-                    request += tls.recv(4096)
-                path = request.split(b" ")[1].decode()
-                body = json.dumps(
-                    {"client_id": self.url(path), "redirect_uris": [REDIRECT]}
-                ).encode()
-                tls.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nX-Pad: ")
-                for _ in range(self.pad):
-                    if self.stopped.wait(self.interval):
-                        return
-                    tls.sendall(b"a")
-                tls.sendall(b"\r\nContent-Length: %d\r\nConnection: close\r\n\r\n" % len(body))
-                tls.sendall(body)
-        except OSError:
-            pass  # the client gave up
-
-    def close(self) -> None:
-        self.stopped.set()
-        self.thread.join(5)
-        self.listener.close()
-
-
 @pytest.fixture
 def trickling(tmp_path):
     hosts: list[TricklingHost] = []
 
     def start(pad: int, interval: float) -> TricklingHost:
-        hosts.append(TricklingHost(tmp_path, pad, interval))
+        hosts.append(TricklingHost(tmp_path, pad, interval, REDIRECT))
         return hosts[-1]
 
     yield start
