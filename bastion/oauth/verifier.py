@@ -108,7 +108,9 @@ class TokenVerifier:
                 self._record_refusal(refused, resource, address)
             raise
 
-    def _record_refusal(self, refused: InvalidToken, resource: str | None, address: str | None):
+    def _record_refusal(
+        self, refused: InvalidToken, resource: str | None, address: str | None
+    ) -> None:
         """A token this server signed keeps a row of its own, naming its user and client; any
         other (forged, malformed, from another issuer) proves nothing and is aggregated."""
         claims = refused.claims
