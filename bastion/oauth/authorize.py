@@ -1,7 +1,8 @@
 """The authorization endpoint (RFC 6749 §4.1, as profiled by OAuth 2.1 and MCP): validates the
 request, has the person log in and consent, and redirects back with a code and the issuer
 (RFC 9207). PKCE S256 is required (RFC 7636), the redirect URI must match a registered one
-exactly, and the ``resource`` (RFC 8707) must be one of the configured protected resources.
+exactly (but for the port of a loopback IP literal: `redirect_uri_allowed`), and the ``resource``
+(RFC 8707) must be one of the configured protected resources.
 
 Errors that cannot be trusted to the redirect URI (unknown client, unregistered redirect URI,
 a forged or expired form) are shown on a page; every other error goes back to the client.
@@ -9,6 +10,7 @@ a forged or expired form) are shown on a page; every other error goes back to th
 
 from __future__ import annotations
 
+import functools
 import hmac
 import uuid
 from dataclasses import replace
@@ -21,7 +23,9 @@ from starlette.responses import RedirectResponse, Response
 
 from bastion.oauth import pages, pkce
 from bastion.oauth.errors import InvalidScope, InvalidTarget, OAuthError
+from bastion.oauth.redirect_uris import redirect_uri_allowed
 from bastion.oauth.store import Client, Grant, PendingAuthorization, digest, new_secret
+from bastion.oauth.throttle import client_address
 from bastion.oauth.users import check_password
 
 if TYPE_CHECKING:
@@ -114,20 +118,26 @@ class AuthorizationEndpoint:
             redirect_uri = client.redirect_uris[0]
         if redirect_uri is None or "redirect_uri" in repeated:
             raise _PageError("invalid_request", "redirect_uri is required (exactly once)")
-        if redirect_uri not in client.redirect_uris:
+        if not redirect_uri_allowed(client.redirect_uris, redirect_uri):
             raise _PageError(
                 "invalid_request",
-                "redirect_uri does not exactly match any redirect URI registered for this client",
+                "redirect_uri does not exactly match any redirect URI registered for this client"
+                " (only the port of a loopback IP literal may differ)",
             )
         state = query.get("state") if "state" not in repeated else None
         try:
             pending = self._validate(query, client, redirect_uri, state, repeated)
         except OAuthError as error:
-            self.server.audit.record(
-                "authorization.refused",
-                client_id=client.client_id,
-                error=error.error,
-                description=error.description,
+            # Anyone can send this request for any client: aggregated, not a row each.
+            await run_in_threadpool(
+                functools.partial(
+                    self.server.refusals.record,
+                    "authorization.refused",
+                    address=client_address(request),
+                    reason=error.error,
+                    client_id=client.client_id,
+                    description=error.description,
+                )
             )
             return self._error_redirect(redirect_uri, state, error)
         browser = request.cookies.get(BROWSER_COOKIE) or new_secret()
@@ -190,21 +200,9 @@ class AuthorizationEndpoint:
             pending, client = await self._pending_from_form(request, form)
             username = str(form.get("username", ""))
             password = str(form.get("password", ""))
-            # Argon2 takes a while on purpose: keep it off the event loop.
-            valid = bool(username and password) and await run_in_threadpool(
-                check_password, self.store, username, password
-            )
-            if not valid:
-                self.server.audit.record(
-                    "login.failed", subject=username or None, client_id=client.client_id
-                )
-                return self._login_page(
-                    pending,
-                    client,
-                    error="Wrong username or password.",
-                    status=401,
-                    username=username,
-                )
+            refused = await self._refuse_login(request, pending, client, username, password)
+            if refused is not None:
+                return refused
             self.server.audit.record(
                 "login.succeeded", subject=username, client_id=client.client_id
             )
@@ -216,6 +214,97 @@ class AuthorizationEndpoint:
             return response
         except _PageError as error:
             return error.response
+
+    async def _refuse_login(
+        self,
+        request: Request,
+        pending: PendingAuthorization,
+        client: Client,
+        username: str,
+        password: str,
+    ) -> Response | None:
+        """The answer to a sign-in that does not succeed, or None when the password is right.
+
+        In order, each before any hashing it makes unnecessary: a missing field; a username or
+        address that must wait (429); no free password-check slot (503); a pending request that
+        has used its attempts (it ends). Then the password is checked off the event loop."""
+        server, settings = self.server, self.settings.login
+        address = client_address(request)
+
+        def refused(reason: str, kind: str = "login.failed", **detail) -> None:
+            server.refusals.record(
+                kind, address=address, reason=reason, client_id=client.client_id, **detail
+            )
+
+        if not (username and password):
+            await run_in_threadpool(refused, "incomplete")
+            return self._login_page(
+                pending, client, "Enter your username and password.", 401, username
+            )
+        wait = await run_in_threadpool(server.login_throttle.wait, username, address)
+        if wait is not None:
+            await run_in_threadpool(
+                functools.partial(refused, wait.counter, "login.throttled", username=username)
+            )
+            whose = "for this username" if wait.counter == "user" else "from your network"
+            response = self._login_page(
+                pending,
+                client,
+                f"Too many failed sign-ins {whose}. Try again in {wait.seconds} seconds.",
+                429,
+                username,
+            )
+            response.headers["Retry-After"] = str(wait.seconds)
+            return response
+        if not server.password_checks.take():
+            await run_in_threadpool(refused, "busy", "login.throttled")
+            response = self._login_page(
+                pending, client, "The server is busy. Try again in a moment.", 503, username
+            )
+            response.headers["Retry-After"] = "1"
+            return response
+        try:
+            attempt = await run_in_threadpool(
+                self.store.use_login_attempt, pending.request_id, settings.max_failures_per_request
+            )
+            if attempt is None:
+                raise _PageError(
+                    "access_denied",
+                    "too many failed sign-ins for this request; return to the application"
+                    " and start again",
+                    403,
+                )
+            # Argon2 takes a while on purpose: keep it off the event loop.
+            if await run_in_threadpool(check_password, self.store, username, password):
+                await run_in_threadpool(server.login_throttle.succeeded, username)
+                return None
+        finally:
+            server.password_checks.give_back()
+        await run_in_threadpool(self._login_failed, address, client, username)
+        if attempt >= settings.max_failures_per_request:
+            self.store.finish_pending(pending.request_id)
+            raise _PageError(
+                "access_denied",
+                f"{attempt} failed sign-ins: this request has ended; return to the application"
+                " and start again",
+                403,
+            )
+        return self._login_page(pending, client, "Wrong username or password.", 401, username)
+
+    def _login_failed(self, address: str | None, client: Client, username: str) -> None:
+        """Count the failure; a failure for an existing user is a row of its own (the throttle
+        bounds how many), one for a name that does not exist is aggregated."""
+        server = self.server
+        server.login_throttle.failed(username, address)
+        if self.store.user_password_hash(username) is not None:
+            server.audit.record(
+                "login.failed", subject=username, client_id=client.client_id, address=address
+            )
+        else:
+            server.refusals.record(
+                "login.failed", address=address, reason="unknown_user", client_id=client.client_id
+            )
+        server.housekeeping()
 
     # POST /authorize/consent
 
@@ -288,7 +377,15 @@ class AuthorizationEndpoint:
             and browser
             and hmac.compare_digest(digest(browser), pending.browser_digest)
         ):
-            self.server.audit.record("authorization.csrf_refused", client_id=pending.client_id)
+            await run_in_threadpool(
+                functools.partial(
+                    self.server.refusals.record,
+                    "authorization.csrf_refused",
+                    address=client_address(request),
+                    reason="csrf",
+                    client_id=pending.client_id,
+                )
+            )
             raise _PageError(
                 "access_denied",
                 "the form is missing its CSRF token or comes from another browser",
@@ -319,16 +416,28 @@ class AuthorizationEndpoint:
                     "invalid_request", "this authorization request was already answered"
                 )
             return self._issue_code(pending, username, status=status)
+        resource = self.settings.resource(pending.resource)
         return pages.consent_page(
             action=self.settings.endpoint("authorize/consent"),
             request_id=pending.request_id,
             csrf_token=pending.csrf_token,
             username=username,
-            client_name=client.client_name,
+            client=self._shown(client, pending),
+            resource_name=resource.name if resource is not None else "",
+            resource_uri=pending.resource,
+            scopes=[
+                pages.ScopeShown(s, resource.describe(s) if resource is not None else None)
+                for s in pending.scope.split()
+            ],
+        )
+
+    @staticmethod
+    def _shown(client: Client, pending: PendingAuthorization) -> pages.ClientShown:
+        return pages.ClientShown(
+            name=client.client_name,
             client_id=client.client_id,
+            source=client.source,
             redirect_host=urlsplit(pending.redirect_uri).netloc,
-            resource=pending.resource,
-            scopes=pending.scope.split(),
         )
 
     def _login_page(
@@ -343,8 +452,7 @@ class AuthorizationEndpoint:
             action=self.settings.endpoint("authorize/login"),
             request_id=pending.request_id,
             csrf_token=pending.csrf_token,
-            client_name=client.client_name,
-            redirect_host=urlsplit(pending.redirect_uri).netloc,
+            client=self._shown(client, pending),
             error=error,
             status=status,
             username=username,

@@ -2,8 +2,10 @@
 MCP authorization specification): a ``client_id`` that is an https URL names a JSON document of
 client metadata, which the authorization server fetches and validates.
 
-Fetches are bounded (time, size, no redirects) and never reach private, loopback or link-local
-addresses unless ``allow_private_addresses`` is configured. Valid documents are cached.
+Fetches are bounded (one deadline for all of a fetch, size, no redirects, fetches in progress
+and documents per host) and never reach private, loopback or link-local addresses unless
+``allow_private_addresses`` is configured. Valid documents are cached, and failures for a short
+while, so a failing URL is not fetched again on every request that names it.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import anyio
 import httpx
 
 from bastion.oauth.errors import OAuthError
-from bastion.oauth.registration import redirect_uri_problem
+from bastion.oauth.redirect_uris import redirect_uri_problem
 from bastion.oauth.settings import ClientMetadataDocumentSettings
 from bastion.oauth.store import Client
 
@@ -33,6 +35,44 @@ class ClientMetadataDocumentError(OAuthError):
 
     def __init__(self, url: str, description: str) -> None:
         super().__init__("invalid_client", f"client metadata document {url}: {description}", 401)
+
+
+# IPv6 forms that carry an IPv4 address the packets end up at: NAT64 (RFC 6052), 6to4 (RFC 3056),
+# Teredo (RFC 4380) and IPv4-compatible addresses (RFC 4291 §2.5.5.1, deprecated but routable by
+# some stacks). IPv4-mapped addresses (::ffff:0:0/96) are read by ``ipv4_mapped``.
+_NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
+# RFC 8215: a translator's local-use prefix; what it reaches is the operator's own network.
+_NAT64_LOCAL = ipaddress.IPv6Network("64:ff9b:1::/48")
+_SIX_TO_FOUR = ipaddress.IPv6Network("2002::/16")
+_TEREDO = ipaddress.IPv6Network("2001::/32")
+_IPV4_COMPATIBLE = ipaddress.IPv6Network("::/96")
+
+
+def embedded_ipv4(address: ipaddress.IPv6Address) -> tuple[ipaddress.IPv4Address, ...] | None:
+    """The IPv4 addresses an IPv6 address leads to (a Teredo address has two: its server and its
+    client), or None when it is not one of the forms that embed one."""
+    if address.ipv4_mapped is not None:
+        return (address.ipv4_mapped,)
+    if address in _TEREDO:
+        server, client = address.teredo
+        return (server, client)
+    if address in _SIX_TO_FOUR:
+        return (address.sixtofour,)
+    if address in _NAT64 or (address in _IPV4_COMPATIBLE and int(address) > 1):
+        return (ipaddress.IPv4Address(int(address) & 0xFFFFFFFF),)
+    return None
+
+
+def is_public_address(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    """Whether a fetch may connect to ``address``: globally reachable, and not a private,
+    loopback, link-local, shared (CGNAT), reserved or multicast address, even wrapped in IPv6."""
+    if isinstance(address, ipaddress.IPv6Address):
+        if address in _NAT64_LOCAL:
+            return False
+        inner = embedded_ipv4(address)
+        if inner is not None:
+            return all(is_public_address(v4) for v4 in inner)
+    return address.is_global and not address.is_multicast
 
 
 def is_client_id_url(client_id: str) -> bool:
@@ -61,30 +101,102 @@ def client_id_url_problem(url: str) -> str | None:
 
 
 @dataclass(frozen=True)
-class _Cached:
-    client: Client
+class _Remembered:
+    """A document's client, or why it could not be used, until ``expires_at``."""
+
     expires_at: float
+    client: Client | None = None
+    error: ClientMetadataDocumentError | None = None
 
 
 class ClientMetadataDocuments:
-    """Fetches, validates and caches client ID metadata documents."""
+    """Fetches, validates and caches client ID metadata documents.
+
+    Every limit here is per process: the caches, the documents remembered per host and the
+    fetches in progress per host live in memory.
+    """
 
     def __init__(
         self, settings: ClientMetadataDocumentSettings, clock: Callable[[], float]
     ) -> None:
         self.settings = settings
         self.clock = clock
-        self._cache: dict[str, _Cached] = {}
+        self._documents: dict[str, _Remembered] = {}
+        self._failures: dict[str, _Remembered] = {}
+        self._fetching: dict[str, int] = {}  # host -> fetches in progress
+        self._per_host: dict[str, dict[str, float]] = {}  # host -> {document URL: expires_at}
 
     async def client(self, url: str) -> Client:
-        """The client a document URL describes, from cache or a fresh fetch."""
-        cached = self._cache.get(url)
-        if cached is not None and cached.expires_at > self.clock():
-            return cached.client
-        document = await self._fetch(url)
-        client = self._validate(url, document)
-        self._cache[url] = _Cached(client, self.clock() + self.settings.cache_seconds)
+        """The client a document URL describes, from cache or a fresh fetch. A failure is
+        remembered for ``failure_cache_seconds``: the URL is not fetched again meanwhile."""
+        now = self.clock()
+        for remembered in (self._documents.get(url), self._failures.get(url)):
+            if remembered is not None and remembered.expires_at > now:
+                if remembered.client is not None:
+                    return remembered.client
+                assert remembered.error is not None
+                raise remembered.error
+        problem = client_id_url_problem(url)
+        if problem:
+            raise ClientMetadataDocumentError(url, problem)
+        host = (urlsplit(url).hostname or "").lower()
+        self._check_host_limits(url, host, now)
+        self._fetching[host] = self._fetching.get(host, 0) + 1
+        try:
+            client = self._validate(url, await self._fetch(url))
+        except ClientMetadataDocumentError as error:
+            self._remember(
+                self._failures,
+                url,
+                _Remembered(now + self.settings.failure_cache_seconds, error=error),
+            )
+            raise
+        finally:
+            self._fetching[host] -= 1
+            if not self._fetching[host]:
+                del self._fetching[host]
+        self._failures.pop(url, None)
+        expires_at = self.clock() + self.settings.cache_seconds
+        self._remember(self._documents, url, _Remembered(expires_at, client))
+        if host not in self._per_host and len(self._per_host) >= self.settings.max_cached_documents:
+            now = self.clock()
+            for stale in [
+                h for h, urls in self._per_host.items() if all(e <= now for e in urls.values())
+            ]:
+                del self._per_host[stale]
+        self._per_host.setdefault(host, {})[url] = expires_at
         return client
+
+    def _check_host_limits(self, url: str, host: str, now: float) -> None:
+        """Refuse (without remembering it against the URL) a fetch that would exceed the host's
+        share: its fetches in progress, or the documents remembered from it."""
+        settings = self.settings
+        if self._fetching.get(host, 0) >= settings.max_concurrent_fetches_per_host:
+            raise ClientMetadataDocumentError(
+                url,
+                f"{host} already has {settings.max_concurrent_fetches_per_host} document"
+                " fetch(es) in progress; try again shortly",
+            )
+        known = self._per_host.get(host, {})
+        for expired in [u for u, expires_at in known.items() if expires_at <= now]:
+            del known[expired]
+        if url not in known and len(known) >= settings.max_documents_per_host:
+            raise ClientMetadataDocumentError(
+                url,
+                f"{host} already serves {len(known)} client documents known to this server"
+                f" (at most {settings.max_documents_per_host} per host); try again later",
+            )
+
+    def _remember(self, table: dict[str, _Remembered], url: str, entry: _Remembered) -> None:
+        """Keep ``entry``, dropping expired entries and then the oldest when the table is full."""
+        table.pop(url, None)
+        if len(table) >= self.settings.max_cached_documents:
+            now = self.clock()
+            for key in [k for k, v in table.items() if v.expires_at <= now]:
+                del table[key]
+            while len(table) >= self.settings.max_cached_documents:
+                del table[next(iter(table))]
+        table[url] = entry
 
     async def _check_address(self, url: str, host: str, port: int) -> None:
         if self.settings.allow_private_addresses:
@@ -95,15 +207,31 @@ class ClientMetadataDocuments:
             raise ClientMetadataDocumentError(url, f"cannot resolve {host}") from exc
         for info in infos:
             address = ipaddress.ip_address(info[4][0])
-            if not address.is_global:
+            if not is_public_address(address):
                 raise ClientMetadataDocumentError(
                     url, f"{host} resolves to non-public address {address}; refused"
                 )
 
     async def _fetch(self, url: str) -> dict[str, Any]:
-        problem = client_id_url_problem(url)
-        if problem:
-            raise ClientMetadataDocumentError(url, problem)
+        """The document, fetched within one deadline for all of it: httpx's own timeouts bound
+        each read, so a server that trickles its headers or body could hold a fetch for ever."""
+        seconds = self.settings.timeout_seconds
+        try:
+            with anyio.fail_after(seconds):
+                body = await self._download(url)
+        except TimeoutError as exc:
+            raise ClientMetadataDocumentError(
+                url, f"could not be fetched within {seconds} s (resolving, connecting and reading)"
+            ) from exc
+        try:
+            document = json.loads(body)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise ClientMetadataDocumentError(url, "is not JSON") from exc
+        if not isinstance(document, dict):
+            raise ClientMetadataDocumentError(url, "is not a JSON object")
+        return document
+
+    async def _download(self, url: str) -> bytes:
         parts = urlsplit(url)
         await self._check_address(url, parts.hostname or "", parts.port or 443)
         verify: ssl.SSLContext | bool = True
@@ -125,20 +253,13 @@ class ClientMetadataDocuments:
                         url, f"answered HTTP {response.status_code}, expected 200"
                     )
                 body = bytearray()
-                with anyio.fail_after(self.settings.timeout_seconds):
-                    async for chunk in response.aiter_bytes():
-                        body += chunk
-                        if len(body) > limit:
-                            raise ClientMetadataDocumentError(url, f"is larger than {limit} bytes")
-        except (httpx.HTTPError, TimeoutError) as exc:
+                async for chunk in response.aiter_bytes():
+                    body += chunk
+                    if len(body) > limit:
+                        raise ClientMetadataDocumentError(url, f"is larger than {limit} bytes")
+        except httpx.HTTPError as exc:
             raise ClientMetadataDocumentError(url, f"could not be fetched ({exc!r})") from exc
-        try:
-            document = json.loads(bytes(body))
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise ClientMetadataDocumentError(url, "is not JSON") from exc
-        if not isinstance(document, dict):
-            raise ClientMetadataDocumentError(url, "is not a JSON object")
-        return document
+        return bytes(body)
 
     def _validate(self, url: str, document: dict[str, Any]) -> Client:
         if document.get("client_id") != url:

@@ -90,9 +90,19 @@ def clients_create(args: argparse.Namespace) -> int:
     from bastion.oauth import registration
 
     settings = _settings(args)
-    grant_types = args.grant_type or (
-        ["client_credentials"] if args.confidential else ["authorization_code", "refresh_token"]
-    )
+    grant_types = args.grant_type
+    if grant_types is None:
+        # A redirect URI is only ever used by authorization_code: asking for one means that grant.
+        acts_as_itself = args.confidential and not args.redirect_uri
+        grant_types = (
+            ["client_credentials"] if acts_as_itself else ["authorization_code", "refresh_token"]
+        )
+    elif args.redirect_uri and "authorization_code" not in grant_types:
+        raise CommandError(
+            "--redirect-uri is used only by the authorization_code grant, and this client would"
+            f" have only {grant_types}: add --grant-type authorization_code, or leave out"
+            " --redirect-uri"
+        )
     metadata = {
         "client_name": args.name,
         "redirect_uris": args.redirect_uri or [],
@@ -217,8 +227,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--grant-type",
         action="append",
         choices=["authorization_code", "refresh_token", "client_credentials"],
-        help="repeat for several (default: authorization_code + refresh_token, or"
-        " client_credentials with --confidential)",
+        help="repeat for several (default: authorization_code + refresh_token; with"
+        " --confidential and no --redirect-uri, client_credentials)",
     )
     p.add_argument("--confidential", action="store_true", help="give the client a secret")
     p.add_argument("--scope", help="space-separated scopes the client may receive")

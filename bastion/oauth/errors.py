@@ -71,8 +71,15 @@ class InvalidRedirectUri(OAuthError):
 
 
 class InvalidToken(Exception):
-    """A bearer token a resource server must refuse (RFC 6750 §3.1 ``invalid_token``)."""
+    """A bearer token a resource server must refuse (RFC 6750 §3.1 ``invalid_token``).
 
-    def __init__(self, reason: str) -> None:
+    ``check`` names the check that refused it, from a fixed set (``format``, ``alg``, ``typ``,
+    ``kid``, ``signature``, ``claims``, ``revoked``...); ``claims`` are the token's claims once its
+    signature verified (a token this server issued), else None.
+    """
+
+    def __init__(self, reason: str, check: str = "invalid", claims: dict | None = None) -> None:
         super().__init__(reason)
         self.reason = reason
+        self.check = check
+        self.claims = claims

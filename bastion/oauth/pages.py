@@ -1,13 +1,17 @@
 """The pages a person sees during authorization: login, consent and errors.
 
 Server-rendered HTML with every value escaped, no scripts, and headers that forbid framing
-(clickjacking, RFC 9700 §4.16), caching and referrer leaks.
+(clickjacking, RFC 9700 §4.16), caching and referrer leaks. A client's name is only vouched for
+when an administrator registered it; otherwise the pages say plainly that it is unverified, and
+for a metadata-document client, which host identifies it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 from html import escape
+from urllib.parse import urlsplit
 
 from starlette.responses import HTMLResponse
 
@@ -27,6 +31,9 @@ _STYLE = (
     "label{display:block;margin:.75rem 0 .25rem}"
     "input{width:100%;padding:.4rem;box-sizing:border-box}"
     "button{margin:1rem .5rem 0 0;padding:.5rem 1rem}.error{color:#a00}code{overflow-wrap:anywhere}"
+    ".unverified{border:2px solid #b45309;background:#fff7ed;padding:0 .75rem;margin:1rem 0}"
+    ".host{font-family:monospace;font-size:1.15em}.verified{color:#166534}"
+    "details{margin-top:1.5rem;color:#555}"
 )
 
 
@@ -46,10 +53,61 @@ def _hidden(request_id: str, csrf_token: str) -> str:
     )
 
 
-def _client_line(client_name: str, redirect_host: str) -> str:
+@dataclass(frozen=True)
+class ClientShown:
+    """What the pages say about the client asking: its name, whether anyone vouches for it, and
+    where it sends the person back to."""
+
+    name: str
+    client_id: str
+    source: str  # "admin", "dynamic" (RFC 7591) or "metadata_document"
+    redirect_host: str
+
+    @property
+    def verified(self) -> bool:
+        """Only an administrator's registration vouches for a name; anyone can register any
+        name for themselves, or publish a metadata document that claims one."""
+        return self.source == "admin"
+
+    @property
+    def document_host(self) -> str | None:
+        """The host of the metadata document that identifies the client, if one does."""
+        if self.source != "metadata_document":
+            return None
+        return urlsplit(self.client_id).hostname or self.client_id
+
+
+def _client_block(client: ClientShown) -> str:
+    name = escape(client.name)
+    if client.verified:
+        return (
+            f"<p><strong>{name}</strong> <span class=verified>registered by your"
+            " administrator</span> (sends you back to"
+            f" <code>{escape(client.redirect_host)}</code>) asks to act for you.</p>"
+        )
+    if client.document_host is not None:
+        host = escape(client.document_host)
+        who = (
+            f"<p><strong>Unverified application from <span class=host>{host}</span>.</strong>"
+            f" It is identified only by a document published at <strong>{host}</strong>; the"
+            f" name it gives, &ldquo;{name}&rdquo;, is whatever {host} wrote there.</p>"
+        )
+    else:
+        who = (
+            "<p><strong>Unverified application.</strong> It registered itself, and anyone can"
+            f" register any name: &ldquo;{name}&rdquo; may not be what it says it is.</p>"
+        )
     return (
-        f"<p><strong>{escape(client_name)}</strong> (sends you back to "
-        f"<code>{escape(redirect_host)}</code>) asks to act for you.</p>"
+        f"<div class=unverified role=note>{who}<p>Continue only if you started this from the"
+        " application you expect.</p></div><p>It asks to act for you, and will send you back to"
+        f" <code>{escape(client.redirect_host)}</code>.</p>"
+    )
+
+
+def _technical(client: ClientShown) -> str:
+    return (
+        "<details><summary>Technical details</summary>"
+        f"<p>Client id: <code>{escape(client.client_id)}</code></p></details>"
     )
 
 
@@ -58,8 +116,7 @@ def login_page(
     action: str,
     request_id: str,
     csrf_token: str,
-    client_name: str,
-    redirect_host: str,
+    client: ClientShown,
     error: str | None = None,
     status: int = 200,
     username: str = "",
@@ -68,7 +125,7 @@ def login_page(
     # After a failed attempt the name stays filled in; only the password is asked again.
     name = f" value='{escape(username, quote=True)}'" if username else ""
     body = (
-        f"{_client_line(client_name, redirect_host)}{problem}"
+        f"{_client_block(client)}{problem}"
         f"<form method=post action='{escape(action, quote=True)}'>{_hidden(request_id, csrf_token)}"
         "<label for=username>Username</label>"
         f"<input id=username name=username autocomplete=username required autofocus{name}>"
@@ -79,27 +136,46 @@ def login_page(
     return _page("Sign in to bastion", body, status)
 
 
+@dataclass(frozen=True)
+class ScopeShown:
+    """A scope asked for, and what it lets the client do (None: shown by its name alone)."""
+
+    scope: str
+    description: str | None = None
+
+
 def consent_page(
     *,
     action: str,
     request_id: str,
     csrf_token: str,
     username: str,
-    client_name: str,
-    client_id: str,
-    redirect_host: str,
-    resource: str,
-    scopes: Iterable[str],
+    client: ClientShown,
+    resource_name: str,
+    resource_uri: str,
+    scopes: Iterable[ScopeShown],
 ) -> HTMLResponse:
-    items = "".join(f"<li><code>{escape(s)}</code></li>" for s in scopes) or "<li>(no scopes)</li>"
+    items = (
+        "".join(
+            f"<li>{escape(s.description)} <code class=scope>{escape(s.scope)}</code></li>"
+            if s.description
+            else f"<li><code class=scope>{escape(s.scope)}</code></li>"
+            for s in scopes
+        )
+        or "<li>(no scopes)</li>"
+    )
+    if resource_name:
+        resource = f"<strong>{escape(resource_name)}</strong> (<code>{escape(resource_uri)}</code>)"
+    else:
+        resource = f"<code>{escape(resource_uri)}</code>"
     body = (
         f"<p>Signed in as <strong>{escape(username)}</strong>.</p>"
-        f"{_client_line(client_name, redirect_host)}"
-        f"<p>Client id: <code>{escape(client_id)}</code></p>"
-        f"<p>It wants access to <code>{escape(resource)}</code> with:</p><ul>{items}</ul>"
+        f"{_client_block(client)}"
+        f"<p>It wants access to {resource} to:</p><ul>{items}</ul>"
         f"<form method=post action='{escape(action, quote=True)}'>{_hidden(request_id, csrf_token)}"
         "<button type=submit name=decision value=allow>Allow</button>"
         "<button type=submit name=decision value=deny>Deny</button></form>"
+        f"{_technical(client)}"
     )
     return _page("Allow access?", body)
 

@@ -4,13 +4,15 @@ Who may register is the ``registration`` policy: ``open`` lets anyone register a
 (``token_endpoint_auth_method: none``) whose redirect URIs are https or loopback http; confidential
 clients and the ``client_credentials`` grant need an initial access token (RFC 7591 §3), as does
 every registration under ``initial_access_token``; ``closed`` leaves registration to the admin CLI.
+Open registrations are limited per address and in number (``[oauth.open_registration]``), and an
+open-registered client that has had no grant after ``unused_client_seconds`` is deleted.
 """
 
 from __future__ import annotations
 
 import hmac
-import ipaddress
 import json
+import math
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -18,8 +20,9 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from bastion.oauth.errors import InvalidClientMetadata, InvalidRedirectUri, OAuthError
-from bastion.oauth.settings import OAuthSettings
-from bastion.oauth.store import Client, digest, new_secret
+from bastion.oauth.redirect_uris import redirect_uri_problem
+from bastion.oauth.settings import OAuthSettings, OpenRegistrationSettings
+from bastion.oauth.store import Client, OpenRegistrationRefusal, digest, new_secret
 
 AUTH_METHODS = ("none", "client_secret_basic", "client_secret_post")
 GRANT_TYPES = ("authorization_code", "refresh_token", "client_credentials")
@@ -32,37 +35,6 @@ _DESCRIPTIVE = (
     "software_id",
     "software_version",
 )
-
-
-def is_loopback_host(host: str | None) -> bool:
-    if host is None:
-        return False
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
-
-
-def redirect_uri_problem(uri: Any) -> str | None:
-    """Why a redirect URI cannot be registered, or None when it can (RFC 6749 §3.1.2, RFC 8252)."""
-    if not isinstance(uri, str) or not uri or len(uri) > 2000:
-        return "a redirect URI must be a non-empty string of at most 2000 characters"
-    try:
-        parts = urlsplit(uri)
-        parts.port  # noqa: B018 - raises ValueError for a malformed port
-    except ValueError:
-        return f"redirect URI {uri!r} is not a valid URL"
-    if parts.fragment or "#" in uri:
-        return f"redirect URI {uri!r} must not have a fragment"
-    if parts.username or parts.password:
-        return f"redirect URI {uri!r} must not carry user information"
-    if parts.scheme == "https" and parts.hostname:
-        return None
-    if parts.scheme == "http" and is_loopback_host(parts.hostname):
-        return None
-    return f"redirect URI {uri!r} must be https, or http on a loopback address (RFC 8252 §7.3)"
 
 
 @dataclass(frozen=True)
@@ -174,8 +146,10 @@ def validate_client_metadata(
 
 def check_registration_allowed(
     settings: OAuthSettings, values: Mapping[str, Any], initial_access_token: str | None
-) -> None:
-    """Apply the registration policy; raise when this registration is not open to the caller."""
+) -> bool:
+    """Apply the registration policy; raise when this registration is not open to the caller.
+    Returns whether it is an open one (no initial access token), which `open_registration`
+    limits."""
     if settings.registration == "closed":
         raise OAuthError(
             "access_denied",
@@ -189,7 +163,7 @@ def check_registration_allowed(
     if initial_access_token is not None and not token_ok:
         raise OAuthError("invalid_token", "the initial access token is not valid", status=401)
     if token_ok:
-        return
+        return False
     if settings.registration == "initial_access_token":
         raise OAuthError(
             "invalid_token",
@@ -206,6 +180,37 @@ def check_registration_allowed(
             " a confidential client needs an initial access token",
             status=401,
         )
+    return True
+
+
+class RegistrationLimited(InvalidClientMetadata):
+    """An open registration over a limit of ``[oauth.open_registration]``: 429 with Retry-After.
+    RFC 7591 defines no error for it; its generic ``invalid_client_metadata`` is used."""
+
+    def __init__(self, description: str, retry_after: int) -> None:
+        super().__init__(description)
+        self.status = 429
+        self.retry_after = retry_after
+
+
+def open_registration_refused(
+    refusal: OpenRegistrationRefusal, settings: OpenRegistrationSettings, now: float
+) -> RegistrationLimited:
+    """The error for an open registration the store refused, saying when to try again."""
+    if refusal.limit == "address":
+        retry = refusal.oldest + settings.window_seconds - now
+        description = (
+            f"too many clients registered from your address ({refusal.count} in the last"
+            f" {settings.window_seconds} s, at most {settings.max_per_address}); try again"
+            f" in {math.ceil(max(retry, 1))} s, or reuse a client you registered"
+        )
+    else:
+        retry = refusal.oldest + settings.unused_client_seconds - now
+        description = (
+            f"this server holds {refusal.count} open registrations that have not been used yet"
+            f" (at most {settings.max_unused_clients}); try again later"
+        )
+    return RegistrationLimited(description, math.ceil(max(retry, 1)))
 
 
 def new_client(

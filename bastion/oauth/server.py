@@ -3,6 +3,7 @@ routes under the issuer's path. Each endpoint's rules live in the module of its 
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import replace
@@ -14,6 +15,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from bastion.audit import AuditLog
+from bastion.audit.refusals import RefusalLog
 from bastion.db import Database
 from bastion.oauth import introspection, registration, revocation
 from bastion.oauth.authorize import AuthorizationEndpoint
@@ -24,6 +26,7 @@ from bastion.oauth.keys import KeyRing
 from bastion.oauth.metadata import authorization_server_metadata, metadata_path
 from bastion.oauth.settings import OAuthSettings
 from bastion.oauth.store import Client, OAuthStore
+from bastion.oauth.throttle import LoginThrottle, PasswordCheckSlots, client_address
 from bastion.oauth.tokens import TokenEndpoint
 from bastion.oauth.verifier import TokenVerifier
 
@@ -75,6 +78,12 @@ class AuthorizationServer:
         self.clock = clock
         self.store = OAuthStore(db)
         self.audit = AuditLog(db, clock)
+        self.refusals = RefusalLog(
+            self.audit,
+            window_seconds=settings.refusal_audit.window_seconds,
+            max_keys=settings.refusal_audit.max_keys,
+            clock=clock,
+        )
         self.keys = KeyRing(
             self.store,
             settings.key_dir,
@@ -88,7 +97,10 @@ class AuthorizationServer:
             audit=self.audit,
             clock=clock,
             leeway_seconds=settings.leeway_seconds,
+            refusals=self.refusals,
         )
+        self.login_throttle = LoginThrottle(self.store, settings.login, clock)
+        self.password_checks = PasswordCheckSlots(settings.login.max_concurrent_password_checks)
         self.documents = ClientMetadataDocuments(settings.client_metadata, clock)
         self._authorization = AuthorizationEndpoint(self)
         self._tokens = TokenEndpoint(self)
@@ -108,12 +120,23 @@ class AuthorizationServer:
         return fetched
 
     def housekeeping(self) -> None:
-        """Delete expired rows, at most once a minute (called on the request path)."""
+        """Delete expired rows, self-registered clients that never got a grant and old login
+        failure counters, and write the counts of closed refusal windows; at most once a minute
+        (called on the request path of the token, registration and login endpoints)."""
         now = self.clock()
         if now - self._last_housekeeping < 60:
             return
         self._last_housekeeping = now
         self.store.purge_expired(now, keep_seconds=self.settings.leeway_seconds + 3600)
+        self.store.forget_unused_clients(
+            now - self.settings.open_registration.unused_client_seconds
+        )
+        self.login_throttle.forget_old()
+        self.refusals.flush()
+
+    def close(self) -> None:
+        """At shutdown: write the refusal counts of windows still open."""
+        self.refusals.flush(everything=True)
 
     def routes(self) -> list[Route]:
         prefix = self.settings.issuer_path
@@ -152,18 +175,54 @@ class AuthorizationServer:
             authorization = request.headers.get("authorization", "")
             scheme, _, token = authorization.partition(" ")
             initial_token = token.strip() if scheme.lower() == "bearer" else None
-            registration.check_registration_allowed(self.settings, values, initial_token)
+            is_open = registration.check_registration_allowed(self.settings, values, initial_token)
             registered = registration.new_client(values, source="dynamic", now=self.clock())
-            await run_in_threadpool(self.store.save_client, registered.client)
+            if is_open:
+                await self._save_open_registration(request, registered.client)
+            else:
+                await run_in_threadpool(self.store.save_client, registered.client)
         except OAuthError as error:
-            return error_response(error)
+            response = error_response(error)
+            if isinstance(error, registration.RegistrationLimited):
+                response.headers["Retry-After"] = str(error.retry_after)
+            return response
         self.audit.record(
             "client.registered",
+            address=client_address(request),
             client_id=registered.client.client_id,
             client_name=registered.client.client_name,
             auth_method=registered.client.token_endpoint_auth_method,
         )
         return json_response(registered.response(), 201)
+
+    async def _save_open_registration(self, request: Request, client: Client) -> None:
+        """Save a client registered without an initial access token, within the limits of
+        ``[oauth.open_registration]``; raise `RegistrationLimited` (429) past them."""
+        limits, now = self.settings.open_registration, self.clock()
+        address = client_address(request) or "unknown"
+        refusal = await run_in_threadpool(
+            functools.partial(
+                self.store.save_open_registration,
+                client,
+                address,
+                now,
+                window_seconds=limits.window_seconds,
+                max_per_address=limits.max_per_address,
+                max_unused=limits.max_unused_clients,
+            )
+        )
+        if refusal is not None:
+            await run_in_threadpool(
+                functools.partial(
+                    self.refusals.record,
+                    "registration.refused",
+                    address=address,
+                    reason=refusal.limit,
+                    client_name=client.client_name,
+                )
+            )
+            raise registration.open_registration_refused(refusal, limits, now)
+        await run_in_threadpool(self.housekeeping)
 
     async def _authenticated(self, request: Request) -> tuple[Client, dict[str, str]]:
         form = await _form(request)
@@ -174,6 +233,7 @@ class AuthorizationServer:
 
     async def _token(self, request: Request) -> Response:
         form: dict[str, str] = {}
+        client: Client | None = None
         try:
             form = await _form(request)
             client = await authenticate_client(
@@ -182,15 +242,36 @@ class AuthorizationServer:
             body = await run_in_threadpool(self._tokens.exchange, client, form)
             await run_in_threadpool(self.housekeeping)
         except OAuthError as error:
-            self.audit.record(
-                "token.refused",
-                client_id=form.get("client_id"),
-                grant_type=form.get("grant_type"),
-                error=error.error,
-                description=error.description,
-            )
+            await run_in_threadpool(self._token_refused, request, form, client, error)
             return error_response(error)
         return json_response(body)
+
+    def _token_refused(
+        self, request: Request, form: dict[str, str], client: Client | None, error: OAuthError
+    ) -> None:
+        """A confidential client that proved its secret keeps a row per refusal; any other
+        request (no client, a wrong secret, a public client anyone can name) is aggregated."""
+        detail = {
+            "grant_type": form.get("grant_type"),
+            "error": error.error,
+            "description": error.description,
+        }
+        if client is not None and not client.is_public:
+            self.audit.record(
+                "token.refused",
+                client_id=client.client_id,
+                address=client_address(request),
+                **detail,
+            )
+            return
+        self.refusals.record(
+            "token.refused",
+            address=client_address(request),
+            reason=error.error,
+            client_id=client.client_id if client is not None else None,
+            claimed_client_id=form.get("client_id"),
+            **detail,
+        )
 
     async def _revoke(self, request: Request) -> Response:
         try:

@@ -21,6 +21,12 @@ class ProtectedResource:
     uri: str
     scopes: tuple[str, ...]
     name: str = ""
+    # (scope, what it lets a client do), shown on the consent page; scopes without one show their name.
+    scope_descriptions: tuple[tuple[str, str], ...] = ()
+
+    def describe(self, scope: str) -> str | None:
+        """What ``scope`` lets a client do, in words for the person asked to consent, or None."""
+        return dict(self.scope_descriptions).get(scope)
 
 
 @dataclass(frozen=True)
@@ -28,11 +34,59 @@ class ClientMetadataDocumentSettings:
     """Fetching client ID metadata documents (a ``client_id`` that is an https URL)."""
 
     enabled: bool = True
+    # One deadline for all of a fetch: resolving, connecting, TLS, headers and body.
     timeout_seconds: float = 5.0
     max_bytes: int = 5120
     cache_seconds: int = 300
+    # A URL whose fetch or document failed is not fetched again for this long.
+    failure_cache_seconds: int = 30
+    max_concurrent_fetches_per_host: int = 2
+    # Distinct document URLs of one host remembered (cached) at a time.
+    max_documents_per_host: int = 20
+    # Entries of each cache (documents, failures) per process.
+    max_cached_documents: int = 10_000
     allow_private_addresses: bool = False
     ca_file: str | None = None
+
+
+@dataclass(frozen=True)
+class LoginSettings:
+    """How the login form is throttled (``[oauth.login]``; `bastion/oauth/login_throttle.py`)."""
+
+    # Failures of one username, or from one address, before each further attempt must wait.
+    max_failures_per_user: int = 5
+    max_failures_per_address: int = 20
+    # The first wait, doubled at each further failure up to max_backoff_seconds.
+    backoff_seconds: int = 30
+    max_backoff_seconds: int = 900
+    # A counter whose last failure is older than this starts again from zero.
+    failure_window_seconds: int = 3600
+    # Failed sign-ins one pending authorization request survives; then it must start again.
+    max_failures_per_request: int = 3
+    # Argon2id hashes computed at once per process (each takes ~64 MiB); more are answered "busy".
+    max_concurrent_password_checks: int = 4
+
+
+@dataclass(frozen=True)
+class OpenRegistrationSettings:
+    """Limits on open dynamic registration (``[oauth.open_registration]``)."""
+
+    # Registrations from one address per window.
+    max_per_address: int = 20
+    window_seconds: int = 3600
+    # Open-registered clients that have no grant yet, in total.
+    max_unused_clients: int = 1000
+    # An open-registered (or metadata-document) client with no grant is deleted after this long.
+    unused_client_seconds: int = 24 * 3600
+
+
+@dataclass(frozen=True)
+class RefusalAuditSettings:
+    """How refusals of unauthenticated requests are aggregated (``[oauth.refusal_audit]``;
+    `bastion/audit/refusals.py`)."""
+
+    window_seconds: int = 60
+    max_keys: int = 1000
 
 
 @dataclass(frozen=True)
@@ -50,6 +104,9 @@ class OAuthSettings:
     client_metadata: ClientMetadataDocumentSettings = field(
         default_factory=ClientMetadataDocumentSettings
     )
+    login: LoginSettings = field(default_factory=LoginSettings)
+    open_registration: OpenRegistrationSettings = field(default_factory=OpenRegistrationSettings)
+    refusal_audit: RefusalAuditSettings = field(default_factory=RefusalAuditSettings)
 
     @property
     def issuer_path(self) -> str:
@@ -88,6 +145,9 @@ class OAuthSettings:
             "session_seconds",
             "leeway_seconds",
             "client_metadata",
+            "login",
+            "open_registration",
+            "refusal_audit",
         }
         unknown = sorted(set(table) - known)
         if unknown:
@@ -143,6 +203,13 @@ class OAuthSettings:
             registration=registration,
             initial_access_tokens=tuple(tokens),
             client_metadata=_client_metadata(table.get("client_metadata") or {}),
+            login=_limits("login", table.get("login", {}), LoginSettings),
+            open_registration=_limits(
+                "open_registration", table.get("open_registration", {}), OpenRegistrationSettings
+            ),
+            refusal_audit=_limits(
+                "refusal_audit", table.get("refusal_audit", {}), RefusalAuditSettings
+            ),
             **numbers,
         )
 
@@ -173,7 +240,35 @@ def _resource(index: int, value: Any) -> ProtectedResource:
         isinstance(s, str) and s and " " not in s for s in scopes
     ):
         raise SettingsError(f"{where}.scopes: a list of scope names without spaces")
-    return ProtectedResource(uri=uri, scopes=tuple(scopes), name=str(value.get("name", "")))
+    name = value.get("name", "")
+    if not isinstance(name, str) or len(name) > 200:
+        raise SettingsError(
+            f"{where}.name: a name of at most 200 characters, shown on the consent page"
+        )
+    descriptions = value.get("scope_descriptions", {})
+    if not isinstance(descriptions, Mapping):
+        raise SettingsError(
+            f'{where}.scope_descriptions: a table, e.g. {{ "{scopes[0] if scopes else "tools:read"}"'
+            ' = "Read the tools" }'
+        )
+    for scope, text in descriptions.items():
+        if scope not in scopes:
+            raise SettingsError(
+                f"{where}.scope_descriptions: {scope!r} is not one of this resource's scopes {scopes}"
+            )
+        if not isinstance(text, str) or not text.strip() or len(text) > 200:
+            raise SettingsError(
+                f"{where}.scope_descriptions.{scope}: a description of 1 to 200 characters"
+            )
+    unknown = sorted(set(value) - {"uri", "scopes", "name", "scope_descriptions"})
+    if unknown:
+        raise SettingsError(f"{where}: unknown keys {unknown}")
+    return ProtectedResource(
+        uri=uri,
+        scopes=tuple(scopes),
+        name=name.strip(),
+        scope_descriptions=tuple((s, descriptions[s].strip()) for s in scopes if s in descriptions),
+    )
 
 
 def _client_metadata(value: Any) -> ClientMetadataDocumentSettings:
@@ -184,4 +279,50 @@ def _client_metadata(value: Any) -> ClientMetadataDocumentSettings:
     unknown = sorted(set(value) - allowed)
     if unknown:
         raise SettingsError(f"oauth.client_metadata: unknown keys {unknown}")
-    return ClientMetadataDocumentSettings(**{**defaults.__dict__, **dict(value)})
+    merged = {**defaults.__dict__, **dict(value)}
+    for key in ("enabled", "allow_private_addresses"):
+        if not isinstance(merged[key], bool):
+            raise SettingsError(f"oauth.client_metadata.{key}: true or false")
+    if not _is_number(merged["timeout_seconds"]) or merged["timeout_seconds"] <= 0:
+        raise SettingsError("oauth.client_metadata.timeout_seconds: a number of seconds > 0")
+    for key in (
+        "max_bytes",
+        "cache_seconds",
+        "failure_cache_seconds",
+        "max_concurrent_fetches_per_host",
+        "max_documents_per_host",
+        "max_cached_documents",
+    ):
+        minimum = 0 if key.endswith("_seconds") else 1
+        _whole(f"oauth.client_metadata.{key}", merged[key], minimum)
+    if merged["ca_file"] is not None and not isinstance(merged["ca_file"], str):
+        raise SettingsError("oauth.client_metadata.ca_file: a file path")
+    merged["ca_file"] = merged["ca_file"] or None
+    return ClientMetadataDocumentSettings(**merged)
+
+
+def _limits(name: str, value: Any, kind: type) -> Any:
+    """A table of limits, each a whole number >= 1, with the dataclass ``kind``'s defaults."""
+    if not isinstance(value, Mapping):
+        raise SettingsError(f"oauth.{name}: a table")
+    defaults = kind()
+    unknown = sorted(set(value) - set(defaults.__dataclass_fields__))
+    if unknown:
+        raise SettingsError(
+            f"oauth.{name}: unknown keys {unknown}; known keys are"
+            f" {sorted(defaults.__dataclass_fields__)}"
+        )
+    for key, number in value.items():
+        _whole(f"oauth.{name}.{key}", number, 1)
+    return kind(**{**defaults.__dict__, **dict(value)})
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _whole(key: str, value: Any, minimum: int) -> int:
+    """A whole number of at least ``minimum`` (and at most 2**31, far above any sane limit)."""
+    if not isinstance(value, int) or isinstance(value, bool) or not minimum <= value <= 2**31:
+        raise SettingsError(f"{key}: a whole number from {minimum} to 2**31, got {value!r}")
+    return value

@@ -108,6 +108,28 @@ _MIGRATIONS = [
         retired_at DOUBLE PRECISION
     );
     """,
+    # Login throttling: failure counters shared by every process on the database, and the
+    # sign-in attempts each pending authorization request has used.
+    """
+    CREATE TABLE oauth_login_failures (
+        counter TEXT PRIMARY KEY,
+        failures INTEGER NOT NULL,
+        last_failure_at DOUBLE PRECISION NOT NULL
+    );
+    ALTER TABLE oauth_pending_authorizations ADD COLUMN login_attempts INTEGER NOT NULL DEFAULT 0;
+    """,
+    # Open registration: who registered each client without an initial access token, to limit
+    # registrations per address and to expire the clients that never got a grant.
+    """
+    CREATE TABLE oauth_open_registrations (
+        client_id TEXT PRIMARY KEY,
+        address TEXT NOT NULL,
+        registered_at DOUBLE PRECISION NOT NULL
+    );
+    CREATE INDEX oauth_open_registrations_address
+        ON oauth_open_registrations (address, registered_at);
+    CREATE INDEX oauth_grants_client ON oauth_grants (client_id);
+    """,
 ]
 
 
@@ -137,6 +159,17 @@ class Client:
     @property
     def is_public(self) -> bool:
         return self.token_endpoint_auth_method == "none"
+
+
+@dataclass(frozen=True)
+class OpenRegistrationRefusal:
+    """Why an open registration was not saved: ``limit`` is "address" (too many from it in the
+    window) or "unused" (too many open clients without a grant); ``oldest`` is when the oldest
+    of the ``count`` registrations that fill it was made."""
+
+    limit: str
+    count: int
+    oldest: float
 
 
 @dataclass(frozen=True)
@@ -250,6 +283,68 @@ class OAuthStore:
                     client.secret_digest,
                 ),
             )
+
+    def save_open_registration(
+        self,
+        client: Client,
+        address: str,
+        now: float,
+        *,
+        window_seconds: float,
+        max_per_address: int,
+        max_unused: int,
+    ) -> OpenRegistrationRefusal | None:
+        """Save a client registered without an initial access token, unless ``address`` has
+        registered ``max_per_address`` in the last ``window_seconds``, or ``max_unused`` open
+        registrations have no grant yet; then save nothing and say which (and since when)."""
+        with self.db.transaction():
+            if self.db.is_postgres:
+                # Counted and inserted as one step, whatever the isolation level.
+                self.db.execute(
+                    "SELECT pg_advisory_xact_lock(hashtext('bastion:open_registration'))"
+                )
+            count, oldest = self.db.execute(
+                "SELECT COUNT(*), MIN(registered_at) FROM oauth_open_registrations"
+                " WHERE address = ? AND registered_at > ?",
+                (address, now - window_seconds),
+            )[0]
+            if count >= max_per_address:
+                return OpenRegistrationRefusal("address", count, oldest)
+            count, oldest = self.db.execute(
+                "SELECT COUNT(*), MIN(r.registered_at) FROM oauth_open_registrations r"
+                " WHERE NOT EXISTS (SELECT 1 FROM oauth_grants g WHERE g.client_id = r.client_id)"
+            )[0]
+            if count >= max_unused:
+                return OpenRegistrationRefusal("unused", count, oldest)
+            self.save_client(client)
+            self.db.execute(
+                "INSERT INTO oauth_open_registrations (client_id, address, registered_at)"
+                " VALUES (?, ?, ?)",
+                (client.client_id, address, now),
+            )
+            return None
+
+    def forget_unused_clients(self, created_before: float) -> int:
+        """Delete the clients that registered themselves (open registration, or a metadata
+        document's copy) before ``created_before`` and have no grant, no pending authorization
+        and no revocation (a revoked client stays refused). Returns how many."""
+        with self.db.transaction():
+            rows = self.db.execute(
+                "DELETE FROM oauth_clients WHERE revoked_at IS NULL AND created_at < ?"
+                " AND (source = 'metadata_document'"
+                " OR client_id IN (SELECT client_id FROM oauth_open_registrations))"
+                " AND NOT EXISTS (SELECT 1 FROM oauth_grants g"
+                " WHERE g.client_id = oauth_clients.client_id)"
+                " AND NOT EXISTS (SELECT 1 FROM oauth_pending_authorizations p"
+                " WHERE p.client_id = oauth_clients.client_id)"
+                " RETURNING client_id",
+                (created_before,),
+            )
+            self.db.execute(
+                "DELETE FROM oauth_open_registrations WHERE NOT EXISTS"
+                " (SELECT 1 FROM oauth_clients c WHERE c.client_id = oauth_open_registrations.client_id)"
+            )
+            return len(rows)
 
     def client(self, client_id: str) -> Client | None:
         rows = self.db.execute(
@@ -386,6 +481,46 @@ class OAuthStore:
             (request_id,),
         )
         return bool(rows)
+
+    def use_login_attempt(self, request_id: str, most: int) -> int | None:
+        """Count one sign-in attempt against a pending request; its number, or None when the
+        request has used ``most`` already (or is gone). Counted before the password is checked,
+        so attempts in parallel cannot exceed ``most`` either."""
+        rows = self.db.execute(
+            "UPDATE oauth_pending_authorizations SET login_attempts = login_attempts + 1"
+            " WHERE request_id = ? AND login_attempts < ? RETURNING login_attempts",
+            (request_id, most),
+        )
+        return rows[0][0] if rows else None
+
+    # login failure counters ("user:<name>", "address:<ip>")
+
+    def login_failures(self, counters: list[str], since: float) -> dict[str, tuple[int, float]]:
+        """(failures, last_failure_at) of each counter whose last failure is at ``since`` or later."""
+        marks = ", ".join("?" * len(counters))
+        rows = self.db.execute(
+            "SELECT counter, failures, last_failure_at FROM oauth_login_failures"
+            f" WHERE counter IN ({marks}) AND last_failure_at >= ?",
+            (*counters, since),
+        )
+        return {row[0]: (row[1], row[2]) for row in rows}
+
+    def add_login_failure(self, counter: str, now: float, restart_before: float) -> None:
+        """One more failure; a counter whose last failure is before ``restart_before`` restarts."""
+        self.db.execute(
+            "INSERT INTO oauth_login_failures (counter, failures, last_failure_at) VALUES (?, 1, ?)"
+            " ON CONFLICT (counter) DO UPDATE SET failures = CASE"
+            " WHEN oauth_login_failures.last_failure_at < ? THEN 1"
+            " ELSE oauth_login_failures.failures + 1 END,"
+            " last_failure_at = excluded.last_failure_at",
+            (counter, now, restart_before),
+        )
+
+    def clear_login_failures(self, counter: str) -> None:
+        self.db.execute("DELETE FROM oauth_login_failures WHERE counter = ?", (counter,))
+
+    def forget_login_failures_before(self, cutoff: float) -> None:
+        self.db.execute("DELETE FROM oauth_login_failures WHERE last_failure_at < ?", (cutoff,))
 
     def create_session(self, username: str, now: float, seconds: int) -> str:
         session_id = new_secret()

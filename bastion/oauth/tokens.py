@@ -23,6 +23,7 @@ from bastion.oauth.errors import (
     UnauthorizedClient,
     UnsupportedGrantType,
 )
+from bastion.oauth.redirect_uris import redirect_uri_allowed
 from bastion.oauth.store import Client, Grant, new_secret
 
 if TYPE_CHECKING:
@@ -74,7 +75,10 @@ class TokenEndpoint:
             raise InvalidGrant("the authorization code has expired")
         if grant.revoked_at is not None:
             raise InvalidGrant("the grant of this code has been revoked")
-        if form["redirect_uri"] != redirect_uri:
+        # The very URI of the authorization request (RFC 6749 §4.1.3), still one the client has.
+        if form["redirect_uri"] != redirect_uri or not redirect_uri_allowed(
+            client.redirect_uris, form["redirect_uri"]
+        ):
             raise InvalidGrant("redirect_uri differs from the one of the authorization request")
         pkce.check_verifier(form.get("code_verifier"), challenge)
         self._check_resource(form, grant)

@@ -3,8 +3,10 @@
 Checks, in order: the JOSE header (``alg`` ES256 only, ``typ`` ``at+jwt``, a known ``kid``), the
 signature, ``iss``, ``aud`` (the resource this server is), ``exp``/``iat``/``nbf`` with a small
 leeway, and revocation: a token whose ``jti`` or grant was revoked is refused on its next use.
-Every refusal is an audit event. `VerifiedTokens` remembers verified tokens for a resource
-server's per-request path (the MCP gateway) without weakening the revocation rule.
+Every refusal is an audit event: a token this server signed gets a row naming its user and
+client; a forged or malformed one is aggregated with its like (`bastion.audit.refusals`).
+`VerifiedTokens` remembers verified tokens for a resource server's per-request path (the MCP
+gateway) without weakening the revocation rule.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from joserfc import jwt
 from joserfc.errors import JoseError
 
 from bastion.audit import AuditLog
+from bastion.audit.refusals import RefusalLog
 from bastion.db import Database, Listener
 from bastion.oauth.access_token import TOKEN_TYPE
 from bastion.oauth.errors import InvalidToken
@@ -48,21 +51,21 @@ class VerifiedToken:
 def _header(token: str) -> dict[str, Any]:
     parts = token.split(".")
     if len(parts) != 3:
-        raise InvalidToken("not a compact JWS (three dot-separated parts)")
+        raise InvalidToken("not a compact JWS (three dot-separated parts)", "format")
     try:
         raw = base64.urlsafe_b64decode(parts[0] + "=" * (-len(parts[0]) % 4))
         header = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
-        raise InvalidToken("the JOSE header is not base64url JSON") from exc
+        raise InvalidToken("the JOSE header is not base64url JSON", "format") from exc
     if not isinstance(header, dict):
-        raise InvalidToken("the JOSE header is not a JSON object")
+        raise InvalidToken("the JOSE header is not a JSON object", "format")
     return header
 
 
 def _number(claims: dict[str, Any], name: str) -> int:
     value = claims.get(name)
     if not isinstance(value, int | float) or isinstance(value, bool):
-        raise InvalidToken(f"claim {name!r} is missing or not a number")
+        raise InvalidToken(f"claim {name!r} is missing or not a number", "claims", claims)
     return int(value)
 
 
@@ -78,71 +81,111 @@ class TokenVerifier:
         audit: AuditLog,
         clock: Callable[[], float],
         leeway_seconds: int = 30,
+        refusals: RefusalLog | None = None,
     ) -> None:
         self.issuer = issuer
         self.keys = keys
         self.store = store
         self.audit = audit
+        self.refusals = refusals or RefusalLog(audit, clock=clock)
         self.clock = clock
         self.leeway = leeway_seconds
 
-    def verify(self, token: str, resource: str | None, audit: bool = True) -> VerifiedToken:
+    def verify(
+        self, token: str, resource: str | None, audit: bool = True, address: str | None = None
+    ) -> VerifiedToken:
         """Return the token's facts, or raise `InvalidToken` saying why it is refused.
 
         ``resource`` is the URI this resource server is known by; the token's ``aud`` must name
         it. ``None`` skips only the audience check (for introspection, which reports ``aud``).
         ``audit=False`` is for the server's own look-ups (introspection, revocation), which are
-        not uses of the token.
+        not uses of the token. ``address`` is the caller's, for the audit of a refusal.
         """
         try:
             return self._verify(token, resource)
         except InvalidToken as refused:
             if audit:
-                self.audit.record("token.refused", reason=refused.reason, resource=resource)
+                self._record_refusal(refused, resource, address)
             raise
+
+    def _record_refusal(
+        self, refused: InvalidToken, resource: str | None, address: str | None
+    ) -> None:
+        """A token this server signed keeps a row of its own, naming its user and client; any
+        other (forged, malformed, from another issuer) proves nothing and is aggregated."""
+        claims = refused.claims
+        if claims is None:
+            self.refusals.record(
+                "token.refused",
+                address=address,
+                reason=refused.check,
+                resource=resource,
+                description=refused.reason,
+            )
+            return
+        text = {k: v if isinstance(v, str) else None for k, v in claims.items()}
+        self.audit.record(
+            "token.refused",
+            subject=text.get("sub"),
+            client_id=text.get("client_id"),
+            address=address,
+            reason=refused.check,
+            resource=resource,
+            description=refused.reason,
+        )
 
     def _verify(self, token: str, resource: str | None) -> VerifiedToken:
         header = _header(token)
         if header.get("alg") != ALGORITHM:
-            raise InvalidToken(f"alg {header.get('alg')!r} is not accepted; tokens are {ALGORITHM}")
+            raise InvalidToken(
+                f"alg {header.get('alg')!r} is not accepted; tokens are {ALGORITHM}", "alg"
+            )
         if header.get("typ") not in (TOKEN_TYPE, f"application/{TOKEN_TYPE}"):
-            raise InvalidToken(f"typ {header.get('typ')!r} is not {TOKEN_TYPE!r} (RFC 9068 §4)")
+            raise InvalidToken(
+                f"typ {header.get('typ')!r} is not {TOKEN_TYPE!r} (RFC 9068 §4)", "typ"
+            )
         kid = header.get("kid")
         if not isinstance(kid, str):
-            raise InvalidToken("the header has no kid")
+            raise InvalidToken("the header has no kid", "kid")
         keys = self.keys.public_keys()
         if not _has_kid(keys, kid):
             keys = self.keys.public_keys(refresh=True)
             if not _has_kid(keys, kid):
-                raise InvalidToken(f"kid {kid!r} is not a key of issuer {self.issuer}")
+                raise InvalidToken(f"kid {kid!r} is not a key of issuer {self.issuer}", "kid")
         try:
             claims = jwt.decode(token, keys, algorithms=[ALGORITHM]).claims
         except (JoseError, ValueError) as exc:
-            raise InvalidToken(f"signature or encoding is invalid: {exc}") from exc
+            raise InvalidToken(f"signature or encoding is invalid: {exc}", "signature") from exc
+        # From here on the token is one this server signed: a refusal concerns its client and user.
+        claims = dict(claims)
         if claims.get("iss") != self.issuer:
-            raise InvalidToken(f"iss {claims.get('iss')!r} is not {self.issuer!r}")
+            raise InvalidToken(f"iss {claims.get('iss')!r} is not {self.issuer!r}", "iss", claims)
         audience = claims.get("aud")
         audiences = tuple(audience) if isinstance(audience, list) else (audience,)
         if resource is not None and resource not in audiences:
-            raise InvalidToken(f"the token is for {audience!r}, not for {resource!r}")
+            raise InvalidToken(
+                f"the token is for {audience!r}, not for {resource!r}", "aud", claims
+            )
         now = self.clock()
         expires_at = _number(claims, "exp")
         issued_at = _number(claims, "iat")
         if now > expires_at + self.leeway:
-            raise InvalidToken("the token has expired")
+            raise InvalidToken("the token has expired", "expired", claims)
         if issued_at > now + self.leeway:
-            raise InvalidToken("the token is issued in the future")
+            raise InvalidToken("the token is issued in the future", "iat", claims)
         if "nbf" in claims and _number(claims, "nbf") > now + self.leeway:
-            raise InvalidToken("the token is not valid yet (nbf)")
+            raise InvalidToken("the token is not valid yet (nbf)", "nbf", claims)
         for name in ("sub", "client_id", "jti"):
             if not isinstance(claims.get(name), str):
-                raise InvalidToken(f"claim {name!r} is missing")
+                raise InvalidToken(f"claim {name!r} is missing", "claims", claims)
         state = self.store.access_token_state(claims["jti"])
         if state is None:
-            raise InvalidToken("the token was not issued by this server (unknown jti)")
+            raise InvalidToken(
+                "the token was not issued by this server (unknown jti)", "jti", claims
+            )
         grant_id, revoked = state
         if revoked:
-            raise InvalidToken("the token or its grant has been revoked")
+            raise InvalidToken("the token or its grant has been revoked", "revoked", claims)
         scope = claims.get("scope", "")
         return VerifiedToken(
             subject=claims["sub"],
@@ -240,12 +283,12 @@ class VerifiedTokens:
             entry[1] = marker
         return verified
 
-    def verify(self, token: str, resource: str | None) -> VerifiedToken:
+    def verify(self, token: str, resource: str | None, address: str | None = None) -> VerifiedToken:
         """`TokenVerifier.verify` (every check, refusals audited), then remember the token."""
         # Both read before the state, so a revocation in between is seen.
         marker = self._marker()
         forgotten = self._forgotten
-        verified = self.verifier.verify(token, resource)
+        verified = self.verifier.verify(token, resource, address=address)
         with self._lock:
             if self._forgotten != forgotten:
                 return verified  # valid when read, but not remembered: the next use verifies

@@ -131,6 +131,8 @@ def create_app(config: ServerConfig) -> Starlette:
         finally:
             if gateway is not None:
                 await gateway.close()
+            if oauth is not None:
+                await anyio.to_thread.run_sync(oauth.close)
             await replica.stop()
             await anyio.to_thread.run_sync(db.close)
 

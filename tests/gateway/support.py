@@ -379,6 +379,8 @@ def start(tmp_path, gateway: dict | None = None, replicas: int = 0):
                         }
                         for name in SERVERS
                     ],
+                    # One module's tests register many clients, all from 127.0.0.1.
+                    "open_registration": {"max_per_address": 10_000},
                 },
                 gateway={
                     **(gateway or {}),

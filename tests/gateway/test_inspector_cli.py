@@ -170,7 +170,8 @@ def log_in_and_consent(authorize_url: str, username: str) -> str:
     with httpx.Client(follow_redirects=False, timeout=10) as browser:
         page = browser.get(authorize_url)
         assert page.status_code == 200 and "/authorize/login" in page.text, page.text
-        assert "<strong>MCP Inspector</strong>" in page.text  # who asks to act for the person
+        # Who asks to act for the person: a name the Inspector chose for itself, so unverified.
+        assert "&ldquo;MCP Inspector&rdquo;" in page.text and "Unverified application" in page.text
         page = browser.post(
             f"{base}/authorize/login",
             data={**hidden_fields(page.text), "username": username, "password": PASSWORD},

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import json
 import re
 import secrets
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -249,6 +251,8 @@ class Bastion:
             "oauth_refresh_tokens",
             "oauth_access_tokens",
             "oauth_signing_keys",
+            "oauth_login_failures",
+            "oauth_open_registrations",
         ]
         return {t: sorted(map(repr, self.db.execute(f"SELECT * FROM {t}"))) for t in tables}
 
@@ -263,7 +267,13 @@ def make_settings(url: str, resource: str, other: str, key_dir: str, **extra) ->
             "issuer": url,
             "key_dir": key_dir,
             "resources": [
-                {"uri": resource, "scopes": ["tools:read", "tools:call"]},
+                {
+                    "uri": resource,
+                    "scopes": ["tools:read", "tools:call"],
+                    "name": "Test tools",
+                    # tools:call has none: the consent page shows it by its name.
+                    "scope_descriptions": {"tools:read": "See the test tools and their results"},
+                },
                 {"uri": other, "scopes": ["tools:read"]},
             ],
             "initial_access_tokens": ["initial-access-token-for-tests"],
@@ -290,6 +300,64 @@ def running_bastion(database_url: str, tmp_path, resource: str | None = None, **
         assert base == url
         yield Bastion(server, url, resource, "http://127.0.0.1:9/other-mcp", clock, http)
     db.close()
+
+
+class TricklingHost:
+    """An https server on a real socket that answers each request with a status line, then the
+    bytes of a header one at a time (``pad`` of them, ``interval`` seconds apart), then a valid
+    document: every read gets a byte well within any per-read timeout."""
+
+    def __init__(self, directory, pad: int, interval: float, redirect_uri: str) -> None:
+        cert, key = self_signed_certificate(directory)
+        self.ca_file = cert
+        self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.context.load_cert_chain(cert, key)
+        self.pad, self.interval, self.redirect_uri = pad, interval, redirect_uri
+        self.accepted = 0
+        self.stopped = threading.Event()
+        self.listener = free_socket()
+        self.listener.listen(16)
+        self.listener.settimeout(0.1)
+        self.base = f"https://127.0.0.1:{self.listener.getsockname()[1]}"
+        self.thread = threading.Thread(target=self._accept, daemon=True)
+        self.thread.start()
+
+    def url(self, path: str) -> str:
+        return f"{self.base}{path}"
+
+    def _accept(self) -> None:
+        while not self.stopped.is_set():
+            try:
+                connection, _ = self.listener.accept()
+            except TimeoutError:
+                continue
+            self.accepted += 1
+            threading.Thread(target=self._answer, args=(connection,), daemon=True).start()
+
+    def _answer(self, connection: socket.socket) -> None:
+        try:
+            with self.context.wrap_socket(connection, server_side=True) as tls:
+                request = b""
+                while b"\r\n\r\n" not in request:
+                    request += tls.recv(4096)
+                path = request.split(b" ")[1].decode()
+                body = json.dumps(
+                    {"client_id": self.url(path), "redirect_uris": [self.redirect_uri]}
+                ).encode()
+                tls.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nX-Pad: ")
+                for _ in range(self.pad):
+                    if self.stopped.wait(self.interval):
+                        return
+                    tls.sendall(b"a")
+                tls.sendall(b"\r\nContent-Length: %d\r\nConnection: close\r\n\r\n" % len(body))
+                tls.sendall(body)
+        except OSError:
+            pass  # the client gave up
+
+    def close(self) -> None:
+        self.stopped.set()
+        self.thread.join(5)
+        self.listener.close()
 
 
 def self_signed_certificate(directory) -> tuple[str, str]:

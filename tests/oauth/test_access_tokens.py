@@ -115,7 +115,8 @@ def test_well_signed_token_never_issued_is_refused(bastion: Bastion, issued: dic
 def test_refusals_are_audited(bastion: Bastion, issued: dict):
     refused(bastion, "not-a-token", "compact")
     events = bastion.server.audit.events("token.refused")
-    assert events and events[0].detail["reason"].startswith("not a compact JWS")
+    assert events and events[0].detail["reason"] == "format"
+    assert events[0].detail["description"].startswith("not a compact JWS")
     assert "not-a-token" not in json.dumps([e.detail for e in events])
 
 

@@ -96,7 +96,8 @@ def test_redirect_uri_differing_by_one_character_is_refused_without_redirecting(
     for wrong in (
         "http://127.0.0.1:9/callbacK",
         "http://127.0.0.1:9/callback/",
-        "http://127.0.0.1:8/callback",
+        "http://127.0.0.2:9/callback",
+        "https://127.0.0.1:9/callback",
     ):
         response = authorize(
             bastion, bastion.authorize_params(client, challenge, redirect_uri=wrong)

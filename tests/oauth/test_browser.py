@@ -22,6 +22,7 @@ from urllib.parse import parse_qs, urlencode, urlsplit
 import pytest
 from playwright.sync_api import BrowserContext, Page, sync_playwright
 
+from bastion.oauth import registration
 from tests.conftest import require_program
 
 from .support import PASSWORD, Bastion, pkce_pair
@@ -212,8 +213,21 @@ def test_sign_in_and_allow_lands_on_the_client_with_a_code_for_a_working_token(
     assert page.get_by_role("heading", name="Allow access?").is_visible()
     consent_text = text_of(page)
     assert "Signed in as alice" in consent_text
-    assert f"{CLIENT_NAME} (sends you back to {site.host}) asks to act for you." in consent_text
-    assert bastion.resource in consent_text and "tools:read" in consent_text
+    # It registered itself: the page says its name is unverified, and where it sends you back.
+    warning = page.get_by_role("note")
+    assert warning.is_visible()
+    assert "Unverified application" in warning.inner_text()
+    assert f"“{CLIENT_NAME}” may not be what it says it is" in warning.inner_text()
+    assert f"It asks to act for you, and will send you back to {site.host}." in consent_text
+    # The resource by its configured name, each scope by its description (or its name).
+    assert f"It wants access to Test tools ({bastion.resource}) to:" in consent_text
+    assert page.get_by_role("listitem").all_inner_texts() == [
+        "See the test tools and their results tools:read"
+    ]
+    # The raw client id is a technical detail, out of the way until asked for.
+    assert client["client_id"] not in consent_text
+    page.get_by_text("Technical details").click()
+    assert client["client_id"] in text_of(page)
     page.screenshot(path=tmp_path / "consent.png", full_page=True)
     session = {c["name"]: c for c in page.context.cookies()}["bastion_session"]
     assert session["httpOnly"] and session["sameSite"] == "Lax"
@@ -244,6 +258,30 @@ def test_sign_in_and_allow_lands_on_the_client_with_a_code_for_a_working_token(
     assert verified.audience == (bastion.resource,)
     assert verified.claims["iss"] == bastion.url
     assert tab.console_errors == [] and tab.failed_requests == []
+
+
+def test_an_administrators_client_is_shown_as_verified_and_a_self_registered_one_is_not(
+    bastion: Bastion, client: dict, site: ClientSite, tab: Tab, tmp_path
+):
+    values = registration.validate_client_metadata(
+        {"client_name": "Finance agent", "redirect_uris": [site.callback]}, bastion.server.settings
+    )
+    admin = registration.new_client(values, source="admin", now=bastion.clock())
+    bastion.server.store.save_client(admin.client)
+    page = tab.page
+    open_authorization(tab, bastion, admin.response())
+    sign_in(tab)
+    assert page.get_by_role("heading", name="Allow access?").is_visible()
+    assert page.get_by_role("note").count() == 0
+    assert "Finance agent registered by your administrator" in text_of(page)
+    page.screenshot(path=tmp_path / "consent-verified.png", full_page=True)
+
+    # The self-registered client, by contrast, carries the warning on both pages.
+    open_authorization(tab, bastion, client, prompt="consent")
+    assert page.get_by_role("heading", name="Allow access?").is_visible()
+    assert page.get_by_role("note").is_visible()
+    assert "registered by your administrator" not in text_of(page)
+    page.screenshot(path=tmp_path / "consent-unverified.png", full_page=True)
 
 
 def test_a_wrong_password_shows_an_error_and_issues_nothing(
@@ -347,11 +385,12 @@ def test_consent_without_its_csrf_token_is_refused_in_the_browser(
 
 
 def test_the_name_typed_back_into_the_login_page_is_escaped():
-    from bastion.oauth.pages import login_page
+    from bastion.oauth.pages import ClientShown, login_page
 
+    client = ClientShown(name="app", client_id="c1", source="dynamic", redirect_host="127.0.0.1")
     html = login_page(
-        action="/authorize/login", request_id="r", csrf_token="c", client_name="app",
-        redirect_host="127.0.0.1", error="Wrong username or password.", username="x'><script>alert(1)</script>",
+        action="/authorize/login", request_id="r", csrf_token="c", client=client,
+        error="Wrong username or password.", username="x'><script>alert(1)</script>",
     ).body.decode()  # fmt: skip
     assert "<script>alert(1)</script>" not in html
     assert "value='x&#x27;&gt;&lt;script&gt;alert(1)&lt;/script&gt;'" in html

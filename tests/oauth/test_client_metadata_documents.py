@@ -3,20 +3,32 @@ they lie about themselves or live on an address the server must not reach."""
 
 from __future__ import annotations
 
+import ipaddress
 import json
 from urllib.parse import urlencode
 
 import anyio
+import httpx
 import pytest
 from starlette.applications import Starlette
 from starlette.responses import Response
 from starlette.routing import Route
 
-from bastion.oauth.client_metadata_document import ClientMetadataDocuments
+from bastion.oauth.client_metadata_document import ClientMetadataDocuments, is_public_address
 from bastion.oauth.errors import OAuthError
 from bastion.oauth.settings import ClientMetadataDocumentSettings
 
-from .support import Clock, free_socket, pkce_pair, running_bastion, self_signed_certificate, serve
+from .support import (
+    PASSWORD,
+    Clock,
+    TricklingHost,
+    free_socket,
+    hidden_fields,
+    pkce_pair,
+    running_bastion,
+    self_signed_certificate,
+    serve,
+)
 
 REDIRECT = "http://127.0.0.1:9/callback"
 
@@ -178,3 +190,190 @@ def test_revoked_document_client_stays_refused(host, sqlite_url, tmp_path):
             f"{bastion.url}/authorize?{urlencode(bastion.authorize_params(client, challenge))}"
         )
         assert response.status_code == 400 and "revoked" in response.text
+
+
+def test_document_with_a_redirect_uri_outside_rfc_3986_is_refused(host):
+    for number, uri in enumerate(["http://127.0.0.1:9/cb\n", "https://example.com/c b"]):
+        url = host.document(f"/bad-{number}.json", redirect_uris=[uri])
+        refused(host, url, "RFC 3986")
+
+
+# Private, loopback, link-local, shared, reserved and special IPv4 ranges (a sample of each).
+PRIVATE_IPV4 = [
+    "10.1.2.3",
+    "172.16.0.1",
+    "192.168.1.1",
+    "127.0.0.1",
+    "169.254.169.254",
+    "100.64.0.1",
+    "0.0.0.0",
+    "192.0.0.1",
+    "198.18.0.1",
+    "224.0.0.1",
+    "240.0.0.1",
+    "255.255.255.255",
+]
+PUBLIC_IPV4 = "8.8.8.8"
+
+
+def _forms(inner: str, public: str = PUBLIC_IPV4) -> dict[str, ipaddress.IPv6Address]:
+    """Every IPv6 form that leads to the IPv4 address ``inner``."""
+    v4, other = int(ipaddress.IPv4Address(inner)), int(ipaddress.IPv4Address(public))
+    return {
+        "ipv4-mapped": ipaddress.IPv6Address((0xFFFF << 32) | v4),
+        "ipv4-compatible": ipaddress.IPv6Address(v4),
+        "nat64": ipaddress.IPv6Address((0x64FF9B << 96) | v4),
+        "6to4": ipaddress.IPv6Address((0x2002 << 112) | (v4 << 80) | 1),
+        "teredo-server": ipaddress.IPv6Address(
+            (0x20010000 << 96) | (v4 << 64) | (~other & 0xFFFFFFFF)
+        ),
+        "teredo-client": ipaddress.IPv6Address(
+            (0x20010000 << 96) | (other << 64) | (~v4 & 0xFFFFFFFF)
+        ),
+    }
+
+
+@pytest.mark.parametrize("inner", PRIVATE_IPV4)
+@pytest.mark.parametrize(
+    "form",
+    ["ipv4", "ipv4-mapped", "ipv4-compatible", "nat64", "6to4", "teredo-server", "teredo-client"],
+)
+def test_a_private_ipv4_address_is_not_public_in_any_ipv6_wrapping(inner, form):
+    address = ipaddress.IPv4Address(inner) if form == "ipv4" else _forms(inner)[form]
+    assert not is_public_address(address), address
+
+
+@pytest.mark.parametrize(
+    "form", ["ipv4-mapped", "ipv4-compatible", "nat64", "6to4", "teredo-server", "teredo-client"]
+)
+def test_a_public_ipv4_address_stays_public_when_wrapped(form):
+    assert is_public_address(_forms(PUBLIC_IPV4)[form])
+
+
+@pytest.mark.parametrize(
+    "address", ["64:ff9b:1::808:808", "64:ff9b:1::a00:1", "::", "::1", "fe80::1"]
+)
+def test_the_local_use_nat64_prefix_and_ipv6_specials_are_not_public(address):
+    assert not is_public_address(ipaddress.ip_address(address))
+
+
+@pytest.mark.parametrize("form", ["ipv4-mapped", "nat64", "6to4", "teredo-client"])
+def test_a_document_on_a_wrapped_loopback_address_is_not_fetched(form):
+    url = f"https://[{_forms('127.0.0.1')[form]}]:1/agent.json"
+    documents = ClientMetadataDocuments(ClientMetadataDocumentSettings(), Clock())
+    with pytest.raises(OAuthError, match="non-public address"):
+        anyio.run(documents.client, url)
+
+
+@pytest.fixture
+def trickling(tmp_path):
+    hosts: list[TricklingHost] = []
+
+    def start(pad: int, interval: float) -> TricklingHost:
+        hosts.append(TricklingHost(tmp_path, pad, interval, REDIRECT))
+        return hosts[-1]
+
+    yield start
+    for host in hosts:
+        host.close()
+
+
+def documents_for(host, clock=None, **settings) -> ClientMetadataDocuments:
+    return ClientMetadataDocuments(
+        ClientMetadataDocumentSettings(
+            **{"allow_private_addresses": True, "ca_file": host.ca_file, **settings}
+        ),
+        clock or Clock(),
+    )
+
+
+def test_a_document_whose_headers_trickle_in_is_refused_at_one_deadline_for_the_whole_fetch(
+    trickling,
+):
+    # Sixty bytes a tenth of a second apart: no read waits a second, the whole takes six.
+    host = trickling(pad=60, interval=0.1)
+    documents = documents_for(host, timeout_seconds=1)
+    with pytest.raises(OAuthError, match="could not be fetched within 1 s"):
+        anyio.run(documents.client, host.url("/slow.json"))
+
+
+def test_a_host_gets_a_bounded_number_of_fetches_in_progress(trickling):
+    host = trickling(pad=1000, interval=0.1)
+    documents = documents_for(host, timeout_seconds=3, max_concurrent_fetches_per_host=1)
+    outcome: dict[str, str] = {}
+
+    async def main() -> None:
+        async def first() -> None:
+            with pytest.raises(OAuthError):
+                await documents.client(host.url("/first.json"))
+
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(first)
+            while host.accepted < 1:
+                await anyio.sleep(0.01)
+            try:
+                await documents.client(host.url("/second.json"))
+            except OAuthError as error:
+                outcome["second"] = error.description
+            tasks.cancel_scope.cancel()
+
+    anyio.run(main)
+    assert "in progress" in outcome["second"]
+    assert host.accepted == 1
+
+
+def test_a_failing_url_is_not_fetched_again_until_its_failure_is_forgotten(host):
+    clock = Clock()
+    documents = documents_for(host, clock, failure_cache_seconds=30)
+    url = host.raw("/flaky.json", 500, b"")
+    host.fetches.clear()
+    for _ in range(3):
+        with pytest.raises(OAuthError, match="HTTP 500"):
+            anyio.run(documents.client, url)
+    assert host.fetches == ["/flaky.json"]
+    host.document("/flaky.json")
+    with pytest.raises(OAuthError, match="HTTP 500"):
+        anyio.run(documents.client, url)
+    clock.advance(31)
+    assert anyio.run(documents.client, url).client_name == "Doc agent"
+    assert host.fetches == ["/flaky.json", "/flaky.json"]
+
+
+def test_a_host_gets_a_bounded_number_of_documents(host):
+    clock = Clock()
+    documents = documents_for(host, clock, max_documents_per_host=2, cache_seconds=300)
+    first, second, third = (host.document(f"/agent-{n}.json") for n in range(3))
+    anyio.run(documents.client, first)
+    anyio.run(documents.client, second)
+    host.fetches.clear()
+    with pytest.raises(OAuthError, match="at most 2 per host"):
+        anyio.run(documents.client, third)
+    assert host.fetches == []
+    assert anyio.run(documents.client, first).client_id == first  # from the cache
+    clock.advance(301)
+    assert anyio.run(documents.client, third).client_id == third
+
+
+def test_the_consent_page_shows_the_documents_host_and_calls_the_client_unverified(
+    host, sqlite_url, tmp_path
+):
+    url = host.document("/agent.json", client_name="Claude Desktop (example)")
+    settings = {"allow_private_addresses": True, "ca_file": host.ca_file}
+    with running_bastion(sqlite_url, tmp_path, client_metadata=settings) as bastion:
+        _, challenge = pkce_pair()
+        params = bastion.authorize_params(
+            {"client_id": url, "redirect_uris": [REDIRECT]}, challenge
+        )
+        browser = httpx.Client(timeout=10)
+        login = browser.get(f"{bastion.url}/authorize?{urlencode(params)}")
+        consent = browser.post(
+            f"{bastion.url}/authorize/login",
+            data={**hidden_fields(login.text), "username": "alice", "password": PASSWORD},
+        )
+        assert consent.status_code == 200
+        for page in (login.text, consent.text):
+            assert "Unverified application from <span class=host>127.0.0.1</span>" in page
+            assert "a document published at <strong>127.0.0.1</strong>" in page
+            assert (
+                "&ldquo;Claude Desktop (example)&rdquo;, is whatever 127.0.0.1 wrote there" in page
+            )

@@ -164,3 +164,59 @@ def test_signing_keys_rotate_and_list(capsys, monkeypatch, sqlite_url, tmp_path)
     lines = out.strip().splitlines()
     assert len(lines) == 2 and "signing" in lines[0] and "retired" in lines[1]
     assert "PRIVATE" not in out
+
+
+def test_a_confidential_client_with_a_redirect_uri_gets_the_authorization_code_grant(
+    capsys, monkeypatch, sqlite_url, tmp_path
+):
+    config = write_config(tmp_path, sqlite_url)
+    code, out, _ = run(
+        capsys,
+        monkeypatch,
+        "clients",
+        "create",
+        "--name",
+        "Web agent",
+        "--confidential",
+        "--redirect-uri",
+        "https://agent.example.com/callback",
+        "--config",
+        config,
+    )
+    assert code == 0
+    client = json.loads(out)
+    assert client["grant_types"] == ["authorization_code", "refresh_token"]
+    assert client["redirect_uris"] == ["https://agent.example.com/callback"]
+    assert client["client_secret"]
+    # Without a redirect URI, a confidential client acts as itself.
+    code, out, _ = run(
+        capsys, monkeypatch, "clients", "create", "--name", "Nightly", "--confidential",
+        "--config", config,
+    )  # fmt: skip
+    assert code == 0 and json.loads(out)["grant_types"] == ["client_credentials"]
+
+
+def test_a_redirect_uri_without_the_authorization_code_grant_is_refused(
+    capsys, monkeypatch, sqlite_url, tmp_path
+):
+    config = write_config(tmp_path, sqlite_url)
+    code, _, err = run(
+        capsys, monkeypatch, "clients", "create", "--name", "x", "--confidential",
+        "--grant-type", "client_credentials", "--redirect-uri", "https://agent.example.com/cb",
+        "--config", config,
+    )  # fmt: skip
+    assert code == 2 and "--grant-type authorization_code" in err
+    assert OAuthStore(Database(sqlite_url)).clients() == []
+
+
+def test_clients_create_refuses_a_redirect_uri_outside_rfc_3986(
+    capsys, monkeypatch, sqlite_url, tmp_path
+):
+    config = write_config(tmp_path, sqlite_url)
+    for uri in ("http://127.0.0.1:9/cb\x01", "https://agent.example.com/c b"):
+        code, _, err = run(
+            capsys, monkeypatch, "clients", "create", "--name", "x", "--redirect-uri", uri,
+            "--config", config,
+        )  # fmt: skip
+        assert code == 2 and "RFC 3986" in err
+    assert OAuthStore(Database(sqlite_url)).clients() == []

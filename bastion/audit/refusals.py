@@ -1,0 +1,130 @@
+"""Refusals of requests that prove nothing (no client secret, session or token of this server),
+recorded so that a flood of them writes a bounded number of audit rows.
+
+Refusals are counted per key (kind, address, reason, and the client when one was identified) in
+windows of ``window_seconds``: the first refusal of a key in a window is written at once, with
+its detail; the ones after it in that window are only counted, and written as one more row of
+the same kind with ``repeats`` (how many), ``since`` and ``until`` once the window has closed.
+At most ``max_keys`` keys are counted at a time; past that, each kind's further refusals share
+one key with address and reason ``*``. So a window writes at most ``2 * (max_keys + kinds)``
+rows whatever the flood. The counts live in the memory of the process: those of a window still
+open are written by `flush` (at shutdown), and lost if the process is killed.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from bastion.audit.log import AuditLog
+
+OVERFLOW = "*"
+
+
+@dataclass
+class _Window:
+    opened_at: float
+    last_at: float
+    repeats: int = 0
+
+
+class RefusalLog:
+    """Aggregates refusals of unauthenticated requests into bounded audit rows (see module)."""
+
+    def __init__(
+        self,
+        audit: AuditLog,
+        *,
+        window_seconds: float = 60.0,
+        max_keys: int = 1000,
+        clock: Callable[[], float] | None = None,
+    ) -> None:
+        self.audit = audit
+        self.window_seconds = window_seconds
+        self.max_keys = max_keys
+        self.clock = clock or audit.clock
+        self._windows: dict[tuple, _Window] = {}
+        self._lock = threading.Lock()
+        self._next_sweep = 0.0
+
+    def record(
+        self,
+        kind: str,
+        *,
+        address: str | None,
+        reason: str,
+        client_id: str | None = None,
+        subject: str | None = None,
+        **detail: Any,
+    ) -> None:
+        """Note one refusal; write its row if it is the first of its key in the window.
+
+        ``reason`` must come from a small fixed set (an error code, not a message that quotes the
+        request): with the address and client it makes the key. ``detail`` goes only into the
+        first row of a window.
+        """
+        now = self.clock()
+        key = (kind, address, reason, client_id)
+        with self._lock:
+            closed = self._sweep(now) if now >= self._next_sweep else []
+            window = self._windows.get(key)
+            if window is not None and now - window.opened_at >= self.window_seconds:
+                closed.append((key, self._windows.pop(key)))
+                window = None
+            if window is None and len(self._windows) >= self.max_keys:
+                key = (kind, OVERFLOW, OVERFLOW, None)
+                window = self._windows.get(key)
+                address, reason, client_id, subject = OVERFLOW, OVERFLOW, None, None
+            first = window is None
+            if first:
+                self._windows[key] = _Window(opened_at=now, last_at=now)
+            else:
+                window.repeats += 1
+                window.last_at = now
+        self._write_closed(closed)
+        if first:
+            self.audit.record(
+                kind, subject=subject, client_id=client_id, address=address, reason=reason, **detail
+            )
+
+    def flush(self, *, everything: bool = False) -> None:
+        """Write the rows of windows that have closed (of every window, with ``everything``: at
+        shutdown, so no count is lost)."""
+        now = self.clock()
+        with self._lock:
+            if everything:
+                closed = list(self._windows.items())
+                self._windows.clear()
+            else:
+                closed = self._sweep(now)
+        self._write_closed(closed)
+
+    def _sweep(self, now: float) -> list[tuple[tuple, _Window]]:
+        """Under the lock: take out the windows that have closed."""
+        self._next_sweep = now + min(self.window_seconds, 1.0)
+        closed = [
+            (key, window)
+            for key, window in self._windows.items()
+            if now - window.opened_at >= self.window_seconds
+        ]
+        for key, _ in closed:
+            del self._windows[key]
+        return closed
+
+    def _write_closed(self, closed: list[tuple[tuple, _Window]]) -> None:
+        repeated = [(key, window) for key, window in closed if window.repeats]
+        if not repeated:
+            return
+        with self.audit.db.transaction():
+            for (kind, address, reason, client_id), window in repeated:
+                self.audit.record(
+                    kind,
+                    client_id=client_id,
+                    address=address,
+                    reason=reason,
+                    repeats=window.repeats,
+                    since=window.opened_at,
+                    until=window.last_at,
+                )

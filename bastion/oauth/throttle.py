@@ -1,0 +1,105 @@
+"""Throttles against guessing and flooding at the authorization server, counted per the address a
+request comes from (`client_address`).
+
+Login: failures are counted per username and per address in the database, so every process
+(replica) sharing it sees the same counts. Past ``max_failures_per_user`` (or ``_per_address``)
+failures, each further attempt must wait ``backoff_seconds`` after the last failure, doubled at
+each further failure up to ``max_backoff_seconds``; a counter starts again from zero once its last
+failure is ``failure_window_seconds`` old, and a user's counter is cleared when they sign in.
+Attempts that must wait are refused before any password is hashed. Password hashes themselves
+are limited per process (`PasswordCheckSlots`), so a burst is answered "busy" rather than queued.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from starlette.requests import Request
+
+from bastion.oauth.settings import LoginSettings
+from bastion.oauth.store import OAuthStore
+
+
+def client_address(request: Request) -> str | None:
+    """The address the request came from: the ASGI client, which is the proxy's address unless
+    ``bastion serve`` is told to trust the proxy's forwarding headers."""
+    return request.client.host if request.client else None
+
+
+@dataclass(frozen=True)
+class Wait:
+    """An attempt refused before checking anything: which counter, and for how long."""
+
+    counter: str  # "user" or "address"
+    seconds: int
+
+
+class LoginThrottle:
+    """Failure counters per username and per address, and the backoff they impose."""
+
+    def __init__(
+        self, store: OAuthStore, settings: LoginSettings, clock: Callable[[], float]
+    ) -> None:
+        self.store = store
+        self.settings = settings
+        self.clock = clock
+
+    @staticmethod
+    def _counters(username: str, address: str | None) -> dict[str, str]:
+        # Bounded keys: a username longer than any valid one is still one counter.
+        return {"user": f"user:{username[:256]}", "address": f"address:{address or 'unknown'}"}
+
+    def wait(self, username: str, address: str | None) -> Wait | None:
+        """How long this attempt must wait before a password may be checked, or None."""
+        settings, now = self.settings, self.clock()
+        counters = self._counters(username, address)
+        known = self.store.login_failures(
+            list(counters.values()), since=now - settings.failure_window_seconds
+        )
+        longest: Wait | None = None
+        for name, limit in (
+            ("user", settings.max_failures_per_user),
+            ("address", settings.max_failures_per_address),
+        ):
+            failures, last = known.get(counters[name], (0, 0.0))
+            if failures < limit:
+                continue
+            doublings = min(failures - limit, 30)
+            backoff = min(settings.backoff_seconds * 2**doublings, settings.max_backoff_seconds)
+            remaining = last + backoff - now
+            if remaining > 0 and (longest is None or remaining > longest.seconds):
+                longest = Wait(name, math.ceil(remaining))
+        return longest
+
+    def failed(self, username: str, address: str | None) -> None:
+        now = self.clock()
+        restart_before = now - self.settings.failure_window_seconds
+        with self.store.db.transaction():
+            for counter in self._counters(username, address).values():
+                self.store.add_login_failure(counter, now, restart_before)
+
+    def succeeded(self, username: str) -> None:
+        self.store.clear_login_failures(self._counters(username, None)["user"])
+
+    def forget_old(self) -> None:
+        self.store.forget_login_failures_before(self.clock() - self.settings.failure_window_seconds)
+
+
+class PasswordCheckSlots:
+    """At most ``size`` password hashes at once in this process (Argon2id takes time and about
+    64 MiB each). Used from the event loop only: no lock needed."""
+
+    def __init__(self, size: int) -> None:
+        self.free = size
+
+    def take(self) -> bool:
+        """Take a slot if one is free; False means answer "busy" now rather than queue."""
+        if self.free <= 0:
+            return False
+        self.free -= 1
+        return True
+
+    def give_back(self) -> None:
+        self.free += 1

@@ -1,0 +1,130 @@
+"""Refusals of requests that prove nothing are aggregated, so a flood of them writes a bounded
+number of audit rows and loses no count; a refusal that concerns a known client or user (a
+confidential client that proved its secret, a token this server signed) keeps its own row."""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+from urllib.parse import urlencode
+
+from bastion.audit import AuditLog
+from bastion.audit.refusals import RefusalLog
+from bastion.db import Database
+from bastion.oauth import InvalidToken
+
+from .support import Bastion, Clock, hidden_fields, pkce_pair
+
+IAT = {"Authorization": "Bearer initial-access-token-for-tests"}
+
+
+def count(events) -> int:
+    """How many refusals the rows stand for (a row of repeats stands for that many)."""
+    return sum(e.detail.get("repeats", 1) for e in events)
+
+
+def test_a_token_endpoint_flood_writes_two_rows_and_loses_no_count(bastion: Bastion):
+    for n in range(300):
+        response = bastion.token(grant_type="authorization_code", client_id=f"nobody-{n}")
+        assert response.status_code == 401
+    assert len(bastion.server.audit.events("token.refused")) == 1
+    first = bastion.server.audit.events("token.refused")[0]
+    assert first.detail["address"] == "127.0.0.1" and first.detail["reason"] == "invalid_client"
+    assert first.detail["claimed_client_id"] == "nobody-0"
+
+    # When the window has closed, one more row carries the count of the rest.
+    bastion.clock.advance(61)
+    bastion.server.refusals.flush()
+    events = bastion.server.audit.events("token.refused")
+    assert len(events) == 2 and count(events) == 300
+    summary = next(e for e in events if "repeats" in e.detail)
+    assert summary.detail["repeats"] == 299
+    assert summary.detail["address"] == "127.0.0.1"
+    assert summary.detail["since"] <= summary.detail["until"]
+
+
+def test_an_authorization_request_flood_for_a_known_client_is_aggregated(bastion: Bastion):
+    client = bastion.register()
+    _, challenge = pkce_pair()
+    params = bastion.authorize_params(client, challenge, scope="admin")
+    for _ in range(100):
+        response = bastion.http.get(f"{bastion.url}/authorize?{urlencode(params)}")
+        assert response.status_code == 302 and "error=invalid_scope" in response.headers["location"]
+    assert len(bastion.server.audit.events("authorization.refused")) == 1
+    bastion.server.refusals.flush(everything=True)
+    events = bastion.server.audit.events("authorization.refused")
+    assert len(events) == 2 and count(events) == 100
+    assert {e.client_id for e in events} == {client["client_id"]}
+
+
+def test_a_forged_form_flood_is_aggregated(bastion: Bastion):
+    client = bastion.register()
+    _, challenge = pkce_pair()
+    page = bastion.http.get(
+        f"{bastion.url}/authorize?{urlencode(bastion.authorize_params(client, challenge))}"
+    )
+    fields = {**hidden_fields(page.text), "csrf_token": "forged"}
+    for _ in range(50):
+        response = bastion.http.post(
+            f"{bastion.url}/authorize/login", data={**fields, "username": "a", "password": "b"}
+        )
+        assert response.status_code == 403
+    bastion.server.refusals.flush(everything=True)
+    events = bastion.server.audit.events("authorization.csrf_refused")
+    assert len(events) == 2 and count(events) == 50
+
+
+def test_a_confidential_client_that_proved_its_secret_keeps_a_row_per_refusal(bastion: Bastion):
+    body = {
+        "token_endpoint_auth_method": "client_secret_basic",
+        "grant_types": ["client_credentials"],
+        "redirect_uris": [],
+        "scope": "tools:read",
+    }
+    client = bastion.http.post(f"{bastion.url}/register", json=body, headers=IAT).json()
+    secret = f"{client['client_id']}:{client['client_secret']}".encode()
+    basic = {"Authorization": "Basic " + base64.b64encode(secret).decode()}
+    for _ in range(3):
+        response = bastion.http.post(
+            f"{bastion.url}/token",
+            data={"grant_type": "client_credentials", "resource": "https://elsewhere/mcp"},
+            headers=basic,
+        )
+        assert response.status_code == 400
+    events = bastion.server.audit.events("token.refused")
+    assert len(events) == 3 and {e.client_id for e in events} == {client["client_id"]}
+
+
+def test_forged_tokens_are_aggregated_but_a_revoked_token_keeps_its_row(bastion: Bastion):
+    verifier = bastion.server.verifier
+    for n in range(200):
+        with contextlib.suppress(InvalidToken):
+            verifier.verify(f"forged.token.{n}", bastion.resource, address="192.0.2.7")
+    events = bastion.server.audit.events("token.refused")
+    assert len(events) == 1 and events[0].detail["address"] == "192.0.2.7"
+
+    client = bastion.register()
+    access = bastion.tokens_for(client)["access_token"]
+    jti = verifier.verify(access, bastion.resource).jti
+    bastion.server.store.revoke_access_token(jti, bastion.clock())
+    for _ in range(3):
+        with contextlib.suppress(InvalidToken):
+            verifier.verify(access, bastion.resource)
+    revoked = [e for e in bastion.server.audit.events("token.refused") if e.subject == "alice"]
+    assert len(revoked) == 3
+    assert {(e.client_id, e.detail["reason"]) for e in revoked} == {
+        (client["client_id"], "revoked")
+    }
+
+
+def test_distinct_keys_are_bounded_so_a_window_writes_a_bounded_number_of_rows(sqlite_url):
+    clock = Clock()
+    audit = AuditLog(Database(sqlite_url), clock)
+    refusals = RefusalLog(audit, window_seconds=60, max_keys=100, clock=clock)
+    for n in range(5000):
+        refusals.record("login.failed", address=f"10.0.{n // 250}.{n % 250}", reason="no_password")
+    refusals.flush(everything=True)
+    events = audit.events("login.failed", limit=10_000)
+    assert len(events) <= 2 * (100 + 1)
+    assert count(events) == 5000
+    assert any(e.detail["address"] == "*" for e in events)
