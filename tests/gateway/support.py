@@ -12,6 +12,8 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import parse_qs, urlencode, urlsplit
@@ -46,6 +48,9 @@ PASSWORD = "gateway-test-password"
 UPSTREAM_KEY = "upstream-credential-of-bastion"
 REDIRECT_URI = "http://127.0.0.1:9/callback"
 LAB = Path(__file__).resolve().parent / "lab_server.py"
+# What the MCP conformance suite's server scenarios ask of a server (test_conformance.py).
+CONFORMANCE = Path(__file__).resolve().parent / "conformance_server.py"
+CONFORMANCE_USER, CONFORMANCE_PASSWORD = "conformance", "conformance-test-password"
 # The same MCP server over stdio, then over Streamable HTTP: the quickstart's, and the lab's
 # (lists that change, slow calls, questions to the client).
 SERVERS = ("desk", "deskhttp", "lab", "labhttp", "labold")
@@ -524,3 +529,65 @@ def npm_install(prefix: Path, package: str, version: str, scripts: bool = False)
             )
             assert done.returncode == 0, f"npm install failed:\n{done.stdout}\n{done.stderr}"
     return folder
+
+
+@contextmanager
+def conformance_bastion(
+    directory: Path, upstreams: dict[str, str], public_url: str | None = None
+) -> Iterator[str]:
+    """`bastion serve` (see `bastion_serve`) in front of ``upstreams`` (name: Streamable HTTP
+    URL), where the policy allows every user and agent everything on them and nothing anywhere
+    else, with one user (`CONFORMANCE_USER`). Clients reach it at ``public_url`` (default: its
+    own URL). Yields its URL; stops it after."""
+    port = free_socket().getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    public_url = public_url or url
+    names = json.dumps(list(upstreams))
+    (directory / "policy.polar").write_text(
+        "actor User {}\nactor Agent {}\n"
+        + "".join(
+            f"resource {kind} {{}}\n"
+            f"allow(_actor, _action: String, _it: {kind}) if context.server in {names};\n"
+            for kind in ("McpServer", "Tool", "McpResource", "Prompt")
+        )
+    )
+    config = directory / "bastion.toml"
+    text = f"""\
+[server]
+host = "127.0.0.1"
+port = {port}
+database = "{directory}/bastion.db"
+policy_file = "{directory}/policy.polar"
+
+[oauth]
+issuer = "{url}"
+key_dir = "{directory}/keys"
+
+[gateway]
+public_url = "{public_url}"
+"""
+    for name, upstream in upstreams.items():
+        text += f"""
+[[oauth.resources]]
+uri = "{public_url}/mcp/{name}"
+scopes = ["mcp"]
+
+[[gateway.upstreams]]
+name = "{name}"
+url = "{upstream}"
+"""
+    config.write_text(text)
+    subprocess.run(
+        [sys.executable, "-m", "bastion.cli", "users", "create", CONFORMANCE_USER]
+        + ["--password-stdin", "--config", str(config)],
+        cwd=ROOT,
+        input=CONFORMANCE_PASSWORD,
+        text=True,
+        check=True,
+        capture_output=True,
+    )
+    server, url = bastion_serve(config, url)
+    try:
+        yield url
+    finally:
+        stop(server)
