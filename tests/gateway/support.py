@@ -533,12 +533,15 @@ def npm_install(prefix: Path, package: str, version: str, scripts: bool = False)
 
 @contextmanager
 def conformance_bastion(
-    directory: Path, upstreams: dict[str, str], public_url: str | None = None
+    directory: Path,
+    upstreams: dict[str, str],
+    public_url: str | None = None,
+    upstream_timeout: float = 60,
 ) -> Iterator[str]:
     """`bastion serve` (see `bastion_serve`) in front of ``upstreams`` (name: Streamable HTTP
-    URL), where the policy allows every user and agent everything on them and nothing anywhere
-    else, with one user (`CONFORMANCE_USER`). Clients reach it at ``public_url`` (default: its
-    own URL). Yields its URL; stops it after."""
+    URL, each with ``upstream_timeout``), where the policy allows every user and agent
+    everything on them and nothing anywhere else, with one user (`CONFORMANCE_USER`). Clients
+    reach it at ``public_url`` (default: its own URL). Yields its URL; stops it after."""
     port = free_socket().getsockname()[1]
     url = f"http://127.0.0.1:{port}"
     public_url = public_url or url
@@ -575,6 +578,7 @@ scopes = ["mcp"]
 [[gateway.upstreams]]
 name = "{name}"
 url = "{upstream}"
+timeout = {upstream_timeout}
 """
     config.write_text(text)
     subprocess.run(
