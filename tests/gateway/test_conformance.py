@@ -226,7 +226,7 @@ def test_every_conformance_scenario_that_passes_directly_passes_through_bastion(
         print(f"  {'':<{width}}  " + "  ".join(results))
         for name in names:
             row = "  ".join(f"{r[name]['outcome']:<{len(label)}}" for label, r in results.items())
-            print(f"  {name:<{width}}  {row}")
+            print(f"  {name:<{width}}  {row}".rstrip())
             for label, r in results.items():
                 for check in r[name]["checks"] if label != "directly" else ():
                     print(f"  {'':<{width}}    {label}: {check}")
