@@ -19,6 +19,7 @@ import json
 import logging
 import os
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 from bastion.gateway.config import UpstreamConfig
@@ -495,7 +496,7 @@ class HttpUpstream(Upstream):
                     UPSTREAM_UNAVAILABLE,
                     f"upstream {self.name} answered HTTP {response.status_code}: {text}",
                 )
-            if kind.startswith("text/event-stream"):
+            if _is_event_stream(response):
                 return await self._from_events(response, message["id"], ask)
             data = json.loads(await response.read())
             if not isinstance(data, dict):
@@ -522,17 +523,63 @@ class HttpUpstream(Upstream):
     async def _from_events(
         self, response: Response, request_id: Any, ask: Ask | None = None
     ) -> dict[str, Any]:
-        async for message in _events(response):
-            if "method" in message and "id" in message and ask is not None:
-                answer = await ask(message)
-                await self._send_notification({**answer, "jsonrpc": "2.0", "id": message["id"]})
-            elif "method" in message:
-                await self._from_server(message)
-            elif message.get("id") == request_id:
-                return message
-        raise RpcError(
-            UPSTREAM_UNAVAILABLE, f"upstream {self.name} ended the stream without an answer"
-        )
+        """The answer to ``request_id`` from its event stream, relaying what comes before it.
+
+        A 2025-11-25 upstream may end the stream before it answers, having numbered its events
+        (SEP-1699: it asks its client to come back, after ``retry``): bastion then resumes the
+        stream with a GET carrying ``Last-Event-ID``, as often as it is asked to, within the
+        upstream's ``timeout`` like the rest of the request."""
+        stream = EventStream()
+        resumed: Response | None = None
+        try:
+            while True:
+                async for message in _events(response, stream):
+                    if "method" in message and "id" in message and ask is not None:
+                        answer = await ask(message)
+                        await self._send_notification(
+                            {**answer, "jsonrpc": "2.0", "id": message["id"]}
+                        )
+                    elif "method" in message:
+                        await self._from_server(message)
+                    elif message.get("id") == request_id:
+                        return message
+                if self._modern or stream.last_id is None:
+                    raise RpcError(
+                        UPSTREAM_UNAVAILABLE,
+                        f"upstream {self.name} ended the stream without an answer",
+                    )
+                await asyncio.sleep(stream.retry)
+                if resumed is not None:
+                    resumed.close()
+                response = resumed = await self._resume(stream.last_id)
+        except asyncio.CancelledError:
+            if resumed is not None:
+                resumed.abort()
+            raise
+        finally:
+            if resumed is not None:
+                resumed.close()
+
+    async def _resume(self, last_event_id: str) -> Response:
+        """The GET that resumes a stream after its event ``last_event_id`` (2025-11-25)."""
+        headers = self._stream_headers()
+        headers["last-event-id"] = last_event_id
+        response = await self._http.request("GET", headers)
+        if response.status_code != 200 or not _is_event_stream(response):
+            response.close()
+            raise RpcError(
+                UPSTREAM_UNAVAILABLE,
+                f"upstream {self.name} answered HTTP {response.status_code} when asked to resume"
+                " a stream",
+            )
+        return response
+
+    def _stream_headers(self) -> dict[str, str]:
+        """The headers of a GET for an event stream (2025-11-25)."""
+        headers = self._headers()
+        del headers["content-type"]
+        headers["accept"] = "text/event-stream"
+        return headers
 
     async def _from_server(self, message: dict[str, Any]) -> None:
         """A request or notification the upstream sent on a stream."""
@@ -604,16 +651,11 @@ class HttpUpstream(Upstream):
                 }
             )
         else:
-            headers = self._headers()
-            del headers["content-type"]
-            headers["accept"] = "text/event-stream"
-            response = await self._http.request("GET", headers)
+            response = await self._http.request("GET", self._stream_headers())
         try:
             if response.status_code == 405:
                 return False
-            if response.status_code != 200 or not response.headers.get(
-                "content-type", ""
-            ).startswith("text/event-stream"):
+            if response.status_code != 200 or not _is_event_stream(response):
                 raise RpcError(
                     UPSTREAM_UNAVAILABLE,
                     f"upstream {self.name} answered HTTP {response.status_code} to its stream",
@@ -665,11 +707,26 @@ def _log_failure(task: asyncio.Task) -> None:
         log.warning("upstream: notifications/cancelled not sent: %s", task.exception())
 
 
-async def _events(response: Response):
+@dataclass(slots=True)
+class EventStream:
+    """Where a text/event-stream is: the id of its last event, and how long its server asked a
+    client to wait before resuming it (the ``retry`` field; 1 s when it names none)."""
+
+    last_id: str | None = None
+    retry: float = 1.0
+
+
+def _is_event_stream(response: Response) -> bool:
+    return response.headers.get("content-type", "").startswith("text/event-stream")
+
+
+async def _events(response: Response, stream: EventStream | None = None):
     """The JSON-RPC messages of a text/event-stream body (objects only); an event larger than
-    `MAX_MESSAGE` is an `HttpClientError`, one that is not JSON is skipped."""
+    `MAX_MESSAGE` is an `HttpClientError`, one that is not JSON is skipped. ``stream`` follows
+    the ``id`` and ``retry`` fields, as the SSE standard reads them."""
     data: list[str] = []
     size = 0
+    event_id: str | None = None
     async for line in response.lines():
         if line.startswith("data:"):
             data.append(line[5:].removeprefix(" "))
@@ -679,7 +736,18 @@ async def _events(response: Response):
                     f"an event of the response is larger than {MAX_MESSAGE} bytes"
                 )
             continue
-        if line or not data:
+        if line:
+            field, _, value = line.partition(":")
+            value = value.removeprefix(" ")
+            if field == "id" and "\0" not in value:
+                event_id = value
+            elif field == "retry" and value.isascii() and value.isdigit() and stream is not None:
+                stream.retry = int(value) / 1000
+            continue
+        if stream is not None and event_id is not None:
+            # An event without data counts too (SSE's dispatch); an empty id means none.
+            stream.last_id = event_id or None
+        if not data:
             continue
         text, data, size = "\n".join(data), [], 0
         try:

@@ -4,11 +4,16 @@ quickstart's MCP server as upstream twice: over stdio (a child process) and over
 
 from __future__ import annotations
 
+import fcntl
 import importlib.util
 import json
+import shutil
+import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import parse_qs, urlencode, urlsplit
@@ -27,6 +32,7 @@ from bastion.oauth.users import create_user
 from bastion.policy.parser import parse_fact
 from bastion.server.app import create_app
 from bastion.server.config import ServerConfig
+from tests.conftest import require_program
 from tests.oauth.support import (
     MemoryStorage,
     free_socket,
@@ -42,6 +48,9 @@ PASSWORD = "gateway-test-password"
 UPSTREAM_KEY = "upstream-credential-of-bastion"
 REDIRECT_URI = "http://127.0.0.1:9/callback"
 LAB = Path(__file__).resolve().parent / "lab_server.py"
+# What the MCP conformance suite's server scenarios ask of a server (test_conformance.py).
+CONFORMANCE = Path(__file__).resolve().parent / "conformance_server.py"
+CONFORMANCE_USER, CONFORMANCE_PASSWORD = "conformance", "conformance-test-password"
 # The same MCP server over stdio, then over Streamable HTTP: the quickstart's, and the lab's
 # (lists that change, slow calls, questions to the client).
 SERVERS = ("desk", "deskhttp", "lab", "labhttp", "labold")
@@ -64,8 +73,8 @@ has_relation(Prompt{"lab/hello"}, "server", McpServer{"lab"})
 """
 
 
-def _load(name: str, path: Path):
-    # A fresh module each time: each running bastion gets its own SDK server instance.
+def fresh_module(name: str, path: Path):
+    """The module at ``path``, loaded anew: each running bastion gets its own SDK server."""
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -73,7 +82,7 @@ def _load(name: str, path: Path):
 
 
 def demo_server_module():
-    return _load("quickstart_server", QUICKSTART / "server.py")
+    return fresh_module("quickstart_server", QUICKSTART / "server.py")
 
 
 class LegacyOnly:
@@ -241,40 +250,10 @@ class Running:
 
     def token(self, username: str, server: str, scope: str = "customers:read") -> str:
         """An access token by the plain OAuth flow (no SDK), for raw HTTP tests."""
-        client = self.http.post(
-            f"{self.url}/register",
-            json={
-                "client_name": "raw test client",
-                "redirect_uris": [REDIRECT_URI],
-                "token_endpoint_auth_method": "none",
-                "grant_types": ["authorization_code", "refresh_token"],
-            },
-        ).json()
-        verifier, challenge = pkce_pair()
-        params = {
-            "response_type": "code",
-            "client_id": client["client_id"],
-            "redirect_uri": REDIRECT_URI,
-            "state": "s",
-            "code_challenge": challenge,
-            "code_challenge_method": "S256",
-            "resource": self.mcp_url(server),
-            "scope": scope,
-        }
-        response = self.log_in_and_consent(f"{self.url}/authorize?{urlencode(params)}", username)
-        code = parse_qs(urlsplit(response.headers["location"]).query)["code"][0]
-        tokens = self.http.post(
-            f"{self.url}/token",
-            data={
-                "grant_type": "authorization_code",
-                "code": code,
-                "redirect_uri": REDIRECT_URI,
-                "code_verifier": verifier,
-                "client_id": client["client_id"],
-            },
+        self.logins.append(username)
+        return access_token(
+            self.http, self.url, self.mcp_url(server), username, self.password, scope
         )
-        assert tokens.status_code == 200, tokens.text
-        return tokens.json()["access_token"]
 
     # -- the official SDK client -------------------------------------------------------------
 
@@ -338,6 +317,49 @@ class Running:
         return seen
 
 
+def access_token(
+    http: httpx.Client, issuer: str, resource: str, username: str, password: str, scope: str
+) -> str:
+    """An access token for ``resource`` by the plain OAuth flow (no SDK): a client registered
+    at ``issuer``, the person's sign-in and consent, the code exchanged with its PKCE verifier."""
+    client = http.post(
+        f"{issuer}/register",
+        json={
+            "client_name": "raw test client",
+            "redirect_uris": [REDIRECT_URI],
+            "token_endpoint_auth_method": "none",
+            "grant_types": ["authorization_code", "refresh_token"],
+        },
+    ).json()
+    verifier, challenge = pkce_pair()
+    params = {
+        "response_type": "code",
+        "client_id": client["client_id"],
+        "redirect_uri": REDIRECT_URI,
+        "state": "s",
+        "code_challenge": challenge,
+        "code_challenge_method": "S256",
+        "resource": resource,
+        "scope": scope,
+    }
+    response = log_in_and_consent(
+        issuer, f"{issuer}/authorize?{urlencode(params)}", username, password
+    )
+    code = parse_qs(urlsplit(response.headers["location"]).query)["code"][0]
+    tokens = http.post(
+        f"{issuer}/token",
+        data={
+            "grant_type": "authorization_code",
+            "code": code,
+            "redirect_uri": REDIRECT_URI,
+            "code_verifier": verifier,
+            "client_id": client["client_id"],
+        },
+    )
+    assert tokens.status_code == 200, tokens.text
+    return tokens.json()["access_token"]
+
+
 def start(tmp_path, gateway: dict | None = None, replicas: int = 0):
     """Start everything; a context manager yielding `Running`. ``gateway`` adds settings to the
     ``[gateway]`` table; ``replicas`` more apps share the first one's database and settings."""
@@ -347,7 +369,7 @@ def start(tmp_path, gateway: dict | None = None, replicas: int = 0):
     def running():
         module = demo_server_module()
         recorder = Recorder(module.server.streamable_http_app(streamable_http_path="/mcp"))
-        lab = _load("lab_server", LAB)
+        lab = fresh_module("lab_server", LAB)
         lab_trace = tmp_path / "lab-trace.jsonl"
         lab.TRACE = str(lab_trace)
         upstream_sock = free_socket()
@@ -358,7 +380,7 @@ def start(tmp_path, gateway: dict | None = None, replicas: int = 0):
         policy = tmp_path / "policy.polar"
         policy.write_text(test_policy())
         lab_app = lab.server.streamable_http_app(streamable_http_path="/mcp")
-        old = _load("lab_server_legacy", LAB)
+        old = fresh_module("lab_server_legacy", LAB)
         old.TRACE = str(lab_trace)
         old_app = LegacyOnly(old.server.streamable_http_app(streamable_http_path="/mcp"))
         with (
@@ -446,15 +468,21 @@ def serve_quickstart(directory: Path) -> tuple[subprocess.Popen, str]:
         cwd=ROOT,
         check=True,
     )
-    log = directory / "serve.log"
+    return bastion_serve(path, f"http://127.0.0.1:{port}")
+
+
+def bastion_serve(config: Path, url: str) -> tuple[subprocess.Popen, str]:
+    """`bastion serve --config config` in a process of its own, its output in ``serve.log`` next
+    to the configuration. Returns the process and ``url`` once `/readyz` answers there; the
+    caller stops it."""
+    log = config.parent / "serve.log"
     with open(log, "wb") as out:
         server = subprocess.Popen(
-            [sys.executable, "-m", "bastion.cli", "serve", "--config", str(path)],
+            [sys.executable, "-m", "bastion.cli", "serve", "--config", str(config)],
             cwd=ROOT,
             stdout=out,
             stderr=subprocess.STDOUT,
         )
-    url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 30
     while True:
         if server.poll() is not None or time.monotonic() > deadline:
@@ -466,3 +494,106 @@ def serve_quickstart(directory: Path) -> tuple[subprocess.Popen, str]:
         except httpx.HTTPError:
             pass
         time.sleep(0.05)
+
+
+def stop(server: subprocess.Popen) -> None:
+    """Stop a process started by `bastion_serve` as an operator would (SIGTERM), or kill it."""
+    server.send_signal(signal.SIGTERM)
+    try:
+        server.wait(10)
+    except subprocess.TimeoutExpired:
+        server.kill()
+        server.wait()
+
+
+def npm_install(prefix: Path, package: str, version: str, scripts: bool = False) -> Path:
+    """``package@version`` installed once into ``prefix`` (a folder of the repository kept across
+    runs, gitignored), with npm; returns the package's folder. Skips (or fails under
+    BASTION_REQUIRE_SERVICES=1) when node or npm is not on PATH. ``scripts`` lets the package's
+    install scripts run (node@22 needs its own to fetch the binary); no other package's do."""
+    for program in ("node", "npm"):
+        require_program(program, shutil.which(program) or "any directory of PATH")
+    prefix.mkdir(exist_ok=True)
+    folder = prefix / "node_modules" / package
+    # Another test run may be installing at the same moment (the tree is shared).
+    with open(prefix / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        manifest = folder / "package.json"
+        if not manifest.exists() or json.loads(manifest.read_text())["version"] != version:
+            done = subprocess.run(
+                ["npm", "install", "--prefix", str(prefix), "--save-exact", "--no-audit"]
+                + ["--no-fund", "--loglevel=error"]
+                + ([] if scripts else ["--ignore-scripts"])
+                + [f"{package}@{version}"],
+                capture_output=True,
+                text=True,
+                timeout=300,
+            )
+            assert done.returncode == 0, f"npm install failed:\n{done.stdout}\n{done.stderr}"
+    return folder
+
+
+@contextmanager
+def conformance_bastion(
+    directory: Path,
+    upstreams: dict[str, str],
+    public_url: str | None = None,
+    upstream_timeout: float = 60,
+) -> Iterator[str]:
+    """`bastion serve` (see `bastion_serve`) in front of ``upstreams`` (name: Streamable HTTP
+    URL, each with ``upstream_timeout``), where the policy allows every user and agent
+    everything on them and nothing anywhere else, with one user (`CONFORMANCE_USER`). Clients
+    reach it at ``public_url`` (default: its own URL). Yields its URL; stops it after."""
+    port = free_socket().getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    public_url = public_url or url
+    names = json.dumps(list(upstreams))
+    (directory / "policy.polar").write_text(
+        "actor User {}\nactor Agent {}\n"
+        + "".join(
+            f"resource {kind} {{}}\n"
+            f"allow(_actor, _action: String, _it: {kind}) if context.server in {names};\n"
+            for kind in ("McpServer", "Tool", "McpResource", "Prompt")
+        )
+    )
+    config = directory / "bastion.toml"
+    text = f"""\
+[server]
+host = "127.0.0.1"
+port = {port}
+database = "{directory}/bastion.db"
+policy_file = "{directory}/policy.polar"
+
+[oauth]
+issuer = "{url}"
+key_dir = "{directory}/keys"
+
+[gateway]
+public_url = "{public_url}"
+"""
+    for name, upstream in upstreams.items():
+        text += f"""
+[[oauth.resources]]
+uri = "{public_url}/mcp/{name}"
+scopes = ["mcp"]
+
+[[gateway.upstreams]]
+name = "{name}"
+url = "{upstream}"
+timeout = {upstream_timeout}
+"""
+    config.write_text(text)
+    subprocess.run(
+        [sys.executable, "-m", "bastion.cli", "users", "create", CONFORMANCE_USER]
+        + ["--password-stdin", "--config", str(config)],
+        cwd=ROOT,
+        input=CONFORMANCE_PASSWORD,
+        text=True,
+        check=True,
+        capture_output=True,
+    )
+    server, url = bastion_serve(config, url)
+    try:
+        yield url
+    finally:
+        stop(server)

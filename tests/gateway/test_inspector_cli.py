@@ -8,13 +8,11 @@ consents, and the browser is sent to the Inspector's callback listener.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import pty
 import queue
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -27,10 +25,9 @@ from urllib.parse import parse_qs, urlsplit
 import httpx
 import pytest
 
-from tests.conftest import require_program
 from tests.oauth.support import hidden_fields
 
-from .support import serve_quickstart
+from .support import npm_install, serve_quickstart, stop
 
 ROOT = Path(__file__).resolve().parents[2]
 PASSWORD = "quickstart-password"  # examples/quickstart/setup.py
@@ -47,25 +44,7 @@ def free_port() -> int:
 
 def install_inspector() -> Path:
     """The Inspector's launcher, installed once into `.npm-inspector/` (a pinned version)."""
-    for program in ("node", "npm"):
-        require_program(program, shutil.which(program) or "any directory of PATH")
-    NPM_PREFIX.mkdir(exist_ok=True)
-    installed = NPM_PREFIX / "node_modules" / "@modelcontextprotocol" / "inspector" / "package.json"
-    # Another test run may be installing at the same moment (the tree is shared).
-    with open(NPM_PREFIX / ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not installed.exists() or json.loads(installed.read_text())["version"] != (
-            INSPECTOR_VERSION
-        ):
-            done = subprocess.run(
-                ["npm", "install", "--prefix", str(NPM_PREFIX), "--save-exact", "--no-audit"]
-                + ["--no-fund", "--ignore-scripts", "--loglevel=error"]
-                + [f"@modelcontextprotocol/inspector@{INSPECTOR_VERSION}"],
-                capture_output=True,
-                text=True,
-                timeout=300,
-            )
-            assert done.returncode == 0, f"npm install failed:\n{done.stdout}\n{done.stderr}"
+    npm_install(NPM_PREFIX, "@modelcontextprotocol/inspector", INSPECTOR_VERSION)
     return NPM_PREFIX / "node_modules" / ".bin" / "mcp-inspector"
 
 
@@ -116,12 +95,7 @@ def quickstart(tmp_path_factory):
     try:
         yield running
     finally:
-        server.send_signal(signal.SIGTERM)
-        try:
-            server.wait(10)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
+        stop(server)
 
 
 @dataclass

@@ -1,0 +1,169 @@
+"""A 2025-11-25 upstream may end the event stream of a request before it answers, having numbered
+its events: it asks the client to come back later (SEP-1699, "polling" for long operations; the
+MCP Python SDK's `ctx.close_sse_stream()`). bastion, the upstream's client, resumes that stream
+with a GET that carries `Last-Event-ID`, and its own client gets the answer as if nothing
+happened. The conformance suite's `server-sse-polling` scenario asks this of a server.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import httpx
+
+from tests.oauth.support import free_socket, serve
+
+from .support import (
+    CONFORMANCE,
+    CONFORMANCE_PASSWORD,
+    CONFORMANCE_USER,
+    LegacyOnly,
+    Recorder,
+    access_token,
+    conformance_bastion,
+    fresh_module,
+)
+
+INITIALIZE = {
+    "jsonrpc": "2.0",
+    "id": 0,
+    "method": "initialize",
+    "params": {
+        "protocolVersion": "2025-11-25",
+        "capabilities": {},
+        "clientInfo": {"name": "resuming test client", "version": "1"},
+    },
+}
+
+
+def test_a_call_whose_upstream_ends_its_stream_early_is_resumed_and_answered(tmp_path):
+    upstream = Recorder(LegacyOnly(fresh_module("conformance_server", CONFORMANCE).app()))
+    with (
+        serve(upstream, free_socket()) as upstream_url,
+        conformance_bastion(tmp_path, {"polling": f"{upstream_url}/mcp"}) as url,
+        httpx.Client(timeout=20) as http,
+    ):
+        token = access_token(
+            http, url, f"{url}/mcp/polling", CONFORMANCE_USER, CONFORMANCE_PASSWORD, "mcp"
+        )
+        headers = {
+            "authorization": f"Bearer {token}",
+            "accept": "application/json, text/event-stream",
+        }
+        opened = http.post(f"{url}/mcp/polling", headers=headers, json=INITIALIZE)
+        assert opened.status_code == 200, opened.text
+        headers["mcp-session-id"] = opened.headers["mcp-session-id"]
+        headers["mcp-protocol-version"] = "2025-11-25"
+        called = http.post(
+            f"{url}/mcp/polling",
+            headers=headers,
+            json={
+                "jsonrpc": "2.0",
+                "id": 1,
+                "method": "tools/call",
+                "params": {"name": "test_reconnection", "arguments": {}},
+            },
+        )
+
+    assert called.status_code == 200, called.text
+    answer = called.json() if "json" in called.headers["content-type"] else _last_event(called)
+    assert answer["id"] == 1 and "error" not in answer, answer
+    assert answer["result"]["content"][0]["text"] == "Reconnection test completed successfully"
+    # The answer came on a GET that resumed the call's stream after its last event.
+    resumed = [
+        r for r in upstream.requests if r["method"] == "GET" and b"last-event-id" in r["headers"]
+    ]
+    assert len(resumed) == 1, upstream.requests
+
+
+def _last_event(response: httpx.Response) -> dict:
+    data = [line[5:].strip() for line in response.text.splitlines() if line.startswith("data:")]
+    return json.loads(data[-1])
+
+
+class NeverAnswers:
+    """ASGI: a 2025-11-25 upstream that ends every stream of a call at once, with an event id and
+    a short ``retry``: it asks to be resumed, for ever, and never answers."""
+
+    def __init__(self) -> None:
+        self.resumptions = 0
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return
+        body, more = b"", True
+        while more:
+            message = await receive()
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+        if scope["method"] == "GET":
+            self.resumptions += b"last-event-id" in dict(scope["headers"])
+            await self._events(send, self.resumptions)
+            return
+        request = json.loads(body) if body else {}
+        if request.get("method") == "initialize":
+            result = {
+                "protocolVersion": "2025-11-25",
+                "capabilities": {"tools": {}},
+                "serverInfo": {"name": "never answers", "version": "1"},
+            }
+            await self._json(send, {"jsonrpc": "2.0", "id": request["id"], "result": result})
+        elif request.get("method") == "tools/list":
+            tool = {"name": "stall", "inputSchema": {"type": "object"}}
+            await self._json(
+                send, {"jsonrpc": "2.0", "id": request["id"], "result": {"tools": [tool]}}
+            )
+        elif request.get("method") == "tools/call":
+            await self._events(send, 0)
+        else:  # server/discover (a 2025-11-25 server does not know it), notifications
+            error = {"code": -32601, "message": "Method not found"}
+            await self._json(send, {"jsonrpc": "2.0", "id": request.get("id"), "error": error})
+
+    async def _json(self, send, answer: dict) -> None:
+        headers = [(b"content-type", b"application/json"), (b"mcp-session-id", b"s1")]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": json.dumps(answer).encode()})
+
+    async def _events(self, send, number: int) -> None:
+        headers = [(b"content-type", b"text/event-stream")]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send(
+            {"type": "http.response.body", "body": f"id: {number}\nretry: 20\ndata:\n\n".encode()}
+        )
+
+
+def test_an_upstream_that_asks_to_be_resumed_for_ever_is_given_up_at_its_timeout(tmp_path):
+    upstream = NeverAnswers()
+    with (
+        serve(upstream, free_socket()) as upstream_url,
+        conformance_bastion(
+            tmp_path, {"stalling": f"{upstream_url}/mcp"}, upstream_timeout=1
+        ) as url,
+        httpx.Client(timeout=20) as http,
+    ):
+        token = access_token(
+            http, url, f"{url}/mcp/stalling", CONFORMANCE_USER, CONFORMANCE_PASSWORD, "mcp"
+        )
+        headers = {"authorization": f"Bearer {token}", "accept": "application/json"}
+        opened = http.post(f"{url}/mcp/stalling", headers=headers, json=INITIALIZE)
+        headers["mcp-session-id"] = opened.headers["mcp-session-id"]
+        headers["mcp-protocol-version"] = "2025-11-25"
+        called = http.post(
+            f"{url}/mcp/stalling",
+            headers=headers,
+            json={
+                "jsonrpc": "2.0",
+                "id": 1,
+                "method": "tools/call",
+                "params": {"name": "stall", "arguments": {}},
+            },
+        )
+        resumptions = upstream.resumptions
+        time.sleep(0.5)  # 25 times the upstream's retry: once it has given up, bastion asks no more
+
+    answer = called.json()
+    assert answer["error"]["code"] == -32000, answer
+    assert "did not answer tools/call within 1s" in answer["error"]["message"]
+    assert resumptions > 1
+    assert upstream.resumptions == resumptions
