@@ -667,7 +667,9 @@ def _log_failure(task: asyncio.Task) -> None:
 
 async def _events(response: Response):
     """The JSON-RPC messages of a text/event-stream body (objects only); an event larger than
-    `MAX_MESSAGE` is an `HttpClientError`, one that is not JSON is skipped."""
+    `MAX_MESSAGE` is an `HttpClientError`, one that is not JSON is skipped (with a warning). An
+    event with empty data is skipped silently: SDK servers open each stream with one (a priming
+    event, which only carries the id to resume from, as the 2025-11-25 transport allows)."""
     data: list[str] = []
     size = 0
     async for line in response.lines():
@@ -682,6 +684,8 @@ async def _events(response: Response):
         if line or not data:
             continue
         text, data, size = "\n".join(data), [], 0
+        if not text.strip():
+            continue
         try:
             message = json.loads(text)
         except ValueError:

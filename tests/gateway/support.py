@@ -18,6 +18,7 @@ import httpx
 import httpx2
 from mcp.client.client import Client as McpClient
 from mcp.client.streamable_http import streamable_http_client
+from mcp.server.streamable_http import EventMessage, EventStore
 from mcp.shared.auth import (
     OAuthClientInformationFull,
 )
@@ -74,6 +75,30 @@ def _load(name: str, path: Path):
 
 def demo_server_module():
     return _load("quickstart_server", QUICKSTART / "server.py")
+
+
+class MemoryEvents(EventStore):
+    """Resumability for an SDK server's event streams, in memory. With an event store the SDK
+    opens each event stream with a priming event (an id and empty data), as servers that let
+    clients resume do."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[str, str, object]] = []
+
+    async def store_event(self, stream_id, message):
+        event_id = str(len(self.events) + 1)
+        self.events.append((event_id, stream_id, message))
+        return event_id
+
+    async def replay_events_after(self, last_event_id, send_callback):
+        found = [e for e in self.events if e[0] == last_event_id]
+        if not found:
+            return None
+        stream = found[0][1]
+        for event_id, stream_id, message in self.events[int(last_event_id) :]:
+            if stream_id == stream and message is not None:
+                await send_callback(EventMessage(message, event_id))
+        return stream
 
 
 class LegacyOnly:
@@ -357,10 +382,14 @@ def start(tmp_path, gateway: dict | None = None, replicas: int = 0):
         trace = tmp_path / "stdio-trace.jsonl"
         policy = tmp_path / "policy.polar"
         policy.write_text(test_policy())
-        lab_app = lab.server.streamable_http_app(streamable_http_path="/mcp")
+        lab_app = lab.server.streamable_http_app(
+            streamable_http_path="/mcp", event_store=MemoryEvents()
+        )
         old = _load("lab_server_legacy", LAB)
         old.TRACE = str(lab_trace)
-        old_app = LegacyOnly(old.server.streamable_http_app(streamable_http_path="/mcp"))
+        old_app = LegacyOnly(
+            old.server.streamable_http_app(streamable_http_path="/mcp", event_store=MemoryEvents())
+        )
         with (
             serve(recorder, upstream_sock) as upstream_url,
             serve(lab_app, lab_sock) as lab_url,

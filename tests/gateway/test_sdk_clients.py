@@ -4,6 +4,7 @@ real upstream over stdio and over Streamable HTTP, in both protocol eras."""
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 from mcp.shared.exceptions import MCPError
@@ -85,3 +86,15 @@ def test_audit_tail_prints_the_latest_decisions(bastion, capsys):
     (record,) = [r for r in records if r["method"] == "tools/call"]
     assert record["rules"] and record["obligations"]["masks"] == ["customers.*.email"]
     assert record["context"]["annotations"] == {"readOnlyHint": True}
+
+
+@pytest.mark.parametrize("server", ["labold", "labhttp"])
+def test_an_sdk_upstreams_ordinary_calls_log_no_warning(bastion, server, caplog):
+    # labold opens each of its event streams with a priming event (an id and empty data).
+    async def script(client, seen):
+        seen["text"] = (await client.call_tool("wait", {"seconds": 0, "tag": "quiet"})).content
+
+    with caplog.at_level(logging.INFO, logger="bastion"):
+        seen = bastion.sdk("sam", server, "legacy", script)
+    assert seen["text"][0].text == "waited 0.0s"
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
