@@ -17,7 +17,7 @@ from bastion.audit.decisions import DecisionRecords
 from bastion.decide import Authorizer
 from bastion.decide.contract import decide_chain
 from bastion.facts.model import Entity
-from bastion.gateway.config import GatewayConfig
+from bastion.gateway.config import GatewayConfig, normalized_origin
 from bastion.gateway.enforce import Caller, Enforcer, StepUp, refused
 from bastion.gateway.handlers import Exchange, Progress
 from bastion.gateway.jsonrpc import RpcError, notification
@@ -94,6 +94,10 @@ class Gateway:
         self.tokens = tokens
         self.issuer = issuer
         self.public_url = config.public_url or _origin(issuer)
+        # Pages of other origins may not call /mcp/ (DNS rebinding: MCP's transport, Security).
+        self.allowed_origins = frozenset(
+            config.allowed_origins or (normalized_origin(_origin(self.public_url)),)
+        )
         self.records = records
         self.limiter = (
             RedisRateLimiter(config.redis_url, config.redis_prefix)

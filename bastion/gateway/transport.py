@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 from starlette.types import Receive, Scope, Send
 
+from bastion.gateway.config import normalized_origin
 from bastion.gateway.enforce import Caller, StepUp
 from bastion.gateway.handlers import LEGACY_VERSIONS, MODERN_VERSIONS, Exchange, handler_for
 from bastion.gateway.jsonrpc import (
@@ -117,9 +118,20 @@ class StreamableHttpEndpoint:
         """Answer one HTTP request (ASGI) for the upstream named ``server``."""
         upstream = self.gateway.upstreams.get(server)
         try:
+            headers = _headers(scope)
+            origin = headers.get("origin")
+            if origin is not None and normalized_origin(origin) not in self.gateway.allowed_origins:
+                # MCP's transport: a page of another origin (DNS rebinding) gets 403, whatever
+                # it sends; a request without Origin does not come from a page.
+                raise HttpError(
+                    403,
+                    RpcError(
+                        INVALID_REQUEST,
+                        f"requests from the origin {origin[:100]!r} are not allowed",
+                    ).body(None),
+                )
             if upstream is None:
                 raise HttpError(404, {"error": f"no MCP server named {server!r} behind bastion"})
-            headers = _headers(scope)
             caller = await self._authenticate(server, headers, scope)
             method = scope["method"]
             if method == "POST":
