@@ -35,8 +35,15 @@ from urllib.parse import urlsplit
 from bastion.gateway.ratelimit import CLUSTER_SCHEMES
 from bastion.server.config import ConfigError
 
-# Methods forwarded without a policy decision: they reveal nothing and change nothing.
-DEFAULT_PASS_METHODS = ("ping", "notifications/initialized", "notifications/cancelled")
+# Methods served beyond tools, resources and prompts, each decided as ``connect`` (completions
+# also as ``get`` of the prompt or ``read`` of the resource template they complete).
+DEFAULT_PASS_METHODS = (
+    "ping",
+    "notifications/initialized",
+    "notifications/cancelled",
+    "logging/setLevel",
+    "completion/complete",
+)
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 

@@ -328,7 +328,12 @@ class StreamableHttpEndpoint:
         # cost one timer.
         key = (*owner, message.id)
         flight = gateway.in_flight[key] = InFlight(asyncio.current_task())
-        progress = wants_events and isinstance(meta, dict) and "progressToken" in meta
+        # Answered as events once the upstream reports progress or a log message the client
+        # asked for (at its level: its session's in 2025-11-25, the request's in 2026-07-28).
+        progress = wants_events and (
+            (isinstance(meta, dict) and "progressToken" in meta)
+            or (exchange.log_level is not None and message.method not in _ANSWERED_WHOLE)
+        )
         early = wants_events and not progress and message.method not in _ANSWERED_WHOLE
         timer = asyncio.get_running_loop().call_later(
             _WATCH_AFTER, flight.watch, receive, send if early else None, response_headers

@@ -62,6 +62,15 @@ has_relation(McpResource{"lab/lab://open"}, "server", McpServer{"lab"})
 has_relation(McpResource{"lab/lab://secret"}, "server", McpServer{"lab"})
 has_attribute(McpResource{"lab/lab://secret"}, "audience", "admin")
 has_relation(Prompt{"lab/hello"}, "server", McpServer{"lab"})
+has_relation(Tool{"lab/leak"}, "server", McpServer{"lab"})
+has_relation(Tool{"lab/leak_raw"}, "server", McpServer{"lab"})
+has_relation(Tool{"lab/leak_error"}, "server", McpServer{"lab"})
+has_relation(Tool{"lab/chatter"}, "server", McpServer{"lab"})
+has_relation(McpResource{"lab/lab://leaky"}, "server", McpServer{"lab"})
+has_relation(McpResource{"lab/lab://leaky-blob"}, "server", McpServer{"lab"})
+has_relation(McpResource{"lab/lab://leaky-raw"}, "server", McpServer{"lab"})
+has_relation(Prompt{"lab/leaky"}, "server", McpServer{"lab"})
+has_relation(Prompt{"lab/greeting"}, "server", McpServer{"lab"})
 """
 
 
@@ -194,6 +203,13 @@ def test_policy() -> str:
     return (
         text
         + '\nmask(_user: User, "call", _tool: Tool, "note") if context.tool = "greet_privately";\n'
+        # The lab's leaks, masked for everyone: what they send must never come out.
+        + 'mask(_user: User, "call", _tool: Tool, "customers.*.email") if\n'
+        + '  context.tool in ["leak", "leak_raw", "leak_error"];\n'
+        + 'mask(_user: User, "read", _r: McpResource, "customers.*.email") if\n'
+        + '  context.uri in ["lab://leaky", "lab://leaky-blob", "lab://leaky-raw"];\n'
+        + 'mask(_user: User, "get", _p: Prompt, "customers.*.email") if\n'
+        + '  context.prompt = "leaky";\n'
         + 'requires_scope("read", _r: McpResource, "customers:write") if\n'
         + '  context.uri = "lab://guarded";\n'
         + 'requires_approval(_user: User, "read", _r: McpResource) if context.uri = "lab://held";\n'
