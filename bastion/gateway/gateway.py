@@ -89,6 +89,7 @@ class Gateway:
         authorizer: Callable[[], Authorizer],
         records: DecisionRecords | None,
         resource_scopes: Callable[[str], tuple[str, ...]] = lambda uri: (),
+        digest_key: bytes | None = None,
     ) -> None:
         self.config = config
         self.tokens = tokens
@@ -104,7 +105,7 @@ class Gateway:
             if config.redis_url
             else RateLimiter()
         )
-        self.enforcer = Enforcer(authorizer, records, self.limiter)
+        self.enforcer = Enforcer(authorizer, records, self.limiter, digest_key=digest_key)
         self.sessions = SessionTable(config.session_idle_seconds)
         self.resource_scopes = resource_scopes
         # bastion's progress token for a request -> where its progress goes (`Exchange.hear`)

@@ -46,7 +46,7 @@ def test_support_agent_searches_with_emails_masked_and_cannot_delete(bastion, se
     assert record.result == "deny"
     assert record.target == f'Tool{{"{server}/delete_customer"}}'
     assert record.principals[0] == 'User{"sam"}'
-    assert record.arguments_digest.startswith("sha256:")
+    assert record.arguments_digest.startswith("hmac-sha256:")
     assert "c-100" not in json.dumps(record.context)  # a digest, never the arguments
 
 
