@@ -93,14 +93,19 @@ def _redact(value: Any, path: tuple[str, ...]) -> int:
     return count
 
 
-def _json(value: Any, paths: Paths) -> tuple[Any, int]:
+# A masker takes a field's value, the mask's paths and the URI the client asked for; it returns
+# the value to send (or ``_DROP`` to leave the field out) and how many places it changed.
+Masker = Callable[[Any, Paths, "str | None"], tuple[Any, int]]
+
+
+def _json(value: Any, paths: Paths, uri: str | None = None) -> tuple[Any, int]:
     """A JSON object or list, masked in place; anything else is withheld (``_DROP``)."""
     if isinstance(value, dict | list):
         return value, sum(_redact(value, p) for p in paths)
     return _DROP, 1
 
 
-def _text(text: Any, paths: Paths) -> tuple[str, int]:
+def _text(text: Any, paths: Paths, uri: str | None = None) -> tuple[str, int]:
     """Text that holds a JSON object or list, masked; any other text withheld."""
     if not isinstance(text, str):
         return WITHHELD, 1
@@ -116,7 +121,7 @@ def _text(text: Any, paths: Paths) -> tuple[str, int]:
 
 
 def _rebuild(
-    item: dict[str, Any], fields: dict[str, Callable[[Any], tuple[Any, int]]]
+    item: dict[str, Any], fields: dict[str, Masker], paths: Paths, uri: str | None
 ) -> tuple[dict[str, Any], int]:
     """``item`` with only the ``fields`` MCP defines, each passed through its masker; every
     other field (``_meta``, free text, anything unknown) is left out and counted."""
@@ -127,60 +132,59 @@ def _rebuild(
         if masker is None:
             count += 1
             continue
-        value, changed = masker(value)
+        value, changed = masker(value, paths, uri)
         count += changed
         if value is not _DROP:
             kept[key] = value
     return kept, count
 
 
-def _keep(check: Callable[[Any], bool]) -> Callable[[Any], tuple[Any, int]]:
+def _as_is(value: Any, paths: Paths, uri: str | None) -> tuple[Any, int]:
+    return value, 0
+
+
+def _keep(check: Callable[[Any], bool]) -> Masker:
     """A field kept as it is when ``check`` accepts it (it holds no free text), else left out."""
-    return lambda value: (value, 0) if check(value) else (_DROP, 1)
-
-
-def _is_bool(value: Any) -> bool:
-    return isinstance(value, bool)
+    return lambda value, paths, uri: (value, 0) if check(value) else (_DROP, 1)
 
 
 def _is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
-def _annotations(value: Any) -> tuple[Any, int]:
+_ANNOTATIONS: dict[str, Masker] = {
+    "audience": _keep(lambda a: isinstance(a, list) and all(r in _ROLES for r in a)),
+    "priority": _keep(lambda p: _is_number(p) and 0 <= p <= 1),
+    "lastModified": _keep(lambda t: isinstance(t, str) and _TIMESTAMP.fullmatch(t) is not None),
+}
+
+
+def _annotations(value: Any, paths: Paths, uri: str | None) -> tuple[Any, int]:
     if not isinstance(value, dict):
         return _DROP, 1
-    return _rebuild(
-        value,
-        {
-            "audience": _keep(lambda a: isinstance(a, list) and all(r in _ROLES for r in a)),
-            "priority": _keep(lambda p: _is_number(p) and 0 <= p <= 1),
-            "lastModified": _keep(lambda t: isinstance(t, str) and _TIMESTAMP.fullmatch(t)),
-        },
-    )
+    return _rebuild(value, _ANNOTATIONS, paths, uri)
+
+
+def _uri(value: Any, paths: Paths, uri: str | None) -> tuple[Any, int]:
+    """Only the URI the client asked for is shown; any other could name what is masked."""
+    return (value, 0) if uri is not None and value == uri else (WITHHELD_URI, 1)
 
 
 _MIME = _keep(lambda m: isinstance(m, str) and _MIME_TYPE.fullmatch(m) is not None)
+_TEXT_CONTENTS: dict[str, Masker] = {"uri": _uri, "mimeType": _MIME, "text": _text}
+_BLOB_CONTENTS: dict[str, Masker] = {"uri": _uri}
 
 
 def _resource_contents(item: Any, paths: Paths, uri: str | None) -> tuple[dict[str, Any], int]:
     """Text or blob resource contents (``resources/read``, an embedded resource)."""
     if not isinstance(item, dict):
         return {"uri": WITHHELD_URI, "text": WITHHELD_CONTENT}, 1
-    known_uri = item.get("uri") == uri and uri is not None
-    fields: dict[str, Callable[[Any], tuple[Any, int]]] = {
-        "uri": lambda value: (value, 0) if known_uri else (WITHHELD_URI, 1),
-        "mimeType": _MIME,
-        "text": lambda value: _text(value, paths),
-    }
-    if "text" not in item:
+    if "text" in item:
+        kept, count = _rebuild(item, _TEXT_CONTENTS, paths, uri)
+    else:
         # A blob (or no content MCP defines) cannot be masked field by field.
-        kept, count = _rebuild({k: v for k, v in item.items() if k != "blob"}, fields)
-        kept.setdefault("uri", WITHHELD_URI)
+        kept, count = _rebuild(item, _BLOB_CONTENTS, paths, uri)
         kept["text"] = WITHHELD_CONTENT
-        kept.pop("mimeType", None)
-        return kept, count + 1
-    kept, count = _rebuild(item, fields)
     kept.setdefault("uri", WITHHELD_URI)
     return kept, count
 
@@ -189,100 +193,103 @@ def _withheld_block() -> dict[str, Any]:
     return {"type": "text", "text": WITHHELD_CONTENT}
 
 
+_TEXT_BLOCK: dict[str, Masker] = {"type": _as_is, "text": _text, "annotations": _annotations}
+_EMBEDDED_BLOCK: dict[str, Masker] = {
+    "type": _as_is,
+    "resource": _resource_contents,
+    "annotations": _annotations,
+}
+
+
 def _block(block: Any, paths: Paths, uri: str | None) -> tuple[dict[str, Any], int]:
     """A content block: JSON text and embedded text resources are masked; every other block
     (image, audio, resource link, a blob, a type MCP does not define) is withheld."""
-    if not isinstance(block, dict):
-        return _withheld_block(), 1
-    kind = block.get("type")
-    if kind == "text" and "text" in block:
-        fields = {"text": lambda value: _text(value, paths)}
-    elif (
-        kind == "resource"
-        and isinstance(block.get("resource"), dict)
-        and ("text" in block["resource"])
-    ):
-        fields = {"resource": lambda value: _resource_contents(value, paths, uri)}
-    else:
-        return _withheld_block(), 1
-    fields = {**fields, "type": lambda value: (value, 0), "annotations": _annotations}
-    return _rebuild(block, fields)
+    if isinstance(block, dict):
+        kind = block.get("type")
+        if kind == "text" and "text" in block:
+            return _rebuild(block, _TEXT_BLOCK, paths, uri)
+        resource = block.get("resource")
+        if kind == "resource" and isinstance(resource, dict) and "text" in resource:
+            return _rebuild(block, _EMBEDDED_BLOCK, paths, uri)
+    return _withheld_block(), 1
 
 
-def _list_of(value: Any, item: Callable[[Any], tuple[Any, int]]) -> tuple[Any, int]:
-    if not isinstance(value, list):
-        return _DROP, 1
-    kept, count = [], 0
-    for element in value:
-        masked, changed = item(element)
-        count += changed
-        if masked is not _DROP:
-            kept.append(masked)
-    return kept, count
+def _list_of(item: Masker) -> Masker:
+    def masked(value: Any, paths: Paths, uri: str | None) -> tuple[Any, int]:
+        if not isinstance(value, list):
+            return _DROP, 1
+        kept, count = [], 0
+        for element in value:
+            element, changed = item(element, paths, uri)
+            count += changed
+            if element is not _DROP:
+                kept.append(element)
+        return kept, count
+
+    return masked
+
+
+_PROMPT_MESSAGE: dict[str, Masker] = {"role": _as_is, "content": _block}
 
 
 def _prompt_message(message: Any, paths: Paths, uri: str | None) -> tuple[Any, int]:
     if not isinstance(message, dict) or message.get("role") not in _ROLES:
         return _DROP, 1
-    return _rebuild(
-        message,
-        {
-            "role": lambda value: (value, 0),
-            "content": lambda value: _block(value, paths, uri),
-        },
-    )
+    return _rebuild(message, _PROMPT_MESSAGE, paths, uri)
+
+
+def _no_completions(value: Any, paths: Paths, uri: str | None) -> tuple[Any, int]:
+    # completion/complete: the values complete what is masked, so none are given.
+    return {"values": [], "hasMore": False}, 1
+
+
+_RESULT: dict[str, Masker] = {
+    "content": _list_of(_block),
+    "structuredContent": _json,
+    "isError": _keep(lambda value: isinstance(value, bool)),
+    "contents": _list_of(_resource_contents),
+    "messages": _list_of(_prompt_message),
+    "resultType": _keep(lambda value: value in _RESULT_TYPES),
+    "completion": _no_completions,
+}
 
 
 def mask_result(
     result: dict[str, Any], paths: Paths, uri: str | None = None
 ) -> tuple[dict[str, Any], int]:
     """The result of a ``tools/call``, ``resources/read``, ``prompts/get`` or
-    ``completion/complete`` under ``paths``,
-    and how many fields were masked or withheld. ``uri``: the resource the client asked to read
-    (shown where the result names it). Without paths, ``result`` itself, untouched."""
+    ``completion/complete`` under ``paths``, and how many places were masked or withheld.
+    ``uri``: the resource the client asked to read (shown where the result names it). Without
+    paths, ``result`` itself, untouched."""
     if not paths:
         return result, 0
-    return _rebuild(
-        result,
-        {
-            "content": lambda value: _list_of(value, lambda b: _block(b, paths, uri)),
-            "structuredContent": lambda value: _json(value, paths),
-            "isError": _keep(_is_bool),
-            "contents": lambda value: _list_of(value, lambda c: _resource_contents(c, paths, uri)),
-            "messages": lambda value: _list_of(value, lambda m: _prompt_message(m, paths, uri)),
-            "resultType": _keep(lambda t: t in _RESULT_TYPES),
-            # completion/complete: the values complete what is masked, so none are given.
-            "completion": lambda value: ({"values": [], "hasMore": False}, 1),
-        },
-    )
+    return _rebuild(result, _RESULT, paths, uri)
+
+
+def _log_data(value: Any, paths: Paths, uri: str | None) -> tuple[Any, int]:
+    return _json(value, paths) if isinstance(value, dict | list) else (WITHHELD, 1)
+
+
+_NOTIFICATIONS: dict[str, dict[str, Masker]] = {
+    "notifications/progress": {
+        "progressToken": _as_is,
+        "progress": _keep(_is_number),
+        "total": _keep(_is_number),
+    },
+    "notifications/message": {
+        "level": _keep(lambda level: level in LOG_LEVELS),
+        "data": _log_data,
+    },
+}
+# Without these, a notification says nothing: it is withheld whole.
+_REQUIRED = {"notifications/progress": "progress", "notifications/message": "level"}
 
 
 def mask_notification(method: str, params: dict[str, Any], paths: Paths) -> dict[str, Any] | None:
     """The params of a notification relayed during a call under ``paths`` (a progress
     notification, a log message), or None to withhold it whole (anything else)."""
-    if method == "notifications/progress":
-        if not _is_number(params.get("progress")):
-            return None
-        fields = {
-            "progressToken": lambda value: (value, 0),
-            "progress": lambda value: (value, 0),
-            "total": _keep(_is_number),
-        }
-    elif method == "notifications/message":
-        if params.get("level") not in LOG_LEVELS:
-            return None
-        fields = {
-            "level": lambda value: (value, 0),
-            "data": lambda value: (
-                _json(value, paths)
-                if isinstance(value, dict | list)
-                else (
-                    WITHHELD,
-                    1,
-                )
-            ),
-        }
-    else:
+    fields = _NOTIFICATIONS.get(method)
+    if fields is None:
         return None
-    kept, _ = _rebuild(params, fields)
-    return kept
+    kept, _ = _rebuild(params, fields, paths, None)
+    return kept if _REQUIRED[method] in kept else None
