@@ -30,7 +30,7 @@ def test_support_agent_searches_with_emails_masked_and_cannot_delete(bastion, se
     assert seen["protocol_version"] == ERAS[mode]
     assert seen["tools"] == ["delete_customer", "search_customers", "send_email"]
     # The admin-only resource is filtered out of the list.
-    assert seen["resources"] == ["customers://plans"]
+    assert seen["resources"] == ["customers://directory", "customers://plans"]
     text = seen["search"].content[0].text
     customers = json.loads(text)["customers"]
     assert [c["name"] for c in customers] == ["Ada Lovelace", "Alan Turing", "Grace Hopper"]

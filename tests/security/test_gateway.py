@@ -110,3 +110,29 @@ def test_a_page_of_another_origin_is_refused_before_anything_else(served):
     # The gateway's own origin (the issuer's, by default) is served.
     headers["origin"] = served.url
     assert served.http.post(url, json=call, headers=headers).status_code == 200
+
+
+def test_a_masked_field_cannot_be_searched_for_by_value(served):
+    # The email is masked in sam's results; a search on it would still confirm a guess.
+    sam = served.token("sam")
+    found = served.call(sam, "search_customers", {"query": "alan"})["result"]
+    assert "alan@example.com" not in json.dumps(found) and "[masked]" in json.dumps(found)
+    for guess in ("alan@example.com", "nobody@example.com"):
+        refused = served.call(sam, "search_customers", {"query": guess, "field": "email"})
+        assert refused["error"]["data"]["reason"] == "not_permitted"  # hit or miss alike
+    avery = served.token("avery")
+    hit = served.call(avery, "search_customers", {"query": "alan@", "field": "email"})["result"]
+    assert "alan@example.com" in json.dumps(hit)
+
+
+def test_the_same_data_read_as_a_resource_is_masked(served):
+    response = served.http.post(
+        f"{served.url}/mcp/desk",
+        json=modern_request(2, "resources/read", {"uri": "customers://directory"}),
+        headers=modern_headers(served.token("sam"), "resources/read", "customers://directory"),
+    )
+    read = messages(response)[-1]["result"]
+    assert "@example.com" not in json.dumps(read)
+    assert {c["email"] for c in json.loads(read["contents"][0]["text"])["customers"]} == {
+        "[masked]"
+    }
