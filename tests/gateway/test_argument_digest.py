@@ -48,3 +48,24 @@ def test_a_damaged_secret_is_refused_not_replaced(tmp_path):
     (tmp_path / ARGUMENT_DIGEST_KEY).write_text("not hex")
     with pytest.raises(ValueError, match="64 hex digits"):
         deployment_secret(tmp_path, ARGUMENT_DIGEST_KEY)
+
+
+def test_a_server_with_a_damaged_secret_does_not_start(tmp_path):
+    from bastion.server.app import create_app
+    from bastion.server.config import ConfigError, ServerConfig
+
+    keys = tmp_path / "keys"
+    keys.mkdir()
+    (keys / ARGUMENT_DIGEST_KEY).write_text("0" * 10)
+    base = "http://127.0.0.1:9"
+    config = ServerConfig(
+        database=str(tmp_path / "bastion.db"),
+        oauth={
+            "issuer": base,
+            "key_dir": str(keys),
+            "resources": [{"uri": f"{base}/mcp/desk"}],
+        },
+        gateway={"upstreams": [{"name": "desk", "url": "http://127.0.0.1:9/mcp"}]},
+    )
+    with pytest.raises(ConfigError, match="argument-digest.key"):
+        create_app(config)
