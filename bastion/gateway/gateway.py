@@ -96,9 +96,8 @@ class Gateway:
         self.issuer = issuer
         self.public_url = config.public_url or _origin(issuer)
         # Pages of other origins may not call /mcp/ (DNS rebinding: MCP's transport, Security).
-        self.allowed_origins = frozenset(
-            config.allowed_origins or (normalized_origin(_origin(self.public_url)),)
-        )
+        own = normalized_origin(_origin(self.public_url))
+        self.allowed_origins = frozenset(config.allowed_origins or ((own,) if own else ()))
         self.records = records
         self.limiter = (
             RedisRateLimiter(config.redis_url, config.redis_prefix)
@@ -144,6 +143,11 @@ class Gateway:
             or self.challenge_scopes(server),
             resource_name=server,
         )
+
+    def allows_origin(self, origin: str) -> bool:
+        """Whether a page of ``origin`` (an ``Origin`` header) may call ``/mcp/``."""
+        normalized = normalized_origin(origin)
+        return normalized is not None and normalized in self.allowed_origins
 
     # -- decisions shared by every handler -------------------------------------------------------
 

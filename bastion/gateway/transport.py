@@ -23,7 +23,6 @@ from typing import TYPE_CHECKING, Any
 import anyio
 from starlette.types import Receive, Scope, Send
 
-from bastion.gateway.config import normalized_origin
 from bastion.gateway.enforce import Caller, StepUp
 from bastion.gateway.handlers import LEGACY_VERSIONS, MODERN_VERSIONS, Exchange, handler_for
 from bastion.gateway.jsonrpc import (
@@ -120,7 +119,7 @@ class StreamableHttpEndpoint:
         try:
             headers = _headers(scope)
             origin = headers.get("origin")
-            if origin is not None and normalized_origin(origin) not in self.gateway.allowed_origins:
+            if origin is not None and not self.gateway.allows_origin(origin):
                 # MCP's transport: a page of another origin (DNS rebinding) gets 403, whatever
                 # it sends; a request without Origin does not come from a page.
                 raise HttpError(
