@@ -411,6 +411,9 @@ class StdioUpstream(Upstream):
     async def _send_notification(self, message: dict[str, Any]) -> None:
         await self._write(message)
 
+    async def _lower_log_level(self, level: str) -> None:
+        """A log message over stdio names no request, so none is relayed: none is asked for."""
+
     def _abandon(self, request_id: Any, reason: str) -> None:
         process = self._process
         if process is None or process.stdin is None or process.returncode is not None:
