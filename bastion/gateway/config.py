@@ -3,6 +3,8 @@
 ```toml
 [gateway]
 public_url = "https://mcp.example.com"   # where clients reach bastion; default: the OAuth issuer
+allowed_origins = ["https://app.example.com"]   # browser pages that may call /mcp/ (default:
+                                          # the origin of public_url only)
 redis_url = "redis://127.0.0.1:6379/0"    # rate-limit counters shared by processes (optional;
                                           # redis+cluster://host:port for a Redis Cluster)
 
@@ -28,12 +30,20 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
 from bastion.gateway.ratelimit import CLUSTER_SCHEMES
 from bastion.server.config import ConfigError
 
-# Methods forwarded without a policy decision: they reveal nothing and change nothing.
-DEFAULT_PASS_METHODS = ("ping", "notifications/initialized", "notifications/cancelled")
+# Methods served beyond tools, resources and prompts, each decided as ``connect`` (completions
+# also as ``get`` of the prompt or ``read`` of the resource template they complete).
+DEFAULT_PASS_METHODS = (
+    "ping",
+    "notifications/initialized",
+    "notifications/cancelled",
+    "logging/setLevel",
+    "completion/complete",
+)
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
@@ -69,6 +79,9 @@ class GatewayConfig:
     redis_url: str = ""
     # Keys are "<redis_prefix>:ratelimit:...", so deployments can share one Redis.
     redis_prefix: str = "bastion"
+    # Origins (scheme://host[:port]) whose pages may send requests to /mcp/; empty: only the
+    # origin of the gateway's own public URL. A request with no Origin header is not a page's.
+    allowed_origins: tuple[str, ...] = ()
 
     def upstream(self, name: str) -> UpstreamConfig | None:
         for upstream in self.upstreams:
@@ -89,6 +102,7 @@ class GatewayConfig:
             "session_idle_seconds",
             "redis_url",
             "redis_prefix",
+            "allowed_origins",
         }
         _only(table, known, "gateway")
         upstreams = tuple(
@@ -113,8 +127,18 @@ class GatewayConfig:
         redis_prefix = table.get("redis_prefix", "bastion")
         if not isinstance(redis_prefix, str) or not _NAME.match(redis_prefix):
             raise ConfigError("gateway.redis_prefix: letters, digits, '.', '_' or '-'")
+        origins = table.get("allowed_origins", [])
+        if not isinstance(origins, list) or not all(
+            isinstance(o, str) and normalized_origin(o) == o.lower() for o in origins
+        ):
+            raise ConfigError(
+                "gateway.allowed_origins must be a list of origins such as"
+                ' "https://app.example.com" (scheme, host and port only; no path, no default'
+                f" port), got {origins!r}"
+            )
         return cls(
             upstreams=upstreams,
+            allowed_origins=tuple(o.lower() for o in origins),
             redis_url=redis_url,
             redis_prefix=redis_prefix,
             public_url=public_url,
@@ -122,6 +146,31 @@ class GatewayConfig:
             pass_methods=tuple(pass_methods),
             session_idle_seconds=float(_positive(table, "session_idle_seconds", 3600, "gateway")),
         )
+
+
+def normalized_origin(value: str) -> str | None:
+    """An HTTP(S) origin as browsers send it (RFC 6454: lowercase scheme and host, the port only
+    if it is not the scheme's default), or None if ``value`` is no such origin (``null``, a path,
+    credentials...)."""
+    try:
+        parts = urlsplit(value.strip())
+        port = parts.port
+    except ValueError:
+        return None
+    scheme, host = parts.scheme.lower(), (parts.hostname or "")
+    if (
+        scheme not in ("http", "https")
+        or not host
+        or parts.username is not None
+        or parts.path not in ("", "/")
+        or parts.query
+        or parts.fragment
+    ):
+        return None
+    if ":" in host:
+        host = f"[{host}]"
+    default = 443 if scheme == "https" else 80
+    return f"{scheme}://{host}" + (f":{port}" if port is not None and port != default else "")
 
 
 def _only(table: Mapping[str, Any], known: set[str], where: str) -> None:

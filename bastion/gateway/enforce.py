@@ -8,7 +8,9 @@ policy sees, asks `decide_chain` (every principal must be allowed), turns the an
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
+import secrets
 import threading
 import time
 from collections.abc import Callable
@@ -70,10 +72,22 @@ class Verdict:
 _canonical = json.JSONEncoder(sort_keys=True, separators=(",", ":"), default=str).encode
 
 
-def digest(arguments: Any) -> str:
-    if arguments is None:
-        return ""
-    return "sha256:" + hashlib.sha256(_canonical(arguments).encode()).hexdigest()
+class ArgumentDigest:
+    """The digest of a message's arguments in its decision record: HMAC-SHA256 under a key of
+    the deployment, so that a reader of the records cannot confirm a guess of small values (an
+    id, an address) by hashing it, and the same arguments still match across records, restarts
+    and replicas that share the key."""
+
+    def __init__(self, key: bytes) -> None:
+        # Keyed once: each digest copies this state (no key schedule per call).
+        self._keyed = hmac.new(key, digestmod=hashlib.sha256)
+
+    def __call__(self, arguments: Any) -> str:
+        if arguments is None:
+            return ""
+        mac = self._keyed.copy()
+        mac.update(_canonical(arguments).encode())
+        return "hmac-sha256:" + mac.hexdigest()
 
 
 def refused(target: str, decision_id: str, reason: str, **extra: Any) -> RpcError:
@@ -92,12 +106,15 @@ class Enforcer:
         records: DecisionRecords | None,
         limiter: RateLimiter | RedisRateLimiter | None = None,
         clock: Callable[[], float] = time.time,
+        digest_key: bytes | None = None,
     ) -> None:
         self.authorizer = authorizer
         self.records = records
         self.limiter = limiter or RateLimiter()
         self.clock = clock
         self.explained = Explained()
+        # Without a key of the deployment's, one of this process (digests match within it).
+        self.digest = ArgumentDigest(digest_key or secrets.token_bytes(32))
 
     def context(self, caller: Caller, server: str, method: str, **extra: Any) -> dict[str, Any]:
         return {
@@ -234,7 +251,7 @@ class Enforcer:
             "target": repr(resource),
             "principals": tuple(repr(p) for p in chain.principals),
             "result": result,
-            "arguments_digest": digest(arguments),
+            "arguments_digest": self.digest(arguments),
             "context": seen,
             "deciding_principal": repr(deciding),
             "rules": rules or (),

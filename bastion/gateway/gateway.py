@@ -17,10 +17,10 @@ from bastion.audit.decisions import DecisionRecords
 from bastion.decide import Authorizer
 from bastion.decide.contract import decide_chain
 from bastion.facts.model import Entity
-from bastion.gateway.config import GatewayConfig
+from bastion.gateway.config import GatewayConfig, normalized_origin
 from bastion.gateway.enforce import Caller, Enforcer, StepUp, refused
-from bastion.gateway.handlers import Exchange, Progress
-from bastion.gateway.jsonrpc import RpcError, notification
+from bastion.gateway.handlers import Exchange
+from bastion.gateway.jsonrpc import RpcError
 from bastion.gateway.metadata import WELL_KNOWN, ProtectedResourceMetadata, metadata_url
 from bastion.gateway.ratelimit import RateLimiter, RedisRateLimiter
 from bastion.gateway.sessions import (
@@ -31,7 +31,7 @@ from bastion.gateway.sessions import (
     may_read,
 )
 from bastion.gateway.transport import InFlight, StreamableHttpEndpoint, send_json
-from bastion.gateway.upstream import Upstream, open_upstream
+from bastion.gateway.upstream import Hear, Upstream, open_upstream
 from bastion.oauth.errors import InvalidToken
 from bastion.oauth.verifier import VerifiedTokens
 
@@ -89,21 +89,26 @@ class Gateway:
         authorizer: Callable[[], Authorizer],
         records: DecisionRecords | None,
         resource_scopes: Callable[[str], tuple[str, ...]] = lambda uri: (),
+        digest_key: bytes | None = None,
     ) -> None:
         self.config = config
         self.tokens = tokens
         self.issuer = issuer
         self.public_url = config.public_url or _origin(issuer)
+        # Pages of other origins may not call /mcp/ (DNS rebinding: MCP's transport, Security).
+        own = normalized_origin(_origin(self.public_url))
+        self.allowed_origins = frozenset(config.allowed_origins or ((own,) if own else ()))
         self.records = records
         self.limiter = (
             RedisRateLimiter(config.redis_url, config.redis_prefix)
             if config.redis_url
             else RateLimiter()
         )
-        self.enforcer = Enforcer(authorizer, records, self.limiter)
+        self.enforcer = Enforcer(authorizer, records, self.limiter, digest_key=digest_key)
         self.sessions = SessionTable(config.session_idle_seconds)
         self.resource_scopes = resource_scopes
-        self.progress_routes: dict[str, tuple[Progress, Any]] = {}
+        # bastion's progress token for a request -> where its progress goes (`Exchange.hear`)
+        self.progress_routes: dict[str, Hear] = {}
         # (server, user, agent, session id or None, the client's request id) -> its request
         self.in_flight: dict[tuple, InFlight] = {}
         # What bastion asked a client on an upstream's behalf: its id -> (the owner, as above
@@ -138,6 +143,11 @@ class Gateway:
             or self.challenge_scopes(server),
             resource_name=server,
         )
+
+    def allows_origin(self, origin: str) -> bool:
+        """Whether a page of ``origin`` (an ``Origin`` header) may call ``/mcp/``."""
+        normalized = normalized_origin(origin)
+        return normalized is not None and normalized in self.allowed_origins
 
     # -- decisions shared by every handler -------------------------------------------------------
 
@@ -178,10 +188,9 @@ class Gateway:
             params = message.get("params")
             params = params if isinstance(params, dict) else {}
             if method == "notifications/progress":
-                route = self.progress_routes.get(str(params.get("progressToken")))
-                if route is not None:
-                    send, token = route
-                    await send(notification(method, {**params, "progressToken": token}))
+                hear = self.progress_routes.get(str(params.get("progressToken")))
+                if hear is not None:
+                    await hear(message)
             elif method in LIST_CHANGED:
                 if method == "notifications/tools/list_changed":
                     state.forget_tools()

@@ -21,12 +21,15 @@ from bastion.gateway.enforce import Caller
 from bastion.gateway.jsonrpc import (
     INVALID_PARAMS,
     INVALID_REQUEST,
+    LOG_LEVELS,
     METHOD_NOT_FOUND,
     UPSTREAM_UNAVAILABLE,
     Message,
     RpcError,
+    notification,
 )
-from bastion.gateway.masks import compile_paths, mask_result
+from bastion.gateway.masks import Paths, compile_paths, mask_notification, mask_result
+from bastion.gateway.upstream import LOG_LEVEL, LOG_MESSAGE
 
 if TYPE_CHECKING:
     from bastion.gateway.gateway import Gateway, UpstreamState
@@ -72,7 +75,12 @@ class Exchange:
     emit: Emit | None = None
     # The 2025-11-25 session the request came in (None in 2026-07-28, and at initialize).
     session: Session | None = None
+    # The mask obligation on the result, once decided: also applied to what is relayed during
+    # the call (progress, log messages), and no request may go to the client under it.
+    masks: Paths = ()
     _context: dict[str, Any] | None = None
+    # The client's progress token, while its progress is relayed.
+    _progress_token: Any = None
 
     @property
     def server(self) -> str:
@@ -87,6 +95,41 @@ class Exchange:
             )
         return {**self._context, **extra} if extra else self._context
 
+    @property
+    def log_level(self) -> str | None:
+        """The level of log messages the client wants for this request, if any: its session's
+        (``logging/setLevel``, 2025-11-25) or the request's own (``_meta``, 2026-07-28)."""
+        if self.session is not None:
+            return self.session.log_level
+        meta = self.message.params.get("_meta")
+        level = meta.get(LOG_LEVEL) if isinstance(meta, dict) else None
+        return level if level in LOG_LEVELS else None
+
+    async def hear(self, message: dict[str, Any]) -> None:
+        """A notification the upstream sent about this request: relayed to its client, if it
+        asked for it (progress; a log message at its level or above), masked as the result is."""
+        if self.progress is None:
+            return
+        method = message.get("method")
+        params = message.get("params")
+        params = params if isinstance(params, dict) else {}
+        if method == "notifications/progress":
+            params = {**params, "progressToken": self._progress_token}
+        elif method == LOG_MESSAGE:
+            wanted, level = self.log_level, params.get("level")
+            if wanted is None or level not in LOG_LEVELS:
+                return
+            if LOG_LEVELS.index(level) < LOG_LEVELS.index(wanted):
+                return
+        else:
+            return
+        if self.masks:
+            masked = mask_notification(method, params, self.masks)
+            if masked is None:
+                return
+            params = masked
+        await self.progress(notification(method, params))
+
     async def forward(self, params: dict[str, Any] | None = None) -> dict[str, Any]:
         """Send this request upstream (bastion's own connection) and return its result."""
         params = dict(self.message.params if params is None else params)
@@ -99,7 +142,8 @@ class Exchange:
                 # Tokens are the client's; upstream they must be unique across all clients.
                 route = f"bastion-{next(_tokens)}"
                 meta["progressToken"] = route
-                self.gateway.progress_routes[route] = (self.progress, token)
+                self._progress_token = token
+                self.gateway.progress_routes[route] = self.hear
             elif token is not None:
                 meta.pop("progressToken")
             if meta:
@@ -112,9 +156,12 @@ class Exchange:
             if self.capabilities
             else None
         )
+        # Log messages only for a client that asked for them and reads the answer's stream.
+        level = self.log_level if self.progress is not None else None
+        logs: dict[str, Any] = {"log_level": level, "hear": self.hear} if level else {}
         try:
             response = await self.upstream.upstream.request(
-                self.message.method, params, capabilities=asks, ask=self._relay_request
+                self.message.method, params, capabilities=asks, ask=self._relay_request, **logs
             )
             for _ in range(_MAX_INPUT_ROUNDS):
                 result = _result(response)
@@ -123,7 +170,7 @@ class Exchange:
                 # A 2025-11-25 client: ask it each question, then retry for it.
                 params = {**params, **await self._answers(result)}
                 response = await self.upstream.upstream.request(
-                    self.message.method, params, capabilities=asks, ask=self._relay_request
+                    self.message.method, params, capabilities=asks, ask=self._relay_request, **logs
                 )
         finally:
             if route is not None:
@@ -161,7 +208,7 @@ class Exchange:
             modes = declared or {"form": {}}
             if not isinstance(mode, str) or mode not in modes:
                 raise RpcError(METHOD_NOT_FOUND, f"the client did not declare {mode!r} elicitation")
-        if self.notes.get("masks"):
+        if self.masks:
             # What would travel to the client cannot be masked field by field: fail closed.
             raise RpcError(
                 INVALID_REQUEST,
@@ -238,11 +285,15 @@ class Exchange:
         return retry
 
 
+class UpstreamError(RpcError):
+    """An error response from the upstream, relayed as it came (unless a mask applies)."""
+
+
 def _result(response: dict[str, Any]) -> dict[str, Any]:
-    """The result of an upstream's JSON-RPC response, or its error raised as `RpcError`."""
+    """The result of an upstream's JSON-RPC response, or its error raised as `UpstreamError`."""
     if "error" in response:
         error = response["error"] if isinstance(response["error"], dict) else {}
-        raise RpcError(
+        raise UpstreamError(
             int(error.get("code", -32603)),
             str(error.get("message", "upstream error")),
             error.get("data"),
@@ -251,10 +302,10 @@ def _result(response: dict[str, Any]) -> dict[str, Any]:
     return result if isinstance(result, dict) else {}
 
 
-def _name(params: dict[str, Any], key: str) -> str:
+def _name(params: dict[str, Any], key: str, where: str = "params") -> str:
     value = params.get(key)
     if not isinstance(value, str) or not value:
-        raise RpcError(INVALID_PARAMS, f"params.{key} must be a non-empty string", http_status=400)
+        raise RpcError(INVALID_PARAMS, f"{where}.{key} must be a non-empty string", http_status=400)
     return value
 
 
@@ -352,20 +403,29 @@ async def _decide_and_forward(
     verdict = await enforcer.decide(
         ex.caller, ex.server, ex.message.method, action, resource, ex.context(**extra), arguments
     )
-    ex.notes["masks"] = verdict.obligations.masks
+    ex.masks = compile_paths(verdict.obligations.masks)
     try:
         result = await ex.forward()
     except RpcError as e:
         enforcer.write(verdict.record, reason=f"upstream error {e.code}")
+        if ex.masks and isinstance(e, UpstreamError):
+            # Its message and data are the upstream's free text: they could name what is masked.
+            raise RpcError(e.code, WITHHELD_ERROR) from None
         raise
     except asyncio.CancelledError:
         enforcer.write(verdict.record, reason="cancelled by the client")
         raise
-    masked = mask_result(result, compile_paths(verdict.obligations.masks))
+    result, masked = mask_result(result, ex.masks, extra.get("uri"))
     obligations = dict(verdict.record["obligations"])
     obligations["masked_fields"] = masked
     enforcer.write(verdict.record, obligations=obligations)
     return result
+
+
+WITHHELD_ERROR = (
+    "the upstream answered with an error; its message is withheld by bastion because a field of"
+    " this result is masked"
+)
 
 
 async def call_tool(ex: Exchange) -> dict[str, Any]:
@@ -461,6 +521,64 @@ def _subscriber(ex: Exchange) -> Session:
     return ex.session
 
 
+async def set_log_level(ex: Exchange) -> dict[str, Any]:
+    """``logging/setLevel`` (2025-11-25), decided as ``connect``: the level of log messages this
+    session's client wants. bastion keeps it for that session and relays to it only what it asked
+    for; the upstream, shared by every client, is never set to one client's level as it is (see
+    `Upstream.request`)."""
+    if ex.session is None:
+        raise RpcError(
+            METHOD_NOT_FOUND,
+            "2026-07-28 has no logging/setLevel: ask for log messages in each request's"
+            f" _meta[{LOG_LEVEL!r}]",
+        )
+    level = ex.message.params.get("level")
+    if level not in LOG_LEVELS:
+        raise RpcError(
+            INVALID_PARAMS, f"params.level must be one of: {', '.join(LOG_LEVELS)}", http_status=400
+        )
+    await ex.upstream.upstream.ensure_started()
+    if "logging" not in (ex.upstream.upstream.init_result.get("capabilities") or {}):
+        raise RpcError(METHOD_NOT_FOUND, f"upstream {ex.server} does not offer logging")
+    await ex.gateway.admit(ex)
+    ex.session.log_level = level
+    return {}
+
+
+async def complete(ex: Exchange) -> dict[str, Any]:
+    """``completion/complete``, decided as ``connect`` and, since completions are values of
+    the thing completed, as ``get`` of the prompt or ``read`` of the resource template whose
+    argument it completes (its obligations included: a mask withholds the values)."""
+    params = ex.message.params
+    ref = params.get("ref")
+    argument = params.get("argument")
+    if not isinstance(ref, dict) or ref.get("type") not in ("ref/prompt", "ref/resource"):
+        raise RpcError(
+            INVALID_PARAMS,
+            "params.ref must be a ref/prompt (with name) or a ref/resource (with uri)",
+            http_status=400,
+        )
+    if not isinstance(argument, dict) or not isinstance(argument.get("name"), str):
+        raise RpcError(
+            INVALID_PARAMS, "params.argument must be an object with a name", http_status=400
+        )
+    context = params.get("context")
+    resolved = context.get("arguments") if isinstance(context, dict) else None
+    extra: dict[str, Any] = {
+        "argument": argument["name"],
+        "arguments": resolved if isinstance(resolved, dict) else {},
+    }
+    if ref["type"] == "ref/prompt":
+        name = _name(ref, "name", "params.ref")
+        action, resource = "get", Entity("Prompt", f"{ex.server}/{name}")
+        extra["prompt"] = name
+    else:
+        uri = _name(ref, "uri", "params.ref")
+        action, resource = "read", Entity("McpResource", f"{ex.server}/{uri}")
+        extra["uri"] = uri
+    return await _decide_and_forward(ex, action, resource, extra, argument)
+
+
 async def pass_through(ex: Exchange) -> dict[str, Any]:
     """Methods configured in ``gateway.pass_methods``: forwarded after the connect check."""
     await ex.gateway.admit(ex)
@@ -488,7 +606,16 @@ HANDLERS: dict[str, Callable[[Exchange], Awaitable[dict[str, Any]]]] = {
 }
 
 
+# Served when listed in ``gateway.pass_methods`` (they are by default), by these handlers.
+OFFERED: dict[str, Callable[[Exchange], Awaitable[dict[str, Any]]]] = {
+    "logging/setLevel": set_log_level,
+    "completion/complete": complete,
+}
+
+
 def handler_for(method: str, pass_methods: tuple[str, ...]):
     if method in HANDLERS:
         return HANDLERS[method]
-    return pass_through if method in pass_methods else unknown
+    if method in pass_methods:
+        return OFFERED.get(method, pass_through)
+    return unknown

@@ -28,6 +28,9 @@ UNSUPPORTED_PROTOCOL_VERSION = -32022
 
 RequestId = str | int
 
+# MCP's log levels (RFC 5424 severities), least severe first.
+LOG_LEVELS = ("debug", "info", "notice", "warning", "error", "critical", "alert", "emergency")
+
 # Compact JSON for every message bastion writes, with one encoder built once (``json.dumps``
 # with options builds a new encoder on every call).
 encode = json.JSONEncoder(separators=(",", ":")).encode

@@ -1,10 +1,27 @@
-"""The ``mask`` obligation: redact JSON paths of a result before it leaves bastion.
+"""The ``mask`` obligation: redact JSON paths of what a call sends back before it leaves bastion.
 
 A path is dot-separated keys; ``*`` stands for every element of a list or every key of an
 object: ``customers.*.email``. The JSONPath spellings ``$.customers[*].email`` and ``items[0]``
-mean the same. Masks apply to a tool's ``structuredContent`` and to every text item that holds
-JSON (tool content, resource contents, prompt messages). Text that is not JSON cannot be masked
-field by field, so it is withheld whole: a mask never fails open.
+mean the same.
+
+A mask never fails open. Under a mask, what goes back to the client is rebuilt from what MCP
+defines (schema 2025-11-25 and 2026-07-28), place by place, and each place is either masked
+field by field, because it holds JSON, or withheld whole:
+
+- masked field by field: ``structuredContent`` (an object or a list), the ``text`` of a text
+  block, of an embedded resource and of ``resources/read`` contents when it holds a JSON object
+  or list, and the ``data`` of a log message when it is one;
+- kept as they are, since they hold no free text: a block's ``type``, ``isError``,
+  ``resultType``, a message's ``role``, a MIME type, the ``annotations`` that are well formed
+  (``audience``, ``priority``, ``lastModified``), a progress notification's numbers, a log
+  message's level, and a resource's ``uri`` when it is the one the client asked for;
+- withheld whole: text that is not a JSON object or list, images, audio, blobs, resource links
+  (their URI, name and description are free text), any other URI, ``_meta`` at every level,
+  descriptions, a progress message, a logger's name, and anything MCP does not define (an
+  unknown content type, an unknown field).
+
+A content block that is withheld becomes a text block saying so, so the result keeps its shape.
+A call that no mask applies to is not touched (`mask_result` returns at once).
 """
 
 from __future__ import annotations
@@ -12,16 +29,35 @@ from __future__ import annotations
 import functools
 import json
 import re
+from collections.abc import Callable
 from typing import Any
+
+from bastion.gateway.jsonrpc import LOG_LEVELS
 
 MASKED = "[masked]"
 WITHHELD = "[withheld by bastion: a field of this result is masked and this text is not JSON]"
+WITHHELD_CONTENT = (
+    "[withheld by bastion: a field of this result is masked and this content cannot be masked"
+    " field by field]"
+)
+# Stands for a URI that cannot be shown (it could name what is masked); a valid URI.
+WITHHELD_URI = "bastion:withheld"
+
+Paths = tuple[tuple[str, ...], ...]
 
 _INDEX = re.compile(r"\[(\*|\d+)\]")
+_ROLES = frozenset({"user", "assistant"})
+_RESULT_TYPES = frozenset({"complete", "input_required", "incomplete"})
+_MIME_TYPE = re.compile(r"[A-Za-z0-9][\w.+-]{0,63}/[A-Za-z0-9][\w.+-]{0,63}")
+_TIMESTAMP = re.compile(
+    r"\d{4}-\d{2}-\d{2}(T\d{2}:\d{2}(:\d{2}(\.\d{1,9})?)?(Z|[+-]\d{2}:\d{2})?)?"
+)
+# Returned by a field's masker for a field to leave out.
+_DROP = object()
 
 
 @functools.lru_cache(maxsize=1024)
-def compile_paths(paths: tuple[str, ...]) -> tuple[tuple[str, ...], ...]:
+def compile_paths(paths: tuple[str, ...]) -> Paths:
     """Each path as its keys; compiled once per set of paths, as the policy names them."""
     return tuple(
         tuple(_INDEX.sub(r".\1", p.removeprefix("$").removeprefix(".")).split("."))
@@ -57,41 +93,203 @@ def _redact(value: Any, path: tuple[str, ...]) -> int:
     return count
 
 
-def _mask_text(item: dict[str, Any], paths: tuple[tuple[str, ...], ...]) -> int:
-    text = item.get("text")
+# A masker takes a field's value, the mask's paths and the URI the client asked for; it returns
+# the value to send (or ``_DROP`` to leave the field out) and how many places it changed.
+Masker = Callable[[Any, Paths, "str | None"], tuple[Any, int]]
+
+
+def _json(value: Any, paths: Paths, uri: str | None = None) -> tuple[Any, int]:
+    """A JSON object or list, masked in place; anything else is withheld (``_DROP``)."""
+    if isinstance(value, dict | list):
+        return value, sum(_redact(value, p) for p in paths)
+    return _DROP, 1
+
+
+def _text(text: Any, paths: Paths, uri: str | None = None) -> tuple[str, int]:
+    """Text that holds a JSON object or list, masked; any other text withheld."""
     if not isinstance(text, str):
-        return 0
+        return WITHHELD, 1
     try:
         data = json.loads(text)
     except ValueError:
-        item["text"] = WITHHELD
-        return 1
+        return WITHHELD, 1
     if not isinstance(data, dict | list):
-        item["text"] = WITHHELD
-        return 1
+        return WITHHELD, 1
     count = sum(_redact(data, p) for p in paths)
-    if count:
-        # Without indent: json's C encoder, not its pure-Python indenting one (10x slower).
-        item["text"] = json.dumps(data)
-    return count
+    # Written back only if changed; without indent: json's C encoder, not the indenting one.
+    return (json.dumps(data) if count else text), count
 
 
-def mask_result(result: dict[str, Any], paths: tuple[tuple[str, ...], ...]) -> int:
-    """Apply ``paths`` to an MCP result in place; return how many fields were changed."""
-    if not paths:
-        return 0
+def _rebuild(
+    item: dict[str, Any], fields: dict[str, Masker], paths: Paths, uri: str | None
+) -> tuple[dict[str, Any], int]:
+    """``item`` with only the ``fields`` MCP defines, each passed through its masker; every
+    other field (``_meta``, free text, anything unknown) is left out and counted."""
+    kept: dict[str, Any] = {}
     count = 0
-    structured = result.get("structuredContent")
-    if isinstance(structured, dict | list):
-        count += sum(_redact(structured, p) for p in paths)
-    for item in result.get("content") or ():
-        if isinstance(item, dict):
-            count += _mask_text(item, paths)
-    for item in result.get("contents") or ():  # resources/read
-        if isinstance(item, dict):
-            count += _mask_text(item, paths)
-    for message in result.get("messages") or ():  # prompts/get
-        content = message.get("content") if isinstance(message, dict) else None
-        if isinstance(content, dict):
-            count += _mask_text(content, paths)
-    return count
+    for key, value in item.items():
+        masker = fields.get(key)
+        if masker is None:
+            count += 1
+            continue
+        value, changed = masker(value, paths, uri)
+        count += changed
+        if value is not _DROP:
+            kept[key] = value
+    return kept, count
+
+
+def _as_is(value: Any, paths: Paths, uri: str | None) -> tuple[Any, int]:
+    return value, 0
+
+
+def _keep(check: Callable[[Any], bool]) -> Masker:
+    """A field kept as it is when ``check`` accepts it (it holds no free text), else left out."""
+    return lambda value, paths, uri: (value, 0) if check(value) else (_DROP, 1)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+_ANNOTATIONS: dict[str, Masker] = {
+    "audience": _keep(lambda a: isinstance(a, list) and all(r in _ROLES for r in a)),
+    "priority": _keep(lambda p: _is_number(p) and 0 <= p <= 1),
+    "lastModified": _keep(lambda t: isinstance(t, str) and _TIMESTAMP.fullmatch(t) is not None),
+}
+
+
+def _annotations(value: Any, paths: Paths, uri: str | None) -> tuple[Any, int]:
+    if not isinstance(value, dict):
+        return _DROP, 1
+    return _rebuild(value, _ANNOTATIONS, paths, uri)
+
+
+def _uri(value: Any, paths: Paths, uri: str | None) -> tuple[Any, int]:
+    """Only the URI the client asked for is shown; any other could name what is masked."""
+    return (value, 0) if uri is not None and value == uri else (WITHHELD_URI, 1)
+
+
+_MIME = _keep(lambda m: isinstance(m, str) and _MIME_TYPE.fullmatch(m) is not None)
+_TEXT_CONTENTS: dict[str, Masker] = {"uri": _uri, "mimeType": _MIME, "text": _text}
+_BLOB_CONTENTS: dict[str, Masker] = {"uri": _uri}
+
+
+def _resource_contents(item: Any, paths: Paths, uri: str | None) -> tuple[dict[str, Any], int]:
+    """Text or blob resource contents (``resources/read``, an embedded resource)."""
+    if not isinstance(item, dict):
+        return {"uri": WITHHELD_URI, "text": WITHHELD_CONTENT}, 1
+    if "text" in item:
+        kept, count = _rebuild(item, _TEXT_CONTENTS, paths, uri)
+    else:
+        # A blob (or no content MCP defines) cannot be masked field by field.
+        kept, count = _rebuild(item, _BLOB_CONTENTS, paths, uri)
+        kept["text"] = WITHHELD_CONTENT
+    kept.setdefault("uri", WITHHELD_URI)
+    return kept, count
+
+
+def _withheld_block() -> dict[str, Any]:
+    return {"type": "text", "text": WITHHELD_CONTENT}
+
+
+_TEXT_BLOCK: dict[str, Masker] = {"type": _as_is, "text": _text, "annotations": _annotations}
+_EMBEDDED_BLOCK: dict[str, Masker] = {
+    "type": _as_is,
+    "resource": _resource_contents,
+    "annotations": _annotations,
+}
+
+
+def _block(block: Any, paths: Paths, uri: str | None) -> tuple[dict[str, Any], int]:
+    """A content block: JSON text and embedded text resources are masked; every other block
+    (image, audio, resource link, a blob, a type MCP does not define) is withheld."""
+    if isinstance(block, dict):
+        kind = block.get("type")
+        if kind == "text" and "text" in block:
+            return _rebuild(block, _TEXT_BLOCK, paths, uri)
+        resource = block.get("resource")
+        if kind == "resource" and isinstance(resource, dict) and "text" in resource:
+            return _rebuild(block, _EMBEDDED_BLOCK, paths, uri)
+    return _withheld_block(), 1
+
+
+def _list_of(item: Masker) -> Masker:
+    def masked(value: Any, paths: Paths, uri: str | None) -> tuple[Any, int]:
+        if not isinstance(value, list):
+            return _DROP, 1
+        kept, count = [], 0
+        for element in value:
+            element, changed = item(element, paths, uri)
+            count += changed
+            if element is not _DROP:
+                kept.append(element)
+        return kept, count
+
+    return masked
+
+
+_PROMPT_MESSAGE: dict[str, Masker] = {"role": _as_is, "content": _block}
+
+
+def _prompt_message(message: Any, paths: Paths, uri: str | None) -> tuple[Any, int]:
+    if not isinstance(message, dict) or message.get("role") not in _ROLES:
+        return _DROP, 1
+    return _rebuild(message, _PROMPT_MESSAGE, paths, uri)
+
+
+def _no_completions(value: Any, paths: Paths, uri: str | None) -> tuple[Any, int]:
+    # completion/complete: the values complete what is masked, so none are given.
+    return {"values": [], "hasMore": False}, 1
+
+
+_RESULT: dict[str, Masker] = {
+    "content": _list_of(_block),
+    "structuredContent": _json,
+    "isError": _keep(lambda value: isinstance(value, bool)),
+    "contents": _list_of(_resource_contents),
+    "messages": _list_of(_prompt_message),
+    "resultType": _keep(lambda value: value in _RESULT_TYPES),
+    "completion": _no_completions,
+}
+
+
+def mask_result(
+    result: dict[str, Any], paths: Paths, uri: str | None = None
+) -> tuple[dict[str, Any], int]:
+    """The result of a ``tools/call``, ``resources/read``, ``prompts/get`` or
+    ``completion/complete`` under ``paths``, and how many places were masked or withheld.
+    ``uri``: the resource the client asked to read (shown where the result names it). Without
+    paths, ``result`` itself, untouched."""
+    if not paths:
+        return result, 0
+    return _rebuild(result, _RESULT, paths, uri)
+
+
+def _log_data(value: Any, paths: Paths, uri: str | None) -> tuple[Any, int]:
+    return _json(value, paths) if isinstance(value, dict | list) else (WITHHELD, 1)
+
+
+_NOTIFICATIONS: dict[str, dict[str, Masker]] = {
+    "notifications/progress": {
+        "progressToken": _as_is,
+        "progress": _keep(_is_number),
+        "total": _keep(_is_number),
+    },
+    "notifications/message": {
+        "level": _keep(lambda level: level in LOG_LEVELS),
+        "data": _log_data,
+    },
+}
+# Without these, a notification says nothing: it is withheld whole.
+_REQUIRED = {"notifications/progress": "progress", "notifications/message": "level"}
+
+
+def mask_notification(method: str, params: dict[str, Any], paths: Paths) -> dict[str, Any] | None:
+    """The params of a notification relayed during a call under ``paths`` (a progress
+    notification, a log message), or None to withhold it whole (anything else)."""
+    fields = _NOTIFICATIONS.get(method)
+    if fields is None:
+        return None
+    kept, _ = _rebuild(params, fields, paths, None)
+    return kept if _REQUIRED[method] in kept else None

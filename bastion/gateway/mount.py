@@ -12,6 +12,7 @@ from bastion.db import Database
 from bastion.decide import Authorizer
 from bastion.gateway.config import GatewayConfig
 from bastion.gateway.gateway import Gateway, route_path
+from bastion.oauth.keys import ARGUMENT_DIGEST_KEY, deployment_secret
 from bastion.oauth.verifier import VerifiedTokens
 from bastion.server.config import ConfigError, ServerConfig
 
@@ -49,6 +50,10 @@ def gateway_from_config(
         )
     gateway_config = GatewayConfig.from_mapping(config.gateway)
     settings = oauth.settings
+    try:
+        digest_key = deployment_secret(settings.key_dir, ARGUMENT_DIGEST_KEY)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"oauth.key_dir: {e}") from None
     records = DecisionRecords(Database(config.database))
     gateway = Gateway(
         gateway_config,
@@ -57,6 +62,7 @@ def gateway_from_config(
         authorizer=authorizer,
         records=records,
         resource_scopes=lambda uri: r.scopes if (r := settings.resource(uri)) else (),
+        digest_key=digest_key,
     )
     for name in gateway.upstreams:
         uri = gateway.resource(name)

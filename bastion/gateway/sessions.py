@@ -73,6 +73,9 @@ class Session:
     # The resources the client subscribed to (``resources/subscribe``), each allowed ``read``
     # when it did; their updates go on the GET stream, decided again each time.
     subscriptions: set[str] = field(default_factory=set)
+    # The level of log messages the client asked for (``logging/setLevel``): its own, kept
+    # here, never the upstream's for everyone. None: no log messages.
+    log_level: str | None = None
     # The standing GET stream, while one is open.
     listener: Listener | None = None
     closed: bool = False

@@ -117,9 +117,20 @@ class StreamableHttpEndpoint:
         """Answer one HTTP request (ASGI) for the upstream named ``server``."""
         upstream = self.gateway.upstreams.get(server)
         try:
+            headers = _headers(scope)
+            origin = headers.get("origin")
+            if origin is not None and not self.gateway.allows_origin(origin):
+                # MCP's transport: a page of another origin (DNS rebinding) gets 403, whatever
+                # it sends; a request without Origin does not come from a page.
+                raise HttpError(
+                    403,
+                    RpcError(
+                        INVALID_REQUEST,
+                        f"requests from the origin {origin[:100]!r} are not allowed",
+                    ).body(None),
+                )
             if upstream is None:
                 raise HttpError(404, {"error": f"no MCP server named {server!r} behind bastion"})
-            headers = _headers(scope)
             caller = await self._authenticate(server, headers, scope)
             method = scope["method"]
             if method == "POST":
@@ -316,7 +327,12 @@ class StreamableHttpEndpoint:
         # cost one timer.
         key = (*owner, message.id)
         flight = gateway.in_flight[key] = InFlight(asyncio.current_task())
-        progress = wants_events and isinstance(meta, dict) and "progressToken" in meta
+        # Answered as events once the upstream reports progress or a log message the client
+        # asked for (at its level: its session's in 2025-11-25, the request's in 2026-07-28).
+        progress = wants_events and (
+            (isinstance(meta, dict) and "progressToken" in meta)
+            or (exchange.log_level is not None and message.method not in _ANSWERED_WHOLE)
+        )
         early = wants_events and not progress and message.method not in _ANSWERED_WHOLE
         timer = asyncio.get_running_loop().call_later(
             _WATCH_AFTER, flight.watch, receive, send if early else None, response_headers

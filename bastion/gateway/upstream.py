@@ -2,11 +2,17 @@
 
 bastion talks to each upstream as one client of its own, whatever era its own clients use: over
 HTTP in 2026-07-28 when the upstream answers ``server/discover`` (no session, one POST per
-request), else in 2025-11-25, which every server speaks; over stdio in 2025-11-25. Requests of all clients share that one
-connection; ids are bastion's. The client's token never travels upstream: an HTTP upstream gets
-only the headers configured for it. A request an HTTP upstream sends on the stream of one of
-bastion's requests (sampling, elicitation, roots) goes to that request's ``ask``; any other
-(over stdio, on a standing stream) names no client and is answered with an error.
+request), else in 2025-11-25, which every server speaks; over stdio in 2025-11-25. Requests of
+all clients share that one connection; ids are bastion's. The client's token never travels
+upstream: an HTTP upstream gets only the headers configured for it. A request an HTTP upstream
+sends on the stream of one of bastion's requests (sampling, elicitation, roots) goes to that
+request's ``ask``, and a log message sent there to its ``hear``; any other (over stdio, on a
+standing stream) names no client: a request is answered with an error, a log message dropped.
+
+Log levels belong to each client, not to the connection they share: a 2026-07-28 upstream is
+told the level of the client behind each request (``_meta``), and a 2025-11-25 upstream, whose
+level is one for the whole connection, is asked (``logging/setLevel``) for the most detailed
+level any client wants; bastion then relays each message only to a client that wants its level.
 """
 
 from __future__ import annotations
@@ -24,7 +30,13 @@ from typing import Any
 
 from bastion.gateway.config import UpstreamConfig
 from bastion.gateway.http1 import MAX_MESSAGE, Http1Client, HttpClientError, Response
-from bastion.gateway.jsonrpc import METHOD_NOT_FOUND, UPSTREAM_UNAVAILABLE, RpcError, encode
+from bastion.gateway.jsonrpc import (
+    LOG_LEVELS,
+    METHOD_NOT_FOUND,
+    UPSTREAM_UNAVAILABLE,
+    RpcError,
+    encode,
+)
 
 log = logging.getLogger("bastion.gateway.upstream")
 
@@ -37,6 +49,11 @@ Notify = Callable[[dict[str, Any]], Awaitable[None]]
 # Relays a request the upstream sent while answering one of bastion's to the client that sent
 # that one; returns the client's JSON-RPC response.
 Ask = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
+# Takes a notification the upstream sent on the stream of one of bastion's requests (a log
+# message), for the client that sent that request.
+Hear = Callable[[dict[str, Any]], Awaitable[None]]
+LOG_MESSAGE = "notifications/message"
+LOG_LEVEL = "io.modelcontextprotocol/logLevel"
 
 MODERN_VERSION = "2026-07-28"
 _CAPABILITIES = "io.modelcontextprotocol/clientCapabilities"
@@ -75,6 +92,10 @@ class Upstream(abc.ABC):
         self._started = False
         # The resources whose updates bastion asked for (it never asks the upstream to stop).
         self._watched: frozenset[str] = frozenset()
+        # Whether requests carry the 2026-07-28 envelope (and a log level each).
+        self._modern = False
+        # The log level this connection was set to (2025-11-25: one for every client).
+        self._log_level: str | None = None
 
     async def ensure_started(self) -> None:
         if self._started:
@@ -91,19 +112,28 @@ class Upstream(abc.ABC):
         *,
         capabilities: dict[str, Any] | None = None,
         ask: Ask | None = None,
+        log_level: str | None = None,
+        hear: Hear | None = None,
     ) -> dict[str, Any]:
         """Send one request; return the upstream's JSON-RPC response (with result or error).
 
         ``capabilities``: what the client behind this request declared (sampling, elicitation,
         roots), told to a 2026-07-28 upstream. ``ask``: where requests the upstream sends while
-        answering this one go (else they are refused)."""
+        answering this one go (else they are refused). ``log_level``: the level of log messages
+        that client wants, if any; ``hear`` takes those the upstream sends about this request."""
         await self.ensure_started()
         message: dict[str, Any] = {"jsonrpc": "2.0", "id": next(self._ids), "method": method}
+        if log_level is not None:
+            if self._modern:
+                params = dict(params or {})
+                params["_meta"] = {**(params.get("_meta") or {}), LOG_LEVEL: log_level}
+            else:
+                await self._lower_log_level(log_level)
         if params is not None:
             message["params"] = params
         try:
             async with asyncio.timeout(self.config.timeout):  # no task per call, as wait_for has
-                return await self._exchange(message, capabilities=capabilities, ask=ask)
+                return await self._exchange(message, capabilities=capabilities, ask=ask, hear=hear)
         except asyncio.CancelledError:
             # Its client cancelled or went away: the upstream may stop working on it.
             self._abandon(message["id"], "the client cancelled the request")
@@ -156,6 +186,37 @@ class Upstream(abc.ABC):
                     f" {response['error']}",
                 )
 
+    async def _lower_log_level(self, level: str) -> None:
+        """2025-11-25: ask the upstream for log messages down to ``level`` if it was asked for
+        less (one level for the whole connection: the most detailed any client wants; bastion
+        filters per client). Two clients may ask at once, harmlessly."""
+        known = self._log_level
+        if known is not None and LOG_LEVELS.index(level) >= LOG_LEVELS.index(known):
+            return
+        if "logging" not in (self.init_result.get("capabilities") or {}):
+            return
+        message = {
+            "jsonrpc": "2.0",
+            "id": next(self._ids),
+            "method": "logging/setLevel",
+            "params": {"level": level},
+        }
+        try:
+            async with asyncio.timeout(self.config.timeout):
+                response = await self._exchange(message)
+        except TimeoutError:
+            raise RpcError(
+                UPSTREAM_UNAVAILABLE, f"upstream {self.name} did not answer logging/setLevel"
+            ) from None
+        if "error" in response:
+            log.warning(
+                "upstream %s refused logging/setLevel %s: %s", self.name, level, response["error"]
+            )
+        current = self._log_level
+        # Remembered even if refused: asked once per level, not again on every call.
+        if current is None or LOG_LEVELS.index(level) < LOG_LEVELS.index(current):
+            self._log_level = level
+
     async def _subscribe_again(self) -> None:
         """After a (re)connection: the upstream forgot what bastion subscribed to."""
         try:
@@ -189,6 +250,7 @@ class Upstream(abc.ABC):
                 f"upstream {self.name} refused initialize: {response.get('error')}",
             )
         self.init_result = response["result"]
+        self._log_level = None  # a new connection: its level is the upstream's default again
         await self._send_notification({"jsonrpc": "2.0", "method": "notifications/initialized"})
 
     async def _deliver(self, message: dict[str, Any]) -> None:
@@ -215,6 +277,7 @@ class Upstream(abc.ABC):
         *,
         capabilities: dict[str, Any] | None = None,
         ask: Ask | None = None,
+        hear: Hear | None = None,
     ) -> dict[str, Any]:
         """Send one request; return the response with its id."""
 
@@ -334,8 +397,10 @@ class StdioUpstream(Upstream):
         *,
         capabilities: dict[str, Any] | None = None,
         ask: Ask | None = None,
+        hear: Hear | None = None,
     ) -> dict[str, Any]:
-        # A request the server sends back over stdio names no request of ours: never relayed.
+        # A request or a log message the server sends over stdio names no request of ours:
+        # never relayed.
         future = asyncio.get_running_loop().create_future()
         self._pending[message["id"]] = future
         try:
@@ -346,6 +411,9 @@ class StdioUpstream(Upstream):
 
     async def _send_notification(self, message: dict[str, Any]) -> None:
         await self._write(message)
+
+    async def _lower_log_level(self, level: str) -> None:
+        """A log message over stdio names no request, so none is relayed: none is asked for."""
 
     def _abandon(self, request_id: Any, reason: str) -> None:
         process = self._process
@@ -388,7 +456,6 @@ class HttpUpstream(Upstream):
         self._http = Http1Client(config.url, connect_timeout=min(10.0, config.timeout))
         self._session_id: str | None = None
         self._protocol_version: str | None = None
-        self._modern = False
         self._watcher: asyncio.Task | None = None
         # Set once the current notification stream is open (or the upstream has none).
         self._opened = asyncio.Event()
@@ -476,6 +543,7 @@ class HttpUpstream(Upstream):
         *,
         capabilities: dict[str, Any] | None = None,
         ask: Ask | None = None,
+        hear: Hear | None = None,
         retry: bool = True,
     ) -> dict[str, Any]:
         response = await self._post(message, capabilities)
@@ -485,7 +553,7 @@ class HttpUpstream(Upstream):
                 response.close()
                 await self._connect()
                 return await self._exchange(
-                    message, capabilities=capabilities, ask=ask, retry=False
+                    message, capabilities=capabilities, ask=ask, hear=hear, retry=False
                 )
             if message.get("method") == "initialize" and "mcp-session-id" in response.headers:
                 self._session_id = response.headers["mcp-session-id"]
@@ -497,7 +565,7 @@ class HttpUpstream(Upstream):
                     f"upstream {self.name} answered HTTP {response.status_code}: {text}",
                 )
             if _is_event_stream(response):
-                return await self._from_events(response, message["id"], ask)
+                return await self._from_events(response, message["id"], ask, hear)
             data = json.loads(await response.read())
             if not isinstance(data, dict):
                 raise RpcError(UPSTREAM_UNAVAILABLE, f"upstream {self.name} sent a non-object")
@@ -521,7 +589,7 @@ class HttpUpstream(Upstream):
         task.add_done_callback(_log_failure)
 
     async def _from_events(
-        self, response: Response, request_id: Any, ask: Ask | None = None
+        self, response: Response, request_id: Any, ask: Ask | None = None, hear: Hear | None = None
     ) -> dict[str, Any]:
         """The answer to ``request_id`` from its event stream, relaying what comes before it.
 
@@ -539,6 +607,12 @@ class HttpUpstream(Upstream):
                         await self._send_notification(
                             {**answer, "jsonrpc": "2.0", "id": message["id"]}
                         )
+                    elif (
+                        hear is not None
+                        and message.get("method") == LOG_MESSAGE
+                        and "id" not in message
+                    ):
+                        await hear(message)
                     elif "method" in message:
                         await self._from_server(message)
                     elif message.get("id") == request_id:
@@ -722,8 +796,10 @@ def _is_event_stream(response: Response) -> bool:
 
 async def _events(response: Response, stream: EventStream | None = None):
     """The JSON-RPC messages of a text/event-stream body (objects only); an event larger than
-    `MAX_MESSAGE` is an `HttpClientError`, one that is not JSON is skipped. ``stream`` follows
-    the ``id`` and ``retry`` fields, as the SSE standard reads them."""
+    `MAX_MESSAGE` is an `HttpClientError`, one that is not JSON is skipped (with a warning). An
+    event with empty data is skipped silently: SDK servers open each stream with one (a priming
+    event, which only carries the id to resume from, as the 2025-11-25 transport allows).
+    ``stream`` follows the ``id`` and ``retry`` fields, as the SSE standard reads them."""
     data: list[str] = []
     size = 0
     event_id: str | None = None
@@ -750,6 +826,8 @@ async def _events(response: Response, stream: EventStream | None = None):
         if not data:
             continue
         text, data, size = "\n".join(data), [], 0
+        if not text.strip():
+            continue
         try:
             message = json.loads(text)
         except ValueError:

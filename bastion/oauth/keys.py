@@ -5,12 +5,18 @@ Private keys are PEM files (mode 0600) under ``key_dir``; the database holds onl
 each key's life: the newest key signs, and a retired key stays published until every token it
 signed has expired, so rotation never invalidates a token early. Private keys are never put in a
 JWKS, a log line or an error message.
+
+The same directory keeps the deployment's other secrets (`deployment_secret`): random values made
+once, which every replica sharing ``key_dir`` shares, such as the key of the gateway's argument
+digests.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import secrets
 from collections.abc import Callable
 from pathlib import Path
 
@@ -19,6 +25,9 @@ from joserfc.jwk import ECKey, KeySet
 from bastion.oauth.store import OAuthStore
 
 ALGORITHM = "ES256"
+# The HMAC key of the argument digests in decision records (`bastion.gateway.enforce`).
+ARGUMENT_DIGEST_KEY = "argument-digest.key"
+_SECRET_BYTES = 32
 _RELOAD_SECONDS = 60
 
 
@@ -106,3 +115,34 @@ class KeyRing:
                     {k: v for k, v in jwk.items() if k not in ("d", "p", "q", "dp", "dq", "qi")}
                 )
         return {"keys": keys}
+
+
+def deployment_secret(key_dir: str | os.PathLike, name: str) -> bytes:
+    """The secret ``name`` of this deployment: 32 random bytes kept as hex in ``key_dir/name``
+    (mode 0600), made on first use and read after, so it outlives restarts and every replica
+    sharing ``key_dir`` has the same. `ValueError` if the file holds no such secret."""
+    directory = Path(key_dir)
+    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    path = directory / name
+    if not path.exists():
+        # Made whole or not at all, whoever comes first: written to a file of its own, then
+        # linked in place (a link fails if another replica made it meanwhile; theirs is kept).
+        draft = directory / f".{name}.{secrets.token_hex(8)}"
+        fd = os.open(draft, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            with os.fdopen(fd, "w") as out:
+                out.write(secrets.token_hex(_SECRET_BYTES) + "\n")
+            with contextlib.suppress(FileExistsError):
+                os.link(draft, path)
+        finally:
+            draft.unlink()
+    try:
+        secret = bytes.fromhex(path.read_text().strip())
+    except ValueError:
+        secret = b""
+    if len(secret) < _SECRET_BYTES:
+        raise ValueError(
+            f"{path} must hold a secret of {_SECRET_BYTES} bytes as hex (64 hex digits);"
+            " remove it to have a new one made"
+        )
+    return secret

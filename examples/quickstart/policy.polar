@@ -44,6 +44,7 @@ resource Prompt {
 }
 
 declare has_attribute(McpResource, String, String);
+declare has_attribute(Tool, String, String);
 declare blocked(Agent);
 
 allow(actor, action, resource) if has_permission(actor, action, resource);
@@ -87,28 +88,51 @@ allow(agent: Agent, action, prompt: Prompt) if
 requires_scope("call", _tool: Tool, "customers:write") if
   context.annotations.destructiveHint = true;
 
-mask(user: User, "call", tool: Tool, "customers.*.email") if
+# Customer emails are for admins: masked in whatever a non-admin gets customer records from,
+# a tool or a resource alike (each labelled in desk.facts with the data it holds).
+mask(user: User, action, resource, "customers.*.email") if
+  action in ["call", "read", "get"] and
+  has_attribute(resource, "holds", "customers") and
+  has_relation(resource, "server", server) and
+  not has_role(user, "admin", server);
+
+# A mask redacts what comes back; it does not stop a value being used as input. Searching by
+# email would confirm a guessed address (one customer found, or none), so non-admins may not.
+deny(user: User, "call", tool: Tool) if
   context.tool = "search_customers" and
+  context.arguments.field = "email" and
   has_relation(tool, "server", server) and
   not has_role(user, "admin", server);
 
+# Limits compose: every principal's limit applies, each counted on its own, so the lowest wins.
+# Each agent (OAuth client) sends at most 5 emails a minute, and a user at most 8 across all their
+# agents: registering another client buys no more.
 rate_limit(_agent: Agent, "call", _tool: Tool, 5, 60) if
   context.annotations.openWorldHint = true;
+rate_limit(_user: User, "call", _tool: Tool, 8, 60) if
+  context.annotations.openWorldHint = true;
 
-test "support agents search with emails masked, cannot delete, email in business hours" {
+test "support agents see emails masked, cannot search by email or delete, email in business hours" {
   setup {
     has_role(User{"sam"}, "member", Team{"support"});
     has_relation(McpServer{"desk"}, "team", Team{"support"});
     has_relation(Tool{"desk/search_customers"}, "server", McpServer{"desk"});
     has_relation(Tool{"desk/delete_customer"}, "server", McpServer{"desk"});
     has_relation(Tool{"desk/send_email"}, "server", McpServer{"desk"});
+    has_relation(McpResource{"desk/customers://directory"}, "server", McpServer{"desk"});
+    has_attribute(Tool{"desk/search_customers"}, "holds", "customers");
+    has_attribute(McpResource{"desk/customers://directory"}, "holds", "customers");
   }
   assert allow(User{"sam"}, "connect", McpServer{"desk"});
+  assert mask(User{"sam"}, "read", McpResource{"desk/customers://directory"}, "customers.*.email");
   assert allow(User{"sam"}, "list", Tool{"desk/delete_customer"});
   assert allow(User{"sam"}, "call", Tool{"desk/search_customers"})
     with context {annotations: {readOnlyHint: true}};
   assert mask(User{"sam"}, "call", Tool{"desk/search_customers"}, "customers.*.email")
     with context {tool: "search_customers"};
+  assert_not allow(User{"sam"}, "call", Tool{"desk/search_customers"})
+    with context {tool: "search_customers", annotations: {readOnlyHint: true},
+                  arguments: {query: "ada@", field: "email"}};
   assert_not allow(User{"sam"}, "call", Tool{"desk/delete_customer"})
     with context {annotations: {destructiveHint: true}};
   # Monday 2026-11-30, 10:00 in Paris (09:00 UTC); then 20:00 in Paris; then a Sunday.
@@ -127,6 +151,7 @@ test "admins delete, see emails and read internal notes; others do not" {
     has_relation(McpServer{"desk"}, "team", Team{"support"});
     has_relation(Tool{"desk/delete_customer"}, "server", McpServer{"desk"});
     has_relation(Tool{"desk/search_customers"}, "server", McpServer{"desk"});
+    has_attribute(Tool{"desk/search_customers"}, "holds", "customers");
     has_relation(McpResource{"desk/customers://audit-notes"}, "server", McpServer{"desk"});
     has_attribute(McpResource{"desk/customers://audit-notes"}, "audience", "admin");
   }
@@ -136,6 +161,9 @@ test "admins delete, see emails and read internal notes; others do not" {
     with context {annotations: {destructiveHint: true}};
   assert_not mask(User{"avery"}, "call", Tool{"desk/search_customers"}, "customers.*.email")
     with context {tool: "search_customers"};
+  assert allow(User{"avery"}, "call", Tool{"desk/search_customers"})
+    with context {tool: "search_customers", annotations: {readOnlyHint: true},
+                  arguments: {query: "ada@", field: "email"}};
   assert allow(User{"avery"}, "read", McpResource{"desk/customers://audit-notes"});
   assert_not allow(User{"sam"}, "list", McpResource{"desk/customers://audit-notes"});
 }

@@ -12,6 +12,7 @@ import argparse
 import json
 import os
 import sys
+from typing import Literal
 
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.types import ToolAnnotations
@@ -33,11 +34,11 @@ def trace(kind: str, **detail) -> None:
 
 
 @server.tool(annotations=ToolAnnotations(readOnlyHint=True))
-def search_customers(query: str = "") -> dict:
-    """Find customers whose name or email contains the query."""
-    trace("search_customers", query=query)
+def search_customers(query: str = "", field: Literal["name", "email"] = "name") -> dict:
+    """Find customers whose name (or, with field "email", whose email) contains the query."""
+    trace("search_customers", query=query, field=field)
     q = query.lower()
-    found = [c for c in CUSTOMERS if q in c["name"].lower() or q in c["email"].lower()]
+    found = [c for c in CUSTOMERS if q in c[field].lower()]
     return {"customers": found}
 
 
@@ -61,6 +62,12 @@ async def send_email(to: str, subject: str, body: str, ctx: Context) -> str:
 def plans() -> str:
     """The plans customers can be on."""
     return json.dumps({"plans": ["team", "enterprise"]})
+
+
+@server.resource("customers://directory", mime_type="application/json")
+def directory() -> str:
+    """Every customer, with their email."""
+    return json.dumps({"customers": CUSTOMERS})
 
 
 @server.resource("customers://audit-notes", mime_type="text/plain")

@@ -1,31 +1,46 @@
 """An MCP server for the gateway's transport tests, written with the official MCP Python SDK.
 
 Its lists change (it says so on request), it sends resource updates (and takes
-``resources/subscribe``), it takes its time (and notes when a call is cancelled), and it asks
-the client for input (elicitation, sampling). Over stdio by default; the tests also serve
-``server.streamable_http_app()`` in-process. Set ``LAB_TRACE`` to a file path to append what
-happened, one JSON per line.
+``resources/subscribe``), it takes its time (and notes when a call is cancelled), it asks
+the client for input (elicitation, sampling), it logs (and takes ``logging/setLevel``), it
+completes arguments, and it leaks `SECRET` through every place of a result and of the
+notifications of a call that MCP defines, and some it does not (``leak*``: the tests' policy
+masks them). Over stdio by default; the tests also serve ``server.streamable_http_app()``
+in-process. Set ``LAB_TRACE`` to a file path to append what happened, one JSON per line.
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 from typing import Annotated
 
 import anyio
 from mcp.server.mcpserver import Context, MCPServer
+from mcp.server.mcpserver.prompts.base import AssistantMessage, UserMessage
 from mcp.server.mcpserver.resolve import Elicit, Resolve, Sample
+from mcp.shared.exceptions import MCPError
 from mcp.types import (
+    Annotations,
+    AudioContent,
+    BlobResourceContents,
     CallToolResult,
+    Completion,
     ElicitRequest,
     ElicitRequestFormParams,
     ElicitRequestURLParams,
+    EmbeddedResource,
     EmptyResult,
+    ImageContent,
     InputRequiredResult,
+    PromptReference,
+    ResourceLink,
     SamplingMessage,
+    SetLevelRequestParams,
     SubscribeRequestParams,
     TextContent,
+    TextResourceContents,
     ToolAnnotations,
 )
 from pydantic import BaseModel
@@ -146,6 +161,146 @@ def secret_note() -> str:
 @server.prompt()
 def hello() -> str:
     return "Say hello."
+
+
+# What a mask must never let out: the address, and its base64 (as a blob or an image carries it).
+SECRET = "ada@example.com"
+SECRET_B64 = base64.b64encode(SECRET.encode()).decode()
+CUSTOMERS = {"customers": [{"name": "Ada", "email": SECRET}]}
+
+
+def _leaky_blocks() -> list:
+    """A content block of each kind MCP defines, each carrying SECRET."""
+    meta = {"com.example/raw": SECRET}
+    return [
+        TextContent(type="text", text=json.dumps(CUSTOMERS), _meta=meta),
+        TextContent(type="text", text=f"Ada <{SECRET}>"),
+        ImageContent(type="image", data=SECRET_B64, mime_type="image/png"),
+        AudioContent(type="audio", data=SECRET_B64, mime_type="audio/wav"),
+        ResourceLink(type="resource_link", uri=f"mailto:{SECRET}", name="ada", description=SECRET),
+        EmbeddedResource(
+            type="resource",
+            resource=TextResourceContents(uri=f"customers://{SECRET}", text=SECRET, _meta=meta),
+            annotations=Annotations(audience=["user"], last_modified=SECRET),
+        ),
+        EmbeddedResource(
+            type="resource",
+            resource=BlobResourceContents(uri="customers://ada.bin", blob=SECRET_B64),
+        ),
+    ]
+
+
+@server.tool(annotations=READ_ONLY)
+async def leak(ctx: Context) -> CallToolResult:
+    """Leak SECRET through every content block, _meta, progress and log messages."""
+    await ctx.report_progress(1, 2, f"looking up {SECRET}")
+    await ctx.log("info", f"found {SECRET}", logger_name=SECRET)
+    await ctx.log("info", CUSTOMERS)
+    await ctx.report_progress(2, 2, f"done with {SECRET}")
+    return CallToolResult(
+        content=_leaky_blocks(),
+        structured_content=CUSTOMERS,
+        _meta={"com.example/raw": SECRET},
+    )
+
+
+@server.tool(annotations=READ_ONLY)
+async def leak_raw() -> CallToolResult:
+    """Answered by `_raw` below, with shapes the SDK would not let a tool return."""
+    raise NotImplementedError
+
+
+@server.tool(annotations=READ_ONLY)
+async def leak_error() -> CallToolResult:
+    """Answered by `_raw` below: a JSON-RPC error whose message and data carry SECRET."""
+    raise NotImplementedError
+
+
+async def _raw(ctx, call_next):
+    """Results no SDK model allows: an unknown content type, unknown fields, a bare string."""
+    params = ctx.params or {}
+    if ctx.method == "tools/call" and params.get("name") == "leak_error":
+        raise MCPError(-32602, f"no customer {SECRET}", {"email": SECRET})
+    if ctx.method == "tools/call" and params.get("name") == "leak_raw":
+        return {
+            "content": [
+                {"type": "hologram", "text": SECRET},
+                {"type": "text", "text": json.dumps(CUSTOMERS), "note": SECRET},
+                SECRET,
+            ],
+            "structuredContent": SECRET,
+            "isError": SECRET,
+            "task": {"taskId": "t1", "status": "working", "statusMessage": SECRET},
+            "resultType": SECRET,
+            "somethingNew": {"email": SECRET},
+        }
+    if ctx.method == "resources/read" and params.get("uri") == "lab://leaky-raw":
+        return {
+            "contents": [
+                {"uri": "lab://leaky-raw", "text": json.dumps(CUSTOMERS), "_meta": {"x": SECRET}},
+                {"uri": f"lab://{SECRET}", "mimeType": f"text/{SECRET}", "text": "{}"},
+                {"uri": "lab://leaky-raw", "video": SECRET},
+            ],
+            "_meta": {"com.example/raw": SECRET},
+        }
+    return await call_next(ctx)
+
+
+server._lowlevel_server.middleware.append(_raw)
+
+
+@server.resource("lab://leaky", mime_type="text/plain")
+def leaky_note() -> str:
+    return f"write to {SECRET}"
+
+
+@server.resource("lab://leaky-blob", mime_type="application/octet-stream")
+def leaky_blob() -> bytes:
+    return SECRET.encode()
+
+
+@server.resource("lab://leaky-raw", mime_type="application/json")
+def leaky_raw() -> str:
+    return "answered by _raw"
+
+
+@server.prompt(description=f"Write to {SECRET}")
+def leaky() -> list:
+    return [UserMessage(content=block) for block in _leaky_blocks()] + [
+        AssistantMessage(content=f"Dear {SECRET}")
+    ]
+
+
+@server.tool(annotations=READ_ONLY)
+async def chatter(ctx: Context) -> str:
+    """Log one message at each of four levels."""
+    for level in ("debug", "info", "warning", "error"):
+        await ctx.log(level, f"{level} message", logger_name="lab")
+    return "said it all"
+
+
+async def set_level(ctx, params: SetLevelRequestParams) -> EmptyResult:
+    """logging/setLevel: noted (the tests check what bastion asks of a shared upstream). Like
+    the SDK's own servers (2025-11-25), it then sends whatever is logged."""
+    trace("set-level", tag=params.level)
+    return EmptyResult()
+
+
+server._lowlevel_server.add_request_handler("logging/setLevel", SetLevelRequestParams, set_level)
+
+
+@server.completion()
+async def complete(ref, argument, context):
+    """Completions of the argument ``name`` of the prompt ``greeting``; of anything else, none."""
+    if isinstance(ref, PromptReference) and ref.name == "greeting" and argument.name == "name":
+        names = ["Ada", "Alan", "Grace"]
+        return Completion(values=[n for n in names if n.startswith(argument.value)])
+    return Completion(values=[SECRET])
+
+
+@server.prompt()
+def greeting(name: str) -> str:
+    return f"Say hello to {name}."
 
 
 async def subscribe(ctx, params: SubscribeRequestParams) -> EmptyResult:

@@ -59,6 +59,14 @@ def events(response):
             data = []
 
 
+def messages(response) -> list[dict]:
+    """The JSON-RPC messages of an answer, whether it came as JSON or (taking longer, or with
+    notifications first) as an event stream; the response is the last."""
+    if response.headers["content-type"].startswith("text/event-stream"):
+        return list(events(response))
+    return [response.json()]
+
+
 def first_event(frames, trigger, attempts: int = 20) -> dict:
     """The first message of ``frames`` (from `events`), calling ``trigger()`` until one comes.
 

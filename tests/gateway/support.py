@@ -23,6 +23,7 @@ import httpx
 import httpx2
 from mcp.client.client import Client as McpClient
 from mcp.client.streamable_http import streamable_http_client
+from mcp.server.streamable_http import EventMessage, EventStore
 from mcp.shared.auth import (
     OAuthClientInformationFull,
 )
@@ -70,6 +71,15 @@ has_relation(McpResource{"lab/lab://open"}, "server", McpServer{"lab"})
 has_relation(McpResource{"lab/lab://secret"}, "server", McpServer{"lab"})
 has_attribute(McpResource{"lab/lab://secret"}, "audience", "admin")
 has_relation(Prompt{"lab/hello"}, "server", McpServer{"lab"})
+has_relation(Tool{"lab/leak"}, "server", McpServer{"lab"})
+has_relation(Tool{"lab/leak_raw"}, "server", McpServer{"lab"})
+has_relation(Tool{"lab/leak_error"}, "server", McpServer{"lab"})
+has_relation(Tool{"lab/chatter"}, "server", McpServer{"lab"})
+has_relation(McpResource{"lab/lab://leaky"}, "server", McpServer{"lab"})
+has_relation(McpResource{"lab/lab://leaky-blob"}, "server", McpServer{"lab"})
+has_relation(McpResource{"lab/lab://leaky-raw"}, "server", McpServer{"lab"})
+has_relation(Prompt{"lab/leaky"}, "server", McpServer{"lab"})
+has_relation(Prompt{"lab/greeting"}, "server", McpServer{"lab"})
 """
 
 
@@ -83,6 +93,30 @@ def fresh_module(name: str, path: Path):
 
 def demo_server_module():
     return fresh_module("quickstart_server", QUICKSTART / "server.py")
+
+
+class MemoryEvents(EventStore):
+    """Resumability for an SDK server's event streams, in memory. With an event store the SDK
+    opens each event stream with a priming event (an id and empty data), as servers that let
+    clients resume do."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[str, str, object]] = []
+
+    async def store_event(self, stream_id, message):
+        event_id = str(len(self.events) + 1)
+        self.events.append((event_id, stream_id, message))
+        return event_id
+
+    async def replay_events_after(self, last_event_id, send_callback):
+        found = [e for e in self.events if e[0] == last_event_id]
+        if not found:
+            return None
+        stream = found[0][1]
+        for event_id, stream_id, message in self.events[int(last_event_id) :]:
+            if stream_id == stream and message is not None:
+                await send_callback(EventMessage(message, event_id))
+        return stream
 
 
 class LegacyOnly:
@@ -178,6 +212,13 @@ def test_policy() -> str:
     return (
         text
         + '\nmask(_user: User, "call", _tool: Tool, "note") if context.tool = "greet_privately";\n'
+        # The lab's leaks, masked for everyone: what they send must never come out.
+        + 'mask(_user: User, "call", _tool: Tool, "customers.*.email") if\n'
+        + '  context.tool in ["leak", "leak_raw", "leak_error"];\n'
+        + 'mask(_user: User, "read", _r: McpResource, "customers.*.email") if\n'
+        + '  context.uri in ["lab://leaky", "lab://leaky-blob", "lab://leaky-raw"];\n'
+        + 'mask(_user: User, "get", _p: Prompt, "customers.*.email") if\n'
+        + '  context.prompt = "leaky";\n'
         + 'requires_scope("read", _r: McpResource, "customers:write") if\n'
         + '  context.uri = "lab://guarded";\n'
         + 'requires_approval(_user: User, "read", _r: McpResource) if context.uri = "lab://held";\n'
@@ -379,10 +420,14 @@ def start(tmp_path, gateway: dict | None = None, replicas: int = 0):
         trace = tmp_path / "stdio-trace.jsonl"
         policy = tmp_path / "policy.polar"
         policy.write_text(test_policy())
-        lab_app = lab.server.streamable_http_app(streamable_http_path="/mcp")
+        lab_app = lab.server.streamable_http_app(
+            streamable_http_path="/mcp", event_store=MemoryEvents()
+        )
         old = fresh_module("lab_server_legacy", LAB)
         old.TRACE = str(lab_trace)
-        old_app = LegacyOnly(old.server.streamable_http_app(streamable_http_path="/mcp"))
+        old_app = LegacyOnly(
+            old.server.streamable_http_app(streamable_http_path="/mcp", event_store=MemoryEvents())
+        )
         with (
             serve(recorder, upstream_sock) as upstream_url,
             serve(lab_app, lab_sock) as lab_url,

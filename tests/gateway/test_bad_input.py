@@ -133,7 +133,7 @@ def test_unknown_methods_are_refused_by_default(bastion, token):
     body = {
         "jsonrpc": "2.0",
         "id": 3,
-        "method": "completion/complete",
+        "method": "tasks/list",
         "params": {"_meta": ENVELOPE},
     }
     before = len(bastion.recorder.requests)
@@ -141,7 +141,7 @@ def test_unknown_methods_are_refused_by_default(bastion, token):
         bastion,
         token,
         body=body,
-        **{"mcp-protocol-version": "2026-07-28", "mcp-method": "completion/complete"},
+        **{"mcp-protocol-version": "2026-07-28", "mcp-method": "tasks/list"},
     )
     assert response.json()["error"]["code"] == -32601
     assert len(bastion.recorder.requests) == before

@@ -14,8 +14,6 @@ from urllib.parse import urlsplit
 import anyio
 import pytest
 
-from bastion.gateway.enforce import digest
-
 from .streams import legacy_session, modern_headers, modern_request, traced
 
 
@@ -126,7 +124,7 @@ def test_an_sdk_client_that_cancels_a_call_cancels_it_upstream(bastion, server, 
 def _record_of_wait(bastion, tag: str, seconds: float, after: int):
     """The decision record of the ``wait`` call with these arguments, written after ``after``
     (waiting a little for it: the upstream may note the cancellation first)."""
-    wanted = digest({"seconds": seconds, "tag": tag})
+    wanted = bastion.app.state.gateway.enforcer.digest({"seconds": seconds, "tag": tag})
     deadline = time.monotonic() + 15
     while True:
         bastion.flush()

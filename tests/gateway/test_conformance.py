@@ -42,21 +42,6 @@ NPM_PREFIX = ROOT / ".npm-conformance"
 DOCS = ROOT / "docs" / "gateway.md"
 # Outcomes from best to worst: a scenario must not do worse through bastion than directly.
 OUTCOMES = ("passed", "warned", "failed")
-# Gateway defects of issue 9 fixed on another branch at the time of writing: each scenario here
-# fails through bastion until that branch is merged. The lead removes each line after the merge
-# (the test fails on a line whose scenario passes, so none is forgotten).
-PENDING = {
-    "logging-set-level": "defect 5: logging/setLevel is not offered by default",
-    "completion-complete": "defect 5: completion/complete is not offered by default",
-    "tools-call-with-logging": "defect 5: logging/setLevel is not offered by default, and the"
-    " notifications/message an upstream sends during a call are not relayed",
-    "dns-rebinding-protection": "defect 6: a request whose Origin is not allowed is answered",
-}
-# The same for what bastion logs: a run of the suite should leave no warning in bastion's log.
-PENDING_LOG = {
-    "an upstream sent an event that is not JSON": "defect 7: the empty priming events of"
-    " 2025-11-25 upstreams are logged as errors",
-}
 
 
 def install_suite() -> tuple[Path, Path]:
@@ -242,13 +227,11 @@ def test_every_conformance_scenario_that_passes_directly_passes_through_bastion(
         if rank(results[label][name]["outcome"]) > rank(direct[name]["outcome"])
     }
     documented = documented_differences()
-    assert worse - set(documented) - set(PENDING) == set(), "worse through bastion, undocumented"
+    assert worse - set(documented) == set(), "worse through bastion, undocumented"
     assert set(documented) - worse == set(), "docs/gateway.md lists scenarios that now pass"
-    assert set(PENDING) - worse == set(), "fixed: remove these from PENDING"
     complaints = [
         line
         for line in log.splitlines()
         if line.startswith(("WARNING", "ERROR", "CRITICAL", "Traceback"))
     ]
-    assert [c for c in complaints if not any(p in c for p in PENDING_LOG)] == [], log
-    assert [p for p in PENDING_LOG if p not in log] == [], "fixed: remove from PENDING_LOG"
+    assert complaints == [], log

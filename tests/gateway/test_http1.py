@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 
 import pytest
 
@@ -113,11 +114,12 @@ def test_lines_split_across_chunks_and_the_limits_on_lines_and_bodies():
     asyncio.run(main())
 
 
-def test_events_skip_what_is_not_json_and_refuse_an_event_over_the_limit(monkeypatch):
+def test_events_skip_what_is_not_json_and_refuse_an_event_over_the_limit(monkeypatch, caplog):
     from bastion.gateway import upstream
 
     async def main():
-        stream = b'data: {not json\n\ndata: [1]\n\ndata: {"id": 1}\n\n'
+        # A priming event (an id, empty data) first, as SDK servers send: skipped silently.
+        stream = b'id: 1\nretry: 500\ndata: \n\ndata: {not json\n\ndata: [1]\n\ndata: {"id": 1}\n\n'
         big = b"data: " + b"z" * 30 + b"\ndata: " + b"z" * 30 + b"\n\n"
         answers = [
             b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncontent-length: %d\r\n\r\n"
@@ -140,4 +142,8 @@ def test_events_skip_what_is_not_json_and_refuse_an_event_over_the_limit(monkeyp
             await client.aclose()
             server.close()
 
-    asyncio.run(main())
+    with caplog.at_level(logging.INFO, logger="bastion.gateway"):
+        asyncio.run(main())
+    # The broken event is logged, once; the priming event is not.
+    warned = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert warned == ["an upstream sent an event that is not JSON"]

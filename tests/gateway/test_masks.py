@@ -1,16 +1,29 @@
-"""The ``mask`` obligation on MCP results: every spelling of a path redacts, none fails open."""
+"""The ``mask`` obligation on MCP results: every spelling of a path redacts, and every place of a
+result that can carry data is masked field by field or withheld whole: none fails open."""
 
 from __future__ import annotations
 
+import base64
 import json
 
 import pytest
 
-from bastion.gateway.masks import MASKED, WITHHELD, compile_paths, mask_result
+from bastion.gateway.masks import (
+    MASKED,
+    WITHHELD,
+    WITHHELD_CONTENT,
+    WITHHELD_URI,
+    compile_paths,
+    mask_notification,
+    mask_result,
+)
+
+EMAIL = "ada@example.com"
+PATHS = compile_paths(("customers.*.email",))
 
 
 def result() -> dict:
-    customers = [{"name": "Ada", "email": "ada@example.com"}, {"name": "Alan", "email": "a@x"}]
+    customers = [{"name": "Ada", "email": EMAIL}, {"name": "Alan", "email": "a@x"}]
     return {
         "content": [{"type": "text", "text": json.dumps({"customers": customers}, indent=2)}],
         "structuredContent": {"customers": [dict(c) for c in customers]},
@@ -21,8 +34,8 @@ def result() -> dict:
     "path", ["customers.*.email", "$.customers.*.email", "$.customers[*].email"]
 )
 def test_each_spelling_of_a_path_masks_the_field_in_structured_content_and_text(path):
-    masked = result()
-    assert mask_result(masked, compile_paths((path,))) == 4
+    masked, count = mask_result(result(), compile_paths((path,)))
+    assert count == 4
     assert {c["email"] for c in masked["structuredContent"]["customers"]} == {MASKED}
     text = json.loads(masked["content"][0]["text"])
     assert {c["email"] for c in text["customers"]} == {MASKED}
@@ -30,18 +43,142 @@ def test_each_spelling_of_a_path_masks_the_field_in_structured_content_and_text(
 
 
 def test_an_index_masks_one_element():
-    masked = result()
-    assert mask_result(masked, compile_paths(("customers[0].email",))) == 2
+    masked, count = mask_result(result(), compile_paths(("customers[0].email",)))
+    assert count == 2
     assert [c["email"] for c in masked["structuredContent"]["customers"]] == [MASKED, "a@x"]
 
 
 def test_without_masks_the_result_is_left_as_it_came():
-    untouched = result()
-    assert mask_result(untouched, compile_paths(())) == 0
-    assert untouched == result()
+    untouched = {**result(), "_meta": {"x": EMAIL}, "anything": EMAIL}
+    same, count = mask_result(untouched, compile_paths(()))
+    assert count == 0 and same is untouched
 
 
 def test_text_that_is_not_json_is_withheld_whole_when_a_mask_applies():
-    masked = {"content": [{"type": "text", "text": "Ada <ada@example.com>"}]}
-    assert mask_result(masked, compile_paths(("customers.*.email",))) == 1
-    assert masked["content"][0]["text"] == WITHHELD
+    masked, count = mask_result({"content": [{"type": "text", "text": f"Ada <{EMAIL}>"}]}, PATHS)
+    assert count == 1
+    assert masked["content"][0] == {"type": "text", "text": WITHHELD}
+
+
+def leaky_blocks() -> list:
+    """One content block of every kind MCP defines (and one it does not), each carrying the
+    address where a mask cannot reach it."""
+    blob = base64.b64encode(EMAIL.encode()).decode()
+    meta = {"_meta": {"com.example/raw": EMAIL}}
+    return [
+        {"type": "text", "text": json.dumps({"customers": [{"email": EMAIL}]}), **meta},
+        {"type": "text", "text": json.dumps(EMAIL)},  # JSON, but a string: not maskable
+        {"type": "image", "data": blob, "mimeType": "image/png"},
+        {"type": "audio", "data": blob, "mimeType": "audio/wav"},
+        {"type": "resource_link", "uri": f"mailto:{EMAIL}", "name": "x", "description": EMAIL},
+        {"type": "resource", "resource": {"uri": f"customers://{EMAIL}", "text": EMAIL}},
+        {"type": "resource", "resource": {"uri": "customers://1", "blob": blob}},
+        {
+            "type": "resource",
+            "resource": {
+                "uri": "customers://2",
+                "mimeType": "application/json",
+                "text": json.dumps({"customers": [{"email": EMAIL}]}),
+                **meta,
+            },
+            "annotations": {"audience": ["user"], "priority": 0.5, "lastModified": EMAIL},
+        },
+        {"type": "tool_use", "id": "1", "name": "x", "input": {"email": EMAIL}},
+        {"type": "something_new", "text": EMAIL},
+        EMAIL,
+    ]
+
+
+def test_every_content_block_is_masked_or_withheld():
+    leaky = {
+        "content": leaky_blocks(),
+        "structuredContent": {"customers": [{"email": EMAIL}], "note": "kept: not masked"},
+        "isError": False,
+        "_meta": {"com.example/raw": EMAIL},
+        "task": {"taskId": "t", "statusMessage": EMAIL},
+        "somethingNew": EMAIL,
+    }
+    masked, count = mask_result(leaky, PATHS)
+    dumped = json.dumps(masked)
+    assert EMAIL not in dumped
+    assert base64.b64encode(EMAIL.encode()).decode() not in dumped
+    assert set(masked) == {"content", "structuredContent", "isError"}
+    assert masked["structuredContent"]["note"] == "kept: not masked"
+    blocks = masked["content"]
+    assert len(blocks) == len(leaky_blocks())  # the result keeps its shape
+    assert json.loads(blocks[0]["text"]) == {"customers": [{"email": MASKED}]}
+    assert "_meta" not in blocks[0]
+    assert blocks[1] == {"type": "text", "text": WITHHELD}
+    for withheld in (2, 3, 4, 6, 8, 9, 10):
+        assert blocks[withheld] == {"type": "text", "text": WITHHELD_CONTENT}
+    assert blocks[5]["resource"] == {"uri": WITHHELD_URI, "text": WITHHELD}
+    embedded = blocks[7]
+    assert embedded["resource"]["mimeType"] == "application/json"
+    assert json.loads(embedded["resource"]["text"]) == {"customers": [{"email": MASKED}]}
+    assert embedded["annotations"] == {"audience": ["user"], "priority": 0.5}
+    assert count >= 15
+
+
+def test_resource_contents_keep_only_the_uri_that_was_asked_for():
+    read = {
+        "contents": [
+            {"uri": "customers://all", "mimeType": "text/plain", "text": EMAIL},
+            {"uri": "customers://all", "blob": base64.b64encode(EMAIL.encode()).decode()},
+            {"uri": f"customers://{EMAIL}", "text": "{}"},
+        ],
+        "_meta": {"x": EMAIL},
+        "ttlMs": 5,
+    }
+    masked, _ = mask_result(read, PATHS, "customers://all")
+    assert masked == {
+        "contents": [
+            {"uri": "customers://all", "mimeType": "text/plain", "text": WITHHELD},
+            {"uri": "customers://all", "text": WITHHELD_CONTENT},
+            {"uri": WITHHELD_URI, "text": "{}"},
+        ]
+    }
+
+
+def test_prompt_messages_are_masked_and_their_description_withheld():
+    got = {
+        "description": EMAIL,
+        "messages": [
+            {"role": "user", "content": {"type": "text", "text": f"write to {EMAIL}"}},
+            {"role": "assistant", "content": {"type": "image", "data": "eA==", "mimeType": "a/b"}},
+            {"role": EMAIL, "content": {"type": "text", "text": "{}"}},
+        ],
+    }
+    masked, _ = mask_result(got, PATHS)
+    assert masked == {
+        "messages": [
+            {"role": "user", "content": {"type": "text", "text": WITHHELD}},
+            {"role": "assistant", "content": {"type": "text", "text": WITHHELD_CONTENT}},
+        ]
+    }
+
+
+def test_completions_under_a_mask_give_no_values():
+    masked, count = mask_result({"completion": {"values": [EMAIL], "total": 1}}, PATHS)
+    assert masked == {"completion": {"values": [], "hasMore": False}} and count == 1
+
+
+def test_notifications_during_a_masked_call_keep_no_free_text():
+    progress = {"progressToken": 1, "progress": 1, "total": 2, "message": EMAIL, "_meta": {"a": 1}}
+    assert mask_notification("notifications/progress", progress, PATHS) == {
+        "progressToken": 1,
+        "progress": 1,
+        "total": 2,
+    }
+    assert mask_notification("notifications/progress", {"progress": EMAIL}, PATHS) is None
+    log = {"level": "info", "logger": EMAIL, "data": {"customers": [{"email": EMAIL}]}}
+    assert mask_notification("notifications/message", log, PATHS) == {
+        "level": "info",
+        "data": {"customers": [{"email": MASKED}]},
+    }
+    text = {"level": "info", "data": f"found {EMAIL}"}
+    assert mask_notification("notifications/message", text, PATHS) == {
+        "level": "info",
+        "data": WITHHELD,
+    }
+    assert mask_notification("notifications/message", {"level": EMAIL, "data": 1}, PATHS) is None
+    assert mask_notification("notifications/other", {"x": EMAIL}, PATHS) is None

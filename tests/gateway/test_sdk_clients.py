@@ -4,6 +4,7 @@ real upstream over stdio and over Streamable HTTP, in both protocol eras."""
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 from mcp.shared.exceptions import MCPError
@@ -29,7 +30,7 @@ def test_support_agent_searches_with_emails_masked_and_cannot_delete(bastion, se
     assert seen["protocol_version"] == ERAS[mode]
     assert seen["tools"] == ["delete_customer", "search_customers", "send_email"]
     # The admin-only resource is filtered out of the list.
-    assert seen["resources"] == ["customers://plans"]
+    assert seen["resources"] == ["customers://directory", "customers://plans"]
     text = seen["search"].content[0].text
     customers = json.loads(text)["customers"]
     assert [c["name"] for c in customers] == ["Ada Lovelace", "Alan Turing", "Grace Hopper"]
@@ -45,7 +46,7 @@ def test_support_agent_searches_with_emails_masked_and_cannot_delete(bastion, se
     assert record.result == "deny"
     assert record.target == f'Tool{{"{server}/delete_customer"}}'
     assert record.principals[0] == 'User{"sam"}'
-    assert record.arguments_digest.startswith("sha256:")
+    assert record.arguments_digest.startswith("hmac-sha256:")
     assert "c-100" not in json.dumps(record.context)  # a digest, never the arguments
 
 
@@ -85,3 +86,15 @@ def test_audit_tail_prints_the_latest_decisions(bastion, capsys):
     (record,) = [r for r in records if r["method"] == "tools/call"]
     assert record["rules"] and record["obligations"]["masks"] == ["customers.*.email"]
     assert record["context"]["annotations"] == {"readOnlyHint": True}
+
+
+@pytest.mark.parametrize("server", ["labold", "labhttp"])
+def test_an_sdk_upstreams_ordinary_calls_log_no_warning(bastion, server, caplog):
+    # labold opens each of its event streams with a priming event (an id and empty data).
+    async def script(client, seen):
+        seen["text"] = (await client.call_tool("wait", {"seconds": 0, "tag": "quiet"})).content
+
+    with caplog.at_level(logging.INFO, logger="bastion"):
+        seen = bastion.sdk("sam", server, "legacy", script)
+    assert seen["text"][0].text == "waited 0.0s"
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
