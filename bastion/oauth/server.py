@@ -14,7 +14,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from bastion.audit import AuditLog
-from bastion.db import Database
+from bastion.db import Database, DatabaseUnavailable
 from bastion.oauth import introspection, registration, revocation
 from bastion.oauth.authorize import AuthorizationEndpoint
 from bastion.oauth.client_auth import authenticate_client
@@ -113,7 +113,11 @@ class AuthorizationServer:
         if now - self._last_housekeeping < 60:
             return
         self._last_housekeeping = now
-        self.store.purge_expired(now, keep_seconds=self.settings.leeway_seconds + 3600)
+        try:
+            self.store.purge_expired(now, keep_seconds=self.settings.leeway_seconds + 3600)
+        except DatabaseUnavailable:
+            # Best effort, after the answer is made: a token already issued is still answered.
+            self._last_housekeeping = 0.0
 
     def routes(self) -> list[Route]:
         prefix = self.settings.issuer_path

@@ -19,6 +19,7 @@ from typing import Any
 
 import psycopg
 
+from bastion.db import DatabaseUnavailable
 from bastion.facts.model import FactError, format_fact
 from bastion.facts.store import FactStore, StoredFact, epoch
 from bastion.policy.errors import PolicyError
@@ -487,7 +488,7 @@ def _guard(func):
 
         try:
             return func(args)
-        except (ConfigError, FactError, OSError, LookupError) as e:
+        except (ConfigError, FactError, OSError, LookupError, DatabaseUnavailable) as e:
             return _fail(str(e))
         except RemoteError as e:
             return _fail(f"the server refused: {e.detail} ({e.status} {e.title})")

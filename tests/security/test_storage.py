@@ -1,0 +1,232 @@
+"""Storage, tried against a real `bastion serve`: a PostgreSQL that goes away under the
+authorization server and the gateway (logins refused, connections terminated, tables locked:
+only this test's)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import psycopg
+import pytest
+
+from bastion.audit.decisions import DecisionRecord, DecisionRecords
+from bastion.db import Database, DatabaseUnavailable
+from bastion.facts.store import FactStore
+from bastion.oauth.store import OAuthStore
+from bastion.oauth.users import create_user
+from tests.gateway import support as gateway_support
+from tests.gateway.streams import modern_headers, modern_request
+from tests.gateway.support import PASSWORD, QUICKSTART, Running
+from tests.server.conftest import ADMIN_KEY, POLICY, ServerProcess
+from tests.server.test_replicas import eventually
+
+
+def _decision(at: float, n: int) -> DecisionRecord:
+    return DecisionRecord(f"d{n}", at, "desk", "tools/call", "Tool:desk/x", ("User:sam",), "allow")
+
+
+def served(tmp_path: Path, database: str, config: str = "", **env: str) -> ServerProcess:
+    """`bastion serve` on ``database`` with ``config`` as bastion.toml (``{url}`` is its URL)."""
+    policy = tmp_path / "policy.polar"
+    if not policy.exists():
+        policy.write_text(POLICY)
+    server = ServerProcess(database, tmp_path, str(policy), env)
+    path = tmp_path / f"bastion-{server.port}.toml"
+    path.write_text(config.replace("{url}", server.url))
+    server.env["BASTION_CONFIG"] = str(path)
+    return server.start()
+
+
+OAUTH = """
+[oauth]
+issuer = "{url}"
+key_dir = "%s"
+
+[[oauth.resources]]
+uri = "{url}/mcp/desk"
+scopes = ["customers:read", "customers:write"]
+"""
+
+
+# -- the database goes away: the authorization server ------------------------------------------------
+
+
+def test_oauth_endpoints_answer_503_temporarily_unavailable_while_the_database_is_away(
+    outage, tmp_path
+):
+    role = outage.role()
+    server = served(tmp_path, outage.url(role), OAUTH % (tmp_path / "keys"))
+    client = {"client_name": "c", "redirect_uris": ["http://127.0.0.1:9/cb"]}
+    with httpx.Client(base_url=server.url, timeout=30) as http:
+        assert http.post("/register", json=client).status_code == 201
+        outage.block(role)
+        refused = [
+            http.post("/register", json=client),
+            http.post("/token", data={"grant_type": "client_credentials", "client_id": "x"}),
+            http.post(
+                "/v1/keys",
+                json={"name": "k", "scopes": ["decide"]},
+                headers={"authorization": f"Bearer {ADMIN_KEY}"},
+            ),
+        ]
+        for r in refused[:2]:
+            assert r.status_code == 503, r.text
+            assert r.json()["error"] == "temporarily_unavailable"
+            assert r.headers["retry-after"]
+        assert refused[2].status_code == 503
+        assert refused[2].headers["content-type"] == "application/problem+json"
+        outage.unblock(role)
+        assert eventually(lambda: http.post("/register", json=client).status_code == 201, 10)
+
+
+# -- the database goes away: the gateway ----------------------------------------------------------
+
+
+GATEWAY = (
+    OAUTH
+    + """
+[gateway]
+
+[[gateway.upstreams]]
+name = "desk"
+command = "%s"
+args = ["%s"]
+scopes = ["customers:read"]
+"""
+)
+
+
+@pytest.fixture
+def gateway(outage, tmp_path):
+    """A served bastion with the gateway in front of the quickstart's desk, on PostgreSQL as a
+    role of the test's; sam's token for desk. Yields (server, token, role)."""
+    role = outage.role()
+    url = outage.url(role)
+    policy = tmp_path / "policy.polar"
+    policy.write_text(gateway_support.test_policy())
+    config = GATEWAY % (tmp_path / "keys", sys.executable, QUICKSTART / "server.py")
+    server = served(tmp_path, url, config, BASTION_MAX_STALENESS_SECONDS="2")
+    db = Database(url)
+    create_user(OAuthStore(db), "sam", PASSWORD, time.time())
+    FactStore(db).apply(gateway_support.facts())
+    db.close()
+    with httpx.Client(timeout=30) as http:
+        person = Running(server.url, None, None, None, http, None)
+        yield server, person.token("sam", "desk"), role
+    server.stop()
+
+
+def call(server: ServerProcess, token: str, n: int = 1) -> httpx.Response:
+    return httpx.post(
+        f"{server.url}/mcp/desk",
+        json=modern_request(n, "tools/call", {"name": "search_customers", "arguments": {}}),
+        headers={
+            **modern_headers(token, "tools/call", "search_customers"),
+            "accept": "application/json",
+        },
+        timeout=30,
+    )
+
+
+def records(role_url: str) -> list[dict]:
+    with psycopg.connect(role_url, autocommit=True) as conn:
+        rows = conn.execute("SELECT record FROM audit_decisions ORDER BY seq").fetchall()
+    return [json.loads(r) for (r,) in rows]
+
+
+def test_the_gateway_refuses_calls_on_stale_facts_and_records_why(gateway, outage):
+    server, token, role = gateway
+    allowed = call(server, token).json()
+    assert "result" in allowed, allowed
+    # The change log cannot be read (a lock held by this test on its own table): the replica
+    # cannot confirm its facts are current.
+    with psycopg.connect(outage.url(), autocommit=True) as lock:
+        lock.execute("BEGIN")
+        lock.execute("LOCK TABLE changes IN ACCESS EXCLUSIVE MODE")
+
+        def refused() -> dict | None:
+            answer = call(server, token).json()
+            return answer if "error" in answer else None
+
+        assert eventually(lambda: refused() is not None, within=10)
+        error = refused()["error"]
+        assert error["code"] == -32007 and error["data"]["reason"] == "facts_stale"
+        ready = httpx.get(f"{server.url}/readyz")
+        assert ready.status_code == 503 and ready.json()["reason"].startswith("facts_stale")
+        lock.execute("ROLLBACK")
+    assert eventually(lambda: "result" in call(server, token).json(), within=10)
+    decision_id = error["data"]["decision_id"]
+
+    def recorded() -> dict | None:
+        return next((r for r in records(outage.url()) if r["id"] == decision_id), None)
+
+    assert eventually(lambda: recorded() is not None, within=10)
+    record = recorded()
+    assert record["result"] == "unavailable" and record["reason"] == "facts_stale"
+
+
+def test_a_token_whose_revocation_cannot_be_checked_is_refused(gateway, outage):
+    server, token, role = gateway
+    assert "result" in call(server, token).json()
+    outage.block(role)
+    # Remembered tokens were trusted only while revocations could be heard; now each use must
+    # read its revocation state, and cannot: refused, with 503, never let through.
+    assert eventually(lambda: call(server, token).status_code == 503, within=10)
+    refused = call(server, token)
+    assert refused.status_code == 503
+    assert refused.json()["error"] == "temporarily_unavailable"
+    outage.unblock(role)
+    assert eventually(lambda: call(server, token).status_code == 200, within=10)
+    assert "result" in call(server, token).json()
+
+
+def test_decision_records_are_kept_while_they_cannot_be_written(gateway, outage):
+    server, token, role = gateway
+    ids = []
+    with psycopg.connect(outage.url(), autocommit=True) as lock:
+        lock.execute("BEGIN")
+        lock.execute("LOCK TABLE audit_decisions IN ACCESS EXCLUSIVE MODE")
+        for n in range(5):
+            ids.append(call(server, token, n).json())
+        # The writer's connection is lost while it waits: its batch must not be.
+        assert eventually(lambda: f"{outage.tag}/bastion-records" in outage.terminate(), within=10)
+        for n in range(5, 10):
+            ids.append(call(server, token, n).json())
+        lock.execute("ROLLBACK")
+    assert all("result" in answer for answer in ids)
+
+    def written() -> int:
+        return sum(r["method"] == "tools/call" for r in records(outage.url()))
+
+    assert eventually(lambda: written() >= 10, within=10)
+
+
+def test_past_the_buffer_the_oldest_decision_records_are_dropped_counted_and_logged(outage, caplog):
+    role = outage.role()
+    db = Database(outage.url(role), role="bastion-records")
+    buffered = DecisionRecords(db, max_buffer=5)
+    outage.block(role)
+    for n in range(8):
+        buffered.add(_decision(time.time(), n))
+    with caplog.at_level(logging.ERROR, logger="bastion.audit"), pytest.raises(DatabaseUnavailable):
+        buffered.flush()
+    assert buffered.dropped == 3 and buffered.waiting == 5
+    assert "3 decision records dropped" in caplog.text
+    outage.unblock(role)
+    assert eventually(lambda: _flushed(buffered), within=10)
+    ids = [r.id for _, r in buffered.after(0)]
+    assert ids == ["d3", "d4", "d5", "d6", "d7"]
+    db.close()
+
+
+def _flushed(records: DecisionRecords) -> bool:
+    try:
+        records.flush()
+    except DatabaseUnavailable:
+        return False
+    return records.waiting == 0
