@@ -14,9 +14,11 @@ apply it twice, and anything else is a `DatabaseUnavailable` for the caller to a
 from __future__ import annotations
 
 import logging
+import os
 import re
 import select
 import sqlite3
+import stat
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -86,6 +88,9 @@ class Database:
     once more on a new connection; a write, or anything inside a transaction (which the server
     rolled back), raises `DatabaseUnavailable`, and so does a failed reconnection. A transaction
     is never replayed in part. ``role`` names the connection (see `application_name`).
+
+    A SQLite file is created readable and writable by its owner only (0600); SQLite gives its
+    ``-wal`` and ``-shm`` files the same mode.
     """
 
     def __init__(self, url: str, *, role: str = "bastion") -> None:
@@ -103,6 +108,7 @@ class Database:
             self._connection()
         else:
             path = url.removeprefix("sqlite:///").removeprefix("sqlite://")
+            _create_private(path)
             self._conn = sqlite3.connect(
                 path, check_same_thread=False, isolation_level=None, timeout=10
             )
@@ -372,6 +378,25 @@ class Database:
 def first_line(error: BaseException) -> str:
     """The first line of an error's message (psycopg's run to several), for logs and answers."""
     return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
+def _create_private(path: str) -> None:
+    """Create the SQLite file ``path`` with mode 0600 if it does not exist yet (SQLite would make
+    it 0644, readable by every local user), and warn if an existing one is readable by others."""
+    if path == ":memory:" or path.startswith("file:") or not path:
+        return
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        mode = os.stat(path).st_mode
+        if mode & (stat.S_IRWXG | stat.S_IRWXO):
+            log.warning(
+                "%s is readable or writable by other users (mode %o); chmod 600 it",
+                path,
+                stat.S_IMODE(mode),
+            )
+        return
+    os.close(fd)
 
 
 def _use_wal(conn: sqlite3.Connection, seconds: float = 10.0) -> None:

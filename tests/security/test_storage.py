@@ -1,11 +1,14 @@
-"""Storage, tried against a real `bastion serve`: a PostgreSQL that goes away under the
-authorization server and the gateway (logins refused, connections terminated, tables locked:
-only this test's)."""
+"""Storage, tried against a real `bastion serve`: files only their owner can read, a PostgreSQL
+that goes away under the authorization server and the gateway (logins refused, connections
+terminated, tables locked: only this test's)."""
 
 from __future__ import annotations
 
 import json
 import logging
+import os
+import stat
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -22,8 +25,13 @@ from bastion.oauth.users import create_user
 from tests.gateway import support as gateway_support
 from tests.gateway.streams import modern_headers, modern_request
 from tests.gateway.support import PASSWORD, QUICKSTART, Running
-from tests.server.conftest import ADMIN_KEY, POLICY, ServerProcess
+from tests.server.conftest import ADMIN_KEY, POLICY, ServerProcess, role
 from tests.server.test_replicas import eventually
+
+
+def private(path: Path) -> bool:
+    """Nobody but the owner may read, write or enter it."""
+    return stat.S_IMODE(os.stat(path).st_mode) & 0o077 == 0
 
 
 def _decision(at: float, n: int) -> DecisionRecord:
@@ -51,6 +59,34 @@ key_dir = "%s"
 uri = "{url}/mcp/desk"
 scopes = ["customers:read", "customers:write"]
 """
+
+
+# -- files ----------------------------------------------------------------------------------------
+
+
+def test_the_database_its_wal_and_shm_files_and_the_signing_keys_are_private(tmp_path):
+    database = tmp_path / "bastion.db"
+    keys = tmp_path / "keys"
+    server = served(tmp_path, str(database), OAUTH % keys)
+    with server.client() as http:
+        fact = role("alice", "reader", "Repo", "anvil")
+        assert http.post("/v1/facts", json={"facts": [fact]}).status_code == 200
+        assert http.get("/jwks.json").json()["keys"]  # the first signing key is made
+        for path in (database, Path(f"{database}-wal"), Path(f"{database}-shm")):
+            assert path.exists() and private(path), oct(os.stat(path).st_mode)
+        pems = list(keys.glob("*.pem"))
+        assert pems and all(private(p) for p in pems)
+        assert private(keys)
+    server.stop()
+
+    exported = tmp_path / "facts.jsonl"
+    subprocess.run(
+        [sys.executable, "-m", "bastion.cli", "facts", "export", str(exported)]
+        + ["--database", str(database)],
+        check=True,
+        env={**os.environ, "BASTION_CONFIG": "/nonexistent"},
+    )
+    assert "anvil" in exported.read_text() and private(exported)
 
 
 # -- the database goes away: the authorization server ------------------------------------------------
