@@ -43,6 +43,8 @@ _MIGRATIONS = [
 ]
 # Records kept in memory while they cannot be written (`[server] decision_records_buffer`).
 BUFFER_RECORDS = 100_000
+# Records deleted per statement when pruning, so other writers wait little for the connection.
+PRUNE_BATCH = 5000
 
 # How the `result` column reads: allow, deny, step_up, rate_limited, held, error.
 RESULTS = ("allow", "deny", "step_up", "rate_limited", "held", "error")
@@ -186,6 +188,22 @@ class DecisionRecords:
                 " result, arguments_digest, record) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 rows,
             )
+
+    def prune(self, before: float, batch: int = PRUNE_BATCH) -> int:
+        """Delete records made before ``before`` (epoch seconds), a batch per statement; return
+        how many went. The newest record always stays, so sequences go on from it and a
+        follower (`audit tail -f`) misses nothing."""
+        removed = 0
+        while True:
+            rows = self.db.execute(
+                "DELETE FROM audit_decisions WHERE seq IN (SELECT seq FROM audit_decisions"
+                " WHERE at < ? AND seq < (SELECT MAX(seq) FROM audit_decisions)"
+                " ORDER BY seq LIMIT ?) RETURNING seq",
+                (before, batch),
+            )
+            removed += len(rows)
+            if len(rows) < batch:
+                return removed
 
     def after(self, seq: int = 0, limit: int = 1000) -> list[tuple[int, DecisionRecord]]:
         """Records written after sequence ``seq``, oldest first, with their sequence."""

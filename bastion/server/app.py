@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
@@ -15,6 +16,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import BaseRoute, Route
 
+from bastion.audit.retention import prune_forever
 from bastion.db import Database, DatabaseUnavailable
 from bastion.facts.store import FactStore
 from bastion.policy.errors import PolicyError
@@ -151,9 +153,13 @@ def create_app(config: ServerConfig) -> Starlette:
         await replica.start()
         if gateway is not None:
             await gateway.start()
+        retention = asyncio.create_task(prune_forever(db, config.audit_retention_days))
         try:
             yield
         finally:
+            retention.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await retention
             if gateway is not None:
                 await gateway.close()
             await replica.stop()

@@ -37,6 +37,8 @@ class ServerConfig:
     # A replica that has not confirmed it is current with the database for this long refuses
     # to decide (503; the gateway refuses calls) rather than decide on old facts.
     max_staleness_seconds: float = 5.0
+    # Audit events and gateway decision records older than this are deleted (0: kept for ever).
+    audit_retention_days: float = 90.0
     # Gateway decision records held in memory while the database cannot take them.
     decision_records_buffer: int = 100_000
     # Decisions remembered per process for /v1/decisions/{id}.
@@ -108,6 +110,8 @@ class ServerConfig:
 def _check_bounds(config: ServerConfig) -> None:
     if not (math.isfinite(config.max_staleness_seconds) and config.max_staleness_seconds > 0):
         raise ConfigError("max_staleness_seconds must be a positive number of seconds")
+    if not (math.isfinite(config.audit_retention_days) and config.audit_retention_days >= 0):
+        raise ConfigError("audit_retention_days must be a number of days, 0 to keep everything")
     if config.decision_records_buffer < 1:
         raise ConfigError("decision_records_buffer must be at least 1")
 

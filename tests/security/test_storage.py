@@ -1,12 +1,13 @@
 """Storage, tried against a real `bastion serve`: files only their owner can read, a PostgreSQL
 that goes away under the authorization server and the gateway (logins refused, connections
-terminated, tables locked: only this test's)."""
+terminated, tables locked: only this test's), and an audit trail that does not grow for ever."""
 
 from __future__ import annotations
 
 import json
 import logging
 import os
+import sqlite3
 import stat
 import subprocess
 import sys
@@ -17,6 +18,7 @@ import httpx
 import psycopg
 import pytest
 
+from bastion.audit import AuditLog
 from bastion.audit.decisions import DecisionRecord, DecisionRecords
 from bastion.db import Database, DatabaseUnavailable
 from bastion.facts.store import FactStore
@@ -27,6 +29,8 @@ from tests.gateway.streams import modern_headers, modern_request
 from tests.gateway.support import PASSWORD, QUICKSTART, Running
 from tests.server.conftest import ADMIN_KEY, POLICY, ServerProcess, role
 from tests.server.test_replicas import eventually
+
+DAY = 86_400.0
 
 
 def private(path: Path) -> bool:
@@ -87,6 +91,80 @@ def test_the_database_its_wal_and_shm_files_and_the_signing_keys_are_private(tmp
         env={**os.environ, "BASTION_CONFIG": "/nonexistent"},
     )
     assert "anvil" in exported.read_text() and private(exported)
+
+
+# -- the audit trail's retention --------------------------------------------------------------------
+
+
+def _audit_trail(database: str, ages_in_days: list[float]) -> None:
+    """An audit event and a decision record of each age."""
+    db = Database(database)
+    records = DecisionRecords(db)
+    now = time.time()
+    for n, age in enumerate(ages_in_days):
+        AuditLog(db, clock=lambda age=age: now - age * DAY).record("token.issued", subject=f"u{n}")
+        records.add(_decision(now - age * DAY, n))
+    records.flush()
+    db.close()
+
+
+def _left(database: str) -> tuple[list[str], list[str]]:
+    with sqlite3.connect(database) as conn:
+        events = conn.execute("SELECT subject FROM audit_events ORDER BY subject").fetchall()
+        decisions = conn.execute("SELECT id FROM audit_decisions ORDER BY id").fetchall()
+    return [e for (e,) in events], [d for (d,) in decisions]
+
+
+def test_the_server_deletes_the_audit_trail_older_than_the_retention_by_itself(tmp_path):
+    database = str(tmp_path / "bastion.db")
+    _audit_trail(database, [400, 40, 5, 0])
+    served(tmp_path, database, "", BASTION_AUDIT_RETENTION_DAYS="30")
+    # No request asks for it: the server prunes on its own, off the request path.
+    assert eventually(lambda: _left(database) == (["u2", "u3"], ["d2", "d3"]), within=20)
+
+
+def test_bastion_audit_prune_keeps_the_newest_decision_record_so_sequences_go_on(tmp_path):
+    database = str(tmp_path / "bastion.db")
+    _audit_trail(database, [400, 200, 100])
+
+    def prune(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "bastion.cli", "audit", "prune", "--database", database, *args],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "BASTION_CONFIG": "/nonexistent"},
+        )
+
+    assert prune("--older-than", "0").returncode == 2  # it would delete everything
+    done = prune("--older-than", "150")
+    assert done.returncode == 0, done.stderr
+    assert "deleted 2 audit events and 2 decision records" in done.stderr
+    assert _left(database) == (["u2"], ["d2"])
+    assert prune("--older-than", "1").returncode == 0
+    # Every event went; the newest decision record stays, so `audit tail -f` misses nothing.
+    assert _left(database) == ([], ["d2"])
+    db = Database(database)
+    records = DecisionRecords(db)
+    records.add(_decision(time.time(), 9))
+    records.flush()
+    (kept, d2), (seq, d9) = records.after(0)
+    assert (d2.id, d9.id) == ("d2", "d9") and seq == kept + 1
+    db.close()
+
+
+def test_retention_deletes_in_batches_on_sqlite_and_postgresql(database_url):
+    db = Database(database_url)
+    now = time.time()
+    audit, records = AuditLog(db), DecisionRecords(db)
+    for n, age in enumerate([9, 8, 7, 6, 5, 1]):
+        AuditLog(db, clock=lambda age=age: now - age * DAY).record("token.issued", subject=f"u{n}")
+        records.add(_decision(now - age * DAY, n))
+    records.flush()
+    before = now - 2 * DAY
+    assert (audit.prune(before, batch=2), records.prune(before, batch=2)) == (5, 5)
+    assert [e.subject for e in audit.events()] == ["u5"]
+    assert [r.id for _, r in records.after(0)] == ["d5"]
+    db.close()
 
 
 # -- the database goes away: the authorization server ------------------------------------------------
