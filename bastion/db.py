@@ -53,20 +53,26 @@ def application_name(url: str, role: str) -> str:
     return f"{prefix}/{role}" if prefix else role
 
 
+# Connection parameters bastion sets unless the database URL sets them itself. A peer gone
+# without a word is noticed in about 10 s, not the OS's minutes (unanswered statement) or
+# 2 hours (idle connection).
+CONNECTION_DEFAULTS = {
+    "connect_timeout": 5,
+    "tcp_user_timeout": 10_000,
+    "keepalives": 1,
+    "keepalives_idle": 5,
+    "keepalives_interval": 2,
+    "keepalives_count": 3,
+}
+
+
 def connect(url: str, role: str) -> psycopg.Connection:
-    """A PostgreSQL connection as bastion opens every one: autocommit, named after ``role``."""
+    """A PostgreSQL connection as bastion opens every one: autocommit, named after ``role``,
+    with `CONNECTION_DEFAULTS` for what the URL does not set."""
+    given = conninfo_to_dict(url)
+    defaults = {k: v for k, v in CONNECTION_DEFAULTS.items() if k not in given}
     return psycopg.connect(
-        url,
-        autocommit=True,
-        application_name=application_name(url, role),
-        connect_timeout=5,
-        # A peer gone without a word is noticed in about 10 s, not the OS's minutes (unanswered
-        # statement) or 2 hours (idle connection).
-        tcp_user_timeout=10_000,
-        keepalives=1,
-        keepalives_idle=5,
-        keepalives_interval=2,
-        keepalives_count=3,
+        url, autocommit=True, application_name=application_name(url, role), **defaults
     )
 
 

@@ -198,6 +198,17 @@ def test_oauth_endpoints_answer_503_temporarily_unavailable_while_the_database_i
         assert eventually(lambda: http.post("/register", json=client).status_code == 201, 10)
 
 
+def test_every_connection_has_keepalives_and_timeouts_which_the_url_may_change(postgres_url):
+    db = Database(postgres_url)
+    assert db._conn.info.get_parameters()["tcp_user_timeout"] == "10000"
+    db.close()
+    db = Database(f"{postgres_url}&tcp_user_timeout=3000&connect_timeout=2", role="bastion-x")
+    given = db._conn.info.get_parameters()
+    assert (given["tcp_user_timeout"], given["connect_timeout"]) == ("3000", "2")
+    assert given["keepalives_idle"] == "5" and given["application_name"] == "bastion-x"
+    db.close()
+
+
 # -- the database goes away: the gateway ----------------------------------------------------------
 
 
