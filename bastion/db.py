@@ -4,22 +4,81 @@ SQL is written once with ``?`` placeholders; on PostgreSQL they become ``%s``. S
 are numbered per component and applied under a lock, so two replicas starting at once are safe.
 On PostgreSQL a writer announces a commit with NOTIFY (`Database.notify`) and a process follows
 a channel with a `Listener`, which reconnects by itself and says when it may have missed some.
+
+Every PostgreSQL connection is opened by `connect`: named (``application_name``), with TCP
+keepalives and a user timeout, so a peer gone silent is noticed in seconds. A `Database` whose
+connection was lost opens it again on next use; a statement is sent again only when that cannot
+apply it twice, and anything else is a `DatabaseUnavailable` for the caller to answer with 503.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import re
+import select
 import sqlite3
+import stat
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from typing import Any
+
+import psycopg
+from psycopg.conninfo import conninfo_to_dict
 
 log = logging.getLogger("bastion.db")
 
 _PLACEHOLDER = re.compile(r"\?")
+# How long a `Database` whose reconnection failed answers `DatabaseUnavailable` at once, without
+# trying again: callers queue on its lock, and each must not wait a connection timeout.
+_RECONNECT_INTERVAL = 0.5
+# The errors of a connection that may be gone; `_lost` tells which really are.
+_CONNECTION_ERRORS = (psycopg.OperationalError, psycopg.InterfaceError)
+
+
+class DatabaseUnavailable(Exception):
+    """PostgreSQL cannot be reached, or the connection was lost under a statement that could not
+    safely be sent again. A transaction was rolled back, unless the connection was lost while it
+    committed; a write outside one may or may not have been applied: the message says which.
+    Retry later: the API answers 503."""
+
+
+def application_name(url: str, role: str) -> str:
+    """The ``application_name`` of a connection of bastion's: its role (``bastion``,
+    ``bastion-listen``, ...), after the URL's own ``application_name`` if it has one, so an
+    operator (or a test) can tell one deployment's connections from another's."""
+    prefix = conninfo_to_dict(url).get("application_name")
+    return f"{prefix}/{role}" if prefix else role
+
+
+# Connection parameters bastion sets unless the database URL sets them itself. A peer gone
+# without a word is noticed in about 10 s, not the OS's minutes (unanswered statement) or
+# 2 hours (idle connection).
+CONNECTION_DEFAULTS = {
+    "connect_timeout": 5,
+    "tcp_user_timeout": 10_000,
+    "keepalives": 1,
+    "keepalives_idle": 5,
+    "keepalives_interval": 2,
+    "keepalives_count": 3,
+}
+
+
+def connect(url: str, role: str) -> psycopg.Connection:
+    """A PostgreSQL connection as bastion opens every one: autocommit, named after ``role``,
+    with `CONNECTION_DEFAULTS` for what the URL does not set."""
+    given = conninfo_to_dict(url)
+    defaults = {k: v for k, v in CONNECTION_DEFAULTS.items() if k not in given}
+    return psycopg.connect(
+        url, autocommit=True, application_name=application_name(url, role), **defaults
+    )
+
+
+def _is_read(sql: str) -> bool:
+    """A statement that changes nothing, so sending it twice is harmless."""
+    return sql.lstrip()[:6].upper() == "SELECT"
 
 
 class Database:
@@ -27,20 +86,35 @@ class Database:
 
     Thread-safe: one connection guarded by a lock. Use `transaction()` for writes that must apply
     together; a statement outside a transaction commits on its own.
+
+    On PostgreSQL a lost connection (a server restart or failover, `pg_terminate_backend`, a
+    network device or ``idle_session_timeout`` dropping it) is opened again on next use. A
+    connection found dead before a statement is sent is replaced first, so that statement runs
+    as if nothing happened. One lost under a statement: a read outside a transaction is sent
+    once more on a new connection; a write, or anything inside a transaction (which the server
+    rolled back), raises `DatabaseUnavailable`, and so does a failed reconnection. A transaction
+    is never replayed in part. ``role`` names the connection (see `application_name`).
+
+    A SQLite file is created readable and writable by its owner only (0600); SQLite gives its
+    ``-wal`` and ``-shm`` files the same mode.
     """
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, *, role: str = "bastion") -> None:
         self.url = url
+        self.role = role
         self.is_postgres = url.startswith(("postgresql://", "postgres://"))
         self._lock = threading.RLock()
         self._depth = 0
         self._after_commit: list[Callable[[], None]] = []
+        self._conn: Any = None
+        self._retry_at = 0.0
+        self._failure = ""
+        self._down = False  # between a lost connection and the next one that opens
         if self.is_postgres:
-            import psycopg
-
-            self._conn = psycopg.connect(url, autocommit=True)
+            self._connection()
         else:
             path = url.removeprefix("sqlite:///").removeprefix("sqlite://")
+            _create_private(path)
             self._conn = sqlite3.connect(
                 path, check_same_thread=False, isolation_level=None, timeout=10
             )
@@ -51,41 +125,154 @@ class Database:
     def _sql(self, sql: str) -> str:
         return _PLACEHOLDER.sub("%s", sql) if self.is_postgres else sql
 
-    def execute(self, sql: str, params: Sequence[Any] = ()) -> list[tuple]:
-        """Run one statement and return its rows (empty for statements that return none)."""
+    # -- the PostgreSQL connection, opened again when lost ---------------------------------------
+
+    def _connection(self) -> Any:
+        """Under the lock, outside a transaction: the connection, replaced first if it is gone.
+
+        Idle, a connection of ours is sent nothing by the server (it LISTENs to nothing), so
+        anything readable on its socket is the message of its end (``terminating connection``)
+        or the end itself: a statement sent on it would be lost, so it is replaced unsent.
+        """
+        conn = self._conn
+        if conn is not None and not conn.closed:
+            try:
+                # poll, not select: a busy process's descriptors may be numbered past 1024.
+                waiting = select.poll()
+                waiting.register(conn.fileno(), select.POLLIN)
+                readable = bool(waiting.poll(0))
+            except (OSError, ValueError, psycopg.Error):
+                readable = True
+            if not readable:
+                return conn
+            self._drop("the server ended the connection while it was idle")
+        if time.monotonic() < self._retry_at:
+            raise DatabaseUnavailable(self._failure)
+        try:
+            self._conn = connect(self.url, self.role)
+        except psycopg.Error as e:
+            # Said once per outage, not at every attempt.
+            (log.debug if self._down else log.warning)(
+                "%s: cannot connect to PostgreSQL: %s", self.role, first_line(e)
+            )
+            self._down = True
+            self._retry_at = time.monotonic() + _RECONNECT_INTERVAL
+            self._failure = f"the database is unavailable ({first_line(e)}); retry"
+            raise DatabaseUnavailable(self._failure) from e
+        if self._down:
+            log.warning("%s: connected to PostgreSQL again", self.role)
+        self._retry_at, self._failure, self._down = 0.0, "", False
+        return self._conn
+
+    def _drop(self, why: str) -> None:
+        """Under the lock: forget a connection that is gone (closing what is left of it)."""
+        conn, self._conn = self._conn, None
+        self._down = True
+        self._failure = f"the database connection was lost ({why}); retry"
+        log.warning("%s: PostgreSQL connection lost (%s); reconnecting on next use", self.role, why)
+        if conn is not None:
+            with suppress(psycopg.Error):
+                conn.close()
+
+    def _lost(self, conn: Any, error: Exception) -> bool:
+        """Whether ``error`` (raised on ``conn``) means the connection is gone; then drop it."""
+        if not isinstance(error, _CONNECTION_ERRORS) or not (conn.closed or conn.broken):
+            return False
+        if conn is self._conn:
+            self._drop(first_line(error))
+        return True
+
+    def _run(self, work: Callable[[Any], Any], *, again: bool) -> Any:
+        """``work(connection)`` under the lock. On PostgreSQL, a connection found gone is
+        replaced first; one lost under ``work`` is replaced and ``work`` run once more only if
+        ``again`` (it changes nothing) and no transaction is open."""
         with self._lock:
-            cur = self._conn.execute(self._sql(sql), tuple(params))
+            if not self.is_postgres:
+                return work(self._conn)
+            in_transaction = self._depth > 0
+            if in_transaction and self._conn is None:
+                raise DatabaseUnavailable(self._failure)
+            conn = self._conn if in_transaction else self._connection()
+            try:
+                return work(conn)
+            except _CONNECTION_ERRORS as e:
+                if not self._lost(conn, e):
+                    raise
+                if in_transaction:
+                    raise DatabaseUnavailable(
+                        f"the database connection was lost ({first_line(e)}); the transaction"
+                        " was rolled back; retry"
+                    ) from e
+                if not again:
+                    raise DatabaseUnavailable(
+                        f"the database connection was lost during a write ({first_line(e)}),"
+                        " which may or may not have been applied; retry"
+                    ) from e
+            conn = self._connection()
+            try:
+                return work(conn)
+            except _CONNECTION_ERRORS as e:
+                if not self._lost(conn, e):
+                    raise
+                raise DatabaseUnavailable(
+                    f"the database connection was lost again ({first_line(e)}); retry"
+                ) from e
+
+    # -- statements ------------------------------------------------------------------------------
+
+    def execute(
+        self, sql: str, params: Sequence[Any] = (), *, read: bool | None = None
+    ) -> list[tuple]:
+        """Run one statement and return its rows (empty for statements that return none).
+
+        ``read`` says the statement changes nothing (by default: it is a ``SELECT``), so it may
+        be sent again on a new connection if the first was lost under it.
+        """
+        sql = self._sql(sql)
+        params = tuple(params)
+
+        def run(conn: Any) -> list[tuple]:
+            cur = conn.execute(sql, params)
             return list(cur.fetchall()) if cur.description else []
 
+        return self._run(run, again=_is_read(sql) if read is None else read)
+
     def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
-        with self._lock:
+        def run(conn: Any) -> None:
             if self.is_postgres:
-                with self._conn.cursor() as cur:
+                with conn.cursor() as cur:
                     cur.executemany(self._sql(sql), rows)
             else:
-                self._conn.executemany(sql, rows)
+                conn.executemany(sql, rows)
+
+        self._run(run, again=False)
 
     def copy_rows(self, table: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
         """Load many rows into ``table`` at once: PostgreSQL's COPY; plain inserts on SQLite."""
-        with self._lock:
+
+        def run(conn: Any) -> None:
             if self.is_postgres:
                 with (
-                    self._conn.cursor() as cur,
+                    conn.cursor() as cur,
                     cur.copy(f"COPY {table} ({', '.join(columns)}) FROM STDIN") as copy,
                 ):
                     for row in rows:
                         copy.write_row(row)
             else:
                 marks = ", ".join("?" * len(columns))
-                self._conn.executemany(
+                conn.executemany(
                     f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({marks})", rows
                 )
+
+        self._run(run, again=False)
 
     @contextmanager
     def transaction(self, *, read_only: bool = False) -> Iterator[Database]:
         """All statements inside apply together or not at all. Nested calls join the outer one.
 
         ``read_only=True`` reads one consistent snapshot without taking SQLite's write lock.
+        A connection lost inside rolls the transaction back (the server does); the caller gets
+        `DatabaseUnavailable`, and may run the whole transaction again.
         """
         with self._lock:
             if self._depth:
@@ -99,22 +286,47 @@ class Database:
                 begin = "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY" if read_only else "BEGIN"
             else:
                 begin = "BEGIN" if read_only else "BEGIN IMMEDIATE"
-            self._conn.execute(begin)
+            # Nothing is sent before BEGIN, so it may be sent again on a new connection.
+            self._run(lambda conn: conn.execute(begin), again=True)
             self._depth = 1
             try:
                 yield self
             except BaseException:
                 self._depth = 0
                 self._after_commit.clear()
-                self._conn.execute("ROLLBACK")
+                self._rollback()
                 raise
             self._depth = 0
             try:
-                self._conn.execute("COMMIT")
+                self._commit()
             finally:
                 callbacks, self._after_commit = self._after_commit, []
         for callback in callbacks:
             callback()
+
+    def _rollback(self) -> None:
+        conn = self._conn
+        if conn is None:
+            return  # lost: the server rolled the transaction back
+        try:
+            conn.execute("ROLLBACK")
+        except _CONNECTION_ERRORS as e:
+            if not self._lost(conn, e):
+                raise
+
+    def _commit(self) -> None:
+        conn = self._conn
+        if conn is None:
+            raise DatabaseUnavailable(self._failure)
+        try:
+            conn.execute("COMMIT")
+        except _CONNECTION_ERRORS as e:
+            if not self._lost(conn, e):
+                raise
+            raise DatabaseUnavailable(
+                f"the database connection was lost while committing ({first_line(e)}): the"
+                " write may or may not have been applied; check before retrying"
+            ) from e
 
     def after_commit(self, callback: Callable[[], None]) -> None:
         """Call ``callback`` once the transaction in progress has committed (never if it rolls
@@ -129,7 +341,7 @@ class Database:
         """PostgreSQL: NOTIFY ``channel`` with ``payload``, delivered to its listeners when the
         transaction in progress commits (at once outside one). SQLite: nothing (no listeners)."""
         if self.is_postgres:
-            self.execute("SELECT pg_notify(?, ?)", (channel, payload))
+            self.execute("SELECT pg_notify(?, ?)", (channel, payload), read=False)
 
     def migrate(self, component: str, migrations: Sequence[str]) -> int:
         """Apply the component's migrations not yet applied; return the schema version reached.
@@ -165,7 +377,32 @@ class Database:
 
     def close(self) -> None:
         with self._lock:
-            self._conn.close()
+            if self._conn is not None:
+                self._conn.close()
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of an error's message (psycopg's run to several), for logs and answers."""
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
+def _create_private(path: str) -> None:
+    """Create the SQLite file ``path`` with mode 0600 if it does not exist yet (SQLite would make
+    it 0644, readable by every local user), and warn if an existing one is readable by others."""
+    if path == ":memory:" or path.startswith("file:") or not path:
+        return
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        mode = os.stat(path).st_mode
+        if mode & (stat.S_IRWXG | stat.S_IRWXO):
+            log.warning(
+                "%s is readable or writable by other users (mode %o); chmod 600 it",
+                path,
+                stat.S_IMODE(mode),
+            )
+        return
+    os.close(fd)
 
 
 def _use_wal(conn: sqlite3.Connection, seconds: float = 10.0) -> None:
@@ -192,6 +429,7 @@ class Listener:
     up there on whatever was committed while it was not listening. `healthy` is true only while
     the connection is up and has answered within ``stale_after`` seconds (it is asked every
     ``heartbeat`` seconds), so a connection that hangs without an error is not trusted either.
+    ``name`` names the thread and the connection (see `application_name`).
     """
 
     def __init__(
@@ -231,23 +469,9 @@ class Listener:
             self._thread.join(timeout)
 
     def _run(self) -> None:
-        import psycopg
-
         while not self._stopping.is_set():
             try:
-                with psycopg.connect(
-                    self.url,
-                    autocommit=True,
-                    application_name=self.name,
-                    connect_timeout=5,
-                    # A peer gone without a word is noticed in about 10 s, not the OS's minutes
-                    # (unanswered heartbeat) or 2 hours (idle connection).
-                    tcp_user_timeout=10_000,
-                    keepalives=1,
-                    keepalives_idle=5,
-                    keepalives_interval=2,
-                    keepalives_count=3,
-                ) as conn:
+                with connect(self.url, self.name) as conn:
                     conn.execute(f"LISTEN {self.channel}")
                     self.backend_pid = conn.info.backend_pid
                     self._on_listening()

@@ -12,6 +12,8 @@ import uuid
 
 import pytest
 
+from tests.postgres_outage import Outage
+
 POSTGRES_URL = os.environ.get("BASTION_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
 REDIS_URL = os.environ.get("BASTION_TEST_REDIS", "redis://127.0.0.1:6379/0")
 
@@ -55,6 +57,14 @@ def postgres_url() -> str:
     yield f"{POSTGRES_URL}?options=-csearch_path%3D{schema}"
     with psycopg.connect(POSTGRES_URL, autocommit=True) as conn:
         conn.execute(f"DROP SCHEMA {schema} CASCADE")
+
+
+@pytest.fixture
+def outage(postgres_url) -> Outage:
+    """PostgreSQL taken away from this test's bastion processes, and only from them."""
+    taken = Outage(postgres_url, POSTGRES_URL)
+    yield taken
+    taken.drop()
 
 
 @pytest.fixture

@@ -1,14 +1,17 @@
-"""CLI: ``bastion audit tail``: print the gateway's decision records, and follow new ones."""
+"""CLI: ``bastion audit tail`` prints the gateway's decision records, and follows new ones;
+``bastion audit prune`` deletes the audit trail older than the retention."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import sys
 from datetime import UTC, datetime
 
 from bastion.audit.decisions import DecisionRecord, DecisionRecords
-from bastion.db import Database
+from bastion.audit.retention import prune
+from bastion.db import Database, DatabaseUnavailable
 
 
 def _line(record: DecisionRecord) -> str:
@@ -27,13 +30,18 @@ def _line(record: DecisionRecord) -> str:
     ).rstrip()
 
 
-def cmd_tail(args: argparse.Namespace) -> int:
+def _database(args: argparse.Namespace) -> str:
     from bastion.server.config import ServerConfig
 
-    database = args.database or os.environ.get("BASTION_DATABASE")
-    if not database:
-        database = ServerConfig.load(args.config).database
-    db = Database(database)
+    return (
+        args.database
+        or os.environ.get("BASTION_DATABASE")
+        or ServerConfig.load(args.config).database
+    )
+
+
+def cmd_tail(args: argparse.Namespace) -> int:
+    db = Database(_database(args))
     records = DecisionRecords(db)
     # The newest `lines` records start after the (lines+1)-th newest one.
     start = records.last_seq(back=args.lines) if args.lines > 0 else records.last_seq()
@@ -54,8 +62,38 @@ def cmd_tail(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_prune(args: argparse.Namespace) -> int:
+    from bastion.server.config import ConfigError, ServerConfig
+
+    try:
+        days = args.older_than
+        if days is None:
+            days = ServerConfig.load(args.config).audit_retention_days
+            if days == 0:
+                print(
+                    "audit_retention_days is 0: the audit trail is kept for ever", file=sys.stderr
+                )
+                return 0
+        if not days > 0:
+            raise ConfigError("--older-than must be a positive number of days")
+        db = Database(_database(args))
+        try:
+            pruned = prune(db, days)
+        finally:
+            db.close()
+    except (ConfigError, DatabaseUnavailable) as e:
+        print(f"bastion: {e}", file=sys.stderr)
+        return 2
+    print(
+        f"deleted {pruned.events} audit events and {pruned.decisions} decision records"
+        f" older than {days:g} days",
+        file=sys.stderr,
+    )
+    return 0
+
+
 def register(sub: argparse._SubParsersAction) -> None:
-    audit = sub.add_parser("audit", help="the gateway's decision records")
+    audit = sub.add_parser("audit", help="the audit trail: decision records, retention")
     commands = audit.add_subparsers(dest="audit_command", required=True)
     tail = commands.add_parser("tail", help="print the latest decisions; -f follows new ones")
     tail.add_argument("-n", "--lines", type=int, default=20, help="how many to show first")
@@ -64,3 +102,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     tail.add_argument("--database", help="SQLite path or postgresql:// URL (or BASTION_DATABASE)")
     tail.add_argument("--config", help="bastion.toml to read the database from")
     tail.set_defaults(func=cmd_tail)
+    prune_ = commands.add_parser(
+        "prune", help="delete audit events and decision records older than the retention"
+    )
+    prune_.add_argument(
+        "--older-than",
+        type=float,
+        metavar="DAYS",
+        help="days to keep (default: audit_retention_days of bastion.toml, 90)",
+    )
+    prune_.add_argument("--database", help="SQLite path or postgresql:// URL (or BASTION_DATABASE)")
+    prune_.add_argument("--config", help="bastion.toml to read the database and retention from")
+    prune_.set_defaults(func=cmd_prune)

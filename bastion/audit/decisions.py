@@ -3,20 +3,26 @@
 A record holds the decision id, the time, the principals, the MCP method and target, a SHA-256
 digest of the arguments (never the arguments: they may hold personal data), the context the
 policy saw, the result, the rules that decided, the obligations applied and the latency.
-Records are buffered in memory and written in batches off the request path.
+Records are buffered in memory and written in batches off the request path. While the database
+cannot take them they stay buffered, up to a bound; beyond it the oldest are dropped, counted
+and logged.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 import uuid
+from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from bastion.db import Database
+
+log = logging.getLogger("bastion.audit")
 
 _MIGRATIONS = [
     """
@@ -35,6 +41,10 @@ _MIGRATIONS = [
     CREATE INDEX audit_decisions_at ON audit_decisions (at);
     """,
 ]
+# Records kept in memory while they cannot be written (`[server] decision_records_buffer`).
+BUFFER_RECORDS = 100_000
+# Records deleted per statement when pruning, so other writers wait little for the connection.
+PRUNE_BATCH = 5000
 
 # How the `result` column reads: allow, deny, step_up, rate_limited, held, error.
 RESULTS = ("allow", "deny", "step_up", "rate_limited", "held", "error")
@@ -84,13 +94,21 @@ _encode = json.JSONEncoder(sort_keys=True, separators=(",", ":"), default=str).e
 
 
 class DecisionRecords:
-    """Appends and reads decision records. `add` only buffers; `flush` writes."""
+    """Appends and reads decision records. `add` only buffers; `flush` writes.
 
-    def __init__(self, db: Database) -> None:
+    A flush that fails (the database is unavailable) puts its records back, in order, to be
+    written by the next one. At most ``max_buffer`` records wait; past that the oldest are
+    dropped, and `dropped` counts them.
+    """
+
+    def __init__(self, db: Database, max_buffer: int = BUFFER_RECORDS) -> None:
         self.db = db
+        self.max_buffer = max_buffer
         db.migrate("audit_decisions", _MIGRATIONS)
-        self._buffer: list[tuple[DecisionRecord, Callable | None]] = []
+        self._buffer: deque[tuple[DecisionRecord, Callable | None]] = deque()
         self._lock = threading.Lock()
+        self.dropped = 0
+        self._dropped_logged = 0
 
     def add(
         self, record: DecisionRecord, rules: Callable[[], tuple[str, ...]] | None = None
@@ -99,16 +117,51 @@ class DecisionRecords:
         keeping explanations off the request path."""
         with self._lock:
             self._buffer.append((record, rules))
+            if len(self._buffer) > self.max_buffer:
+                self._buffer.popleft()
+                self.dropped += 1
+
+    @property
+    def waiting(self) -> int:
+        """Records buffered, not yet written."""
+        return len(self._buffer)
 
     def flush(self) -> int:
+        """Write every buffered record; on failure keep them for the next flush, and raise."""
         with self._lock:
-            pending, self._buffer = self._buffer, []
+            pending, self._buffer = list(self._buffer), deque()
+        self._report_dropped()
         if not pending:
             return 0
         batch = [
             replace(record, rules=rules()) if rules is not None else record
             for record, rules in pending
         ]
+        try:
+            self._write(batch)
+        except BaseException:
+            with self._lock:
+                # Older than anything buffered meanwhile: back at the front, explained already.
+                self._buffer.extendleft((record, None) for record in reversed(batch))
+                while len(self._buffer) > self.max_buffer:
+                    self._buffer.popleft()
+                    self.dropped += 1
+            raise
+        return len(batch)
+
+    def _report_dropped(self) -> None:
+        dropped = self.dropped
+        if dropped > self._dropped_logged:
+            log.error(
+                "%d decision records dropped (%d in all): more than %d waited to be written"
+                " while the database was unavailable (decision_records_buffer)",
+                dropped - self._dropped_logged,
+                dropped,
+                self.max_buffer,
+            )
+            self._dropped_logged = dropped
+
+    def _write(self, batch: list[DecisionRecord]) -> None:
         rows = [
             (
                 0,
@@ -135,7 +188,22 @@ class DecisionRecords:
                 " result, arguments_digest, record) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 rows,
             )
-        return len(batch)
+
+    def prune(self, before: float, batch: int = PRUNE_BATCH) -> int:
+        """Delete records made before ``before`` (epoch seconds), a batch per statement; return
+        how many went. The newest record always stays, so sequences go on from it and a
+        follower (`audit tail -f`) misses nothing."""
+        removed = 0
+        while True:
+            rows = self.db.execute(
+                "DELETE FROM audit_decisions WHERE seq IN (SELECT seq FROM audit_decisions"
+                " WHERE at < ? AND seq < (SELECT MAX(seq) FROM audit_decisions)"
+                " ORDER BY seq LIMIT ?) RETURNING seq",
+                (before, batch),
+            )
+            removed += len(rows)
+            if len(rows) < batch:
+                return removed
 
     def after(self, seq: int = 0, limit: int = 1000) -> list[tuple[int, DecisionRecord]]:
         """Records written after sequence ``seq``, oldest first, with their sequence."""

@@ -27,7 +27,13 @@ _MIGRATIONS = [
     );
     CREATE INDEX audit_events_kind_at ON audit_events (kind, at);
     """,
+    # Retention deletes by age alone.
+    """
+    CREATE INDEX audit_events_at ON audit_events (at);
+    """,
 ]
+# Events deleted per statement when pruning, so other writers wait little for the connection.
+PRUNE_BATCH = 5000
 
 
 @dataclass(frozen=True)
@@ -83,3 +89,17 @@ class AuditLog:
         sql += " ORDER BY at DESC, id LIMIT ?"
         rows = self.db.execute(sql, (*params, limit))
         return [AuditEvent(r[0], r[1], r[2], r[3], r[4], json.loads(r[5])) for r in rows]
+
+    def prune(self, before: float, batch: int = PRUNE_BATCH) -> int:
+        """Delete events recorded before ``before`` (epoch seconds), a batch per statement;
+        return how many went."""
+        removed = 0
+        while True:
+            rows = self.db.execute(
+                "DELETE FROM audit_events WHERE id IN"
+                " (SELECT id FROM audit_events WHERE at < ? LIMIT ?) RETURNING id",
+                (before, batch),
+            )
+            removed += len(rows)
+            if len(rows) < batch:
+                return removed

@@ -198,8 +198,8 @@ class FactStore:
         db.migrate("facts", _MIGRATIONS)
 
     @classmethod
-    def open(cls, url: str) -> FactStore:
-        return cls(Database(url))
+    def open(cls, url: str, *, role: str = "bastion") -> FactStore:
+        return cls(Database(url, role=role))
 
     def close(self) -> None:
         self.db.close()

@@ -24,6 +24,7 @@ from bastion.decide import Authorizer
 from bastion.decide.contract import ChainDecision, Obligations, decide_chain
 from bastion.facts.model import Entity
 from bastion.gateway.jsonrpc import (
+    FACTS_STALE,
     RATE_LIMIT_UNAVAILABLE,
     RATE_LIMITED,
     REFUSED_BY_POLICY,
@@ -107,11 +108,15 @@ class Enforcer:
         limiter: RateLimiter | RedisRateLimiter | None = None,
         clock: Callable[[], float] = time.time,
         digest_key: bytes | None = None,
+        facts_stale: Callable[[], bool] = lambda: False,
     ) -> None:
         self.authorizer = authorizer
         self.records = records
         self.limiter = limiter or RateLimiter()
         self.clock = clock
+        # True while this process's facts are too old to decide on (the replica cannot follow
+        # the database): every decision is refused, fail closed.
+        self.facts_stale = facts_stale
         self.explained = Explained()
         # Without a key of the deployment's, one of this process (digests match within it).
         self.digest = ArgumentDigest(digest_key or secrets.token_bytes(32))
@@ -146,9 +151,11 @@ class Enforcer:
     ) -> Verdict:
         """Allow (with obligations), or raise `StepUp` or the `RpcError` to send back."""
         started = time.perf_counter()
-        authz = self.authorizer()
         decision_id = new_decision_id()
         target = resource.id
+        if self.facts_stale():
+            self._refuse_stale(decision_id, caller, server, method, resource, context, arguments)
+        authz = self.authorizer()
         chain = decide_chain(
             authz, caller.principals, action, resource, context, granted_scopes=caller.scopes
         )
@@ -208,6 +215,39 @@ class Enforcer:
         if result != "allow":
             raise refused(target, decision_id, reason)
         return Verdict(decision_id, chain.obligations, record)
+
+    def _refuse_stale(
+        self,
+        decision_id: str,
+        caller: Caller,
+        server: str,
+        method: str,
+        resource: Entity,
+        context: dict[str, Any],
+        arguments: Any,
+    ) -> None:
+        """Record the refusal of a decision that would have been made on stale facts; raise it."""
+        reason = "facts_stale"
+        self.write(
+            {
+                "id": decision_id,
+                "at": self.clock(),
+                "server": server,
+                "method": method,
+                "target": repr(resource),
+                "principals": tuple(repr(p) for p in caller.principals),
+                "result": "unavailable",
+                "arguments_digest": digest(arguments),
+                "context": {k: v for k, v in context.items() if k != "arguments"},
+                "reason": reason,
+            }
+        )
+        raise RpcError(
+            FACTS_STALE,
+            f"bastion refused this request ({resource.id}): its facts may be out of date (the"
+            " decision service cannot reach its database); try again later",
+            {"decision_id": decision_id, "reason": reason},
+        )
 
     def _record(
         self,

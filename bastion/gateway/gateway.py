@@ -14,6 +14,7 @@ import anyio
 from starlette.types import Receive, Scope, Send
 
 from bastion.audit.decisions import DecisionRecords
+from bastion.db import DatabaseUnavailable
 from bastion.decide import Authorizer
 from bastion.decide.contract import decide_chain
 from bastion.facts.model import Entity
@@ -90,6 +91,7 @@ class Gateway:
         records: DecisionRecords | None,
         resource_scopes: Callable[[str], tuple[str, ...]] = lambda uri: (),
         digest_key: bytes | None = None,
+        facts_stale: Callable[[], bool] = lambda: False,
     ) -> None:
         self.config = config
         self.tokens = tokens
@@ -104,7 +106,9 @@ class Gateway:
             if config.redis_url
             else RateLimiter()
         )
-        self.enforcer = Enforcer(authorizer, records, self.limiter, digest_key=digest_key)
+        self.enforcer = Enforcer(
+            authorizer, records, self.limiter, digest_key=digest_key, facts_stale=facts_stale
+        )
         self.sessions = SessionTable(config.session_idle_seconds)
         self.resource_scopes = resource_scopes
         # bastion's progress token for a request -> where its progress goes (`Exchange.hear`)
@@ -160,7 +164,9 @@ class Gateway:
         enforcer = self.enforcer
         context = ex.context()
         server = ex.upstream.entity
-        if record or self._connect_needs_deciding(ex.caller, server, context):
+        # On stale facts `Enforcer.decide` refuses, and records it.
+        stale = enforcer.facts_stale()
+        if record or stale or self._connect_needs_deciding(ex.caller, server, context):
             verdict = await enforcer.decide(
                 ex.caller, ex.server, ex.message.method or "", "connect", server, context
             )
@@ -220,7 +226,7 @@ class Gateway:
             )
             if verified is None:
                 await anyio.to_thread.run_sync(tokens.verify, listener.token, resource)
-        except InvalidToken:
+        except (InvalidToken, DatabaseUnavailable):  # a token that cannot be checked: refused
             listener.close(refused=True)
             return False
         enforcer = self.enforcer
@@ -228,7 +234,7 @@ class Gateway:
         caller = listener.caller
         context = enforcer.context(caller, listener.server, method)
         server = Entity("McpServer", listener.server)
-        if self._connect_needs_deciding(caller, server, context):
+        if enforcer.facts_stale() or self._connect_needs_deciding(caller, server, context):
             # Decided again in full, so that a refusal is recorded (with its rules).
             try:
                 verdict = await enforcer.decide(
@@ -275,13 +281,25 @@ class Gateway:
             self._signal_handlers.append((number, previous, stop))
 
     async def _flush_forever(self) -> None:
-        assert self.records is not None
+        """Write the buffered decision records every 0.2 s. While the database is unavailable
+        they stay buffered (bounded: `DecisionRecords`) and every round tries again."""
+        records = self.records
+        assert records is not None
+        failing = False
         while True:
             await asyncio.sleep(0.2)
             try:
-                await asyncio.to_thread(self.records.flush)
+                await asyncio.to_thread(records.flush)
+            except DatabaseUnavailable as e:
+                if not failing:
+                    log.warning("decision records wait in memory (%s); will retry", e)
+                failing = True
             except Exception:
                 log.exception("writing decision records failed; will retry")
+            else:
+                if failing:
+                    log.warning("decision records are written again")
+                failing = False
 
     async def close(self) -> None:
         for number, previous, ours in self._signal_handlers:
@@ -294,7 +312,14 @@ class Gateway:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._flusher
         if self.records is not None:
-            await asyncio.to_thread(self.records.flush)
+            try:
+                await asyncio.to_thread(self.records.flush)
+            except Exception as e:
+                log.error(
+                    "%d decision records could not be written before stopping: %s",
+                    self.records.waiting,
+                    e,
+                )
         for state in self.upstreams.values():
             with contextlib.suppress(Exception):
                 await state.upstream.close()

@@ -22,6 +22,8 @@ RATE_LIMITED = -32004
 SESSION_NOT_FOUND = -32005
 # A rate limit applies but its shared counters (Redis) cannot be reached: refused.
 RATE_LIMIT_UNAVAILABLE = -32006
+# The facts have not been confirmed current within max_staleness_seconds: refused.
+FACTS_STALE = -32007
 # MCP 2026-07-28.
 HEADER_MISMATCH = -32020
 UNSUPPORTED_PROTOCOL_VERSION = -32022

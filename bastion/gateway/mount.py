@@ -40,9 +40,13 @@ class GatewayFirst:
 
 
 def gateway_from_config(
-    config: ServerConfig, oauth, authorizer: Callable[[], Authorizer]
+    config: ServerConfig,
+    oauth,
+    authorizer: Callable[[], Authorizer],
+    facts_stale: Callable[[], bool] = lambda: False,
 ) -> Gateway:
-    """The gateway of the ``[gateway]`` table; it checks tokens with the ``[oauth]`` server."""
+    """The gateway of the ``[gateway]`` table; it checks tokens with the ``[oauth]`` server.
+    While ``facts_stale()`` the facts are too old to decide on, and every decision refuses."""
     if oauth is None:
         raise ConfigError(
             "bastion.toml has a [gateway] table but no [oauth] table: the gateway accepts"
@@ -54,12 +58,15 @@ def gateway_from_config(
         digest_key = deployment_secret(settings.key_dir, ARGUMENT_DIGEST_KEY)
     except (OSError, ValueError) as e:
         raise ConfigError(f"oauth.key_dir: {e}") from None
-    records = DecisionRecords(Database(config.database))
+    records = DecisionRecords(
+        Database(config.database, role="bastion-records"), config.decision_records_buffer
+    )
     gateway = Gateway(
         gateway_config,
         tokens=VerifiedTokens(oauth.verifier, config.database),
         issuer=settings.issuer,
         authorizer=authorizer,
+        facts_stale=facts_stale,
         records=records,
         resource_scopes=lambda uri: r.scopes if (r := settings.resource(uri)) else (),
         digest_key=digest_key,

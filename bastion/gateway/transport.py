@@ -23,9 +23,11 @@ from typing import TYPE_CHECKING, Any
 import anyio
 from starlette.types import Receive, Scope, Send
 
+from bastion.db import DatabaseUnavailable
 from bastion.gateway.enforce import Caller, StepUp
 from bastion.gateway.handlers import LEGACY_VERSIONS, MODERN_VERSIONS, Exchange, handler_for
 from bastion.gateway.jsonrpc import (
+    FACTS_STALE,
     HEADER_MISMATCH,
     INTERNAL_ERROR,
     INVALID_PARAMS,
@@ -187,6 +189,13 @@ class StreamableHttpEndpoint:
                         description=e.reason,
                     )
                 },
+            ) from None
+        except DatabaseUnavailable as e:
+            # The token's revocation state cannot be read: refused until it can (fail closed).
+            raise HttpError(
+                503,
+                {"error": "temporarily_unavailable", "error_description": f"{e}"},
+                {"retry-after": "1"},
             ) from None
         client = scope.get("client") or ("", 0)
         return Caller(
@@ -787,7 +796,12 @@ class InFlight:
 
 
 # The HTTP status of a GET stream that is refused when it opens.
-_REFUSAL_STATUS = {REFUSED_BY_POLICY: 403, RATE_LIMITED: 429, RATE_LIMIT_UNAVAILABLE: 503}
+_REFUSAL_STATUS = {
+    REFUSED_BY_POLICY: 403,
+    RATE_LIMITED: 429,
+    RATE_LIMIT_UNAVAILABLE: 503,
+    FACTS_STALE: 503,
+}
 
 
 def _end_at_expiry(listener: Listener) -> asyncio.TimerHandle:

@@ -16,7 +16,7 @@ from starlette.routing import Route
 
 from bastion.audit import AuditLog
 from bastion.audit.refusals import RefusalLog
-from bastion.db import Database
+from bastion.db import Database, DatabaseUnavailable
 from bastion.oauth import introspection, registration, revocation
 from bastion.oauth.authorize import AuthorizationEndpoint
 from bastion.oauth.client_auth import authenticate_client
@@ -127,12 +127,16 @@ class AuthorizationServer:
         if now - self._last_housekeeping < 60:
             return
         self._last_housekeeping = now
-        self.store.purge_expired(now, keep_seconds=self.settings.leeway_seconds + 3600)
-        self.store.forget_unused_clients(
-            now - self.settings.open_registration.unused_client_seconds
-        )
-        self.login_throttle.forget_old()
-        self.refusals.flush()
+        try:
+            self.store.purge_expired(now, keep_seconds=self.settings.leeway_seconds + 3600)
+            self.store.forget_unused_clients(
+                now - self.settings.open_registration.unused_client_seconds
+            )
+            self.login_throttle.forget_old()
+            self.refusals.flush()
+        except DatabaseUnavailable:
+            # Best effort, after the answer is made: a token already issued is still answered.
+            self._last_housekeeping = 0.0
 
     def close(self) -> None:
         """At shutdown: write the refusal counts of windows still open."""

@@ -224,7 +224,7 @@ class VerifiedTokens:
     def __init__(self, verifier: TokenVerifier, database_url: str, max_tokens: int = 10_000):
         self.verifier = verifier
         self.max_tokens = max_tokens
-        self.db = Database(database_url)
+        self.db = Database(database_url, role="bastion-tokens")
         self._store = OAuthStore(self.db)
         # (token, resource) -> [VerifiedToken, change marker when its state was last read]
         self._tokens: dict[tuple[str, str | None], list] = {}

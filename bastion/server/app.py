@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
@@ -15,7 +16,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import BaseRoute, Route
 
-from bastion.db import Database
+from bastion.audit.retention import prune_forever
+from bastion.db import Database, DatabaseUnavailable
 from bastion.facts.store import FactStore
 from bastion.policy.errors import PolicyError
 from bastion.server import api
@@ -37,16 +39,34 @@ async def healthz(request: Request) -> JSONResponse:
 
 
 async def readyz(request: Request) -> JSONResponse:
-    """Ready: the facts are loaded and the change log is being followed."""
+    """Ready: the facts are loaded, the change log is being followed, and this replica confirmed
+    it was current within ``max_staleness_seconds``; otherwise 503 and the reason."""
     replica: Replica = request.app.state.replica
+    reason = replica.unready_reason()
     body = {
-        "ready": replica.ready and replica.listening,
+        "ready": reason is None,
         "sequence": replica.applied,
         "lag": replica.lag,
         "policy_version": replica.policy_version,
         "facts": len(replica.authz.facts),
+        "staleness_seconds": round(replica.staleness, 3),
     }
-    return JSONResponse(body, status_code=200 if body["ready"] else 503)
+    if reason is not None:
+        body["reason"] = reason
+    return JSONResponse(body, status_code=200 if reason is None else 503)
+
+
+async def database_unavailable(request: Request, exc: Exception) -> JSONResponse:
+    """503 for a request that needed the database while it is unavailable: problem+json on the
+    API, the OAuth error shape elsewhere (RFC 6749 ``temporarily_unavailable``)."""
+    detail = f"the database is unavailable, retry: {exc}"
+    retry = {"Retry-After": "1"}
+    if request.url.path.startswith("/v1/"):
+        response = Problem(503, "Database unavailable", detail).response()
+        response.headers.update(retry)
+        return response
+    body = {"error": "temporarily_unavailable", "error_description": detail}
+    return JSONResponse(body, status_code=503, headers={**retry, "Cache-Control": "no-store"})
 
 
 async def openapi(request: Request) -> JSONResponse:
@@ -102,7 +122,7 @@ def _gateway(config: ServerConfig, oauth, replica: Replica):
         return None
     from bastion.gateway.mount import gateway_from_config
 
-    return gateway_from_config(config, oauth, lambda: replica.authz)
+    return gateway_from_config(config, oauth, lambda: replica.authz, lambda: replica.stale)
 
 
 def create_app(config: ServerConfig) -> Starlette:
@@ -112,23 +132,34 @@ def create_app(config: ServerConfig) -> Starlette:
     store = FactStore(db)
     keys = KeyStore(db, env_admin_key=config.admin_key or None)
     _bootstrap_policy(store, config)
-    replica = Replica(config.database, poll_interval=config.poll_interval)
+    replica = Replica(
+        config.database,
+        poll_interval=config.poll_interval,
+        max_staleness=config.max_staleness_seconds,
+    )
     metrics = Metrics()
     metrics.observe_state(
         lambda: len(replica.authz.facts), lambda: replica.applied, lambda: replica.lag
     )
+    metrics.observe_staleness(lambda: replica.staleness)
 
     oauth = _oauth_server(config, db)
     gateway = _gateway(config, oauth, replica)
+    if gateway is not None and gateway.records is not None:
+        metrics.observe_records_dropped(lambda: gateway.records.dropped)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await replica.start()
         if gateway is not None:
             await gateway.start()
+        retention = asyncio.create_task(prune_forever(db, config.audit_retention_days))
         try:
             yield
         finally:
+            retention.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await retention
             if gateway is not None:
                 await gateway.close()
             if oauth is not None:
@@ -154,7 +185,11 @@ def create_app(config: ServerConfig) -> Starlette:
         routes=routes,
         middleware=middleware,
         lifespan=lifespan,
-        exception_handlers={Problem: problem_handler, HTTPException: http_problem},
+        exception_handlers={
+            Problem: problem_handler,
+            HTTPException: http_problem,
+            DatabaseUnavailable: database_unavailable,
+        },
     )
     app.state.config = config
     app.state.store = store

@@ -2,19 +2,28 @@
 
 from __future__ import annotations
 
+import anyio
 from starlette.requests import Request
 
-from bastion.server.keys import ApiKey
+from bastion.server.keys import ApiKey, KeyStore
 from bastion.server.problems import Problem
 
 
-def require(request: Request, scope: str) -> ApiKey:
-    """The caller's key if it is valid and grants ``scope``; 401 or 403 otherwise."""
+async def require(request: Request, scope: str) -> ApiKey:
+    """The caller's key if it is valid and grants ``scope``; 401 or 403 otherwise.
+
+    A key checked in the last second is answered from memory; any other is read from the
+    database off the event loop (`DatabaseUnavailable` there is a 503, never a 401).
+    """
     header = request.headers.get("authorization", "")
     kind, _, token = header.partition(" ")
     if kind.lower() != "bearer" or not token.strip():
         raise Problem(401, "Unauthorized", "send an API key as 'Authorization: Bearer <key>'")
-    key = request.app.state.keys.verify(token.strip())
+    keys: KeyStore = request.app.state.keys
+    token = token.strip()
+    known, key = keys.remembered(token)
+    if not known:
+        key = await anyio.to_thread.run_sync(keys.verify, token)
     if key is None:
         raise Problem(401, "Unauthorized", "the API key is unknown, expired or revoked")
     if not key.allows(scope):

@@ -19,6 +19,7 @@ from typing import Any
 
 import psycopg
 
+from bastion.db import DatabaseUnavailable
 from bastion.facts.model import FactError, format_fact
 from bastion.facts.store import FactStore, StoredFact, epoch
 from bastion.policy.errors import PolicyError
@@ -368,7 +369,12 @@ def cmd_facts_import(args: argparse.Namespace) -> int:
 
 
 def cmd_facts_export(args: argparse.Namespace) -> int:
-    out = sys.stdout if args.file == "-" else open(args.file, "w")  # noqa: SIM115
+    # The facts may say who may do what: the file is its owner's only (0600), as the store is.
+    out = (
+        sys.stdout
+        if args.file == "-"
+        else os.fdopen(os.open(args.file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w")
+    )
     progress = Progress("exported")
     try:
         client = _remote(args)
@@ -487,7 +493,7 @@ def _guard(func):
 
         try:
             return func(args)
-        except (ConfigError, FactError, OSError, LookupError) as e:
+        except (ConfigError, FactError, OSError, LookupError, DatabaseUnavailable) as e:
             return _fail(str(e))
         except RemoteError as e:
             return _fail(f"the server refused: {e.detail} ({e.status} {e.title})")

@@ -5,6 +5,7 @@ Every key, its default and its meaning is listed in docs/operations.md.
 
 from __future__ import annotations
 
+import math
 import os
 import tomllib
 from dataclasses import dataclass, field, fields, replace
@@ -33,6 +34,13 @@ class ServerConfig:
     consistency_timeout: float = 2.0
     # How often a replica polls the change log when no notification arrives.
     poll_interval: float = 0.05
+    # A replica that has not confirmed it is current with the database for this long refuses
+    # to decide (503; the gateway refuses calls) rather than decide on old facts.
+    max_staleness_seconds: float = 5.0
+    # Audit events and gateway decision records older than this are deleted (0: kept for ever).
+    audit_retention_days: float = 90.0
+    # Gateway decision records held in memory while the database cannot take them.
+    decision_records_buffer: int = 100_000
     # Decisions remembered per process for /v1/decisions/{id}.
     decision_log_size: int = 10_000
     log_level: str = "info"
@@ -94,7 +102,18 @@ class ServerConfig:
                     f"unknown key [server].{key}; known keys: {', '.join(sorted(names))}"
                 )
             checked[key] = _coerce(key, value, type(getattr(config, key)))
-        return replace(config, **checked)
+        config = replace(config, **checked)
+        _check_bounds(config)
+        return config
+
+
+def _check_bounds(config: ServerConfig) -> None:
+    if not (math.isfinite(config.max_staleness_seconds) and config.max_staleness_seconds > 0):
+        raise ConfigError("max_staleness_seconds must be a positive number of seconds")
+    if not (math.isfinite(config.audit_retention_days) and config.audit_retention_days >= 0):
+        raise ConfigError("audit_retention_days must be a number of days, 0 to keep everything")
+    if config.decision_records_buffer < 1:
+        raise ConfigError("decision_records_buffer must be at least 1")
 
 
 def _coerce(key: str, value: Any, kind: type) -> Any:

@@ -138,8 +138,19 @@ class KeyStore:
             id_, name, frozenset(scopes.split()), created_at, created_by, expires_at, revoked_at
         )
 
+    def remembered(self, key: str) -> tuple[bool, ApiKey | None]:
+        """(True, what `verify` answers) if it answered for this key within the last
+        ``cache_seconds``; (False, None) if the database must be asked. Reads no database."""
+        hit = self._cache.get(_hash(key))
+        if hit is not None and hit[0] > time.monotonic():
+            return True, hit[1]
+        return False, None
+
     def verify(self, key: str) -> ApiKey | None:
-        """The record of a valid key, or None if unknown, wrong, expired or revoked."""
+        """The record of a valid key, or None if unknown, wrong, expired or revoked.
+
+        Raises `DatabaseUnavailable` when the key cannot be checked; that is not remembered.
+        """
         digest = _hash(key)
         now = time.monotonic()
         hit = self._cache.get(digest)

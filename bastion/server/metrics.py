@@ -59,6 +59,17 @@ class Metrics:
             "Changes known to be committed but not yet applied by this process.",
             registry=self.registry,
         )
+        self._staleness = Gauge(
+            "bastion_changelog_staleness_seconds",
+            "Seconds since this process last confirmed it had applied every committed change.",
+            registry=self.registry,
+        )
+        self._records_dropped = Gauge(
+            "bastion_decision_records_dropped",
+            "Gateway decision records dropped since start: more waited than"
+            " decision_records_buffer while the database was unavailable.",
+            registry=self.registry,
+        )
 
     def decision(self, kind: str, result: str, seconds: float) -> None:
         """Count one decision and its evaluation time (label children are looked up once)."""
@@ -76,6 +87,12 @@ class Metrics:
         self._facts.set_function(facts)
         self._applied.set_function(applied)
         self._lag.set_function(lag)
+
+    def observe_staleness(self, staleness: Callable[[], float]) -> None:
+        self._staleness.set_function(staleness)
+
+    def observe_records_dropped(self, dropped: Callable[[], float]) -> None:
+        self._records_dropped.set_function(dropped)
 
 
 async def metrics_endpoint(request: Request) -> Response:

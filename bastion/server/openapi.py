@@ -87,6 +87,11 @@ def _op(
     if scope:
         op["security"] = [{"apiKey": []}]
         op["x-scope"] = scope
+        op["responses"]["503"] = {
+            "description": "the database is unavailable, or this replica's facts are stale or"
+            " behind at_least; retry (Retry-After)",
+            "content": {"application/problem+json": {"schema": _ref("Problem")}},
+        }
     if body is not None:
         op["requestBody"] = {"required": True, "content": {content_type: {"schema": body}}}
     if params:
@@ -264,7 +269,18 @@ PATHS: dict[str, Any] = {
     "/v1/keys/{key_id}": {"delete": _op("Revoke a key", "admin")},
     "/v1/openapi.json": {"get": _op("This document", None)},
     "/healthz": {"get": _op("The process is alive", None)},
-    "/readyz": {"get": _op("Facts are loaded and the change log is followed", None)},
+    "/readyz": {
+        "get": {
+            **_op("Facts are loaded, the change log is followed, the facts are current", None),
+            "responses": {
+                "200": {"description": "ready", "content": {"application/json": {"schema": {}}}},
+                "503": {
+                    "description": "not ready; `reason` says why",
+                    "content": {"application/json": {"schema": {}}},
+                },
+            },
+        }
+    },
     "/metrics": {"get": _op("Prometheus metrics", None, content_type="text/plain")},
 }
 

@@ -5,6 +5,10 @@ after it in sequence order. On PostgreSQL a LISTEN connection wakes it on every 
 polls, so a lost notification or a reconnect only delays it. On SQLite it polls the log.
 All changes are applied on the event loop thread, the same thread that makes decisions, so a
 decision never sees half of a batch.
+
+A replica knows when it last confirmed it was current: a read of the log that reached its end.
+While it cannot read the log (the database is down, the connection hangs) that moment recedes;
+past ``max_staleness`` seconds the replica is `stale` and its facts are not used for decisions.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from collections.abc import Iterable
 
 import anyio
 
-from bastion.db import Listener
+from bastion.db import Listener, first_line
 from bastion.decide import Authorizer
 from bastion.facts.model import matches
 from bastion.facts.store import CHANGES_CHANNEL, Change, FactStore, StoredFact
@@ -27,8 +31,11 @@ log = logging.getLogger("bastion.replica")
 
 # The change log is read this many entries at a time.
 _PAGE = 200
-# On PostgreSQL notifications drive the replica; polling is only the safety net.
+# On PostgreSQL notifications drive the replica; polling is only the safety net, and what
+# confirms, when nothing is written, that the replica is still current.
 _PG_POLL_INTERVAL = 1.0
+# After a failed read of the change log, try again this soon.
+_RETRY_INTERVAL = 0.25
 
 
 class ConsistencyTimeout(Exception):
@@ -58,11 +65,20 @@ def _build(text: str, facts: list[StoredFact], source: str) -> tuple[Authorizer,
 class Replica:
     """The decision state of this process: an `Authorizer`, the policy version, the sequence."""
 
-    def __init__(self, database: str, *, poll_interval: float = 0.05) -> None:
+    def __init__(
+        self, database: str, *, poll_interval: float = 0.05, max_staleness: float = 5.0
+    ) -> None:
         self.database = database
-        self.store = FactStore.open(database)
+        self.store = FactStore.open(database, role="bastion-replica")
         self.is_postgres = self.store.db.is_postgres
-        self.poll_interval = _PG_POLL_INTERVAL if self.is_postgres else poll_interval
+        self.max_staleness = max_staleness
+        # Polled often enough that an idle log is confirmed current well within the bound.
+        interval = _PG_POLL_INTERVAL if self.is_postgres else poll_interval
+        self.poll_interval = min(interval, max_staleness / 4)
+        # When (monotonic) this replica last knew it had applied everything committed.
+        self.confirmed_at = 0.0
+        # Why the last read of the change log failed (None while it is being followed).
+        self.follow_error: str | None = None
         self.authz: Authorizer = Authorizer("")
         self.applied = 0
         self.head_seen = 0
@@ -98,6 +114,7 @@ class Replica:
 
     async def _resync(self) -> None:
         """Load a snapshot into a new `Authorizer`, then swap it in (decisions go on meanwhile)."""
+        asked_at = time.monotonic()
         started = time.perf_counter()
         seq, facts, policy = await anyio.to_thread.run_sync(self.store.snapshot)
         text, source = (policy.text, policy.source) if policy else ("", "")
@@ -108,6 +125,7 @@ class Replica:
         self.policy_version = policy.version if policy else None
         self.applied = seq
         self.head_seen = max(self.head_seen, seq)
+        self.confirmed_at = asked_at
         log.info(
             "loaded %d facts and policy version %s at sequence %d in %.2fs",
             len(facts),
@@ -120,6 +138,37 @@ class Replica:
     def listening(self) -> bool:
         """Whether this replica hears of every commit as it happens (always true on SQLite)."""
         return not self.is_postgres or (self._listener is not None and self._listener.healthy)
+
+    @property
+    def staleness(self) -> float:
+        """Seconds since this replica last confirmed it had applied every committed change."""
+        return time.monotonic() - self.confirmed_at
+
+    @property
+    def stale(self) -> bool:
+        """Too long without confirming it is current: its facts must not decide anything."""
+        return time.monotonic() - self.confirmed_at > self.max_staleness
+
+    def stale_reason(self) -> str:
+        """Why this replica is stale, for the person reading a 503."""
+        why = f": {self.follow_error}" if self.follow_error else ""
+        return (
+            f"this replica has not confirmed it is current with the database for"
+            f" {self.staleness:.1f} s (max_staleness_seconds is {self.max_staleness:g})"
+            f"{why}; retry, or ask another replica"
+        )
+
+    def unready_reason(self) -> str | None:
+        """Why this replica should get no traffic now, or None if it is ready."""
+        if not self.ready:
+            return "loading: the facts and the policy are not loaded yet"
+        if self.stale:
+            return "facts_stale: " + self.stale_reason()
+        if self.follow_error is not None:
+            return f"change_log_unreadable: {self.follow_error}"
+        if not self.listening:
+            return "not_listening: the change log's notification connection is down; reconnecting"
+        return None
 
     async def stop(self) -> None:
         if self._task:
@@ -147,34 +196,52 @@ class Replica:
         while True:
             self._wake.clear()
             try:
-                changes = await anyio.to_thread.run_sync(
-                    lambda: self.store.changes_since(self.applied, limit=_PAGE)
-                )
-            except Exception as e:
-                log.warning("cannot read the change log (%s); retrying", e)
-                changes = []
-                await asyncio.sleep(0.5)
-            if changes and changes[0].seq != self.applied + 1:
-                # The entries this replica needs were pruned: start again from a snapshot.
-                log.warning(
-                    "change log pruned past sequence %d (next is %d); reloading a snapshot",
-                    self.applied,
-                    changes[0].seq,
-                )
-                await self._resync()
-                async with self._advanced:
-                    self._advanced.notify_all()
+                more = await self._catch_up()
+            except Exception as e:  # the database is down or the connection lost: try again
+                if self.follow_error is None:
+                    log.warning("cannot read the change log (%s); retrying", first_line(e))
+                self.follow_error = first_line(e)
+                await asyncio.sleep(_RETRY_INTERVAL)
                 continue
-            if changes:
-                for change in changes:
-                    self._apply(change)
-                self.head_seen = max(self.head_seen, self.applied)
-                async with self._advanced:
-                    self._advanced.notify_all()
-                if len(changes) == _PAGE:
-                    continue
+            if self.follow_error is not None:
+                log.warning("following the change log again from sequence %d", self.applied)
+                self.follow_error = None
+            if more:
+                continue
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self.poll_interval)
+
+    async def _catch_up(self) -> bool:
+        """Read the next page of the change log after `applied` and apply it; True if there may
+        be more. A page that ends the log confirms the replica current as of the read's start:
+        sequence order is commit order, so it holds every change committed before then."""
+        assert self._advanced is not None
+        asked_at = time.monotonic()
+        changes = await anyio.to_thread.run_sync(
+            lambda: self.store.changes_since(self.applied, limit=_PAGE)
+        )
+        if changes and changes[0].seq != self.applied + 1:
+            # The entries this replica needs were pruned: start again from a snapshot.
+            log.warning(
+                "change log pruned past sequence %d (next is %d); reloading a snapshot",
+                self.applied,
+                changes[0].seq,
+            )
+            await self._resync()
+            async with self._advanced:
+                self._advanced.notify_all()
+            return True
+        if changes:
+            # `applied` moves with each change, so a failure part way resumes after the last.
+            for change in changes:
+                self._apply(change)
+            self.head_seen = max(self.head_seen, self.applied)
+            async with self._advanced:
+                self._advanced.notify_all()
+            if len(changes) == _PAGE:
+                return True
+        self.confirmed_at = asked_at
+        return False
 
     def _apply(self, change: Change) -> None:
         if change.kind == "facts":

@@ -76,16 +76,24 @@ def free_port() -> int:
 class ServerProcess:
     """A real ``bastion serve`` subprocess on a free loopback port."""
 
-    def __init__(self, database: str, tmp: Path, policy_file: str | None = None) -> None:
+    def __init__(
+        self,
+        database: str,
+        tmp: Path,
+        policy_file: str | None = None,
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.database = database
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = tmp / f"serve-{self.port}.log"
         self.policy_file = policy_file
+        self.env = env or {}
         self.proc: subprocess.Popen | None = None
 
     def start(self, timeout: float = 20.0) -> ServerProcess:
         env = {**os.environ, "BASTION_ADMIN_KEY": ADMIN_KEY, "BASTION_CONFIG": "/nonexistent"}
+        env.update(self.env)
         cmd = [sys.executable, "-m", "bastion.cli", "serve", "--database", self.database]
         cmd += ["--port", str(self.port)]
         if self.policy_file:
@@ -125,13 +133,14 @@ class ServerProcess:
 
 @pytest.fixture
 def serve(tmp_path):
-    """Start servers with ``serve(database)``; all are stopped after the test."""
+    """Start servers with ``serve(database, **env)`` (``env``: more environment variables, such
+    as ``BASTION_MAX_STALENESS_SECONDS="2"``); all are stopped after the test."""
     started: list[ServerProcess] = []
     policy = tmp_path / "policy.polar"
     policy.write_text(POLICY)
 
-    def start(database: str) -> ServerProcess:
-        server = ServerProcess(database, tmp_path, str(policy)).start()
+    def start(database: str, **env: str) -> ServerProcess:
+        server = ServerProcess(database, tmp_path, str(policy), env).start()
         started.append(server)
         return server
 

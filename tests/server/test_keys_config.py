@@ -94,3 +94,19 @@ def test_config_refuses_unknown_keys_and_bad_types(tmp_path):
         )
     with pytest.raises(ConfigError, match="does not exist"):
         ServerConfig.load(tmp_path / "missing.toml", env={})
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("BASTION_MAX_STALENESS_SECONDS", "0"),
+        ("BASTION_MAX_STALENESS_SECONDS", "inf"),
+        ("BASTION_MAX_STALENESS_SECONDS", "nan"),
+        ("BASTION_AUDIT_RETENTION_DAYS", "-1"),
+        ("BASTION_DECISION_RECORDS_BUFFER", "0"),
+    ],
+)
+def test_config_refuses_storage_limits_out_of_range(tmp_path, variable, value):
+    env = {variable: value, "BASTION_CONFIG": str(tmp_path / "absent.toml")}
+    with pytest.raises(ConfigError, match=variable.removeprefix("BASTION_").lower()):
+        ServerConfig.load(None, env=env)

@@ -176,3 +176,199 @@ def test_a_policy_pushed_through_one_replica_reaches_the_other(kind, request, se
         seq = ca.put("/v1/policy", json={"text": text}).json()["sequence"]
         assert not decide(cb, {**READ_ANVIL, "at_least": seq})
         assert cb.get("/readyz").json()["policy_version"] == 2
+
+
+# -- the database goes away ---------------------------------------------------------------------
+
+# The staleness bound the servers below run with (max_staleness_seconds).
+BOUND = 2.0
+DELETE_ALICE = {
+    "patterns": [{"predicate": "has_role", "args": [entity("User", "alice"), None, None]}]
+}
+
+
+class Traffic:
+    """Requests sent over and over from threads of their own while a test does something else;
+    each answer is kept with the moment its request was sent."""
+
+    def __init__(self) -> None:
+        self.answers: dict[str, list[tuple[float, int, dict]]] = {}
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    def run(self, name: str, send) -> None:
+        answers = self.answers.setdefault(name, [])
+
+        def loop() -> None:
+            i = 0
+            while not self._stop.is_set():
+                sent = time.monotonic()
+                r = send(i)
+                body = r.json() if r.headers.get("content-type", "").endswith("json") else {}
+                answers.append((sent, r.status_code, body))
+                i += 1
+                time.sleep(0.01)
+
+        thread = threading.Thread(target=loop, daemon=True)
+        thread.start()
+        self._threads.append(thread)
+
+    def stop(self) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(30)
+
+    def statuses(self, name: str) -> set[int]:
+        return {status for _, status, _ in self.answers[name]}
+
+
+def test_replicas_recover_when_every_database_connection_of_theirs_is_terminated_mid_traffic(
+    outage, serve
+):
+    url = outage.url()
+    a = serve(url, BASTION_MAX_STALENESS_SECONDS=str(BOUND))
+    b = serve(url, BASTION_MAX_STALENESS_SECONDS=str(BOUND))
+    # Every connection each process holds is named after the URL's application_name.
+    roles = ["bastion", "bastion-listen", "bastion-replica"]
+    assert sorted(name for _, name, _ in outage.backends()) == sorted(
+        f"{outage.tag}/{role}" for role in roles * 2
+    )
+    traffic = Traffic()
+    with a.client() as ca, b.client() as cb, b.client() as cb_ready, a.client() as ca_ready:
+        seq = ca.post("/v1/facts", json={"facts": [role("alice", "reader", "Repo", "anvil")]})
+        assert decide(cb, {**READ_ANVIL, "at_least": seq.json()["sequence"]})
+        writer = a.client()
+        traffic.run(
+            "writes",
+            lambda i: writer.post(
+                "/v1/facts", json={"facts": [role(f"u{i}", "reader", "Repo", f"w{i}")]}
+            ),
+        )
+        decider = b.client()
+        traffic.run("decisions", lambda i: decider.post("/v1/authorize", json=READ_ANVIL))
+        traffic.run("ready b", lambda i: cb_ready.get("/readyz"))
+        traffic.run("ready a", lambda i: ca_ready.get("/readyz"))
+        assert eventually(lambda: 200 in traffic.statuses("writes"), within=10)
+
+        terminated = outage.terminate()
+        assert terminated == sorted(f"{outage.tag}/{role}" for role in roles * 2)
+
+        # Writes recover: the grant is deleted through A...
+        deleted: list[int] = []
+
+        def delete_alice() -> bool:
+            r = ca.post("/v1/facts/delete", json=DELETE_ALICE)
+            assert r.status_code in (200, 503), r.text
+            if r.status_code == 200:
+                deleted.append(r.json()["sequence"])
+            return bool(deleted)
+
+        assert eventually(delete_alice, within=10)
+        deleted_at = time.monotonic()
+
+        # ...and B refuses it within the staleness bound.
+        def b_refuses() -> bool:
+            r = cb.post("/v1/authorize", json=READ_ANVIL)
+            return r.status_code == 503 or not r.json()["allowed"]
+
+        assert eventually(b_refuses, within=BOUND + 1)
+        time.sleep(0.5)  # traffic goes on after the recovery
+        traffic.stop()
+        writer.close()
+        decider.close()
+
+        # The follower caught up: B has applied every write A made.
+        writes = [body["sequence"] for _, s, body in traffic.answers["writes"] if s == 200]
+        last_write = max(*writes, *deleted)
+        assert eventually(lambda: cb.get("/readyz").json()["sequence"] >= last_write, within=10)
+        ready = cb.get("/readyz")
+        assert (
+            ready.status_code == 200 and ready.json()["facts"] == ca.get("/readyz").json()["facts"]
+        )
+
+    # Nothing failed with a 500: a request that needed the lost connection got 503, and
+    # writes went on after it.
+    assert traffic.statuses("writes") <= {200, 503}
+    assert any(s == 200 and t > deleted_at for t, s, _ in traffic.answers["writes"])
+    assert traffic.statuses("decisions") <= {200, 503}
+    # No decision on facts older than the bound: asked more than BOUND after the delete had
+    # committed, B never allowed it.
+    for sent, status, body in traffic.answers["decisions"]:
+        if status == 200 and body["allowed"]:
+            assert sent < deleted_at + BOUND, body
+    # /readyz told the truth: it noticed the lost connections, said why, and came back.
+    for name in ("ready a", "ready b"):
+        answers = traffic.answers[name]
+        assert {s for _, s, _ in answers} == {200, 503}, name
+        for _, status, body in answers:
+            assert body["ready"] == (status == 200)
+            assert (status == 503) == ("reason" in body)
+
+
+def test_a_replica_cut_off_from_the_database_stops_deciding_within_the_bound_then_recovers(
+    outage, serve
+):
+    role_a, role_b = outage.role(), outage.role()
+    a = serve(outage.url(role_a), BASTION_MAX_STALENESS_SECONDS=str(BOUND))
+    b = serve(outage.url(role_b), BASTION_MAX_STALENESS_SECONDS=str(BOUND))
+    with a.client() as ca, b.client() as cb:
+        seq = ca.post("/v1/facts", json={"facts": [role("alice", "reader", "Repo", "anvil")]})
+        assert decide(cb, {**READ_ANVIL, "at_least": seq.json()["sequence"]})
+        created = ca.post("/v1/keys", json={"name": "app", "scopes": ["decide"]}).json()
+        app_key = {"authorization": f"Bearer {created['key']}"}
+        assert cb.post("/v1/authorize", json=READ_ANVIL, headers=app_key).status_code == 200
+
+        outage.block(role_b)  # B loses the database; A keeps it
+        deleted = ca.post("/v1/facts/delete", json=DELETE_ALICE)
+        assert deleted.status_code == 200, deleted.text
+        deleted_at = time.monotonic()
+        delete_seq = deleted.json()["sequence"]
+
+        # B goes on deciding until its facts are older than the bound, never after.
+        answers = []
+
+        def refused_as_stale() -> bool:
+            sent = time.monotonic()
+            r = cb.post("/v1/authorize", json=READ_ANVIL)
+            answers.append((sent, r))
+            return r.status_code == 503
+
+        assert eventually(refused_as_stale, within=BOUND + 3)
+        for sent, r in answers[:-1]:
+            assert r.status_code == 200, r.text
+            assert not r.json()["allowed"] or sent < deleted_at + BOUND
+        stale = answers[-1][1]
+        assert stale.headers["content-type"] == "application/problem+json"
+        assert stale.json()["title"] == "Facts are stale"
+
+        # While the database stays away, every answer says so, with 503.
+        for _ in range(3):
+            for path in ("/v1/authorize", "/v1/list"):
+                body = {**READ_ANVIL, "resource_type": "Repo"}
+                r = cb.post(path, json=body)
+                assert r.status_code == 503, r.text
+            r = cb.post("/v1/authorize", json={**READ_ANVIL, "at_least": delete_seq})
+            assert r.status_code == 503
+            assert r.headers["content-type"] == "application/problem+json"
+            ready = cb.get("/readyz")
+            assert ready.status_code == 503
+            assert ready.json()["reason"].startswith("facts_stale")
+            write = cb.post("/v1/facts", json={"facts": [role("bo", "reader", "Repo", "x")]})
+            assert write.status_code == 503
+            assert write.headers["content-type"] == "application/problem+json"
+            assert write.json()["title"] == "Database unavailable"
+            # A stored key that needs the database to be checked: 503, not a 401.
+            keyed = cb.get("/v1/decisions/none", headers=app_key)
+            assert keyed.status_code == 503, keyed.text
+            time.sleep(0.5)
+        # A, which still has the database, decides on current facts.
+        assert not decide(ca)
+
+        outage.unblock(role_b)
+        assert eventually(lambda: cb.get("/readyz").status_code == 200, within=10)
+        r = cb.post("/v1/authorize", json=READ_ANVIL)
+        assert r.status_code == 200 and not r.json()["allowed"]
+        assert r.json()["sequence"] >= delete_seq
+        assert cb.post("/v1/authorize", json=READ_ANVIL, headers=app_key).status_code == 200
+        write = cb.post("/v1/facts", json={"facts": [role("bo", "reader", "Repo", "x")]})
+        assert write.status_code == 200

@@ -80,9 +80,24 @@ class DecisionLog:
 # -- helpers -----------------------------------------------------------------------------------
 
 
-async def _fresh(request: Request, body: dict) -> Replica:
-    """The replica, once it reflects ``at_least`` (if given)."""
+def _current(request: Request) -> Replica:
+    """The replica, unless its facts are too old to decide on: then 503 (fail closed)."""
     replica: Replica = request.app.state.replica
+    if replica.stale:
+        raise Problem(
+            503,
+            "Facts are stale",
+            replica.stale_reason(),
+            sequence=replica.applied,
+            staleness_seconds=round(replica.staleness, 3),
+        )
+    return replica
+
+
+async def _fresh(request: Request, body: dict) -> Replica:
+    """The replica, once it reflects ``at_least`` (if given), and only if its facts are not
+    stale."""
+    replica = _current(request)
     at_least = get_field(body, "at_least", int, required=False)
     if at_least:
         try:
@@ -98,6 +113,7 @@ async def _fresh(request: Request, body: dict) -> Replica:
             raise Problem(
                 503, "Not yet consistent", str(e), sequence=replica.applied, at_least=at_least
             ) from None
+        _current(request)  # it may have gone stale while it waited
     return replica
 
 
@@ -167,7 +183,7 @@ def _entity_json(e: Entity) -> dict:
 
 
 async def authorize(request: Request) -> JSONResponse:
-    require(request, "decide")
+    await require(request, "decide")
     body = await read_json(request)
     replica = await _fresh(request, body)
     authz = replica.authz
@@ -193,7 +209,7 @@ async def authorize(request: Request) -> JSONResponse:
 
 
 async def authorize_batch(request: Request) -> JSONResponse:
-    require(request, "decide")
+    await require(request, "decide")
     body = await read_json(request)
     replica = await _fresh(request, body)
     authz = replica.authz
@@ -223,7 +239,7 @@ async def authorize_batch(request: Request) -> JSONResponse:
 
 
 async def list_resources(request: Request) -> JSONResponse:
-    require(request, "decide")
+    await require(request, "decide")
     body = await read_json(request)
     replica = await _fresh(request, body)
     authz = replica.authz
@@ -255,7 +271,7 @@ async def list_resources(request: Request) -> JSONResponse:
 
 
 async def actions(request: Request) -> JSONResponse:
-    require(request, "decide")
+    await require(request, "decide")
     body = await read_json(request)
     replica = await _fresh(request, body)
     authz = replica.authz
@@ -276,7 +292,7 @@ async def actions(request: Request) -> JSONResponse:
 async def query(request: Request) -> JSONResponse:
     from bastion.decide import Variable
 
-    require(request, "decide")
+    await require(request, "decide")
     body = await read_json(request)
     replica = await _fresh(request, body)
     predicate = get_field(body, "predicate", str)
@@ -314,14 +330,14 @@ def _explanation_json(decision: Any) -> dict:
 
 
 async def get_decision(request: Request) -> JSONResponse:
-    require(request, "decide")
+    await require(request, "decide")
     record = _find(request)
     return JSONResponse(record.to_json())
 
 
 async def explain(request: Request) -> JSONResponse:
     """The explanation of an authorize decision: kept if asked for, otherwise evaluated again."""
-    require(request, "decide")
+    await require(request, "decide")
     record = _find(request)
     if record.kind != "authorize":
         raise Problem(
@@ -329,7 +345,6 @@ async def explain(request: Request) -> JSONResponse:
             "Not explainable",
             f"only authorize decisions are explained; this is a {record.kind}",
         )
-    replica: Replica = request.app.state.replica
     out = record.to_json()
     if record.explanation is not None:
         out["explanation"] = record.explanation
@@ -343,6 +358,7 @@ async def explain(request: Request) -> JSONResponse:
             "the request was too large for its context to be kept; send it again with"
             ' "explain": true to get the explanation in the answer',
         )
+    replica = _current(request)
     decision = replica.authz.decide(
         Entity(**r["actor"]), r["action"], Entity(**r["resource"]), r.get("context")
     )

@@ -68,7 +68,7 @@ def _fact_list(body: dict, name: str) -> list:
 
 async def insert(request: Request) -> JSONResponse:
     """Insert facts; a top-level ``expires_at`` applies to those that name none."""
-    request.state.key = require(request, "facts:write")
+    request.state.key = await require(request, "facts:write")
     body = await read_json(request)
     default_expiry = get_field(body, "expires_at", (int, float), required=False)
     facts = get_field(body, "facts", list)
@@ -82,7 +82,7 @@ async def insert(request: Request) -> JSONResponse:
 
 async def delete(request: Request) -> JSONResponse:
     """Delete every fact matching any of the patterns (``null`` matches any value)."""
-    request.state.key = require(request, "facts:write")
+    request.state.key = await require(request, "facts:write")
     body = await read_json(request)
     patterns = [_pattern(p, i) for i, p in enumerate(get_field(body, "patterns", list))]
     return JSONResponse(await _write(request, [], patterns))
@@ -90,7 +90,7 @@ async def delete(request: Request) -> JSONResponse:
 
 async def batch(request: Request) -> JSONResponse:
     """Deletes (patterns) then inserts, together or not at all."""
-    request.state.key = require(request, "facts:write")
+    request.state.key = await require(request, "facts:write")
     body = await read_json(request)
     deletes = [_pattern(p, i) for i, p in enumerate(_fact_list(body, "delete"))]
     inserts = [_stored_fact(request, f, i) for i, f in enumerate(_fact_list(body, "insert"))]
@@ -101,7 +101,7 @@ async def batch(request: Request) -> JSONResponse:
 
 async def get(request: Request) -> JSONResponse:
     """Stored facts matching ``pattern`` (JSON in the query string), a page at a time."""
-    require(request, "facts:read")
+    await require(request, "facts:read")
     params = request.query_params
     pattern = None
     if "pattern" in params:
@@ -130,7 +130,7 @@ async def get(request: Request) -> JSONResponse:
 
 async def import_lines(request: Request) -> JSONResponse:
     """Bulk import: one fact per line (JSON); the whole body is one transaction."""
-    request.state.key = require(request, "facts:write")
+    request.state.key = await require(request, "facts:write")
     body = await read_body(request, request.app.state.config.max_import_bytes)
 
     def parse() -> list[StoredFact]:
@@ -154,7 +154,7 @@ async def import_lines(request: Request) -> JSONResponse:
 
 async def export_lines(request: Request) -> StreamingResponse:
     """Every live fact, one JSON object per line."""
-    require(request, "facts:read")
+    await require(request, "facts:read")
     store: FactStore = request.app.state.store
 
     def lines() -> Iterator[bytes]:

@@ -14,7 +14,7 @@ from bastion.server.problems import field as get_field
 
 
 async def create(request: Request) -> JSONResponse:
-    caller = require(request, "admin")
+    caller = await require(request, "admin")
     body = await read_json(request)
     name = get_field(body, "name", str)
     scopes = get_field(body, "scopes", list)
@@ -35,14 +35,14 @@ async def create(request: Request) -> JSONResponse:
 
 
 async def list_keys(request: Request) -> JSONResponse:
-    require(request, "admin")
+    await require(request, "admin")
     keys: KeyStore = request.app.state.keys
     found = await anyio.to_thread.run_sync(keys.list)
     return JSONResponse({"keys": [k.to_json() for k in found]})
 
 
 async def revoke(request: Request) -> JSONResponse:
-    require(request, "admin")
+    await require(request, "admin")
     keys: KeyStore = request.app.state.keys
     key_id = request.path_params["key_id"]
     if not await anyio.to_thread.run_sync(keys.revoke, key_id):

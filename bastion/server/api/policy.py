@@ -45,7 +45,7 @@ async def _await_applied(request: Request, seq: int) -> None:
 
 
 async def get_policy(request: Request) -> JSONResponse:
-    require(request, "policy:read")
+    await require(request, "policy:read")
     replica: Replica = request.app.state.replica
     store: FactStore = request.app.state.store
     current = await anyio.to_thread.run_sync(store.policy)
@@ -57,7 +57,7 @@ async def get_policy(request: Request) -> JSONResponse:
 
 
 async def validate(request: Request) -> JSONResponse:
-    require(request, "policy:read")
+    await require(request, "policy:read")
     body = await read_json(request)
     text = get_field(body, "text", str)
     source = get_field(body, "source", str, required=False) or "policy.polar"
@@ -69,7 +69,7 @@ async def validate(request: Request) -> JSONResponse:
 
 
 async def put_policy(request: Request) -> JSONResponse:
-    key = require(request, "policy:write")
+    key = await require(request, "policy:write")
     body = await read_json(request)
     text = get_field(body, "text", str)
     source = get_field(body, "source", str, required=False) or "policy.polar"
@@ -88,14 +88,14 @@ async def put_policy(request: Request) -> JSONResponse:
 
 
 async def versions(request: Request) -> JSONResponse:
-    require(request, "policy:read")
+    await require(request, "policy:read")
     store: FactStore = request.app.state.store
     found = await anyio.to_thread.run_sync(store.policy_versions)
     return JSONResponse({"versions": [v.summary() for v in found]})
 
 
 async def rollback(request: Request) -> JSONResponse:
-    key = require(request, "policy:write")
+    key = await require(request, "policy:write")
     body = await read_json(request)
     version = get_field(body, "version", int)
     store: FactStore = request.app.state.store

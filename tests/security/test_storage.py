@@ -1,0 +1,357 @@
+"""Storage, tried against a real `bastion serve`: files only their owner can read, a PostgreSQL
+that goes away under the authorization server and the gateway (logins refused, connections
+terminated, tables locked: only this test's), and an audit trail that does not grow for ever."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sqlite3
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import psycopg
+import pytest
+
+from bastion.audit import AuditLog
+from bastion.audit.decisions import DecisionRecord, DecisionRecords
+from bastion.db import Database, DatabaseUnavailable
+from bastion.facts.store import FactStore
+from bastion.oauth.store import OAuthStore
+from bastion.oauth.users import create_user
+from tests.gateway import support as gateway_support
+from tests.gateway.streams import modern_headers, modern_request
+from tests.gateway.support import PASSWORD, QUICKSTART, Running
+from tests.server.conftest import ADMIN_KEY, POLICY, ServerProcess, role
+from tests.server.test_replicas import eventually
+
+DAY = 86_400.0
+
+
+def private(path: Path) -> bool:
+    """Nobody but the owner may read, write or enter it."""
+    return stat.S_IMODE(os.stat(path).st_mode) & 0o077 == 0
+
+
+def _decision(at: float, n: int) -> DecisionRecord:
+    return DecisionRecord(f"d{n}", at, "desk", "tools/call", "Tool:desk/x", ("User:sam",), "allow")
+
+
+def served(tmp_path: Path, database: str, config: str = "", **env: str) -> ServerProcess:
+    """`bastion serve` on ``database`` with ``config`` as bastion.toml (``{url}`` is its URL)."""
+    policy = tmp_path / "policy.polar"
+    if not policy.exists():
+        policy.write_text(POLICY)
+    server = ServerProcess(database, tmp_path, str(policy), env)
+    path = tmp_path / f"bastion-{server.port}.toml"
+    path.write_text(config.replace("{url}", server.url))
+    server.env["BASTION_CONFIG"] = str(path)
+    return server.start()
+
+
+OAUTH = """
+[oauth]
+issuer = "{url}"
+key_dir = "%s"
+
+[[oauth.resources]]
+uri = "{url}/mcp/desk"
+scopes = ["customers:read", "customers:write"]
+"""
+
+
+# -- files ----------------------------------------------------------------------------------------
+
+
+def test_the_database_its_wal_and_shm_files_and_the_signing_keys_are_private(tmp_path):
+    database = tmp_path / "bastion.db"
+    keys = tmp_path / "keys"
+    server = served(tmp_path, str(database), OAUTH % keys)
+    with server.client() as http:
+        fact = role("alice", "reader", "Repo", "anvil")
+        assert http.post("/v1/facts", json={"facts": [fact]}).status_code == 200
+        assert http.get("/jwks.json").json()["keys"]  # the first signing key is made
+        for path in (database, Path(f"{database}-wal"), Path(f"{database}-shm")):
+            assert path.exists() and private(path), oct(os.stat(path).st_mode)
+        pems = list(keys.glob("*.pem"))
+        assert pems and all(private(p) for p in pems)
+        assert private(keys)
+    server.stop()
+
+    exported = tmp_path / "facts.jsonl"
+    subprocess.run(
+        [sys.executable, "-m", "bastion.cli", "facts", "export", str(exported)]
+        + ["--database", str(database)],
+        check=True,
+        env={**os.environ, "BASTION_CONFIG": "/nonexistent"},
+    )
+    assert "anvil" in exported.read_text() and private(exported)
+
+
+# -- the audit trail's retention --------------------------------------------------------------------
+
+
+def _audit_trail(database: str, ages_in_days: list[float]) -> None:
+    """An audit event and a decision record of each age."""
+    db = Database(database)
+    records = DecisionRecords(db)
+    now = time.time()
+    for n, age in enumerate(ages_in_days):
+        AuditLog(db, clock=lambda age=age: now - age * DAY).record("token.issued", subject=f"u{n}")
+        records.add(_decision(now - age * DAY, n))
+    records.flush()
+    db.close()
+
+
+def _left(database: str) -> tuple[list[str], list[str]]:
+    with sqlite3.connect(database) as conn:
+        events = conn.execute("SELECT subject FROM audit_events ORDER BY subject").fetchall()
+        decisions = conn.execute("SELECT id FROM audit_decisions ORDER BY id").fetchall()
+    return [e for (e,) in events], [d for (d,) in decisions]
+
+
+def test_the_server_deletes_the_audit_trail_older_than_the_retention_by_itself(tmp_path):
+    database = str(tmp_path / "bastion.db")
+    _audit_trail(database, [400, 40, 5, 0])
+    served(tmp_path, database, "", BASTION_AUDIT_RETENTION_DAYS="30")
+    # No request asks for it: the server prunes on its own, off the request path.
+    assert eventually(lambda: _left(database) == (["u2", "u3"], ["d2", "d3"]), within=20)
+
+
+def test_bastion_audit_prune_keeps_the_newest_decision_record_so_sequences_go_on(tmp_path):
+    database = str(tmp_path / "bastion.db")
+    _audit_trail(database, [400, 200, 100])
+
+    def prune(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "bastion.cli", "audit", "prune", "--database", database, *args],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "BASTION_CONFIG": "/nonexistent"},
+        )
+
+    assert prune("--older-than", "0").returncode == 2  # it would delete everything
+    done = prune("--older-than", "150")
+    assert done.returncode == 0, done.stderr
+    assert "deleted 2 audit events and 2 decision records" in done.stderr
+    assert _left(database) == (["u2"], ["d2"])
+    assert prune("--older-than", "1").returncode == 0
+    # Every event went; the newest decision record stays, so `audit tail -f` misses nothing.
+    assert _left(database) == ([], ["d2"])
+    db = Database(database)
+    records = DecisionRecords(db)
+    records.add(_decision(time.time(), 9))
+    records.flush()
+    (kept, d2), (seq, d9) = records.after(0)
+    assert (d2.id, d9.id) == ("d2", "d9") and seq == kept + 1
+    db.close()
+
+
+def test_retention_deletes_in_batches_on_sqlite_and_postgresql(database_url):
+    db = Database(database_url)
+    now = time.time()
+    audit, records = AuditLog(db), DecisionRecords(db)
+    for n, age in enumerate([9, 8, 7, 6, 5, 1]):
+        AuditLog(db, clock=lambda age=age: now - age * DAY).record("token.issued", subject=f"u{n}")
+        records.add(_decision(now - age * DAY, n))
+    records.flush()
+    before = now - 2 * DAY
+    assert (audit.prune(before, batch=2), records.prune(before, batch=2)) == (5, 5)
+    assert [e.subject for e in audit.events()] == ["u5"]
+    assert [r.id for _, r in records.after(0)] == ["d5"]
+    db.close()
+
+
+# -- the database goes away: the authorization server ------------------------------------------------
+
+
+def test_oauth_endpoints_answer_503_temporarily_unavailable_while_the_database_is_away(
+    outage, tmp_path
+):
+    role = outage.role()
+    server = served(tmp_path, outage.url(role), OAUTH % (tmp_path / "keys"))
+    client = {"client_name": "c", "redirect_uris": ["http://127.0.0.1:9/cb"]}
+    with httpx.Client(base_url=server.url, timeout=30) as http:
+        assert http.post("/register", json=client).status_code == 201
+        outage.block(role)
+        refused = [
+            http.post("/register", json=client),
+            http.post("/token", data={"grant_type": "client_credentials", "client_id": "x"}),
+            http.post(
+                "/v1/keys",
+                json={"name": "k", "scopes": ["decide"]},
+                headers={"authorization": f"Bearer {ADMIN_KEY}"},
+            ),
+        ]
+        for r in refused[:2]:
+            assert r.status_code == 503, r.text
+            assert r.json()["error"] == "temporarily_unavailable"
+            assert r.headers["retry-after"]
+        assert refused[2].status_code == 503
+        assert refused[2].headers["content-type"] == "application/problem+json"
+        outage.unblock(role)
+        assert eventually(lambda: http.post("/register", json=client).status_code == 201, 10)
+
+
+def test_every_connection_has_keepalives_and_timeouts_which_the_url_may_change(postgres_url):
+    db = Database(postgres_url)
+    assert db._conn.info.get_parameters()["tcp_user_timeout"] == "10000"
+    db.close()
+    db = Database(f"{postgres_url}&tcp_user_timeout=3000&connect_timeout=2", role="bastion-x")
+    given = db._conn.info.get_parameters()
+    assert (given["tcp_user_timeout"], given["connect_timeout"]) == ("3000", "2")
+    assert given["keepalives_idle"] == "5" and given["application_name"] == "bastion-x"
+    db.close()
+
+
+# -- the database goes away: the gateway ----------------------------------------------------------
+
+
+GATEWAY = (
+    OAUTH
+    + """
+[gateway]
+
+[[gateway.upstreams]]
+name = "desk"
+command = "%s"
+args = ["%s"]
+scopes = ["customers:read"]
+"""
+)
+
+
+@pytest.fixture
+def gateway(outage, tmp_path):
+    """A served bastion with the gateway in front of the quickstart's desk, on PostgreSQL as a
+    role of the test's; sam's token for desk. Yields (server, token, role)."""
+    role = outage.role()
+    url = outage.url(role)
+    policy = tmp_path / "policy.polar"
+    policy.write_text(gateway_support.test_policy())
+    config = GATEWAY % (tmp_path / "keys", sys.executable, QUICKSTART / "server.py")
+    server = served(tmp_path, url, config, BASTION_MAX_STALENESS_SECONDS="2")
+    db = Database(url)
+    create_user(OAuthStore(db), "sam", PASSWORD, time.time())
+    FactStore(db).apply(gateway_support.facts())
+    db.close()
+    with httpx.Client(timeout=30) as http:
+        person = Running(server.url, None, None, None, http, None)
+        yield server, person.token("sam", "desk"), role
+    server.stop()
+
+
+def call(server: ServerProcess, token: str, n: int = 1) -> httpx.Response:
+    return httpx.post(
+        f"{server.url}/mcp/desk",
+        json=modern_request(n, "tools/call", {"name": "search_customers", "arguments": {}}),
+        headers={
+            **modern_headers(token, "tools/call", "search_customers"),
+            "accept": "application/json",
+        },
+        timeout=30,
+    )
+
+
+def records(role_url: str) -> list[dict]:
+    with psycopg.connect(role_url, autocommit=True) as conn:
+        rows = conn.execute("SELECT record FROM audit_decisions ORDER BY seq").fetchall()
+    return [json.loads(r) for (r,) in rows]
+
+
+def test_the_gateway_refuses_calls_on_stale_facts_and_records_why(gateway, outage):
+    server, token, role = gateway
+    allowed = call(server, token).json()
+    assert "result" in allowed, allowed
+    # The change log cannot be read (a lock held by this test on its own table): the replica
+    # cannot confirm its facts are current.
+    with psycopg.connect(outage.url(), autocommit=True) as lock:
+        lock.execute("BEGIN")
+        lock.execute("LOCK TABLE changes IN ACCESS EXCLUSIVE MODE")
+
+        def refused() -> dict | None:
+            answer = call(server, token).json()
+            return answer if "error" in answer else None
+
+        assert eventually(lambda: refused() is not None, within=10)
+        error = refused()["error"]
+        assert error["code"] == -32007 and error["data"]["reason"] == "facts_stale"
+        ready = httpx.get(f"{server.url}/readyz")
+        assert ready.status_code == 503 and ready.json()["reason"].startswith("facts_stale")
+        lock.execute("ROLLBACK")
+    assert eventually(lambda: "result" in call(server, token).json(), within=10)
+    decision_id = error["data"]["decision_id"]
+
+    def recorded() -> dict | None:
+        return next((r for r in records(outage.url()) if r["id"] == decision_id), None)
+
+    assert eventually(lambda: recorded() is not None, within=10)
+    record = recorded()
+    assert record["result"] == "unavailable" and record["reason"] == "facts_stale"
+
+
+def test_a_token_whose_revocation_cannot_be_checked_is_refused(gateway, outage):
+    server, token, role = gateway
+    assert "result" in call(server, token).json()
+    outage.block(role)
+    # Remembered tokens were trusted only while revocations could be heard; now each use must
+    # read its revocation state, and cannot: refused, with 503, never let through.
+    assert eventually(lambda: call(server, token).status_code == 503, within=10)
+    refused = call(server, token)
+    assert refused.status_code == 503
+    assert refused.json()["error"] == "temporarily_unavailable"
+    outage.unblock(role)
+    assert eventually(lambda: call(server, token).status_code == 200, within=10)
+    assert "result" in call(server, token).json()
+
+
+def test_decision_records_are_kept_while_they_cannot_be_written(gateway, outage):
+    server, token, role = gateway
+    ids = []
+    with psycopg.connect(outage.url(), autocommit=True) as lock:
+        lock.execute("BEGIN")
+        lock.execute("LOCK TABLE audit_decisions IN ACCESS EXCLUSIVE MODE")
+        for n in range(5):
+            ids.append(call(server, token, n).json())
+        # The writer's connection is lost while it waits: its batch must not be.
+        assert eventually(lambda: f"{outage.tag}/bastion-records" in outage.terminate(), within=10)
+        for n in range(5, 10):
+            ids.append(call(server, token, n).json())
+        lock.execute("ROLLBACK")
+    assert all("result" in answer for answer in ids)
+
+    def written() -> int:
+        return sum(r["method"] == "tools/call" for r in records(outage.url()))
+
+    assert eventually(lambda: written() >= 10, within=10)
+
+
+def test_past_the_buffer_the_oldest_decision_records_are_dropped_counted_and_logged(outage, caplog):
+    role = outage.role()
+    db = Database(outage.url(role), role="bastion-records")
+    buffered = DecisionRecords(db, max_buffer=5)
+    outage.block(role)
+    for n in range(8):
+        buffered.add(_decision(time.time(), n))
+    with caplog.at_level(logging.ERROR, logger="bastion.audit"), pytest.raises(DatabaseUnavailable):
+        buffered.flush()
+    assert buffered.dropped == 3 and buffered.waiting == 5
+    assert "3 decision records dropped" in caplog.text
+    outage.unblock(role)
+    assert eventually(lambda: _flushed(buffered), within=10)
+    ids = [r.id for _, r in buffered.after(0)]
+    assert ids == ["d3", "d4", "d5", "d6", "d7"]
+    db.close()
+
+
+def _flushed(records: DecisionRecords) -> bool:
+    try:
+        records.flush()
+    except DatabaseUnavailable:
+        return False
+    return records.waiting == 0
