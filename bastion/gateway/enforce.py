@@ -237,7 +237,7 @@ class Enforcer:
                 "target": repr(resource),
                 "principals": tuple(repr(p) for p in caller.principals),
                 "result": "unavailable",
-                "arguments_digest": digest(arguments),
+                "arguments_digest": self.digest(arguments),
                 "context": {k: v for k, v in context.items() if k != "arguments"},
                 "reason": reason,
             }
