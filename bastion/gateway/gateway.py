@@ -225,7 +225,9 @@ class Gateway:
                 else await anyio.to_thread.run_sync(tokens.remembered, listener.token, resource)
             )
             if verified is None:
-                await anyio.to_thread.run_sync(tokens.verify, listener.token, resource)
+                await anyio.to_thread.run_sync(
+                    tokens.verify, listener.token, resource, listener.caller.address or None
+                )
         except (InvalidToken, DatabaseUnavailable):  # a token that cannot be checked: refused
             listener.close(refused=True)
             return False

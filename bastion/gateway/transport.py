@@ -176,7 +176,8 @@ class StreamableHttpEndpoint:
             else:
                 verified = await anyio.to_thread.run_sync(tokens.remembered, token, resource)
             if verified is None:
-                verified = await anyio.to_thread.run_sync(tokens.verify, token, resource)
+                address = (scope.get("client") or ("", 0))[0] or None
+                verified = await anyio.to_thread.run_sync(tokens.verify, token, resource, address)
         except InvalidToken as e:
             raise HttpError(
                 401,

@@ -136,3 +136,18 @@ def test_the_same_data_read_as_a_resource_is_masked(served):
     assert {c["email"] for c in json.loads(read["contents"][0]["text"])["customers"]} == {
         "[masked]"
     }
+
+
+def test_a_forged_token_at_the_gateway_is_audited_with_the_callers_address(served):
+    # Refusals of tokens this server did not sign are aggregated per address: the gateway must
+    # hand the verifier the caller's address, or one flooding address hides among all others.
+    forged = "eyJhbGciOiJFUzI1NiJ9.eyJzdWIiOiJzYW0ifQ.c2ln"
+    response = served.http.post(
+        f"{served.url}/mcp/desk",
+        json=modern_request(3, "tools/list", {}),
+        headers=modern_headers(forged, "tools/list"),
+    )
+    assert response.status_code == 401
+    with sqlite3.connect(served.directory / "bastion.db") as db:
+        rows = db.execute("SELECT detail FROM audit_events WHERE kind = 'token.refused'").fetchall()
+    assert [json.loads(detail).get("address") for (detail,) in rows] == ["127.0.0.1"]
