@@ -72,7 +72,7 @@ def _bootstrap_policy(store: FactStore, config: ServerConfig) -> None:
     except OSError as e:
         raise ConfigError(f"policy_file {path}: {e}") from None
     try:
-        validate_policy(text, str(path))
+        validate_policy(text, str(path), config.policy_limits())
     except PolicyError as e:
         raise ConfigError(f"policy_file {path} does not load:\n{e}") from None
     store.put_policy(
@@ -112,7 +112,9 @@ def create_app(config: ServerConfig) -> Starlette:
     store = FactStore(db)
     keys = KeyStore(db, env_admin_key=config.admin_key or None)
     _bootstrap_policy(store, config)
-    replica = Replica(config.database, poll_interval=config.poll_interval)
+    replica = Replica(
+        config.database, poll_interval=config.poll_interval, limits=config.policy_limits()
+    )
     metrics = Metrics()
     metrics.observe_state(
         lambda: len(replica.authz.facts), lambda: replica.applied, lambda: replica.lag

@@ -4,7 +4,8 @@ At start the replica loads a snapshot (facts, policy, head sequence), then appli
 after it in sequence order. On PostgreSQL a LISTEN connection wakes it on every commit; it also
 polls, so a lost notification or a reconnect only delays it. On SQLite it polls the log.
 All changes are applied on the event loop thread, the same thread that makes decisions, so a
-decision never sees half of a batch.
+decision never sees half of a batch; a new policy is compiled in a worker thread first, and put
+in force between two decisions.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Iterable
+from functools import partial
 
 import anyio
 
@@ -22,6 +24,7 @@ from bastion.decide import Authorizer
 from bastion.facts.model import matches
 from bastion.facts.store import CHANGES_CHANNEL, Change, FactStore, StoredFact
 from bastion.policy.errors import PolicyError
+from bastion.policy.limits import DEFAULT_LIMITS, PolicyLimits
 
 log = logging.getLogger("bastion.replica")
 
@@ -48,8 +51,10 @@ def load_facts(
     return [StoredFact(fact, expires_at) for fact, expires_at in refused]
 
 
-def _build(text: str, facts: list[StoredFact], source: str) -> tuple[Authorizer, list[StoredFact]]:
-    authz = Authorizer("")
+def _build(
+    text: str, facts: list[StoredFact], source: str, limits: PolicyLimits
+) -> tuple[Authorizer, list[StoredFact]]:
+    authz = Authorizer("", limits=limits)
     if text:
         authz.load_policy(text, source=source or "policy.polar")
     return authz, load_facts(authz, facts)
@@ -58,12 +63,15 @@ def _build(text: str, facts: list[StoredFact], source: str) -> tuple[Authorizer,
 class Replica:
     """The decision state of this process: an `Authorizer`, the policy version, the sequence."""
 
-    def __init__(self, database: str, *, poll_interval: float = 0.05) -> None:
+    def __init__(
+        self, database: str, *, poll_interval: float = 0.05, limits: PolicyLimits = DEFAULT_LIMITS
+    ) -> None:
         self.database = database
+        self.limits = limits
         self.store = FactStore.open(database)
         self.is_postgres = self.store.db.is_postgres
         self.poll_interval = _PG_POLL_INTERVAL if self.is_postgres else poll_interval
-        self.authz: Authorizer = Authorizer("")
+        self.authz: Authorizer = Authorizer("", limits=limits)
         self.applied = 0
         self.head_seen = 0
         self.policy_version: int | None = None
@@ -101,7 +109,7 @@ class Replica:
         started = time.perf_counter()
         seq, facts, policy = await anyio.to_thread.run_sync(self.store.snapshot)
         text, source = (policy.text, policy.source) if policy else ("", "")
-        authz, unusable = await anyio.to_thread.run_sync(_build, text, facts, source)
+        authz, unusable = await anyio.to_thread.run_sync(_build, text, facts, source, self.limits)
         if unusable:
             log.warning("%d stored facts are not used by the policy in force", len(unusable))
         self.authz, self.unusable = authz, unusable
@@ -167,7 +175,7 @@ class Replica:
                 continue
             if changes:
                 for change in changes:
-                    self._apply(change)
+                    await self._apply(change)
                 self.head_seen = max(self.head_seen, self.applied)
                 async with self._advanced:
                     self._advanced.notify_all()
@@ -176,7 +184,7 @@ class Replica:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self.poll_interval)
 
-    def _apply(self, change: Change) -> None:
+    async def _apply(self, change: Change) -> None:
         if change.kind == "facts":
             if self.unusable and change.deletes:
                 self.unusable = [
@@ -187,7 +195,10 @@ class Replica:
             policy = self.store.policy(change.policy_version)
             if policy is not None:
                 try:
-                    self.authz.load_policy(policy.text, source=policy.source)
+                    # Compiled in a worker thread while decisions go on under the old policy.
+                    await anyio.to_thread.run_sync(
+                        partial(self.authz.load_policy, policy.text, source=policy.source)
+                    )
                     self.policy_version = policy.version
                 except PolicyError as e:
                     # Validated before it was stored, so only a newer engine could refuse it.
