@@ -41,6 +41,7 @@ class _Lowering:
         self.policy = policy
         self.limits = limits
         self.clause_count = 0
+        self.suggestions_left = 20
         self.diagnostics: list[Diagnostic] = []
         self.blocks: dict[str, ast.Block] = {}
         self.global_roles: dict[str, Location] = {}
@@ -51,6 +52,15 @@ class _Lowering:
 
     def warn(self, location: Location, message: str) -> None:
         self.diagnostics.append(Diagnostic(location, message, "warning"))
+
+    def suggest(self, name: str, candidates: list[str]) -> str:
+        """ " (did you mean ...?)" for a near miss. Each costs a scan of every candidate, so
+        only the first errors of a policy get one: a policy of thousands of misspelt calls is
+        still checked in time proportional to its size."""
+        if self.suggestions_left <= 0:
+            return ""
+        self.suggestions_left -= 1
+        return _suggest(name, candidates)
 
     # -- types ------------------------------------------------------------------------------
 
@@ -88,7 +98,7 @@ class _Lowering:
             return self.resource_types
         if name in VALUE_TYPES or name in self.blocks:
             return frozenset([name])
-        hint = _suggest(name, [*self.blocks, *VALUE_TYPES, "Actor", "Resource"])
+        hint = self.suggest(name, [*self.blocks, *VALUE_TYPES, "Actor", "Resource"])
         self.error(location, f"unknown type {name}{hint}")
         return None
 
@@ -117,7 +127,7 @@ class _Lowering:
         declared = [*block.roles, *block.permissions, *block.relations]
         self.error(
             loc,
-            f"{block.name} declares no role, permission or relation {name!r}{_suggest(name, declared)}",
+            f"{block.name} declares no role, permission or relation {name!r}{self.suggest(name, declared)}",
         )
         return None
 
@@ -136,7 +146,7 @@ class _Lowering:
                 declared = list(block.relations)
                 self.error(
                     loc,
-                    f"{block.name} declares no relation {expr.relation!r}{_suggest(expr.relation, declared)}",
+                    f"{block.name} declares no relation {expr.relation!r}{self.suggest(expr.relation, declared)}",
                 )
                 return None
             target = self.blocks.get(block.relations[expr.relation][0])
@@ -165,7 +175,7 @@ class _Lowering:
                     declared = [*block.roles, *block.permissions]
                     self.error(
                         sh.head_location,
-                        f"{block.name} declares no role or permission {sh.head!r}{_suggest(sh.head, declared)}",
+                        f"{block.name} declares no role or permission {sh.head!r}{self.suggest(sh.head, declared)}",
                     )
                     continue
                 body = self.expand(block, sh.body)
@@ -363,7 +373,7 @@ class _Lowering:
                         f"{lit.name} takes {' or '.join(map(str, arities))} arguments, not {len(lit.args)}",
                     )
                 else:
-                    hint = _suggest(lit.name, names)
+                    hint = self.suggest(lit.name, names)
                     self.error(
                         lit.location,
                         f"{lit.name}/{len(lit.args)} is not defined by any rule, builtin or declaration{hint}"

@@ -59,7 +59,8 @@ def context_value(context: dict | None, path: tuple[str, ...]) -> Any:
 
 
 class Query:
-    """The state of one top-level evaluation. `start` it before each."""
+    """The state of one top-level evaluation; `start` (or `Authorizer._begin`, which does the
+    same inline on the hot path) resets it before each."""
 
     __slots__ = (
         "context",
