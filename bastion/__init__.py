@@ -11,8 +11,10 @@ _EXPORTS = {
     "Decision": "bastion.decide",
     "Variable": "bastion.decide",
     "Entity": "bastion.facts.model",
+    "EvaluationLimit": "bastion.policy.errors",
     "FactError": "bastion.facts.model",
     "PolicyError": "bastion.policy.errors",
+    "PolicyLimits": "bastion.policy.limits",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -1,8 +1,13 @@
 """The policy decision point: authorize, decide (with an explanation), list, actions and query.
 
 `Authorizer` holds one policy in force and one fact index. Loading a policy compiles it fully
-before it replaces the one in force, so a policy that fails to load changes nothing. Decisions
-take the fact lock briefly, so a batch of writes is seen whole or not at all.
+before it replaces the one in force, so a policy that fails to load changes nothing; decisions
+go on meanwhile, on the policy in force. Decisions take the fact lock briefly, so a batch of
+writes is seen whole or not at all.
+
+Every evaluation has a budget (`PolicyLimits`): one that spends it is refused with
+`EvaluationLimit` (``authorize``, ``list``, ``actions``, ``query``), or answered not allowed
+with ``reason == "evaluation_limit"`` (``decide``).
 """
 
 from __future__ import annotations
@@ -19,11 +24,12 @@ from bastion.facts.index import GENERATIONS, FactIndex
 from bastion.facts.model import Entity, FactError, check_fact, format_fact
 from bastion.policy import LoadedPolicy, load
 from bastion.policy.compile import CompiledPolicy
-from bastion.policy.errors import Diagnostic
-from bastion.policy.explain import Explanation, explain
+from bastion.policy.errors import Diagnostic, EvaluationLimit
+from bastion.policy.explain import Explanation, explain, over_budget
+from bastion.policy.limits import DEFAULT_LIMITS, PolicyLimits
 from bastion.policy.parser import parse_fact
 from bastion.policy.program import has_type
-from bastion.policy.runtime import Query
+from bastion.policy.runtime import Query, stack_exhausted
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,6 +43,9 @@ class Variable:
 class Decision:
     allowed: bool
     explanation: Explanation
+    # Why it is refused when the policy did not decide: "evaluation_limit" (the evaluation
+    # spent its budget; the explanation says which). None otherwise.
+    reason: str | None = None
 
     def __bool__(self) -> bool:
         return self.allowed
@@ -47,11 +56,19 @@ class _Active:
 
     __slots__ = ("loaded", "compiled", "allow", "deny", "fact_shapes", "shapes")
 
-    def __init__(self, loaded: LoadedPolicy, index: FactIndex) -> None:
+    def __init__(
+        self,
+        loaded: LoadedPolicy,
+        index: FactIndex,
+        limits: PolicyLimits = DEFAULT_LIMITS,
+        index_lock: Any = None,
+    ) -> None:
         self.loaded = loaded
         self.fact_shapes: set[tuple] = set()  # shapes of facts already found acceptable
         self.shapes: dict[tuple[str, str], Any] = {}  # (predicate, mask) -> compiled function
-        self.compiled = CompiledPolicy(loaded.program, index)
+        # ``index_lock``: compiled beside running decisions, holding the fact lock only to read
+        # the facts; later shapes are compiled by decisions, which hold it already.
+        self.compiled = CompiledPolicy(loaded.program, index, limits, index_lock)
         defines = self.compiled.defines
         self.allow = self.compiled.function("allow", 3, "bbb") if defines("allow", 3) else None
         self.deny = self.compiled.function("deny", 3, "bbb") if defines("deny", 3) else None
@@ -62,6 +79,8 @@ class _Active:
             self.compiled.function("allow", 3, "bfb")
         for name, arity in loaded.program.clauses:
             self.compiled.function(name, arity, "b" * arity)
+        self.compiled.index_lock = None
+        self.compiled.serving = True
 
 
 def _epoch(value: datetime | float | int | None) -> float | None:
@@ -255,9 +274,13 @@ class Session:
     def explain(self, actor: Any, action: Any, resource: Any) -> Explanation:
         """`allowed` with the rules and facts that proved it, or the paths that failed (an
         interpreter, not the compiled code: tens to hundreds of microseconds)."""
-        allowed = self.allowed(actor, action, resource)
+        try:
+            allowed = self.allowed(actor, action, resource)
+        except EvaluationLimit as limit:
+            return over_budget((actor, action, resource), limit)
         program = self._active.loaded.program
-        return explain(program, self._q.index, (actor, action, resource), self._q.context, allowed)
+        q = self._q
+        return explain(program, q.index, (actor, action, resource), q.context, allowed, q.limits)
 
     @property
     def generation(self) -> int:
@@ -281,9 +304,12 @@ class Session:
                 return set()
             fn = self._active.compiled.function(predicate, len(mask), mask)
             self._active.shapes[(predicate, mask)] = fn
-        if "f" not in mask:
-            return {()} if fn(self._q, *bound) else set()
-        return set(fn(self._q, *bound))
+        try:
+            if "f" not in mask:
+                return {()} if fn(self._q, *bound) else set()
+            return set(fn(self._q, *bound))
+        except RecursionError:
+            stack_exhausted(self._q)
 
 
 def _check_arguments(*args: Any) -> None:
@@ -298,11 +324,22 @@ def _check_arguments(*args: Any) -> None:
 
 
 class Authorizer:
-    """A policy in force over a set of facts. Thread-safe."""
+    """A policy in force over a set of facts. Thread-safe.
 
-    def __init__(self, policy: str = "", *, source: str = "<policy>") -> None:
+    ``limits`` bounds the policies it loads and the work of each evaluation (`PolicyLimits`).
+    """
+
+    def __init__(
+        self,
+        policy: str = "",
+        *,
+        source: str = "<policy>",
+        limits: PolicyLimits = DEFAULT_LIMITS,
+    ) -> None:
+        self.limits = limits
         self._index = FactIndex()
-        self._query = Query(None, self._index)
+        self._query = Query(None, self._index, limits)
+        self._steps = limits.evaluation_max_steps
         self._active: _Active | None = None
         self.facts = FactSet(self)
         self.load_policy(policy, source=source)
@@ -316,24 +353,28 @@ class Authorizer:
     # -- policy -----------------------------------------------------------------------------
 
     def load_files(self, *paths: str | Path) -> list[Diagnostic]:
-        return self._swap(load([(str(p), Path(p).read_text()) for p in paths]))
+        return self._swap(load([(str(p), Path(p).read_text()) for p in paths], self.limits))
 
     def load_policy(self, text: str, *, source: str = "<policy>") -> list[Diagnostic]:
         """Check, compile and put ``text`` in force; return its warnings.
 
         Raises `PolicyError` with every problem found; the policy in force then stays.
         """
-        return self._swap(load([(source, text)]))
+        return self._swap(load([(source, text)], self.limits))
 
     def check_policy(self, text: str, *, source: str = "<policy>") -> list[Diagnostic]:
         """Check and compile ``text`` without putting it in force; return its warnings."""
-        loaded = load([(source, text)])
-        _Active(loaded, FactIndex())
+        loaded = load([(source, text)], self.limits)
+        _Active(loaded, FactIndex(), self.limits)
         return loaded.warnings
 
     def _swap(self, loaded: LoadedPolicy) -> list[Diagnostic]:
-        with self._index.lock:  # compiling builds fact indexes, which writes must not disturb
-            self._active = _Active(loaded, self._index)  # compiled fully before it is in force
+        # Compiled fully before it is in force, and beside the decisions made meanwhile: the
+        # fact lock is held only to read the facts (compiling builds fact indexes, which writes
+        # must not disturb), so a long compile in a worker thread never stalls a decision.
+        active = _Active(loaded, self._index, self.limits, self._index.lock)
+        with self._index.lock:
+            self._active = active
             self._index.generation = next(GENERATIONS)
         return loaded.warnings
 
@@ -364,6 +405,7 @@ class Authorizer:
         q = self._query
         q.context = context
         q.tables = None
+        q.steps = self._steps
         return q
 
     @contextmanager
@@ -388,11 +430,16 @@ class Authorizer:
         except TypeError:
             _check_arguments(actor, action, resource)  # say which argument is wrong
             raise
+        except RecursionError:
+            stack_exhausted(q)
 
     def authorize(
         self, actor: Any, action: Any, resource: Any, context: dict | None = None
     ) -> bool:
-        """True when the policy allows ``actor`` to ``action`` ``resource`` and no deny rule fires."""
+        """True when the policy allows ``actor`` to ``action`` ``resource`` and no deny rule fires.
+
+        Raises `EvaluationLimit` (a refusal) when the evaluation spends its budget.
+        """
         active = self._active
         q = self._begin(context)
         try:
@@ -403,10 +450,15 @@ class Authorizer:
     def decide(
         self, actor: Any, action: Any, resource: Any, context: dict | None = None
     ) -> Decision:
-        """Like `authorize`, with the rules and facts that proved the answer (or failed to)."""
+        """Like `authorize`, with the rules and facts that proved the answer (or failed to).
+
+        An evaluation that spends its budget is not allowed, with ``reason`` "evaluation_limit"
+        and an explanation that says which budget ran out.
+        """
         with self.session(context) as s:
             explanation = s.explain(actor, action, resource)
-        return Decision(explanation.allowed, explanation)
+        reason = EvaluationLimit.reason if explanation.limit else None
+        return Decision(explanation.allowed, explanation, reason)
 
     def list(
         self, actor: Any, action: Any, resource_type: str, context: dict | None = None
@@ -427,6 +479,8 @@ class Authorizer:
             }
             if active.deny is not None:
                 found = {r for r in found if not active.deny(q, actor, action, r)}
+        except RecursionError:
+            stack_exhausted(q)
         finally:
             self._index.lock.release()
         return sorted(r[1] for r in found)
@@ -443,6 +497,8 @@ class Authorizer:
             found = {a for a in fn(q, actor, resource) if isinstance(a, str)}
             if active.deny is not None:
                 found = {a for a in found if not active.deny(q, actor, a, resource)}
+        except RecursionError:
+            stack_exhausted(q)
         finally:
             self._index.lock.release()
         return found

@@ -10,6 +10,9 @@ for. The policy can attach obligations with these rules (each optional):
 | ``mask(actor, action, resource, path)`` | redact the JSON path ``path`` of the result |
 | ``rate_limit(actor, action, resource, max, seconds)`` | at most ``max`` calls per ``seconds`` |
 | ``requires_approval(actor, action, resource)`` | hold for a human before it runs |
+
+A request whose evaluation spends its budget is refused with ``reason`` "evaluation_limit": the
+enforcement point fails closed, and goes on answering.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from dataclasses import dataclass, field
 
 from bastion.decide import Authorizer
 from bastion.facts.model import Entity
+from bastion.policy.errors import EvaluationLimit
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,6 +50,10 @@ class ChainDecision:
     missing_scopes: tuple[str, ...] = ()  # required scopes the token lacks (403 step-up)
     obligations: Obligations = field(default_factory=Obligations)
     generation: int = -1  # the facts and policy it was decided on (`Session.generation`)
+    # "evaluation_limit" when refused because the evaluation spent its budget (`limit` says
+    # which); None when the policy decided.
+    reason: str | None = None
+    limit: str | None = None
 
 
 def decide_chain(
@@ -65,6 +73,20 @@ def decide_chain(
     chain = tuple(principals)
     if not chain:
         return ChainDecision(False, chain)
+    try:
+        return _decide_chain(authz, chain, action, resource, context, granted_scopes)
+    except EvaluationLimit as limit:
+        return ChainDecision(False, chain, reason=limit.reason, limit=limit.limit)
+
+
+def _decide_chain(
+    authz: Authorizer,
+    chain: tuple[Entity, ...],
+    action: str,
+    resource: Entity,
+    context: dict | None,
+    granted_scopes: Iterable[str] | None,
+) -> ChainDecision:
     with authz.session(context) as s:
         generation = s.generation
         for principal in chain:

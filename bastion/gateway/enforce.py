@@ -31,6 +31,7 @@ from bastion.gateway.jsonrpc import (
     RpcError,
 )
 from bastion.gateway.ratelimit import LimitsUnavailable, RateLimiter, RedisRateLimiter
+from bastion.policy.errors import EvaluationLimit
 from bastion.policy.runtime import context_value
 
 
@@ -137,7 +138,7 @@ class Enforcer:
         """For a list page: may every principal ``list`` each resource?"""
         authz = self.authorizer()
         principals = caller.principals
-        return [all(authz.authorize(p, "list", r, context) for p in principals) for r in resources]
+        return [all(_allowed(authz, p, "list", r, context) for p in principals) for r in resources]
 
     async def decide(
         self,
@@ -162,6 +163,8 @@ class Enforcer:
         result, reason, retry_after = "allow", "", None
         if chain.missing_scopes:
             result, reason = "step_up", "insufficient_scope"
+        elif chain.reason is not None:  # the evaluation spent its budget: refused, not stuck
+            result, reason = "deny", chain.reason
         elif not chain.allowed:
             result, reason = "deny", "not_permitted"
         elif chain.obligations.requires_approval:
@@ -268,7 +271,12 @@ class Enforcer:
         deciding = chain.refused_by or chain.principals[-1]
         question = (deciding, action, resource)
         rules = self.explained.get(chain.generation, question, context)
-        if rules is None and result in ("deny", "held", "rate_limited", "unavailable"):
+        over_budget = reason == EvaluationLimit.reason  # explaining would spend it again
+        if (
+            rules is None
+            and not over_budget
+            and result in ("deny", "held", "rate_limited", "unavailable")
+        ):
             # Refusals are explained on the spot; allows when the record is written (`write`),
             # off the request path: an explanation costs a few hundred microseconds.
             rules = self.explained.explain(authz, question, context)
@@ -360,6 +368,15 @@ class Explained:
                 variants.append((tuple(explanation.reads.items()), rules))
             self._state = (generation, known)
         return rules
+
+
+def _allowed(
+    authz: Authorizer, actor: Entity, action: str, resource: Entity, context: dict
+) -> bool:
+    try:
+        return authz.authorize(actor, action, resource, context)
+    except EvaluationLimit:
+        return False  # fail closed: what could not be decided is not shown
 
 
 def _same(value: Any, seen: Any) -> bool:

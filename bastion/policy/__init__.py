@@ -9,7 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from bastion.policy import ast
-from bastion.policy.errors import Diagnostic, PolicyError
+from bastion.policy.errors import Diagnostic, EvaluationLimit, Location, PolicyError
+from bastion.policy.limits import DEFAULT_LIMITS, PolicyLimits
 from bastion.policy.lower import lower
 from bastion.policy.parser import parse
 from bastion.policy.program import Program
@@ -27,15 +28,39 @@ class LoadedPolicy:
         return "\n".join(text for _, text in self.sources)
 
 
-def load(sources: list[tuple[str, str]]) -> LoadedPolicy:
-    """Parse and check policy sources given as (name, text); raise `PolicyError` on any error."""
+def load(sources: list[tuple[str, str]], limits: PolicyLimits = DEFAULT_LIMITS) -> LoadedPolicy:
+    """Parse and check policy sources given as (name, text); raise `PolicyError` on any error,
+    a policy over one of ``limits`` included."""
+    size = 0
+    for name, text in sources:
+        size += len(text.encode())
+        if size > limits.policy_max_bytes:
+            raise PolicyError(
+                [
+                    Diagnostic(
+                        Location(name, 1, 1),
+                        f"the policy text is larger than {limits.policy_max_bytes} bytes; the"
+                        f" limit is policy_max_bytes = {limits.policy_max_bytes}",
+                    )
+                ]
+            )
     merged = ast.Policy()
     errors: list[Diagnostic] = []
     for name, text in sources:
         try:
-            policy = parse(text, name)
+            policy = parse(text, name, limits)
         except PolicyError as err:
             errors.extend(err.diagnostics)
+            continue
+        except RecursionError:
+            # Only with policy_max_nesting set beyond what the interpreter's stack allows.
+            errors.append(
+                Diagnostic(
+                    Location(name, 1, 1),
+                    "the policy is nested too deeply to parse; lower policy_max_nesting"
+                    f" (now {limits.policy_max_nesting})",
+                )
+            )
             continue
         merged.blocks += policy.blocks
         merged.rules += policy.rules
@@ -43,7 +68,7 @@ def load(sources: list[tuple[str, str]]) -> LoadedPolicy:
         merged.tests += policy.tests
     if errors:
         raise PolicyError(errors)
-    program, diagnostics = lower(merged)
+    program, diagnostics = lower(merged, limits)
     errors = [d for d in diagnostics if d.severity == "error"]
     if errors:
         raise PolicyError(errors)
@@ -51,4 +76,4 @@ def load(sources: list[tuple[str, str]]) -> LoadedPolicy:
     return LoadedPolicy(program, list(sources), warnings, merged.tests)
 
 
-__all__ = ["LoadedPolicy", "PolicyError", "load"]
+__all__ = ["EvaluationLimit", "LoadedPolicy", "PolicyError", "PolicyLimits", "load"]

@@ -13,21 +13,34 @@ arguments (a value when one is free, else a tuple). Facts are read straight from
 and dicts, which the generated code holds by reference. Shapes that call each other in a cycle
 (found with Tarjan's algorithm as they are generated) are evaluated with tabling, so recursion
 over cyclic data terminates.
+
+Each literal of a body opens one block inside the previous one. Past `_MAX_DEPTH` blocks the
+rest of the body moves into a function of its own (a continuation), so that a rule of any
+length compiles within CPython's limits (100 indentation levels, 20 nested loops). The
+evaluation budget (see `runtime.py`) is spent where work can pile up: when a rule fetches the
+facts, entities or list items it will iterate over, in recursive calls, and at the entry of a
+shape whose one call makes more than `_FANOUT` calls of uncounted shapes. Compiling spends
+`PolicyLimits.policy_max_compiled_literals`; a compile that fails for any reason is a
+`PolicyError` naming the rule.
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
+import re
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from bastion.facts.index import FactIndex, Many
 from bastion.facts.model import Entity, same_value
-from bastion.policy.ast import Const, ContextPath, Var
+from bastion.policy.ast import Const, ContextPath, ListTerm, Var
 from bastion.policy.builtins import BUILTINS
-from bastion.policy.errors import Diagnostic, PolicyError
-from bastion.policy.plan import PlanError, negation_shared, plan
+from bastion.policy.errors import Diagnostic, EvaluationLimit, Location, PolicyError
+from bastion.policy.limits import DEFAULT_LIMITS, PolicyLimits
+from bastion.policy.plan import PlanError, negations_shared, plan
 from bastion.policy.program import (
     VALUE_TYPES,
     CallLit,
@@ -38,9 +51,18 @@ from bastion.policy.program import (
     Program,
     TypeLit,
     has_type,
+    literal_vars,
     term_vars,
 )
-from bastion.policy.runtime import MISSING, compare, contains, members
+from bastion.policy.runtime import MISSING, built, compare, contains, counted_members, exhausted
+
+# Blocks one generated function may nest before the rest of a body moves to a continuation.
+_MAX_DEPTH = 12
+# A shape whose one call makes more calls than this (counted from its code, each loop taken
+# once) spends that many steps of the budget at entry; below it, calls cost no bookkeeping.
+_FANOUT = 16
+# The Python names generated code gives its run-time values (arguments and bound variables).
+_LOCAL = re.compile(r"a\d+|v_\w+")
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +84,50 @@ class _DeadClause(Exception):
     """A clause that can never match this shape (a constant or type check fails statically)."""
 
 
+class _OverBudget(Exception):
+    """Compiling needs more literals than `PolicyLimits.policy_max_compiled_literals`."""
+
+    def __init__(self, location: Location, limit: int) -> None:
+        self.location = location
+        self.limit = limit
+        super().__init__(
+            f"compiling this policy needs more than {limit} literals (a rule is compiled once"
+            " for every way it is called: each constant it is called with, each type); the"
+            f" limit is policy_max_compiled_literals = {limit}"
+        )
+
+
+@dataclass(slots=True)
+class _Body:
+    """A conjunction being generated: a clause's body, or what a negation negates."""
+
+    literals: tuple[Literal, ...]
+    shared: dict[int, set[str]]  # per negation in it (by id): the variables it shares
+    is_bool: bool  # its functions return True on success, or else yield answers
+    leaf: Callable[[_Emitter, dict, int], None]  # emits what follows when every literal holds
+    # Per variable, the position in the planned order of the last literal that reads it (the
+    # leaf's variables: past the end); per literal (by id), its position.
+    last_use: dict[str, int]
+    position: dict[int, int]
+
+
+def _body_of(
+    literals: tuple[Literal, ...],
+    order: list[Literal],
+    outside: set[str],
+    is_bool: bool,
+    leaf: Callable[[_Emitter, dict, int], None],
+    leaf_vars: set[str],
+) -> _Body:
+    last_use = {v: len(order) for v in leaf_vars}
+    position = {}
+    for i, lit in enumerate(order):
+        position[id(lit)] = i
+        for v in literal_vars(lit):
+            last_use[v] = max(last_use.get(v, i), i)
+    return _Body(literals, negations_shared(literals, outside), is_bool, leaf, last_use, position)
+
+
 class _Emitter:
     def __init__(self) -> None:
         self.lines: list[str] = []
@@ -77,16 +143,31 @@ def _simple_constant(value: Any) -> bool:
 class CompiledPolicy:
     """The generated functions for one program over one fact index."""
 
-    def __init__(self, program: Program, index: FactIndex) -> None:
+    def __init__(
+        self,
+        program: Program,
+        index: FactIndex,
+        limits: PolicyLimits = DEFAULT_LIMITS,
+        index_lock: Any = None,
+    ) -> None:
         self.program = program
         self.index = index
+        self.limits = limits
+        # Held while reading or indexing the facts, when compiling beside running decisions
+        # (a policy compiled in a worker thread); None when the caller holds the fact lock.
+        self.index_lock = index_lock
+        # Past loading, a question that needs more compiling than the budget allows is refused
+        # (`EvaluationLimit`), not the policy.
+        self.serving = False
         self.namespace: dict[str, Any] = {
             "MISSING": MISSING,
             "Entity": Entity,
             "Many": Many,
             "_compare": compare,
             "_contains": contains,
-            "_members": members,
+            "_members": counted_members,
+            "_built": built,
+            "_exhausted": exhausted,
         }
         for (name, arity), builtin in BUILTINS.items():
             self.namespace[f"B_{name}_{arity}"] = builtin.function
@@ -107,22 +188,52 @@ class CompiledPolicy:
         self._dispatch: list[tuple[dict, Any, str]] = []
         # Entity types known for the variables of the clause being generated.
         self._vtypes: dict[str, frozenset] = {}
+        # Per generated shape, the calls one call of it makes that spend no steps (0 for a
+        # shape that counts its own, or a recursive one); per shape being generated, the sum.
+        self._weights: dict[Node, int] = {}
+        self._fanout: list[int] = []
+        self._literals = 0  # compiled so far, against policy_max_compiled_literals
+        # Functions a shape's code calls (negations, continuations), defined with its group.
+        self._helpers: dict[Node, list[str]] = defaultdict(list)
 
     # -- entry points -----------------------------------------------------------------------
 
     def function(self, name: str, arity: int, mask: str) -> Any:
-        """The compiled function for ``name/arity`` called with ``mask`` ("b"/"f" per argument)."""
+        """The compiled function for ``name/arity`` called with ``mask`` ("b"/"f" per argument).
+
+        Raises `PolicyError` if it cannot be compiled; once `serving`, `EvaluationLimit` if the
+        compile budget is spent.
+        """
         try:
             fname = self._ensure(Node(name, arity, mask))
-        except BaseException:
+        except BaseException as err:
             # Forget the shapes this call left half made, so a later call starts clean.
             self._stack.clear()
             self._on_stack.clear()
             self._callers.clear()
             self._pending.clear()
+            self._fanout.clear()
             for node, fname in list(self._names.items()):
                 if fname not in self.namespace:
                     del self._names[node]
+                    self._weights.pop(node, None)
+                    self._helpers.pop(node, None)
+            if isinstance(err, _OverBudget):
+                if self.serving:
+                    raise EvaluationLimit(
+                        "policy_max_compiled_literals", err.limit, "the compile budget is spent"
+                    ) from None
+                raise PolicyError([Diagnostic(err.location, str(err))]) from None
+            if isinstance(err, RecursionError):
+                raise PolicyError(
+                    [
+                        Diagnostic(
+                            self._first_location(name, arity),
+                            f"{name} cannot be compiled: its rules call one another in a chain"
+                            " too long to compile (shorten the chain of rules)",
+                        )
+                    ]
+                ) from None
             raise
         return self.namespace[fname]
 
@@ -132,6 +243,31 @@ class CompiledPolicy:
 
     # -- shapes and their order of generation -----------------------------------------------
 
+    def _first_location(self, name: str, arity: int) -> Location:
+        clauses = self.program.clauses.get((name, arity))
+        return clauses[0].location if clauses else Location("<policy>", 1, 1)
+
+    def _facts_lock(self) -> Any:
+        return self.index_lock if self.index_lock is not None else contextlib.nullcontext()
+
+    def _define(self, text: str, filename: str, location: Location) -> None:
+        """Compile generated source into the namespace; any failure is a `PolicyError`."""
+        try:
+            code = compile(text, filename, "exec")
+            exec(code, self.namespace)
+        except (SyntaxError, RecursionError, MemoryError, ValueError, OverflowError) as err:
+            # Generated code stays within CPython's limits; should it not, the policy is
+            # refused with a place to look, never a server error.
+            raise PolicyError(
+                [
+                    Diagnostic(
+                        location,
+                        f"this rule could not be compiled ({type(err).__name__}: {err}); split"
+                        " it into smaller rules",
+                    )
+                ]
+            ) from None
+
     def _const(self, value: Any) -> str:
         if isinstance(value, (str, int, float, bool)) and not isinstance(value, Entity):
             return repr(value)
@@ -139,7 +275,10 @@ class CompiledPolicy:
         name = self._constants.get(key)
         if name is None:
             name = self._constants[key] = f"K{next(self._counter)}"
-            self.namespace[name] = self.index.intern(value) if isinstance(value, Entity) else value
+            if isinstance(value, Entity):
+                with self._facts_lock():
+                    value = self.index.intern(value)
+            self.namespace[name] = value
         return name
 
     def _ensure(self, node: Node) -> str:
@@ -181,6 +320,7 @@ class CompiledPolicy:
         gid = next(self._groups)
         source = []
         for node in group:
+            source += self._helpers.pop(node, ())
             name = self._names[node]
             params = [f"a{i}" for i, m in enumerate(node.mask) if m == "b"]
             if recursive:
@@ -195,7 +335,11 @@ class CompiledPolicy:
                 source.append(self._pending.pop(node).replace("def @(", f"def {name}(", 1))
         text = "\n".join(source)
         self.sources.append(text)
-        exec(compile(text, f"<policy {root.name}/{root.arity}>", "exec"), self.namespace)
+        self._define(
+            text,
+            f"<policy {root.name}/{root.arity}>",
+            self._first_location(root.name, root.arity),
+        )
         still = []
         for table, key, fname in self._dispatch:
             if fname in self.namespace:
@@ -207,6 +351,19 @@ class CompiledPolicy:
     # -- one shape --------------------------------------------------------------------------
 
     def _generate(self, node: Node) -> str:
+        self._fanout.append(1)
+        try:
+            out = self._generate_lines(node)
+        finally:
+            weight = self._fanout.pop()
+        if weight > _FANOUT:
+            # Many calls for one: spend them at once, here, rather than nothing anywhere.
+            out.lines[1:1] = [f"    q.steps -= {weight}", "    if q.steps < 0: _exhausted(q)"]
+            weight = 0
+        self._weights[node] = weight
+        return "\n".join(out.lines) + "\n"
+
+    def _generate_lines(self, node: Node) -> _Emitter:
         out = _Emitter()
         params = [f"a{i}" for i, m in enumerate(node.mask) if m == "b"]
         is_bool = "f" not in node.mask
@@ -234,9 +391,13 @@ class CompiledPolicy:
         else:
             out.emit(1, "return")
             out.emit(1, "yield")
-        return "\n".join(out.lines) + "\n"
+        return out
 
     def _facts(self, out: _Emitter, node: Node, args: list, is_bool: bool) -> None:
+        with self._facts_lock():
+            self._read_facts(out, node, args, is_bool)
+
+    def _read_facts(self, out: _Emitter, node: Node, args: list, is_bool: bool) -> None:
         pf = self.index.predicate(node.name, node.arity)
         bound = [a for a in args if a is not None]
         if is_bool:
@@ -247,6 +408,8 @@ class CompiledPolicy:
         elif not bound:
             fa = f"FA_{node.name}_{node.arity}"
             self.namespace[fa] = pf.all
+            out.emit(1, f"q.steps -= len({fa})")  # every fact of the predicate
+            out.emit(1, "if q.steps < 0: _exhausted(q)")
             out.emit(1, f"yield from {fa}" if node.arity > 1 else f"for _t in {fa}: yield _t[0]")
         else:
             fact_mask = "".join("f" if a is None else "b" for a in args)
@@ -259,6 +422,8 @@ class CompiledPolicy:
             out.emit(1, f"_v = {fm}.get({key})")
             out.emit(1, "if _v is not None:")
             out.emit(2, "if _v.__class__ is Many:")
+            out.emit(3, "q.steps -= len(_v)")  # several facts under this key
+            out.emit(3, "if q.steps < 0: _exhausted(q)")
             out.emit(3, "yield from _v")
             out.emit(2, "else:")
             out.emit(3, "yield _v")
@@ -334,8 +499,11 @@ class CompiledPolicy:
         table: dict[Any, Any] = {}
         tname = f"D{next(self._counter)}"
         self.namespace[tname] = table
+        heaviest = 0  # one target runs per call
         for value, target in targets.items():
             self._dispatch.append((table, value, self._ensure(target)))
+            heaviest = max(heaviest, self._weights.get(target, 0))
+        self._fanout[-1] += heaviest
         call = f"_f(q{''.join(', ' + p for p in params)})"
         out.emit(1, f"_f = {tname}.get({key})")
         if is_bool:
@@ -346,6 +514,9 @@ class CompiledPolicy:
             out.emit(2, f"yield from {call}")
 
     def _clause(self, out: _Emitter, clause: Clause, node: Node, args: list, is_bool: bool) -> None:
+        self._literals += len(clause.body) + 1
+        if self._literals > self.limits.policy_max_compiled_literals:
+            raise _OverBudget(clause.location, self.limits.policy_max_compiled_literals)
         env: dict[str, str] = {}
         statics: dict[str, Any] = {}  # variables bound to compile-time constants
         self._vtypes = {}
@@ -371,48 +542,66 @@ class CompiledPolicy:
                 if m == "c":
                     statics[term.name] = value
         head_vars = {v for t in clause.head for v in term_vars(t)}
-        order = plan(clause.body, set(env), head_vars, clause.location)
-        depth = self._body(lines, order, clause.body, env, statics, depth, head_vars)
-        outputs = []
-        for term, m in zip(clause.head, node.mask, strict=True):
-            if m != "f":
-                continue
-            if isinstance(term, Const):
-                outputs.append(self._const(term.value))
-            elif term.name in env:
-                outputs.append(env[term.name])
+
+        def leaf(out: _Emitter, env: dict, depth: int) -> None:
+            outputs = []
+            for term, m in zip(clause.head, node.mask, strict=True):
+                if m != "f":
+                    continue
+                if isinstance(term, Const):
+                    outputs.append(self._const(term.value))
+                elif term.name in env:
+                    outputs.append(env[term.name])
+                else:
+                    raise PlanError(
+                        clause.location,
+                        f"variable {term.name} is never bound, so this rule cannot list its values",
+                    )
+            if is_bool:
+                out.emit(depth, "return True")
+            elif len(outputs) == 1:
+                out.emit(depth, f"yield {outputs[0]}")
             else:
-                raise PlanError(
-                    clause.location,
-                    f"variable {term.name} is never bound, so this rule cannot list its values",
-                )
-        if is_bool:
-            lines.emit(depth, "return True")
-        elif len(outputs) == 1:
-            lines.emit(depth, f"yield {outputs[0]}")
-        else:
-            lines.emit(depth, f"yield ({', '.join(outputs)})")
+                out.emit(depth, f"yield ({', '.join(outputs)})")
+
+        order = plan(clause.body, set(env), head_vars, clause.location)
+        body = _body_of(clause.body, order, head_vars, is_bool, leaf, head_vars)
+        self._body(lines, body, order, env, statics, depth)
         out.emit(1, f"# {clause.text}")
         out.emit(1, "while True:")  # a block to 'break' out of when a head check fails
         out.lines.extend(lines.lines)
         out.emit(2, "break")
 
-    def _value(self, out: _Emitter, term: Any, env: dict, depth: int) -> tuple[str, int]:
-        """An expression for a bound term; context lookups are checked for MISSING first."""
+    def _expr(self, term: Any, env: dict, lookups: list[tuple[str, tuple]]) -> str:
+        """An expression for a bound term. Each context field it reads is added to ``lookups``
+        (a name and a path), to be read and checked for MISSING by `_guard` first."""
         if isinstance(term, Const):
-            return self._const(term.value), depth
+            return self._const(term.value)
         if isinstance(term, Var):
-            return env[term.name], depth
+            return env[term.name]
         if isinstance(term, ContextPath):
             tmp = f"c{next(self._counter)}"
-            out.emit(depth, f"{tmp} = q.lookup({term.path!r})")
-            out.emit(depth, f"if {tmp} is not MISSING:")
-            return tmp, depth + 1
-        items = []
-        for item in term.items:
-            expr, depth = self._value(out, item, env, depth)
-            items.append(expr)
-        return "(" + "".join(i + ", " for i in items) + ")", depth
+            lookups.append((tmp, term.path))
+            return tmp
+        items = "(" + "".join(self._expr(item, env, lookups) + ", " for item in term.items) + ")"
+        # A list of values known at compile time has a known size; one built from run-time
+        # values is measured against the budget.
+        return items if _constant(term) else f"_built(q, {items})"
+
+    def _guard(self, out: _Emitter, lookups: list[tuple[str, tuple]], depth: int) -> int:
+        """Read the context fields an expression needs; the rest runs only if all are there."""
+        if not lookups:
+            return depth
+        for tmp, path in lookups:
+            out.emit(depth, f"{tmp} = q.lookup({path!r})")
+        out.emit(depth, f"if {' and '.join(f'{tmp} is not MISSING' for tmp, _ in lookups)}:")
+        return depth + 1
+
+    def _value(self, out: _Emitter, term: Any, env: dict, depth: int) -> tuple[str, int]:
+        """An expression for a bound term, with its context fields read and checked first."""
+        lookups: list[tuple[str, tuple]] = []
+        expr = self._expr(term, env, lookups)
+        return expr, self._guard(out, lookups, depth)
 
     def _bind(self, var: str, env: dict) -> str:
         name = f"v_{var}_{next(self._counter)}"
@@ -420,25 +609,45 @@ class CompiledPolicy:
         return name
 
     def _body(
-        self,
-        out: _Emitter,
-        order: list[Literal],
-        body: tuple,
-        env: dict,
-        statics: dict,
-        depth: int,
-        outside: set[str],
-    ) -> int:
-        for lit in order:
+        self, out: _Emitter, body: _Body, order: list[Literal], env: dict, statics: dict, depth: int
+    ) -> None:
+        """Emit ``order`` (the body's literals, planned), each nested in the one before, then
+        the body's leaf."""
+        for i, lit in enumerate(order):
+            if depth >= _MAX_DEPTH:
+                self._continuation(out, body, order[i:], env, statics, depth)
+                return
             if isinstance(lit, TypeLit):
                 depth = self._type_check(out, lit, env, statics, depth)
             elif isinstance(lit, CmpLit):
                 depth = self._comparison(out, lit, env, depth)
             elif isinstance(lit, NotLit):
-                depth = self._negation(out, lit, body, env, statics, depth, outside)
+                depth = self._negation(out, lit, body, env, statics, depth)
             else:
                 depth = self._call(out, lit, env, statics, depth)
-        return depth
+        body.leaf(out, env, depth)
+
+    def _continuation(
+        self, out: _Emitter, body: _Body, rest: list[Literal], env: dict, statics: dict, depth: int
+    ) -> None:
+        """The rest of a body as a function of its own, called with the values bound so far."""
+        fname = f"k{next(self._counter)}"
+        start = body.position[id(rest[0])]
+        names = (name for v, name in sorted(env.items()) if body.last_use.get(v, -1) >= start)
+        params = [name for name in dict.fromkeys(names) if _LOCAL.fullmatch(name)]
+        args = "".join(", " + p for p in params)
+        inner = _Emitter()
+        inner.emit(0, f"def {fname}(q{args}):")
+        self._body(inner, body, rest, env, statics, 1)
+        if body.is_bool:
+            inner.emit(1, "return False")
+            out.emit(depth, f"if {fname}(q{args}):")
+            out.emit(depth + 1, "return True")
+        else:
+            inner.emit(1, "return")
+            inner.emit(1, "yield")
+            out.emit(depth, f"yield from {fname}(q{args})")
+        self._helpers[self._callers[-1]].append("\n".join(inner.lines) + "\n")
 
     def _type_check(self, out: _Emitter, lit: TypeLit, env: dict, statics: dict, depth: int) -> int:
         term = lit.term
@@ -454,7 +663,11 @@ class CompiledPolicy:
         if isinstance(term, Var) and term.name not in env:
             var = self._bind(term.name, env)
             self._vtypes[term.name] = entity_types
-            out.emit(depth, f"for {var} in q.index.entities_of({self._const(entity_types)}):")
+            found = f"e{next(self._counter)}"
+            out.emit(depth, f"{found} = q.index.entities_of({self._const(entity_types)})")
+            out.emit(depth, f"q.steps -= len({found})")  # every entity of those types
+            out.emit(depth, "if q.steps < 0: _exhausted(q)")
+            out.emit(depth, f"for {var} in {found}:")
             return depth + 1
         known = self._vtypes.get(term.name) if isinstance(term, Var) else None
         if known is not None:
@@ -488,10 +701,12 @@ class CompiledPolicy:
             return depth
         if lit.op == "in" and not left_bound:
             expr, depth = self._value(out, lit.right, env, depth)
-            out.emit(depth, f"for {self._bind(lit.left.name, env)} in _members({expr}):")
+            out.emit(depth, f"for {self._bind(lit.left.name, env)} in _members(q, {expr}):")
             return depth + 1
-        left, depth = self._value(out, lit.left, env, depth)
-        right, depth = self._value(out, lit.right, env, depth)
+        lookups: list[tuple[str, tuple]] = []
+        left = self._expr(lit.left, env, lookups)
+        right = self._expr(lit.right, env, lookups)
+        depth = self._guard(out, lookups, depth)
         if lit.op in ("=", "=="):
             out.emit(depth, f"if {left} == {right}:")
         elif lit.op == "!=":
@@ -503,16 +718,9 @@ class CompiledPolicy:
         return depth + 1
 
     def _negation(
-        self,
-        out: _Emitter,
-        lit: NotLit,
-        body: tuple,
-        env: dict,
-        statics: dict,
-        depth: int,
-        outside: set[str],
+        self, out: _Emitter, lit: NotLit, body: _Body, env: dict, statics: dict, depth: int
     ) -> int:
-        shared = sorted(negation_shared(lit, body, outside))
+        shared = sorted(body.shared[id(lit)])
         fname = f"n{next(self._counter)}"
         params = [env[v] for v in shared]
         inner = _Emitter()
@@ -520,17 +728,13 @@ class CompiledPolicy:
         inner_env = {v: env[v] for v in shared}
         inner_statics = {v: statics[v] for v in shared if v in statics}
         order = plan(lit.body, set(shared), set(shared), lit.location)
+        negated = _body_of(lit.body, order, set(shared), True, _succeed, set())
         try:
-            inner_depth = self._body(
-                inner, order, lit.body, inner_env, inner_statics, 1, set(shared)
-            )
+            self._body(inner, negated, order, inner_env, inner_statics, 1)
         except _DeadClause:
             return depth  # the negated conjunction can never hold: 'not' is always true
-        inner.emit(inner_depth, "return True")
         inner.emit(1, "return False")
-        source = "\n".join(inner.lines) + "\n"
-        self.sources.append(source)
-        exec(compile(source, "<policy negation>", "exec"), self.namespace)
+        self._helpers[self._callers[-1]].append("\n".join(inner.lines) + "\n")
         out.emit(depth, f"if not {fname}(q{''.join(', ' + p for p in params)}):")
         return depth + 1
 
@@ -570,11 +774,10 @@ class CompiledPolicy:
 
     def _call(self, out: _Emitter, lit: CallLit, env: dict, statics: dict, depth: int) -> int:
         key = (lit.name, len(lit.args))
+        lookups: list[tuple[str, tuple]] = []
         if key in BUILTINS:
-            args = []
-            for a in lit.args:
-                expr, depth = self._value(out, a, env, depth)
-                args.append(expr)
+            args = [self._expr(a, env, lookups) for a in lit.args]
+            depth = self._guard(out, lookups, depth)
             out.emit(depth, f"if B_{lit.name}_{len(lit.args)}({', '.join(args)}):")
             return depth + 1
         mask, consts, bound_args, targets, checks, types = [], [], [], [], [], []
@@ -597,20 +800,15 @@ class CompiledPolicy:
                 mask.append("c")
                 consts.append(statics[a.name])
             else:
-                expr, depth = self._value(out, a, env, depth)
-                bound_args.append(expr)
+                bound_args.append(self._expr(a, env, lookups))
                 mask.append("b")
+        depth = self._guard(out, lookups, depth)
         typed = tuple(t if m == "b" else None for t, m in zip(types, mask, strict=True))
-        fname = self._ensure(
-            Node(
-                lit.name,
-                len(lit.args),
-                "".join(mask),
-                tuple(consts),
-                True,
-                typed if any(typed) else (),
-            )
+        target_node = Node(
+            lit.name, len(lit.args), "".join(mask), tuple(consts), True, typed if any(typed) else ()
         )
+        fname = self._ensure(target_node)
+        self._fanout[-1] += self._weights.get(target_node, 0)
         call = f"{fname}(q{''.join(', ' + b for b in bound_args)})"
         for name, found in self._output_types(lit, mask, consts, types).items():
             if name in new_vars:
@@ -626,6 +824,16 @@ class CompiledPolicy:
             out.emit(depth, f"if {' and '.join(checks)}:")
             depth += 1
         return depth
+
+
+def _succeed(out: _Emitter, env: dict, depth: int) -> None:
+    out.emit(depth, "return True")
+
+
+def _constant(term: Any) -> bool:
+    if isinstance(term, ListTerm):
+        return all(_constant(item) for item in term.items)
+    return isinstance(term, Const)
 
 
 def _required_types(clause: Clause, pos: int) -> frozenset | None:

@@ -33,3 +33,18 @@ class PolicyError(Exception):
     def __init__(self, diagnostics: list[Diagnostic]) -> None:
         self.diagnostics = diagnostics
         super().__init__("\n".join(str(d) for d in diagnostics))
+
+
+class EvaluationLimit(Exception):
+    """An evaluation that spent its budget: the question is refused (fail closed).
+
+    ``limit`` names the budget that ran out, as its setting (``evaluation_max_steps``,
+    ``evaluation_max_depth``, ``evaluation_max_term_size``); ``value`` is its value.
+    """
+
+    reason = "evaluation_limit"
+
+    def __init__(self, limit: str, value: int, what: str) -> None:
+        self.limit = limit
+        self.value = value
+        super().__init__(f"evaluation stopped: {what} (the limit is {limit} = {value})")

@@ -2,7 +2,9 @@
 
 A small top-down interpreter over the same clauses and join order as the compiled code, that
 keeps a proof tree as it goes. It is slower than the compiled functions and only runs when an
-explanation is asked for (`Authorizer.decide`, ``bastion policy explain``, failing tests).
+explanation is asked for (`Authorizer.decide`, ``bastion policy explain``, failing tests). It
+spends the same budget as an evaluation (`PolicyLimits`): an explanation that runs out of it
+says so, and stops.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from bastion.facts.index import FactIndex
 from bastion.facts.model import format_arg, format_fact
 from bastion.policy.ast import Const, ContextPath, Var
 from bastion.policy.builtins import BUILTINS
+from bastion.policy.errors import EvaluationLimit
+from bastion.policy.limits import DEFAULT_LIMITS, PolicyLimits
 from bastion.policy.plan import PlanError, plan
 from bastion.policy.program import (
     VALUE_TYPES,
@@ -28,7 +32,16 @@ from bastion.policy.program import (
     has_type,
     term_vars,
 )
-from bastion.policy.runtime import MISSING, Query, compare, contains, members
+from bastion.policy.runtime import (
+    MISSING,
+    Query,
+    built,
+    compare,
+    contains,
+    counted_members,
+    exhausted,
+    stack_exhausted,
+)
 
 MAX_DEPTH = 64
 MAX_SOLUTIONS = 64
@@ -80,6 +93,9 @@ class Explanation:
     # Every ``context`` path the search looked at, with the value it saw. The same question
     # over the same facts, with a context that agrees on these paths, has this explanation.
     reads: dict[tuple[str, ...], Any] = field(default_factory=dict)
+    # Set when the evaluation spent its budget: the limit's setting (the question is then
+    # refused; the one step says what ran out).
+    limit: str | None = None
 
     def rules(self) -> list[str]:
         """The rules that decided: for an allow, those of the proof; for a deny, the deny rules
@@ -113,13 +129,16 @@ class Explanation:
         return found
 
     def to_dict(self) -> dict:
-        return {
+        out = {
             "allowed": self.allowed,
             "query": self.query,
             "rules": self.rules(),
             "facts": self.facts(),
             "steps": [s.to_dict() for s in self.steps],
         }
+        if self.limit is not None:
+            out["limit"] = self.limit
+        return out
 
     def __str__(self) -> str:
         head = f"{'ALLOW' if self.allowed else 'DENY'} {self.query}"
@@ -135,10 +154,12 @@ def _goal(name: str, args: tuple) -> str:
 
 
 class _Interpreter:
-    def __init__(self, program: Program, index: FactIndex, context: dict | None) -> None:
+    def __init__(
+        self, program: Program, index: FactIndex, context: dict | None, limits: PolicyLimits
+    ) -> None:
         self.program = program
         self.index = index
-        self.q = Query(context, index)
+        self.q = Query(context, index, limits)
         self.in_progress: set[tuple] = set()
         self.reads: dict[tuple[str, ...], Any] = {}
 
@@ -151,7 +172,14 @@ class _Interpreter:
             value = self.reads[term.path] = self.q.lookup(term.path)
             return value
         items = [self.value(t, env) for t in term.items]
-        return MISSING if any(i is MISSING or i is None for i in items) else tuple(items)
+        if any(i is MISSING or i is None for i in items):
+            return MISSING
+        return built(self.q, tuple(items))
+
+    def spend(self, steps: int) -> None:
+        self.q.steps -= steps
+        if self.q.steps < 0:
+            exhausted(self.q)
 
     # -- solving ----------------------------------------------------------------------------
 
@@ -160,11 +188,13 @@ class _Interpreter:
         key = (name, args)
         if depth > MAX_DEPTH or key in self.in_progress:
             return []
+        self.spend(1)
         self.in_progress.add(key)
         try:
             out: list[tuple[tuple, Step]] = []
             if (name, len(args)) in self.program.fact_predicates:
                 for fact in self.index.matching((name, *args)):
+                    self.spend(1)
                     out.append((fact[1:], Step(format_fact(fact), True, "fact")))
                     if len(out) >= MAX_SOLUTIONS:
                         return out
@@ -208,7 +238,7 @@ class _Interpreter:
         env = self.head_env(clause, args)
         if env is None:
             return
-        for env2, steps in self.solve_body(self.order(clause, env), 0, env, clause.body, depth):
+        for env2, steps in self.solve_body(self.order(clause, env), env, clause.body, depth):
             values = tuple(self.value(t, env2) for t in clause.head)
             goal = _goal(clause.name, values)
             yield (
@@ -216,21 +246,36 @@ class _Interpreter:
                 Step(goal, True, "rule", clause.text, str(clause.location), children=steps),
             )
 
-    def solve_body(self, order: list[Literal], i: int, env: dict, body: tuple, depth: int):
-        if i == len(order):
+    def solve_body(self, order: list[Literal], env: dict, body: tuple, depth: int):
+        """Every way the literals of ``order`` hold in turn: (env, steps). Depth-first, with a
+        stack of its own rather than one Python call per literal (bodies can be long)."""
+        if not order:
             yield env, []
             return
-        for env2, step in self.solve_literal(order[i], env, body, depth):
-            for env3, steps in self.solve_body(order, i + 1, env2, body, depth):
-                yield env3, ([step] if step else []) + steps
+        ways = [iter(self.solve_literal(order[0], env, body, depth))]
+        chosen: list[Step | None] = [None]  # the step of each literal's current way
+        while ways:
+            got = next(ways[-1], None)
+            if got is None:
+                ways.pop()
+                chosen.pop()
+                continue
+            env2, chosen[-1] = got
+            if len(ways) == len(order):
+                yield env2, [step for step in chosen if step]
+            else:
+                ways.append(iter(self.solve_literal(order[len(ways)], env2, body, depth)))
+                chosen.append(None)
 
     def solve_literal(self, lit: Literal, env: dict, body: tuple, depth: int):
         """Yield (env, step) for each way ``lit`` holds; step is None for silent checks."""
         if isinstance(lit, TypeLit):
             if isinstance(lit.term, Var) and lit.term.name not in env:
-                for e in self.index.entities_of(
+                found = self.index.entities_of(
                     frozenset(t for t in lit.types if t not in VALUE_TYPES)
-                ):
+                )
+                self.spend(len(found))
+                for e in found:
                     yield {**env, lit.term.name: e}, None
                 return
             v = self.value(lit.term, env)
@@ -246,7 +291,7 @@ class _Interpreter:
             order = self.program.plans.get(key)
             if order is None:
                 order = self.program.plans[key] = plan(lit.body, set(env), set(env), lit.location)
-            for _ in self.solve_body(order, 0, env, lit.body, depth + 1):
+            for _ in self.solve_body(order, env, lit.body, depth + 1):
                 return
             yield env, Step(self.describe(lit, env), True, "not")
             return
@@ -282,7 +327,7 @@ class _Interpreter:
                 )
             return
         if lit.op == "in" and left_free:
-            for item in members(self.value(lit.right, env)):
+            for item in counted_members(self.q, self.value(lit.right, env)):
                 yield {**env, lit.left.name: item}, None
             return
         left, right = self.value(lit.left, env), self.value(lit.right, env)
@@ -390,11 +435,39 @@ def _replace_var(text: str, name: str, value: str) -> str:
     return re.sub(rf"(?<![\w\"]){re.escape(name)}(?![\w\"])", value, text)
 
 
+def over_budget(query: tuple, limit: EvaluationLimit) -> Explanation:
+    """The explanation of a question whose evaluation spent its budget: refused, and why."""
+    text = _goal("allow", query)
+    step = Step(text, False, "limit", reason=str(limit))
+    return Explanation(False, text, [step], limit=limit.limit)
+
+
 def explain(
-    program: Program, index: FactIndex, query: tuple, context: dict | None, allowed: bool
+    program: Program,
+    index: FactIndex,
+    query: tuple,
+    context: dict | None,
+    allowed: bool,
+    limits: PolicyLimits = DEFAULT_LIMITS,
 ) -> Explanation:
-    """Explain ``allow(actor, action, resource)`` (and ``deny``) for the decision ``allowed``."""
-    interp = _Interpreter(program, index, context)
+    """Explain ``allow(actor, action, resource)`` (and ``deny``) for the decision ``allowed``.
+
+    An explanation that spends the evaluation budget keeps the decision and says it stopped.
+    """
+    interp = _Interpreter(program, index, context, limits)
+    try:
+        try:
+            return _explain(interp, program, query, allowed)
+        except RecursionError:
+            stack_exhausted(interp.q)
+    except EvaluationLimit as limit:
+        message = f"the explanation stopped: {limit}"
+        text = _goal("allow", query)
+        step = Step(text, allowed, "limit", reason=message)
+        return Explanation(allowed, text, [step], interp.reads)
+
+
+def _explain(interp: _Interpreter, program: Program, query: tuple, allowed: bool) -> Explanation:
     text = _goal("allow", query)
     steps: list[Step] = []
     proofs = interp.solve("allow", query, 0)

@@ -3,7 +3,8 @@
 Checks made here, each reported with file, line and column: shorthand rules naming a role,
 permission or relation the block does not declare; relations to undeclared types; unknown type
 names; calls to predicates that no rule, declaration or builtin defines (or with the wrong number
-of arguments); negation through recursion; singleton variables (a warning).
+of arguments); negation through recursion; recursion that builds ever larger terms
+(`recursion.py`); rules over the size limits (`limits.py`); singleton variables (a warning).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from collections import defaultdict
 from bastion.policy import ast
 from bastion.policy.builtins import BUILTINS
 from bastion.policy.errors import Diagnostic, Location
+from bastion.policy.limits import DEFAULT_LIMITS, PolicyLimits
 from bastion.policy.program import (
     VALUE_TYPES,
     CallLit,
@@ -28,14 +30,18 @@ from bastion.policy.program import (
     literal_vars,
     term_vars,
 )
+from bastion.policy.recursion import check_growth, recursive_groups
 
 # Fact predicates that resource blocks imply, always accepted in rule bodies.
 STANDARD_FACTS = {("has_role", 3), ("has_role", 2), ("has_relation", 3)}
 
 
 class _Lowering:
-    def __init__(self, policy: ast.Policy) -> None:
+    def __init__(self, policy: ast.Policy, limits: PolicyLimits = DEFAULT_LIMITS) -> None:
         self.policy = policy
+        self.limits = limits
+        self.clause_count = 0
+        self.suggestions_left = 20
         self.diagnostics: list[Diagnostic] = []
         self.blocks: dict[str, ast.Block] = {}
         self.global_roles: dict[str, Location] = {}
@@ -46,6 +52,15 @@ class _Lowering:
 
     def warn(self, location: Location, message: str) -> None:
         self.diagnostics.append(Diagnostic(location, message, "warning"))
+
+    def suggest(self, name: str, candidates: list[str]) -> str:
+        """ " (did you mean ...?)" for a near miss. Each costs a scan of every candidate, so
+        only the first errors of a policy get one: a policy of thousands of misspelt calls is
+        still checked in time proportional to its size."""
+        if self.suggestions_left <= 0:
+            return ""
+        self.suggestions_left -= 1
+        return _suggest(name, candidates)
 
     # -- types ------------------------------------------------------------------------------
 
@@ -83,7 +98,7 @@ class _Lowering:
             return self.resource_types
         if name in VALUE_TYPES or name in self.blocks:
             return frozenset([name])
-        hint = _suggest(name, [*self.blocks, *VALUE_TYPES, "Actor", "Resource"])
+        hint = self.suggest(name, [*self.blocks, *VALUE_TYPES, "Actor", "Resource"])
         self.error(location, f"unknown type {name}{hint}")
         return None
 
@@ -112,7 +127,7 @@ class _Lowering:
         declared = [*block.roles, *block.permissions, *block.relations]
         self.error(
             loc,
-            f"{block.name} declares no role, permission or relation {name!r}{_suggest(name, declared)}",
+            f"{block.name} declares no role, permission or relation {name!r}{self.suggest(name, declared)}",
         )
         return None
 
@@ -131,7 +146,7 @@ class _Lowering:
                 declared = list(block.relations)
                 self.error(
                     loc,
-                    f"{block.name} declares no relation {expr.relation!r}{_suggest(expr.relation, declared)}",
+                    f"{block.name} declares no relation {expr.relation!r}{self.suggest(expr.relation, declared)}",
                 )
                 return None
             target = self.blocks.get(block.relations[expr.relation][0])
@@ -160,7 +175,7 @@ class _Lowering:
                     declared = [*block.roles, *block.permissions]
                     self.error(
                         sh.head_location,
-                        f"{block.name} declares no role or permission {sh.head!r}{_suggest(sh.head, declared)}",
+                        f"{block.name} declares no role or permission {sh.head!r}{self.suggest(sh.head, declared)}",
                     )
                     continue
                 body = self.expand(block, sh.body)
@@ -193,7 +208,12 @@ class _Lowering:
         if isinstance(expr, ast.And):
             result: list[list[Literal]] = [[]]
             for item in expr.items:
-                result = [a + b for a in result for b in self.dnf(item)]
+                alternatives = self.dnf(item)
+                if len(alternatives) == 1:  # the usual case: no copy per conjunct
+                    for conj in result:
+                        conj.extend(alternatives[0])
+                else:
+                    result = [a + b for a in result for b in alternatives]
             return result
         if isinstance(expr, ast.Not):
             # not (A or B) == not A and not B
@@ -242,6 +262,8 @@ class _Lowering:
                 types = self.resolve_type(param.type, param.location)
                 if types is not None:
                     checks.append(TypeLit(term, types, param.location))
+        if not self.within_limits(rule):
+            return []
         bodies = self.dnf(rule.body) if rule.body is not None else [[]]
         clauses = []
         for body in bodies:
@@ -256,6 +278,34 @@ class _Lowering:
                 )
             )
         return clauses
+
+    def within_limits(self, rule: ast.Rule) -> bool:
+        """Whether the rule's body, once ``or`` is distributed, stays within the limits on rules
+        and literals per rule. Measured on the syntax tree, before anything is expanded: an
+        ``and`` of ``or``s multiplies into exponentially many rules."""
+        limits = self.limits
+        cap = max(limits.policy_max_rules, limits.policy_max_rule_literals) + 1
+        alternatives, literals = _expansion(rule.body, cap) if rule.body is not None else (1, 0)
+        if alternatives + self.clause_count > limits.policy_max_rules:
+            self.error(
+                rule.location,
+                f"the policy has more than {limits.policy_max_rules} rules once 'or' is"
+                f" distributed (this rule alone makes {alternatives}: each alternative of an 'or'"
+                " is a rule, and 'and' over several 'or's multiplies them); the limit is"
+                f" policy_max_rules = {limits.policy_max_rules}",
+            )
+            return False
+        if literals > limits.policy_max_rule_literals:
+            self.error(
+                rule.location,
+                f"this rule has more than {limits.policy_max_rule_literals} conditions in one"
+                " body (calls, comparisons, type checks and negations, those inside a 'not'"
+                f" included; split it into smaller rules); the limit is"
+                f" policy_max_rule_literals = {limits.policy_max_rule_literals}",
+            )
+            return False
+        self.clause_count += alternatives
+        return True
 
     # -- whole program ----------------------------------------------------------------------
 
@@ -295,7 +345,9 @@ class _Lowering:
 
         self.check_calls(clauses, fact_predicates)
         self.check_singletons(clauses)
-        self.check_stratified(clauses)
+        groups = recursive_groups(clauses)
+        self.check_stratified(clauses, groups)
+        self.diagnostics += check_growth(clauses, groups)
         return Program(
             clauses=dict(clauses),
             fact_predicates=fact_predicates,
@@ -321,7 +373,7 @@ class _Lowering:
                         f"{lit.name} takes {' or '.join(map(str, arities))} arguments, not {len(lit.args)}",
                     )
                 else:
-                    hint = _suggest(lit.name, names)
+                    hint = self.suggest(lit.name, names)
                     self.error(
                         lit.location,
                         f"{lit.name}/{len(lit.args)} is not defined by any rule, builtin or declaration{hint}"
@@ -357,24 +409,19 @@ class _Lowering:
                         f"variable {v} is used only once in {clause.name}; name it _{v} or _ if that is intended",
                     )
 
-    def check_stratified(self, clauses: dict) -> None:
-        """Negation must not go through recursion (the meaning of such a policy is unclear)."""
-        edges: dict[tuple, set[tuple]] = defaultdict(set)
-        negative: list[tuple[tuple, tuple, Location]] = []
+    def check_stratified(self, clauses: dict, groups: dict[tuple, int]) -> None:
+        """Negation must not go through recursion (the meaning of such a policy is unclear):
+        no rule may negate a call to a rule of its own recursive group."""
         for key, cls in clauses.items():
             for clause in cls:
                 for lit in clause.body:
                     for sub, neg in _calls(lit, False):
                         target = (sub.name, len(sub.args))
-                        edges[key].add(target)
-                        if neg:
-                            negative.append((key, target, sub.location))
-        for source, target, loc in negative:
-            if _reaches(edges, target, source):
-                self.error(
-                    loc,
-                    f"{source[0]} depends on 'not {target[0]}', which depends on {source[0]} again: negation through recursion",
-                )
+                        if neg and target in groups and groups[target] == groups.get(key):
+                            self.error(
+                                sub.location,
+                                f"{key[0]} depends on 'not {target[0]}', which depends on {key[0]} again: negation through recursion",
+                            )
 
     def fact_signatures(self, declared: dict) -> dict:
         sigs: dict[tuple[str, int], list[tuple]] = defaultdict(list)
@@ -418,16 +465,23 @@ def _calls(lit: Literal, negated: bool):
             yield from _calls(sub, True)
 
 
-def _reaches(edges: dict, start: tuple, goal: tuple) -> bool:
-    seen, stack = set(), [start]
-    while stack:
-        node = stack.pop()
-        if node == goal:
-            return True
-        if node not in seen:
-            seen.add(node)
-            stack.extend(edges.get(node, ()))
-    return False
+def _expansion(expr: ast.Expr, cap: int) -> tuple[int, int]:
+    """(alternatives, literals) of ``expr`` in disjunctive normal form: how many rules it
+    becomes, and the most literals in one of them (each capped at ``cap``)."""
+    if isinstance(expr, ast.Or):
+        parts = [_expansion(item, cap) for item in expr.items]
+        return min(cap, sum(a for a, _ in parts)), max(n for _, n in parts)
+    if isinstance(expr, ast.And):
+        alternatives, literals = 1, 0
+        for item in expr.items:
+            a, n = _expansion(item, cap)
+            alternatives, literals = min(cap, alternatives * a), min(cap, literals + n)
+        return alternatives, literals
+    if isinstance(expr, ast.Not):
+        # not (A or B) is not A and not B: one negation per alternative of the inside.
+        a, n = _expansion(expr.item, cap)
+        return 1, min(cap, a * n)
+    return 1, 1
 
 
 def _suggest(name: str, candidates: list[str]) -> str:
@@ -453,8 +507,10 @@ def _shorthand_text(expr: ast.Expr) -> str:
     return "..."
 
 
-def lower(policy: ast.Policy) -> tuple[Program, list[Diagnostic]]:
+def lower(
+    policy: ast.Policy, limits: PolicyLimits = DEFAULT_LIMITS
+) -> tuple[Program, list[Diagnostic]]:
     """Lower a parsed policy; the diagnostics include errors (fatal) and warnings."""
-    lowering = _Lowering(policy)
+    lowering = _Lowering(policy, limits)
     program = lowering.run()
     return program, lowering.diagnostics

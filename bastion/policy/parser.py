@@ -6,15 +6,49 @@ from bastion.facts.model import Entity
 from bastion.policy import ast
 from bastion.policy.errors import Diagnostic, PolicyError
 from bastion.policy.lexer import Token, tokenize
+from bastion.policy.limits import DEFAULT_LIMITS, PolicyLimits
 
 _COMPARISONS = {"==", "!=", "<", "<=", ">", ">=", "="}
 
 
 class _Parser:
-    def __init__(self, tokens: list[Token], text: str = "") -> None:
+    def __init__(
+        self, tokens: list[Token], text: str = "", limits: PolicyLimits = DEFAULT_LIMITS
+    ) -> None:
         self.tokens = tokens
         self.text = text
         self.pos = 0
+        self.limits = limits
+        self.depth = 0  # parentheses, 'not', lists and objects open around the current token
+
+    def nest(self, token: Token) -> None:
+        """Enter one more level of nesting at ``token``; refuse a policy nested too deep (the
+        parser, the checks and the compiler all recurse on nesting)."""
+        self.depth += 1
+        if self.depth > self.limits.policy_max_nesting:
+            raise PolicyError(
+                [
+                    Diagnostic(
+                        token.location,
+                        f"nested more than {self.limits.policy_max_nesting} levels deep "
+                        "(parentheses, 'not', lists and objects); the limit is "
+                        f"policy_max_nesting = {self.limits.policy_max_nesting}",
+                    )
+                ]
+            )
+
+    def check_size(self, token: Token, size: int, what: str) -> None:
+        limit = self.limits.policy_max_term_size
+        if size > limit:
+            raise PolicyError(
+                [
+                    Diagnostic(
+                        token.location,
+                        f"{what} holds {size} values, more than {limit}; the limit is "
+                        f"policy_max_term_size = {limit}",
+                    )
+                ]
+            )
 
     def source_since(self, start: Token) -> str:
         """The source text from ``start`` up to the ';' just read, on one line."""
@@ -174,6 +208,7 @@ class _Parser:
                 self.advance()
                 params.append(self.param())
         self.expect(")", "',' or ')'")
+        self.check_size(name_tok, len(params), "this rule's head")
         body = None
         if self.at("if"):
             self.advance()
@@ -242,12 +277,17 @@ class _Parser:
 
     def unary(self, shorthand: bool) -> ast.Expr:
         if self.at("not"):
+            self.nest(self.tok)
             loc = self.advance().location
-            return ast.Not(self.unary(shorthand), loc)
+            inner = self.unary(shorthand)
+            self.depth -= 1
+            return ast.Not(inner, loc)
         if self.at("("):
+            self.nest(self.tok)
             self.advance()
             inner = self.expr(shorthand)
             self.expect(")", "'and', 'or' or ')'")
+            self.depth -= 1
             return inner
         return self.literal(shorthand)
 
@@ -287,6 +327,7 @@ class _Parser:
                 self.advance()
                 args.append(self.term())
         self.expect(")", "',' or ')'")
+        self.check_size(name, len(args), "this call")
         return ast.Call(name.value, tuple(args), name.location)
 
     # -- terms ------------------------------------------------------------------------------
@@ -300,6 +341,7 @@ class _Parser:
             self.advance()
             return ast.Const(t.value == "true", t.location)
         if t.kind == "op" and t.value == "[":
+            self.nest(t)
             self.advance()
             items = []
             if not self.at("]"):
@@ -308,7 +350,10 @@ class _Parser:
                     self.advance()
                     items.append(self.term())
             self.expect("]", "',' or ']'")
-            return ast.ListTerm(tuple(items), t.location)
+            self.depth -= 1
+            term = ast.ListTerm(tuple(items), t.location)
+            self.check_size(t, term_size(term), "this list")
+            return term
         if t.kind == "name":
             self.advance()
             if self.at("{"):
@@ -339,6 +384,7 @@ class _Parser:
         raise self.fail("a field name after '.'")
 
     def dict_term(self) -> ast.DictTerm:
+        self.nest(self.tok)
         start = self.expect("{")
         items = []
         if not self.at("}"):
@@ -347,7 +393,10 @@ class _Parser:
                 self.advance()
                 items.append(self.dict_item())
         self.expect("}", "',' or '}'")
-        return ast.DictTerm(tuple(items), start.location)
+        self.depth -= 1
+        term = ast.DictTerm(tuple(items), start.location)
+        self.check_size(start, term_size(term), "this object")
+        return term
 
     def dict_item(self) -> tuple[str, ast.Term]:
         key = self.field_name()
@@ -356,9 +405,19 @@ class _Parser:
         return key, value
 
 
-def parse(text: str, source: str = "<policy>") -> ast.Policy:
-    """Parse Polar text into a syntax tree; raise `PolicyError` on a syntax error."""
-    return _Parser(tokenize(text, source), text).policy()
+def term_size(term: ast.Term) -> int:
+    """The values in a term: one, or for a list or object one plus those of its items."""
+    if isinstance(term, ast.ListTerm):
+        return 1 + sum(term_size(item) for item in term.items)
+    if isinstance(term, ast.DictTerm):
+        return 1 + sum(term_size(value) for _, value in term.items)
+    return 1
+
+
+def parse(text: str, source: str = "<policy>", limits: PolicyLimits = DEFAULT_LIMITS) -> ast.Policy:
+    """Parse Polar text into a syntax tree; raise `PolicyError` on a syntax error or a text
+    nested deeper than ``limits.policy_max_nesting``."""
+    return _Parser(tokenize(text, source), text, limits).policy()
 
 
 def parse_fact(text: str) -> tuple:

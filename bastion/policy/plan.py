@@ -7,6 +7,8 @@ the last resort. The compiler and the explainer both follow this order.
 
 from __future__ import annotations
 
+import heapq
+
 from bastion.policy.ast import ListTerm, Var
 from bastion.policy.builtins import BUILTINS
 from bastion.policy.errors import Location
@@ -65,37 +67,72 @@ def plan(
     ``outside`` names the variables used outside this body (the head's, or the enclosing
     clause's for a negation). A negation runs once the variables it shares are bound; its other
     variables are local to it.
+
+    Greedy: the cheapest literal that can run next (the first written, on a tie). A literal's
+    cost depends only on which of its own variables are bound, so it is worked out again only
+    when one of them becomes bound: O(n log n) for a body of n literals, not O(n^2).
     """
-    remaining = list(body)
     bound = set(bound)
+    variables = [set(literal_vars(lit)) for lit in body]
+    shared = _shared_of_negations(body, variables, outside)
+    users: dict[str, list[int]] = {}
+    for i, names in enumerate(variables):
+        for name in names:
+            users.setdefault(name, []).append(i)
+    costs: list[float | None] = [None] * len(body)
+    heap: list[tuple[float, int]] = []
+    done = [False] * len(body)
+
+    def price(i: int) -> None:
+        lit = body[i]
+        negation = isinstance(lit, NotLit)
+        cost = (1 if shared[i] <= bound else None) if negation else _cost(lit, bound)
+        if cost is not None and cost != costs[i]:
+            heapq.heappush(heap, (cost, i))
+        costs[i] = cost
+
+    for i in range(len(body)):
+        price(i)
     ordered: list[Literal] = []
-    while remaining:
-        best, best_cost = None, None
-        for lit in remaining:
-            if isinstance(lit, NotLit):
-                cost = 1 if negation_shared(lit, body, outside) <= bound else None
-            else:
-                cost = _cost(lit, bound)
-            if cost is not None and (best_cost is None or cost < best_cost):
-                best, best_cost = lit, cost
-        if best is None:
-            lit = remaining[0]
+    while len(ordered) < len(body):
+        while heap and (done[heap[0][1]] or costs[heap[0][1]] != heap[0][0]):
+            heapq.heappop(heap)  # an entry left behind by a cost that changed
+        if not heap:
+            remaining = [lit for i, lit in enumerate(body) if not done[i]]
             missing = sorted({v for lit in remaining for v in literal_vars(lit)} - bound)
             raise PlanError(
-                getattr(lit, "location", location),
+                getattr(remaining[0], "location", location),
                 f"cannot evaluate this rule: variable(s) {', '.join(missing) or '?'} are never bound "
                 "(bind them with a call or '=' before comparing, negating or passing them to a builtin)",
             )
-        remaining.remove(best)
-        ordered.append(best)
-        bound |= set(literal_vars(best))
+        _, best = heapq.heappop(heap)
+        done[best] = True
+        ordered.append(body[best])
+        newly = variables[best] - bound
+        bound |= newly
+        touched = {i for name in newly for i in users[name] if not done[i]}
+        for i in sorted(touched):
+            price(i)
     return ordered
 
 
-def negation_shared(lit: NotLit, body: tuple[Literal, ...], head_vars: set[str]) -> set[str]:
-    """Variables of a negation that are also used elsewhere in the clause (so bound outside it)."""
-    elsewhere = set(head_vars)
-    for other in body:
-        if other is not lit:
-            elsewhere |= set(literal_vars(other))
-    return set(literal_vars(lit)) & elsewhere
+def _shared_of_negations(
+    body: tuple[Literal, ...], variables: list[set[str]], outside: set[str]
+) -> list[set[str]]:
+    """Per literal of ``body``, for a negation, its variables also used elsewhere in the clause
+    (in ``outside`` or in another literal), so bound before it runs; the others are its own."""
+    uses: dict[str, int] = {}
+    for names in variables:
+        for name in names:
+            uses[name] = uses.get(name, 0) + 1
+    return [
+        {v for v in names if v in outside or uses[v] > 1} if isinstance(lit, NotLit) else set()
+        for lit, names in zip(body, variables, strict=True)
+    ]
+
+
+def negations_shared(body: tuple[Literal, ...], outside: set[str]) -> dict[int, set[str]]:
+    """For each negation of ``body`` (by ``id``), the variables it shares with the clause."""
+    variables = [set(literal_vars(lit)) for lit in body]
+    shared = _shared_of_negations(body, variables, outside)
+    return {id(lit): shared[i] for i, lit in enumerate(body) if isinstance(lit, NotLit)}

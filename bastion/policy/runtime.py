@@ -1,13 +1,23 @@
 """What compiled policy code calls at evaluation time: the query state and its helpers.
 
-`Query` carries the request's context and, for recursive rules, the answer tables that make
-recursion terminate on cyclic data (a fixpoint per strongly connected group of rules).
+`Query` carries the request's context, the evaluation budget (`PolicyLimits`) and, for recursive
+rules, the answer tables that make recursion terminate on cyclic data (a fixpoint per strongly
+connected group of rules).
+
+The budget is spent where work can pile up, never per line of a rule: a step per value a rule
+iterates over (counted once, when the facts, entities, list items or recursive answers are
+fetched), per call of a recursive rule, and per call of a rule that itself makes many calls.
+Non-recursive rules that look facts up one key at a time spend nothing, so ``authorize`` pays
+nothing for it on the usual policies.
 """
 
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, NoReturn
+
+from bastion.policy.errors import EvaluationLimit
+from bastion.policy.limits import DEFAULT_LIMITS, PolicyLimits
 
 
 class _Missing:
@@ -49,20 +59,44 @@ def context_value(context: dict | None, path: tuple[str, ...]) -> Any:
 
 
 class Query:
-    """The state of one top-level evaluation."""
+    """The state of one top-level evaluation; `start` (or `Authorizer._begin`, which does the
+    same inline on the hot path) resets it before each."""
 
-    __slots__ = ("context", "index", "tables", "active", "dirty", "changed", "iteration")
+    __slots__ = (
+        "context",
+        "index",
+        "tables",
+        "active",
+        "dirty",
+        "changed",
+        "iteration",
+        "limits",
+        "steps",
+        "depth",
+    )
 
-    def __init__(self, context: dict | None, index: Any) -> None:
-        self.context = context
+    def __init__(
+        self, context: dict | None, index: Any, limits: PolicyLimits = DEFAULT_LIMITS
+    ) -> None:
         self.index = index
+        self.limits = limits
+        self.depth = 0  # recursive calls in progress; back to 0 when an evaluation ends
+        self.start(context)
+
+    def start(self, context: dict | None) -> None:
+        """Begin an evaluation: this context, no tables, the whole budget."""
+        self.context = context
         self.tables: dict | None = None
+        self.steps = self.limits.evaluation_max_steps
 
     def lookup(self, path: tuple[str, ...]) -> Any:
         return context_value(self.context, path)
 
     def tabled(self, scc: int, fn: Any, key: tuple, args: tuple, is_bool: bool) -> Any:
         """Evaluate a recursive predicate call with tabling, to a fixpoint, cycles included."""
+        self.steps -= 1
+        if self.steps < 0:
+            exhausted(self)
         if self.tables is None:
             self.tables, self.active, self.dirty, self.changed, self.iteration = {}, {}, {}, {}, {}
         entry = self.tables.get(key)
@@ -71,14 +105,20 @@ class Query:
         ):
             if not entry.complete:
                 self.dirty[scc] = True
-            return bool(entry.answers) if is_bool else tuple(entry.answers)
+            return self._answers(entry, is_bool)
+        if self.depth >= self.limits.evaluation_max_depth:
+            too_deep(self)
         if entry is None:
             entry = self.tables[key] = _Table(scc)
         leader = not self.active.get(scc)
         self.active[scc] = self.active.get(scc, 0) + 1
         outer_dirty = self.dirty.get(scc, False)
+        self.depth += 1
         try:
             while True:
+                self.steps -= 1  # one more round of the fixpoint
+                if self.steps < 0:
+                    exhausted(self)
                 if leader:
                     self.changed[scc] = False
                 self.dirty[scc] = False
@@ -113,7 +153,73 @@ class Query:
                 self.iteration[scc] = self.iteration.get(scc, 0) + 1
         finally:
             self.active[scc] -= 1
-        return bool(entry.answers) if is_bool else tuple(entry.answers)
+            self.depth -= 1
+        return self._answers(entry, is_bool)
+
+    def _answers(self, entry: _Table, is_bool: bool) -> Any:
+        if is_bool:
+            return bool(entry.answers)
+        self.steps -= len(entry.answers)  # the caller iterates over every one
+        if self.steps < 0:
+            exhausted(self)
+        return tuple(entry.answers)
+
+
+# Each way an evaluation stops forgets its answer tables: a table left half filled would read as
+# complete to a later question of the same session (and 'not' of it would hold wrongly).
+
+
+def exhausted(q: Query) -> NoReturn:
+    limit = q.limits.evaluation_max_steps
+    q.tables = None
+    raise EvaluationLimit("evaluation_max_steps", limit, f"more than {limit} steps")
+
+
+def too_deep(q: Query) -> NoReturn:
+    limit = q.limits.evaluation_max_depth
+    q.tables = None
+    raise EvaluationLimit(
+        "evaluation_max_depth", limit, f"recursive rules nested more than {limit} calls deep"
+    )
+
+
+def stack_exhausted(q: Query) -> NoReturn:
+    """For a RecursionError met while evaluating: rules called one another deeper than the
+    interpreter's stack allows, before the depth budget was reached."""
+    limit = q.limits.evaluation_max_depth
+    q.tables = None
+    raise EvaluationLimit(
+        "evaluation_max_depth",
+        limit,
+        "rules call one another deeper than the interpreter's stack allows (lower the limit)",
+    ) from None
+
+
+def built(q: Query, items: tuple) -> tuple:
+    """A list the policy builds during evaluation, refused once larger than the budget allows
+    (counted with repeats, as hashing and comparing it would go: ``[x, x]`` holds x twice)."""
+    limit = q.limits.evaluation_max_term_size
+    size, stack = 1, list(items)
+    while stack:
+        item = stack.pop()
+        size += 1
+        if size > limit:
+            q.tables = None
+            raise EvaluationLimit(
+                "evaluation_max_term_size", limit, f"a list of more than {limit} values was built"
+            )
+        if item.__class__ in (tuple, list):
+            stack.extend(item)
+    return items
+
+
+def counted_members(q: Query, container: Any) -> Any:
+    """`members`, with each item a step of the budget."""
+    items = members(container)
+    q.steps -= len(items)
+    if q.steps < 0:
+        exhausted(q)
+    return items
 
 
 def compare(op: str, left: Any, right: Any) -> bool:

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from bastion.policy import LoadedPolicy, ast
-from bastion.policy.errors import Location
+from bastion.policy.errors import EvaluationLimit, Location
 
 
 @dataclass(slots=True)
@@ -80,13 +80,16 @@ def run_tests(loaded: LoadedPolicy) -> list[TestResult]:
                 break
             args = [a.value for a in call.args]
             context = context_value(assertion.context) if assertion.context else None
-            if call.name == "allow" and len(args) == 3:
-                outcome = authz.authorize(*args, context=context)
-            else:
-                outcome = bool(authz.query(call.name, *args, context=context))
-            passed = outcome == assertion.expect
             explanation = None
-            if not passed and call.name == "allow" and len(args) == 3:
+            try:
+                if call.name == "allow" and len(args) == 3:
+                    outcome = authz.authorize(*args, context=context)
+                else:
+                    outcome = bool(authz.query(call.name, *args, context=context))
+                passed = outcome == assertion.expect
+            except EvaluationLimit as limit:
+                passed, explanation = False, str(limit)  # neither holds nor fails: refused
+            if not passed and explanation is None and call.name == "allow" and len(args) == 3:
                 explanation = str(authz.decide(*args, context=context).explanation)
             result.assertions.append(AssertionResult(text, assertion.location, passed, explanation))
     return results

@@ -92,7 +92,7 @@ def _bootstrap_policy(store: FactStore, config: ServerConfig) -> None:
     except OSError as e:
         raise ConfigError(f"policy_file {path}: {e}") from None
     try:
-        validate_policy(text, str(path))
+        validate_policy(text, str(path), config.policy_limits())
     except PolicyError as e:
         raise ConfigError(f"policy_file {path} does not load:\n{e}") from None
     store.put_policy(
@@ -136,6 +136,7 @@ def create_app(config: ServerConfig) -> Starlette:
         config.database,
         poll_interval=config.poll_interval,
         max_staleness=config.max_staleness_seconds,
+        limits=config.policy_limits(),
     )
     metrics = Metrics()
     metrics.observe_state(

@@ -413,7 +413,7 @@ def cmd_policy_push(args: argparse.Namespace) -> int:
             version = client.load_policy(text, source=source, note=args.note or "")
     else:
         try:
-            warnings = validate_policy(text, source)
+            warnings = validate_policy(text, source, _config(args).policy_limits())
         except PolicyError as e:
             return _fail(f"the policy does not load; nothing changed:\n{e}")
         for w in warnings:
@@ -458,7 +458,7 @@ def cmd_policy_rollback(args: argparse.Namespace) -> int:
             if old is None:
                 return _fail(f"there is no policy version {args.version}")
             try:
-                validate_policy(old.text, old.source)
+                validate_policy(old.text, old.source, _config(args).policy_limits())
             except PolicyError as e:
                 return _fail(f"version {args.version} no longer loads; nothing changed:\n{e}")
             version, _ = store.rollback_policy(args.version, actor="cli")

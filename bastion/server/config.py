@@ -12,6 +12,8 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from bastion.policy.limits import DEFAULT_LIMITS, PolicyLimits
+
 DEFAULT_CONFIG_FILE = "bastion.toml"
 
 
@@ -43,6 +45,16 @@ class ServerConfig:
     decision_records_buffer: int = 100_000
     # Decisions remembered per process for /v1/decisions/{id}.
     decision_log_size: int = 10_000
+    # Policy size limits and the evaluation budget (see `PolicyLimits`, docs/policy-language.md).
+    policy_max_bytes: int = DEFAULT_LIMITS.policy_max_bytes
+    policy_max_rules: int = DEFAULT_LIMITS.policy_max_rules
+    policy_max_rule_literals: int = DEFAULT_LIMITS.policy_max_rule_literals
+    policy_max_nesting: int = DEFAULT_LIMITS.policy_max_nesting
+    policy_max_term_size: int = DEFAULT_LIMITS.policy_max_term_size
+    policy_max_compiled_literals: int = DEFAULT_LIMITS.policy_max_compiled_literals
+    evaluation_max_steps: int = DEFAULT_LIMITS.evaluation_max_steps
+    evaluation_max_depth: int = DEFAULT_LIMITS.evaluation_max_depth
+    evaluation_max_term_size: int = DEFAULT_LIMITS.evaluation_max_term_size
     log_level: str = "info"
     # One log line per request (uvicorn's access log).
     access_log: bool = False
@@ -104,7 +116,16 @@ class ServerConfig:
             checked[key] = _coerce(key, value, type(getattr(config, key)))
         config = replace(config, **checked)
         _check_bounds(config)
+        try:
+            config.policy_limits()
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         return config
+
+    def policy_limits(self) -> PolicyLimits:
+        """The limits on policies and on each evaluation, from the ``policy_*`` and
+        ``evaluation_*`` keys."""
+        return PolicyLimits(**{name: getattr(self, name) for name in PolicyLimits.__slots__})
 
 
 def _check_bounds(config: ServerConfig) -> None:

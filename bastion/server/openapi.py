@@ -103,7 +103,13 @@ def _q(name: str, schema: dict, description: str) -> dict:
     return {"name": name, "in": "query", "schema": schema, "description": description}
 
 
-_DECISION = {"decision_id": _STR, "sequence": _INT}
+_DECISION = {
+    "decision_id": _STR,
+    "sequence": _INT,
+    # Present when the evaluation spent its budget: refused (allowed false, no results).
+    "reason": {"type": "string", "enum": ["evaluation_limit"]},
+    "limit": _STR,
+}
 
 PATHS: dict[str, Any] = {
     "/v1/authorize": {

@@ -4,7 +4,8 @@ At start the replica loads a snapshot (facts, policy, head sequence), then appli
 after it in sequence order. On PostgreSQL a LISTEN connection wakes it on every commit; it also
 polls, so a lost notification or a reconnect only delays it. On SQLite it polls the log.
 All changes are applied on the event loop thread, the same thread that makes decisions, so a
-decision never sees half of a batch.
+decision never sees half of a batch; a new policy is compiled in a worker thread first, and put
+in force between two decisions.
 
 A replica knows when it last confirmed it was current: a read of the log that reached its end.
 While it cannot read the log (the database is down, the connection hangs) that moment recedes;
@@ -18,6 +19,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Iterable
+from functools import partial
 
 import anyio
 
@@ -26,6 +28,7 @@ from bastion.decide import Authorizer
 from bastion.facts.model import matches
 from bastion.facts.store import CHANGES_CHANNEL, Change, FactStore, StoredFact
 from bastion.policy.errors import PolicyError
+from bastion.policy.limits import DEFAULT_LIMITS, PolicyLimits
 
 log = logging.getLogger("bastion.replica")
 
@@ -55,8 +58,10 @@ def load_facts(
     return [StoredFact(fact, expires_at) for fact, expires_at in refused]
 
 
-def _build(text: str, facts: list[StoredFact], source: str) -> tuple[Authorizer, list[StoredFact]]:
-    authz = Authorizer("")
+def _build(
+    text: str, facts: list[StoredFact], source: str, limits: PolicyLimits
+) -> tuple[Authorizer, list[StoredFact]]:
+    authz = Authorizer("", limits=limits)
     if text:
         authz.load_policy(text, source=source or "policy.polar")
     return authz, load_facts(authz, facts)
@@ -66,9 +71,15 @@ class Replica:
     """The decision state of this process: an `Authorizer`, the policy version, the sequence."""
 
     def __init__(
-        self, database: str, *, poll_interval: float = 0.05, max_staleness: float = 5.0
+        self,
+        database: str,
+        *,
+        poll_interval: float = 0.05,
+        max_staleness: float = 5.0,
+        limits: PolicyLimits = DEFAULT_LIMITS,
     ) -> None:
         self.database = database
+        self.limits = limits
         self.store = FactStore.open(database, role="bastion-replica")
         self.is_postgres = self.store.db.is_postgres
         self.max_staleness = max_staleness
@@ -79,7 +90,7 @@ class Replica:
         self.confirmed_at = 0.0
         # Why the last read of the change log failed (None while it is being followed).
         self.follow_error: str | None = None
-        self.authz: Authorizer = Authorizer("")
+        self.authz: Authorizer = Authorizer("", limits=limits)
         self.applied = 0
         self.head_seen = 0
         self.policy_version: int | None = None
@@ -118,7 +129,7 @@ class Replica:
         started = time.perf_counter()
         seq, facts, policy = await anyio.to_thread.run_sync(self.store.snapshot)
         text, source = (policy.text, policy.source) if policy else ("", "")
-        authz, unusable = await anyio.to_thread.run_sync(_build, text, facts, source)
+        authz, unusable = await anyio.to_thread.run_sync(_build, text, facts, source, self.limits)
         if unusable:
             log.warning("%d stored facts are not used by the policy in force", len(unusable))
         self.authz, self.unusable = authz, unusable
@@ -234,7 +245,7 @@ class Replica:
         if changes:
             # `applied` moves with each change, so a failure part way resumes after the last.
             for change in changes:
-                self._apply(change)
+                await self._apply(change)
             self.head_seen = max(self.head_seen, self.applied)
             async with self._advanced:
                 self._advanced.notify_all()
@@ -243,7 +254,7 @@ class Replica:
         self.confirmed_at = asked_at
         return False
 
-    def _apply(self, change: Change) -> None:
+    async def _apply(self, change: Change) -> None:
         if change.kind == "facts":
             if self.unusable and change.deletes:
                 self.unusable = [
@@ -251,10 +262,13 @@ class Replica:
                 ]
             self.unusable += load_facts(self.authz, list(change.inserts), change.deletes)
         elif change.kind == "policy":
-            policy = self.store.policy(change.policy_version)
+            policy = await anyio.to_thread.run_sync(self.store.policy, change.policy_version)
             if policy is not None:
                 try:
-                    self.authz.load_policy(policy.text, source=policy.source)
+                    # Compiled in a worker thread while decisions go on under the old policy.
+                    await anyio.to_thread.run_sync(
+                        partial(self.authz.load_policy, policy.text, source=policy.source)
+                    )
                     self.policy_version = policy.version
                 except PolicyError as e:
                     # Validated before it was stored, so only a newer engine could refuse it.

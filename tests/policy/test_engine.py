@@ -124,12 +124,13 @@ FOLDERS = (EXAMPLES / "folders.polar").read_text()
 
 
 def test_deep_folder_tree_recursion():
+    # Well within the default budget (evaluation_max_depth = 200 recursive calls).
     authz = Authorizer(FOLDERS)
-    chain = [Entity("Folder", f"f{i}") for i in range(300)]
-    authz.facts.apply([("has_relation", chain[i + 1], "parent", chain[i]) for i in range(299)], [])
+    chain = [Entity("Folder", f"f{i}") for i in range(150)]
+    authz.facts.apply([("has_relation", chain[i + 1], "parent", chain[i]) for i in range(149)], [])
     authz.facts.insert(("has_role", User("alice"), "viewer", chain[0]))
     assert authz.authorize(User("alice"), "view", chain[-1])
-    assert len(authz.list(User("alice"), "view", "Folder")) == 300
+    assert len(authz.list(User("alice"), "view", "Folder")) == 150
     assert not authz.authorize(User("bob"), "view", chain[-1])
 
 

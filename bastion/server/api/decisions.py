@@ -1,4 +1,9 @@
-"""Decision routes: authorize (one or a batch), list, actions, query, and explain a decision."""
+"""Decision routes: authorize (one or a batch), list, actions, query, and explain a decision.
+
+An evaluation that spends its budget (`EvaluationLimit`) is a refusal, never an error: allowed
+false (or no results) with ``"reason": "evaluation_limit"`` and the budget that ran out, and so
+recorded in the decision log.
+"""
 
 from __future__ import annotations
 
@@ -17,6 +22,7 @@ from starlette.routing import Route
 
 from bastion.decide import Authorizer
 from bastion.facts.model import Entity, arg_from_json, arg_to_json
+from bastion.policy.errors import EvaluationLimit
 from bastion.server.auth import require
 from bastion.server.problems import Problem, bad_request, entity, read_json
 from bastion.server.problems import field as get_field
@@ -40,6 +46,7 @@ class DecisionRecord:
     policy_version: int | None
     at: float
     explanation: dict | None = field(default=None)
+    refusal: dict | None = field(default=None)  # reason and limit, when over budget
 
     def to_json(self) -> dict:
         return {
@@ -50,6 +57,7 @@ class DecisionRecord:
             "sequence": self.seq,
             "policy_version": self.policy_version,
             "at": self.at,
+            **(self.refusal or {}),
         }
 
 
@@ -141,7 +149,12 @@ def _check(authz: Authorizer, body: dict) -> tuple[Entity, str, Entity]:
 
 
 def _record(
-    request: Request, kind: str, req: dict, result: Any, explanation: dict | None = None
+    request: Request,
+    kind: str,
+    req: dict,
+    result: Any,
+    explanation: dict | None = None,
+    refusal: dict | None = None,
 ) -> str:
     log: DecisionLog = request.app.state.decisions
     replica: Replica = request.app.state.replica
@@ -156,9 +169,15 @@ def _record(
             replica.policy_version,
             time.time(),
             explanation,
+            refusal,
         )
     )
     return decision_id
+
+
+def _refusal(limit: EvaluationLimit) -> dict:
+    """What an answer and its record say of an evaluation that spent its budget."""
+    return {"reason": limit.reason, "limit": limit.limit}
 
 
 def _keep_context(request: Request, req: dict, context: dict | None) -> None:
@@ -191,18 +210,24 @@ async def authorize(request: Request) -> JSONResponse:
     context = _context(body)
     explain = get_field(body, "explain", bool, required=False)
     started = time.perf_counter()
-    explanation = None
+    explanation = refusal = None
     if explain:
         decision = authz.decide(actor, action, resource, context)
         allowed = decision.allowed
         explanation = _explanation_json(decision)
+        if decision.reason is not None:
+            refusal = {"reason": decision.reason, "limit": decision.explanation.limit}
     else:
-        allowed = authz.authorize(actor, action, resource, context)
+        try:
+            allowed = authz.authorize(actor, action, resource, context)
+        except EvaluationLimit as over:
+            allowed, refusal = False, _refusal(over)
     _observe(request, "authorize", started, "allow" if allowed else "deny")
     req = {"actor": _entity_json(actor), "action": action, "resource": _entity_json(resource)}
     _keep_context(request, req, context)
-    decision_id = _record(request, "authorize", req, allowed, explanation)
+    decision_id = _record(request, "authorize", req, allowed, explanation, refusal)
     out = {"allowed": allowed, "decision_id": decision_id, "sequence": replica.applied}
+    out.update(refusal or {})
     if explanation is not None:
         out["explanation"] = explanation
     return JSONResponse(out)
@@ -228,13 +253,16 @@ async def authorize_batch(request: Request) -> JSONResponse:
     results = []
     for actor, action, resource, context in parsed:
         started = time.perf_counter()
-        allowed = authz.authorize(actor, action, resource, context)
+        refusal = None
+        try:
+            allowed = authz.authorize(actor, action, resource, context)
+        except EvaluationLimit as over:
+            allowed, refusal = False, _refusal(over)
         _observe(request, "authorize", started, "allow" if allowed else "deny")
         req = {"actor": _entity_json(actor), "action": action, "resource": _entity_json(resource)}
         _keep_context(request, req, context)
-        results.append(
-            {"allowed": allowed, "decision_id": _record(request, "authorize", req, allowed)}
-        )
+        decision_id = _record(request, "authorize", req, allowed, refusal=refusal)
+        results.append({"allowed": allowed, "decision_id": decision_id, **(refusal or {})})
     return JSONResponse({"results": results, "sequence": replica.applied})
 
 
@@ -253,19 +281,24 @@ async def list_resources(request: Request) -> JSONResponse:
     cursor = get_field(body, "cursor", str, required=False) or ""
     context = _context(body)
     started = time.perf_counter()
-    ids = sorted(authz.list(actor, action, resource_type, context))
+    refusal = None
+    try:
+        ids = sorted(authz.list(actor, action, resource_type, context))
+    except EvaluationLimit as over:
+        ids, refusal = [], _refusal(over)
     _observe(request, "list", started, "allow" if ids else "deny")
     start = bisect.bisect_right(ids, cursor) if cursor else 0
     page = ids[start : start + limit]
     more = bool(page) and page[-1] != ids[-1]
     req = {"actor": _entity_json(actor), "action": action, "resource_type": resource_type}
-    decision_id = _record(request, "list", req, {"count": len(ids)})
+    decision_id = _record(request, "list", req, {"count": len(ids)}, refusal=refusal)
     return JSONResponse(
         {
             "ids": page,
             "next_cursor": page[-1] if more else None,
             "decision_id": decision_id,
             "sequence": replica.applied,
+            **(refusal or {}),
         }
     )
 
@@ -280,12 +313,21 @@ async def actions(request: Request) -> JSONResponse:
     _known_type(authz, actor, "actor")
     _known_type(authz, resource, "resource")
     started = time.perf_counter()
-    result = sorted(authz.actions(actor, resource, _context(body)))
+    refusal = None
+    try:
+        result = sorted(authz.actions(actor, resource, _context(body)))
+    except EvaluationLimit as over:
+        result, refusal = [], _refusal(over)
     _observe(request, "actions", started, "allow" if result else "deny")
     req = {"actor": _entity_json(actor), "resource": _entity_json(resource)}
-    decision_id = _record(request, "actions", req, result)
+    decision_id = _record(request, "actions", req, result, refusal=refusal)
     return JSONResponse(
-        {"actions": result, "decision_id": decision_id, "sequence": replica.applied}
+        {
+            "actions": result,
+            "decision_id": decision_id,
+            "sequence": replica.applied,
+            **(refusal or {}),
+        }
     )
 
 
@@ -307,15 +349,24 @@ async def query(request: Request) -> JSONResponse:
             except ValueError as e:
                 raise bad_request(f'args[{i}]: {e}; a variable is {{"var": "name"}}') from None
     started = time.perf_counter()
+    refusal = None
     try:
         rows = replica.authz.query(predicate, *args, context=_context(body))
     except ValueError as e:
         raise bad_request(str(e)) from None
+    except EvaluationLimit as over:
+        rows, refusal = [], _refusal(over)
     _observe(request, "query", started, "allow" if rows else "deny")
     results = [[arg_to_json(v) for v in row] for row in rows]
-    decision_id = _record(request, "query", {"predicate": predicate, "args": raw_args}, len(rows))
+    req = {"predicate": predicate, "args": raw_args}
+    decision_id = _record(request, "query", req, len(rows), refusal=refusal)
     return JSONResponse(
-        {"results": results, "decision_id": decision_id, "sequence": replica.applied}
+        {
+            "results": results,
+            "decision_id": decision_id,
+            "sequence": replica.applied,
+            **(refusal or {}),
+        }
     )
 
 

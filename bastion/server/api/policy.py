@@ -1,4 +1,9 @@
-"""Policy routes: get, validate without applying, put (atomic swap), versions, roll back."""
+"""Policy routes: get, validate without applying, put (atomic swap), versions, roll back.
+
+Checking a policy compiles it, which can take a second for a large one: it runs in a worker
+thread, one policy at a time per process, so the event loop (health checks, decisions, the
+gateway, OAuth) keeps answering meanwhile.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +17,7 @@ from starlette.routing import Route
 from bastion.decide import Authorizer
 from bastion.facts.store import FactStore
 from bastion.policy.errors import PolicyError
+from bastion.policy.limits import DEFAULT_LIMITS, PolicyLimits
 from bastion.server.auth import require
 from bastion.server.problems import Problem, read_json, unprocessable
 from bastion.server.problems import field as get_field
@@ -33,9 +39,27 @@ def policy_problem(e: PolicyError) -> Problem:
     return unprocessable(f"the policy does not load; fix these: {e}", diagnostics=diagnostics)
 
 
-def validate_policy(text: str, source: str) -> list[str]:
+def validate_policy(text: str, source: str, limits: PolicyLimits = DEFAULT_LIMITS) -> list[str]:
     """Warnings of a policy that loads; `PolicyError` otherwise. Checked on a fresh engine."""
-    return [str(w) for w in Authorizer("").check_policy(text, source=source)]
+    return [str(w) for w in Authorizer("", limits=limits).check_policy(text, source=source)]
+
+
+async def _validate(request: Request, text: str, source: str) -> list[str]:
+    """`validate_policy` in a worker thread, one at a time; a policy that does not load is a
+    422 listing every diagnostic."""
+    state = request.app.state
+    compiling = getattr(state, "policy_compiles", None)
+    if compiling is None:
+        # One compile at a time: a flood of large policies queues here, not in the thread
+        # pool that the other routes need for their database calls.
+        compiling = state.policy_compiles = anyio.CapacityLimiter(1)
+    limits = state.config.policy_limits()
+    try:
+        return await anyio.to_thread.run_sync(
+            validate_policy, text, source, limits, limiter=compiling
+        )
+    except PolicyError as e:
+        raise policy_problem(e) from None
 
 
 async def _await_applied(request: Request, seq: int) -> None:
@@ -61,10 +85,7 @@ async def validate(request: Request) -> JSONResponse:
     body = await read_json(request)
     text = get_field(body, "text", str)
     source = get_field(body, "source", str, required=False) or "policy.polar"
-    try:
-        warnings = validate_policy(text, source)
-    except PolicyError as e:
-        raise policy_problem(e) from None
+    warnings = await _validate(request, text, source)
     return JSONResponse({"valid": True, "warnings": warnings})
 
 
@@ -74,10 +95,7 @@ async def put_policy(request: Request) -> JSONResponse:
     text = get_field(body, "text", str)
     source = get_field(body, "source", str, required=False) or "policy.polar"
     note = get_field(body, "note", str, required=False) or ""
-    try:
-        warnings = validate_policy(text, source)
-    except PolicyError as e:
-        raise policy_problem(e) from None
+    warnings = await _validate(request, text, source)
     store: FactStore = request.app.state.store
     version, seq = await anyio.to_thread.run_sync(
         lambda: store.put_policy(text, source=source, actor=key.principal, note=note)
@@ -102,10 +120,7 @@ async def rollback(request: Request) -> JSONResponse:
     old = await anyio.to_thread.run_sync(store.policy, version)
     if old is None:
         raise Problem(404, "Unknown policy version", f"there is no policy version {version}")
-    try:
-        validate_policy(old.text, old.source)
-    except PolicyError as e:
-        raise policy_problem(e) from None
+    await _validate(request, old.text, old.source)
     new_version, seq = await anyio.to_thread.run_sync(
         lambda: store.rollback_policy(version, actor=key.principal)
     )

@@ -1,0 +1,285 @@
+"""Limits on policies and the evaluation budget: a policy too large or too deeply nested is
+refused with a diagnostic that names the limit; recursion that would build ever larger terms is
+refused at load; an evaluation that runs away ends in a refusal (`EvaluationLimit`), never in a
+hang or a crash."""
+
+from __future__ import annotations
+
+import pytest
+
+from bastion import Authorizer, Entity, PolicyError
+from bastion.decide import Variable
+from bastion.decide.contract import decide_chain
+from bastion.policy.errors import EvaluationLimit
+from bastion.policy.limits import PolicyLimits
+
+User, Doc, Hop = (
+    (lambda i: Entity("User", i)),
+    (lambda i: Entity("Doc", i)),
+    (lambda i: Entity("Hop", i)),
+)
+
+
+DEFAULTS = PolicyLimits()
+
+
+def refused(text: str, limits: PolicyLimits = DEFAULTS) -> str:
+    with pytest.raises(PolicyError) as err:
+        Authorizer(text, limits=limits)
+    return str(err.value)
+
+
+def long_rule(n: int, negated: bool = False) -> str:
+    roles = ", ".join(f'"r{i}"' for i in range(n))
+    body = " and ".join(
+        f'{"not " if negated and i % 2 else ""}has_role(actor, "r{i}", resource)' for i in range(n)
+    )
+    return (
+        f"actor User {{}}\nresource Doc {{ roles = [{roles}]; }}\n"
+        f'allow(actor: User, "read", resource: Doc) if\n  {body};\n'
+    )
+
+
+# -- size and nesting --------------------------------------------------------------------------
+
+
+def test_a_rule_at_the_literal_limit_compiles_and_decides_right():
+    # Far past CPython's 20 nested blocks and 100 indentation levels: the generated code moves
+    # the rest of a long body into functions of its own.
+    limits = PolicyLimits(policy_max_rule_literals=1000)
+    authz = Authorizer(long_rule(999), limits=limits)  # 999 calls and the type checks
+    roles = [("has_role", User("ann"), f"r{i}", Doc("d")) for i in range(999)]
+    authz.facts.apply(roles[:-1], [])
+    assert not authz.authorize(User("ann"), "read", Doc("d"))
+    authz.facts.insert(roles[-1])
+    assert authz.authorize(User("ann"), "read", Doc("d"))
+    assert authz.list(User("ann"), "read", "Doc") == ["d"]
+    assert authz.actions(User("ann"), Doc("d")) == {"read"}
+
+
+def test_a_long_rule_of_negations_and_free_variables_compiles():
+    authz = Authorizer(long_rule(600, negated=True))
+    assert not authz.authorize(User("ann"), "read", Doc("d"))
+    free = " and ".join(f'has_role(actor, r{i}, resource) and r{i} != "x"' for i in range(400))
+    authz.load_policy(
+        f'actor User {{}}\nresource Doc {{ roles = ["a"]; }}\nallow(actor: User, "read", resource: Doc) if {free};'
+    )
+    authz.facts.insert(("has_role", User("ann"), "a", Doc("d")))
+    assert authz.authorize(User("ann"), "read", Doc("d"))
+
+
+def test_a_rule_over_the_literal_limit_is_refused_naming_the_limit():
+    message = refused(long_rule(2000))
+    assert "policy_max_rule_literals = 1000" in message
+    assert "<policy>:3:1" in message  # where the rule starts
+
+
+def test_many_context_fields_in_one_call_compile():
+    fields = ", ".join(f"context.f{i}" for i in range(300))
+    authz = Authorizer(
+        f"declare wide({', '.join(['String'] * 300)});\nallow(a, b, c) if wide({fields}) and a = b and b = c;"
+    )
+    assert not authz.authorize("x", "x", "x", {f"f{i}": "v" for i in range(300)})
+
+
+@pytest.mark.parametrize(
+    "nested",
+    [
+        "allow(a, b, c) if " + "(" * 5000 + "a = b" + ")" * 5000 + " and b = c;",
+        "allow(a, b, c) if " + "not " * 5000 + "a = b and b = c;",
+        "allow(a, b, c) if a in " + "[" * 5000 + "]" * 5000 + " and b = c;",
+        'allow(a, b, c) if a = b and b = c;\ntest "t" { assert allow(1, 2, 3) with context '
+        + "{a: " * 5000
+        + "1"
+        + "}" * 5000
+        + "; }",
+    ],
+)
+def test_deeply_nested_text_is_refused_naming_the_limit(nested):
+    message = refused(nested)
+    assert "policy_max_nesting = 32" in message
+    assert "<policy>:1:" in message or "<policy>:2:" in message
+
+
+def test_the_policy_text_size_is_bounded():
+    text = "allow(a, b, c) if a = b and b = c;\n" + "# padding\n" * 200
+    message = refused(text, PolicyLimits(policy_max_bytes=1000))
+    assert "policy_max_bytes = 1000" in message
+
+
+def test_or_over_and_cannot_multiply_into_millions_of_rules():
+    ors = " and ".join(f"(a = {i} or b = {i})" for i in range(40))  # 2^40 rules once distributed
+    message = refused(f"allow(a, b, c) if {ors} and c = c;")
+    assert "policy_max_rules = 10000" in message
+
+
+def test_a_list_term_larger_than_the_limit_is_refused():
+    items = ", ".join(str(i) for i in range(2000))
+    message = refused(f"allow(a, b, c) if a in [{items}] and b = c;")
+    assert "policy_max_term_size = 1000" in message
+
+
+def test_specialising_rules_cannot_multiply_the_compile_work_without_bound():
+    # Each rule calls the next with one more argument, once "x" and once "y": the compiler
+    # specialises on constants, so g17 would be compiled 2^16 times.
+    rules = []
+    for k in range(1, 17):
+        args = ", ".join(f"x{i}" for i in range(k))
+        rules.append(f'g{k}({args}) if g{k + 1}({args}, "x") and g{k + 1}({args}, "y");')
+    args = ", ".join(f"_x{i}" for i in range(17))
+    rules.append(f"g17({args});")
+    text = "\n".join(rules) + "\nallow(a, b, c) if g1(a) and b = c;"
+    message = refused(text, PolicyLimits(policy_max_compiled_literals=20_000))
+    assert "policy_max_compiled_literals = 20000" in message
+
+
+# -- recursion that grows ----------------------------------------------------------------------
+
+GROWS = [
+    # the issue's example
+    "grow(x) if grow([x, x]);\nallow(a, b, c) if grow(a) and b = c;",
+    # through a variable bound to a list
+    "grow(x) if y = [x] and grow(y);\nallow(a, b, c) if grow(a) and b = c;",
+    # through a rule outside the recursion that builds the list
+    "wrap(x, y) if y = [x, 1];\ngrow(x) if wrap(x, y) and grow(y);\nallow(a, b, c) if grow(a) and b = c;",
+    # through two rules of one recursive group
+    "p(x) if q([x]);\nq(x) if p(x);\nallow(a, b, c) if p(a) and b = c;",
+    # in the answers: each round returns a larger list than the last
+    "build(x, y) if x = y;\nbuild(x, y) if build(x, z) and y = [z, z];\nallow(a, b, c) if build(a, b) and b = c;",
+]
+
+
+@pytest.mark.parametrize("text", GROWS)
+def test_recursion_that_builds_ever_larger_terms_is_refused_at_load(text):
+    message = refused(text)
+    assert "never end" in message
+    assert "<policy>:" in message
+
+
+SAFE = [
+    # lists of values that come from facts or constants, not round the recursion
+    "resource Doc {}\ndeclare edge(Doc, Doc);\nreach(x, y) if edge(x, y);\nreach(x, y) if edge(x, z) and reach(z, y) and [z] = [z];\n"
+    "allow(_a, b, c) if reach(b, c);",
+    "last(x, y) if y = [x];\nlast(x, y) if x = 1 and last(2, y);\nallow(a, b, c) if last(a, b) and b = c;",
+]
+
+
+@pytest.mark.parametrize("text", SAFE)
+def test_recursion_that_passes_lists_along_without_growing_them_loads(text):
+    Authorizer(text)
+
+
+# -- the evaluation budget ---------------------------------------------------------------------
+
+CHAIN = """
+actor User {}
+resource Hop { roles = ["viewer"]; permissions = ["view"]; relations = { parent: Hop };
+  "viewer" if "viewer" on "parent"; "view" if "viewer"; }
+"""
+
+
+def chain(n: int, limits: PolicyLimits = DEFAULTS) -> Authorizer:
+    authz = Authorizer(CHAIN, limits=limits)
+    hops = [("has_relation", Hop(f"h{i + 1}"), "parent", Hop(f"h{i}")) for i in range(n)]
+    authz.facts.apply([*hops, ("has_role", User("ann"), "viewer", Hop("h0"))], [])
+    return authz
+
+
+def test_recursion_deeper_than_the_budget_is_refused_everywhere():
+    authz = chain(400)
+    with pytest.raises(EvaluationLimit) as err:
+        authz.authorize(User("ann"), "view", Hop("h400"))
+    assert err.value.limit == "evaluation_max_depth" and err.value.reason == "evaluation_limit"
+    decision = authz.decide(User("ann"), "view", Hop("h400"))
+    assert not decision.allowed and decision.reason == "evaluation_limit"
+    assert "evaluation_max_depth = 200" in str(decision.explanation)
+    assert decision.explanation.to_dict()["limit"] == "evaluation_max_depth"
+    with pytest.raises(EvaluationLimit):
+        authz.query("has_permission", User("ann"), "view", Hop("h400"))
+    with pytest.raises(EvaluationLimit):
+        authz.actions(User("ann"), Hop("h400"))
+    chained = decide_chain(authz, [User("ann")], "view", Hop("h400"))
+    assert not chained.allowed and chained.reason == "evaluation_limit"
+    # Within the budget, the same engine still answers.
+    assert authz.authorize(User("ann"), "view", Hop("h100"))
+    assert not authz.authorize(User("bob"), "view", Hop("h100"))
+
+
+def test_the_interpreter_stack_running_out_is_an_evaluation_limit_too():
+    authz = chain(3000, PolicyLimits(evaluation_max_depth=100_000))
+    with pytest.raises(EvaluationLimit) as err:
+        authz.authorize(User("ann"), "view", Hop("h3000"))
+    assert err.value.limit == "evaluation_max_depth"
+    with pytest.raises(EvaluationLimit):
+        authz.list(User("ann"), "view", "Hop")
+    assert authz.authorize(User("ann"), "view", Hop("h10"))
+
+
+SEARCH = """
+actor User {}
+resource Doc { roles = ["r"]; }
+declare blocked(User, User, User, User);
+allow(_u: User, "read", _d: Doc) if
+  has_role(a, "r", _x) and has_role(b, "r", _y) and has_role(c, "r", _z) and has_role(d, "r", _w) and
+  blocked(a, b, c, d);
+"""
+
+
+def test_a_search_larger_than_the_step_budget_is_refused():
+    authz = Authorizer(SEARCH, limits=PolicyLimits(evaluation_max_steps=100_000))
+    authz.facts.apply([("has_role", User(f"u{i}"), "r", Doc(f"d{i}")) for i in range(100)], [])
+    with pytest.raises(EvaluationLimit) as err:
+        authz.authorize(User("u1"), "read", Doc("d1"))  # 100^4 combinations
+    assert err.value.limit == "evaluation_max_steps"
+    with pytest.raises(EvaluationLimit):
+        authz.list(User("u1"), "read", "Doc")
+    with pytest.raises(EvaluationLimit):
+        authz.query("allow", User("u1"), Variable("action"), Doc("d1"))
+    assert authz.decide(User("u1"), "read", Doc("d1")).reason == "evaluation_limit"
+
+
+def test_enumerating_entities_spends_the_budget():
+    text = """actor User {}
+resource Doc { roles = ["r"]; }
+allow(_u: User, "read", _d: Doc) if
+  x matches Doc and y matches Doc and z matches Doc and x != y and x < z;"""  # never true
+    authz = Authorizer(text, limits=PolicyLimits(evaluation_max_steps=10_000))
+    authz.facts.apply([("has_role", User(f"u{i}"), "r", Doc(f"d{i}")) for i in range(100)], [])
+    with pytest.raises(EvaluationLimit):
+        authz.authorize(User("u1"), "read", Doc("d1"))
+
+
+def test_a_list_built_larger_than_the_budget_is_refused():
+    doubling = " and ".join(f"x{i + 1} = [x{i}, x{i}]" for i in range(30))
+    authz = Authorizer(f"allow(a, b, c) if x0 = a and {doubling} and x30 = x30 and b = c;")
+    with pytest.raises(EvaluationLimit) as err:
+        authz.authorize("a", "b", "b")
+    assert err.value.limit == "evaluation_max_term_size"
+    assert authz.decide("a", "b", "b").reason == "evaluation_limit"
+
+
+def test_an_explanation_that_runs_out_keeps_the_decision_and_says_so():
+    authz = chain(150, PolicyLimits(evaluation_max_steps=100))
+    assert authz.authorize(User("ann"), "view", Hop("h40"))  # compiled: within budget
+    decision = authz.decide(User("ann"), "view", Hop("h40"))
+    assert decision.allowed and decision.reason is None
+    assert "the explanation stopped" in str(decision.explanation)
+
+
+def test_a_question_after_a_refused_one_in_the_same_session_does_not_read_its_half_tables():
+    # Had the half-computed answers of `reach` stayed, `not reach(...)` would read "none" and
+    # allow what must not be allowed.
+    text = """actor User {}
+resource Hop {}
+declare edge(Hop, Hop);
+reach(x, y) if edge(x, y);
+reach(x, y) if edge(x, z) and reach(z, y);
+allow(_u: User, "deep", _h: Hop) if reach(Hop{"h0"}, Hop{"h400"});
+allow(_u: User, "unreachable", _h: Hop) if not reach(Hop{"h0"}, Hop{"h400"});"""
+    authz = Authorizer(text)
+    authz.facts.apply([("edge", Hop(f"h{i}"), Hop(f"h{i + 1}")) for i in range(400)], [])
+    with authz.session() as s:
+        with pytest.raises(EvaluationLimit):
+            s.allowed(User("ann"), "deep", Hop("x"))
+        with pytest.raises(EvaluationLimit):
+            s.allowed(User("ann"), "unreachable", Hop("x"))

@@ -1,0 +1,323 @@
+"""Attacks on the policy engine through a real `bastion serve` (issue 9, defects 3 and 4).
+
+A key that may only read policies (``policy:read``) sends policies built to be slow to compile,
+too large, or nested too deep; a policy writer stores a policy whose evaluation would never end,
+or that runs away on the facts. Each is refused with a clear answer, and the server goes on
+answering everyone else meanwhile.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import httpx
+import pytest
+from argon2 import PasswordHasher
+from mcp.shared.exceptions import MCPError
+
+from bastion.facts.model import Entity
+from bastion.facts.store import FactStore
+from bastion.oauth import users
+from tests.gateway import support
+from tests.server.conftest import POLICY, ServerProcess, entity
+
+GROW = "actor User {}\ngrow(x) if grow([x, x]);\nallow(a, _b, _c) if grow(a);\n"
+
+
+@pytest.fixture
+def server(tmp_path):
+    policy = tmp_path / "policy.polar"
+    policy.write_text(POLICY)
+    running = ServerProcess(str(tmp_path / "bastion.db"), tmp_path, str(policy)).start()
+    yield running
+    running.stop()
+
+
+def key_for(server: ServerProcess, *scopes: str) -> httpx.Client:
+    """A client with a new API key holding only ``scopes`` (close it, or use it in a ``with``)."""
+    with server.client() as admin:
+        created = admin.post("/v1/keys", json={"name": "-".join(scopes), "scopes": list(scopes)})
+        assert created.status_code == 201, created.text
+    return httpx.Client(
+        base_url=server.url,
+        headers={"authorization": f"Bearer {created.json()['key']}"},
+        timeout=300,
+    )
+
+
+def conjunction(n: int, rule: int = 0) -> str:
+    """One rule of ``n`` conjuncts, each a role check (``allow``, no specializers)."""
+    body = " and\n  ".join(f'has_role(actor, "r{i}", resource)' for i in range(n))
+    return f'allow(actor, "a{rule}", resource) if\n  {body};\n'
+
+
+def wide(n: int, rules: int = 1) -> str:
+    roles = ", ".join(f'"r{i}"' for i in range(n))
+    return f"actor User {{}}\nresource Doc {{ roles = [{roles}]; }}\n" + "".join(
+        conjunction(n, r) for r in range(rules)
+    )
+
+
+def assert_refused(response: httpx.Response, *words: str) -> list[dict]:
+    assert response.status_code == 422, response.text
+    assert response.headers["content-type"].startswith("application/problem+json")
+    diagnostics = response.json()["diagnostics"]
+    text = " ".join(d["message"] for d in diagnostics)
+    for word in words:
+        assert word in text
+    assert all(d["line"] >= 1 and d["column"] >= 1 for d in diagnostics)
+    return diagnostics
+
+
+# -- defect 3: compiling -----------------------------------------------------------------------
+
+
+def test_the_server_answers_while_a_large_policy_is_validated(server):
+    answered_at: list[float] = []
+    validated: dict = {}
+
+    def validate() -> None:
+        # Six rules at the limit of 1,000 conjuncts: seconds of compiling.
+        text = wide(1000, rules=6)
+        with key_for(server, "policy:read") as reader:
+            validated["response"] = reader.post("/v1/policy/validate", json={"text": text})
+        validated["at"] = time.monotonic()
+
+    worker = threading.Thread(target=validate)
+    worker.start()
+    with httpx.Client(base_url=server.url, timeout=60) as anyone:
+        while worker.is_alive():
+            assert anyone.get("/healthz").status_code == 200
+            answered_at.append(time.monotonic())
+            time.sleep(0.05)
+    worker.join()
+    assert validated["response"].status_code == 200, validated["response"].text
+    assert validated["response"].json()["valid"] is True
+    # Health checks were answered while the policy was being compiled, not only after.
+    assert len([t for t in answered_at if t < validated["at"]]) >= 3
+
+
+def test_the_server_answers_while_its_replica_compiles_a_new_policy(server):
+    # Stored by another process (as `bastion policy push` on the database does): this server
+    # only hears of it from the change log, and compiles it to put it in force.
+    store = FactStore.open(server.database)
+    try:
+        version, _ = store.put_policy(wide(1000, rules=6), source="wide.polar", actor="test")
+    finally:
+        store.close()
+    written = time.monotonic()
+    answered_at: list[float] = []
+    check = {"actor": entity("User", "a"), "action": "read", "resource": entity("Repo", "r")}
+    with httpx.Client(base_url=server.url, timeout=120) as anyone, server.client() as admin:
+        while admin.get("/v1/policy").json()["applied"] != version:
+            assert anyone.get("/healthz").status_code == 200
+            assert admin.post("/v1/authorize", json=check).status_code == 200
+            answered_at.append(time.monotonic())
+            time.sleep(0.05)
+        applied = time.monotonic()
+    # Health checks and decisions (under the policy in force) were answered while the replica
+    # compiled the new one (it starts within a poll interval of the write).
+    assert len([t for t in answered_at if written + 0.5 < t < applied]) >= 3
+
+
+def test_a_rule_of_two_thousand_conjuncts_is_refused_naming_the_limit(server):
+    with key_for(server, "policy:read") as reader:
+        response = reader.post("/v1/policy/validate", json={"text": wide(2000)})
+    (diagnostic,) = assert_refused(response, "policy_max_rule_literals = 1000")
+    assert (diagnostic["line"], diagnostic["column"]) == (3, 1)
+
+
+def test_a_rule_at_the_conjunct_limit_validates(server):
+    with key_for(server, "policy:read") as reader:
+        response = reader.post("/v1/policy/validate", json={"text": wide(1000)})
+    assert response.status_code == 200, response.text
+    assert response.json()["valid"] is True
+
+
+@pytest.mark.parametrize(
+    "nested",
+    [
+        "allow(a, b, c) if " + "(" * 5000 + "a = b" + ")" * 5000 + " and b = c;",
+        "allow(a, b, c) if " + "not " * 5000 + "a = b and b = c;",
+        "allow(a, b, c) if a in " + "[" * 5000 + "]" * 5000 + " and b = c;",
+    ],
+    ids=["parentheses", "not", "lists"],
+)
+def test_deeply_nested_policy_text_is_refused_naming_the_limit(server, nested):
+    with key_for(server, "policy:read") as reader:
+        response = reader.post("/v1/policy/validate", json={"text": nested})
+    assert_refused(response, "policy_max_nesting")
+    with server.client() as admin:
+        assert_refused(admin.put("/v1/policy", json={"text": nested}), "policy_max_nesting")
+
+
+# -- defect 4: evaluation ----------------------------------------------------------------------
+
+
+def test_a_policy_that_would_grow_without_end_is_refused_when_validated_or_put(server):
+    with server.client() as admin:
+        before = admin.get("/v1/policy").json()["version"]
+        for path, method in (("/v1/policy/validate", "POST"), ("/v1/policy", "PUT")):
+            response = admin.request(method, path, json={"text": GROW})
+            (diagnostic,) = assert_refused(response, "never end")
+            assert (diagnostic["line"], diagnostic["column"]) == (2, 12)
+        assert admin.get("/v1/policy").json()["version"] == before
+        check = {"actor": entity("User", "a"), "action": "read", "resource": entity("Repo", "r")}
+        assert admin.post("/v1/authorize", json=check).status_code == 200
+
+
+def test_a_policy_file_that_would_grow_without_end_stops_the_server_at_start(tmp_path):
+    policy = tmp_path / "grow.polar"
+    policy.write_text(GROW)
+    process = ServerProcess(str(tmp_path / "bastion.db"), tmp_path, str(policy))
+    with pytest.raises(RuntimeError, match="never end"):
+        process.start()
+    process.stop()
+
+
+CHAIN = """
+actor User {}
+resource Hop {
+  roles = ["viewer"];
+  permissions = ["view"];
+  relations = { parent: Hop };
+  "viewer" if "viewer" on "parent";
+  "view" if "viewer";
+}
+"""
+
+SEARCH = """
+actor User {}
+resource Doc { roles = ["r"]; }
+declare blocked(User, User, User, User);
+allow(_u: User, "read", _d: Doc) if
+  has_role(a, "r", _x) and has_role(b, "r", _y) and has_role(c, "r", _z) and
+  has_role(d, "r", _w) and blocked(a, b, c, d);
+"""
+
+
+def hop(i: int) -> dict:
+    return entity("Hop", f"h{i}")
+
+
+def put(admin: httpx.Client, text: str, facts: list[dict]) -> int:
+    response = admin.put("/v1/policy", json={"text": text})
+    assert response.status_code == 200, response.text
+    response = admin.post("/v1/facts", json={"facts": facts})
+    assert response.status_code == 200, response.text
+    return response.json()["sequence"]
+
+
+def test_recursion_past_the_budget_is_refused_and_recorded_and_the_server_goes_on(server):
+    with server.client() as admin:
+        chain = [
+            {"predicate": "has_relation", "args": [hop(i + 1), "parent", hop(i)]}
+            for i in range(400)
+        ]
+        viewer = {"predicate": "has_role", "args": [entity("User", "ann"), "viewer", hop(0)]}
+        seq = put(admin, CHAIN, [*chain, viewer])
+        ann = entity("User", "ann")
+        check = {"actor": ann, "action": "view", "resource": hop(400), "at_least": seq}
+        answer = admin.post("/v1/authorize", json=check).json()
+        assert answer["allowed"] is False
+        assert (answer["reason"], answer["limit"]) == ("evaluation_limit", "evaluation_max_depth")
+        record = admin.get(f"/v1/decisions/{answer['decision_id']}").json()
+        assert (record["result"], record["reason"]) == (False, "evaluation_limit")
+        explained = admin.post("/v1/authorize", json={**check, "explain": True}).json()
+        assert explained["allowed"] is False and explained["reason"] == "evaluation_limit"
+        assert "evaluation_max_depth = 200" in explained["explanation"]["text"]
+        later = admin.get(f"/v1/decisions/{answer['decision_id']}/explanation").json()
+        assert "evaluation_max_depth" in later["explanation"]["text"]
+        batch = admin.post("/v1/authorize/batch", json={"checks": [check]}).json()
+        assert batch["results"][0]["reason"] == "evaluation_limit"
+        actions = admin.post("/v1/actions", json={"actor": ann, "resource": hop(400)}).json()
+        assert actions["actions"] == [] and actions["reason"] == "evaluation_limit"
+        args = [ann, "view", hop(400)]
+        query = admin.post("/v1/query", json={"predicate": "has_permission", "args": args})
+        assert query.json()["reason"] == "evaluation_limit"
+        # Everyone else is still answered, and the same chain within the budget is allowed.
+        assert admin.get("/healthz").status_code == 200
+        near = {**check, "resource": hop(50)}
+        assert admin.post("/v1/authorize", json=near).json()["allowed"] is True
+
+
+def test_a_search_past_the_budget_is_refused_and_the_server_goes_on(server):
+    with server.client() as admin:
+        roles = [
+            {
+                "predicate": "has_role",
+                "args": [entity("User", f"u{i}"), "r", entity("Doc", f"d{i}")],
+            }
+            for i in range(100)
+        ]
+        seq = put(admin, SEARCH, roles)  # a million ways to look for a blocked foursome
+        check = {
+            "actor": entity("User", "u1"),
+            "action": "read",
+            "resource": entity("Doc", "d1"),
+            "at_least": seq,
+        }
+        answer = admin.post("/v1/authorize", json=check).json()
+        assert (answer["reason"], answer["limit"]) == ("evaluation_limit", "evaluation_max_steps")
+        listed = admin.post(
+            "/v1/list",
+            json={"actor": entity("User", "u1"), "action": "read", "resource_type": "Doc"},
+        ).json()
+        assert listed["ids"] == [] and listed["reason"] == "evaluation_limit"
+        assert admin.get("/healthz").status_code == 200
+
+
+# -- the gateway: fail closed, never fail dead -------------------------------------------------
+
+
+def Hop(name: str) -> Entity:  # noqa: N802 (an entity type, as in the policy)
+    return Entity("Hop", name)
+
+
+RUNAWAY = """
+resource Hop { relations = { next: Hop }; }
+reaches(a: Hop, b: Hop) if has_relation(a, "next", b);
+reaches(a: Hop, c: Hop) if has_relation(a, "next", b) and reaches(b, c);
+deny(_user: User, "call", _tool: Tool) if
+  context.tool = "search_customers" and reaches(Hop{"h0"}, Hop{"end"});
+"""
+
+
+@pytest.fixture
+def gateway(tmp_path):
+    saved = users._HASHER
+    users._HASHER = PasswordHasher(time_cost=1, memory_cost=1024, parallelism=1)
+    try:
+        with support.start(tmp_path) as running:
+            yield running
+    finally:
+        users._HASHER = saved
+
+
+def test_the_gateway_refuses_a_runaway_decision_and_goes_on_serving(gateway):
+    version, _ = gateway.store.put_policy(support.test_policy() + RUNAWAY, source="runaway.polar")
+    replica = gateway.app.state.replica
+    deadline = time.monotonic() + 20
+    while replica.policy_version != version:
+        assert time.monotonic() < deadline, "the replica did not take the policy"
+        time.sleep(0.02)
+    # A chain of 400 hops with no end: deeper than the budget's 200 recursive calls.
+    hops = [("has_relation", Hop(f"h{i}"), "next", Hop(f"h{i + 1}")) for i in range(400)]
+    gateway.apply(inserts=hops)
+
+    async def script(client, seen):
+        try:
+            await client.call_tool("search_customers", {"query": "a"})
+        except MCPError as e:
+            seen["error"] = e
+        seen["tools"] = (await client.list_tools()).tools
+        seen["prompt"] = await client.get_prompt("apology", {"customer_name": "Ada"})
+
+    seen = gateway.sdk("sam", "deskhttp", "legacy", script)
+    data = seen["error"].error.data
+    assert data["reason"] == "evaluation_limit"
+    assert seen["tools"] and "Ada" in seen["prompt"].messages[0].content.text
+    gateway.flush()
+    record = gateway.records.get(data["decision_id"])
+    assert (record.result, record.reason) == ("deny", "evaluation_limit")
