@@ -178,8 +178,24 @@ def cmd_serve(args: argparse.Namespace) -> int:
         # The gateway ends its open SSE streams on SIGINT/SIGTERM; anything else still open
         # after this many seconds is cut, so a stop never hangs on a client.
         timeout_graceful_shutdown=10,
+        **connection_limits(config),
     )
     return 0
+
+
+def connection_limits(config: ServerConfig) -> dict[str, Any]:
+    """uvicorn's options for slow clients, many clients and proxies (docs/security.md)."""
+    from bastion.server.connections import bounded_http_protocol
+
+    return {
+        "http": bounded_http_protocol(config.header_timeout, config.max_header_bytes),
+        "limit_concurrency": config.max_connections,
+        "timeout_keep_alive": config.keep_alive_timeout,
+        # Only the proxies named may say who the client is; uvicorn would otherwise trust
+        # X-Forwarded-For from any client on 127.0.0.1 (or FORWARDED_ALLOW_IPS).
+        "proxy_headers": config.proxy_headers,
+        "forwarded_allow_ips": config.forwarded_allow_ips if config.proxy_headers else "",
+    }
 
 
 # -- keys --------------------------------------------------------------------------------------

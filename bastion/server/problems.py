@@ -8,6 +8,7 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
+from bastion import untrusted_json
 from bastion.facts.model import Entity, FactError
 
 PROBLEM_JSON = "application/problem+json"
@@ -44,31 +45,43 @@ async def problem_handler(request: Request, exc: Exception) -> JSONResponse:
     return exc.response()
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, refused with 413 past ``limit`` bytes (announced or actually sent)."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise Problem(413, "Content too large", f"the body is larger than {limit} bytes")
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise Problem(413, "Content too large", f"the body is larger than {limit} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
+async def read_body(request: Request) -> bytes:
+    """The request body; its size and deadline are enforced while it arrives by
+    `bastion.server.request_limits.RequestBodyLimits`, before any of it is kept here."""
+    return await request.body()
 
 
 async def read_json(request: Request) -> dict:
-    """The body as a JSON object; anything else is a 400 that says so."""
-    body = await read_body(request, request.app.state.config.max_body_bytes)
+    """The body as a JSON object; anything else (or JSON past a limit) is a 400 that says so."""
+    body = await read_body(request)
     request.state.body_size = len(body)
-    try:
-        value = json.loads(body or b"null")
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise bad_request(f"the body is not valid JSON: {e}") from None
+    if not body:
+        raise bad_request("the body must be a JSON object")
+    value = parse_json(body, request.app.state.config.max_json_depth)
     if not isinstance(value, dict):
         raise bad_request("the body must be a JSON object")
     return value
+
+
+def parse_json(data: bytes | str, max_depth: int, where: str = "the body") -> Any:
+    """``data`` as JSON for the API: a refusal (not JSON, too deep, a number out of range) is a
+    400 that names the field and the limit."""
+    try:
+        return untrusted_json.loads(data, max_depth=max_depth)
+    except untrusted_json.JsonRefused as e:
+        if e.path:
+            raise bad_request(f"{where}: the field {e.path!r}: {e.reason}") from None
+        raise bad_request(f"{where}: {e.reason}") from None
+
+
+def refusal(status: int, detail: str) -> tuple[str, bytes]:
+    """A refused request (`bastion.server.request_limits`) as problem details."""
+    title = _TITLES.get(status, "Refused")
+    body = {"type": "about:blank", "title": title, "status": status, "detail": detail}
+    return PROBLEM_JSON, json.dumps(body).encode()
+
+
+_TITLES = {408: "Request timeout", 413: "Content too large", 500: "Internal server error"}
 
 
 # -- typed fields ------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 import time
@@ -422,10 +423,13 @@ def start(tmp_path, gateway: dict | None = None, replicas: int = 0):
     return running()
 
 
-def serve_quickstart(directory: Path) -> tuple[subprocess.Popen, str]:
+def serve_quickstart(
+    directory: Path, env: dict[str, str] | None = None
+) -> tuple[subprocess.Popen, str]:
     """`bastion serve` of examples/quickstart/bastion.toml in a process of its own, as `make run`
     starts it, but on a free port with a fresh database in ``directory`` (set up by the
-    quickstart's setup.py). Returns the process and its URL once it is ready; the caller stops it.
+    quickstart's setup.py). ``env`` adds environment variables (``BASTION_*`` settings). Returns
+    the process and its URL once it is ready; the caller stops it.
     """
     port = free_socket().getsockname()[1]
     config = (QUICKSTART / "bastion.toml").read_text()
@@ -451,6 +455,7 @@ def serve_quickstart(directory: Path) -> tuple[subprocess.Popen, str]:
             cwd=ROOT,
             stdout=out,
             stderr=subprocess.STDOUT,
+            env={**os.environ, **(env or {})},
         )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 30
