@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
+from bastion.untrusted_json import MAX_INTEGER, MIN_INTEGER
+
 
 class Entity(NamedTuple):
     """A typed entity such as ``User{"alice"}``. A tuple, so hashing and equality are fast."""
@@ -73,6 +75,11 @@ def check_fact(fact: tuple, *, pattern: bool = False) -> tuple:
                 raise FactError(f"argument {i + 1} of {predicate}: bad entity {arg!r}")
             out.append(arg)
         elif isinstance(arg, (str, int, bool)) or (pattern and arg is None):
+            if isinstance(arg, int) and not MIN_INTEGER <= arg <= MAX_INTEGER:
+                raise FactError(
+                    f"argument {i + 1} of {predicate}: {arg} is out of range; integers in facts"
+                    f" are 64-bit ({MIN_INTEGER} to {MAX_INTEGER})"
+                )
             out.append(arg)
         else:
             kind = (

@@ -19,11 +19,13 @@ from typing import Any
 
 import psycopg
 
+from bastion import untrusted_json
 from bastion.facts.model import FactError, format_fact
 from bastion.facts.store import FactStore, StoredFact, epoch
 from bastion.policy.errors import PolicyError
 from bastion.server.config import ConfigError, ServerConfig
 from bastion.server.keys import SCOPES
+from bastion.untrusted_json import MAX_INTEGER
 
 # -- helpers -----------------------------------------------------------------------------------
 
@@ -58,6 +60,17 @@ def _expiry(text: str | None) -> float | None:
             f"--expires-at {text!r}: give epoch seconds or an ISO time with a zone"
             " (2026-12-01T18:00:00+00:00)"
         ) from None
+
+
+def _count(text: str) -> int:
+    """A command-line number that the store keeps as a 64-bit integer: 1 or more."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if not 1 <= value <= MAX_INTEGER:
+        raise argparse.ArgumentTypeError(f"{text} is out of range: give 1 to {MAX_INTEGER}")
+    return value
 
 
 class Progress:
@@ -361,6 +374,7 @@ def cmd_facts_import(args: argparse.Namespace) -> int:
             f"imported {result['inserted']} facts at sequence {result['sequence']}", file=sys.stderr
         )
         return 0
+    depth = _config(args).max_json_depth
     store = _local_store(args)
     try:
         validate = _validator(store)
@@ -368,10 +382,10 @@ def cmd_facts_import(args: argparse.Namespace) -> int:
         facts = []
         for n, line in _read_lines(args.file):
             try:
-                obj = json.loads(line)
+                obj = untrusted_json.loads(line, max_depth=depth)
                 f = StoredFact.from_json(obj)
                 facts.append(StoredFact(validate(f.fact), f.expires_at))
-            except (json.JSONDecodeError, FactError) as e:
+            except (untrusted_json.JsonRefused, FactError) as e:
                 return _fail(f"{args.file}:{n}: {e}; nothing was imported")
             progress.add(1)
         progress.finish()
@@ -570,7 +584,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = changes.add_parser(
         "prune", help="drop old change-log entries (replicas further behind reload a snapshot)"
     )
-    p.add_argument("--keep", type=int, default=100_000, help="entries to keep (default 100000)")
+    p.add_argument("--keep", type=_count, default=100_000, help="entries to keep (default 100000)")
     p.add_argument("--database", help="SQLite path or postgresql:// URL (or BASTION_DATABASE)")
     p.add_argument("--config", help="bastion.toml to read the database from")
     p.set_defaults(func=_guard(cmd_changes_prune))
@@ -585,6 +599,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     _target_options(p)
     p.set_defaults(func=_guard(cmd_policy_versions))
     p = policy.add_parser("rollback", help="put an earlier policy version back in force")
-    p.add_argument("version", type=int)
+    p.add_argument("version", type=_count)
     _target_options(p)
     p.set_defaults(func=_guard(cmd_policy_rollback))

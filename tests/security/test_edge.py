@@ -13,6 +13,7 @@ import select
 import socket
 import sqlite3
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 
-from tests.gateway.support import serve_quickstart
+from tests.gateway.support import ROOT, serve_quickstart
 
 ADMIN_KEY = "edge-test-admin-key-" + "x" * 32
 GIB = 1 << 30
@@ -371,3 +372,296 @@ def test_an_unexpected_failure_is_a_problem_that_names_no_internals(tmp_path):
         assert "no such table: oauth_clients" in served.log
     finally:
         served.stop()
+
+
+# -- numbers and nesting in JSON ---------------------------------------------------------------
+
+# Deeper than Python's recursion limit (1000), within every body limit.
+DEEP = 3000
+
+
+def deep(levels: int) -> str:
+    """Arrays nested ``levels`` deep (as text: json.dumps would recurse)."""
+    return "[" * levels + "]" * levels
+
+
+def nested(template: str, levels: int = DEEP) -> str:
+    """``template`` with NEST replaced by arrays nested ``levels`` deep."""
+    return template.replace("NEST", deep(levels))
+
+
+def assert_bad_request(r: httpx.Response, *words: str) -> dict:
+    assert r.status_code == 400, r.text
+    assert r.headers["content-type"].startswith(PROBLEM_JSON)
+    body = r.json()
+    for word in words:
+        assert word in body["detail"], body
+    return body
+
+
+def post_text(http: httpx.Client, path: str, text: str) -> httpx.Response:
+    return http.post(path, content=text.encode(), headers={"content-type": "application/json"})
+
+
+NUMBERS = {
+    "an infinite expiry": (
+        "/v1/keys",
+        '{"name": "k", "scopes": ["decide"], "expires_in": 1e999}',
+        "expires_in",
+    ),
+    "NaN": ("/v1/keys", '{"name": "k", "scopes": ["decide"], "expires_in": NaN}', "expires_in"),
+    "Infinity": ("/v1/facts", '{"facts": [], "expires_at": Infinity}', "expires_at"),
+    "a 400-digit integer": (
+        "/v1/keys",
+        '{"name": "k", "scopes": ["decide"], "expires_in": 1' + "0" * 400 + "}",
+        "expires_in",
+    ),
+    "a version past 2^63": ("/v1/policy/rollback", '{"version": 9223372036854775808}', "version"),
+    "a fact argument past 2^63": (
+        "/v1/facts",
+        '{"facts": [{"predicate": "has_attribute", "args": [{"type": "McpResource", "id": "x"}, "n", 18446744073709551616]}]}',
+        "facts[0].args[2]",
+    ),
+    "at_least past 2^63": (
+        "/v1/authorize",
+        '{"actor": "User:sam", "action": "connect", "resource": "McpServer:desk", "at_least": 99999999999999999999}',
+        "at_least",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(NUMBERS))
+def test_numbers_out_of_range_are_refused_by_name_and_change_nothing(quickstart, case):
+    path, text, field = NUMBERS[case]
+    with quickstart.api() as http:
+        keys_before = http.get("/v1/keys").json()["keys"]
+        body = assert_bad_request(post_text(http, path, text), field)
+        assert (
+            "finite" in body["detail"]
+            or "range" in body["detail"]
+            or "JSON number" in body["detail"]
+        )
+        # Nothing was stored, and the list that a stored infinity broke for good still answers.
+        r = http.get("/v1/keys")
+        assert r.status_code == 200 and r.json()["keys"] == keys_before
+
+
+BOUNDS = {
+    "a key that lives 100 years": (
+        "/v1/keys",
+        {"name": "k", "scopes": ["decide"], "expires_in": 100 * 365 * 86400},
+        "expires_in",
+    ),
+    "a key that expired before it began": (
+        "/v1/keys",
+        {"name": "k", "scopes": ["decide"], "expires_in": -5},
+        "expires_in",
+    ),
+    "version 0": ("/v1/policy/rollback", {"version": 0}, "version"),
+    "a negative version": ("/v1/policy/rollback", {"version": -(2**63)}, "version"),
+    "a negative at_least": (
+        "/v1/authorize",
+        {"actor": "User:sam", "action": "connect", "resource": "McpServer:desk", "at_least": -1},
+        "at_least",
+    ),
+    "a page of 0": (
+        "/v1/list",
+        {"actor": "User:sam", "action": "connect", "resource_type": "McpServer", "limit": 0},
+        "limit",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(BOUNDS))
+def test_each_numeric_field_has_bounds(quickstart, case):
+    path, body, field = BOUNDS[case]
+    with quickstart.api() as http:
+        keys_before = http.get("/v1/keys").json()["keys"]
+        versions_before = http.get("/v1/policy/versions").json()
+        assert_bad_request(http.post(path, json=body), field)
+        assert http.get("/v1/keys").json()["keys"] == keys_before
+        assert http.get("/v1/policy/versions").json() == versions_before
+
+
+def test_the_cli_refuses_the_same_numbers(quickstart, tmp_path):
+    database = str(quickstart.directory / "bastion.db")
+
+    def bastion(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "bastion.cli", *args, "--database", database],
+            capture_output=True,
+            text=True,
+            env={"PATH": "/usr/bin:/bin", "BASTION_CONFIG": "/nonexistent"},
+        )
+
+    for args, words in [
+        (
+            ("keys", "create", "--name", "k", "--scope", "decide", "--expires-in", "inf"),
+            "expires_in",
+        ),
+        (
+            ("keys", "create", "--name", "k", "--scope", "decide", "--expires-in", "nan"),
+            "expires_in",
+        ),
+        (("policy", "rollback", str(2**63)), "out of range"),
+        (("facts", "insert", f'has_attribute(McpResource{{"x"}}, "n", {2**64})'), "out of range"),
+    ]:
+        done = bastion(*args)
+        assert done.returncode == 2, done
+        assert words in done.stderr and "Traceback" not in done.stderr, done.stderr
+    lines = tmp_path / "facts.jsonl"
+    lines.write_text(
+        nested('{"predicate": "blocked", "args": [NEST, {"type": "Agent", "id": "a"}]}\n')
+    )
+    done = bastion("facts", "import", str(lines))
+    assert done.returncode == 2 and "max_json_depth" in done.stderr, done.stderr
+
+
+DEPTH = {
+    "a context": (
+        "/v1/authorize",
+        nested(
+            '{"actor": "User:sam", "action": "connect", "resource": "McpServer:desk", "context": {"x": NEST}}',
+            DEEP,
+        ),
+    ),
+    "a batch": ("/v1/authorize/batch", nested('{"checks": NEST}', DEEP)),
+    "facts": ("/v1/facts", nested('{"facts": [{"predicate": "blocked", "args": NEST}]}', DEEP)),
+    "a query": ("/v1/query", nested('{"predicate": "has_permission", "args": NEST}', DEEP)),
+    "a policy": ("/v1/policy/validate", nested('{"text": NEST}', DEEP)),
+    "just past the limit": (
+        "/v1/authorize",
+        nested(
+            '{"actor": "User:sam", "action": "connect", "resource": "McpServer:desk", "context": {"x": NEST}}',
+            64,
+        ),
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(DEPTH))
+def test_deeply_nested_json_is_refused_naming_the_limit(quickstart, case):
+    path, text = DEPTH[case]
+    with quickstart.api() as http:
+        assert_bad_request(post_text(http, path, text), "64", "max_json_depth")
+        r = http.get(
+            "/v1/facts", params={"pattern": nested('{"predicate": "blocked", "args": NEST}', DEEP)}
+        )
+        assert_bad_request(r, "pattern", "max_json_depth")
+        # Nesting within the limit is fine.
+        ok = nested(
+            '{"actor": "User:sam", "action": "connect", "resource": "McpServer:desk", "context": {"x": NEST}}',
+            60,
+        )
+        assert post_text(http, "/v1/authorize", ok).status_code == 200
+
+
+def test_deeply_nested_registration_is_refused_naming_the_limit(quickstart):
+    text = nested(
+        '{"redirect_uris": ["http://127.0.0.1:9/cb"], "client_name": "x", "extra": NEST}', DEEP
+    )
+    r = httpx.post(
+        f"{quickstart.url}/register", content=text, headers={"content-type": "application/json"}
+    )
+    assert r.status_code == 400, r.text
+    assert r.json()["error"] == "invalid_client_metadata"
+    assert "max_json_depth" in r.json()["error_description"]
+
+
+def client_credentials_token(served: Served) -> str:
+    """An access token for /mcp/desk, for a confidential client registered on the command line."""
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bastion.cli",
+            "clients",
+            "create",
+            "--name",
+            "edge",
+            "--confidential",
+            "--scope",
+            "customers:read",
+            "--config",
+            str(served.directory / "bastion.toml"),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=ROOT,
+    )
+    client = json.loads(done.stdout)
+    r = httpx.post(
+        f"{served.url}/token",
+        data={
+            "grant_type": "client_credentials",
+            "resource": f"{served.url}/mcp/desk",
+            "scope": "customers:read",
+        },
+        auth=(client["client_id"], client["client_secret"]),
+    )
+    assert r.status_code == 200, r.text
+    return r.json()["access_token"]
+
+
+def test_deeply_nested_and_non_finite_json_rpc_is_refused_by_the_gateway(quickstart):
+    token = client_credentials_token(quickstart)
+    headers = {
+        "authorization": f"Bearer {token}",
+        "content-type": "application/json",
+        "accept": "application/json, text/event-stream",
+    }
+    for text, words in [
+        (
+            nested(
+                '{"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": "x", "arguments": NEST}}',
+                DEEP,
+            ),
+            "max_json_depth",
+        ),
+        (
+            '{"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": "x", "arguments": {"n": NaN}}}',
+            "NaN",
+        ),
+    ]:
+        r = httpx.post(f"{quickstart.url}/mcp/desk", content=text, headers=headers)
+        assert r.status_code == 400, r.text
+        error = r.json()["error"]
+        assert error["code"] == -32700 and words in error["message"], error
+
+
+# -- /v1/query and key scopes ------------------------------------------------------------------
+
+
+def test_a_decide_key_queries_rules_but_not_stored_facts(quickstart):
+    with quickstart.api() as http:
+        keys = {
+            scopes: http.post("/v1/keys", json={"name": "q", "scopes": list(scopes)}).json()["key"]
+            for scopes in [("decide",), ("decide", "facts:read")]
+        }
+
+    def query(key: str, predicate: str, arity: int) -> httpx.Response:
+        args = [{"var": f"x{i}"} for i in range(arity)]
+        return httpx.post(
+            f"{quickstart.url}/v1/query",
+            json={"predicate": predicate, "args": args},
+            headers={"authorization": f"Bearer {key}"},
+        )
+
+    decide_only = keys[("decide",)]
+    # A rule: what the policy concludes is a decision.
+    assert query(decide_only, "has_permission", 3).status_code == 200
+    # Stored facts are data: has_role (stored, and extended by rules), a declared fact.
+    for predicate, arity in [
+        ("has_role", 3),
+        ("has_relation", 3),
+        ("has_attribute", 3),
+        ("blocked", 1),
+    ]:
+        r = query(decide_only, predicate, arity)
+        assert r.status_code == 403, r.text
+        assert r.headers["content-type"].startswith(PROBLEM_JSON)
+        assert "facts:read" in r.json()["detail"]
+    reader = keys[("decide", "facts:read")]
+    r = query(reader, "has_role", 3)
+    assert r.status_code == 200 and r.json()["results"], r.text

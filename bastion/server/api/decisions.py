@@ -84,6 +84,8 @@ async def _fresh(request: Request, body: dict) -> Replica:
     """The replica, once it reflects ``at_least`` (if given)."""
     replica: Replica = request.app.state.replica
     at_least = get_field(body, "at_least", int, required=False)
+    if at_least is not None and at_least < 0:
+        raise bad_request("at_least must be a sequence a write returned (0 or more)")
     if at_least:
         try:
             await replica.wait_for(at_least, request.app.state.config.consistency_timeout)
@@ -231,9 +233,10 @@ async def list_resources(request: Request) -> JSONResponse:
     _known_type(authz, actor, "actor")
     action = get_field(body, "action", str)
     resource_type = get_field(body, "resource_type", str)
-    limit = get_field(body, "limit", int, required=False) or 100
+    limit = get_field(body, "limit", int, required=False)
+    limit = 100 if limit is None else limit
     if not 1 <= limit <= MAX_PAGE:
-        raise bad_request(f"limit must be between 1 and {MAX_PAGE}")
+        raise bad_request(f"limit must be between 1 and {MAX_PAGE}, got {limit}")
     cursor = get_field(body, "cursor", str, required=False) or ""
     context = _context(body)
     started = time.perf_counter()
@@ -276,11 +279,20 @@ async def actions(request: Request) -> JSONResponse:
 async def query(request: Request) -> JSONResponse:
     from bastion.decide import Variable
 
-    require(request, "decide")
+    key = require(request, "decide")
     body = await read_json(request)
     replica = await _fresh(request, body)
     predicate = get_field(body, "predicate", str)
     raw_args = get_field(body, "args", list, required=False) or []
+    if not key.allows("facts:read") and replica.authz.stores_facts(predicate, len(raw_args)):
+        # A decision key asks what the rules conclude; the stored facts themselves are data.
+        raise Problem(
+            403,
+            "Forbidden",
+            f"{predicate}/{len(raw_args)} is a fact predicate: querying stored facts needs the"
+            " scope 'facts:read'; a key with 'decide' alone may query predicates that rules"
+            " define",
+        )
     args = []
     for i, a in enumerate(raw_args):
         if isinstance(a, dict) and set(a) == {"var"} and isinstance(a["var"], str):
