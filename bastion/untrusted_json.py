@@ -17,6 +17,7 @@ DEFAULT_MAX_DEPTH = 64
 MIN_INTEGER = -(2**63)
 MAX_INTEGER = 2**63 - 1
 _SHORT = 18  # an integer literal of at most this many digits is always in range
+_RANGE = f"numbers must be between {MIN_INTEGER} and {MAX_INTEGER} (64-bit)"
 
 
 class JsonRefused(ValueError):
@@ -49,21 +50,20 @@ def _constant_reason(literal: str) -> str:
     return f"{literal} is not a JSON number (NaN and Infinity are not allowed)"
 
 
-def _float_reason(literal: str) -> str | None:
+def _float_reason(literal: str, bounded: bool) -> str | None:
     value = float(literal)
-    return (
-        None if math.isfinite(value) else f"{_shown(literal)} is too large: numbers must be finite"
-    )
+    if not math.isfinite(value):
+        return f"{_shown(literal)} is too large: numbers must be finite"
+    if bounded and not MIN_INTEGER <= value <= MAX_INTEGER:
+        return f"{_shown(literal)} is out of range: {_RANGE}"
+    return None
 
 
 def _int_reason(literal: str) -> str | None:
     digits = len(literal) - (literal[0] == "-")
     if digits <= _SHORT or (digits <= 19 and MIN_INTEGER <= int(literal) <= MAX_INTEGER):
         return None
-    return (
-        f"{_shown(literal)} is out of range: integers must be between {MIN_INTEGER}"
-        f" and {MAX_INTEGER}"
-    )
+    return f"{_shown(literal)} is out of range: {_RANGE}"
 
 
 def _raise(reason: str | None, value: Any) -> Any:
@@ -76,14 +76,14 @@ def _mark(reason: str | None, value: Any) -> Any:
     return value if reason is None else _Refused(reason)
 
 
-def _decoder(bounded_integers: bool, answer) -> json.JSONDecoder:
+def _decoder(bounded_numbers: bool, answer) -> json.JSONDecoder:
     """A decoder whose number hooks ``answer(reason, value)`` for each number it reads."""
 
     def constant(literal: str) -> Any:
         return answer(_constant_reason(literal), None)
 
     def floating(literal: str) -> Any:
-        reason = _float_reason(literal)
+        reason = _float_reason(literal, bounded_numbers)
         return answer(reason, float(literal) if reason is None else None)
 
     def integer(literal: str) -> Any:
@@ -93,7 +93,7 @@ def _decoder(bounded_integers: bool, answer) -> json.JSONDecoder:
     return json.JSONDecoder(
         parse_float=floating,
         parse_constant=constant,
-        parse_int=integer if bounded_integers else None,
+        parse_int=integer if bounded_numbers else None,
     )
 
 
@@ -103,25 +103,25 @@ _MARKING = {bounded: _decoder(bounded, _mark) for bounded in (True, False)}
 
 
 def loads(
-    data: bytes | str, *, max_depth: int = DEFAULT_MAX_DEPTH, bounded_integers: bool = True
+    data: bytes | str, *, max_depth: int = DEFAULT_MAX_DEPTH, bounded_numbers: bool = True
 ) -> Any:
     """``data`` as JSON, or `JsonRefused`.
 
     Refused: text that is not JSON (or not UTF-8), objects and arrays nested deeper than
     ``max_depth``, ``NaN``, ``Infinity``, a number too large to be finite, and (with
-    ``bounded_integers``) an integer outside the 64-bit signed range.
+    ``bounded_numbers``) a number outside the range of a 64-bit signed integer.
     """
     try:
         text = data.decode("utf-8") if isinstance(data, bytes | bytearray) else data
     except UnicodeDecodeError as e:
         raise JsonRefused(f"not valid JSON: not UTF-8 ({e})") from None
     try:
-        value = _FAST[bounded_integers].decode(text)
+        value = _FAST[bounded_numbers].decode(text)
     except RecursionError:
         raise _too_deep(max_depth) from None
     except _RefusedNumber:
         # Decoded again, with the refused numbers kept in place, to say where the first one is.
-        value = _MARKING[bounded_integers].decode(text)
+        value = _MARKING[bounded_numbers].decode(text)
         _walk(value, max_depth)
         raise AssertionError("a refused number was not found again") from None
     except ValueError as e:  # JSONDecodeError, or an integer of more digits than Python reads

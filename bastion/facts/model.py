@@ -98,6 +98,9 @@ def arg_to_json(arg: Any) -> Any:
 
 
 def arg_from_json(value: Any, *, pattern: bool = False) -> Any:
+    if value.__class__ is float and value.is_integer():
+        # JSON has one kind of number: 3.0 is the integer 3 (as JSON Schema says).
+        value = int(value)
     if isinstance(value, dict):
         if set(value) != {"type", "id"} or not all(isinstance(v, str) for v in value.values()):
             raise FactError(f'an entity is {{"type": str, "id": str}}, got {value!r}')

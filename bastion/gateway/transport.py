@@ -221,7 +221,7 @@ class StreamableHttpEndpoint:
         try:
             # Integers are passed on as sent: only their nesting and finiteness are checked.
             value = untrusted_json.loads(
-                raw, max_depth=gateway.max_json_depth, bounded_integers=False
+                raw, max_depth=gateway.max_json_depth, bounded_numbers=False
             )
         except untrusted_json.JsonRefused as e:
             raise HttpError(

@@ -29,6 +29,7 @@ from bastion.server.openapi import openapi_document
 from bastion.server.problems import Problem, problem_handler
 from bastion.server.replica import Replica
 from bastion.server.request_limits import BodyLimit, BodyLimits, RequestBodyLimits
+from bastion.server.routing import one_route_per_path
 
 log = logging.getLogger("bastion.server")
 
@@ -61,7 +62,10 @@ async def http_problem(request: Request, exc: Exception) -> JSONResponse:
         404: f"there is no route {request.url.path}; see /v1/openapi.json",
         405: f"{request.method} is not allowed on {request.url.path}; see /v1/openapi.json",
     }.get(exc.status_code, str(exc.detail))
-    return Problem(exc.status_code, str(exc.detail), detail).response()
+    response = Problem(exc.status_code, str(exc.detail), detail).response()
+    # The Allow header of a 405, among others.
+    response.headers.update(exc.headers or {})
+    return response
 
 
 async def internal_error(request: Request, exc: Exception) -> Response:
@@ -197,6 +201,7 @@ def create_app(config: ServerConfig) -> Starlette:
         *api.routes(),
         *(oauth.routes() if oauth is not None else []),
     ]
+    routes = one_route_per_path(routes)
     # First, so that every body is capped while it is read, whichever route it is for.
     middleware = [
         Middleware(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 from starlette.requests import Request
@@ -95,6 +96,9 @@ def field(body: dict, name: str, kind: type | tuple[type, ...], *, required: boo
         return None
     value = body[name]
     kinds = kind if isinstance(kind, tuple) else (kind,)
+    if value.__class__ is float and int in kinds and float not in kinds and value.is_integer():
+        # JSON has one kind of number: 3.0 is the integer 3 (as JSON Schema says).
+        value = int(value)
     if isinstance(value, bool) and bool not in kinds:
         raise bad_request(f"the field {name!r} must be {_names(kinds)}, got {json.dumps(value)}")
     if not isinstance(value, kinds):
@@ -108,6 +112,11 @@ def _names(kinds: tuple[type, ...]) -> str:
     return " or ".join(names.get(k, k.__name__) for k in kinds)
 
 
+# The short form of an entity, "Type:id": a type without ":", then an id (anything, not empty).
+# The OpenAPI document's pattern is this one.
+ENTITY_SHORT_FORM = re.compile(r"([^:]+):([\s\S]+)")
+
+
 def entity(body: dict, name: str) -> Entity:
     """An entity field: ``{"type": "User", "id": "alice"}`` or the short form ``"User:alice"``."""
     value = body.get(name)
@@ -118,10 +127,13 @@ def entity(body: dict, name: str) -> Entity:
             return Entity(type_, id_)
     value = field(body, name, (dict, str))
     if isinstance(value, str):
-        try:
-            return Entity.parse(value)
-        except ValueError as e:
-            raise bad_request(f"the field {name!r}: {e}") from None
+        short = ENTITY_SHORT_FORM.fullmatch(value)
+        if short is None:
+            raise bad_request(
+                f"the field {name!r}: {value!r} is not an entity: Type:id, or"
+                ' {"type": "Type", "id": "id"}'
+            )
+        return Entity(short[1], short[2])
     if set(value) != {"type", "id"} or not all(isinstance(v, str) for v in value.values()):
         raise bad_request(f'the field {name!r} must be {{"type": str, "id": str}}, got {value!r}')
     if not value["type"]:

@@ -18,7 +18,7 @@ from starlette.routing import Route
 from bastion.decide import Authorizer
 from bastion.facts.model import Entity, arg_from_json, arg_to_json
 from bastion.server.auth import require
-from bastion.server.problems import Problem, bad_request, entity, read_json
+from bastion.server.problems import Problem, bad_request, entity, read_json, unprocessable
 from bastion.server.problems import field as get_field
 from bastion.server.replica import ConsistencyTimeout, Replica
 
@@ -93,7 +93,7 @@ async def _fresh(request: Request, body: dict) -> Replica:
             store = request.app.state.store
             head = await anyio.to_thread.run_sync(store.head)
             if at_least > head:
-                raise bad_request(
+                raise unprocessable(
                     f"at_least={at_least} is not the sequence of any write: the latest is {head};"
                     " pass the 'sequence' that a write returned"
                 ) from None
@@ -111,7 +111,7 @@ def _known_type(authz: Authorizer, e: Entity, name: str) -> None:
     # Only a policy that declares its types (actor and resource blocks) can refuse one.
     types = authz.entity_types
     if types and e.type not in types:
-        raise bad_request(
+        raise unprocessable(
             f"the field {name!r} has the entity type {e.type!r}, which the policy does not"
             f" declare; declared types: {', '.join(sorted(types)) or 'none'}"
         )
@@ -210,7 +210,7 @@ async def authorize_batch(request: Request) -> JSONResponse:
         try:
             parsed.append((*_check(authz, check), _context(check) or shared_context))
         except Problem as p:
-            raise bad_request(f"checks[{i}]: {p.detail}") from None
+            raise Problem(p.status, p.title, f"checks[{i}]: {p.detail}") from None
     results = []
     for actor, action, resource, context in parsed:
         started = time.perf_counter()
@@ -306,7 +306,8 @@ async def query(request: Request) -> JSONResponse:
     try:
         rows = replica.authz.query(predicate, *args, context=_context(body))
     except ValueError as e:
-        raise bad_request(str(e)) from None
+        # Well formed, but not something the policy in force defines.
+        raise unprocessable(str(e)) from None
     _observe(request, "query", started, "allow" if rows else "deny")
     results = [[arg_to_json(v) for v in row] for row in rows]
     decision_id = _record(request, "query", {"predicate": predicate, "args": raw_args}, len(rows))
