@@ -80,8 +80,9 @@ class RequestBodyLimits:
         limit = self.limits.for_path(path[len(root) :] if root and path.startswith(root) else path)
         declared, chunked = None, False
         for name, value in scope["headers"]:
-            if name == b"content-length":
-                # uvicorn has already refused a Content-Length that is not a number.
+            if name == b"content-length" and value.isdigit():
+                # uvicorn refuses a Content-Length that is not a number; were one to pass, the
+                # body is still counted as it arrives.
                 declared = int(value)
             elif name == b"transfer-encoding":
                 chunked = True
