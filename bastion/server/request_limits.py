@@ -10,11 +10,10 @@ closes the connection, so the rest of the body is never read.
 
 from __future__ import annotations
 
-import time
+import asyncio
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-import anyio
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 # (status, sentence) -> (content type, body): the answer in a route family's own form.
@@ -71,6 +70,7 @@ class RequestBodyLimits:
         self.app = app
         self.limits = limits
         self.body_timeout = body_timeout
+        self.deadlines = _Deadlines()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -93,28 +93,38 @@ class RequestBodyLimits:
             # No body to read: nothing to count, nothing to wait for.
             await self.app(scope, receive, send)
             return
-        reading = _Reading(limit, receive, time.monotonic() + self.body_timeout)
+        reading = _Reading(limit, receive, send)
+        self.deadlines.add(reading, self.body_timeout)
         try:
-            await self.app(scope, reading.receive, reading.send(send))
+            await self.app(scope, reading.receive, reading.send)
         except Exception:
             # Whatever the application made of the refusal raised into it, the refusal answers.
             if reading.refused is None:
                 raise
+        finally:
+            self.deadlines.discard(reading)
         if reading.refused is not None and not reading.started:
             await _answer(send, limit, reading.refused.status, reading.refused.detail)
 
 
 class _Reading:
-    """One request body on its way in: its count, its deadline, and whether it was refused."""
+    """One request body on its way in: its count, whether it is complete, and whether it was
+    refused (too large, or past its deadline)."""
 
-    def __init__(self, limit: BodyLimit, receive: Receive, deadline: float) -> None:
+    __slots__ = ("limit", "_receive", "_send", "deadline", "size", "complete", "started")
+    __slots__ += ("refused", "expired", "waiting")
+
+    def __init__(self, limit: BodyLimit, receive: Receive, send: Send) -> None:
         self.limit = limit
         self._receive = receive
-        self.deadline = deadline
+        self._send = send
+        self.deadline = 0.0
         self.size = 0
         self.complete = False
         self.started = False
         self.refused: BodyRefused | None = None
+        self.expired = False
+        self.waiting: asyncio.Task | None = None
 
     async def receive(self) -> Message:
         if self.complete:
@@ -122,13 +132,20 @@ class _Reading:
             return await self._receive()
         if self.refused is not None:
             raise self.refused
-        message = None
-        with anyio.move_on_after(self.deadline - time.monotonic()):
+        if self.expired:
+            raise self._too_slow()
+        self.waiting = task = asyncio.current_task()
+        try:
             message = await self._receive()
-        if message is None:
-            raise self._refuse(
-                408, "the request body did not arrive in time (body_timeout); send it at once"
-            )
+        except asyncio.CancelledError:
+            if not self.expired:
+                raise
+            # Cancelled by _Deadlines, not by the application: that cancellation ends here.
+            if task is not None:
+                task.uncancel()
+            raise self._too_slow() from None
+        finally:
+            self.waiting = None
         if message["type"] == "http.request":
             self.size += len(message.get("body", b""))
             if self.size > self.limit.max_bytes:
@@ -137,23 +154,57 @@ class _Reading:
                 self.complete = True
         return message
 
+    def expire(self) -> None:
+        """The deadline passed: stop the wait for more of the body, if one is under way."""
+        self.expired = True
+        if self.waiting is not None:
+            self.waiting.cancel()
+
+    def _too_slow(self) -> BodyRefused:
+        return self._refuse(
+            408, "the request body did not arrive in time (body_timeout); send it at once"
+        )
+
     def _refuse(self, status: int, detail: str) -> BodyRefused:
         self.refused = BodyRefused(status, detail)
         return self.refused
 
-    def send(self, send: Send) -> Send:
-        async def guarded(message: Message) -> None:
-            if self.refused is not None:
-                return  # the refusal is the answer, not what the application made of it
-            if message["type"] == "http.response.start":
-                self.started = True
-                if not self.complete:
-                    # Answered before the body was read (a 401, say): close the connection
-                    # rather than read the rest of a body nobody will use.
-                    message = {**message, "headers": [*message["headers"], _CLOSE]}
-            await send(message)
+    async def send(self, message: Message) -> None:
+        if self.refused is not None:
+            return  # the refusal is the answer, not what the application made of it
+        if message["type"] == "http.response.start":
+            self.started = True
+            if not self.complete:
+                # Answered before the body was read (a 401, say): close the connection rather
+                # than read the rest of a body nobody will use.
+                message = {**message, "headers": [*message.get("headers", ()), _CLOSE]}
+        await self._send(message)
 
-        return guarded
+
+class _Deadlines:
+    """The bodies being read, checked against their deadlines once a second by one timer for
+    all of them: a timer per request would cost more than the rest of this middleware."""
+
+    def __init__(self) -> None:
+        self.reading: set[_Reading] = set()
+        self._timer: asyncio.TimerHandle | None = None
+
+    def add(self, reading: _Reading, timeout: float) -> None:
+        loop = asyncio.get_running_loop()
+        reading.deadline = loop.time() + timeout
+        self.reading.add(reading)
+        if self._timer is None:
+            self._timer = loop.call_later(1.0, self._check, loop)
+
+    def discard(self, reading: _Reading) -> None:
+        self.reading.discard(reading)
+
+    def _check(self, loop: asyncio.AbstractEventLoop) -> None:
+        now = loop.time()
+        for reading in [r for r in self.reading if r.deadline <= now and not r.complete]:
+            self.reading.discard(reading)
+            reading.expire()
+        self._timer = loop.call_later(1.0, self._check, loop) if self.reading else None
 
 
 _CLOSE = (b"connection", b"close")
