@@ -50,9 +50,11 @@ def _expiry(text: str | None) -> float | None:
     if text is None:
         return None
     try:
-        return float(text)
+        seconds = float(text)
     except ValueError:
         pass
+    else:
+        return epoch(seconds)
     try:
         return epoch(datetime.fromisoformat(text))
     except ValueError:

@@ -504,6 +504,7 @@ def test_the_cli_refuses_the_same_numbers(quickstart, tmp_path):
             "expires_in",
         ),
         (("policy", "rollback", str(2**63)), "out of range"),
+        (("facts", "insert", 'blocked(Agent{"a"})', "--expires-at", "1e300"), "expires_at"),
         (("facts", "insert", f'has_attribute(McpResource{{"x"}}, "n", {2**64})'), "out of range"),
     ]:
         done = bastion(*args)
