@@ -507,6 +507,11 @@ class Authorizer:
         """True when the policy in force has rules or facts for ``predicate/arity``."""
         return self._active.compiled.defines(predicate, arity)
 
+    def stores_facts(self, predicate: str, arity: int) -> bool:
+        """True when ``predicate/arity`` is a fact predicate (its values come from the store,
+        whether or not rules add to them), False for one that rules alone define."""
+        return (predicate, arity) in self._active.loaded.program.fact_predicates
+
     def holds(self, predicate: str, *args: Any, context: dict | None = None) -> bool:
         """True when ``predicate(*args)`` holds (every argument bound); False if undefined."""
         with self.session(context) as s:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
+from bastion.untrusted_json import MAX_INTEGER, MIN_INTEGER
+
 
 class Entity(NamedTuple):
     """A typed entity such as ``User{"alice"}``. A tuple, so hashing and equality are fast."""
@@ -73,6 +75,11 @@ def check_fact(fact: tuple, *, pattern: bool = False) -> tuple:
                 raise FactError(f"argument {i + 1} of {predicate}: bad entity {arg!r}")
             out.append(arg)
         elif isinstance(arg, (str, int, bool)) or (pattern and arg is None):
+            if isinstance(arg, int) and not MIN_INTEGER <= arg <= MAX_INTEGER:
+                raise FactError(
+                    f"argument {i + 1} of {predicate}: {arg} is out of range; integers in facts"
+                    f" are 64-bit ({MIN_INTEGER} to {MAX_INTEGER})"
+                )
             out.append(arg)
         else:
             kind = (
@@ -91,6 +98,9 @@ def arg_to_json(arg: Any) -> Any:
 
 
 def arg_from_json(value: Any, *, pattern: bool = False) -> Any:
+    if value.__class__ is float and value.is_integer():
+        # JSON has one kind of number: 3.0 is the integer 3 (as JSON Schema says).
+        value = int(value)
     if isinstance(value, dict):
         if set(value) != {"type", "id"} or not all(isinstance(v, str) for v in value.values()):
             raise FactError(f'an entity is {{"type": str, "id": str}}, got {value!r}')

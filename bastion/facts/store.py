@@ -25,6 +25,7 @@ from bastion.facts.model import (
     fact_to_json,
     matches,
 )
+from bastion.untrusted_json import MAX_INTEGER, MIN_INTEGER
 
 # Arguments 1..INDEXED_ARGS get a column of their own, so patterns on them are matched by SQL.
 INDEXED_ARGS = 4
@@ -129,6 +130,8 @@ def epoch(expires_at: datetime | float | int | None) -> float | None:
         isinstance(expires_at, bool)
         or not isinstance(expires_at, (int, float))
         or not math.isfinite(expires_at)
+        # The range every number of the API has (bastion.untrusted_json).
+        or not MIN_INTEGER <= expires_at <= MAX_INTEGER
     ):
         raise FactError(f"expires_at must be a datetime or epoch seconds, got {expires_at!r}")
     return float(expires_at)

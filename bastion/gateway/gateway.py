@@ -13,6 +13,7 @@ from typing import Any
 import anyio
 from starlette.types import Receive, Scope, Send
 
+from bastion import untrusted_json
 from bastion.audit.decisions import DecisionRecords
 from bastion.db import DatabaseUnavailable
 from bastion.decide import Authorizer
@@ -92,8 +93,11 @@ class Gateway:
         resource_scopes: Callable[[str], tuple[str, ...]] = lambda uri: (),
         digest_key: bytes | None = None,
         facts_stale: Callable[[], bool] = lambda: False,
+        max_json_depth: int = untrusted_json.DEFAULT_MAX_DEPTH,
     ) -> None:
         self.config = config
+        # [server].max_json_depth: how deep a client's JSON-RPC message may nest.
+        self.max_json_depth = max_json_depth
         self.tokens = tokens
         self.issuer = issuer
         self.public_url = config.public_url or _origin(issuer)

@@ -22,7 +22,8 @@ class GatewayFirst:
     everything else to ``app``.
 
     The gateway's per-message path needs none of what the API's routes and middleware do (its
-    own body limit, authentication and error answers are in `transport`), and walking the API's
+    own authentication and error answers are in `transport`; its body limit is enforced by
+    `bastion.server.request_limits` outside it), and walking the API's
     routes cost it more than its token check. Placed inside Starlette's ServerErrorMiddleware,
     so an unexpected exception still gets a 500 and is logged.
     """
@@ -70,6 +71,7 @@ def gateway_from_config(
         records=records,
         resource_scopes=lambda uri: r.scopes if (r := settings.resource(uri)) else (),
         digest_key=digest_key,
+        max_json_depth=config.max_json_depth,
     )
     for name in gateway.upstreams:
         uri = gateway.resource(name)

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 from starlette.types import Receive, Scope, Send
 
+from bastion import untrusted_json
 from bastion.db import DatabaseUnavailable
 from bastion.gateway.enforce import Caller, StepUp
 from bastion.gateway.handlers import LEGACY_VERSIONS, MODERN_VERSIONS, Exchange, handler_for
@@ -211,20 +212,14 @@ class StreamableHttpEndpoint:
     # -- POST --------------------------------------------------------------------------------------
 
     async def _body(self, headers: dict[str, str], receive: Receive) -> bytes:
-        limit = self.gateway.config.max_body_bytes
-        declared = headers.get("content-length")
-        if declared and declared.isdigit() and int(declared) > limit:
-            raise _too_large(limit)
-        chunks, size = [], 0
+        # gateway.max_body_bytes and the body's deadline are enforced while it arrives, by
+        # bastion.server.request_limits in front of the gateway.
+        chunks = []
         while True:
             message = await receive()
             if message["type"] == "http.disconnect":
                 raise HttpError(400, RpcError(INVALID_REQUEST, "the client went away").body(None))
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > limit:
-                raise _too_large(limit)
-            chunks.append(chunk)
+            chunks.append(message.get("body", b""))
             if not message.get("more_body"):
                 return b"".join(chunks)
 
@@ -245,10 +240,13 @@ class StreamableHttpEndpoint:
             )
         raw = await self._body(headers, receive)
         try:
-            value = json.loads(raw)
-        except ValueError as e:
+            # Integers are passed on as sent: only their nesting and finiteness are checked.
+            value = untrusted_json.loads(
+                raw, max_depth=gateway.max_json_depth, bounded_numbers=False
+            )
+        except untrusted_json.JsonRefused as e:
             raise HttpError(
-                400, RpcError(PARSE_ERROR, f"the body is not JSON: {e}").body(None)
+                400, RpcError(PARSE_ERROR, f"the body is refused: {e}").body(None)
             ) from None
         if isinstance(value, list):
             raise HttpError(
@@ -898,12 +896,3 @@ def _modern_result(method: str, body: dict[str, Any]) -> None:
     if method in _CACHEABLE:
         body["ttlMs"] = 0
         body["cacheScope"] = "private"
-
-
-def _too_large(limit: int) -> HttpError:
-    return HttpError(
-        413,
-        RpcError(
-            INVALID_REQUEST, f"the body is larger than the gateway's limit of {limit} bytes"
-        ).body(None),
-    )

@@ -11,7 +11,6 @@ open-registered client that has had no grant after ``unused_client_seconds`` is 
 from __future__ import annotations
 
 import hmac
-import json
 import math
 import uuid
 from collections.abc import Mapping
@@ -19,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
+from bastion import untrusted_json
 from bastion.oauth.errors import InvalidClientMetadata, InvalidRedirectUri, OAuthError
 from bastion.oauth.redirect_uris import redirect_uri_problem
 from bastion.oauth.settings import OAuthSettings, OpenRegistrationSettings
@@ -235,13 +235,15 @@ def new_client(
     return Registration(client, secret)
 
 
-def parse_registration_body(body: bytes) -> dict[str, Any]:
+def parse_registration_body(
+    body: bytes, max_depth: int = untrusted_json.DEFAULT_MAX_DEPTH
+) -> dict[str, Any]:
     try:
-        metadata = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as exc:
+        metadata = untrusted_json.loads(body, max_depth=max_depth)
+    except untrusted_json.JsonRefused as exc:
         raise InvalidClientMetadata(
-            "the request body must be a JSON object of client metadata"
-        ) from exc
+            f"the request body must be a JSON object of client metadata: {exc}"
+        ) from None
     if not isinstance(metadata, dict):
         raise InvalidClientMetadata("the request body must be a JSON object of client metadata")
     return metadata

@@ -14,6 +14,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from bastion import untrusted_json
 from bastion.audit import AuditLog
 from bastion.audit.refusals import RefusalLog
 from bastion.db import Database, DatabaseUnavailable
@@ -30,7 +31,6 @@ from bastion.oauth.throttle import LoginThrottle, PasswordCheckSlots, client_add
 from bastion.oauth.tokens import TokenEndpoint
 from bastion.oauth.verifier import TokenVerifier
 
-MAX_BODY_BYTES = 64 * 1024
 _NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}
 
 
@@ -51,9 +51,8 @@ async def _form(request: Request) -> dict[str, str]:
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type != "application/x-www-form-urlencoded":
         raise InvalidRequest("the body must be application/x-www-form-urlencoded")
-    body = await request.body()
-    if len(body) > MAX_BODY_BYTES:
-        raise InvalidRequest(f"the body is larger than {MAX_BODY_BYTES} bytes")
+    # The body's size is capped while it arrives ([server].max_oauth_body_bytes), in front of
+    # these routes, by bastion.server.request_limits.
     form = await request.form()
     repeated = sorted({k for k in form if len(form.getlist(k)) > 1})
     if repeated:
@@ -69,11 +68,14 @@ class AuthorizationServer:
         settings: OAuthSettings | Mapping[str, Any],
         db: Database,
         clock: Callable[[], float] = time.time,
+        max_json_depth: int = untrusted_json.DEFAULT_MAX_DEPTH,
     ) -> None:
         if not isinstance(settings, OAuthSettings):
             # The [oauth] table as read from bastion.toml.
             settings = OAuthSettings.from_mapping(settings)
         self.settings = settings
+        # [server].max_json_depth: how deep a registration request's JSON may nest.
+        self.max_json_depth = max_json_depth
         self.db = db
         self.clock = clock
         self.store = OAuthStore(db)
@@ -169,12 +171,8 @@ class AuthorizationServer:
     async def _register(self, request: Request) -> Response:
         try:
             body = await request.body()
-            if len(body) > MAX_BODY_BYTES:
-                raise registration.InvalidClientMetadata(
-                    f"the body is larger than {MAX_BODY_BYTES} bytes"
-                )
             values = registration.validate_client_metadata(
-                registration.parse_registration_body(body), self.settings
+                registration.parse_registration_body(body, self.max_json_depth), self.settings
             )
             authorization = request.headers.get("authorization", "")
             scheme, _, token = authorization.partition(" ")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -13,14 +14,14 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from bastion.audit.retention import prune_forever
 from bastion.db import Database, DatabaseUnavailable
 from bastion.facts.store import FactStore
 from bastion.policy.errors import PolicyError
-from bastion.server import api
+from bastion.server import api, problems
 from bastion.server.api.decisions import DecisionLog
 from bastion.server.api.policy import validate_policy
 from bastion.server.config import ConfigError, ServerConfig
@@ -29,6 +30,8 @@ from bastion.server.metrics import Metrics, metrics_endpoint
 from bastion.server.openapi import openapi_document
 from bastion.server.problems import Problem, problem_handler
 from bastion.server.replica import Replica
+from bastion.server.request_limits import BodyLimit, BodyLimits, RequestBodyLimits
+from bastion.server.routing import one_route_per_path
 
 log = logging.getLogger("bastion.server")
 
@@ -79,7 +82,63 @@ async def http_problem(request: Request, exc: Exception) -> JSONResponse:
         404: f"there is no route {request.url.path}; see /v1/openapi.json",
         405: f"{request.method} is not allowed on {request.url.path}; see /v1/openapi.json",
     }.get(exc.status_code, str(exc.detail))
-    return Problem(exc.status_code, str(exc.detail), detail).response()
+    response = Problem(exc.status_code, str(exc.detail), detail).response()
+    # The Allow header of a 405, among others.
+    response.headers.update(exc.headers or {})
+    return response
+
+
+async def internal_error(request: Request, exc: Exception) -> Response:
+    """An unexpected exception: a 500 in the form of the route family, naming no internals.
+
+    Starlette raises the exception again after this answer, and uvicorn logs it with its
+    traceback.
+    """
+    detail = "the server failed to answer this request; the failure is in its log"
+    gateway = request.app.state.gateway
+    if gateway is not None and request.url.path.startswith(gateway.PREFIXES):
+        from bastion.gateway.jsonrpc import INTERNAL_ERROR, RpcError
+
+        response = JSONResponse(RpcError(INTERNAL_ERROR, detail).body(None), status_code=500)
+    else:
+        response = Problem(500, "Internal server error", detail).response()
+    # uvicorn closes the connection after an exception: say so, so no client reuses it.
+    response.headers["connection"] = "close"
+    return response
+
+
+def body_limits(config: ServerConfig, oauth, gateway) -> BodyLimits:
+    """How large a request body each route family may send, and how a refusal is said there."""
+    limits = [
+        BodyLimit(
+            config.max_import_bytes, "max_import_bytes", problems.refusal, path="/v1/facts/import"
+        )
+    ]
+    if oauth is not None:
+        from bastion.oauth.errors import InvalidRequest
+
+        def oauth_refusal(status: int, detail: str) -> tuple[str, bytes]:
+            return "application/json", json.dumps(InvalidRequest(detail).as_dict()).encode()
+
+        limits += [
+            BodyLimit(config.max_oauth_body_bytes, "max_oauth_body_bytes", oauth_refusal, path=p)
+            for p in sorted({route.path for route in oauth.routes()})
+        ]
+    if gateway is not None:
+        from bastion.gateway.jsonrpc import INVALID_REQUEST, RpcError
+
+        def rpc_refusal(status: int, detail: str) -> tuple[str, bytes]:
+            return "application/json", json.dumps(
+                RpcError(INVALID_REQUEST, detail).body(None)
+            ).encode()
+
+        limits += [
+            BodyLimit(
+                gateway.config.max_body_bytes, "gateway.max_body_bytes", rpc_refusal, prefix=p
+            )
+            for p in gateway.PREFIXES
+        ]
+    return BodyLimits(BodyLimit(config.max_body_bytes, "max_body_bytes", problems.refusal), limits)
 
 
 def _bootstrap_policy(store: FactStore, config: ServerConfig) -> None:
@@ -113,7 +172,7 @@ def _oauth_server(config: ServerConfig, db: Database):
         raise ConfigError(
             f"bastion.toml has an [oauth] table but the authorization server is unavailable: {e}"
         ) from None
-    return AuthorizationServer(config.oauth, db)
+    return AuthorizationServer(config.oauth, db, max_json_depth=config.max_json_depth)
 
 
 # -- MCP gateway (issue 5): mounted when bastion.toml has a [gateway] table ---------------------
@@ -176,7 +235,15 @@ def create_app(config: ServerConfig) -> Starlette:
         *api.routes(),
         *(oauth.routes() if oauth is not None else []),
     ]
-    middleware: list[Middleware] = []
+    routes = one_route_per_path(routes)
+    # First, so that every body is capped while it is read, whichever route it is for.
+    middleware = [
+        Middleware(
+            RequestBodyLimits,
+            limits=body_limits(config, oauth, gateway),
+            body_timeout=config.body_timeout,
+        )
+    ]
     if gateway is not None:
         from bastion.gateway.mount import GatewayFirst
 
@@ -190,6 +257,7 @@ def create_app(config: ServerConfig) -> Starlette:
             Problem: problem_handler,
             HTTPException: http_problem,
             DatabaseUnavailable: database_unavailable,
+            Exception: internal_error,
         },
     )
     app.state.config = config

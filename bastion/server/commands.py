@@ -19,12 +19,14 @@ from typing import Any
 
 import psycopg
 
+from bastion import untrusted_json
 from bastion.db import DatabaseUnavailable
 from bastion.facts.model import FactError, format_fact
 from bastion.facts.store import FactStore, StoredFact, epoch
 from bastion.policy.errors import PolicyError
 from bastion.server.config import ConfigError, ServerConfig
 from bastion.server.keys import SCOPES
+from bastion.untrusted_json import MAX_INTEGER
 
 # -- helpers -----------------------------------------------------------------------------------
 
@@ -49,9 +51,11 @@ def _expiry(text: str | None) -> float | None:
     if text is None:
         return None
     try:
-        return float(text)
+        seconds = float(text)
     except ValueError:
         pass
+    else:
+        return epoch(seconds)
     try:
         return epoch(datetime.fromisoformat(text))
     except ValueError:
@@ -59,6 +63,17 @@ def _expiry(text: str | None) -> float | None:
             f"--expires-at {text!r}: give epoch seconds or an ISO time with a zone"
             " (2026-12-01T18:00:00+00:00)"
         ) from None
+
+
+def _count(text: str) -> int:
+    """A command-line number that the store keeps as a 64-bit integer: 1 or more."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if not 1 <= value <= MAX_INTEGER:
+        raise argparse.ArgumentTypeError(f"{text} is out of range: give 1 to {MAX_INTEGER}")
+    return value
 
 
 class Progress:
@@ -179,8 +194,24 @@ def cmd_serve(args: argparse.Namespace) -> int:
         # The gateway ends its open SSE streams on SIGINT/SIGTERM; anything else still open
         # after this many seconds is cut, so a stop never hangs on a client.
         timeout_graceful_shutdown=10,
+        **connection_limits(config),
     )
     return 0
+
+
+def connection_limits(config: ServerConfig) -> dict[str, Any]:
+    """uvicorn's options for slow clients, many clients and proxies (docs/security.md)."""
+    from bastion.server.connections import bounded_http_protocol
+
+    return {
+        "http": bounded_http_protocol(config.header_timeout, config.max_header_bytes),
+        "limit_concurrency": config.max_connections,
+        "timeout_keep_alive": config.keep_alive_timeout,
+        # Only the proxies named may say who the client is; uvicorn would otherwise trust
+        # X-Forwarded-For from any client on 127.0.0.1 (or FORWARDED_ALLOW_IPS).
+        "proxy_headers": config.proxy_headers,
+        "forwarded_allow_ips": config.forwarded_allow_ips if config.proxy_headers else "",
+    }
 
 
 # -- keys --------------------------------------------------------------------------------------
@@ -346,6 +377,7 @@ def cmd_facts_import(args: argparse.Namespace) -> int:
             f"imported {result['inserted']} facts at sequence {result['sequence']}", file=sys.stderr
         )
         return 0
+    depth = _config(args).max_json_depth
     store = _local_store(args)
     try:
         validate = _validator(store)
@@ -353,10 +385,10 @@ def cmd_facts_import(args: argparse.Namespace) -> int:
         facts = []
         for n, line in _read_lines(args.file):
             try:
-                obj = json.loads(line)
+                obj = untrusted_json.loads(line, max_depth=depth)
                 f = StoredFact.from_json(obj)
                 facts.append(StoredFact(validate(f.fact), f.expires_at))
-            except (json.JSONDecodeError, FactError) as e:
+            except (untrusted_json.JsonRefused, FactError) as e:
                 return _fail(f"{args.file}:{n}: {e}; nothing was imported")
             progress.add(1)
         progress.finish()
@@ -560,7 +592,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = changes.add_parser(
         "prune", help="drop old change-log entries (replicas further behind reload a snapshot)"
     )
-    p.add_argument("--keep", type=int, default=100_000, help="entries to keep (default 100000)")
+    p.add_argument("--keep", type=_count, default=100_000, help="entries to keep (default 100000)")
     p.add_argument("--database", help="SQLite path or postgresql:// URL (or BASTION_DATABASE)")
     p.add_argument("--config", help="bastion.toml to read the database from")
     p.set_defaults(func=_guard(cmd_changes_prune))
@@ -575,6 +607,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     _target_options(p)
     p.set_defaults(func=_guard(cmd_policy_versions))
     p = policy.add_parser("rollback", help="put an earlier policy version back in force")
-    p.add_argument("version", type=int)
+    p.add_argument("version", type=_count)
     _target_options(p)
     p.set_defaults(func=_guard(cmd_policy_rollback))

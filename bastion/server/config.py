@@ -29,9 +29,26 @@ class ServerConfig:
     database: str = "bastion.db"
     # Loaded into the store at start when the store holds no policy yet.
     policy_file: str = ""
-    # Requests larger than this are refused with 413 (bulk import has its own limit).
+    # Request bodies larger than this are refused with 413 while they are read; bulk import,
+    # the OAuth endpoints and pages, and the gateway ([gateway].max_body_bytes) have their own.
     max_body_bytes: int = 1_048_576
     max_import_bytes: int = 512 * 1_048_576
+    max_oauth_body_bytes: int = 64 * 1024
+    # Objects and arrays nested deeper than this in a JSON body are refused (/v1, OAuth, gateway).
+    max_json_depth: int = 64
+    # Seconds for a request's head (line and headers) and, separately, its whole body to arrive.
+    header_timeout: float = 10.0
+    body_timeout: float = 60.0
+    # A request head larger than this is refused with 431.
+    max_header_bytes: int = 64 * 1024
+    # Connections (and requests in progress) beyond this are answered 503.
+    max_connections: int = 1000
+    # Seconds an idle keep-alive connection stays open between requests.
+    keep_alive_timeout: float = 5.0
+    # Trust X-Forwarded-For / X-Forwarded-Proto only with proxy_headers, and only from these
+    # addresses (comma-separated, or "*"): by default no client can name its own address.
+    proxy_headers: bool = False
+    forwarded_allow_ips: str = ""
     # How long a decision with at_least=<seq> may wait for this replica to catch up.
     consistency_timeout: float = 2.0
     # How often a replica polls the change log when no notification arrives.
@@ -115,12 +132,27 @@ class ServerConfig:
                 )
             checked[key] = _coerce(key, value, type(getattr(config, key)))
         config = replace(config, **checked)
-        _check_bounds(config)
+        config.check()
+        return config
+
+    def check(self) -> None:
+        """Refuse limits that would let nothing through, or everything."""
+        for name in _POSITIVE:
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"{name} must be greater than 0, got {getattr(self, name)!r}")
+        if self.proxy_headers and not self.forwarded_allow_ips.strip():
+            raise ConfigError(
+                "proxy_headers = true needs forwarded_allow_ips: the addresses of the proxies"
+                " whose X-Forwarded-For is trusted (see docs/security.md)"
+            )
+        if not math.isfinite(self.max_staleness_seconds):
+            raise ConfigError("max_staleness_seconds must be a positive number of seconds")
+        if not (math.isfinite(self.audit_retention_days) and self.audit_retention_days >= 0):
+            raise ConfigError("audit_retention_days must be a number of days, 0 to keep everything")
         try:
-            config.policy_limits()
+            self.policy_limits()
         except ValueError as e:
             raise ConfigError(str(e)) from None
-        return config
 
     def policy_limits(self) -> PolicyLimits:
         """The limits on policies and on each evaluation, from the ``policy_*`` and
@@ -128,13 +160,19 @@ class ServerConfig:
         return PolicyLimits(**{name: getattr(self, name) for name in PolicyLimits.__slots__})
 
 
-def _check_bounds(config: ServerConfig) -> None:
-    if not (math.isfinite(config.max_staleness_seconds) and config.max_staleness_seconds > 0):
-        raise ConfigError("max_staleness_seconds must be a positive number of seconds")
-    if not (math.isfinite(config.audit_retention_days) and config.audit_retention_days >= 0):
-        raise ConfigError("audit_retention_days must be a number of days, 0 to keep everything")
-    if config.decision_records_buffer < 1:
-        raise ConfigError("decision_records_buffer must be at least 1")
+_POSITIVE = (
+    "max_body_bytes",
+    "max_import_bytes",
+    "max_oauth_body_bytes",
+    "max_json_depth",
+    "header_timeout",
+    "body_timeout",
+    "max_header_bytes",
+    "max_connections",
+    "keep_alive_timeout",
+    "max_staleness_seconds",
+    "decision_records_buffer",
+)
 
 
 def _coerce(key: str, value: Any, kind: type) -> Any:

@@ -17,6 +17,8 @@ from bastion.db import Database
 
 SCOPES = ("decide", "facts:read", "facts:write", "policy:read", "policy:write", "admin")
 KEY_PREFIX = "bst_"
+# The longest lifetime a key may be given (10 years); longer means no expiry, so leave it out.
+MAX_KEY_SECONDS = 10 * 365 * 24 * 3600
 
 _MIGRATIONS = [
     """
@@ -112,6 +114,12 @@ class KeyStore:
     ) -> tuple[str, ApiKey]:
         """Make a key; return the key (shown once, never stored) and its record."""
         scope_set = check_scopes(list(scopes))
+        if expires_in is not None and not 0 < expires_in <= MAX_KEY_SECONDS:
+            raise ValueError(
+                f"expires_in must be a number of seconds greater than 0 and at most"
+                f" {MAX_KEY_SECONDS} (10 years), got {expires_in!r}; leave it out for a key"
+                " that does not expire"
+            )
         key_id = secrets.token_hex(6)
         key = f"{KEY_PREFIX}{key_id}_{secrets.token_urlsafe(32)}"
         now = time.time()

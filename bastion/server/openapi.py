@@ -1,57 +1,171 @@
-"""The OpenAPI 3.1 document of the `/v1` API, served at ``/v1/openapi.json``."""
+"""The OpenAPI 3.1 document of the `/v1` API, served at ``/v1/openapi.json``.
+
+It describes exactly what the handlers accept and answer: a request the document allows is not
+refused as malformed (a 400); a request it forbids is refused. What is well formed but does not
+fit the policy in force (an undeclared entity type, an undefined predicate, a fact the policy
+cannot use, a policy that does not load) is a 422. ``tests/server/test_openapi.py`` holds the
+server to it with schemathesis.
+"""
 
 from __future__ import annotations
 
 from functools import cache
 from typing import Any
 
+from bastion.server.api.decisions import MAX_BATCH
+from bastion.server.api.decisions import MAX_PAGE as MAX_LIST_PAGE
+from bastion.server.api.facts import MAX_PAGE as MAX_FACTS_PAGE
+from bastion.server.keys import MAX_KEY_SECONDS, SCOPES
+from bastion.server.problems import ENTITY_SHORT_FORM
+from bastion.untrusted_json import MAX_INTEGER, MIN_INTEGER
+
 
 def _ref(name: str) -> dict:
     return {"$ref": f"#/components/schemas/{name}"}
 
 
-def _obj(required: list[str], **props: Any) -> dict:
+def _nullable(schema: dict) -> dict:
+    """An optional field: the handlers take ``null`` as leaving it out."""
+    return {"anyOf": [schema, {"type": "null"}]}
+
+
+def _request(required: list[str], **props: Any) -> dict:
+    """A request object; fields the handler does not read are ignored (but still checked as
+    JSON: bounded numbers, bounded nesting)."""
+    return {
+        "type": "object",
+        "required": required,
+        "properties": props,
+        "additionalProperties": _ref("JsonValue"),
+    }
+
+
+def _response(required: list[str], **props: Any) -> dict:
     return {"type": "object", "required": required, "properties": props}
 
 
-_ARRAY = {"type": "array"}
 _STR = {"type": "string"}
-_INT = {"type": "integer"}
 _BOOL = {"type": "boolean"}
-_NUM = {"type": "number"}
-_CTX = {"type": "object", "description": "live attributes of the request, read by the policy"}
-_AT_LEAST = {
-    "type": "integer",
-    "description": "a sequence returned by a write: wait (bounded) until it is reflected",
-}
+# Every number the API reads is finite and within 64 bits (bastion.untrusted_json).
+_INT = {"type": "integer", "minimum": MIN_INTEGER, "maximum": MAX_INTEGER}
+_NUM = {"type": "number", "minimum": MIN_INTEGER, "maximum": MAX_INTEGER}
+_SEQUENCE = {**_INT, "minimum": 0}
+_CTX = _nullable(
+    {
+        "type": "object",
+        "additionalProperties": _ref("JsonValue"),
+        "description": "live attributes of the request, read by the policy",
+    }
+)
+_AT_LEAST = _nullable(
+    {
+        **_SEQUENCE,
+        "description": "a sequence returned by a write: wait (bounded) until it is applied",
+    }
+)
+_EXPIRES_AT = _nullable({**_NUM, "description": "epoch seconds; the fact stops counting then"})
 
 SCHEMAS: dict[str, Any] = {
+    "JsonValue": {
+        "description": "any JSON value: numbers finite and within 64 bits, nesting bounded",
+        "anyOf": [
+            {"type": "null"},
+            _BOOL,
+            _STR,
+            _NUM,
+            {"type": "array", "items": _ref("JsonValue")},
+            {"type": "object", "additionalProperties": _ref("JsonValue")},
+        ],
+    },
+    "EntityObject": {
+        "type": "object",
+        "required": ["type", "id"],
+        "properties": {"type": {"type": "string", "minLength": 1}, "id": _STR},
+        "additionalProperties": False,
+    },
     "Entity": {
-        "oneOf": [
-            _obj(["type", "id"], type=_STR, id=_STR),
-            {"type": "string", "description": 'short form "Type:id"'},
+        "anyOf": [
+            _ref("EntityObject"),
+            {
+                "type": "string",
+                "pattern": f"^{ENTITY_SHORT_FORM.pattern}$",
+                "description": 'short form "Type:id"',
+            },
         ]
     },
-    "Fact": _obj(
-        ["predicate"],
-        predicate=_STR,
-        args={
-            "type": "array",
-            "items": {"oneOf": [_ref("Entity"), _STR, _INT, _BOOL]},
+    "FactArg": {"anyOf": [_ref("EntityObject"), _STR, _BOOL, _INT]},
+    "Fact": {
+        "type": "object",
+        "required": ["predicate"],
+        "properties": {
+            "predicate": _STR,
+            "args": {"type": "array", "items": _ref("FactArg")},
+            "expires_at": _EXPIRES_AT,
         },
-        expires_at={**_NUM, "description": "epoch seconds; the fact stops counting then"},
-    ),
-    "Pattern": {**_ref("Fact"), "description": "a fact where null matches any value"},
-    "Check": _obj(
+        "additionalProperties": _ref("JsonValue"),
+    },
+    "Pattern": {
+        "type": "object",
+        "description": "a fact where null matches any value",
+        "required": ["predicate"],
+        "properties": {
+            "predicate": _STR,
+            "args": {"type": "array", "items": _nullable(_ref("FactArg"))},
+        },
+        "additionalProperties": _ref("JsonValue"),
+    },
+    "Check": _request(
         ["actor", "action", "resource"],
         actor=_ref("Entity"),
         action=_STR,
         resource=_ref("Entity"),
         context=_CTX,
     ),
-    "Write": _obj(["sequence"], sequence=_INT, inserted=_INT, deleted=_INT),
-    "Problem": _obj(
-        ["title", "status", "detail"],
+    "Write": _response(
+        ["sequence", "inserted", "deleted"], sequence=_INT, inserted=_INT, deleted=_INT
+    ),
+    "StoredFact": _response(
+        ["predicate", "args"],
+        predicate=_STR,
+        args={"type": "array", "items": _ref("FactArg")},
+        expires_at=_NUM,
+    ),
+    "PolicyVersion": _response(
+        ["version", "created_at", "created_by", "source", "note"],
+        version=_INT,
+        created_at=_NUM,
+        created_by=_STR,
+        source=_STR,
+        note=_STR,
+    ),
+    "ApiKey": _response(
+        ["id", "name", "scopes", "created_at", "created_by", "expires_at", "revoked_at"],
+        id=_STR,
+        name=_STR,
+        scopes={"type": "array", "items": {"enum": list(SCOPES)}},
+        created_at=_NUM,
+        created_by=_STR,
+        expires_at=_nullable(_NUM),
+        revoked_at=_nullable(_NUM),
+    ),
+    "Explanation": _response(
+        ["allowed", "text"],
+        allowed=_BOOL,
+        text=_STR,
+        detail=_nullable({"type": "object"}),
+    ),
+    "Decision": _response(
+        ["decision_id", "kind", "request", "result", "sequence", "policy_version", "at"],
+        decision_id=_STR,
+        kind={"enum": ["authorize", "list", "actions", "query"]},
+        request={"type": "object"},
+        result={},
+        sequence=_INT,
+        policy_version=_nullable(_INT),
+        at=_NUM,
+    ),
+    "Problem": _response(
+        ["type", "title", "status", "detail"],
         type=_STR,
         title=_STR,
         status=_INT,
@@ -59,235 +173,480 @@ SCHEMAS: dict[str, Any] = {
     ),
 }
 
+_PROBLEM = {"application/problem+json": {"schema": _ref("Problem")}}
+_WHY = {
+    400: "malformed: the request does not match this document",
+    401: "no API key, or an unknown, expired or revoked one",
+    403: "the key lacks the scope this operation needs",
+    404: "no such resource",
+    408: "the request body did not arrive within body_timeout",
+    409: "the decision cannot be explained",
+    413: "the request body is larger than the limit (max_body_bytes, max_import_bytes)",
+    422: "well formed, but refused by the policy in force or the state of the store",
+    500: "an unexpected failure; the detail names nothing of the internals",
+    503: "the database is unavailable, this replica's facts are stale, or it has not applied"
+    " the write asked for with at_least; retry (Retry-After)",
+}
+
 
 def _op(
     summary: str,
     scope: str | None,
-    body: dict | None = None,
-    response: dict | None = None,
+    ok: dict | None = None,
     *,
-    content_type: str = "application/json",
+    body: dict | None = None,
+    body_type: str = "application/json",
+    ok_type: str = "application/json",
+    ok_status: int = 200,
     params: list | None = None,
+    problems: tuple[int, ...] = (),
+    links: dict | None = None,
 ) -> dict:
-    op: dict[str, Any] = {
-        "summary": summary,
-        "responses": {
-            "200": {
-                "description": "OK",
-                "content": {
-                    content_type if body is None else "application/json": {"schema": response or {}}
-                },
-            },
-            "4XX": {
-                "description": "a problem the caller can fix",
-                "content": {"application/problem+json": {"schema": _ref("Problem")}},
-            },
-        },
+    statuses = set(problems) | {500}
+    if scope:
+        # A key is checked against the database: while it is away, 503.
+        statuses |= {401, 403, 503}
+    if body is not None:
+        statuses |= {400, 408, 413}
+    if any(p["in"] == "query" for p in params or ()):
+        statuses.add(400)
+    responses: dict[str, Any] = {
+        str(ok_status): {"description": "OK", "content": {ok_type: {"schema": ok or {}}}}
     }
+    if links:
+        responses[str(ok_status)]["links"] = links
+    for status in sorted(statuses):
+        answer: dict[str, Any] = {"description": _WHY[status], "content": _PROBLEM}
+        if status == 401:
+            answer["headers"] = {"WWW-Authenticate": {"schema": _STR, "required": True}}
+        responses[str(status)] = answer
+    op: dict[str, Any] = {"summary": summary, "responses": responses}
     if scope:
         op["security"] = [{"apiKey": []}]
         op["x-scope"] = scope
-        op["responses"]["503"] = {
-            "description": "the database is unavailable, or this replica's facts are stale or"
-            " behind at_least; retry (Retry-After)",
-            "content": {"application/problem+json": {"schema": _ref("Problem")}},
-        }
     if body is not None:
-        op["requestBody"] = {"required": True, "content": {content_type: {"schema": body}}}
+        op["requestBody"] = {"required": True, "content": {body_type: {"schema": body}}}
     if params:
         op["parameters"] = params
     return op
 
 
-def _q(name: str, schema: dict, description: str) -> dict:
+def _query(name: str, schema: dict, description: str) -> dict:
     return {"name": name, "in": "query", "schema": schema, "description": description}
 
 
-_DECISION = {
+def _path(name: str, description: str) -> dict:
+    return {
+        "name": name,
+        "in": "path",
+        "required": True,
+        "schema": _STR,
+        "description": description,
+    }
+
+
+_DECIDED = {
     "decision_id": _STR,
     "sequence": _INT,
     # Present when the evaluation spent its budget: refused (allowed false, no results).
     "reason": {"type": "string", "enum": ["evaluation_limit"]},
     "limit": _STR,
 }
+_FRESH = (422, 503)  # at_least: a sequence no write has; not applied in time
+_TO_DECISION = {
+    "GetDecision": {
+        "operationId": "getDecision",
+        "parameters": {"decision_id": "$response.body#/decision_id"},
+    }
+}
+_LIMIT = {"minimum": 1}
+_NON_EMPTY = {"type": "array", "minItems": 1}
 
 PATHS: dict[str, Any] = {
     "/v1/authorize": {
         "post": _op(
             "Is the actor allowed to do the action on the resource?",
             "decide",
-            {
-                **_ref("Check"),
-                "properties": {"at_least": _AT_LEAST, "explain": _BOOL},
-            },
-            _obj(
-                ["allowed", "decision_id"],
+            _response(
+                ["allowed", "decision_id", "sequence"],
                 allowed=_BOOL,
-                explanation={"type": "object"},
-                **_DECISION,
+                explanation=_ref("Explanation"),
+                **_DECIDED,
             ),
+            body={
+                **SCHEMAS["Check"],
+                "properties": {
+                    **SCHEMAS["Check"]["properties"],
+                    "at_least": _AT_LEAST,
+                    "explain": _nullable(_BOOL),
+                },
+            },
+            problems=_FRESH,
+            links=_TO_DECISION,
         )
     },
     "/v1/authorize/batch": {
         "post": _op(
-            "Many checks in one request (at most 1000)",
+            f"Many checks in one request (at most {MAX_BATCH})",
             "decide",
-            _obj(
+            _response(
+                ["results", "sequence"],
+                results={
+                    "type": "array",
+                    "items": _response(["allowed", "decision_id"], allowed=_BOOL, decision_id=_STR),
+                },
+                sequence=_INT,
+            ),
+            body=_request(
                 ["checks"],
-                checks={"type": "array", "items": _ref("Check")},
+                checks={"type": "array", "items": _ref("Check"), "maxItems": MAX_BATCH},
                 context=_CTX,
                 at_least=_AT_LEAST,
             ),
-            _obj(["results"], results=_ARRAY, sequence=_INT),
+            problems=_FRESH,
         )
     },
     "/v1/list": {
         "post": _op(
             "Ids of the resources of a type the actor may act on (paginated)",
             "decide",
-            _obj(
+            _response(
+                ["ids", "next_cursor", "decision_id", "sequence"],
+                ids={"type": "array", "items": _STR},
+                next_cursor=_nullable(_STR),
+                **_DECIDED,
+            ),
+            body=_request(
                 ["actor", "action", "resource_type"],
                 actor=_ref("Entity"),
                 action=_STR,
                 resource_type=_STR,
                 context=_CTX,
-                limit=_INT,
-                cursor=_STR,
+                limit=_nullable({**_INT, **_LIMIT, "maximum": MAX_LIST_PAGE}),
+                cursor=_nullable(_STR),
                 at_least=_AT_LEAST,
             ),
-            _obj(["ids", "next_cursor"], ids=_ARRAY, next_cursor=_STR, **_DECISION),
+            problems=_FRESH,
+            links=_TO_DECISION,
         )
     },
     "/v1/actions": {
         "post": _op(
             "Every action the actor may take on the resource",
             "decide",
-            _obj(
+            _response(
+                ["actions", "decision_id", "sequence"],
+                actions={"type": "array", "items": _STR},
+                **_DECIDED,
+            ),
+            body=_request(
                 ["actor", "resource"],
                 actor=_ref("Entity"),
                 resource=_ref("Entity"),
                 context=_CTX,
                 at_least=_AT_LEAST,
             ),
-            _obj(["actions"], actions=_ARRAY, **_DECISION),
+            problems=_FRESH,
+            links=_TO_DECISION,
         )
     },
     "/v1/query": {
         "post": _op(
-            'Solutions of a predicate; an argument {"var": "x"} is unbound',
+            'Solutions of a predicate; an argument {"var": "x"} is unbound. A fact predicate'
+            " (stored facts) needs the scope facts:read besides decide.",
             "decide",
-            _obj(["predicate"], predicate=_STR, args=_ARRAY, context=_CTX, at_least=_AT_LEAST),
-            _obj(["results"], results=_ARRAY, **_DECISION),
+            _response(
+                ["results", "decision_id", "sequence"],
+                results={"type": "array", "items": {"type": "array"}},
+                **_DECIDED,
+            ),
+            body=_request(
+                ["predicate"],
+                predicate=_STR,
+                args=_nullable(
+                    {
+                        "type": "array",
+                        "items": {
+                            "anyOf": [
+                                {
+                                    "type": "object",
+                                    "required": ["var"],
+                                    "properties": {"var": _STR},
+                                    "additionalProperties": False,
+                                },
+                                _ref("FactArg"),
+                            ]
+                        },
+                    }
+                ),
+                context=_CTX,
+                at_least=_AT_LEAST,
+            ),
+            problems=_FRESH,
+            links=_TO_DECISION,
         )
     },
     "/v1/decisions/{decision_id}": {
-        "get": _op("A recent decision of this server process", "decide")
+        "get": {
+            **_op(
+                "A recent decision of this server process",
+                "decide",
+                _ref("Decision"),
+                problems=(404,),
+                params=[_path("decision_id", "the decision_id of a decision's answer")],
+            ),
+            "operationId": "getDecision",
+        },
     },
     "/v1/decisions/{decision_id}/explanation": {
-        "get": _op("Why an authorize decision came out as it did", "decide")
+        "get": _op(
+            "Why an authorize decision came out as it did",
+            "decide",
+            {
+                "allOf": [
+                    _ref("Decision"),
+                    _response(
+                        ["explanation", "exact"],
+                        explanation=_ref("Explanation"),
+                        exact=_BOOL,
+                        explained_at_sequence=_INT,
+                    ),
+                ]
+            },
+            problems=(404, 409),
+            params=[_path("decision_id", "the decision_id of an authorize answer")],
+        ),
     },
     "/v1/facts": {
         "get": _op(
             "Stored facts matching a pattern, a page at a time",
             "facts:read",
+            _response(
+                ["facts", "next_cursor"],
+                facts={"type": "array", "items": _ref("StoredFact")},
+                next_cursor=_nullable(_STR),
+            ),
             params=[
-                _q("pattern", _STR, "a Pattern as JSON"),
-                _q("limit", _INT, "page size, 1..1000 (default 100)"),
-                _q("cursor", _STR, "next_cursor of the previous page"),
+                {
+                    "name": "pattern",
+                    "in": "query",
+                    "content": {"application/json": {"schema": _ref("Pattern")}},
+                    "description": "a Pattern as JSON",
+                },
+                _query(
+                    "limit",
+                    {**_INT, **_LIMIT, "maximum": MAX_FACTS_PAGE},
+                    f"page size, 1..{MAX_FACTS_PAGE} (default 100)",
+                ),
+                _query("cursor", _STR, "next_cursor of the previous page"),
             ],
+            problems=(422,),
         ),
         "post": _op(
             "Insert facts",
             "facts:write",
-            _obj(["facts"], facts={"type": "array", "items": _ref("Fact")}, expires_at=_NUM),
             _ref("Write"),
+            body=_request(
+                ["facts"],
+                facts={"type": "array", "items": _ref("Fact")},
+                expires_at=_EXPIRES_AT,
+            ),
+            problems=(422,),
         ),
     },
     "/v1/facts/delete": {
         "post": _op(
             "Delete every fact matching any pattern",
             "facts:write",
-            _obj(["patterns"], patterns={"type": "array", "items": _ref("Pattern")}),
             _ref("Write"),
+            body=_request(["patterns"], patterns={"type": "array", "items": _ref("Pattern")}),
+            problems=(422,),
         )
     },
     "/v1/facts/batch": {
         "post": _op(
-            "Deletes then inserts, all or nothing",
+            "Deletes then inserts, all or nothing; at least one of them",
             "facts:write",
-            _obj(
-                [],
-                insert={"type": "array", "items": _ref("Fact")},
-                delete={"type": "array", "items": _ref("Pattern")},
-            ),
             _ref("Write"),
+            body={
+                **_request(
+                    [],
+                    insert=_nullable({"type": "array", "items": _ref("Fact")}),
+                    delete=_nullable({"type": "array", "items": _ref("Pattern")}),
+                ),
+                "anyOf": [
+                    {"required": ["insert"], "properties": {"insert": _NON_EMPTY}},
+                    {"required": ["delete"], "properties": {"delete": _NON_EMPTY}},
+                ],
+            },
+            problems=(422,),
         )
     },
     "/v1/facts/import": {
         "post": _op(
-            "Bulk import, one Fact per line; one transaction",
+            "Bulk import, one Fact per line (JSON lines); one transaction",
             "facts:write",
-            _STR,
             _ref("Write"),
-            content_type="application/x-ndjson",
+            body={
+                "type": "array",
+                "items": _ref("Fact"),
+                "minItems": 1,
+                "description": "each item is one line of the body",
+            },
+            body_type="application/x-ndjson",
+            problems=(422,),
         )
     },
     "/v1/facts/export": {
         "get": _op(
-            "Every live fact, one per line",
+            "Every live fact, one per line (JSON lines)",
             "facts:read",
-            content_type="application/x-ndjson",
+            {"type": "array", "items": _ref("StoredFact"), "description": "each item is a line"},
+            ok_type="application/x-ndjson",
         )
     },
     "/v1/policy": {
-        "get": _op("The policy in force", "policy:read"),
+        "get": _op(
+            "The policy in force",
+            "policy:read",
+            _response(
+                ["version", "text", "source"],
+                version=_nullable(_INT),
+                text=_STR,
+                source=_nullable(_STR),
+                created_at=_NUM,
+                created_by=_STR,
+                note=_STR,
+                applied=_nullable(_INT),
+            ),
+        ),
         "put": _op(
             "Validate and swap in a new policy; the old one stays if it fails",
             "policy:write",
-            _obj(["text"], text=_STR, source=_STR, note=_STR),
-            _obj(["version", "sequence"], version=_INT, sequence=_INT, warnings=_ARRAY),
+            _response(
+                ["version", "sequence", "warnings"],
+                version=_INT,
+                sequence=_INT,
+                warnings={"type": "array", "items": _STR},
+            ),
+            body=_request(["text"], text=_STR, source=_nullable(_STR), note=_nullable(_STR)),
+            problems=(422,),
         ),
     },
     "/v1/policy/validate": {
         "post": _op(
             "Check a policy without applying it",
             "policy:read",
-            _obj(["text"], text=_STR, source=_STR),
-            _obj(["valid"], valid=_BOOL, warnings=_ARRAY),
+            _response(
+                ["valid", "warnings"], valid=_BOOL, warnings={"type": "array", "items": _STR}
+            ),
+            body=_request(["text"], text=_STR, source=_nullable(_STR)),
+            problems=(422,),
         )
     },
-    "/v1/policy/versions": {"get": _op("Every stored policy version", "policy:read")},
+    "/v1/policy/versions": {
+        "get": _op(
+            "Every stored policy version",
+            "policy:read",
+            _response(["versions"], versions={"type": "array", "items": _ref("PolicyVersion")}),
+        )
+    },
     "/v1/policy/rollback": {
         "post": _op(
             "Put an earlier version back in force (as a new version)",
             "policy:write",
-            _obj(["version"], version=_INT),
+            _response(
+                ["version", "sequence", "rolled_back_to"],
+                version=_INT,
+                sequence=_INT,
+                rolled_back_to=_INT,
+            ),
+            body=_request(["version"], version={**_INT, "minimum": 1}),
+            problems=(404, 422),
         )
     },
     "/v1/keys": {
-        "get": _op("API keys (never the keys themselves)", "admin"),
+        "get": _op(
+            "API keys (never the keys themselves)",
+            "admin",
+            _response(["keys"], keys={"type": "array", "items": _ref("ApiKey")}),
+        ),
         "post": _op(
             "Create an API key; the response is the only time it is shown",
             "admin",
-            _obj(["name", "scopes"], name=_STR, scopes=_ARRAY, expires_in=_NUM),
+            {"allOf": [_ref("ApiKey"), _response(["key"], key=_STR)]},
+            ok_status=201,
+            body=_request(
+                ["name", "scopes"],
+                name=_STR,
+                scopes={"type": "array", "items": {"enum": list(SCOPES)}, "minItems": 1},
+                expires_in=_nullable(
+                    {
+                        "type": "number",
+                        "exclusiveMinimum": 0,
+                        "maximum": MAX_KEY_SECONDS,
+                        "description": "seconds until the key expires; leave out for none",
+                    }
+                ),
+            ),
+            links={
+                "RevokeKey": {
+                    "operationId": "revokeKey",
+                    "parameters": {"key_id": "$response.body#/id"},
+                }
+            },
         ),
     },
-    "/v1/keys/{key_id}": {"delete": _op("Revoke a key", "admin")},
-    "/v1/openapi.json": {"get": _op("This document", None)},
-    "/healthz": {"get": _op("The process is alive", None)},
+    "/v1/keys/{key_id}": {
+        "delete": {
+            **_op(
+                "Revoke a key",
+                "admin",
+                _response(["id", "revoked"], id=_STR, revoked={"const": True}),
+                problems=(404,),
+                params=[_path("key_id", "the id of a key (GET /v1/keys)")],
+            ),
+            "operationId": "revokeKey",
+        },
+    },
+    "/v1/openapi.json": {"get": _op("This document", None, {"type": "object"})},
+    "/healthz": {
+        "get": _op("The process is alive", None, _response(["status"], status={"const": "ok"}))
+    },
     "/readyz": {
         "get": {
-            **_op("Facts are loaded, the change log is followed, the facts are current", None),
-            "responses": {
-                "200": {"description": "ready", "content": {"application/json": {"schema": {}}}},
-                "503": {
-                    "description": "not ready; `reason` says why",
-                    "content": {"application/json": {"schema": {}}},
-                },
-            },
+            **_op(
+                "Facts are loaded, the change log is followed, the facts are current",
+                None,
+                _response(
+                    ["ready", "sequence", "lag", "policy_version", "facts", "staleness_seconds"],
+                    ready=_BOOL,
+                    sequence=_INT,
+                    lag=_INT,
+                    policy_version=_nullable(_INT),
+                    facts=_INT,
+                    staleness_seconds=_NUM,
+                    reason={
+                        **_STR,
+                        "description": "why not ready: loading, facts_stale,"
+                        " change_log_unreadable or not_listening, then the details",
+                    },
+                ),
+            ),
         }
     },
-    "/metrics": {"get": _op("Prometheus metrics", None, content_type="text/plain")},
+    "/metrics": {"get": _op("Prometheus metrics", None, _STR, ok_type="text/plain")},
+}
+# Not ready is an answer of its own, in the same form as ready.
+PATHS["/readyz"]["get"]["responses"]["503"] = {
+    "description": "not ready; `reason` says why",
+    "content": {
+        "application/json": {
+            "schema": PATHS["/readyz"]["get"]["responses"]["200"]["content"]["application/json"][
+                "schema"
+            ]
+        }
+    },
 }
 
 

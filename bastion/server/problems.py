@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
+from bastion import untrusted_json
 from bastion.facts.model import Entity, FactError
 
 PROBLEM_JSON = "application/problem+json"
@@ -44,31 +46,43 @@ async def problem_handler(request: Request, exc: Exception) -> JSONResponse:
     return exc.response()
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, refused with 413 past ``limit`` bytes (announced or actually sent)."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise Problem(413, "Content too large", f"the body is larger than {limit} bytes")
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise Problem(413, "Content too large", f"the body is larger than {limit} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
+async def read_body(request: Request) -> bytes:
+    """The request body; its size and deadline are enforced while it arrives by
+    `bastion.server.request_limits.RequestBodyLimits`, before any of it is kept here."""
+    return await request.body()
 
 
 async def read_json(request: Request) -> dict:
-    """The body as a JSON object; anything else is a 400 that says so."""
-    body = await read_body(request, request.app.state.config.max_body_bytes)
+    """The body as a JSON object; anything else (or JSON past a limit) is a 400 that says so."""
+    body = await read_body(request)
     request.state.body_size = len(body)
-    try:
-        value = json.loads(body or b"null")
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise bad_request(f"the body is not valid JSON: {e}") from None
+    if not body:
+        raise bad_request("the body must be a JSON object")
+    value = parse_json(body, request.app.state.config.max_json_depth)
     if not isinstance(value, dict):
         raise bad_request("the body must be a JSON object")
     return value
+
+
+def parse_json(data: bytes | str, max_depth: int, where: str = "the body") -> Any:
+    """``data`` as JSON for the API: a refusal (not JSON, too deep, a number out of range) is a
+    400 that names the field and the limit."""
+    try:
+        return untrusted_json.loads(data, max_depth=max_depth)
+    except untrusted_json.JsonRefused as e:
+        if e.path:
+            raise bad_request(f"{where}: the field {e.path!r}: {e.reason}") from None
+        raise bad_request(f"{where}: {e.reason}") from None
+
+
+def refusal(status: int, detail: str) -> tuple[str, bytes]:
+    """A refused request (`bastion.server.request_limits`) as problem details."""
+    title = _TITLES.get(status, "Refused")
+    body = {"type": "about:blank", "title": title, "status": status, "detail": detail}
+    return PROBLEM_JSON, json.dumps(body).encode()
+
+
+_TITLES = {408: "Request timeout", 413: "Content too large", 500: "Internal server error"}
 
 
 # -- typed fields ------------------------------------------------------------------------------
@@ -82,6 +96,9 @@ def field(body: dict, name: str, kind: type | tuple[type, ...], *, required: boo
         return None
     value = body[name]
     kinds = kind if isinstance(kind, tuple) else (kind,)
+    if value.__class__ is float and int in kinds and float not in kinds and value.is_integer():
+        # JSON has one kind of number: 3.0 is the integer 3 (as JSON Schema says).
+        value = int(value)
     if isinstance(value, bool) and bool not in kinds:
         raise bad_request(f"the field {name!r} must be {_names(kinds)}, got {json.dumps(value)}")
     if not isinstance(value, kinds):
@@ -95,6 +112,11 @@ def _names(kinds: tuple[type, ...]) -> str:
     return " or ".join(names.get(k, k.__name__) for k in kinds)
 
 
+# The short form of an entity, "Type:id": a type without ":", then an id (anything, not empty).
+# The OpenAPI document's pattern is this one.
+ENTITY_SHORT_FORM = re.compile(r"([^:]+):([\s\S]+)")
+
+
 def entity(body: dict, name: str) -> Entity:
     """An entity field: ``{"type": "User", "id": "alice"}`` or the short form ``"User:alice"``."""
     value = body.get(name)
@@ -105,10 +127,13 @@ def entity(body: dict, name: str) -> Entity:
             return Entity(type_, id_)
     value = field(body, name, (dict, str))
     if isinstance(value, str):
-        try:
-            return Entity.parse(value)
-        except ValueError as e:
-            raise bad_request(f"the field {name!r}: {e}") from None
+        short = ENTITY_SHORT_FORM.fullmatch(value)
+        if short is None:
+            raise bad_request(
+                f"the field {name!r}: {value!r} is not an entity: Type:id, or"
+                ' {"type": "Type", "id": "id"}'
+            )
+        return Entity(short[1], short[2])
     if set(value) != {"type", "id"} or not all(isinstance(v, str) for v in value.values()):
         raise bad_request(f'the field {name!r} must be {{"type": str, "id": str}}, got {value!r}')
     if not value["type"]:

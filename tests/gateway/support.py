@@ -7,6 +7,7 @@ from __future__ import annotations
 import fcntl
 import importlib.util
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -491,10 +492,13 @@ def start(tmp_path, gateway: dict | None = None, replicas: int = 0):
     return running()
 
 
-def serve_quickstart(directory: Path) -> tuple[subprocess.Popen, str]:
+def serve_quickstart(
+    directory: Path, env: dict[str, str] | None = None
+) -> tuple[subprocess.Popen, str]:
     """`bastion serve` of examples/quickstart/bastion.toml in a process of its own, as `make run`
     starts it, but on a free port with a fresh database in ``directory`` (set up by the
-    quickstart's setup.py). Returns the process and its URL once it is ready; the caller stops it.
+    quickstart's setup.py). ``env`` adds environment variables (``BASTION_*`` settings). Returns
+    the process and its URL once it is ready; the caller stops it.
     """
     port = free_socket().getsockname()[1]
     config = (QUICKSTART / "bastion.toml").read_text()
@@ -513,13 +517,15 @@ def serve_quickstart(directory: Path) -> tuple[subprocess.Popen, str]:
         cwd=ROOT,
         check=True,
     )
-    return bastion_serve(path, f"http://127.0.0.1:{port}")
+    return bastion_serve(path, f"http://127.0.0.1:{port}", env)
 
 
-def bastion_serve(config: Path, url: str) -> tuple[subprocess.Popen, str]:
+def bastion_serve(
+    config: Path, url: str, env: dict[str, str] | None = None
+) -> tuple[subprocess.Popen, str]:
     """`bastion serve --config config` in a process of its own, its output in ``serve.log`` next
-    to the configuration. Returns the process and ``url`` once `/readyz` answers there; the
-    caller stops it."""
+    to the configuration, with ``env`` added to its environment. Returns the process and ``url``
+    once `/readyz` answers there; the caller stops it."""
     log = config.parent / "serve.log"
     with open(log, "wb") as out:
         server = subprocess.Popen(
@@ -527,6 +533,7 @@ def bastion_serve(config: Path, url: str) -> tuple[subprocess.Popen, str]:
             cwd=ROOT,
             stdout=out,
             stderr=subprocess.STDOUT,
+            env={**os.environ, **(env or {})},
         )
     deadline = time.monotonic() + 30
     while True:

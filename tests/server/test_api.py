@@ -129,7 +129,7 @@ def test_at_least_waits_for_a_write_and_refuses_an_unknown_sequence(api):
     seq = write_roles(api, role("alice", "reader", "Repo", "anvil"))
     assert allowed(api, "alice", "read", "Repo", "anvil", at_least=seq)
     body = {"actor": "User:alice", "action": "read", "resource": "Repo:anvil", "at_least": seq + 50}
-    assert_problem(api.post("/v1/authorize", json=body), 400, "latest is")
+    assert_problem(api.post("/v1/authorize", json=body), 422, "latest is")
 
 
 # -- bad input ---------------------------------------------------------------------------------
@@ -142,7 +142,8 @@ def test_at_least_waits_for_a_write_and_refuses_an_unknown_sequence(api):
         (b"[1, 2]", 400, ["JSON object"]),
         (b'{"actor": "User:alice", "action": 3, "resource": "Repo:x"}', 400, ["action"]),
         (b'{"actor": "User:alice", "resource": "Repo:x"}', 400, ["'action' is required"]),
-        (b'{"actor": "Robot:r2", "action": "read", "resource": "Repo:x"}', 400, ["Robot"]),
+        # Well formed, but a type the policy does not declare: unprocessable.
+        (b'{"actor": "Robot:r2", "action": "read", "resource": "Repo:x"}', 422, ["Robot"]),
         (b'{"actor": {"type": "User"}, "action": "read", "resource": "Repo:x"}', 400, ["actor"]),
         (b'{"actor": "User:a", "action": "read", "resource": "Repo:x", "at_least": "1"}', 400, []),
     ],

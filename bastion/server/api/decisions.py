@@ -24,7 +24,7 @@ from bastion.decide import Authorizer
 from bastion.facts.model import Entity, arg_from_json, arg_to_json
 from bastion.policy.errors import EvaluationLimit
 from bastion.server.auth import require
-from bastion.server.problems import Problem, bad_request, entity, read_json
+from bastion.server.problems import Problem, bad_request, entity, read_json, unprocessable
 from bastion.server.problems import field as get_field
 from bastion.server.replica import ConsistencyTimeout, Replica
 
@@ -107,6 +107,8 @@ async def _fresh(request: Request, body: dict) -> Replica:
     stale."""
     replica = _current(request)
     at_least = get_field(body, "at_least", int, required=False)
+    if at_least is not None and at_least < 0:
+        raise bad_request("at_least must be a sequence a write returned (0 or more)")
     if at_least:
         try:
             await replica.wait_for(at_least, request.app.state.config.consistency_timeout)
@@ -114,7 +116,7 @@ async def _fresh(request: Request, body: dict) -> Replica:
             store = request.app.state.store
             head = await anyio.to_thread.run_sync(store.head)
             if at_least > head:
-                raise bad_request(
+                raise unprocessable(
                     f"at_least={at_least} is not the sequence of any write: the latest is {head};"
                     " pass the 'sequence' that a write returned"
                 ) from None
@@ -133,7 +135,7 @@ def _known_type(authz: Authorizer, e: Entity, name: str) -> None:
     # Only a policy that declares its types (actor and resource blocks) can refuse one.
     types = authz.entity_types
     if types and e.type not in types:
-        raise bad_request(
+        raise unprocessable(
             f"the field {name!r} has the entity type {e.type!r}, which the policy does not"
             f" declare; declared types: {', '.join(sorted(types)) or 'none'}"
         )
@@ -249,7 +251,7 @@ async def authorize_batch(request: Request) -> JSONResponse:
         try:
             parsed.append((*_check(authz, check), _context(check) or shared_context))
         except Problem as p:
-            raise bad_request(f"checks[{i}]: {p.detail}") from None
+            raise Problem(p.status, p.title, f"checks[{i}]: {p.detail}") from None
     results = []
     for actor, action, resource, context in parsed:
         started = time.perf_counter()
@@ -275,9 +277,10 @@ async def list_resources(request: Request) -> JSONResponse:
     _known_type(authz, actor, "actor")
     action = get_field(body, "action", str)
     resource_type = get_field(body, "resource_type", str)
-    limit = get_field(body, "limit", int, required=False) or 100
+    limit = get_field(body, "limit", int, required=False)
+    limit = 100 if limit is None else limit
     if not 1 <= limit <= MAX_PAGE:
-        raise bad_request(f"limit must be between 1 and {MAX_PAGE}")
+        raise bad_request(f"limit must be between 1 and {MAX_PAGE}, got {limit}")
     cursor = get_field(body, "cursor", str, required=False) or ""
     context = _context(body)
     started = time.perf_counter()
@@ -334,11 +337,20 @@ async def actions(request: Request) -> JSONResponse:
 async def query(request: Request) -> JSONResponse:
     from bastion.decide import Variable
 
-    await require(request, "decide")
+    key = await require(request, "decide")
     body = await read_json(request)
     replica = await _fresh(request, body)
     predicate = get_field(body, "predicate", str)
     raw_args = get_field(body, "args", list, required=False) or []
+    if not key.allows("facts:read") and replica.authz.stores_facts(predicate, len(raw_args)):
+        # A decision key asks what the rules conclude; the stored facts themselves are data.
+        raise Problem(
+            403,
+            "Forbidden",
+            f"{predicate}/{len(raw_args)} is a fact predicate: querying stored facts needs the"
+            " scope 'facts:read'; a key with 'decide' alone may query predicates that rules"
+            " define",
+        )
     args = []
     for i, a in enumerate(raw_args):
         if isinstance(a, dict) and set(a) == {"var"} and isinstance(a["var"], str):
@@ -353,7 +365,8 @@ async def query(request: Request) -> JSONResponse:
     try:
         rows = replica.authz.query(predicate, *args, context=_context(body))
     except ValueError as e:
-        raise bad_request(str(e)) from None
+        # Well formed, but not something the policy in force defines.
+        raise unprocessable(str(e)) from None
     except EvaluationLimit as over:
         rows, refusal = [], _refusal(over)
     _observe(request, "query", started, "allow" if rows else "deny")

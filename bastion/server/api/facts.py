@@ -19,7 +19,7 @@ from starlette.routing import Route
 from bastion.facts.model import FactError, fact_from_json
 from bastion.facts.store import FactStore, StoredFact, WriteResult, epoch, fact_key
 from bastion.server.auth import require
-from bastion.server.problems import bad_request, fact_problem, read_body, read_json
+from bastion.server.problems import bad_request, fact_problem, parse_json, read_body, read_json
 from bastion.server.problems import field as get_field
 from bastion.server.replica import ConsistencyTimeout, Replica
 
@@ -105,10 +105,8 @@ async def get(request: Request) -> JSONResponse:
     params = request.query_params
     pattern = None
     if "pattern" in params:
-        try:
-            pattern = _pattern(json.loads(params["pattern"]))
-        except json.JSONDecodeError as e:
-            raise bad_request(f"the query parameter 'pattern' is not valid JSON: {e}") from None
+        depth = request.app.state.config.max_json_depth
+        pattern = _pattern(parse_json(params["pattern"], depth, "the query parameter 'pattern'"))
     try:
         limit = int(params.get("limit", "100"))
     except ValueError:
@@ -131,17 +129,15 @@ async def get(request: Request) -> JSONResponse:
 async def import_lines(request: Request) -> JSONResponse:
     """Bulk import: one fact per line (JSON); the whole body is one transaction."""
     request.state.key = await require(request, "facts:write")
-    body = await read_body(request, request.app.state.config.max_import_bytes)
+    body = await read_body(request)
+    depth = request.app.state.config.max_json_depth
 
     def parse() -> list[StoredFact]:
         inserts = []
         for n, line in enumerate(body.splitlines(), start=1):
             if not line.strip():
                 continue
-            try:
-                obj = json.loads(line)
-            except (UnicodeDecodeError, json.JSONDecodeError) as e:
-                raise bad_request(f"line {n} is not valid JSON: {e}") from None
+            obj = parse_json(line, depth, f"line {n}")
             inserts.append(_stored_fact(request, obj, n, what="line"))
         return inserts
 

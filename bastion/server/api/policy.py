@@ -19,7 +19,7 @@ from bastion.facts.store import FactStore
 from bastion.policy.errors import PolicyError
 from bastion.policy.limits import DEFAULT_LIMITS, PolicyLimits
 from bastion.server.auth import require
-from bastion.server.problems import Problem, read_json, unprocessable
+from bastion.server.problems import Problem, bad_request, read_json, unprocessable
 from bastion.server.problems import field as get_field
 from bastion.server.replica import ConsistencyTimeout, Replica
 
@@ -116,6 +116,8 @@ async def rollback(request: Request) -> JSONResponse:
     key = await require(request, "policy:write")
     body = await read_json(request)
     version = get_field(body, "version", int)
+    if version < 1:
+        raise bad_request(f"version must be a policy version (1 or more), got {version}")
     store: FactStore = request.app.state.store
     old = await anyio.to_thread.run_sync(store.policy, version)
     if old is None:

@@ -1,0 +1,226 @@
+"""ASGI middleware: every request body is capped, and must arrive in time, while it is read.
+
+One table says how many bytes each path may receive. A declared ``Content-Length`` over the limit
+is answered 413 before a byte of the body is read; a body without one (chunked) is counted as it
+arrives and answered 413 the moment it passes the limit. A body that is not complete within the
+deadline is answered 408. Each answer is in the form of the route family that was asked (problem
+details on ``/v1``, an OAuth error on the OAuth endpoints, a JSON-RPC error on the gateway), and
+closes the connection, so the rest of the body is never read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+# (status, sentence) -> (content type, body): the answer in a route family's own form.
+Refusal = Callable[[int, str], tuple[str, bytes]]
+
+
+@dataclass(frozen=True)
+class BodyLimit:
+    """At most ``max_bytes`` of request body on ``path`` (exact) or below ``prefix``."""
+
+    max_bytes: int
+    # The setting that changes the limit, named in the answer.
+    setting: str
+    refusal: Refusal
+    path: str | None = None
+    prefix: str | None = None
+
+
+class BodyRefused(Exception):  # noqa: N818 - raised into the application by `receive`
+    """The request body passed its limit or its deadline; the middleware answers for it."""
+
+    def __init__(self, status: int, detail: str) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.detail = detail
+
+
+class BodyLimits:
+    """The limit of each path: exact paths first, then the longest prefix, then the default."""
+
+    def __init__(self, default: BodyLimit, limits: Sequence[BodyLimit] = ()) -> None:
+        self.default = default
+        self.exact = {limit.path: limit for limit in limits if limit.path is not None}
+        self.prefixes = sorted(
+            (limit for limit in limits if limit.prefix is not None),
+            key=lambda limit: len(limit.prefix or ""),
+            reverse=True,
+        )
+
+    def for_path(self, path: str) -> BodyLimit:
+        found = self.exact.get(path)
+        if found is not None:
+            return found
+        for limit in self.prefixes:
+            if path.startswith(limit.prefix or ""):
+                return limit
+        return self.default
+
+
+class RequestBodyLimits:
+    """The middleware; outermost in `bastion.server.app.create_app`, so it covers every route."""
+
+    def __init__(self, app: ASGIApp, limits: BodyLimits, body_timeout: float) -> None:
+        self.app = app
+        self.limits = limits
+        self.body_timeout = body_timeout
+        self.deadlines = _Deadlines()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path, root = scope["path"], scope.get("root_path", "")
+        limit = self.limits.for_path(path[len(root) :] if root and path.startswith(root) else path)
+        declared, chunked = None, False
+        for name, value in scope["headers"]:
+            if name == b"content-length" and value.isdigit():
+                # uvicorn refuses a Content-Length that is not a number; were one to pass, the
+                # body is still counted as it arrives.
+                declared = int(value)
+            elif name == b"transfer-encoding":
+                chunked = True
+        if declared is not None and declared > limit.max_bytes:
+            await _answer(send, limit, 413, _too_large(limit))
+            return
+        if not chunked and not declared:
+            # No body to read: nothing to count, nothing to wait for.
+            await self.app(scope, receive, send)
+            return
+        reading = _Reading(limit, receive, send)
+        self.deadlines.add(reading, self.body_timeout)
+        try:
+            await self.app(scope, reading.receive, reading.send)
+        except Exception:
+            # Whatever the application made of the refusal raised into it, the refusal answers.
+            if reading.refused is None:
+                raise
+        finally:
+            self.deadlines.discard(reading)
+        if reading.refused is not None and not reading.started:
+            await _answer(send, limit, reading.refused.status, reading.refused.detail)
+
+
+class _Reading:
+    """One request body on its way in: its count, whether it is complete, and whether it was
+    refused (too large, or past its deadline)."""
+
+    __slots__ = ("limit", "_receive", "_send", "deadline", "size", "complete", "started")
+    __slots__ += ("refused", "expired", "waiting")
+
+    def __init__(self, limit: BodyLimit, receive: Receive, send: Send) -> None:
+        self.limit = limit
+        self._receive = receive
+        self._send = send
+        self.deadline = 0.0
+        self.size = 0
+        self.complete = False
+        self.started = False
+        self.refused: BodyRefused | None = None
+        self.expired = False
+        self.waiting: asyncio.Task | None = None
+
+    async def receive(self) -> Message:
+        if self.complete:
+            # Past the body, receive only waits for the client to go away: no deadline there.
+            return await self._receive()
+        if self.refused is not None:
+            raise self.refused
+        if self.expired:
+            raise self._too_slow()
+        self.waiting = task = asyncio.current_task()
+        try:
+            message = await self._receive()
+        except asyncio.CancelledError:
+            if not self.expired:
+                raise
+            # Cancelled by _Deadlines, not by the application: that cancellation ends here.
+            if task is not None:
+                task.uncancel()
+            raise self._too_slow() from None
+        finally:
+            self.waiting = None
+        if message["type"] == "http.request":
+            self.size += len(message.get("body", b""))
+            if self.size > self.limit.max_bytes:
+                raise self._refuse(413, _too_large(self.limit))
+            if not message.get("more_body", False):
+                self.complete = True
+        return message
+
+    def expire(self) -> None:
+        """The deadline passed: stop the wait for more of the body, if one is under way."""
+        self.expired = True
+        if self.waiting is not None:
+            self.waiting.cancel()
+
+    def _too_slow(self) -> BodyRefused:
+        return self._refuse(
+            408, "the request body did not arrive in time (body_timeout); send it at once"
+        )
+
+    def _refuse(self, status: int, detail: str) -> BodyRefused:
+        self.refused = BodyRefused(status, detail)
+        return self.refused
+
+    async def send(self, message: Message) -> None:
+        if self.refused is not None:
+            return  # the refusal is the answer, not what the application made of it
+        if message["type"] == "http.response.start":
+            self.started = True
+            if not self.complete:
+                # Answered before the body was read (a 401, say): close the connection rather
+                # than read the rest of a body nobody will use.
+                message = {**message, "headers": [*message.get("headers", ()), _CLOSE]}
+        await self._send(message)
+
+
+class _Deadlines:
+    """The bodies being read, checked against their deadlines once a second by one timer for
+    all of them: a timer per request would cost more than the rest of this middleware."""
+
+    def __init__(self) -> None:
+        self.reading: set[_Reading] = set()
+        self._timer: asyncio.TimerHandle | None = None
+
+    def add(self, reading: _Reading, timeout: float) -> None:
+        loop = asyncio.get_running_loop()
+        reading.deadline = loop.time() + timeout
+        self.reading.add(reading)
+        if self._timer is None:
+            self._timer = loop.call_later(1.0, self._check, loop)
+
+    def discard(self, reading: _Reading) -> None:
+        self.reading.discard(reading)
+
+    def _check(self, loop: asyncio.AbstractEventLoop) -> None:
+        now = loop.time()
+        for reading in [r for r in self.reading if r.deadline <= now and not r.complete]:
+            self.reading.discard(reading)
+            reading.expire()
+        self._timer = loop.call_later(1.0, self._check, loop) if self.reading else None
+
+
+_CLOSE = (b"connection", b"close")
+
+
+def _too_large(limit: BodyLimit) -> str:
+    return f"the request body is larger than {limit.max_bytes} bytes ({limit.setting})"
+
+
+async def _answer(send: Send, limit: BodyLimit, status: int, detail: str) -> None:
+    content_type, body = limit.refusal(status, detail)
+    headers = [
+        (b"content-type", content_type.encode()),
+        (b"content-length", str(len(body)).encode()),
+        (b"cache-control", b"no-store"),
+        _CLOSE,
+    ]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})

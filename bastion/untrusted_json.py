@@ -1,0 +1,165 @@
+"""JSON sent by someone else: the one reader for request bodies of the `/v1` API, OAuth dynamic
+registration and the MCP gateway, with a limit on nesting and on what numbers may be.
+
+`json.loads` recurses once per level (a body of ten thousand ``[`` is a `RecursionError`, a
+500), turns ``1e999`` into infinity and accepts ``NaN`` and ``Infinity``, which are not JSON and
+which no JSON encoder writes back. Here they are a `JsonRefused` that names the limit and the place.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+DEFAULT_MAX_DEPTH = 64
+# The range of a 64-bit signed integer: what SQLite and PostgreSQL's bigint store.
+MIN_INTEGER = -(2**63)
+MAX_INTEGER = 2**63 - 1
+_SHORT = 18  # an integer literal of at most this many digits is always in range
+_RANGE = f"numbers must be between {MIN_INTEGER} and {MAX_INTEGER} (64-bit)"
+
+
+class JsonRefused(ValueError):
+    """A body that is not JSON, or JSON past a limit; the message says which and where."""
+
+    def __init__(self, reason: str, *, path: str = "") -> None:
+        super().__init__(f"{path}: {reason}" if path else reason)
+        self.reason = reason
+        self.path = path
+
+
+class _Refused:
+    """Stands for a number that was read but may not be used, until its place is known."""
+
+    __slots__ = ("reason",)
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+
+class _RefusedNumber(Exception):  # noqa: N818 - internal signal, never leaves this module
+    """Raised from inside the decoder: the first pass stops at the first refused number."""
+
+
+def _shown(literal: str) -> str:
+    return literal if len(literal) <= 24 else f"{literal[:20]}... ({len(literal)} characters)"
+
+
+def _constant_reason(literal: str) -> str:
+    return f"{literal} is not a JSON number (NaN and Infinity are not allowed)"
+
+
+def _float_reason(literal: str, bounded: bool) -> str | None:
+    value = float(literal)
+    if not math.isfinite(value):
+        return f"{_shown(literal)} is too large: numbers must be finite"
+    if bounded and not MIN_INTEGER <= value <= MAX_INTEGER:
+        return f"{_shown(literal)} is out of range: {_RANGE}"
+    return None
+
+
+def _int_reason(literal: str) -> str | None:
+    digits = len(literal) - (literal[0] == "-")
+    if digits <= _SHORT or (digits <= 19 and MIN_INTEGER <= int(literal) <= MAX_INTEGER):
+        return None
+    return f"{_shown(literal)} is out of range: {_RANGE}"
+
+
+def _raise(reason: str | None, value: Any) -> Any:
+    if reason is None:
+        return value
+    raise _RefusedNumber(reason)
+
+
+def _mark(reason: str | None, value: Any) -> Any:
+    return value if reason is None else _Refused(reason)
+
+
+def _decoder(bounded_numbers: bool, answer) -> json.JSONDecoder:
+    """A decoder whose number hooks ``answer(reason, value)`` for each number it reads."""
+
+    def constant(literal: str) -> Any:
+        return answer(_constant_reason(literal), None)
+
+    def floating(literal: str) -> Any:
+        reason = _float_reason(literal, bounded_numbers)
+        return answer(reason, float(literal) if reason is None else None)
+
+    def integer(literal: str) -> Any:
+        reason = _int_reason(literal)
+        return answer(reason, int(literal) if reason is None else None)
+
+    return json.JSONDecoder(
+        parse_float=floating,
+        parse_constant=constant,
+        parse_int=integer if bounded_numbers else None,
+    )
+
+
+# The first pass stops at the first refused number; only then a second pass finds its place.
+_FAST = {bounded: _decoder(bounded, _raise) for bounded in (True, False)}
+_MARKING = {bounded: _decoder(bounded, _mark) for bounded in (True, False)}
+
+
+def loads(
+    data: bytes | str, *, max_depth: int = DEFAULT_MAX_DEPTH, bounded_numbers: bool = True
+) -> Any:
+    """``data`` as JSON, or `JsonRefused`.
+
+    Refused: text that is not JSON (or not UTF-8), objects and arrays nested deeper than
+    ``max_depth``, ``NaN``, ``Infinity``, a number too large to be finite, and (with
+    ``bounded_numbers``) a number outside the range of a 64-bit signed integer.
+    """
+    try:
+        text = data.decode("utf-8") if isinstance(data, bytes | bytearray) else data
+    except UnicodeDecodeError as e:
+        raise JsonRefused(f"not valid JSON: not UTF-8 ({e})") from None
+    try:
+        value = _FAST[bounded_numbers].decode(text)
+    except RecursionError:
+        raise _too_deep(max_depth) from None
+    except _RefusedNumber:
+        # Decoded again, with the refused numbers kept in place, to say where the first one is.
+        value = _MARKING[bounded_numbers].decode(text)
+        _walk(value, max_depth)
+        raise AssertionError("a refused number was not found again") from None
+    except ValueError as e:  # JSONDecodeError, or an integer of more digits than Python reads
+        raise JsonRefused(f"not valid JSON: {e}") from None
+    # Fewer brackets than the limit cannot nest deeper: most bodies skip the walk.
+    if text.count("[") + text.count("{") > max_depth:
+        _walk(value, max_depth)
+    return value
+
+
+def _too_deep(max_depth: int) -> JsonRefused:
+    return JsonRefused(
+        f"JSON nested deeper than {max_depth} levels of objects and arrays (max_json_depth)"
+    )
+
+
+def _walk(value: Any, max_depth: int) -> None:
+    """Refuse ``value`` if it nests deeper than ``max_depth`` or holds a refused number."""
+    stack: list[tuple[Any, int, tuple]] = [(value, 0, ())]
+    while stack:
+        item, depth, path = stack.pop()
+        if isinstance(item, dict):
+            depth += 1
+            if depth > max_depth:
+                raise _too_deep(max_depth)
+            stack.extend((v, depth, (*path, k)) for k, v in item.items())
+        elif isinstance(item, list):
+            depth += 1
+            if depth > max_depth:
+                raise _too_deep(max_depth)
+            stack.extend((v, depth, (*path, i)) for i, v in enumerate(item))
+        elif isinstance(item, _Refused):
+            raise JsonRefused(item.reason, path=place(path))
+
+
+def place(path: tuple) -> str:
+    """``("facts", 0, "args", 2)`` as ``facts[0].args[2]``."""
+    out = ""
+    for part in path:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
