@@ -75,6 +75,8 @@ has_relation(Prompt{"lab/hello"}, "server", McpServer{"lab"})
 has_relation(Tool{"lab/leak"}, "server", McpServer{"lab"})
 has_relation(Tool{"lab/leak_raw"}, "server", McpServer{"lab"})
 has_relation(Tool{"lab/leak_error"}, "server", McpServer{"lab"})
+has_relation(Tool{"lab/leak_list"}, "server", McpServer{"lab"})
+has_relation(Tool{"lab/leak_spelled"}, "server", McpServer{"lab"})
 has_relation(Tool{"lab/chatter"}, "server", McpServer{"lab"})
 has_relation(McpResource{"lab/lab://leaky"}, "server", McpServer{"lab"})
 has_relation(McpResource{"lab/lab://leaky-blob"}, "server", McpServer{"lab"})
@@ -216,6 +218,8 @@ def test_policy() -> str:
         # The lab's leaks, masked for everyone: what they send must never come out.
         + 'mask(_user: User, "call", _tool: Tool, "customers.*.email") if\n'
         + '  context.tool in ["leak", "leak_raw", "leak_error"];\n'
+        + 'mask(_user: User, "call", _tool: Tool, "result.*.email") if context.tool = "leak_list";\n'
+        + 'mask(_user: User, "call", _tool: Tool, "$..email") if context.tool = "leak_spelled";\n'
         + 'mask(_user: User, "read", _r: McpResource, "customers.*.email") if\n'
         + '  context.uri in ["lab://leaky", "lab://leaky-blob", "lab://leaky-raw"];\n'
         + 'mask(_user: User, "get", _p: Prompt, "customers.*.email") if\n'
