@@ -234,6 +234,13 @@ async def leak_error() -> CallToolResult:
     raise NotImplementedError
 
 
+@server.tool(annotations=READ_ONLY)
+async def leak_http_error() -> CallToolResult:
+    """Over HTTP, answered in front of the server (tests/gateway/support.py, LegacyOnly): HTTP
+    500 whose plain-text body carries SECRET."""
+    raise NotImplementedError
+
+
 async def _raw(ctx, call_next):
     """Results no SDK model allows: an unknown content type, unknown fields, a bare string."""
     params = ctx.params or {}

@@ -174,3 +174,14 @@ def test_a_mask_path_bastion_cannot_read_withholds_the_result(bastion, server, e
     result = frames[-1]["result"]
     assert "structuredContent" not in result
     assert result["content"] == [{"type": "text", "text": WITHHELD}]
+
+
+@pytest.mark.parametrize("era", ["legacy", "modern"])
+@pytest.mark.parametrize("server", ["labhttp", "labold"])
+def test_an_upstreams_http_error_under_a_mask_is_withheld(bastion, server, era):
+    # A web server failing in plain text (HTTP 500): its body is the upstream's free text too.
+    call = {"name": "leak_http_error", "arguments": {}}
+    text, frames = ask(bastion, server, era, "tools/call", call)
+    never_out(text)
+    error = frames[-1]["error"]
+    assert error["message"].startswith("the upstream answered with an error")
