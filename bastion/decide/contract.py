@@ -112,8 +112,11 @@ def _decide_chain(
         limits: list[RateLimit] = []
         approval = False
         for principal in chain:
+            # A path that is not text is still a mask asked for: "" (the whole value, which
+            # the gateway withholds), never dropped, which would send the result unmasked.
             masks.update(
-                v for v in s.rows("mask", "bbbf", principal, action, resource) if isinstance(v, str)
+                v if isinstance(v, str) else ""
+                for v in s.rows("mask", "bbbf", principal, action, resource)
             )
             for n, secs in sorted(
                 s.rows("rate_limit", "bbbff", principal, action, resource), key=repr
