@@ -123,6 +123,10 @@ def _decide_chain(
             ):
                 if type(n) is int and type(secs) is int and secs > 0:
                     limits.append(RateLimit(principal, n, secs))
+                else:
+                    # A limit that cannot be counted is still a limit asked for: one that
+                    # admits nothing (max 0), never dropped, which would admit every call.
+                    limits.append(RateLimit(principal, 0, 1))
             approval = approval or bool(
                 s.rows("requires_approval", "bbb", principal, action, resource)
             )

@@ -101,3 +101,15 @@ def test_a_mask_whose_path_is_not_text_masks_everything_rather_than_nothing():
     for path in (0, 1.5, True):
         decision = decide_chain(a, (ann,), "call", search, {"path": path})
         assert decision.allowed and decision.obligations.masks == ("",), path
+
+
+def test_a_rate_limit_that_cannot_be_counted_refuses_rather_than_lets_through():
+    # A limit whose numbers are not whole (5.0 calls, a 60.5 s window), not numbers, or a window
+    # of no time, is still a limit asked for: dropping it would admit every call.
+    for numbers in ("5, 60.5", "5.0, 60", '"5", 60', "5, 0", "true, 60"):
+        a = Authorizer(
+            'actor User {}\nresource Tool {}\nallow(_u: User, "call", _t: Tool);\n'
+            f'rate_limit(_u: User, "call", _t: Tool, {numbers});'
+        )
+        decision = decide_chain(a, (ann,), "call", search, {})
+        assert decision.obligations.rate_limits == (RateLimit(ann, 0, 1),), numbers
