@@ -112,14 +112,21 @@ def _decide_chain(
         limits: list[RateLimit] = []
         approval = False
         for principal in chain:
+            # A path that is not text is still a mask asked for: "" (the whole value, which
+            # the gateway withholds), never dropped, which would send the result unmasked.
             masks.update(
-                v for v in s.rows("mask", "bbbf", principal, action, resource) if isinstance(v, str)
+                v if isinstance(v, str) else ""
+                for v in s.rows("mask", "bbbf", principal, action, resource)
             )
             for n, secs in sorted(
                 s.rows("rate_limit", "bbbff", principal, action, resource), key=repr
             ):
                 if type(n) is int and type(secs) is int and secs > 0:
                     limits.append(RateLimit(principal, n, secs))
+                else:
+                    # A limit that cannot be counted is still a limit asked for: one that
+                    # admits nothing (max 0), never dropped, which would admit every call.
+                    limits.append(RateLimit(principal, 0, 1))
             approval = approval or bool(
                 s.rows("requires_approval", "bbb", principal, action, resource)
             )

@@ -29,7 +29,7 @@ from bastion.gateway.jsonrpc import (
     notification,
 )
 from bastion.gateway.masks import Paths, compile_paths, mask_notification, mask_result
-from bastion.gateway.upstream import LOG_LEVEL, LOG_MESSAGE
+from bastion.gateway.upstream import LOG_LEVEL, LOG_MESSAGE, UpstreamError
 
 if TYPE_CHECKING:
     from bastion.gateway.gateway import Gateway, UpstreamState
@@ -283,10 +283,6 @@ class Exchange:
         if "requestState" in result:
             retry["requestState"] = result["requestState"]
         return retry
-
-
-class UpstreamError(RpcError):
-    """An error response from the upstream, relayed as it came (unless a mask applies)."""
 
 
 def _result(response: dict[str, Any]) -> dict[str, Any]:

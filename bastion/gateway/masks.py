@@ -10,7 +10,9 @@ field by field, because it holds JSON, or withheld whole:
 
 - masked field by field: ``structuredContent`` (an object or a list), the ``text`` of a text
   block, of an embedded resource and of ``resources/read`` contents when it holds a JSON object
-  or list, and the ``data`` of a log message when it is one;
+  or list, and the ``data`` of a log message when it is one, where a path reaches into it
+  (`_mask_json`: a JSON value no path reaches into, or under a path that cannot be read, is
+  withheld whole; a value a path cannot look into is masked whole);
 - kept as they are, since they hold no free text: a block's ``type``, ``isError``,
   ``resultType``, a message's ``role``, a MIME type, the ``annotations`` that are well formed
   (``audience``, ``priority``, ``lastModified``), a progress notification's numbers, a log
@@ -28,11 +30,14 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import re
 from collections.abc import Callable
 from typing import Any
 
 from bastion.gateway.jsonrpc import LOG_LEVELS
+
+log = logging.getLogger("bastion.gateway.masks")
 
 MASKED = "[masked]"
 WITHHELD = "[withheld by bastion: a field of this result is masked and this text is not JSON]"
@@ -58,36 +63,68 @@ _DROP = object()
 
 @functools.lru_cache(maxsize=1024)
 def compile_paths(paths: tuple[str, ...]) -> Paths:
-    """Each path as its keys; compiled once per set of paths, as the policy names them."""
-    return tuple(
-        tuple(_INDEX.sub(r".\1", p.removeprefix("$").removeprefix(".")).split("."))
-        for p in paths
-        if p
+    """Each path as its keys; compiled once per set of paths, as the policy names them. A path
+    that cannot be read (empty, ``$``, ``$..x``, a quoted key, an empty key) compiles to ``()``,
+    which stands for the whole value: a mask that names nothing bastion can find fails closed."""
+    compiled = []
+    for path in paths:
+        keys = tuple(_INDEX.sub(r".\1", path).removeprefix("$").removeprefix(".").split("."))
+        if any(not key or "[" in key or "]" in key for key in keys):
+            log.warning("mask path %r cannot be read: every JSON value under it is withheld", path)
+            keys = ()
+        compiled.append(keys)
+    return tuple(compiled)
+
+
+def _mask_json(data: dict | list, paths: Paths) -> int | None:
+    """Mask ``paths`` in ``data`` in place; how many places changed, or None if ``data`` must be
+    withheld whole: a path stands for the whole value, or none reaches into it (no path's first
+    key is in it), so the data, if there, is where no path says (another shape of the same
+    records): passing it as it came would fail open. Empty, it hides nothing."""
+    if not data:
+        return 0
+    count, reached = 0, False
+    for path in paths:
+        if not path:
+            return None
+        head = path[0]
+        if head == "*" or (head in data if isinstance(data, dict) else head.isdecimal()):
+            reached = True
+            count += _redact(data, path)
+    return count if reached else None
+
+
+def _fits(value: Any, head: str) -> bool:
+    """Whether a path whose next key is ``head`` can look into ``value``."""
+    return isinstance(value, dict) or (
+        isinstance(value, list) and (head == "*" or head.isdecimal())
     )
 
 
 def _redact(value: Any, path: tuple[str, ...]) -> int:
-    """Redact ``path`` in ``value`` in place; return how many fields were redacted."""
-    if not path:
-        return 0
+    """Redact ``path`` in ``value`` (an object or list that the path's first key fits) in place;
+    return how many fields were redacted. Where the path goes on into a value it cannot look
+    into (text, a number, a list where it names a key), that value is masked whole: the field
+    could be inside it (JSON in a string). An absent key, ``null`` and an empty list or object
+    hold nothing, and are left as they are."""
     head, rest = path[0], path[1:]
     slots: Any
     if isinstance(value, dict):
         slots = list(value) if head == "*" else ([head] if head in value else [])
-    elif isinstance(value, list):
-        if head == "*":
-            slots = range(len(value))
-        elif head.isdigit() and int(head) < len(value):
-            slots = [int(head)]
-        else:
-            return 0
+    elif head == "*":
+        slots = range(len(value))
     else:
-        return 0
+        slots = [int(head)] if int(head) < len(value) else []
     count = 0
     for slot in slots:
-        if rest:
-            count += _redact(value[slot], rest)
-        else:
+        if not rest:
+            value[slot] = MASKED
+            count += 1
+            continue
+        child = value[slot]
+        if _fits(child, rest[0]):
+            count += _redact(child, rest)
+        elif child is not None and child != [] and child != {}:
             value[slot] = MASKED
             count += 1
     return count
@@ -99,9 +136,12 @@ Masker = Callable[[Any, Paths, "str | None"], tuple[Any, int]]
 
 
 def _json(value: Any, paths: Paths, uri: str | None = None) -> tuple[Any, int]:
-    """A JSON object or list, masked in place; anything else is withheld (``_DROP``)."""
+    """A JSON object or list, masked in place; anything else, or one the paths do not describe,
+    is withheld (``_DROP``)."""
     if isinstance(value, dict | list):
-        return value, sum(_redact(value, p) for p in paths)
+        count = _mask_json(value, paths)
+        if count is not None:
+            return value, count
     return _DROP, 1
 
 
@@ -115,7 +155,9 @@ def _text(text: Any, paths: Paths, uri: str | None = None) -> tuple[str, int]:
         return WITHHELD, 1
     if not isinstance(data, dict | list):
         return WITHHELD, 1
-    count = sum(_redact(data, p) for p in paths)
+    count = _mask_json(data, paths)
+    if count is None:
+        return WITHHELD, 1
     # Written back only if changed; without indent: json's C encoder, not the indenting one.
     return (json.dumps(data) if count else text), count
 
@@ -267,7 +309,8 @@ def mask_result(
 
 
 def _log_data(value: Any, paths: Paths, uri: str | None) -> tuple[Any, int]:
-    return _json(value, paths) if isinstance(value, dict | list) else (WITHHELD, 1)
+    data, count = _json(value, paths)
+    return (WITHHELD, 1) if data is _DROP else (data, count)
 
 
 _NOTIFICATIONS: dict[str, dict[str, Masker]] = {

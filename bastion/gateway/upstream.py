@@ -69,6 +69,11 @@ _ACKNOWLEDGED = "notifications/subscriptions/acknowledged"
 _OPEN_WAIT = 5.0
 
 
+class UpstreamError(RpcError):
+    """An error the upstream answered with (a JSON-RPC error, or an HTTP error's text), relayed
+    as it came unless a mask applies: its message is the upstream's free text."""
+
+
 def _b64_header(value: str) -> str:
     import base64
 
@@ -245,7 +250,7 @@ class Upstream(abc.ABC):
             }
         )
         if "result" not in response:
-            raise RpcError(
+            raise UpstreamError(
                 UPSTREAM_UNAVAILABLE,
                 f"upstream {self.name} refused initialize: {response.get('error')}",
             )
@@ -560,7 +565,7 @@ class HttpUpstream(Upstream):
             kind = response.headers.get("content-type", "")
             if response.status_code >= 400 and "json" not in kind:
                 text = (await response.read()).decode(errors="replace")[:200]
-                raise RpcError(
+                raise UpstreamError(
                     UPSTREAM_UNAVAILABLE,
                     f"upstream {self.name} answered HTTP {response.status_code}: {text}",
                 )

@@ -204,6 +204,24 @@ async def leak(ctx: Context) -> CallToolResult:
     )
 
 
+class Customer(BaseModel):
+    name: str
+    email: str
+
+
+@server.tool(annotations=READ_ONLY)
+async def leak_list() -> list[Customer]:
+    """Customers as the SDK answers a list: structured output wrapped in ``{"result": ...}``,
+    content one block per customer, unwrapped (the tests' policy masks ``result.*.email``)."""
+    return [Customer(**c) for c in CUSTOMERS["customers"]]
+
+
+@server.tool(annotations=READ_ONLY)
+async def leak_spelled() -> dict:
+    """CUSTOMERS; the tests' policy masks it with a path bastion cannot read (``$..email``)."""
+    return CUSTOMERS
+
+
 @server.tool(annotations=READ_ONLY)
 async def leak_raw() -> CallToolResult:
     """Answered by `_raw` below, with shapes the SDK would not let a tool return."""
@@ -213,6 +231,13 @@ async def leak_raw() -> CallToolResult:
 @server.tool(annotations=READ_ONLY)
 async def leak_error() -> CallToolResult:
     """Answered by `_raw` below: a JSON-RPC error whose message and data carry SECRET."""
+    raise NotImplementedError
+
+
+@server.tool(annotations=READ_ONLY)
+async def leak_http_error() -> CallToolResult:
+    """Over HTTP, answered in front of the server (tests/gateway/support.py, LegacyOnly): HTTP
+    500 whose plain-text body carries SECRET."""
     raise NotImplementedError
 
 

@@ -35,6 +35,7 @@ from bastion.policy.parser import parse_fact
 from bastion.server.app import create_app
 from bastion.server.config import ServerConfig
 from tests.conftest import require_program
+from tests.gateway.lab_server import SECRET as LAB_SECRET
 from tests.oauth.support import (
     MemoryStorage,
     free_socket,
@@ -75,6 +76,9 @@ has_relation(Prompt{"lab/hello"}, "server", McpServer{"lab"})
 has_relation(Tool{"lab/leak"}, "server", McpServer{"lab"})
 has_relation(Tool{"lab/leak_raw"}, "server", McpServer{"lab"})
 has_relation(Tool{"lab/leak_error"}, "server", McpServer{"lab"})
+has_relation(Tool{"lab/leak_list"}, "server", McpServer{"lab"})
+has_relation(Tool{"lab/leak_spelled"}, "server", McpServer{"lab"})
+has_relation(Tool{"lab/leak_http_error"}, "server", McpServer{"lab"})
 has_relation(Tool{"lab/chatter"}, "server", McpServer{"lab"})
 has_relation(McpResource{"lab/lab://leaky"}, "server", McpServer{"lab"})
 has_relation(McpResource{"lab/lab://leaky-blob"}, "server", McpServer{"lab"})
@@ -122,10 +126,13 @@ class MemoryEvents(EventStore):
 
 class LegacyOnly:
     """ASGI wrapper: an MCP server that does not speak 2026-07-28 (``server/discover`` gets
-    -32601), so bastion talks 2025-11-25 to it, sessions and all."""
+    -32601), so bastion talks 2025-11-25 to it, sessions and all. With ``legacy=False`` it lets
+    ``server/discover`` through. Either way, a ``tools/call`` of ``leak_http_error`` (the lab's)
+    is answered as a failing web server would: HTTP 500, the error in plain text."""
 
-    def __init__(self, app) -> None:
+    def __init__(self, app, legacy: bool = True) -> None:
         self.app = app
+        self.legacy = legacy
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope["method"] != "POST":
@@ -141,7 +148,14 @@ class LegacyOnly:
             request = json.loads(body)
         except ValueError:
             request = None
-        if isinstance(request, dict) and request.get("method") == "server/discover":
+        params = request.get("params") if isinstance(request, dict) else None
+        if isinstance(params, dict) and params.get("name") == "leak_http_error":
+            text = f"500 Internal Server Error: no customer {LAB_SECRET}".encode()
+            headers = [(b"content-type", b"text/plain")]
+            await send({"type": "http.response.start", "status": 500, "headers": headers})
+            await send({"type": "http.response.body", "body": text})
+            return None
+        if self.legacy and isinstance(request, dict) and request.get("method") == "server/discover":
             answer = json.dumps(
                 {
                     "jsonrpc": "2.0",
@@ -215,7 +229,9 @@ def test_policy() -> str:
         + '\nmask(_user: User, "call", _tool: Tool, "note") if context.tool = "greet_privately";\n'
         # The lab's leaks, masked for everyone: what they send must never come out.
         + 'mask(_user: User, "call", _tool: Tool, "customers.*.email") if\n'
-        + '  context.tool in ["leak", "leak_raw", "leak_error"];\n'
+        + '  context.tool in ["leak", "leak_raw", "leak_error", "leak_http_error"];\n'
+        + 'mask(_user: User, "call", _tool: Tool, "result.*.email") if context.tool = "leak_list";\n'
+        + 'mask(_user: User, "call", _tool: Tool, "$..email") if context.tool = "leak_spelled";\n'
         + 'mask(_user: User, "read", _r: McpResource, "customers.*.email") if\n'
         + '  context.uri in ["lab://leaky", "lab://leaky-blob", "lab://leaky-raw"];\n'
         + 'mask(_user: User, "get", _p: Prompt, "customers.*.email") if\n'
@@ -421,8 +437,9 @@ def start(tmp_path, gateway: dict | None = None, replicas: int = 0):
         trace = tmp_path / "stdio-trace.jsonl"
         policy = tmp_path / "policy.polar"
         policy.write_text(test_policy())
-        lab_app = lab.server.streamable_http_app(
-            streamable_http_path="/mcp", event_store=MemoryEvents()
+        lab_app = LegacyOnly(
+            lab.server.streamable_http_app(streamable_http_path="/mcp", event_store=MemoryEvents()),
+            legacy=False,
         )
         old = fresh_module("lab_server_legacy", LAB)
         old.TRACE = str(lab_trace)

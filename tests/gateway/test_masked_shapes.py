@@ -12,6 +12,8 @@ import json
 import pytest
 from mcp import types
 
+from bastion.gateway.masks import WITHHELD
+
 from .lab_server import SECRET, SECRET_B64
 from .streams import ENVELOPE, legacy_session, messages, modern_headers
 
@@ -149,3 +151,37 @@ def test_an_upstream_error_under_a_mask_is_withheld(bastion, server, era):
     assert error["code"] == -32602
     assert error["message"].startswith("the upstream answered with an error")
     assert "data" not in error
+
+
+@pytest.mark.parametrize("era", ["legacy", "modern"])
+@pytest.mark.parametrize("server", SERVERS)
+def test_records_in_another_shape_than_the_path_says_are_withheld(bastion, server, era):
+    # The SDK answers a list with {"result": [...]} as structured output and one text block per
+    # item: the mask's path fits the first, not the blocks, which must not go out as they came.
+    text, frames = ask(bastion, server, era, "tools/call", {"name": "leak_list", "arguments": {}})
+    never_out(text)
+    result = frames[-1]["result"]
+    assert result["structuredContent"] == {"result": [{"name": "Ada", "email": "[masked]"}]}
+    assert result["content"] == [{"type": "text", "text": WITHHELD}]
+
+
+@pytest.mark.parametrize("era", ["legacy", "modern"])
+@pytest.mark.parametrize("server", SERVERS)
+def test_a_mask_path_bastion_cannot_read_withholds_the_result(bastion, server, era):
+    call = {"name": "leak_spelled", "arguments": {}}
+    text, frames = ask(bastion, server, era, "tools/call", call)
+    never_out(text)
+    result = frames[-1]["result"]
+    assert "structuredContent" not in result
+    assert result["content"] == [{"type": "text", "text": WITHHELD}]
+
+
+@pytest.mark.parametrize("era", ["legacy", "modern"])
+@pytest.mark.parametrize("server", ["labhttp", "labold"])
+def test_an_upstreams_http_error_under_a_mask_is_withheld(bastion, server, era):
+    # A web server failing in plain text (HTTP 500): its body is the upstream's free text too.
+    call = {"name": "leak_http_error", "arguments": {}}
+    text, frames = ask(bastion, server, era, "tools/call", call)
+    never_out(text)
+    error = frames[-1]["error"]
+    assert error["message"].startswith("the upstream answered with an error")

@@ -182,3 +182,60 @@ def test_notifications_during_a_masked_call_keep_no_free_text():
     }
     assert mask_notification("notifications/message", {"level": EMAIL, "data": 1}, PATHS) is None
     assert mask_notification("notifications/other", {"x": EMAIL}, PATHS) is None
+
+
+def sdk_list_result() -> dict:
+    """What the official SDK answers for a tool returning ``list[Customer]``: its structured
+    output wrapped in ``{"result": ...}``, its content one text block per item, unwrapped."""
+    customers = [{"name": "Ada", "email": EMAIL}, {"name": "Alan", "email": "alan@example.com"}]
+    return {
+        "content": [{"type": "text", "text": json.dumps(c, indent=2)} for c in customers],
+        "structuredContent": {"result": [dict(c) for c in customers]},
+    }
+
+
+def test_json_the_path_does_not_describe_is_withheld_not_passed_whole():
+    # The path fits structuredContent; the content blocks hold the same records in another
+    # shape, where it finds nothing: they must not go out as they came.
+    masked, count = mask_result(sdk_list_result(), compile_paths(("result.*.email",)))
+    assert "example.com" not in json.dumps(masked)
+    assert masked["structuredContent"] == {
+        "result": [{"name": "Ada", "email": MASKED}, {"name": "Alan", "email": MASKED}]
+    }
+    assert masked["content"] == [{"type": "text", "text": WITHHELD}] * 2
+    assert count == 4
+
+
+def test_a_path_that_meets_a_value_it_cannot_look_into_masks_that_value():
+    # "*.email" walks into {"result": [...]} and meets a list where it names a key; JSON in a
+    # string under the path: neither can be masked field by field, so each is masked whole.
+    masked, _ = mask_result(sdk_list_result(), compile_paths(("*.email",)))
+    assert "example.com" not in json.dumps(masked)
+    assert masked["structuredContent"] == {"result": MASKED}
+    nested = {"customers": json.dumps([{"email": EMAIL}]), "total": 1}
+    masked, _ = mask_result({"structuredContent": nested}, PATHS)
+    assert masked["structuredContent"] == {"customers": MASKED, "total": 1}
+    # Absent fields and empty lists hide nothing: left as they are.
+    empty = {"customers": [], "total": 0}
+    masked, count = mask_result({"structuredContent": empty}, PATHS)
+    assert masked["structuredContent"] == empty and count == 0
+    masked, _ = mask_result({"structuredContent": {"customers": [{"name": "Ada"}, None]}}, PATHS)
+    assert masked["structuredContent"] == {"customers": [{"name": "Ada"}, None]}
+
+
+@pytest.mark.parametrize(
+    "path",
+    ["$..email", "customers[*]['email']", "customers.[*].email", "customers[].email", "", "$"],
+)
+def test_a_path_that_cannot_be_read_withholds_every_json_value(path):
+    leaky = {**result(), "isError": False}
+    masked, count = mask_result(leaky, compile_paths((path, "customers.*.name")))
+    assert "example.com" not in json.dumps(masked)
+    assert "structuredContent" not in masked
+    assert masked["content"] == [{"type": "text", "text": WITHHELD}]
+    assert masked["isError"] is False and count == 2
+    log = {"level": "info", "data": {"customers": [{"email": EMAIL}]}}
+    assert mask_notification("notifications/message", log, compile_paths((path,))) == {
+        "level": "info",
+        "data": WITHHELD,
+    }

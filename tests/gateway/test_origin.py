@@ -87,3 +87,15 @@ def test_origins_are_compared_as_browsers_send_them():
     assert normalized_origin("http://u:p@example.com") is None
     assert normalized_origin("file://x") is None
     assert normalized_origin("http://example.com:99999") is None
+
+
+def test_a_preflight_gets_no_cors_and_a_foreign_one_is_refused(bastion):
+    # bastion does no CORS (docs/gateway.md, Origin): a proxy in front answers preflights.
+    url = bastion.mcp_url("deskhttp")
+    preflight = {"access-control-request-method": "POST"}
+    foreign = bastion.http.options(url, headers={**preflight, "origin": EVIL})
+    assert foreign.status_code == 403
+    own = bastion.http.options(url, headers={**preflight, "origin": bastion.url})
+    assert own.status_code == 401
+    for answer in (foreign, own):
+        assert not any(h.lower().startswith("access-control-") for h in answer.headers)

@@ -88,3 +88,28 @@ def test_a_policy_without_obligation_rules_has_none():
         and decision.obligations.masks == ()
         and decision.obligations.rate_limits == ()
     )
+
+
+def test_a_mask_whose_path_is_not_text_masks_everything_rather_than_nothing():
+    # A rule that fires with a number or a boolean for its path still asks for a mask: dropping it
+    # would send the result unmasked. It stands for a path that cannot be read (the whole
+    # value, see bastion.gateway.masks.compile_paths).
+    a = Authorizer(
+        'actor User {}\nresource Tool {}\nallow(_u: User, "call", _t: Tool);\n'
+        'mask(_u: User, "call", _t: Tool, path) if path = context.path;'
+    )
+    for path in (0, 1.5, True):
+        decision = decide_chain(a, (ann,), "call", search, {"path": path})
+        assert decision.allowed and decision.obligations.masks == ("",), path
+
+
+def test_a_rate_limit_that_cannot_be_counted_refuses_rather_than_lets_through():
+    # A limit whose numbers are not whole (5.0 calls, a 60.5 s window), not numbers, or a window
+    # of no time, is still a limit asked for: dropping it would admit every call.
+    for numbers in ("5, 60.5", "5.0, 60", '"5", 60', "5, 0", "true, 60"):
+        a = Authorizer(
+            'actor User {}\nresource Tool {}\nallow(_u: User, "call", _t: Tool);\n'
+            f'rate_limit(_u: User, "call", _t: Tool, {numbers});'
+        )
+        decision = decide_chain(a, (ann,), "call", search, {})
+        assert decision.obligations.rate_limits == (RateLimit(ann, 0, 1),), numbers
