@@ -1,11 +1,12 @@
 """ASGI middleware: every request body is capped, and must arrive in time, while it is read.
 
 One table says how many bytes each path may receive. A declared ``Content-Length`` over the limit
-is answered 413 before a byte of the body is read; a body without one (chunked) is counted as it
-arrives and answered 413 the moment it passes the limit. A body that is not complete within the
-deadline is answered 408. Each answer is in the form of the route family that was asked (problem
-details on ``/v1``, an OAuth error on the OAuth endpoints, a JSON-RPC error on the gateway), and
-closes the connection, so the rest of the body is never read.
+is answered 413 before a byte of the body is read; every body is counted as it arrives (chunked,
+or with a length this module reads otherwise than the HTTP parser) and answered 413 the moment
+it passes the limit. A body that is not complete within the deadline is answered 408. Each
+answer is in the form of the route family that was asked (problem details on ``/v1``, an OAuth
+error on the OAuth endpoints, a JSON-RPC error on the gateway), and closes the connection, so
+the rest of the body is never read.
 """
 
 from __future__ import annotations
@@ -78,22 +79,27 @@ class RequestBodyLimits:
             return
         path, root = scope["path"], scope.get("root_path", "")
         limit = self.limits.for_path(path[len(root) :] if root and path.startswith(root) else path)
-        declared, chunked = None, False
+        declared, lengths, chunked = None, 0, False
         for name, value in scope["headers"]:
-            if name == b"content-length" and value.isdigit():
-                # uvicorn refuses a Content-Length that is not a number; were one to pass, the
-                # body is still counted as it arrives.
-                declared = int(value)
+            # Either header frames a body, however its value is written: such a body is counted
+            # as it arrives, whatever this loop makes of the value.
+            if name == b"content-length":
+                lengths += 1
+                if value.strip(b" \t").isdigit():
+                    # As the HTTP parser reads it: whitespace around the number is allowed.
+                    declared = int(value)
             elif name == b"transfer-encoding":
                 chunked = True
         if declared is not None and declared > limit.max_bytes:
             await _answer(send, limit, 413, _too_large(limit))
             return
-        if not chunked and not declared:
+        if not lengths and not chunked:
             # No body to read: nothing to count, nothing to wait for.
             await self.app(scope, receive, send)
             return
         reading = _Reading(limit, receive, send)
+        # An empty body is read already: answering without reading it leaves nothing unread.
+        reading.complete = declared == 0 and lengths == 1 and not chunked
         self.deadlines.add(reading, self.body_timeout)
         try:
             await self.app(scope, reading.receive, reading.send)

@@ -189,6 +189,30 @@ def test_a_streamed_gigabyte_is_refused_while_it_is_read(quickstart, path):
     assert httpx.get(f"{quickstart.url}/healthz").status_code == 200
 
 
+# Content-Length values the HTTP parser reads as a number, written so that a check of its own
+# (bytes.isdigit) would not: the body is still sent, whatever the check made of the header.
+ODD_LENGTHS = {"a trailing space": "{} ", "a trailing tab": "{}\t"}
+
+
+@pytest.mark.parametrize("path", ["/token", "/v1/authorize"])
+@pytest.mark.parametrize("form", list(ODD_LENGTHS))
+def test_a_content_length_written_oddly_is_still_capped(quickstart, path, form):
+    size = 64 << 20
+    length = ODD_LENGTHS[form].format(size)
+    head = (
+        f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {ADMIN_KEY}\r\n"
+        f"Content-Type: {BODY_ROUTES[path]}\r\nContent-Length: {length}\r\n\r\n"
+    )
+    before = quickstart.rss_kib()
+    chunk = b" " * 65536
+    answer = raw_exchange(quickstart, head, (chunk for _ in range(size // len(chunk))))
+    assert status_of(answer) == 413, answer[:300]
+    headers, body = head_and_body(answer)
+    refusal_form(path, headers.split("content-type: ", 1)[1].split("\r\n")[0], body)
+    grown = quickstart.rss_kib() - before
+    assert grown < 8 * 1024, f"the server grew by {grown} KiB reading {path}"
+
+
 # -- slow clients ------------------------------------------------------------------------------
 
 
