@@ -27,6 +27,7 @@ from bastion.oauth.users import create_user
 from tests.gateway import support as gateway_support
 from tests.gateway.streams import modern_headers, modern_request
 from tests.gateway.support import PASSWORD, QUICKSTART, Running
+from tests.postgres_outage import CommitCut
 from tests.server.conftest import ADMIN_KEY, POLICY, ServerProcess, role
 from tests.server.test_replicas import eventually
 
@@ -347,6 +348,26 @@ def test_past_the_buffer_the_oldest_decision_records_are_dropped_counted_and_log
     ids = [r.id for _, r in buffered.after(0)]
     assert ids == ["d3", "d4", "d5", "d6", "d7"]
     db.close()
+
+
+def test_a_batch_whose_commit_was_lost_is_written_once_and_does_not_block_the_next(postgres_url):
+    relay = CommitCut(postgres_url)
+    db = Database(relay.url, role="bastion-records")
+    buffered = DecisionRecords(db)
+    buffered.add(_decision(time.time(), 1))
+    relay.arm()
+    # Committed, but the answer never came: the batch is kept, as it may not have been written.
+    with pytest.raises(DatabaseUnavailable, match="committing"):
+        buffered.flush()
+    assert relay.cut.is_set() and buffered.waiting == 1
+    buffered.add(_decision(time.time(), 2))
+    # Written again, it is not written twice; nor does it stop every later record being written.
+    assert eventually(lambda: _flushed(buffered), within=10)
+    with psycopg.connect(postgres_url, autocommit=True) as conn:
+        ids = [i for (i,) in conn.execute("SELECT id FROM audit_decisions ORDER BY seq")]
+    assert ids == ["d1", "d2"]
+    db.close()
+    relay.close()
 
 
 def _flushed(records: DecisionRecords) -> bool:
