@@ -89,12 +89,13 @@ class DecisionLog:
 
 
 def _current(request: Request) -> Replica:
-    """The replica, unless its facts are too old to decide on: then 503 (fail closed)."""
+    """The replica, unless its facts are too old to decide on, or the policy in force does not
+    load on it: then 503 (fail closed)."""
     replica: Replica = request.app.state.replica
     if replica.stale:
         raise Problem(
             503,
-            "Facts are stale",
+            "Facts are stale" if replica.policy_refused is None else "Policy not loaded",
             replica.stale_reason(),
             sequence=replica.applied,
             staleness_seconds=round(replica.staleness, 3),
