@@ -7,6 +7,7 @@ itself, without the process growing or stopping answering others.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import select
@@ -653,6 +654,50 @@ def test_deeply_nested_and_non_finite_json_rpc_is_refused_by_the_gateway(quickst
         assert r.status_code == 400, r.text
         error = r.json()["error"]
         assert error["code"] == -32700 and words in error["message"], error
+
+
+def test_a_token_whose_header_nests_deeply_is_refused_as_a_token(quickstart):
+    """A bearer token's JOSE header is JSON anyone can write: nested past the recursion limit,
+    it is an invalid token (401), not a failure of the server (500) logged with its traceback
+    at every request."""
+    header = base64.urlsafe_b64encode(deep(DEEP).encode()).decode().rstrip("=")
+    token = f"{header}.eyJzdWIiOiJ4In0.c2ln"
+    r = httpx.post(
+        f"{quickstart.url}/mcp/desk",
+        json={"jsonrpc": "2.0", "id": 1, "method": "ping"},
+        headers={
+            "authorization": f"Bearer {token}",
+            "accept": "application/json, text/event-stream",
+        },
+    )
+    assert r.status_code == 401, r.text
+    assert 'error="invalid_token"' in r.headers["www-authenticate"]
+    client = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bastion.cli",
+            "clients",
+            "create",
+            "--name",
+            "introspecting",
+            "--confidential",
+            "--introspection",
+            "--config",
+            str(quickstart.directory / "bastion.toml"),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=ROOT,
+    )
+    credentials = json.loads(client.stdout)
+    r = httpx.post(
+        f"{quickstart.url}/introspect",
+        data={"token": token},
+        auth=(credentials["client_id"], credentials["client_secret"]),
+    )
+    assert r.status_code == 200 and r.json() == {"active": False}, r.text
 
 
 # -- /v1/query and key scopes ------------------------------------------------------------------
