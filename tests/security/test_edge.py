@@ -214,6 +214,64 @@ def test_a_content_length_written_oddly_is_still_capped(quickstart, path, form):
     assert grown < 8 * 1024, f"the server grew by {grown} KiB reading {path}"
 
 
+def answers_on(s: socket.socket, count: int, wait: float = 30) -> list[bytes]:
+    """Up to ``count`` whole answers (heads with a Content-Length) read from ``s``, fewer if the
+    server closes it first."""
+    out, answers = b"", []
+    s.settimeout(wait)
+    while len(answers) < count:
+        head, sep, rest = out.partition(b"\r\n\r\n")
+        if sep:
+            length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+            if len(rest) >= length:
+                answers.append(head + sep + rest[:length])
+                out = rest[length:]
+                continue
+        try:
+            data = s.recv(65536)
+        except (ConnectionResetError, TimeoutError):
+            break
+        if not data:
+            break
+        out += data
+    return answers
+
+
+SMALL_BODY = b'{"actor": "User:sam", "action": "connect", "resource": "McpServer:desk"}'
+REFUSED_EARLY = {
+    # Answered on the key, before the body is read.
+    "/v1/authorize": "Authorization: Bearer not-a-key\r\nContent-Type: application/json\r\n",
+    # Answered on the token, before the body is read.
+    "/mcp/desk": "Content-Type: application/json\r\nAccept: application/json, text/event-stream\r\n",
+}
+
+
+@pytest.mark.parametrize("path", list(REFUSED_EARLY))
+def test_an_answer_before_a_small_body_is_read_keeps_the_connection_for_the_next_request(
+    quickstart, path
+):
+    """Closed at once, the connection would hold unread bytes (the body, or the next request):
+    the server's socket then resets, and a client may see the reset instead of the answer."""
+    head = (
+        f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n{REFUSED_EARLY[path]}"
+        f"Content-Length: {len(SMALL_BODY)}\r\n\r\n"
+    ).encode()
+    healthz = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", quickstart.port), timeout=30) as s:
+        # The next request right behind the body (pipelined): it waits, unread, meanwhile.
+        s.sendall(head + SMALL_BODY + healthz)
+        answers = answers_on(s, 2)
+        assert len(answers) == 2, f"the connection was closed after {answers}"
+        refused, healthy = answers
+        assert status_of(refused) == 401 and b"connection: close" not in refused.lower()
+        assert status_of(healthy) == 200
+        # The body late, after the head: the answer waits for it, and the connection stays.
+        s.sendall(head)
+        time.sleep(0.5)
+        s.sendall(SMALL_BODY + healthz)
+        assert [status_of(a) for a in answers_on(s, 2)] == [401, 200]
+
+
 # -- slow clients ------------------------------------------------------------------------------
 
 
