@@ -334,6 +334,11 @@ def test_a_request_head_larger_than_the_limit_is_refused(impatient):
     head = "GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n" + "X-Padding: " + "a" * (128 << 10)
     answer = raw_exchange(impatient, head)
     assert status_of(answer) == 431
+    # Complete, and so in one piece as the server reads it: refused all the same.
+    whole = "GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Padding: " + "a" * (96 << 10)
+    answer = raw_exchange(impatient, whole + "\r\n\r\n")
+    assert status_of(answer) == 431, answer[:200]
+    assert httpx.get(f"{impatient.url}/healthz").status_code == 200
 
 
 def test_a_trickled_body_is_refused_at_its_deadline(impatient):
