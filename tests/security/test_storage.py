@@ -12,6 +12,7 @@ import stat
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -43,16 +44,26 @@ def _decision(at: float, n: int) -> DecisionRecord:
     return DecisionRecord(f"d{n}", at, "desk", "tools/call", "Tool:desk/x", ("User:sam",), "allow")
 
 
-def served(tmp_path: Path, database: str, config: str = "", **env: str) -> ServerProcess:
-    """`bastion serve` on ``database`` with ``config`` as bastion.toml (``{url}`` is its URL)."""
+@pytest.fixture
+def served(tmp_path: Path) -> Iterator[Callable[..., ServerProcess]]:
+    """``served(database, config="", **env)``: `bastion serve` on ``database`` with ``config`` as
+    bastion.toml (``{url}`` is its URL); every server started is stopped after the test."""
+    started: list[ServerProcess] = []
     policy = tmp_path / "policy.polar"
-    if not policy.exists():
-        policy.write_text(POLICY)
-    server = ServerProcess(database, tmp_path, str(policy), env)
-    path = tmp_path / f"bastion-{server.port}.toml"
-    path.write_text(config.replace("{url}", server.url))
-    server.env["BASTION_CONFIG"] = str(path)
-    return server.start()
+
+    def start(database: str, config: str = "", **env: str) -> ServerProcess:
+        if not policy.exists():
+            policy.write_text(POLICY)
+        server = ServerProcess(database, tmp_path, str(policy), env)
+        path = tmp_path / f"bastion-{server.port}.toml"
+        path.write_text(config.replace("{url}", server.url))
+        server.env["BASTION_CONFIG"] = str(path)
+        started.append(server)
+        return server.start()
+
+    yield start
+    for server in started:
+        server.stop()
 
 
 OAUTH = """
@@ -69,10 +80,10 @@ scopes = ["customers:read", "customers:write"]
 # -- files ----------------------------------------------------------------------------------------
 
 
-def test_the_database_its_wal_and_shm_files_and_the_signing_keys_are_private(tmp_path):
+def test_the_database_its_wal_and_shm_files_and_the_signing_keys_are_private(tmp_path, served):
     database = tmp_path / "bastion.db"
     keys = tmp_path / "keys"
-    server = served(tmp_path, str(database), OAUTH % keys)
+    server = served(str(database), OAUTH % keys)
     with server.client() as http:
         fact = role("alice", "reader", "Repo", "anvil")
         assert http.post("/v1/facts", json={"facts": [fact]}).status_code == 200
@@ -116,10 +127,10 @@ def _left(database: str) -> tuple[list[str], list[str]]:
     return [e for (e,) in events], [d for (d,) in decisions]
 
 
-def test_the_server_deletes_the_audit_trail_older_than_the_retention_by_itself(tmp_path):
+def test_the_server_deletes_the_audit_trail_older_than_the_retention_by_itself(tmp_path, served):
     database = str(tmp_path / "bastion.db")
     _audit_trail(database, [400, 40, 5, 0])
-    served(tmp_path, database, "", BASTION_AUDIT_RETENTION_DAYS="30")
+    served(database, BASTION_AUDIT_RETENTION_DAYS="30")
     # No request asks for it: the server prunes on its own, off the request path.
     assert eventually(lambda: _left(database) == (["u2", "u3"], ["d2", "d3"]), within=20)
 
@@ -172,10 +183,10 @@ def test_retention_deletes_in_batches_on_sqlite_and_postgresql(database_url):
 
 
 def test_oauth_endpoints_answer_503_temporarily_unavailable_while_the_database_is_away(
-    outage, tmp_path
+    outage, tmp_path, served
 ):
     role = outage.role()
-    server = served(tmp_path, outage.url(role), OAUTH % (tmp_path / "keys"))
+    server = served(outage.url(role), OAUTH % (tmp_path / "keys"))
     client = {"client_name": "c", "redirect_uris": ["http://127.0.0.1:9/cb"]}
     with httpx.Client(base_url=server.url, timeout=30) as http:
         assert http.post("/register", json=client).status_code == 201
@@ -228,7 +239,7 @@ scopes = ["customers:read"]
 
 
 @pytest.fixture
-def gateway(outage, tmp_path):
+def gateway(outage, tmp_path, served):
     """A served bastion with the gateway in front of the quickstart's desk, on PostgreSQL as a
     role of the test's; sam's token for desk. Yields (server, token, role)."""
     role = outage.role()
@@ -236,7 +247,7 @@ def gateway(outage, tmp_path):
     policy = tmp_path / "policy.polar"
     policy.write_text(gateway_support.test_policy())
     config = GATEWAY % (tmp_path / "keys", sys.executable, QUICKSTART / "server.py")
-    server = served(tmp_path, url, config, BASTION_MAX_STALENESS_SECONDS="2")
+    server = served(url, config, BASTION_MAX_STALENESS_SECONDS="2")
     db = Database(url)
     create_user(OAuthStore(db), "sam", PASSWORD, time.time())
     FactStore(db).apply(gateway_support.facts())
