@@ -10,6 +10,9 @@ settings are never changed.
 
 from __future__ import annotations
 
+import contextlib
+import socket
+import threading
 import uuid
 from urllib.parse import quote
 
@@ -97,3 +100,63 @@ class Outage:
             conn.execute(f"DROP OWNED BY {roles}")
             for role in reversed(self.roles):
                 conn.execute(f"DROP ROLE {role}")
+
+
+class CommitCut:
+    """A TCP relay in front of PostgreSQL that, once `arm` is called, lets the next ``COMMIT``
+    through and then ends the connection without relaying the server's answer: the transaction
+    is committed, and the client sees its connection lost while committing (what a failover or a
+    dropped network path can do at that moment)."""
+
+    def __init__(self, url: str) -> None:
+        given = conninfo_to_dict(url)
+        self.server = (given.get("host", "127.0.0.1"), int(given.get("port", 5432)))
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self._listener.getsockname()[1]
+        self.url = url.replace(f"{self.server[0]}:{self.server[1]}", f"127.0.0.1:{self.port}", 1)
+        assert self.url != url, f"no {self.server[0]}:{self.server[1]} in {url}"
+        self._armed = threading.Event()
+        self.cut = threading.Event()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def arm(self) -> None:
+        self.cut.clear()
+        self._armed.set()
+
+    def close(self) -> None:
+        self._listener.close()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            server = socket.create_connection(self.server)
+            cutting = threading.Event()
+            threading.Thread(target=self._up, args=(client, server, cutting), daemon=True).start()
+            threading.Thread(target=self._down, args=(server, client, cutting), daemon=True).start()
+
+    def _up(self, client: socket.socket, server: socket.socket, cutting: threading.Event) -> None:
+        with contextlib.suppress(OSError):
+            while data := client.recv(65536):
+                if self._armed.is_set() and b"COMMIT" in data:
+                    self._armed.clear()
+                    cutting.set()  # before the server can answer it
+                server.sendall(data)
+        with contextlib.suppress(OSError):
+            server.shutdown(socket.SHUT_WR)
+
+    def _down(self, server: socket.socket, client: socket.socket, cutting: threading.Event) -> None:
+        with contextlib.suppress(OSError):
+            while data := server.recv(65536):
+                if cutting.is_set():
+                    # The server answered the COMMIT: it is applied. The client never hears so.
+                    self.cut.set()
+                    client.shutdown(socket.SHUT_RDWR)
+                    client.close()
+                    server.close()
+                    return
+                client.sendall(data)
+        with contextlib.suppress(OSError):
+            client.shutdown(socket.SHUT_WR)

@@ -97,7 +97,7 @@ class DecisionRecords:
     """Appends and reads decision records. `add` only buffers; `flush` writes.
 
     A flush that fails (the database is unavailable) puts its records back, in order, to be
-    written by the next one. At most ``max_buffer`` records wait; past that the oldest are
+    written by the next one; those its lost COMMIT did store are not stored again. At most ``max_buffer`` records wait; past that the oldest are
     dropped, and `dropped` counts them.
     """
 
@@ -183,9 +183,14 @@ class DecisionRecords:
                 self.db.execute("SELECT pg_advisory_xact_lock(hashtext('bastion:audit_decisions'))")
             head = self.db.execute("SELECT COALESCE(MAX(seq), 0) FROM audit_decisions")[0][0]
             rows = [(head + i, *row[1:]) for i, row in enumerate(rows, start=1)]
+            # A batch is written again after a failed flush, and the failure may have been the
+            # answer to a COMMIT that took effect: what is stored already is left as it is (a
+            # sequence number is then skipped), so no record is written twice and the rest of
+            # the batch, and every later one, is still written.
             self.db.executemany(
                 "INSERT INTO audit_decisions (seq, id, at, server, method, target, principals,"
-                " result, arguments_digest, record) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " result, arguments_digest, record) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                " ON CONFLICT (id) DO NOTHING",
                 rows,
             )
 

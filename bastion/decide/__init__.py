@@ -259,6 +259,13 @@ def _describe(spec: tuple) -> str:
     return "|".join(sorted(allowed)) or "nothing"
 
 
+class _Same:
+    """The context of the session (`Session.allowed`): None is a context of its own."""
+
+
+_SAME = _Same()
+
+
 class Session:
     """Questions asked under one lock (see `Authorizer.session`)."""
 
@@ -267,9 +274,16 @@ class Session:
     def __init__(self, authz: Authorizer, active: _Active, q: Query) -> None:
         self._authz, self._active, self._q = authz, active, q
 
-    def allowed(self, actor: Any, action: Any, resource: Any) -> bool:
-        """The same answer as `Authorizer.authorize`."""
-        return self._authz._allowed(self._active, self._q, actor, action, resource)
+    def allowed(
+        self, actor: Any, action: Any, resource: Any, context: dict | None | _Same = _SAME
+    ) -> bool:
+        """The same answer as `Authorizer.authorize`; with ``context``, in that context instead
+        of the session's. Every question of a session spends one evaluation budget."""
+        q = self._q
+        if context is not _SAME and context is not q.context:
+            q.context = context
+            q.tables = None  # what was worked out may depend on the context it was asked in
+        return self._authz._allowed(self._active, q, actor, action, resource)
 
     def explain(self, actor: Any, action: Any, resource: Any) -> Explanation:
         """`allowed` with the rules and facts that proved it, or the paths that failed (an
@@ -413,7 +427,8 @@ class Authorizer:
         """Ask several questions as one: one policy, one view of the facts, one lock.
 
         ``with authz.session(ctx) as s: s.allowed(...); s.values("mask", ...)``. The facts cannot
-        change between its questions, and it costs less than asking them one by one.
+        change between its questions, and it costs less than asking them one by one. Its
+        questions spend one evaluation budget together: a session is bounded as one question.
         """
         active = self._active
         q = self._begin(context)

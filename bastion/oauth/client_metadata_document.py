@@ -11,7 +11,6 @@ while, so a failing URL is not fetched again on every request that names it.
 from __future__ import annotations
 
 import ipaddress
-import json
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ from urllib.parse import urlsplit
 import anyio
 import httpx
 
+from bastion import untrusted_json
 from bastion.oauth.errors import OAuthError
 from bastion.oauth.redirect_uris import redirect_uri_problem
 from bastion.oauth.settings import ClientMetadataDocumentSettings
@@ -224,9 +224,10 @@ class ClientMetadataDocuments:
                 url, f"could not be fetched within {seconds} s (resolving, connecting and reading)"
             ) from exc
         try:
-            document = json.loads(body)
+            # Anyone's JSON: nesting is bounded (JsonRefused is a ValueError), never recursed on.
+            document = untrusted_json.loads(body)
         except (ValueError, UnicodeDecodeError) as exc:
-            raise ClientMetadataDocumentError(url, "is not JSON") from exc
+            raise ClientMetadataDocumentError(url, f"is not JSON ({exc})") from exc
         if not isinstance(document, dict):
             raise ClientMetadataDocumentError(url, "is not a JSON object")
         return document

@@ -12,7 +12,6 @@ gateway) without weakening the revocation rule.
 from __future__ import annotations
 
 import base64
-import json
 import logging
 import threading
 from collections.abc import Callable
@@ -22,6 +21,7 @@ from typing import Any
 from joserfc import jwt
 from joserfc.errors import JoseError
 
+from bastion import untrusted_json
 from bastion.audit import AuditLog
 from bastion.audit.refusals import RefusalLog
 from bastion.db import Database, Listener
@@ -54,7 +54,9 @@ def _header(token: str) -> dict[str, Any]:
         raise InvalidToken("not a compact JWS (three dot-separated parts)", "format")
     try:
         raw = base64.urlsafe_b64decode(parts[0] + "=" * (-len(parts[0]) % 4))
-        header = json.loads(raw)
+        # Read before any signature is checked: anyone's JSON, so nesting is bounded (JsonRefused
+        # is a ValueError), never a RecursionError.
+        header = untrusted_json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
         raise InvalidToken("the JOSE header is not base64url JSON", "format") from exc
     if not isinstance(header, dict):

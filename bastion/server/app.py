@@ -100,11 +100,20 @@ async def internal_error(request: Request, exc: Exception) -> Response:
         from bastion.gateway.jsonrpc import INTERNAL_ERROR, RpcError
 
         response = JSONResponse(RpcError(INTERNAL_ERROR, detail).body(None), status_code=500)
+    elif request.url.path in request.app.state.oauth_paths:
+        # OAuth clients read "error" (RFC 6749 §4.1.2.1 names this one server_error).
+        body = {"error": "server_error", "error_description": detail}
+        response = JSONResponse(body, status_code=500, headers={"Cache-Control": "no-store"})
     else:
         response = Problem(500, "Internal server error", detail).response()
     # uvicorn closes the connection after an exception: say so, so no client reuses it.
     response.headers["connection"] = "close"
     return response
+
+
+def oauth_paths(oauth) -> frozenset[str]:
+    """The paths of the authorization server's endpoints and pages (none without [oauth])."""
+    return frozenset(route.path for route in oauth.routes()) if oauth is not None else frozenset()
 
 
 def body_limits(config: ServerConfig, oauth, gateway) -> BodyLimits:
@@ -122,7 +131,7 @@ def body_limits(config: ServerConfig, oauth, gateway) -> BodyLimits:
 
         limits += [
             BodyLimit(config.max_oauth_body_bytes, "max_oauth_body_bytes", oauth_refusal, path=p)
-            for p in sorted({route.path for route in oauth.routes()})
+            for p in sorted(oauth_paths(oauth))
         ]
     if gateway is not None:
         from bastion.gateway.jsonrpc import INVALID_REQUEST, RpcError
@@ -267,5 +276,6 @@ def create_app(config: ServerConfig) -> Starlette:
     app.state.metrics = metrics
     app.state.decisions = DecisionLog(config.decision_log_size)
     app.state.oauth = oauth
+    app.state.oauth_paths = oauth_paths(oauth)
     app.state.gateway = gateway
     return app

@@ -4,8 +4,9 @@ uvicorn closes idle keep-alive connections, but a connection that opens and send
 trickles its request line and headers a byte at a time, stays open for as long as the client
 likes, and a head that never ends is buffered without limit. Here a head must be complete within
 ``header_timeout`` seconds of the connection opening (or of its first byte, for the next request
-on a kept-alive connection) and within ``max_header_bytes``: otherwise the connection is answered
-408 or 431 and closed.
+on a kept-alive connection) and within ``max_header_bytes`` (counted as it arrives, and once more
+when complete, for a head that arrived in one read): otherwise the connection is answered 408 or
+431 and closed.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ class BoundedHttpProtocol(HttpToolsProtocol):
         self._head_bytes = 0
         self._in_head = True
         self._head_deadline: asyncio.TimerHandle | None = None
+        # A head that arrived whole but too large: nothing more of this connection is served.
+        self._oversized = False
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -41,11 +44,13 @@ class BoundedHttpProtocol(HttpToolsProtocol):
     def data_received(self, data: bytes) -> None:
         in_head = self._in_head
         super().data_received(data)
-        if in_head and self._in_head and not self.transport.is_closing():
+        if self._oversized:
+            self._refuse(431, _TOO_LARGE)
+        elif in_head and self._in_head and not self.transport.is_closing():
             # All of ``data`` went into a head that is still not complete.
             self._head_bytes += len(data)
             if self._head_bytes > self.max_header_bytes:
-                self._refuse(431, "the request head is larger than max_header_bytes")
+                self._refuse(431, _TOO_LARGE)
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
@@ -57,7 +62,23 @@ class BoundedHttpProtocol(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         self._in_head = False
         self._disarm()
+        if self._oversized:
+            return
+        # A head that came whole within one read was never counted while incomplete: its size
+        # is its parts' (request target, names and values, each line's separators).
+        size = len(self.url) + sum(len(name) + len(value) + 4 for name, value in self.headers)
+        if size > self.max_header_bytes:
+            self._oversized = True  # answered by data_received, once the parser returns
+            return
         super().on_headers_complete()
+
+    def on_body(self, body: bytes) -> None:
+        if not self._oversized:
+            super().on_body(body)
+
+    def on_message_complete(self) -> None:
+        if not self._oversized:
+            super().on_message_complete()
 
     def _arm(self) -> None:
         self._head_deadline = self.loop.call_later(self.header_timeout, self._head_too_slow)
@@ -88,6 +109,7 @@ class BoundedHttpProtocol(HttpToolsProtocol):
 
 
 _PHRASES = {408: b"Request Timeout", 431: b"Request Header Fields Too Large"}
+_TOO_LARGE = "the request head is larger than max_header_bytes"
 
 
 def bounded_http_protocol(header_timeout: float, max_header_bytes: int) -> Callable[..., Any]:

@@ -10,6 +10,8 @@ in force between two decisions.
 A replica knows when it last confirmed it was current: a read of the log that reached its end.
 While it cannot read the log (the database is down, the connection hangs) that moment recedes;
 past ``max_staleness`` seconds the replica is `stale` and its facts are not used for decisions.
+It is `stale` at once, too, while the policy in force does not load here (stored by a replica
+with larger policy limits, or a different engine): it does not decide under the previous one.
 """
 
 from __future__ import annotations
@@ -90,6 +92,8 @@ class Replica:
         self.confirmed_at = 0.0
         # Why the last read of the change log failed (None while it is being followed).
         self.follow_error: str | None = None
+        # Why the policy in force does not load here (None while the one in force is loaded).
+        self.policy_refused: str | None = None
         self.authz: Authorizer = Authorizer("", limits=limits)
         self.applied = 0
         self.head_seen = 0
@@ -157,11 +161,17 @@ class Replica:
 
     @property
     def stale(self) -> bool:
-        """Too long without confirming it is current: its facts must not decide anything."""
-        return time.monotonic() - self.confirmed_at > self.max_staleness
+        """Too long without confirming it is current, or without the policy in force: what it
+        holds must not decide anything."""
+        return (
+            self.policy_refused is not None
+            or time.monotonic() - self.confirmed_at > self.max_staleness
+        )
 
     def stale_reason(self) -> str:
         """Why this replica is stale, for the person reading a 503."""
+        if self.policy_refused is not None:
+            return self.policy_refused
         why = f": {self.follow_error}" if self.follow_error else ""
         return (
             f"this replica has not confirmed it is current with the database for"
@@ -173,6 +183,8 @@ class Replica:
         """Why this replica should get no traffic now, or None if it is ready."""
         if not self.ready:
             return "loading: the facts and the policy are not loaded yet"
+        if self.policy_refused is not None:
+            return "policy_unloadable: " + self.policy_refused
         if self.stale:
             return "facts_stale: " + self.stale_reason()
         if self.follow_error is not None:
@@ -270,9 +282,17 @@ class Replica:
                         partial(self.authz.load_policy, policy.text, source=policy.source)
                     )
                     self.policy_version = policy.version
+                    self.policy_refused = None
                 except PolicyError as e:
-                    # Validated before it was stored, so only a newer engine could refuse it.
-                    log.error("policy version %s refused, keeping the old: %s", policy.version, e)
+                    # Validated where it was stored, so by other limits or another engine. The
+                    # old policy is no longer in force: nothing is decided until one loads.
+                    self.policy_refused = (
+                        f"policy version {policy.version}, in force, does not load on this"
+                        f" replica ({first_line(e)}); it decides nothing until a policy that"
+                        " loads here is put in force: compare the policy_* settings of the"
+                        " replicas"
+                    )
+                    log.error("%s", self.policy_refused)
                 if self.unusable:
                     self.unusable = load_facts(self.authz, self.unusable)
         self.applied = change.seq

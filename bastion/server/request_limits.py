@@ -1,11 +1,12 @@
 """ASGI middleware: every request body is capped, and must arrive in time, while it is read.
 
 One table says how many bytes each path may receive. A declared ``Content-Length`` over the limit
-is answered 413 before a byte of the body is read; a body without one (chunked) is counted as it
-arrives and answered 413 the moment it passes the limit. A body that is not complete within the
-deadline is answered 408. Each answer is in the form of the route family that was asked (problem
-details on ``/v1``, an OAuth error on the OAuth endpoints, a JSON-RPC error on the gateway), and
-closes the connection, so the rest of the body is never read.
+is answered 413 before a byte of the body is read; every body is counted as it arrives (chunked,
+or with a length this module reads otherwise than the HTTP parser) and answered 413 the moment
+it passes the limit. A body that is not complete within the deadline is answered 408. Each
+answer is in the form of the route family that was asked (problem details on ``/v1``, an OAuth
+error on the OAuth endpoints, a JSON-RPC error on the gateway), and closes the connection, so
+the rest of the body is never read.
 """
 
 from __future__ import annotations
@@ -18,6 +19,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 # (status, sentence) -> (content type, body): the answer in a route family's own form.
 Refusal = Callable[[int, str], tuple[str, bytes]]
+# The most of a body, not read by the application before it answered, that is read and dropped so
+# that the connection can stay open; more, and the connection is closed instead.
+DRAIN_BYTES = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -78,22 +82,32 @@ class RequestBodyLimits:
             return
         path, root = scope["path"], scope.get("root_path", "")
         limit = self.limits.for_path(path[len(root) :] if root and path.startswith(root) else path)
-        declared, chunked = None, False
+        declared, lengths, chunked, expecting = None, 0, False, False
         for name, value in scope["headers"]:
-            if name == b"content-length" and value.isdigit():
-                # uvicorn refuses a Content-Length that is not a number; were one to pass, the
-                # body is still counted as it arrives.
-                declared = int(value)
+            # Either header frames a body, however its value is written: such a body is counted
+            # as it arrives, whatever this loop makes of the value.
+            if name == b"content-length":
+                lengths += 1
+                if value.strip(b" \t").isdigit():
+                    # As the HTTP parser reads it: whitespace around the number is allowed.
+                    declared = int(value)
             elif name == b"transfer-encoding":
                 chunked = True
+            elif name == b"expect":
+                expecting = True
         if declared is not None and declared > limit.max_bytes:
             await _answer(send, limit, 413, _too_large(limit))
             return
-        if not chunked and not declared:
+        if not lengths and not chunked:
             # No body to read: nothing to count, nothing to wait for.
             await self.app(scope, receive, send)
             return
         reading = _Reading(limit, receive, send)
+        # An empty body is read already: answering without reading it leaves nothing unread.
+        reading.complete = declared == 0 and lengths == 1 and not chunked
+        if lengths == 1 and not chunked and not expecting and declared is not None:
+            # A client that waits for "100 Continue" sends nothing more once answered.
+            reading.drainable = declared <= DRAIN_BYTES
         self.deadlines.add(reading, self.body_timeout)
         try:
             await self.app(scope, reading.receive, reading.send)
@@ -112,7 +126,7 @@ class _Reading:
     refused (too large, or past its deadline)."""
 
     __slots__ = ("limit", "_receive", "_send", "deadline", "size", "complete", "started")
-    __slots__ += ("refused", "expired", "waiting")
+    __slots__ += ("refused", "expired", "waiting", "drainable")
 
     def __init__(self, limit: BodyLimit, receive: Receive, send: Send) -> None:
         self.limit = limit
@@ -125,6 +139,9 @@ class _Reading:
         self.refused: BodyRefused | None = None
         self.expired = False
         self.waiting: asyncio.Task | None = None
+        # Whether the rest of the body may be read and dropped if the application answers
+        # without it (a small body of declared length).
+        self.drainable = False
 
     async def receive(self) -> Message:
         if self.complete:
@@ -174,11 +191,28 @@ class _Reading:
             return  # the refusal is the answer, not what the application made of it
         if message["type"] == "http.response.start":
             self.started = True
-            if not self.complete:
-                # Answered before the body was read (a 401, say): close the connection rather
-                # than read the rest of a body nobody will use.
+            if not self.complete and not await self._drained():
+                # Answered before a large body was read (a 401, say): close the connection
+                # rather than read the rest of a body nobody will use.
                 message = {**message, "headers": [*message.get("headers", ()), _CLOSE]}
         await self._send(message)
+
+    async def _drained(self) -> bool:
+        """Read and drop the rest of a small body the application answered without reading,
+        within its deadline; whether it all came. Then the connection stays open: closed with
+        bytes unread (the body, or a request behind it), a socket is reset rather than closed,
+        and the client may get the reset instead of the answer."""
+        if not self.drainable:
+            return False
+        try:
+            while not self.complete:
+                if (await self.receive())["type"] == "http.disconnect":
+                    return False
+        except BodyRefused:
+            # Past the deadline: the application's answer stands, on a connection then closed.
+            self.refused = None
+            return False
+        return True
 
 
 class _Deadlines:

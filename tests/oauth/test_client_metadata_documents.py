@@ -135,6 +135,8 @@ def test_redirects_are_not_followed(host):
 def test_non_json_and_missing_documents_are_refused(host):
     refused(host, host.raw("/text.json", 200, b"hello"), "not JSON")
     refused(host, host.url("/missing.json"), "HTTP 404")
+    # Within max_bytes, nested past Python's recursion limit: refused, not a RecursionError.
+    refused(host, host.raw("/deep.json", 200, b"[" * 2500 + b"]" * 2500), "not JSON")
 
 
 def test_urls_that_cannot_be_client_ids_are_refused(host):

@@ -12,6 +12,7 @@ import stat
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -27,6 +28,7 @@ from bastion.oauth.users import create_user
 from tests.gateway import support as gateway_support
 from tests.gateway.streams import modern_headers, modern_request
 from tests.gateway.support import PASSWORD, QUICKSTART, Running
+from tests.postgres_outage import CommitCut
 from tests.server.conftest import ADMIN_KEY, POLICY, ServerProcess, role
 from tests.server.test_replicas import eventually
 
@@ -42,16 +44,26 @@ def _decision(at: float, n: int) -> DecisionRecord:
     return DecisionRecord(f"d{n}", at, "desk", "tools/call", "Tool:desk/x", ("User:sam",), "allow")
 
 
-def served(tmp_path: Path, database: str, config: str = "", **env: str) -> ServerProcess:
-    """`bastion serve` on ``database`` with ``config`` as bastion.toml (``{url}`` is its URL)."""
+@pytest.fixture
+def served(tmp_path: Path) -> Iterator[Callable[..., ServerProcess]]:
+    """``served(database, config="", **env)``: `bastion serve` on ``database`` with ``config`` as
+    bastion.toml (``{url}`` is its URL); every server started is stopped after the test."""
+    started: list[ServerProcess] = []
     policy = tmp_path / "policy.polar"
-    if not policy.exists():
-        policy.write_text(POLICY)
-    server = ServerProcess(database, tmp_path, str(policy), env)
-    path = tmp_path / f"bastion-{server.port}.toml"
-    path.write_text(config.replace("{url}", server.url))
-    server.env["BASTION_CONFIG"] = str(path)
-    return server.start()
+
+    def start(database: str, config: str = "", **env: str) -> ServerProcess:
+        if not policy.exists():
+            policy.write_text(POLICY)
+        server = ServerProcess(database, tmp_path, str(policy), env)
+        path = tmp_path / f"bastion-{server.port}.toml"
+        path.write_text(config.replace("{url}", server.url))
+        server.env["BASTION_CONFIG"] = str(path)
+        started.append(server)
+        return server.start()
+
+    yield start
+    for server in started:
+        server.stop()
 
 
 OAUTH = """
@@ -68,10 +80,10 @@ scopes = ["customers:read", "customers:write"]
 # -- files ----------------------------------------------------------------------------------------
 
 
-def test_the_database_its_wal_and_shm_files_and_the_signing_keys_are_private(tmp_path):
+def test_the_database_its_wal_and_shm_files_and_the_signing_keys_are_private(tmp_path, served):
     database = tmp_path / "bastion.db"
     keys = tmp_path / "keys"
-    server = served(tmp_path, str(database), OAUTH % keys)
+    server = served(str(database), OAUTH % keys)
     with server.client() as http:
         fact = role("alice", "reader", "Repo", "anvil")
         assert http.post("/v1/facts", json={"facts": [fact]}).status_code == 200
@@ -115,10 +127,10 @@ def _left(database: str) -> tuple[list[str], list[str]]:
     return [e for (e,) in events], [d for (d,) in decisions]
 
 
-def test_the_server_deletes_the_audit_trail_older_than_the_retention_by_itself(tmp_path):
+def test_the_server_deletes_the_audit_trail_older_than_the_retention_by_itself(tmp_path, served):
     database = str(tmp_path / "bastion.db")
     _audit_trail(database, [400, 40, 5, 0])
-    served(tmp_path, database, "", BASTION_AUDIT_RETENTION_DAYS="30")
+    served(database, BASTION_AUDIT_RETENTION_DAYS="30")
     # No request asks for it: the server prunes on its own, off the request path.
     assert eventually(lambda: _left(database) == (["u2", "u3"], ["d2", "d3"]), within=20)
 
@@ -171,10 +183,10 @@ def test_retention_deletes_in_batches_on_sqlite_and_postgresql(database_url):
 
 
 def test_oauth_endpoints_answer_503_temporarily_unavailable_while_the_database_is_away(
-    outage, tmp_path
+    outage, tmp_path, served
 ):
     role = outage.role()
-    server = served(tmp_path, outage.url(role), OAUTH % (tmp_path / "keys"))
+    server = served(outage.url(role), OAUTH % (tmp_path / "keys"))
     client = {"client_name": "c", "redirect_uris": ["http://127.0.0.1:9/cb"]}
     with httpx.Client(base_url=server.url, timeout=30) as http:
         assert http.post("/register", json=client).status_code == 201
@@ -227,7 +239,7 @@ scopes = ["customers:read"]
 
 
 @pytest.fixture
-def gateway(outage, tmp_path):
+def gateway(outage, tmp_path, served):
     """A served bastion with the gateway in front of the quickstart's desk, on PostgreSQL as a
     role of the test's; sam's token for desk. Yields (server, token, role)."""
     role = outage.role()
@@ -235,7 +247,7 @@ def gateway(outage, tmp_path):
     policy = tmp_path / "policy.polar"
     policy.write_text(gateway_support.test_policy())
     config = GATEWAY % (tmp_path / "keys", sys.executable, QUICKSTART / "server.py")
-    server = served(tmp_path, url, config, BASTION_MAX_STALENESS_SECONDS="2")
+    server = served(url, config, BASTION_MAX_STALENESS_SECONDS="2")
     db = Database(url)
     create_user(OAuthStore(db), "sam", PASSWORD, time.time())
     FactStore(db).apply(gateway_support.facts())
@@ -347,6 +359,26 @@ def test_past_the_buffer_the_oldest_decision_records_are_dropped_counted_and_log
     ids = [r.id for _, r in buffered.after(0)]
     assert ids == ["d3", "d4", "d5", "d6", "d7"]
     db.close()
+
+
+def test_a_batch_whose_commit_was_lost_is_written_once_and_does_not_block_the_next(postgres_url):
+    relay = CommitCut(postgres_url)
+    db = Database(relay.url, role="bastion-records")
+    buffered = DecisionRecords(db)
+    buffered.add(_decision(time.time(), 1))
+    relay.arm()
+    # Committed, but the answer never came: the batch is kept, as it may not have been written.
+    with pytest.raises(DatabaseUnavailable, match="committing"):
+        buffered.flush()
+    assert relay.cut.is_set() and buffered.waiting == 1
+    buffered.add(_decision(time.time(), 2))
+    # Written again, it is not written twice; nor does it stop every later record being written.
+    assert eventually(lambda: _flushed(buffered), within=10)
+    with psycopg.connect(postgres_url, autocommit=True) as conn:
+        ids = [i for (i,) in conn.execute("SELECT id FROM audit_decisions ORDER BY seq")]
+    assert ids == ["d1", "d2"]
+    db.close()
+    relay.close()
 
 
 def _flushed(records: DecisionRecords) -> bool:

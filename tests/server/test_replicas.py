@@ -178,6 +178,33 @@ def test_a_policy_pushed_through_one_replica_reaches_the_other(kind, request, se
         assert cb.get("/readyz").json()["policy_version"] == 2
 
 
+def test_a_replica_that_cannot_load_the_policy_in_force_stops_deciding_until_one_loads(
+    sqlite_url, serve
+):
+    # b allows smaller policies than a (a different setting, or an older engine): a policy a
+    # accepts and stores may not load on b.
+    a, b = serve(sqlite_url), serve(sqlite_url, BASTION_POLICY_MAX_BYTES="4096")
+    with a.client() as ca, b.client() as cb:
+        ca.post("/v1/facts", json={"facts": [role("alice", "reader", "Repo", "anvil")]})
+        assert eventually(lambda: decide(cb))
+        old = ca.get("/v1/policy").json()["text"]
+        # The new policy takes alice's read away; it is larger than b may load.
+        revoked = old.replace('"read" if "reader";', "") + "\n# " + "x" * 8192 + "\n"
+        seq = ca.put("/v1/policy", json={"text": revoked}).json()["sequence"]
+        assert not decide(ca, {**READ_ANVIL, "at_least": seq})
+        # b must not go on deciding under the policy that is no longer in force.
+        r = cb.post("/v1/authorize", json={**READ_ANVIL, "at_least": seq})
+        assert r.status_code == 503, r.text
+        assert r.json()["title"] == "Policy not loaded"
+        assert "policy_max_bytes" in r.json()["detail"]
+        ready = cb.get("/readyz")
+        assert ready.status_code == 503 and "policy" in ready.json()["reason"]
+        # A policy b can load puts it back to work.
+        ca.put("/v1/policy", json={"text": old.replace('"read" if "reader";', "")})
+        assert eventually(lambda: cb.get("/readyz").status_code == 200, within=5)
+        assert not decide(cb)
+
+
 # -- the database goes away ---------------------------------------------------------------------
 
 # The staleness bound the servers below run with (max_staleness_seconds).

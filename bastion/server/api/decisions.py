@@ -89,12 +89,13 @@ class DecisionLog:
 
 
 def _current(request: Request) -> Replica:
-    """The replica, unless its facts are too old to decide on: then 503 (fail closed)."""
+    """The replica, unless its facts are too old to decide on, or the policy in force does not
+    load on it: then 503 (fail closed)."""
     replica: Replica = request.app.state.replica
     if replica.stale:
         raise Problem(
             503,
-            "Facts are stale",
+            "Facts are stale" if replica.policy_refused is None else "Policy not loaded",
             replica.stale_reason(),
             sequence=replica.applied,
             staleness_seconds=round(replica.staleness, 3),
@@ -253,18 +254,27 @@ async def authorize_batch(request: Request) -> JSONResponse:
         except Problem as p:
             raise Problem(p.status, p.title, f"checks[{i}]: {p.detail}") from None
     results = []
-    for actor, action, resource, context in parsed:
-        started = time.perf_counter()
-        refusal = None
-        try:
-            allowed = authz.authorize(actor, action, resource, context)
-        except EvaluationLimit as over:
-            allowed, refusal = False, _refusal(over)
-        _observe(request, "authorize", started, "allow" if allowed else "deny")
-        req = {"actor": _entity_json(actor), "action": action, "resource": _entity_json(resource)}
-        _keep_context(request, req, context)
-        decision_id = _record(request, "authorize", req, allowed, refusal=refusal)
-        results.append({"allowed": allowed, "decision_id": decision_id, **(refusal or {})})
+    # One session: one view of the facts, and one evaluation budget for the whole batch, as for
+    # one decision. Each check with a budget of its own let one request of a thousand checks
+    # hold the event loop for a thousand budgets (minutes); once it is spent, every check left
+    # is refused with evaluation_limit at once.
+    with authz.session(shared_context) as session:
+        for actor, action, resource, context in parsed:
+            started = time.perf_counter()
+            refusal = None
+            try:
+                allowed = session.allowed(actor, action, resource, context)
+            except EvaluationLimit as over:
+                allowed, refusal = False, _refusal(over)
+            _observe(request, "authorize", started, "allow" if allowed else "deny")
+            req = {
+                "actor": _entity_json(actor),
+                "action": action,
+                "resource": _entity_json(resource),
+            }
+            _keep_context(request, req, context)
+            decision_id = _record(request, "authorize", req, allowed, refusal=refusal)
+            results.append({"allowed": allowed, "decision_id": decision_id, **(refusal or {})})
     return JSONResponse({"results": results, "sequence": replica.applied})
 
 
