@@ -135,10 +135,19 @@ class Enforcer:
     def visible(
         self, caller: Caller, resources: list[Entity], context: dict[str, Any]
     ) -> list[bool]:
-        """For a list page: may every principal ``list`` each resource?"""
-        authz = self.authorizer()
+        """For a list page: may every principal ``list`` each resource? The page spends one
+        evaluation budget, as one decision does (not one per item: a page of a thousand would
+        hold the event loop for a thousand budgets); what is left once it is spent is not shown
+        (fail closed)."""
         principals = caller.principals
-        return [all(_allowed(authz, p, "list", r, context) for p in principals) for r in resources]
+        shown: list[bool] = []
+        try:
+            with self.authorizer().session(context) as s:
+                for r in resources:
+                    shown.append(all(s.allowed(p, "list", r) for p in principals))
+        except EvaluationLimit:
+            shown += [False] * (len(resources) - len(shown))
+        return shown
 
     async def decide(
         self,
@@ -368,15 +377,6 @@ class Explained:
                 variants.append((tuple(explanation.reads.items()), rules))
             self._state = (generation, known)
         return rules
-
-
-def _allowed(
-    authz: Authorizer, actor: Entity, action: str, resource: Entity, context: dict
-) -> bool:
-    try:
-        return authz.authorize(actor, action, resource, context)
-    except EvaluationLimit:
-        return False  # fail closed: what could not be decided is not shown
 
 
 def _same(value: Any, seen: Any) -> bool:

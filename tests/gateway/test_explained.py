@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 from bastion.decide import Authorizer
 from bastion.decide.contract import decide_chain
 from bastion.facts.model import Entity
-from bastion.gateway.enforce import Explained
+from bastion.gateway.enforce import Caller, Enforcer, Explained
 
 POLICY = """
 actor User {}
@@ -128,3 +128,31 @@ def test_another_authorizer_never_gets_rules_remembered_for_the_first() -> None:
             other.facts.insert(("has_role", Entity("User", f"u{i}"), "admin", SEARCH))
         assert generation(other, ctx) != remembered
         assert explained.get(generation(other, ctx), QUESTION, ctx) is None
+
+
+
+# Each listed tool's check looks for a pair of the groups the context names that contradict
+# each other, in about 0.6 of the default evaluation budget (1,000,000 steps) for 800 groups,
+# finds none, and so allows it.
+PAIRS = """
+actor User {}
+actor Agent {}
+resource Tool { permissions = ["list"]; }
+clash() if g in context.groups and h in context.groups and g > h and h > g;
+allow(_actor, "list", _tool: Tool) if not clash();
+"""
+
+
+def test_a_list_page_spends_one_evaluation_budget_not_one_per_item():
+    """A page of a thousand tools, each checked with a budget of its own, would hold the event
+    loop for a thousand budgets: the page is bounded as one decision is, and what is left once
+    its budget is spent is not shown (fail closed)."""
+    enforcer = Enforcer(lambda: Authorizer(PAIRS), None)
+    caller = Caller("sam", "agent", frozenset(), "127.0.0.1", "2026-07-28")
+    tools = [Entity("Tool", f"lab/t{i}") for i in range(5)]
+    groups = {"groups": [f"g{i}" for i in range(800)]}
+    # One tool alone is shown (its check fits in a budget); the page spends the budget on the
+    # first tool (once for the user, once more for the agent: past it), and hides the rest.
+    assert enforcer.visible(caller, tools[:1], {"groups": groups["groups"][:400]}) == [True]
+    assert enforcer.visible(caller, tools, groups) == [False] * 5
+    assert enforcer.visible(caller, tools, {"groups": []}) == [True] * 5
