@@ -151,7 +151,7 @@ def _text(text: Any, paths: Paths, uri: str | None = None) -> tuple[str, int]:
         return WITHHELD, 1
     try:
         data = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):  # not JSON, or nested past Python's stack
         return WITHHELD, 1
     if not isinstance(data, dict | list):
         return WITHHELD, 1

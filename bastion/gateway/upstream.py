@@ -336,7 +336,7 @@ class StdioUpstream(Upstream):
             while line := await process.stdout.readline():
                 try:
                     message = json.loads(line)
-                except ValueError:
+                except (ValueError, RecursionError):  # not JSON, or nested past Python's stack
                     log.warning("upstream %s wrote a line that is not JSON", self.name)
                     continue
                 if not isinstance(message, dict):
@@ -575,7 +575,7 @@ class HttpUpstream(Upstream):
             if not isinstance(data, dict):
                 raise RpcError(UPSTREAM_UNAVAILABLE, f"upstream {self.name} sent a non-object")
             return data
-        except (HttpClientError, ValueError) as e:
+        except (HttpClientError, ValueError, RecursionError) as e:
             raise RpcError(UPSTREAM_UNAVAILABLE, f"upstream {self.name}: {e}") from None
         except asyncio.CancelledError:
             # In 2026-07-28 closing the stream is how a request is cancelled; in 2025-11-25 the
@@ -835,7 +835,7 @@ async def _events(response: Response, stream: EventStream | None = None):
             continue
         try:
             message = json.loads(text)
-        except ValueError:
+        except (ValueError, RecursionError):  # not JSON, or nested past Python's stack
             log.warning("an upstream sent an event that is not JSON")
             continue
         if isinstance(message, dict):

@@ -119,7 +119,13 @@ def test_events_skip_what_is_not_json_and_refuse_an_event_over_the_limit(monkeyp
 
     async def main():
         # A priming event (an id, empty data) first, as SDK servers send: skipped silently.
-        stream = b'id: 1\nretry: 500\ndata: \n\ndata: {not json\n\ndata: [1]\n\ndata: {"id": 1}\n\n'
+        # An event nested past Python's stack is not JSON to bastion either: skipped, logged.
+        deep = b"data: " + b"[" * 100_000 + b"]" * 100_000 + b"\n\n"
+        stream = (
+            b'id: 1\nretry: 500\ndata: \n\ndata: {not json\n\ndata: [1]\n\n'
+            + deep
+            + b'data: {"id": 1}\n\n'
+        )
         big = b"data: " + b"z" * 30 + b"\ndata: " + b"z" * 30 + b"\n\n"
         answers = [
             b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncontent-length: %d\r\n\r\n"
@@ -144,6 +150,6 @@ def test_events_skip_what_is_not_json_and_refuse_an_event_over_the_limit(monkeyp
 
     with caplog.at_level(logging.INFO, logger="bastion.gateway"):
         asyncio.run(main())
-    # The broken event is logged, once; the priming event is not.
+    # The broken events are logged, once each; the priming event is not.
     warned = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
-    assert warned == ["an upstream sent an event that is not JSON"]
+    assert warned == ["an upstream sent an event that is not JSON"] * 2

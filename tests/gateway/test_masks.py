@@ -60,6 +60,12 @@ def test_text_that_is_not_json_is_withheld_whole_when_a_mask_applies():
     assert masked["content"][0] == {"type": "text", "text": WITHHELD}
 
 
+def test_text_nested_past_pythons_stack_is_withheld_whole():
+    deep = "[" * 100_000 + "]" * 100_000
+    masked, count = mask_result({"content": [{"type": "text", "text": deep}]}, PATHS)
+    assert (masked["content"][0]["text"], count) == (WITHHELD, 1)
+
+
 def leaky_blocks() -> list:
     """One content block of every kind MCP defines (and one it does not), each carrying the
     address where a mask cannot reach it."""
