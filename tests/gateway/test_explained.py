@@ -130,7 +130,6 @@ def test_another_authorizer_never_gets_rules_remembered_for_the_first() -> None:
         assert explained.get(generation(other, ctx), QUESTION, ctx) is None
 
 
-
 # Each listed tool's check looks for a pair of the groups the context names that contradict
 # each other, in about 0.6 of the default evaluation budget (1,000,000 steps) for 800 groups,
 # finds none, and so allows it.

@@ -122,7 +122,7 @@ def test_events_skip_what_is_not_json_and_refuse_an_event_over_the_limit(monkeyp
         # An event nested past Python's stack is not JSON to bastion either: skipped, logged.
         deep = b"data: " + b"[" * 100_000 + b"]" * 100_000 + b"\n\n"
         stream = (
-            b'id: 1\nretry: 500\ndata: \n\ndata: {not json\n\ndata: [1]\n\n'
+            b"id: 1\nretry: 500\ndata: \n\ndata: {not json\n\ndata: [1]\n\n"
             + deep
             + b'data: {"id": 1}\n\n'
         )
