@@ -712,7 +712,7 @@ class CompiledPolicy:
         elif lit.op == "!=":
             out.emit(depth, f"if {left} != {right}:")
         elif lit.op == "in":
-            out.emit(depth, f"if _contains({right}, {left}):")
+            out.emit(depth, f"if _contains(q, {right}, {left}):")
         else:
             out.emit(depth, f"if _compare({lit.op!r}, {left}, {right}):")
         return depth + 1

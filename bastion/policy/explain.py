@@ -338,7 +338,7 @@ class _Interpreter:
         elif lit.op == "!=":
             ok = left != right
         elif lit.op == "in":
-            ok = contains(right, left)
+            ok = contains(self.q, right, left)
         else:
             ok = compare(lit.op, left, right)
         if ok:

@@ -8,7 +8,10 @@ The budget is spent where work can pile up, never per line of a rule: a step per
 iterates over (counted once, when the facts, entities, list items or recursive answers are
 fetched), per call of a recursive rule, and per call of a rule that itself makes many calls.
 Non-recursive rules that look facts up one key at a time spend nothing, so ``authorize`` pays
-nothing for it on the usual policies.
+nothing for it on the usual policies. Work that grows with the size of a value is paid by size:
+a list searched by ``in``, built, or iterated over spends a step per value it holds (nested
+lists and objects counted in full), so a long list in the request cannot multiply the work of
+each step.
 """
 
 from __future__ import annotations
@@ -195,9 +198,31 @@ def stack_exhausted(q: Query) -> NoReturn:
     ) from None
 
 
+# Values that hold other values: comparing, hashing or searching one costs its size.
+_NESTED = (list, tuple, dict, set, frozenset)
+_NESTED_TYPES = frozenset(_NESTED)
+
+
+def size_of(value: Any) -> int:
+    """How many values ``value`` holds: 1 for a scalar; a list or object counts itself and its
+    items, nested ones too, with repeats (``[x, x]`` holds x twice)."""
+    if value.__class__ not in _NESTED:
+        return 1
+    size, stack = 1, [value]
+    while stack:
+        items = stack.pop()
+        if items.__class__ is dict:
+            items = items.values()
+        size += len(items)
+        if not _NESTED_TYPES.isdisjoint(map(type, items)):  # a flat list is measured by len
+            stack.extend(item for item in items if item.__class__ in _NESTED)
+    return size
+
+
 def built(q: Query, items: tuple) -> tuple:
     """A list the policy builds during evaluation, refused once larger than the budget allows
-    (counted with repeats, as hashing and comparing it would go: ``[x, x]`` holds x twice)."""
+    (counted with repeats, as hashing and comparing it would go: ``[x, x]`` holds x twice).
+    Building it spends a step per value it holds."""
     limit = q.limits.evaluation_max_term_size
     size, stack = 1, list(items)
     while stack:
@@ -208,15 +233,19 @@ def built(q: Query, items: tuple) -> tuple:
             raise EvaluationLimit(
                 "evaluation_max_term_size", limit, f"a list of more than {limit} values was built"
             )
-        if item.__class__ in (tuple, list):
-            stack.extend(item)
+        if item.__class__ in _NESTED:
+            stack.extend(item.values() if item.__class__ is dict else item)
+    q.steps -= size
+    if q.steps < 0:
+        exhausted(q)
     return items
 
 
 def counted_members(q: Query, container: Any) -> Any:
-    """`members`, with each item a step of the budget."""
+    """`members`, with each value they hold a step of the budget (a list of lists counted in
+    full: each item is compared or searched whole later)."""
     items = members(container)
-    q.steps -= len(items)
+    q.steps -= size_of(items) - 1
     if q.steps < 0:
         exhausted(q)
     return items
@@ -243,9 +272,14 @@ def compare(op: str, left: Any, right: Any) -> bool:
     return False
 
 
-def contains(container: Any, item: Any) -> bool:
+def contains(q: Query, container: Any, item: Any) -> bool:
+    """``item in container``, for a list: searching it spends a step per value it holds."""
     if item is MISSING or not isinstance(container, (list, tuple, set, frozenset)):
         return False
+    if container.__class__ in (list, tuple):  # a set is searched by hash
+        q.steps -= size_of(container) - 1
+        if q.steps < 0:
+            exhausted(q)
     return item in container
 
 

@@ -283,3 +283,51 @@ allow(_u: User, "unreachable", _h: Hop) if not reach(Hop{"h0"}, Hop{"h400"});"""
             s.allowed(User("ann"), "deep", Hop("x"))
         with pytest.raises(EvaluationLimit):
             s.allowed(User("ann"), "unreachable", Hop("x"))
+
+
+# -- work in proportion to the size of values ---------------------------------------------------
+
+SMALL = list(range(100))
+BIG = list(range(5000))
+
+
+def sized(text: str) -> Authorizer:
+    return Authorizer(
+        f"actor User {{}}\nresource Doc {{}}\n{text}",
+        limits=PolicyLimits(evaluation_max_steps=10_000),
+    )
+
+
+def test_membership_in_a_long_list_spends_a_step_per_item_searched():
+    # 100 rounds, each searching a list of 5,000 from the request: 500,000 values compared, and
+    # as many steps, however few rounds the loop takes.
+    authz = sized('allow(_u: User, "read", _d: Doc) if i in context.small and i in context.big;')
+    with pytest.raises(EvaluationLimit) as err:
+        authz.authorize(User("ann"), "read", Doc("d"), {"small": SMALL, "big": BIG[100:]})
+    assert err.value.limit == "evaluation_max_steps"
+    assert authz.decide(User("ann"), "read", Doc("d"), {"small": SMALL, "big": BIG[100:]}).reason
+    # A short list is searched within the budget.
+    assert authz.authorize(User("ann"), "read", Doc("d"), {"small": SMALL, "big": [7]})
+
+
+def test_building_a_list_spends_a_step_per_value_it_holds():
+    authz = sized(
+        'allow(_u: User, "read", _d: Doc) if i in context.small and x = [context.big, i]'
+        " and x = [context.big, -1];"
+    )
+    with pytest.raises(EvaluationLimit) as err:
+        authz.authorize(User("ann"), "read", Doc("d"), {"small": SMALL, "big": BIG})
+    assert err.value.limit == "evaluation_max_steps"
+    assert not authz.authorize(User("ann"), "read", Doc("d"), {"small": SMALL, "big": [1]})
+
+
+def test_going_through_a_list_of_lists_spends_a_step_per_value_of_each():
+    # Each pair compares two lists of 500: the items iterated over are counted in full.
+    authz = sized(
+        'allow(_u: User, "read", _d: Doc) if l in context.lists and m in context.lists and l != m;'
+    )
+    lists = [list(BIG[:500]) for _ in range(20)]
+    with pytest.raises(EvaluationLimit) as err:
+        authz.authorize(User("ann"), "read", Doc("d"), {"lists": lists})
+    assert err.value.limit == "evaluation_max_steps"
+    assert not authz.authorize(User("ann"), "read", Doc("d"), {"lists": [[1], [1]]})
