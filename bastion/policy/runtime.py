@@ -76,6 +76,7 @@ class Query:
         "limits",
         "steps",
         "depth",
+        "step_limit",
     )
 
     def __init__(
@@ -84,6 +85,8 @@ class Query:
         self.index = index
         self.limits = limits
         self.depth = 0  # recursive calls in progress; back to 0 when an evaluation ends
+        # The setting that bounds ``steps``, named when they run out.
+        self.step_limit = "evaluation_max_steps"
         self.start(context)
 
     def start(self, context: dict | None) -> None:
@@ -173,9 +176,9 @@ class Query:
 
 
 def exhausted(q: Query) -> NoReturn:
-    limit = q.limits.evaluation_max_steps
+    limit = getattr(q.limits, q.step_limit)
     q.tables = None
-    raise EvaluationLimit("evaluation_max_steps", limit, f"more than {limit} steps")
+    raise EvaluationLimit(q.step_limit, limit, f"more than {limit} steps")
 
 
 def too_deep(q: Query) -> NoReturn:

@@ -259,11 +259,44 @@ def test_a_list_built_larger_than_the_budget_is_refused():
 
 
 def test_an_explanation_that_runs_out_keeps_the_decision_and_says_so():
-    authz = chain(150, PolicyLimits(evaluation_max_steps=100))
+    authz = chain(150, PolicyLimits(explanation_max_steps=100))
     assert authz.authorize(User("ann"), "view", Hop("h40"))  # compiled: within budget
     decision = authz.decide(User("ann"), "view", Hop("h40"))
     assert decision.allowed and decision.reason is None
     assert "the explanation stopped" in str(decision.explanation)
+
+
+LATTICE = """actor User {}
+resource Hop {}
+declare edge(Hop, Hop);
+reach(x, y) if edge(x, y);
+reach(x, y) if edge(x, z) and reach(z, y);
+allow(_u: User, "go", h: Hop) if reach(Hop{"a0"}, h);
+"""
+
+
+def test_an_explanation_has_a_budget_of_its_own_sized_for_the_interpreter():
+    # Two ways from each level to the next, 30 levels: 2^30 paths. The compiled code tables
+    # the recursion and answers at once; the explanation's interpreter walks paths, each step
+    # tens of times dearer than a compiled one, so it stops on a budget of its own (on the
+    # evaluation budget it would take seconds, on the event loop, for each refusal explained).
+    authz = Authorizer(LATTICE)
+    authz.facts.apply(
+        [
+            ("edge", Hop(f"{s}{i}"), Hop(f"{t}{i + 1}"))
+            for i in range(30)
+            for s in "ab"
+            for t in "ab"
+        ],
+        [],
+    )
+    assert not authz.authorize(User("ann"), "go", Hop("elsewhere"))
+    decision = authz.decide(User("ann"), "go", Hop("elsewhere"))
+    assert not decision.allowed and decision.reason is None  # decided: only the story stopped
+    text = str(decision.explanation)
+    assert "the explanation stopped" in text
+    assert "explanation_max_steps = 50000" in text
+    assert authz.decide(User("ann"), "go", Hop("b30")).allowed
 
 
 def test_a_question_after_a_refused_one_in_the_same_session_does_not_read_its_half_tables():
