@@ -128,6 +128,39 @@ def _body_of(
     return _Body(literals, negations_shared(literals, outside), is_bool, leaf, last_use, position)
 
 
+class _Heads:
+    """What the heads of one predicate's clauses fix at one argument, by clause number: the
+    constant there (``by_value``), the entity type a constant or a specialised variable there
+    has (``by_type``), the specialised variables (``typed``: any constant may match, its type is
+    checked when compiled), and the clauses that fix nothing there (``open``)."""
+
+    __slots__ = ("by_value", "by_type", "typed", "open")
+
+    def __init__(self, clauses: Any, pos: int) -> None:
+        self.by_value: dict[tuple, list[int]] = defaultdict(list)
+        self.by_type: dict[str, list[int]] = defaultdict(list)
+        self.typed: list[int] = []
+        self.open: list[int] = []
+        for i, clause in enumerate(clauses):
+            term = clause.head[pos]
+            required = _required_types(clause, pos)
+            if isinstance(term, Const) and _simple_constant(term.value):
+                self.by_value[_head_key(term.value)].append(i)
+                if isinstance(term.value, Entity):
+                    self.by_type[term.value.type].append(i)
+            elif isinstance(term, Var) and required is not None:
+                self.typed.append(i)
+                for t in required:
+                    self.by_type[t].append(i)
+            else:
+                self.open.append(i)
+
+
+def _head_key(value: Any) -> tuple:
+    """A constant as `same_value` compares it: a boolean is not the integer 1 or 0."""
+    return (value.__class__ is bool, value)
+
+
 class _Emitter:
     def __init__(self) -> None:
         self.lines: list[str] = []
@@ -195,6 +228,11 @@ class CompiledPolicy:
         self._literals = 0  # compiled so far, against policy_max_compiled_literals
         # Functions a shape's code calls (negations, continuations), defined with its group.
         self._helpers: dict[Node, list[str]] = defaultdict(list)
+        # Per (predicate, position): the clauses whose head fixes that argument, by constant or
+        # by entity type, and those that do not (see `_candidates`).
+        self._heads: dict[tuple, _Heads] = {}
+        self._signature_index: dict[tuple, dict] = {}
+        self._output_shapes: dict[tuple, dict[int, frozenset | None]] = {}
 
     # -- entry points -----------------------------------------------------------------------
 
@@ -376,7 +414,7 @@ class CompiledPolicy:
         key = (node.name, node.arity)
         if node.facts and key in self.program.fact_predicates:
             self._facts(out, node, args, is_bool)
-        clauses = self.program.clauses.get(key, ())
+        clauses = self._candidates(node)
         clauses = self._dispatch_on_constant(out, node, clauses, args, is_bool)
         clauses = self._dispatch_on_type(out, node, clauses, is_bool)
         for clause in clauses:
@@ -392,6 +430,42 @@ class CompiledPolicy:
             out.emit(1, "return")
             out.emit(1, "yield")
         return out
+
+    def _candidates(self, node: Node) -> list[Clause]:
+        """The clauses of ``node``'s predicate whose head can take its constants and the entity
+        types known of its arguments, in the order written.
+
+        A predicate of n rules told apart by a constant (one per permission) or by a type (one
+        per resource type) is specialised n ways; were every clause compiled (and counted) for
+        each, only to be found dead, that would be n^2. Looked up by head, it is n.
+        """
+        key = (node.name, node.arity)
+        clauses = self.program.clauses.get(key, ())
+        best: set[int] | None = None
+        consts = iter(node.consts)
+        for pos, m in enumerate(node.mask):
+            if m == "c":
+                value = next(consts)
+                heads = self._heads_at(key, clauses, pos)
+                found = set(heads.open).union(heads.typed, heads.by_value.get(_head_key(value), ()))
+            elif node.type_of(pos) is not None:
+                heads = self._heads_at(key, clauses, pos)
+                found = set(heads.open).union(
+                    *(heads.by_type.get(t, ()) for t in node.type_of(pos))
+                )
+            else:
+                continue
+            if best is None or len(found) < len(best):
+                best = found
+        if best is None:
+            return list(clauses)
+        return [clauses[i] for i in sorted(best)]
+
+    def _heads_at(self, key: tuple, clauses: Any, pos: int) -> _Heads:
+        heads = self._heads.get((key, pos))
+        if heads is None:
+            heads = self._heads[(key, pos)] = _Heads(clauses, pos)
+        return heads
 
     def _facts(self, out: _Emitter, node: Node, args: list, is_bool: bool) -> None:
         with self._facts_lock():
@@ -744,12 +818,33 @@ class CompiledPolicy:
         """Types of the variables a call binds, when the fact types the policy declares settle
         them (a predicate with facts only: ``has_relation(Repo, "parent", Org)``)."""
         key = (lit.name, len(lit.args))
-        if key in self.program.clauses:
+        if key in self.program.clauses or "f" not in mask:
             return {}
         values = iter(consts)
         fixed = [next(values) if m == "c" else None for m in mask]
+        shape = (key, tuple(mask), tuple(fixed), tuple(types))
+        per_position = self._output_shapes.get(shape)
+        if per_position is None:  # the same call recurs in many rules: worked out once
+            per_position = self._output_shapes[shape] = self._output_positions(
+                key, mask, fixed, types
+            )
         found: dict[str, set] = {}
-        for signature in self.program.fact_signatures.get(key, ()):
+        for pos, allowed in per_position.items():
+            a = lit.args[pos]
+            if isinstance(a, Var):
+                if allowed is None:
+                    found[a.name] = {None}
+                else:
+                    found.setdefault(a.name, set()).update(allowed)
+        return {n: frozenset(t) for n, t in found.items() if None not in t and t}
+
+    def _output_positions(
+        self, key: tuple, mask: list, fixed: list, types: list
+    ) -> dict[int, frozenset | None]:
+        """Per free argument of a call to fact predicate ``key`` that some declared signature
+        fits: the entity types it may take, or None when it may take a value."""
+        found: dict[int, set | None] = {}
+        for signature in self._signatures_for(key, mask, fixed, types):
             fits = True
             for (kind, allowed), m, value, known in zip(signature, mask, fixed, types, strict=True):
                 if m == "c":
@@ -764,13 +859,58 @@ class CompiledPolicy:
                     break
             if not fits:
                 continue
-            for a, (kind, allowed), m in zip(lit.args, signature, mask, strict=True):
-                if m == "f" and isinstance(a, Var):
-                    if kind != "types" or allowed & VALUE_TYPES.keys():
-                        found[a.name] = {None}
-                    else:
-                        found.setdefault(a.name, set()).update(allowed)
-        return {n: frozenset(t) for n, t in found.items() if None not in t and t}
+            for pos, ((kind, allowed), m) in enumerate(zip(signature, mask, strict=True)):
+                if m != "f" or (pos in found and found[pos] is None):
+                    continue
+                if kind != "types" or allowed & VALUE_TYPES.keys():
+                    found[pos] = None
+                else:
+                    found.setdefault(pos, set()).update(allowed)
+        return {pos: None if t is None else frozenset(t) for pos, t in found.items()}
+
+    def _signatures_for(self, key: tuple, mask: list, fixed: list, types: list) -> list:
+        """The declared fact signatures of ``key`` that may fit a call's constants and known
+        types (a superset, in the order declared): found by argument, not by going through
+        every signature for every call (a policy of n resource types has n of ``has_role``)."""
+        signatures = self.program.fact_signatures.get(key, ())
+        best: set[int] | None = None
+        for pos, (m, value, known) in enumerate(zip(mask, fixed, types, strict=True)):
+            if m == "c":
+                by = self._signatures_at(key, signatures, pos)
+                wanted = by.get(
+                    ("type", value.type) if isinstance(value, Entity) else ("value", value)
+                )
+                found = set(wanted or ())
+            elif m == "b" and known is not None:
+                by = self._signatures_at(key, signatures, pos)
+                found = set(by.get(("values",), ())).union(
+                    *(by.get(("type", t), ()) for t in known)
+                )
+            else:
+                continue
+            if best is None or len(found) < len(best):
+                best = found
+        if best is None:
+            return list(signatures)
+        return [signatures[i] for i in sorted(best)]
+
+    def _signatures_at(self, key: tuple, signatures: Any, pos: int) -> dict:
+        """Signature numbers of ``key`` by what they allow at ``pos``: ("type", t) for an entity
+        type, ("value", v) for a value, and ("values",) for every one that lists values."""
+        by = self._signature_index.get((key, pos))
+        if by is None:
+            by = defaultdict(list)
+            for i, signature in enumerate(signatures):
+                kind, allowed = signature[pos]
+                if kind == "values":
+                    by[("values",)].append(i)
+                    for v in allowed:
+                        by[("value", v)].append(i)
+                else:
+                    for t in allowed:
+                        by[("type", t)].append(i)
+            by = self._signature_index[(key, pos)] = dict(by)
+        return by
 
     def _call(self, out: _Emitter, lit: CallLit, env: dict, statics: dict, depth: int) -> int:
         key = (lit.name, len(lit.args))

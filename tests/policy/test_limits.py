@@ -133,6 +133,39 @@ def test_specialising_rules_cannot_multiply_the_compile_work_without_bound():
     assert "policy_max_compiled_literals = 20000" in message
 
 
+def test_a_resource_with_many_permissions_loads_within_the_compile_budget():
+    # Each permission is a rule of has_permission told apart by a constant: specialised once
+    # per permission, each version compiles its own rule, not all of them.
+    n = 2000
+    permissions = ", ".join(f'"p{i}"' for i in range(n))
+    shorthand = " ".join(f'"p{i}" if "reader";' for i in range(n))
+    authz = Authorizer(
+        "actor User {}\n"
+        f'resource Doc {{ roles = ["reader"]; permissions = [{permissions}]; {shorthand} }}\n'
+        "allow(actor, action, resource) if has_permission(actor, action, resource);"
+    )
+    authz.facts.insert(("has_role", User("ann"), "reader", Doc("d")))
+    assert authz.authorize(User("ann"), "p1999", Doc("d"))
+    assert not authz.authorize(User("ann"), "p2000", Doc("d"))
+    assert len(authz.actions(User("ann"), Doc("d"))) == n
+
+
+def test_many_resource_types_load_within_the_compile_budget():
+    n = 1000
+    blocks = "\n".join(
+        f'resource D{i} {{ roles = ["reader"]; permissions = ["read"]; "read" if "reader"; }}'
+        for i in range(n)
+    )
+    authz = Authorizer(
+        f"actor User {{}}\n{blocks}\n"
+        "allow(actor, action, resource) if has_permission(actor, action, resource);"
+    )
+    authz.facts.insert(("has_role", User("ann"), "reader", Entity("D999", "x")))
+    assert authz.authorize(User("ann"), "read", Entity("D999", "x"))
+    assert not authz.authorize(User("ann"), "read", Entity("D998", "x"))
+    assert authz.list(User("ann"), "read", "D999") == ["x"]
+
+
 # -- recursion that grows ----------------------------------------------------------------------
 
 GROWS = [
