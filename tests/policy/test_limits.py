@@ -397,3 +397,35 @@ def test_going_through_a_list_of_lists_spends_a_step_per_value_of_each():
         authz.authorize(User("ann"), "read", Doc("d"), {"lists": lists})
     assert err.value.limit == "evaluation_max_steps"
     assert not authz.authorize(User("ann"), "read", Doc("d"), {"lists": [[1], [1]]})
+
+
+def test_questions_through_query_cannot_spend_the_compile_budget_decisions_need():
+    # The obligations every decision asks for (requires_scope, mask, rate_limit,
+    # requires_approval) are compiled with the policy. New shapes of question through `query`
+    # spend what is left of the compile budget, and are refused once it is spent; decisions
+    # and their obligations are not (on first use they would be: every gateway call refused).
+    tags = "\n".join(f'tagged(d: Doc, "t{i}") if has_role(_u, "r", d);' for i in range(100))
+    authz = Authorizer(
+        f"""actor User {{}}
+resource Doc {{ roles = ["r"]; }}
+allow(u: User, "read", d: Doc) if has_role(u, "r", d);
+mask(_u: User, "read", _d: Doc, "email");
+rate_limit(_u: User, "read", _d: Doc, 10, 60);
+requires_scope("read", _d: Doc, "docs");
+{tags}""",
+        limits=PolicyLimits(policy_max_compiled_literals=1000),
+    )
+    authz.facts.insert(("has_role", User("ann"), "r", Doc("d")))
+    refused = 0
+    for args in [(Variable("d"), "t1"), (Doc("d"), Variable("t")), (Variable("d"), Variable("t"))]:
+        try:
+            authz.query("tagged", *args)
+        except EvaluationLimit as err:
+            assert err.limit == "policy_max_compiled_literals"
+            refused += 1
+    assert refused  # the budget was spent
+    decision = decide_chain(authz, [User("ann")], "read", Doc("d"), granted_scopes=["docs"])
+    assert decision.allowed and decision.reason is None
+    assert decision.obligations.masks == ("email",)
+    assert decision.obligations.required_scopes == ("docs",)
+    assert [(r.max, r.seconds) for r in decision.obligations.rate_limits] == [(10, 60)]
