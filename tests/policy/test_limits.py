@@ -179,6 +179,11 @@ GROWS = [
     "p(x) if q([x]);\nq(x) if p(x);\nallow(a, b, c) if p(a) and b = c;",
     # in the answers: each round returns a larger list than the last
     "build(x, y) if x = y;\nbuild(x, y) if build(x, z) and y = [z, z];\nallow(a, b, c) if build(a, b) and b = c;",
+    # an item of a list written round a list built from x: itself a built list
+    "grow(x) if y in [[x, x]] and grow(y);\nallow(a, b, c) if grow(a) and b = c;",
+    "build(x, y) if x = y;\nbuild(x, y) if build(x, z) and y in [[z, z]];\nallow(a, b, c) if build(a, b) and b = c;",
+    # a rule outside the recursion hands back a list it was given, built by the caller
+    "pick(l, y) if y in l;\ngrow(x) if pick([[x, x]], y) and grow(y);\nallow(a, b, c) if grow(a) and b = c;",
 ]
 
 
