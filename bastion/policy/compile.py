@@ -208,7 +208,6 @@ class CompiledPolicy:
         self._constants: dict[Any, str] = {}
         self._counter = itertools.count()
         self._groups = itertools.count()
-        self.sources: list[str] = []
         # Tarjan's algorithm, run over shapes as they are generated.
         self._tick = itertools.count()
         self._index: dict[Node, int] = {}
@@ -372,7 +371,6 @@ class CompiledPolicy:
             else:
                 source.append(self._pending.pop(node).replace("def @(", f"def {name}(", 1))
         text = "\n".join(source)
-        self.sources.append(text)
         self._define(
             text,
             f"<policy {root.name}/{root.arity}>",
@@ -641,7 +639,7 @@ class CompiledPolicy:
         order = plan(clause.body, set(env), head_vars, clause.location)
         body = _body_of(clause.body, order, head_vars, is_bool, leaf, head_vars)
         self._body(lines, body, order, env, statics, depth)
-        out.emit(1, f"# {clause.text}")
+        out.emit(1, f"# {_summary(clause.text)}")
         out.emit(1, "while True:")  # a block to 'break' out of when a head check fails
         out.lines.extend(lines.lines)
         out.emit(2, "break")
@@ -964,6 +962,12 @@ class CompiledPolicy:
             out.emit(depth, f"if {' and '.join(checks)}:")
             depth += 1
         return depth
+
+
+def _summary(text: str, width: int = 100) -> str:
+    """A clause's text for a comment in generated code: bounded, since every alternative of an
+    'or' shares its rule's whole text (n alternatives would make n copies of n of them)."""
+    return text if len(text) <= width else text[: width - 3] + "..."
 
 
 def _succeed(out: _Emitter, env: dict, depth: int) -> None:
