@@ -326,3 +326,19 @@ def test_the_gateway_refuses_a_runaway_decision_and_goes_on_serving(gateway):
     gateway.flush()
     record = gateway.records.get(data["decision_id"])
     assert (record.result, record.reason) == ("deny", "evaluation_limit")
+
+
+def test_a_question_the_policy_cannot_answer_is_a_422_naming_the_rule(server):
+    # /v1/query compiles each new shape of question when first asked. A shape that the rules
+    # cannot answer (here: twin with both arguments open, bound by nothing) is a diagnostic.
+    with server.client() as admin:
+        put(admin, POLICY + "twin(a, b) if a = b;\n", [])
+        with key_for(server, "decide") as decider:
+            open_ = {"predicate": "twin", "args": [{"var": "a"}, {"var": "b"}]}
+            answer = decider.post("/v1/query", json=open_)
+            assert answer.status_code == 422, answer.text
+            assert answer.headers["content-type"].startswith("application/problem+json")
+            assert "never bound" in answer.json()["detail"]
+            bound = {"predicate": "twin", "args": ["x", {"var": "b"}]}
+            assert decider.post("/v1/query", json=bound).json()["results"] == [["twin", "x", "x"]]
+        assert admin.get("/healthz").status_code == 200

@@ -24,8 +24,9 @@ from bastion.server.problems import field as get_field
 from bastion.server.replica import ConsistencyTimeout, Replica
 
 
-def policy_problem(e: PolicyError) -> Problem:
-    """A policy that does not load: every diagnostic with its place."""
+def policy_problem(e: PolicyError, what: str = "the policy does not load") -> Problem:
+    """A policy that does not load (or a question it cannot answer, ``what``): every
+    diagnostic with its place."""
     diagnostics = [
         {
             "source": d.location.source,
@@ -36,7 +37,7 @@ def policy_problem(e: PolicyError) -> Problem:
         }
         for d in e.diagnostics
     ]
-    return unprocessable(f"the policy does not load; fix these: {e}", diagnostics=diagnostics)
+    return unprocessable(f"{what}; fix these: {e}", diagnostics=diagnostics)
 
 
 def validate_policy(text: str, source: str, limits: PolicyLimits = DEFAULT_LIMITS) -> list[str]:
