@@ -516,6 +516,13 @@ class OAuthStore:
             (counter, now, restart_before),
         )
 
+    def take_back_login_failure(self, counter: str) -> None:
+        self.db.execute(
+            "UPDATE oauth_login_failures SET failures = failures - 1"
+            " WHERE counter = ? AND failures > 0",
+            (counter,),
+        )
+
     def clear_login_failures(self, counter: str) -> None:
         self.db.execute("DELETE FROM oauth_login_failures WHERE counter = ?", (counter,))
 
