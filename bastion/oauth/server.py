@@ -27,7 +27,12 @@ from bastion.oauth.keys import KeyRing
 from bastion.oauth.metadata import authorization_server_metadata, metadata_path
 from bastion.oauth.settings import OAuthSettings
 from bastion.oauth.store import Client, OAuthStore
-from bastion.oauth.throttle import LoginThrottle, PasswordCheckSlots, client_address
+from bastion.oauth.throttle import (
+    LoginThrottle,
+    PasswordCheckSlots,
+    client_address,
+    counted_address,
+)
 from bastion.oauth.tokens import TokenEndpoint
 from bastion.oauth.verifier import TokenVerifier
 
@@ -201,7 +206,7 @@ class AuthorizationServer:
         """Save a client registered without an initial access token, within the limits of
         ``[oauth.open_registration]``; raise `RegistrationLimited` (429) past them."""
         limits, now = self.settings.open_registration, self.clock()
-        address = client_address(request) or "unknown"
+        address = counted_address(client_address(request))
         refusal = await run_in_threadpool(
             functools.partial(
                 self.store.save_open_registration,

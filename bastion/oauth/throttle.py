@@ -1,5 +1,5 @@
 """Throttles against guessing and flooding at the authorization server, counted per the address a
-request comes from (`client_address`).
+request comes from (`client_address`; an IPv6 address counts as its /64, `counted_address`).
 
 Login: failures are counted per username and per address in the database, so every process
 (replica) sharing it sees the same counts. Past ``max_failures_per_user`` (or ``_per_address``)
@@ -15,6 +15,7 @@ cannot pass a limit together. Password hashes themselves are limited per process
 
 from __future__ import annotations
 
+import ipaddress
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,6 +30,23 @@ def client_address(request: Request) -> str | None:
     """The address the request came from: the ASGI client, which is the proxy's address unless
     ``bastion serve`` is told to trust the proxy's forwarding headers."""
     return request.client.host if request.client else None
+
+
+def counted_address(address: str | None) -> str:
+    """What a per-address counter counts a request under: an IPv4 address (IPv4-mapped IPv6
+    included) as itself, an IPv6 address as its /64, which a single host is given whole and
+    may send from at any address of; anything else (a name, none) as it is."""
+    if not address:
+        return "unknown"
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return address
+    if ip.version == 6 and ip.ipv4_mapped is not None:
+        return str(ip.ipv4_mapped)
+    if ip.version == 6:
+        return str(ipaddress.IPv6Network((ip, 64), strict=False))
+    return str(ip)
 
 
 @dataclass(frozen=True)
@@ -52,7 +70,7 @@ class LoginThrottle:
     @staticmethod
     def _counters(username: str, address: str | None) -> dict[str, str]:
         # Bounded keys: a username longer than any valid one is still one counter.
-        return {"user": f"user:{username[:256]}", "address": f"address:{address or 'unknown'}"}
+        return {"user": f"user:{username[:256]}", "address": f"address:{counted_address(address)}"}
 
     def wait(self, username: str, address: str | None) -> Wait | None:
         """How long this attempt must wait before a password may be checked, or None."""

@@ -189,3 +189,19 @@ def test_guesses_sent_at_once_cannot_pass_the_limit_together(
             assert held.result().status_code == 401
             assert racing.result().status_code == 429
         assert started == ["alice"]
+
+
+def test_an_ipv6_network_is_one_address_for_the_counters(sqlite_url):
+    # A host is given a whole /64: counted per address, each guess could come from another.
+    settings = LoginSettings(max_failures_per_user=100, max_failures_per_address=3)
+    throttle = LoginThrottle(OAuthStore(Database(sqlite_url)), settings, Clock())
+    for n in range(3):
+        throttle.failed(f"user{n}", f"2001:db8:1:2::{n + 1:x}")
+    held = throttle.wait("alice", "2001:db8:1:2:ffff:ffff:ffff:ffff")
+    assert held is not None and held.counter == "address"
+    assert throttle.wait("alice", "2001:db8:1:3::1") is None  # the next /64 is someone else
+    # An IPv4 address is its own; written as IPv4-mapped IPv6 it is the same address.
+    for n in range(3):
+        throttle.failed(f"user{n}", "192.0.2.7")
+    assert throttle.wait("alice", "::ffff:192.0.2.7").counter == "address"
+    assert throttle.wait("alice", "192.0.2.8") is None

@@ -123,3 +123,19 @@ def test_registration_limits_hold_on_postgresql(postgres_url, tmp_path):
         bastion.clock.advance(24 * 3600 + 1)
         bastion.server.housekeeping()
         assert client_ids(bastion) == set()
+
+
+def test_an_ipv6_network_is_one_address_for_the_registration_limit(sqlite_url, tmp_path):
+    # A host is given a whole /64: counted per address, it could register from each in turn.
+    # (The test server trusts X-Forwarded-For from the loopback proxy, as uvicorn does.)
+    limits = {"max_per_address": 2, "window_seconds": 600}
+    with running_bastion(sqlite_url, tmp_path, open_registration=limits) as bastion:
+
+        def from_address(address: str):
+            return register(bastion, {"X-Forwarded-For": address})
+
+        assert from_address("2001:db8:5:6::1").status_code == 201
+        assert from_address("2001:db8:5:6::2").status_code == 201
+        refused = from_address("2001:db8:5:6:abcd::99")
+        assert refused.status_code == 429 and "your address" in refused.text
+        assert from_address("2001:db8:5:7::1").status_code == 201  # another network
