@@ -25,7 +25,8 @@ import anyio
 import httpx
 
 from bastion.oauth.errors import OAuthError
-from bastion.oauth.redirect_uris import redirect_uri_problem
+from bastion.oauth.redirect_uris import redirect_uri_problem, uri_syntax_problem
+from bastion.oauth.registration import client_name_problem
 from bastion.oauth.settings import ClientMetadataDocumentSettings
 from bastion.oauth.store import Client
 
@@ -84,7 +85,12 @@ def is_client_id_url(client_id: str) -> bool:
 
 
 def client_id_url_problem(url: str) -> str | None:
-    """Why a URL cannot be a client_id (the draft's §3 rules), or None."""
+    """Why a URL cannot be a client_id (the draft's §3 rules), or None. It must be an RFC 3986
+    URI, ASCII only: its host is shown on the consent page as who the client is, and a Unicode
+    host could pass for another (a Cyrillic "а" in "аpple.com"); in punycode it cannot."""
+    syntax = uri_syntax_problem(url)
+    if syntax:
+        return syntax
     try:
         parts = urlsplit(url)
         parts.port  # noqa: B018 - raises ValueError for a malformed port
@@ -301,10 +307,9 @@ class ClientMetadataDocuments:
                 url, f"grant_types must be among {list(_GRANT_TYPES)}"
             )
         name = document.get("client_name")
-        if name is not None and (not isinstance(name, str) or len(name) > 200):
-            raise ClientMetadataDocumentError(
-                url, "client_name must be a string of at most 200 characters"
-            )
+        problem = None if name is None else client_name_problem(name)
+        if problem:
+            raise ClientMetadataDocumentError(url, problem)
         scope = document.get("scope")
         if scope is not None and not isinstance(scope, str):
             raise ClientMetadataDocumentError(url, "scope must be a string")

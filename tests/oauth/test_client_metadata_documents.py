@@ -459,3 +459,24 @@ def test_a_checked_address_is_fetched_by_its_name(tmp_path, monkeypatch):
         client = anyio.run(documents.client, url)
     assert client.client_name == "Doc agent"
     assert hosts == [f"doc.test:{port}"]
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        # "аpple.com" with a Cyrillic а: shown on the consent page as the client's host, it
+        # would read as apple.com. A URI is ASCII (RFC 3986); the host in punycode gives it away.
+        "https://\u0430pple.com/agent.json",
+        "https://example.com/agent\u202e.json",
+        "https://example.com/a gent.json",
+    ],
+)
+def test_a_document_url_outside_rfc_3986_is_refused_before_any_fetch(url):
+    documents = ClientMetadataDocuments(ClientMetadataDocumentSettings(), Clock())
+    with pytest.raises(OAuthError, match="RFC 3986") as caught:
+        anyio.run(documents.client, url)
+    assert caught.value.error == "invalid_client"
+
+
+def test_a_document_whose_name_holds_control_characters_is_refused(host):
+    refused(host, host.document("/rlo.json", client_name="Claude\u202eDesktop"), "client_name")
