@@ -112,7 +112,7 @@ class AuthorizationEndpoint:
         client_id = query.get("client_id")
         if not client_id:
             raise _PageError("invalid_request", "client_id is missing")
-        client = await self._client(client_id)
+        client = await self._client(client_id, client_address(request))
         redirect_uri = query.get("redirect_uri")
         if redirect_uri is None and len(client.redirect_uris) == 1:
             redirect_uri = client.redirect_uris[0]
@@ -357,9 +357,9 @@ class AuthorizationEndpoint:
 
     # shared steps
 
-    async def _client(self, client_id: str) -> Client:
+    async def _client(self, client_id: str, address: str | None) -> Client:
         try:
-            client = await self.server.find_client(client_id)
+            client = await self.server.find_client(client_id, address)
         except OAuthError as error:
             raise _PageError(error.error, error.description) from error
         if client is None or client.revoked_at is not None:
@@ -396,7 +396,7 @@ class AuthorizationEndpoint:
                 "the form is missing its CSRF token or comes from another browser",
                 403,
             )
-        return pending, await self._client(pending.client_id)
+        return pending, await self._client(pending.client_id, client_address(request))
 
     def _session_user(self, request: Request) -> str | None:
         session = request.cookies.get(SESSION_COOKIE)

@@ -317,9 +317,10 @@ class OAuthStore:
             if count >= max_unused:
                 return OpenRegistrationRefusal("unused", count, oldest)
             self.save_client(client)
+            # A metadata document fetched twice at once is saved twice: counted once.
             self.db.execute(
                 "INSERT INTO oauth_open_registrations (client_id, address, registered_at)"
-                " VALUES (?, ?, ?)",
+                " VALUES (?, ?, ?) ON CONFLICT (client_id) DO NOTHING",
                 (client.client_id, address, now),
             )
             return None

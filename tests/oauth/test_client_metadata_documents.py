@@ -7,6 +7,7 @@ import ipaddress
 import json
 import socket
 import threading
+from contextlib import contextmanager
 from urllib.parse import urlencode
 
 import anyio
@@ -39,6 +40,13 @@ REDIRECT = "http://127.0.0.1:9/callback"
 @pytest.fixture
 def host(tmp_path):
     """An https loopback server answering each path with the (status, body, headers) set for it."""
+    with host_serving(tmp_path) as serving:
+        yield serving
+
+
+@contextmanager
+def host_serving(tmp_path):
+    """The `host` fixture, as a context manager."""
     cert, key = self_signed_certificate(tmp_path)
     sock = free_socket()
     base = f"https://127.0.0.1:{sock.getsockname()[1]}"
