@@ -7,8 +7,10 @@ its detail; the ones after it in that window are only counted, and written as on
 the same kind with ``repeats`` (how many), ``since`` and ``until`` once the window has closed.
 At most ``max_keys`` keys are counted at a time; past that, each kind's further refusals share
 one key with address and reason ``*``. So a window writes at most ``2 * (max_keys + kinds)``
-rows whatever the flood. The counts live in the memory of the process: those of a window still
-open are written by `flush` (at shutdown), and lost if the process is killed.
+rows whatever the flood, each of bounded size: a text of the detail (what the request sent: a
+claimed client id, a token's header) is cut to ``MAX_DETAIL_CHARS``. The counts live in the
+memory of the process: those of a window still open are written by `flush` (at shutdown), and
+lost if the process is killed.
 """
 
 from __future__ import annotations
@@ -21,6 +23,14 @@ from typing import Any
 from bastion.audit.log import AuditLog
 
 OVERFLOW = "*"
+# Characters kept of each text in a refusal's detail; the rest is counted, not written.
+MAX_DETAIL_CHARS = 200
+
+
+def _bounded(value: Any) -> Any:
+    if isinstance(value, str) and len(value) > MAX_DETAIL_CHARS:
+        return f"{value[:MAX_DETAIL_CHARS]}... ({len(value) - MAX_DETAIL_CHARS} more characters)"
+    return value
 
 
 @dataclass
@@ -85,6 +95,7 @@ class RefusalLog:
                 window.last_at = now
         self._write_closed(closed)
         if first:
+            detail = {name: _bounded(value) for name, value in detail.items()}
             self.audit.record(
                 kind, subject=subject, client_id=client_id, address=address, reason=reason, **detail
             )
