@@ -342,3 +342,41 @@ def test_a_question_the_policy_cannot_answer_is_a_422_naming_the_rule(server):
             bound = {"predicate": "twin", "args": ["x", {"var": "b"}]}
             assert decider.post("/v1/query", json=bound).json()["results"] == [["twin", "x", "x"]]
         assert admin.get("/healthz").status_code == 200
+
+
+def test_the_server_answers_while_a_batch_of_runaway_checks_is_decided(server):
+    # Each check of the batch spends its whole budget (a few tenths of a second); a batch of
+    # them must not hold the event loop for all of them together.
+    with server.client() as admin:
+        roles = [
+            {
+                "predicate": "has_role",
+                "args": [entity("User", f"u{i}"), "r", entity("Doc", f"d{i}")],
+            }
+            for i in range(100)
+        ]
+        seq = put(admin, SEARCH, roles)
+    check = {"actor": entity("User", "u1"), "action": "read", "resource": entity("Doc", "d1")}
+    decided: dict = {}
+    decider = key_for(server, "decide")
+
+    def batch() -> None:
+        body = {"checks": [check] * 30, "at_least": seq}
+        decided["sent"] = time.monotonic()
+        decided["response"] = decider.post("/v1/authorize/batch", json=body)
+        decided["at"] = time.monotonic()
+
+    answered_at: list[float] = []
+    worker = threading.Thread(target=batch)
+    with decider, httpx.Client(base_url=server.url, timeout=600) as anyone:
+        worker.start()
+        while worker.is_alive():
+            assert anyone.get("/healthz").status_code == 200
+            answered_at.append(time.monotonic())
+            time.sleep(0.05)
+    worker.join()
+    results = decided["response"].json()["results"]
+    assert [r["reason"] for r in results] == ["evaluation_limit"] * 30
+    # Answered while the batch was being decided, not only before it began or after it ended.
+    during = [t for t in answered_at if decided["sent"] + 0.5 < t < decided["at"]]
+    assert len(during) >= 3
