@@ -419,6 +419,7 @@ class Authorizer:
         index.lock.acquire()
         q = self._query
         q.context = context
+        q.frozen = None
         q.tables = None
         q.steps = self._steps
         return q

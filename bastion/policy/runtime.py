@@ -46,6 +46,26 @@ class _Table:
         self.scc = scc
 
 
+class FrozenObject(dict):
+    """An object (JSON) from the context, as a policy value: compared by content, and hashable
+    like every other value, so that it can be looked up and remembered. Never changed."""
+
+    __slots__ = ()
+
+    def __hash__(self) -> int:  # type: ignore[override]
+        return hash(frozenset(self.items()))
+
+
+def frozen(value: Any) -> Any:
+    """A context value as the policy sees it: a list is a tuple (equal to the same list written
+    in the policy), an object a `FrozenObject`, nested ones too."""
+    if value.__class__ is list or value.__class__ is tuple:
+        return tuple(frozen(item) for item in value)
+    if isinstance(value, dict):
+        return FrozenObject((key, frozen(item)) for key, item in value.items())
+    return value
+
+
 def context_value(context: dict | None, path: tuple[str, ...]) -> Any:
     """What ``context.<path>`` means to a policy: MISSING when absent or null; ``time`` is
     the current time unless the context gives one."""
@@ -77,6 +97,7 @@ class Query:
         "steps",
         "depth",
         "step_limit",
+        "frozen",
     )
 
     def __init__(
@@ -92,11 +113,28 @@ class Query:
     def start(self, context: dict | None) -> None:
         """Begin an evaluation: this context, no tables, the whole budget."""
         self.context = context
+        self.frozen: dict | None = None
         self.tables: dict | None = None
         self.steps = self.limits.evaluation_max_steps
 
     def lookup(self, path: tuple[str, ...]) -> Any:
-        return context_value(self.context, path)
+        value = context_value(self.context, path)
+        if value.__class__ is list or value.__class__ is dict:
+            return self._frozen(path, value)
+        return value
+
+    def _frozen(self, path: tuple[str, ...], value: Any) -> Any:
+        """A list or object of the context as a policy value (`frozen`): made once per
+        evaluation, for a step per value it holds."""
+        if self.frozen is None:
+            self.frozen = {}
+        found = self.frozen.get(path)
+        if found is None:
+            self.steps -= size_of(value)
+            if self.steps < 0:
+                exhausted(self)
+            found = self.frozen[path] = frozen(value)
+        return found
 
     def tabled(self, scc: int, fn: Any, key: tuple, args: tuple, is_bool: bool) -> Any:
         """Evaluate a recursive predicate call with tabling, to a fixpoint, cycles included."""

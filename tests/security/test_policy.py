@@ -380,3 +380,27 @@ def test_the_server_answers_while_a_batch_of_runaway_checks_is_decided(server):
     # Answered while the batch was being decided, not only before it began or after it ended.
     during = [t for t in answered_at if decided["sent"] + 0.5 < t < decided["at"]]
     assert len(during) >= 3
+
+
+def test_a_list_or_object_in_the_context_is_an_answer_not_a_server_error(server):
+    # The context is the caller's: a list or object where the policy looks a fact up was a
+    # TypeError (unhashable) and a 500.
+    policy = (
+        POLICY
+        + 'allow(actor, "audit", resource) if r in context.roles and has_role(actor, r, resource);\n'
+    )
+    with server.client() as admin:
+        put(admin, policy, [])
+        with key_for(server, "decide") as decider:
+            for roles in ([["admin"]], [{"role": "admin"}], ["member", ["admin"]]):
+                check = {
+                    "actor": entity("User", "ann"),
+                    "action": "audit",
+                    "resource": entity("Org", "o"),
+                    "context": {"roles": roles},
+                }
+                answer = decider.post("/v1/authorize", json=check)
+                assert answer.status_code == 200, answer.text
+                assert answer.json()["allowed"] is False
+                explained = decider.post("/v1/authorize", json={**check, "explain": True})
+                assert explained.status_code == 200 and explained.json()["allowed"] is False
