@@ -143,3 +143,29 @@ def test_what_a_refused_request_sends_is_kept_bounded_in_its_row(bastion: Bastio
     assert len(rows) == 2
     for row in rows:
         assert len(json.dumps(row.detail)) < 2000, row.detail
+
+
+def test_counts_whose_rows_could_not_be_written_are_written_later(sqlite_url):
+    # The database refuses audit rows for a while (here a trigger another connection adds; in
+    # production an outage): the refusals of that time are still counted once it takes them.
+    clock = Clock()
+    db = Database(sqlite_url)
+    audit = AuditLog(db, clock)
+    refusals = RefusalLog(audit, window_seconds=60, clock=clock)
+    refusals.record("login.failed", address="192.0.2.9", reason="no_password")
+    for _ in range(4):
+        refusals.record("login.failed", address="192.0.2.9", reason="no_password")
+    other = Database(sqlite_url)
+    other.execute(
+        "CREATE TRIGGER refuse BEFORE INSERT ON audit_events"
+        " BEGIN SELECT RAISE(ABORT, 'audit refused'); END"
+    )
+    clock.advance(61)
+    for _ in range(3):  # a new window: its first row, and the closed window's, fail
+        with contextlib.suppress(Exception):
+            refusals.record("login.failed", address="192.0.2.9", reason="no_password")
+    with contextlib.suppress(Exception):
+        refusals.flush(everything=True)
+    other.execute("DROP TRIGGER refuse")
+    refusals.flush(everything=True)
+    assert count(audit.events("login.failed")) == 8
