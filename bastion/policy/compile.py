@@ -644,7 +644,7 @@ class CompiledPolicy:
         out.lines.extend(lines.lines)
         out.emit(2, "break")
 
-    def _expr(self, term: Any, env: dict, lookups: list[tuple[str, tuple]]) -> str:
+    def _expr(self, term: Any, env: dict, lookups: list[tuple[str, tuple, str]]) -> str:
         """An expression for a bound term. Each context field it reads is added to ``lookups``
         (a name and a path), to be read and checked for MISSING by `_guard` first."""
         if isinstance(term, Const):
@@ -653,25 +653,25 @@ class CompiledPolicy:
             return env[term.name]
         if isinstance(term, ContextPath):
             tmp = f"c{next(self._counter)}"
-            lookups.append((tmp, term.path))
+            lookups.append((tmp, term.path, "lookup"))
             return tmp
         items = "(" + "".join(self._expr(item, env, lookups) + ", " for item in term.items) + ")"
         # A list of values known at compile time has a known size; one built from run-time
         # values is measured against the budget.
         return items if _constant(term) else f"_built(q, {items})"
 
-    def _guard(self, out: _Emitter, lookups: list[tuple[str, tuple]], depth: int) -> int:
+    def _guard(self, out: _Emitter, lookups: list[tuple[str, tuple, str]], depth: int) -> int:
         """Read the context fields an expression needs; the rest runs only if all are there."""
         if not lookups:
             return depth
-        for tmp, path in lookups:
-            out.emit(depth, f"{tmp} = q.lookup({path!r})")
-        out.emit(depth, f"if {' and '.join(f'{tmp} is not MISSING' for tmp, _ in lookups)}:")
+        for tmp, path, read in lookups:
+            out.emit(depth, f"{tmp} = q.{read}({path!r})")
+        out.emit(depth, f"if {' and '.join(f'{tmp} is not MISSING' for tmp, _, _ in lookups)}:")
         return depth + 1
 
     def _value(self, out: _Emitter, term: Any, env: dict, depth: int) -> tuple[str, int]:
         """An expression for a bound term, with its context fields read and checked first."""
-        lookups: list[tuple[str, tuple]] = []
+        lookups: list[tuple[str, tuple, str]] = []
         expr = self._expr(term, env, lookups)
         return expr, self._guard(out, lookups, depth)
 
@@ -775,9 +775,14 @@ class CompiledPolicy:
             expr, depth = self._value(out, lit.right, env, depth)
             out.emit(depth, f"for {self._bind(lit.left.name, env)} in _members(q, {expr}):")
             return depth + 1
-        lookups: list[tuple[str, tuple]] = []
+        lookups: list[tuple[str, tuple, str]] = []
         left = self._expr(lit.left, env, lookups)
-        right = self._expr(lit.right, env, lookups)
+        if lit.op == "in" and isinstance(lit.right, ContextPath):
+            # Only searched: the list as the request gave it, not made a policy value first.
+            right = f"c{next(self._counter)}"
+            lookups.append((right, lit.right.path, "read"))
+        else:
+            right = self._expr(lit.right, env, lookups)
         depth = self._guard(out, lookups, depth)
         if lit.op in ("=", "=="):
             out.emit(depth, f"if {left} == {right}:")
@@ -912,7 +917,7 @@ class CompiledPolicy:
 
     def _call(self, out: _Emitter, lit: CallLit, env: dict, statics: dict, depth: int) -> int:
         key = (lit.name, len(lit.args))
-        lookups: list[tuple[str, tuple]] = []
+        lookups: list[tuple[str, tuple, str]] = []
         if key in BUILTINS:
             args = [self._expr(a, env, lookups) for a in lit.args]
             depth = self._guard(out, lookups, depth)

@@ -9,9 +9,9 @@ iterates over (counted once, when the facts, entities, list items or recursive a
 fetched), per call of a recursive rule, and per call of a rule that itself makes many calls.
 Non-recursive rules that look facts up one key at a time spend nothing, so ``authorize`` pays
 nothing for it on the usual policies. Work that grows with the size of a value is paid by size:
-a list searched by ``in``, built, or iterated over spends a step per value it holds (nested
-lists and objects counted in full), so a long list in the request cannot multiply the work of
-each step.
+a list searched by ``in`` spends a step per item, and a list built, iterated over, or read from
+the context as a policy value a step per value it holds (nested lists and objects counted in
+full), so a long list in the request cannot multiply the work of each step.
 """
 
 from __future__ import annotations
@@ -56,10 +56,17 @@ class FrozenObject(dict):
         return hash(frozenset(self.items()))
 
 
+# Values that hold other values: comparing, hashing or searching one costs its size.
+_NESTED = (list, tuple, dict, set, frozenset, FrozenObject)
+_NESTED_TYPES = frozenset(_NESTED)
+
+
 def frozen(value: Any) -> Any:
     """A context value as the policy sees it: a list is a tuple (equal to the same list written
     in the policy), an object a `FrozenObject`, nested ones too."""
     if value.__class__ is list or value.__class__ is tuple:
+        if _NESTED_TYPES.isdisjoint(map(type, value)):
+            return tuple(value)  # a list of plain values (the usual case), at C speed
         return tuple(frozen(item) for item in value)
     if isinstance(value, dict):
         return FrozenObject((key, frozen(item)) for key, item in value.items())
@@ -117,23 +124,36 @@ class Query:
         self.tables: dict | None = None
         self.steps = self.limits.evaluation_max_steps
 
+    def read(self, path: tuple[str, ...]) -> Any:
+        """``context.<path>`` as the request gave it (for a list only searched with ``in``)."""
+        return context_value(self.context, path)
+
     def lookup(self, path: tuple[str, ...]) -> Any:
+        """``context.<path>`` as a policy value (a list or object `frozen`)."""
         value = context_value(self.context, path)
-        if value.__class__ is list or value.__class__ is dict:
+        cls = value.__class__
+        if cls is list or cls is dict:
             return self._frozen(path, value)
         return value
 
     def _frozen(self, path: tuple[str, ...], value: Any) -> Any:
         """A list or object of the context as a policy value (`frozen`): made once per
         evaluation, for a step per value it holds."""
-        if self.frozen is None:
-            self.frozen = {}
-        found = self.frozen.get(path)
-        if found is None:
-            self.steps -= size_of(value)
-            if self.steps < 0:
-                exhausted(self)
-            found = self.frozen[path] = frozen(value)
+        made = self.frozen
+        if made is None:
+            made = self.frozen = {}
+        else:
+            found = made.get(path)
+            if found is not None:
+                return found
+        if value.__class__ is list and _NESTED_TYPES.isdisjoint(map(type, value)):
+            found, size = tuple(value), len(value) + 1  # plain values: the usual case
+        else:
+            found, size = frozen(value), size_of(value)
+        self.steps -= size
+        if self.steps < 0:
+            exhausted(self)
+        made[path] = found
         return found
 
     def tabled(self, scc: int, fn: Any, key: tuple, args: tuple, is_bool: bool) -> Any:
@@ -239,20 +259,19 @@ def stack_exhausted(q: Query) -> NoReturn:
     ) from None
 
 
-# Values that hold other values: comparing, hashing or searching one costs its size.
-_NESTED = (list, tuple, dict, set, frozenset)
-_NESTED_TYPES = frozenset(_NESTED)
-
-
 def size_of(value: Any) -> int:
     """How many values ``value`` holds: 1 for a scalar; a list or object counts itself and its
     items, nested ones too, with repeats (``[x, x]`` holds x twice)."""
-    if value.__class__ not in _NESTED:
+    cls = value.__class__
+    if cls is list or cls is tuple:
+        if _NESTED_TYPES.isdisjoint(map(type, value)):
+            return len(value) + 1  # a list of plain values (the usual case), at C speed
+    elif cls not in _NESTED_TYPES:
         return 1
     size, stack = 1, [value]
     while stack:
         items = stack.pop()
-        if items.__class__ is dict:
+        if isinstance(items, dict):
             items = items.values()
         size += len(items)
         if not _NESTED_TYPES.isdisjoint(map(type, items)):  # a flat list is measured by len
@@ -275,7 +294,7 @@ def built(q: Query, items: tuple) -> tuple:
                 "evaluation_max_term_size", limit, f"a list of more than {limit} values was built"
             )
         if item.__class__ in _NESTED:
-            stack.extend(item.values() if item.__class__ is dict else item)
+            stack.extend(item.values() if isinstance(item, dict) else item)
     q.steps -= size
     if q.steps < 0:
         exhausted(q)
@@ -314,11 +333,20 @@ def compare(op: str, left: Any, right: Any) -> bool:
 
 
 def contains(q: Query, container: Any, item: Any) -> bool:
-    """``item in container``, for a list: searching it spends a step per value it holds."""
+    """``item in container``; searching a list spends a step per item (a set is searched by
+    hash, for nothing)."""
+    cls = container.__class__
+    if cls is list or cls is tuple:
+        if item is MISSING:
+            return False
+        q.steps -= len(container)
+        if q.steps < 0:
+            exhausted(q)
+        return item in container
     if item is MISSING or not isinstance(container, (list, tuple, set, frozenset)):
         return False
-    if container.__class__ in (list, tuple):  # a set is searched by hash
-        q.steps -= size_of(container) - 1
+    if isinstance(container, (list, tuple)):  # a subclass
+        q.steps -= len(container)
         if q.steps < 0:
             exhausted(q)
     return item in container
