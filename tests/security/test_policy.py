@@ -404,3 +404,28 @@ def test_a_list_or_object_in_the_context_is_an_answer_not_a_server_error(server)
                 assert answer.json()["allowed"] is False
                 explained = decider.post("/v1/authorize", json={**check, "explain": True})
                 assert explained.status_code == 200 and explained.json()["allowed"] is False
+
+
+def test_validations_queued_by_a_read_only_key_do_not_hold_up_a_policy_write(server):
+    # Compiles are one at a time, so that a flood of validations cannot take every thread; but
+    # a key that may only read policies must not be able to keep a writer waiting behind them.
+    finished: dict[str, float] = {}
+
+    def validate(n: int) -> None:
+        with key_for(server, "policy:read") as reader:
+            response = reader.post("/v1/policy/validate", json={"text": wide(1000, rules=4)})
+            assert response.status_code == 200, response.text
+        finished[f"validate{n}"] = time.monotonic()
+
+    readers = [threading.Thread(target=validate, args=(n,)) for n in range(3)]
+    with server.client() as admin:
+        for reader in readers:
+            reader.start()
+        time.sleep(1.0)  # the validations are compiling, or waiting their turn
+        written = admin.put("/v1/policy", json={"text": POLICY + "# a small change\n"})
+        finished["put"] = time.monotonic()
+        assert written.status_code == 200, written.text
+    for reader in readers:
+        reader.join()
+    # The write did not wait for all three: it had a turn of its own.
+    assert finished["put"] < max(finished[f"validate{n}"] for n in range(3))
