@@ -118,9 +118,12 @@ def _left(database: str) -> tuple[list[str], list[str]]:
 def test_the_server_deletes_the_audit_trail_older_than_the_retention_by_itself(tmp_path):
     database = str(tmp_path / "bastion.db")
     _audit_trail(database, [400, 40, 5, 0])
-    served(tmp_path, database, "", BASTION_AUDIT_RETENTION_DAYS="30")
-    # No request asks for it: the server prunes on its own, off the request path.
-    assert eventually(lambda: _left(database) == (["u2", "u3"], ["d2", "d3"]), within=20)
+    server = served(tmp_path, database, "", BASTION_AUDIT_RETENTION_DAYS="30")
+    try:
+        # No request asks for it: the server prunes on its own, off the request path.
+        assert eventually(lambda: _left(database) == (["u2", "u3"], ["d2", "d3"]), within=20)
+    finally:
+        server.stop()
 
 
 def test_bastion_audit_prune_keeps_the_newest_decision_record_so_sequences_go_on(tmp_path):
@@ -176,26 +179,29 @@ def test_oauth_endpoints_answer_503_temporarily_unavailable_while_the_database_i
     role = outage.role()
     server = served(tmp_path, outage.url(role), OAUTH % (tmp_path / "keys"))
     client = {"client_name": "c", "redirect_uris": ["http://127.0.0.1:9/cb"]}
-    with httpx.Client(base_url=server.url, timeout=30) as http:
-        assert http.post("/register", json=client).status_code == 201
-        outage.block(role)
-        refused = [
-            http.post("/register", json=client),
-            http.post("/token", data={"grant_type": "client_credentials", "client_id": "x"}),
-            http.post(
-                "/v1/keys",
-                json={"name": "k", "scopes": ["decide"]},
-                headers={"authorization": f"Bearer {ADMIN_KEY}"},
-            ),
-        ]
-        for r in refused[:2]:
-            assert r.status_code == 503, r.text
-            assert r.json()["error"] == "temporarily_unavailable"
-            assert r.headers["retry-after"]
-        assert refused[2].status_code == 503
-        assert refused[2].headers["content-type"] == "application/problem+json"
-        outage.unblock(role)
-        assert eventually(lambda: http.post("/register", json=client).status_code == 201, 10)
+    try:
+        with httpx.Client(base_url=server.url, timeout=30) as http:
+            assert http.post("/register", json=client).status_code == 201
+            outage.block(role)
+            refused = [
+                http.post("/register", json=client),
+                http.post("/token", data={"grant_type": "client_credentials", "client_id": "x"}),
+                http.post(
+                    "/v1/keys",
+                    json={"name": "k", "scopes": ["decide"]},
+                    headers={"authorization": f"Bearer {ADMIN_KEY}"},
+                ),
+            ]
+            for r in refused[:2]:
+                assert r.status_code == 503, r.text
+                assert r.json()["error"] == "temporarily_unavailable"
+                assert r.headers["retry-after"]
+            assert refused[2].status_code == 503
+            assert refused[2].headers["content-type"] == "application/problem+json"
+            outage.unblock(role)
+            assert eventually(lambda: http.post("/register", json=client).status_code == 201, 10)
+    finally:
+        server.stop()
 
 
 def test_every_connection_has_keepalives_and_timeouts_which_the_url_may_change(postgres_url):
