@@ -7,8 +7,11 @@ its detail; the ones after it in that window are only counted, and written as on
 the same kind with ``repeats`` (how many), ``since`` and ``until`` once the window has closed.
 At most ``max_keys`` keys are counted at a time; past that, each kind's further refusals share
 one key with address and reason ``*``. So a window writes at most ``2 * (max_keys + kinds)``
-rows whatever the flood. The counts live in the memory of the process: those of a window still
-open are written by `flush` (at shutdown), and lost if the process is killed.
+rows whatever the flood, each of bounded size: a text of the detail (what the request sent: a
+claimed client id, a token's header) is cut to ``MAX_DETAIL_CHARS``. The counts live in the
+memory of the process: those of a window still open are written by `flush` (at shutdown), and
+lost if the process is killed. Counts whose rows the database did not take (an outage) are kept,
+merged per key (at most ``max_keys`` of them, then per kind), and written with the next rows.
 """
 
 from __future__ import annotations
@@ -21,6 +24,14 @@ from typing import Any
 from bastion.audit.log import AuditLog
 
 OVERFLOW = "*"
+# Characters kept of each text in a refusal's detail; the rest is counted, not written.
+MAX_DETAIL_CHARS = 200
+
+
+def _bounded(value: Any) -> Any:
+    if isinstance(value, str) and len(value) > MAX_DETAIL_CHARS:
+        return f"{value[:MAX_DETAIL_CHARS]}... ({len(value) - MAX_DETAIL_CHARS} more characters)"
+    return value
 
 
 @dataclass
@@ -46,6 +57,8 @@ class RefusalLog:
         self.max_keys = max_keys
         self.clock = clock or audit.clock
         self._windows: dict[tuple, _Window] = {}
+        # Closed windows (and first refusals) whose rows the database did not take.
+        self._unwritten: dict[tuple, _Window] = {}
         self._lock = threading.Lock()
         self._next_sweep = 0.0
 
@@ -83,11 +96,23 @@ class RefusalLog:
             else:
                 window.repeats += 1
                 window.last_at = now
-        self._write_closed(closed)
-        if first:
-            self.audit.record(
-                kind, subject=subject, client_id=client_id, address=address, reason=reason, **detail
-            )
+        try:
+            self._write_closed(closed)  # its counts are kept if this fails
+        finally:
+            if first:
+                bounded = {name: _bounded(value) for name, value in detail.items()}
+                row = dict(subject=subject, client_id=client_id, address=address, reason=reason)
+                self._write_first(key, now, kind, {**row, **bounded})
+
+    def _write_first(self, key: tuple, now: float, kind: str, fields: dict[str, Any]) -> None:
+        """The row of the first refusal of a window; if the database does not take it, the
+        refusal is counted with the rest of its key instead, and written later."""
+        try:
+            self.audit.record(kind, **fields)
+        except BaseException:
+            with self._lock:
+                self._keep(key, _Window(opened_at=now, last_at=now, repeats=1))
+            raise
 
     def flush(self, *, everything: bool = False) -> None:
         """Write the rows of windows that have closed (of every window, with ``everything``: at
@@ -113,18 +138,38 @@ class RefusalLog:
             del self._windows[key]
         return closed
 
+    def _keep(self, key: tuple, window: _Window) -> None:
+        """Under the lock: hold a count the database did not take, merged with its key's."""
+        if key not in self._unwritten and len(self._unwritten) >= self.max_keys:
+            key = (key[0], OVERFLOW, OVERFLOW, None)
+        kept = self._unwritten.get(key)
+        if kept is None:
+            self._unwritten[key] = _Window(window.opened_at, window.last_at, window.repeats)
+        else:
+            kept.repeats += window.repeats
+            kept.opened_at = min(kept.opened_at, window.opened_at)
+            kept.last_at = max(kept.last_at, window.last_at)
+
     def _write_closed(self, closed: list[tuple[tuple, _Window]]) -> None:
-        repeated = [(key, window) for key, window in closed if window.repeats]
+        with self._lock:
+            unwritten, self._unwritten = list(self._unwritten.items()), {}
+        repeated = unwritten + [(key, window) for key, window in closed if window.repeats]
         if not repeated:
             return
-        with self.audit.db.transaction():
-            for (kind, address, reason, client_id), window in repeated:
-                self.audit.record(
-                    kind,
-                    client_id=client_id,
-                    address=address,
-                    reason=reason,
-                    repeats=window.repeats,
-                    since=window.opened_at,
-                    until=window.last_at,
-                )
+        try:
+            with self.audit.db.transaction():
+                for (kind, address, reason, client_id), window in repeated:
+                    self.audit.record(
+                        kind,
+                        client_id=client_id,
+                        address=address,
+                        reason=reason,
+                        repeats=window.repeats,
+                        since=window.opened_at,
+                        until=window.last_at,
+                    )
+        except BaseException:
+            with self._lock:
+                for key, window in repeated:
+                    self._keep(key, window)
+            raise

@@ -39,6 +39,18 @@ class Variable:
     name: str = "_"
 
 
+# The questions the decision contract (`bastion.decide.contract.decide_chain`) asks of every
+# allowed decision, as (predicate, mask). They are compiled with the policy, so that serving
+# never compiles them (on the event loop), and questions through `query`, which spend what is
+# left of the compile budget, cannot leave the decisions without them.
+CONTRACT_SHAPES = (
+    ("requires_scope", "bbf"),
+    ("mask", "bbbf"),
+    ("rate_limit", "bbbff"),
+    ("requires_approval", "bbb"),
+)
+
+
 @dataclass(frozen=True, slots=True)
 class Decision:
     allowed: bool
@@ -79,6 +91,9 @@ class _Active:
             self.compiled.function("allow", 3, "bfb")
         for name, arity in loaded.program.clauses:
             self.compiled.function(name, arity, "b" * arity)
+        for name, mask in CONTRACT_SHAPES:
+            if defines(name, len(mask)):
+                self.shapes[(name, mask)] = self.compiled.function(name, len(mask), mask)
         self.compiled.index_lock = None
         self.compiled.serving = True
 
@@ -418,6 +433,7 @@ class Authorizer:
         index.lock.acquire()
         q = self._query
         q.context = context
+        q.frozen = None
         q.tables = None
         q.steps = self._steps
         return q

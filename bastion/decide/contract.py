@@ -12,7 +12,8 @@ for. The policy can attach obligations with these rules (each optional):
 | ``requires_approval(actor, action, resource)`` | hold for a human before it runs |
 
 A request whose evaluation spends its budget is refused with ``reason`` "evaluation_limit": the
-enforcement point fails closed, and goes on answering.
+enforcement point fails closed, and goes on answering. The questions asked here are compiled
+with the policy (`bastion.decide.CONTRACT_SHAPES`), never while serving.
 """
 
 from __future__ import annotations

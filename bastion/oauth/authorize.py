@@ -112,7 +112,7 @@ class AuthorizationEndpoint:
         client_id = query.get("client_id")
         if not client_id:
             raise _PageError("invalid_request", "client_id is missing")
-        client = await self._client(client_id)
+        client = await self._client(client_id, client_address(request))
         redirect_uri = query.get("redirect_uri")
         if redirect_uri is None and len(client.redirect_uris) == 1:
             redirect_uri = client.redirect_uris[0]
@@ -226,8 +226,10 @@ class AuthorizationEndpoint:
         """The answer to a sign-in that does not succeed, or None when the password is right.
 
         In order, each before any hashing it makes unnecessary: a missing field; a username or
-        address that must wait (429); no free password-check slot (503); a pending request that
-        has used its attempts (it ends). Then the password is checked off the event loop."""
+        address that must wait (429), else the attempt is counted as a failure at once (taken
+        back if it checks nothing or succeeds); no free password-check slot (503); a pending
+        request that has used its attempts (it ends). Then the password is checked off the
+        event loop."""
         server, settings = self.server, self.settings.login
         address = client_address(request)
 
@@ -241,7 +243,8 @@ class AuthorizationEndpoint:
             return self._login_page(
                 pending, client, "Enter your username and password.", 401, username
             )
-        wait = await run_in_threadpool(server.login_throttle.wait, username, address)
+        throttle = server.login_throttle
+        wait = await run_in_threadpool(throttle.begin, username, address)
         if wait is not None:
             await run_in_threadpool(
                 functools.partial(refused, wait.counter, "login.throttled", username=username)
@@ -257,6 +260,7 @@ class AuthorizationEndpoint:
             response.headers["Retry-After"] = str(wait.seconds)
             return response
         if not server.password_checks.take():
+            await run_in_threadpool(throttle.take_back, username, address)
             await run_in_threadpool(refused, "busy", "login.throttled")
             response = self._login_page(
                 pending, client, "The server is busy. Try again in a moment.", 503, username
@@ -268,6 +272,7 @@ class AuthorizationEndpoint:
                 self.store.use_login_attempt, pending.request_id, settings.max_failures_per_request
             )
             if attempt is None:
+                await run_in_threadpool(throttle.take_back, username, address)
                 raise _PageError(
                     "access_denied",
                     "too many failed sign-ins for this request; return to the application"
@@ -276,7 +281,7 @@ class AuthorizationEndpoint:
                 )
             # Argon2 takes a while on purpose: keep it off the event loop.
             if await run_in_threadpool(check_password, self.store, username, password):
-                await run_in_threadpool(server.login_throttle.succeeded, username)
+                await run_in_threadpool(throttle.succeeded, username, address)
                 return None
         finally:
             server.password_checks.give_back()
@@ -292,10 +297,10 @@ class AuthorizationEndpoint:
         return self._login_page(pending, client, "Wrong username or password.", 401, username)
 
     def _login_failed(self, address: str | None, client: Client, username: str) -> None:
-        """Count the failure; a failure for an existing user is a row of its own (the throttle
-        bounds how many), one for a name that does not exist is aggregated."""
+        """Audit the failure (`LoginThrottle.begin` counted it): one for an existing user is a
+        row of its own (the throttle bounds how many), one for a name that does not exist is
+        aggregated."""
         server = self.server
-        server.login_throttle.failed(username, address)
         if self.store.user_password_hash(username) is not None:
             server.audit.record(
                 "login.failed", subject=username, client_id=client.client_id, address=address
@@ -352,9 +357,9 @@ class AuthorizationEndpoint:
 
     # shared steps
 
-    async def _client(self, client_id: str) -> Client:
+    async def _client(self, client_id: str, address: str | None) -> Client:
         try:
-            client = await self.server.find_client(client_id)
+            client = await self.server.find_client(client_id, address)
         except OAuthError as error:
             raise _PageError(error.error, error.description) from error
         if client is None or client.revoked_at is not None:
@@ -391,7 +396,7 @@ class AuthorizationEndpoint:
                 "the form is missing its CSRF token or comes from another browser",
                 403,
             )
-        return pending, await self._client(pending.client_id)
+        return pending, await self._client(pending.client_id, client_address(request))
 
     def _session_user(self, request: Request) -> str | None:
         session = request.cookies.get(SESSION_COOKIE)

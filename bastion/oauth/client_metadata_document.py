@@ -4,13 +4,16 @@ client metadata, which the authorization server fetches and validates.
 
 Fetches are bounded (one deadline for all of a fetch, size, no redirects, fetches in progress
 and documents per host) and never reach private, loopback or link-local addresses unless
-``allow_private_addresses`` is configured. Valid documents are cached, and failures for a short
+``allow_private_addresses`` is configured: the name is resolved once, its addresses checked, and
+the connection made to a checked address (a name resolved again could lead elsewhere: DNS
+rebinding), with TLS still verifying the certificate for the name. Valid documents are cached, and failures for a short
 while, so a failing URL is not fetched again on every request that names it.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import socket
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,7 +25,8 @@ import httpx
 
 from bastion import untrusted_json
 from bastion.oauth.errors import OAuthError
-from bastion.oauth.redirect_uris import redirect_uri_problem
+from bastion.oauth.redirect_uris import redirect_uri_problem, uri_syntax_problem
+from bastion.oauth.registration import client_name_problem
 from bastion.oauth.settings import ClientMetadataDocumentSettings
 from bastion.oauth.store import Client
 
@@ -81,7 +85,12 @@ def is_client_id_url(client_id: str) -> bool:
 
 
 def client_id_url_problem(url: str) -> str | None:
-    """Why a URL cannot be a client_id (the draft's §3 rules), or None."""
+    """Why a URL cannot be a client_id (the draft's §3 rules), or None. It must be an RFC 3986
+    URI, ASCII only: its host is shown on the consent page as who the client is, and a Unicode
+    host could pass for another (a Cyrillic "а" in "аpple.com"); in punycode it cannot."""
+    syntax = uri_syntax_problem(url)
+    if syntax:
+        return syntax
     try:
         parts = urlsplit(url)
         parts.port  # noqa: B018 - raises ValueError for a malformed port
@@ -198,19 +207,23 @@ class ClientMetadataDocuments:
                 del table[next(iter(table))]
         table[url] = entry
 
-    async def _check_address(self, url: str, host: str, port: int) -> None:
-        if self.settings.allow_private_addresses:
-            return
+    async def _checked_address(
+        self, url: str, host: str, port: int
+    ) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+        """The address to connect to: ``host`` resolved once, every address it gave public."""
         try:
-            infos = await anyio.getaddrinfo(host, port)
+            infos = await anyio.getaddrinfo(host, port, type=socket.SOCK_STREAM)
         except OSError as exc:
             raise ClientMetadataDocumentError(url, f"cannot resolve {host}") from exc
-        for info in infos:
-            address = ipaddress.ip_address(info[4][0])
+        addresses = [ipaddress.ip_address(info[4][0]) for info in infos]
+        if not addresses:
+            raise ClientMetadataDocumentError(url, f"cannot resolve {host}")
+        for address in addresses:
             if not is_public_address(address):
                 raise ClientMetadataDocumentError(
                     url, f"{host} resolves to non-public address {address}; refused"
                 )
+        return addresses[0]
 
     async def _fetch(self, url: str) -> dict[str, Any]:
         """The document, fetched within one deadline for all of it: httpx's own timeouts bound
@@ -233,8 +246,17 @@ class ClientMetadataDocuments:
         return document
 
     async def _download(self, url: str) -> bytes:
-        parts = urlsplit(url)
-        await self._check_address(url, parts.hostname or "", parts.port or 443)
+        target = httpx.URL(url)
+        headers = {"Accept": "application/json"}
+        extensions: dict[str, Any] = {}
+        if not self.settings.allow_private_addresses:
+            name = target.raw_host.decode("ascii")
+            address = await self._checked_address(url, name, target.port or 443)
+            # To the address checked, by the name: Host and TLS (SNI, the certificate's name)
+            # are the document's; only where the connection goes is fixed.
+            headers["Host"] = target.netloc.decode("ascii")
+            extensions["sni_hostname"] = name
+            target = target.copy_with(host=str(address))
         verify: ssl.SSLContext | bool = True
         if self.settings.ca_file:
             verify = ssl.create_default_context(cafile=self.settings.ca_file)
@@ -247,7 +269,7 @@ class ClientMetadataDocuments:
                     follow_redirects=False,
                     trust_env=False,
                 ) as http,
-                http.stream("GET", url, headers={"Accept": "application/json"}) as response,
+                http.stream("GET", target, headers=headers, extensions=extensions) as response,
             ):
                 if response.status_code != 200:
                     raise ClientMetadataDocumentError(
@@ -286,10 +308,9 @@ class ClientMetadataDocuments:
                 url, f"grant_types must be among {list(_GRANT_TYPES)}"
             )
         name = document.get("client_name")
-        if name is not None and (not isinstance(name, str) or len(name) > 200):
-            raise ClientMetadataDocumentError(
-                url, "client_name must be a string of at most 200 characters"
-            )
+        problem = None if name is None else client_name_problem(name)
+        if problem:
+            raise ClientMetadataDocumentError(url, problem)
         scope = document.get("scope")
         if scope is not None and not isinstance(scope, str):
             raise ClientMetadataDocumentError(url, "scope must be a string")

@@ -65,6 +65,20 @@ class Registration:
         return body
 
 
+def client_name_problem(name: Any) -> str | None:
+    """Why ``name`` cannot be a client's name, or None. The consent page shows it to people:
+    no control or format characters (a right-to-left override would turn round the warning
+    that follows it, a line break would fake a line of the page)."""
+    if not isinstance(name, str) or len(name) > 200:
+        return "client_name must be a string of at most 200 characters"
+    if not name.isprintable():
+        return (
+            "client_name must be printable text: no control, format or bidirectional-override"
+            " characters"
+        )
+    return None
+
+
 def validate_client_metadata(
     metadata: Mapping[str, Any], settings: OAuthSettings
 ) -> dict[str, Any]:
@@ -122,8 +136,9 @@ def validate_client_metadata(
             )
         scope = " ".join(dict.fromkeys(scope.split()))
     name = metadata.get("client_name", "")
-    if not isinstance(name, str) or len(name) > 200:
-        raise InvalidClientMetadata("client_name must be a string of at most 200 characters")
+    problem = client_name_problem(name)
+    if problem:
+        raise InvalidClientMetadata(problem)
     descriptive = {}
     for key in _DESCRIPTIVE:
         value = metadata.get(key)

@@ -27,7 +27,12 @@ from bastion.oauth.keys import KeyRing
 from bastion.oauth.metadata import authorization_server_metadata, metadata_path
 from bastion.oauth.settings import OAuthSettings
 from bastion.oauth.store import Client, OAuthStore
-from bastion.oauth.throttle import LoginThrottle, PasswordCheckSlots, client_address
+from bastion.oauth.throttle import (
+    LoginThrottle,
+    PasswordCheckSlots,
+    client_address,
+    counted_address,
+)
 from bastion.oauth.tokens import TokenEndpoint
 from bastion.oauth.verifier import TokenVerifier
 
@@ -108,8 +113,11 @@ class AuthorizationServer:
         self._tokens = TokenEndpoint(self)
         self._last_housekeeping = 0.0
 
-    async def find_client(self, client_id: str) -> Client | None:
-        """A registered client, or the client a metadata document URL describes (fetched)."""
+    async def find_client(self, client_id: str, address: str | None = None) -> Client | None:
+        """A registered client, or the client a metadata document URL describes (fetched).
+
+        A document seen for the first time is an open registration, asked for from ``address``:
+        its copy is kept within the limits of ``[oauth.open_registration]``."""
         client = self.store.client(client_id)
         if not (is_client_id_url(client_id) and self.settings.client_metadata.enabled):
             return client
@@ -117,7 +125,9 @@ class AuthorizationServer:
             return client
         fetched = await self.documents.client(client_id)
         # Keep a copy in the clients table so an admin can list and revoke it.
-        if client is None or replace(fetched, created_at=client.created_at) != client:
+        if client is None:
+            await self._save_open_registration(address, fetched)
+        elif replace(fetched, created_at=client.created_at) != client:
             await run_in_threadpool(self.store.save_client, fetched)
         return fetched
 
@@ -180,7 +190,7 @@ class AuthorizationServer:
             is_open = registration.check_registration_allowed(self.settings, values, initial_token)
             registered = registration.new_client(values, source="dynamic", now=self.clock())
             if is_open:
-                await self._save_open_registration(request, registered.client)
+                await self._save_open_registration(client_address(request), registered.client)
             else:
                 await run_in_threadpool(self.store.save_client, registered.client)
         except OAuthError as error:
@@ -197,11 +207,12 @@ class AuthorizationServer:
         )
         return json_response(registered.response(), 201)
 
-    async def _save_open_registration(self, request: Request, client: Client) -> None:
-        """Save a client registered without an initial access token, within the limits of
+    async def _save_open_registration(self, requester: str | None, client: Client) -> None:
+        """Save a client registered without an initial access token (or first named by a
+        metadata document), asked for from ``requester``, within the limits of
         ``[oauth.open_registration]``; raise `RegistrationLimited` (429) past them."""
         limits, now = self.settings.open_registration, self.clock()
-        address = client_address(request) or "unknown"
+        address = counted_address(requester)
         refusal = await run_in_threadpool(
             functools.partial(
                 self.store.save_open_registration,
@@ -229,7 +240,9 @@ class AuthorizationServer:
     async def _authenticated(self, request: Request) -> tuple[Client, dict[str, str]]:
         form = await _form(request)
         client = await authenticate_client(
-            request.headers.get("authorization"), form, self.find_client
+            request.headers.get("authorization"),
+            form,
+            functools.partial(self.find_client, address=client_address(request)),
         )
         return client, form
 
@@ -239,7 +252,9 @@ class AuthorizationServer:
         try:
             form = await _form(request)
             client = await authenticate_client(
-                request.headers.get("authorization"), form, self.find_client
+                request.headers.get("authorization"),
+                form,
+                functools.partial(self.find_client, address=client_address(request)),
             )
             body = await run_in_threadpool(self._tokens.exchange, client, form)
             await run_in_threadpool(self.housekeeping)

@@ -51,7 +51,7 @@ class ClientMetadataDocumentSettings:
 
 @dataclass(frozen=True)
 class LoginSettings:
-    """How the login form is throttled (``[oauth.login]``; `bastion/oauth/login_throttle.py`)."""
+    """How the login form is throttled (``[oauth.login]``; `bastion/oauth/throttle.py`)."""
 
     # Failures of one username, or from one address, before each further attempt must wait.
     max_failures_per_user: int = 5

@@ -317,9 +317,10 @@ class OAuthStore:
             if count >= max_unused:
                 return OpenRegistrationRefusal("unused", count, oldest)
             self.save_client(client)
+            # A metadata document fetched twice at once is saved twice: counted once.
             self.db.execute(
                 "INSERT INTO oauth_open_registrations (client_id, address, registered_at)"
-                " VALUES (?, ?, ?)",
+                " VALUES (?, ?, ?) ON CONFLICT (client_id) DO NOTHING",
                 (client.client_id, address, now),
             )
             return None
@@ -514,6 +515,13 @@ class OAuthStore:
             " ELSE oauth_login_failures.failures + 1 END,"
             " last_failure_at = excluded.last_failure_at",
             (counter, now, restart_before),
+        )
+
+    def take_back_login_failure(self, counter: str) -> None:
+        self.db.execute(
+            "UPDATE oauth_login_failures SET failures = failures - 1"
+            " WHERE counter = ? AND failures > 0",
+            (counter,),
         )
 
     def clear_login_failures(self, counter: str) -> None:

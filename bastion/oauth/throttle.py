@@ -1,17 +1,21 @@
 """Throttles against guessing and flooding at the authorization server, counted per the address a
-request comes from (`client_address`).
+request comes from (`client_address`; an IPv6 address counts as its /64, `counted_address`).
 
 Login: failures are counted per username and per address in the database, so every process
 (replica) sharing it sees the same counts. Past ``max_failures_per_user`` (or ``_per_address``)
 failures, each further attempt must wait ``backoff_seconds`` after the last failure, doubled at
 each further failure up to ``max_backoff_seconds``; a counter starts again from zero once its last
 failure is ``failure_window_seconds`` old, and a user's counter is cleared when they sign in.
-Attempts that must wait are refused before any password is hashed. Password hashes themselves
-are limited per process (`PasswordCheckSlots`), so a burst is answered "busy" rather than queued.
+Attempts that must wait are refused before any password is hashed. An attempt that may go on is
+counted as a failure at once, in the same transaction as the check (`begin`), and taken back if
+it succeeds or checks nothing: attempts sent in parallel each see those before them, so they
+cannot pass a limit together. Password hashes themselves are limited per process
+(`PasswordCheckSlots`), so a burst is answered "busy" rather than queued.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,6 +30,23 @@ def client_address(request: Request) -> str | None:
     """The address the request came from: the ASGI client, which is the proxy's address unless
     ``bastion serve`` is told to trust the proxy's forwarding headers."""
     return request.client.host if request.client else None
+
+
+def counted_address(address: str | None) -> str:
+    """What a per-address counter counts a request under: an IPv4 address (IPv4-mapped IPv6
+    included) as itself, an IPv6 address as its /64, which a single host is given whole and
+    may send from at any address of; anything else (a name, none) as it is."""
+    if not address:
+        return "unknown"
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return address
+    if ip.version == 6 and ip.ipv4_mapped is not None:
+        return str(ip.ipv4_mapped)
+    if ip.version == 6:
+        return str(ipaddress.IPv6Network((ip, 64), strict=False))
+    return str(ip)
 
 
 @dataclass(frozen=True)
@@ -49,7 +70,7 @@ class LoginThrottle:
     @staticmethod
     def _counters(username: str, address: str | None) -> dict[str, str]:
         # Bounded keys: a username longer than any valid one is still one counter.
-        return {"user": f"user:{username[:256]}", "address": f"address:{address or 'unknown'}"}
+        return {"user": f"user:{username[:256]}", "address": f"address:{counted_address(address)}"}
 
     def wait(self, username: str, address: str | None) -> Wait | None:
         """How long this attempt must wait before a password may be checked, or None."""
@@ -73,6 +94,19 @@ class LoginThrottle:
                 longest = Wait(name, math.ceil(remaining))
         return longest
 
+    def begin(self, username: str, address: str | None) -> Wait | None:
+        """Check an attempt and, unless it must wait, count it as a failure now, as one step
+        for every process on the database; `succeeded` or `take_back` undo the count."""
+        db = self.store.db
+        with db.transaction():
+            if db.is_postgres:
+                # SQLite's BEGIN IMMEDIATE already lets one writer in at a time.
+                db.execute("SELECT pg_advisory_xact_lock(hashtext('bastion:login_throttle'))")
+            wait = self.wait(username, address)
+            if wait is None:
+                self.failed(username, address)
+            return wait
+
     def failed(self, username: str, address: str | None) -> None:
         now = self.clock()
         restart_before = now - self.settings.failure_window_seconds
@@ -80,8 +114,19 @@ class LoginThrottle:
             for counter in self._counters(username, address).values():
                 self.store.add_login_failure(counter, now, restart_before)
 
-    def succeeded(self, username: str) -> None:
-        self.store.clear_login_failures(self._counters(username, None)["user"])
+    def take_back(self, username: str, address: str | None) -> None:
+        """Undo the failure `begin` counted, for an attempt that checked no password."""
+        with self.store.db.transaction():
+            for counter in self._counters(username, address).values():
+                self.store.take_back_login_failure(counter)
+
+    def succeeded(self, username: str, address: str | None) -> None:
+        """The password was right: the user's counter starts again, and the address's failure
+        counted by `begin` is taken back."""
+        counters = self._counters(username, address)
+        with self.store.db.transaction():
+            self.store.clear_login_failures(counters["user"])
+            self.store.take_back_login_failure(counters["address"])
 
     def forget_old(self) -> None:
         self.store.forget_login_failures_before(self.clock() - self.settings.failure_window_seconds)

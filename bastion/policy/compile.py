@@ -128,6 +128,39 @@ def _body_of(
     return _Body(literals, negations_shared(literals, outside), is_bool, leaf, last_use, position)
 
 
+class _Heads:
+    """What the heads of one predicate's clauses fix at one argument, by clause number: the
+    constant there (``by_value``), the entity type a constant or a specialised variable there
+    has (``by_type``), the specialised variables (``typed``: any constant may match, its type is
+    checked when compiled), and the clauses that fix nothing there (``open``)."""
+
+    __slots__ = ("by_value", "by_type", "typed", "open")
+
+    def __init__(self, clauses: Any, pos: int) -> None:
+        self.by_value: dict[tuple, list[int]] = defaultdict(list)
+        self.by_type: dict[str, list[int]] = defaultdict(list)
+        self.typed: list[int] = []
+        self.open: list[int] = []
+        for i, clause in enumerate(clauses):
+            term = clause.head[pos]
+            required = _required_types(clause, pos)
+            if isinstance(term, Const) and _simple_constant(term.value):
+                self.by_value[_head_key(term.value)].append(i)
+                if isinstance(term.value, Entity):
+                    self.by_type[term.value.type].append(i)
+            elif isinstance(term, Var) and required is not None:
+                self.typed.append(i)
+                for t in required:
+                    self.by_type[t].append(i)
+            else:
+                self.open.append(i)
+
+
+def _head_key(value: Any) -> tuple:
+    """A constant as `same_value` compares it: a boolean is not the integer 1 or 0."""
+    return (value.__class__ is bool, value)
+
+
 class _Emitter:
     def __init__(self) -> None:
         self.lines: list[str] = []
@@ -175,7 +208,6 @@ class CompiledPolicy:
         self._constants: dict[Any, str] = {}
         self._counter = itertools.count()
         self._groups = itertools.count()
-        self.sources: list[str] = []
         # Tarjan's algorithm, run over shapes as they are generated.
         self._tick = itertools.count()
         self._index: dict[Node, int] = {}
@@ -195,6 +227,11 @@ class CompiledPolicy:
         self._literals = 0  # compiled so far, against policy_max_compiled_literals
         # Functions a shape's code calls (negations, continuations), defined with its group.
         self._helpers: dict[Node, list[str]] = defaultdict(list)
+        # Per (predicate, position): the clauses whose head fixes that argument, by constant or
+        # by entity type, and those that do not (see `_candidates`).
+        self._heads: dict[tuple, _Heads] = {}
+        self._signature_index: dict[tuple, dict] = {}
+        self._output_shapes: dict[tuple, dict[int, frozenset | None]] = {}
 
     # -- entry points -----------------------------------------------------------------------
 
@@ -334,7 +371,6 @@ class CompiledPolicy:
             else:
                 source.append(self._pending.pop(node).replace("def @(", f"def {name}(", 1))
         text = "\n".join(source)
-        self.sources.append(text)
         self._define(
             text,
             f"<policy {root.name}/{root.arity}>",
@@ -376,7 +412,7 @@ class CompiledPolicy:
         key = (node.name, node.arity)
         if node.facts and key in self.program.fact_predicates:
             self._facts(out, node, args, is_bool)
-        clauses = self.program.clauses.get(key, ())
+        clauses = self._candidates(node)
         clauses = self._dispatch_on_constant(out, node, clauses, args, is_bool)
         clauses = self._dispatch_on_type(out, node, clauses, is_bool)
         for clause in clauses:
@@ -392,6 +428,42 @@ class CompiledPolicy:
             out.emit(1, "return")
             out.emit(1, "yield")
         return out
+
+    def _candidates(self, node: Node) -> list[Clause]:
+        """The clauses of ``node``'s predicate whose head can take its constants and the entity
+        types known of its arguments, in the order written.
+
+        A predicate of n rules told apart by a constant (one per permission) or by a type (one
+        per resource type) is specialised n ways; were every clause compiled (and counted) for
+        each, only to be found dead, that would be n^2. Looked up by head, it is n.
+        """
+        key = (node.name, node.arity)
+        clauses = self.program.clauses.get(key, ())
+        best: set[int] | None = None
+        consts = iter(node.consts)
+        for pos, m in enumerate(node.mask):
+            if m == "c":
+                value = next(consts)
+                heads = self._heads_at(key, clauses, pos)
+                found = set(heads.open).union(heads.typed, heads.by_value.get(_head_key(value), ()))
+            elif node.type_of(pos) is not None:
+                heads = self._heads_at(key, clauses, pos)
+                found = set(heads.open).union(
+                    *(heads.by_type.get(t, ()) for t in node.type_of(pos))
+                )
+            else:
+                continue
+            if best is None or len(found) < len(best):
+                best = found
+        if best is None:
+            return list(clauses)
+        return [clauses[i] for i in sorted(best)]
+
+    def _heads_at(self, key: tuple, clauses: Any, pos: int) -> _Heads:
+        heads = self._heads.get((key, pos))
+        if heads is None:
+            heads = self._heads[(key, pos)] = _Heads(clauses, pos)
+        return heads
 
     def _facts(self, out: _Emitter, node: Node, args: list, is_bool: bool) -> None:
         with self._facts_lock():
@@ -567,12 +639,12 @@ class CompiledPolicy:
         order = plan(clause.body, set(env), head_vars, clause.location)
         body = _body_of(clause.body, order, head_vars, is_bool, leaf, head_vars)
         self._body(lines, body, order, env, statics, depth)
-        out.emit(1, f"# {clause.text}")
+        out.emit(1, f"# {_summary(clause.text)}")
         out.emit(1, "while True:")  # a block to 'break' out of when a head check fails
         out.lines.extend(lines.lines)
         out.emit(2, "break")
 
-    def _expr(self, term: Any, env: dict, lookups: list[tuple[str, tuple]]) -> str:
+    def _expr(self, term: Any, env: dict, lookups: list[tuple[str, tuple, str]]) -> str:
         """An expression for a bound term. Each context field it reads is added to ``lookups``
         (a name and a path), to be read and checked for MISSING by `_guard` first."""
         if isinstance(term, Const):
@@ -581,25 +653,25 @@ class CompiledPolicy:
             return env[term.name]
         if isinstance(term, ContextPath):
             tmp = f"c{next(self._counter)}"
-            lookups.append((tmp, term.path))
+            lookups.append((tmp, term.path, "lookup"))
             return tmp
         items = "(" + "".join(self._expr(item, env, lookups) + ", " for item in term.items) + ")"
         # A list of values known at compile time has a known size; one built from run-time
         # values is measured against the budget.
         return items if _constant(term) else f"_built(q, {items})"
 
-    def _guard(self, out: _Emitter, lookups: list[tuple[str, tuple]], depth: int) -> int:
+    def _guard(self, out: _Emitter, lookups: list[tuple[str, tuple, str]], depth: int) -> int:
         """Read the context fields an expression needs; the rest runs only if all are there."""
         if not lookups:
             return depth
-        for tmp, path in lookups:
-            out.emit(depth, f"{tmp} = q.lookup({path!r})")
-        out.emit(depth, f"if {' and '.join(f'{tmp} is not MISSING' for tmp, _ in lookups)}:")
+        for tmp, path, read in lookups:
+            out.emit(depth, f"{tmp} = q.{read}({path!r})")
+        out.emit(depth, f"if {' and '.join(f'{tmp} is not MISSING' for tmp, _, _ in lookups)}:")
         return depth + 1
 
     def _value(self, out: _Emitter, term: Any, env: dict, depth: int) -> tuple[str, int]:
         """An expression for a bound term, with its context fields read and checked first."""
-        lookups: list[tuple[str, tuple]] = []
+        lookups: list[tuple[str, tuple, str]] = []
         expr = self._expr(term, env, lookups)
         return expr, self._guard(out, lookups, depth)
 
@@ -703,16 +775,21 @@ class CompiledPolicy:
             expr, depth = self._value(out, lit.right, env, depth)
             out.emit(depth, f"for {self._bind(lit.left.name, env)} in _members(q, {expr}):")
             return depth + 1
-        lookups: list[tuple[str, tuple]] = []
+        lookups: list[tuple[str, tuple, str]] = []
         left = self._expr(lit.left, env, lookups)
-        right = self._expr(lit.right, env, lookups)
+        if lit.op == "in" and isinstance(lit.right, ContextPath):
+            # Only searched: the list as the request gave it, not made a policy value first.
+            right = f"c{next(self._counter)}"
+            lookups.append((right, lit.right.path, "read"))
+        else:
+            right = self._expr(lit.right, env, lookups)
         depth = self._guard(out, lookups, depth)
         if lit.op in ("=", "=="):
             out.emit(depth, f"if {left} == {right}:")
         elif lit.op == "!=":
             out.emit(depth, f"if {left} != {right}:")
         elif lit.op == "in":
-            out.emit(depth, f"if _contains({right}, {left}):")
+            out.emit(depth, f"if _contains(q, {right}, {left}):")
         else:
             out.emit(depth, f"if _compare({lit.op!r}, {left}, {right}):")
         return depth + 1
@@ -744,12 +821,33 @@ class CompiledPolicy:
         """Types of the variables a call binds, when the fact types the policy declares settle
         them (a predicate with facts only: ``has_relation(Repo, "parent", Org)``)."""
         key = (lit.name, len(lit.args))
-        if key in self.program.clauses:
+        if key in self.program.clauses or "f" not in mask:
             return {}
         values = iter(consts)
         fixed = [next(values) if m == "c" else None for m in mask]
+        shape = (key, tuple(mask), tuple(fixed), tuple(types))
+        per_position = self._output_shapes.get(shape)
+        if per_position is None:  # the same call recurs in many rules: worked out once
+            per_position = self._output_shapes[shape] = self._output_positions(
+                key, mask, fixed, types
+            )
         found: dict[str, set] = {}
-        for signature in self.program.fact_signatures.get(key, ()):
+        for pos, allowed in per_position.items():
+            a = lit.args[pos]
+            if isinstance(a, Var):
+                if allowed is None:
+                    found[a.name] = {None}
+                else:
+                    found.setdefault(a.name, set()).update(allowed)
+        return {n: frozenset(t) for n, t in found.items() if None not in t and t}
+
+    def _output_positions(
+        self, key: tuple, mask: list, fixed: list, types: list
+    ) -> dict[int, frozenset | None]:
+        """Per free argument of a call to fact predicate ``key`` that some declared signature
+        fits: the entity types it may take, or None when it may take a value."""
+        found: dict[int, set | None] = {}
+        for signature in self._signatures_for(key, mask, fixed, types):
             fits = True
             for (kind, allowed), m, value, known in zip(signature, mask, fixed, types, strict=True):
                 if m == "c":
@@ -764,17 +862,62 @@ class CompiledPolicy:
                     break
             if not fits:
                 continue
-            for a, (kind, allowed), m in zip(lit.args, signature, mask, strict=True):
-                if m == "f" and isinstance(a, Var):
-                    if kind != "types" or allowed & VALUE_TYPES.keys():
-                        found[a.name] = {None}
-                    else:
-                        found.setdefault(a.name, set()).update(allowed)
-        return {n: frozenset(t) for n, t in found.items() if None not in t and t}
+            for pos, ((kind, allowed), m) in enumerate(zip(signature, mask, strict=True)):
+                if m != "f" or (pos in found and found[pos] is None):
+                    continue
+                if kind != "types" or allowed & VALUE_TYPES.keys():
+                    found[pos] = None
+                else:
+                    found.setdefault(pos, set()).update(allowed)
+        return {pos: None if t is None else frozenset(t) for pos, t in found.items()}
+
+    def _signatures_for(self, key: tuple, mask: list, fixed: list, types: list) -> list:
+        """The declared fact signatures of ``key`` that may fit a call's constants and known
+        types (a superset, in the order declared): found by argument, not by going through
+        every signature for every call (a policy of n resource types has n of ``has_role``)."""
+        signatures = self.program.fact_signatures.get(key, ())
+        best: set[int] | None = None
+        for pos, (m, value, known) in enumerate(zip(mask, fixed, types, strict=True)):
+            if m == "c":
+                by = self._signatures_at(key, signatures, pos)
+                wanted = by.get(
+                    ("type", value.type) if isinstance(value, Entity) else ("value", value)
+                )
+                found = set(wanted or ())
+            elif m == "b" and known is not None:
+                by = self._signatures_at(key, signatures, pos)
+                found = set(by.get(("values",), ())).union(
+                    *(by.get(("type", t), ()) for t in known)
+                )
+            else:
+                continue
+            if best is None or len(found) < len(best):
+                best = found
+        if best is None:
+            return list(signatures)
+        return [signatures[i] for i in sorted(best)]
+
+    def _signatures_at(self, key: tuple, signatures: Any, pos: int) -> dict:
+        """Signature numbers of ``key`` by what they allow at ``pos``: ("type", t) for an entity
+        type, ("value", v) for a value, and ("values",) for every one that lists values."""
+        by = self._signature_index.get((key, pos))
+        if by is None:
+            by = defaultdict(list)
+            for i, signature in enumerate(signatures):
+                kind, allowed = signature[pos]
+                if kind == "values":
+                    by[("values",)].append(i)
+                    for v in allowed:
+                        by[("value", v)].append(i)
+                else:
+                    for t in allowed:
+                        by[("type", t)].append(i)
+            by = self._signature_index[(key, pos)] = dict(by)
+        return by
 
     def _call(self, out: _Emitter, lit: CallLit, env: dict, statics: dict, depth: int) -> int:
         key = (lit.name, len(lit.args))
-        lookups: list[tuple[str, tuple]] = []
+        lookups: list[tuple[str, tuple, str]] = []
         if key in BUILTINS:
             args = [self._expr(a, env, lookups) for a in lit.args]
             depth = self._guard(out, lookups, depth)
@@ -824,6 +967,12 @@ class CompiledPolicy:
             out.emit(depth, f"if {' and '.join(checks)}:")
             depth += 1
         return depth
+
+
+def _summary(text: str, width: int = 100) -> str:
+    """A clause's text for a comment in generated code: bounded, since every alternative of an
+    'or' shares its rule's whole text (n alternatives would make n copies of n of them)."""
+    return text if len(text) <= width else text[: width - 3] + "..."
 
 
 def _succeed(out: _Emitter, env: dict, depth: int) -> None:

@@ -3,8 +3,8 @@
 A small top-down interpreter over the same clauses and join order as the compiled code, that
 keeps a proof tree as it goes. It is slower than the compiled functions and only runs when an
 explanation is asked for (`Authorizer.decide`, ``bastion policy explain``, failing tests). It
-spends the same budget as an evaluation (`PolicyLimits`): an explanation that runs out of it
-says so, and stops.
+spends a budget of its own (`PolicyLimits.explanation_max_steps`, counted as an evaluation's
+steps are): an explanation that runs out of it says so, and stops.
 """
 
 from __future__ import annotations
@@ -160,6 +160,8 @@ class _Interpreter:
         self.program = program
         self.index = index
         self.q = Query(context, index, limits)
+        self.q.step_limit = "explanation_max_steps"
+        self.q.steps = limits.explanation_max_steps
         self.in_progress: set[tuple] = set()
         self.reads: dict[tuple[str, ...], Any] = {}
 
@@ -338,7 +340,7 @@ class _Interpreter:
         elif lit.op == "!=":
             ok = left != right
         elif lit.op == "in":
-            ok = contains(right, left)
+            ok = contains(self.q, right, left)
         else:
             ok = compare(lit.op, left, right)
         if ok:

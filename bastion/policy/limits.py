@@ -38,6 +38,10 @@ class PolicyLimits:
     evaluation_max_depth: int = 200
     # Values in one list built during evaluation (a list counts its items, nested ones too).
     evaluation_max_term_size: int = 10_000
+    # Steps of one explanation (``decide``, an explained refusal). Its interpreter walks the
+    # proofs one by one, each step tens of times dearer than a compiled one: on the evaluation
+    # budget an explanation could take seconds where the decision took a millisecond.
+    explanation_max_steps: int = 50_000
 
     def __post_init__(self) -> None:
         for name in self.__slots__:

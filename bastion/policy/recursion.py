@@ -117,6 +117,14 @@ class _Flow:
             return [v for item in term.items for v in self._vars(item)]
         return []
 
+    def _built_here(self, term) -> set[str]:
+        """For a list written in the clause with variables that carry values from the head or
+        the recursion: where those values come from ("h", "r"); empty for anything else."""
+        if not isinstance(term, ListTerm):
+            return set()
+        inner = self._vars(term)
+        return set().union(*(self.taint[v] for v in inner)) if inner else set()
+
     def _add(self, var: str, taint: set[str], built: set[int], from_r: bool) -> bool:
         changed = False
         if not taint <= self.taint[var]:
@@ -158,6 +166,13 @@ class _Flow:
             taint = set().union(*(self.taint[v] for v in inner)) if inner else set()
             built = set().union(*(self.built[v] for v in inner)) if inner else set()
             from_r = any(v in self.built_from_r for v in inner)
+            if isinstance(lit.right, ListTerm):
+                # An item written as a list (``y in [[x, x]]``) is a list built here.
+                for item in lit.right.items:
+                    made = self._built_here(item)
+                    if made:
+                        built.add(i)
+                        from_r = from_r or "r" in made
             if self._add(lit.left.name, taint, built, from_r):
                 changed.append(lit.left.name)
         elif isinstance(lit, CallLit):
@@ -172,11 +187,15 @@ class _Flow:
             elif key in self.rules:
                 inner = [v for a in lit.args for v in self._vars(a)]
                 taint = set().union(*(self.taint[v] for v in inner)) if inner else set()
+                # A list built here and passed in may come back whole, or its items may (a
+                # rule that picks an item of a list of lists): what it binds may be built here.
+                given = set().union(*(self._built_here(a) for a in lit.args))
                 if taint:
                     for pos, arg in enumerate(lit.args):
                         if isinstance(arg, Var):
-                            built = {i} if (key, pos) in self.builds else set()
-                            if self._add(arg.name, taint, built, bool(built) and "r" in taint):
+                            built = {i} if (key, pos) in self.builds or given else set()
+                            from_r = (key, pos) in self.builds and "r" in taint or "r" in given
+                            if self._add(arg.name, taint, built, from_r):
                                 changed.append(arg.name)
         return changed
 

@@ -8,7 +8,10 @@ The budget is spent where work can pile up, never per line of a rule: a step per
 iterates over (counted once, when the facts, entities, list items or recursive answers are
 fetched), per call of a recursive rule, and per call of a rule that itself makes many calls.
 Non-recursive rules that look facts up one key at a time spend nothing, so ``authorize`` pays
-nothing for it on the usual policies.
+nothing for it on the usual policies. Work that grows with the size of a value is paid by size:
+a list searched by ``in`` spends a step per item, and a list built, iterated over, or read from
+the context as a policy value a step per value it holds (nested lists and objects counted in
+full), so a long list in the request cannot multiply the work of each step.
 """
 
 from __future__ import annotations
@@ -43,6 +46,33 @@ class _Table:
         self.scc = scc
 
 
+class FrozenObject(dict):
+    """An object (JSON) from the context, as a policy value: compared by content, and hashable
+    like every other value, so that it can be looked up and remembered. Never changed."""
+
+    __slots__ = ()
+
+    def __hash__(self) -> int:  # type: ignore[override]
+        return hash(frozenset(self.items()))
+
+
+# Values that hold other values: comparing, hashing or searching one costs its size.
+_NESTED = (list, tuple, dict, set, frozenset, FrozenObject)
+_NESTED_TYPES = frozenset(_NESTED)
+
+
+def frozen(value: Any) -> Any:
+    """A context value as the policy sees it: a list is a tuple (equal to the same list written
+    in the policy), an object a `FrozenObject`, nested ones too."""
+    if value.__class__ is list or value.__class__ is tuple:
+        if _NESTED_TYPES.isdisjoint(map(type, value)):
+            return tuple(value)  # a list of plain values (the usual case), at C speed
+        return tuple(frozen(item) for item in value)
+    if isinstance(value, dict):
+        return FrozenObject((key, frozen(item)) for key, item in value.items())
+    return value
+
+
 def context_value(context: dict | None, path: tuple[str, ...]) -> Any:
     """What ``context.<path>`` means to a policy: MISSING when absent or null; ``time`` is
     the current time unless the context gives one."""
@@ -73,6 +103,8 @@ class Query:
         "limits",
         "steps",
         "depth",
+        "step_limit",
+        "frozen",
     )
 
     def __init__(
@@ -81,16 +113,48 @@ class Query:
         self.index = index
         self.limits = limits
         self.depth = 0  # recursive calls in progress; back to 0 when an evaluation ends
+        # The setting that bounds ``steps``, named when they run out.
+        self.step_limit = "evaluation_max_steps"
         self.start(context)
 
     def start(self, context: dict | None) -> None:
         """Begin an evaluation: this context, no tables, the whole budget."""
         self.context = context
+        self.frozen: dict | None = None
         self.tables: dict | None = None
         self.steps = self.limits.evaluation_max_steps
 
-    def lookup(self, path: tuple[str, ...]) -> Any:
+    def read(self, path: tuple[str, ...]) -> Any:
+        """``context.<path>`` as the request gave it (for a list only searched with ``in``)."""
         return context_value(self.context, path)
+
+    def lookup(self, path: tuple[str, ...]) -> Any:
+        """``context.<path>`` as a policy value (a list or object `frozen`)."""
+        value = context_value(self.context, path)
+        cls = value.__class__
+        if cls is list or cls is dict:
+            return self._frozen(path, value)
+        return value
+
+    def _frozen(self, path: tuple[str, ...], value: Any) -> Any:
+        """A list or object of the context as a policy value (`frozen`): made once per
+        evaluation, for a step per value it holds."""
+        made = self.frozen
+        if made is None:
+            made = self.frozen = {}
+        else:
+            found = made.get(path)
+            if found is not None:
+                return found
+        if value.__class__ is list and _NESTED_TYPES.isdisjoint(map(type, value)):
+            found, size = tuple(value), len(value) + 1  # plain values: the usual case
+        else:
+            found, size = frozen(value), size_of(value)
+        self.steps -= size
+        if self.steps < 0:
+            exhausted(self)
+        made[path] = found
+        return found
 
     def tabled(self, scc: int, fn: Any, key: tuple, args: tuple, is_bool: bool) -> Any:
         """Evaluate a recursive predicate call with tabling, to a fixpoint, cycles included."""
@@ -170,9 +234,9 @@ class Query:
 
 
 def exhausted(q: Query) -> NoReturn:
-    limit = q.limits.evaluation_max_steps
+    limit = getattr(q.limits, q.step_limit)
     q.tables = None
-    raise EvaluationLimit("evaluation_max_steps", limit, f"more than {limit} steps")
+    raise EvaluationLimit(q.step_limit, limit, f"more than {limit} steps")
 
 
 def too_deep(q: Query) -> NoReturn:
@@ -195,9 +259,30 @@ def stack_exhausted(q: Query) -> NoReturn:
     ) from None
 
 
+def size_of(value: Any) -> int:
+    """How many values ``value`` holds: 1 for a scalar; a list or object counts itself and its
+    items, nested ones too, with repeats (``[x, x]`` holds x twice)."""
+    cls = value.__class__
+    if cls is list or cls is tuple:
+        if _NESTED_TYPES.isdisjoint(map(type, value)):
+            return len(value) + 1  # a list of plain values (the usual case), at C speed
+    elif cls not in _NESTED_TYPES:
+        return 1
+    size, stack = 1, [value]
+    while stack:
+        items = stack.pop()
+        if isinstance(items, dict):
+            items = items.values()
+        size += len(items)
+        if not _NESTED_TYPES.isdisjoint(map(type, items)):  # a flat list is measured by len
+            stack.extend(item for item in items if item.__class__ in _NESTED)
+    return size
+
+
 def built(q: Query, items: tuple) -> tuple:
     """A list the policy builds during evaluation, refused once larger than the budget allows
-    (counted with repeats, as hashing and comparing it would go: ``[x, x]`` holds x twice)."""
+    (counted with repeats, as hashing and comparing it would go: ``[x, x]`` holds x twice).
+    Building it spends a step per value it holds."""
     limit = q.limits.evaluation_max_term_size
     size, stack = 1, list(items)
     while stack:
@@ -208,15 +293,19 @@ def built(q: Query, items: tuple) -> tuple:
             raise EvaluationLimit(
                 "evaluation_max_term_size", limit, f"a list of more than {limit} values was built"
             )
-        if item.__class__ in (tuple, list):
-            stack.extend(item)
+        if item.__class__ in _NESTED:
+            stack.extend(item.values() if isinstance(item, dict) else item)
+    q.steps -= size
+    if q.steps < 0:
+        exhausted(q)
     return items
 
 
 def counted_members(q: Query, container: Any) -> Any:
-    """`members`, with each item a step of the budget."""
+    """`members`, with each value they hold a step of the budget (a list of lists counted in
+    full: each item is compared or searched whole later)."""
     items = members(container)
-    q.steps -= len(items)
+    q.steps -= size_of(items) - 1
     if q.steps < 0:
         exhausted(q)
     return items
@@ -243,9 +332,23 @@ def compare(op: str, left: Any, right: Any) -> bool:
     return False
 
 
-def contains(container: Any, item: Any) -> bool:
+def contains(q: Query, container: Any, item: Any) -> bool:
+    """``item in container``; searching a list spends a step per item (a set is searched by
+    hash, for nothing)."""
+    cls = container.__class__
+    if cls is list or cls is tuple:
+        if item is MISSING:
+            return False
+        q.steps -= len(container)
+        if q.steps < 0:
+            exhausted(q)
+        return item in container
     if item is MISSING or not isinstance(container, (list, tuple, set, frozenset)):
         return False
+    if isinstance(container, (list, tuple)):  # a subclass
+        q.steps -= len(container)
+        if q.steps < 0:
+            exhausted(q)
     return item in container
 
 

@@ -72,6 +72,7 @@ class ServerConfig:
     evaluation_max_steps: int = DEFAULT_LIMITS.evaluation_max_steps
     evaluation_max_depth: int = DEFAULT_LIMITS.evaluation_max_depth
     evaluation_max_term_size: int = DEFAULT_LIMITS.evaluation_max_term_size
+    explanation_max_steps: int = DEFAULT_LIMITS.explanation_max_steps
     log_level: str = "info"
     # One log line per request (uvicorn's access log).
     access_log: bool = False
@@ -155,8 +156,8 @@ class ServerConfig:
             raise ConfigError(str(e)) from None
 
     def policy_limits(self) -> PolicyLimits:
-        """The limits on policies and on each evaluation, from the ``policy_*`` and
-        ``evaluation_*`` keys."""
+        """The limits on policies and on each evaluation, from the ``policy_*``,
+        ``evaluation_*`` and ``explanation_*`` keys."""
         return PolicyLimits(**{name: getattr(self, name) for name in PolicyLimits.__slots__})
 
 

@@ -287,7 +287,10 @@ PATHS: dict[str, Any] = {
     },
     "/v1/authorize/batch": {
         "post": _op(
-            f"Many checks in one request (at most {MAX_BATCH})",
+            f"Many checks in one request (at most {MAX_BATCH}), decided in turn; other requests"
+            " are served between them, and a change applied meanwhile is seen by the checks"
+            " after it (each decision record has the sequence it was decided at; `sequence` is"
+            " the latest)",
             "decide",
             _response(
                 ["results", "sequence"],

@@ -360,8 +360,9 @@ class TricklingHost:
         self.listener.close()
 
 
-def self_signed_certificate(directory) -> tuple[str, str]:
-    """A certificate for 127.0.0.1 and its key, as PEM files: for https servers on loopback."""
+def self_signed_certificate(directory, dns_name: str | None = None) -> tuple[str, str]:
+    """A certificate for 127.0.0.1 (or for the name ``dns_name`` alone) and its key, as PEM
+    files: for https servers on loopback."""
     import datetime
     import ipaddress
 
@@ -371,7 +372,10 @@ def self_signed_certificate(directory) -> tuple[str, str]:
     from cryptography.x509.oid import NameOID
 
     key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, dns_name or "127.0.0.1")])
+    alternative = (
+        x509.DNSName(dns_name) if dns_name else x509.IPAddress(ipaddress.ip_address("127.0.0.1"))
+    )
     now = datetime.datetime.now(datetime.UTC)
     certificate = (
         x509.CertificateBuilder()
@@ -382,7 +386,7 @@ def self_signed_certificate(directory) -> tuple[str, str]:
         .not_valid_before(now - datetime.timedelta(minutes=5))
         .not_valid_after(now + datetime.timedelta(hours=1))
         .add_extension(
-            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            x509.SubjectAlternativeName([alternative]),
             critical=False,
         )
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import socket
+import threading
+from contextlib import contextmanager
 from urllib.parse import urlencode
 
 import anyio
@@ -14,6 +17,7 @@ from starlette.applications import Starlette
 from starlette.responses import Response
 from starlette.routing import Route
 
+from bastion.oauth import client_metadata_document
 from bastion.oauth.client_metadata_document import ClientMetadataDocuments, is_public_address
 from bastion.oauth.errors import OAuthError
 from bastion.oauth.settings import ClientMetadataDocumentSettings
@@ -36,6 +40,13 @@ REDIRECT = "http://127.0.0.1:9/callback"
 @pytest.fixture
 def host(tmp_path):
     """An https loopback server answering each path with the (status, body, headers) set for it."""
+    with host_serving(tmp_path) as serving:
+        yield serving
+
+
+@contextmanager
+def host_serving(tmp_path):
+    """The `host` fixture, as a context manager."""
     cert, key = self_signed_certificate(tmp_path)
     sock = free_socket()
     base = f"https://127.0.0.1:{sock.getsockname()[1]}"
@@ -379,3 +390,103 @@ def test_the_consent_page_shows_the_documents_host_and_calls_the_client_unverifi
             assert (
                 "&ldquo;Claude Desktop (example)&rdquo;, is whatever 127.0.0.1 wrote there" in page
             )
+
+
+def test_a_name_that_rebinds_to_loopback_after_the_check_is_not_connected_to(monkeypatch):
+    # DNS rebinding: the name resolves to a public address when it is checked, then to the
+    # loopback when it is resolved again. The fetch connects to the address it checked.
+    listener = free_socket()
+    listener.listen(8)
+    listener.settimeout(0.1)
+    port = listener.getsockname()[1]
+    accepted: list[object] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                continue
+            accepted.append(conn)
+            conn.close()
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    answers = iter(["1.1.1.1"])  # then the loopback, for ever
+    real = socket.getaddrinfo
+
+    def rebinding(host, *args, **kwargs):
+        if host in ("rebind.test", b"rebind.test"):
+            address = next(answers, "127.0.0.1")
+            return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (address, port))]
+        return real(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", rebinding)
+    documents = ClientMetadataDocuments(ClientMetadataDocumentSettings(timeout_seconds=2), Clock())
+    try:
+        with pytest.raises(OAuthError):
+            anyio.run(documents.client, f"https://rebind.test:{port}/agent.json")
+    finally:
+        stop.set()
+        thread.join(5)
+        listener.close()
+    assert accepted == []
+
+
+def test_a_checked_address_is_fetched_by_its_name(tmp_path, monkeypatch):
+    # The connection goes to the address that was checked; the request and TLS are still the
+    # name's: the Host header names it, and the certificate is verified for it (this one is
+    # for doc.test alone, not for the address).
+    cert, key = self_signed_certificate(tmp_path, dns_name="doc.test")
+    sock = free_socket()
+    port = sock.getsockname()[1]
+    url = f"https://doc.test:{port}/agent.json"
+    hosts: list[str] = []
+
+    async def answer(request):
+        hosts.append(request.headers["host"])
+        body = {"client_id": url, "client_name": "Doc agent", "redirect_uris": [REDIRECT]}
+        return Response(json.dumps(body), media_type="application/json")
+
+    real = socket.getaddrinfo
+
+    def resolving(host, *args, **kwargs):
+        if host in ("doc.test", b"doc.test"):
+            return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", port))]
+        return real(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", resolving)
+    loopback = ipaddress.ip_address("127.0.0.1")
+    monkeypatch.setattr(
+        client_metadata_document,
+        "is_public_address",
+        lambda address: address == loopback,  # here, the loopback stands for a public host
+    )
+    app = Starlette(routes=[Route("/{path:path}", answer)])
+    with serve(app, sock, ssl_certfile=cert, ssl_keyfile=key):
+        documents = ClientMetadataDocuments(ClientMetadataDocumentSettings(ca_file=cert), Clock())
+        client = anyio.run(documents.client, url)
+    assert client.client_name == "Doc agent"
+    assert hosts == [f"doc.test:{port}"]
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        # "аpple.com" with a Cyrillic а: shown on the consent page as the client's host, it
+        # would read as apple.com. A URI is ASCII (RFC 3986); the host in punycode gives it away.
+        "https://\u0430pple.com/agent.json",
+        "https://example.com/agent\u202e.json",
+        "https://example.com/a gent.json",
+    ],
+)
+def test_a_document_url_outside_rfc_3986_is_refused_before_any_fetch(url):
+    documents = ClientMetadataDocuments(ClientMetadataDocumentSettings(), Clock())
+    with pytest.raises(OAuthError, match="RFC 3986") as caught:
+        anyio.run(documents.client, url)
+    assert caught.value.error == "invalid_client"
+
+
+def test_a_document_whose_name_holds_control_characters_is_refused(host):
+    refused(host, host.document("/rlo.json", client_name="Claude\u202eDesktop"), "client_name")

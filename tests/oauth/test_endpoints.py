@@ -103,6 +103,9 @@ def test_metadata_is_path_inserted_when_the_issuer_has_a_path(sqlite_url, tmp_pa
         ),
         ({"scope": "tools:read admin"}, "invalid_client_metadata"),
         ({"client_name": 7}, "invalid_client_metadata"),
+        # a right-to-left override would turn round the consent page's warning after the name
+        ({"client_name": "Claude\u202eDesktop"}, "invalid_client_metadata"),
+        ({"client_name": "Claude\nDesktop"}, "invalid_client_metadata"),
         ({"logo_uri": "javascript:x"}, "invalid_client_metadata"),
     ],
 )

@@ -5,6 +5,7 @@ hashes are limited per process ("busy" rather than a queue)."""
 from __future__ import annotations
 
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import urlencode
 
@@ -153,3 +154,54 @@ def test_failure_counters_are_shared_by_every_process_on_the_database(sqlite_url
     assert other.wait("alice", "192.0.2.3") is None
     other.failed("alice", "192.0.2.1")
     assert other.wait("alice", "192.0.2.3") is None
+
+
+@pytest.mark.parametrize("database", ["sqlite_url", "postgres_url"])
+def test_guesses_sent_at_once_cannot_pass_the_limit_together(
+    database, request, tmp_path, monkeypatch
+):
+    # Each attempt is counted before its password is hashed, so attempts in parallel (each on
+    # its own pending request, each with a free password-check slot) see those before them.
+    started: list[str] = []
+    release = threading.Event()
+    real = authorize.check_password
+
+    def slow(store, username, password):
+        started.append(username)
+        release.wait(10)
+        return real(store, username, password)
+
+    monkeypatch.setattr(authorize, "check_password", slow)
+    url = request.getfixturevalue(database)
+    with running_bastion(url, tmp_path, **limits(max_failures_per_user=1)) as bastion:
+        first, second = LoginForm(bastion), LoginForm(bastion)
+        with ThreadPoolExecutor(2) as pool:
+            held = pool.submit(first.sign_in)
+            deadline = time.monotonic() + 10
+            while not started:
+                assert time.monotonic() < deadline, "the first password check never began"
+                time.sleep(0.01)
+            racing = pool.submit(second.sign_in)
+            # Either it is refused at once, or its password check begins beside the first.
+            while not racing.done() and len(started) < 2 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            release.set()
+            assert held.result().status_code == 401
+            assert racing.result().status_code == 429
+        assert started == ["alice"]
+
+
+def test_an_ipv6_network_is_one_address_for_the_counters(sqlite_url):
+    # A host is given a whole /64: counted per address, each guess could come from another.
+    settings = LoginSettings(max_failures_per_user=100, max_failures_per_address=3)
+    throttle = LoginThrottle(OAuthStore(Database(sqlite_url)), settings, Clock())
+    for n in range(3):
+        throttle.failed(f"user{n}", f"2001:db8:1:2::{n + 1:x}")
+    held = throttle.wait("alice", "2001:db8:1:2:ffff:ffff:ffff:ffff")
+    assert held is not None and held.counter == "address"
+    assert throttle.wait("alice", "2001:db8:1:3::1") is None  # the next /64 is someone else
+    # An IPv4 address is its own; written as IPv4-mapped IPv6 it is the same address.
+    for n in range(3):
+        throttle.failed(f"user{n}", "192.0.2.7")
+    assert throttle.wait("alice", "::ffff:192.0.2.7").counter == "address"
+    assert throttle.wait("alice", "192.0.2.8") is None

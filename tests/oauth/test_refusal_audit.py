@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import json
 from urllib.parse import urlencode
 
 from bastion.audit import AuditLog
@@ -128,3 +129,43 @@ def test_distinct_keys_are_bounded_so_a_window_writes_a_bounded_number_of_rows(s
     assert len(events) <= 2 * (100 + 1)
     assert count(events) == 5000
     assert any(e.detail["address"] == "*" for e in events)
+
+
+def test_what_a_refused_request_sends_is_kept_bounded_in_its_row(bastion: Bastion):
+    # An aggregated row holds what the first refused request sent (a claimed client id, a
+    # token's alg): a flood from many addresses writes many such rows, so each is bounded.
+    huge = "x" * 40_000
+    header = base64.urlsafe_b64encode(f'{{"alg": "{huge}"}}'.encode()).decode().rstrip("=")
+    with contextlib.suppress(InvalidToken):
+        bastion.server.verifier.verify(f"{header}.e30.c2ln", bastion.resource, address="192.0.2.8")
+    assert bastion.token(grant_type="authorization_code", client_id=huge).status_code == 401
+    rows = bastion.server.audit.events("token.refused")
+    assert len(rows) == 2
+    for row in rows:
+        assert len(json.dumps(row.detail)) < 2000, row.detail
+
+
+def test_counts_whose_rows_could_not_be_written_are_written_later(sqlite_url):
+    # The database refuses audit rows for a while (here a trigger another connection adds; in
+    # production an outage): the refusals of that time are still counted once it takes them.
+    clock = Clock()
+    db = Database(sqlite_url)
+    audit = AuditLog(db, clock)
+    refusals = RefusalLog(audit, window_seconds=60, clock=clock)
+    refusals.record("login.failed", address="192.0.2.9", reason="no_password")
+    for _ in range(4):
+        refusals.record("login.failed", address="192.0.2.9", reason="no_password")
+    other = Database(sqlite_url)
+    other.execute(
+        "CREATE TRIGGER refuse BEFORE INSERT ON audit_events"
+        " BEGIN SELECT RAISE(ABORT, 'audit refused'); END"
+    )
+    clock.advance(61)
+    for _ in range(3):  # a new window: its first row, and the closed window's, fail
+        with contextlib.suppress(Exception):
+            refusals.record("login.failed", address="192.0.2.9", reason="no_password")
+    with contextlib.suppress(Exception):
+        refusals.flush(everything=True)
+    other.execute("DROP TRIGGER refuse")
+    refusals.flush(everything=True)
+    assert count(audit.events("login.failed")) == 8

@@ -123,3 +123,50 @@ def test_registration_limits_hold_on_postgresql(postgres_url, tmp_path):
         bastion.clock.advance(24 * 3600 + 1)
         bastion.server.housekeeping()
         assert client_ids(bastion) == set()
+
+
+def test_an_ipv6_network_is_one_address_for_the_registration_limit(sqlite_url, tmp_path):
+    # A host is given a whole /64: counted per address, it could register from each in turn.
+    # (The test server trusts X-Forwarded-For from the loopback proxy, as uvicorn does.)
+    limits = {"max_per_address": 2, "window_seconds": 600}
+    with running_bastion(sqlite_url, tmp_path, open_registration=limits) as bastion:
+
+        def from_address(address: str):
+            return register(bastion, {"X-Forwarded-For": address})
+
+        assert from_address("2001:db8:5:6::1").status_code == 201
+        assert from_address("2001:db8:5:6::2").status_code == 201
+        refused = from_address("2001:db8:5:6:abcd::99")
+        assert refused.status_code == 429 and "your address" in refused.text
+        assert from_address("2001:db8:5:7::1").status_code == 201  # another network
+
+
+def test_clients_named_by_metadata_documents_count_against_the_registration_limits(
+    sqlite_url, tmp_path
+):
+    # A metadata document URL is a registration too: the server keeps a row per document. One
+    # host with many URLs (or a wildcard domain with many hosts) could otherwise fill the
+    # clients table past every limit on /register.
+    from .test_client_metadata_documents import REDIRECT, host_serving
+
+    limits = {"max_per_address": 2, "window_seconds": 600}
+    with host_serving(tmp_path) as host:
+        settings = {"allow_private_addresses": True, "ca_file": host.ca_file}
+        with running_bastion(
+            sqlite_url, tmp_path, open_registration=limits, client_metadata=settings
+        ) as bastion:
+
+            def authorize(path: str):
+                client = {"client_id": host.document(path), "redirect_uris": [REDIRECT]}
+                _, challenge = pkce_pair()
+                params = urlencode(bastion.authorize_params(client, challenge))
+                return bastion.http.get(f"{bastion.url}/authorize?{params}")
+
+            assert register(bastion).status_code == 201
+            assert authorize("/one.json").status_code == 200
+            before = client_ids(bastion)
+            refused = authorize("/two.json")
+            assert refused.status_code == 400 and "your address" in refused.text
+            assert client_ids(bastion) == before
+            # A document already known is not registered again.
+            assert authorize("/one.json").status_code == 200

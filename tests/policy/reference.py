@@ -25,7 +25,7 @@ def _lookup(context: dict | None, path: tuple[str, ...]) -> Any:
         if not isinstance(value, dict) or name not in value or value[name] is None:
             return _MISSING
         value = value[name]
-    return value
+    return tuple(value) if isinstance(value, list) else value  # a list, as written in a policy
 
 
 def _has_type(value: Any, types: frozenset[str]) -> bool:

@@ -321,3 +321,32 @@ def test_a_session_asks_several_questions_on_one_view_of_the_facts(gitclub):
         assert s.rows("has_relation", "bbf", Repo("anvil"), "parent") == {Org("acme")}
     gitclub.facts.insert(("is_blocked", User("alice")))  # the lock was released
     assert not gitclub.authorize(User("alice"), "read", Repo("anvil"))
+
+
+def test_lists_and_objects_in_the_context_are_values_like_any_other():
+    # A list or object from the request may reach a fact lookup, a rule's arguments or its
+    # answers: it is a value that matches nothing there, never an error (it was TypeError:
+    # unhashable type, a 500). And a list in the context equals the same list written.
+    policy = """actor User {}
+resource Doc { roles = ["reader"]; permissions = ["read"]; "read" if "reader"; }
+allow(actor, "read", resource) if x in context.ids and has_role(actor, x, resource);
+allow(actor, "see", resource) if reaches(context.path, resource);
+reaches(p, d: Doc) if has_role(_u, p, d);
+reaches(p, d) if reaches(p, e) and has_relation(d, "parent", e);
+allow(_actor, "tag", _resource: Doc) if context.tags = ["a", "b"];
+picked(x) if x in context.ids;"""
+    authz = Authorizer(policy)
+    ann, doc = Entity("User", "ann"), Entity("Doc", "d")
+    authz.facts.insert(("has_role", ann, "reader", doc))
+    for ids in ([["reader"]], [{"a": 1}], [[{"a": [1]}]]):
+        assert not authz.authorize(ann, "read", doc, {"ids": ids})
+        assert not authz.decide(ann, "read", doc, {"ids": ids}).allowed
+        assert authz.list(ann, "read", "Doc", {"ids": ids}) == []
+    assert authz.authorize(ann, "read", doc, {"ids": [["x"], "reader"]})
+    assert not authz.authorize(ann, "see", doc, {"path": ["reader"]})
+    assert authz.authorize(ann, "tag", doc, {"tags": ["a", "b"]})
+    assert not authz.authorize(ann, "tag", doc, {"tags": ["b", "a"]})
+    assert authz.query("picked", Variable("x"), context={"ids": [[1, 2], {"k": "v"}]}) == [
+        ("picked", (1, 2)),
+        ("picked", {"k": "v"}),
+    ]

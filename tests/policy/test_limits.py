@@ -5,6 +5,8 @@ hang or a crash."""
 
 from __future__ import annotations
 
+import tracemalloc
+
 import pytest
 
 from bastion import Authorizer, Entity, PolicyError
@@ -133,6 +135,39 @@ def test_specialising_rules_cannot_multiply_the_compile_work_without_bound():
     assert "policy_max_compiled_literals = 20000" in message
 
 
+def test_a_resource_with_many_permissions_loads_within_the_compile_budget():
+    # Each permission is a rule of has_permission told apart by a constant: specialised once
+    # per permission, each version compiles its own rule, not all of them.
+    n = 2000
+    permissions = ", ".join(f'"p{i}"' for i in range(n))
+    shorthand = " ".join(f'"p{i}" if "reader";' for i in range(n))
+    authz = Authorizer(
+        "actor User {}\n"
+        f'resource Doc {{ roles = ["reader"]; permissions = [{permissions}]; {shorthand} }}\n'
+        "allow(actor, action, resource) if has_permission(actor, action, resource);"
+    )
+    authz.facts.insert(("has_role", User("ann"), "reader", Doc("d")))
+    assert authz.authorize(User("ann"), "p1999", Doc("d"))
+    assert not authz.authorize(User("ann"), "p2000", Doc("d"))
+    assert len(authz.actions(User("ann"), Doc("d"))) == n
+
+
+def test_many_resource_types_load_within_the_compile_budget():
+    n = 1000
+    blocks = "\n".join(
+        f'resource D{i} {{ roles = ["reader"]; permissions = ["read"]; "read" if "reader"; }}'
+        for i in range(n)
+    )
+    authz = Authorizer(
+        f"actor User {{}}\n{blocks}\n"
+        "allow(actor, action, resource) if has_permission(actor, action, resource);"
+    )
+    authz.facts.insert(("has_role", User("ann"), "reader", Entity("D999", "x")))
+    assert authz.authorize(User("ann"), "read", Entity("D999", "x"))
+    assert not authz.authorize(User("ann"), "read", Entity("D998", "x"))
+    assert authz.list(User("ann"), "read", "D999") == ["x"]
+
+
 # -- recursion that grows ----------------------------------------------------------------------
 
 GROWS = [
@@ -146,6 +181,11 @@ GROWS = [
     "p(x) if q([x]);\nq(x) if p(x);\nallow(a, b, c) if p(a) and b = c;",
     # in the answers: each round returns a larger list than the last
     "build(x, y) if x = y;\nbuild(x, y) if build(x, z) and y = [z, z];\nallow(a, b, c) if build(a, b) and b = c;",
+    # an item of a list written round a list built from x: itself a built list
+    "grow(x) if y in [[x, x]] and grow(y);\nallow(a, b, c) if grow(a) and b = c;",
+    "build(x, y) if x = y;\nbuild(x, y) if build(x, z) and y in [[z, z]];\nallow(a, b, c) if build(a, b) and b = c;",
+    # a rule outside the recursion hands back a list it was given, built by the caller
+    "pick(l, y) if y in l;\ngrow(x) if pick([[x, x]], y) and grow(y);\nallow(a, b, c) if grow(a) and b = c;",
 ]
 
 
@@ -259,11 +299,44 @@ def test_a_list_built_larger_than_the_budget_is_refused():
 
 
 def test_an_explanation_that_runs_out_keeps_the_decision_and_says_so():
-    authz = chain(150, PolicyLimits(evaluation_max_steps=100))
+    authz = chain(150, PolicyLimits(explanation_max_steps=100))
     assert authz.authorize(User("ann"), "view", Hop("h40"))  # compiled: within budget
     decision = authz.decide(User("ann"), "view", Hop("h40"))
     assert decision.allowed and decision.reason is None
     assert "the explanation stopped" in str(decision.explanation)
+
+
+LATTICE = """actor User {}
+resource Hop {}
+declare edge(Hop, Hop);
+reach(x, y) if edge(x, y);
+reach(x, y) if edge(x, z) and reach(z, y);
+allow(_u: User, "go", h: Hop) if reach(Hop{"a0"}, h);
+"""
+
+
+def test_an_explanation_has_a_budget_of_its_own_sized_for_the_interpreter():
+    # Two ways from each level to the next, 30 levels: 2^30 paths. The compiled code tables
+    # the recursion and answers at once; the explanation's interpreter walks paths, each step
+    # tens of times dearer than a compiled one, so it stops on a budget of its own (on the
+    # evaluation budget it would take seconds, on the event loop, for each refusal explained).
+    authz = Authorizer(LATTICE)
+    authz.facts.apply(
+        [
+            ("edge", Hop(f"{s}{i}"), Hop(f"{t}{i + 1}"))
+            for i in range(30)
+            for s in "ab"
+            for t in "ab"
+        ],
+        [],
+    )
+    assert not authz.authorize(User("ann"), "go", Hop("elsewhere"))
+    decision = authz.decide(User("ann"), "go", Hop("elsewhere"))
+    assert not decision.allowed and decision.reason is None  # decided: only the story stopped
+    text = str(decision.explanation)
+    assert "the explanation stopped" in text
+    assert "explanation_max_steps = 50000" in text
+    assert authz.decide(User("ann"), "go", Hop("b30")).allowed
 
 
 def test_a_question_after_a_refused_one_in_the_same_session_does_not_read_its_half_tables():
@@ -283,3 +356,98 @@ allow(_u: User, "unreachable", _h: Hop) if not reach(Hop{"h0"}, Hop{"h400"});"""
             s.allowed(User("ann"), "deep", Hop("x"))
         with pytest.raises(EvaluationLimit):
             s.allowed(User("ann"), "unreachable", Hop("x"))
+
+
+# -- work in proportion to the size of values ---------------------------------------------------
+
+SMALL = list(range(100))
+BIG = list(range(5000))
+
+
+def sized(text: str) -> Authorizer:
+    return Authorizer(
+        f"actor User {{}}\nresource Doc {{}}\n{text}",
+        limits=PolicyLimits(evaluation_max_steps=10_000),
+    )
+
+
+def test_membership_in_a_long_list_spends_a_step_per_item_searched():
+    # 100 rounds, each searching a list of 5,000 from the request: 500,000 values compared, and
+    # as many steps, however few rounds the loop takes.
+    authz = sized('allow(_u: User, "read", _d: Doc) if i in context.small and i in context.big;')
+    with pytest.raises(EvaluationLimit) as err:
+        authz.authorize(User("ann"), "read", Doc("d"), {"small": SMALL, "big": BIG[100:]})
+    assert err.value.limit == "evaluation_max_steps"
+    assert authz.decide(User("ann"), "read", Doc("d"), {"small": SMALL, "big": BIG[100:]}).reason
+    # A short list is searched within the budget.
+    assert authz.authorize(User("ann"), "read", Doc("d"), {"small": SMALL, "big": [7]})
+
+
+def test_building_a_list_spends_a_step_per_value_it_holds():
+    authz = sized(
+        'allow(_u: User, "read", _d: Doc) if i in context.small and x = [context.big, i]'
+        " and x = [context.big, -1];"
+    )
+    with pytest.raises(EvaluationLimit) as err:
+        authz.authorize(User("ann"), "read", Doc("d"), {"small": SMALL, "big": BIG})
+    assert err.value.limit == "evaluation_max_steps"
+    assert not authz.authorize(User("ann"), "read", Doc("d"), {"small": SMALL, "big": [1]})
+
+
+def test_going_through_a_list_of_lists_spends_a_step_per_value_of_each():
+    # Each pair compares two lists of 500: the items iterated over are counted in full.
+    authz = sized(
+        'allow(_u: User, "read", _d: Doc) if l in context.lists and m in context.lists and l != m;'
+    )
+    lists = [list(BIG[:500]) for _ in range(20)]
+    with pytest.raises(EvaluationLimit) as err:
+        authz.authorize(User("ann"), "read", Doc("d"), {"lists": lists})
+    assert err.value.limit == "evaluation_max_steps"
+    assert not authz.authorize(User("ann"), "read", Doc("d"), {"lists": [[1], [1]]})
+
+
+def test_questions_through_query_cannot_spend_the_compile_budget_decisions_need():
+    # The obligations every decision asks for (requires_scope, mask, rate_limit,
+    # requires_approval) are compiled with the policy. New shapes of question through `query`
+    # spend what is left of the compile budget, and are refused once it is spent; decisions
+    # and their obligations are not (on first use they would be: every gateway call refused).
+    tags = "\n".join(f'tagged(d: Doc, "t{i}") if has_role(_u, "r", d);' for i in range(100))
+    authz = Authorizer(
+        f"""actor User {{}}
+resource Doc {{ roles = ["r"]; }}
+allow(u: User, "read", d: Doc) if has_role(u, "r", d);
+mask(_u: User, "read", _d: Doc, "email");
+rate_limit(_u: User, "read", _d: Doc, 10, 60);
+requires_scope("read", _d: Doc, "docs");
+{tags}""",
+        limits=PolicyLimits(policy_max_compiled_literals=1000),
+    )
+    authz.facts.insert(("has_role", User("ann"), "r", Doc("d")))
+    refused = 0
+    for args in [(Variable("d"), "t1"), (Doc("d"), Variable("t")), (Variable("d"), Variable("t"))]:
+        try:
+            authz.query("tagged", *args)
+        except EvaluationLimit as err:
+            assert err.limit == "policy_max_compiled_literals"
+            refused += 1
+    assert refused  # the budget was spent
+    decision = decide_chain(authz, [User("ann")], "read", Doc("d"), granted_scopes=["docs"])
+    assert decision.allowed and decision.reason is None
+    assert decision.obligations.masks == ("email",)
+    assert decision.obligations.required_scopes == ("docs",)
+    assert [(r.max, r.seconds) for r in decision.obligations.rate_limits] == [(10, 60)]
+
+
+def test_compiling_a_rule_of_many_alternatives_takes_memory_in_proportion_to_it():
+    # Each alternative of an 'or' is a rule of its own; had each carried the whole rule's text
+    # into the generated code, 6,000 alternatives (70 KB of policy) would take 2 GB to compile.
+    alternatives = " or ".join(f"a = {i}" for i in range(2000))
+    text = f"allow(a, b, c) if ({alternatives}) and b = c;"
+    tracemalloc.start()
+    try:
+        authz = Authorizer(text)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 3000 * len(text), f"{peak} bytes to compile {len(text)} bytes of policy"
+    assert authz.authorize(1999, "b", "b") and not authz.authorize(2000, "b", "b")

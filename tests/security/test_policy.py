@@ -326,3 +326,68 @@ def test_the_gateway_refuses_a_runaway_decision_and_goes_on_serving(gateway):
     gateway.flush()
     record = gateway.records.get(data["decision_id"])
     assert (record.result, record.reason) == ("deny", "evaluation_limit")
+
+
+def test_a_question_the_policy_cannot_answer_is_a_422_naming_the_rule(server):
+    # /v1/query compiles each new shape of question when first asked. A shape that the rules
+    # cannot answer (here: twin with both arguments open, bound by nothing) is a diagnostic.
+    with server.client() as admin:
+        put(admin, POLICY + "twin(a, b) if a = b;\n", [])
+        with key_for(server, "decide") as decider:
+            open_ = {"predicate": "twin", "args": [{"var": "a"}, {"var": "b"}]}
+            answer = decider.post("/v1/query", json=open_)
+            assert answer.status_code == 422, answer.text
+            assert answer.headers["content-type"].startswith("application/problem+json")
+            assert "never bound" in answer.json()["detail"]
+            bound = {"predicate": "twin", "args": ["x", {"var": "b"}]}
+            assert decider.post("/v1/query", json=bound).json()["results"] == [["twin", "x", "x"]]
+        assert admin.get("/healthz").status_code == 200
+
+
+def test_a_list_or_object_in_the_context_is_an_answer_not_a_server_error(server):
+    # The context is the caller's: a list or object where the policy looks a fact up was a
+    # TypeError (unhashable) and a 500.
+    policy = (
+        POLICY
+        + 'allow(actor, "audit", resource) if r in context.roles and has_role(actor, r, resource);\n'
+    )
+    with server.client() as admin:
+        put(admin, policy, [])
+        with key_for(server, "decide") as decider:
+            for roles in ([["admin"]], [{"role": "admin"}], ["member", ["admin"]]):
+                check = {
+                    "actor": entity("User", "ann"),
+                    "action": "audit",
+                    "resource": entity("Org", "o"),
+                    "context": {"roles": roles},
+                }
+                answer = decider.post("/v1/authorize", json=check)
+                assert answer.status_code == 200, answer.text
+                assert answer.json()["allowed"] is False
+                explained = decider.post("/v1/authorize", json={**check, "explain": True})
+                assert explained.status_code == 200 and explained.json()["allowed"] is False
+
+
+def test_validations_queued_by_a_read_only_key_do_not_hold_up_a_policy_write(server):
+    # Compiles are one at a time, so that a flood of validations cannot take every thread; but
+    # a key that may only read policies must not be able to keep a writer waiting behind them.
+    finished: dict[str, float] = {}
+
+    def validate(n: int) -> None:
+        with key_for(server, "policy:read") as reader:
+            response = reader.post("/v1/policy/validate", json={"text": wide(1000, rules=4)})
+            assert response.status_code == 200, response.text
+        finished[f"validate{n}"] = time.monotonic()
+
+    readers = [threading.Thread(target=validate, args=(n,)) for n in range(3)]
+    with server.client() as admin:
+        for reader in readers:
+            reader.start()
+        time.sleep(1.0)  # the validations are compiling, or waiting their turn
+        written = admin.put("/v1/policy", json={"text": POLICY + "# a small change\n"})
+        finished["put"] = time.monotonic()
+        assert written.status_code == 200, written.text
+    for reader in readers:
+        reader.join()
+    # The write did not wait for all three: it had a turn of its own.
+    assert finished["put"] < max(finished[f"validate{n}"] for n in range(3))

@@ -22,7 +22,8 @@ from starlette.routing import Route
 
 from bastion.decide import Authorizer
 from bastion.facts.model import Entity, arg_from_json, arg_to_json
-from bastion.policy.errors import EvaluationLimit
+from bastion.policy.errors import EvaluationLimit, PolicyError
+from bastion.server.api.policy import policy_problem
 from bastion.server.auth import require
 from bastion.server.problems import Problem, bad_request, entity, read_json, unprocessable
 from bastion.server.problems import field as get_field
@@ -377,6 +378,10 @@ async def query(request: Request) -> JSONResponse:
     except ValueError as e:
         # Well formed, but not something the policy in force defines.
         raise unprocessable(str(e)) from None
+    except PolicyError as e:
+        # A shape of question compiled on first use that the rules cannot answer (a variable
+        # left open that nothing binds).
+        raise policy_problem(e, "the policy in force cannot answer this question") from None
     except EvaluationLimit as over:
         rows, refusal = [], _refusal(over)
     _observe(request, "query", started, "allow" if rows else "deny")

@@ -1,8 +1,9 @@
 """Policy routes: get, validate without applying, put (atomic swap), versions, roll back.
 
 Checking a policy compiles it, which can take a second for a large one: it runs in a worker
-thread, one policy at a time per process, so the event loop (health checks, decisions, the
-gateway, OAuth) keeps answering meanwhile.
+thread, one validation at a time per process and one write (put, rollback) besides, so the
+event loop (health checks, decisions, the gateway, OAuth) keeps answering meanwhile, and
+validations queued by a read-only key never hold up a write.
 """
 
 from __future__ import annotations
@@ -24,8 +25,9 @@ from bastion.server.problems import field as get_field
 from bastion.server.replica import ConsistencyTimeout, Replica
 
 
-def policy_problem(e: PolicyError) -> Problem:
-    """A policy that does not load: every diagnostic with its place."""
+def policy_problem(e: PolicyError, what: str = "the policy does not load") -> Problem:
+    """A policy that does not load (or a question it cannot answer, ``what``): every
+    diagnostic with its place."""
     diagnostics = [
         {
             "source": d.location.source,
@@ -36,7 +38,7 @@ def policy_problem(e: PolicyError) -> Problem:
         }
         for d in e.diagnostics
     ]
-    return unprocessable(f"the policy does not load; fix these: {e}", diagnostics=diagnostics)
+    return unprocessable(f"{what}; fix these: {e}", diagnostics=diagnostics)
 
 
 def validate_policy(text: str, source: str, limits: PolicyLimits = DEFAULT_LIMITS) -> list[str]:
@@ -44,15 +46,20 @@ def validate_policy(text: str, source: str, limits: PolicyLimits = DEFAULT_LIMIT
     return [str(w) for w in Authorizer("", limits=limits).check_policy(text, source=source)]
 
 
-async def _validate(request: Request, text: str, source: str) -> list[str]:
-    """`validate_policy` in a worker thread, one at a time; a policy that does not load is a
-    422 listing every diagnostic."""
+async def _validate(
+    request: Request, text: str, source: str, *, writing: bool = False
+) -> list[str]:
+    """`validate_policy` in a worker thread, one at a time (and one policy being written
+    besides); a policy that does not load is a 422 listing every diagnostic."""
     state = request.app.state
-    compiling = getattr(state, "policy_compiles", None)
+    # One compile at a time: a flood of large policies queues here, not in the thread pool that
+    # the other routes need for their database calls. A write (put, rollback) has a turn of its
+    # own, so that validations queued by a key that may only read cannot hold it up.
+    name = "policy_write_compiles" if writing else "policy_compiles"
+    compiling = getattr(state, name, None)
     if compiling is None:
-        # One compile at a time: a flood of large policies queues here, not in the thread
-        # pool that the other routes need for their database calls.
-        compiling = state.policy_compiles = anyio.CapacityLimiter(1)
+        compiling = anyio.CapacityLimiter(1)
+        setattr(state, name, compiling)
     limits = state.config.policy_limits()
     try:
         return await anyio.to_thread.run_sync(
@@ -95,7 +102,7 @@ async def put_policy(request: Request) -> JSONResponse:
     text = get_field(body, "text", str)
     source = get_field(body, "source", str, required=False) or "policy.polar"
     note = get_field(body, "note", str, required=False) or ""
-    warnings = await _validate(request, text, source)
+    warnings = await _validate(request, text, source, writing=True)
     store: FactStore = request.app.state.store
     version, seq = await anyio.to_thread.run_sync(
         lambda: store.put_policy(text, source=source, actor=key.principal, note=note)
@@ -122,7 +129,7 @@ async def rollback(request: Request) -> JSONResponse:
     old = await anyio.to_thread.run_sync(store.policy, version)
     if old is None:
         raise Problem(404, "Unknown policy version", f"there is no policy version {version}")
-    await _validate(request, old.text, old.source)
+    await _validate(request, old.text, old.source, writing=True)
     new_version, seq = await anyio.to_thread.run_sync(
         lambda: store.rollback_policy(version, actor=key.principal)
     )
