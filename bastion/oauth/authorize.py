@@ -14,7 +14,7 @@ import functools
 import hmac
 import uuid
 from dataclasses import replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from starlette.concurrency import run_in_threadpool
@@ -142,14 +142,22 @@ class AuthorizationEndpoint:
             return self._error_redirect(redirect_uri, state, error)
         browser = request.cookies.get(BROWSER_COOKIE) or new_secret()
         pending = replace(pending, browser_digest=digest(browser))
-        self.store.save_pending(pending)
-        username = self._session_user(request)
-        if username is not None:
-            response = self._after_login(pending, client, username, query.get("prompt"), 302)
-        else:
-            response = self._login_page(pending, client)
+        response = await run_in_threadpool(
+            self._begin, pending, client, request.cookies.get(SESSION_COOKIE), query.get("prompt")
+        )
         self._set_cookie(response, BROWSER_COOKIE, browser, PENDING_SECONDS)
         return response
+
+    def _begin(
+        self, pending: PendingAuthorization, client: Client, session: str | None, prompt: str | None
+    ) -> Response:
+        """In a worker thread (the database): keep the pending request, then the login page, or
+        for a person signed in already, the consent page or the code."""
+        self.store.save_pending(pending)
+        username = self._session_user(session)
+        if username is not None:
+            return self._after_login(pending, client, username, prompt, 302)
+        return self._login_page(pending, client)
 
     def _validate(
         self, query, client: Client, redirect_uri: str, state: str | None, repeated: list[str]
@@ -203,17 +211,20 @@ class AuthorizationEndpoint:
             refused = await self._refuse_login(request, pending, client, username, password)
             if refused is not None:
                 return refused
-            self.server.audit.record(
-                "login.succeeded", subject=username, client_id=client.client_id
-            )
-            session = self.store.create_session(
-                username, self.server.clock(), self.settings.session_seconds
-            )
-            response = self._after_login(pending, client, username, prompt=None, status=303)
-            self._set_cookie(response, SESSION_COOKIE, session, self.settings.session_seconds)
-            return response
+            return await run_in_threadpool(self._signed_in, pending, client, username)
         except _PageError as error:
             return error.response
+
+    def _signed_in(self, pending: PendingAuthorization, client: Client, username: str) -> Response:
+        """In a worker thread (the database): a session for the person, then consent or the
+        code."""
+        self.server.audit.record("login.succeeded", subject=username, client_id=client.client_id)
+        session = self.store.create_session(
+            username, self.server.clock(), self.settings.session_seconds
+        )
+        response = self._after_login(pending, client, username, prompt=None, status=303)
+        self._set_cookie(response, SESSION_COOKIE, session, self.settings.session_seconds)
+        return response
 
     async def _refuse_login(
         self,
@@ -287,7 +298,7 @@ class AuthorizationEndpoint:
             server.password_checks.give_back()
         await run_in_threadpool(self._login_failed, address, client, username)
         if attempt >= settings.max_failures_per_request:
-            self.store.finish_pending(pending.request_id)
+            await run_in_threadpool(self.store.finish_pending, pending.request_id)
             raise _PageError(
                 "access_denied",
                 f"{attempt} failed sign-ins: this request has ended; return to the application"
@@ -317,43 +328,52 @@ class AuthorizationEndpoint:
         try:
             form = await request.form()
             pending, client = await self._pending_from_form(request, form)
-            username = self._session_user(request)
-            if username is None:
-                raise _PageError("access_denied", "you are not signed in; start again", 403)
-            decision = form.get("decision")
-            if decision not in ("allow", "deny"):
-                raise _PageError("invalid_request", "decision must be 'allow' or 'deny'")
-            if not self.store.finish_pending(pending.request_id):
-                raise _PageError(
-                    "invalid_request", "this authorization request was already answered"
-                )
-            if decision == "deny":
-                self.server.audit.record(
-                    "consent.denied",
-                    subject=username,
-                    client_id=client.client_id,
-                    resource=pending.resource,
-                    scope=pending.scope,
-                )
-                return self._error_redirect(
-                    pending.redirect_uri,
-                    pending.state,
-                    OAuthError("access_denied", "the user denied the request"),
-                    status=303,
-                )
-            self.store.remember_consent(
-                username, client.client_id, pending.resource, pending.scope, self.server.clock()
+            return await run_in_threadpool(
+                self._answered,
+                pending,
+                client,
+                request.cookies.get(SESSION_COOKIE),
+                form.get("decision"),
             )
+        except _PageError as error:
+            return error.response
+
+    def _answered(
+        self, pending: PendingAuthorization, client: Client, session: str | None, decision: Any
+    ) -> Response:
+        """In a worker thread (the database): the person's answer on the consent page."""
+        username = self._session_user(session)
+        if username is None:
+            raise _PageError("access_denied", "you are not signed in; start again", 403)
+        if decision not in ("allow", "deny"):
+            raise _PageError("invalid_request", "decision must be 'allow' or 'deny'")
+        if not self.store.finish_pending(pending.request_id):
+            raise _PageError("invalid_request", "this authorization request was already answered")
+        if decision == "deny":
             self.server.audit.record(
-                "consent.granted",
+                "consent.denied",
                 subject=username,
                 client_id=client.client_id,
                 resource=pending.resource,
                 scope=pending.scope,
             )
-            return self._issue_code(pending, username, status=303)
-        except _PageError as error:
-            return error.response
+            return self._error_redirect(
+                pending.redirect_uri,
+                pending.state,
+                OAuthError("access_denied", "the user denied the request"),
+                status=303,
+            )
+        self.store.remember_consent(
+            username, client.client_id, pending.resource, pending.scope, self.server.clock()
+        )
+        self.server.audit.record(
+            "consent.granted",
+            subject=username,
+            client_id=client.client_id,
+            resource=pending.resource,
+            scope=pending.scope,
+        )
+        return self._issue_code(pending, username, status=303)
 
     # shared steps
 
@@ -371,7 +391,11 @@ class AuthorizationEndpoint:
     ) -> tuple[PendingAuthorization, Client]:
         """The pending request a form answers, after the CSRF and browser-binding checks."""
         request_id = str(form.get("request_id", ""))
-        pending = self.store.pending(request_id, self.server.clock()) if request_id else None
+        pending = (
+            await run_in_threadpool(self.store.pending, request_id, self.server.clock())
+            if request_id
+            else None
+        )
         if pending is None:
             raise _PageError("invalid_request", "this authorization request is unknown or expired")
         csrf = str(form.get("csrf_token", ""))
@@ -398,8 +422,8 @@ class AuthorizationEndpoint:
             )
         return pending, await self._client(pending.client_id, client_address(request))
 
-    def _session_user(self, request: Request) -> str | None:
-        session = request.cookies.get(SESSION_COOKIE)
+    def _session_user(self, session: str | None) -> str | None:
+        """The person signed in with the ``session`` cookie, if any (reads the database)."""
         return self.store.session_user(session, self.server.clock()) if session else None
 
     def _after_login(

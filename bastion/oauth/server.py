@@ -118,7 +118,7 @@ class AuthorizationServer:
 
         A document seen for the first time is an open registration, asked for from ``address``:
         its copy is kept within the limits of ``[oauth.open_registration]``."""
-        client = self.store.client(client_id)
+        client = await run_in_threadpool(self.store.client, client_id)
         if not (is_client_id_url(client_id) and self.settings.client_metadata.enabled):
             return client
         if client is not None and client.revoked_at is not None:
@@ -198,12 +198,15 @@ class AuthorizationServer:
             if isinstance(error, registration.RegistrationLimited):
                 response.headers["Retry-After"] = str(error.retry_after)
             return response
-        self.audit.record(
-            "client.registered",
-            address=client_address(request),
-            client_id=registered.client.client_id,
-            client_name=registered.client.client_name,
-            auth_method=registered.client.token_endpoint_auth_method,
+        await run_in_threadpool(
+            functools.partial(
+                self.audit.record,
+                "client.registered",
+                address=client_address(request),
+                client_id=registered.client.client_id,
+                client_name=registered.client.client_name,
+                auth_method=registered.client.token_endpoint_auth_method,
+            )
         )
         return json_response(registered.response(), 201)
 

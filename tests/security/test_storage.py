@@ -11,6 +11,7 @@ import sqlite3
 import stat
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -208,6 +209,35 @@ def test_oauth_endpoints_answer_503_temporarily_unavailable_while_the_database_i
         assert refused[2].headers["content-type"] == "application/problem+json"
         outage.unblock(role)
         assert eventually(lambda: http.post("/register", json=client).status_code == 201, 10)
+
+
+def test_the_authorization_server_waits_on_its_database_off_the_event_loop(
+    postgres_url, tmp_path, served
+):
+    """A database that answers slowly (a lock, a hanging connection) holds the requests that
+    need it, never the server: its pages read and write the database in worker threads."""
+    server = served(postgres_url, OAUTH % (tmp_path / "keys"))
+    client = {"client_name": "c", "redirect_uris": ["http://127.0.0.1:9/cb"]}
+    with httpx.Client(base_url=server.url, timeout=60) as http:
+        client_id = http.post("/register", json=client).json()["client_id"]
+        answered: dict = {}
+
+        def authorize() -> None:
+            answered["response"] = http.get("/authorize", params={"client_id": client_id})
+
+        with psycopg.connect(postgres_url) as blocker:
+            blocker.execute("LOCK TABLE oauth_clients IN ACCESS EXCLUSIVE MODE")
+            waiting = threading.Thread(target=authorize)
+            waiting.start()
+            time.sleep(0.5)  # the authorization request is waiting on the lock
+            with httpx.Client(base_url=server.url, timeout=5) as other:
+                health = [other.get("/healthz").status_code for _ in range(5)]
+            assert waiting.is_alive() and "response" not in answered
+            blocker.rollback()
+        waiting.join(30)
+    assert health == [200] * 5
+    # Then answered: back to the client's one redirect URI (the request lacks its PKCE).
+    assert answered["response"].status_code == 302, answered["response"].text
 
 
 def test_every_connection_has_keepalives_and_timeouts_which_the_url_may_change(postgres_url):
