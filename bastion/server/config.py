@@ -32,7 +32,8 @@ class ServerConfig:
     # Request bodies larger than this are refused with 413 while they are read; bulk import,
     # the OAuth endpoints and pages, and the gateway ([gateway].max_body_bytes) have their own.
     max_body_bytes: int = 1_048_576
-    max_import_bytes: int = 512 * 1_048_576
+    # An import peaks at about 30 times its body in memory (docs/security.md, Known limits).
+    max_import_bytes: int = 64 * 1_048_576
     max_oauth_body_bytes: int = 64 * 1024
     # Objects and arrays nested deeper than this in a JSON body are refused (/v1, OAuth, gateway).
     max_json_depth: int = 64

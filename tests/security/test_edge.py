@@ -80,7 +80,7 @@ def start_quickstart(directory: Path, **settings: object) -> Served:
 
 @pytest.fixture(scope="module")
 def quickstart(tmp_path_factory) -> Iterator[Served]:
-    # The import's own limit, smaller than its default (512 MiB) so that reaching it is quick.
+    # The import's own limit, smaller than its default (64 MiB) so that reaching it is quick.
     served = start_quickstart(
         tmp_path_factory.mktemp("edge"), max_import_bytes=IMPORT_LIMIT, access_log=True
     )
