@@ -661,29 +661,23 @@ def test_deeply_nested_registration_is_refused_naming_the_limit(quickstart):
     assert "max_json_depth" in r.json()["error_description"]
 
 
-def client_credentials_token(served: Served) -> str:
-    """An access token for /mcp/desk, for a confidential client registered on the command line."""
+def confidential_client(served: Served, name: str, *flags: str) -> dict:
+    """A confidential client registered with `bastion clients create` on the served store: its
+    id and secret."""
     done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "bastion.cli",
-            "clients",
-            "create",
-            "--name",
-            "edge",
-            "--confidential",
-            "--scope",
-            "customers:read",
-            "--config",
-            str(served.directory / "bastion.toml"),
-        ],
+        [sys.executable, "-m", "bastion.cli", "clients", "create", "--name", name]
+        + ["--confidential", *flags, "--config", str(served.directory / "bastion.toml")],
         capture_output=True,
         text=True,
         check=True,
         cwd=ROOT,
     )
-    client = json.loads(done.stdout)
+    return json.loads(done.stdout)
+
+
+def client_credentials_token(served: Served) -> str:
+    """An access token for /mcp/desk, for a confidential client registered on the command line."""
+    client = confidential_client(served, "edge", "--scope", "customers:read")
     r = httpx.post(
         f"{served.url}/token",
         data={
@@ -739,26 +733,7 @@ def test_a_token_whose_header_nests_deeply_is_refused_as_a_token(quickstart):
     )
     assert r.status_code == 401, r.text
     assert 'error="invalid_token"' in r.headers["www-authenticate"]
-    client = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "bastion.cli",
-            "clients",
-            "create",
-            "--name",
-            "introspecting",
-            "--confidential",
-            "--introspection",
-            "--config",
-            str(quickstart.directory / "bastion.toml"),
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
-        cwd=ROOT,
-    )
-    credentials = json.loads(client.stdout)
+    credentials = confidential_client(quickstart, "introspecting", "--introspection")
     r = httpx.post(
         f"{quickstart.url}/introspect",
         data={"token": token},
