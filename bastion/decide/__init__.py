@@ -48,6 +48,15 @@ CONTRACT_SHAPES = (
     ("mask", "bbbf"),
     ("rate_limit", "bbbff"),
     ("requires_approval", "bbb"),
+    ("requires_review", "bbb"),
+    ("approval_grant", "bbbb"),
+    # Asked when a call is held or answered (`bastion.approvals.service.Approvals.terms`).
+    ("approver", "fbbb"),
+    ("approver", "bbbb"),
+    ("approvals_required", "bbbf"),
+    ("approval_window", "bbbf"),
+    ("approval_expires", "bbbf"),
+    ("self_approval_forbidden", "bbb"),
 )
 
 

@@ -9,7 +9,12 @@ for. The policy can attach obligations with these rules (each optional):
 | ``requires_scope(action, resource, scope)`` | the OAuth token must carry ``scope`` (else step-up) |
 | ``mask(actor, action, resource, path)`` | redact the JSON path ``path`` of the result |
 | ``rate_limit(actor, action, resource, max, seconds)`` | at most ``max`` calls per ``seconds`` |
-| ``requires_approval(actor, action, resource)`` | hold for a human before it runs |
+| ``requires_approval(actor, action, resource)`` | hold for a person's approval before it runs |
+| ``requires_review(actor, action, resource)`` | hold the result for a person before release |
+
+An ``approval_grant(user, agent, action, resource)`` fact (an approval for N minutes, stored
+with an expiry) satisfies ``requires_approval`` for that user and agent; the rules about who may
+approve (``approver`` and its companions) are asked by `bastion.approvals.service`.
 
 A request whose evaluation spends its budget is refused with ``reason`` "evaluation_limit": the
 enforcement point fails closed, and goes on answering. The questions asked here are compiled
@@ -39,6 +44,9 @@ class Obligations:
     rate_limits: tuple[RateLimit, ...] = ()
     required_scopes: tuple[str, ...] = ()
     requires_approval: bool = False
+    # A live approval_grant fact covers the approval this call requires.
+    approval_granted: bool = False
+    requires_review: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,7 +119,7 @@ def _decide_chain(
                 )
         masks: set[str] = set()
         limits: list[RateLimit] = []
-        approval = False
+        approval = review = False
         for principal in chain:
             # A path that is not text is still a mask asked for: "" (the whole value, which
             # the gateway withholds), never dropped, which would send the result unmasked.
@@ -131,9 +139,17 @@ def _decide_chain(
             approval = approval or bool(
                 s.rows("requires_approval", "bbb", principal, action, resource)
             )
+            review = review or bool(s.rows("requires_review", "bbb", principal, action, resource))
+        granted = (
+            approval
+            and len(chain) > 1
+            and bool(s.rows("approval_grant", "bbbb", chain[0], chain[1], action, resource))
+        )
     return ChainDecision(
         True,
         chain,
-        obligations=Obligations(tuple(sorted(masks)), tuple(limits), required, approval),
+        obligations=Obligations(
+            tuple(sorted(masks)), tuple(limits), required, approval, granted, review
+        ),
         generation=generation,
     )

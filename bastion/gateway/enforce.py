@@ -19,6 +19,7 @@ from datetime import UTC, datetime
 from functools import partial
 from typing import Any
 
+from bastion.approvals.service import Approvals
 from bastion.audit.decisions import DecisionRecord, DecisionRecords, new_decision_id
 from bastion.decide import Authorizer
 from bastion.decide.contract import ChainDecision, Obligations, decide_chain
@@ -110,8 +111,11 @@ class Enforcer:
         clock: Callable[[], float] = time.time,
         digest_key: bytes | None = None,
         facts_stale: Callable[[], bool] = lambda: False,
+        approvals: Approvals | None = None,
     ) -> None:
         self.authorizer = authorizer
+        # Holds for people; None: a call that needs one is refused (fail closed).
+        self.approvals = approvals
         self.records = records
         self.limiter = limiter or RateLimiter()
         self.clock = clock

@@ -14,6 +14,7 @@ import anyio
 from starlette.types import Receive, Scope, Send
 
 from bastion import untrusted_json
+from bastion.approvals.service import Approvals
 from bastion.audit.decisions import DecisionRecords
 from bastion.db import DatabaseUnavailable
 from bastion.decide import Authorizer
@@ -94,6 +95,7 @@ class Gateway:
         digest_key: bytes | None = None,
         facts_stale: Callable[[], bool] = lambda: False,
         max_json_depth: int = untrusted_json.DEFAULT_MAX_DEPTH,
+        approvals: Approvals | None = None,
     ) -> None:
         self.config = config
         # [server].max_json_depth: how deep a client's JSON-RPC message may nest.
@@ -111,7 +113,12 @@ class Gateway:
             else RateLimiter()
         )
         self.enforcer = Enforcer(
-            authorizer, records, self.limiter, digest_key=digest_key, facts_stale=facts_stale
+            authorizer,
+            records,
+            self.limiter,
+            digest_key=digest_key,
+            facts_stale=facts_stale,
+            approvals=approvals,
         )
         self.sessions = SessionTable(config.session_idle_seconds)
         self.resource_scopes = resource_scopes
@@ -187,7 +194,9 @@ class Gateway:
             context,
             granted_scopes=caller.scopes,
         )
-        duties = chain.obligations.requires_approval or chain.obligations.rate_limits
+        duties = chain.obligations
+        held = duties.requires_approval and not duties.approval_granted
+        duties = held or duties.rate_limits
         return not chain.allowed or bool(chain.missing_scopes) or bool(duties)
 
     # -- upstream notifications ------------------------------------------------------------------

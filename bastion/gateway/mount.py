@@ -45,6 +45,7 @@ def gateway_from_config(
     oauth,
     authorizer: Callable[[], Authorizer],
     facts_stale: Callable[[], bool] = lambda: False,
+    approvals=None,
 ) -> Gateway:
     """The gateway of the ``[gateway]`` table; it checks tokens with the ``[oauth]`` server.
     While ``facts_stale()`` the facts are too old to decide on, and every decision refuses."""
@@ -72,6 +73,7 @@ def gateway_from_config(
         resource_scopes=lambda uri: r.scopes if (r := settings.resource(uri)) else (),
         digest_key=digest_key,
         max_json_depth=config.max_json_depth,
+        approvals=approvals,
     )
     for name in gateway.upstreams:
         uri = gateway.resource(name)

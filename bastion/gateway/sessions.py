@@ -47,7 +47,7 @@ def may_read(
     authz: Authorizer, caller: Caller, server: str, uri: str, context: dict[str, Any]
 ) -> bool:
     """Whether ``caller`` may hear of the resource ``uri`` now: every principal may ``read`` it,
-    the token has every scope that requires, and no human has to approve it first (as
+    the token has every scope that requires, and no person has to approve it or review it (as
     ``resources/read`` would be decided; a notification is not counted by rate limits)."""
     chain = decide_chain(
         authz,
@@ -57,7 +57,9 @@ def may_read(
         {**context, "uri": uri},
         granted_scopes=caller.scopes,
     )
-    return chain.allowed and not chain.obligations.requires_approval
+    duties = chain.obligations
+    held = (duties.requires_approval and not duties.approval_granted) or duties.requires_review
+    return chain.allowed and not held
 
 
 @dataclass(eq=False)

@@ -185,12 +185,34 @@ def _oauth_server(config: ServerConfig, db: Database):
 
 
 # -- MCP gateway (issue 5): mounted when bastion.toml has a [gateway] table ---------------------
-def _gateway(config: ServerConfig, oauth, replica: Replica):
+def _gateway(config: ServerConfig, oauth, replica: Replica, approvals):
     if not config.gateway:
         return None
     from bastion.gateway.mount import gateway_from_config
 
-    return gateway_from_config(config, oauth, lambda: replica.authz, lambda: replica.stale)
+    return gateway_from_config(
+        config, oauth, lambda: replica.authz, lambda: replica.stale, approvals=approvals
+    )
+
+
+def _approvals(config: ServerConfig, oauth, replica: Replica):
+    """Holds for people (docs/approvals.md): with a gateway, whose calls they hold."""
+    if not config.gateway or oauth is None:
+        if config.approvals:
+            raise ConfigError(
+                "bastion.toml has an [approvals] table but no [gateway] to hold calls"
+            )
+        return None
+    from bastion.approvals.service import approvals_from_config
+
+    return approvals_from_config(
+        config.database,
+        config.approvals,
+        oauth.settings.key_dir,
+        oauth.settings.issuer,
+        lambda: replica.authz,
+        lambda: replica.policy_version,
+    )
 
 
 def create_app(config: ServerConfig) -> Starlette:
@@ -213,7 +235,8 @@ def create_app(config: ServerConfig) -> Starlette:
     metrics.observe_staleness(lambda: replica.staleness)
 
     oauth = _oauth_server(config, db)
-    gateway = _gateway(config, oauth, replica)
+    approvals = _approvals(config, oauth, replica)
+    gateway = _gateway(config, oauth, replica, approvals)
     if gateway is not None and gateway.records is not None:
         metrics.observe_records_dropped(lambda: gateway.records.dropped)
 
@@ -233,6 +256,8 @@ def create_app(config: ServerConfig) -> Starlette:
                 await gateway.close()
             if oauth is not None:
                 await anyio.to_thread.run_sync(oauth.close)
+            if approvals is not None:
+                await anyio.to_thread.run_sync(approvals.store.db.close)
             await replica.stop()
             await anyio.to_thread.run_sync(db.close)
 
@@ -278,4 +303,5 @@ def create_app(config: ServerConfig) -> Starlette:
     app.state.oauth = oauth
     app.state.oauth_paths = oauth_paths(oauth)
     app.state.gateway = gateway
+    app.state.approvals = approvals
     return app

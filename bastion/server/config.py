@@ -83,6 +83,8 @@ class ServerConfig:
     oauth: dict[str, Any] = field(default_factory=dict)
     # The [gateway] table, read by bastion.gateway.config (issue 5).
     gateway: dict[str, Any] = field(default_factory=dict)
+    # The [approvals] table, read by bastion.approvals.settings (docs/approvals.md).
+    approvals: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def load(
@@ -113,13 +115,14 @@ class ServerConfig:
             values.update(server)
             if "oauth" in data:
                 values["oauth"] = data["oauth"]
-            if "gateway" in data:
-                values["gateway"] = data["gateway"]
+            for table in ("gateway", "approvals"):
+                if table in data:
+                    values[table] = data[table]
         elif path is not None:
             raise ConfigError(f"configuration file {file} does not exist")
         names = {f.name: f for f in fields(cls)}
         for name in names:
-            if name in ("oauth", "gateway"):
+            if name in ("oauth", "gateway", "approvals"):
                 continue
             var = f"BASTION_{name.upper()}"
             if var in env:

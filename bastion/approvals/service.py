@@ -1,0 +1,474 @@
+"""The approval model: hold a call or a result, ask the policy who may answer, take answers,
+and tell the enforcement point, when the call comes again, whether it may go on.
+
+The policy stays authoritative. A held call is decided again in full when it comes back; an
+approval only satisfies ``requires_approval`` for the exact call it was given for (same user,
+agent, server, method, target and arguments, same policy version), once, before it expires.
+Who may answer is policy too (the contract's ``approver``, ``approvals_required``,
+``approval_expires``, ``approval_window`` and ``self_approval_forbidden`` rules, see
+docs/approvals.md). An approval for N minutes is a fact, ``approval_grant(user, agent, action,
+resource)``, stored with an expiry: the policy sees it and it is revoked like any fact.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from bastion.approvals.settings import ApprovalSettings
+from bastion.approvals.store import OPEN, Answer, ApprovalRequest, ApprovalStore
+from bastion.audit.log import AuditLog
+from bastion.decide import Authorizer
+from bastion.facts.model import Entity
+from bastion.facts.store import FactStore, StoredFact
+from bastion.policy.errors import EvaluationLimit
+
+log = logging.getLogger("bastion.approvals")
+
+GRANT = "approval_grant"
+# Statuses in which a request still counts, until its expiry.
+_LIVE = (OPEN, "approved", "released")
+
+
+class NotAllowed(Exception):
+    """This person may not give this answer; the message says why."""
+
+
+class UnknownRequest(Exception):
+    """No approval request has this id."""
+
+
+@dataclass(frozen=True, slots=True)
+class Call:
+    """The call (or result) being held, as the enforcement point saw it."""
+
+    kind: str  # "approval" or "review"
+    subject: str
+    client_id: str
+    server: str
+    method: str
+    action: str
+    resource: Entity
+    arguments: Any
+    arguments_digest: str
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What `Approvals.check` found for a call.
+
+    ``state``: "hold" (no request counts: hold it), "pending", "approved" (an unused approval for
+    this exact call; use it), "released" (a reviewed result to deliver) or "refused" (``reason``
+    says why: approval_denied, approval_expired, approval_mismatch, approval_used,
+    review_withheld, review_expired).
+    """
+
+    state: str
+    request: ApprovalRequest | None = None
+    reason: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Terms:
+    """What the policy says about answering one held call."""
+
+    approvers: tuple[str, ...]
+    required: int
+    self_forbidden: bool
+    window_minutes: int
+    seconds: float
+
+
+class Approvals:
+    def __init__(
+        self,
+        store: ApprovalStore,
+        facts: FactStore,
+        authorizer: Callable[[], Authorizer],
+        policy_version: Callable[[], int | None],
+        settings: ApprovalSettings,
+        base_url: str,
+        binding_key: bytes,
+        audit: AuditLog,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.store = store
+        self.facts = facts
+        self.authorizer = authorizer
+        self.policy_version = policy_version
+        self.settings = settings
+        self.base_url = base_url.rstrip("/")
+        self._keyed = hmac.new(binding_key, digestmod=hashlib.sha256)
+        self.audit = audit
+        self.clock = clock
+        # Told of each new request (webhooks), in the thread that made it.
+        self.on_new_request: list[Callable[[ApprovalRequest], None]] = []
+
+    # -- the enforcement point's side ---------------------------------------------------------
+
+    def binding(self, call: Call) -> str:
+        """A keyed digest naming the exact call: two calls share it only if they are the same."""
+        mac = self._keyed.copy()
+        parts = [
+            call.kind,
+            call.subject,
+            call.client_id,
+            call.server,
+            call.method,
+            repr(call.resource),
+            call.arguments_digest,
+        ]
+        mac.update(json.dumps(parts, separators=(",", ":")).encode())
+        return mac.hexdigest()
+
+    def url(self, request_id: str) -> str:
+        return f"{self.base_url}/approvals/{request_id}"
+
+    def check(self, call: Call, request_id: str | None = None) -> Outcome:
+        """Where this call stands. ``request_id``: the request the client says it retries (a
+        2026-07-28 ``requestState``); it must name this very call."""
+        binding = self.binding(call)
+        if request_id is not None:
+            request = self.store.get(request_id)
+            if request is None or request.kind != call.kind or request.binding != binding:
+                return Outcome("refused", request, "approval_mismatch")
+        else:
+            request = self.store.latest(call.kind, binding)
+        if request is None:
+            return Outcome("hold")
+        now = self.clock()
+        prefix = "approval" if call.kind == "approval" else "review"
+        if request.status in _LIVE and request.expires_at <= now:
+            self.store.resolve(request.id, "expired", from_status=request.status)
+            self._event(request, f"{prefix}.expired")
+            return Outcome("refused", request, f"{prefix}_expired")
+        if request.status == OPEN:
+            return Outcome("pending", request)
+        if request.status == "approved":
+            if request.policy_version != self.policy_version():
+                # Approved under other rules: what the person saw is no longer what decides.
+                self.store.resolve(request.id, "void", from_status="approved")
+                self._event(request, "approval.void", reason="policy version changed")
+                return Outcome("refused", request, "approval_mismatch")
+            return Outcome("approved", request)
+        if request.status == "released":
+            return Outcome("released", request)
+        if request.status in ("denied", "withheld") and now < request.expires_at:
+            # A refusal stands until the request would have expired: asking again at once is
+            # not a way around it.
+            reason = "approval_denied" if request.status == "denied" else "review_withheld"
+            return Outcome("refused", request, reason)
+        if request_id is not None:
+            reason = {"used": "approval_used", "delivered": "approval_used"}.get(
+                request.status, f"{prefix}_expired"
+            )
+            return Outcome("refused", request, reason)
+        return Outcome("hold")
+
+    def hold(
+        self,
+        call: Call,
+        decision_id: str,
+        rules: tuple[str, ...],
+        context: dict[str, Any],
+        result: Any = None,
+    ) -> ApprovalRequest:
+        """The pending request for this call, made (and announced) if there is none."""
+        terms = self.terms(call.subject, call.action, call.resource, context)
+        request, made = self.store.create(
+            kind=call.kind,
+            binding=self.binding(call),
+            subject=call.subject,
+            client_id=call.client_id,
+            server=call.server,
+            method=call.method,
+            action=call.action,
+            target=repr(call.resource),
+            arguments_digest=call.arguments_digest,
+            arguments=call.arguments,
+            policy_version=self.policy_version() or 0,
+            decision_id=decision_id,
+            rules=rules,
+            approvers=terms.approvers,
+            required=terms.required,
+            self_forbidden=terms.self_forbidden,
+            window_minutes=terms.window_minutes,
+            seconds=terms.seconds,
+            result=result,
+        )
+        if made:
+            self._event(request, f"{call.kind}.requested", decision_id=decision_id)
+            for hook in self.on_new_request:
+                try:
+                    hook(request)
+                except Exception:  # a notifier's failure must not lose the request
+                    log.exception("approval %s: a notifier failed", request.id)
+        return request
+
+    def use(self, request: ApprovalRequest, decision_id: str) -> bool:
+        """Spend an approval (or deliver a released result) for the call ``decision_id``; False
+        if it was spent already (two retries at once: one goes through)."""
+        from_status = "approved" if request.kind == "approval" else "released"
+        used = self.store.use(request.id, decision_id, from_status=from_status)
+        if used:
+            kind = "approval.used" if request.kind == "approval" else "review.delivered"
+            self._event(request, kind, decision_id=decision_id)
+        return used
+
+    def held_result(self, request: ApprovalRequest) -> Any:
+        return self.store.held_result(request.id)
+
+    # -- the policy's side ---------------------------------------------------------------------
+
+    def terms(self, subject: str, action: str, resource: Entity, context: dict[str, Any]) -> Terms:
+        """Who may answer a held call and how, from the policy in force now."""
+        user = Entity("User", subject)
+        seconds = self.settings.expiry_seconds
+        try:
+            with self.authorizer().session(context) as s:
+                approvers = sorted(
+                    a.id
+                    for a in s.rows("approver", "fbbb", user, action, resource)
+                    if isinstance(a, Entity) and a.type == "User"
+                )
+                required = max(
+                    (
+                        n
+                        for n in s.rows("approvals_required", "bbbf", user, action, resource)
+                        if type(n) is int and n > 0
+                    ),
+                    default=1,
+                )
+                forbidden = bool(s.rows("self_approval_forbidden", "bbb", user, action, resource))
+                windows = [
+                    n
+                    for n in s.rows("approval_window", "bbbf", user, action, resource)
+                    if type(n) is int and n > 0
+                ]
+                shorter = [
+                    n
+                    for n in s.rows("approval_expires", "bbbf", user, action, resource)
+                    if type(n) in (int, float) and n > 0
+                ]
+        except EvaluationLimit:
+            # Over budget: nobody but the user, once, and never by default for themself if
+            # forbidden — the narrowest terms, not the widest.
+            approvers, required, forbidden, windows, shorter = [], 1, True, [], []
+        window = min(min(windows, default=0), self.settings.max_window_minutes)
+        return Terms(
+            approvers=tuple(approvers),
+            required=required,
+            self_forbidden=forbidden,
+            window_minutes=window,
+            seconds=min([seconds, *shorter]),
+        )
+
+    def may_answer(self, request: ApprovalRequest, person: str) -> str | None:
+        """None if ``person`` (a user's name) may answer ``request`` now; else why not."""
+        if request.status != OPEN:
+            return f"this request is {request.status}, not pending"
+        if request.expires_at <= self.clock():
+            return "this request has expired"
+        if any(a.approver == person for a in request.answers):
+            return f"{person} has already answered this request"
+        resource = Entity.parse(request.target)
+        context = {
+            "time": _now(self.clock()),
+            "server": request.server,
+            "method": request.method,
+            "arguments": request.arguments,
+        }
+        terms = self.terms(request.subject, request.action, resource, context)
+        if person == request.subject:
+            if terms.self_forbidden or request.self_forbidden:
+                return "the policy forbids approving one's own call here"
+            if not terms.approvers or person in terms.approvers:
+                return None
+            return f"{person} may not approve their own call: the policy names its approvers"
+        if person in terms.approvers:
+            return None
+        user = Entity("User", request.subject)
+        try:
+            with self.authorizer().session(context) as s:
+                if s.rows(
+                    "approver", "bbbb", Entity("User", person), user, request.action, resource
+                ):
+                    return None
+        except EvaluationLimit:
+            pass
+        return f"{person} is not an approver of this request under the policy"
+
+    def answer(
+        self,
+        request_id: str,
+        person: str,
+        answer: str,
+        *,
+        minutes: int = 0,
+        channel: str,
+        reason: str = "",
+        withheld_fields: tuple[str, ...] = (),
+    ) -> ApprovalRequest:
+        """Record ``person``'s answer ("approve" or "deny"; for a review, release or withhold)
+        and resolve the request when it is decided. `NotAllowed` says why an answer is refused."""
+        if answer not in ("approve", "deny"):
+            raise NotAllowed(f"answer must be approve or deny, not {answer!r}")
+        request = self.store.get(request_id)
+        if request is None:
+            raise UnknownRequest(request_id)
+        why = self.may_answer(request, person)
+        if why is not None:
+            raise NotAllowed(why)
+        if request.kind == "review":
+            if minutes:
+                raise NotAllowed("a result is released once; it takes no minutes")
+        elif withheld_fields:
+            raise NotAllowed("fields are withheld from results under review, not from calls")
+        if minutes:
+            if type(minutes) is not int or minutes < 0:
+                raise NotAllowed("minutes must be a whole number of minutes")
+            if minutes > request.window_minutes:
+                raise NotAllowed(
+                    f"the policy allows approvals of this call for {request.window_minutes}"
+                    " minutes at most"
+                    if request.window_minutes
+                    else "the policy allows this call to be approved once only, not for a time"
+                )
+            self._check_grant(request)
+        now = self.clock()
+        try:
+            self.store.answer(request.id, Answer(person, answer, minutes, channel, reason, now))
+        except ValueError as e:
+            raise NotAllowed(str(e)) from None
+        kind = request.kind
+        verb = {"approve": "approved", "deny": "denied"}[answer]
+        if kind == "review":
+            verb = {"approve": "released", "deny": "withheld"}[answer]
+        self._event(
+            request,
+            f"{kind}.answer",
+            approver=person,
+            answer=verb,
+            channel=channel,
+            reason=reason,
+            minutes=minutes,
+            withheld_fields=list(withheld_fields),
+        )
+        request = self.store.get(request.id)
+        assert request is not None
+        if answer == "deny":
+            self.store.resolve(request.id, verb, from_status=OPEN)
+        elif len(request.approvals) >= request.required:
+            if not self.store.resolve(
+                request.id, verb, from_status=OPEN, withheld_fields=withheld_fields
+            ):
+                raise NotAllowed("this request was answered meanwhile")
+            window = min(a.minutes for a in request.approvals)
+            if kind == "approval" and window > 0:
+                self._grant(request, window)
+        request = self.store.get(request.id)
+        assert request is not None
+        if request.status != OPEN:
+            self._event(request, f"{kind}.{request.status}")
+        return request
+
+    def get(self, request_id: str) -> ApprovalRequest | None:
+        return self.store.get(request_id)
+
+    def listed(
+        self, *, status: str | None = None, approver: str | None = None, limit: int = 100
+    ) -> list[ApprovalRequest]:
+        return self.store.listed(status=status, approver=approver, limit=limit)
+
+    # -- time-bounded grants -------------------------------------------------------------------
+
+    def _grant_fact(self, request: ApprovalRequest) -> tuple:
+        return (
+            GRANT,
+            Entity("User", request.subject),
+            Entity("Agent", request.client_id),
+            request.action,
+            Entity.parse(request.target),
+        )
+
+    def _check_grant(self, request: ApprovalRequest) -> None:
+        from bastion.facts.model import FactError
+
+        try:
+            self.authorizer().facts.validate(self._grant_fact(request))
+        except FactError as e:
+            raise NotAllowed(
+                f"an approval for a time is stored as an {GRANT} fact, and the policy cannot"
+                f" hold it: {e}"
+            ) from None
+
+    def _grant(self, request: ApprovalRequest, minutes: int) -> None:
+        expires = self.clock() + minutes * 60
+        fact = self._grant_fact(request)
+        self.facts.apply([StoredFact(fact, expires)], actor=f"approval {request.id}")
+        self._event(request, "approval.grant", minutes=minutes, expires_at=expires)
+
+    # -- the record ----------------------------------------------------------------------------
+
+    def _event(self, request: ApprovalRequest, kind: str, **detail: Any) -> None:
+        self.audit.record(
+            kind,
+            subject=request.subject,
+            client_id=request.client_id,
+            request_id=request.id,
+            server=request.server,
+            method=request.method,
+            target=request.target,
+            decision_id=detail.pop("decision_id", request.decision_id),
+            **detail,
+        )
+
+
+def _now(epoch: float):
+    from datetime import UTC, datetime
+
+    return datetime.fromtimestamp(epoch, UTC)
+
+
+def approvals_from_config(
+    database: str,
+    table: dict[str, Any],
+    key_dir: str,
+    issuer: str,
+    authorizer: Callable[[], Authorizer],
+    policy_version: Callable[[], int | None],
+) -> Approvals:
+    """The approvals of a server with a gateway: its own database connection, the ``[approvals]``
+    table, and two secrets of the deployment in ``key_dir`` (one seals what requests hold, one
+    keys the digests that bind a request to its call)."""
+    from bastion.db import Database
+    from bastion.oauth.keys import deployment_secret
+    from bastion.server.config import ConfigError
+
+    settings = ApprovalSettings.from_mapping(table)
+    try:
+        sealing = deployment_secret(key_dir, SEALING_KEY)
+        binding = deployment_secret(key_dir, BINDING_KEY)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"oauth.key_dir: {e}") from None
+    db = Database(database, role="bastion-approvals")
+    return Approvals(
+        ApprovalStore(db, sealing),
+        FactStore(db),
+        authorizer,
+        policy_version,
+        settings,
+        issuer,
+        binding,
+        AuditLog(db),
+    )
+
+
+SEALING_KEY = "approvals-sealing.key"
+BINDING_KEY = "approvals-binding.key"

@@ -1,0 +1,104 @@
+"""The ``[approvals]`` table of bastion.toml: how long holds last and wait, and who is told.
+
+```toml
+[approvals]
+expiry_seconds = 600        # a request not answered (or an approval not used) by then expires;
+                            # the policy may shorten it (approval_expires)
+wait_seconds = 20           # how long a held HTTP request waits for an answer before it is
+                            # answered approval_pending (the client retries)
+retry_after_seconds = 5     # what approval_pending tells the client to wait before retrying
+max_window_minutes = 480    # no time-bounded grant is longer, whatever the policy allows
+
+[[approvals.webhooks]]
+url = "https://chat.example.com/hooks/abc"   # told of every new request (signed, retried)
+secret_env = "BASTION_WEBHOOK_SECRET"       # the HMAC key, read from this environment variable
+```
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from bastion.server.config import ConfigError
+
+
+@dataclass(frozen=True)
+class Webhook:
+    url: str
+    secret: bytes
+
+
+@dataclass(frozen=True)
+class ApprovalSettings:
+    expiry_seconds: float = 600.0
+    wait_seconds: float = 20.0
+    retry_after_seconds: float = 5.0
+    max_window_minutes: int = 480
+    webhooks: tuple[Webhook, ...] = ()
+    # Attempts per webhook delivery, and the first delay between them (doubled each time).
+    webhook_attempts: int = 5
+    webhook_backoff_seconds: float = 1.0
+    webhook_timeout_seconds: float = 5.0
+
+    @classmethod
+    def from_mapping(
+        cls, table: dict[str, Any], env: dict[str, str] | None = None
+    ) -> ApprovalSettings:
+        env = dict(os.environ if env is None else env)
+        known = {
+            "expiry_seconds",
+            "wait_seconds",
+            "retry_after_seconds",
+            "max_window_minutes",
+            "webhooks",
+            "webhook_attempts",
+            "webhook_backoff_seconds",
+            "webhook_timeout_seconds",
+        }
+        for key in table:
+            if key not in known:
+                raise ConfigError(
+                    f"unknown key [approvals].{key}; known keys: {', '.join(sorted(known))}"
+                )
+        values: dict[str, Any] = {}
+        for key in ("expiry_seconds", "wait_seconds", "retry_after_seconds"):
+            if key in table:
+                values[key] = _positive(
+                    f"approvals.{key}", table[key], allow_zero=key == "wait_seconds"
+                )
+        for key in ("webhook_backoff_seconds", "webhook_timeout_seconds"):
+            if key in table:
+                values[key] = _positive(f"approvals.{key}", table[key])
+        for key in ("max_window_minutes", "webhook_attempts"):
+            if key in table:
+                value = table[key]
+                if type(value) is not int or value < (0 if key == "max_window_minutes" else 1):
+                    raise ConfigError(f"approvals.{key} must be a whole number, got {value!r}")
+                values[key] = value
+        hooks = []
+        for i, hook in enumerate(table.get("webhooks") or ()):
+            where = f"approvals.webhooks[{i}]"
+            if not isinstance(hook, dict) or not isinstance(hook.get("url"), str):
+                raise ConfigError(f'{where}: needs url = "https://..." and secret_env')
+            if not hook["url"].startswith(("https://", "http://")):
+                raise ConfigError(f"{where}.url must be an http(s) URL, got {hook['url']!r}")
+            name = hook.get("secret_env")
+            if not isinstance(name, str) or not env.get(name):
+                raise ConfigError(
+                    f"{where}.secret_env must name an environment variable that holds the"
+                    f" webhook's signing secret ({name!r} is not set)"
+                )
+            hooks.append(Webhook(hook["url"], env[name].encode()))
+        values["webhooks"] = tuple(hooks)
+        return cls(**values)
+
+
+def _positive(key: str, value: Any, allow_zero: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ConfigError(f"{key} must be a number of seconds, got {value!r}")
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ConfigError(f"{key} must be greater than 0, got {value!r}")
+    return float(value)

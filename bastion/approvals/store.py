@@ -1,0 +1,424 @@
+"""Approval requests and their answers, kept in bastion's database (SQLite or PostgreSQL).
+
+A request is one held call (kind ``approval``: waits for a person before it runs) or one held
+result (kind ``review``: the upstream answered; a person releases the answer or withholds it). It
+is bound to the exact call by ``binding`` (a keyed digest of the user, agent, server, method,
+target and arguments), carries the policy version it was held under and an expiry, and moves
+``pending`` -> ``approved`` | ``denied`` | ``expired``, then ``approved`` -> ``used`` once the call
+it unlocked runs (single use). A review moves ``pending`` -> ``released`` | ``withheld`` |
+``expired``, and ``released`` -> ``delivered``. The arguments and a held result are encrypted at
+rest (AES-GCM, `cryptography`) under a key of the deployment; a held result is deleted when it is
+delivered, withheld or expires.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from bastion.db import Database
+
+_MIGRATIONS = [
+    """
+    CREATE TABLE approval_requests (
+        id TEXT PRIMARY KEY,
+        kind TEXT NOT NULL,
+        status TEXT NOT NULL,
+        binding TEXT NOT NULL,
+        subject TEXT NOT NULL,
+        client_id TEXT NOT NULL,
+        server TEXT NOT NULL,
+        method TEXT NOT NULL,
+        action TEXT NOT NULL,
+        target TEXT NOT NULL,
+        arguments_digest TEXT NOT NULL,
+        arguments BYTEA,
+        policy_version INTEGER NOT NULL,
+        decision_id TEXT NOT NULL,
+        rules TEXT NOT NULL,
+        approvers TEXT NOT NULL,
+        required INTEGER NOT NULL,
+        self_forbidden INTEGER NOT NULL,
+        window_minutes INTEGER NOT NULL,
+        created_at DOUBLE PRECISION NOT NULL,
+        expires_at DOUBLE PRECISION NOT NULL,
+        resolved_at DOUBLE PRECISION,
+        used_at DOUBLE PRECISION,
+        used_by TEXT,
+        result BYTEA,
+        withheld_fields TEXT NOT NULL
+    );
+    CREATE INDEX approval_requests_binding ON approval_requests (binding, created_at);
+    CREATE INDEX approval_requests_status ON approval_requests (status, expires_at);
+    CREATE TABLE approval_answers (
+        request_id TEXT NOT NULL,
+        approver TEXT NOT NULL,
+        answer TEXT NOT NULL,
+        minutes INTEGER NOT NULL,
+        channel TEXT NOT NULL,
+        reason TEXT NOT NULL,
+        at DOUBLE PRECISION NOT NULL,
+        PRIMARY KEY (request_id, approver)
+    );
+    """,
+]
+
+KINDS = ("approval", "review")
+# pending: waiting for people; approved / released: answered yes (an approval may then be used
+# once); denied / withheld: answered no; expired: nobody answered in time; used / delivered: the
+# call it unlocked ran, or its result went to the agent.
+OPEN = "pending"
+ANSWERS = ("approve", "deny")
+CHANNELS = ("page", "api", "cli", "elicitation")
+
+_COLUMNS = (
+    "id, kind, status, binding, subject, client_id, server, method, action, target,"
+    " arguments_digest, arguments, policy_version, decision_id, rules, approvers, required,"
+    " self_forbidden, window_minutes, created_at, expires_at, resolved_at, used_at, used_by,"
+    " result, withheld_fields"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """One person's answer to a request."""
+
+    approver: str
+    answer: str  # approve | deny
+    minutes: int  # approve for this many minutes (a time-bounded grant); 0: this call only
+    channel: str
+    reason: str
+    at: float
+
+
+@dataclass(frozen=True, slots=True)
+class ApprovalRequest:
+    id: str
+    kind: str
+    status: str
+    binding: str
+    subject: str  # the user the agent acts for
+    client_id: str  # the agent
+    server: str
+    method: str
+    action: str
+    target: str  # the resource, as the policy names it: Tool{"desk/delete_customer"}
+    arguments_digest: str
+    arguments: Any  # decrypted; None when the call had none
+    policy_version: int
+    decision_id: str  # the decision that held it
+    rules: tuple[str, ...]  # why: the rules that required it
+    approvers: tuple[str, ...]  # who may answer, as the policy said when it was held
+    required: int  # distinct approvals needed
+    self_forbidden: bool
+    window_minutes: int  # the longest time-bounded grant an approver may give (0: none)
+    created_at: float
+    expires_at: float
+    resolved_at: float | None = None
+    used_at: float | None = None
+    used_by: str | None = None  # the decision id of the call it unlocked
+    withheld_fields: tuple[str, ...] = ()  # a review released with these paths masked
+    answers: tuple[Answer, ...] = field(default=())
+
+    @property
+    def approvals(self) -> tuple[Answer, ...]:
+        return tuple(a for a in self.answers if a.answer == "approve")
+
+    def summary(self) -> dict[str, Any]:
+        """The request as the API and the CLI show it (the arguments in full; never a result)."""
+        return {
+            "id": self.id,
+            "kind": self.kind,
+            "status": self.status,
+            "user": self.subject,
+            "agent": self.client_id,
+            "server": self.server,
+            "method": self.method,
+            "action": self.action,
+            "target": self.target,
+            "arguments": self.arguments,
+            "arguments_digest": self.arguments_digest,
+            "policy_version": self.policy_version,
+            "decision_id": self.decision_id,
+            "rules": list(self.rules),
+            "approvers": list(self.approvers),
+            "required": self.required,
+            "self_approval_forbidden": self.self_forbidden,
+            "window_minutes": self.window_minutes,
+            "created_at": self.created_at,
+            "expires_at": self.expires_at,
+            "resolved_at": self.resolved_at,
+            "used_at": self.used_at,
+            "used_by": self.used_by,
+            "withheld_fields": list(self.withheld_fields),
+            "answers": [
+                {
+                    "approver": a.approver,
+                    "answer": a.answer,
+                    "minutes": a.minutes,
+                    "channel": a.channel,
+                    "reason": a.reason,
+                    "at": a.at,
+                }
+                for a in self.answers
+            ],
+        }
+
+
+class Sealed:
+    """AES-GCM under a key of the deployment, for what a request holds that is data (arguments,
+    a held result): a reader of the database alone does not see it. The request id is the
+    associated data, so a sealed value cannot be moved to another request."""
+
+    def __init__(self, key: bytes) -> None:
+        self._aead = AESGCM(key[:32])
+
+    def seal(self, request_id: str, value: Any) -> bytes:
+        nonce = secrets.token_bytes(12)
+        data = json.dumps(value, separators=(",", ":")).encode()
+        return nonce + self._aead.encrypt(nonce, data, request_id.encode())
+
+    def open(self, request_id: str, blob: bytes | memoryview | None) -> Any:
+        if blob is None:
+            return None
+        blob = bytes(blob)
+        return json.loads(self._aead.decrypt(blob[:12], blob[12:], request_id.encode()))
+
+
+class ApprovalStore:
+    """Reads and writes requests. Every method does I/O: call it off the event loop."""
+
+    def __init__(self, db: Database, key: bytes, clock: Callable[[], float] = time.time) -> None:
+        self.db = db
+        self.clock = clock
+        self.sealed = Sealed(key)
+        db.migrate("approvals", _MIGRATIONS)
+
+    def create(
+        self,
+        *,
+        kind: str,
+        binding: str,
+        subject: str,
+        client_id: str,
+        server: str,
+        method: str,
+        action: str,
+        target: str,
+        arguments_digest: str,
+        arguments: Any,
+        policy_version: int,
+        decision_id: str,
+        rules: tuple[str, ...],
+        approvers: tuple[str, ...],
+        required: int,
+        self_forbidden: bool,
+        window_minutes: int,
+        seconds: float,
+        result: Any = None,
+    ) -> tuple[ApprovalRequest, bool]:
+        """The pending request of this kind bound to ``binding``, made if there is none; and
+        whether it was made now. Identical pending calls share one request."""
+        now = self.clock()
+        with self.db.transaction():
+            if self.db.is_postgres:
+                self.db.execute(
+                    "SELECT pg_advisory_xact_lock(hashtext(?))", (f"approval:{binding}",)
+                )
+            found = self._pending(kind, binding, now)
+            if found is not None:
+                return found, False
+            request_id = secrets.token_urlsafe(18)
+            self.db.execute(
+                f"INSERT INTO approval_requests ({_COLUMNS}) VALUES"
+                " (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, NULL,"
+                " NULL, ?, ?)",
+                (
+                    request_id,
+                    kind,
+                    OPEN,
+                    binding,
+                    subject,
+                    client_id,
+                    server,
+                    method,
+                    action,
+                    target,
+                    arguments_digest,
+                    None if arguments is None else self.sealed.seal(request_id, arguments),
+                    policy_version,
+                    decision_id,
+                    json.dumps(list(rules)),
+                    json.dumps(list(approvers)),
+                    required,
+                    int(self_forbidden),
+                    window_minutes,
+                    now,
+                    now + seconds,
+                    None if result is None else self.sealed.seal(request_id, result),
+                    "[]",
+                ),
+            )
+            made = self.get(request_id)
+        assert made is not None
+        return made, True
+
+    def _pending(self, kind: str, binding: str, now: float) -> ApprovalRequest | None:
+        rows = self.db.execute(
+            f"SELECT {_COLUMNS} FROM approval_requests WHERE binding = ? AND kind = ?"
+            " AND status = ? AND expires_at > ? ORDER BY created_at DESC LIMIT 1",
+            (binding, kind, OPEN, now),
+        )
+        return self._request(rows[0]) if rows else None
+
+    def get(self, request_id: str) -> ApprovalRequest | None:
+        rows = self.db.execute(
+            f"SELECT {_COLUMNS} FROM approval_requests WHERE id = ?", (request_id,)
+        )
+        return self._request(rows[0]) if rows else None
+
+    def latest(self, kind: str, binding: str) -> ApprovalRequest | None:
+        """The newest request of this kind for the call ``binding`` names, in whatever state."""
+        rows = self.db.execute(
+            f"SELECT {_COLUMNS} FROM approval_requests WHERE binding = ? AND kind = ?"
+            " ORDER BY created_at DESC LIMIT 1",
+            (binding, kind),
+        )
+        return self._request(rows[0]) if rows else None
+
+    def listed(
+        self, *, status: str | None = None, approver: str | None = None, limit: int = 100
+    ) -> list[ApprovalRequest]:
+        """Requests, newest first; with ``approver``, those the person may answer (named among
+        the approvers, or the user's own when they confirm their agent's calls)."""
+        sql = f"SELECT {_COLUMNS} FROM approval_requests"
+        where, params = [], []
+        if status is not None:
+            where.append("status = ?")
+            params.append(status)
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY created_at DESC LIMIT ?"
+        # The approver filter reads the JSON list, so rows are filtered here, from a bounded scan.
+        rows = self.db.execute(sql, (*params, limit if approver is None else limit * 20))
+        found = [self._request(r) for r in rows]
+        if approver is not None:
+            found = [r for r in found if approver in r.approvers][:limit]
+        return found
+
+    def answer(self, request_id: str, answer: Answer) -> None:
+        """Record one person's answer (a second answer by the same person replaces nothing:
+        `ValueError`)."""
+        with self.db.transaction():
+            known = self.db.execute(
+                "SELECT answer FROM approval_answers WHERE request_id = ? AND approver = ?",
+                (request_id, answer.approver),
+            )
+            if known:
+                raise ValueError(f"{answer.approver} has already answered this request")
+            self.db.execute(
+                "INSERT INTO approval_answers"
+                " (request_id, approver, answer, minutes, channel, reason, at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (
+                    request_id,
+                    answer.approver,
+                    answer.answer,
+                    answer.minutes,
+                    answer.channel,
+                    answer.reason,
+                    answer.at,
+                ),
+            )
+
+    def resolve(
+        self,
+        request_id: str,
+        status: str,
+        *,
+        from_status: str = OPEN,
+        withheld_fields: tuple[str, ...] = (),
+    ) -> bool:
+        """Move a request from ``from_status`` to ``status``; False if it was no longer in
+        ``from_status`` (answered or used meanwhile). Any status but released deletes a held
+        result."""
+        keep_result = status == "released"
+        rows = self.db.execute(
+            "UPDATE approval_requests SET status = ?, resolved_at = ?, withheld_fields = ?"
+            + ("" if keep_result else ", result = NULL")
+            + " WHERE id = ? AND status = ? RETURNING id",
+            (status, self.clock(), json.dumps(list(withheld_fields)), request_id, from_status),
+        )
+        return bool(rows)
+
+    def use(self, request_id: str, decision_id: str, *, from_status: str) -> bool:
+        """Mark an approved (or released) request used by the call ``decision_id`` unlocked:
+        once only, whoever tries at the same time. A delivered result is deleted."""
+        to = "used" if from_status == "approved" else "delivered"
+        rows = self.db.execute(
+            "UPDATE approval_requests SET status = ?, used_at = ?, used_by = ?, result = NULL"
+            " WHERE id = ? AND status = ? RETURNING id",
+            (to, self.clock(), decision_id, request_id, from_status),
+        )
+        return bool(rows)
+
+    def held_result(self, request_id: str) -> Any:
+        rows = self.db.execute("SELECT result FROM approval_requests WHERE id = ?", (request_id,))
+        return self.sealed.open(request_id, rows[0][0]) if rows else None
+
+    def expire(self, now: float | None = None) -> int:
+        """Requests past their expiry that nobody answered (or whose approval nobody used) expire;
+        their held results are deleted. Returns how many."""
+        now = self.clock() if now is None else now
+        rows = self.db.execute(
+            "UPDATE approval_requests SET status = 'expired', result = NULL"
+            " WHERE status IN ('pending', 'approved', 'released') AND expires_at <= ?"
+            " RETURNING id",
+            (now,),
+        )
+        return len(rows)
+
+    def _answers(self, request_id: str) -> tuple[Answer, ...]:
+        rows = self.db.execute(
+            "SELECT approver, answer, minutes, channel, reason, at FROM approval_answers"
+            " WHERE request_id = ? ORDER BY at",
+            (request_id,),
+        )
+        return tuple(Answer(*r) for r in rows)
+
+    def _request(self, row: tuple) -> ApprovalRequest:
+        request_id = row[0]
+        return ApprovalRequest(
+            id=request_id,
+            kind=row[1],
+            status=row[2],
+            binding=row[3],
+            subject=row[4],
+            client_id=row[5],
+            server=row[6],
+            method=row[7],
+            action=row[8],
+            target=row[9],
+            arguments_digest=row[10],
+            arguments=self.sealed.open(request_id, row[11]),
+            policy_version=row[12],
+            decision_id=row[13],
+            rules=tuple(json.loads(row[14])),
+            approvers=tuple(json.loads(row[15])),
+            required=row[16],
+            self_forbidden=bool(row[17]),
+            window_minutes=row[18],
+            created_at=row[19],
+            expires_at=row[20],
+            resolved_at=row[21],
+            used_at=row[22],
+            used_by=row[23],
+            withheld_fields=tuple(json.loads(row[25])),
+            answers=self._answers(request_id),
+        )

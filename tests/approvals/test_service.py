@@ -1,0 +1,228 @@
+"""The approval model on a real SQLite file: who may answer is policy, approvals are bound to
+the exact call, used once, expire, and a time-bounded approval is an expiring fact."""
+
+from __future__ import annotations
+
+import pytest
+
+from bastion import Authorizer, Entity
+from bastion.approvals.service import Approvals, Call, NotAllowed
+from bastion.approvals.settings import ApprovalSettings
+from bastion.approvals.store import ApprovalStore
+from bastion.audit.log import AuditLog
+from bastion.db import Database
+from bastion.decide.contract import decide_chain
+from bastion.facts.store import FactStore
+
+POLICY = """
+actor User {}
+actor Agent {}
+resource Tool {
+  roles = ["caller"];
+  permissions = ["call"];
+  "call" if "caller";
+}
+declare manager(User, User);
+declare approval_grant(User, Agent, String, Tool);
+
+allow(actor, action, resource) if has_permission(actor, action, resource);
+allow(_agent: Agent, "call", _tool: Tool);
+requires_approval(_user: User, "call", Tool{"crm/send"});
+requires_approval(_user: User, "call", Tool{"crm/delete"});
+requires_approval(_user: User, "call", Tool{"crm/wire"});
+approver(boss: User, user: User, "call", Tool{"crm/send"}) if manager(user, boss);
+approver(boss: User, user: User, "call", Tool{"crm/wire"}) if manager(user, boss);
+approver(User{"cfo"}, _user: User, "call", Tool{"crm/wire"});
+approvals_required(_user: User, "call", Tool{"crm/wire"}, 2);
+approval_window(_user: User, "call", Tool{"crm/send"}, 30);
+"""
+
+sam, avery, cfo = Entity("User", "sam"), Entity("User", "avery"), Entity("User", "cfo")
+bot = Entity("Agent", "bot")
+send, delete, wire = (
+    Entity("Tool", "crm/send"),
+    Entity("Tool", "crm/delete"),
+    Entity("Tool", "crm/wire"),
+)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_800_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def world(tmp_path):
+    clock = Clock()
+    db = Database(str(tmp_path / "a.db"))
+    facts = FactStore(db)
+    authz = Authorizer(POLICY)
+    base = [
+        ("has_role", sam, "caller", send),
+        ("has_role", sam, "caller", delete),
+        ("has_role", sam, "caller", wire),
+        ("manager", sam, avery),
+    ]
+    authz.facts.apply(base, [])
+    approvals = Approvals(
+        ApprovalStore(db, b"k" * 32, clock),
+        facts,
+        lambda: authz,
+        lambda: 1,
+        ApprovalSettings(),
+        "https://bastion.test",
+        b"b" * 32,
+        AuditLog(db, clock),
+        clock,
+    )
+    yield approvals, authz, facts, clock
+    db.close()
+
+
+def call(resource: Entity, arguments: dict | None = None, subject: str = "sam") -> Call:
+    arguments = {"to": "x@example.com"} if arguments is None else arguments
+    return Call(
+        "approval",
+        subject,
+        "bot",
+        "crm",
+        "tools/call",
+        "call",
+        resource,
+        arguments,
+        repr(sorted(arguments.items())),
+    )
+
+
+def held(approvals: Approvals, c: Call):
+    assert approvals.check(c).state == "hold"
+    return approvals.hold(c, "d1", ("requires_approval(...)",), {})
+
+
+def test_the_policy_names_the_approvers_and_the_user_may_not_approve_in_their_place(world):
+    approvals, *_ = world
+    request = held(approvals, call(send))
+    assert request.approvers == ("avery",)
+    with pytest.raises(NotAllowed, match="may not approve their own call"):
+        approvals.answer(request.id, "sam", "approve", channel="api")
+    with pytest.raises(NotAllowed, match="not an approver"):
+        approvals.answer(request.id, "mallory", "approve", channel="api")
+    # Nobody can answer as the agent: it is not a user the policy names.
+    with pytest.raises(NotAllowed):
+        approvals.answer(request.id, "bot", "approve", channel="api")
+    done = approvals.answer(request.id, "avery", "approve", channel="api")
+    assert done.status == "approved"
+    assert approvals.check(call(send)).state == "approved"
+
+
+def test_without_approver_rules_the_user_confirms_their_own_agents_call(world):
+    approvals, *_ = world
+    request = held(approvals, call(delete))
+    assert request.approvers == ()
+    with pytest.raises(NotAllowed):
+        approvals.answer(request.id, "avery", "approve", channel="api")
+    assert approvals.answer(request.id, "sam", "approve", channel="page").status == "approved"
+
+
+def test_identical_pending_calls_share_one_request_and_other_arguments_do_not(world):
+    approvals, *_ = world
+    first = held(approvals, call(send))
+    assert approvals.check(call(send)).state == "pending"
+    assert approvals.hold(call(send), "d2", (), {}).id == first.id
+    other = call(send, {"to": "y@example.com"})
+    assert approvals.check(other).state == "hold"
+    assert approvals.hold(other, "d3", (), {}).id != first.id
+
+
+def test_an_approval_is_used_once_and_a_replay_is_held_again(world):
+    approvals, *_ = world
+    request = held(approvals, call(send))
+    approvals.answer(request.id, "avery", "approve", channel="api")
+    outcome = approvals.check(call(send))
+    assert outcome.state == "approved"
+    assert approvals.use(outcome.request, "d9")
+    assert not approvals.use(outcome.request, "d10")  # the same approval, twice: once only
+    assert approvals.check(call(send)).state == "hold"
+    assert approvals.check(call(send), request.id).reason == "approval_used"
+
+
+def test_changed_arguments_do_not_match_the_approval_given(world):
+    approvals, *_ = world
+    request = held(approvals, call(send))
+    approvals.answer(request.id, "avery", "approve", channel="api")
+    changed = call(send, {"to": "attacker@example.com"})
+    assert approvals.check(changed, request.id).reason == "approval_mismatch"
+    assert approvals.check(changed).state == "hold"
+
+
+def test_a_denial_stands_until_the_request_would_have_expired(world):
+    approvals, _, _, clock = world
+    request = held(approvals, call(send))
+    approvals.answer(request.id, "avery", "deny", channel="api", reason="not today")
+    assert approvals.check(call(send)).reason == "approval_denied"
+    clock.now += 601
+    assert approvals.check(call(send)).state == "hold"
+
+
+def test_an_unanswered_request_expires_and_cannot_be_answered_after(world):
+    approvals, _, _, clock = world
+    request = held(approvals, call(send))
+    clock.now += 601
+    with pytest.raises(NotAllowed, match="expired"):
+        approvals.answer(request.id, "avery", "approve", channel="api")
+    assert approvals.check(call(send)).reason == "approval_expired"
+    assert approvals.check(call(send)).state == "hold"
+
+
+def test_an_approval_under_another_policy_version_does_not_count(world):
+    approvals, *_ = world
+    request = held(approvals, call(send))
+    approvals.answer(request.id, "avery", "approve", channel="api")
+    approvals.policy_version = lambda: 2
+    assert approvals.check(call(send)).reason == "approval_mismatch"
+
+
+def test_two_distinct_approvers_when_the_policy_requires_two(world):
+    approvals, *_ = world
+    request = held(approvals, call(wire))
+    assert request.required == 2 and set(request.approvers) == {"avery", "cfo"}
+    assert approvals.answer(request.id, "avery", "approve", channel="api").status == "pending"
+    with pytest.raises(NotAllowed, match="already answered"):
+        approvals.answer(request.id, "avery", "approve", channel="api")
+    assert approvals.answer(request.id, "cfo", "approve", channel="api").status == "approved"
+
+
+def test_an_approval_for_minutes_is_an_expiring_fact_the_contract_sees(world):
+    approvals, authz, facts, clock = world
+    request = held(approvals, call(send))
+    with pytest.raises(NotAllowed, match="30 minutes at most"):
+        approvals.answer(request.id, "avery", "approve", minutes=31, channel="api")
+    approvals.answer(request.id, "avery", "approve", minutes=15, channel="api")
+    [stored] = list(facts.get(("approval_grant", None, None, None, None)))
+    assert stored.expires_at == clock.now + 15 * 60
+    authz.facts.apply([stored.fact], [])  # what a replica does when it reads the change
+    chain = decide_chain(authz, (sam, bot), "call", send, {})
+    assert chain.obligations.requires_approval and chain.obligations.approval_granted
+    other = decide_chain(authz, (sam, bot), "call", delete, {})
+    assert not other.obligations.approval_granted
+
+
+def test_a_call_only_policy_refuses_an_approval_for_minutes(world):
+    approvals, *_ = world
+    request = held(approvals, call(delete))
+    with pytest.raises(NotAllowed, match="once only"):
+        approvals.answer(request.id, "sam", "approve", minutes=5, channel="api")
+
+
+def test_every_step_is_in_the_audit_log(world):
+    approvals, *_ = world
+    request = held(approvals, call(send))
+    approvals.answer(request.id, "avery", "approve", channel="page", reason="ok")
+    approvals.use(approvals.check(call(send)).request, "d7")
+    kinds = [e.kind for e in approvals.audit.events(limit=10)]
+    assert {"approval.requested", "approval.answer", "approval.approved", "approval.used"} <= set(
+        kinds
+    )
