@@ -314,9 +314,12 @@ class Approvals:
         channel: str,
         reason: str = "",
         withheld_fields: tuple[str, ...] = (),
+        via: str = "",
     ) -> ApprovalRequest:
         """Record ``person``'s answer ("approve" or "deny"; for a review, release or withhold)
-        and resolve the request when it is decided. `NotAllowed` says why an answer is refused."""
+        and resolve the request when it is decided. `NotAllowed` says why an answer is refused.
+        ``via``: who vouched that the answer is ``person``'s (an API key, the CLI's OS user),
+        kept in the audit event."""
         if answer not in ("approve", "deny"):
             raise NotAllowed(f"answer must be approve or deny, not {answer!r}")
         request = self.store.get(request_id)
@@ -359,6 +362,7 @@ class Approvals:
             reason=reason,
             minutes=minutes,
             withheld_fields=list(withheld_fields),
+            **({"via": via} if via else {}),
         )
         request = self.store.get(request.id)
         assert request is not None

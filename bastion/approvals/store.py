@@ -74,6 +74,17 @@ KINDS = ("approval", "review")
 # once); denied / withheld: answered no; expired: nobody answered in time; used / delivered: the
 # call it unlocked ran, or its result went to the agent.
 OPEN = "pending"
+STATUSES = (
+    OPEN,
+    "approved",
+    "denied",
+    "expired",
+    "used",
+    "released",
+    "withheld",
+    "delivered",
+    "void",
+)
 ANSWERS = ("approve", "deny")
 CHANNELS = ("page", "api", "cli", "elicitation")
 
@@ -309,7 +320,11 @@ class ApprovalStore:
         rows = self.db.execute(sql, (*params, limit if approver is None else limit * 20))
         found = [self._request(r) for r in rows]
         if approver is not None:
-            found = [r for r in found if approver in r.approvers][:limit]
+            found = [
+                r
+                for r in found
+                if approver in r.approvers or (not r.approvers and r.subject == approver)
+            ][:limit]
         return found
 
     def answer(self, request_id: str, answer: Answer) -> None:

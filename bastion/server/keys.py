@@ -15,7 +15,17 @@ from dataclasses import dataclass
 
 from bastion.db import Database
 
-SCOPES = ("decide", "facts:read", "facts:write", "policy:read", "policy:write", "admin")
+SCOPES = (
+    "decide",
+    "facts:read",
+    "facts:write",
+    "policy:read",
+    "policy:write",
+    # Answer held calls and results (/v1/approvals): for a chat bot or console that has
+    # authenticated the person it answers for; never for an agent.
+    "approvals",
+    "admin",
+)
 KEY_PREFIX = "bst_"
 # The longest lifetime a key may be given (10 years); longer means no expiry, so leave it out.
 MAX_KEY_SECONDS = 10 * 365 * 24 * 3600

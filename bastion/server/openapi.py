@@ -12,6 +12,8 @@ from __future__ import annotations
 from functools import cache
 from typing import Any
 
+from bastion.approvals.store import KINDS, STATUSES
+from bastion.server.api import approvals as approvals_api
 from bastion.server.api.decisions import MAX_BATCH
 from bastion.server.api.decisions import MAX_PAGE as MAX_LIST_PAGE
 from bastion.server.api.facts import MAX_PAGE as MAX_FACTS_PAGE
@@ -164,6 +166,76 @@ SCHEMAS: dict[str, Any] = {
         policy_version=_nullable(_INT),
         at=_NUM,
     ),
+    "ApprovalAnswer": _response(
+        ["approver", "answer", "minutes", "channel", "reason", "at"],
+        approver=_STR,
+        answer={"enum": ["approve", "deny"]},
+        minutes=_INT,
+        channel=_STR,
+        reason=_STR,
+        at=_NUM,
+    ),
+    "ApprovalRequest": _response(
+        [
+            "id",
+            "kind",
+            "status",
+            "user",
+            "agent",
+            "server",
+            "method",
+            "action",
+            "target",
+            "arguments",
+            "arguments_digest",
+            "policy_version",
+            "decision_id",
+            "rules",
+            "approvers",
+            "required",
+            "self_approval_forbidden",
+            "window_minutes",
+            "created_at",
+            "expires_at",
+            "resolved_at",
+            "used_at",
+            "used_by",
+            "withheld_fields",
+            "answers",
+        ],
+        id=_STR,
+        kind={"enum": list(KINDS), "description": "approval: a held call; review: a held result"},
+        status={"enum": list(STATUSES)},
+        user={**_STR, "description": "the user the agent acts for"},
+        agent={**_STR, "description": "the agent (OAuth client id)"},
+        server=_STR,
+        method=_STR,
+        action=_STR,
+        target={**_STR, "description": 'the resource as the policy names it: Tool{"desk/x"}'},
+        arguments={"description": "the call's arguments, in full (null when it had none)"},
+        arguments_digest=_STR,
+        policy_version=_INT,
+        decision_id={**_STR, "description": "the decision that held the call"},
+        rules={"type": "array", "items": _STR, "description": "why: the rules that held it"},
+        approvers={
+            "type": "array",
+            "items": _STR,
+            "description": "who may answer, as the policy said when it was held (empty: the"
+            " user confirms their own agent's call)",
+        },
+        self_approval_forbidden=_BOOL,
+        window_minutes={
+            **_INT,
+            "description": "the longest an approval may last for this call (0: this call only)",
+        },
+        created_at=_NUM,
+        expires_at=_NUM,
+        resolved_at=_nullable(_NUM),
+        used_at=_nullable(_NUM),
+        used_by=_nullable({**_STR, "description": "the decision of the call it unlocked"}),
+        withheld_fields={"type": "array", "items": _STR},
+        answers={"type": "array", "items": _ref("ApprovalAnswer")},
+    ),
     "Problem": _response(
         ["type", "title", "status", "detail"],
         type=_STR,
@@ -171,6 +243,12 @@ SCHEMAS: dict[str, Any] = {
         status=_INT,
         detail={**_STR, "description": "what went wrong and what to fix"},
     ),
+}
+
+# A property named "required" cannot be a keyword argument of _response.
+SCHEMAS["ApprovalRequest"]["properties"]["required"] = {
+    **_INT,
+    "description": "distinct approvals needed",
 }
 
 _PROBLEM = {"application/problem+json": {"schema": _ref("Problem")}}
@@ -185,7 +263,8 @@ _WHY = {
     422: "well formed, but refused by the policy in force or the state of the store",
     500: "an unexpected failure; the detail names nothing of the internals",
     503: "the database is unavailable, this replica's facts are stale, or it has not applied"
-    " the write asked for with at_least; retry (Retry-After)",
+    " the write asked for with at_least; retry (Retry-After); for /v1/approvals also: this"
+    " server has no approvals (no [gateway] configured)",
 }
 
 
@@ -612,6 +691,90 @@ PATHS: dict[str, Any] = {
             "operationId": "revokeKey",
         },
     },
+    "/v1/approvals": {
+        "get": _op(
+            "Held calls and results, newest first",
+            approvals_api.SCOPE,
+            _response(["approvals"], approvals={"type": "array", "items": _ref("ApprovalRequest")}),
+            params=[
+                _query("status", {"enum": list(STATUSES)}, "only requests in this status"),
+                _query(
+                    "approver",
+                    {**_STR, "minLength": 1, "maxLength": approvals_api.MAX_PERSON},
+                    "only requests the policy named this person an approver of",
+                ),
+                _query(
+                    "limit",
+                    {**_INT, **_LIMIT, "maximum": approvals_api.MAX_PAGE},
+                    f"at most this many, 1..{approvals_api.MAX_PAGE} (default"
+                    f" {approvals_api.DEFAULT_PAGE})",
+                ),
+            ],
+        )
+    },
+    "/v1/approvals/{request_id}": {
+        "get": {
+            **_op(
+                "One held call or result: its arguments in full and its answers",
+                approvals_api.SCOPE,
+                _ref("ApprovalRequest"),
+                problems=(404,),
+                params=[_path("request_id", "the id of an approval request")],
+            ),
+            "operationId": "getApproval",
+        }
+    },
+    "/v1/approvals/{request_id}/approve": {
+        "post": _op(
+            "Approve a held call (once, or for some minutes), or release a held result (perhaps"
+            " with fields withheld), as the person named in approver; the API key vouches for"
+            " that person, the policy decides whether they may. 403 says why not.",
+            approvals_api.SCOPE,
+            _ref("ApprovalRequest"),
+            body=_request(
+                ["approver"],
+                approver={**_STR, "minLength": 1, "maxLength": approvals_api.MAX_PERSON},
+                minutes=_nullable(
+                    {
+                        **_INT,
+                        "minimum": 0,
+                        "description": "approve this tool for this many minutes (at most the"
+                        " policy's approval_window); 0: this call only",
+                    }
+                ),
+                reason=_nullable({**_STR, "maxLength": approvals_api.MAX_REASON}),
+                withheld_fields=_nullable(
+                    {
+                        "type": "array",
+                        "maxItems": approvals_api.MAX_WITHHELD,
+                        "items": {
+                            **_STR,
+                            "minLength": 1,
+                            "maxLength": approvals_api.MAX_PATH,
+                        },
+                        "description": "a review only: paths of the result to withhold, such"
+                        ' as "customers.*.email"',
+                    }
+                ),
+            ),
+            problems=(404,),
+            params=[_path("request_id", "the id of an approval request")],
+        )
+    },
+    "/v1/approvals/{request_id}/deny": {
+        "post": _op(
+            "Deny a held call, or withhold a held result, as the person named in approver",
+            approvals_api.SCOPE,
+            _ref("ApprovalRequest"),
+            body=_request(
+                ["approver"],
+                approver={**_STR, "minLength": 1, "maxLength": approvals_api.MAX_PERSON},
+                reason=_nullable({**_STR, "maxLength": approvals_api.MAX_REASON}),
+            ),
+            problems=(404,),
+            params=[_path("request_id", "the id of an approval request")],
+        )
+    },
     "/v1/openapi.json": {"get": _op("This document", None, {"type": "object"})},
     "/healthz": {
         "get": _op("The process is alive", None, _response(["status"], status={"const": "ok"}))
@@ -652,6 +815,15 @@ PATHS["/readyz"]["get"]["responses"]["503"] = {
     },
 }
 
+# An answer is refused, too, when the person may not give it.
+for _verb in ("approve", "deny"):
+    PATHS[f"/v1/approvals/{{request_id}}/{_verb}"]["post"]["responses"]["403"] = {
+        "description": "the key lacks the scope approvals, or the person may not give this"
+        " answer; the detail says why (not an approver under the policy, already answered, no"
+        " longer pending, expired, a longer time than the policy allows)",
+        "content": _PROBLEM,
+    }
+
 
 @cache
 def openapi_document() -> dict:
@@ -660,7 +832,7 @@ def openapi_document() -> dict:
         "info": {
             "title": "bastion decision service",
             "version": "1",
-            "description": "Policy decisions, facts, policy versions and API keys.",
+            "description": "Policy decisions, facts, policy versions, API keys and approvals.",
         },
         "paths": PATHS,
         "components": {

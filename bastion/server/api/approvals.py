@@ -1,0 +1,178 @@
+"""Approval routes (scope ``approvals``): list held calls and results, read one, approve or deny
+it (docs/approvals.md).
+
+The API key vouches for the person: the caller is a chat bot or a console that authenticated
+the approver and names them in ``approver``. Whether that person may answer is still the
+policy's (`Approvals.answer`), and the key that vouched is kept in the audit event. An agent never
+holds a key of this scope.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import anyio
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from bastion.approvals.service import Approvals, NotAllowed, UnknownRequest
+from bastion.approvals.store import STATUSES, ApprovalRequest
+from bastion.server.auth import require
+from bastion.server.problems import Problem, bad_request, read_json
+from bastion.server.problems import field as get_field
+from bastion.untrusted_json import MAX_INTEGER
+
+SCOPE = "approvals"
+DEFAULT_PAGE = 100
+MAX_PAGE = 500
+# The longest a person's name is (as bastion.oauth.users allows), a reason, and a withheld path.
+MAX_PERSON = 128
+MAX_REASON = 2000
+MAX_PATH = 256
+MAX_WITHHELD = 100
+# No request id is longer: a longer one is unknown without asking the database.
+MAX_ID = 64
+
+
+def _approvals(request: Request) -> Approvals:
+    approvals: Approvals | None = request.app.state.approvals
+    if approvals is None:
+        raise Problem(
+            503,
+            "Approvals not configured",
+            "this server holds no calls for approval: approvals come with the gateway; configure"
+            " [oauth] and [gateway] in bastion.toml (docs/approvals.md)",
+        )
+    return approvals
+
+
+def _person(value: Any, name: str) -> str:
+    if not isinstance(value, str) or not value or len(value) > MAX_PERSON:
+        raise bad_request(f"{name} must be a person's user name: 1 to {MAX_PERSON} characters")
+    if not value.isprintable() or value.strip() != value:
+        raise bad_request(f"{name} must be printable, without surrounding spaces")
+    return value
+
+
+def _text(body: dict, name: str, limit: int) -> str:
+    value = get_field(body, name, str, required=False) or ""
+    if len(value) > limit:
+        raise bad_request(f"the field {name!r} holds at most {limit} characters, got {len(value)}")
+    return value
+
+
+def _minutes(body: dict) -> int:
+    minutes = get_field(body, "minutes", int, required=False) or 0
+    if not 0 <= minutes <= MAX_INTEGER:
+        raise bad_request(
+            "the field 'minutes' is a whole number of minutes, 0 (this call only) or more"
+        )
+    return minutes
+
+
+def _withheld(body: dict) -> tuple[str, ...]:
+    paths = get_field(body, "withheld_fields", list, required=False) or []
+    if len(paths) > MAX_WITHHELD:
+        raise bad_request(f"withheld_fields lists at most {MAX_WITHHELD} paths, got {len(paths)}")
+    for path in paths:
+        if not isinstance(path, str) or not 0 < len(path) <= MAX_PATH:
+            raise bad_request(
+                f'withheld_fields holds paths such as "customers.*.email" (1 to {MAX_PATH}'
+                f" characters), got {path!r:.80}"
+            )
+    return tuple(paths)
+
+
+def _unknown(request_id: str) -> Problem:
+    return Problem(
+        404,
+        "Unknown approval request",
+        f"no approval request has the id {request_id!r:.80} (see GET /v1/approvals)",
+    )
+
+
+async def list_requests(request: Request) -> JSONResponse:
+    """Requests, newest first; ``status`` and ``approver`` narrow them."""
+    await require(request, SCOPE)
+    approvals = _approvals(request)
+    params = request.query_params
+    status = params.get("status")
+    if status is not None and status not in STATUSES:
+        raise bad_request(f"status must be one of {', '.join(STATUSES)}, got {status!r:.80}")
+    approver = params.get("approver")
+    if approver is not None:
+        approver = _person(approver, "approver")
+    try:
+        limit = int(params.get("limit", str(DEFAULT_PAGE)))
+    except ValueError:
+        raise bad_request("limit must be an integer") from None
+    if not 1 <= limit <= MAX_PAGE:
+        raise bad_request(f"limit must be between 1 and {MAX_PAGE}, got {limit}")
+    found = await anyio.to_thread.run_sync(
+        lambda: approvals.listed(status=status, approver=approver, limit=limit)
+    )
+    return JSONResponse({"approvals": [r.summary() for r in found]})
+
+
+async def get_request(request: Request) -> JSONResponse:
+    """One request, its arguments in full and its answers."""
+    await require(request, SCOPE)
+    approvals = _approvals(request)
+    request_id = request.path_params["request_id"]
+    found = None
+    if len(request_id) <= MAX_ID:
+        found = await anyio.to_thread.run_sync(approvals.get, request_id)
+    if found is None:
+        raise _unknown(request_id)
+    return JSONResponse(found.summary())
+
+
+async def _answer(request: Request, answer: str) -> JSONResponse:
+    key = await require(request, SCOPE)
+    approvals = _approvals(request)
+    request_id = request.path_params["request_id"]
+    body = await read_json(request)
+    person = _person(get_field(body, "approver", str), "approver")
+    reason = _text(body, "reason", MAX_REASON)
+    minutes, withheld = (_minutes(body), _withheld(body)) if answer == "approve" else (0, ())
+    if len(request_id) > MAX_ID:
+        raise _unknown(request_id)
+
+    def run() -> ApprovalRequest:
+        return approvals.answer(
+            request_id,
+            person,
+            answer,
+            minutes=minutes,
+            channel="api",
+            reason=reason,
+            withheld_fields=withheld,
+            via=key.principal,
+        )
+
+    try:
+        answered = await anyio.to_thread.run_sync(run)
+    except UnknownRequest:
+        raise _unknown(request_id) from None
+    except NotAllowed as e:
+        raise Problem(403, "Not allowed", str(e)) from None
+    return JSONResponse(answered.summary())
+
+
+async def approve(request: Request) -> JSONResponse:
+    """Approve a held call (for a review: release the result, perhaps with fields withheld)."""
+    return await _answer(request, "approve")
+
+
+async def deny(request: Request) -> JSONResponse:
+    """Deny a held call (for a review: withhold the result)."""
+    return await _answer(request, "deny")
+
+
+routes = [
+    Route("/v1/approvals", list_requests, methods=["GET"]),
+    Route("/v1/approvals/{request_id}", get_request, methods=["GET"]),
+    Route("/v1/approvals/{request_id}/approve", approve, methods=["POST"]),
+    Route("/v1/approvals/{request_id}/deny", deny, methods=["POST"]),
+]
