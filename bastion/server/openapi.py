@@ -339,6 +339,7 @@ _TO_DECISION = {
     }
 }
 _LIMIT = {"minimum": 1}
+_FIRST_APPROVAL = "$response.body#/approvals/0/id"
 _NON_EMPTY = {"type": "array", "minItems": 1}
 
 PATHS: dict[str, Any] = {
@@ -710,6 +711,14 @@ PATHS: dict[str, Any] = {
                     f" {approvals_api.DEFAULT_PAGE})",
                 ),
             ],
+            links={
+                name: {"operationId": op, "parameters": {"request_id": _FIRST_APPROVAL}}
+                for name, op in (
+                    ("GetApproval", "getApproval"),
+                    ("Approve", "approveRequest"),
+                    ("Deny", "denyRequest"),
+                )
+            },
         )
     },
     "/v1/approvals/{request_id}": {
@@ -757,9 +766,10 @@ PATHS: dict[str, Any] = {
                     }
                 ),
             ),
-            problems=(404,),
+            problems=(404, 422),
             params=[_path("request_id", "the id of an approval request")],
         )
+        | {"operationId": "approveRequest"}
     },
     "/v1/approvals/{request_id}/deny": {
         "post": _op(
@@ -771,9 +781,10 @@ PATHS: dict[str, Any] = {
                 approver={**_STR, "minLength": 1, "maxLength": approvals_api.MAX_PERSON},
                 reason=_nullable({**_STR, "maxLength": approvals_api.MAX_REASON}),
             ),
-            problems=(404,),
+            problems=(404, 422),
             params=[_path("request_id", "the id of an approval request")],
         )
+        | {"operationId": "denyRequest"}
     },
     "/v1/openapi.json": {"get": _op("This document", None, {"type": "object"})},
     "/healthz": {

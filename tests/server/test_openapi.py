@@ -9,7 +9,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.server.conftest import ADMIN_KEY
+from tests.approvals.support import DELETE, REPORT, SEND, Holder
+from tests.approvals.support import config as approvals_config
+from tests.server.conftest import ADMIN_KEY, POLICY, ServerProcess
 
 ROOT = Path(__file__).resolve().parents[2]
 # A schema-valid request may still be refused by the policy in force (an undeclared entity type,
@@ -21,8 +23,36 @@ expected-statuses = ["2xx", "3xx", "401", "403", "404", "409", "422", "429", "5x
 """
 
 
-def test_schemathesis_finds_no_server_error_and_no_difference_from_the_document(serve, tmp_path):
-    server = serve(str(tmp_path / "bastion.db"))
+def served_with_approvals(tmp_path: Path) -> ServerProcess:
+    """`bastion serve` with a gateway, so /v1/approvals has approvals to answer, and a few held
+    calls and a held result for its links to lead to."""
+    database = str(tmp_path / "bastion.db")
+    policy = tmp_path / "policy.polar"
+    policy.write_text(POLICY)
+    server = ServerProcess(database, tmp_path, str(policy))
+    toml = tmp_path / "bastion.toml"
+    toml.write_text(approvals_config(server.url, database, tmp_path / "keys"))
+    server.env["BASTION_CONFIG"] = str(toml)
+    server.start()
+    holder = Holder(database, tmp_path / "keys", server.url)
+    try:
+        holder.hold(SEND)
+        holder.hold(DELETE)
+        holder.hold(REPORT, kind="review", result={"rows": [1, 2]})
+    finally:
+        holder.close()
+    return server
+
+
+def test_schemathesis_finds_no_server_error_and_no_difference_from_the_document(tmp_path):
+    server = served_with_approvals(tmp_path)
+    try:
+        check_with_schemathesis(server, tmp_path)
+    finally:
+        server.stop()
+
+
+def check_with_schemathesis(server: ServerProcess, tmp_path: Path) -> None:
     config = tmp_path / "schemathesis.toml"
     config.write_text(CONFIG)
     command = [

@@ -19,7 +19,7 @@ from starlette.routing import Route
 from bastion.approvals.service import Approvals, NotAllowed, UnknownRequest
 from bastion.approvals.store import STATUSES, ApprovalRequest
 from bastion.server.auth import require
-from bastion.server.problems import Problem, bad_request, read_json
+from bastion.server.problems import Problem, bad_request, read_json, unprocessable
 from bastion.server.problems import field as get_field
 from bastion.untrusted_json import MAX_INTEGER
 
@@ -50,8 +50,16 @@ def _approvals(request: Request) -> Approvals:
 def _person(value: Any, name: str) -> str:
     if not isinstance(value, str) or not value or len(value) > MAX_PERSON:
         raise bad_request(f"{name} must be a person's user name: 1 to {MAX_PERSON} characters")
+    return value
+
+
+def _user_name(value: str) -> str:
+    """A name no user can have is nobody who may answer (and is never written to the record)."""
     if not value.isprintable() or value.strip() != value:
-        raise bad_request(f"{name} must be printable, without surrounding spaces")
+        raise unprocessable(
+            f"approver {value!r:.80} cannot be a user's name: user names are printable, without"
+            " surrounding spaces"
+        )
     return value
 
 
@@ -133,7 +141,7 @@ async def _answer(request: Request, answer: str) -> JSONResponse:
     approvals = _approvals(request)
     request_id = request.path_params["request_id"]
     body = await read_json(request)
-    person = _person(get_field(body, "approver", str), "approver")
+    person = _user_name(_person(get_field(body, "approver", str), "approver"))
     reason = _text(body, "reason", MAX_REASON)
     minutes, withheld = (_minutes(body), _withheld(body)) if answer == "approve" else (0, ())
     if len(request_id) > MAX_ID:
