@@ -12,6 +12,7 @@ COMMAND_MODULES = [
     "bastion.server.commands",
     "bastion.oauth.commands",
     "bastion.audit.commands",
+    "bastion.approvals.commands",
 ]
 
 

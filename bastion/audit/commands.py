@@ -1,21 +1,29 @@
 """CLI: ``bastion audit tail`` prints the gateway's decision records, and follows new ones;
-``bastion audit prune`` deletes the audit trail older than the retention."""
+``bastion audit events`` prints audit events (approvals, tokens, grants...); ``bastion audit
+prune`` deletes the audit trail older than the retention."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
 from datetime import UTC, datetime
 
 from bastion.audit.decisions import DecisionRecord, DecisionRecords
+from bastion.audit.log import AuditEvent, AuditLog
 from bastion.audit.retention import prune
 from bastion.db import Database, DatabaseUnavailable
+from bastion.server.config import ConfigError, ServerConfig
+
+
+def _when(epoch: float) -> str:
+    return datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")[:-4] + "Z"
 
 
 def _line(record: DecisionRecord) -> str:
-    at = datetime.fromtimestamp(record.at, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")[:-4] + "Z"
+    at = _when(record.at)
     who = " ".join(record.principals)
     extra = []
     if record.obligations.get("masks"):
@@ -24,15 +32,41 @@ def _line(record: DecisionRecord) -> str:
         extra.append(f"reason={record.reason}")
     if record.rules:
         extra.append(f"rules={len(record.rules)}")
+    approval = record.obligations.get("approval")
+    if isinstance(approval, dict) and approval.get("id"):
+        # The request that held this call, or whose approval let it through (bastion approvals
+        # show <id>).
+        extra.append(f"approval={approval['id']}:{approval.get('status', '?')}")
     return (
         f"{at} {record.result:<12} {record.method:<15} {record.target} by {who}"
         f" {' '.join(extra)} {record.latency_us}us id={record.id}"
     ).rstrip()
 
 
-def _database(args: argparse.Namespace) -> str:
-    from bastion.server.config import ServerConfig
+def shown(value: object) -> str:
+    """A value for a terminal line: printable text as it is; anything else (a line break, a
+    control or right-to-left character a reason or an argument may hold, a number, a list) as
+    JSON, so what a caller wrote can never pass for another line or another field."""
+    if isinstance(value, str) and value.isprintable() and " " not in value:
+        return value
+    return json.dumps(value, default=str)
 
+
+def event_line(event: AuditEvent) -> str:
+    """One audit event on one line: when, what, who, then its detail as key=value."""
+    parts = [_when(event.at), shown(event.kind)]
+    if event.subject:
+        parts.append(f"user={shown(event.subject)}")
+    if event.client_id:
+        parts.append(f"agent={shown(event.client_id)}")
+    for key, value in sorted(event.detail.items()):
+        if value in ("", None, [], {}):
+            continue
+        parts.append(f"{shown(key)}={shown(value)}")
+    return " ".join(parts)
+
+
+def _database(args: argparse.Namespace) -> str:
     return (
         args.database
         or os.environ.get("BASTION_DATABASE")
@@ -62,9 +96,27 @@ def cmd_tail(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_prune(args: argparse.Namespace) -> int:
-    from bastion.server.config import ConfigError, ServerConfig
+def cmd_events(args: argparse.Namespace) -> int:
+    try:
+        db = Database(_database(args))
+        try:
+            found = AuditLog(db).events(
+                kind_prefix=args.kind or None, request_id=args.request, limit=args.lines
+            )
+        finally:
+            db.close()
+    except (ConfigError, DatabaseUnavailable) as e:
+        print(f"bastion: {e}", file=sys.stderr)
+        return 2
+    for event in reversed(found):
+        if args.json:
+            print(json.dumps(dataclasses.asdict(event), default=str))
+        else:
+            print(event_line(event))
+    return 0
 
+
+def cmd_prune(args: argparse.Namespace) -> int:
     try:
         days = args.older_than
         if days is None:
@@ -102,6 +154,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     tail.add_argument("--database", help="SQLite path or postgresql:// URL (or BASTION_DATABASE)")
     tail.add_argument("--config", help="bastion.toml to read the database from")
     tail.set_defaults(func=cmd_tail)
+    events = commands.add_parser(
+        "events", help="print audit events, oldest first (approvals, tokens, grants...)"
+    )
+    events.add_argument(
+        "--kind", help="only kinds starting with this: approval. review. approval.answer"
+    )
+    events.add_argument("--request", metavar="ID", help="only events of this approval request")
+    events.add_argument("-n", "--lines", type=int, default=50, help="the latest N (default 50)")
+    events.add_argument("--json", action="store_true", help="one JSON event per line")
+    events.add_argument("--database", help="SQLite path or postgresql:// URL (or BASTION_DATABASE)")
+    events.add_argument("--config", help="bastion.toml to read the database from")
+    events.set_defaults(func=cmd_events)
     prune_ = commands.add_parser(
         "prune", help="delete audit events and decision records older than the retention"
     )

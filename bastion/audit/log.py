@@ -48,6 +48,11 @@ class AuditEvent:
     detail: dict[str, Any] = field(default_factory=dict)
 
 
+def _like(text: str) -> str:
+    """``text`` matched as itself in a LIKE pattern (escape character ``!``)."""
+    return text.replace("!", "!!").replace("%", "!%").replace("_", "!_")
+
+
 class AuditLog:
     """Writes and reads audit events. Details must never hold secrets (tokens, passwords, keys)."""
 
@@ -79,16 +84,38 @@ class AuditLog:
         )
         return event
 
-    def events(self, kind: str | None = None, limit: int = 1000) -> list[AuditEvent]:
-        """The most recent events first, optionally of one kind."""
+    def events(
+        self,
+        kind: str | None = None,
+        limit: int = 1000,
+        *,
+        kind_prefix: str | None = None,
+        request_id: str | None = None,
+    ) -> list[AuditEvent]:
+        """The most recent events first: of one ``kind``, or of the kinds starting with
+        ``kind_prefix`` (``approval.``), or about one approval request (``request_id`` in the
+        detail)."""
         sql = "SELECT id, at, kind, subject, client_id, detail FROM audit_events"
-        params: tuple = ()
+        where: list[str] = []
+        params: list[Any] = []
         if kind is not None:
-            sql += " WHERE kind = ?"
-            params = (kind,)
+            where.append("kind = ?")
+            params.append(kind)
+        if kind_prefix is not None:
+            where.append("kind LIKE ? ESCAPE '!'")
+            params.append(_like(kind_prefix) + "%")
+        if request_id is not None:
+            # The detail is stored as json.dumps(sort_keys=True) writes it; checked again below.
+            where.append("detail LIKE ? ESCAPE '!'")
+            params.append("%" + _like(json.dumps({"request_id": request_id})[1:-1]) + "%")
+        if where:
+            sql += " WHERE " + " AND ".join(where)
         sql += " ORDER BY at DESC, id LIMIT ?"
         rows = self.db.execute(sql, (*params, limit))
-        return [AuditEvent(r[0], r[1], r[2], r[3], r[4], json.loads(r[5])) for r in rows]
+        found = [AuditEvent(r[0], r[1], r[2], r[3], r[4], json.loads(r[5])) for r in rows]
+        if request_id is not None:
+            found = [e for e in found if e.detail.get("request_id") == request_id]
+        return found
 
     def prune(self, before: float, batch: int = PRUNE_BATCH) -> int:
         """Delete events recorded before ``before`` (epoch seconds), a batch per statement;

@@ -1,0 +1,331 @@
+"""CLI: ``bastion approvals list|show|approve|deny``, on the deployment's database (docs/approvals.md).
+
+Like the other admin commands it works on the database directly (``--database``, or the one in
+bastion.toml), and it needs the ``[oauth]`` key directory: what a request holds is sealed under a
+key kept there. The policy in force and the stored facts are loaded here, so the policy's
+``approver`` rules decide who may answer, as they do on the server. ``--as`` names the person who
+answers; whoever can run this command can read the database, and vouches for that person (the
+operating-system user who ran it is kept in the audit event).
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import json
+import os
+import sys
+from collections.abc import Callable
+from datetime import UTC, datetime
+
+from bastion.approvals.service import Approvals, NotAllowed, UnknownRequest
+from bastion.approvals.store import STATUSES, ApprovalRequest
+from bastion.audit.commands import event_line
+from bastion.db import DatabaseUnavailable
+from bastion.decide import Authorizer
+from bastion.facts.store import FactStore
+from bastion.server.config import ConfigError, ServerConfig
+
+MAX_LIST = 500
+
+
+class CommandError(Exception):
+    """A refusal or a mistake the person running the command can fix; the message says how."""
+
+
+def _when(epoch: float | None) -> str:
+    if epoch is None:
+        return "-"
+    return datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+class Deployment:
+    """The approvals of the configured deployment, opened for one command."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        from bastion.approvals.service import approvals_from_config
+        from bastion.oauth.settings import OAuthSettings, SettingsError
+
+        config = ServerConfig.load(args.config)
+        database = args.database or os.environ.get("BASTION_DATABASE") or config.database
+        if not config.oauth:
+            raise CommandError(
+                "approvals need the [oauth] table of bastion.toml (its key_dir holds the key that"
+                " seals what requests hold); give --config"
+            )
+        try:
+            oauth = OAuthSettings.from_mapping(config.oauth)
+        except SettingsError as e:
+            raise CommandError(str(e)) from None
+        self.config = config
+        self.facts = FactStore.open(database, role="bastion-cli")
+        self._authz: Authorizer | None = None
+        self._policy_version: int | None = None
+        # The CLI sends no notifications: the webhooks (and their secrets) are the server's.
+        table = {k: v for k, v in config.approvals.items() if k != "webhooks"}
+        try:
+            self.approvals: Approvals = approvals_from_config(
+                database,
+                table,
+                oauth.key_dir,
+                oauth.issuer,
+                self._authorizer,
+                lambda: self._policy_version,
+            )
+        except Exception:
+            self.facts.close()
+            raise
+
+    def _authorizer(self) -> Authorizer:
+        """The policy in force and the stored facts, loaded once, when an answer needs them."""
+        if self._authz is None:
+            from bastion.server.replica import load_facts
+
+            _seq, facts, policy = self.facts.snapshot()
+            authz = Authorizer("", limits=self.config.policy_limits())
+            if policy is not None:
+                authz.load_policy(policy.text, source=policy.source or "policy.polar")
+                self._policy_version = policy.version
+            load_facts(authz, facts)
+            self._authz = authz
+        return self._authz
+
+    def close(self) -> None:
+        self.approvals.store.db.close()
+        self.facts.close()
+
+
+def _opened(work: Callable[[Deployment, argparse.Namespace], int]) -> Callable:
+    """Open the deployment for the command, close it after; turn what a person can fix into one
+    line on stderr and exit status 2."""
+
+    def run(args: argparse.Namespace) -> int:
+        try:
+            deployment = Deployment(args)
+        except (CommandError, ConfigError, DatabaseUnavailable, OSError) as e:
+            print(f"bastion: {e}", file=sys.stderr)
+            return 2
+        try:
+            return work(deployment, args)
+        except (CommandError, DatabaseUnavailable) as e:
+            print(f"bastion: {e}", file=sys.stderr)
+            return 2
+        finally:
+            deployment.close()
+
+    return run
+
+
+def _text(value: object) -> str:
+    """Text a caller wrote (a reason, a name, a target) for a terminal: as it is if printable,
+    else as JSON, so a line break or a control or right-to-left character in it can never pass
+    for another line or field of the output."""
+    if isinstance(value, str) and value.isprintable():
+        return value
+    return json.dumps(value, default=str)
+
+
+def _found(approvals: Approvals, request_id: str) -> ApprovalRequest:
+    request = approvals.get(request_id)
+    if request is None:
+        raise CommandError(
+            f"no approval request has the id {request_id!r} (bastion approvals list)"
+        )
+    return request
+
+
+def _line(request: ApprovalRequest) -> str:
+    approvers = ",".join(request.approvers) or f"{request.subject} (confirms)"
+    return "\t".join(
+        _text(field)
+        for field in (
+            request.id,
+            request.kind,
+            request.status,
+            f"{request.subject} via {request.client_id}",
+            f"{request.server} {request.method} {request.target}",
+            f"expires {_when(request.expires_at)}",
+            f"approvers {approvers}",
+        )
+    )
+
+
+def cmd_list(deployment: Deployment, args: argparse.Namespace) -> int:
+    found = deployment.approvals.listed(
+        status=args.status, approver=args.approver, limit=args.limit
+    )
+    for request in found:
+        print(json.dumps(request.summary()) if args.json else _line(request))
+    return 0
+
+
+def cmd_show(deployment: Deployment, args: argparse.Namespace) -> int:
+    request = _found(deployment.approvals, args.id)
+    events = list(
+        reversed(deployment.approvals.audit.events(request_id=request.id, limit=args.events))
+    )
+    if args.json:
+        shown = {
+            **request.summary(),
+            "events": [
+                {"at": e.at, "kind": e.kind, "user": e.subject, "agent": e.client_id, **e.detail}
+                for e in events
+            ],
+        }
+        print(json.dumps(shown, indent=2, default=str))
+        return 0
+    s = {
+        k: _text(v) if isinstance(v, str) and k != "arguments" else v
+        for k, v in request.summary().items()
+    }
+    print(f"{s['kind']} request {s['id']}: {s['status']}")
+    print(f"  user {s['user']}, agent {s['agent']}")
+    print(f"  {s['server']} {s['method']} {s['target']} (action {s['action']})")
+    print("  arguments:")
+    for text in json.dumps(s["arguments"], indent=2, sort_keys=True).splitlines():
+        print(f"    {text}")
+    rules = ", ".join(map(_text, s["rules"])) or "-"
+    print(f"  why: {rules} (policy version {s['policy_version']})")
+    approvers = ", ".join(map(_text, s["approvers"])) or f"{s['user']} confirms their agent's call"
+    print(f"  approvers: {approvers}; {s['required']} needed", end="")
+    print("; self-approval forbidden" if s["self_approval_forbidden"] else "")
+    if s["window_minutes"]:
+        print(f"  may be approved for up to {s['window_minutes']} minutes")
+    print(f"  held {_when(s['created_at'])}, expires {_when(s['expires_at'])}", end="")
+    print(f", resolved {_when(s['resolved_at'])}" if s["resolved_at"] else "")
+    if s["used_at"]:
+        print(f"  used {_when(s['used_at'])} by decision {s['used_by']}")
+    if s["withheld_fields"]:
+        print(f"  released with withheld fields: {', '.join(map(_text, s['withheld_fields']))}")
+    print(f"  held by decision {s['decision_id']}")
+    print("answers:" if s["answers"] else "answers: none")
+    for a in s["answers"]:
+        minutes = f" for {a['minutes']} minutes" if a["minutes"] else ""
+        reason = f": {_text(a['reason'])}" if a["reason"] else ""
+        who = f"{_text(a['approver'])} {a['answer']}{minutes} ({_text(a['channel'])})"
+        print(f"  {_when(a['at'])} {who}{reason}")
+    print("audit events:" if events else "audit events: none")
+    for event in events:
+        print(f"  {event_line(event)}")
+    return 0
+
+
+def _vouching() -> str:
+    try:
+        return f"cli:{getpass.getuser()}"
+    except Exception:  # no user name in this environment (a container without one)
+        return "cli"
+
+
+def _answer(deployment: Deployment, args: argparse.Namespace, answer: str) -> int:
+    if not args.person or not args.person.isprintable() or args.person.strip() != args.person:
+        raise CommandError("--as names the person who answers: a user name")
+    withheld = tuple(getattr(args, "withhold", None) or ())
+    try:
+        request = deployment.approvals.answer(
+            args.id,
+            args.person,
+            answer,
+            minutes=getattr(args, "minutes", 0) or 0,
+            channel="cli",
+            reason=args.reason or "",
+            withheld_fields=withheld,
+            via=_vouching(),
+        )
+    except UnknownRequest:
+        raise CommandError(
+            f"no approval request has the id {args.id!r} (bastion approvals list)"
+        ) from None
+    except NotAllowed as e:
+        raise CommandError(f"{args.person} may not {answer} request {args.id}: {e}") from None
+    print(_line(request))
+    if request.status == "pending":
+        given = len(request.approvals)
+        print(
+            f"recorded; {given} of {request.required} approvals given, the request is still"
+            " pending",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def cmd_approve(deployment: Deployment, args: argparse.Namespace) -> int:
+    return _answer(deployment, args, "approve")
+
+
+def cmd_deny(deployment: Deployment, args: argparse.Namespace) -> int:
+    return _answer(deployment, args, "deny")
+
+
+def _limit(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if not 1 <= value <= MAX_LIST:
+        raise argparse.ArgumentTypeError(f"give 1 to {MAX_LIST}, not {value}")
+    return value
+
+
+def _minutes(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of minutes") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError("minutes are 0 (this call only) or more")
+    return value
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--database", help="SQLite path or postgresql:// URL (or BASTION_DATABASE, or bastion.toml)"
+    )
+    parser.add_argument("--config", help="bastion.toml (its [oauth] key_dir is needed)")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    approvals = sub.add_parser("approvals", help="held calls and results: list, show, answer")
+    commands = approvals.add_subparsers(dest="approvals_command", required=True)
+
+    p = commands.add_parser("list", help="requests, newest first")
+    p.add_argument("--status", choices=STATUSES, help="only requests in this status")
+    p.add_argument("--approver", help="only requests this person may answer")
+    p.add_argument("--limit", type=_limit, default=100, help=f"at most this many (1-{MAX_LIST})")
+    p.add_argument("--json", action="store_true", help="one JSON request per line")
+    _common(p)
+    p.set_defaults(func=_opened(cmd_list))
+
+    p = commands.add_parser("show", help="a request: arguments in full, answers, audit events")
+    p.add_argument("id")
+    p.add_argument("--events", type=_limit, default=100, help="audit events to show, at most")
+    p.add_argument("--json", action="store_true")
+    _common(p)
+    p.set_defaults(func=_opened(cmd_show))
+
+    for name, func, help_text in (
+        ("approve", cmd_approve, "approve a held call, or release a held result"),
+        ("deny", cmd_deny, "deny a held call, or withhold a held result"),
+    ):
+        p = commands.add_parser(name, help=help_text)
+        p.add_argument("id")
+        p.add_argument(
+            "--as", dest="person", required=True, help="the person who answers (a user name)"
+        )
+        p.add_argument("--reason", help="why (kept with the answer)")
+        if name == "approve":
+            p.add_argument(
+                "--minutes",
+                type=_minutes,
+                default=0,
+                help="approve this tool for this user and agent for N minutes (at most what the"
+                " policy allows); default: this call only",
+            )
+            p.add_argument(
+                "--withhold",
+                action="append",
+                metavar="PATH",
+                help="a review: release the result without this field (repeat for several)",
+            )
+        _common(p)
+        p.set_defaults(func=_opened(func))

@@ -1,0 +1,272 @@
+"""``bastion approvals list|show|approve|deny`` on a real SQLite file with the deployment's key
+directory, and the audit commands that show approvals: the policy and facts stored in the
+database decide who may answer, every refusal says why and changes nothing."""
+
+from __future__ import annotations
+
+import getpass
+import json
+import time
+
+import pytest
+
+from bastion.audit.decisions import DecisionRecord, DecisionRecords, new_decision_id
+from bastion.audit.log import AuditLog
+from bastion.cli import main
+from bastion.db import Database
+from bastion.facts.store import FactStore
+from bastion.policy.parser import parse_fact
+from tests.approvals.support import DELETE, REPORT, SEND, Holder, config, store_policy_and_facts
+
+ISSUER = "http://127.0.0.1:9"
+
+
+class Deployment:
+    def __init__(self, tmp_path) -> None:
+        self.database = str(tmp_path / "bastion.db")
+        self.keys = tmp_path / "keys"
+        self.config = tmp_path / "bastion.toml"
+        self.config.write_text(config(ISSUER, self.database, self.keys))
+        store_policy_and_facts(self.database)
+        self.holder = Holder(self.database, self.keys, ISSUER)
+
+    def status(self, request_id: str) -> str:
+        return self.holder.approvals.get(request_id).status
+
+
+@pytest.fixture
+def deployment(tmp_path):
+    d = Deployment(tmp_path)
+    yield d
+    d.holder.close()
+
+
+@pytest.fixture
+def bastion(capsys, deployment, monkeypatch):
+    """``bastion(*argv)`` -> (exit status, stdout, stderr), with --config added."""
+    monkeypatch.delenv("BASTION_DATABASE", raising=False)
+
+    def run(*argv: str) -> tuple[int, str, str]:
+        try:
+            code = main([*argv, "--config", str(deployment.config)])
+        except SystemExit as e:  # argparse
+            code = e.code
+        out = capsys.readouterr()
+        return code, out.out, out.err
+
+    return run
+
+
+# -- reading -------------------------------------------------------------------------------------
+
+
+def test_list_shows_held_calls_with_their_approvers_newest_first(deployment, bastion):
+    first = deployment.holder.hold(SEND)
+    second = deployment.holder.hold(DELETE)
+    code, out, _ = bastion("approvals", "list")
+    assert code == 0
+    lines = out.splitlines()
+    assert [line.split("\t")[0] for line in lines] == [second.id, first.id]
+    assert "pending" in lines[1] and "approvers avery" in lines[1]
+    assert "sam via bot" in lines[1] and 'Tool{"crm/send"}' in lines[1]
+    assert "approvers sam (confirms)" in lines[0]
+
+
+def test_list_narrows_by_approver_and_status_and_prints_json(deployment, bastion):
+    for_avery = deployment.holder.hold(SEND)
+    sams_own = deployment.holder.hold(DELETE)
+    _, out, _ = bastion("approvals", "list", "--approver", "avery")
+    assert out.split("\t")[0] == for_avery.id and sams_own.id not in out
+    _, out, _ = bastion("approvals", "list", "--status", "denied")
+    assert out == ""
+    _, out, _ = bastion("approvals", "list", "--json", "--limit", "1")
+    [line] = out.splitlines()
+    assert json.loads(line)["id"] == sams_own.id
+    code, _, err = bastion("approvals", "list", "--limit", "0")
+    assert code == 2 and "give 1 to 500" in err
+    code, _, err = bastion("approvals", "list", "--status", "maybe")
+    assert code == 2 and "invalid choice" in err
+
+
+def test_show_prints_the_arguments_in_full_the_answers_and_the_audit_events(deployment, bastion):
+    arguments = {"to": "ceo@example.com", "body": "line one\nline two", "cc": ["a", "b"]}
+    held = deployment.holder.hold(SEND, arguments)
+    assert bastion("approvals", "approve", held.id, "--as", "avery", "--reason", "fine")[0] == 0
+    code, out, _ = bastion("approvals", "show", held.id)
+    assert code == 0
+    assert f"approval request {held.id}: approved" in out
+    assert '"body": "line one\\nline two"' in out and '"cc": [' in out
+    assert "approvers: avery; 1 needed" in out
+    assert "avery approve (cli): fine" in out
+    assert "approval.requested" in out and "approval.answer" in out
+    assert "approval.approved" in out
+    code, out, _ = bastion("approvals", "show", held.id, "--json")
+    shown = json.loads(out)
+    assert shown["arguments"] == arguments
+    kinds = [e["kind"] for e in shown["events"]]
+    assert kinds.index("approval.requested") < kinds.index("approval.answer")
+
+
+def test_an_unknown_request_is_refused_by_every_command(bastion):
+    for argv in (
+        ("show", "nope"),
+        ("approve", "nope", "--as", "avery"),
+        ("deny", "nope", "--as", "avery"),
+    ):
+        code, out, err = bastion("approvals", *argv)
+        assert code == 2 and out == ""
+        assert "no approval request has the id 'nope'" in err
+
+
+# -- answering -----------------------------------------------------------------------------------
+
+
+def test_the_approver_the_policy_names_approves_and_the_os_user_is_kept(deployment, bastion):
+    held = deployment.holder.hold(SEND)
+    code, out, _ = bastion("approvals", "approve", held.id, "--as", "avery")
+    assert code == 0 and "\tapproved\t" in out
+    request = deployment.holder.approvals.get(held.id)
+    [answer] = request.answers
+    assert (answer.approver, answer.channel) == ("avery", "cli")
+    [event] = AuditLog(deployment.holder.db).events(kind="approval.answer", request_id=held.id)
+    assert event.detail["via"] == f"cli:{getpass.getuser()}"
+
+
+def test_a_person_the_policy_does_not_name_is_refused_and_nothing_changes(deployment, bastion):
+    held = deployment.holder.hold(SEND)
+    for person, why in (
+        ("mallory", "not an approver"),
+        ("bot", "not an approver"),  # the agent itself
+        ("sam", "may not approve their own call"),
+    ):
+        code, out, err = bastion("approvals", "approve", held.id, "--as", person)
+        assert code == 2 and out == ""
+        assert f"{person} may not approve request {held.id}" in err and why in err
+    code, _, err = bastion("approvals", "approve", held.id, "--as", " avery")
+    assert code == 2 and "a user name" in err
+    assert deployment.status(held.id) == "pending"
+    assert deployment.holder.approvals.get(held.id).answers == ()
+
+
+def test_the_policy_and_facts_stored_now_decide_who_may_answer(deployment, bastion):
+    held = deployment.holder.hold(SEND)
+    assert bastion("approvals", "approve", held.id, "--as", "cfo")[0] == 2
+    # A fact written after the call was held: cfo is sam's manager too, as the policy sees now.
+    FactStore(deployment.holder.db).apply([parse_fact('manager(User{"sam"}, User{"cfo"})')])
+    code, _, err = bastion("approvals", "approve", held.id, "--as", "cfo")
+    assert code == 0, err
+    assert deployment.status(held.id) == "approved"
+
+
+def test_a_denial_and_then_a_second_answer(deployment, bastion):
+    held = deployment.holder.hold(SEND)
+    code, out, _ = bastion("approvals", "deny", held.id, "--as", "avery", "--reason", "no")
+    assert code == 0 and "\tdenied\t" in out
+    code, _, err = bastion("approvals", "approve", held.id, "--as", "avery")
+    assert code == 2 and "denied, not pending" in err
+    assert deployment.status(held.id) == "denied"
+    [answer] = deployment.holder.approvals.get(held.id).answers
+    assert (answer.answer, answer.reason) == ("deny", "no")
+
+
+def test_what_a_caller_wrote_cannot_pass_for_another_line_of_the_output(deployment, bastion):
+    held = deployment.holder.hold(SEND)
+    forged = "no\n  2026-01-01T00:00:00Z mallory approve (page)"
+    assert bastion("approvals", "deny", held.id, "--as", "avery", "--reason", forged)[0] == 0
+    for argv in (("approvals", "show", held.id), ("audit", "events", "--request", held.id)):
+        _, out, _ = bastion(*argv)
+        assert not any("mallory" in line and "avery" not in line for line in out.splitlines())
+        assert '"no\\n  2026-01-01T00:00:00Z mallory approve (page)"' in out
+
+
+def test_an_expired_request_cannot_be_answered(deployment, bastion):
+    an_hour_ago = time.time() - 3600
+    approvals = deployment.holder.approvals
+    approvals.clock = approvals.store.clock = lambda: an_hour_ago
+    held = deployment.holder.hold(SEND)
+    code, _, err = bastion("approvals", "approve", held.id, "--as", "avery")
+    assert code == 2 and "expired" in err
+    assert approvals.get(held.id).answers == ()
+
+
+def test_an_approval_for_minutes_is_bounded_by_the_policy_and_stored_as_a_fact(deployment, bastion):
+    held = deployment.holder.hold(SEND)
+    code, _, err = bastion("approvals", "approve", held.id, "--as", "avery", "--minutes", "31")
+    assert code == 2 and "30 minutes at most" in err
+    code, _, err = bastion("approvals", "approve", held.id, "--as", "avery", "--minutes", "-1")
+    assert code == 2 and "0 (this call only) or more" in err
+    before = time.time()
+    assert bastion("approvals", "approve", held.id, "--as", "avery", "--minutes", "15")[0] == 0
+    [grant] = FactStore(deployment.holder.db).get(("approval_grant", None, None, None, None))
+    assert grant.fact[1].id == "sam" and grant.fact[2].id == "bot"
+    assert before + 15 * 60 <= grant.expires_at <= time.time() + 15 * 60
+
+
+def test_a_held_result_is_released_with_fields_withheld(deployment, bastion):
+    held = deployment.holder.hold(REPORT, kind="review", result={"customers": [{"email": "x"}]})
+    code, out, _ = bastion(
+        "approvals", "approve", held.id, "--as", "avery", "--withhold", "customers.*.email"
+    )
+    assert code == 0 and "\treleased\t" in out
+    assert deployment.holder.approvals.get(held.id).withheld_fields == ("customers.*.email",)
+    _, out, _ = bastion("approvals", "show", held.id)
+    assert "released with withheld fields: customers.*.email" in out
+    assert "email" not in out.split("answers:")[0].split("arguments:")[1].split("why:")[0]
+
+
+def test_without_oauth_in_the_configuration_the_commands_say_what_is_missing(
+    deployment, capsys, tmp_path
+):
+    bare = tmp_path / "bare.toml"
+    bare.write_text(f'[server]\ndatabase = "{deployment.database}"\n')
+    assert main(["approvals", "list", "--config", str(bare)]) == 2
+    assert "[oauth]" in capsys.readouterr().err
+
+
+# -- the audit trail -----------------------------------------------------------------------------
+
+
+def test_audit_events_prints_the_approval_events_oldest_first(deployment, bastion):
+    held = deployment.holder.hold(SEND)
+    bastion("approvals", "approve", held.id, "--as", "avery")
+    code, out, _ = bastion("audit", "events", "--kind", "approval.")
+    assert code == 0
+    kinds = [line.split(" ")[1] for line in out.splitlines()]
+    assert kinds[0] == "approval.requested" and "approval.answer" in kinds
+    assert all(k.startswith("approval.") for k in kinds)
+    answer = next(line for line in out.splitlines() if " approval.answer " in line)
+    assert (
+        "approver=avery" in answer and "channel=cli" in answer and f"request_id={held.id}" in answer
+    )
+    _, out, _ = bastion("audit", "events", "--request", "someone-else")
+    assert out == ""
+    _, out, _ = bastion("audit", "events", "--kind", "approval_")  # LIKE's _ is not a wildcard
+    assert out == ""
+    _, out, _ = bastion("audit", "events", "--request", held.id, "--json")
+    assert {json.loads(line)["detail"]["request_id"] for line in out.splitlines()} == {held.id}
+
+
+def test_audit_tail_links_a_held_call_to_its_approval_request(deployment, bastion):
+    held = deployment.holder.hold(SEND)
+    records = DecisionRecords(Database(deployment.database))
+    for result, status in (("held", "pending"), ("allow", "used")):
+        records.add(
+            DecisionRecord(
+                id=new_decision_id(),
+                at=time.time(),
+                server="crm",
+                method="tools/call",
+                target="crm/send",
+                principals=("User:sam", "Agent:bot"),
+                result=result,
+                reason="requires_approval" if result == "held" else "",
+                obligations={"approval": {"id": held.id, "status": status}},
+            )
+        )
+    records.flush()
+    records.db.close()
+    code, out, _ = bastion("audit", "tail")
+    assert code == 0
+    held_line, allowed_line = out.splitlines()
+    assert held_line.split()[1] == "held" and f"approval={held.id}:pending" in held_line
+    assert allowed_line.split()[1] == "allow" and f"approval={held.id}:used" in allowed_line
