@@ -26,7 +26,7 @@ from bastion.decide import Authorizer
 from bastion.facts.store import FactStore
 from bastion.server.config import ConfigError, ServerConfig
 
-MAX_LIST = 500
+MAX_LIST = 200
 
 
 class CommandError(Exception):

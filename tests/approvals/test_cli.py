@@ -83,7 +83,7 @@ def test_list_narrows_by_approver_and_status_and_prints_json(deployment, bastion
     [line] = out.splitlines()
     assert json.loads(line)["id"] == sams_own.id
     code, _, err = bastion("approvals", "list", "--limit", "0")
-    assert code == 2 and "give 1 to 500" in err
+    assert code == 2 and "give 1 to 200" in err
     code, _, err = bastion("approvals", "list", "--status", "maybe")
     assert code == 2 and "invalid choice" in err
 
@@ -228,7 +228,8 @@ def test_without_oauth_in_the_configuration_the_commands_say_what_is_missing(
 
 def test_audit_events_prints_the_approval_events_oldest_first(deployment, bastion):
     held = deployment.holder.hold(SEND)
-    bastion("approvals", "approve", held.id, "--as", "avery")
+    code, _, err = bastion("approvals", "approve", held.id, "--as", "avery")
+    assert code == 0, err
     code, out, _ = bastion("audit", "events", "--kind", "approval.")
     assert code == 0
     kinds = [line.split(" ")[1] for line in out.splitlines()]
@@ -270,3 +271,25 @@ def test_audit_tail_links_a_held_call_to_its_approval_request(deployment, bastio
     held_line, allowed_line = out.splitlines()
     assert held_line.split()[1] == "held" and f"approval={held.id}:pending" in held_line
     assert allowed_line.split()[1] == "allow" and f"approval={held.id}:used" in allowed_line
+
+
+def test_audit_events_are_found_by_kind_prefix_and_request_on_either_database(database_url):
+    db = Database(database_url)
+    try:
+        log = AuditLog(db)
+        log.record("approval.requested", request_id="a_1")
+        log.record("approval.answer", request_id="a_1", reason='say "request_id": "b%2"')
+        log.record("review.requested", request_id="b%2")
+        log.record("approvalXrequested", request_id="a%1")
+        assert {e.kind for e in log.events(kind_prefix="approval.")} == {
+            "approval.requested",
+            "approval.answer",
+        }
+        assert [e.kind for e in log.events(request_id="b%2")] == ["review.requested"]
+        assert {e.kind for e in log.events(request_id="a_1")} == {
+            "approval.requested",
+            "approval.answer",
+        }
+        assert log.events(request_id="a_") == [] and log.events(kind_prefix="approval_") == []
+    finally:
+        db.close()
