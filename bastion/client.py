@@ -15,6 +15,7 @@ import json
 from collections.abc import AsyncIterator, Callable, Generator, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, NamedTuple
+from urllib.parse import quote
 
 import httpx
 
@@ -238,6 +239,40 @@ class _Ops:
     def revoke_key(self, key_id: str) -> Op:
         return (yield _Call("DELETE", f"/v1/keys/{key_id}"))
 
+    # -- approvals (a key of scope approvals; docs/approvals.md) ---------------------------
+
+    def list_approvals(
+        self, status: str | None = None, approver: str | None = None, limit: int | None = None
+    ) -> Op:
+        """Held calls and results, newest first, as ``GET /v1/approvals`` describes them."""
+        params = {"status": status, "approver": approver, "limit": limit}
+        params = {k: v for k, v in params.items() if v is not None}
+        return (yield _Call("GET", "/v1/approvals", params=params))["approvals"]
+
+    def approval(self, request_id: str) -> Op:
+        return (yield _Call("GET", f"/v1/approvals/{quote(request_id, safe='')}"))
+
+    def approve(
+        self,
+        request_id: str,
+        approver: str,
+        *,
+        minutes: int = 0,
+        reason: str = "",
+        withheld_fields: Iterable[str] = (),
+    ) -> Op:
+        """Approve (or, for a review, release) as ``approver``, whom the key vouches for; a
+        `RemoteError` 403 says why the policy does not let them."""
+        body = {"approver": approver, "minutes": minutes, "reason": reason}
+        if withheld_fields:
+            body["withheld_fields"] = list(withheld_fields)
+        path = f"/v1/approvals/{quote(request_id, safe='')}/approve"
+        return (yield _Call("POST", path, body))
+
+    def deny(self, request_id: str, approver: str, *, reason: str = "") -> Op:
+        path = f"/v1/approvals/{quote(request_id, safe='')}/deny"
+        return (yield _Call("POST", path, {"approver": approver, "reason": reason}))
+
 
 def _check_response(response: httpx.Response) -> Any:
     if response.status_code >= 400:
@@ -310,6 +345,10 @@ _OPS = [
     "create_key",
     "list_keys",
     "revoke_key",
+    "list_approvals",
+    "approval",
+    "approve",
+    "deny",
 ]
 _FACT_OPS = {"insert": "facts_insert", "delete": "facts_delete", "apply": "facts_apply"}
 _FACT_OPS |= {"get": "facts_get", "import_lines": "facts_import"}

@@ -182,6 +182,15 @@ class ApprovalRequest:
         }
 
 
+def new_request_id() -> str:
+    """144 random bits, URL-safe, never starting with "-": an id that did would read as an
+    option on a command line (``bastion approvals approve -x...``)."""
+    while True:
+        request_id = secrets.token_urlsafe(18)
+        if not request_id.startswith("-"):
+            return request_id
+
+
 class Sealed:
     """AES-GCM under a key of the deployment, for what a request holds that is data (arguments,
     a held result): a reader of the database alone does not see it. The request id is the
@@ -245,7 +254,7 @@ class ApprovalStore:
             found = self._pending(kind, binding, now)
             if found is not None:
                 return found, False
-            request_id = secrets.token_urlsafe(18)
+            request_id = new_request_id()
             self.db.execute(
                 f"INSERT INTO approval_requests ({_COLUMNS}) VALUES"
                 " (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, NULL,"

@@ -10,6 +10,7 @@ import httpx
 import pytest
 
 from bastion.audit.log import AuditLog
+from bastion.client import Client, RemoteError
 from bastion.db import Database
 from tests.approvals.support import DELETE, REPORT, SEND, Holder, config, store_policy_and_facts
 from tests.server.conftest import ADMIN_KEY, ServerProcess
@@ -277,6 +278,22 @@ def test_fields_are_withheld_from_results_not_from_calls(bastion):
         )
     assert_problem(r, 403, "results under review")
     unchanged(bastion, held.id)
+
+
+def test_the_python_client_lists_reads_and_answers_with_the_reason_of_a_refusal(bastion):
+    held = bastion.holder.hold(SEND)
+    other = bastion.holder.hold(SEND)
+    with Client(bastion.server.url, bastion.keys["approvals"]) as client:
+        assert held.id in [r["id"] for r in client.list_approvals(status="pending", limit=200)]
+        assert client.approval(held.id)["arguments"] == held.arguments
+        with pytest.raises(RemoteError) as refused:
+            client.approve(held.id, "mallory")
+        assert refused.value.status == 403 and "not an approver" in refused.value.detail
+        with pytest.raises(RemoteError) as unknown:
+            client.approval("a/../../keys")
+        assert unknown.value.status == 404
+        assert client.approve(held.id, "avery", reason="ok")["status"] == "approved"
+        assert client.deny(other.id, "avery", reason="no")["status"] == "denied"
 
 
 # -- bad input -----------------------------------------------------------------------------------

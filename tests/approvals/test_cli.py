@@ -107,6 +107,12 @@ def test_show_prints_the_arguments_in_full_the_answers_and_the_audit_events(depl
     assert kinds.index("approval.requested") < kinds.index("approval.answer")
 
 
+def test_request_ids_never_read_as_an_option_on_the_command_line():
+    from bastion.approvals.store import new_request_id
+
+    assert not any(new_request_id().startswith("-") for _ in range(2000))
+
+
 def test_an_unknown_request_is_refused_by_every_command(bastion):
     for argv in (
         ("show", "nope"),
