@@ -1,5 +1,5 @@
-"""``bastion approvals list|show|approve|deny`` on a real SQLite file with the deployment's key
-directory, and the audit commands that show approvals: the policy and facts stored in the
+"""``bastion approvals list|show|approve|deny`` on a real SQLite file and a real PostgreSQL, with the
+deployment's key directory, and the audit commands that show approvals: the policy and facts stored in the
 database decide who may answer, every refusal says why and changes nothing."""
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ ISSUER = "http://127.0.0.1:9"
 
 
 class Deployment:
-    def __init__(self, tmp_path) -> None:
-        self.database = str(tmp_path / "bastion.db")
+    def __init__(self, tmp_path, database: str) -> None:
+        self.database = database
         self.keys = tmp_path / "keys"
         self.config = tmp_path / "bastion.toml"
         self.config.write_text(config(ISSUER, self.database, self.keys))
@@ -35,8 +35,9 @@ class Deployment:
 
 
 @pytest.fixture
-def deployment(tmp_path):
-    d = Deployment(tmp_path)
+def deployment(tmp_path, database_url):
+    """On a SQLite file, then on a PostgreSQL schema."""
+    d = Deployment(tmp_path, database_url)
     yield d
     d.holder.close()
 
