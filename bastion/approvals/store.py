@@ -338,28 +338,25 @@ class ApprovalStore:
 
     def answer(self, request_id: str, answer: Answer) -> None:
         """Record one person's answer (a second answer by the same person replaces nothing:
-        `ValueError`)."""
-        with self.db.transaction():
-            known = self.db.execute(
-                "SELECT answer FROM approval_answers WHERE request_id = ? AND approver = ?",
-                (request_id, answer.approver),
-            )
-            if known:
-                raise ValueError(f"{answer.approver} has already answered this request")
-            self.db.execute(
-                "INSERT INTO approval_answers"
-                " (request_id, approver, answer, minutes, channel, reason, at)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (
-                    request_id,
-                    answer.approver,
-                    answer.answer,
-                    answer.minutes,
-                    answer.channel,
-                    answer.reason,
-                    answer.at,
-                ),
-            )
+        `ValueError`). One statement, so two answers at once from two processes (a page and
+        the CLI, two replicas) cannot both pass a check made before either wrote."""
+        rows = self.db.execute(
+            "INSERT INTO approval_answers"
+            " (request_id, approver, answer, minutes, channel, reason, at)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?)"
+            " ON CONFLICT (request_id, approver) DO NOTHING RETURNING request_id",
+            (
+                request_id,
+                answer.approver,
+                answer.answer,
+                answer.minutes,
+                answer.channel,
+                answer.reason,
+                answer.at,
+            ),
+        )
+        if not rows:
+            raise ValueError(f"{answer.approver} has already answered this request")
 
     def resolve(
         self,

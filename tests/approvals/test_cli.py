@@ -10,6 +10,7 @@ import time
 
 import pytest
 
+from bastion.approvals.store import Answer
 from bastion.audit.decisions import DecisionRecord, DecisionRecords, new_decision_id
 from bastion.audit.log import AuditLog
 from bastion.cli import main
@@ -300,3 +301,15 @@ def test_audit_events_are_found_by_kind_prefix_and_request_on_either_database(da
         assert log.events(request_id="a_") == [] and log.events(kind_prefix="approval_") == []
     finally:
         db.close()
+
+
+def test_two_answers_by_one_person_at_once_record_one(deployment, bastion):
+    """The race a check-then-write lets through: the CLI and a page (here, the store written to
+    directly, past the service's checks) answering for avery at the same moment."""
+    held = deployment.holder.hold(SEND)
+    assert bastion("approvals", "deny", held.id, "--as", "avery")[0] == 0
+    late = Answer("avery", "approve", 0, "page", "", time.time())
+    with pytest.raises(ValueError, match="already answered"):
+        deployment.holder.approvals.store.answer(held.id, late)
+    [answer] = deployment.holder.approvals.get(held.id).answers
+    assert (answer.answer, answer.channel) == ("deny", "cli")
