@@ -418,9 +418,17 @@ def access_token(
     return tokens.json()["access_token"]
 
 
-def start(tmp_path, gateway: dict | None = None, replicas: int = 0):
+def start(
+    tmp_path,
+    gateway: dict | None = None,
+    replicas: int = 0,
+    approvals: dict | None = None,
+    policy_extra: str = "",
+):
     """Start everything; a context manager yielding `Running`. ``gateway`` adds settings to the
-    ``[gateway]`` table; ``replicas`` more apps share the first one's database and settings."""
+    ``[gateway]`` table, ``approvals`` is the ``[approvals]`` table (by default a held request
+    waits for no answer), ``policy_extra`` rules go after the test policy; ``replicas`` more
+    apps share the first one's database and settings."""
     from contextlib import ExitStack, contextmanager
 
     @contextmanager
@@ -436,7 +444,7 @@ def start(tmp_path, gateway: dict | None = None, replicas: int = 0):
         base = f"http://127.0.0.1:{sock.getsockname()[1]}"
         trace = tmp_path / "stdio-trace.jsonl"
         policy = tmp_path / "policy.polar"
-        policy.write_text(test_policy())
+        policy.write_text(test_policy() + policy_extra)
         lab_app = LegacyOnly(
             lab.server.streamable_http_app(streamable_http_path="/mcp", event_store=MemoryEvents()),
             legacy=False,
@@ -467,6 +475,7 @@ def start(tmp_path, gateway: dict | None = None, replicas: int = 0):
                     # One module's tests register many clients, all from 127.0.0.1.
                     "open_registration": {"max_per_address": 10_000},
                 },
+                approvals={"wait_seconds": 0} if approvals is None else approvals,
                 gateway={
                     **(gateway or {}),
                     "max_body_bytes": 65536,
