@@ -84,6 +84,10 @@ def retried(ex: Exchange) -> tuple[str | None, dict[str, Any]]:
     state = params.get("requestState")
     if not isinstance(state, str) or not state.startswith(STATE_PREFIX):
         return None, params
+    answers = params.get("inputResponses")
+    answer = answers.get(INPUT_KEY) if isinstance(answers, dict) else None
+    if isinstance(answer, dict) and answer.get("action") in ("decline", "cancel"):
+        ex.notes["declined"] = True
     request_id = ex.gateway.states.read(state, ex.caller.subject, ex.caller.client_id)
     upstream = {k: v for k, v in params.items() if k != "requestState"}
     answers = upstream.get("inputResponses")
@@ -131,7 +135,8 @@ async def answer_held(ex: Exchange, held: Held, retry: bool) -> dict[str, Any] |
     if elicit and not modern and ex.emit is not None and not ex.masks:
         asked = asyncio.create_task(ex.ask_client("elicitation/create", _question(held)))
     try:
-        answered = await _wait(ex, held)
+        # A person who declined to open the page is not waited for.
+        answered = not ex.notes.get("declined") and await _wait(ex, held, asked)
     finally:
         if asked is not None:
             asked.cancel()
@@ -170,8 +175,9 @@ def pending_error(held: Held, url_mode: bool = False) -> RpcError:
     return RpcError(APPROVAL_PENDING, message, data)
 
 
-async def _wait(ex: Exchange, held: Held) -> bool:
-    """Whether people answered (or the request expired) within ``wait_seconds``."""
+async def _wait(ex: Exchange, held: Held, asked: asyncio.Task | None) -> bool:
+    """Whether people answered (or the request expired) within ``wait_seconds``; not waited
+    further once the client says its user declined or cancelled the elicitation."""
     approvals = ex.gateway.enforcer.approvals
     assert approvals is not None
     deadline = time.monotonic() + approvals.settings.wait_seconds
@@ -196,5 +202,14 @@ async def _wait(ex: Exchange, held: Held) -> bool:
                     {"progressToken": token, "progress": beats, "message": "waiting for people"},
                 )
             )
+        if asked is not None and asked.done() and _declined(asked):
+            return False
         await asyncio.sleep(min(POLL_SECONDS, max(0.0, deadline - time.monotonic())))
     return False
+
+
+def _declined(asked: asyncio.Task) -> bool:
+    if asked.cancelled() or asked.exception() is not None:
+        return False
+    result = asked.result().get("result")
+    return isinstance(result, dict) and result.get("action") in ("decline", "cancel")

@@ -5,10 +5,12 @@ reviewer releases it, without a second upstream call."""
 
 from __future__ import annotations
 
+import json
 import time
 
 import pytest
 from argon2 import PasswordHasher
+from mcp import types
 from mcp.shared.exceptions import MCPError
 
 from bastion.oauth import users
@@ -54,7 +56,7 @@ def bastion(tmp_path_factory):
 @pytest.fixture(scope="module")
 def waiting(tmp_path_factory):
     """Held requests wait for an answer, as deployed."""
-    yield from _start(tmp_path_factory, "holds-waiting", {"wait_seconds": 15})
+    yield from _start(tmp_path_factory, "holds-waiting", {"wait_seconds": 4})
 
 
 def upstream_calls(bastion, tool: str) -> int:
@@ -316,3 +318,108 @@ def test_a_retry_cannot_present_another_callers_request_state(bastion):
         headers=modern_headers(token, "tools/call", "send_email"),
     ).json()
     assert response["error"]["data"]["reason"] == "approval_mismatch"
+
+
+# -- URL elicitation: the client is asked to open the page, and waits --------------------------
+
+
+@pytest.mark.parametrize("mode", ERAS)
+def test_a_client_with_url_elicitation_is_sent_to_the_page_and_its_call_goes_through(
+    waiting, mode
+):
+    """2026-07-28: an input_required result asking to open the page, then the client's retry
+    with bastion's requestState; 2025-11-25: elicitation/create during the held call, which
+    waits and goes on once approved. Here the user confirms their own agent's call, as the page
+    would let them."""
+    asked: list = []
+
+    async def elicit(context, params):
+        asked.append(params)
+        request_id = str(params.url).rsplit("/", 1)[1]
+        approvals(waiting).answer(request_id, "sam", "approve", channel="elicitation")
+        return types.ElicitResult(action="accept")
+
+    async def script(client, seen):
+        await attempt(client, seen, "calls", "search_customers", {"query": "confirm"})
+
+    seen = waiting.sdk("sam", "deskhttp", mode, script, elicitation_callback=elicit)
+    [(kind, text)] = seen["calls"]
+    assert kind == "ok" and "customers" in text
+    [params] = asked
+    assert params.mode == "url" and "/approvals/" in str(params.url)
+    request = approvals(waiting).get(str(params.url).rsplit("/", 1)[1])
+    assert request.status == "used"
+
+
+@pytest.mark.parametrize("mode", ERAS)
+def test_a_declined_elicitation_leaves_the_call_pending(waiting, mode):
+    async def decline(context, params):
+        return types.ElicitResult(action="decline")
+
+    async def script(client, seen):
+        started = time.monotonic()
+        await attempt(client, seen, "calls", "search_customers", {"query": "confirm"})
+        seen["waited"] = time.monotonic() - started
+
+    seen = waiting.sdk("sam", "deskhttp", mode, script, elicitation_callback=decline)
+    error = last_error(seen)
+    assert error["reason"] == "approval_pending"
+    assert approvals(waiting).get(error["approval_id"]).status == "pending"
+
+
+# -- review of results before release ----------------------------------------------------------
+
+
+def read(bastion, token, uri="customers://plans"):
+    response = bastion.http.post(
+        bastion.mcp_url("deskhttp"),
+        json=modern_request(1, "resources/read", {"uri": uri}),
+        headers=modern_headers(token, "resources/read", uri),
+    )
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def test_a_result_held_for_review_is_released_once_without_a_second_upstream_call(bastion):
+    token = bastion.token("sam", "deskhttp")
+    before = upstream_reads(bastion, "customers://plans")
+    held = read(bastion, token)["error"]["data"]
+    assert held["reason"] == "review_pending"
+    assert upstream_reads(bastion, "customers://plans") == before + 1
+    assert read(bastion, token)["error"]["data"]["approval_id"] == held["approval_id"]
+    request = approvals(bastion).get(held["approval_id"])
+    assert request.kind == "review" and request.approvers == ("avery",)
+    assert "enterprise" in json.dumps(approvals(bastion).held_result(request))
+    approvals(bastion).answer(held["approval_id"], "avery", "approve", channel="api")
+    released = read(bastion, token)
+    assert "enterprise" in released["result"]["contents"][0]["text"]
+    assert upstream_reads(bastion, "customers://plans") == before + 1  # not asked again
+    delivered = approvals(bastion).get(held["approval_id"])
+    assert delivered.status == "delivered"
+    assert approvals(bastion).held_result(delivered) is None  # deleted once delivered
+    # The next read is a new call: its result is held again.
+    assert read(bastion, token)["error"]["data"]["reason"] == "review_pending"
+
+
+def test_a_withheld_result_never_reaches_the_agent_and_is_deleted(bastion):
+    token = bastion.token("avery", "deskhttp")
+    held = read(bastion, token)["error"]["data"]
+    # avery holds the result of her own read for review: a person other than her reviews it?
+    # The policy names avery as the reviewer of everyone's reads, her own included.
+    approvals(bastion).answer(
+        held["approval_id"], "avery", "deny", channel="api", reason="not for agents"
+    )
+    refused = read(bastion, token)["error"]["data"]
+    assert refused["reason"] == "review_withheld"
+    request = approvals(bastion).get(held["approval_id"])
+    assert request.status == "withheld" and approvals(bastion).held_result(request) is None
+
+
+def test_a_released_result_keeps_the_fields_the_reviewer_withheld(bastion):
+    token = bastion.token("sam", "deskhttp")
+    held = read(bastion, token, "customers://plans")["error"]["data"]
+    approvals(bastion).answer(
+        held["approval_id"], "avery", "approve", channel="api", withheld_fields=("plans",)
+    )
+    released = read(bastion, token)
+    assert "enterprise" not in json.dumps(released)
