@@ -105,6 +105,16 @@ def _declares_url_elicitation(capabilities: dict[str, Any]) -> bool:
     return isinstance(declared, dict) and isinstance(declared.get("url"), dict)
 
 
+def _answerable_by_caller(held: Held) -> bool:
+    """Whether the token's user can answer this hold on the page (a confirmation of their own
+    agent's call, or they are among the approvers): only then is the client asked to open it.
+    Others wait for the people the policy names, who hear of it by the list page or a webhook."""
+    request = held.request
+    return held.reason == "approval_pending" and (
+        not request.approvers or request.subject in request.approvers
+    )
+
+
 def _question(held: Held) -> dict[str, Any]:
     request = held.request
     what = f"{request.method} {request.target} on {request.server}"
@@ -121,7 +131,7 @@ async def answer_held(ex: Exchange, held: Held, retry: bool) -> dict[str, Any] |
     first time), None once people answered within the wait (decide again), or raise the
     pending error."""
     modern = ex.caller.protocol_version in ("2026-07-28",)
-    elicit = held.reason == "approval_pending" and _declares_url_elicitation(ex.capabilities)
+    elicit = _answerable_by_caller(held) and _declares_url_elicitation(ex.capabilities)
     if modern and elicit and not retry:
         states = ex.gateway.states
         return {

@@ -324,9 +324,7 @@ def test_a_retry_cannot_present_another_callers_request_state(bastion):
 
 
 @pytest.mark.parametrize("mode", ERAS)
-def test_a_client_with_url_elicitation_is_sent_to_the_page_and_its_call_goes_through(
-    waiting, mode
-):
+def test_a_client_with_url_elicitation_is_sent_to_the_page_and_its_call_goes_through(waiting, mode):
     """2026-07-28: an input_required result asking to open the page, then the client's retry
     with bastion's requestState; 2025-11-25: elicitation/create during the held call, which
     waits and goes on once approved. Here the user confirms their own agent's call, as the page
@@ -423,3 +421,28 @@ def test_a_released_result_keeps_the_fields_the_reviewer_withheld(bastion):
     )
     released = read(bastion, token)
     assert "enterprise" not in json.dumps(released)
+
+
+def test_a_waiting_call_keeps_its_client_informed_by_progress(waiting, monkeypatch):
+    """A 2025-11-25 client that gave a progress token hears from the held call while it waits,
+    so that its own timeout does not end it; the answer given meanwhile lets the call go on."""
+    from bastion.gateway import holds
+
+    monkeypatch.setattr(holds, "PROGRESS_SECONDS", 0.3)
+    heard: list = []
+
+    async def script(client, seen):
+        async def on_progress(progress, total, message):
+            heard.append(message)
+            if len(heard) == 1:
+                [request] = approvals(waiting).listed(status="pending", limit=1)
+                approvals(waiting).answer(request.id, "sam", "approve", channel="api")
+
+        result = await client.call_tool(
+            "search_customers", {"query": "confirm"}, progress_callback=on_progress
+        )
+        seen["text"] = result.content[0].text
+
+    seen = waiting.sdk("sam", "deskhttp", "legacy", script)
+    assert "customers" in seen["text"]
+    assert heard and heard[0] == "waiting for people"

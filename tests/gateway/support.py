@@ -222,6 +222,20 @@ def test_policy() -> str:
     window = 'in_time_window(context.time, "Mon-Fri", "09:00", "18:00", "Europe/Paris")'
     assert window in text
     text = text.replace(window, 'context.method = "tools/call"')
+    # Deleting waits for the user's confirmation in the quickstart; these tests delete at once
+    # (tests/approvals hold calls, and tests/gateway/test_quickstart_approvals.py this one).
+    confirmation = 'requires_approval(_user: User, "call", Tool{"desk/delete_customer"});'
+    assert confirmation in text
+    text = text.replace(confirmation, "")
+    # The lab's admin-only resources stay refused to others outright (the quickstart holds what
+    # others read of its internal notes for review instead).
+    text += (
+        '\ndeny(user: User, "read", resource: McpResource) if\n'
+        '  context.server in ["lab", "labhttp", "labold"] and\n'
+        '  has_attribute(resource, "audience", "admin") and\n'
+        '  has_relation(resource, "server", server) and\n'
+        '  not has_role(user, "admin", server);\n'
+    )
     # A lab tool whose result is masked (what its upstream asks the client cannot be), and two
     # lab resources read only with more than the tests' tokens have: a scope, an approval.
     return (
