@@ -21,6 +21,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import anyio
+
 from bastion.approvals.settings import ApprovalSettings
 from bastion.approvals.store import OPEN, Answer, ApprovalRequest, ApprovalStore
 from bastion.audit.log import AuditLog
@@ -151,7 +153,7 @@ class Approvals:
         if request.status == OPEN:
             return Outcome("pending", request)
         if request.status == "approved":
-            if request.policy_version != self.policy_version():
+            if request.policy_version != (self.policy_version() or 0):
                 # Approved under other rules: what the person saw is no longer what decides.
                 self.store.resolve(request.id, "void", from_status="approved")
                 self._event(request, "approval.void", reason="policy version changed")
@@ -223,6 +225,15 @@ class Approvals:
 
     def held_result(self, request: ApprovalRequest) -> Any:
         return self.store.held_result(request.id)
+
+    async def drop_expired_results_forever(self, seconds: float = 60.0) -> None:
+        """Delete held results once their request expires, every ``seconds``, until cancelled."""
+        while True:
+            try:
+                await anyio.to_thread.run_sync(self.store.drop_expired_results)
+            except Exception:  # the database is away: the next round tries again
+                log.warning("approvals: expired results could not be deleted", exc_info=True)
+            await anyio.sleep(seconds)
 
     # -- the policy's side ---------------------------------------------------------------------
 

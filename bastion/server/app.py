@@ -246,12 +246,19 @@ def create_app(config: ServerConfig) -> Starlette:
         if gateway is not None:
             await gateway.start()
         retention = asyncio.create_task(prune_forever(db, config.audit_retention_days))
+        sweep = (
+            asyncio.create_task(approvals.drop_expired_results_forever())
+            if approvals is not None
+            else None
+        )
         try:
             yield
         finally:
-            retention.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await retention
+            for task in (retention, sweep):
+                if task is not None:
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
             if gateway is not None:
                 await gateway.close()
             if oauth is not None:
