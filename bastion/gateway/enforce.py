@@ -210,6 +210,7 @@ class Enforcer:
         held: tuple[Call, Outcome] | None = None
         review: tuple[Call, Outcome] | None = None
         linked: ApprovalRequest | None = None
+        spend: ApprovalRequest | None = None
         if result == "allow" and (
             chain.obligations.requires_approval and not chain.obligations.approval_granted
         ):
@@ -230,8 +231,8 @@ class Enforcer:
                 )
                 if not chain.allowed or chain.missing_scopes or chain.reason is not None:
                     result, reason = "deny", chain.reason or "not_permitted"
-                elif not await self._spend(outcome.request, decision_id):
-                    result, reason = "deny", "approval_used"
+                else:
+                    spend = outcome.request  # once everything else has let it through
             elif outcome.state in ("hold", "pending"):
                 result, reason = "held", "approval_pending"
                 held = (call, outcome)
@@ -258,6 +259,9 @@ class Enforcer:
             else:
                 if retry_after is not None:
                     result, reason = "rate_limited", "rate_limited"
+        # Used once: of two identical retries at the same moment, one goes through.
+        if result == "allow" and spend is not None and not await self._spend(spend, decision_id):
+            result, reason = "deny", "approval_used"
         if held is not None and held[1].state == "hold":
             try:
                 why = self._why_held(

@@ -26,7 +26,10 @@ approver(User{"avery"}, User{"sam"}, "call", Tool{"deskhttp/send_email"});
 approval_window(_user: User, "call", Tool{"deskhttp/send_email"}, 30);
 # The user confirms their own agent's call (no approver rule names anyone else).
 requires_approval(_user: User, "call", Tool{"deskhttp/search_customers"}) if
-  context.arguments.query = "confirm";
+  context.arguments.query in ["confirm", "vetoed"];
+# The policy sees the approval a call comes back with, and may still refuse it.
+deny(_user: User, "call", Tool{"deskhttp/search_customers"}) if
+  context.arguments.query = "vetoed" and context.approval.channels = ["api"];
 requires_review(_user: User, "read", McpResource{"deskhttp/customers://plans"});
 approver(User{"avery"}, _user: User, "read", McpResource{"deskhttp/customers://plans"});
 """
@@ -446,3 +449,13 @@ def test_a_waiting_call_keeps_its_client_informed_by_progress(waiting, monkeypat
     seen = waiting.sdk("sam", "deskhttp", "legacy", script)
     assert "customers" in seen["text"]
     assert heard and heard[0] == "waiting for people"
+
+
+def test_an_approved_call_is_decided_again_and_the_policy_may_still_refuse_it(bastion):
+    token = bastion.token("sam", "deskhttp")
+    vetoed = {"query": "vetoed"}
+    held = raw_call(bastion, token, vetoed, tool="search_customers")["error"]["data"]
+    approvals(bastion).answer(held["approval_id"], "sam", "approve", channel="api")
+    refused = raw_call(bastion, token, vetoed, tool="search_customers")["error"]["data"]
+    assert refused["reason"] == "not_permitted"
+    assert approvals(bastion).get(held["approval_id"]).status == "approved"  # not spent
