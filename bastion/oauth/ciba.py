@@ -140,8 +140,9 @@ class BackchannelAuthentication:
                 raise OAuthError("invalid_binding_message", problem)
         seconds = self._expiry(form.get("requested_expiry"))
         if self.store.user_password_hash(username) is None:
+            shown = username if len(username) <= 200 else f"{username[:200]}..."
             raise OAuthError(
-                "unknown_user_id", f"login_hint {username!r} is not an active user of this server"
+                "unknown_user_id", f"login_hint {shown!r} is not an active user of this server"
             )
         now = self.server.clock()
         auth_req_id = new_secret()
