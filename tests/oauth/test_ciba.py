@@ -656,3 +656,29 @@ def test_ciba_settings_are_checked(tmp_path):
         settings(interval_seconds=0)
     with pytest.raises(SettingsError, match="may not exceed"):
         settings(request_seconds=600, max_request_seconds=300)
+
+
+def test_a_public_client_cannot_ask(bastion: Bastion):
+    public = bastion.register()
+    response = bastion.http.post(
+        f"{bastion.url}/bc-authorize",
+        data={
+            "client_id": public["client_id"],
+            "login_hint": "alice",
+            "scope": "tools:read",
+            "resource": bastion.resource,
+        },
+    )
+    assert_oauth_error(response, "unauthorized_client")
+    assert not bastion.db.execute("SELECT * FROM oauth_backchannel_requests")
+
+
+def test_housekeeping_forgets_spent_requests_once_a_replay_no_longer_matters(bastion: Bastion):
+    client = ciba_client(bastion)
+    ack = requested(bastion, client)
+    answer(signed_in(bastion, "alice"), only_pending_url(bastion), "approve")
+    assert wait_and_poll(bastion, client, ack["auth_req_id"]).status_code == 200
+    bastion.clock.advance(ack["expires_in"] + bastion.server.settings.leeway_seconds + 3600)
+    bastion.server.housekeeping()
+    assert not bastion.db.execute("SELECT * FROM oauth_backchannel_requests")
+    assert_oauth_error(poll(bastion, client, ack["auth_req_id"]), "invalid_grant")
