@@ -223,6 +223,12 @@ class OAuthSettings:
                 f"oauth.ciba.request_seconds ({ciba.request_seconds}) may not exceed"
                 f" oauth.ciba.max_request_seconds ({ciba.max_request_seconds})"
             )
+        if ciba.grant_seconds < numbers["access_token_seconds"]:
+            raise SettingsError(
+                f"oauth.ciba.grant_seconds ({ciba.grant_seconds}) may not be shorter than"
+                f" oauth.access_token_seconds ({numbers['access_token_seconds']}): an access token"
+                " would outlive what the person approved"
+            )
         return cls(
             issuer=issuer,
             resources=resources,

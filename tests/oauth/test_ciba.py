@@ -656,6 +656,8 @@ def test_ciba_settings_are_checked(tmp_path):
         settings(interval_seconds=0)
     with pytest.raises(SettingsError, match="may not exceed"):
         settings(request_seconds=600, max_request_seconds=300)
+    with pytest.raises(SettingsError, match="outlive what the person approved"):
+        settings(grant_seconds=60)
 
 
 def test_a_public_client_cannot_ask(bastion: Bastion):
