@@ -39,6 +39,7 @@ from bastion.oauth.errors import (
 )
 from bastion.oauth.store import BackchannelRequest, Client, Grant, new_secret
 from bastion.oauth.throttle import client_address
+from bastion.oauth.users import UserError, validate_username
 
 if TYPE_CHECKING:
     from bastion.oauth.server import AuthorizationServer
@@ -66,6 +67,21 @@ def metadata_fields(settings_endpoint: Callable[[str], str]) -> dict[str, Any]:
         "backchannel_token_delivery_modes_supported": ["poll"],
         "backchannel_user_code_parameter_supported": False,
     }
+
+
+def _is_username(value: str) -> bool:
+    """Whether ``value`` could name a user at all (and so be looked up: PostgreSQL refuses a
+    NUL character in a statement, a refusal the client should not turn into a 500)."""
+    try:
+        validate_username(value)
+    except UserError:
+        return False
+    return True
+
+
+def _is_request_id(value: str) -> bool:
+    """Whether ``value`` could be the id of a request's page (as `new_secret` makes them)."""
+    return 0 < len(value) <= 64 and all(c.isascii() and (c.isalnum() or c in "-_") for c in value)
 
 
 def binding_message_problem(message: str, most: int) -> str | None:
@@ -139,10 +155,10 @@ class BackchannelAuthentication:
             if problem:
                 raise OAuthError("invalid_binding_message", problem)
         seconds = self._expiry(form.get("requested_expiry"))
-        if self.store.user_password_hash(username) is None:
-            shown = username if len(username) <= 200 else f"{username[:200]}..."
+        if not _is_username(username) or self.store.user_password_hash(username) is None:
             raise OAuthError(
-                "unknown_user_id", f"login_hint {shown!r} is not an active user of this server"
+                "unknown_user_id",
+                f"login_hint {username[:128]!r} is not an active user of this server",
             )
         now = self.server.clock()
         auth_req_id = new_secret()
@@ -332,7 +348,9 @@ class BackchannelAuthentication:
                 200 if form is None else 403,
                 link=(sign_in, "Sign in"),
             )
-        found = self.store.backchannel_request_by_id(request_id)
+        found = (
+            self.store.backchannel_request_by_id(request_id) if _is_request_id(request_id) else None
+        )
         if found is None:
             return pages.message_page("Unknown request", "There is no such request.", 404)
         if found.username != username:

@@ -186,6 +186,17 @@ def test_approved_request_is_pending_then_gives_a_token_that_works(any_database:
     assert introspected["aud"] == bastion.resource
 
 
+def test_input_no_user_or_page_could_have_is_refused_on_either_database(any_database: Bastion):
+    bastion = any_database
+    client = ciba_client(bastion)
+    for hint in ("ali\x00ce", " alice", "a" * 129):
+        assert_oauth_error(bc_authorize(bastion, client, login_hint=hint), "unknown_user_id")
+    browser = signed_in(bastion, "alice")
+    for request_id in ("%00", "x" * 65, "%C3%A9t%C3%A9"):
+        assert browser.get(f"{bastion.url}/bc-approve/{request_id}").status_code == 404
+    assert_oauth_error(poll(bastion, client, "\x00"), "invalid_grant")
+
+
 def test_the_page_shows_nothing_the_client_could_not_check(bastion: Bastion):
     requested(bastion, ciba_client(bastion), binding_message="<script>x</script> & co")
     page = signed_in(bastion, "alice").get(only_pending_url(bastion))
