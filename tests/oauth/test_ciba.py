@@ -695,3 +695,55 @@ def test_housekeeping_forgets_spent_requests_once_a_replay_no_longer_matters(bas
     bastion.server.housekeeping()
     assert not bastion.db.execute("SELECT * FROM oauth_backchannel_requests")
     assert_oauth_error(poll(bastion, client, ack["auth_req_id"]), "invalid_grant")
+
+
+def test_with_the_database_out_of_reach_nothing_is_issued_and_no_request_is_lost(outage, tmp_path):
+    """PostgreSQL taken away from this bastion: polls and the page answer 503 (the app's own
+    handler), never a token; once it is back, the approved request gives its token."""
+    from starlette.applications import Starlette
+
+    from bastion.db import Database, DatabaseUnavailable
+    from bastion.oauth import AuthorizationServer
+    from bastion.server.app import database_unavailable
+
+    from .support import Clock, free_socket, make_settings, serve
+
+    role = outage.role()
+    sock = free_socket()
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    resource, other = "http://127.0.0.1:9/mcp", "http://127.0.0.1:9/other-mcp"
+    clock = Clock()
+    db = Database(outage.url(role))
+    server = AuthorizationServer(
+        make_settings(url, resource, other, str(tmp_path / "keys")), db, clock=clock
+    )
+    create_user(server.store, "alice", PASSWORD, clock())
+    app = Starlette(
+        routes=server.routes(), exception_handlers={DatabaseUnavailable: database_unavailable}
+    )
+    with serve(app, sock), httpx.Client(timeout=10) as http:
+        bastion = Bastion(server, url, resource, other, clock, http)
+        client = ciba_client(bastion)
+        ack = requested(bastion, client)
+        page_url = only_pending_url(bastion)
+        browser = signed_in(bastion, "alice")
+        form = hidden_fields(browser.get(page_url).text)
+
+        outage.block(role)
+        assert_oauth_error(
+            wait_and_poll(bastion, client, ack["auth_req_id"]), "temporarily_unavailable", 503
+        )
+        assert browser.post(page_url, data={**form, "decision": "approve"}).status_code == 503
+        assert_oauth_error(bc_authorize(bastion, client), "temporarily_unavailable", 503)
+
+        outage.unblock(role)
+        answered = None
+        for _ in range(100):  # until the database connection is made again
+            answered = browser.post(page_url, data={**form, "decision": "approve"})
+            if answered.status_code != 503:
+                break
+            threading.Event().wait(0.1)
+        assert answered is not None and answered.status_code == 200, answered.text
+        response = wait_and_poll(bastion, client, ack["auth_req_id"])
+        assert response.status_code == 200, response.text
+    db.close()
