@@ -228,11 +228,13 @@ class BackchannelAuthentication:
         max_request_seconds, else request_seconds."""
         if requested is None:
             return self.limits.request_seconds
-        if not (requested.isascii() and requested.isdigit()) or int(requested) == 0:
+        if not (requested.isascii() and requested.isdigit()) or not requested.strip("0"):
             raise InvalidRequest(
-                f"requested_expiry must be a positive whole number of seconds, got {requested!r}"
+                f"requested_expiry must be a positive whole number of seconds, got {requested[:20]!r}"
             )
-        return min(int(requested), self.limits.max_request_seconds)
+        most = self.limits.max_request_seconds
+        # More than 10 digits is more than any limit (and Python refuses to read 4,300 or more).
+        return min(int(requested), most) if len(requested) <= 10 else most
 
     # The token endpoint's CIBA grant (§10.1, errors §11); in a worker thread.
 

@@ -243,6 +243,7 @@ def test_requested_expiry_sets_how_long_the_request_waits_within_the_limit(basti
     client = ciba_client(bastion)
     assert requested(bastion, client, requested_expiry="60")["expires_in"] == 60
     assert requested(bastion, client, requested_expiry="99999")["expires_in"] == 1800
+    assert requested(bastion, client, requested_expiry="9" * 5000)["expires_in"] == 1800
     short = requested(bastion, client, requested_expiry="60")
     bastion.clock.advance(60)
     assert_oauth_error(poll(bastion, client, short["auth_req_id"]), "expired_token")
