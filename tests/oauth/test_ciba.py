@@ -748,3 +748,17 @@ def test_with_the_database_out_of_reach_nothing_is_issued_and_no_request_is_lost
         response = wait_and_poll(bastion, client, ack["auth_req_id"])
         assert response.status_code == 200, response.text
     db.close()
+
+
+def test_a_revoked_client_can_no_longer_be_approved_or_poll(bastion: Bastion):
+    client = ciba_client(bastion)
+    ack = requested(bastion, client)
+    url = only_pending_url(bastion)
+    browser = signed_in(bastion, "alice")
+    form = hidden_fields(browser.get(url).text)
+    assert bastion.server.store.revoke_client(client["client_id"], bastion.clock())
+    assert bastion.server.ciba.pending_for("alice") == []
+    assert browser.get(url).status_code == 410
+    assert browser.post(url, data={**form, "decision": "approve"}).status_code == 410
+    assert_oauth_error(wait_and_poll(bastion, client, ack["auth_req_id"]), "invalid_client", 401)
+    assert not events(bastion, "ciba.approved")
