@@ -1,4 +1,5 @@
-"""The pages a person sees during authorization: login, consent and errors.
+"""The pages a person sees during authorization: login, consent, the answer to a backchannel
+(OpenID CIBA) request, and errors.
 
 Server-rendered HTML with every value escaped, no scripts, and headers that forbid framing
 (clickjacking, RFC 9700 §4.16), caching and referrer leaks. A client's name is only vouched for
@@ -178,6 +179,72 @@ def consent_page(
         f"{_technical(client)}"
     )
     return _page("Allow access?", body)
+
+
+def backchannel_request_page(
+    *,
+    action: str,
+    csrf_token: str,
+    username: str,
+    client_name: str,
+    client_verified: bool,
+    binding_message: str | None,
+    resource_name: str,
+    resource_uri: str,
+    scopes: Iterable[ScopeShown],
+    expires_in_minutes: int,
+) -> HTMLResponse:
+    """An OpenID CIBA request waiting for the person's answer: who asks, for what, and the
+    message that binds it to what the application shows on its side."""
+    name = escape(client_name)
+    if client_verified:
+        who = (
+            f"<p><strong>{name}</strong> <span class=verified>registered by your"
+            " administrator</span> asks to act for you.</p>"
+        )
+    else:
+        who = (
+            "<div class=unverified role=note><p><strong>Unverified application.</strong> Its"
+            f" name, &ldquo;{name}&rdquo;, is whatever it registered for itself.</p></div>"
+            "<p>It asks to act for you.</p>"
+        )
+    message = (
+        "<p>It shows this message on its side; approve only if it is the one you see there:</p>"
+        f"<blockquote class=binding><strong>{escape(binding_message)}</strong></blockquote>"
+        if binding_message
+        else "<p>It gave no message to compare with what it shows you.</p>"
+    )
+    items = (
+        "".join(
+            f"<li>{escape(s.description)} <code class=scope>{escape(s.scope)}</code></li>"
+            if s.description
+            else f"<li><code class=scope>{escape(s.scope)}</code></li>"
+            for s in scopes
+        )
+        or "<li>(no scopes)</li>"
+    )
+    if resource_name:
+        resource = f"<strong>{escape(resource_name)}</strong> (<code>{escape(resource_uri)}</code>)"
+    else:
+        resource = f"<code>{escape(resource_uri)}</code>"
+    body = (
+        f"<p>Signed in as <strong>{escape(username)}</strong>.</p>{who}{message}"
+        f"<p>It wants access to {resource} to:</p><ul>{items}</ul>"
+        f"<p>This request expires in about {expires_in_minutes} minute(s).</p>"
+        f"<form method=post action='{escape(action, quote=True)}'>"
+        f"<input type=hidden name=csrf_token value='{escape(csrf_token, quote=True)}'>"
+        "<button type=submit name=decision value=approve>Approve</button>"
+        "<button type=submit name=decision value=deny>Deny</button></form>"
+    )
+    return _page("Approve access?", body)
+
+
+def message_page(
+    title: str, message: str, status: int = 200, link: tuple[str, str] | None = None
+) -> HTMLResponse:
+    """A page that only tells the person something, with an optional ``(href, text)`` link."""
+    go_on = f"<p><a href='{escape(link[0], quote=True)}'>{escape(link[1])}</a></p>" if link else ""
+    return _page(title, f"<p role=status>{escape(message)}</p>{go_on}", status)
 
 
 def error_page(error: str, description: str, status: int = 400) -> HTMLResponse:

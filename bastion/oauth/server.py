@@ -20,6 +20,7 @@ from bastion.audit.refusals import RefusalLog
 from bastion.db import Database, DatabaseUnavailable
 from bastion.oauth import introspection, registration, revocation
 from bastion.oauth.authorize import AuthorizationEndpoint
+from bastion.oauth.ciba import POLLING_ERRORS, BackchannelAuthentication
 from bastion.oauth.client_auth import authenticate_client
 from bastion.oauth.client_metadata_document import ClientMetadataDocuments, is_client_id_url
 from bastion.oauth.errors import InvalidRequest, OAuthError
@@ -111,6 +112,8 @@ class AuthorizationServer:
         self.documents = ClientMetadataDocuments(settings.client_metadata, clock)
         self._authorization = AuthorizationEndpoint(self)
         self._tokens = TokenEndpoint(self)
+        # OpenID CIBA: `pending_for(username)` lists what waits for a person's answer.
+        self.ciba = BackchannelAuthentication(self)
         self._last_housekeeping = 0.0
 
     async def find_client(self, client_id: str, address: str | None = None) -> Client | None:
@@ -164,6 +167,8 @@ class AuthorizationServer:
             Route(f"{prefix}/authorize/login", self._authorization.login, methods=["POST"]),
             Route(f"{prefix}/authorize/consent", self._authorization.consent, methods=["POST"]),
             Route(f"{prefix}/token", self._token, methods=["POST"]),
+            Route(f"{prefix}/bc-authorize", self._backchannel_authorize, methods=["POST"]),
+            Route(f"{prefix}/bc-approve/{{request_id}}", self.ciba.page, methods=["GET", "POST"]),
             Route(f"{prefix}/revoke", self._revoke, methods=["POST"]),
             Route(f"{prefix}/introspect", self._introspect, methods=["POST"]),
         ]
@@ -262,12 +267,40 @@ class AuthorizationServer:
             body = await run_in_threadpool(self._tokens.exchange, client, form)
             await run_in_threadpool(self.housekeeping)
         except OAuthError as error:
-            await run_in_threadpool(self._token_refused, request, form, client, error)
+            if error.error not in POLLING_ERRORS:
+                await run_in_threadpool(self._token_refused, request, form, client, error)
+            return error_response(error)
+        return json_response(body)
+
+    async def _backchannel_authorize(self, request: Request) -> Response:
+        """OpenID CIBA §7: a client asks for a person's approval (`bastion.oauth.ciba`)."""
+        form: dict[str, str] = {}
+        client: Client | None = None
+        try:
+            form = await _form(request)
+            client = await authenticate_client(
+                request.headers.get("authorization"),
+                form,
+                functools.partial(self.find_client, address=client_address(request)),
+            )
+            body = await run_in_threadpool(self.ciba.request, client, form)
+            await run_in_threadpool(self.housekeeping)
+        except OAuthError as error:
+            await run_in_threadpool(
+                functools.partial(
+                    self._token_refused, request, form, client, error, kind="ciba.refused"
+                )
+            )
             return error_response(error)
         return json_response(body)
 
     def _token_refused(
-        self, request: Request, form: dict[str, str], client: Client | None, error: OAuthError
+        self,
+        request: Request,
+        form: dict[str, str],
+        client: Client | None,
+        error: OAuthError,
+        kind: str = "token.refused",
     ) -> None:
         """A confidential client that proved its secret keeps a row per refusal; any other
         request (no client, a wrong secret, a public client anyone can name) is aggregated."""
@@ -278,14 +311,14 @@ class AuthorizationServer:
         }
         if client is not None and not client.is_public:
             self.audit.record(
-                "token.refused",
+                kind,
                 client_id=client.client_id,
                 address=client_address(request),
                 **detail,
             )
             return
         self.refusals.record(
-            "token.refused",
+            kind,
             address=client_address(request),
             reason=error.error,
             client_id=client.client_id if client is not None else None,

@@ -129,8 +129,16 @@ def body_limits(config: ServerConfig, oauth, gateway) -> BodyLimits:
         def oauth_refusal(status: int, detail: str) -> tuple[str, bytes]:
             return "application/json", json.dumps(InvalidRequest(detail).as_dict()).encode()
 
+        # A path with a parameter (/bc-approve/{request_id}) is limited below its fixed part.
         limits += [
             BodyLimit(config.max_oauth_body_bytes, "max_oauth_body_bytes", oauth_refusal, path=p)
+            if "{" not in p
+            else BodyLimit(
+                config.max_oauth_body_bytes,
+                "max_oauth_body_bytes",
+                oauth_refusal,
+                prefix=p.split("{", 1)[0],
+            )
             for p in sorted(oauth_paths(oauth))
         ]
     if gateway is not None:
