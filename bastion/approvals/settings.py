@@ -8,6 +8,10 @@ wait_seconds = 20           # how long a held HTTP request waits for an answer b
                             # answered approval_pending (the client retries)
 retry_after_seconds = 5     # what approval_pending tells the client to wait before retrying
 max_window_minutes = 480    # no time-bounded grant is longer, whatever the policy allows
+webhook_attempts = 5        # POSTs per webhook notification before it is given up
+webhook_backoff_seconds = 1 # the wait after the first failed attempt, doubled after each next
+webhook_timeout_seconds = 5 # one attempt is abandoned (and retried) after this long
+webhook_queue_size = 1000   # notifications a process sends at once; more wait in the database
 
 [[approvals.webhooks]]
 url = "https://chat.example.com/hooks/abc"   # told of every new request (signed, retried)
@@ -42,6 +46,9 @@ class ApprovalSettings:
     webhook_attempts: int = 5
     webhook_backoff_seconds: float = 1.0
     webhook_timeout_seconds: float = 5.0
+    # Deliveries one process holds in memory at once (sending, or waiting to retry); more wait
+    # in the database's outbox until there is room.
+    webhook_queue_size: int = 1000
 
     @classmethod
     def from_mapping(
@@ -57,6 +64,7 @@ class ApprovalSettings:
             "webhook_attempts",
             "webhook_backoff_seconds",
             "webhook_timeout_seconds",
+            "webhook_queue_size",
         }
         for key in table:
             if key not in known:
@@ -72,7 +80,7 @@ class ApprovalSettings:
         for key in ("webhook_backoff_seconds", "webhook_timeout_seconds"):
             if key in table:
                 values[key] = _positive(f"approvals.{key}", table[key])
-        for key in ("max_window_minutes", "webhook_attempts"):
+        for key in ("max_window_minutes", "webhook_attempts", "webhook_queue_size"):
             if key in table:
                 value = table[key]
                 if type(value) is not int or value < (0 if key == "max_window_minutes" else 1):
