@@ -58,7 +58,7 @@ _MIGRATIONS = [
     CREATE TABLE approval_webhook_outbox (
         delivery_id TEXT PRIMARY KEY,
         request_id TEXT NOT NULL,
-        url TEXT NOT NULL,
+        webhook TEXT NOT NULL,
         body TEXT NOT NULL,
         state TEXT NOT NULL,
         attempts INTEGER NOT NULL,
@@ -72,7 +72,7 @@ _MIGRATIONS = [
     CREATE TABLE approval_webhook_deliveries (
         delivery_id TEXT NOT NULL,
         request_id TEXT NOT NULL,
-        url TEXT NOT NULL,
+        webhook TEXT NOT NULL,
         attempt INTEGER NOT NULL,
         status_code INTEGER,
         error TEXT NOT NULL,
@@ -92,7 +92,7 @@ class Delivery:
 
     id: str
     request_id: str
-    url: str
+    webhook: str  # the webhook's label (`Webhook.label`): its URL is a credential
     body: str
     attempts: int  # made so far
     next_at: float  # when the next attempt is due
@@ -104,7 +104,7 @@ class Attempt:
 
     delivery_id: str
     request_id: str
-    url: str
+    webhook: str  # the webhook's label
     attempt: int
     status_code: int | None
     error: str
@@ -190,9 +190,7 @@ class WebhookNotifier:
         self.clock = clock
         self.sweep_seconds = sweep_seconds
         self.owner = secrets.token_hex(8)  # this process's name on the leases it holds
-        self._hooks: dict[str, Webhook] = {}
-        for hook in settings.webhooks:
-            self._hooks.setdefault(hook.url, hook)
+        self._hooks = {hook.label: hook for hook in settings.webhooks}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wake: asyncio.Event | None = None
         self._runner: asyncio.Task | None = None
@@ -210,12 +208,12 @@ class WebhookNotifier:
         body = json.dumps(payload(request, self.url_of(request.id)), separators=(",", ":"))
         now = self.clock()
         rows = [
-            (secrets.token_urlsafe(18), request.id, url, body, PENDING, 0, now, "", 0.0, now)
-            for url in self._hooks
+            (secrets.token_urlsafe(18), request.id, label, body, PENDING, 0, now, "", 0.0, now)
+            for label in self._hooks
         ]
         with self.db.transaction():
             self.db.executemany(
-                "INSERT INTO approval_webhook_outbox (delivery_id, request_id, url, body, state,"
+                "INSERT INTO approval_webhook_outbox (delivery_id, request_id, webhook, body, state,"
                 " attempts, next_at, owner, lease_until, created_at)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 rows,
@@ -291,7 +289,7 @@ class WebhookNotifier:
         try:
             for attempt in range(delivery.attempts + 1, self.settings.webhook_attempts + 1):
                 await asyncio.sleep(max(0.0, delivery.next_at - self.clock()))
-                hook = self._hooks.get(delivery.url)
+                hook = self._hooks.get(delivery.webhook)
                 if hook is None:
                     # Left by an earlier configuration: there is no secret to sign it with.
                     status_code, error = None, "this webhook is no longer configured"
@@ -308,7 +306,7 @@ class WebhookNotifier:
                 recorded = Attempt(
                     delivery.id,
                     delivery.request_id,
-                    delivery.url,
+                    delivery.webhook,
                     attempt,
                     status_code,
                     error,
@@ -322,7 +320,7 @@ class WebhookNotifier:
                         "webhook delivery %s of approval %s to %s failed after %d attempts: %s",
                         delivery.id,
                         delivery.request_id,
-                        delivery.url,
+                        delivery.webhook,
                         attempt,
                         error or f"HTTP {status_code}",
                     )
@@ -331,7 +329,7 @@ class WebhookNotifier:
                 delivery = Delivery(
                     delivery.id,
                     delivery.request_id,
-                    delivery.url,
+                    delivery.webhook,
                     delivery.body,
                     attempt,
                     recorded.at + delay,
@@ -356,13 +354,14 @@ class WebhookNotifier:
             async with asyncio.timeout(self.settings.webhook_timeout_seconds):
                 # The answer's body is not read: a receiver cannot make bastion hold it.
                 async with self._client.stream(
-                    "POST", delivery.url, content=body, headers=headers
+                    "POST", hook.url, content=body, headers=headers
                 ) as response:
                     return response.status_code, ""
         except TimeoutError:
             return None, f"no answer within {self.settings.webhook_timeout_seconds:g} s"
         except httpx.HTTPError as e:
-            return None, f"{type(e).__name__}: {e}"[:_ERROR_CHARS]
+            error = f"{type(e).__name__}: {e}".replace(hook.url, hook.label)
+            return None, error[:_ERROR_CHARS]
 
     # -- the outbox: database work, in worker threads --------------------------------------------
 
@@ -383,7 +382,7 @@ class WebhookNotifier:
                 taken = self.db.execute(
                     "UPDATE approval_webhook_outbox SET owner = ?, lease_until = ?"
                     " WHERE delivery_id = ? AND state = ? AND lease_until <= ?"
-                    " RETURNING delivery_id, request_id, url, body, attempts, next_at",
+                    " RETURNING delivery_id, request_id, webhook, body, attempts, next_at",
                     (self.owner, self._lease(next_at), delivery_id, PENDING, now),
                 )
                 claimed.extend(Delivery(*row) for row in taken)
@@ -415,12 +414,12 @@ class WebhookNotifier:
                 return False
             self.db.execute(
                 "INSERT INTO approval_webhook_deliveries"
-                " (delivery_id, request_id, url, attempt, status_code, error, at)"
+                " (delivery_id, request_id, webhook, attempt, status_code, error, at)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?)",
                 (
                     attempt.delivery_id,
                     attempt.request_id,
-                    attempt.url,
+                    attempt.webhook,
                     attempt.attempt,
                     attempt.status_code,
                     attempt.error,
@@ -441,16 +440,16 @@ class WebhookNotifier:
     def attempts(self, request_id: str) -> list[Attempt]:
         """Every attempt made to tell of ``request_id``, in order. Does I/O."""
         rows = self.db.execute(
-            "SELECT delivery_id, request_id, url, attempt, status_code, error, at"
+            "SELECT delivery_id, request_id, webhook, attempt, status_code, error, at"
             " FROM approval_webhook_deliveries WHERE request_id = ? ORDER BY at, attempt",
             (request_id,),
         )
         return [Attempt(*row) for row in rows]
 
     def state(self, request_id: str) -> dict[str, str]:
-        """Each webhook's delivery state for ``request_id``: url -> pending | delivered | failed.
-        Does I/O."""
+        """Each webhook's delivery state for ``request_id``: label -> pending | delivered |
+        failed. Does I/O."""
         rows = self.db.execute(
-            "SELECT url, state FROM approval_webhook_outbox WHERE request_id = ?", (request_id,)
+            "SELECT webhook, state FROM approval_webhook_outbox WHERE request_id = ?", (request_id,)
         )
         return dict(rows)

@@ -27,7 +27,7 @@ from starlette.routing import Route
 
 from bastion import Authorizer, Entity
 from bastion.approvals.service import Approvals, Call
-from bastion.approvals.settings import ApprovalSettings, Webhook
+from bastion.approvals.settings import ApprovalSettings, Webhook, webhook_label
 from bastion.approvals.store import ApprovalStore
 from bastion.approvals.webhooks import DELIVERED, FAILED, PENDING, WebhookNotifier
 from bastion.audit.log import AuditLog
@@ -188,6 +188,12 @@ async def hold(approvals: Approvals, call: Call | None = None):
     )
 
 
+def state(notifier: WebhookNotifier, request_id: str) -> dict[str, str]:
+    """Each webhook's delivery state, by URL (the record names a webhook by its label)."""
+    urls = {hook.label: hook.url for hook in notifier.settings.webhooks}
+    return {urls[label]: value for label, value in notifier.state(request_id).items()}
+
+
 async def eventually(check: Callable[[], object], what: str, seconds: float = 20.0):
     """Wait until ``check()`` is true (a deadline against hanging, not a timing assertion)."""
     deadline = time.monotonic() + seconds
@@ -213,7 +219,7 @@ def test_a_new_request_is_posted_signed_and_the_receiver_verifies_it(database_ur
         await notifier.start()
         try:
             request = await hold(approvals)
-            await eventually(lambda: notifier.state(request.id) == {url: DELIVERED}, "delivered")
+            await eventually(lambda: state(notifier, request.id) == {url: DELIVERED}, "delivered")
         finally:
             await notifier.close()
         return request
@@ -244,7 +250,8 @@ def test_a_new_request_is_posted_signed_and_the_receiver_verifies_it(database_ur
     # Chat tools are not the place for data: the arguments are on the page, after sign-in.
     assert "quarterly" not in got.body.decode() and "x@example.com" not in got.body.decode()
     [attempt] = notifier.attempts(request.id)
-    assert (attempt.attempt, attempt.status_code, attempt.error, attempt.url) == (1, 200, "", url)
+    assert (attempt.attempt, attempt.status_code, attempt.error) == (1, 200, "")
+    assert attempt.webhook == webhook_label(url) and "/hook" not in attempt.webhook
     assert attempt.delivery_id == got.headers["bastion-delivery"]
     approvals.store.db.close()
 
@@ -261,7 +268,7 @@ def test_a_receiver_that_fails_twice_then_succeeds_gets_three_attempts_all_recor
         await notifier.start()
         try:
             request = await hold(approvals)
-            await eventually(lambda: notifier.state(request.id) == {url: DELIVERED}, "delivered")
+            await eventually(lambda: state(notifier, request.id) == {url: DELIVERED}, "delivered")
         finally:
             await notifier.close()
         return request
@@ -293,7 +300,7 @@ def test_a_400_is_not_retried_and_5xx_are_until_the_attempts_run_out(sqlite_url,
         try:
             request = await hold(approvals)
             await eventually(
-                lambda: notifier.state(request.id) == {refused_url: FAILED, failing_url: FAILED},
+                lambda: state(notifier, request.id) == {refused_url: FAILED, failing_url: FAILED},
                 "both given up",
             )
         finally:
@@ -302,8 +309,12 @@ def test_a_400_is_not_retried_and_5xx_are_until_the_attempts_run_out(sqlite_url,
 
     request = anyio.run(scenario)
     attempts = notifier.attempts(request.id)
-    assert [a.status_code for a in attempts if a.url == refused_url] == [400]
-    assert [a.status_code for a in attempts if a.url == failing_url] == [500, 502, 503]
+    assert [a.status_code for a in attempts if a.webhook == webhook_label(refused_url)] == [400]
+    assert [a.status_code for a in attempts if a.webhook == webhook_label(failing_url)] == [
+        500,
+        502,
+        503,
+    ]
     assert len(refusing.got) == 1 and len(failing.got) == 3
     approvals.store.db.close()
 
@@ -321,7 +332,7 @@ def test_an_attempt_without_an_answer_in_time_is_abandoned_and_retried(sqlite_ur
         await notifier.start()
         try:
             request = await hold(approvals)
-            await eventually(lambda: notifier.state(request.id) == {url: FAILED}, "given up")
+            await eventually(lambda: state(notifier, request.id) == {url: FAILED}, "given up")
         finally:
             await notifier.close()
         return request
@@ -346,7 +357,7 @@ def test_a_redirect_is_not_followed_to_wherever_it_points(sqlite_url, receivers)
         await notifier.start()
         try:
             request = await hold(approvals)
-            await eventually(lambda: notifier.state(request.id) == {url: FAILED}, "given up")
+            await eventually(lambda: state(notifier, request.id) == {url: FAILED}, "given up")
         finally:
             await notifier.close()
         return request
@@ -367,7 +378,7 @@ def test_a_forged_or_tampered_notification_fails_the_receivers_check(sqlite_url,
         await notifier.start()
         try:
             request = await hold(approvals)
-            await eventually(lambda: notifier.state(request.id) == {url: DELIVERED}, "delivered")
+            await eventually(lambda: state(notifier, request.id) == {url: DELIVERED}, "delivered")
         finally:
             await notifier.close()
 
@@ -425,7 +436,9 @@ def test_a_notifier_that_cannot_reach_anyone_never_holds_up_or_loses_the_request
             request = await hold(approvals)
             # hold() has returned while the receiver still holds its notification unanswered.
             await eventually(lambda: hanging.waiting == 1, "the receiver has the notification")
-            assert [a.url for a in notifier.attempts(request.id)].count(hanging_url) == 0
+            assert [a.webhook for a in notifier.attempts(request.id)].count(
+                webhook_label(hanging_url)
+            ) == 0
             # The request is pending and answerable whatever the webhooks do.
             assert (await anyio.to_thread.run_sync(approvals.get, request.id)).status == "pending"
             answered = await anyio.to_thread.run_sync(
@@ -434,18 +447,18 @@ def test_a_notifier_that_cannot_reach_anyone_never_holds_up_or_loses_the_request
             assert answered.status == "approved"
             assert approvals.check(the_call()).state == "approved"
             await eventually(
-                lambda: notifier.state(request.id).get(refused_url) == FAILED, "refused given up"
+                lambda: state(notifier, request.id).get(refused_url) == FAILED, "refused given up"
             )
             hanging.gate.set()
             await eventually(
-                lambda: notifier.state(request.id).get(hanging_url) == DELIVERED, "delivered"
+                lambda: state(notifier, request.id).get(hanging_url) == DELIVERED, "delivered"
             )
         finally:
             await notifier.close()
         return request
 
     request = anyio.run(scenario)
-    refused = [a for a in notifier.attempts(request.id) if a.url == refused_url]
+    refused = [a for a in notifier.attempts(request.id) if a.webhook == webhook_label(refused_url)]
     assert [a.attempt for a in refused] == [1, 2]
     assert all(a.status_code is None and "ConnectError" in a.error for a in refused)
     approvals.store.db.close()
@@ -469,10 +482,10 @@ def test_a_restart_resumes_an_unfinished_delivery(database_url, receivers):
         return request
 
     request = anyio.run(before)
-    assert first.state(request.id) == {url: PENDING}
+    assert state(first, request.id) == {url: PENDING}
     # A request made while no sender runs waits in the outbox too.
     later = approvals.hold(the_call({"to": "y@example.com"}), "d2", (), {})
-    assert first.state(later.id) == {url: PENDING}
+    assert state(first, later.id) == {url: PENDING}
     approvals.store.db.close()
 
     again = Database(database_url)
@@ -483,7 +496,7 @@ def test_a_restart_resumes_an_unfinished_delivery(database_url, receivers):
         try:
             for held in (request, later):
                 await eventually(
-                    lambda held=held: second.state(held.id) == {url: DELIVERED}, "delivered"
+                    lambda held=held: state(second, held.id) == {url: DELIVERED}, "delivered"
                 )
         finally:
             await second.close()
@@ -522,9 +535,9 @@ def test_a_delivery_held_by_a_process_that_died_is_taken_over_when_its_lease_end
         await alive.start()
         try:
             await anyio.sleep(0.2)  # sweeps that must leave a leased delivery alone
-            assert alive.state(request.id) == {url: PENDING} and receiver.got == []
+            assert state(alive, request.id) == {url: PENDING} and receiver.got == []
             clock.offset = chosen.webhook_timeout_seconds + 61  # the lease has run out
-            await eventually(lambda: alive.state(request.id) == {url: DELIVERED}, "taken over")
+            await eventually(lambda: state(alive, request.id) == {url: DELIVERED}, "taken over")
         finally:
             await alive.close()
 
@@ -548,10 +561,10 @@ def test_a_full_queue_keeps_the_rest_in_the_database_until_there_is_room(sqlite_
             await eventually(lambda: receiver.waiting == 1, "the first is being sent")
             await anyio.sleep(0.2)  # sweeps that must not take more than the queue holds
             assert receiver.waiting == 1 and len(receiver.got) == 1
-            assert [notifier.state(r.id) for r in held] == [{url: PENDING}] * 3
+            assert [state(notifier, r.id) for r in held] == [{url: PENDING}] * 3
             receiver.gate.set()
             for r in held:
-                await eventually(lambda r=r: notifier.state(r.id) == {url: DELIVERED}, "sent")
+                await eventually(lambda r=r: state(notifier, r.id) == {url: DELIVERED}, "sent")
         finally:
             await notifier.close()
 
@@ -575,7 +588,7 @@ def test_names_an_agent_or_upstream_chooses_cannot_add_mentions_or_links_to_the_
         await notifier.start()
         try:
             request = await hold(approvals, the_call(client_id=agent))
-            await eventually(lambda: notifier.state(request.id) == {url: DELIVERED}, "delivered")
+            await eventually(lambda: state(notifier, request.id) == {url: DELIVERED}, "delivered")
         finally:
             await notifier.close()
 
@@ -605,7 +618,7 @@ def test_a_result_held_for_review_is_announced_without_the_result(sqlite_url, re
             request = await anyio.to_thread.run_sync(
                 lambda: approvals.hold(review, "d1", (), {}, result={"ssn": "078-05-1120"})
             )
-            await eventually(lambda: notifier.state(request.id) == {url: DELIVERED}, "delivered")
+            await eventually(lambda: state(notifier, request.id) == {url: DELIVERED}, "delivered")
         finally:
             await notifier.close()
         return request
@@ -626,8 +639,59 @@ def test_a_webhook_whose_secret_variable_is_unset_is_a_clear_configuration_error
         ApprovalSettings.from_mapping(table, env={})
     with pytest.raises(ConfigError, match="HOOK_SECRET"):
         ApprovalSettings.from_mapping(table, env={"HOOK_SECRET": ""})
-    chosen = ApprovalSettings.from_mapping(table, env={"HOOK_SECRET": "s3cret"})
-    assert chosen.webhooks == (Webhook("https://chat.example.com/h", b"s3cret"),)
+    chosen = ApprovalSettings.from_mapping(table, env={"HOOK_SECRET": "s3cret-s3cret-s3cret"})
+    assert chosen.webhooks == (Webhook("https://chat.example.com/h", b"s3cret-s3cret-s3cret"),)
+
+
+SECRET_ENV = {"HOOK_SECRET": "0123456789abcdef0123", "HOOK_URL": "https://hooks.example.com/T/B/x"}
+
+
+@pytest.mark.parametrize(
+    ("hook", "env", "message"),
+    [
+        # A secret that one signed notification lets anyone guess offline.
+        ({"url": "https://a.example/h", "secret_env": "SHORT"}, {"SHORT": "x" * 15}, "at least 16"),
+        # Written in the file, where every reader of the configuration sees it.
+        (
+            {"url": "https://a.example/h", "secret": "0123456789abcdef"},
+            {},
+            "belongs in an environment variable",
+        ),
+        ({"url": "https://a.example/h", "secret_env": "HOOK_SECRET", "retries": 3}, {}, "retries"),
+        ({"url": "ftp://a.example/h", "secret_env": "HOOK_SECRET"}, {}, "http"),
+        ({"url": "https://", "secret_env": "HOOK_SECRET"}, {}, "no host"),
+        (
+            {"url": "https://a.example/h", "url_env": "HOOK_URL", "secret_env": "HOOK_SECRET"},
+            {},
+            "one of",
+        ),
+        ({"url_env": "UNSET", "secret_env": "HOOK_SECRET"}, {}, r"url_env.*'UNSET' is not set"),
+        ({"secret_env": "HOOK_SECRET"}, {}, "needs url"),
+        ("https://a.example/h", {}, "needs url"),
+    ],
+)
+def test_a_webhook_configured_wrong_is_a_clear_error_that_names_it(hook, env, message):
+    with pytest.raises(ConfigError, match=r"approvals.webhooks\[0\]") as refused:
+        ApprovalSettings.from_mapping({"webhooks": [hook]}, env={**SECRET_ENV, **env})
+    assert re.search(message, str(refused.value)), str(refused.value)
+
+
+def test_a_webhook_url_may_come_from_the_environment_and_is_never_shown_whole():
+    table = {
+        "webhooks": [
+            {"url_env": "HOOK_URL", "secret_env": "HOOK_SECRET"},
+            {"url": "https://hooks.example.com/T/B/x", "secret_env": "HOOK_SECRET"},
+        ]
+    }
+    with pytest.raises(ConfigError, match=r"webhooks\[1\].url names the same URL"):
+        ApprovalSettings.from_mapping(table, env=SECRET_ENV)
+    chosen = ApprovalSettings.from_mapping({"webhooks": table["webhooks"][:1]}, env=SECRET_ENV)
+    [hook] = chosen.webhooks
+    assert hook.url == "https://hooks.example.com/T/B/x"
+    # The path holds the chat tool's token: records, logs and reprs show only the origin.
+    assert hook.label.startswith("https://hooks.example.com/…#")
+    for shown in (hook.label, repr(hook), repr(chosen)):
+        assert "T/B/x" not in shown and "0123456789" not in shown
 
 
 @pytest.mark.parametrize("size", [0, -1, 1.5, "10", True])
