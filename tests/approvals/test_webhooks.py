@@ -699,3 +699,45 @@ def test_the_queue_size_must_be_a_positive_whole_number(size):
     with pytest.raises(ConfigError, match="webhook_queue_size"):
         ApprovalSettings.from_mapping({"webhook_queue_size": size}, env={})
     assert ApprovalSettings.from_mapping({"webhook_queue_size": 5}, env={}).webhook_queue_size == 5
+
+
+def test_a_server_with_webhooks_configured_sends_them_from_start_to_shutdown(
+    tmp_path, receivers, monkeypatch
+):
+    from bastion.server.app import create_app
+    from bastion.server.config import ServerConfig
+
+    receiver = Receiver()
+    url = receivers(receiver)
+    monkeypatch.setenv("TEST_HOOK_SECRET", SECRET.decode())
+    sock = free_socket()
+    base = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    policy = tmp_path / "policy.polar"
+    policy.write_text(POLICY)
+    config = ServerConfig(
+        database=str(tmp_path / "bastion.db"),
+        policy_file=str(policy),
+        oauth={
+            "issuer": base,
+            "key_dir": str(tmp_path / "keys"),
+            "resources": [{"uri": f"{base}/mcp/crm", "scopes": ["crm"]}],
+        },
+        gateway={"upstreams": [{"name": "crm", "url": closed_port_url()}]},
+        approvals={
+            "webhooks": [{"url": url, "secret_env": "TEST_HOOK_SECRET"}],
+            "webhook_backoff_seconds": 0.02,
+        },
+    )
+    app = create_app(config)
+    approvals = app.state.approvals
+    assert approvals.webhooks is not None
+    with serve(app, sock):
+        # As the gateway does: the request is made in a worker thread of the server.
+        request = approvals.hold(the_call(), "d1", (), {})
+        deadline = time.monotonic() + 20
+        while state(approvals.webhooks, request.id) != {url: DELIVERED}:
+            assert time.monotonic() < deadline, "the server never sent the notification"
+            time.sleep(0.02)
+    [got] = receiver.got
+    assert got.verified
+    assert json.loads(got.body)["approval"]["url"] == f"{base}/approvals/{request.id}"
