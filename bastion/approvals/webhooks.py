@@ -66,7 +66,8 @@ _MIGRATIONS = [
         owner TEXT NOT NULL,
         lease_until DOUBLE PRECISION NOT NULL,
         created_at DOUBLE PRECISION NOT NULL,
-        finished_at DOUBLE PRECISION
+        finished_at DOUBLE PRECISION,
+        reason TEXT NOT NULL
     );
     CREATE INDEX approval_webhook_outbox_due ON approval_webhook_outbox (state, lease_until);
     CREATE TABLE approval_webhook_deliveries (
@@ -96,6 +97,25 @@ class Delivery:
     body: str
     attempts: int  # made so far
     next_at: float  # when the next attempt is due
+
+    @property
+    def expires_at(self) -> float:
+        """When the request it tells of expires: a notification is not sent after that."""
+        return json.loads(self.body)["approval"]["expires_at"]
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryState:
+    """Where one delivery stands, as the outbox records it."""
+
+    id: str
+    request_id: str
+    webhook: str
+    state: str  # pending | delivered | failed
+    attempts: int
+    reason: str  # why it failed without an attempt (expired, webhook gone), else ""
+    created_at: float
+    finished_at: float | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -208,14 +228,14 @@ class WebhookNotifier:
         body = json.dumps(payload(request, self.url_of(request.id)), separators=(",", ":"))
         now = self.clock()
         rows = [
-            (secrets.token_urlsafe(18), request.id, label, body, PENDING, 0, now, "", 0.0, now)
+            (secrets.token_urlsafe(18), request.id, label, body, PENDING, 0, now, "", 0.0, now, "")
             for label in self._hooks
         ]
         with self.db.transaction():
             self.db.executemany(
                 "INSERT INTO approval_webhook_outbox (delivery_id, request_id, webhook, body, state,"
-                " attempts, next_at, owner, lease_until, created_at)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " attempts, next_at, owner, lease_until, created_at, reason)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 rows,
             )
         self._poke()
@@ -276,6 +296,8 @@ class WebhookNotifier:
         if room <= 0:
             return
         for delivery in await anyio.to_thread.run_sync(self._claim, room):
+            if delivery.id in self._active:
+                continue  # ours already (its lease ran out while it waited): it goes on
             task = asyncio.create_task(self._deliver(delivery))
             self._active[delivery.id] = task
             task.add_done_callback(lambda _, d=delivery.id: self._finished(d))
@@ -287,16 +309,35 @@ class WebhookNotifier:
 
     async def _deliver(self, delivery: Delivery) -> None:
         try:
-            for attempt in range(delivery.attempts + 1, self.settings.webhook_attempts + 1):
-                await asyncio.sleep(max(0.0, delivery.next_at - self.clock()))
+            while True:
+                attempt = delivery.attempts + 1
                 hook = self._hooks.get(delivery.webhook)
+                why = ""
                 if hook is None:
                     # Left by an earlier configuration: there is no secret to sign it with.
-                    status_code, error = None, "this webhook is no longer configured"
-                    state = FAILED
+                    why = "this webhook is no longer configured"
+                elif attempt > self.settings.webhook_attempts:
+                    why = (
+                        f"{delivery.attempts} attempts made already; webhook_attempts is now"
+                        f" {self.settings.webhook_attempts}"
+                    )
                 else:
-                    status_code, error = await self._post(delivery, hook)
-                    state = outcome(status_code)
+                    await asyncio.sleep(max(0.0, delivery.next_at - self.clock()))
+                    if self.clock() >= delivery.expires_at:
+                        # After a long outage: nobody can answer it any more.
+                        why = "the request expired before it could be delivered"
+                if why:
+                    await anyio.to_thread.run_sync(self._give_up, delivery, why)
+                    log.warning(
+                        "webhook delivery %s of approval %s to %s not sent: %s",
+                        delivery.id,
+                        delivery.request_id,
+                        delivery.webhook,
+                        why,
+                    )
+                    return
+                status_code, error = await self._post(delivery, hook)
+                state = outcome(status_code)
                 if state == PENDING and attempt >= self.settings.webhook_attempts:
                     state = FAILED
                 delay = min(
@@ -317,7 +358,7 @@ class WebhookNotifier:
                     return  # another process took it over (our lease ran out)
                 if state == FAILED:
                     log.warning(
-                        "webhook delivery %s of approval %s to %s failed after %d attempts: %s",
+                        "webhook delivery %s of approval %s to %s failed at attempt %d: %s",
                         delivery.id,
                         delivery.request_id,
                         delivery.webhook,
@@ -428,6 +469,13 @@ class WebhookNotifier:
             )
         return True
 
+    def _give_up(self, delivery: Delivery, reason: str) -> None:
+        self.db.execute(
+            "UPDATE approval_webhook_outbox SET state = ?, reason = ?, finished_at = ?,"
+            " lease_until = 0 WHERE delivery_id = ? AND owner = ? AND state = ?",
+            (FAILED, reason, self.clock(), delivery.id, self.owner, PENDING),
+        )
+
     def _release(self) -> None:
         self.db.execute(
             "UPDATE approval_webhook_outbox SET owner = '', lease_until = 0"
@@ -446,10 +494,17 @@ class WebhookNotifier:
         )
         return [Attempt(*row) for row in rows]
 
+    def deliveries(self, request_id: str) -> list[DeliveryState]:
+        """The deliveries telling of ``request_id``, one per webhook configured when it was
+        made. Does I/O."""
+        rows = self.db.execute(
+            "SELECT delivery_id, request_id, webhook, state, attempts, reason, created_at,"
+            " finished_at FROM approval_webhook_outbox WHERE request_id = ? ORDER BY webhook",
+            (request_id,),
+        )
+        return [DeliveryState(*row) for row in rows]
+
     def state(self, request_id: str) -> dict[str, str]:
         """Each webhook's delivery state for ``request_id``: label -> pending | delivered |
         failed. Does I/O."""
-        rows = self.db.execute(
-            "SELECT webhook, state FROM approval_webhook_outbox WHERE request_id = ?", (request_id,)
-        )
-        return dict(rows)
+        return {d.webhook: d.state for d in self.deliveries(request_id)}

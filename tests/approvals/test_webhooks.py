@@ -81,6 +81,7 @@ class Receiver:
 
     secret: bytes = SECRET
     answers: list[int] = field(default_factory=list)
+    otherwise: int = 200  # the answer once ``answers`` are used up
     redirect_to: str = ""
     clock_offset: float = 0.0
     gate: threading.Event = field(default_factory=threading.Event)
@@ -107,7 +108,7 @@ class Receiver:
                 return Response("bad signature", status_code=401)
             if self.redirect_to:
                 return Response(status_code=307, headers={"location": self.redirect_to})
-            status = self.answers.pop(0) if self.answers else 200
+            status = self.answers.pop(0) if self.answers else self.otherwise
             return Response(status_code=status)
 
         return Starlette(routes=[Route("/hook", hook, methods=["POST"])])
@@ -545,6 +546,76 @@ def test_a_delivery_held_by_a_process_that_died_is_taken_over_when_its_lease_end
     assert len(receiver.got) == 1
     approvals.store.db.close()
     db.close()
+
+
+def test_a_delivery_is_not_sent_once_its_request_has_expired(sqlite_url, receivers):
+    receiver = Receiver()
+    url = receivers(receiver)
+    chosen = settings(url)
+    approvals = approvals_on(sqlite_url, chosen)
+    request = approvals.hold(the_call(), "d1", (), {})  # while no sender runs (bastion down)
+
+    class AnHourLater:
+        def __call__(self) -> float:
+            return time.time() + 3600
+
+    late = WebhookNotifier(chosen, approvals.store.db, approvals.url, clock=AnHourLater())
+
+    async def scenario():
+        await late.start()
+        try:
+            await eventually(lambda: state(late, request.id) == {url: FAILED}, "given up")
+        finally:
+            await late.close()
+
+    anyio.run(scenario)
+    [delivery] = late.deliveries(request.id)
+    assert delivery.reason == "the request expired before it could be delivered"
+    assert late.attempts(request.id) == [] and receiver.got == []
+    approvals.store.db.close()
+
+
+def test_a_restart_with_fewer_attempts_or_without_the_webhook_ends_what_it_left(
+    sqlite_url, receivers
+):
+    kept, dropped = Receiver(otherwise=503), Receiver(otherwise=503)
+    kept_url, dropped_url = receivers(kept), receivers(dropped)
+    # The third attempts would be due 3 s after the first, long after the test stops them.
+    before = settings(kept_url, dropped_url, webhook_attempts=5, webhook_backoff_seconds=1.0)
+    approvals = approvals_on(sqlite_url, before)
+    first = approvals.webhooks
+
+    async def until_two_attempts_each():
+        await first.start()
+        try:
+            request = await hold(approvals)
+            await eventually(
+                lambda: sorted(a.attempt for a in first.attempts(request.id)) == [1, 1, 2, 2],
+                "two attempts each",
+            )
+        finally:
+            await first.close()
+        return request
+
+    request = anyio.run(until_two_attempts_each)
+    after = settings(kept_url, webhook_attempts=2)
+    second = WebhookNotifier(after, approvals.store.db, approvals.url, sweep_seconds=0.05)
+
+    async def restarted():
+        await second.start()
+        try:
+            await eventually(lambda: set(second.state(request.id).values()) == {FAILED}, "ended")
+        finally:
+            await second.close()
+
+    anyio.run(restarted)
+    ended = {d.webhook: d.reason for d in second.deliveries(request.id)}
+    assert ended == {
+        webhook_label(kept_url): "2 attempts made already; webhook_attempts is now 2",
+        webhook_label(dropped_url): "this webhook is no longer configured",
+    }
+    assert len(kept.got) == len(dropped.got) == 2  # nothing sent after the restart
+    approvals.store.db.close()
 
 
 def test_a_full_queue_keeps_the_rest_in_the_database_until_there_is_room(sqlite_url, receivers):
