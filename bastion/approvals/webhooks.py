@@ -2,7 +2,7 @@
 
 Each configured webhook gets a JSON POST whose ``text`` a chat tool's incoming webhook (Slack,
 Mattermost, Teams) shows as it is, with the link to the request's page; never the arguments or a
-result. The body is signed the way Stripe and Standard Webhooks sign theirs: header
+result. The body is signed the way Stripe signs its webhooks: header
 ``Bastion-Signature: t=<unix seconds>,v1=<hex HMAC-SHA256 of "<t>.<body>">`` (RFC 2104 HMAC,
 FIPS 180-4 SHA-256) under the webhook's own secret.
 
@@ -11,7 +11,7 @@ webhook to an outbox table (``approval_webhook_outbox``) in the thread that made
 returns; a background task on the server's event loop claims due rows under a lease, posts them,
 and records every attempt (``approval_webhook_deliveries``). A process that stops or dies leaves
 its rows for the next one (or another replica) to take once the lease ends. Receivers dedupe on
-``Bastion-Delivery``, which stays the same across retries.
+the delivery id (``Bastion-Delivery``, and signed in the body), the same across retries.
 """
 
 from __future__ import annotations
@@ -131,9 +131,10 @@ class Attempt:
     at: float
 
 
-def payload(request: ApprovalRequest, url: str) -> dict:
+def payload(request: ApprovalRequest, url: str, delivery_id: str) -> dict:
     """The JSON body told of ``request``: who asks what, and where to answer. No arguments and no
-    result: they are data, shown on the page after sign-in, not in a chat channel."""
+    result: they are data, shown on the page after sign-in, not in a chat channel. The event and
+    the delivery id are in the body too, so that they are signed (the headers are not)."""
     who = f"{_shown(request.client_id)} for {_shown(request.subject)}"
     what = f"{_shown(request.method)} {_shown(request.target)} on {_shown(request.server)}"
     if request.kind == "review":
@@ -142,6 +143,8 @@ def payload(request: ApprovalRequest, url: str) -> dict:
         text = f"{who} asks to {what}: approve or deny at {url}"
     return {
         "text": text,
+        "event": EVENT,
+        "delivery": delivery_id,
         "approval": {
             "id": request.id,
             "kind": request.kind,
@@ -225,12 +228,13 @@ class WebhookNotifier:
         sender. Does no HTTP; its only I/O is that insert."""
         if not self._hooks:
             return
-        body = json.dumps(payload(request, self.url_of(request.id)), separators=(",", ":"))
+        url = self.url_of(request.id)
         now = self.clock()
-        rows = [
-            (secrets.token_urlsafe(18), request.id, label, body, PENDING, 0, now, "", 0.0, now, "")
-            for label in self._hooks
-        ]
+        rows = []
+        for label in self._hooks:
+            delivery_id = secrets.token_urlsafe(18)
+            body = json.dumps(payload(request, url, delivery_id), separators=(",", ":"))
+            rows.append((delivery_id, request.id, label, body, PENDING, 0, now, "", 0.0, now, ""))
         with self.db.transaction():
             self.db.executemany(
                 "INSERT INTO approval_webhook_outbox (delivery_id, request_id, webhook, body, state,"

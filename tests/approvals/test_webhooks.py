@@ -244,6 +244,9 @@ def test_a_new_request_is_posted_signed_and_the_receiver_verifies_it(database_ur
         "url": page,
     }
     assert sent["text"].endswith(f"approve or deny at {page}")
+    # The event and the delivery id are signed too: a receiver dedupes on the body's id.
+    assert sent["event"] == "approval.requested"
+    assert sent["delivery"] == got.headers["bastion-delivery"]
     assert sent["text"] == (
         '`bot` for `sam` asks to `tools/call` `Tool{"crm/send"}` on `crm`:'
         f" approve or deny at {page}"
