@@ -218,6 +218,8 @@ class WebhookNotifier:
         self._wake: asyncio.Event | None = None
         self._runner: asyncio.Task | None = None
         self._active: dict[str, asyncio.Task] = {}
+        self._full = False  # the last sweep filled the queue: more may wait in the outbox
+        self.sweeps = 0  # times the sender looked for work
         self._client: httpx.AsyncClient | None = None
         db.migrate("approval_webhooks", _MIGRATIONS)
 
@@ -297,9 +299,14 @@ class WebhookNotifier:
 
     async def _sweep(self) -> None:
         room = self.settings.webhook_queue_size - len(self._active)
-        if room <= 0:
+        self._full = room <= 0
+        if self._full:
+            self.sweeps += 1
             return
-        for delivery in await anyio.to_thread.run_sync(self._claim, room):
+        claimed = await anyio.to_thread.run_sync(self._claim, room)
+        self.sweeps += 1
+        self._full = len(claimed) >= room
+        for delivery in claimed:
             if delivery.id in self._active:
                 continue  # ours already (its lease ran out while it waited): it goes on
             task = asyncio.create_task(self._deliver(delivery))
@@ -308,8 +315,8 @@ class WebhookNotifier:
 
     def _finished(self, delivery_id: str) -> None:
         self._active.pop(delivery_id, None)
-        if self._wake is not None:
-            self._wake.set()  # a slot is free: there may be deliveries waiting for it
+        if self._full and self._wake is not None:
+            self._wake.set()  # a slot is free, and deliveries may be waiting for one
 
     async def _deliver(self, delivery: Delivery) -> None:
         try:

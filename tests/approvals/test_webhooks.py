@@ -538,7 +538,8 @@ def test_a_delivery_held_by_a_process_that_died_is_taken_over_when_its_lease_end
     async def scenario():
         await alive.start()
         try:
-            await anyio.sleep(0.2)  # sweeps that must leave a leased delivery alone
+            # Sweeps that must leave a delivery another process holds alone.
+            await eventually(lambda: alive.sweeps >= 3, "three sweeps")
             assert state(alive, request.id) == {url: PENDING} and receiver.got == []
             clock.offset = chosen.webhook_timeout_seconds + 61  # the lease has run out
             await eventually(lambda: state(alive, request.id) == {url: DELIVERED}, "taken over")
@@ -633,7 +634,9 @@ def test_a_full_queue_keeps_the_rest_in_the_database_until_there_is_room(sqlite_
         try:
             held = [await hold(approvals, the_call({"n": n})) for n in range(3)]
             await eventually(lambda: receiver.waiting == 1, "the first is being sent")
-            await anyio.sleep(0.2)  # sweeps that must not take more than the queue holds
+            # Sweeps (each request wakes one) that must not take more than the queue holds.
+            swept = notifier.sweeps
+            await eventually(lambda: notifier.sweeps >= swept + 3, "three more sweeps")
             assert receiver.waiting == 1 and len(receiver.got) == 1
             assert [state(notifier, r.id) for r in held] == [{url: PENDING}] * 3
             receiver.gate.set()
