@@ -12,6 +12,9 @@ import hashlib
 import hmac
 import json
 import re
+import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -33,7 +36,8 @@ from bastion.approvals.webhooks import DELIVERED, FAILED, PENDING, WebhookNotifi
 from bastion.audit.log import AuditLog
 from bastion.db import Database
 from bastion.facts.store import FactStore
-from bastion.server.config import ConfigError
+from bastion.server.app import create_app
+from bastion.server.config import ConfigError, ServerConfig
 from tests.oauth.support import free_socket, serve
 
 SECRET = b"whsec-the-receivers-own-copy"
@@ -781,9 +785,6 @@ def test_the_queue_size_must_be_a_positive_whole_number(size):
 def test_a_server_with_webhooks_configured_sends_them_from_start_to_shutdown(
     tmp_path, receivers, monkeypatch
 ):
-    from bastion.server.app import create_app
-    from bastion.server.config import ServerConfig
-
     receiver = Receiver()
     url = receivers(receiver)
     monkeypatch.setenv("TEST_HOOK_SECRET", SECRET.decode())
@@ -818,3 +819,97 @@ def test_a_server_with_webhooks_configured_sends_them_from_start_to_shutdown(
     [got] = receiver.got
     assert got.verified
     assert json.loads(got.body)["approval"]["url"] == f"{base}/approvals/{request.id}"
+
+
+def test_two_replicas_on_one_database_send_each_notification_once(postgres_url, receivers):
+    receiver = Receiver()
+    url = receivers(receiver)
+    chosen = settings(url, webhook_queue_size=4)
+    approvals = approvals_on(postgres_url, chosen)
+    other_db = Database(postgres_url)
+    replicas = [
+        approvals.webhooks,
+        WebhookNotifier(chosen, other_db, approvals.url, sweep_seconds=0.05),
+    ]
+
+    # Made while neither runs: at start both find all twenty in the outbox and race for them.
+    held = [approvals.hold(the_call({"n": n}), "d", (), {}) for n in range(20)]
+
+    async def scenario():
+        await asyncio.gather(*(replica.start() for replica in replicas))
+        try:
+            for request in held:
+                await eventually(
+                    lambda r=request: DELIVERED in state(replicas[0], r.id).values(), "sent"
+                )
+        finally:
+            for replica in replicas:
+                await replica.close()
+
+    anyio.run(scenario)
+    ids = [r.headers["bastion-delivery"] for r in receiver.got]
+    # Each delivery went out once, whichever replica took it.
+    assert len(ids) == len(set(ids)) == len(held) == 20
+    assert all(r.verified for r in receiver.got)
+    approvals.store.db.close()
+    other_db.close()
+
+
+# A bastion process's sender, alone: started, then killed by the test while it sends.
+SENDER = """
+import asyncio, sys
+from bastion.approvals.settings import ApprovalSettings, Webhook
+from bastion.approvals.webhooks import WebhookNotifier
+from bastion.db import Database
+
+database, url, secret = sys.argv[1:4]
+chosen = ApprovalSettings(webhooks=(Webhook(url, secret.encode()),))
+
+async def main():
+    await WebhookNotifier(chosen, Database(database), str, sweep_seconds=0.05).start()
+    await asyncio.Event().wait()
+
+asyncio.run(main())
+"""
+
+
+def test_a_delivery_under_way_when_its_process_is_killed_is_sent_by_the_next(sqlite_url, receivers):
+    receiver = Receiver()
+    receiver.gate.clear()
+    url = receivers(receiver)
+    chosen = settings(url)
+    approvals = approvals_on(sqlite_url, chosen)
+    request = approvals.hold(the_call(), "d1", (), {})
+    sender = subprocess.Popen([sys.executable, "-c", SENDER, sqlite_url, url, SECRET.decode()])
+    try:
+        deadline = time.monotonic() + 30
+        while receiver.waiting < 1:  # the killed process's POST is under way
+            assert sender.poll() is None and time.monotonic() < deadline, "it never sent"
+            time.sleep(0.02)
+    finally:
+        sender.send_signal(signal.SIGKILL)
+        sender.wait()
+    receiver.gate.set()
+    assert approvals.webhooks.attempts(request.id) == []  # it died before any record
+
+    class AfterTheLease:
+        def __call__(self) -> float:
+            return time.time() + chosen.webhook_timeout_seconds + 61
+
+    successor = WebhookNotifier(
+        chosen, approvals.store.db, approvals.url, clock=AfterTheLease(), sweep_seconds=0.05
+    )
+
+    async def scenario():
+        await successor.start()
+        try:
+            await eventually(lambda: state(successor, request.id) == {url: DELIVERED}, "sent")
+        finally:
+            await successor.close()
+
+    anyio.run(scenario)
+    assert [(a.attempt, a.status_code) for a in successor.attempts(request.id)] == [(1, 200)]
+    # At least once: the receiver saw it twice, under one delivery id, and dedupes.
+    assert len({r.headers["bastion-delivery"] for r in receiver.got}) == 1
+    assert len(receiver.got) == 2 and all(r.verified for r in receiver.got)
+    approvals.store.db.close()
