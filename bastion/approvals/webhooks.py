@@ -32,7 +32,7 @@ import httpx
 
 from bastion.approvals.settings import ApprovalSettings, Webhook
 from bastion.approvals.store import ApprovalRequest
-from bastion.db import Database
+from bastion.db import Database, first_line
 
 log = logging.getLogger("bastion.approvals.webhooks")
 
@@ -282,8 +282,17 @@ class WebhookNotifier:
             self._client = None
         try:
             await anyio.to_thread.run_sync(self._release)
-        except Exception:
-            log.exception("webhooks: could not hand unfinished deliveries back to the outbox")
+        except Exception as e:
+            log.warning(
+                "webhooks: could not hand unfinished deliveries back to the outbox (%s); another"
+                " process takes them when their lease ends",
+                first_line(e),
+            )
+
+    @property
+    def holding(self) -> int:
+        """Deliveries this process holds now (sending, or waiting to retry)."""
+        return len(self._active)
 
     async def _run(self) -> None:
         assert self._wake is not None
@@ -291,8 +300,9 @@ class WebhookNotifier:
             self._wake.clear()
             try:
                 await self._sweep()
-            except Exception:
-                log.exception("webhooks: could not read the outbox; trying again later")
+            except Exception as e:
+                # The database is away, most likely: no traceback every few seconds for that.
+                log.warning("webhooks: could not read the outbox (%s); trying again", first_line(e))
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self.sweep_seconds):
                     await self._wake.wait()

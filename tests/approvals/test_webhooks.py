@@ -34,7 +34,7 @@ from bastion.approvals.settings import ApprovalSettings, Webhook, webhook_label
 from bastion.approvals.store import ApprovalStore
 from bastion.approvals.webhooks import DELIVERED, FAILED, PENDING, WebhookNotifier
 from bastion.audit.log import AuditLog
-from bastion.db import Database
+from bastion.db import Database, DatabaseUnavailable
 from bastion.facts.store import FactStore
 from bastion.server.app import create_app
 from bastion.server.config import ConfigError, ServerConfig
@@ -860,7 +860,7 @@ SENDER = """
 import asyncio, sys
 from bastion.approvals.settings import ApprovalSettings, Webhook
 from bastion.approvals.webhooks import WebhookNotifier
-from bastion.db import Database
+from bastion.db import Database, DatabaseUnavailable
 
 database, url, secret = sys.argv[1:4]
 chosen = ApprovalSettings(webhooks=(Webhook(url, secret.encode()),))
@@ -912,4 +912,56 @@ def test_a_delivery_under_way_when_its_process_is_killed_is_sent_by_the_next(sql
     # At least once: the receiver saw it twice, under one delivery id, and dedupes.
     assert len({r.headers["bastion-delivery"] for r in receiver.got}) == 1
     assert len(receiver.got) == 2 and all(r.verified for r in receiver.got)
+    approvals.store.db.close()
+
+
+def test_a_database_outage_while_a_delivery_is_under_way_loses_nothing(outage, receivers):
+    receiver = Receiver(answers=[503])
+    url = receivers(receiver)
+    role = outage.role()
+    chosen = settings(url, webhook_backoff_seconds=0.5)
+
+    class Movable:
+        offset = 0.0
+
+        def __call__(self) -> float:
+            return time.time() + self.offset
+
+    clock = Movable()
+    approvals = approvals_on(outage.url(role), chosen)
+    notifier = WebhookNotifier(
+        chosen, approvals.store.db, approvals.url, clock=clock, sweep_seconds=0.05
+    )
+    approvals.on_new_request = [notifier.notify]
+
+    async def scenario():
+        await notifier.start()
+        try:
+            request = await hold(approvals)
+            await eventually(lambda: len(notifier.attempts(request.id)) == 1, "first attempt")
+            # The database goes away before the second attempt can be recorded.
+            await anyio.to_thread.run_sync(outage.block, role)
+            await eventually(lambda: len(receiver.got) == 2, "second attempt sent")
+            await eventually(lambda: notifier.holding == 0, "the sender gave it up for now")
+            await anyio.to_thread.run_sync(outage.unblock, role)
+            clock.offset = chosen.webhook_timeout_seconds + 61  # its lease has run out
+
+            def delivered() -> bool:
+                try:
+                    return state(notifier, request.id) == {url: DELIVERED}
+                except DatabaseUnavailable:
+                    return False  # not back yet
+
+            await eventually(delivered, "sent")
+        finally:
+            await notifier.close()
+        return request
+
+    request = anyio.run(scenario)
+    assert [(a.attempt, a.status_code) for a in notifier.attempts(request.id)] == [
+        (1, 503),
+        (2, 200),
+    ]
+    # The answer the outage kept from the record is sent again: at least once.
+    assert [r.verified for r in receiver.got] == [True, True, True]
     approvals.store.db.close()
