@@ -23,6 +23,7 @@ import hmac
 import json
 import logging
 import secrets
+import sqlite3
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -32,7 +33,7 @@ import httpx
 
 from bastion.approvals.settings import ApprovalSettings, Webhook
 from bastion.approvals.store import ApprovalRequest
-from bastion.db import Database, first_line
+from bastion.db import Database, DatabaseUnavailable, first_line
 
 log = logging.getLogger("bastion.approvals.webhooks")
 
@@ -374,7 +375,7 @@ class WebhookNotifier:
                     error,
                     self.clock(),
                 )
-                kept = await anyio.to_thread.run_sync(self._record, recorded, state, delay)
+                kept = await self._keep(recorded, state, delay)
                 if not kept:
                     return  # another process took it over (our lease ran out)
                 if state == FAILED:
@@ -401,6 +402,21 @@ class WebhookNotifier:
         except Exception:
             # The outbox row keeps it: when the lease ends, a sweep takes it up again.
             log.exception("webhook delivery %s of approval %s", delivery.id, delivery.request_id)
+
+    async def _keep(self, attempt: Attempt, state: str, delay: float) -> bool:
+        """Record an attempt, waiting out a database outage (sending again instead would
+        notify twice): False if another process took the delivery over meanwhile."""
+        while True:
+            try:
+                return await anyio.to_thread.run_sync(self._record, attempt, state, delay)
+            except (DatabaseUnavailable, sqlite3.OperationalError) as e:
+                log.warning(
+                    "webhooks: could not record attempt %d of delivery %s (%s); trying again",
+                    attempt.attempt,
+                    attempt.delivery_id,
+                    first_line(e),
+                )
+                await asyncio.sleep(self.sweep_seconds)
 
     async def _post(self, delivery: Delivery, hook: Webhook) -> tuple[int | None, str]:
         """One attempt: the status code, or None and what went wrong."""
