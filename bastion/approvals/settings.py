@@ -56,7 +56,7 @@ def webhook_label(url: str) -> str:
     fingerprint = hashlib.sha256(url.encode()).hexdigest()[:12]
     try:
         parsed = httpx.URL(url)
-        origin = f"{parsed.scheme}://{parsed.host}" + (f":{parsed.port}" if parsed.port else "")
+        origin = f"{parsed.scheme}://{parsed.netloc.decode('ascii')}"  # no user or password
     except httpx.InvalidURL:
         origin = "?"
     return f"{origin}/…#{fingerprint}"

@@ -735,6 +735,10 @@ def test_a_webhook_url_may_come_from_the_environment_and_is_never_shown_whole():
     assert hook.label.startswith("https://hooks.example.com/…#")
     for shown in (hook.label, repr(hook), repr(chosen)):
         assert "T/B/x" not in shown and "0123456789" not in shown
+    # Nor a user and password written into the URL.
+    assert webhook_label("https://me:pw@h.example:8443/T/x?k=1").startswith(
+        "https://h.example:8443/…#"
+    )
 
 
 @pytest.mark.parametrize("size", [0, -1, 1.5, "10", True])
