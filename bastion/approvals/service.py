@@ -19,7 +19,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 
@@ -30,6 +30,9 @@ from bastion.decide import Authorizer
 from bastion.facts.model import Entity
 from bastion.facts.store import FactStore, StoredFact
 from bastion.policy.errors import EvaluationLimit
+
+if TYPE_CHECKING:
+    from bastion.approvals.webhooks import WebhookNotifier
 
 log = logging.getLogger("bastion.approvals")
 
@@ -111,6 +114,8 @@ class Approvals:
         self.clock = clock
         # Told of each new request (webhooks), in the thread that made it.
         self.on_new_request: list[Callable[[ApprovalRequest], None]] = []
+        # Sends them to the configured webhooks; started and closed with the server.
+        self.webhooks: WebhookNotifier | None = None
 
     # -- the enforcement point's side ---------------------------------------------------------
 
@@ -469,7 +474,7 @@ def approvals_from_config(
     except (OSError, ValueError) as e:
         raise ConfigError(f"oauth.key_dir: {e}") from None
     db = Database(database, role="bastion-approvals")
-    return Approvals(
+    approvals = Approvals(
         ApprovalStore(db, sealing),
         FactStore(db),
         authorizer,
@@ -479,6 +484,12 @@ def approvals_from_config(
         binding,
         AuditLog(db),
     )
+    if settings.webhooks:
+        from bastion.approvals.webhooks import WebhookNotifier
+
+        approvals.webhooks = WebhookNotifier(settings, db, approvals.url)
+        approvals.on_new_request.append(approvals.webhooks.notify)
+    return approvals
 
 
 SEALING_KEY = "approvals-sealing.key"

@@ -253,6 +253,8 @@ def create_app(config: ServerConfig) -> Starlette:
         await replica.start()
         if gateway is not None:
             await gateway.start()
+        if approvals is not None and approvals.webhooks is not None:
+            await approvals.webhooks.start()
         retention = asyncio.create_task(prune_forever(db, config.audit_retention_days))
         sweep = (
             asyncio.create_task(approvals.drop_expired_results_forever())
@@ -272,6 +274,8 @@ def create_app(config: ServerConfig) -> Starlette:
             if oauth is not None:
                 await anyio.to_thread.run_sync(oauth.close)
             if approvals is not None:
+                if approvals.webhooks is not None:
+                    await approvals.webhooks.close()
                 await anyio.to_thread.run_sync(approvals.store.db.close)
             await replica.stop()
             await anyio.to_thread.run_sync(db.close)
