@@ -40,7 +40,8 @@ _STYLE = (
     "white-space:pre-wrap;overflow-wrap:anywhere}table{border-collapse:collapse;width:100%}"
     "th,td{text-align:left;vertical-align:top;padding:.3rem .5rem;border-bottom:1px solid #ddd}"
     "fieldset{margin:1rem 0;border:1px solid #ccc}.note{color:#555}"
-    "input[type=radio]{width:auto}"
+    "input[type=radio]{width:auto}input[type=number]{width:6rem;display:inline-block}"
+    "label.inline{display:inline}"
 )
 
 
