@@ -30,7 +30,7 @@ from bastion.oauth.users import create_user
 from bastion.policy.parser import parse_fact
 from bastion.server.app import create_app
 from bastion.server.config import ServerConfig
-from tests.browser import Tab, browser_fixture, tab_fixture  # noqa: F401 (fixtures)
+from tests.browser import ClientSite, Tab, browser_fixture, tab_fixture  # noqa: F401 (fixtures)
 from tests.oauth.support import Clock, free_socket, hidden_fields, serve
 
 PASSWORD = "approval-pages-test-password"
@@ -630,6 +630,31 @@ def test_every_page_forbids_framing_and_caching(bastion: Running):
     assert responses["to sign-in"].status_code == 303
     location = responses["to sign-in"].headers["location"]
     assert location == f"/sign-in?{urlencode({'next': f'/approvals/{request.id}'})}"
+
+
+def test_a_signed_in_approvers_page_stays_empty_in_a_frame(bastion: Running, tab: Tab):
+    request = hold(bastion)
+    page = tab.page
+    open_signed_in(tab, bastion, request, "avery")
+    assert page.get_by_role("button", name="Approve").is_visible()
+    # Another site puts it in a frame, to have the approver click through it (clickjacking).
+    url = bastion.page_url(request)
+    site = ClientSite()
+    try:
+        tab.console_errors.clear()
+        page.goto(f"{site.url}/frame?{urlencode({'target': url, 'control': f'{site.url}/plain'})}")
+        frames = {f.name: f for f in page.frames}
+        assert (
+            frames["control"].get_by_role("heading", name="A page that may be framed").is_visible()
+        )
+        target = frames["target"]
+        assert (url, "net::ERR_BLOCKED_BY_RESPONSE") in tab.failed_requests
+        assert target.url.startswith("chrome-error://")
+        assert target.locator("button, input[name=csrf_token]").count() == 0
+        assert any("frame-ancestors 'none'" in e for e in tab.console_errors)
+    finally:
+        site.close()
+    assert bastion.get(request.id).status == "pending"
 
 
 def test_an_answer_past_the_body_limit_is_refused_before_it_is_read(bastion: Running):

@@ -8,71 +8,18 @@ A real bastion runs on a loopback port, and a tiny loopback HTTP server plays th
 from __future__ import annotations
 
 import secrets
-import threading
 from collections.abc import Iterator
-from html import escape
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlencode, urlsplit
 
 import pytest
 from playwright.sync_api import Page
 
 from bastion.oauth import registration
-from tests.browser import Tab, browser_fixture, tab_fixture  # noqa: F401 (fixtures)
+from tests.browser import ClientSite, Tab, browser_fixture, tab_fixture  # noqa: F401 (fixtures)
 
 from .support import PASSWORD, Bastion, pkce_pair
 
 CLIENT_NAME = "Browser Test Agent"
-
-
-class ClientSite:
-    """The client's own web site on another loopback port: the redirect URI (which records what
-    it is sent), a page that puts any URLs in <iframe>s, and a plain page that may be framed."""
-
-    def __init__(self) -> None:
-        self.arrivals: list[dict[str, list[str]]] = []
-        site = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                parts = urlsplit(self.path)
-                query = parse_qs(parts.query)
-                if parts.path == "/callback":
-                    site.arrivals.append(query)
-                    body = "<!doctype html><title>Client</title><h1>Back at the client</h1>"
-                elif parts.path == "/plain":
-                    body = "<!doctype html><title>Plain</title><h1>A page that may be framed</h1>"
-                elif parts.path == "/frame":
-                    frames = "".join(
-                        f"<iframe name={name} src='{escape(src[0], quote=True)}'"
-                        " width=640 height=480></iframe>"
-                        for name, src in query.items()
-                    )
-                    body = f"<!doctype html><title>Framing</title><h1>Another site</h1>{frames}"
-                else:
-                    self.send_error(404)
-                    return
-                data = body.encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "text/html; charset=utf-8")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def log_message(self, *args) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.host = urlsplit(self.url).netloc
-        self.callback = f"{self.url}/callback"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-        self.thread.join(10)
 
 
 @pytest.fixture

@@ -140,6 +140,8 @@ BODY_ROUTES = {
     "/introspect": FORM,
     "/authorize/login": FORM,
     "/authorize/consent": FORM,
+    "/sign-in": FORM,
+    "/approvals/some-request": FORM,
     "/register": "application/json",
     "/v1/facts": "application/json",
     "/v1/authorize": "application/json",
