@@ -145,8 +145,10 @@ class ApprovalPages:
             return _not_found()
         return self._page(shown, session)
 
-    def _shown(self, request_id: str, person: str) -> _Shown | None:
-        """In a worker thread: the request as ``person`` may see it, or None if there is none."""
+    def _shown(self, request_id: str, person: str, with_result: bool = True) -> _Shown | None:
+        """In a worker thread: the request as ``person`` may see it, or None if there is none.
+        A review's held result is read (and masked for them) only for a person who may answer
+        it, and only when ``with_result``."""
         found = self.approvals.get(request_id)
         if found is None:
             return None
@@ -159,7 +161,7 @@ class ApprovalPages:
         )
         client = self.oauth.store.client(found.client_id) if involved else None
         result = None
-        if found.kind == "review" and refusal is None:
+        if found.kind == "review" and refusal is None and with_result:
             result = self.approvals.review_view(found, person)
         return _Shown(found, person, refusal, involved, client, result)
 
@@ -168,9 +170,12 @@ class ApprovalPages:
     ) -> Response:
         request = shown.request
         if status is None:
-            # Who may not answer gets 403; who took part in a request that is over sees it, 200.
+            # Who may not answer gets 403; who answered already, or took part in a request that
+            # is over, sees where it stands (200).
             over = request.status != OPEN or request.expires_at <= self.approvals.clock()
-            status = 200 if shown.refusal is None or (over and shown.involved) else 403
+            answered = any(a.approver == shown.person for a in request.answers)
+            allowed = shown.refusal is None or answered or (over and shown.involved)
+            status = 200 if allowed else 403
         form = ""
         if shown.refusal is None:
             form = _answer_form(
@@ -194,19 +199,20 @@ class ApprovalPages:
             if not self._csrf_valid(str(form.get("csrf_token", "")), session, request_id):
                 await run_in_threadpool(self._record_csrf_refusal, request, person, request_id)
                 return _csrf_refused(request.url.path)
-            shown = await run_in_threadpool(self._shown, request_id, person)
+            shown = await run_in_threadpool(self._shown, request_id, person, False)
             if shown is None:
                 return _not_found()
             if shown.refusal is not None:
                 message = f"Your answer was not taken: {shown.refusal}."
                 return self._page(shown, session, message, 403)
             try:
-                answer, minutes, withheld = _read_answer(form, shown.request)
+                given = _read_answer(form, shown.request)
             except _Refused as refused:
+                shown = await run_in_threadpool(self._shown, request_id, person)
+                if shown is None:
+                    return _not_found()
                 return self._page(shown, session, refused.message, refused.status)
-            outcome = await run_in_threadpool(
-                self._answered, request_id, person, answer, minutes, withheld, form
-            )
+            outcome = await run_in_threadpool(self._answered, request_id, person, given)
         except DatabaseUnavailable:
             return _unavailable()
         if isinstance(outcome, _Refused):
@@ -216,25 +222,17 @@ class ApprovalPages:
             return self._page(shown, session, outcome.message, outcome.status)
         return _see_other(request.url.path)
 
-    def _answered(
-        self,
-        request_id: str,
-        person: str,
-        answer: str,
-        minutes: int,
-        withheld: tuple[str, ...],
-        form: Any,
-    ) -> _Refused | None:
+    def _answered(self, request_id: str, person: str, given: _Answer) -> _Refused | None:
         """In a worker thread: the answer, or why it is refused (the model says)."""
         try:
             self.approvals.answer(
                 request_id,
                 person,
-                answer,
-                minutes=minutes,
+                given.answer,
+                minutes=given.minutes,
                 channel="page",
-                reason=str(form.get("reason", "")).strip(),
-                withheld_fields=withheld,
+                reason=given.reason,
+                withheld_fields=given.withheld,
             )
         except NotAllowed as e:
             return _Refused(f"Your answer was not taken: {e}.", 403)
@@ -262,35 +260,46 @@ def _one(form: Any, name: str) -> str:
     return str(values[0]) if values else ""
 
 
-def _read_answer(form: Any, request: ApprovalRequest) -> tuple[str, int, tuple[str, ...]]:
-    """(answer, minutes, withheld fields) from the form, or `_Refused` saying what is wrong."""
-    for name in ("reason", "duration", "minutes", "withheld"):
+@dataclass(frozen=True)
+class _Answer:
+    """An answer as the form gives it, checked for shape (the model checks the rest)."""
+
+    answer: str  # approve | deny (a review: release | withhold)
+    minutes: int = 0
+    withheld: tuple[str, ...] = ()
+    reason: str = ""
+
+
+def _read_answer(form: Any, request: ApprovalRequest) -> _Answer:
+    """The answer the form gives, or `_Refused` saying what is wrong with it."""
+    for name in ("duration", "minutes"):
         _one(form, name)
+    reason = _one(form, "reason").strip()
     choice = _one(form, "answer")
     withheld_text = _one(form, "withheld").strip()
     if request.kind == "review":
         if choice == "withhold":
-            return "deny", 0, ()
+            return _Answer("deny", reason=reason)
         if choice == "release":
             if withheld_text:
                 raise _Refused(
                     "You entered fields to withhold: press “Release with these fields"
                     " withheld”, or empty the field to release the whole result."
                 )
-            return "approve", 0, ()
+            return _Answer("approve", reason=reason)
         if choice == "release_withheld":
             fields = tuple(p for p in _PATH_SEPARATORS.split(withheld_text) if p)
             if not fields:
                 raise _Refused("Enter the fields to withhold, such as customers.*.email.")
-            return "approve", 0, fields
+            return _Answer("approve", withheld=fields, reason=reason)
         raise _Refused("Choose release, release with fields withheld, or withhold.")
     if choice == "deny":
-        return "deny", 0, ()
+        return _Answer("deny", reason=reason)
     if choice != "approve":
         raise _Refused("Choose approve or deny.")
     duration = _one(form, "duration") or "once"
     if duration == "once":
-        return "approve", 0, ()
+        return _Answer("approve", reason=reason)
     if duration != "minutes":
         raise _Refused("Approve this call only, or for a number of minutes.")
     text = _one(form, "minutes").strip()
@@ -301,7 +310,7 @@ def _read_answer(form: Any, request: ApprovalRequest) -> tuple[str, int, tuple[s
             if limit
             else "This call may be approved once only, not for a time."
         )
-    return "approve", int(text), ()
+    return _Answer("approve", int(text), reason=reason)
 
 
 # -- rendering ---------------------------------------------------------------------------------

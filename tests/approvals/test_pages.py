@@ -56,11 +56,17 @@ requires_approval(_user: User, "call", Tool{"desk/delete_customer"});
 requires_review(_user: User, "read", McpResource{"desk/customers://audit-notes"});
 approver(User{"avery"}, _user: User, "read", McpResource{"desk/customers://audit-notes"});
 mask(User{"avery"}, "read", McpResource{"desk/customers://audit-notes"}, "customers.*.ssn");
+# A wire needs two distinct approvers.
+requires_approval(_user: User, "call", Tool{"desk/wire"});
+approver(boss: User, user: User, "call", Tool{"desk/wire"}) if manager(user, boss);
+approver(User{"cfo"}, _user: User, "call", Tool{"desk/wire"});
+approvals_required(_user: User, "call", Tool{"desk/wire"}, 2);
 """
 FACTS = ['manager(User{"sam"}, User{"avery"})']
 SEND = Entity("Tool", "desk/send_email")
 DELETE = Entity("Tool", "desk/delete_customer")
 NOTES = Entity("McpResource", "desk/customers://audit-notes")
+WIRE = Entity("Tool", "desk/wire")
 HELD_RESULT = {
     "contents": [{"uri": "customers://audit-notes", "mimeType": "application/json", "text": ""}],
     "structuredContent": {
@@ -95,7 +101,7 @@ class Running:
 @pytest.fixture(scope="module")
 def bastion(tmp_path_factory) -> Iterator[Running]:
     """bastion with its authorization server, a gateway (no upstream is needed to hold calls)
-    and approvals; sam, avery and mallory can sign in. The approvals' clock can be moved."""
+    and approvals; sam, avery, mallory and cfo can sign in. The approvals' clock can be moved."""
     saved = users._HASHER
     users._HASHER = PasswordHasher(time_cost=1, memory_cost=1024, parallelism=1)
     tmp = tmp_path_factory.mktemp("pages")
@@ -116,7 +122,7 @@ def bastion(tmp_path_factory) -> Iterator[Running]:
     )
     try:
         app = create_app(config)
-        for name in ("sam", "avery", "mallory"):
+        for name in ("sam", "avery", "mallory", "cfo"):
             create_user(app.state.oauth.store, name, PASSWORD, time.time())
         seq = app.state.store.apply([parse_fact(f) for f in FACTS], actor="test").seq
         values = registration.validate_client_metadata(
@@ -403,6 +409,34 @@ def test_the_list_shows_only_what_the_person_may_answer(bastion: Running, tab: T
     with page.expect_navigation():
         page.get_by_role("link", name="approve a call").first.click()
     assert page.url in (bastion.page_url(sams_email), bastion.page_url(averys_delete))
+
+
+def test_with_two_approvers_required_the_first_sees_their_answer_and_the_second_decides(
+    bastion: Running, tab: Tab
+):
+    request = hold(bastion, resource=WIRE)
+    page = tab.page
+    open_signed_in(tab, bastion, request, "avery")
+    assert "2 distinct approvals needed" in text_of(page)
+    assert press(tab, "Approve") == 200
+    # Still pending: avery sees her answer, and no form to answer twice.
+    assert page.locator("#status").inner_text() == "pending"
+    assert "avery approved page" in " ".join(page.locator("#answers").inner_text().split())
+    assert page.locator("form").count() == 0
+    with signed_in(bastion, "avery") as http:
+        session = http.cookies[SESSION_COOKIE]
+        token = bastion.app.state.oauth.form_tokens.token(f"approval:{request.id}", session)
+        again = http.post(
+            f"/approvals/{request.id}", data={"csrf_token": token, "answer": "approve"}
+        )
+        assert again.status_code == 403 and "already answered" in again.text
+    assert bastion.get(request.id).status == "pending"
+
+    page.context.clear_cookies()
+    open_signed_in(tab, bastion, request, "cfo")
+    assert press(tab, "Approve") == 200
+    assert page.locator("#status").inner_text() == "approved"
+    assert [a.approver for a in bastion.get(request.id).answers] == ["avery", "cfo"]
 
 
 # -- CSRF ------------------------------------------------------------------------------------------
