@@ -46,7 +46,7 @@ class Tab:
     failed_requests: list[tuple[str, str]] = field(default_factory=list)
 
 
-def _on_this_machine(url: str) -> bool:
+def on_this_machine(url: str) -> bool:
     parts = urlsplit(url)
     return parts.scheme not in ("http", "https", "ws", "wss") or parts.hostname == "127.0.0.1"
 
@@ -68,7 +68,7 @@ def browser_fixture() -> Iterator[tuple[BrowserContext, list[str]]]:
             context = driver.chromium.launch_persistent_context(
                 profile, executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True
             )
-            context.route(lambda url: not _on_this_machine(url), refuse)
+            context.route(lambda url: not on_this_machine(url), refuse)
             yield context, off_machine
             context.close()
     finally:

@@ -1,0 +1,107 @@
+"""A held call end to end: the official MCP SDK client's call is held by the gateway, the
+approver opens the page the error names in Debian's chromium, signs in and approves, and the
+client's retry goes through, once; in both protocol eras."""
+
+from __future__ import annotations
+
+import anyio
+import pytest
+from argon2 import PasswordHasher
+from mcp.shared.exceptions import MCPError
+from playwright.sync_api import sync_playwright
+
+from bastion.oauth import users
+from tests.browser import CHROMIUM, CHROMIUM_ARGS, on_this_machine
+from tests.conftest import require_program
+from tests.gateway.support import PASSWORD, start
+
+RULES = """
+declare approval_grant(User, Agent, String, Tool);
+requires_approval(_user: User, "call", Tool{"deskhttp/send_email"});
+approver(User{"avery"}, User{"sam"}, "call", Tool{"deskhttp/send_email"});
+"""
+EMAIL = {"to": "ada@example.com", "subject": "hello", "body": "hi"}
+
+
+@pytest.fixture(scope="module")
+def bastion(tmp_path_factory):
+    require_program("Debian's chromium", CHROMIUM)
+    saved = users._HASHER
+    users._HASHER = PasswordHasher(time_cost=1, memory_cost=1024, parallelism=1)
+    try:
+        with start(
+            tmp_path_factory.mktemp("pages-gateway"),
+            approvals={"wait_seconds": 0},
+            policy_extra=RULES,
+        ) as running:
+            yield running
+    finally:
+        users._HASHER = saved
+
+
+def approve_in_browser(url: str, username: str) -> tuple[str, str]:
+    """As the approver: open ``url`` in a fresh chromium, sign in where it sends you, press
+    Approve. Returns the page's status after, and what the page said it was signed in as. Runs
+    in a thread of its own (the SDK client's event loop runs in the test's)."""
+    off_machine: list[str] = []
+    with sync_playwright() as driver:
+        browser = driver.chromium.launch(
+            executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True
+        )
+        try:
+            context = browser.new_context()
+
+            def refuse(route) -> None:
+                off_machine.append(route.request.url)
+                route.abort()
+
+            context.route(lambda u: not on_this_machine(u), refuse)
+            page = context.new_page()
+            page.goto(url)
+            assert page.title() == "Sign in to bastion"
+            page.get_by_label("Username").fill(username)
+            page.get_by_label("Password").fill(PASSWORD)
+            with page.expect_navigation():
+                page.get_by_role("button", name="Sign in").click()
+            assert page.url == url
+            who = page.locator("p").first.inner_text()
+            with page.expect_navigation():
+                page.get_by_role("button", name="Approve", exact=True).click()
+            status = page.locator("#status").inner_text()
+        finally:
+            browser.close()
+    assert off_machine == []
+    return status, who
+
+
+async def attempt(client, seen, tool, arguments):
+    try:
+        result = await client.call_tool(tool, arguments)
+        seen.setdefault("calls", []).append(("ok", result.content[0].text))
+    except MCPError as e:
+        seen.setdefault("calls", []).append(("error", e.error.code, e.error.data))
+
+
+@pytest.mark.parametrize("mode", ["legacy", "auto"])  # 2025-11-25, 2026-07-28
+def test_a_held_call_approved_on_the_page_in_a_browser_goes_through_once(bastion, mode):
+    email = {**EMAIL, "subject": f"page {mode}"}
+
+    async def script(client, seen):
+        await attempt(client, seen, "send_email", email)
+        _, _, held = seen["calls"][-1]
+        seen["held"] = held
+        seen["answered"] = await anyio.to_thread.run_sync(approve_in_browser, held["url"], "avery")
+        await attempt(client, seen, "send_email", email)  # goes through
+        await attempt(client, seen, "send_email", email)  # the approval is spent: held anew
+
+    seen = bastion.sdk("sam", "deskhttp", mode, script)
+    held = seen["held"]
+    assert held["reason"] == "approval_pending"
+    assert held["url"] == f"{bastion.url}/approvals/{held['approval_id']}"
+    assert seen["answered"] == ("approved", "Signed in as avery.")
+    (_, *_), (ok, text), (_, _, again) = seen["calls"]
+    assert ok == "ok" and "ada@example.com" in text
+    assert again["reason"] == "approval_pending" and again["approval_id"] != held["approval_id"]
+    request = bastion.app.state.approvals.get(held["approval_id"])
+    assert request.status == "used"
+    assert [(a.approver, a.channel) for a in request.answers] == [("avery", "page")]
