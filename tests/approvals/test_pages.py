@@ -703,3 +703,63 @@ def test_an_answer_past_the_body_limit_is_refused_before_it_is_read(bastion: Run
         assert answer.status_code == 413
         assert "max_oauth_body_bytes" in answer.text
     assert bastion.get(request.id).status == "pending"
+
+
+def test_the_pages_answer_503_while_the_database_is_unreachable(outage, tmp_path):
+    """On PostgreSQL taken away from this bastion: the page says to try again, never a 500,
+    and nothing is answered; back, the page works."""
+    role = outage.role()
+    policy = tmp_path / "policy.polar"
+    policy.write_text(POLICY)
+    sock = free_socket()
+    base = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    config = ServerConfig(
+        database=outage.url(role),
+        policy_file=str(policy),
+        oauth={
+            "issuer": base,
+            "key_dir": str(tmp_path / "keys"),
+            "resources": [{"uri": f"{base}/mcp/desk", "scopes": ["customers:read"]}],
+        },
+        gateway={"upstreams": []},
+        approvals={"wait_seconds": 0},
+    )
+    saved = users._HASHER
+    users._HASHER = PasswordHasher(time_cost=1, memory_cost=1024, parallelism=1)
+    try:
+        app = create_app(config)
+        create_user(app.state.oauth.store, "avery", PASSWORD, time.time())
+        app.state.store.apply([parse_fact(f) for f in FACTS], actor="test")
+        with serve(app, sock) as url:
+            deadline = time.monotonic() + 10
+            while app.state.replica.policy_version is None:
+                assert time.monotonic() < deadline, "the replica did not load the policy"
+                time.sleep(0.01)
+            running = Running(url, app, Clock(), "agent-1")
+            request = hold(running)
+            with signed_in(running, "avery") as http:
+                token = csrf_of(http.get(f"/approvals/{request.id}").text)
+                outage.block(role)
+                try:
+                    for answer in (
+                        http.get(f"/approvals/{request.id}"),
+                        http.get("/approvals"),
+                        http.post(
+                            f"/approvals/{request.id}",
+                            data={"csrf_token": token, "answer": "approve"},
+                        ),
+                    ):
+                        assert answer.status_code == 503, answer.text
+                        assert answer.headers["retry-after"] == "1"
+                        assert "Try again" in answer.text
+                        assert answer.headers["x-frame-options"] == "DENY"
+                finally:
+                    outage.unblock(role)
+                deadline = time.monotonic() + 20
+                while (page := http.get(f"/approvals/{request.id}")).status_code != 200:
+                    assert time.monotonic() < deadline, page.text
+                    time.sleep(0.1)
+                assert "Approve this call?" in page.text
+            assert running.get(request.id).status == "pending"
+    finally:
+        users._HASHER = saved
