@@ -17,7 +17,6 @@ from __future__ import annotations
 import functools
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from html import escape
 from typing import TYPE_CHECKING
 from urllib.parse import urlencode, urlsplit
 
@@ -98,7 +97,7 @@ async def check_login(
         if before_hash is not None:
             try:
                 await before_hash()
-            except BaseException:
+            except Exception:
                 await run_in_threadpool(throttle.take_back, username, address)
                 raise
         # Argon2 takes a while on purpose: keep it off the event loop.
@@ -258,8 +257,3 @@ class SignInEndpoint:
         return self.server.store.create_session(
             username, self.server.clock(), self.settings.session_seconds
         )
-
-
-def escaped_sign_in_link(settings: OAuthSettings, next_path: str) -> str:
-    """An HTML link to the sign-in page that comes back to ``next_path``."""
-    return f"<a href='{escape(sign_in_url(settings, next_path), quote=True)}'>Sign in</a>"

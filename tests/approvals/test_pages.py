@@ -620,6 +620,29 @@ def test_sign_in_without_its_csrf_token_is_refused(bastion: Running):
         assert refused.status_code == 403 and SESSION_COOKIE not in other.cookies
 
 
+def test_a_sign_in_form_sent_after_ten_minutes_is_refused_and_a_fresh_one_works(
+    bastion: Running, monkeypatch
+):
+    tokens = bastion.app.state.oauth.form_tokens
+    clock = Clock()
+    monkeypatch.setattr(tokens, "clock", clock)
+    with httpx.Client(base_url=bastion.url, follow_redirects=False, timeout=10) as http:
+        page = http.get("/sign-in", params={"next": "/approvals"})
+        clock.advance(601)
+        late = http.post(
+            "/sign-in",
+            data={**hidden_fields(page.text), "username": "avery", "password": PASSWORD},
+        )
+        assert late.status_code == 403 and SESSION_COOKIE not in http.cookies
+        assert "This form expired" in late.text
+        # The page shown again is a fresh form: it signs in.
+        done = http.post(
+            "/sign-in",
+            data={**hidden_fields(late.text), "username": "avery", "password": PASSWORD},
+        )
+        assert done.status_code == 303 and SESSION_COOKIE in http.cookies
+
+
 def test_a_wrong_password_on_the_sign_in_page_is_counted_by_the_login_throttle(
     bastion: Running, tab: Tab
 ):
