@@ -786,3 +786,35 @@ def test_the_pages_answer_503_while_the_database_is_unreachable(outage, tmp_path
             assert running.get(request.id).status == "pending"
     finally:
         users._HASHER = saved
+
+
+def test_under_an_issuer_with_a_path_the_pages_are_where_the_request_urls_point(tmp_path):
+    policy = tmp_path / "policy.polar"
+    policy.write_text(POLICY)
+    sock = free_socket()
+    base = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    config = ServerConfig(
+        database=str(tmp_path / "bastion.db"),
+        policy_file=str(policy),
+        oauth={
+            "issuer": f"{base}/auth",
+            "key_dir": str(tmp_path / "keys"),
+            "resources": [{"uri": f"{base}/mcp/desk", "scopes": ["customers:read"]}],
+        },
+        gateway={"upstreams": []},
+    )
+    app = create_app(config)
+    with serve(app, sock), httpx.Client(follow_redirects=False, timeout=10) as http:
+        url = app.state.approvals.url("abc")
+        assert url == f"{base}/auth/approvals/abc"
+        to_sign_in = http.get(url)
+        assert to_sign_in.status_code == 303
+        location = to_sign_in.headers["location"]
+        assert location == f"/auth/sign-in?{urlencode({'next': '/auth/approvals/abc'})}"
+        page = http.get(f"{base}{location}")
+        assert page.status_code == 200 and "action='/auth/sign-in'" in page.text
+        # The session cookie is for the issuer's path, which the pages are under.
+        cookie = page.headers["set-cookie"]
+        assert "Path=/auth" in cookie
+        big = http.post(url, content=b"x" * (config.max_oauth_body_bytes + 1))
+        assert big.status_code == 413
