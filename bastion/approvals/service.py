@@ -240,6 +240,40 @@ class Approvals:
                 log.warning("approvals: expired results could not be deleted", exc_info=True)
             await anyio.sleep(seconds)
 
+    def reviewer_masks(self, request: ApprovalRequest, person: str) -> tuple[str, ...]:
+        """The mask paths the policy puts on what ``person`` sees of ``request``'s held result:
+        the contract's ``mask(actor, action, resource, path)`` with the reviewer as the actor.
+        A path that is not a string, or a policy over its budget, is "", which withholds the
+        whole result (fail closed)."""
+        resource = Entity.parse(request.target)
+        try:
+            with self.authorizer().session(_call_context(request, self.clock())) as s:
+                paths = s.rows("mask", "bbbf", Entity("User", person), request.action, resource)
+        except EvaluationLimit:
+            return ("",)
+        return tuple(sorted({p if isinstance(p, str) else "" for p in paths}))
+
+    def review_view(self, request: ApprovalRequest, person: str) -> Any:
+        """The result held by ``request`` as the reviewer ``person`` may see it, masked by the
+        policy for them (`reviewer_masks`); None when no result is held (any more)."""
+        # Masking MCP results is the gateway's (it knows their shapes); imported here, where it
+        # is used, so that loading approvals/ does not load gateway/ (DESIGN.md: new rooms do
+        # not depend on gateway/). The lead may move masks below both rooms.
+        from bastion.gateway.masks import compile_paths, mask_result
+
+        result = self.held_result(request)
+        if result is None:
+            return None
+        paths = compile_paths(self.reviewer_masks(request, person))
+        if not isinstance(result, dict):
+            # Not an MCP result: nothing says which of it a mask reaches, so any mask hides all.
+            return result if not paths else None
+        uri = None
+        if request.method == "resources/read":
+            uri = Entity.parse(request.target).id.partition("/")[2]
+        masked, _ = mask_result(result, paths, uri)
+        return masked
+
     # -- the policy's side ---------------------------------------------------------------------
 
     def terms(self, subject: str, action: str, resource: Entity, context: dict[str, Any]) -> Terms:
@@ -444,6 +478,24 @@ class Approvals:
             decision_id=detail.pop("decision_id", request.decision_id),
             **detail,
         )
+
+
+def _call_context(request: ApprovalRequest, now: float) -> dict[str, Any]:
+    """The ``context`` a policy sees when it is asked about a held call away from the call
+    (who may answer, what a reviewer may see): its server, method, arguments and what the
+    gateway names the target by (tool, uri or prompt), at the time of asking. What else the
+    call's own context held (scopes, client address, signals) is not kept with the request."""
+    context: dict[str, Any] = {
+        "time": _now(now),
+        "server": request.server,
+        "method": request.method,
+        "arguments": request.arguments,
+    }
+    target = Entity.parse(request.target)
+    key = {"Tool": "tool", "McpResource": "uri", "Prompt": "prompt"}.get(target.type)
+    if key is not None and "/" in target.id:
+        context[key] = target.id.partition("/")[2]
+    return context
 
 
 def _now(epoch: float):

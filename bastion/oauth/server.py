@@ -23,10 +23,12 @@ from bastion.oauth.authorize import AuthorizationEndpoint
 from bastion.oauth.ciba import POLLING_ERRORS, BackchannelAuthentication
 from bastion.oauth.client_auth import authenticate_client
 from bastion.oauth.client_metadata_document import ClientMetadataDocuments, is_client_id_url
+from bastion.oauth.csrf import FormTokens
 from bastion.oauth.errors import InvalidRequest, OAuthError
-from bastion.oauth.keys import KeyRing
+from bastion.oauth.keys import KeyRing, deployment_secret
 from bastion.oauth.metadata import authorization_server_metadata, metadata_path
 from bastion.oauth.settings import OAuthSettings
+from bastion.oauth.sign_in import SignInEndpoint
 from bastion.oauth.store import Client, OAuthStore
 from bastion.oauth.throttle import (
     LoginThrottle,
@@ -37,6 +39,7 @@ from bastion.oauth.throttle import (
 from bastion.oauth.tokens import TokenEndpoint
 from bastion.oauth.verifier import TokenVerifier
 
+FORM_TOKEN_KEY = "form-tokens.key"
 _NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}
 
 
@@ -110,7 +113,13 @@ class AuthorizationServer:
         self.login_throttle = LoginThrottle(self.store, settings.login, clock)
         self.password_checks = PasswordCheckSlots(settings.login.max_concurrent_password_checks)
         self.documents = ClientMetadataDocuments(settings.client_metadata, clock)
+        # The CSRF tokens of forms no stored request holds a token for (sign-in, approvals),
+        # under a secret of the deployment made on first use.
+        self.form_tokens = FormTokens(
+            lambda: deployment_secret(settings.key_dir, FORM_TOKEN_KEY), clock
+        )
         self._authorization = AuthorizationEndpoint(self)
+        self._sign_in = SignInEndpoint(self)
         self._tokens = TokenEndpoint(self)
         # OpenID CIBA: `pending_for(username)` lists what waits for a person's answer.
         self.ciba = BackchannelAuthentication(self)
@@ -166,6 +175,8 @@ class AuthorizationServer:
             Route(f"{prefix}/authorize", self._authorization.authorize, methods=["GET"]),
             Route(f"{prefix}/authorize/login", self._authorization.login, methods=["POST"]),
             Route(f"{prefix}/authorize/consent", self._authorization.consent, methods=["POST"]),
+            Route(f"{prefix}/sign-in", self._sign_in.page, methods=["GET"]),
+            Route(f"{prefix}/sign-in", self._sign_in.submit, methods=["POST"]),
             Route(f"{prefix}/token", self._token, methods=["POST"]),
             Route(f"{prefix}/bc-authorize", self._backchannel_authorize, methods=["POST"]),
             Route(f"{prefix}/bc-approve/{{request_id}}", self.ciba.page, methods=["GET", "POST"]),

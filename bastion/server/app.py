@@ -141,6 +141,15 @@ def body_limits(config: ServerConfig, oauth, gateway) -> BodyLimits:
             )
             for p in sorted(oauth_paths(oauth))
         ]
+        # The approval pages' answers (bastion.approvals.pages) are forms of the same family.
+        limits.append(
+            BodyLimit(
+                config.max_oauth_body_bytes,
+                "max_oauth_body_bytes",
+                oauth_refusal,
+                prefix=f"{oauth.settings.issuer_path}/approvals/",
+            )
+        )
     if gateway is not None:
         from bastion.gateway.jsonrpc import INVALID_REQUEST, RpcError
 
@@ -223,6 +232,13 @@ def _approvals(config: ServerConfig, oauth, replica: Replica):
     )
 
 
+def _approval_pages(approvals, oauth) -> list[BaseRoute]:
+    """The approvers' pages, under the issuer (where `Approvals.url` points)."""
+    from bastion.approvals.pages import ApprovalPages
+
+    return list(ApprovalPages(approvals, oauth).routes())
+
+
 def create_app(config: ServerConfig) -> Starlette:
     """The whole server for one configuration. State is opened by the lifespan."""
     # Writes and key checks use this connection; the replica reads the log on its own.
@@ -287,6 +303,7 @@ def create_app(config: ServerConfig) -> Starlette:
         Route("/v1/openapi.json", openapi, methods=["GET"]),
         *api.routes(),
         *(oauth.routes() if oauth is not None else []),
+        *(_approval_pages(approvals, oauth) if approvals is not None else []),
     ]
     routes = one_route_per_path(routes)
     # First, so that every body is capped while it is read, whichever route it is for.

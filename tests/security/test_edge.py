@@ -142,6 +142,8 @@ BODY_ROUTES = {
     "/authorize/consent": FORM,
     "/bc-authorize": FORM,
     "/bc-approve/any-request": FORM,
+    "/sign-in": FORM,
+    "/approvals/some-request": FORM,
     "/register": "application/json",
     "/v1/facts": "application/json",
     "/v1/authorize": "application/json",
