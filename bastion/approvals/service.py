@@ -19,7 +19,9 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+import anyio
 
 from bastion.approvals.settings import ApprovalSettings
 from bastion.approvals.store import OPEN, Answer, ApprovalRequest, ApprovalStore
@@ -28,6 +30,9 @@ from bastion.decide import Authorizer
 from bastion.facts.model import Entity
 from bastion.facts.store import FactStore, StoredFact
 from bastion.policy.errors import EvaluationLimit
+
+if TYPE_CHECKING:
+    from bastion.approvals.webhooks import WebhookNotifier
 
 log = logging.getLogger("bastion.approvals")
 
@@ -109,6 +114,8 @@ class Approvals:
         self.clock = clock
         # Told of each new request (webhooks), in the thread that made it.
         self.on_new_request: list[Callable[[ApprovalRequest], None]] = []
+        # Sends them to the configured webhooks; started and closed with the server.
+        self.webhooks: WebhookNotifier | None = None
 
     # -- the enforcement point's side ---------------------------------------------------------
 
@@ -151,7 +158,7 @@ class Approvals:
         if request.status == OPEN:
             return Outcome("pending", request)
         if request.status == "approved":
-            if request.policy_version != self.policy_version():
+            if request.policy_version != (self.policy_version() or 0):
                 # Approved under other rules: what the person saw is no longer what decides.
                 self.store.resolve(request.id, "void", from_status="approved")
                 self._event(request, "approval.void", reason="policy version changed")
@@ -223,6 +230,49 @@ class Approvals:
 
     def held_result(self, request: ApprovalRequest) -> Any:
         return self.store.held_result(request.id)
+
+    async def drop_expired_results_forever(self, seconds: float = 60.0) -> None:
+        """Delete held results once their request expires, every ``seconds``, until cancelled."""
+        while True:
+            try:
+                await anyio.to_thread.run_sync(self.store.drop_expired_results)
+            except Exception:  # the database is away: the next round tries again
+                log.warning("approvals: expired results could not be deleted", exc_info=True)
+            await anyio.sleep(seconds)
+
+    def reviewer_masks(self, request: ApprovalRequest, person: str) -> tuple[str, ...]:
+        """The mask paths the policy puts on what ``person`` sees of ``request``'s held result:
+        the contract's ``mask(actor, action, resource, path)`` with the reviewer as the actor.
+        A path that is not a string, or a policy over its budget, is "", which withholds the
+        whole result (fail closed)."""
+        resource = Entity.parse(request.target)
+        try:
+            with self.authorizer().session(_call_context(request, self.clock())) as s:
+                paths = s.rows("mask", "bbbf", Entity("User", person), request.action, resource)
+        except EvaluationLimit:
+            return ("",)
+        return tuple(sorted({p if isinstance(p, str) else "" for p in paths}))
+
+    def review_view(self, request: ApprovalRequest, person: str) -> Any:
+        """The result held by ``request`` as the reviewer ``person`` may see it, masked by the
+        policy for them (`reviewer_masks`); None when no result is held (any more)."""
+        # Masking MCP results is the gateway's (it knows their shapes); imported here, where it
+        # is used, so that loading approvals/ does not load gateway/ (DESIGN.md: new rooms do
+        # not depend on gateway/). The lead may move masks below both rooms.
+        from bastion.gateway.masks import compile_paths, mask_result
+
+        result = self.held_result(request)
+        if result is None:
+            return None
+        paths = compile_paths(self.reviewer_masks(request, person))
+        if not isinstance(result, dict):
+            # Not an MCP result: nothing says which of it a mask reaches, so any mask hides all.
+            return result if not paths else None
+        uri = None
+        if request.method == "resources/read":
+            uri = Entity.parse(request.target).id.partition("/")[2]
+        masked, _ = mask_result(result, paths, uri)
+        return masked
 
     # -- the policy's side ---------------------------------------------------------------------
 
@@ -434,6 +484,24 @@ class Approvals:
         )
 
 
+def _call_context(request: ApprovalRequest, now: float) -> dict[str, Any]:
+    """The ``context`` a policy sees when it is asked about a held call away from the call
+    (who may answer, what a reviewer may see): its server, method, arguments and what the
+    gateway names the target by (tool, uri or prompt), at the time of asking. What else the
+    call's own context held (scopes, client address, signals) is not kept with the request."""
+    context: dict[str, Any] = {
+        "time": _now(now),
+        "server": request.server,
+        "method": request.method,
+        "arguments": request.arguments,
+    }
+    target = Entity.parse(request.target)
+    key = {"Tool": "tool", "McpResource": "uri", "Prompt": "prompt"}.get(target.type)
+    if key is not None and "/" in target.id:
+        context[key] = target.id.partition("/")[2]
+    return context
+
+
 def _now(epoch: float):
     from datetime import UTC, datetime
 
@@ -462,7 +530,7 @@ def approvals_from_config(
     except (OSError, ValueError) as e:
         raise ConfigError(f"oauth.key_dir: {e}") from None
     db = Database(database, role="bastion-approvals")
-    return Approvals(
+    approvals = Approvals(
         ApprovalStore(db, sealing),
         FactStore(db),
         authorizer,
@@ -472,6 +540,12 @@ def approvals_from_config(
         binding,
         AuditLog(db),
     )
+    if settings.webhooks:
+        from bastion.approvals.webhooks import WebhookNotifier
+
+        approvals.webhooks = WebhookNotifier(settings, db, approvals.url)
+        approvals.on_new_request.append(approvals.webhooks.notify)
+    return approvals
 
 
 SEALING_KEY = "approvals-sealing.key"

@@ -393,15 +393,13 @@ class ApprovalStore:
         rows = self.db.execute("SELECT result FROM approval_requests WHERE id = ?", (request_id,))
         return self.sealed.open(request_id, rows[0][0]) if rows else None
 
-    def expire(self, now: float | None = None) -> int:
-        """Requests past their expiry that nobody answered (or whose approval nobody used) expire;
-        their held results are deleted. Returns how many."""
-        now = self.clock() if now is None else now
+    def drop_expired_results(self) -> int:
+        """Delete the held results of requests past their expiry (their status is settled
+        when the call comes back, or shown as expired); returns how many went."""
         rows = self.db.execute(
-            "UPDATE approval_requests SET status = 'expired', result = NULL"
-            " WHERE status IN ('pending', 'approved', 'released') AND expires_at <= ?"
-            " RETURNING id",
-            (now,),
+            "UPDATE approval_requests SET result = NULL"
+            " WHERE result IS NOT NULL AND expires_at <= ? RETURNING id",
+            (self.clock(),),
         )
         return len(rows)
 

@@ -25,7 +25,7 @@ from bastion.facts.model import Entity, FactError, check_fact, format_fact
 from bastion.policy import LoadedPolicy, load
 from bastion.policy.compile import CompiledPolicy
 from bastion.policy.errors import Diagnostic, EvaluationLimit
-from bastion.policy.explain import Explanation, explain, over_budget
+from bastion.policy.explain import Explanation, explain, over_budget, prove
 from bastion.policy.limits import DEFAULT_LIMITS, PolicyLimits
 from bastion.policy.parser import parse_fact
 from bastion.policy.program import has_type
@@ -319,6 +319,12 @@ class Session:
         program = self._active.loaded.program
         q = self._q
         return explain(program, q.index, (actor, action, resource), q.context, allowed, q.limits)
+
+    def prove(self, predicate: str, *args: Any) -> Explanation:
+        """Why ``predicate(*args)`` holds, such as an obligation's rule: the rules and facts of
+        its first proof (the interpreter, as `explain`)."""
+        q = self._q
+        return prove(self._active.loaded.program, q.index, predicate, args, q.context, q.limits)
 
     @property
     def generation(self) -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import logging
 import secrets
 import threading
 import time
@@ -19,7 +20,10 @@ from datetime import UTC, datetime
 from functools import partial
 from typing import Any
 
-from bastion.approvals.service import Approvals
+import anyio
+
+from bastion.approvals.service import Approvals, Call, Outcome
+from bastion.approvals.store import ApprovalRequest
 from bastion.audit.decisions import DecisionRecord, DecisionRecords, new_decision_id
 from bastion.decide import Authorizer
 from bastion.decide.contract import ChainDecision, Obligations, decide_chain
@@ -34,6 +38,8 @@ from bastion.gateway.jsonrpc import (
 from bastion.gateway.ratelimit import LimitsUnavailable, RateLimiter, RedisRateLimiter
 from bastion.policy.errors import EvaluationLimit
 from bastion.policy.runtime import context_value
+
+log = logging.getLogger("bastion.gateway")
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +75,23 @@ class Verdict:
     decision_id: str
     obligations: Obligations
     record: dict[str, Any] = field(default_factory=dict)
+    # requires_review: "hold" (forward, then hold the result for a reviewer) or "release" (a
+    # reviewer released the result of this very call: ``review`` is its request).
+    review_step: str | None = None
+    review: ApprovalRequest | None = None
+    # The call, as bound to requests (for holding its result).
+    call: Call | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Held(Exception):
+    """The call, or its result, waits for people: the request the client is pointed at."""
+
+    request: ApprovalRequest
+    decision_id: str
+    url: str
+    retry_after: float
+    reason: str  # approval_pending or review_pending
 
 
 # Canonical JSON (sorted keys, no spaces) for digests and keys; built once, not per call.
@@ -162,8 +185,12 @@ class Enforcer:
         resource: Entity,
         context: dict[str, Any],
         arguments: Any = None,
+        retried: str | None = None,
     ) -> Verdict:
-        """Allow (with obligations), or raise `StepUp` or the `RpcError` to send back."""
+        """Allow (with obligations), or raise `StepUp`, `Held` or the `RpcError` to send back.
+
+        ``retried``: the approval request a client says it retries (a 2026-07-28 client's
+        ``requestState``); the call must be the one it was made for."""
         started = time.perf_counter()
         decision_id = new_decision_id()
         target = resource.id
@@ -180,10 +207,48 @@ class Enforcer:
             result, reason = "deny", chain.reason
         elif not chain.allowed:
             result, reason = "deny", "not_permitted"
-        elif chain.obligations.requires_approval:
-            # Approvals arrive in a later issue; until then a hold refuses (fails closed).
-            result, reason = "held", "requires_approval"
-        elif chain.obligations.rate_limits:
+        held: tuple[Call, Outcome] | None = None
+        review: tuple[Call, Outcome] | None = None
+        linked: ApprovalRequest | None = None
+        spend: ApprovalRequest | None = None
+        if result == "allow" and (
+            chain.obligations.requires_approval and not chain.obligations.approval_granted
+        ):
+            call = self._call("approval", caller, server, method, action, resource, arguments)
+            outcome = await self._where(call, retried)
+            linked = outcome.request
+            if outcome.state == "approved":
+                assert outcome.request is not None
+                # Decided again with the approval in the context: the policy stays the judge.
+                approval = _approval_context(outcome.request)
+                chain = decide_chain(
+                    authz,
+                    caller.principals,
+                    action,
+                    resource,
+                    {**context, "approval": approval},
+                    granted_scopes=caller.scopes,
+                )
+                if not chain.allowed or chain.missing_scopes or chain.reason is not None:
+                    result, reason = "deny", chain.reason or "not_permitted"
+                else:
+                    spend = outcome.request  # once everything else has let it through
+            elif outcome.state in ("hold", "pending"):
+                result, reason = "held", "approval_pending"
+                held = (call, outcome)
+            else:
+                result, reason = "deny", outcome.reason
+        if result == "allow" and chain.obligations.requires_review:
+            call = self._call("review", caller, server, method, action, resource, arguments)
+            outcome = await self._where(call, retried)
+            review = (call, outcome)
+            linked = outcome.request or linked
+            if outcome.state == "pending":
+                result, reason = "held", "review_pending"
+                held = (call, outcome)
+            elif outcome.state == "refused":
+                result, reason = "deny", outcome.reason
+        if result == "allow" and chain.obligations.rate_limits:
             try:
                 retry_after = await self.limiter.admit(
                     chain.obligations.rate_limits, action, resource
@@ -194,6 +259,24 @@ class Enforcer:
             else:
                 if retry_after is not None:
                     result, reason = "rate_limited", "rate_limited"
+        # Used once: of two identical retries at the same moment, one goes through.
+        if result == "allow" and spend is not None and not await self._spend(spend, decision_id):
+            result, reason = "deny", "approval_used"
+        if held is not None and held[1].state == "hold":
+            try:
+                why = self._why_held(
+                    authz, caller.principals, action, resource, context, held[0].kind
+                )
+                linked = await anyio.to_thread.run_sync(
+                    self.approvals.hold,
+                    held[0],
+                    decision_id,
+                    why,
+                    context,  # type: ignore[union-attr]
+                )
+            except Exception:
+                log.exception("the approval store cannot be written: call refused")
+                result, reason, linked = "deny", "approval_unavailable", None
         record = self._record(
             authz,
             decision_id,
@@ -208,9 +291,19 @@ class Enforcer:
             result,
             reason,
             started,
+            approval={"id": linked.id, "kind": linked.kind} if linked is not None else None,
         )
         if result == "step_up":
             raise StepUp(chain.missing_scopes, decision_id)
+        if result == "held":
+            assert linked is not None and self.approvals is not None
+            raise Held(
+                linked,
+                decision_id,
+                self.approvals.url(linked.id),
+                self.approvals.settings.retry_after_seconds,
+                reason,
+            )
         if result == "rate_limited":
             raise RpcError(
                 RATE_LIMITED,
@@ -229,8 +322,105 @@ class Enforcer:
                 {"decision_id": decision_id, "reason": reason},
             )
         if result != "allow":
-            raise refused(target, decision_id, reason)
-        return Verdict(decision_id, chain.obligations, record)
+            extra = {"approval_id": linked.id} if linked is not None else {}
+            raise refused(target, decision_id, reason, **extra)
+        verdict = Verdict(decision_id, chain.obligations, record)
+        if review is not None:
+            step = "release" if review[1].state == "released" else "hold"
+            verdict = Verdict(
+                decision_id, chain.obligations, record, step, review[1].request, review[0]
+            )
+        return verdict
+
+    # -- holds for people -----------------------------------------------------------------------
+
+    def _call(
+        self,
+        kind: str,
+        caller: Caller,
+        server: str,
+        method: str,
+        action: str,
+        resource: Entity,
+        arguments: Any,
+    ) -> Call:
+        return Call(
+            kind,
+            caller.subject,
+            caller.client_id,
+            server,
+            method,
+            action,
+            resource,
+            arguments,
+            self.digest(arguments),
+        )
+
+    async def _where(self, call: Call, retried: str | None) -> Outcome:
+        """Where the call stands with the people who must answer for it; refused (fail closed)
+        when nobody can hold it or the approval store cannot be read."""
+        if self.approvals is None:
+            return Outcome("refused", reason="approval_unavailable")
+        try:
+            return await anyio.to_thread.run_sync(self.approvals.check, call, retried)
+        except Exception:
+            log.exception("the approval store cannot be read: call refused")
+            return Outcome("refused", reason="approval_unavailable")
+
+    async def _spend(self, request: ApprovalRequest, decision_id: str) -> bool:
+        assert self.approvals is not None
+        try:
+            return await anyio.to_thread.run_sync(self.approvals.use, request, decision_id)
+        except Exception:
+            log.exception("the approval store cannot be written: call refused")
+            return False
+
+    async def release(self, verdict: Verdict) -> Any:
+        """The reviewed result of this call, spent once; None if it was delivered meanwhile."""
+        assert self.approvals is not None and verdict.review is not None
+        request = verdict.review
+        result = await anyio.to_thread.run_sync(self.approvals.held_result, request)
+        if result is None or not await self._spend(request, verdict.decision_id):
+            return None
+        return result
+
+    async def hold_result(self, verdict: Verdict, result: Any, context: dict[str, Any]) -> Held:
+        """Keep the upstream's result for a reviewer; the `Held` to answer the client with."""
+        assert self.approvals is not None and verdict.call is not None
+        call, approvals = verdict.call, self.approvals
+        principals = tuple(Entity.parse(p) for p in verdict.record["principals"])
+        why = self._why_held(
+            self.authorizer(), principals, call.action, call.resource, context, "review"
+        )
+        request = await anyio.to_thread.run_sync(
+            lambda: approvals.hold(call, verdict.decision_id, why, context, result)
+        )
+        return Held(
+            request,
+            verdict.decision_id,
+            self.approvals.url(request.id),
+            self.approvals.settings.retry_after_seconds,
+            "review_pending",
+        )
+
+    def _why_held(
+        self,
+        authz: Authorizer,
+        principals: tuple[Entity, ...],
+        action: str,
+        resource: Entity,
+        context: dict[str, Any],
+        kind: str,
+    ) -> tuple[str, ...]:
+        """The rules that required the hold, for the people who answer it."""
+        predicate = "requires_approval" if kind == "approval" else "requires_review"
+        rules: list[str] = []
+        with authz.session(context) as s:
+            for principal in principals:
+                for rule in s.prove(predicate, principal, action, resource).rules():
+                    if rule not in rules:
+                        rules.append(rule)
+        return tuple(rules)
 
     def _refuse_stale(
         self,
@@ -280,6 +470,7 @@ class Enforcer:
         result: str,
         reason: str,
         started: float,
+        approval: dict[str, str] | None = None,
     ) -> dict[str, Any]:
         deciding = chain.refused_by or chain.principals[-1]
         question = (deciding, action, resource)
@@ -303,6 +494,9 @@ class Enforcer:
         }
         if chain.missing_scopes:
             obligations["missing_scopes"] = list(chain.missing_scopes)
+        if approval is not None:
+            # The request that held it, or whose approval (or released result) it used.
+            obligations["approval"] = approval
         seen = {k: v for k, v in context.items() if k != "arguments"}
         record = {
             "id": decision_id,
@@ -385,3 +579,12 @@ class Explained:
 
 def _same(value: Any, seen: Any) -> bool:
     return value is seen or (type(value) is type(seen) and value == seen)
+
+
+def _approval_context(request: ApprovalRequest) -> dict[str, Any]:
+    """What the policy sees of the approval a call comes back with (``context.approval``)."""
+    return {
+        "id": request.id,
+        "approved_by": [a.approver for a in request.approvals],
+        "channels": sorted({a.channel for a in request.approvals}),
+    }

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
 import signal
 import threading
 from collections.abc import Callable
@@ -21,8 +22,9 @@ from bastion.decide import Authorizer
 from bastion.decide.contract import decide_chain
 from bastion.facts.model import Entity
 from bastion.gateway.config import GatewayConfig, normalized_origin
-from bastion.gateway.enforce import Caller, Enforcer, StepUp, refused
+from bastion.gateway.enforce import Caller, Enforcer, Held, StepUp, refused
 from bastion.gateway.handlers import Exchange
+from bastion.gateway.holds import RequestStates, pending_error
 from bastion.gateway.jsonrpc import RpcError
 from bastion.gateway.metadata import WELL_KNOWN, ProtectedResourceMetadata, metadata_url
 from bastion.gateway.ratelimit import RateLimiter, RedisRateLimiter
@@ -120,6 +122,8 @@ class Gateway:
             facts_stale=facts_stale,
             approvals=approvals,
         )
+        # Signs the requestState of held calls (2026-07-28 clients).
+        self.states = RequestStates(digest_key or secrets.token_bytes(32))
         self.sessions = SessionTable(config.session_idle_seconds)
         self.resource_scopes = resource_scopes
         # bastion's progress token for a request -> where its progress goes (`Exchange.hear`)
@@ -178,9 +182,13 @@ class Gateway:
         # On stale facts `Enforcer.decide` refuses, and records it.
         stale = enforcer.facts_stale()
         if record or stale or self._connect_needs_deciding(ex.caller, server, context):
-            verdict = await enforcer.decide(
-                ex.caller, ex.server, ex.message.method or "", "connect", server, context
-            )
+            try:
+                verdict = await enforcer.decide(
+                    ex.caller, ex.server, ex.message.method or "", "connect", server, context
+                )
+            except Held as held:
+                # Approved, the next message connects: a grant for minutes covers a session.
+                raise pending_error(held) from None
             enforcer.write(verdict.record)
 
     def _connect_needs_deciding(self, caller: Caller, server: Entity, context: dict) -> bool:
@@ -255,7 +263,7 @@ class Gateway:
                 verdict = await enforcer.decide(
                     caller, listener.server, method, "connect", server, context
                 )
-            except (RpcError, StepUp):
+            except (RpcError, StepUp, Held):
                 listener.close(refused=True)
                 return False
             enforcer.write(verdict.record)  # allowed after all: the facts changed meanwhile

@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from bastion.facts.model import Entity
-from bastion.gateway.enforce import Caller
+from bastion.gateway import holds
+from bastion.gateway.enforce import Caller, Held, Verdict, refused
 from bastion.gateway.jsonrpc import (
     INVALID_PARAMS,
     INVALID_REQUEST,
@@ -396,12 +397,68 @@ async def _decide_and_forward(
 ) -> dict[str, Any]:
     enforcer = ex.gateway.enforcer
     await ex.gateway.admit(ex)
-    verdict = await enforcer.decide(
-        ex.caller, ex.server, ex.message.method, action, resource, ex.context(**extra), arguments
-    )
+    request_id, params = holds.retried(ex)
+    context = ex.context(**extra)
+    # Decided again each time people answer a hold while the client waits: approval, then
+    # (when the result is held for review) release.
+    for waits_left in (2, 1, 0):
+        try:
+            verdict = await enforcer.decide(
+                ex.caller,
+                ex.server,
+                ex.message.method,
+                action,
+                resource,
+                context,
+                arguments,
+                retried=request_id,
+            )
+        except Held as held:
+            if not waits_left:
+                raise holds.pending_error(held) from None
+            answer = await holds.answer_held(ex, held, retry=request_id is not None)
+            if answer is not None:
+                return answer
+            request_id = held.request.id
+            continue
+        if verdict.review_step == "release":
+            return await _released(ex, verdict, extra.get("uri"))
+        result = await _forward(ex, verdict, params, extra.get("uri"))
+        if verdict.review_step != "hold":
+            return result
+        # The upstream answered; a reviewer releases the answer, or not.
+        try:
+            held = await enforcer.hold_result(verdict, result, context)
+        except Exception:
+            holds.log.exception("the approval store cannot be written: result withheld")
+            enforcer.write(verdict.record, result="deny", reason="approval_unavailable")
+            raise refused(resource.id, verdict.decision_id, "approval_unavailable") from None
+        enforcer.write(
+            verdict.record,
+            result="held",
+            reason="review_pending",
+            obligations={
+                **verdict.record["obligations"],
+                "approval": {"id": held.request.id, "kind": "review"},
+            },
+        )
+        if not waits_left:
+            raise holds.pending_error(held)
+        answer = await holds.answer_held(ex, held, retry=True)
+        if answer is not None:
+            return answer
+        request_id = held.request.id
+    raise AssertionError("unreachable: the last round raises or returns")
+
+
+async def _forward(
+    ex: Exchange, verdict: Verdict, params: dict[str, Any], uri: str | None
+) -> dict[str, Any]:
+    """Send the decided request upstream and apply its obligations to the answer."""
+    enforcer = ex.gateway.enforcer
     ex.masks = compile_paths(verdict.obligations.masks)
     try:
-        result = await ex.forward()
+        result = await ex.forward(params)
     except RpcError as e:
         enforcer.write(verdict.record, reason=f"upstream error {e.code}")
         if ex.masks and isinstance(e, UpstreamError):
@@ -411,10 +468,30 @@ async def _decide_and_forward(
     except asyncio.CancelledError:
         enforcer.write(verdict.record, reason="cancelled by the client")
         raise
-    result, masked = mask_result(result, ex.masks, extra.get("uri"))
+    if verdict.review_step == "hold":
+        return result  # masked when it is released, under the masks in force then
+    return _masked(ex, verdict, result, uri)
+
+
+async def _released(ex: Exchange, verdict: Verdict, uri: str | None) -> dict[str, Any]:
+    """A result a reviewer released for this very call: delivered once, without calling the
+    upstream again, masked as the policy says now and as the reviewer withheld."""
+    enforcer = ex.gateway.enforcer
+    assert verdict.review is not None
+    result = await enforcer.release(verdict)
+    if not isinstance(result, dict):
+        enforcer.write(verdict.record, result="deny", reason="approval_used")
+        raise refused(verdict.review.target, verdict.decision_id, "approval_used")
+    withheld = verdict.review.withheld_fields
+    ex.masks = compile_paths(tuple(sorted({*verdict.obligations.masks, *withheld})))
+    return _masked(ex, verdict, result, uri)
+
+
+def _masked(ex: Exchange, verdict: Verdict, result: dict[str, Any], uri: str | None):
+    result, masked = mask_result(result, ex.masks, uri)
     obligations = dict(verdict.record["obligations"])
     obligations["masked_fields"] = masked
-    enforcer.write(verdict.record, obligations=obligations)
+    ex.gateway.enforcer.write(verdict.record, obligations=obligations)
     return result
 
 

@@ -24,6 +24,10 @@ SESSION_NOT_FOUND = -32005
 RATE_LIMIT_UNAVAILABLE = -32006
 # The facts have not been confirmed current within max_staleness_seconds: refused.
 FACTS_STALE = -32007
+# The call, or its result, waits for people (docs/approvals.md): retry once it is answered.
+APPROVAL_PENDING = -32008
+# MCP 2025-11-25: the request needs the URL elicitation in ``data.elicitations`` completed first.
+URL_ELICITATION_REQUIRED = -32042
 # MCP 2026-07-28.
 HEADER_MISMATCH = -32020
 UNSUPPORTED_PROTOCOL_VERSION = -32022

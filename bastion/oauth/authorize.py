@@ -24,16 +24,20 @@ from starlette.responses import RedirectResponse, Response
 from bastion.oauth import pages, pkce
 from bastion.oauth.errors import InvalidScope, InvalidTarget, OAuthError
 from bastion.oauth.redirect_uris import redirect_uri_allowed
+from bastion.oauth.sign_in import (
+    BROWSER_COOKIE,
+    FORM_SECONDS,
+    SESSION_COOKIE,
+    check_login,
+    set_cookie,
+)
 from bastion.oauth.store import Client, Grant, PendingAuthorization, digest, new_secret
 from bastion.oauth.throttle import client_address
-from bastion.oauth.users import check_password
 
 if TYPE_CHECKING:
     from bastion.oauth.server import AuthorizationServer
 
-SESSION_COOKIE = "bastion_session"
-BROWSER_COOKIE = "bastion_browser"
-PENDING_SECONDS = 600
+PENDING_SECONDS = FORM_SECONDS
 _SINGLE = (
     "response_type",
     "client_id",
@@ -95,8 +99,6 @@ class AuthorizationEndpoint:
         self.server = server
         self.settings = server.settings
         self.store = server.store
-        self.secure_cookies = self.settings.issuer.startswith("https://")
-        self.cookie_path = self.settings.issuer_path or "/"
 
     # GET /authorize
 
@@ -236,68 +238,37 @@ class AuthorizationEndpoint:
     ) -> Response | None:
         """The answer to a sign-in that does not succeed, or None when the password is right.
 
-        In order, each before any hashing it makes unnecessary: a missing field; a username or
-        address that must wait (429), else the attempt is counted as a failure at once (taken
-        back if it checks nothing or succeeds); no free password-check slot (503); a pending
-        request that has used its attempts (it ends). Then the password is checked off the
-        event loop."""
-        server, settings = self.server, self.settings.login
-        address = client_address(request)
+        `check_login` throttles and checks, as for every sign-in; here, once a password-check
+        slot is taken, the attempt also counts against this pending request, and a request that
+        has used its attempts ends."""
+        limit = self.settings.login.max_failures_per_request
+        attempt = 0
 
-        def refused(reason: str, kind: str = "login.failed", **detail) -> None:
-            server.refusals.record(
-                kind, address=address, reason=reason, client_id=client.client_id, **detail
+        async def count_attempt() -> None:
+            nonlocal attempt
+            counted = await run_in_threadpool(
+                self.store.use_login_attempt, pending.request_id, limit
             )
-
-        if not (username and password):
-            await run_in_threadpool(refused, "incomplete")
-            return self._login_page(
-                pending, client, "Enter your username and password.", 401, username
-            )
-        throttle = server.login_throttle
-        wait = await run_in_threadpool(throttle.begin, username, address)
-        if wait is not None:
-            await run_in_threadpool(
-                functools.partial(refused, wait.counter, "login.throttled", username=username)
-            )
-            whose = "for this username" if wait.counter == "user" else "from your network"
-            response = self._login_page(
-                pending,
-                client,
-                f"Too many failed sign-ins {whose}. Try again in {wait.seconds} seconds.",
-                429,
-                username,
-            )
-            response.headers["Retry-After"] = str(wait.seconds)
-            return response
-        if not server.password_checks.take():
-            await run_in_threadpool(throttle.take_back, username, address)
-            await run_in_threadpool(refused, "busy", "login.throttled")
-            response = self._login_page(
-                pending, client, "The server is busy. Try again in a moment.", 503, username
-            )
-            response.headers["Retry-After"] = "1"
-            return response
-        try:
-            attempt = await run_in_threadpool(
-                self.store.use_login_attempt, pending.request_id, settings.max_failures_per_request
-            )
-            if attempt is None:
-                await run_in_threadpool(throttle.take_back, username, address)
+            if counted is None:
                 raise _PageError(
                     "access_denied",
                     "too many failed sign-ins for this request; return to the application"
                     " and start again",
                     403,
                 )
-            # Argon2 takes a while on purpose: keep it off the event loop.
-            if await run_in_threadpool(check_password, self.store, username, password):
-                await run_in_threadpool(throttle.succeeded, username, address)
-                return None
-        finally:
-            server.password_checks.give_back()
-        await run_in_threadpool(self._login_failed, address, client, username)
-        if attempt >= settings.max_failures_per_request:
+            attempt = counted
+
+        refusal = await check_login(
+            self.server,
+            client_address(request),
+            username,
+            password,
+            client_id=client.client_id,
+            before_hash=count_attempt,
+        )
+        if refusal is None:
+            return None
+        if refusal.status == 401 and attempt >= limit:
             await run_in_threadpool(self.store.finish_pending, pending.request_id)
             raise _PageError(
                 "access_denied",
@@ -305,22 +276,10 @@ class AuthorizationEndpoint:
                 " and start again",
                 403,
             )
-        return self._login_page(pending, client, "Wrong username or password.", 401, username)
-
-    def _login_failed(self, address: str | None, client: Client, username: str) -> None:
-        """Audit the failure (`LoginThrottle.begin` counted it): one for an existing user is a
-        row of its own (the throttle bounds how many), one for a name that does not exist is
-        aggregated."""
-        server = self.server
-        if self.store.user_password_hash(username) is not None:
-            server.audit.record(
-                "login.failed", subject=username, client_id=client.client_id, address=address
-            )
-        else:
-            server.refusals.record(
-                "login.failed", address=address, reason="unknown_user", client_id=client.client_id
-            )
-        server.housekeeping()
+        response = self._login_page(pending, client, refusal.message, refusal.status, username)
+        if refusal.retry_after is not None:
+            response.headers["Retry-After"] = str(refusal.retry_after)
+        return response
 
     # POST /authorize/consent
 
@@ -538,12 +497,4 @@ class AuthorizationEndpoint:
         )
 
     def _set_cookie(self, response: Response, name: str, value: str, seconds: int) -> None:
-        response.set_cookie(
-            name,
-            value,
-            max_age=seconds,
-            path=self.cookie_path,
-            secure=self.secure_cookies,
-            httponly=True,
-            samesite="lax",
-        )
+        set_cookie(response, self.settings, name, value, seconds)

@@ -13,6 +13,7 @@ import time
 from datetime import UTC, datetime
 
 from bastion.db import Database
+from bastion.oauth.ciba import CIBA_GRANT_TYPE
 from bastion.oauth.errors import OAuthError
 from bastion.oauth.settings import OAuthSettings, SettingsError
 from bastion.oauth.store import OAuthStore
@@ -226,9 +227,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--grant-type",
         action="append",
-        choices=["authorization_code", "refresh_token", "client_credentials"],
+        choices=["authorization_code", "refresh_token", "client_credentials", CIBA_GRANT_TYPE],
         help="repeat for several (default: authorization_code + refresh_token; with"
-        " --confidential and no --redirect-uri, client_credentials)",
+        f" --confidential and no --redirect-uri, client_credentials; {CIBA_GRANT_TYPE}, the"
+        " backchannel requests of OpenID CIBA, needs --confidential)",
     )
     p.add_argument("--confidential", action="store_true", help="give the client a secret")
     p.add_argument("--scope", help="space-separated scopes the client may receive")

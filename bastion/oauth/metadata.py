@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from bastion.oauth import ciba
 from bastion.oauth.registration import AUTH_METHODS, GRANT_TYPES
 from bastion.oauth.settings import OAuthSettings
 
@@ -37,6 +38,7 @@ def authorization_server_metadata(settings: OAuthSettings) -> dict[str, Any]:
         "code_challenge_methods_supported": ["S256"],
         "authorization_response_iss_parameter_supported": True,
         "client_id_metadata_document_supported": settings.client_metadata.enabled,
+        **ciba.metadata_fields(settings.endpoint),
     }
     if settings.registration != "closed":
         metadata["registration_endpoint"] = settings.endpoint("register")

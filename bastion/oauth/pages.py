@@ -1,4 +1,6 @@
-"""The pages a person sees during authorization: login, consent and errors.
+"""The pages a person sees at bastion: login, consent, the answer to a backchannel (OpenID CIBA)
+request and errors during authorization, and the sign-in of bastion's own pages (`page` is the
+frame every page of bastion uses, approvals too).
 
 Server-rendered HTML with every value escaped, no scripts, and headers that forbid framing
 (clickjacking, RFC 9700 §4.16), caching and referrer leaks. A client's name is only vouched for
@@ -34,14 +36,24 @@ _STYLE = (
     ".unverified{border:2px solid #b45309;background:#fff7ed;padding:0 .75rem;margin:1rem 0}"
     ".host{font-family:monospace;font-size:1.15em}.verified{color:#166534}"
     "details{margin-top:1.5rem;color:#555}"
+    # Pages that show data (approvals): wider, with tables and JSON blocks.
+    "body.wide{max-width:52rem}pre{overflow:auto;background:#f4f4f5;padding:.75rem;"
+    "white-space:pre-wrap;overflow-wrap:anywhere}table{border-collapse:collapse;width:100%}"
+    "th,td{text-align:left;vertical-align:top;padding:.3rem .5rem;border-bottom:1px solid #ddd}"
+    "fieldset{margin:1rem 0;border:1px solid #ccc}.note{color:#555}"
+    "input[type=radio]{width:auto}input[type=number]{width:6rem;display:inline-block}"
+    "label.inline{display:inline}"
 )
 
 
-def _page(title: str, body: str, status: int = 200) -> HTMLResponse:
+def page(title: str, body: str, status: int = 200, *, wide: bool = False) -> HTMLResponse:
+    """A whole page of bastion: ``body`` must be escaped HTML already; ``title`` is escaped
+    here. Every page carries `SECURITY_HEADERS`."""
     html = (
         "<!doctype html><html lang=en><head><meta charset=utf-8>"
         f"<meta name=viewport content='width=device-width'><title>{escape(title)}</title>"
-        f"<style>{_STYLE}</style></head><body><h1>{escape(title)}</h1>{body}</body></html>"
+        f"<style>{_STYLE}</style></head><body{' class=wide' if wide else ''}>"
+        f"<h1>{escape(title)}</h1>{body}</body></html>"
     )
     return HTMLResponse(html, status_code=status, headers=SECURITY_HEADERS)
 
@@ -133,7 +145,7 @@ def login_page(
         "<input id=password name=password type=password autocomplete=current-password required>"
         "<button type=submit>Sign in</button></form>"
     )
-    return _page("Sign in to bastion", body, status)
+    return page("Sign in to bastion", body, status)
 
 
 @dataclass(frozen=True)
@@ -177,7 +189,73 @@ def consent_page(
         "<button type=submit name=decision value=deny>Deny</button></form>"
         f"{_technical(client)}"
     )
-    return _page("Allow access?", body)
+    return page("Allow access?", body)
+
+
+def backchannel_request_page(
+    *,
+    action: str,
+    csrf_token: str,
+    username: str,
+    client_name: str,
+    client_verified: bool,
+    binding_message: str | None,
+    resource_name: str,
+    resource_uri: str,
+    scopes: Iterable[ScopeShown],
+    expires_in_minutes: int,
+) -> HTMLResponse:
+    """An OpenID CIBA request waiting for the person's answer: who asks, for what, and the
+    message that binds it to what the application shows on its side."""
+    name = escape(client_name)
+    if client_verified:
+        who = (
+            f"<p><strong>{name}</strong> <span class=verified>registered by your"
+            " administrator</span> asks to act for you.</p>"
+        )
+    else:
+        who = (
+            "<div class=unverified role=note><p><strong>Unverified application.</strong> Its"
+            f" name, &ldquo;{name}&rdquo;, is whatever it registered for itself.</p></div>"
+            "<p>It asks to act for you.</p>"
+        )
+    message = (
+        "<p>It shows this message on its side; approve only if it is the one you see there:</p>"
+        f"<blockquote class=binding><strong>{escape(binding_message)}</strong></blockquote>"
+        if binding_message
+        else "<p>It gave no message to compare with what it shows you.</p>"
+    )
+    items = (
+        "".join(
+            f"<li>{escape(s.description)} <code class=scope>{escape(s.scope)}</code></li>"
+            if s.description
+            else f"<li><code class=scope>{escape(s.scope)}</code></li>"
+            for s in scopes
+        )
+        or "<li>(no scopes)</li>"
+    )
+    if resource_name:
+        resource = f"<strong>{escape(resource_name)}</strong> (<code>{escape(resource_uri)}</code>)"
+    else:
+        resource = f"<code>{escape(resource_uri)}</code>"
+    body = (
+        f"<p>Signed in as <strong>{escape(username)}</strong>.</p>{who}{message}"
+        f"<p>It wants access to {resource} to:</p><ul>{items}</ul>"
+        f"<p>This request expires in about {expires_in_minutes} minute(s).</p>"
+        f"<form method=post action='{escape(action, quote=True)}'>"
+        f"<input type=hidden name=csrf_token value='{escape(csrf_token, quote=True)}'>"
+        "<button type=submit name=decision value=approve>Approve</button>"
+        "<button type=submit name=decision value=deny>Deny</button></form>"
+    )
+    return page("Approve access?", body)
+
+
+def message_page(
+    title: str, message: str, status: int = 200, link: tuple[str, str] | None = None
+) -> HTMLResponse:
+    """A page that only tells the person something, with an optional ``(href, text)`` link."""
+    go_on = f"<p><a href='{escape(link[0], quote=True)}'>{escape(link[1])}</a></p>" if link else ""
+    return page(title, f"<p role=status>{escape(message)}</p>{go_on}", status)
 
 
 def error_page(error: str, description: str, status: int = 400) -> HTMLResponse:
@@ -185,4 +263,30 @@ def error_page(error: str, description: str, status: int = 400) -> HTMLResponse:
         f"<p class=error role=alert><code>{escape(error)}</code>: {escape(description)}</p>"
         "<p>Return to the application and start again.</p>"
     )
-    return _page("Authorization failed", body, status)
+    return page("Authorization failed", body, status)
+
+
+def sign_in_page(
+    *,
+    action: str,
+    next_path: str,
+    csrf_token: str,
+    error: str | None = None,
+    status: int = 200,
+    username: str = "",
+) -> HTMLResponse:
+    """The sign-in of bastion's own pages (no application asks): back to ``next_path`` after."""
+    problem = f"<p class=error role=alert>{escape(error)}</p>" if error else ""
+    name = f" value='{escape(username, quote=True)}'" if username else ""
+    body = (
+        f"<p>Sign in to continue to <code>{escape(next_path)}</code>.</p>{problem}"
+        f"<form method=post action='{escape(action, quote=True)}'>"
+        f"<input type=hidden name=next value='{escape(next_path, quote=True)}'>"
+        f"<input type=hidden name=csrf_token value='{escape(csrf_token, quote=True)}'>"
+        "<label for=username>Username</label>"
+        f"<input id=username name=username autocomplete=username required autofocus{name}>"
+        "<label for=password>Password</label>"
+        "<input id=password name=password type=password autocomplete=current-password required>"
+        "<button type=submit>Sign in</button></form>"
+    )
+    return page("Sign in to bastion", body, status)

@@ -19,13 +19,14 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from bastion import untrusted_json
+from bastion.oauth.ciba import CIBA_GRANT_TYPE
 from bastion.oauth.errors import InvalidClientMetadata, InvalidRedirectUri, OAuthError
 from bastion.oauth.redirect_uris import redirect_uri_problem
 from bastion.oauth.settings import OAuthSettings, OpenRegistrationSettings
 from bastion.oauth.store import Client, OpenRegistrationRefusal, digest, new_secret
 
 AUTH_METHODS = ("none", "client_secret_basic", "client_secret_post")
-GRANT_TYPES = ("authorization_code", "refresh_token", "client_credentials")
+GRANT_TYPES = ("authorization_code", "refresh_token", "client_credentials", CIBA_GRANT_TYPE)
 MAX_REDIRECT_URIS = 10
 _DESCRIPTIVE = (
     "client_uri",
@@ -59,6 +60,8 @@ class Registration:
         }
         if client.scope is not None:
             body["scope"] = client.scope
+        if CIBA_GRANT_TYPE in client.grant_types:
+            body["backchannel_token_delivery_mode"] = "poll"
         if self.client_secret is not None:
             body["client_secret"] = self.client_secret
             body["client_secret_expires_at"] = 0
@@ -104,8 +107,23 @@ def validate_client_metadata(
         raise InvalidClientMetadata(
             "client_credentials needs a confidential client (a client secret)"
         )
-    if "refresh_token" in grant_types and "authorization_code" not in grant_types:
-        raise InvalidClientMetadata("refresh_token is only issued with authorization_code")
+    if CIBA_GRANT_TYPE in grant_types and method == "none":
+        raise InvalidClientMetadata(
+            f"{CIBA_GRANT_TYPE} needs a confidential client (a client secret): CIBA requires"
+            " client authentication"
+        )
+    mode = metadata.get("backchannel_token_delivery_mode")
+    if mode is not None and (mode != "poll" or CIBA_GRANT_TYPE not in grant_types):
+        raise InvalidClientMetadata(
+            f"backchannel_token_delivery_mode {mode!r} is not supported: only 'poll', and only"
+            f" with the {CIBA_GRANT_TYPE} grant"
+        )
+    if "refresh_token" in grant_types and not {"authorization_code", CIBA_GRANT_TYPE} & set(
+        grant_types
+    ):
+        raise InvalidClientMetadata(
+            f"refresh_token is only issued with authorization_code or {CIBA_GRANT_TYPE}"
+        )
     response_types = metadata.get(
         "response_types", ["code"] if "authorization_code" in grant_types else []
     )

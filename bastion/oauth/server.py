@@ -20,12 +20,15 @@ from bastion.audit.refusals import RefusalLog
 from bastion.db import Database, DatabaseUnavailable
 from bastion.oauth import introspection, registration, revocation
 from bastion.oauth.authorize import AuthorizationEndpoint
+from bastion.oauth.ciba import POLLING_ERRORS, BackchannelAuthentication
 from bastion.oauth.client_auth import authenticate_client
 from bastion.oauth.client_metadata_document import ClientMetadataDocuments, is_client_id_url
+from bastion.oauth.csrf import FormTokens
 from bastion.oauth.errors import InvalidRequest, OAuthError
-from bastion.oauth.keys import KeyRing
+from bastion.oauth.keys import KeyRing, deployment_secret
 from bastion.oauth.metadata import authorization_server_metadata, metadata_path
 from bastion.oauth.settings import OAuthSettings
+from bastion.oauth.sign_in import SignInEndpoint
 from bastion.oauth.store import Client, OAuthStore
 from bastion.oauth.throttle import (
     LoginThrottle,
@@ -36,6 +39,7 @@ from bastion.oauth.throttle import (
 from bastion.oauth.tokens import TokenEndpoint
 from bastion.oauth.verifier import TokenVerifier
 
+FORM_TOKEN_KEY = "form-tokens.key"
 _NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}
 
 
@@ -109,8 +113,16 @@ class AuthorizationServer:
         self.login_throttle = LoginThrottle(self.store, settings.login, clock)
         self.password_checks = PasswordCheckSlots(settings.login.max_concurrent_password_checks)
         self.documents = ClientMetadataDocuments(settings.client_metadata, clock)
+        # The CSRF tokens of forms no stored request holds a token for (sign-in, approvals),
+        # under a secret of the deployment made on first use.
+        self.form_tokens = FormTokens(
+            lambda: deployment_secret(settings.key_dir, FORM_TOKEN_KEY), clock
+        )
         self._authorization = AuthorizationEndpoint(self)
+        self._sign_in = SignInEndpoint(self)
         self._tokens = TokenEndpoint(self)
+        # OpenID CIBA: `pending_for(username)` lists what waits for a person's answer.
+        self.ciba = BackchannelAuthentication(self)
         self._last_housekeeping = 0.0
 
     async def find_client(self, client_id: str, address: str | None = None) -> Client | None:
@@ -163,7 +175,11 @@ class AuthorizationServer:
             Route(f"{prefix}/authorize", self._authorization.authorize, methods=["GET"]),
             Route(f"{prefix}/authorize/login", self._authorization.login, methods=["POST"]),
             Route(f"{prefix}/authorize/consent", self._authorization.consent, methods=["POST"]),
+            Route(f"{prefix}/sign-in", self._sign_in.page, methods=["GET"]),
+            Route(f"{prefix}/sign-in", self._sign_in.submit, methods=["POST"]),
             Route(f"{prefix}/token", self._token, methods=["POST"]),
+            Route(f"{prefix}/bc-authorize", self._backchannel_authorize, methods=["POST"]),
+            Route(f"{prefix}/bc-approve/{{request_id}}", self.ciba.page, methods=["GET", "POST"]),
             Route(f"{prefix}/revoke", self._revoke, methods=["POST"]),
             Route(f"{prefix}/introspect", self._introspect, methods=["POST"]),
         ]
@@ -262,12 +278,40 @@ class AuthorizationServer:
             body = await run_in_threadpool(self._tokens.exchange, client, form)
             await run_in_threadpool(self.housekeeping)
         except OAuthError as error:
-            await run_in_threadpool(self._token_refused, request, form, client, error)
+            if error.error not in POLLING_ERRORS:
+                await run_in_threadpool(self._token_refused, request, form, client, error)
+            return error_response(error)
+        return json_response(body)
+
+    async def _backchannel_authorize(self, request: Request) -> Response:
+        """OpenID CIBA §7: a client asks for a person's approval (`bastion.oauth.ciba`)."""
+        form: dict[str, str] = {}
+        client: Client | None = None
+        try:
+            form = await _form(request)
+            client = await authenticate_client(
+                request.headers.get("authorization"),
+                form,
+                functools.partial(self.find_client, address=client_address(request)),
+            )
+            body = await run_in_threadpool(self.ciba.request, client, form)
+            await run_in_threadpool(self.housekeeping)
+        except OAuthError as error:
+            await run_in_threadpool(
+                functools.partial(
+                    self._token_refused, request, form, client, error, kind="ciba.refused"
+                )
+            )
             return error_response(error)
         return json_response(body)
 
     def _token_refused(
-        self, request: Request, form: dict[str, str], client: Client | None, error: OAuthError
+        self,
+        request: Request,
+        form: dict[str, str],
+        client: Client | None,
+        error: OAuthError,
+        kind: str = "token.refused",
     ) -> None:
         """A confidential client that proved its secret keeps a row per refusal; any other
         request (no client, a wrong secret, a public client anyone can name) is aggregated."""
@@ -278,14 +322,14 @@ class AuthorizationServer:
         }
         if client is not None and not client.is_public:
             self.audit.record(
-                "token.refused",
+                kind,
                 client_id=client.client_id,
                 address=client_address(request),
                 **detail,
             )
             return
         self.refusals.record(
-            "token.refused",
+            kind,
             address=client_address(request),
             reason=error.error,
             client_id=client.client_id if client is not None else None,

@@ -90,6 +90,25 @@ class RefusalAuditSettings:
 
 
 @dataclass(frozen=True)
+class BackchannelSettings:
+    """OpenID CIBA in poll mode (``[oauth.ciba]``; `bastion/oauth/ciba.py`)."""
+
+    # How long an auth_req_id waits for the person (its expires_in), unless the client asks
+    # for less or more with requested_expiry, which may not exceed max_request_seconds.
+    request_seconds: int = 300
+    max_request_seconds: int = 1800
+    # The least time between two polls of the token endpoint; each poll that comes sooner
+    # answers slow_down and adds 5 s to it for that request (CIBA Core 1.0 §11).
+    interval_seconds: int = 5
+    # The binding_message the person sees on the page and the agent shows on its side.
+    max_binding_message_chars: int = 100
+    # What a person approved lasts this long: refresh tokens end with it.
+    grant_seconds: int = 3600
+    # Requests one client may have waiting for an answer at once.
+    max_pending_per_client: int = 20
+
+
+@dataclass(frozen=True)
 class OAuthSettings:
     issuer: str
     resources: tuple[ProtectedResource, ...]
@@ -107,6 +126,7 @@ class OAuthSettings:
     login: LoginSettings = field(default_factory=LoginSettings)
     open_registration: OpenRegistrationSettings = field(default_factory=OpenRegistrationSettings)
     refusal_audit: RefusalAuditSettings = field(default_factory=RefusalAuditSettings)
+    ciba: BackchannelSettings = field(default_factory=BackchannelSettings)
 
     @property
     def issuer_path(self) -> str:
@@ -148,6 +168,7 @@ class OAuthSettings:
             "login",
             "open_registration",
             "refusal_audit",
+            "ciba",
         }
         unknown = sorted(set(table) - known)
         if unknown:
@@ -196,6 +217,18 @@ class OAuthSettings:
             numbers[key] = value
         if numbers["access_token_seconds"] == 0 or numbers["code_seconds"] == 0:
             raise SettingsError("oauth.access_token_seconds and oauth.code_seconds must be > 0")
+        ciba = _limits("ciba", table.get("ciba", {}), BackchannelSettings)
+        if ciba.request_seconds > ciba.max_request_seconds:
+            raise SettingsError(
+                f"oauth.ciba.request_seconds ({ciba.request_seconds}) may not exceed"
+                f" oauth.ciba.max_request_seconds ({ciba.max_request_seconds})"
+            )
+        if ciba.grant_seconds < numbers["access_token_seconds"]:
+            raise SettingsError(
+                f"oauth.ciba.grant_seconds ({ciba.grant_seconds}) may not be shorter than"
+                f" oauth.access_token_seconds ({numbers['access_token_seconds']}): an access token"
+                " would outlive what the person approved"
+            )
         return cls(
             issuer=issuer,
             resources=resources,
@@ -210,6 +243,7 @@ class OAuthSettings:
             refusal_audit=_limits(
                 "refusal_audit", table.get("refusal_audit", {}), RefusalAuditSettings
             ),
+            ciba=ciba,
             **numbers,
         )
 

@@ -1,7 +1,8 @@
 """Persistent state of the authorization server: clients, users, consents, pending authorization
-requests, login sessions, codes, grants, refresh tokens, issued access tokens and signing keys.
+requests, backchannel (CIBA) requests, login sessions, codes, grants, refresh tokens, issued
+access tokens and signing keys.
 
-Secrets (codes, refresh tokens, session ids, client secrets) are stored only as SHA-256 digests:
+Secrets (codes, refresh tokens, session ids, client secrets, CIBA auth_req_ids) are stored only as SHA-256 digests:
 they are high-entropy random strings, so a digest is enough and a database leak reveals none.
 Every revocation of an access token or a grant is announced, in its transaction, on
 `REVOCATIONS_CHANNEL` (PostgreSQL NOTIFY) and, once committed, to this process's subscribers.
@@ -130,6 +131,28 @@ _MIGRATIONS = [
         ON oauth_open_registrations (address, registered_at);
     CREATE INDEX oauth_grants_client ON oauth_grants (client_id);
     """,
+    # OpenID CIBA (poll mode): requests a client made for a person, waiting for their answer.
+    """
+    CREATE TABLE oauth_backchannel_requests (
+        auth_req_digest TEXT PRIMARY KEY,
+        request_id TEXT NOT NULL UNIQUE,
+        client_id TEXT NOT NULL,
+        username TEXT NOT NULL,
+        resource TEXT NOT NULL,
+        scope TEXT NOT NULL,
+        binding_message TEXT,
+        created_at DOUBLE PRECISION NOT NULL,
+        expires_at DOUBLE PRECISION NOT NULL,
+        interval_seconds INTEGER NOT NULL,
+        last_polled_at DOUBLE PRECISION NOT NULL,
+        status TEXT NOT NULL,
+        answered_at DOUBLE PRECISION,
+        grant_id TEXT
+    );
+    CREATE INDEX oauth_backchannel_requests_user ON oauth_backchannel_requests (username, status);
+    CREATE INDEX oauth_backchannel_requests_client
+        ON oauth_backchannel_requests (client_id, status);
+    """,
 ]
 
 
@@ -189,6 +212,27 @@ class PendingAuthorization:
 
 
 @dataclass(frozen=True)
+class BackchannelRequest:
+    """A CIBA request a client made for a person (OpenID CIBA Core 1.0 §7): what it asks for,
+    and where it stands. ``status`` is "pending", "approved", "denied" or "issued" (its token
+    was delivered: the auth_req_id is spent). ``request_id`` names it on the person's page; the
+    auth_req_id, the client's secret, is kept only as a digest."""
+
+    request_id: str
+    client_id: str
+    username: str
+    resource: str
+    scope: str
+    binding_message: str | None
+    created_at: float
+    expires_at: float
+    interval_seconds: int
+    status: str
+    answered_at: float | None
+    grant_id: str | None
+
+
+@dataclass(frozen=True)
 class Grant:
     """One authorization a person (or a client acting as itself) gave: the root every code,
     refresh token and access token hangs from, so revoking it revokes them all."""
@@ -206,6 +250,10 @@ class Grant:
 _CLIENT_COLUMNS = (
     "client_id, client_name, redirect_uris, grant_types, token_endpoint_auth_method, scope,"
     " source, may_introspect, metadata, created_at, revoked_at, secret_digest"
+)
+_BACKCHANNEL_COLUMNS = (
+    "request_id, client_id, username, resource, scope, binding_message, created_at, expires_at,"
+    " interval_seconds, status, answered_at, grant_id"
 )
 _GRANT_COLUMNS = (
     "grant_id, client_id, username, resource, scope, created_at, expires_at, revoked_at"
@@ -546,6 +594,123 @@ class OAuthStore:
         )
         return rows[0][0] if rows else None
 
+    # backchannel (CIBA) requests
+
+    def save_backchannel_request(
+        self, request: BackchannelRequest, auth_req_id: str, most_pending: int, now: float
+    ) -> bool:
+        """Keep a new request, unless its client has ``most_pending`` requests waiting for an
+        answer already (then save nothing and return False)."""
+        with self.db.transaction():
+            if self.db.is_postgres:
+                # Counted and inserted as one step, whatever the isolation level.
+                self.db.execute(
+                    "SELECT pg_advisory_xact_lock(hashtext(?))",
+                    (f"bastion:backchannel:{request.client_id}",),
+                )
+            (waiting,) = self.db.execute(
+                "SELECT COUNT(*) FROM oauth_backchannel_requests"
+                " WHERE client_id = ? AND status = 'pending' AND expires_at > ?",
+                (request.client_id, now),
+            )[0]
+            if waiting >= most_pending:
+                return False
+            self.db.execute(
+                "INSERT INTO oauth_backchannel_requests (auth_req_digest, last_polled_at,"
+                f" {_BACKCHANNEL_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    digest(auth_req_id),
+                    request.created_at,
+                    request.request_id,
+                    request.client_id,
+                    request.username,
+                    request.resource,
+                    request.scope,
+                    request.binding_message,
+                    request.created_at,
+                    request.expires_at,
+                    request.interval_seconds,
+                    request.status,
+                    request.answered_at,
+                    request.grant_id,
+                ),
+            )
+            return True
+
+    def backchannel_request(self, auth_req_id: str) -> BackchannelRequest | None:
+        """The request an auth_req_id names, if it is still kept."""
+        rows = self.db.execute(
+            f"SELECT {_BACKCHANNEL_COLUMNS} FROM oauth_backchannel_requests"
+            " WHERE auth_req_digest = ?",
+            (digest(auth_req_id),),
+        )
+        return BackchannelRequest(*rows[0]) if rows else None
+
+    def backchannel_request_by_id(self, request_id: str) -> BackchannelRequest | None:
+        """The request shown on the page ``request_id`` names."""
+        rows = self.db.execute(
+            f"SELECT {_BACKCHANNEL_COLUMNS} FROM oauth_backchannel_requests WHERE request_id = ?",
+            (request_id,),
+        )
+        return BackchannelRequest(*rows[0]) if rows else None
+
+    def pending_backchannel_requests(self, username: str, now: float) -> list[BackchannelRequest]:
+        """The requests waiting for ``username``'s answer, oldest first."""
+        rows = self.db.execute(
+            f"SELECT {_BACKCHANNEL_COLUMNS} FROM oauth_backchannel_requests"
+            " WHERE username = ? AND status = 'pending' AND expires_at > ?"
+            " ORDER BY created_at, request_id",
+            (username, now),
+        )
+        return [BackchannelRequest(*row) for row in rows]
+
+    def poll_backchannel_request(self, auth_req_id: str, now: float, step: int) -> int | None:
+        """Count one poll of the token endpoint. None when it came at least the request's
+        interval after the previous one (or its creation); else the interval, raised by
+        ``step`` seconds for this and every later poll (the client polled too fast)."""
+        with self.db.transaction():
+            rows = self.db.execute(
+                "UPDATE oauth_backchannel_requests SET last_polled_at = ?"
+                " WHERE auth_req_digest = ? AND last_polled_at + interval_seconds <= ?"
+                " RETURNING interval_seconds",
+                (now, digest(auth_req_id), now),
+            )
+            if rows:
+                return None
+            rows = self.db.execute(
+                "UPDATE oauth_backchannel_requests SET last_polled_at = ?,"
+                " interval_seconds = interval_seconds + ? WHERE auth_req_digest = ?"
+                " RETURNING interval_seconds",
+                (now, step, digest(auth_req_id)),
+            )
+            return rows[0][0] if rows else None
+
+    def answer_backchannel_request(
+        self, request_id: str, username: str, status: str, now: float
+    ) -> bool:
+        """Record the person's answer ("approved" or "denied"); False unless the request is
+        theirs, still pending and not expired (exactly one answer ever counts)."""
+        rows = self.db.execute(
+            "UPDATE oauth_backchannel_requests SET status = ?, answered_at = ?"
+            " WHERE request_id = ? AND username = ? AND status = 'pending' AND expires_at > ?"
+            " RETURNING request_id",
+            (status, now, request_id, username, now),
+        )
+        return bool(rows)
+
+    def spend_backchannel_request(
+        self, auth_req_id: str, client_id: str, grant_id: str, now: float
+    ) -> bool:
+        """Mark an approved request's token delivered, under ``grant_id``; exactly one caller
+        ever gets True for a given auth_req_id."""
+        rows = self.db.execute(
+            "UPDATE oauth_backchannel_requests SET status = 'issued', grant_id = ?"
+            " WHERE auth_req_digest = ? AND client_id = ? AND status = 'approved'"
+            " AND expires_at > ? RETURNING request_id",
+            (grant_id, digest(auth_req_id), client_id, now),
+        )
+        return bool(rows)
+
     # grants, codes, refresh and access tokens
 
     def create_grant(self, grant: Grant) -> None:
@@ -675,6 +840,9 @@ class OAuthStore:
         with self.db.transaction():
             self.db.execute("DELETE FROM oauth_pending_authorizations WHERE expires_at < ?", (now,))
             self.db.execute("DELETE FROM oauth_sessions WHERE expires_at < ?", (now,))
+            self.db.execute(
+                "DELETE FROM oauth_backchannel_requests WHERE expires_at < ?", (cutoff,)
+            )
             self.db.execute("DELETE FROM oauth_codes WHERE expires_at < ?", (cutoff,))
             self.db.execute("DELETE FROM oauth_refresh_tokens WHERE expires_at < ?", (cutoff,))
             self.db.execute("DELETE FROM oauth_access_tokens WHERE expires_at < ?", (cutoff,))

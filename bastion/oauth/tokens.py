@@ -1,6 +1,7 @@
 """The token endpoint (RFC 6749 §3.2 as profiled by OAuth 2.1): the ``authorization_code`` grant
 with PKCE (§4.1.3), ``refresh_token`` with rotation on every use (§6, RFC 9700 §4.14.2) and
-``client_credentials`` (§4.4) for an agent acting as itself.
+``client_credentials`` (§4.4) for an agent acting as itself; the OpenID CIBA grant is answered by
+`bastion.oauth.ciba`.
 
 A code is single use: a second use revokes the grant the first one started. A refresh token is
 single use: presenting a rotated one revokes the whole grant (it was stolen, or the client is
@@ -15,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from bastion.oauth import pkce
 from bastion.oauth.access_token import mint_access_token
+from bastion.oauth.ciba import CIBA_GRANT_TYPE
 from bastion.oauth.errors import (
     InvalidGrant,
     InvalidRequest,
@@ -46,6 +48,7 @@ class TokenEndpoint:
             "authorization_code": self._authorization_code,
             "refresh_token": self._refresh_token,
             "client_credentials": self._client_credentials,
+            CIBA_GRANT_TYPE: self._ciba,
         }.get(grant_type)
         if handler is None:
             raise UnsupportedGrantType(f"grant_type {grant_type!r} is not supported")
@@ -202,6 +205,10 @@ class TokenEndpoint:
             scope=grant.scope,
         )
         return response
+
+    def _ciba(self, client: Client, form: Mapping[str, str]) -> dict[str, Any]:
+        """OpenID CIBA poll mode: the rules are in `bastion.oauth.ciba`, the tokens are ours."""
+        return self.server.ciba.exchange(client, form, self._issue)
 
     def _check_resource(self, form: Mapping[str, str], grant: Grant) -> None:
         resource = form.get("resource")

@@ -491,3 +491,27 @@ def _explain(interp: _Interpreter, program: Program, query: tuple, allowed: bool
     else:
         steps.append(interp.why_not("allow", query, 0, [MAX_FAILED_PATHS]))
     return Explanation(allowed, text, steps, interp.reads)
+
+
+def prove(
+    program: Program,
+    index: FactIndex,
+    name: str,
+    args: tuple,
+    context: dict | None,
+    limits: PolicyLimits = DEFAULT_LIMITS,
+) -> Explanation:
+    """Why ``name(*args)`` holds (an obligation such as ``requires_approval``): its first proof,
+    or a refusal with no steps. Spends the explanation budget as `explain` does."""
+    interp = _Interpreter(program, index, context, limits)
+    text = _goal(name, args)
+    try:
+        try:
+            proofs = interp.solve(name, args, 0)
+        except RecursionError:
+            stack_exhausted(interp.q)
+    except EvaluationLimit as limit:
+        step = Step(text, False, "limit", reason=f"the explanation stopped: {limit}")
+        return Explanation(False, text, [step], interp.reads, limit=limit.limit)
+    steps = [proofs[0][1]] if proofs else []
+    return Explanation(bool(proofs), text, steps, interp.reads)

@@ -129,10 +129,27 @@ def body_limits(config: ServerConfig, oauth, gateway) -> BodyLimits:
         def oauth_refusal(status: int, detail: str) -> tuple[str, bytes]:
             return "application/json", json.dumps(InvalidRequest(detail).as_dict()).encode()
 
+        # A path with a parameter (/bc-approve/{request_id}) is limited below its fixed part.
         limits += [
             BodyLimit(config.max_oauth_body_bytes, "max_oauth_body_bytes", oauth_refusal, path=p)
+            if "{" not in p
+            else BodyLimit(
+                config.max_oauth_body_bytes,
+                "max_oauth_body_bytes",
+                oauth_refusal,
+                prefix=p.split("{", 1)[0],
+            )
             for p in sorted(oauth_paths(oauth))
         ]
+        # The approval pages' answers (bastion.approvals.pages) are forms of the same family.
+        limits.append(
+            BodyLimit(
+                config.max_oauth_body_bytes,
+                "max_oauth_body_bytes",
+                oauth_refusal,
+                prefix=f"{oauth.settings.issuer_path}/approvals/",
+            )
+        )
     if gateway is not None:
         from bastion.gateway.jsonrpc import INVALID_REQUEST, RpcError
 
@@ -215,6 +232,13 @@ def _approvals(config: ServerConfig, oauth, replica: Replica):
     )
 
 
+def _approval_pages(approvals, oauth) -> list[BaseRoute]:
+    """The approvers' pages, under the issuer (where `Approvals.url` points)."""
+    from bastion.approvals.pages import ApprovalPages
+
+    return list(ApprovalPages(approvals, oauth).routes())
+
+
 def create_app(config: ServerConfig) -> Starlette:
     """The whole server for one configuration. State is opened by the lifespan."""
     # Writes and key checks use this connection; the replica reads the log on its own.
@@ -245,18 +269,29 @@ def create_app(config: ServerConfig) -> Starlette:
         await replica.start()
         if gateway is not None:
             await gateway.start()
+        if approvals is not None and approvals.webhooks is not None:
+            await approvals.webhooks.start()
         retention = asyncio.create_task(prune_forever(db, config.audit_retention_days))
+        sweep = (
+            asyncio.create_task(approvals.drop_expired_results_forever())
+            if approvals is not None
+            else None
+        )
         try:
             yield
         finally:
-            retention.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await retention
+            for task in (retention, sweep):
+                if task is not None:
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
             if gateway is not None:
                 await gateway.close()
             if oauth is not None:
                 await anyio.to_thread.run_sync(oauth.close)
             if approvals is not None:
+                if approvals.webhooks is not None:
+                    await approvals.webhooks.close()
                 await anyio.to_thread.run_sync(approvals.store.db.close)
             await replica.stop()
             await anyio.to_thread.run_sync(db.close)
@@ -268,6 +303,7 @@ def create_app(config: ServerConfig) -> Starlette:
         Route("/v1/openapi.json", openapi, methods=["GET"]),
         *api.routes(),
         *(oauth.routes() if oauth is not None else []),
+        *(_approval_pages(approvals, oauth) if approvals is not None else []),
     ]
     routes = one_route_per_path(routes)
     # First, so that every body is capped while it is read, whichever route it is for.

@@ -6,6 +6,10 @@
 The SDK finds bastion's authorization server from the 401 challenge, registers itself, and opens
 the login page in your browser (or prints its address). Log in with the user's name and the
 password ``quickstart-password``, allow, then paste the address your browser was sent to.
+
+A call that waits for a person (docs/approvals.md) opens the approval page: answer there (as the
+user it names: yourself for a confirmation, avery for sam's email out of hours or for a review),
+then press Enter, and the call is decided again.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import anyio
 import httpx2
+from mcp import types
 from mcp.client.auth import OAuthClientProvider
 from mcp.client.client import Client
 from mcp.client.streamable_http import streamable_http_client
@@ -62,6 +67,38 @@ async def pasted_callback() -> AuthorizationCodeResult:
     )
 
 
+async def open_approval_page(context, params) -> types.ElicitResult:
+    """bastion asks the user to open a page (URL elicitation): the approval of a held call."""
+    if params.mode != "url":
+        return types.ElicitResult(action="decline")
+    print(f"\n{params.message}\n  {params.url}\n")
+    webbrowser.open(str(params.url))
+    await anyio.to_thread.run_sync(input, "Press Enter once it is answered on that page: ")
+    return types.ElicitResult(action="accept")
+
+
+# What bastion answers while a call (or its result) waits for a person.
+PENDING = (-32008, -32042)
+
+
+async def attempt(label: str, call) -> None:
+    """Run ``call``; while it waits for a person, show where to answer and try again once."""
+    for retry in (False, True):
+        try:
+            result = await call()
+        except MCPError as e:
+            data = e.error.data or {}
+            if e.error.code in PENDING and not retry:
+                print(f"{label:<9} waits: {data.get('reason')}, answer at {data.get('url')}")
+                await anyio.to_thread.run_sync(input, "Press Enter once it is answered: ")
+                continue
+            print(f"{label:<9} refused: {e.error.message} {data}")
+            return
+        content = result.contents if hasattr(result, "contents") else result.content
+        print(f"{label:<9}", getattr(content[0], "text", content[0]))
+        return
+
+
 async def main(user: str) -> None:
     auth = OAuthClientProvider(
         server_url=URL,
@@ -78,7 +115,9 @@ async def main(user: str) -> None:
     )
     async with (
         httpx2.AsyncClient(auth=auth, timeout=30) as http,
-        Client(streamable_http_client(URL, http_client=http)) as client,
+        Client(
+            streamable_http_client(URL, http_client=http), elicitation_callback=open_approval_page
+        ) as client,
     ):
         print("protocol", client.protocol_version)
         print("tools    ", [t.name for t in (await client.list_tools()).tools])
@@ -89,11 +128,8 @@ async def main(user: str) -> None:
             ("send_email", {"to": "ada@example.com", "subject": "Hello", "body": "Hi Ada"}),
             ("delete_customer", {"customer_id": "c-101"}),
         ]:
-            try:
-                result = await client.call_tool(name, arguments)
-                print(f"{name:<9}", result.content[0].text)
-            except MCPError as e:
-                print(f"{name:<9} refused: {e.error.message} {e.error.data}")
+            await attempt(name, lambda n=name, a=arguments: client.call_tool(n, a))
+        await attempt("notes", lambda: client.read_resource("customers://audit-notes"))
 
 
 if __name__ == "__main__":

@@ -55,20 +55,21 @@ allow(user: User, "call", tool: Tool) if
   has_role(user, "user", server) and
   context.annotations.readOnlyHint = true;
 
-# Email leaves the company: users of the server, in business hours only.
+# Email leaves the company: users of the server; outside business hours it waits for an admin's
+# approval (below).
 allow(user: User, "call", tool: Tool) if
   context.annotations.openWorldHint = true and
   has_relation(tool, "server", server) and
-  has_role(user, "user", server) and
-  in_time_window(context.time, "Mon-Fri", "09:00", "18:00", "Europe/Paris");
+  has_role(user, "user", server);
 
 # Admins call every tool of their server, destructive ones included.
 allow(user: User, "call", tool: Tool) if
   has_relation(tool, "server", server) and
   has_role(user, "admin", server);
 
-# Internal notes are for admins only, even in lists.
-deny(user: User, _action, resource: McpResource) if
+# Internal notes are for admins: not listed to others, and what another user's agent reads of
+# them is held until an admin reviews it (below).
+deny(user: User, "list", resource: McpResource) if
   has_attribute(resource, "audience", "admin") and
   has_relation(resource, "server", server) and
   not has_role(user, "admin", server);
@@ -85,6 +86,32 @@ allow(agent: Agent, action, prompt: Prompt) if
   action in ["list", "get"] and has_relation(prompt, "server", _server) and not blocked(agent);
 
 # Obligations.
+
+# People in the loop (docs/approvals.md). Deleting a customer waits for the user's own
+# confirmation: no approver rule names anyone else for it, so the user answers for their agent.
+requires_approval(_user: User, "call", Tool{"desk/delete_customer"});
+
+# Email outside business hours waits for an admin of the server, who may approve that one email
+# or the tool for up to an hour (an approval_grant fact with an expiry).
+requires_approval(user: User, "call", tool: Tool) if
+  context.annotations.openWorldHint = true and
+  has_relation(tool, "server", server) and
+  not has_role(user, "admin", server) and
+  not in_time_window(context.time, "Mon-Fri", "09:00", "18:00", "Europe/Paris");
+approver(admin: User, _user: User, "call", Tool{"desk/send_email"}) if
+  has_role(admin, "admin", McpServer{"desk"});
+approval_window(_user: User, "call", Tool{"desk/send_email"}, 60);
+declare approval_grant(User, Agent, String, Tool);
+
+# What a non-admin reads of internal notes is held for an admin to release or withhold.
+requires_review(user: User, "read", resource: McpResource) if
+  has_attribute(resource, "audience", "admin") and
+  has_relation(resource, "server", server) and
+  not has_role(user, "admin", server);
+approver(admin: User, _user: User, "read", resource: McpResource) if
+  has_attribute(resource, "audience", "admin") and
+  has_relation(resource, "server", server) and
+  has_role(admin, "admin", server);
 requires_scope("call", _tool: Tool, "customers:write") if
   context.annotations.destructiveHint = true;
 
@@ -112,7 +139,7 @@ rate_limit(_agent: Agent, "call", _tool: Tool, 5, 60) if
 rate_limit(_user: User, "call", _tool: Tool, 8, 60) if
   context.annotations.openWorldHint = true;
 
-test "support agents see emails masked, cannot search by email or delete, email in business hours" {
+test "support agents see emails masked, cannot search by email or delete, email out of hours waits for approval" {
   setup {
     has_role(User{"sam"}, "member", Team{"support"});
     has_relation(McpServer{"desk"}, "team", Team{"support"});
@@ -138,9 +165,13 @@ test "support agents see emails masked, cannot search by email or delete, email 
   # Monday 2026-11-30, 10:00 in Paris (09:00 UTC); then 20:00 in Paris; then a Sunday.
   assert allow(User{"sam"}, "call", Tool{"desk/send_email"})
     with context {annotations: {openWorldHint: true}, time: "2026-11-30T09:00:00Z"};
-  assert_not allow(User{"sam"}, "call", Tool{"desk/send_email"})
+  assert_not requires_approval(User{"sam"}, "call", Tool{"desk/send_email"})
+    with context {annotations: {openWorldHint: true}, time: "2026-11-30T09:00:00Z"};
+  assert allow(User{"sam"}, "call", Tool{"desk/send_email"})
     with context {annotations: {openWorldHint: true}, time: "2026-11-30T19:00:00Z"};
-  assert_not allow(User{"sam"}, "call", Tool{"desk/send_email"})
+  assert requires_approval(User{"sam"}, "call", Tool{"desk/send_email"})
+    with context {annotations: {openWorldHint: true}, time: "2026-11-30T19:00:00Z"};
+  assert requires_approval(User{"sam"}, "call", Tool{"desk/send_email"})
     with context {annotations: {openWorldHint: true}, time: "2026-11-29T09:00:00Z"};
 }
 
@@ -165,7 +196,14 @@ test "admins delete, see emails and read internal notes; others do not" {
     with context {tool: "search_customers", annotations: {readOnlyHint: true},
                   arguments: {query: "ada@", field: "email"}};
   assert allow(User{"avery"}, "read", McpResource{"desk/customers://audit-notes"});
+  assert_not requires_review(User{"avery"}, "read", McpResource{"desk/customers://audit-notes"});
   assert_not allow(User{"sam"}, "list", McpResource{"desk/customers://audit-notes"});
+  assert requires_review(User{"sam"}, "read", McpResource{"desk/customers://audit-notes"});
+  assert approver(User{"avery"}, User{"sam"}, "read", McpResource{"desk/customers://audit-notes"});
+  assert_not approver(User{"sam"}, User{"sam"}, "read", McpResource{"desk/customers://audit-notes"});
+  # Deleting waits for the user's own confirmation: nobody else is named to approve it.
+  assert requires_approval(User{"avery"}, "call", Tool{"desk/delete_customer"});
+  assert_not approver(User{"avery"}, User{"avery"}, "call", Tool{"desk/delete_customer"});
 }
 
 test "agents act within their user's rights unless blocked" {

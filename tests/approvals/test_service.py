@@ -1,4 +1,4 @@
-"""The approval model on a real SQLite file: who may answer is policy, approvals are bound to
+"""The approval model on a real SQLite file and a real PostgreSQL schema: who may answer is policy, approvals are bound to
 the exact call, used once, expire, and a time-bounded approval is an expiring fact."""
 
 from __future__ import annotations
@@ -55,9 +55,9 @@ class Clock:
 
 
 @pytest.fixture
-def world(tmp_path):
+def world(database_url):
     clock = Clock()
-    db = Database(str(tmp_path / "a.db"))
+    db = Database(database_url)
     facts = FactStore(db)
     authz = Authorizer(POLICY)
     base = [
@@ -226,3 +226,32 @@ def test_every_step_is_in_the_audit_log(world):
     assert {"approval.requested", "approval.answer", "approval.approved", "approval.used"} <= set(
         kinds
     )
+
+
+def test_held_results_are_deleted_once_their_request_expires(world):
+    approvals, _, _, clock = world
+    review = Call("review", "sam", "bot", "crm", "resources/read", "read", send, None, "")
+    request = approvals.hold(review, "d1", (), {}, result={"secret": "value"})
+    assert approvals.held_result(request) == {"secret": "value"}
+    assert approvals.store.drop_expired_results() == 0
+    clock.now += 601
+    assert approvals.store.drop_expired_results() == 1
+    assert approvals.held_result(request) is None
+
+
+def test_what_a_request_holds_is_sealed_in_the_database(world):
+    approvals, *_ = world
+    request = held(approvals, call(send, {"to": "ada@example.com", "note": "private words"}))
+    [(raw,)] = approvals.store.db.execute(
+        "SELECT arguments FROM approval_requests WHERE id = ?", (request.id,)
+    )
+    assert b"private words" not in bytes(raw) and b"ada@" not in bytes(raw)
+    # Sealed for this request: moved to another row, it does not open.
+    other = held(approvals, call(delete))
+    approvals.store.db.execute(
+        "UPDATE approval_requests SET arguments = ? WHERE id = ?", (bytes(raw), other.id)
+    )
+    from cryptography.exceptions import InvalidTag
+
+    with pytest.raises(InvalidTag):
+        approvals.get(other.id)

@@ -45,7 +45,8 @@ def call_tool(bastion, token: str, server: str, tool: str, arguments: dict, requ
         headers=modern_headers(token, "tools/call", tool),
     )
     assert response.status_code == 200, response.text
-    return response.json()
+    # Plain JSON, or an event stream when the upstream sent something first (under load).
+    return messages(response)[-1]
 
 
 def events(response):

@@ -222,6 +222,20 @@ def test_policy() -> str:
     window = 'in_time_window(context.time, "Mon-Fri", "09:00", "18:00", "Europe/Paris")'
     assert window in text
     text = text.replace(window, 'context.method = "tools/call"')
+    # Deleting waits for the user's confirmation in the quickstart; these tests delete at once
+    # (tests/approvals hold calls, and tests/gateway/test_quickstart_approvals.py this one).
+    confirmation = 'requires_approval(_user: User, "call", Tool{"desk/delete_customer"});'
+    assert confirmation in text
+    text = text.replace(confirmation, "")
+    # The lab's admin-only resources stay refused to others outright (the quickstart holds what
+    # others read of its internal notes for review instead).
+    text += (
+        '\ndeny(user: User, "read", resource: McpResource) if\n'
+        '  context.server in ["lab", "labhttp", "labold"] and\n'
+        '  has_attribute(resource, "audience", "admin") and\n'
+        '  has_relation(resource, "server", server) and\n'
+        '  not has_role(user, "admin", server);\n'
+    )
     # A lab tool whose result is masked (what its upstream asks the client cannot be), and two
     # lab resources read only with more than the tests' tokens have: a scope, an approval.
     return (
@@ -418,9 +432,17 @@ def access_token(
     return tokens.json()["access_token"]
 
 
-def start(tmp_path, gateway: dict | None = None, replicas: int = 0):
+def start(
+    tmp_path,
+    gateway: dict | None = None,
+    replicas: int = 0,
+    approvals: dict | None = None,
+    policy_extra: str = "",
+):
     """Start everything; a context manager yielding `Running`. ``gateway`` adds settings to the
-    ``[gateway]`` table; ``replicas`` more apps share the first one's database and settings."""
+    ``[gateway]`` table, ``approvals`` is the ``[approvals]`` table (by default a held request
+    waits for no answer), ``policy_extra`` rules go after the test policy; ``replicas`` more
+    apps share the first one's database and settings."""
     from contextlib import ExitStack, contextmanager
 
     @contextmanager
@@ -436,7 +458,7 @@ def start(tmp_path, gateway: dict | None = None, replicas: int = 0):
         base = f"http://127.0.0.1:{sock.getsockname()[1]}"
         trace = tmp_path / "stdio-trace.jsonl"
         policy = tmp_path / "policy.polar"
-        policy.write_text(test_policy())
+        policy.write_text(test_policy() + policy_extra)
         lab_app = LegacyOnly(
             lab.server.streamable_http_app(streamable_http_path="/mcp", event_store=MemoryEvents()),
             legacy=False,
@@ -467,6 +489,7 @@ def start(tmp_path, gateway: dict | None = None, replicas: int = 0):
                     # One module's tests register many clients, all from 127.0.0.1.
                     "open_registration": {"max_per_address": 10_000},
                 },
+                approvals={"wait_seconds": 0} if approvals is None else approvals,
                 gateway={
                     **(gateway or {}),
                     "max_body_bytes": 65536,

@@ -75,7 +75,7 @@ def test_a_listen_is_not_granted_a_resource_the_caller_could_not_read(bastion, s
         modern_headers(token, "resources/read", "lab://held"),
         modern_request(2, "resources/read", {"uri": "lab://held"}),
     )
-    assert read.json()["error"]["data"]["reason"] == "requires_approval"
+    assert read.json()["error"]["data"]["reason"] == "approval_pending"
     granted = _listen_ack(bastion, token, server, ["lab://guarded", "lab://held", "lab://open"])
     assert granted == ["lab://open"]
 

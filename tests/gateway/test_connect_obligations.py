@@ -42,7 +42,7 @@ def test_a_hold_on_connect_refuses_every_message(bastion):
     bastion.apply(inserts=[held])
     try:
         refused = list_tools(bastion, token).json()
-        assert refused["error"]["data"]["reason"] == "requires_approval"
+        assert refused["error"]["data"]["reason"] == "approval_pending"
         assert refused["error"]["data"]["decision_id"]
         assert len(bastion.recorder.requests) == before
     finally:

@@ -118,7 +118,7 @@ def test_set_level_is_decided_as_connect_and_refused_in_2026(bastion):
     bastion.apply(inserts=[held])
     try:
         refused = set_level(bastion, server, session, "debug")
-        assert refused["error"]["data"]["reason"] == "requires_approval"
+        assert refused["error"]["data"]["reason"] == "approval_pending"
     finally:
         bastion.apply(deletes=[held])
     assert set_level(bastion, server, session, "loud")["error"]["code"] == -32602

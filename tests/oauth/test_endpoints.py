@@ -55,6 +55,7 @@ def test_metadata_lists_what_mcp_clients_need(bastion: Bastion):
         "authorization_code",
         "refresh_token",
         "client_credentials",
+        "urn:openid:params:grant-type:ciba",
     }
     for name in ("authorization", "token", "registration", "revocation", "introspection"):
         assert metadata[f"{name}_endpoint"].startswith(bastion.url + "/")

@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from bastion.db import Database
-from bastion.oauth import authorize
+from bastion.oauth import sign_in
 from bastion.oauth.settings import LoginSettings
 from bastion.oauth.store import OAuthStore
 from bastion.oauth.throttle import LoginThrottle
@@ -25,13 +25,13 @@ from .support import PASSWORD, Bastion, Clock, hidden_fields, pkce_pair, running
 def hashes(monkeypatch) -> list[str]:
     """The usernames whose password was checked (hashed), in order."""
     checked: list[str] = []
-    real = authorize.check_password
+    real = sign_in.check_password
 
     def counting(store, username, password):
         checked.append(username)
         return real(store, username, password)
 
-    monkeypatch.setattr(authorize, "check_password", counting)
+    monkeypatch.setattr(sign_in, "check_password", counting)
     return checked
 
 
@@ -118,14 +118,14 @@ def test_a_pending_request_ends_after_its_failures(bastion: Bastion, hashes):
 
 def test_password_checks_beyond_the_limit_are_answered_busy(sqlite_url, tmp_path, monkeypatch):
     hashing, release = threading.Event(), threading.Event()
-    real = authorize.check_password
+    real = sign_in.check_password
 
     def slow(store, username, password):
         hashing.set()
         release.wait(10)
         return real(store, username, password)
 
-    monkeypatch.setattr(authorize, "check_password", slow)
+    monkeypatch.setattr(sign_in, "check_password", slow)
     settings = limits(max_concurrent_password_checks=1)
     with running_bastion(sqlite_url, tmp_path, **settings) as bastion:
         first, second = LoginForm(bastion), LoginForm(bastion)
@@ -164,14 +164,14 @@ def test_guesses_sent_at_once_cannot_pass_the_limit_together(
     # its own pending request, each with a free password-check slot) see those before them.
     started: list[str] = []
     release = threading.Event()
-    real = authorize.check_password
+    real = sign_in.check_password
 
     def slow(store, username, password):
         started.append(username)
         release.wait(10)
         return real(store, username, password)
 
-    monkeypatch.setattr(authorize, "check_password", slow)
+    monkeypatch.setattr(sign_in, "check_password", slow)
     url = request.getfixturevalue(database)
     with running_bastion(url, tmp_path, **limits(max_failures_per_user=1)) as bastion:
         first, second = LoginForm(bastion), LoginForm(bastion)

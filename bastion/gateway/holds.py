@@ -1,0 +1,225 @@
+"""Held calls on the wire: how an MCP client waits for the people a call, or its result, waits for.
+
+- A 2026-07-28 client that declared URL elicitation gets an ``input_required`` result asking it
+  to open the approval page (``elicitation/create``, mode ``url``), with a ``requestState`` that
+  bastion signs; its retry names the request, and is decided again (SEP-2322).
+- A 2025-11-25 client that declared URL elicitation and reads the answer's event stream is sent
+  ``elicitation/create`` (mode ``url``) during the held call (MCP 2025-11-25, Elicitation).
+- Every held request then waits, up to ``[approvals] wait_seconds``, for an answer (progress
+  notifications keep it alive when the client gave a progress token); answered, it is decided
+  again at once. Not answered: a JSON-RPC error with ``reason`` approval_pending (or
+  review_pending), the ``approval_id``, the page's ``url`` and ``retry_after``; an identical
+  retry after the answer is decided again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+import anyio
+
+from bastion.gateway.enforce import Held
+from bastion.gateway.jsonrpc import (
+    APPROVAL_PENDING,
+    INVALID_PARAMS,
+    URL_ELICITATION_REQUIRED,
+    RpcError,
+    notification,
+)
+
+if TYPE_CHECKING:
+    from bastion.gateway.handlers import Exchange
+
+log = logging.getLogger("bastion.gateway")
+
+# The key of bastion's question among a 2026-07-28 result's inputRequests, and the prefix of the
+# requestState bastion signs (any other requestState is the upstream's, and goes to it).
+INPUT_KEY = "io.bastion/approval"
+STATE_PREFIX = "bastion-hold.v1."
+# How often a waiting request looks for an answer, and sends progress to keep the client's
+# request alive.
+POLL_SECONDS = 0.25
+PROGRESS_SECONDS = 5.0
+
+
+class RequestStates:
+    """The ``requestState`` of a held call: the request's id, signed (HMAC-SHA256 under a key of
+    the deployment) with the user and agent it was given to, so that no other caller can present
+    it and no client can make one up."""
+
+    def __init__(self, key: bytes) -> None:
+        self._keyed = hmac.new(key, b"bastion request state", hashlib.sha256)
+
+    def _mac(self, request_id: str, subject: str, client_id: str) -> str:
+        mac = self._keyed.copy()
+        mac.update(f"{request_id}\x00{subject}\x00{client_id}".encode())
+        return mac.hexdigest()
+
+    def sign(self, request_id: str, subject: str, client_id: str) -> str:
+        return f"{STATE_PREFIX}{request_id}.{self._mac(request_id, subject, client_id)}"
+
+    def read(self, state: str, subject: str, client_id: str) -> str:
+        """The request id a state names; `RpcError` if bastion did not give it to this caller."""
+        request_id, _, mac = state[len(STATE_PREFIX) :].rpartition(".")
+        if not request_id or not hmac.compare_digest(
+            mac, self._mac(request_id, subject, client_id)
+        ):
+            raise RpcError(
+                INVALID_PARAMS,
+                "requestState was not issued by bastion to this user and agent",
+                {"reason": "approval_mismatch"},
+            )
+        return request_id
+
+
+def retried(ex: Exchange) -> tuple[str | None, dict[str, Any]]:
+    """The request a 2026-07-28 retry names (from bastion's ``requestState``), and the params
+    to send upstream: without bastion's state and answers, which are not the upstream's."""
+    params = ex.message.params
+    state = params.get("requestState")
+    if not isinstance(state, str) or not state.startswith(STATE_PREFIX):
+        return None, params
+    answers = params.get("inputResponses")
+    answer = answers.get(INPUT_KEY) if isinstance(answers, dict) else None
+    if isinstance(answer, dict) and answer.get("action") in ("decline", "cancel"):
+        ex.notes["declined"] = True
+    request_id = ex.gateway.states.read(state, ex.caller.subject, ex.caller.client_id)
+    upstream = {k: v for k, v in params.items() if k != "requestState"}
+    answers = upstream.get("inputResponses")
+    if isinstance(answers, dict):
+        answers = {k: v for k, v in answers.items() if k != INPUT_KEY}
+        if answers:
+            upstream["inputResponses"] = answers
+        else:
+            upstream.pop("inputResponses")
+    return request_id, upstream
+
+
+def _declares_url_elicitation(capabilities: dict[str, Any]) -> bool:
+    declared = capabilities.get("elicitation")
+    return isinstance(declared, dict) and isinstance(declared.get("url"), dict)
+
+
+def _answerable_by_caller(held: Held) -> bool:
+    """Whether the token's user can answer this hold on the page (a confirmation of their own
+    agent's call, or they are among the approvers): only then is the client asked to open it.
+    Others wait for the people the policy names, who hear of it by the list page or a webhook."""
+    request = held.request
+    return held.reason == "approval_pending" and (
+        not request.approvers or request.subject in request.approvers
+    )
+
+
+def _question(held: Held) -> dict[str, Any]:
+    request = held.request
+    what = f"{request.method} {request.target} on {request.server}"
+    return {
+        "mode": "url",
+        "elicitationId": request.id,
+        "url": held.url,
+        "message": f"bastion holds {what} until it is approved: open the page to answer",
+    }
+
+
+async def answer_held(ex: Exchange, held: Held, retry: bool) -> dict[str, Any] | None:
+    """Answer a held call for this client: an ``input_required`` result to return (2026-07-28,
+    first time), None once people answered within the wait (decide again), or raise the
+    pending error."""
+    modern = ex.caller.protocol_version in ("2026-07-28",)
+    elicit = _answerable_by_caller(held) and _declares_url_elicitation(ex.capabilities)
+    if modern and elicit and not retry:
+        states = ex.gateway.states
+        return {
+            "resultType": "input_required",
+            "inputRequests": {
+                INPUT_KEY: {"method": "elicitation/create", "params": _question(held)}
+            },
+            "requestState": states.sign(held.request.id, ex.caller.subject, ex.caller.client_id),
+        }
+    asked: asyncio.Task | None = None
+    if elicit and not modern and ex.emit is not None and not ex.masks:
+        asked = asyncio.create_task(ex.ask_client("elicitation/create", _question(held)))
+    try:
+        # A person who declined to open the page is not waited for.
+        answered = not ex.notes.get("declined") and await _wait(ex, held, asked)
+    finally:
+        if asked is not None:
+            asked.cancel()
+    if answered:
+        if asked is not None and ex.emit is not None:
+            await ex.emit(
+                notification(
+                    "notifications/elicitation/complete", {"elicitationId": held.request.id}
+                )
+            )
+        return None
+    raise pending_error(held, url_mode=elicit and not modern)
+
+
+def pending_error(held: Held, url_mode: bool = False) -> RpcError:
+    """The error of a call still waiting: where to answer it and when to try again. A client that
+    declared URL elicitation gets MCP's URLElicitationRequiredError (-32042) carrying it."""
+    request = held.request
+    data: dict[str, Any] = {
+        "decision_id": held.decision_id,
+        "reason": held.reason,
+        "approval_id": request.id,
+        "url": held.url,
+        "retry_after": held.retry_after,
+        "expires_at": request.expires_at,
+    }
+    what = (
+        "its result is held for review"
+        if held.reason == "review_pending"
+        else "it waits for approval"
+    )
+    message = f"bastion holds this request ({request.target}): {what}; retry after it is answered"
+    if url_mode:
+        data["elicitations"] = [_question(held)]
+        return RpcError(URL_ELICITATION_REQUIRED, message, data)
+    return RpcError(APPROVAL_PENDING, message, data)
+
+
+async def _wait(ex: Exchange, held: Held, asked: asyncio.Task | None) -> bool:
+    """Whether people answered (or the request expired) within ``wait_seconds``; not waited
+    further once the client says its user declined or cancelled the elicitation."""
+    approvals = ex.gateway.enforcer.approvals
+    assert approvals is not None
+    deadline = time.monotonic() + approvals.settings.wait_seconds
+    meta = ex.message.params.get("_meta")
+    token = meta.get("progressToken") if isinstance(meta, dict) else None
+    beat = time.monotonic() + PROGRESS_SECONDS
+    beats = 0
+    while time.monotonic() < deadline:
+        request = await anyio.to_thread.run_sync(approvals.get, held.request.id)
+        if (
+            request is None
+            or request.status != "pending"
+            or request.expires_at <= approvals.clock()
+        ):
+            return True
+        if token is not None and ex.progress is not None and time.monotonic() >= beat:
+            beats += 1
+            beat += PROGRESS_SECONDS
+            await ex.progress(
+                notification(
+                    "notifications/progress",
+                    {"progressToken": token, "progress": beats, "message": "waiting for people"},
+                )
+            )
+        if asked is not None and asked.done() and _declined(asked):
+            return False
+        await asyncio.sleep(min(POLL_SECONDS, max(0.0, deadline - time.monotonic())))
+    return False
+
+
+def _declined(asked: asyncio.Task) -> bool:
+    if asked.cancelled() or asked.exception() is not None:
+        return False
+    result = asked.result().get("result")
+    return isinstance(result, dict) and result.get("action") in ("decline", "cancel")

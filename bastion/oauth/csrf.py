@@ -1,0 +1,48 @@
+"""CSRF tokens for bastion's own forms that no stored request carries a token for (the sign-in
+page, the approval pages): HMAC-based tokens as the OWASP CSRF Prevention Cheat Sheet describes
+them ("signed double-submit cookie"), bound to a cookie only the browser holds.
+
+A token is ``<issued>.<HMAC-SHA256(secret, purpose, binding, issued)>``: ``purpose`` names the
+form (and what it acts on, e.g. one approval request), ``binding`` is the value of a cookie of
+the browser (its session, or the browser cookie before sign-in). Another site can make the
+browser send the cookie but cannot read it, so it cannot make a token that matches; a token
+copied from one form is refused by another, and every token is refused after ``max_age``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import time
+from collections.abc import Callable
+
+
+class FormTokens:
+    """Makes and checks the tokens under one secret of the deployment (read on first use)."""
+
+    def __init__(self, secret: Callable[[], bytes], clock: Callable[[], float] = time.time) -> None:
+        self._secret = secret
+        self._key: bytes | None = None
+        self.clock = clock
+
+    def _mac(self, purpose: str, binding: str, issued: str) -> str:
+        if self._key is None:
+            self._key = self._secret()
+        message = "\x00".join(("bastion-form", purpose, binding, issued)).encode()
+        return hmac.new(self._key, message, hashlib.sha256).hexdigest()
+
+    def token(self, purpose: str, binding: str) -> str:
+        issued = str(int(self.clock()))
+        return f"{issued}.{self._mac(purpose, binding, issued)}"
+
+    def valid(self, token: str, purpose: str, binding: str, max_age: float) -> bool:
+        """Whether ``token`` was made for ``purpose`` and ``binding`` no more than ``max_age``
+        seconds ago. An empty binding (no cookie) matches nothing."""
+        issued, dot, mac = token.partition(".")
+        if not (binding and dot and mac and token.isascii()):
+            return False
+        if not (issued.isdigit() and len(issued) <= 12):
+            return False
+        if not 0 <= self.clock() - int(issued) <= max_age:
+            return False
+        return hmac.compare_digest(mac, self._mac(purpose, binding, issued))

@@ -1,0 +1,259 @@
+"""Signing in to bastion: the password check and login throttle every sign-in goes through
+(`check_login`, used by the authorization endpoint's login and by this page), the session
+cookie, and the sign-in page of bastion's own pages, which no OAuth authorization request starts:
+``GET/POST <issuer path>/sign-in?next=<local path>``.
+
+The page is the authorization endpoint's login without a client: the same throttle (failures
+counted per username and per address before any hashing, `bastion.oauth.throttle`), the same
+limit on password checks at once, the same session. Its form carries a CSRF token bound to the
+browser cookie (`bastion.oauth.csrf`), so another site cannot sign a browser in to an account of
+its choosing (login CSRF). ``next`` must be a path on this server: anything that a browser could
+read as another host (``//host``, ``/\\host``, a scheme, control characters) is refused, never
+followed (no open redirect, RFC 9700 §4.11 and the OWASP unvalidated-redirects cheat sheet).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+from urllib.parse import urlencode, urlsplit
+
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import RedirectResponse, Response
+
+from bastion.oauth import pages
+from bastion.oauth.store import new_secret
+from bastion.oauth.throttle import client_address
+from bastion.oauth.users import check_password
+
+if TYPE_CHECKING:
+    from bastion.oauth.server import AuthorizationServer
+    from bastion.oauth.settings import OAuthSettings
+
+SESSION_COOKIE = "bastion_session"
+BROWSER_COOKIE = "bastion_browser"
+# How long a sign-in form may be left open before it is sent (its CSRF token's age), and how
+# long the browser cookie it is bound to lasts; the same as an authorization request's.
+FORM_SECONDS = 600
+# The longest ``next`` followed: a path of bastion's own pages is far shorter.
+MAX_NEXT_LENGTH = 2048
+_CSRF_PURPOSE = "sign-in"
+
+
+@dataclass(frozen=True)
+class LoginRefusal:
+    """A sign-in that did not succeed: the status to answer, the sentence to show the person,
+    and how long to wait before trying again (a ``Retry-After``), if that is the point."""
+
+    status: int
+    message: str
+    retry_after: int | None = None
+
+
+async def check_login(
+    server: AuthorizationServer,
+    address: str | None,
+    username: str,
+    password: str,
+    *,
+    client_id: str | None = None,
+    before_hash: Callable[[], Awaitable[None]] | None = None,
+) -> LoginRefusal | None:
+    """None when ``password`` is ``username``'s; else why not, as the person should be told.
+
+    In order, each before any hashing it makes unnecessary: a missing field; a username or
+    address that must wait (429), else the attempt is counted as a failure at once (taken back
+    if it checks nothing or succeeds); no free password-check slot (503); then ``before_hash``
+    (the authorization endpoint counts the attempts of one request there; an exception it raises
+    takes the count back and ends the check). Then the password is checked off the event loop.
+    """
+    throttle = server.login_throttle
+
+    def refused(reason: str, kind: str = "login.failed", **detail) -> None:
+        server.refusals.record(kind, address=address, reason=reason, client_id=client_id, **detail)
+
+    if not (username and password):
+        await run_in_threadpool(refused, "incomplete")
+        return LoginRefusal(401, "Enter your username and password.")
+    wait = await run_in_threadpool(throttle.begin, username, address)
+    if wait is not None:
+        await run_in_threadpool(
+            functools.partial(refused, wait.counter, "login.throttled", username=username)
+        )
+        whose = "for this username" if wait.counter == "user" else "from your network"
+        return LoginRefusal(
+            429,
+            f"Too many failed sign-ins {whose}. Try again in {wait.seconds} seconds.",
+            wait.seconds,
+        )
+    if not server.password_checks.take():
+        await run_in_threadpool(throttle.take_back, username, address)
+        await run_in_threadpool(refused, "busy", "login.throttled")
+        return LoginRefusal(503, "The server is busy. Try again in a moment.", 1)
+    try:
+        if before_hash is not None:
+            try:
+                await before_hash()
+            except Exception:
+                await run_in_threadpool(throttle.take_back, username, address)
+                raise
+        # Argon2 takes a while on purpose: keep it off the event loop.
+        if await run_in_threadpool(check_password, server.store, username, password):
+            await run_in_threadpool(throttle.succeeded, username, address)
+            return None
+    finally:
+        server.password_checks.give_back()
+    await run_in_threadpool(_login_failed, server, address, client_id, username)
+    return LoginRefusal(401, "Wrong username or password.")
+
+
+def _login_failed(
+    server: AuthorizationServer, address: str | None, client_id: str | None, username: str
+) -> None:
+    """Audit the failure (`LoginThrottle.begin` counted it): one for an existing user is a row of
+    its own (the throttle bounds how many), one for a name that does not exist is aggregated."""
+    if server.store.user_password_hash(username) is not None:
+        server.audit.record("login.failed", subject=username, client_id=client_id, address=address)
+    else:
+        server.refusals.record(
+            "login.failed", address=address, reason="unknown_user", client_id=client_id
+        )
+    server.housekeeping()
+
+
+def set_cookie(
+    response: Response, settings: OAuthSettings, name: str, value: str, seconds: int
+) -> None:
+    """One of bastion's cookies: for the issuer's path, HTTP only, SameSite=Lax, and Secure
+    when the issuer is https."""
+    response.set_cookie(
+        name,
+        value,
+        max_age=seconds,
+        path=settings.issuer_path or "/",
+        secure=settings.issuer.startswith("https://"),
+        httponly=True,
+        samesite="lax",
+    )
+
+
+def local_path(value: str) -> str | None:
+    """``value`` if it is a path on this server that a browser cannot read as another host;
+    else None. A path begins with one ``/`` and holds printable ASCII only: no ``//host``, no
+    backslash (browsers read ``/\\host`` as ``//host``), no scheme, no spaces or controls."""
+    if not (0 < len(value) <= MAX_NEXT_LENGTH) or not value.startswith("/"):
+        return None
+    if value.startswith("//") or "\\" in value:
+        return None
+    if any(not 0x21 <= ord(c) <= 0x7E for c in value):
+        return None
+    parts = urlsplit(value)
+    if parts.scheme or parts.netloc:
+        return None
+    return value
+
+
+def sign_in_url(settings: OAuthSettings, next_path: str) -> str:
+    """Where to send a person who must sign in before ``next_path``."""
+    return f"{settings.issuer_path}/sign-in?{urlencode({'next': next_path})}"
+
+
+def _see_other(location: str) -> RedirectResponse:
+    return RedirectResponse(location, status_code=303, headers={"Cache-Control": "no-store"})
+
+
+def _refused_next() -> Response:
+    body = (
+        "<p class=error role=alert>The address to go to after signing in must be a page of"
+        " this server (a path such as <code>/approvals</code>); this one is not, so it is not"
+        " followed.</p>"
+    )
+    return pages.page("Cannot sign in", body, 400)
+
+
+class SignInEndpoint:
+    """``GET`` shows the form (or goes on to ``next`` for a person signed in already); ``POST``
+    checks it and, on success, starts a session and goes on to ``next``."""
+
+    def __init__(self, server: AuthorizationServer) -> None:
+        self.server = server
+        self.settings = server.settings
+
+    def _form(
+        self,
+        browser: str,
+        next_path: str,
+        error: str | None = None,
+        status: int = 200,
+        username: str = "",
+    ) -> Response:
+        response = pages.sign_in_page(
+            action=f"{self.settings.issuer_path}/sign-in",
+            next_path=next_path,
+            csrf_token=self.server.form_tokens.token(_CSRF_PURPOSE, browser),
+            error=error,
+            status=status,
+            username=username,
+        )
+        set_cookie(response, self.settings, BROWSER_COOKIE, browser, FORM_SECONDS)
+        return response
+
+    async def page(self, request: Request) -> Response:
+        next_path = local_path(request.query_params.get("next", f"{self.settings.issuer_path}/"))
+        if next_path is None:
+            return _refused_next()
+        session = request.cookies.get(SESSION_COOKIE)
+        if session and await run_in_threadpool(
+            self.server.store.session_user, session, self.server.clock()
+        ):
+            return _see_other(next_path)
+        browser = request.cookies.get(BROWSER_COOKIE) or new_secret()
+        return self._form(browser, next_path)
+
+    async def submit(self, request: Request) -> Response:
+        form = await request.form()
+        next_path = local_path(str(form.get("next", "")))
+        if next_path is None:
+            return _refused_next()
+        address = client_address(request)
+        browser = request.cookies.get(BROWSER_COOKIE, "")
+        if not self.server.form_tokens.valid(
+            str(form.get("csrf_token", "")), _CSRF_PURPOSE, browser, FORM_SECONDS
+        ):
+            await run_in_threadpool(
+                functools.partial(
+                    self.server.refusals.record,
+                    "sign_in.csrf_refused",
+                    address=address,
+                    reason="csrf",
+                )
+            )
+            # Nothing was checked; a fresh form lets a person who left it open too long go on.
+            return self._form(
+                browser or new_secret(),
+                next_path,
+                "This form expired or came from another page. Sign in again.",
+                403,
+            )
+        username = str(form.get("username", ""))
+        password = str(form.get("password", ""))
+        refusal = await check_login(self.server, address, username, password)
+        if refusal is not None:
+            response = self._form(browser, next_path, refusal.message, refusal.status, username)
+            if refusal.retry_after is not None:
+                response.headers["Retry-After"] = str(refusal.retry_after)
+            return response
+        session = await run_in_threadpool(self._signed_in, username)
+        response = _see_other(next_path)
+        set_cookie(response, self.settings, SESSION_COOKIE, session, self.settings.session_seconds)
+        return response
+
+    def _signed_in(self, username: str) -> str:
+        """In a worker thread (the database): the audit record and a new session."""
+        self.server.audit.record("login.succeeded", subject=username, page="sign-in")
+        return self.server.store.create_session(
+            username, self.server.clock(), self.settings.session_seconds
+        )

@@ -1,0 +1,934 @@
+"""Webhooks against a real local receiver (uvicorn, real HTTP) that checks the signature with its
+own code, the code docs/approvals.md gives receivers: delivered and verified, retried with
+backoff, not retried when refused, redirects not followed, a forged or tampered notification
+refused by the receiver, nothing on the request's path waits for a receiver; and nothing lost
+to a restart, a killed process, a database outage or a second replica racing for the outbox."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hashlib
+import hmac
+import json
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import anyio
+import httpx
+import pytest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from bastion import Authorizer, Entity
+from bastion.approvals.service import Approvals, Call
+from bastion.approvals.settings import ApprovalSettings, Webhook, webhook_label
+from bastion.approvals.store import ApprovalStore
+from bastion.approvals.webhooks import DELIVERED, FAILED, PENDING, WebhookNotifier
+from bastion.audit.log import AuditLog
+from bastion.db import Database, DatabaseUnavailable
+from bastion.facts.store import FactStore
+from bastion.server.app import create_app
+from bastion.server.config import ConfigError, ServerConfig
+from tests.oauth.support import free_socket, serve
+
+SECRET = b"whsec-the-receivers-own-copy"
+ISSUER = "https://bastion.test"
+
+POLICY = """
+actor User {}
+actor Agent {}
+resource Tool {}
+allow(_user: User, "call", _tool: Tool);
+allow(_agent: Agent, "call", _tool: Tool);
+requires_approval(_user: User, "call", Tool{"crm/send"});
+"""
+
+
+# -- the receiver's own code: what docs/approvals.md tells a receiver to do --------------------
+
+
+def verify(
+    secret: bytes, header: str, body: bytes, now: float | None = None, tolerance: int = 300
+) -> bool:
+    """True if ``header`` (Bastion-Signature) signs ``body`` under ``secret`` and is fresh."""
+    try:
+        parts = dict(item.split("=", 1) for item in header.split(","))
+        timestamp, given = int(parts["t"]), parts["v1"]
+    except (KeyError, ValueError):
+        return False
+    now = time.time() if now is None else now
+    if abs(now - timestamp) > tolerance:
+        return False  # too old (a replay) or from the future
+    signed = f"{timestamp}.".encode() + body
+    expected = hmac.new(secret, signed, hashlib.sha256).hexdigest()
+    return hmac.compare_digest(expected, given)
+
+
+@dataclass
+class Received:
+    headers: dict[str, str]
+    body: bytes
+    verified: bool
+
+
+@dataclass
+class Receiver:
+    """A chat tool's incoming webhook: answers 401 to what it cannot verify, else the next of
+    ``answers`` (then 200), after ``gate`` is open."""
+
+    secret: bytes = SECRET
+    answers: list[int] = field(default_factory=list)
+    otherwise: int = 200  # the answer once ``answers`` are used up
+    redirect_to: str = ""
+    clock_offset: float = 0.0
+    gate: threading.Event = field(default_factory=threading.Event)
+    got: list[Received] = field(default_factory=list)
+    waiting: int = 0
+
+    def __post_init__(self) -> None:
+        self.gate.set()
+
+    def app(self) -> Starlette:
+        async def hook(request: Request) -> Response:
+            body = await request.body()
+            ok = verify(
+                self.secret,
+                request.headers.get("bastion-signature", ""),
+                body,
+                time.time() + self.clock_offset,
+            )
+            self.got.append(Received(dict(request.headers), body, ok))
+            self.waiting += 1
+            await anyio.to_thread.run_sync(self.gate.wait)
+            self.waiting -= 1
+            if not ok:
+                return Response("bad signature", status_code=401)
+            if self.redirect_to:
+                return Response(status_code=307, headers={"location": self.redirect_to})
+            status = self.answers.pop(0) if self.answers else self.otherwise
+            return Response(status_code=status)
+
+        return Starlette(routes=[Route("/hook", hook, methods=["POST"])])
+
+
+@pytest.fixture
+def receivers():
+    """Start receivers with ``receivers(Receiver(...))`` -> URL of its hook; stopped after."""
+    stops = []
+
+    def start(receiver: Receiver) -> str:
+        served = serve(receiver.app(), free_socket())
+        stops.append((receiver, served))
+        return served.__enter__() + "/hook"
+
+    yield start
+    for receiver, served in stops:
+        receiver.gate.set()
+        served.__exit__(None, None, None)
+
+
+def closed_port_url() -> str:
+    sock = free_socket()
+    port = sock.getsockname()[1]
+    sock.close()  # nothing listens there: connections are refused
+    return f"http://127.0.0.1:{port}/hook"
+
+
+# -- the approvals room, on a real database --------------------------------------------------
+
+
+def settings(*urls: str, **values) -> ApprovalSettings:
+    values.setdefault("webhook_backoff_seconds", 0.02)
+    values.setdefault("webhook_timeout_seconds", 5.0)
+    return ApprovalSettings(webhooks=tuple(Webhook(u, SECRET) for u in urls), **values)
+
+
+def approvals_on(database: str, chosen: ApprovalSettings) -> Approvals:
+    db = Database(database)
+    authz = Authorizer(POLICY)
+    approvals = Approvals(
+        ApprovalStore(db, b"k" * 32),
+        FactStore(db),
+        lambda: authz,
+        lambda: 1,
+        chosen,
+        ISSUER,
+        b"b" * 32,
+        AuditLog(db),
+    )
+    approvals.webhooks = WebhookNotifier(chosen, db, approvals.url, sweep_seconds=0.05)
+    approvals.on_new_request.append(approvals.webhooks.notify)
+    return approvals
+
+
+def the_call(arguments: dict | None = None, client_id: str = "bot", subject: str = "sam") -> Call:
+    arguments = (
+        {"to": "x@example.com", "body": "the quarterly numbers"} if arguments is None else arguments
+    )
+    return Call(
+        "approval",
+        subject,
+        client_id,
+        "crm",
+        "tools/call",
+        "call",
+        Entity("Tool", "crm/send"),
+        arguments,
+        repr(sorted(arguments.items())),
+    )
+
+
+async def hold(approvals: Approvals, call: Call | None = None):
+    """A held call, made in a worker thread as the gateway makes it."""
+    call = call or the_call()
+    return await anyio.to_thread.run_sync(
+        lambda: approvals.hold(call, "d1", ('requires_approval(_, "call", Tool{"crm/send"})',), {})
+    )
+
+
+def state(notifier: WebhookNotifier, request_id: str) -> dict[str, str]:
+    """Each webhook's delivery state, by URL (the record names a webhook by its label)."""
+    urls = {hook.label: hook.url for hook in notifier.settings.webhooks}
+    return {urls[label]: value for label, value in notifier.state(request_id).items()}
+
+
+async def eventually(check: Callable[[], object], what: str, seconds: float = 20.0):
+    """Wait until ``check()`` is true (a deadline against hanging, not a timing assertion)."""
+    deadline = time.monotonic() + seconds
+    while True:
+        found = await anyio.to_thread.run_sync(check)
+        if found:
+            return found
+        if time.monotonic() > deadline:
+            raise AssertionError(f"never happened: {what}")
+        await asyncio.sleep(0.02)
+
+
+# -- the tests -------------------------------------------------------------------------------
+
+
+def test_a_new_request_is_posted_signed_and_the_receiver_verifies_it(database_url, receivers):
+    receiver = Receiver()
+    url = receivers(receiver)
+    approvals = approvals_on(database_url, settings(url))
+    notifier = approvals.webhooks
+
+    async def scenario():
+        await notifier.start()
+        try:
+            request = await hold(approvals)
+            await eventually(lambda: state(notifier, request.id) == {url: DELIVERED}, "delivered")
+        finally:
+            await notifier.close()
+        return request
+
+    request = anyio.run(scenario)
+    [got] = receiver.got
+    assert got.verified
+    assert got.headers["bastion-event"] == "approval.requested"
+    assert got.headers["content-type"] == "application/json"
+    sent = json.loads(got.body)
+    page = f"{ISSUER}/approvals/{request.id}"
+    assert sent["approval"] == {
+        "id": request.id,
+        "kind": "approval",
+        "user": "sam",
+        "agent": "bot",
+        "server": "crm",
+        "method": "tools/call",
+        "target": 'Tool{"crm/send"}',
+        "expires_at": request.expires_at,
+        "url": page,
+    }
+    assert sent["text"].endswith(f"approve or deny at {page}")
+    # The event and the delivery id are signed too: a receiver dedupes on the body's id.
+    assert sent["event"] == "approval.requested"
+    assert sent["delivery"] == got.headers["bastion-delivery"]
+    assert sent["text"] == (
+        '`bot` for `sam` asks to `tools/call` `Tool{"crm/send"}` on `crm`:'
+        f" approve or deny at {page}"
+    )
+    # Chat tools are not the place for data: the arguments are on the page, after sign-in.
+    assert "quarterly" not in got.body.decode() and "x@example.com" not in got.body.decode()
+    [attempt] = notifier.attempts(request.id)
+    assert (attempt.attempt, attempt.status_code, attempt.error) == (1, 200, "")
+    assert attempt.webhook == webhook_label(url) and "/hook" not in attempt.webhook
+    assert attempt.delivery_id == got.headers["bastion-delivery"]
+    approvals.store.db.close()
+
+
+def test_a_receiver_that_fails_twice_then_succeeds_gets_three_attempts_all_recorded(
+    sqlite_url, receivers
+):
+    receiver = Receiver(answers=[503, 429, 200])
+    url = receivers(receiver)
+    approvals = approvals_on(sqlite_url, settings(url))
+    notifier = approvals.webhooks
+
+    async def scenario():
+        await notifier.start()
+        try:
+            request = await hold(approvals)
+            await eventually(lambda: state(notifier, request.id) == {url: DELIVERED}, "delivered")
+        finally:
+            await notifier.close()
+        return request
+
+    request = anyio.run(scenario)
+    attempts = notifier.attempts(request.id)
+    assert [(a.attempt, a.status_code) for a in attempts] == [(1, 503), (2, 429), (3, 200)]
+    # One delivery, retried: the same id each time (receivers dedupe on it), each signed afresh.
+    assert {a.delivery_id for a in attempts} == {
+        r.headers["bastion-delivery"] for r in receiver.got
+    }
+    assert len({a.delivery_id for a in attempts}) == 1
+    assert all(r.verified for r in receiver.got) and len(receiver.got) == 3
+    # Backoff: each wait at least the first delay, doubled each time.
+    gaps = [b.at - a.at for a, b in zip(attempts, attempts[1:], strict=False)]
+    assert gaps[0] >= 0.02 and gaps[1] >= 0.04
+    approvals.store.db.close()
+
+
+def test_a_400_is_not_retried_and_5xx_are_until_the_attempts_run_out(sqlite_url, receivers):
+    refusing = Receiver(answers=[400])
+    failing = Receiver(answers=[500, 502, 503])
+    refused_url, failing_url = receivers(refusing), receivers(failing)
+    approvals = approvals_on(sqlite_url, settings(refused_url, failing_url, webhook_attempts=3))
+    notifier = approvals.webhooks
+
+    async def scenario():
+        await notifier.start()
+        try:
+            request = await hold(approvals)
+            await eventually(
+                lambda: state(notifier, request.id) == {refused_url: FAILED, failing_url: FAILED},
+                "both given up",
+            )
+        finally:
+            await notifier.close()
+        return request
+
+    request = anyio.run(scenario)
+    attempts = notifier.attempts(request.id)
+    assert [a.status_code for a in attempts if a.webhook == webhook_label(refused_url)] == [400]
+    assert [a.status_code for a in attempts if a.webhook == webhook_label(failing_url)] == [
+        500,
+        502,
+        503,
+    ]
+    assert len(refusing.got) == 1 and len(failing.got) == 3
+    approvals.store.db.close()
+
+
+def test_an_attempt_without_an_answer_in_time_is_abandoned_and_retried(sqlite_url, receivers):
+    hanging = Receiver()
+    hanging.gate.clear()
+    url = receivers(hanging)
+    approvals = approvals_on(
+        sqlite_url, settings(url, webhook_attempts=2, webhook_timeout_seconds=0.5)
+    )
+    notifier = approvals.webhooks
+
+    async def scenario():
+        await notifier.start()
+        try:
+            request = await hold(approvals)
+            await eventually(lambda: state(notifier, request.id) == {url: FAILED}, "given up")
+        finally:
+            await notifier.close()
+        return request
+
+    request = anyio.run(scenario)
+    attempts = notifier.attempts(request.id)
+    assert [(a.attempt, a.status_code, a.error) for a in attempts] == [
+        (1, None, "no answer within 0.5 s"),
+        (2, None, "no answer within 0.5 s"),
+    ]
+    approvals.store.db.close()
+
+
+def test_a_redirect_is_not_followed_to_wherever_it_points(sqlite_url, receivers):
+    elsewhere = Receiver()
+    redirecting = Receiver(redirect_to=receivers(elsewhere))
+    url = receivers(redirecting)
+    approvals = approvals_on(sqlite_url, settings(url))
+    notifier = approvals.webhooks
+
+    async def scenario():
+        await notifier.start()
+        try:
+            request = await hold(approvals)
+            await eventually(lambda: state(notifier, request.id) == {url: FAILED}, "given up")
+        finally:
+            await notifier.close()
+        return request
+
+    request = anyio.run(scenario)
+    assert [a.status_code for a in notifier.attempts(request.id)] == [307]
+    assert elsewhere.got == []
+    approvals.store.db.close()
+
+
+def test_a_forged_or_tampered_notification_fails_the_receivers_check(sqlite_url, receivers):
+    receiver = Receiver()
+    url = receivers(receiver)
+    approvals = approvals_on(sqlite_url, settings(url))
+    notifier = approvals.webhooks
+
+    async def scenario():
+        await notifier.start()
+        try:
+            request = await hold(approvals)
+            await eventually(lambda: state(notifier, request.id) == {url: DELIVERED}, "delivered")
+        finally:
+            await notifier.close()
+
+    anyio.run(scenario)
+    [genuine] = receiver.got
+    assert genuine.verified
+    signature = genuine.headers["bastion-signature"]
+    body = genuine.body
+    headers = {"content-type": "application/json", "bastion-signature": signature}
+    phished = body.replace(b"https://bastion.test/approvals/", b"https://evil.example/approvals/")
+    assert phished != body
+    timestamp = int(signature.split(",")[0].removeprefix("t="))
+    wrong_key = hmac.new(b"a guess", f"{timestamp}.".encode() + body, "sha256").hexdigest()
+    later = str(timestamp + 1)
+    moved = hmac.new(SECRET, f"{later}.".encode() + body, "sha256").hexdigest()
+    forged = [
+        (phished, signature),  # the body changed under a genuine signature
+        (body, f"t={timestamp},v1={wrong_key}"),  # signed without the secret
+        (body, f"t={later},v1={signature.split('v1=')[1]}"),  # the timestamp moved
+        (body, f"t={later},v1={moved[:-1]}"),  # cut short
+        (body, f"v1={signature.split('v1=')[1]}"),  # no timestamp
+        (body, ""),
+    ]
+    with httpx.Client() as client:
+        for content, header in forged:
+            answer = client.post(
+                url, content=content, headers={**headers, "bastion-signature": header}
+            )
+            assert answer.status_code == 401, header
+        # The genuine notification sent again later than five minutes is a replay: refused.
+        receiver.clock_offset = 301
+        assert client.post(url, content=body, headers=headers).status_code == 401
+        receiver.clock_offset = 0
+        assert client.post(url, content=body, headers=headers).status_code == 200
+    assert [r.verified for r in receiver.got] == [True] + [False] * 7 + [True]
+    approvals.store.db.close()
+
+
+def test_a_notifier_that_cannot_reach_anyone_never_holds_up_or_loses_the_request(
+    sqlite_url, receivers
+):
+    hanging = Receiver()
+    hanging.gate.clear()  # takes the request and does not answer until the test says so
+    hanging_url = receivers(hanging)
+    refused_url = closed_port_url()
+    approvals = approvals_on(
+        sqlite_url,
+        settings(hanging_url, refused_url, webhook_attempts=2, webhook_timeout_seconds=600),
+    )
+    notifier = approvals.webhooks
+
+    async def scenario():
+        await notifier.start()
+        try:
+            request = await hold(approvals)
+            # hold() has returned while the receiver still holds its notification unanswered.
+            await eventually(lambda: hanging.waiting == 1, "the receiver has the notification")
+            assert [a.webhook for a in notifier.attempts(request.id)].count(
+                webhook_label(hanging_url)
+            ) == 0
+            # The request is pending and answerable whatever the webhooks do.
+            assert (await anyio.to_thread.run_sync(approvals.get, request.id)).status == "pending"
+            answered = await anyio.to_thread.run_sync(
+                lambda: approvals.answer(request.id, "sam", "approve", channel="api")
+            )
+            assert answered.status == "approved"
+            assert approvals.check(the_call()).state == "approved"
+            await eventually(
+                lambda: state(notifier, request.id).get(refused_url) == FAILED, "refused given up"
+            )
+            hanging.gate.set()
+            await eventually(
+                lambda: state(notifier, request.id).get(hanging_url) == DELIVERED, "delivered"
+            )
+        finally:
+            await notifier.close()
+        return request
+
+    request = anyio.run(scenario)
+    refused = [a for a in notifier.attempts(request.id) if a.webhook == webhook_label(refused_url)]
+    assert [a.attempt for a in refused] == [1, 2]
+    assert all(a.status_code is None and "ConnectError" in a.error for a in refused)
+    approvals.store.db.close()
+
+
+def test_a_restart_resumes_an_unfinished_delivery(database_url, receivers):
+    receiver = Receiver(answers=[503])
+    url = receivers(receiver)
+    # A long backoff: the second attempt is due only after the restart.
+    chosen = settings(url, webhook_backoff_seconds=0.5)
+    approvals = approvals_on(database_url, chosen)
+    first = approvals.webhooks
+
+    async def before():
+        await first.start()
+        try:
+            request = await hold(approvals)
+            await eventually(lambda: len(first.attempts(request.id)) == 1, "one attempt")
+        finally:
+            await first.close()
+        return request
+
+    request = anyio.run(before)
+    assert state(first, request.id) == {url: PENDING}
+    # A request made while no sender runs waits in the outbox too.
+    later = approvals.hold(the_call({"to": "y@example.com"}), "d2", (), {})
+    assert state(first, later.id) == {url: PENDING}
+    approvals.store.db.close()
+
+    again = Database(database_url)
+    second = WebhookNotifier(chosen, again, lambda i: f"{ISSUER}/approvals/{i}", sweep_seconds=0.05)
+
+    async def after():
+        await second.start()
+        try:
+            for held in (request, later):
+                await eventually(
+                    lambda held=held: state(second, held.id) == {url: DELIVERED}, "delivered"
+                )
+        finally:
+            await second.close()
+
+    anyio.run(after)
+    assert [(a.attempt, a.status_code) for a in second.attempts(request.id)] == [(1, 503), (2, 200)]
+    assert [(a.attempt, a.status_code) for a in second.attempts(later.id)] == [(1, 200)]
+    assert all(r.verified for r in receiver.got) and len(receiver.got) == 3
+    again.close()
+
+
+def test_a_delivery_is_not_sent_once_its_request_has_expired(sqlite_url, receivers):
+    receiver = Receiver()
+    url = receivers(receiver)
+    chosen = settings(url)
+    approvals = approvals_on(sqlite_url, chosen)
+    request = approvals.hold(the_call(), "d1", (), {})  # while no sender runs (bastion down)
+
+    class AnHourLater:
+        def __call__(self) -> float:
+            return time.time() + 3600
+
+    late = WebhookNotifier(chosen, approvals.store.db, approvals.url, clock=AnHourLater())
+
+    async def scenario():
+        await late.start()
+        try:
+            await eventually(lambda: state(late, request.id) == {url: FAILED}, "given up")
+        finally:
+            await late.close()
+
+    anyio.run(scenario)
+    [delivery] = late.deliveries(request.id)
+    assert delivery.reason == "the request expired before it could be delivered"
+    assert late.attempts(request.id) == [] and receiver.got == []
+    approvals.store.db.close()
+
+
+def test_a_restart_with_fewer_attempts_or_without_the_webhook_ends_what_it_left(
+    sqlite_url, receivers
+):
+    kept, dropped = Receiver(otherwise=503), Receiver(otherwise=503)
+    kept_url, dropped_url = receivers(kept), receivers(dropped)
+    # The third attempts would be due 3 s after the first, long after the test stops them.
+    before = settings(kept_url, dropped_url, webhook_attempts=5, webhook_backoff_seconds=1.0)
+    approvals = approvals_on(sqlite_url, before)
+    first = approvals.webhooks
+
+    async def until_two_attempts_each():
+        await first.start()
+        try:
+            request = await hold(approvals)
+            await eventually(
+                lambda: sorted(a.attempt for a in first.attempts(request.id)) == [1, 1, 2, 2],
+                "two attempts each",
+            )
+        finally:
+            await first.close()
+        return request
+
+    request = anyio.run(until_two_attempts_each)
+    after = settings(kept_url, webhook_attempts=2)
+    second = WebhookNotifier(after, approvals.store.db, approvals.url, sweep_seconds=0.05)
+
+    async def restarted():
+        await second.start()
+        try:
+            await eventually(lambda: set(second.state(request.id).values()) == {FAILED}, "ended")
+        finally:
+            await second.close()
+
+    anyio.run(restarted)
+    ended = {d.webhook: d.reason for d in second.deliveries(request.id)}
+    assert ended == {
+        webhook_label(kept_url): "2 attempts made already; webhook_attempts is now 2",
+        webhook_label(dropped_url): "this webhook is no longer configured",
+    }
+    assert len(kept.got) == len(dropped.got) == 2  # nothing sent after the restart
+    approvals.store.db.close()
+
+
+def test_a_full_queue_keeps_the_rest_in_the_database_until_there_is_room(sqlite_url, receivers):
+    receiver = Receiver()
+    receiver.gate.clear()
+    url = receivers(receiver)
+    approvals = approvals_on(sqlite_url, settings(url, webhook_queue_size=1))
+    notifier = approvals.webhooks
+
+    async def scenario():
+        await notifier.start()
+        try:
+            held = [await hold(approvals, the_call({"n": n})) for n in range(3)]
+            await eventually(lambda: receiver.waiting == 1, "the first is being sent")
+            # Sweeps (each request wakes one) that must not take more than the queue holds.
+            swept = notifier.sweeps
+            await eventually(lambda: notifier.sweeps >= swept + 3, "three more sweeps")
+            assert receiver.waiting == 1 and len(receiver.got) == 1
+            assert [state(notifier, r.id) for r in held] == [{url: PENDING}] * 3
+            receiver.gate.set()
+            for r in held:
+                await eventually(lambda r=r: state(notifier, r.id) == {url: DELIVERED}, "sent")
+        finally:
+            await notifier.close()
+
+    anyio.run(scenario)
+    assert len(receiver.got) == 3 and all(r.verified for r in receiver.got)
+    approvals.store.db.close()
+
+
+def test_names_an_agent_or_upstream_chooses_cannot_add_mentions_or_links_to_the_chat_text(
+    sqlite_url, receivers
+):
+    receiver = Receiver()
+    url = receivers(receiver)
+    approvals = approvals_on(sqlite_url, settings(url))
+    notifier = approvals.webhooks
+    agent = (
+        "<!channel> `@here` [approve](https://evil.example/a) <https://evil.example|approve>\u202e"
+    )
+
+    async def scenario():
+        await notifier.start()
+        try:
+            request = await hold(approvals, the_call(client_id=agent))
+            await eventually(lambda: state(notifier, request.id) == {url: DELIVERED}, "delivered")
+        finally:
+            await notifier.close()
+
+    anyio.run(scenario)
+    sent = json.loads(receiver.got[0].body)
+    text = sent["text"]
+    for mark in ("<", ">", "[", "]", "(", ")", "@", "!", "|", "\u202e"):
+        assert mark not in text, mark
+    # Outside code spans the only link is the request's page: a name cannot close its span.
+    plain = re.sub(r"`[^`]*`", "", text)
+    assert re.findall(r"https?://\S+", plain) == [sent["approval"]["url"]]
+    # The JSON keeps the name as it is, for a receiver that builds its own message.
+    assert sent["approval"]["agent"] == agent
+    approvals.store.db.close()
+
+
+def test_a_result_held_for_review_is_announced_without_the_result(sqlite_url, receivers):
+    receiver = Receiver()
+    url = receivers(receiver)
+    approvals = approvals_on(sqlite_url, settings(url))
+    notifier = approvals.webhooks
+    review = dataclasses.replace(the_call(), kind="review")
+
+    async def scenario():
+        await notifier.start()
+        try:
+            request = await anyio.to_thread.run_sync(
+                lambda: approvals.hold(review, "d1", (), {}, result={"ssn": "078-05-1120"})
+            )
+            await eventually(lambda: state(notifier, request.id) == {url: DELIVERED}, "delivered")
+        finally:
+            await notifier.close()
+        return request
+
+    request = anyio.run(scenario)
+    sent = json.loads(receiver.got[0].body)
+    assert sent["approval"]["kind"] == "review"
+    assert sent["text"].endswith(
+        f"held for review: release or withhold it at {ISSUER}/approvals/{request.id}"
+    )
+    assert b"078-05-1120" not in receiver.got[0].body
+    approvals.store.db.close()
+
+
+def test_a_webhook_whose_secret_variable_is_unset_is_a_clear_configuration_error():
+    table = {"webhooks": [{"url": "https://chat.example.com/h", "secret_env": "HOOK_SECRET"}]}
+    with pytest.raises(ConfigError, match=r"approvals.webhooks\[0\].secret_env.*'HOOK_SECRET'"):
+        ApprovalSettings.from_mapping(table, env={})
+    with pytest.raises(ConfigError, match="HOOK_SECRET"):
+        ApprovalSettings.from_mapping(table, env={"HOOK_SECRET": ""})
+    chosen = ApprovalSettings.from_mapping(table, env={"HOOK_SECRET": "s3cret-s3cret-s3cret"})
+    assert chosen.webhooks == (Webhook("https://chat.example.com/h", b"s3cret-s3cret-s3cret"),)
+
+
+SECRET_ENV = {"HOOK_SECRET": "0123456789abcdef0123", "HOOK_URL": "https://hooks.example.com/T/B/x"}
+
+
+@pytest.mark.parametrize(
+    ("hook", "env", "message"),
+    [
+        # A secret that one signed notification lets anyone guess offline.
+        ({"url": "https://a.example/h", "secret_env": "SHORT"}, {"SHORT": "x" * 15}, "at least 16"),
+        # Written in the file, where every reader of the configuration sees it.
+        (
+            {"url": "https://a.example/h", "secret": "0123456789abcdef"},
+            {},
+            "belongs in an environment variable",
+        ),
+        ({"url": "https://a.example/h", "secret_env": "HOOK_SECRET", "retries": 3}, {}, "retries"),
+        ({"url": "ftp://a.example/h", "secret_env": "HOOK_SECRET"}, {}, "http"),
+        ({"url": "https://", "secret_env": "HOOK_SECRET"}, {}, "no host"),
+        (
+            {"url": "https://a.example/h", "url_env": "HOOK_URL", "secret_env": "HOOK_SECRET"},
+            {},
+            "one of",
+        ),
+        ({"url_env": "UNSET", "secret_env": "HOOK_SECRET"}, {}, r"url_env.*'UNSET' is not set"),
+        ({"secret_env": "HOOK_SECRET"}, {}, "needs url"),
+        ("https://a.example/h", {}, "needs url"),
+    ],
+)
+def test_a_webhook_configured_wrong_is_a_clear_error_that_names_it(hook, env, message):
+    with pytest.raises(ConfigError, match=r"approvals.webhooks\[0\]") as refused:
+        ApprovalSettings.from_mapping({"webhooks": [hook]}, env={**SECRET_ENV, **env})
+    assert re.search(message, str(refused.value)), str(refused.value)
+
+
+def test_a_webhook_url_may_come_from_the_environment_and_is_never_shown_whole():
+    table = {
+        "webhooks": [
+            {"url_env": "HOOK_URL", "secret_env": "HOOK_SECRET"},
+            {"url": "https://hooks.example.com/T/B/x", "secret_env": "HOOK_SECRET"},
+        ]
+    }
+    with pytest.raises(ConfigError, match=r"webhooks\[1\].url names the same URL"):
+        ApprovalSettings.from_mapping(table, env=SECRET_ENV)
+    chosen = ApprovalSettings.from_mapping({"webhooks": table["webhooks"][:1]}, env=SECRET_ENV)
+    [hook] = chosen.webhooks
+    assert hook.url == "https://hooks.example.com/T/B/x"
+    # The path holds the chat tool's token: records, logs and reprs show only the origin.
+    assert hook.label.startswith("https://hooks.example.com/…#")
+    for shown in (hook.label, repr(hook), repr(chosen)):
+        assert "T/B/x" not in shown and "0123456789" not in shown
+    # Nor a user and password written into the URL.
+    assert webhook_label("https://me:pw@h.example:8443/T/x?k=1").startswith(
+        "https://h.example:8443/…#"
+    )
+
+
+@pytest.mark.parametrize("size", [0, -1, 1.5, "10", True])
+def test_the_queue_size_must_be_a_positive_whole_number(size):
+    with pytest.raises(ConfigError, match="webhook_queue_size"):
+        ApprovalSettings.from_mapping({"webhook_queue_size": size}, env={})
+    assert ApprovalSettings.from_mapping({"webhook_queue_size": 5}, env={}).webhook_queue_size == 5
+
+
+def test_a_server_with_webhooks_configured_sends_them_from_start_to_shutdown(
+    tmp_path, receivers, monkeypatch
+):
+    receiver = Receiver()
+    url = receivers(receiver)
+    monkeypatch.setenv("TEST_HOOK_SECRET", SECRET.decode())
+    sock = free_socket()
+    base = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    policy = tmp_path / "policy.polar"
+    policy.write_text(POLICY)
+    config = ServerConfig(
+        database=str(tmp_path / "bastion.db"),
+        policy_file=str(policy),
+        oauth={
+            "issuer": base,
+            "key_dir": str(tmp_path / "keys"),
+            "resources": [{"uri": f"{base}/mcp/crm", "scopes": ["crm"]}],
+        },
+        gateway={"upstreams": [{"name": "crm", "url": closed_port_url()}]},
+        approvals={
+            "webhooks": [{"url": url, "secret_env": "TEST_HOOK_SECRET"}],
+            "webhook_backoff_seconds": 0.02,
+        },
+    )
+    app = create_app(config)
+    approvals = app.state.approvals
+    assert approvals.webhooks is not None
+    with serve(app, sock):
+        # As the gateway does: the request is made in a worker thread of the server.
+        request = approvals.hold(the_call(), "d1", (), {})
+        deadline = time.monotonic() + 20
+        while state(approvals.webhooks, request.id) != {url: DELIVERED}:
+            assert time.monotonic() < deadline, "the server never sent the notification"
+            time.sleep(0.02)
+    [got] = receiver.got
+    assert got.verified
+    assert json.loads(got.body)["approval"]["url"] == f"{base}/approvals/{request.id}"
+
+
+def test_two_replicas_on_one_database_send_each_notification_once(postgres_url, receivers):
+    receiver = Receiver()
+    url = receivers(receiver)
+    chosen = settings(url, webhook_queue_size=4)
+    approvals = approvals_on(postgres_url, chosen)
+    other_db = Database(postgres_url)
+    replicas = [
+        approvals.webhooks,
+        WebhookNotifier(chosen, other_db, approvals.url, sweep_seconds=0.05),
+    ]
+
+    # Made while neither runs: at start both find all twenty in the outbox and race for them.
+    held = [approvals.hold(the_call({"n": n}), "d", (), {}) for n in range(20)]
+
+    async def scenario():
+        await asyncio.gather(*(replica.start() for replica in replicas))
+        try:
+            for request in held:
+                await eventually(
+                    lambda r=request: DELIVERED in state(replicas[0], r.id).values(), "sent"
+                )
+        finally:
+            for replica in replicas:
+                await replica.close()
+
+    anyio.run(scenario)
+    ids = [r.headers["bastion-delivery"] for r in receiver.got]
+    # Each delivery went out once, whichever replica took it.
+    assert len(ids) == len(set(ids)) == len(held) == 20
+    assert all(r.verified for r in receiver.got)
+    approvals.store.db.close()
+    other_db.close()
+
+
+# A bastion process's sender, alone: started, then killed by the test while it sends.
+SENDER = """
+import asyncio, sys
+from bastion.approvals.settings import ApprovalSettings, Webhook
+from bastion.approvals.webhooks import WebhookNotifier
+from bastion.db import Database, DatabaseUnavailable
+
+database, url, secret = sys.argv[1:4]
+chosen = ApprovalSettings(webhooks=(Webhook(url, secret.encode()),))
+
+async def main():
+    await WebhookNotifier(chosen, Database(database), str, sweep_seconds=0.05).start()
+    await asyncio.Event().wait()
+
+asyncio.run(main())
+"""
+
+
+def test_a_delivery_under_way_when_its_process_is_killed_is_sent_once_its_lease_ends(
+    sqlite_url, receivers
+):
+    receiver = Receiver()
+    receiver.gate.clear()
+    url = receivers(receiver)
+    chosen = settings(url)
+    approvals = approvals_on(sqlite_url, chosen)
+    request = approvals.hold(the_call(), "d1", (), {})
+    sender = subprocess.Popen([sys.executable, "-c", SENDER, sqlite_url, url, SECRET.decode()])
+    try:
+        deadline = time.monotonic() + 30
+        while receiver.waiting < 1:  # the killed process's POST is under way
+            assert sender.poll() is None and time.monotonic() < deadline, "it never sent"
+            time.sleep(0.02)
+    finally:
+        sender.send_signal(signal.SIGKILL)
+        sender.wait()
+    receiver.gate.set()
+    assert approvals.webhooks.attempts(request.id) == []  # it died before any record
+
+    class Movable:
+        offset = 0.0
+
+        def __call__(self) -> float:
+            return time.time() + self.offset
+
+    clock = Movable()
+    successor = WebhookNotifier(
+        chosen, approvals.store.db, approvals.url, clock=clock, sweep_seconds=0.05
+    )
+
+    async def scenario():
+        await successor.start()
+        try:
+            # While the dead process's lease lasts, sweeps leave its delivery alone.
+            await eventually(lambda: successor.sweeps >= 3, "three sweeps")
+            assert state(successor, request.id) == {url: PENDING} and len(receiver.got) == 1
+            clock.offset = chosen.webhook_timeout_seconds + 61  # the lease has run out
+            await eventually(lambda: state(successor, request.id) == {url: DELIVERED}, "sent")
+        finally:
+            await successor.close()
+
+    anyio.run(scenario)
+    assert [(a.attempt, a.status_code) for a in successor.attempts(request.id)] == [(1, 200)]
+    # At least once: the receiver saw it twice, under one delivery id, and dedupes.
+    assert len({r.headers["bastion-delivery"] for r in receiver.got}) == 1
+    assert len(receiver.got) == 2 and all(r.verified for r in receiver.got)
+    approvals.store.db.close()
+
+
+def test_a_database_outage_while_a_delivery_is_under_way_loses_nothing(outage, receivers, caplog):
+    receiver = Receiver(answers=[503])
+    url = receivers(receiver)
+    role = outage.role()
+    chosen = settings(url, webhook_backoff_seconds=0.5)
+    approvals = approvals_on(outage.url(role), chosen)
+    notifier = approvals.webhooks
+
+    def failed_to_record() -> bool:
+        return any("could not record attempt 2" in r.getMessage() for r in caplog.records)
+
+    async def scenario():
+        await notifier.start()
+        try:
+            request = await hold(approvals)
+            await eventually(lambda: len(notifier.attempts(request.id)) == 1, "first attempt")
+            # The database goes away before the second attempt can be recorded.
+            await anyio.to_thread.run_sync(outage.block, role)
+            await eventually(lambda: len(receiver.got) == 2, "second attempt sent")
+            await eventually(failed_to_record, "the record of it refused")
+            await anyio.to_thread.run_sync(outage.unblock, role)
+
+            def delivered() -> bool:
+                try:
+                    return state(notifier, request.id) == {url: DELIVERED}
+                except DatabaseUnavailable:
+                    return False  # not back yet
+
+            await eventually(delivered, "recorded")
+        finally:
+            await notifier.close()
+        return request
+
+    with caplog.at_level("WARNING", logger="bastion.approvals.webhooks"):
+        request = anyio.run(scenario)
+    assert [(a.attempt, a.status_code) for a in notifier.attempts(request.id)] == [
+        (1, 503),
+        (2, 200),
+    ]
+    # The sender waited for the database rather than send the delivered notification again.
+    assert [r.verified for r in receiver.got] == [True, True]
+    approvals.store.db.close()
