@@ -159,14 +159,29 @@ def cmd_list(deployment: Deployment, args: argparse.Namespace) -> int:
     return 0
 
 
+def _reviewed(deployment: Deployment, request: ApprovalRequest, person: str) -> object:
+    """The held result as ``person`` may see it (masked for them by the policy), if they may
+    review it now."""
+    _check_person(person)
+    if request.kind != "review":
+        raise CommandError("this request holds a call, not a result: leave out --as")
+    why = deployment.approvals.may_answer(request, person)
+    if why is not None:
+        raise CommandError(f"{person} may not review request {request.id}: {why}")
+    return deployment.approvals.review_view(request, person)
+
+
 def cmd_show(deployment: Deployment, args: argparse.Namespace) -> int:
     request = _found(deployment.approvals, args.id)
+    reviewed = args.person is not None
+    result = _reviewed(deployment, request, args.person) if reviewed else None
     events = list(
         reversed(deployment.approvals.audit.events(request_id=request.id, limit=args.events))
     )
     if args.json:
         shown = {
             **request.summary(),
+            **({"result": result} if reviewed else {}),
             "events": [
                 {"at": e.at, "kind": e.kind, "user": e.subject, "agent": e.client_id, **e.detail}
                 for e in events
@@ -198,6 +213,11 @@ def cmd_show(deployment: Deployment, args: argparse.Namespace) -> int:
     if s["withheld_fields"]:
         print(f"  released with withheld fields: {', '.join(map(_text, s['withheld_fields']))}")
     print(f"  held by decision {s['decision_id']}")
+    if reviewed:
+        print(f"  result, as {args.person} may see it:")
+        shown_result = json.dumps(result, indent=2, sort_keys=True, default=str)
+        for text in shown_result.splitlines():
+            print(f"    {text}")
     print("answers:" if s["answers"] else "answers: none")
     for a in s["answers"]:
         minutes = f" for {a['minutes']} minutes" if a["minutes"] else ""
@@ -217,9 +237,13 @@ def _vouching() -> str:
         return "cli"
 
 
+def _check_person(person: str) -> None:
+    if not person or not person.isprintable() or person.strip() != person:
+        raise CommandError("--as names a person: a user name")
+
+
 def _answer(deployment: Deployment, args: argparse.Namespace, answer: str) -> int:
-    if not args.person or not args.person.isprintable() or args.person.strip() != args.person:
-        raise CommandError("--as names the person who answers: a user name")
+    _check_person(args.person)
     withheld = tuple(getattr(args, "withhold", None) or ())
     try:
         request = deployment.approvals.answer(
@@ -299,6 +323,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = commands.add_parser("show", help="a request: arguments in full, answers, audit events")
     p.add_argument("id")
     p.add_argument("--events", type=_limit, default=100, help="audit events to show, at most")
+    p.add_argument(
+        "--as",
+        dest="person",
+        help="a reviewer: show the held result as this person may see it (masked for them)",
+    )
     p.add_argument("--json", action="store_true")
     _common(p)
     p.set_defaults(func=_opened(cmd_show))

@@ -724,11 +724,33 @@ PATHS: dict[str, Any] = {
     "/v1/approvals/{request_id}": {
         "get": {
             **_op(
-                "One held call or result: its arguments in full and its answers",
+                "One held call or result: its arguments in full and its answers; with reviewer,"
+                " a held result as that person may see it (masked for them by the policy), if"
+                " they may review it now (403 says why not; 422 for a held call)",
                 approvals_api.SCOPE,
-                _ref("ApprovalRequest"),
-                problems=(404,),
-                params=[_path("request_id", "the id of an approval request")],
+                {
+                    "allOf": [
+                        _ref("ApprovalRequest"),
+                        {
+                            "type": "object",
+                            "properties": {
+                                "result": {
+                                    "description": "with reviewer only: the held result as"
+                                    " the reviewer may see it; null when none is held any more"
+                                }
+                            },
+                        },
+                    ]
+                },
+                problems=(404, 422),
+                params=[
+                    _path("request_id", "the id of an approval request"),
+                    _query(
+                        "reviewer",
+                        {**_STR, "minLength": 1, "maxLength": approvals_api.MAX_PERSON},
+                        "a person who may review this held result: include it, as they may see it",
+                    ),
+                ],
             ),
             "operationId": "getApproval",
         }

@@ -36,6 +36,8 @@ requires_approval(_user: User, "call", Tool{"crm/delete"});
 requires_review(_user: User, "call", Tool{"crm/report"});
 approver(boss: User, user: User, "call", Tool{"crm/send"}) if manager(user, boss);
 approver(boss: User, user: User, "call", Tool{"crm/report"}) if manager(user, boss);
+approver(User{"cfo"}, _user: User, "call", Tool{"crm/report"});
+mask(User{"cfo"}, "call", Tool{"crm/report"}, "customers.*.email");
 approval_window(_user: User, "call", Tool{"crm/send"}, 30);
 """
 

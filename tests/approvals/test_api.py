@@ -4,6 +4,7 @@ vouches for; the policy still decides who may answer, and every refusal changes 
 
 from __future__ import annotations
 
+import json
 import time
 
 import httpx
@@ -267,6 +268,29 @@ def test_a_held_result_is_released_with_fields_withheld_and_takes_no_minutes(bas
     assert (released["kind"], released["status"]) == ("review", "released")
     assert released["withheld_fields"] == ["customers.*.email"]
     assert "result" not in released  # a held result is never shown by the API
+
+
+def test_a_reviewer_sees_the_held_result_masked_for_them_and_nobody_else_sees_it(bastion):
+    customers = {"customers": [{"name": "Ada", "email": "ada@example.com"}]}
+    result = {
+        "content": [{"type": "text", "text": json.dumps(customers)}],
+        "structuredContent": customers,
+    }
+    held = bastion.holder.hold(REPORT, kind="review", result=result)
+    url = f"/v1/approvals/{held.id}"
+    with bastion.client() as api:
+        assert "result" not in api.get(url).json()
+        full = api.get(url, params={"reviewer": "avery"}).json()["result"]
+        masked = api.get(url, params={"reviewer": "cfo"}).json()["result"]
+        assert_problem(api.get(url, params={"reviewer": "mallory"}), 403, "not an approver")
+        assert_problem(api.get(url, params={"reviewer": "sam"}), 403, "may not review")
+        call = bastion.holder.hold(SEND)
+        r = api.get(f"/v1/approvals/{call.id}", params={"reviewer": "avery"})
+        assert_problem(r, 422, "nothing to review")
+    assert full["structuredContent"] == customers
+    [customer] = masked["structuredContent"]["customers"]
+    assert customer["name"] == "Ada" and customer["email"] != "ada@example.com"
+    assert "ada@example.com" not in json.dumps(masked)
 
 
 def test_fields_are_withheld_from_results_not_from_calls(bastion):

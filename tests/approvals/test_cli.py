@@ -222,6 +222,26 @@ def test_a_held_result_is_released_with_fields_withheld(deployment, bastion):
     assert "email" not in out.split("answers:")[0].split("arguments:")[1].split("why:")[0]
 
 
+def test_show_as_a_reviewer_prints_the_held_result_masked_for_them(deployment, bastion):
+    customers = {"customers": [{"name": "Ada", "email": "ada@example.com"}]}
+    held = deployment.holder.hold(
+        REPORT, kind="review", result={"structuredContent": customers, "content": []}
+    )
+    code, out, _ = bastion("approvals", "show", held.id, "--as", "avery")
+    assert code == 0 and "result, as avery may see it:" in out and "ada@example.com" in out
+    code, out, _ = bastion("approvals", "show", held.id, "--as", "cfo", "--json")
+    assert code == 0
+    [customer] = json.loads(out)["result"]["structuredContent"]["customers"]
+    assert customer["name"] == "Ada" and customer["email"] != "ada@example.com"
+    code, out, err = bastion("approvals", "show", held.id, "--as", "mallory")
+    assert code == 2 and out == "" and "mallory may not review" in err
+    code, _, _ = bastion("approvals", "show", held.id)
+    assert code == 0
+    call = deployment.holder.hold(SEND)
+    code, _, err = bastion("approvals", "show", call.id, "--as", "avery")
+    assert code == 2 and "holds a call, not a result" in err
+
+
 def test_without_oauth_in_the_configuration_the_commands_say_what_is_missing(
     deployment, capsys, tmp_path
 ):

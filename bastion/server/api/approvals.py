@@ -125,16 +125,36 @@ async def list_requests(request: Request) -> JSONResponse:
 
 
 async def get_request(request: Request) -> JSONResponse:
-    """One request, its arguments in full and its answers."""
+    """One request, its arguments in full and its answers; with ``reviewer``, a held result as
+    that person may see it (masked for them by the policy), if they may review it now."""
     await require(request, SCOPE)
     approvals = _approvals(request)
     request_id = request.path_params["request_id"]
-    found = None
-    if len(request_id) <= MAX_ID:
-        found = await anyio.to_thread.run_sync(approvals.get, request_id)
-    if found is None:
+    reviewer = request.query_params.get("reviewer")
+    if reviewer is not None:
+        reviewer = _user_name(_person(reviewer, "reviewer"))
+
+    def read() -> dict | None:
+        found = approvals.get(request_id) if len(request_id) <= MAX_ID else None
+        if found is None:
+            return None
+        shown = found.summary()
+        if reviewer is not None:
+            if found.kind != "review":
+                raise unprocessable(
+                    "this request holds a call, not a result: there is nothing to review;"
+                    " leave out reviewer"
+                )
+            why = approvals.may_answer(found, reviewer)
+            if why is not None:
+                raise Problem(403, "Not allowed", f"{reviewer} may not review this result: {why}")
+            shown["result"] = approvals.review_view(found, reviewer)
+        return shown
+
+    shown = await anyio.to_thread.run_sync(read)
+    if shown is None:
         raise _unknown(request_id)
-    return JSONResponse(found.summary())
+    return JSONResponse(shown)
 
 
 async def _answer(request: Request, answer: str) -> JSONResponse:
