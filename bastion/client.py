@@ -249,8 +249,10 @@ class _Ops:
         params = {k: v for k, v in params.items() if v is not None}
         return (yield _Call("GET", "/v1/approvals", params=params))["approvals"]
 
-    def approval(self, request_id: str) -> Op:
-        return (yield _Call("GET", f"/v1/approvals/{quote(request_id, safe='')}"))
+    def approval(self, request_id: str, reviewer: str | None = None) -> Op:
+        """One request; with ``reviewer``, its held result as that person may see it."""
+        params = {"reviewer": reviewer} if reviewer is not None else None
+        return (yield _Call("GET", f"/v1/approvals/{quote(request_id, safe='')}", params=params))
 
     def approve(
         self,

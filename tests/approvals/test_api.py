@@ -288,6 +288,8 @@ def test_a_reviewer_sees_the_held_result_masked_for_them_and_nobody_else_sees_it
         r = api.get(f"/v1/approvals/{call.id}", params={"reviewer": "avery"})
         assert_problem(r, 422, "nothing to review")
     assert full["structuredContent"] == customers
+    with Client(bastion.server.url, bastion.keys["approvals"]) as client:
+        assert client.approval(held.id, reviewer="avery")["result"] == full
     [customer] = masked["structuredContent"]["customers"]
     assert customer["name"] == "Ada" and customer["email"] != "ada@example.com"
     assert "ada@example.com" not in json.dumps(masked)
