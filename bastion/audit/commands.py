@@ -34,9 +34,11 @@ def _line(record: DecisionRecord) -> str:
         extra.append(f"rules={len(record.rules)}")
     approval = record.obligations.get("approval")
     if isinstance(approval, dict) and approval.get("id"):
-        # The request that held this call, or whose approval let it through (bastion approvals
-        # show <id>).
-        extra.append(f"approval={approval['id']}:{approval.get('status', '?')}")
+        # The request that held this call, or whose approval (or released result) it used:
+        # bastion approvals show <id>.
+        kind = "review" if approval.get("kind") == "review" else "approval"
+        status = f":{shown(approval['status'])}" if approval.get("status") else ""
+        extra.append(f"{kind}={shown(approval['id'])}{status}")
     return (
         f"{at} {record.result:<12} {record.method:<15} {record.target} by {who}"
         f" {' '.join(extra)} {record.latency_us}us id={record.id}"

@@ -276,9 +276,16 @@ def test_audit_events_prints_the_approval_events_oldest_first(deployment, bastio
 
 
 def test_audit_tail_links_a_held_call_to_its_approval_request(deployment, bastion):
+    """As the gateway writes them: the held call, the call its approval let through, and a result
+    held for review, each linked to its request."""
     held = deployment.holder.hold(SEND)
+    reviewed = deployment.holder.hold(REPORT, kind="review", result={"content": []})
     records = DecisionRecords(Database(deployment.database))
-    for result, status in (("held", "pending"), ("allow", "used")):
+    for result, reason, request, kind in (
+        ("held", "approval_pending", held, "approval"),
+        ("allow", "", held, "approval"),
+        ("held", "review_pending", reviewed, "review"),
+    ):
         records.add(
             DecisionRecord(
                 id=new_decision_id(),
@@ -288,17 +295,19 @@ def test_audit_tail_links_a_held_call_to_its_approval_request(deployment, bastio
                 target="crm/send",
                 principals=("User:sam", "Agent:bot"),
                 result=result,
-                reason="requires_approval" if result == "held" else "",
-                obligations={"approval": {"id": held.id, "status": status}},
+                reason=reason,
+                obligations={"approval": {"id": request.id, "kind": kind}},
             )
         )
     records.flush()
     records.db.close()
     code, out, _ = bastion("audit", "tail")
     assert code == 0
-    held_line, allowed_line = out.splitlines()
-    assert held_line.split()[1] == "held" and f"approval={held.id}:pending" in held_line
-    assert allowed_line.split()[1] == "allow" and f"approval={held.id}:used" in allowed_line
+    held_line, allowed_line, review_line = out.splitlines()
+    assert held_line.split()[1] == "held" and f"approval={held.id} " in held_line
+    assert "reason=approval_pending" in held_line
+    assert allowed_line.split()[1] == "allow" and f"approval={held.id} " in allowed_line
+    assert review_line.split()[1] == "held" and f"review={reviewed.id} " in review_line
 
 
 def test_audit_events_are_found_by_kind_prefix_and_request_on_either_database(database_url):
