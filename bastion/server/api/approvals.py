@@ -54,11 +54,11 @@ def _person(value: Any, name: str) -> str:
     return value
 
 
-def _user_name(value: str) -> str:
+def _user_name(value: str, name: str) -> str:
     """A name no user can have is nobody who may answer (and is never written to the record)."""
     if not value.isprintable() or value.strip() != value:
         raise unprocessable(
-            f"approver {value!r:.80} cannot be a user's name: user names are printable, without"
+            f"{name} {value!r:.80} cannot be a user's name: user names are printable, without"
             " surrounding spaces"
         )
     return value
@@ -132,7 +132,7 @@ async def get_request(request: Request) -> JSONResponse:
     request_id = request.path_params["request_id"]
     reviewer = request.query_params.get("reviewer")
     if reviewer is not None:
-        reviewer = _user_name(_person(reviewer, "reviewer"))
+        reviewer = _user_name(_person(reviewer, "reviewer"), "reviewer")
 
     def read() -> dict | None:
         found = approvals.get(request_id) if len(request_id) <= MAX_ID else None
@@ -162,7 +162,7 @@ async def _answer(request: Request, answer: str) -> JSONResponse:
     approvals = _approvals(request)
     request_id = request.path_params["request_id"]
     body = await read_json(request)
-    person = _user_name(_person(get_field(body, "approver", str), "approver"))
+    person = _user_name(_person(get_field(body, "approver", str), "approver"), "approver")
     reason = _text(body, "reason", MAX_REASON)
     minutes, withheld = (_minutes(body), _withheld(body)) if answer == "approve" else (0, ())
     if len(request_id) > MAX_ID:
