@@ -108,9 +108,11 @@ class ApprovalPages:
             if person is None:
                 return _see_other(sign_in_url(self.oauth.settings, self.prefix))
             waiting = await run_in_threadpool(self._waiting_for, person)
+            # An agent's request for access ahead of time (OpenID CIBA) waits here too.
+            backchannel = await run_in_threadpool(self.oauth.ciba.pending_for, person)
         except DatabaseUnavailable:
             return _unavailable()
-        return _list_page(person, waiting, self.prefix, self.approvals.clock())
+        return _list_page(person, waiting, backchannel, self.prefix, self.approvals.clock())
 
     def _waiting_for(self, person: str) -> list[ApprovalRequest]:
         """Pending requests that name ``person`` among their approvers, and their own calls that
@@ -473,11 +475,27 @@ def _answer_form(request: ApprovalRequest, action: str, csrf_token: str, result:
     )
 
 
-def _list_page(person: str, waiting: list[ApprovalRequest], prefix: str, now: float) -> Response:
+def _list_page(
+    person: str,
+    waiting: list[ApprovalRequest],
+    backchannel: list[dict[str, Any]],
+    prefix: str,
+    now: float,
+) -> Response:
     intro = f"<p>Signed in as <strong>{escape(person)}</strong>.</p>"
-    if not waiting:
+    if not waiting and not backchannel:
         return pages.page("Requests waiting for you", f"{intro}<p>Nothing waits for you.</p>")
-    rows = "".join(
+    access = "".join(
+        "<tr>"
+        f"<td><a href='{escape(b['url'], quote=True)}'>allow access</a></td>"
+        f"<td>{escape(person)}</td>"
+        f"<td>{escape(b['client_name'] or b['client_id'])}: <code>{escape(b['scope'])}</code>"
+        f" on <code>{escape(b['resource'])}</code></td>"
+        f"<td>{escape(_when(b['expires_at'], now))}</td>"
+        "</tr>"
+        for b in backchannel
+    )
+    rows = access + "".join(
         "<tr>"
         f"<td><a href='{escape(prefix, quote=True)}/{escape(quote(r.id, safe=''), quote=True)}'>"
         f"{'approve a call' if r.kind == 'approval' else 'review a result'}</a></td>"

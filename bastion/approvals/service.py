@@ -19,6 +19,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -328,12 +329,7 @@ class Approvals:
         if any(a.approver == person for a in request.answers):
             return f"{person} has already answered this request"
         resource = Entity.parse(request.target)
-        context = {
-            "time": _now(self.clock()),
-            "server": request.server,
-            "method": request.method,
-            "arguments": request.arguments,
-        }
+        context = _call_context(request, self.clock())
         terms = self.terms(request.subject, request.action, resource, context)
         if person == request.subject:
             if terms.self_forbidden or request.self_forbidden:
@@ -502,9 +498,7 @@ def _call_context(request: ApprovalRequest, now: float) -> dict[str, Any]:
     return context
 
 
-def _now(epoch: float):
-    from datetime import UTC, datetime
-
+def _now(epoch: float) -> datetime:
     return datetime.fromtimestamp(epoch, UTC)
 
 

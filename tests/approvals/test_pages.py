@@ -818,3 +818,38 @@ def test_under_an_issuer_with_a_path_the_pages_are_where_the_request_urls_point(
         assert "Path=/auth" in cookie
         big = http.post(url, content=b"x" * (config.max_oauth_body_bytes + 1))
         assert big.status_code == 413
+
+
+def test_an_agents_request_for_access_ahead_of_time_waits_on_the_same_list(bastion: Running):
+    """OpenID CIBA: a request addressed to avery is on avery's list, with its page; not sam's."""
+    from bastion.oauth.ciba import CIBA_GRANT_TYPE
+
+    values = registration.validate_client_metadata(
+        {
+            "client_name": "Night agent",
+            "token_endpoint_auth_method": "client_secret_basic",
+            "grant_types": [CIBA_GRANT_TYPE],
+            "redirect_uris": [],
+            "scope": "customers:read",
+        },
+        bastion.app.state.oauth.settings,
+    )
+    registered = registration.new_client(values, source="admin", now=time.time())
+    bastion.app.state.oauth.store.save_client(registered.client)
+    asked = httpx.post(
+        f"{bastion.url}/bc-authorize",
+        data={
+            "login_hint": "avery",
+            "scope": "customers:read",
+            "resource": f"{bastion.url}/mcp/desk",
+            "binding_message": "night run 7",
+        },
+        auth=(registered.client.client_id, registered.client_secret),
+    )
+    assert asked.status_code == 200, asked.text
+    [pending] = bastion.app.state.oauth.ciba.pending_for("avery")
+    with signed_in(bastion, "avery") as http:
+        page = http.get("/approvals").text
+    assert pending["url"].removeprefix(bastion.url) in page and "Night agent" in page
+    with signed_in(bastion, "sam") as http:
+        assert "Night agent" not in http.get("/approvals").text

@@ -46,7 +46,11 @@ def bastion(tmp_path_factory):
 
 
 def answer_in_browser(
-    url: str, username: str, button: str = "Approve", fill: dict[str, str] | None = None
+    url: str,
+    username: str,
+    button: str = "Approve",
+    fill: dict[str, str] | None = None,
+    password: str = PASSWORD,
 ) -> tuple[str, str, str]:
     """As the approver: open ``url`` in a fresh chromium, sign in where it sends you, fill the
     fields labelled as in ``fill``, press ``button``. Returns the request's status after, what
@@ -69,7 +73,7 @@ def answer_in_browser(
             page.goto(url)
             assert page.title() == "Sign in to bastion"
             page.get_by_label("Username").fill(username)
-            page.get_by_label("Password").fill(PASSWORD)
+            page.get_by_label("Password").fill(password)
             with page.expect_navigation():
                 page.get_by_role("button", name="Sign in").click()
             assert page.url == url

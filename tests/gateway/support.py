@@ -533,12 +533,13 @@ def start(
 
 
 def serve_quickstart(
-    directory: Path, env: dict[str, str] | None = None
+    directory: Path, env: dict[str, str] | None = None, replace: dict[str, str] | None = None
 ) -> tuple[subprocess.Popen, str]:
     """`bastion serve` of examples/quickstart/bastion.toml in a process of its own, as `make run`
     starts it, but on a free port with a fresh database in ``directory`` (set up by the
-    quickstart's setup.py). ``env`` adds environment variables (``BASTION_*`` settings). Returns
-    the process and its URL once it is ready; the caller stops it.
+    quickstart's setup.py). ``env`` adds environment variables (``BASTION_*`` settings);
+    ``replace`` changes more of the configuration's text. Returns the process and its URL once it
+    is ready; the caller stops it.
     """
     port = free_socket().getsockname()[1]
     config = (QUICKSTART / "bastion.toml").read_text()
@@ -547,6 +548,7 @@ def serve_quickstart(
         ("port = 8000", f"port = {port}"),
         ('".quickstart/', f'"{directory}/'),
         ('".venv/bin/python"', json.dumps(sys.executable)),
+        *(replace or {}).items(),
     ]:
         assert old in config, f"examples/quickstart/bastion.toml no longer has {old!r}"
         config = config.replace(old, new)

@@ -2,7 +2,7 @@
 test_browser.py): a person signs in, reads the request and approves it while the client polls
 over real HTTP; the page cannot be framed, and a form posted by another page is refused."""
 
-# The browser fixtures come from test_browser.py; tests name them as parameters.
+# The browser fixtures come from tests/browser.py; tests name them as parameters.
 # ruff: noqa: F811
 
 from __future__ import annotations
@@ -11,17 +11,14 @@ from html import escape
 from urllib.parse import urlencode
 
 from bastion.oauth.ciba import CIBA_GRANT_TYPE
+from tests.browser import ClientSite, Tab, browser_fixture, tab_fixture  # noqa: F401 (fixtures)
 
 from .support import Bastion
 from .test_browser import (  # noqa: F401 - pytest fixtures
-    ClientSite,
-    Tab,
-    browser,
     client,
     open_authorization,
     sign_in,
     site,
-    tab,
     text_of,
 )
 from .test_ciba import assert_oauth_error, ciba_client, only_pending_url, requested, wait_and_poll
