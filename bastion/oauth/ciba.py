@@ -138,14 +138,7 @@ class BackchannelAuthentication:
         username = form.get("login_hint")
         if not username:
             raise InvalidRequest("login_hint is required: the bastion username of the person")
-        resource_uri = form.get("resource")
-        if not resource_uri:
-            raise InvalidTarget("resource (RFC 8707) is required: the protected resource wanted")
-        resource = self.settings.resource(resource_uri)
-        if resource is None:
-            raise InvalidTarget(
-                f"resource {resource_uri!r} is not a protected resource of this server"
-            )
+        resource = self.settings.requested_resource(form)
         scope = self._scope(form.get("scope"), resource.scopes, client)
         binding_message = form.get("binding_message")
         if binding_message is not None:

@@ -156,17 +156,8 @@ class ScopeShown:
     description: str | None = None
 
 
-def consent_page(
-    *,
-    action: str,
-    request_id: str,
-    csrf_token: str,
-    username: str,
-    client: ClientShown,
-    resource_name: str,
-    resource_uri: str,
-    scopes: Iterable[ScopeShown],
-) -> HTMLResponse:
+def _access(resource_name: str, resource_uri: str, scopes: Iterable[ScopeShown]) -> tuple[str, str]:
+    """The resource asked for, and the list items of the scopes with what each lets do (HTML)."""
     items = (
         "".join(
             f"<li>{escape(s.description)} <code class=scope>{escape(s.scope)}</code></li>"
@@ -180,6 +171,21 @@ def consent_page(
         resource = f"<strong>{escape(resource_name)}</strong> (<code>{escape(resource_uri)}</code>)"
     else:
         resource = f"<code>{escape(resource_uri)}</code>"
+    return resource, items
+
+
+def consent_page(
+    *,
+    action: str,
+    request_id: str,
+    csrf_token: str,
+    username: str,
+    client: ClientShown,
+    resource_name: str,
+    resource_uri: str,
+    scopes: Iterable[ScopeShown],
+) -> HTMLResponse:
+    resource, items = _access(resource_name, resource_uri, scopes)
     body = (
         f"<p>Signed in as <strong>{escape(username)}</strong>.</p>"
         f"{_client_block(client)}"
@@ -225,19 +231,7 @@ def backchannel_request_page(
         if binding_message
         else "<p>It gave no message to compare with what it shows you.</p>"
     )
-    items = (
-        "".join(
-            f"<li>{escape(s.description)} <code class=scope>{escape(s.scope)}</code></li>"
-            if s.description
-            else f"<li><code class=scope>{escape(s.scope)}</code></li>"
-            for s in scopes
-        )
-        or "<li>(no scopes)</li>"
-    )
-    if resource_name:
-        resource = f"<strong>{escape(resource_name)}</strong> (<code>{escape(resource_uri)}</code>)"
-    else:
-        resource = f"<code>{escape(resource_uri)}</code>"
+    resource, items = _access(resource_name, resource_uri, scopes)
     body = (
         f"<p>Signed in as <strong>{escape(username)}</strong>.</p>{who}{message}"
         f"<p>It wants access to {resource} to:</p><ul>{items}</ul>"

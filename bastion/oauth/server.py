@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import functools
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import replace
 from typing import Any
 
@@ -266,25 +266,25 @@ class AuthorizationServer:
         return client, form
 
     async def _token(self, request: Request) -> Response:
-        form: dict[str, str] = {}
-        client: Client | None = None
-        try:
-            form = await _form(request)
-            client = await authenticate_client(
-                request.headers.get("authorization"),
-                form,
-                functools.partial(self.find_client, address=client_address(request)),
-            )
-            body = await run_in_threadpool(self._tokens.exchange, client, form)
-            await run_in_threadpool(self.housekeeping)
-        except OAuthError as error:
-            if error.error not in POLLING_ERRORS:
-                await run_in_threadpool(self._token_refused, request, form, client, error)
-            return error_response(error)
-        return json_response(body)
+        # A CIBA client polls: its "not yet" answers are not refusals worth a record.
+        return await self._client_request(
+            request, self._tokens.exchange, "token.refused", quiet=POLLING_ERRORS
+        )
 
     async def _backchannel_authorize(self, request: Request) -> Response:
         """OpenID CIBA §7: a client asks for a person's approval (`bastion.oauth.ciba`)."""
+        return await self._client_request(request, self.ciba.request, "ciba.refused")
+
+    async def _client_request(
+        self,
+        request: Request,
+        work: Callable[[Client, dict[str, str]], dict[str, Any]],
+        refused_kind: str,
+        quiet: Collection[str] = (),
+    ) -> Response:
+        """A form-encoded request of an authenticated client (the token endpoint's way):
+        ``work(client, form)`` in a worker thread answers it; a refusal is recorded as
+        ``refused_kind`` unless its error is in ``quiet``."""
         form: dict[str, str] = {}
         client: Client | None = None
         try:
@@ -294,14 +294,15 @@ class AuthorizationServer:
                 form,
                 functools.partial(self.find_client, address=client_address(request)),
             )
-            body = await run_in_threadpool(self.ciba.request, client, form)
+            body = await run_in_threadpool(work, client, form)
             await run_in_threadpool(self.housekeeping)
         except OAuthError as error:
-            await run_in_threadpool(
-                functools.partial(
-                    self._token_refused, request, form, client, error, kind="ciba.refused"
+            if error.error not in quiet:
+                await run_in_threadpool(
+                    functools.partial(
+                        self._token_refused, request, form, client, error, kind=refused_kind
+                    )
                 )
-            )
             return error_response(error)
         return json_response(body)
 

@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
+from bastion.oauth.errors import InvalidTarget
+
 REGISTRATION_POLICIES = ("open", "initial_access_token", "closed")
 
 
@@ -141,6 +143,17 @@ class OAuthSettings:
             if resource.uri == uri:
                 return resource
         return None
+
+    def requested_resource(self, form: Mapping[str, str]) -> ProtectedResource:
+        """The protected resource a request names in ``resource`` (RFC 8707), which it must
+        name, and which must be one of this server's; else `InvalidTarget`."""
+        uri = form.get("resource")
+        if not uri:
+            raise InvalidTarget("resource (RFC 8707) is required: the protected resource wanted")
+        resource = self.resource(uri)
+        if resource is None:
+            raise InvalidTarget(f"resource {uri!r} is not a protected resource of this server")
+        return resource
 
     @property
     def scopes_supported(self) -> list[str]:

@@ -162,14 +162,7 @@ class TokenEndpoint:
     def _client_credentials(self, client: Client, form: Mapping[str, str]) -> dict[str, Any]:
         if client.is_public:
             raise UnauthorizedClient("client_credentials needs a confidential client")
-        resource_uri = form.get("resource")
-        if not resource_uri:
-            raise InvalidTarget("resource (RFC 8707) is required")
-        resource = self.settings.resource(resource_uri)
-        if resource is None:
-            raise InvalidTarget(
-                f"resource {resource_uri!r} is not a protected resource of this server"
-            )
+        resource = self.settings.requested_resource(form)
         allowed = set(resource.scopes) & set((client.scope or "").split())
         if form.get("scope"):
             wanted = list(dict.fromkeys(form["scope"].split()))

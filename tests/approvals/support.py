@@ -18,7 +18,8 @@ from bastion.facts.store import FactStore
 from bastion.oauth.keys import deployment_secret
 from bastion.policy.parser import parse_fact
 
-POLICY = """
+# Users, agents and tools; who may call a tool is a role on it; sam's manager is a fact.
+POLICY_HEAD = """
 actor User {}
 actor Agent {}
 resource Tool {
@@ -30,7 +31,11 @@ declare manager(User, User);
 declare approval_grant(User, Agent, String, Tool);
 
 allow(actor, action, resource) if has_permission(actor, action, resource);
-allow(_agent: Agent, "call", _tool: Tool);
+"""
+
+POLICY = (
+    POLICY_HEAD
+    + """allow(_agent: Agent, "call", _tool: Tool);
 requires_approval(_user: User, "call", Tool{"crm/send"});
 requires_approval(_user: User, "call", Tool{"crm/delete"});
 requires_review(_user: User, "call", Tool{"crm/report"});
@@ -40,6 +45,7 @@ approver(User{"cfo"}, _user: User, "call", Tool{"crm/report"});
 mask(User{"cfo"}, "call", Tool{"crm/report"}, "customers.*.email");
 approval_window(_user: User, "call", Tool{"crm/send"}, 30);
 """
+)
 
 FACTS = """
 manager(User{"sam"}, User{"avery"})

@@ -30,22 +30,14 @@ from bastion.oauth.users import create_user
 from bastion.policy.parser import parse_fact
 from bastion.server.app import create_app
 from bastion.server.config import ServerConfig
+from tests.approvals.support import POLICY_HEAD
 from tests.browser import ClientSite, Tab, browser_fixture, tab_fixture  # noqa: F401 (fixtures)
 from tests.oauth.support import Clock, free_socket, hidden_fields, serve
 
 PASSWORD = "approval-pages-test-password"
-POLICY = """
-actor User {}
-actor Agent {}
-resource Tool {
-  roles = ["caller"];
-  permissions = ["call"];
-  "call" if "caller";
-}
-declare manager(User, User);
-declare approval_grant(User, Agent, String, Tool);
-
-allow(actor, action, resource) if has_permission(actor, action, resource);
+POLICY = (
+    POLICY_HEAD
+    + """
 # sam's manager approves sam's emails, for up to 30 minutes at a time.
 requires_approval(_user: User, "call", Tool{"desk/send_email"});
 approver(boss: User, user: User, "call", Tool{"desk/send_email"}) if manager(user, boss);
@@ -62,6 +54,7 @@ approver(boss: User, user: User, "call", Tool{"desk/wire"}) if manager(user, bos
 approver(User{"cfo"}, _user: User, "call", Tool{"desk/wire"});
 approvals_required(_user: User, "call", Tool{"desk/wire"}, 2);
 """
+)
 FACTS = ['manager(User{"sam"}, User{"avery"})']
 SEND = Entity("Tool", "desk/send_email")
 DELETE = Entity("Tool", "desk/delete_customer")

@@ -13,19 +13,11 @@ from bastion.audit.log import AuditLog
 from bastion.db import Database
 from bastion.decide.contract import decide_chain
 from bastion.facts.store import FactStore
+from tests.approvals.support import POLICY_HEAD
 
-POLICY = """
-actor User {}
-actor Agent {}
-resource Tool {
-  roles = ["caller"];
-  permissions = ["call"];
-  "call" if "caller";
-}
-declare manager(User, User);
-declare approval_grant(User, Agent, String, Tool);
-
-allow(actor, action, resource) if has_permission(actor, action, resource);
+POLICY = (
+    POLICY_HEAD
+    + """
 allow(_agent: Agent, "call", _tool: Tool);
 requires_approval(_user: User, "call", Tool{"crm/send"});
 requires_approval(_user: User, "call", Tool{"crm/delete"});
@@ -36,6 +28,7 @@ approver(User{"cfo"}, _user: User, "call", Tool{"crm/wire"});
 approvals_required(_user: User, "call", Tool{"crm/wire"}, 2);
 approval_window(_user: User, "call", Tool{"crm/send"}, 30);
 """
+)
 
 sam, avery, cfo = Entity("User", "sam"), Entity("User", "avery"), Entity("User", "cfo")
 bot = Entity("Agent", "bot")

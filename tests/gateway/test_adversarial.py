@@ -16,7 +16,7 @@ import pytest
 from bastion.gateway.enforce import Caller
 from bastion.gateway.sessions import LIST_CHANGED, MAX_BACKLOG, MAX_STREAMS_PER_USER, Listener
 
-from .streams import events, legacy_session, modern_headers, modern_request
+from .streams import events, legacy_session, messages, modern_headers, modern_request
 
 
 def _post(bastion, server, headers, body):
@@ -60,7 +60,7 @@ def _listen_ack(bastion, token, server, uris):
 @pytest.mark.parametrize("server", ["lab", "labhttp"])
 def test_a_listen_is_not_granted_a_resource_the_caller_could_not_read(bastion, server):
     # lab://guarded needs a scope sam's token lacks (resources/read gets a step-up), lab://held
-    # a human's approval (refused meanwhile): neither is granted to a listener.
+    # a person's approval (held meanwhile): neither is granted to a listener.
     token = bastion.token("avery", server)
     read = _post(
         bastion,
@@ -75,7 +75,7 @@ def test_a_listen_is_not_granted_a_resource_the_caller_could_not_read(bastion, s
         modern_headers(token, "resources/read", "lab://held"),
         modern_request(2, "resources/read", {"uri": "lab://held"}),
     )
-    assert read.json()["error"]["data"]["reason"] == "approval_pending"
+    assert messages(read)[-1]["error"]["data"]["reason"] == "approval_pending"
     granted = _listen_ack(bastion, token, server, ["lab://guarded", "lab://held", "lab://open"])
     assert granted == ["lab://open"]
 
