@@ -103,8 +103,17 @@ class _Active:
         for name, mask in CONTRACT_SHAPES:
             if defines(name, len(mask)):
                 self.shapes[(name, mask)] = self.compiled.function(name, len(mask), mask)
+            else:
+                # Asked of every decision whether the policy has the rule or not: answered
+                # at once, not by looking the predicate up each time.
+                self.shapes[(name, mask)] = _undefined
         self.compiled.index_lock = None
         self.compiled.serving = True
+
+
+def _undefined(q: Query, *bound: Any) -> tuple:
+    """A contract question the policy defines no rule for: nothing holds."""
+    return ()
 
 
 def _epoch(value: datetime | float | int | None) -> float | None:
