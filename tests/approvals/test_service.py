@@ -27,6 +27,10 @@ approver(boss: User, user: User, "call", Tool{"crm/wire"}) if manager(user, boss
 approver(User{"cfo"}, _user: User, "call", Tool{"crm/wire"});
 approvals_required(_user: User, "call", Tool{"crm/wire"}, 2);
 approval_window(_user: User, "call", Tool{"crm/send"}, 30);
+# Admins approve refunds, but never their own.
+requires_approval(_user: User, "call", Tool{"crm/refund"});
+approver(admin: User, _user: User, "call", Tool{"crm/refund"}) if admin in [User{"avery"}, User{"sam"}];
+self_approval_forbidden(_user: User, "call", Tool{"crm/refund"});
 """
 )
 
@@ -37,6 +41,7 @@ send, delete, wire = (
     Entity("Tool", "crm/delete"),
     Entity("Tool", "crm/wire"),
 )
+refund = Entity("Tool", "crm/refund")
 
 
 class Clock:
@@ -248,3 +253,13 @@ def test_what_a_request_holds_is_sealed_in_the_database(world):
 
     with pytest.raises(InvalidTag):
         approvals.get(other.id)
+
+
+def test_the_policy_may_forbid_approving_ones_own_call_even_to_an_approver(world):
+    approvals, authz, *_ = world
+    authz.facts.apply([("has_role", sam, "caller", refund)], [])
+    request = held(approvals, call(refund))
+    assert set(request.approvers) == {"avery", "sam"} and request.self_forbidden
+    with pytest.raises(NotAllowed, match="forbids approving one's own call"):
+        approvals.answer(request.id, "sam", "approve", channel="api")
+    assert approvals.answer(request.id, "avery", "approve", channel="api").status == "approved"
