@@ -22,8 +22,10 @@ from bastion.gateway.enforce import Caller, Held, Verdict, refused
 from bastion.gateway.jsonrpc import (
     INVALID_PARAMS,
     INVALID_REQUEST,
+    LEGACY_VERSIONS,
     LOG_LEVELS,
     METHOD_NOT_FOUND,
+    MODERN_VERSIONS,
     UPSTREAM_UNAVAILABLE,
     Message,
     RpcError,
@@ -53,8 +55,6 @@ _MAX_INPUT_ROUNDS = 10
 _tokens = itertools.count(1)
 # The 2026-07-28 per-request envelope; bastion speaks the 2025-11-25 era upstream.
 _ENVELOPE_PREFIX = "io.modelcontextprotocol/"
-MODERN_VERSIONS = ("2026-07-28",)
-LEGACY_VERSIONS = ("2025-11-25", "2025-06-18")
 
 
 @dataclass

@@ -27,6 +27,7 @@ from bastion.gateway.enforce import Held
 from bastion.gateway.jsonrpc import (
     APPROVAL_PENDING,
     INVALID_PARAMS,
+    MODERN_VERSIONS,
     URL_ELICITATION_REQUIRED,
     RpcError,
     notification,
@@ -130,7 +131,7 @@ async def answer_held(ex: Exchange, held: Held, retry: bool) -> dict[str, Any] |
     """Answer a held call for this client: an ``input_required`` result to return (2026-07-28,
     first time), None once people answered within the wait (decide again), or raise the
     pending error."""
-    modern = ex.caller.protocol_version in ("2026-07-28",)
+    modern = ex.caller.protocol_version in MODERN_VERSIONS
     elicit = _answerable_by_caller(held) and _declares_url_elicitation(ex.capabilities)
     if modern and elicit and not retry:
         states = ex.gateway.states

@@ -28,6 +28,9 @@ FACTS_STALE = -32007
 APPROVAL_PENDING = -32008
 # MCP 2025-11-25: the request needs the URL elicitation in ``data.elicitations`` completed first.
 URL_ELICITATION_REQUIRED = -32042
+# The MCP protocol versions bastion speaks to clients: the stateless era, and the session era.
+MODERN_VERSIONS = ("2026-07-28",)
+LEGACY_VERSIONS = ("2025-11-25", "2025-06-18")
 # MCP 2026-07-28.
 HEADER_MISMATCH = -32020
 UNSUPPORTED_PROTOCOL_VERSION = -32022

@@ -26,13 +26,15 @@ from starlette.types import Receive, Scope, Send
 from bastion import untrusted_json
 from bastion.db import DatabaseUnavailable
 from bastion.gateway.enforce import Caller, StepUp
-from bastion.gateway.handlers import LEGACY_VERSIONS, MODERN_VERSIONS, Exchange, handler_for
+from bastion.gateway.handlers import Exchange, handler_for
 from bastion.gateway.jsonrpc import (
     FACTS_STALE,
     HEADER_MISMATCH,
     INTERNAL_ERROR,
     INVALID_PARAMS,
     INVALID_REQUEST,
+    LEGACY_VERSIONS,
+    MODERN_VERSIONS,
     PARSE_ERROR,
     RATE_LIMIT_UNAVAILABLE,
     RATE_LIMITED,
