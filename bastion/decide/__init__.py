@@ -50,6 +50,7 @@ CONTRACT_SHAPES = (
     ("requires_approval", "bbb"),
     ("requires_review", "bbb"),
     ("approval_grant", "bbbb"),
+    ("read_only", "bb"),  # bastion.signals.read_only
     # Asked when a call is held or answered (`bastion.approvals.service.Approvals.terms`).
     ("approver", "fbbb"),
     ("approver", "bbbb"),

@@ -11,6 +11,7 @@ for. The policy can attach obligations with these rules (each optional):
 | ``rate_limit(actor, action, resource, max, seconds)`` | at most ``max`` calls per ``seconds`` |
 | ``requires_approval(actor, action, resource)`` | hold for a person's approval before it runs |
 | ``requires_review(actor, action, resource)`` | hold the result for a person before release |
+| ``read_only(actor, McpServer{server})`` | only tools annotated ``readOnlyHint`` may be called |
 
 An ``approval_grant(user, agent, action, resource)`` fact (an approval for N minutes, stored
 with an expiry) satisfies ``requires_approval`` for that user and agent; the rules about who may
@@ -29,6 +30,7 @@ from dataclasses import dataclass, field
 from bastion.decide import Authorizer
 from bastion.facts.model import Entity
 from bastion.policy.errors import EvaluationLimit
+from bastion.signals.read_only import read_only_holds
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,6 +49,8 @@ class Obligations:
     # A live approval_grant fact covers the approval this call requires.
     approval_granted: bool = False
     requires_review: bool = False
+    # read_only(principal, McpServer{server}) holds: only read-only tools may be called.
+    read_only: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,11 +149,12 @@ def _decide_chain(
             and len(chain) > 1
             and bool(s.rows("approval_grant", "bbbb", chain[0], chain[1], action, resource))
         )
+        read_only = read_only_holds(s, chain, context)
     return ChainDecision(
         True,
         chain,
         obligations=Obligations(
-            tuple(sorted(masks)), tuple(limits), required, approval, granted, review
+            tuple(sorted(masks)), tuple(limits), required, approval, granted, review, read_only
         ),
         generation=generation,
     )

@@ -38,6 +38,8 @@ from bastion.gateway.jsonrpc import (
 from bastion.gateway.ratelimit import LimitsUnavailable, RateLimiter, RedisRateLimiter
 from bastion.policy.errors import EvaluationLimit
 from bastion.policy.runtime import context_value
+from bastion.signals.read_only import read_only_holds, refuses_write
+from bastion.signals.suspensions import Suspensions
 
 log = logging.getLogger("bastion.gateway")
 
@@ -52,6 +54,7 @@ class Caller:
     address: str
     protocol_version: str
     grant_id: str = ""  # the grant its token belongs to: revoking it ends the caller's streams
+    session_id: str = ""  # the Mcp-Session-Id it came with (2025-11-25), for the kill switch
     # The user and the agent, as the policy sees them (every one must be allowed).
     principals: tuple[Entity, ...] = field(init=False)
 
@@ -135,8 +138,11 @@ class Enforcer:
         digest_key: bytes | None = None,
         facts_stale: Callable[[], bool] = lambda: False,
         approvals: Approvals | None = None,
+        suspensions: Suspensions | None = None,
     ) -> None:
         self.authorizer = authorizer
+        # The kill switch (`bastion.signals.suspensions`): a suspended caller is refused first.
+        self.suspensions = suspensions
         # Holds for people; None: a call that needs one is refused (fail closed).
         self.approvals = approvals
         self.records = records
@@ -158,6 +164,21 @@ class Enforcer:
             "time": datetime.fromtimestamp(self.clock(), UTC),
             **extra,
         }
+
+    def suspended(self, caller: Caller) -> Entity | None:
+        """The caller's suspended agent, user or session, if any."""
+        if self.suspensions is None:
+            return None
+        return self.suspensions.first(caller.principals, caller.session_id)
+
+    def read_only(self, caller: Caller, context: dict[str, Any]) -> bool:
+        """Whether the caller is downgraded to read-only on ``context.server`` (for lists);
+        True when that cannot be evaluated within budget (fail closed)."""
+        try:
+            with self.authorizer().session(context) as s:
+                return read_only_holds(s, caller.principals, context)
+        except EvaluationLimit:
+            return True
 
     def visible(
         self, caller: Caller, resources: list[Entity], context: dict[str, Any]
@@ -196,6 +217,10 @@ class Enforcer:
         target = resource.id
         if self.facts_stale():
             self._refuse_stale(decision_id, caller, server, method, resource, context, arguments)
+        if (suspended := self.suspended(caller)) is not None:
+            self._refuse_suspended(
+                decision_id, caller, server, method, resource, context, arguments, suspended
+            )
         authz = self.authorizer()
         chain = decide_chain(
             authz, caller.principals, action, resource, context, granted_scopes=caller.scopes
@@ -207,6 +232,8 @@ class Enforcer:
             result, reason = "deny", chain.reason
         elif not chain.allowed:
             result, reason = "deny", "not_permitted"
+        elif refuses_write(chain.obligations.read_only, action, resource, context):
+            result, reason = "deny", "read_only"
         held: tuple[Call, Outcome] | None = None
         review: tuple[Call, Outcome] | None = None
         linked: ApprovalRequest | None = None
@@ -434,6 +461,54 @@ class Enforcer:
     ) -> None:
         """Record the refusal of a decision that would have been made on stale facts; raise it."""
         reason = "facts_stale"
+        self._write_early(
+            decision_id, caller, server, method, resource, context, arguments, "unavailable", reason
+        )
+        raise RpcError(
+            FACTS_STALE,
+            f"bastion refused this request ({resource.id}): its facts may be out of date (the"
+            " decision service cannot reach its database); try again later",
+            {"decision_id": decision_id, "reason": reason},
+        )
+
+    def _refuse_suspended(
+        self,
+        decision_id: str,
+        caller: Caller,
+        server: str,
+        method: str,
+        resource: Entity,
+        context: dict[str, Any],
+        arguments: Any,
+        suspended: Entity,
+    ) -> None:
+        """Record the refusal of a suspended caller (the kill switch, before any policy); raise it."""
+        self._write_early(
+            decision_id,
+            caller,
+            server,
+            method,
+            resource,
+            {**context, "suspended": repr(suspended)},
+            arguments,
+            "deny",
+            "suspended",
+        )
+        raise refused(resource.id, decision_id, "suspended")
+
+    def _write_early(
+        self,
+        decision_id: str,
+        caller: Caller,
+        server: str,
+        method: str,
+        resource: Entity,
+        context: dict[str, Any],
+        arguments: Any,
+        result: str,
+        reason: str,
+    ) -> None:
+        """The record of a refusal made before the policy was asked."""
         self.write(
             {
                 "id": decision_id,
@@ -442,17 +517,11 @@ class Enforcer:
                 "method": method,
                 "target": repr(resource),
                 "principals": tuple(repr(p) for p in caller.principals),
-                "result": "unavailable",
+                "result": result,
                 "arguments_digest": self.digest(arguments),
                 "context": {k: v for k, v in context.items() if k != "arguments"},
                 "reason": reason,
             }
-        )
-        raise RpcError(
-            FACTS_STALE,
-            f"bastion refused this request ({resource.id}): its facts may be out of date (the"
-            " decision service cannot reach its database); try again later",
-            {"decision_id": decision_id, "reason": reason},
         )
 
     def _record(
@@ -494,6 +563,8 @@ class Enforcer:
         }
         if chain.missing_scopes:
             obligations["missing_scopes"] = list(chain.missing_scopes)
+        if chain.obligations.read_only:
+            obligations["read_only"] = True
         if approval is not None:
             # The request that held it, or whose approval (or released result) it used.
             obligations["approval"] = approval

@@ -39,6 +39,7 @@ from bastion.gateway.transport import InFlight, StreamableHttpEndpoint, send_jso
 from bastion.gateway.upstream import Hear, Upstream, open_upstream
 from bastion.oauth.errors import InvalidToken
 from bastion.oauth.verifier import VerifiedTokens
+from bastion.signals.suspensions import Suspensions
 
 log = logging.getLogger("bastion.gateway")
 
@@ -98,6 +99,7 @@ class Gateway:
         facts_stale: Callable[[], bool] = lambda: False,
         max_json_depth: int = untrusted_json.DEFAULT_MAX_DEPTH,
         approvals: Approvals | None = None,
+        suspensions: Suspensions | None = None,
     ) -> None:
         self.config = config
         # [server].max_json_depth: how deep a client's JSON-RPC message may nest.
@@ -121,6 +123,7 @@ class Gateway:
             digest_key=digest_key,
             facts_stale=facts_stale,
             approvals=approvals,
+            suspensions=suspensions,
         )
         # Signs the requestState of held calls (2026-07-28 clients).
         self.states = RequestStates(digest_key or secrets.token_bytes(32))
@@ -194,6 +197,8 @@ class Gateway:
     def _connect_needs_deciding(self, caller: Caller, server: Entity, context: dict) -> bool:
         """Whether ``connect`` must go through `Enforcer.decide`: a principal is refused, or the
         policy attaches something to do (a scope the token lacks, an approval, a rate limit)."""
+        if self.enforcer.suspended(caller) is not None:
+            return True  # refused (and recorded) by `Enforcer.decide`
         chain = decide_chain(
             self.enforcer.authorizer(),
             caller.principals,
@@ -281,6 +286,11 @@ class Gateway:
         self.tokens.on_forget(
             lambda grant_id: loop.call_soon_threadsafe(self.sessions.end_grant, grant_id)
         )
+        # A suspension this replica applies ends the suspended callers' sessions and streams.
+        if self.enforcer.suspensions is not None:
+            self.enforcer.suspensions.on_suspend(
+                lambda: loop.call_soon_threadsafe(self.sessions.end_where, self.enforcer.suspended)
+            )
 
     def _end_streams_on_stop_signals(self) -> None:
         """uvicorn waits for open responses to finish before the lifespan's shutdown, and a

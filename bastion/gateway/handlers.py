@@ -33,6 +33,7 @@ from bastion.gateway.jsonrpc import (
 )
 from bastion.gateway.masks import Paths, compile_paths, mask_notification, mask_result
 from bastion.gateway.upstream import LOG_LEVEL, LOG_MESSAGE, UpstreamError
+from bastion.signals.read_only import is_read_only_tool
 
 if TYPE_CHECKING:
     from bastion.gateway.gateway import Gateway, UpstreamState
@@ -383,6 +384,9 @@ async def list_items(ex: Exchange) -> dict[str, Any]:
     items = [i for i in result.get(key) or () if isinstance(i, dict)]
     if key == "tools":
         ex.upstream.learn_tools(items)
+        if ex.gateway.enforcer.read_only(ex.caller, ex.context()):
+            # Downgraded: a tool it may not call is not offered (fail closed; see signals docs).
+            items = [i for i in items if is_read_only_tool(i.get("annotations"))]
     entities = [Entity(kind, f"{ex.server}/{i.get(field_name, '')}") for i in items]
     shown = ex.gateway.enforcer.visible(ex.caller, entities, ex.context())
     result[key] = [item for item, ok in zip(items, shown, strict=True) if ok]

@@ -46,6 +46,7 @@ def gateway_from_config(
     authorizer: Callable[[], Authorizer],
     facts_stale: Callable[[], bool] = lambda: False,
     approvals=None,
+    suspensions=None,
 ) -> Gateway:
     """The gateway of the ``[gateway]`` table; it checks tokens with the ``[oauth]`` server.
     While ``facts_stale()`` the facts are too old to decide on, and every decision refuses."""
@@ -74,6 +75,7 @@ def gateway_from_config(
         digest_key=digest_key,
         max_json_depth=config.max_json_depth,
         approvals=approvals,
+        suspensions=suspensions,
     )
     for name in gateway.upstreams:
         uri = gateway.resource(name)

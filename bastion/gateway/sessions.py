@@ -220,6 +220,24 @@ class SessionTable:
             if grant_id and listener.caller.grant_id == grant_id:
                 listener.close(refused=True)
 
+    def end_where(self, suspended: Callable[[Caller], object]) -> None:
+        """Cut off every stream whose caller ``suspended`` names (the kill switch), and end the
+        2025-11-25 sessions it names."""
+        for listener in list(self._listeners):
+            if suspended(listener.caller):
+                listener.close(refused=True)
+        for session in list(self._sessions.values()):
+            who = Caller(
+                subject=session.subject,
+                client_id=session.client_id,
+                scopes=frozenset(),
+                address="",
+                protocol_version=session.protocol_version,
+                session_id=session.id,
+            )
+            if suspended(who):
+                self.end(session)
+
     def close_all(self) -> None:
         """End every session and every stream (GET and listen streams end cleanly)."""
         for session in list(self._sessions.values()):

@@ -208,7 +208,12 @@ def _gateway(config: ServerConfig, oauth, replica: Replica, approvals):
     from bastion.gateway.mount import gateway_from_config
 
     return gateway_from_config(
-        config, oauth, lambda: replica.authz, lambda: replica.stale, approvals=approvals
+        config,
+        oauth,
+        lambda: replica.authz,
+        lambda: replica.stale,
+        approvals=approvals,
+        suspensions=replica.suspensions,
     )
 
 

@@ -31,6 +31,7 @@ from bastion.facts.model import matches
 from bastion.facts.store import CHANGES_CHANNEL, Change, FactStore, StoredFact
 from bastion.policy.errors import PolicyError
 from bastion.policy.limits import DEFAULT_LIMITS, PolicyLimits
+from bastion.signals.suspensions import Suspensions
 
 log = logging.getLogger("bastion.replica")
 
@@ -100,6 +101,8 @@ class Replica:
         self.policy_version: int | None = None
         # Stored facts the policy in force has no use for; offered again on a policy change.
         self.unusable: list[StoredFact] = []
+        # The kill switch's view, fed with every fact change whatever the policy uses.
+        self.suspensions = Suspensions()
         self.ready = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wake: asyncio.Event | None = None
@@ -137,6 +140,7 @@ class Replica:
         if unusable:
             log.warning("%d stored facts are not used by the policy in force", len(unusable))
         self.authz, self.unusable = authz, unusable
+        self.suspensions.reset(facts)
         self.policy_version = policy.version if policy else None
         self.applied = seq
         self.head_seen = max(self.head_seen, seq)
@@ -273,6 +277,7 @@ class Replica:
                     f for f in self.unusable if not any(matches(f.fact, p) for p in change.deletes)
                 ]
             self.unusable += load_facts(self.authz, list(change.inserts), change.deletes)
+            self.suspensions.apply(change.inserts, change.deletes)
         elif change.kind == "policy":
             policy = await anyio.to_thread.run_sync(self.store.policy, change.policy_version)
             if policy is not None:

@@ -1,0 +1,1 @@
+"""Live signals and adaptive responses (issue 11): read-only downgrade, kill switch, step-up."""

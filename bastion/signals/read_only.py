@@ -1,0 +1,43 @@
+"""The read-only downgrade: the ``read_only(actor, server)`` obligation of the decision contract.
+
+While ``read_only(p, McpServer{"<server>"})`` holds for any principal ``p`` of the chain, only
+tools whose MCP annotations say ``readOnlyHint: true`` (MCP 2025-11-25, ``ToolAnnotations``) may
+be called on that server; reads (``resources/read``, ``prompts/get``) go on. A tool with no
+annotation, or one the upstream did not list, counts as a write: the downgrade fails closed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING, Any
+
+from bastion.facts.model import Entity
+
+if TYPE_CHECKING:
+    from bastion.decide import Session
+
+PREDICATE = "read_only"
+SHAPE = (PREDICATE, "bb")
+REASON = "read_only"
+
+
+def read_only_holds(s: Session, principals: Iterable[Entity], context: Mapping | None) -> bool:
+    """Whether the policy downgrades any principal to read-only on the request's server
+    (``context.server``, set by the gateway; no server, no downgrade to ask about)."""
+    server = context.get("server") if context else None
+    if not isinstance(server, str):
+        return False
+    entity = Entity("McpServer", server)
+    return any(s.rows(PREDICATE, "bb", p, entity) for p in principals)
+
+
+def is_read_only_tool(annotations: Any) -> bool:
+    """Only an explicit ``readOnlyHint: true`` makes a tool a read."""
+    return isinstance(annotations, Mapping) and annotations.get("readOnlyHint") is True
+
+
+def refuses_write(read_only: bool, action: str, resource: Entity, context: Mapping) -> bool:
+    """Whether a downgraded request is a write, refused with reason ``read_only``."""
+    if not read_only or action != "call" or resource.type != "Tool":
+        return False
+    return not is_read_only_tool(context.get("annotations"))

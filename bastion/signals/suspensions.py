@@ -1,0 +1,137 @@
+"""The kill switch: suspend an agent (OAuth client), a user or a 2025-11-25 MCP session.
+
+A suspension is a fact, ``suspended(Agent{"<client id>"})``, ``suspended(User{"<subject>"})`` or
+``suspended(McpSession{"<Mcp-Session-Id>"})``, written through the `FactStore`: it is durable,
+its change-log entry says who suspended whom and when, and every replica hears of it through the
+change log (PostgreSQL LISTEN/NOTIFY, or its poll) as it hears of any fact. Each replica keeps the
+suspensions in a `Suspensions` view of its own, fed with every change whatever the policy says:
+the kill switch holds even under a policy that never mentions ``suspended`` (the policy may read
+the facts too, once it declares them). Resuming deletes the fact.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from bastion.facts.model import Entity, matches
+from bastion.facts.store import FactStore, StoredFact, WriteResult
+
+PREDICATE = "suspended"
+# What the API and the command line call each kind, and its entity type.
+KINDS = {"agent": "Agent", "user": "User", "session": "McpSession"}
+# An id names one client, user or session: printable, bounded, never a pattern.
+MAX_ID_LENGTH = 512
+_PRINTABLE = re.compile(r"^[\x21-\x7e][\x20-\x7e]*$")
+
+
+class SuspensionError(ValueError):
+    """A suspension that cannot be made as asked; the message says what to fix."""
+
+
+@dataclass(frozen=True, slots=True)
+class Suspension:
+    kind: str  # agent, user or session
+    id: str
+    expires_at: float | None = None
+
+    @property
+    def entity(self) -> Entity:
+        return Entity(KINDS[self.kind], self.id)
+
+    def to_json(self) -> dict:
+        return {"kind": self.kind, "id": self.id, "expires_at": self.expires_at}
+
+
+def suspension(kind: str, id: str, expires_at: float | None = None) -> Suspension:
+    """A checked `Suspension`; `SuspensionError` says what is wrong with ``kind`` or ``id``."""
+    if kind not in KINDS:
+        raise SuspensionError(f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
+    if not isinstance(id, str) or not id or len(id) > MAX_ID_LENGTH or not _PRINTABLE.match(id):
+        raise SuspensionError(
+            f"id must be 1 to {MAX_ID_LENGTH} printable ASCII characters (the {kind}'s id as"
+            " bastion knows it), not starting with a space"
+        )
+    if expires_at is not None and (
+        isinstance(expires_at, bool) or not isinstance(expires_at, (int, float))
+    ):
+        raise SuspensionError("expires_at must be a number (seconds since the epoch) or null")
+    return Suspension(kind, id, float(expires_at) if expires_at is not None else None)
+
+
+def suspend(store: FactStore, s: Suspension, actor: str) -> WriteResult:
+    """Store the suspension (durable; every replica applies it from the change log)."""
+    return store.apply([StoredFact((PREDICATE, s.entity), s.expires_at)], actor=actor)
+
+
+def resume(store: FactStore, s: Suspension, actor: str) -> WriteResult:
+    """Lift the suspension; ``deleted`` is 0 when there was none."""
+    return store.apply([], [(PREDICATE, s.entity)], actor=actor)
+
+
+def stored(store: FactStore) -> list[Suspension]:
+    """Every suspension in force, as stored."""
+    out = []
+    kinds = {v: k for k, v in KINDS.items()}
+    for f in store.get((PREDICATE, None)):
+        entity = f.fact[1]
+        if isinstance(entity, Entity) and entity.type in kinds:
+            out.append(Suspension(kinds[entity.type], entity.id, f.expires_at))
+    return out
+
+
+class Suspensions:
+    """This process's view of the suspensions in force, fed by the replica with every change
+    (`apply`) and every snapshot (`reset`). Read on the event loop; a suspension newly in force
+    is announced to `on_suspend` subscribers (the gateway ends the streams it covers)."""
+
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+        self.clock = clock
+        self._until: dict[Entity, float | None] = {}
+        self._subscribers: list[Callable[[], None]] = []
+
+    def on_suspend(self, callback: Callable[[], None]) -> None:
+        self._subscribers.append(callback)
+
+    def reset(self, facts: Iterable[StoredFact]) -> None:
+        self._until = {}
+        self.apply(facts, ())
+
+    def apply(self, inserts: Iterable[StoredFact], deletes: Iterable[tuple]) -> None:
+        """A change of the facts: deletes first, then inserts (as the store applies them)."""
+        deletes = [p for p in deletes if p and p[0] == PREDICATE]
+        if deletes:
+            self._until = {
+                e: t
+                for e, t in self._until.items()
+                if not any(matches((PREDICATE, e), p) for p in deletes)
+            }
+        added = False
+        for f in inserts:
+            if f.fact[0] == PREDICATE and len(f.fact) == 2 and isinstance(f.fact[1], Entity):
+                self._until = {**self._until, f.fact[1]: f.expires_at}
+                added = True
+        if added:
+            for callback in list(self._subscribers):
+                callback()
+
+    def holds(self, entity: Entity) -> bool:
+        if entity not in self._until:
+            return False
+        until = self._until.get(entity)
+        return until is None or until > self.clock()
+
+    def first(self, principals: Iterable[Entity], session_id: str = "") -> Entity | None:
+        """The first of the principals (or the session) that is suspended, or None."""
+        if not self._until:
+            return None
+        for p in principals:
+            if self.holds(p):
+                return p
+        if session_id:
+            session = Entity(KINDS["session"], session_id)
+            if self.holds(session):
+                return session
+        return None

@@ -1,0 +1,117 @@
+"""The read-only downgrade (``read_only(actor, McpServer)``) through the gateway, with the
+official MCP SDK client in both protocol eras: while it holds, a tool not annotated
+``readOnlyHint: true`` is refused with reason ``read_only`` (recorded) and left out of
+``tools/list``; read-only tools, resources and prompts go on; lifted, writes come back on the
+same token and session."""
+
+from __future__ import annotations
+
+import pytest
+
+from bastion.facts.model import Entity
+from tests.signals.support import ERAS, attempt, latest_agent, running
+
+RULES = """
+declare downgraded(User, McpServer);
+declare downgraded(Agent, McpServer);
+read_only(principal, server: McpServer) if downgraded(principal, server);
+"""
+EMAIL = {"to": "ada@example.com", "subject": "hello", "body": "hi"}
+
+
+@pytest.fixture(scope="module")
+def bastion(tmp_path_factory):
+    yield from running(tmp_path_factory, "read-only", RULES)
+
+
+def downgrade(principal: Entity, server: str = "deskhttp") -> tuple:
+    return ("downgraded", principal, Entity("McpServer", server))
+
+
+def sent_emails(bastion) -> int:
+    return sum(
+        1
+        for m in bastion.recorder.messages()
+        if m.get("method") == "tools/call" and m.get("params", {}).get("name") == "send_email"
+    )
+
+
+@pytest.mark.parametrize("mode", ERAS)
+def test_a_downgraded_user_may_read_but_not_write(bastion, mode):
+    sam = downgrade(Entity("User", "sam"))
+    bastion.apply([sam])
+    before = sent_emails(bastion)
+    try:
+
+        async def script(client, seen):
+            seen["tools"] = sorted(t.name for t in (await client.list_tools()).tools)
+            await attempt(client, seen, "calls", "send_email", EMAIL)
+            await attempt(client, seen, "calls", "search_customers", {"query": "a"})
+            plans = await client.read_resource("customers://plans")
+            seen["plans"] = plans.contents[0].text
+            prompt = await client.get_prompt("apology", {"customer_name": "Ada"})
+            seen["prompt"] = prompt.messages[0].content.text
+
+        seen = bastion.sdk("sam", "deskhttp", mode, script)
+    finally:
+        bastion.apply(deletes=[sam])
+    # Only what it may call is offered (delete_customer and send_email are not read-only).
+    assert seen["tools"] == ["search_customers"]
+    (_, code, data), (ok, _text) = seen["calls"]
+    assert (code, data["reason"]) == (-32003, "read_only")
+    assert ok == "ok"
+    assert seen["plans"] and "Ada" in seen["prompt"]
+    assert sent_emails(bastion) == before  # the write never reached the upstream
+    bastion.flush()
+    record = bastion.records.get(data["decision_id"])
+    assert (record.result, record.reason) == ("deny", "read_only")
+    assert record.obligations["read_only"] is True
+
+
+def test_lifting_the_downgrade_brings_writes_back_on_the_same_session(bastion):
+    sam = downgrade(Entity("User", "sam"))
+
+    async def script(client, seen):
+        bastion.apply([sam])
+        await attempt(client, seen, "calls", "send_email", EMAIL)
+        bastion.apply(deletes=[sam])
+        await attempt(client, seen, "calls", "send_email", EMAIL)
+        seen["tools"] = sorted(t.name for t in (await client.list_tools()).tools)
+
+    seen = bastion.sdk("sam", "deskhttp", "legacy", script)
+    (_, code, data), (ok, text) = seen["calls"]
+    assert data["reason"] == "read_only"
+    assert ok == "ok" and "ada@example.com" in text
+    assert "send_email" in seen["tools"]
+    assert len(seen["redirects"]) == 1  # one sign-in: no new token was needed
+
+
+def test_the_downgrade_of_the_agent_binds_the_user_it_acts_for(bastion):
+    """Any principal of the chain downgraded downgrades the request."""
+
+    async def script(client, seen):
+        await attempt(client, seen, "before", "search_customers", {"query": "a"})
+        # The SDK registered an agent of its own: downgrade that agent only.
+        client_id = seen["client_id"] = latest_agent(bastion)
+        bastion.apply([downgrade(Entity("Agent", client_id))])
+        await attempt(client, seen, "calls", "send_email", EMAIL)
+        await attempt(client, seen, "calls", "search_customers", {"query": "a"})
+
+    seen = bastion.sdk("sam", "deskhttp", "auto", script)
+    bastion.apply(deletes=[downgrade(Entity("Agent", seen["client_id"]))])
+    (_, code, data), (ok, _) = seen["calls"]
+    assert data["reason"] == "read_only" and ok == "ok"
+
+
+def test_a_downgrade_on_another_server_changes_nothing_here(bastion):
+    other = downgrade(Entity("User", "sam"), "desk")
+    bastion.apply([other])
+    try:
+
+        async def script(client, seen):
+            seen["tools"] = sorted(t.name for t in (await client.list_tools()).tools)
+
+        seen = bastion.sdk("sam", "deskhttp", "legacy", script)
+    finally:
+        bastion.apply(deletes=[other])
+    assert "send_email" in seen["tools"]
