@@ -171,6 +171,9 @@ class Enforcer:
             return None
         return self.suspensions.first(caller.principals, caller.session_id)
 
+    def session_suspended(self, session_id: str) -> bool:
+        return self.suspensions is not None and self.suspensions.first((), session_id) is not None
+
     def read_only(self, caller: Caller, context: dict[str, Any]) -> bool:
         """Whether the caller is downgraded to read-only on ``context.server`` (for lists);
         True when that cannot be evaluated within budget (fail closed)."""

@@ -289,7 +289,11 @@ class Gateway:
         # A suspension this replica applies ends the suspended callers' sessions and streams.
         if self.enforcer.suspensions is not None:
             self.enforcer.suspensions.on_suspend(
-                lambda: loop.call_soon_threadsafe(self.sessions.end_where, self.enforcer.suspended)
+                lambda: loop.call_soon_threadsafe(
+                    self.sessions.end_suspended,
+                    self.enforcer.suspended,
+                    self.enforcer.session_suspended,
+                )
             )
 
     def _end_streams_on_stop_signals(self) -> None:

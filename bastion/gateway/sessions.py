@@ -220,22 +220,17 @@ class SessionTable:
             if grant_id and listener.caller.grant_id == grant_id:
                 listener.close(refused=True)
 
-    def end_where(self, suspended: Callable[[Caller], object]) -> None:
-        """Cut off every stream whose caller ``suspended`` names (the kill switch), and end the
-        2025-11-25 sessions it names."""
+    def end_suspended(
+        self, suspended: Callable[[Caller], object], session_suspended: Callable[[str], bool]
+    ) -> None:
+        """The kill switch: cut off every stream whose caller is ``suspended`` (its agent, user
+        or session), and end the 2025-11-25 sessions suspended themselves. A suspended agent's
+        or user's session stays, refused call by call, so that resuming needs no new session."""
         for listener in list(self._listeners):
             if suspended(listener.caller):
                 listener.close(refused=True)
         for session in list(self._sessions.values()):
-            who = Caller(
-                subject=session.subject,
-                client_id=session.client_id,
-                scopes=frozenset(),
-                address="",
-                protocol_version=session.protocol_version,
-                session_id=session.id,
-            )
-            if suspended(who):
+            if session_suspended(session.id):
                 self.end(session)
 
     def close_all(self) -> None:

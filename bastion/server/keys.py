@@ -24,6 +24,8 @@ SCOPES = (
     # Answer held calls and results (/v1/approvals): for a chat bot or console that has
     # authenticated the person it answers for; never for an agent.
     "approvals",
+    # Suspend and resume agents, users and MCP sessions (/v1/suspensions: the kill switch).
+    "suspensions",
     "admin",
 )
 KEY_PREFIX = "bst_"

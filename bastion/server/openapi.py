@@ -14,11 +14,13 @@ from typing import Any
 
 from bastion.approvals.store import KINDS, STATUSES
 from bastion.server.api import approvals as approvals_api
+from bastion.server.api import suspensions as suspensions_api
 from bastion.server.api.decisions import MAX_BATCH
 from bastion.server.api.decisions import MAX_PAGE as MAX_LIST_PAGE
 from bastion.server.api.facts import MAX_PAGE as MAX_FACTS_PAGE
 from bastion.server.keys import MAX_KEY_SECONDS, SCOPES
 from bastion.server.problems import ENTITY_SHORT_FORM
+from bastion.signals.suspensions import KINDS as SUSPENSION_KINDS
 from bastion.untrusted_json import MAX_INTEGER, MIN_INTEGER
 
 
@@ -66,6 +68,14 @@ _AT_LEAST = _nullable(
     }
 )
 _EXPIRES_AT = _nullable({**_NUM, "description": "epoch seconds; the fact stops counting then"})
+
+_SUSPENSION_KIND = {"enum": list(SUSPENSION_KINDS)}
+_SUSPENSION_ID = {
+    **_STR,
+    "minLength": 1,
+    "maxLength": suspensions_api.MAX_ID_LENGTH,
+    "pattern": suspensions_api.ID_PATTERN,
+}
 
 SCHEMAS: dict[str, Any] = {
     "JsonValue": {
@@ -235,6 +245,12 @@ SCHEMAS: dict[str, Any] = {
         used_by=_nullable({**_STR, "description": "the decision of the call it unlocked"}),
         withheld_fields={"type": "array", "items": _STR},
         answers={"type": "array", "items": _ref("ApprovalAnswer")},
+    ),
+    "Suspension": _response(
+        ["kind", "id", "expires_at"],
+        kind=_SUSPENSION_KIND,
+        id=_SUSPENSION_ID,
+        expires_at=_nullable(_NUM),
     ),
     "Problem": _response(
         ["type", "title", "status", "detail"],
@@ -808,6 +824,40 @@ PATHS: dict[str, Any] = {
         )
         | {"operationId": "denyRequest"}
     },
+    "/v1/suspensions": {
+        "get": _op(
+            "The suspensions in force (the kill switch)",
+            suspensions_api.SCOPE,
+            _response(["suspensions"], suspensions={"type": "array", "items": _ref("Suspension")}),
+        ),
+        "post": _op(
+            "Suspend an agent (OAuth client id), a user or an MCP session: each of its calls is"
+            " refused (reason suspended) and its streams end, on every replica, until resumed"
+            " or until expires_at (422: expires_at is not in the future)",
+            suspensions_api.SCOPE,
+            _response(["suspension", "sequence"], suspension=_ref("Suspension"), sequence=_INT),
+            body=_request(
+                ["kind", "id"],
+                kind=_SUSPENSION_KIND,
+                id=_SUSPENSION_ID,
+                expires_at=_nullable(_NUM),
+            ),
+            ok_status=201,
+            problems=(422,),
+        ),
+    },
+    "/v1/suspensions/{kind}/{id}": {
+        "delete": _op(
+            "Resume: lift a suspension (404: there is none)",
+            suspensions_api.SCOPE,
+            _response(["resumed", "sequence"], resumed=_ref("Suspension"), sequence=_INT),
+            params=[
+                {**_path("kind", "agent, user or session"), "schema": _SUSPENSION_KIND},
+                {**_path("id", "the suspended id"), "schema": _SUSPENSION_ID},
+            ],
+            problems=(400, 404),
+        )
+    },
     "/v1/openapi.json": {"get": _op("This document", None, {"type": "object"})},
     "/healthz": {
         "get": _op("The process is alive", None, _response(["status"], status={"const": "ok"}))
@@ -865,7 +915,8 @@ def openapi_document() -> dict:
         "info": {
             "title": "bastion decision service",
             "version": "1",
-            "description": "Policy decisions, facts, policy versions, API keys and approvals.",
+            "description": "Policy decisions, facts, policy versions, API keys, approvals and"
+            " suspensions.",
         },
         "paths": PATHS,
         "components": {

@@ -31,6 +31,10 @@ class SuspensionError(ValueError):
     """A suspension that cannot be made as asked; the message says what to fix."""
 
 
+class AlreadyOver(SuspensionError):
+    """A suspension whose ``expires_at`` is not in the future: it would hold nothing."""
+
+
 @dataclass(frozen=True, slots=True)
 class Suspension:
     kind: str  # agent, user or session
@@ -58,6 +62,11 @@ def suspension(kind: str, id: str, expires_at: float | None = None) -> Suspensio
         isinstance(expires_at, bool) or not isinstance(expires_at, (int, float))
     ):
         raise SuspensionError("expires_at must be a number (seconds since the epoch) or null")
+    if expires_at is not None and not time.time() < expires_at < 2**53:
+        raise AlreadyOver(
+            "expires_at must be in the future (seconds since the epoch); leave it out for a"
+            " suspension that lasts until it is resumed"
+        )
     return Suspension(kind, id, float(expires_at) if expires_at is not None else None)
 
 

@@ -4,8 +4,15 @@ from __future__ import annotations
 
 from starlette.routing import BaseRoute
 
-from bastion.server.api import approvals, decisions, facts, keys, policy
+from bastion.server.api import approvals, decisions, facts, keys, policy, suspensions
 
 
 def routes() -> list[BaseRoute]:
-    return [*decisions.routes, *facts.routes, *policy.routes, *keys.routes, *approvals.routes]
+    return [
+        *decisions.routes,
+        *facts.routes,
+        *policy.routes,
+        *keys.routes,
+        *approvals.routes,
+        *suspensions.routes,
+    ]

@@ -1,0 +1,258 @@
+"""The kill switch against a running bastion: suspending an agent, a user or a 2025-11-25 session
+(API or command line) refuses its very next call with reason ``suspended`` (recorded) and ends its
+open streams at once; resuming lifts it on the same token. Every malformed or unauthorised
+suspension is refused and changes nothing."""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+from urllib.parse import quote
+
+import pytest
+
+from bastion.cli import main
+from bastion.signals.suspensions import stored
+from tests.gateway.streams import (
+    call_tool,
+    events,
+    legacy_session,
+    modern_headers,
+    modern_request,
+)
+from tests.signals.support import ERAS, attempt, latest_agent, running
+
+QUERY = {"query": "a"}
+
+
+@pytest.fixture(scope="module")
+def bastion(tmp_path_factory):
+    yield from running(tmp_path_factory, "kill-switch", "")
+
+
+@pytest.fixture(scope="module")
+def key(bastion) -> str:
+    key, _ = bastion.app.state.keys.create("kill switch", ["suspensions"], created_by="test")
+    return key
+
+
+def api(bastion, key: str, method: str, path: str = "", **kwargs):
+    return bastion.http.request(
+        method,
+        f"{bastion.url}/v1/suspensions{path}",
+        headers={"authorization": f"Bearer {key}"},
+        **kwargs,
+    )
+
+
+def suspend(bastion, key: str, kind: str, id: str) -> None:
+    answer = api(bastion, key, "POST", json={"kind": kind, "id": id})
+    assert answer.status_code == 201, answer.text
+    assert answer.json()["suspension"] == {"kind": kind, "id": id, "expires_at": None}
+
+
+def resume(bastion, key: str, kind: str, id: str) -> None:
+    answer = api(bastion, key, "DELETE", f"/{kind}/{quote(id, safe='')}")
+    assert answer.status_code == 200, answer.text
+
+
+def client_id(token: str) -> str:
+    payload = token.split(".")[1]
+    return json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))["client_id"]
+
+
+def error_of(answer: dict) -> dict:
+    assert "error" in answer, answer
+    return answer["error"]
+
+
+@pytest.mark.parametrize("mode", ERAS)
+def test_a_suspended_agent_is_refused_at_its_next_call_and_works_again_once_resumed(
+    bastion, key, mode
+):
+    async def script(client, seen):
+        await attempt(client, seen, "calls", "search_customers", QUERY)
+        agent = seen["agent"] = latest_agent(bastion)
+        suspend(bastion, key, "agent", agent)
+        await attempt(client, seen, "calls", "search_customers", QUERY)
+        try:
+            await client.list_tools()
+            seen["listed"] = True
+        except Exception as e:  # the SDK raises the JSON-RPC error
+            seen["listed"] = e
+        resume(bastion, key, "agent", agent)
+        await attempt(client, seen, "calls", "search_customers", QUERY)
+
+    seen = bastion.sdk("sam", "deskhttp", mode, script)
+    before, (_, code, data), after = seen["calls"]
+    assert before[0] == "ok" and after[0] == "ok"  # the same token, before and after
+    assert (code, data["reason"]) == (-32003, "suspended")
+    assert seen["listed"] is not True  # every call, not only tools/call
+    assert len(seen["redirects"]) == 1
+    bastion.flush()
+    record = bastion.records.get(data["decision_id"])
+    assert (record.result, record.reason) == ("deny", "suspended")
+    assert record.context["suspended"] == f'Agent{{"{seen["agent"]}"}}'
+    assert not stored(bastion.store)
+
+
+def test_suspending_a_user_refuses_all_their_agents_and_no_one_else(bastion, key):
+    sam, avery = bastion.token("sam", "deskhttp"), bastion.token("avery", "deskhttp")
+    suspend(bastion, key, "user", "sam")
+    try:
+        refused = error_of(call_tool(bastion, sam, "deskhttp", "search_customers", QUERY))
+        other = call_tool(bastion, avery, "deskhttp", "search_customers", QUERY)
+    finally:
+        resume(bastion, key, "user", "sam")
+    assert refused["data"]["reason"] == "suspended"
+    assert "result" in other
+    assert "result" in call_tool(bastion, sam, "deskhttp", "search_customers", QUERY)
+
+
+@pytest.mark.parametrize("era", ["legacy", "modern"])
+def test_suspending_an_agent_ends_its_open_streams_at_once_and_no_others(bastion, key, era):
+    token, other = bastion.token("sam", "lab"), bastion.token("sam", "lab")
+    if era == "legacy":
+        opened = [
+            bastion.http.stream(
+                "GET",
+                bastion.mcp_url("lab"),
+                headers={
+                    **{
+                        k: v
+                        for k, v in legacy_session(bastion, t, "lab").items()
+                        if k != "content-type"
+                    },
+                    "accept": "text/event-stream",
+                },
+            )
+            for t in (token, other)
+        ]
+    else:
+        opened = [
+            bastion.http.stream(
+                "POST",
+                bastion.mcp_url("lab"),
+                json=modern_request(f"w-{i}", "subscriptions/listen", {"notifications": {}}),
+                headers=modern_headers(t, "subscriptions/listen"),
+            )
+            for i, t in enumerate((token, other))
+        ]
+    agent = client_id(token)
+    try:
+        with opened[0] as suspended_stream, opened[1] as kept_stream:
+            assert suspended_stream.status_code == kept_stream.status_code == 200
+            frames = events(suspended_stream)
+            if era == "modern":
+                assert next(frames)["method"] == "notifications/subscriptions/acknowledged"
+            suspend(bastion, key, "agent", agent)
+            assert list(frames) == []  # ended (a client read timeout would fail the test instead)
+            kept = [
+                listener
+                for listener in bastion.app.state.gateway.sessions.listeners_of("lab")
+                if listener.token == other and not listener.refused
+            ]
+            assert kept
+    finally:
+        resume(bastion, key, "agent", agent)
+
+
+def test_suspending_a_session_refuses_it_and_ends_it_while_a_new_session_works(bastion, key):
+    token = bastion.token("sam", "deskhttp")
+    headers = legacy_session(bastion, token, "deskhttp")
+    session = headers["mcp-session-id"]
+    call = {
+        "jsonrpc": "2.0",
+        "id": 1,
+        "method": "tools/call",
+        "params": {"name": "search_customers", "arguments": QUERY},
+    }
+    suspend(bastion, key, "session", session)
+    try:
+        answer = bastion.http.post(bastion.mcp_url("deskhttp"), json=call, headers=headers)
+        fresh = legacy_session(bastion, token, "deskhttp")
+        other = bastion.http.post(bastion.mcp_url("deskhttp"), json=call, headers=fresh)
+    finally:
+        resume(bastion, key, "session", session)
+    # The session was ended when the suspension came: it is gone (404), or refused if the
+    # call raced its ending; either way the call never ran.
+    assert answer.status_code == 404 or "suspended" in answer.text, answer.text
+    assert other.status_code == 200 and "result" in other.text, other.text
+
+
+def test_the_command_line_suspends_and_resumes_on_the_deployments_database(bastion, capsys):
+    token = bastion.token("sam", "deskhttp")
+    agent = client_id(token)
+    database = bastion.app.state.config.database
+    assert main(["agents", "suspend", agent, "--database", database]) == 0
+    refused = until(
+        lambda: call_tool(bastion, token, "deskhttp", "search_customers", QUERY), "error"
+    )
+    assert error_of(refused)["data"]["reason"] == "suspended"
+    assert main(["agents", "list", "--database", database, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out.splitlines()[-1])["id"] == agent
+    assert main(["agents", "resume", agent, "--database", database]) == 0
+    answer = until(
+        lambda: call_tool(bastion, token, "deskhttp", "search_customers", QUERY), "result"
+    )
+    assert "result" in answer
+    assert main(["agents", "resume", agent, "--database", database]) == 1  # nothing to resume
+
+
+def until(call, key: str) -> dict:
+    """Call until the answer has ``key``: the server hears of the command line's write through
+    the change log (a poll on SQLite), a moment later."""
+    deadline = time.monotonic() + 10
+    answer = call()
+    while key not in answer and time.monotonic() < deadline:
+        time.sleep(0.05)
+        answer = call()
+    return answer
+
+
+@pytest.mark.parametrize(
+    ("body", "status"),
+    [
+        ({"kind": "robot", "id": "x"}, 400),
+        ({"kind": "agent"}, 400),
+        ({"kind": "agent", "id": ""}, 400),
+        ({"kind": "agent", "id": "x" * 513}, 400),
+        ({"kind": "agent", "id": "line\nbreak"}, 400),
+        ({"kind": "agent", "id": 7}, 400),
+        ({"kind": "agent", "id": "x", "expires_at": "soon"}, 400),
+        ({"kind": "agent", "id": "x", "expires_at": 1}, 422),  # already over
+        ([], 400),
+    ],
+)
+def test_a_malformed_suspension_is_refused_and_changes_nothing(bastion, key, body, status):
+    answer = api(bastion, key, "POST", json=body)
+    assert answer.status_code == status, answer.text
+    assert answer.json()["detail"]
+    assert not stored(bastion.store)
+
+
+def test_suspensions_need_a_key_with_their_scope(bastion, key):
+    body = {"kind": "agent", "id": "x"}
+    no_key = bastion.http.post(f"{bastion.url}/v1/suspensions", json=body)
+    assert no_key.status_code == 401
+    assert api(bastion, "bst_not-a-key", "POST", json=body).status_code == 401
+    facts_only, _ = bastion.app.state.keys.create("facts", ["facts:write"], created_by="test")
+    assert api(bastion, facts_only, "POST", json=body).status_code == 403
+    assert api(bastion, facts_only, "GET").status_code == 403
+    assert api(bastion, facts_only, "DELETE", "/agent/x").status_code == 403
+    assert not stored(bastion.store)
+
+
+def test_resuming_what_is_not_suspended_is_404_and_listing_shows_what_is(bastion, key):
+    assert api(bastion, key, "DELETE", "/agent/nobody").status_code == 404
+    assert api(bastion, key, "DELETE", "/robot/x").status_code == 400
+    suspend(bastion, key, "agent", "https://agent.example/client.json")
+    try:
+        listed = api(bastion, key, "GET").json()["suspensions"]
+    finally:
+        resume(bastion, key, "agent", "https://agent.example/client.json")
+    assert listed == [
+        {"kind": "agent", "id": "https://agent.example/client.json", "expires_at": None}
+    ]
+    assert api(bastion, key, "GET").json() == {"suspensions": []}
