@@ -51,6 +51,7 @@ CONTRACT_SHAPES = (
     ("requires_review", "bbb"),
     ("approval_grant", "bbbb"),
     ("read_only", "bb"),  # bastion.signals.read_only
+    ("requires_recent_auth", "bbbf"),  # bastion.signals.step_up
     # Asked when a call is held or answered (`bastion.approvals.service.Approvals.terms`).
     ("approver", "fbbb"),
     ("approver", "bbbb"),

@@ -12,6 +12,7 @@ for. The policy can attach obligations with these rules (each optional):
 | ``requires_approval(actor, action, resource)`` | hold for a person's approval before it runs |
 | ``requires_review(actor, action, resource)`` | hold the result for a person before release |
 | ``read_only(actor, McpServer{server})`` | only tools annotated ``readOnlyHint`` may be called |
+| ``requires_recent_auth(actor, action, resource, seconds)`` | signed in at most ``seconds`` ago |
 
 An ``approval_grant(user, agent, action, resource)`` fact (an approval for N minutes, stored
 with an expiry) satisfies ``requires_approval`` for that user and agent; the rules about who may
@@ -31,6 +32,7 @@ from bastion.decide import Authorizer
 from bastion.facts.model import Entity
 from bastion.policy.errors import EvaluationLimit
 from bastion.signals.read_only import read_only_holds
+from bastion.signals.step_up import required_auth_age
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +53,8 @@ class Obligations:
     requires_review: bool = False
     # read_only(principal, McpServer{server}) holds: only read-only tools may be called.
     read_only: bool = False
+    # requires_recent_auth: the most seconds since the person signed in (None: any).
+    max_auth_age: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,11 +154,19 @@ def _decide_chain(
             and bool(s.rows("approval_grant", "bbbb", chain[0], chain[1], action, resource))
         )
         read_only = read_only_holds(s, chain, context)
+        max_auth_age = required_auth_age(s, chain, action, resource)
     return ChainDecision(
         True,
         chain,
         obligations=Obligations(
-            tuple(sorted(masks)), tuple(limits), required, approval, granted, review, read_only
+            tuple(sorted(masks)),
+            tuple(limits),
+            required,
+            approval,
+            granted,
+            review,
+            read_only,
+            max_auth_age,
         ),
         generation=generation,
     )

@@ -39,6 +39,8 @@ from bastion.gateway.ratelimit import LimitsUnavailable, RateLimiter, RedisRateL
 from bastion.policy.errors import EvaluationLimit
 from bastion.policy.runtime import context_value
 from bastion.signals.read_only import read_only_holds, refuses_write
+from bastion.signals.step_up import ERROR as SIGN_IN_AGAIN
+from bastion.signals.step_up import needs_sign_in
 from bastion.signals.suspensions import Suspensions
 
 log = logging.getLogger("bastion.gateway")
@@ -55,6 +57,7 @@ class Caller:
     protocol_version: str
     grant_id: str = ""  # the grant its token belongs to: revoking it ends the caller's streams
     session_id: str = ""  # the Mcp-Session-Id it came with (2025-11-25), for the kill switch
+    auth_time: int | None = None  # when the person signed in for the token (its auth_time)
     # The user and the agent, as the policy sees them (every one must be allowed).
     principals: tuple[Entity, ...] = field(init=False)
 
@@ -65,10 +68,13 @@ class Caller:
 
 @dataclass(frozen=True, slots=True)
 class StepUp(Exception):
-    """The token lacks scopes the policy requires: answer 403 ``insufficient_scope``."""
+    """The token lacks scopes the policy requires: answer 403 ``insufficient_scope``; or, with
+    ``max_age``, its sign-in is older than the policy accepts: answer 401
+    ``insufficient_user_authentication`` (RFC 9470)."""
 
     scopes: tuple[str, ...]
     decision_id: str
+    max_age: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -237,6 +243,8 @@ class Enforcer:
             result, reason = "deny", "not_permitted"
         elif refuses_write(chain.obligations.read_only, action, resource, context):
             result, reason = "deny", "read_only"
+        elif needs_sign_in(chain.obligations.max_auth_age, caller.auth_time, self.clock()):
+            result, reason = "step_up", SIGN_IN_AGAIN
         held: tuple[Call, Outcome] | None = None
         review: tuple[Call, Outcome] | None = None
         linked: ApprovalRequest | None = None
@@ -324,7 +332,8 @@ class Enforcer:
             approval={"id": linked.id, "kind": linked.kind} if linked is not None else None,
         )
         if result == "step_up":
-            raise StepUp(chain.missing_scopes, decision_id)
+            max_age = chain.obligations.max_auth_age if reason == SIGN_IN_AGAIN else None
+            raise StepUp(chain.missing_scopes, decision_id, max_age)
         if result == "held":
             assert linked is not None and self.approvals is not None
             raise Held(
@@ -568,6 +577,8 @@ class Enforcer:
             obligations["missing_scopes"] = list(chain.missing_scopes)
         if chain.obligations.read_only:
             obligations["read_only"] = True
+        if chain.obligations.max_auth_age is not None:
+            obligations["max_auth_age"] = chain.obligations.max_auth_age
         if approval is not None:
             # The request that held it, or whose approval (or released result) it used.
             obligations["approval"] = approval

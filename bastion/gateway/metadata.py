@@ -48,8 +48,9 @@ def challenge(
     scopes: Iterable[str] = (),
     error: str | None = None,
     description: str | None = None,
+    max_age: int | None = None,
 ) -> str:
-    """A ``WWW-Authenticate`` value for the Bearer scheme."""
+    """A ``WWW-Authenticate`` value for the Bearer scheme (``max_age``: RFC 9470 §3)."""
     parts = []
     if error:
         parts.append(f'error="{error}"')
@@ -58,5 +59,7 @@ def challenge(
     scope = " ".join(scopes)
     if scope:
         parts.append(f'scope="{scope}"')
+    if max_age is not None:
+        parts.append(f'max_age="{max_age}"')
     parts.append(f'resource_metadata="{metadata}"')
     return "Bearer " + ", ".join(parts)

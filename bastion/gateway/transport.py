@@ -50,6 +50,7 @@ from bastion.gateway.jsonrpc import (
 from bastion.gateway.metadata import challenge
 from bastion.gateway.sessions import LIST_CHANGED, SUBSCRIPTION_ID, Listener, may_read
 from bastion.oauth.errors import InvalidToken
+from bastion.signals.step_up import ERROR as SIGN_IN_AGAIN
 
 if TYPE_CHECKING:
     from bastion.gateway.gateway import Gateway
@@ -210,6 +211,7 @@ class StreamableHttpEndpoint:
             protocol_version=headers.get("mcp-protocol-version", ""),
             grant_id=verified.grant_id,
             session_id=headers.get("mcp-session-id", ""),
+            auth_time=verified.auth_time,
         )
 
     # -- POST --------------------------------------------------------------------------------------
@@ -420,6 +422,27 @@ class StreamableHttpEndpoint:
         except StepUp as e:
             scopes = sorted(set(ex.caller.scopes) | set(e.scopes))
             gateway = self.gateway
+            if e.max_age is not None:
+                # RFC 9470: sign in again; an MCP client authorizes anew on any 401.
+                description = f"this request needs a sign-in within the last {e.max_age} seconds"
+                raise HttpError(
+                    401,
+                    {
+                        "error": SIGN_IN_AGAIN,
+                        "error_description": description,
+                        "max_age": e.max_age,
+                        "decision_id": e.decision_id,
+                    },
+                    {
+                        "www-authenticate": challenge(
+                            gateway.metadata_url(ex.server),
+                            scopes,
+                            error=SIGN_IN_AGAIN,
+                            description=description,
+                            max_age=e.max_age,
+                        )
+                    },
+                ) from None
             raise HttpError(
                 403,
                 {

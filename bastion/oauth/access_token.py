@@ -1,4 +1,7 @@
-"""RFC 9068 JWT profile for OAuth 2.0 access tokens: minting (``typ: at+jwt``, signed ES256)."""
+"""RFC 9068 JWT profile for OAuth 2.0 access tokens: minting (``typ: at+jwt``, signed ES256).
+
+``auth_time`` (RFC 9068 §2.2.1, as OpenID Connect Core 1.0 defines it) is when the person last
+typed their password for the grant; a resource may ask for a fresher one (RFC 9470)."""
 
 from __future__ import annotations
 
@@ -30,6 +33,7 @@ def mint_access_token(
     scope: str,
     now: float,
     seconds: int,
+    auth_time: float | None = None,
 ) -> IssuedAccessToken:
     """Sign an access token for one resource (``aud``), per RFC 9068 §2.2."""
     signer = keys.signer()
@@ -45,6 +49,8 @@ def mint_access_token(
         "iat": issued_at,
         "exp": issued_at + seconds,
     }
+    if auth_time is not None:
+        claims["auth_time"] = int(auth_time)
     header = {"alg": ALGORITHM, "typ": TOKEN_TYPE, "kid": signer.kid}
     token = jwt.encode(header, claims, signer, algorithms=[ALGORITHM])
     return IssuedAccessToken(token, jti, issued_at + seconds, scope)

@@ -48,7 +48,23 @@ _SINGLE = (
     "code_challenge_method",
     "resource",
     "prompt",
+    "max_age",
 )
+# The longest max_age (OpenID Connect Core 1.0 §3.1.2.1) taken as given: ten years.
+MAX_AGE_LIMIT = 10 * 365 * 24 * 3600
+
+
+def _max_age(value: str | None) -> int | None:
+    """The ``max_age`` of an authorization request (OpenID Connect Core 1.0 §3.1.2.1): the
+    most seconds since the person typed their password that the client accepts."""
+    if value is None:
+        return None
+    if not value.isascii() or not value.isdigit() or int(value) > MAX_AGE_LIMIT:
+        raise OAuthError(
+            "invalid_request",
+            f"max_age must be a whole number of seconds from 0 to {MAX_AGE_LIMIT}",
+        )
+    return int(value)
 
 
 class _PageError(Exception):
@@ -145,20 +161,35 @@ class AuthorizationEndpoint:
         browser = request.cookies.get(BROWSER_COOKIE) or new_secret()
         pending = replace(pending, browser_digest=digest(browser))
         response = await run_in_threadpool(
-            self._begin, pending, client, request.cookies.get(SESSION_COOKIE), query.get("prompt")
+            self._begin,
+            pending,
+            client,
+            request.cookies.get(SESSION_COOKIE),
+            query.get("prompt"),
+            _max_age(query.get("max_age")),
         )
         self._set_cookie(response, BROWSER_COOKIE, browser, PENDING_SECONDS)
         return response
 
     def _begin(
-        self, pending: PendingAuthorization, client: Client, session: str | None, prompt: str | None
+        self,
+        pending: PendingAuthorization,
+        client: Client,
+        session: str | None,
+        prompt: str | None,
+        max_age: int | None = None,
     ) -> Response:
         """In a worker thread (the database): keep the pending request, then the login page, or
-        for a person signed in already, the consent page or the code."""
+        for a person signed in already (recently enough for ``max_age``, and not asked to sign in
+        again by ``prompt=login``), the consent page or the code."""
         self.store.save_pending(pending)
-        username = self._session_user(session)
-        if username is not None:
-            return self._after_login(pending, client, username, prompt, 302)
+        login = self.store.session_login(session, self.server.clock()) if session else None
+        if login is not None and prompt != "login":
+            username, authenticated_at = login
+            if max_age is None or (
+                authenticated_at is not None and self.server.clock() - authenticated_at <= max_age
+            ):
+                return self._after_login(pending, client, username, prompt, 302, authenticated_at)
         return self._login_page(pending, client)
 
     def _validate(
@@ -189,6 +220,7 @@ class AuthorizationEndpoint:
                 f"resource {resources[0]!r} is not a protected resource of this server"
             )
         scope = select_scope(query.get("scope"), resource.scopes, client)
+        _max_age(query.get("max_age"))  # checked here, so that a bad one is an error redirect
         return PendingAuthorization(
             request_id=new_secret(),
             browser_digest="",
@@ -224,7 +256,9 @@ class AuthorizationEndpoint:
         session = self.store.create_session(
             username, self.server.clock(), self.settings.session_seconds
         )
-        response = self._after_login(pending, client, username, prompt=None, status=303)
+        response = self._after_login(
+            pending, client, username, prompt=None, status=303, auth_time=self.server.clock()
+        )
         self._set_cookie(response, SESSION_COOKIE, session, self.settings.session_seconds)
         return response
 
@@ -301,9 +335,10 @@ class AuthorizationEndpoint:
         self, pending: PendingAuthorization, client: Client, session: str | None, decision: Any
     ) -> Response:
         """In a worker thread (the database): the person's answer on the consent page."""
-        username = self._session_user(session)
-        if username is None:
+        login = self.store.session_login(session, self.server.clock()) if session else None
+        if login is None:
             raise _PageError("access_denied", "you are not signed in; start again", 403)
+        username, auth_time = login
         if decision not in ("allow", "deny"):
             raise _PageError("invalid_request", "decision must be 'allow' or 'deny'")
         if not self.store.finish_pending(pending.request_id):
@@ -332,7 +367,7 @@ class AuthorizationEndpoint:
             resource=pending.resource,
             scope=pending.scope,
         )
-        return self._issue_code(pending, username, status=303)
+        return self._issue_code(pending, username, status=303, auth_time=auth_time)
 
     # shared steps
 
@@ -381,10 +416,6 @@ class AuthorizationEndpoint:
             )
         return pending, await self._client(pending.client_id, client_address(request))
 
-    def _session_user(self, session: str | None) -> str | None:
-        """The person signed in with the ``session`` cookie, if any (reads the database)."""
-        return self.store.session_user(session, self.server.clock()) if session else None
-
     def _after_login(
         self,
         pending: PendingAuthorization,
@@ -392,6 +423,7 @@ class AuthorizationEndpoint:
         username: str,
         prompt: str | None,
         status: int,
+        auth_time: float | None = None,
     ) -> Response:
         consented = self.store.consented_scope(username, client.client_id, pending.resource)
         if (
@@ -403,7 +435,7 @@ class AuthorizationEndpoint:
                 raise _PageError(
                     "invalid_request", "this authorization request was already answered"
                 )
-            return self._issue_code(pending, username, status=status)
+            return self._issue_code(pending, username, status=status, auth_time=auth_time)
         resource = self.settings.resource(pending.resource)
         return pages.consent_page(
             action=self.settings.endpoint("authorize/consent"),
@@ -446,7 +478,13 @@ class AuthorizationEndpoint:
             username=username,
         )
 
-    def _issue_code(self, pending: PendingAuthorization, username: str, status: int) -> Response:
+    def _issue_code(
+        self,
+        pending: PendingAuthorization,
+        username: str,
+        status: int,
+        auth_time: float | None = None,
+    ) -> Response:
         now = self.server.clock()
         grant = Grant(
             grant_id=uuid.uuid4().hex,
@@ -457,6 +495,7 @@ class AuthorizationEndpoint:
             created_at=now,
             expires_at=now + max(self.settings.refresh_token_seconds, self.settings.code_seconds),
             revoked_at=None,
+            auth_time=auth_time,
         )
         code = new_secret()
         with self.store.db.transaction():

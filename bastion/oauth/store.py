@@ -153,6 +153,12 @@ _MIGRATIONS = [
     CREATE INDEX oauth_backchannel_requests_client
         ON oauth_backchannel_requests (client_id, status);
     """,
+    # When the person typed their password (OpenID Connect ``auth_time``): kept with the login
+    # session, and with each grant made from it, so access tokens carry it (step-up on risk).
+    """
+    ALTER TABLE oauth_sessions ADD COLUMN authenticated_at DOUBLE PRECISION;
+    ALTER TABLE oauth_grants ADD COLUMN auth_time DOUBLE PRECISION;
+    """,
 ]
 
 
@@ -245,6 +251,9 @@ class Grant:
     created_at: float
     expires_at: float
     revoked_at: float | None
+    # When the person authenticated (their password) for this grant; None for a client acting
+    # as itself, or a grant made before bastion kept it.
+    auth_time: float | None = None
 
 
 _CLIENT_COLUMNS = (
@@ -256,7 +265,7 @@ _BACKCHANNEL_COLUMNS = (
     " interval_seconds, status, answered_at, grant_id"
 )
 _GRANT_COLUMNS = (
-    "grant_id, client_id, username, resource, scope, created_at, expires_at, revoked_at"
+    "grant_id, client_id, username, resource, scope, created_at, expires_at, revoked_at, auth_time"
 )
 
 
@@ -581,10 +590,21 @@ class OAuthStore:
     def create_session(self, username: str, now: float, seconds: int) -> str:
         session_id = new_secret()
         self.db.execute(
-            "INSERT INTO oauth_sessions (session_digest, username, expires_at) VALUES (?, ?, ?)",
-            (digest(session_id), username, now + seconds),
+            "INSERT INTO oauth_sessions (session_digest, username, expires_at, authenticated_at)"
+            " VALUES (?, ?, ?, ?)",
+            (digest(session_id), username, now + seconds, now),
         )
         return session_id
+
+    def session_login(self, session_id: str, now: float) -> tuple[str, float | None] | None:
+        """The person signed in with this session and when they typed their password."""
+        rows = self.db.execute(
+            "SELECT s.username, s.authenticated_at FROM oauth_sessions s"
+            " JOIN oauth_users u ON u.username = s.username"
+            " WHERE s.session_digest = ? AND s.expires_at > ? AND u.disabled_at IS NULL",
+            (digest(session_id), now),
+        )
+        return (rows[0][0], rows[0][1]) if rows else None
 
     def session_user(self, session_id: str, now: float) -> str | None:
         rows = self.db.execute(
@@ -715,7 +735,7 @@ class OAuthStore:
 
     def create_grant(self, grant: Grant) -> None:
         self.db.execute(
-            f"INSERT INTO oauth_grants ({_GRANT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            f"INSERT INTO oauth_grants ({_GRANT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 grant.grant_id,
                 grant.client_id,
@@ -725,6 +745,7 @@ class OAuthStore:
                 grant.created_at,
                 grant.expires_at,
                 grant.revoked_at,
+                grant.auth_time,
             ),
         )
 

@@ -221,6 +221,7 @@ class TokenEndpoint:
             scope=scope,
             now=now,
             seconds=self.settings.access_token_seconds,
+            auth_time=grant.auth_time,  # a refresh keeps the time of the sign-in it came from
         )
         self.store.save_access_token(access.jti, grant.grant_id, access.expires_at)
         response: dict[str, Any] = {

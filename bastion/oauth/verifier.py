@@ -46,6 +46,8 @@ class VerifiedToken:
     expires_at: int
     grant_id: str
     claims: dict[str, Any]
+    # When the person typed their password for this token's grant (``auth_time``), if known.
+    auth_time: int | None = None
 
 
 def _header(token: str) -> dict[str, Any]:
@@ -199,6 +201,7 @@ class TokenVerifier:
             expires_at=expires_at,
             grant_id=grant_id,
             claims=dict(claims),
+            auth_time=_auth_time(claims),
         )
 
 
@@ -354,3 +357,12 @@ class VerifiedTokens:
 
 def _has_kid(keys: Any, kid: str) -> bool:
     return any(key.kid == kid for key in keys.keys)
+
+
+def _auth_time(claims: dict[str, Any]) -> int | None:
+    """The ``auth_time`` claim as a whole number of seconds; None when absent or malformed (a
+    resource that needs it then asks the person to sign in again: fail closed)."""
+    value = claims.get("auth_time")
+    if isinstance(value, bool) or not isinstance(value, int):
+        return None
+    return value
