@@ -102,10 +102,13 @@ def test_suspending_a_user_refuses_all_their_agents_and_no_one_else(bastion, key
     suspend(bastion, key, "user", "sam")
     try:
         refused = error_of(call_tool(bastion, sam, "deskhttp", "search_customers", QUERY))
+        # A new authorization (a new agent, a fresh token) is no way around it.
+        fresh = bastion.token("sam", "deskhttp")
+        again = error_of(call_tool(bastion, fresh, "deskhttp", "search_customers", QUERY))
         other = call_tool(bastion, avery, "deskhttp", "search_customers", QUERY)
     finally:
         resume(bastion, key, "user", "sam")
-    assert refused["data"]["reason"] == "suspended"
+    assert refused["data"]["reason"] == again["data"]["reason"] == "suspended"
     assert "result" in other
     assert "result" in call_tool(bastion, sam, "deskhttp", "search_customers", QUERY)
 

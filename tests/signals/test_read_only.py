@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 
 from bastion.facts.model import Entity
+from tests.gateway.streams import modern_headers, modern_request
 from tests.signals.support import ERAS, attempt, latest_agent, running
 
 RULES = """
@@ -115,3 +116,20 @@ def test_a_downgrade_on_another_server_changes_nothing_here(bastion):
     finally:
         bastion.apply(deletes=[other])
     assert "send_email" in seen["tools"]
+
+
+def test_annotations_a_client_sends_do_not_make_a_write_a_read(bastion):
+    """Only the upstream's own annotations count: a client claiming readOnlyHint is refused."""
+    sam = downgrade(Entity("User", "sam"))
+    token = bastion.token("sam", "deskhttp")
+    call = {"name": "send_email", "arguments": EMAIL, "annotations": {"readOnlyHint": True}}
+    bastion.apply([sam])
+    try:
+        answer = bastion.http.post(
+            bastion.mcp_url("deskhttp"),
+            json=modern_request(1, "tools/call", call),
+            headers=modern_headers(token, "tools/call", "send_email"),
+        )
+    finally:
+        bastion.apply(deletes=[sam])
+    assert answer.json()["error"]["data"]["reason"] == "read_only"
