@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from starlette.testclient import TestClient
@@ -342,8 +343,9 @@ def test_metrics_count_decisions_by_result(api):
 def test_the_openapi_document_describes_every_route(api):
     doc = api.get("/v1/openapi.json").json()
     assert doc["openapi"].startswith("3.")
+    # A path converter ({id:path}: an id with slashes, as a URL client id) is not OpenAPI's.
     served = {
-        (route.path, method.lower())
+        (re.sub(r":path}", "}", route.path), method.lower())
         for route in api.app.routes
         for method in (route.methods or ())
         if method != "HEAD"
