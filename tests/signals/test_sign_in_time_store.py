@@ -1,0 +1,25 @@
+"""When the person signed in is kept by the OAuth store, on a real SQLite file and a real
+PostgreSQL: with the login session, and with each grant (the migration adds both columns)."""
+
+from __future__ import annotations
+
+from bastion.db import Database
+from bastion.oauth.store import Grant, OAuthStore
+from bastion.oauth.users import create_user
+
+
+def test_the_sign_in_time_is_kept_with_the_session_and_the_grant(database_url):
+    store = OAuthStore(Database(database_url))
+    try:
+        create_user(store, "sam", "a long enough password", 1000.0)
+        session = store.create_session("sam", 1000.0, 3600)
+        assert store.session_login(session, 1001.0) == ("sam", 1000.0)
+        assert store.session_login(session, 5000.0) is None  # the session has expired
+        assert store.session_login("not-a-session", 1001.0) is None
+        grant = Grant("g1", "c1", "sam", "https://r.example/mcp", "s", 1000.0, 9000.0, None, 990.0)
+        store.create_grant(grant)
+        assert store.grant("g1").auth_time == 990.0
+        store.create_grant(Grant("g2", "c1", None, "https://r.example/mcp", "s", 1.0, 2.0, None))
+        assert store.grant("g2").auth_time is None  # a client acting as itself
+    finally:
+        store.db.close()
