@@ -259,3 +259,29 @@ def test_resuming_what_is_not_suspended_is_404_and_listing_shows_what_is(bastion
         {"kind": "agent", "id": "https://agent.example/client.json", "expires_at": None}
     ]
     assert api(bastion, key, "GET").json() == {"suspensions": []}
+
+
+@pytest.fixture(scope="module")
+def two_replicas(tmp_path_factory):
+    yield from running(tmp_path_factory, "kill-switch-replicas", "", replicas=1)
+
+
+def test_a_suspension_taken_by_one_replica_is_enforced_by_another(two_replicas):
+    bastion = two_replicas
+    key, _ = bastion.app.state.keys.create("kill switch", ["suspensions"], created_by="test")
+    token = bastion.token("sam", "deskhttp")
+    other = bastion.replicas[0]
+
+    def call_other() -> dict:
+        response = bastion.http.post(
+            f"{other}/mcp/deskhttp",
+            json=modern_request(1, "tools/call", {"name": "search_customers", "arguments": QUERY}),
+            headers=modern_headers(token, "tools/call", "search_customers"),
+        )
+        return response.json()
+
+    assert "result" in call_other()
+    suspend(bastion, key, "agent", client_id(token))
+    assert error_of(until(call_other, "error"))["data"]["reason"] == "suspended"
+    resume(bastion, key, "agent", client_id(token))
+    assert "result" in until(call_other, "result")
