@@ -18,7 +18,7 @@ def bastion(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_every_example_policy_passes_its_own_tests():
-    for name in ("gitclub", "folders", "agents"):
+    for name in ("gitclub", "folders", "agents", "adaptive"):
         result = bastion("policy", "test", str(EXAMPLES / f"{name}.polar"))
         assert result.returncode == 0, result.stdout + result.stderr
         assert " 0 failed" in result.stdout and " passed" in result.stdout
