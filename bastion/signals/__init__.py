@@ -1,0 +1,4 @@
+"""Live signals: the Shared Signals (SSF/CAEP/RISC) receiver, posture and behaviour signals.
+
+The entry module for the SSF receiver is `bastion.signals.ssf`.
+"""
