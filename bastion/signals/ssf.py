@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
 import anyio
 import httpx
@@ -187,6 +188,17 @@ class SsfStore:
         return [StreamStatus(*r) for r in rows]
 
 
+def secure_url(url: Any, what: str) -> str:
+    """``url`` if it is https (or http on loopback, for tests and sidecars); else ValueError."""
+    parts = urlsplit(url) if isinstance(url, str) else None
+    if parts is None or not parts.netloc:
+        raise ValueError(f"{what} is not a URL")
+    loopback = parts.hostname in ("127.0.0.1", "::1", "localhost")
+    if not (parts.scheme == "https" or (parts.scheme == "http" and loopback)):
+        raise ValueError(f"{what} must be an https URL, got {url!r}")
+    return url
+
+
 def _error(status: int, err: str, description: str, **headers: str) -> JSONResponse:
     return JSONResponse({"err": err, "description": description}, status, headers=headers)
 
@@ -249,6 +261,10 @@ class SsfReceiver:
                     if isinstance(found, dict)
                     else f"{t.configuration_url} is not a JSON object"
                 )
+            for key in ("jwks_uri", "configuration_endpoint", "status_endpoint",
+                        "verification_endpoint"):  # fmt: skip
+                if key in found:
+                    secure_url(found[key], f"{t.configuration_url}: {key}")
             self._metadata[t.name] = found
         return found
 
@@ -584,21 +600,33 @@ class SsfReceiver:
     async def _poll_forever(self, t: Transmitter, stream: dict[str, Any]) -> None:
         delivery = stream.get("delivery") or {}
         url = delivery.get("endpoint_url") if isinstance(delivery, dict) else None
-        if not isinstance(url, str):
-            await anyio.to_thread.run_sync(
-                lambda: self.store.save_stream(
-                    t.name, "error", "the stream gives no poll endpoint_url"
-                )
-            )
+        try:
+            url = secure_url(url, "the stream's poll endpoint_url")
+        except ValueError as e:
+            message = str(e)
+            await anyio.to_thread.run_sync(lambda: self.store.save_stream(t.name, "error", message))
             return
         ack: list[str] = []
         errs: dict[str, dict[str, str]] = {}
+        failing = False
         while True:
-            more = False
             try:
                 more, ack, errs = await self.poll_once(t, url, ack, errs)
             except Exception as e:  # noqa: BLE001 - reported, retried; acks are sent again
-                log.error("ssf transmitter %s: poll failed: %s", t.name, e)
+                message = f"poll failed: {e}"[:500]
+                log.error("ssf transmitter %s: %s", t.name, message)
+                if not failing:
+                    await anyio.to_thread.run_sync(
+                        lambda m=message: self.store.save_stream(t.name, "error", m)
+                    )
+                failing = True
+                await asyncio.sleep(t.poll_interval_seconds)
+                continue
+            if failing:
+                failing = False
+                await anyio.to_thread.run_sync(
+                    lambda: self.store.save_stream(t.name, "polling", "poll answered again")
+                )
             if not more and not ack and not errs:
                 await asyncio.sleep(t.poll_interval_seconds)
 
@@ -612,12 +640,16 @@ class SsfReceiver:
             body["ack"] = ack
         if errs:
             body["setErrs"] = errs
-        response = await self._call(t, "POST", url, json_body=body)
-        if response.status_code != 200:
-            raise ValueError(f"{url} answered HTTP {response.status_code}")
-        if len(response.content) > MAX_ANSWER_BYTES:
-            raise ValueError(f"{url} answered more than {MAX_ANSWER_BYTES} bytes")
-        answer = response.json()
+        headers = {"authorization": f"Bearer {t.bearer}"} if t.bearer else {}
+        async with self._client.stream("POST", url, headers=headers, json=body) as response:
+            if response.status_code != 200:
+                raise ValueError(f"{url} answered HTTP {response.status_code}")
+            content = b""
+            async for chunk in response.aiter_bytes():
+                content += chunk
+                if len(content) > MAX_ANSWER_BYTES:
+                    raise ValueError(f"{url} answered more than {MAX_ANSWER_BYTES} bytes")
+        answer = json.loads(content)
         sets = answer.get("sets") if isinstance(answer, dict) else None
         if not isinstance(sets, dict):
             raise ValueError(f"{url} answered no sets object")
