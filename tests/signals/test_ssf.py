@@ -14,6 +14,7 @@ import anyio
 import pytest
 from argon2 import PasswordHasher
 
+from bastion.cli import main
 from bastion.oauth import users
 from bastion.oauth.users import create_user
 from bastion.policy.parser import parse_fact
@@ -60,6 +61,8 @@ def signals(tmp_path_factory):
         "email:dana@example.com": "dana",
         "opaque:avery-0001": "avery",
     }
+    closed = free_socket()
+    closed_port = closed.getsockname()[1]  # bound, never listening: connections are refused
     try:
         with (
             serve(pusher.app(), free_socket()) as push_url,
@@ -87,6 +90,14 @@ def signals(tmp_path_factory):
                             "poll_interval_seconds": 0.1,
                             "users": mapping,
                         },
+                        {
+                            # Nothing listens here: its stream fails, and bastion serves on.
+                            "name": "down",
+                            "issuer": f"http://127.0.0.1:{closed_port}",
+                            "audience": AUDIENCE,
+                            "delivery": "poll",
+                            "poll_interval_seconds": 1,
+                        },
                     ]
                 }
             }
@@ -94,12 +105,13 @@ def signals(tmp_path_factory):
                 tmp_path_factory.mktemp("signals"), policy_extra=POLICY, signals=table
             ) as running:
                 create_user(running.app.state.oauth.store, "dana", PASSWORD, time.time())
-                running.pusher, running.poller = pusher, poller
+                running.pusher, running.poller, running.signals_table = pusher, poller, table
                 wait_until(lambda: streams(running).get("idp", {}).get("status") == "verified")
                 wait_until(lambda: streams(running).get("mdm", {}).get("status") == "verified")
                 yield running
     finally:
         users._HASHER = saved
+        closed.close()
 
 
 def wait_until(condition, seconds: float = 20) -> None:
@@ -152,6 +164,42 @@ def test_bastion_creates_and_verifies_a_stream_with_each_transmitter(signals):
     assert signals.poller.stream("urn:ietf:rfc:8936")
     for name in ("idp", "mdm"):
         assert streams(signals)[name]["verified_at"] is not None
+
+
+def test_a_transmitter_that_cannot_be_reached_is_an_error_in_the_status_not_a_crash(signals):
+    wait_until(lambda: streams(signals).get("down", {}).get("status") == "error")
+    assert "stream not configured" in streams(signals)["down"]["detail"]
+    assert signals.http.get(f"{signals.url}/healthz").status_code == 200
+
+
+def _toml(value) -> str:
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{json.dumps(k)} = {_toml(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    return json.dumps(value)
+
+
+def test_the_streams_status_command_shows_each_stream(signals, tmp_path, capsys):
+    ssf = signals.signals_table["ssf"]
+    config = tmp_path / "bastion.toml"
+    config.write_text(
+        f"[server]\ndatabase = {json.dumps(signals.app.state.config.database)}\n"
+        f"[oauth]\nissuer = {json.dumps(signals.url)}\n[signals.ssf]\n"
+        f"transmitters = {_toml(ssf['transmitters'])}\n"
+    )
+    wait_until(lambda: streams(signals).get("down", {}).get("status") == "error")
+    code = main(["signals", "streams", "status", "--config", str(config), "--json"])
+    rows = {r["transmitter"]: r for r in map(json.loads, capsys.readouterr().out.splitlines())}
+    assert code == 1  # one stream is in error
+    assert rows["idp"]["status"] == rows["mdm"]["status"] == "verified"
+    assert rows["idp"]["stream_id"] == signals.pusher.stream("urn:ietf:rfc:8935")["stream_id"]
+    assert rows["down"]["status"] == "error"
+    code = main(
+        ["signals", "streams", "configure", "--config", str(config), "--transmitter", "down"]
+    )
+    assert code == 1
+    assert "stream not configured" in capsys.readouterr().err
 
 
 # -- 1. off-boarded mid-session -----------------------------------------------------------------
