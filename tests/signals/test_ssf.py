@@ -423,3 +423,19 @@ def test_an_unmapped_subject_changes_nothing(signals):
     assert signals.pusher.push(event).status_code == 202
     assert "maps to no user" in received(signals, jti_of(event)).detail["effects"][0]["result"]
     assert "error" not in call(signals, token).json()
+
+
+def test_a_set_polled_twice_is_acknowledged_twice_and_applied_once(signals):
+    event = signals.poller.set_token(
+        RISC + "credential-compromise", {"credential_type": "password"}, email("nobody@x.example")
+    )
+    jti = signals.poller.queue(event)
+    wait_until(lambda: jti in signals.poller.acked)
+    signals.poller.queue(event)  # the transmitter delivers it again
+    wait_until(lambda: signals.poller.acked.count(jti) == 2)
+    assert received(signals, jti) is not None
+    assert [
+        e
+        for e in signals.app.state.signals.audit.events("signal.received")
+        if e.detail["jti"] == jti
+    ] == [received(signals, jti)]
