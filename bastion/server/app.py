@@ -56,6 +56,11 @@ async def readyz(request: Request) -> JSONResponse:
     }
     if reason is not None:
         body["reason"] = reason
+    signals = request.app.state.signals
+    if signals is not None:
+        # Shown, not counted against readiness: a transmitter that is down makes no replica
+        # unable to decide (docs/signals.md).
+        body["ssf_streams"] = dict(signals.store.seen)
     return JSONResponse(body, status_code=200 if reason is None else 503)
 
 

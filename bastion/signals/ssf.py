@@ -105,6 +105,8 @@ class SsfStore:
 
     def __init__(self, db: Database) -> None:
         self.db = db
+        # What this process last recorded of each stream (status, detail), for /readyz.
+        self.seen: dict[str, dict[str, str]] = {}
         db.migrate("ssf", _MIGRATIONS)
 
     def claim(self, issuer: str, jti: str, now: float) -> bool:
@@ -137,6 +139,7 @@ class SsfStore:
         verification_state: str | None = None,
     ) -> None:
         now = time.time()
+        self.seen[transmitter] = {"status": status, "detail": detail}
         with self.db.transaction():
             rows = self.db.execute(
                 "SELECT stream_id FROM ssf_streams WHERE transmitter = ?", (transmitter,)
@@ -170,6 +173,7 @@ class SsfStore:
             " detail = 'verification event received', updated_at = ? WHERE transmitter = ?",
             (time.time(), time.time(), transmitter),
         )
+        self.seen[transmitter] = {"status": "verified", "detail": "verification event received"}
         return True
 
     def stream(self, transmitter: str) -> StreamStatus | None:

@@ -169,7 +169,11 @@ def test_bastion_creates_and_verifies_a_stream_with_each_transmitter(signals):
 def test_a_transmitter_that_cannot_be_reached_is_an_error_in_the_status_not_a_crash(signals):
     wait_until(lambda: streams(signals).get("down", {}).get("status") == "error")
     assert "stream not configured" in streams(signals)["down"]["detail"]
-    assert signals.http.get(f"{signals.url}/healthz").status_code == 200
+    ready = signals.http.get(f"{signals.url}/readyz")
+    assert ready.status_code == 200
+    assert ready.json()["ssf_streams"]["down"]["status"] == "error"
+    assert "stream not configured" in ready.json()["ssf_streams"]["down"]["detail"]
+    assert ready.json()["ssf_streams"]["idp"]["status"] == "verified"
 
 
 def _toml(value) -> str:
