@@ -256,12 +256,23 @@ def test_an_sdk_client_whose_session_is_revoked_must_sign_in_again(signals):
     assert seen["signins_after"] > seen["signins_before"]
 
 
-def test_session_revoked_by_poll_refuses_the_next_call(signals):
+def test_session_revoked_by_poll_refuses_the_next_call_and_ends_the_open_stream(signals):
     token = signals.token("sam", "deskhttp")
+    listen_token = signals.token("sam", "lab")
     assert "error" not in call(signals, token).json()
-    jti = signals.poller.queue(
-        signals.poller.set_token(CAEP + "session-revoked", {}, email("sam@example.com"))
-    )
+    with signals.http.stream(
+        "POST",
+        signals.mcp_url("lab"),
+        json=modern_request("w-2", "subscriptions/listen", {"notifications": {}}),
+        headers=modern_headers(listen_token, "subscriptions/listen"),
+    ) as stream:
+        assert stream.status_code == 200
+        frames = events(stream)
+        assert next(frames)["method"] == "notifications/subscriptions/acknowledged"
+        jti = signals.poller.queue(
+            signals.poller.set_token(CAEP + "session-revoked", {}, email("sam@example.com"))
+        )
+        assert list(frames) == []  # the stream ended
     wait_until(lambda: jti in signals.poller.acked)
     assert call(signals, token).status_code == 401
     assert received(signals, jti).detail["effects"][0]["effect"] == "revoke"
