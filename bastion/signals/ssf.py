@@ -305,21 +305,23 @@ class SsfReceiver:
                 err="invalid_request", description="replayed jti",
             )  # fmt: skip
             raise Replayed(verified.jti)
+        # Every effect is idempotent (revoking what is revoked, writing the same fact), so a SET
+        # whose effects or record failed part-way is released and applied whole when redelivered.
         try:
             outcome = self._apply(t, verified, now)
+            self.audit.record(
+                "signal.received",
+                subject=outcome.user,
+                transmitter=t.name,
+                issuer=t.issuer,
+                jti=verified.jti,
+                txn=verified.txn,
+                events=list(verified.events),
+                effects=outcome.effects,
+            )
         except Exception:
             self.store.release(t.issuer, verified.jti)
             raise
-        self.audit.record(
-            "signal.received",
-            subject=outcome.user,
-            transmitter=t.name,
-            issuer=t.issuer,
-            jti=verified.jti,
-            txn=verified.txn,
-            events=list(verified.events),
-            effects=outcome.effects,
-        )
         return outcome
 
     def _subject(self, verified: VerifiedSet, body: dict[str, Any]) -> Subject:

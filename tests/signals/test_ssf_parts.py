@@ -189,3 +189,39 @@ def test_revoking_a_user_revokes_each_of_their_grants_and_announces_each(databas
 
 def _grant(grant_id: str, username: str, now: float) -> Grant:
     return Grant(grant_id, "c", username, "https://r", "s", now, now + 3600, None)
+
+
+def test_a_set_whose_effects_fail_is_released_and_applied_when_delivered_again(tmp_path):
+    from bastion.facts.store import FactStore
+    from bastion.signals.ssf import SsfReceiver
+    from tests.signals.transmitter import CAEP, Transmitter
+
+    idp = Transmitter("https://bastion.example.com")
+    idp.url = "https://idp.example.com/tenant"
+    s = settings(users={"email:sam@example.com": "sam"})
+    db = Database(str(tmp_path / "b.db"))
+    grants_db = Database(str(tmp_path / "b.db"))  # the grants' connection, lost below
+    oauth = OAuthStore(grants_db)
+    oauth.create_user("sam", "x", time.time())
+    oauth.create_grant(_grant("g1", "sam", time.time()))
+    receiver = SsfReceiver(s, db, oauth, FactStore(db), lambda: None)
+    receiver.keys["idp"] = TransmitterKeys(
+        lambda: {"keys": [idp.key.as_dict(private=False)]}, refresh_seconds=60, max_keys=5
+    )
+    event = idp.set_token(
+        CAEP + "session-revoked", {}, {"format": "email", "email": "sam@example.com"}
+    )
+    t = s.transmitters[0]
+    try:
+        grants_db.close()
+        with pytest.raises(Exception) as failed:  # noqa: B017 - a closed connection's error
+            receiver.receive(t, event)
+        assert not isinstance(failed.value, SetRefused)
+        assert receiver.audit.events("signal.received") == []
+        receiver.oauth_store = OAuthStore(db)
+        outcome = receiver.receive(t, event)  # redelivered: applied now, once
+        assert outcome.effects[0]["result"] == "revoked 1 grant(s)"
+        assert receiver.oauth_store.grant("g1").revoked_at is not None
+    finally:
+        receiver._http.close()
+        db.close()
