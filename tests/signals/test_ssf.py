@@ -454,3 +454,14 @@ def test_a_set_polled_twice_is_acknowledged_twice_and_applied_once(signals):
         for e in signals.app.state.signals.audit.events("signal.received")
         if e.detail["jti"] == jti
     ] == [received(signals, jti)]
+
+
+def test_one_transmitters_set_pushed_with_anothers_bearer_is_refused(signals):
+    token = signals.token("sam", "deskhttp")
+    # Signed by the poll transmitter (a valid SET of its own) but pushed on the push stream.
+    event = signals.poller.set_token(CAEP + "session-revoked", {}, email("sam@example.com"))
+    response = signals.pusher.push(event)
+    assert response.status_code == 400
+    # Checked against the keys of the transmitter whose bearer came, never the SET's own iss.
+    assert response.json()["err"] == "invalid_key"
+    assert "error" not in call(signals, token).json()
