@@ -110,7 +110,7 @@ class SsfSettings:
         env = dict(os.environ if env is None else env)
         if not isinstance(table, dict):
             raise SignalsConfigError("[signals.ssf] must be a table")
-        known = {f for f in cls.__dataclass_fields__} - {"transmitters"} | {"transmitters"}
+        known = set(cls.__dataclass_fields__)
         for key in table:
             if key not in known:
                 raise SignalsConfigError(
@@ -267,7 +267,11 @@ def _transmitter(i: int, t: Any, env: dict[str, str]) -> Transmitter:
             f"{where}.poll_interval_seconds", t.get("poll_interval_seconds", 30.0), float
         ),
         max_events=_positive(f"{where}.max_events", t.get("max_events", 100), int),
-        fact_expiry_seconds=float(t.get("fact_expiry_seconds", 0) or 0),
+        fact_expiry_seconds=(
+            _positive(f"{where}.fact_expiry_seconds", t["fact_expiry_seconds"], float)
+            if t.get("fact_expiry_seconds")
+            else 0.0
+        ),
         users=users,
         effects=dict(effects),
     )

@@ -88,6 +88,7 @@ def signals(tmp_path_factory):
                             "delivery": "poll",
                             "bearer_env": "BASTION_TEST_SSF_BEARER",
                             "poll_interval_seconds": 0.1,
+                            "fact_expiry_seconds": 3600,
                             "users": mapping,
                         },
                         {
@@ -465,3 +466,17 @@ def test_one_transmitters_set_pushed_with_anothers_bearer_is_refused(signals):
     # Checked against the keys of the transmitter whose bearer came, never the SET's own iss.
     assert response.json()["err"] == "invalid_key"
     assert "error" not in call(signals, token).json()
+
+
+def test_facts_from_a_transmitter_with_a_fact_expiry_expire(signals):
+    jti = signals.poller.queue(
+        signals.poller.set_token(
+            CAEP + "device-compliance-change",
+            {"current_status": "not-compliant"},
+            {"format": "opaque", "id": "avery-0001"},
+        )
+    )
+    wait_until(lambda: jti in signals.poller.acked)
+    (stored,) = signals.store.get(("device_compliance", parse_fact('x(User{"avery"})')[1], None))
+    assert stored.fact[2] == "not-compliant"
+    assert time.time() < stored.expires_at <= time.time() + 3600

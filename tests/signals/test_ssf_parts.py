@@ -67,6 +67,8 @@ def test_defaults_and_the_derived_configuration_url():
         ({"max_body_bytes": 0}, {}, "positive"),
         ({"surprise": 1}, {}, "unknown key"),
         ({}, {"surprise": 1}, "unknown key"),
+        ({}, {"fact_expiry_seconds": -5}, "positive"),
+        ({}, {"fact_expiry_seconds": float("inf")}, "positive"),
     ],
 )
 def test_settings_that_would_weaken_verification_are_refused(table, changes, message):
