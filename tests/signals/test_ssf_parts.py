@@ -15,7 +15,7 @@ from bastion.server.app import create_app
 from bastion.server.config import ConfigError, ServerConfig
 from bastion.signals.set_tokens import SetRefused, TransmitterKeys
 from bastion.signals.settings import SignalsConfigError, SsfSettings
-from bastion.signals.ssf import SsfStore
+from bastion.signals.ssf_store import SsfStore
 from bastion.signals.subjects import SubjectError, parse_subject
 
 ENV = {"PUSH": "p" * 32, "BEARER": "b" * 32, "SHORT": "short"}
