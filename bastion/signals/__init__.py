@@ -1,0 +1,1 @@
+"""Signals: live facts about users, devices, agents and sessions, request posture, freshness."""
