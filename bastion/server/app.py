@@ -239,6 +239,16 @@ def _approval_pages(approvals, oauth) -> list[BaseRoute]:
     return list(ApprovalPages(approvals, oauth).routes())
 
 
+def _signal_settings(config: ServerConfig):
+    """The signals API's limits ([signals.api], docs/signals.md)."""
+    from bastion.signals.store import SignalSettings
+
+    try:
+        return SignalSettings.from_mapping(config.signals.get("api"))
+    except (TypeError, ValueError) as e:
+        raise ConfigError(str(e)) from None
+
+
 def create_app(config: ServerConfig) -> Starlette:
     """The whole server for one configuration. State is opened by the lifespan."""
     # Writes and key checks use this connection; the replica reads the log on its own.
@@ -258,6 +268,7 @@ def create_app(config: ServerConfig) -> Starlette:
     )
     metrics.observe_staleness(lambda: replica.staleness)
 
+    signal_settings = _signal_settings(config)
     oauth = _oauth_server(config, db)
     approvals = _approvals(config, oauth, replica)
     gateway = _gateway(config, oauth, replica, approvals)
@@ -340,4 +351,5 @@ def create_app(config: ServerConfig) -> Starlette:
     app.state.oauth_paths = oauth_paths(oauth)
     app.state.gateway = gateway
     app.state.approvals = approvals
+    app.state.signal_settings = signal_settings
     return app

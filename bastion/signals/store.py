@@ -31,8 +31,8 @@ MAX_SOURCE = 64
 MAX_SUBJECT_ID = 256
 MAX_TEXT_VALUE = 256
 # A name or a source: letters, digits and _ . : - (no spaces, nothing to escape in a policy).
-NAME_PATTERN = r"^[A-Za-z0-9_.:-]+$"
-_NAME = re.compile(NAME_PATTERN)
+NAME_PATTERN = "^[A-Za-z0-9_.:-]+$"
+_NAME = re.compile(NAME_PATTERN[1:-1])
 
 
 class SignalError(ValueError):
@@ -120,7 +120,7 @@ def check_subject(type_: Any, id_: Any) -> Entity:
 
 
 def check_name(value: Any, what: str = "name", most: int = MAX_NAME) -> str:
-    if not isinstance(value, str) or not 1 <= len(value) <= most or not _NAME.match(value):
+    if not isinstance(value, str) or not 1 <= len(value) <= most or not _NAME.fullmatch(value):
         raise SignalError(
             f"a signal's {what} is 1 to {most} letters, digits or _ . : -, got {value!r}"
         )
