@@ -891,9 +891,7 @@ PATHS: dict[str, Any] = {
             "Clear a subject's signal of this name, or all its signals without a name",
             signals_api.SCOPE,
             _response(["sequence", "cleared"], sequence=_INT, cleared=_INT),
-            body=_request(
-                ["subject"], subject=_ref("SignalSubject"), name=_nullable(_SIGNAL_NAME)
-            ),
+            body=_request(["subject"], subject=_ref("SignalSubject"), name=_nullable(_SIGNAL_NAME)),
         )
     },
     "/v1/openapi.json": {"get": _op("This document", None, {"type": "object"})},

@@ -8,4 +8,11 @@ from bastion.server.api import approvals, decisions, facts, keys, policy, signal
 
 
 def routes() -> list[BaseRoute]:
-    return [*decisions.routes, *facts.routes, *policy.routes, *keys.routes, *approvals.routes, *signals.routes]
+    return [
+        *decisions.routes,
+        *facts.routes,
+        *policy.routes,
+        *keys.routes,
+        *approvals.routes,
+        *signals.routes,
+    ]

@@ -134,9 +134,7 @@ async def get(request: Request) -> JSONResponse:
     if not 1 <= limit <= MAX_PAGE:
         raise bad_request(f"limit must be between 1 and {MAX_PAGE}")
     store: FactStore = request.app.state.store
-    found = await anyio.to_thread.run_sync(
-        lambda: list_signals(store, subject, name, limit=limit)
-    )
+    found = await anyio.to_thread.run_sync(lambda: list_signals(store, subject, name, limit=limit))
     return JSONResponse({"signals": [s.to_json() for s in found]})
 
 
