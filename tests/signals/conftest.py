@@ -47,7 +47,7 @@ deny(_user: User, "call", _tool: Tool) if
 
 
 @pytest.fixture(scope="session")
-def bastion(tmp_path_factory):
+def signals_gateway(tmp_path_factory):
     saved = users._HASHER
     users._HASHER = PasswordHasher(time_cost=1, memory_cost=1024, parallelism=1)
     try:
@@ -101,3 +101,8 @@ def refusal(answer: dict) -> str | None:
     if "error" in answer:
         return answer["error"]["data"]["reason"]
     return None
+
+
+@pytest.fixture(scope="session")
+def bastion(signals_gateway):
+    return signals_gateway

@@ -11,6 +11,7 @@ import pytest
 
 from bastion.facts.store import FactStore
 from tests.server.conftest import ADMIN_KEY, ServerProcess
+from tests.signals.conftest import set_signal
 
 POLICY = """
 actor User {}
@@ -237,3 +238,53 @@ def test_a_signal_the_policy_cannot_hold_is_refused_with_422(bastion, change):
     with client(bastion) as c:
         problem(c.post("/v1/signals", json={**COMPLIANT, **change}), 422, "cannot hold")
     assert stored_signals(bastion) == before
+
+
+# -- through the gateway, with the official MCP SDK client ------------------------------------
+
+
+@pytest.fixture
+def gateway(request):
+    # The running gateway of tests/signals/conftest.py (this module's `bastion` is a bare server).
+    return request.getfixturevalue("signals_gateway")
+
+
+EMAIL = {"to": "ada@example.com", "subject": "hello", "body": "hi"}
+
+
+@pytest.mark.parametrize("mode", ["legacy", "auto"])  # 2025-11-25, 2026-07-28
+def test_a_non_compliant_device_downgrades_writes_to_reads_until_it_is_compliant_again(
+    gateway, mode
+):
+    """The quickstart's send_email is a write (not read-only); search_customers a read."""
+    from mcp.shared.exceptions import MCPError
+
+    async def attempt(client, seen, tool, arguments):
+        try:
+            result = await client.call_tool(tool, arguments)
+            seen["calls"].append(("ok", tool, result.content[0].text))
+        except MCPError as e:
+            seen["calls"].append(("refused", tool, e.error.data["reason"]))
+
+    async def script(client, seen):
+        seen["calls"] = []
+        await attempt(client, seen, "send_email", EMAIL)
+        set_signal(gateway, "sam", "device_compliant", False)
+        await attempt(client, seen, "send_email", EMAIL)
+        await attempt(client, seen, "search_customers", {"query": "ada"})
+        set_signal(gateway, "sam", "device_compliant", True)
+        await attempt(client, seen, "send_email", EMAIL)
+
+    logins = len(gateway.logins)
+    seen = gateway.sdk("sam", "deskhttp", mode, script)
+    outcomes = [
+        (kind, tool, detail if kind == "refused" else "") for kind, tool, detail in seen["calls"]
+    ]
+    assert outcomes == [
+        ("ok", "send_email", ""),
+        ("refused", "send_email", "not_permitted"),
+        ("ok", "search_customers", ""),
+        ("ok", "send_email", ""),
+    ]
+    # One sign-in for the whole scenario: no new token was needed either way.
+    assert len(gateway.logins) == logins + 1

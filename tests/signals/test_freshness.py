@@ -4,11 +4,16 @@ each required signal on its own, and fail closed."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import time
 from datetime import UTC, datetime
+from pathlib import Path
 
 from bastion.decide import Authorizer
 from bastion.decide.contract import decide_chain
 from bastion.facts.model import Entity
+from tests.signals.conftest import refusal, search, set_signal
 
 NOW = 1_800_000_000
 SAM, AGENT, TOOL = Entity("User", "sam"), Entity("Agent", "a1"), Entity("Tool", "desk/x")
@@ -92,3 +97,44 @@ def test_a_denied_call_stays_not_permitted_whatever_its_signals():
     a = Authorizer(POLICY.replace('allow(_: User, "call", _: Tool);', ""))
     decision = decide(a)
     assert not decision.allowed and decision.reason is None and decision.refused_by == SAM
+
+
+def test_the_device_compliance_example_passes_its_own_tests():
+    example = Path(__file__).resolve().parents[2] / "examples" / "device_compliance.polar"
+    done = subprocess.run(
+        [sys.executable, "-m", "bastion.cli", "policy", "test", str(example)],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "3 passed, 0 failed" in done.stdout
+
+
+# -- through the gateway ----------------------------------------------------------------------
+
+
+def test_a_missing_or_stale_required_signal_refuses_the_call_at_the_gateway(bastion):
+    token = bastion.token("avery", "deskhttp")
+    avery = Entity("User", "avery")
+    answer = search(bastion, token, "fresh-only")
+    assert refusal(answer) == "signal_stale"
+    assert answer["error"]["code"] == -32003
+    # The refusal is recorded like any other, with the signals it missed.
+    bastion.flush()
+    record = bastion.records.get(answer["error"]["data"]["decision_id"])
+    assert (record.result, record.reason) == ("deny", "signal_stale")
+    assert record.obligations["stale_signals"] == ["risk_checked"]
+    assert record.deciding_principal == repr(avery)
+
+    set_signal(bastion, "avery", "risk_checked", True, source="siem")
+    assert refusal(search(bastion, token, "fresh-only")) is None
+    # Other searches never needed it.
+    assert refusal(search(bastion, token, "anything")) is None
+
+    # The source went quiet: its last word, three minutes old, is stale (fail closed).
+    old = int(time.time()) - 180
+    bastion.apply(
+        [("signal", avery, "risk_checked", True, "siem", old)],
+        [("signal", avery, "risk_checked", None, None, None)],
+    )
+    assert refusal(search(bastion, token, "fresh-only")) == "signal_stale"
