@@ -85,7 +85,9 @@ class ServerConfig:
     gateway: dict[str, Any] = field(default_factory=dict)
     # The [approvals] table, read by bastion.approvals.settings (docs/approvals.md).
     approvals: dict[str, Any] = field(default_factory=dict)
-    # The [signals] table: [signals.ssf] is read by bastion.signals.settings (docs/signals.md).
+    # The [signals] table, one sub-table per part (docs/signals.md): [signals.ssf] (read by
+    # bastion.signals.settings), [signals.api] (bastion.signals.store.SignalSettings) and
+    # [signals.posture] (bastion.signals.posture.PostureSettings).
     signals: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
