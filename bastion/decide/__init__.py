@@ -52,6 +52,9 @@ CONTRACT_SHAPES = (
     ("approval_grant", "bbbb"),
     ("read_only", "bb"),  # bastion.signals.read_only
     ("requires_recent_auth", "bbbf"),  # bastion.signals.step_up
+    # Freshness of live signals (`bastion.signals.store`).
+    ("requires_signal", "bff"),
+    ("signal", "bbfff"),
     # Asked when a call is held or answered (`bastion.approvals.service.Approvals.terms`).
     ("approver", "fbbb"),
     ("approver", "bbbb"),

@@ -38,6 +38,7 @@ from bastion.gateway.jsonrpc import (
 from bastion.gateway.ratelimit import LimitsUnavailable, RateLimiter, RedisRateLimiter
 from bastion.policy.errors import EvaluationLimit
 from bastion.policy.runtime import context_value
+from bastion.signals.posture import RequestPosture
 from bastion.signals.read_only import read_only_holds, refuses_write
 from bastion.signals.step_up import ERROR as SIGN_IN_AGAIN
 from bastion.signals.step_up import needs_sign_in
@@ -58,6 +59,8 @@ class Caller:
     grant_id: str = ""  # the grant its token belongs to: revoking it ends the caller's streams
     session_id: str = ""  # the Mcp-Session-Id it came with (2025-11-25), for the kill switch
     auth_time: int | None = None  # when the person signed in for the token (its auth_time)
+    # Network zone, device and token age (bastion.signals.posture), merged into the context.
+    posture: RequestPosture | None = None
     # The user and the agent, as the policy sees them (every one must be allowed).
     principals: tuple[Entity, ...] = field(init=False)
 
@@ -162,12 +165,14 @@ class Enforcer:
         self.digest = ArgumentDigest(digest_key or secrets.token_bytes(32))
 
     def context(self, caller: Caller, server: str, method: str, **extra: Any) -> dict[str, Any]:
+        now = self.clock()
         return {
             "server": server,
             "method": method,
             "scopes": sorted(caller.scopes),
             "client": {"ip": caller.address, "id": caller.client_id},
-            "time": datetime.fromtimestamp(self.clock(), UTC),
+            "time": datetime.fromtimestamp(now, UTC),
+            **(caller.posture.context(now) if caller.posture is not None else {}),
             **extra,
         }
 
@@ -579,6 +584,8 @@ class Enforcer:
             obligations["read_only"] = True
         if chain.obligations.max_auth_age is not None:
             obligations["max_auth_age"] = chain.obligations.max_auth_age
+        if chain.stale_signals:
+            obligations["stale_signals"] = list(chain.stale_signals)
         if approval is not None:
             # The request that held it, or whose approval (or released result) it used.
             obligations["approval"] = approval

@@ -212,6 +212,7 @@ class StreamableHttpEndpoint:
             grant_id=verified.grant_id,
             session_id=headers.get("mcp-session-id", ""),
             auth_time=verified.auth_time,
+            posture=gateway.posture.read(client[0] or "", headers, verified.claims),
         )
 
     # -- POST --------------------------------------------------------------------------------------

@@ -85,6 +85,10 @@ class ServerConfig:
     gateway: dict[str, Any] = field(default_factory=dict)
     # The [approvals] table, read by bastion.approvals.settings (docs/approvals.md).
     approvals: dict[str, Any] = field(default_factory=dict)
+    # The [signals] table, one sub-table per part (docs/signals.md): [signals.ssf] (read by
+    # bastion.signals.settings), [signals.api] (bastion.signals.store.SignalSettings) and
+    # [signals.posture] (bastion.signals.posture.PostureSettings).
+    signals: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def load(
@@ -115,14 +119,14 @@ class ServerConfig:
             values.update(server)
             if "oauth" in data:
                 values["oauth"] = data["oauth"]
-            for table in ("gateway", "approvals"):
+            for table in ("gateway", "approvals", "signals"):
                 if table in data:
                     values[table] = data[table]
         elif path is not None:
             raise ConfigError(f"configuration file {file} does not exist")
         names = {f.name: f for f in fields(cls)}
         for name in names:
-            if name in ("oauth", "gateway", "approvals"):
+            if name in ("oauth", "gateway", "approvals", "signals"):
                 continue
             var = f"BASTION_{name.upper()}"
             if var in env:

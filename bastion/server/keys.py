@@ -26,6 +26,9 @@ SCOPES = (
     "approvals",
     # Suspend and resume agents, users and MCP sessions (/v1/suspensions: the kill switch).
     "suspensions",
+    # Set, clear and list signals about users, devices, agents and sessions (/v1/signals): for
+    # an MDM, a SIEM or a script that reports on them.
+    "signals",
     "admin",
 )
 KEY_PREFIX = "bst_"

@@ -1,1 +1,9 @@
-"""Live signals and adaptive responses (issue 11): read-only downgrade, kill switch, step-up."""
+"""Live signals: live facts about users, devices, agents and sessions (the signals API, the
+Shared Signals SSF/CAEP/RISC receiver), request posture, freshness; and the adaptive responses
+to them: the read-only downgrade, the kill switch, step-up on risk.
+
+Entry modules: `bastion.signals.ssf` (the receiver), `bastion.signals.store` (signals set through
+the API), `bastion.signals.posture` (the request's posture in the gateway's context),
+`bastion.signals.read_only`, `bastion.signals.suspensions` (the kill switch) and
+`bastion.signals.step_up` (``requires_recent_auth``).
+"""

@@ -1,7 +1,10 @@
-"""CLI: ``bastion agents suspend|resume|list``, the kill switch on the deployment's database
-(docs/signals.md). Like the other admin commands it writes to the database directly
-(``--database``, or the one in bastion.toml); every running replica applies the change from the
-change log, refuses the suspended caller's next call and ends its streams."""
+"""CLI: ``bastion signals set|clear|list``, on the deployment's database (docs/signals.md), and
+``bastion signals streams ...`` (`bastion.signals.stream_commands`).
+
+Like the other admin commands it works on the database directly (``--database``, or the one in
+bastion.toml): the write goes through the change log, so every running replica sees it. A signal
+is checked against the policy in force before it is written, as ``/v1/signals`` does.
+"""
 
 from __future__ import annotations
 
@@ -10,13 +13,51 @@ import getpass
 import json
 import os
 import sys
-import time
+from collections.abc import Callable
 from datetime import UTC, datetime
+from typing import Any
 
 from bastion.db import DatabaseUnavailable
+from bastion.decide import Authorizer
+from bastion.facts.model import Entity, FactError
 from bastion.facts.store import FactStore
 from bastion.server.config import ConfigError, ServerConfig
-from bastion.signals.suspensions import KINDS, SuspensionError, resume, stored, suspend, suspension
+from bastion.signals.store import (
+    SUBJECT_TYPES,
+    SignalError,
+    SignalSettings,
+    check_subject,
+    clear_signal,
+    list_signals,
+    new_signal,
+    set_signal,
+)
+from bastion.signals.stream_commands import register_streams
+
+MAX_LIST = 1000
+
+
+class CommandError(Exception):
+    """A refusal or a mistake the person running the command can fix; the message says how."""
+
+
+def _subject(text: str) -> Entity:
+    type_, sep, id_ = text.partition(":")
+    if not sep:
+        raise CommandError(f"a subject is Type:id ({', '.join(SUBJECT_TYPES)}), got {text!r}")
+    try:
+        return check_subject(type_, id_)
+    except SignalError as e:
+        raise CommandError(str(e)) from None
+
+
+def _value(text: str) -> Any:
+    """``true``, ``false`` and integers as such; anything else (or a JSON string) as text."""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return text
+    return value if isinstance(value, (bool, int, str)) else text
 
 
 def _actor() -> str:
@@ -26,52 +67,22 @@ def _actor() -> str:
         return "cli"
 
 
-def _store(args: argparse.Namespace) -> FactStore:
-    config = ServerConfig.load(args.config)
-    database = args.database or os.environ.get("BASTION_DATABASE") or config.database
-    return FactStore.open(database, role="bastion-cli")
+def _when(epoch: float) -> str:
+    return datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def _when(epoch: float | None) -> str:
-    if epoch is None:
-        return "until resumed"
-    return "until " + datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def cmd_suspend(store: FactStore, args: argparse.Namespace) -> int:
-    expires = time.time() + args.minutes * 60 if args.minutes else None
-    s = suspension(args.kind, args.id, expires)
-    result = suspend(store, s, _actor())
-    print(f"suspended {s.kind} {s.id} {_when(s.expires_at)} (sequence {result.seq})")
-    return 0
-
-
-def cmd_resume(store: FactStore, args: argparse.Namespace) -> int:
-    s = suspension(args.kind, args.id)
-    if not any(x == s for x in (suspension(x.kind, x.id) for x in stored(store))):
-        print(f"bastion: {s.kind} {s.id!r} is not suspended", file=sys.stderr)
-        return 1
-    result = resume(store, s, _actor())
-    print(f"resumed {s.kind} {s.id} (sequence {result.seq})")
-    return 0
-
-
-def cmd_list(store: FactStore, args: argparse.Namespace) -> int:
-    for s in stored(store):
-        print(json.dumps(s.to_json()) if args.json else f"{s.kind}\t{s.id}\t{_when(s.expires_at)}")
-    return 0
-
-
-def _run(work):
+def _opened(work: Callable[[FactStore, ServerConfig, argparse.Namespace], int]) -> Callable:
     def run(args: argparse.Namespace) -> int:
         try:
-            store = _store(args)
+            config = ServerConfig.load(args.config)
+            database = args.database or os.environ.get("BASTION_DATABASE") or config.database
+            store = FactStore.open(database, role="bastion-cli")
         except (ConfigError, DatabaseUnavailable, OSError) as e:
             print(f"bastion: {e}", file=sys.stderr)
             return 2
         try:
-            return work(store, args)
-        except (SuspensionError, DatabaseUnavailable) as e:
+            return work(store, config, args)
+        except (CommandError, DatabaseUnavailable) as e:
             print(f"bastion: {e}", file=sys.stderr)
             return 2
         finally:
@@ -80,37 +91,103 @@ def _run(work):
     return run
 
 
-def _minutes(text: str) -> int:
+def cmd_set(store: FactStore, config: ServerConfig, args: argparse.Namespace) -> int:
     try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError("minutes must be a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError("minutes must be 1 or more (leave it out: until resumed)")
-    return value
+        settings = SignalSettings.from_mapping(config.signals.get("api"))
+        signal = new_signal(
+            _subject(args.subject), args.name, _value(args.value), args.source, args.ttl, settings
+        )
+    except (SignalError, TypeError) as e:
+        raise CommandError(str(e)) from None
+    policy = store.policy()
+    authz = Authorizer("", limits=config.policy_limits())
+    if policy is not None:
+        authz.load_policy(policy.text, source=policy.source or "policy.polar")
+    try:
+        result = set_signal(store, signal, actor=_actor(), validate=authz.facts.validate)
+    except FactError as e:
+        raise CommandError(
+            f"the policy in force cannot hold this signal: {e}; declare the signal facts it"
+            " reads, e.g. declare signal(User, String, Boolean, String, Integer);"
+        ) from None
+    print(
+        f"set {signal.subject!r} {signal.name} = {json.dumps(signal.value)} (source"
+        f" {signal.source}) until {_when(signal.expires_at)}; sequence {result.seq}"
+    )
+    return 0
+
+
+def cmd_clear(store: FactStore, config: ServerConfig, args: argparse.Namespace) -> int:
+    subject = _subject(args.subject)
+    result = clear_signal(store, subject, args.name, actor=_actor())
+    print(f"cleared {result.deleted} signal(s) of {subject!r}; sequence {result.seq}")
+    return 0
+
+
+def cmd_list(store: FactStore, config: ServerConfig, args: argparse.Namespace) -> int:
+    subject = _subject(args.subject) if args.subject else None
+    for signal in list_signals(store, subject, args.name, limit=args.limit):
+        if args.json:
+            print(json.dumps(signal.to_json()))
+        else:
+            print(
+                f"{signal.subject!r} {signal.name} = {json.dumps(signal.value)}"
+                f"  source {signal.source}  set {_when(signal.set_at)}"
+                f"  expires {_when(signal.expires_at)}"
+            )
+    return 0
+
+
+def _positive(most: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"a whole number, got {text!r}") from None
+        if not 1 <= value <= most:
+            raise argparse.ArgumentTypeError(f"from 1 to {most}, got {value}")
+        return value
+
+    return parse
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--database", help="SQLite path or postgresql:// URL (or BASTION_DATABASE, or bastion.toml)"
+    )
+    parser.add_argument("--config", help="bastion.toml ([signals.api] bounds the TTL)")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    agents = sub.add_parser("agents", help="the kill switch: suspend, resume, list")
-    commands = agents.add_subparsers(dest="agents_command", required=True)
-    for name, func, help_text in (
-        ("suspend", cmd_suspend, "refuse every call of an agent, user or session; end its streams"),
-        ("resume", cmd_resume, "lift a suspension"),
-        ("list", cmd_list, "the suspensions in force"),
-    ):
-        p = commands.add_parser(name, help=help_text)
-        if name != "list":
-            p.add_argument("id", help="the OAuth client id, user name or Mcp-Session-Id")
-            p.add_argument(
-                "--kind", choices=list(KINDS), default="agent", help="what id names (default agent)"
-            )
-        if name == "suspend":
-            p.add_argument("--minutes", type=_minutes, help="lift it by itself after this long")
-        if name == "list":
-            p.add_argument("--json", action="store_true", help="one JSON suspension per line")
-        p.add_argument(
-            "--database",
-            help="SQLite path or postgresql:// URL (or BASTION_DATABASE, or bastion.toml)",
-        )
-        p.add_argument("--config", help="bastion.toml")
-        p.set_defaults(func=_run(func))
+    signals = sub.add_parser(
+        "signals", help="signals about users, devices, agents, sessions; Shared Signals streams"
+    )
+    commands = signals.add_subparsers(dest="signals_command", required=True)
+    register_streams(commands)
+
+    p = commands.add_parser("set", help="set a signal (replaces the subject's earlier value)")
+    p.add_argument("subject", help=f"Type:id, one of {', '.join(SUBJECT_TYPES)} (User:sam)")
+    p.add_argument("name", help="the signal's name, such as device_compliant")
+    p.add_argument("value", help="true, false, an integer, or text")
+    p.add_argument("--source", required=True, help="who says so, such as mdm")
+    p.add_argument(
+        "--ttl",
+        type=_positive(2**31),
+        help="seconds it lives (default [signals.api].default_ttl_seconds)",
+    )
+    _common(p)
+    p.set_defaults(func=_opened(cmd_set))
+
+    p = commands.add_parser("clear", help="clear a subject's signal, or all of its signals")
+    p.add_argument("subject", help="Type:id (User:sam)")
+    p.add_argument("name", nargs="?", help="the signal to clear (default: every one)")
+    _common(p)
+    p.set_defaults(func=_opened(cmd_clear))
+
+    p = commands.add_parser("list", help="live signals")
+    p.add_argument("--subject", help="only this subject's (Type:id)")
+    p.add_argument("--name", help="only signals of this name")
+    p.add_argument("--limit", type=_positive(MAX_LIST), default=100)
+    p.add_argument("--json", action="store_true", help="one JSON signal per line")
+    _common(p)
+    p.set_defaults(func=_opened(cmd_list))

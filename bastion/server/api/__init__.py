@@ -1,10 +1,10 @@
-"""The `/v1` API: decisions, facts, policy, API keys and approvals."""
+"""The `/v1` API: decisions, facts, policy, API keys, approvals and signals."""
 
 from __future__ import annotations
 
 from starlette.routing import BaseRoute
 
-from bastion.server.api import approvals, decisions, facts, keys, policy, suspensions
+from bastion.server.api import approvals, decisions, facts, keys, policy, signals, suspensions
 
 
 def routes() -> list[BaseRoute]:
@@ -15,4 +15,5 @@ def routes() -> list[BaseRoute]:
         *keys.routes,
         *approvals.routes,
         *suspensions.routes,
+        *signals.routes,
     ]
