@@ -13,6 +13,7 @@ COMMAND_MODULES = [
     "bastion.oauth.commands",
     "bastion.audit.commands",
     "bastion.approvals.commands",
+    "bastion.signals.commands",
 ]
 
 

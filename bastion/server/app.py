@@ -263,6 +263,8 @@ def create_app(config: ServerConfig) -> Starlette:
     gateway = _gateway(config, oauth, replica, approvals)
     if gateway is not None and gateway.records is not None:
         metrics.observe_records_dropped(lambda: gateway.records.dropped)
+    if gateway is not None:
+        gateway.enforcer.shadow.on_fire = metrics.shadow_fired
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:

@@ -1,0 +1,1 @@
+"""Live signals: behaviour counters and baselines, shadow mode (docs/signals.md)."""

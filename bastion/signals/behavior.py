@@ -1,0 +1,308 @@
+"""Behaviour counters and baselines: what each user, agent and agent-on-a-target has done lately.
+
+The gateway counts, per user, per agent and per (agent, target), the messages it decided
+(``calls``), those it refused (``refusals``), destructive tool calls it let through
+(``destructive``: tools annotated ``destructiveHint: true``), the bytes of the results it returned
+(``bytes``) and the distinct targets (``targets``: tools, resources and prompts for a user or an
+agent; distinct arguments for an agent on one target). Each is kept over three sliding windows
+(``minute``, ``ten_minutes``, ``hour``), estimated in O(1) from the current and the previous
+fixed window (the previous one weighted by how much of it the sliding window still covers), with
+a baseline per window: the exponentially weighted moving average of the completed windows.
+
+The policy reads them as ``context.behavior.<scope>.<counter>.<window>``, an object with
+``count`` (the sliding figure), ``baseline`` and ``ratio`` (count / max(baseline, 1)); e.g.
+``context.behavior.agent.destructive.minute.count > 10``. They are computed only when a rule
+reads them.
+
+`LocalBehavior` keeps them in this process (the default). `RedisBehavior` shares them through
+Redis (``gateway.redis_url``): one pipelined round trip reads a call's figures before it is
+decided, and what the call did is written after it, off the call path. When Redis cannot be read,
+a decision whose rules read ``context.behavior`` is refused with reason ``behavior_unavailable``
+(fail closed); decisions whose rules do not read it go on.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from bastion.policy.errors import EvaluationLimit
+
+log = logging.getLogger("bastion.signals.behavior")
+
+SCOPES = ("user", "agent", "tool")
+COUNTERS = ("calls", "refusals", "destructive", "bytes", "targets")
+WINDOWS = (("minute", 60.0), ("ten_minutes", 600.0), ("hour", 3600.0))
+# The messages counted: those that act on a target (not connect, lists or subscriptions).
+COUNTED_METHODS = frozenset({"tools/call", "resources/read", "prompts/get"})
+
+_CALLS, _REFUSALS, _DESTRUCTIVE, _BYTES, _TARGETS = range(5)
+_N = len(COUNTERS)
+
+
+@dataclass(frozen=True, slots=True)
+class BehaviorSettings:
+    """``[signals.behavior]``: how the counters learn and how much they may hold."""
+
+    # The weight of the latest completed window in the baseline (0 < w <= 1).
+    baseline_weight: float = 0.2
+    # Keys (users, agents, agent-on-target pairs) kept per process; the oldest go first.
+    max_keys: int = 100_000
+    # Distinct targets remembered per key and window; beyond, every call counts as new.
+    max_targets: int = 1_000
+
+    @classmethod
+    def from_table(cls, table: dict[str, Any]) -> BehaviorSettings:
+        unknown = set(table) - {"baseline_weight", "max_keys", "max_targets"}
+        if unknown:
+            raise ValueError(f"signals.behavior: unknown setting(s) {sorted(unknown)}")
+        defaults = cls()
+        weight = table.get("baseline_weight", defaults.baseline_weight)
+        if not isinstance(weight, (int, float)) or isinstance(weight, bool) or not 0 < weight <= 1:
+            raise ValueError("signals.behavior.baseline_weight must be a number in (0, 1]")
+        values = {}
+        for name in ("max_keys", "max_targets"):
+            value = table.get(name, getattr(defaults, name))
+            if type(value) is not int or value < 1:
+                raise ValueError(f"signals.behavior.{name} must be a positive integer")
+            values[name] = value
+        return cls(float(weight), **values)
+
+
+class BehaviorUnavailable(EvaluationLimit):
+    """The shared counters cannot be read: a decision whose rules read them is refused."""
+
+    reason = "behavior_unavailable"
+
+    def __init__(self) -> None:
+        Exception.__init__(self, "the behaviour counters are unavailable (Redis cannot be reached)")
+        self.limit = "behavior_unavailable"
+        self.value = 0
+
+
+def scope_keys(subject: str, agent: str, target: str) -> tuple[str, str, str]:
+    """The counter keys of one message: its user, its agent, its agent on its target."""
+    return (f"user|{subject}", f"agent|{agent}", f"tool|{agent}|{target}")
+
+
+class _Window:
+    """One key's counters over one window length: fixed windows, rolled lazily."""
+
+    __slots__ = ("index", "current", "previous", "baseline", "learned", "seen")
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+        self.current = [0] * _N
+        self.previous = [0] * _N
+        self.baseline = [0.0] * _N
+        self.learned = False
+        self.seen: set[str] = set()
+
+    def roll(self, index: int, weight: float) -> None:
+        gap = index - self.index
+        if gap <= 0:
+            return
+        self.baseline = fold(self.baseline, self.current, gap, weight, self.learned)
+        self.learned = True
+        self.previous = self.current if gap == 1 else [0] * _N
+        self.current = [0] * _N
+        self.seen = set()
+        self.index = index
+
+
+def fold(
+    baseline: list[float], completed: list[int], gap: int, weight: float, learned: bool
+) -> list[float]:
+    """The baseline after ``gap`` windows completed: the first with ``completed``, the others
+    empty (an idle key's baseline decays toward zero)."""
+    if learned:
+        out = [weight * c + (1 - weight) * b for b, c in zip(baseline, completed, strict=True)]
+    else:
+        out = [float(c) for c in completed]
+    if gap > 1:
+        decay = (1 - weight) ** min(gap - 1, 1000)
+        out = [b * decay for b in out]
+    return out
+
+
+def figures(
+    current: list[int], previous: list[int], baseline: list[float], covered: float
+) -> dict[str, dict[str, Any]]:
+    """``{counter: {"count", "baseline", "ratio"}}`` for one window; ``covered`` is how much of
+    the previous fixed window the sliding window still covers (0..1)."""
+    out = {}
+    for i, name in enumerate(COUNTERS):
+        count = math.ceil(current[i] + previous[i] * covered - 1e-9)
+        base = round(baseline[i], 3)
+        out[name] = {"count": count, "baseline": base, "ratio": round(count / max(base, 1.0), 3)}
+    return out
+
+
+class BehaviorView(dict):
+    """``context.behavior``: each scope's figures computed when a rule first reads them.
+
+    A dict (the policy's field lookup reads dicts) that fills itself on `get`; what was read
+    is what the decision record keeps."""
+
+    __slots__ = ("_source", "_keys", "_now")
+
+    def __init__(self, source: Callable[[str, float], dict] | None, keys: tuple, now: float):
+        super().__init__()
+        self._source = source
+        self._keys = dict(zip(SCOPES, keys, strict=True))
+        self._now = now
+
+    @property
+    def counter_keys(self) -> tuple[str, ...]:
+        return tuple(self._keys.values())
+
+    def get(self, scope: Any, default: Any = None) -> Any:
+        if dict.__contains__(self, scope):
+            return dict.__getitem__(self, scope)
+        key = self._keys.get(scope)
+        if key is None:
+            return default
+        if self._source is None:
+            raise BehaviorUnavailable()
+        value = self._source(key, self._now)
+        dict.__setitem__(self, scope, value)
+        return value
+
+
+_size = json.JSONEncoder(separators=(",", ":"), default=str).encode
+
+
+class _Counting:
+    """What both kinds of counters do with a decided message and a returned result."""
+
+    def observe(
+        self, keys: tuple[str, ...], refused: bool, destructive: bool, target: str, detail: str
+    ) -> None:
+        raise NotImplementedError
+
+    def returned(self, keys: tuple[str, ...], size: int) -> None:
+        raise NotImplementedError
+
+    def observe_decision(self, record: dict[str, Any], context: dict[str, Any]) -> None:
+        """Count a decision (its record, and the context it was decided in)."""
+        view = context.get("behavior")
+        if not isinstance(view, BehaviorView):
+            return
+        annotations = context.get("annotations")
+        allowed = record["result"] == "allow"
+        destructive = (
+            allowed and isinstance(annotations, dict) and annotations.get("destructiveHint") is True
+        )
+        self.observe(
+            view.counter_keys,
+            not allowed,
+            destructive,
+            record["target"],
+            record["arguments_digest"],
+        )
+
+    def returned_result(self, subject: str, agent: str, target: str, result: Any) -> None:
+        """Count the bytes of a result as sent (compact JSON)."""
+        self.returned(scope_keys(subject, agent, target), len(_size(result).encode()))
+
+
+class LocalBehavior(_Counting):
+    """The counters of this process (the default)."""
+
+    def __init__(
+        self,
+        settings: BehaviorSettings | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.settings = settings or BehaviorSettings()
+        self.clock = clock
+        self._keys: dict[str, list[_Window]] = {}
+
+    # -- reading ------------------------------------------------------------------------------
+
+    def view(self, subject: str, agent: str, target: str) -> BehaviorView:
+        return BehaviorView(self.figures, scope_keys(subject, agent, target), self.clock())
+
+    async def prepare(self, view: Any) -> None:
+        """Nothing to fetch: the figures are in this process."""
+
+    def figures(self, key: str, now: float) -> dict[str, dict[str, dict[str, Any]]]:
+        windows = self._keys.get(key)
+        out: dict[str, dict[str, dict[str, Any]]] = {name: {} for name in COUNTERS}
+        for w, (name, seconds) in enumerate(WINDOWS):
+            index = int(now // seconds)
+            if windows is None:
+                cur, prev, base, covered = [0] * _N, [0] * _N, [0.0] * _N, 0.0
+            else:
+                window = windows[w]
+                cur, prev, base = window.current, window.previous, window.baseline
+                if index > window.index:  # read as it would be rolled, without rolling it
+                    base = fold(
+                        base,
+                        cur,
+                        index - window.index,
+                        self.settings.baseline_weight,
+                        window.learned,
+                    )
+                    prev = cur if index - window.index == 1 else [0] * _N
+                    cur = [0] * _N
+                covered = 1 - (now - index * seconds) / seconds
+            for counter, value in figures(cur, prev, base, covered).items():
+                out[counter][name] = value
+        return out
+
+    # -- counting -----------------------------------------------------------------------------
+
+    def observe(
+        self,
+        keys: tuple[str, ...],
+        refused: bool,
+        destructive: bool,
+        target: str,
+        detail: str,
+    ) -> None:
+        """Count one decided message: under each key, a call (and a refusal, a destructive
+        call), and its target (its arguments, for the agent-on-target key) if new."""
+        now = self.clock()
+        for key in keys:
+            seen = detail if key[0] == "t" else target
+            for window in self._windows(key, now):
+                counts = window.current
+                counts[_CALLS] += 1
+                if refused:
+                    counts[_REFUSALS] += 1
+                if destructive:
+                    counts[_DESTRUCTIVE] += 1
+                if seen not in window.seen:
+                    counts[_TARGETS] += 1
+                    if len(window.seen) < self.settings.max_targets:
+                        window.seen.add(seen)
+
+    def returned(self, keys: tuple[str, ...], size: int) -> None:
+        """Count the bytes of a result returned."""
+        now = self.clock()
+        for key in keys:
+            for window in self._windows(key, now):
+                window.current[_BYTES] += size
+
+    def _windows(self, key: str, now: float) -> list[_Window]:
+        windows = self._keys.get(key)
+        weight = self.settings.baseline_weight
+        if windows is None:
+            if len(self._keys) >= self.settings.max_keys:
+                del self._keys[next(iter(self._keys))]
+            windows = self._keys[key] = [_Window(int(now // s)) for _, s in WINDOWS]
+            return windows
+        for window, (_, seconds) in zip(windows, WINDOWS, strict=True):
+            index = int(now // seconds)
+            if index != window.index:
+                window.roll(index, weight)
+        return windows
+
+    async def close(self) -> None:
+        pass
