@@ -548,10 +548,11 @@ class Enforcer:
         record: dict[str, Any],
     ) -> None:
         """Count the decided message; record what shadow rules would have done."""
-        if record["method"] in COUNTED_METHODS:
-            self.behavior.observe_decision(record, context)
+        # Shadow rules first: they see the figures the decision saw, without this message.
         if chain.reason is None:
             self.shadow.evaluate(authz, chain.principals, action, resource, context, record)
+        if record["method"] in COUNTED_METHODS:
+            self.behavior.observe_decision(record, context)
 
     def returned(self, caller: Caller, target: str, result: Any) -> None:
         """Count the bytes of a result returned to ``caller``."""
