@@ -38,7 +38,7 @@ from bastion.gateway.jsonrpc import (
 from bastion.gateway.ratelimit import LimitsUnavailable, RateLimiter, RedisRateLimiter
 from bastion.policy.errors import EvaluationLimit
 from bastion.policy.runtime import context_value
-from bastion.signals.behavior import COUNTED_METHODS, LocalBehavior
+from bastion.signals.behavior import COUNTED_METHODS, LocalBehavior, RedisBehavior
 from bastion.signals.shadow import Shadow
 
 log = logging.getLogger("bastion.gateway")
@@ -137,7 +137,7 @@ class Enforcer:
         digest_key: bytes | None = None,
         facts_stale: Callable[[], bool] = lambda: False,
         approvals: Approvals | None = None,
-        behavior: LocalBehavior | None = None,
+        behavior: LocalBehavior | RedisBehavior | None = None,
     ) -> None:
         self.authorizer = authorizer
         # Behaviour counters (context.behavior) and shadow rules (signals/).

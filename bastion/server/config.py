@@ -85,6 +85,9 @@ class ServerConfig:
     gateway: dict[str, Any] = field(default_factory=dict)
     # The [approvals] table, read by bastion.approvals.settings (docs/approvals.md).
     approvals: dict[str, Any] = field(default_factory=dict)
+    # The [signals] table: one sub-table per part (docs/signals.md), e.g. [signals.behavior]
+    # read by bastion.signals.behavior.
+    signals: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def load(
@@ -115,14 +118,14 @@ class ServerConfig:
             values.update(server)
             if "oauth" in data:
                 values["oauth"] = data["oauth"]
-            for table in ("gateway", "approvals"):
+            for table in ("gateway", "approvals", "signals"):
                 if table in data:
                     values[table] = data[table]
         elif path is not None:
             raise ConfigError(f"configuration file {file} does not exist")
         names = {f.name: f for f in fields(cls)}
         for name in names:
-            if name in ("oauth", "gateway", "approvals"):
+            if name in ("oauth", "gateway", "approvals", "signals"):
                 continue
             var = f"BASTION_{name.upper()}"
             if var in env:
@@ -156,6 +159,16 @@ class ServerConfig:
             raise ConfigError("audit_retention_days must be a number of days, 0 to keep everything")
         try:
             self.policy_limits()
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        if not isinstance(self.signals, dict) or not all(
+            isinstance(v, dict) for v in self.signals.values()
+        ):
+            raise ConfigError("[signals] holds one table per part, e.g. [signals.behavior]")
+        from bastion.signals.behavior import BehaviorSettings
+
+        try:
+            BehaviorSettings.from_table(self.signals.get("behavior", {}))
         except ValueError as e:
             raise ConfigError(str(e)) from None
 

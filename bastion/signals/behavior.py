@@ -23,6 +23,8 @@ a decision whose rules read ``context.behavior`` is refused with reason ``behavi
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import json
 import logging
 import math
@@ -306,3 +308,208 @@ class LocalBehavior(_Counting):
 
     async def close(self) -> None:
         pass
+
+
+# One key's counters for one window, in a hash: i (the fixed window's index), l (learned),
+# c0..c4 (current), p0..p4 (previous), b0..b4 (baseline). KEYS: the three windows' hashes, then
+# their sets of targets seen in the current window. ARGV: weight, member (the target seen, or
+# ""), max_targets, the four increments (calls, refusals, destructive, bytes), then per window
+# its index and its time to live in seconds.
+_COUNT = """
+local weight = tonumber(ARGV[1])
+local member = ARGV[2]
+local max_targets = tonumber(ARGV[3])
+for w = 1, 3 do
+  local key = KEYS[w]
+  local index = tonumber(ARGV[6 + 2 * w])
+  local ttl = tonumber(ARGV[7 + 2 * w])
+  local at = tonumber(redis.call('HGET', key, 'i') or index)
+  local gap = index - at
+  if gap > 0 then
+    local learned = redis.call('HGET', key, 'l') == '1'
+    for n = 0, 4 do
+      local c = tonumber(redis.call('HGET', key, 'c' .. n) or '0')
+      local b = tonumber(redis.call('HGET', key, 'b' .. n) or '0')
+      if learned then b = weight * c + (1 - weight) * b else b = c end
+      local p = c
+      if gap > 1 then
+        b = b * (1 - weight) ^ math.min(gap - 1, 1000)
+        p = 0
+      end
+      redis.call('HSET', key, 'b' .. n, tostring(b), 'p' .. n, p, 'c' .. n, 0)
+    end
+    redis.call('HSET', key, 'l', '1', 'i', index)
+  elseif gap == 0 then
+    redis.call('HSETNX', key, 'i', index)
+  end
+  for n = 0, 3 do
+    local add = tonumber(ARGV[4 + n])
+    if add ~= 0 then redis.call('HINCRBY', key, 'c' .. n, add) end
+  end
+  if member ~= '' then
+    local seen = KEYS[3 + w]
+    if redis.call('SCARD', seen) >= max_targets or redis.call('SADD', seen, member) == 1 then
+      redis.call('HINCRBY', key, 'c4', 1)
+    end
+    redis.call('EXPIRE', seen, ttl)
+  end
+  redis.call('EXPIRE', key, ttl)
+end
+return 0
+"""
+
+
+class RedisBehavior(_Counting):
+    """Counters shared through Redis by every bastion process configured with the same URL.
+
+    Window boundaries come from each process's clock (keep replicas on NTP). Reading a call's
+    figures is one pipelined round trip before it is decided; what it did is written after, in
+    the background (one pipelined round trip per message, off the call path)."""
+
+    # Writes waiting for Redis; beyond, new ones are dropped (and logged): counts never hold
+    # the event loop or its memory hostage to a slow Redis.
+    MAX_PENDING = 10_000
+
+    def __init__(
+        self,
+        url: str,
+        prefix: str = "bastion",
+        settings: BehaviorSettings | None = None,
+        clock: Callable[[], float] = time.time,
+        timeout: float = 1.0,
+    ) -> None:
+        import redis.asyncio as redis
+        from redis.exceptions import RedisClusterException
+
+        self.url = url
+        self.prefix = prefix
+        self.settings = settings or BehaviorSettings()
+        self.clock = clock
+        self._errors = (redis.RedisError, RedisClusterException, OSError)
+        scheme, sep, rest = url.partition("://")
+        timeouts = {"socket_timeout": timeout, "socket_connect_timeout": timeout}
+        if scheme.endswith("+cluster"):
+            plain = scheme.removesuffix("+cluster") + sep + rest
+            self._redis = redis.RedisCluster.from_url(plain, **timeouts)
+        else:
+            self._redis = redis.Redis.from_url(url, **timeouts)
+        self._script = self._redis.register_script(_COUNT)
+        self._pending: set[asyncio.Task] = set()
+
+    def _hashes(self, key: str) -> tuple[str, list[str]]:
+        # One hash tag per counter key: its windows live on one node of a cluster.
+        tag = hashlib.sha256(key.encode()).hexdigest()[:16]
+        base = f"{self.prefix}:behavior:{{{tag}}}"
+        return base, [f"{base}:{name}" for name, _ in WINDOWS]
+
+    # -- reading ------------------------------------------------------------------------------
+
+    def view(self, subject: str, agent: str, target: str) -> BehaviorView:
+        return BehaviorView(None, scope_keys(subject, agent, target), self.clock())
+
+    async def prepare(self, view: BehaviorView) -> None:
+        """Fetch the figures of ``view``'s keys in one round trip; if Redis cannot be read,
+        the view stays unavailable (a rule that reads it refuses the decision)."""
+        keys = view.counter_keys
+        try:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for key in keys:
+                    for name in self._hashes(key)[1]:
+                        pipe.hgetall(name)
+                rows = await pipe.execute()
+        except self._errors as e:
+            log.error("behaviour counters cannot be read: Redis at %s: %s", _safe(self.url), e)
+            return
+        fetched = {
+            key: rows[i * len(WINDOWS) : (i + 1) * len(WINDOWS)] for i, key in enumerate(keys)
+        }
+        weight = self.settings.baseline_weight
+
+        def source(key: str, now: float) -> dict:
+            return _figures_of(fetched.get(key) or [{}] * len(WINDOWS), now, weight)
+
+        view._source = source
+
+    # -- counting -----------------------------------------------------------------------------
+
+    def observe(
+        self, keys: tuple[str, ...], refused: bool, destructive: bool, target: str, detail: str
+    ) -> None:
+        writes = [
+            (key, (1, int(refused), int(destructive), 0), detail if key[0] == "t" else target)
+            for key in keys
+        ]
+        self._write(writes)
+
+    def returned(self, keys: tuple[str, ...], size: int) -> None:
+        self._write([(key, (0, 0, 0, size), "") for key in keys])
+
+    def _write(self, writes: list[tuple[str, tuple[int, int, int, int], str]]) -> None:
+        if len(self._pending) >= self.MAX_PENDING:
+            log.error(
+                "behaviour counts dropped: %d writes already wait for Redis", len(self._pending)
+            )
+            return
+        task = asyncio.get_running_loop().create_task(self._send(writes, self.clock()))
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+
+    async def _send(self, writes: list, now: float) -> None:
+        s = self.settings
+        try:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for key, adds, member in writes:
+                    base, hashes = self._hashes(key)
+                    args: list[Any] = [s.baseline_weight, member, s.max_targets, *adds]
+                    sets = []
+                    for name, seconds in WINDOWS:
+                        index = int(now // seconds)
+                        args += [index, int(seconds * 2) + 60]
+                        sets.append(f"{base}:{name}:seen:{index}")
+                    await self._script(keys=[*hashes, *sets], args=args, client=pipe)
+                await pipe.execute()
+        except self._errors as e:
+            log.error("behaviour counts lost: Redis at %s: %s", _safe(self.url), e)
+
+    async def close(self) -> None:
+        if self._pending:
+            await asyncio.wait(set(self._pending), timeout=2)
+        await self._redis.aclose()
+
+
+def _figures_of(rows: list[dict], now: float, weight: float) -> dict:
+    """The figures of one key from its windows' hashes, rolled to ``now`` as the script would."""
+    out: dict[str, dict[str, dict[str, Any]]] = {name: {} for name in COUNTERS}
+    for (name, seconds), row in zip(WINDOWS, rows, strict=True):
+        row = {k.decode() if isinstance(k, bytes) else k: v for k, v in row.items()}
+        index = int(now // seconds)
+        at = int(row.get("i", index))
+        cur = [int(row.get(f"c{n}", 0)) for n in range(_N)]
+        prev = [int(row.get(f"p{n}", 0)) for n in range(_N)]
+        base = [float(row.get(f"b{n}", 0)) for n in range(_N)]
+        if index > at:
+            base = fold(base, cur, index - at, weight, row.get("l") in (b"1", "1"))
+            prev = cur if index - at == 1 else [0] * _N
+            cur = [0] * _N
+        covered = 1 - (now - index * seconds) / seconds
+        for counter, value in figures(cur, prev, base, covered).items():
+            out[counter][name] = value
+    return out
+
+
+def _safe(url: str) -> str:
+    """The URL without a password, for logs."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    return url.replace(f":{parts.password}@", ":***@") if parts.password else url
+
+
+def behavior_from_config(
+    table: dict[str, Any], redis_url: str = "", redis_prefix: str = "bastion"
+) -> LocalBehavior | RedisBehavior:
+    """The counters a gateway keeps: in Redis when it has one, else in this process."""
+    settings = BehaviorSettings.from_table(table)
+    if redis_url:
+        return RedisBehavior(redis_url, redis_prefix, settings)
+    return LocalBehavior(settings)
