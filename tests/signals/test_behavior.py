@@ -212,3 +212,20 @@ def test_bad_behaviour_settings_are_refused_with_the_setting_named(table):
 
 def test_default_behaviour_settings():
     assert BehaviorSettings.from_table({}) == BehaviorSettings(0.2, 100_000, 1_000)
+
+
+def test_the_example_behaviour_policy_passes_its_own_tests():
+    import subprocess
+    import sys
+
+    from tests.gateway.support import ROOT
+
+    done = subprocess.run(
+        [sys.executable, "-m", "bastion.cli", "policy", "test", "examples/behavior.polar"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "3 passed, 0 failed" in done.stdout
