@@ -95,18 +95,21 @@ def scope_keys(subject: str, agent: str, target: str) -> tuple[str, str, str]:
 class _Window:
     """One key's counters over one window length: fixed windows, rolled lazily."""
 
-    __slots__ = ("index", "current", "previous", "baseline", "learned", "seen")
+    __slots__ = ("index", "end", "current", "previous", "baseline", "learned", "seen")
 
-    def __init__(self, index: int) -> None:
+    def __init__(self, index: int, seconds: float) -> None:
         self.index = index
+        self.end = (index + 1) * seconds
         self.current = [0] * _N
         self.previous = [0] * _N
         self.baseline = [0.0] * _N
         self.learned = False
         self.seen: set[str] = set()
 
-    def roll(self, index: int, weight: float) -> None:
+    def roll(self, now: float, seconds: float, weight: float) -> None:
+        index = int(now // seconds)
         gap = index - self.index
+        self.end = (index + 1) * seconds
         if gap <= 0:
             return
         self.baseline = fold(self.baseline, self.current, gap, weight, self.learned)
@@ -132,48 +135,84 @@ def fold(
     return out
 
 
-def figures(
-    current: list[int], previous: list[int], baseline: list[float], covered: float
-) -> dict[str, dict[str, Any]]:
-    """``{counter: {"count", "baseline", "ratio"}}`` for one window; ``covered`` is how much of
-    the previous fixed window the sliding window still covers (0..1)."""
-    out = {}
-    for i, name in enumerate(COUNTERS):
-        count = math.ceil(current[i] + previous[i] * covered - 1e-9)
-        base = round(baseline[i], 3)
-        out[name] = {"count": count, "baseline": base, "ratio": round(count / max(base, 1.0), 3)}
-    return out
+class _Lazy(dict):
+    """A dict that makes each entry when it is first read (`get`, as the policy's field lookup
+    reads): only the figures a rule reads are computed, and kept in the decision record."""
+
+    __slots__ = ("_make",)
+
+    def __init__(self, make: Callable[[str], Any]) -> None:
+        super().__init__()
+        self._make = make
+
+    def get(self, name: Any, default: Any = None) -> Any:
+        if dict.__contains__(self, name):
+            return dict.__getitem__(self, name)
+        value = self._make(name)
+        if value is None:
+            return default
+        dict.__setitem__(self, name, value)
+        return value
+
+    def __getitem__(self, name: Any) -> Any:
+        value = self.get(name)
+        if value is None:
+            raise KeyError(name)
+        return value
 
 
-class BehaviorView(dict):
-    """``context.behavior``: each scope's figures computed when a rule first reads them.
+_COUNTER_INDEX = {name: i for i, name in enumerate(COUNTERS)}
+_WINDOW_INDEX = {name: i for i, (name, _) in enumerate(WINDOWS)}
+# (key, now, counter index, window index) -> {"count", "baseline", "ratio"}
+Source = Callable[[str, float, int, int], dict]
 
-    A dict (the policy's field lookup reads dicts) that fills itself on `get`; what was read
-    is what the decision record keeps."""
+
+class BehaviorView(_Lazy):
+    """``context.behavior``: scope -> counter -> window -> figures, each made when first read.
+    Without a source (the shared counters could not be read), reading a scope raises
+    `BehaviorUnavailable`: the decision that needs it is refused."""
 
     __slots__ = ("_source", "_keys", "_now")
 
-    def __init__(self, source: Callable[[str, float], dict] | None, keys: tuple, now: float):
-        super().__init__()
+    def __init__(self, source: Source | None, keys: tuple[str, str, str], now: float):
+        super().__init__(self._scope)
         self._source = source
-        self._keys = dict(zip(SCOPES, keys, strict=True))
+        self._keys = keys
         self._now = now
 
     @property
-    def counter_keys(self) -> tuple[str, ...]:
-        return tuple(self._keys.values())
+    def counter_keys(self) -> tuple[str, str, str]:
+        return self._keys
 
-    def get(self, scope: Any, default: Any = None) -> Any:
-        if dict.__contains__(self, scope):
-            return dict.__getitem__(self, scope)
-        key = self._keys.get(scope)
-        if key is None:
-            return default
+    def _scope(self, scope: Any) -> _Lazy | None:
+        try:
+            key = self._keys[("user", "agent", "tool").index(scope)]
+        except ValueError:
+            return None
         if self._source is None:
             raise BehaviorUnavailable()
-        value = self._source(key, self._now)
-        dict.__setitem__(self, scope, value)
-        return value
+        source, now = self._source, self._now
+
+        def counter(name: Any) -> _Lazy | None:
+            c = _COUNTER_INDEX.get(name)
+            if c is None:
+                return None
+
+            def window(name: Any) -> dict | None:
+                w = _WINDOW_INDEX.get(name)
+                return None if w is None else source(key, now, c, w)
+
+            return _Lazy(window)
+
+        return _Lazy(counter)
+
+
+def figure(current: int, previous: int, baseline: float, covered: float) -> dict[str, Any]:
+    """One counter over one window: the sliding count (the current fixed window plus the part
+    of the previous one it still covers, ``covered`` 0..1), the baseline, and their ratio."""
+    count = math.ceil(current + previous * covered - 1e-9)
+    base = round(baseline, 3)
+    return {"count": count, "baseline": base, "ratio": round(count / max(base, 1.0), 3)}
 
 
 _size = json.JSONEncoder(separators=(",", ":"), default=str).encode
@@ -228,35 +267,31 @@ class LocalBehavior(_Counting):
     # -- reading ------------------------------------------------------------------------------
 
     def view(self, subject: str, agent: str, target: str) -> BehaviorView:
-        return BehaviorView(self.figures, scope_keys(subject, agent, target), self.clock())
+        return BehaviorView(self.figure, scope_keys(subject, agent, target), self.clock())
 
     async def prepare(self, view: Any) -> None:
         """Nothing to fetch: the figures are in this process."""
 
-    def figures(self, key: str, now: float) -> dict[str, dict[str, dict[str, Any]]]:
+    def figure(self, key: str, now: float, c: int, w: int) -> dict[str, Any]:
+        """Counter ``c`` of ``key`` over window ``w`` at ``now`` (read as rolled, not rolled)."""
         windows = self._keys.get(key)
-        out: dict[str, dict[str, dict[str, Any]]] = {name: {} for name in COUNTERS}
-        for w, (name, seconds) in enumerate(WINDOWS):
-            index = int(now // seconds)
-            if windows is None:
-                cur, prev, base, covered = [0] * _N, [0] * _N, [0.0] * _N, 0.0
-            else:
-                window = windows[w]
-                cur, prev, base = window.current, window.previous, window.baseline
-                if index > window.index:  # read as it would be rolled, without rolling it
-                    base = fold(
-                        base,
-                        cur,
-                        index - window.index,
-                        self.settings.baseline_weight,
-                        window.learned,
-                    )
-                    prev = cur if index - window.index == 1 else [0] * _N
-                    cur = [0] * _N
-                covered = 1 - (now - index * seconds) / seconds
-            for counter, value in figures(cur, prev, base, covered).items():
-                out[counter][name] = value
-        return out
+        if windows is None:
+            return figure(0, 0, 0.0, 0.0)
+        window, seconds = windows[w], WINDOWS[w][1]
+        index = int(now // seconds)
+        cur, prev, base = window.current[c], window.previous[c], window.baseline[c]
+        if index > window.index:
+            gap = index - window.index
+            base = fold([base], [cur], gap, self.settings.baseline_weight, window.learned)[0]
+            prev, cur = (cur if gap == 1 else 0), 0
+        return figure(cur, prev, base, 1 - (now - index * seconds) / seconds)
+
+    def figures(self, key: str, now: float) -> dict[str, dict[str, dict[str, Any]]]:
+        """Every figure of ``key``: {counter: {window: figure}} (for tests and tools)."""
+        return {
+            name: {wn: self.figure(key, now, c, w) for w, (wn, _) in enumerate(WINDOWS)}
+            for c, name in enumerate(COUNTERS)
+        }
 
     # -- counting -----------------------------------------------------------------------------
 
@@ -298,12 +333,12 @@ class LocalBehavior(_Counting):
         if windows is None:
             if len(self._keys) >= self.settings.max_keys:
                 del self._keys[next(iter(self._keys))]
-            windows = self._keys[key] = [_Window(int(now // s)) for _, s in WINDOWS]
+            windows = self._keys[key] = [_Window(int(now // s), s) for _, s in WINDOWS]
             return windows
-        for window, (_, seconds) in zip(windows, WINDOWS, strict=True):
-            index = int(now // seconds)
-            if index != window.index:
-                window.roll(index, weight)
+        if now >= windows[0].end:  # the minute ends first: nothing else can have ended before
+            for window, (_, seconds) in zip(windows, WINDOWS, strict=True):
+                if now >= window.end:
+                    window.roll(now, seconds, weight)
         return windows
 
     async def close(self) -> None:
@@ -420,13 +455,12 @@ class RedisBehavior(_Counting):
         except self._errors as e:
             log.error("behaviour counters cannot be read: Redis at %s: %s", _safe(self.url), e)
             return
-        fetched = {
-            key: rows[i * len(WINDOWS) : (i + 1) * len(WINDOWS)] for i, key in enumerate(keys)
-        }
+        n = len(WINDOWS)
+        fetched = {key: rows[i * n : (i + 1) * n] for i, key in enumerate(keys)}
         weight = self.settings.baseline_weight
 
-        def source(key: str, now: float) -> dict:
-            return _figures_of(fetched.get(key) or [{}] * len(WINDOWS), now, weight)
+        def source(key: str, now: float, c: int, w: int) -> dict:
+            return _figure_of(fetched[key][w], now, c, w, weight)
 
         view._source = source
 
@@ -477,24 +511,18 @@ class RedisBehavior(_Counting):
         await self._redis.aclose()
 
 
-def _figures_of(rows: list[dict], now: float, weight: float) -> dict:
-    """The figures of one key from its windows' hashes, rolled to ``now`` as the script would."""
-    out: dict[str, dict[str, dict[str, Any]]] = {name: {} for name in COUNTERS}
-    for (name, seconds), row in zip(WINDOWS, rows, strict=True):
-        row = {k.decode() if isinstance(k, bytes) else k: v for k, v in row.items()}
-        index = int(now // seconds)
-        at = int(row.get("i", index))
-        cur = [int(row.get(f"c{n}", 0)) for n in range(_N)]
-        prev = [int(row.get(f"p{n}", 0)) for n in range(_N)]
-        base = [float(row.get(f"b{n}", 0)) for n in range(_N)]
-        if index > at:
-            base = fold(base, cur, index - at, weight, row.get("l") in (b"1", "1"))
-            prev = cur if index - at == 1 else [0] * _N
-            cur = [0] * _N
-        covered = 1 - (now - index * seconds) / seconds
-        for counter, value in figures(cur, prev, base, covered).items():
-            out[counter][name] = value
-    return out
+def _figure_of(row: dict, now: float, c: int, w: int, weight: float) -> dict[str, Any]:
+    """Counter ``c`` over window ``w`` from that window's hash, rolled to ``now`` as the
+    script would roll it."""
+    seconds = WINDOWS[w][1]
+    index = int(now // seconds)
+    at = int(row.get(b"i", index))
+    cur, prev = int(row.get(b"c%d" % c, 0)), int(row.get(b"p%d" % c, 0))
+    base = float(row.get(b"b%d" % c, 0))
+    if index > at:
+        base = fold([base], [cur], index - at, weight, row.get(b"l") == b"1")[0]
+        prev, cur = (cur if index - at == 1 else 0), 0
+    return figure(cur, prev, base, 1 - (now - index * seconds) / seconds)
 
 
 def _safe(url: str) -> str:

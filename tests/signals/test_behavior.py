@@ -229,3 +229,36 @@ def test_the_example_behaviour_policy_passes_its_own_tests():
     )
     assert done.returncode == 0, done.stdout + done.stderr
     assert "3 passed, 0 failed" in done.stdout
+
+
+def test_the_view_makes_only_what_a_rule_reads_and_nothing_for_unknown_names():
+    from bastion.policy.runtime import MISSING, context_value
+
+    now = [0.0]
+    b = LocalBehavior(clock=lambda: now[0])
+    b.observe(scope_keys("sam", "a", "T"), refused=False, destructive=True, target="T", detail="")
+    context = {"behavior": b.view("sam", "a", "T")}
+    path = ("behavior", "agent", "destructive", "minute", "count")
+    assert context_value(context, path) == 1
+    for wrong in (
+        ("behavior", "agents", "destructive", "minute", "count"),
+        ("behavior", "agent", "deletes", "minute", "count"),
+        ("behavior", "agent", "destructive", "1m", "count"),
+    ):
+        assert context_value(context, wrong) is MISSING
+    # What the decision record keeps: the figure read, nothing else.
+    assert json.loads(json.dumps(context)) == {
+        "behavior": {
+            "agent": {"destructive": {"minute": {"count": 1, "baseline": 0.0, "ratio": 1.0}}}
+        }
+    }
+
+
+def test_a_view_without_its_counters_refuses_the_rule_that_reads_it():
+    from bastion.signals.behavior import BehaviorUnavailable, BehaviorView
+
+    view = BehaviorView(None, scope_keys("sam", "a", "T"), 0.0)
+    assert view.get("nonsense") is None  # not a scope: missing, like any absent field
+    with pytest.raises(BehaviorUnavailable) as refused:
+        view.get("agent")
+    assert refused.value.reason == "behavior_unavailable"
