@@ -262,3 +262,18 @@ def test_a_view_without_its_counters_refuses_the_rule_that_reads_it():
     with pytest.raises(BehaviorUnavailable) as refused:
         view.get("agent")
     assert refused.value.reason == "behavior_unavailable"
+
+
+def test_signals_behavior_table_is_read_from_bastion_toml_and_checked(tmp_path):
+    from bastion.server.config import ConfigError, ServerConfig
+
+    path = tmp_path / "bastion.toml"
+    path.write_text("[signals.behavior]\nbaseline_weight = 0.5\nmax_keys = 10\n")
+    config = ServerConfig.load(path, env={})
+    assert config.signals == {"behavior": {"baseline_weight": 0.5, "max_keys": 10}}
+    path.write_text("[signals.behavior]\nmax_targets = 0\n")
+    with pytest.raises(ConfigError, match="signals.behavior.max_targets must be a positive"):
+        ServerConfig.load(path, env={})
+    path.write_text("[signals]\nbehavior = 3\n")
+    with pytest.raises(ConfigError, match=r"\[signals\] holds one table per part"):
+        ServerConfig.load(path, env={})
