@@ -753,6 +753,16 @@ class OAuthStore:
             self._announce_revocation(grant_id)
             return bool(rows)
 
+    def revoke_user_grants(self, username: str, now: float, reason: str) -> int:
+        """Revoke every live grant of the user (and everything issued under each), announcing
+        each revocation; return how many were revoked."""
+        with self.db.transaction():
+            rows = self.db.execute(
+                "SELECT grant_id FROM oauth_grants WHERE username = ? AND revoked_at IS NULL",
+                (username,),
+            )
+            return sum(self.revoke_grant(grant_id, now, reason) for (grant_id,) in rows)
+
     def save_code(
         self, code: str, grant_id: str, redirect_uri: str, code_challenge: str, expires_at: float
     ) -> None:

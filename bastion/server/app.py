@@ -56,6 +56,11 @@ async def readyz(request: Request) -> JSONResponse:
     }
     if reason is not None:
         body["reason"] = reason
+    signals = request.app.state.signals
+    if signals is not None:
+        # Shown, not counted against readiness: a transmitter that is down makes no replica
+        # unable to decide (docs/signals.md).
+        body["ssf_streams"] = dict(signals.store.seen)
     return JSONResponse(body, status_code=200 if reason is None else 503)
 
 
@@ -116,7 +121,7 @@ def oauth_paths(oauth) -> frozenset[str]:
     return frozenset(route.path for route in oauth.routes()) if oauth is not None else frozenset()
 
 
-def body_limits(config: ServerConfig, oauth, gateway) -> BodyLimits:
+def body_limits(config: ServerConfig, oauth, gateway, signals=None) -> BodyLimits:
     """How large a request body each route family may send, and how a refusal is said there."""
     limits = [
         BodyLimit(
@@ -164,6 +169,23 @@ def body_limits(config: ServerConfig, oauth, gateway) -> BodyLimits:
             )
             for p in gateway.PREFIXES
         ]
+    if signals is not None:
+        from bastion.signals.ssf import PUSH_PATH
+
+        def set_refusal(status: int, detail: str) -> tuple[str, bytes]:
+            # RFC 8935 §2.4's error shape.
+            return "application/json", json.dumps(
+                {"err": "invalid_request", "description": detail}
+            ).encode()
+
+        limits.append(
+            BodyLimit(
+                signals.settings.max_body_bytes,
+                "signals.ssf.max_body_bytes",
+                set_refusal,
+                path=PUSH_PATH,
+            )
+        )
     return BodyLimits(BodyLimit(config.max_body_bytes, "max_body_bytes", problems.refusal), limits)
 
 
@@ -248,6 +270,23 @@ def _approval_pages(approvals, oauth) -> list[BaseRoute]:
     return list(ApprovalPages(approvals, oauth).routes())
 
 
+def _signals(config: ServerConfig, db: Database, store: FactStore, oauth, replica: Replica):
+    """The Shared Signals receiver (docs/signals.md) from [signals.ssf], or None."""
+    table = config.signals.get("ssf") if config.signals else None
+    if not table:
+        return None
+    if oauth is None:
+        raise ConfigError("[signals.ssf] needs an [oauth] table: its events revoke grants")
+    from bastion.signals.settings import SignalsConfigError, SsfSettings
+    from bastion.signals.ssf import SsfReceiver
+
+    try:
+        settings = SsfSettings.from_table(table, issuer=oauth.settings.issuer)
+    except SignalsConfigError as e:
+        raise ConfigError(str(e)) from None
+    return SsfReceiver(settings, db, oauth.store, store, lambda: replica.authz)
+
+
 def create_app(config: ServerConfig) -> Starlette:
     """The whole server for one configuration. State is opened by the lifespan."""
     # Writes and key checks use this connection; the replica reads the log on its own.
@@ -270,6 +309,7 @@ def create_app(config: ServerConfig) -> Starlette:
     oauth = _oauth_server(config, db)
     approvals = _approvals(config, oauth, replica)
     gateway = _gateway(config, oauth, replica, approvals)
+    signals = _signals(config, db, store, oauth, replica)
     if gateway is not None and gateway.records is not None:
         metrics.observe_records_dropped(lambda: gateway.records.dropped)
     if gateway is not None:
@@ -283,6 +323,8 @@ def create_app(config: ServerConfig) -> Starlette:
             await gateway.start()
         if approvals is not None and approvals.webhooks is not None:
             await approvals.webhooks.start()
+        if signals is not None:
+            await signals.start()
         retention = asyncio.create_task(prune_forever(db, config.audit_retention_days))
         sweep = (
             asyncio.create_task(approvals.drop_expired_results_forever())
@@ -297,6 +339,8 @@ def create_app(config: ServerConfig) -> Starlette:
                     task.cancel()
                     with contextlib.suppress(asyncio.CancelledError):
                         await task
+            if signals is not None:
+                await signals.close()
             if gateway is not None:
                 await gateway.close()
             if oauth is not None:
@@ -316,13 +360,14 @@ def create_app(config: ServerConfig) -> Starlette:
         *api.routes(),
         *(oauth.routes() if oauth is not None else []),
         *(_approval_pages(approvals, oauth) if approvals is not None else []),
+        *(signals.routes() if signals is not None else []),
     ]
     routes = one_route_per_path(routes)
     # First, so that every body is capped while it is read, whichever route it is for.
     middleware = [
         Middleware(
             RequestBodyLimits,
-            limits=body_limits(config, oauth, gateway),
+            limits=body_limits(config, oauth, gateway, signals),
             body_timeout=config.body_timeout,
         )
     ]
@@ -352,4 +397,5 @@ def create_app(config: ServerConfig) -> Starlette:
     app.state.oauth_paths = oauth_paths(oauth)
     app.state.gateway = gateway
     app.state.approvals = approvals
+    app.state.signals = signals
     return app

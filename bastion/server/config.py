@@ -85,8 +85,8 @@ class ServerConfig:
     gateway: dict[str, Any] = field(default_factory=dict)
     # The [approvals] table, read by bastion.approvals.settings (docs/approvals.md).
     approvals: dict[str, Any] = field(default_factory=dict)
-    # The [signals] table: one sub-table per part (docs/signals.md), e.g. [signals.behavior]
-    # read by bastion.signals.behavior.
+    # The [signals] table, one sub-table per part (docs/signals.md): [signals.ssf] is read by
+    # bastion.signals.settings, [signals.behavior] by bastion.signals.behavior.
     signals: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -161,10 +161,6 @@ class ServerConfig:
             self.policy_limits()
         except ValueError as e:
             raise ConfigError(str(e)) from None
-        if not isinstance(self.signals, dict) or not all(
-            isinstance(v, dict) for v in self.signals.values()
-        ):
-            raise ConfigError("[signals] holds one table per part, e.g. [signals.behavior]")
         from bastion.signals.behavior import BehaviorSettings
 
         try:

@@ -830,6 +830,15 @@ PATHS: dict[str, Any] = {
                         "description": "why not ready: loading, facts_stale,"
                         " change_log_unreadable or not_listening, then the details",
                     },
+                    ssf_streams={
+                        "type": "object",
+                        "description": "with [signals.ssf]: each transmitter's stream as this"
+                        " process last saw it ({status, detail}); not counted in `ready`",
+                        "additionalProperties": {
+                            "type": "object",
+                            "properties": {"status": _STR, "detail": _STR},
+                        },
+                    },
                 ),
             ),
         }

@@ -60,6 +60,8 @@ class BehaviorSettings:
 
     @classmethod
     def from_table(cls, table: dict[str, Any]) -> BehaviorSettings:
+        if not isinstance(table, dict):
+            raise ValueError("[signals.behavior] must be a table")
         unknown = set(table) - {"baseline_weight", "max_keys", "max_targets"}
         if unknown:
             raise ValueError(f"signals.behavior: unknown setting(s) {sorted(unknown)}")

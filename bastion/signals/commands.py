@@ -1,99 +1,144 @@
-"""CLI: ``bastion signals shadow-report``: what the monitored (shadow) rules would have done."""
+"""CLI: ``bastion signals streams status|configure``: the Shared Signals streams of the
+deployment (docs/signals.md).
+
+``status`` shows, per configured transmitter, the stream recorded in the database: its id, its
+status, when its verification event arrived, and the last error. ``configure`` reads each
+transmitter's metadata, reads or creates bastion's stream and asks for a verification event, as
+the server does at start.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
-import re
+import os
 import sys
-import time
 from datetime import UTC, datetime
 
-from bastion.audit.commands import _database
-from bastion.audit.decisions import DecisionRecords
-from bastion.db import Database
-from bastion.signals.shadow import report
+import anyio
 
-_DURATION = re.compile(r"^(\d+)([smhd])$")
-_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+from bastion.db import Database, DatabaseUnavailable
+from bastion.server.config import ConfigError, ServerConfig
+from bastion.signals.shadow_commands import add_shadow_report
 
 
-def since_epoch(text: str, now: float) -> float:
-    """``--since``: a duration back from now (``90s``, ``30m``, ``24h``, ``7d``) or an ISO 8601
-    time (``2026-12-01T09:00:00Z``)."""
-    m = _DURATION.match(text.strip())
-    if m:
-        return now - int(m.group(1)) * _SECONDS[m.group(2)]
+def _when(epoch: float | None) -> str:
+    if epoch is None:
+        return "-"
+    return datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _receiver(args: argparse.Namespace):
+    from bastion.facts.store import FactStore
+    from bastion.oauth.store import OAuthStore
+    from bastion.signals.settings import SignalsConfigError, SsfSettings
+    from bastion.signals.ssf import SsfReceiver
+
+    config = ServerConfig.load(args.config)
+    table = (config.signals or {}).get("ssf")
+    if not table:
+        raise ConfigError("bastion.toml has no [signals.ssf] table: no transmitters to show")
     try:
-        when = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
-    except ValueError:
-        raise ValueError(
-            f"--since {text!r}: give a duration (90s, 30m, 24h, 7d) or an ISO 8601 time"
-            " (2026-12-01T09:00:00Z)"
-        ) from None
-    return (when if when.tzinfo else when.replace(tzinfo=UTC)).timestamp()
+        settings = SsfSettings.from_table(table, issuer=str(config.oauth.get("issuer", "")))
+    except SignalsConfigError as e:
+        raise ConfigError(str(e)) from None
+    db = Database(args.database or os.environ.get("BASTION_DATABASE") or config.database)
+    return SsfReceiver(settings, db, OAuthStore(db), FactStore(db), lambda: None)
 
 
-def cmd_shadow_report(args: argparse.Namespace) -> int:
+def cmd_status(args: argparse.Namespace) -> int:
+    receiver = _receiver(args)
     try:
-        since = since_epoch(args.since, time.time())
-    except ValueError as e:
-        print(f"bastion signals shadow-report: {e}", file=sys.stderr)
-        return 2
-    db = Database(_database(args))
-    try:
-        records = DecisionRecords(db)
-        seen: list[dict] = []
-        seq = 0
-        while True:
-            batch = records.after(seq, limit=1000)
-            if not batch:
-                break
-            seq = batch[-1][0]
-            for _, record in batch:
-                if record.at >= since and (record.obligations or {}).get("shadow"):
-                    seen.append(
-                        {
-                            "at": record.at,
-                            "result": record.result,
-                            "obligations": record.obligations,
-                        }
-                    )
+        recorded = {s.transmitter: s for s in receiver.store.streams()}
+        rows = []
+        for t in receiver.settings.transmitters:
+            s = recorded.get(t.name)
+            rows.append(
+                {
+                    "transmitter": t.name,
+                    "issuer": t.issuer,
+                    "delivery": t.delivery,
+                    "stream_id": s.stream_id if s else None,
+                    "status": s.status if s else "not configured",
+                    "verified_at": s.verified_at if s else None,
+                    "detail": s.detail if s else "the server has not configured this stream yet",
+                    "updated_at": s.updated_at if s else None,
+                }
+            )
     finally:
-        db.close()
-    rows = report(seen)
+        receiver.store.db.close()
     if args.json:
-        print(json.dumps(rows, indent=2, default=str))
-        return 0
-    if not rows:
-        print("no shadow rule would have fired in this period")
-        return 0
-    for row in rows:
-        name = row["rule"] or "(over budget)"
-        print(
-            f"{name}: would have {row['effect']} {row['fired']} time(s)"
-            f" (decided: {_counts(row['results'])})"
-        )
-        for who, n in sorted(row["principals"].items(), key=lambda kv: (-kv[1], kv[0])):
-            print(f"  {who}: {n}")
-    return 0
+        for row in rows:
+            print(json.dumps(row))
+    else:
+        for r in rows:
+            print(
+                f"{r['transmitter']}  {r['delivery']}  {r['status']}  stream={r['stream_id'] or '-'}"
+                f"  verified={_when(r['verified_at'])}  updated={_when(r['updated_at'])}"
+                f"\n    {r['issuer']}\n    {r['detail']}"
+            )
+    return 0 if all(r["status"] not in ("error", "not configured") for r in rows) else 1
 
 
-def _counts(counts: dict[str, int]) -> str:
-    return ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
+def cmd_configure(args: argparse.Namespace) -> int:
+    receiver = _receiver(args)
+    failed = 0
+
+    async def run() -> None:
+        nonlocal failed
+        import httpx
+
+        receiver._client = httpx.AsyncClient(timeout=10, follow_redirects=False)
+        try:
+            for t in receiver.settings.transmitters:
+                if args.transmitter and t.name != args.transmitter:
+                    continue
+                try:
+                    stream = await receiver.configure(t)
+                    print(f"{t.name}: stream {stream['stream_id']} configured; verification asked")
+                except Exception as e:  # noqa: BLE001 - each failure is reported, then the next
+                    failed += 1
+                    message = f"stream not configured: {e}"[:500]
+                    receiver.store.save_stream(t.name, "error", message)
+                    print(f"{t.name}: {message}", file=sys.stderr)
+        finally:
+            await receiver._client.aclose()
+
+    try:
+        anyio.run(run)
+    finally:
+        receiver.store.db.close()
+    return 1 if failed else 0
+
+
+def _guarded(func):
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return func(args)
+        except (ConfigError, DatabaseUnavailable) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+
+    return run
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    signals = sub.add_parser("signals", help="live signals: behaviour, shadow rules")
+    signals = sub.add_parser(
+        "signals", help="live signals: Shared Signals (SSF) streams, shadow-rule report"
+    )
     commands = signals.add_subparsers(dest="signals_command", required=True)
-    shadow = commands.add_parser(
-        "shadow-report",
-        help="per monitored (shadow) rule: how often it would have fired, and for whom",
-    )
-    shadow.add_argument(
-        "--since", default="24h", help="a duration (30m, 24h, 7d) or ISO 8601 time; default 24h"
-    )
-    shadow.add_argument("--json", action="store_true", help="the report as JSON")
-    shadow.add_argument("--database", help="SQLite path or postgresql:// URL (or BASTION_DATABASE)")
-    shadow.add_argument("--config", help="bastion.toml to read the database from")
-    shadow.set_defaults(func=cmd_shadow_report)
+    add_shadow_report(commands)
+    streams = commands.add_parser("streams", help="the streams with SSF transmitters")
+    actions = streams.add_subparsers(dest="streams_command", required=True)
+    for name, func, help_text in (
+        ("status", cmd_status, "each transmitter's stream: id, status, verification, last error"),
+        ("configure", cmd_configure, "read or create each stream and ask for verification"),
+    ):
+        p = actions.add_parser(name, help=help_text)
+        p.add_argument("--config", help="bastion.toml (default: ./bastion.toml or BASTION_CONFIG)")
+        p.add_argument("--database", help="the database (default: the one in bastion.toml)")
+        if name == "status":
+            p.add_argument("--json", action="store_true", help="one JSON object per transmitter")
+        else:
+            p.add_argument("--transmitter", help="only this transmitter (its name)")
+        p.set_defaults(func=_guarded(func))

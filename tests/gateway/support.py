@@ -438,11 +438,12 @@ def start(
     replicas: int = 0,
     approvals: dict | None = None,
     policy_extra: str = "",
+    signals: dict | None = None,
 ):
     """Start everything; a context manager yielding `Running`. ``gateway`` adds settings to the
     ``[gateway]`` table, ``approvals`` is the ``[approvals]`` table (by default a held request
     waits for no answer), ``policy_extra`` rules go after the test policy; ``replicas`` more
-    apps share the first one's database and settings."""
+    apps share the first one's database and settings; ``signals`` is the ``[signals]`` table."""
     from contextlib import ExitStack, contextmanager
 
     @contextmanager
@@ -490,6 +491,7 @@ def start(
                     "open_registration": {"max_per_address": 10_000},
                 },
                 approvals={"wait_seconds": 0} if approvals is None else approvals,
+                signals=signals or {},
                 gateway={
                     **(gateway or {}),
                     "max_body_bytes": 65536,

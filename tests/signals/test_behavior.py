@@ -275,5 +275,5 @@ def test_signals_behavior_table_is_read_from_bastion_toml_and_checked(tmp_path):
     with pytest.raises(ConfigError, match="signals.behavior.max_targets must be a positive"):
         ServerConfig.load(path, env={})
     path.write_text("[signals]\nbehavior = 3\n")
-    with pytest.raises(ConfigError, match=r"\[signals\] holds one table per part"):
+    with pytest.raises(ConfigError, match=r"\[signals.behavior\] must be a table"):
         ServerConfig.load(path, env={})

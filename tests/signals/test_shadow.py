@@ -14,7 +14,7 @@ from argon2 import PasswordHasher
 from mcp.shared.exceptions import MCPError
 
 from bastion.oauth import users
-from bastion.signals.commands import since_epoch
+from bastion.signals.shadow_commands import since_epoch
 from tests.gateway.support import ROOT, start
 
 WRITE = "customers:read customers:write"

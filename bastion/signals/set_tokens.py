@@ -1,0 +1,196 @@
+"""Security Event Token verification (RFC 8417, as profiled by OpenID SSF 1.0 §4 and §10).
+
+A SET is accepted only if it is a JWS signed with an allowed public-key algorithm by a key of the
+transmitter's JWKS, has ``typ`` ``secevent+jwt``, the configured ``iss``, an ``aud`` that holds
+bastion's audience, an ``iat`` neither stale nor in the future, a ``jti``, and ``events``. Each
+refusal is the RFC 8935 §2.4 error code (``invalid_request``, ``invalid_key``, ``invalid_issuer``,
+``invalid_audience``) with a sentence for the transmitter's operator. Replay (``jti``) is checked
+by the receiver, which stores the jtis.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from joserfc import jws
+from joserfc.errors import JoseError
+from joserfc.jwk import KeySet
+
+SET_TYPE = "secevent+jwt"
+MAX_JTI = 256
+
+
+class SetRefused(Exception):  # noqa: N818 - the RFC's word is "error"; this is a refusal
+    """A SET refused, with the RFC 8935 ``err`` code and a ``description``."""
+
+    def __init__(self, err: str, description: str) -> None:
+        super().__init__(f"{err}: {description}")
+        self.err = err
+        self.description = description
+
+    def as_dict(self) -> dict[str, str]:
+        return {"err": self.err, "description": self.description}
+
+
+@dataclass(frozen=True)
+class VerifiedSet:
+    jti: str
+    issuer: str
+    iat: float
+    events: dict[str, dict[str, Any]]
+    sub_id: Any = None
+    txn: str | None = None
+    claims: dict[str, Any] = field(default_factory=dict, repr=False)
+
+
+class TransmitterKeys:
+    """The transmitter's JWKS, fetched by ``fetch()`` (a thread may block), cached, and fetched
+    again on an unknown ``kid`` at most once per ``refresh_seconds``; at most ``max_keys`` keys."""
+
+    def __init__(
+        self,
+        fetch: Callable[[], dict[str, Any]],
+        *,
+        refresh_seconds: float,
+        max_keys: int,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._fetch = fetch
+        self.refresh_seconds = refresh_seconds
+        self.max_keys = max_keys
+        self.clock = clock
+        self._keys: KeySet | None = None
+        self._fetched_at: float | None = None
+        self._lock = threading.Lock()
+
+    def _load(self) -> None:
+        try:
+            document = self._fetch()
+        except Exception as e:  # noqa: BLE001 - any fetch failure means no keys
+            self._fetched_at = self.clock()
+            raise SetRefused(
+                "invalid_key", f"the transmitter's JWKS could not be read: {e}"
+            ) from None
+        self._fetched_at = self.clock()
+        keys = document.get("keys") if isinstance(document, dict) else None
+        if not isinstance(keys, list) or len(keys) > self.max_keys:
+            raise SetRefused(
+                "invalid_key",
+                f"the transmitter's JWKS must hold a list of at most {self.max_keys} keys",
+            )
+        public = [k for k in keys if isinstance(k, dict) and k.get("kty") != "oct" and "d" not in k]
+        try:
+            self._keys = KeySet.import_key_set({"keys": public})
+        except (JoseError, ValueError, TypeError) as e:
+            raise SetRefused("invalid_key", f"the transmitter's JWKS does not load: {e}") from None
+
+    def keys_for(self, kid: str | None) -> KeySet:
+        with self._lock:
+            if self._keys is None or (
+                not self._has(kid)
+                and (
+                    self._fetched_at is None
+                    or self.clock() - self._fetched_at >= self.refresh_seconds
+                )
+            ):
+                self._load()
+            assert self._keys is not None
+            if not self._has(kid):
+                raise SetRefused("invalid_key", f"no key {kid!r} in the transmitter's JWKS")
+            return self._keys
+
+    def _has(self, kid: str | None) -> bool:
+        if self._keys is None:
+            return False
+        if kid is None:
+            return len(self._keys.keys) == 1
+        return any(k.kid == kid for k in self._keys.keys)
+
+
+def _header(token: str) -> dict[str, Any]:
+    parts = token.split(".")
+    if len(parts) != 3:
+        raise SetRefused(
+            "invalid_request", "a SET must be a compact JWS (three dot-separated parts)"
+        )
+    try:
+        header = json.loads(base64.urlsafe_b64decode(parts[0] + "=" * (-len(parts[0]) % 4)))
+    except ValueError:
+        raise SetRefused("invalid_request", "the SET's JOSE header is not base64url JSON") from None
+    if not isinstance(header, dict):
+        raise SetRefused("invalid_request", "the SET's JOSE header must be a JSON object")
+    return header
+
+
+def verify_set(
+    token: str,
+    *,
+    keys: TransmitterKeys,
+    issuer: str,
+    audience: str,
+    algorithms: tuple[str, ...],
+    clock_skew_seconds: float,
+    max_age_seconds: float,
+    now: float | None = None,
+) -> VerifiedSet:
+    """The SET's claims once every check passed; `SetRefused` for the first that fails."""
+    now = time.time() if now is None else now
+    header = _header(token)
+    alg = header.get("alg")
+    if alg not in algorithms:
+        raise SetRefused(
+            "invalid_request",
+            f"alg {alg!r} is not accepted; sign SETs with one of {', '.join(algorithms)}",
+        )
+    if header.get("typ") != SET_TYPE:
+        raise SetRefused("invalid_request", f"typ must be {SET_TYPE!r} (SSF 1.0, RFC 8417 §2.3)")
+    kid = header.get("kid")
+    if kid is not None and not isinstance(kid, str):
+        raise SetRefused("invalid_request", "kid must be a string")
+    key_set = keys.keys_for(kid)
+    try:
+        obj = jws.deserialize_compact(token, key_set, algorithms=[alg])
+    except (JoseError, ValueError) as e:
+        raise SetRefused("invalid_key", f"the SET's signature does not verify: {e}") from None
+    try:
+        claims = json.loads(obj.payload)
+    except ValueError:
+        raise SetRefused("invalid_request", "the SET's payload is not JSON") from None
+    if not isinstance(claims, dict):
+        raise SetRefused("invalid_request", "the SET's payload must be a JSON object")
+    if claims.get("iss") != issuer:
+        raise SetRefused("invalid_issuer", f"iss must be {issuer!r}")
+    aud = claims.get("aud")
+    auds = aud if isinstance(aud, list) else [aud]
+    if audience not in auds:
+        raise SetRefused("invalid_audience", f"aud must hold {audience!r}")
+    iat = claims.get("iat")
+    if isinstance(iat, bool) or not isinstance(iat, (int, float)):
+        raise SetRefused("invalid_request", "iat (a number of seconds) is required")
+    if iat > now + clock_skew_seconds:
+        raise SetRefused("invalid_request", "iat is in the future; check the transmitter's clock")
+    if iat < now - max_age_seconds:
+        raise SetRefused(
+            "invalid_request", f"the SET is stale: issued more than {max_age_seconds:g} s ago"
+        )
+    jti = claims.get("jti")
+    if not isinstance(jti, str) or not jti or len(jti) > MAX_JTI:
+        raise SetRefused("invalid_request", f"jti must be a string of 1 to {MAX_JTI} characters")
+    events = claims.get("events")
+    if (
+        not isinstance(events, dict)
+        or not events
+        or not all(isinstance(v, dict) for v in events.values())
+    ):
+        raise SetRefused("invalid_request", "events must be an object of event type -> object")
+    if "exp" in claims:
+        # RFC 8417 §2.2: a SET has no exp; one that carries it is not a SET.
+        raise SetRefused("invalid_request", "a SET must not carry exp (RFC 8417 §2.2)")
+    txn = claims.get("txn") if isinstance(claims.get("txn"), str) else None
+    return VerifiedSet(jti, issuer, float(iat), events, claims.get("sub_id"), txn, claims)

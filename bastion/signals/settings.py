@@ -1,0 +1,283 @@
+"""The ``[signals.ssf]`` table of bastion.toml: which Shared Signals transmitters bastion trusts,
+how their events reach it (RFC 8935 push, RFC 8936 poll) and what each event does.
+
+```toml
+[signals.ssf]
+push_url = ""                   # where transmitters push (default: the issuer + /ssf/events)
+max_body_bytes = 65536          # a pushed SET larger than this is refused (413)
+clock_skew_seconds = 60         # a SET issued further in the future is refused
+max_event_age_seconds = 3600    # a SET issued longer ago is refused (stale)
+jti_retention_seconds = 86400   # jtis remembered (replay refused); never below the age limit
+jwks_refresh_seconds = 60       # an unknown kid refetches the JWKS at most this often
+jwks_max_keys = 20              # a JWKS with more keys is refused
+algorithms = ["RS256", "PS256", "ES256", "EdDSA"]   # never none, never HS*
+
+[[signals.ssf.transmitters]]
+name = "idp"
+issuer = "https://idp.example.com"          # the SETs' iss, exactly
+configuration_url = ""                       # default: issuer + /.well-known/ssf-configuration
+audience = "https://bastion.example.com"     # must be in each SET's aud
+delivery = "push"                            # or "poll"
+bearer_env = "BASTION_SSF_IDP_BEARER"        # bastion's credential at the transmitter's
+                                             # stream management and poll endpoints
+push_token_env = "BASTION_SSF_IDP_PUSH"      # push only: the bearer the transmitter must send
+poll_interval_seconds = 30
+max_events = 100
+fact_expiry_seconds = 0                      # facts written from events expire (0: never)
+[signals.ssf.transmitters.users]             # RFC 9493 subjects -> bastion users, explicitly
+"email:sam@example.com" = "sam"
+"iss_sub:https://idp.example.com|00u1" = "sam"
+"opaque:7f2c" = "sam"
+[signals.ssf.transmitters.effects]           # per event type: revoke, disable, fact, record
+"https://schemas.openid.net/secevent/caep/event-type/credential-change" = "record"
+```
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
+
+CAEP = "https://schemas.openid.net/secevent/caep/event-type/"
+RISC = "https://schemas.openid.net/secevent/risc/event-type/"
+SSF = "https://schemas.openid.net/secevent/ssf/event-type/"
+VERIFICATION = SSF + "verification"
+STREAM_UPDATED = SSF + "stream-updated"
+
+EFFECTS = ("revoke", "disable", "fact", "record")
+DEFAULT_EFFECTS: dict[str, str] = {
+    CAEP + "session-revoked": "revoke",
+    CAEP + "credential-change": "revoke",
+    CAEP + "device-compliance-change": "fact",
+    CAEP + "assurance-level-change": "fact",
+    CAEP + "token-claims-change": "fact",
+    RISC + "account-disabled": "disable",
+    RISC + "account-purged": "disable",
+    RISC + "credential-compromise": "disable",
+}
+# Fact effects exist only for the events that carry a value to record.
+FACT_EVENTS = {e for e, effect in DEFAULT_EFFECTS.items() if effect == "fact"}
+SUBJECT_FORMATS = ("email", "iss_sub", "opaque")
+# Algorithms a SET may be signed with: asymmetric only (no shared secret, no `none`).
+ASYMMETRIC = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512",
+              "EdDSA")  # fmt: skip
+
+
+class SignalsConfigError(ValueError):
+    """A ``[signals.ssf]`` value that cannot be used; the message names the key and the fix."""
+
+
+@dataclass(frozen=True)
+class Transmitter:
+    name: str
+    issuer: str
+    configuration_url: str
+    audience: str
+    delivery: str
+    bearer: str = field(repr=False)
+    push_token: str = field(repr=False)
+    poll_interval_seconds: float = 30.0
+    max_events: int = 100
+    fact_expiry_seconds: float = 0.0
+    users: dict[str, str] = field(default_factory=dict)
+    effects: dict[str, str] = field(default_factory=dict)
+
+    def effect(self, event_type: str) -> str:
+        """What an event of this type does: the override, the default, else ``record``."""
+        return self.effects.get(event_type) or DEFAULT_EFFECTS.get(event_type, "record")
+
+
+@dataclass(frozen=True)
+class SsfSettings:
+    transmitters: tuple[Transmitter, ...] = ()
+    push_url: str = ""
+    max_body_bytes: int = 65536
+    clock_skew_seconds: float = 60.0
+    max_event_age_seconds: float = 3600.0
+    jti_retention_seconds: float = 86400.0
+    jwks_refresh_seconds: float = 60.0
+    jwks_max_keys: int = 20
+    algorithms: tuple[str, ...] = ("RS256", "PS256", "ES256", "EdDSA")
+
+    @classmethod
+    def from_table(
+        cls, table: dict[str, Any], *, issuer: str = "", env: dict[str, str] | None = None
+    ) -> SsfSettings:
+        """The settings of a ``[signals.ssf]`` table; `SignalsConfigError` names what is wrong."""
+        env = dict(os.environ if env is None else env)
+        if not isinstance(table, dict):
+            raise SignalsConfigError("[signals.ssf] must be a table")
+        known = set(cls.__dataclass_fields__)
+        for key in table:
+            if key not in known:
+                raise SignalsConfigError(
+                    f"unknown key [signals.ssf].{key}; known keys: {', '.join(sorted(known))}"
+                )
+        values: dict[str, Any] = {}
+        for key in ("max_body_bytes", "jwks_max_keys"):
+            if key in table:
+                values[key] = _positive(f"[signals.ssf].{key}", table[key], int)
+        for key in (
+            "clock_skew_seconds",
+            "max_event_age_seconds",
+            "jti_retention_seconds",
+            "jwks_refresh_seconds",
+        ):
+            if key in table:
+                values[key] = _positive(f"[signals.ssf].{key}", table[key], float)
+        if "algorithms" in table:
+            algs = table["algorithms"]
+            if not isinstance(algs, list) or not algs:
+                raise SignalsConfigError("[signals.ssf].algorithms must be a non-empty list")
+            for alg in algs:
+                if alg not in ASYMMETRIC:
+                    raise SignalsConfigError(
+                        f"[signals.ssf].algorithms: {alg!r} is not allowed; SETs are verified"
+                        f" with public keys only: choose among {', '.join(ASYMMETRIC)}"
+                    )
+            values["algorithms"] = tuple(algs)
+        push_url = table.get("push_url") or (f"{issuer.rstrip('/')}/ssf/events" if issuer else "")
+        values["push_url"] = str(push_url)
+        settings = cls(**values)
+        if settings.jti_retention_seconds < settings.max_event_age_seconds:
+            raise SignalsConfigError(
+                "[signals.ssf].jti_retention_seconds must be at least max_event_age_seconds:"
+                " a SET old enough to be forgotten must be old enough to be refused as stale"
+            )
+        raw = table.get("transmitters", [])
+        if not isinstance(raw, list):
+            raise SignalsConfigError("[[signals.ssf.transmitters]] must be an array of tables")
+        transmitters = tuple(_transmitter(i, t, env) for i, t in enumerate(raw))
+        names = [t.name for t in transmitters]
+        issuers = [t.issuer for t in transmitters]
+        if len(set(names)) != len(names) or len(set(issuers)) != len(issuers):
+            raise SignalsConfigError(
+                "each [[signals.ssf.transmitters]] needs its own name and issuer"
+            )
+        tokens = [t.push_token for t in transmitters if t.delivery == "push"]
+        if len(set(tokens)) != len(tokens):
+            raise SignalsConfigError("each push transmitter needs its own push token")
+        if any(t.delivery == "push" for t in transmitters) and not settings.push_url:
+            raise SignalsConfigError(
+                "[signals.ssf].push_url is needed for push delivery (or an [oauth] issuer)"
+            )
+        return SsfSettings(**{**settings.__dict__, "transmitters": transmitters})
+
+
+def _positive(key: str, value: Any, kind: type) -> Any:
+    try:
+        if isinstance(value, bool):
+            raise ValueError
+        number = kind(value)
+    except (TypeError, ValueError):
+        raise SignalsConfigError(f"{key} must be a positive number, got {value!r}") from None
+    if not (math.isfinite(number) and number > 0):
+        raise SignalsConfigError(f"{key} must be a positive number, got {value!r}")
+    return number
+
+
+def _secret(where: str, key: str, t: dict, env: dict[str, str]) -> str:
+    var = t.get(key)
+    if not var:
+        return ""
+    value = env.get(str(var), "")
+    if len(value) < 16:
+        raise SignalsConfigError(
+            f"{where}.{key}: the environment variable {var} must hold a secret of 16 characters"
+            " or more"
+        )
+    return value
+
+
+def _transmitter(i: int, t: Any, env: dict[str, str]) -> Transmitter:
+    where = f"[[signals.ssf.transmitters]] #{i + 1}"
+    if not isinstance(t, dict):
+        raise SignalsConfigError(f"{where} must be a table")
+    allowed = {
+        "name", "issuer", "configuration_url", "audience", "delivery", "bearer_env",
+        "push_token_env", "poll_interval_seconds", "max_events", "fact_expiry_seconds", "users",
+        "effects",
+    }  # fmt: skip
+    for key in t:
+        if key not in allowed:
+            raise SignalsConfigError(
+                f"{where}: unknown key {key}; known: {', '.join(sorted(allowed))}"
+            )
+    for key in ("name", "issuer", "audience"):
+        if not isinstance(t.get(key), str) or not t[key]:
+            raise SignalsConfigError(f"{where} needs {key} (a string)")
+    issuer = t["issuer"]
+    parts = urlsplit(issuer)
+    loopback = parts.hostname in ("127.0.0.1", "::1", "localhost")
+    if not parts.netloc or not (parts.scheme == "https" or (parts.scheme == "http" and loopback)):
+        raise SignalsConfigError(
+            f"{where}.issuer must be an https URL (http only on loopback), got {issuer!r}"
+        )
+    configuration_url = t.get("configuration_url") or (
+        # SSF 1.0 §7.2.1: the well-known path goes between the host and the issuer's path.
+        f"{parts.scheme}://{parts.netloc}/.well-known/ssf-configuration{parts.path.rstrip('/')}"
+    )
+    delivery = t.get("delivery", "push")
+    if delivery not in ("push", "poll"):
+        raise SignalsConfigError(f"{where}.delivery must be push or poll, got {delivery!r}")
+    push_token = _secret(where, "push_token_env", t, env)
+    if delivery == "push" and not push_token:
+        raise SignalsConfigError(
+            f"{where}: push delivery needs push_token_env, the environment variable holding the"
+            " bearer token the transmitter must send (bastion refuses pushes without it)"
+        )
+    bearer = _secret(where, "bearer_env", t, env)
+    users = t.get("users", {})
+    if not isinstance(users, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) and v for k, v in users.items()
+    ):
+        raise SignalsConfigError(f"{where}.users must map subjects to user names")
+    for key in users:
+        fmt = key.partition(":")[0]
+        if fmt not in SUBJECT_FORMATS or ":" not in key:
+            raise SignalsConfigError(
+                f"{where}.users: {key!r} must start with one of"
+                f" {', '.join(f + ':' for f in SUBJECT_FORMATS)}"
+            )
+    users = {normal_subject_key(k): v for k, v in users.items()}
+    effects = t.get("effects", {})
+    if not isinstance(effects, dict):
+        raise SignalsConfigError(f"{where}.effects must be a table of event type = effect")
+    for event, effect in effects.items():
+        if effect not in EFFECTS:
+            raise SignalsConfigError(
+                f"{where}.effects[{event!r}] = {effect!r}: use one of {', '.join(EFFECTS)}"
+            )
+        if effect == "fact" and event not in FACT_EVENTS:
+            raise SignalsConfigError(
+                f"{where}.effects[{event!r}]: only {', '.join(sorted(FACT_EVENTS))} become facts"
+            )
+    return Transmitter(
+        name=t["name"],
+        issuer=issuer,
+        configuration_url=configuration_url,
+        audience=t["audience"],
+        delivery=delivery,
+        bearer=bearer,
+        push_token=push_token,
+        poll_interval_seconds=_positive(
+            f"{where}.poll_interval_seconds", t.get("poll_interval_seconds", 30.0), float
+        ),
+        max_events=_positive(f"{where}.max_events", t.get("max_events", 100), int),
+        fact_expiry_seconds=(
+            _positive(f"{where}.fact_expiry_seconds", t["fact_expiry_seconds"], float)
+            if t.get("fact_expiry_seconds")
+            else 0.0
+        ),
+        users=users,
+        effects=dict(effects),
+    )
+
+
+def normal_subject_key(key: str) -> str:
+    """How a subject is looked up in ``users``: emails compare without case."""
+    fmt, _, rest = key.partition(":")
+    return f"email:{rest.lower()}" if fmt == "email" else key

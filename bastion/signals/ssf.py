@@ -1,0 +1,559 @@
+"""The Shared Signals receiver (OpenID SSF 1.0, CAEP 1.0, RISC 1.0): bastion as a SET Recipient.
+
+Security Event Tokens (RFC 8417) arrive by push (RFC 8935, ``POST /ssf/events`` with the stream's
+bearer token) or by poll (RFC 8936, a background task per transmitter), are verified
+(`bastion.signals.set_tokens`), and applied exactly once per ``jti``: a revoked session or changed
+credential revokes every grant of the user (their tokens are refused on the next call and their
+gateway streams end), a disabled, purged or compromised account disables the user, and device
+compliance, assurance level and token claims become facts the policy reads. Every SET received is
+an audit event (``signal.received``); refused ones are ``signal.refused``. Streams are created,
+read and verified through the transmitter's stream management API (SSF 1.0 §8).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import logging
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
+
+import anyio
+import httpx
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from bastion.audit.log import AuditLog
+from bastion.db import Database
+from bastion.facts.model import Entity, FactError
+from bastion.facts.store import FactStore, StoredFact
+from bastion.oauth.store import OAuthStore
+from bastion.signals.set_tokens import SetRefused, TransmitterKeys, VerifiedSet, verify_set
+from bastion.signals.settings import (
+    CAEP,
+    DEFAULT_EFFECTS,
+    STREAM_UPDATED,
+    VERIFICATION,
+    SsfSettings,
+    Transmitter,
+)
+from bastion.signals.ssf_store import SsfStore
+from bastion.signals.subjects import Subject, SubjectError, parse_subject
+
+log = logging.getLogger("bastion.signals.ssf")
+
+PUSH_PATH = "/ssf/events"
+SET_MEDIA_TYPE = "application/secevent+jwt"
+PUSH_METHOD = "urn:ietf:rfc:8935"
+POLL_METHOD = "urn:ietf:rfc:8936"
+# A transmitter's metadata, stream and poll answers larger than this are not read.
+MAX_ANSWER_BYTES = 1_048_576
+
+
+class Replayed(Exception):  # noqa: N818 - a refusal, like SetRefused
+    """A SET whose jti was received before: its effects were applied then, not again."""
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What one SET did: per event type, its effect and what happened."""
+
+    jti: str
+    user: str | None
+    effects: list[dict[str, Any]] = field(default_factory=list)
+
+
+def secure_url(url: Any, what: str) -> str:
+    """``url`` if it is https (or http on loopback, for tests and sidecars); else ValueError."""
+    parts = urlsplit(url) if isinstance(url, str) else None
+    if parts is None or not parts.netloc:
+        raise ValueError(f"{what} is not a URL")
+    loopback = parts.hostname in ("127.0.0.1", "::1", "localhost")
+    if not (parts.scheme == "https" or (parts.scheme == "http" and loopback)):
+        raise ValueError(f"{what} must be an https URL, got {url!r}")
+    return url
+
+
+def _error(status: int, err: str, description: str, **headers: str) -> JSONResponse:
+    return JSONResponse({"err": err, "description": description}, status, headers=headers)
+
+
+class SsfReceiver:
+    """Receives, verifies and applies the SETs of the configured transmitters."""
+
+    def __init__(
+        self,
+        settings: SsfSettings,
+        db: Database,
+        oauth_store: OAuthStore,
+        facts: FactStore,
+        authz: Callable[[], Any],
+        *,
+        http: httpx.Client | None = None,
+    ) -> None:
+        self.settings = settings
+        self.store = SsfStore(db)
+        self.audit = AuditLog(db)
+        self.oauth_store = oauth_store
+        self.facts = facts
+        self.authz = authz
+        self.by_issuer = {t.issuer: t for t in settings.transmitters}
+        self._http = http or httpx.Client(timeout=10, follow_redirects=False)
+        self._metadata: dict[str, dict[str, Any]] = {}
+        self.keys = {
+            t.name: TransmitterKeys(
+                lambda t=t: self._jwks(t),
+                refresh_seconds=settings.jwks_refresh_seconds,
+                max_keys=settings.jwks_max_keys,
+            )
+            for t in settings.transmitters
+        }
+        self._tasks: list[asyncio.Task] = []
+
+    # -- the transmitter's metadata and keys (worker threads) -----------------------------
+
+    def _get_json(self, url: str, bearer: str = "") -> Any:
+        headers = {"authorization": f"Bearer {bearer}"} if bearer else {}
+        with self._http.stream("GET", url, headers=headers) as response:
+            body = b""
+            for chunk in response.iter_bytes():
+                body += chunk
+                if len(body) > MAX_ANSWER_BYTES:
+                    raise ValueError(f"{url} answered more than {MAX_ANSWER_BYTES} bytes")
+        if response.status_code != 200:
+            raise ValueError(f"{url} answered HTTP {response.status_code}")
+        return json.loads(body)
+
+    def metadata(self, t: Transmitter) -> dict[str, Any]:
+        """The transmitter's configuration metadata (SSF 1.0 §7), read once and checked."""
+        found = self._metadata.get(t.name)
+        if found is None:
+            found = self._get_json(t.configuration_url)
+            if not isinstance(found, dict) or found.get("issuer") != t.issuer:
+                raise ValueError(
+                    f"{t.configuration_url} names issuer {found.get('issuer')!r}"
+                    f" where {t.issuer!r} is configured"
+                    if isinstance(found, dict)
+                    else f"{t.configuration_url} is not a JSON object"
+                )
+            for key in ("jwks_uri", "configuration_endpoint", "status_endpoint",
+                        "verification_endpoint"):  # fmt: skip
+                if key in found:
+                    secure_url(found[key], f"{t.configuration_url}: {key}")
+            self._metadata[t.name] = found
+        return found
+
+    def _jwks(self, t: Transmitter) -> dict[str, Any]:
+        jwks_uri = self.metadata(t).get("jwks_uri")
+        if not isinstance(jwks_uri, str):
+            raise ValueError(f"{t.configuration_url} has no jwks_uri")
+        return self._get_json(jwks_uri)
+
+    # -- receiving (worker threads) ----------------------------------------------------------
+
+    def receive(self, t: Transmitter, token: str) -> Outcome:
+        """Verify one SET of ``t`` and apply it; `SetRefused`, or `Replayed` for a jti seen."""
+        try:
+            verified = verify_set(
+                token,
+                keys=self.keys[t.name],
+                issuer=t.issuer,
+                audience=t.audience,
+                algorithms=self.settings.algorithms,
+                clock_skew_seconds=self.settings.clock_skew_seconds,
+                max_age_seconds=self.settings.max_event_age_seconds,
+            )
+        except SetRefused as e:
+            self.audit.record(
+                "signal.refused", transmitter=t.name, issuer=t.issuer, err=e.err,
+                description=e.description,
+            )  # fmt: skip
+            raise
+        now = time.time()
+        if not self.store.claim(t.issuer, verified.jti, now):
+            self.audit.record(
+                "signal.refused", transmitter=t.name, issuer=t.issuer, jti=verified.jti,
+                err="invalid_request", description="replayed jti",
+            )  # fmt: skip
+            raise Replayed(verified.jti)
+        # Every effect is idempotent (revoking what is revoked, writing the same fact), so a SET
+        # whose effects or record failed part-way is released and applied whole when redelivered.
+        try:
+            outcome = self._apply(t, verified, now)
+            self.audit.record(
+                "signal.received",
+                subject=outcome.user,
+                transmitter=t.name,
+                issuer=t.issuer,
+                jti=verified.jti,
+                txn=verified.txn,
+                events=list(verified.events),
+                effects=outcome.effects,
+            )
+        except Exception:
+            self.store.release(t.issuer, verified.jti)
+            raise
+        return outcome
+
+    def _subject(self, verified: VerifiedSet, body: dict[str, Any]) -> Subject:
+        # SSF 1.0 puts sub_id in the SET; CAEP's earlier drafts put "subject" in the event.
+        raw = verified.sub_id if verified.sub_id is not None else body.get("subject")
+        if raw is None:
+            raise SubjectError("the SET names no subject (sub_id)")
+        return parse_subject(raw)
+
+    def _apply(self, t: Transmitter, verified: VerifiedSet, now: float) -> Outcome:
+        effects: list[dict[str, Any]] = []
+        users: set[str] = set()
+        for event_type, body in verified.events.items():
+            done: dict[str, Any] = {"event": event_type}
+            effects.append(done)
+            if event_type == VERIFICATION:
+                state = body.get("state")
+                matched = self.store.verified(t.name, state if isinstance(state, str) else None)
+                done.update(effect="verify", result="verified" if matched else "unexpected state")
+                continue
+            if event_type == STREAM_UPDATED:
+                status = str(body.get("status", ""))[:32]
+                self.store.save_stream(t.name, status or "updated", "stream-updated event")
+                done.update(effect="record", result=f"stream {status}")
+                continue
+            effect = t.effect(event_type)
+            done["effect"] = effect
+            if event_type not in DEFAULT_EFFECTS and event_type not in t.effects:
+                done["result"] = "unknown event type: recorded and ignored"
+                continue
+            try:
+                subject = self._subject(verified, body)
+            except SubjectError as e:
+                done["result"] = f"ignored: {e}"
+                continue
+            done["subject"] = subject.describe()
+            user = t.users.get(subject.user_key) if subject.user_key else None
+            if user is not None:
+                users.add(user)
+                done["user"] = user
+            if effect == "record":
+                done["result"] = "recorded"
+            elif effect == "fact":
+                done["result"] = self._facts(t, event_type, body, subject, user)
+            elif user is None:
+                done["result"] = "ignored: the subject maps to no user (signals.ssf users table)"
+            elif effect == "revoke":
+                count = self.revoke_user(
+                    user, now, f"ssf {t.name}: {event_type.rsplit('/', 1)[-1]}"
+                )
+                done["result"] = f"revoked {count} grant(s)"
+            elif effect == "disable":
+                disabled = self.oauth_store.disable_user(user, now)
+                count = self.revoke_user(
+                    user, now, f"ssf {t.name}: {event_type.rsplit('/', 1)[-1]}"
+                )
+                done["result"] = ("disabled" if disabled else "already disabled") + (
+                    f", revoked {count} more grant(s)" if count else ""
+                )
+        return Outcome(verified.jti, ",".join(sorted(users)) or None, effects)
+
+    def revoke_user(self, username: str, now: float, reason: str) -> int:
+        return self.oauth_store.revoke_user_grants(username, now, reason)
+
+    def _facts(
+        self,
+        t: Transmitter,
+        event_type: str,
+        body: dict[str, Any],
+        subject: Subject,
+        user: str | None,
+    ) -> str:
+        entities = [Entity("User", user)] if user is not None else []
+        if subject.device is not None:
+            entities.append(Entity("Device", subject.device))
+        if not entities:
+            return "ignored: the subject maps to no user or device"
+        inserts: list[tuple] = []
+        deletes: list[tuple] = []
+        name = event_type.removeprefix(CAEP)
+        for entity in entities:
+            if name == "device-compliance-change":
+                status = body.get("current_status")
+                if status not in ("compliant", "not-compliant"):
+                    return "ignored: current_status must be compliant or not-compliant"
+                deletes.append(("device_compliance", entity, None))
+                inserts.append(("device_compliance", entity, status))
+            elif name == "assurance-level-change":
+                level = body.get("current_level")
+                if not isinstance(level, str) or not level or len(level) > 128:
+                    return "ignored: current_level must be a string"
+                deletes.append(("assurance_level", entity, None))
+                inserts.append(("assurance_level", entity, level))
+            elif name == "token-claims-change":
+                claims = body.get("claims")
+                if not isinstance(claims, dict) or not claims:
+                    return "ignored: claims must be an object"
+                for claim, value in list(claims.items())[:32]:
+                    if isinstance(value, (str, bool, int)) and len(str(value)) <= 512:
+                        deletes.append(("token_claim", entity, claim, None))
+                        inserts.append(("token_claim", entity, claim, value))
+        authz = self.authz()
+        kept, skipped = [], []
+        for fact in inserts:
+            try:
+                authz.facts.validate(fact)
+                kept.append(fact)
+            except FactError as e:
+                skipped.append(str(e))
+        if not kept:
+            return "skipped: " + "; ".join(skipped)
+        kept_names = {f[0] for f in kept}
+        expires = time.time() + t.fact_expiry_seconds if t.fact_expiry_seconds > 0 else None
+        result = self.facts.apply(
+            [StoredFact(f, expires) for f in kept],
+            [d for d in deletes if d[0] in kept_names],
+            actor=f"ssf:{t.name}",
+        )
+        text = f"wrote {len(kept)} fact(s) at seq {result.seq}"
+        return text + ("; skipped: " + "; ".join(skipped) if skipped else "")
+
+    # -- push (RFC 8935) ------------------------------------------------------------------------
+
+    def _pusher(self, authorization: str) -> Transmitter | None:
+        scheme, _, token = authorization.partition(" ")
+        if scheme.lower() != "bearer" or not token:
+            return None
+        found = None
+        for t in self.settings.transmitters:
+            if t.delivery == "push" and hmac.compare_digest(
+                t.push_token.encode(), token.strip().encode()
+            ):
+                found = t
+        return found
+
+    async def push(self, request: Request) -> Response:
+        """``POST /ssf/events``: one SET, answered 202, or 400/401 with RFC 8935's err."""
+        t = self._pusher(request.headers.get("authorization", ""))
+        if t is None:
+            return _error(
+                401,
+                "authentication_failed",
+                "send the stream's bearer token (its authorization_header) in Authorization",
+                **{"WWW-Authenticate": 'Bearer realm="ssf"'},
+            )
+        media = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if media != SET_MEDIA_TYPE:
+            return _error(400, "invalid_request", f"Content-Type must be {SET_MEDIA_TYPE}")
+        body = await request.body()
+        try:
+            token = body.decode("ascii").strip()
+        except UnicodeDecodeError:
+            return _error(400, "invalid_request", "a SET is ASCII (a compact JWS)")
+        try:
+            await anyio.to_thread.run_sync(self.receive, t, token)
+        except SetRefused as e:
+            return _error(400, e.err, e.description)
+        except Replayed:
+            return _error(400, "invalid_request", "this jti was received before (replay refused)")
+        return Response(status_code=202)
+
+    def routes(self) -> list[Route]:
+        return [Route(PUSH_PATH, self.push, methods=["POST"])]
+
+    # -- stream management (SSF 1.0 §8) and poll (RFC 8936), on the event loop -----------------
+
+    async def start(self) -> None:
+        self._client = httpx.AsyncClient(timeout=10, follow_redirects=False)
+        for t in self.settings.transmitters:
+            self._tasks.append(asyncio.create_task(self._run(t), name=f"ssf {t.name}"))
+        self._tasks.append(asyncio.create_task(self._forget_forever(), name="ssf jti retention"))
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._tasks.clear()
+        await self._client.aclose()
+        self._http.close()
+
+    async def _forget_forever(self) -> None:
+        while True:
+            cutoff = time.time() - self.settings.jti_retention_seconds
+            with contextlib.suppress(Exception):
+                await anyio.to_thread.run_sync(self.store.forget_before, cutoff)
+            await asyncio.sleep(min(3600.0, self.settings.jti_retention_seconds / 10))
+
+    async def _run(self, t: Transmitter) -> None:
+        """Configure the stream until it is configured, then (poll delivery) poll for ever."""
+        while True:
+            try:
+                stream = await self.configure(t)
+                break
+            except Exception as e:  # noqa: BLE001 - any failure is reported and retried
+                message = f"stream not configured: {e}"[:500]
+                log.error("ssf transmitter %s: %s", t.name, message)
+                await anyio.to_thread.run_sync(
+                    lambda m=message: self.store.save_stream(t.name, "error", m)
+                )
+                await asyncio.sleep(t.poll_interval_seconds)
+        if t.delivery == "poll":
+            await self._poll_forever(t, stream)
+
+    async def _call(
+        self, t: Transmitter, method: str, url: str, *, json_body: Any = None, params=None
+    ) -> httpx.Response:
+        headers = {"authorization": f"Bearer {t.bearer}"} if t.bearer else {}
+        return await self._client.request(
+            method, url, headers=headers, json=json_body, params=params
+        )
+
+    async def configure(self, t: Transmitter) -> dict[str, Any]:
+        """Read the transmitter's metadata, read or create bastion's stream, ask it to verify."""
+        meta = await anyio.to_thread.run_sync(self.metadata, t)
+        endpoint = meta.get("configuration_endpoint")
+        if not isinstance(endpoint, str):
+            raise ValueError(f"{t.configuration_url} has no configuration_endpoint")
+        known = await anyio.to_thread.run_sync(self.store.stream, t.name)
+        stream = None
+        if known is not None and known.stream_id:
+            response = await self._call(t, "GET", endpoint, params={"stream_id": known.stream_id})
+            if response.status_code == 200:
+                stream = response.json()
+        if stream is None:
+            delivery: dict[str, Any] = (
+                {
+                    "method": PUSH_METHOD,
+                    "endpoint_url": self.settings.push_url,
+                    "authorization_header": f"Bearer {t.push_token}",
+                }
+                if t.delivery == "push"
+                else {"method": POLL_METHOD}
+            )
+            requested = sorted({*DEFAULT_EFFECTS, *t.effects})
+            response = await self._call(
+                t,
+                "POST",
+                endpoint,
+                json_body={"delivery": delivery, "events_requested": requested,
+                           "description": "bastion"},
+            )  # fmt: skip
+            if response.status_code not in (200, 201):
+                raise ValueError(
+                    f"creating the stream at {endpoint} answered HTTP {response.status_code}:"
+                    f" {response.text[:200]}"
+                )
+            stream = response.json()
+        if not isinstance(stream, dict) or not isinstance(stream.get("stream_id"), str):
+            raise ValueError(f"{endpoint} answered no stream_id")
+        if t.audience not in (
+            stream.get("aud") if isinstance(stream.get("aud"), list) else [stream.get("aud")]
+        ):
+            log.warning("ssf transmitter %s: the stream's aud does not hold %s", t.name, t.audience)
+        stream_id = stream["stream_id"]
+        status = "enabled"
+        status_endpoint = meta.get("status_endpoint")
+        if isinstance(status_endpoint, str):
+            answer = await self._call(t, "GET", status_endpoint, params={"stream_id": stream_id})
+            if answer.status_code == 200 and isinstance(answer.json(), dict):
+                status = str(answer.json().get("status", status))[:32]
+        state = secrets.token_urlsafe(16)
+        await anyio.to_thread.run_sync(
+            lambda: self.store.save_stream(
+                t.name, status, "stream configured; verification requested",
+                stream_id=stream_id, verification_state=state,
+            )
+        )  # fmt: skip
+        verification = meta.get("verification_endpoint")
+        if isinstance(verification, str):
+            answer = await self._call(
+                t, "POST", verification, json_body={"stream_id": stream_id, "state": state}
+            )
+            if answer.status_code not in (200, 204):
+                log.warning(
+                    "ssf transmitter %s: verification request answered HTTP %s",
+                    t.name, answer.status_code,
+                )  # fmt: skip
+        log.info("ssf transmitter %s: stream %s %s", t.name, stream_id, status)
+        return stream
+
+    async def _poll_forever(self, t: Transmitter, stream: dict[str, Any]) -> None:
+        delivery = stream.get("delivery") or {}
+        url = delivery.get("endpoint_url") if isinstance(delivery, dict) else None
+        try:
+            url = secure_url(url, "the stream's poll endpoint_url")
+        except ValueError as e:
+            message = str(e)
+            await anyio.to_thread.run_sync(lambda: self.store.save_stream(t.name, "error", message))
+            return
+        ack: list[str] = []
+        errs: dict[str, dict[str, str]] = {}
+        failing = False
+        while True:
+            try:
+                more, ack, errs = await self.poll_once(t, url, ack, errs)
+            except Exception as e:  # noqa: BLE001 - reported, retried; acks are sent again
+                message = f"poll failed: {e}"[:500]
+                log.error("ssf transmitter %s: %s", t.name, message)
+                if not failing:
+                    await anyio.to_thread.run_sync(
+                        lambda m=message: self.store.save_stream(t.name, "error", m)
+                    )
+                failing = True
+                await asyncio.sleep(t.poll_interval_seconds)
+                continue
+            if failing:
+                failing = False
+                await anyio.to_thread.run_sync(
+                    lambda: self.store.save_stream(t.name, "polling", "poll answered again")
+                )
+            if not more and not ack and not errs:
+                await asyncio.sleep(t.poll_interval_seconds)
+
+    async def poll_once(
+        self, t: Transmitter, url: str, ack: list[str], errs: dict[str, dict[str, str]]
+    ) -> tuple[bool, list[str], dict[str, dict[str, str]]]:
+        """One RFC 8936 §2.2 request: acknowledge ``ack``, report ``errs``, take new SETs.
+        Returns (more available, jtis to acknowledge next, errors to report next)."""
+        body: dict[str, Any] = {"maxEvents": t.max_events, "returnImmediately": True}
+        if ack:
+            body["ack"] = ack
+        if errs:
+            body["setErrs"] = errs
+        headers = {"authorization": f"Bearer {t.bearer}"} if t.bearer else {}
+        async with self._client.stream("POST", url, headers=headers, json=body) as response:
+            if response.status_code != 200:
+                raise ValueError(f"{url} answered HTTP {response.status_code}")
+            content = b""
+            async for chunk in response.aiter_bytes():
+                content += chunk
+                if len(content) > MAX_ANSWER_BYTES:
+                    raise ValueError(f"{url} answered more than {MAX_ANSWER_BYTES} bytes")
+        answer = json.loads(content)
+        sets = answer.get("sets") if isinstance(answer, dict) else None
+        if not isinstance(sets, dict):
+            raise ValueError(f"{url} answered no sets object")
+        next_ack: list[str] = []
+        next_errs: dict[str, dict[str, str]] = {}
+        for jti, token in list(sets.items())[: t.max_events]:
+            if not isinstance(token, str):
+                next_errs[str(jti)] = {"err": "invalid_request", "description": "not a SET"}
+                continue
+            try:
+                outcome = await anyio.to_thread.run_sync(self.receive, t, token)
+            except SetRefused as e:
+                next_errs[str(jti)] = e.as_dict()
+                continue
+            except Replayed:
+                next_ack.append(str(jti))
+                continue
+            if outcome.jti != jti:
+                log.warning(
+                    "ssf transmitter %s: SET keyed %s carries jti %s", t.name, jti, outcome.jti
+                )
+            next_ack.append(str(jti))
+        return bool(answer.get("moreAvailable")), next_ack, next_errs

@@ -1,0 +1,136 @@
+"""What the Shared Signals receiver keeps in the database: the ``jti`` of every SET received
+(RFC 8417 §2.2 ``jti``, for replay refusal, kept for a bounded time) and each transmitter's stream
+(SSF 1.0 §8: its id, status, and the verification ``state`` asked for)."""
+
+from __future__ import annotations
+
+import hmac
+import time
+from dataclasses import dataclass
+
+from bastion.db import Database
+
+_MIGRATIONS = [
+    """
+    CREATE TABLE ssf_received (
+        issuer TEXT NOT NULL,
+        jti TEXT NOT NULL,
+        received_at DOUBLE PRECISION NOT NULL,
+        PRIMARY KEY (issuer, jti)
+    );
+    CREATE INDEX ssf_received_at ON ssf_received (received_at);
+    CREATE TABLE ssf_streams (
+        transmitter TEXT PRIMARY KEY,
+        stream_id TEXT,
+        status TEXT NOT NULL,
+        verified_at DOUBLE PRECISION,
+        verification_state TEXT,
+        detail TEXT NOT NULL,
+        updated_at DOUBLE PRECISION NOT NULL
+    );
+    """
+]
+
+
+@dataclass(frozen=True)
+class StreamStatus:
+    """One transmitter's stream as recorded (``bastion signals streams status`` shows it)."""
+
+    transmitter: str
+    stream_id: str | None
+    status: str
+    verified_at: float | None
+    detail: str
+    updated_at: float
+
+
+class SsfStore:
+    """The jtis received (for replay refusal) and each transmitter's stream state."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+        # What this process last recorded of each stream (status, detail), for /readyz.
+        self.seen: dict[str, dict[str, str]] = {}
+        db.migrate("ssf", _MIGRATIONS)
+
+    def claim(self, issuer: str, jti: str, now: float) -> bool:
+        """Record the jti; False if it was received before."""
+        rows = self.db.execute(
+            "INSERT INTO ssf_received (issuer, jti, received_at) VALUES (?, ?, ?)"
+            " ON CONFLICT DO NOTHING RETURNING jti",
+            (issuer, jti, now),
+        )
+        return bool(rows)
+
+    def release(self, issuer: str, jti: str) -> None:
+        """Forget a claimed jti whose effects failed, so a redelivery applies them."""
+        self.db.execute("DELETE FROM ssf_received WHERE issuer = ? AND jti = ?", (issuer, jti))
+
+    def forget_before(self, cutoff: float) -> int:
+        return len(
+            self.db.execute(
+                "DELETE FROM ssf_received WHERE received_at < ? RETURNING jti", (cutoff,)
+            )
+        )
+
+    def save_stream(
+        self,
+        transmitter: str,
+        status: str,
+        detail: str,
+        *,
+        stream_id: str | None = None,
+        verification_state: str | None = None,
+    ) -> None:
+        now = time.time()
+        self.seen[transmitter] = {"status": status, "detail": detail}
+        with self.db.transaction():
+            rows = self.db.execute(
+                "SELECT stream_id FROM ssf_streams WHERE transmitter = ?", (transmitter,)
+            )
+            if rows:
+                self.db.execute(
+                    "UPDATE ssf_streams SET status = ?, detail = ?, updated_at = ?,"
+                    " stream_id = COALESCE(?, stream_id),"
+                    " verification_state = COALESCE(?, verification_state)"
+                    " WHERE transmitter = ?",
+                    (status, detail, now, stream_id, verification_state, transmitter),
+                )
+            else:
+                self.db.execute(
+                    "INSERT INTO ssf_streams (transmitter, stream_id, status, verification_state,"
+                    " detail, updated_at) VALUES (?, ?, ?, ?, ?, ?)",
+                    (transmitter, stream_id, status, verification_state, detail, now),
+                )
+
+    def verified(self, transmitter: str, state: str | None) -> bool:
+        """The stream's verification event arrived: True if its state is the one asked for."""
+        rows = self.db.execute(
+            "SELECT verification_state FROM ssf_streams WHERE transmitter = ?", (transmitter,)
+        )
+        if not rows or rows[0][0] is None or state is None:
+            return False
+        if not hmac.compare_digest(str(rows[0][0]), str(state)):
+            return False
+        self.db.execute(
+            "UPDATE ssf_streams SET verified_at = ?, status = 'verified',"
+            " detail = 'verification event received', updated_at = ? WHERE transmitter = ?",
+            (time.time(), time.time(), transmitter),
+        )
+        self.seen[transmitter] = {"status": "verified", "detail": "verification event received"}
+        return True
+
+    def stream(self, transmitter: str) -> StreamStatus | None:
+        rows = self.db.execute(
+            "SELECT transmitter, stream_id, status, verified_at, detail, updated_at"
+            " FROM ssf_streams WHERE transmitter = ?",
+            (transmitter,),
+        )
+        return StreamStatus(*rows[0]) if rows else None
+
+    def streams(self) -> list[StreamStatus]:
+        rows = self.db.execute(
+            "SELECT transmitter, stream_id, status, verified_at, detail, updated_at"
+            " FROM ssf_streams ORDER BY transmitter"
+        )
+        return [StreamStatus(*r) for r in rows]

@@ -1,0 +1,482 @@
+"""The Shared Signals receiver against a real transmitter (tests/signals/transmitter.py) and a
+real bastion: what each CAEP and RISC event does to users, grants, streams and facts, through
+push (RFC 8935) and poll (RFC 8936), and every SET that must be refused is refused and changes
+nothing."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import time
+
+import anyio
+import pytest
+from argon2 import PasswordHasher
+
+from bastion.cli import main
+from bastion.oauth import users
+from bastion.oauth.users import create_user
+from bastion.policy.parser import parse_fact
+from tests.gateway.streams import events, modern_headers, modern_request
+from tests.gateway.support import PASSWORD, start
+from tests.oauth.support import free_socket, serve
+
+from .transmitter import BEARER, CAEP, RISC, Transmitter
+
+AUDIENCE = "https://bastion.test/ssf"
+PUSH_TOKEN = "push-credential-of-the-idp-stream"
+POLICY = """
+declare device_compliance(User, String);
+deny(user: User, "call", _tool: Tool) if device_compliance(user, "not-compliant");
+"""
+CALL = {
+    "jsonrpc": "2.0",
+    "id": 1,
+    "method": "tools/call",
+    "params": {
+        "name": "search_customers",
+        "arguments": {"query": "a"},
+        "_meta": {
+            "io.modelcontextprotocol/protocolVersion": "2026-07-28",
+            "io.modelcontextprotocol/clientCapabilities": {},
+        },
+    },
+}
+
+
+def email(address: str) -> dict:
+    return {"format": "email", "email": address}
+
+
+@pytest.fixture(scope="module")
+def signals(tmp_path_factory):
+    saved = users._HASHER
+    users._HASHER = PasswordHasher(time_cost=1, memory_cost=1024, parallelism=1)
+    os.environ["BASTION_TEST_SSF_PUSH"] = PUSH_TOKEN
+    os.environ["BASTION_TEST_SSF_BEARER"] = BEARER
+    pusher, poller = Transmitter(AUDIENCE), Transmitter(AUDIENCE)
+    mapping = {
+        "email:Sam@Example.com": "sam",
+        "email:dana@example.com": "dana",
+        "opaque:avery-0001": "avery",
+    }
+    closed = free_socket()
+    closed_port = closed.getsockname()[1]  # bound, never listening: connections are refused
+    try:
+        with (
+            serve(pusher.app(), free_socket()) as push_url,
+            serve(poller.app(), free_socket()) as poll_url,
+        ):
+            pusher.url, poller.url = push_url, poll_url
+            table = {
+                "ssf": {
+                    "transmitters": [
+                        {
+                            "name": "idp",
+                            "issuer": push_url,
+                            "audience": AUDIENCE,
+                            "delivery": "push",
+                            "bearer_env": "BASTION_TEST_SSF_BEARER",
+                            "push_token_env": "BASTION_TEST_SSF_PUSH",
+                            "users": mapping,
+                        },
+                        {
+                            "name": "mdm",
+                            "issuer": poll_url,
+                            "audience": AUDIENCE,
+                            "delivery": "poll",
+                            "bearer_env": "BASTION_TEST_SSF_BEARER",
+                            "poll_interval_seconds": 0.1,
+                            "fact_expiry_seconds": 3600,
+                            "users": mapping,
+                        },
+                        {
+                            # Nothing listens here: its stream fails, and bastion serves on.
+                            "name": "down",
+                            "issuer": f"http://127.0.0.1:{closed_port}",
+                            "audience": AUDIENCE,
+                            "delivery": "poll",
+                            "poll_interval_seconds": 1,
+                        },
+                    ]
+                }
+            }
+            with start(
+                tmp_path_factory.mktemp("signals"), policy_extra=POLICY, signals=table
+            ) as running:
+                create_user(running.app.state.oauth.store, "dana", PASSWORD, time.time())
+                running.pusher, running.poller, running.signals_table = pusher, poller, table
+                wait_until(lambda: streams(running).get("idp", {}).get("status") == "verified")
+                wait_until(lambda: streams(running).get("mdm", {}).get("status") == "verified")
+                yield running
+    finally:
+        users._HASHER = saved
+        closed.close()
+
+
+def wait_until(condition, seconds: float = 20) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "the condition never held"
+        time.sleep(0.05)
+
+
+def streams(bastion) -> dict:
+    return {s.transmitter: s.__dict__ for s in bastion.app.state.signals.store.streams()}
+
+
+def call(bastion, token):
+    return bastion.http.post(
+        bastion.mcp_url("deskhttp"),
+        json=CALL,
+        headers={
+            "content-type": "application/json",
+            "mcp-protocol-version": "2026-07-28",
+            "mcp-method": "tools/call",
+            "mcp-name": "search_customers",
+            "authorization": f"Bearer {token}",
+        },
+    )
+
+
+def received(bastion, jti: str):
+    found = [
+        e
+        for e in bastion.app.state.signals.audit.events("signal.received")
+        if e.detail["jti"] == jti
+    ]
+    return found[0] if found else None
+
+
+def jti_of(token: str) -> str:
+    payload = token.split(".")[1]
+    return json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))["jti"]
+
+
+# -- streams ------------------------------------------------------------------------------------
+
+
+def test_bastion_creates_and_verifies_a_stream_with_each_transmitter(signals):
+    push = signals.pusher.stream("urn:ietf:rfc:8935")
+    assert push["delivery"]["endpoint_url"] == f"{signals.url}/ssf/events"
+    assert push["delivery"]["authorization_header"] == f"Bearer {PUSH_TOKEN}"
+    assert CAEP + "session-revoked" in push["events_requested"]
+    assert signals.poller.stream("urn:ietf:rfc:8936")
+    for name in ("idp", "mdm"):
+        assert streams(signals)[name]["verified_at"] is not None
+
+
+def test_a_transmitter_that_cannot_be_reached_is_an_error_in_the_status_not_a_crash(signals):
+    wait_until(lambda: streams(signals).get("down", {}).get("status") == "error")
+    assert "stream not configured" in streams(signals)["down"]["detail"]
+    ready = signals.http.get(f"{signals.url}/readyz")
+    assert ready.status_code == 200
+    assert ready.json()["ssf_streams"]["down"]["status"] == "error"
+    assert "stream not configured" in ready.json()["ssf_streams"]["down"]["detail"]
+    assert ready.json()["ssf_streams"]["idp"]["status"] == "verified"
+
+
+def _toml(value) -> str:
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{json.dumps(k)} = {_toml(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    return json.dumps(value)
+
+
+def test_the_streams_status_command_shows_each_stream(signals, tmp_path, capsys):
+    ssf = signals.signals_table["ssf"]
+    config = tmp_path / "bastion.toml"
+    config.write_text(
+        f"[server]\ndatabase = {json.dumps(signals.app.state.config.database)}\n"
+        f"[oauth]\nissuer = {json.dumps(signals.url)}\n[signals.ssf]\n"
+        f"transmitters = {_toml(ssf['transmitters'])}\n"
+    )
+    wait_until(lambda: streams(signals).get("down", {}).get("status") == "error")
+    code = main(["signals", "streams", "status", "--config", str(config), "--json"])
+    rows = {r["transmitter"]: r for r in map(json.loads, capsys.readouterr().out.splitlines())}
+    assert code == 1  # one stream is in error
+    assert rows["idp"]["status"] == rows["mdm"]["status"] == "verified"
+    assert rows["idp"]["stream_id"] == signals.pusher.stream("urn:ietf:rfc:8935")["stream_id"]
+    assert rows["down"]["status"] == "error"
+    code = main(
+        ["signals", "streams", "configure", "--config", str(config), "--transmitter", "down"]
+    )
+    assert code == 1
+    assert "stream not configured" in capsys.readouterr().err
+
+
+# -- 1. off-boarded mid-session -----------------------------------------------------------------
+
+
+def test_session_revoked_pushed_refuses_the_next_call_and_ends_the_open_stream(signals):
+    token = signals.token("sam", "deskhttp")
+    listen_token = signals.token("sam", "lab")
+    assert "error" not in call(signals, token).json()
+    with signals.http.stream(
+        "POST",
+        signals.mcp_url("lab"),
+        json=modern_request("w-1", "subscriptions/listen", {"notifications": {}}),
+        headers=modern_headers(listen_token, "subscriptions/listen"),
+    ) as stream:
+        assert stream.status_code == 200
+        frames = events(stream)
+        assert next(frames)["method"] == "notifications/subscriptions/acknowledged"
+        event = signals.pusher.set_token(
+            CAEP + "session-revoked",
+            {"event_timestamp": int(time.time())},
+            email("sam@example.com"),
+        )
+        assert signals.pusher.push(event).status_code == 202
+        assert list(frames) == []  # the stream ended
+    refused = call(signals, token)
+    assert refused.status_code == 401
+    assert "invalid_token" in refused.headers["www-authenticate"]
+    record = received(signals, jti_of(event))
+    assert record.subject == "sam"
+    assert record.detail["effects"][0]["effect"] == "revoke"
+    assert record.detail["effects"][0]["result"].startswith("revoked ")
+
+
+def test_an_sdk_client_whose_session_is_revoked_must_sign_in_again(signals):
+    async def script(client, seen):
+        first = await client.call_tool("search_customers", {"query": "a"})
+        assert not first.is_error
+        event = signals.pusher.set_token(CAEP + "session-revoked", {}, email("sam@example.com"))
+        response = await anyio.to_thread.run_sync(signals.pusher.push, event)
+        assert response.status_code == 202
+        seen["signins_before"] = len(seen["redirects"])
+        again = await client.call_tool("search_customers", {"query": "a"})
+        assert not again.is_error
+        seen["signins_after"] = len(seen["redirects"])
+
+    seen = signals.sdk("sam", "deskhttp", "2026-07-28", script)
+    # The SDK's tokens were refused; it could not refresh (the grant is revoked) and sent sam
+    # through sign-in again.
+    assert seen["signins_after"] > seen["signins_before"]
+
+
+def test_session_revoked_by_poll_refuses_the_next_call_and_ends_the_open_stream(signals):
+    token = signals.token("sam", "deskhttp")
+    listen_token = signals.token("sam", "lab")
+    assert "error" not in call(signals, token).json()
+    with signals.http.stream(
+        "POST",
+        signals.mcp_url("lab"),
+        json=modern_request("w-2", "subscriptions/listen", {"notifications": {}}),
+        headers=modern_headers(listen_token, "subscriptions/listen"),
+    ) as stream:
+        assert stream.status_code == 200
+        frames = events(stream)
+        assert next(frames)["method"] == "notifications/subscriptions/acknowledged"
+        jti = signals.poller.queue(
+            signals.poller.set_token(CAEP + "session-revoked", {}, email("sam@example.com"))
+        )
+        assert list(frames) == []  # the stream ended
+    wait_until(lambda: jti in signals.poller.acked)
+    assert call(signals, token).status_code == 401
+    assert received(signals, jti).detail["effects"][0]["effect"] == "revoke"
+
+
+def test_a_bad_set_by_poll_is_reported_in_set_errs_and_changes_nothing(signals):
+    token = signals.token("sam", "deskhttp")
+    other = Transmitter(AUDIENCE)
+    other.url = signals.poller.url  # the right iss, the wrong key
+    jti = signals.poller.queue(
+        other.set_token(CAEP + "session-revoked", {}, email("sam@example.com"))
+    )
+    wait_until(lambda: jti in signals.poller.errors)
+    assert signals.poller.errors[jti]["err"] == "invalid_key"
+    assert jti not in signals.poller.acked
+    assert "error" not in call(signals, token).json()
+
+
+# -- 2. device compliance becomes a fact --------------------------------------------------------
+
+
+def test_device_compliance_change_becomes_a_fact_the_policy_sees(signals):
+    token = signals.token("sam", "deskhttp")
+    assert "error" not in call(signals, token).json()
+    subject = {
+        "format": "complex",
+        "user": email("sam@example.com"),
+        "device": {"format": "opaque", "id": "laptop-7"},
+    }
+    bad = signals.pusher.set_token(
+        CAEP + "device-compliance-change",
+        {"current_status": "not-compliant", "previous_status": "compliant"},
+        subject,
+    )
+    assert signals.pusher.push(bad).status_code == 202
+    fact = parse_fact('device_compliance(User{"sam"}, "not-compliant")')
+    assert [f.fact for f in signals.store.get(("device_compliance", fact[1], None))] == [fact]
+    result = received(signals, jti_of(bad)).detail["effects"][0]["result"]
+    # The policy declares no Device facts: that one is skipped, and the record says why.
+    assert result.startswith("wrote 1 fact(s)") and "skipped" in result and "Device" in result
+    wait_until(lambda: "error" in call(signals, token).json())
+    good = signals.pusher.set_token(
+        CAEP + "device-compliance-change", {"current_status": "compliant"}, subject
+    )
+    assert signals.pusher.push(good).status_code == 202
+    assert [f.fact for f in signals.store.get(("device_compliance", fact[1], None))] == [
+        parse_fact('device_compliance(User{"sam"}, "compliant")')
+    ]
+    wait_until(lambda: "error" not in call(signals, token).json())
+
+
+def test_an_event_the_policy_cannot_hold_is_skipped_and_recorded(signals):
+    event = signals.pusher.set_token(
+        CAEP + "assurance-level-change", {"current_level": "nist-aal1"}, email("sam@example.com")
+    )
+    assert signals.pusher.push(event).status_code == 202
+    assert signals.store.get(("assurance_level", None, None)) == []
+    result = received(signals, jti_of(event)).detail["effects"][0]["result"]
+    assert result.startswith("skipped") and "no use for assurance_level" in result
+
+
+# -- 3. RISC account-disabled -------------------------------------------------------------------
+
+
+def test_risc_account_disabled_disables_the_user_and_refuses_their_tokens(signals):
+    token = signals.token("dana", "deskhttp")
+    event = signals.pusher.set_token(RISC + "account-disabled", {}, email("DANA@example.com"))
+    assert signals.pusher.push(event).status_code == 202
+    disabled = {u[0]: u[2] for u in signals.app.state.oauth.store.users()}
+    assert disabled["dana"] is not None
+    assert disabled["sam"] is None
+    assert call(signals, token).status_code == 401
+    assert received(signals, jti_of(event)).detail["effects"][0]["result"].startswith("disabled")
+
+
+# -- 4. refusals: each refused, and nothing changes ---------------------------------------------
+
+
+def _refusals(t: Transmitter):
+    revoke, sam = CAEP + "session-revoked", email("sam@example.com")
+    stranger = Transmitter(AUDIENCE)
+    stranger.url = t.url
+    unsigned = ".".join(
+        base64.urlsafe_b64encode(json.dumps(part).encode()).rstrip(b"=").decode()
+        for part in (
+            {"alg": "none", "typ": "secevent+jwt"},
+            {"iss": t.url, "aud": AUDIENCE, "iat": int(time.time()), "jti": "n1",
+             "events": {revoke: {}}, "sub_id": sam},
+        )
+    ) + "."  # fmt: skip
+    hs = Transmitter.hs256(
+        {"iss": t.url, "aud": AUDIENCE, "iat": int(time.time()), "jti": "h1",
+         "events": {revoke: {}}, "sub_id": sam}
+    )  # fmt: skip
+    return {
+        "bad signature": (stranger.set_token(revoke, {}, sam), {}, "invalid_key"),
+        "wrong iss": (t.set_token(revoke, {}, sam, iss="https://evil.example"), {}, "invalid_issuer"),
+        "wrong aud": (t.set_token(revoke, {}, sam, aud="https://other.example"), {}, "invalid_audience"),
+        "wrong typ": (t.set_token(revoke, {}, sam, header={"typ": "JWT"}), {}, "invalid_request"),
+        "alg none": (unsigned, {}, "invalid_request"),
+        "alg HS256": (hs, {}, "invalid_request"),
+        "stale iat": (t.set_token(revoke, {}, sam, iat=int(time.time()) - 7200), {}, "invalid_request"),
+        "future iat": (t.set_token(revoke, {}, sam, iat=int(time.time()) + 3600), {}, "invalid_request"),
+        "no bearer": (t.set_token(revoke, {}, sam), {"authorization": ""}, "authentication_failed"),
+        "wrong bearer": (
+            t.set_token(revoke, {}, sam),
+            {"authorization": "Bearer " + "x" * len(PUSH_TOKEN)},
+            "authentication_failed",
+        ),
+        "wrong content type": (
+            t.set_token(revoke, {}, sam), {"content_type": "application/json"}, "invalid_request"
+        ),
+        "oversized body": ("x" * 70_000, {}, "invalid_request"),
+    }  # fmt: skip
+
+
+CASES = [
+    "bad signature", "wrong iss", "wrong aud", "wrong typ", "alg none", "alg HS256", "stale iat",
+    "future iat", "no bearer", "wrong bearer", "wrong content type", "oversized body",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_a_set_that_must_be_refused_is_refused_and_changes_nothing(signals, case):
+    token = signals.token("sam", "deskhttp")
+    before = len(signals.app.state.signals.audit.events("signal.received"))
+    set_token, options, err = _refusals(signals.pusher)[case]
+    response = signals.pusher.push(set_token, **options)
+    assert response.status_code in (400, 401, 413), response.text
+    assert response.json()["err"] == err
+    assert "error" not in call(signals, token).json()
+    assert len(signals.app.state.signals.audit.events("signal.received")) == before
+
+
+def test_a_replayed_jti_is_refused_and_applied_only_once(signals):
+    event = signals.pusher.set_token(CAEP + "session-revoked", {}, email("sam@example.com"))
+    assert signals.pusher.push(event).status_code == 202
+    token = signals.token("sam", "deskhttp")
+    replay = signals.pusher.push(event)
+    assert replay.status_code == 400
+    assert replay.json()["err"] == "invalid_request"
+    assert "error" not in call(signals, token).json()
+
+
+# -- 5. unknown events --------------------------------------------------------------------------
+
+
+def test_an_unknown_event_is_recorded_and_ignored(signals):
+    token = signals.token("sam", "deskhttp")
+    event = signals.pusher.set_token(
+        "https://example.com/event-type/something-new", {"x": 1}, email("sam@example.com")
+    )
+    assert signals.pusher.push(event).status_code == 202
+    record = received(signals, jti_of(event))
+    assert record.detail["effects"][0]["result"] == "unknown event type: recorded and ignored"
+    assert "error" not in call(signals, token).json()
+
+
+def test_an_unmapped_subject_changes_nothing(signals):
+    token = signals.token("sam", "deskhttp")
+    # sam's address at another domain is not in the users table: nothing is guessed.
+    event = signals.pusher.set_token(CAEP + "session-revoked", {}, email("sam@elsewhere.example"))
+    assert signals.pusher.push(event).status_code == 202
+    assert "maps to no user" in received(signals, jti_of(event)).detail["effects"][0]["result"]
+    assert "error" not in call(signals, token).json()
+
+
+def test_a_set_polled_twice_is_acknowledged_twice_and_applied_once(signals):
+    event = signals.poller.set_token(
+        RISC + "credential-compromise", {"credential_type": "password"}, email("nobody@x.example")
+    )
+    jti = signals.poller.queue(event)
+    wait_until(lambda: jti in signals.poller.acked)
+    signals.poller.queue(event)  # the transmitter delivers it again
+    wait_until(lambda: signals.poller.acked.count(jti) == 2)
+    assert received(signals, jti) is not None
+    assert [
+        e
+        for e in signals.app.state.signals.audit.events("signal.received")
+        if e.detail["jti"] == jti
+    ] == [received(signals, jti)]
+
+
+def test_one_transmitters_set_pushed_with_anothers_bearer_is_refused(signals):
+    token = signals.token("sam", "deskhttp")
+    # Signed by the poll transmitter (a valid SET of its own) but pushed on the push stream.
+    event = signals.poller.set_token(CAEP + "session-revoked", {}, email("sam@example.com"))
+    response = signals.pusher.push(event)
+    assert response.status_code == 400
+    # Checked against the keys of the transmitter whose bearer came, never the SET's own iss.
+    assert response.json()["err"] == "invalid_key"
+    assert "error" not in call(signals, token).json()
+
+
+def test_facts_from_a_transmitter_with_a_fact_expiry_expire(signals):
+    jti = signals.poller.queue(
+        signals.poller.set_token(
+            CAEP + "device-compliance-change",
+            {"current_status": "not-compliant"},
+            {"format": "opaque", "id": "avery-0001"},
+        )
+    )
+    wait_until(lambda: jti in signals.poller.acked)
+    (stored,) = signals.store.get(("device_compliance", parse_fact('x(User{"avery"})')[1], None))
+    assert stored.fact[2] == "not-compliant"
+    assert time.time() < stored.expires_at <= time.time() + 3600

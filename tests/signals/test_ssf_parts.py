@@ -1,0 +1,229 @@
+"""The receiver's parts on their own: the [signals.ssf] settings refuse what would weaken
+verification, the JWKS cache refetches on an unknown kid but no more often than allowed, the
+replay store works on SQLite and PostgreSQL, and user-wide revocation revokes every grant."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from joserfc.jwk import ECKey
+
+from bastion.db import Database
+from bastion.oauth.store import Grant, OAuthStore
+from bastion.server.app import create_app
+from bastion.server.config import ConfigError, ServerConfig
+from bastion.signals.set_tokens import SetRefused, TransmitterKeys
+from bastion.signals.settings import SignalsConfigError, SsfSettings
+from bastion.signals.ssf_store import SsfStore
+from bastion.signals.subjects import SubjectError, parse_subject
+
+ENV = {"PUSH": "p" * 32, "BEARER": "b" * 32, "SHORT": "short"}
+
+
+def transmitter(**changes) -> dict:
+    return {
+        "name": "idp",
+        "issuer": "https://idp.example.com/tenant",
+        "audience": "https://bastion.example.com",
+        "delivery": "push",
+        "push_token_env": "PUSH",
+        "bearer_env": "BEARER",
+        **changes,
+    }
+
+
+def settings(table: dict | None = None, **changes) -> SsfSettings:
+    table = {"transmitters": [transmitter(**changes)], **(table or {})}
+    return SsfSettings.from_table(table, issuer="https://bastion.example.com", env=ENV)
+
+
+def test_defaults_and_the_derived_configuration_url():
+    s = settings()
+    t = s.transmitters[0]
+    assert t.configuration_url == "https://idp.example.com/.well-known/ssf-configuration/tenant"
+    assert s.push_url == "https://bastion.example.com/ssf/events"
+    assert "HS256" not in s.algorithms and "none" not in s.algorithms
+    assert t.effect("https://schemas.openid.net/secevent/caep/event-type/session-revoked") == (
+        "revoke"
+    )
+    assert t.effect("https://example.com/unknown") == "record"
+
+
+@pytest.mark.parametrize(
+    "table, changes, message",
+    [
+        ({"algorithms": ["HS256"]}, {}, "public keys only"),
+        ({"algorithms": ["none"]}, {}, "public keys only"),
+        ({}, {"push_token_env": None}, "push_token_env"),
+        ({}, {"push_token_env": "SHORT"}, "16 characters"),
+        ({}, {"push_token_env": "MISSING"}, "16 characters"),
+        ({}, {"issuer": "http://idp.example.com"}, "https"),
+        ({}, {"delivery": "carrier-pigeon"}, "push or poll"),
+        ({}, {"users": {"sam": "sam"}}, "must start with"),
+        ({}, {"effects": {"x": "explode"}}, "use one of"),
+        ({}, {"effects": {"https://example.com/x": "fact"}}, "become facts"),
+        ({"jti_retention_seconds": 10, "max_event_age_seconds": 60}, {}, "at least"),
+        ({"max_body_bytes": 0}, {}, "positive"),
+        ({"surprise": 1}, {}, "unknown key"),
+        ({}, {"surprise": 1}, "unknown key"),
+        ({}, {"fact_expiry_seconds": -5}, "positive"),
+        ({}, {"fact_expiry_seconds": float("inf")}, "positive"),
+    ],
+)
+def test_settings_that_would_weaken_verification_are_refused(table, changes, message):
+    with pytest.raises(SignalsConfigError, match=message):
+        settings(table, **{k: v for k, v in changes.items()})
+
+
+def test_a_signals_table_without_oauth_is_refused_at_start(tmp_path):
+    config = ServerConfig(
+        database=str(tmp_path / "b.db"), signals={"ssf": {"transmitters": [transmitter()]}}
+    )
+    with pytest.raises(ConfigError, match=r"\[oauth\]"):
+        create_app(config)
+
+
+def test_the_signals_table_is_read_from_bastion_toml(tmp_path):
+    path = tmp_path / "bastion.toml"
+    path.write_text(
+        '[signals.ssf]\nmax_body_bytes = 1024\n[[signals.ssf.transmitters]]\nname = "idp"\n'
+    )
+    config = ServerConfig.load(path, env={})
+    assert config.signals["ssf"]["transmitters"][0]["name"] == "idp"
+
+
+def test_subjects_of_every_format():
+    assert parse_subject({"format": "email", "email": "Sam@Example.COM"}).user_key == (
+        "email:sam@example.com"
+    )
+    assert parse_subject({"format": "iss_sub", "iss": "https://i", "sub": "1"}).user_key == (
+        "iss_sub:https://i|1"
+    )
+    assert parse_subject({"format": "opaque", "id": "x"}).user_key == "opaque:x"
+    complex_ = parse_subject(
+        {
+            "format": "complex",
+            "user": {"format": "email", "email": "a@b.c"},
+            "device": {"format": "opaque", "id": "d1"},
+            "session": {"format": "opaque", "id": "s1"},
+        }
+    )
+    assert (complex_.user_key, complex_.device, complex_.session) == ("email:a@b.c", "d1", "s1")
+    for bad in ({"format": "phone_number", "phone_number": "+1"}, {"format": "email"}, "x",
+                {"format": "complex"}, {"format": "opaque", "id": "x" * 600}):  # fmt: skip
+        with pytest.raises(SubjectError):
+            parse_subject(bad)
+
+
+def test_an_unknown_kid_refetches_the_jwks_but_not_more_often_than_allowed():
+    old, new = (ECKey.generate_key("P-256", parameters={"kid": k}) for k in ("old", "new"))
+    published = [old]
+    fetches = []
+    now = [0.0]
+
+    def fetch():
+        fetches.append(now[0])
+        return {"keys": [k.as_dict(private=False) for k in published]}
+
+    keys = TransmitterKeys(fetch, refresh_seconds=60, max_keys=5, clock=lambda: now[0])
+    assert keys.keys_for("old").get_by_kid("old")
+    published.append(new)  # the transmitter rotates
+    now[0] = 61
+    assert keys.keys_for("new").get_by_kid("new")
+    assert len(fetches) == 2
+    with pytest.raises(SetRefused) as refused:
+        keys.keys_for("forged")  # within the refresh interval: no fetch
+    assert refused.value.err == "invalid_key"
+    assert len(fetches) == 2
+
+
+def test_a_jwks_with_too_many_keys_or_secret_keys_is_not_used():
+    many = [ECKey.generate_key("P-256", parameters={"kid": str(i)}) for i in range(3)]
+    keys = TransmitterKeys(
+        lambda: {"keys": [k.as_dict(private=False) for k in many]}, refresh_seconds=1, max_keys=2
+    )
+    with pytest.raises(SetRefused, match="at most 2"):
+        keys.keys_for("0")
+    secret = TransmitterKeys(
+        lambda: {
+            "keys": [{"kty": "oct", "k": "c2VjcmV0", "kid": "s"}, many[0].as_dict(private=False)]
+        },
+        refresh_seconds=1,
+        max_keys=2,
+    )
+    with pytest.raises(SetRefused, match="no key 's'"):
+        secret.keys_for("s")
+
+
+def test_a_jti_is_claimed_once_on_each_database(database_url):
+    db = Database(database_url)
+    try:
+        store = SsfStore(db)
+        assert store.claim("https://idp", "j1", time.time())
+        assert not store.claim("https://idp", "j1", time.time())
+        assert store.claim("https://other", "j1", time.time())  # jtis are per issuer
+        store.release("https://idp", "j1")
+        assert store.claim("https://idp", "j1", time.time())
+        assert store.forget_before(time.time() + 1) == 2
+    finally:
+        db.close()
+
+
+def test_revoking_a_user_revokes_each_of_their_grants_and_announces_each(database_url):
+    db = Database(database_url)
+    try:
+        store = OAuthStore(db)
+        now = time.time()
+        for username in ("sam", "kim"):
+            store.create_user(username, "x", now)
+        heard = []
+        store.on_revoked(heard.append)
+        for i, username in enumerate(("sam", "sam", "kim")):
+            store.create_grant(_grant(f"g{i}", username, now))
+        assert store.revoke_user_grants("sam", now, "test") == 2
+        assert sorted(heard) == ["g0", "g1"]
+        assert store.grant("g2").revoked_at is None
+        assert store.revoke_user_grants("sam", now, "test") == 0
+    finally:
+        db.close()
+
+
+def _grant(grant_id: str, username: str, now: float) -> Grant:
+    return Grant(grant_id, "c", username, "https://r", "s", now, now + 3600, None)
+
+
+def test_a_set_whose_effects_fail_is_released_and_applied_when_delivered_again(tmp_path):
+    from bastion.facts.store import FactStore
+    from bastion.signals.ssf import SsfReceiver
+    from tests.signals.transmitter import CAEP, Transmitter
+
+    idp = Transmitter("https://bastion.example.com")
+    idp.url = "https://idp.example.com/tenant"
+    s = settings(users={"email:sam@example.com": "sam"})
+    db = Database(str(tmp_path / "b.db"))
+    grants_db = Database(str(tmp_path / "b.db"))  # the grants' connection, lost below
+    oauth = OAuthStore(grants_db)
+    oauth.create_user("sam", "x", time.time())
+    oauth.create_grant(_grant("g1", "sam", time.time()))
+    receiver = SsfReceiver(s, db, oauth, FactStore(db), lambda: None)
+    receiver.keys["idp"] = TransmitterKeys(
+        lambda: {"keys": [idp.key.as_dict(private=False)]}, refresh_seconds=60, max_keys=5
+    )
+    event = idp.set_token(
+        CAEP + "session-revoked", {}, {"format": "email", "email": "sam@example.com"}
+    )
+    t = s.transmitters[0]
+    try:
+        grants_db.close()
+        with pytest.raises(Exception) as failed:  # noqa: B017 - a closed connection's error
+            receiver.receive(t, event)
+        assert not isinstance(failed.value, SetRefused)
+        assert receiver.audit.events("signal.received") == []
+        receiver.oauth_store = OAuthStore(db)
+        outcome = receiver.receive(t, event)  # redelivered: applied now, once
+        assert outcome.effects[0]["result"] == "revoked 1 grant(s)"
+        assert receiver.oauth_store.grant("g1").revoked_at is not None
+    finally:
+        receiver._http.close()
+        db.close()
