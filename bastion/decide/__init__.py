@@ -50,6 +50,9 @@ CONTRACT_SHAPES = (
     ("requires_approval", "bbb"),
     ("requires_review", "bbb"),
     ("approval_grant", "bbbb"),
+    # Freshness of live signals (`bastion.signals.store`).
+    ("requires_signal", "bff"),
+    ("signal", "bbfff"),
     # Asked when a call is held or answered (`bastion.approvals.service.Approvals.terms`).
     ("approver", "fbbb"),
     ("approver", "bbbb"),

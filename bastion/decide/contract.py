@@ -11,6 +11,14 @@ for. The policy can attach obligations with these rules (each optional):
 | ``rate_limit(actor, action, resource, max, seconds)`` | at most ``max`` calls per ``seconds`` |
 | ``requires_approval(actor, action, resource)`` | hold for a person's approval before it runs |
 | ``requires_review(actor, action, resource)`` | hold the result for a person before release |
+| ``requires_signal(actor, name, max_age_seconds)`` | refuse unless a fresh signal ``name`` holds |
+
+``requires_signal`` is answered by ``signal(actor, name, value, source, set_at)`` facts (see
+`bastion.signals.store`): a required signal the actor does not have, or one set more than
+``max_age_seconds`` before the decision's time (``context.time``), refuses the request with
+``reason`` "signal_stale", naming the signals in ``stale_signals``. Each required signal is
+checked on its own; a requirement that cannot be checked (a name that is not text, an age that
+is not a whole number of seconds) counts as stale: fail closed.
 
 An ``approval_grant(user, agent, action, resource)`` fact (an approval for N minutes, stored
 with an expiry) satisfies ``requires_approval`` for that user and agent; the rules about who may
@@ -23,8 +31,11 @@ with the policy (`bastion.decide.CONTRACT_SHAPES`), never while serving.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
 
 from bastion.decide import Authorizer
 from bastion.facts.model import Entity
@@ -63,6 +74,8 @@ class ChainDecision:
     # which); None when the policy decided.
     reason: str | None = None
     limit: str | None = None
+    # "signal_stale": the required signals missing or too old.
+    stale_signals: tuple[str, ...] = ()
 
 
 def decide_chain(
@@ -74,6 +87,9 @@ def decide_chain(
     granted_scopes: Iterable[str] | None = None,
 ) -> ChainDecision:
     """Decide ``action`` on ``resource`` for every principal of the chain, with obligations.
+
+    Refused with ``reason`` "signal_stale" when a principal lacks a fresh signal that
+    ``requires_signal`` asks for (measured at ``context["time"]``, else now).
 
     ``granted_scopes`` are the token's scopes; when given, a scope that ``requires_scope``
     demands and the token lacks refuses the request with ``missing_scopes`` set. All of it is
@@ -101,6 +117,17 @@ def _decide_chain(
         for principal in chain:
             if not s.allowed(principal, action, resource):
                 return ChainDecision(False, chain, refused_by=principal, generation=generation)
+        stale = _stale_signals(s, chain, _decision_time(context))
+        if stale:
+            principal, names = stale
+            return ChainDecision(
+                False,
+                chain,
+                refused_by=principal,
+                generation=generation,
+                reason="signal_stale",
+                stale_signals=names,
+            )
         required = tuple(
             sorted(
                 v for v in s.rows("requires_scope", "bbf", action, resource) if isinstance(v, str)
@@ -153,3 +180,28 @@ def _decide_chain(
         ),
         generation=generation,
     )
+
+
+def _decision_time(context: dict | None) -> float:
+    at = context.get("time") if context else None
+    return at.timestamp() if isinstance(at, datetime) else time.time()
+
+
+def _stale_signals(s: Any, chain: tuple[Entity, ...], now: float) -> tuple | None:
+    """The first principal missing a fresh required signal, and the names it misses; None
+    when every required signal is fresh."""
+    for principal in chain:
+        stale = []
+        for name, max_age in sorted(s.rows("requires_signal", "bff", principal), key=repr):
+            if not isinstance(name, str) or type(max_age) is not int or max_age < 0:
+                stale.append(str(name))  # a requirement that cannot be checked is not met
+                continue
+            fresh = any(
+                type(set_at) is int and now - set_at <= max_age
+                for _value, _source, set_at in s.rows("signal", "bbfff", principal, name)
+            )
+            if not fresh:
+                stale.append(name)
+        if stale:
+            return principal, tuple(stale)
+    return None

@@ -39,6 +39,7 @@ from bastion.gateway.ratelimit import LimitsUnavailable, RateLimiter, RedisRateL
 from bastion.policy.errors import EvaluationLimit
 from bastion.policy.runtime import context_value
 from bastion.signals.behavior import COUNTED_METHODS, LocalBehavior, RedisBehavior
+from bastion.signals.posture import RequestPosture
 from bastion.signals.shadow import Shadow
 
 log = logging.getLogger("bastion.gateway")
@@ -54,6 +55,8 @@ class Caller:
     address: str
     protocol_version: str
     grant_id: str = ""  # the grant its token belongs to: revoking it ends the caller's streams
+    # Network zone, device and token age (bastion.signals.posture), merged into the context.
+    posture: RequestPosture | None = None
     # The user and the agent, as the policy sees them (every one must be allowed).
     principals: tuple[Entity, ...] = field(init=False)
 
@@ -156,12 +159,14 @@ class Enforcer:
         self.digest = ArgumentDigest(digest_key or secrets.token_bytes(32))
 
     def context(self, caller: Caller, server: str, method: str, **extra: Any) -> dict[str, Any]:
+        now = self.clock()
         return {
             "server": server,
             "method": method,
             "scopes": sorted(caller.scopes),
             "client": {"ip": caller.address, "id": caller.client_id},
-            "time": datetime.fromtimestamp(self.clock(), UTC),
+            "time": datetime.fromtimestamp(now, UTC),
+            **(caller.posture.context(now) if caller.posture is not None else {}),
             **extra,
         }
 
@@ -502,6 +507,8 @@ class Enforcer:
         }
         if chain.missing_scopes:
             obligations["missing_scopes"] = list(chain.missing_scopes)
+        if chain.stale_signals:
+            obligations["stale_signals"] = list(chain.stale_signals)
         if approval is not None:
             # The request that held it, or whose approval (or released result) it used.
             obligations["approval"] = approval

@@ -39,6 +39,7 @@ from bastion.gateway.transport import InFlight, StreamableHttpEndpoint, send_jso
 from bastion.gateway.upstream import Hear, Upstream, open_upstream
 from bastion.oauth.errors import InvalidToken
 from bastion.oauth.verifier import VerifiedTokens
+from bastion.signals.posture import PostureSettings
 
 log = logging.getLogger("bastion.gateway")
 
@@ -98,8 +99,11 @@ class Gateway:
         facts_stale: Callable[[], bool] = lambda: False,
         max_json_depth: int = untrusted_json.DEFAULT_MAX_DEPTH,
         approvals: Approvals | None = None,
+        posture: PostureSettings | None = None,
     ) -> None:
         self.config = config
+        # [signals.posture]: the network zone, device and token age of each request's context.
+        self.posture = posture or PostureSettings()
         # [server].max_json_depth: how deep a client's JSON-RPC message may nest.
         self.max_json_depth = max_json_depth
         self.tokens = tokens

@@ -15,6 +15,7 @@ from bastion.gateway.gateway import Gateway, route_path
 from bastion.oauth.keys import ARGUMENT_DIGEST_KEY, deployment_secret
 from bastion.oauth.verifier import VerifiedTokens
 from bastion.server.config import ConfigError, ServerConfig
+from bastion.signals.posture import PostureSettings
 
 
 class GatewayFirst:
@@ -74,6 +75,7 @@ def gateway_from_config(
         digest_key=digest_key,
         max_json_depth=config.max_json_depth,
         approvals=approvals,
+        posture=posture_settings(config),
     )
     for name in gateway.upstreams:
         uri = gateway.resource(name)
@@ -84,3 +86,20 @@ def gateway_from_config(
                 + ("" if gateway_config.public_url else " (or set gateway.public_url)")
             )
     return gateway
+
+
+def posture_settings(config: ServerConfig) -> PostureSettings:
+    """The [signals.posture] table (docs/signals.md)."""
+    try:
+        posture = PostureSettings.from_mapping(config.signals.get("posture"))
+    except (TypeError, ValueError) as e:
+        raise ConfigError(str(e)) from None
+    if posture.uses_proxy_headers and config.proxy_headers:
+        # uvicorn then replaces the connection's address with the forwarded one, so the
+        # proxy that sent the headers could not be told from the client it speaks for.
+        raise ConfigError(
+            "[signals.posture].device_header and posture_header need [server].proxy_headers ="
+            " false: bastion must see the proxy's own address to trust its headers"
+            " (docs/signals.md)"
+        )
+    return posture

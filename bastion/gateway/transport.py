@@ -209,6 +209,7 @@ class StreamableHttpEndpoint:
             address=client[0] or "",
             protocol_version=headers.get("mcp-protocol-version", ""),
             grant_id=verified.grant_id,
+            posture=gateway.posture.read(client[0] or "", headers, verified.claims),
         )
 
     # -- POST --------------------------------------------------------------------------------------

@@ -287,6 +287,16 @@ def _signals(config: ServerConfig, db: Database, store: FactStore, oauth, replic
     return SsfReceiver(settings, db, oauth.store, store, lambda: replica.authz)
 
 
+def _signal_settings(config: ServerConfig):
+    """The signals API's limits ([signals.api], docs/signals.md)."""
+    from bastion.signals.store import SignalSettings
+
+    try:
+        return SignalSettings.from_mapping(config.signals.get("api"))
+    except (TypeError, ValueError) as e:
+        raise ConfigError(str(e)) from None
+
+
 def create_app(config: ServerConfig) -> Starlette:
     """The whole server for one configuration. State is opened by the lifespan."""
     # Writes and key checks use this connection; the replica reads the log on its own.
@@ -306,6 +316,7 @@ def create_app(config: ServerConfig) -> Starlette:
     )
     metrics.observe_staleness(lambda: replica.staleness)
 
+    signal_settings = _signal_settings(config)
     oauth = _oauth_server(config, db)
     approvals = _approvals(config, oauth, replica)
     gateway = _gateway(config, oauth, replica, approvals)
@@ -398,4 +409,5 @@ def create_app(config: ServerConfig) -> Starlette:
     app.state.gateway = gateway
     app.state.approvals = approvals
     app.state.signals = signals
+    app.state.signal_settings = signal_settings
     return app

@@ -85,8 +85,10 @@ class ServerConfig:
     gateway: dict[str, Any] = field(default_factory=dict)
     # The [approvals] table, read by bastion.approvals.settings (docs/approvals.md).
     approvals: dict[str, Any] = field(default_factory=dict)
-    # The [signals] table, one sub-table per part (docs/signals.md): [signals.ssf] is read by
-    # bastion.signals.settings, [signals.behavior] by bastion.signals.behavior.
+    # The [signals] table, one sub-table per part (docs/signals.md): [signals.ssf] (read by
+    # bastion.signals.settings), [signals.api] (bastion.signals.store.SignalSettings),
+    # [signals.posture] (bastion.signals.posture.PostureSettings) and [signals.behavior]
+    # (bastion.signals.behavior.BehaviorSettings).
     signals: dict[str, Any] = field(default_factory=dict)
 
     @classmethod

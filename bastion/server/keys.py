@@ -24,6 +24,9 @@ SCOPES = (
     # Answer held calls and results (/v1/approvals): for a chat bot or console that has
     # authenticated the person it answers for; never for an agent.
     "approvals",
+    # Set, clear and list signals about users, devices, agents and sessions (/v1/signals): for
+    # an MDM, a SIEM or a script that reports on them.
+    "signals",
     "admin",
 )
 KEY_PREFIX = "bst_"

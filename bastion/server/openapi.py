@@ -14,11 +14,13 @@ from typing import Any
 
 from bastion.approvals.store import KINDS, STATUSES
 from bastion.server.api import approvals as approvals_api
+from bastion.server.api import signals as signals_api
 from bastion.server.api.decisions import MAX_BATCH
 from bastion.server.api.decisions import MAX_PAGE as MAX_LIST_PAGE
 from bastion.server.api.facts import MAX_PAGE as MAX_FACTS_PAGE
 from bastion.server.keys import MAX_KEY_SECONDS, SCOPES
 from bastion.server.problems import ENTITY_SHORT_FORM
+from bastion.signals import store as signals
 from bastion.untrusted_json import MAX_INTEGER, MIN_INTEGER
 
 
@@ -236,6 +238,28 @@ SCHEMAS: dict[str, Any] = {
         withheld_fields={"type": "array", "items": _STR},
         answers={"type": "array", "items": _ref("ApprovalAnswer")},
     ),
+    "SignalSubject": {
+        "type": "object",
+        "required": ["type", "id"],
+        "properties": {
+            "type": {"enum": list(signals.SUBJECT_TYPES)},
+            "id": {**_STR, "minLength": 1, "maxLength": signals.MAX_SUBJECT_ID},
+        },
+        "additionalProperties": False,
+    },
+    "SignalValue": {
+        "anyOf": [_BOOL, _INT, {**_STR, "maxLength": signals.MAX_TEXT_VALUE}],
+        "description": "a boolean, an integer or a string",
+    },
+    "Signal": _response(
+        ["subject", "name", "value", "source", "set_at", "expires_at"],
+        subject=_ref("SignalSubject"),
+        name=_STR,
+        value=_ref("SignalValue"),
+        source=_STR,
+        set_at={**_INT, "description": "epoch seconds: when it was set (its freshness)"},
+        expires_at={**_NUM, "description": "epoch seconds: it stops counting then"},
+    ),
     "Problem": _response(
         ["type", "title", "status", "detail"],
         type=_STR,
@@ -341,6 +365,12 @@ _TO_DECISION = {
 _LIMIT = {"minimum": 1}
 _FIRST_APPROVAL = "$response.body#/approvals/0/id"
 _NON_EMPTY = {"type": "array", "minItems": 1}
+_SIGNAL_NAME = {
+    **_STR,
+    "minLength": 1,
+    "maxLength": signals.MAX_NAME,
+    "pattern": signals.NAME_PATTERN,
+}
 
 PATHS: dict[str, Any] = {
     "/v1/authorize": {
@@ -808,6 +838,62 @@ PATHS: dict[str, Any] = {
         )
         | {"operationId": "denyRequest"}
     },
+    "/v1/signals": {
+        "get": _op(
+            "Live signals, of one subject and one name when asked",
+            signals_api.SCOPE,
+            _response(["signals"], signals={"type": "array", "items": _ref("Signal")}),
+            params=[
+                _query(
+                    "subject",
+                    {
+                        **_STR,
+                        "pattern": f"^({'|'.join(signals.SUBJECT_TYPES)}):[\\s\\S]"
+                        f"{{1,{signals.MAX_SUBJECT_ID}}}$",
+                    },
+                    "only this subject's signals, as Type:id (User:sam, Device:d1)",
+                ),
+                _query("name", _SIGNAL_NAME, "only signals of this name"),
+                _query(
+                    "limit",
+                    {**_INT, **_LIMIT, "maximum": signals_api.MAX_PAGE},
+                    f"at most this many, 1..{signals_api.MAX_PAGE} (default"
+                    f" {signals_api.DEFAULT_PAGE})",
+                ),
+            ],
+        ),
+        "post": _op(
+            "Set a signal about a user, device, agent or session, in place of its earlier value"
+            " of that name; stored as an expiring signal fact (422: the policy in force cannot"
+            " hold it, or ttl_seconds is above [signals.api].max_ttl_seconds)",
+            signals_api.SCOPE,
+            _response(["sequence", "signal"], sequence=_INT, signal=_ref("Signal")),
+            body=_request(
+                ["subject", "name", "value", "source"],
+                subject=_ref("SignalSubject"),
+                name=_SIGNAL_NAME,
+                value=_ref("SignalValue"),
+                source={**_SIGNAL_NAME, "maxLength": signals.MAX_SOURCE},
+                ttl_seconds=_nullable(
+                    {
+                        **_INT,
+                        "minimum": 1,
+                        "description": "seconds it lives (default [signals.api]."
+                        "default_ttl_seconds; at most max_ttl_seconds)",
+                    }
+                ),
+            ),
+            problems=(422,),
+        ),
+    },
+    "/v1/signals/clear": {
+        "post": _op(
+            "Clear a subject's signal of this name, or all its signals without a name",
+            signals_api.SCOPE,
+            _response(["sequence", "cleared"], sequence=_INT, cleared=_INT),
+            body=_request(["subject"], subject=_ref("SignalSubject"), name=_nullable(_SIGNAL_NAME)),
+        )
+    },
     "/v1/openapi.json": {"get": _op("This document", None, {"type": "object"})},
     "/healthz": {
         "get": _op("The process is alive", None, _response(["status"], status={"const": "ok"}))
@@ -874,7 +960,8 @@ def openapi_document() -> dict:
         "info": {
             "title": "bastion decision service",
             "version": "1",
-            "description": "Policy decisions, facts, policy versions, API keys and approvals.",
+            "description": "Policy decisions, facts, policy versions, API keys, approvals and"
+            " signals.",
         },
         "paths": PATHS,
         "components": {

@@ -1,144 +1,197 @@
-"""CLI: ``bastion signals streams status|configure``: the Shared Signals streams of the
-deployment (docs/signals.md).
+"""CLI: ``bastion signals set|clear|list``, on the deployment's database (docs/signals.md), and
+``bastion signals streams ...`` (`bastion.signals.stream_commands`).
 
-``status`` shows, per configured transmitter, the stream recorded in the database: its id, its
-status, when its verification event arrived, and the last error. ``configure`` reads each
-transmitter's metadata, reads or creates bastion's stream and asks for a verification event, as
-the server does at start.
+Like the other admin commands it works on the database directly (``--database``, or the one in
+bastion.toml): the write goes through the change log, so every running replica sees it. A signal
+is checked against the policy in force before it is written, as ``/v1/signals`` does.
 """
 
 from __future__ import annotations
 
 import argparse
+import getpass
 import json
 import os
 import sys
+from collections.abc import Callable
 from datetime import UTC, datetime
+from typing import Any
 
-import anyio
-
-from bastion.db import Database, DatabaseUnavailable
+from bastion.db import DatabaseUnavailable
+from bastion.decide import Authorizer
+from bastion.facts.model import Entity, FactError
+from bastion.facts.store import FactStore
 from bastion.server.config import ConfigError, ServerConfig
 from bastion.signals.shadow_commands import add_shadow_report
+from bastion.signals.store import (
+    SUBJECT_TYPES,
+    SignalError,
+    SignalSettings,
+    check_subject,
+    clear_signal,
+    list_signals,
+    new_signal,
+    set_signal,
+)
+from bastion.signals.stream_commands import register_streams
+
+MAX_LIST = 1000
 
 
-def _when(epoch: float | None) -> str:
-    if epoch is None:
-        return "-"
+class CommandError(Exception):
+    """A refusal or a mistake the person running the command can fix; the message says how."""
+
+
+def _subject(text: str) -> Entity:
+    type_, sep, id_ = text.partition(":")
+    if not sep:
+        raise CommandError(f"a subject is Type:id ({', '.join(SUBJECT_TYPES)}), got {text!r}")
+    try:
+        return check_subject(type_, id_)
+    except SignalError as e:
+        raise CommandError(str(e)) from None
+
+
+def _value(text: str) -> Any:
+    """``true``, ``false`` and integers as such; anything else (or a JSON string) as text."""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return text
+    return value if isinstance(value, (bool, int, str)) else text
+
+
+def _actor() -> str:
+    try:
+        return f"cli:{getpass.getuser()}"
+    except Exception:  # no user name in this environment (a container without one)
+        return "cli"
+
+
+def _when(epoch: float) -> str:
     return datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def _receiver(args: argparse.Namespace):
-    from bastion.facts.store import FactStore
-    from bastion.oauth.store import OAuthStore
-    from bastion.signals.settings import SignalsConfigError, SsfSettings
-    from bastion.signals.ssf import SsfReceiver
-
-    config = ServerConfig.load(args.config)
-    table = (config.signals or {}).get("ssf")
-    if not table:
-        raise ConfigError("bastion.toml has no [signals.ssf] table: no transmitters to show")
-    try:
-        settings = SsfSettings.from_table(table, issuer=str(config.oauth.get("issuer", "")))
-    except SignalsConfigError as e:
-        raise ConfigError(str(e)) from None
-    db = Database(args.database or os.environ.get("BASTION_DATABASE") or config.database)
-    return SsfReceiver(settings, db, OAuthStore(db), FactStore(db), lambda: None)
-
-
-def cmd_status(args: argparse.Namespace) -> int:
-    receiver = _receiver(args)
-    try:
-        recorded = {s.transmitter: s for s in receiver.store.streams()}
-        rows = []
-        for t in receiver.settings.transmitters:
-            s = recorded.get(t.name)
-            rows.append(
-                {
-                    "transmitter": t.name,
-                    "issuer": t.issuer,
-                    "delivery": t.delivery,
-                    "stream_id": s.stream_id if s else None,
-                    "status": s.status if s else "not configured",
-                    "verified_at": s.verified_at if s else None,
-                    "detail": s.detail if s else "the server has not configured this stream yet",
-                    "updated_at": s.updated_at if s else None,
-                }
-            )
-    finally:
-        receiver.store.db.close()
-    if args.json:
-        for row in rows:
-            print(json.dumps(row))
-    else:
-        for r in rows:
-            print(
-                f"{r['transmitter']}  {r['delivery']}  {r['status']}  stream={r['stream_id'] or '-'}"
-                f"  verified={_when(r['verified_at'])}  updated={_when(r['updated_at'])}"
-                f"\n    {r['issuer']}\n    {r['detail']}"
-            )
-    return 0 if all(r["status"] not in ("error", "not configured") for r in rows) else 1
-
-
-def cmd_configure(args: argparse.Namespace) -> int:
-    receiver = _receiver(args)
-    failed = 0
-
-    async def run() -> None:
-        nonlocal failed
-        import httpx
-
-        receiver._client = httpx.AsyncClient(timeout=10, follow_redirects=False)
-        try:
-            for t in receiver.settings.transmitters:
-                if args.transmitter and t.name != args.transmitter:
-                    continue
-                try:
-                    stream = await receiver.configure(t)
-                    print(f"{t.name}: stream {stream['stream_id']} configured; verification asked")
-                except Exception as e:  # noqa: BLE001 - each failure is reported, then the next
-                    failed += 1
-                    message = f"stream not configured: {e}"[:500]
-                    receiver.store.save_stream(t.name, "error", message)
-                    print(f"{t.name}: {message}", file=sys.stderr)
-        finally:
-            await receiver._client.aclose()
-
-    try:
-        anyio.run(run)
-    finally:
-        receiver.store.db.close()
-    return 1 if failed else 0
-
-
-def _guarded(func):
+def _opened(work: Callable[[FactStore, ServerConfig, argparse.Namespace], int]) -> Callable:
     def run(args: argparse.Namespace) -> int:
         try:
-            return func(args)
-        except (ConfigError, DatabaseUnavailable) as e:
-            print(f"error: {e}", file=sys.stderr)
+            config = ServerConfig.load(args.config)
+            database = args.database or os.environ.get("BASTION_DATABASE") or config.database
+            store = FactStore.open(database, role="bastion-cli")
+        except (ConfigError, DatabaseUnavailable, OSError) as e:
+            print(f"bastion: {e}", file=sys.stderr)
             return 2
+        try:
+            return work(store, config, args)
+        except (CommandError, DatabaseUnavailable) as e:
+            print(f"bastion: {e}", file=sys.stderr)
+            return 2
+        finally:
+            store.close()
 
     return run
 
 
+def cmd_set(store: FactStore, config: ServerConfig, args: argparse.Namespace) -> int:
+    try:
+        settings = SignalSettings.from_mapping(config.signals.get("api"))
+        signal = new_signal(
+            _subject(args.subject), args.name, _value(args.value), args.source, args.ttl, settings
+        )
+    except (SignalError, TypeError) as e:
+        raise CommandError(str(e)) from None
+    policy = store.policy()
+    authz = Authorizer("", limits=config.policy_limits())
+    if policy is not None:
+        authz.load_policy(policy.text, source=policy.source or "policy.polar")
+    try:
+        result = set_signal(store, signal, actor=_actor(), validate=authz.facts.validate)
+    except FactError as e:
+        raise CommandError(
+            f"the policy in force cannot hold this signal: {e}; declare the signal facts it"
+            " reads, e.g. declare signal(User, String, Boolean, String, Integer);"
+        ) from None
+    print(
+        f"set {signal.subject!r} {signal.name} = {json.dumps(signal.value)} (source"
+        f" {signal.source}) until {_when(signal.expires_at)}; sequence {result.seq}"
+    )
+    return 0
+
+
+def cmd_clear(store: FactStore, config: ServerConfig, args: argparse.Namespace) -> int:
+    subject = _subject(args.subject)
+    result = clear_signal(store, subject, args.name, actor=_actor())
+    print(f"cleared {result.deleted} signal(s) of {subject!r}; sequence {result.seq}")
+    return 0
+
+
+def cmd_list(store: FactStore, config: ServerConfig, args: argparse.Namespace) -> int:
+    subject = _subject(args.subject) if args.subject else None
+    for signal in list_signals(store, subject, args.name, limit=args.limit):
+        if args.json:
+            print(json.dumps(signal.to_json()))
+        else:
+            print(
+                f"{signal.subject!r} {signal.name} = {json.dumps(signal.value)}"
+                f"  source {signal.source}  set {_when(signal.set_at)}"
+                f"  expires {_when(signal.expires_at)}"
+            )
+    return 0
+
+
+def _positive(most: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"a whole number, got {text!r}") from None
+        if not 1 <= value <= most:
+            raise argparse.ArgumentTypeError(f"from 1 to {most}, got {value}")
+        return value
+
+    return parse
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--database", help="SQLite path or postgresql:// URL (or BASTION_DATABASE, or bastion.toml)"
+    )
+    parser.add_argument("--config", help="bastion.toml ([signals.api] bounds the TTL)")
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     signals = sub.add_parser(
-        "signals", help="live signals: Shared Signals (SSF) streams, shadow-rule report"
+        "signals",
+        help="signals about users, devices, agents, sessions; Shared Signals streams;"
+        " the shadow-rule report",
     )
     commands = signals.add_subparsers(dest="signals_command", required=True)
+    register_streams(commands)
     add_shadow_report(commands)
-    streams = commands.add_parser("streams", help="the streams with SSF transmitters")
-    actions = streams.add_subparsers(dest="streams_command", required=True)
-    for name, func, help_text in (
-        ("status", cmd_status, "each transmitter's stream: id, status, verification, last error"),
-        ("configure", cmd_configure, "read or create each stream and ask for verification"),
-    ):
-        p = actions.add_parser(name, help=help_text)
-        p.add_argument("--config", help="bastion.toml (default: ./bastion.toml or BASTION_CONFIG)")
-        p.add_argument("--database", help="the database (default: the one in bastion.toml)")
-        if name == "status":
-            p.add_argument("--json", action="store_true", help="one JSON object per transmitter")
-        else:
-            p.add_argument("--transmitter", help="only this transmitter (its name)")
-        p.set_defaults(func=_guarded(func))
+
+    p = commands.add_parser("set", help="set a signal (replaces the subject's earlier value)")
+    p.add_argument("subject", help=f"Type:id, one of {', '.join(SUBJECT_TYPES)} (User:sam)")
+    p.add_argument("name", help="the signal's name, such as device_compliant")
+    p.add_argument("value", help="true, false, an integer, or text")
+    p.add_argument("--source", required=True, help="who says so, such as mdm")
+    p.add_argument(
+        "--ttl",
+        type=_positive(2**31),
+        help="seconds it lives (default [signals.api].default_ttl_seconds)",
+    )
+    _common(p)
+    p.set_defaults(func=_opened(cmd_set))
+
+    p = commands.add_parser("clear", help="clear a subject's signal, or all of its signals")
+    p.add_argument("subject", help="Type:id (User:sam)")
+    p.add_argument("name", nargs="?", help="the signal to clear (default: every one)")
+    _common(p)
+    p.set_defaults(func=_opened(cmd_clear))
+
+    p = commands.add_parser("list", help="live signals")
+    p.add_argument("--subject", help="only this subject's (Type:id)")
+    p.add_argument("--name", help="only signals of this name")
+    p.add_argument("--limit", type=_positive(MAX_LIST), default=100)
+    p.add_argument("--json", action="store_true", help="one JSON signal per line")
+    _common(p)
+    p.set_defaults(func=_opened(cmd_list))

@@ -1,0 +1,139 @@
+"""CLI: ``bastion signals streams status|configure``: the Shared Signals streams of the
+deployment (docs/signals.md).
+
+``status`` shows, per configured transmitter, the stream recorded in the database: its id, its
+status, when its verification event arrived, and the last error. ``configure`` reads each
+transmitter's metadata, reads or creates bastion's stream and asks for a verification event, as
+the server does at start.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from datetime import UTC, datetime
+
+import anyio
+
+from bastion.db import Database, DatabaseUnavailable
+from bastion.server.config import ConfigError, ServerConfig
+
+
+def _when(epoch: float | None) -> str:
+    if epoch is None:
+        return "-"
+    return datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _receiver(args: argparse.Namespace):
+    from bastion.facts.store import FactStore
+    from bastion.oauth.store import OAuthStore
+    from bastion.signals.settings import SignalsConfigError, SsfSettings
+    from bastion.signals.ssf import SsfReceiver
+
+    config = ServerConfig.load(args.config)
+    table = (config.signals or {}).get("ssf")
+    if not table:
+        raise ConfigError("bastion.toml has no [signals.ssf] table: no transmitters to show")
+    try:
+        settings = SsfSettings.from_table(table, issuer=str(config.oauth.get("issuer", "")))
+    except SignalsConfigError as e:
+        raise ConfigError(str(e)) from None
+    db = Database(args.database or os.environ.get("BASTION_DATABASE") or config.database)
+    return SsfReceiver(settings, db, OAuthStore(db), FactStore(db), lambda: None)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    receiver = _receiver(args)
+    try:
+        recorded = {s.transmitter: s for s in receiver.store.streams()}
+        rows = []
+        for t in receiver.settings.transmitters:
+            s = recorded.get(t.name)
+            rows.append(
+                {
+                    "transmitter": t.name,
+                    "issuer": t.issuer,
+                    "delivery": t.delivery,
+                    "stream_id": s.stream_id if s else None,
+                    "status": s.status if s else "not configured",
+                    "verified_at": s.verified_at if s else None,
+                    "detail": s.detail if s else "the server has not configured this stream yet",
+                    "updated_at": s.updated_at if s else None,
+                }
+            )
+    finally:
+        receiver.store.db.close()
+    if args.json:
+        for row in rows:
+            print(json.dumps(row))
+    else:
+        for r in rows:
+            print(
+                f"{r['transmitter']}  {r['delivery']}  {r['status']}  stream={r['stream_id'] or '-'}"
+                f"  verified={_when(r['verified_at'])}  updated={_when(r['updated_at'])}"
+                f"\n    {r['issuer']}\n    {r['detail']}"
+            )
+    return 0 if all(r["status"] not in ("error", "not configured") for r in rows) else 1
+
+
+def cmd_configure(args: argparse.Namespace) -> int:
+    receiver = _receiver(args)
+    failed = 0
+
+    async def run() -> None:
+        nonlocal failed
+        import httpx
+
+        receiver._client = httpx.AsyncClient(timeout=10, follow_redirects=False)
+        try:
+            for t in receiver.settings.transmitters:
+                if args.transmitter and t.name != args.transmitter:
+                    continue
+                try:
+                    stream = await receiver.configure(t)
+                    print(f"{t.name}: stream {stream['stream_id']} configured; verification asked")
+                except Exception as e:  # noqa: BLE001 - each failure is reported, then the next
+                    failed += 1
+                    message = f"stream not configured: {e}"[:500]
+                    receiver.store.save_stream(t.name, "error", message)
+                    print(f"{t.name}: {message}", file=sys.stderr)
+        finally:
+            await receiver._client.aclose()
+
+    try:
+        anyio.run(run)
+    finally:
+        receiver.store.db.close()
+    return 1 if failed else 0
+
+
+def _guarded(func):
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return func(args)
+        except (ConfigError, DatabaseUnavailable) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+
+    return run
+
+
+def register_streams(commands: argparse._SubParsersAction) -> None:
+    """``streams status|configure`` under ``bastion signals`` (`bastion.signals.commands`)."""
+    streams = commands.add_parser("streams", help="the streams with SSF transmitters")
+    actions = streams.add_subparsers(dest="streams_command", required=True)
+    for name, func, help_text in (
+        ("status", cmd_status, "each transmitter's stream: id, status, verification, last error"),
+        ("configure", cmd_configure, "read or create each stream and ask for verification"),
+    ):
+        p = actions.add_parser(name, help=help_text)
+        p.add_argument("--config", help="bastion.toml (default: ./bastion.toml or BASTION_CONFIG)")
+        p.add_argument("--database", help="the database (default: the one in bastion.toml)")
+        if name == "status":
+            p.add_argument("--json", action="store_true", help="one JSON object per transmitter")
+        else:
+            p.add_argument("--transmitter", help="only this transmitter (its name)")
+        p.set_defaults(func=_guarded(func))
