@@ -62,6 +62,8 @@ CONTRACT_SHAPES = (
     ("approval_window", "bbbf"),
     ("approval_expires", "bbbf"),
     ("self_approval_forbidden", "bbb"),
+    # Shadow rules: what a rule would have done (`bastion.signals.shadow`).
+    ("would", "bbbff"),
 )
 
 

@@ -38,8 +38,10 @@ from bastion.gateway.jsonrpc import (
 from bastion.gateway.ratelimit import LimitsUnavailable, RateLimiter, RedisRateLimiter
 from bastion.policy.errors import EvaluationLimit
 from bastion.policy.runtime import context_value
+from bastion.signals.behavior import COUNTED_METHODS, LocalBehavior, RedisBehavior
 from bastion.signals.posture import RequestPosture
 from bastion.signals.read_only import read_only_holds, refuses_write
+from bastion.signals.shadow import Shadow
 from bastion.signals.step_up import ERROR as SIGN_IN_AGAIN
 from bastion.signals.step_up import needs_sign_in
 from bastion.signals.suspensions import Suspensions
@@ -148,10 +150,14 @@ class Enforcer:
         facts_stale: Callable[[], bool] = lambda: False,
         approvals: Approvals | None = None,
         suspensions: Suspensions | None = None,
+        behavior: LocalBehavior | RedisBehavior | None = None,
     ) -> None:
         self.authorizer = authorizer
         # The kill switch (`bastion.signals.suspensions`): a suspended caller is refused first.
         self.suspensions = suspensions
+        # Behaviour counters (context.behavior) and shadow rules (signals/).
+        self.behavior = behavior or LocalBehavior()
+        self.shadow = Shadow()
         # Holds for people; None: a call that needs one is refused (fail closed).
         self.approvals = approvals
         self.records = records
@@ -235,6 +241,8 @@ class Enforcer:
             self._refuse_suspended(
                 decision_id, caller, server, method, resource, context, arguments, suspended
             )
+        if method in COUNTED_METHODS:
+            context = await self._behavior_context(caller, resource, context)
         authz = self.authorizer()
         chain = decide_chain(
             authz, caller.principals, action, resource, context, granted_scopes=caller.scopes
@@ -606,11 +614,41 @@ class Enforcer:
             "reason": reason,
             "latency_us": int((time.perf_counter() - started) * 1e6),
         }
+        self._signals(authz, chain, action, resource, context, record)
         if result != "allow":
             self.write(record)
         elif rules is None:
             record["_explain"] = (authz, question, context)
         return record
+
+    # -- behaviour and shadow rules (bastion.signals) ------------------------------------------
+
+    async def _behavior_context(
+        self, caller: Caller, resource: Entity, context: dict[str, Any]
+    ) -> dict[str, Any]:
+        view = self.behavior.view(caller.subject, caller.client_id, repr(resource))
+        await self.behavior.prepare(view)
+        return {**context, "behavior": view}
+
+    def _signals(
+        self,
+        authz: Authorizer,
+        chain: ChainDecision,
+        action: str,
+        resource: Entity,
+        context: dict[str, Any],
+        record: dict[str, Any],
+    ) -> None:
+        """Count the decided message; record what shadow rules would have done."""
+        # Shadow rules first: they see the figures the decision saw, without this message.
+        if chain.reason is None:
+            self.shadow.evaluate(authz, chain.principals, action, resource, context, record)
+        if record["method"] in COUNTED_METHODS:
+            self.behavior.observe_decision(record, context)
+
+    def returned(self, caller: Caller, target: str, result: Any) -> None:
+        """Count the bytes of a result returned to ``caller``."""
+        self.behavior.returned_result(caller.subject, caller.client_id, target, result)
 
     def write(self, record: dict[str, Any], **more: Any) -> None:
         """Buffer a decision record (an allowed one once its obligations are known)."""

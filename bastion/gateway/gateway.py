@@ -367,6 +367,8 @@ class Gateway:
         self.tokens.close()
         with contextlib.suppress(Exception):
             await self.limiter.close()
+        with contextlib.suppress(Exception):
+            await self.enforcer.behavior.close()
 
     # -- ASGI: the paths the gateway serves -----------------------------------------------------
 

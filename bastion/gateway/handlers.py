@@ -493,6 +493,7 @@ async def _released(ex: Exchange, verdict: Verdict, uri: str | None) -> dict[str
 
 def _masked(ex: Exchange, verdict: Verdict, result: dict[str, Any], uri: str | None):
     result, masked = mask_result(result, ex.masks, uri)
+    ex.gateway.enforcer.returned(ex.caller, verdict.record["target"], result)
     obligations = dict(verdict.record["obligations"])
     obligations["masked_fields"] = masked
     ex.gateway.enforcer.write(verdict.record, obligations=obligations)

@@ -239,6 +239,15 @@ def _gateway(config: ServerConfig, oauth, replica: Replica, approvals):
     )
 
 
+def _behavior(config: ServerConfig, gateway):
+    """The gateway's behaviour counters ([signals.behavior]; shared through gateway.redis_url)."""
+    from bastion.signals.behavior import behavior_from_config
+
+    return behavior_from_config(
+        config.signals.get("behavior", {}), gateway.config.redis_url, gateway.config.redis_prefix
+    )
+
+
 def _approvals(config: ServerConfig, oauth, replica: Replica):
     """Holds for people (docs/approvals.md): with a gateway, whose calls they hold."""
     if not config.gateway or oauth is None:
@@ -319,6 +328,9 @@ def create_app(config: ServerConfig) -> Starlette:
     signals = _signals(config, db, store, oauth, replica)
     if gateway is not None and gateway.records is not None:
         metrics.observe_records_dropped(lambda: gateway.records.dropped)
+    if gateway is not None:
+        gateway.enforcer.shadow.on_fire = metrics.shadow_fired
+        gateway.enforcer.behavior = _behavior(config, gateway)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:

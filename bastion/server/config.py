@@ -86,8 +86,9 @@ class ServerConfig:
     # The [approvals] table, read by bastion.approvals.settings (docs/approvals.md).
     approvals: dict[str, Any] = field(default_factory=dict)
     # The [signals] table, one sub-table per part (docs/signals.md): [signals.ssf] (read by
-    # bastion.signals.settings), [signals.api] (bastion.signals.store.SignalSettings) and
-    # [signals.posture] (bastion.signals.posture.PostureSettings).
+    # bastion.signals.settings), [signals.api] (bastion.signals.store.SignalSettings),
+    # [signals.posture] (bastion.signals.posture.PostureSettings) and [signals.behavior]
+    # (bastion.signals.behavior.BehaviorSettings).
     signals: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -160,6 +161,12 @@ class ServerConfig:
             raise ConfigError("audit_retention_days must be a number of days, 0 to keep everything")
         try:
             self.policy_limits()
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        from bastion.signals.behavior import BehaviorSettings
+
+        try:
+            BehaviorSettings.from_table(self.signals.get("behavior", {}))
         except ValueError as e:
             raise ConfigError(str(e)) from None
 

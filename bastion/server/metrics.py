@@ -47,6 +47,12 @@ class Metrics:
             ["kind"],
             registry=self.registry,
         )
+        self.shadow = Counter(
+            "bastion_shadow_would_total",
+            "What shadow (monitor-only) rules would have done, not enforced: by rule and effect.",
+            ["rule", "effect"],
+            registry=self.registry,
+        )
         self._children: dict[tuple[str, str], tuple] = {}
         self._facts = Gauge("bastion_facts", "Facts held in memory.", registry=self.registry)
         self._applied = Gauge(
@@ -79,6 +85,10 @@ class Metrics:
             self._children[(kind, result)] = children
         children[0].inc()
         children[1].observe(seconds)
+
+    def shadow_fired(self, rule: str, effect: str) -> None:
+        """Count one firing of a shadow rule (`bastion.signals.shadow`)."""
+        self.shadow.labels(rule, effect).inc()
 
     def observe_state(
         self, facts: Callable[[], float], applied: Callable[[], float], lag: Callable[[], float]

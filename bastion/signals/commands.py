@@ -22,6 +22,7 @@ from bastion.decide import Authorizer
 from bastion.facts.model import Entity, FactError
 from bastion.facts.store import FactStore
 from bastion.server.config import ConfigError, ServerConfig
+from bastion.signals.shadow_commands import add_shadow_report
 from bastion.signals.store import (
     SUBJECT_TYPES,
     SignalError,
@@ -160,10 +161,13 @@ def _common(parser: argparse.ArgumentParser) -> None:
 
 def register(sub: argparse._SubParsersAction) -> None:
     signals = sub.add_parser(
-        "signals", help="signals about users, devices, agents, sessions; Shared Signals streams"
+        "signals",
+        help="signals about users, devices, agents, sessions; Shared Signals streams;"
+        " the shadow-rule report",
     )
     commands = signals.add_subparsers(dest="signals_command", required=True)
     register_streams(commands)
+    add_shadow_report(commands)
 
     p = commands.add_parser("set", help="set a signal (replaces the subject's earlier value)")
     p.add_argument("subject", help=f"Type:id, one of {', '.join(SUBJECT_TYPES)} (User:sam)")

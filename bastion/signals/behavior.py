@@ -1,0 +1,545 @@
+"""Behaviour counters and baselines: what each user, agent and agent-on-a-target has done lately.
+
+The gateway counts, per user, per agent and per (agent, target), the messages it decided
+(``calls``), those it refused (``refusals``), destructive tool calls it let through
+(``destructive``: tools annotated ``destructiveHint: true``), the bytes of the results it returned
+(``bytes``) and the distinct targets (``targets``: tools, resources and prompts for a user or an
+agent; distinct arguments for an agent on one target). Each is kept over three sliding windows
+(``minute``, ``ten_minutes``, ``hour``), estimated in O(1) from the current and the previous
+fixed window (the previous one weighted by how much of it the sliding window still covers), with
+a baseline per window: the exponentially weighted moving average of the completed windows.
+
+The policy reads them as ``context.behavior.<scope>.<counter>.<window>``, an object with
+``count`` (the sliding figure), ``baseline`` and ``ratio`` (count / max(baseline, 1)); e.g.
+``context.behavior.agent.destructive.minute.count > 10``. They are computed only when a rule
+reads them.
+
+`LocalBehavior` keeps them in this process (the default). `RedisBehavior` shares them through
+Redis (``gateway.redis_url``): one pipelined round trip reads a call's figures before it is
+decided, and what the call did is written after it, off the call path. When Redis cannot be read,
+a decision whose rules read ``context.behavior`` is refused with reason ``behavior_unavailable``
+(fail closed); decisions whose rules do not read it go on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from bastion.policy.errors import EvaluationLimit
+
+log = logging.getLogger("bastion.signals.behavior")
+
+SCOPES = ("user", "agent", "tool")
+COUNTERS = ("calls", "refusals", "destructive", "bytes", "targets")
+WINDOWS = (("minute", 60.0), ("ten_minutes", 600.0), ("hour", 3600.0))
+# The messages counted: those that act on a target (not connect, lists or subscriptions).
+COUNTED_METHODS = frozenset({"tools/call", "resources/read", "prompts/get"})
+
+_CALLS, _REFUSALS, _DESTRUCTIVE, _BYTES, _TARGETS = range(5)
+_N = len(COUNTERS)
+
+
+@dataclass(frozen=True, slots=True)
+class BehaviorSettings:
+    """``[signals.behavior]``: how the counters learn and how much they may hold."""
+
+    # The weight of the latest completed window in the baseline (0 < w <= 1).
+    baseline_weight: float = 0.2
+    # Keys (users, agents, agent-on-target pairs) kept per process; the oldest go first.
+    max_keys: int = 100_000
+    # Distinct targets remembered per key and window; beyond, every call counts as new.
+    max_targets: int = 1_000
+
+    @classmethod
+    def from_table(cls, table: dict[str, Any]) -> BehaviorSettings:
+        if not isinstance(table, dict):
+            raise ValueError("[signals.behavior] must be a table")
+        unknown = set(table) - {"baseline_weight", "max_keys", "max_targets"}
+        if unknown:
+            raise ValueError(f"signals.behavior: unknown setting(s) {sorted(unknown)}")
+        defaults = cls()
+        weight = table.get("baseline_weight", defaults.baseline_weight)
+        if not isinstance(weight, (int, float)) or isinstance(weight, bool) or not 0 < weight <= 1:
+            raise ValueError("signals.behavior.baseline_weight must be a number in (0, 1]")
+        values = {}
+        for name in ("max_keys", "max_targets"):
+            value = table.get(name, getattr(defaults, name))
+            if type(value) is not int or value < 1:
+                raise ValueError(f"signals.behavior.{name} must be a positive integer")
+            values[name] = value
+        return cls(float(weight), **values)
+
+
+class BehaviorUnavailable(EvaluationLimit):
+    """The shared counters cannot be read: a decision whose rules read them is refused."""
+
+    reason = "behavior_unavailable"
+
+    def __init__(self) -> None:
+        Exception.__init__(self, "the behaviour counters are unavailable (Redis cannot be reached)")
+        self.limit = "behavior_unavailable"
+        self.value = 0
+
+
+def scope_keys(subject: str, agent: str, target: str) -> tuple[str, str, str]:
+    """The counter keys of one message: its user, its agent, its agent on its target."""
+    return (f"user|{subject}", f"agent|{agent}", f"tool|{agent}|{target}")
+
+
+class _Window:
+    """One key's counters over one window length: fixed windows, rolled lazily."""
+
+    __slots__ = ("index", "end", "current", "previous", "baseline", "learned", "seen")
+
+    def __init__(self, index: int, seconds: float) -> None:
+        self.index = index
+        self.end = (index + 1) * seconds
+        self.current = [0] * _N
+        self.previous = [0] * _N
+        self.baseline = [0.0] * _N
+        self.learned = False
+        self.seen: set[str] = set()
+
+    def roll(self, now: float, seconds: float, weight: float) -> None:
+        index = int(now // seconds)
+        gap = index - self.index
+        self.end = (index + 1) * seconds
+        if gap <= 0:
+            return
+        self.baseline = fold(self.baseline, self.current, gap, weight, self.learned)
+        self.learned = True
+        self.previous = self.current if gap == 1 else [0] * _N
+        self.current = [0] * _N
+        self.seen = set()
+        self.index = index
+
+
+def fold(
+    baseline: list[float], completed: list[int], gap: int, weight: float, learned: bool
+) -> list[float]:
+    """The baseline after ``gap`` windows completed: the first with ``completed``, the others
+    empty (an idle key's baseline decays toward zero)."""
+    if learned:
+        out = [weight * c + (1 - weight) * b for b, c in zip(baseline, completed, strict=True)]
+    else:
+        out = [float(c) for c in completed]
+    if gap > 1:
+        decay = (1 - weight) ** min(gap - 1, 1000)
+        out = [b * decay for b in out]
+    return out
+
+
+class _Lazy(dict):
+    """A dict that makes each entry when it is first read (`get`, as the policy's field lookup
+    reads): only the figures a rule reads are computed, and kept in the decision record."""
+
+    __slots__ = ("_make",)
+
+    def __init__(self, make: Callable[[str], Any]) -> None:
+        super().__init__()
+        self._make = make
+
+    def get(self, name: Any, default: Any = None) -> Any:
+        if dict.__contains__(self, name):
+            return dict.__getitem__(self, name)
+        value = self._make(name)
+        if value is None:
+            return default
+        dict.__setitem__(self, name, value)
+        return value
+
+    def __getitem__(self, name: Any) -> Any:
+        value = self.get(name)
+        if value is None:
+            raise KeyError(name)
+        return value
+
+
+_COUNTER_INDEX = {name: i for i, name in enumerate(COUNTERS)}
+_WINDOW_INDEX = {name: i for i, (name, _) in enumerate(WINDOWS)}
+# (key, now, counter index, window index) -> {"count", "baseline", "ratio"}
+Source = Callable[[str, float, int, int], dict]
+
+
+class BehaviorView(_Lazy):
+    """``context.behavior``: scope -> counter -> window -> figures, each made when first read.
+    Without a source (the shared counters could not be read), reading a scope raises
+    `BehaviorUnavailable`: the decision that needs it is refused."""
+
+    __slots__ = ("_source", "_keys", "_now")
+
+    def __init__(self, source: Source | None, keys: tuple[str, str, str], now: float):
+        super().__init__(self._scope)
+        self._source = source
+        self._keys = keys
+        self._now = now
+
+    @property
+    def counter_keys(self) -> tuple[str, str, str]:
+        return self._keys
+
+    def _scope(self, scope: Any) -> _Lazy | None:
+        try:
+            key = self._keys[("user", "agent", "tool").index(scope)]
+        except ValueError:
+            return None
+        if self._source is None:
+            raise BehaviorUnavailable()
+        source, now = self._source, self._now
+
+        def counter(name: Any) -> _Lazy | None:
+            c = _COUNTER_INDEX.get(name)
+            if c is None:
+                return None
+
+            def window(name: Any) -> dict | None:
+                w = _WINDOW_INDEX.get(name)
+                return None if w is None else source(key, now, c, w)
+
+            return _Lazy(window)
+
+        return _Lazy(counter)
+
+
+def figure(current: int, previous: int, baseline: float, covered: float) -> dict[str, Any]:
+    """One counter over one window: the sliding count (the current fixed window plus the part
+    of the previous one it still covers, ``covered`` 0..1), the baseline, and their ratio."""
+    count = math.ceil(current + previous * covered - 1e-9)
+    base = round(baseline, 3)
+    return {"count": count, "baseline": base, "ratio": round(count / max(base, 1.0), 3)}
+
+
+_size = json.JSONEncoder(separators=(",", ":"), default=str).encode
+
+
+class _Counting:
+    """What both kinds of counters do with a decided message and a returned result."""
+
+    def observe(
+        self, keys: tuple[str, ...], refused: bool, destructive: bool, target: str, detail: str
+    ) -> None:
+        raise NotImplementedError
+
+    def returned(self, keys: tuple[str, ...], size: int) -> None:
+        raise NotImplementedError
+
+    def observe_decision(self, record: dict[str, Any], context: dict[str, Any]) -> None:
+        """Count a decision (its record, and the context it was decided in)."""
+        view = context.get("behavior")
+        if not isinstance(view, BehaviorView):
+            return
+        annotations = context.get("annotations")
+        allowed = record["result"] == "allow"
+        destructive = (
+            allowed and isinstance(annotations, dict) and annotations.get("destructiveHint") is True
+        )
+        self.observe(
+            view.counter_keys,
+            not allowed,
+            destructive,
+            record["target"],
+            record["arguments_digest"],
+        )
+
+    def returned_result(self, subject: str, agent: str, target: str, result: Any) -> None:
+        """Count the bytes of a result as sent (compact JSON)."""
+        self.returned(scope_keys(subject, agent, target), len(_size(result).encode()))
+
+
+class LocalBehavior(_Counting):
+    """The counters of this process (the default)."""
+
+    def __init__(
+        self,
+        settings: BehaviorSettings | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.settings = settings or BehaviorSettings()
+        self.clock = clock
+        self._keys: dict[str, list[_Window]] = {}
+
+    # -- reading ------------------------------------------------------------------------------
+
+    def view(self, subject: str, agent: str, target: str) -> BehaviorView:
+        return BehaviorView(self.figure, scope_keys(subject, agent, target), self.clock())
+
+    async def prepare(self, view: Any) -> None:
+        """Nothing to fetch: the figures are in this process."""
+
+    def figure(self, key: str, now: float, c: int, w: int) -> dict[str, Any]:
+        """Counter ``c`` of ``key`` over window ``w`` at ``now`` (read as rolled, not rolled)."""
+        windows = self._keys.get(key)
+        if windows is None:
+            return figure(0, 0, 0.0, 0.0)
+        window, seconds = windows[w], WINDOWS[w][1]
+        index = int(now // seconds)
+        cur, prev, base = window.current[c], window.previous[c], window.baseline[c]
+        if index > window.index:
+            gap = index - window.index
+            base = fold([base], [cur], gap, self.settings.baseline_weight, window.learned)[0]
+            prev, cur = (cur if gap == 1 else 0), 0
+        return figure(cur, prev, base, 1 - (now - index * seconds) / seconds)
+
+    def figures(self, key: str, now: float) -> dict[str, dict[str, dict[str, Any]]]:
+        """Every figure of ``key``: {counter: {window: figure}} (for tests and tools)."""
+        return {
+            name: {wn: self.figure(key, now, c, w) for w, (wn, _) in enumerate(WINDOWS)}
+            for c, name in enumerate(COUNTERS)
+        }
+
+    # -- counting -----------------------------------------------------------------------------
+
+    def observe(
+        self,
+        keys: tuple[str, ...],
+        refused: bool,
+        destructive: bool,
+        target: str,
+        detail: str,
+    ) -> None:
+        """Count one decided message: under each key, a call (and a refusal, a destructive
+        call), and its target (its arguments, for the agent-on-target key) if new."""
+        now = self.clock()
+        for key in keys:
+            seen = detail if key[0] == "t" else target
+            for window in self._windows(key, now):
+                counts = window.current
+                counts[_CALLS] += 1
+                if refused:
+                    counts[_REFUSALS] += 1
+                if destructive:
+                    counts[_DESTRUCTIVE] += 1
+                if seen not in window.seen:
+                    counts[_TARGETS] += 1
+                    if len(window.seen) < self.settings.max_targets:
+                        window.seen.add(seen)
+
+    def returned(self, keys: tuple[str, ...], size: int) -> None:
+        """Count the bytes of a result returned."""
+        now = self.clock()
+        for key in keys:
+            for window in self._windows(key, now):
+                window.current[_BYTES] += size
+
+    def _windows(self, key: str, now: float) -> list[_Window]:
+        windows = self._keys.get(key)
+        weight = self.settings.baseline_weight
+        if windows is None:
+            if len(self._keys) >= self.settings.max_keys:
+                del self._keys[next(iter(self._keys))]
+            windows = self._keys[key] = [_Window(int(now // s), s) for _, s in WINDOWS]
+            return windows
+        if now >= windows[0].end:  # the minute ends first: nothing else can have ended before
+            for window, (_, seconds) in zip(windows, WINDOWS, strict=True):
+                if now >= window.end:
+                    window.roll(now, seconds, weight)
+        return windows
+
+    async def close(self) -> None:
+        pass
+
+
+# One key's counters for one window, in a hash: i (the fixed window's index), l (learned),
+# c0..c4 (current), p0..p4 (previous), b0..b4 (baseline). KEYS: the three windows' hashes, then
+# their sets of targets seen in the current window. ARGV: weight, member (the target seen, or
+# ""), max_targets, the four increments (calls, refusals, destructive, bytes), then per window
+# its index and its time to live in seconds.
+_COUNT = """
+local weight = tonumber(ARGV[1])
+local member = ARGV[2]
+local max_targets = tonumber(ARGV[3])
+for w = 1, 3 do
+  local key = KEYS[w]
+  local index = tonumber(ARGV[6 + 2 * w])
+  local ttl = tonumber(ARGV[7 + 2 * w])
+  local at = tonumber(redis.call('HGET', key, 'i') or index)
+  local gap = index - at
+  if gap > 0 then
+    local learned = redis.call('HGET', key, 'l') == '1'
+    for n = 0, 4 do
+      local c = tonumber(redis.call('HGET', key, 'c' .. n) or '0')
+      local b = tonumber(redis.call('HGET', key, 'b' .. n) or '0')
+      if learned then b = weight * c + (1 - weight) * b else b = c end
+      local p = c
+      if gap > 1 then
+        b = b * (1 - weight) ^ math.min(gap - 1, 1000)
+        p = 0
+      end
+      redis.call('HSET', key, 'b' .. n, tostring(b), 'p' .. n, p, 'c' .. n, 0)
+    end
+    redis.call('HSET', key, 'l', '1', 'i', index)
+  elseif gap == 0 then
+    redis.call('HSETNX', key, 'i', index)
+  end
+  for n = 0, 3 do
+    local add = tonumber(ARGV[4 + n])
+    if add ~= 0 then redis.call('HINCRBY', key, 'c' .. n, add) end
+  end
+  if member ~= '' then
+    local seen = KEYS[3 + w]
+    if redis.call('SCARD', seen) >= max_targets or redis.call('SADD', seen, member) == 1 then
+      redis.call('HINCRBY', key, 'c4', 1)
+    end
+    redis.call('EXPIRE', seen, ttl)
+  end
+  redis.call('EXPIRE', key, ttl)
+end
+return 0
+"""
+
+
+class RedisBehavior(_Counting):
+    """Counters shared through Redis by every bastion process configured with the same URL.
+
+    Window boundaries come from each process's clock (keep replicas on NTP). Reading a call's
+    figures is one pipelined round trip before it is decided; what it did is written after, in
+    the background (one pipelined round trip per message, off the call path)."""
+
+    # Writes waiting for Redis; beyond, new ones are dropped (and logged): counts never hold
+    # the event loop or its memory hostage to a slow Redis.
+    MAX_PENDING = 10_000
+
+    def __init__(
+        self,
+        url: str,
+        prefix: str = "bastion",
+        settings: BehaviorSettings | None = None,
+        clock: Callable[[], float] = time.time,
+        timeout: float = 1.0,
+    ) -> None:
+        import redis.asyncio as redis
+        from redis.exceptions import RedisClusterException
+
+        self.url = url
+        self.prefix = prefix
+        self.settings = settings or BehaviorSettings()
+        self.clock = clock
+        self._errors = (redis.RedisError, RedisClusterException, OSError)
+        scheme, sep, rest = url.partition("://")
+        timeouts = {"socket_timeout": timeout, "socket_connect_timeout": timeout}
+        if scheme.endswith("+cluster"):
+            plain = scheme.removesuffix("+cluster") + sep + rest
+            self._redis = redis.RedisCluster.from_url(plain, **timeouts)
+        else:
+            self._redis = redis.Redis.from_url(url, **timeouts)
+        self._script = self._redis.register_script(_COUNT)
+        self._pending: set[asyncio.Task] = set()
+
+    def _hashes(self, key: str) -> tuple[str, list[str]]:
+        # One hash tag per counter key: its windows live on one node of a cluster.
+        tag = hashlib.sha256(key.encode()).hexdigest()[:16]
+        base = f"{self.prefix}:behavior:{{{tag}}}"
+        return base, [f"{base}:{name}" for name, _ in WINDOWS]
+
+    # -- reading ------------------------------------------------------------------------------
+
+    def view(self, subject: str, agent: str, target: str) -> BehaviorView:
+        return BehaviorView(None, scope_keys(subject, agent, target), self.clock())
+
+    async def prepare(self, view: BehaviorView) -> None:
+        """Fetch the figures of ``view``'s keys in one round trip; if Redis cannot be read,
+        the view stays unavailable (a rule that reads it refuses the decision)."""
+        keys = view.counter_keys
+        try:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for key in keys:
+                    for name in self._hashes(key)[1]:
+                        pipe.hgetall(name)
+                rows = await pipe.execute()
+        except self._errors as e:
+            log.error("behaviour counters cannot be read: Redis at %s: %s", _safe(self.url), e)
+            return
+        n = len(WINDOWS)
+        fetched = {key: rows[i * n : (i + 1) * n] for i, key in enumerate(keys)}
+        weight = self.settings.baseline_weight
+
+        def source(key: str, now: float, c: int, w: int) -> dict:
+            return _figure_of(fetched[key][w], now, c, w, weight)
+
+        view._source = source
+
+    # -- counting -----------------------------------------------------------------------------
+
+    def observe(
+        self, keys: tuple[str, ...], refused: bool, destructive: bool, target: str, detail: str
+    ) -> None:
+        writes = [
+            (key, (1, int(refused), int(destructive), 0), detail if key[0] == "t" else target)
+            for key in keys
+        ]
+        self._write(writes)
+
+    def returned(self, keys: tuple[str, ...], size: int) -> None:
+        self._write([(key, (0, 0, 0, size), "") for key in keys])
+
+    def _write(self, writes: list[tuple[str, tuple[int, int, int, int], str]]) -> None:
+        if len(self._pending) >= self.MAX_PENDING:
+            log.error(
+                "behaviour counts dropped: %d writes already wait for Redis", len(self._pending)
+            )
+            return
+        task = asyncio.get_running_loop().create_task(self._send(writes, self.clock()))
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+
+    async def _send(self, writes: list, now: float) -> None:
+        s = self.settings
+        try:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for key, adds, member in writes:
+                    base, hashes = self._hashes(key)
+                    args: list[Any] = [s.baseline_weight, member, s.max_targets, *adds]
+                    sets = []
+                    for name, seconds in WINDOWS:
+                        index = int(now // seconds)
+                        args += [index, int(seconds * 2) + 60]
+                        sets.append(f"{base}:{name}:seen:{index}")
+                    await self._script(keys=[*hashes, *sets], args=args, client=pipe)
+                await pipe.execute()
+        except self._errors as e:
+            log.error("behaviour counts lost: Redis at %s: %s", _safe(self.url), e)
+
+    async def close(self) -> None:
+        if self._pending:
+            await asyncio.wait(set(self._pending), timeout=2)
+        await self._redis.aclose()
+
+
+def _figure_of(row: dict, now: float, c: int, w: int, weight: float) -> dict[str, Any]:
+    """Counter ``c`` over window ``w`` from that window's hash, rolled to ``now`` as the
+    script would roll it."""
+    seconds = WINDOWS[w][1]
+    index = int(now // seconds)
+    at = int(row.get(b"i", index))
+    cur, prev = int(row.get(b"c%d" % c, 0)), int(row.get(b"p%d" % c, 0))
+    base = float(row.get(b"b%d" % c, 0))
+    if index > at:
+        base = fold([base], [cur], index - at, weight, row.get(b"l") == b"1")[0]
+        prev, cur = (cur if index - at == 1 else 0), 0
+    return figure(cur, prev, base, 1 - (now - index * seconds) / seconds)
+
+
+def _safe(url: str) -> str:
+    """The URL without a password, for logs."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    return url.replace(f":{parts.password}@", ":***@") if parts.password else url
+
+
+def behavior_from_config(
+    table: dict[str, Any], redis_url: str = "", redis_prefix: str = "bastion"
+) -> LocalBehavior | RedisBehavior:
+    """The counters a gateway keeps: in Redis when it has one, else in this process."""
+    settings = BehaviorSettings.from_table(table)
+    if redis_url:
+        return RedisBehavior(redis_url, redis_prefix, settings)
+    return LocalBehavior(settings)

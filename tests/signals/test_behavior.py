@@ -1,0 +1,279 @@
+"""Behaviour counters through a real bastion and the official MCP SDK client: a bulk-delete guard
+holds further deletes once an agent has deleted too much in a minute, and results far above the
+agent's baseline are masked and throttled; plus the counters' own arithmetic (sliding windows,
+baselines) on a clock the test moves."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from argon2 import PasswordHasher
+from mcp.shared.exceptions import MCPError
+
+from bastion.oauth import users
+from bastion.signals.behavior import BehaviorSettings, LocalBehavior, scope_keys
+from tests.gateway.support import start
+
+WRITE = "customers:read customers:write"
+
+BULK = """
+# More than 3 deletes a minute by one agent: the next ones wait for a person.
+requires_approval(_user: User, "call", _tool: Tool) if
+  context.annotations.destructiveHint = true and
+  context.behavior.agent.destructive.minute.count >= 3;
+"""
+
+EXFILTRATION = """
+# Searches returning far more than the agent's usual volume: emails masked, one call an hour.
+far_above_baseline() if
+  context.tool = "search_customers" and
+  context.behavior.tool.bytes.minute.ratio > 4 and
+  context.behavior.tool.bytes.minute.count > 600;
+mask(_user: User, "call", _tool: Tool, "customers.*.email") if far_above_baseline();
+rate_limit(_user: User, "call", _tool: Tool, 1, 3600) if far_above_baseline();
+"""
+
+
+@pytest.fixture(scope="module")
+def bastion(tmp_path_factory):
+    saved = users._HASHER
+    users._HASHER = PasswordHasher(time_cost=1, memory_cost=1024, parallelism=1)
+    try:
+        with start(tmp_path_factory.mktemp("behavior"), policy_extra=BULK + EXFILTRATION) as r:
+            yield r
+    finally:
+        users._HASHER = saved
+
+
+async def attempt(client, seen, tool, arguments):
+    try:
+        result = await client.call_tool(tool, arguments)
+        seen.setdefault("calls", []).append(("ok", result.content[0].text))
+    except MCPError as e:
+        seen.setdefault("calls", []).append(("error", e.error.data.get("reason")))
+
+
+def records_for(bastion, target: str):
+    bastion.flush()
+    return [r for _, r in bastion.records.after(0, 100000) if r.target == target]
+
+
+@pytest.mark.parametrize("mode", ["legacy", "auto"])
+def test_after_the_threshold_of_deletes_in_a_minute_further_deletes_are_held(bastion, mode):
+    async def script(client, seen):
+        for n in range(5):
+            await attempt(client, seen, "delete_customer", {"customer_id": f"c-{mode}-{n}"})
+        # Reads go on: the guard is about destructive calls.
+        await attempt(client, seen, "search_customers", {"query": "zzz"})
+
+    seen = bastion.sdk("avery", "deskhttp", mode, script, WRITE)
+    assert seen["calls"][:3] == [("ok", f"deleted c-{mode}-{n}") for n in range(3)]
+    assert seen["calls"][3:5] == [("error", "approval_pending")] * 2
+    assert seen["calls"][5][0] == "ok", seen["calls"]
+    held = [
+        r for r in records_for(bastion, 'Tool{"deskhttp/delete_customer"}') if r.result == "held"
+    ]
+    assert held, "the held deletes are recorded"
+    # The record keeps the figure the policy read.
+    figure = held[-1].context["behavior"]["agent"]["destructive"]["minute"]
+    assert figure["count"] >= 3
+
+
+def test_a_held_delete_never_reaches_the_upstream(bastion):
+    before = len(bastion.recorder.messages())
+
+    async def script(client, seen):
+        for n in range(4):
+            await attempt(client, seen, "delete_customer", {"customer_id": f"x-{n}"})
+
+    seen = bastion.sdk("avery", "deskhttp", "legacy", script, WRITE)
+    assert [c[0] for c in seen["calls"]] == ["ok", "ok", "ok", "error"]
+    calls = [
+        m["params"]["arguments"]["customer_id"]
+        for m in bastion.recorder.messages()[before:]
+        if m.get("method") == "tools/call" and m["params"]["name"] == "delete_customer"
+    ]
+    assert calls == ["x-0", "x-1", "x-2"]
+
+
+def test_a_new_agent_of_the_same_user_starts_from_its_own_count(bastion):
+    async def script(client, seen):
+        await attempt(client, seen, "delete_customer", {"customer_id": "fresh-agent"})
+
+    # Earlier tests' agents of avery deleted past the threshold; this agent has not.
+    seen = bastion.sdk("avery", "deskhttp", "legacy", script, WRITE)
+    assert seen["calls"] == [("ok", "deleted fresh-agent")]
+
+
+def test_bytes_far_above_the_agents_baseline_mask_and_throttle(bastion):
+    behavior = bastion.app.state.gateway.enforcer.behavior
+    offset = [0.0]
+    real = behavior.clock
+    behavior.clock = lambda: real() + offset[0]
+    try:
+
+        async def script(client, seen):
+            # A quiet minute: small answers teach the baseline.
+            for _ in range(3):
+                await attempt(client, seen, "search_customers", {"query": "zzz"})
+            offset[0] += 120  # two minutes on: the quiet minute is a completed window
+            # Then every customer, again and again, in one minute.
+            for _ in range(6):
+                await attempt(client, seen, "search_customers", {"query": ""})
+
+        seen = bastion.sdk("avery", "deskhttp", "legacy", script, WRITE)
+    finally:
+        behavior.clock = real
+    results = seen["calls"]
+    assert all(kind == "ok" for kind, _ in results[:3])
+    full = [json.loads(text) for kind, text in results[3:] if kind == "ok"]
+    # The first full answers go out as the admin may see them (emails included) ...
+    assert full[0]["customers"][0]["email"].endswith("@example.com")
+    # ... until the volume is far above the baseline: then emails are masked ...
+    masked = [f for f in full if f["customers"][0]["email"] == "[masked]"]
+    assert masked, results
+    # ... and the agent is throttled.
+    assert ("error", "rate_limited") in results[3:]
+    # Once masked, never unmasked again within the minute.
+    first = full.index(masked[0])
+    assert all(f["customers"][0]["email"] == "[masked]" for f in full[first:])
+
+
+# -- the counters' arithmetic -------------------------------------------------------------------
+
+
+def test_counts_slide_and_baselines_learn_from_completed_windows():
+    now = [6000.0]  # the start of a minute, of ten minutes and of an hour
+    b = LocalBehavior(BehaviorSettings(baseline_weight=0.5), clock=lambda: now[0])
+    keys = scope_keys("sam", "agent-1", 'Tool{"desk/delete_customer"}')
+    for n in range(4):
+        b.observe(keys, refused=False, destructive=True, target="t", detail=f"arg{n}")
+    figures = b.figures(keys[1], now[0])
+    assert figures["destructive"]["minute"] == {"count": 4, "baseline": 0.0, "ratio": 4.0}
+    assert figures["targets"]["minute"]["count"] == 1  # one tool
+    assert b.figures(keys[2], now[0])["targets"]["minute"]["count"] == 4  # four arguments
+    now[0] += 90  # half-way through the next minute: half the last one still counts
+    figures = b.figures(keys[1], now[0])
+    assert figures["destructive"]["minute"]["count"] == 2
+    assert figures["destructive"]["minute"]["baseline"] == 4.0  # the first window seeds it
+    now[0] += 60 * 5  # five quiet minutes: the baseline decays toward zero
+    assert b.figures(keys[1], now[0])["destructive"]["minute"]["baseline"] < 0.5
+    # The ten-minute and hour windows still hold the four calls.
+    assert b.figures(keys[1], now[0])["calls"]["hour"]["count"] == 4
+
+
+def test_refusals_bytes_and_an_unknown_key_read_as_zero():
+    now = [0.0]
+    b = LocalBehavior(clock=lambda: now[0])
+    keys = scope_keys("sam", "a", "T")
+    b.observe(keys, refused=True, destructive=False, target="T", detail="")
+    b.returned(keys, 1234)
+    figures = b.figures(keys[0], now[0])
+    assert figures["refusals"]["minute"]["count"] == 1
+    assert figures["bytes"]["hour"]["count"] == 1234
+    assert b.figures("user|nobody", now[0])["calls"]["minute"] == {
+        "count": 0,
+        "baseline": 0.0,
+        "ratio": 0.0,
+    }
+
+
+def test_keys_and_targets_held_are_bounded():
+    now = [0.0]
+    b = LocalBehavior(BehaviorSettings(max_keys=3, max_targets=2), clock=lambda: now[0])
+    for n in range(10):
+        b.observe((f"agent|{n}",), refused=False, destructive=False, target="T", detail="")
+    assert len(b._keys) == 3
+    # Past max_targets every call counts as a new target: an over-estimate, never an under one.
+    for n in range(5):
+        b.observe(("agent|x",), refused=False, destructive=False, target="same", detail="")
+        b.observe(("agent|y",), refused=False, destructive=False, target=f"t{n}", detail="")
+    assert b.figures("agent|x", now[0])["targets"]["minute"]["count"] == 1
+    assert b.figures("agent|y", now[0])["targets"]["minute"]["count"] == 5
+
+
+@pytest.mark.parametrize(
+    "table",
+    [
+        {"baseline_weight": 0},
+        {"baseline_weight": 1.5},
+        {"baseline_weight": "high"},
+        {"max_keys": 0},
+        {"max_targets": -1},
+        {"max_keys": 1.5},
+        {"windows": 3},
+    ],
+)
+def test_bad_behaviour_settings_are_refused_with_the_setting_named(table):
+    with pytest.raises(ValueError, match="signals.behavior"):
+        BehaviorSettings.from_table(table)
+
+
+def test_default_behaviour_settings():
+    assert BehaviorSettings.from_table({}) == BehaviorSettings(0.2, 100_000, 1_000)
+
+
+def test_the_example_behaviour_policy_passes_its_own_tests():
+    import subprocess
+    import sys
+
+    from tests.gateway.support import ROOT
+
+    done = subprocess.run(
+        [sys.executable, "-m", "bastion.cli", "policy", "test", "examples/behavior.polar"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "3 passed, 0 failed" in done.stdout
+
+
+def test_the_view_makes_only_what_a_rule_reads_and_nothing_for_unknown_names():
+    from bastion.policy.runtime import MISSING, context_value
+
+    now = [0.0]
+    b = LocalBehavior(clock=lambda: now[0])
+    b.observe(scope_keys("sam", "a", "T"), refused=False, destructive=True, target="T", detail="")
+    context = {"behavior": b.view("sam", "a", "T")}
+    path = ("behavior", "agent", "destructive", "minute", "count")
+    assert context_value(context, path) == 1
+    for wrong in (
+        ("behavior", "agents", "destructive", "minute", "count"),
+        ("behavior", "agent", "deletes", "minute", "count"),
+        ("behavior", "agent", "destructive", "1m", "count"),
+    ):
+        assert context_value(context, wrong) is MISSING
+    # What the decision record keeps: the figure read, nothing else.
+    assert json.loads(json.dumps(context)) == {
+        "behavior": {
+            "agent": {"destructive": {"minute": {"count": 1, "baseline": 0.0, "ratio": 1.0}}}
+        }
+    }
+
+
+def test_a_view_without_its_counters_refuses_the_rule_that_reads_it():
+    from bastion.signals.behavior import BehaviorUnavailable, BehaviorView
+
+    view = BehaviorView(None, scope_keys("sam", "a", "T"), 0.0)
+    assert view.get("nonsense") is None  # not a scope: missing, like any absent field
+    with pytest.raises(BehaviorUnavailable) as refused:
+        view.get("agent")
+    assert refused.value.reason == "behavior_unavailable"
+
+
+def test_signals_behavior_table_is_read_from_bastion_toml_and_checked(tmp_path):
+    from bastion.server.config import ConfigError, ServerConfig
+
+    path = tmp_path / "bastion.toml"
+    path.write_text("[signals.behavior]\nbaseline_weight = 0.5\nmax_keys = 10\n")
+    config = ServerConfig.load(path, env={})
+    assert config.signals == {"behavior": {"baseline_weight": 0.5, "max_keys": 10}}
+    path.write_text("[signals.behavior]\nmax_targets = 0\n")
+    with pytest.raises(ConfigError, match="signals.behavior.max_targets must be a positive"):
+        ServerConfig.load(path, env={})
+    path.write_text("[signals]\nbehavior = 3\n")
+    with pytest.raises(ConfigError, match=r"\[signals.behavior\] must be a table"):
+        ServerConfig.load(path, env={})

@@ -1,0 +1,141 @@
+"""Behaviour counters shared through Redis (``gateway.redis_url``): two bastion apps on one
+database count one agent's deletes together, and a gateway whose Redis is unreachable refuses
+the decisions whose rules read ``context.behavior`` (reason ``behavior_unavailable``), and only
+those."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+import anyio
+import pytest
+from argon2 import PasswordHasher
+
+from bastion.oauth import users
+from bastion.signals.behavior import RedisBehavior
+from tests.conftest import REDIS_URL, require_service
+from tests.gateway.support import start
+from tests.gateway.test_shared_rate_limits import call_tool
+from tests.oauth.support import free_socket
+
+from .test_behavior import BULK
+
+WRITE = "customers:read customers:write"
+
+
+@pytest.fixture(autouse=True)
+def light_password_hashing():
+    saved = users._HASHER
+    users._HASHER = PasswordHasher(time_cost=1, memory_cost=1024, parallelism=1)
+    yield
+    users._HASHER = saved
+
+
+def destructive_seen(prefix: str, agent: str) -> int:
+    """The agent's destructive count for the minute, as any replica reads it from Redis."""
+
+    async def read() -> int:
+        counters = RedisBehavior(REDIS_URL, prefix)
+        try:
+            view = counters.view("avery", agent, "T")
+            await counters.prepare(view)
+            return view.get("agent")["destructive"]["minute"]["count"]
+        finally:
+            await counters.close()
+
+    return anyio.run(read)
+
+
+def test_two_gateways_count_one_agents_deletes_together(tmp_path):
+    require_service("Redis", "127.0.0.1", 6379)
+    import redis
+
+    prefix = f"bastion-test-{uuid.uuid4().hex[:12]}"
+    settings = {"redis_url": REDIS_URL, "redis_prefix": prefix}
+    try:
+        with start(tmp_path, gateway=settings, replicas=1, policy_extra=BULK) as bastion:
+            token = bastion.token("avery", "deskhttp", WRITE)
+            first, second = bastion.url, bastion.replicas[0]
+            outcomes: list[dict] = []
+            agent = ""
+            for n, base in enumerate((first, second, first, second, first)):
+                outcomes.append(
+                    call_tool(
+                        bastion.http, base, token, "delete_customer", {"customer_id": f"r{n}"}
+                    )
+                )
+                # The count is written after the answer, off the call path: wait until Redis
+                # has it (any replica reads the same figure), so the next call sees it.
+                agent = agent or _agent(bastion)  # the first call went through the first app
+                deadline = time.monotonic() + 5
+                allowed = sum("error" not in o for o in outcomes)
+                while destructive_seen(prefix, agent) < allowed:
+                    assert time.monotonic() < deadline, "the count never reached Redis"
+                    time.sleep(0.02)
+            # Each app alone saw at most 2 deletes; together 3: the next ones are held.
+            assert ["error" not in o for o in outcomes] == [True, True, True, False, False]
+            for held in outcomes[3:]:
+                assert held["error"]["data"]["reason"] == "approval_pending"
+    finally:
+        client = redis.Redis.from_url(REDIS_URL)
+        keys = list(client.scan_iter(f"{prefix}:*"))
+        if keys:
+            client.delete(*keys)
+        client.close()
+
+
+def _agent(bastion) -> str:
+    """The agent (OAuth client) of the last decision recorded by the first app."""
+    bastion.flush()
+    rows = bastion.records.after(0, 100000)
+    principals = [r.principals for _, r in rows if len(r.principals) > 1]
+    return principals[-1][1].removeprefix('Agent{"').removesuffix('"}')
+
+
+def test_unreachable_redis_refuses_what_reads_behaviour_and_only_that(tmp_path, caplog):
+    with free_socket() as closed:  # bound, never listening: connections are refused
+        port = closed.getsockname()[1]
+        settings = {"redis_url": f"redis://127.0.0.1:{port}/0"}
+        with start(tmp_path, gateway=settings, policy_extra=BULK) as bastion:
+            token = bastion.token("avery", "deskhttp", WRITE)
+            before = len(bastion.recorder.messages())
+            refused = call_tool(
+                bastion.http, bastion.url, token, "delete_customer", {"customer_id": "z"}
+            )
+            assert refused["error"]["data"]["reason"] == "behavior_unavailable"
+            assert "decision_id" in refused["error"]["data"]
+            assert not any(
+                m.get("method") == "tools/call" for m in bastion.recorder.messages()[before:]
+            ), "a refused delete never reaches the upstream"
+            # A resource read: no rule about it reads behaviour, so Redis is not needed.
+            response = bastion.http.post(
+                f"{bastion.url}/mcp/deskhttp",
+                json={
+                    "jsonrpc": "2.0",
+                    "id": 2,
+                    "method": "resources/read",
+                    "params": {
+                        "uri": "customers://plans",
+                        "_meta": {
+                            "io.modelcontextprotocol/protocolVersion": "2026-07-28",
+                            "io.modelcontextprotocol/clientCapabilities": {},
+                        },
+                    },
+                },
+                headers={
+                    "authorization": f"Bearer {token}",
+                    "content-type": "application/json",
+                    "mcp-protocol-version": "2026-07-28",
+                    "mcp-method": "resources/read",
+                    "mcp-name": "customers://plans",
+                },
+            )
+            assert response.status_code == 200, response.text
+            assert "error" not in response.json()
+            bastion.flush()
+            rows = [
+                r for _, r in bastion.records.after(0, 100000) if r.reason == "behavior_unavailable"
+            ]
+            assert rows and rows[-1].result == "deny"
+    assert any("behaviour counters cannot be read" in r.getMessage() for r in caplog.records)
