@@ -46,8 +46,10 @@ deny(_user: User, "call", _tool: Tool) if
 """
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def signals_gateway(tmp_path_factory):
+    # Per module: the light password hasher it sets is put back when the module ends, before
+    # other folders' tests (tests/oauth checks real hashes) run.
     saved = users._HASHER
     users._HASHER = PasswordHasher(time_cost=1, memory_cost=1024, parallelism=1)
     try:
