@@ -105,6 +105,6 @@ def refusal(answer: dict) -> str | None:
     return None
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def bastion(signals_gateway):
     return signals_gateway
