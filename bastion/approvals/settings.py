@@ -23,43 +23,20 @@ secret_env = "BASTION_WEBHOOK_SECRET"       # the HMAC key (16 bytes or more), r
 
 from __future__ import annotations
 
-import hashlib
-import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-import httpx
-
 from bastion.server.config import ConfigError
+from bastion.webhooks import (
+    MIN_SECRET_BYTES,
+    Webhook,
+    delivery_settings,
+    positive_seconds,
+    webhook_label,
+)
 
-
-@dataclass(frozen=True)
-class Webhook:
-    """One receiver. Its URL is a credential too (a chat tool's incoming-webhook URL lets whoever
-    holds it post to the channel): records, logs and reprs show its `label` instead."""
-
-    url: str = field(repr=False)
-    secret: bytes = field(repr=False)
-
-    @property
-    def label(self) -> str:
-        return webhook_label(self.url)
-
-    def __repr__(self) -> str:
-        return f"Webhook({self.label})"
-
-
-def webhook_label(url: str) -> str:
-    """How a webhook's URL is shown and recorded: its origin and a fingerprint, never its path
-    or query (where chat tools put the token): ``https://hooks.slack.com/…#3f9a0c21d4e5``."""
-    fingerprint = hashlib.sha256(url.encode()).hexdigest()[:12]
-    try:
-        parsed = httpx.URL(url)
-        origin = f"{parsed.scheme}://{parsed.netloc.decode('ascii')}"  # no user or password
-    except httpx.InvalidURL:
-        origin = "?"
-    return f"{origin}/…#{fingerprint}"
+__all__ = ["MIN_SECRET_BYTES", "ApprovalSettings", "Webhook", "webhook_label"]
 
 
 @dataclass(frozen=True)
@@ -101,85 +78,14 @@ class ApprovalSettings:
         values: dict[str, Any] = {}
         for key in ("expiry_seconds", "wait_seconds", "retry_after_seconds"):
             if key in table:
-                values[key] = _positive(
+                values[key] = positive_seconds(
                     f"approvals.{key}", table[key], allow_zero=key == "wait_seconds"
                 )
-        for key in ("webhook_backoff_seconds", "webhook_timeout_seconds"):
-            if key in table:
-                values[key] = _positive(f"approvals.{key}", table[key])
-        for key in ("max_window_minutes", "webhook_attempts", "webhook_queue_size"):
+        values.update(delivery_settings("approvals", table, env))
+        for key in ("max_window_minutes",):
             if key in table:
                 value = table[key]
                 if type(value) is not int or value < (0 if key == "max_window_minutes" else 1):
                     raise ConfigError(f"approvals.{key} must be a whole number, got {value!r}")
                 values[key] = value
-        hooks: list[Webhook] = []
-        for i, hook in enumerate(table.get("webhooks") or ()):
-            hooks.append(_webhook(f"approvals.webhooks[{i}]", hook, env, hooks))
-        values["webhooks"] = tuple(hooks)
         return cls(**values)
-
-
-# A shorter signing secret could be guessed from one signed notification, offline.
-MIN_SECRET_BYTES = 16
-
-
-def _webhook(where: str, hook: Any, env: dict[str, str], before: list[Webhook]) -> Webhook:
-    """One ``[[approvals.webhooks]]`` table. Its URL may come from the environment as well as
-    its secret: a chat tool's incoming-webhook URL is itself a credential (whoever has it can
-    post to the channel)."""
-    if not isinstance(hook, dict):
-        raise ConfigError(f'{where}: needs url = "https://..." (or url_env) and secret_env')
-    if "secret" in hook:
-        raise ConfigError(
-            f"{where}: the signing secret belongs in an environment variable named by"
-            " secret_env, not in a file"
-        )
-    unknown = sorted(set(hook) - {"url", "url_env", "secret_env"})
-    if unknown:
-        raise ConfigError(
-            f"{where}: unknown key {unknown[0]}; known keys: secret_env, url, url_env"
-        )
-    if ("url" in hook) == ("url_env" in hook):
-        raise ConfigError(f'{where}: needs url = "https://..." or url_env, one of the two')
-    if "url_env" in hook:
-        name = hook["url_env"]
-        if not isinstance(name, str) or not env.get(name):
-            raise ConfigError(
-                f"{where}.url_env must name an environment variable that holds the webhook's"
-                f" URL ({name!r} is not set)"
-            )
-        url, named = env[name], f"{where}.url_env ({name})"
-    else:
-        url, named = hook["url"], f"{where}.url"
-    if not isinstance(url, str) or not url.startswith(("https://", "http://")):
-        raise ConfigError(f"{named} must be an http(s) URL")
-    try:
-        host = httpx.URL(url).host
-    except httpx.InvalidURL as e:
-        raise ConfigError(f"{named} is not a valid URL: {e}") from None
-    if not host:
-        raise ConfigError(f"{named} has no host")
-    if any(known.url == url for known in before):
-        raise ConfigError(f"{named} names the same URL as an earlier webhook")
-    name = hook.get("secret_env")
-    if not isinstance(name, str) or not env.get(name):
-        raise ConfigError(
-            f"{where}.secret_env must name an environment variable that holds the"
-            f" webhook's signing secret ({name!r} is not set)"
-        )
-    secret = env[name].encode()
-    if len(secret) < MIN_SECRET_BYTES:
-        raise ConfigError(
-            f"{where}.secret_env: the secret in {name} is {len(secret)} bytes; a webhook's"
-            f" signing secret must be at least {MIN_SECRET_BYTES} (e.g. `openssl rand -hex 32`)"
-        )
-    return Webhook(url, secret)
-
-
-def _positive(key: str, value: Any, allow_zero: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise ConfigError(f"{key} must be a number of seconds, got {value!r}")
-    if value < 0 or (value == 0 and not allow_zero):
-        raise ConfigError(f"{key} must be greater than 0, got {value!r}")
-    return float(value)
