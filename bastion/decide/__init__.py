@@ -64,6 +64,8 @@ CONTRACT_SHAPES = (
     ("self_approval_forbidden", "bbb"),
     # Shadow rules: what a rule would have done (`bastion.signals.shadow`).
     ("would", "bbbff"),
+    # Alerts a decision raises (`bastion.signals.alerts`): alert(actor, name, severity).
+    ("alert", "bff"),
 )
 
 

@@ -14,6 +14,7 @@ for. The policy can attach obligations with these rules (each optional):
 | ``read_only(actor, McpServer{server})`` | only tools annotated ``readOnlyHint`` may be called |
 | ``requires_recent_auth(actor, action, resource, seconds)`` | signed in at most ``seconds`` ago |
 | ``requires_signal(actor, name, max_age_seconds)`` | refuse unless a fresh signal ``name`` holds |
+| ``alert(actor, name, severity)`` | raise the alert ``name`` (`bastion.signals.alerts`) |
 
 ``requires_signal`` is answered by ``signal(actor, name, value, source, set_at)`` facts (see
 `bastion.signals.store`): a required signal the actor does not have, or one set more than
@@ -21,6 +22,9 @@ for. The policy can attach obligations with these rules (each optional):
 ``reason`` "signal_stale", naming the signals in ``stale_signals``. Each required signal is
 checked on its own; a requirement that cannot be checked (a name that is not text, an age that
 is not a whole number of seconds) counts as stale: fail closed.
+
+Alerts are asked of every principal on every decision, allowed or refused (``context`` says
+what happened); they never change the answer.
 
 An ``approval_grant(user, agent, action, resource)`` fact (an approval for N minutes, stored
 with an expiry) satisfies ``requires_approval`` for that user and agent; the rules about who may
@@ -66,6 +70,9 @@ class Obligations:
     read_only: bool = False
     # requires_recent_auth: the most seconds since the person signed in (None: any).
     max_auth_age: int | None = None
+    # (principal, name, severity) for each alert(actor, name, severity) that holds; a name or
+    # severity that is not text is kept as its repr, never dropped (the alert still fires).
+    alerts: tuple[tuple[Entity, str, str], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,9 +129,16 @@ def _decide_chain(
 ) -> ChainDecision:
     with authz.session(context) as s:
         generation = s.generation
+        alerts = _alerts(s, chain)
         for principal in chain:
             if not s.allowed(principal, action, resource):
-                return ChainDecision(False, chain, refused_by=principal, generation=generation)
+                return ChainDecision(
+                    False,
+                    chain,
+                    refused_by=principal,
+                    obligations=Obligations(alerts=alerts),
+                    generation=generation,
+                )
         stale = _stale_signals(s, chain, _decision_time(context))
         if stale:
             principal, names = stale
@@ -132,6 +146,7 @@ def _decide_chain(
                 False,
                 chain,
                 refused_by=principal,
+                obligations=Obligations(alerts=alerts),
                 generation=generation,
                 reason="signal_stale",
                 stale_signals=names,
@@ -149,7 +164,7 @@ def _decide_chain(
                     False,
                     chain,
                     missing_scopes=missing,
-                    obligations=Obligations(required_scopes=required),
+                    obligations=Obligations(required_scopes=required, alerts=alerts),
                     generation=generation,
                 )
         masks: set[str] = set()
@@ -194,6 +209,7 @@ def _decide_chain(
             review,
             read_only,
             max_auth_age,
+            alerts,
         ),
         generation=generation,
     )
@@ -222,3 +238,18 @@ def _stale_signals(s: Any, chain: tuple[Entity, ...], now: float) -> tuple | Non
         if stale:
             return principal, tuple(stale)
     return None
+
+
+def _alerts(s, chain: tuple[Entity, ...]) -> tuple[tuple[Entity, str, str], ...]:
+    """Every ``alert(actor, name, severity)`` that holds for a principal of the chain."""
+    found: list[tuple[Entity, str, str]] = []
+    for principal in chain:
+        for name, severity in sorted(s.rows("alert", "bff", principal), key=repr):
+            found.append(
+                (
+                    principal,
+                    name if isinstance(name, str) else repr(name),
+                    severity if isinstance(severity, str) else repr(severity),
+                )
+            )
+    return tuple(found)

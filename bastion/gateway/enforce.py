@@ -167,6 +167,8 @@ class Enforcer:
         # the database): every decision is refused, fail closed.
         self.facts_stale = facts_stale
         self.explained = Explained()
+        # Alerts the decisions raise (`bastion.signals.alerts.Alerts`); None: none are raised.
+        self.alerts: Any = None
         # Without a key of the deployment's, one of this process (digests match within it).
         self.digest = ArgumentDigest(digest_key or secrets.token_bytes(32))
 
@@ -344,6 +346,8 @@ class Enforcer:
             started,
             approval={"id": linked.id, "kind": linked.kind} if linked is not None else None,
         )
+        if self.alerts is not None:
+            await self._raise_alerts(caller, chain, decision_id, result, reason, record)
         if result == "step_up":
             max_age = chain.obligations.max_auth_age if reason == SIGN_IN_AGAIN else None
             raise StepUp(chain.missing_scopes, decision_id, max_age)
@@ -383,6 +387,40 @@ class Enforcer:
                 decision_id, chain.obligations, record, step, review[1].request, review[0]
             )
         return verdict
+
+    async def _raise_alerts(
+        self,
+        caller: Caller,
+        chain: ChainDecision,
+        decision_id: str,
+        result: str,
+        reason: str,
+        record: dict[str, Any],
+    ) -> None:
+        """The decision's ``alert`` rules, and a refusal counted towards a refusal burst. An
+        alert that cannot be stored is logged; it does not change the decision."""
+        raised = chain.obligations.alerts
+        if not raised and result != "deny":
+            return
+        detail = {
+            "server": record["server"],
+            "method": record["method"],
+            "target": record["target"],
+            "result": result,
+            "reason": reason,
+        }
+        alerts = self.alerts
+
+        def work() -> None:
+            alerts.from_decision(raised, decision_id, detail)
+            if result == "deny":
+                for principal in caller.principals:
+                    alerts.refused(principal, decision_id, detail)
+
+        try:
+            await anyio.to_thread.run_sync(work)
+        except Exception:
+            log.exception("alerts of decision %s could not be raised", decision_id)
 
     # -- holds for people -----------------------------------------------------------------------
 

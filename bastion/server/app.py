@@ -302,6 +302,22 @@ def _signal_settings(config: ServerConfig):
         raise ConfigError(str(e)) from None
 
 
+def _alerts(config: ServerConfig, oauth, replica: Replica, gateway):
+    """Alerts (docs/signals.md): raised by the gateway's decisions, so only with a gateway."""
+    table = config.signals.get("alerts", {})
+    if gateway is None:
+        if table:
+            raise ConfigError("bastion.toml has a [signals.alerts] table but no [gateway]")
+        return None
+    from bastion.signals.alerts import alerts_from_config
+
+    alerts = alerts_from_config(
+        config.database, table, oauth.settings.issuer, lambda: replica.authz
+    )
+    gateway.enforcer.alerts = alerts
+    return alerts
+
+
 def create_app(config: ServerConfig) -> Starlette:
     """The whole server for one configuration. State is opened by the lifespan."""
     # Writes and key checks use this connection; the replica reads the log on its own.
@@ -326,6 +342,7 @@ def create_app(config: ServerConfig) -> Starlette:
     approvals = _approvals(config, oauth, replica)
     gateway = _gateway(config, oauth, replica, approvals)
     signals = _signals(config, db, store, oauth, replica)
+    alerts = _alerts(config, oauth, replica, gateway)
     if gateway is not None and gateway.records is not None:
         metrics.observe_records_dropped(lambda: gateway.records.dropped)
     if gateway is not None:
@@ -341,6 +358,9 @@ def create_app(config: ServerConfig) -> Starlette:
             await approvals.webhooks.start()
         if signals is not None:
             await signals.start()
+        if alerts is not None and alerts.webhooks is not None:
+            await alerts.webhooks.start()
+        escalation = asyncio.create_task(alerts.escalate_forever()) if alerts is not None else None
         retention = asyncio.create_task(prune_forever(db, config.audit_retention_days))
         sweep = (
             asyncio.create_task(approvals.drop_expired_results_forever())
@@ -350,7 +370,7 @@ def create_app(config: ServerConfig) -> Starlette:
         try:
             yield
         finally:
-            for task in (retention, sweep):
+            for task in (retention, sweep, escalation):
                 if task is not None:
                     task.cancel()
                     with contextlib.suppress(asyncio.CancelledError):
@@ -365,6 +385,10 @@ def create_app(config: ServerConfig) -> Starlette:
                 if approvals.webhooks is not None:
                     await approvals.webhooks.close()
                 await anyio.to_thread.run_sync(approvals.store.db.close)
+            if alerts is not None:
+                if alerts.webhooks is not None:
+                    await alerts.webhooks.close()
+                await anyio.to_thread.run_sync(alerts.store.db.close)
             await replica.stop()
             await anyio.to_thread.run_sync(db.close)
 
@@ -415,4 +439,5 @@ def create_app(config: ServerConfig) -> Starlette:
     app.state.approvals = approvals
     app.state.signals = signals
     app.state.signal_settings = signal_settings
+    app.state.alerts = alerts
     return app

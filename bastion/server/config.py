@@ -87,8 +87,9 @@ class ServerConfig:
     approvals: dict[str, Any] = field(default_factory=dict)
     # The [signals] table, one sub-table per part (docs/signals.md): [signals.ssf] (read by
     # bastion.signals.settings), [signals.api] (bastion.signals.store.SignalSettings),
-    # [signals.posture] (bastion.signals.posture.PostureSettings) and [signals.behavior]
-    # (bastion.signals.behavior.BehaviorSettings).
+    # [signals.posture] (bastion.signals.posture.PostureSettings), [signals.behavior]
+    # (bastion.signals.behavior.BehaviorSettings) and [signals.alerts]
+    # (bastion.signals.alerts.AlertSettings).
     signals: dict[str, Any] = field(default_factory=dict)
 
     @classmethod

@@ -29,6 +29,8 @@ SCOPES = (
     # Set, clear and list signals about users, devices, agents and sessions (/v1/signals): for
     # an MDM, a SIEM or a script that reports on them.
     "signals",
+    # Read and acknowledge alerts (/v1/alerts, docs/signals.md).
+    "alerts",
     "admin",
 )
 KEY_PREFIX = "bst_"

@@ -6,5 +6,6 @@ Entry modules: `bastion.signals.ssf` (the receiver), `bastion.signals.store` (si
 the API), `bastion.signals.posture` (the request's posture in the gateway's context),
 `bastion.signals.behavior` (behaviour counters and baselines), `bastion.signals.shadow`
 (shadow, monitor-only, rules), `bastion.signals.read_only`, `bastion.signals.suspensions` (the
-kill switch) and `bastion.signals.step_up` (``requires_recent_auth``).
+kill switch), `bastion.signals.step_up` (``requires_recent_auth``) and `bastion.signals.alerts`
+(alerts, escalation and acknowledgement).
 """

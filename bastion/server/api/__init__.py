@@ -1,10 +1,19 @@
-"""The `/v1` API: decisions, facts, policy, API keys, approvals and signals."""
+"""The `/v1` API: decisions, facts, policy, API keys, approvals, signals and alerts."""
 
 from __future__ import annotations
 
 from starlette.routing import BaseRoute
 
-from bastion.server.api import approvals, decisions, facts, keys, policy, signals, suspensions
+from bastion.server.api import (
+    alerts,
+    approvals,
+    decisions,
+    facts,
+    keys,
+    policy,
+    signals,
+    suspensions,
+)
 
 
 def routes() -> list[BaseRoute]:
@@ -16,4 +25,5 @@ def routes() -> list[BaseRoute]:
         *approvals.routes,
         *suspensions.routes,
         *signals.routes,
+        *alerts.routes,
     ]

@@ -1,0 +1,545 @@
+"""Alerts: raised by the policy or by bastion itself, deduplicated, told, escalated, acknowledged.
+
+An alert is keyed by (name, principal). Raised again within ``cooldown_seconds`` of its last
+raising it is the same alert: its count goes up and the decision id joins its (bounded) list of
+decisions, and nobody is told again. A new alert is told to the principal's owner (a fact
+``owner(Agent{...}, User{...})``; none: the configured fallback recipients); not acknowledged
+within ``escalate_after_seconds``, it is told again naming the owner's manager (a fact
+``manager(User{...}, User{...})``). The state lives in the database (``alerts`` table), so an
+escalation survives a restart. Notifications go through the shared signed-webhook outbox
+(`bastion.webhooks`, HMAC-SHA256 as RFC 2104).
+
+Entry points: `Alerts.raise_alert` (any thread; does I/O) for alerts bastion raises itself, and
+`Alerts.from_decision` for the ``alert(actor, name, severity)`` rules of the decision contract.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import secrets
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+
+from bastion.db import Database, first_line
+from bastion.decide import Authorizer
+from bastion.facts.model import Entity
+from bastion.server.config import ConfigError
+from bastion.webhooks import Webhook, delivery_settings, positive_seconds
+
+log = logging.getLogger("bastion.signals.alerts")
+
+SEVERITIES = ("low", "medium", "high", "critical")
+OPEN, ACKNOWLEDGED = "open", "acknowledged"
+REFUSAL_BURST = "refusal_burst"
+CHANNELS = ("page", "api", "cli")
+
+_MIGRATIONS = [
+    """
+    CREATE TABLE alerts (
+        id TEXT PRIMARY KEY,
+        name TEXT NOT NULL,
+        principal TEXT NOT NULL,
+        severity TEXT NOT NULL,
+        state TEXT NOT NULL,
+        count INTEGER NOT NULL,
+        decision_ids TEXT NOT NULL,
+        detail TEXT NOT NULL,
+        first_at DOUBLE PRECISION NOT NULL,
+        last_at DOUBLE PRECISION NOT NULL,
+        owner TEXT NOT NULL,
+        recipients TEXT NOT NULL,
+        escalate_at DOUBLE PRECISION,
+        escalated_to TEXT NOT NULL,
+        escalated_at DOUBLE PRECISION,
+        acknowledged_by TEXT NOT NULL,
+        acknowledged_at DOUBLE PRECISION,
+        acknowledged_channel TEXT NOT NULL
+    );
+    CREATE INDEX alerts_key ON alerts (name, principal, last_at);
+    CREATE INDEX alerts_escalate ON alerts (state, escalate_at);
+    """,
+]
+
+
+class AlertError(ValueError):
+    """A request about alerts that cannot be done; the message says why."""
+
+
+class AlertNotFound(AlertError):
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class AlertSettings:
+    """The ``[signals.alerts]`` table (docs/signals.md)."""
+
+    cooldown_seconds: float = 300.0
+    escalate_after_seconds: float = 900.0
+    # The built-in refusal burst: more than ``refusal_burst_count`` refusals of one principal
+    # within ``refusal_burst_seconds`` raises "refusal_burst" (0: off).
+    refusal_burst_count: int = 20
+    refusal_burst_seconds: float = 60.0
+    refusal_burst_severity: str = "high"
+    # Decision ids kept per alert (the first ones and the latest ones past that are dropped).
+    max_decisions: int = 50
+    # Who is named when a principal has no owner (people's ids, e.g. "User:oncall").
+    fallback_recipients: tuple[str, ...] = ()
+    # How often the escalation task looks for alerts due.
+    escalation_poll_seconds: float = 5.0
+    # Where alerts are told (`bastion.webhooks`: signed, retried), as [[signals.alerts.webhooks]].
+    webhooks: tuple[Webhook, ...] = ()
+    webhook_attempts: int = 5
+    webhook_backoff_seconds: float = 1.0
+    webhook_timeout_seconds: float = 5.0
+    webhook_queue_size: int = 1000
+
+    @classmethod
+    def from_mapping(
+        cls, table: dict[str, Any], env: dict[str, str] | None = None
+    ) -> AlertSettings:
+        if not isinstance(table, dict):
+            raise ConfigError("[signals.alerts] must be a table")
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(table) - known)
+        if unknown:
+            raise ConfigError(
+                f"unknown key [signals.alerts].{unknown[0]}; known keys: {', '.join(sorted(known))}"
+            )
+        values: dict[str, Any] = delivery_settings(
+            "signals.alerts", table, dict(os.environ if env is None else env)
+        )
+        for key in (
+            "cooldown_seconds",
+            "escalate_after_seconds",
+            "refusal_burst_seconds",
+            "escalation_poll_seconds",
+        ):
+            if key in table:
+                values[key] = positive_seconds(f"signals.alerts.{key}", table[key], True)
+        for key in ("refusal_burst_count", "max_decisions"):
+            if key in table:
+                v = table[key]
+                if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                    raise ConfigError(f"signals.alerts.{key} must be an integer >= 0, not {v!r}")
+                values[key] = v
+        if "refusal_burst_severity" in table:
+            v = table["refusal_burst_severity"]
+            if v not in SEVERITIES:
+                raise ConfigError(
+                    f"signals.alerts.refusal_burst_severity must be one of"
+                    f" {', '.join(SEVERITIES)}, not {v!r}"
+                )
+            values["refusal_burst_severity"] = v
+        if "fallback_recipients" in table:
+            v = table["fallback_recipients"]
+            if not isinstance(v, list) or not all(isinstance(x, str) and x for x in v):
+                raise ConfigError(
+                    "signals.alerts.fallback_recipients must be a list of people's ids"
+                    ' (e.g. ["User:oncall"])'
+                )
+            values["fallback_recipients"] = tuple(v)
+        if values.get("max_decisions", 1) < 1:
+            raise ConfigError("signals.alerts.max_decisions must be at least 1")
+        return cls(**values)
+
+
+@dataclass(frozen=True, slots=True)
+class Alert:
+    id: str
+    name: str
+    principal: str  # as the policy writes it: Agent{"client"}
+    severity: str
+    state: str  # open | acknowledged
+    count: int
+    decision_ids: tuple[str, ...]
+    detail: dict = field(hash=False)
+    first_at: float = 0.0
+    last_at: float = 0.0
+    owner: str = ""  # the principal's owner, as found when it was raised ("" : none)
+    recipients: tuple[str, ...] = ()  # who the first notification named
+    escalate_at: float | None = None  # when it escalates unless acknowledged (None: not)
+    escalated_to: tuple[str, ...] = ()
+    escalated_at: float | None = None
+    acknowledged_by: str = ""
+    acknowledged_at: float | None = None
+    acknowledged_channel: str = ""
+
+    def public(self) -> dict[str, Any]:
+        """As the API shows it."""
+        return {
+            "id": self.id,
+            "name": self.name,
+            "principal": self.principal,
+            "severity": self.severity,
+            "state": self.state,
+            "count": self.count,
+            "decision_ids": list(self.decision_ids),
+            "detail": self.detail,
+            "first_at": self.first_at,
+            "last_at": self.last_at,
+            "owner": self.owner or None,
+            "recipients": list(self.recipients),
+            "escalate_at": self.escalate_at,
+            "escalated_to": list(self.escalated_to),
+            "escalated_at": self.escalated_at,
+            "acknowledged_by": self.acknowledged_by or None,
+            "acknowledged_at": self.acknowledged_at,
+            "acknowledged_channel": self.acknowledged_channel or None,
+        }
+
+
+_COLUMNS = (
+    "id, name, principal, severity, state, count, decision_ids, detail, first_at, last_at,"
+    " owner, recipients, escalate_at, escalated_to, escalated_at, acknowledged_by,"
+    " acknowledged_at, acknowledged_channel"
+)
+
+
+def _alert(row: tuple) -> Alert:
+    (
+        id_,
+        name,
+        principal,
+        severity,
+        state,
+        count,
+        decisions,
+        detail,
+        first_at,
+        last_at,
+        owner,
+        recipients,
+        escalate_at,
+        escalated_to,
+        escalated_at,
+        ack_by,
+        ack_at,
+        ack_channel,
+    ) = row
+    return Alert(
+        id_,
+        name,
+        principal,
+        severity,
+        state,
+        count,
+        tuple(json.loads(decisions)),
+        json.loads(detail),
+        first_at,
+        last_at,
+        owner,
+        tuple(json.loads(recipients)),
+        escalate_at,
+        tuple(json.loads(escalated_to)),
+        escalated_at,
+        ack_by,
+        ack_at,
+        ack_channel,
+    )
+
+
+def severity_of(value: str, name: str) -> str:
+    """A severity as given, or "high" (logged loudly) when it is not one of `SEVERITIES`: an
+    alert whose rule is mistyped still fires, and errs on the side of being seen."""
+    if value in SEVERITIES:
+        return value
+    log.error(
+        "alert %r has severity %r, which is not one of %s: treated as high (fix the rule)",
+        name,
+        value,
+        ", ".join(SEVERITIES),
+    )
+    return "high"
+
+
+class AlertStore:
+    """The ``alerts`` table. Every method does I/O: call from a worker thread."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+        db.migrate("signals_alerts", _MIGRATIONS)
+
+    def get(self, alert_id: str) -> Alert:
+        rows = self.db.execute(f"SELECT {_COLUMNS} FROM alerts WHERE id = ?", (alert_id,))
+        if not rows:
+            raise AlertNotFound(f"no alert {alert_id!r}")
+        return _alert(rows[0])
+
+    def list(self, state: str | None = None, limit: int = 100) -> list[Alert]:
+        if state is not None and state not in (OPEN, ACKNOWLEDGED):
+            raise AlertError(f"state must be {OPEN} or {ACKNOWLEDGED}, not {state!r}")
+        where, args = ("WHERE state = ?", (state,)) if state else ("", ())
+        rows = self.db.execute(
+            f"SELECT {_COLUMNS} FROM alerts {where} ORDER BY last_at DESC LIMIT ?",
+            (*args, limit),
+        )
+        return [_alert(r) for r in rows]
+
+    def due(self, now: float) -> list[Alert]:
+        rows = self.db.execute(
+            f"SELECT {_COLUMNS} FROM alerts WHERE state = ? AND escalate_at IS NOT NULL"
+            " AND escalate_at <= ? ORDER BY escalate_at LIMIT 100",
+            (OPEN, now),
+        )
+        return [_alert(r) for r in rows]
+
+
+class Alerts:
+    """Raising, escalating and acknowledging alerts.
+
+    ``notify(alert, stage, recipients)`` tells people (stage "raised" or "escalated"); it is
+    called in the thread that raised the alert, after the alert is stored, and must not wait on
+    a receiver (the webhook outbox only inserts rows)."""
+
+    def __init__(
+        self,
+        store: AlertStore,
+        settings: AlertSettings,
+        authorizer: Callable[[], Authorizer],
+        issuer: str,
+        notify: Callable[[Alert, str, tuple[str, ...]], None] | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.store = store
+        self.settings = settings
+        self.authorizer = authorizer
+        self.issuer = issuer.rstrip("/")
+        self.notify = notify
+        self.webhooks: Any = None  # the signed webhooks that `notify` queues for, if any
+        self.clock = clock
+        self._refusals: dict[str, deque[float]] = {}
+        self._lock = threading.Lock()
+
+    def url(self, alert_id: str) -> str:
+        return f"{self.issuer}/alerts/{alert_id}"
+
+    # -- raising ---------------------------------------------------------------------------------
+
+    def raise_alert(
+        self,
+        name: str,
+        severity: str,
+        principal: Entity | str,
+        decision_id: str = "",
+        detail: dict[str, Any] | None = None,
+    ) -> Alert:
+        """Raise ``name`` for ``principal`` (the hook for alerts bastion raises itself: refusal
+        bursts here; bulk destructive actions, behaviour far above baseline, a suspended agent
+        still calling elsewhere). Within the cooldown of the same (name, principal) it counts
+        the same alert again and tells nobody. Does I/O: call from a worker thread."""
+        if not isinstance(name, str) or not name or len(name) > 200:
+            raise AlertError("an alert's name must be text of 1 to 200 characters")
+        severity = severity_of(severity, name)
+        who = principal if isinstance(principal, str) else repr(principal)
+        now = self.clock()
+        db = self.store.db
+        keep = self.settings.max_decisions
+        with db.transaction():
+            rows = db.execute(
+                f"SELECT {_COLUMNS} FROM alerts WHERE name = ? AND principal = ? AND last_at >= ?"
+                " ORDER BY last_at DESC LIMIT 1",
+                (name, who, now - self.settings.cooldown_seconds),
+            )
+            if rows:
+                alert = _alert(rows[0])
+                decisions = alert.decision_ids
+                if decision_id and decision_id not in decisions:
+                    decisions = (*decisions, decision_id)[-keep:]
+                # The most severe raising decides how the alert reads.
+                worst = max(alert.severity, severity, key=SEVERITIES.index)
+                db.execute(
+                    "UPDATE alerts SET count = count + 1, decision_ids = ?, last_at = ?,"
+                    " severity = ? WHERE id = ?",
+                    (json.dumps(decisions), now, worst, alert.id),
+                )
+                return self.store.get(alert.id)
+            owner = self._owner(who)
+            recipients = (owner,) if owner else self.settings.fallback_recipients
+            alert = Alert(
+                secrets.token_urlsafe(12),
+                name,
+                who,
+                severity,
+                OPEN,
+                1,
+                (decision_id,) if decision_id else (),
+                dict(detail or {}),
+                now,
+                now,
+                owner,
+                recipients,
+                now + self.settings.escalate_after_seconds,
+            )
+            db.execute(
+                f"INSERT INTO alerts ({_COLUMNS}) VALUES"
+                " (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    alert.id,
+                    name,
+                    who,
+                    severity,
+                    OPEN,
+                    1,
+                    json.dumps(alert.decision_ids),
+                    json.dumps(alert.detail, default=str),
+                    now,
+                    now,
+                    owner,
+                    json.dumps(recipients),
+                    alert.escalate_at,
+                    "[]",
+                    None,
+                    "",
+                    None,
+                    "",
+                ),
+            )
+        log.warning("alert %s %r (%s) for %s raised", alert.id, name, severity, who)
+        self._tell(alert, "raised", recipients)
+        return alert
+
+    def from_decision(
+        self,
+        alerts: Iterable[tuple[Entity, str, str]],
+        decision_id: str,
+        detail: dict[str, Any],
+    ) -> list[Alert]:
+        """Raise the alerts a decision's ``alert(actor, name, severity)`` rules asked for."""
+        return [
+            self.raise_alert(name, severity, principal, decision_id, detail)
+            for principal, name, severity in alerts
+        ]
+
+    def refused(self, principal: Entity, decision_id: str, detail: dict[str, Any]) -> Alert | None:
+        """Count a refusal of ``principal``: more than ``refusal_burst_count`` within
+        ``refusal_burst_seconds`` raises the built-in "refusal_burst" alert. Counted per
+        process (the alert itself is shared through the database)."""
+        n, window = self.settings.refusal_burst_count, self.settings.refusal_burst_seconds
+        if n <= 0:
+            return None
+        key = repr(principal)
+        now = self.clock()
+        with self._lock:
+            seen = self._refusals.setdefault(key, deque())
+            seen.append(now)
+            while seen and seen[0] <= now - window:
+                seen.popleft()
+            burst = len(seen) > n
+            if len(self._refusals) > 100_000:  # bounded: forget quiet principals
+                for k in [k for k, v in self._refusals.items() if not v or v[-1] <= now - window]:
+                    del self._refusals[k]
+        if not burst:
+            return None
+        return self.raise_alert(
+            REFUSAL_BURST,
+            self.settings.refusal_burst_severity,
+            principal,
+            decision_id,
+            {**detail, "refusals": len(seen), "within_seconds": window},
+        )
+
+    # -- escalation ------------------------------------------------------------------------------
+
+    def escalate_due(self) -> list[Alert]:
+        """Tell the owner's manager of every open alert past its escalation time. Does I/O."""
+        done = []
+        for alert in self.store.due(self.clock()):
+            managers = self._managers(alert.owner) if alert.owner else ()
+            to = managers or self.settings.fallback_recipients
+            now = self.clock()
+            changed = self.store.db.execute(
+                "UPDATE alerts SET escalate_at = NULL, escalated_at = ?, escalated_to = ?"
+                " WHERE id = ? AND state = ? AND escalate_at IS NOT NULL RETURNING id",
+                (now, json.dumps(to), alert.id, OPEN),
+            )
+            if not changed:
+                continue  # acknowledged meanwhile, or another replica escalated it
+            alert = self.store.get(alert.id)
+            log.warning("alert %s %r escalated to %s", alert.id, alert.name, ", ".join(to))
+            self._tell(alert, "escalated", to)
+            done.append(alert)
+        return done
+
+    async def escalate_forever(self) -> None:
+        """The background task: escalate what is due, every ``escalation_poll_seconds``."""
+        while True:
+            try:
+                await anyio.to_thread.run_sync(self.escalate_due)
+            except Exception as e:
+                log.warning("alerts: could not escalate (%s); trying again", first_line(e))
+            await asyncio.sleep(self.settings.escalation_poll_seconds or 1.0)
+
+    # -- acknowledging ---------------------------------------------------------------------------
+
+    def acknowledge(self, alert_id: str, by: str, channel: str) -> Alert:
+        """Acknowledge: no escalation after this; who, when and how are recorded. Does I/O."""
+        if channel not in CHANNELS:
+            raise AlertError(f"channel must be one of {', '.join(CHANNELS)}, not {channel!r}")
+        if not by:
+            raise AlertError("an acknowledgement must say who acknowledges")
+        with self.store.db.transaction():
+            alert = self.store.get(alert_id)
+            if alert.state == ACKNOWLEDGED:
+                raise AlertError(
+                    f"alert {alert_id} was acknowledged already, by {alert.acknowledged_by}"
+                )
+            self.store.db.execute(
+                "UPDATE alerts SET state = ?, escalate_at = NULL, acknowledged_by = ?,"
+                " acknowledged_at = ?, acknowledged_channel = ? WHERE id = ?",
+                (ACKNOWLEDGED, by, self.clock(), channel, alert_id),
+            )
+            return self.store.get(alert_id)
+
+    # -- who is told -----------------------------------------------------------------------------
+
+    def _owner(self, principal: str) -> str:
+        try:
+            entity = Entity.parse(principal)
+            rows = self.authorizer().facts.get(("owner", entity, None))
+        except Exception:
+            return ""
+        owners = sorted(repr(r[2]) for r in rows if isinstance(r[2], Entity))
+        return owners[0] if owners else ""
+
+    def _managers(self, owner: str) -> tuple[str, ...]:
+        try:
+            rows = self.authorizer().facts.get(("manager", Entity.parse(owner), None))
+        except Exception:
+            return ()
+        return tuple(sorted(repr(r[2]) for r in rows if isinstance(r[2], Entity)))
+
+    def _tell(self, alert: Alert, stage: str, recipients: tuple[str, ...]) -> None:
+        if self.notify is None:
+            return
+        try:
+            self.notify(alert, stage, recipients)
+        except Exception:
+            # The alert is stored: an outbox that cannot be written does not lose it.
+            log.exception("alert %s: the notification could not be queued", alert.id)
+
+
+def alerts_from_config(
+    database: str,
+    table: dict[str, Any],
+    issuer: str,
+    authorizer: Callable[[], Authorizer],
+) -> Alerts:
+    """The alerts of a server with a gateway: their own database connection and settings."""
+    settings = AlertSettings.from_mapping(table)
+    db = Database(database, role="bastion-alerts")
+    alerts = Alerts(AlertStore(db), settings, authorizer, issuer)
+    if settings.webhooks:
+        from bastion.signals.alert_webhooks import AlertWebhooks
+
+        alerts.webhooks = AlertWebhooks(settings, db, alerts.url)
+        alerts.notify = alerts.webhooks.notify
+    return alerts

@@ -1,0 +1,325 @@
+"""Alerts end to end: a real bastion (uvicorn) in front of real MCP servers, the official MCP SDK
+client, and a real webhook receiver that checks the signature with its own code. A policy alert
+fires on a call and reaches the receiver; raised again within the cooldown it is the same alert,
+told once; not acknowledged in time it escalates to the owner's manager; acknowledged (API), it
+does not. A burst of refusals raises the built-in alert. Every API refusal is tried."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import pytest
+from argon2 import PasswordHasher
+from mcp.shared.exceptions import MCPError
+
+from bastion.facts.model import Entity
+from bastion.oauth import users
+from bastion.server.config import ConfigError
+from bastion.signals.alerts import AlertSettings, severity_of
+from tests.approvals.test_webhooks import SECRET, Receiver
+from tests.gateway.support import start
+from tests.oauth.support import free_socket, serve
+
+RULES = """
+declare owner(Agent, User);
+declare manager(User, User);
+alert(agent: Agent, "customer_search", "high") if
+  context.tool = "search_customers" and context.arguments.query = "everyone";
+alert(_user: User, "loud_search", "bogus") if
+  context.tool = "search_customers" and context.arguments.query = "loud";
+"""
+SECRET_ENV = "BASTION_TEST_ALERT_SECRET"
+ESCALATE_AFTER = 600
+
+
+@pytest.fixture(scope="module")
+def receiver():
+    got = Receiver()
+    served = serve(got.app(), free_socket())
+    url = served.__enter__() + "/hook"
+    yield got, url
+    served.__exit__(None, None, None)
+
+
+@pytest.fixture(scope="module")
+def bastion(tmp_path_factory, receiver):
+    os.environ[SECRET_ENV] = SECRET.decode()
+    saved = users._HASHER
+    users._HASHER = PasswordHasher(time_cost=1, memory_cost=1024, parallelism=1)
+    signals = {
+        "alerts": {
+            "cooldown_seconds": 300,
+            "escalate_after_seconds": ESCALATE_AFTER,
+            "escalation_poll_seconds": 0.05,
+            "refusal_burst_count": 3,
+            "refusal_burst_seconds": 60,
+            "fallback_recipients": ["User:oncall"],
+            "webhook_backoff_seconds": 0.02,
+            "webhooks": [{"url": receiver[1], "secret_env": SECRET_ENV}],
+        }
+    }
+    try:
+        with start(
+            tmp_path_factory.mktemp("alerts"), policy_extra=RULES, signals=signals
+        ) as running:
+            yield running
+    finally:
+        users._HASHER = saved
+        os.environ.pop(SECRET_ENV, None)
+
+
+@pytest.fixture
+def clock(bastion):
+    """Moves the alerts' clock (escalation) forward without sleeping."""
+    alerts = bastion.app.state.alerts
+    offset = [0.0]
+    alerts.clock = lambda: time.time() + offset[0]
+    yield offset
+    alerts.clock = time.time
+
+
+def owned_agent(bastion, owner: str, manager: str | None):
+    """Registers the SDK's client ahead of its run, and makes ``owner`` own it."""
+    registered = {}
+    plain = type(bastion).register
+
+    def register(scope):
+        info = plain(bastion, scope)
+        registered["client_id"] = info.client_id
+        agent = Entity("Agent", info.client_id)
+        facts = [("owner", agent, Entity("User", owner))]
+        if manager:
+            facts.append(("manager", Entity("User", owner), Entity("User", manager)))
+        bastion.apply(inserts=facts)
+        return info
+
+    bastion.register = register
+    return registered
+
+
+def search(bastion, *queries: str, server: str = "deskhttp", owner="pat", manager="boss"):
+    registered = owned_agent(bastion, owner, manager)
+
+    async def script(client, seen):
+        for q in queries:
+            try:
+                await client.call_tool("search_customers", {"query": q})
+                seen.setdefault("calls", []).append("ok")
+            except MCPError as e:
+                seen.setdefault("calls", []).append(e.error.data)
+
+    try:
+        seen = bastion.sdk("sam", server, "legacy", script, registered_scope="customers:read")
+    finally:
+        del bastion.register
+    return registered["client_id"], seen
+
+
+def told(receiver, alert_id: str, event: str | None = None) -> list[dict]:
+    got, _ = receiver
+    bodies = [json.loads(r.body) for r in got.got if r.verified]
+    return [
+        b
+        for b in bodies
+        if b.get("alert", {}).get("id") == alert_id and (event is None or b["event"] == event)
+    ]
+
+
+def wait_for(condition, what: str, seconds: float = 10.0):
+    deadline = time.monotonic() + seconds
+    while not (value := condition()):
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+    return value
+
+
+def alerts_of(bastion, name: str, principal: str):
+    return [
+        a
+        for a in bastion.app.state.alerts.store.list()
+        if a.name == name and a.principal == principal
+    ]
+
+
+def api_key(bastion, scopes=("alerts",)) -> dict:
+    key, _ = bastion.app.state.keys.create("alerts test", list(scopes))
+    return {"Authorization": f"Bearer {key}"}
+
+
+# -- a policy alert, told, deduplicated, escalated ----------------------------------------------
+
+
+def test_a_policy_alert_reaches_the_owner_signed_once_within_the_cooldown(bastion, receiver):
+    client_id, seen = search(bastion, "everyone", "everyone", "ada")
+    assert seen["calls"] == ["ok", "ok", "ok"]  # an alert never changes the decision
+    [alert] = alerts_of(bastion, "customer_search", f'Agent{{"{client_id}"}}')
+    assert alert.severity == "high" and alert.state == "open"
+    assert alert.count == 2 and len(alert.decision_ids) == 2
+    assert alert.owner == 'User{"pat"}' and alert.recipients == ('User{"pat"}',)
+    [body] = wait_for(lambda: told(receiver, alert.id), "the alert's webhook")
+    assert body["event"] == "alert.raised"
+    assert body["alert"]["recipients"] == ['User{"pat"}']
+    assert f"{bastion.url}/alerts/{alert.id}" in body["text"]
+    # Every alert links the decision records that raised it.
+    bastion.flush()
+    for decision_id in alert.decision_ids:
+        record = bastion.records.get(decision_id)
+        assert record is not None and record.result == "allow"
+    time.sleep(0.3)  # a second notification would have arrived by now; none may
+    assert len(told(receiver, alert.id)) == 1
+
+
+def test_an_alert_not_acknowledged_in_time_escalates_to_the_owners_manager(
+    bastion, receiver, clock
+):
+    client_id, _ = search(bastion, "everyone", owner="quinn", manager="boss")
+    [alert] = [
+        a
+        for a in alerts_of(bastion, "customer_search", f'Agent{{"{client_id}"}}')
+        if a.state == "open"
+    ]
+    assert alert.owner == 'User{"quinn"}'
+    wait_for(lambda: told(receiver, alert.id, "alert.raised"), "the first notification")
+    assert not told(receiver, alert.id, "alert.escalated")
+    clock[0] = ESCALATE_AFTER + 1
+    [body] = wait_for(lambda: told(receiver, alert.id, "alert.escalated"), "the escalation")
+    assert body["alert"]["recipients"] == ['User{"boss"}']
+    escalated = bastion.app.state.alerts.store.get(alert.id)
+    assert escalated.escalated_to == ('User{"boss"}',) and escalated.escalate_at is None
+
+
+def test_an_acknowledged_alert_does_not_escalate(bastion, receiver, clock):
+    client_id, _ = search(bastion, "everyone", owner="rene", manager="boss")
+    [alert] = alerts_of(bastion, "customer_search", f'Agent{{"{client_id}"}}')
+    response = bastion.http.post(
+        f"{bastion.url}/v1/alerts/{alert.id}/acknowledge",
+        json={"by": "rene"},
+        headers=api_key(bastion),
+    )
+    assert response.status_code == 200, response.text
+    assert response.json()["acknowledged_by"] == "rene"
+    assert response.json()["acknowledged_channel"] == "api"
+    clock[0] = ESCALATE_AFTER * 10
+    bastion.app.state.alerts.escalate_due()  # as the background task does
+    time.sleep(0.3)
+    assert not told(receiver, alert.id, "alert.escalated")
+    assert bastion.app.state.alerts.store.get(alert.id).state == "acknowledged"
+
+
+def test_without_an_owner_the_fallback_recipients_are_named(bastion):
+    alert = bastion.app.state.alerts.raise_alert(
+        "bulk_delete", "critical", Entity("Agent", "nobody-owns-me"), "d-1", {"rows": 900}
+    )
+    assert alert.owner == "" and alert.recipients == ("User:oncall",)
+
+
+def test_an_unknown_severity_is_treated_as_high(bastion):
+    search(bastion, "loud")
+    [alert] = alerts_of(bastion, "loud_search", 'User{"sam"}')
+    assert alert.severity == "high"
+    assert severity_of("critical", "x") == "critical"
+
+
+# -- the built-in refusal burst -------------------------------------------------------------------
+
+
+def test_a_burst_of_refusals_raises_the_built_in_alert(bastion):
+    # The lab's admin-only resources are refused to sam; more than 3 refusals within 60 s.
+    before = {a.id for a in alerts_of(bastion, "refusal_burst", 'User{"sam"}')}
+    alerts = bastion.app.state.alerts
+    for i in range(4):
+        alerts.refused(Entity("User", "sam"), f"refused-{i}", {"reason": "not_permitted"})
+    [alert] = [a for a in alerts_of(bastion, "refusal_burst", 'User{"sam"}') if a.id not in before]
+    assert alert.severity == "high" and alert.decision_ids == ("refused-3",)
+    assert alert.detail["refusals"] == 4
+
+
+def test_refusals_through_the_gateway_count_towards_the_burst(bastion):
+    registered = owned_agent(bastion, "pat", None)
+
+    async def script(client, seen):
+        for _ in range(5):
+            try:
+                await client.call_tool("delete_customer", {"customer_id": "c1"})
+            except MCPError as e:
+                seen.setdefault("refused", []).append(e.error.data["reason"])
+
+    try:
+        seen = bastion.sdk("sam", "deskhttp", "legacy", script, registered_scope="customers:read")
+    finally:
+        del bastion.register
+    assert seen.get("refused"), "the call was expected to be refused"
+    agent = f'Agent{{"{registered["client_id"]}"}}'
+    [alert] = alerts_of(bastion, "refusal_burst", agent)
+    assert alert.count >= 1 and alert.owner == 'User{"pat"}'
+
+
+# -- the API: every refusal ----------------------------------------------------------------------
+
+
+def test_the_api_lists_and_shows_alerts(bastion):
+    alert = bastion.app.state.alerts.raise_alert("listed", "low", Entity("Agent", "a1"))
+    headers = api_key(bastion)
+    listed = bastion.http.get(f"{bastion.url}/v1/alerts?state=open", headers=headers)
+    assert listed.status_code == 200
+    assert alert.id in [a["id"] for a in listed.json()["alerts"]]
+    shown = bastion.http.get(f"{bastion.url}/v1/alerts/{alert.id}", headers=headers)
+    assert shown.json()["name"] == "listed"
+
+
+def test_the_api_refuses_what_it_must(bastion):
+    alert = bastion.app.state.alerts.raise_alert("refusals", "low", Entity("Agent", "a2"))
+    url = f"{bastion.url}/v1/alerts"
+    good = api_key(bastion)
+    wrong_scope = api_key(bastion, ("facts:read",))
+    http = bastion.http
+    assert http.get(url).status_code == 401
+    assert http.get(url, headers={"Authorization": "Bearer bst_nope"}).status_code == 401
+    assert http.get(url, headers=wrong_scope).status_code == 403
+    ack = f"{url}/{alert.id}/acknowledge"
+    assert http.post(ack, json={"by": "x"}, headers=wrong_scope).status_code == 403
+    assert http.get(f"{url}?state=closed", headers=good).status_code == 400
+    assert http.get(f"{url}?limit=0", headers=good).status_code == 400
+    assert http.get(f"{url}?limit=x", headers=good).status_code == 400
+    assert http.get(f"{url}/nope", headers=good).status_code == 404
+    assert http.get(f"{url}/{'x' * 100}", headers=good).status_code == 404
+    assert http.post(f"{url}/nope/acknowledge", json={"by": "x"}, headers=good).status_code == 404
+    for bad in ({}, {"by": ""}, {"by": 3}, {"by": " spaced "}, {"by": "x" * 200}):
+        assert http.post(ack, json=bad, headers=good).status_code == 400, bad
+    assert http.post(ack, content=b"not json", headers=good).status_code == 400
+    # Nothing changed by the refused requests.
+    assert bastion.app.state.alerts.store.get(alert.id).state == "open"
+    assert http.post(ack, json={"by": "ops"}, headers=good).status_code == 200
+    again = http.post(ack, json={"by": "other"}, headers=good)
+    assert again.status_code == 409
+    assert bastion.app.state.alerts.store.get(alert.id).acknowledged_by == "ops"
+
+
+# -- settings ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "table",
+    [
+        {"cooldown": 3},
+        {"cooldown_seconds": -1},
+        {"cooldown_seconds": "soon"},
+        {"refusal_burst_count": 1.5},
+        {"refusal_burst_severity": "urgent"},
+        {"fallback_recipients": "User:oncall"},
+        {"max_decisions": 0},
+        {"webhooks": [{"url": "https://h.example/x", "secret": "inline"}]},
+        {"webhooks": [{"url": "https://h.example/x", "secret_env": "BASTION_UNSET_SECRET"}]},
+    ],
+)
+def test_bad_alert_settings_are_refused_with_a_clear_error(table):
+    with pytest.raises(ConfigError):
+        AlertSettings.from_mapping(table, env={})
+
+
+def test_alert_settings_have_defaults():
+    settings = AlertSettings.from_mapping({})
+    assert settings.cooldown_seconds == 300 and settings.escalate_after_seconds == 900
+    assert settings.refusal_burst_count == 20 and settings.refusal_burst_seconds == 60
