@@ -15,6 +15,7 @@ COMMAND_MODULES = [
     "bastion.approvals.commands",
     "bastion.signals.commands",
     "bastion.signals.suspension_commands",
+    "bastion.signals.alert_commands",
 ]
 
 

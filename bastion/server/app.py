@@ -318,6 +318,13 @@ def _alerts(config: ServerConfig, oauth, replica: Replica, gateway):
     return alerts
 
 
+def _alert_pages(alerts, oauth) -> list[BaseRoute]:
+    """The alert's page, under the issuer (where `Alerts.url` points)."""
+    from bastion.signals.pages import AlertPages
+
+    return list(AlertPages(alerts, oauth).routes())
+
+
 def create_app(config: ServerConfig) -> Starlette:
     """The whole server for one configuration. State is opened by the lifespan."""
     # Writes and key checks use this connection; the replica reads the log on its own.
@@ -401,6 +408,7 @@ def create_app(config: ServerConfig) -> Starlette:
         *(oauth.routes() if oauth is not None else []),
         *(_approval_pages(approvals, oauth) if approvals is not None else []),
         *(signals.routes() if signals is not None else []),
+        *(_alert_pages(alerts, oauth) if alerts is not None else []),
     ]
     routes = one_route_per_path(routes)
     # First, so that every body is capped while it is read, whichever route it is for.

@@ -13,6 +13,7 @@ from functools import cache
 from typing import Any
 
 from bastion.approvals.store import KINDS, STATUSES
+from bastion.server.api import alerts as alerts_api
 from bastion.server.api import approvals as approvals_api
 from bastion.server.api import signals as signals_api
 from bastion.server.api import suspensions as suspensions_api
@@ -187,6 +188,50 @@ SCHEMAS: dict[str, Any] = {
         reason=_STR,
         at=_NUM,
     ),
+    "Alert": _response(
+        [
+            "id",
+            "name",
+            "principal",
+            "severity",
+            "state",
+            "count",
+            "decision_ids",
+            "detail",
+            "first_at",
+            "last_at",
+            "owner",
+            "recipients",
+            "escalate_at",
+            "escalated_to",
+            "escalated_at",
+            "acknowledged_by",
+            "acknowledged_at",
+            "acknowledged_channel",
+        ],
+        id=_STR,
+        name={**_STR, "description": "the alert's name, as the policy rule or bastion gave it"},
+        principal={**_STR, "description": 'the principal it is about: Agent{"client"}'},
+        severity={"enum": ["low", "medium", "high", "critical"]},
+        state={"enum": ["open", "acknowledged"]},
+        count={**_INT, "description": "times raised within the cooldown"},
+        decision_ids={
+            "type": "array",
+            "items": _STR,
+            "description": "the decision records that raised it (bastion audit tail)",
+        },
+        detail={"type": "object"},
+        first_at=_NUM,
+        last_at=_NUM,
+        owner=_nullable(_STR),
+        recipients={"type": "array", "items": _STR},
+        escalate_at=_nullable(_NUM),
+        escalated_to={"type": "array", "items": _STR},
+        escalated_at=_nullable(_NUM),
+        acknowledged_by=_nullable(_STR),
+        acknowledged_at=_nullable(_NUM),
+        acknowledged_channel=_nullable({"enum": ["page", "api", "cli"]}),
+    ),
     "ApprovalRequest": _response(
         [
             "id",
@@ -303,8 +348,8 @@ _WHY = {
     422: "well formed, but refused by the policy in force or the state of the store",
     500: "an unexpected failure; the detail names nothing of the internals",
     503: "the database is unavailable, this replica's facts are stale, or it has not applied"
-    " the write asked for with at_least; retry (Retry-After); for /v1/approvals also: this"
-    " server has no approvals (no [gateway] configured)",
+    " the write asked for with at_least; retry (Retry-After); for /v1/approvals and"
+    " /v1/alerts also: this server has no approvals or alerts (no [gateway] configured)",
 }
 
 
@@ -943,6 +988,48 @@ PATHS: dict[str, Any] = {
             _response(["sequence", "cleared"], sequence=_INT, cleared=_INT),
             body=_request(["subject"], subject=_ref("SignalSubject"), name=_nullable(_SIGNAL_NAME)),
         )
+    },
+    "/v1/alerts": {
+        "get": _op(
+            "Alerts, most recently raised first",
+            alerts_api.SCOPE,
+            _response(["alerts"], alerts={"type": "array", "items": _ref("Alert")}),
+            params=[
+                _query("state", {"enum": ["open", "acknowledged"]}, "only alerts in this state"),
+                _query(
+                    "limit",
+                    {**_INT, **_LIMIT, "maximum": alerts_api.MAX_PAGE},
+                    f"at most this many, 1..{alerts_api.MAX_PAGE} (default"
+                    f" {alerts_api.DEFAULT_PAGE})",
+                ),
+            ],
+            links={
+                name: {"operationId": op, "parameters": {"alert_id": "$response.body#/alerts/0/id"}}
+                for name, op in (("GetAlert", "getAlert"), ("Acknowledge", "acknowledgeAlert"))
+            },
+        )
+    },
+    "/v1/alerts/{alert_id}": {
+        "get": _op(
+            "One alert",
+            alerts_api.SCOPE,
+            _ref("Alert"),
+            problems=(404,),
+            params=[_path("alert_id", "the id of an alert")],
+        )
+        | {"operationId": "getAlert"}
+    },
+    "/v1/alerts/{alert_id}/acknowledge": {
+        "post": _op(
+            "Acknowledge an alert as the person named in by (the API key vouches for them): it"
+            " is not escalated any further; 409 if it was acknowledged already",
+            alerts_api.SCOPE,
+            _ref("Alert"),
+            body=_request(["by"], by={**_STR, "minLength": 1, "maxLength": alerts_api.MAX_PERSON}),
+            problems=(404, 409, 422),
+            params=[_path("alert_id", "the id of an alert")],
+        )
+        | {"operationId": "acknowledgeAlert"}
     },
     "/v1/openapi.json": {"get": _op("This document", None, {"type": "object"})},
     "/healthz": {

@@ -91,7 +91,7 @@ class AlertSettings:
     refusal_burst_severity: str = "high"
     # Decision ids kept per alert (the first ones and the latest ones past that are dropped).
     max_decisions: int = 50
-    # Who is named when a principal has no owner (people's ids, e.g. "User:oncall").
+    # Who is named when a principal has no owner: user names, each told as User{"name"}.
     fallback_recipients: tuple[str, ...] = ()
     # How often the escalation task looks for alerts due.
     escalation_poll_seconds: float = 5.0
@@ -143,10 +143,10 @@ class AlertSettings:
             v = table["fallback_recipients"]
             if not isinstance(v, list) or not all(isinstance(x, str) and x for x in v):
                 raise ConfigError(
-                    "signals.alerts.fallback_recipients must be a list of people's ids"
-                    ' (e.g. ["User:oncall"])'
+                    "signals.alerts.fallback_recipients must be a list of user names"
+                    ' (e.g. ["oncall"])'
                 )
-            values["fallback_recipients"] = tuple(v)
+            values["fallback_recipients"] = tuple(repr(Entity("User", x)) for x in v)
         if values.get("max_decisions", 1) < 1:
             raise ConfigError("signals.alerts.max_decisions must be at least 1")
         return cls(**values)
@@ -498,6 +498,12 @@ class Alerts:
                 (ACKNOWLEDGED, by, self.clock(), channel, alert_id),
             )
             return self.store.get(alert_id)
+
+    def may_acknowledge(self, alert: Alert, person: str) -> bool:
+        """Whether the signed-in user ``person`` is someone the alert was told to (its owner,
+        a recipient, or whom it escalated to): only they acknowledge it on its page."""
+        who = repr(Entity("User", person))
+        return who in {alert.owner, *alert.recipients, *alert.escalated_to}
 
     # -- who is told -----------------------------------------------------------------------------
 

@@ -9,7 +9,10 @@ from __future__ import annotations
 import json
 import os
 import time
+from contextlib import contextmanager
+from urllib.parse import urlsplit
 
+import httpx
 import pytest
 from argon2 import PasswordHasher
 from mcp.shared.exceptions import MCPError
@@ -18,9 +21,11 @@ from bastion.facts.model import Entity
 from bastion.oauth import users
 from bastion.server.config import ConfigError
 from bastion.signals.alerts import AlertSettings, severity_of
+from tests.approvals.test_pages import csrf_of, press
 from tests.approvals.test_webhooks import SECRET, Receiver
+from tests.browser import browser_fixture, tab_fixture  # noqa: F401 (fixtures)
 from tests.gateway.support import start
-from tests.oauth.support import free_socket, serve
+from tests.oauth.support import free_socket, hidden_fields, serve
 
 RULES = """
 declare owner(Agent, User);
@@ -55,7 +60,7 @@ def bastion(tmp_path_factory, receiver):
             "escalation_poll_seconds": 0.05,
             "refusal_burst_count": 3,
             "refusal_burst_seconds": 60,
-            "fallback_recipients": ["User:oncall"],
+            "fallback_recipients": ["oncall"],
             "webhook_backoff_seconds": 0.02,
             "webhooks": [{"url": receiver[1], "secret_env": SECRET_ENV}],
         }
@@ -212,7 +217,7 @@ def test_without_an_owner_the_fallback_recipients_are_named(bastion):
     alert = bastion.app.state.alerts.raise_alert(
         "bulk_delete", "critical", Entity("Agent", "nobody-owns-me"), "d-1", {"rows": 900}
     )
-    assert alert.owner == "" and alert.recipients == ("User:oncall",)
+    assert alert.owner == "" and alert.recipients == ('User{"oncall"}',)
 
 
 def test_an_unknown_severity_is_treated_as_high(bastion):
@@ -286,8 +291,10 @@ def test_the_api_refuses_what_it_must(bastion):
     assert http.get(f"{url}/nope", headers=good).status_code == 404
     assert http.get(f"{url}/{'x' * 100}", headers=good).status_code == 404
     assert http.post(f"{url}/nope/acknowledge", json={"by": "x"}, headers=good).status_code == 404
-    for bad in ({}, {"by": ""}, {"by": 3}, {"by": " spaced "}, {"by": "x" * 200}):
+    for bad in ({}, {"by": ""}, {"by": 3}, {"by": "x" * 200}):
         assert http.post(ack, json=bad, headers=good).status_code == 400, bad
+    for unnamed in (" spaced ", "new\nline"):
+        assert http.post(ack, json={"by": unnamed}, headers=good).status_code == 422
     assert http.post(ack, content=b"not json", headers=good).status_code == 400
     # Nothing changed by the refused requests.
     assert bastion.app.state.alerts.store.get(alert.id).state == "open"
@@ -308,7 +315,7 @@ def test_the_api_refuses_what_it_must(bastion):
         {"cooldown_seconds": "soon"},
         {"refusal_burst_count": 1.5},
         {"refusal_burst_severity": "urgent"},
-        {"fallback_recipients": "User:oncall"},
+        {"fallback_recipients": "oncall"},
         {"max_decisions": 0},
         {"webhooks": [{"url": "https://h.example/x", "secret": "inline"}]},
         {"webhooks": [{"url": "https://h.example/x", "secret_env": "BASTION_UNSET_SECRET"}]},
@@ -323,3 +330,92 @@ def test_alert_settings_have_defaults():
     settings = AlertSettings.from_mapping({})
     assert settings.cooldown_seconds == 300 and settings.escalate_after_seconds == 900
     assert settings.refusal_burst_count == 20 and settings.refusal_burst_seconds == 60
+
+
+# -- the command line ----------------------------------------------------------------------------
+
+
+def test_the_cli_lists_shows_and_acknowledges_and_then_nothing_escalates(
+    bastion, receiver, clock, capsys
+):
+    from bastion.cli import main
+
+    alert = bastion.app.state.alerts.raise_alert(
+        "cli_case", "medium", Entity("Agent", "cli-agent"), "d-cli"
+    )
+    database = ["--database", str(bastion.app.state.config.database)]
+    assert main(["alerts", "list", "--state", "open", *database]) == 0
+    assert alert.id in capsys.readouterr().out
+    assert main(["alerts", "show", alert.id, "--json", *database]) == 0
+    assert json.loads(capsys.readouterr().out)["decision_ids"] == ["d-cli"]
+    assert main(["alerts", "ack", "nope", "--as", "ops", *database]) == 1
+    assert "no alert has the id" in capsys.readouterr().err
+    assert main(["alerts", "ack", alert.id, "--as", "ops", *database]) == 0
+    acked = bastion.app.state.alerts.store.get(alert.id)
+    assert (acked.state, acked.acknowledged_by, acked.acknowledged_channel) == (
+        "acknowledged",
+        "ops",
+        "cli",
+    )
+    assert main(["alerts", "ack", alert.id, "--as", "someone", *database]) == 1
+    clock[0] = ESCALATE_AFTER * 10
+    assert alert.id not in [a.id for a in bastion.app.state.alerts.escalate_due()]
+
+
+# -- the page, in chromium -----------------------------------------------------------------------
+
+
+@contextmanager
+def signed_in(bastion, username: str):
+    """An HTTP client with ``username``'s session, by the sign-in page."""
+    with httpx.Client(base_url=bastion.url, follow_redirects=False, timeout=10) as http:
+        page = http.get("/sign-in", params={"next": "/"})
+        fields = {**hidden_fields(page.text), "username": username, "password": bastion.password}
+        assert http.post("/sign-in", data=fields).status_code == 303
+        yield http
+
+
+def sign_in(tab, username: str, password: str) -> None:
+    page = tab.page
+    page.get_by_label("Username").fill(username)
+    page.get_by_label("Password").fill(password)
+    with page.expect_navigation():
+        page.get_by_role("button", name="Sign in").click()
+
+
+def test_the_owner_acknowledges_on_the_page_and_nobody_else_can(bastion, tab, clock):
+    bastion.apply(inserts=[("owner", Entity("Agent", "page-agent"), Entity("User", "avery"))])
+    alert = bastion.app.state.alerts.raise_alert(
+        "page_case", "high", Entity("Agent", "page-agent"), "d-page"
+    )
+    url = f"{bastion.url}/alerts/{alert.id}"
+    # sam was not told of it: no form, and an acknowledgement he sends anyway is refused.
+    with signed_in(bastion, "sam") as http:
+        shown = http.get(f"/alerts/{alert.id}")
+        assert shown.status_code == 200 and "not sent to you" in shown.text
+        assert "csrf_token" not in shown.text
+        with signed_in(bastion, "avery") as avery:
+            token = csrf_of(avery.get(f"/alerts/{alert.id}").text)
+        forged = http.post(f"/alerts/{alert.id}", data={"csrf_token": token})
+        assert forged.status_code == 403
+    anonymous = httpx.post(url, data={"csrf_token": token})
+    assert anonymous.status_code == 403
+    assert bastion.app.state.alerts.store.get(alert.id).state == "open"
+    # avery, in the browser: signed out, sent to sign in, back to the alert, acknowledged.
+    page = tab.page
+    page.goto(url)
+    assert urlsplit(page.url).path == "/sign-in"
+    sign_in(tab, "avery", bastion.password)
+    assert page.url == url
+    assert page.locator("#alert").inner_text() == "page_case"
+    assert press(tab, "Acknowledge") == 200
+    assert "by avery (page)" in page.locator("#acknowledged").inner_text()
+    acked = bastion.app.state.alerts.store.get(alert.id)
+    assert (acked.state, acked.acknowledged_by, acked.acknowledged_channel) == (
+        "acknowledged",
+        "avery",
+        "page",
+    )
+    clock[0] = ESCALATE_AFTER * 10
+    assert alert.id not in [a.id for a in bastion.app.state.alerts.escalate_due()]
+    assert tab.console_errors == [] and tab.failed_requests == []

@@ -12,7 +12,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from bastion.server.auth import require
-from bastion.server.problems import Problem, bad_request, read_json
+from bastion.server.problems import Problem, bad_request, read_json, unprocessable
 from bastion.server.problems import field as get_field
 from bastion.signals.alerts import ACKNOWLEDGED, OPEN, AlertError, AlertNotFound, Alerts
 
@@ -79,9 +79,14 @@ async def acknowledge(request: Request) -> JSONResponse:
     alert_id = request.path_params["alert_id"]
     body = await read_json(request)
     by = get_field(body, "by", str)
-    if not by or len(by) > MAX_PERSON or not by.isprintable() or by.strip() != by:
+    if not by or len(by) > MAX_PERSON:
         raise bad_request(
-            f"by must be the acknowledging person's name: 1 to {MAX_PERSON} printable characters"
+            f"by must be the acknowledging person's name: 1 to {MAX_PERSON} characters"
+        )
+    if not by.isprintable() or by.strip() != by:
+        raise unprocessable(
+            f"by {by!r:.80} cannot be a person's name: names are printable, without surrounding"
+            " spaces"
         )
     if len(alert_id) > MAX_ID:
         raise _unknown(alert_id)

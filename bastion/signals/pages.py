@@ -1,0 +1,157 @@
+"""The alert's web page: what was raised, for whom, the decisions that raised it, and a button
+to acknowledge it. ``GET`` and ``POST <issuer path>/alerts/<id>`` (the link in each webhook).
+
+The person signs in with bastion's own login (the authorization server's session cookie; the
+sign-in page otherwise). Only someone the alert was told to (its owner, a recipient, the
+manager it escalated to: `Alerts.may_acknowledge`) sees the form; an acknowledgement sent by
+anyone else is refused (403). The form carries a CSRF token bound to the session and the alert
+(`bastion.oauth.csrf`). Rendered with every value escaped, no scripts (`bastion.oauth.pages`).
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from html import escape
+from typing import TYPE_CHECKING
+
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import RedirectResponse, Response
+from starlette.routing import Route
+
+from bastion.db import DatabaseUnavailable
+from bastion.oauth import pages
+from bastion.oauth.sign_in import SESSION_COOKIE, sign_in_url
+from bastion.signals.alerts import ACKNOWLEDGED, Alert, AlertError, AlertNotFound, Alerts
+
+if TYPE_CHECKING:
+    from bastion.oauth.server import AuthorizationServer
+
+MAX_ID = 64
+
+
+class AlertPages:
+    def __init__(self, alerts: Alerts, oauth: AuthorizationServer) -> None:
+        self.alerts = alerts
+        self.oauth = oauth
+        self.prefix = f"{oauth.settings.issuer_path}/alerts"
+
+    def routes(self) -> list[Route]:
+        return [
+            Route(f"{self.prefix}/{{alert_id}}", self.alert_page, methods=["GET"]),
+            Route(f"{self.prefix}/{{alert_id}}", self.acknowledge, methods=["POST"]),
+        ]
+
+    def _person(self, session: str) -> str | None:
+        return self.oauth.store.session_user(session, self.oauth.clock()) if session else None
+
+    def _csrf_token(self, session: str, alert_id: str) -> str:
+        return self.oauth.form_tokens.token(f"alert:{alert_id}", session)
+
+    def _csrf_valid(self, token: str, session: str, alert_id: str) -> bool:
+        return self.oauth.form_tokens.valid(
+            token, f"alert:{alert_id}", session, self.oauth.settings.session_seconds
+        )
+
+    def _get(self, alert_id: str) -> Alert | None:
+        if len(alert_id) > MAX_ID:
+            return None
+        try:
+            return self.alerts.store.get(alert_id)
+        except AlertNotFound:
+            return None
+
+    async def alert_page(self, request: Request) -> Response:
+        alert_id = request.path_params["alert_id"]
+        session = request.cookies.get(SESSION_COOKIE, "")
+        try:
+            person = await run_in_threadpool(self._person, session)
+            if person is None:
+                return RedirectResponse(
+                    sign_in_url(self.oauth.settings, request.url.path), status_code=303
+                )
+            alert = await run_in_threadpool(self._get, alert_id)
+        except DatabaseUnavailable:
+            return _message("Try again", "bastion cannot read its alerts right now.", 503)
+        if alert is None:
+            return _message("No such alert", "There is no alert here.", 404)
+        return self._page(alert, person, session)
+
+    async def acknowledge(self, request: Request) -> Response:
+        alert_id = request.path_params["alert_id"]
+        session = request.cookies.get(SESSION_COOKIE, "")
+        try:
+            form = await request.form()
+            person = await run_in_threadpool(self._person, session)
+            if person is None:
+                return _message("Refused", "You are not signed in: nothing was acknowledged.", 403)
+            if not self._csrf_valid(str(form.get("csrf_token", "")), session, alert_id):
+                return _message(
+                    "Refused",
+                    "The form is missing its CSRF token, or comes from another session or"
+                    " page: nothing was acknowledged.",
+                    403,
+                )
+            alert = await run_in_threadpool(self._get, alert_id)
+            if alert is None:
+                return _message("No such alert", "There is no alert here.", 404)
+            if not self.alerts.may_acknowledge(alert, person):
+                return _message(
+                    "Refused",
+                    "This alert was not sent to you: nothing was acknowledged.",
+                    403,
+                )
+            try:
+                await run_in_threadpool(self.alerts.acknowledge, alert_id, person, "page")
+            except AlertError as e:
+                return _message("Already acknowledged", escape(str(e)), 409)
+        except DatabaseUnavailable:
+            return _message("Try again", "bastion cannot write its alerts right now.", 503)
+        return RedirectResponse(request.url.path, status_code=303)
+
+    def _page(self, alert: Alert, person: str, session: str) -> Response:
+        rows = [
+            ("Alert", alert.name),
+            ("Severity", alert.severity),
+            ("About", alert.principal),
+            ("State", alert.state),
+            ("Raised", f"{alert.count} time(s), last at {_when(alert.last_at)}"),
+            ("Owner", alert.owner or "none"),
+            ("Told", ", ".join(alert.recipients) or "nobody"),
+            ("Escalated to", ", ".join(alert.escalated_to) or "-"),
+            ("Decisions", ", ".join(alert.decision_ids) or "-"),
+        ]
+        if alert.state == ACKNOWLEDGED:
+            rows.append(
+                (
+                    "Acknowledged",
+                    f"by {alert.acknowledged_by} ({alert.acknowledged_channel}) at"
+                    f" {_when(alert.acknowledged_at)}",
+                )
+            )
+        table = "".join(
+            f"<tr><th>{escape(k)}</th><td id='{escape(k.lower().replace(' ', '-'))}'>"
+            f"{escape(v)}</td></tr>"
+            for k, v in rows
+        )
+        form = ""
+        if alert.state != ACKNOWLEDGED and self.alerts.may_acknowledge(alert, person):
+            token = escape(self._csrf_token(session, alert.id), quote=True)
+            form = (
+                "<form method=post>"
+                f"<input type=hidden name=csrf_token value='{token}'>"
+                "<button type=submit id=acknowledge>Acknowledge</button></form>"
+            )
+        elif alert.state != ACKNOWLEDGED:
+            form = "<p id=not-yours>This alert was not sent to you.</p>"
+        return pages.page(f"Alert: {alert.name}", f"<table>{table}</table>{form}")
+
+
+def _when(epoch: float | None) -> str:
+    if epoch is None:
+        return "-"
+    return datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def _message(title: str, text: str, status: int) -> Response:
+    return pages.page(title, f"<p class=error role=alert>{text}</p>", status)
