@@ -41,7 +41,23 @@ def served_with_approvals(tmp_path: Path) -> ServerProcess:
         holder.hold(REPORT, kind="review", result={"rows": [1, 2]})
     finally:
         holder.close()
+    raise_alerts(database)
     return server
+
+
+def raise_alerts(database: str) -> None:
+    """Two alerts, for /v1/alerts's links to lead to."""
+    from bastion.db import Database
+    from bastion.facts.model import Entity
+    from bastion.signals.alerts import Alerts, AlertSettings, AlertStore
+
+    store = AlertStore(Database(database))
+    try:
+        alerts = Alerts(store, AlertSettings(), lambda: None, "http://bastion.test")
+        alerts.raise_alert("bulk_delete", "high", Entity("Agent", "a1"), "d-1")
+        alerts.raise_alert("refusal_burst", "medium", Entity("User", "sam"), "d-2")
+    finally:
+        store.db.close()
 
 
 def test_schemathesis_finds_no_server_error_and_no_difference_from_the_document(tmp_path):

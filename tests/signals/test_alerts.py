@@ -419,3 +419,47 @@ def test_the_owner_acknowledges_on_the_page_and_nobody_else_can(bastion, tab, cl
     clock[0] = ESCALATE_AFTER * 10
     assert alert.id not in [a.id for a in bastion.app.state.alerts.escalate_due()]
     assert tab.console_errors == [] and tab.failed_requests == []
+
+
+def test_alert_settings_without_a_gateway_are_a_configuration_error(tmp_path):
+    from bastion.server.app import create_app
+    from bastion.server.config import ServerConfig
+
+    config = ServerConfig(database=str(tmp_path / "b.db"), signals={"alerts": {}})
+    create_app(config)  # an empty table is no alert setting
+    table = {"alerts": {"cooldown_seconds": 1}}
+    with pytest.raises(ConfigError, match="no \\[gateway\\]"):
+        create_app(ServerConfig(database=str(tmp_path / "c.db"), signals=table))
+
+
+# -- the decision contract -----------------------------------------------------------------------
+
+
+def test_decide_chain_asks_alerts_of_every_principal_allowed_or_refused():
+    from bastion import Authorizer
+    from bastion.decide.contract import decide_chain
+
+    authz = Authorizer(
+        """
+        actor User {}
+        actor Agent {}
+        resource Tool {}
+        allow(_u: User, "call", _t: Tool);
+        allow(_a: Agent, "call", Tool{"ok"});
+        alert(_u: User, "user_called", "low") if context.tool = "t";
+        alert(_a: Agent, "agent_called", "critical") if context.tool = "t";
+        alert(_a: Agent, 42, "high") if context.tool = "t";
+        """
+    )
+    user, agent = Entity("User", "u"), Entity("Agent", "a")
+    allowed = decide_chain(authz, [user, agent], "call", Entity("Tool", "ok"), {"tool": "t"})
+    assert allowed.allowed
+    assert set(allowed.obligations.alerts) == {
+        (user, "user_called", "low"),
+        (agent, "agent_called", "critical"),
+        (agent, "42", "high"),  # not text: kept, never dropped
+    }
+    refused = decide_chain(authz, [user, agent], "call", Entity("Tool", "no"), {"tool": "t"})
+    assert not refused.allowed and len(refused.obligations.alerts) == 3
+    quiet = decide_chain(authz, [user, agent], "call", Entity("Tool", "ok"), {"tool": "x"})
+    assert quiet.obligations.alerts == ()
