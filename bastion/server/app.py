@@ -320,7 +320,7 @@ def _alerts(config: ServerConfig, oauth, replica: Replica, gateway):
 
 def _alert_pages(alerts, oauth) -> list[BaseRoute]:
     """The alert's page, under the issuer (where `Alerts.url` points)."""
-    from bastion.signals.pages import AlertPages
+    from bastion.signals.alert_pages import AlertPages
 
     return list(AlertPages(alerts, oauth).routes())
 
