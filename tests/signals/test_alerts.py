@@ -20,7 +20,7 @@ from mcp.shared.exceptions import MCPError
 from bastion.facts.model import Entity
 from bastion.oauth import users
 from bastion.server.config import ConfigError
-from bastion.signals.alerts import AlertSettings, severity_of
+from bastion.signals.alerts import AlertError, AlertSettings, severity_of
 from tests.approvals.test_pages import csrf_of, press
 from tests.approvals.test_webhooks import SECRET, Receiver
 from tests.browser import browser_fixture, tab_fixture  # noqa: F401 (fixtures)
@@ -463,3 +463,60 @@ def test_decide_chain_asks_alerts_of_every_principal_allowed_or_refused():
     assert not refused.allowed and len(refused.obligations.alerts) == 3
     quiet = decide_chain(authz, [user, agent], "call", Entity("Tool", "ok"), {"tool": "x"})
     assert quiet.obligations.alerts == ()
+
+
+# -- the store, on SQLite and PostgreSQL ---------------------------------------------------------
+
+
+def test_the_store_dedupes_escalates_once_and_keeps_the_latest_decisions(database_url):
+    from bastion import Authorizer
+    from bastion.db import Database
+    from bastion.signals.alerts import Alerts, AlertStore
+
+    authz = Authorizer(
+        "actor User {} actor Agent {}\n"
+        "declare owner(Agent, User);\ndeclare manager(User, User);\n"
+        'allow(_u: User, "x", _a: Agent);'
+    )
+    agent, pat, boss = Entity("Agent", "c1"), Entity("User", "pat"), Entity("User", "boss")
+    authz.facts.insert(("owner", agent, pat))
+    authz.facts.insert(("manager", pat, boss))
+    now = [1000.0]
+    told: list[tuple[str, str, tuple]] = []
+    store = AlertStore(Database(database_url))
+    try:
+        alerts = Alerts(
+            store,
+            AlertSettings(cooldown_seconds=60, escalate_after_seconds=300, max_decisions=3),
+            lambda: authz,
+            "https://bastion.test",
+            notify=lambda a, stage, to: told.append((a.id, stage, to)),
+            clock=lambda: now[0],
+        )
+        first = alerts.raise_alert("bulk_delete", "medium", agent, "d0")
+        for i in range(1, 5):
+            now[0] += 30  # each within the cooldown of the last
+            again = alerts.raise_alert(
+                "bulk_delete", "critical" if i == 2 else "low", agent, f"d{i}"
+            )
+            assert again.id == first.id
+        assert again.count == 5 and again.decision_ids == ("d2", "d3", "d4")
+        assert again.severity == "critical"  # the most severe raising wins
+        assert told == [(first.id, "raised", ('User{"pat"}',))]
+        now[0] += 61  # past the cooldown: a new alert, told anew
+        later = alerts.raise_alert("bulk_delete", "low", agent, "d5")
+        assert later.id != first.id and len(told) == 2
+        now[0] = first.first_at + 301
+        escalated = alerts.escalate_due()
+        assert [a.id for a in escalated] == [first.id]
+        assert told[-1] == (first.id, "escalated", ('User{"boss"}',))
+        assert alerts.escalate_due() == []  # once
+        with pytest.raises(AlertError):
+            alerts.acknowledge(first.id, "pat", "email")  # not a channel
+        assert alerts.acknowledge(later.id, "pat", "api").state == "acknowledged"
+        now[0] += 10_000
+        assert alerts.escalate_due() == []  # acknowledged: never escalated
+        with pytest.raises(AlertError):
+            alerts.raise_alert("", "low", agent)
+    finally:
+        store.db.close()
