@@ -35,7 +35,6 @@ import anyio
 import httpx
 
 from bastion.db import Database, DatabaseUnavailable, first_line
-from bastion.server.config import ConfigError
 
 log = logging.getLogger("bastion.webhooks")
 
@@ -84,6 +83,11 @@ def webhook_label(url: str) -> str:
     return f"{origin}/…#{fingerprint}"
 
 
+class SettingsError(ValueError):
+    """A webhook setting that cannot be used; the message names the key and what to write.
+    The server reports it as a configuration error (`bastion.server.config.ConfigError`)."""
+
+
 # A shorter signing secret could be guessed from one signed notification, offline.
 MIN_SECRET_BYTES = 16
 
@@ -93,23 +97,23 @@ def parse_webhook(where: str, hook: Any, env: dict[str, str], before: list[Webho
     its secret: a chat tool's incoming-webhook URL is itself a credential (whoever has it can
     post to the channel)."""
     if not isinstance(hook, dict):
-        raise ConfigError(f'{where}: needs url = "https://..." (or url_env) and secret_env')
+        raise SettingsError(f'{where}: needs url = "https://..." (or url_env) and secret_env')
     if "secret" in hook:
-        raise ConfigError(
+        raise SettingsError(
             f"{where}: the signing secret belongs in an environment variable named by"
             " secret_env, not in a file"
         )
     unknown = sorted(set(hook) - {"url", "url_env", "secret_env"})
     if unknown:
-        raise ConfigError(
+        raise SettingsError(
             f"{where}: unknown key {unknown[0]}; known keys: secret_env, url, url_env"
         )
     if ("url" in hook) == ("url_env" in hook):
-        raise ConfigError(f'{where}: needs url = "https://..." or url_env, one of the two')
+        raise SettingsError(f'{where}: needs url = "https://..." or url_env, one of the two')
     if "url_env" in hook:
         name = hook["url_env"]
         if not isinstance(name, str) or not env.get(name):
-            raise ConfigError(
+            raise SettingsError(
                 f"{where}.url_env must name an environment variable that holds the webhook's"
                 f" URL ({name!r} is not set)"
             )
@@ -117,24 +121,24 @@ def parse_webhook(where: str, hook: Any, env: dict[str, str], before: list[Webho
     else:
         url, named = hook["url"], f"{where}.url"
     if not isinstance(url, str) or not url.startswith(("https://", "http://")):
-        raise ConfigError(f"{named} must be an http(s) URL")
+        raise SettingsError(f"{named} must be an http(s) URL")
     try:
         host = httpx.URL(url).host
     except httpx.InvalidURL as e:
-        raise ConfigError(f"{named} is not a valid URL: {e}") from None
+        raise SettingsError(f"{named} is not a valid URL: {e}") from None
     if not host:
-        raise ConfigError(f"{named} has no host")
+        raise SettingsError(f"{named} has no host")
     if any(known.url == url for known in before):
-        raise ConfigError(f"{named} names the same URL as an earlier webhook")
+        raise SettingsError(f"{named} names the same URL as an earlier webhook")
     name = hook.get("secret_env")
     if not isinstance(name, str) or not env.get(name):
-        raise ConfigError(
+        raise SettingsError(
             f"{where}.secret_env must name an environment variable that holds the"
             f" webhook's signing secret ({name!r} is not set)"
         )
     secret = env[name].encode()
     if len(secret) < MIN_SECRET_BYTES:
-        raise ConfigError(
+        raise SettingsError(
             f"{where}.secret_env: the secret in {name} is {len(secret)} bytes; a webhook's"
             f" signing secret must be at least {MIN_SECRET_BYTES} (e.g. `openssl rand -hex 32`)"
         )
@@ -153,12 +157,12 @@ def delivery_settings(prefix: str, table: dict[str, Any], env: dict[str, str]) -
         if key in table:
             value = table[key]
             if type(value) is not int or value < 1:
-                raise ConfigError(f"{prefix}.{key} must be a whole number, got {value!r}")
+                raise SettingsError(f"{prefix}.{key} must be a whole number, got {value!r}")
             values[key] = value
     hooks: list[Webhook] = []
     webhooks = table.get("webhooks") or ()
     if not isinstance(webhooks, list | tuple):
-        raise ConfigError(f"{prefix}.webhooks must be a list of tables ([[{prefix}.webhooks]])")
+        raise SettingsError(f"{prefix}.webhooks must be a list of tables ([[{prefix}.webhooks]])")
     for i, hook in enumerate(webhooks):
         hooks.append(parse_webhook(f"{prefix}.webhooks[{i}]", hook, env, hooks))
     values["webhooks"] = tuple(hooks)
@@ -168,9 +172,9 @@ def delivery_settings(prefix: str, table: dict[str, Any], env: dict[str, str]) -
 def positive_seconds(key: str, value: Any, allow_zero: bool = False) -> float:
     """A setting in seconds: a finite number above 0 (or 0, when ``allow_zero``)."""
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise ConfigError(f"{key} must be a number of seconds, got {value!r}")
+        raise SettingsError(f"{key} must be a number of seconds, got {value!r}")
     if value < 0 or (value == 0 and not allow_zero):
-        raise ConfigError(f"{key} must be greater than 0, got {value!r}")
+        raise SettingsError(f"{key} must be greater than 0, got {value!r}")
     return float(value)
 
 

@@ -30,6 +30,7 @@ from typing import Any
 from bastion.server.config import ConfigError
 from bastion.webhooks import (
     MIN_SECRET_BYTES,
+    SettingsError,
     Webhook,
     delivery_settings,
     positive_seconds,
@@ -78,10 +79,13 @@ class ApprovalSettings:
         values: dict[str, Any] = {}
         for key in ("expiry_seconds", "wait_seconds", "retry_after_seconds"):
             if key in table:
-                values[key] = positive_seconds(
-                    f"approvals.{key}", table[key], allow_zero=key == "wait_seconds"
+                values[key] = _checked(
+                    positive_seconds,
+                    f"approvals.{key}",
+                    table[key],
+                    allow_zero=key == "wait_seconds",
                 )
-        values.update(delivery_settings("approvals", table, env))
+        values.update(_checked(delivery_settings, "approvals", table, env))
         for key in ("max_window_minutes",):
             if key in table:
                 value = table[key]
@@ -89,3 +93,11 @@ class ApprovalSettings:
                     raise ConfigError(f"approvals.{key} must be a whole number, got {value!r}")
                 values[key] = value
         return cls(**values)
+
+
+def _checked(parse: Any, *args: Any, **kwargs: Any) -> Any:
+    """A shared webhook setting's parser, its refusal reported as a configuration error."""
+    try:
+        return parse(*args, **kwargs)
+    except SettingsError as e:
+        raise ConfigError(str(e)) from None

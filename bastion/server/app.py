@@ -310,10 +310,14 @@ def _alerts(config: ServerConfig, oauth, replica: Replica, gateway):
             raise ConfigError("bastion.toml has a [signals.alerts] table but no [gateway]")
         return None
     from bastion.signals.alerts import alerts_from_config
+    from bastion.webhooks import SettingsError
 
-    alerts = alerts_from_config(
-        config.database, table, oauth.settings.issuer, lambda: replica.authz
-    )
+    try:
+        alerts = alerts_from_config(
+            config.database, table, oauth.settings.issuer, lambda: replica.authz
+        )
+    except SettingsError as e:
+        raise ConfigError(str(e)) from None
     gateway.enforcer.alerts = alerts
     return alerts
 

@@ -25,6 +25,7 @@ from bastion.signals.alerts import (
     AlertSettings,
     AlertStore,
 )
+from bastion.webhooks import SettingsError
 
 MAX_LIST = 500
 
@@ -59,7 +60,7 @@ def _open(args: argparse.Namespace) -> Alerts:
 def _run(args: argparse.Namespace) -> int:
     try:
         alerts = _open(args)
-    except ConfigError as e:
+    except (ConfigError, SettingsError) as e:
         print(f"bastion alerts: {e}", file=sys.stderr)
         return 2
     try:

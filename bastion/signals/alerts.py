@@ -32,8 +32,7 @@ import anyio
 from bastion.db import Database, first_line
 from bastion.decide import Authorizer
 from bastion.facts.model import Entity
-from bastion.server.config import ConfigError
-from bastion.webhooks import Webhook, delivery_settings, positive_seconds
+from bastion.webhooks import SettingsError, Webhook, delivery_settings, positive_seconds
 
 log = logging.getLogger("bastion.signals.alerts")
 
@@ -106,12 +105,14 @@ class AlertSettings:
     def from_mapping(
         cls, table: dict[str, Any], env: dict[str, str] | None = None
     ) -> AlertSettings:
+        """The settings of ``table``; `SettingsError` names a key that is wrong and why. Secrets
+        and URLs named by ``*_env`` keys are read from ``env`` (default: the environment)."""
         if not isinstance(table, dict):
-            raise ConfigError("[signals.alerts] must be a table")
+            raise SettingsError("[signals.alerts] must be a table")
         known = set(cls.__dataclass_fields__)
         unknown = sorted(set(table) - known)
         if unknown:
-            raise ConfigError(
+            raise SettingsError(
                 f"unknown key [signals.alerts].{unknown[0]}; known keys: {', '.join(sorted(known))}"
             )
         values: dict[str, Any] = delivery_settings(
@@ -129,12 +130,12 @@ class AlertSettings:
             if key in table:
                 v = table[key]
                 if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-                    raise ConfigError(f"signals.alerts.{key} must be an integer >= 0, not {v!r}")
+                    raise SettingsError(f"signals.alerts.{key} must be an integer >= 0, not {v!r}")
                 values[key] = v
         if "refusal_burst_severity" in table:
             v = table["refusal_burst_severity"]
             if v not in SEVERITIES:
-                raise ConfigError(
+                raise SettingsError(
                     f"signals.alerts.refusal_burst_severity must be one of"
                     f" {', '.join(SEVERITIES)}, not {v!r}"
                 )
@@ -142,13 +143,13 @@ class AlertSettings:
         if "fallback_recipients" in table:
             v = table["fallback_recipients"]
             if not isinstance(v, list) or not all(isinstance(x, str) and x for x in v):
-                raise ConfigError(
+                raise SettingsError(
                     "signals.alerts.fallback_recipients must be a list of user names"
                     ' (e.g. ["oncall"])'
                 )
             values["fallback_recipients"] = tuple(repr(Entity("User", x)) for x in v)
         if values.get("max_decisions", 1) < 1:
-            raise ConfigError("signals.alerts.max_decisions must be at least 1")
+            raise SettingsError("signals.alerts.max_decisions must be at least 1")
         return cls(**values)
 
 

@@ -21,6 +21,7 @@ from bastion.facts.model import Entity
 from bastion.oauth import users
 from bastion.server.config import ConfigError
 from bastion.signals.alerts import AlertError, AlertSettings, severity_of
+from bastion.webhooks import SettingsError
 from tests.approvals.test_pages import csrf_of, press
 from tests.approvals.test_webhooks import SECRET, Receiver
 from tests.browser import browser_fixture, tab_fixture  # noqa: F401 (fixtures)
@@ -322,7 +323,7 @@ def test_the_api_refuses_what_it_must(bastion):
     ],
 )
 def test_bad_alert_settings_are_refused_with_a_clear_error(table):
-    with pytest.raises(ConfigError):
+    with pytest.raises(SettingsError):
         AlertSettings.from_mapping(table, env={})
 
 
@@ -430,6 +431,21 @@ def test_alert_settings_without_a_gateway_are_a_configuration_error(tmp_path):
     table = {"alerts": {"cooldown_seconds": 1}}
     with pytest.raises(ConfigError, match="no \\[gateway\\]"):
         create_app(ServerConfig(database=str(tmp_path / "c.db"), signals=table))
+
+
+def test_a_bad_alert_setting_stops_the_server_from_starting(tmp_path):
+    from tests.approvals.support import config as approvals_config
+
+    toml = tmp_path / "bastion.toml"
+    toml.write_text(
+        approvals_config("http://127.0.0.1:9", str(tmp_path / "b.db"), tmp_path / "keys")
+        + "\n[signals.alerts]\ncooldown_seconds = -1\n"
+    )
+    from bastion.server.app import create_app
+    from bastion.server.config import ServerConfig
+
+    with pytest.raises(ConfigError, match="signals.alerts.cooldown_seconds"):
+        create_app(ServerConfig.load(toml))
 
 
 # -- the decision contract -----------------------------------------------------------------------
