@@ -240,6 +240,7 @@ class Enforcer:
         if self.facts_stale():
             self._refuse_stale(decision_id, caller, server, method, resource, context, arguments)
         if (suspended := self.suspended(caller)) is not None:
+            await self._alert_suspended(suspended, decision_id, server, method, resource)
             self._refuse_suspended(
                 decision_id, caller, server, method, resource, context, arguments, suspended
             )
@@ -533,6 +534,26 @@ class Enforcer:
             " decision service cannot reach its database); try again later",
             {"decision_id": decision_id, "reason": reason},
         )
+
+    async def _alert_suspended(
+        self, suspended: Entity, decision_id: str, server: str, method: str, resource: Entity
+    ) -> None:
+        """Built in: a suspended agent, user or session that still calls is worth telling its
+        owner (one alert per cooldown, `Alerts.raise_alert`); the call is refused either way."""
+        if self.alerts is None:
+            return
+        detail = {"server": server, "method": method, "target": repr(resource)}
+        try:
+            await anyio.to_thread.run_sync(
+                self.alerts.raise_alert,
+                "suspended_still_calling",
+                "high",
+                suspended,
+                decision_id,
+                detail,
+            )
+        except Exception:
+            log.exception("the alert of decision %s could not be raised", decision_id)
 
     def _refuse_suspended(
         self,

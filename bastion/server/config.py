@@ -148,6 +148,12 @@ class ServerConfig:
 
     def check(self) -> None:
         """Refuse limits that would let nothing through, or everything."""
+        unknown = sorted(set(self.signals) - set(SIGNALS_TABLES))
+        if unknown:
+            raise ConfigError(
+                f"unknown table [signals.{unknown[0]}]; known: "
+                + ", ".join(f"[signals.{t}]" for t in SIGNALS_TABLES)
+            )
         for name in _POSITIVE:
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be greater than 0, got {getattr(self, name)!r}")
@@ -176,6 +182,9 @@ class ServerConfig:
         ``evaluation_*`` and ``explanation_*`` keys."""
         return PolicyLimits(**{name: getattr(self, name) for name in PolicyLimits.__slots__})
 
+
+# The sub-tables of [signals], each read by its part (docs/signals.md).
+SIGNALS_TABLES = ("ssf", "api", "posture", "behavior", "alerts")
 
 _POSITIVE = (
     "max_body_bytes",

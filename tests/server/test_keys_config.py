@@ -96,6 +96,13 @@ def test_config_refuses_unknown_keys_and_bad_types(tmp_path):
         ServerConfig.load(tmp_path / "missing.toml", env={})
 
 
+def test_config_refuses_a_signals_table_no_part_reads(tmp_path):
+    file = tmp_path / "bastion.toml"
+    file.write_text("[signals.postures]\nzones = {}\n")  # a misspelt [signals.posture]
+    with pytest.raises(ConfigError, match=r"\[signals.postures\].*\[signals.posture\]"):
+        ServerConfig.load(file, env={})
+
+
 @pytest.mark.parametrize(
     ("variable", "value"),
     [

@@ -35,6 +35,14 @@ alert(agent: Agent, "customer_search", "high") if
   context.tool = "search_customers" and context.arguments.query = "everyone";
 alert(_user: User, "loud_search", "bogus") if
   context.tool = "search_customers" and context.arguments.query = "loud";
+# Bulk deletion (the issue's third scenario): from the third destructive call an agent makes in
+# a minute, further ones wait for a person, and its owner is alerted.
+alert(agent: Agent, "bulk_delete", "critical") if
+  context.annotations.destructiveHint = true and
+  context.behavior.agent.destructive.minute.count >= 3;
+requires_approval(agent: Agent, "call", _tool: Tool) if
+  context.annotations.destructiveHint = true and
+  context.behavior.agent.destructive.minute.count >= 3;
 """
 SECRET_ENV = "BASTION_TEST_ALERT_SECRET"
 ESCALATE_AFTER = 600
@@ -212,6 +220,45 @@ def test_an_acknowledged_alert_does_not_escalate(bastion, receiver, clock):
     time.sleep(0.3)
     assert not told(receiver, alert.id, "alert.escalated")
     assert bastion.app.state.alerts.store.get(alert.id).state == "acknowledged"
+
+
+# -- the issue's bulk-deletion scenario: behaviour, a hold and an alert that escalates ------------
+
+
+def test_bulk_deletion_is_held_and_alerts_the_owner_then_the_manager(bastion, receiver, clock):
+    registered = owned_agent(bastion, "pat", "boss")
+
+    async def script(client, seen):
+        for i in range(5):
+            try:
+                await client.call_tool("delete_customer", {"customer_id": f"c-{i}"})
+                seen.setdefault("calls", []).append("ok")
+            except MCPError as e:
+                seen.setdefault("calls", []).append(e.error.data["reason"])
+
+    try:
+        seen = bastion.sdk(
+            "avery",
+            "deskhttp",
+            "legacy",
+            script,
+            registered_scope="customers:read customers:write",
+        )
+    finally:
+        del bastion.register
+    # Three deletes go through; from then on each one waits for a person.
+    assert seen["calls"] == ["ok", "ok", "ok", "approval_pending", "approval_pending"]
+    agent = f'Agent{{"{registered["client_id"]}"}}'
+    [alert] = alerts_of(bastion, "bulk_delete", agent)
+    assert alert.severity == "critical" and alert.owner == 'User{"pat"}'
+    [body] = wait_for(lambda: told(receiver, alert.id, "alert.raised"), "the owner's webhook")
+    assert body["alert"]["recipients"] == ['User{"pat"}']
+    clock[0] = ESCALATE_AFTER + 1
+    [escalated] = wait_for(lambda: told(receiver, alert.id, "alert.escalated"), "escalation")
+    assert escalated["alert"]["recipients"] == ['User{"boss"}']
+    bastion.flush()
+    held = [bastion.records.get(d) for d in alert.decision_ids]
+    assert held and all(r is not None and r.result == "held" for r in held)
 
 
 def test_without_an_owner_the_fallback_recipients_are_named(bastion):

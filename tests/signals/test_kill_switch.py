@@ -95,6 +95,14 @@ def test_a_suspended_agent_is_refused_at_its_next_call_and_works_again_once_resu
     assert (record.result, record.reason) == ("deny", "suspended")
     assert record.context["suspended"] == f'Agent{{"{seen["agent"]}"}}'
     assert not stored(bastion.store)
+    # Built in: a suspended agent that still calls raises an alert, once per cooldown, linked
+    # to the refusals that raised it.
+    [alert] = [
+        a
+        for a in bastion.app.state.alerts.store.list()
+        if a.name == "suspended_still_calling" and a.principal == f'Agent{{"{seen["agent"]}"}}'
+    ]
+    assert alert.severity == "high" and data["decision_id"] in alert.decision_ids
 
 
 def test_suspending_a_user_refuses_all_their_agents_and_no_one_else(bastion, key):
