@@ -398,8 +398,7 @@ class Enforcer:
         reason: str,
         record: dict[str, Any],
     ) -> None:
-        """The decision's ``alert`` rules, and a refusal counted towards a refusal burst. An
-        alert that cannot be stored is logged; it does not change the decision."""
+        """The decision's ``alert`` rules, and a refusal counted towards a refusal burst."""
         raised = chain.obligations.alerts
         if not raised and result != "deny":
             return
@@ -418,6 +417,11 @@ class Enforcer:
                 for principal in caller.principals:
                     alerts.refused(principal, decision_id, detail)
 
+        await self._alerting(work, decision_id)
+
+    async def _alerting(self, work: Callable[[], Any], decision_id: str) -> None:
+        """Raise alerts (``work``: database I/O) in a worker thread. An alert that cannot be
+        stored is logged; it never changes the decision."""
         try:
             await anyio.to_thread.run_sync(work)
         except Exception:
@@ -543,17 +547,17 @@ class Enforcer:
         if self.alerts is None:
             return
         detail = {"server": server, "method": method, "target": repr(resource)}
-        try:
-            await anyio.to_thread.run_sync(
+        await self._alerting(
+            partial(
                 self.alerts.raise_alert,
                 "suspended_still_calling",
                 "high",
                 suspended,
                 decision_id,
                 detail,
-            )
-        except Exception:
-            log.exception("the alert of decision %s could not be raised", decision_id)
+            ),
+            decision_id,
+        )
 
     def _refuse_suspended(
         self,

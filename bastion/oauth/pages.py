@@ -123,6 +123,19 @@ def _technical(client: ClientShown) -> str:
     )
 
 
+def _credentials(username: str) -> str:
+    """The username and password fields of a sign-in form, and its button. After a failed
+    attempt the name stays filled in; only the password is asked again."""
+    name = f" value='{escape(username, quote=True)}'" if username else ""
+    return (
+        "<label for=username>Username</label>"
+        f"<input id=username name=username autocomplete=username required autofocus{name}>"
+        "<label for=password>Password</label>"
+        "<input id=password name=password type=password autocomplete=current-password required>"
+        "<button type=submit>Sign in</button>"
+    )
+
+
 def login_page(
     *,
     action: str,
@@ -134,16 +147,10 @@ def login_page(
     username: str = "",
 ) -> HTMLResponse:
     problem = f"<p class=error role=alert>{escape(error)}</p>" if error else ""
-    # After a failed attempt the name stays filled in; only the password is asked again.
-    name = f" value='{escape(username, quote=True)}'" if username else ""
     body = (
         f"{_client_block(client)}{problem}"
         f"<form method=post action='{escape(action, quote=True)}'>{_hidden(request_id, csrf_token)}"
-        "<label for=username>Username</label>"
-        f"<input id=username name=username autocomplete=username required autofocus{name}>"
-        "<label for=password>Password</label>"
-        "<input id=password name=password type=password autocomplete=current-password required>"
-        "<button type=submit>Sign in</button></form>"
+        f"{_credentials(username)}</form>"
     )
     return page("Sign in to bastion", body, status)
 
@@ -271,16 +278,11 @@ def sign_in_page(
 ) -> HTMLResponse:
     """The sign-in of bastion's own pages (no application asks): back to ``next_path`` after."""
     problem = f"<p class=error role=alert>{escape(error)}</p>" if error else ""
-    name = f" value='{escape(username, quote=True)}'" if username else ""
     body = (
         f"<p>Sign in to continue to <code>{escape(next_path)}</code>.</p>{problem}"
         f"<form method=post action='{escape(action, quote=True)}'>"
         f"<input type=hidden name=next value='{escape(next_path, quote=True)}'>"
         f"<input type=hidden name=csrf_token value='{escape(csrf_token, quote=True)}'>"
-        "<label for=username>Username</label>"
-        f"<input id=username name=username autocomplete=username required autofocus{name}>"
-        "<label for=password>Password</label>"
-        "<input id=password name=password type=password autocomplete=current-password required>"
-        "<button type=submit>Sign in</button></form>"
+        f"{_credentials(username)}</form>"
     )
     return page("Sign in to bastion", body, status)

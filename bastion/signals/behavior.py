@@ -29,6 +29,7 @@ import json
 import logging
 import math
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -220,16 +221,18 @@ def figure(current: int, previous: int, baseline: float, covered: float) -> dict
 _size = json.JSONEncoder(separators=(",", ":"), default=str).encode
 
 
-class _Counting:
+class _Counting(ABC):
     """What both kinds of counters do with a decided message and a returned result."""
 
+    @abstractmethod
     def observe(
         self, keys: tuple[str, ...], refused: bool, destructive: bool, target: str, detail: str
     ) -> None:
-        raise NotImplementedError
+        """Count one decided message under each of ``keys``."""
 
+    @abstractmethod
     def returned(self, keys: tuple[str, ...], size: int) -> None:
-        raise NotImplementedError
+        """Count ``size`` bytes returned under each of ``keys``."""
 
     def observe_decision(self, record: dict[str, Any], context: dict[str, Any]) -> None:
         """Count a decision (its record, and the context it was decided in)."""

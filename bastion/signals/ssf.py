@@ -348,6 +348,8 @@ class SsfReceiver:
         media = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if media != SET_MEDIA_TYPE:
             return _error(400, "invalid_request", f"Content-Type must be {SET_MEDIA_TYPE}")
+        # Capped while it arrives (64 KiB, `PUSH_PATH` in bastion.server.app.body_limits), in
+        # front of this route, by bastion.server.request_limits.
         body = await request.body()
         try:
             token = body.decode("ascii").strip()

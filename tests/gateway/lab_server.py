@@ -225,20 +225,20 @@ async def leak_spelled() -> dict:
 @server.tool(annotations=READ_ONLY)
 async def leak_raw() -> CallToolResult:
     """Answered by `_raw` below, with shapes the SDK would not let a tool return."""
-    raise NotImplementedError
+    raise AssertionError("answered in front of this function: it never runs")
 
 
 @server.tool(annotations=READ_ONLY)
 async def leak_error() -> CallToolResult:
     """Answered by `_raw` below: a JSON-RPC error whose message and data carry SECRET."""
-    raise NotImplementedError
+    raise AssertionError("answered in front of this function: it never runs")
 
 
 @server.tool(annotations=READ_ONLY)
 async def leak_http_error() -> CallToolResult:
     """Over HTTP, answered in front of the server (tests/gateway/support.py, LegacyOnly): HTTP
     500 whose plain-text body carries SECRET."""
-    raise NotImplementedError
+    raise AssertionError("answered in front of this function: it never runs")
 
 
 async def _raw(ctx, call_next):
