@@ -63,11 +63,16 @@ class Caller:
     auth_time: int | None = None  # when the person signed in for the token (its auth_time)
     # Network zone, device and token age (bastion.signals.posture), merged into the context.
     posture: RequestPosture | None = None
-    # The user and the agent, as the policy sees them (every one must be allowed).
+    # A delegated token's agents, from the first one the user let act to the one calling now
+    # (``client_id``); empty for a token the user granted to ``client_id`` directly.
+    agents: tuple[str, ...] = ()
+    task: str = ""  # the task the token is bound to, if any
+    # The user and every agent of the chain, as the policy sees them (every one must be allowed).
     principals: tuple[Entity, ...] = field(init=False)
 
     def __post_init__(self) -> None:
-        principals = (Entity("User", self.subject), Entity("Agent", self.client_id))
+        agents = self.agents or (self.client_id,)
+        principals = (Entity("User", self.subject), *(Entity("Agent", a) for a in agents))
         object.__setattr__(self, "principals", principals)
 
 
