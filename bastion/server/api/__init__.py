@@ -1,10 +1,11 @@
-"""The `/v1` API: decisions, facts, policy, API keys, approvals, signals and alerts."""
+"""The `/v1` API: decisions, facts, policy, API keys, approvals, agents, signals and alerts."""
 
 from __future__ import annotations
 
 from starlette.routing import BaseRoute
 
 from bastion.server.api import (
+    agents,
     alerts,
     approvals,
     decisions,
@@ -24,6 +25,7 @@ def routes() -> list[BaseRoute]:
         *keys.routes,
         *approvals.routes,
         *suspensions.routes,
+        *agents.routes,
         *signals.routes,
         *alerts.routes,
     ]
