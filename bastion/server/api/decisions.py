@@ -391,7 +391,7 @@ async def authorize_batch(request: Request) -> JSONResponse:
         for actor, action, resource, context, scopes in parsed:
             started = time.perf_counter()
             refusal = None
-            if isinstance(actor, tuple):
+            if not isinstance(actor, Entity):  # a chain (an Entity is a tuple too)
                 decision = decide_chain_in(session, actor, action, resource, context, scopes)
                 _observe(request, "authorize", started, "allow" if decision.allowed else "deny")
                 answer = _chain_answer(decision)
