@@ -77,7 +77,9 @@ async def update(request: Request) -> JSONResponse:
     if not body:
         raise bad_request(f"give at least one of {', '.join(_FIELDS)}")
     changes = {name: get_field(body, name, str, required=False) for name in _FIELDS}
-    parent = changes.pop("parent") if "parent" in body else ...
+    given_parent = changes.pop("parent")
+    # parent null removes the parent; leaving it out leaves it as it is.
+    parent = given_parent if "parent" in body else ...
     clients, facts = _stores(request)
     client_id = request.path_params["client_id"]
     try:
