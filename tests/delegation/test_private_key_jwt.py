@@ -40,10 +40,12 @@ from tests.delegation.support import (
     new_key,
     public_jwks,
 )
+from tests.gateway.streams import call_tool, modern_headers, modern_request
 from tests.gateway.support import start
 from tests.oauth.support import MemoryStorage, free_socket, serve
 
 SCOPE = "customers:read"
+INITIAL_TOKEN = "initial-access-token-of-the-tests"
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +56,10 @@ def bastion(tmp_path_factory):
         # A rotated key is fetched again after 1 s (the default waits 30 s between fetches).
         with start(
             tmp_path_factory.mktemp("pkjwt"),
-            oauth={"client_assertion": {"jwks_refetch_seconds": 1}},
+            oauth={
+                "client_assertion": {"jwks_refetch_seconds": 1, "jwks_timeout_seconds": 1},
+                "initial_access_tokens": [INITIAL_TOKEN],
+            },
         ) as running:
             yield running
     finally:
@@ -73,10 +78,13 @@ class Keys:
     def __init__(self) -> None:
         self.body = b""
         self.fetches = 0
+        self.delay = 0.0
 
     def app(self) -> Starlette:
         async def jwks(request):
             self.fetches += 1
+            if self.delay:
+                await anyio.sleep(self.delay)
             return Response(self.body, media_type="application/json")
 
         return Starlette(routes=[Route("/jwks.json", jwks)])
@@ -330,6 +338,66 @@ def test_a_jwks_uri_that_sends_too_much_is_refused(bastion, config, capsys, tmp_
     keys.body = json.dumps({**public_jwks(key), "pad": "x" * 70_000}).encode()
     client_id = register(capsys, config, tmp_path, jwks_uri=url + "?big")
     refused(token_request(bastion, assertion(key, client_id, bastion.url)), "more than 65536 bytes")
+
+
+def test_a_jwks_uri_that_answers_too_slowly_is_refused(
+    bastion, config, capsys, tmp_path, published
+):
+    keys, url = published
+    key = new_key("slow")
+    keys.body = json.dumps(public_jwks(key)).encode()
+    client_id = register(capsys, config, tmp_path, jwks_uri=url + "?slow")
+    keys.delay = 2.0
+    try:
+        started = time.monotonic()
+        refused(token_request(bastion, assertion(key, client_id, bastion.url)), "within 1 s")
+        assert time.monotonic() - started < 1.9
+    finally:
+        keys.delay = 0.0
+
+
+def test_the_same_assertion_rule_authenticates_the_client_at_revocation(
+    bastion, config, capsys, tmp_path
+):
+    key = new_key("revoker")
+    client_id = register(capsys, config, tmp_path, key)
+    act_as_support(bastion, client_id)
+    token = token_request(bastion, assertion(key, client_id, bastion.url)).json()["access_token"]
+    assert "result" in call_tool(bastion, token, "deskhttp", "search_customers", {"query": "a"})
+    signed = assertion(key, client_id, bastion.url)
+    form = {"token": token, "client_assertion_type": ASSERTION_TYPE, "client_assertion": signed}
+    assert bastion.http.post(f"{bastion.url}/revoke", data=form).status_code == 200
+    refused(bastion.http.post(f"{bastion.url}/revoke", data=form), "already used")
+    # The gateway refuses the revoked token (401), as for any revoked token.
+    call = modern_request(
+        1, "tools/call", {"name": "search_customers", "arguments": {"query": "a"}}
+    )
+    answer = bastion.http.post(
+        bastion.mcp_url("deskhttp"),
+        json=call,
+        headers=modern_headers(token, "tools/call", "search_customers"),
+    )
+    assert answer.status_code == 401, answer.text
+
+
+def test_a_key_client_registered_with_an_initial_access_token_gets_tokens(bastion):
+    key = new_key("dynamic")
+    answer = bastion.http.post(
+        f"{bastion.url}/register",
+        headers={"Authorization": f"Bearer {INITIAL_TOKEN}"},
+        json={
+            "client_name": "dynamically registered agent",
+            "token_endpoint_auth_method": "private_key_jwt",
+            "grant_types": ["client_credentials"],
+            "scope": SCOPE,
+            "jwks": public_jwks(key),
+        },
+    )
+    assert answer.status_code == 201, answer.text
+    registered = answer.json()
+    assert "client_secret" not in registered and registered["jwks"] == public_jwks(key)
+    signed = assertion(key, registered["client_id"], bastion.url)
+    assert token_request(bastion, signed).status_code == 200
 
 
 def test_registration_refuses_private_keys_and_plain_http_key_urls(config, capsys, tmp_path):
