@@ -5,11 +5,14 @@ kill switch holds it, `bastion.signals.suspensions`) or ``active``."""
 
 from __future__ import annotations
 
+from collections import defaultdict
 from dataclasses import dataclass
+from types import EllipsisType
 from typing import Any
 
 from bastion.agents import identity
 from bastion.agents.identity import AgentError
+from bastion.facts.model import Entity
 from bastion.facts.store import FactStore
 from bastion.oauth.store import Client, OAuthStore
 from bastion.signals.suspensions import stored
@@ -54,9 +57,27 @@ def _suspended(facts: FactStore) -> dict[str, float | None]:
     return {s.id: s.expires_at for s in stored(facts) if s.kind == "agent"}
 
 
-def _identity(client: Client, facts: FactStore, suspended: dict[str, float | None]):
-    owners = identity.owners(facts, client.client_id)
-    parents = identity.parents(facts, client.client_id)
+def _relations(facts: FactStore, relation: str, kind: str) -> dict[str, list[str]]:
+    """Every agent's ``relation`` (owner or parent), read in one query: client_id -> ids."""
+    found: dict[str, list[str]] = defaultdict(list)
+    for f in facts.get((identity.RELATION, None, relation, None)):
+        subject, other = f.fact[1], f.fact[3]
+        if (
+            isinstance(subject, Entity)
+            and subject.type == identity.AGENT
+            and isinstance(other, Entity)
+            and other.type == kind
+        ):
+            found[subject.id].append(other.id)
+    return {k: sorted(v) for k, v in found.items()}
+
+
+def _identity(
+    client: Client,
+    suspended: dict[str, float | None],
+    owners: list[str],
+    parents: list[str],
+) -> AgentIdentity:
     if client.revoked_at is not None:
         status = "revoked"
     elif client.client_id in suspended:
@@ -82,7 +103,12 @@ def list_agents(
 ) -> list[AgentIdentity]:
     """Every agent (oldest first), or those of one status."""
     suspended = _suspended(facts)
-    found = [_identity(c, facts, suspended) for c in clients.clients()]
+    owners = _relations(facts, identity.OWNER, identity.USER)
+    parents = _relations(facts, identity.PARENT, identity.AGENT)
+    found = [
+        _identity(c, suspended, owners.get(c.client_id, []), parents.get(c.client_id, []))
+        for c in clients.clients()
+    ]
     return [a for a in found if status is None or a.status == status]
 
 
@@ -90,7 +116,12 @@ def show_agent(clients: OAuthStore, facts: FactStore, client_id: str) -> AgentId
     client = clients.client(client_id)
     if client is None:
         raise UnknownAgent(f"no agent (OAuth client) {client_id!r}")
-    return _identity(client, facts, _suspended(facts))
+    return _identity(
+        client,
+        _suspended(facts),
+        identity.owners(facts, client_id),
+        identity.parents(facts, client_id),
+    )
 
 
 def purpose_problem(purpose: object) -> str | None:
@@ -110,7 +141,7 @@ def update_agent(
     name: str | None = None,
     purpose: str | None = None,
     owner: str | None = None,
-    parent: str | None | type[...] = ...,
+    parent: str | None | EllipsisType = ...,
 ) -> tuple[AgentIdentity, int | None]:
     """Change what is given (``parent=None`` removes the parent); return the agent as it is now
     and the sequence of the fact change, if facts changed. Everything is checked first."""
