@@ -257,3 +257,37 @@ def test_v1_agents_reads_with_agents_read_and_changes_with_agents_write(bastion)
         agent = reader.get(f"/v1/agents/{client_id}").json()["agent"]
         assert agent["parent"] is None and agent["purpose"] == "triage tickets"
         assert reader.get("/v1/agents", params={"status": "bogus"}).status_code == 400
+
+
+def test_two_first_consents_at_once_record_one_owner(database_url):
+    """Checked and written as one step: racing first consents (on SQLite and PostgreSQL, each
+    on a connection of its own, as replicas are) leave exactly one owner."""
+    import threading
+
+    from bastion.agents.identity import owners, record_first_owner
+    from bastion.facts.store import FactStore
+
+    client_id = f"raced-{time.time_ns()}"
+    stores = [FactStore.open(database_url) for _ in range(6)]
+    won: list[str] = []
+    start_line = threading.Barrier(len(stores))
+
+    def consent_as(store: FactStore, who: str) -> None:
+        start_line.wait()
+        if record_first_owner(store, client_id, who, f"consent:{who}"):
+            won.append(who)
+
+    threads = [
+        threading.Thread(target=consent_as, args=(store, f"user{i}"))
+        for i, store in enumerate(stores)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    try:
+        assert len(won) == 1
+        assert owners(stores[0], client_id) == won
+    finally:
+        for store in stores:
+            store.close()
