@@ -714,10 +714,6 @@ class Enforcer:
         if record["method"] in COUNTED_METHODS:
             self.behavior.observe_decision(record, context)
 
-    def returned(self, caller: Caller, target: str, result: Any) -> None:
-        """Count the bytes of a result returned to ``caller``."""
-        self.behavior.returned_result(caller.subject, caller.client_id, target, result)
-
     def write(self, record: dict[str, Any], **more: Any) -> None:
         """Buffer a decision record (an allowed one once its obligations are known)."""
         if self.records is None:
