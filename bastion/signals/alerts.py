@@ -32,7 +32,12 @@ import anyio
 from bastion.db import Database, first_line
 from bastion.decide import Authorizer
 from bastion.facts.model import Entity
-from bastion.webhooks import SettingsError, Webhook, delivery_settings, positive_seconds
+from bastion.webhooks import (
+    SettingsError,
+    WebhookDelivery,
+    delivery_settings,
+    positive_seconds,
+)
 
 log = logging.getLogger("bastion.signals.alerts")
 
@@ -80,7 +85,7 @@ class AlertNotFound(AlertError):
 
 
 @dataclass(frozen=True, slots=True)
-class AlertSettings:
+class AlertSettings(WebhookDelivery):
     """The ``[signals.alerts]`` table (docs/signals.md)."""
 
     cooldown_seconds: float = 300.0
@@ -105,12 +110,8 @@ class AlertSettings:
     fallback_recipients: tuple[str, ...] = ()
     # How often the escalation task looks for alerts due.
     escalation_poll_seconds: float = 5.0
-    # Where alerts are told (`bastion.webhooks`: signed, retried), as [[signals.alerts.webhooks]].
-    webhooks: tuple[Webhook, ...] = ()
-    webhook_attempts: int = 5
-    webhook_backoff_seconds: float = 1.0
-    webhook_timeout_seconds: float = 5.0
-    webhook_queue_size: int = 1000
+    # Where alerts are told (`bastion.webhooks`: signed, retried): the keys of `WebhookDelivery`,
+    # with [[signals.alerts.webhooks]].
 
     @classmethod
     def from_mapping(
