@@ -12,6 +12,7 @@ records the ``task.ended`` audit event, once. docs/delegation.md, "Just-in-time 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import math
@@ -584,7 +585,5 @@ class Tasks:
             if nearest is not None:
                 wait = min(wait, max(0.0, nearest - self.clock()) + 0.01)
             self._wake.clear()
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), wait)
-            except TimeoutError:
-                pass

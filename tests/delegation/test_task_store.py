@@ -54,7 +54,9 @@ def parts(database_url):
 
 def grant(grants: OAuthStore, grant_id: str, client_id: str = AGENT, user: str = USER) -> str:
     now = time.time()
-    grants.create_grant(Grant(grant_id, client_id, user, "https://mcp", "read", now, now + 9e4, None))
+    grants.create_grant(
+        Grant(grant_id, client_id, user, "https://mcp", "read", now, now + 9e4, None)
+    )
     grants.save_access_token(f"jti-{grant_id}", grant_id, now + 600)
     return grant_id
 
