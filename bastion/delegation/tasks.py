@@ -208,10 +208,12 @@ def _check_id(what: str, value: object) -> str:
 
 
 def _check_text(what: str, value: object, most: int) -> str:
-    if not isinstance(value, str) or not value.strip() or len(value) > most:
+    if not isinstance(value, str) or len(value) > most:
         raise TaskError(f"{what} must be text of 1 to {most} characters")
-    if not value.isprintable():
-        raise TaskError(f"{what} must be printable (no line breaks or control characters)")
+    if not value.strip() or not value.isprintable():
+        raise TaskUnprocessable(
+            f"{what} must say something, in printable characters (no line breaks or controls)"
+        )
     return value
 
 
@@ -366,7 +368,7 @@ class Tasks:
         try:
             fact = fact_from_json(obj)
         except FactError as e:
-            raise TaskError(f"{where}: {e}") from None
+            raise TaskUnprocessable(f"{where}: {e}") from None
         if fact[0] not in self.settings.predicates:
             raise TaskForbidden(
                 f"{where}: a task grants only {', '.join(self.settings.predicates)} facts"
