@@ -25,7 +25,7 @@ from bastion.facts.model import FactError, check_fact, fact_to_json
 from bastion.facts.store import FactStore
 from bastion.oauth.store import OAuthStore
 from bastion.policy.errors import PolicyError
-from bastion.server.config import ConfigError, ServerConfig, command_config
+from bastion.server.config import ConfigError, ServerConfig, command_database
 
 MAX_LIST = 1000
 
@@ -119,9 +119,9 @@ def cmd_end(tasks: Tasks, args: argparse.Namespace) -> int:
 def _opened(work: Callable[[Tasks, argparse.Namespace], int]) -> Callable:
     def run(args: argparse.Namespace) -> int:
         try:
-            config, database = command_config(args)
+            config = ServerConfig.load(args.config)
             settings = config.task_settings()
-            db = Database(database, role="bastion-cli")
+            db = Database(command_database(args, config), role="bastion-cli")
         except (ConfigError, DatabaseUnavailable, OSError) as e:
             print(f"bastion: {e}", file=sys.stderr)
             return 2

@@ -217,12 +217,13 @@ _POSITIVE = (
 )
 
 
-def command_config(args: argparse.Namespace) -> tuple[ServerConfig, str]:
-    """What an admin command works on: the configuration (``--config``, else BASTION_CONFIG or
-    ./bastion.toml) and the database (``--database``, else BASTION_DATABASE or the configuration's)."""
-    config = ServerConfig.load(getattr(args, "config", None))
-    database = getattr(args, "database", None) or os.environ.get("BASTION_DATABASE")
-    return config, database or config.database
+def command_database(args: argparse.Namespace, config: ServerConfig | None = None) -> str:
+    """The database an admin command works on: ``--database``, else BASTION_DATABASE, else the
+    configuration's (``config``, or the one ``--config`` names, read only when needed)."""
+    given = getattr(args, "database", None) or os.environ.get("BASTION_DATABASE")
+    if given:
+        return given
+    return (config or ServerConfig.load(getattr(args, "config", None))).database
 
 
 def _coerce(key: str, value: Any, kind: type) -> Any:
