@@ -188,3 +188,15 @@ def test_settings_have_defaults_and_refuse_what_cannot_work():
     ):
         with pytest.raises(TaskError):
             TaskSettings.from_mapping(bad)
+
+
+def test_the_tasks_table_of_bastion_toml_is_read_and_checked_at_start(tmp_path):
+    from bastion.server.config import ConfigError, ServerConfig
+
+    toml = tmp_path / "bastion.toml"
+    toml.write_text('[tasks]\nmax_seconds = 600\npredicates = ["has_role"]\n')
+    settings = ServerConfig.load(toml).task_settings()
+    assert (settings.max_seconds, settings.predicates) == (600, ("has_role",))
+    toml.write_text("[tasks]\nmax_seconds = -1\n")
+    with pytest.raises(ConfigError, match="max_seconds"):
+        ServerConfig.load(toml)
