@@ -518,6 +518,11 @@ class Tasks:
         Returns the task as it is now and whether this call ended it (False: it had ended, or
         expired, already; what was left to clean up is cleaned up anyway)."""
         reason = _check_text("reason", reason, MAX_REASON_LENGTH)
+        if reason == EXPIRED:
+            raise TaskUnprocessable(
+                "'expired' is the reason bastion records when a task reaches its expiry; give"
+                " another"
+            )
         task = self.get(task_id)
         if task is None:
             raise UnknownTask(f"no task has the id {task_id!r}")

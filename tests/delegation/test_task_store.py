@@ -77,6 +77,8 @@ def test_ending_deletes_the_facts_revokes_the_grants_and_is_recorded_once(parts)
     other = grant(grants, "g-other")  # the same agent's grant, not bound: untouched
     assert not revoked(grants, "g1")
 
+    with pytest.raises(TaskUnprocessable):  # an ended task never passes for an expired one
+        tasks.end(task.id, "test", "expired")
     shown, first = tasks.end(task.id, "test", "done")
     again, second = tasks.end(task.id, "test", "done")
 
