@@ -498,7 +498,8 @@ class Tasks:
             grant = self.grants.grant(grant_id)
             if grant is None or grant.revoked_at is not None:
                 raise TaskError(f"grant {grant_id!r} is unknown or revoked")
-            if grant.client_id != agent or grant.username != user:
+            # A client acting as itself (client_credentials) is its grant's subject.
+            if grant.client_id != agent or (grant.username or grant.client_id) != user:
                 raise TaskError(f"grant {grant_id!r} is not {agent!r}'s for user {user!r}")
         now = self.clock()
         self.store.add_grant(task_id, grant_id, now)

@@ -370,6 +370,8 @@ def create_app(config: ServerConfig) -> Starlette:
     signals = _signals(config, db, store, oauth, replica)
     alerts = _alerts(config, oauth, replica, gateway)
     tasks = _tasks(config, db, store, oauth, replica)
+    if oauth is not None:
+        oauth.task_binder = tasks.bind
     if gateway is not None and gateway.records is not None:
         metrics.observe_records_dropped(lambda: gateway.records.dropped)
     if gateway is not None:

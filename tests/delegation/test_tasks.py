@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import json
 import time
+from urllib.parse import parse_qs, urlencode, urlsplit
 
 import anyio
 import httpx2
@@ -22,6 +23,8 @@ from bastion.cli import main
 from bastion.delegation.tasks import TaskClosed
 from bastion.facts.model import Entity
 from tests.gateway.streams import modern_headers, modern_request
+from tests.gateway.support import PASSWORD, REDIRECT_URI
+from tests.oauth.support import log_in_and_consent, pkce_pair
 from tests.signals.support import running
 
 MAX_SECONDS = 3600
@@ -314,3 +317,139 @@ def test_the_command_line_opens_lists_shows_and_ends_tasks(bastion, capsys):
     assert refused == 2
     assert "first argument" in capsys.readouterr().err
     assert main(["tasks", "show", "task_unknown", *database]) == 2
+
+
+def code_for(bastion, user: str) -> tuple[str, str, str]:
+    """A registered client, the person's sign-in and consent: (client_id, code, verifier)."""
+    client = bastion.http.post(
+        f"{bastion.url}/register",
+        json={
+            "client_name": "task agent",
+            "redirect_uris": [REDIRECT_URI],
+            "token_endpoint_auth_method": "none",
+            "grant_types": ["authorization_code", "refresh_token"],
+        },
+    ).json()
+    verifier, challenge = pkce_pair()
+    params = {
+        "response_type": "code",
+        "client_id": client["client_id"],
+        "redirect_uri": REDIRECT_URI,
+        "state": "s",
+        "code_challenge": challenge,
+        "code_challenge_method": "S256",
+        "resource": bastion.mcp_url("deskhttp"),
+        "scope": "customers:read",
+    }
+    bastion.logins.append(user)
+    answer = log_in_and_consent(
+        bastion.url, f"{bastion.url}/authorize?{urlencode(params)}", user, PASSWORD
+    )
+    code = parse_qs(urlsplit(answer.headers["location"]).query)["code"][0]
+    return client["client_id"], code, verifier
+
+
+def redeem(bastion, client_id: str, code: str, verifier: str, **extra):
+    return bastion.http.post(
+        f"{bastion.url}/token",
+        data={
+            "grant_type": "authorization_code",
+            "code": code,
+            "redirect_uri": REDIRECT_URI,
+            "code_verifier": verifier,
+            "client_id": client_id,
+            **extra,
+        },
+    )
+
+
+def test_the_task_parameter_at_the_code_exchange_binds_the_grant_to_the_task(bastion, keys):
+    client_id, code, verifier = code_for(bastion, "sam")
+    task = open_task(bastion, keys["orchestrator"], client_id)
+    others = open_task(bastion, keys["orchestrator"], "someone-else")
+    # Refused (RFC 6749's invalid_request, the reason in the description), nothing issued, and
+    # the code is still unused: a task of another agent, an unknown one.
+    for wrong in (others["id"], "task_" + "0" * 24):
+        refused = redeem(bastion, client_id, code, verifier, task=wrong)
+        assert refused.status_code == 400, refused.text
+        assert refused.json()["error"] == "invalid_request"
+        assert "task" in refused.json()["error_description"]
+    issued = redeem(bastion, client_id, code, verifier, task=task["id"])
+    assert issued.status_code == 200, issued.text
+    token = issued.json()["access_token"]
+    assert "result" in raw_status(bastion, token)[1]
+    shown = api(bastion, keys["orchestrator"], "GET", f"/{task['id']}").json()["task"]
+    assert shown["grants"] == 1
+
+    ended = api(bastion, keys["orchestrator"], "POST", f"/{task['id']}/end")
+    assert ended.status_code == 200 and ended.json()["ended"] is True
+    assert raw_status(bastion, token)[0] == 401
+    # Its refresh token went with the grant.
+    refreshed = bastion.http.post(
+        f"{bastion.url}/token",
+        data={
+            "grant_type": "refresh_token",
+            "refresh_token": issued.json()["refresh_token"],
+            "client_id": client_id,
+        },
+    )
+    assert refreshed.status_code == 400 and refreshed.json()["error"] == "invalid_grant"
+    # An ended task binds nothing at the code exchange either.
+    client_id, code, verifier = code_for(bastion, "sam")
+    late = open_task(bastion, keys["orchestrator"], client_id)
+    api(bastion, keys["orchestrator"], "POST", f"/{late['id']}/end")
+    closed = redeem(bastion, client_id, code, verifier, task=late["id"])
+    assert closed.status_code == 400 and "ended" in closed.json()["error_description"]
+
+
+def test_the_task_parameter_at_client_credentials_binds_an_agent_acting_as_itself(bastion, keys):
+    from bastion.oauth.store import Client, digest
+
+    secret = "a-secret-of-the-nightly-agent"
+    agent = Client(
+        "nightly-agent",
+        "nightly agent",
+        (),
+        ("client_credentials",),
+        "client_secret_post",
+        "customers:read",
+        "admin",
+        False,
+        {},
+        time.time(),
+        None,
+        digest(secret),
+    )
+    bastion.app.state.oauth.store.save_client(agent)
+    # Acting as itself, the agent is the token's subject: the task is on its own behalf.
+    task = api(
+        bastion,
+        keys["orchestrator"],
+        "POST",
+        json={
+            "user": agent.client_id,
+            "agent": agent.client_id,
+            "purpose": "the nightly export",
+            "facts": [reader(agent.client_id)],
+            "expires_in": 600,
+        },
+    ).json()["task"]
+
+    def token(**extra):
+        return bastion.http.post(
+            f"{bastion.url}/token",
+            data={
+                "grant_type": "client_credentials",
+                "client_id": agent.client_id,
+                "client_secret": secret,
+                "resource": bastion.mcp_url("deskhttp"),
+                **extra,
+            },
+        )
+
+    assert token(task="task_" + "1" * 24).json()["error"] == "invalid_request"
+    bound, unbound = token(task=task["id"]).json(), token().json()
+    assert raw_status(bastion, bound["access_token"])[0] == 200
+    api(bastion, keys["orchestrator"], "POST", f"/{task['id']}/end")
+    assert raw_status(bastion, bound["access_token"])[0] == 401
+    assert raw_status(bastion, unbound["access_token"])[0] == 200  # not the task's
