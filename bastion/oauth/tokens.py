@@ -104,7 +104,7 @@ class TokenEndpoint:
             client_id=client.client_id,
             grant_id=grant.grant_id,
             grant_type="authorization_code",
-            task=form.get("task"),
+            **({"task": form["task"]} if form.get("task") else {}),
             resource=grant.resource,
             scope=grant.scope,
         )
@@ -201,7 +201,7 @@ class TokenEndpoint:
             client_id=client.client_id,
             grant_id=grant.grant_id,
             grant_type="client_credentials",
-            task=form.get("task"),
+            **({"task": form["task"]} if form.get("task") else {}),
             resource=grant.resource,
             scope=grant.scope,
         )

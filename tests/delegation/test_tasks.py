@@ -380,6 +380,12 @@ def test_the_task_parameter_at_the_code_exchange_binds_the_grant_to_the_task(bas
     assert "result" in raw_status(bastion, token)[1]
     shown = api(bastion, keys["orchestrator"], "GET", f"/{task['id']}").json()["task"]
     assert shown["grants"] == 1
+    [issued_event] = [
+        e
+        for e in bastion.app.state.oauth.audit.events("token.issued")
+        if e.detail.get("task") == task["id"]
+    ]
+    assert issued_event.client_id == client_id
 
     ended = api(bastion, keys["orchestrator"], "POST", f"/{task['id']}/end")
     assert ended.status_code == 200 and ended.json()["ended"] is True
