@@ -202,3 +202,30 @@ def test_the_tasks_table_of_bastion_toml_is_read_and_checked_at_start(tmp_path):
     toml.write_text("[tasks]\nmax_seconds = -1\n")
     with pytest.raises(ConfigError, match="max_seconds"):
         ServerConfig.load(toml)
+
+
+def test_two_tasks_opened_at_once_never_both_take_the_same_fact(database_url):
+    import threading
+
+    opened, refused = [], []
+    barrier = threading.Barrier(8)
+    parts = []
+    for _ in range(8):
+        db = Database(database_url)
+        parts.append((db, Tasks(FactStore(db), OAuthStore(db), AuditLog(db))))
+
+    def open_one(tasks: Tasks) -> None:
+        barrier.wait()
+        try:
+            opened.append(tasks.open(USER, AGENT, "a job", time.time() + 60, [READ_DOCS], "t"))
+        except TaskUnprocessable:
+            refused.append(1)
+
+    threads = [threading.Thread(target=open_one, args=(t,)) for _, t in parts]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for db, _ in parts:
+        db.close()
+    assert (len(opened), len(refused)) == (1, 7)
