@@ -316,6 +316,12 @@ class TaskStore:
         )
         return rows[0][0] if rows and rows[0][0] is not None else None
 
+    def lock(self, task_id: str) -> None:
+        """Inside a transaction on PostgreSQL: hold the task's row until it commits, so that
+        `mark_ended` waits for it."""
+        if self.db.is_postgres:
+            self.db.execute("SELECT id FROM tasks WHERE id = ? FOR UPDATE", (task_id,))
+
     def add_grant(self, task_id: str, grant_id: str, now: float) -> None:
         self.db.execute(
             "INSERT INTO task_grants (task_id, grant_id, bound_at) VALUES (?, ?, ?)"
@@ -488,35 +494,33 @@ class Tasks:
         act (empty for a direct grant). The task's own agent binds; so does a sub-agent whose
         chain passes through it. `TaskError` (a `ValueError`) says why a bind is refused.
         """
-        task = self.get(task_id)
-        if task is None:
-            raise UnknownTask(f"no task has the id {task_id!r}")
-        status = task.status(self.clock())
-        if status != OPEN:
-            raise TaskClosed(f"task {task_id} is {status}: it grants nothing any more")
-        if user != task.user:
-            raise TaskError(f"task {task_id} is not on behalf of user {user!r}")
-        if agent != task.agent and task.agent not in tuple(chain):
-            raise TaskError(
-                f"agent {agent!r} is neither task {task_id}'s agent nor delegated from it"
+        with self.store.db.transaction():
+            # Held until the binding commits: an ending that races it waits, then revokes this
+            # grant too (SQLite's write lock does the same).
+            self.store.lock(task_id)
+            task = self.get(task_id)
+            if task is None:
+                raise UnknownTask(f"no task has the id {task_id!r}")
+            status = task.status(self.clock())
+            if status != OPEN:
+                raise TaskClosed(f"task {task_id} is {status}: it grants nothing any more")
+            if user != task.user:
+                raise TaskError(f"task {task_id} is not on behalf of user {user!r}")
+            if agent != task.agent and task.agent not in tuple(chain):
+                raise TaskError(
+                    f"agent {agent!r} is neither task {task_id}'s agent nor delegated from it"
+                )
+            if self.grants is not None:
+                grant = self.grants.grant(grant_id)
+                if grant is None or grant.revoked_at is not None:
+                    raise TaskError(f"grant {grant_id!r} is unknown or revoked")
+                # A client acting as itself (client_credentials) is its grant's subject.
+                if grant.client_id != agent or (grant.username or grant.client_id) != user:
+                    raise TaskError(f"grant {grant_id!r} is not {agent!r}'s for user {user!r}")
+            self.store.add_grant(task_id, grant_id, self.clock())
+            self.audit.record(
+                "task.bound", subject=user, client_id=agent, task_id=task_id, grant_id=grant_id
             )
-        if self.grants is not None:
-            grant = self.grants.grant(grant_id)
-            if grant is None or grant.revoked_at is not None:
-                raise TaskError(f"grant {grant_id!r} is unknown or revoked")
-            # A client acting as itself (client_credentials) is its grant's subject.
-            if grant.client_id != agent or (grant.username or grant.client_id) != user:
-                raise TaskError(f"grant {grant_id!r} is not {agent!r}'s for user {user!r}")
-        now = self.clock()
-        self.store.add_grant(task_id, grant_id, now)
-        # Ended meanwhile? Its ending may have read the grants before this one: revoke it here.
-        again = self.store.get(task_id)
-        if again is None or again.status(self.clock()) != OPEN:
-            self._revoke(grant_id, task_id)
-            raise TaskClosed(f"task {task_id} ended while the grant was being bound")
-        self.audit.record(
-            "task.bound", subject=user, client_id=agent, task_id=task_id, grant_id=grant_id
-        )
 
     # -- ending --------------------------------------------------------------------------------
 

@@ -229,3 +229,33 @@ def test_two_tasks_opened_at_once_never_both_take_the_same_fact(database_url):
     for db, _ in parts:
         db.close()
     assert (len(opened), len(refused)) == (1, 7)
+
+
+def test_an_ending_that_races_a_binding_waits_for_it_and_revokes_its_grant(database_url):
+    import threading
+
+    binding_db, ending_db = Database(database_url), Database(database_url)
+    binding = Tasks(FactStore(binding_db), OAuthStore(binding_db), AuditLog(binding_db))
+    ending = Tasks(FactStore(ending_db), OAuthStore(ending_db), AuditLog(ending_db))
+    task = binding.open(USER, AGENT, "a job", time.time() + 60, [READ_DOCS], "test")
+    grant(binding.grants, "g1")
+    ended = threading.Event()
+
+    def end() -> None:
+        ending.end(task.id, "test")
+        ended.set()
+
+    racer = threading.Thread(target=end)
+    try:
+        # As the token endpoint does: the binding, then the token, in one transaction.
+        with binding_db.transaction():
+            binding.bind(task.id, USER, AGENT, "g1")
+            racer.start()
+            assert not ended.wait(0.5)  # the ending waits for the binding to commit
+        racer.join(10)
+        assert ended.is_set()
+        assert revoked(ending.grants, "g1")
+    finally:
+        racer.join(10)
+        binding_db.close()
+        ending_db.close()
