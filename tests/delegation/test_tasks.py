@@ -459,3 +459,45 @@ def test_the_task_parameter_at_client_credentials_binds_an_agent_acting_as_itsel
     api(bastion, keys["orchestrator"], "POST", f"/{task['id']}/end")
     assert raw_status(bastion, bound["access_token"])[0] == 401
     assert raw_status(bastion, unbound["access_token"])[0] == 200  # not the task's
+
+
+def test_a_real_bastion_serve_ends_an_expired_task_by_itself(tmp_path, database_url):
+    """`bastion serve` in a process of its own, on SQLite and on PostgreSQL, no [oauth]: the
+    task's grant decides, then its expiry takes it away (the sweeper wakes at the expiry)."""
+    from tests.server.conftest import POLICY, ServerProcess
+
+    policy = tmp_path / "policy.polar"
+    policy.write_text(POLICY + "\nactor Agent {}\n")
+    server = ServerProcess(database_url, tmp_path, str(policy)).start()
+    repo = {"type": "Repo", "id": "r1"}
+    agent = {"type": "Agent", "id": "builder"}
+    try:
+        with server.client() as http:
+            opened = http.post(
+                "/v1/tasks",
+                json={
+                    "user": "sam",
+                    "agent": "builder",
+                    "purpose": "build r1",
+                    "expires_in": 1.5,
+                    "facts": [{"predicate": "has_role", "args": [agent, "reader", repo]}],
+                },
+            )
+            assert opened.status_code == 201, opened.text
+            task = opened.json()["task"]
+            question = {"actor": agent, "action": "read", "resource": repo}
+            assert http.post("/v1/authorize", json=question).json()["allowed"] is True
+            assert until(lambda: http.get(f"/v1/tasks/{task['id']}").json()["task"]["ended_at"])
+            assert http.post("/v1/authorize", json=question).json()["allowed"] is False
+            shown = http.get(f"/v1/tasks/{task['id']}").json()["task"]
+            assert (shown["status"], shown["ended_by"]) == ("expired", "expiry")
+            facts = http.get(
+                "/v1/facts",
+                params={
+                    "pattern": json.dumps({"predicate": "has_role", "args": [agent, None, None]})
+                },
+            ).json()
+            assert facts["facts"] == []
+    finally:
+        server.stop()
+    assert "Traceback" not in server.log.read_text()
