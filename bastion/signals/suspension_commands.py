@@ -8,13 +8,14 @@ from __future__ import annotations
 import argparse
 import getpass
 import json
+import os
 import sys
 import time
 from datetime import UTC, datetime
 
 from bastion.db import DatabaseUnavailable
 from bastion.facts.store import FactStore
-from bastion.server.config import ConfigError, command_database
+from bastion.server.config import ConfigError, ServerConfig
 from bastion.signals.suspensions import KINDS, SuspensionError, resume, stored, suspend, suspension
 
 
@@ -26,7 +27,9 @@ def _actor() -> str:
 
 
 def _store(args: argparse.Namespace) -> FactStore:
-    return FactStore.open(command_database(args), role="bastion-cli")
+    config = ServerConfig.load(args.config)
+    database = args.database or os.environ.get("BASTION_DATABASE") or config.database
+    return FactStore.open(database, role="bastion-cli")
 
 
 def _when(epoch: float | None) -> str:
