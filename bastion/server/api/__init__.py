@@ -1,4 +1,4 @@
-"""The `/v1` API: decisions, facts, policy, API keys, approvals, signals and alerts."""
+"""The `/v1` API: decisions, facts, policy, API keys, approvals, signals, alerts and tasks."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from bastion.server.api import (
     policy,
     signals,
     suspensions,
+    tasks,
 )
 
 
@@ -26,4 +27,5 @@ def routes() -> list[BaseRoute]:
         *suspensions.routes,
         *signals.routes,
         *alerts.routes,
+        *tasks.routes,
     ]
