@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import getpass
 import json
-import os
 import sys
 import time
 from datetime import UTC, datetime
@@ -19,7 +18,7 @@ from bastion.agents.registry import STATUSES, list_agents, show_agent, update_ag
 from bastion.db import DatabaseUnavailable
 from bastion.facts.store import FactStore
 from bastion.oauth.store import OAuthStore
-from bastion.server.config import ConfigError, ServerConfig
+from bastion.server.config import ConfigError, command_database
 from bastion.signals.suspensions import KINDS, SuspensionError, resume, stored, suspend, suspension
 
 
@@ -31,9 +30,7 @@ def _actor() -> str:
 
 
 def _store(args: argparse.Namespace) -> FactStore:
-    config = ServerConfig.load(args.config)
-    database = args.database or os.environ.get("BASTION_DATABASE") or config.database
-    return FactStore.open(database, role="bastion-cli")
+    return FactStore.open(command_database(args), role="bastion-cli")
 
 
 def _when(epoch: float | None) -> str:
