@@ -335,8 +335,7 @@ class Alerts:
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.store = store
-        # Owners and managers are read from the stored facts, whatever the policy declares.
-        self._facts = FactStore(store.db)
+        self._fact_store: FactStore | None = None
         self.settings = settings
         self.authorizer = authorizer
         self.issuer = issuer.rstrip("/")
@@ -558,6 +557,13 @@ class Alerts:
         return who in {alert.owner, *alert.recipients, *alert.escalated_to}
 
     # -- who is told -----------------------------------------------------------------------------
+
+    @property
+    def _facts(self) -> FactStore:
+        """Owners and managers are read from the stored facts, whatever the policy declares."""
+        if self._fact_store is None:
+            self._fact_store = FactStore(self.store.db)
+        return self._fact_store
 
     def _owner(self, principal: str) -> str:
         """The agent's owner, ``has_relation(Agent{...}, "owner", User{...})`` as stored
