@@ -1,7 +1,7 @@
 """The token endpoint (RFC 6749 §3.2 as profiled by OAuth 2.1): the ``authorization_code`` grant
 with PKCE (§4.1.3), ``refresh_token`` with rotation on every use (§6, RFC 9700 §4.14.2) and
 ``client_credentials`` (§4.4) for an agent acting as itself; the OpenID CIBA grant is answered by
-`bastion.oauth.ciba`.
+`bastion.oauth.ciba`, token exchange (RFC 8693) by `bastion.oauth.token_exchange`.
 
 A code is single use: a second use revokes the grant the first one started. A refresh token is
 single use: presenting a rotated one revokes the whole grant (it was stolen, or the client is
@@ -27,6 +27,11 @@ from bastion.oauth.errors import (
 )
 from bastion.oauth.redirect_uris import redirect_uri_allowed
 from bastion.oauth.store import Client, Grant, new_secret
+from bastion.oauth.token_exchange import (
+    TOKEN_EXCHANGE_GRANT_TYPE,
+    RequestOrigin,
+    TokenExchange,
+)
 
 if TYPE_CHECKING:
     from bastion.oauth.server import AuthorizationServer
@@ -38,9 +43,13 @@ class TokenEndpoint:
         self.settings = server.settings
         self.store = server.store
         self.audit = server.audit
+        self.token_exchange = TokenExchange(server)
 
-    def exchange(self, client: Client, form: Mapping[str, str]) -> dict[str, Any]:
-        """Answer one token request from an authenticated client, or raise the RFC's error."""
+    def exchange(
+        self, client: Client, form: Mapping[str, str], origin: RequestOrigin | None = None
+    ) -> dict[str, Any]:
+        """Answer one token request from an authenticated client, or raise the RFC's error.
+        ``origin`` (the client's address and headers) is the context of a token exchange."""
         grant_type = form.get("grant_type")
         if not grant_type:
             raise InvalidRequest("grant_type is required")
@@ -49,6 +58,7 @@ class TokenEndpoint:
             "refresh_token": self._refresh_token,
             "client_credentials": self._client_credentials,
             CIBA_GRANT_TYPE: self._ciba,
+            TOKEN_EXCHANGE_GRANT_TYPE: lambda c, f: self.token_exchange.exchange(c, f, origin),
         }.get(grant_type)
         if handler is None:
             raise UnsupportedGrantType(f"grant_type {grant_type!r} is not supported")
