@@ -43,6 +43,11 @@ allow(agent: Agent, "call", tool: Tool) if
   has_relation(tool, "server", server) and
   has_role(agent, "coder", server);
 
+# Coding agents keep out of the archive (a sub-agent given it still cannot write there for one).
+deny(agent: Agent, "call", _tool: Tool) if
+  has_role(agent, "coder", _server) and
+  context.arguments.folder = "archive";
+
 # Illustrators work only in the folders given to them.
 allow(agent: Agent, "call", tool: Tool) if
   has_relation(tool, "server", server) and
