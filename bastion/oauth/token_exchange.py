@@ -126,13 +126,13 @@ class TokenExchange:
             raise InvalidRequest("task must name a task")
 
         subject = self._token(subject_token, "subject_token")
+        chain = subject.agents or (subject.client_id,)
+        seen.update(user=subject.subject, chain=list(chain), parent_grant_id=subject.grant_id)
         if subject.client_id != client.client_id:
             raise InvalidRequest(
                 "subject_token was issued to another client; only the agent a token was issued"
                 " to may exchange it"
             )
-        chain = subject.agents or (subject.client_id,)
-        seen.update(user=subject.subject, chain=list(chain), parent_grant_id=subject.grant_id)
         if subject.expires_at <= now:
             raise InvalidRequest("subject_token has expired")
         target = self._target(form, subject)
