@@ -227,3 +227,21 @@ def test_a_task_binds_the_delegated_grant_and_travels_in_the_token(database_url,
         # The refused binding saved nothing: one grant more (the sub-agent's own token's and
         # this delegation's), not two.
         assert bastion.db.execute("SELECT COUNT(*) FROM oauth_grants")[0][0] == grants + 2
+
+
+def test_max_delegation_depth_zero_refuses_every_exchange(sqlite_url, tmp_path):
+    with running_bastion(sqlite_url, tmp_path, max_delegation_depth=0) as bastion:
+        coder, sub = coding_agent(bastion), sub_agent(bastion)
+        policy_for(bastion, [sub["client_id"]])
+        tokens = bastion.tokens_for(coder)
+        answer = exchange(bastion, coder, tokens["access_token"], own_token(bastion, sub))
+        assert answer.status_code == 400 and answer.json()["error"] == "invalid_request"
+        assert "max_delegation_depth" in answer.json()["error_description"]
+
+
+def test_without_a_policy_to_decide_every_exchange_is_refused(sqlite_url, tmp_path):
+    with running_bastion(sqlite_url, tmp_path) as bastion:
+        coder, sub = coding_agent(bastion), sub_agent(bastion)
+        tokens = bastion.tokens_for(coder)
+        answer = exchange(bastion, coder, tokens["access_token"], own_token(bastion, sub))
+        assert answer.status_code == 400 and answer.json()["error"] == "invalid_target"
