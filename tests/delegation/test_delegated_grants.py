@@ -245,3 +245,28 @@ def test_without_a_policy_to_decide_every_exchange_is_refused(sqlite_url, tmp_pa
         tokens = bastion.tokens_for(coder)
         answer = exchange(bastion, coder, tokens["access_token"], own_token(bastion, sub))
         assert answer.status_code == 400 and answer.json()["error"] == "invalid_target"
+
+
+def test_introspection_shows_the_chain_and_stops_at_a_revoked_parent(database_url, tmp_path):
+    with running_bastion(database_url, tmp_path) as bastion:
+        resource_server = sub_agent(bastion)
+        bastion.db.execute(
+            "UPDATE oauth_clients SET may_introspect = 1 WHERE client_id = ?",
+            (resource_server["client_id"],),
+        )
+        tokens, delegated = chain_of_three(bastion)
+
+        def introspect(token: str) -> dict:
+            return bastion.http.post(
+                f"{bastion.url}/introspect",
+                data={"token": token},
+                auth=(resource_server["client_id"], resource_server["client_secret"]),
+            ).json()
+
+        answer = introspect(delegated[1])
+        assert answer["active"] is True and answer["act"] == claims(delegated[1])["act"]
+        assert answer["act"]["act"]["act"]["sub"] == claims(tokens["access_token"])["client_id"]
+        assert "act" not in introspect(tokens["access_token"])
+        grant_id, _ = bastion.server.store.access_token_state(claims(tokens["access_token"])["jti"])
+        bastion.server.store.revoke_grant(grant_id, bastion.clock(), "test")
+        assert introspect(delegated[1]) == {"active": False}
