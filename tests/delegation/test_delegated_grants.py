@@ -270,3 +270,23 @@ def test_introspection_shows_the_chain_and_stops_at_a_revoked_parent(database_ur
         grant_id, _ = bastion.server.store.access_token_state(claims(tokens["access_token"])["jti"])
         bastion.server.store.revoke_grant(grant_id, bastion.clock(), "test")
         assert introspect(delegated[1]) == {"active": False}
+
+
+def test_a_refused_exchange_changes_nothing(sqlite_url, tmp_path):
+    with running_bastion(sqlite_url, tmp_path) as bastion:
+        coder, sub, stranger = coding_agent(bastion), sub_agent(bastion), sub_agent(bastion)
+        policy_for(bastion, [sub["client_id"]])
+        tokens = bastion.tokens_for(coder)
+        actor, outsider = own_token(bastion, sub), own_token(bastion, stranger)
+        before = bastion.rows()
+        for answer in (
+            exchange(bastion, coder, tokens["access_token"], outsider),  # the policy refuses
+            exchange(bastion, coder, tokens["access_token"], actor, scope="tools:call"),
+            exchange(
+                bastion, coder, tokens["access_token"], actor, resource=bastion.other_resource
+            ),
+            exchange(bastion, coder, tokens["access_token"], actor, task="t-1"),
+            exchange(bastion, sub, tokens["access_token"], actor),
+        ):
+            assert answer.status_code == 400, answer.text
+        assert bastion.rows() == before
