@@ -55,7 +55,8 @@ class TaskBinder(Protocol):
 
     def bind(self, task_id: str, user: str, agent: str, grant_id: str) -> None:
         """Bind the grant to the task; raise ValueError with a reason when the task is not
-        open or not for that user and agent."""
+        open or not for that user and agent. Called inside the transaction that saves the
+        grant, on the authorization server's `Database`: write through that one."""
 
 
 @dataclass(frozen=True)
