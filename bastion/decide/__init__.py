@@ -66,6 +66,9 @@ CONTRACT_SHAPES = (
     ("would", "bbbff"),
     # Alerts a decision raises (`bastion.signals.alerts`): alert(actor, name, severity).
     ("alert", "bff"),
+    # Token exchange (`bastion.decide.contract.decide_delegation`).
+    ("may_delegate", "bbb"),
+    ("delegated_scope", "bbbbb"),
 )
 
 

@@ -239,6 +239,21 @@ def _gateway(config: ServerConfig, oauth, replica: Replica, approvals):
     )
 
 
+def _delegation(oauth, gateway, replica: Replica) -> None:
+    """Token exchange (docs/delegation.md) asks the policy about the MCP server a resource is,
+    as the gateway maps it; without a gateway every exchange is refused."""
+    from bastion.facts.model import Entity
+    from bastion.oauth.token_exchange import DelegationPolicy
+
+    servers = {gateway.resource(name): Entity("McpServer", name) for name in gateway.upstreams}
+    oauth.delegation = DelegationPolicy(
+        authorizer=lambda: replica.authz,
+        server_of=servers.get,
+        posture=gateway.posture,
+        facts_stale=lambda: replica.stale,
+    )
+
+
 def _behavior(config: ServerConfig, gateway):
     """The gateway's behaviour counters ([signals.behavior]; shared through gateway.redis_url)."""
     from bastion.signals.behavior import behavior_from_config
@@ -371,10 +386,11 @@ def create_app(config: ServerConfig) -> Starlette:
     alerts = _alerts(config, oauth, replica, gateway)
     tasks = _tasks(config, db, store, oauth, replica)
     if oauth is not None:
-        oauth.task_binder = tasks.bind
+        oauth.tasks = tasks
     if gateway is not None and gateway.records is not None:
         metrics.observe_records_dropped(lambda: gateway.records.dropped)
     if gateway is not None:
+        _delegation(oauth, gateway, replica)
         gateway.enforcer.shadow.on_fire = metrics.shadow_fired
         gateway.enforcer.behavior = _behavior(config, gateway)
 
