@@ -133,7 +133,10 @@ def test_basic_core_a_missing_or_mistyped_field_is_400(pep, body):
 
 
 def test_basic_core_wrong_content_type_malformed_or_empty_body_is_400(pep):
-    body = b'{"subject": {"type": "user", "id": "alice"}}'
+    # A body that would be allowed, sent as something else than JSON.
+    body = b'{"subject": {"type": "user", "id": "alice"}, "action": {"name": "read"},'
+    body += b' "resource": {"type": "record", "id": "record-1"}}'
+    assert pep.post(EVALUATION, content=body, headers={"content-type": "application/json"}).json()
     # c-2-4-3
     assert (
         pep.post(EVALUATION, content=body, headers={"content-type": "text/plain"}).status_code
