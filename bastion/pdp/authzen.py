@@ -36,6 +36,15 @@ VENDOR = "bastion"
 class AuthzenError(ValueError):
     """A request AuthZEN calls malformed (HTTP 400); the message names the field and the fix."""
 
+    status = 400
+
+
+class StaleToken(AuthzenError):
+    """A well-formed page token this search cannot continue from: issued for another request,
+    or not by bastion (HTTP 422, as `/v1` answers what is well formed but refused)."""
+
+    status = 422
+
 
 @dataclass(frozen=True, slots=True)
 class Party:
@@ -237,6 +246,7 @@ def read_batch(body: dict, max_evaluations: int) -> Batch | None:
         "resource": _default(body, "resource", read_party),
         "context": read_context(body.get("context")),
     }
+    _scopes(defaults["context"])  # a malformed default is the whole request's error
     out: list[Evaluation | AuthzenError] = []
     for i, item in enumerate(items):
         try:
@@ -484,12 +494,12 @@ def _position(question: Search) -> str | None:
         data = json.loads(base64.urlsafe_b64decode(padded.encode()))
         after, digest = data["a"], data["q"]
     except (ValueError, binascii.Error, KeyError, TypeError):
-        raise AuthzenError(
+        raise StaleToken(
             "page.token is not a token this server issued: send the next_token of the previous"
             " page, or no token to start again"
         ) from None
     if digest != question.digest or (after is not None and after.__class__ is not str):
-        raise AuthzenError(
+        raise StaleToken(
             "page.token belongs to another search: send the same subject, action, resource,"
             " context and page.limit as the request that returned it, or no token to start again"
         )

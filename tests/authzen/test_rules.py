@@ -155,15 +155,15 @@ def test_a_page_token_is_bound_to_its_search(pep):
     # Another action with the same token: refused, not answered from the other search's place.
     other = {**body, "action": WRITE, "page": {"limit": 1, "token": token}}
     response = pep.post("/access/v1/search/subject", json=other)
-    assert response.status_code == 400 and "another search" in response.text
+    assert response.status_code == 422 and "another search" in response.text
     # Another limit: refused too.
     other = {**body, "page": {"limit": 2, "token": token}}
-    assert pep.post("/access/v1/search/subject", json=other).status_code == 400
+    assert pep.post("/access/v1/search/subject", json=other).status_code == 422
     # A token made up by the client: refused.
     forged = base64.urlsafe_b64encode(json.dumps({"a": "a", "q": "0" * 32}).encode()).decode()
     for bad in (forged, "not a token", "eyJ"):
         other = {**body, "page": {"limit": 1, "token": bad}}
-        assert pep.post("/access/v1/search/subject", json=other).status_code == 400
+        assert pep.post("/access/v1/search/subject", json=other).status_code == 422
 
 
 @pytest.mark.parametrize("page", [{"limit": -1}, {"limit": "2"}, {"limit": 1.5}, {"token": 3}, "x"])

@@ -47,7 +47,7 @@ def _route(handler: Handler) -> Handler:
             headers = {"WWW-Authenticate": 'Bearer realm="bastion"'} if p.status == 401 else None
             response = error(p.status, p.detail, headers)
         except authzen.AuthzenError as e:
-            response = error(400, str(e))
+            response = error(e.status, str(e))
         except DatabaseUnavailable as e:
             response = error(503, f"the database is unavailable, retry: {e}", {"Retry-After": "1"})
         except PolicyError as e:
