@@ -442,3 +442,15 @@ def test_discovery_metadata(fixture_pdp):
         url = document["access_evaluation_endpoint"]
         body = {"subject": ALICE, "action": READ, "resource": RECORD_1}
         assert pep.post(url, json=body).json() == {"decision": True}
+
+
+def test_the_fixture_policy_loads_without_warnings_and_its_tests_pass():
+    from bastion.policy import load
+    from bastion.policy.testing import run_tests
+    from tests.authzen.conftest import EXAMPLE
+
+    path = EXAMPLE / "policy.polar"
+    loaded = load([(str(path), path.read_text())])
+    assert not loaded.warnings, loaded.warnings
+    results = run_tests(loaded)
+    assert len(results) == 3 and all(r.passed for r in results), [r.name for r in results]
