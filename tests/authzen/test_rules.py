@@ -69,6 +69,27 @@ def test_the_metadata_is_public_and_the_v1_api_does_not_take_an_authzen_key(fixt
     assert pep.post("/v1/authorize", json=check).status_code == 403
 
 
+# -- bodies --------------------------------------------------------------------------------------
+
+
+def test_a_body_past_max_body_bytes_is_413_and_one_nested_too_deep_is_400(pep):
+    big = {**ALLOWED, "context": {"pad": "x" * 1_100_000}}
+    response = pep.post(EVALUATION, json=big)
+    assert response.status_code == 413 and "max_body_bytes" in response.text
+    assert response.headers["content-type"].startswith("text/plain")
+    deep: dict = {}
+    for _ in range(100):
+        deep = {"a": deep}
+    response = pep.post(EVALUATION, json={**ALLOWED, "context": deep})
+    assert response.status_code == 400 and "deep" in response.text.lower()
+
+
+def test_json_with_a_charset_is_json(pep):
+    body = json.dumps(ALLOWED).encode()
+    headers = {"content-type": "application/json; charset=utf-8"}
+    assert pep.post(EVALUATION, content=body, headers=headers).json() == {"decision": True}
+
+
 # -- batch semantics -----------------------------------------------------------------------------
 
 
