@@ -330,6 +330,13 @@ class Session:
             q.tables = None  # what was worked out may depend on the context it was asked in
         return self._authz._allowed(self._active, q, actor, action, resource)
 
+    def use_context(self, context: dict | None) -> None:
+        """Ask the session's next questions in ``context`` (they still spend its one budget)."""
+        q = self._q
+        if context is not q.context:
+            q.context = context
+            q.tables = None  # what was worked out may depend on the context it was asked in
+
     def explain(self, actor: Any, action: Any, resource: Any) -> Explanation:
         """`allowed` with the rules and facts that proved it, or the paths that failed (an
         interpreter, not the compiled code: tens to hundreds of microseconds)."""

@@ -54,7 +54,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from bastion.decide import Authorizer
+from bastion.decide import Authorizer, Session
 from bastion.facts.model import Entity
 from bastion.policy.errors import EvaluationLimit
 from bastion.signals.read_only import read_only_holds
@@ -121,93 +121,104 @@ def decide_chain(
     demands and the token lacks refuses the request with ``missing_scopes`` set. All of it is
     asked in one `Authorizer.session`: one view of the facts.
     """
+    if not principals:
+        return ChainDecision(False, tuple(principals))
+    with authz.session(context) as s:
+        return decide_chain_in(s, principals, action, resource, context, granted_scopes)
+
+
+def decide_chain_in(
+    s: Session,
+    principals: Sequence[Entity],
+    action: str,
+    resource: Entity,
+    context: dict | None = None,
+    granted_scopes: Iterable[str] | None = None,
+) -> ChainDecision:
+    """`decide_chain` within the session ``s``, in ``context``: several decisions asked in one
+    session see one view of the facts and spend one evaluation budget together (a batch is
+    bounded as one question); once it is spent, each is refused with "evaluation_limit"."""
     chain = tuple(principals)
     if not chain:
         return ChainDecision(False, chain)
+    s.use_context(context)
     try:
-        return _decide_chain(authz, chain, action, resource, context, granted_scopes)
+        return _decide_chain(s, chain, action, resource, context, granted_scopes)
     except EvaluationLimit as limit:
         return ChainDecision(False, chain, reason=limit.reason, limit=limit.limit)
 
 
 def _decide_chain(
-    authz: Authorizer,
+    s: Session,
     chain: tuple[Entity, ...],
     action: str,
     resource: Entity,
     context: dict | None,
     granted_scopes: Iterable[str] | None,
 ) -> ChainDecision:
-    with authz.session(context) as s:
-        generation = s.generation
-        alerts = _alerts(s, chain)
-        for principal in chain:
-            if not s.allowed(principal, action, resource):
-                return ChainDecision(
-                    False,
-                    chain,
-                    refused_by=principal,
-                    obligations=Obligations(alerts=alerts),
-                    generation=generation,
-                )
-        stale = _stale_signals(s, chain, _decision_time(context))
-        if stale:
-            principal, names = stale
+    generation = s.generation
+    alerts = _alerts(s, chain)
+    for principal in chain:
+        if not s.allowed(principal, action, resource):
             return ChainDecision(
                 False,
                 chain,
                 refused_by=principal,
                 obligations=Obligations(alerts=alerts),
                 generation=generation,
-                reason="signal_stale",
-                stale_signals=names,
             )
-        required = tuple(
-            sorted(
-                v for v in s.rows("requires_scope", "bbf", action, resource) if isinstance(v, str)
-            )
+    stale = _stale_signals(s, chain, _decision_time(context))
+    if stale:
+        principal, names = stale
+        return ChainDecision(
+            False,
+            chain,
+            refused_by=principal,
+            obligations=Obligations(alerts=alerts),
+            generation=generation,
+            reason="signal_stale",
+            stale_signals=names,
         )
-        if granted_scopes is not None:
-            granted = set(granted_scopes)
-            missing = tuple(scope for scope in required if scope not in granted)
-            if missing:
-                return ChainDecision(
-                    False,
-                    chain,
-                    missing_scopes=missing,
-                    obligations=Obligations(required_scopes=required, alerts=alerts),
-                    generation=generation,
-                )
-        masks: set[str] = set()
-        limits: list[RateLimit] = []
-        approval = review = False
-        for principal in chain:
-            # A path that is not text is still a mask asked for: "" (the whole value, which
-            # the gateway withholds), never dropped, which would send the result unmasked.
-            masks.update(
-                v if isinstance(v, str) else ""
-                for v in s.rows("mask", "bbbf", principal, action, resource)
+    required = tuple(
+        sorted(v for v in s.rows("requires_scope", "bbf", action, resource) if isinstance(v, str))
+    )
+    if granted_scopes is not None:
+        granted = set(granted_scopes)
+        missing = tuple(scope for scope in required if scope not in granted)
+        if missing:
+            return ChainDecision(
+                False,
+                chain,
+                missing_scopes=missing,
+                obligations=Obligations(required_scopes=required, alerts=alerts),
+                generation=generation,
             )
-            for n, secs in sorted(
-                s.rows("rate_limit", "bbbff", principal, action, resource), key=repr
-            ):
-                if type(n) is int and type(secs) is int and secs > 0:
-                    limits.append(RateLimit(principal, n, secs))
-                else:
-                    # A limit that cannot be counted is still a limit asked for: one that
-                    # admits nothing (max 0), never dropped, which would admit every call.
-                    limits.append(RateLimit(principal, 0, 1))
-            approval = approval or bool(
-                s.rows("requires_approval", "bbb", principal, action, resource)
-            )
-            review = review or bool(s.rows("requires_review", "bbb", principal, action, resource))
-        granted = (
-            approval
-            and len(chain) > 1
-            and bool(s.rows("approval_grant", "bbbb", chain[0], chain[1], action, resource))
+    masks: set[str] = set()
+    limits: list[RateLimit] = []
+    approval = review = False
+    for principal in chain:
+        # A path that is not text is still a mask asked for: "" (the whole value, which
+        # the gateway withholds), never dropped, which would send the result unmasked.
+        masks.update(
+            v if isinstance(v, str) else ""
+            for v in s.rows("mask", "bbbf", principal, action, resource)
         )
-        read_only = read_only_holds(s, chain, context)
-        max_auth_age = required_auth_age(s, chain, action, resource)
+        for n, secs in sorted(s.rows("rate_limit", "bbbff", principal, action, resource), key=repr):
+            if type(n) is int and type(secs) is int and secs > 0:
+                limits.append(RateLimit(principal, n, secs))
+            else:
+                # A limit that cannot be counted is still a limit asked for: one that
+                # admits nothing (max 0), never dropped, which would admit every call.
+                limits.append(RateLimit(principal, 0, 1))
+        approval = approval or bool(s.rows("requires_approval", "bbb", principal, action, resource))
+        review = review or bool(s.rows("requires_review", "bbb", principal, action, resource))
+    granted = (
+        approval
+        and len(chain) > 1
+        and bool(s.rows("approval_grant", "bbbb", chain[0], chain[1], action, resource))
+    )
+    read_only = read_only_holds(s, chain, context)
+    max_auth_age = required_auth_age(s, chain, action, resource)
     return ChainDecision(
         True,
         chain,

@@ -126,7 +126,9 @@ def body_limits(config: ServerConfig, oauth, gateway, signals=None) -> BodyLimit
     limits = [
         BodyLimit(
             config.max_import_bytes, "max_import_bytes", problems.refusal, path="/v1/facts/import"
-        )
+        ),
+        # AuthZEN's errors are a message string (bastion.server.api.authzen).
+        BodyLimit(config.max_body_bytes, "max_body_bytes", _authzen_refusal, prefix="/access/"),
     ]
     if oauth is not None:
         from bastion.oauth.errors import InvalidRequest
@@ -187,6 +189,10 @@ def body_limits(config: ServerConfig, oauth, gateway, signals=None) -> BodyLimit
             )
         )
     return BodyLimits(BodyLimit(config.max_body_bytes, "max_body_bytes", problems.refusal), limits)
+
+
+def _authzen_refusal(status: int, detail: str) -> tuple[str, bytes]:
+    return "text/plain; charset=utf-8", detail.encode()
 
 
 def _bootstrap_policy(store: FactStore, config: ServerConfig) -> None:
