@@ -16,6 +16,17 @@ for. The policy can attach obligations with these rules (each optional):
 | ``requires_signal(actor, name, max_age_seconds)`` | refuse unless a fresh signal ``name`` holds |
 | ``alert(actor, name, severity)`` | raise the alert ``name`` (`bastion.signals.alerts`) |
 
+Token exchange (`bastion.oauth.token_exchange`, RFC 8693) asks two more, deny by default:
+
+| rule | meaning |
+|---|---|
+| ``may_delegate(from: Agent, to: Agent, server: McpServer)`` | ``from`` may hand its token to ``to`` for this server |
+| ``delegated_scope(user: User, from: Agent, to: Agent, server: McpServer, scope)`` | ``scope`` survives the delegation now |
+
+The scopes of a delegated token are those the request asks for (at most the subject token's,
+the sub-agent's registered ones and the resource's) for which ``delegated_scope`` holds in the
+exchange's ``context`` (`decide_delegation`): without a ``delegated_scope`` rule nothing passes.
+
 ``requires_signal`` is answered by ``signal(actor, name, value, source, set_at)`` facts (see
 `bastion.signals.store`): a required signal the actor does not have, or one set more than
 ``max_age_seconds`` before the decision's time (``context.time``), refuses the request with
@@ -110,6 +121,8 @@ def decide_chain(
     demands and the token lacks refuses the request with ``missing_scopes`` set. All of it is
     asked in one `Authorizer.session`: one view of the facts.
     """
+    if not principals:
+        return ChainDecision(False, tuple(principals))
     with authz.session(context) as s:
         return decide_chain_in(s, principals, action, resource, context, granted_scopes)
 
@@ -122,9 +135,9 @@ def decide_chain_in(
     context: dict | None = None,
     granted_scopes: Iterable[str] | None = None,
 ) -> ChainDecision:
-    """`decide_chain` inside a session already open: a batch of requests (``/v1/authorize/batch``)
-    decided on one view of the facts and one evaluation budget. ``context`` replaces the
-    session's for this and the session's later questions."""
+    """`decide_chain` within the session ``s``, in ``context``: several decisions asked in one
+    session see one view of the facts and spend one evaluation budget together (a batch is
+    bounded as one question); once it is spent, each is refused with "evaluation_limit"."""
     chain = tuple(principals)
     if not chain:
         return ChainDecision(False, chain)
@@ -222,6 +235,42 @@ def _decide_chain(
         ),
         generation=generation,
     )
+
+
+@dataclass(frozen=True, slots=True)
+class DelegationDecision:
+    """The policy's answer to a token exchange: whether ``from`` may delegate to ``to`` at all,
+    and the scopes of those asked for that survive."""
+
+    allowed: bool
+    scopes: tuple[str, ...] = ()
+    reason: str | None = None  # "evaluation_limit" when the budget ran out (refused)
+
+
+def decide_delegation(
+    authz: Authorizer,
+    user: Entity,
+    from_agent: Entity,
+    to_agent: Entity,
+    server: Entity,
+    scopes: Iterable[str],
+    context: dict | None = None,
+) -> DelegationDecision:
+    """Ask ``may_delegate(from_agent, to_agent, server)`` and, for each of ``scopes``,
+    ``delegated_scope(user, from_agent, to_agent, server, scope)``, in one session (one view
+    of the facts). Refused (fail closed) when the evaluation spends its budget."""
+    try:
+        with authz.session(context) as s:
+            if not s.rows("may_delegate", "bbb", from_agent, to_agent, server):
+                return DelegationDecision(False)
+            passed = tuple(
+                scope
+                for scope in scopes
+                if s.rows("delegated_scope", "bbbbb", user, from_agent, to_agent, server, scope)
+            )
+    except EvaluationLimit as limit:
+        return DelegationDecision(False, reason=limit.reason)
+    return DelegationDecision(True, passed)
 
 
 def _decision_time(context: dict | None) -> float:

@@ -15,7 +15,7 @@ from argon2 import PasswordHasher
 
 from bastion.facts.model import Entity
 from bastion.oauth import users
-from tests.delegation.support import cli, cli_config
+from tests.delegation.agent_support import cli, cli_config
 from tests.gateway.streams import call_tool
 from tests.gateway.support import PASSWORD, REDIRECT_URI, start
 from tests.oauth.support import log_in_and_consent, pkce_pair
@@ -150,7 +150,7 @@ def test_the_admin_registers_a_sub_agent_with_owner_parent_and_purpose(
     bastion, config, capsys, tmp_path
 ):
     parent = register(bastion, "parent agent")
-    from tests.delegation.support import new_key, public_jwks
+    from tests.delegation.agent_support import new_key, public_jwks
 
     keys = tmp_path / "sub.jwks.json"
     keys.write_text(json.dumps(public_jwks(new_key("sub"))))

@@ -32,7 +32,7 @@ from bastion.facts.model import Entity
 from bastion.oauth import users
 from bastion.oauth.client_assertion import ClientAssertions
 from bastion.oauth.settings import ClientAssertionSettings
-from tests.delegation.support import (
+from tests.delegation.agent_support import (
     ASSERTION_TYPE,
     assertion,
     cli,

@@ -1,4 +1,5 @@
-"""The `/v1` API: decisions, facts, policy, API keys, approvals, agents, signals, alerts and tasks."""
+"""The `/v1` API (decisions, facts, policy, API keys, approvals, agents, signals, alerts and
+tasks), and AuthZEN."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from bastion.server.api import (
     agents,
     alerts,
     approvals,
+    authzen,
     decisions,
     facts,
     keys,
@@ -30,4 +32,5 @@ def routes() -> list[BaseRoute]:
         *signals.routes,
         *alerts.routes,
         *tasks.routes,
+        *authzen.routes,
     ]
