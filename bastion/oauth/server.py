@@ -18,9 +18,11 @@ from bastion import untrusted_json
 from bastion.audit import AuditLog
 from bastion.audit.refusals import RefusalLog
 from bastion.db import Database, DatabaseUnavailable
+from bastion.facts.store import FactStore
 from bastion.oauth import introspection, registration, revocation
 from bastion.oauth.authorize import AuthorizationEndpoint
 from bastion.oauth.ciba import POLLING_ERRORS, BackchannelAuthentication
+from bastion.oauth.client_assertion import ClientAssertions
 from bastion.oauth.client_auth import authenticate_client
 from bastion.oauth.client_metadata_document import ClientMetadataDocuments, is_client_id_url
 from bastion.oauth.csrf import FormTokens
@@ -89,6 +91,8 @@ class AuthorizationServer:
         self.db = db
         self.clock = clock
         self.store = OAuthStore(db)
+        # Agent identities (owner, parent) are facts: the change log takes them to replicas.
+        self.facts = FactStore(db)
         self.audit = AuditLog(db, clock)
         self.refusals = RefusalLog(
             self.audit,
@@ -114,6 +118,14 @@ class AuthorizationServer:
         self.login_throttle = LoginThrottle(self.store, settings.login, clock)
         self.password_checks = PasswordCheckSlots(settings.login.max_concurrent_password_checks)
         self.documents = ClientMetadataDocuments(settings.client_metadata, clock)
+        # private_key_jwt: the audiences an assertion may name, the issuer first.
+        self.assertions = ClientAssertions(
+            settings.client_assertion,
+            db,
+            audiences=(settings.issuer, settings.endpoint("token")),
+            leeway_seconds=settings.leeway_seconds,
+            clock=clock,
+        )
         # The CSRF tokens of forms no stored request holds a token for (sign-in, approvals),
         # under a secret of the deployment made on first use.
         self.form_tokens = FormTokens(
@@ -163,6 +175,7 @@ class AuthorizationServer:
                 now - self.settings.open_registration.unused_client_seconds
             )
             self.login_throttle.forget_old()
+            self.assertions.forget_expired(now)
             self.refusals.flush()
         except DatabaseUnavailable:
             # Best effort, after the answer is made: a token already issued is still answered.
@@ -268,6 +281,7 @@ class AuthorizationServer:
             request.headers.get("authorization"),
             form,
             functools.partial(self.find_client, address=client_address(request)),
+            self.assertions,
         )
         return client, form
 
@@ -306,6 +320,7 @@ class AuthorizationServer:
                 request.headers.get("authorization"),
                 form,
                 functools.partial(self.find_client, address=client_address(request)),
+                self.assertions,
             )
             body = await run_in_threadpool(work, client, form)
             await run_in_threadpool(self.housekeeping)

@@ -423,6 +423,28 @@ class OAuthStore:
         rows = self.db.execute(f"SELECT {_CLIENT_COLUMNS} FROM oauth_clients ORDER BY created_at")
         return [_client(r) for r in rows]
 
+    def describe_client(
+        self, client_id: str, *, name: str | None = None, purpose: str | None = None
+    ) -> bool:
+        """Change the client's name and (in its metadata) purpose, as an agent's description;
+        False when there is no such client."""
+        with self.db.transaction():
+            client = self.client(client_id)
+            if client is None:
+                return False
+            metadata = dict(client.metadata)
+            if purpose is not None:
+                metadata["purpose"] = purpose
+            self.db.execute(
+                "UPDATE oauth_clients SET client_name = ?, metadata = ? WHERE client_id = ?",
+                (
+                    name if name is not None else client.client_name,
+                    json.dumps(metadata, sort_keys=True),
+                    client_id,
+                ),
+            )
+            return True
+
     def revoke_client(self, client_id: str, now: float) -> bool:
         """Revoke the client and every grant it holds; False when no such active client."""
         with self.db.transaction():

@@ -24,6 +24,10 @@ SCOPES = (
     # Answer held calls and results (/v1/approvals): for a chat bot or console that has
     # authenticated the person it answers for; never for an agent.
     "approvals",
+    # Read the agent registry (/v1/agents: owners, parents, names, purposes, status), and
+    # change an agent's owner, name, purpose or parent.
+    "agents:read",
+    "agents:write",
     # Suspend and resume agents, users and MCP sessions (/v1/suspensions: the kill switch).
     "suspensions",
     # Set, clear and list signals about users, devices, agents and sessions (/v1/signals): for

@@ -12,14 +12,17 @@ from __future__ import annotations
 from functools import cache
 from typing import Any
 
+from bastion.agents.registry import MAX_PURPOSE_CHARS
+from bastion.agents.registry import STATUSES as AGENT_STATUSES
 from bastion.approvals.store import KINDS, STATUSES
 from bastion.delegation.tasks import STATUSES as TASK_STATUSES
+from bastion.server.api import agents as agents_api
 from bastion.server.api import alerts as alerts_api
 from bastion.server.api import approvals as approvals_api
 from bastion.server.api import signals as signals_api
 from bastion.server.api import suspensions as suspensions_api
 from bastion.server.api import tasks as tasks_api
-from bastion.server.api.decisions import MAX_BATCH
+from bastion.server.api.decisions import MAX_BATCH, MAX_CHAIN
 from bastion.server.api.decisions import MAX_PAGE as MAX_LIST_PAGE
 from bastion.server.api.facts import MAX_PAGE as MAX_FACTS_PAGE
 from bastion.server.keys import MAX_KEY_SECONDS, SCOPES
@@ -131,12 +134,74 @@ SCHEMAS: dict[str, Any] = {
         },
         "additionalProperties": _ref("JsonValue"),
     },
-    "Check": _request(
-        ["actor", "action", "resource"],
-        actor=_ref("Entity"),
-        action=_STR,
-        resource=_ref("Entity"),
-        context=_CTX,
+    "Check": {
+        **_request(
+            ["actor", "action", "resource"],
+            actor=_ref("Entity"),
+            action=_STR,
+            resource=_ref("Entity"),
+            context=_CTX,
+        ),
+        "not": {"required": ["principals"]},
+    },
+    "ChainCheck": {
+        **_request(
+            ["principals", "action", "resource"],
+            principals={
+                "type": "array",
+                "items": _ref("Entity"),
+                "minItems": 1,
+                "maxItems": MAX_CHAIN,
+                "description": "the user first, then each agent acting for them: allowed only"
+                " if every one is",
+            },
+            action=_STR,
+            resource=_ref("Entity"),
+            context=_CTX,
+            scopes=_nullable(
+                {
+                    "type": "array",
+                    "items": _STR,
+                    "description": "the caller's OAuth scopes, checked against requires_scope",
+                }
+            ),
+        ),
+        "not": {"required": ["actor"]},
+    },
+    "ChainAnswer": {
+        "type": "object",
+        "description": "with principals: who refused, and the obligations of an allowed chain",
+        "properties": {
+            "refused_by": _nullable(_ref("EntityObject")),
+            "missing_scopes": {"type": "array", "items": _STR},
+            "stale_signals": {"type": "array", "items": _STR},
+            "obligations": {
+                "type": "object",
+                "properties": {
+                    "masks": {"type": "array", "items": _STR},
+                    "rate_limits": {"type": "array", "items": {"type": "object"}},
+                    "required_scopes": {"type": "array", "items": _STR},
+                    "requires_approval": _BOOL,
+                    "requires_review": _BOOL,
+                    "read_only": _BOOL,
+                    "max_auth_age": _nullable(_INT),
+                    "alerts": {"type": "array", "items": {"type": "object"}},
+                },
+            },
+        },
+    },
+    "Agent": _response(
+        ["client_id", "name", "purpose", "owner", "parent", "status"],
+        client_id=_STR,
+        name=_STR,
+        purpose=_STR,
+        owner=_nullable(_STR),
+        parent=_nullable(_STR),
+        status={"enum": list(AGENT_STATUSES)},
+        source=_STR,
+        token_endpoint_auth_method=_STR,
+        created_at=_NUM,
+        suspended_until=_nullable(_NUM),
     ),
     "Write": _response(
         ["sequence", "inserted", "deleted"], sequence=_INT, inserted=_INT, deleted=_INT
@@ -457,7 +522,12 @@ _DECIDED = {
     "decision_id": _STR,
     "sequence": _INT,
     # Present when the evaluation spent its budget: refused (allowed false, no results).
-    "reason": {"type": "string", "enum": ["evaluation_limit"]},
+    # signal_stale and insufficient_scope: a chain (principals) refused by requires_signal or
+    # requires_scope (with scopes given).
+    "reason": {
+        "type": "string",
+        "enum": ["evaluation_limit", "signal_stale", "insufficient_scope"],
+    },
     "limit": _STR,
 }
 _FRESH = (422, 503)  # at_least: a sequence no write has; not applied in time
@@ -488,19 +558,29 @@ PATHS: dict[str, Any] = {
         "post": _op(
             "Is the actor allowed to do the action on the resource?",
             "decide",
-            _response(
-                ["allowed", "decision_id", "sequence"],
-                allowed=_BOOL,
-                explanation=_ref("Explanation"),
-                **_DECIDED,
-            ),
+            {
+                "allOf": [
+                    _response(
+                        ["allowed", "decision_id", "sequence"],
+                        allowed=_BOOL,
+                        explanation=_ref("Explanation"),
+                        **_DECIDED,
+                    ),
+                    _ref("ChainAnswer"),
+                ]
+            },
             body={
-                **SCHEMAS["Check"],
-                "properties": {
-                    **SCHEMAS["Check"]["properties"],
-                    "at_least": _AT_LEAST,
-                    "explain": _nullable(_BOOL),
-                },
+                "anyOf": [
+                    {
+                        **SCHEMAS[kind],
+                        "properties": {
+                            **SCHEMAS[kind]["properties"],
+                            "at_least": _AT_LEAST,
+                            "explain": _nullable(_BOOL),
+                        },
+                    }
+                    for kind in ("Check", "ChainCheck")
+                ]
             },
             problems=_FRESH,
             links=_TO_DECISION,
@@ -517,13 +597,22 @@ PATHS: dict[str, Any] = {
                 ["results", "sequence"],
                 results={
                     "type": "array",
-                    "items": _response(["allowed", "decision_id"], allowed=_BOOL, decision_id=_STR),
+                    "items": {
+                        "allOf": [
+                            _response(["allowed", "decision_id"], allowed=_BOOL, decision_id=_STR),
+                            _ref("ChainAnswer"),
+                        ]
+                    },
                 },
                 sequence=_INT,
             ),
             body=_request(
                 ["checks"],
-                checks={"type": "array", "items": _ref("Check"), "maxItems": MAX_BATCH},
+                checks={
+                    "type": "array",
+                    "items": {"anyOf": [_ref("Check"), _ref("ChainCheck")]},
+                    "maxItems": MAX_BATCH,
+                },
                 context=_CTX,
                 at_least=_AT_LEAST,
             ),
@@ -982,6 +1071,44 @@ PATHS: dict[str, Any] = {
             ],
             problems=(400, 404),
         )
+    },
+    "/v1/agents": {
+        "get": _op(
+            "The agents (OAuth clients): owner, parent, name, purpose and status",
+            agents_api.READ_SCOPE,
+            _response(["agents"], agents={"type": "array", "items": _ref("Agent")}),
+            params=[_query("status", {"enum": list(AGENT_STATUSES)}, "only agents of this status")],
+            problems=(404,),
+        ),
+    },
+    "/v1/agents/{client_id}": {
+        "get": _op(
+            "One agent (404: no such OAuth client)",
+            agents_api.READ_SCOPE,
+            _response(["agent"], agent=_ref("Agent")),
+            params=[_path("client_id", "the agent's OAuth client id")],
+            problems=(404,),
+        ),
+        "patch": _op(
+            "Change an agent's owner, name, purpose or parent (parent null: none); an owner or"
+            " parent is a fact, answered once this replica applies it (422: a value refused, a"
+            " parent that is unknown or would loop)",
+            agents_api.WRITE_SCOPE,
+            _response(["agent", "sequence"], agent=_ref("Agent"), sequence=_nullable(_INT)),
+            body={
+                "type": "object",
+                "minProperties": 1,
+                "properties": {
+                    "owner": _nullable({**_STR, "minLength": 1, "maxLength": 512}),
+                    "name": _nullable({**_STR, "maxLength": 200}),
+                    "purpose": _nullable({**_STR, "maxLength": MAX_PURPOSE_CHARS}),
+                    "parent": _nullable({**_STR, "minLength": 1, "maxLength": 512}),
+                },
+                "additionalProperties": False,
+            },
+            params=[_path("client_id", "the agent's OAuth client id")],
+            problems=(404, 422),
+        ),
     },
     "/v1/signals": {
         "get": _op(

@@ -1,11 +1,12 @@
-"""The `/v1` API (decisions, facts, policy, API keys, approvals, signals, alerts and tasks),
-and AuthZEN."""
+"""The `/v1` API (decisions, facts, policy, API keys, approvals, agents, signals, alerts and
+tasks), and AuthZEN."""
 
 from __future__ import annotations
 
 from starlette.routing import BaseRoute
 
 from bastion.server.api import (
+    agents,
     alerts,
     approvals,
     authzen,
@@ -27,6 +28,7 @@ def routes() -> list[BaseRoute]:
         *keys.routes,
         *approvals.routes,
         *suspensions.routes,
+        *agents.routes,
         *signals.routes,
         *alerts.routes,
         *tasks.routes,
