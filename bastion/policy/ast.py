@@ -75,11 +75,21 @@ class Matches:
 
 @dataclass(frozen=True, slots=True)
 class Shorthand:
-    """``"reader"``, ``"reader" on "parent"`` or ``global "admin"`` inside a resource block."""
+    """``"reader"``, ``"reader" on "parent"`` or ``global "admin"`` inside a resource block;
+    ``role on "parent"`` when ``is_variable`` (``name`` is then a variable's name)."""
 
     name: str
     relation: str | None
     is_global: bool
+    location: Location = field(compare=False)
+    is_variable: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Truth:
+    """``true`` or ``false`` as a whole condition (``allow(...) if true;``)."""
+
+    value: bool
     location: Location = field(compare=False)
 
 
@@ -99,7 +109,7 @@ class Not:
     location: Location = field(compare=False)
 
 
-Expr = Call | Compare | Matches | Shorthand | And | Or | Not
+Expr = Call | Compare | Matches | Shorthand | Truth | And | Or | Not
 
 # Declarations --------------------------------------------------------------------------------
 
@@ -126,6 +136,7 @@ class ShorthandRule:
     head_location: Location
     body: Expr
     location: Location = field(compare=False)
+    head_is_variable: bool = False  # ``role if role on "parent";``
 
 
 @dataclass(slots=True)
@@ -135,6 +146,7 @@ class Block:
     kind: str  # "actor", "resource", "global"
     name: str | None
     location: Location
+    extends: tuple[str, ...] = ()  # ``resource File extends Item { }``: its supertypes
     roles: dict[str, Location] = field(default_factory=dict)
     permissions: dict[str, Location] = field(default_factory=dict)
     relations: dict[str, tuple[str, Location]] = field(default_factory=dict)
@@ -156,13 +168,33 @@ class Assertion:
     call: Call
     context: DictTerm | None
     location: Location
+    # ``assert allow(User{"a"}, action: String, Repo{"r"}) iff action in ["read", "push"];``:
+    # the typed variable of the call, its type, and the values it must take, exactly.
+    iff: tuple[str, str, ListTerm] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class FixtureRef:
+    """``fixture name;`` in a test's setup: the facts of ``test fixture name { ... }``."""
+
+    name: str
+    location: Location
 
 
 @dataclass(frozen=True, slots=True)
 class TestBlock:
     name: str
-    setup: tuple[Call, ...]
+    setup: tuple[Call | FixtureRef, ...]
     assertions: tuple[Assertion, ...]
+    location: Location
+
+
+@dataclass(frozen=True, slots=True)
+class Fixture:
+    """``test fixture name { facts }``: facts that test setups include by name."""
+
+    name: str
+    facts: tuple[Call | FixtureRef, ...]
     location: Location
 
 
@@ -172,3 +204,4 @@ class Policy:
     rules: list[Rule] = field(default_factory=list)
     declares: list[Declare] = field(default_factory=list)
     tests: list[TestBlock] = field(default_factory=list)
+    fixtures: list[Fixture] = field(default_factory=list)

@@ -61,6 +61,8 @@ _MAX_DEPTH = 12
 # A shape whose one call makes more calls than this (counted from its code, each loop taken
 # once) spends that many steps of the budget at entry; below it, calls cost no bookkeeping.
 _FANOUT = 16
+# Fact predicates whose facts are the usual way they hold (roles and relations).
+_ROLE_FACTS = {("has_role", 3), ("has_role", 2), ("has_relation", 3)}
 # The Python names generated code gives its run-time values (arguments and bound variables).
 _LOCAL = re.compile(r"a\d+|v_\w+")
 
@@ -472,10 +474,16 @@ class CompiledPolicy:
     def _read_facts(self, out: _Emitter, node: Node, args: list, is_bool: bool) -> None:
         pf = self.index.predicate(node.name, node.arity)
         bound = [a for a in args if a is not None]
+        key = (node.name, node.arity)
+        # A predicate that rules define and that facts may add to (a fact type inferred from
+        # a call, such as has_permission): its facts are usually none, and an empty set costs
+        # one truth test, not a lookup.
+        rare = key in self.program.clauses and key not in _ROLE_FACTS
         if is_bool:
             fa = f"FA_{node.name}_{node.arity}"
             self.namespace[fa] = pf.all
-            out.emit(1, f"if ({''.join(a + ', ' for a in args)}) in {fa}:")
+            check = f"{fa} and " if rare else ""
+            out.emit(1, f"if {check}({''.join(a + ', ' for a in args)}) in {fa}:")
             out.emit(2, "return True")
         elif not bound:
             fa = f"FA_{node.name}_{node.arity}"
@@ -850,12 +858,10 @@ class CompiledPolicy:
         for signature in self._signatures_for(key, mask, fixed, types):
             fits = True
             for (kind, allowed), m, value, known in zip(signature, mask, fixed, types, strict=True):
-                if m == "c":
-                    fits = (
-                        value in allowed
-                        if kind == "values"
-                        else (isinstance(value, Entity) and value.type in allowed)
-                    )
+                if kind == "any":
+                    fits = True
+                elif m == "c":
+                    fits = value in allowed if kind == "values" else has_type(value, allowed)
                 elif m == "b" and known is not None and kind == "types":
                     fits = bool(known & allowed)
                 if not fits:
@@ -880,14 +886,14 @@ class CompiledPolicy:
         for pos, (m, value, known) in enumerate(zip(mask, fixed, types, strict=True)):
             if m == "c":
                 by = self._signatures_at(key, signatures, pos)
-                wanted = by.get(
-                    ("type", value.type) if isinstance(value, Entity) else ("value", value)
+                found = set(by.get(("any",), ())).union(
+                    by.get(("value", value), ()),
+                    *(by.get(("type", t), ()) for t in _types_of(value)),
                 )
-                found = set(wanted or ())
             elif m == "b" and known is not None:
                 by = self._signatures_at(key, signatures, pos)
                 found = set(by.get(("values",), ())).union(
-                    *(by.get(("type", t), ()) for t in known)
+                    by.get(("any",), ()), *(by.get(("type", t), ()) for t in known)
                 )
             else:
                 continue
@@ -905,7 +911,9 @@ class CompiledPolicy:
             by = defaultdict(list)
             for i, signature in enumerate(signatures):
                 kind, allowed = signature[pos]
-                if kind == "values":
+                if kind == "any":
+                    by[("any",)].append(i)
+                elif kind == "values":
                     by[("values",)].append(i)
                     for v in allowed:
                         by[("value", v)].append(i)
@@ -983,6 +991,13 @@ def _constant(term: Any) -> bool:
     if isinstance(term, ListTerm):
         return all(_constant(item) for item in term.items)
     return isinstance(term, Const)
+
+
+def _types_of(value: Any) -> tuple[str, ...]:
+    """The type names a constant has, as signatures name them."""
+    if isinstance(value, Entity):
+        return (value.type,)
+    return tuple(t for t, py in VALUE_TYPES.items() if value.__class__ is py)
 
 
 def _required_types(clause: Clause, pos: int) -> frozenset | None:

@@ -111,6 +111,8 @@ def format_term(term: Term) -> str:
     if isinstance(term, Const):
         return format_arg(term.value)
     if isinstance(term, ContextPath):
+        if term.path and term.path[0].startswith("@"):
+            return term.path[0]  # a built-in constant
         return ".".join(("context", *term.path))
     return "[" + ", ".join(format_term(t) for t in term.items) + "]"
 
