@@ -19,7 +19,30 @@ from bastion.policy.program import VALUE_TYPES, CallLit, Clause, CmpLit, NotLit,
 _MISSING = object()
 
 
+def _unix_time(context: dict | None) -> Any:
+    """``@current_unix_time``: whole seconds of ``context.time`` (epoch seconds or ISO 8601 with
+    an offset), or of now when the context has no time."""
+    import math
+    import time
+    from datetime import datetime
+
+    given = (context or {}).get("time")
+    if given is None:
+        return math.floor(time.time())
+    if isinstance(given, bool):
+        return _MISSING
+    if isinstance(given, (int, float)):
+        return math.floor(given) if math.isfinite(given) else _MISSING
+    try:
+        moment = datetime.fromisoformat(str(given).replace("Z", "+00:00"))
+    except ValueError:
+        return _MISSING
+    return _MISSING if moment.tzinfo is None else math.floor(moment.timestamp())
+
+
 def _lookup(context: dict | None, path: tuple[str, ...]) -> Any:
+    if path == ("@current_unix_time",):
+        return _unix_time(context)
     value: Any = context or {}
     for name in path:
         if not isinstance(value, dict) or name not in value or value[name] is None:

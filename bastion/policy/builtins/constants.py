@@ -7,6 +7,7 @@ a replayed decision sees the time it was asked at, not the time it is evaluated.
 
 from __future__ import annotations
 
+import math
 import time
 from datetime import datetime
 from typing import Any
@@ -20,17 +21,17 @@ def current_unix_time(context: dict | None) -> Any:
     condition on it is false) for a ``context.time`` that is not a time."""
     given = context.get("time") if isinstance(context, dict) else None
     if given is None:
-        return int(time.time())
+        return math.floor(time.time())
     if isinstance(given, datetime):
-        return int(given.timestamp()) if given.tzinfo is not None else None
+        return math.floor(given.timestamp()) if given.tzinfo is not None else None
     if isinstance(given, (int, float)) and not isinstance(given, bool):
-        return int(given)
-    if isinstance(given, str):
+        return math.floor(given) if math.isfinite(given) else None
+    if isinstance(given, str) and len(given) <= 64:
         try:
             parsed = datetime.fromisoformat(given.replace("Z", "+00:00"))
         except ValueError:
             return None
-        return int(parsed.timestamp()) if parsed.tzinfo is not None else None
+        return math.floor(parsed.timestamp()) if parsed.tzinfo is not None else None
     return None
 
 
