@@ -39,6 +39,16 @@ class ListTerm:
 
 
 @dataclass(frozen=True, slots=True)
+class Arith:
+    """``left op right`` on numbers: ``+``, ``-``, ``*``, ``/``, ``mod`` or ``rem``."""
+
+    op: str
+    left: Term
+    right: Term
+    location: Location = field(compare=False)
+
+
+@dataclass(frozen=True, slots=True)
 class DictTerm:
     """``{key: value, ...}``: only as the context of a test assertion."""
 
@@ -46,7 +56,7 @@ class DictTerm:
     location: Location = field(compare=False)
 
 
-Term = Var | Const | ContextPath | ListTerm | DictTerm
+Term = Var | Const | ContextPath | ListTerm | Arith | DictTerm
 
 # Expressions (rule bodies) -------------------------------------------------------------------
 
@@ -86,6 +96,16 @@ class Shorthand:
 
 
 @dataclass(frozen=True, slots=True)
+class ForAll:
+    """``forall(condition, requirement)``: every way ``condition`` holds, ``requirement``
+    holds too (so it holds when ``condition`` never does)."""
+
+    condition: Expr
+    requirement: Expr
+    location: Location = field(compare=False)
+
+
+@dataclass(frozen=True, slots=True)
 class Truth:
     """``true`` or ``false`` as a whole condition (``allow(...) if true;``)."""
 
@@ -109,7 +129,7 @@ class Not:
     location: Location = field(compare=False)
 
 
-Expr = Call | Compare | Matches | Shorthand | Truth | And | Or | Not
+Expr = Call | Compare | Matches | Shorthand | Truth | ForAll | And | Or | Not
 
 # Declarations --------------------------------------------------------------------------------
 

@@ -36,8 +36,9 @@ from typing import Any
 
 from bastion.facts.index import FactIndex, Many
 from bastion.facts.model import Entity, same_value
-from bastion.policy.ast import Const, ContextPath, ListTerm, Var
+from bastion.policy.ast import Arith, Const, ContextPath, ListTerm, Var
 from bastion.policy.builtins import BUILTINS
+from bastion.policy.builtins.arithmetic import arith
 from bastion.policy.errors import Diagnostic, EvaluationLimit, Location, PolicyError
 from bastion.policy.limits import DEFAULT_LIMITS, PolicyLimits
 from bastion.policy.plan import PlanError, negations_shared, plan
@@ -203,6 +204,7 @@ class CompiledPolicy:
             "_members": counted_members,
             "_built": built,
             "_exhausted": exhausted,
+            "_arith": arith,
         }
         for (name, arity), builtin in BUILTINS.items():
             self.namespace[f"B_{name}_{arity}"] = builtin.function
@@ -663,6 +665,14 @@ class CompiledPolicy:
             tmp = f"c{next(self._counter)}"
             lookups.append((tmp, term.path, "lookup"))
             return tmp
+        if isinstance(term, Arith):
+            # Computed with the context fields, before the condition that uses it: a result
+            # with no value (MISSING) makes that condition false.
+            left = self._expr(term.left, env, lookups)
+            right = self._expr(term.right, env, lookups)
+            tmp = f"c{next(self._counter)}"
+            lookups.append((tmp, (term.op, left, right), "arith"))
+            return tmp
         items = "(" + "".join(self._expr(item, env, lookups) + ", " for item in term.items) + ")"
         # A list of values known at compile time has a known size; one built from run-time
         # values is measured against the budget.
@@ -673,7 +683,11 @@ class CompiledPolicy:
         if not lookups:
             return depth
         for tmp, path, read in lookups:
-            out.emit(depth, f"{tmp} = q.{read}({path!r})")
+            if read == "arith":
+                op, left, right = path
+                out.emit(depth, f"{tmp} = _arith({op!r}, {left}, {right})")
+            else:
+                out.emit(depth, f"{tmp} = q.{read}({path!r})")
         out.emit(depth, f"if {' and '.join(f'{tmp} is not MISSING' for tmp, _, _ in lookups)}:")
         return depth + 1
 

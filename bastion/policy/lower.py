@@ -366,6 +366,9 @@ class _Lowering:
             return ast.Var(f"_{next(self.fresh)}", term.location)
         if isinstance(term, ast.ListTerm):
             return ast.ListTerm(tuple(self.rename_anonymous(t) for t in term.items), term.location)
+        if isinstance(term, ast.Arith):
+            left, right = self.rename_anonymous(term.left), self.rename_anonymous(term.right)
+            return ast.Arith(term.op, left, right, term.location)
         return term
 
     def dnf(self, expr: ast.Expr) -> list[list[Literal]]:
@@ -412,6 +415,10 @@ class _Lowering:
             return [[TypeLit(expr.term, types or frozenset(), expr.location)]]
         if isinstance(expr, ast.Truth):
             return [[]] if expr.value else []
+        if isinstance(expr, ast.ForAll):
+            # forall(C, R): there is no way C holds where R does not.
+            inner = ast.And((expr.condition, ast.Not(expr.requirement, expr.location)))
+            return self.dnf(ast.Not(inner, expr.location))
         self.error(
             getattr(expr, "location", Location("<policy>", 0, 0)),
             "shorthand terms are only allowed in resource blocks",
@@ -423,7 +430,7 @@ class _Lowering:
         checks: list[Literal] = []
         for param in rule.params:
             term = self.rename_anonymous(param.term)
-            if isinstance(term, (ast.ContextPath, ast.ListTerm, ast.DictTerm)):
+            if isinstance(term, (ast.ContextPath, ast.ListTerm, ast.DictTerm, ast.Arith)):
                 self.error(param.location, "a rule parameter is a variable or a value")
                 continue
             head.append(term)
@@ -711,6 +718,9 @@ def _expansion(expr: ast.Expr, cap: int) -> tuple[int, int]:
         # not (A or B) is not A and not B: one negation per alternative of the inside.
         a, n = _expansion(expr.item, cap)
         return 1, min(cap, a * n)
+    if isinstance(expr, ast.ForAll):
+        inner = ast.And((expr.condition, ast.Not(expr.requirement, expr.location)))
+        return _expansion(ast.Not(inner, expr.location), cap)
     return 1, 1
 
 

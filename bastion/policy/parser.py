@@ -396,6 +396,19 @@ class _Parser:
         ):
             self.advance()
             return ast.Truth(t.value == "true", t.location)
+        if t.kind == "name" and t.value == "forall" and self.peek().value == "(":
+            return self.forall()
+        if t.kind == "name" and t.value == "cut" and self.peek().value in (";", "and", "or", ")"):
+            raise PolicyError(
+                [
+                    Diagnostic(
+                        t.location,
+                        "'cut' is not supported: bastion evaluates rules as a set, in no order,"
+                        " so there is no 'rest of the rules' to cut; say what must not hold with"
+                        " 'not' instead",
+                    )
+                ]
+            )
         if t.kind == "name" and self.peek().value == "(":
             return self.call()
         left = self.term()
@@ -408,6 +421,17 @@ class _Parser:
             self.advance()
             return ast.Compare(op.value, left, self.term(), op.location)
         raise self.fail("a comparison (==, !=, <, <=, >, >=, =, in) or 'matches'")
+
+    def forall(self) -> ast.ForAll:
+        start = self.advance()
+        self.nest(start)
+        self.expect("(")
+        condition = self.expr(shorthand=False)
+        self.expect(",", "',' between the condition and what must hold")
+        requirement = self.expr(shorthand=False)
+        self.expect(")", "'and', 'or' or ')'")
+        self.depth -= 1
+        return ast.ForAll(condition, requirement, start.location)
 
     def call(self) -> ast.Call:
         name = self.expect_kind("name", "a predicate name")
@@ -424,7 +448,42 @@ class _Parser:
     # -- terms ------------------------------------------------------------------------------
 
     def term(self) -> ast.Term:
+        """A value, with arithmetic: ``*``, ``/``, ``mod`` and ``rem`` before ``+`` and ``-``."""
+        left = self.product()
+        while True:
+            t = self.tok
+            if t.kind == "op" and t.value in ("+", "-"):
+                self.advance()
+                left = ast.Arith(t.value, left, self.product(), t.location)
+            elif t.kind == "number" and self.text[t.offset : t.offset + 1] == "-":
+                # ``x -1``: the lexer read a negative number; after a value it is a subtraction.
+                self.advance()
+                right = ast.Const(-t.value, t.location)
+                left = ast.Arith("-", left, right, t.location)
+            else:
+                return left
+
+    def product(self) -> ast.Term:
+        left = self.primary()
+        while (
+            self.tok.kind == "op"
+            and self.tok.value in ("*", "/")
+            or self.tok.kind == "name"
+            and self.tok.value in ("mod", "rem")
+        ):
+            op = self.advance()
+            left = ast.Arith(op.value, left, self.primary(), op.location)
+        return left
+
+    def primary(self) -> ast.Term:
         t = self.tok
+        if t.kind == "op" and t.value == "(":
+            self.nest(t)
+            self.advance()
+            inner = self.term()
+            self.expect(")", "an operator or ')'")
+            self.depth -= 1
+            return inner
         if t.kind in ("string", "number"):
             self.advance()
             return ast.Const(t.value, t.location)

@@ -10,10 +10,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from bastion.facts.model import Entity
-from bastion.policy.ast import Const, ContextPath, ListTerm, Var
+from bastion.policy.ast import Arith, Const, ContextPath, ListTerm, Var
 from bastion.policy.errors import Location
 
-Term = Var | Const | ContextPath | ListTerm
+Term = Var | Const | ContextPath | ListTerm | Arith
 
 VALUE_TYPES = {"String": str, "Integer": int, "Boolean": bool, "Float": float}
 
@@ -90,6 +90,8 @@ def term_vars(term: Term) -> list[str]:
         return [term.name]
     if isinstance(term, ListTerm):
         return [v for item in term.items for v in term_vars(item)]
+    if isinstance(term, Arith):
+        return term_vars(term.left) + term_vars(term.right)
     return []
 
 
@@ -114,6 +116,8 @@ def format_term(term: Term) -> str:
         if term.path and term.path[0].startswith("@"):
             return term.path[0]  # a built-in constant
         return ".".join(("context", *term.path))
+    if isinstance(term, Arith):
+        return f"({format_term(term.left)} {term.op} {format_term(term.right)})"
     return "[" + ", ".join(format_term(t) for t in term.items) + "]"
 
 

@@ -12,7 +12,9 @@ from bastion import Authorizer, Entity, PolicyError
 from bastion.facts.model import FactError
 from bastion.policy import load
 from bastion.policy.testing import run_tests
+from tests.policy.reference import _MISSING as _REF_MISSING
 from tests.policy.reference import Reference
+from tests.policy.reference import _arith as _reference_arith
 
 SETTINGS = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -574,3 +576,125 @@ def test_oso_constructs_agree_with_the_reference(facts, actor, resource):
     for typ in ("Folder", "Archive", "File"):
         for action in ("read", "audit"):
             assert authz.list(actor, action, typ) == ref.list(actor, action, typ)
+
+
+# -- 11. arithmetic, forall; cut is refused ----------------------------------------------------
+
+ARITHMETIC = """
+actor User {}
+resource Org {}
+allow(_: User, "add_seat", o: Org) if
+  used matches Integer and limit matches Integer and
+  seats(o, used) and cap(o, limit) and used + 1 <= limit;
+allow(_: User, "ops", o: Org) if
+  n matches Integer and seats(o, n) and
+  n / 2 = 3 and n mod 2 = 1 and n rem 4 = 3 and n * 2 - 1 = 13;
+allow(_: User, "context", o: Org) if
+  n matches Integer and seats(o, n) and n + context.extra > 10;
+"""
+
+
+def test_arithmetic_on_integers():
+    authz = Authorizer(ARITHMETIC)
+    put(authz, [("seats", Entity("Org", "a"), 7), ("cap", Entity("Org", "a"), 8)])
+    put(authz, [("seats", Entity("Org", "b"), 8), ("cap", Entity("Org", "b"), 8)])
+    a, b = Entity("Org", "a"), Entity("Org", "b")
+    assert authz.actions(U("u"), a) == {"add_seat", "ops"}
+    assert authz.actions(U("u"), b) == set()
+    assert authz.authorize(U("u"), "context", a, {"extra": 4})
+    assert not authz.authorize(U("u"), "context", a, {"extra": 3})
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [None, "4", True, [4], {"n": 4}, 2**63, 2**2000, float("inf"), float("nan")],
+    ids=["missing", "string", "boolean", "list", "object", "64 bits", "huge", "infinite", "nan"],
+)
+def test_arithmetic_on_what_is_not_a_number_fails_closed(extra):
+    authz = Authorizer(ARITHMETIC)
+    put(authz, [("seats", Entity("Org", "a"), 7)])
+    context = {} if extra is None else {"extra": extra}
+    assert not authz.authorize(U("u"), "context", Entity("Org", "a"), context)
+
+
+def test_integers_never_leave_64_bits():
+    text = """
+    actor User {}
+    resource Org {}
+    allow(_: User, "read", o: Org) if n matches Integer and seats(o, n) and n * 4 > 0;
+    allow(_: User, "divide", o: Org) if n matches Integer and seats(o, n) and 1 / n = 0;
+    """
+    authz = Authorizer(text)
+    put(authz, [("seats", Entity("Org", "huge"), 2**62), ("seats", Entity("Org", "zero"), 0)])
+    assert not authz.authorize(U("u"), "read", Entity("Org", "huge"))  # 2^64 has no value
+    assert not authz.authorize(U("u"), "divide", Entity("Org", "zero"))  # nor has 1 / 0
+
+
+@SETTINGS
+@given(
+    a=st.one_of(st.integers(-(2**63), 2**63 - 1), st.just("x")),
+    b=st.one_of(st.integers(-20, 20), st.just(True)),
+    k=st.integers(-50, 50),
+    op=st.sampled_from(["+", "-", "*", "/", "mod", "rem"]),
+    context=st.one_of(
+        st.integers(-100, 100),
+        st.floats(allow_nan=True, allow_infinity=True),
+        st.sampled_from(["s", 2**70, 1e308]),
+    ),
+)
+def test_arithmetic_agrees_with_the_reference(a, b, k, op, context):
+    text = f"""
+    actor User {{}}
+    resource Org {{}}
+    value(o: Org, r) if pair(o, l, m) and r = l {op} m;
+    allow(_: User, "equal", o: Org) if pair(o, l, m) and expect(o, e) and l {op} m = e;
+    allow(_: User, "above", o: Org) if pair(o, l, _) and l {op} context.n > 0;
+    """
+    org = Entity("Org", "o")
+    facts = [("pair", org, a, b), ("expect", org, k)]
+    authz = Authorizer(text)
+    put(authz, facts)
+    ref = Reference(authz.policy.program, facts, {"n": context}, [U("u"), "equal", "above"])
+    for action in ("equal", "above"):
+        assert authz.authorize(U("u"), action, org, {"n": context}) == ref.allowed(
+            U("u"), action, org
+        )
+    # '=' binds the result (the reference only tests values it already knows).
+    expected = _reference_arith(op, a, b)
+    assert set(authz.query("value", org, None)) == (
+        set() if expected is _REF_MISSING else {("value", org, expected)}
+    )
+
+
+FORALL = """
+actor User {}
+resource Team {}
+allow(_: User, "ship", team: Team) if
+  forall(member(team, person), person matches User and passed_review(person));
+"""
+
+
+@SETTINGS
+@given(
+    facts=st.lists(
+        st.one_of(
+            st.tuples(st.just("member"), st.sampled_from([Entity("Team", t) for t in "ab"]), users),
+            st.tuples(st.just("passed_review"), users),
+        ),
+        max_size=8,
+    ),
+    team=st.sampled_from([Entity("Team", t) for t in "abc"]),
+)
+def test_forall_holds_when_every_way_the_condition_holds_meets_the_requirement(facts, team):
+    authz = Authorizer(FORALL)
+    put(authz, facts)
+    members = {f[2] for f in facts if f[0] == "member" and f[1] == team}
+    passed = {f[1] for f in facts if f[0] == "passed_review"}
+    assert authz.authorize(U("x"), "ship", team) == (members <= passed)
+    ref = Reference(authz.policy.program, facts, None, [U("x"), team, "ship"])
+    assert authz.authorize(U("x"), "ship", team) == ref.allowed(U("x"), "ship", team)
+
+
+def test_cut_is_refused_with_the_reason():
+    (message,) = errors_of('actor User {}\nallow(_: User, "x", _) if cut;')
+    assert "'cut' is not supported" in message and "'not'" in message
