@@ -15,8 +15,8 @@ from typing import Any
 from bastion.facts.index import FactIndex
 from bastion.facts.model import format_arg, format_fact
 from bastion.policy.ast import Arith, Const, ContextPath, Var
-from bastion.policy.builtins.arithmetic import arith
 from bastion.policy.builtins import BUILTINS
+from bastion.policy.builtins.arithmetic import arith
 from bastion.policy.errors import EvaluationLimit
 from bastion.policy.limits import DEFAULT_LIMITS, PolicyLimits
 from bastion.policy.plan import PlanError, plan
