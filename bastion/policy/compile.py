@@ -501,14 +501,20 @@ class CompiledPolicy:
             self.namespace[fm] = pf.mode(fact_mask, fixed)
             keys = [f"a{i}" for i, m in enumerate(node.mask) if m == "b"]
             key = keys[0] if len(keys) == 1 else f"({''.join(k + ', ' for k in keys)})"
-            out.emit(1, f"_v = {fm}.get({key})")
-            out.emit(1, "if _v is not None:")
-            out.emit(2, "if _v.__class__ is Many:")
-            out.emit(3, "q.steps -= len(_v)")  # several facts under this key
-            out.emit(3, "if q.steps < 0: _exhausted(q)")
-            out.emit(3, "yield from _v")
-            out.emit(2, "else:")
-            out.emit(3, "yield _v")
+            d = 1
+            if rare:
+                fa = f"FA_{node.name}_{node.arity}"
+                self.namespace[fa] = pf.all
+                out.emit(1, f"if {fa}:")
+                d = 2
+            out.emit(d, f"_v = {fm}.get({key})")
+            out.emit(d, "if _v is not None:")
+            out.emit(d + 1, "if _v.__class__ is Many:")
+            out.emit(d + 2, "q.steps -= len(_v)")  # several facts under this key
+            out.emit(d + 2, "if q.steps < 0: _exhausted(q)")
+            out.emit(d + 2, "yield from _v")
+            out.emit(d + 1, "else:")
+            out.emit(d + 2, "yield _v")
 
     def _dispatch_on_constant(
         self, out: _Emitter, node: Node, clauses: Any, args: list, is_bool: bool

@@ -525,7 +525,9 @@ class _Lowering:
             types = [self.resolve_type(t, decl.location) or frozenset() for t in decl.types]
             declared[(decl.name, len(decl.types))].append(tuple(_type_spec(t) for t in types))
         self.check_calls(clauses, set(STANDARD_FACTS) | set(declared), written)
-        for key, signatures in self.inferred_signatures(written).items():
+        for key, signatures in self.inferred_signatures(
+            written, self.fact_signatures(declared)
+        ).items():
             for signature in signatures:
                 if signature not in declared[key]:
                     declared[key].append(signature)
@@ -575,22 +577,30 @@ class _Lowering:
                         f" (declare it if that is intended: declare {lit.name}(...);)",
                     )
 
-    def inferred_signatures(self, written: list) -> dict[tuple[str, int], list[tuple]]:
-        """The fact signature each call in a rule body implies (see the module's docstring)."""
+    def inferred_signatures(
+        self, written: list, known: dict[tuple[str, int], list[tuple]]
+    ) -> dict[tuple[str, int], list[tuple]]:
+        """The fact signature each call in a rule body implies (see the module's docstring).
+
+        A call that a signature of the blocks or of a declaration already fits implies nothing
+        more: ``has_relation(repo, "parent", org)`` reads the facts the block's relation
+        declares, and must not widen them to a parent of any type."""
         found: dict[tuple[str, int], list[tuple]] = defaultdict(list)
         for clause, from_shorthand in written:
             types: dict[str, frozenset[str]] = {}
             for lit in clause.body:
                 if isinstance(lit, TypeLit) and isinstance(lit.term, ast.Var):
-                    known = types.get(lit.term.name)
-                    types[lit.term.name] = lit.types if known is None else known & lit.types
+                    seen = types.get(lit.term.name)
+                    types[lit.term.name] = lit.types if seen is None else seen & lit.types
             for lit in _walk(clause.body):
                 if not isinstance(lit, CallLit) or (lit.name, len(lit.args)) in BUILTINS:
                     continue
                 if from_shorthand and lit.name in _SHORTHAND_CALLS:
                     continue
-                signature = tuple(_spec_of(arg, types) for arg in lit.args)
                 key = (lit.name, len(lit.args))
+                if any(_call_fits(lit.args, types, sig) for sig in known.get(key, ())):
+                    continue
+                signature = tuple(_spec_of(arg, types) for arg in lit.args)
                 if signature not in found[key]:
                     found[key].append(signature)
         return found
@@ -669,6 +679,25 @@ def _type_spec(types: frozenset[str]) -> tuple:
 _SHORTHAND_CALLS = {"has_role", "has_permission", "has_relation"}
 _ANY = ("any", frozenset())
 _VALUE_TYPE_OF = {str: "String", int: "Integer", bool: "Boolean", float: "Float"}
+
+
+def _call_fits(args: tuple, types: dict[str, frozenset[str]], signature: tuple) -> bool:
+    """Whether some fact of ``signature`` could answer a call with these arguments."""
+    from bastion.policy.program import has_type
+
+    for arg, (kind, allowed) in zip(args, signature, strict=True):
+        if kind == "any":
+            continue
+        if isinstance(arg, ast.Const):
+            fits = arg.value in allowed if kind == "values" else has_type(arg.value, allowed)
+        elif isinstance(arg, ast.Var) and arg.name in types:
+            mine = types[arg.name]
+            fits = "String" in mine if kind == "values" else bool(mine & allowed)
+        else:
+            fits = True  # an untyped variable, a context field: may be anything
+        if not fits:
+            return False
+    return True
 
 
 def _spec_of(term: ast.Term, types: dict[str, frozenset[str]]) -> tuple:

@@ -120,6 +120,31 @@ def test_shapes_only_a_longhand_rule_implies_are_accepted():
         authz.facts.insert(("has_role", Entity("Group", "g"), "member", Entity("Group", "h")))
 
 
+def test_a_call_the_blocks_already_type_does_not_widen_what_the_store_accepts():
+    """``has_relation(tool, "team", team)`` with ``team`` untyped reads the facts the block's
+    relation declares: it must not make a relation to anything acceptable."""
+    text = """
+    actor User {}
+    resource Team { roles = ["lead"]; }
+    resource Tool { relations = { team: Team }; }
+    allow(user: User, "call", tool: Tool) if
+      has_relation(tool, "team", team) and has_role(user, "lead", team);
+    """
+    authz = Authorizer(text)
+    authz.facts.insert(("has_relation", Entity("Tool", "t"), "team", Entity("Team", "ops")))
+    authz.facts.insert(("has_role", U("ann"), "lead", Entity("Team", "ops")))
+    assert authz.authorize(U("ann"), "call", Entity("Tool", "t"))
+    for bad in [
+        ("has_relation", Entity("Tool", "t"), "team", U("mallory")),
+        ("has_relation", Entity("Tool", "t"), "owner", Entity("Team", "ops")),
+        ("has_role", U("mallory"), "lead", Entity("Tool", "t")),
+        ("has_role", U("mallory"), "admin", Entity("Team", "ops")),
+    ]:
+        with pytest.raises(FactError):
+            authz.facts.insert(bad)
+    assert not load([("p", text)]).warnings
+
+
 def test_a_predicate_is_defined_by_rules_and_stored_as_facts():
     text = """
     actor User {}
