@@ -723,3 +723,66 @@ def test_forall_holds_when_every_way_the_condition_holds_meets_the_requirement(f
 def test_cut_is_refused_with_the_reason():
     (message,) = errors_of('actor User {}\nallow(_: User, "x", _) if cut;')
     assert "'cut' is not supported" in message and "'not'" in message
+
+
+# -- bad input ---------------------------------------------------------------------------------
+
+OSO_TOKENS = [
+    "actor", "resource", "global", "User", "Repo", "extends", "{", "}", "(", ")", "[", "]", ";",
+    ",", ":", "=", "<", "if", "and", "or", "not", "in", "on", '"read"', '"x"', "roles", "=",
+    "permissions", "relations", "role", "permission", "x", "_", "allow", "1", "-2", "+", "-",
+    "*", "/", "mod", "rem", "forall", "cut", "true", "false", "@current_unix_time", "@nope",
+    "test", "fixture", "setup", "assert", "assert_not", "iff", "String", "matches", "declare",
+]  # fmt: skip
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(st.sampled_from(OSO_TOKENS), max_size=40).map(" ".join))
+def test_any_oso_shaped_text_loads_and_tests_or_is_refused_with_a_policy_error(text):
+    try:
+        loaded = load([("p.polar", text)])
+    except PolicyError as err:
+        assert err.diagnostics and all(d.location.line >= 1 for d in err.diagnostics)
+        return
+    for result in run_tests(loaded):  # a test that cannot run reports why; nothing raises
+        assert result.error is None or isinstance(result.error, str)
+
+
+FRAGMENTS = [
+    "actor User {}",
+    'actor User { permissions = ["imp"]; "imp" if global "g"; }',
+    'resource Repo { roles = ["r", "w",]; permissions = ["read", "push",]; relations = { p: Repo, };'
+    ' role if role on "p"; permission if "w"; "read" if "r"; }',
+    'global { roles = ["g"]; permissions = ["gp"]; "gp" if "g"; }',
+    "resource Doc extends Repo {}",
+    'allow(u: User, "read", r: Repo) if n matches Integer and lim(r, n) and n * 2 - 1 > @current_unix_time mod 7;',
+    "allow(u: User, a: String, r: Repo) if forall(m(r, x), x matches User and ok(x)) and has_permission(u, a, r);",
+    'allow(_: User, "x", _: Doc) if true;',
+    'deny(_: User, "push", _: Resource) if false;',
+    'test fixture f { has_role(User{"a"}, "r", Repo{"x"}); fixture g; }',
+    'test fixture g { lim(Repo{"x"}, 3); }',
+    'test "t" { setup { fixture f; } assert allow(User{"a"}, a: String, Repo{"x"}) iff a in ["read"]; }',
+    'test "u" { setup { fixture nope; } assert_not allow(User{"a"}, "read", Repo{"x"}); }',
+    'test "v" { setup { m(Repo{"x"}, User{"b"}); } assert has_permission(User{"g"}, p: String) iff p in []; }',
+]
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(st.sampled_from(FRAGMENTS), min_size=1, max_size=8),
+    st.lists(st.tuples(st.integers(0, 2000), st.sampled_from(OSO_TOKENS)), max_size=2),
+)
+def test_oso_fragments_with_noise_load_and_test_or_are_refused(fragments, noise):
+    text = "\n".join(fragments)
+    for position, token in noise:
+        position %= len(text) + 1
+        text = text[:position] + " " + token + " " + text[position:]
+    try:
+        loaded = load([("p.polar", text)])
+        authz = Authorizer(text)
+    except PolicyError as err:
+        assert err.diagnostics
+        return
+    authz.authorize(Entity("User", "a"), "read", Entity("Repo", "x"))
+    for result in run_tests(loaded):
+        assert result.error is None or isinstance(result.error, str)
