@@ -53,22 +53,33 @@ def _call_text(call: ast.Call) -> str:
     return f"{call.name}({', '.join(format_term(a) for a in call.args)})"
 
 
-def setup_facts(
-    entries: Any, fixtures: dict[str, ast.Fixture], using: tuple[str, ...] = ()
-) -> list[tuple]:
-    """A test's setup (or a fixture's facts) as fact tuples, ``fixture name;`` included."""
+def setup_facts(entries: Any, fixtures: dict[str, ast.Fixture]) -> list[tuple]:
+    """A test's setup as fact tuples, ``fixture name;`` included. Each fixture is expanded once
+    however often it is included (so nesting cannot multiply the work), without recursion (so
+    no chain of fixtures is too deep); a fixture that includes itself is an error."""
     from bastion.facts.model import FactError
 
-    facts = []
-    for entry in entries:
+    facts: list[tuple] = []
+    state: dict[str, str] = {}  # fixture name -> "open" while expanding, "done" after
+    stack: list[tuple[str | None, Any]] = [(None, iter(entries))]
+    while stack:
+        name, pending = stack[-1]
+        entry = next(pending, None)
+        if entry is None:
+            stack.pop()
+            if name is not None:
+                state[name] = "done"
+            continue
         if isinstance(entry, ast.FixtureRef):
             fixture = fixtures.get(entry.name)
             if fixture is None:
                 known = ", ".join(sorted(fixtures)) or "none"
                 raise FactError(f"{entry.location}: no test fixture {entry.name} (known: {known})")
-            if entry.name in using:
+            if state.get(entry.name) == "open":
                 raise FactError(f"{entry.location}: fixture {entry.name} includes itself")
-            facts += setup_facts(fixture.facts, fixtures, (*using, entry.name))
+            if entry.name not in state:
+                state[entry.name] = "open"
+                stack.append((entry.name, iter(fixture.facts)))
             continue
         args = []
         for a in entry.args:

@@ -786,3 +786,23 @@ def test_oso_fragments_with_noise_load_and_test_or_are_refused(fragments, noise)
     authz.authorize(Entity("User", "a"), "read", Entity("Repo", "x"))
     for result in run_tests(loaded):
         assert result.error is None or isinstance(result.error, str)
+
+
+def test_fixtures_nested_deep_or_wide_expand_once_each():
+    """A chain of 5,000 fixtures (deeper than Python's recursion) and a fixture included twice
+    at every level (2^40 copies if each were expanded every time) load in linear time."""
+    chain = "".join(f"test fixture f{i} {{ fixture f{i + 1}; }}\n" for i in range(5000))
+    chain += 'test fixture f5000 { has_role(User{"a"}, "member", Org{"o"}); }\n'
+    doubling = "".join(
+        f"test fixture d{i} {{ fixture d{i + 1}; fixture d{i + 1}; }}\n" for i in range(40)
+    )
+    doubling += 'test fixture d40 { has_role(User{"b"}, "member", Org{"o"}); }\n'
+    text = (
+        'actor User {}\nresource Org { roles = ["member"]; permissions = ["read"]; "read" if "member"; }\n'
+        + chain
+        + doubling
+        + 'test "deep" { setup { fixture f0; fixture d0; } assert allow(User{"a"}, "read", Org{"o"});'
+        ' assert allow(User{"b"}, "read", Org{"o"}); }\n'
+    )
+    (result,) = run_tests(load([("p.polar", text)]))
+    assert result.passed, result.error
