@@ -118,7 +118,6 @@ class _Lowering:
                 self.error(block.location, f"{block.name} is a built-in type name")
                 continue
             self.blocks[block.name] = block
-            self.supertypes[block.name] = block.extends
         for block in self.blocks.values():
             for sup in block.extends:
                 if sup not in self.blocks and sup not in ("Actor", "Resource"):
@@ -126,8 +125,8 @@ class _Lowering:
                         block.location,
                         f"{block.name} extends {sup}, which no actor or resource block declares",
                     )
-                elif self._extends(sup, block.name):
-                    self.error(block.location, f"{block.name} extends itself through {sup}")
+            self.supertypes[block.name] = tuple(t for t in block.extends if t in self.blocks)
+        self.collect_subtypes()
         self.actor_types = frozenset(n for n, b in self.blocks.items() if b.kind == "actor")
         # Actors are resources too (Oso Cloud's Actor extends Resource).
         self.resource_types = frozenset(self.blocks)
@@ -139,17 +138,52 @@ class _Lowering:
                         f"relation {rel!r} of {block.name} points to {typ}, which no actor or resource block declares",
                     )
 
-    def _extends(self, sub: str, sup: str, seen: frozenset = frozenset()) -> bool:
-        """Whether type ``sub`` extends ``sup``, directly or through others."""
-        if sub == sup:
-            return True
-        if sub in seen:
-            return False
-        return any(self._extends(s, sup, seen | {sub}) for s in self.supertypes.get(sub, ()))
+    def collect_subtypes(self) -> None:
+        """Each declared type's subtypes, through ``extends`` chains. A chain may be at most
+        ``policy_max_nesting`` long, so that each type has few supertypes and this stays linear
+        in the number of types; a cycle is an error. Iterative: no chain is too deep for it."""
+        limit = self.limits.policy_max_nesting
+        ancestors: dict[str, frozenset[str]] = {}
+        for start in self.blocks:
+            stack, on_path = [start], {start}  # a depth-first path, one supertype at a time
+            while stack:
+                name = stack[-1]
+                if name in ancestors:
+                    stack.pop()
+                    on_path.discard(name)
+                    continue
+                after = next((t for t in self.supertypes[name] if t not in ancestors), None)
+                if after is not None and after in on_path:
+                    self.error(self.blocks[name].location, f"{name} extends itself through {after}")
+                    self.supertypes[name] = tuple(t for t in self.supertypes[name] if t != after)
+                    continue
+                if after is not None:
+                    stack.append(after)
+                    on_path.add(after)
+                    continue
+                found = frozenset(self.supertypes[name]).union(
+                    *(ancestors[t] for t in self.supertypes[name])
+                )
+                if len(found) > limit:
+                    self.error(
+                        self.blocks[name].location,
+                        f"{name} extends more than {limit} types through 'extends'; the limit is"
+                        f" policy_max_nesting = {limit}",
+                    )
+                    found = frozenset()
+                ancestors[name] = found
+                stack.pop()
+                on_path.discard(name)
+        below: dict[str, set[str]] = {name: {name} for name in self.blocks}
+        for name, above in ancestors.items():
+            for sup in above:
+                below[sup].add(name)
+        self._subtypes = {name: frozenset(types) for name, types in below.items()}
 
     def subtypes(self, name: str) -> frozenset[str]:
         """``name`` and every declared type that extends it."""
-        return frozenset([name, *(t for t in self.blocks if t != name and self._extends(t, name))])
+        found = self._subtypes.get(name)
+        return frozenset([name]) if found is None else found
 
     def resolve_type(self, name: str, location: Location) -> frozenset[str] | None:
         if name == "Actor":

@@ -441,10 +441,41 @@ def test_a_subtype_is_accepted_wherever_its_supertype_is():
     [
         ("resource A extends Nope {}", "A extends Nope, which no actor or resource block declares"),
         ("resource A extends B {}\nresource B extends A {}", "extends itself"),
+        ("resource A extends A {}", "A extends itself through A"),
+        (
+            "resource T0 {}\n"
+            + "".join(f"resource T{i + 1} extends T{i} {{}}\n" for i in range(40)),
+            "T33 extends more than 32 types through 'extends'; the limit is policy_max_nesting = 32",
+        ),
     ],
 )
 def test_bad_extends_is_refused(text, expected):
     assert any(expected in m for m in errors_of(text))
+
+
+def test_extends_is_checked_in_linear_time_however_it_is_written():
+    """Thousands of types in long chains, diamonds and cycles: refused or loaded, quickly, with
+    no recursion."""
+    import time
+
+    chain = "".join(f"resource C{i + 1} extends C{i} {{}}\n" for i in range(20000))
+    diamond = "".join(f"resource D{i} extends Base, C{i} {{}}\n" for i in range(5000))
+    cycle = "".join(f"resource Y{i} extends Y{(i + 1) % 3000} {{}}\n" for i in range(3000))
+    rules = "".join(f"p{i}(x: Base) if q(x);\n" for i in range(2000))
+    text = "resource C0 {}\nresource Base {}\n" + chain + diamond + cycle + rules
+    started = time.process_time()
+    messages = errors_of(text)
+    assert time.process_time() - started < 20
+    assert any("extends itself" in m for m in messages)
+    assert any("policy_max_nesting" in m for m in messages)
+
+    sibling = "resource Base {}\n" + "".join(
+        f"resource S{i} extends Base {{}}\n" for i in range(20000)
+    )
+    started = time.process_time()
+    loaded = load([("p", sibling + rules)])
+    assert time.process_time() - started < 20
+    assert len(loaded.program.clauses[("p0", 1)][0].body[0].types) == 20001
 
 
 # -- 8. test fixtures --------------------------------------------------------------------------
