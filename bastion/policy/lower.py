@@ -356,11 +356,39 @@ class _Lowering:
                         continue
                 else:
                     heads = [sh.head]
+                if not self.expansion_fits(block, sh, len(heads)):
+                    continue
                 for head in heads:
                     rule = self.shorthand_rule(block, sh, head)
                     if rule is not None:
                         rules.append(rule)
         return rules
+
+    def expansion_fits(self, block: ast.Block, sh: ast.ShorthandRule, heads: int) -> bool:
+        """Whether the rules a shorthand rule with variables stands for stay within
+        ``policy_max_rules``, counted before any is built (each variable the head does not fix
+        multiplies them by the names it ranges over)."""
+        limit = self.limits.policy_max_rules
+        total = heads
+        for term in _shorthand_terms(sh.body):
+            if not term.is_variable or sh.head_is_variable and term.name == sh.head:
+                continue
+            target = block
+            if term.relation is not None:
+                related = block.relations.get(term.relation)
+                target = self.blocks.get(related[0]) if related else None
+            if target is not None:
+                total *= max(1, len(self.names_of(target, _variable_kinds(term.name))))
+            if total > limit:
+                break
+        if total <= limit:
+            return True
+        self.error(
+            sh.location,
+            f"this shorthand rule stands for more than {limit} rules (one per name each of its"
+            f" variables ranges over); the limit is policy_max_rules = {limit}",
+        )
+        return False
 
     def shorthand_rule(
         self, block: ast.Block, sh: ast.ShorthandRule, head: str
@@ -790,6 +818,17 @@ def _expansion(expr: ast.Expr, cap: int) -> tuple[int, int]:
 def _suggest(name: str, candidates: list[str]) -> str:
     close = difflib.get_close_matches(name, candidates, n=1)
     return f" (did you mean {close[0]}?)" if close else ""
+
+
+def _shorthand_terms(expr: ast.Expr):
+    """The shorthand terms of a shorthand rule's body."""
+    if isinstance(expr, ast.Shorthand):
+        yield expr
+    elif isinstance(expr, (ast.And, ast.Or)):
+        for item in expr.items:
+            yield from _shorthand_terms(item)
+    elif isinstance(expr, ast.Not):
+        yield from _shorthand_terms(expr.item)
 
 
 def _shorthand_text(expr: ast.Expr) -> str:

@@ -837,3 +837,19 @@ def test_fixtures_nested_deep_or_wide_expand_once_each():
     )
     (result,) = run_tests(load([("p.polar", text)]))
     assert result.passed, result.error
+
+
+def test_a_shorthand_rule_standing_for_too_many_rules_is_refused_before_it_is_built():
+    import time
+
+    roles = ", ".join(f'"r{i}"' for i in range(20000))
+    text = (
+        f"actor User {{}}\nresource A {{ roles = [{roles}]; relations = {{ b: B }};"
+        f' role if other on "b"; }}\nresource B {{ roles = [{roles}]; }}\n'
+    )
+    started = time.process_time()
+    messages = errors_of(text)
+    assert time.process_time() - started < 10
+    assert any(
+        "stands for more than 10000 rules" in m and "policy_max_rules" in m for m in messages
+    )
