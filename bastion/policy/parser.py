@@ -32,7 +32,8 @@ class _Parser:
                     Diagnostic(
                         token.location,
                         f"nested more than {self.limits.policy_max_nesting} levels deep "
-                        "(parentheses, 'not', lists and objects); the limit is "
+                        "(parentheses, 'not', 'forall', lists, objects and arithmetic operators);"
+                        " the limit is "
                         f"policy_max_nesting = {self.limits.policy_max_nesting}",
                     )
                 ]
@@ -449,21 +450,29 @@ class _Parser:
 
     def term(self) -> ast.Term:
         """A value, with arithmetic: ``*``, ``/``, ``mod`` and ``rem`` before ``+`` and ``-``."""
+        # Each operator nests the expression one level deeper (``a + b + c`` is ``(a + b) + c``):
+        # counted against policy_max_nesting like parentheses, since every later stage
+        # recurses on it.
+        opened = self.depth
         left = self.product()
         while True:
             t = self.tok
             if t.kind == "op" and t.value in ("+", "-"):
+                self.nest(t)
                 self.advance()
                 left = ast.Arith(t.value, left, self.product(), t.location)
             elif t.kind == "number" and self.text[t.offset : t.offset + 1] == "-":
                 # ``x -1``: the lexer read a negative number; after a value it is a subtraction.
+                self.nest(t)
                 self.advance()
                 right = ast.Const(-t.value, t.location)
                 left = ast.Arith("-", left, right, t.location)
             else:
+                self.depth = opened
                 return left
 
     def product(self) -> ast.Term:
+        opened = self.depth
         left = self.primary()
         while (
             self.tok.kind == "op"
@@ -471,8 +480,10 @@ class _Parser:
             or self.tok.kind == "name"
             and self.tok.value in ("mod", "rem")
         ):
+            self.nest(self.tok)
             op = self.advance()
             left = ast.Arith(op.value, left, self.primary(), op.location)
+        self.depth = opened
         return left
 
     def primary(self) -> ast.Term:

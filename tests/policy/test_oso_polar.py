@@ -853,3 +853,19 @@ def test_a_shorthand_rule_standing_for_too_many_rules_is_refused_before_it_is_bu
     assert any(
         "stands for more than 10000 rules" in m and "policy_max_rules" in m for m in messages
     )
+
+
+@pytest.mark.parametrize("count", [31, 5000])
+def test_a_long_chain_of_arithmetic_is_refused_naming_the_limit_or_loads(count):
+    text = "actor User {}\nresource Doc {}\n" + (
+        'allow(_: User, "read", d: Doc) if n matches Integer and size(d, n) and n'
+        + " + 1" * count
+        + " > 0;"
+    )
+    if count < 32:
+        authz = Authorizer(text)
+        put(authz, [("size", Entity("Doc", "d"), 1)])
+        assert authz.authorize(U("a"), "read", Entity("Doc", "d"))
+    else:
+        (message,) = errors_of(text)
+        assert "policy_max_nesting = 32" in message and "arithmetic operators" in message
