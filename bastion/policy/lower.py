@@ -17,6 +17,7 @@ from __future__ import annotations
 import difflib
 import itertools
 from collections import defaultdict
+from typing import Any
 
 from bastion.policy import ast
 from bastion.policy.builtins import BUILTINS
@@ -648,6 +649,7 @@ class _Lowering:
         more: ``has_relation(repo, "parent", org)`` reads the facts the block's relation
         declares, and must not widen them to a parent of any type."""
         found: dict[tuple[str, int], list[tuple]] = defaultdict(list)
+        fitted: dict[tuple, bool] = {}
         for clause, from_shorthand in written:
             types: dict[str, frozenset[str]] = {}
             for lit in clause.body:
@@ -660,7 +662,12 @@ class _Lowering:
                 if from_shorthand and lit.name in _SHORTHAND_CALLS:
                     continue
                 key = (lit.name, len(lit.args))
-                if any(_call_fits(lit.args, types, sig) for sig in known.get(key, ())):
+                shape = (key, *(_arg_shape(arg, types) for arg in lit.args))
+                fits = fitted.get(shape)
+                if fits is None:  # the same shape of call recurs: checked once
+                    sigs = known.get(key, ())
+                    fits = fitted[shape] = any(_call_fits(lit.args, types, sig) for sig in sigs)
+                if fits:
                     continue
                 signature = tuple(_spec_of(arg, types) for arg in lit.args)
                 if signature not in found[key]:
@@ -741,6 +748,15 @@ def _type_spec(types: frozenset[str]) -> tuple:
 _SHORTHAND_CALLS = {"has_role", "has_permission", "has_relation"}
 _ANY = ("any", frozenset())
 _VALUE_TYPE_OF = {str: "String", int: "Integer", bool: "Boolean", float: "Float"}
+
+
+def _arg_shape(arg: ast.Term, types: dict[str, frozenset[str]]) -> Any:
+    """What `_call_fits` reads of an argument: a constant, a typed variable's types, or None."""
+    if isinstance(arg, ast.Const):
+        return ("c", type(arg.value), arg.value)
+    if isinstance(arg, ast.Var) and arg.name in types:
+        return ("t", types[arg.name])
+    return None
 
 
 def _call_fits(args: tuple, types: dict[str, frozenset[str]], signature: tuple) -> bool:
