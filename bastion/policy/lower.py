@@ -566,7 +566,8 @@ class _Lowering:
             clauses.setdefault(key, [])  # defined, even by a rule that never holds ('if false')
             for clause in self.clauses_of(rule, rule.text or None):
                 clauses[key].append(clause)
-                written.append((clause, False))
+                if not _is_default_allow(clause):
+                    written.append((clause, False))
         if not any(name == "allow" for name, _ in clauses) and ("has_permission", 3) in clauses:
             loc = Location("<implied>", 1, 1)
             implied = ast.Rule(
@@ -748,6 +749,23 @@ def _type_spec(types: frozenset[str]) -> tuple:
 _SHORTHAND_CALLS = {"has_role", "has_permission", "has_relation"}
 _ANY = ("any", frozenset())
 _VALUE_TYPE_OF = {str: "String", int: "Integer", bool: "Boolean", float: "Float"}
+
+
+def _is_default_allow(clause: Clause) -> bool:
+    """``allow(actor, action, resource) if has_permission(actor, action, resource);`` written
+    out: the rule bastion supplies when a policy has none, so it implies no fact type either
+    (``has_permission`` stays defined by the blocks alone, and costs nothing more per call)."""
+    head = clause.head
+    if clause.name != "allow" or len(head) != 3 or len(clause.body) != 1:
+        return False
+    (call,) = clause.body
+    return (
+        all(isinstance(t, ast.Var) for t in head)
+        and len({t.name for t in head}) == 3
+        and isinstance(call, CallLit)
+        and call.name == "has_permission"
+        and call.args == head
+    )
 
 
 def _arg_shape(arg: ast.Term, types: dict[str, frozenset[str]]) -> Any:

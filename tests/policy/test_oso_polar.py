@@ -145,6 +145,25 @@ def test_a_call_the_blocks_already_type_does_not_widen_what_the_store_accepts():
     assert not load([("p", text)]).warnings
 
 
+def test_the_default_allow_written_out_implies_no_fact_type():
+    """Written out, the rule bastion supplies when a policy has no allow changes nothing: the
+    store still refuses has_permission facts (and its compiled code reads none)."""
+    blocks = (
+        'actor User {}\nresource Doc { roles = ["r"]; permissions = ["read"]; "read" if "r"; }\n'
+    )
+    for text in (
+        blocks,
+        blocks + "allow(actor, action, resource) if has_permission(actor, action, resource);",
+    ):
+        authz = Authorizer(text)
+        with pytest.raises(FactError, match="no use for has_permission/3"):
+            authz.facts.insert(("has_permission", U("a"), "read", Entity("Doc", "d")))
+    typed = blocks + "allow(u: User, a: String, d: Doc) if has_permission(u, a, d);"
+    authz = Authorizer(typed)
+    authz.facts.insert(("has_permission", U("a"), "read", Entity("Doc", "d")))
+    assert authz.authorize(U("a"), "read", Entity("Doc", "d"))
+
+
 def test_a_predicate_is_defined_by_rules_and_stored_as_facts():
     text = """
     actor User {}
