@@ -10,6 +10,8 @@ from bastion.policy.lexer import Token, tokenize
 from bastion.policy.limits import DEFAULT_LIMITS, PolicyLimits
 
 _COMPARISONS = {"==", "!=", "<", "<=", ">", ">=", "="}
+# Oso Cloud's object literals of primitive types: ``String{"a"}`` is ``"a"``.
+_LITERAL_TYPES = {"String": str, "Integer": int, "Boolean": bool}
 
 
 class _Parser:
@@ -526,6 +528,8 @@ class _Parser:
             term = ast.ListTerm(tuple(items), t.location)
             self.check_size(t, term_size(term), "this list")
             return term
+        if t.kind == "name" and t.value in _LITERAL_TYPES and self.peek().value == "{":
+            return self.typed_literal()
         if t.kind == "name":
             self.advance()
             if self.at("{"):
@@ -547,6 +551,30 @@ class _Parser:
                 )
             return ast.Var(t.value, t.location)
         raise self.fail("a value or a variable")
+
+    def typed_literal(self) -> ast.Const:
+        """``String{"a"}``, ``Integer{3}``, ``Boolean{true}``: a value written as Oso Cloud's
+        object literal of its type, meaning the value itself."""
+        type_tok = self.advance()
+        self.advance()  # '{'
+        value_tok = self.tok
+        if value_tok.kind in ("string", "number"):
+            value = value_tok.value
+        elif value_tok.kind == "keyword" and value_tok.value in ("true", "false"):
+            value = value_tok.value == "true"
+        else:
+            raise self.fail(f"a {type_tok.value} value inside {type_tok.value}{{...}}")
+        if value.__class__ is not _LITERAL_TYPES[type_tok.value]:
+            raise PolicyError(
+                [
+                    Diagnostic(
+                        value_tok.location, f"{value_tok.describe()} is not a {type_tok.value}"
+                    )
+                ]
+            )
+        self.advance()
+        self.expect("}")
+        return ast.Const(value, type_tok.location)
 
     def field_name(self) -> str:
         t = self.tok

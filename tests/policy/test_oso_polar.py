@@ -888,3 +888,31 @@ def test_a_long_chain_of_arithmetic_is_refused_naming_the_limit_or_loads(count):
     else:
         (message,) = errors_of(text)
         assert "policy_max_nesting = 32" in message and "arithmetic operators" in message
+
+
+def test_object_literals_of_primitive_types_are_the_values_themselves():
+    text = """
+    actor User {}
+    resource Doc {}
+    allow(_: User, String{"read"}, d: Doc) if level(d, Integer{3}) and flag(d, Boolean{true});
+    test "t" {
+      setup { level(Doc{"d"}, Integer{3}); flag(Doc{"d"}, true); level(Doc{"e"}, 3); }
+      assert allow(User{"a"}, "read", Doc{"d"});
+      assert allow(User{"a"}, String{"read"}, Doc{"d"});
+      assert_not allow(User{"a"}, "read", Doc{"e"});
+    }
+    """
+    assert all(r.passed for r in results_of(text).values())
+    authz = Authorizer(text)
+    authz.facts.insert('level(Doc{"x"}, Integer{3})')
+    assert authz.facts.get(("level", Entity("Doc", "x"), None)) == [
+        ("level", Entity("Doc", "x"), 3)
+    ]
+
+
+@pytest.mark.parametrize(
+    "literal", ["String{3}", 'Integer{"3"}', "Boolean{1}", "Integer{x}", "String{}"]
+)
+def test_an_object_literal_of_the_wrong_kind_is_refused(literal):
+    (message,) = errors_of(f"f(x) if x = {literal};")
+    assert "error:" in message
