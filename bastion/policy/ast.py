@@ -189,8 +189,9 @@ class Assertion:
     context: DictTerm | None
     location: Location
     # ``assert allow(User{"a"}, action: String, Repo{"r"}) iff action in ["read", "push"];``:
-    # the typed variable of the call, its type, and the values it must take, exactly.
-    iff: tuple[str, str, ListTerm] | None = None
+    # the typed variable of the call, its type, and the values it must take, exactly (None
+    # without 'iff': some value must hold, or with assert_not none).
+    iff: tuple[str, str, ListTerm | None] | None = None
 
 
 @dataclass(frozen=True, slots=True)

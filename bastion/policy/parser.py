@@ -303,6 +303,10 @@ class _Parser:
             elif t.kind == "name" and t.value in ("assert", "assert_not"):
                 self.advance()
                 call, typed = self.assertion_call()
+                if len(typed) > 1:
+                    raise PolicyError(
+                        [Diagnostic(call.location, "an assertion has at most one variable")]
+                    )
                 iff = None
                 if self.tok.kind == "name" and self.tok.value == "iff":
                     iff_tok = self.advance()
@@ -323,7 +327,9 @@ class _Parser:
                         raise self.fail("a list of values after 'in'", iff_tok)
                     iff = (var.value, typed[var.value], values)
                 elif typed:
-                    raise self.fail("'iff' after a call with typed variables")
+                    # A variable without 'iff': assert that some value holds (assert_not: none).
+                    ((var_name, type_name),) = typed.items()
+                    iff = (var_name, type_name, None)
                 context = None
                 if self.tok.kind == "name" and self.tok.value == "with":
                     self.advance()

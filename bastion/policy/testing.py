@@ -151,14 +151,18 @@ def run_tests(loaded: LoadedPolicy) -> list[TestResult]:
             explanation = None
             if assertion.iff is not None:
                 var, _, listed = assertion.iff
-                text += f" iff {var} in {_list_text(listed)}"
+                if listed is not None:
+                    text += f" iff {var} in {_list_text(listed)}"
                 try:
-                    expected = {context_value(t) for t in listed.items}
                     found = _iff_values(authz, call, assertion.iff, context)
+                    if listed is None:  # some value holds (assert_not: none does)
+                        passed = bool(found) == assertion.expect
+                    else:
+                        expected = {context_value(t) for t in listed.items}
+                        passed = (found == expected) == assertion.expect
                 except (ValueError, EvaluationLimit) as err:
                     result.error = f"{assertion.location}: {err}"
                     break
-                passed = (found == expected) == assertion.expect
                 if not passed:
                     explanation = f"{var} takes {sorted(map(repr, found))}"
                 result.assertions.append(

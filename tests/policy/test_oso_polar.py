@@ -559,6 +559,28 @@ test "wrong type" {
 """
 
 
+def test_a_typed_variable_without_iff_asserts_some_value_or_with_assert_not_none():
+    text = (
+        IFF.split('test "t"')[0]
+        + """
+    test "some" {
+      setup { has_role(User{"w"}, "writer", Repo{"r"}); }
+      assert allow(User{"w"}, action: String, Repo{"r"});
+      assert_not allow(User{"n"}, action: String, Repo{"r"});
+      assert_not allow(User{"w"}, action: Integer, Repo{"r"});
+      assert has_role(who: User, "writer", Repo{"r"});
+    }
+    test "wrongly none" {
+      setup { has_role(User{"w"}, "writer", Repo{"r"}); }
+      assert_not allow(User{"w"}, action: String, Repo{"r"});
+    }
+    """
+    )
+    results = results_of(text)
+    assert results["some"].passed, [a.text for a in results["some"].assertions if not a.passed]
+    assert not results["wrongly none"].passed
+
+
 def test_iff_asserts_exactly_the_values_a_typed_variable_takes():
     results = results_of(IFF)
     assert [a.passed for a in results["t"].assertions] == [True] * 5
@@ -572,7 +594,7 @@ def test_iff_asserts_exactly_the_values_a_typed_variable_takes():
     [
         'assert allow(User{"a"}, action, Repo{"r"}) iff action in ["read"];',
         'assert allow(User{"a"}, action: String, Repo{"r"}) iff other in ["read"];',
-        'assert allow(User{"a"}, action: String, Repo{"r"});',
+        'assert allow(a: User, action: String, Repo{"r"});',
         'assert allow(User{"a"}, action: String, Repo{"r"}) iff action in "read";',
     ],
 )
