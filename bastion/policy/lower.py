@@ -610,6 +610,7 @@ class _Lowering:
             entity_types=frozenset(self.blocks),
             permissions={n: tuple(b.permissions) for n, b in self.blocks.items()},
             has_deny=("deny", 3) in clauses,
+            subtypes=dict(self._subtypes),
         )
 
     def check_calls(self, clauses: dict, fact_predicates: set, written: list) -> None:

@@ -74,6 +74,8 @@ class Program:
     entity_types: frozenset[str]
     permissions: dict[str, tuple[str, ...]]  # resource type -> declared permissions
     has_deny: bool = False
+    # Per declared type, itself and the types that extend it (``extends``).
+    subtypes: dict[str, frozenset[str]] = field(default_factory=dict)
     # Join orders the explainer has worked out, by (clause, bound variables): planned once.
     plans: dict = field(default_factory=dict)
 

@@ -99,19 +99,18 @@ def _holds(authz: Any, name: str, args: list, context: Any) -> bool:
 def _iff_values(authz: Any, call: ast.Call, iff: tuple, context: Any) -> set:
     """The values of an assertion's typed variable for which its call holds."""
     from bastion.decide import Variable
-    from bastion.policy.program import VALUE_TYPES, has_type
+    from bastion.policy.program import has_type
 
     var, type_name, _ = iff
-    types = authz._active.loaded.program
-    resolved = (
-        frozenset([type_name])
-        if type_name in VALUE_TYPES
-        else types.actor_types
-        if type_name == "Actor"
-        else types.resource_types
-        if type_name == "Resource"
-        else frozenset([type_name])
-    )
+    program = authz._active.loaded.program
+    if type_name == "Actor":
+        resolved = program.actor_types.union(
+            *(program.subtypes.get(t, ()) for t in program.actor_types)
+        )
+    elif type_name == "Resource":
+        resolved = program.resource_types
+    else:
+        resolved = program.subtypes.get(type_name, frozenset([type_name]))
     args = [Variable(var) if isinstance(a, ast.Var) and a.name == var else a for a in call.args]
     if not all(isinstance(a, (ast.Const, Variable)) for a in args):
         raise ValueError("an iff assertion takes values, entities and its one typed variable")

@@ -570,6 +570,11 @@ def test_a_typed_variable_without_iff_asserts_some_value_or_with_assert_not_none
       assert_not allow(User{"w"}, action: Integer, Repo{"r"});
       assert has_role(who: User, "writer", Repo{"r"});
     }
+    test "subtypes" {
+      setup { has_role(Bot{"b"}, "writer", Repo{"r"}); }
+      assert has_role(who: User, "writer", Repo{"r"}) iff who in [Bot{"b"}];
+      assert has_role(who: Actor, "writer", Repo{"r"}) iff who in [Bot{"b"}];
+    }
     test "wrongly none" {
       setup { has_role(User{"w"}, "writer", Repo{"r"}); }
       assert_not allow(User{"w"}, action: String, Repo{"r"});
