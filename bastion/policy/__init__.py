@@ -71,6 +71,17 @@ def load(
         merged.declares += policy.declares
         merged.tests += policy.tests
         merged.fixtures += policy.fixtures
+    seen: dict[str, ast.Fixture] = {}
+    for fixture in merged.fixtures:
+        if fixture.name in seen:
+            errors.append(
+                Diagnostic(
+                    fixture.location,
+                    f"test fixture {fixture.name} is declared twice (first at"
+                    f" {seen[fixture.name].location})",
+                )
+            )
+        seen.setdefault(fixture.name, fixture)
     if errors:
         raise PolicyError(errors)
     program, diagnostics = lower(merged, limits, strict)

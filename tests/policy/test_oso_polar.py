@@ -943,3 +943,9 @@ def test_object_literals_of_primitive_types_are_the_values_themselves():
 def test_an_object_literal_of_the_wrong_kind_is_refused(literal):
     (message,) = errors_of(f"f(x) if x = {literal};")
     assert "error:" in message
+
+
+def test_a_fixture_declared_twice_is_refused():
+    text = "test fixture f { a(1); }\ntest fixture f { a(2); }\n"
+    (message,) = errors_of(text)
+    assert "p.polar:2:1: error: test fixture f is declared twice (first at p.polar:1:1)" in message
