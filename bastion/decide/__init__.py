@@ -297,11 +297,15 @@ def _fits(spec: tuple, arg: Any) -> bool:
     kind, allowed = spec
     if kind == "values":
         return isinstance(arg, str) and arg in allowed
+    if kind == "any":  # an untyped argument of a fact type inferred from a rule
+        return True
     return has_type(arg, allowed)
 
 
 def _describe(spec: tuple) -> str:
     kind, allowed = spec
+    if kind == "any":
+        return "_"
     if kind == "values":
         return "|".join(f'"{v}"' for v in sorted(allowed))
     return "|".join(sorted(allowed)) or "nothing"

@@ -22,15 +22,19 @@ class LoadedPolicy:
     sources: list[tuple[str, str]]  # (name, text)
     warnings: list[Diagnostic] = field(default_factory=list)
     tests: list[ast.TestBlock] = field(default_factory=list)
+    fixtures: list[ast.Fixture] = field(default_factory=list)
 
     @property
     def text(self) -> str:
         return "\n".join(text for _, text in self.sources)
 
 
-def load(sources: list[tuple[str, str]], limits: PolicyLimits = DEFAULT_LIMITS) -> LoadedPolicy:
+def load(
+    sources: list[tuple[str, str]], limits: PolicyLimits = DEFAULT_LIMITS, strict: bool = False
+) -> LoadedPolicy:
     """Parse and check policy sources given as (name, text); raise `PolicyError` on any error,
-    a policy over one of ``limits`` included."""
+    a policy over one of ``limits`` included. With ``strict``, a predicate that nothing
+    defines and a type that no block declares are errors rather than warnings."""
     size = 0
     for name, text in sources:
         size += len(text.encode())
@@ -66,14 +70,26 @@ def load(sources: list[tuple[str, str]], limits: PolicyLimits = DEFAULT_LIMITS) 
         merged.rules += policy.rules
         merged.declares += policy.declares
         merged.tests += policy.tests
+        merged.fixtures += policy.fixtures
+    seen: dict[str, ast.Fixture] = {}
+    for fixture in merged.fixtures:
+        if fixture.name in seen:
+            errors.append(
+                Diagnostic(
+                    fixture.location,
+                    f"test fixture {fixture.name} is declared twice (first at"
+                    f" {seen[fixture.name].location})",
+                )
+            )
+        seen.setdefault(fixture.name, fixture)
     if errors:
         raise PolicyError(errors)
-    program, diagnostics = lower(merged, limits)
+    program, diagnostics = lower(merged, limits, strict)
     errors = [d for d in diagnostics if d.severity == "error"]
     if errors:
         raise PolicyError(errors)
     warnings = [d for d in diagnostics if d.severity != "error"]
-    return LoadedPolicy(program, list(sources), warnings, merged.tests)
+    return LoadedPolicy(program, list(sources), warnings, merged.tests, merged.fixtures)
 
 
 __all__ = ["EvaluationLimit", "LoadedPolicy", "PolicyError", "PolicyLimits", "load"]

@@ -39,6 +39,16 @@ class ListTerm:
 
 
 @dataclass(frozen=True, slots=True)
+class Arith:
+    """``left op right`` on numbers: ``+``, ``-``, ``*``, ``/``, ``mod`` or ``rem``."""
+
+    op: str
+    left: Term
+    right: Term
+    location: Location = field(compare=False)
+
+
+@dataclass(frozen=True, slots=True)
 class DictTerm:
     """``{key: value, ...}``: only as the context of a test assertion."""
 
@@ -46,7 +56,7 @@ class DictTerm:
     location: Location = field(compare=False)
 
 
-Term = Var | Const | ContextPath | ListTerm | DictTerm
+Term = Var | Const | ContextPath | ListTerm | Arith | DictTerm
 
 # Expressions (rule bodies) -------------------------------------------------------------------
 
@@ -75,11 +85,31 @@ class Matches:
 
 @dataclass(frozen=True, slots=True)
 class Shorthand:
-    """``"reader"``, ``"reader" on "parent"`` or ``global "admin"`` inside a resource block."""
+    """``"reader"``, ``"reader" on "parent"`` or ``global "admin"`` inside a resource block;
+    ``role on "parent"`` when ``is_variable`` (``name`` is then a variable's name)."""
 
     name: str
     relation: str | None
     is_global: bool
+    location: Location = field(compare=False)
+    is_variable: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class ForAll:
+    """``forall(condition, requirement)``: every way ``condition`` holds, ``requirement``
+    holds too (so it holds when ``condition`` never does)."""
+
+    condition: Expr
+    requirement: Expr
+    location: Location = field(compare=False)
+
+
+@dataclass(frozen=True, slots=True)
+class Truth:
+    """``true`` or ``false`` as a whole condition (``allow(...) if true;``)."""
+
+    value: bool
     location: Location = field(compare=False)
 
 
@@ -99,7 +129,7 @@ class Not:
     location: Location = field(compare=False)
 
 
-Expr = Call | Compare | Matches | Shorthand | And | Or | Not
+Expr = Call | Compare | Matches | Shorthand | Truth | ForAll | And | Or | Not
 
 # Declarations --------------------------------------------------------------------------------
 
@@ -126,6 +156,7 @@ class ShorthandRule:
     head_location: Location
     body: Expr
     location: Location = field(compare=False)
+    head_is_variable: bool = False  # ``role if role on "parent";``
 
 
 @dataclass(slots=True)
@@ -135,6 +166,7 @@ class Block:
     kind: str  # "actor", "resource", "global"
     name: str | None
     location: Location
+    extends: tuple[str, ...] = ()  # ``resource File extends Item { }``: its supertypes
     roles: dict[str, Location] = field(default_factory=dict)
     permissions: dict[str, Location] = field(default_factory=dict)
     relations: dict[str, tuple[str, Location]] = field(default_factory=dict)
@@ -156,13 +188,34 @@ class Assertion:
     call: Call
     context: DictTerm | None
     location: Location
+    # ``assert allow(User{"a"}, action: String, Repo{"r"}) iff action in ["read", "push"];``:
+    # the typed variable of the call, its type, and the values it must take, exactly (None
+    # without 'iff': some value must hold, or with assert_not none).
+    iff: tuple[str, str, ListTerm | None] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class FixtureRef:
+    """``fixture name;`` in a test's setup: the facts of ``test fixture name { ... }``."""
+
+    name: str
+    location: Location
 
 
 @dataclass(frozen=True, slots=True)
 class TestBlock:
     name: str
-    setup: tuple[Call, ...]
+    setup: tuple[Call | FixtureRef, ...]
     assertions: tuple[Assertion, ...]
+    location: Location
+
+
+@dataclass(frozen=True, slots=True)
+class Fixture:
+    """``test fixture name { facts }``: facts that test setups include by name."""
+
+    name: str
+    facts: tuple[Call | FixtureRef, ...]
     location: Location
 
 
@@ -172,3 +225,4 @@ class Policy:
     rules: list[Rule] = field(default_factory=list)
     declares: list[Declare] = field(default_factory=list)
     tests: list[TestBlock] = field(default_factory=list)
+    fixtures: list[Fixture] = field(default_factory=list)

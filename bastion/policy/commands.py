@@ -23,10 +23,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     check = POLICY_COMMANDS.add_parser("check", help="load policy files and report problems")
     check.add_argument("files", nargs="+", type=Path)
+    check.add_argument("--strict", action="store_true", help=_STRICT)
     check.set_defaults(func=cmd_check)
 
     test = POLICY_COMMANDS.add_parser("test", help="run the test blocks of policy files")
     test.add_argument("files", nargs="+", type=Path)
+    test.add_argument("--strict", action="store_true", help=_STRICT)
     test.set_defaults(func=cmd_test)
 
     explain = POLICY_COMMANDS.add_parser("explain", help="explain one decision")
@@ -42,9 +44,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     explain.set_defaults(func=cmd_explain)
 
 
-def _load(files: list[Path]) -> LoadedPolicy | None:
+_STRICT = (
+    "refuse a call to a predicate that no rule, declaration or builtin defines, and a type that"
+    " no block declares (by default a warning: the fact type is inferred, as Oso Cloud does)"
+)
+
+
+def _load(files: list[Path], strict: bool = False) -> LoadedPolicy | None:
     try:
-        loaded = load([(str(f), f.read_text()) for f in files])
+        loaded = load([(str(f), f.read_text()) for f in files], strict=strict)
     except OSError as err:
         print(f"error: {err}", file=sys.stderr)
         return None
@@ -76,7 +84,7 @@ def read_facts(path: Path) -> list[tuple]:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    loaded = _load(args.files)
+    loaded = _load(args.files, args.strict)
     if loaded is None:
         return 1
     from bastion.decide import Authorizer
@@ -97,7 +105,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 def cmd_test(args: argparse.Namespace) -> int:
     from bastion.policy.testing import run_and_report
 
-    loaded = _load(args.files)
+    loaded = _load(args.files, args.strict)
     if loaded is None:
         return 1
     return 0 if run_and_report(loaded, sys.stdout) else 1

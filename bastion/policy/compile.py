@@ -36,8 +36,9 @@ from typing import Any
 
 from bastion.facts.index import FactIndex, Many
 from bastion.facts.model import Entity, same_value
-from bastion.policy.ast import Const, ContextPath, ListTerm, Var
+from bastion.policy.ast import Arith, Const, ContextPath, ListTerm, Var
 from bastion.policy.builtins import BUILTINS
+from bastion.policy.builtins.arithmetic import arith
 from bastion.policy.errors import Diagnostic, EvaluationLimit, Location, PolicyError
 from bastion.policy.limits import DEFAULT_LIMITS, PolicyLimits
 from bastion.policy.plan import PlanError, negations_shared, plan
@@ -61,6 +62,8 @@ _MAX_DEPTH = 12
 # A shape whose one call makes more calls than this (counted from its code, each loop taken
 # once) spends that many steps of the budget at entry; below it, calls cost no bookkeeping.
 _FANOUT = 16
+# Fact predicates whose facts are the usual way they hold (roles and relations).
+_ROLE_FACTS = {("has_role", 3), ("has_role", 2), ("has_relation", 3)}
 # The Python names generated code gives its run-time values (arguments and bound variables).
 _LOCAL = re.compile(r"a\d+|v_\w+")
 
@@ -201,6 +204,7 @@ class CompiledPolicy:
             "_members": counted_members,
             "_built": built,
             "_exhausted": exhausted,
+            "_arith": arith,
         }
         for (name, arity), builtin in BUILTINS.items():
             self.namespace[f"B_{name}_{arity}"] = builtin.function
@@ -472,10 +476,16 @@ class CompiledPolicy:
     def _read_facts(self, out: _Emitter, node: Node, args: list, is_bool: bool) -> None:
         pf = self.index.predicate(node.name, node.arity)
         bound = [a for a in args if a is not None]
+        key = (node.name, node.arity)
+        # A predicate that rules define and that facts may add to (a fact type inferred from
+        # a call, such as has_permission): its facts are usually none, and an empty set costs
+        # one truth test, not a lookup.
+        rare = key in self.program.clauses and key not in _ROLE_FACTS
         if is_bool:
             fa = f"FA_{node.name}_{node.arity}"
             self.namespace[fa] = pf.all
-            out.emit(1, f"if ({''.join(a + ', ' for a in args)}) in {fa}:")
+            check = f"{fa} and " if rare else ""
+            out.emit(1, f"if {check}({''.join(a + ', ' for a in args)}) in {fa}:")
             out.emit(2, "return True")
         elif not bound:
             fa = f"FA_{node.name}_{node.arity}"
@@ -491,14 +501,20 @@ class CompiledPolicy:
             self.namespace[fm] = pf.mode(fact_mask, fixed)
             keys = [f"a{i}" for i, m in enumerate(node.mask) if m == "b"]
             key = keys[0] if len(keys) == 1 else f"({''.join(k + ', ' for k in keys)})"
-            out.emit(1, f"_v = {fm}.get({key})")
-            out.emit(1, "if _v is not None:")
-            out.emit(2, "if _v.__class__ is Many:")
-            out.emit(3, "q.steps -= len(_v)")  # several facts under this key
-            out.emit(3, "if q.steps < 0: _exhausted(q)")
-            out.emit(3, "yield from _v")
-            out.emit(2, "else:")
-            out.emit(3, "yield _v")
+            d = 1
+            if rare:
+                fa = f"FA_{node.name}_{node.arity}"
+                self.namespace[fa] = pf.all
+                out.emit(1, f"if {fa}:")
+                d = 2
+            out.emit(d, f"_v = {fm}.get({key})")
+            out.emit(d, "if _v is not None:")
+            out.emit(d + 1, "if _v.__class__ is Many:")
+            out.emit(d + 2, "q.steps -= len(_v)")  # several facts under this key
+            out.emit(d + 2, "if q.steps < 0: _exhausted(q)")
+            out.emit(d + 2, "yield from _v")
+            out.emit(d + 1, "else:")
+            out.emit(d + 2, "yield _v")
 
     def _dispatch_on_constant(
         self, out: _Emitter, node: Node, clauses: Any, args: list, is_bool: bool
@@ -655,6 +671,14 @@ class CompiledPolicy:
             tmp = f"c{next(self._counter)}"
             lookups.append((tmp, term.path, "lookup"))
             return tmp
+        if isinstance(term, Arith):
+            # Computed with the context fields, before the condition that uses it: a result
+            # with no value (MISSING) makes that condition false.
+            left = self._expr(term.left, env, lookups)
+            right = self._expr(term.right, env, lookups)
+            tmp = f"c{next(self._counter)}"
+            lookups.append((tmp, (term.op, left, right), "arith"))
+            return tmp
         items = "(" + "".join(self._expr(item, env, lookups) + ", " for item in term.items) + ")"
         # A list of values known at compile time has a known size; one built from run-time
         # values is measured against the budget.
@@ -665,7 +689,11 @@ class CompiledPolicy:
         if not lookups:
             return depth
         for tmp, path, read in lookups:
-            out.emit(depth, f"{tmp} = q.{read}({path!r})")
+            if read == "arith":
+                op, left, right = path
+                out.emit(depth, f"{tmp} = _arith({op!r}, {left}, {right})")
+            else:
+                out.emit(depth, f"{tmp} = q.{read}({path!r})")
         out.emit(depth, f"if {' and '.join(f'{tmp} is not MISSING' for tmp, _, _ in lookups)}:")
         return depth + 1
 
@@ -850,12 +878,10 @@ class CompiledPolicy:
         for signature in self._signatures_for(key, mask, fixed, types):
             fits = True
             for (kind, allowed), m, value, known in zip(signature, mask, fixed, types, strict=True):
-                if m == "c":
-                    fits = (
-                        value in allowed
-                        if kind == "values"
-                        else (isinstance(value, Entity) and value.type in allowed)
-                    )
+                if kind == "any":
+                    fits = True
+                elif m == "c":
+                    fits = value in allowed if kind == "values" else has_type(value, allowed)
                 elif m == "b" and known is not None and kind == "types":
                     fits = bool(known & allowed)
                 if not fits:
@@ -880,14 +906,14 @@ class CompiledPolicy:
         for pos, (m, value, known) in enumerate(zip(mask, fixed, types, strict=True)):
             if m == "c":
                 by = self._signatures_at(key, signatures, pos)
-                wanted = by.get(
-                    ("type", value.type) if isinstance(value, Entity) else ("value", value)
+                found = set(by.get(("any",), ())).union(
+                    by.get(("value", value), ()),
+                    *(by.get(("type", t), ()) for t in _types_of(value)),
                 )
-                found = set(wanted or ())
             elif m == "b" and known is not None:
                 by = self._signatures_at(key, signatures, pos)
                 found = set(by.get(("values",), ())).union(
-                    *(by.get(("type", t), ()) for t in known)
+                    by.get(("any",), ()), *(by.get(("type", t), ()) for t in known)
                 )
             else:
                 continue
@@ -905,7 +931,9 @@ class CompiledPolicy:
             by = defaultdict(list)
             for i, signature in enumerate(signatures):
                 kind, allowed = signature[pos]
-                if kind == "values":
+                if kind == "any":
+                    by[("any",)].append(i)
+                elif kind == "values":
                     by[("values",)].append(i)
                     for v in allowed:
                         by[("value", v)].append(i)
@@ -983,6 +1011,13 @@ def _constant(term: Any) -> bool:
     if isinstance(term, ListTerm):
         return all(_constant(item) for item in term.items)
     return isinstance(term, Const)
+
+
+def _types_of(value: Any) -> tuple[str, ...]:
+    """The type names a constant has, as signatures name them."""
+    if isinstance(value, Entity):
+        return (value.type,)
+    return tuple(t for t, py in VALUE_TYPES.items() if value.__class__ is py)
 
 
 def _required_types(clause: Clause, pos: int) -> frozenset | None:

@@ -14,8 +14,9 @@ from typing import Any
 
 from bastion.facts.index import FactIndex
 from bastion.facts.model import format_arg, format_fact
-from bastion.policy.ast import Const, ContextPath, Var
+from bastion.policy.ast import Arith, Const, ContextPath, Var
 from bastion.policy.builtins import BUILTINS
+from bastion.policy.builtins.arithmetic import arith
 from bastion.policy.errors import EvaluationLimit
 from bastion.policy.limits import DEFAULT_LIMITS, PolicyLimits
 from bastion.policy.plan import PlanError, plan
@@ -173,6 +174,9 @@ class _Interpreter:
         if isinstance(term, ContextPath):
             value = self.reads[term.path] = self.q.lookup(term.path)
             return value
+        if isinstance(term, Arith):
+            left, right = self.value(term.left, env), self.value(term.right, env)
+            return arith(term.op, left, right)
         items = [self.value(t, env) for t in term.items]
         if any(i is MISSING or i is None for i in items):
             return MISSING

@@ -20,7 +20,8 @@ _TOKEN = re.compile(
   | (?P<badstring>"[^\n]*)
   | (?P<number>-?\d+(?:\.\d+)?)
   | (?P<name>[A-Za-z_][A-Za-z0-9_]*)
-  | (?P<op>==|!=|<=|>=|[<>=(){}\[\],;:.])
+  | (?P<constant>@[A-Za-z_][A-Za-z0-9_]*)
+  | (?P<op>==|!=|<=|>=|[<>=(){}\[\],;:.+\-*/])
     """,
     re.VERBOSE,
 )
@@ -30,7 +31,7 @@ _ESCAPES = {"n": "\n", "t": "\t", '"': '"', "\\": "\\"}
 
 @dataclass(frozen=True, slots=True)
 class Token:
-    kind: str  # "string", "number", "name", "keyword", "op", "eof"
+    kind: str  # "string", "number", "name", "keyword", "constant" (@name), "op", "eof"
     value: object
     location: Location
     offset: int = 0  # where the token starts in the source text
@@ -88,6 +89,8 @@ def tokenize(text: str, source: str) -> list[Token]:
             tokens.append(
                 Token("number", float(value) if "." in value else int(value), loc, m.start())
             )
+        elif kind == "constant":
+            tokens.append(Token("constant", value[1:], loc, m.start()))
         elif kind == "name":
             tokens.append(Token("keyword" if value in KEYWORDS else "name", value, loc, m.start()))
         else:

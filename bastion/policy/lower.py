@@ -1,10 +1,15 @@
 """Syntax tree to program: expand shorthand rules, normalise bodies, and check the policy.
 
 Checks made here, each reported with file, line and column: shorthand rules naming a role,
-permission or relation the block does not declare; relations to undeclared types; unknown type
-names; calls to predicates that no rule, declaration or builtin defines (or with the wrong number
-of arguments); negation through recursion; recursion that builds ever larger terms
-(`recursion.py`); rules over the size limits (`limits.py`); singleton variables (a warning).
+permission or relation the block does not declare; relations to undeclared types; negation
+through recursion; recursion that builds ever larger terms (`recursion.py`); rules over the size
+limits (`limits.py`); singleton variables (a warning).
+
+Fact types are inferred from the rules, as Oso Cloud does: each call in a rule body to a
+predicate that is not a builtin gives a fact signature, each argument typed by the caller's
+specializers and ``matches`` on it, or by the literal written there; a variable with no type
+accepts any value. A call to a predicate that no rule, declaration or builtin defines, and an
+unknown type name, are warnings (a misspelling guard), or errors with ``strict``.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 import difflib
 import itertools
 from collections import defaultdict
+from typing import Any
 
 from bastion.policy import ast
 from bastion.policy.builtins import BUILTINS
@@ -36,10 +42,35 @@ from bastion.policy.recursion import check_growth, recursive_groups
 STANDARD_FACTS = {("has_role", 3), ("has_role", 2), ("has_relation", 3)}
 
 
+class _Skip(Exception):
+    """One name a shorthand rule's variable stands for does not apply to a related block."""
+
+
+# What a variable in a shorthand rule stands for, by its name: ``role if role on "parent";``
+# ranges over roles, ``permission if "admin" on "org";`` over permissions; another name over
+# both.
+_ROLE_NAMES = {"role", "roles"}
+_PERMISSION_NAMES = {"permission", "permissions", "action", "actions"}
+
+
+def _variable_kinds(name: str) -> tuple[str, ...]:
+    if name in _ROLE_NAMES:
+        return ("role",)
+    if name in _PERMISSION_NAMES:
+        return ("permission",)
+    return ("role", "permission")
+
+
 class _Lowering:
-    def __init__(self, policy: ast.Policy, limits: PolicyLimits = DEFAULT_LIMITS) -> None:
+    def __init__(
+        self, policy: ast.Policy, limits: PolicyLimits = DEFAULT_LIMITS, strict: bool = False
+    ) -> None:
         self.policy = policy
         self.limits = limits
+        self.strict = strict
+        self.supertypes: dict[str, tuple[str, ...]] = {}
+        self.unknown_types: set[str] = set()
+        self.global_block = ast.Block("global", None, Location("<policy>", 1, 1))
         self.clause_count = 0
         self.suggestions_left = 20
         self.diagnostics: list[Diagnostic] = []
@@ -52,6 +83,13 @@ class _Lowering:
 
     def warn(self, location: Location, message: str) -> None:
         self.diagnostics.append(Diagnostic(location, message, "warning"))
+
+    def guard(self, location: Location, message: str) -> None:
+        """A likely misspelling: a warning, or an error under ``strict``."""
+        if self.strict:
+            self.error(location, message)
+        else:
+            self.warn(location, message + " (an error with --strict)")
 
     def suggest(self, name: str, candidates: list[str]) -> str:
         """ " (did you mean ...?)" for a near miss. Each costs a scan of every candidate, so
@@ -68,11 +106,11 @@ class _Lowering:
         for block in self.policy.blocks:
             if block.kind == "global":
                 self.global_roles.update(block.roles)
-                if block.shorthand:
-                    self.error(
-                        block.shorthand[0].location,
-                        "shorthand rules belong in actor or resource blocks",
-                    )
+                self.global_block.roles.update(block.roles)
+                self.global_block.permissions.update(block.permissions)
+                self.global_block.shorthand.extend(block.shorthand)
+                if block.relations:
+                    self.error(block.location, "a global block has no relations")
                 continue
             if block.name in self.blocks:
                 self.error(block.location, f"type {block.name} is declared twice")
@@ -81,8 +119,18 @@ class _Lowering:
                 self.error(block.location, f"{block.name} is a built-in type name")
                 continue
             self.blocks[block.name] = block
+        for block in self.blocks.values():
+            for sup in block.extends:
+                if sup not in self.blocks and sup not in ("Actor", "Resource"):
+                    self.error(
+                        block.location,
+                        f"{block.name} extends {sup}, which no actor or resource block declares",
+                    )
+            self.supertypes[block.name] = tuple(t for t in block.extends if t in self.blocks)
+        self.collect_subtypes()
         self.actor_types = frozenset(n for n, b in self.blocks.items() if b.kind == "actor")
-        self.resource_types = frozenset(n for n, b in self.blocks.items() if b.kind == "resource")
+        # Actors are resources too (Oso Cloud's Actor extends Resource).
+        self.resource_types = frozenset(self.blocks)
         for block in self.blocks.values():
             for rel, (typ, loc) in block.relations.items():
                 if typ not in self.blocks:
@@ -91,16 +139,71 @@ class _Lowering:
                         f"relation {rel!r} of {block.name} points to {typ}, which no actor or resource block declares",
                     )
 
+    def collect_subtypes(self) -> None:
+        """Each declared type's subtypes, through ``extends`` chains. A chain may be at most
+        ``policy_max_nesting`` long, so that each type has few supertypes and this stays linear
+        in the number of types; a cycle is an error. Iterative: no chain is too deep for it."""
+        limit = self.limits.policy_max_nesting
+        ancestors: dict[str, frozenset[str]] = {}
+        for start in self.blocks:
+            stack, on_path = [start], {start}  # a depth-first path, one supertype at a time
+            while stack:
+                name = stack[-1]
+                if name in ancestors:
+                    stack.pop()
+                    on_path.discard(name)
+                    continue
+                after = next((t for t in self.supertypes[name] if t not in ancestors), None)
+                if after is not None and after in on_path:
+                    self.error(self.blocks[name].location, f"{name} extends itself through {after}")
+                    self.supertypes[name] = tuple(t for t in self.supertypes[name] if t != after)
+                    continue
+                if after is not None:
+                    stack.append(after)
+                    on_path.add(after)
+                    continue
+                found = frozenset(self.supertypes[name]).union(
+                    *(ancestors[t] for t in self.supertypes[name])
+                )
+                if len(found) > limit:
+                    self.error(
+                        self.blocks[name].location,
+                        f"{name} extends more than {limit} types through 'extends'; the limit is"
+                        f" policy_max_nesting = {limit}",
+                    )
+                    found = frozenset()
+                ancestors[name] = found
+                stack.pop()
+                on_path.discard(name)
+        below: dict[str, set[str]] = {name: {name} for name in self.blocks}
+        for name, above in ancestors.items():
+            for sup in above:
+                below[sup].add(name)
+        self._subtypes = {name: frozenset(types) for name, types in below.items()}
+
+    def subtypes(self, name: str) -> frozenset[str]:
+        """``name`` and every declared type that extends it."""
+        found = self._subtypes.get(name)
+        return frozenset([name]) if found is None else found
+
     def resolve_type(self, name: str, location: Location) -> frozenset[str] | None:
         if name == "Actor":
-            return self.actor_types
+            return self.actor_types.union(*(self.subtypes(t) for t in self.actor_types))
         if name == "Resource":
             return self.resource_types
-        if name in VALUE_TYPES or name in self.blocks:
+        if name in VALUE_TYPES:
             return frozenset([name])
-        hint = self.suggest(name, [*self.blocks, *VALUE_TYPES, "Actor", "Resource"])
-        self.error(location, f"unknown type {name}{hint}")
-        return None
+        if name in self.blocks:
+            return self.subtypes(name)
+        # Oso Cloud takes a type no block declares as a type of its own; so does bastion,
+        # with a warning in case it is a misspelling.
+        if name not in self.unknown_types:
+            self.unknown_types.add(name)
+            hint = self.suggest(name, [*self.blocks, *VALUE_TYPES, "Actor", "Resource"])
+            self.guard(
+                location, f"type {name} is not declared by any actor or resource block{hint}"
+            )
+        return frozenset([name])
 
     # -- shorthand expansion ----------------------------------------------------------------
 
@@ -114,10 +217,17 @@ class _Lowering:
         return None
 
     def shorthand_call(
-        self, block: ast.Block, name: str, subject: ast.Term, loc: Location
+        self, block: ast.Block, name: str, subject: ast.Term | None, loc: Location
     ) -> ast.Expr | None:
+        """The call a shorthand term means; ``subject`` None for a global role or permission."""
         kind = self.kind_of(block, name)
         actor = ast.Var("actor", loc)
+        if subject is None and kind in ("role", "permission"):
+            pred = "has_role" if kind == "role" else "has_permission"
+            return ast.Call(pred, (actor, ast.Const(name, loc)), loc)
+        if subject is None:
+            self.error(loc, f"no global block declares the role or permission {name!r}")
+            return None
         if kind == "role":
             return ast.Call("has_role", (actor, ast.Const(name, loc), subject), loc)
         if kind == "permission":
@@ -131,17 +241,58 @@ class _Lowering:
         )
         return None
 
-    def expand(self, block: ast.Block, expr: ast.Expr) -> ast.Expr | None:
+    def names_of(self, block: ast.Block, kinds: tuple[str, ...]) -> list[str]:
+        """The roles and/or permissions a block declares, as a shorthand variable ranges."""
+        names = list(block.roles) if "role" in kinds else []
+        return names + (list(block.permissions) if "permission" in kinds else [])
+
+    def expand(
+        self, block: ast.Block, expr: ast.Expr, subst: dict[str, str] | None = None
+    ) -> ast.Expr | None:
+        """A shorthand body as ordinary calls; ``subst`` gives the name each variable of the
+        rule's head stands for in this expansion. Raises `_Skip` when a substituted name does
+        not apply to the block a term reaches."""
+        subst = subst or {}
+        if isinstance(expr, ast.Shorthand) and expr.is_variable and expr.name not in subst:
+            # A variable the head does not fix: any name of its kind on the block it reaches.
+            target = block if expr.relation is None else self.related_block(block, expr)
+            if target is None:
+                return None
+            names = self.names_of(target, _variable_kinds(expr.name))
+            if not names:
+                self.error(
+                    expr.location,
+                    f"{target.name or 'the global block'} declares no role or permission for"
+                    f" {expr.name} to stand for",
+                )
+                return None
+            alternatives = [
+                self.expand(block, ast.Shorthand(n, expr.relation, expr.is_global, expr.location))
+                for n in names
+            ]
+            return None if None in alternatives else ast.Or(tuple(alternatives))
         if isinstance(expr, ast.Shorthand):
             loc = expr.location
+            name = subst.get(expr.name, expr.name) if expr.is_variable else expr.name
+            if (
+                expr.is_variable
+                and self.kind_of(
+                    block if expr.relation is None else self.related_block(block, expr) or block,
+                    name,
+                )
+                is None
+            ):
+                raise _Skip
             if expr.is_global:
-                if expr.name not in self.global_roles:
-                    self.error(loc, f"no global block declares the role {expr.name!r}")
+                return self.shorthand_call(self.global_block, name, None, loc)
+            if block.kind == "global":
+                if expr.relation is not None:
+                    self.error(loc, "a global block has no relations to follow with 'on'")
                     return None
-                return ast.Call("has_role", (ast.Var("actor", loc), ast.Const(expr.name, loc)), loc)
+                return self.shorthand_call(block, name, None, loc)
             resource = ast.Var("resource", loc)
             if expr.relation is None:
-                return self.shorthand_call(block, expr.name, resource, loc)
+                return self.shorthand_call(block, name, resource, loc)
             if expr.relation not in block.relations:
                 declared = list(block.relations)
                 self.error(
@@ -153,44 +304,123 @@ class _Lowering:
             if target is None:
                 return None  # already reported as an undeclared relation type
             related = ast.Var(f"_related{next(self.fresh)}", loc)
-            inner = self.shorthand_call(target, expr.name, related, loc)
+            inner = self.shorthand_call(target, name, related, loc)
             if inner is None:
                 return None
             hop = ast.Call("has_relation", (resource, ast.Const(expr.relation, loc), related), loc)
             return ast.And((hop, inner))
-        if isinstance(expr, (ast.And, ast.Or)):
-            items = [self.expand(block, item) for item in expr.items]
-            return None if None in items else type(expr)(tuple(items))
+        if isinstance(expr, ast.And):
+            items = [self.expand(block, item, subst) for item in expr.items]
+            return None if None in items else ast.And(tuple(items))
+        if isinstance(expr, ast.Or):
+            kept = []
+            for item in expr.items:
+                try:
+                    kept.append(self.expand(block, item, subst))
+                except _Skip:
+                    continue
+            if not kept:
+                raise _Skip
+            return None if None in kept else ast.Or(tuple(kept))
         if isinstance(expr, ast.Not):
-            inner = self.expand(block, expr.item)
+            inner = self.expand(block, expr.item, subst)
             return None if inner is None else ast.Not(inner, expr.location)
         return expr
 
+    def related_block(self, block: ast.Block, expr: ast.Shorthand) -> ast.Block | None:
+        """The block a term ``... on "relation"`` reaches (reported if there is none)."""
+        if expr.relation not in block.relations:
+            declared = list(block.relations)
+            self.error(
+                expr.location,
+                f"{block.name} declares no relation {expr.relation!r}"
+                f"{self.suggest(expr.relation or '', declared)}",
+            )
+            return None
+        return self.blocks.get(block.relations[expr.relation][0])
+
     def shorthand_rules(self) -> list[tuple[ast.Rule, str]]:
         rules = []
-        for block in self.blocks.values():
+        blocks = [*self.blocks.values()]
+        if self.global_block.shorthand:
+            blocks.append(self.global_block)
+        for block in blocks:
             for sh in block.shorthand:
-                kind = self.kind_of(block, sh.head)
-                if kind not in ("role", "permission"):
-                    declared = [*block.roles, *block.permissions]
-                    self.error(
-                        sh.head_location,
-                        f"{block.name} declares no role or permission {sh.head!r}{self.suggest(sh.head, declared)}",
-                    )
+                if sh.head_is_variable:
+                    heads = self.names_of(block, _variable_kinds(sh.head))
+                    if not heads:
+                        self.error(
+                            sh.head_location,
+                            f"{block.name or 'the global block'} declares no role or permission"
+                            f" for {sh.head} to stand for",
+                        )
+                        continue
+                else:
+                    heads = [sh.head]
+                if not self.expansion_fits(block, sh, len(heads)):
                     continue
-                body = self.expand(block, sh.body)
-                if body is None:
-                    continue
-                loc = sh.location
-                name = "has_role" if kind == "role" else "has_permission"
-                params = (
-                    ast.Param(ast.Var("actor", loc), "Actor", loc),
-                    ast.Param(ast.Const(sh.head, loc), None, loc),
-                    ast.Param(ast.Var("resource", loc), block.name, loc),
-                )
-                text = f'resource {block.name}: "{sh.head}" if {_shorthand_text(sh.body)}'
-                rules.append((ast.Rule(name, params, body, loc), text))
+                for head in heads:
+                    rule = self.shorthand_rule(block, sh, head)
+                    if rule is not None:
+                        rules.append(rule)
         return rules
+
+    def expansion_fits(self, block: ast.Block, sh: ast.ShorthandRule, heads: int) -> bool:
+        """Whether the rules a shorthand rule with variables stands for stay within
+        ``policy_max_rules``, counted before any is built (each variable the head does not fix
+        multiplies them by the names it ranges over)."""
+        limit = self.limits.policy_max_rules
+        total = heads
+        for term in _shorthand_terms(sh.body):
+            if not term.is_variable or sh.head_is_variable and term.name == sh.head:
+                continue
+            target = block
+            if term.relation is not None:
+                related = block.relations.get(term.relation)
+                target = self.blocks.get(related[0]) if related else None
+            if target is not None:
+                total *= max(1, len(self.names_of(target, _variable_kinds(term.name))))
+            if total > limit:
+                break
+        if total <= limit:
+            return True
+        self.error(
+            sh.location,
+            f"this shorthand rule stands for more than {limit} rules (one per name each of its"
+            f" variables ranges over); the limit is policy_max_rules = {limit}",
+        )
+        return False
+
+    def shorthand_rule(
+        self, block: ast.Block, sh: ast.ShorthandRule, head: str
+    ) -> tuple[ast.Rule, str] | None:
+        """One shorthand rule of ``block`` as an ordinary rule, its head being ``head``."""
+        kind = self.kind_of(block, head)
+        where = block.name or "the global block"
+        if kind not in ("role", "permission"):
+            declared = [*block.roles, *block.permissions]
+            self.error(
+                sh.head_location,
+                f"{where} declares no role or permission {head!r}{self.suggest(head, declared)}",
+            )
+            return None
+        try:
+            body = self.expand(block, sh.body, {sh.head: head} if sh.head_is_variable else None)
+        except _Skip:
+            return None  # the variable's name does not apply to what the body reaches
+        if body is None:
+            return None
+        loc = sh.location
+        name = "has_role" if kind == "role" else "has_permission"
+        params = [
+            ast.Param(ast.Var("actor", loc), "Actor", loc),
+            ast.Param(ast.Const(head, loc), None, loc),
+        ]
+        if block.kind != "global":
+            params.append(ast.Param(ast.Var("resource", loc), block.name, loc))
+        what = f"resource {block.name}" if block.kind != "global" else "global"
+        text = f'{what}: "{head}" if {_shorthand_text(sh.body)}'
+        return ast.Rule(name, tuple(params), body, loc), text
 
     # -- normalisation ----------------------------------------------------------------------
 
@@ -199,6 +429,9 @@ class _Lowering:
             return ast.Var(f"_{next(self.fresh)}", term.location)
         if isinstance(term, ast.ListTerm):
             return ast.ListTerm(tuple(self.rename_anonymous(t) for t in term.items), term.location)
+        if isinstance(term, ast.Arith):
+            left, right = self.rename_anonymous(term.left), self.rename_anonymous(term.right)
+            return ast.Arith(term.op, left, right, term.location)
         return term
 
     def dnf(self, expr: ast.Expr) -> list[list[Literal]]:
@@ -243,6 +476,12 @@ class _Lowering:
         if isinstance(expr, ast.Matches):
             types = self.resolve_type(expr.type, expr.location)
             return [[TypeLit(expr.term, types or frozenset(), expr.location)]]
+        if isinstance(expr, ast.Truth):
+            return [[]] if expr.value else []
+        if isinstance(expr, ast.ForAll):
+            # forall(C, R): there is no way C holds where R does not.
+            inner = ast.And((expr.condition, ast.Not(expr.requirement, expr.location)))
+            return self.dnf(ast.Not(inner, expr.location))
         self.error(
             getattr(expr, "location", Location("<policy>", 0, 0)),
             "shorthand terms are only allowed in resource blocks",
@@ -254,7 +493,7 @@ class _Lowering:
         checks: list[Literal] = []
         for param in rule.params:
             term = self.rename_anonymous(param.term)
-            if isinstance(term, (ast.ContextPath, ast.ListTerm, ast.DictTerm)):
+            if isinstance(term, (ast.ContextPath, ast.ListTerm, ast.DictTerm, ast.Arith)):
                 self.error(param.location, "a rule parameter is a variable or a value")
                 continue
             head.append(term)
@@ -312,15 +551,23 @@ class _Lowering:
     def run(self) -> Program:
         self.collect_blocks()
         clauses: dict[tuple[str, int], list[Clause]] = defaultdict(list)
+        # Clauses whose calls imply fact types, each with whether it came from a shorthand
+        # rule (whose role, permission and relation calls the blocks already type).
+        written: list[tuple[Clause, bool]] = []
         for rule, text in self.shorthand_rules():
             for clause in self.clauses_of(rule, text):
                 clauses[(clause.name, len(clause.head))].append(clause)
+                written.append((clause, True))
         for rule in self.policy.rules:
-            if (rule.name, len(rule.params)) in BUILTINS:
+            key = (rule.name, len(rule.params))
+            if key in BUILTINS:
                 self.error(rule.location, f"{rule.name} is a builtin and cannot be redefined")
                 continue
+            clauses.setdefault(key, [])  # defined, even by a rule that never holds ('if false')
             for clause in self.clauses_of(rule, rule.text or None):
-                clauses[(clause.name, len(clause.head))].append(clause)
+                clauses[key].append(clause)
+                if not _is_default_allow(clause):
+                    written.append((clause, False))
         if not any(name == "allow" for name, _ in clauses) and ("has_permission", 3) in clauses:
             loc = Location("<implied>", 1, 1)
             implied = ast.Rule(
@@ -341,9 +588,15 @@ class _Lowering:
         for decl in self.policy.declares:
             types = [self.resolve_type(t, decl.location) or frozenset() for t in decl.types]
             declared[(decl.name, len(decl.types))].append(tuple(_type_spec(t) for t in types))
+        self.check_calls(clauses, set(STANDARD_FACTS) | set(declared), written)
+        for key, signatures in self.inferred_signatures(
+            written, self.fact_signatures(declared)
+        ).items():
+            for signature in signatures:
+                if signature not in declared[key]:
+                    declared[key].append(signature)
         fact_predicates = set(STANDARD_FACTS) | set(declared)
 
-        self.check_calls(clauses, fact_predicates)
         self.check_singletons(clauses)
         groups = recursive_groups(clauses)
         self.check_stratified(clauses, groups)
@@ -357,28 +610,71 @@ class _Lowering:
             entity_types=frozenset(self.blocks),
             permissions={n: tuple(b.permissions) for n, b in self.blocks.items()},
             has_deny=("deny", 3) in clauses,
+            subtypes=dict(self._subtypes),
         )
 
-    def check_calls(self, clauses: dict, fact_predicates: set) -> None:
+    def check_calls(self, clauses: dict, fact_predicates: set, written: list) -> None:
+        """The misspelling guard: a call to a predicate that no rule, declaration, block or
+        builtin defines is taken as a fact type (as Oso Cloud does), with a warning."""
         known = set(clauses) | fact_predicates | set(BUILTINS)
         names = sorted({name for name, _ in known})
-        for clause in itertools.chain.from_iterable(clauses.values()):
+        warned: set[tuple[str, int]] = set()
+        for clause, _ in written:
             for lit in _walk(clause.body):
-                if not isinstance(lit, CallLit) or (lit.name, len(lit.args)) in known:
+                key = (lit.name, len(lit.args)) if isinstance(lit, CallLit) else None
+                if key is None or key in known or key in warned:
                     continue
+                warned.add(key)
                 arities = sorted(a for n, a in known if n == lit.name)
                 if arities:
-                    self.error(
+                    self.guard(
                         lit.location,
-                        f"{lit.name} takes {' or '.join(map(str, arities))} arguments, not {len(lit.args)}",
+                        f"{lit.name} takes {' or '.join(map(str, arities))} arguments elsewhere,"
+                        f" not {len(lit.args)}: {lit.name}/{len(lit.args)} is taken as a fact"
+                        f" type of its own (declare it if that is intended)",
                     )
                 else:
                     hint = self.suggest(lit.name, names)
-                    self.error(
+                    self.guard(
                         lit.location,
-                        f"{lit.name}/{len(lit.args)} is not defined by any rule, builtin or declaration{hint}"
-                        f" (if it is a fact, declare its type: declare {lit.name}(...);)",
+                        f"{lit.name}/{len(lit.args)} is not defined by any rule, builtin or"
+                        f" declaration{hint}; it is taken as a fact type inferred from its calls"
+                        f" (declare it if that is intended: declare {lit.name}(...);)",
                     )
+
+    def inferred_signatures(
+        self, written: list, known: dict[tuple[str, int], list[tuple]]
+    ) -> dict[tuple[str, int], list[tuple]]:
+        """The fact signature each call in a rule body implies (see the module's docstring).
+
+        A call that a signature of the blocks or of a declaration already fits implies nothing
+        more: ``has_relation(repo, "parent", org)`` reads the facts the block's relation
+        declares, and must not widen them to a parent of any type."""
+        found: dict[tuple[str, int], list[tuple]] = defaultdict(list)
+        fitted: dict[tuple, bool] = {}
+        for clause, from_shorthand in written:
+            types: dict[str, frozenset[str]] = {}
+            for lit in clause.body:
+                if isinstance(lit, TypeLit) and isinstance(lit.term, ast.Var):
+                    seen = types.get(lit.term.name)
+                    types[lit.term.name] = lit.types if seen is None else seen & lit.types
+            for lit in _walk(clause.body):
+                if not isinstance(lit, CallLit) or (lit.name, len(lit.args)) in BUILTINS:
+                    continue
+                if from_shorthand and lit.name in _SHORTHAND_CALLS:
+                    continue
+                key = (lit.name, len(lit.args))
+                shape = (key, *(_arg_shape(arg, types) for arg in lit.args))
+                fits = fitted.get(shape)
+                if fits is None:  # the same shape of call recurs: checked once
+                    sigs = known.get(key, ())
+                    fits = fitted[shape] = any(_call_fits(lit.args, types, sig) for sig in sigs)
+                if fits:
+                    continue
+                signature = tuple(_spec_of(arg, types) for arg in lit.args)
+                if signature not in found[key]:
+                    found[key].append(signature)
+        return found
 
     def check_singletons(self, clauses: dict) -> None:
         for clause in itertools.chain.from_iterable(clauses.values()):
@@ -427,18 +723,18 @@ class _Lowering:
         sigs: dict[tuple[str, int], list[tuple]] = defaultdict(list)
         for key, signatures in declared.items():
             sigs[key].extend(signatures)
-        actors = _type_spec(self.actor_types)
+        actors = _type_spec(self.resolve_type("Actor", Location("<policy>", 1, 1)) or frozenset())
         for name, block in self.blocks.items():
             if block.roles:
                 sigs[("has_role", 3)].append(
-                    (actors, ("values", frozenset(block.roles)), _type_spec(frozenset([name])))
+                    (actors, ("values", frozenset(block.roles)), _type_spec(self.subtypes(name)))
                 )
             for rel, (typ, _) in block.relations.items():
                 sigs[("has_relation", 3)].append(
                     (
-                        _type_spec(frozenset([name])),
+                        _type_spec(self.subtypes(name)),
                         ("values", frozenset([rel])),
-                        _type_spec(frozenset([typ])),
+                        _type_spec(self.subtypes(typ) if typ in self.blocks else frozenset([typ])),
                     )
                 )
         if self.global_roles:
@@ -448,6 +744,73 @@ class _Lowering:
 
 def _type_spec(types: frozenset[str]) -> tuple:
     return ("types", types)
+
+
+# The calls a shorthand rule's expansion makes, typed by the blocks rather than inferred.
+_SHORTHAND_CALLS = {"has_role", "has_permission", "has_relation"}
+_ANY = ("any", frozenset())
+_VALUE_TYPE_OF = {str: "String", int: "Integer", bool: "Boolean", float: "Float"}
+
+
+def _is_default_allow(clause: Clause) -> bool:
+    """``allow(actor, action, resource) if has_permission(actor, action, resource);`` written
+    out: the rule bastion supplies when a policy has none, so it implies no fact type either
+    (``has_permission`` stays defined by the blocks alone, and costs nothing more per call)."""
+    head = clause.head
+    if clause.name != "allow" or len(head) != 3 or len(clause.body) != 1:
+        return False
+    (call,) = clause.body
+    return (
+        all(isinstance(t, ast.Var) for t in head)
+        and len({t.name for t in head}) == 3
+        and isinstance(call, CallLit)
+        and call.name == "has_permission"
+        and call.args == head
+    )
+
+
+def _arg_shape(arg: ast.Term, types: dict[str, frozenset[str]]) -> Any:
+    """What `_call_fits` reads of an argument: a constant, a typed variable's types, or None."""
+    if isinstance(arg, ast.Const):
+        return ("c", type(arg.value), arg.value)
+    if isinstance(arg, ast.Var) and arg.name in types:
+        return ("t", types[arg.name])
+    return None
+
+
+def _call_fits(args: tuple, types: dict[str, frozenset[str]], signature: tuple) -> bool:
+    """Whether some fact of ``signature`` could answer a call with these arguments."""
+    from bastion.policy.program import has_type
+
+    for arg, (kind, allowed) in zip(args, signature, strict=True):
+        if kind == "any":
+            continue
+        if isinstance(arg, ast.Const):
+            fits = arg.value in allowed if kind == "values" else has_type(arg.value, allowed)
+        elif isinstance(arg, ast.Var) and arg.name in types:
+            mine = types[arg.name]
+            fits = "String" in mine if kind == "values" else bool(mine & allowed)
+        else:
+            fits = True  # an untyped variable, a context field: may be anything
+        if not fits:
+            return False
+    return True
+
+
+def _spec_of(term: ast.Term, types: dict[str, frozenset[str]]) -> tuple:
+    """What a call's argument says of the facts it reads: the types of a typed variable or of
+    a literal; any value for an untyped variable, a context field or a list."""
+    if isinstance(term, ast.Var):
+        known = types.get(term.name)
+        return _ANY if known is None else _type_spec(known)
+    if isinstance(term, ast.Const):
+        from bastion.facts.model import Entity
+
+        if isinstance(term.value, Entity):
+            return _type_spec(frozenset([term.value.type]))
+        name = _VALUE_TYPE_OF.get(type(term.value))
+        return _ANY if name is None else _type_spec(frozenset([name]))
+    return _ANY
 
 
 def _walk(body: tuple[Literal, ...]):
@@ -481,6 +844,9 @@ def _expansion(expr: ast.Expr, cap: int) -> tuple[int, int]:
         # not (A or B) is not A and not B: one negation per alternative of the inside.
         a, n = _expansion(expr.item, cap)
         return 1, min(cap, a * n)
+    if isinstance(expr, ast.ForAll):
+        inner = ast.And((expr.condition, ast.Not(expr.requirement, expr.location)))
+        return _expansion(ast.Not(inner, expr.location), cap)
     return 1, 1
 
 
@@ -489,11 +855,25 @@ def _suggest(name: str, candidates: list[str]) -> str:
     return f" (did you mean {close[0]}?)" if close else ""
 
 
+def _shorthand_terms(expr: ast.Expr):
+    """The shorthand terms of a shorthand rule's body."""
+    if isinstance(expr, ast.Shorthand):
+        yield expr
+    elif isinstance(expr, (ast.And, ast.Or)):
+        for item in expr.items:
+            yield from _shorthand_terms(item)
+    elif isinstance(expr, ast.Not):
+        yield from _shorthand_terms(expr.item)
+
+
 def _shorthand_text(expr: ast.Expr) -> str:
     if isinstance(expr, ast.Shorthand):
         if expr.is_global:
             return f'global "{expr.name}"'
-        return f'"{expr.name}"' + (f' on "{expr.relation}"' if expr.relation else "")
+        name = expr.name if expr.is_variable else f'"{expr.name}"'
+        return name + (f' on "{expr.relation}"' if expr.relation else "")
+    if isinstance(expr, ast.Truth):
+        return "true" if expr.value else "false"
     if isinstance(expr, ast.And):
         return " and ".join(_shorthand_text(i) for i in expr.items)
     if isinstance(expr, ast.Or):
@@ -508,9 +888,11 @@ def _shorthand_text(expr: ast.Expr) -> str:
 
 
 def lower(
-    policy: ast.Policy, limits: PolicyLimits = DEFAULT_LIMITS
+    policy: ast.Policy, limits: PolicyLimits = DEFAULT_LIMITS, strict: bool = False
 ) -> tuple[Program, list[Diagnostic]]:
-    """Lower a parsed policy; the diagnostics include errors (fatal) and warnings."""
-    lowering = _Lowering(policy, limits)
+    """Lower a parsed policy; the diagnostics include errors (fatal) and warnings. With
+    ``strict``, the misspelling guard's warnings (an undefined predicate, an undeclared type)
+    are errors."""
+    lowering = _Lowering(policy, limits, strict)
     program = lowering.run()
     return program, lowering.diagnostics

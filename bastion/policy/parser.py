@@ -4,11 +4,14 @@ from __future__ import annotations
 
 from bastion.facts.model import Entity
 from bastion.policy import ast
+from bastion.policy.builtins.constants import CONSTANTS
 from bastion.policy.errors import Diagnostic, PolicyError
 from bastion.policy.lexer import Token, tokenize
 from bastion.policy.limits import DEFAULT_LIMITS, PolicyLimits
 
 _COMPARISONS = {"==", "!=", "<", "<=", ">", ">=", "="}
+# Oso Cloud's object literals of primitive types: ``String{"a"}`` is ``"a"``.
+_LITERAL_TYPES = {"String": str, "Integer": int, "Boolean": bool}
 
 
 class _Parser:
@@ -31,7 +34,8 @@ class _Parser:
                     Diagnostic(
                         token.location,
                         f"nested more than {self.limits.policy_max_nesting} levels deep "
-                        "(parentheses, 'not', lists and objects); the limit is "
+                        "(parentheses, 'not', 'forall', lists, objects and arithmetic operators);"
+                        " the limit is "
                         f"policy_max_nesting = {self.limits.policy_max_nesting}",
                     )
                 ]
@@ -89,6 +93,14 @@ class _Parser:
             raise self.fail(what)
         return self.advance()
 
+    def more(self, end: str) -> bool:
+        """After an item of a list closed by ``end``: True when another item follows (a ','
+        not followed by ``end``); a trailing comma is allowed."""
+        if not self.at(","):
+            return False
+        self.advance()
+        return not self.at(end)
+
     # -- top level --------------------------------------------------------------------------
 
     def policy(self) -> ast.Policy:
@@ -106,6 +118,13 @@ class _Parser:
                 policy.blocks.append(self.block())
             elif t.kind == "name" and t.value == "test" and self.peek().kind == "string":
                 policy.tests.append(self.test_block())
+            elif (
+                t.kind == "name"
+                and t.value == "test"
+                and self.peek().value == "fixture"
+                and self.peek(2).kind == "name"
+            ):
+                policy.fixtures.append(self.fixture_block())
             elif t.kind == "name" and t.value == "declare" and self.peek().kind == "name":
                 policy.declares.append(self.declare())
             elif t.kind == "name":
@@ -119,9 +138,15 @@ class _Parser:
     def block(self) -> ast.Block:
         kind_tok = self.advance()
         name = None
+        extends: list[str] = []
         if kind_tok.value != "global":
             name = self.expect_kind("name", "a type name").value
-        block = ast.Block(kind_tok.value, name, kind_tok.location)
+            if self.tok.kind == "name" and self.tok.value == "extends":
+                self.advance()
+                extends.append(self.expect_kind("name", "a type name after 'extends'").value)
+                while self.more("{"):
+                    extends.append(self.expect_kind("name", "a type name").value)
+        block = ast.Block(kind_tok.value, name, kind_tok.location, tuple(extends))
         self.expect("{")
         while not self.at("}"):
             t = self.tok
@@ -148,23 +173,24 @@ class _Parser:
                 self.advance()
                 self.expect("=")
                 self.expect("{")
-                while True:
+                while not self.at("}"):
                     rel = self.expect_kind("name", "a relation name")
                     self.expect(":")
                     typ = self.expect_kind("name", "a type name")
                     block.relations[rel.value] = (typ.value, typ.location)
-                    if not self.at(","):
+                    if not self.more("}"):
                         break
-                    self.advance()
                 self.expect("}", "',' or '}'")
                 self.expect(";")
-            elif t.kind == "string":
+            elif t.kind == "string" or t.kind == "name" and self.peek().value == "if":
                 head = self.advance()
                 self.expect("if", "'if'")
                 body = self.expr(shorthand=True)
                 self.expect(";", "'and', 'or' or ';'")
                 block.shorthand.append(
-                    ast.ShorthandRule(head.value, head.location, body, head.location)
+                    ast.ShorthandRule(
+                        head.value, head.location, body, head.location, head.kind == "name"
+                    )
                 )
             else:
                 raise self.fail(
@@ -178,8 +204,7 @@ class _Parser:
         items = []
         if not self.at("]"):
             items.append(self.expect_kind("string", "a string"))
-            while self.at(","):
-                self.advance()
+            while self.more("]"):
                 items.append(self.expect_kind("string", "a string"))
         self.expect("]", "',' or ']'")
         return items
@@ -191,8 +216,7 @@ class _Parser:
         types = []
         if not self.at(")"):
             types.append(self.expect_kind("name", "a type name").value)
-            while self.at(","):
-                self.advance()
+            while self.more(")"):
                 types.append(self.expect_kind("name", "a type name").value)
         self.expect(")", "',' or ')'")
         self.expect(";")
@@ -204,8 +228,7 @@ class _Parser:
         params = []
         if not self.at(")"):
             params.append(self.param())
-            while self.at(","):
-                self.advance()
+            while self.more(")"):
                 params.append(self.param())
         self.expect(")", "',' or ')'")
         self.check_size(name_tok, len(params), "this rule's head")
@@ -227,24 +250,86 @@ class _Parser:
             typ = self.expect_kind("name", "a type name after ':'").value
         return ast.Param(term, typ, loc)
 
+    def fixture_block(self) -> ast.Fixture:
+        start = self.advance()
+        self.advance()  # 'fixture'
+        name = self.advance().value
+        return ast.Fixture(name, tuple(self.setup_facts()), start.location)
+
+    def setup_facts(self) -> list[ast.Call | ast.FixtureRef]:
+        """``{ fact; fixture name; ... }``."""
+        self.expect("{")
+        facts: list[ast.Call | ast.FixtureRef] = []
+        while not self.at("}"):
+            t = self.tok
+            if t.kind == "name" and t.value == "fixture" and self.peek().kind == "name":
+                self.advance()
+                facts.append(ast.FixtureRef(self.advance().value, t.location))
+            else:
+                facts.append(self.call())
+            self.expect(";")
+        self.advance()
+        return facts
+
+    def assertion_call(self) -> tuple[ast.Call, dict[str, str]]:
+        """The call of an assertion, whose arguments may be typed variables (``x: String``)."""
+        name = self.expect_kind("name", "a predicate name")
+        self.expect("(", "'('")
+        args: list[ast.Term] = []
+        typed: dict[str, str] = {}
+        while not self.at(")"):
+            term = self.term()
+            if isinstance(term, ast.Var) and self.at(":"):
+                self.advance()
+                typed[term.name] = self.expect_kind("name", "a type name after ':'").value
+            args.append(term)
+            if not self.more(")"):
+                break
+        self.expect(")", "',' or ')'")
+        self.check_size(name, len(args), "this call")
+        return ast.Call(name.value, tuple(args), name.location), typed
+
     def test_block(self) -> ast.TestBlock:
         start = self.advance()
         name = self.advance().value
         self.expect("{")
-        setup: list[ast.Call] = []
+        setup: list[ast.Call | ast.FixtureRef] = []
         assertions: list[ast.Assertion] = []
         while not self.at("}"):
             t = self.tok
             if t.kind == "name" and t.value == "setup":
                 self.advance()
-                self.expect("{")
-                while not self.at("}"):
-                    setup.append(self.call())
-                    self.expect(";")
-                self.advance()
+                setup.extend(self.setup_facts())
             elif t.kind == "name" and t.value in ("assert", "assert_not"):
                 self.advance()
-                call = self.call()
+                call, typed = self.assertion_call()
+                if len(typed) > 1:
+                    raise PolicyError(
+                        [Diagnostic(call.location, "an assertion has at most one variable")]
+                    )
+                iff = None
+                if self.tok.kind == "name" and self.tok.value == "iff":
+                    iff_tok = self.advance()
+                    var = self.expect_kind("name", "the typed variable after 'iff'")
+                    if var.value not in typed:
+                        raise PolicyError(
+                            [
+                                Diagnostic(
+                                    var.location,
+                                    f"'iff' needs {var.value} to be a typed variable of the"
+                                    f" call ({var.value}: Type)",
+                                )
+                            ]
+                        )
+                    self.expect("in", "'in'")
+                    values = self.term()
+                    if not isinstance(values, ast.ListTerm):
+                        raise self.fail("a list of values after 'in'", iff_tok)
+                    iff = (var.value, typed[var.value], values)
+                elif typed:
+                    # A variable without 'iff': assert that some value holds (assert_not: none).
+                    ((var_name, type_name),) = typed.items()
+                    iff = (var_name, type_name, None)
                 context = None
                 if self.tok.kind == "name" and self.tok.value == "with":
                     self.advance()
@@ -253,7 +338,9 @@ class _Parser:
                     self.advance()
                     context = self.dict_term()
                 self.expect(";")
-                assertions.append(ast.Assertion(t.value == "assert", call, context, t.location))
+                assertions.append(
+                    ast.Assertion(t.value == "assert", call, context, t.location, iff)
+                )
             else:
                 raise self.fail("setup { ... }, assert, assert_not or '}'")
         self.advance()
@@ -297,13 +384,40 @@ class _Parser:
             self.advance()
             name = self.advance()
             return ast.Shorthand(name.value, None, True, name.location)
-        if shorthand and t.kind == "string" and self.peek().value not in _COMPARISONS | {"in"}:
+        after = self.peek()
+        if shorthand and (
+            t.kind == "string"
+            and after.value not in _COMPARISONS | {"in"}
+            or t.kind == "name"
+            and after.kind in ("op", "keyword")
+            and after.value in ("on", ";", "and", "or", ")")
+        ):
             self.advance()
             relation = None
             if self.at("on"):
                 self.advance()
                 relation = self.expect_kind("string", "a relation name (a string) after 'on'").value
-            return ast.Shorthand(t.value, relation, False, t.location)
+            return ast.Shorthand(t.value, relation, False, t.location, t.kind == "name")
+        if (
+            t.kind == "keyword"
+            and t.value in ("true", "false")
+            and after.value not in _COMPARISONS | {"in", "matches"}
+        ):
+            self.advance()
+            return ast.Truth(t.value == "true", t.location)
+        if t.kind == "name" and t.value == "forall" and self.peek().value == "(":
+            return self.forall()
+        if t.kind == "name" and t.value == "cut" and self.peek().value in (";", "and", "or", ")"):
+            raise PolicyError(
+                [
+                    Diagnostic(
+                        t.location,
+                        "'cut' is not supported: bastion evaluates rules as a set, in no order,"
+                        " so there is no 'rest of the rules' to cut; say what must not hold with"
+                        " 'not' instead",
+                    )
+                ]
+            )
         if t.kind == "name" and self.peek().value == "(":
             return self.call()
         left = self.term()
@@ -317,14 +431,24 @@ class _Parser:
             return ast.Compare(op.value, left, self.term(), op.location)
         raise self.fail("a comparison (==, !=, <, <=, >, >=, =, in) or 'matches'")
 
+    def forall(self) -> ast.ForAll:
+        start = self.advance()
+        self.nest(start)
+        self.expect("(")
+        condition = self.expr(shorthand=False)
+        self.expect(",", "',' between the condition and what must hold")
+        requirement = self.expr(shorthand=False)
+        self.expect(")", "'and', 'or' or ')'")
+        self.depth -= 1
+        return ast.ForAll(condition, requirement, start.location)
+
     def call(self) -> ast.Call:
         name = self.expect_kind("name", "a predicate name")
         self.expect("(", "'('")
         args = []
         if not self.at(")"):
             args.append(self.term())
-            while self.at(","):
-                self.advance()
+            while self.more(")"):
                 args.append(self.term())
         self.expect(")", "',' or ')'")
         self.check_size(name, len(args), "this call")
@@ -333,27 +457,85 @@ class _Parser:
     # -- terms ------------------------------------------------------------------------------
 
     def term(self) -> ast.Term:
+        """A value, with arithmetic: ``*``, ``/``, ``mod`` and ``rem`` before ``+`` and ``-``."""
+        # Each operator nests the expression one level deeper (``a + b + c`` is ``(a + b) + c``):
+        # counted against policy_max_nesting like parentheses, since every later stage
+        # recurses on it.
+        opened = self.depth
+        left = self.product()
+        while True:
+            t = self.tok
+            if t.kind == "op" and t.value in ("+", "-"):
+                self.nest(t)
+                self.advance()
+                left = ast.Arith(t.value, left, self.product(), t.location)
+            elif t.kind == "number" and self.text[t.offset : t.offset + 1] == "-":
+                # ``x -1``: the lexer read a negative number; after a value it is a subtraction.
+                self.nest(t)
+                self.advance()
+                right = ast.Const(-t.value, t.location)
+                left = ast.Arith("-", left, right, t.location)
+            else:
+                self.depth = opened
+                return left
+
+    def product(self) -> ast.Term:
+        opened = self.depth
+        left = self.primary()
+        while (
+            self.tok.kind == "op"
+            and self.tok.value in ("*", "/")
+            or self.tok.kind == "name"
+            and self.tok.value in ("mod", "rem")
+        ):
+            self.nest(self.tok)
+            op = self.advance()
+            left = ast.Arith(op.value, left, self.primary(), op.location)
+        self.depth = opened
+        return left
+
+    def primary(self) -> ast.Term:
         t = self.tok
+        if t.kind == "op" and t.value == "(":
+            self.nest(t)
+            self.advance()
+            inner = self.term()
+            self.expect(")", "an operator or ')'")
+            self.depth -= 1
+            return inner
         if t.kind in ("string", "number"):
             self.advance()
             return ast.Const(t.value, t.location)
         if t.kind == "keyword" and t.value in ("true", "false"):
             self.advance()
             return ast.Const(t.value == "true", t.location)
+        if t.kind == "constant":
+            if t.value not in CONSTANTS:
+                known = ", ".join("@" + c for c in sorted(CONSTANTS))
+                raise PolicyError(
+                    [
+                        Diagnostic(
+                            t.location, f"unknown built-in constant @{t.value} (Polar has {known})"
+                        )
+                    ]
+                )
+            self.advance()
+            return ast.ContextPath(("@" + t.value,), t.location)
         if t.kind == "op" and t.value == "[":
             self.nest(t)
             self.advance()
             items = []
             if not self.at("]"):
                 items.append(self.term())
-                while self.at(","):
-                    self.advance()
+                while self.more("]"):
                     items.append(self.term())
             self.expect("]", "',' or ']'")
             self.depth -= 1
             term = ast.ListTerm(tuple(items), t.location)
             self.check_size(t, term_size(term), "this list")
             return term
+        if t.kind == "name" and t.value in _LITERAL_TYPES and self.peek().value == "{":
+            return self.typed_literal()
         if t.kind == "name":
             self.advance()
             if self.at("{"):
@@ -376,6 +558,30 @@ class _Parser:
             return ast.Var(t.value, t.location)
         raise self.fail("a value or a variable")
 
+    def typed_literal(self) -> ast.Const:
+        """``String{"a"}``, ``Integer{3}``, ``Boolean{true}``: a value written as Oso Cloud's
+        object literal of its type, meaning the value itself."""
+        type_tok = self.advance()
+        self.advance()  # '{'
+        value_tok = self.tok
+        if value_tok.kind in ("string", "number"):
+            value = value_tok.value
+        elif value_tok.kind == "keyword" and value_tok.value in ("true", "false"):
+            value = value_tok.value == "true"
+        else:
+            raise self.fail(f"a {type_tok.value} value inside {type_tok.value}{{...}}")
+        if value.__class__ is not _LITERAL_TYPES[type_tok.value]:
+            raise PolicyError(
+                [
+                    Diagnostic(
+                        value_tok.location, f"{value_tok.describe()} is not a {type_tok.value}"
+                    )
+                ]
+            )
+        self.advance()
+        self.expect("}")
+        return ast.Const(value, type_tok.location)
+
     def field_name(self) -> str:
         t = self.tok
         if t.kind in ("name", "keyword", "string"):
@@ -389,8 +595,7 @@ class _Parser:
         items = []
         if not self.at("}"):
             items.append(self.dict_item())
-            while self.at(","):
-                self.advance()
+            while self.more("}"):
                 items.append(self.dict_item())
         self.expect("}", "',' or '}'")
         self.depth -= 1

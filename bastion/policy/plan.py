@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import heapq
 
-from bastion.policy.ast import ListTerm, Var
+from bastion.policy.ast import Arith, ListTerm, Var
 from bastion.policy.builtins import BUILTINS
 from bastion.policy.errors import Location
 from bastion.policy.program import (
@@ -49,7 +49,7 @@ def _cost(lit: Literal, bound: set[str]) -> float | None:
     # a call
     if (lit.name, len(lit.args)) in BUILTINS:
         return 0 if all(_bound(a, bound) for a in lit.args) else None
-    if any(isinstance(a, ListTerm) and not _bound(a, bound) for a in lit.args):
+    if any(isinstance(a, (ListTerm, Arith)) and not _bound(a, bound) for a in lit.args):
         return None
     free = sum(1 for a in lit.args if not _bound(a, bound))
     if free == 0:

@@ -10,10 +10,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from bastion.facts.model import Entity
-from bastion.policy.ast import Const, ContextPath, ListTerm, Var
+from bastion.policy.ast import Arith, Const, ContextPath, ListTerm, Var
 from bastion.policy.errors import Location
 
-Term = Var | Const | ContextPath | ListTerm
+Term = Var | Const | ContextPath | ListTerm | Arith
 
 VALUE_TYPES = {"String": str, "Integer": int, "Boolean": bool, "Float": float}
 
@@ -74,6 +74,8 @@ class Program:
     entity_types: frozenset[str]
     permissions: dict[str, tuple[str, ...]]  # resource type -> declared permissions
     has_deny: bool = False
+    # Per declared type, itself and the types that extend it (``extends``).
+    subtypes: dict[str, frozenset[str]] = field(default_factory=dict)
     # Join orders the explainer has worked out, by (clause, bound variables): planned once.
     plans: dict = field(default_factory=dict)
 
@@ -90,6 +92,8 @@ def term_vars(term: Term) -> list[str]:
         return [term.name]
     if isinstance(term, ListTerm):
         return [v for item in term.items for v in term_vars(item)]
+    if isinstance(term, Arith):
+        return term_vars(term.left) + term_vars(term.right)
     return []
 
 
@@ -111,7 +115,11 @@ def format_term(term: Term) -> str:
     if isinstance(term, Const):
         return format_arg(term.value)
     if isinstance(term, ContextPath):
+        if term.path and term.path[0].startswith("@"):
+            return term.path[0]  # a built-in constant
         return ".".join(("context", *term.path))
+    if isinstance(term, Arith):
+        return f"({format_term(term.left)} {term.op} {format_term(term.right)})"
     return "[" + ", ".join(format_term(t) for t in term.items) + "]"
 
 

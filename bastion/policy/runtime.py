@@ -19,6 +19,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any, NoReturn
 
+from bastion.policy.builtins.constants import constant_value
 from bastion.policy.errors import EvaluationLimit
 from bastion.policy.limits import DEFAULT_LIMITS, PolicyLimits
 
@@ -77,6 +78,9 @@ def context_value(context: dict | None, path: tuple[str, ...]) -> Any:
     """What ``context.<path>`` means to a policy: MISSING when absent or null; ``time`` is
     the current time unless the context gives one."""
     value: Any = context
+    if path and path[0][0] == "@":  # a built-in constant (``@current_unix_time``)
+        value = constant_value(path[0], context)
+        return MISSING if value is None else value
     if path and path[0] == "time" and (value is None or "time" not in value):
         value = {"time": datetime.now(UTC)}
     for name in path:

@@ -12,14 +12,70 @@ import itertools
 from typing import Any
 
 from bastion.facts.model import Entity
-from bastion.policy.ast import Const, ContextPath, ListTerm, Var
+from bastion.policy.ast import Arith, Const, ContextPath, ListTerm, Var
 from bastion.policy.builtins import BUILTINS
 from bastion.policy.program import VALUE_TYPES, CallLit, Clause, CmpLit, NotLit, Program, TypeLit
 
 _MISSING = object()
 
 
+def _unix_time(context: dict | None) -> Any:
+    """``@current_unix_time``: whole seconds of ``context.time`` (epoch seconds or ISO 8601 with
+    an offset), or of now when the context has no time."""
+    import math
+    import time
+    from datetime import datetime
+
+    given = (context or {}).get("time")
+    if given is None:
+        return math.floor(time.time())
+    if isinstance(given, bool):
+        return _MISSING
+    if isinstance(given, (int, float)):
+        return math.floor(given) if math.isfinite(given) else _MISSING
+    try:
+        moment = datetime.fromisoformat(str(given).replace("Z", "+00:00"))
+    except ValueError:
+        return _MISSING
+    return _MISSING if moment.tzinfo is None else math.floor(moment.timestamp())
+
+
+def _arith(op: str, a: Any, b: Any) -> Any:
+    """Polar arithmetic, written plainly: numbers only, integers within 64 bits, integer
+    division toward zero, ``mod`` with the divisor's sign and ``rem`` with the dividend's."""
+    import math
+
+    def number(x: Any) -> bool:
+        return type(x) in (int, float)
+
+    if not (number(a) and number(b)):
+        return _MISSING
+    if any(type(x) is float and not math.isfinite(x) for x in (a, b)):
+        return _MISSING
+    if op in ("/", "mod", "rem") and b == 0:
+        return _MISSING
+    if op == "+":
+        r = a + b
+    elif op == "-":
+        r = a - b
+    elif op == "*":
+        r = a * b
+    elif type(a) is int and type(b) is int:
+        toward_zero = a // b if (a >= 0) == (b > 0) or a % b == 0 else a // b + 1
+        r = {"/": toward_zero, "rem": a - b * toward_zero, "mod": a - b * (a // b)}[op]
+    else:
+        remainder = math.fmod(a, b)
+        if op == "mod" and remainder and (remainder < 0) != (b < 0):
+            remainder += b  # the divisor's sign
+        r = a / b if op == "/" else remainder
+    if type(r) is int:
+        return r if -(2**63) <= r < 2**63 else _MISSING
+    return r if math.isfinite(r) else _MISSING
+
+
 def _lookup(context: dict | None, path: tuple[str, ...]) -> Any:
+    if path == ("@current_unix_time",):
+        return _unix_time(context)
     value: Any = context or {}
     for name in path:
         if not isinstance(value, dict) or name not in value or value[name] is None:
@@ -124,6 +180,8 @@ class Reference:
             return env[term.name]
         if isinstance(term, ContextPath):
             return _lookup(self.context, term.path)
+        if isinstance(term, Arith):
+            return _arith(term.op, self._value(term.left, env), self._value(term.right, env))
         items = [self._value(t, env) for t in term.items]
         return _MISSING if _MISSING in items else tuple(items)
 
@@ -132,6 +190,8 @@ class Reference:
             return term.name in env
         if isinstance(term, ListTerm):
             return all(self._bound(t, env) for t in term.items)
+        if isinstance(term, Arith):
+            return self._bound(term.left, env) and self._bound(term.right, env)
         return True
 
     def _solve(self, body: list, env: dict):

@@ -6,6 +6,8 @@ from __future__ import annotations
 import pytest
 
 from bastion import Authorizer, Entity, PolicyError
+from bastion.facts.model import FactError
+from bastion.policy import load
 
 BASE = """
 actor User {}
@@ -58,26 +60,59 @@ def test_relation_to_an_undeclared_type_is_refused():
     assert "points to Organisation, which no actor or resource block declares" in message
 
 
-def test_call_to_an_undefined_predicate_is_refused_with_a_suggestion():
-    text = BASE + "declare is_blocked(User);\ndeny(actor, _a, _r) if is_blokced(actor);"
-    (message,) = errors_of(text)
-    assert "p.polar:9:24" in message
+def errors_of_strict(text: str) -> list[str]:
+    with pytest.raises(PolicyError) as err:
+        load([("p.polar", text)], strict=True)
+    return [str(d) for d in err.value.diagnostics]
+
+
+def warnings_of(text: str) -> list[str]:
+    return [str(d) for d in load([("p.polar", text)]).warnings]
+
+
+MISSPELT = BASE + "declare is_blocked(User);\ndeny(actor, _a, _r) if is_blokced(actor);"
+
+
+def test_call_to_an_undefined_predicate_is_a_warning_with_a_suggestion():
+    (message,) = warnings_of(MISSPELT)
+    assert message.startswith("p.polar:9:24: warning:")
     assert (
         "is_blokced/1 is not defined by any rule, builtin or declaration (did you mean is_blocked?)"
         in message
     )
+    assert "--strict" in message
 
 
-def test_call_with_the_wrong_number_of_arguments_is_refused():
-    (message,) = errors_of(
-        BASE + "declare is_blocked(User);\ndeny(actor, _a, _r) if is_blocked(actor, 1);"
-    )
-    assert "is_blocked takes 1 arguments, not 2" in message
+def test_call_to_an_undefined_predicate_is_refused_under_strict():
+    (message,) = errors_of_strict(MISSPELT)
+    assert message.startswith("p.polar:9:24: error:") and "is_blokced/1" in message
 
 
-def test_unknown_type_in_a_specializer_is_refused():
-    (message,) = errors_of(BASE + "allow(actor: Usr, _a, _r) if actor = actor;")
-    assert "unknown type Usr (did you mean User?)" in message
+def test_an_inferred_fact_type_refuses_facts_that_do_not_fit_its_calls():
+    """``suspended`` is inferred from a call on a User: a fact about an Org, or about a value,
+    is refused, and the store is unchanged."""
+    authz = Authorizer(BASE + "deny(actor: User, _a, _r) if suspended(actor);")
+    authz.facts.insert(("suspended", Entity("User", "eve")))
+    for bad in [("suspended", Entity("Org", "o")), ("suspended", "eve")]:
+        with pytest.raises(FactError, match="does not fit any suspended fact"):
+            authz.facts.insert(bad)
+    assert authz.facts.get(("suspended", None)) == [("suspended", Entity("User", "eve"))]
+
+
+def test_call_with_the_wrong_number_of_arguments_is_a_warning_or_refused_under_strict():
+    text = BASE + "declare is_blocked(User);\ndeny(actor, _a, _r) if is_blocked(actor, 1);"
+    (message,) = warnings_of(text)
+    assert "is_blocked takes 1 arguments elsewhere, not 2" in message
+    (message,) = errors_of_strict(text)
+    assert "is_blocked takes 1 arguments elsewhere, not 2" in message
+
+
+def test_unknown_type_in_a_specializer_is_a_warning_or_refused_under_strict():
+    text = BASE + "allow(actor: Usr, _a, _r) if actor = actor;"
+    (message,) = warnings_of(text)
+    assert "type Usr is not declared by any actor or resource block (did you mean User?)" in message
+    (message,) = errors_of_strict(text)
+    assert "type Usr is not declared" in message
 
 
 def test_negation_through_recursion_is_refused():

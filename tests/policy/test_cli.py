@@ -106,3 +106,28 @@ def test_explain_refuses_a_fact_the_policy_cannot_use(tmp_path):
     )
     assert result.returncode == 1
     assert "does not fit any has_role fact" in result.stderr
+
+
+def test_strict_turns_the_misspelling_guard_into_a_failure(tmp_path):
+    policy = tmp_path / "p.polar"
+    policy.write_text(
+        "actor User {}\nresource Doc {}\n"
+        'deny(u: User, _: String, _: Doc) if is_blokced(u);\nallow(_: User, "read", _: Doc) if true;\n'
+        'test "t" { assert allow(User{"a"}, "read", Doc{"d"}); }\n'
+    )
+    for command in ("check", "test"):
+        loose = bastion("policy", command, str(policy))
+        assert loose.returncode == 0, loose.stdout + loose.stderr
+        assert "warning: is_blokced/1 is not defined" in loose.stderr
+        strict = bastion("policy", command, "--strict", str(policy))
+        assert strict.returncode == 1
+        assert "error: is_blokced/1 is not defined" in strict.stderr
+
+
+def test_strict_refuses_the_oso_examples_only_for_their_undeclared_facts(tmp_path):
+    """With --strict, an Oso Cloud policy needs a declare per fact no rule defines; the only
+    errors are those (no other construct is refused)."""
+    for path in sorted((EXAMPLES / "oso").glob("*.polar")):
+        result = bastion("policy", "check", "--strict", str(path))
+        errors = [line for line in result.stderr.splitlines() if " error: " in line]
+        assert all("is not defined by any rule" in line for line in errors), errors

@@ -21,7 +21,12 @@ def test_the_language_reference_has_examples():
 @pytest.mark.parametrize("index", range(len(BLOCKS)))
 def test_documented_example_loads_and_its_tests_pass(index):
     loaded = load([(f"policy-language.md example {index + 1}", BLOCKS[index])])
-    assert not loaded.warnings, loaded.warnings
+    warnings = [str(w) for w in loaded.warnings]
+    if "# fact types inferred" in BLOCKS[index]:
+        # The example of inferred fact types shows the misspelling guard's warning, and no other.
+        assert warnings and all("is taken as a fact type inferred" in w for w in warnings)
+    else:
+        assert not warnings, warnings
     results = run_tests(loaded)
     assert results, "each example carries at least one test block"
     for result in results:
