@@ -34,6 +34,11 @@ SCOPES = (
     # Open, list, show and end just-in-time tasks (/v1/tasks, docs/delegation.md): a key sees
     # and ends the tasks it opened; a task's facts only ever grant the task's agent.
     "tasks",
+    # Oso Cloud's API under /api (docs/oso-cloud.md): decisions and reads of facts and policy;
+    # fact and policy writes; the SDK's agent events (for_agents), which feed behaviour counters.
+    "oso:read",
+    "oso:write",
+    "oso:events",
     "admin",
 )
 KEY_PREFIX = "bst_"

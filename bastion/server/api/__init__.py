@@ -1,4 +1,5 @@
-"""The `/v1` API: decisions, facts, policy, API keys, approvals, signals, alerts and tasks."""
+"""The `/v1` API: decisions, facts, policy, API keys, approvals, signals, alerts and tasks; and
+Oso Cloud's API under `/api` (its SDK's calls and agent events)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ from bastion.server.api import (
     decisions,
     facts,
     keys,
+    oso_agents,
+    oso_cloud,
     policy,
     signals,
     suspensions,
@@ -28,4 +31,6 @@ def routes() -> list[BaseRoute]:
         *signals.routes,
         *alerts.routes,
         *tasks.routes,
+        *oso_cloud.routes,
+        *oso_agents.routes,
     ]
