@@ -1213,6 +1213,8 @@ for _verb in ("approve", "deny"):
 
 @cache
 def openapi_document() -> dict:
+    from bastion.server import openapi_oso_cloud as oso
+
     return {
         "openapi": "3.1.0",
         "info": {
@@ -1221,9 +1223,9 @@ def openapi_document() -> dict:
             "description": "Policy decisions, facts, policy versions, API keys, approvals,"
             " signals, suspensions, alerts and tasks.",
         },
-        "paths": PATHS,
+        "paths": {**PATHS, **oso.PATHS},
         "components": {
-            "schemas": SCHEMAS,
+            "schemas": {**SCHEMAS, **oso.SCHEMAS},
             "securitySchemes": {"apiKey": {"type": "http", "scheme": "bearer"}},
         },
     }

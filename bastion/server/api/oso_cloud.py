@@ -85,12 +85,12 @@ def _typed(type_: str, id_: str, where: str) -> Any:
         return id_
     if kind is bool:
         if id_ not in ("true", "false"):
-            raise bad_request(f'{where}: a Boolean is "true" or "false", got {id_!r}')
+            raise unprocessable(f'{where}: a Boolean is "true" or "false", got {id_!r}')
         return id_ == "true"
     try:
         return int(id_)
     except ValueError:
-        raise bad_request(f"{where}: an Integer's id is its digits, got {id_!r}") from None
+        raise unprocessable(f"{where}: an Integer's id is its digits, got {id_!r}") from None
 
 
 def value_to_oso(value: Any) -> dict:
@@ -143,7 +143,7 @@ class Pattern:
     @classmethod
     def parse(cls, predicate: Any, args: list[tuple[Any, Any]], where: str) -> Pattern:
         if not isinstance(predicate, str) or not predicate.isidentifier():
-            raise bad_request(f"{where}: the predicate must be an identifier, got {predicate!r}")
+            raise unprocessable(f"{where}: the predicate must be an identifier, got {predicate!r}")
         values, types = [], []
         for i, (type_, id_) in enumerate(args):
             at = f"{where}.args[{i}]"
@@ -152,7 +152,7 @@ class Pattern:
             if id_ is not None and not isinstance(id_, str):
                 raise bad_request(f"{at}: the id must be a string or null")
             if id_ is not None and type_ is None:
-                raise bad_request(f"{at}: an id needs its type")
+                raise unprocessable(f"{at}: an id needs its type")
             values.append(None if id_ is None else _typed(type_, id_, at))
             types.append(type_ if id_ is None else None)
         try:
@@ -205,7 +205,7 @@ def _context_facts(request: Request, authz: Authorizer, body: dict) -> list[tupl
     raw = get_field(body, "context_facts", list, required=False) or []
     most = request.app.state.config.oso_api_max_context_facts
     if len(raw) > most:
-        raise bad_request(
+        raise unprocessable(
             f"at most {most} context facts per request (oso_api_max_context_facts), got {len(raw)}"
         )
     return [_fact_from_oso(authz, f, f"context_facts[{i}]") for i, f in enumerate(raw)]
@@ -348,7 +348,7 @@ async def evaluate_query(request: Request) -> Response:
             raise unprocessable(f"the policy defines no {name}/{len(args)}")
         for var in args:
             if var not in constraints:
-                raise bad_request(f"{name}: the variable {var!r} has no entry in 'constraints'")
+                raise unprocessable(f"{name}: the variable {var!r} has no entry in 'constraints'")
     facts = _context_facts(request, authz, body)
     most = request.app.state.config.oso_api_max_results
     started = time.perf_counter()
@@ -471,6 +471,8 @@ async def get_facts(request: Request) -> Response:
             raise bad_request(f"unknown query parameter {key!r}")
         if not parts[1].isdigit() or int(parts[1]) > 32:
             raise bad_request(f"{key!r}: the argument number must be 0 to 32")
+        if parts[2] == "type" and not value:
+            raise bad_request(f"{key!r}: a type is not empty")
         given.setdefault(int(parts[1]), [None, None])[parts[2] == "id"] = value
     if predicate is None:
         raise bad_request("the query parameter 'predicate' is required")
@@ -524,6 +526,8 @@ async def batch(request: Request) -> Response:
                     del inserts[fact]
         else:
             raise bad_request(f'[{i}] must be {{"inserts": [...]}} or {{"deletes": [...]}}')
+    if not inserts and not patterns:
+        return _json({"message": "success"})  # nothing to change: no write
     store: FactStore = request.app.state.store
     most = request.app.state.config.oso_api_max_results
 
@@ -633,7 +637,8 @@ def _metadata(sources: list[tuple[str, str]]) -> dict:
 @oso_errors
 async def local_only(request: Request) -> Response:
     """Local authorization turns a question into SQL over the application's own database,
-    which bastion cannot see: refused with a message, never a silent wrong answer."""
+    which bastion cannot see: refused with a message (501), never a silent wrong answer. Not in
+    the OpenAPI document, which describes what is served."""
     await require(request, READ)
     raise Problem(
         501,
