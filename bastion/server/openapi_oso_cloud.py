@@ -2,8 +2,7 @@
 (`bastion.server.api.oso_cloud`) and its agent events (`bastion.server.api.oso_agents`).
 
 Errors there are Oso Cloud's ``{"message": ...}``, not problem details: the SDK raises them as
-``OsoException`` with that text. The local-authorization paths, which bastion refuses (501), are
-left out: the document describes what is served.
+``OsoException`` with that text.
 """
 
 from __future__ import annotations
@@ -71,6 +70,7 @@ _WHY = {
     422: "well formed, but refused by the policy in force (an undeclared type, a fact it has no"
     " use for, a policy that does not load) or past a limit (oso_api_max_results,"
     " oso_api_max_context_facts); the message says which",
+    404: "local authorization is not served by bastion (it needs the application's database)",
     500: "an unexpected failure",
     503: "the database is unavailable, or this replica's facts are stale",
 }
@@ -344,5 +344,18 @@ PATHS: dict[str, Any] = {
             )
         }
         for kind, body in _EVENT_BODIES.items()
+    },
+    **{
+        f"/api/{name}": {
+            "post": _op(
+                "Oso: local authorization, which needs the application's database: refused"
+                " (404, with a message)",
+                READ,
+                {"$ref": "#/components/schemas/OsoMessage"},
+                body={"type": "object", "additionalProperties": _ANY},
+                problems=(404,),
+            )
+        }
+        for name in ("authorize_query", "list_query", "actions_query", "evaluate_query_local")
     },
 }

@@ -231,5 +231,5 @@ def test_local_authorization_is_refused_with_a_message(oso):
     alice, _, repo = ids()
     with pytest.raises(OsoException) as e:
         oso.authorize_local(alice, "read", repo)
-    assert e.value.status_code == 501
+    assert e.value.status_code == 404
     assert "local authorization" in str(e.value)

@@ -637,12 +637,12 @@ def _metadata(sources: list[tuple[str, str]]) -> dict:
 @oso_errors
 async def local_only(request: Request) -> Response:
     """Local authorization turns a question into SQL over the application's own database,
-    which bastion cannot see: refused with a message (501), never a silent wrong answer. Not in
-    the OpenAPI document, which describes what is served."""
+    which bastion cannot see: refused with a message (404: bastion has no such operation),
+    never a silent wrong answer."""
     await require(request, READ)
     raise Problem(
-        501,
-        "Not implemented",
+        404,
+        "Not served",
         f"{request.url.path}: local authorization (the *_local methods, data bindings) is not"
         " served by bastion; use authorize, list, actions or build_query(...).evaluate()",
     )
