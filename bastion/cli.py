@@ -14,7 +14,7 @@ COMMAND_MODULES = [
     "bastion.audit.commands",
     "bastion.approvals.commands",
     "bastion.signals.commands",
-    "bastion.signals.suspension_commands",
+    "bastion.agents.commands",
     "bastion.signals.alert_commands",
     "bastion.delegation.task_commands",
 ]

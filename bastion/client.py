@@ -41,6 +41,21 @@ class RemoteDecision:
     explanation: dict | None = None
 
 
+@dataclass(frozen=True)
+class RemoteChainDecision:
+    """The answer for a chain of principals (`Authorizer.authorize_chain` remotely): allowed
+    only if every principal is; ``refused_by`` is the first that is not; ``obligations`` (masks,
+    rate limits, approval, review...) come with an allowed answer, as JSON."""
+
+    allowed: bool
+    decision_id: str
+    principals: tuple[Entity, ...]
+    refused_by: Entity | None = None
+    reason: str | None = None
+    missing_scopes: tuple[str, ...] = ()
+    obligations: dict | None = None
+
+
 class _Call(NamedTuple):
     method: str
     path: str
@@ -85,7 +100,13 @@ class _Ops:
         return response
 
     def _check(self, actor, action, resource, context) -> dict:
-        body = {"actor": _entity(actor), "action": action, "resource": _entity(resource)}
+        # A list or tuple of principals is a chain (the user, then each agent acting for them).
+        who = (
+            {"principals": [_entity(p) for p in actor]}
+            if isinstance(actor, list | tuple) and not isinstance(actor, Entity)
+            else {"actor": _entity(actor)}
+        )
+        body = {**who, "action": action, "resource": _entity(resource)}
         if context is not None:
             body["context"] = context
         return body
@@ -103,8 +124,34 @@ class _Ops:
         r = yield _Call("POST", "/v1/authorize", body)
         return RemoteDecision(r["allowed"], r["decision_id"], r.get("explanation"))
 
+    def authorize_chain(
+        self,
+        principals: Iterable[Any],
+        action: str,
+        resource,
+        context: dict | None = None,
+        scopes: Iterable[str] | None = None,
+    ) -> Op:
+        """Decide for a chain of principals: allowed only if every one is (``/v1/authorize``
+        with ``principals``)."""
+        body = self._fresh(self._check(list(principals), action, resource, context))
+        if scopes is not None:
+            body["scopes"] = list(scopes)
+        r = yield _Call("POST", "/v1/authorize", body)
+        refused = r.get("refused_by")
+        return RemoteChainDecision(
+            allowed=r["allowed"],
+            decision_id=r["decision_id"],
+            principals=tuple(Entity(p["type"], p["id"]) for p in body["principals"]),
+            refused_by=Entity(refused["type"], refused["id"]) if refused else None,
+            reason=r.get("reason"),
+            missing_scopes=tuple(r.get("missing_scopes", ())),
+            obligations=r.get("obligations"),
+        )
+
     def authorize_many(self, checks: Iterable[tuple], context: dict | None = None) -> Op:
-        """``checks`` are (actor, action, resource) tuples; returns one bool each, in order."""
+        """``checks`` are (actor, action, resource) tuples, where an actor may be a list of
+        principals (a chain: allowed only if every one is); returns one bool each, in order."""
         body = self._fresh({"checks": [self._check(*c, None) for c in checks]})
         if context is not None:
             body["context"] = context
@@ -333,6 +380,7 @@ class _FactsOf:
 
 _OPS = [
     "authorize",
+    "authorize_chain",
     "decide",
     "authorize_many",
     "list",

@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bastion.facts.index import GENERATIONS, FactIndex
 from bastion.facts.model import Entity, FactError, check_fact, format_fact
@@ -30,6 +30,9 @@ from bastion.policy.limits import DEFAULT_LIMITS, PolicyLimits
 from bastion.policy.parser import parse_fact
 from bastion.policy.program import has_type
 from bastion.policy.runtime import Query, stack_exhausted
+
+if TYPE_CHECKING:
+    from bastion.decide.contract import ChainDecision
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +69,9 @@ CONTRACT_SHAPES = (
     ("would", "bbbff"),
     # Alerts a decision raises (`bastion.signals.alerts`): alert(actor, name, severity).
     ("alert", "bff"),
+    # Token exchange (`bastion.decide.contract.decide_delegation`).
+    ("may_delegate", "bbb"),
+    ("delegated_scope", "bbbbb"),
 )
 
 
@@ -327,6 +333,13 @@ class Session:
             q.tables = None  # what was worked out may depend on the context it was asked in
         return self._authz._allowed(self._active, q, actor, action, resource)
 
+    def use_context(self, context: dict | None) -> None:
+        """Ask the session's next questions in ``context`` (they still spend its one budget)."""
+        q = self._q
+        if context is not q.context:
+            q.context = context
+            q.tables = None  # what was worked out may depend on the context it was asked in
+
     def explain(self, actor: Any, action: Any, resource: Any) -> Explanation:
         """`allowed` with the rules and facts that proved it, or the paths that failed (an
         interpreter, not the compiled code: tens to hundreds of microseconds)."""
@@ -535,6 +548,22 @@ class Authorizer:
             return self._allowed(active, q, actor, action, resource)
         finally:
             self._index.lock.release()
+
+    def authorize_chain(
+        self,
+        principals: Iterable[Any],
+        action: str,
+        resource: Any,
+        context: dict | None = None,
+        scopes: Iterable[str] | None = None,
+    ) -> ChainDecision:
+        """Decide for a chain of principals (the user, the agent acting for them, any
+        sub-agent): allowed only if every one is, with the obligations of each; ``refused_by``
+        names the first that is not. The gateway's contract (`bastion.decide.contract`);
+        ``scopes``, when given, are the token's, checked against ``requires_scope``."""
+        from bastion.decide.contract import decide_chain
+
+        return decide_chain(self, tuple(principals), action, resource, context, scopes)
 
     def decide(
         self, actor: Any, action: Any, resource: Any, context: dict | None = None

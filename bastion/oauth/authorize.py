@@ -21,6 +21,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 
+from bastion.agents.identity import record_first_owner
 from bastion.oauth import pages, pkce
 from bastion.oauth.errors import InvalidScope, InvalidTarget, OAuthError
 from bastion.oauth.redirect_uris import redirect_uri_allowed
@@ -360,6 +361,8 @@ class AuthorizationEndpoint:
         self.store.remember_consent(
             username, client.client_id, pending.resource, pending.scope, self.server.clock()
         )
+        # The first person to consent to an agent owns it (unless an administrator named one).
+        record_first_owner(self.server.facts, client.client_id, username, f"consent:{username}")
         self.server.audit.record(
             "consent.granted",
             subject=username,

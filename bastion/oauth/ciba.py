@@ -27,6 +27,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import Response
 
+from bastion.agents.identity import record_first_owner
 from bastion.oauth import pages
 from bastion.oauth.authorize import SESSION_COOKIE
 from bastion.oauth.errors import (
@@ -421,6 +422,8 @@ class BackchannelAuthentication:
             channel="web",
         )
         if status == "approved":
+            # Approving is consenting: the first person to consent to an agent owns it.
+            record_first_owner(self.server.facts, client.client_id, username, f"consent:{username}")
             return pages.message_page(
                 "Approved",
                 f"{client.client_name} may now get its access token. You can close this page.",

@@ -1,6 +1,7 @@
-"""OAuth client authentication at the token, revocation and introspection endpoints
-(RFC 6749 §2.3.1): ``client_secret_basic``, ``client_secret_post``, or ``none`` for public clients,
-each client held to the one method it registered."""
+"""OAuth client authentication at the token, revocation, introspection and backchannel endpoints
+(RFC 6749 §2.3.1): ``private_key_jwt`` (RFC 7523 §2.2, `bastion.oauth.client_assertion`),
+``client_secret_basic``, ``client_secret_post``, or ``none`` for public clients, each client held
+to the one method it registered. Every grant type authenticates its client here: one path."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import hmac
 from collections.abc import Awaitable, Callable, Mapping
 from urllib.parse import unquote
 
+from bastion.oauth.client_assertion import ASSERTION_TYPE, ClientAssertions
 from bastion.oauth.errors import InvalidClient, InvalidRequest
 from bastion.oauth.store import Client, digest
 
@@ -32,9 +34,22 @@ async def authenticate_client(
     authorization: str | None,
     form: Mapping[str, str],
     find_client: Callable[[str], Awaitable[Client | None]],
+    assertions: ClientAssertions | None = None,
 ) -> Client:
     """The client making this request, authenticated by its registered method."""
     basic = _basic_credentials(authorization) if authorization else None
+    if "client_assertion" in form or "client_assertion_type" in form:
+        if basic or "client_secret" in form:
+            raise InvalidRequest("use one client authentication method, not a secret and a JWT")
+        if form.get("client_assertion_type") != ASSERTION_TYPE:
+            raise InvalidClient(f"client_assertion_type must be {ASSERTION_TYPE!r}")
+        if not form.get("client_assertion"):
+            raise InvalidClient("client_assertion is empty")
+        if assertions is None:
+            raise InvalidClient("this server does not accept client assertions")
+        return await assertions.authenticate(
+            form["client_assertion"], form.get("client_id"), find_client
+        )
     if basic and "client_secret" in form:
         raise InvalidRequest("use one client authentication method, not Basic and client_secret")
     if basic:
@@ -57,6 +72,7 @@ async def authenticate_client(
     if client is None or client.revoked_at is not None:
         raise InvalidClient(f"client {client_id!r} is unknown or revoked")
     if method != client.token_endpoint_auth_method:
+        # A private_key_jwt client that sends only its client_id lands here too: refused.
         raise InvalidClient(
             f"client {client_id!r} is registered for {client.token_endpoint_auth_method!r},"
             f" not {method!r}"

@@ -11,11 +11,13 @@ import sys
 import time
 from datetime import UTC, datetime
 
+from bastion.agents.identity import AgentError
 from bastion.db import Database
 from bastion.oauth.ciba import CIBA_GRANT_TYPE
 from bastion.oauth.errors import OAuthError
 from bastion.oauth.settings import OAuthSettings, SettingsError
 from bastion.oauth.store import OAuthStore
+from bastion.oauth.token_exchange import TOKEN_EXCHANGE_GRANT_TYPE
 from bastion.oauth.users import UserError, create_user, hash_password
 
 
@@ -87,14 +89,38 @@ def users_disable(args: argparse.Namespace) -> int:
     return 0
 
 
+def _key_source(args: argparse.Namespace) -> dict:
+    """The public keys of a private_key_jwt client: a JWKS file, or a jwks_uri."""
+    if args.jwks_file and args.jwks_uri:
+        raise CommandError("give --jwks-file or --jwks-uri, not both")
+    if args.jwks_file:
+        try:
+            with open(args.jwks_file, encoding="utf-8") as f:
+                return {"jwks": json.load(f)}
+        except (OSError, ValueError) as exc:
+            raise CommandError(f"--jwks-file {args.jwks_file}: {exc}") from None
+    if args.jwks_uri:
+        return {"jwks_uri": args.jwks_uri}
+    return {}
+
+
 def clients_create(args: argparse.Namespace) -> int:
+    from bastion.agents import identity
+    from bastion.agents.registry import purpose_problem
+    from bastion.facts.store import FactStore
     from bastion.oauth import registration
 
     settings = _settings(args)
+    keys = _key_source(args)
+    if keys and args.confidential:
+        raise CommandError(
+            "--confidential gives a secret; a client with --jwks-file or --jwks-uri has keys"
+        )
+    confidential = args.confidential or bool(keys)
     grant_types = args.grant_type
     if grant_types is None:
         # A redirect URI is only ever used by authorization_code: asking for one means that grant.
-        acts_as_itself = args.confidential and not args.redirect_uri
+        acts_as_itself = confidential and not args.redirect_uri
         grant_types = (
             ["client_credentials"] if acts_as_itself else ["authorization_code", "refresh_token"]
         )
@@ -104,24 +130,49 @@ def clients_create(args: argparse.Namespace) -> int:
             f" have only {grant_types}: add --grant-type authorization_code, or leave out"
             " --redirect-uri"
         )
+    methods = {"keys": "private_key_jwt", "secret": "client_secret_basic", "public": "none"}
+    method = methods["keys" if keys else "secret" if args.confidential else "public"]
     metadata = {
         "client_name": args.name,
         "redirect_uris": args.redirect_uri or [],
         "grant_types": grant_types,
-        "token_endpoint_auth_method": "client_secret_basic" if args.confidential else "none",
+        "token_endpoint_auth_method": method,
+        **keys,
     }
     if args.scope:
         metadata["scope"] = args.scope
+    if args.purpose is not None and purpose_problem(args.purpose):
+        raise CommandError(purpose_problem(args.purpose))
     values = registration.validate_client_metadata(metadata, settings)
+    if args.purpose:
+        values["metadata"]["purpose"] = args.purpose
     registered = registration.new_client(
         values, source="admin", now=time.time(), may_introspect=args.introspection
     )
     if args.introspection and registered.client.is_public:
-        raise CommandError("--introspection needs --confidential")
-    OAuthStore(_database(args)).save_client(registered.client)
-    # The secret is shown this once; only its digest is stored.
+        raise CommandError("--introspection needs --confidential, --jwks-file or --jwks-uri")
+    db = _database(args)
+    store, facts = OAuthStore(db), FactStore(db)
+    if args.parent and store.client(args.parent) is None:
+        raise CommandError(f"--parent {args.parent!r}: no such client")
+    actor = f"cli:{_user()}"
+    with db.transaction():
+        store.save_client(registered.client)
+        # The administrator who registers an agent names its owner (and parent, for a sub-agent).
+        if args.owner:
+            identity.set_owner(facts, registered.client.client_id, args.owner, actor)
+        if args.parent:
+            identity.set_parent(facts, registered.client.client_id, args.parent, actor)
+    # The secret (if any) is shown this once; only its digest is stored.
     print(json.dumps(registered.response(), indent=2))
     return 0
+
+
+def _user() -> str:
+    try:
+        return getpass.getuser()
+    except Exception:  # no user name in this environment (a container without one)
+        return "unknown"
 
 
 def clients_list(args: argparse.Namespace) -> int:
@@ -184,7 +235,7 @@ def _guarded(func):
     def run(args: argparse.Namespace) -> int:
         try:
             return func(args)
-        except (CommandError, UserError, SettingsError, OAuthError) as error:
+        except (CommandError, UserError, SettingsError, OAuthError, AgentError) as error:
             message = error.description if isinstance(error, OAuthError) else str(error)
             print(f"bastion: {message}", file=sys.stderr)
             return 2
@@ -227,12 +278,33 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--grant-type",
         action="append",
-        choices=["authorization_code", "refresh_token", "client_credentials", CIBA_GRANT_TYPE],
+        choices=[
+            "authorization_code",
+            "refresh_token",
+            "client_credentials",
+            CIBA_GRANT_TYPE,
+            TOKEN_EXCHANGE_GRANT_TYPE,
+        ],
         help="repeat for several (default: authorization_code + refresh_token; with"
         f" --confidential and no --redirect-uri, client_credentials; {CIBA_GRANT_TYPE}, the"
-        " backchannel requests of OpenID CIBA, needs --confidential)",
+        " backchannel requests of OpenID CIBA, needs --confidential;"
+        f" {TOKEN_EXCHANGE_GRANT_TYPE} lets the client delegate its tokens, docs/delegation.md)",
     )
-    p.add_argument("--confidential", action="store_true", help="give the client a secret")
+    p.add_argument(
+        "--jwks-file",
+        help="private_key_jwt: a JSON Web Key Set file of the client's public keys (preferred)",
+    )
+    p.add_argument(
+        "--jwks-uri", help="private_key_jwt: the https URL where the client publishes its keys"
+    )
+    p.add_argument(
+        "--confidential",
+        action="store_true",
+        help="give the client a secret (client_secret_basic); keys are preferred",
+    )
+    p.add_argument("--owner", help="the user who owns this agent (else: the first to consent)")
+    p.add_argument("--parent", help="the client id of the agent this sub-agent acts under")
+    p.add_argument("--purpose", help="what the agent is for, in a sentence")
     p.add_argument("--scope", help="space-separated scopes the client may receive")
     p.add_argument("--introspection", action="store_true", help="may call /introspect")
     _common(p)

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from bastion.oauth import ciba
+from bastion.oauth.client_assertion import METHOD as PRIVATE_KEY_JWT
 from bastion.oauth.registration import AUTH_METHODS, GRANT_TYPES
 from bastion.oauth.settings import OAuthSettings
 
@@ -32,9 +33,20 @@ def authorization_server_metadata(settings: OAuthSettings) -> dict[str, Any]:
         "token_endpoint_auth_methods_supported": list(AUTH_METHODS),
         "revocation_endpoint_auth_methods_supported": list(AUTH_METHODS),
         "introspection_endpoint_auth_methods_supported": [
+            PRIVATE_KEY_JWT,
             "client_secret_basic",
             "client_secret_post",
         ],
+        # private_key_jwt (RFC 8414 §2): the algorithms a client assertion may be signed with.
+        "token_endpoint_auth_signing_alg_values_supported": list(
+            settings.client_assertion.algorithms
+        ),
+        "revocation_endpoint_auth_signing_alg_values_supported": list(
+            settings.client_assertion.algorithms
+        ),
+        "introspection_endpoint_auth_signing_alg_values_supported": list(
+            settings.client_assertion.algorithms
+        ),
         "code_challenge_methods_supported": ["S256"],
         "authorization_response_iss_parameter_supported": True,
         "client_id_metadata_document_supported": settings.client_metadata.enabled,

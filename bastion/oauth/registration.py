@@ -20,13 +20,23 @@ from urllib.parse import urlsplit
 
 from bastion import untrusted_json
 from bastion.oauth.ciba import CIBA_GRANT_TYPE
+from bastion.oauth.client_assertion import key_metadata
 from bastion.oauth.errors import InvalidClientMetadata, InvalidRedirectUri, OAuthError
 from bastion.oauth.redirect_uris import redirect_uri_problem
 from bastion.oauth.settings import OAuthSettings, OpenRegistrationSettings
 from bastion.oauth.store import Client, OpenRegistrationRefusal, digest, new_secret
+from bastion.oauth.token_exchange import TOKEN_EXCHANGE_GRANT_TYPE
 
-AUTH_METHODS = ("none", "client_secret_basic", "client_secret_post")
-GRANT_TYPES = ("authorization_code", "refresh_token", "client_credentials", CIBA_GRANT_TYPE)
+AUTH_METHODS = ("private_key_jwt", "none", "client_secret_basic", "client_secret_post")
+# The methods that authenticate with a secret bastion issues (shown once, kept as a digest).
+SECRET_METHODS = ("client_secret_basic", "client_secret_post")
+GRANT_TYPES = (
+    "authorization_code",
+    "refresh_token",
+    "client_credentials",
+    CIBA_GRANT_TYPE,
+    TOKEN_EXCHANGE_GRANT_TYPE,
+)
 MAX_REDIRECT_URIS = 10
 _DESCRIPTIVE = (
     "client_uri",
@@ -57,6 +67,7 @@ class Registration:
             "response_types": ["code"] if "authorization_code" in client.grant_types else [],
             "token_endpoint_auth_method": client.token_endpoint_auth_method,
             **{k: v for k, v in client.metadata.items() if k in _DESCRIPTIVE},
+            **{k: v for k, v in client.metadata.items() if k in ("jwks", "jwks_uri")},
         }
         if client.scope is not None:
             body["scope"] = client.scope
@@ -167,6 +178,7 @@ def validate_client_metadata(
         if key.endswith("_uri") and urlsplit(value).scheme not in ("https", "http"):
             raise InvalidClientMetadata(f"{key} must be an http(s) URL")
         descriptive[key] = value
+    descriptive.update(key_metadata(metadata, method))
     return {
         "token_endpoint_auth_method": method,
         "grant_types": tuple(dict.fromkeys(grant_types)),
@@ -250,7 +262,7 @@ def new_client(
     values: Mapping[str, Any], *, source: str, now: float, may_introspect: bool = False
 ) -> Registration:
     """Create (not store) a client from validated metadata, with a secret when confidential."""
-    secret = new_secret() if values["token_endpoint_auth_method"] != "none" else None
+    secret = new_secret() if values["token_endpoint_auth_method"] in SECRET_METHODS else None
     client = Client(
         client_id=uuid.uuid4().hex,
         client_name=values["client_name"],

@@ -18,9 +18,11 @@ from bastion import untrusted_json
 from bastion.audit import AuditLog
 from bastion.audit.refusals import RefusalLog
 from bastion.db import Database, DatabaseUnavailable
+from bastion.facts.store import FactStore
 from bastion.oauth import introspection, registration, revocation
 from bastion.oauth.authorize import AuthorizationEndpoint
 from bastion.oauth.ciba import POLLING_ERRORS, BackchannelAuthentication
+from bastion.oauth.client_assertion import ClientAssertions
 from bastion.oauth.client_auth import authenticate_client
 from bastion.oauth.client_metadata_document import ClientMetadataDocuments, is_client_id_url
 from bastion.oauth.csrf import FormTokens
@@ -36,6 +38,7 @@ from bastion.oauth.throttle import (
     client_address,
     counted_address,
 )
+from bastion.oauth.token_exchange import DelegationPolicy, RequestOrigin, TaskBinder
 from bastion.oauth.tokens import TokenEndpoint
 from bastion.oauth.verifier import TokenVerifier
 
@@ -88,6 +91,8 @@ class AuthorizationServer:
         self.db = db
         self.clock = clock
         self.store = OAuthStore(db)
+        # Agent identities (owner, parent) are facts: the change log takes them to replicas.
+        self.facts = FactStore(db)
         self.audit = AuditLog(db, clock)
         self.refusals = RefusalLog(
             self.audit,
@@ -113,6 +118,14 @@ class AuthorizationServer:
         self.login_throttle = LoginThrottle(self.store, settings.login, clock)
         self.password_checks = PasswordCheckSlots(settings.login.max_concurrent_password_checks)
         self.documents = ClientMetadataDocuments(settings.client_metadata, clock)
+        # private_key_jwt: the audiences an assertion may name, the issuer first.
+        self.assertions = ClientAssertions(
+            settings.client_assertion,
+            db,
+            audiences=(settings.issuer, settings.endpoint("token")),
+            leeway_seconds=settings.leeway_seconds,
+            clock=clock,
+        )
         # The CSRF tokens of forms no stored request holds a token for (sign-in, approvals),
         # under a secret of the deployment made on first use.
         self.form_tokens = FormTokens(
@@ -121,11 +134,13 @@ class AuthorizationServer:
         self._authorization = AuthorizationEndpoint(self)
         self._sign_in = SignInEndpoint(self)
         self._tokens = TokenEndpoint(self)
+        # Token exchange (RFC 8693): the policy that decides delegations, composed by
+        # bastion.server.app from the gateway (None: every exchange is refused), and the
+        # tasks a delegated token may be bound to (None: a ``task`` parameter is refused).
+        self.delegation: DelegationPolicy | None = None
+        self.tasks: TaskBinder | None = None
         # OpenID CIBA: `pending_for(username)` lists what waits for a person's answer.
         self.ciba = BackchannelAuthentication(self)
-        # Just-in-time tasks (docs/delegation.md): ``bind(task_id, user, agent, grant_id)``,
-        # set by the server that has them, for the token endpoint's ``task`` parameter.
-        self.task_binder: Callable[[str, str, str, str], None] | None = None
         self._last_housekeeping = 0.0
 
     async def find_client(self, client_id: str, address: str | None = None) -> Client | None:
@@ -160,6 +175,7 @@ class AuthorizationServer:
                 now - self.settings.open_registration.unused_client_seconds
             )
             self.login_throttle.forget_old()
+            self.assertions.forget_expired(now)
             self.refusals.flush()
         except DatabaseUnavailable:
             # Best effort, after the answer is made: a token already issued is still answered.
@@ -265,13 +281,21 @@ class AuthorizationServer:
             request.headers.get("authorization"),
             form,
             functools.partial(self.find_client, address=client_address(request)),
+            self.assertions,
         )
         return client, form
 
     async def _token(self, request: Request) -> Response:
         # A CIBA client polls: its "not yet" answers are not refusals worth a record.
+        origin = RequestOrigin(
+            client_address(request) or "",
+            {k.lower(): v for k, v in request.headers.items()},
+        )
         return await self._client_request(
-            request, self._tokens.exchange, "token.refused", quiet=POLLING_ERRORS
+            request,
+            functools.partial(self._tokens.exchange, origin=origin),
+            "token.refused",
+            quiet=POLLING_ERRORS,
         )
 
     async def _backchannel_authorize(self, request: Request) -> Response:
@@ -296,6 +320,7 @@ class AuthorizationServer:
                 request.headers.get("authorization"),
                 form,
                 functools.partial(self.find_client, address=client_address(request)),
+                self.assertions,
             )
             body = await run_in_threadpool(work, client, form)
             await run_in_threadpool(self.housekeeping)
@@ -319,6 +344,8 @@ class AuthorizationServer:
     ) -> None:
         """A confidential client that proved its secret keeps a row per refusal; any other
         request (no client, a wrong secret, a public client anyone can name) is aggregated."""
+        if getattr(error, "audited", False):
+            return  # recorded with more detail where it was refused (a token exchange)
         detail = {
             "grant_type": form.get("grant_type"),
             "error": error.error,

@@ -111,6 +111,26 @@ class BackchannelSettings:
 
 
 @dataclass(frozen=True)
+class ClientAssertionSettings:
+    """``private_key_jwt`` client authentication (``[oauth.client_assertion]``;
+    `bastion/oauth/client_assertion.py`)."""
+
+    # The most an assertion may live (exp - iat, and exp - now): its jti is kept that long.
+    max_lifetime_seconds: int = 300
+    # The signing algorithms accepted (asymmetric only).
+    algorithms: tuple[str, ...] = ("RS256", "PS256", "ES256", "EdDSA")
+    # Fetching a client's jwks_uri: one deadline for all of it, the most bytes read.
+    jwks_timeout_seconds: int = 5
+    jwks_max_bytes: int = 65536
+    # A fetched key set is used this long; a kid it lacks (a rotation) fetches it again, at
+    # most once every jwks_refetch_seconds.
+    jwks_cache_seconds: int = 300
+    jwks_refetch_seconds: int = 30
+    # Key sets of distinct jwks_uris kept per process.
+    jwks_max_cached: int = 1000
+
+
+@dataclass(frozen=True)
 class OAuthSettings:
     issuer: str
     resources: tuple[ProtectedResource, ...]
@@ -129,6 +149,11 @@ class OAuthSettings:
     open_registration: OpenRegistrationSettings = field(default_factory=OpenRegistrationSettings)
     refusal_audit: RefusalAuditSettings = field(default_factory=RefusalAuditSettings)
     ciba: BackchannelSettings = field(default_factory=BackchannelSettings)
+    client_assertion: ClientAssertionSettings = field(default_factory=ClientAssertionSettings)
+    # Token exchange (RFC 8693, `bastion/oauth/token_exchange.py`): how long an exchanged token
+    # lives (never past its subject token's exp), and the most delegations one chain may hold.
+    exchanged_token_seconds: int = 300
+    max_delegation_depth: int = 4
 
     @property
     def issuer_path(self) -> str:
@@ -182,6 +207,9 @@ class OAuthSettings:
             "open_registration",
             "refusal_audit",
             "ciba",
+            "client_assertion",
+            "exchanged_token_seconds",
+            "max_delegation_depth",
         }
         unknown = sorted(set(table) - known)
         if unknown:
@@ -223,13 +251,22 @@ class OAuthSettings:
             ("code_seconds", 60),
             ("session_seconds", 8 * 3600),
             ("leeway_seconds", 30),
+            ("exchanged_token_seconds", 300),
+            ("max_delegation_depth", 4),
         ):
             value = table.get(key, default)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise SettingsError(f"oauth.{key}: a whole number of seconds >= 0, got {value!r}")
+                raise SettingsError(f"oauth.{key}: a whole number >= 0, got {value!r}")
             numbers[key] = value
         if numbers["access_token_seconds"] == 0 or numbers["code_seconds"] == 0:
             raise SettingsError("oauth.access_token_seconds and oauth.code_seconds must be > 0")
+        if numbers["exchanged_token_seconds"] == 0:
+            raise SettingsError("oauth.exchanged_token_seconds must be > 0")
+        if numbers["max_delegation_depth"] > 16:
+            raise SettingsError(
+                "oauth.max_delegation_depth: at most 16 (0 turns token exchange off),"
+                f" got {numbers['max_delegation_depth']}"
+            )
         ciba = _limits("ciba", table.get("ciba", {}), BackchannelSettings)
         if ciba.request_seconds > ciba.max_request_seconds:
             raise SettingsError(
@@ -257,6 +294,7 @@ class OAuthSettings:
                 "refusal_audit", table.get("refusal_audit", {}), RefusalAuditSettings
             ),
             ciba=ciba,
+            client_assertion=_client_assertion(table.get("client_assertion", {})),
             **numbers,
         )
 
@@ -346,6 +384,26 @@ def _client_metadata(value: Any) -> ClientMetadataDocumentSettings:
         raise SettingsError("oauth.client_metadata.ca_file: a file path")
     merged["ca_file"] = merged["ca_file"] or None
     return ClientMetadataDocumentSettings(**merged)
+
+
+def _client_assertion(value: Any) -> ClientAssertionSettings:
+    from bastion.oauth.client_assertion import ASYMMETRIC_ALGORITHMS
+
+    if not isinstance(value, Mapping):
+        raise SettingsError("oauth.client_assertion: a table")
+    numbers = {k: v for k, v in value.items() if k != "algorithms"}
+    settings = _limits("client_assertion", numbers, ClientAssertionSettings)
+    algorithms = value.get("algorithms", list(settings.algorithms))
+    if (
+        not isinstance(algorithms, list)
+        or not algorithms
+        or any(a not in ASYMMETRIC_ALGORITHMS for a in algorithms)
+    ):
+        raise SettingsError(
+            f"oauth.client_assertion.algorithms: a non-empty list of {list(ASYMMETRIC_ALGORITHMS)}"
+            f" (asymmetric only), got {algorithms!r}"
+        )
+    return ClientAssertionSettings(**{**settings.__dict__, "algorithms": tuple(algorithms)})
 
 
 def _limits(name: str, value: Any, kind: type) -> Any:

@@ -24,6 +24,10 @@ SCOPES = (
     # Answer held calls and results (/v1/approvals): for a chat bot or console that has
     # authenticated the person it answers for; never for an agent.
     "approvals",
+    # Read the agent registry (/v1/agents: owners, parents, names, purposes, status), and
+    # change an agent's owner, name, purpose or parent.
+    "agents:read",
+    "agents:write",
     # Suspend and resume agents, users and MCP sessions (/v1/suspensions: the kill switch).
     "suspensions",
     # Set, clear and list signals about users, devices, agents and sessions (/v1/signals): for
@@ -34,6 +38,8 @@ SCOPES = (
     # Open, list, show and end just-in-time tasks (/v1/tasks, docs/delegation.md): a key sees
     # and ends the tasks it opened; a task's facts only ever grant the task's agent.
     "tasks",
+    # The AuthZEN Authorization API (/access/v1/...): for a PEP that asks for decisions.
+    "authzen",
     # Oso Cloud's API under /api (docs/oso-cloud.md): decisions and reads of facts and policy;
     # fact and policy writes; the SDK's agent events (for_agents), which feed behaviour counters.
     "oso:read",

@@ -12,14 +12,17 @@ from __future__ import annotations
 from functools import cache
 from typing import Any
 
+from bastion.agents.registry import MAX_PURPOSE_CHARS
+from bastion.agents.registry import STATUSES as AGENT_STATUSES
 from bastion.approvals.store import KINDS, STATUSES
 from bastion.delegation.tasks import STATUSES as TASK_STATUSES
+from bastion.server.api import agents as agents_api
 from bastion.server.api import alerts as alerts_api
 from bastion.server.api import approvals as approvals_api
 from bastion.server.api import signals as signals_api
 from bastion.server.api import suspensions as suspensions_api
 from bastion.server.api import tasks as tasks_api
-from bastion.server.api.decisions import MAX_BATCH
+from bastion.server.api.decisions import MAX_BATCH, MAX_CHAIN
 from bastion.server.api.decisions import MAX_PAGE as MAX_LIST_PAGE
 from bastion.server.api.facts import MAX_PAGE as MAX_FACTS_PAGE
 from bastion.server.keys import MAX_KEY_SECONDS, SCOPES
@@ -131,12 +134,74 @@ SCHEMAS: dict[str, Any] = {
         },
         "additionalProperties": _ref("JsonValue"),
     },
-    "Check": _request(
-        ["actor", "action", "resource"],
-        actor=_ref("Entity"),
-        action=_STR,
-        resource=_ref("Entity"),
-        context=_CTX,
+    "Check": {
+        **_request(
+            ["actor", "action", "resource"],
+            actor=_ref("Entity"),
+            action=_STR,
+            resource=_ref("Entity"),
+            context=_CTX,
+        ),
+        "not": {"required": ["principals"]},
+    },
+    "ChainCheck": {
+        **_request(
+            ["principals", "action", "resource"],
+            principals={
+                "type": "array",
+                "items": _ref("Entity"),
+                "minItems": 1,
+                "maxItems": MAX_CHAIN,
+                "description": "the user first, then each agent acting for them: allowed only"
+                " if every one is",
+            },
+            action=_STR,
+            resource=_ref("Entity"),
+            context=_CTX,
+            scopes=_nullable(
+                {
+                    "type": "array",
+                    "items": _STR,
+                    "description": "the caller's OAuth scopes, checked against requires_scope",
+                }
+            ),
+        ),
+        "not": {"required": ["actor"]},
+    },
+    "ChainAnswer": {
+        "type": "object",
+        "description": "with principals: who refused, and the obligations of an allowed chain",
+        "properties": {
+            "refused_by": _nullable(_ref("EntityObject")),
+            "missing_scopes": {"type": "array", "items": _STR},
+            "stale_signals": {"type": "array", "items": _STR},
+            "obligations": {
+                "type": "object",
+                "properties": {
+                    "masks": {"type": "array", "items": _STR},
+                    "rate_limits": {"type": "array", "items": {"type": "object"}},
+                    "required_scopes": {"type": "array", "items": _STR},
+                    "requires_approval": _BOOL,
+                    "requires_review": _BOOL,
+                    "read_only": _BOOL,
+                    "max_auth_age": _nullable(_INT),
+                    "alerts": {"type": "array", "items": {"type": "object"}},
+                },
+            },
+        },
+    },
+    "Agent": _response(
+        ["client_id", "name", "purpose", "owner", "parent", "status"],
+        client_id=_STR,
+        name=_STR,
+        purpose=_STR,
+        owner=_nullable(_STR),
+        parent=_nullable(_STR),
+        status={"enum": list(AGENT_STATUSES)},
+        source=_STR,
+        token_endpoint_auth_method=_STR,
+        created_at=_NUM,
+        suspended_until=_nullable(_NUM),
     ),
     "Write": _response(
         ["sequence", "inserted", "deleted"], sequence=_INT, inserted=_INT, deleted=_INT
@@ -457,7 +522,12 @@ _DECIDED = {
     "decision_id": _STR,
     "sequence": _INT,
     # Present when the evaluation spent its budget: refused (allowed false, no results).
-    "reason": {"type": "string", "enum": ["evaluation_limit"]},
+    # signal_stale and insufficient_scope: a chain (principals) refused by requires_signal or
+    # requires_scope (with scopes given).
+    "reason": {
+        "type": "string",
+        "enum": ["evaluation_limit", "signal_stale", "insufficient_scope"],
+    },
     "limit": _STR,
 }
 _FRESH = (422, 503)  # at_least: a sequence no write has; not applied in time
@@ -488,19 +558,29 @@ PATHS: dict[str, Any] = {
         "post": _op(
             "Is the actor allowed to do the action on the resource?",
             "decide",
-            _response(
-                ["allowed", "decision_id", "sequence"],
-                allowed=_BOOL,
-                explanation=_ref("Explanation"),
-                **_DECIDED,
-            ),
+            {
+                "allOf": [
+                    _response(
+                        ["allowed", "decision_id", "sequence"],
+                        allowed=_BOOL,
+                        explanation=_ref("Explanation"),
+                        **_DECIDED,
+                    ),
+                    _ref("ChainAnswer"),
+                ]
+            },
             body={
-                **SCHEMAS["Check"],
-                "properties": {
-                    **SCHEMAS["Check"]["properties"],
-                    "at_least": _AT_LEAST,
-                    "explain": _nullable(_BOOL),
-                },
+                "anyOf": [
+                    {
+                        **SCHEMAS[kind],
+                        "properties": {
+                            **SCHEMAS[kind]["properties"],
+                            "at_least": _AT_LEAST,
+                            "explain": _nullable(_BOOL),
+                        },
+                    }
+                    for kind in ("Check", "ChainCheck")
+                ]
             },
             problems=_FRESH,
             links=_TO_DECISION,
@@ -517,13 +597,22 @@ PATHS: dict[str, Any] = {
                 ["results", "sequence"],
                 results={
                     "type": "array",
-                    "items": _response(["allowed", "decision_id"], allowed=_BOOL, decision_id=_STR),
+                    "items": {
+                        "allOf": [
+                            _response(["allowed", "decision_id"], allowed=_BOOL, decision_id=_STR),
+                            _ref("ChainAnswer"),
+                        ]
+                    },
                 },
                 sequence=_INT,
             ),
             body=_request(
                 ["checks"],
-                checks={"type": "array", "items": _ref("Check"), "maxItems": MAX_BATCH},
+                checks={
+                    "type": "array",
+                    "items": {"anyOf": [_ref("Check"), _ref("ChainCheck")]},
+                    "maxItems": MAX_BATCH,
+                },
                 context=_CTX,
                 at_least=_AT_LEAST,
             ),
@@ -983,6 +1072,44 @@ PATHS: dict[str, Any] = {
             problems=(400, 404),
         )
     },
+    "/v1/agents": {
+        "get": _op(
+            "The agents (OAuth clients): owner, parent, name, purpose and status",
+            agents_api.READ_SCOPE,
+            _response(["agents"], agents={"type": "array", "items": _ref("Agent")}),
+            params=[_query("status", {"enum": list(AGENT_STATUSES)}, "only agents of this status")],
+            problems=(404,),
+        ),
+    },
+    "/v1/agents/{client_id}": {
+        "get": _op(
+            "One agent (404: no such OAuth client)",
+            agents_api.READ_SCOPE,
+            _response(["agent"], agent=_ref("Agent")),
+            params=[_path("client_id", "the agent's OAuth client id")],
+            problems=(404,),
+        ),
+        "patch": _op(
+            "Change an agent's owner, name, purpose or parent (parent null: none); an owner or"
+            " parent is a fact, answered once this replica applies it (422: a value refused, a"
+            " parent that is unknown or would loop)",
+            agents_api.WRITE_SCOPE,
+            _response(["agent", "sequence"], agent=_ref("Agent"), sequence=_nullable(_INT)),
+            body={
+                "type": "object",
+                "minProperties": 1,
+                "properties": {
+                    "owner": _nullable({**_STR, "minLength": 1, "maxLength": 512}),
+                    "name": _nullable({**_STR, "maxLength": 200}),
+                    "purpose": _nullable({**_STR, "maxLength": MAX_PURPOSE_CHARS}),
+                    "parent": _nullable({**_STR, "minLength": 1, "maxLength": 512}),
+                },
+                "additionalProperties": False,
+            },
+            params=[_path("client_id", "the agent's OAuth client id")],
+            problems=(404, 422),
+        ),
+    },
     "/v1/signals": {
         "get": _op(
             "Live signals, of one subject and one name when asked",
@@ -1211,6 +1338,243 @@ for _verb in ("approve", "deny"):
     }
 
 
+# -- AuthZEN Authorization API 1.0 (bastion.server.api.authzen, docs/authzen.md) ----------------
+# Its errors are an error message string (the spec's "Error Responses"), not problem details.
+
+_AZ_ERRORS = {
+    **_WHY,
+    400: "malformed: a required field missing or of the wrong type, or not sent as"
+    " application/json",
+    403: "the key lacks the scope authzen",
+    413: "the request body is larger than max_body_bytes",
+    422: "a page token this search cannot continue from (issued for another request)",
+    500: "an unexpected failure, or a subject search the policy in force cannot answer",
+    503: "the database is unavailable (keys are checked there), or this replica's facts are"
+    " stale; retry",
+}
+_PROPERTIES = _nullable(
+    {"type": "object", "additionalProperties": _ref("JsonValue"), "description": "attributes"}
+)
+_AZ_CONTEXT = _nullable(
+    {
+        "type": "object",
+        "description": "the environment; the policy reads it as context, with the subject's,"
+        " resource's and action's properties under context.subject, context.resource and"
+        " context.action (so the context may not use those names); context.scopes: the token"
+        " scopes the subject holds, for requires_scope",
+        "propertyNames": {"not": {"enum": ["subject", "resource", "action"]}},
+        "properties": {
+            "scopes": _nullable(
+                {"anyOf": [_STR, {"type": "array", "items": _STR}]},
+            )
+        },
+        "additionalProperties": _ref("JsonValue"),
+    }
+)
+
+
+def _az_entity(id_required: bool) -> dict:
+    return {
+        "type": "object",
+        "required": ["type", "id"] if id_required else ["type"],
+        "properties": {
+            "type": {"type": "string", "minLength": 1},
+            "id": _STR
+            if id_required
+            else {"allOf": [_ref("JsonValue")], "description": "ignored: what the search finds"},
+            "properties": _PROPERTIES,
+        },
+        "additionalProperties": _ref("JsonValue"),
+    }
+
+
+SCHEMAS.update(
+    {
+        "AuthzenEntity": _az_entity(True),
+        "AuthzenAction": {
+            "type": "object",
+            "required": ["name"],
+            "properties": {"name": _STR, "properties": _PROPERTIES},
+            "additionalProperties": _ref("JsonValue"),
+        },
+        "AuthzenDecision": _response(
+            ["decision"],
+            decision=_BOOL,
+            context={
+                "type": "object",
+                "description": "present when there is something to say: obligations (the"
+                " AuthZEN Obligations Profile's shape), the reason bastion refused, or the"
+                " error of a batch item that could not be read",
+            },
+        ),
+    }
+)
+_AZ_ENTITY, _AZ_ACTION = _ref("AuthzenEntity"), _ref("AuthzenAction")
+_AZ_EVALUATION = _request(
+    ["subject", "action", "resource"],
+    subject=_AZ_ENTITY,
+    action=_AZ_ACTION,
+    resource=_AZ_ENTITY,
+    context=_AZ_CONTEXT,
+    at_least=_AT_LEAST,
+)
+# /access/v1/evaluations without evaluations: one Access Evaluation.
+_AZ_SINGLE = {
+    **_AZ_EVALUATION,
+    "properties": {
+        **_AZ_EVALUATION["properties"],
+        "evaluations": _nullable({"type": "array", "maxItems": 0}),
+    },
+}
+# Any item is answered: one that is not an evaluation (an object of subject, action, resource
+# and context, each defaulting to the top-level one) is answered false with its error.
+_AZ_ITEM = {
+    "allOf": [_ref("JsonValue")],
+    "description": "an evaluation: {subject, action, resource, context}, each optional where"
+    " the top level gives it; anything else is answered false, with the error in its context",
+}
+_AZ_BATCH = _request(
+    ["evaluations"],
+    subject=_nullable(_AZ_ENTITY),
+    action=_nullable(_AZ_ACTION),
+    resource=_nullable(_AZ_ENTITY),
+    context=_AZ_CONTEXT,
+    at_least=_AT_LEAST,
+    options=_nullable(
+        {
+            "type": "object",
+            "properties": {
+                "evaluations_semantic": {
+                    "enum": ["execute_all", "deny_on_first_deny", "permit_on_first_permit"]
+                }
+            },
+            "additionalProperties": _ref("JsonValue"),
+        }
+    ),
+    evaluations={
+        "type": "array",
+        "items": _AZ_ITEM,
+        "minItems": 1,
+        "maxItems": 1000,
+        "description": "at most authzen_max_evaluations (1000 by default); an item without"
+        " subject, action or resource takes the top-level one, else it is answered false with"
+        " its error",
+    },
+)
+
+
+def _az_search(kind: str) -> dict:
+    fields: dict[str, Any] = {
+        "subject": _az_entity(kind != "subject"),
+        "resource": _az_entity(kind != "resource"),
+    }
+    if kind != "action":
+        fields["action"] = _AZ_ACTION
+    page = {
+        "type": "object",
+        "properties": {
+            "limit": _nullable({**_INT, "minimum": 0}),
+            "token": _nullable({**_STR, "description": "next_token of the previous page"}),
+        },
+        "additionalProperties": _ref("JsonValue"),
+    }
+    return _request(
+        sorted(fields), **fields, context=_AZ_CONTEXT, at_least=_AT_LEAST, page=_nullable(page)
+    )
+
+
+def _az_op(summary: str, ok: dict, body: dict | None, problems: tuple[int, ...] = ()) -> dict:
+    responses: dict[str, Any] = {
+        "200": {"description": "OK", "content": {"application/json": {"schema": ok}}}
+    }
+    statuses = {500} if body is None else {400, 401, 403, 408, 413, 500, 503, *problems}
+    for status in sorted(statuses):
+        answer: dict[str, Any] = {
+            "description": _AZ_ERRORS[status],
+            "content": {"text/plain": {"schema": _STR}},
+        }
+        if status == 401:
+            answer["headers"] = {"WWW-Authenticate": {"schema": _STR, "required": True}}
+        responses[str(status)] = answer
+    op: dict[str, Any] = {"summary": summary, "tags": ["AuthZEN"], "responses": responses}
+    if body is not None:
+        op["security"] = [{"apiKey": []}]
+        op["x-scope"] = "authzen"
+        op["requestBody"] = {"required": True, "content": {"application/json": {"schema": body}}}
+    return op
+
+
+_AZ_RESULTS = {
+    "page": _response(["next_token"], next_token=_STR, count=_INT, total=_INT),
+    "context": {"type": "object", "description": "why bastion refused (evaluation_limit)"},
+}
+PATHS.update(
+    {
+        "/.well-known/authzen-configuration": {
+            "get": _az_op(
+                "AuthZEN PDP metadata (public)",
+                _response(
+                    ["policy_decision_point", "access_evaluation_endpoint"],
+                    policy_decision_point=_STR,
+                    access_evaluation_endpoint=_STR,
+                    access_evaluations_endpoint=_STR,
+                    search_subject_endpoint=_STR,
+                    search_resource_endpoint=_STR,
+                    search_action_endpoint=_STR,
+                    supported_obligations={"type": "array", "items": _STR},
+                ),
+                None,
+            )
+        },
+        "/access/v1/evaluation": {
+            "post": _az_op(
+                "AuthZEN Access Evaluation: may the subject do the action on the resource?",
+                _ref("AuthzenDecision"),
+                _AZ_EVALUATION,
+                _FRESH,
+            )
+        },
+        "/access/v1/evaluations": {
+            "post": _az_op(
+                "AuthZEN Access Evaluations: many questions, in order, as evaluations_semantic"
+                " says; without evaluations, one Access Evaluation",
+                {
+                    "anyOf": [
+                        _response(
+                            ["evaluations"],
+                            evaluations={"type": "array", "items": _ref("AuthzenDecision")},
+                        ),
+                        _ref("AuthzenDecision"),
+                    ]
+                },
+                {"anyOf": [_AZ_BATCH, _AZ_SINGLE]},
+                _FRESH,
+            )
+        },
+        **{
+            f"/access/v1/search/{kind}": {
+                "post": _az_op(
+                    f"AuthZEN {kind.capitalize()} Search: every permitted {kind}, paginated",
+                    _response(
+                        ["results"],
+                        **_AZ_RESULTS,
+                        results={
+                            "type": "array",
+                            "items": _response(["name"], name=_STR)
+                            if kind == "action"
+                            else _response(["type", "id"], type=_STR, id=_STR),
+                        },
+                    ),
+                    _az_search(kind),
+                    _FRESH,
+                )
+            }
+            for kind in ("subject", "resource", "action")
+        },
+    }
+)
+
+
 @cache
 def openapi_document() -> dict:
     from bastion.server import openapi_oso_cloud as oso
@@ -1221,7 +1585,8 @@ def openapi_document() -> dict:
             "title": "bastion decision service",
             "version": "1",
             "description": "Policy decisions, facts, policy versions, API keys, approvals,"
-            " signals, suspensions, alerts and tasks.",
+            " signals, suspensions, alerts and tasks; the OpenID AuthZEN Authorization API"
+            " 1.0; and Oso Cloud's API as the oso-cloud SDK calls it (/api).",
         },
         "paths": {**PATHS, **oso.PATHS},
         "components": {

@@ -3,8 +3,8 @@
 An alert is keyed by (name, principal). Raised again within ``cooldown_seconds`` of its last
 raising it is the same alert: its count goes up and the decision id joins its (bounded) list of
 decisions, and nobody is told again. A new alert is told to the principal's owner (a fact
-``owner(Agent{...}, User{...})``; none: the configured fallback recipients); not acknowledged
-within ``escalate_after_seconds``, it is told again naming the owner's manager (a fact
+``has_relation(Agent{...}, "owner", User{...})``, `bastion.agents.identity`; none: the configured fallback recipients); not acknowledged
+within ``escalate_after_seconds``, it is told again naming the owner's manager (a stored fact
 ``manager(User{...}, User{...})``). The state lives in the database (``alerts`` table), so an
 escalation survives a restart. Notifications go through the shared signed-webhook outbox
 (`bastion.webhooks`, HMAC-SHA256 as RFC 2104).
@@ -29,9 +29,11 @@ from typing import Any
 
 import anyio
 
+from bastion.agents.identity import owner_of
 from bastion.db import Database, first_line
 from bastion.decide import Authorizer
 from bastion.facts.model import Entity
+from bastion.facts.store import FactStore
 from bastion.webhooks import (
     SettingsError,
     WebhookDelivery,
@@ -333,6 +335,7 @@ class Alerts:
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.store = store
+        self._fact_store: FactStore | None = None
         self.settings = settings
         self.authorizer = authorizer
         self.issuer = issuer.rstrip("/")
@@ -555,21 +558,30 @@ class Alerts:
 
     # -- who is told -----------------------------------------------------------------------------
 
+    @property
+    def _facts(self) -> FactStore:
+        """Owners and managers are read from the stored facts, whatever the policy declares."""
+        if self._fact_store is None:
+            self._fact_store = FactStore(self.store.db)
+        return self._fact_store
+
     def _owner(self, principal: str) -> str:
+        """The agent's owner, ``has_relation(Agent{...}, "owner", User{...})`` as stored
+        (`bastion.agents.identity.owner_of`: one path for every reader), or ""."""
         try:
-            entity = Entity.parse(principal)
-            rows = self.authorizer().facts.get(("owner", entity, None))
+            owner = owner_of(self._facts, Entity.parse(principal))
         except Exception:
+            log.exception("alerts: the owner of %s could not be read", principal)
             return ""
-        owners = sorted(repr(r[2]) for r in rows if isinstance(r[2], Entity))
-        return owners[0] if owners else ""
+        return repr(owner) if owner is not None else ""
 
     def _managers(self, owner: str) -> tuple[str, ...]:
         try:
-            rows = self.authorizer().facts.get(("manager", Entity.parse(owner), None))
+            rows = self._facts.get(("manager", Entity.parse(owner), None))
         except Exception:
+            log.exception("alerts: the managers of %s could not be read", owner)
             return ()
-        return tuple(sorted(repr(r[2]) for r in rows if isinstance(r[2], Entity)))
+        return tuple(sorted(repr(f.fact[2]) for f in rows if isinstance(f.fact[2], Entity)))
 
     def _tell(self, alert: Alert, stage: str, recipients: tuple[str, ...]) -> None:
         if self.notify is None:

@@ -439,13 +439,14 @@ def start(
     approvals: dict | None = None,
     policy_extra: str = "",
     signals: dict | None = None,
+    oauth: dict | None = None,
     tasks: dict | None = None,
 ):
     """Start everything; a context manager yielding `Running`. ``gateway`` adds settings to the
-    ``[gateway]`` table, ``approvals`` is the ``[approvals]`` table (by default a held request
-    waits for no answer), ``policy_extra`` rules go after the test policy; ``replicas`` more
-    apps share the first one's database and settings; ``signals`` is the ``[signals]`` table,
-    ``tasks`` the ``[tasks]`` table."""
+    ``[gateway]`` table, ``oauth`` to the ``[oauth]`` table; ``approvals`` is the
+    ``[approvals]`` table (by default a held request waits for no answer), ``policy_extra``
+    rules go after the test policy; ``replicas`` more apps share the first one's database and
+    settings; ``signals`` is the ``[signals]`` table, ``tasks`` the ``[tasks]`` table."""
     from contextlib import ExitStack, contextmanager
 
     @contextmanager
@@ -491,6 +492,7 @@ def start(
                     ],
                     # One module's tests register many clients, all from 127.0.0.1.
                     "open_registration": {"max_per_address": 10_000},
+                    **(oauth or {}),
                 },
                 approvals={"wait_seconds": 0} if approvals is None else approvals,
                 signals=signals or {},

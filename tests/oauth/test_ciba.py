@@ -14,6 +14,7 @@ from urllib.parse import urlencode, urlsplit
 import httpx
 import pytest
 
+from bastion.facts.model import Entity
 from bastion.oauth import registration
 from bastion.oauth.ciba import CIBA_GRANT_TYPE
 from bastion.oauth.users import create_user
@@ -166,6 +167,10 @@ def test_approved_request_is_pending_then_gives_a_token_that_works(any_database:
         only_pending_url(bastion), data={**hidden_fields(page.text), "decision": "approve"}
     )
     assert done.status_code == 200 and "Approved" in done.text
+    # Approving is consenting: the first person to do so owns the agent (docs/delegation.md).
+    agent = Entity("Agent", client["client_id"])
+    owners = [f.fact[3] for f in bastion.server.facts.get(("has_relation", agent, "owner", None))]
+    assert owners == [Entity("User", "alice")]
 
     response = wait_and_poll(bastion, client, ack["auth_req_id"])
     assert response.status_code == 200, response.text

@@ -30,7 +30,6 @@ from tests.gateway.support import start
 from tests.oauth.support import free_socket, hidden_fields, serve
 
 RULES = """
-declare owner(Agent, User);
 declare manager(User, User);
 alert(agent: Agent, "customer_search", "high") if
   context.tool = "search_customers" and context.arguments.query = "everyone";
@@ -105,7 +104,7 @@ def owned_agent(bastion, owner: str, manager: str | None):
         info = plain(bastion, scope)
         registered["client_id"] = info.client_id
         agent = Entity("Agent", info.client_id)
-        facts = [("owner", agent, Entity("User", owner))]
+        facts = [("has_relation", agent, "owner", Entity("User", owner))]
         if manager:
             facts.append(("manager", Entity("User", owner), Entity("User", manager)))
         bastion.apply(inserts=facts)
@@ -487,7 +486,9 @@ def sign_in(tab, username: str, password: str) -> None:
 
 
 def test_the_owner_acknowledges_on_the_page_and_nobody_else_can(bastion, tab, clock):
-    bastion.apply(inserts=[("owner", Entity("Agent", "page-agent"), Entity("User", "avery"))])
+    bastion.apply(
+        inserts=[("has_relation", Entity("Agent", "page-agent"), "owner", Entity("User", "avery"))]
+    )
     alert = bastion.app.state.alerts.raise_alert(
         "page_case", "high", Entity("Agent", "page-agent"), "d-page"
     )
@@ -589,16 +590,17 @@ def test_decide_chain_asks_alerts_of_every_principal_allowed_or_refused():
 def test_the_store_dedupes_escalates_once_and_keeps_the_latest_decisions(database_url):
     from bastion import Authorizer
     from bastion.db import Database
+    from bastion.facts.store import FactStore
     from bastion.signals.alerts import Alerts, AlertStore
 
-    authz = Authorizer(
-        "actor User {} actor Agent {}\n"
-        "declare owner(Agent, User);\ndeclare manager(User, User);\n"
-        'allow(_u: User, "x", _a: Agent);'
-    )
+    # A policy that never mentions owners or managers: they are read from the store.
+    authz = Authorizer('actor User {} actor Agent {}\nallow(_u: User, "x", _a: Agent);')
     agent, pat, boss = Entity("Agent", "c1"), Entity("User", "pat"), Entity("User", "boss")
-    authz.facts.insert(("owner", agent, pat))
-    authz.facts.insert(("manager", pat, boss))
+    facts = FactStore(Database(database_url))
+    facts.apply(
+        [("has_relation", agent, "owner", pat), ("manager", pat, boss)],
+        [("has_relation", agent, "owner", None), ("manager", pat, None)],
+    )
     now = [1000.0]
     told: list[tuple[str, str, tuple]] = []
     store = AlertStore(Database(database_url))

@@ -201,7 +201,7 @@ def test_the_command_line_suspends_and_resumes_on_the_deployments_database(basti
         lambda: call_tool(bastion, token, "deskhttp", "search_customers", QUERY), "error"
     )
     assert error_of(refused)["data"]["reason"] == "suspended"
-    assert main(["agents", "list", "--database", database, "--json"]) == 0
+    assert main(["agents", "list", "--suspended", "--database", database, "--json"]) == 0
     assert json.loads(capsys.readouterr().out.splitlines()[-1])["id"] == agent
     assert main(["agents", "resume", agent, "--database", database]) == 0
     answer = until(

@@ -1,13 +1,15 @@
-"""The `/v1` API: decisions, facts, policy, API keys, approvals, signals, alerts and tasks; and
-Oso Cloud's API under `/api` (its SDK's calls and agent events)."""
+"""The `/v1` API (decisions, facts, policy, API keys, approvals, agents, signals, alerts and
+tasks), AuthZEN, and Oso Cloud's API under `/api` (its SDK's calls and agent events)."""
 
 from __future__ import annotations
 
 from starlette.routing import BaseRoute
 
 from bastion.server.api import (
+    agents,
     alerts,
     approvals,
+    authzen,
     decisions,
     facts,
     keys,
@@ -28,9 +30,11 @@ def routes() -> list[BaseRoute]:
         *keys.routes,
         *approvals.routes,
         *suspensions.routes,
+        *agents.routes,
         *signals.routes,
         *alerts.routes,
         *tasks.routes,
+        *authzen.routes,
         *oso_cloud.routes,
         *oso_agents.routes,
     ]

@@ -1,5 +1,10 @@
 """Decision routes: authorize (one or a batch), list, actions, query, and explain a decision.
 
+``/v1/authorize`` and each check of a batch decide for one ``actor``, or for a chain of
+``principals`` (the user, the agent acting for them, any sub-agent: the gateway's contract,
+`bastion.decide.contract.decide_chain`): allowed only if every principal is; ``refused_by`` names
+the first that is not, and the obligations of every principal come with an allowed answer.
+
 An evaluation that spends its budget (`EvaluationLimit`) is a refusal, never an error: allowed
 false (or no results) with ``"reason": "evaluation_limit"`` and the budget that ran out, and so
 recorded in the decision log.
@@ -21,6 +26,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from bastion.decide import Authorizer
+from bastion.decide.contract import ChainDecision, decide_chain, decide_chain_in
 from bastion.facts.model import Entity, arg_from_json, arg_to_json
 from bastion.policy.errors import EvaluationLimit, PolicyError
 from bastion.server.api.policy import policy_problem
@@ -30,6 +36,8 @@ from bastion.server.problems import field as get_field
 from bastion.server.replica import ConsistencyTimeout, Replica
 
 MAX_BATCH = 1000
+# Principals in one chain: a user, an agent and its sub-agents.
+MAX_CHAIN = 8
 MAX_PAGE = 1000
 # Contexts of requests larger than this are not kept in the decision log.
 KEEP_CONTEXT_BYTES = 64 * 1024
@@ -152,6 +160,119 @@ def _check(authz: Authorizer, body: dict) -> tuple[Entity, str, Entity]:
     return actor, action, resource
 
 
+def _chain(authz: Authorizer, body: dict) -> tuple[Entity, ...] | None:
+    """The request's ``principals`` (checked), or None when it names one ``actor``."""
+    if "principals" not in body:
+        return None
+    if "actor" in body:
+        raise bad_request("give actor (one principal) or principals (a chain), not both")
+    raw = body["principals"]
+    if not isinstance(raw, list) or not 1 <= len(raw) <= MAX_CHAIN:
+        raise bad_request(
+            f"principals must be a list of 1 to {MAX_CHAIN} entities, the user first, then"
+            ' each agent acting for them: [{"type": "User", "id": "..."}, ...]'
+        )
+    chain = []
+    for i, item in enumerate(raw):
+        name = f"principals[{i}]"
+        e = entity({name: item}, name)
+        _known_type(authz, e, name)
+        chain.append(e)
+    return tuple(chain)
+
+
+def _check_chain(authz: Authorizer, body: dict) -> tuple[tuple[Entity, ...], str, Entity]:
+    chain = _chain(authz, body)
+    assert chain is not None
+    action = get_field(body, "action", str)
+    resource = entity(body, "resource")
+    _known_type(authz, resource, "resource")
+    return chain, action, resource
+
+
+def _scopes(body: dict) -> list[str] | None:
+    scopes = get_field(body, "scopes", list, required=False)
+    if scopes is not None and not all(isinstance(s, str) for s in scopes):
+        raise bad_request("scopes must be a list of strings (the caller's OAuth scopes)")
+    return scopes
+
+
+def _obligations_json(decision: ChainDecision) -> dict:
+    o = decision.obligations
+    return {
+        "masks": list(o.masks),
+        "rate_limits": [
+            {"principal": _entity_json(r.principal), "max": r.max, "seconds": r.seconds}
+            for r in o.rate_limits
+        ],
+        "required_scopes": list(o.required_scopes),
+        "requires_approval": o.requires_approval and not o.approval_granted,
+        "requires_review": o.requires_review,
+        "read_only": o.read_only,
+        "max_auth_age": o.max_auth_age,
+        "alerts": [
+            {"principal": _entity_json(p), "name": n, "severity": sev} for p, n, sev in o.alerts
+        ],
+    }
+
+
+def _chain_answer(decision: ChainDecision) -> dict:
+    """What an answer (and its record) says of a chain decision beyond ``allowed``."""
+    out: dict[str, Any] = {
+        "refused_by": _entity_json(decision.refused_by) if decision.refused_by else None
+    }
+    if decision.reason is not None:
+        out["reason"] = decision.reason
+    if decision.limit is not None:
+        out["limit"] = decision.limit
+    if decision.stale_signals:
+        out["stale_signals"] = list(decision.stale_signals)
+    if decision.missing_scopes:
+        out["reason"] = "insufficient_scope"
+        out["missing_scopes"] = list(decision.missing_scopes)
+    if decision.allowed:
+        out["obligations"] = _obligations_json(decision)
+    return out
+
+
+def _chain_request(chain: tuple[Entity, ...], action: str, resource: Entity) -> dict:
+    return {
+        "principals": [_entity_json(p) for p in chain],
+        "action": action,
+        "resource": _entity_json(resource),
+    }
+
+
+async def _authorize_chain(request: Request, body: dict, replica: Replica) -> JSONResponse:
+    authz = replica.authz
+    chain, action, resource = _check_chain(authz, body)
+    context = _context(body)
+    scopes = _scopes(body)
+    explain = get_field(body, "explain", bool, required=False)
+    started = time.perf_counter()
+    decision = decide_chain(authz, chain, action, resource, context, scopes)
+    _observe(request, "authorize", started, "allow" if decision.allowed else "deny")
+    answer = _chain_answer(decision)
+    explanation = None
+    if explain:
+        # Why the principal that refused was refused (or, allowed, why the last one was).
+        explained = authz.decide(decision.refused_by or chain[-1], action, resource, context)
+        explanation = _explanation_json(explained)
+    req = {**_chain_request(chain, action, resource), "refused_by": answer["refused_by"]}
+    _keep_context(request, req, context)
+    refusal = {k: answer[k] for k in ("reason", "limit") if k in answer} or None
+    decision_id = _record(request, "authorize", req, decision.allowed, explanation, refusal)
+    out = {
+        "allowed": decision.allowed,
+        "decision_id": decision_id,
+        "sequence": replica.applied,
+        **answer,
+    }
+    if explanation is not None:
+        out["explanation"] = explanation
+    return JSONResponse(out)
+
+
 def _record(
     request: Request,
     kind: str,
@@ -209,6 +330,8 @@ async def authorize(request: Request) -> JSONResponse:
     await require(request, "decide")
     body = await read_json(request)
     replica = await _fresh(request, body)
+    if "principals" in body:
+        return await _authorize_chain(request, body, replica)
     authz = replica.authz
     actor, action, resource = _check(authz, body)
     context = _context(body)
@@ -251,7 +374,12 @@ async def authorize_batch(request: Request) -> JSONResponse:
         if not isinstance(check, dict):
             raise bad_request(f"checks[{i}] must be an object")
         try:
-            parsed.append((*_check(authz, check), _context(check) or shared_context))
+            if "principals" in check:
+                parsed.append(
+                    (*_check_chain(authz, check), _context(check) or shared_context, _scopes(check))
+                )
+            else:
+                parsed.append((*_check(authz, check), _context(check) or shared_context, None))
         except Problem as p:
             raise Problem(p.status, p.title, f"checks[{i}]: {p.detail}") from None
     results = []
@@ -260,9 +388,22 @@ async def authorize_batch(request: Request) -> JSONResponse:
     # hold the event loop for a thousand budgets (minutes); once it is spent, every check left
     # is refused with evaluation_limit at once.
     with authz.session(shared_context) as session:
-        for actor, action, resource, context in parsed:
+        for actor, action, resource, context, scopes in parsed:
             started = time.perf_counter()
             refusal = None
+            if not isinstance(actor, Entity):  # a chain (an Entity is a tuple too)
+                decision = decide_chain_in(session, actor, action, resource, context, scopes)
+                _observe(request, "authorize", started, "allow" if decision.allowed else "deny")
+                answer = _chain_answer(decision)
+                req = {
+                    **_chain_request(actor, action, resource),
+                    "refused_by": answer["refused_by"],
+                }
+                _keep_context(request, req, context)
+                refusal = {k: answer[k] for k in ("reason", "limit") if k in answer} or None
+                decision_id = _record(request, "authorize", req, decision.allowed, refusal=refusal)
+                results.append({"allowed": decision.allowed, "decision_id": decision_id, **answer})
+                continue
             try:
                 allowed = session.allowed(actor, action, resource, context)
             except EvaluationLimit as over:
@@ -430,6 +571,10 @@ async def explain(request: Request) -> JSONResponse:
         out["exact"] = True
         return JSONResponse(out)
     r = record.request
+    if "principals" in r:
+        # A chain: explain the principal that refused, or (allowed) the last of the chain.
+        who = r.get("refused_by") or r["principals"][-1]
+        r = {**r, "actor": who}
     if r.get("context_omitted"):
         raise Problem(
             409,

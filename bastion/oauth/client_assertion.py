@@ -1,0 +1,375 @@
+"""``private_key_jwt`` client authentication: a client proves itself with a JWT it signed with its
+own private key (RFC 7523 §2.2 and §3, as profiled by OpenID Connect Core §9 and by MCP's client
+credentials extension), checked against the public keys it registered (``jwks``) or publishes
+(``jwks_uri``). No secret is shared with bastion.
+
+The assertion's ``iss`` and ``sub`` are the client_id; ``aud`` is this server's issuer identifier
+(what the MCP SDK sends, and what draft-ietf-oauth-rfc7523bis requires) or its token endpoint URL
+(RFC 7523 §3), a single value; ``exp`` is at most ``max_lifetime_seconds`` after ``iat`` and after
+now; ``jti`` is used once: every accepted ``(client_id, jti)`` is written to the database, which
+every replica shares, until the assertion has expired, and a second use is refused. Only the
+asymmetric algorithms of ``[oauth.client_assertion].algorithms`` are accepted (never ``none``,
+never an HMAC keyed with a public key). Signatures are checked in a worker thread; a ``jwks_uri``
+is fetched without blocking the event loop, with a timeout, a size cap and a cache.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import json
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+import anyio
+import httpx
+from joserfc import jws, jwt
+from joserfc.errors import JoseError
+from joserfc.jwk import KeySet
+
+from bastion import untrusted_json
+from bastion.db import Database
+from bastion.oauth.errors import InvalidClient, InvalidClientMetadata, InvalidRequest
+from bastion.oauth.settings import ClientAssertionSettings
+from bastion.oauth.store import Client
+
+ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
+METHOD = "private_key_jwt"
+# Asymmetric algorithms only: the server holds public keys, never a shared secret.
+ASYMMETRIC_ALGORITHMS = (
+    "RS256",
+    "RS384",
+    "RS512",
+    "PS256",
+    "PS384",
+    "PS512",
+    "ES256",
+    "ES384",
+    "ES512",
+    "EdDSA",
+)
+MAX_KEYS = 20
+MAX_JTI_CHARS = 256
+MAX_ASSERTION_CHARS = 8192
+# Members of a JWK that only a private (or symmetric) key has: never registered with bastion.
+_PRIVATE_MEMBERS = ("d", "p", "q", "dp", "dq", "qi", "oth", "k")
+
+_MIGRATIONS = [
+    """
+    CREATE TABLE oauth_client_assertions (
+        client_id TEXT NOT NULL,
+        jti TEXT NOT NULL,
+        expires_at DOUBLE PRECISION NOT NULL,
+        PRIMARY KEY (client_id, jti)
+    );
+    CREATE INDEX oauth_client_assertions_expiry ON oauth_client_assertions (expires_at);
+    """
+]
+
+
+def jwks_problem(jwks: Any) -> str | None:
+    """Why ``jwks`` cannot be a client's registered key set, or None: a JSON Web Key Set of 1 to
+    `MAX_KEYS` public asymmetric keys, each with a distinct ``kid`` when there are several."""
+    if not isinstance(jwks, Mapping) or not isinstance(jwks.get("keys"), list):
+        return 'jwks must be a JSON Web Key Set: {"keys": [...]}'
+    keys = jwks["keys"]
+    if not 1 <= len(keys) <= MAX_KEYS:
+        return f"jwks must hold 1 to {MAX_KEYS} keys"
+    kids = []
+    for i, key in enumerate(keys):
+        if not isinstance(key, Mapping):
+            return f"jwks.keys[{i}] must be a JSON object"
+        if key.get("kty") not in ("RSA", "EC", "OKP"):
+            return f"jwks.keys[{i}]: kty must be RSA, EC or OKP (a public key; no shared secrets)"
+        private = [m for m in _PRIVATE_MEMBERS if m in key]
+        if private:
+            return (
+                f"jwks.keys[{i}] holds private key material ({', '.join(private)}): register"
+                " only the public key"
+            )
+        kids.append(key.get("kid"))
+    if len(keys) > 1 and (None in kids or len(set(kids)) != len(kids)):
+        return "jwks with several keys: each key needs a distinct kid"
+    try:
+        KeySet.import_key_set(json.loads(json.dumps(jwks)))
+    except (JoseError, ValueError, TypeError) as exc:
+        return f"jwks cannot be read as keys: {exc}"
+    return None
+
+
+def jwks_uri_problem(uri: Any) -> str | None:
+    """Why ``uri`` cannot be a client's jwks_uri, or None: https, or http to a loopback address."""
+    if not isinstance(uri, str) or len(uri) > 2000:
+        return "jwks_uri must be a URL of at most 2000 characters"
+    parts = urlsplit(uri)
+    if parts.fragment or not parts.hostname:
+        return "jwks_uri must be an absolute URL without a fragment"
+    if parts.scheme == "https":
+        return None
+    if parts.scheme == "http" and _loopback(parts.hostname):
+        return None
+    return "jwks_uri must be an https URL (http only on a loopback address)"
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def key_metadata(metadata: Mapping[str, Any], method: str) -> dict[str, Any]:
+    """The ``jwks`` or ``jwks_uri`` of client metadata (RFC 7591 §2), checked: exactly one for
+    ``private_key_jwt``, neither for any other method. Raises `InvalidClientMetadata`."""
+    jwks, uri = metadata.get("jwks"), metadata.get("jwks_uri")
+    if method != METHOD:
+        if jwks is not None or uri is not None:
+            raise InvalidClientMetadata(
+                f"jwks and jwks_uri are for token_endpoint_auth_method {METHOD!r} only"
+            )
+        return {}
+    if (jwks is None) == (uri is None):
+        raise InvalidClientMetadata(f"{METHOD} needs exactly one of jwks or jwks_uri")
+    problem = jwks_problem(jwks) if jwks is not None else jwks_uri_problem(uri)
+    if problem:
+        raise InvalidClientMetadata(problem)
+    return {"jwks": jwks} if jwks is not None else {"jwks_uri": uri}
+
+
+@dataclass
+class _FetchedKeys:
+    keys: KeySet
+    fetched_at: float
+
+
+class ClientAssertions:
+    """Authenticates clients by ``private_key_jwt`` for one authorization server."""
+
+    def __init__(
+        self,
+        settings: ClientAssertionSettings,
+        db: Database,
+        audiences: tuple[str, ...],
+        leeway_seconds: int,
+        clock: Callable[[], float] = time.time,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        self.settings = settings
+        self.db = db
+        self.audiences = audiences
+        self.leeway = leeway_seconds
+        self.clock = clock
+        self._transport = transport
+        self._fetched: dict[str, _FetchedKeys] = {}
+        self._fetching: dict[str, asyncio.Lock] = {}
+        db.migrate("oauth_client_assertions", _MIGRATIONS)
+
+    async def authenticate(
+        self,
+        assertion: str,
+        client_id: str | None,
+        find_client: Callable[[str], Awaitable[Client | None]],
+    ) -> Client:
+        """The client the assertion proves, or `InvalidClient` saying what is wrong with it.
+        ``client_id`` is the request's own client_id parameter, if it sent one."""
+        if len(assertion) > MAX_ASSERTION_CHARS:
+            raise InvalidClient(f"client_assertion is longer than {MAX_ASSERTION_CHARS} characters")
+        header, claims = _unverified(assertion)
+        issuer = claims.get("iss")
+        if not isinstance(issuer, str) or not issuer:
+            raise InvalidClient("the client assertion must name the client in iss")
+        if claims.get("sub") != issuer:
+            raise InvalidClient("the client assertion's sub must equal its iss (the client_id)")
+        if client_id not in (None, issuer):
+            raise InvalidRequest("client_id differs from the client assertion's iss")
+        algorithm = header.get("alg")
+        if algorithm not in self.settings.algorithms:
+            raise InvalidClient(
+                f"the client assertion's alg {algorithm!r} is not accepted; use one of"
+                f" {list(self.settings.algorithms)}"
+            )
+        client = await find_client(issuer)
+        if client is None or client.revoked_at is not None:
+            raise InvalidClient(f"client {issuer!r} is unknown or revoked")
+        if client.token_endpoint_auth_method != METHOD:
+            raise InvalidClient(
+                f"client {issuer!r} is registered for {client.token_endpoint_auth_method!r},"
+                f" not {METHOD!r}"
+            )
+        kid = header.get("kid")
+        if kid is not None and not isinstance(kid, str):
+            raise InvalidClient("the client assertion's kid must be a string")
+        keys = await self._keys(client, kid)
+        verified = await anyio.to_thread.run_sync(self._verify, assertion, keys, kid)
+        expires_at = self._check_claims(verified)
+        fresh = await anyio.to_thread.run_sync(
+            self._use_once, client.client_id, verified["jti"], expires_at
+        )
+        if not fresh:
+            raise InvalidClient("this client assertion was already used (its jti is spent)")
+        return client
+
+    # -- keys ------------------------------------------------------------------------------
+
+    async def _keys(self, client: Client, kid: str | None) -> KeySet:
+        registered = client.metadata.get("jwks")
+        if registered is not None:
+            return await anyio.to_thread.run_sync(KeySet.import_key_set, registered)
+        uri = client.metadata.get("jwks_uri")
+        if not isinstance(uri, str):
+            raise InvalidClient(f"client {client.client_id!r} has no registered keys")
+        now = self.clock()
+        cached = self._fetched.get(uri)
+        if cached is not None:
+            young = now - cached.fetched_at < self.settings.jwks_cache_seconds
+            known = kid is None or _has_kid(cached.keys, kid)
+            # A kid not yet seen is a rotation: fetch again, at most every jwks_refetch_seconds.
+            may_refetch = now - cached.fetched_at >= self.settings.jwks_refetch_seconds
+            if young and (known or not may_refetch):
+                return cached.keys
+        lock = self._fetching.setdefault(uri, asyncio.Lock())
+        async with lock:
+            again = self._fetched.get(uri)
+            if again is not None and again is not cached:
+                return again.keys  # fetched by another request while this one waited
+            keys = await self._fetch(uri)
+            if len(self._fetched) >= self.settings.jwks_max_cached:
+                self._fetched.pop(next(iter(self._fetched)))
+            self._fetched[uri] = _FetchedKeys(keys, self.clock())
+            return keys
+
+    async def _fetch(self, uri: str) -> KeySet:
+        limit = self.settings.jwks_max_bytes
+        try:
+            with anyio.fail_after(self.settings.jwks_timeout_seconds):
+                async with (
+                    httpx.AsyncClient(
+                        follow_redirects=False, transport=self._transport, trust_env=False
+                    ) as http,
+                    http.stream("GET", uri, headers={"Accept": "application/json"}) as response,
+                ):
+                    if response.status_code != 200:
+                        raise InvalidClient(
+                            f"the client's jwks_uri answered HTTP {response.status_code}"
+                        )
+                    body = bytearray()
+                    async for chunk in response.aiter_bytes():
+                        body += chunk
+                        if len(body) > limit:
+                            raise InvalidClient(
+                                f"the client's jwks_uri sent more than {limit} bytes"
+                                " ([oauth.client_assertion].jwks_max_bytes)"
+                            )
+        except TimeoutError:
+            raise InvalidClient(
+                f"the client's jwks_uri did not answer within {self.settings.jwks_timeout_seconds}"
+                " s ([oauth.client_assertion].jwks_timeout_seconds)"
+            ) from None
+        except httpx.HTTPError as exc:
+            raise InvalidClient(f"the client's jwks_uri cannot be fetched: {exc}") from None
+        try:
+            document = untrusted_json.loads(bytes(body))
+        except untrusted_json.JsonRefused as exc:
+            raise InvalidClient(f"the client's jwks_uri sent no JSON key set: {exc}") from None
+        problem = jwks_problem(document)
+        if problem:
+            raise InvalidClient(f"the client's jwks_uri: {problem}")
+        return await anyio.to_thread.run_sync(KeySet.import_key_set, document)
+
+    # -- the assertion ---------------------------------------------------------------------
+
+    def _verify(self, assertion: str, keys: KeySet, kid: str | None) -> dict[str, Any]:
+        """In a worker thread: the claims, once the signature is checked with the one key the
+        header names (or the only key)."""
+        if kid is not None:
+            candidates = [k for k in keys.keys if k.kid == kid]
+        else:
+            candidates = list(keys.keys) if len(keys.keys) == 1 else []
+        if len(candidates) != 1:
+            raise InvalidClient(
+                f"no registered key of this client has kid {kid!r}"
+                if kid is not None
+                else "the client has several keys: the assertion's header must name one (kid)"
+            )
+        try:
+            token = jwt.decode(assertion, candidates[0], algorithms=list(self.settings.algorithms))
+        except JoseError as exc:
+            raise InvalidClient(
+                f"the client assertion's signature does not verify: {exc}"
+            ) from None
+        return dict(token.claims)
+
+    def _check_claims(self, claims: Mapping[str, Any]) -> float:
+        """The time until which the assertion's jti must be remembered; `InvalidClient` when a
+        claim is missing or out of bounds."""
+        now, leeway = self.clock(), self.leeway
+        aud = claims.get("aud")
+        if isinstance(aud, list) and len(aud) == 1:
+            aud = aud[0]
+        if aud not in self.audiences:
+            raise InvalidClient(
+                f"the client assertion's aud must be this server's issuer {self.audiences[0]!r}"
+                f" (or its token endpoint {self.audiences[1]!r}), one value"
+            )
+        exp, iat = claims.get("exp"), claims.get("iat")
+        for name, value in (("exp", exp), ("iat", iat)):
+            if not isinstance(value, int | float) or isinstance(value, bool):
+                raise InvalidClient(f"the client assertion needs {name}, a time in seconds")
+        if exp <= now - leeway:
+            raise InvalidClient("the client assertion has expired")
+        if iat > now + leeway:
+            raise InvalidClient("the client assertion was issued in the future (iat)")
+        most = self.settings.max_lifetime_seconds
+        if exp - iat > most or exp - now > most + leeway:
+            raise InvalidClient(
+                f"the client assertion lives longer than {most} s"
+                " ([oauth.client_assertion].max_lifetime_seconds); sign one that expires sooner"
+            )
+        nbf = claims.get("nbf")
+        if nbf is not None and (not isinstance(nbf, int | float) or nbf > now + leeway):
+            raise InvalidClient("the client assertion is not valid yet (nbf)")
+        jti = claims.get("jti")
+        if not isinstance(jti, str) or not 1 <= len(jti) <= MAX_JTI_CHARS:
+            raise InvalidClient(
+                f"the client assertion needs jti, a unique string of 1 to {MAX_JTI_CHARS}"
+                " characters"
+            )
+        return float(exp) + leeway
+
+    def _use_once(self, client_id: str, jti: str, expires_at: float) -> bool:
+        """Record ``jti`` as spent; exactly one caller, on any replica, ever gets True."""
+        rows = self.db.execute(
+            "INSERT INTO oauth_client_assertions (client_id, jti, expires_at) VALUES (?, ?, ?)"
+            " ON CONFLICT (client_id, jti) DO NOTHING RETURNING jti",
+            (client_id, jti, expires_at),
+        )
+        return bool(rows)
+
+    def forget_expired(self, now: float) -> None:
+        """Delete spent jtis whose assertions can no longer be accepted anyway."""
+        self.db.execute("DELETE FROM oauth_client_assertions WHERE expires_at < ?", (now,))
+
+
+def _has_kid(keys: KeySet, kid: str) -> bool:
+    return any(k.kid == kid for k in keys.keys)
+
+
+def _unverified(assertion: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The header and claims, before the signature is checked: only to find the client and
+    its key. Nothing read here is trusted until `_verify`."""
+    try:
+        compact = jws.extract_compact(assertion.encode("ascii"))
+        claims = untrusted_json.loads(compact.payload)
+    except (JoseError, UnicodeError, ValueError, untrusted_json.JsonRefused):
+        raise InvalidClient(
+            "client_assertion is not a signed JWT (compact serialization)"
+        ) from None
+    header = compact.headers()
+    if not isinstance(claims, dict):
+        raise InvalidClient("the client assertion's payload must be a JSON object of claims")
+    return dict(header), claims
