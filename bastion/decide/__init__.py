@@ -13,7 +13,7 @@ with ``reason == "evaluation_limit"`` (``decide``).
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
@@ -489,19 +489,44 @@ class Authorizer:
         return q
 
     @contextmanager
-    def session(self, context: dict | None = None) -> Iterator[Session]:
+    def session(
+        self, context: dict | None = None, *, facts: Sequence[tuple] = ()
+    ) -> Iterator[Session]:
         """Ask several questions as one: one policy, one view of the facts, one lock.
 
         ``with authz.session(ctx) as s: s.allowed(...); s.values("mask", ...)``. The facts cannot
         change between its questions, and it costs less than asking them one by one. Its
         questions spend one evaluation budget together: a session is bounded as one question.
+
+        ``facts`` (checked with `FactSet.validate`) hold for the session's questions only, as
+        if stored: Oso Cloud's context facts.
         """
         active = self._active
         q = self._begin(context)
+        added = self._assume(facts) if facts else ()
         try:
             yield Session(self, active, q)
         finally:
+            if added:
+                self._forget(added)
             self._index.lock.release()
+
+    def _assume(self, facts: Sequence[tuple]) -> list[tuple]:
+        """Add the ``facts`` the index does not hold yet, for one question; the caller holds the
+        lock and takes them away again (`_forget`) before it lets go, so no other question, and
+        no write, ever sees them."""
+        index = self._index
+        added = []
+        for fact in facts:
+            # A fact already held stays as it is (and keeps its expiry).
+            if next(index.matching(fact), None) is None:
+                index.add(fact)
+                added.append(fact)
+        return added
+
+    def _forget(self, added: list[tuple]) -> None:
+        for fact in added:
+            self._index.remove(fact)
 
     def _allowed(self, active: _Active, q: Query, actor: Any, action: Any, resource: Any) -> bool:
         try:
@@ -558,17 +583,24 @@ class Authorizer:
         return Decision(explanation.allowed, explanation, reason)
 
     def list(
-        self, actor: Any, action: Any, resource_type: str, context: dict | None = None
+        self,
+        actor: Any,
+        action: Any,
+        resource_type: str,
+        context: dict | None = None,
+        *,
+        facts: Sequence[tuple] = (),
     ) -> list[str]:
         """Ids of the resources of ``resource_type`` that ``actor`` may ``action``, sorted.
 
-        Only resources that some fact mentions can be listed.
+        Only resources that some fact mentions can be listed. ``facts``: as for `session`.
         """
         _check_arguments(actor, action)
         active = self._active
         if active.allow is None:
             return []
         q = self._begin(context)
+        added = self._assume(facts) if facts else ()
         try:
             fn = active.compiled.function("allow", 3, "bbf")  # compiled on first use, locked
             found = {
@@ -579,16 +611,26 @@ class Authorizer:
         except RecursionError:
             stack_exhausted(q)
         finally:
+            if added:
+                self._forget(added)
             self._index.lock.release()
         return sorted(r[1] for r in found)
 
-    def actions(self, actor: Any, resource: Any, context: dict | None = None) -> set[str]:
-        """Every action ``actor`` may take on ``resource``."""
+    def actions(
+        self,
+        actor: Any,
+        resource: Any,
+        context: dict | None = None,
+        *,
+        facts: Sequence[tuple] = (),
+    ) -> set[str]:
+        """Every action ``actor`` may take on ``resource``. ``facts``: as for `session`."""
         _check_arguments(actor, "", resource)
         active = self._active
         if active.allow is None:
             return set()
         q = self._begin(context)
+        added = self._assume(facts) if facts else ()
         try:
             fn = active.compiled.function("allow", 3, "bfb")  # compiled on first use, locked
             found = {a for a in fn(q, actor, resource) if isinstance(a, str)}
@@ -597,6 +639,8 @@ class Authorizer:
         except RecursionError:
             stack_exhausted(q)
         finally:
+            if added:
+                self._forget(added)
             self._index.lock.release()
         return found
 

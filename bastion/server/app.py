@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import secrets
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -269,6 +270,19 @@ def _behavior(config: ServerConfig, gateway):
     )
 
 
+def _agent_counters(config: ServerConfig, gateway):
+    """The behaviour counters agent events feed (`bastion.server.api.oso_agents`), and the
+    keyed digest of tool arguments: the gateway's when there is one, so both count alike;
+    otherwise this process's own ([signals.behavior])."""
+    if gateway is not None:
+        return gateway.enforcer.behavior, gateway.enforcer.digest
+    from bastion.gateway.enforce import ArgumentDigest
+    from bastion.signals.behavior import behavior_from_config
+
+    counters = behavior_from_config(config.signals.get("behavior", {}))
+    return counters, ArgumentDigest(secrets.token_bytes(32))
+
+
 def _approvals(config: ServerConfig, oauth, replica: Replica):
     """Holds for people (docs/approvals.md): with a gateway, whose calls they hold."""
     if not config.gateway or oauth is None:
@@ -399,6 +413,7 @@ def create_app(config: ServerConfig) -> Starlette:
         _delegation(oauth, gateway, replica)
         gateway.enforcer.shadow.on_fire = metrics.shadow_fired
         gateway.enforcer.behavior = _behavior(config, gateway)
+    behavior, argument_digest = _agent_counters(config, gateway)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -494,4 +509,6 @@ def create_app(config: ServerConfig) -> Starlette:
     app.state.signal_settings = signal_settings
     app.state.alerts = alerts
     app.state.tasks = tasks
+    app.state.behavior = behavior
+    app.state.argument_digest = argument_digest
     return app

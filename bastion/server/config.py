@@ -90,6 +90,11 @@ class ServerConfig:
     evaluation_max_depth: int = DEFAULT_LIMITS.evaluation_max_depth
     evaluation_max_term_size: int = DEFAULT_LIMITS.evaluation_max_term_size
     explanation_max_steps: int = DEFAULT_LIMITS.explanation_max_steps
+    # Oso Cloud's API (/api, docs/oso-cloud.md): the most facts one get answers, the most rows
+    # one query answers, the page size list answers at most, the most facts one typed delete
+    # expands to; and the most context facts one request may send.
+    oso_api_max_results: int = 10_000
+    oso_api_max_context_facts: int = 100
     log_level: str = "info"
     # One log line per request (uvicorn's access log).
     access_log: bool = False
@@ -235,6 +240,8 @@ _POSITIVE = (
     "decision_records_buffer",
     "authzen_max_evaluations",
     "authzen_max_page",
+    "oso_api_max_results",
+    "oso_api_max_context_facts",
 )
 
 

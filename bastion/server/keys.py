@@ -40,6 +40,11 @@ SCOPES = (
     "tasks",
     # The AuthZEN Authorization API (/access/v1/...): for a PEP that asks for decisions.
     "authzen",
+    # Oso Cloud's API under /api (docs/oso-cloud.md): decisions and reads of facts and policy;
+    # fact and policy writes; the SDK's agent events (for_agents), which feed behaviour counters.
+    "oso:read",
+    "oso:write",
+    "oso:events",
     "admin",
 )
 KEY_PREFIX = "bst_"

@@ -1577,18 +1577,20 @@ PATHS.update(
 
 @cache
 def openapi_document() -> dict:
+    from bastion.server import openapi_oso_cloud as oso
+
     return {
         "openapi": "3.1.0",
         "info": {
             "title": "bastion decision service",
             "version": "1",
             "description": "Policy decisions, facts, policy versions, API keys, approvals,"
-            " signals, suspensions, alerts and tasks; and the OpenID AuthZEN Authorization API"
-            " 1.0.",
+            " signals, suspensions, alerts and tasks; the OpenID AuthZEN Authorization API"
+            " 1.0; and Oso Cloud's API as the oso-cloud SDK calls it (/api).",
         },
-        "paths": PATHS,
+        "paths": {**PATHS, **oso.PATHS},
         "components": {
-            "schemas": SCHEMAS,
+            "schemas": {**SCHEMAS, **oso.SCHEMAS},
             "securitySchemes": {"apiKey": {"type": "http", "scheme": "bearer"}},
         },
     }

@@ -63,12 +63,19 @@ def raise_alerts(database: str) -> None:
 def test_schemathesis_finds_no_server_error_and_no_difference_from_the_document(tmp_path):
     server = served_with_approvals(tmp_path)
     try:
-        check_with_schemathesis(server, tmp_path)
+        # Oso Cloud's /api has a run of its own (tests/oso_cloud/test_openapi.py): within one
+        # time budget, its operations would take examples from these.
+        check_with_schemathesis(server, tmp_path, ["--exclude-path-regex", "^/api/"])
     finally:
         server.stop()
 
 
-def check_with_schemathesis(server: ServerProcess, tmp_path: Path) -> None:
+def check_with_schemathesis(
+    server: ServerProcess,
+    tmp_path: Path,
+    filters: list[str] | None = None,
+    phases: str = "examples,coverage,fuzzing,stateful",
+) -> None:
     config = tmp_path / "schemathesis.toml"
     config.write_text(CONFIG)
     command = [
@@ -80,7 +87,7 @@ def check_with_schemathesis(server: ServerProcess, tmp_path: Path) -> None:
         "--checks",
         "all",
         "--phases",
-        "examples,coverage,fuzzing,stateful",
+        phases,
         "--header",
         f"Authorization: Bearer {ADMIN_KEY}",
         "--max-examples",
@@ -94,6 +101,7 @@ def check_with_schemathesis(server: ServerProcess, tmp_path: Path) -> None:
         "--generation-database",
         "none",
         "--no-color",
+        *(filters or []),
     ]
     env = {
         **os.environ,

@@ -1,5 +1,5 @@
 """The `/v1` API (decisions, facts, policy, API keys, approvals, agents, signals, alerts and
-tasks), and AuthZEN."""
+tasks), AuthZEN, and Oso Cloud's API under `/api` (its SDK's calls and agent events)."""
 
 from __future__ import annotations
 
@@ -13,6 +13,8 @@ from bastion.server.api import (
     decisions,
     facts,
     keys,
+    oso_agents,
+    oso_cloud,
     policy,
     signals,
     suspensions,
@@ -33,4 +35,6 @@ def routes() -> list[BaseRoute]:
         *alerts.routes,
         *tasks.routes,
         *authzen.routes,
+        *oso_cloud.routes,
+        *oso_agents.routes,
     ]

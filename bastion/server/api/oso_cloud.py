@@ -1,0 +1,665 @@
+"""Oso Cloud's HTTP API under ``/api``, as the official ``oso-cloud`` SDK (2.x) calls it.
+
+Point ``Oso(url=<bastion>, api_key=<bastion API key>)`` at ``bastion serve``: ``authorize``,
+``list``, ``actions``, ``get``/``insert``/``delete``/``batch`` of facts, ``policy``,
+``get_policy_metadata`` and ``build_query(...).evaluate(...)`` are answered by the same decision
+point, fact store and policy store as ``/v1``. The paths and JSON are those the SDK sends
+(``oso_cloud/api.py``); answers hold exactly the fields the SDK's dataclasses take, and errors are
+``{"message": ...}`` with the HTTP status, which the SDK raises as ``OsoException``. Writes answer
+the ``OsoOffset`` header (their change-log sequence), which the SDK sends back on later requests:
+a read then waits (bounded) until this replica has applied that write. See docs/oso-cloud.md.
+"""
+
+from __future__ import annotations
+
+import bisect
+import functools
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import anyio
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from bastion.decide import Authorizer
+from bastion.facts.model import Entity, FactError, check_fact
+from bastion.facts.store import FactStore, StoredFact, WriteResult, fact_key
+from bastion.policy.errors import EvaluationLimit, PolicyError
+from bastion.policy.parser import parse
+from bastion.server.api.decisions import _fresh, _known_type, _observe, _record
+from bastion.server.api.policy import _await_applied, _validate, policy_problem
+from bastion.server.auth import require
+from bastion.server.problems import Problem, bad_request, read_json, unprocessable
+from bastion.server.problems import field as get_field
+
+# API key scopes (bastion keys create --scope ...): decisions and reads of facts and policy;
+# fact and policy writes. A key may hold both, as an Oso Cloud read-write key does.
+READ = "oso:read"
+WRITE = "oso:write"
+# The SDK's value types; any other type names an entity.
+VALUE_TYPES = {"String": str, "Integer": int, "Boolean": bool}
+OFFSET_HEADER = "OsoOffset"
+# Set on an answer that is a refusal because the evaluation spent its budget (allowed false, or
+# no results): the SDK's answers have no field for it.
+REFUSAL_HEADER = "Bastion-Refusal"
+
+Handler = Callable[[Request], Awaitable[Response]]
+
+
+def oso_errors(handler: Handler) -> Handler:
+    """Errors as Oso Cloud gives them, ``{"message": ...}``, so the SDK's ``OsoException``
+    carries the message (the status is the one ``/v1`` would answer)."""
+
+    @functools.wraps(handler)
+    async def answer(request: Request) -> Response:
+        try:
+            return await handler(request)
+        except Problem as p:
+            headers = {"WWW-Authenticate": "Bearer"} if p.status == 401 else None
+            return JSONResponse({"message": p.detail}, status_code=p.status, headers=headers)
+
+    return answer
+
+
+# -- values ------------------------------------------------------------------------------------
+
+
+def value_from_oso(obj: Any, where: str) -> Any:
+    """A concrete value ``{"type": T, "id": str}``: a string, integer or boolean for the value
+    types, an entity otherwise."""
+    if not isinstance(obj, dict) or set(obj) != {"type", "id"}:
+        raise bad_request(f'{where} must be {{"type": str, "id": str}}, got {obj!r}')
+    type_, id_ = obj["type"], obj["id"]
+    if not isinstance(type_, str) or not type_ or not isinstance(id_, str):
+        raise bad_request(f'{where} must be {{"type": str, "id": str}}, got {obj!r}')
+    return _typed(type_, id_, where)
+
+
+def _typed(type_: str, id_: str, where: str) -> Any:
+    kind = VALUE_TYPES.get(type_)
+    if kind is None:
+        return Entity(type_, id_)
+    if kind is str:
+        return id_
+    if kind is bool:
+        if id_ not in ("true", "false"):
+            raise unprocessable(f'{where}: a Boolean is "true" or "false", got {id_!r}')
+        return id_ == "true"
+    try:
+        return int(id_)
+    except ValueError:
+        raise unprocessable(f"{where}: an Integer's id is its digits, got {id_!r}") from None
+
+
+def value_to_oso(value: Any) -> dict:
+    if isinstance(value, Entity):
+        return {"type": value.type, "id": value.id}
+    if isinstance(value, bool):
+        return {"type": "Boolean", "id": "true" if value else "false"}
+    if isinstance(value, int):
+        return {"type": "Integer", "id": str(value)}
+    return {"type": "String", "id": value}
+
+
+def _oso_id(value: Any) -> str:
+    return value_to_oso(value)["id"]
+
+
+def _of_type(value: Any, type_: str | None) -> bool:
+    if type_ is None:
+        return True
+    kind = VALUE_TYPES.get(type_)
+    if kind is None:
+        return isinstance(value, Entity) and value.type == type_
+    return type(value) is kind
+
+
+def _fact_from_oso(authz: Authorizer, obj: Any, where: str) -> tuple:
+    """A concrete fact ``{"predicate", "args": [value...]}``, checked against the policy."""
+    if not isinstance(obj, dict) or not isinstance(obj.get("args"), list):
+        raise bad_request(f'{where} must be {{"predicate": str, "args": [...]}}')
+    predicate = obj.get("predicate")
+    if not isinstance(predicate, str):
+        raise bad_request(f"{where}: the predicate must be a string")
+    args = [value_from_oso(a, f"{where}.args[{i}]") for i, a in enumerate(obj["args"])]
+    try:
+        return authz.facts.validate((predicate, *args))
+    except FactError as e:
+        raise unprocessable(f"{where}: {e}") from None
+
+
+class Pattern:
+    """A fact pattern as the SDK sends it: per argument a value, a type (``ValueOfType``) or
+    anything (``None``). The store matches values; types are checked on what it returns."""
+
+    __slots__ = ("fact", "types")
+
+    def __init__(self, fact: tuple, types: tuple[str | None, ...]) -> None:
+        self.fact = fact
+        self.types = types
+
+    @classmethod
+    def parse(cls, predicate: Any, args: list[tuple[Any, Any]], where: str) -> Pattern:
+        if not isinstance(predicate, str) or not predicate.isidentifier():
+            raise unprocessable(f"{where}: the predicate must be an identifier, got {predicate!r}")
+        values, types = [], []
+        for i, (type_, id_) in enumerate(args):
+            at = f"{where}.args[{i}]"
+            if type_ is not None and (not isinstance(type_, str) or not type_):
+                raise bad_request(f"{at}: the type must be a non-empty string or null")
+            if id_ is not None and not isinstance(id_, str):
+                raise bad_request(f"{at}: the id must be a string or null")
+            if id_ is not None and type_ is None:
+                raise unprocessable(f"{at}: an id needs its type")
+            values.append(None if id_ is None else _typed(type_, id_, at))
+            types.append(type_ if id_ is None else None)
+        try:
+            fact = check_fact((predicate, *values), pattern=True)
+        except FactError as e:
+            raise unprocessable(f"{where}: {e}") from None
+        return cls(fact, tuple(types))
+
+    def fits(self, fact: tuple) -> bool:
+        return all(_of_type(v, t) for v, t in zip(fact[1:], self.types, strict=True))
+
+    @property
+    def typed(self) -> bool:
+        return any(t is not None for t in self.types)
+
+
+def _matching(store: FactStore, pattern: Pattern, limit: int) -> list[StoredFact]:
+    """Stored facts that fit ``pattern``; `Problem` 422 past ``limit`` (never a silent cut).
+    Does I/O: call from a worker thread."""
+    found: list[StoredFact] = []
+    after = ""
+    while True:
+        page = store.get(pattern.fact, after=after, limit=1000)
+        found += [f for f in page if pattern.fits(f.fact)]
+        if len(found) > limit:
+            raise unprocessable(
+                f"more than {limit} {pattern.fact[0]} facts match (oso_api_max_results); give"
+                " more of the arguments"
+            )
+        if len(page) < 1000:
+            return found
+        after = fact_key(page[-1].fact)
+
+
+# -- requests ----------------------------------------------------------------------------------
+
+
+async def _replica(request: Request) -> Any:
+    """The replica, at least as fresh as the write the SDK's ``OsoOffset`` names."""
+    offset = request.headers.get(OFFSET_HEADER)
+    body: dict = {}
+    if offset is not None:
+        if not offset.isdigit():
+            raise bad_request(f"the {OFFSET_HEADER} header must be a sequence a write returned")
+        body["at_least"] = int(offset)
+    return await _fresh(request, body)
+
+
+def _context_facts(request: Request, authz: Authorizer, body: dict) -> list[tuple]:
+    raw = get_field(body, "context_facts", list, required=False) or []
+    most = request.app.state.config.oso_api_max_context_facts
+    if len(raw) > most:
+        raise unprocessable(
+            f"at most {most} context facts per request (oso_api_max_context_facts), got {len(raw)}"
+        )
+    return [_fact_from_oso(authz, f, f"context_facts[{i}]") for i, f in enumerate(raw)]
+
+
+def _entity(body: dict, type_field: str, id_field: str) -> Any:
+    type_ = get_field(body, type_field, str)
+    id_ = get_field(body, id_field, str)
+    if not type_:
+        raise bad_request(f"the field {type_field!r} must not be empty")
+    return _typed(type_, id_, f"{type_field}/{id_field}")
+
+
+def _checked(authz: Authorizer, value: Any, name: str) -> None:
+    if isinstance(value, Entity):
+        _known_type(authz, value, name)
+
+
+def _json(body: Any, *, refused: str | None = None, offset: int | None = None) -> JSONResponse:
+    headers = {}
+    if refused:
+        headers[REFUSAL_HEADER] = refused
+    if offset is not None:
+        headers[OFFSET_HEADER] = str(offset)
+    return JSONResponse(body, headers=headers or None)
+
+
+def _behavior(request: Request, actor: Any, resource: Any) -> dict | None:
+    """``context.behavior`` for the actor (its user and agent figures, and those of the
+    resource's id as its tool), as `bastion.server.api.oso_agents` counts them."""
+    behavior = request.app.state.behavior
+    if behavior is None:
+        return None
+    actor_id = _oso_id(actor)
+    return {"behavior": behavior.view(actor_id, actor_id, _oso_id(resource))}
+
+
+# -- decisions ---------------------------------------------------------------------------------
+
+
+@oso_errors
+async def authorize(request: Request) -> Response:
+    await require(request, READ)
+    body = await read_json(request)
+    replica = await _replica(request)
+    authz: Authorizer = replica.authz
+    actor = _entity(body, "actor_type", "actor_id")
+    action = get_field(body, "action", str)
+    resource = _entity(body, "resource_type", "resource_id")
+    _checked(authz, actor, "actor_type")
+    _checked(authz, resource, "resource_type")
+    facts = _context_facts(request, authz, body)
+    context = _behavior(request, actor, resource)
+    if context is not None:
+        await request.app.state.behavior.prepare(context["behavior"])
+    started = time.perf_counter()
+    refused = None
+    try:
+        with authz.session(context, facts=facts) as session:
+            allowed = session.allowed(actor, action, resource)
+    except EvaluationLimit as over:
+        allowed, refused = False, over.reason
+    _observe(request, "authorize", started, "allow" if allowed else "deny")
+    req = {"actor": value_to_oso(actor), "action": action, "resource": value_to_oso(resource)}
+    if facts:
+        req["context_facts"] = len(facts)
+    _record(request, "authorize", req, allowed, refusal={"reason": refused} if refused else None)
+    return _json({"allowed": allowed}, refused=refused)
+
+
+@oso_errors
+async def list_resources(request: Request) -> Response:
+    await require(request, READ)
+    body = await read_json(request)
+    replica = await _replica(request)
+    authz: Authorizer = replica.authz
+    actor = _entity(body, "actor_type", "actor_id")
+    _checked(authz, actor, "actor_type")
+    action = get_field(body, "action", str)
+    resource_type = get_field(body, "resource_type", str)
+    most = request.app.state.config.oso_api_max_results
+    page_size = get_field(body, "page_size", int, required=False) or most
+    if page_size < 1:
+        raise bad_request(f"page_size must be 1 or more, got {page_size}")
+    page_size = min(page_size, most)
+    token = get_field(body, "page_token", str, required=False) or ""
+    facts = _context_facts(request, authz, body)
+    started = time.perf_counter()
+    refused = None
+    try:
+        ids = authz.list(actor, action, resource_type, facts=facts)
+    except EvaluationLimit as over:
+        ids, refused = [], over.reason
+    _observe(request, "list", started, "allow" if ids else "deny")
+    start = bisect.bisect_right(ids, token) if token else 0
+    page = ids[start : start + page_size]
+    more = bool(page) and page[-1] != ids[-1]
+    req = {"actor": value_to_oso(actor), "action": action, "resource_type": resource_type}
+    _record(request, "list", req, {"count": len(ids)})
+    return _json({"results": page, "next_page_token": page[-1] if more else None}, refused=refused)
+
+
+@oso_errors
+async def actions(request: Request) -> Response:
+    await require(request, READ)
+    body = await read_json(request)
+    replica = await _replica(request)
+    authz: Authorizer = replica.authz
+    actor = _entity(body, "actor_type", "actor_id")
+    resource = _entity(body, "resource_type", "resource_id")
+    _checked(authz, actor, "actor_type")
+    _checked(authz, resource, "resource_type")
+    facts = _context_facts(request, authz, body)
+    started = time.perf_counter()
+    refused = None
+    try:
+        found = sorted(authz.actions(actor, resource, facts=facts))
+    except EvaluationLimit as over:
+        found, refused = [], over.reason
+    _observe(request, "actions", started, "allow" if found else "deny")
+    req = {"actor": value_to_oso(actor), "resource": value_to_oso(resource)}
+    _record(request, "actions", req, found)
+    return _json({"results": found}, refused=refused)
+
+
+@oso_errors
+async def evaluate_query(request: Request) -> Response:
+    """``build_query(...).and_(...).in_(...).evaluate(...)``: a conjunction of calls over typed
+    variables, answered as one row per solution (variable id -> value id)."""
+    await require(request, READ)
+    body = await read_json(request)
+    replica = await _replica(request)
+    authz: Authorizer = replica.authz
+    calls = [_call(get_field(body, "predicate", list), "predicate")]
+    for i, call in enumerate(get_field(body, "calls", list, required=False) or []):
+        calls.append(_call(call, f"calls[{i}]"))
+    constraints = _constraints(get_field(body, "constraints", dict, required=False) or {})
+    for name, args in calls:
+        if not authz.defines(name, len(args)):
+            raise unprocessable(f"the policy defines no {name}/{len(args)}")
+        for var in args:
+            if var not in constraints:
+                raise unprocessable(f"{name}: the variable {var!r} has no entry in 'constraints'")
+    facts = _context_facts(request, authz, body)
+    most = request.app.state.config.oso_api_max_results
+    started = time.perf_counter()
+    refused = None
+    try:
+        with authz.session(None, facts=facts) as session:
+            rows = _solve(session, calls, constraints, most)
+    except EvaluationLimit as over:
+        rows, refused = [], over.reason
+    except PolicyError as e:
+        raise policy_problem(e, "the policy in force cannot answer this query") from None
+    _observe(request, "query", started, "allow" if rows else "deny")
+    _record(request, "query", {"predicate": calls[0][0], "calls": len(calls)}, len(rows))
+    out = [{var: _oso_id(row[var]) for var in constraints if var in row} for row in rows]
+    return _json({"results": out}, refused=refused)
+
+
+def _call(obj: Any, where: str) -> tuple[str, list[str]]:
+    if (
+        not isinstance(obj, list)
+        or len(obj) != 2
+        or not isinstance(obj[0], str)
+        or not isinstance(obj[1], list)
+        or not all(isinstance(v, str) for v in obj[1])
+    ):
+        raise bad_request(f"{where} must be [predicate, [variable ids]]")
+    return obj[0], obj[1]
+
+
+def _constraints(raw: dict) -> dict[str, tuple[str, list | None]]:
+    """variable id -> (type, the values it may take or None)."""
+    out = {}
+    for var, c in raw.items():
+        where = f"constraints.{var}"
+        if not isinstance(c, dict) or not isinstance(c.get("type"), str) or not c["type"]:
+            raise bad_request(f'{where} must be {{"type": str, "ids": [str] | null}}')
+        ids = c.get("ids")
+        if ids is not None and (
+            not isinstance(ids, list) or not all(isinstance(i, str) for i in ids)
+        ):
+            raise bad_request(f"{where}.ids must be a list of strings or null")
+        values = None if ids is None else [_typed(c["type"], i, where) for i in ids]
+        out[var] = (c["type"], values)
+    return out
+
+
+def _solve(session: Any, calls: list, constraints: dict, most: int) -> list[dict]:
+    """Join the calls left to right: each binds what earlier ones left open. A variable with
+    exactly one allowed value is given; one with several is left open and checked."""
+    rows: list[dict] = [{}]
+    for name, args in calls:
+        grown = []
+        for row in rows:
+            mask, bound = "", []
+            for var in args:
+                type_, values = constraints[var]
+                if var in row:
+                    mask, bound = mask + "b", [*bound, row[var]]
+                elif values is not None and len(values) == 1:
+                    mask, bound = mask + "b", [*bound, values[0]]
+                else:
+                    mask += "f"
+            open_vars = [v for v, m in zip(args, mask, strict=True) if m == "f"]
+            for hit in session.rows(name, mask, *bound):
+                values_ = (hit,) if len(open_vars) == 1 else hit
+                new = dict(row)
+                for var, m, given in zip(args, mask, _given(mask, bound), strict=True):
+                    if m == "b" and var not in new:
+                        new[var] = given
+                ok = True
+                for var, value in zip(open_vars, values_, strict=True):
+                    type_, allowed = constraints[var]
+                    if (
+                        (var in new and new[var] != value)
+                        or not _of_type(value, type_)
+                        or (allowed is not None and value not in allowed)
+                    ):
+                        ok = False
+                        break
+                    new[var] = value
+                if ok:
+                    grown.append(new)
+            if len(grown) > most:
+                raise unprocessable(
+                    f"the query has more than {most} results (oso_api_max_results); constrain"
+                    " it further"
+                )
+        rows = grown
+    # Distinct solutions, in a stable order.
+    seen: dict[tuple, dict] = {}
+    for row in rows:
+        seen.setdefault(tuple(sorted((k, repr(v)) for k, v in row.items())), row)
+    return [seen[k] for k in sorted(seen)]
+
+
+def _given(mask: str, bound: list) -> list:
+    """``bound`` spread over the positions of ``mask`` (None where open)."""
+    it = iter(bound)
+    return [next(it) if m == "b" else None for m in mask]
+
+
+# -- facts -------------------------------------------------------------------------------------
+
+
+@oso_errors
+async def get_facts(request: Request) -> Response:
+    """``oso.get((predicate, ...))``: ``predicate`` and ``args.<i>.type`` / ``args.<i>.id`` in
+    the query string; arguments past the last one given are anything, so every arity the
+    policy uses for the predicate is searched."""
+    await require(request, READ)
+    replica = await _replica(request)
+    params = request.query_params
+    predicate = params.get("predicate")
+    given: dict[int, list] = {}
+    for key, value in params.multi_items():
+        parts = key.split(".")
+        if key == "predicate" or key == "version":
+            continue
+        if len(parts) != 3 or parts[0] != "args" or parts[2] not in ("type", "id"):
+            raise bad_request(f"unknown query parameter {key!r}")
+        if not parts[1].isdigit() or int(parts[1]) > 32:
+            raise bad_request(f"{key!r}: the argument number must be 0 to 32")
+        if parts[2] == "type" and not value:
+            raise bad_request(f"{key!r}: a type is not empty")
+        given.setdefault(int(parts[1]), [None, None])[parts[2] == "id"] = value
+    if predicate is None:
+        raise bad_request("the query parameter 'predicate' is required")
+    authz: Authorizer = replica.authz
+    arities = sorted(
+        n
+        for (name, n) in authz.policy.program.fact_signatures
+        if name == predicate and n > max(given, default=-1)
+    )
+    patterns = [
+        Pattern.parse(predicate, [tuple(given.get(i, (None, None))) for i in range(n)], "fact")
+        for n in arities
+    ]
+    store: FactStore = request.app.state.store
+    most = request.app.state.config.oso_api_max_results
+
+    def read() -> list[StoredFact]:
+        found: list[StoredFact] = []
+        for p in patterns:
+            found += _matching(store, p, most - len(found))
+        return found
+
+    found = await anyio.to_thread.run_sync(read)
+    return _json(
+        [{"predicate": f.fact[0], "args": [value_to_oso(a) for a in f.fact[1:]]} for f in found]
+    )
+
+
+@oso_errors
+async def batch(request: Request) -> Response:
+    """``insert``, ``delete`` and ``with oso.batch()``: changesets applied in order, as one
+    transaction (a delete after an insert takes that insert back)."""
+    key = await require(request, WRITE)
+    raw = await _json_array(request)
+    # As /v1 writes: checked against the policy in force, whatever the replica's freshness.
+    authz: Authorizer = request.app.state.replica.authz
+    inserts: dict[tuple, StoredFact] = {}
+    patterns: list[Pattern] = []
+    for i, changeset in enumerate(raw):
+        if not isinstance(changeset, dict) or len(changeset) != 1:
+            raise bad_request(f'[{i}] must be {{"inserts": [...]}} or {{"deletes": [...]}}')
+        if "inserts" in changeset and isinstance(changeset["inserts"], list):
+            for j, obj in enumerate(changeset["inserts"]):
+                fact = _fact_from_oso(authz, obj, f"[{i}].inserts[{j}]")
+                inserts[fact] = StoredFact(fact)
+        elif "deletes" in changeset and isinstance(changeset["deletes"], list):
+            for j, obj in enumerate(changeset["deletes"]):
+                pattern = _pattern_from_json(obj, f"[{i}].deletes[{j}]")
+                patterns.append(pattern)
+                for fact in [f for f in inserts if _fits(f, pattern)]:
+                    del inserts[fact]
+        else:
+            raise bad_request(f'[{i}] must be {{"inserts": [...]}} or {{"deletes": [...]}}')
+    if not inserts and not patterns:
+        return _json({"message": "success"})  # nothing to change: no write
+    store: FactStore = request.app.state.store
+    most = request.app.state.config.oso_api_max_results
+
+    def write() -> WriteResult:
+        deletes = []
+        for p in patterns:
+            if p.typed:
+                # The store matches values only: a typed wildcard deletes the facts found.
+                deletes += [f.fact for f in _matching(store, p, most)]
+            else:
+                deletes.append(p.fact)
+        return store.apply(list(inserts.values()), deletes, actor=key.principal)
+
+    result = await anyio.to_thread.run_sync(write)
+    request.app.state.metrics.writes.labels("facts").inc()
+    await _await_applied(request, result.seq)
+    return _json({"message": "success"}, offset=result.seq)
+
+
+def _fits(fact: tuple, pattern: Pattern) -> bool:
+    from bastion.facts.model import matches
+
+    return matches(fact, pattern.fact) and pattern.fits(fact)
+
+
+def _pattern_from_json(obj: Any, where: str) -> Pattern:
+    if not isinstance(obj, dict) or not isinstance(obj.get("args"), list):
+        raise bad_request(f'{where} must be {{"predicate": str, "args": [...]}}')
+    args = []
+    for i, a in enumerate(obj["args"]):
+        if not isinstance(a, dict) or not set(a) <= {"type", "id"}:
+            raise bad_request(f'{where}.args[{i}] must be {{"type": str|null, "id": str|null}}')
+        args.append((a.get("type"), a.get("id")))
+    return Pattern.parse(obj.get("predicate"), args, where)
+
+
+async def _json_array(request: Request) -> list:
+    from bastion.server.problems import parse_json, read_body
+
+    body = await read_body(request)
+    request.state.body_size = len(body)
+    value = parse_json(body or b"null", request.app.state.config.max_json_depth)
+    if not isinstance(value, list):
+        raise bad_request("the body must be a JSON array of changesets")
+    return value
+
+
+# -- policy ------------------------------------------------------------------------------------
+
+
+@oso_errors
+async def get_policy(request: Request) -> Response:
+    await require(request, READ)
+    store: FactStore = request.app.state.store
+    current = await anyio.to_thread.run_sync(store.policy)
+    if current is None:
+        return _json({"policy": None})
+    return _json({"policy": {"filename": current.source, "src": current.text}})
+
+
+@oso_errors
+async def post_policy(request: Request) -> Response:
+    key = await require(request, WRITE)
+    body = await read_json(request)
+    text = get_field(body, "src", str)
+    source = get_field(body, "filename", str, required=False) or "policy.polar"
+    await _validate(request, text, source, writing=True)
+    store: FactStore = request.app.state.store
+    version, seq = await anyio.to_thread.run_sync(
+        lambda: store.put_policy(text, source=source, actor=key.principal, note="oso-cloud SDK")
+    )
+    request.app.state.metrics.writes.labels("policy").inc()
+    await _await_applied(request, seq)
+    return _json({"message": f"policy version {version} in force"}, offset=seq)
+
+
+@oso_errors
+async def policy_metadata(request: Request) -> Response:
+    """Roles, permissions and relations of each resource block of the policy in force."""
+    await require(request, READ)
+    if request.query_params.get("version"):
+        # The SDK sends none: metadata is of the policy in force only.
+        raise bad_request("only the policy in force has metadata: leave 'version' out")
+    replica = await _replica(request)
+    sources = replica.authz.policy.sources
+    resources = await anyio.to_thread.run_sync(_metadata, sources)
+    return _json({"metadata": {"resources": resources}})
+
+
+def _metadata(sources: list[tuple[str, str]]) -> dict:
+    resources: dict[str, dict] = {}
+    for name, text in sources:
+        for block in parse(text, name).blocks:
+            if block.kind == "global" or block.name is None:
+                continue
+            resources[block.name] = {
+                "roles": sorted(block.roles),
+                "permissions": sorted(block.permissions),
+                "relations": {r: t for r, (t, _) in sorted(block.relations.items())},
+            }
+    return resources
+
+
+# -- what bastion does not serve ---------------------------------------------------------------
+
+
+@oso_errors
+async def local_only(request: Request) -> Response:
+    """Local authorization turns a question into SQL over the application's own database,
+    which bastion cannot see: refused with a message (404: bastion has no such operation),
+    never a silent wrong answer."""
+    await require(request, READ)
+    raise Problem(
+        404,
+        "Not served",
+        f"{request.url.path}: local authorization (the *_local methods, data bindings) is not"
+        " served by bastion; use authorize, list, actions or build_query(...).evaluate()",
+    )
+
+
+routes = [
+    Route("/api/authorize", authorize, methods=["POST"]),
+    Route("/api/list", list_resources, methods=["POST"]),
+    Route("/api/actions", actions, methods=["POST"]),
+    Route("/api/evaluate_query", evaluate_query, methods=["POST"]),
+    Route("/api/facts", get_facts, methods=["GET"]),
+    Route("/api/batch", batch, methods=["POST"]),
+    Route("/api/policy", get_policy, methods=["GET"]),
+    Route("/api/policy", post_policy, methods=["POST"]),
+    Route("/api/policy_metadata", policy_metadata, methods=["GET"]),
+    *(
+        Route(f"/api/{name}", local_only, methods=["POST"])
+        for name in ("authorize_query", "list_query", "actions_query", "evaluate_query_local")
+    ),
+]

@@ -1,0 +1,167 @@
+"""What the SDK sees when bastion refuses: its own `OsoException`, with the status and the
+message that says what to fix; and each /api scope lets through only what it names."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+
+import httpx
+import pytest
+from oso_cloud import Oso, OsoException, Value, typed_var
+
+from tests.oso_cloud.conftest import admin
+
+ALICE, ORG, REPO = Value("User", "alice"), Value("Org", "acme"), Value("Repo", "anvil")
+
+
+def refused(call) -> OsoException:
+    with pytest.raises(OsoException) as e:
+        call()
+    return e.value
+
+
+def test_an_unknown_key_is_the_sdks_auth_error(bastion):
+    oso = Oso(url=bastion.url, api_key="bst_nope_" + "x" * 40)
+    e = refused(lambda: oso.authorize(ALICE, "read", REPO))
+    assert e.status_code == 401
+    assert "the API key is unknown, expired or revoked" in str(e)
+    e = refused(lambda: oso.insert(("has_role", ALICE, "member", ORG)))
+    assert e.status_code == 401
+
+
+def test_a_revoked_key_is_refused(bastion):
+    with admin(bastion) as client:
+        made = client.post("/v1/keys", json={"name": "gone", "scopes": ["oso:read"]}).json()
+        oso = Oso(url=bastion.url, api_key=made["key"])
+        assert oso.authorize(ALICE, "read", REPO) is False
+        assert client.delete(f"/v1/keys/{made['id']}").status_code == 200
+    import time
+
+    time.sleep(1.1)  # a key checked in the last second is answered from memory
+    assert refused(lambda: oso.authorize(ALICE, "read", REPO)).status_code == 401
+
+
+def test_a_read_key_cannot_write(bastion):
+    oso = bastion.oso("oso:read")
+    e = refused(lambda: oso.insert(("has_role", ALICE, "member", ORG)))
+    assert e.status_code == 403
+    assert "oso:write" in str(e)
+    assert refused(lambda: oso.delete(("has_role", ALICE, None, None))).status_code == 403
+    assert refused(lambda: oso.policy("actor User {}")).status_code == 403
+    # What it may do.
+    assert oso.authorize(ALICE, "read", REPO) is False
+    assert oso.get(("has_role", Value("User", "no-one"), None, None)) == []
+    assert oso.get_policy_metadata().resources["Repo"].relations == {"parent": "Org"}
+
+
+def test_a_write_key_cannot_decide_or_read(bastion):
+    oso = bastion.oso("oso:write")
+    user = Value("User", f"w-{uuid.uuid4().hex[:8]}")
+    oso.insert(("has_role", user, "reader", REPO))
+    for call in (
+        lambda: oso.authorize(user, "read", REPO),
+        lambda: oso.list(user, "read", "Repo"),
+        lambda: oso.actions(user, REPO),
+        lambda: oso.get(("has_role", user, None, None)),
+        lambda: oso.get_policy_metadata(),
+        lambda: oso.build_query(("allow", user, "read", REPO)).evaluate(),
+    ):
+        e = refused(call)
+        assert e.status_code == 403
+        assert "oso:read" in str(e)
+
+
+def test_v1_scopes_and_the_events_scope_do_not_open_api(bastion):
+    for scopes in (["decide", "facts:read", "facts:write", "policy:write"], ["oso:events"]):
+        oso = bastion.oso(*scopes)
+        assert refused(lambda oso=oso: oso.authorize(ALICE, "read", REPO)).status_code == 403
+        e = refused(lambda oso=oso: oso.insert(("has_role", ALICE, "member", ORG)))
+        assert e.status_code == 403
+
+
+def test_events_need_the_events_scope(bastion, caplog):
+    oso = bastion.oso("oso:read", "oso:write")
+    agents = oso.for_agents("scopeless-bot", uuid.uuid4(), [ALICE])
+    with caplog.at_level(logging.ERROR, logger="oso_cloud.for_agents"):
+        agents.tool_call_request("search", {"q": 1})
+    # The SDK logs what it could not send, and goes on.
+    assert any("403" in r.getMessage() for r in caplog.records)
+
+
+def test_a_malformed_value_says_what_is_wrong(oso):
+    e = refused(lambda: oso.insert(("has_label", REPO, "stars", Value("Integer", "many"))))
+    assert e.status_code == 422
+    assert "an Integer's id is its digits" in str(e)
+    e = refused(lambda: oso.authorize(ALICE, "read", Value("Boolean", "maybe")))
+    assert e.status_code == 422
+    assert "a Boolean is" in str(e) and "'maybe'" in str(e)
+
+
+def test_a_fact_the_policy_has_no_use_for(oso):
+    e = refused(lambda: oso.insert(("has_role", ALICE, "member")))
+    assert e.status_code == 422
+    assert "has_role/2" in str(e)
+    e = refused(lambda: oso.insert(("has_role", ALICE, 3, ORG)))
+    assert e.status_code == 422
+    assert "does not fit" in str(e)
+
+
+def test_an_unknown_predicate(oso):
+    e = refused(lambda: oso.insert(("no_such_fact", ALICE)))
+    assert e.status_code == 422
+    assert "no use for no_such_fact/1" in str(e)
+    x = typed_var("User")
+    e = refused(lambda: oso.build_query(("no_such_rule", x)).evaluate(x))
+    assert e.status_code == 422
+    assert "defines no no_such_rule/1" in str(e)
+
+
+def test_an_undeclared_entity_type(oso):
+    e = refused(lambda: oso.authorize(ALICE, "read", Value("Repository", "anvil")))
+    assert e.status_code == 422
+    assert "'Repository'" in str(e)
+
+
+def test_too_many_context_facts(oso):
+    facts = [("has_role", ALICE, "member", Value("Org", f"o{i}")) for i in range(101)]
+    e = refused(lambda: oso.authorize(ALICE, "read", REPO, facts))
+    assert e.status_code == 422
+    assert "oso_api_max_context_facts" in str(e)
+
+
+def test_malformed_bodies_are_refused_and_change_nothing(bastion):
+    key = bastion.oso("oso:read", "oso:write").api.token
+    headers = {"authorization": f"Bearer {key}"}
+    with httpx.Client(base_url=bastion.url, headers=headers) as client:
+        for path, body in (
+            ("/api/authorize", {"actor_type": "User"}),
+            ("/api/authorize", [1, 2]),
+            ("/api/batch", {"inserts": []}),
+            ("/api/batch", [{"inserts": [{"predicate": "is_public", "args": ["Repo:x"]}]}]),
+            ("/api/batch", [{"upserts": []}]),
+            ("/api/evaluate_query", {"predicate": "allow"}),
+            ("/api/list", {"actor_type": "User", "actor_id": "a", "action": "read"}),
+        ):
+            r = client.post(path, json=body)
+            assert r.status_code == 400, (path, body, r.text)
+            assert isinstance(r.json()["message"], str) and r.json()["message"]
+        # Well formed, but an id without its type.
+        pattern = {"predicate": "is_public", "args": [{"id": "x"}]}
+        r = client.post("/api/batch", json=[{"deletes": [pattern]}])
+        assert r.status_code == 422
+        assert r.json()["message"] == "[0].deletes[0].args[0]: an id needs its type"
+        r = client.get("/api/facts", params={"predicate": "is_public", "args.0.idd": "x"})
+        assert r.status_code == 400
+        r = client.get("/api/facts", params={"predicate": "is_public"})
+        assert r.status_code == 200
+
+
+def test_a_policy_with_an_error_is_refused_with_its_place(bastion):
+    oso = bastion.oso("oso:read", "oso:write")
+    e = refused(lambda: oso.policy("actor User {}\nallow(x, _a, _r) if\n  frobnicate(x);\n"))
+    assert e.status_code == 422
+    assert "policy.polar:3:3" in str(e) or ":3:" in str(e)
+    assert "frobnicate" in str(e)
+    # The policy in force is still the one before.
+    assert oso.get_policy_metadata().resources["Repo"].roles == ["maintainer", "reader"]

@@ -1,0 +1,79 @@
+"""``oso.policy(...)`` puts a policy in force through the SDK, as ``PUT /v1/policy`` does: checked
+first (an error changes nothing), versioned, and applied before the answer."""
+
+from __future__ import annotations
+
+import pytest
+from oso_cloud import OsoException, Value
+
+from tests.oso_cloud.conftest import admin, start
+
+NEW = """
+actor User {}
+resource Doc {
+  roles = ["viewer", "editor"];
+  permissions = ["view", "edit"];
+  relations = { folder: Folder };
+  "view" if "viewer";
+  "edit" if "editor";
+  "viewer" if "editor";
+  "viewer" if "viewer" on "folder";
+}
+resource Folder {
+  roles = ["viewer"];
+}
+allow(actor, action, resource) if has_permission(actor, action, resource);
+"""
+
+
+@pytest.fixture
+def running(tmp_path):
+    r = start(tmp_path, str(tmp_path / "bastion.db"))
+    yield r
+    r.server.stop()
+
+
+def test_a_policy_uploaded_is_in_force_for_the_next_question(running):
+    oso = running.oso("oso:read", "oso:write")
+    alice, doc, folder = Value("User", "alice"), Value("Doc", "d1"), Value("Folder", "f1")
+    # Doc is not a type of the policy in force yet.
+    assert oso.api.get_policy().policy["src"].startswith("\nactor User {}\nactor Agent {}")
+    assert refused(lambda: oso.authorize(alice, "view", doc)).status_code == 422
+    oso.policy(NEW)
+    assert oso.api.get_policy().policy == {"filename": "policy.polar", "src": NEW}
+    meta = oso.get_policy_metadata().resources
+    assert meta["Doc"].relations == {"folder": "Folder"}
+    assert meta["Doc"].permissions == ["edit", "view"]
+    oso.insert(("has_role", alice, "viewer", folder))
+    oso.insert(("has_relation", doc, "folder", folder))
+    assert oso.authorize(alice, "view", doc) is True
+    assert oso.authorize(alice, "edit", doc) is False
+    # A version like any other: /v1 sees it, written by the SDK's key.
+    with admin(running) as client:
+        versions = client.get("/v1/policy/versions").json()["versions"]
+    assert len(versions) == 2
+    assert versions[-1]["version"] == 2
+
+
+def test_a_policy_with_an_error_changes_nothing(running):
+    oso = running.oso("oso:read", "oso:write")
+    before = oso.api.get_policy().policy["src"]
+    e = refused(lambda: oso.policy('actor User {}\nresource Doc {\n  "view" if "viewer";\n}\n'))
+    assert e.status_code == 422
+    assert "policy.polar:3" in str(e)
+    assert "'view'" in str(e)
+    assert oso.api.get_policy().policy["src"] == before
+
+
+def test_a_read_key_cannot_upload_a_policy(running):
+    oso = running.oso("oso:read")
+    e = refused(lambda: oso.policy(NEW))
+    assert e.status_code == 403
+    assert "oso:write" in str(e)
+    assert "Doc" not in oso.get_policy_metadata().resources
+
+
+def refused(call) -> OsoException:
+    with pytest.raises(OsoException) as e:
+        call()
+    return e.value

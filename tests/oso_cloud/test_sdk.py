@@ -1,0 +1,235 @@
+"""The official `oso-cloud` SDK, unchanged, against a real `bastion serve` over HTTP: every
+method it has that does not need the application's database."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+from oso_cloud import Value, ValueOfType, typed_var
+
+
+def ids() -> tuple[Value, Value, Value]:
+    """A user, an org and a repo of this test only (the server is shared by the module)."""
+    n = uuid.uuid4().hex[:8]
+    return Value("User", f"u-{n}"), Value("Org", f"o-{n}"), Value("Repo", f"r-{n}")
+
+
+def test_authorize_answers_from_the_facts_inserted(oso):
+    alice, org, repo = ids()
+    assert oso.authorize(alice, "read", repo) is False
+    oso.insert(("has_role", alice, "member", org))
+    oso.insert(("has_relation", repo, "parent", org))
+    assert oso.authorize(alice, "read", repo) is True
+    assert oso.authorize(alice, "push", repo) is False
+    assert oso.authorize(alice, "manage", org) is False
+
+
+def test_list_and_actions(oso):
+    alice, org, repo = ids()
+    other = Value("Repo", repo.id + "-2")
+    oso.insert(("has_role", alice, "maintainer", repo))
+    oso.insert(("has_role", alice, "reader", other))
+    assert sorted(oso.list(alice, "read", "Repo")) == sorted([repo.id, other.id])
+    assert oso.list(alice, "push", "Repo") == [repo.id]
+    assert oso.actions(alice, repo) == ["push", "read"]
+    assert oso.actions(alice, other) == ["read"]
+    assert oso.actions(alice, org) == []
+
+
+def test_list_pages_through_every_result(oso):
+    alice, _, repo = ids()
+    with oso.batch() as tx:
+        for i in range(5):
+            tx.insert(("has_role", alice, "reader", Value("Repo", f"{repo.id}-{i}")))
+    first = oso.list_paginated(alice, "read", "Repo", page_size=2)
+    assert len(first.results) == 2 and first.next_page_token is not None
+    seen = list(first.results)
+    token = first.next_page_token
+    while token is not None:
+        page = oso.list_paginated(alice, "read", "Repo", page_size=2, page_token=token)
+        seen += page.results
+        token = page.next_page_token
+    assert seen == sorted(f"{repo.id}-{i}" for i in range(5))
+    assert oso.list(alice, "read", "Repo") == seen
+
+
+def test_get_with_values_types_and_wildcards(oso):
+    alice, org, repo = ids()
+    oso.insert(("has_role", alice, "admin", org))
+    oso.insert(("has_role", alice, "reader", repo))
+    oso.insert(("has_label", repo, "stars", 42))
+    both = oso.get(("has_role", alice, None, None))
+    assert sorted(both, key=repr) == sorted(
+        [
+            ("has_role", alice, Value("String", "admin"), org),
+            ("has_role", alice, Value("String", "reader"), repo),
+        ],
+        key=repr,
+    )
+    assert oso.get(("has_role", alice, None, ValueOfType("Org"))) == [
+        ("has_role", alice, Value("String", "admin"), org)
+    ]
+    assert oso.get(("has_role", alice, "reader", None)) == [
+        ("has_role", alice, Value("String", "reader"), repo)
+    ]
+    assert oso.get(("has_label", repo, None, None)) == [
+        ("has_label", repo, Value("String", "stars"), Value("Integer", "42"))
+    ]
+    # Trailing arguments left out are anything.
+    assert oso.get(("has_label", repo)) == oso.get(("has_label", repo, None, None))
+    assert oso.get(("has_role", Value("User", "nobody-at-all"), None, None)) == []
+
+
+def test_delete_with_wildcards_and_types(oso):
+    alice, org, repo = ids()
+    oso.insert(("has_role", alice, "admin", org))
+    oso.insert(("has_role", alice, "reader", repo))
+    oso.insert(("has_role", alice, "maintainer", repo))
+    # Any role on any Repo: the Org role stays.
+    oso.delete(("has_role", alice, None, ValueOfType("Repo")))
+    assert oso.get(("has_role", alice, None, None)) == [
+        ("has_role", alice, Value("String", "admin"), org)
+    ]
+    oso.delete(("has_role", alice, "admin", org))
+    assert oso.get(("has_role", alice, None, None)) == []
+    # Deleting what is not there is no error.
+    oso.delete(("has_role", alice, "admin", org))
+
+
+def test_batch_applies_its_changes_in_order_as_one(oso):
+    alice, org, repo = ids()
+    oso.insert(("has_role", alice, "admin", org))
+    with oso.batch() as tx:
+        tx.delete(("has_role", alice, None, None))
+        tx.insert(("has_role", alice, "reader", repo))
+        tx.insert(("has_role", alice, "maintainer", repo))
+        # A delete after an insert takes it back.
+        tx.delete(("has_role", alice, "maintainer", repo))
+        tx.insert(("is_public", repo))
+    assert oso.get(("has_role", alice, None, None)) == [
+        ("has_role", alice, Value("String", "reader"), repo)
+    ]
+    assert oso.get(("is_public", repo)) == [("is_public", repo)]
+    oso.delete(("is_public", repo))  # public repos would show in other tests' lists
+
+
+def test_a_batch_with_one_bad_fact_changes_nothing(oso):
+    from oso_cloud import OsoException
+
+    alice, org, repo = ids()
+    with pytest.raises(OsoException) as e, oso.batch() as tx:
+        tx.insert(("has_role", alice, "reader", repo))
+        tx.insert(("has_role", alice, "member"))  # no has_role/2 in the policy
+    assert e.value.status_code == 422
+    assert "has_role/2" in str(e.value)
+    assert oso.get(("has_role", alice, None, None)) == []
+
+
+def test_context_facts_count_for_that_question_only(oso):
+    bob, org, repo = ids()
+    oso.insert(("has_relation", repo, "parent", org))
+    member = ("has_role", bob, "member", org)
+    assert oso.authorize(bob, "read", repo) is False
+    assert oso.authorize(bob, "read", repo, [member]) is True
+    # (Public repos of other tests are listed too: only this one depends on bob.)
+    assert repo.id in oso.list(bob, "read", "Repo", [member])
+    assert oso.actions(bob, repo, [member]) == ["read"]
+    query = oso.build_query(("allow", bob, "read", repo)).with_context_facts([member])
+    assert query.evaluate() is True
+    # Never stored, and never seen by the next question.
+    assert oso.get(("has_role", bob, None, None)) == []
+    assert oso.authorize(bob, "read", repo) is False
+    assert repo.id not in oso.list(bob, "read", "Repo")
+
+
+def test_a_context_fact_already_stored_stays_stored(oso):
+    carol, org, repo = ids()
+    fact = ("has_role", carol, "reader", repo)
+    oso.insert(fact)
+    assert oso.authorize(carol, "read", repo, [fact]) is True
+    assert oso.get(fact) == [("has_role", carol, Value("String", "reader"), repo)]
+    assert oso.authorize(carol, "read", repo) is True
+
+
+def test_context_facts_are_checked_like_stored_ones(oso):
+    from oso_cloud import OsoException
+
+    dan, org, repo = ids()
+    with pytest.raises(OsoException) as e:
+        oso.authorize(dan, "read", repo, [("has_role", dan, "member")])
+    assert e.value.status_code == 422
+    assert "has_role/2" in str(e.value)
+
+
+def test_public_repos_by_a_fact_of_one_argument(oso):
+    eve, _, repo = ids()
+    assert oso.authorize(eve, "read", repo) is False
+    oso.insert(("is_public", repo))
+    assert oso.authorize(eve, "read", repo) is True
+    assert oso.authorize(eve, "push", repo) is False
+    oso.delete(("is_public", ValueOfType("Repo")))
+    assert oso.authorize(eve, "read", repo) is False
+
+
+def test_query_builder_evaluates_every_shape(oso):
+    alice, org, repo = ids()
+    other = Value("Repo", repo.id + "-x")
+    oso.insert(("has_role", alice, "member", org))
+    oso.insert(("has_relation", repo, "parent", org))
+    oso.insert(("has_role", alice, "maintainer", other))
+    r = typed_var("Repo")
+    action = typed_var("String")
+    assert sorted(oso.build_query(("allow", alice, "read", r)).evaluate(r)) == sorted(
+        [repo.id, other.id]
+    )
+    assert oso.build_query(("allow", alice, "push", other)).evaluate() is True
+    assert oso.build_query(("allow", alice, "push", repo)).evaluate() is False
+    assert oso.build_query(("allow", alice, action, r)).evaluate({r: action}) == {
+        repo.id: ["read"],
+        other.id: ["push", "read"],
+    }
+    pairs = oso.build_query(("allow", alice, action, r)).evaluate((action, r))
+    assert sorted(pairs) == sorted([("read", repo.id), ("push", other.id), ("read", other.id)])
+    # and_: the repos alice may read whose parent is the org.
+    in_org = (
+        oso.build_query(("allow", alice, "read", r))
+        .and_(("has_relation", r, "parent", org))
+        .evaluate(r)
+    )
+    assert in_org == [repo.id]
+    # in_: constrained to a set of ids.
+    only = oso.build_query(("allow", alice, action, r)).in_(r, [other.id, "nope"]).evaluate(action)
+    assert sorted(only) == ["push", "read"]
+    # A fact predicate can be queried as well.
+    u = typed_var("User")
+    assert oso.build_query(("has_role", u, "member", org)).evaluate(u) == [alice.id]
+
+
+def test_policy_metadata_lists_each_resource_block(oso):
+    meta = oso.get_policy_metadata()
+    repo = meta.resources["Repo"]
+    assert repo.roles == ["maintainer", "reader"]
+    assert repo.permissions == ["push", "read"]
+    assert repo.relations == {"parent": "Org"}
+    assert meta.resources["Org"].relations == {}
+
+
+def test_a_write_is_seen_by_the_next_read_through_oso_offset(bastion):
+    # A fresh client: its first write gives it the OsoOffset header it sends from then on.
+    client = bastion.oso("oso:read", "oso:write")
+    alice, _, repo = ids()
+    client.insert(("has_role", alice, "reader", repo))
+    assert "OsoOffset" in client.api.session.headers
+    assert int(client.api.session.headers["OsoOffset"]) > 0
+    assert client.authorize(alice, "read", repo) is True
+
+
+def test_local_authorization_is_refused_with_a_message(oso):
+    from oso_cloud import OsoException
+
+    alice, _, repo = ids()
+    with pytest.raises(OsoException) as e:
+        oso.authorize_local(alice, "read", repo)
+    assert e.value.status_code == 404
+    assert "local authorization" in str(e.value)

@@ -1,0 +1,32 @@
+"""With a gateway, agent events feed the gateway's own behaviour counters (an agent's calls
+through the gateway and those its application reports add up), and raise its built-in
+behaviour alerts."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+from oso_cloud import Oso, Value
+
+from tests.gateway.support import start
+
+
+def test_events_count_in_the_gateways_counters_and_raise_its_alerts(tmp_path):
+    signals = {"alerts": {"bulk_destructive_count": 2}}
+    with start(tmp_path, signals=signals) as running:
+        key, _ = running.app.state.keys.create("app", ["oso:events"])
+        oso = Oso(url=running.url, api_key=key)
+        name = f"bot-{uuid.uuid4().hex[:6]}"
+        events = oso.for_agents(name, uuid.uuid4(), [Value("User", "sam")])
+        counters = running.app.state.gateway.enforcer.behavior
+        assert running.app.state.behavior is counters
+        for i in range(3):
+            events.tool_call_request("drop_table", {"table": f"t{i}"}, destructive=True)
+        figures = counters.figures(f"agent|{name}", time.time())
+        assert figures["calls"]["minute"]["count"] == 3
+        assert figures["destructive"]["minute"]["count"] == 3
+        assert counters.figures("user|sam", time.time())["calls"]["minute"]["count"] == 3
+        # The third destructive call within a minute is past bulk_destructive_count (2).
+        raised = [a for a in running.app.state.alerts.store.list() if a.name == "bulk_destructive"]
+        assert [a.principal for a in raised] == [f'Agent{{"{name}"}}']
