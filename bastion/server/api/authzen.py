@@ -21,7 +21,7 @@ from starlette.routing import Route
 from bastion.db import DatabaseUnavailable
 from bastion.pdp import authzen
 from bastion.policy.errors import EvaluationLimit, PolicyError
-from bastion.server.api.decisions import _fresh, _keep_context, _observe, _record
+from bastion.server.api.decisions import fresh, keep_context, observe_decision, record_decision
 from bastion.server.auth import require
 from bastion.server.config import ServerConfig
 from bastion.server.problems import Problem, read_json
@@ -80,13 +80,13 @@ def _config(request: Request) -> ServerConfig:
 def _log(request: Request, question: authzen.Evaluation, reply: dict, decision) -> str:
     """Keep the decision for `/v1/decisions/{id}` (and its explanation); return its id."""
     req = question.request_json()
-    _keep_context(request, req, question.context)
+    keep_context(request, req, question.context)
     refusal = (
         {"reason": decision.reason, "limit": decision.limit}
         if decision is not None and decision.reason == EvaluationLimit.reason
         else None
     )
-    return _record(request, "authorize", req, reply["decision"], refusal=refusal)
+    return record_decision(request, "authorize", req, reply["decision"], refusal=refusal)
 
 
 # -- routes ------------------------------------------------------------------------------------
@@ -105,10 +105,10 @@ async def evaluation(request: Request) -> Response:
 
 async def _evaluate(request: Request, body: dict) -> Response:
     question = authzen.read_evaluation(body)
-    replica = await _fresh(request, body)
+    replica = await fresh(request, body)
     started = time.perf_counter()
     reply, decision = authzen.decide(replica.authz, question)
-    _observe(request, "authorize", started, "allow" if reply["decision"] else "deny")
+    observe_decision(request, "authorize", started, "allow" if reply["decision"] else "deny")
     decision_id = _log(request, question, reply, decision)
     return JSONResponse(reply, headers={"X-Bastion-Decision-Id": decision_id})
 
@@ -118,7 +118,7 @@ async def evaluations(request: Request) -> Response:
     batch = authzen.read_batch(body, _config(request).authzen_max_evaluations)
     if batch is None:  # no evaluations: an Access Evaluation request, as the spec says
         return await _evaluate(request, body)
-    replica = await _fresh(request, body)
+    replica = await fresh(request, body)
     started = time.perf_counter()
     answered = await anyio.to_thread.run_sync(authzen.decide_batch, replica.authz, batch)
     each = (time.perf_counter() - started) / len(answered)
@@ -138,7 +138,7 @@ def _search(kind: str) -> Handler:
     async def search(request: Request) -> Response:
         body = await _body(request)
         question = authzen.read_search(body, kind, _config(request).authzen_max_page)
-        replica = await _fresh(request, body)
+        replica = await fresh(request, body)
         started = time.perf_counter()
         try:
             reply = await anyio.to_thread.run_sync(authzen.search, replica.authz, question)
@@ -150,7 +150,7 @@ def _search(kind: str) -> Handler:
                 "results": [],
             }
         metric = {"subject": "subjects", "resource": "list", "action": "actions"}[kind]
-        _observe(request, metric, started, "allow" if reply["results"] else "deny")
+        observe_decision(request, metric, started, "allow" if reply["results"] else "deny")
         return JSONResponse(reply)
 
     return search

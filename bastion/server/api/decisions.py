@@ -112,7 +112,7 @@ def _current(request: Request) -> Replica:
     return replica
 
 
-async def _fresh(request: Request, body: dict) -> Replica:
+async def fresh(request: Request, body: dict) -> Replica:
     """The replica, once it reflects ``at_least`` (if given), and only if its facts are not
     stale."""
     replica = _current(request)
@@ -141,7 +141,7 @@ def _context(body: dict) -> dict | None:
     return get_field(body, "context", dict, required=False)
 
 
-def _known_type(authz: Authorizer, e: Entity, name: str) -> None:
+def known_type(authz: Authorizer, e: Entity, name: str) -> None:
     # Only a policy that declares its types (actor and resource blocks) can refuse one.
     types = authz.entity_types
     if types and e.type not in types:
@@ -155,8 +155,8 @@ def _check(authz: Authorizer, body: dict) -> tuple[Entity, str, Entity]:
     actor = entity(body, "actor")
     action = get_field(body, "action", str)
     resource = entity(body, "resource")
-    _known_type(authz, actor, "actor")
-    _known_type(authz, resource, "resource")
+    known_type(authz, actor, "actor")
+    known_type(authz, resource, "resource")
     return actor, action, resource
 
 
@@ -176,7 +176,7 @@ def _chain(authz: Authorizer, body: dict) -> tuple[Entity, ...] | None:
     for i, item in enumerate(raw):
         name = f"principals[{i}]"
         e = entity({name: item}, name)
-        _known_type(authz, e, name)
+        known_type(authz, e, name)
         chain.append(e)
     return tuple(chain)
 
@@ -186,7 +186,7 @@ def _check_chain(authz: Authorizer, body: dict) -> tuple[tuple[Entity, ...], str
     assert chain is not None
     action = get_field(body, "action", str)
     resource = entity(body, "resource")
-    _known_type(authz, resource, "resource")
+    known_type(authz, resource, "resource")
     return chain, action, resource
 
 
@@ -251,7 +251,7 @@ async def _authorize_chain(request: Request, body: dict, replica: Replica) -> JS
     explain = get_field(body, "explain", bool, required=False)
     started = time.perf_counter()
     decision = decide_chain(authz, chain, action, resource, context, scopes)
-    _observe(request, "authorize", started, "allow" if decision.allowed else "deny")
+    observe_decision(request, "authorize", started, "allow" if decision.allowed else "deny")
     answer = _chain_answer(decision)
     explanation = None
     if explain:
@@ -259,9 +259,9 @@ async def _authorize_chain(request: Request, body: dict, replica: Replica) -> JS
         explained = authz.decide(decision.refused_by or chain[-1], action, resource, context)
         explanation = _explanation_json(explained)
     req = {**_chain_request(chain, action, resource), "refused_by": answer["refused_by"]}
-    _keep_context(request, req, context)
+    keep_context(request, req, context)
     refusal = {k: answer[k] for k in ("reason", "limit") if k in answer} or None
-    decision_id = _record(request, "authorize", req, decision.allowed, explanation, refusal)
+    decision_id = record_decision(request, "authorize", req, decision.allowed, explanation, refusal)
     out = {
         "allowed": decision.allowed,
         "decision_id": decision_id,
@@ -273,7 +273,7 @@ async def _authorize_chain(request: Request, body: dict, replica: Replica) -> JS
     return JSONResponse(out)
 
 
-def _record(
+def record_decision(
     request: Request,
     kind: str,
     req: dict,
@@ -305,7 +305,7 @@ def _refusal(limit: EvaluationLimit) -> dict:
     return {"reason": limit.reason, "limit": limit.limit}
 
 
-def _keep_context(request: Request, req: dict, context: dict | None) -> None:
+def keep_context(request: Request, req: dict, context: dict | None) -> None:
     """Remember the context with the decision, unless the request was large (bounded memory)."""
     if context is None:
         return
@@ -315,7 +315,7 @@ def _keep_context(request: Request, req: dict, context: dict | None) -> None:
         req["context"] = context
 
 
-def _observe(request: Request, kind: str, started: float, result: str) -> None:
+def observe_decision(request: Request, kind: str, started: float, result: str) -> None:
     request.app.state.metrics.decision(kind, result, time.perf_counter() - started)
 
 
@@ -329,7 +329,7 @@ def _entity_json(e: Entity) -> dict:
 async def authorize(request: Request) -> JSONResponse:
     await require(request, "decide")
     body = await read_json(request)
-    replica = await _fresh(request, body)
+    replica = await fresh(request, body)
     if "principals" in body:
         return await _authorize_chain(request, body, replica)
     authz = replica.authz
@@ -349,10 +349,10 @@ async def authorize(request: Request) -> JSONResponse:
             allowed = authz.authorize(actor, action, resource, context)
         except EvaluationLimit as over:
             allowed, refusal = False, _refusal(over)
-    _observe(request, "authorize", started, "allow" if allowed else "deny")
+    observe_decision(request, "authorize", started, "allow" if allowed else "deny")
     req = {"actor": _entity_json(actor), "action": action, "resource": _entity_json(resource)}
-    _keep_context(request, req, context)
-    decision_id = _record(request, "authorize", req, allowed, explanation, refusal)
+    keep_context(request, req, context)
+    decision_id = record_decision(request, "authorize", req, allowed, explanation, refusal)
     out = {"allowed": allowed, "decision_id": decision_id, "sequence": replica.applied}
     out.update(refusal or {})
     if explanation is not None:
@@ -363,7 +363,7 @@ async def authorize(request: Request) -> JSONResponse:
 async def authorize_batch(request: Request) -> JSONResponse:
     await require(request, "decide")
     body = await read_json(request)
-    replica = await _fresh(request, body)
+    replica = await fresh(request, body)
     authz = replica.authz
     checks = get_field(body, "checks", list)
     if len(checks) > MAX_BATCH:
@@ -393,29 +393,33 @@ async def authorize_batch(request: Request) -> JSONResponse:
             refusal = None
             if not isinstance(actor, Entity):  # a chain (an Entity is a tuple too)
                 decision = decide_chain_in(session, actor, action, resource, context, scopes)
-                _observe(request, "authorize", started, "allow" if decision.allowed else "deny")
+                observe_decision(
+                    request, "authorize", started, "allow" if decision.allowed else "deny"
+                )
                 answer = _chain_answer(decision)
                 req = {
                     **_chain_request(actor, action, resource),
                     "refused_by": answer["refused_by"],
                 }
-                _keep_context(request, req, context)
+                keep_context(request, req, context)
                 refusal = {k: answer[k] for k in ("reason", "limit") if k in answer} or None
-                decision_id = _record(request, "authorize", req, decision.allowed, refusal=refusal)
+                decision_id = record_decision(
+                    request, "authorize", req, decision.allowed, refusal=refusal
+                )
                 results.append({"allowed": decision.allowed, "decision_id": decision_id, **answer})
                 continue
             try:
                 allowed = session.allowed(actor, action, resource, context)
             except EvaluationLimit as over:
                 allowed, refusal = False, _refusal(over)
-            _observe(request, "authorize", started, "allow" if allowed else "deny")
+            observe_decision(request, "authorize", started, "allow" if allowed else "deny")
             req = {
                 "actor": _entity_json(actor),
                 "action": action,
                 "resource": _entity_json(resource),
             }
-            _keep_context(request, req, context)
-            decision_id = _record(request, "authorize", req, allowed, refusal=refusal)
+            keep_context(request, req, context)
+            decision_id = record_decision(request, "authorize", req, allowed, refusal=refusal)
             results.append({"allowed": allowed, "decision_id": decision_id, **(refusal or {})})
     return JSONResponse({"results": results, "sequence": replica.applied})
 
@@ -423,10 +427,10 @@ async def authorize_batch(request: Request) -> JSONResponse:
 async def list_resources(request: Request) -> JSONResponse:
     await require(request, "decide")
     body = await read_json(request)
-    replica = await _fresh(request, body)
+    replica = await fresh(request, body)
     authz = replica.authz
     actor = entity(body, "actor")
-    _known_type(authz, actor, "actor")
+    known_type(authz, actor, "actor")
     action = get_field(body, "action", str)
     resource_type = get_field(body, "resource_type", str)
     limit = get_field(body, "limit", int, required=False)
@@ -441,12 +445,12 @@ async def list_resources(request: Request) -> JSONResponse:
         ids = sorted(authz.list(actor, action, resource_type, context))
     except EvaluationLimit as over:
         ids, refusal = [], _refusal(over)
-    _observe(request, "list", started, "allow" if ids else "deny")
+    observe_decision(request, "list", started, "allow" if ids else "deny")
     start = bisect.bisect_right(ids, cursor) if cursor else 0
     page = ids[start : start + limit]
     more = bool(page) and page[-1] != ids[-1]
     req = {"actor": _entity_json(actor), "action": action, "resource_type": resource_type}
-    decision_id = _record(request, "list", req, {"count": len(ids)}, refusal=refusal)
+    decision_id = record_decision(request, "list", req, {"count": len(ids)}, refusal=refusal)
     return JSONResponse(
         {
             "ids": page,
@@ -461,21 +465,21 @@ async def list_resources(request: Request) -> JSONResponse:
 async def actions(request: Request) -> JSONResponse:
     await require(request, "decide")
     body = await read_json(request)
-    replica = await _fresh(request, body)
+    replica = await fresh(request, body)
     authz = replica.authz
     actor = entity(body, "actor")
     resource = entity(body, "resource")
-    _known_type(authz, actor, "actor")
-    _known_type(authz, resource, "resource")
+    known_type(authz, actor, "actor")
+    known_type(authz, resource, "resource")
     started = time.perf_counter()
     refusal = None
     try:
         result = sorted(authz.actions(actor, resource, _context(body)))
     except EvaluationLimit as over:
         result, refusal = [], _refusal(over)
-    _observe(request, "actions", started, "allow" if result else "deny")
+    observe_decision(request, "actions", started, "allow" if result else "deny")
     req = {"actor": _entity_json(actor), "resource": _entity_json(resource)}
-    decision_id = _record(request, "actions", req, result, refusal=refusal)
+    decision_id = record_decision(request, "actions", req, result, refusal=refusal)
     return JSONResponse(
         {
             "actions": result,
@@ -491,7 +495,7 @@ async def query(request: Request) -> JSONResponse:
 
     key = await require(request, "decide")
     body = await read_json(request)
-    replica = await _fresh(request, body)
+    replica = await fresh(request, body)
     predicate = get_field(body, "predicate", str)
     raw_args = get_field(body, "args", list, required=False) or []
     if not key.allows("facts:read") and replica.authz.stores_facts(predicate, len(raw_args)):
@@ -525,10 +529,10 @@ async def query(request: Request) -> JSONResponse:
         raise policy_problem(e, "the policy in force cannot answer this question") from None
     except EvaluationLimit as over:
         rows, refusal = [], _refusal(over)
-    _observe(request, "query", started, "allow" if rows else "deny")
+    observe_decision(request, "query", started, "allow" if rows else "deny")
     results = [[arg_to_json(v) for v in row] for row in rows]
     req = {"predicate": predicate, "args": raw_args}
-    decision_id = _record(request, "query", req, len(rows), refusal=refusal)
+    decision_id = record_decision(request, "query", req, len(rows), refusal=refusal)
     return JSONResponse(
         {
             "results": results,

@@ -28,8 +28,8 @@ from bastion.facts.model import Entity, FactError, check_fact
 from bastion.facts.store import FactStore, StoredFact, WriteResult, fact_key
 from bastion.policy.errors import EvaluationLimit, PolicyError
 from bastion.policy.parser import parse
-from bastion.server.api.decisions import _fresh, _known_type, _observe, _record
-from bastion.server.api.policy import _await_applied, _validate, policy_problem
+from bastion.server.api.decisions import fresh, known_type, observe_decision, record_decision
+from bastion.server.api.policy import await_applied, policy_problem, policy_warnings
 from bastion.server.auth import require
 from bastion.server.problems import Problem, bad_request, read_json, unprocessable
 from bastion.server.problems import field as get_field
@@ -198,7 +198,7 @@ async def _replica(request: Request) -> Any:
         if not offset.isdigit():
             raise bad_request(f"the {OFFSET_HEADER} header must be a sequence a write returned")
         body["at_least"] = int(offset)
-    return await _fresh(request, body)
+    return await fresh(request, body)
 
 
 def _context_facts(request: Request, authz: Authorizer, body: dict) -> list[tuple]:
@@ -221,7 +221,7 @@ def _entity(body: dict, type_field: str, id_field: str) -> Any:
 
 def _checked(authz: Authorizer, value: Any, name: str) -> None:
     if isinstance(value, Entity):
-        _known_type(authz, value, name)
+        known_type(authz, value, name)
 
 
 def _json(body: Any, *, refused: str | None = None, offset: int | None = None) -> JSONResponse:
@@ -268,11 +268,13 @@ async def authorize(request: Request) -> Response:
             allowed = session.allowed(actor, action, resource)
     except EvaluationLimit as over:
         allowed, refused = False, over.reason
-    _observe(request, "authorize", started, "allow" if allowed else "deny")
+    observe_decision(request, "authorize", started, "allow" if allowed else "deny")
     req = {"actor": value_to_oso(actor), "action": action, "resource": value_to_oso(resource)}
     if facts:
         req["context_facts"] = len(facts)
-    _record(request, "authorize", req, allowed, refusal={"reason": refused} if refused else None)
+    record_decision(
+        request, "authorize", req, allowed, refusal={"reason": refused} if refused else None
+    )
     return _json({"allowed": allowed}, refused=refused)
 
 
@@ -299,12 +301,12 @@ async def list_resources(request: Request) -> Response:
         ids = authz.list(actor, action, resource_type, facts=facts)
     except EvaluationLimit as over:
         ids, refused = [], over.reason
-    _observe(request, "list", started, "allow" if ids else "deny")
+    observe_decision(request, "list", started, "allow" if ids else "deny")
     start = bisect.bisect_right(ids, token) if token else 0
     page = ids[start : start + page_size]
     more = bool(page) and page[-1] != ids[-1]
     req = {"actor": value_to_oso(actor), "action": action, "resource_type": resource_type}
-    _record(request, "list", req, {"count": len(ids)})
+    record_decision(request, "list", req, {"count": len(ids)})
     return _json({"results": page, "next_page_token": page[-1] if more else None}, refused=refused)
 
 
@@ -325,9 +327,9 @@ async def actions(request: Request) -> Response:
         found = sorted(authz.actions(actor, resource, facts=facts))
     except EvaluationLimit as over:
         found, refused = [], over.reason
-    _observe(request, "actions", started, "allow" if found else "deny")
+    observe_decision(request, "actions", started, "allow" if found else "deny")
     req = {"actor": value_to_oso(actor), "resource": value_to_oso(resource)}
-    _record(request, "actions", req, found)
+    record_decision(request, "actions", req, found)
     return _json({"results": found}, refused=refused)
 
 
@@ -360,8 +362,8 @@ async def evaluate_query(request: Request) -> Response:
         rows, refused = [], over.reason
     except PolicyError as e:
         raise policy_problem(e, "the policy in force cannot answer this query") from None
-    _observe(request, "query", started, "allow" if rows else "deny")
-    _record(request, "query", {"predicate": calls[0][0], "calls": len(calls)}, len(rows))
+    observe_decision(request, "query", started, "allow" if rows else "deny")
+    record_decision(request, "query", {"predicate": calls[0][0], "calls": len(calls)}, len(rows))
     out = [{var: _oso_id(row[var]) for var in constraints if var in row} for row in rows]
     return _json({"results": out}, refused=refused)
 
@@ -543,7 +545,7 @@ async def batch(request: Request) -> Response:
 
     result = await anyio.to_thread.run_sync(write)
     request.app.state.metrics.writes.labels("facts").inc()
-    await _await_applied(request, result.seq)
+    await await_applied(request, result.seq)
     return _json({"message": "success"}, offset=result.seq)
 
 
@@ -594,13 +596,13 @@ async def post_policy(request: Request) -> Response:
     body = await read_json(request)
     text = get_field(body, "src", str)
     source = get_field(body, "filename", str, required=False) or "policy.polar"
-    await _validate(request, text, source, writing=True)
+    await policy_warnings(request, text, source, writing=True)
     store: FactStore = request.app.state.store
     version, seq = await anyio.to_thread.run_sync(
         lambda: store.put_policy(text, source=source, actor=key.principal, note="oso-cloud SDK")
     )
     request.app.state.metrics.writes.labels("policy").inc()
-    await _await_applied(request, seq)
+    await await_applied(request, seq)
     return _json({"message": f"policy version {version} in force"}, offset=seq)
 
 

@@ -46,7 +46,7 @@ def validate_policy(text: str, source: str, limits: PolicyLimits = DEFAULT_LIMIT
     return [str(w) for w in Authorizer("", limits=limits).check_policy(text, source=source)]
 
 
-async def _validate(
+async def policy_warnings(
     request: Request, text: str, source: str, *, writing: bool = False
 ) -> list[str]:
     """`validate_policy` in a worker thread, one at a time (and one policy being written
@@ -69,7 +69,7 @@ async def _validate(
         raise policy_problem(e) from None
 
 
-async def _await_applied(request: Request, seq: int) -> None:
+async def await_applied(request: Request, seq: int) -> None:
     replica: Replica = request.app.state.replica
     with contextlib.suppress(ConsistencyTimeout):
         await replica.wait_for(seq, request.app.state.config.consistency_timeout)
@@ -92,7 +92,7 @@ async def validate(request: Request) -> JSONResponse:
     body = await read_json(request)
     text = get_field(body, "text", str)
     source = get_field(body, "source", str, required=False) or "policy.polar"
-    warnings = await _validate(request, text, source)
+    warnings = await policy_warnings(request, text, source)
     return JSONResponse({"valid": True, "warnings": warnings})
 
 
@@ -102,13 +102,13 @@ async def put_policy(request: Request) -> JSONResponse:
     text = get_field(body, "text", str)
     source = get_field(body, "source", str, required=False) or "policy.polar"
     note = get_field(body, "note", str, required=False) or ""
-    warnings = await _validate(request, text, source, writing=True)
+    warnings = await policy_warnings(request, text, source, writing=True)
     store: FactStore = request.app.state.store
     version, seq = await anyio.to_thread.run_sync(
         lambda: store.put_policy(text, source=source, actor=key.principal, note=note)
     )
     request.app.state.metrics.writes.labels("policy").inc()
-    await _await_applied(request, seq)
+    await await_applied(request, seq)
     return JSONResponse({"version": version, "sequence": seq, "warnings": warnings})
 
 
@@ -129,12 +129,12 @@ async def rollback(request: Request) -> JSONResponse:
     old = await anyio.to_thread.run_sync(store.policy, version)
     if old is None:
         raise Problem(404, "Unknown policy version", f"there is no policy version {version}")
-    await _validate(request, old.text, old.source, writing=True)
+    await policy_warnings(request, old.text, old.source, writing=True)
     new_version, seq = await anyio.to_thread.run_sync(
         lambda: store.rollback_policy(version, actor=key.principal)
     )
     request.app.state.metrics.writes.labels("policy").inc()
-    await _await_applied(request, seq)
+    await await_applied(request, seq)
     return JSONResponse({"version": new_version, "sequence": seq, "rolled_back_to": version})
 
 
