@@ -13,6 +13,7 @@ import difflib
 import itertools
 from collections import defaultdict
 
+from bastion.facts.model import Entity
 from bastion.policy import ast
 from bastion.policy.builtins import BUILTINS
 from bastion.policy.errors import Diagnostic, Location
@@ -27,6 +28,7 @@ from bastion.policy.program import (
     Program,
     TypeLit,
     format_clause,
+    has_type,
     literal_vars,
     term_vars,
 )
@@ -364,6 +366,10 @@ class _Lowering:
         names = sorted({name for name, _ in known})
         for clause in itertools.chain.from_iterable(clauses.values()):
             for lit in _walk(clause.body):
+                if isinstance(lit, CallLit) and (
+                    builtin := BUILTINS.get((lit.name, len(lit.args)))
+                ):
+                    self.check_builtin_types(clause, lit, builtin.types)
                 if not isinstance(lit, CallLit) or (lit.name, len(lit.args)) in known:
                     continue
                 arities = sorted(a for n, a in known if n == lit.name)
@@ -379,6 +385,33 @@ class _Lowering:
                         f"{lit.name}/{len(lit.args)} is not defined by any rule, builtin or declaration{hint}"
                         f" (if it is a fact, declare its type: declare {lit.name}(...);)",
                     )
+
+    def check_builtin_types(self, clause: Clause, lit: CallLit, types: tuple[str, ...]) -> None:
+        """A builtin argument known, when the policy loads, to be of another type than the
+        builtin takes (a literal, a list, a variable the rule types otherwise) is an error; a
+        value that only turns out wrong at evaluation makes the builtin false."""
+        if not types:
+            return
+        typed = {
+            t.term.name: t.types
+            for t in clause.body
+            if isinstance(t, TypeLit) and isinstance(t.term, ast.Var)
+        }
+        for pos, (arg, want) in enumerate(zip(lit.args, types, strict=True), 1):
+            found = None
+            if isinstance(arg, ast.Const) and not has_type(arg.value, frozenset({want})):
+                value = arg.value
+                found = value.type if isinstance(value, Entity) else type(value).__name__
+                found = {"str": "String", "int": "Integer", "bool": "Boolean"}.get(found, found)
+            elif isinstance(arg, ast.ListTerm):
+                found = "a list"
+            elif isinstance(arg, ast.Var) and arg.name in typed and want not in typed[arg.name]:
+                found = " or ".join(sorted(typed[arg.name]))
+            if found is not None:
+                self.error(
+                    lit.location,
+                    f"argument {pos} of {lit.name} must be a {want}, not {found}",
+                )
 
     def check_singletons(self, clauses: dict) -> None:
         for clause in itertools.chain.from_iterable(clauses.values()):
