@@ -248,6 +248,15 @@ def _behavior(config: ServerConfig, gateway):
     )
 
 
+def _labels(gateway):
+    """The gateway's session labels (docs/delegation.md; shared through gateway.redis_url)."""
+    from bastion.delegation.labels import LabelSettings, labels_from_config
+
+    c = gateway.config
+    settings = LabelSettings(c.label_ttl_seconds, c.label_max, c.label_max_sets)
+    return labels_from_config(c.redis_url, c.redis_prefix, settings)
+
+
 def _approvals(config: ServerConfig, oauth, replica: Replica):
     """Holds for people (docs/approvals.md): with a gateway, whose calls they hold."""
     if not config.gateway or oauth is None:
@@ -359,6 +368,7 @@ def create_app(config: ServerConfig) -> Starlette:
     if gateway is not None:
         gateway.enforcer.shadow.on_fire = metrics.shadow_fired
         gateway.enforcer.behavior = _behavior(config, gateway)
+        gateway.enforcer.labels = _labels(gateway)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:

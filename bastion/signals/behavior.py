@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from bastion.policy.errors import EvaluationLimit
+from bastion.redis_client import connect, safe_url
 
 log = logging.getLogger("bastion.signals.behavior")
 
@@ -138,9 +139,10 @@ def fold(
     return out
 
 
-class _Lazy(dict):
+class Lazy(dict):
     """A dict that makes each entry when it is first read (`get`, as the policy's field lookup
-    reads): only the figures a rule reads are computed, and kept in the decision record."""
+    reads): only the figures a rule reads are computed, and kept in the decision record.
+    (``context.session`` is one too: `bastion.delegation.labels`.)"""
 
     __slots__ = ("_make",)
 
@@ -170,7 +172,7 @@ _WINDOW_INDEX = {name: i for i, (name, _) in enumerate(WINDOWS)}
 Source = Callable[[str, float, int, int], dict]
 
 
-class BehaviorView(_Lazy):
+class BehaviorView(Lazy):
     """``context.behavior``: scope -> counter -> window -> figures, each made when first read.
     Without a source (the shared counters could not be read), reading a scope raises
     `BehaviorUnavailable`: the decision that needs it is refused."""
@@ -187,7 +189,7 @@ class BehaviorView(_Lazy):
     def counter_keys(self) -> tuple[str, str, str]:
         return self._keys
 
-    def _scope(self, scope: Any) -> _Lazy | None:
+    def _scope(self, scope: Any) -> Lazy | None:
         try:
             key = self._keys[("user", "agent", "tool").index(scope)]
         except ValueError:
@@ -196,7 +198,7 @@ class BehaviorView(_Lazy):
             raise BehaviorUnavailable()
         source, now = self._source, self._now
 
-        def counter(name: Any) -> _Lazy | None:
+        def counter(name: Any) -> Lazy | None:
             c = _COUNTER_INDEX.get(name)
             if c is None:
                 return None
@@ -205,9 +207,9 @@ class BehaviorView(_Lazy):
                 w = _WINDOW_INDEX.get(name)
                 return None if w is None else source(key, now, c, w)
 
-            return _Lazy(window)
+            return Lazy(window)
 
-        return _Lazy(counter)
+        return Lazy(counter)
 
 
 def figure(current: int, previous: int, baseline: float, covered: float) -> dict[str, Any]:
@@ -418,21 +420,11 @@ class RedisBehavior(_Counting):
         clock: Callable[[], float] = time.time,
         timeout: float = 1.0,
     ) -> None:
-        import redis.asyncio as redis
-        from redis.exceptions import RedisClusterException
-
         self.url = url
         self.prefix = prefix
         self.settings = settings or BehaviorSettings()
         self.clock = clock
-        self._errors = (redis.RedisError, RedisClusterException, OSError)
-        scheme, sep, rest = url.partition("://")
-        timeouts = {"socket_timeout": timeout, "socket_connect_timeout": timeout}
-        if scheme.endswith("+cluster"):
-            plain = scheme.removesuffix("+cluster") + sep + rest
-            self._redis = redis.RedisCluster.from_url(plain, **timeouts)
-        else:
-            self._redis = redis.Redis.from_url(url, **timeouts)
+        self._redis, self._errors = connect(url, timeout)
         self._script = self._redis.register_script(_COUNT)
         self._pending: set[asyncio.Task] = set()
 
@@ -458,7 +450,7 @@ class RedisBehavior(_Counting):
                         pipe.hgetall(name)
                 rows = await pipe.execute()
         except self._errors as e:
-            log.error("behaviour counters cannot be read: Redis at %s: %s", _safe(self.url), e)
+            log.error("behaviour counters cannot be read: Redis at %s: %s", safe_url(self.url), e)
             return
         n = len(WINDOWS)
         fetched = {key: rows[i * n : (i + 1) * n] for i, key in enumerate(keys)}
@@ -508,7 +500,7 @@ class RedisBehavior(_Counting):
                     await self._script(keys=[*hashes, *sets], args=args, client=pipe)
                 await pipe.execute()
         except self._errors as e:
-            log.error("behaviour counts lost: Redis at %s: %s", _safe(self.url), e)
+            log.error("behaviour counts lost: Redis at %s: %s", safe_url(self.url), e)
 
     async def close(self) -> None:
         if self._pending:
@@ -528,14 +520,6 @@ def _figure_of(row: dict, now: float, c: int, w: int, weight: float) -> dict[str
         base = fold([base], [cur], index - at, weight, row.get(b"l") == b"1")[0]
         prev, cur = (cur if index - at == 1 else 0), 0
     return figure(cur, prev, base, 1 - (now - index * seconds) / seconds)
-
-
-def _safe(url: str) -> str:
-    """The URL without a password, for logs."""
-    from urllib.parse import urlsplit
-
-    parts = urlsplit(url)
-    return url.replace(f":{parts.password}@", ":***@") if parts.password else url
 
 
 def behavior_from_config(

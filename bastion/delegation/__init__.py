@@ -1,0 +1,1 @@
+"""Delegation between agents (docs/delegation.md)."""
