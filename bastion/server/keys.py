@@ -31,6 +31,8 @@ SCOPES = (
     "signals",
     # Read and acknowledge alerts (/v1/alerts, docs/signals.md).
     "alerts",
+    # Forget session labels (/v1/labels/clear, docs/delegation.md).
+    "labels",
     "admin",
 )
 KEY_PREFIX = "bst_"

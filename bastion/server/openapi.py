@@ -15,6 +15,7 @@ from typing import Any
 from bastion.approvals.store import KINDS, STATUSES
 from bastion.server.api import alerts as alerts_api
 from bastion.server.api import approvals as approvals_api
+from bastion.server.api import labels as labels_api
 from bastion.server.api import signals as signals_api
 from bastion.server.api import suspensions as suspensions_api
 from bastion.server.api.decisions import MAX_BATCH
@@ -1030,6 +1031,25 @@ PATHS: dict[str, Any] = {
             params=[_path("alert_id", "the id of an alert")],
         )
         | {"operationId": "acknowledgeAlert"}
+    },
+    "/v1/labels/clear": {
+        "post": _op(
+            "Forget session labels (docs/delegation.md): with user and agent (the first agent of"
+            " a chain) and optionally task, that label set; with task alone, every label set of"
+            " the task. cleared: how many sets were forgotten. 404: no gateway; 503: the shared"
+            " store (Redis) cannot be reached",
+            labels_api.SCOPE,
+            _response(["cleared"], cleared={**_INT, "minimum": 0}),
+            body={
+                "type": "object",
+                "properties": {
+                    name: {**_STR, "maxLength": labels_api.MAX_ID_LENGTH}
+                    for name in ("user", "agent", "task")
+                },
+                "additionalProperties": False,
+            },
+            problems=(404,),
+        )
     },
     "/v1/openapi.json": {"get": _op("This document", None, {"type": "object"})},
     "/healthz": {

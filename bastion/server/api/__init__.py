@@ -10,6 +10,7 @@ from bastion.server.api import (
     decisions,
     facts,
     keys,
+    labels,
     policy,
     signals,
     suspensions,
@@ -26,4 +27,5 @@ def routes() -> list[BaseRoute]:
         *suspensions.routes,
         *signals.routes,
         *alerts.routes,
+        *labels.routes,
     ]
