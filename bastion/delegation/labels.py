@@ -24,11 +24,10 @@ import logging
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from bastion.policy.errors import EvaluationLimit
 from bastion.redis_client import connect, safe_url
-from bastion.signals.behavior import Lazy
 
 log = logging.getLogger("bastion.delegation.labels")
 
@@ -36,8 +35,7 @@ log = logging.getLogger("bastion.delegation.labels")
 CONTEXT_FIELD = "session"
 
 
-@dataclass(frozen=True, slots=True)
-class LabelKey:
+class LabelKey(NamedTuple):
     """Whose label set: the user, the first agent of the chain (the one the user let act),
     and the task the token is bound to ("" for none)."""
 
@@ -73,23 +71,33 @@ class LabelsFull(Exception):
     reason = "labels_full"
 
 
-class SessionView(Lazy):
-    """``context.session``: ``labels`` is made when a rule first reads it. Without a source
-    (the shared store could not be read), reading it raises `LabelsUnavailable`."""
+class SessionView(dict):
+    """``context.session``: ``labels`` is read from the store when a rule first reads it (as
+    the policy's field lookup does, with `get`), then kept, in the decision record too. Without
+    a source (the shared store could not be read), reading it raises `LabelsUnavailable`."""
 
     __slots__ = ("key", "_source")
 
-    def __init__(self, key: LabelKey, source: Callable[[], list[str]] | None) -> None:
-        super().__init__(self._field)
+    def __init__(self, key: LabelKey, source: Callable[[LabelKey], list[str]] | None) -> None:
+        super().__init__()
         self.key = key
         self._source = source
 
-    def _field(self, name: Any) -> list[str] | None:
+    def get(self, name: Any, default: Any = None) -> Any:
         if name != "labels":
-            return None
+            return default
+        if dict.__contains__(self, name):
+            return dict.__getitem__(self, name)
         if self._source is None:
             raise LabelsUnavailable()
-        return self._source()
+        labels = self._source(self.key)
+        dict.__setitem__(self, name, labels)
+        return labels
+
+    def __getitem__(self, name: Any) -> Any:
+        if name != "labels":
+            raise KeyError(name)
+        return self.get(name)
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,6 +119,7 @@ class LocalLabels:
         self.clock = clock
         # key -> (labels, forgotten at); insertion order is the order of last recording.
         self._sets: dict[LabelKey, tuple[frozenset[str], float]] = {}
+        self._current = self.current  # bound once: each view refers to it
 
     async def labels(self, key: LabelKey) -> list[str]:
         """``key``'s labels, sorted."""
@@ -126,7 +135,7 @@ class LocalLabels:
         return sorted(found[0])
 
     def view(self, key: LabelKey) -> SessionView:
-        return SessionView(key, lambda: self.current(key))
+        return SessionView(key, self._current)
 
     async def prepare(self, view: SessionView) -> None:
         """Nothing to fetch: the sets are in this process."""
@@ -138,8 +147,9 @@ class LocalLabels:
         if not new:
             return
         now = self.clock()
-        current = frozenset(self.current(key))
-        merged = current | new
+        found = self._sets.get(key)
+        current = found[0] if found is not None and found[1] > now else frozenset()
+        merged = current | new if not new <= current else current
         if len(merged) > self.settings.max_labels:
             raise LabelsFull()
         if key not in self._sets and len(self._sets) >= self.settings.max_sets:
@@ -238,7 +248,7 @@ class RedisLabels:
             log.error("session labels cannot be read: Redis at %s: %s", safe_url(self.url), e)
             return
         labels = sorted(m.decode() if isinstance(m, bytes) else m for m in members)
-        view._source = lambda: labels
+        view._source = lambda _key: labels
 
     async def labels(self, key: LabelKey) -> list[str]:
         """``key``'s labels, sorted; `LabelsUnavailable` when Redis cannot be read."""

@@ -139,10 +139,9 @@ def fold(
     return out
 
 
-class Lazy(dict):
+class _Lazy(dict):
     """A dict that makes each entry when it is first read (`get`, as the policy's field lookup
-    reads): only the figures a rule reads are computed, and kept in the decision record.
-    (``context.session`` is one too: `bastion.delegation.labels`.)"""
+    reads): only the figures a rule reads are computed, and kept in the decision record."""
 
     __slots__ = ("_make",)
 
@@ -172,7 +171,7 @@ _WINDOW_INDEX = {name: i for i, (name, _) in enumerate(WINDOWS)}
 Source = Callable[[str, float, int, int], dict]
 
 
-class BehaviorView(Lazy):
+class BehaviorView(_Lazy):
     """``context.behavior``: scope -> counter -> window -> figures, each made when first read.
     Without a source (the shared counters could not be read), reading a scope raises
     `BehaviorUnavailable`: the decision that needs it is refused."""
@@ -189,7 +188,7 @@ class BehaviorView(Lazy):
     def counter_keys(self) -> tuple[str, str, str]:
         return self._keys
 
-    def _scope(self, scope: Any) -> Lazy | None:
+    def _scope(self, scope: Any) -> _Lazy | None:
         try:
             key = self._keys[("user", "agent", "tool").index(scope)]
         except ValueError:
@@ -198,7 +197,7 @@ class BehaviorView(Lazy):
             raise BehaviorUnavailable()
         source, now = self._source, self._now
 
-        def counter(name: Any) -> Lazy | None:
+        def counter(name: Any) -> _Lazy | None:
             c = _COUNTER_INDEX.get(name)
             if c is None:
                 return None
@@ -207,9 +206,9 @@ class BehaviorView(Lazy):
                 w = _WINDOW_INDEX.get(name)
                 return None if w is None else source(key, now, c, w)
 
-            return Lazy(window)
+            return _Lazy(window)
 
-        return Lazy(counter)
+        return _Lazy(counter)
 
 
 def figure(current: int, previous: int, baseline: float, covered: float) -> dict[str, Any]:

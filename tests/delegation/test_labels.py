@@ -472,3 +472,41 @@ def light_hashing():
     users._HASHER = PasswordHasher(time_cost=1, memory_cost=1024, parallelism=1)
     yield
     users._HASHER = saved
+
+
+def test_the_example_labels_policy_passes_its_own_tests():
+    import subprocess
+    import sys
+
+    from tests.gateway.support import ROOT
+
+    done = subprocess.run(
+        [sys.executable, "-m", "bastion.cli", "policy", "test", "examples/labels.polar"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "2 passed, 0 failed" in done.stdout
+
+
+def test_a_decision_record_keeps_the_labels_the_decision_read():
+    async def main():
+        enforcer = _enforcer()
+        caller = _caller("sam", "planner")
+        assert await _call(enforcer, caller, "search", {}) == "ok"
+        context = enforcer.context(caller, "d", "tools/call", tool="send_email")
+        with pytest.raises(RpcError):
+            await enforcer.decide(
+                caller,
+                "d",
+                "tools/call",
+                "call",
+                Entity("Tool", "d/send_email"),
+                {**context, "arguments": {"to": "x@out.example"}},
+                {"to": "x@out.example"},
+            )
+        assert dict(context["session"]) == {"labels": ["pii"]}
+
+    anyio.run(main)
