@@ -53,6 +53,7 @@ def _response(required: list[str], **props: Any) -> dict:
 
 
 _STR = {"type": "string"}
+_LABEL_ID = {**_STR, "minLength": 1, "maxLength": labels_api.MAX_ID_LENGTH}
 _BOOL = {"type": "boolean"}
 # Every number the API reads is finite and within 64 bits (bastion.untrusted_json).
 _INT = {"type": "integer", "minimum": MIN_INTEGER, "maximum": MAX_INTEGER}
@@ -1041,12 +1042,24 @@ PATHS: dict[str, Any] = {
             labels_api.SCOPE,
             _response(["cleared"], cleared={**_INT, "minimum": 0}),
             body={
-                "type": "object",
-                "properties": {
-                    name: {**_STR, "maxLength": labels_api.MAX_ID_LENGTH}
-                    for name in ("user", "agent", "task")
-                },
-                "additionalProperties": False,
+                "oneOf": [
+                    {
+                        "type": "object",
+                        "required": ["user", "agent"],
+                        "properties": {
+                            "user": _LABEL_ID,
+                            "agent": _LABEL_ID,
+                            "task": _nullable({**_LABEL_ID, "minLength": 0}),
+                        },
+                        "additionalProperties": False,
+                    },
+                    {
+                        "type": "object",
+                        "required": ["task"],
+                        "properties": {"task": _LABEL_ID},
+                        "additionalProperties": False,
+                    },
+                ]
             },
             problems=(404,),
         )
