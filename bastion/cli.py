@@ -16,6 +16,7 @@ COMMAND_MODULES = [
     "bastion.signals.commands",
     "bastion.signals.suspension_commands",
     "bastion.signals.alert_commands",
+    "bastion.delegation.task_commands",
 ]
 
 

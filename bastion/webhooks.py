@@ -145,6 +145,21 @@ def parse_webhook(where: str, hook: Any, env: dict[str, str], before: list[Webho
     return Webhook(url, secret)
 
 
+@dataclass(frozen=True)
+class WebhookDelivery:
+    """The webhook keys a settings table shares ([approvals], [signals.alerts]): where to POST
+    and how hard to try, parsed by `delivery_settings`."""
+
+    webhooks: tuple[Webhook, ...] = ()
+    # Attempts per webhook delivery, and the first delay between them (doubled each time).
+    webhook_attempts: int = 5
+    webhook_backoff_seconds: float = 1.0
+    webhook_timeout_seconds: float = 5.0
+    # Deliveries one process holds in memory at once (sending, or waiting to retry); more wait
+    # in the database's outbox until there is room.
+    webhook_queue_size: int = 1000
+
+
 def delivery_settings(prefix: str, table: dict[str, Any], env: dict[str, str]) -> dict[str, Any]:
     """The webhook keys of a settings table (``webhooks``, ``webhook_attempts``,
     ``webhook_backoff_seconds``, ``webhook_timeout_seconds``, ``webhook_queue_size``), checked;

@@ -1,5 +1,6 @@
 """Behaviour counters' cost per call, in process: what the gateway adds to each ``tools/call``
-(the view in its context, counting the decision, counting the result's bytes), and what a policy
+(the view in its context, counting the decision, counting the answer's bytes: the transport gives
+their number as it encodes the answer), and what a policy
 that reads one scope's figures adds on top.
 
     .venv/bin/python benchmarks/behavior_bench.py [--calls 200000] [--agents 1000]
@@ -12,9 +13,9 @@ from __future__ import annotations
 import argparse
 import time
 
-from bastion.signals.behavior import LocalBehavior
+from bastion.signals.behavior import LocalBehavior, scope_keys
 
-RESULT = {"content": [{"type": "text", "text": "x" * 200}], "isError": False}
+ANSWER_BYTES = 260  # a 200-character text result in its JSON-RPC answer
 
 
 def main() -> None:
@@ -33,7 +34,7 @@ def main() -> None:
         if read:
             view.get("agent").get("destructive").get("minute")
         counters.observe_decision(record, {**context, "behavior": view})
-        counters.returned_result("sam", agent, 'Tool{"desk/search"}', RESULT)
+        counters.returned(scope_keys("sam", agent, 'Tool{"desk/search"}'), ANSWER_BYTES)
 
     for read in (False, True):
         for n in range(10_000):

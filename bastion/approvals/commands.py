@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import getpass
 import json
-import os
 import sys
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -24,7 +23,7 @@ from bastion.audit.commands import event_line
 from bastion.db import DatabaseUnavailable
 from bastion.decide import Authorizer
 from bastion.facts.store import FactStore
-from bastion.server.config import ConfigError, ServerConfig
+from bastion.server.config import ConfigError, ServerConfig, command_database
 
 MAX_LIST = 200
 
@@ -47,7 +46,7 @@ class Deployment:
         from bastion.oauth.settings import OAuthSettings, SettingsError
 
         config = ServerConfig.load(args.config)
-        database = args.database or os.environ.get("BASTION_DATABASE") or config.database
+        database = command_database(args, config)
         if not config.oauth:
             raise CommandError(
                 "approvals need the [oauth] table of bastion.toml (its key_dir holds the key that"

@@ -32,6 +32,7 @@ from bastion.webhooks import (
     MIN_SECRET_BYTES,
     SettingsError,
     Webhook,
+    WebhookDelivery,
     delivery_settings,
     positive_seconds,
     webhook_label,
@@ -41,36 +42,18 @@ __all__ = ["MIN_SECRET_BYTES", "ApprovalSettings", "Webhook", "webhook_label"]
 
 
 @dataclass(frozen=True)
-class ApprovalSettings:
+class ApprovalSettings(WebhookDelivery):
     expiry_seconds: float = 600.0
     wait_seconds: float = 20.0
     retry_after_seconds: float = 5.0
     max_window_minutes: int = 480
-    webhooks: tuple[Webhook, ...] = ()
-    # Attempts per webhook delivery, and the first delay between them (doubled each time).
-    webhook_attempts: int = 5
-    webhook_backoff_seconds: float = 1.0
-    webhook_timeout_seconds: float = 5.0
-    # Deliveries one process holds in memory at once (sending, or waiting to retry); more wait
-    # in the database's outbox until there is room.
-    webhook_queue_size: int = 1000
 
     @classmethod
     def from_mapping(
         cls, table: dict[str, Any], env: dict[str, str] | None = None
     ) -> ApprovalSettings:
         env = dict(os.environ if env is None else env)
-        known = {
-            "expiry_seconds",
-            "wait_seconds",
-            "retry_after_seconds",
-            "max_window_minutes",
-            "webhooks",
-            "webhook_attempts",
-            "webhook_backoff_seconds",
-            "webhook_timeout_seconds",
-            "webhook_queue_size",
-        }
+        known = set(cls.__dataclass_fields__)
         for key in table:
             if key not in known:
                 raise ConfigError(

@@ -7,7 +7,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import sys
 from datetime import UTC, datetime
 
@@ -15,7 +14,7 @@ from bastion.audit.decisions import DecisionRecord, DecisionRecords
 from bastion.audit.log import AuditEvent, AuditLog
 from bastion.audit.retention import prune
 from bastion.db import Database, DatabaseUnavailable
-from bastion.server.config import ConfigError, ServerConfig
+from bastion.server.config import ConfigError, ServerConfig, command_database
 
 
 def _when(epoch: float) -> str:
@@ -69,11 +68,7 @@ def event_line(event: AuditEvent) -> str:
 
 
 def _database(args: argparse.Namespace) -> str:
-    return (
-        args.database
-        or os.environ.get("BASTION_DATABASE")
-        or ServerConfig.load(args.config).database
-    )
+    return command_database(args)
 
 
 def cmd_tail(args: argparse.Namespace) -> int:

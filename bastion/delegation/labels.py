@@ -18,12 +18,15 @@ reason ``labels_unavailable`` (fail closed), others go on. A set is forgotten
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import hashlib
 import json
 import logging
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, NamedTuple
 
 from bastion.policy.errors import EvaluationLimit
@@ -292,6 +295,25 @@ class RedisLabels:
 
     async def close(self) -> None:
         await self._redis.aclose()
+
+
+def task_wiper(
+    store: LocalLabels | RedisLabels, loop: asyncio.AbstractEventLoop
+) -> Callable[[str], None]:
+    """A `Tasks.on_end` subscriber: wipe the ended task's label sets, on ``loop`` (the store's;
+    the subscriber may be called from any thread, and does not wait)."""
+
+    def wipe(task_id: str) -> None:
+        future = asyncio.run_coroutine_threadsafe(store.wipe_task(task_id), loop)
+        future.add_done_callback(partial(_wiped, task_id))
+
+    return wipe
+
+
+def _wiped(task_id: str, future: concurrent.futures.Future) -> None:
+    if not future.cancelled() and future.exception() is not None:
+        # The task's tokens are revoked already; its sets expire after label_ttl_seconds.
+        log.error("the label sets of ended task %s were not wiped: %s", task_id, future.exception())
 
 
 def labels_from_config(

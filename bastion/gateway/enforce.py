@@ -7,6 +7,7 @@ policy sees, asks `decide_chain` (every principal must be allowed), turns the an
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import json
@@ -47,7 +48,12 @@ from bastion.gateway.jsonrpc import (
 from bastion.gateway.ratelimit import LimitsUnavailable, RateLimiter, RedisRateLimiter
 from bastion.policy.errors import EvaluationLimit
 from bastion.policy.runtime import context_value
-from bastion.signals.behavior import COUNTED_METHODS, LocalBehavior, RedisBehavior
+from bastion.signals.behavior import (
+    COUNTED_METHODS,
+    BehaviorUnavailable,
+    LocalBehavior,
+    RedisBehavior,
+)
 from bastion.signals.posture import RequestPosture
 from bastion.signals.read_only import read_only_holds, refuses_write
 from bastion.signals.shadow import Shadow
@@ -371,7 +377,7 @@ class Enforcer:
             approval={"id": linked.id, "kind": linked.kind} if linked is not None else None,
         )
         if self.alerts is not None:
-            await self._raise_alerts(caller, chain, decision_id, result, reason, record)
+            await self._raise_alerts(caller, chain, decision_id, result, reason, record, context)
         if result == "step_up":
             max_age = chain.obligations.max_auth_age if reason == SIGN_IN_AGAIN else None
             raise StepUp(chain.missing_scopes, decision_id, max_age)
@@ -420,10 +426,19 @@ class Enforcer:
         result: str,
         reason: str,
         record: dict[str, Any],
+        context: dict[str, Any],
     ) -> None:
-        """The decision's ``alert`` rules, and a refusal counted towards a refusal burst."""
+        """The decision's ``alert`` rules, the built-in alerts over the calling agent's
+        behaviour, and a refusal counted towards a refusal burst."""
+        alerts = self.alerts
         raised = chain.obligations.alerts
-        if not raised and result != "deny":
+        behaving = ()
+        if (behavior := context.get("behavior")) is not None:
+            destructive = (context.get("annotations") or {}).get("destructiveHint") is True
+            # Counters that cannot be read raise nothing; the decision took care of itself.
+            with contextlib.suppress(BehaviorUnavailable):
+                behaving = alerts.behavior_alerts(behavior, destructive)
+        if not raised and not behaving and result != "deny":
             return
         detail = {
             "server": record["server"],
@@ -432,10 +447,12 @@ class Enforcer:
             "result": result,
             "reason": reason,
         }
-        alerts = self.alerts
+        agent = caller.principals[-1]
 
         def work() -> None:
             alerts.from_decision(raised, decision_id, detail)
+            for name, severity, more in behaving:
+                alerts.raise_alert(name, severity, agent, decision_id, {**detail, **more})
             if result == "deny":
                 for principal in caller.principals:
                     alerts.refused(principal, decision_id, detail)
@@ -745,10 +762,6 @@ class Enforcer:
             self.write(verdict.record, result="deny", reason=e.reason)
             target = Entity.parse(verdict.record["target"]).id
             raise refused(target, verdict.decision_id, e.reason) from None
-
-    def returned(self, caller: Caller, target: str, result: Any) -> None:
-        """Count the bytes of a result returned to ``caller``."""
-        self.behavior.returned_result(caller.subject, caller.client_id, target, result)
 
     def write(self, record: dict[str, Any], **more: Any) -> None:
         """Buffer a decision record (an allowed one once its obligations are known)."""

@@ -33,6 +33,7 @@ from bastion.gateway.jsonrpc import (
 )
 from bastion.gateway.masks import Paths, compile_paths, mask_notification, mask_result
 from bastion.gateway.upstream import LOG_LEVEL, LOG_MESSAGE, UpstreamError
+from bastion.signals.behavior import scope_keys
 from bastion.signals.read_only import is_read_only_tool
 
 if TYPE_CHECKING:
@@ -80,6 +81,9 @@ class Exchange:
     # The mask obligation on the result, once decided: also applied to what is relayed during
     # the call (progress, log messages), and no request may go to the client under it.
     masks: Paths = ()
+    # The behaviour counters' keys the answer's bytes count under, once a result is released
+    # (the transport counts the answer as it encodes it: one encoding, not two).
+    returned_keys: tuple[str, ...] | None = None
     _context: dict[str, Any] | None = None
     # The client's progress token, while its progress is relayed.
     _progress_token: Any = None
@@ -496,7 +500,7 @@ async def _release(ex: Exchange, verdict: Verdict, result: dict[str, Any], uri: 
     label set first (withheld if they cannot be), masked, counted and recorded."""
     await ex.gateway.enforcer.record_labels(ex.caller, verdict)
     result, masked = mask_result(result, ex.masks, uri)
-    ex.gateway.enforcer.returned(ex.caller, verdict.record["target"], result)
+    ex.returned_keys = scope_keys(ex.caller.subject, ex.caller.client_id, verdict.record["target"])
     obligations = dict(verdict.record["obligations"])
     obligations["masked_fields"] = masked
     ex.gateway.enforcer.write(verdict.record, obligations=obligations)

@@ -88,8 +88,9 @@ def _decode_name(value: str | None) -> str | None:
 
 async def send_json(
     send: Send, status: int, body: Any, headers: dict[str, str] | None = None
-) -> None:
-    """A whole HTTP response: ``body`` as compact JSON (none if None), with ``headers``."""
+) -> int:
+    """A whole HTTP response: ``body`` as compact JSON (none if None), with ``headers``; returns
+    the length of the body sent."""
     data = b"" if body is None else encode(body).encode()
     raw = [(b"content-type", b"application/json")] if body is not None else []
     if headers:
@@ -97,6 +98,13 @@ async def send_json(
     raw.append((b"content-length", str(len(data)).encode()))
     await send({"type": "http.response.start", "status": status, "headers": raw})
     await send({"type": "http.response.body", "body": data})
+    return len(data)
+
+
+def _counted(ex: Exchange, size: int) -> None:
+    """Count the answer's bytes in the behaviour counters, if it released a result."""
+    if ex.returned_keys is not None:
+        ex.gateway.enforcer.behavior.returned(ex.returned_keys, size)
 
 
 def _event(message: dict[str, Any]) -> bytes:
@@ -380,7 +388,7 @@ class StreamableHttpEndpoint:
             if gateway.in_flight.get(key) is flight:
                 del gateway.in_flight[key]
         if flight.sending is not None:
-            await flight.end(send, body)
+            _counted(exchange, await flight.end(send, body))
             return
         if message.method == "initialize" and "error" not in body:
             capabilities = message.params.get("capabilities")
@@ -392,7 +400,7 @@ class StreamableHttpEndpoint:
                 capabilities if isinstance(capabilities, dict) else {},
             )
             extra["mcp-session-id"] = opened.id
-        await send_json(send, status, body, {**response_headers, **extra})
+        _counted(exchange, await send_json(send, status, body, {**response_headers, **extra}))
 
     def _answered(self, owner: tuple, message) -> None:
         """Route a client's response to the request bastion sent it; refuse (400, nothing
@@ -503,7 +511,7 @@ class StreamableHttpEndpoint:
             return
         body, status, extra = task.result()  # re-raises HttpError (403) before any event
         if not started:
-            await send_json(send, status, body, {**headers, **extra})
+            _counted(ex, await send_json(send, status, body, {**headers, **extra}))
             return
         while not queue.empty():
             await send(
@@ -513,7 +521,9 @@ class StreamableHttpEndpoint:
                     "more_body": True,
                 }
             )
-        await send({"type": "http.response.body", "body": _event(body), "more_body": False})
+        event = _event(body)
+        await send({"type": "http.response.body", "body": event, "more_body": False})
+        _counted(ex, len(event))
 
     # -- era checks --------------------------------------------------------------------------------
 
@@ -806,19 +816,20 @@ class InFlight:
         if self.watcher is not None and not (self.sending and self.sending.locked()):
             self.watcher.cancel()
 
-    async def end(self, send: Send, answer: dict[str, Any] | None) -> None:
+    async def end(self, send: Send, answer: dict[str, Any] | None) -> int:
         """Finish the answer as an event stream: ``answer``, or nothing for a request the client
-        cancelled (a cancelled request is not answered)."""
+        cancelled (a cancelled request is not answered); returns the length of what was sent."""
         body = b"" if answer is None else _event(answer)
         if self.sending is None:
             await _start_events(send)
             await send({"type": "http.response.body", "body": body, "more_body": False})
-            return
+            return len(body)
         async with self.sending:
             await self._begin(send, None)
             await send({"type": "http.response.body", "body": body, "more_body": False})
         if self.watcher is not None:
             self.watcher.cancel()
+        return len(body)
 
 
 # The HTTP status of a GET stream that is refused when it opens.

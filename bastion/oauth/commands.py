@@ -7,7 +7,6 @@ from __future__ import annotations
 import argparse
 import getpass
 import json
-import os
 import sys
 import time
 from datetime import UTC, datetime
@@ -31,8 +30,9 @@ def _config(args: argparse.Namespace):
 
 
 def _database(args: argparse.Namespace) -> Database:
-    url = args.database or os.environ.get("BASTION_DATABASE") or _config(args).database
-    return Database(url)
+    from bastion.server.config import command_database
+
+    return Database(command_database(args))
 
 
 def _settings(args: argparse.Namespace) -> OAuthSettings:

@@ -123,6 +123,9 @@ class AuthorizationServer:
         self._tokens = TokenEndpoint(self)
         # OpenID CIBA: `pending_for(username)` lists what waits for a person's answer.
         self.ciba = BackchannelAuthentication(self)
+        # Just-in-time tasks (docs/delegation.md): ``bind(task_id, user, agent, grant_id)``,
+        # set by the server that has them, for the token endpoint's ``task`` parameter.
+        self.task_binder: Callable[[str, str, str, str], None] | None = None
         self._last_housekeeping = 0.0
 
     async def find_client(self, client_id: str, address: str | None = None) -> Client | None:

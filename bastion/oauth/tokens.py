@@ -3,6 +3,10 @@ with PKCE (§4.1.3), ``refresh_token`` with rotation on every use (§6, RFC 9700
 ``client_credentials`` (§4.4) for an agent acting as itself; the OpenID CIBA grant is answered by
 `bastion.oauth.ciba`.
 
+A ``task`` parameter (bastion's extension, docs/delegation.md) at the ``authorization_code`` and
+``client_credentials`` grants binds the new grant to a just-in-time task: ending the task revokes
+it. A binding only ever takes access away sooner, so the client may ask for it itself.
+
 A code is single use: a second use revokes the grant the first one started. A refresh token is
 single use: presenting a rotated one revokes the whole grant (it was stolen, or the client is
 broken; either way no token of that grant may live on).
@@ -90,6 +94,7 @@ class TokenEndpoint:
                 replayed = True
             else:
                 replayed = False
+                self._bind_task(form, grant, client)
                 response = self._issue(grant, client, grant.scope, refresh=True)
         if replayed:
             return self._revoke_on_reuse(grant, "authorization code replayed", "authorization code")
@@ -99,6 +104,7 @@ class TokenEndpoint:
             client_id=client.client_id,
             grant_id=grant.grant_id,
             grant_type="authorization_code",
+            **({"task": form["task"]} if form.get("task") else {}),
             resource=grant.resource,
             scope=grant.scope,
         )
@@ -187,6 +193,7 @@ class TokenEndpoint:
         )
         with self.store.db.transaction():
             self.store.create_grant(grant)
+            self._bind_task(form, grant, client)
             response = self._issue(grant, client, grant.scope, refresh=False)
         self.audit.record(
             "token.issued",
@@ -194,6 +201,7 @@ class TokenEndpoint:
             client_id=client.client_id,
             grant_id=grant.grant_id,
             grant_type="client_credentials",
+            **({"task": form["task"]} if form.get("task") else {}),
             resource=grant.resource,
             scope=grant.scope,
         )
@@ -202,6 +210,20 @@ class TokenEndpoint:
     def _ciba(self, client: Client, form: Mapping[str, str]) -> dict[str, Any]:
         """OpenID CIBA poll mode: the rules are in `bastion.oauth.ciba`, the tokens are ours."""
         return self.server.ciba.exchange(client, form, self._issue)
+
+    def _bind_task(self, form: Mapping[str, str], grant: Grant, client: Client) -> None:
+        """Bind the grant to the task the ``task`` parameter names, inside the transaction that
+        issues its first token: refused, nothing is issued (and a code stays unused)."""
+        task = form.get("task")
+        if task is None:
+            return
+        if self.server.task_binder is None:
+            raise InvalidRequest("this server has no tasks: leave the task parameter out")
+        user = grant.username or client.client_id
+        try:
+            self.server.task_binder(task, user, client.client_id, grant.grant_id)
+        except ValueError as e:
+            raise InvalidRequest(f"task: {e}") from None
 
     def _check_resource(self, form: Mapping[str, str], grant: Grant) -> None:
         resource = form.get("resource")

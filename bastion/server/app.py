@@ -338,6 +338,21 @@ def _alert_pages(alerts, oauth) -> list[BaseRoute]:
     return list(AlertPages(alerts, oauth).routes())
 
 
+def _tasks(config: ServerConfig, db: Database, store: FactStore, oauth, replica: Replica):
+    """Just-in-time tasks (docs/delegation.md): their grants bind to the authorization server's
+    grants when there is one; their facts are checked against the policy in force."""
+    from bastion.audit import AuditLog
+    from bastion.delegation.tasks import Tasks
+
+    return Tasks(
+        store,
+        oauth.store if oauth is not None else None,
+        oauth.audit if oauth is not None else AuditLog(db),
+        config.task_settings(),
+        validate=lambda fact: replica.authz.facts.validate(fact),
+    )
+
+
 def create_app(config: ServerConfig) -> Starlette:
     """The whole server for one configuration. State is opened by the lifespan."""
     # Writes and key checks use this connection; the replica reads the log on its own.
@@ -363,6 +378,9 @@ def create_app(config: ServerConfig) -> Starlette:
     gateway = _gateway(config, oauth, replica, approvals)
     signals = _signals(config, db, store, oauth, replica)
     alerts = _alerts(config, oauth, replica, gateway)
+    tasks = _tasks(config, db, store, oauth, replica)
+    if oauth is not None:
+        oauth.task_binder = tasks.bind
     if gateway is not None and gateway.records is not None:
         metrics.observe_records_dropped(lambda: gateway.records.dropped)
     if gateway is not None:
@@ -375,6 +393,10 @@ def create_app(config: ServerConfig) -> Starlette:
         await replica.start()
         if gateway is not None:
             await gateway.start()
+            from bastion.delegation.labels import task_wiper
+
+            # An ended task's session labels go with it (docs/delegation.md).
+            tasks.on_end(task_wiper(gateway.enforcer.labels, asyncio.get_running_loop()))
         if approvals is not None and approvals.webhooks is not None:
             await approvals.webhooks.start()
         if signals is not None:
@@ -382,6 +404,7 @@ def create_app(config: ServerConfig) -> Starlette:
         if alerts is not None and alerts.webhooks is not None:
             await alerts.webhooks.start()
         escalation = asyncio.create_task(alerts.escalate_forever()) if alerts is not None else None
+        task_sweep = asyncio.create_task(tasks.sweep_forever())
         retention = asyncio.create_task(prune_forever(db, config.audit_retention_days))
         sweep = (
             asyncio.create_task(approvals.drop_expired_results_forever())
@@ -391,7 +414,7 @@ def create_app(config: ServerConfig) -> Starlette:
         try:
             yield
         finally:
-            for task in (retention, sweep, escalation):
+            for task in (retention, sweep, escalation, task_sweep):
                 if task is not None:
                     task.cancel()
                     with contextlib.suppress(asyncio.CancelledError):
@@ -462,4 +485,5 @@ def create_app(config: ServerConfig) -> Starlette:
     app.state.signals = signals
     app.state.signal_settings = signal_settings
     app.state.alerts = alerts
+    app.state.tasks = tasks
     return app

@@ -24,7 +24,7 @@ from bastion.db import DatabaseUnavailable
 from bastion.facts.model import FactError, format_fact
 from bastion.facts.store import FactStore, StoredFact, epoch
 from bastion.policy.errors import PolicyError
-from bastion.server.config import ConfigError, ServerConfig
+from bastion.server.config import ConfigError, ServerConfig, command_database
 from bastion.server.keys import SCOPES
 from bastion.untrusted_json import MAX_INTEGER
 
@@ -119,8 +119,7 @@ def _remote(args: argparse.Namespace):
 
 
 def _local_store(args: argparse.Namespace) -> FactStore:
-    database = args.database or os.environ.get("BASTION_DATABASE") or _config(args).database
-    return FactStore.open(database)
+    return FactStore.open(command_database(args))
 
 
 def _validator(store: FactStore):

@@ -5,14 +5,18 @@ Every key, its default and its meaning is listed in docs/operations.md.
 
 from __future__ import annotations
 
+import argparse
 import math
 import os
 import tomllib
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bastion.policy.limits import DEFAULT_LIMITS, PolicyLimits
+
+if TYPE_CHECKING:
+    from bastion.delegation.tasks import TaskSettings
 
 DEFAULT_CONFIG_FILE = "bastion.toml"
 
@@ -91,6 +95,8 @@ class ServerConfig:
     # (bastion.signals.behavior.BehaviorSettings) and [signals.alerts]
     # (bastion.signals.alerts.AlertSettings).
     signals: dict[str, Any] = field(default_factory=dict)
+    # The [tasks] table (bastion.delegation.tasks.TaskSettings, docs/delegation.md).
+    tasks: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def load(
@@ -121,14 +127,14 @@ class ServerConfig:
             values.update(server)
             if "oauth" in data:
                 values["oauth"] = data["oauth"]
-            for table in ("gateway", "approvals", "signals"):
+            for table in ("gateway", "approvals", "signals", "tasks"):
                 if table in data:
                     values[table] = data[table]
         elif path is not None:
             raise ConfigError(f"configuration file {file} does not exist")
         names = {f.name: f for f in fields(cls)}
         for name in names:
-            if name in ("oauth", "gateway", "approvals", "signals"):
+            if name in ("oauth", "gateway", "approvals", "signals", "tasks"):
                 continue
             var = f"BASTION_{name.upper()}"
             if var in env:
@@ -176,6 +182,16 @@ class ServerConfig:
             BehaviorSettings.from_table(self.signals.get("behavior", {}))
         except ValueError as e:
             raise ConfigError(str(e)) from None
+        self.task_settings()
+
+    def task_settings(self) -> TaskSettings:
+        """The [tasks] table read (`bastion.delegation.tasks.TaskSettings`)."""
+        from bastion.delegation.tasks import TaskError, TaskSettings
+
+        try:
+            return TaskSettings.from_mapping(self.tasks)
+        except TaskError as e:
+            raise ConfigError(str(e)) from None
 
     def policy_limits(self) -> PolicyLimits:
         """The limits on policies and on each evaluation, from the ``policy_*``,
@@ -199,6 +215,15 @@ _POSITIVE = (
     "max_staleness_seconds",
     "decision_records_buffer",
 )
+
+
+def command_database(args: argparse.Namespace, config: ServerConfig | None = None) -> str:
+    """The database an admin command works on: ``--database``, else BASTION_DATABASE, else the
+    configuration's (``config``, or the one ``--config`` names, read only when needed)."""
+    given = getattr(args, "database", None) or os.environ.get("BASTION_DATABASE")
+    if given:
+        return given
+    return (config or ServerConfig.load(getattr(args, "config", None))).database
 
 
 def _coerce(key: str, value: Any, kind: type) -> Any:

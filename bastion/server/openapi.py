@@ -13,11 +13,13 @@ from functools import cache
 from typing import Any
 
 from bastion.approvals.store import KINDS, STATUSES
+from bastion.delegation.tasks import STATUSES as TASK_STATUSES
 from bastion.server.api import alerts as alerts_api
 from bastion.server.api import approvals as approvals_api
 from bastion.server.api import labels as labels_api
 from bastion.server.api import signals as signals_api
 from bastion.server.api import suspensions as suspensions_api
+from bastion.server.api import tasks as tasks_api
 from bastion.server.api.decisions import MAX_BATCH
 from bastion.server.api.decisions import MAX_PAGE as MAX_LIST_PAGE
 from bastion.server.api.facts import MAX_PAGE as MAX_FACTS_PAGE
@@ -330,6 +332,48 @@ SCHEMAS: dict[str, Any] = {
         status=_INT,
         detail={**_STR, "description": "what went wrong and what to fix"},
     ),
+    "TaskFact": {
+        "type": "object",
+        "description": "a grant of the task: a fact naming the task's agent first, of a"
+        " predicate [tasks].predicates allows (403 otherwise); it expires with the task",
+        "required": ["predicate"],
+        "properties": {
+            "predicate": _STR,
+            "args": {"type": "array", "items": _ref("FactArg")},
+            "expires_at": {"type": "null", "description": "leave it out: the task's expiry"},
+        },
+        "additionalProperties": _ref("JsonValue"),
+    },
+    "Task": _response(
+        [
+            "id",
+            "user",
+            "agent",
+            "purpose",
+            "status",
+            "facts",
+            "created_by",
+            "created_at",
+            "expires_at",
+            "ended_at",
+            "ended_by",
+            "end_reason",
+            "grants",
+        ],
+        id=_STR,
+        user=_STR,
+        agent={**_STR, "description": "the OAuth client id of the agent the task lets act"},
+        purpose=_STR,
+        status={"enum": list(TASK_STATUSES)},
+        facts={"type": "array", "items": _ref("Fact")},
+        created_by=_STR,
+        created_at=_NUM,
+        expires_at=_NUM,
+        ended_at=_nullable(_NUM),
+        ended_by=_nullable(_STR),
+        end_reason=_nullable(_STR),
+        grants={**_INT, "description": "OAuth grants bound to the task (revoked when it ends)"},
+    ),
 }
 
 # A property named "required" cannot be a keyword argument of _response.
@@ -428,6 +472,12 @@ _TO_DECISION = {
 _LIMIT = {"minimum": 1}
 _FIRST_APPROVAL = "$response.body#/approvals/0/id"
 _NON_EMPTY = {"type": "array", "minItems": 1}
+_TASK_ID_FIELD = {
+    **_STR,
+    "minLength": 1,
+    "maxLength": tasks_api.MAX_ID_LENGTH,
+    "pattern": suspensions_api.ID_PATTERN,
+}
 _SIGNAL_NAME = {
     **_STR,
     "minLength": 1,
@@ -1064,6 +1114,74 @@ PATHS: dict[str, Any] = {
             problems=(404,),
         )
     },
+    "/v1/tasks": {
+        "get": _op(
+            "Tasks, newest first: the key's own (an admin key's: all)",
+            tasks_api.SCOPE,
+            _response(["tasks"], tasks={"type": "array", "items": _ref("Task")}),
+            params=[
+                _query("status", {"enum": list(TASK_STATUSES)}, "only tasks in this status"),
+                _query(
+                    "limit",
+                    {**_INT, **_LIMIT, "maximum": tasks_api.MAX_PAGE},
+                    f"at most this many, 1..{tasks_api.MAX_PAGE} (default"
+                    f" {tasks_api.DEFAULT_PAGE})",
+                ),
+            ],
+            links={
+                name: {"operationId": op, "parameters": {"task_id": "$response.body#/tasks/0/id"}}
+                for name, op in (("GetTask", "getTask"), ("EndTask", "endTask"))
+            },
+        ),
+        "post": _op(
+            "Open a just-in-time task: the agent may act for the user with these grants until"
+            " the expiry (expires_in or expires_at, one of them, at most [tasks].max_seconds"
+            " ahead); the facts are written with that expiry (403: a fact for anyone but the"
+            " task's agent, or of a predicate tasks may not grant; 422: an expiry past the cap"
+            " or gone, a fact the policy cannot use or the store holds already)",
+            tasks_api.SCOPE,
+            _response(["task"], task=_ref("Task")),
+            body={
+                **_request(
+                    ["user", "agent", "purpose", "facts"],
+                    user=_TASK_ID_FIELD,
+                    agent=_TASK_ID_FIELD,
+                    purpose={**_STR, "minLength": 1, "maxLength": tasks_api.MAX_PURPOSE_LENGTH},
+                    facts={**_NON_EMPTY, "items": _ref("TaskFact")},
+                    expires_in={**_NUM, "description": "seconds from now"},
+                    expires_at={**_NUM, "description": "epoch seconds"},
+                ),
+                "oneOf": [{"required": ["expires_in"]}, {"required": ["expires_at"]}],
+            },
+            ok_status=201,
+            problems=(403, 422),
+        ),
+    },
+    "/v1/tasks/{task_id}": {
+        "get": _op(
+            "One task (404: unknown, or another key's)",
+            tasks_api.SCOPE,
+            _response(["task"], task=_ref("Task")),
+            problems=(404,),
+            params=[_path("task_id", "the id of a task")],
+        )
+        | {"operationId": "getTask"}
+    },
+    "/v1/tasks/{task_id}/end": {
+        "post": _op(
+            "End a task: its facts are deleted and every OAuth grant bound to it revoked, at"
+            " once; ended is false when it had ended or expired already (404: unknown, or"
+            " another key's)",
+            tasks_api.SCOPE,
+            _response(["task", "ended"], task=_ref("Task"), ended=_BOOL),
+            body=_request(
+                [], reason={**_STR, "minLength": 1, "maxLength": tasks_api.MAX_REASON_LENGTH}
+            ),
+            problems=(404, 422),
+            params=[_path("task_id", "the id of a task")],
+        )
+        | {"operationId": "endTask"}
+    },
     "/v1/openapi.json": {"get": _op("This document", None, {"type": "object"})},
     "/healthz": {
         "get": _op("The process is alive", None, _response(["status"], status={"const": "ok"}))
@@ -1113,6 +1231,9 @@ PATHS["/readyz"]["get"]["responses"]["503"] = {
     },
 }
 
+# Ending a task needs no reason: the body may be left out.
+PATHS["/v1/tasks/{task_id}/end"]["post"]["requestBody"]["required"] = False
+
 # An answer is refused, too, when the person may not give it.
 for _verb in ("approve", "deny"):
     PATHS[f"/v1/approvals/{{request_id}}/{_verb}"]["post"]["responses"]["403"] = {
@@ -1131,7 +1252,7 @@ def openapi_document() -> dict:
             "title": "bastion decision service",
             "version": "1",
             "description": "Policy decisions, facts, policy versions, API keys, approvals,"
-            " signals and suspensions.",
+            " signals, suspensions, alerts and tasks.",
         },
         "paths": PATHS,
         "components": {

@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from datetime import UTC, datetime
 
 from bastion.db import Database, DatabaseUnavailable
-from bastion.server.config import ConfigError, ServerConfig
+from bastion.server.config import ConfigError, ServerConfig, command_database
 from bastion.signals.alerts import (
     ACKNOWLEDGED,
     OPEN,
@@ -46,7 +45,7 @@ def _line(alert: Alert) -> str:
 
 def _open(args: argparse.Namespace) -> Alerts:
     config = ServerConfig.load(args.config)
-    database = args.database or os.environ.get("BASTION_DATABASE") or config.database
+    database = command_database(args, config)
     table = {k: v for k, v in config.signals.get("alerts", {}).items() if k != "webhooks"}
     # Nothing is told from here: acknowledging only stops escalation (the server's task).
     return Alerts(

@@ -23,7 +23,7 @@ import secrets
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,13 +32,20 @@ import anyio
 from bastion.db import Database, first_line
 from bastion.decide import Authorizer
 from bastion.facts.model import Entity
-from bastion.webhooks import SettingsError, Webhook, delivery_settings, positive_seconds
+from bastion.webhooks import (
+    SettingsError,
+    WebhookDelivery,
+    delivery_settings,
+    positive_seconds,
+)
 
 log = logging.getLogger("bastion.signals.alerts")
 
 SEVERITIES = ("low", "medium", "high", "critical")
 OPEN, ACKNOWLEDGED = "open", "acknowledged"
 REFUSAL_BURST = "refusal_burst"
+BULK_DESTRUCTIVE = "bulk_destructive"
+BEHAVIOR_SPIKE = "behavior_spike"
 CHANNELS = ("page", "api", "cli")
 
 _MIGRATIONS = [
@@ -78,7 +85,7 @@ class AlertNotFound(AlertError):
 
 
 @dataclass(frozen=True, slots=True)
-class AlertSettings:
+class AlertSettings(WebhookDelivery):
     """The ``[signals.alerts]`` table (docs/signals.md)."""
 
     cooldown_seconds: float = 300.0
@@ -88,18 +95,23 @@ class AlertSettings:
     refusal_burst_count: int = 20
     refusal_burst_seconds: float = 60.0
     refusal_burst_severity: str = "high"
+    # Built in over the behaviour counters (the calling agent's figures): more than
+    # ``bulk_destructive_count`` destructive calls within a minute raises "bulk_destructive";
+    # calls in ten minutes above ``spike_ratio`` times the baseline, once there are at least
+    # ``spike_min_calls`` of them, raise "behavior_spike" (0: off).
+    bulk_destructive_count: int = 10
+    bulk_destructive_severity: str = "critical"
+    spike_ratio: float = 10.0
+    spike_min_calls: int = 100
+    spike_severity: str = "high"
     # Decision ids kept per alert (the first ones and the latest ones past that are dropped).
     max_decisions: int = 50
     # Who is named when a principal has no owner: user names, each told as User{"name"}.
     fallback_recipients: tuple[str, ...] = ()
     # How often the escalation task looks for alerts due.
     escalation_poll_seconds: float = 5.0
-    # Where alerts are told (`bastion.webhooks`: signed, retried), as [[signals.alerts.webhooks]].
-    webhooks: tuple[Webhook, ...] = ()
-    webhook_attempts: int = 5
-    webhook_backoff_seconds: float = 1.0
-    webhook_timeout_seconds: float = 5.0
-    webhook_queue_size: int = 1000
+    # Where alerts are told (`bastion.webhooks`: signed, retried): the keys of `WebhookDelivery`,
+    # with [[signals.alerts.webhooks]].
 
     @classmethod
     def from_mapping(
@@ -126,20 +138,30 @@ class AlertSettings:
         ):
             if key in table:
                 values[key] = positive_seconds(f"signals.alerts.{key}", table[key], True)
-        for key in ("refusal_burst_count", "max_decisions"):
+        if "spike_ratio" in table:
+            v = table["spike_ratio"]
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < float("inf"):
+                raise SettingsError(f"signals.alerts.spike_ratio must be a number >= 0, not {v!r}")
+            values["spike_ratio"] = float(v)
+        for key in (
+            "refusal_burst_count",
+            "max_decisions",
+            "bulk_destructive_count",
+            "spike_min_calls",
+        ):
             if key in table:
                 v = table[key]
                 if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                     raise SettingsError(f"signals.alerts.{key} must be an integer >= 0, not {v!r}")
                 values[key] = v
-        if "refusal_burst_severity" in table:
-            v = table["refusal_burst_severity"]
-            if v not in SEVERITIES:
-                raise SettingsError(
-                    f"signals.alerts.refusal_burst_severity must be one of"
-                    f" {', '.join(SEVERITIES)}, not {v!r}"
-                )
-            values["refusal_burst_severity"] = v
+        for key in ("refusal_burst_severity", "bulk_destructive_severity", "spike_severity"):
+            if key in table:
+                v = table[key]
+                if v not in SEVERITIES:
+                    raise SettingsError(
+                        f"signals.alerts.{key} must be one of {', '.join(SEVERITIES)}, not {v!r}"
+                    )
+                values[key] = v
         if "fallback_recipients" in table:
             v = table["fallback_recipients"]
             if not isinstance(v, list) or not all(isinstance(x, str) and x for x in v):
@@ -447,6 +469,31 @@ class Alerts:
             decision_id,
             {**detail, "refusals": len(seen), "within_seconds": window},
         )
+
+    def behavior_alerts(
+        self, behavior: Mapping[str, Any], destructive: bool
+    ) -> list[tuple[str, str, dict[str, Any]]]:
+        """The built-in alerts the calling agent's behaviour figures (``context.behavior`` as
+        the decision saw them, before this message) call for: (name, severity, detail).
+        Reads no more figures than the enabled ones need; a `BehaviorUnavailable` propagates."""
+        raised = []
+        settings = self.settings
+        if destructive and settings.bulk_destructive_count > 0:
+            count = behavior["agent"]["destructive"]["minute"]["count"] + 1
+            if count > settings.bulk_destructive_count:
+                detail = {"destructive_calls": count, "within_seconds": 60}
+                raised.append((BULK_DESTRUCTIVE, settings.bulk_destructive_severity, detail))
+        if settings.spike_ratio > 0 and settings.spike_min_calls > 0:
+            calls = behavior["agent"]["calls"]["ten_minutes"]
+            # An agent without history (baseline 0) has nothing to be far above yet.
+            if (
+                calls["baseline"] > 0
+                and calls["count"] >= settings.spike_min_calls
+                and calls["ratio"] > settings.spike_ratio
+            ):
+                detail = {"calls": calls["count"], "baseline": calls["baseline"], "seconds": 600}
+                raised.append((BEHAVIOR_SPIKE, settings.spike_severity, detail))
+        return raised
 
     # -- escalation ------------------------------------------------------------------------------
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
 import logging
 import math
 import time
@@ -219,9 +218,6 @@ def figure(current: int, previous: int, baseline: float, covered: float) -> dict
     return {"count": count, "baseline": base, "ratio": round(count / max(base, 1.0), 3)}
 
 
-_size = json.JSONEncoder(separators=(",", ":"), default=str).encode
-
-
 class _Counting(ABC):
     """What both kinds of counters do with a decided message and a returned result."""
 
@@ -252,10 +248,6 @@ class _Counting(ABC):
             record["target"],
             record["arguments_digest"],
         )
-
-    def returned_result(self, subject: str, agent: str, target: str, result: Any) -> None:
-        """Count the bytes of a result as sent (compact JSON)."""
-        self.returned(scope_keys(subject, agent, target), len(_size(result).encode()))
 
 
 class LocalBehavior(_Counting):

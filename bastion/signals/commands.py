@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import getpass
 import json
-import os
 import sys
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -21,7 +20,7 @@ from bastion.db import DatabaseUnavailable
 from bastion.decide import Authorizer
 from bastion.facts.model import Entity, FactError
 from bastion.facts.store import FactStore
-from bastion.server.config import ConfigError, ServerConfig
+from bastion.server.config import ConfigError, ServerConfig, command_database
 from bastion.signals.shadow_commands import add_shadow_report
 from bastion.signals.store import (
     SUBJECT_TYPES,
@@ -76,7 +75,7 @@ def _opened(work: Callable[[FactStore, ServerConfig, argparse.Namespace], int]) 
     def run(args: argparse.Namespace) -> int:
         try:
             config = ServerConfig.load(args.config)
-            database = args.database or os.environ.get("BASTION_DATABASE") or config.database
+            database = command_database(args, config)
             store = FactStore.open(database, role="bastion-cli")
         except (ConfigError, DatabaseUnavailable, OSError) as e:
             print(f"bastion: {e}", file=sys.stderr)

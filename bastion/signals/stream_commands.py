@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from datetime import UTC, datetime
 
 import anyio
 
 from bastion.db import Database, DatabaseUnavailable
-from bastion.server.config import ConfigError, ServerConfig
+from bastion.server.config import ConfigError, ServerConfig, command_database
 
 
 def _when(epoch: float | None) -> str:
@@ -41,7 +40,7 @@ def _receiver(args: argparse.Namespace):
         settings = SsfSettings.from_table(table, issuer=str(config.oauth.get("issuer", "")))
     except SignalsConfigError as e:
         raise ConfigError(str(e)) from None
-    db = Database(args.database or os.environ.get("BASTION_DATABASE") or config.database)
+    db = Database(command_database(args, config))
     return SsfReceiver(settings, db, OAuthStore(db), FactStore(db), lambda: None)
 
 

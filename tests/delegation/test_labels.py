@@ -39,6 +39,7 @@ RULES = """
 # tests/delegation: what an agent was shown decides where it may send mail.
 declare label(Tool, String);
 declare label(McpResource, String);
+resource Folder { roles = ["reader"]; }
 deny(_actor, "call", Tool{"deskhttp/send_email"}) if
   "pii" in context.session.labels and
   lower(context.arguments.to, to) and
@@ -218,6 +219,44 @@ def test_clearing_an_agents_labels_through_the_api(bastion):
     assert "error" not in call_tool(bastion.http, bastion.url, token, "send_email", OUTSIDE)
     again = bastion.http.post(url, json=body, headers=_bearer(key))
     assert again.json() == {"cleared": 0}
+
+
+def test_ending_a_task_wipes_its_label_sets(bastion):
+    key, _ = bastion.app.state.keys.create("orchestrator", ["tasks"])
+    opened = bastion.http.post(
+        f"{bastion.url}/v1/tasks",
+        headers=_bearer(key),
+        json={
+            "user": "sam",
+            "agent": "planner",
+            "purpose": "label test",
+            "facts": [
+                {
+                    "predicate": "has_role",
+                    "args": [
+                        {"type": "Agent", "id": "planner"},
+                        "reader",
+                        {"type": "Folder", "id": "r"},
+                    ],
+                }
+            ],
+            "expires_in": 600,
+        },
+    )
+    assert opened.status_code == 201, opened.text
+    task = opened.json()["task"]["id"]
+    store = bastion.app.state.gateway.enforcer.labels
+    in_task, outside = LabelKey("sam", "planner", task), LabelKey("sam", "planner")
+    anyio.run(store.record, in_task, ["pii"])
+    anyio.run(store.record, outside, ["pii"])
+    ended = bastion.http.post(f"{bastion.url}/v1/tasks/{task}/end", headers=_bearer(key), json={})
+    assert ended.status_code == 200, ended.text
+    deadline = time.monotonic() + 5
+    while store.current(in_task):
+        assert time.monotonic() < deadline, "the ended task's labels were not wiped"
+        time.sleep(0.02)
+    assert store.current(outside) == ["pii"], "only the task's sets go"
+    anyio.run(store.clear, outside)
 
 
 def _bearer(key: str) -> dict:

@@ -439,11 +439,13 @@ def start(
     approvals: dict | None = None,
     policy_extra: str = "",
     signals: dict | None = None,
+    tasks: dict | None = None,
 ):
     """Start everything; a context manager yielding `Running`. ``gateway`` adds settings to the
     ``[gateway]`` table, ``approvals`` is the ``[approvals]`` table (by default a held request
     waits for no answer), ``policy_extra`` rules go after the test policy; ``replicas`` more
-    apps share the first one's database and settings; ``signals`` is the ``[signals]`` table."""
+    apps share the first one's database and settings; ``signals`` is the ``[signals]`` table,
+    ``tasks`` the ``[tasks]`` table."""
     from contextlib import ExitStack, contextmanager
 
     @contextmanager
@@ -492,6 +494,7 @@ def start(
                 },
                 approvals={"wait_seconds": 0} if approvals is None else approvals,
                 signals=signals or {},
+                tasks=tasks or {},
                 gateway={
                     **(gateway or {}),
                     "max_body_bytes": 65536,

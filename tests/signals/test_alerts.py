@@ -20,7 +20,8 @@ from mcp.shared.exceptions import MCPError
 from bastion.facts.model import Entity
 from bastion.oauth import users
 from bastion.server.config import ConfigError
-from bastion.signals.alerts import AlertError, AlertSettings, severity_of
+from bastion.signals.alerts import AlertError, Alerts, AlertSettings, severity_of
+from bastion.signals.behavior import LocalBehavior
 from bastion.webhooks import SettingsError
 from tests.approvals.test_pages import csrf_of, press
 from tests.approvals.test_webhooks import SECRET, Receiver
@@ -69,6 +70,7 @@ def bastion(tmp_path_factory, receiver):
             "escalation_poll_seconds": 0.05,
             "refusal_burst_count": 3,
             "refusal_burst_seconds": 60,
+            "bulk_destructive_count": 3,
             "fallback_recipients": ["oncall"],
             "webhook_backoff_seconds": 0.02,
             "webhooks": [{"url": receiver[1], "secret_env": SECRET_ENV}],
@@ -259,6 +261,59 @@ def test_bulk_deletion_is_held_and_alerts_the_owner_then_the_manager(bastion, re
     bastion.flush()
     held = [bastion.records.get(d) for d in alert.decision_ids]
     assert held and all(r is not None and r.result == "held" for r in held)
+    # Without any rule of the policy, the built-in alert saw more than 3 destructive calls in a
+    # minute (three allowed, then the fourth and the fifth tried): one alert, counted twice.
+    [built_in] = alerts_of(bastion, "bulk_destructive", agent)
+    assert built_in.severity == "critical" and built_in.owner == 'User{"pat"}'
+    assert built_in.count == 2 and built_in.detail["destructive_calls"] == 4
+    assert [bastion.records.get(d).result for d in built_in.decision_ids] == ["held", "held"]
+
+
+def test_the_built_in_behaviour_alerts_need_their_thresholds_and_a_baseline():
+    now = [0.0]
+    counters = LocalBehavior(clock=lambda: now[0])
+    settings = AlertSettings(bulk_destructive_count=2, spike_ratio=3.0, spike_min_calls=20)
+    alerts = Alerts(None, settings, lambda: None, "https://bastion.example")  # type: ignore[arg-type]
+
+    def call(destructive: bool = False, agent: str = "bot") -> list[tuple[str, str, dict]]:
+        view = counters.view("sam", agent, 'Tool{"desk/delete"}')
+        raised = alerts.behavior_alerts(view, destructive)
+        record = {"result": "allow", "target": 'Tool{"desk/delete"}', "arguments_digest": "d"}
+        counters.observe_decision(
+            record, {"annotations": {"destructiveHint": destructive}, "behavior": view}
+        )
+        return raised
+
+    # Two destructive calls in a minute are within the threshold; the third is above it.
+    assert call(True) == [] and call(True) == []
+    [(name, severity, detail)] = call(True)
+    assert (name, severity, detail["destructive_calls"]) == ("bulk_destructive", "critical", 3)
+    assert call(False) == []  # a read is no destructive call
+    # A brand-new agent has no baseline: however busy, it is not "far above" anything yet.
+    assert all(call() == [] for _ in range(40))
+    # Fifteen quiet ten-minute windows of 4 calls teach a baseline; no call among them spikes.
+    for w in range(1, 16):
+        now[0] = w * 600 + 1
+        assert all(call(agent="steady") == [] for _ in range(4))
+    # Then a burst: the spike is raised from the first call that sees at least spike_min_calls
+    # calls in ten minutes at more than spike_ratio times the baseline, and not before.
+    now[0] = 16 * 600 + 1
+    raised, seen = [], []
+    for _ in range(40):
+        seen.append(counters.view("sam", "steady", "t")["agent"]["calls"]["ten_minutes"])
+        raised.append(call(agent="steady"))
+    first = next(i for i, r in enumerate(raised) if r)
+    assert 0 < first < 40 and all(raised[first:])
+    figure = seen[first]
+    assert figure["count"] >= 20 and figure["ratio"] > 3 and figure["baseline"] > 0
+    before = seen[first - 1]
+    assert before["count"] < 20 or before["ratio"] <= 3
+    [(name, severity, detail)] = raised[first]
+    assert (name, severity) == ("behavior_spike", "high")
+    assert detail == {"calls": figure["count"], "baseline": figure["baseline"], "seconds": 600}
+    # Off when set to 0.
+    off = Alerts(None, AlertSettings(bulk_destructive_count=0, spike_ratio=0), lambda: None, "x")  # type: ignore[arg-type]
+    assert off.behavior_alerts(counters.view("sam", "bot", "t"), True) == []
 
 
 def test_without_an_owner_the_fallback_recipients_are_named(bastion):

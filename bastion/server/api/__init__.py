@@ -1,4 +1,4 @@
-"""The `/v1` API: decisions, facts, policy, API keys, approvals, signals and alerts."""
+"""The `/v1` API: decisions, facts, policy, API keys, approvals, signals, alerts and tasks."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from bastion.server.api import (
     policy,
     signals,
     suspensions,
+    tasks,
 )
 
 
@@ -28,4 +29,5 @@ def routes() -> list[BaseRoute]:
         *signals.routes,
         *alerts.routes,
         *labels.routes,
+        *tasks.routes,
     ]
