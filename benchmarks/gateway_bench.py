@@ -1,7 +1,7 @@
 """Gateway overhead: the same ``tools/call`` workload, directly against an upstream MCP server over
 Streamable HTTP and through bastion's gateway to that same upstream, in one run.
 
-    .venv/bin/python benchmarks/gateway_bench.py [--clients 4] [--requests 1500] [--rounds 3]
+    .venv/bin/python benchmarks/gateway_bench.py [--clients 4] [--requests 1500] [--rounds 3] [--chain]
 
 The upstream is the quickstart's MCP server (official SDK) in its own process; bastion runs
 ``bastion serve`` in another, with the quickstart policy (the support agent's search, with emails
@@ -9,6 +9,9 @@ masked). Clients are concurrent asyncio tasks in this process, speaking MCP 2026
 per call, no session). Rounds alternate direct and gateway so drift hits both alike. Prints the
 median and p99 latency of each path, the added latency, the throughput ratio, and the CPU time
 bastion and the upstream spent per call (from /proc: steadier than latency on a shared machine).
+With ``--chain``, a third path calls through the gateway with a delegated token (RFC 8693 token
+exchange): a chain of three principals (the user, their agent, a sub-agent), each decided on
+every call, against the plain token's two.
 """
 
 from __future__ import annotations
@@ -67,14 +70,26 @@ def wait_until_up(url: str, process: subprocess.Popen) -> None:
     raise SystemExit(f"{url} did not come up")
 
 
-def access_token(base: str, resource: str) -> str:
+EXCHANGE = "urn:ietf:params:oauth:grant-type:token-exchange"
+ACCESS_TOKEN = "urn:ietf:params:oauth:token-type:access_token"
+# --chain: the quickstart policy, and any agent may delegate the read scope to any other.
+DELEGATION_RULES = """
+may_delegate(_from: Agent, _to: Agent, _server: McpServer);
+delegated_scope(_user: User, _from: Agent, _to: Agent, _server: McpServer, "customers:read");
+"""
+
+
+def access_token(base: str, resource: str, delegates: bool = False) -> tuple[str, str]:
+    """The user's token for their agent (a public client), and the agent's client_id."""
     http = httpx.Client(timeout=10)
+    grant_types = ["authorization_code", "refresh_token"] + ([EXCHANGE] if delegates else [])
     client = http.post(
         f"{base}/register",
         json={
             "client_name": "bench",
             "redirect_uris": [REDIRECT],
             "token_endpoint_auth_method": "none",
+            "grant_types": grant_types,
         },
     ).json()
     verifier = secrets.token_urlsafe(48)
@@ -107,7 +122,43 @@ def access_token(base: str, resource: str) -> str:
             "client_id": client["client_id"],
         },
     )
-    return tokens.json()["access_token"]
+    return tokens.json()["access_token"], client["client_id"]
+
+
+def delegated_token(base: str, resource: str, config: Path, subject: str, agent: str) -> str:
+    """A token for a sub-agent (a confidential client made by `bastion clients create`), by
+    token exchange of the agent's token: the chain user -> agent -> sub-agent."""
+    created = subprocess.run(
+        [str(Path(sys.executable).parent / "bastion"), "clients", "create", "--name", "sub-agent"]
+        + ["--confidential", "--grant-type", "client_credentials", "--scope", "customers:read"]
+        + ["--config", str(config)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    sub = json.loads(created.stdout)
+    http = httpx.Client(timeout=10)
+    auth = (sub["client_id"], sub["client_secret"])
+    own = http.post(
+        f"{base}/token",
+        data={"grant_type": "client_credentials", "resource": resource},
+        auth=auth,
+    )
+    own.raise_for_status()
+    answer = http.post(
+        f"{base}/token",
+        data={
+            "grant_type": EXCHANGE,
+            "client_id": agent,
+            "subject_token": subject,
+            "subject_token_type": ACCESS_TOKEN,
+            "actor_token": own.json()["access_token"],
+            "actor_token_type": ACCESS_TOKEN,
+        },
+    )
+    if answer.status_code != 200:
+        raise SystemExit(f"token exchange refused: {answer.text}")
+    return answer.json()["access_token"]
 
 
 # Each call searches for another letter: arguments vary, as an agent's do, and so do the answers
@@ -187,6 +238,11 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=4)
     parser.add_argument("--requests", type=int, default=1500, help="per round and path")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--chain",
+        action="store_true",
+        help="also call with a delegated token: user -> agent -> sub-agent (token exchange)",
+    )
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="bastion-gateway-bench-"))
@@ -194,18 +250,25 @@ def main() -> None:
     base = f"http://127.0.0.1:{bastion_port}"
     upstream_url = f"http://127.0.0.1:{upstream_port}/mcp"
     database = str(work / "bastion.db")
+    policy = QUICKSTART / "policy.polar"
+    lifetimes = ""
+    if args.chain:
+        policy = work / "policy.polar"
+        policy.write_text((QUICKSTART / "policy.polar").read_text() + DELEGATION_RULES)
+        # Tokens that outlive the longest run (a delegated token never outlives its subject).
+        lifetimes = "access_token_seconds = 3600\nexchanged_token_seconds = 3600\n"
     (work / "bastion.toml").write_text(
         f"""
 [server]
 database = "{database}"
-policy_file = "{QUICKSTART / "policy.polar"}"
+policy_file = "{policy}"
 port = {bastion_port}
 log_level = "warning"
 
 [oauth]
 issuer = "{base}"
 key_dir = "{work / "keys"}"
-[[oauth.resources]]
+{lifetimes}[[oauth.resources]]
 uri = "{base}/mcp/desk"
 scopes = ["customers:read", "customers:write"]
 
@@ -257,11 +320,14 @@ scopes = ["customers:read"]
     try:
         wait_until_up(upstream_url, upstream)
         wait_until_up(f"{base}/healthz", server)
-        token = access_token(base, f"{base}/mcp/desk")
+        token, agent = access_token(base, f"{base}/mcp/desk", delegates=args.chain)
         paths = {
             "direct": (upstream_url, {}),
             "gateway": (f"{base}/mcp/desk", {"authorization": f"Bearer {token}"}),
         }
+        if args.chain:
+            chained = delegated_token(base, f"{base}/mcp/desk", work / "bastion.toml", token, agent)
+            paths["chain"] = (f"{base}/mcp/desk", {"authorization": f"Bearer {chained}"})
         for url, headers in paths.values():  # warm up both (connections, stdio, caches)
             uvloop.run(run_load(url, headers, args.clients, 100))
         results: dict[str, dict[str, list]] = {k: {"lat": [], "tput": [], "cpu": []} for k in paths}
@@ -309,6 +375,13 @@ scopes = ["customers:read"]
     d, g = summary["direct"], summary["gateway"]
     print(f"added latency: median {g[0] - d[0]:.3f} ms, p99 {g[1] - d[1]:.3f} ms")
     print(f"throughput through bastion: {g[2] / d[2]:.0%} of direct")
+    if "chain" in summary:
+        c = summary["chain"]
+        print(
+            f"chain of three principals (user, agent, sub-agent): median {c[0] - g[0]:+.3f} ms,"
+            f" p99 {c[1] - g[1]:+.3f} ms over the gateway's two; throughput {c[2] / d[2]:.0%}"
+            " of direct"
+        )
 
 
 if __name__ == "__main__":

@@ -66,6 +66,9 @@ CONTRACT_SHAPES = (
     ("would", "bbbff"),
     # Alerts a decision raises (`bastion.signals.alerts`): alert(actor, name, severity).
     ("alert", "bff"),
+    # Token exchange (`bastion.decide.contract.decide_delegation`).
+    ("may_delegate", "bbb"),
+    ("delegated_scope", "bbbbb"),
     # Information-flow labels a released result carries (`bastion.delegation.labels`).
     ("label", "bf"),
 )
@@ -329,6 +332,13 @@ class Session:
             q.context = context
             q.tables = None  # what was worked out may depend on the context it was asked in
         return self._authz._allowed(self._active, q, actor, action, resource)
+
+    def use_context(self, context: dict | None) -> None:
+        """Ask the session's next questions in ``context`` (they still spend its one budget)."""
+        q = self._q
+        if context is not q.context:
+            q.context = context
+            q.tables = None  # what was worked out may depend on the context it was asked in
 
     def explain(self, actor: Any, action: Any, resource: Any) -> Explanation:
         """`allowed` with the rules and facts that proved it, or the paths that failed (an

@@ -17,6 +17,17 @@ for. The policy can attach obligations with these rules (each optional):
 | ``alert(actor, name, severity)`` | raise the alert ``name`` (`bastion.signals.alerts`) |
 | ``label(resource, label)`` | the result, once released, adds ``label`` to the caller's label set (`bastion.delegation.labels`), read back as ``context.session.labels`` |
 
+Token exchange (`bastion.oauth.token_exchange`, RFC 8693) asks two more, deny by default:
+
+| rule | meaning |
+|---|---|
+| ``may_delegate(from: Agent, to: Agent, server: McpServer)`` | ``from`` may hand its token to ``to`` for this server |
+| ``delegated_scope(user: User, from: Agent, to: Agent, server: McpServer, scope)`` | ``scope`` survives the delegation now |
+
+The scopes of a delegated token are those the request asks for (at most the subject token's,
+the sub-agent's registered ones and the resource's) for which ``delegated_scope`` holds in the
+exchange's ``context`` (`decide_delegation`): without a ``delegated_scope`` rule nothing passes.
+
 ``requires_signal`` is answered by ``signal(actor, name, value, source, set_at)`` facts (see
 `bastion.signals.store`): a required signal the actor does not have, or one set more than
 ``max_age_seconds`` before the decision's time (``context.time``), refuses the request with
@@ -44,7 +55,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from bastion.decide import Authorizer
+from bastion.decide import Authorizer, Session
 from bastion.facts.model import Entity
 from bastion.policy.errors import EvaluationLimit
 from bastion.signals.read_only import read_only_holds
@@ -114,96 +125,107 @@ def decide_chain(
     demands and the token lacks refuses the request with ``missing_scopes`` set. All of it is
     asked in one `Authorizer.session`: one view of the facts.
     """
+    if not principals:
+        return ChainDecision(False, tuple(principals))
+    with authz.session(context) as s:
+        return decide_chain_in(s, principals, action, resource, context, granted_scopes)
+
+
+def decide_chain_in(
+    s: Session,
+    principals: Sequence[Entity],
+    action: str,
+    resource: Entity,
+    context: dict | None = None,
+    granted_scopes: Iterable[str] | None = None,
+) -> ChainDecision:
+    """`decide_chain` within the session ``s``, in ``context``: several decisions asked in one
+    session see one view of the facts and spend one evaluation budget together (a batch is
+    bounded as one question); once it is spent, each is refused with "evaluation_limit"."""
     chain = tuple(principals)
     if not chain:
         return ChainDecision(False, chain)
+    s.use_context(context)
     try:
-        return _decide_chain(authz, chain, action, resource, context, granted_scopes)
+        return _decide_chain(s, chain, action, resource, context, granted_scopes)
     except EvaluationLimit as limit:
         return ChainDecision(False, chain, reason=limit.reason, limit=limit.limit)
 
 
 def _decide_chain(
-    authz: Authorizer,
+    s: Session,
     chain: tuple[Entity, ...],
     action: str,
     resource: Entity,
     context: dict | None,
     granted_scopes: Iterable[str] | None,
 ) -> ChainDecision:
-    with authz.session(context) as s:
-        generation = s.generation
-        alerts = _alerts(s, chain)
-        for principal in chain:
-            if not s.allowed(principal, action, resource):
-                return ChainDecision(
-                    False,
-                    chain,
-                    refused_by=principal,
-                    obligations=Obligations(alerts=alerts),
-                    generation=generation,
-                )
-        stale = _stale_signals(s, chain, _decision_time(context))
-        if stale:
-            principal, names = stale
+    generation = s.generation
+    alerts = _alerts(s, chain)
+    for principal in chain:
+        if not s.allowed(principal, action, resource):
             return ChainDecision(
                 False,
                 chain,
                 refused_by=principal,
                 obligations=Obligations(alerts=alerts),
                 generation=generation,
-                reason="signal_stale",
-                stale_signals=names,
             )
-        required = tuple(
-            sorted(
-                v for v in s.rows("requires_scope", "bbf", action, resource) if isinstance(v, str)
-            )
+    stale = _stale_signals(s, chain, _decision_time(context))
+    if stale:
+        principal, names = stale
+        return ChainDecision(
+            False,
+            chain,
+            refused_by=principal,
+            obligations=Obligations(alerts=alerts),
+            generation=generation,
+            reason="signal_stale",
+            stale_signals=names,
         )
-        if granted_scopes is not None:
-            granted = set(granted_scopes)
-            missing = tuple(scope for scope in required if scope not in granted)
-            if missing:
-                return ChainDecision(
-                    False,
-                    chain,
-                    missing_scopes=missing,
-                    obligations=Obligations(required_scopes=required, alerts=alerts),
-                    generation=generation,
-                )
-        masks: set[str] = set()
-        limits: list[RateLimit] = []
-        approval = review = False
-        for principal in chain:
-            # A path that is not text is still a mask asked for: "" (the whole value, which
-            # the gateway withholds), never dropped, which would send the result unmasked.
-            masks.update(
-                v if isinstance(v, str) else ""
-                for v in s.rows("mask", "bbbf", principal, action, resource)
+    required = tuple(
+        sorted(v for v in s.rows("requires_scope", "bbf", action, resource) if isinstance(v, str))
+    )
+    if granted_scopes is not None:
+        granted = set(granted_scopes)
+        missing = tuple(scope for scope in required if scope not in granted)
+        if missing:
+            return ChainDecision(
+                False,
+                chain,
+                missing_scopes=missing,
+                obligations=Obligations(required_scopes=required, alerts=alerts),
+                generation=generation,
             )
-            for n, secs in sorted(
-                s.rows("rate_limit", "bbbff", principal, action, resource), key=repr
-            ):
-                if type(n) is int and type(secs) is int and secs > 0:
-                    limits.append(RateLimit(principal, n, secs))
-                else:
-                    # A limit that cannot be counted is still a limit asked for: one that
-                    # admits nothing (max 0), never dropped, which would admit every call.
-                    limits.append(RateLimit(principal, 0, 1))
-            approval = approval or bool(
-                s.rows("requires_approval", "bbb", principal, action, resource)
-            )
-            review = review or bool(s.rows("requires_review", "bbb", principal, action, resource))
-        granted = (
-            approval
-            and len(chain) > 1
-            and bool(s.rows("approval_grant", "bbbb", chain[0], chain[1], action, resource))
+    masks: set[str] = set()
+    limits: list[RateLimit] = []
+    approval = review = False
+    for principal in chain:
+        # A path that is not text is still a mask asked for: "" (the whole value, which
+        # the gateway withholds), never dropped, which would send the result unmasked.
+        masks.update(
+            v if isinstance(v, str) else ""
+            for v in s.rows("mask", "bbbf", principal, action, resource)
         )
-        read_only = read_only_holds(s, chain, context)
-        max_auth_age = required_auth_age(s, chain, action, resource)
-        labels = tuple(
-            sorted(v if isinstance(v, str) else repr(v) for v in s.rows("label", "bf", resource))
-        )
+        for n, secs in sorted(s.rows("rate_limit", "bbbff", principal, action, resource), key=repr):
+            if type(n) is int and type(secs) is int and secs > 0:
+                limits.append(RateLimit(principal, n, secs))
+            else:
+                # A limit that cannot be counted is still a limit asked for: one that
+                # admits nothing (max 0), never dropped, which would admit every call.
+                limits.append(RateLimit(principal, 0, 1))
+        approval = approval or bool(s.rows("requires_approval", "bbb", principal, action, resource))
+        review = review or bool(s.rows("requires_review", "bbb", principal, action, resource))
+    granted = (
+        approval
+        and len(chain) > 1
+        and bool(s.rows("approval_grant", "bbbb", chain[0], chain[1], action, resource))
+    )
+    read_only = read_only_holds(s, chain, context)
+    max_auth_age = required_auth_age(s, chain, action, resource)
+    labels = tuple(
+        sorted(v if isinstance(v, str) else repr(v) for v in s.rows("label", "bf", resource))
+    )
     return ChainDecision(
         True,
         chain,
@@ -221,6 +243,42 @@ def _decide_chain(
         ),
         generation=generation,
     )
+
+
+@dataclass(frozen=True, slots=True)
+class DelegationDecision:
+    """The policy's answer to a token exchange: whether ``from`` may delegate to ``to`` at all,
+    and the scopes of those asked for that survive."""
+
+    allowed: bool
+    scopes: tuple[str, ...] = ()
+    reason: str | None = None  # "evaluation_limit" when the budget ran out (refused)
+
+
+def decide_delegation(
+    authz: Authorizer,
+    user: Entity,
+    from_agent: Entity,
+    to_agent: Entity,
+    server: Entity,
+    scopes: Iterable[str],
+    context: dict | None = None,
+) -> DelegationDecision:
+    """Ask ``may_delegate(from_agent, to_agent, server)`` and, for each of ``scopes``,
+    ``delegated_scope(user, from_agent, to_agent, server, scope)``, in one session (one view
+    of the facts). Refused (fail closed) when the evaluation spends its budget."""
+    try:
+        with authz.session(context) as s:
+            if not s.rows("may_delegate", "bbb", from_agent, to_agent, server):
+                return DelegationDecision(False)
+            passed = tuple(
+                scope
+                for scope in scopes
+                if s.rows("delegated_scope", "bbbbb", user, from_agent, to_agent, server, scope)
+            )
+    except EvaluationLimit as limit:
+        return DelegationDecision(False, reason=limit.reason)
+    return DelegationDecision(True, passed)
 
 
 def _decision_time(context: dict | None) -> float:

@@ -258,6 +258,10 @@ class TaskStore:
             return None
         return self._task(rows[0], self.grants(task_id))
 
+    def task_of(self, grant_id: str) -> str | None:
+        rows = self.db.execute("SELECT task_id FROM task_grants WHERE grant_id = ?", (grant_id,))
+        return rows[0][0] if rows else None
+
     def grants(self, task_id: str) -> tuple[str, ...]:
         rows = self.db.execute(
             "SELECT grant_id FROM task_grants WHERE task_id = ? ORDER BY bound_at, grant_id",
@@ -486,8 +490,9 @@ class Tasks:
 
     def bind(
         self, task_id: str, user: str, agent: str, grant_id: str, *, chain: Iterable[str] = ()
-    ) -> None:
-        """Bind an OAuth grant to the task, so that ending the task revokes it.
+    ) -> float:
+        """Bind an OAuth grant to the task, so that ending the task revokes it; returns when
+        the task expires (no token of the grant may outlive it).
 
         The token exchange calls this before it issues a token bound to the task. ``agent`` is
         the client the grant is for; ``chain`` the agents it acts through, the first the user let
@@ -521,6 +526,17 @@ class Tasks:
             self.audit.record(
                 "task.bound", subject=user, client_id=agent, task_id=task_id, grant_id=grant_id
             )
+        return task.expires_at
+
+    def bound_task(self, grant_id: str) -> tuple[str, float] | None:
+        """The task a grant is bound to and when it expires (or ended), if any: every token
+        issued for the grant carries the task and does not outlive it."""
+        task_id = self.store.task_of(grant_id)
+        task = None if task_id is None else self.get(task_id)
+        if task is None:
+            return None
+        status = task.status(self.clock())
+        return task.id, (task.expires_at if status == OPEN else 0.0)
 
     # -- ending --------------------------------------------------------------------------------
 

@@ -221,6 +221,9 @@ class StreamableHttpEndpoint:
             session_id=headers.get("mcp-session-id", ""),
             auth_time=verified.auth_time,
             posture=gateway.posture.read(client[0] or "", headers, verified.claims),
+            # A delegated token's chain (RFC 8693 act), checked by the verifier.
+            agents=verified.agents,
+            task=verified.task or "",
         )
 
     # -- POST --------------------------------------------------------------------------------------

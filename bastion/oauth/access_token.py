@@ -6,7 +6,9 @@ typed their password for the grant; a resource may ask for a fresher one (RFC 94
 from __future__ import annotations
 
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from joserfc import jwt
 
@@ -34,8 +36,10 @@ def mint_access_token(
     now: float,
     seconds: int,
     auth_time: float | None = None,
+    extra: Mapping[str, Any] | None = None,
 ) -> IssuedAccessToken:
-    """Sign an access token for one resource (``aud``), per RFC 9068 §2.2."""
+    """Sign an access token for one resource (``aud``), per RFC 9068 §2.2. ``extra`` claims
+    (a delegation's ``act`` and ``task``, RFC 8693 §4) are added; they never replace these."""
     signer = keys.signer()
     jti = uuid.uuid4().hex
     issued_at = int(now)
@@ -51,6 +55,8 @@ def mint_access_token(
     }
     if auth_time is not None:
         claims["auth_time"] = int(auth_time)
+    for name, value in (extra or {}).items():
+        claims.setdefault(name, value)
     header = {"alg": ALGORITHM, "typ": TOKEN_TYPE, "kid": signer.kid}
     token = jwt.encode(header, claims, signer, algorithms=[ALGORITHM])
     return IssuedAccessToken(token, jti, issued_at + seconds, scope)

@@ -16,6 +16,7 @@ from bastion.oauth.ciba import CIBA_GRANT_TYPE
 from bastion.oauth.errors import OAuthError
 from bastion.oauth.settings import OAuthSettings, SettingsError
 from bastion.oauth.store import OAuthStore
+from bastion.oauth.token_exchange import TOKEN_EXCHANGE_GRANT_TYPE
 from bastion.oauth.users import UserError, create_user, hash_password
 
 
@@ -227,10 +228,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--grant-type",
         action="append",
-        choices=["authorization_code", "refresh_token", "client_credentials", CIBA_GRANT_TYPE],
+        choices=[
+            "authorization_code",
+            "refresh_token",
+            "client_credentials",
+            CIBA_GRANT_TYPE,
+            TOKEN_EXCHANGE_GRANT_TYPE,
+        ],
         help="repeat for several (default: authorization_code + refresh_token; with"
         f" --confidential and no --redirect-uri, client_credentials; {CIBA_GRANT_TYPE}, the"
-        " backchannel requests of OpenID CIBA, needs --confidential)",
+        " backchannel requests of OpenID CIBA, needs --confidential;"
+        f" {TOKEN_EXCHANGE_GRANT_TYPE} lets the client delegate its tokens, docs/delegation.md)",
     )
     p.add_argument("--confidential", action="store_true", help="give the client a secret")
     p.add_argument("--scope", help="space-separated scopes the client may receive")

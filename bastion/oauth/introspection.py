@@ -55,7 +55,7 @@ def introspect(
     except InvalidToken:
         return INACTIVE
     claims = verified.claims
-    return {
+    answer = {
         "active": True,
         "token_type": "Bearer",
         "client_id": verified.client_id,
@@ -67,3 +67,9 @@ def introspect(
         "iat": verified.issued_at,
         "jti": verified.jti,
     }
+    # A delegated token's chain (RFC 8693 §4.1 allows ``act`` in the answer) and its task.
+    if verified.agents:
+        answer["act"] = claims["act"]
+    if verified.task is not None:
+        answer["task"] = verified.task
+    return answer

@@ -24,9 +24,16 @@ from bastion.oauth.errors import InvalidClientMetadata, InvalidRedirectUri, OAut
 from bastion.oauth.redirect_uris import redirect_uri_problem
 from bastion.oauth.settings import OAuthSettings, OpenRegistrationSettings
 from bastion.oauth.store import Client, OpenRegistrationRefusal, digest, new_secret
+from bastion.oauth.token_exchange import TOKEN_EXCHANGE_GRANT_TYPE
 
 AUTH_METHODS = ("none", "client_secret_basic", "client_secret_post")
-GRANT_TYPES = ("authorization_code", "refresh_token", "client_credentials", CIBA_GRANT_TYPE)
+GRANT_TYPES = (
+    "authorization_code",
+    "refresh_token",
+    "client_credentials",
+    CIBA_GRANT_TYPE,
+    TOKEN_EXCHANGE_GRANT_TYPE,
+)
 MAX_REDIRECT_URIS = 10
 _DESCRIPTIVE = (
     "client_uri",

@@ -36,6 +36,7 @@ from bastion.oauth.throttle import (
     client_address,
     counted_address,
 )
+from bastion.oauth.token_exchange import DelegationPolicy, RequestOrigin, TaskBinder
 from bastion.oauth.tokens import TokenEndpoint
 from bastion.oauth.verifier import TokenVerifier
 
@@ -121,11 +122,13 @@ class AuthorizationServer:
         self._authorization = AuthorizationEndpoint(self)
         self._sign_in = SignInEndpoint(self)
         self._tokens = TokenEndpoint(self)
+        # Token exchange (RFC 8693): the policy that decides delegations, composed by
+        # bastion.server.app from the gateway (None: every exchange is refused), and the
+        # tasks a delegated token may be bound to (None: a ``task`` parameter is refused).
+        self.delegation: DelegationPolicy | None = None
+        self.tasks: TaskBinder | None = None
         # OpenID CIBA: `pending_for(username)` lists what waits for a person's answer.
         self.ciba = BackchannelAuthentication(self)
-        # Just-in-time tasks (docs/delegation.md): ``bind(task_id, user, agent, grant_id)``,
-        # set by the server that has them, for the token endpoint's ``task`` parameter.
-        self.task_binder: Callable[[str, str, str, str], None] | None = None
         self._last_housekeeping = 0.0
 
     async def find_client(self, client_id: str, address: str | None = None) -> Client | None:
@@ -270,8 +273,15 @@ class AuthorizationServer:
 
     async def _token(self, request: Request) -> Response:
         # A CIBA client polls: its "not yet" answers are not refusals worth a record.
+        origin = RequestOrigin(
+            client_address(request) or "",
+            {k.lower(): v for k, v in request.headers.items()},
+        )
         return await self._client_request(
-            request, self._tokens.exchange, "token.refused", quiet=POLLING_ERRORS
+            request,
+            functools.partial(self._tokens.exchange, origin=origin),
+            "token.refused",
+            quiet=POLLING_ERRORS,
         )
 
     async def _backchannel_authorize(self, request: Request) -> Response:
@@ -319,6 +329,8 @@ class AuthorizationServer:
     ) -> None:
         """A confidential client that proved its secret keeps a row per refusal; any other
         request (no client, a wrong secret, a public client anyone can name) is aggregated."""
+        if getattr(error, "audited", False):
+            return  # recorded with more detail where it was refused (a token exchange)
         detail = {
             "grant_type": form.get("grant_type"),
             "error": error.error,

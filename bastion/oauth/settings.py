@@ -129,6 +129,10 @@ class OAuthSettings:
     open_registration: OpenRegistrationSettings = field(default_factory=OpenRegistrationSettings)
     refusal_audit: RefusalAuditSettings = field(default_factory=RefusalAuditSettings)
     ciba: BackchannelSettings = field(default_factory=BackchannelSettings)
+    # Token exchange (RFC 8693, `bastion/oauth/token_exchange.py`): how long an exchanged token
+    # lives (never past its subject token's exp), and the most delegations one chain may hold.
+    exchanged_token_seconds: int = 300
+    max_delegation_depth: int = 4
 
     @property
     def issuer_path(self) -> str:
@@ -182,6 +186,8 @@ class OAuthSettings:
             "open_registration",
             "refusal_audit",
             "ciba",
+            "exchanged_token_seconds",
+            "max_delegation_depth",
         }
         unknown = sorted(set(table) - known)
         if unknown:
@@ -223,13 +229,22 @@ class OAuthSettings:
             ("code_seconds", 60),
             ("session_seconds", 8 * 3600),
             ("leeway_seconds", 30),
+            ("exchanged_token_seconds", 300),
+            ("max_delegation_depth", 4),
         ):
             value = table.get(key, default)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise SettingsError(f"oauth.{key}: a whole number of seconds >= 0, got {value!r}")
+                raise SettingsError(f"oauth.{key}: a whole number >= 0, got {value!r}")
             numbers[key] = value
         if numbers["access_token_seconds"] == 0 or numbers["code_seconds"] == 0:
             raise SettingsError("oauth.access_token_seconds and oauth.code_seconds must be > 0")
+        if numbers["exchanged_token_seconds"] == 0:
+            raise SettingsError("oauth.exchanged_token_seconds must be > 0")
+        if numbers["max_delegation_depth"] > 16:
+            raise SettingsError(
+                "oauth.max_delegation_depth: at most 16 (0 turns token exchange off),"
+                f" got {numbers['max_delegation_depth']}"
+            )
         ciba = _limits("ciba", table.get("ciba", {}), BackchannelSettings)
         if ciba.request_seconds > ciba.max_request_seconds:
             raise SettingsError(

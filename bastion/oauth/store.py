@@ -159,6 +159,12 @@ _MIGRATIONS = [
     ALTER TABLE oauth_sessions ADD COLUMN authenticated_at DOUBLE PRECISION;
     ALTER TABLE oauth_grants ADD COLUMN auth_time DOUBLE PRECISION;
     """,
+    # Token exchange (RFC 8693): a delegated token's grant is a child of the grant of the token
+    # it was exchanged from, so revoking a grant revokes every delegation made from it.
+    """
+    ALTER TABLE oauth_grants ADD COLUMN parent_grant_id TEXT;
+    CREATE INDEX oauth_grants_parent ON oauth_grants (parent_grant_id);
+    """,
 ]
 
 
@@ -254,6 +260,8 @@ class Grant:
     # When the person authenticated (their password) for this grant; None for a client acting
     # as itself, or a grant made before bastion kept it.
     auth_time: float | None = None
+    # The grant this one was delegated from by token exchange (RFC 8693); None for a root.
+    parent_grant_id: str | None = None
 
 
 _CLIENT_COLUMNS = (
@@ -265,7 +273,8 @@ _BACKCHANNEL_COLUMNS = (
     " interval_seconds, status, answered_at, grant_id"
 )
 _GRANT_COLUMNS = (
-    "grant_id, client_id, username, resource, scope, created_at, expires_at, revoked_at, auth_time"
+    "grant_id, client_id, username, resource, scope, created_at, expires_at, revoked_at, auth_time,"
+    " parent_grant_id"
 )
 
 
@@ -735,7 +744,7 @@ class OAuthStore:
 
     def create_grant(self, grant: Grant) -> None:
         self.db.execute(
-            f"INSERT INTO oauth_grants ({_GRANT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            f"INSERT INTO oauth_grants ({_GRANT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 grant.grant_id,
                 grant.client_id,
@@ -746,8 +755,24 @@ class OAuthStore:
                 grant.expires_at,
                 grant.revoked_at,
                 grant.auth_time,
+                grant.parent_grant_id,
             ),
         )
+
+    def create_child_grant(self, grant: Grant) -> bool:
+        """Save a delegated grant under its live parent; False (nothing saved) when the parent
+        is revoked. Inside the caller's transaction; on PostgreSQL the parent's row is locked,
+        so a revocation of it either comes first (and this saves nothing) or waits for this
+        commit and then finds the child (no delegation outlives its parent)."""
+        lock = " FOR UPDATE" if self.db.is_postgres else ""
+        rows = self.db.execute(
+            f"SELECT revoked_at FROM oauth_grants WHERE grant_id = ?{lock}",
+            (grant.parent_grant_id,),
+        )
+        if not rows or rows[0][0] is not None:
+            return False
+        self.create_grant(grant)
+        return True
 
     def grant(self, grant_id: str) -> Grant | None:
         rows = self.db.execute(
@@ -756,23 +781,40 @@ class OAuthStore:
         return Grant(*rows[0]) if rows else None
 
     def revoke_grant(self, grant_id: str, now: float, reason: str) -> bool:
-        """Revoke a grant and everything issued under it; False if it was already revoked."""
+        """Revoke a grant, every grant delegated from it (token exchange, at any depth) and
+        everything issued under each; False if the grant itself was already revoked."""
         with self.db.transaction():
             rows = self.db.execute(
                 "UPDATE oauth_grants SET revoked_at = ?, revoked_reason = ?"
                 " WHERE grant_id = ? AND revoked_at IS NULL RETURNING grant_id",
                 (now, reason, grant_id),
             )
-            self.db.execute(
-                "UPDATE oauth_access_tokens SET revoked_at = ? WHERE grant_id = ? AND revoked_at IS NULL",
-                (now, grant_id),
-            )
-            self.db.execute(
-                "UPDATE oauth_refresh_tokens SET used_at = ? WHERE grant_id = ? AND used_at IS NULL",
-                (now, grant_id),
-            )
-            self._announce_revocation(grant_id)
+            self._revoke_issued(grant_id, now)
+            for (child,) in self.db.execute(
+                "WITH RECURSIVE tree (grant_id) AS (SELECT grant_id FROM oauth_grants"
+                " WHERE parent_grant_id = ? UNION SELECT g.grant_id FROM oauth_grants g"
+                " JOIN tree t ON g.parent_grant_id = t.grant_id) SELECT grant_id FROM tree",
+                (grant_id,),
+            ):
+                self.db.execute(
+                    "UPDATE oauth_grants SET revoked_at = ?, revoked_reason = ?"
+                    " WHERE grant_id = ? AND revoked_at IS NULL",
+                    (now, f"parent grant revoked: {reason}", child),
+                )
+                self._revoke_issued(child, now)
             return bool(rows)
+
+    def _revoke_issued(self, grant_id: str, now: float) -> None:
+        """Inside a revoking transaction: the grant's access and refresh tokens, announced."""
+        self.db.execute(
+            "UPDATE oauth_access_tokens SET revoked_at = ? WHERE grant_id = ? AND revoked_at IS NULL",
+            (now, grant_id),
+        )
+        self.db.execute(
+            "UPDATE oauth_refresh_tokens SET used_at = ? WHERE grant_id = ? AND used_at IS NULL",
+            (now, grant_id),
+        )
+        self._announce_revocation(grant_id)
 
     def revoke_user_grants(self, username: str, now: float, reason: str) -> int:
         """Revoke every live grant of the user (and everything issued under each), announcing
@@ -877,9 +919,11 @@ class OAuthStore:
             self.db.execute("DELETE FROM oauth_codes WHERE expires_at < ?", (cutoff,))
             self.db.execute("DELETE FROM oauth_refresh_tokens WHERE expires_at < ?", (cutoff,))
             self.db.execute("DELETE FROM oauth_access_tokens WHERE expires_at < ?", (cutoff,))
-            # A client_credentials grant records no consent: forget it once it is spent.
+            # A client_credentials grant, or a delegated one (token exchange), records no
+            # consent: forget it once it is spent.
             self.db.execute(
-                "DELETE FROM oauth_grants WHERE username IS NULL AND expires_at < ? AND NOT EXISTS"
+                "DELETE FROM oauth_grants WHERE (username IS NULL OR parent_grant_id IS NOT NULL)"
+                " AND expires_at < ? AND NOT EXISTS"
                 " (SELECT 1 FROM oauth_access_tokens t WHERE t.grant_id = oauth_grants.grant_id)",
                 (cutoff,),
             )

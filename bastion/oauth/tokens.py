@@ -1,7 +1,7 @@
 """The token endpoint (RFC 6749 §3.2 as profiled by OAuth 2.1): the ``authorization_code`` grant
 with PKCE (§4.1.3), ``refresh_token`` with rotation on every use (§6, RFC 9700 §4.14.2) and
 ``client_credentials`` (§4.4) for an agent acting as itself; the OpenID CIBA grant is answered by
-`bastion.oauth.ciba`.
+`bastion.oauth.ciba`, token exchange (RFC 8693) by `bastion.oauth.token_exchange`.
 
 A ``task`` parameter (bastion's extension, docs/delegation.md) at the ``authorization_code`` and
 ``client_credentials`` grants binds the new grant to a just-in-time task: ending the task revokes
@@ -31,6 +31,11 @@ from bastion.oauth.errors import (
 )
 from bastion.oauth.redirect_uris import redirect_uri_allowed
 from bastion.oauth.store import Client, Grant, new_secret
+from bastion.oauth.token_exchange import (
+    TOKEN_EXCHANGE_GRANT_TYPE,
+    RequestOrigin,
+    TokenExchange,
+)
 
 if TYPE_CHECKING:
     from bastion.oauth.server import AuthorizationServer
@@ -42,9 +47,13 @@ class TokenEndpoint:
         self.settings = server.settings
         self.store = server.store
         self.audit = server.audit
+        self.token_exchange = TokenExchange(server)
 
-    def exchange(self, client: Client, form: Mapping[str, str]) -> dict[str, Any]:
-        """Answer one token request from an authenticated client, or raise the RFC's error."""
+    def exchange(
+        self, client: Client, form: Mapping[str, str], origin: RequestOrigin | None = None
+    ) -> dict[str, Any]:
+        """Answer one token request from an authenticated client, or raise the RFC's error.
+        ``origin`` (the client's address and headers) is the context of a token exchange."""
         grant_type = form.get("grant_type")
         if not grant_type:
             raise InvalidRequest("grant_type is required")
@@ -53,6 +62,7 @@ class TokenEndpoint:
             "refresh_token": self._refresh_token,
             "client_credentials": self._client_credentials,
             CIBA_GRANT_TYPE: self._ciba,
+            TOKEN_EXCHANGE_GRANT_TYPE: lambda c, f: self.token_exchange.exchange(c, f, origin),
         }.get(grant_type)
         if handler is None:
             raise UnsupportedGrantType(f"grant_type {grant_type!r} is not supported")
@@ -217,11 +227,11 @@ class TokenEndpoint:
         task = form.get("task")
         if task is None:
             return
-        if self.server.task_binder is None:
+        if self.server.tasks is None:
             raise InvalidRequest("this server has no tasks: leave the task parameter out")
         user = grant.username or client.client_id
         try:
-            self.server.task_binder(task, user, client.client_id, grant.grant_id)
+            self.server.tasks.bind(task, user, client.client_id, grant.grant_id)
         except ValueError as e:
             raise InvalidRequest(f"task: {e}") from None
 
@@ -234,6 +244,14 @@ class TokenEndpoint:
 
     def _issue(self, grant: Grant, client: Client, scope: str, refresh: bool) -> dict[str, Any]:
         now = self.server.clock()
+        seconds, last, extra = self.settings.access_token_seconds, grant.expires_at, None
+        bound = None if self.server.tasks is None else self.server.tasks.bound_task(grant.grant_id)
+        if bound is not None:
+            # A grant bound to a task: its tokens name the task and do not outlive it.
+            task, last = bound[0], min(last, bound[1])
+            if last <= now:
+                raise InvalidGrant(f"task {task} has ended: its grants issue no more tokens")
+            seconds, extra = min(seconds, int(last - now)), {"task": task}
         access = mint_access_token(
             self.server.keys,
             issuer=self.settings.issuer,
@@ -242,14 +260,15 @@ class TokenEndpoint:
             resource=grant.resource,
             scope=scope,
             now=now,
-            seconds=self.settings.access_token_seconds,
+            seconds=seconds,
             auth_time=grant.auth_time,  # a refresh keeps the time of the sign-in it came from
+            extra=extra,
         )
         self.store.save_access_token(access.jti, grant.grant_id, access.expires_at)
         response: dict[str, Any] = {
             "access_token": access.token,
             "token_type": "Bearer",
-            "expires_in": self.settings.access_token_seconds,
+            "expires_in": seconds,
             "scope": scope,
         }
         if (
@@ -258,7 +277,7 @@ class TokenEndpoint:
             and self.settings.refresh_token_seconds
         ):
             token = new_secret()
-            expires_at = min(now + self.settings.refresh_token_seconds, grant.expires_at)
+            expires_at = min(now + self.settings.refresh_token_seconds, last)
             self.store.save_refresh_token(token, grant.grant_id, now, expires_at)
             response["refresh_token"] = token
         return response

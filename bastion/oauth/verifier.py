@@ -48,6 +48,10 @@ class VerifiedToken:
     claims: dict[str, Any]
     # When the person typed their password for this token's grant (``auth_time``), if known.
     auth_time: int | None = None
+    # A delegated token's agents (RFC 8693 ``act``), from the first one the user let act to
+    # ``client_id``; empty for a token without ``act``.
+    agents: tuple[str, ...] = ()
+    task: str | None = None  # the task the token is bound to (its ``task`` claim)
 
 
 def _header(token: str) -> dict[str, Any]:
@@ -190,6 +194,10 @@ class TokenVerifier:
         grant_id, revoked = state
         if revoked:
             raise InvalidToken("the token or its grant has been revoked", "revoked", claims)
+        agents = delegation_chain(claims)
+        task = claims.get("task")
+        if task is not None and (not isinstance(task, str) or not task):
+            raise InvalidToken("claim 'task' is not a task id", "claims", claims)
         scope = claims.get("scope", "")
         return VerifiedToken(
             subject=claims["sub"],
@@ -202,7 +210,38 @@ class TokenVerifier:
             grant_id=grant_id,
             claims=dict(claims),
             auth_time=_auth_time(claims),
+            agents=agents,
+            task=task,
         )
+
+
+# More nested ``act`` claims than any chain bastion issues (``max_delegation_depth`` is at most
+# 16): a token with more is malformed, and is not walked further.
+MAX_ACT_NESTING = 17
+
+
+def delegation_chain(claims: dict[str, Any]) -> tuple[str, ...]:
+    """The agents of a delegated token, oldest first, from its ``act`` claim (RFC 8693 §4.1:
+    the top-level ``act`` is the current actor, each nested ``act`` the one before it); empty
+    without ``act``. Raise `InvalidToken` for a malformed one: not an object, a ``sub`` that is
+    not a non-empty string, nesting past `MAX_ACT_NESTING`, or a current actor that is not the
+    token's ``client_id``."""
+    act = claims.get("act")
+    if act is None:
+        return ()
+    actors: list[str] = []
+    while act is not None:
+        if not isinstance(act, dict) or not isinstance(act.get("sub"), str) or not act["sub"]:
+            raise InvalidToken("claim 'act' is malformed (RFC 8693 §4.1)", "claims", claims)
+        if len(actors) >= MAX_ACT_NESTING:
+            raise InvalidToken("claim 'act' nests too deep", "claims", claims)
+        actors.append(act["sub"])
+        act = act.get("act")
+    if actors[0] != claims.get("client_id"):
+        raise InvalidToken(
+            "the current actor (act.sub) is not the token's client_id", "claims", claims
+        )
+    return tuple(reversed(actors))
 
 
 class VerifiedTokens:

@@ -126,7 +126,9 @@ def body_limits(config: ServerConfig, oauth, gateway, signals=None) -> BodyLimit
     limits = [
         BodyLimit(
             config.max_import_bytes, "max_import_bytes", problems.refusal, path="/v1/facts/import"
-        )
+        ),
+        # AuthZEN's errors are a message string (bastion.server.api.authzen).
+        BodyLimit(config.max_body_bytes, "max_body_bytes", _authzen_refusal, prefix="/access/"),
     ]
     if oauth is not None:
         from bastion.oauth.errors import InvalidRequest
@@ -189,6 +191,10 @@ def body_limits(config: ServerConfig, oauth, gateway, signals=None) -> BodyLimit
     return BodyLimits(BodyLimit(config.max_body_bytes, "max_body_bytes", problems.refusal), limits)
 
 
+def _authzen_refusal(status: int, detail: str) -> tuple[str, bytes]:
+    return "text/plain; charset=utf-8", detail.encode()
+
+
 def _bootstrap_policy(store: FactStore, config: ServerConfig) -> None:
     """Store the configured policy file when the store has no policy yet."""
     if not config.policy_file or store.policy() is not None:
@@ -236,6 +242,21 @@ def _gateway(config: ServerConfig, oauth, replica: Replica, approvals):
         lambda: replica.stale,
         approvals=approvals,
         suspensions=replica.suspensions,
+    )
+
+
+def _delegation(oauth, gateway, replica: Replica) -> None:
+    """Token exchange (docs/delegation.md) asks the policy about the MCP server a resource is,
+    as the gateway maps it; without a gateway every exchange is refused."""
+    from bastion.facts.model import Entity
+    from bastion.oauth.token_exchange import DelegationPolicy
+
+    servers = {gateway.resource(name): Entity("McpServer", name) for name in gateway.upstreams}
+    oauth.delegation = DelegationPolicy(
+        authorizer=lambda: replica.authz,
+        server_of=servers.get,
+        posture=gateway.posture,
+        facts_stale=lambda: replica.stale,
     )
 
 
@@ -380,10 +401,11 @@ def create_app(config: ServerConfig) -> Starlette:
     alerts = _alerts(config, oauth, replica, gateway)
     tasks = _tasks(config, db, store, oauth, replica)
     if oauth is not None:
-        oauth.task_binder = tasks.bind
+        oauth.tasks = tasks
     if gateway is not None and gateway.records is not None:
         metrics.observe_records_dropped(lambda: gateway.records.dropped)
     if gateway is not None:
+        _delegation(oauth, gateway, replica)
         gateway.enforcer.shadow.on_fire = metrics.shadow_fired
         gateway.enforcer.behavior = _behavior(config, gateway)
         gateway.enforcer.labels = _labels(gateway)

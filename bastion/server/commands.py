@@ -162,6 +162,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from bastion.server.app import create_app
+    from bastion.server.tls import tls_options
 
     overrides = {
         k: v
@@ -170,10 +171,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
             "port": args.port,
             "database": args.database,
             "policy_file": args.policy_file,
+            "tls_certificate": args.tls_cert,
+            "tls_key": args.tls_key,
         }.items()
         if v is not None
     }
     config = ServerConfig.load(args.config, overrides=overrides)
+    tls = tls_options(config)  # a bad certificate stops the start, before anything is opened
     logging.basicConfig(
         level=config.log_level.upper(), format="%(levelname)s %(name)s: %(message)s"
     )
@@ -194,6 +198,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         # after this many seconds is cut, so a stop never hangs on a client.
         timeout_graceful_shutdown=10,
         **connection_limits(config),
+        **tls,
     )
     return 0
 
@@ -543,6 +548,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     serve.add_argument("--port", type=int, help="listen port (default 8000)")
     serve.add_argument("--database", help="SQLite path or postgresql:// URL")
     serve.add_argument("--policy-file", help="policy loaded at first start into an empty store")
+    serve.add_argument("--tls-cert", help="PEM certificate chain: serve HTTPS (with --tls-key)")
+    serve.add_argument("--tls-key", help="the certificate's unencrypted PEM key")
     serve.set_defaults(func=_guard(cmd_serve))
 
     keys = _subcommands(sub, "keys", "API keys: create, list, revoke")

@@ -12,6 +12,7 @@ import tomllib
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 from bastion.policy.limits import DEFAULT_LIMITS, PolicyLimits
 
@@ -54,6 +55,17 @@ class ServerConfig:
     # addresses (comma-separated, or "*"): by default no client can name its own address.
     proxy_headers: bool = False
     forwarded_allow_ips: str = ""
+    # TLS terminated by bastion itself: a PEM certificate chain and its (unencrypted) PEM key;
+    # both or neither (docs/operations.md, "TLS"). Without them, plain HTTP behind a proxy.
+    tls_certificate: str = ""
+    tls_key: str = ""
+    # The URL clients reach this server at (https; http only on loopback): the AuthZEN PDP
+    # identifier and the base of its endpoint URLs. Empty: the URL of each metadata request.
+    public_url: str = ""
+    # AuthZEN (docs/authzen.md): evaluations in one /access/v1/evaluations request, and results
+    # in one page of a search.
+    authzen_max_evaluations: int = 1000
+    authzen_max_page: int = 1000
     # How long a decision with at_least=<seq> may wait for this replica to catch up.
     consistency_timeout: float = 2.0
     # How often a replica polls the change log when no notification arrives.
@@ -168,6 +180,13 @@ class ServerConfig:
                 "proxy_headers = true needs forwarded_allow_ips: the addresses of the proxies"
                 " whose X-Forwarded-For is trusted (see docs/security.md)"
             )
+        if bool(self.tls_certificate) != bool(self.tls_key):
+            raise ConfigError(
+                "tls_certificate and tls_key go together: give both (a PEM certificate chain and"
+                " its key) to serve HTTPS, or neither to serve HTTP behind a TLS proxy"
+            )
+        if self.public_url:
+            _check_public_url(self.public_url)
         if not math.isfinite(self.max_staleness_seconds):
             raise ConfigError("max_staleness_seconds must be a positive number of seconds")
         if not (math.isfinite(self.audit_retention_days) and self.audit_retention_days >= 0):
@@ -214,6 +233,8 @@ _POSITIVE = (
     "keep_alive_timeout",
     "max_staleness_seconds",
     "decision_records_buffer",
+    "authzen_max_evaluations",
+    "authzen_max_page",
 )
 
 
@@ -224,6 +245,15 @@ def command_database(args: argparse.Namespace, config: ServerConfig | None = Non
     if given:
         return given
     return (config or ServerConfig.load(getattr(args, "config", None))).database
+
+
+def _check_public_url(url: str) -> None:
+    parts = urlsplit(url)
+    loopback = parts.hostname in ("localhost", "127.0.0.1", "::1")
+    if parts.scheme != "https" and not (parts.scheme == "http" and loopback):
+        raise ConfigError(f"public_url: {url!r} must be an https URL (http only on loopback)")
+    if not parts.hostname or parts.query or parts.fragment:
+        raise ConfigError(f"public_url: {url!r} must be a URL with a host, no query or fragment")
 
 
 def _coerce(key: str, value: Any, kind: type) -> Any:

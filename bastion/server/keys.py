@@ -36,6 +36,8 @@ SCOPES = (
     # Open, list, show and end just-in-time tasks (/v1/tasks, docs/delegation.md): a key sees
     # and ends the tasks it opened; a task's facts only ever grant the task's agent.
     "tasks",
+    # The AuthZEN Authorization API (/access/v1/...): for a PEP that asks for decisions.
+    "authzen",
     "admin",
 )
 KEY_PREFIX = "bst_"

@@ -1244,6 +1244,243 @@ for _verb in ("approve", "deny"):
     }
 
 
+# -- AuthZEN Authorization API 1.0 (bastion.server.api.authzen, docs/authzen.md) ----------------
+# Its errors are an error message string (the spec's "Error Responses"), not problem details.
+
+_AZ_ERRORS = {
+    **_WHY,
+    400: "malformed: a required field missing or of the wrong type, or not sent as"
+    " application/json",
+    403: "the key lacks the scope authzen",
+    413: "the request body is larger than max_body_bytes",
+    422: "a page token this search cannot continue from (issued for another request)",
+    500: "an unexpected failure, or a subject search the policy in force cannot answer",
+    503: "the database is unavailable (keys are checked there), or this replica's facts are"
+    " stale; retry",
+}
+_PROPERTIES = _nullable(
+    {"type": "object", "additionalProperties": _ref("JsonValue"), "description": "attributes"}
+)
+_AZ_CONTEXT = _nullable(
+    {
+        "type": "object",
+        "description": "the environment; the policy reads it as context, with the subject's,"
+        " resource's and action's properties under context.subject, context.resource and"
+        " context.action (so the context may not use those names); context.scopes: the token"
+        " scopes the subject holds, for requires_scope",
+        "propertyNames": {"not": {"enum": ["subject", "resource", "action"]}},
+        "properties": {
+            "scopes": _nullable(
+                {"anyOf": [_STR, {"type": "array", "items": _STR}]},
+            )
+        },
+        "additionalProperties": _ref("JsonValue"),
+    }
+)
+
+
+def _az_entity(id_required: bool) -> dict:
+    return {
+        "type": "object",
+        "required": ["type", "id"] if id_required else ["type"],
+        "properties": {
+            "type": {"type": "string", "minLength": 1},
+            "id": _STR
+            if id_required
+            else {"allOf": [_ref("JsonValue")], "description": "ignored: what the search finds"},
+            "properties": _PROPERTIES,
+        },
+        "additionalProperties": _ref("JsonValue"),
+    }
+
+
+SCHEMAS.update(
+    {
+        "AuthzenEntity": _az_entity(True),
+        "AuthzenAction": {
+            "type": "object",
+            "required": ["name"],
+            "properties": {"name": _STR, "properties": _PROPERTIES},
+            "additionalProperties": _ref("JsonValue"),
+        },
+        "AuthzenDecision": _response(
+            ["decision"],
+            decision=_BOOL,
+            context={
+                "type": "object",
+                "description": "present when there is something to say: obligations (the"
+                " AuthZEN Obligations Profile's shape), the reason bastion refused, or the"
+                " error of a batch item that could not be read",
+            },
+        ),
+    }
+)
+_AZ_ENTITY, _AZ_ACTION = _ref("AuthzenEntity"), _ref("AuthzenAction")
+_AZ_EVALUATION = _request(
+    ["subject", "action", "resource"],
+    subject=_AZ_ENTITY,
+    action=_AZ_ACTION,
+    resource=_AZ_ENTITY,
+    context=_AZ_CONTEXT,
+    at_least=_AT_LEAST,
+)
+# /access/v1/evaluations without evaluations: one Access Evaluation.
+_AZ_SINGLE = {
+    **_AZ_EVALUATION,
+    "properties": {
+        **_AZ_EVALUATION["properties"],
+        "evaluations": _nullable({"type": "array", "maxItems": 0}),
+    },
+}
+# Any item is answered: one that is not an evaluation (an object of subject, action, resource
+# and context, each defaulting to the top-level one) is answered false with its error.
+_AZ_ITEM = {
+    "allOf": [_ref("JsonValue")],
+    "description": "an evaluation: {subject, action, resource, context}, each optional where"
+    " the top level gives it; anything else is answered false, with the error in its context",
+}
+_AZ_BATCH = _request(
+    ["evaluations"],
+    subject=_nullable(_AZ_ENTITY),
+    action=_nullable(_AZ_ACTION),
+    resource=_nullable(_AZ_ENTITY),
+    context=_AZ_CONTEXT,
+    at_least=_AT_LEAST,
+    options=_nullable(
+        {
+            "type": "object",
+            "properties": {
+                "evaluations_semantic": {
+                    "enum": ["execute_all", "deny_on_first_deny", "permit_on_first_permit"]
+                }
+            },
+            "additionalProperties": _ref("JsonValue"),
+        }
+    ),
+    evaluations={
+        "type": "array",
+        "items": _AZ_ITEM,
+        "minItems": 1,
+        "maxItems": 1000,
+        "description": "at most authzen_max_evaluations (1000 by default); an item without"
+        " subject, action or resource takes the top-level one, else it is answered false with"
+        " its error",
+    },
+)
+
+
+def _az_search(kind: str) -> dict:
+    fields: dict[str, Any] = {
+        "subject": _az_entity(kind != "subject"),
+        "resource": _az_entity(kind != "resource"),
+    }
+    if kind != "action":
+        fields["action"] = _AZ_ACTION
+    page = {
+        "type": "object",
+        "properties": {
+            "limit": _nullable({**_INT, "minimum": 0}),
+            "token": _nullable({**_STR, "description": "next_token of the previous page"}),
+        },
+        "additionalProperties": _ref("JsonValue"),
+    }
+    return _request(
+        sorted(fields), **fields, context=_AZ_CONTEXT, at_least=_AT_LEAST, page=_nullable(page)
+    )
+
+
+def _az_op(summary: str, ok: dict, body: dict | None, problems: tuple[int, ...] = ()) -> dict:
+    responses: dict[str, Any] = {
+        "200": {"description": "OK", "content": {"application/json": {"schema": ok}}}
+    }
+    statuses = {500} if body is None else {400, 401, 403, 408, 413, 500, 503, *problems}
+    for status in sorted(statuses):
+        answer: dict[str, Any] = {
+            "description": _AZ_ERRORS[status],
+            "content": {"text/plain": {"schema": _STR}},
+        }
+        if status == 401:
+            answer["headers"] = {"WWW-Authenticate": {"schema": _STR, "required": True}}
+        responses[str(status)] = answer
+    op: dict[str, Any] = {"summary": summary, "tags": ["AuthZEN"], "responses": responses}
+    if body is not None:
+        op["security"] = [{"apiKey": []}]
+        op["x-scope"] = "authzen"
+        op["requestBody"] = {"required": True, "content": {"application/json": {"schema": body}}}
+    return op
+
+
+_AZ_RESULTS = {
+    "page": _response(["next_token"], next_token=_STR, count=_INT, total=_INT),
+    "context": {"type": "object", "description": "why bastion refused (evaluation_limit)"},
+}
+PATHS.update(
+    {
+        "/.well-known/authzen-configuration": {
+            "get": _az_op(
+                "AuthZEN PDP metadata (public)",
+                _response(
+                    ["policy_decision_point", "access_evaluation_endpoint"],
+                    policy_decision_point=_STR,
+                    access_evaluation_endpoint=_STR,
+                    access_evaluations_endpoint=_STR,
+                    search_subject_endpoint=_STR,
+                    search_resource_endpoint=_STR,
+                    search_action_endpoint=_STR,
+                    supported_obligations={"type": "array", "items": _STR},
+                ),
+                None,
+            )
+        },
+        "/access/v1/evaluation": {
+            "post": _az_op(
+                "AuthZEN Access Evaluation: may the subject do the action on the resource?",
+                _ref("AuthzenDecision"),
+                _AZ_EVALUATION,
+                _FRESH,
+            )
+        },
+        "/access/v1/evaluations": {
+            "post": _az_op(
+                "AuthZEN Access Evaluations: many questions, in order, as evaluations_semantic"
+                " says; without evaluations, one Access Evaluation",
+                {
+                    "anyOf": [
+                        _response(
+                            ["evaluations"],
+                            evaluations={"type": "array", "items": _ref("AuthzenDecision")},
+                        ),
+                        _ref("AuthzenDecision"),
+                    ]
+                },
+                {"anyOf": [_AZ_BATCH, _AZ_SINGLE]},
+                _FRESH,
+            )
+        },
+        **{
+            f"/access/v1/search/{kind}": {
+                "post": _az_op(
+                    f"AuthZEN {kind.capitalize()} Search: every permitted {kind}, paginated",
+                    _response(
+                        ["results"],
+                        **_AZ_RESULTS,
+                        results={
+                            "type": "array",
+                            "items": _response(["name"], name=_STR)
+                            if kind == "action"
+                            else _response(["type", "id"], type=_STR, id=_STR),
+                        },
+                    ),
+                    _az_search(kind),
+                    _FRESH,
+                )
+            }
+            for kind in ("subject", "resource", "action")
+        },
+    }
+)
+
+
 @cache
 def openapi_document() -> dict:
     return {
@@ -1252,7 +1489,8 @@ def openapi_document() -> dict:
             "title": "bastion decision service",
             "version": "1",
             "description": "Policy decisions, facts, policy versions, API keys, approvals,"
-            " signals, suspensions, alerts and tasks.",
+            " signals, suspensions, alerts and tasks; and the OpenID AuthZEN Authorization API"
+            " 1.0.",
         },
         "paths": PATHS,
         "components": {

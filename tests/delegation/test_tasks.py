@@ -408,6 +408,35 @@ def test_the_task_parameter_at_the_code_exchange_binds_the_grant_to_the_task(bas
     assert closed.status_code == 400 and "ended" in closed.json()["error_description"]
 
 
+def claims_of(token: str) -> dict:
+    payload = token.split(".")[1]
+    return json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+
+
+def test_tokens_of_a_task_name_it_and_do_not_outlive_it(bastion, keys):
+    client_id, code, verifier = code_for(bastion, "sam")
+    task = open_task(bastion, keys["orchestrator"], client_id, expires_in=3)
+    issued = redeem(bastion, client_id, code, verifier, task=task["id"]).json()
+    claims = claims_of(issued["access_token"])
+    # The token names its task (the gateway keys the caller's labels by it) and expires with it.
+    assert claims["task"] == task["id"]
+    assert issued["expires_in"] <= 3 and claims["exp"] <= task["expires_at"]
+
+    def refresh(token: str):
+        return bastion.http.post(
+            f"{bastion.url}/token",
+            data={"grant_type": "refresh_token", "refresh_token": token, "client_id": client_id},
+        )
+
+    refreshed = refresh(issued["refresh_token"]).json()
+    assert claims_of(refreshed["access_token"])["task"] == task["id"]
+    assert refreshed["expires_in"] <= 3
+    # Past the task's expiry no token is issued for the grant, swept yet or not.
+    time.sleep(max(0.0, task["expires_at"] - time.time()) + 0.2)
+    late = refresh(refreshed["refresh_token"])
+    assert late.status_code == 400 and late.json()["error"] == "invalid_grant", late.text
+
+
 def test_the_task_parameter_at_client_credentials_binds_an_agent_acting_as_itself(bastion, keys):
     from bastion.oauth.store import Client, digest
 

@@ -56,6 +56,7 @@ def test_metadata_lists_what_mcp_clients_need(bastion: Bastion):
         "refresh_token",
         "client_credentials",
         "urn:openid:params:grant-type:ciba",
+        "urn:ietf:params:oauth:grant-type:token-exchange",
     }
     for name in ("authorization", "token", "registration", "revocation", "introspection"):
         assert metadata[f"{name}_endpoint"].startswith(bastion.url + "/")

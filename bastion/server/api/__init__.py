@@ -1,4 +1,5 @@
-"""The `/v1` API: decisions, facts, policy, API keys, approvals, signals, alerts and tasks."""
+"""The `/v1` API (decisions, facts, policy, API keys, approvals, signals, alerts and tasks),
+and AuthZEN."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from starlette.routing import BaseRoute
 from bastion.server.api import (
     alerts,
     approvals,
+    authzen,
     decisions,
     facts,
     keys,
@@ -30,4 +32,5 @@ def routes() -> list[BaseRoute]:
         *alerts.routes,
         *labels.routes,
         *tasks.routes,
+        *authzen.routes,
     ]

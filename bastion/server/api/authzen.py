@@ -1,0 +1,167 @@
+"""AuthZEN Authorization API 1.0 routes: PDP metadata, Access Evaluation(s), and the Subject,
+Resource and Action Search APIs (the protocol itself is `bastion.pdp.authzen`).
+
+An API key with the scope ``authzen`` is needed (metadata excepted). Errors are the spec's: the
+status (400 malformed, 401 no or bad key, 403 a key without the scope, 500, and 503 while this
+replica cannot decide) with an error message string as the body. ``X-Request-ID`` is echoed.
+A single evaluation is decided on the event loop, bounded by one evaluation budget as a `/v1`
+decision is; a batch and a search (more work, one budget too) run in a worker thread.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+
+import anyio
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.routing import Route
+
+from bastion.db import DatabaseUnavailable
+from bastion.pdp import authzen
+from bastion.policy.errors import EvaluationLimit, PolicyError
+from bastion.server.api.decisions import _fresh, _keep_context, _observe, _record
+from bastion.server.auth import require
+from bastion.server.config import ServerConfig
+from bastion.server.problems import Problem, read_json
+
+SCOPE = "authzen"
+PREFIX = "/access/v1/"
+METADATA_PATH = "/.well-known/authzen-configuration"
+Handler = Callable[[Request], Awaitable[Response]]
+
+
+def error(status: int, message: str, headers: dict[str, str] | None = None) -> Response:
+    """An AuthZEN error: the status, and an error message string (spec, "Error Responses")."""
+    return PlainTextResponse(message, status_code=status, headers=headers)
+
+
+def _route(handler: Handler) -> Handler:
+    """``handler`` with AuthZEN's error form and its request identifier echoed."""
+
+    async def route(request: Request) -> Response:
+        try:
+            response = await handler(request)
+        except Problem as p:
+            headers = {"WWW-Authenticate": 'Bearer realm="bastion"'} if p.status == 401 else None
+            response = error(p.status, p.detail, headers)
+        except authzen.AuthzenError as e:
+            response = error(e.status, str(e))
+        except DatabaseUnavailable as e:
+            response = error(503, f"the database is unavailable, retry: {e}", {"Retry-After": "1"})
+        except PolicyError as e:
+            # A question the policy in force cannot answer (a subject search over rules that
+            # bind no subject): the PDP's failure, not the request's.
+            response = error(500, f"the policy in force cannot answer this search: {e}")
+        request_id = request.headers.get("x-request-id")
+        if request_id is not None:
+            response.headers["X-Request-ID"] = request_id
+        return response
+
+    return route
+
+
+async def _body(request: Request) -> dict:
+    """The caller's key (scope ``authzen``), then the body: a JSON object sent as JSON."""
+    await require(request, SCOPE)
+    media = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    if media != "application/json":
+        raise authzen.AuthzenError(
+            f"send the body as Content-Type: application/json (got {media or 'none'})"
+        )
+    return await read_json(request)
+
+
+def _config(request: Request) -> ServerConfig:
+    return request.app.state.config
+
+
+def _log(request: Request, question: authzen.Evaluation, reply: dict, decision) -> str:
+    """Keep the decision for `/v1/decisions/{id}` (and its explanation); return its id."""
+    req = question.request_json()
+    _keep_context(request, req, question.context)
+    refusal = (
+        {"reason": decision.reason, "limit": decision.limit}
+        if decision is not None and decision.reason == EvaluationLimit.reason
+        else None
+    )
+    return _record(request, "authorize", req, reply["decision"], refusal=refusal)
+
+
+# -- routes ------------------------------------------------------------------------------------
+
+
+async def configuration(request: Request) -> Response:
+    """PDP metadata: public, as discovery documents are."""
+    base = _config(request).public_url or str(request.base_url)
+    return JSONResponse(authzen.metadata(base), headers={"Cache-Control": "max-age=300"})
+
+
+async def evaluation(request: Request) -> Response:
+    body = await _body(request)
+    return await _evaluate(request, body)
+
+
+async def _evaluate(request: Request, body: dict) -> Response:
+    question = authzen.read_evaluation(body)
+    replica = await _fresh(request, body)
+    started = time.perf_counter()
+    reply, decision = authzen.decide(replica.authz, question)
+    _observe(request, "authorize", started, "allow" if reply["decision"] else "deny")
+    decision_id = _log(request, question, reply, decision)
+    return JSONResponse(reply, headers={"X-Bastion-Decision-Id": decision_id})
+
+
+async def evaluations(request: Request) -> Response:
+    body = await _body(request)
+    batch = authzen.read_batch(body, _config(request).authzen_max_evaluations)
+    if batch is None:  # no evaluations: an Access Evaluation request, as the spec says
+        return await _evaluate(request, body)
+    replica = await _fresh(request, body)
+    started = time.perf_counter()
+    answered = await anyio.to_thread.run_sync(authzen.decide_batch, replica.authz, batch)
+    each = (time.perf_counter() - started) / len(answered)
+    ids = []
+    for item, (reply, decision) in zip(batch.items, answered, strict=False):
+        result = "allow" if reply["decision"] else "deny"
+        request.app.state.metrics.decision("authorize", result, each)
+        if isinstance(item, authzen.Evaluation):
+            ids.append(_log(request, item, reply, decision))
+    return JSONResponse(
+        {"evaluations": [reply for reply, _ in answered]},
+        headers={"X-Bastion-Decision-Ids": ",".join(ids)},
+    )
+
+
+def _search(kind: str) -> Handler:
+    async def search(request: Request) -> Response:
+        body = await _body(request)
+        question = authzen.read_search(body, kind, _config(request).authzen_max_page)
+        replica = await _fresh(request, body)
+        started = time.perf_counter()
+        try:
+            reply = await anyio.to_thread.run_sync(authzen.search, replica.authz, question)
+        except EvaluationLimit as over:
+            # Refused, never an error: no results, and why (as /v1/list).
+            reply = {
+                "page": {"next_token": "", "count": 0, "total": 0},
+                "context": {"reason": over.reason, "limit": over.limit},
+                "results": [],
+            }
+        metric = {"subject": "subjects", "resource": "list", "action": "actions"}[kind]
+        _observe(request, metric, started, "allow" if reply["results"] else "deny")
+        return JSONResponse(reply)
+
+    return search
+
+
+routes = [
+    Route(METADATA_PATH, _route(configuration), methods=["GET"]),
+    Route(f"{PREFIX}evaluation", _route(evaluation), methods=["POST"]),
+    Route(f"{PREFIX}evaluations", _route(evaluations), methods=["POST"]),
+    *(
+        Route(f"{PREFIX}search/{kind}", _route(_search(kind)), methods=["POST"])
+        for kind in authzen.SEARCHES
+    ),
+]

@@ -1,0 +1,373 @@
+"""What bastion's AuthZEN endpoints refuse, and the decision contract behind them: API keys and
+their scope, the batch semantics, the properties' names in the context, page tokens, limits,
+and the obligations in the response context. Each against a real `bastion serve` over HTTPS."""
+
+from __future__ import annotations
+
+import base64
+import json
+
+import pytest
+
+from tests.authzen.conftest import HttpsServer
+from tests.server.conftest import ADMIN_KEY
+
+ALICE = {"type": "user", "id": "alice"}
+BOB = {"type": "user", "id": "bob"}
+RECORD_1 = {"type": "record", "id": "record-1"}
+RECORD_2 = {"type": "record", "id": "record-2"}
+READ, WRITE = {"name": "read"}, {"name": "write"}
+ALLOWED = {"subject": ALICE, "action": READ, "resource": RECORD_1}
+EVALUATION = "/access/v1/evaluation"
+EVALUATIONS = "/access/v1/evaluations"
+PATHS = [
+    EVALUATION,
+    EVALUATIONS,
+    "/access/v1/search/subject",
+    "/access/v1/search/resource",
+    "/access/v1/search/action",
+]
+
+
+# -- keys ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_no_key_or_an_unknown_key_is_401_and_decides_nothing(fixture_pdp, path):
+    for key in (None, "bst_nope_" + "x" * 40):
+        with fixture_pdp.client(key) as client:
+            response = client.post(path, json=ALLOWED)
+        assert response.status_code == 401
+        assert response.headers["www-authenticate"].startswith("Bearer")
+        assert "decision" not in response.text and "results" not in response.text
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_a_key_without_the_authzen_scope_is_403(fixture_pdp, path):
+    key = fixture_pdp.create_key("decide", "facts:read")
+    with fixture_pdp.client(key) as client:
+        response = client.post(path, json=ALLOWED)
+    assert response.status_code == 403
+    assert "authzen" in response.text
+
+
+def test_a_revoked_authzen_key_is_401(fixture_pdp):
+    key = fixture_pdp.create_key("authzen")
+    with fixture_pdp.client(key) as client:
+        assert client.post(EVALUATION, json=ALLOWED).status_code == 200
+    key_id = key.split("_")[1]
+    with fixture_pdp.client(ADMIN_KEY) as admin:
+        assert admin.delete(f"/v1/keys/{key_id}").status_code in (200, 204)
+    with fixture_pdp.client(key) as client:
+        assert client.post(EVALUATION, json=ALLOWED).status_code == 401
+
+
+def test_the_metadata_is_public_and_the_v1_api_does_not_take_an_authzen_key(fixture_pdp, pep):
+    with fixture_pdp.client() as anonymous:
+        assert anonymous.get("/.well-known/authzen-configuration").status_code == 200
+    check = {"actor": ALICE, "action": "read", "resource": RECORD_1}
+    assert pep.post("/v1/authorize", json=check).status_code == 403
+
+
+# -- bodies --------------------------------------------------------------------------------------
+
+
+def test_a_body_past_max_body_bytes_is_413_and_one_nested_too_deep_is_400(pep):
+    big = {**ALLOWED, "context": {"pad": "x" * 1_100_000}}
+    response = pep.post(EVALUATION, json=big)
+    assert response.status_code == 413 and "max_body_bytes" in response.text
+    assert response.headers["content-type"].startswith("text/plain")
+    deep: dict = {}
+    for _ in range(100):
+        deep = {"a": deep}
+    response = pep.post(EVALUATION, json={**ALLOWED, "context": deep})
+    assert response.status_code == 400 and "deep" in response.text.lower()
+
+
+def test_json_with_a_charset_is_json(pep):
+    body = json.dumps(ALLOWED).encode()
+    headers = {"content-type": "application/json; charset=utf-8"}
+    assert pep.post(EVALUATION, content=body, headers=headers).json() == {"decision": True}
+
+
+# -- batch semantics -----------------------------------------------------------------------------
+
+
+def semantic(name: str, *resources: dict) -> dict:
+    return {
+        "subject": BOB,
+        "action": READ,
+        "options": {"evaluations_semantic": name},
+        "evaluations": [{"resource": r} for r in resources],
+    }
+
+
+def test_execute_all_answers_every_evaluation_in_order(pep):
+    answers = pep.post(EVALUATIONS, json=semantic("execute_all", RECORD_1, RECORD_2, RECORD_1))
+    assert [a["decision"] for a in answers.json()["evaluations"]] == [True, False, True]
+
+
+def test_deny_on_first_deny_stops_at_the_first_denial(pep):
+    answers = pep.post(
+        EVALUATIONS, json=semantic("deny_on_first_deny", RECORD_1, RECORD_2, RECORD_1)
+    )
+    assert [a["decision"] for a in answers.json()["evaluations"]] == [True, False]
+    # An evaluation that cannot be read is a denial too.
+    body = semantic("deny_on_first_deny", RECORD_1)
+    body["evaluations"] += [{"resource": {"type": "record"}}, {"resource": RECORD_1}]
+    answers = pep.post(EVALUATIONS, json=body).json()["evaluations"]
+    assert [a["decision"] for a in answers] == [True, False]
+    assert "resource.id" in answers[1]["context"]["error"]["message"]
+
+
+def test_permit_on_first_permit_stops_at_the_first_permit(pep):
+    body = semantic("permit_on_first_permit", RECORD_2, RECORD_1, RECORD_2)
+    answers = pep.post(EVALUATIONS, json=body).json()["evaluations"]
+    assert [a["decision"] for a in answers] == [False, True]
+
+
+def test_an_unknown_semantic_or_a_malformed_default_refuses_the_whole_batch(pep):
+    assert pep.post(EVALUATIONS, json=semantic("all_or_nothing", RECORD_1)).status_code == 400
+    body = {"subject": "alice", "action": READ, "evaluations": [{"resource": RECORD_1}]}
+    assert pep.post(EVALUATIONS, json=body).status_code == 400
+    body = {"subject": ALICE, "action": READ, "evaluations": {"resource": RECORD_1}}
+    assert pep.post(EVALUATIONS, json=body).status_code == 400
+
+
+def test_a_batch_over_authzen_max_evaluations_is_refused(pep):
+    body = {"subject": ALICE, "action": READ, "evaluations": [{"resource": RECORD_1}] * 1001}
+    response = pep.post(EVALUATIONS, json=body)
+    assert response.status_code == 400 and "authzen_max_evaluations" in response.text
+    body["evaluations"] = body["evaluations"][:1000]
+    assert len(pep.post(EVALUATIONS, json=body).json()["evaluations"]) == 1000
+
+
+# -- properties and context ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["subject", "resource", "action"])
+def test_the_request_context_may_not_use_the_names_of_the_properties(pep, name):
+    """``context.subject`` is the subject's properties: a request context that says otherwise
+    would let the PEP's context and its properties disagree about the same name."""
+    body = {**ALLOWED, "context": {name: {"role": "admin"}}}
+    response = pep.post(EVALUATION, json=body)
+    assert response.status_code == 400 and f"context.{name}" in response.text
+    # Not even to raise a subject to administrator through the back door.
+    archived = {**RECORD_2, "properties": {"status": "archived"}}
+    body = {"subject": BOB | {"id": "carol"}, "action": WRITE, "resource": archived}
+    assert pep.post(EVALUATION, json=body).json() == {"decision": False}
+    body["context"] = {"subject": {"role": "admin"}}
+    assert pep.post(EVALUATION, json=body).status_code == 400
+
+
+@pytest.mark.parametrize("properties", ["admin", ["role", "admin"], 7])
+def test_properties_that_are_not_an_object_are_400(pep, properties):
+    body = {**ALLOWED, "subject": {**ALICE, "properties": properties}}
+    assert pep.post(EVALUATION, json=body).status_code == 400
+
+
+# -- search pages --------------------------------------------------------------------------------
+
+
+def test_a_page_token_is_bound_to_its_search(pep):
+    body = {"subject": {"type": "user"}, "action": READ, "resource": RECORD_1, "page": {"limit": 1}}
+    token = pep.post("/access/v1/search/subject", json=body).json()["page"]["next_token"]
+    assert token
+    # Another action with the same token: refused, not answered from the other search's place.
+    other = {**body, "action": WRITE, "page": {"limit": 1, "token": token}}
+    response = pep.post("/access/v1/search/subject", json=other)
+    assert response.status_code == 422 and "another search" in response.text
+    # Another limit: refused too.
+    other = {**body, "page": {"limit": 2, "token": token}}
+    assert pep.post("/access/v1/search/subject", json=other).status_code == 422
+    # A token made up by the client: refused.
+    forged = base64.urlsafe_b64encode(json.dumps({"a": "a", "q": "0" * 32}).encode()).decode()
+    for bad in (forged, "not a token", "eyJ"):
+        other = {**body, "page": {"limit": 1, "token": bad}}
+        assert pep.post("/access/v1/search/subject", json=other).status_code == 422
+
+
+@pytest.mark.parametrize("page", [{"limit": -1}, {"limit": "2"}, {"limit": 1.5}, {"token": 3}, "x"])
+def test_a_malformed_page_is_400(pep, page):
+    body = {"subject": {"type": "user"}, "action": READ, "resource": RECORD_1, "page": page}
+    assert pep.post("/access/v1/search/subject", json=body).status_code == 400
+
+
+# -- obligations (the decision contract) ------------------------------------------------------
+
+OBLIGATIONS = """
+actor user {}
+resource doc {
+  roles = ["reader"];
+  permissions = ["read", "export", "delete", "share", "review"];
+  "read" if "reader"; "export" if "reader"; "delete" if "reader";
+  "share" if "reader"; "review" if "reader";
+}
+mask(_u: user, "read", _d: doc, "ssn");
+mask(_u: user, "read", _d: doc, "salary");
+rate_limit(_u: user, "export", _d: doc, 10, 60);
+requires_scope("delete", _d: doc, "docs:delete");
+requires_approval(_u: user, "share", _d: doc);
+requires_review(_u: user, "review", _d: doc);
+"""
+
+
+@pytest.fixture(scope="module")
+def obligations_pdp(tmp_path_factory, certificate):
+    tmp = tmp_path_factory.mktemp("authzen-obligations")
+    policy = tmp / "policy.polar"
+    policy.write_text(OBLIGATIONS)
+    server = HttpsServer(tmp, policy, certificate).start()
+    try:
+        with server.client(ADMIN_KEY) as admin:
+            fact = {
+                "predicate": "has_role",
+                "args": [ALICE, "reader", {"type": "doc", "id": "d1"}],
+            }
+            assert admin.post("/v1/facts", json={"facts": [fact]}).status_code == 200
+        server.key = server.create_key("authzen")
+        yield server
+    finally:
+        server.stop()
+
+
+def ask(server: HttpsServer, action: str, subject: dict = ALICE, **context) -> dict:
+    body = {"subject": subject, "action": {"name": action}, "resource": {"type": "doc", "id": "d1"}}
+    if context:
+        body["context"] = context
+    with server.client(server.key) as pep:
+        response = pep.post(EVALUATION, json=body)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def obligation(answer: dict) -> dict:
+    """The one obligation of an answer, checked against the profile's shape."""
+    (found,) = answer["context"]["obligations"]
+    assert set(found) == {"id", "type", "properties"} and found["id"] == "obl-1"
+    assert found["type"] == "custom" and found["properties"]["vendor"] == "bastion"
+    return found["properties"]
+
+
+def test_masks_are_an_obligation_of_a_permit(obligations_pdp):
+    answer = ask(obligations_pdp, "read")
+    assert answer["decision"] is True
+    assert obligation(answer) == {"vendor": "bastion", "name": "mask", "paths": ["salary", "ssn"]}
+
+
+def test_a_rate_limit_is_an_obligation_of_a_permit(obligations_pdp):
+    answer = ask(obligations_pdp, "export")
+    assert answer["decision"] is True
+    assert obligation(answer) == {
+        "vendor": "bastion",
+        "name": "rate_limit",
+        "max": 10,
+        "seconds": 60,
+    }
+
+
+def test_a_required_scope_the_caller_does_not_show_is_a_denial_asking_for_it(obligations_pdp):
+    for context in ({}, {"scopes": ["docs:read"]}, {"scopes": "docs:read docs:write"}):
+        answer = ask(obligations_pdp, "delete", **context)
+        assert answer["decision"] is False
+        assert obligation(answer) == {
+            "vendor": "bastion",
+            "name": "requires_scope",
+            "scopes": ["docs:delete"],
+            "missing": ["docs:delete"],
+        }
+    for context in ({"scopes": ["docs:delete"]}, {"scopes": "docs:read docs:delete"}):
+        assert ask(obligations_pdp, "delete", **context) == {"decision": True}
+
+
+def test_malformed_scopes_are_400(obligations_pdp):
+    body = {
+        "subject": ALICE,
+        "action": {"name": "delete"},
+        "resource": {"type": "doc", "id": "d1"},
+        "context": {"scopes": [1, 2]},
+    }
+    with obligations_pdp.client(obligations_pdp.key) as pep:
+        assert pep.post(EVALUATION, json=body).status_code == 400
+
+
+def test_a_call_that_needs_approval_is_denied_until_approved(obligations_pdp):
+    answer = ask(obligations_pdp, "share")
+    assert answer["decision"] is False
+    assert obligation(answer) == {"vendor": "bastion", "name": "requires_approval"}
+
+
+def test_a_review_is_an_obligation_of_a_permit(obligations_pdp):
+    answer = ask(obligations_pdp, "review")
+    assert answer["decision"] is True
+    assert obligation(answer) == {"vendor": "bastion", "name": "requires_review"}
+
+
+def test_obligations_never_turn_a_denial_into_a_permit(obligations_pdp):
+    """Someone with no role is denied, with nothing to carry out."""
+    stranger = {"type": "user", "id": "mallory"}
+    for action in ("read", "export", "share", "review"):
+        assert ask(obligations_pdp, action, subject=stranger) == {"decision": False}
+    assert ask(obligations_pdp, "delete", subject=stranger, scopes=["docs:delete"]) == {
+        "decision": False
+    }
+
+
+def test_each_evaluation_of_a_batch_carries_its_own_obligations(obligations_pdp):
+    body = {
+        "subject": ALICE,
+        "resource": {"type": "doc", "id": "d1"},
+        "evaluations": [{"action": {"name": a}} for a in ("read", "export", "share")],
+    }
+    with obligations_pdp.client(obligations_pdp.key) as pep:
+        answers = pep.post(EVALUATIONS, json=body).json()["evaluations"]
+    assert [a["decision"] for a in answers] == [True, True, False]
+    assert [obligation(a)["name"] for a in answers] == ["mask", "rate_limit", "requires_approval"]
+
+
+def test_metadata_advertises_the_obligation_type_it_issues(obligations_pdp):
+    with obligations_pdp.client() as client:
+        document = client.get("/.well-known/authzen-configuration").json()
+    assert document["supported_obligations"] == ["custom"]
+
+
+# -- one evaluation budget per batch -------------------------------------------------------------
+
+
+SCANS = """
+actor user {}
+resource doc {}
+declare flag(String);
+# Reads every flag fact: each evaluation spends a step per flag.
+allow(_u: user, "read", _d: doc) if flag(f) and f != "x";
+"""
+
+
+def test_a_batch_spends_one_evaluation_budget_and_is_refused_once_it_is_spent(
+    tmp_path_factory, certificate
+):
+    """Fifty evaluations do not get fifty budgets: once the batch's one budget is spent, every
+    evaluation left is false with the reason, and the next request has a budget of its own."""
+    tmp = tmp_path_factory.mktemp("authzen-budget")
+    policy = tmp / "policy.polar"
+    policy.write_text(SCANS)
+    server = HttpsServer(tmp, policy, certificate, BASTION_EVALUATION_MAX_STEPS="1000").start()
+    try:
+        flags = [{"predicate": "flag", "args": [f"f{i}"]} for i in range(100)]
+        with server.client(ADMIN_KEY) as admin:
+            assert admin.post("/v1/facts", json={"facts": flags}).status_code == 200
+        question = {"subject": ALICE, "action": READ, "resource": {"type": "doc", "id": "d"}}
+        with server.client(server.create_key("authzen")) as pep:
+            body = {"subject": ALICE, "action": READ, "evaluations": [question] * 50}
+            answers = pep.post(EVALUATIONS, json=body).json()["evaluations"]
+            assert len(answers) == 50
+            allowed = [a for a in answers if a["decision"]]
+            assert 0 < len(allowed) < 50 and answers[: len(allowed)] == allowed
+            refused = answers[len(allowed) :]
+            assert all(
+                a["context"] == {"reason": "evaluation_limit", "limit": "evaluation_max_steps"}
+                for a in refused
+            )
+            assert pep.post(EVALUATION, json=question).json() == {"decision": True}
+    finally:
+        server.stop()

@@ -1,0 +1,296 @@
+"""Delegated grants on both databases (a real SQLite file, a real PostgreSQL schema): each
+exchanged token's grant is a child of its subject token's grant, and revoking any grant above it
+(the grant, the user, the client) revokes every descendant at once, through the same paths as
+any revocation (the store's subscribers, PostgreSQL NOTIFY, the gateway's remembered tokens).
+Also the ``task`` parameter, with a tasks object given to the authorization server."""
+
+from __future__ import annotations
+
+import time
+
+from bastion.decide import Authorizer
+from bastion.delegation.tasks import Tasks
+from bastion.facts.model import Entity
+from bastion.facts.store import FactStore
+from bastion.oauth.errors import InvalidToken
+from bastion.oauth.token_exchange import DelegationPolicy
+from bastion.oauth.verifier import VerifiedTokens
+from tests.oauth.support import Bastion, running_bastion
+
+from .support import ACCESS_TOKEN, EXCHANGE, claims
+
+IAT = {"Authorization": "Bearer initial-access-token-for-tests"}
+POLICY = """
+actor User {}
+actor Agent {}
+resource McpServer {}
+declare trusted(Agent);
+may_delegate(_from: Agent, to: Agent, _server: McpServer) if trusted(to);
+delegated_scope(_user: User, _from: Agent, _to: Agent, _server: McpServer, "tools:read");
+"""
+
+
+def policy_for(bastion: Bastion, trusted: list[str]) -> None:
+    authz = Authorizer(POLICY)
+    for client_id in trusted:
+        authz.facts.insert(("trusted", Entity("Agent", client_id)))
+    bastion.server.delegation = DelegationPolicy(
+        authorizer=lambda: authz,
+        server_of=lambda uri: Entity("McpServer", "tools") if uri == bastion.resource else None,
+    )
+
+
+def coding_agent(bastion: Bastion) -> dict:
+    return bastion.register(
+        grant_types=["authorization_code", "refresh_token", EXCHANGE],
+        scope="tools:read tools:call",
+    )
+
+
+def sub_agent(bastion: Bastion) -> dict:
+    response = bastion.http.post(
+        f"{bastion.url}/register",
+        json={
+            "client_name": "sub-agent",
+            "token_endpoint_auth_method": "client_secret_basic",
+            "grant_types": ["client_credentials", EXCHANGE],
+            "redirect_uris": [],
+            "scope": "tools:read",
+        },
+        headers=IAT,
+    )
+    assert response.status_code == 201, response.text
+    return response.json()
+
+
+def own_token(bastion: Bastion, agent: dict) -> str:
+    response = bastion.http.post(
+        f"{bastion.url}/token",
+        data={"grant_type": "client_credentials", "resource": bastion.resource},
+        auth=(agent["client_id"], agent["client_secret"]),
+    )
+    assert response.status_code == 200, response.text
+    return response.json()["access_token"]
+
+
+def exchange(bastion: Bastion, agent: dict, subject: str, actor: str, **more):
+    data = {
+        "grant_type": EXCHANGE,
+        "subject_token": subject,
+        "subject_token_type": ACCESS_TOKEN,
+        "actor_token": actor,
+        "actor_token_type": ACCESS_TOKEN,
+        **more,
+    }
+    if "client_secret" in agent:
+        return bastion.http.post(
+            f"{bastion.url}/token", data=data, auth=(agent["client_id"], agent["client_secret"])
+        )
+    return bastion.http.post(f"{bastion.url}/token", data={**data, "client_id": agent["client_id"]})
+
+
+def chain_of_three(bastion: Bastion) -> tuple[dict, list[str]]:
+    """alice's coding agent -> sub-agent -> sub-sub-agent: the coding agent's tokens and the
+    two delegated tokens."""
+    coder, first, second = coding_agent(bastion), sub_agent(bastion), sub_agent(bastion)
+    policy_for(bastion, [first["client_id"], second["client_id"]])
+    tokens = bastion.tokens_for(coder)
+    one = exchange(bastion, coder, tokens["access_token"], own_token(bastion, first))
+    assert one.status_code == 200, one.text
+    two = exchange(bastion, first, one.json()["access_token"], own_token(bastion, second))
+    assert two.status_code == 200, two.text
+    return tokens, [one.json()["access_token"], two.json()["access_token"]]
+
+
+def refused(bastion: Bastion, token: str) -> bool:
+    try:
+        bastion.server.verifier.verify(token, bastion.resource, audit=False)
+    except InvalidToken as e:
+        return e.check == "revoked"
+    return False
+
+
+def test_revoking_the_root_grant_revokes_every_descendant(database_url, tmp_path):
+    with running_bastion(database_url, tmp_path) as bastion:
+        tokens, delegated = chain_of_three(bastion)
+        grants = [bastion.server.store.access_token_state(claims(t)["jti"])[0] for t in delegated]
+        parent = bastion.server.store.grant(grants[1]).parent_grant_id
+        assert parent == grants[0]
+        root = bastion.server.store.grant(grants[0]).parent_grant_id
+        heard: list[str] = []
+        bastion.server.store.on_revoked(heard.append)
+        assert not any(refused(bastion, t) for t in delegated)
+        assert bastion.server.store.revoke_grant(root, bastion.clock(), "test")
+        assert all(refused(bastion, t) for t in delegated)
+        assert set(grants) <= set(heard)  # every descendant announced (subscribers, NOTIFY)
+
+
+def test_revoking_the_user_or_the_client_revokes_the_delegations(database_url, tmp_path):
+    with running_bastion(database_url, tmp_path) as bastion:
+        _, delegated = chain_of_three(bastion)
+        bastion.server.store.revoke_user_grants("alice", bastion.clock(), "offboarded")
+        assert all(refused(bastion, t) for t in delegated)
+        tokens, delegated = chain_of_three(bastion)
+        assert not any(refused(bastion, t) for t in delegated)
+        coder = claims(tokens["access_token"])["client_id"]
+        assert bastion.server.store.revoke_client(coder, bastion.clock())
+        assert all(refused(bastion, t) for t in delegated)
+
+
+def test_the_gateways_remembered_tokens_forget_every_descendant(database_url, tmp_path):
+    with running_bastion(database_url, tmp_path) as bastion:
+        tokens, delegated = chain_of_three(bastion)
+        remembered = VerifiedTokens(bastion.server.verifier, database_url)
+        try:
+            deadline = time.monotonic() + 10
+            while not remembered.local:  # PostgreSQL: until the revocation listener listens
+                assert time.monotonic() < deadline, "the revocation listener did not start"
+                time.sleep(0.02)
+            for token in delegated:
+                remembered.verify(token, bastion.resource)
+                assert remembered.remembered(token, bastion.resource) is not None
+            revoked = bastion.http.post(
+                f"{bastion.url}/revoke",
+                data={
+                    "token": tokens["refresh_token"],
+                    "client_id": claims(tokens["access_token"])["client_id"],
+                },
+            )
+            assert revoked.status_code == 200
+            for token in delegated:
+                assert remembered.remembered(token, bastion.resource) is None
+        finally:
+            remembered.close()
+
+
+def test_a_delegation_cannot_be_made_under_a_revoked_grant(database_url, tmp_path):
+    with running_bastion(database_url, tmp_path) as bastion:
+        coder, sub = coding_agent(bastion), sub_agent(bastion)
+        policy_for(bastion, [sub["client_id"]])
+        tokens = bastion.tokens_for(coder)
+        grant_id, _ = bastion.server.store.access_token_state(claims(tokens["access_token"])["jti"])
+        bastion.server.store.revoke_grant(grant_id, bastion.clock(), "test")
+        answer = exchange(bastion, coder, tokens["access_token"], own_token(bastion, sub))
+        assert answer.status_code == 400 and answer.json()["error"] == "invalid_request"
+        rows = bastion.db.execute(
+            "SELECT COUNT(*) FROM oauth_grants WHERE parent_grant_id = ?", (grant_id,)
+        )
+        assert rows[0][0] == 0
+
+
+def test_a_subject_token_past_its_exp_is_refused_even_within_the_leeway(database_url, tmp_path):
+    with running_bastion(database_url, tmp_path) as bastion:
+        coder, sub = coding_agent(bastion), sub_agent(bastion)
+        policy_for(bastion, [sub["client_id"]])
+        tokens = bastion.tokens_for(coder)
+        actor = own_token(bastion, sub)
+        bastion.clock.advance(bastion.server.settings.access_token_seconds + 5)
+        answer = exchange(bastion, coder, tokens["access_token"], actor)
+        assert answer.status_code == 400, answer.text
+        assert "expired" in answer.json()["error_description"]
+
+
+def test_a_task_binds_the_delegated_grant_and_travels_in_the_token(database_url, tmp_path):
+    with running_bastion(database_url, tmp_path) as bastion:
+        coder, sub = coding_agent(bastion), sub_agent(bastion)
+        policy_for(bastion, [sub["client_id"]])
+        tasks = Tasks(FactStore(bastion.db), bastion.server.store, bastion.server.audit)
+
+        def grant(folder: str) -> dict:
+            agent = {"type": "Agent", "id": sub["client_id"]}
+            return {
+                "predicate": "has_role",
+                "args": [agent, "writer", {"type": "Folder", "id": folder}],
+            }
+
+        task = tasks.open("alice", sub["client_id"], "icons", time.time() + 60, [grant("a")], "t")
+        elsewhere = tasks.open(
+            "bob", sub["client_id"], "icons", time.time() + 60, [grant("b")], "t"
+        )
+        bastion.server.tasks = tasks
+        tokens = bastion.tokens_for(coder)
+        wrong = exchange(
+            bastion, coder, tokens["access_token"], own_token(bastion, sub), task=elsewhere.id
+        )
+        assert wrong.status_code == 400 and wrong.json()["error"] == "invalid_request"
+        assert "not on behalf of user" in wrong.json()["error_description"]
+        grants = bastion.db.execute("SELECT COUNT(*) FROM oauth_grants")[0][0]
+        answer = exchange(
+            bastion, coder, tokens["access_token"], own_token(bastion, sub), task=task.id
+        )
+        assert answer.status_code == 200, answer.text
+        token = answer.json()["access_token"]
+        assert claims(token)["task"] == task.id and claims(token)["exp"] <= task.expires_at
+        verified = bastion.server.verifier.verify(token, bastion.resource, audit=False)
+        assert verified.task == task.id
+        assert verified.agents == (claims(tokens["access_token"])["client_id"], sub["client_id"])
+        assert tasks.get(task.id).grants == (verified.grant_id,)
+        # Ending the task revokes the delegated grant.
+        tasks.end(task.id, "test")
+        assert bastion.server.store.grant(verified.grant_id).revoked_at is not None
+        # The refused binding saved nothing: one grant more (the sub-agent's own token's and
+        # this delegation's), not two.
+        assert bastion.db.execute("SELECT COUNT(*) FROM oauth_grants")[0][0] == grants + 2
+
+
+def test_max_delegation_depth_zero_refuses_every_exchange(sqlite_url, tmp_path):
+    with running_bastion(sqlite_url, tmp_path, max_delegation_depth=0) as bastion:
+        coder, sub = coding_agent(bastion), sub_agent(bastion)
+        policy_for(bastion, [sub["client_id"]])
+        tokens = bastion.tokens_for(coder)
+        answer = exchange(bastion, coder, tokens["access_token"], own_token(bastion, sub))
+        assert answer.status_code == 400 and answer.json()["error"] == "invalid_request"
+        assert "max_delegation_depth" in answer.json()["error_description"]
+
+
+def test_without_a_policy_to_decide_every_exchange_is_refused(sqlite_url, tmp_path):
+    with running_bastion(sqlite_url, tmp_path) as bastion:
+        coder, sub = coding_agent(bastion), sub_agent(bastion)
+        tokens = bastion.tokens_for(coder)
+        answer = exchange(bastion, coder, tokens["access_token"], own_token(bastion, sub))
+        assert answer.status_code == 400 and answer.json()["error"] == "invalid_target"
+
+
+def test_introspection_shows_the_chain_and_stops_at_a_revoked_parent(database_url, tmp_path):
+    with running_bastion(database_url, tmp_path) as bastion:
+        resource_server = sub_agent(bastion)
+        bastion.db.execute(
+            "UPDATE oauth_clients SET may_introspect = 1 WHERE client_id = ?",
+            (resource_server["client_id"],),
+        )
+        tokens, delegated = chain_of_three(bastion)
+
+        def introspect(token: str) -> dict:
+            return bastion.http.post(
+                f"{bastion.url}/introspect",
+                data={"token": token},
+                auth=(resource_server["client_id"], resource_server["client_secret"]),
+            ).json()
+
+        answer = introspect(delegated[1])
+        assert answer["active"] is True and answer["act"] == claims(delegated[1])["act"]
+        assert answer["act"]["act"]["act"]["sub"] == claims(tokens["access_token"])["client_id"]
+        assert "act" not in introspect(tokens["access_token"])
+        grant_id, _ = bastion.server.store.access_token_state(claims(tokens["access_token"])["jti"])
+        bastion.server.store.revoke_grant(grant_id, bastion.clock(), "test")
+        assert introspect(delegated[1]) == {"active": False}
+
+
+def test_a_refused_exchange_changes_nothing(sqlite_url, tmp_path):
+    with running_bastion(sqlite_url, tmp_path) as bastion:
+        coder, sub, stranger = coding_agent(bastion), sub_agent(bastion), sub_agent(bastion)
+        policy_for(bastion, [sub["client_id"]])
+        tokens = bastion.tokens_for(coder)
+        actor, outsider = own_token(bastion, sub), own_token(bastion, stranger)
+        before = bastion.rows()
+        for answer in (
+            exchange(bastion, coder, tokens["access_token"], outsider),  # the policy refuses
+            exchange(bastion, coder, tokens["access_token"], actor, scope="tools:call"),
+            exchange(
+                bastion, coder, tokens["access_token"], actor, resource=bastion.other_resource
+            ),
+            exchange(bastion, coder, tokens["access_token"], actor, task="t-1"),
+            exchange(bastion, sub, tokens["access_token"], actor),
+        ):
+            assert answer.status_code == 400, answer.text
+        assert bastion.rows() == before
