@@ -2,8 +2,9 @@
 running bastion with the official MCP SDK client; the label set is keyed by (user, first agent,
 task), survives new MCP sessions, is shared through Redis, and fails closed without it.
 
-Delegated tokens (a chain of agents) are not issued by main yet: the sub-agent cases are tested
-on the label store and the enforcement step with a `Caller` carrying the chain."""
+Chains of agents are tested here on the enforcement step with a `Caller` carrying the chain
+(sub-agents of sub-agents, other chains, tasks), and end to end through token exchange in
+test_labels_chain.py."""
 
 from __future__ import annotations
 
