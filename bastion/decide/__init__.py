@@ -28,7 +28,7 @@ from bastion.policy.errors import Diagnostic, EvaluationLimit
 from bastion.policy.explain import Explanation, explain, over_budget, prove
 from bastion.policy.limits import DEFAULT_LIMITS, PolicyLimits
 from bastion.policy.parser import parse_fact
-from bastion.policy.program import has_type
+from bastion.policy.program import context_roots, has_type
 from bastion.policy.runtime import Query, stack_exhausted
 
 if TYPE_CHECKING:
@@ -72,6 +72,8 @@ CONTRACT_SHAPES = (
     # Token exchange (`bastion.decide.contract.decide_delegation`).
     ("may_delegate", "bbb"),
     ("delegated_scope", "bbbbb"),
+    # Information-flow labels a released result carries (`bastion.delegation.labels`).
+    ("label", "bf"),
 )
 
 
@@ -90,7 +92,7 @@ class Decision:
 class _Active:
     """A loaded policy with its compiled entry points, swapped in as one object."""
 
-    __slots__ = ("loaded", "compiled", "allow", "deny", "fact_shapes", "shapes")
+    __slots__ = ("loaded", "compiled", "allow", "deny", "fact_shapes", "shapes", "context_roots")
 
     def __init__(
         self,
@@ -100,6 +102,7 @@ class _Active:
         index_lock: Any = None,
     ) -> None:
         self.loaded = loaded
+        self.context_roots = context_roots(loaded.program)
         self.fact_shapes: set[tuple] = set()  # shapes of facts already found acceptable
         self.shapes: dict[tuple[str, str], Any] = {}  # (predicate, mask) -> compiled function
         # ``index_lock``: compiled beside running decisions, holding the fact lock only to read
@@ -643,6 +646,12 @@ class Authorizer:
                 self._forget(added)
             self._index.lock.release()
         return found
+
+    def reads_context(self, name: str) -> bool:
+        """Whether a rule of the policy in force reads ``context.<name>``: a caller may skip
+        working out a costly field no rule reads."""
+        active = self._active
+        return active is not None and name in active.context_roots
 
     def defines(self, predicate: str, arity: int) -> bool:
         """True when the policy in force has rules or facts for ``predicate/arity``."""

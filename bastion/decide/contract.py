@@ -15,6 +15,7 @@ for. The policy can attach obligations with these rules (each optional):
 | ``requires_recent_auth(actor, action, resource, seconds)`` | signed in at most ``seconds`` ago |
 | ``requires_signal(actor, name, max_age_seconds)`` | refuse unless a fresh signal ``name`` holds |
 | ``alert(actor, name, severity)`` | raise the alert ``name`` (`bastion.signals.alerts`) |
+| ``label(resource, label)`` | the result, once released, adds ``label`` to the caller's label set (`bastion.delegation.labels`), read back as ``context.session.labels`` |
 
 Token exchange (`bastion.oauth.token_exchange`, RFC 8693) asks two more, deny by default:
 
@@ -84,6 +85,9 @@ class Obligations:
     # (principal, name, severity) for each alert(actor, name, severity) that holds; a name or
     # severity that is not text is kept as its repr, never dropped (the alert still fires).
     alerts: tuple[tuple[Entity, str, str], ...] = ()
+    # The target's information-flow labels (label(resource, label)); one that is not text is
+    # kept as its repr, never dropped (a result is never released with fewer labels).
+    labels: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -219,6 +223,9 @@ def _decide_chain(
     )
     read_only = read_only_holds(s, chain, context)
     max_auth_age = required_auth_age(s, chain, action, resource)
+    labels = tuple(
+        sorted(v if isinstance(v, str) else repr(v) for v in s.rows("label", "bf", resource))
+    )
     return ChainDecision(
         True,
         chain,
@@ -232,6 +239,7 @@ def _decide_chain(
             read_only,
             max_auth_age,
             alerts,
+            labels,
         ),
         generation=generation,
     )

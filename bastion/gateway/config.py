@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
-from bastion.gateway.ratelimit import CLUSTER_SCHEMES
+from bastion.redis_client import CLUSTER_SCHEMES
 from bastion.server.config import ConfigError
 
 # Methods served beyond tools, resources and prompts, each decided as ``connect`` (completions
@@ -82,6 +82,12 @@ class GatewayConfig:
     # Origins (scheme://host[:port]) whose pages may send requests to /mcp/; empty: only the
     # origin of the gateway's own public URL. A request with no Origin header is not a page's.
     allowed_origins: tuple[str, ...] = ()
+    # Session labels (bastion.delegation.labels): a label set is forgotten this many seconds
+    # after its last label was recorded; it holds at most label_max labels; this process keeps
+    # at most label_max_sets sets (when it keeps them itself, without Redis).
+    label_ttl_seconds: int = 86_400
+    label_max: int = 256
+    label_max_sets: int = 100_000
 
     def upstream(self, name: str) -> UpstreamConfig | None:
         for upstream in self.upstreams:
@@ -103,6 +109,9 @@ class GatewayConfig:
             "redis_url",
             "redis_prefix",
             "allowed_origins",
+            "label_ttl_seconds",
+            "label_max",
+            "label_max_sets",
         }
         _only(table, known, "gateway")
         upstreams = tuple(
@@ -145,6 +154,9 @@ class GatewayConfig:
             max_body_bytes=_positive(table, "max_body_bytes", 1_048_576, "gateway"),
             pass_methods=tuple(pass_methods),
             session_idle_seconds=float(_positive(table, "session_idle_seconds", 3600, "gateway")),
+            label_ttl_seconds=_positive(table, "label_ttl_seconds", 86_400, "gateway"),
+            label_max=_positive(table, "label_max", 256, "gateway"),
+            label_max_sets=_positive(table, "label_max_sets", 100_000, "gateway"),
         )
 
 

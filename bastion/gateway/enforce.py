@@ -28,6 +28,15 @@ from bastion.approvals.store import ApprovalRequest
 from bastion.audit.decisions import DecisionRecord, DecisionRecords, new_decision_id
 from bastion.decide import Authorizer
 from bastion.decide.contract import ChainDecision, Obligations, decide_chain
+from bastion.delegation.labels import (
+    CONTEXT_FIELD,
+    LabelKey,
+    LabelsFull,
+    LabelsUnavailable,
+    LocalLabels,
+    RedisLabels,
+    SessionView,
+)
 from bastion.facts.model import Entity
 from bastion.gateway.jsonrpc import (
     FACTS_STALE,
@@ -162,8 +171,11 @@ class Enforcer:
         approvals: Approvals | None = None,
         suspensions: Suspensions | None = None,
         behavior: LocalBehavior | RedisBehavior | None = None,
+        labels: LocalLabels | RedisLabels | None = None,
     ) -> None:
         self.authorizer = authorizer
+        # Session labels (context.session.labels, `bastion.delegation.labels`).
+        self.labels = labels or LocalLabels()
         # The kill switch (`bastion.signals.suspensions`): a suspended caller is refused first.
         self.suspensions = suspensions
         # Behaviour counters (context.behavior) and shadow rules (signals/).
@@ -185,7 +197,7 @@ class Enforcer:
 
     def context(self, caller: Caller, server: str, method: str, **extra: Any) -> dict[str, Any]:
         now = self.clock()
-        return {
+        context = {
             "server": server,
             "method": method,
             "scopes": sorted(caller.scopes),
@@ -194,6 +206,10 @@ class Enforcer:
             **(caller.posture.context(now) if caller.posture is not None else {}),
             **extra,
         }
+        # Only for a policy that reads them: the others pay nothing (no Redis round trip).
+        if self.authorizer().reads_context(CONTEXT_FIELD):
+            context[CONTEXT_FIELD] = self.labels.view(label_key(caller))
+        return context
 
     def suspended(self, caller: Caller) -> Entity | None:
         """The caller's suspended agent, user or session, if any."""
@@ -257,6 +273,8 @@ class Enforcer:
             )
         if method in COUNTED_METHODS:
             context = await self._behavior_context(caller, resource, context)
+        if isinstance(session := context.get(CONTEXT_FIELD), SessionView):
+            await self.labels.prepare(session)
         authz = self.authorizer()
         chain = decide_chain(
             authz, caller.principals, action, resource, context, granted_scopes=caller.scopes
@@ -731,6 +749,20 @@ class Enforcer:
         if record["method"] in COUNTED_METHODS:
             self.behavior.observe_decision(record, context)
 
+    async def record_labels(self, caller: Caller, verdict: Verdict) -> None:
+        """Add the labels of the target of ``verdict`` to ``caller``'s label set, before its
+        result is released; when they cannot be kept, the result is withheld: the refusal is
+        recorded and raised (`LabelsUnavailable`, `LabelsFull`)."""
+        labels = verdict.obligations.labels
+        if not labels:
+            return
+        try:
+            await self.labels.record(label_key(caller), labels)
+        except (LabelsUnavailable, LabelsFull) as e:
+            self.write(verdict.record, result="deny", reason=e.reason)
+            target = Entity.parse(verdict.record["target"]).id
+            raise refused(target, verdict.decision_id, e.reason) from None
+
     def write(self, record: dict[str, Any], **more: Any) -> None:
         """Buffer a decision record (an allowed one once its obligations are known)."""
         if self.records is None:
@@ -786,6 +818,11 @@ class Explained:
                 variants.append((tuple(explanation.reads.items()), rules))
             self._state = (generation, known)
         return rules
+
+
+def label_key(caller: Caller) -> LabelKey:
+    """The label set of ``caller``: its user, the first agent of its chain, its task."""
+    return LabelKey.of(caller.subject, caller.agents, caller.client_id, caller.task)
 
 
 def _same(value: Any, seen: Any) -> bool:

@@ -369,6 +369,8 @@ class Gateway:
             await self.limiter.close()
         with contextlib.suppress(Exception):
             await self.enforcer.behavior.close()
+        with contextlib.suppress(Exception):
+            await self.enforcer.labels.close()
 
     # -- ASGI: the paths the gateway serves -----------------------------------------------------
 

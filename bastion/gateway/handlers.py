@@ -478,7 +478,7 @@ async def _forward(
         raise
     if verdict.review_step == "hold":
         return result  # masked when it is released, under the masks in force then
-    return _masked(ex, verdict, result, uri)
+    return await _release(ex, verdict, result, uri)
 
 
 async def _released(ex: Exchange, verdict: Verdict, uri: str | None) -> dict[str, Any]:
@@ -492,10 +492,13 @@ async def _released(ex: Exchange, verdict: Verdict, uri: str | None) -> dict[str
         raise refused(verdict.review.target, verdict.decision_id, "approval_used")
     withheld = verdict.review.withheld_fields
     ex.masks = compile_paths(tuple(sorted({*verdict.obligations.masks, *withheld})))
-    return _masked(ex, verdict, result, uri)
+    return await _release(ex, verdict, result, uri)
 
 
-def _masked(ex: Exchange, verdict: Verdict, result: dict[str, Any], uri: str | None):
+async def _release(ex: Exchange, verdict: Verdict, result: dict[str, Any], uri: str | None):
+    """The result as the client receives it: its target's labels recorded into the caller's
+    label set first (withheld if they cannot be), masked, counted and recorded."""
+    await ex.gateway.enforcer.record_labels(ex.caller, verdict)
     result, masked = mask_result(result, ex.masks, uri)
     ex.returned_keys = scope_keys(ex.caller.subject, ex.caller.client_id, verdict.record["target"])
     obligations = dict(verdict.record["obligations"])

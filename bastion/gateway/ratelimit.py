@@ -23,6 +23,7 @@ from collections.abc import Callable, Sequence
 
 from bastion.decide.contract import RateLimit
 from bastion.facts.model import Entity
+from bastion.redis_client import connect, safe_url
 
 log = logging.getLogger("bastion.gateway.ratelimit")
 
@@ -97,27 +98,13 @@ return 0
 """
 
 
-CLUSTER_SCHEMES = ("redis+cluster", "rediss+cluster")
-
-
 class RedisRateLimiter:
     """Counters shared through Redis by every bastion process configured with the same URL."""
 
     def __init__(self, url: str, prefix: str = "bastion", timeout: float = 1.0) -> None:
-        import redis.asyncio as redis
-        from redis.exceptions import RedisClusterException
-
         self.url = url
         self.prefix = prefix
-        # A cluster that cannot be reached raises RedisClusterException, not a RedisError.
-        self._errors = (redis.RedisError, RedisClusterException, OSError)
-        scheme, sep, rest = url.partition("://")
-        timeouts = {"socket_timeout": timeout, "socket_connect_timeout": timeout}
-        if scheme in CLUSTER_SCHEMES:
-            plain = scheme.removesuffix("+cluster") + sep + rest
-            self._redis = redis.RedisCluster.from_url(plain, **timeouts)
-        else:
-            self._redis = redis.Redis.from_url(url, **timeouts)
+        self._redis, self._errors = connect(url, timeout)
         self._script = self._redis.register_script(_SLIDING_WINDOW)
 
     def key(self, limit: RateLimit, action: str, resource: Entity) -> str:
@@ -142,19 +129,9 @@ class RedisRateLimiter:
         try:
             wait_ms = await self._script(keys=keys, args=args)
         except self._errors as e:
-            log.error("rate limits cannot be checked: Redis at %s: %s", _safe(self.url), e)
+            log.error("rate limits cannot be checked: Redis at %s: %s", safe_url(self.url), e)
             raise LimitsUnavailable() from None
         return None if int(wait_ms) == 0 else int(wait_ms) / 1000
 
     async def close(self) -> None:
         await self._redis.aclose()
-
-
-def _safe(url: str) -> str:
-    """The URL without a password, for logs."""
-    from urllib.parse import urlsplit
-
-    parts = urlsplit(url)
-    if parts.password:
-        return url.replace(f":{parts.password}@", ":***@")
-    return url

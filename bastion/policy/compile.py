@@ -208,6 +208,8 @@ class CompiledPolicy:
         }
         for (name, arity), builtin in BUILTINS.items():
             self.namespace[f"B_{name}_{arity}"] = builtin.function
+            if builtin.produce is not None:
+                self.namespace[f"P_{name}_{arity}"] = builtin.produce
         self._names: dict[Node, str] = {}
         self._constants: dict[Any, str] = {}
         self._counter = itertools.count()
@@ -947,6 +949,13 @@ class CompiledPolicy:
         key = (lit.name, len(lit.args))
         lookups: list[tuple[str, tuple, str]] = []
         if key in BUILTINS:
+            last = lit.args[-1]
+            if isinstance(last, Var) and last.name not in env:  # planned: a builtin's output
+                args = [self._expr(a, env, lookups) for a in lit.args[:-1]]
+                depth = self._guard(out, lookups, depth)
+                var = self._bind(last.name, env)
+                out.emit(depth, f"for {var} in P_{lit.name}_{len(lit.args)}({', '.join(args)}):")
+                return depth + 1
             args = [self._expr(a, env, lookups) for a in lit.args]
             depth = self._guard(out, lookups, depth)
             out.emit(depth, f"if B_{lit.name}_{len(lit.args)}({', '.join(args)}):")

@@ -301,6 +301,18 @@ class _Interpreter:
                 return
             yield env, Step(self.describe(lit, env), True, "not")
             return
+        builtin = BUILTINS.get((lit.name, len(lit.args)))
+        last = lit.args[-1] if lit.args else None
+        if builtin is not None and isinstance(last, Var) and last.name not in env:
+            inputs = tuple(self.value(a, env) for a in lit.args[:-1])
+            if any(a is MISSING for a in inputs):
+                return
+            for value in builtin.produce(*inputs):  # type: ignore[misc]  # planned: it produces
+                yield (
+                    {**env, last.name: value},
+                    Step(_goal(lit.name, (*inputs, value)), True, "builtin"),
+                )
+            return
         args = tuple(self.value(a, env) for a in lit.args)
         if any(a is MISSING for a in args):
             return

@@ -19,6 +19,7 @@ import itertools
 from collections import defaultdict
 from typing import Any
 
+from bastion.facts.model import Entity
 from bastion.policy import ast
 from bastion.policy.builtins import BUILTINS
 from bastion.policy.errors import Diagnostic, Location
@@ -33,6 +34,7 @@ from bastion.policy.program import (
     Program,
     TypeLit,
     format_clause,
+    has_type,
     literal_vars,
     term_vars,
 )
@@ -621,6 +623,10 @@ class _Lowering:
         warned: set[tuple[str, int]] = set()
         for clause, _ in written:
             for lit in _walk(clause.body):
+                if isinstance(lit, CallLit) and (
+                    builtin := BUILTINS.get((lit.name, len(lit.args)))
+                ):
+                    self.check_builtin_types(clause, lit, builtin.types)
                 key = (lit.name, len(lit.args)) if isinstance(lit, CallLit) else None
                 if key is None or key in known or key in warned:
                     continue
@@ -675,6 +681,33 @@ class _Lowering:
                 if signature not in found[key]:
                     found[key].append(signature)
         return found
+
+    def check_builtin_types(self, clause: Clause, lit: CallLit, types: tuple[str, ...]) -> None:
+        """A builtin argument known, when the policy loads, to be of another type than the
+        builtin takes (a literal, a list, a variable the rule types otherwise) is an error; a
+        value that only turns out wrong at evaluation makes the builtin false."""
+        if not types:
+            return
+        typed = {
+            t.term.name: t.types
+            for t in clause.body
+            if isinstance(t, TypeLit) and isinstance(t.term, ast.Var)
+        }
+        for pos, (arg, want) in enumerate(zip(lit.args, types, strict=True), 1):
+            found = None
+            if isinstance(arg, ast.Const) and not has_type(arg.value, frozenset({want})):
+                value = arg.value
+                found = value.type if isinstance(value, Entity) else type(value).__name__
+                found = {"str": "String", "int": "Integer", "bool": "Boolean"}.get(found, found)
+            elif isinstance(arg, ast.ListTerm):
+                found = "a list"
+            elif isinstance(arg, ast.Var) and arg.name in typed and want not in typed[arg.name]:
+                found = " or ".join(sorted(typed[arg.name]))
+            if found is not None:
+                self.error(
+                    lit.location,
+                    f"argument {pos} of {lit.name} must be a {want}, not {found}",
+                )
 
     def check_singletons(self, clauses: dict) -> None:
         for clause in itertools.chain.from_iterable(clauses.values()):

@@ -47,8 +47,15 @@ def _cost(lit: Literal, bound: set[str]) -> float | None:
             return 3
         return None
     # a call
-    if (lit.name, len(lit.args)) in BUILTINS:
-        return 0 if all(_bound(a, bound) for a in lit.args) else None
+    builtin = BUILTINS.get((lit.name, len(lit.args)))
+    if builtin is not None:
+        *inputs, last = lit.args
+        if not all(_bound(a, bound) for a in inputs):
+            return None
+        if _bound(last, bound):
+            return 0
+        # A builtin that produces its last argument binds an unbound variable there.
+        return 0.5 if builtin.produce is not None and isinstance(last, Var) else None
     if any(isinstance(a, (ListTerm, Arith)) and not _bound(a, bound) for a in lit.args):
         return None
     free = sum(1 for a in lit.args if not _bound(a, bound))

@@ -107,6 +107,41 @@ def literal_vars(lit: Literal) -> list[str]:
     return [v for sub in lit.body for v in literal_vars(sub)]
 
 
+def context_roots(program: Program) -> frozenset[str]:
+    """The first names of every ``context.<name>...`` a rule of ``program`` reads: what a
+    caller needs to put in the context (and may leave out, or not fetch, when absent)."""
+    roots: set[str] = set()
+
+    def term(t: Any) -> None:
+        if isinstance(t, ContextPath):
+            if t.path:
+                roots.add(t.path[0])
+        elif isinstance(t, ListTerm):
+            for item in t.items:
+                term(item)
+
+    def literal(lit: Any) -> None:
+        if isinstance(lit, CallLit):
+            for a in lit.args:
+                term(a)
+        elif isinstance(lit, CmpLit):
+            term(lit.left)
+            term(lit.right)
+        elif isinstance(lit, TypeLit):
+            term(lit.term)
+        else:
+            for sub in lit.body:
+                literal(sub)
+
+    for clauses in program.clauses.values():
+        for clause in clauses:
+            for t in clause.head:
+                term(t)
+            for lit in clause.body:
+                literal(lit)
+    return frozenset(roots)
+
+
 def format_term(term: Term) -> str:
     from bastion.facts.model import format_arg
 

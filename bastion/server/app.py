@@ -283,6 +283,15 @@ def _agent_counters(config: ServerConfig, gateway):
     return counters, ArgumentDigest(secrets.token_bytes(32))
 
 
+def _labels(gateway):
+    """The gateway's session labels (docs/delegation.md; shared through gateway.redis_url)."""
+    from bastion.delegation.labels import LabelSettings, labels_from_config
+
+    c = gateway.config
+    settings = LabelSettings(c.label_ttl_seconds, c.label_max, c.label_max_sets)
+    return labels_from_config(c.redis_url, c.redis_prefix, settings)
+
+
 def _approvals(config: ServerConfig, oauth, replica: Replica):
     """Holds for people (docs/approvals.md): with a gateway, whose calls they hold."""
     if not config.gateway or oauth is None:
@@ -413,6 +422,7 @@ def create_app(config: ServerConfig) -> Starlette:
         _delegation(oauth, gateway, replica)
         gateway.enforcer.shadow.on_fire = metrics.shadow_fired
         gateway.enforcer.behavior = _behavior(config, gateway)
+        gateway.enforcer.labels = _labels(gateway)
     behavior, argument_digest = _agent_counters(config, gateway)
 
     @contextlib.asynccontextmanager
@@ -420,6 +430,10 @@ def create_app(config: ServerConfig) -> Starlette:
         await replica.start()
         if gateway is not None:
             await gateway.start()
+            from bastion.delegation.labels import task_wiper
+
+            # An ended task's session labels go with it (docs/delegation.md).
+            tasks.on_end(task_wiper(gateway.enforcer.labels, asyncio.get_running_loop()))
         if approvals is not None and approvals.webhooks is not None:
             await approvals.webhooks.start()
         if signals is not None:

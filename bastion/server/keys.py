@@ -35,6 +35,8 @@ SCOPES = (
     "signals",
     # Read and acknowledge alerts (/v1/alerts, docs/signals.md).
     "alerts",
+    # Forget session labels (/v1/labels/clear, docs/delegation.md).
+    "labels",
     # Open, list, show and end just-in-time tasks (/v1/tasks, docs/delegation.md): a key sees
     # and ends the tasks it opened; a task's facts only ever grant the task's agent.
     "tasks",

@@ -19,6 +19,7 @@ from bastion.delegation.tasks import STATUSES as TASK_STATUSES
 from bastion.server.api import agents as agents_api
 from bastion.server.api import alerts as alerts_api
 from bastion.server.api import approvals as approvals_api
+from bastion.server.api import labels as labels_api
 from bastion.server.api import signals as signals_api
 from bastion.server.api import suspensions as suspensions_api
 from bastion.server.api import tasks as tasks_api
@@ -57,6 +58,7 @@ def _response(required: list[str], **props: Any) -> dict:
 
 
 _STR = {"type": "string"}
+_LABEL_ID = {**_STR, "minLength": 1, "maxLength": labels_api.MAX_ID_LENGTH}
 _BOOL = {"type": "boolean"}
 # Every number the API reads is finite and within 64 bits (bastion.untrusted_json).
 _INT = {"type": "integer", "minimum": MIN_INTEGER, "maximum": MAX_INTEGER}
@@ -1207,6 +1209,37 @@ PATHS: dict[str, Any] = {
             params=[_path("alert_id", "the id of an alert")],
         )
         | {"operationId": "acknowledgeAlert"}
+    },
+    "/v1/labels/clear": {
+        "post": _op(
+            "Forget session labels (docs/delegation.md): with user and agent (the first agent of"
+            " a chain) and optionally task, that label set; with task alone, every label set of"
+            " the task. cleared: how many sets were forgotten. 404: no gateway; 503: the shared"
+            " store (Redis) cannot be reached",
+            labels_api.SCOPE,
+            _response(["cleared"], cleared={**_INT, "minimum": 0}),
+            body={
+                "oneOf": [
+                    {
+                        "type": "object",
+                        "required": ["user", "agent"],
+                        "properties": {
+                            "user": _LABEL_ID,
+                            "agent": _LABEL_ID,
+                            "task": _nullable({**_LABEL_ID, "minLength": 0}),
+                        },
+                        "additionalProperties": False,
+                    },
+                    {
+                        "type": "object",
+                        "required": ["task"],
+                        "properties": {"task": _LABEL_ID},
+                        "additionalProperties": False,
+                    },
+                ]
+            },
+            problems=(404,),
+        )
     },
     "/v1/tasks": {
         "get": _op(

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from bastion.policy.errors import EvaluationLimit
+from bastion.redis_client import connect, safe_url
 
 log = logging.getLogger("bastion.signals.behavior")
 
@@ -410,21 +411,11 @@ class RedisBehavior(_Counting):
         clock: Callable[[], float] = time.time,
         timeout: float = 1.0,
     ) -> None:
-        import redis.asyncio as redis
-        from redis.exceptions import RedisClusterException
-
         self.url = url
         self.prefix = prefix
         self.settings = settings or BehaviorSettings()
         self.clock = clock
-        self._errors = (redis.RedisError, RedisClusterException, OSError)
-        scheme, sep, rest = url.partition("://")
-        timeouts = {"socket_timeout": timeout, "socket_connect_timeout": timeout}
-        if scheme.endswith("+cluster"):
-            plain = scheme.removesuffix("+cluster") + sep + rest
-            self._redis = redis.RedisCluster.from_url(plain, **timeouts)
-        else:
-            self._redis = redis.Redis.from_url(url, **timeouts)
+        self._redis, self._errors = connect(url, timeout)
         self._script = self._redis.register_script(_COUNT)
         self._pending: set[asyncio.Task] = set()
 
@@ -450,7 +441,7 @@ class RedisBehavior(_Counting):
                         pipe.hgetall(name)
                 rows = await pipe.execute()
         except self._errors as e:
-            log.error("behaviour counters cannot be read: Redis at %s: %s", _safe(self.url), e)
+            log.error("behaviour counters cannot be read: Redis at %s: %s", safe_url(self.url), e)
             return
         n = len(WINDOWS)
         fetched = {key: rows[i * n : (i + 1) * n] for i, key in enumerate(keys)}
@@ -500,7 +491,7 @@ class RedisBehavior(_Counting):
                     await self._script(keys=[*hashes, *sets], args=args, client=pipe)
                 await pipe.execute()
         except self._errors as e:
-            log.error("behaviour counts lost: Redis at %s: %s", _safe(self.url), e)
+            log.error("behaviour counts lost: Redis at %s: %s", safe_url(self.url), e)
 
     async def close(self) -> None:
         if self._pending:
@@ -520,14 +511,6 @@ def _figure_of(row: dict, now: float, c: int, w: int, weight: float) -> dict[str
         base = fold([base], [cur], index - at, weight, row.get(b"l") == b"1")[0]
         prev, cur = (cur if index - at == 1 else 0), 0
     return figure(cur, prev, base, 1 - (now - index * seconds) / seconds)
-
-
-def _safe(url: str) -> str:
-    """The URL without a password, for logs."""
-    from urllib.parse import urlsplit
-
-    parts = urlsplit(url)
-    return url.replace(f":{parts.password}@", ":***@") if parts.password else url
 
 
 def behavior_from_config(

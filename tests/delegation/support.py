@@ -215,8 +215,9 @@ class Studio:
             db.close()
 
 
-def start_studio(directory: Path, max_delegation_depth: int = 2):
-    """A context manager: the studio upstream in a thread, `bastion serve` in a process."""
+def start_studio(directory: Path, max_delegation_depth: int = 2, policy: Path = POLICY):
+    """A context manager: the studio upstream in a thread, `bastion serve` in a process
+    (``policy``: the policy file it serves, examples/delegation.polar by default)."""
     from contextlib import contextmanager
 
     from tests.gateway.support import stop
@@ -235,7 +236,7 @@ def start_studio(directory: Path, max_delegation_depth: int = 2):
 host = "127.0.0.1"
 port = {port}
 database = "{directory}/bastion.db"
-policy_file = "{POLICY}"
+policy_file = "{policy}"
 
 [oauth]
 issuer = "{url}"

@@ -84,6 +84,26 @@ def _lookup(context: dict | None, path: tuple[str, ...]) -> Any:
     return tuple(value) if isinstance(value, list) else value  # a list, as written in a policy
 
 
+def _both_text(a: Any, b: Any) -> bool:
+    return type(a) is str and type(b) is str
+
+
+# The string builtins, written out by the definition rather than with the engine's functions.
+_STRINGS = {
+    ("starts_with", 2): lambda t, p: _both_text(t, p) and t[: len(p)] == p,
+    ("ends_with", 2): lambda t, s: _both_text(t, s) and (s == "" or t[-len(s) :] == s),
+    ("contains", 2): lambda t, p: (
+        _both_text(t, p) and any(t[i : i + len(p)] == p for i in range(len(t) - len(p) + 1))
+    ),
+    ("lower", 2): lambda t, low: _both_text(t, low) and "".join(c.lower() for c in t) == low,
+}
+
+
+def _builtin(name: str, args: list) -> bool:
+    check = _STRINGS.get((name, len(args)))
+    return check(*args) if check is not None else BUILTINS[(name, len(args))].function(*args)
+
+
 def _has_type(value: Any, types: frozenset[str]) -> bool:
     if isinstance(value, Entity):
         return value.type in types
@@ -226,7 +246,8 @@ class Reference:
             if _MISSING in args:
                 return
             if (lit.name, len(args)) in BUILTINS:
-                if BUILTINS[(lit.name, len(args))].function(*args):
+                # An unbound output (lower's) was not ready: it ranges over the domain.
+                if _builtin(lit.name, args):
                     yield env
                 return
             for atom in self.db:

@@ -181,3 +181,32 @@ def test_random_recursive_policies_agree_on_query(policy, facts, a, b):
         assert set(authz.query(pred, a, None)) == {t for t in expected if t[1] == a}, policy
         assert set(authz.query(pred, None, b)) == {t for t in expected if t[2] == b}, policy
         assert bool(authz.query(pred, a, b)) == ((pred, a, b) in expected), policy
+
+
+STRINGS_POLICY = """
+actor User {}
+resource Tool {}
+
+allow(_u: User, "send", _t: Tool) if
+  lower(context.to, to) and ends_with(to, context.domain) and not contains(to, "+");
+allow(_u: User, "read", _t: Tool) if starts_with(context.uri, "a") or lower(context.uri, "ab");
+allow(_u: User, "list", _t: Tool) if contains(context.to, context.uri);
+"""
+texts = st.one_of(st.text(alphabet="aAbB@+.", max_size=5), st.integers(0, 2), st.booleans())
+
+
+@SETTINGS
+@given(
+    context=st.fixed_dictionaries(
+        {}, optional={"to": texts, "domain": texts, "uri": texts, "unused": texts}
+    )
+)
+def test_string_builtins_agree(context):
+    authz = Authorizer(STRINGS_POLICY)
+    tool, actor = Entity("Tool", "t"), Entity("User", "u")
+    # The reference lets lower's unbound output range over the domain: give it every candidate.
+    lowered = [v.lower() for v in context.values() if isinstance(v, str)]
+    ref = Reference(authz.policy.program, [], context, [actor, tool, *lowered])
+    for action in ("send", "read", "list"):
+        assert authz.authorize(actor, action, tool, context) == ref.allowed(actor, action, tool)
+    assert authz.actions(actor, tool, context) == ref.actions(actor, tool)

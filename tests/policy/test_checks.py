@@ -163,3 +163,23 @@ def test_a_helper_rule_that_can_never_run_is_refused_at_load():
         BASE + "declare level(Org, Integer);\nhigh(o: Org) if level(o, m) and m > n;"
     )
     assert "variable(s) n are never bound" in message and "p.polar:9:" in message
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        ("starts_with(context.uri, 5)", "argument 2 of starts_with must be a String, not Integer"),
+        ('ends_with(true, "x")', "argument 1 of ends_with must be a String, not Boolean"),
+        ('contains(["a"], "a")', "argument 1 of contains must be a String, not a list"),
+        ('contains(o, "a")', "argument 1 of contains must be a String, not Org"),
+        ('lower(User{"a"}, x) and x = "a"', "argument 1 of lower must be a String, not User"),
+    ],
+)
+def test_a_string_builtin_given_another_type_is_refused_at_load(body, expected):
+    (message,) = errors_of(BASE + f'allow(_u: User, "read", o: Org) if {body};')
+    assert expected in message and "p.polar:8:" in message
+
+
+def test_lower_with_its_text_unbound_is_refused_at_load():
+    (message,) = errors_of(BASE + 'allow(_u: User, "read", _o: Org) if lower(t, "a") and t = t;')
+    assert "variable(s) t are never bound" in message

@@ -350,3 +350,22 @@ picked(x) if x in context.ids;"""
         ("picked", (1, 2)),
         ("picked", {"k": "v"}),
     ]
+
+
+def test_string_builtins_are_false_for_values_that_are_not_text():
+    policy = """actor User {}\nresource Doc {}
+allow(_u: User, "send", _d: Doc) if lower(context.to, to) and ends_with(to, "@acme.example");
+allow(_u: User, "read", _d: Doc) if starts_with(context.uri, "customers://") and not contains(context.uri, "..");"""
+    authz = Authorizer(policy)
+    u, d = User("a"), Entity("Doc", "d")
+    assert authz.authorize(u, "send", d, {"to": "Ann@ACME.example"})
+    assert not authz.authorize(u, "send", d, {"to": "ann@acme.example.evil.test"})
+    for wrong in (5, True, ["ann@acme.example"], {"to": "ann@acme.example"}, None):
+        assert not authz.authorize(u, "send", d, {"to": wrong}), wrong
+    assert not authz.authorize(u, "send", d, {})
+    assert authz.authorize(u, "read", d, {"uri": "customers://1"})
+    assert not authz.authorize(u, "read", d, {"uri": "customers://../etc"})
+    assert not authz.authorize(u, "read", d, {"uri": 7})
+    # The explanation of a decision names the value lower produced.
+    rules = authz.decide(u, "send", d, {"to": "Ann@ACME.example"}).explanation.rules()
+    assert any("lower" in r for r in rules)

@@ -1,0 +1,552 @@
+"""Session labels: an agent that was shown data labelled ``pii`` cannot send it outside, on a
+running bastion with the official MCP SDK client; the label set is keyed by (user, first agent,
+task), survives new MCP sessions, is shared through Redis, and fails closed without it.
+
+Chains of agents are tested here on the enforcement step with a `Caller` carrying the chain
+(sub-agents of sub-agents, other chains, tasks), and end to end through token exchange in
+test_labels_chain.py."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+import anyio
+import httpx2
+import pytest
+from mcp.client.client import Client as McpClient
+from mcp.client.streamable_http import streamable_http_client
+from mcp.shared.exceptions import MCPError
+
+from bastion import Authorizer, Entity
+from bastion.delegation.labels import (
+    LabelKey,
+    LabelSettings,
+    LabelsFull,
+    LabelsUnavailable,
+    LocalLabels,
+    RedisLabels,
+)
+from bastion.gateway.enforce import Caller, Enforcer
+from bastion.gateway.jsonrpc import RpcError
+from bastion.oauth.users import create_user
+from tests.conftest import REDIS_URL, require_service
+from tests.gateway.support import PASSWORD, start
+from tests.gateway.test_shared_rate_limits import ENVELOPE, call_tool
+from tests.oauth.support import free_socket
+from tests.signals.support import latest_agent, running
+
+RULES = """
+# tests/delegation: what an agent was shown decides where it may send mail.
+declare label(Tool, String);
+declare label(McpResource, String);
+resource Folder { roles = ["reader"]; }
+deny(_actor, "call", Tool{"deskhttp/send_email"}) if
+  "pii" in context.session.labels and
+  lower(context.arguments.to, to) and
+  not ends_with(to, "@acme.example");
+deny(_actor, "call", Tool{"deskhttp/send_email"}) if
+  "pii" in context.session.labels and
+  not lower(context.arguments.to, _to);
+"""
+LABELS = [
+    ("label", Entity("Tool", "deskhttp/search_customers"), "pii"),
+    ("label", Entity("McpResource", "deskhttp/customers://directory"), "pii"),
+    ("label", Entity("McpResource", "deskhttp/customers://audit-notes"), "confidential"),
+]
+OUTSIDE = {"to": "someone@elsewhere.example", "subject": "s", "body": "b"}
+INSIDE = {"to": "Ann@ACME.example", "subject": "s", "body": "b"}
+
+
+@pytest.fixture(scope="module")
+def bastion(tmp_path_factory):
+    yield from running(tmp_path_factory, "labels", RULES)
+
+
+_users = iter(range(1_000_000))
+
+
+def new_user(bastion) -> str:
+    """A support-team member of their own: the email rate limits (per user) never interfere."""
+    name = f"u{next(_users)}-{uuid.uuid4().hex[:6]}"
+    create_user(bastion.app.state.oauth.store, name, PASSWORD, time.time())
+    bastion.apply([("has_role", Entity("User", name), "member", Entity("Team", "support"))])
+    bastion.apply(LABELS)
+    return name
+
+
+def sessions(bastion, token: str, mode: str, *scripts) -> list:
+    """Run each script in an MCP session of its own (the official SDK client), with ``token``:
+    the same agent each time. Each script gets the client and returns what it saw."""
+    seen: list = []
+
+    async def main() -> None:
+        for script in scripts:
+            async with (
+                httpx2.AsyncClient(headers={"authorization": f"Bearer {token}"}, timeout=20) as h,
+                McpClient(
+                    streamable_http_client(bastion.mcp_url("deskhttp"), http_client=h), mode=mode
+                ) as client,
+            ):
+                seen.append(await script(client))
+
+    anyio.run(main)
+    return seen
+
+
+async def send(client, arguments: dict) -> tuple:
+    try:
+        result = await client.call_tool("send_email", arguments)
+        return ("sent", result.content[0].text)
+    except MCPError as e:
+        return ("refused", e.error.data["reason"])
+
+
+async def search(client) -> str:
+    result = await client.call_tool("search_customers", {"query": "a"})
+    return result.content[0].text
+
+
+def sent_outside(bastion, before: int) -> list[str]:
+    """The addresses outside acme.example the upstream was asked to mail since ``before``."""
+    return [
+        m["params"]["arguments"]["to"]
+        for m in bastion.recorder.messages()[before:]
+        if m.get("method") == "tools/call"
+        and m["params"]["name"] == "send_email"
+        and not m["params"]["arguments"]["to"].lower().endswith("@acme.example")
+    ]
+
+
+@pytest.mark.parametrize("mode", ["legacy", "auto"])
+def test_an_agent_shown_pii_cannot_email_outside_and_still_can_inside(bastion, mode):
+    user = new_user(bastion)
+    token = bastion.token(user, "deskhttp", "customers:read")
+
+    async def script(client):
+        first = await send(client, OUTSIDE)  # nothing seen yet: allowed
+        shown = await search(client)
+        before = len(bastion.recorder.messages())
+        after = [
+            await send(client, OUTSIDE),
+            await send(client, {**OUTSIDE, "to": "x@acme.example.evil.test"}),
+            await send(client, {**OUTSIDE, "to": 42}),
+            await send(client, INSIDE),
+        ]
+        return first, shown, before, after
+
+    ((first, shown, before, after),) = sessions(bastion, token, mode, script)
+    assert first[0] == "sent" and "customers" in shown
+    assert after[:3] == [("refused", "not_permitted")] * 3
+    assert after[3][0] == "sent"
+    assert sent_outside(bastion, before) == [], "a refused email never reaches the upstream"
+
+
+def test_labels_survive_a_new_session_of_the_same_agent(bastion):
+    user = new_user(bastion)
+    token = bastion.token(user, "deskhttp", "customers:read")
+
+    async def read(client):
+        return await search(client)
+
+    async def mail(client):
+        return await send(client, OUTSIDE)
+
+    shown, refused = sessions(bastion, token, "legacy", read, mail)
+    assert "customers" in shown and refused == ("refused", "not_permitted")
+    # And over the stateless era, with no session at all.
+    answer = call_tool(bastion.http, bastion.url, token, "send_email", OUTSIDE)
+    assert answer["error"]["data"]["reason"] == "not_permitted"
+
+
+def test_another_agent_of_the_same_user_and_another_user_are_not_affected(bastion):
+    user, other_user = new_user(bastion), new_user(bastion)
+    tainted = bastion.token(user, "deskhttp", "customers:read")
+    sibling = bastion.token(user, "deskhttp", "customers:read")  # a second client: its own agent
+    stranger = bastion.token(other_user, "deskhttp", "customers:read")
+    assert "customers" in sessions(bastion, tainted, "auto", search)[0]
+    assert sessions(bastion, tainted, "auto", lambda c: send(c, OUTSIDE)) == [
+        ("refused", "not_permitted")
+    ]
+    for token in (sibling, stranger):
+        assert sessions(bastion, token, "auto", lambda c: send(c, OUTSIDE))[0][0] == "sent"
+
+
+def test_refused_calls_and_results_held_for_review_add_no_labels(bastion):
+    user = new_user(bastion)
+    token = bastion.token(user, "deskhttp", "customers:read")
+
+    async def script(client):
+        # Refused: searching by email is for admins; held: internal notes wait for a reviewer.
+        refused = await _outcome(
+            client.call_tool("search_customers", {"query": "a", "field": "email"})
+        )
+        held = await _outcome(client.read_resource("customers://audit-notes"))
+        return refused, held, await send(client, OUTSIDE)
+
+    ((refused, held, mailed),) = sessions(bastion, token, "legacy", script)
+    assert refused == ("refused", "not_permitted")
+    assert held[0] == "refused" and held[1] == "review_pending"
+    assert mailed[0] == "sent"
+    key = LabelKey(user, latest_agent(bastion))
+    assert bastion.app.state.gateway.enforcer.labels.current(key) == []
+
+
+async def _outcome(call) -> tuple:
+    try:
+        await call
+        return ("ok",)
+    except MCPError as e:
+        return ("refused", e.error.data["reason"])
+
+
+def test_clearing_an_agents_labels_through_the_api(bastion):
+    user = new_user(bastion)
+    token = bastion.token(user, "deskhttp", "customers:read")
+    sessions(bastion, token, "auto", search)
+    agent = latest_agent(bastion)
+    key, _ = bastion.app.state.keys.create("ops", ["labels"])
+    weak, _ = bastion.app.state.keys.create("reader", ["facts:read"])
+    url = f"{bastion.url}/v1/labels/clear"
+    body = {"user": user, "agent": agent}
+    # A key without the labels scope, and malformed bodies, change nothing.
+    assert bastion.http.post(url, json=body, headers=_bearer(weak)).status_code == 403
+    for bad in ({"user": user}, {"user": user, "agent": agent, "tsk": "t"}, {"task": ""}, {}):
+        response = bastion.http.post(url, json=bad, headers=_bearer(key))
+        assert response.status_code == 400, (bad, response.text)
+    assert call_tool(bastion.http, bastion.url, token, "send_email", OUTSIDE)["error"]
+    response = bastion.http.post(url, json=body, headers=_bearer(key))
+    assert response.status_code == 200 and response.json() == {"cleared": 1}
+    assert "error" not in call_tool(bastion.http, bastion.url, token, "send_email", OUTSIDE)
+    again = bastion.http.post(url, json=body, headers=_bearer(key))
+    assert again.json() == {"cleared": 0}
+
+
+def test_ending_a_task_wipes_its_label_sets(bastion):
+    key, _ = bastion.app.state.keys.create("orchestrator", ["tasks"])
+    opened = bastion.http.post(
+        f"{bastion.url}/v1/tasks",
+        headers=_bearer(key),
+        json={
+            "user": "sam",
+            "agent": "planner",
+            "purpose": "label test",
+            "facts": [
+                {
+                    "predicate": "has_role",
+                    "args": [
+                        {"type": "Agent", "id": "planner"},
+                        "reader",
+                        {"type": "Folder", "id": "r"},
+                    ],
+                }
+            ],
+            "expires_in": 600,
+        },
+    )
+    assert opened.status_code == 201, opened.text
+    task = opened.json()["task"]["id"]
+    store = bastion.app.state.gateway.enforcer.labels
+    in_task, outside = LabelKey("sam", "planner", task), LabelKey("sam", "planner")
+    anyio.run(store.record, in_task, ["pii"])
+    anyio.run(store.record, outside, ["pii"])
+    ended = bastion.http.post(f"{bastion.url}/v1/tasks/{task}/end", headers=_bearer(key), json={})
+    assert ended.status_code == 200, ended.text
+    deadline = time.monotonic() + 5
+    while store.current(in_task):
+        assert time.monotonic() < deadline, "the ended task's labels were not wiped"
+        time.sleep(0.02)
+    assert store.current(outside) == ["pii"], "only the task's sets go"
+    anyio.run(store.clear, outside)
+
+
+def _bearer(key: str) -> dict:
+    return {"authorization": f"Bearer {key}"}
+
+
+# -- the label store and the enforcement step (chains of agents, tasks) --------------------------
+
+POLICY = """
+actor User {}
+actor Agent {}
+resource Tool {}
+declare label(Tool, String);
+allow(_actor, "call", _tool: Tool);
+deny(_actor, "call", Tool{"d/send_email"}) if
+  "pii" in context.session.labels and
+  lower(context.arguments.to, to) and not ends_with(to, "@acme.example");
+"""
+
+
+def _enforcer(labels=None) -> Enforcer:
+    authz = Authorizer(POLICY)
+    authz.facts.insert(("label", Entity("Tool", "d/search"), "pii"))
+    authz.facts.insert(("label", Entity("Tool", "d/notes"), "confidential"))
+    return Enforcer(lambda: authz, None, labels=labels)
+
+
+async def _call(enforcer: Enforcer, caller: Caller, tool: str, arguments: dict) -> str:
+    """Decide a tool call and, when allowed, release its result as the gateway does."""
+    context = enforcer.context(caller, "d", "tools/call", tool=tool, arguments=arguments)
+    try:
+        verdict = await enforcer.decide(
+            caller, "d", "tools/call", "call", Entity("Tool", f"d/{tool}"), context, arguments
+        )
+        await enforcer.record_labels(caller, verdict)
+    except RpcError as e:
+        return e.data["reason"]
+    return "ok"
+
+
+def _caller(user: str, *agents: str, task: str = "") -> Caller:
+    return Caller(
+        user, agents[-1], frozenset(), "127.0.0.1", "2026-07-28", agents=agents, task=task
+    )
+
+
+def test_a_sub_agent_shares_its_first_agents_labels_both_ways():
+    async def main():
+        enforcer = _enforcer()
+        parent, child = _caller("sam", "planner"), _caller("sam", "planner", "mailer")
+        # What the sub-agent reads taints its parent, and what the parent read taints the child.
+        assert await _call(enforcer, child, "search", {}) == "ok"
+        assert await _call(enforcer, parent, "send_email", {"to": "x@out.example"}) == (
+            "not_permitted"
+        )
+        other_chain = _caller("sam", "helper", "mailer")  # the same sub-agent for another agent
+        assert await _call(enforcer, other_chain, "send_email", {"to": "x@out.example"}) == "ok"
+        grandchild = _caller("sam", "planner", "mailer", "formatter")
+        assert await _call(enforcer, grandchild, "send_email", {"to": "x@out.example"}) == (
+            "not_permitted"
+        )
+        assert await _call(enforcer, grandchild, "send_email", {"to": "x@acme.example"}) == "ok"
+
+    anyio.run(main)
+
+
+def test_labels_are_per_task_and_wipe_task_clears_them():
+    async def main():
+        enforcer = _enforcer()
+        store = enforcer.labels
+        in_task = _caller("sam", "planner", task="t-1")
+        other_task = _caller("sam", "planner", task="t-2")
+        no_task = _caller("sam", "planner")
+        assert await _call(enforcer, in_task, "search", {}) == "ok"
+        assert await _call(enforcer, in_task, "send_email", {"to": "x@out.example"}) == (
+            "not_permitted"
+        )
+        for clean in (other_task, no_task):
+            assert await _call(enforcer, clean, "send_email", {"to": "x@out.example"}) == "ok"
+        assert await store.wipe_task("t-1") == 1
+        assert await _call(enforcer, in_task, "send_email", {"to": "x@out.example"}) == "ok"
+        with pytest.raises(ValueError):
+            await store.wipe_task("")
+
+    anyio.run(main)
+
+
+def test_a_full_label_set_withholds_the_result_that_would_overflow_it():
+    async def main():
+        enforcer = _enforcer(LocalLabels(LabelSettings(max_labels=1)))
+        caller = _caller("sam", "planner")
+        assert await _call(enforcer, caller, "search", {}) == "ok"
+        assert await _call(enforcer, caller, "search", {}) == "ok"  # nothing new
+        assert await _call(enforcer, caller, "notes", {}) == "labels_full"
+        assert await enforcer.labels.labels(LabelKey("sam", "planner")) == ["pii"]
+
+    anyio.run(main)
+
+
+def test_a_label_set_is_forgotten_after_its_time_to_live():
+    now = [1000.0]
+    store = LocalLabels(LabelSettings(ttl_seconds=60), clock=lambda: now[0])
+    key = LabelKey("sam", "planner")
+
+    async def main():
+        await store.record(key, ["pii"])
+        now[0] += 59
+        assert store.current(key) == ["pii"]
+        await store.record(key, ["pii"])  # recorded again: kept another 60 s
+        now[0] += 59
+        assert store.current(key) == ["pii"]
+        now[0] += 2
+        assert store.current(key) == []
+
+    anyio.run(main)
+
+
+def test_the_local_store_refuses_a_new_set_beyond_its_cap_and_keeps_the_old_ones():
+    store = LocalLabels(LabelSettings(max_sets=2))
+
+    async def main():
+        await store.record(LabelKey("a", "x"), ["pii"])
+        await store.record(LabelKey("b", "x"), ["pii"])
+        with pytest.raises(LabelsUnavailable):
+            await store.record(LabelKey("c", "x"), ["pii"])
+        assert store.current(LabelKey("a", "x")) == ["pii"]
+
+    anyio.run(main)
+
+
+def test_labels_cost_nothing_for_a_policy_that_does_not_read_them():
+    authz = Authorizer('actor User {}\nresource Tool {}\nallow(_u, "call", _t: Tool);')
+    enforcer = Enforcer(lambda: authz, None)
+    context = enforcer.context(_caller("sam", "planner"), "d", "tools/call", tool="x")
+    assert "session" not in context
+    assert "session" in _enforcer().context(_caller("sam", "planner"), "d", "tools/call")
+
+
+# -- shared through Redis ------------------------------------------------------------------------
+
+
+def test_redis_store_records_reads_clears_and_wipes_tasks():
+    require_service("Redis", "127.0.0.1", 6379)
+    prefix = f"bastion-test-{uuid.uuid4().hex[:12]}"
+
+    async def main():
+        store = RedisLabels(REDIS_URL, prefix, LabelSettings(max_labels=2))
+        other = RedisLabels(REDIS_URL, prefix)  # another process
+        try:
+            a, b = LabelKey("sam", "planner", "t-1"), LabelKey("avery", "planner", "t-1")
+            plain = LabelKey("sam", "planner")
+            await store.record(a, ["pii"])
+            await store.record(b, ["secret"])
+            await store.record(plain, ["pii"])
+            assert await other.labels(a) == ["pii"] and await other.labels(b) == ["secret"]
+            await store.record(a, ["pii", "hr"])
+            with pytest.raises(LabelsFull):
+                await store.record(a, ["finance"])
+            assert await other.labels(a) == ["hr", "pii"]
+            assert await other.wipe_task("t-1") == 2
+            assert await store.labels(a) == [] and await store.labels(b) == []
+            assert await store.labels(plain) == ["pii"]
+            assert await other.clear(plain) is True and await store.labels(plain) == []
+        finally:
+            await _drop(prefix)
+            await store.close()
+            await other.close()
+
+    anyio.run(main)
+
+
+async def _drop(prefix: str) -> None:
+    import redis.asyncio as redis
+
+    client = redis.Redis.from_url(REDIS_URL)
+    keys = [k async for k in client.scan_iter(f"{prefix}:*")]
+    if keys:
+        await client.delete(*keys)
+    await client.aclose()
+
+
+def test_two_gateways_share_labels_through_redis(tmp_path, light_hashing):
+    require_service("Redis", "127.0.0.1", 6379)
+    prefix = f"bastion-test-{uuid.uuid4().hex[:12]}"
+    settings = {"redis_url": REDIS_URL, "redis_prefix": prefix}
+    try:
+        with start(tmp_path, gateway=settings, replicas=1, policy_extra=RULES) as two:
+            user = new_user(two)
+            token = two.token(user, "deskhttp", "customers:read")
+            first, second = two.url, two.replicas[0]
+            shown = call_tool(two.http, first, token, "search_customers", {"query": "a"})
+            assert "error" not in shown
+            refused = call_tool(two.http, second, token, "send_email", OUTSIDE)
+            assert refused["error"]["data"]["reason"] == "not_permitted"
+            assert "error" not in call_tool(two.http, second, token, "send_email", INSIDE)
+    finally:
+        anyio.run(_drop, prefix)
+
+
+def test_unreachable_redis_refuses_what_reads_labels_and_withholds_labelled_results(
+    tmp_path, light_hashing
+):
+    with free_socket() as closed:  # bound, never listening: connections are refused
+        port = closed.getsockname()[1]
+        settings = {"redis_url": f"redis://127.0.0.1:{port}/0"}
+        with start(tmp_path, gateway=settings, policy_extra=RULES) as down:
+            user = new_user(down)
+            token = down.token(user, "deskhttp", "customers:read")
+            before = len(down.recorder.messages())
+            mailed = call_tool(down.http, down.url, token, "send_email", INSIDE)
+            assert mailed["error"]["data"]["reason"] == "labels_unavailable"
+            assert not any(
+                m.get("method") == "tools/call" for m in down.recorder.messages()[before:]
+            ), "a call whose rules read the labels never reaches the upstream"
+            # A labelled result whose labels cannot be recorded is not released.
+            shown = call_tool(down.http, down.url, token, "search_customers", {"query": "a"})
+            assert shown["error"]["data"]["reason"] == "labels_unavailable"
+            assert "result" not in shown
+            # A read whose rules do not read labels, of a resource without labels, goes on.
+            plans = read_resource(down.http, down.url, token, "customers://plans")
+            assert "error" not in plans and plans["result"]["contents"]
+
+
+def read_resource(http, base: str, token: str, uri: str) -> dict:
+    response = http.post(
+        f"{base}/mcp/deskhttp",
+        json={
+            "jsonrpc": "2.0",
+            "id": 2,
+            "method": "resources/read",
+            "params": {"uri": uri, "_meta": ENVELOPE},
+        },
+        headers={
+            "authorization": f"Bearer {token}",
+            "content-type": "application/json",
+            "mcp-protocol-version": "2026-07-28",
+            "mcp-method": "resources/read",
+            "mcp-name": uri,
+        },
+    )
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+@pytest.fixture
+def light_hashing():
+    from argon2 import PasswordHasher
+
+    from bastion.oauth import users
+
+    saved = users._HASHER
+    users._HASHER = PasswordHasher(time_cost=1, memory_cost=1024, parallelism=1)
+    yield
+    users._HASHER = saved
+
+
+def test_the_example_labels_policy_passes_its_own_tests():
+    import subprocess
+    import sys
+
+    from tests.gateway.support import ROOT
+
+    done = subprocess.run(
+        [sys.executable, "-m", "bastion.cli", "policy", "test", "examples/labels.polar"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "2 passed, 0 failed" in done.stdout
+
+
+def test_a_decision_record_keeps_the_labels_the_decision_read():
+    async def main():
+        enforcer = _enforcer()
+        caller = _caller("sam", "planner")
+        assert await _call(enforcer, caller, "search", {}) == "ok"
+        context = enforcer.context(caller, "d", "tools/call", tool="send_email")
+        with pytest.raises(RpcError):
+            await enforcer.decide(
+                caller,
+                "d",
+                "tools/call",
+                "call",
+                Entity("Tool", "d/send_email"),
+                {**context, "arguments": {"to": "x@out.example"}},
+                {"to": "x@out.example"},
+            )
+        assert dict(context["session"]) == {"labels": ["pii"]}
+
+    anyio.run(main)
