@@ -5,6 +5,7 @@ difference between the document and the server. Bounded in examples and time, fo
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -114,5 +115,8 @@ def check_with_schemathesis(
     )
     report = done.stdout + done.stderr
     assert done.returncode == 0, report[-20000:]
-    assert " passed" in report and "failed" not in report.split("SUMMARY")[-1], report[-5000:]
+    # The summary counts failures as "N failed"; a warning such as "Authentication failed: an
+    # operation returned only 401/403" (an approval that the fuzzer never reaches) is no failure.
+    summary = report.split("SUMMARY")[-1]
+    assert " passed" in report and not re.search(r"\b\d+ failed\b", summary), report[-5000:]
     assert "Traceback" not in server.log.read_text()
