@@ -68,6 +68,7 @@ class TestIssuer:
                 Route("/a/.well-known/openid-configuration", self.discovery),
                 Route("/.well-known/oauth-authorization-server/b", self.rfc8414),
                 Route("/jwks", self.jwks),
+                Route("/big-jwks", self.big_jwks),
                 Route("/introspect", self.introspect, methods=["POST"]),
             ]
         )
@@ -90,6 +91,10 @@ class TestIssuer:
     async def jwks(self, request: Request) -> Response:
         keys = [self.keys[kid].as_dict(private=False) for kid in self.published]
         return JSONResponse({"keys": keys})
+
+    async def big_jwks(self, request: Request) -> Response:
+        key = self.keys["k1"].as_dict(private=False)
+        return JSONResponse({"keys": [key], "padding": "x" * 100_000})
 
     async def introspect(self, request: Request) -> Response:
         expected = base64.b64encode(f"{INTROSPECTION_ID}:{INTROSPECTION_SECRET}".encode())
@@ -177,6 +182,13 @@ def bastion(tmp_path_factory, idp, dead_url):
             "introspection_endpoint": f"{dead_url}/introspect",
             "introspection_client_id": INTROSPECTION_ID,
             "introspection_client_secret": INTROSPECTION_SECRET,
+        },
+        {"issuer": f"{dead_url}/d", "audiences": {"deskhttp": "api://desk-d"}},
+        {
+            "issuer": idp.issuer("e"),
+            "jwks_uri": f"{idp.url}/big-jwks",
+            "audiences": {"labhttp": "api://lab-e"},
+            "max_document_bytes": 4096,
         },
     ]
     with start(tmp_path_factory.mktemp("issuers"), gateway={"trusted_issuers": trusted}) as b:
@@ -289,16 +301,19 @@ def test_scopes_come_from_scope_or_scp_and_drive_step_up(bastion, idp):
         assert "deleted c-1" in response.text
 
 
-def test_the_resource_metadata_lists_the_issuers_of_each_server(bastion, idp):
+def test_the_resource_metadata_lists_the_issuers_of_each_server(bastion, idp, dead_url):
     servers = bastion.http.get(f"{bastion.url}/.well-known/oauth-protected-resource/mcp/deskhttp")
     assert servers.json()["authorization_servers"] == [
         bastion.url,
         idp.issuer("a"),
         idp.issuer("b"),
         idp.issuer("c"),
+        f"{dead_url}/d",
     ]
     lab = bastion.http.get(f"{bastion.url}/.well-known/oauth-protected-resource/mcp/labhttp")
-    assert lab.json()["authorization_servers"] == [bastion.url]
+    assert lab.json()["authorization_servers"] == [bastion.url, idp.issuer("e")]
+    desk = bastion.http.get(f"{bastion.url}/.well-known/oauth-protected-resource/mcp/desk")
+    assert desk.json()["authorization_servers"] == [bastion.url]
 
 
 def test_bastions_own_tokens_still_work_next_to_trusted_issuers(bastion):
@@ -404,6 +419,20 @@ def test_an_unreachable_introspection_endpoint_fails_closed(bastion, idp):
     assert response.status_code == 503, response.text
     assert response.json()["error"] == "temporarily_unavailable"
     assert "introspection" in response.json()["error_description"]
+
+
+def test_an_issuer_whose_metadata_cannot_be_fetched_fails_closed(bastion, idp, dead_url):
+    token = idp.token(f"{dead_url}/d", aud="api://desk-d")
+    for _ in range(2):  # a failure is not remembered as an answer
+        response = call(bastion, token)
+        assert response.status_code == 503, response.text
+        assert "openid-configuration" in response.json()["error_description"]
+
+
+def test_a_key_set_larger_than_its_cap_is_not_read(bastion, idp):
+    response = call(bastion, idp.token("e", aud="api://lab-e"), "labhttp")
+    assert response.status_code == 503, response.text
+    assert "more than 4096 bytes" in response.json()["error_description"]
 
 
 def test_a_rotated_key_is_fetched_when_a_token_names_its_new_kid(bastion, idp):
