@@ -67,6 +67,8 @@ class TestIssuer:
             routes=[
                 Route("/a/.well-known/openid-configuration", self.discovery),
                 Route("/.well-known/oauth-authorization-server/b", self.rfc8414),
+                # Issuer f's discovery document names another issuer: not its metadata.
+                Route("/f/.well-known/openid-configuration", self.discovery),
                 Route("/jwks", self.jwks),
                 Route("/big-jwks", self.big_jwks),
                 Route("/introspect", self.introspect, methods=["POST"]),
@@ -184,6 +186,7 @@ def bastion(tmp_path_factory, idp, dead_url):
             "introspection_client_secret": INTROSPECTION_SECRET,
         },
         {"issuer": f"{dead_url}/d", "audiences": {"deskhttp": "api://desk-d"}},
+        {"issuer": idp.issuer("f"), "audiences": {"deskhttp": "api://desk-f"}},
         {
             "issuer": idp.issuer("e"),
             "jwks_uri": f"{idp.url}/big-jwks",
@@ -309,6 +312,7 @@ def test_the_resource_metadata_lists_the_issuers_of_each_server(bastion, idp, de
         idp.issuer("b"),
         idp.issuer("c"),
         f"{dead_url}/d",
+        idp.issuer("f"),
     ]
     lab = bastion.http.get(f"{bastion.url}/.well-known/oauth-protected-resource/mcp/labhttp")
     assert lab.json()["authorization_servers"] == [bastion.url, idp.issuer("e")]
@@ -427,6 +431,12 @@ def test_an_issuer_whose_metadata_cannot_be_fetched_fails_closed(bastion, idp, d
         response = call(bastion, token)
         assert response.status_code == 503, response.text
         assert "openid-configuration" in response.json()["error_description"]
+
+
+def test_metadata_naming_another_issuer_is_not_used(bastion, idp):
+    response = call(bastion, idp.token("f"))
+    assert response.status_code == 503, response.text
+    assert "is not the metadata of" in response.json()["error_description"]
 
 
 def test_a_key_set_larger_than_its_cap_is_not_read(bastion, idp):
