@@ -20,6 +20,10 @@ name = "files"
 url = "http://127.0.0.1:9000/mcp"        # ... or a Streamable HTTP server
 headers = { Authorization = "Bearer ${FILES_KEY}" }   # bastion's own credential, from the env
 scopes = ["files:read"]                  # asked for in the 401 challenge
+
+[[gateway.trusted_issuers]]              # an identity provider's access tokens are accepted too
+issuer = "https://login.example.com"     # (every key: docs/identity.md)
+audiences = { desk = "api://desk" }      # the aud it uses for each server it may be used for
 ```
 """
 
@@ -32,6 +36,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
+from bastion.identity.trusted_issuers import TrustedIssuer, parse_trusted_issuers
 from bastion.redis_client import CLUSTER_SCHEMES
 from bastion.server.config import ConfigError
 
@@ -88,6 +93,8 @@ class GatewayConfig:
     label_ttl_seconds: int = 86_400
     label_max: int = 256
     label_max_sets: int = 100_000
+    # Identity providers whose JWT access tokens the gateway accepts too (docs/identity.md).
+    trusted_issuers: tuple[TrustedIssuer, ...] = ()
 
     def upstream(self, name: str) -> UpstreamConfig | None:
         for upstream in self.upstreams:
@@ -112,6 +119,7 @@ class GatewayConfig:
             "label_ttl_seconds",
             "label_max",
             "label_max_sets",
+            "trusted_issuers",
         }
         _only(table, known, "gateway")
         upstreams = tuple(
@@ -145,8 +153,13 @@ class GatewayConfig:
                 ' "https://app.example.com" (scheme, host and port only; no path, no default'
                 f" port), got {origins!r}"
             )
+        try:
+            trusted = parse_trusted_issuers(table.get("trusted_issuers", []), set(names))
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         return cls(
             upstreams=upstreams,
+            trusted_issuers=trusted,
             allowed_origins=tuple(o.lower() for o in origins),
             redis_url=redis_url,
             redis_prefix=redis_prefix,

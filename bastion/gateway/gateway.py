@@ -37,8 +37,9 @@ from bastion.gateway.sessions import (
 )
 from bastion.gateway.transport import InFlight, StreamableHttpEndpoint, send_json
 from bastion.gateway.upstream import Hear, Upstream, open_upstream
+from bastion.identity.trusted_issuers import IssuerUnavailable, TrustedIssuers
 from bastion.oauth.errors import InvalidToken
-from bastion.oauth.verifier import VerifiedTokens
+from bastion.oauth.verifier import VerifiedToken, VerifiedTokens
 from bastion.signals.posture import PostureSettings
 from bastion.signals.suspensions import Suspensions
 
@@ -102,8 +103,11 @@ class Gateway:
         approvals: Approvals | None = None,
         suspensions: Suspensions | None = None,
         posture: PostureSettings | None = None,
+        trusted: TrustedIssuers | None = None,
     ) -> None:
         self.config = config
+        # [[gateway.trusted_issuers]]: identity providers whose access tokens are accepted too.
+        self.trusted = trusted
         # [signals.posture]: the network zone, device and token age of each request's context.
         self.posture = posture or PostureSettings()
         # [server].max_json_depth: how deep a client's JSON-RPC message may nest.
@@ -164,7 +168,10 @@ class Gateway:
     def metadata(self, server: str) -> ProtectedResourceMetadata:
         return ProtectedResourceMetadata(
             resource=self.resource(server),
-            authorization_servers=(self.issuer,),
+            authorization_servers=(
+                self.issuer,
+                *(self.trusted.issuers_for(server) if self.trusted is not None else ()),
+            ),
             scopes_supported=self.resource_scopes(self.resource(server))
             or self.challenge_scopes(server),
             resource_name=server,
@@ -242,23 +249,36 @@ class Gateway:
 
         return handle
 
+    async def verify_token(
+        self, token: str, server: str, address: str | None = None
+    ) -> VerifiedToken:
+        """The facts of ``token`` for a message to ``server``: bastion's own tokens first (a
+        token seen before is checked in memory, revocations included; a new one in full off the
+        event loop), then a token whose ``iss`` is a trusted issuer, checked against that issuer
+        alone. Raises `InvalidToken`, `DatabaseUnavailable` or `IssuerUnavailable`."""
+        tokens, resource = self.tokens, self.resource(server)
+        if tokens.local:
+            verified = tokens.remembered(token, resource)
+        else:
+            verified = await anyio.to_thread.run_sync(tokens.remembered, token, resource)
+        if verified is not None:
+            return verified
+        trusted = self.trusted
+        if trusted is not None and trusted.claims_issuer(token):
+            return await trusted.verify(token, server, address)
+        return await anyio.to_thread.run_sync(tokens.verify, token, resource, address)
+
     async def may_hear(self, listener: Listener, method: str, uri: str | None = None) -> bool:
         """Decided again for each notification of a stream (a listen stream, a session's GET
         stream): the token that opened it must still be valid and every principal may still
         ``connect`` (else the stream ends, and a refused ``connect`` is recorded), and for a
         resource's update, ``read`` it (else that notification is not sent)."""
-        tokens, resource = self.tokens, self.resource(listener.server)
         try:
-            verified = (
-                tokens.remembered(listener.token, resource)
-                if tokens.local
-                else await anyio.to_thread.run_sync(tokens.remembered, listener.token, resource)
+            await self.verify_token(
+                listener.token, listener.server, listener.caller.address or None
             )
-            if verified is None:
-                await anyio.to_thread.run_sync(
-                    tokens.verify, listener.token, resource, listener.caller.address or None
-                )
-        except (InvalidToken, DatabaseUnavailable):  # a token that cannot be checked: refused
+        # A token that cannot be checked now is refused.
+        except (InvalidToken, DatabaseUnavailable, IssuerUnavailable):
             listener.close(refused=True)
             return False
         enforcer = self.enforcer

@@ -12,6 +12,7 @@ from bastion.db import Database
 from bastion.decide import Authorizer
 from bastion.gateway.config import GatewayConfig
 from bastion.gateway.gateway import Gateway, route_path
+from bastion.identity.trusted_issuers import TrustedIssuers
 from bastion.oauth.keys import ARGUMENT_DIGEST_KEY, deployment_secret
 from bastion.oauth.verifier import VerifiedTokens
 from bastion.server.config import ConfigError, ServerConfig
@@ -58,6 +59,12 @@ def gateway_from_config(
         )
     gateway_config = GatewayConfig.from_mapping(config.gateway)
     settings = oauth.settings
+    for trusted in gateway_config.trusted_issuers:
+        if trusted.issuer.rstrip("/") == settings.issuer.rstrip("/"):
+            raise ConfigError(
+                f"gateway.trusted_issuers names {trusted.issuer}, bastion's own issuer: its"
+                " tokens are checked by bastion's own keys and revocation state only"
+            )
     try:
         digest_key = deployment_secret(settings.key_dir, ARGUMENT_DIGEST_KEY)
     except (OSError, ValueError) as e:
@@ -78,6 +85,9 @@ def gateway_from_config(
         approvals=approvals,
         suspensions=suspensions,
         posture=posture_settings(config),
+        trusted=TrustedIssuers(gateway_config.trusted_issuers, refusals=oauth.verifier.refusals)
+        if gateway_config.trusted_issuers
+        else None,
     )
     for name in gateway.upstreams:
         uri = gateway.resource(name)

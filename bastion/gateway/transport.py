@@ -20,7 +20,6 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
-import anyio
 from starlette.types import Receive, Scope, Send
 
 from bastion import untrusted_json
@@ -49,6 +48,7 @@ from bastion.gateway.jsonrpc import (
 )
 from bastion.gateway.metadata import challenge
 from bastion.gateway.sessions import LIST_CHANGED, SUBSCRIPTION_ID, Listener, may_read
+from bastion.identity.trusted_issuers import IssuerUnavailable
 from bastion.oauth.errors import InvalidToken
 from bastion.signals.step_up import ERROR as SIGN_IN_AGAIN
 
@@ -178,18 +178,9 @@ class StreamableHttpEndpoint:
                     )
                 },
             )
-        token, resource = token.strip(), gateway.resource(server)
-        tokens = gateway.tokens
         try:
-            # A token seen before is checked in memory (revocations included); a new one is
-            # verified in full off the event loop (a signature check and a database read).
-            if tokens.local:
-                verified = tokens.remembered(token, resource)
-            else:
-                verified = await anyio.to_thread.run_sync(tokens.remembered, token, resource)
-            if verified is None:
-                address = (scope.get("client") or ("", 0))[0] or None
-                verified = await anyio.to_thread.run_sync(tokens.verify, token, resource, address)
+            address = (scope.get("client") or ("", 0))[0] or None
+            verified = await gateway.verify_token(token.strip(), server, address)
         except InvalidToken as e:
             raise HttpError(
                 401,
@@ -203,8 +194,9 @@ class StreamableHttpEndpoint:
                     )
                 },
             ) from None
-        except DatabaseUnavailable as e:
-            # The token's revocation state cannot be read: refused until it can (fail closed).
+        except (DatabaseUnavailable, IssuerUnavailable) as e:
+            # The token's revocation state, or its issuer's keys or introspection, cannot be
+            # read: refused until they can (fail closed).
             raise HttpError(
                 503,
                 {"error": "temporarily_unavailable", "error_description": f"{e}"},

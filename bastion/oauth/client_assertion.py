@@ -15,12 +15,10 @@ is fetched without blocking the event loop, with a timeout, a size cap and a cac
 
 from __future__ import annotations
 
-import asyncio
 import ipaddress
 import json
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -33,6 +31,7 @@ from joserfc.jwk import KeySet
 from bastion import untrusted_json
 from bastion.db import Database
 from bastion.oauth.errors import InvalidClient, InvalidClientMetadata, InvalidRequest
+from bastion.oauth.jwks import FetchLimits, RemoteDocumentError, RemoteKeySets
 from bastion.oauth.settings import ClientAssertionSettings
 from bastion.oauth.store import Client
 
@@ -141,12 +140,6 @@ def key_metadata(metadata: Mapping[str, Any], method: str) -> dict[str, Any]:
     return {"jwks": jwks} if jwks is not None else {"jwks_uri": uri}
 
 
-@dataclass
-class _FetchedKeys:
-    keys: KeySet
-    fetched_at: float
-
-
 class ClientAssertions:
     """Authenticates clients by ``private_key_jwt`` for one authorization server."""
 
@@ -164,9 +157,19 @@ class ClientAssertions:
         self.audiences = audiences
         self.leeway = leeway_seconds
         self.clock = clock
-        self._transport = transport
-        self._fetched: dict[str, _FetchedKeys] = {}
-        self._fetching: dict[str, asyncio.Lock] = {}
+        self.key_sets = RemoteKeySets(
+            FetchLimits(
+                timeout_seconds=settings.jwks_timeout_seconds,
+                max_bytes=settings.jwks_max_bytes,
+                cache_seconds=settings.jwks_cache_seconds,
+                refetch_seconds=settings.jwks_refetch_seconds,
+                max_cached=settings.jwks_max_cached,
+                where="oauth.client_assertion",
+            ),
+            check=jwks_problem,
+            clock=clock,
+            transport=transport,
+        )
         db.migrate("oauth_client_assertions", _MIGRATIONS)
 
     async def authenticate(
@@ -223,63 +226,10 @@ class ClientAssertions:
         uri = client.metadata.get("jwks_uri")
         if not isinstance(uri, str):
             raise InvalidClient(f"client {client.client_id!r} has no registered keys")
-        now = self.clock()
-        cached = self._fetched.get(uri)
-        if cached is not None:
-            young = now - cached.fetched_at < self.settings.jwks_cache_seconds
-            known = kid is None or _has_kid(cached.keys, kid)
-            # A kid not yet seen is a rotation: fetch again, at most every jwks_refetch_seconds.
-            may_refetch = now - cached.fetched_at >= self.settings.jwks_refetch_seconds
-            if young and (known or not may_refetch):
-                return cached.keys
-        lock = self._fetching.setdefault(uri, asyncio.Lock())
-        async with lock:
-            again = self._fetched.get(uri)
-            if again is not None and again is not cached:
-                return again.keys  # fetched by another request while this one waited
-            keys = await self._fetch(uri)
-            if len(self._fetched) >= self.settings.jwks_max_cached:
-                self._fetched.pop(next(iter(self._fetched)))
-            self._fetched[uri] = _FetchedKeys(keys, self.clock())
-            return keys
-
-    async def _fetch(self, uri: str) -> KeySet:
-        limit = self.settings.jwks_max_bytes
         try:
-            with anyio.fail_after(self.settings.jwks_timeout_seconds):
-                async with (
-                    httpx.AsyncClient(
-                        follow_redirects=False, transport=self._transport, trust_env=False
-                    ) as http,
-                    http.stream("GET", uri, headers={"Accept": "application/json"}) as response,
-                ):
-                    if response.status_code != 200:
-                        raise InvalidClient(
-                            f"the client's jwks_uri answered HTTP {response.status_code}"
-                        )
-                    body = bytearray()
-                    async for chunk in response.aiter_bytes():
-                        body += chunk
-                        if len(body) > limit:
-                            raise InvalidClient(
-                                f"the client's jwks_uri sent more than {limit} bytes"
-                                " ([oauth.client_assertion].jwks_max_bytes)"
-                            )
-        except TimeoutError:
-            raise InvalidClient(
-                f"the client's jwks_uri did not answer within {self.settings.jwks_timeout_seconds}"
-                " s ([oauth.client_assertion].jwks_timeout_seconds)"
-            ) from None
-        except httpx.HTTPError as exc:
-            raise InvalidClient(f"the client's jwks_uri cannot be fetched: {exc}") from None
-        try:
-            document = untrusted_json.loads(bytes(body))
-        except untrusted_json.JsonRefused as exc:
-            raise InvalidClient(f"the client's jwks_uri sent no JSON key set: {exc}") from None
-        problem = jwks_problem(document)
-        if problem:
-            raise InvalidClient(f"the client's jwks_uri: {problem}")
-        return await anyio.to_thread.run_sync(KeySet.import_key_set, document)
+            return await self.key_sets.keys(uri, kid)
+        except RemoteDocumentError as exc:
+            raise InvalidClient(f"the client's jwks_uri {exc}") from None
 
     # -- the assertion ---------------------------------------------------------------------
 
@@ -353,10 +303,6 @@ class ClientAssertions:
     def forget_expired(self, now: float) -> None:
         """Delete spent jtis whose assertions can no longer be accepted anyway."""
         self.db.execute("DELETE FROM oauth_client_assertions WHERE expires_at < ?", (now,))
-
-
-def _has_kid(keys: KeySet, kid: str) -> bool:
-    return any(k.kid == kid for k in keys.keys)
 
 
 def _unverified(assertion: str) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -1,0 +1,1 @@
+"""Identity from outside bastion: access tokens of trusted issuers (`trusted_issuers`)."""

@@ -1,0 +1,514 @@
+"""Access tokens from trusted issuers: JWT access tokens (RFC 9068, RFC 7519) signed by an
+identity provider the deployment names, accepted by the gateway next to bastion's own.
+
+A token is taken to this module only when its (unverified) ``iss`` is a configured issuer; it is
+then checked against that issuer alone: an asymmetric ``alg`` of the issuer's list (never
+``none``, never an HMAC), the signature by the issuer's key set (``jwks_uri``, given or found
+through OpenID Connect Discovery / RFC 8414 metadata; a ``kid`` not in the cached set fetches it
+again), ``iss`` exactly, ``aud`` the value configured for the MCP server called, ``exp``,
+``nbf`` and ``iat`` with the issuer's leeway, ``typ`` ``at+jwt`` when required, and, where the
+issuer offers it, RFC 7662 introspection (a revoked token is refused once the short cache of its
+answer ends; an introspection endpoint that cannot be reached refuses every token of the issuer:
+fail closed). Claims map to the user, the agent and the scopes the policy sees.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
+
+import anyio
+import httpx
+from joserfc import jws, jwt
+from joserfc.errors import JoseError
+from joserfc.jwk import KeySet
+
+from bastion import untrusted_json
+from bastion.audit.refusals import RefusalLog
+from bastion.oauth.access_token import TOKEN_TYPE
+from bastion.oauth.client_assertion import ASYMMETRIC_ALGORITHMS, jwks_problem, jwks_uri_problem
+from bastion.oauth.errors import InvalidToken
+from bastion.oauth.jwks import FetchLimits, RemoteDocumentError, RemoteKeySets, fetch_json
+from bastion.oauth.verifier import VerifiedToken
+
+MAX_TOKEN_CHARS = 16_384
+_KEYS = {
+    "issuer",
+    "jwks_uri",
+    "audiences",
+    "user_claim",
+    "agent_claims",
+    "algorithms",
+    "require_typ",
+    "leeway_seconds",
+    "introspection_endpoint",
+    "introspection_client_id",
+    "introspection_client_secret",
+    "introspection_cache_seconds",
+    "timeout_seconds",
+    "max_document_bytes",
+    "jwks_cache_seconds",
+    "jwks_refetch_seconds",
+}
+
+
+class IssuerUnavailable(Exception):
+    """A trusted issuer's keys, metadata or introspection cannot be had now: its tokens are
+    refused until they can (answer 503, as when bastion's token store is down)."""
+
+
+@dataclass(frozen=True)
+class TrustedIssuer:
+    """One ``[[gateway.trusted_issuers]]`` table (docs/identity.md)."""
+
+    issuer: str
+    # MCP server name -> the ``aud`` this issuer puts in tokens for it. A server not named here
+    # accepts no token of this issuer.
+    audiences: Mapping[str, str]
+    jwks_uri: str = ""  # "": found through the issuer's metadata
+    user_claim: str = "sub"
+    agent_claims: tuple[str, ...] = ("client_id", "azp")
+    algorithms: tuple[str, ...] = ("RS256", "PS256", "ES256", "EdDSA")
+    require_typ: bool = False
+    leeway_seconds: int = 30
+    introspection_endpoint: str = ""
+    introspection_client_id: str = ""
+    introspection_client_secret: str = field(default="", repr=False)
+    introspection_cache_seconds: int = 30
+    timeout_seconds: int = 5
+    max_document_bytes: int = 65536
+    jwks_cache_seconds: int = 300
+    jwks_refetch_seconds: int = 30
+
+    @property
+    def introspects(self) -> bool:
+        return bool(self.introspection_client_id)
+
+    @classmethod
+    def from_mapping(cls, where: str, table: Any, servers: set[str]) -> TrustedIssuer:
+        """Read one table; ``ValueError`` names the key at fault. ``servers`` are the upstreams'
+        names (an audience for a server that does not exist is a mistake)."""
+        if not isinstance(table, Mapping):
+            raise ValueError(f"{where}: a table with issuer and audiences")
+        unknown = sorted(set(table) - _KEYS)
+        if unknown:
+            raise ValueError(
+                f"unknown key {where}.{unknown[0]}; known keys: {', '.join(sorted(_KEYS))}"
+            )
+        issuer = table.get("issuer")
+        problem = _url_problem(issuer)
+        if problem:
+            raise ValueError(f"{where}.issuer: {problem}")
+        audiences = table.get("audiences")
+        if (
+            not isinstance(audiences, Mapping)
+            or not audiences
+            or not all(isinstance(v, str) and v for v in audiences.values())
+        ):
+            raise ValueError(
+                f"{where}.audiences: a table of MCP server name = the aud this issuer uses for"
+                ' it, e.g. { desk = "api://desk" }'
+            )
+        strangers = sorted(set(audiences) - servers)
+        if strangers:
+            raise ValueError(f"{where}.audiences names {strangers[0]!r}, not a gateway upstream")
+        values: dict[str, Any] = {"issuer": issuer, "audiences": dict(audiences)}
+        for name in ("jwks_uri", "introspection_endpoint"):
+            if name in table:
+                problem = _url_problem(table[name])
+                if problem:
+                    raise ValueError(f"{where}.{name}: {problem}")
+                values[name] = table[name]
+        for name in ("user_claim", "introspection_client_id", "introspection_client_secret"):
+            if name in table:
+                if not isinstance(table[name], str) or not table[name]:
+                    raise ValueError(f"{where}.{name} must be a non-empty string")
+                values[name] = table[name]
+        if "agent_claims" in table:
+            claims = table["agent_claims"]
+            if (
+                not isinstance(claims, list)
+                or not claims
+                or not all(isinstance(c, str) and c for c in claims)
+            ):
+                raise ValueError(f"{where}.agent_claims must be a non-empty list of claim names")
+            values["agent_claims"] = tuple(claims)
+        if "algorithms" in table:
+            algorithms = table["algorithms"]
+            if (
+                not isinstance(algorithms, list)
+                or not algorithms
+                or not all(a in ASYMMETRIC_ALGORITHMS for a in algorithms)
+            ):
+                raise ValueError(
+                    f"{where}.algorithms must list asymmetric algorithms only, of"
+                    f" {', '.join(ASYMMETRIC_ALGORITHMS)}"
+                )
+            values["algorithms"] = tuple(algorithms)
+        if "require_typ" in table:
+            if not isinstance(table["require_typ"], bool):
+                raise ValueError(f"{where}.require_typ must be true or false")
+            values["require_typ"] = table["require_typ"]
+        for name in (
+            "leeway_seconds",
+            "introspection_cache_seconds",
+            "timeout_seconds",
+            "max_document_bytes",
+            "jwks_cache_seconds",
+            "jwks_refetch_seconds",
+        ):
+            if name in table:
+                value = table[name]
+                least = 0 if name in ("leeway_seconds", "introspection_cache_seconds") else 1
+                if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                    raise ValueError(f"{where}.{name} must be a whole number >= {least}")
+                values[name] = value
+        found = cls(**values)
+        has_id = bool(found.introspection_client_id)
+        if has_id != bool(found.introspection_client_secret):
+            raise ValueError(
+                f"{where}: introspection needs both introspection_client_id and"
+                " introspection_client_secret"
+            )
+        if found.introspection_endpoint and not has_id:
+            raise ValueError(f"{where}.introspection_endpoint needs client credentials")
+        return found
+
+
+def _url_problem(value: Any) -> str | None:
+    problem = jwks_uri_problem(value)  # https, or http to a loopback address; no fragment
+    return problem.replace("jwks_uri must be", "must be") if problem else None
+
+
+def parse_trusted_issuers(value: Any, servers: set[str]) -> tuple[TrustedIssuer, ...]:
+    """The ``[[gateway.trusted_issuers]]`` array; ``ValueError`` on any mistake."""
+    if not isinstance(value, list):
+        raise ValueError("gateway.trusted_issuers must be an array of tables")
+    issuers = tuple(
+        TrustedIssuer.from_mapping(f"gateway.trusted_issuers[{i}]", t, servers)
+        for i, t in enumerate(value)
+    )
+    names = [i.issuer for i in issuers]
+    if len(set(names)) != len(names):
+        raise ValueError("[[gateway.trusted_issuers]]: each issuer may appear only once")
+    return issuers
+
+
+def unverified_issuer(token: str) -> str | None:
+    """The ``iss`` a compact JWS claims, before anything is checked (to route it), or None."""
+    if len(token) > MAX_TOKEN_CHARS:
+        return None
+    try:
+        compact = jws.extract_compact(token.encode("ascii"))
+        claims = untrusted_json.loads(compact.payload)
+    except (JoseError, UnicodeError, ValueError):
+        return None
+    issuer = claims.get("iss") if isinstance(claims, dict) else None
+    return issuer if isinstance(issuer, str) else None
+
+
+@dataclass
+class _Remembered:
+    verified: VerifiedToken
+    introspected_at: float
+
+
+def _number(claims: Mapping[str, Any], name: str) -> float | None:
+    value = claims.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise InvalidToken(f"claim {name!r} is not a number", "claims")
+    return value
+
+
+class TrustedIssuers:
+    """Verifies the access tokens of the configured issuers for the gateway's servers."""
+
+    def __init__(
+        self,
+        issuers: tuple[TrustedIssuer, ...],
+        *,
+        refusals: RefusalLog | None = None,
+        clock: Callable[[], float] = time.time,
+        max_tokens: int = 10_000,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        self.issuers = {i.issuer: i for i in issuers}
+        self.refusals = refusals
+        self.clock = clock
+        self.max_tokens = max_tokens
+        self.transport = transport
+        self._key_sets = {
+            i.issuer: RemoteKeySets(
+                FetchLimits(
+                    timeout_seconds=i.timeout_seconds,
+                    max_bytes=i.max_document_bytes,
+                    cache_seconds=i.jwks_cache_seconds,
+                    refetch_seconds=i.jwks_refetch_seconds,
+                    max_cached=4,
+                ),
+                check=jwks_problem,
+                clock=clock,
+                transport=transport,
+            )
+            for i in issuers
+        }
+        # issuer -> its jwks_uri and introspection endpoint, from the configuration or metadata
+        self._endpoints: dict[str, tuple[str, str]] = {}
+        # (token digest, server) -> what verifying it found, until it expires
+        self._tokens: dict[tuple[bytes, str], _Remembered] = {}
+        self._lock = threading.Lock()
+
+    def issuers_for(self, server: str) -> tuple[str, ...]:
+        """The issuers whose tokens ``server`` accepts (for its protected-resource metadata)."""
+        return tuple(i.issuer for i in self.issuers.values() if server in i.audiences)
+
+    def claims_issuer(self, token: str) -> bool:
+        """Whether ``token`` says it comes from one of the trusted issuers (unverified)."""
+        return unverified_issuer(token) in self.issuers
+
+    async def verify(self, token: str, server: str, address: str | None = None) -> VerifiedToken:
+        """The token's facts for a call to ``server``; `InvalidToken` saying why it is refused,
+        or `IssuerUnavailable` when its issuer's keys or introspection cannot be reached."""
+        try:
+            return await self._verify(token, server)
+        except InvalidToken as refused:
+            if self.refusals is not None:
+                self.refusals.record(
+                    "token.refused",
+                    address=address,
+                    reason=refused.check,
+                    resource=server,
+                    description=refused.reason,
+                )
+            raise
+
+    async def _verify(self, token: str, server: str) -> VerifiedToken:
+        key = (hashlib.sha256(token.encode()).digest(), server)
+        now = self.clock()
+        remembered = self._tokens.get(key)
+        if remembered is not None:
+            issuer = self.issuers[remembered.verified.claims["iss"]]
+            if now > remembered.verified.expires_at + issuer.leeway_seconds:
+                with self._lock:
+                    self._tokens.pop(key, None)
+                raise InvalidToken("the token has expired", "expired")
+            if not issuer.introspects or (
+                now - remembered.introspected_at < issuer.introspection_cache_seconds
+            ):
+                return remembered.verified
+            try:
+                await self._introspect(issuer, token)
+            except InvalidToken:
+                with self._lock:
+                    self._tokens.pop(key, None)
+                raise
+            remembered.introspected_at = self.clock()
+            return remembered.verified
+        verified, issuer = await self._check(token, server)
+        if issuer.introspects:
+            await self._introspect(issuer, token)
+        with self._lock:
+            if len(self._tokens) >= self.max_tokens:
+                self._tokens.pop(next(iter(self._tokens)))
+            self._tokens[key] = _Remembered(verified, self.clock())
+        return verified
+
+    async def _check(self, token: str, server: str) -> tuple[VerifiedToken, TrustedIssuer]:
+        if len(token) > MAX_TOKEN_CHARS:
+            raise InvalidToken(f"the token is longer than {MAX_TOKEN_CHARS} characters", "format")
+        try:
+            compact = jws.extract_compact(token.encode("ascii"))
+            header = dict(compact.headers())
+        except (JoseError, UnicodeError, ValueError):
+            raise InvalidToken("not a compact JWS", "format") from None
+        claimed = unverified_issuer(token)
+        issuer = self.issuers.get(claimed or "")
+        if issuer is None:
+            raise InvalidToken(f"iss {claimed!r} is not a trusted issuer", "iss")
+        audience = issuer.audiences.get(server)
+        if audience is None:
+            raise InvalidToken(
+                f"tokens of {issuer.issuer} are not accepted for server {server!r}", "aud"
+            )
+        alg = header.get("alg")
+        if alg not in issuer.algorithms:
+            raise InvalidToken(
+                f"alg {alg!r} is not accepted for {issuer.issuer}; one of"
+                f" {list(issuer.algorithms)}",
+                "alg",
+            )
+        if issuer.require_typ and header.get("typ") not in (
+            TOKEN_TYPE,
+            f"application/{TOKEN_TYPE}",
+        ):
+            raise InvalidToken(f"typ {header.get('typ')!r} is not {TOKEN_TYPE!r}", "typ")
+        kid = header.get("kid")
+        if kid is not None and not isinstance(kid, str):
+            raise InvalidToken("the header's kid is not a string", "kid")
+        jwks_uri, _ = await self._endpoints_of(issuer)
+        try:
+            keys = await self._key_sets[issuer.issuer].keys(jwks_uri, kid)
+        except RemoteDocumentError as exc:
+            raise IssuerUnavailable(f"the key set of {issuer.issuer} {exc}") from None
+        claims = await anyio.to_thread.run_sync(self._signed_claims, token, keys, kid, alg)
+        return self._read(claims, issuer, audience), issuer
+
+    def _signed_claims(self, token: str, keys: KeySet, kid: str | None, alg: str) -> dict:
+        """In a worker thread: the claims once the signature is checked with the one key the
+        header names (or the issuer's only key)."""
+        if kid is not None:
+            candidates = [k for k in keys.keys if k.kid == kid]
+        else:
+            candidates = list(keys.keys) if len(keys.keys) == 1 else []
+        if len(candidates) != 1:
+            raise InvalidToken(
+                f"kid {kid!r} is not a key of the issuer"
+                if kid is not None
+                else "the issuer has several keys: the token's header must name one (kid)",
+                "kid",
+            )
+        try:
+            return dict(jwt.decode(token, candidates[0], algorithms=[alg]).claims)
+        except (JoseError, ValueError) as exc:
+            raise InvalidToken(f"signature or encoding is invalid: {exc}", "signature") from None
+
+    def _read(self, claims: dict[str, Any], issuer: TrustedIssuer, audience: str) -> VerifiedToken:
+        # ``iss`` is exactly ``issuer.issuer``: the issuer was looked up by it (string equality)
+        # in the very payload whose signature its keys have just verified.
+        aud = claims.get("aud")
+        audiences = tuple(aud) if isinstance(aud, list) else (aud,)
+        if audience not in audiences:
+            raise InvalidToken(f"the token is for {aud!r}, not for {audience!r}", "aud")
+        now, leeway = self.clock(), issuer.leeway_seconds
+        expires_at = _number(claims, "exp")
+        if expires_at is None:
+            raise InvalidToken("claim 'exp' is missing", "claims")
+        if now > expires_at + leeway:
+            raise InvalidToken("the token has expired", "expired")
+        issued_at = _number(claims, "iat")
+        if issued_at is not None and issued_at > now + leeway:
+            raise InvalidToken("the token is issued in the future", "iat")
+        not_before = _number(claims, "nbf")
+        if not_before is not None and not_before > now + leeway:
+            raise InvalidToken("the token is not valid yet (nbf)", "nbf")
+        user = claims.get(issuer.user_claim)
+        if not isinstance(user, str) or not user:
+            raise InvalidToken(f"claim {issuer.user_claim!r} (the user) is missing", "claims")
+        agent = next(
+            (a for c in issuer.agent_claims if isinstance(a := claims.get(c), str) and a), None
+        )
+        if agent is None:
+            raise InvalidToken(
+                f"none of the claims {list(issuer.agent_claims)} names the agent", "claims"
+            )
+        scope, scp = claims.get("scope"), claims.get("scp")
+        if isinstance(scope, str):
+            scopes = frozenset(scope.split())
+        elif isinstance(scp, list) and all(isinstance(s, str) for s in scp):
+            scopes = frozenset(scp)
+        elif isinstance(scp, str):
+            scopes = frozenset(scp.split())
+        else:
+            scopes = frozenset()
+        jti = claims.get("jti")
+        return VerifiedToken(
+            subject=user,
+            client_id=agent,
+            scopes=scopes,
+            audience=tuple(a for a in audiences if isinstance(a, str)),
+            jti=jti if isinstance(jti, str) else "",
+            issued_at=int(issued_at or 0),
+            expires_at=int(expires_at),
+            grant_id="",
+            claims=claims,
+        )
+
+    # -- the issuer's endpoints ----------------------------------------------------------------
+
+    async def _endpoints_of(self, issuer: TrustedIssuer) -> tuple[str, str]:
+        """The issuer's jwks_uri and introspection endpoint: configured, or read once from its
+        OpenID Connect Discovery document, else its RFC 8414 metadata."""
+        known = self._endpoints.get(issuer.issuer)
+        if known is not None:
+            return known
+        if issuer.jwks_uri and (issuer.introspection_endpoint or not issuer.introspects):
+            found = (issuer.jwks_uri, issuer.introspection_endpoint)
+        else:
+            metadata = await self._metadata(issuer)
+            jwks_uri = issuer.jwks_uri or metadata.get("jwks_uri")
+            endpoint = issuer.introspection_endpoint or metadata.get("introspection_endpoint", "")
+            for name, value in (("jwks_uri", jwks_uri), ("introspection_endpoint", endpoint)):
+                if (value or name == "jwks_uri") and _url_problem(value):
+                    raise IssuerUnavailable(
+                        f"the metadata of {issuer.issuer} has no usable {name}: {value!r}"
+                    )
+            if issuer.introspects and not endpoint:
+                raise IssuerUnavailable(
+                    f"{issuer.issuer} offers no introspection_endpoint; configure one"
+                )
+            found = (jwks_uri, endpoint)
+        self._endpoints[issuer.issuer] = found
+        return found
+
+    async def _metadata(self, issuer: TrustedIssuer) -> dict[str, Any]:
+        parts = urlsplit(issuer.issuer)
+        path = parts.path.rstrip("/")
+        origin = f"{parts.scheme}://{parts.netloc}"
+        candidates = (
+            f"{issuer.issuer.rstrip('/')}/.well-known/openid-configuration",
+            f"{origin}/.well-known/oauth-authorization-server{path}",  # RFC 8414 §3.1
+        )
+        limits = FetchLimits(issuer.timeout_seconds, issuer.max_document_bytes)
+        problems = []
+        for uri in candidates:
+            try:
+                document = await fetch_json(uri, limits, self.transport)
+            except RemoteDocumentError as exc:
+                problems.append(f"{uri} {exc}")
+                continue
+            # OpenID Connect Discovery §4.3, RFC 8414 §3.3: the document names its issuer.
+            if not isinstance(document, dict) or document.get("issuer") != issuer.issuer:
+                problems.append(f"{uri} is not the metadata of {issuer.issuer}")
+                continue
+            return document
+        raise IssuerUnavailable("; ".join(problems))
+
+    async def _introspect(self, issuer: TrustedIssuer, token: str) -> None:
+        """RFC 7662: refuse a token its issuer says is not active; `IssuerUnavailable` when the
+        answer cannot be had (fail closed)."""
+        _, endpoint = await self._endpoints_of(issuer)
+        try:
+            with anyio.fail_after(issuer.timeout_seconds):
+                async with httpx.AsyncClient(
+                    follow_redirects=False, transport=self.transport, trust_env=False
+                ) as http:
+                    response = await http.post(
+                        endpoint,
+                        data={"token": token, "token_type_hint": "access_token"},
+                        auth=(issuer.introspection_client_id, issuer.introspection_client_secret),
+                        headers={"Accept": "application/json"},
+                    )
+        except (TimeoutError, httpx.HTTPError) as exc:
+            raise IssuerUnavailable(
+                f"the introspection endpoint of {issuer.issuer} cannot be reached: {exc!r}"
+            ) from None
+        if response.status_code != 200 or len(response.content) > issuer.max_document_bytes:
+            raise IssuerUnavailable(
+                f"the introspection endpoint of {issuer.issuer} answered HTTP"
+                f" {response.status_code}"
+            )
+        try:
+            answer = untrusted_json.loads(response.content)
+        except untrusted_json.JsonRefused:
+            raise IssuerUnavailable(
+                f"the introspection endpoint of {issuer.issuer} sent no JSON"
+            ) from None
+        if not isinstance(answer, dict) or answer.get("active") is not True:
+            raise InvalidToken("the issuer says the token is not active (revoked)", "revoked")

@@ -1,0 +1,482 @@
+"""Access tokens from trusted issuers: a test identity provider (a real HTTP server in this file,
+serving OpenID Connect Discovery, RFC 8414 metadata, a JWKS and RFC 7662 introspection, signing
+real JWTs) whose tokens call bastion's gateway with the official MCP SDK client, decided as the
+user, agent and scopes their claims map to; and every way such a token must be refused."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import time
+import uuid
+
+import anyio
+import httpx
+import httpx2
+import pytest
+from joserfc import jwt
+from joserfc.jwk import ECKey, RSAKey
+from mcp.client.client import Client as McpClient
+from mcp.client.streamable_http import streamable_http_client
+from mcp.shared.exceptions import MCPError
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from bastion.facts.model import Entity
+from bastion.gateway.config import GatewayConfig
+from bastion.server.config import ConfigError
+from tests.gateway.support import start
+from tests.oauth.support import free_socket, serve
+
+INTROSPECTION_ID, INTROSPECTION_SECRET = "bastion-rs", "s3cret-for-tests"
+ENVELOPE = {
+    "io.modelcontextprotocol/protocolVersion": "2026-07-28",
+    "io.modelcontextprotocol/clientCapabilities": {},
+}
+HEADERS = {
+    "content-type": "application/json",
+    "mcp-protocol-version": "2026-07-28",
+    "mcp-method": "tools/call",
+    "mcp-name": "search_customers",
+}
+CALL = {
+    "jsonrpc": "2.0",
+    "id": 1,
+    "method": "tools/call",
+    "params": {"name": "search_customers", "arguments": {"query": "a"}, "_meta": ENVELOPE},
+}
+
+
+class TestIssuer:
+    """An identity provider for the tests. Issuer ``a`` is found by OpenID Connect Discovery;
+    ``b`` by RFC 8414 metadata, which also names its introspection endpoint."""
+
+    __test__ = False
+
+    def __init__(self) -> None:
+        self.keys = {"k1": ECKey.generate_key("P-256", parameters={"kid": "k1"})}
+        self.published = ["k1"]
+        self.inactive: set[str] = set()  # jtis introspection reports as not active
+        self.introspections = 0
+        self.url = ""
+        self.app = Starlette(
+            routes=[
+                Route("/a/.well-known/openid-configuration", self.discovery),
+                Route("/.well-known/oauth-authorization-server/b", self.rfc8414),
+                # Issuer f's discovery document names another issuer: not its metadata.
+                Route("/f/.well-known/openid-configuration", self.discovery),
+                Route("/jwks", self.jwks),
+                Route("/big-jwks", self.big_jwks),
+                Route("/introspect", self.introspect, methods=["POST"]),
+            ]
+        )
+
+    def issuer(self, name: str) -> str:
+        return f"{self.url}/{name}"
+
+    async def discovery(self, request: Request) -> Response:
+        return JSONResponse({"issuer": self.issuer("a"), "jwks_uri": f"{self.url}/jwks"})
+
+    async def rfc8414(self, request: Request) -> Response:
+        return JSONResponse(
+            {
+                "issuer": self.issuer("b"),
+                "jwks_uri": f"{self.url}/jwks",
+                "introspection_endpoint": f"{self.url}/introspect",
+            }
+        )
+
+    async def jwks(self, request: Request) -> Response:
+        keys = [self.keys[kid].as_dict(private=False) for kid in self.published]
+        return JSONResponse({"keys": keys})
+
+    async def big_jwks(self, request: Request) -> Response:
+        key = self.keys["k1"].as_dict(private=False)
+        return JSONResponse({"keys": [key], "padding": "x" * 100_000})
+
+    async def introspect(self, request: Request) -> Response:
+        expected = base64.b64encode(f"{INTROSPECTION_ID}:{INTROSPECTION_SECRET}".encode())
+        if request.headers.get("authorization") != f"Basic {expected.decode()}":
+            return JSONResponse({"error": "invalid_client"}, status_code=401)
+        self.introspections += 1
+        token = (await request.form())["token"]
+        claims = json.loads(_b64decode(token.split(".")[1]))
+        return JSONResponse({"active": claims["jti"] not in self.inactive})
+
+    def token(
+        self,
+        issuer: str = "a",
+        *,
+        kid: str = "k1",
+        key=None,
+        typ: str | None = "at+jwt",
+        **claims,
+    ) -> str:
+        now = int(time.time())
+        body = {
+            "iss": self.issuer(issuer) if "://" not in issuer else issuer,
+            "sub": "sam",
+            "aud": f"api://desk-{issuer}",
+            "client_id": "helpdesk-agent",
+            "scope": "customers:read",
+            "iat": now,
+            "exp": now + 300,
+            "jti": uuid.uuid4().hex,
+            **claims,
+        }
+        body = {k: v for k, v in body.items() if v is not None}
+        header = {"alg": "ES256", "kid": kid}
+        if typ:
+            header["typ"] = typ
+        return jwt.encode(header, body, key or self.keys[kid])
+
+
+def _b64decode(part: str) -> bytes:
+    return base64.urlsafe_b64decode(part + "=" * (-len(part) % 4))
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+@pytest.fixture(scope="module")
+def idp():
+    issuer = TestIssuer()
+    with serve(issuer.app, free_socket()) as url:
+        issuer.url = url
+        yield issuer
+
+
+@pytest.fixture(scope="module")
+def dead_url():
+    """A loopback port that refuses connections (bound, never listening)."""
+    sock = free_socket()
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        sock.close()
+
+
+@pytest.fixture(scope="module")
+def bastion(tmp_path_factory, idp, dead_url):
+    trusted = [
+        {
+            "issuer": idp.issuer("a"),
+            "audiences": {"deskhttp": "api://desk-a"},
+            "jwks_refetch_seconds": 1,
+        },
+        {
+            "issuer": idp.issuer("b"),
+            "audiences": {"deskhttp": "api://desk-b"},
+            "introspection_client_id": INTROSPECTION_ID,
+            "introspection_client_secret": INTROSPECTION_SECRET,
+            "introspection_cache_seconds": 1,
+            "require_typ": True,
+        },
+        {
+            "issuer": idp.issuer("c"),
+            "jwks_uri": f"{idp.url}/jwks",
+            "audiences": {"deskhttp": "api://desk-c"},
+            "introspection_endpoint": f"{dead_url}/introspect",
+            "introspection_client_id": INTROSPECTION_ID,
+            "introspection_client_secret": INTROSPECTION_SECRET,
+        },
+        {"issuer": f"{dead_url}/d", "audiences": {"deskhttp": "api://desk-d"}},
+        {"issuer": idp.issuer("f"), "audiences": {"deskhttp": "api://desk-f"}},
+        {
+            "issuer": idp.issuer("e"),
+            "jwks_uri": f"{idp.url}/big-jwks",
+            "audiences": {"labhttp": "api://lab-e"},
+            "max_document_bytes": 4096,
+        },
+    ]
+    with start(tmp_path_factory.mktemp("issuers"), gateway={"trusted_issuers": trusted}) as b:
+        yield b
+
+
+def call(bastion, token: str, server: str = "deskhttp") -> httpx.Response:
+    return bastion.http.post(
+        bastion.mcp_url(server), json=CALL, headers={**HEADERS, "authorization": f"Bearer {token}"}
+    )
+
+
+def refused(response: httpx.Response, status: int = 401) -> str:
+    assert response.status_code == status, response.text
+    if status == 401:
+        assert response.json()["error"] == "invalid_token"
+        assert "invalid_token" in response.headers["www-authenticate"]
+    return response.json()["error_description"]
+
+
+def sdk(bastion, token: str, script, mode: str = "auto") -> dict:
+    """The official MCP SDK client, the trusted issuer's token sent as its Authorization."""
+    seen: dict = {}
+
+    async def main() -> None:
+        headers = {"authorization": f"Bearer {token}"}
+        async with (
+            httpx2.AsyncClient(headers=headers, timeout=20) as http,
+            McpClient(
+                streamable_http_client(bastion.mcp_url("deskhttp"), http_client=http), mode=mode
+            ) as client,
+        ):
+            await script(client, seen)
+
+    anyio.run(main)
+    return seen
+
+
+# -- accepted, and decided as the mapped user, agent and scopes ---------------------------------
+
+
+@pytest.mark.parametrize("mode", ["legacy", "auto"])
+def test_a_trusted_issuers_token_is_decided_as_its_user_and_agent(bastion, idp, mode):
+    async def script(client, seen):
+        seen["search"] = await client.call_tool("search_customers", {"query": "a"})
+        try:
+            await client.call_tool("delete_customer", {"customer_id": "c-100"})
+        except MCPError as e:
+            seen["delete_error"] = e
+
+    seen = sdk(bastion, idp.token("a", sub="sam"), script, mode)
+    customers = json.loads(seen["search"].content[0].text)["customers"]
+    # sam is no admin of desk: the policy's mask applies to this token's user as to bastion's.
+    assert customers and {c["email"] for c in customers} == {"[masked]"}
+    decision_id = seen["delete_error"].error.data["decision_id"]
+    bastion.flush()
+    record = bastion.records.get(decision_id)
+    assert record.result == "deny"
+    assert record.principals[0] == 'User{"sam"}'
+    assert record.principals[1] == 'Agent{"helpdesk-agent"}'
+
+
+def test_an_admins_token_sees_emails(bastion, idp):
+    async def script(client, seen):
+        seen["search"] = await client.call_tool("search_customers", {"query": "a"})
+
+    seen = sdk(bastion, idp.token("a", sub="avery"), script)
+    customers = json.loads(seen["search"].content[0].text)["customers"]
+    assert all(c["email"].endswith("@example.com") for c in customers)
+
+
+def test_the_agent_claim_maps_to_the_agent_the_policy_may_block(bastion, idp):
+    bastion.apply(inserts=[("blocked", Entity("Agent", "rogue"))])
+    body = call(bastion, idp.token("a", client_id="rogue")).json()
+    assert body["error"]["data"]["reason"] == "not_permitted"
+    # azp names the agent when client_id is absent (OpenID Connect style).
+    body = call(bastion, idp.token("a", client_id=None, azp="rogue")).json()
+    assert body["error"]["data"]["reason"] == "not_permitted"
+    assert "error" not in call(bastion, idp.token("a", client_id=None, azp="fine")).json()
+    # No claim naming an agent: refused outright.
+    assert "agent" in refused(call(bastion, idp.token("a", client_id=None)))
+
+
+def test_scopes_come_from_scope_or_scp_and_drive_step_up(bastion, idp):
+    delete = {
+        **CALL,
+        "params": {
+            "name": "delete_customer",
+            "arguments": {"customer_id": "c-1"},
+            "_meta": ENVELOPE,
+        },
+    }
+    headers = {**HEADERS, "mcp-name": "delete_customer"}
+
+    def delete_with(token: str) -> httpx.Response:
+        auth = {"authorization": f"Bearer {token}"}
+        return bastion.http.post(
+            bastion.mcp_url("deskhttp"), json=delete, headers={**headers, **auth}
+        )
+
+    # destructiveHint needs customers:write: a token without it is asked to step up (403).
+    response = delete_with(idp.token("a", sub="avery"))
+    assert response.status_code == 403, response.text
+    assert "insufficient_scope" in response.headers["www-authenticate"]
+    # Entra ID and Okta send scopes as scp, a list (or a space-separated string).
+    for scp in (["customers:read", "customers:write"], "customers:read customers:write"):
+        token = idp.token("a", sub="avery", scope=None, scp=scp)
+        response = delete_with(token)
+        assert response.status_code == 200, response.text
+        assert "deleted c-1" in response.text
+
+
+def test_the_resource_metadata_lists_the_issuers_of_each_server(bastion, idp, dead_url):
+    servers = bastion.http.get(f"{bastion.url}/.well-known/oauth-protected-resource/mcp/deskhttp")
+    assert servers.json()["authorization_servers"] == [
+        bastion.url,
+        idp.issuer("a"),
+        idp.issuer("b"),
+        idp.issuer("c"),
+        f"{dead_url}/d",
+        idp.issuer("f"),
+    ]
+    lab = bastion.http.get(f"{bastion.url}/.well-known/oauth-protected-resource/mcp/labhttp")
+    assert lab.json()["authorization_servers"] == [bastion.url, idp.issuer("e")]
+    desk = bastion.http.get(f"{bastion.url}/.well-known/oauth-protected-resource/mcp/desk")
+    assert desk.json()["authorization_servers"] == [bastion.url]
+
+
+def test_bastions_own_tokens_still_work_next_to_trusted_issuers(bastion):
+    assert "error" not in call(bastion, bastion.token("sam", "deskhttp")).json()
+
+
+# -- refused -----------------------------------------------------------------------------------
+
+
+def test_a_token_for_another_audience_is_refused(bastion, idp):
+    assert "api://desk-a" in refused(call(bastion, idp.token("a", aud="api://elsewhere")))
+    # Issuer b's audience for the same server is not issuer a's.
+    assert "not for" in refused(call(bastion, idp.token("a", aud="api://desk-b")))
+    # A server the issuer is not configured for accepts none of its tokens.
+    assert "not accepted for server" in refused(call(bastion, idp.token("a"), "labhttp"))
+
+
+def test_an_expired_or_not_yet_valid_token_is_refused(bastion, idp):
+    now = int(time.time())
+    assert "expired" in refused(call(bastion, idp.token("a", iat=now - 900, exp=now - 600)))
+    assert "nbf" in refused(call(bastion, idp.token("a", nbf=now + 600)))
+    assert "future" in refused(call(bastion, idp.token("a", iat=now + 600)))
+    assert "exp" in refused(call(bastion, idp.token("a", exp=None)))
+
+
+def test_a_token_of_an_issuer_not_configured_is_refused(bastion, idp):
+    # Signed by a key the configured issuers publish, but naming an issuer nobody trusts.
+    stranger = idp.token("a", iss=idp.issuer("z"), aud="api://desk-a")
+    refused(call(bastion, stranger))
+    other = idp.token("a", iss="https://evil.example.com", aud="api://desk-a")
+    refused(call(bastion, other))
+
+
+def test_a_kid_not_in_the_jwks_is_refused(bastion, idp):
+    unpublished = ECKey.generate_key("P-256", parameters={"kid": "k-unpublished"})
+    token = idp.token("a", kid="k-unpublished", key=unpublished)
+    assert "kid" in refused(call(bastion, token))
+    # The right kid with another key's signature.
+    forged = idp.token("a", key=ECKey.generate_key("P-256", parameters={"kid": "k1"}))
+    assert "signature" in refused(call(bastion, forged))
+
+
+def test_alg_none_and_hmac_keyed_with_the_public_key_are_refused(bastion, idp):
+    claims = json.loads(_b64decode(idp.token("a").split(".")[1]))
+    payload = _b64(json.dumps(claims).encode())
+    none = f"{_b64(json.dumps({'alg': 'none', 'kid': 'k1'}).encode())}.{payload}."
+    assert "alg" in refused(call(bastion, none))
+    public = idp.keys["k1"].as_pem(private=False)
+    header = _b64(json.dumps({"alg": "HS256", "kid": "k1", "typ": "at+jwt"}).encode())
+    mac = hmac.new(public, f"{header}.{payload}".encode(), hashlib.sha256).digest()
+    assert "alg" in refused(call(bastion, f"{header}.{payload}.{_b64(mac)}"))
+
+
+def test_a_token_claiming_bastions_issuer_signed_by_another_key_is_refused(bastion, idp):
+    resource = bastion.mcp_url("deskhttp")
+    token = idp.token("a", iss=bastion.url, aud=resource)
+    refused(call(bastion, token))
+    # Nor can a trusted issuer's token slip in under bastion's issuer with a bastion-like kid.
+    own_kid = json.loads(_b64decode(bastion.token("sam", "deskhttp").split(".")[0]))["kid"]
+    key = ECKey.generate_key("P-256", parameters={"kid": own_kid})
+    refused(call(bastion, idp.token("a", iss=bastion.url, aud=resource, kid=own_kid, key=key)))
+
+
+def test_bastions_issuer_cannot_be_configured_as_a_trusted_issuer(tmp_path, idp):
+    with (
+        pytest.raises(ConfigError, match="bastion's own issuer"),
+        start(
+            tmp_path,
+            gateway={
+                "trusted_issuers": [
+                    {"issuer": "http://127.0.0.1:1", "audiences": {"deskhttp": "x"}}
+                ]
+            },
+            oauth={"issuer": "http://127.0.0.1:1"},
+        ),
+    ):
+        pass
+
+
+def test_typ_is_required_only_where_configured(bastion, idp):
+    assert "error" not in call(bastion, idp.token("a", typ=None)).json()
+    assert "typ" in refused(call(bastion, idp.token("b", typ=None)))
+    assert "error" not in call(bastion, idp.token("b", typ="at+jwt")).json()
+
+
+# -- revocation through introspection, and keys rotating ------------------------------------------
+
+
+def test_introspection_saying_inactive_refuses_the_token_after_its_short_cache(bastion, idp):
+    token = idp.token("b")
+    before = idp.introspections
+    for _ in range(3):
+        assert "error" not in call(bastion, token).json()
+    assert idp.introspections == before + 1  # the answer is cached (introspection_cache_seconds)
+    idp.inactive.add(json.loads(_b64decode(token.split(".")[1]))["jti"])
+    time.sleep(1.1)
+    assert "not active" in refused(call(bastion, token))
+    assert "not active" in refused(call(bastion, token))
+
+
+def test_an_unreachable_introspection_endpoint_fails_closed(bastion, idp):
+    response = call(bastion, idp.token("c"))
+    assert response.status_code == 503, response.text
+    assert response.json()["error"] == "temporarily_unavailable"
+    assert "introspection" in response.json()["error_description"]
+
+
+def test_an_issuer_whose_metadata_cannot_be_fetched_fails_closed(bastion, idp, dead_url):
+    token = idp.token(f"{dead_url}/d", aud="api://desk-d")
+    for _ in range(2):  # a failure is not remembered as an answer
+        response = call(bastion, token)
+        assert response.status_code == 503, response.text
+        assert "openid-configuration" in response.json()["error_description"]
+
+
+def test_metadata_naming_another_issuer_is_not_used(bastion, idp):
+    response = call(bastion, idp.token("f"))
+    assert response.status_code == 503, response.text
+    assert "is not the metadata of" in response.json()["error_description"]
+
+
+def test_a_key_set_larger_than_its_cap_is_not_read(bastion, idp):
+    response = call(bastion, idp.token("e", aud="api://lab-e"), "labhttp")
+    assert response.status_code == 503, response.text
+    assert "more than 4096 bytes" in response.json()["error_description"]
+
+
+def test_a_rotated_key_is_fetched_when_a_token_names_its_new_kid(bastion, idp):
+    assert "error" not in call(bastion, idp.token("a")).json()  # the key set is cached now
+    idp.keys["k2"] = RSAKey.generate_key(2048, parameters={"kid": "k2"})
+    idp.published = ["k2"]
+    try:
+        time.sleep(1.1)  # jwks_refetch_seconds
+        token = jwt.encode(
+            {"alg": "RS256", "kid": "k2", "typ": "at+jwt"},
+            json.loads(_b64decode(idp.token("a").split(".")[1])),
+            idp.keys["k2"],
+        )
+        assert "error" not in call(bastion, token).json()
+    finally:
+        idp.published = ["k1"]
+
+
+def test_the_configuration_refuses_unknown_keys_and_symmetric_algorithms():
+    base = {"name": "desk", "url": "http://127.0.0.1:9/mcp"}
+
+    def config(**issuer):
+        table = {"issuer": "https://idp.example.com", "audiences": {"desk": "api://desk"}}
+        return {"upstreams": [base], "trusted_issuers": [{**table, **issuer}]}
+
+    assert GatewayConfig.from_mapping(config()).trusted_issuers[0].user_claim == "sub"
+    with pytest.raises(ConfigError, match="unknown key gateway.trusted_issuers\\[0\\].audience"):
+        GatewayConfig.from_mapping(config(audience="x"))
+    for algorithms in (["HS256"], ["none"], ["RS256", "HS512"]):
+        with pytest.raises(ConfigError, match="asymmetric"):
+            GatewayConfig.from_mapping(config(algorithms=algorithms))
+    with pytest.raises(ConfigError, match="not a gateway upstream"):
+        GatewayConfig.from_mapping(config(audiences={"nowhere": "x"}))
+    with pytest.raises(ConfigError, match="https"):
+        GatewayConfig.from_mapping(config(issuer="http://idp.example.com"))
+    with pytest.raises(ConfigError, match="both"):
+        GatewayConfig.from_mapping(config(introspection_client_id="x"))
