@@ -37,6 +37,7 @@ from bastion.gateway.sessions import (
 )
 from bastion.gateway.transport import InFlight, StreamableHttpEndpoint, send_json
 from bastion.gateway.upstream import Hear, Upstream, open_upstream
+from bastion.oauth.dpop import DPoPProofs
 from bastion.oauth.errors import InvalidToken
 from bastion.oauth.verifier import VerifiedTokens
 from bastion.signals.posture import PostureSettings
@@ -102,8 +103,11 @@ class Gateway:
         approvals: Approvals | None = None,
         suspensions: Suspensions | None = None,
         posture: PostureSettings | None = None,
+        dpop: DPoPProofs | None = None,
     ) -> None:
         self.config = config
+        # DPoP (RFC 9449): checks the proof a DPoP-bound token comes with; None refuses them.
+        self.dpop = dpop
         # [signals.posture]: the network zone, device and token age of each request's context.
         self.posture = posture or PostureSettings()
         # [server].max_json_depth: how deep a client's JSON-RPC message may nest.
@@ -168,6 +172,7 @@ class Gateway:
             scopes_supported=self.resource_scopes(self.resource(server))
             or self.challenge_scopes(server),
             resource_name=server,
+            dpop_signing_alg_values=self.dpop.algorithms if self.dpop else (),
         )
 
     def allows_origin(self, origin: str) -> bool:

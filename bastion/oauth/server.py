@@ -26,6 +26,8 @@ from bastion.oauth.client_assertion import ClientAssertions
 from bastion.oauth.client_auth import authenticate_client
 from bastion.oauth.client_metadata_document import ClientMetadataDocuments, is_client_id_url
 from bastion.oauth.csrf import FormTokens
+from bastion.oauth.dpop import HEADER as DPOP_HEADER
+from bastion.oauth.dpop import DPoPProofs
 from bastion.oauth.errors import InvalidRequest, OAuthError
 from bastion.oauth.keys import KeyRing, deployment_secret
 from bastion.oauth.metadata import authorization_server_metadata, metadata_path
@@ -125,6 +127,10 @@ class AuthorizationServer:
             audiences=(settings.issuer, settings.endpoint("token")),
             leeway_seconds=settings.leeway_seconds,
             clock=clock,
+        )
+        # DPoP (RFC 9449): proofs at the token endpoint and the gateway, bound refresh tokens.
+        self.dpop = DPoPProofs(
+            settings.dpop, db, leeway_seconds=settings.leeway_seconds, clock=clock
         )
         # The CSRF tokens of forms no stored request holds a token for (sign-in, approvals),
         # under a secret of the deployment made on first use.
@@ -293,7 +299,11 @@ class AuthorizationServer:
         )
         return await self._client_request(
             request,
-            functools.partial(self._tokens.exchange, origin=origin),
+            functools.partial(
+                self._tokens.exchange,
+                origin=origin,
+                dpop_proofs=tuple(request.headers.getlist(DPOP_HEADER)),
+            ),
             "token.refused",
             quiet=POLLING_ERRORS,
         )

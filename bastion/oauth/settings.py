@@ -131,6 +131,19 @@ class ClientAssertionSettings:
 
 
 @dataclass(frozen=True)
+class DPoPSettings:
+    """DPoP proofs (RFC 9449) at the token endpoint and the gateway (``[oauth.dpop]``;
+    `bastion/oauth/dpop.py`)."""
+
+    # How old a proof may be (now - iat), beyond the leeway: its jti is kept that long.
+    max_age_seconds: int = 60
+    # The largest proof accepted, in characters.
+    max_proof_chars: int = 8192
+    # The signing algorithms accepted (asymmetric only).
+    algorithms: tuple[str, ...] = ("ES256", "RS256", "PS256", "EdDSA")
+
+
+@dataclass(frozen=True)
 class OAuthSettings:
     issuer: str
     resources: tuple[ProtectedResource, ...]
@@ -150,6 +163,7 @@ class OAuthSettings:
     refusal_audit: RefusalAuditSettings = field(default_factory=RefusalAuditSettings)
     ciba: BackchannelSettings = field(default_factory=BackchannelSettings)
     client_assertion: ClientAssertionSettings = field(default_factory=ClientAssertionSettings)
+    dpop: DPoPSettings = field(default_factory=DPoPSettings)
     # Token exchange (RFC 8693, `bastion/oauth/token_exchange.py`): how long an exchanged token
     # lives (never past its subject token's exp), and the most delegations one chain may hold.
     exchanged_token_seconds: int = 300
@@ -208,6 +222,7 @@ class OAuthSettings:
             "refusal_audit",
             "ciba",
             "client_assertion",
+            "dpop",
             "exchanged_token_seconds",
             "max_delegation_depth",
         }
@@ -295,6 +310,7 @@ class OAuthSettings:
             ),
             ciba=ciba,
             client_assertion=_client_assertion(table.get("client_assertion", {})),
+            dpop=_dpop(table.get("dpop", {})),
             **numbers,
         )
 
@@ -404,6 +420,26 @@ def _client_assertion(value: Any) -> ClientAssertionSettings:
             f" (asymmetric only), got {algorithms!r}"
         )
     return ClientAssertionSettings(**{**settings.__dict__, "algorithms": tuple(algorithms)})
+
+
+def _dpop(value: Any) -> DPoPSettings:
+    from bastion.oauth.client_assertion import ASYMMETRIC_ALGORITHMS
+
+    if not isinstance(value, Mapping):
+        raise SettingsError("oauth.dpop: a table")
+    numbers = {k: v for k, v in value.items() if k != "algorithms"}
+    settings = _limits("dpop", numbers, DPoPSettings)
+    algorithms = value.get("algorithms", list(settings.algorithms))
+    if (
+        not isinstance(algorithms, list)
+        or not algorithms
+        or any(a not in ASYMMETRIC_ALGORITHMS for a in algorithms)
+    ):
+        raise SettingsError(
+            f"oauth.dpop.algorithms: a non-empty list of {list(ASYMMETRIC_ALGORITHMS)}"
+            f" (asymmetric only), got {algorithms!r}"
+        )
+    return DPoPSettings(**{**settings.__dict__, "algorithms": tuple(algorithms)})
 
 
 def _limits(name: str, value: Any, kind: type) -> Any:
