@@ -49,7 +49,7 @@ from bastion.gateway.jsonrpc import (
 )
 from bastion.gateway.metadata import challenge
 from bastion.gateway.sessions import LIST_CHANGED, SUBSCRIPTION_ID, Listener, may_read
-from bastion.oauth.dpop import InvalidDPoPProof, one_proof
+from bastion.oauth.dpop import NONCE_HEADER, InvalidDPoPProof, UseDPoPNonce, one_proof
 from bastion.oauth.errors import InvalidToken
 from bastion.signals.step_up import ERROR as SIGN_IN_AGAIN
 
@@ -267,6 +267,10 @@ class StreamableHttpEndpoint:
             checked = await anyio.to_thread.run_sync(
                 dpop.use, proof, scope["method"], self.gateway.resource(server), token
             )
+        except UseDPoPNonce as e:
+            error = refused(e.error, e.description)
+            error.headers[NONCE_HEADER] = e.nonce
+            raise error from None
         except InvalidDPoPProof as e:
             raise refused("invalid_dpop_proof", e.description) from None
         except DatabaseUnavailable as e:

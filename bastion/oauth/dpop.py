@@ -12,14 +12,20 @@ A proof (§4.2, checked per §4.3) is a JWT with ``typ: dpop+jwt``, an asymmetri
 the claims ``jti``, ``htm`` (the request's method), ``htu`` (its URL without query and fragment,
 compared normalised), ``iat`` (at most ``max_age_seconds`` old, not in the future beyond the
 leeway) and, with an access token, ``ath`` (its SHA-256, base64url). Each ``jti`` is used once
-per key, remembered in the database every replica shares (`bastion.oauth.spent_jtis`). Server
-nonces (§8, §9) are not issued.
+per key, remembered in the database every replica shares (`bastion.oauth.spent_jtis`).
+
+With ``[oauth.dpop].require_nonce`` every proof must also carry a server nonce (§8, §9): a
+proof without one, or with a stale one, is refused with ``use_dpop_nonce`` and a fresh nonce in
+the ``DPoP-Nonce`` response header. A nonce is an HMAC of the current period under a secret of
+the deployment, so every replica sharing ``key_dir`` makes and accepts the same ones with no
+shared state; it is good for its period (``nonce_seconds``) and the next.
 """
 
 from __future__ import annotations
 
 import base64
 import hashlib
+import hmac
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -38,6 +44,7 @@ from bastion.oauth.spent_jtis import SpentJtis
 
 SCHEME = "DPoP"  # the Authorization scheme and the token_type of a bound token (§7.1, §5)
 HEADER = "dpop"  # the request header carrying the proof (§4.1), as ASGI spells it
+NONCE_HEADER = "DPoP-Nonce"  # the response header carrying a server nonce (§8.1)
 PROOF_TYPE = "dpop+jwt"
 # The client metadata that makes DPoP mandatory for a client (§5.2).
 CLIENT_METADATA = "dpop_bound_access_tokens"
@@ -63,6 +70,16 @@ class InvalidDPoPProof(OAuthError):
 
     def __init__(self, description: str, status: int = 400) -> None:
         super().__init__("invalid_dpop_proof", description, status)
+
+
+class UseDPoPNonce(InvalidDPoPProof):
+    """RFC 9449 §8 and §9: the proof needs this server's current nonce, sent back as
+    ``DPoP-Nonce``."""
+
+    def __init__(self, description: str, nonce: str) -> None:
+        super().__init__(description)
+        self.error = "use_dpop_nonce"
+        self.nonce = nonce
 
 
 @dataclass(frozen=True)
@@ -111,8 +128,15 @@ class DPoPProofs:
         db: Database,
         leeway_seconds: int,
         clock: Callable[[], float] = time.time,
+        nonce_secret: Callable[[], bytes] | None = None,
     ) -> None:
+        """``nonce_secret`` gives the deployment's secret nonces are made with (needed with
+        ``require_nonce``; read on first use)."""
+        if settings.require_nonce and nonce_secret is None:
+            raise ValueError("[oauth.dpop] require_nonce needs a secret to make nonces with")
         self.settings = settings
+        self._nonce_secret = nonce_secret
+        self._secret: bytes | None = None
         self.db = db
         self.leeway = leeway_seconds
         self.clock = clock
@@ -201,6 +225,11 @@ class DPoPProofs:
                 f"the DPoP proof is older than {oldest} s ([oauth.dpop].max_age_seconds);"
                 " make a new one for each request"
             )
+        if self.settings.require_nonce and not self._nonce_ok(claims.get("nonce")):
+            raise UseDPoPNonce(
+                "this server requires a nonce in DPoP proofs: use the one in the DPoP-Nonce header",
+                self.nonce(),
+            )
         if access_token is not None and claims.get("ath") != access_token_hash(access_token):
             raise InvalidDPoPProof(
                 "the DPoP proof's ath must be the SHA-256 hash (base64url) of this access token"
@@ -210,6 +239,31 @@ class DPoPProofs:
         except (JoseError, ValueError) as exc:  # pragma: no cover - a key joserfc imported
             raise InvalidDPoPProof(f"the DPoP proof's jwk has no thumbprint: {exc}") from None
         return DPoPProof(thumbprint, jti), float(iat) + oldest + 2 * self.leeway
+
+    # -- server nonces (§8, §9) -------------------------------------------------------------
+
+    def nonce(self) -> str:
+        """The nonce of the current period."""
+        return self._nonce_of(int(self.clock() // self.settings.nonce_seconds))
+
+    def _nonce_of(self, period: int) -> str:
+        if self._secret is None:
+            assert self._nonce_secret is not None
+            self._secret = self._nonce_secret()
+        mac = hmac.new(self._secret, f"dpop-nonce:{period}".encode(), hashlib.sha256).digest()
+        return f"{period}.{base64.urlsafe_b64encode(mac[:18]).decode()}"
+
+    def _nonce_ok(self, value: Any) -> bool:
+        """A nonce of this period or the one before, made by this deployment."""
+        if not isinstance(value, str) or len(value) > 64:
+            return False
+        period, _, _ = value.partition(".")
+        if not period.isdigit():
+            return False
+        current = int(self.clock() // self.settings.nonce_seconds)
+        return int(period) in (current, current - 1) and hmac.compare_digest(
+            value, self._nonce_of(int(period))
+        )
 
     def _forget_expired(self) -> None:
         """At most once a minute, on the path of a proof: forget spent proofs' jtis."""

@@ -141,6 +141,10 @@ class DPoPSettings:
     max_proof_chars: int = 8192
     # The signing algorithms accepted (asymmetric only).
     algorithms: tuple[str, ...] = ("ES256", "RS256", "PS256", "EdDSA")
+    # Require a server nonce in every proof (RFC 9449 §8, §9); a nonce is good for one period
+    # and the next.
+    require_nonce: bool = False
+    nonce_seconds: int = 300
 
 
 @dataclass(frozen=True)
@@ -427,8 +431,11 @@ def _dpop(value: Any) -> DPoPSettings:
 
     if not isinstance(value, Mapping):
         raise SettingsError("oauth.dpop: a table")
-    numbers = {k: v for k, v in value.items() if k != "algorithms"}
+    numbers = {k: v for k, v in value.items() if k not in ("algorithms", "require_nonce")}
     settings = _limits("dpop", numbers, DPoPSettings)
+    require_nonce = value.get("require_nonce", False)
+    if not isinstance(require_nonce, bool):
+        raise SettingsError(f"oauth.dpop.require_nonce: true or false, got {require_nonce!r}")
     algorithms = value.get("algorithms", list(settings.algorithms))
     if (
         not isinstance(algorithms, list)
@@ -439,7 +446,13 @@ def _dpop(value: Any) -> DPoPSettings:
             f"oauth.dpop.algorithms: a non-empty list of {list(ASYMMETRIC_ALGORITHMS)}"
             f" (asymmetric only), got {algorithms!r}"
         )
-    return DPoPSettings(**{**settings.__dict__, "algorithms": tuple(algorithms)})
+    return DPoPSettings(
+        **{
+            **settings.__dict__,
+            "algorithms": tuple(algorithms),
+            "require_nonce": require_nonce,
+        }
+    )
 
 
 def _limits(name: str, value: Any, kind: type) -> Any:

@@ -18,6 +18,7 @@ from joserfc import jwt as jose_jwt
 from joserfc.jwk import ECKey, OctKey, RSAKey
 
 from bastion.oauth import users
+from bastion.oauth.settings import OAuthSettings, SettingsError
 from tests.gateway.streams import messages, modern_headers, modern_request
 from tests.gateway.support import PASSWORD, REDIRECT_URI, start
 from tests.oauth.support import log_in_and_consent, pkce_pair
@@ -409,3 +410,80 @@ def test_alg_none_hmac_and_private_keys_are_refused(bastion, bound):
     p384 = Holder(ECKey.generate_key("P-384"), "ES384")
     _, response = code_request(bastion, p384, proofs=[p384.proof("POST", token_url(bastion))])
     refused_at_token(response, "alg 'ES384'")
+
+
+# -- server nonces (RFC 9449 §8, §9) ---------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def strict(tmp_path_factory):
+    """A bastion that requires a server nonce in every proof, with one more replica."""
+    saved = users._HASHER
+    users._HASHER = PasswordHasher(time_cost=1, memory_cost=1024, parallelism=1)
+    try:
+        with start(
+            tmp_path_factory.mktemp("dpop-nonce"),
+            replicas=1,
+            oauth={"dpop": {"require_nonce": True, "nonce_seconds": 60}},
+        ) as running:
+            yield running
+    finally:
+        users._HASHER = saved
+
+
+def test_a_proof_without_the_server_nonce_gets_one_to_retry_with(strict):
+    holder = Holder()
+    _, response = code_request(strict, holder)
+    refused_at = response.json()
+    assert response.status_code == 400 and refused_at["error"] == "use_dpop_nonce", refused_at
+    nonce = response.headers["dpop-nonce"]
+    # A new code, exchanged with a proof that carries the nonce.
+    _, again = code_request(
+        strict, holder, proofs=[holder.proof("POST", token_url(strict), nonce=nonce)]
+    )
+    assert again.status_code == 200, again.text
+    token = again.json()["access_token"]
+    url = strict.mcp_url(SERVER)
+    first = call(strict, token, [holder.proof("POST", url, token)])
+    assert first.status_code == 401 and first.json()["error"] == "use_dpop_nonce", first.text
+    assert 'error="use_dpop_nonce"' in first.headers["www-authenticate"]
+    nonce = first.headers["dpop-nonce"]
+    ok = call(strict, token, [holder.proof("POST", url, token, nonce=nonce)])
+    assert ok.status_code == 200, ok.text
+    # Every replica sharing key_dir makes and takes the same nonces.
+    replica = f"{strict.replicas[0]}/mcp/{SERVER}"
+    ok = call(strict, token, [holder.proof("POST", url, token, nonce=nonce)], url=replica)
+    assert ok.status_code == 200, ok.text
+
+
+def test_a_forged_or_stale_nonce_is_refused(strict):
+    holder = Holder()
+    period = int(time.time() // 60)
+    dpop = strict.app.state.oauth.dpop
+    for nonce in (f"{period}.forged", dpop._nonce_of(period - 2), dpop._nonce_of(period + 1), 7):
+        proof = holder.proof("POST", token_url(strict), nonce=nonce)
+        _, response = code_request(strict, holder, proofs=[proof])
+        assert response.status_code == 400, response.text
+        assert response.json()["error"] == "use_dpop_nonce", (nonce, response.text)
+
+
+@pytest.mark.parametrize(
+    "table, words",
+    [
+        ({"algorithms": ["HS256"]}, "asymmetric only"),
+        ({"algorithms": []}, "non-empty"),
+        ({"max_age_seconds": 0}, "max_age_seconds"),
+        ({"require_nonce": "yes"}, "require_nonce"),
+        ({"nonces": True}, "unknown keys"),
+    ],
+)
+def test_dpop_settings_are_checked(table, words):
+    with pytest.raises(SettingsError, match=words):
+        OAuthSettings.from_mapping(
+            {
+                "issuer": "https://as.example",
+                "key_dir": "/var/lib/bastion/keys",
+                "resources": [{"uri": "https://mcp.example/mcp", "scopes": ["read"]}],
+                "dpop": table,
+            }
+        )
