@@ -19,6 +19,9 @@ from joserfc.jwk import ECKey, OctKey, RSAKey
 
 from bastion.oauth import users
 from bastion.oauth.settings import OAuthSettings, SettingsError
+from tests.delegation.support import ACCESS_TOKEN, EXCHANGE, start_studio
+from tests.delegation.support import PASSWORD as STUDIO_PASSWORD
+from tests.delegation.support import REDIRECT_URI as STUDIO_REDIRECT
 from tests.gateway.streams import messages, modern_headers, modern_request
 from tests.gateway.support import PASSWORD, REDIRECT_URI, start
 from tests.oauth.support import log_in_and_consent, pkce_pair
@@ -487,3 +490,90 @@ def test_dpop_settings_are_checked(table, words):
                 "dpop": table,
             }
         )
+
+
+# -- token exchange (RFC 8693) never unbinds a token ------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def studio(tmp_path_factory):
+    with start_studio(tmp_path_factory.mktemp("dpop-studio")) as running:
+        yield running
+
+
+def studio_user_token(studio, agent, holder: Holder | None) -> str:
+    """sam signs in and consents; ``agent`` redeems the code, with ``holder``'s proof if any."""
+    verifier, challenge = pkce_pair()
+    params = {
+        "response_type": "code",
+        "client_id": agent.client_id,
+        "redirect_uri": STUDIO_REDIRECT,
+        "state": "s",
+        "code_challenge": challenge,
+        "code_challenge_method": "S256",
+        "resource": studio.mcp_url,
+        "scope": "files:read",
+    }
+    redirect = log_in_and_consent(
+        studio.url, f"{studio.url}/authorize?{urlencode(params)}", "sam", STUDIO_PASSWORD
+    )
+    code = parse_qs(urlsplit(redirect.headers["location"]).query)["code"][0]
+    url = f"{studio.url}/token"
+    answer = studio.http.post(
+        url,
+        data={
+            "grant_type": "authorization_code",
+            "code": code,
+            "redirect_uri": STUDIO_REDIRECT,
+            "code_verifier": verifier,
+            "client_id": agent.client_id,
+        },
+        headers={"DPoP": holder.proof("POST", url)} if holder else {},
+    )
+    assert answer.status_code == 200, answer.text
+    return answer.json()["access_token"]
+
+
+def test_a_bound_token_is_never_exchanged_for_a_bearer_one(studio):
+    coder, sub = studio.coding_agent("dpop-coder"), studio.sub_agent("dpop-sub")
+    studio.facts(
+        ("has_role", f"Agent:{coder.client_id}", "coder", "McpServer:studio"),
+        ("has_role", f"Agent:{sub.client_id}", "illustrator", "McpServer:studio"),
+        ("may_use_folder", f"Agent:{sub.client_id}", "icons"),
+    )
+    # The same exchange with an unbound subject token is allowed: the binding alone refuses.
+    plain = studio.exchange(coder, studio_user_token(studio, coder, None), studio.own_token(sub))
+    assert plain.status_code == 200, plain.text
+    holder = Holder()
+    bound = studio_user_token(studio, coder, holder)
+    assert "cnf" in claims_of(bound)
+    refused = studio.exchange(coder, bound, studio.own_token(sub))
+    assert refused.status_code == 400, refused.text
+    assert refused.json()["error"] == "invalid_request"
+    assert "bound to a DPoP key" in refused.json()["error_description"]
+    # A bound actor token is refused the same way.
+    url = f"{studio.url}/token"
+    own = studio.http.post(
+        url,
+        data={"grant_type": "client_credentials", "resource": studio.mcp_url},
+        auth=sub.auth,
+        headers={"DPoP": holder.proof("POST", url)},
+    )
+    assert own.status_code == 200 and own.json()["token_type"] == "DPoP", own.text
+    subject = studio_user_token(studio, coder, None)
+    refused = studio.exchange(coder, subject, own.json()["access_token"])
+    assert refused.status_code == 400 and "actor_token" in refused.json()["error_description"]
+    # And an exchange asked for with a proof: token exchange issues Bearer tokens only.
+    asked = studio.http.post(
+        url,
+        data={
+            "grant_type": EXCHANGE,
+            "subject_token": studio_user_token(studio, coder, None),
+            "subject_token_type": ACCESS_TOKEN,
+            "actor_token": studio.own_token(sub),
+            "actor_token_type": ACCESS_TOKEN,
+            "client_id": coder.client_id,
+        },
+        headers={"DPoP": holder.proof("POST", url)},
+    )
+    assert asked.status_code == 400 and "Bearer tokens only" in asked.text, asked.text
