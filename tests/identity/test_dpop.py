@@ -17,7 +17,7 @@ from argon2 import PasswordHasher
 from joserfc import jwt as jose_jwt
 from joserfc.jwk import ECKey, OctKey, RSAKey
 
-from bastion.oauth import users
+from bastion.oauth import registration, users
 from bastion.oauth.settings import OAuthSettings, SettingsError
 from tests.delegation.support import ACCESS_TOKEN, EXCHANGE, start_studio
 from tests.delegation.support import PASSWORD as STUDIO_PASSWORD
@@ -577,3 +577,29 @@ def test_a_bound_token_is_never_exchanged_for_a_bearer_one(studio):
         headers={"DPoP": holder.proof("POST", url)},
     )
     assert asked.status_code == 400 and "Bearer tokens only" in asked.text, asked.text
+
+
+def test_introspection_reports_the_binding(bastion, bound):
+    holder, token = bound
+    oauth = bastion.app.state.oauth
+    values = registration.validate_client_metadata(
+        {
+            "client_name": "resource server",
+            "token_endpoint_auth_method": "client_secret_basic",
+            "grant_types": ["client_credentials"],
+        },
+        oauth.settings,
+    )
+    made = registration.new_client(values, source="admin", now=time.time(), may_introspect=True)
+    oauth.store.save_client(made.client)
+    auth = (made.client.client_id, made.client_secret)
+    answer = bastion.http.post(f"{bastion.url}/introspect", data={"token": token}, auth=auth)
+    assert answer.status_code == 200, answer.text
+    body = answer.json()
+    assert body["active"] is True and body["token_type"] == "DPoP", body
+    assert body["cnf"] == {"jkt": holder.jkt}
+    _, plain = code_request(bastion, None)
+    body = bastion.http.post(
+        f"{bastion.url}/introspect", data={"token": plain.json()["access_token"]}, auth=auth
+    ).json()
+    assert body["token_type"] == "Bearer" and "cnf" not in body, body
