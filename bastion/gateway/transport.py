@@ -173,7 +173,7 @@ class StreamableHttpEndpoint:
                 401,
                 {
                     "error": "invalid_token",
-                    "error_description": "a Bearer (or DPoP) access token is required",
+                    "error_description": "a Bearer access token is required",
                 },
                 {
                     "www-authenticate": challenge(
