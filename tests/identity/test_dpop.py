@@ -17,8 +17,10 @@ from argon2 import PasswordHasher
 from joserfc import jwt as jose_jwt
 from joserfc.jwk import ECKey, OctKey, RSAKey
 
+from bastion.db import Database
 from bastion.oauth import registration, users
-from bastion.oauth.settings import OAuthSettings, SettingsError
+from bastion.oauth.dpop import DPoPProofs, InvalidDPoPProof
+from bastion.oauth.settings import DPoPSettings, OAuthSettings, SettingsError
 from tests.delegation.support import ACCESS_TOKEN, EXCHANGE, start_studio
 from tests.delegation.support import PASSWORD as STUDIO_PASSWORD
 from tests.delegation.support import REDIRECT_URI as STUDIO_REDIRECT
@@ -603,3 +605,19 @@ def test_introspection_reports_the_binding(bastion, bound):
         f"{bastion.url}/introspect", data={"token": plain.json()["access_token"]}, auth=auth
     ).json()
     assert body["token_type"] == "Bearer" and "cnf" not in body, body
+
+
+def test_proofs_and_bindings_are_shared_through_either_database(database_url):
+    """Two replicas' checkers on one database (SQLite or PostgreSQL): a proof is used once
+    across both, and a grant keeps the first key it was bound to."""
+    one = DPoPProofs(DPoPSettings(), Database(database_url), leeway_seconds=30)
+    two = DPoPProofs(DPoPSettings(), Database(database_url), leeway_seconds=30)
+    holder, url = Holder(), "https://bastion.example/mcp/desk"
+    proof = holder.proof("POST", url, "the-token")
+    assert one.use(proof, "POST", url, "the-token").jkt == holder.jkt
+    with pytest.raises(InvalidDPoPProof, match="already used"):
+        two.use(proof, "POST", url, "the-token")
+    grant = uuid.uuid4().hex
+    one.bind_grant(grant, "first", time.time() + 60)
+    two.bind_grant(grant, "second", time.time() + 60)
+    assert two.grant_key(grant) == "first" and one.grant_key(uuid.uuid4().hex) is None
