@@ -38,6 +38,7 @@ from bastion.gateway.sessions import (
 from bastion.gateway.transport import InFlight, StreamableHttpEndpoint, send_json
 from bastion.gateway.upstream import Hear, Upstream, open_upstream
 from bastion.identity.trusted_issuers import IssuerUnavailable, TrustedIssuers
+from bastion.oauth.dpop import DPoPProofs
 from bastion.oauth.errors import InvalidToken
 from bastion.oauth.verifier import VerifiedToken, VerifiedTokens
 from bastion.signals.posture import PostureSettings
@@ -104,10 +105,13 @@ class Gateway:
         suspensions: Suspensions | None = None,
         posture: PostureSettings | None = None,
         trusted: TrustedIssuers | None = None,
+        dpop: DPoPProofs | None = None,
     ) -> None:
         self.config = config
         # [[gateway.trusted_issuers]]: identity providers whose access tokens are accepted too.
         self.trusted = trusted
+        # DPoP (RFC 9449): checks the proof a DPoP-bound token comes with; None refuses them.
+        self.dpop = dpop
         # [signals.posture]: the network zone, device and token age of each request's context.
         self.posture = posture or PostureSettings()
         # [server].max_json_depth: how deep a client's JSON-RPC message may nest.
@@ -175,6 +179,7 @@ class Gateway:
             scopes_supported=self.resource_scopes(self.resource(server))
             or self.challenge_scopes(server),
             resource_name=server,
+            dpop_signing_alg_values=self.dpop.algorithms if self.dpop else (),
         )
 
     def allows_origin(self, origin: str) -> bool:

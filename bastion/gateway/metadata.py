@@ -18,6 +18,8 @@ class ProtectedResourceMetadata:
     authorization_servers: tuple[str, ...]
     scopes_supported: tuple[str, ...]
     resource_name: str = ""
+    # DPoP (RFC 9449 §7.1 and RFC 9728 §2): accepted, never required; the proof algorithms.
+    dpop_signing_alg_values: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         body: dict[str, Any] = {
@@ -26,6 +28,9 @@ class ProtectedResourceMetadata:
             "scopes_supported": list(self.scopes_supported),
             "bearer_methods_supported": ["header"],
         }
+        if self.dpop_signing_alg_values:
+            body["dpop_signing_alg_values_supported"] = list(self.dpop_signing_alg_values)
+            body["dpop_bound_access_tokens_required"] = False
         if self.resource_name:
             body["resource_name"] = self.resource_name
         return body

@@ -75,6 +75,7 @@ def gateway_from_config(
     gateway = Gateway(
         gateway_config,
         tokens=VerifiedTokens(oauth.verifier, config.database),
+        dpop=oauth.dpop,
         issuer=settings.issuer,
         authorizer=authorizer,
         facts_stale=facts_stale,

@@ -20,6 +20,7 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
+import anyio
 from starlette.types import Receive, Scope, Send
 
 from bastion import untrusted_json
@@ -49,6 +50,7 @@ from bastion.gateway.jsonrpc import (
 from bastion.gateway.metadata import challenge
 from bastion.gateway.sessions import LIST_CHANGED, SUBSCRIPTION_ID, Listener, may_read
 from bastion.identity.trusted_issuers import IssuerUnavailable
+from bastion.oauth.dpop import NONCE_HEADER, InvalidDPoPProof, UseDPoPNonce, one_proof
 from bastion.oauth.errors import InvalidToken
 from bastion.signals.step_up import ERROR as SIGN_IN_AGAIN
 
@@ -57,6 +59,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("bastion.gateway")
 
+DPOP_HEADER = b"dpop"
 _NAME_PARAMS = {"tools/call": "name", "prompts/get": "name", "resources/read": "uri"}
 _ENVELOPE_VERSION = "io.modelcontextprotocol/protocolVersion"
 _ENVELOPE_CAPABILITIES = "io.modelcontextprotocol/clientCapabilities"
@@ -165,7 +168,8 @@ class StreamableHttpEndpoint:
         gateway = self.gateway
         authorization = headers.get("authorization", "")
         scheme, _, token = authorization.partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
+        kind = scheme.lower()
+        if kind not in ("bearer", "dpop") or not token.strip():
             raise HttpError(
                 401,
                 {
@@ -202,6 +206,8 @@ class StreamableHttpEndpoint:
                 {"error": "temporarily_unavailable", "error_description": f"{e}"},
                 {"retry-after": "1"},
             ) from None
+        if verified.jkt is not None or kind == "dpop":
+            await self._check_dpop(server, kind, token, verified.jkt, scope)
         client = scope.get("client") or ("", 0)
         return Caller(
             subject=verified.subject,
@@ -217,6 +223,61 @@ class StreamableHttpEndpoint:
             agents=verified.agents,
             task=verified.task or "",
         )
+
+    async def _check_dpop(
+        self, server: str, kind: str, token: str, jkt: str | None, scope: Scope
+    ) -> None:
+        """RFC 9449 §7: a DPoP-bound token is taken only as ``Authorization: DPoP`` with a proof
+        of its key made for this very request (method, URL, the token's hash), and the DPoP
+        scheme only with a bound token. One signature check and one jti write, off the loop."""
+        dpop = self.gateway.dpop
+
+        def refused(error: str, description: str) -> HttpError:
+            challenge = (
+                f'DPoP error="{error}"' if dpop is None else dpop.challenge(error, description)
+            )
+            body = {"error": error, "error_description": description}
+            return HttpError(401, body, {"www-authenticate": challenge})
+
+        if dpop is None:
+            raise refused("invalid_token", "this gateway does not accept DPoP-bound tokens")
+        if kind != "dpop":
+            raise refused(
+                "invalid_token",
+                "this access token is bound to a DPoP key: send it as 'Authorization: DPoP"
+                " <token>' with a DPoP proof",
+            )
+        if jkt is None:
+            raise refused(
+                "invalid_token",
+                "this access token is not DPoP-bound: send it as 'Authorization: Bearer <token>'",
+            )
+        proofs = [v.decode("latin-1") for k, v in scope["headers"] if k == DPOP_HEADER]
+        try:
+            proof = one_proof(proofs)
+            if proof is None:
+                raise InvalidDPoPProof("send a proof of the token's key in the DPoP header")
+            checked = await anyio.to_thread.run_sync(
+                dpop.use, proof, scope["method"], self.gateway.resource(server), token
+            )
+        except UseDPoPNonce as e:
+            error = refused(e.error, e.description)
+            error.headers[NONCE_HEADER] = e.nonce
+            raise error from None
+        except InvalidDPoPProof as e:
+            raise refused("invalid_dpop_proof", e.description) from None
+        except DatabaseUnavailable as e:
+            # The proof's jti cannot be recorded: refused until it can (fail closed).
+            raise HttpError(
+                503,
+                {"error": "temporarily_unavailable", "error_description": f"{e}"},
+                {"retry-after": "1"},
+            ) from None
+        if checked.jkt != jkt:
+            raise refused(
+                "invalid_dpop_proof",
+                "the DPoP proof is made with another key than the one this token is bound to",
+            )
 
     # -- POST --------------------------------------------------------------------------------------
 

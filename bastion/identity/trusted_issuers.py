@@ -32,6 +32,7 @@ from bastion import untrusted_json
 from bastion.audit.refusals import RefusalLog
 from bastion.oauth.access_token import TOKEN_TYPE
 from bastion.oauth.client_assertion import ASYMMETRIC_ALGORITHMS, jwks_problem, jwks_uri_problem
+from bastion.oauth.dpop import token_key
 from bastion.oauth.errors import InvalidToken
 from bastion.oauth.jwks import FetchLimits, RemoteDocumentError, RemoteKeySets, fetch_json
 from bastion.oauth.verifier import VerifiedToken
@@ -418,6 +419,12 @@ class TrustedIssuers:
         else:
             scopes = frozenset()
         jti = claims.get("jti")
+        try:
+            # A token the issuer bound to a DPoP key (RFC 9449 §6.1) is taken only with a proof
+            # of that key, never as a Bearer token: the gateway checks it as for its own.
+            jkt = token_key(claims)
+        except ValueError as e:
+            raise InvalidToken(str(e), "claims") from None
         return VerifiedToken(
             subject=user,
             client_id=agent,
@@ -428,6 +435,7 @@ class TrustedIssuers:
             expires_at=int(expires_at),
             grant_id="",
             claims=claims,
+            jkt=jkt,
         )
 
     # -- the issuer's endpoints ----------------------------------------------------------------

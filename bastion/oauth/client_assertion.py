@@ -33,6 +33,7 @@ from bastion.db import Database
 from bastion.oauth.errors import InvalidClient, InvalidClientMetadata, InvalidRequest
 from bastion.oauth.jwks import FetchLimits, RemoteDocumentError, RemoteKeySets
 from bastion.oauth.settings import ClientAssertionSettings
+from bastion.oauth.spent_jtis import SpentJtis
 from bastion.oauth.store import Client
 
 ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
@@ -55,18 +56,6 @@ MAX_JTI_CHARS = 256
 MAX_ASSERTION_CHARS = 8192
 # Members of a JWK that only a private (or symmetric) key has: never registered with bastion.
 _PRIVATE_MEMBERS = ("d", "p", "q", "dp", "dq", "qi", "oth", "k")
-
-_MIGRATIONS = [
-    """
-    CREATE TABLE oauth_client_assertions (
-        client_id TEXT NOT NULL,
-        jti TEXT NOT NULL,
-        expires_at DOUBLE PRECISION NOT NULL,
-        PRIMARY KEY (client_id, jti)
-    );
-    CREATE INDEX oauth_client_assertions_expiry ON oauth_client_assertions (expires_at);
-    """
-]
 
 
 def jwks_problem(jwks: Any) -> str | None:
@@ -170,7 +159,7 @@ class ClientAssertions:
             clock=clock,
             transport=transport,
         )
-        db.migrate("oauth_client_assertions", _MIGRATIONS)
+        self.spent = SpentJtis(db)
 
     async def authenticate(
         self,
@@ -211,7 +200,7 @@ class ClientAssertions:
         verified = await anyio.to_thread.run_sync(self._verify, assertion, keys, kid)
         expires_at = self._check_claims(verified)
         fresh = await anyio.to_thread.run_sync(
-            self._use_once, client.client_id, verified["jti"], expires_at
+            self.spent.use_once, client.client_id, verified["jti"], expires_at
         )
         if not fresh:
             raise InvalidClient("this client assertion was already used (its jti is spent)")
@@ -291,18 +280,9 @@ class ClientAssertions:
             )
         return float(exp) + leeway
 
-    def _use_once(self, client_id: str, jti: str, expires_at: float) -> bool:
-        """Record ``jti`` as spent; exactly one caller, on any replica, ever gets True."""
-        rows = self.db.execute(
-            "INSERT INTO oauth_client_assertions (client_id, jti, expires_at) VALUES (?, ?, ?)"
-            " ON CONFLICT (client_id, jti) DO NOTHING RETURNING jti",
-            (client_id, jti, expires_at),
-        )
-        return bool(rows)
-
     def forget_expired(self, now: float) -> None:
         """Delete spent jtis whose assertions can no longer be accepted anyway."""
-        self.db.execute("DELETE FROM oauth_client_assertions WHERE expires_at < ?", (now,))
+        self.spent.forget_expired(now)
 
 
 def _unverified(assertion: str) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -72,4 +72,8 @@ def introspect(
         answer["act"] = claims["act"]
     if verified.task is not None:
         answer["task"] = verified.task
+    # A DPoP-bound token says so, with its key's thumbprint (RFC 9449 §6.2).
+    if verified.jkt is not None:
+        answer["token_type"] = "DPoP"
+        answer["cnf"] = {"jkt": verified.jkt}
     return answer

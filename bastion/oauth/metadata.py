@@ -47,6 +47,8 @@ def authorization_server_metadata(settings: OAuthSettings) -> dict[str, Any]:
         "introspection_endpoint_auth_signing_alg_values_supported": list(
             settings.client_assertion.algorithms
         ),
+        # DPoP (RFC 9449 §5.1): the algorithms a proof may be signed with.
+        "dpop_signing_alg_values_supported": list(settings.dpop.algorithms),
         "code_challenge_methods_supported": ["S256"],
         "authorization_response_iss_parameter_supported": True,
         "client_id_metadata_document_supported": settings.client_metadata.enabled,

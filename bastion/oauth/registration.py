@@ -21,6 +21,7 @@ from urllib.parse import urlsplit
 from bastion import untrusted_json
 from bastion.oauth.ciba import CIBA_GRANT_TYPE
 from bastion.oauth.client_assertion import key_metadata
+from bastion.oauth.dpop import CLIENT_METADATA as DPOP_REQUIRED
 from bastion.oauth.errors import InvalidClientMetadata, InvalidRedirectUri, OAuthError
 from bastion.oauth.redirect_uris import redirect_uri_problem
 from bastion.oauth.settings import OAuthSettings, OpenRegistrationSettings
@@ -67,7 +68,9 @@ class Registration:
             "response_types": ["code"] if "authorization_code" in client.grant_types else [],
             "token_endpoint_auth_method": client.token_endpoint_auth_method,
             **{k: v for k, v in client.metadata.items() if k in _DESCRIPTIVE},
-            **{k: v for k, v in client.metadata.items() if k in ("jwks", "jwks_uri")},
+            **{
+                k: v for k, v in client.metadata.items() if k in ("jwks", "jwks_uri", DPOP_REQUIRED)
+            },
         }
         if client.scope is not None:
             body["scope"] = client.scope
@@ -179,6 +182,11 @@ def validate_client_metadata(
             raise InvalidClientMetadata(f"{key} must be an http(s) URL")
         descriptive[key] = value
     descriptive.update(key_metadata(metadata, method))
+    dpop_bound = metadata.get(DPOP_REQUIRED, False)
+    if not isinstance(dpop_bound, bool):
+        raise InvalidClientMetadata(f"{DPOP_REQUIRED} must be true or false (RFC 9449 §5.2)")
+    if dpop_bound:
+        descriptive[DPOP_REQUIRED] = True
     return {
         "token_endpoint_auth_method": method,
         "grant_types": tuple(dict.fromkeys(grant_types)),

@@ -26,6 +26,8 @@ from bastion.oauth.client_assertion import ClientAssertions
 from bastion.oauth.client_auth import authenticate_client
 from bastion.oauth.client_metadata_document import ClientMetadataDocuments, is_client_id_url
 from bastion.oauth.csrf import FormTokens
+from bastion.oauth.dpop import HEADER as DPOP_HEADER
+from bastion.oauth.dpop import NONCE_HEADER, DPoPProofs, UseDPoPNonce
 from bastion.oauth.errors import InvalidRequest, OAuthError
 from bastion.oauth.keys import KeyRing, deployment_secret
 from bastion.oauth.metadata import authorization_server_metadata, metadata_path
@@ -43,6 +45,7 @@ from bastion.oauth.tokens import TokenEndpoint
 from bastion.oauth.verifier import TokenVerifier
 
 FORM_TOKEN_KEY = "form-tokens.key"
+DPOP_NONCE_KEY = "dpop-nonces.key"
 _NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}
 
 
@@ -52,6 +55,8 @@ def json_response(body: dict[str, Any], status: int = 200) -> JSONResponse:
 
 def error_response(error: OAuthError) -> JSONResponse:
     response = json_response(error.as_dict(), error.status)
+    if isinstance(error, UseDPoPNonce):
+        response.headers[NONCE_HEADER] = error.nonce
     if error.status == 401:
         scheme = "Bearer" if error.error == "invalid_token" else "Basic"
         response.headers["WWW-Authenticate"] = f'{scheme} error="{error.error}"'
@@ -125,6 +130,14 @@ class AuthorizationServer:
             audiences=(settings.issuer, settings.endpoint("token")),
             leeway_seconds=settings.leeway_seconds,
             clock=clock,
+        )
+        # DPoP (RFC 9449): proofs at the token endpoint and the gateway, bound refresh tokens.
+        self.dpop = DPoPProofs(
+            settings.dpop,
+            db,
+            leeway_seconds=settings.leeway_seconds,
+            clock=clock,
+            nonce_secret=lambda: deployment_secret(settings.key_dir, DPOP_NONCE_KEY),
         )
         # The CSRF tokens of forms no stored request holds a token for (sign-in, approvals),
         # under a secret of the deployment made on first use.
@@ -293,7 +306,11 @@ class AuthorizationServer:
         )
         return await self._client_request(
             request,
-            functools.partial(self._tokens.exchange, origin=origin),
+            functools.partial(
+                self._tokens.exchange,
+                origin=origin,
+                dpop_proofs=tuple(request.headers.getlist(DPOP_HEADER)),
+            ),
             "token.refused",
             quiet=POLLING_ERRORS,
         )

@@ -131,6 +131,23 @@ class ClientAssertionSettings:
 
 
 @dataclass(frozen=True)
+class DPoPSettings:
+    """DPoP proofs (RFC 9449) at the token endpoint and the gateway (``[oauth.dpop]``;
+    `bastion/oauth/dpop.py`)."""
+
+    # How old a proof may be (now - iat), beyond the leeway: its jti is kept that long.
+    max_age_seconds: int = 60
+    # The largest proof accepted, in characters.
+    max_proof_chars: int = 8192
+    # The signing algorithms accepted (asymmetric only).
+    algorithms: tuple[str, ...] = ("ES256", "RS256", "PS256", "EdDSA")
+    # Require a server nonce in every proof (RFC 9449 §8, §9); a nonce is good for one period
+    # and the next.
+    require_nonce: bool = False
+    nonce_seconds: int = 300
+
+
+@dataclass(frozen=True)
 class OAuthSettings:
     issuer: str
     resources: tuple[ProtectedResource, ...]
@@ -150,6 +167,7 @@ class OAuthSettings:
     refusal_audit: RefusalAuditSettings = field(default_factory=RefusalAuditSettings)
     ciba: BackchannelSettings = field(default_factory=BackchannelSettings)
     client_assertion: ClientAssertionSettings = field(default_factory=ClientAssertionSettings)
+    dpop: DPoPSettings = field(default_factory=DPoPSettings)
     # Token exchange (RFC 8693, `bastion/oauth/token_exchange.py`): how long an exchanged token
     # lives (never past its subject token's exp), and the most delegations one chain may hold.
     exchanged_token_seconds: int = 300
@@ -208,6 +226,7 @@ class OAuthSettings:
             "refusal_audit",
             "ciba",
             "client_assertion",
+            "dpop",
             "exchanged_token_seconds",
             "max_delegation_depth",
         }
@@ -295,6 +314,7 @@ class OAuthSettings:
             ),
             ciba=ciba,
             client_assertion=_client_assertion(table.get("client_assertion", {})),
+            dpop=_dpop(table.get("dpop", {})),
             **numbers,
         )
 
@@ -404,6 +424,35 @@ def _client_assertion(value: Any) -> ClientAssertionSettings:
             f" (asymmetric only), got {algorithms!r}"
         )
     return ClientAssertionSettings(**{**settings.__dict__, "algorithms": tuple(algorithms)})
+
+
+def _dpop(value: Any) -> DPoPSettings:
+    from bastion.oauth.client_assertion import ASYMMETRIC_ALGORITHMS
+
+    if not isinstance(value, Mapping):
+        raise SettingsError("oauth.dpop: a table")
+    numbers = {k: v for k, v in value.items() if k not in ("algorithms", "require_nonce")}
+    settings = _limits("dpop", numbers, DPoPSettings)
+    require_nonce = value.get("require_nonce", False)
+    if not isinstance(require_nonce, bool):
+        raise SettingsError(f"oauth.dpop.require_nonce: true or false, got {require_nonce!r}")
+    algorithms = value.get("algorithms", list(settings.algorithms))
+    if (
+        not isinstance(algorithms, list)
+        or not algorithms
+        or any(a not in ASYMMETRIC_ALGORITHMS for a in algorithms)
+    ):
+        raise SettingsError(
+            f"oauth.dpop.algorithms: a non-empty list of {list(ASYMMETRIC_ALGORITHMS)}"
+            f" (asymmetric only), got {algorithms!r}"
+        )
+    return DPoPSettings(
+        **{
+            **settings.__dict__,
+            "algorithms": tuple(algorithms),
+            "require_nonce": require_nonce,
+        }
+    )
 
 
 def _limits(name: str, value: Any, kind: type) -> Any:

@@ -265,9 +265,13 @@ class TokenExchange:
         """A token this server issued, checked in full (signature, issuer, audience when
         ``resource`` is given, expiry, revocation); else ``invalid_request`` (§2.2.2)."""
         try:
-            return self.server.verifier.verify(token, resource, audit=False)
+            verified = self.server.verifier.verify(token, resource, audit=False)
         except InvalidToken as e:
             raise InvalidRequest(f"{name} is not acceptable: {e.reason}") from None
+        if verified.jkt is not None:
+            # Exchanging it would turn a stolen DPoP-bound token into a Bearer one.
+            raise InvalidRequest(f"{name} is bound to a DPoP key: it cannot be exchanged")
+        return verified
 
     def _target(self, form: Mapping[str, str], subject: VerifiedToken) -> str:
         """The resource the new token is for: the subject token's own (a delegation never

@@ -7,6 +7,10 @@ A ``task`` parameter (bastion's extension, docs/delegation.md) at the ``authoriz
 ``client_credentials`` grants binds the new grant to a just-in-time task: ending the task revokes
 it. A binding only ever takes access away sooner, so the client may ask for it itself.
 
+A ``DPoP`` proof (RFC 9449, `bastion.oauth.dpop`) binds the access token to the proof's key
+(``cnf.jkt``, ``token_type: DPoP``) and a public client's refresh tokens to that key; a client
+registered with ``dpop_bound_access_tokens`` gets nothing without one.
+
 A code is single use: a second use revokes the grant the first one started. A refresh token is
 single use: presenting a rotated one revokes the whole grant (it was stolen, or the client is
 broken; either way no token of that grant may live on).
@@ -14,6 +18,7 @@ broken; either way no token of that grant may live on).
 
 from __future__ import annotations
 
+import functools
 import uuid
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
@@ -21,6 +26,8 @@ from typing import TYPE_CHECKING, Any
 from bastion.oauth import pkce
 from bastion.oauth.access_token import mint_access_token
 from bastion.oauth.ciba import CIBA_GRANT_TYPE
+from bastion.oauth.dpop import CLIENT_METADATA as DPOP_REQUIRED
+from bastion.oauth.dpop import InvalidDPoPProof, one_proof
 from bastion.oauth.errors import (
     InvalidGrant,
     InvalidRequest,
@@ -50,10 +57,15 @@ class TokenEndpoint:
         self.token_exchange = TokenExchange(server)
 
     def exchange(
-        self, client: Client, form: Mapping[str, str], origin: RequestOrigin | None = None
+        self,
+        client: Client,
+        form: Mapping[str, str],
+        origin: RequestOrigin | None = None,
+        dpop_proofs: tuple[str, ...] = (),
     ) -> dict[str, Any]:
         """Answer one token request from an authenticated client, or raise the RFC's error.
-        ``origin`` (the client's address and headers) is the context of a token exchange."""
+        ``origin`` (the client's address and headers) is the context of a token exchange;
+        ``dpop_proofs`` are the request's ``DPoP`` headers (RFC 9449 §5)."""
         grant_type = form.get("grant_type")
         if not grant_type:
             raise InvalidRequest("grant_type is required")
@@ -62,15 +74,41 @@ class TokenEndpoint:
             "refresh_token": self._refresh_token,
             "client_credentials": self._client_credentials,
             CIBA_GRANT_TYPE: self._ciba,
-            TOKEN_EXCHANGE_GRANT_TYPE: lambda c, f: self.token_exchange.exchange(c, f, origin),
+            TOKEN_EXCHANGE_GRANT_TYPE: functools.partial(self._token_exchange, origin=origin),
         }.get(grant_type)
         if handler is None:
             raise UnsupportedGrantType(f"grant_type {grant_type!r} is not supported")
         if grant_type not in client.grant_types:
             raise UnauthorizedClient(f"this client is not registered for the {grant_type} grant")
-        return handler(client, form)
+        return handler(client, form, self._dpop_key(client, dpop_proofs))
 
-    def _authorization_code(self, client: Client, form: Mapping[str, str]) -> dict[str, Any]:
+    def _dpop_key(self, client: Client, proofs: tuple[str, ...]) -> str | None:
+        """The thumbprint of the key the request's DPoP proof proves (its jti now spent), or
+        None without a proof; `InvalidDPoPProof` for a bad one, or none from a client that
+        registered ``dpop_bound_access_tokens``."""
+        proof = one_proof(proofs)
+        if proof is None:
+            if client.metadata.get(DPOP_REQUIRED) is True:
+                raise InvalidDPoPProof(
+                    f"this client registered {DPOP_REQUIRED}: send a DPoP proof (RFC 9449 §5)"
+                )
+            return None
+        return self.server.dpop.use(proof, "POST", self.settings.endpoint("token")).jkt
+
+    def _token_exchange(
+        self,
+        client: Client,
+        form: Mapping[str, str],
+        jkt: str | None,
+        origin: RequestOrigin | None,
+    ) -> dict[str, Any]:
+        if jkt is not None:
+            raise InvalidRequest("token exchange issues Bearer tokens only: send no DPoP proof")
+        return self.token_exchange.exchange(client, form, origin)
+
+    def _authorization_code(
+        self, client: Client, form: Mapping[str, str], jkt: str | None
+    ) -> dict[str, Any]:
         code = form.get("code")
         if not code:
             raise InvalidRequest("code is required")
@@ -105,7 +143,7 @@ class TokenEndpoint:
             else:
                 replayed = False
                 self._bind_task(form, grant, client)
-                response = self._issue(grant, client, grant.scope, refresh=True)
+                response = self._issue(grant, client, grant.scope, refresh=True, jkt=jkt)
         if replayed:
             return self._revoke_on_reuse(grant, "authorization code replayed", "authorization code")
         self.audit.record(
@@ -132,7 +170,9 @@ class TokenEndpoint:
         )
         raise InvalidGrant(f"the {what} was already used; its grant is now revoked")
 
-    def _refresh_token(self, client: Client, form: Mapping[str, str]) -> dict[str, Any]:
+    def _refresh_token(
+        self, client: Client, form: Mapping[str, str], jkt: str | None
+    ) -> dict[str, Any]:
         token = form.get("refresh_token")
         if not token:
             raise InvalidRequest("refresh_token is required")
@@ -150,6 +190,12 @@ class TokenEndpoint:
         now = self.server.clock()
         if expires_at <= now:
             raise InvalidGrant("the refresh token has expired")
+        bound = self.server.dpop.grant_key(grant.grant_id)
+        if bound is not None and bound != jkt:
+            raise InvalidDPoPProof(
+                "this refresh token is bound to a DPoP key: send a proof made with that key"
+                " (RFC 9449 §5)"
+            )
         scope = grant.scope
         if form.get("scope"):
             wider = sorted(set(form["scope"].split()) - set(grant.scope.split()))
@@ -162,7 +208,7 @@ class TokenEndpoint:
                 reused = True
             else:
                 reused = False
-                response = self._issue(grant, client, scope, refresh=True)
+                response = self._issue(grant, client, scope, refresh=True, jkt=jkt)
         if reused:
             return self._revoke_on_reuse(grant, "refresh token reused", "refresh token")
         self.audit.record(
@@ -175,7 +221,9 @@ class TokenEndpoint:
         )
         return response
 
-    def _client_credentials(self, client: Client, form: Mapping[str, str]) -> dict[str, Any]:
+    def _client_credentials(
+        self, client: Client, form: Mapping[str, str], jkt: str | None
+    ) -> dict[str, Any]:
         if client.is_public:
             raise UnauthorizedClient("client_credentials needs a confidential client")
         resource = self.settings.requested_resource(form)
@@ -204,7 +252,7 @@ class TokenEndpoint:
         with self.store.db.transaction():
             self.store.create_grant(grant)
             self._bind_task(form, grant, client)
-            response = self._issue(grant, client, grant.scope, refresh=False)
+            response = self._issue(grant, client, grant.scope, refresh=False, jkt=jkt)
         self.audit.record(
             "token.issued",
             subject=client.client_id,
@@ -217,9 +265,9 @@ class TokenEndpoint:
         )
         return response
 
-    def _ciba(self, client: Client, form: Mapping[str, str]) -> dict[str, Any]:
+    def _ciba(self, client: Client, form: Mapping[str, str], jkt: str | None) -> dict[str, Any]:
         """OpenID CIBA poll mode: the rules are in `bastion.oauth.ciba`, the tokens are ours."""
-        return self.server.ciba.exchange(client, form, self._issue)
+        return self.server.ciba.exchange(client, form, functools.partial(self._issue, jkt=jkt))
 
     def _bind_task(self, form: Mapping[str, str], grant: Grant, client: Client) -> None:
         """Bind the grant to the task the ``task`` parameter names, inside the transaction that
@@ -242,16 +290,20 @@ class TokenEndpoint:
                 f"resource {resource!r} differs from {grant.resource!r}, the resource of this grant"
             )
 
-    def _issue(self, grant: Grant, client: Client, scope: str, refresh: bool) -> dict[str, Any]:
+    def _issue(
+        self, grant: Grant, client: Client, scope: str, refresh: bool, jkt: str | None = None
+    ) -> dict[str, Any]:
+        """Mint the grant's next tokens; ``jkt`` binds them to a DPoP key (RFC 9449 §5, §6.1)."""
         now = self.server.clock()
-        seconds, last, extra = self.settings.access_token_seconds, grant.expires_at, None
+        seconds, last = self.settings.access_token_seconds, grant.expires_at
+        extra: dict[str, Any] = {} if jkt is None else {"cnf": {"jkt": jkt}}
         bound = None if self.server.tasks is None else self.server.tasks.bound_task(grant.grant_id)
         if bound is not None:
             # A grant bound to a task: its tokens name the task and do not outlive it.
             task, last = bound[0], min(last, bound[1])
             if last <= now:
                 raise InvalidGrant(f"task {task} has ended: its grants issue no more tokens")
-            seconds, extra = min(seconds, int(last - now)), {"task": task}
+            seconds, extra["task"] = min(seconds, int(last - now)), task
         access = mint_access_token(
             self.server.keys,
             issuer=self.settings.issuer,
@@ -262,12 +314,12 @@ class TokenEndpoint:
             now=now,
             seconds=seconds,
             auth_time=grant.auth_time,  # a refresh keeps the time of the sign-in it came from
-            extra=extra,
+            extra=extra or None,
         )
         self.store.save_access_token(access.jti, grant.grant_id, access.expires_at)
         response: dict[str, Any] = {
             "access_token": access.token,
-            "token_type": "Bearer",
+            "token_type": "Bearer" if jkt is None else "DPoP",
             "expires_in": seconds,
             "scope": scope,
         }
@@ -279,5 +331,8 @@ class TokenEndpoint:
             token = new_secret()
             expires_at = min(now + self.settings.refresh_token_seconds, last)
             self.store.save_refresh_token(token, grant.grant_id, now, expires_at)
+            if jkt is not None and client.is_public:
+                # A public client's refresh token is bound to the key too (RFC 9449 §5).
+                self.server.dpop.bind_grant(grant.grant_id, jkt, grant.expires_at)
             response["refresh_token"] = token
         return response

@@ -26,6 +26,7 @@ from bastion.audit import AuditLog
 from bastion.audit.refusals import RefusalLog
 from bastion.db import Database, Listener
 from bastion.oauth.access_token import TOKEN_TYPE
+from bastion.oauth.dpop import token_key
 from bastion.oauth.errors import InvalidToken
 from bastion.oauth.keys import ALGORITHM, KeyRing
 from bastion.oauth.store import REVOCATIONS_CHANNEL, OAuthStore
@@ -52,6 +53,9 @@ class VerifiedToken:
     # ``client_id``; empty for a token without ``act``.
     agents: tuple[str, ...] = ()
     task: str | None = None  # the task the token is bound to (its ``task`` claim)
+    # The thumbprint of the DPoP key the token is bound to (``cnf.jkt``, RFC 9449 §6.1): it is
+    # then accepted only with a proof of that key (`bastion.oauth.dpop`).
+    jkt: str | None = None
 
 
 def _header(token: str) -> dict[str, Any]:
@@ -198,6 +202,10 @@ class TokenVerifier:
         task = claims.get("task")
         if task is not None and (not isinstance(task, str) or not task):
             raise InvalidToken("claim 'task' is not a task id", "claims", claims)
+        try:
+            jkt = token_key(claims)
+        except ValueError as e:
+            raise InvalidToken(str(e), "claims", claims) from None
         scope = claims.get("scope", "")
         return VerifiedToken(
             subject=claims["sub"],
@@ -212,6 +220,7 @@ class TokenVerifier:
             auth_time=_auth_time(claims),
             agents=agents,
             task=task,
+            jkt=jkt,
         )
 
 

@@ -435,8 +435,10 @@ def test_a_jti_is_spent_once_across_every_process_on_the_database(database_url):
     one = ClientAssertions(settings, Database(database_url), ("https://a",), 30)
     two = ClientAssertions(settings, Database(database_url), ("https://a",), 30)
     jti = f"shared-{time.time_ns()}"
-    assert one._use_once("c", jti, time.time() + 60)
-    assert not two._use_once("c", jti, time.time() + 60)
-    assert two._use_once("other-client", jti, time.time() + 60)
+    assert one.spent.use_once("c", jti, time.time() + 60)
+    assert not two.spent.use_once("c", jti, time.time() + 60)
+    assert two.spent.use_once("other-client", jti, time.time() + 60)
     two.forget_expired(time.time() + 120)
-    assert one._use_once("c", jti, time.time() + 60)  # forgotten once it could not be used anyway
+    assert one.spent.use_once(
+        "c", jti, time.time() + 60
+    )  # forgotten once it could not be used anyway

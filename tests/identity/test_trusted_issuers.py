@@ -343,6 +343,13 @@ def test_an_expired_or_not_yet_valid_token_is_refused(bastion, idp):
     assert "exp" in refused(call(bastion, idp.token("a", exp=None)))
 
 
+def test_a_trusted_issuers_dpop_bound_token_is_not_taken_as_a_bearer_token(bastion, idp):
+    # RFC 9449 §7.1: whoever issued it, a token bound to a key needs a proof of that key.
+    bound = idp.token("a", cnf={"jkt": "0ZcOCORZNYy-DWpqq30jZyJGHTN0d2HglBV3uiguA4I"})
+    assert "DPoP" in refused(call(bastion, bound))
+    assert "cnf" in refused(call(bastion, idp.token("a", cnf={"x5t#S256": "abc"})))
+
+
 def test_a_token_of_an_issuer_not_configured_is_refused(bastion, idp):
     # Signed by a key the configured issuers publish, but naming an issuer nobody trusts.
     stranger = idp.token("a", iss=idp.issuer("z"), aud="api://desk-a")
