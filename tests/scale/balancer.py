@@ -69,7 +69,7 @@ class Deployment:
     url: str  # the load balancer's
     replicas: dict[str, str]  # HAProxy's server name: the replica's own URL
     database: str
-    recorder: Recorder
+    recorder: Recorder | None  # None when the upstream was given
     admin: httpx.Client
 
     def mcp_url(self, server: str = "deskhttp") -> str:
@@ -126,9 +126,13 @@ wait_seconds = 0
 
 
 @contextmanager
-def deployment(tmp_path: Path, postgres_url: str, sticky: bool = False) -> Iterator[Deployment]:
+def deployment(
+    tmp_path: Path, postgres_url: str, sticky: bool = False, upstream: str | None = None
+) -> Iterator[Deployment]:
     """Everything started, stopped after; skips (or fails under BASTION_REQUIRE_SERVICES=1)
-    without HAProxy or Redis."""
+    without HAProxy or Redis. ``upstream``: the Streamable HTTP URL of a quickstart MCP server
+    already running (the benchmark's, in a process of its own); by default one is started in
+    a thread of this process, behind a `Recorder`."""
     require_program("HAProxy (Debian package haproxy)", HAPROXY)
     require_service("Redis", "127.0.0.1", 6379)
     import redis
@@ -149,16 +153,18 @@ def deployment(tmp_path: Path, postgres_url: str, sticky: bool = False) -> Itera
 
     lb_port = free_socket().getsockname()[1]
     public = f"http://127.0.0.1:{lb_port}"
-    module = demo_server_module()
-    recorder = Recorder(module.server.streamable_http_app(streamable_http_path="/mcp"))
+    recorder = None
     with ExitStack() as stack:
-        upstream = stack.enter_context(serve(recorder, free_socket()))
+        if upstream is None:
+            module = demo_server_module()
+            recorder = Recorder(module.server.streamable_http_app(streamable_http_path="/mcp"))
+            upstream = stack.enter_context(serve(recorder, free_socket())) + "/mcp"
         replicas: dict[str, str] = {}
         # One after the other: the first start makes the signing keys the second one reads.
         for name in ("a", "b"):
             port = free_socket().getsockname()[1]
             config = _bastion_config(tmp_path / name, port, public, postgres_url, prefix)
-            config.write_text(config.read_text().replace("{upstream}", f"{upstream}/mcp"))
+            config.write_text(config.read_text().replace("{upstream}", upstream))
             process, url = bastion_serve(
                 config, f"http://127.0.0.1:{port}", {"BASTION_ADMIN_KEY": ADMIN_KEY}
             )
