@@ -179,12 +179,18 @@ def test_every_call_is_decided_and_recorded_the_same_whichever_replica_answers(l
         kept = [same_parts(record) for t, _, record in records if tool in t]
         differing = {k for r in kept for k in set(r) | set(kept[0]) if r.get(k) != kept[0].get(k)}
         assert not differing, differing
-    # The behaviour counters count every call, whichever replica it reached (each record has the
-    # count before its own call).
+    # The behaviour counters count every call, whichever replica it reached: each record has the
+    # count before its own call, which misses at most the call just before it (counts are
+    # written after the answer: docs/signals.md, known limits). Counted per replica, each would
+    # see no more than the earlier calls its own replica served.
     counts = [
         r["context"]["behavior"]["agent"]["calls"]["ten_minutes"]["count"] for _, _, r in records
     ]
-    assert counts == [0, 1, 2, 3, 4, 5]
+    assert counts == sorted(counts), counts
+    assert all(i - 1 <= count <= i for i, count in enumerate(counts)), counts
+    replicas = [replica for _, replica, _ in sam.calls]
+    own = [replicas[:i].count(replica) for i, replica in enumerate(replicas)]
+    assert any(count > mine for count, mine in zip(counts, own, strict=True)), (counts, own)
 
 
 def test_a_rate_limit_is_counted_once_across_replicas(lb):
