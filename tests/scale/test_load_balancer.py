@@ -1,8 +1,8 @@
 """bastion scaled out: two `bastion serve` replicas on one PostgreSQL and one Redis behind HAProxy
 (round robin), used by the official MCP SDK client through the load balancer. Whichever replica
-answers, a call is decided and recorded the same; a rate limit is counted once; a fact changed
-through one replica is enforced by the other on its next call; an approval asked through one is
-found and answered through the other. 2025-11-25 sessions live in the replica that opened them:
+answers, a call is decided and recorded the same; a rate limit is counted once; a fact changed,
+or a grant revoked, through one replica is enforced by the other on its next call; an approval
+asked through one is found and answered through the other. 2025-11-25 sessions live in the replica that opened them:
 the other answers 404, so HAProxy routes by `Mcp-Session-Id` (docs/operations.md)."""
 
 from __future__ import annotations
@@ -241,6 +241,41 @@ def test_a_fact_deleted_through_one_replica_is_enforced_by_the_other_on_its_next
     seen = sam.run(script)
     first_elsewhere = next(c for c in sam.calls[1:] if c[1] != seen["changed_on"])
     assert first_elsewhere[2] == "not_permitted"
+
+
+def test_a_grant_revoked_through_one_replica_is_refused_by_the_other_on_its_next_call(lb):
+    sam = Agent(lb, "sam")
+
+    async def sign_in(client, seen):
+        assert await sam.call(client, SEARCH) == "ok"
+
+    sam.run(sign_in)
+    tokens, client_id = sam.storage.tokens, sam.storage.client_info.client_id
+    served: list[tuple[str, int]] = []
+    with httpx.Client(timeout=20) as http:
+
+        def call() -> int:
+            response = http.post(
+                lb.mcp_url(),
+                json=modern_request(1, "tools/call", {"name": SEARCH[0], "arguments": SEARCH[1]}),
+                headers=modern_headers(tokens.access_token, "tools/call", SEARCH[0]),
+            )
+            served.append((response.headers[REPLICA_HEADER], response.status_code))
+            return response.status_code
+
+        assert call() == 200
+        revoked_on = served[-1][0]
+        # The grant (its refresh token: RFC 7009), revoked through the replica that just served.
+        revoked = http.post(
+            f"{lb.replicas[revoked_on]}/revoke",
+            data={"token": tokens.refresh_token, "client_id": client_id},
+        )
+        assert revoked.status_code == 200, revoked.text
+        while len({replica for replica, _ in served[1:]}) < 2:
+            assert call() == 401
+            assert len(served) < 6
+    first_elsewhere = next(s for s in served[1:] if s[0] != revoked_on)
+    assert first_elsewhere[1] == 401
 
 
 def test_an_approval_asked_through_one_replica_is_answered_through_the_other(lb):
