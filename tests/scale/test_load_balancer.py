@@ -350,6 +350,23 @@ def test_a_2025_11_25_session_is_not_found_on_the_other_replica(lb):
             assert "result" in stateless.json()
 
 
+def test_without_sticky_routing_an_sdk_session_breaks_on_the_other_replica(lb):
+    sam = Agent(lb, "sam")
+
+    async def script(client, seen):
+        for _ in range(4):
+            await sam.call(client, SEARCH)
+
+    seen = sam.run(script, mode="legacy")
+    assert seen["protocol_version"] == "2025-11-25"
+    # The SDK lists tools after a call (for their output schemas): round robin sends one of the
+    # two to the replica that does not know the session, and every call fails with -32005.
+    assert [outcome for _, _, outcome in sam.calls] == ["code -32005"] * 4
+    opened_on = next(r for m, r, status in sam.responses if m == "initialize" and status == 200)
+    lost = {r for _, r, status in sam.responses if status == 404}
+    assert lost == {"a", "b"} - {opened_on}, sam.responses
+
+
 def test_sessions_stay_on_their_replica_with_sticky_routing(tmp_path, postgres_url):
     with deployment(tmp_path, postgres_url, sticky=True) as sticky:
         sam = Agent(sticky, "sam")
