@@ -6,8 +6,9 @@ Starts what tests/scale/test_load_balancer.py starts (two `bastion serve` replic
 PostgreSQL schema of the `test` database and one Redis, HAProxy in front, round robin, the
 quickstart's MCP server upstream), then sends the same 2026-07-28 `tools/call` load (concurrent
 asyncio clients, one POST per call, the support agent's allowed search) to one replica directly
-and to the load balancer, alternating rounds so drift hits both alike. Prints calls per second
-and median and p99 latency of each path.
+and to the load balancer, alternating rounds so drift hits both alike. Prints calls per second,
+median and p99 latency of each path, and the CPU time the bastion replicas and HAProxy spent
+per call (from /proc: steadier than latency on a shared machine).
 
 Every process shares this machine: on two cores the second replica has no core of its own, so
 this shows what the extra hop and process cost, not what a second machine gains.
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import statistics
 import subprocess
 import sys
@@ -61,6 +63,11 @@ async def load(url: str, token: str, clients: int, requests: int) -> tuple[float
     started = time.perf_counter()
     await asyncio.gather(*(client() for _ in range(clients)))
     return requests / (time.perf_counter() - started), latencies
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def wait_for(url: str, process: subprocess.Popen) -> None:
@@ -108,16 +115,22 @@ def main() -> None:
                 "one replica (direct)": f"{lb.replicas['a']}/mcp/deskhttp",
                 "two replicas (HAProxy)": lb.mcp_url(),
             }
-            figures: dict[str, list] = {name: [[], []] for name in paths}
+            # calls per second of each round, latencies, CPU seconds of bastion and of HAProxy
+            figures: dict[str, list] = {name: [[], [], 0.0, 0.0] for name in paths}
+            bastions = [lb.pids["a"], lb.pids["b"]]
             for url in paths.values():  # warm up each path
                 asyncio.run(load(url, token, options.clients, 50))
             for _ in range(options.rounds):
                 for name, url in paths.items():
+                    before = sum(map(cpu_seconds, bastions)), cpu_seconds(lb.pids["haproxy"])
                     rate, latencies = asyncio.run(
                         load(url, token, options.clients, options.requests)
                     )
+                    after = sum(map(cpu_seconds, bastions)), cpu_seconds(lb.pids["haproxy"])
                     figures[name][0].append(rate)
                     figures[name][1].extend(latencies)
+                    figures[name][2] += after[0] - before[0]
+                    figures[name][3] += after[1] - before[1]
     finally:
         upstream.terminate()
         upstream.wait()
@@ -129,14 +142,17 @@ def main() -> None:
         f"{options.rounds} rounds, 2026-07-28 tools/call {TOOL}"
     )
     base = statistics.median(figures["one replica (direct)"][0])
-    for name, (rates, latencies) in figures.items():
+    calls = options.requests * options.rounds
+    for name, (rates, latencies, bastion_cpu, haproxy_cpu) in figures.items():
         latencies.sort()
         p50 = statistics.median(latencies) * 1000
         p99 = latencies[int(len(latencies) * 0.99) - 1] * 1000
         rate = statistics.median(rates)
         print(
             f"{name:24} {rate:7.0f} calls/s ({rate / base:4.0%})  "
-            f"p50 {p50:6.2f} ms  p99 {p99:6.2f} ms"
+            f"p50 {p50:6.2f} ms  p99 {p99:6.2f} ms  "
+            f"bastion CPU {bastion_cpu / calls * 1e6:5.0f} us/call  "
+            f"HAProxy CPU {haproxy_cpu / calls * 1e6:4.0f} us/call"
         )
 
 

@@ -71,6 +71,7 @@ class Deployment:
     database: str
     recorder: Recorder | None  # None when the upstream was given
     admin: httpx.Client
+    pids: dict[str, int]  # each replica's process and HAProxy's ("haproxy")
 
     def mcp_url(self, server: str = "deskhttp") -> str:
         return f"{self.url}/mcp/{server}"
@@ -160,6 +161,7 @@ def deployment(
             recorder = Recorder(module.server.streamable_http_app(streamable_http_path="/mcp"))
             upstream = stack.enter_context(serve(recorder, free_socket())) + "/mcp"
         replicas: dict[str, str] = {}
+        pids: dict[str, int] = {}
         # One after the other: the first start makes the signing keys the second one reads.
         for name in ("a", "b"):
             port = free_socket().getsockname()[1]
@@ -170,6 +172,7 @@ def deployment(
             )
             stack.callback(stop_bastion, process)
             replicas[name] = url
+            pids[name] = process.pid
         haproxy_config = tmp_path / "haproxy.cfg"
         haproxy_config.write_text(_haproxy_config(lb_port, replicas, sticky))
         log = stack.enter_context(open(tmp_path / "haproxy.log", "wb"))
@@ -177,12 +180,13 @@ def deployment(
             [HAPROXY, "-db", "-f", str(haproxy_config)], stdout=log, stderr=log
         )
         stack.callback(_stop_haproxy, haproxy)
+        pids["haproxy"] = haproxy.pid
         admin = stack.enter_context(
             httpx.Client(timeout=20, headers={"authorization": f"Bearer {ADMIN_KEY}"})
         )
         _wait_for_both(admin, public, haproxy, tmp_path / "haproxy.log")
         try:
-            yield Deployment(public, replicas, postgres_url, recorder, admin)
+            yield Deployment(public, replicas, postgres_url, recorder, admin, pids)
         finally:
             client = redis.Redis.from_url(REDIS_URL)
             keys = list(client.scan_iter(f"{prefix}:*"))
