@@ -39,7 +39,6 @@ global
 
 defaults
     mode http
-    option http-server-close
     timeout connect 5s
     timeout client 60s
     timeout server 60s
@@ -47,6 +46,11 @@ defaults
 
 frontend mcp
     bind 127.0.0.1:{port}
+    # bastion trusts these from HAProxy only (proxy_headers): set here, never passed through.
+    http-request set-header X-Forwarded-For %[src]
+    http-request set-header X-Forwarded-Proto http
+    http-request del-header Forwarded
+    http-request del-header X-Real-IP
     default_backend bastion
 
 backend bastion
@@ -98,6 +102,8 @@ def _bastion_config(directory: Path, port: int, public: str, database: str, pref
 host = "127.0.0.1"
 port = {port}
 database = "{database}"
+proxy_headers = true
+forwarded_allow_ips = "127.0.0.1"
 policy_file = "{root}/policy.polar"
 
 [oauth]

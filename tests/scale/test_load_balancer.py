@@ -255,10 +255,12 @@ def test_a_grant_revoked_through_one_replica_is_refused_by_the_other_on_its_next
     with httpx.Client(timeout=20) as http:
 
         def call() -> int:
+            # A client cannot name its own address: HAProxy replaces X-Forwarded-For.
+            spoofed = {"x-forwarded-for": "203.0.113.9"}
             response = http.post(
                 lb.mcp_url(),
                 json=modern_request(1, "tools/call", {"name": SEARCH[0], "arguments": SEARCH[1]}),
-                headers=modern_headers(tokens.access_token, "tools/call", SEARCH[0]),
+                headers={**modern_headers(tokens.access_token, "tools/call", SEARCH[0]), **spoofed},
             )
             served.append((response.headers[REPLICA_HEADER], response.status_code))
             return response.status_code
@@ -276,6 +278,8 @@ def test_a_grant_revoked_through_one_replica_is_refused_by_the_other_on_its_next
             assert len(served) < 6
     first_elsewhere = next(s for s in served[1:] if s[0] != revoked_on)
     assert first_elsewhere[1] == 401
+    records = decision_records(lb.database, 2)
+    assert [r["context"]["client"]["ip"] for _, _, r in records] == ["127.0.0.1"] * 2
 
 
 def test_an_approval_asked_through_one_replica_is_answered_through_the_other(lb):
