@@ -148,12 +148,16 @@ BODY_ROUTES = {
     "/v1/facts": "application/json",
     "/v1/authorize": "application/json",
     "/v1/facts/import": "application/x-ndjson",
+    "/v1/tasks": "application/json",
+    # Oso Cloud's API (the oso-cloud SDK's paths) is capped like /v1, and answers alike.
+    "/api/authorize": "application/json",
+    "/api/batch": "application/json",
 }
 
 
 def refusal_form(path: str, content_type: str, body: dict) -> None:
     """The 413 is said in the language of the route family."""
-    if path.startswith("/v1/"):
+    if path.startswith(("/v1/", "/api/")):
         assert content_type.startswith(PROBLEM_JSON)
         assert body["status"] == 413 and "max_" in body["detail"]
     elif path.startswith("/mcp/"):
