@@ -109,6 +109,7 @@ _PROVIDER_KEYS = {
     "max_document_bytes",
     "jwks_cache_seconds",
     "jwks_refetch_seconds",
+    "userinfo",
     "facts",
 }
 _IDENTITY_KEYS = {"providers", "local_passwords", "fact_seconds", "login_seconds"}
@@ -189,6 +190,8 @@ class OpenIDProvider:
     max_document_bytes: int = 65536
     jwks_cache_seconds: int = 300
     jwks_refetch_seconds: int = 30
+    # Read the UserInfo endpoint too (its claims complete the ID token's).
+    userinfo: bool = False
     facts: tuple[FactMapping, ...] = ()
 
     @property
@@ -347,6 +350,10 @@ def _provider(index: int, table: Any, env: Mapping[str, str]) -> OpenIDProvider:
     ):
         if key in table:
             values[key] = _whole(f"{where}.{key}", table[key], 0 if key == "leeway_seconds" else 1)
+    userinfo = table.get("userinfo", False)
+    if not isinstance(userinfo, bool):
+        raise IdentityConfigError(f"{where}.userinfo: true or false")
+    values["userinfo"] = userinfo
     raw = table.get("facts", [])
     if not isinstance(raw, list):
         raise IdentityConfigError(f"{where}.facts must be an array of tables")
@@ -390,6 +397,7 @@ class _Endpoints:
     authorization: str
     token: str
     jwks_uri: str
+    userinfo: str  # "" when the provider has no UserInfo endpoint
     sends_iss: bool  # authorization_response_iss_parameter_supported (RFC 9207 §3)
 
 
@@ -614,6 +622,9 @@ class OpenIDLogin:
         if not isinstance(id_token, str) or len(id_token) > MAX_ID_TOKEN_CHARS:
             raise LoginRefused("id_token", "The provider sent no usable ID token.")
         claims = await self._verified_claims(provider, endpoints, id_token, login.nonce)
+        if provider.userinfo:
+            # The ID token's own claims win: UserInfo only adds what it lacks.
+            claims = {**await self._userinfo(provider, endpoints, answer, claims["sub"]), **claims}
         username = await run_in_threadpool(self._signed_in, provider, claims, request)
         return await self._resume(request, login, username)
 
@@ -636,40 +647,73 @@ class OpenIDLogin:
             form["client_id"] = provider.client_id
             if provider.token_endpoint_auth_method == "client_secret_post":
                 form["client_secret"] = provider.client_secret
+        status, answer = await self._call(
+            provider, "token endpoint", endpoints.token, form, headers
+        )
+        if status == 400 and isinstance(answer, dict):
+            # RFC 6749 §5.2: the code is refused (used, expired, not for this client).
+            raise LoginRefused("code", f"The provider refused the code: {answer.get('error')!r}.")
+        if status != 200:
+            raise ProviderUnavailable(f"its token endpoint answered HTTP {status}")
+        if not isinstance(answer, dict):
+            raise ProviderUnavailable("its token endpoint sent no JSON object")
+        return answer
+
+    async def _userinfo(
+        self, provider: OpenIDProvider, endpoints: _Endpoints, answer: dict, sub: str
+    ) -> dict[str, Any]:
+        """The UserInfo endpoint's claims (Core §5.3), for providers that put the claims of
+        scopes there rather than in the ID token; its ``sub`` must be the ID token's (§5.3.4)."""
+        token = answer.get("access_token")
+        if not endpoints.userinfo or not isinstance(token, str):
+            raise ProviderUnavailable("it has no userinfo_endpoint, or sent no access token")
+        headers = {"Accept": "application/json", "Authorization": f"Bearer {token}"}
+        status, claims = await self._call(
+            provider, "userinfo endpoint", endpoints.userinfo, None, headers
+        )
+        if status != 200 or not isinstance(claims, dict):
+            raise ProviderUnavailable(f"its userinfo endpoint answered HTTP {status}")
+        if claims.get("sub") != sub:
+            raise LoginRefused("userinfo", "The provider's UserInfo is about someone else (sub).")
+        return claims
+
+    async def _call(
+        self,
+        provider: OpenIDProvider,
+        what: str,
+        url: str,
+        form: dict[str, str] | None,
+        headers: dict[str, str],
+    ) -> tuple[int, Any]:
+        """POST ``form`` (or GET, without one) to one of the provider's endpoints, within its
+        deadline and size cap, no redirects followed; (status, the JSON body or None)."""
         try:
             with anyio.fail_after(provider.timeout_seconds):
                 async with (
                     httpx.AsyncClient(
                         follow_redirects=False, transport=self.transport, trust_env=False
                     ) as http,
-                    http.stream("POST", endpoints.token, data=form, headers=headers) as response,
+                    http.stream(
+                        "POST" if form is not None else "GET", url, data=form, headers=headers
+                    ) as response,
                 ):
                     body = bytearray()
                     async for chunk in response.aiter_bytes():
                         body += chunk
                         if len(body) > provider.max_document_bytes:
                             raise ProviderUnavailable(
-                                f"its token endpoint sent more than {provider.max_document_bytes}"
-                                " bytes"
+                                f"its {what} sent more than {provider.max_document_bytes} bytes"
                             )
         except TimeoutError:
             raise ProviderUnavailable(
-                f"its token endpoint did not answer within {provider.timeout_seconds} s"
+                f"its {what} did not answer within {provider.timeout_seconds} s"
             ) from None
         except httpx.HTTPError as exc:
-            raise ProviderUnavailable(f"its token endpoint cannot be reached: {exc}") from None
+            raise ProviderUnavailable(f"its {what} cannot be reached: {exc}") from None
         try:
-            answer = untrusted_json.loads(bytes(body))
+            return response.status_code, untrusted_json.loads(bytes(body))
         except untrusted_json.JsonRefused:
-            answer = None
-        if response.status_code == 400 and isinstance(answer, dict):
-            # RFC 6749 §5.2: the code is refused (used, expired, not for this client).
-            raise LoginRefused("code", f"The provider refused the code: {answer.get('error')!r}.")
-        if response.status_code != 200:
-            raise ProviderUnavailable(f"its token endpoint answered HTTP {response.status_code}")
-        if not isinstance(answer, dict):
-            raise ProviderUnavailable("its token endpoint sent no JSON object")
-        return answer
+            return response.status_code, None
 
     async def _verified_claims(
         self, provider: OpenIDProvider, endpoints: _Endpoints, id_token: str, nonce: str
@@ -819,6 +863,11 @@ class OpenIDLogin:
             if problem:
                 raise ProviderUnavailable(f"its metadata has no usable {name}: {problem}")
             found[name] = document[name]
+        userinfo = document.get("userinfo_endpoint") or ""
+        if userinfo and _url_problem(userinfo):
+            raise ProviderUnavailable(f"its metadata has no usable userinfo_endpoint: {userinfo!r}")
+        if provider.userinfo and not userinfo:
+            raise ProviderUnavailable("it has no userinfo_endpoint, and userinfo = true")
         methods = document.get("code_challenge_methods_supported")
         if isinstance(methods, list) and "S256" not in methods:
             raise ProviderUnavailable("it does not support PKCE S256")
@@ -826,6 +875,7 @@ class OpenIDLogin:
             found["authorization_endpoint"],
             found["token_endpoint"],
             found["jwks_uri"],
+            userinfo,
             document.get("authorization_response_iss_parameter_supported") is True,
         )
         self._endpoints[provider.id] = endpoints
