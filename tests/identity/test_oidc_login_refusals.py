@@ -29,7 +29,7 @@ from tests.oauth.support import free_socket, hidden_fields, serve
 
 from .oidc_support import Person, bastion_with_providers, buttons
 
-SECRETS = {"bastion-a": "secret-of-a", "bastion-b": "secret-of-b"}
+SECRETS = {"bastion-a": "secret-of-a", "bastion-b": "secret-of-b", "bastion-u": "secret-of-u"}
 
 
 def _b64(data: bytes) -> str:
@@ -48,11 +48,13 @@ class TestProvider:
         self.codes: dict[str, dict] = {}
         self.redeemed: list[str] = []
         self.token_status = 200
+        self.userinfo_claims = {"sub": "ada", "groups": ["from-userinfo"]}
         self.url = ""
         self.app = Starlette(
             routes=[
                 Route("/{name}/.well-known/openid-configuration", self.discovery),
                 Route("/{name}/token", self.token, methods=["POST"]),
+                Route("/{name}/userinfo", self.userinfo),
                 Route("/jwks", self.jwks),
             ]
         )
@@ -70,8 +72,14 @@ class TestProvider:
                 "jwks_uri": f"{self.url}/jwks",
                 "code_challenge_methods_supported": ["S256"],
                 "authorization_response_iss_parameter_supported": name == "a",
+                "userinfo_endpoint": f"{self.issuer(name)}/userinfo",
             }
         )
+
+    async def userinfo(self, request: Request) -> Response:
+        if request.headers.get("authorization") != "Bearer opaque":
+            return JSONResponse({"error": "invalid_token"}, status_code=401)
+        return JSONResponse(self.userinfo_claims)
 
     async def jwks(self, request: Request) -> Response:
         return JSONResponse({"keys": [self.key.as_dict(private=False)]})
@@ -180,6 +188,14 @@ def bastion(tmp_path_factory, idp):
                 "client_secret": SECRETS["bastion-b"],
             },
             {
+                "id": "u",
+                "issuer": idp.issuer("u"),
+                "client_id": "bastion-u",
+                "client_secret": SECRETS["bastion-u"],
+                "userinfo": True,
+                "facts": [{"claim": "groups", "name": "{value}", "resource": "Org:acme"}],
+            },
+            {
                 "id": "down",
                 "name": "Down Provider",
                 "issuer": f"http://127.0.0.1:{dead.getsockname()[1]}/x",
@@ -230,7 +246,7 @@ def refused(response: httpx.Response, status: int, words: str) -> None:
 def test_login_page_offers_each_provider_and_no_password_form(person, client):
     page = person.open_authorization(client)
     actions = [action for action, _ in buttons(page.text)]
-    assert actions == ["/login/a", "/login/b", "/login/down"]
+    assert actions == ["/login/a", "/login/b", "/login/u", "/login/down"]
     assert "Sign in with Provider A" in page.text
     assert "name=password" not in page.text
 
@@ -311,6 +327,25 @@ def test_sign_in_page_offers_providers_and_goes_back_to_the_local_page(bastion, 
     back = person.back_from_provider("b", code=code, state=query["state"])
     assert back.status_code == 303 and back.headers["location"] == "/approvals"
     assert "bastion_session" in back.headers["set-cookie"]
+
+
+def test_userinfo_completes_the_id_tokens_claims(bastion, idp, person, client):
+    query = person.sent_to_provider(client, "u")
+    code = idp.issue("u", query, sub="lin", groups=None)
+    idp.userinfo_claims = {"sub": "lin", "groups": ["from-userinfo"], "iss": "ignored"}
+    page = person.back_from_provider("u", code=code, state=query["state"])
+    assert page.status_code == 200, page.text
+    roles = bastion.server.facts.get(("has_role", Entity("User", "u:lin"), None, None))
+    assert [f.fact[2] for f in roles] == ["from-userinfo"]
+
+
+def test_userinfo_about_someone_else_is_refused(bastion, idp, person, client):
+    query = person.sent_to_provider(client, "u")
+    code = idp.issue("u", query, sub="kim")
+    idp.userinfo_claims = {"sub": "mallory", "groups": ["admins"]}
+    response = person.back_from_provider("u", code=code, state=query["state"])
+    refused(response, 400, "about someone else")
+    assert "u:kim" not in users(bastion) and "u:mallory" not in users(bastion)
 
 
 # -- what must be refused -----------------------------------------------------------------------
