@@ -775,6 +775,13 @@ class OpenIDLogin:
                 (provider.id, claims["sub"]),
             )
             before = [fact_from_json(f) for f in json.loads(rows[0][0])] if rows else []
+            # A fact an administrator wrote (it never expires) and this provider did not is
+            # theirs: a login neither gives it an expiry nor removes it.
+            wanted = [
+                f
+                for f in wanted
+                if f in before or not any(s.expires_at is None for s in self.server.facts.get(f))
+            ]
             self.db.execute(
                 "INSERT INTO identity_accounts (provider, subject, username, facts, last_login_at)"
                 " VALUES (?, ?, ?, ?, ?) ON CONFLICT (provider, subject) DO UPDATE SET"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -88,6 +89,8 @@ QUICKSTART_PEOPLE = {
 
 def main() -> None:
     """For ``make run-oidc``: the provider bastion's quickstart logs in through."""
+    # `make run-oidc` ends it with SIGTERM: leave through the finally that stops Node.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     users = ROOT / ".quickstart" / "oidc-people.json"
     users.parent.mkdir(exist_ok=True)
     users.write_text(json.dumps(QUICKSTART_PEOPLE))

@@ -18,6 +18,7 @@ from bastion.oauth import AuthorizationServer
 from tests.oauth.support import Bastion, Clock, hidden_fields, make_settings, pkce_pair, serve
 
 OTHER_RESOURCE = "http://127.0.0.1:9/other-mcp"
+REDIRECT_URI = "http://127.0.0.1:9/callback"  # an MCP client's; the browser never goes there
 
 
 @contextmanager
@@ -109,3 +110,32 @@ class Person:
         )
         assert response.status_code == 200, response.text
         return response.json()
+
+
+def log_in_at_the_provider(
+    tab, authorize_url: str, provider: str, login: str, password: str, user_id: str
+) -> dict[str, list[str]]:
+    """The person in chromium: bastion's login page, the provider's sign-in and consent, then
+    bastion's consent. Returns the query the MCP client's redirect URI receives."""
+    page = tab.page
+    arrived: list[str] = []
+
+    def client_callback(route) -> None:
+        arrived.append(route.request.url)
+        route.fulfill(status=200, content_type="text/html", body="<title>Client</title>back")
+
+    page.route(f"{REDIRECT_URI}*", client_callback)
+    page.goto(authorize_url)
+    assert page.get_by_label("Password").count() == 0  # local passwords are off
+    page.get_by_role("button", name=f"Sign in with {provider}").click()
+    page.wait_for_selector("input[name=login]")  # at the provider now
+    page.fill("input[name=login]", login)
+    page.fill("input[name=password]", password)
+    page.get_by_role("button", name="Sign-in").click()
+    page.get_by_role("button", name="Continue").click()  # the provider's own consent
+    page.wait_for_selector("text=Allow access?")  # back at bastion, signed in
+    assert page.get_by_text(f"Signed in as {user_id}.").count() == 1
+    page.get_by_role("button", name="Allow").click()
+    page.wait_for_url(f"{REDIRECT_URI}*")
+    assert len(arrived) == 1
+    return parse_qs(urlsplit(arrived[0]).query)

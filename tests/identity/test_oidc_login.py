@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import queue
 import threading
-from urllib.parse import parse_qs, urlencode, urlsplit
+from urllib.parse import urlencode
 
 import anyio
 import httpx2
@@ -31,9 +31,8 @@ from tests.oauth.support import (
 from tests.oauth.test_mcp_sdk import mcp_app
 
 from .oidc_provider import oidc_provider
-from .oidc_support import bastion_with_providers
+from .oidc_support import REDIRECT_URI, bastion_with_providers, log_in_at_the_provider
 
-REDIRECT_URI = "http://127.0.0.1:9/callback"  # the MCP client's; the browser never leaves
 PASSWORD = "ada-at-the-provider"
 ADA = Entity("User", "corp:ada")
 
@@ -95,33 +94,6 @@ def world(tmp_path_factory):
             yield {"bastion": bastion, "people": people, "issuer": issuer, "resource": resource}
 
 
-def log_in_at_the_provider(tab, authorize_url: str) -> dict[str, list[str]]:
-    """The person in chromium: bastion's login page, the provider's sign-in and consent, then
-    bastion's consent. Returns the query the MCP client's redirect URI receives."""
-    page = tab.page
-    arrived: list[str] = []
-
-    def client_callback(route) -> None:
-        arrived.append(route.request.url)
-        route.fulfill(status=200, content_type="text/html", body="<title>Client</title>back")
-
-    page.route(f"{REDIRECT_URI}*", client_callback)
-    page.goto(authorize_url)
-    assert page.get_by_label("Password").count() == 0  # local passwords are off
-    page.get_by_role("button", name="Sign in with Acme SSO").click()
-    page.wait_for_selector("input[name=login]")  # at the provider now
-    page.fill("input[name=login]", "ada")
-    page.fill("input[name=password]", PASSWORD)
-    page.get_by_role("button", name="Sign-in").click()
-    page.get_by_role("button", name="Continue").click()  # the provider's own consent
-    page.wait_for_selector("text=Allow access?")  # back at bastion, signed in
-    assert page.get_by_text("corp:ada").count() >= 1
-    page.get_by_role("button", name="Allow").click()
-    page.wait_for_url(f"{REDIRECT_URI}*")
-    assert len(arrived) == 1
-    return parse_qs(urlsplit(arrived[0]).query)
-
-
 def test_mcp_sdk_client_authorizes_with_the_login_done_at_the_provider(world, tab):
     bastion, resource = world["bastion"], world["resource"]
     urls: queue.Queue[str] = queue.Queue()
@@ -170,7 +142,7 @@ def test_mcp_sdk_client_authorizes_with_the_login_done_at_the_provider(world, ta
     thread.start()
     authorize_url = urls.get(timeout=60)
     assert authorize_url, seen.get("error")
-    answers.put(log_in_at_the_provider(tab, authorize_url))
+    answers.put(log_in_at_the_provider(tab, authorize_url, "Acme SSO", "ada", PASSWORD, "corp:ada"))
     thread.join(60)
     assert "error" not in seen, seen["error"]
     assert seen["tools"] == ["echo"] and seen["echo"] == "hi"
@@ -192,7 +164,9 @@ def test_groups_follow_the_provider_at_the_next_login(world, tab):
     client = bastion.register(redirect_uris=[REDIRECT_URI])
     _, challenge = pkce_pair()
     params = bastion.authorize_params(client, challenge, resource=bastion.resource)
-    query = log_in_at_the_provider(tab, f"{bastion.url}/authorize?{urlencode(params)}")
+    query = log_in_at_the_provider(
+        tab, f"{bastion.url}/authorize?{urlencode(params)}", "Acme SSO", "ada", PASSWORD, "corp:ada"
+    )
     assert "code" in query
     roles = bastion.server.facts.get(("has_role", ADA, None, Entity("Org", "acme")))
     assert sorted(f.fact[2] for f in roles) == ["devs", "support"]

@@ -171,7 +171,7 @@ def bastion(tmp_path_factory, idp):
                         "predicate": "has_role",
                         "name": "{value}",
                         "resource": "Org:acme",
-                        "values": ["admins", "devs", "support"],
+                        "values": ["admins", "devs", "support", "auditor"],
                     },
                     {
                         "claim": "groups",
@@ -298,20 +298,22 @@ def test_groups_become_facts_kept_in_step_at_each_login_and_expiring(bastion, id
     def roles() -> dict[str, float | None]:
         return {f.fact[2]: f.expires_at for f in facts.get(("has_role", ada, None, None))}
 
-    login(["admins", "devs", "unknown-group"])
+    login(["admins", "devs", "auditor", "unknown-group"])
     first = roles()
     assert set(first) == {"admins", "devs", "auditor"}
-    assert first["auditor"] is None  # the administrator's fact is not the provider's
+    assert first["auditor"] is None  # the administrator's fact is not the provider's to expire
     assert 0 < first["admins"] - time.time() <= 3600
     teams = facts.get(("has_relation", None, "member", ada))
     assert {f.fact[1] for f in teams} == {
         Entity("Team", "admins"),
         Entity("Team", "devs"),
         Entity("Team", "unknown-group"),
+        Entity("Team", "auditor"),
     }
 
     login(["devs"])
-    assert set(roles()) == {"devs", "auditor"}
+    assert set(roles()) == {"devs", "auditor"}  # nor to remove
+    assert roles()["auditor"] is None
     assert {f.fact[1] for f in facts.get(("has_relation", None, "member", ada))} == {
         Entity("Team", "devs")
     }
