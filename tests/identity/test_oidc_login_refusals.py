@@ -596,3 +596,32 @@ def test_defaults_namespace_users_per_provider_and_turn_passwords_off():
     assert (provider.user_claim, provider.user_prefix) == ("sub", "corp:")
     assert settings.local_passwords is False
     assert "s3cr3t-value" not in repr(provider)
+
+
+def test_provider_login_and_its_facts_on_postgresql(postgres_url, tmp_path, idp):
+    identity = {
+        "providers": [
+            {
+                "id": "b",
+                "issuer": idp.issuer("b"),
+                "client_id": "bastion-b",
+                "client_secret": SECRETS["bastion-b"],
+                "facts": [{"claim": "groups", "name": "{value}", "resource": "Org:acme"}],
+            }
+        ]
+    }
+    with bastion_with_providers(
+        postgres_url, str(tmp_path / "keys"), free_socket(), identity
+    ) as bastion:
+        person = Person(bastion)
+        try:
+            query = person.sent_to_provider(bastion.register(), "b")
+            code = idp.issue("b", query, groups=["devs"])
+            page = person.back_from_provider("b", code=code, state=query["state"])
+            assert "Signed in as <strong>b:ada</strong>" in page.text, page.text
+            again = person.back_from_provider("b", code=code, state=query["state"])
+            refused(again, 400, "already used")
+        finally:
+            person.close()
+        roles = bastion.server.facts.get(("has_role", Entity("User", "b:ada"), None, None))
+        assert [f.fact[2] for f in roles] == ["devs"]
