@@ -625,3 +625,46 @@ def test_provider_login_and_its_facts_on_postgresql(postgres_url, tmp_path, idp)
             person.close()
         roles = bastion.server.facts.get(("has_role", Entity("User", "b:ada"), None, None))
         assert [f.fact[2] for f in roles] == ["devs"]
+
+
+def test_password_sign_in_of_bastions_pages_is_refused_when_local_passwords_are_off(
+    bastion, person
+):
+    page = person.http.get(f"{bastion.url}/sign-in?next=/approvals")
+    form = {**hidden_fields(page.text), "username": "alice", "password": "x" * 12}
+    refused(person.http.post(f"{bastion.url}/sign-in", data=form), 403, "password is turned off")
+
+
+def test_local_passwords_can_be_kept_beside_the_providers(tmp_path, idp):
+    from bastion.oauth.users import create_user
+
+    identity = {
+        "local_passwords": True,
+        "providers": [
+            {
+                "id": "b",
+                "issuer": idp.issuer("b"),
+                "client_id": "bastion-b",
+                "client_secret": SECRETS["bastion-b"],
+            }
+        ],
+    }
+    with bastion_with_providers(
+        str(tmp_path / "bastion.db"), str(tmp_path / "keys"), free_socket(), identity
+    ) as bastion:
+        create_user(bastion.server.store, "alice", "alice-password", bastion.clock())
+        person = Person(bastion)
+        try:
+            page = person.open_authorization(bastion.register())
+            assert [action for action, _ in buttons(page.text)] == ["/login/b"]
+            signed_in = person.http.post(
+                f"{bastion.url}/authorize/login",
+                data={
+                    **hidden_fields(page.text),
+                    "username": "alice",
+                    "password": "alice-password",
+                },
+            )
+            assert "Signed in as <strong>alice</strong>" in signed_in.text, signed_in.text
+        finally:
+            person.close()
