@@ -80,9 +80,9 @@ class Person:
         """Click "Sign in with <provider>" on a login page."""
         return self.http.post(f"{self.bastion.url}/login/{provider}", data=hidden_fields(page.text))
 
-    def sent_to_provider(self, client: dict, provider: str) -> dict[str, str]:
+    def sent_to_provider(self, client: dict, provider: str, **overrides) -> dict[str, str]:
         """Start a login at ``provider``; the query bastion sends the browser to it with."""
-        response = self.choose(self.open_authorization(client), provider)
+        response = self.choose(self.open_authorization(client, **overrides), provider)
         assert response.status_code == 303, response.text
         return {k: v[0] for k, v in parse_qs(urlsplit(response.headers["location"]).query).items()}
 

@@ -471,6 +471,27 @@ def test_open_redirect_the_page_to_resume_must_be_local(bastion, person, target)
     refused(person.http.post(f"{bastion.url}/login/a", data=form), 400, "page of this server")
 
 
+def test_open_redirect_the_resumed_request_goes_only_to_the_clients_registered_uri(
+    idp, person, client
+):
+    query = person.sent_to_provider(client, "a", prompt="consent")
+    code = idp.issue("a", query)
+    page = person.back_from_provider(
+        "a",
+        code=code,
+        state=query["state"],
+        iss=idp.issuer("a"),
+        redirect_uri="https://evil.example/cb",
+        next="//evil.example/",
+    )
+    assert "evil.example" not in page.text
+    done = person.http.post(
+        f"{person.bastion.url}/authorize/consent",
+        data={**hidden_fields(page.text), "decision": "allow"},
+    )
+    assert done.headers["location"].startswith(f"{client['redirect_uris'][0]}?code=")
+
+
 def test_a_login_cannot_start_without_the_forms_csrf_token(bastion, person, client):
     page = person.open_authorization(client)
     form = {**hidden_fields(page.text), "csrf_token": "forged"}
