@@ -234,7 +234,8 @@ def _oauth_server(config: ServerConfig, db: Database):
         ) from None
     server = AuthorizationServer(config.oauth, db, max_json_depth=config.max_json_depth)
     if config.identity:
-        from bastion.identity.oidc_login import IdentityConfigError, compose
+        from bastion.identity.oidc_login import compose
+        from bastion.identity.providers import IdentityConfigError
 
         try:
             compose(server, config.identity, os.environ)

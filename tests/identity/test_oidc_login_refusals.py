@@ -23,7 +23,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from bastion.facts.model import Entity
-from bastion.identity.oidc_login import IdentityConfigError, IdentitySettings
+from bastion.identity.providers import IdentityConfigError, IdentitySettings
 from bastion.oauth.pkce import s256
 from tests.oauth.support import free_socket, hidden_fields, serve
 
@@ -474,9 +474,9 @@ def test_open_redirect_the_page_to_resume_must_be_local(bastion, person, target)
 def test_open_redirect_the_resumed_request_goes_only_to_the_clients_registered_uri(
     idp, person, client
 ):
-    query = person.sent_to_provider(client, "a", prompt="consent")
+    query = person.sent_to_provider(client, "a")
     code = idp.issue("a", query)
-    page = person.back_from_provider(
+    done = person.back_from_provider(
         "a",
         code=code,
         state=query["state"],
@@ -484,11 +484,13 @@ def test_open_redirect_the_resumed_request_goes_only_to_the_clients_registered_u
         redirect_uri="https://evil.example/cb",
         next="//evil.example/",
     )
-    assert "evil.example" not in page.text
-    done = person.http.post(
-        f"{person.bastion.url}/authorize/consent",
-        data={**hidden_fields(page.text), "decision": "allow"},
-    )
+    assert "evil.example" not in done.text
+    if done.status_code == 200:  # the consent page, unless ada consented to this client before
+        done = person.http.post(
+            f"{person.bastion.url}/authorize/consent",
+            data={**hidden_fields(done.text), "decision": "allow"},
+        )
+    assert done.status_code == 303
     assert done.headers["location"].startswith(f"{client['redirect_uris'][0]}?code=")
 
 
