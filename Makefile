@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint format bench clean
+.PHONY: run run-oidc test lint format bench clean
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "need $(PYTHON) on PATH (or set PYTHON=...)"; exit 1; }
@@ -20,6 +20,14 @@ run: $(STAMP)
 	$(BIN)/bastion policy test examples/quickstart/policy.polar
 	$(BIN)/python examples/quickstart/setup.py .quickstart/bastion.db
 	$(BIN)/bastion serve --config examples/quickstart/bastion.toml
+
+# The quickstart with people logging in through a test OpenID provider (oidc-provider, installed
+# with npm into .npm-oidc-provider/ and run with Node on 127.0.0.1:9400) instead of passwords.
+run-oidc: $(STAMP)
+	$(BIN)/python examples/quickstart/setup.py .quickstart/bastion.db
+	cat examples/quickstart/bastion.toml examples/quickstart/identity.toml > .quickstart/bastion-oidc.toml
+	$(BIN)/python -m tests.identity.oidc_provider & trap "kill $$!" EXIT INT TERM; \
+		QUICKSTART_OIDC_SECRET=quickstart-oidc-secret $(BIN)/bastion serve --config .quickstart/bastion-oidc.toml
 
 test: $(STAMP)
 	$(BIN)/ruff check bastion tests benchmarks

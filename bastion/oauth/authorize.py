@@ -241,6 +241,14 @@ class AuthorizationEndpoint:
         try:
             form = await request.form()
             pending, client = await self._pending_from_form(request, form)
+            if not self.server.passwords_allowed:
+                # [identity].local_passwords = false: only the providers sign people in.
+                raise _PageError(
+                    "access_denied",
+                    "sign-in with a password is turned off here: use your organisation's"
+                    " sign-in on the login page",
+                    403,
+                )
             username = str(form.get("username", ""))
             password = str(form.get("password", ""))
             refused = await self._refuse_login(request, pending, client, username, password)
@@ -249,6 +257,16 @@ class AuthorizationEndpoint:
             return await run_in_threadpool(self._signed_in, pending, client, username)
         except _PageError as error:
             return error.response
+
+    def resume_signed_in(
+        self, pending: PendingAuthorization, client: Client, username: str
+    ) -> Response:
+        """In a worker thread (the database): after a login elsewhere (an identity provider,
+        `bastion.identity.oidc_login`, which starts the session), consent or the code, exactly
+        as after a password login."""
+        return self._after_login(
+            pending, client, username, prompt=None, status=303, auth_time=self.server.clock()
+        )
 
     def _signed_in(self, pending: PendingAuthorization, client: Client, username: str) -> Response:
         """In a worker thread (the database): a session for the person, then consent or the
@@ -479,6 +497,8 @@ class AuthorizationEndpoint:
             error=error,
             status=status,
             username=username,
+            providers=self.server.login_choices(),
+            passwords=self.server.passwords_allowed,
         )
 
     def _issue_code(

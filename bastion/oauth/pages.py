@@ -136,6 +136,16 @@ def _credentials(username: str) -> str:
     )
 
 
+def _providers(providers: Iterable[tuple[str, str]], hidden: str) -> str:
+    """A button per identity provider: each a form that posts ``hidden`` to the provider's
+    login (`bastion.identity.oidc_login`), which sends the browser on to the provider."""
+    return "".join(
+        f"<form method=post action='{escape(action, quote=True)}'>{hidden}"
+        f"<button type=submit>Sign in with {escape(name)}</button></form>"
+        for action, name in providers
+    )
+
+
 def login_page(
     *,
     action: str,
@@ -145,13 +155,20 @@ def login_page(
     error: str | None = None,
     status: int = 200,
     username: str = "",
+    providers: Iterable[tuple[str, str]] = (),
+    passwords: bool = True,
 ) -> HTMLResponse:
+    """The login of an authorization request: a button per identity provider, then (unless
+    turned off) the password form."""
     problem = f"<p class=error role=alert>{escape(error)}</p>" if error else ""
-    body = (
-        f"{_client_block(client)}{problem}"
-        f"<form method=post action='{escape(action, quote=True)}'>{_hidden(request_id, csrf_token)}"
+    hidden = _hidden(request_id, csrf_token)
+    form = (
+        f"<form method=post action='{escape(action, quote=True)}'>{hidden}"
         f"{_credentials(username)}</form>"
+        if passwords
+        else ""
     )
+    body = f"{_client_block(client)}{problem}{_providers(providers, hidden)}{form}"
     return page("Sign in to bastion", body, status)
 
 
@@ -275,14 +292,23 @@ def sign_in_page(
     error: str | None = None,
     status: int = 200,
     username: str = "",
+    providers: Iterable[tuple[str, str]] = (),
+    passwords: bool = True,
 ) -> HTMLResponse:
     """The sign-in of bastion's own pages (no application asks): back to ``next_path`` after."""
     problem = f"<p class=error role=alert>{escape(error)}</p>" if error else ""
-    body = (
-        f"<p>Sign in to continue to <code>{escape(next_path)}</code>.</p>{problem}"
-        f"<form method=post action='{escape(action, quote=True)}'>"
+    hidden = (
         f"<input type=hidden name=next value='{escape(next_path, quote=True)}'>"
         f"<input type=hidden name=csrf_token value='{escape(csrf_token, quote=True)}'>"
+    )
+    form = (
+        f"<form method=post action='{escape(action, quote=True)}'>{hidden}"
         f"{_credentials(username)}</form>"
+        if passwords
+        else ""
+    )
+    body = (
+        f"<p>Sign in to continue to <code>{escape(next_path)}</code>.</p>{problem}"
+        f"{_providers(providers, hidden)}{form}"
     )
     return page("Sign in to bastion", body, status)

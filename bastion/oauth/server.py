@@ -7,7 +7,7 @@ import functools
 import time
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
@@ -43,6 +43,9 @@ from bastion.oauth.throttle import (
 from bastion.oauth.token_exchange import DelegationPolicy, RequestOrigin, TaskBinder
 from bastion.oauth.tokens import TokenEndpoint
 from bastion.oauth.verifier import TokenVerifier
+
+if TYPE_CHECKING:
+    from bastion.identity.oidc_login import OpenIDLogin
 
 FORM_TOKEN_KEY = "form-tokens.key"
 DPOP_NONCE_KEY = "dpop-nonces.key"
@@ -144,7 +147,7 @@ class AuthorizationServer:
         self.form_tokens = FormTokens(
             lambda: deployment_secret(settings.key_dir, FORM_TOKEN_KEY), clock
         )
-        self._authorization = AuthorizationEndpoint(self)
+        self.authorization = AuthorizationEndpoint(self)
         self._sign_in = SignInEndpoint(self)
         self._tokens = TokenEndpoint(self)
         # Token exchange (RFC 8693): the policy that decides delegations, composed by
@@ -154,6 +157,9 @@ class AuthorizationServer:
         self.tasks: TaskBinder | None = None
         # OpenID CIBA: `pending_for(username)` lists what waits for a person's answer.
         self.ciba = BackchannelAuthentication(self)
+        # Logins through the company's OpenID providers (`bastion.identity.oidc_login`),
+        # composed by bastion.server.app from [identity]; None: local passwords only.
+        self.external_login: OpenIDLogin | None = None
         self._last_housekeeping = 0.0
 
     async def find_client(self, client_id: str, address: str | None = None) -> Client | None:
@@ -198,15 +204,25 @@ class AuthorizationServer:
         """At shutdown: write the refusal counts of windows still open."""
         self.refusals.flush(everything=True)
 
+    @property
+    def passwords_allowed(self) -> bool:
+        """Whether local users may sign in with a password ([identity].local_passwords)."""
+        return self.external_login is None or self.external_login.passwords_allowed
+
+    def login_choices(self) -> list[tuple[str, str]]:
+        """(form action, name) of each identity provider the login pages offer."""
+        return self.external_login.choices() if self.external_login is not None else []
+
     def routes(self) -> list[Route]:
         prefix = self.settings.issuer_path
-        return [
+        provider_logins = self.external_login.routes() if self.external_login is not None else []
+        return provider_logins + [
             Route(metadata_path(self.settings), self._metadata, methods=["GET"]),
             Route(f"{prefix}/jwks.json", self._jwks, methods=["GET"]),
             Route(f"{prefix}/register", self._register, methods=["POST"]),
-            Route(f"{prefix}/authorize", self._authorization.authorize, methods=["GET"]),
-            Route(f"{prefix}/authorize/login", self._authorization.login, methods=["POST"]),
-            Route(f"{prefix}/authorize/consent", self._authorization.consent, methods=["POST"]),
+            Route(f"{prefix}/authorize", self.authorization.authorize, methods=["GET"]),
+            Route(f"{prefix}/authorize/login", self.authorization.login, methods=["POST"]),
+            Route(f"{prefix}/authorize/consent", self.authorization.consent, methods=["POST"]),
             Route(f"{prefix}/sign-in", self._sign_in.page, methods=["GET"]),
             Route(f"{prefix}/sign-in", self._sign_in.submit, methods=["POST"]),
             Route(f"{prefix}/token", self._token, methods=["POST"]),

@@ -40,7 +40,7 @@ BROWSER_COOKIE = "bastion_browser"
 FORM_SECONDS = 600
 # The longest ``next`` followed: a path of bastion's own pages is far shorter.
 MAX_NEXT_LENGTH = 2048
-_CSRF_PURPOSE = "sign-in"
+CSRF_PURPOSE = "sign-in"
 
 
 @dataclass(frozen=True)
@@ -193,10 +193,12 @@ class SignInEndpoint:
         response = pages.sign_in_page(
             action=f"{self.settings.issuer_path}/sign-in",
             next_path=next_path,
-            csrf_token=self.server.form_tokens.token(_CSRF_PURPOSE, browser),
+            csrf_token=self.server.form_tokens.token(CSRF_PURPOSE, browser),
             error=error,
             status=status,
             username=username,
+            providers=self.server.login_choices(),
+            passwords=self.server.passwords_allowed,
         )
         set_cookie(response, self.settings, BROWSER_COOKIE, browser, FORM_SECONDS)
         return response
@@ -221,7 +223,7 @@ class SignInEndpoint:
         address = client_address(request)
         browser = request.cookies.get(BROWSER_COOKIE, "")
         if not self.server.form_tokens.valid(
-            str(form.get("csrf_token", "")), _CSRF_PURPOSE, browser, FORM_SECONDS
+            str(form.get("csrf_token", "")), CSRF_PURPOSE, browser, FORM_SECONDS
         ):
             await run_in_threadpool(
                 functools.partial(
@@ -236,6 +238,13 @@ class SignInEndpoint:
                 browser or new_secret(),
                 next_path,
                 "This form expired or came from another page. Sign in again.",
+                403,
+            )
+        if not self.server.passwords_allowed:
+            return self._form(
+                browser,
+                next_path,
+                "Sign-in with a password is turned off here: use your organisation's sign-in.",
                 403,
             )
         username = str(form.get("username", ""))

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import secrets
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -220,6 +221,10 @@ def _oauth_server(config: ServerConfig, db: Database):
     This is the single place where the authorization server plugs in.
     """
     if not config.oauth:
+        if config.identity:
+            raise ConfigError(
+                "[identity] needs an [oauth] table: people log in to bastion's authorization server"
+            )
         return None
     try:
         from bastion.oauth import AuthorizationServer
@@ -227,7 +232,16 @@ def _oauth_server(config: ServerConfig, db: Database):
         raise ConfigError(
             f"bastion.toml has an [oauth] table but the authorization server is unavailable: {e}"
         ) from None
-    return AuthorizationServer(config.oauth, db, max_json_depth=config.max_json_depth)
+    server = AuthorizationServer(config.oauth, db, max_json_depth=config.max_json_depth)
+    if config.identity:
+        from bastion.identity.oidc_login import compose
+        from bastion.identity.providers import IdentityConfigError
+
+        try:
+            compose(server, config.identity, os.environ)
+        except IdentityConfigError as e:
+            raise ConfigError(str(e)) from None
+    return server
 
 
 # -- MCP gateway (issue 5): mounted when bastion.toml has a [gateway] table ---------------------

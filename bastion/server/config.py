@@ -114,6 +114,9 @@ class ServerConfig:
     signals: dict[str, Any] = field(default_factory=dict)
     # The [tasks] table (bastion.delegation.tasks.TaskSettings, docs/delegation.md).
     tasks: dict[str, Any] = field(default_factory=dict)
+    # The [identity] table: OpenID providers people log in through
+    # (bastion.identity.oidc_login.IdentitySettings, docs/identity.md).
+    identity: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def load(
@@ -144,14 +147,14 @@ class ServerConfig:
             values.update(server)
             if "oauth" in data:
                 values["oauth"] = data["oauth"]
-            for table in ("gateway", "approvals", "signals", "tasks"):
+            for table in ("gateway", "approvals", "signals", "tasks", "identity"):
                 if table in data:
                     values[table] = data[table]
         elif path is not None:
             raise ConfigError(f"configuration file {file} does not exist")
         names = {f.name: f for f in fields(cls)}
         for name in names:
-            if name in ("oauth", "gateway", "approvals", "signals", "tasks"):
+            if name in ("oauth", "gateway", "approvals", "signals", "tasks", "identity"):
                 continue
             var = f"BASTION_{name.upper()}"
             if var in env:

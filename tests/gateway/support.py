@@ -540,15 +540,18 @@ def start(
 
 
 def serve_quickstart(
-    directory: Path, env: dict[str, str] | None = None, replace: dict[str, str] | None = None
+    directory: Path,
+    env: dict[str, str] | None = None,
+    replace: dict[str, str] | None = None,
+    port: int | None = None,
 ) -> tuple[subprocess.Popen, str]:
     """`bastion serve` of examples/quickstart/bastion.toml in a process of its own, as `make run`
     starts it, but on a free port with a fresh database in ``directory`` (set up by the
     quickstart's setup.py). ``env`` adds environment variables (``BASTION_*`` settings);
     ``replace`` changes more of the configuration's text. Returns the process and its URL once it
-    is ready; the caller stops it.
+    is ready; the caller stops it. ``port``: a port chosen before (else a free one).
     """
-    port = free_socket().getsockname()[1]
+    port = port or free_socket().getsockname()[1]
     config = (QUICKSTART / "bastion.toml").read_text()
     for old, new in [
         ("127.0.0.1:8000", f"127.0.0.1:{port}"),

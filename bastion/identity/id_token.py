@@ -1,0 +1,65 @@
+"""Checking an ID token (OpenID Connect Core 1.0 §3.1.3.7) with joserfc: the signature by the
+one key of the provider's key set the header names, then the claims ``iss``, ``aud``, ``azp``,
+``exp``, ``iat``, ``nonce`` and ``sub``. The ``alg`` is checked by the caller against the
+provider's list before any key is fetched."""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Mapping
+from typing import Any
+
+from joserfc import jwt
+from joserfc.errors import JoseError
+from joserfc.jwk import KeySet
+
+from bastion.identity.providers import LoginRefused, OpenIDProvider
+
+
+def signed_claims(token: str, keys: KeySet, kid: str | None, alg: str) -> dict[str, Any]:
+    """In a worker thread: the claims once the signature is checked with the one key the
+    header names (or the provider's only key)."""
+    if kid is not None:
+        candidates = [k for k in keys.keys if k.kid == kid]
+    else:
+        candidates = list(keys.keys) if len(keys.keys) == 1 else []
+    if len(candidates) != 1:
+        raise LoginRefused("kid", "The ID token is not signed by a key of the provider.")
+    try:
+        return dict(jwt.decode(token, candidates[0], algorithms=[alg]).claims)
+    except (JoseError, ValueError):
+        raise LoginRefused("signature", "The ID token's signature is not the provider's.") from None
+
+
+def _number(claims: Mapping[str, Any], name: str) -> float:
+    value = claims.get(name)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise LoginRefused("claims", f"The ID token's {name!r} is missing or not a number.")
+    return value
+
+
+def check_claims(
+    claims: dict[str, Any], provider: OpenIDProvider, nonce: str, now: float, login_seconds: int
+) -> None:
+    """OpenID Connect Core §3.1.3.7, steps 2 to 11 that apply to the code flow."""
+    if claims.get("iss") != provider.issuer:
+        raise LoginRefused("iss", f"The ID token is from {claims.get('iss')!r}, not the provider.")
+    aud = claims.get("aud")
+    audiences = aud if isinstance(aud, list) else [aud]
+    if provider.client_id not in audiences:
+        raise LoginRefused("aud", "The ID token is not for bastion (aud).")
+    azp = claims.get("azp")
+    if (len(audiences) > 1 or azp is not None) and azp != provider.client_id:
+        raise LoginRefused("azp", "The ID token is for several parties and azp is not bastion.")
+    leeway = provider.leeway_seconds
+    if now > _number(claims, "exp") + leeway:
+        raise LoginRefused("expired", "The ID token has expired.")
+    issued_at = _number(claims, "iat")
+    if issued_at > now + leeway or issued_at < now - login_seconds - leeway:
+        raise LoginRefused("iat", "The ID token was not issued during this login (iat).")
+    got = claims.get("nonce")
+    if not isinstance(got, str) or not hmac.compare_digest(got, nonce):
+        raise LoginRefused("nonce", "The ID token's nonce is not this login's.")
+    sub = claims.get("sub")
+    if not isinstance(sub, str) or not sub or len(sub) > 255:
+        raise LoginRefused("claims", "The ID token has no usable sub.")

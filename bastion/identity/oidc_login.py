@@ -1,0 +1,642 @@
+"""Logging in to bastion through the company's OpenID provider: bastion's authorization server as
+an OpenID Connect relying party (OpenID Connect Core 1.0 §3.1, the authorization code flow).
+
+Each provider of ``[[identity.providers]]`` is found by OpenID Connect Discovery 1.0; a login
+sends the browser to it with PKCE S256 (RFC 7636), a ``state`` and a ``nonce``, all kept on the
+server under the digest of ``state`` and bound to the browser's cookie, usable once and for a
+few minutes. The answer comes back to the provider's own redirect URI, where ``state`` is spent
+first (a replay finds nothing), the RFC 9207 ``iss`` must name that provider when sent (and must
+be sent when the provider says it sends it: mix-up defence), and the code is exchanged once. The
+ID token is checked as Core §3.1.3.7 says, with joserfc: an asymmetric ``alg`` of the provider's
+list (never ``none``, never an HMAC), the signature by the provider's JWKS, ``iss`` exactly,
+``aud`` holding the client id (and ``azp`` being it when there are several audiences), ``exp``,
+``iat`` and the ``nonce``. The person then resumes what they came for (the MCP client's
+authorization request: consent, code, token; or a page of bastion) as after a password login.
+
+Claims map to the user id (namespaced per provider by default) and, by configuration, to facts
+(`FactMapping`), which each login puts in step with the claims and which expire when the person
+stops logging in.
+"""
+
+from __future__ import annotations
+
+import base64
+import functools
+import hmac
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+from urllib.parse import quote, urlencode
+
+import anyio
+import httpx
+from joserfc import jws
+from joserfc.errors import JoseError
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import RedirectResponse, Response
+from starlette.routing import Route
+
+from bastion import untrusted_json
+from bastion.facts.model import Entity, fact_from_json, fact_to_json
+from bastion.facts.store import StoredFact
+from bastion.identity.id_token import check_claims, signed_claims
+from bastion.identity.providers import (
+    IdentitySettings,
+    LoginRefused,
+    OpenIDProvider,
+    ProviderUnavailable,
+    url_problem,
+)
+from bastion.oauth import pages, pkce
+from bastion.oauth.client_assertion import jwks_problem
+from bastion.oauth.jwks import FetchLimits, RemoteDocumentError, RemoteKeySets, fetch_json
+from bastion.oauth.sign_in import (
+    BROWSER_COOKIE,
+    CSRF_PURPOSE,
+    FORM_SECONDS,
+    SESSION_COOKIE,
+    local_path,
+    set_cookie,
+)
+from bastion.oauth.store import digest, new_secret
+from bastion.oauth.throttle import client_address
+
+if TYPE_CHECKING:
+    from bastion.oauth.server import AuthorizationServer
+
+_MIGRATIONS = [
+    """
+    CREATE TABLE identity_login_states (
+        state_digest TEXT PRIMARY KEY,
+        provider TEXT NOT NULL,
+        browser_digest TEXT NOT NULL,
+        nonce TEXT NOT NULL,
+        code_verifier TEXT NOT NULL,
+        request_id TEXT,
+        next_path TEXT,
+        expires_at DOUBLE PRECISION NOT NULL
+    );
+    CREATE TABLE identity_accounts (
+        provider TEXT NOT NULL,
+        subject TEXT NOT NULL,
+        username TEXT NOT NULL,
+        facts TEXT NOT NULL,
+        last_login_at DOUBLE PRECISION NOT NULL,
+        PRIMARY KEY (provider, subject)
+    );
+    """,
+]
+
+# The ID token and the token endpoint's answer: far larger than any real one.
+MAX_ID_TOKEN_CHARS = 16_384
+# The longest user id made from a claim (a bastion username is at most 128 characters).
+MAX_USER_ID = 128
+
+
+@dataclass(frozen=True)
+class _Endpoints:
+    authorization: str
+    token: str
+    jwks_uri: str
+    userinfo: str  # "" when the provider has no UserInfo endpoint
+    sends_iss: bool  # authorization_response_iss_parameter_supported (RFC 9207 §3)
+
+
+@dataclass(frozen=True)
+class _LoginState:
+    provider: str
+    browser_digest: str
+    nonce: str
+    code_verifier: str
+    request_id: str | None
+    next_path: str | None
+
+
+class OpenIDLogin:
+    """The provider logins of one authorization server: `routes` to mount, `choices` for the
+    login pages, and `passwords_allowed` for its password forms."""
+
+    def __init__(
+        self,
+        settings: IdentitySettings,
+        server: AuthorizationServer,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        self.settings = settings
+        self.server = server
+        self.clock = server.clock
+        self.transport = transport
+        self.db = server.db
+        self.db.migrate("identity", _MIGRATIONS)
+        self._endpoints: dict[str, _Endpoints] = {}
+        self._key_sets = {
+            p.id: RemoteKeySets(
+                FetchLimits(
+                    timeout_seconds=p.timeout_seconds,
+                    max_bytes=p.max_document_bytes,
+                    cache_seconds=p.jwks_cache_seconds,
+                    refetch_seconds=p.jwks_refetch_seconds,
+                    max_cached=4,
+                ),
+                check=jwks_problem,
+                clock=self.clock,
+                transport=transport,
+            )
+            for p in settings.providers
+        }
+
+    @property
+    def passwords_allowed(self) -> bool:
+        return self.settings.local_passwords
+
+    def choices(self) -> list[tuple[str, str]]:
+        """(the URL a login form posts to, the provider's name) for each provider."""
+        base = self.server.settings.issuer_path
+        return [(f"{base}/login/{p.id}", p.shown_name) for p in self.settings.providers]
+
+    def redirect_uri(self, provider: OpenIDProvider) -> str:
+        """The provider's own redirect URI at bastion, to register at the provider."""
+        return self.server.settings.endpoint(f"login/{provider.id}/callback")
+
+    def routes(self) -> list[Route]:
+        prefix = self.server.settings.issuer_path
+        return [
+            Route(f"{prefix}/login/{{provider}}", self.start, methods=["POST"]),
+            Route(f"{prefix}/login/{{provider}}/callback", self.callback, methods=["GET"]),
+        ]
+
+    # -- starting a login ------------------------------------------------------------------
+
+    async def start(self, request: Request) -> Response:
+        """``POST <issuer>/login/<provider>`` from a login page: the form names what to resume
+        (an authorization request, or ``next`` for the sign-in page) and carries its CSRF token;
+        the browser is sent to the provider."""
+        provider = self.settings.provider(request.path_params["provider"])
+        if provider is None:
+            return pages.error_page("invalid_request", "no such identity provider", 404)
+        form = await request.form()
+        browser = request.cookies.get(BROWSER_COOKIE, "")
+        try:
+            request_id, next_path = await self._resumed(request, form, browser)
+            endpoints = await self._provider_endpoints(provider)
+        except LoginRefused as refused:
+            return await self._refused(request, provider, refused)
+        except ProviderUnavailable as down:
+            return await self._unavailable(request, provider, down)
+        verifier = new_secret(48)  # 64 base64url characters (RFC 7636 §4.1)
+        challenge = pkce.s256(verifier)
+        state, nonce = new_secret(), new_secret()
+        login = _LoginState(
+            provider.id, digest(browser), nonce, verifier, request_id, next_path or None
+        )
+        await run_in_threadpool(self._save_state, state, login)
+        query = {
+            "response_type": "code",
+            "client_id": provider.client_id,
+            "redirect_uri": self.redirect_uri(provider),
+            "scope": " ".join(provider.scopes),
+            "state": state,
+            "nonce": nonce,
+            "code_challenge": challenge,
+            "code_challenge_method": "S256",
+        }
+        separator = "&" if "?" in endpoints.authorization else "?"
+        return RedirectResponse(
+            f"{endpoints.authorization}{separator}{urlencode(query)}",
+            status_code=303,
+            headers={"Cache-Control": "no-store"},
+        )
+
+    async def _resumed(self, request: Request, form, browser: str) -> tuple[str | None, str]:
+        """What the login resumes, once the form's CSRF token and the browser are checked: an
+        authorization request's id, or a local path of bastion's pages."""
+        csrf = str(form.get("csrf_token", ""))
+        request_id = str(form.get("request_id", ""))
+        if request_id:
+            pending = await run_in_threadpool(self.server.store.pending, request_id, self.clock())
+            if pending is None:
+                raise LoginRefused(
+                    "unknown_request", "This authorization request is unknown or expired."
+                )
+            if not (
+                csrf
+                and browser
+                and hmac.compare_digest(csrf, pending.csrf_token)
+                and hmac.compare_digest(digest(browser), pending.browser_digest)
+            ):
+                raise LoginRefused(
+                    "csrf", "The form is missing its CSRF token or comes from another browser.", 403
+                )
+            return request_id, ""
+        next_path = local_path(str(form.get("next", "")))
+        if next_path is None:
+            raise LoginRefused(
+                "next", "The address to go to after signing in must be a page of this server."
+            )
+        if not self.server.form_tokens.valid(csrf, CSRF_PURPOSE, browser, FORM_SECONDS):
+            raise LoginRefused(
+                "csrf", "This form expired or came from another page. Sign in again.", 403
+            )
+        return None, next_path
+
+    def _save_state(self, state: str, login: _LoginState) -> None:
+        now = self.clock()
+        self.db.execute("DELETE FROM identity_login_states WHERE expires_at < ?", (now,))
+        self.db.execute(
+            "INSERT INTO identity_login_states (state_digest, provider, browser_digest, nonce,"
+            " code_verifier, request_id, next_path, expires_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                digest(state),
+                login.provider,
+                login.browser_digest,
+                login.nonce,
+                login.code_verifier,
+                login.request_id,
+                login.next_path,
+                now + self.settings.login_seconds,
+            ),
+        )
+
+    def _spend_state(self, state: str) -> _LoginState | None:
+        """The login ``state`` names, deleted as it is read: a second answer finds nothing."""
+        rows = self.db.execute(
+            "DELETE FROM identity_login_states WHERE state_digest = ? AND expires_at > ?"
+            " RETURNING provider, browser_digest, nonce, code_verifier, request_id, next_path",
+            (digest(state), self.clock()),
+        )
+        return _LoginState(*rows[0]) if rows else None
+
+    # -- the provider's answer -------------------------------------------------------------
+
+    async def callback(self, request: Request) -> Response:
+        """``GET <issuer>/login/<provider>/callback``: the provider's authorization response."""
+        provider = self.settings.provider(request.path_params["provider"])
+        if provider is None:
+            return pages.error_page("invalid_request", "no such identity provider", 404)
+        try:
+            return await self._answered(request, provider)
+        except LoginRefused as refused:
+            return await self._refused(request, provider, refused)
+        except ProviderUnavailable as down:
+            return await self._unavailable(request, provider, down)
+
+    async def _answered(self, request: Request, provider: OpenIDProvider) -> Response:
+        query = request.query_params
+        repeated = sorted({k for k in query if len(query.getlist(k)) > 1})
+        if repeated:
+            raise LoginRefused("request", f"The answer repeats {repeated}.")
+        state = query.get("state", "")
+        if not state:
+            raise LoginRefused("state", "The provider's answer has no state: start again.")
+        login = await run_in_threadpool(self._spend_state, state)
+        if login is None:
+            raise LoginRefused(
+                "state", "This login is unknown, expired or already used: start again."
+            )
+        browser = request.cookies.get(BROWSER_COOKIE, "")
+        if not (browser and hmac.compare_digest(digest(browser), login.browser_digest)):
+            raise LoginRefused("browser", "This login was started in another browser.", 403)
+        if login.provider != provider.id:
+            raise LoginRefused(
+                "mix_up", "This answer comes back for another provider than the one asked.", 403
+            )
+        endpoints = await self._provider_endpoints(provider)
+        iss = query.get("iss")
+        if iss is not None and iss != provider.issuer:
+            raise LoginRefused("mix_up", f"The answer comes from {iss!r}, not {provider.issuer}.")
+        if iss is None and endpoints.sends_iss:
+            raise LoginRefused("mix_up", "The answer lacks the iss its provider always sends.")
+        if query.get("error"):
+            raise LoginRefused(
+                "provider_error",
+                f"The provider refused: {query.get('error')}"
+                + (
+                    f" ({query.get('error_description')})" if query.get("error_description") else ""
+                ),
+                403,
+            )
+        code = query.get("code")
+        if not code:
+            raise LoginRefused("code", "The provider's answer has no code.")
+        answer = await self._redeem(provider, endpoints, code, login.code_verifier)
+        id_token = answer.get("id_token")
+        if not isinstance(id_token, str) or len(id_token) > MAX_ID_TOKEN_CHARS:
+            raise LoginRefused("id_token", "The provider sent no usable ID token.")
+        claims = await self._verified_claims(provider, endpoints, id_token, login.nonce)
+        if provider.userinfo:
+            # The ID token's own claims win: UserInfo only adds what it lacks.
+            claims = {**await self._userinfo(provider, endpoints, answer, claims["sub"]), **claims}
+        username = await run_in_threadpool(self._signed_in, provider, claims, request)
+        return await self._resume(request, login, username)
+
+    async def _redeem(
+        self, provider: OpenIDProvider, endpoints: _Endpoints, code: str, verifier: str
+    ) -> dict[str, Any]:
+        """The token endpoint's answer for ``code`` (Core §3.1.3.1), within the limits."""
+        form = {
+            "grant_type": "authorization_code",
+            "code": code,
+            "redirect_uri": self.redirect_uri(provider),
+            "code_verifier": verifier,
+        }
+        headers = {"Accept": "application/json"}
+        if provider.token_endpoint_auth_method == "client_secret_basic":
+            # RFC 6749 §2.3.1: each part form-encoded before the Basic encoding.
+            pair = f"{quote(provider.client_id, safe='')}:{quote(provider.client_secret, safe='')}"
+            headers["Authorization"] = "Basic " + base64.b64encode(pair.encode()).decode("ascii")
+        else:
+            form["client_id"] = provider.client_id
+            if provider.token_endpoint_auth_method == "client_secret_post":
+                form["client_secret"] = provider.client_secret
+        status, answer = await self._call(
+            provider, "token endpoint", endpoints.token, form, headers
+        )
+        if status == 400 and isinstance(answer, dict):
+            # RFC 6749 §5.2: the code is refused (used, expired, not for this client).
+            raise LoginRefused("code", f"The provider refused the code: {answer.get('error')!r}.")
+        if status != 200:
+            raise ProviderUnavailable(f"its token endpoint answered HTTP {status}")
+        if not isinstance(answer, dict):
+            raise ProviderUnavailable("its token endpoint sent no JSON object")
+        return answer
+
+    async def _userinfo(
+        self, provider: OpenIDProvider, endpoints: _Endpoints, answer: dict, sub: str
+    ) -> dict[str, Any]:
+        """The UserInfo endpoint's claims (Core §5.3), for providers that put the claims of
+        scopes there rather than in the ID token; its ``sub`` must be the ID token's (§5.3.4)."""
+        token = answer.get("access_token")
+        if not endpoints.userinfo or not isinstance(token, str):
+            raise ProviderUnavailable("it has no userinfo_endpoint, or sent no access token")
+        headers = {"Accept": "application/json", "Authorization": f"Bearer {token}"}
+        status, claims = await self._call(
+            provider, "userinfo endpoint", endpoints.userinfo, None, headers
+        )
+        if status != 200 or not isinstance(claims, dict):
+            raise ProviderUnavailable(f"its userinfo endpoint answered HTTP {status}")
+        if claims.get("sub") != sub:
+            raise LoginRefused("userinfo", "The provider's UserInfo is about someone else (sub).")
+        return claims
+
+    async def _call(
+        self,
+        provider: OpenIDProvider,
+        what: str,
+        url: str,
+        form: dict[str, str] | None,
+        headers: dict[str, str],
+    ) -> tuple[int, Any]:
+        """POST ``form`` (or GET, without one) to one of the provider's endpoints, within its
+        deadline and size cap, no redirects followed; (status, the JSON body or None)."""
+        try:
+            with anyio.fail_after(provider.timeout_seconds):
+                async with (
+                    httpx.AsyncClient(
+                        follow_redirects=False, transport=self.transport, trust_env=False
+                    ) as http,
+                    http.stream(
+                        "POST" if form is not None else "GET", url, data=form, headers=headers
+                    ) as response,
+                ):
+                    body = bytearray()
+                    async for chunk in response.aiter_bytes():
+                        body += chunk
+                        if len(body) > provider.max_document_bytes:
+                            raise ProviderUnavailable(
+                                f"its {what} sent more than {provider.max_document_bytes} bytes"
+                            )
+        except TimeoutError:
+            raise ProviderUnavailable(
+                f"its {what} did not answer within {provider.timeout_seconds} s"
+            ) from None
+        except httpx.HTTPError as exc:
+            raise ProviderUnavailable(f"its {what} cannot be reached: {exc}") from None
+        try:
+            return response.status_code, untrusted_json.loads(bytes(body))
+        except untrusted_json.JsonRefused:
+            return response.status_code, None
+
+    async def _verified_claims(
+        self, provider: OpenIDProvider, endpoints: _Endpoints, id_token: str, nonce: str
+    ) -> dict[str, Any]:
+        """The ID token's claims once checked as OpenID Connect Core §3.1.3.7 says."""
+        try:
+            header = dict(jws.extract_compact(id_token.encode("ascii")).headers())
+        except (JoseError, UnicodeError, ValueError):
+            raise LoginRefused("id_token", "The ID token is not a signed JWT.") from None
+        alg = header.get("alg")
+        if alg not in provider.algorithms:
+            raise LoginRefused(
+                "alg", f"The ID token's alg {alg!r} is not one of {list(provider.algorithms)}."
+            )
+        kid = header.get("kid")
+        if kid is not None and not isinstance(kid, str):
+            raise LoginRefused("kid", "The ID token's kid is not a string.")
+        try:
+            keys = await self._key_sets[provider.id].keys(endpoints.jwks_uri, kid)
+        except RemoteDocumentError as exc:
+            raise ProviderUnavailable(f"its key set {exc}") from None
+        claims = await anyio.to_thread.run_sync(signed_claims, id_token, keys, kid, alg)
+        check_claims(claims, provider, nonce, self.clock(), self.settings.login_seconds)
+        return claims
+
+    # -- the person, their facts and the session -------------------------------------------
+
+    def _signed_in(self, provider: OpenIDProvider, claims: dict[str, Any], request: Request) -> str:
+        """In a worker thread (the database): the user (created on first login), the facts of
+        the claims put in step, the audit record. Returns the username."""
+        value = claims.get(provider.user_claim)
+        if not isinstance(value, str) or not value:
+            raise LoginRefused(
+                "claims", f"The ID token has no {provider.user_claim!r} claim to name the user."
+            )
+        username = f"{provider.user_prefix}{value}"
+        if len(username) > MAX_USER_ID or not username.isprintable():
+            raise LoginRefused("claims", "The user id from the provider is not a usable name.")
+        now = self.clock()
+        user = Entity("User", username)
+        wanted: list[tuple] = []
+        for mapping in provider.facts:
+            wanted.extend(mapping.facts(user, claims))
+        wanted = list(dict.fromkeys(wanted))
+        with self.db.transaction():
+            self.db.execute(
+                "INSERT INTO oauth_users (username, password_hash, created_at) VALUES (?, ?, ?)"
+                " ON CONFLICT (username) DO NOTHING",
+                # Not an Argon2 hash: no password ever matches it.
+                (username, f"!identity:{provider.id}", now),
+            )
+            disabled = self.db.execute(
+                "SELECT disabled_at FROM oauth_users WHERE username = ?", (username,)
+            )[0][0]
+            if disabled is not None:
+                raise LoginRefused("disabled", "This account is disabled.", 403)
+            rows = self.db.execute(
+                "SELECT facts FROM identity_accounts WHERE provider = ? AND subject = ?",
+                (provider.id, claims["sub"]),
+            )
+            before = [fact_from_json(f) for f in json.loads(rows[0][0])] if rows else []
+            # A fact an administrator wrote (it never expires) and this provider did not is
+            # theirs: a login neither gives it an expiry nor removes it.
+            wanted = [
+                f
+                for f in wanted
+                if f in before or not any(s.expires_at is None for s in self.server.facts.get(f))
+            ]
+            self.db.execute(
+                "INSERT INTO identity_accounts (provider, subject, username, facts, last_login_at)"
+                " VALUES (?, ?, ?, ?, ?) ON CONFLICT (provider, subject) DO UPDATE SET"
+                " username = excluded.username, facts = excluded.facts,"
+                " last_login_at = excluded.last_login_at",
+                (
+                    provider.id,
+                    claims["sub"],
+                    username,
+                    json.dumps([fact_to_json(f) for f in wanted]),
+                    now,
+                ),
+            )
+        gone = [f for f in before if f not in wanted]
+        if wanted or gone:
+            self.server.facts.apply(
+                [StoredFact(f, now + self.settings.fact_seconds) for f in wanted],
+                gone,
+                actor=f"identity:{provider.id}",
+            )
+        self.server.audit.record(
+            "login.succeeded",
+            subject=username,
+            provider=provider.id,
+            address=client_address(request),
+            facts=len(wanted),
+            facts_removed=len(gone),
+        )
+        return username
+
+    async def _resume(self, request: Request, login: _LoginState, username: str) -> Response:
+        """What the person came for, signed in: the authorization request (consent or code) or
+        the page of bastion."""
+        settings = self.server.settings
+        if login.request_id is not None:
+            pending = await run_in_threadpool(
+                self.server.store.pending, login.request_id, self.clock()
+            )
+            if pending is None or not hmac.compare_digest(
+                pending.browser_digest, login.browser_digest
+            ):
+                raise LoginRefused(
+                    "unknown_request",
+                    "The application's request expired while you signed in: return to the"
+                    " application and start again.",
+                )
+            client = await self.server.find_client(pending.client_id, client_address(request))
+            if client is None or client.revoked_at is not None:
+                raise LoginRefused("client", "The application is unknown or revoked.", 403)
+            response = await run_in_threadpool(
+                self.server.authorization.resume_signed_in, pending, client, username
+            )
+        else:
+            next_path = local_path(login.next_path or "")
+            if next_path is None:  # checked when the login started; checked again here
+                raise LoginRefused("next", "The address to go to is not a page of this server.")
+            response = RedirectResponse(
+                next_path, status_code=303, headers={"Cache-Control": "no-store"}
+            )
+        session = await run_in_threadpool(
+            self.server.store.create_session, username, self.clock(), settings.session_seconds
+        )
+        set_cookie(response, settings, SESSION_COOKIE, session, settings.session_seconds)
+        return response
+
+    # -- the provider's metadata -----------------------------------------------------------
+
+    async def _provider_endpoints(self, provider: OpenIDProvider) -> _Endpoints:
+        """The provider's endpoints from its OpenID Connect Discovery document (read once per
+        process; a failure is not remembered)."""
+        known = self._endpoints.get(provider.id)
+        if known is not None:
+            return known
+        uri = f"{provider.issuer.rstrip('/')}/.well-known/openid-configuration"
+        limits = FetchLimits(provider.timeout_seconds, provider.max_document_bytes)
+        try:
+            document = await fetch_json(uri, limits, self.transport)
+        except RemoteDocumentError as exc:
+            raise ProviderUnavailable(f"its discovery document {uri} {exc}") from None
+        # OpenID Connect Discovery §4.3: the document names the very issuer asked.
+        if not isinstance(document, dict) or document.get("issuer") != provider.issuer:
+            raise ProviderUnavailable(f"{uri} is not the metadata of {provider.issuer}")
+        found = {}
+        for name in ("authorization_endpoint", "token_endpoint", "jwks_uri"):
+            problem = url_problem(document.get(name))
+            if problem:
+                raise ProviderUnavailable(f"its metadata has no usable {name}: {problem}")
+            found[name] = document[name]
+        userinfo = document.get("userinfo_endpoint") or ""
+        if userinfo and url_problem(userinfo):
+            raise ProviderUnavailable(f"its metadata has no usable userinfo_endpoint: {userinfo!r}")
+        if provider.userinfo and not userinfo:
+            raise ProviderUnavailable("it has no userinfo_endpoint, and userinfo = true")
+        methods = document.get("code_challenge_methods_supported")
+        if isinstance(methods, list) and "S256" not in methods:
+            raise ProviderUnavailable("it does not support PKCE S256")
+        endpoints = _Endpoints(
+            found["authorization_endpoint"],
+            found["token_endpoint"],
+            found["jwks_uri"],
+            userinfo,
+            document.get("authorization_response_iss_parameter_supported") is True,
+        )
+        self._endpoints[provider.id] = endpoints
+        return endpoints
+
+    # -- refusals ----------------------------------------------------------------------------
+
+    async def _refused(
+        self, request: Request, provider: OpenIDProvider, refused: LoginRefused
+    ) -> Response:
+        await run_in_threadpool(
+            functools.partial(
+                self.server.refusals.record,
+                "login.refused",
+                address=client_address(request),
+                reason=refused.reason,
+                provider=provider.id,
+                description=refused.message,
+            )
+        )
+        return pages.message_page("Cannot sign in", refused.message, refused.status)
+
+    async def _unavailable(
+        self, request: Request, provider: OpenIDProvider, down: ProviderUnavailable
+    ) -> Response:
+        await run_in_threadpool(
+            functools.partial(
+                self.server.refusals.record,
+                "login.refused",
+                address=client_address(request),
+                reason="provider_unavailable",
+                provider=provider.id,
+                description=str(down),
+            )
+        )
+        response = pages.message_page(
+            "Cannot sign in",
+            f"{provider.shown_name} cannot be reached now, so nobody can sign in through it:"
+            f" {down}. Try again in a moment.",
+            503,
+        )
+        response.headers["Retry-After"] = "5"
+        return response
+
+
+def compose(server: AuthorizationServer, table: Any, env: Mapping[str, str]) -> OpenIDLogin | None:
+    """The provider logins of ``server`` from the ``[identity]`` table, attached to it; None
+    when no provider is configured."""
+    settings = IdentitySettings.from_mapping(table, env)
+    if not settings.providers:
+        return None
+    login = OpenIDLogin(settings, server)
+    server.external_login = login
+    return login

@@ -1,0 +1,317 @@
+"""The ``[identity]`` table of bastion.toml: the OpenID providers people log in through
+(`bastion.identity.oidc_login`), how their claims map to the user and to facts, and the errors a
+provider login can end with. Every wrong value is refused at start, naming its key."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from bastion.facts.model import Entity
+from bastion.oauth.client_assertion import ASYMMETRIC_ALGORITHMS, jwks_uri_problem
+
+_ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+_PROVIDER_ID = re.compile(r"[a-z0-9][a-z0-9-]{0,31}")
+# Values of one claim turned into facts at one login; more are refused (a claim this large is a
+# mistake of the mapping or of the provider).
+MAX_FACT_VALUES = 500
+_PREDICATES = ("has_role", "has_relation")
+_PROVIDER_KEYS = {
+    "id",
+    "name",
+    "issuer",
+    "client_id",
+    "client_secret",
+    "scopes",
+    "user_claim",
+    "user_prefix",
+    "algorithms",
+    "token_endpoint_auth_method",
+    "leeway_seconds",
+    "timeout_seconds",
+    "max_document_bytes",
+    "jwks_cache_seconds",
+    "jwks_refetch_seconds",
+    "userinfo",
+    "facts",
+}
+_IDENTITY_KEYS = {"providers", "local_passwords", "fact_seconds", "login_seconds"}
+
+
+class IdentityConfigError(ValueError):
+    """A value of the ``[identity]`` table that cannot be used; the message names its key."""
+
+
+class ProviderUnavailable(Exception):
+    """The provider's metadata, keys or token endpoint cannot be had now: nobody logs in."""
+
+
+class LoginRefused(Exception):
+    """A provider login that must not succeed: ``reason`` is recorded, ``message`` shown."""
+
+    def __init__(self, reason: str, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+        self.status = status
+
+
+@dataclass(frozen=True)
+class FactMapping:
+    """One ``[[identity.providers.facts]]`` table: each value of ``claim`` (a string or a list
+    of strings) becomes ``has_role(User, name, resource)`` or ``has_relation(resource, name,
+    User)``; ``{value}`` in ``name`` or in the resource's id stands for the claim's value."""
+
+    claim: str
+    predicate: str
+    name: str
+    resource_type: str
+    resource_id: str
+    values: tuple[str, ...] | None = None  # None: every value; else only these
+
+    def facts(self, user: Entity, claims: Mapping[str, Any]) -> list[tuple]:
+        found = claims.get(self.claim)
+        if isinstance(found, str):
+            found = [found]
+        if not isinstance(found, list):
+            return []
+        values = [v for v in found if isinstance(v, str) and v]
+        if len(values) > MAX_FACT_VALUES:
+            raise LoginRefused(
+                "claims",
+                f"the claim {self.claim!r} holds more than {MAX_FACT_VALUES} values",
+            )
+        if self.values is not None:
+            values = [v for v in values if v in self.values]
+        out = []
+        for value in dict.fromkeys(values):
+            name = self.name.replace("{value}", value)
+            resource = Entity(self.resource_type, self.resource_id.replace("{value}", value))
+            if self.predicate == "has_role":
+                out.append(("has_role", user, name, resource))
+            else:
+                out.append(("has_relation", resource, name, user))
+        return out
+
+
+@dataclass(frozen=True)
+class OpenIDProvider:
+    """One ``[[identity.providers]]`` table (docs/identity.md)."""
+
+    id: str
+    issuer: str
+    client_id: str
+    client_secret: str = field(default="", repr=False)
+    name: str = ""
+    scopes: tuple[str, ...] = ("openid",)
+    user_claim: str = "sub"
+    user_prefix: str = ""
+    algorithms: tuple[str, ...] = ("RS256", "PS256", "ES256", "EdDSA")
+    token_endpoint_auth_method: str = "client_secret_basic"
+    leeway_seconds: int = 30
+    timeout_seconds: int = 5
+    max_document_bytes: int = 65536
+    jwks_cache_seconds: int = 300
+    jwks_refetch_seconds: int = 30
+    # Read the UserInfo endpoint too (its claims complete the ID token's).
+    userinfo: bool = False
+    facts: tuple[FactMapping, ...] = ()
+
+    @property
+    def shown_name(self) -> str:
+        return self.name or self.id
+
+
+@dataclass(frozen=True)
+class IdentitySettings:
+    """The ``[identity]`` table: the providers, whether local passwords are kept beside them,
+    how long facts from claims last after the last login, and how long a login may take."""
+
+    providers: tuple[OpenIDProvider, ...] = ()
+    local_passwords: bool = True
+    fact_seconds: int = 7 * 24 * 3600
+    login_seconds: int = 600
+
+    def provider(self, provider_id: str) -> OpenIDProvider | None:
+        return next((p for p in self.providers if p.id == provider_id), None)
+
+    @classmethod
+    def from_mapping(cls, table: Any, env: Mapping[str, str]) -> IdentitySettings:
+        """Read ``[identity]``; `IdentityConfigError` names the key at fault. ``${NAME}`` in a
+        client secret is taken from ``env``."""
+        if not isinstance(table, Mapping):
+            raise IdentityConfigError("identity: a table")
+        unknown = sorted(set(table) - _IDENTITY_KEYS)
+        if unknown:
+            raise IdentityConfigError(
+                f"unknown key identity.{unknown[0]}; known keys: {', '.join(sorted(_IDENTITY_KEYS))}"
+            )
+        raw = table.get("providers", [])
+        if not isinstance(raw, list):
+            raise IdentityConfigError("identity.providers must be an array of tables")
+        providers = tuple(_provider(i, p, env) for i, p in enumerate(raw))
+        ids = [p.id for p in providers]
+        if len(set(ids)) != len(ids):
+            raise IdentityConfigError("identity.providers: each id may appear only once")
+        local = table.get("local_passwords", not providers)
+        if not isinstance(local, bool):
+            raise IdentityConfigError("identity.local_passwords: true or false")
+        if not local and not providers:
+            raise IdentityConfigError(
+                "identity.local_passwords = false needs at least one provider: nobody could log in"
+            )
+        numbers = {
+            key: _whole(f"identity.{key}", table.get(key, default), 1)
+            for key, default in (("fact_seconds", 7 * 24 * 3600), ("login_seconds", 600))
+        }
+        return cls(providers=providers, local_passwords=local, **numbers)
+
+
+def _whole(where: str, value: Any, minimum: int) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not minimum <= value <= 2**31:
+        raise IdentityConfigError(f"{where}: a whole number from {minimum} to 2**31, got {value!r}")
+    return value
+
+
+def _text(where: str, value: Any) -> str:
+    if not isinstance(value, str) or not value:
+        raise IdentityConfigError(f"{where} must be a non-empty string")
+    return value
+
+
+def _expand(where: str, value: str, env: Mapping[str, str]) -> str:
+    def sub(match: re.Match) -> str:
+        if match.group(1) not in env:
+            raise IdentityConfigError(
+                f"{where} names ${{{match.group(1)}}} but the environment has no {match.group(1)}"
+            )
+        return env[match.group(1)]
+
+    return _ENV.sub(sub, value)
+
+
+def url_problem(value: Any) -> str | None:
+    problem = jwks_uri_problem(value)  # https, or http to a loopback address; no fragment
+    return problem.replace("jwks_uri must be", "must be") if problem else None
+
+
+def _provider(index: int, table: Any, env: Mapping[str, str]) -> OpenIDProvider:
+    where = f"identity.providers[{index}]"
+    if not isinstance(table, Mapping):
+        raise IdentityConfigError(f"{where}: a table with id, issuer and client_id")
+    unknown = sorted(set(table) - _PROVIDER_KEYS)
+    if unknown:
+        raise IdentityConfigError(
+            f"unknown key {where}.{unknown[0]}; known keys: {', '.join(sorted(_PROVIDER_KEYS))}"
+        )
+    provider_id = table.get("id")
+    if not isinstance(provider_id, str) or not _PROVIDER_ID.fullmatch(provider_id):
+        raise IdentityConfigError(
+            f"{where}.id: 1 to 32 lowercase letters, digits or '-' (it is in the redirect URI),"
+            f" got {provider_id!r}"
+        )
+    issuer = table.get("issuer")
+    problem = url_problem(issuer)
+    if problem:
+        raise IdentityConfigError(f"{where}.issuer: {problem}")
+    values: dict[str, Any] = {
+        "id": provider_id,
+        "issuer": issuer,
+        "client_id": _text(f"{where}.client_id", table.get("client_id")),
+        "user_prefix": f"{provider_id}:",
+    }
+    if "client_secret" in table:
+        values["client_secret"] = _expand(
+            f"{where}.client_secret", _text(f"{where}.client_secret", table["client_secret"]), env
+        )
+    for key in ("name", "user_claim"):
+        if key in table:
+            values[key] = _text(f"{where}.{key}", table[key])
+    if "user_prefix" in table:
+        if not isinstance(table["user_prefix"], str) or len(table["user_prefix"]) > 64:
+            raise IdentityConfigError(f"{where}.user_prefix: a string of at most 64 characters")
+        values["user_prefix"] = table["user_prefix"]
+    scopes = table.get("scopes", ["openid"])
+    if (
+        not isinstance(scopes, list)
+        or "openid" not in scopes
+        or not all(isinstance(s, str) and s and " " not in s for s in scopes)
+    ):
+        raise IdentityConfigError(
+            f'{where}.scopes: a list of scope names holding "openid", got {scopes!r}'
+        )
+    values["scopes"] = tuple(dict.fromkeys(scopes))
+    algorithms = table.get("algorithms", list(OpenIDProvider.algorithms))
+    if (
+        not isinstance(algorithms, list)
+        or not algorithms
+        or any(a not in ASYMMETRIC_ALGORITHMS for a in algorithms)
+    ):
+        raise IdentityConfigError(
+            f"{where}.algorithms: a non-empty list of {list(ASYMMETRIC_ALGORITHMS)} (asymmetric"
+            f" only), got {algorithms!r}"
+        )
+    values["algorithms"] = tuple(algorithms)
+    method = table.get("token_endpoint_auth_method", "client_secret_basic")
+    if method not in ("client_secret_basic", "client_secret_post", "none"):
+        raise IdentityConfigError(
+            f"{where}.token_endpoint_auth_method: client_secret_basic, client_secret_post or"
+            f" none, got {method!r}"
+        )
+    if method != "none" and not values.get("client_secret"):
+        raise IdentityConfigError(
+            f"{where}.client_secret is required with {method} (e.g. client_secret ="
+            ' "${IDP_SECRET}")'
+        )
+    values["token_endpoint_auth_method"] = method
+    for key in (
+        "leeway_seconds",
+        "timeout_seconds",
+        "max_document_bytes",
+        "jwks_cache_seconds",
+        "jwks_refetch_seconds",
+    ):
+        if key in table:
+            values[key] = _whole(f"{where}.{key}", table[key], 0 if key == "leeway_seconds" else 1)
+    userinfo = table.get("userinfo", False)
+    if not isinstance(userinfo, bool):
+        raise IdentityConfigError(f"{where}.userinfo: true or false")
+    values["userinfo"] = userinfo
+    raw = table.get("facts", [])
+    if not isinstance(raw, list):
+        raise IdentityConfigError(f"{where}.facts must be an array of tables")
+    values["facts"] = tuple(_fact_mapping(f"{where}.facts[{i}]", m) for i, m in enumerate(raw))
+    return OpenIDProvider(**values)
+
+
+def _fact_mapping(where: str, table: Any) -> FactMapping:
+    keys = {"claim", "predicate", "name", "resource", "values"}
+    if not isinstance(table, Mapping):
+        raise IdentityConfigError(f"{where}: a table with claim, predicate, name and resource")
+    unknown = sorted(set(table) - keys)
+    if unknown:
+        raise IdentityConfigError(f"unknown key {where}.{unknown[0]}; known: {sorted(keys)}")
+    predicate = table.get("predicate", "has_role")
+    if predicate not in _PREDICATES:
+        raise IdentityConfigError(f"{where}.predicate: one of {list(_PREDICATES)}")
+    resource = _text(f"{where}.resource", table.get("resource"))
+    kind, colon, ident = resource.partition(":")
+    if not (colon and re.fullmatch(r"[A-Z][A-Za-z0-9_]*", kind) and ident):
+        raise IdentityConfigError(
+            f'{where}.resource: "Type:id", e.g. "Org:acme" or "Group:{{value}}", got {resource!r}'
+        )
+    values = table.get("values")
+    if values is not None and (
+        not isinstance(values, list) or not all(isinstance(v, str) and v for v in values)
+    ):
+        raise IdentityConfigError(f"{where}.values: a list of claim values")
+    return FactMapping(
+        claim=_text(f"{where}.claim", table.get("claim")),
+        predicate=predicate,
+        name=_text(f"{where}.name", table.get("name")),
+        resource_type=kind,
+        resource_id=ident,
+        values=tuple(values) if values is not None else None,
+    )

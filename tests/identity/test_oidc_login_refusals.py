@@ -1,0 +1,693 @@
+"""Logging in through an OpenID provider: every way the login must be refused. The provider is a
+real HTTP server written for these tests (discovery, JWKS, a token endpoint that checks the
+client, PKCE and the redirect URI, and answers with ID tokens made as each test asks), so that ID
+tokens no certified provider would send can be tried; the person's browser is an httpx client
+with its own cookies. The happy path with a certified provider, a real browser and the MCP SDK
+client is in test_oidc_login.py."""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import time
+import uuid
+
+import httpx
+import pytest
+from joserfc import jwt
+from joserfc.jwk import OctKey, RSAKey
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from bastion.facts.model import Entity
+from bastion.identity.providers import IdentityConfigError, IdentitySettings
+from bastion.oauth.pkce import s256
+from tests.oauth.support import free_socket, hidden_fields, serve
+
+from .oidc_support import Person, bastion_with_providers, buttons
+
+SECRETS = {"bastion-a": "secret-of-a", "bastion-b": "secret-of-b", "bastion-u": "secret-of-u"}
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+class TestProvider:
+    """Two issuers on one server: ``a`` says it sends RFC 9207 ``iss`` in its answers, ``b``
+    does not. Codes are made by the tests (`issue`), each with the ID token it redeems for."""
+
+    __test__ = False
+
+    def __init__(self) -> None:
+        self.key = RSAKey.generate_key(2048, parameters={"kid": "k1"})
+        self.stranger = RSAKey.generate_key(2048, parameters={"kid": "k1"})
+        self.codes: dict[str, dict] = {}
+        self.redeemed: list[str] = []
+        self.token_status = 200
+        self.userinfo_claims = {"sub": "ada", "groups": ["from-userinfo"]}
+        self.url = ""
+        self.app = Starlette(
+            routes=[
+                Route("/{name}/.well-known/openid-configuration", self.discovery),
+                Route("/{name}/token", self.token, methods=["POST"]),
+                Route("/{name}/userinfo", self.userinfo),
+                Route("/jwks", self.jwks),
+            ]
+        )
+
+    def issuer(self, name: str) -> str:
+        return f"{self.url}/{name}"
+
+    async def discovery(self, request: Request) -> Response:
+        name = request.path_params["name"]
+        return JSONResponse(
+            {
+                "issuer": self.issuer(name),
+                "authorization_endpoint": f"{self.issuer(name)}/authorize",
+                "token_endpoint": f"{self.issuer(name)}/token",
+                "jwks_uri": f"{self.url}/jwks",
+                "code_challenge_methods_supported": ["S256"],
+                "authorization_response_iss_parameter_supported": name == "a",
+                "userinfo_endpoint": f"{self.issuer(name)}/userinfo",
+            }
+        )
+
+    async def userinfo(self, request: Request) -> Response:
+        if request.headers.get("authorization") != "Bearer opaque":
+            return JSONResponse({"error": "invalid_token"}, status_code=401)
+        return JSONResponse(self.userinfo_claims)
+
+    async def jwks(self, request: Request) -> Response:
+        return JSONResponse({"keys": [self.key.as_dict(private=False)]})
+
+    async def token(self, request: Request) -> Response:
+        if self.token_status != 200:
+            return Response("down for maintenance", status_code=self.token_status)
+        name = request.path_params["name"]
+        client_id = f"bastion-{name}"
+        basic = base64.b64encode(f"{client_id}:{SECRETS[client_id]}".encode()).decode()
+        if request.headers.get("authorization") != f"Basic {basic}":
+            return JSONResponse({"error": "invalid_client"}, status_code=401)
+        form = await request.form()
+        recipe = self.codes.pop(str(form.get("code")), None)  # a code is good once
+        if recipe is None or recipe["issuer"] != name:
+            return JSONResponse({"error": "invalid_grant"}, status_code=400)
+        if s256(str(form.get("code_verifier"))) != recipe["challenge"]:
+            return JSONResponse({"error": "invalid_grant"}, status_code=400)
+        if form.get("redirect_uri") != recipe["redirect_uri"]:
+            return JSONResponse({"error": "invalid_grant"}, status_code=400)
+        self.redeemed.append(str(form.get("code")))
+        return JSONResponse(
+            {"access_token": "opaque", "token_type": "Bearer", "id_token": recipe["id_token"]}
+        )
+
+    def issue(self, name: str, query: dict[str, str], *, sign: str = "k1", **claims) -> str:
+        """A code for the login bastion started with ``query``: its ID token says ``claims``
+        over the right ones (None drops a claim), signed as ``sign`` says."""
+        now = int(time.time())
+        body = {
+            "iss": self.issuer(name),
+            "sub": "ada",
+            "aud": f"bastion-{name}",
+            "iat": now,
+            "exp": now + 300,
+            "nonce": query["nonce"],
+            "groups": ["admins", "devs"],
+            **claims,
+        }
+        body = {k: v for k, v in body.items() if v is not None}
+        if sign == "k1":
+            token = jwt.encode({"alg": "RS256", "kid": "k1"}, body, self.key)
+        elif sign == "stranger":
+            token = jwt.encode({"alg": "RS256", "kid": "k1"}, body, self.stranger)
+        elif sign == "none":
+            header = _b64(json.dumps({"alg": "none"}).encode())
+            token = f"{header}.{_b64(json.dumps(body).encode())}."
+        elif sign == "HS256":
+            # Keyed with the provider's public key, the classic confusion.
+            secret = OctKey.import_key(json.dumps(self.key.as_dict(private=False)).encode())
+            token = jwt.encode({"alg": "HS256", "kid": "k1"}, body, secret)
+        else:
+            raise AssertionError(sign)
+        code = uuid.uuid4().hex
+        self.codes[code] = {
+            "issuer": name,
+            "challenge": query["code_challenge"],
+            "redirect_uri": query["redirect_uri"],
+            "id_token": token,
+        }
+        return code
+
+
+@pytest.fixture(scope="module")
+def idp():
+    provider = TestProvider()
+    with serve(provider.app, free_socket()) as url:
+        provider.url = url
+        yield provider
+
+
+@pytest.fixture(scope="module")
+def bastion(tmp_path_factory, idp):
+    dead = free_socket()  # bound, never listening: a provider that is down
+    directory = tmp_path_factory.mktemp("oidc-refusals")
+    identity = {
+        "fact_seconds": 3600,
+        "providers": [
+            {
+                "id": "a",
+                "name": "Provider A",
+                "issuer": idp.issuer("a"),
+                "client_id": "bastion-a",
+                "client_secret": "${SECRET_A}",
+                "scopes": ["openid", "groups"],
+                "facts": [
+                    {
+                        "claim": "groups",
+                        "predicate": "has_role",
+                        "name": "{value}",
+                        "resource": "Org:acme",
+                        "values": ["admins", "devs", "support", "auditor"],
+                    },
+                    {
+                        "claim": "groups",
+                        "predicate": "has_relation",
+                        "name": "member",
+                        "resource": "Team:{value}",
+                    },
+                ],
+            },
+            {
+                "id": "b",
+                "issuer": idp.issuer("b"),
+                "client_id": "bastion-b",
+                "client_secret": SECRETS["bastion-b"],
+            },
+            {
+                "id": "u",
+                "issuer": idp.issuer("u"),
+                "client_id": "bastion-u",
+                "client_secret": SECRETS["bastion-u"],
+                "userinfo": True,
+                "facts": [{"claim": "groups", "name": "{value}", "resource": "Org:acme"}],
+            },
+            {
+                "id": "down",
+                "name": "Down Provider",
+                "issuer": f"http://127.0.0.1:{dead.getsockname()[1]}/x",
+                "client_id": "bastion-down",
+                "client_secret": "unused",
+                "timeout_seconds": 2,
+            },
+        ],
+    }
+    env = {"SECRET_A": SECRETS["bastion-a"]}
+    with bastion_with_providers(
+        str(directory / "bastion.db"), str(directory / "keys"), free_socket(), identity, env=env
+    ) as b:
+        yield b
+    dead.close()
+
+
+@pytest.fixture
+def person(bastion):
+    p = Person(bastion)
+    yield p
+    p.close()
+
+
+@pytest.fixture(scope="module")
+def client(bastion):
+    return bastion.register()
+
+
+def sessions(bastion) -> int:
+    return bastion.db.execute("SELECT COUNT(*) FROM oauth_sessions")[0][0]
+
+
+def users(bastion) -> list[str]:
+    return [u[0] for u in bastion.server.store.users()]
+
+
+def refused(response: httpx.Response, status: int, words: str) -> None:
+    text = html.unescape(response.text)
+    assert response.status_code == status, text
+    assert words in text, text
+    assert "bastion_session" not in response.headers.get("set-cookie", "")
+
+
+# -- the way it works ------------------------------------------------------------------------
+
+
+def test_login_page_offers_each_provider_and_no_password_form(person, client):
+    page = person.open_authorization(client)
+    actions = [action for action, _ in buttons(page.text)]
+    assert actions == ["/login/a", "/login/b", "/login/u", "/login/down"]
+    assert "Sign in with Provider A" in page.text
+    assert "name=password" not in page.text
+
+
+def test_password_login_is_refused_when_local_passwords_are_off(bastion, person, client):
+    page = person.open_authorization(client)
+    response = person.http.post(
+        f"{bastion.url}/authorize/login",
+        data={**hidden_fields(page.text), "username": "alice", "password": "x" * 12},
+    )
+    refused(response, 403, "password is turned off")
+
+
+def test_provider_login_resumes_the_authorization_request_as_a_namespaced_user(
+    bastion, idp, person, client
+):
+    before = sessions(bastion)
+    query = person.sent_to_provider(client, "a")
+    assert query["client_id"] == "bastion-a"
+    assert query["redirect_uri"] == f"{bastion.url}/login/a/callback"
+    assert query["code_challenge_method"] == "S256" and query["scope"] == "openid groups"
+    code = idp.issue("a", query)
+    page = person.back_from_provider("a", code=code, state=query["state"], iss=idp.issuer("a"))
+    assert page.status_code == 200, page.text
+    assert "Signed in as <strong>a:ada</strong>" in page.text
+    assert sessions(bastion) == before + 1
+    answer = person.consent(page)
+    assert answer["state"] == "xyz-state" and answer["iss"] == bastion.url
+    tokens = person.redeem(answer["code"])
+    claims = bastion.server.verifier.verify(tokens["access_token"], bastion.resource).claims
+    assert claims["sub"] == "a:ada"
+    assert idp.redeemed.count(code) == 1
+    assert "a:ada" in users(bastion)
+
+
+def test_groups_become_facts_kept_in_step_at_each_login_and_expiring(bastion, idp, person, client):
+    facts = bastion.server.facts
+    ada = Entity("User", "a:ada")
+    facts.apply([("has_role", ada, "auditor", Entity("Org", "acme"))], actor="admin")
+
+    def login(groups: list[str]) -> None:
+        # Each login anew (prompt=login), as when the session has ended.
+        response = person.choose(person.open_authorization(client, prompt="login"), "a")
+        query = dict(httpx.URL(response.headers["location"]).params)
+        code = idp.issue("a", query, groups=groups)
+        page = person.back_from_provider("a", code=code, state=query["state"], iss=idp.issuer("a"))
+        assert page.status_code in (200, 303), page.text
+
+    def roles() -> dict[str, float | None]:
+        return {f.fact[2]: f.expires_at for f in facts.get(("has_role", ada, None, None))}
+
+    login(["admins", "devs", "auditor", "unknown-group"])
+    first = roles()
+    assert set(first) == {"admins", "devs", "auditor"}
+    assert first["auditor"] is None  # the administrator's fact is not the provider's to expire
+    assert 0 < first["admins"] - time.time() <= 3600
+    teams = facts.get(("has_relation", None, "member", ada))
+    assert {f.fact[1] for f in teams} == {
+        Entity("Team", "admins"),
+        Entity("Team", "devs"),
+        Entity("Team", "unknown-group"),
+        Entity("Team", "auditor"),
+    }
+
+    login(["devs"])
+    assert set(roles()) == {"devs", "auditor"}  # nor to remove
+    assert roles()["auditor"] is None
+    assert {f.fact[1] for f in facts.get(("has_relation", None, "member", ada))} == {
+        Entity("Team", "devs")
+    }
+
+
+def test_sign_in_page_offers_providers_and_goes_back_to_the_local_page(bastion, idp, person):
+    page = person.http.get(f"{bastion.url}/sign-in?next=/approvals")
+    assert "name=password" not in page.text
+    response = person.http.post(f"{bastion.url}/login/b", data=hidden_fields(page.text))
+    assert response.status_code == 303
+    query = dict(httpx.URL(response.headers["location"]).params)
+    code = idp.issue("b", query)
+    back = person.back_from_provider("b", code=code, state=query["state"])
+    assert back.status_code == 303 and back.headers["location"] == "/approvals"
+    assert "bastion_session" in back.headers["set-cookie"]
+
+
+def test_userinfo_completes_the_id_tokens_claims(bastion, idp, person, client):
+    query = person.sent_to_provider(client, "u")
+    code = idp.issue("u", query, sub="lin", groups=None)
+    idp.userinfo_claims = {"sub": "lin", "groups": ["from-userinfo"], "iss": "ignored"}
+    page = person.back_from_provider("u", code=code, state=query["state"])
+    assert page.status_code == 200, page.text
+    roles = bastion.server.facts.get(("has_role", Entity("User", "u:lin"), None, None))
+    assert [f.fact[2] for f in roles] == ["from-userinfo"]
+
+
+def test_userinfo_about_someone_else_is_refused(bastion, idp, person, client):
+    query = person.sent_to_provider(client, "u")
+    code = idp.issue("u", query, sub="kim")
+    idp.userinfo_claims = {"sub": "mallory", "groups": ["admins"]}
+    response = person.back_from_provider("u", code=code, state=query["state"])
+    refused(response, 400, "about someone else")
+    assert "u:kim" not in users(bastion) and "u:mallory" not in users(bastion)
+
+
+# -- what must be refused -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("recipe", "words"),
+    [
+        ({"sign": "stranger"}, "signature is not the provider"),
+        ({"sign": "none"}, "alg 'none'"),
+        ({"sign": "HS256"}, "alg 'HS256'"),
+        ({"iss": "https://evil.example"}, "is from 'https://evil.example'"),
+        ({"aud": "someone-else"}, "not for bastion"),
+        ({"aud": ["bastion-a", "someone-else"]}, "azp is not bastion"),
+        ({"aud": ["bastion-a", "x"], "azp": "x"}, "azp is not bastion"),
+        ({"exp": int(time.time()) - 3600}, "has expired"),
+        ({"exp": None}, "'exp' is missing"),
+        ({"iat": int(time.time()) + 3600}, "not issued during this login"),
+        ({"nonce": "another-login"}, "nonce is not this login"),
+        ({"nonce": None}, "nonce is not this login"),
+        ({"sub": None}, "no usable sub"),
+    ],
+    ids=lambda v: str(v)[:40],
+)
+def test_a_bad_id_token_signs_nobody_in(bastion, idp, person, client, recipe, words):
+    before = (sessions(bastion), users(bastion))
+    query = person.sent_to_provider(client, "a")
+    code = idp.issue("a", query, **recipe)
+    response = person.back_from_provider("a", code=code, state=query["state"], iss=idp.issuer("a"))
+    refused(response, 400, words)
+    assert (sessions(bastion), users(bastion)) == before
+
+
+def test_missing_or_unknown_state_is_refused(person, idp, client):
+    query = person.sent_to_provider(client, "a")
+    code = idp.issue("a", query)
+    refused(person.back_from_provider("a", code=code, iss=idp.issuer("a")), 400, "no state")
+    response = person.back_from_provider("a", code=code, state="made-up", iss=idp.issuer("a"))
+    refused(response, 400, "unknown, expired or already used")
+    assert code not in idp.redeemed
+
+
+def test_a_replayed_answer_is_refused_and_its_code_never_redeemed_twice(
+    bastion, idp, person, client
+):
+    query = person.sent_to_provider(client, "a")
+    code = idp.issue("a", query)
+    first = person.back_from_provider("a", code=code, state=query["state"], iss=idp.issuer("a"))
+    assert first.status_code in (200, 303), first.text  # consent, or the code when given before
+    again = person.back_from_provider("a", code=code, state=query["state"], iss=idp.issuer("a"))
+    refused(again, 400, "unknown, expired or already used")
+    assert idp.redeemed.count(code) == 1
+
+
+def test_an_answer_delivered_to_another_browser_is_refused(bastion, idp, person, client):
+    query = person.sent_to_provider(client, "a")
+    code = idp.issue("a", query)
+    attacker = Person(bastion)
+    try:
+        attacker.open_authorization(client)  # a browser cookie of its own
+        response = attacker.back_from_provider(
+            "a", code=code, state=query["state"], iss=idp.issuer("a")
+        )
+    finally:
+        attacker.close()
+    refused(response, 403, "started in another browser")
+    assert code not in idp.redeemed
+
+
+def test_mix_up_an_answer_for_one_provider_at_another_is_refused(idp, person, client):
+    query = person.sent_to_provider(client, "a")
+    code = idp.issue("a", query)
+    response = person.back_from_provider("b", code=code, state=query["state"])
+    refused(response, 403, "another provider")
+    assert code not in idp.redeemed
+
+
+@pytest.mark.parametrize("iss", ["https://evil.example", None])
+def test_mix_up_the_rfc_9207_iss_must_name_the_provider(idp, person, client, iss):
+    query = person.sent_to_provider(client, "a")
+    code = idp.issue("a", query)
+    params = {"code": code, "state": query["state"]}
+    if iss is not None:
+        params["iss"] = iss
+    response = person.back_from_provider("a", **params)
+    refused(response, 400, "https://evil.example" if iss else "lacks the iss")
+    assert code not in idp.redeemed
+
+
+def test_a_provider_that_sends_an_error_signs_nobody_in(idp, person, client):
+    query = person.sent_to_provider(client, "b")
+    response = person.back_from_provider("b", error="access_denied", state=query["state"])
+    refused(response, 403, "The provider refused: access_denied")
+
+
+def test_a_provider_that_is_down_shows_a_clear_page_and_no_login(bastion, person, client):
+    before = sessions(bastion)
+    response = person.choose(person.open_authorization(client), "down")
+    refused(response, 503, "Down Provider cannot be reached now")
+    assert response.headers["retry-after"]
+    assert sessions(bastion) == before
+
+
+def test_a_token_endpoint_that_fails_signs_nobody_in(bastion, idp, person, client):
+    query = person.sent_to_provider(client, "a")
+    code = idp.issue("a", query)
+    idp.token_status = 500
+    try:
+        response = person.back_from_provider(
+            "a", code=code, state=query["state"], iss=idp.issuer("a")
+        )
+    finally:
+        idp.token_status = 200
+    refused(response, 503, "answered HTTP 500")
+
+
+@pytest.mark.parametrize("target", ["https://evil.example/", "//evil.example/x", "/\\evil.example"])
+def test_open_redirect_the_page_to_resume_must_be_local(bastion, person, target):
+    page = person.http.get(f"{bastion.url}/sign-in?next=/approvals")
+    form = {**hidden_fields(page.text), "next": target}
+    refused(person.http.post(f"{bastion.url}/login/a", data=form), 400, "page of this server")
+
+
+def test_open_redirect_the_resumed_request_goes_only_to_the_clients_registered_uri(
+    idp, person, client
+):
+    query = person.sent_to_provider(client, "a")
+    code = idp.issue("a", query)
+    done = person.back_from_provider(
+        "a",
+        code=code,
+        state=query["state"],
+        iss=idp.issuer("a"),
+        redirect_uri="https://evil.example/cb",
+        next="//evil.example/",
+    )
+    assert "evil.example" not in done.text
+    if done.status_code == 200:  # the consent page, unless ada consented to this client before
+        done = person.http.post(
+            f"{person.bastion.url}/authorize/consent",
+            data={**hidden_fields(done.text), "decision": "allow"},
+        )
+    assert done.status_code == 303
+    assert done.headers["location"].startswith(f"{client['redirect_uris'][0]}?code=")
+
+
+def test_a_login_cannot_start_without_the_forms_csrf_token(bastion, person, client):
+    page = person.open_authorization(client)
+    form = {**hidden_fields(page.text), "csrf_token": "forged"}
+    refused(person.http.post(f"{bastion.url}/login/a", data=form), 403, "CSRF")
+    page = person.http.get(f"{bastion.url}/sign-in?next=/approvals")
+    form = {**hidden_fields(page.text), "csrf_token": "1.forged"}
+    refused(person.http.post(f"{bastion.url}/login/a", data=form), 403, "expired or came from")
+
+
+def test_a_disabled_user_cannot_log_in_through_the_provider(bastion, idp, person, client):
+    query = person.sent_to_provider(client, "a")
+    first = person.back_from_provider(
+        "a", code=idp.issue("a", query, sub="grace"), state=query["state"], iss=idp.issuer("a")
+    )
+    assert first.status_code == 200, first.text
+    assert bastion.server.store.disable_user("a:grace", bastion.clock())
+    query = person.sent_to_provider(client, "a")
+    again = person.back_from_provider(
+        "a", code=idp.issue("a", query, sub="grace"), state=query["state"], iss=idp.issuer("a")
+    )
+    refused(again, 403, "disabled")
+
+
+# -- configuration --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("table", "words"),
+    [
+        ({"providers": [], "local_passwords": False}, "nobody could log in"),
+        ({"provider": []}, "unknown key identity.provider"),
+        (
+            {"providers": [{"id": "Bad Id", "issuer": "https://i.example", "client_id": "c"}]},
+            "providers[0].id",
+        ),
+        (
+            {"providers": [{"id": "x", "issuer": "http://idp.example", "client_id": "c"}]},
+            "must be an https URL",
+        ),
+        (
+            {"providers": [{"id": "x", "issuer": "https://i.example", "client_id": "c"}]},
+            "client_secret is required",
+        ),
+        (
+            {
+                "providers": [
+                    {
+                        "id": "x",
+                        "issuer": "https://i.example",
+                        "client_id": "c",
+                        "client_secret": "${NOT_SET}",
+                    }
+                ]
+            },
+            "the environment has no NOT_SET",
+        ),
+        (
+            {
+                "providers": [
+                    {
+                        "id": "x",
+                        "issuer": "https://i.example",
+                        "client_id": "c",
+                        "token_endpoint_auth_method": "none",
+                        "algorithms": ["HS256"],
+                    }
+                ]
+            },
+            "asymmetric only",
+        ),
+        (
+            {
+                "providers": [
+                    {
+                        "id": "x",
+                        "issuer": "https://i.example",
+                        "client_id": "c",
+                        "token_endpoint_auth_method": "none",
+                        "scopes": ["email"],
+                    }
+                ]
+            },
+            'holding "openid"',
+        ),
+        (
+            {
+                "providers": [
+                    {
+                        "id": "x",
+                        "issuer": "https://i.example",
+                        "client_id": "c",
+                        "token_endpoint_auth_method": "none",
+                        "facts": [{"claim": "groups", "name": "r", "resource": "acme"}],
+                    }
+                ]
+            },
+            '"Type:id"',
+        ),
+    ],
+    ids=lambda v: str(v)[:30],
+)
+def test_a_wrong_identity_table_is_refused_at_start_naming_its_key(table, words):
+    with pytest.raises(IdentityConfigError) as error:
+        IdentitySettings.from_mapping(table, {})
+    assert words in str(error.value)
+
+
+def test_defaults_namespace_users_per_provider_and_turn_passwords_off():
+    settings = IdentitySettings.from_mapping(
+        {
+            "providers": [
+                {
+                    "id": "corp",
+                    "issuer": "https://i.example",
+                    "client_id": "c",
+                    "client_secret": "s3cr3t-value",
+                }
+            ]
+        },
+        {},
+    )
+    provider = settings.providers[0]
+    assert (provider.user_claim, provider.user_prefix) == ("sub", "corp:")
+    assert settings.local_passwords is False
+    assert "s3cr3t-value" not in repr(provider)
+
+
+def test_provider_login_and_its_facts_on_postgresql(postgres_url, tmp_path, idp):
+    identity = {
+        "providers": [
+            {
+                "id": "b",
+                "issuer": idp.issuer("b"),
+                "client_id": "bastion-b",
+                "client_secret": SECRETS["bastion-b"],
+                "facts": [{"claim": "groups", "name": "{value}", "resource": "Org:acme"}],
+            }
+        ]
+    }
+    with bastion_with_providers(
+        postgres_url, str(tmp_path / "keys"), free_socket(), identity
+    ) as bastion:
+        person = Person(bastion)
+        try:
+            query = person.sent_to_provider(bastion.register(), "b")
+            code = idp.issue("b", query, groups=["devs"])
+            page = person.back_from_provider("b", code=code, state=query["state"])
+            assert "Signed in as <strong>b:ada</strong>" in page.text, page.text
+            again = person.back_from_provider("b", code=code, state=query["state"])
+            refused(again, 400, "already used")
+        finally:
+            person.close()
+        roles = bastion.server.facts.get(("has_role", Entity("User", "b:ada"), None, None))
+        assert [f.fact[2] for f in roles] == ["devs"]
+
+
+def test_password_sign_in_of_bastions_pages_is_refused_when_local_passwords_are_off(
+    bastion, person
+):
+    page = person.http.get(f"{bastion.url}/sign-in?next=/approvals")
+    form = {**hidden_fields(page.text), "username": "alice", "password": "x" * 12}
+    refused(person.http.post(f"{bastion.url}/sign-in", data=form), 403, "password is turned off")
+
+
+def test_local_passwords_can_be_kept_beside_the_providers(tmp_path, idp):
+    from bastion.oauth.users import create_user
+
+    identity = {
+        "local_passwords": True,
+        "providers": [
+            {
+                "id": "b",
+                "issuer": idp.issuer("b"),
+                "client_id": "bastion-b",
+                "client_secret": SECRETS["bastion-b"],
+            }
+        ],
+    }
+    with bastion_with_providers(
+        str(tmp_path / "bastion.db"), str(tmp_path / "keys"), free_socket(), identity
+    ) as bastion:
+        create_user(bastion.server.store, "alice", "alice-password", bastion.clock())
+        person = Person(bastion)
+        try:
+            page = person.open_authorization(bastion.register())
+            assert [action for action, _ in buttons(page.text)] == ["/login/b"]
+            signed_in = person.http.post(
+                f"{bastion.url}/authorize/login",
+                data={
+                    **hidden_fields(page.text),
+                    "username": "alice",
+                    "password": "alice-password",
+                },
+            )
+            assert "Signed in as <strong>alice</strong>" in signed_in.text, signed_in.text
+        finally:
+            person.close()
