@@ -20,7 +20,6 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlsplit
 
 import anyio
 import httpx
@@ -34,7 +33,13 @@ from bastion.oauth.access_token import TOKEN_TYPE
 from bastion.oauth.client_assertion import ASYMMETRIC_ALGORITHMS, jwks_problem, jwks_uri_problem
 from bastion.oauth.dpop import token_key
 from bastion.oauth.errors import InvalidToken
-from bastion.oauth.jwks import FetchLimits, RemoteDocumentError, RemoteKeySets, fetch_json
+from bastion.oauth.jwks import (
+    FetchLimits,
+    RemoteDocumentError,
+    RemoteKeySets,
+    issuer_metadata,
+    signing_key,
+)
 from bastion.oauth.verifier import VerifiedToken
 
 MAX_TOKEN_CHARS = 16_384
@@ -364,11 +369,8 @@ class TrustedIssuers:
     def _signed_claims(self, token: str, keys: KeySet, kid: str | None, alg: str) -> dict:
         """In a worker thread: the claims once the signature is checked with the one key the
         header names (or the issuer's only key)."""
-        if kid is not None:
-            candidates = [k for k in keys.keys if k.kid == kid]
-        else:
-            candidates = list(keys.keys) if len(keys.keys) == 1 else []
-        if len(candidates) != 1:
+        key = signing_key(keys, kid)
+        if key is None:
             raise InvalidToken(
                 f"kid {kid!r} is not a key of the issuer"
                 if kid is not None
@@ -376,7 +378,7 @@ class TrustedIssuers:
                 "kid",
             )
         try:
-            return dict(jwt.decode(token, candidates[0], algorithms=[alg]).claims)
+            return dict(jwt.decode(token, key, algorithms=[alg]).claims)
         except (JoseError, ValueError) as exc:
             raise InvalidToken(f"signature or encoding is invalid: {exc}", "signature") from None
 
@@ -466,27 +468,11 @@ class TrustedIssuers:
         return found
 
     async def _metadata(self, issuer: TrustedIssuer) -> dict[str, Any]:
-        parts = urlsplit(issuer.issuer)
-        path = parts.path.rstrip("/")
-        origin = f"{parts.scheme}://{parts.netloc}"
-        candidates = (
-            f"{issuer.issuer.rstrip('/')}/.well-known/openid-configuration",
-            f"{origin}/.well-known/oauth-authorization-server{path}",  # RFC 8414 §3.1
-        )
         limits = FetchLimits(issuer.timeout_seconds, issuer.max_document_bytes)
-        problems = []
-        for uri in candidates:
-            try:
-                document = await fetch_json(uri, limits, self.transport)
-            except RemoteDocumentError as exc:
-                problems.append(f"{uri} {exc}")
-                continue
-            # OpenID Connect Discovery §4.3, RFC 8414 §3.3: the document names its issuer.
-            if not isinstance(document, dict) or document.get("issuer") != issuer.issuer:
-                problems.append(f"{uri} is not the metadata of {issuer.issuer}")
-                continue
-            return document
-        raise IssuerUnavailable("; ".join(problems))
+        try:
+            return await issuer_metadata(issuer.issuer, limits, self.transport)
+        except RemoteDocumentError as exc:
+            raise IssuerUnavailable(str(exc)) from None
 
     async def _introspect(self, issuer: TrustedIssuer, token: str) -> None:
         """RFC 7662: refuse a token its issuer says is not active; `IssuerUnavailable` when the

@@ -31,7 +31,7 @@ from joserfc.jwk import KeySet
 from bastion import untrusted_json
 from bastion.db import Database
 from bastion.oauth.errors import InvalidClient, InvalidClientMetadata, InvalidRequest
-from bastion.oauth.jwks import FetchLimits, RemoteDocumentError, RemoteKeySets
+from bastion.oauth.jwks import FetchLimits, RemoteDocumentError, RemoteKeySets, signing_key
 from bastion.oauth.settings import ClientAssertionSettings
 from bastion.oauth.spent_jtis import SpentJtis
 from bastion.oauth.store import Client
@@ -225,18 +225,15 @@ class ClientAssertions:
     def _verify(self, assertion: str, keys: KeySet, kid: str | None) -> dict[str, Any]:
         """In a worker thread: the claims, once the signature is checked with the one key the
         header names (or the only key)."""
-        if kid is not None:
-            candidates = [k for k in keys.keys if k.kid == kid]
-        else:
-            candidates = list(keys.keys) if len(keys.keys) == 1 else []
-        if len(candidates) != 1:
+        key = signing_key(keys, kid)
+        if key is None:
             raise InvalidClient(
                 f"no registered key of this client has kid {kid!r}"
                 if kid is not None
                 else "the client has several keys: the assertion's header must name one (kid)"
             )
         try:
-            token = jwt.decode(assertion, candidates[0], algorithms=list(self.settings.algorithms))
+            token = jwt.decode(assertion, key, algorithms=list(self.settings.algorithms))
         except JoseError as exc:
             raise InvalidClient(
                 f"the client assertion's signature does not verify: {exc}"

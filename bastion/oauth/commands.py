@@ -15,6 +15,7 @@ from bastion.agents.identity import AgentError
 from bastion.db import Database
 from bastion.oauth.ciba import CIBA_GRANT_TYPE
 from bastion.oauth.errors import OAuthError
+from bastion.oauth.jwt_bearer import JWT_BEARER_GRANT_TYPE
 from bastion.oauth.settings import OAuthSettings, SettingsError
 from bastion.oauth.store import OAuthStore
 from bastion.oauth.token_exchange import TOKEN_EXCHANGE_GRANT_TYPE
@@ -284,6 +285,7 @@ def register(sub: argparse._SubParsersAction) -> None:
             "client_credentials",
             CIBA_GRANT_TYPE,
             TOKEN_EXCHANGE_GRANT_TYPE,
+            JWT_BEARER_GRANT_TYPE,
         ],
         help="repeat for several (default: authorization_code + refresh_token; with"
         f" --confidential and no --redirect-uri, client_credentials; {CIBA_GRANT_TYPE}, the"

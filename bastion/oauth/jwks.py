@@ -4,8 +4,9 @@ redirects, then kept in a bounded cache. A ``kid`` the cached set lacks is a key
 set is fetched again, at most once every ``refetch_seconds`` per URI, so a stream of made-up kids
 cannot turn into a stream of fetches.
 
-Used by ``private_key_jwt`` client authentication (`bastion.oauth.client_assertion`) and by the
-verification of trusted issuers' access tokens (`bastion.identity.trusted_issuers`).
+Used by ``private_key_jwt`` client authentication (`bastion.oauth.client_assertion`), the
+verification of trusted issuers' access tokens (`bastion.identity.trusted_issuers`), ID-JAGs
+(`bastion.oauth.jwt_bearer`) and Shared Signals transmitters' SETs (`bastion.signals.ssf`).
 """
 
 from __future__ import annotations
@@ -15,10 +16,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 import anyio
 import httpx
-from joserfc.jwk import KeySet
+from joserfc.jwk import Key, KeySet
 
 from bastion import untrusted_json
 
@@ -85,6 +87,44 @@ class _Fetched:
 
 def has_kid(keys: KeySet, kid: str) -> bool:
     return any(k.kid == kid for k in keys.keys)
+
+
+def signing_key(keys: KeySet, kid: str | None) -> Key | None:
+    """The one key a JWS header's ``kid`` names, or the set's only key when it names none; None
+    when there is no such single key (the caller refuses the JWS with its own words)."""
+    if kid is not None:
+        candidates = [k for k in keys.keys if k.kid == kid]
+    else:
+        candidates = list(keys.keys) if len(keys.keys) == 1 else []
+    return candidates[0] if len(candidates) == 1 else None
+
+
+async def issuer_metadata(
+    issuer: str, limits: FetchLimits, transport: httpx.AsyncBaseTransport | None = None
+) -> dict[str, Any]:
+    """An issuer's OpenID Connect Discovery document, else its RFC 8414 metadata (§3.1: the
+    well-known prefix before the issuer's path); the document must name ``issuer`` exactly
+    (OpenID Connect Discovery §4.3, RFC 8414 §3.3). `RemoteDocumentError` saying what each
+    place answered."""
+    parts = urlsplit(issuer)
+    path = parts.path.rstrip("/")
+    origin = f"{parts.scheme}://{parts.netloc}"
+    candidates = (
+        f"{issuer.rstrip('/')}/.well-known/openid-configuration",
+        f"{origin}/.well-known/oauth-authorization-server{path}",
+    )
+    problems = []
+    for uri in candidates:
+        try:
+            document = await fetch_json(uri, limits, transport)
+        except RemoteDocumentError as exc:
+            problems.append(f"{uri} {exc}")
+            continue
+        if not isinstance(document, dict) or document.get("issuer") != issuer:
+            problems.append(f"{uri} is not the metadata of {issuer}")
+            continue
+        return document
+    raise RemoteDocumentError("; ".join(problems))
 
 
 class RemoteKeySets:

@@ -7,7 +7,8 @@ from typing import Any
 
 from bastion.oauth import ciba
 from bastion.oauth.client_assertion import METHOD as PRIVATE_KEY_JWT
-from bastion.oauth.registration import AUTH_METHODS, GRANT_TYPES
+from bastion.oauth.jwt_bearer import ID_JAG_PROFILE
+from bastion.oauth.registration import AUTH_METHODS, grant_types_supported
 from bastion.oauth.settings import OAuthSettings
 
 WELL_KNOWN = "/.well-known/oauth-authorization-server"
@@ -29,7 +30,7 @@ def authorization_server_metadata(settings: OAuthSettings) -> dict[str, Any]:
         "scopes_supported": settings.scopes_supported,
         "response_types_supported": ["code"],
         "response_modes_supported": ["query"],
-        "grant_types_supported": list(GRANT_TYPES),
+        "grant_types_supported": grant_types_supported(settings),
         "token_endpoint_auth_methods_supported": list(AUTH_METHODS),
         "revocation_endpoint_auth_methods_supported": list(AUTH_METHODS),
         "introspection_endpoint_auth_methods_supported": [
@@ -54,6 +55,9 @@ def authorization_server_metadata(settings: OAuthSettings) -> dict[str, Any]:
         "client_id_metadata_document_supported": settings.client_metadata.enabled,
         **ciba.metadata_fields(settings.endpoint),
     }
+    if settings.id_jag.enabled:
+        # MCP's enterprise-managed authorization (§6) and the ID-JAG draft (§7.2).
+        metadata["authorization_grant_profiles_supported"] = [ID_JAG_PROFILE]
     if settings.registration != "closed":
         metadata["registration_endpoint"] = settings.endpoint("register")
     return metadata

@@ -23,6 +23,7 @@ from bastion.oauth.ciba import CIBA_GRANT_TYPE
 from bastion.oauth.client_assertion import key_metadata
 from bastion.oauth.dpop import CLIENT_METADATA as DPOP_REQUIRED
 from bastion.oauth.errors import InvalidClientMetadata, InvalidRedirectUri, OAuthError
+from bastion.oauth.jwt_bearer import JWT_BEARER_GRANT_TYPE
 from bastion.oauth.redirect_uris import redirect_uri_problem
 from bastion.oauth.settings import OAuthSettings, OpenRegistrationSettings
 from bastion.oauth.store import Client, OpenRegistrationRefusal, digest, new_secret
@@ -37,6 +38,7 @@ GRANT_TYPES = (
     "client_credentials",
     CIBA_GRANT_TYPE,
     TOKEN_EXCHANGE_GRANT_TYPE,
+    JWT_BEARER_GRANT_TYPE,
 )
 MAX_REDIRECT_URIS = 10
 _DESCRIPTIVE = (
@@ -82,6 +84,12 @@ class Registration:
         return body
 
 
+def grant_types_supported(settings: OAuthSettings) -> list[str]:
+    """The grant types this server offers: the JWT bearer grant only with identity providers
+    to take ID-JAGs from (``[[oauth.id_jag.issuers]]``)."""
+    return [g for g in GRANT_TYPES if g != JWT_BEARER_GRANT_TYPE or settings.id_jag.enabled]
+
+
 def client_name_problem(name: Any) -> str | None:
     """Why ``name`` cannot be a client's name, or None. The consent page shows it to people:
     no control or format characters (a right-to-left override would turn round the warning
@@ -112,10 +120,14 @@ def validate_client_metadata(
         or not all(isinstance(g, str) for g in grant_types)
     ):
         raise InvalidClientMetadata("grant_types must be a non-empty list of strings")
-    unknown = [g for g in grant_types if g not in GRANT_TYPES]
+    supported = grant_types_supported(settings)
+    unknown = [g for g in grant_types if g not in supported]
     if unknown:
+        raise InvalidClientMetadata(f"grant_types {unknown} are not supported; use {supported}")
+    if JWT_BEARER_GRANT_TYPE in grant_types and method == "none":
         raise InvalidClientMetadata(
-            f"grant_types {unknown} are not supported; use {list(GRANT_TYPES)}"
+            f"{JWT_BEARER_GRANT_TYPE} needs a confidential client: the ID-JAG is checked against"
+            " the client that authenticates"
         )
     if "client_credentials" in grant_types and method == "none":
         raise InvalidClientMetadata(

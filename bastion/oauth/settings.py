@@ -172,6 +172,15 @@ class OAuthSettings:
     # lives (never past its subject token's exp), and the most delegations one chain may hold.
     exchanged_token_seconds: int = 300
     max_delegation_depth: int = 4
+    # Enterprise-managed authorization (ID-JAG, `bastion/oauth/jwt_bearer.py`): the identity
+    # providers whose ID-JAGs the jwt-bearer grant takes; none: the grant is not offered.
+    id_jag: Any = None  # IdJagSettings
+
+    def __post_init__(self) -> None:
+        if self.id_jag is None:
+            from bastion.oauth.jwt_bearer import IdJagSettings
+
+            object.__setattr__(self, "id_jag", IdJagSettings())
 
     @property
     def issuer_path(self) -> str:
@@ -229,6 +238,7 @@ class OAuthSettings:
             "dpop",
             "exchanged_token_seconds",
             "max_delegation_depth",
+            "id_jag",
         }
         unknown = sorted(set(table) - known)
         if unknown:
@@ -315,6 +325,7 @@ class OAuthSettings:
             ciba=ciba,
             client_assertion=_client_assertion(table.get("client_assertion", {})),
             dpop=_dpop(table.get("dpop", {})),
+            id_jag=_id_jag(table.get("id_jag", {})),
             **numbers,
         )
 
@@ -453,6 +464,15 @@ def _dpop(value: Any) -> DPoPSettings:
             "require_nonce": require_nonce,
         }
     )
+
+
+def _id_jag(value: Any) -> Any:
+    from bastion.oauth.jwt_bearer import IdJagSettings
+
+    try:
+        return IdJagSettings.from_mapping(value)
+    except ValueError as exc:
+        raise SettingsError(str(exc)) from None
 
 
 def _limits(name: str, value: Any, kind: type) -> Any:

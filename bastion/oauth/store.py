@@ -478,6 +478,15 @@ class OAuthStore:
         )
         return rows[0][0] if rows else None
 
+    def user_state(self, username: str) -> str | None:
+        """``"enabled"`` or ``"disabled"`` for one of bastion's users; None for a stranger."""
+        rows = self.db.execute(
+            "SELECT disabled_at FROM oauth_users WHERE username = ?", (username,)
+        )
+        if not rows:
+            return None
+        return "enabled" if rows[0][0] is None else "disabled"
+
     def set_password_hash(self, username: str, password_hash: str) -> None:
         self.db.execute(
             "UPDATE oauth_users SET password_hash = ? WHERE username = ?", (password_hash, username)

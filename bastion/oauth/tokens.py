@@ -1,7 +1,8 @@
 """The token endpoint (RFC 6749 §3.2 as profiled by OAuth 2.1): the ``authorization_code`` grant
 with PKCE (§4.1.3), ``refresh_token`` with rotation on every use (§6, RFC 9700 §4.14.2) and
 ``client_credentials`` (§4.4) for an agent acting as itself; the OpenID CIBA grant is answered by
-`bastion.oauth.ciba`, token exchange (RFC 8693) by `bastion.oauth.token_exchange`.
+`bastion.oauth.ciba`, token exchange (RFC 8693) by `bastion.oauth.token_exchange`, the JWT bearer
+grant of enterprise-managed authorization (RFC 7523, ID-JAG) by `bastion.oauth.jwt_bearer`.
 
 A ``task`` parameter (bastion's extension, docs/delegation.md) at the ``authorization_code`` and
 ``client_credentials`` grants binds the new grant to a just-in-time task: ending the task revokes
@@ -36,6 +37,7 @@ from bastion.oauth.errors import (
     UnauthorizedClient,
     UnsupportedGrantType,
 )
+from bastion.oauth.jwt_bearer import JWT_BEARER_GRANT_TYPE, IdentityAssertionGrant
 from bastion.oauth.redirect_uris import redirect_uri_allowed
 from bastion.oauth.store import Client, Grant, new_secret
 from bastion.oauth.token_exchange import (
@@ -55,6 +57,7 @@ class TokenEndpoint:
         self.store = server.store
         self.audit = server.audit
         self.token_exchange = TokenExchange(server)
+        self.identity_assertions = IdentityAssertionGrant(server)
 
     def exchange(
         self,
@@ -75,7 +78,10 @@ class TokenEndpoint:
             "client_credentials": self._client_credentials,
             CIBA_GRANT_TYPE: self._ciba,
             TOKEN_EXCHANGE_GRANT_TYPE: functools.partial(self._token_exchange, origin=origin),
+            JWT_BEARER_GRANT_TYPE: self._jwt_bearer,
         }.get(grant_type)
+        if grant_type == JWT_BEARER_GRANT_TYPE and not self.settings.id_jag.enabled:
+            handler = None
         if handler is None:
             raise UnsupportedGrantType(f"grant_type {grant_type!r} is not supported")
         if grant_type not in client.grant_types:
@@ -105,6 +111,25 @@ class TokenEndpoint:
         if jkt is not None:
             raise InvalidRequest("token exchange issues Bearer tokens only: send no DPoP proof")
         return self.token_exchange.exchange(client, form, origin)
+
+    def _jwt_bearer(
+        self, client: Client, form: Mapping[str, str], jkt: str | None
+    ) -> dict[str, Any]:
+        return self.identity_assertions.exchange(
+            client,
+            form,
+            functools.partial(self._issue_new_grant, client=client, form=form, jkt=jkt),
+        )
+
+    def _issue_new_grant(
+        self, grant: Grant, client: Client, form: Mapping[str, str], jkt: str | None
+    ) -> dict[str, Any]:
+        """Save a grant that starts with this request and mint its access token (no refresh
+        token), bound to the request's task if it names one: all or nothing."""
+        with self.store.db.transaction():
+            self.store.create_grant(grant)
+            self._bind_task(form, grant, client)
+            return self._issue(grant, client, grant.scope, refresh=False, jkt=jkt)
 
     def _authorization_code(
         self, client: Client, form: Mapping[str, str], jkt: str | None
@@ -249,10 +274,7 @@ class TokenEndpoint:
             expires_at=now + self.settings.access_token_seconds,
             revoked_at=None,
         )
-        with self.store.db.transaction():
-            self.store.create_grant(grant)
-            self._bind_task(form, grant, client)
-            response = self._issue(grant, client, grant.scope, refresh=False, jkt=jkt)
+        response = self._issue_new_grant(grant, client, form, jkt)
         self.audit.record(
             "token.issued",
             subject=client.client_id,

@@ -12,15 +12,16 @@ from __future__ import annotations
 
 import base64
 import json
-import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from joserfc import jws
 from joserfc.errors import JoseError
 from joserfc.jwk import KeySet
+
+from bastion.oauth.client_assertion import jwks_problem
+from bastion.oauth.jwks import signing_key
 
 SET_TYPE = "secevent+jwt"
 MAX_JTI = 256
@@ -49,68 +50,21 @@ class VerifiedSet:
     claims: dict[str, Any] = field(default_factory=dict, repr=False)
 
 
-class TransmitterKeys:
-    """The transmitter's JWKS, fetched by ``fetch()`` (a thread may block), cached, and fetched
-    again on an unknown ``kid`` at most once per ``refresh_seconds``; at most ``max_keys`` keys."""
+def transmitter_jwks_problem(document: Any, max_keys: int) -> str | None:
+    """Why a transmitter's JWKS cannot be used, or None: at most ``max_keys`` public keys
+    (`bastion.oauth.client_assertion.jwks_problem`: no secret or private key material)."""
+    keys = document.get("keys") if isinstance(document, dict) else None
+    if isinstance(keys, list) and len(keys) > max_keys:
+        return f"the transmitter's JWKS must hold at most {max_keys} keys"
+    return jwks_problem(document)
 
-    def __init__(
-        self,
-        fetch: Callable[[], dict[str, Any]],
-        *,
-        refresh_seconds: float,
-        max_keys: int,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        self._fetch = fetch
-        self.refresh_seconds = refresh_seconds
-        self.max_keys = max_keys
-        self.clock = clock
-        self._keys: KeySet | None = None
-        self._fetched_at: float | None = None
-        self._lock = threading.Lock()
 
-    def _load(self) -> None:
-        try:
-            document = self._fetch()
-        except Exception as e:  # noqa: BLE001 - any fetch failure means no keys
-            self._fetched_at = self.clock()
-            raise SetRefused(
-                "invalid_key", f"the transmitter's JWKS could not be read: {e}"
-            ) from None
-        self._fetched_at = self.clock()
-        keys = document.get("keys") if isinstance(document, dict) else None
-        if not isinstance(keys, list) or len(keys) > self.max_keys:
-            raise SetRefused(
-                "invalid_key",
-                f"the transmitter's JWKS must hold a list of at most {self.max_keys} keys",
-            )
-        public = [k for k in keys if isinstance(k, dict) and k.get("kty") != "oct" and "d" not in k]
-        try:
-            self._keys = KeySet.import_key_set({"keys": public})
-        except (JoseError, ValueError, TypeError) as e:
-            raise SetRefused("invalid_key", f"the transmitter's JWKS does not load: {e}") from None
-
-    def keys_for(self, kid: str | None) -> KeySet:
-        with self._lock:
-            if self._keys is None or (
-                not self._has(kid)
-                and (
-                    self._fetched_at is None
-                    or self.clock() - self._fetched_at >= self.refresh_seconds
-                )
-            ):
-                self._load()
-            assert self._keys is not None
-            if not self._has(kid):
-                raise SetRefused("invalid_key", f"no key {kid!r} in the transmitter's JWKS")
-            return self._keys
-
-    def _has(self, kid: str | None) -> bool:
-        if self._keys is None:
-            return False
-        if kid is None:
-            return len(self._keys.keys) == 1
-        return any(k.kid == kid for k in self._keys.keys)
+def unverified_kid(token: str) -> str | None:
+    """The ``kid`` of a SET's header, before anything is checked (to fetch its key set)."""
+    kid = _header(token).get("kid")
+    if kid is not None and not isinstance(kid, str):
+        raise SetRefused("invalid_request", "kid must be a string")
+    return kid
 
 
 def _header(token: str) -> dict[str, Any]:
@@ -131,7 +85,7 @@ def _header(token: str) -> dict[str, Any]:
 def verify_set(
     token: str,
     *,
-    keys: TransmitterKeys,
+    keys: KeySet,
     issuer: str,
     audience: str,
     algorithms: tuple[str, ...],
@@ -139,7 +93,8 @@ def verify_set(
     max_age_seconds: float,
     now: float | None = None,
 ) -> VerifiedSet:
-    """The SET's claims once every check passed; `SetRefused` for the first that fails."""
+    """The SET's claims once every check passed; `SetRefused` for the first that fails. ``keys``
+    is the transmitter's key set (`bastion.oauth.jwks.RemoteKeySets`, fetched for the kid)."""
     now = time.time() if now is None else now
     header = _header(token)
     alg = header.get("alg")
@@ -153,9 +108,11 @@ def verify_set(
     kid = header.get("kid")
     if kid is not None and not isinstance(kid, str):
         raise SetRefused("invalid_request", "kid must be a string")
-    key_set = keys.keys_for(kid)
+    key = signing_key(keys, kid)
+    if key is None:
+        raise SetRefused("invalid_key", f"no key {kid!r} in the transmitter's JWKS")
     try:
-        obj = jws.deserialize_compact(token, key_set, algorithms=[alg])
+        obj = jws.deserialize_compact(token, key, algorithms=[alg])
     except (JoseError, ValueError) as e:
         raise SetRefused("invalid_key", f"the SET's signature does not verify: {e}") from None
     try:

@@ -26,6 +26,7 @@ from urllib.parse import urlsplit
 
 import anyio
 import httpx
+from joserfc.jwk import KeySet
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -34,8 +35,15 @@ from bastion.audit.log import AuditLog
 from bastion.db import Database
 from bastion.facts.model import Entity, FactError
 from bastion.facts.store import FactStore, StoredFact
+from bastion.oauth.jwks import FetchLimits, RemoteDocumentError, RemoteKeySets, fetch_json
 from bastion.oauth.store import OAuthStore
-from bastion.signals.set_tokens import SetRefused, TransmitterKeys, VerifiedSet, verify_set
+from bastion.signals.set_tokens import (
+    SetRefused,
+    VerifiedSet,
+    transmitter_jwks_problem,
+    unverified_kid,
+    verify_set,
+)
 from bastion.signals.settings import (
     CAEP,
     DEFAULT_EFFECTS,
@@ -95,8 +103,6 @@ class SsfReceiver:
         oauth_store: OAuthStore,
         facts: FactStore,
         authz: Callable[[], Any],
-        *,
-        http: httpx.Client | None = None,
     ) -> None:
         self.settings = settings
         self.store = SsfStore(db)
@@ -105,37 +111,32 @@ class SsfReceiver:
         self.facts = facts
         self.authz = authz
         self.by_issuer = {t.issuer: t for t in settings.transmitters}
-        self._http = http or httpx.Client(timeout=10, follow_redirects=False)
         self._metadata: dict[str, dict[str, Any]] = {}
-        self.keys = {
-            t.name: TransmitterKeys(
-                lambda t=t: self._jwks(t),
-                refresh_seconds=settings.jwks_refresh_seconds,
-                max_keys=settings.jwks_max_keys,
-            )
-            for t in settings.transmitters
-        }
+        # The transmitters' metadata and key sets are fetched as every remote document is
+        # (`bastion.oauth.jwks`): one deadline, a size cap, no redirects; an unknown kid fetches
+        # the set again at most once every jwks_refresh_seconds.
+        self.limits = FetchLimits(
+            timeout_seconds=10,
+            max_bytes=MAX_ANSWER_BYTES,
+            refetch_seconds=settings.jwks_refresh_seconds,
+            max_cached=max(1, len(settings.transmitters)),
+        )
+        self.key_sets = RemoteKeySets(
+            self.limits,
+            check=lambda document: transmitter_jwks_problem(document, settings.jwks_max_keys),
+        )
         self._tasks: list[asyncio.Task] = []
 
-    # -- the transmitter's metadata and keys (worker threads) -----------------------------
+    # -- the transmitter's metadata and keys (on the event loop) -----------------------------
 
-    def _get_json(self, url: str, bearer: str = "") -> Any:
-        headers = {"authorization": f"Bearer {bearer}"} if bearer else {}
-        with self._http.stream("GET", url, headers=headers) as response:
-            body = b""
-            for chunk in response.iter_bytes():
-                body += chunk
-                if len(body) > MAX_ANSWER_BYTES:
-                    raise ValueError(f"{url} answered more than {MAX_ANSWER_BYTES} bytes")
-        if response.status_code != 200:
-            raise ValueError(f"{url} answered HTTP {response.status_code}")
-        return json.loads(body)
-
-    def metadata(self, t: Transmitter) -> dict[str, Any]:
+    async def metadata(self, t: Transmitter) -> dict[str, Any]:
         """The transmitter's configuration metadata (SSF 1.0 §7), read once and checked."""
         found = self._metadata.get(t.name)
         if found is None:
-            found = self._get_json(t.configuration_url)
+            try:
+                found = await fetch_json(t.configuration_url, self.limits)
+            except RemoteDocumentError as e:
+                raise ValueError(f"{t.configuration_url} {e}") from None
             if not isinstance(found, dict) or found.get("issuer") != t.issuer:
                 raise ValueError(
                     f"{t.configuration_url} names issuer {found.get('issuer')!r}"
@@ -150,20 +151,45 @@ class SsfReceiver:
             self._metadata[t.name] = found
         return found
 
-    def _jwks(self, t: Transmitter) -> dict[str, Any]:
-        jwks_uri = self.metadata(t).get("jwks_uri")
-        if not isinstance(jwks_uri, str):
-            raise ValueError(f"{t.configuration_url} has no jwks_uri")
-        return self._get_json(jwks_uri)
+    async def keys(self, t: Transmitter, token: str) -> KeySet:
+        """The key set of ``t`` holding the SET's kid; `SetRefused` (``invalid_key``) when it
+        cannot be had."""
+        kid = unverified_kid(token)
+        try:
+            jwks_uri = (await self.metadata(t)).get("jwks_uri")
+            if not isinstance(jwks_uri, str):
+                raise ValueError(f"{t.configuration_url} has no jwks_uri")
+            return await self.key_sets.keys(jwks_uri, kid)
+        except (ValueError, RemoteDocumentError) as e:
+            raise SetRefused(
+                "invalid_key", f"the transmitter's JWKS could not be read: {e}"
+            ) from None
+
+    async def accept(self, t: Transmitter, token: str) -> Outcome:
+        """Fetch the keys of one SET of ``t`` here, then verify and apply it in a worker thread
+        (`receive`); a SET whose keys cannot be had is refused and recorded as any other."""
+        try:
+            keys = await self.keys(t, token)
+        except SetRefused as e:
+            await anyio.to_thread.run_sync(self._refused, t, e)
+            raise
+        return await anyio.to_thread.run_sync(self.receive, t, token, keys)
+
+    def _refused(self, t: Transmitter, e: SetRefused) -> None:
+        self.audit.record(
+            "signal.refused", transmitter=t.name, issuer=t.issuer, err=e.err,
+            description=e.description,
+        )  # fmt: skip
 
     # -- receiving (worker threads) ----------------------------------------------------------
 
-    def receive(self, t: Transmitter, token: str) -> Outcome:
-        """Verify one SET of ``t`` and apply it; `SetRefused`, or `Replayed` for a jti seen."""
+    def receive(self, t: Transmitter, token: str, keys: KeySet) -> Outcome:
+        """Verify one SET of ``t`` with its key set and apply it; `SetRefused`, or `Replayed`
+        for a jti seen."""
         try:
             verified = verify_set(
                 token,
-                keys=self.keys[t.name],
+                keys=keys,
                 issuer=t.issuer,
                 audience=t.audience,
                 algorithms=self.settings.algorithms,
@@ -171,10 +197,7 @@ class SsfReceiver:
                 max_age_seconds=self.settings.max_event_age_seconds,
             )
         except SetRefused as e:
-            self.audit.record(
-                "signal.refused", transmitter=t.name, issuer=t.issuer, err=e.err,
-                description=e.description,
-            )  # fmt: skip
+            self._refused(t, e)
             raise
         now = time.time()
         if not self.store.claim(t.issuer, verified.jti, now):
@@ -356,7 +379,7 @@ class SsfReceiver:
         except UnicodeDecodeError:
             return _error(400, "invalid_request", "a SET is ASCII (a compact JWS)")
         try:
-            await anyio.to_thread.run_sync(self.receive, t, token)
+            await self.accept(t, token)
         except SetRefused as e:
             return _error(400, e.err, e.description)
         except Replayed:
@@ -381,7 +404,6 @@ class SsfReceiver:
                 await task
         self._tasks.clear()
         await self._client.aclose()
-        self._http.close()
 
     async def _forget_forever(self) -> None:
         while True:
@@ -416,7 +438,7 @@ class SsfReceiver:
 
     async def configure(self, t: Transmitter) -> dict[str, Any]:
         """Read the transmitter's metadata, read or create bastion's stream, ask it to verify."""
-        meta = await anyio.to_thread.run_sync(self.metadata, t)
+        meta = await self.metadata(t)
         endpoint = meta.get("configuration_endpoint")
         if not isinstance(endpoint, str):
             raise ValueError(f"{t.configuration_url} has no configuration_endpoint")
@@ -546,7 +568,7 @@ class SsfReceiver:
                 next_errs[str(jti)] = {"err": "invalid_request", "description": "not a SET"}
                 continue
             try:
-                outcome = await anyio.to_thread.run_sync(self.receive, t, token)
+                outcome = await self.accept(t, token)
             except SetRefused as e:
                 next_errs[str(jti)] = e.as_dict()
                 continue

@@ -209,6 +209,21 @@ def test_a_redirect_uri_without_the_authorization_code_grant_is_refused(
     assert OAuthStore(Database(sqlite_url)).clients() == []
 
 
+def test_a_client_for_id_jags_is_created_only_where_identity_providers_are_configured(
+    capsys, monkeypatch, sqlite_url, tmp_path
+):
+    config = write_config(tmp_path, sqlite_url)
+    grant = "urn:ietf:params:oauth:grant-type:jwt-bearer"
+    create = ("clients", "create", "--name", "Enterprise agent", "--confidential",
+              "--grant-type", grant, "--config", config)  # fmt: skip
+    code, _, err = run(capsys, monkeypatch, *create)
+    assert code == 2 and "not supported" in err
+    with open(config, "a") as file:
+        file.write('\n[[oauth.id_jag.issuers]]\nissuer = "https://acme.okta.com"\n')
+    code, out, _ = run(capsys, monkeypatch, *create)
+    assert code == 0 and json.loads(out)["grant_types"] == [grant]
+
+
 def test_clients_create_refuses_a_redirect_uri_outside_rfc_3986(
     capsys, monkeypatch, sqlite_url, tmp_path
 ):

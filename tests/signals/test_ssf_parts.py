@@ -1,23 +1,30 @@
 """The receiver's parts on their own: the [signals.ssf] settings refuse what would weaken
-verification, the JWKS cache refetches on an unknown kid but no more often than allowed, the
+verification, the JWKS (fetched by `bastion.oauth.jwks`) is fetched again on an unknown kid but no
+more often than allowed, the
 replay store works on SQLite and PostgreSQL, and user-wide revocation revokes every grant."""
 
 from __future__ import annotations
 
 import time
 
+import anyio
 import pytest
-from joserfc.jwk import ECKey
+from joserfc.jwk import ECKey, KeySet
+from starlette.applications import Starlette
+from starlette.responses import JSONResponse
+from starlette.routing import Route
 
 from bastion.db import Database
 from bastion.oauth.store import Grant, OAuthStore
 from bastion.server.app import create_app
 from bastion.server.config import ConfigError, ServerConfig
-from bastion.signals.set_tokens import SetRefused, TransmitterKeys
+from bastion.signals.set_tokens import SetRefused
 from bastion.signals.settings import SignalsConfigError, SsfSettings
 from bastion.signals.ssf_store import SsfStore
 from bastion.signals.subjects import SubjectError, parse_subject
+from tests.oauth.support import free_socket, serve
 
+ISSUER = "https://idp.example.com/tenant"
 ENV = {"PUSH": "p" * 32, "BEARER": "b" * 32, "SHORT": "short"}
 
 
@@ -116,44 +123,95 @@ def test_subjects_of_every_format():
             parse_subject(bad)
 
 
-def test_an_unknown_kid_refetches_the_jwks_but_not_more_often_than_allowed():
+@pytest.fixture
+def published_keys():
+    """A transmitter's metadata and JWKS over real HTTP: ``keys`` is what the JWKS publishes,
+    ``fetches`` counts its fetches."""
+    state = {"keys": [], "fetches": 0, "url": ""}
+
+    async def metadata(request):
+        return JSONResponse({"issuer": ISSUER, "jwks_uri": f"{state['url']}/jwks"})
+
+    async def jwks(request):
+        state["fetches"] += 1
+        return JSONResponse({"keys": state["keys"]})
+
+    app = Starlette(
+        routes=[Route("/.well-known/ssf-configuration", metadata), Route("/jwks", jwks)]
+    )
+    with serve(app, free_socket()) as url:
+        state["url"] = url
+        yield state
+
+
+def receiver_of(published_keys, tmp_path, **table):
+    from bastion.facts.store import FactStore
+    from bastion.signals.ssf import SsfReceiver
+
+    s = settings(
+        table,
+        issuer=ISSUER,
+        configuration_url=f"{published_keys['url']}/.well-known/ssf-configuration",
+    )
+    db = Database(str(tmp_path / "b.db"))
+    return SsfReceiver(s, db, OAuthStore(db), FactStore(db), lambda: None), s.transmitters[0], db
+
+
+def set_with_kid(kid: str) -> str:
+    from tests.signals.transmitter import CAEP, Transmitter
+
+    sender = Transmitter("https://bastion.example.com")
+    sender.url = ISSUER
+    return sender.set_token(CAEP + "session-revoked", {}, {"format": "opaque", "id": "x"},
+                            header={"kid": kid})  # fmt: skip
+
+
+def test_an_unknown_kid_refetches_the_jwks_but_not_more_often_than_allowed(
+    published_keys, tmp_path
+):
     old, new = (ECKey.generate_key("P-256", parameters={"kid": k}) for k in ("old", "new"))
-    published = [old]
-    fetches = []
-    now = [0.0]
+    published_keys["keys"] = [old.as_dict(private=False)]
+    receiver, t, db = receiver_of(published_keys, tmp_path, jwks_refresh_seconds=60)
+    now = [1000.0]
+    receiver.key_sets.clock = lambda: now[0]
+    try:
+        assert anyio.run(receiver.keys, t, set_with_kid("old")).get_by_kid("old")
+        published_keys["keys"].append(new.as_dict(private=False))  # the transmitter rotates
+        # Within jwks_refresh_seconds of the last fetch, a kid the cached set lacks is refused
+        # without a fetch: a stream of made-up kids is not a stream of fetches.
+        for kid in ("new", "forged"):
+            with pytest.raises(SetRefused) as refused:
+                verify_set_with(receiver, t, set_with_kid(kid))
+            assert refused.value.err == "invalid_key"
+        assert published_keys["fetches"] == 1
+        now[0] += 61  # past jwks_refresh_seconds: the rotation is fetched
+        assert anyio.run(receiver.keys, t, set_with_kid("new")).get_by_kid("new")
+        assert published_keys["fetches"] == 2
+    finally:
+        db.close()
 
-    def fetch():
-        fetches.append(now[0])
-        return {"keys": [k.as_dict(private=False) for k in published]}
 
-    keys = TransmitterKeys(fetch, refresh_seconds=60, max_keys=5, clock=lambda: now[0])
-    assert keys.keys_for("old").get_by_kid("old")
-    published.append(new)  # the transmitter rotates
-    now[0] = 61
-    assert keys.keys_for("new").get_by_kid("new")
-    assert len(fetches) == 2
-    with pytest.raises(SetRefused) as refused:
-        keys.keys_for("forged")  # within the refresh interval: no fetch
-    assert refused.value.err == "invalid_key"
-    assert len(fetches) == 2
+def verify_set_with(receiver, t, token: str):
+    keys = anyio.run(receiver.keys, t, token)
+    return receiver.receive(t, token, keys)
 
 
-def test_a_jwks_with_too_many_keys_or_secret_keys_is_not_used():
+def test_a_jwks_with_too_many_keys_or_secret_keys_is_not_used(published_keys, tmp_path):
     many = [ECKey.generate_key("P-256", parameters={"kid": str(i)}) for i in range(3)]
-    keys = TransmitterKeys(
-        lambda: {"keys": [k.as_dict(private=False) for k in many]}, refresh_seconds=1, max_keys=2
-    )
-    with pytest.raises(SetRefused, match="at most 2"):
-        keys.keys_for("0")
-    secret = TransmitterKeys(
-        lambda: {
-            "keys": [{"kty": "oct", "k": "c2VjcmV0", "kid": "s"}, many[0].as_dict(private=False)]
-        },
-        refresh_seconds=1,
-        max_keys=2,
-    )
-    with pytest.raises(SetRefused, match="no key 's'"):
-        secret.keys_for("s")
+    published_keys["keys"] = [k.as_dict(private=False) for k in many]
+    receiver, t, db = receiver_of(published_keys, tmp_path, jwks_max_keys=2)
+    try:
+        with pytest.raises(SetRefused, match="at most 2"):
+            anyio.run(receiver.keys, t, set_with_kid("0"))
+    finally:
+        db.close()
+    published_keys["keys"] = [{"kty": "oct", "k": "c2VjcmV0", "kid": "s"}]
+    receiver, t, db = receiver_of(published_keys, tmp_path)
+    try:
+        with pytest.raises(SetRefused, match="no shared secrets"):
+            anyio.run(receiver.keys, t, set_with_kid("s"))
+    finally:
+        db.close()
 
 
 def test_a_jti_is_claimed_once_on_each_database(database_url):
@@ -207,9 +265,7 @@ def test_a_set_whose_effects_fail_is_released_and_applied_when_delivered_again(t
     oauth.create_user("sam", "x", time.time())
     oauth.create_grant(_grant("g1", "sam", time.time()))
     receiver = SsfReceiver(s, db, oauth, FactStore(db), lambda: None)
-    receiver.keys["idp"] = TransmitterKeys(
-        lambda: {"keys": [idp.key.as_dict(private=False)]}, refresh_seconds=60, max_keys=5
-    )
+    keys = KeySet.import_key_set({"keys": [idp.key.as_dict(private=False)]})
     event = idp.set_token(
         CAEP + "session-revoked", {}, {"format": "email", "email": "sam@example.com"}
     )
@@ -217,13 +273,12 @@ def test_a_set_whose_effects_fail_is_released_and_applied_when_delivered_again(t
     try:
         grants_db.close()
         with pytest.raises(Exception) as failed:  # noqa: B017 - a closed connection's error
-            receiver.receive(t, event)
+            receiver.receive(t, event, keys)
         assert not isinstance(failed.value, SetRefused)
         assert receiver.audit.events("signal.received") == []
         receiver.oauth_store = OAuthStore(db)
-        outcome = receiver.receive(t, event)  # redelivered: applied now, once
+        outcome = receiver.receive(t, event, keys)  # redelivered: applied now, once
         assert outcome.effects[0]["result"] == "revoked 1 grant(s)"
         assert receiver.oauth_store.grant("g1").revoked_at is not None
     finally:
-        receiver._http.close()
         db.close()

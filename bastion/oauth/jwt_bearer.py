@@ -1,0 +1,468 @@
+"""The JWT bearer authorization grant (RFC 7523 §2.1, §3, §3.1; RFC 7521 §4.1, §5.2) for
+Identity Assertion JWT Authorization Grants (ID-JAG, draft-ietf-oauth-identity-assertion-authz-grant
+§3, §4.4), as MCP's enterprise-managed authorization extension profiles them: an agent signed in
+to a company's identity provider presents an ID-JAG that provider issued for bastion, and gets an
+access token for one MCP server with no consent screen (the provider's policy decided that).
+
+An ID-JAG is accepted only from a configured identity provider (``[[oauth.id_jag.issuers]]``),
+signed with an asymmetric algorithm of its list by a key of its key set (``jwks_uri``, given or
+found through its metadata), with ``typ`` ``oauth-id-jag+jwt``, ``aud`` bastion's issuer,
+``client_id`` the client that authenticated at ``/token`` (a confidential one), ``exp``, ``iat``
+(at most ``max_lifetime_seconds`` apart), ``sub`` and a ``jti`` used once (kept per provider in
+the database every replica shares). ``resource`` names one of bastion's protected resources (or,
+absent, the request's own ``resource``); ``scope`` holds only that resource's scopes. The token
+carries the scopes of the ID-JAG that the request asked for and the client is registered for.
+The user is the value of the provider's ``user_claim``: a bastion user (a disabled one is
+refused), and the policy decides every call of the token as for any other. Every refusal is
+``invalid_grant`` (RFC 7521 §5.2) but a request that asks for more than the ID-JAG grants
+(``invalid_scope``) or another resource (``invalid_target``). No refresh token is issued: the
+client asks its provider for a fresh ID-JAG, so the provider stays in charge.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import httpx
+from joserfc import jws, jwt
+from joserfc.errors import JoseError
+from joserfc.jwk import KeySet
+
+from bastion import untrusted_json
+from bastion.oauth.client_assertion import ASYMMETRIC_ALGORITHMS, jwks_problem, jwks_uri_problem
+from bastion.oauth.errors import InvalidGrant, InvalidScope, InvalidTarget, OAuthError
+from bastion.oauth.jwks import (
+    FetchLimits,
+    RemoteDocumentError,
+    RemoteKeySets,
+    issuer_metadata,
+    signing_key,
+)
+from bastion.oauth.settings import ProtectedResource
+from bastion.oauth.spent_jtis import SpentJtis
+from bastion.oauth.store import Client, Grant
+
+if TYPE_CHECKING:
+    from bastion.oauth.server import AuthorizationServer
+
+JWT_BEARER_GRANT_TYPE = "urn:ietf:params:oauth:grant-type:jwt-bearer"
+ID_JAG_TYPE = "oauth-id-jag+jwt"
+# How an authorization server says it accepts ID-JAGs (the draft's §7.2, MCP's extension §6).
+ID_JAG_PROFILE = "urn:ietf:params:oauth:grant-profile:id-jag"
+MAX_ASSERTION_CHARS = 16_384
+MAX_JTI_CHARS = 256
+USER_MODES = ("existing", "any")
+_ISSUER_KEYS = {
+    "issuer",
+    "jwks_uri",
+    "user_claim",
+    "users",
+    "algorithms",
+    "timeout_seconds",
+    "max_document_bytes",
+    "jwks_cache_seconds",
+    "jwks_refetch_seconds",
+}
+
+
+@dataclass(frozen=True)
+class TrustedIdp:
+    """One ``[[oauth.id_jag.issuers]]`` table: an identity provider whose ID-JAGs are taken."""
+
+    issuer: str
+    jwks_uri: str = ""  # "": found through the provider's metadata
+    user_claim: str = "sub"
+    # "existing": the user must be one of bastion's (created by an admin or at first sign-in);
+    # "any": the claim's value is the user whether bastion knows them or not.
+    users: str = "existing"
+    algorithms: tuple[str, ...] = ("RS256", "PS256", "ES256", "EdDSA")
+    timeout_seconds: int = 5
+    max_document_bytes: int = 65536
+    jwks_cache_seconds: int = 300
+    jwks_refetch_seconds: int = 30
+
+    @classmethod
+    def from_mapping(cls, where: str, table: Any) -> TrustedIdp:
+        """Read one table; ``ValueError`` names the key at fault."""
+        if not isinstance(table, Mapping):
+            raise ValueError(f"{where}: a table with issuer")
+        unknown = sorted(set(table) - _ISSUER_KEYS)
+        if unknown:
+            raise ValueError(
+                f"unknown key {where}.{unknown[0]}; known keys: {', '.join(sorted(_ISSUER_KEYS))}"
+            )
+        values: dict[str, Any] = {}
+        for name in ("issuer", "jwks_uri"):
+            if name in table or name == "issuer":
+                problem = jwks_uri_problem(table.get(name))
+                if problem:
+                    raise ValueError(f"{where}.{name}: {problem.replace('jwks_uri ', '')}")
+                values[name] = table[name]
+        if "user_claim" in table:
+            if not isinstance(table["user_claim"], str) or not table["user_claim"]:
+                raise ValueError(f"{where}.user_claim must be a claim name")
+            values["user_claim"] = table["user_claim"]
+        if "users" in table:
+            if table["users"] not in USER_MODES:
+                raise ValueError(f"{where}.users must be one of {list(USER_MODES)}")
+            values["users"] = table["users"]
+        if "algorithms" in table:
+            algorithms = table["algorithms"]
+            if (
+                not isinstance(algorithms, list)
+                or not algorithms
+                or not all(a in ASYMMETRIC_ALGORITHMS for a in algorithms)
+            ):
+                raise ValueError(
+                    f"{where}.algorithms must list asymmetric algorithms only, of"
+                    f" {', '.join(ASYMMETRIC_ALGORITHMS)}"
+                )
+            values["algorithms"] = tuple(algorithms)
+        for name in (
+            "timeout_seconds",
+            "max_document_bytes",
+            "jwks_cache_seconds",
+            "jwks_refetch_seconds",
+        ):
+            if name in table:
+                value = table[name]
+                if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                    raise ValueError(f"{where}.{name} must be a whole number >= 1")
+                values[name] = value
+        return cls(**values)
+
+
+@dataclass(frozen=True)
+class IdJagSettings:
+    """The ``[oauth.id_jag]`` table (docs/identity.md, "Enterprise-managed authorization")."""
+
+    issuers: tuple[TrustedIdp, ...] = ()
+    # The most an ID-JAG may live (exp - iat): its jti is kept that long.
+    max_lifetime_seconds: int = 600
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.issuers)
+
+    @classmethod
+    def from_mapping(cls, table: Any) -> IdJagSettings:
+        if not isinstance(table, Mapping):
+            raise ValueError("oauth.id_jag: a table")
+        unknown = sorted(set(table) - {"issuers", "max_lifetime_seconds"})
+        if unknown:
+            raise ValueError(
+                f"oauth.id_jag: unknown keys {unknown}; known keys are"
+                " ['issuers', 'max_lifetime_seconds']"
+            )
+        issuers = table.get("issuers", [])
+        if not isinstance(issuers, list):
+            raise ValueError("oauth.id_jag.issuers: an array of tables ([[oauth.id_jag.issuers]])")
+        found = tuple(
+            TrustedIdp.from_mapping(f"oauth.id_jag.issuers[{i}]", t) for i, t in enumerate(issuers)
+        )
+        if len({i.issuer for i in found}) != len(found):
+            raise ValueError("oauth.id_jag.issuers: each issuer may appear only once")
+        lifetime = table.get("max_lifetime_seconds", 600)
+        if isinstance(lifetime, bool) or not isinstance(lifetime, int) or not 1 <= lifetime <= 3600:
+            raise ValueError("oauth.id_jag.max_lifetime_seconds: a whole number from 1 to 3600")
+        return cls(issuers=found, max_lifetime_seconds=lifetime)
+
+
+@dataclass(frozen=True)
+class IdJag:
+    """What a verified ID-JAG asserts."""
+
+    issuer: str
+    client_id: str
+    resource: str | None
+    scopes: tuple[str, ...]
+    jti: str
+    expires_at: float
+    claims: dict[str, Any] = field(repr=False, default_factory=dict)
+
+
+class IdentityAssertionGrant:
+    """The ``jwt-bearer`` grant of the token endpoint (`bastion.oauth.tokens.TokenEndpoint`)."""
+
+    def __init__(
+        self,
+        server: AuthorizationServer,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        self.server = server
+        self.settings = server.settings
+        self.id_jag = server.settings.id_jag
+        self.idps = {i.issuer: i for i in self.id_jag.issuers}
+        self.clock: Callable[[], float] = server.clock
+        self.transport = transport
+        # The jtis of client assertions and DPoP proofs live there too, under other signers.
+        self.spent: SpentJtis = server.assertions.spent
+        self._key_sets = {
+            i.issuer: RemoteKeySets(
+                FetchLimits(
+                    timeout_seconds=i.timeout_seconds,
+                    max_bytes=i.max_document_bytes,
+                    cache_seconds=i.jwks_cache_seconds,
+                    refetch_seconds=i.jwks_refetch_seconds,
+                    max_cached=4,
+                    where="oauth.id_jag.issuers",
+                ),
+                check=jwks_problem,
+                clock=self.clock,
+                transport=transport,
+            )
+            for i in self.id_jag.issuers
+        }
+        self._jwks_uris: dict[str, str] = {}
+
+    # -- the grant (a worker thread: `TokenEndpoint.exchange`) ---------------------------------
+
+    def exchange(
+        self,
+        client: Client,
+        form: Mapping[str, str],
+        issue: Callable[[Grant], dict[str, Any]],
+    ) -> dict[str, Any]:
+        """Answer one ``jwt-bearer`` request of the authenticated ``client``, or raise;
+        ``issue(grant)`` saves the new grant and mints its access token (no refresh token)."""
+        if client.is_public:
+            # draft §8.1: public clients use the authorization code flow and its consent.
+            raise OAuthError(
+                "unauthorized_client",
+                "the jwt-bearer grant needs a confidential client (one that authenticates)",
+            )
+        assertion = form.get("assertion")
+        if not assertion:
+            raise OAuthError("invalid_request", "assertion is required: the ID-JAG")
+        header, unverified = _unverified(assertion)
+        idp, keys = anyio.from_thread.run(self._keys, header, unverified)
+        claims = self._verified(assertion, keys, header)
+        found = self._check(idp, claims, client)
+        resource = self._resource(form, found)
+        scope = self._scope(form, found, resource.scopes, client)
+        user = self._user(idp, found)
+        now = self.clock()
+        if not self.spent.use_once(
+            f"id-jag {idp.issuer}", found.jti, found.expires_at + self.settings.leeway_seconds
+        ):
+            raise InvalidGrant("this ID-JAG was already used (its jti is spent); ask for another")
+        grant = Grant(
+            grant_id=uuid.uuid4().hex,
+            client_id=client.client_id,
+            username=user,
+            resource=resource.uri,
+            scope=" ".join(scope),
+            created_at=now,
+            expires_at=now + self.settings.access_token_seconds,
+            revoked_at=None,
+            auth_time=_auth_time(claims),
+        )
+        response = issue(grant)
+        self.server.audit.record(
+            "token.issued",
+            subject=user,
+            client_id=client.client_id,
+            grant_id=grant.grant_id,
+            grant_type=JWT_BEARER_GRANT_TYPE,
+            idp=idp.issuer,
+            idp_subject=claims.get("sub"),
+            resource=grant.resource,
+            requested_scope=form.get("scope"),
+            scope=grant.scope,
+        )
+        return response
+
+    # -- keys (on the event loop) -------------------------------------------------------------
+
+    async def _keys(
+        self, header: Mapping[str, Any], claims: Mapping[str, Any]
+    ) -> tuple[TrustedIdp, KeySet]:
+        typ = header.get("typ")
+        if typ not in (ID_JAG_TYPE, f"application/{ID_JAG_TYPE}"):
+            raise InvalidGrant(f"the assertion's typ is {typ!r}, not {ID_JAG_TYPE!r} (an ID-JAG)")
+        issuer = claims.get("iss")
+        idp = self.idps.get(issuer) if isinstance(issuer, str) else None
+        if idp is None:
+            raise InvalidGrant(f"iss {issuer!r} is not a trusted identity provider")
+        alg = header.get("alg")
+        if alg not in idp.algorithms:
+            raise InvalidGrant(
+                f"alg {alg!r} is not accepted for {idp.issuer}; one of {list(idp.algorithms)}"
+            )
+        kid = header.get("kid")
+        if kid is not None and not isinstance(kid, str):
+            raise InvalidGrant("the assertion's kid is not a string")
+        try:
+            uri = await self._jwks_uri(idp)
+            return idp, await self._key_sets[idp.issuer].keys(uri, kid)
+        except RemoteDocumentError as exc:
+            raise OAuthError(
+                "temporarily_unavailable",
+                f"the key set of {idp.issuer} cannot be had now: {exc}",
+                503,
+            ) from None
+
+    async def _jwks_uri(self, idp: TrustedIdp) -> str:
+        known = idp.jwks_uri or self._jwks_uris.get(idp.issuer)
+        if known:
+            return known
+        limits = FetchLimits(idp.timeout_seconds, idp.max_document_bytes)
+        uri = (await issuer_metadata(idp.issuer, limits, self.transport)).get("jwks_uri")
+        problem = jwks_uri_problem(uri)
+        if problem:
+            raise RemoteDocumentError(f"its metadata has no usable jwks_uri: {problem}")
+        self._jwks_uris[idp.issuer] = uri
+        return uri
+
+    # -- checks (a worker thread) -------------------------------------------------------------
+
+    def _verified(self, assertion: str, keys: KeySet, header: Mapping[str, Any]) -> dict[str, Any]:
+        kid = header.get("kid")
+        key = signing_key(keys, kid)
+        if key is None:
+            raise InvalidGrant(
+                f"kid {kid!r} is not a key of the identity provider"
+                if kid is not None
+                else "the identity provider has several keys: the ID-JAG must name one (kid)"
+            )
+        try:
+            return dict(jwt.decode(assertion, key, algorithms=[header["alg"]]).claims)
+        except (JoseError, ValueError) as exc:
+            raise InvalidGrant(f"the ID-JAG's signature does not verify: {exc}") from None
+
+    def _check(self, idp: TrustedIdp, claims: Mapping[str, Any], client: Client) -> IdJag:
+        # ``iss`` is ``idp.issuer``: the provider was found by it in the payload its key signed.
+        aud = claims.get("aud")
+        audiences = aud if isinstance(aud, list) else [aud]
+        if self.settings.issuer not in audiences:
+            raise InvalidGrant(
+                f"the ID-JAG is for {aud!r}, not for this authorization server"
+                f" {self.settings.issuer!r} (aud)"
+            )
+        now, leeway = self.clock(), self.settings.leeway_seconds
+        exp, iat = claims.get("exp"), claims.get("iat")
+        for name, value in (("exp", exp), ("iat", iat)):
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise InvalidGrant(f"the ID-JAG needs {name}, a time in seconds")
+        if exp <= now - leeway:
+            raise InvalidGrant("the ID-JAG has expired")
+        if iat > now + leeway:
+            raise InvalidGrant("the ID-JAG is issued in the future (iat)")
+        most = self.id_jag.max_lifetime_seconds
+        if exp - iat > most:
+            raise InvalidGrant(
+                f"the ID-JAG lives longer than {most} s (oauth.id_jag.max_lifetime_seconds)"
+            )
+        nbf = claims.get("nbf")
+        if nbf is not None and (not isinstance(nbf, int | float) or nbf > now + leeway):
+            raise InvalidGrant("the ID-JAG is not valid yet (nbf)")
+        sub, jti = claims.get("sub"), claims.get("jti")
+        if not isinstance(sub, str) or not sub:
+            raise InvalidGrant("the ID-JAG needs sub, the user")
+        if not isinstance(jti, str) or not 1 <= len(jti) <= MAX_JTI_CHARS:
+            raise InvalidGrant(f"the ID-JAG needs jti, a string of 1 to {MAX_JTI_CHARS} characters")
+        if claims.get("client_id") != client.client_id:
+            raise InvalidGrant(
+                f"the ID-JAG was issued to client {claims.get('client_id')!r}, not to"
+                f" {client.client_id!r}, the client that authenticated"
+            )
+        resource = claims.get("resource")
+        if resource is not None and not isinstance(resource, str):
+            raise InvalidGrant("the ID-JAG's resource must be one URI")
+        scope = claims.get("scope", "")
+        if not isinstance(scope, str):
+            raise InvalidGrant("the ID-JAG's scope must be a space-separated string")
+        return IdJag(
+            issuer=idp.issuer,
+            client_id=client.client_id,
+            resource=resource,
+            scopes=tuple(dict.fromkeys(scope.split())),
+            jti=jti,
+            expires_at=float(exp),
+            claims=dict(claims),
+        )
+
+    def _resource(self, form: Mapping[str, str], found: IdJag) -> ProtectedResource:
+        """The protected resource the token is for: the ID-JAG's ``resource``, which the request
+        may repeat but not change, or the request's when the ID-JAG names none."""
+        requested = form.get("resource")
+        if found.resource is None:
+            return self.settings.requested_resource(form)
+        resource = self.settings.resource(found.resource)
+        if resource is None:
+            raise InvalidGrant(
+                f"the ID-JAG's resource {found.resource!r} is not a protected resource of this"
+                " server"
+            )
+        if requested is not None and requested != found.resource:
+            raise InvalidTarget(
+                f"resource {requested!r} is not {found.resource!r}, the ID-JAG's resource"
+            )
+        return resource
+
+    def _scope(
+        self,
+        form: Mapping[str, str],
+        found: IdJag,
+        offered: tuple[str, ...],
+        client: Client,
+    ) -> list[str]:
+        """The ID-JAG's scopes (all of them the resource's: MCP's extension §7.6.2) that the
+        request asks for (all, when it names none) and the client is registered for."""
+        foreign = [s for s in found.scopes if s not in offered]
+        if foreign:
+            raise InvalidGrant(f"the ID-JAG grants scopes {foreign} the resource does not have")
+        if form.get("scope"):
+            wanted = list(dict.fromkeys(form["scope"].split()))
+            wider = [s for s in wanted if s not in found.scopes]
+            if wider:
+                raise InvalidScope(
+                    f"scopes {wider} are more than the ID-JAG grants: {list(found.scopes)}"
+                )
+        else:
+            wanted = list(found.scopes)
+        registered = set(client.scope.split()) if client.scope is not None else None
+        scopes = [s for s in wanted if registered is None or s in registered]
+        if not scopes:
+            raise InvalidScope(
+                f"no scope remains: the ID-JAG grants {list(found.scopes)}, the client is"
+                f" registered for {sorted(registered or ())}"
+            )
+        return scopes
+
+    def _user(self, idp: TrustedIdp, found: IdJag) -> str:
+        user = found.claims.get(idp.user_claim)
+        if not isinstance(user, str) or not user or len(user) > 128 or not user.isprintable():
+            raise InvalidGrant(f"the ID-JAG's {idp.user_claim!r} claim names no user")
+        state = self.server.store.user_state(user)
+        if state == "disabled":
+            raise InvalidGrant(f"user {user!r} is disabled")
+        if state is None and idp.users == "existing":
+            raise InvalidGrant(
+                f"user {user!r} (claim {idp.user_claim!r} of {idp.issuer}) is not a user of bastion"
+            )
+        return user
+
+
+def _auth_time(claims: Mapping[str, Any]) -> float | None:
+    value = claims.get("auth_time")
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+
+def _unverified(assertion: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The header and claims before the signature is checked: only to find the provider and
+    its key. Nothing read here is trusted until `IdentityAssertionGrant._verified`."""
+    if len(assertion) > MAX_ASSERTION_CHARS:
+        raise InvalidGrant(f"the assertion is longer than {MAX_ASSERTION_CHARS} characters")
+    try:
+        compact = jws.extract_compact(assertion.encode("ascii"))
+        claims = untrusted_json.loads(compact.payload)
+    except (JoseError, UnicodeError, ValueError, untrusted_json.JsonRefused):
+        raise InvalidGrant("the assertion is not a signed JWT (compact serialization)") from None
+    if not isinstance(claims, dict):
+        raise InvalidGrant("the assertion's payload must be a JSON object of claims")
+    return dict(compact.headers()), claims

@@ -1,0 +1,377 @@
+"""Enterprise-managed authorization (MCP's extension over the ID-JAG draft): an enterprise identity
+provider started by this test (OpenID Connect Discovery and a JWKS over real HTTP, real signed
+JWTs) issues Identity Assertion JWT Authorization Grants; an agent presents one at bastion's
+/token with the RFC 7523 jwt-bearer grant, gets an access token with no consent screen, and the
+official MCP SDK client uses it on the gateway, decided as the user and agent the ID-JAG names.
+Every ID-JAG that must be refused is refused, and issues nothing."""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+import uuid
+
+import anyio
+import httpx
+import httpx2
+import pytest
+from joserfc import jwt
+from joserfc.jwk import ECKey, OctKey
+from mcp.client.client import Client as McpClient
+from mcp.client.streamable_http import streamable_http_client
+from mcp.shared.exceptions import MCPError
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from bastion.oauth.jwt_bearer import ID_JAG_PROFILE, JWT_BEARER_GRANT_TYPE
+from bastion.oauth.metadata import authorization_server_metadata
+from bastion.oauth.settings import OAuthSettings, SettingsError
+from tests.gateway.support import start
+from tests.oauth.support import free_socket, serve
+
+INITIAL_TOKEN = "initial-access-token-for-id-jag-tests"
+SCOPES = "customers:read customers:write"
+
+
+class EnterpriseIdp:
+    """Two identity providers on one server: ``acme`` (found by OpenID Connect Discovery) and
+    ``other`` (its jwks_uri configured), each with its own key under the same kid."""
+
+    __test__ = False
+
+    def __init__(self) -> None:
+        self.keys = {
+            name: ECKey.generate_key("P-256", parameters={"kid": "k1"})
+            for name in ("acme", "other")
+        }
+        self.url = ""
+        self.app = Starlette(
+            routes=[
+                Route("/acme/.well-known/openid-configuration", self.discovery),
+                Route("/{name}/jwks", self.jwks),
+            ]
+        )
+
+    def issuer(self, name: str = "acme") -> str:
+        return f"{self.url}/{name}"
+
+    async def discovery(self, request: Request) -> Response:
+        return JSONResponse({"issuer": self.issuer(), "jwks_uri": f"{self.issuer()}/jwks"})
+
+    async def jwks(self, request: Request) -> Response:
+        key = self.keys[request.path_params["name"]]
+        return JSONResponse({"keys": [key.as_dict(private=False)]})
+
+    def id_jag(
+        self, bastion, agent_id: str, /, *, signer: str = "acme", typ: str | None = "oauth-id-jag+jwt",
+        alg: str = "ES256", key=None, **claims,
+    ) -> str:  # fmt: skip
+        now = int(time.time())
+        body = {
+            "iss": self.issuer(),
+            "sub": "sam",
+            "aud": bastion.url,
+            "client_id": agent_id,
+            "resource": bastion.mcp_url("deskhttp"),
+            "scope": SCOPES,
+            "iat": now,
+            "exp": now + 300,
+            "jti": uuid.uuid4().hex,
+            **claims,
+        }
+        header = {"alg": alg, "kid": "k1"}
+        if typ:
+            header["typ"] = typ
+        body = {k: v for k, v in body.items() if v is not None}
+        return jwt.encode(header, body, key or self.keys[signer])
+
+
+@pytest.fixture(scope="module")
+def idp():
+    provider = EnterpriseIdp()
+    with serve(provider.app, free_socket()) as url:
+        provider.url = url
+        yield provider
+
+
+@pytest.fixture(scope="module")
+def bastion(tmp_path_factory, idp):
+    oauth = {
+        "initial_access_tokens": [INITIAL_TOKEN],
+        "id_jag": {
+            "issuers": [
+                {"issuer": idp.issuer("acme")},
+                {"issuer": idp.issuer("other"), "jwks_uri": f"{idp.issuer('other')}/jwks"},
+            ]
+        },
+    }
+    with start(tmp_path_factory.mktemp("id-jag"), oauth=oauth) as b:
+        yield b
+
+
+def register(bastion, scope: str = SCOPES, method: str = "client_secret_basic") -> dict:
+    response = bastion.http.post(
+        f"{bastion.url}/register",
+        json={
+            "client_name": "enterprise agent",
+            "grant_types": [JWT_BEARER_GRANT_TYPE],
+            "token_endpoint_auth_method": method,
+            "scope": scope,
+        },
+        headers={"authorization": f"Bearer {INITIAL_TOKEN}"},
+    )
+    assert response.status_code == 201, response.text
+    return response.json()
+
+
+@pytest.fixture(scope="module")
+def agent(bastion):
+    return register(bastion)
+
+
+def present(bastion, client: dict, assertion: str, **form) -> httpx.Response:
+    return bastion.http.post(
+        f"{bastion.url}/token",
+        data={"grant_type": JWT_BEARER_GRANT_TYPE, "assertion": assertion, **form},
+        auth=(client["client_id"], client["client_secret"]),
+    )
+
+
+def refused(response: httpx.Response, error: str = "invalid_grant") -> str:
+    assert response.status_code == 400, response.text
+    assert response.json()["error"] == error, response.text
+    assert "access_token" not in response.json()
+    return response.json()["error_description"]
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+# -- advertised, accepted, and decided by the policy ---------------------------------------------
+
+
+def test_the_metadata_advertises_the_jwt_bearer_grant_and_the_id_jag_profile(bastion):
+    metadata = bastion.http.get(f"{bastion.url}/.well-known/oauth-authorization-server").json()
+    assert JWT_BEARER_GRANT_TYPE in metadata["grant_types_supported"]
+    assert metadata["authorization_grant_profiles_supported"] == [ID_JAG_PROFILE]
+
+
+def test_without_identity_providers_the_grant_is_neither_advertised_nor_registered(tmp_path):
+    settings = OAuthSettings.from_mapping(
+        {
+            "issuer": "https://auth.example.com",
+            "key_dir": str(tmp_path),
+            "resources": [{"uri": "https://mcp.example.com/mcp", "scopes": ["a"]}],
+        }
+    )
+    metadata = authorization_server_metadata(settings)
+    assert JWT_BEARER_GRANT_TYPE not in metadata["grant_types_supported"]
+    assert "authorization_grant_profiles_supported" not in metadata
+
+
+@pytest.mark.parametrize("mode", ["legacy", "auto"])
+def test_an_id_jag_gets_a_token_the_gateway_decides_as_its_user_and_agent(
+    bastion, idp, agent, mode
+):
+    response = present(bastion, agent, idp.id_jag(bastion, agent["client_id"]))
+    assert response.status_code == 200, response.text
+    issued = response.json()
+    # No consent screen, no refresh token: a fresh ID-JAG from the provider is the way back.
+    assert issued["token_type"] == "Bearer" and "refresh_token" not in issued
+    assert issued["scope"] == SCOPES
+    seen: dict = {}
+
+    async def main() -> None:
+        headers = {"authorization": f"Bearer {issued['access_token']}"}
+        async with (
+            httpx2.AsyncClient(headers=headers, timeout=20) as http,
+            McpClient(
+                streamable_http_client(bastion.mcp_url("deskhttp"), http_client=http), mode=mode
+            ) as client,
+        ):
+            seen["search"] = await client.call_tool("search_customers", {"query": "a"})
+            try:
+                await client.call_tool("delete_customer", {"customer_id": "c-100"})
+            except MCPError as e:
+                seen["delete_error"] = e
+
+    anyio.run(main)
+    customers = json.loads(seen["search"].content[0].text)["customers"]
+    # sam is no admin of desk: the policy masks emails for this user as for any other token.
+    assert customers and {c["email"] for c in customers} == {"[masked]"}
+    bastion.flush()
+    record = bastion.records.get(seen["delete_error"].error.data["decision_id"])
+    assert record.result == "deny"
+    assert list(record.principals[:2]) == ['User{"sam"}', f'Agent{{"{agent["client_id"]}"}}']
+    issued_events = [
+        e for e in bastion.app.state.oauth.audit.events("token.issued")
+        if e.detail.get("grant_type") == JWT_BEARER_GRANT_TYPE
+    ]  # fmt: skip
+    assert issued_events and issued_events[-1].detail["idp"] == idp.issuer()
+
+
+def test_the_token_holds_the_id_jags_scopes_the_request_and_the_client_may_have(
+    bastion, idp, agent
+):
+    narrow = register(bastion, scope="customers:read")
+    response = present(bastion, narrow, idp.id_jag(bastion, narrow["client_id"]))
+    assert response.json()["scope"] == "customers:read"
+    response = present(
+        bastion, agent, idp.id_jag(bastion, agent["client_id"]), scope="customers:read"
+    )
+    assert response.json()["scope"] == "customers:read"
+    # The request may repeat the ID-JAG's resource.
+    jag = idp.id_jag(bastion, agent["client_id"])
+    assert present(bastion, agent, jag, resource=bastion.mcp_url("deskhttp")).status_code == 200
+
+
+def test_a_request_for_more_scopes_than_the_id_jag_grants_is_refused(bastion, idp, agent):
+    jag = idp.id_jag(bastion, agent["client_id"], scope="customers:read")
+    assert "more than the ID-JAG grants" in refused(
+        present(bastion, agent, jag, scope=SCOPES), "invalid_scope"
+    )
+    # Nor does a client registered for other scopes get any.
+    other = register(bastion, scope="customers:write")
+    jag = idp.id_jag(bastion, other["client_id"], scope="customers:read")
+    assert "no scope remains" in refused(present(bastion, other, jag), "invalid_scope")
+
+
+def test_a_request_for_another_resource_than_the_id_jags_is_refused(bastion, idp, agent):
+    jag = idp.id_jag(bastion, agent["client_id"])
+    refused(present(bastion, agent, jag, resource=bastion.mcp_url("labhttp")), "invalid_target")
+
+
+def test_a_replayed_id_jag_is_refused(bastion, idp, agent):
+    jag = idp.id_jag(bastion, agent["client_id"])
+    assert present(bastion, agent, jag).status_code == 200
+    assert "already used" in refused(present(bastion, agent, jag))
+
+
+def now() -> int:
+    return int(time.time())
+
+
+# Each builds an ID-JAG (from the idp, bastion and the agent's client_id) that must be refused,
+# and names what the refusal must say.
+ATTACKS = {
+    "unknown issuer": (lambda i, b, c: i.id_jag(b, c, iss=f"{i.url}/stranger"), "not a trusted"),
+    "typ JWT": (lambda i, b, c: i.id_jag(b, c, typ="JWT"), "typ"),
+    "an access token's typ": (lambda i, b, c: i.id_jag(b, c, typ="at+jwt"), "typ"),
+    "wrong aud": (lambda i, b, c: i.id_jag(b, c, aud="https://other-as.example.com"), "(aud)"),
+    "aud of the resource": (lambda i, b, c: i.id_jag(b, c, aud=b.mcp_url("deskhttp")), "(aud)"),
+    "expired": (lambda i, b, c: i.id_jag(b, c, iat=now() - 900, exp=now() - 600), "expired"),
+    "issued in the future": (
+        lambda i, b, c: i.id_jag(b, c, iat=now() + 600, exp=now() + 900),
+        "future",
+    ),
+    "living too long": (lambda i, b, c: i.id_jag(b, c, exp=now() + 3600), "lives longer"),
+    "no jti": (lambda i, b, c: i.id_jag(b, c, jti=None), "jti"),
+    "no sub": (lambda i, b, c: i.id_jag(b, c, sub=None), "sub"),
+    "another client's": (
+        lambda i, b, c: i.id_jag(b, c, client_id="some-other-client"),
+        "the client that authenticated",
+    ),
+    "no client_id": (
+        lambda i, b, c: i.id_jag(b, c, client_id=None),
+        "the client that authenticated",
+    ),
+    "a resource not configured": (
+        lambda i, b, c: i.id_jag(b, c, resource="https://mcp.elsewhere.example.com/mcp"),
+        "not a protected resource",
+    ),
+    "a scope the resource lacks": (
+        lambda i, b, c: i.id_jag(b, c, scope="customers:read admin"),
+        "['admin']",
+    ),
+    "a key from another issuer": (lambda i, b, c: i.id_jag(b, c, signer="other"), "signature"),
+    "a user bastion does not know": (lambda i, b, c: i.id_jag(b, c, sub="zed"), "not a user"),
+    "alg HS256": (
+        lambda i, b, c: i.id_jag(
+            b, c, alg="HS256", key=OctKey.import_key(b"a-shared-secret-of-32-bytes-long")
+        ),
+        "alg 'HS256'",
+    ),
+}
+
+
+@pytest.mark.parametrize("attack", ATTACKS)
+def test_an_id_jag_that_must_be_refused_is_refused(bastion, idp, agent, attack):
+    build, reason = ATTACKS[attack]
+    before = len(bastion.app.state.oauth.audit.events("token.issued"))
+    assert reason in refused(present(bastion, agent, build(idp, bastion, agent["client_id"])))
+    assert len(bastion.app.state.oauth.audit.events("token.issued")) == before
+
+
+def test_alg_none_is_refused(bastion, idp, agent):
+    signed = idp.id_jag(bastion, agent["client_id"])
+    header = _b64(json.dumps({"alg": "none", "typ": "oauth-id-jag+jwt", "kid": "k1"}).encode())
+    assert "alg" in refused(present(bastion, agent, f"{header}.{signed.split('.')[1]}."))
+
+
+def test_a_disabled_user_gets_no_token(bastion, idp, agent):
+    store = bastion.app.state.oauth.store
+    store.create_user("kim", "not-a-real-hash", time.time())
+    assert present(bastion, agent, idp.id_jag(bastion, agent["client_id"], sub="kim")).is_success
+    store.disable_user("kim", time.time())
+    assert "disabled" in refused(
+        present(bastion, agent, idp.id_jag(bastion, agent["client_id"], sub="kim"))
+    )
+
+
+def test_the_client_must_authenticate_and_be_confidential(bastion, idp, agent):
+    jag = idp.id_jag(bastion, agent["client_id"])
+    wrong = bastion.http.post(
+        f"{bastion.url}/token",
+        data={"grant_type": JWT_BEARER_GRANT_TYPE, "assertion": jag},
+        auth=(agent["client_id"], "not-the-secret"),
+    )
+    assert wrong.status_code == 401 and wrong.json()["error"] == "invalid_client"
+    public = bastion.http.post(
+        f"{bastion.url}/register",
+        json={
+            "client_name": "public agent",
+            "grant_types": [JWT_BEARER_GRANT_TYPE],
+            "token_endpoint_auth_method": "none",
+        },
+        headers={"authorization": f"Bearer {INITIAL_TOKEN}"},
+    )
+    assert public.status_code == 400 and "confidential" in public.json()["error_description"]
+    # A client not registered for the grant cannot use it either.
+    plain = bastion.http.post(
+        f"{bastion.url}/register",
+        json={
+            "client_name": "plain agent",
+            "grant_types": ["client_credentials"],
+            "token_endpoint_auth_method": "client_secret_basic",
+            "scope": SCOPES,
+        },
+        headers={"authorization": f"Bearer {INITIAL_TOKEN}"},
+    ).json()
+    response = present(bastion, plain, idp.id_jag(bastion, plain["client_id"]))
+    assert response.status_code == 400 and response.json()["error"] == "unauthorized_client"
+
+
+@pytest.mark.parametrize(
+    ("table", "message"),
+    [
+        ({"issuers": [{"issuer": "http://idp.example.com"}]}, "https"),
+        ({"issuers": [{"issuer": "https://idp.example.com", "algorithms": ["HS256"]}]}, "asym"),
+        ({"issuers": [{"issuer": "https://idp.example.com", "users": "all"}]}, "users"),
+        ({"issuers": [{"issuer": "https://idp.example.com", "audience": "x"}]}, "unknown key"),
+        ({"max_lifetime_seconds": 0}, "max_lifetime_seconds"),
+    ],
+)
+def test_a_wrong_id_jag_setting_names_its_key(tmp_path, table, message):
+    with pytest.raises(SettingsError, match=message):
+        OAuthSettings.from_mapping(
+            {
+                "issuer": "https://auth.example.com",
+                "key_dir": str(tmp_path),
+                "resources": [{"uri": "https://mcp.example.com/mcp", "scopes": ["a"]}],
+                "id_jag": table,
+            }
+        )
