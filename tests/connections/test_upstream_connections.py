@@ -12,6 +12,7 @@ toward upstream servers"), end to end with real parts:
 from __future__ import annotations
 
 import asyncio
+import json
 import sqlite3
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -139,8 +140,28 @@ def lab(tmp_path_factory):
             create_user(app.state.oauth.store, name, PASSWORD, time.time())
     seen: list[dict] = []
     upstream = upstream_app(two.state.oauth.verifier, two_url, upstream_url, seen)
+    # The same deployment as bastion.toml, for the CLI.
+    (tmp / "bastion.toml").write_text(
+        f"""[server]
+database = "{tmp / "one.db"}"
+policy_file = "{policy}"
+
+[oauth]
+issuer = "{one_url}"
+key_dir = "{tmp / "one-keys"}"
+resources = [{{ uri = "{origin}/mcp/tracker", scopes = ["tracker"] }}]
+
+[[gateway.upstreams]]
+name = "tracker"
+url = "{upstream_url}"
+auth = "per_user"
+oauth = {{ scopes = ["issues:read"] }}
+"""
+    )
     with serve(two, two_sock), serve(upstream, up_sock), serve(one, one_sock):
-        yield Lab(one, two, one_url, two_url, upstream_url, seen)
+        lab = Lab(one, two, one_url, two_url, upstream_url, seen)
+        lab.config = tmp / "bastion.toml"
+        yield lab
 
 
 # -- the SDK client and the browser --------------------------------------------------------------
@@ -390,6 +411,22 @@ def test_people_see_and_revoke_their_own_connections_on_their_page(lab, tab):
     page.wait_for_url("**/one/connections")
     assert "not connected" in page.content()
     assert lab.connections.listed("alice") == []
+
+
+def test_administrators_list_and_revoke_connections_with_the_cli(lab, tab, capsys):
+    from bastion.cli import main
+
+    ensure_connected(lab, tab, "alice")
+    assert main(["connections", "list", "--config", str(lab.config), "--json"]) == 0
+    listed = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [(c["subject"], c["upstream"]) for c in listed] == [("alice", "tracker")]
+    assert "token" not in json.dumps(listed).replace("access_token_expires_at", "")
+    revoke = ["connections", "revoke", "alice", "tracker", "--config", str(lab.config)]
+    with ThreadPoolExecutor(1) as pool:  # away from Playwright's event loop
+        assert pool.submit(main, revoke).result() == 0
+        assert lab.connections.listed("alice") == []
+        assert pool.submit(main, revoke).result() == 1
+    elicited_url(call(lab, "alice"))
 
 
 # -- keys ----------------------------------------------------------------------------------------
