@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import secrets
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -36,7 +35,6 @@ from bastion.gateway.upstream import (
 if TYPE_CHECKING:
     from bastion.connections.service import Connections
 
-log = logging.getLogger("bastion.gateway.upstream_credentials")
 
 # A client that did not declare URL elicitation gets this error, with the URL in its data.
 CONNECTION_REQUIRED = -32009

@@ -149,15 +149,17 @@ def body_limits(config: ServerConfig, oauth, gateway, signals=None) -> BodyLimit
             )
             for p in sorted(oauth_paths(oauth))
         ]
-        # The approval pages' answers (bastion.approvals.pages) are forms of the same family.
-        limits.append(
+        # The approval pages' answers (bastion.approvals.pages) and the connection pages' forms
+        # (bastion.connections.pages) are forms of the same family.
+        limits += [
             BodyLimit(
                 config.max_oauth_body_bytes,
                 "max_oauth_body_bytes",
                 oauth_refusal,
-                prefix=f"{oauth.settings.issuer_path}/approvals/",
+                prefix=f"{oauth.settings.issuer_path}/{pages}/",
             )
-        )
+            for pages in ("approvals", "connections")
+        ]
     if gateway is not None:
         from bastion.gateway.jsonrpc import INVALID_REQUEST, RpcError
 

@@ -174,7 +174,13 @@ def run(func, *args):
         return pool.submit(anyio.run, func, *args).result()
 
 
-def call(lab: Lab, username: str, tool: str = "whoami", storage: MemoryStorage | None = None):
+def call(
+    lab: Lab,
+    username: str,
+    tool: str = "whoami",
+    storage: MemoryStorage | None = None,
+    url_elicitation: bool = True,
+):
     """``username``'s SDK client (declaring URL elicitation) calls ``tool`` through the first
     bastion; returns the text result, or the MCPError it got, and the client's tokens."""
     storage = storage or lab.storages.setdefault(username, MemoryStorage())
@@ -195,7 +201,8 @@ def call(lab: Lab, username: str, tool: str = "whoami", storage: MemoryStorage |
         async with (
             httpx2.AsyncClient(auth=provider, timeout=20) as http,
             McpClient(
-                streamable_http_client(lab.mcp_url, http_client=http), elicitation_callback=never
+                streamable_http_client(lab.mcp_url, http_client=http),
+                **({"elicitation_callback": never} if url_elicitation else {}),
             ) as client,
         ):
             try:
@@ -273,6 +280,16 @@ def test_another_user_is_not_connected_and_gets_an_elicitation_of_their_own(lab,
     url = elicited_url(outcome)
     assert parse_qs(urlsplit(url).query)["user"] == ["bob"]
     assert len(lab.seen) == served  # alice's connection did not serve bob
+
+
+def test_a_client_without_url_elicitation_gets_the_link_in_an_error_it_can_show(lab):
+    served = len(lab.seen)
+    outcome = call(lab, "bob", url_elicitation=False, storage=MemoryStorage())
+    error = outcome["error"].error
+    assert error.code == -32009  # never -32042 to a client that did not declare URL mode
+    assert error.data["url"].startswith(f"{lab.one_url}/connections/tracker/connect?user=bob")
+    assert error.data["url"] in error.message
+    assert len(lab.seen) == served
 
 
 def test_the_link_of_one_user_is_refused_to_another(lab, tab):
