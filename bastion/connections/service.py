@@ -34,6 +34,8 @@ log = logging.getLogger("bastion.connections")
 
 PATH = "/connections"
 CLIENT_NAME = "bastion (per-user connections)"
+# Opened access tokens a process keeps at most (with cache_seconds > 0); the oldest go first.
+MAX_CACHED = 100_000
 
 
 class ConnectionUnavailable(Exception):
@@ -99,6 +101,8 @@ class Connections:
         self.redirect_uri = f"{self.issuer}{PATH}/callback"
         self.clock = clock
         self._refreshing: dict[tuple[str, str], asyncio.Lock] = {}
+        # (subject, upstream) -> (access token, its expiry, when read): `cache_seconds`.
+        self._cached: dict[tuple[str, str], tuple[str, float, float]] = {}
         # Called with (subject, upstream) when a connection is revoked in this process.
         self._on_revoke: list[Callable[[str, str], None]] = []
 
@@ -118,13 +122,20 @@ class Connections:
         if they have no usable connection (never connected, revoked, refresh refused, or sealed
         tokens that cannot be opened: fail closed). `ConnectionUnavailable` if the refresh could
         not reach the authorization server."""
+        settings = self.settings[upstream]
+        ahead = settings.refresh_ahead_seconds
+        key = (subject, upstream)
+        cached = self._cached.get(key)
+        if cached is not None:
+            now = self.clock()
+            if now - cached[2] < settings.cache_seconds and cached[1] - now > ahead:
+                return cached[0]
+            del self._cached[key]
         row = await anyio.to_thread.run_sync(self.store.get, subject, upstream)
         if row is None:
             return None
-        ahead = self.settings[upstream].refresh_ahead_seconds
         if row.expires_at - self.clock() > ahead:
-            return self._open(row).get("access_token")
-        key = (subject, upstream)
+            return self._remember(row, self._open(row).get("access_token"))
         lock = self._refreshing.setdefault(key, asyncio.Lock())
         try:
             async with lock:
@@ -133,11 +144,22 @@ class Connections:
                 if row is None:
                     return None
                 if row.expires_at - self.clock() > ahead:
-                    return self._open(row).get("access_token")
+                    return self._remember(row, self._open(row).get("access_token"))
                 return await self._refresh(row)
         finally:
             if not lock.locked() and self._refreshing.get(key) is lock:
                 del self._refreshing[key]
+
+    def _remember(self, row: StoredConnection, token: str | None) -> str | None:
+        if token and self.settings[row.upstream].cache_seconds > 0:
+            self._cached[(row.subject, row.upstream)] = (token, row.expires_at, self.clock())
+            if len(self._cached) > MAX_CACHED:
+                del self._cached[next(iter(self._cached))]  # the oldest
+        return token
+
+    def forget_token(self, subject: str, upstream: str) -> None:
+        """Read ``subject``'s connection again on their next call (the upstream refused it)."""
+        self._cached.pop((subject, upstream), None)
 
     def _open(self, row: StoredConnection) -> dict:
         try:
@@ -173,7 +195,7 @@ class Connections:
             row.subject, row.upstream, sealed, fresh.scope, fresh.expires_at, row.created_at, now
         )
         await anyio.to_thread.run_sync(self.store.put, updated)
-        return fresh.access_token
+        return self._remember(updated, fresh.access_token)
 
     # -- connecting (the pages) -------------------------------------------------------------------
 
@@ -236,6 +258,7 @@ class Connections:
             subject, flow.upstream, sealed, tokens.scope, tokens.expires_at, now, now
         )
         await anyio.to_thread.run_sync(self.store.put, row)
+        self._cached.pop((subject, flow.upstream), None)
         return _shown(row)
 
     # -- seeing and revoking ----------------------------------------------------------------------
@@ -248,6 +271,7 @@ class Connections:
         """Forget ``subject``'s connection to ``upstream`` (False if there was none), and revoke
         its tokens at the upstream's authorization server when it offers RFC 7009 revocation (a
         failure there is logged: the tokens are gone from bastion either way)."""
+        self._cached.pop((subject, upstream), None)
         row = await anyio.to_thread.run_sync(self.store.delete, subject, upstream)
         if row is None:
             return False

@@ -16,6 +16,7 @@ KNOWN = {
     "refresh_ahead_seconds",
     "flow_seconds",
     "timeout_seconds",
+    "cache_seconds",
 }
 
 
@@ -40,6 +41,9 @@ class UpstreamOAuth:
     flow_seconds: int = 600
     # Each request to the upstream's authorization server (metadata, token, revocation).
     timeout_seconds: float = 10.0
+    # A process may use an opened access token this long without reading its row again; 0: read
+    # on every call. A revocation made in another process applies after at most this long.
+    cache_seconds: float = 0.0
 
     @classmethod
     def from_mapping(cls, table: Mapping[str, Any], where: str) -> UpstreamOAuth:
@@ -75,7 +79,11 @@ class UpstreamOAuth:
             if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
                 raise ConnectionSettingsError(f"{where}.{key} must be a positive number")
             numbers[key] = value
+        cache = table.get("cache_seconds", 0)
+        if isinstance(cache, bool) or not isinstance(cache, int | float) or not 0 <= cache <= 300:
+            raise ConnectionSettingsError(f"{where}.cache_seconds must be between 0 and 300")
         return cls(
+            cache_seconds=float(cache),
             issuer=issuer.rstrip("/"),
             client_id=table.get("client_id", ""),
             client_secret=table.get("client_secret", ""),

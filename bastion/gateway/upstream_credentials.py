@@ -137,6 +137,8 @@ class PerUserUpstream(Upstream):
         acting = _acting.get()
         assert acting is not None
         self.forget(acting.subject)
+        if self.connections is not None:
+            self.connections.forget_token(acting.subject, self.name)
         return self._connect_first(acting)
 
     # -- what the gateway calls ------------------------------------------------------------------

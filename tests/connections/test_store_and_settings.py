@@ -99,3 +99,51 @@ def test_per_user_settings_have_defaults_and_read_the_secret_from_the_environmen
     assert oauth.client_secret == "s3" and "s3" not in repr(oauth)
     assert (oauth.refresh_ahead_seconds, oauth.flow_seconds, oauth.issuer) == (60, 600, "")
     assert _gateway().upstream("tracker").auth == "none"
+
+
+def _service(tmp_path, cache_seconds: float, clock):
+    from cryptography.fernet import Fernet
+
+    from bastion.connections.sealing import Sealer
+    from bastion.connections.service import Connections
+    from bastion.connections.settings import UpstreamOAuth
+
+    store = ConnectionStore(Database(str(tmp_path / "cache.db")))
+    # Port 9 on loopback: nothing answers there (revocation upstream fails at once, and is logged).
+    upstreams = {"tracker": ("http://127.0.0.1:9/mcp", UpstreamOAuth(cache_seconds=cache_seconds))}
+    return Connections(store, Sealer([Fernet.generate_key()]), upstreams, "https://b", clock=clock)
+
+
+def _connect(service, token: str) -> None:
+    sealed = service.sealer.seal("alice", "tracker", {"access_token": token, "refresh_token": ""})
+    service.store.put(StoredConnection("alice", "tracker", sealed, "", 10_000.0, 0.0, 0.0))
+
+
+def test_without_a_cache_each_call_reads_the_connection_again(tmp_path):
+    import anyio
+
+    service = _service(tmp_path, 0, lambda: 1000.0)
+    _connect(service, "a1")
+    assert anyio.run(service.access_token, "alice", "tracker") == "a1"
+    _connect(service, "a2")  # as another replica would
+    assert anyio.run(service.access_token, "alice", "tracker") == "a2"
+    service.store.delete("alice", "tracker")  # as the CLI would
+    assert anyio.run(service.access_token, "alice", "tracker") is None
+
+
+def test_with_cache_seconds_a_token_is_reused_that_long_and_a_revocation_here_applies_at_once(
+    tmp_path,
+):
+    import anyio
+
+    now = [1000.0]
+    service = _service(tmp_path, 5, lambda: now[0])
+    _connect(service, "a1")
+    assert anyio.run(service.access_token, "alice", "tracker") == "a1"
+    _connect(service, "a2")  # another process's change is seen after cache_seconds
+    assert anyio.run(service.access_token, "alice", "tracker") == "a1"
+    now[0] += 5
+    assert anyio.run(service.access_token, "alice", "tracker") == "a2"
+    assert anyio.run(service.revoke, "alice", "tracker")
+    assert anyio.run(service.access_token, "alice", "tracker") is None
+    service.store.db.close()
