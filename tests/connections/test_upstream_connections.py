@@ -180,9 +180,11 @@ def call(
     tool: str = "whoami",
     storage: MemoryStorage | None = None,
     url_elicitation: bool = True,
+    mode: str = "auto",
 ):
     """``username``'s SDK client (declaring URL elicitation) calls ``tool`` through the first
-    bastion; returns the text result, or the MCPError it got, and the client's tokens."""
+    bastion; returns the text result, or the MCPError it got, and the client's tokens. ``mode``
+    "auto" speaks 2026-07-28 to bastion, "legacy" 2025-11-25 (sessions)."""
     storage = storage or lab.storages.setdefault(username, MemoryStorage())
     provider = sdk_auth(
         lab.mcp_url,
@@ -202,6 +204,7 @@ def call(
             httpx2.AsyncClient(auth=provider, timeout=20) as http,
             McpClient(
                 streamable_http_client(lab.mcp_url, http_client=http),
+                mode=mode,
                 **({"elicitation_callback": never} if url_elicitation else {}),
             ) as client,
         ):
@@ -280,6 +283,15 @@ def test_another_user_is_not_connected_and_gets_an_elicitation_of_their_own(lab,
     url = elicited_url(outcome)
     assert parse_qs(urlsplit(url).query)["user"] == ["bob"]
     assert len(lab.seen) == served  # alice's connection did not serve bob
+
+
+def test_a_2025_11_25_client_gets_the_elicitation_and_then_its_users_token_upstream(lab, tab):
+    ensure_connected(lab, tab, "alice")
+    outcome = call(lab, "alice", mode="legacy", storage=MemoryStorage())
+    assert outcome.get("text") == "alice", outcome
+    assert lab.two.state.oauth.verifier.verify(lab.seen[-1]["token"], lab.upstream_url)
+    url = elicited_url(call(lab, "bob", mode="legacy", storage=MemoryStorage()))
+    assert parse_qs(urlsplit(url).query)["user"] == ["bob"]
 
 
 def test_a_client_without_url_elicitation_gets_the_link_in_an_error_it_can_show(lab):
@@ -428,6 +440,23 @@ def test_people_see_and_revoke_their_own_connections_on_their_page(lab, tab):
     page.wait_for_url("**/one/connections")
     assert "not connected" in page.content()
     assert lab.connections.listed("alice") == []
+
+
+def test_forms_without_their_csrf_token_and_unknown_states_change_nothing(lab, tab):
+    ensure_connected(lab, tab, "alice")
+    page = tab.page
+    page.goto(f"{lab.one_url}/connections")
+    if "/sign-in" in page.url:
+        sign_in(page, "alice")
+        page.wait_for_url("**/one/connections")
+    before = lab.connections.listed("alice")
+    for path in ("tracker/revoke", "tracker/connect"):
+        for form in ({}, {"csrf_token": "1.forged"}):
+            answer = page.request.post(f"{lab.one_url}/connections/{path}", form=form)
+            assert answer.status == 403, (path, form)
+    answer = page.goto(f"{lab.one_url}/connections/callback?state=made-up&code=any")
+    assert answer.status == 400 and page.title() == "Not connected"
+    assert lab.connections.listed("alice") == before
 
 
 def test_administrators_list_and_revoke_connections_with_the_cli(lab, tab, capsys):
