@@ -2,8 +2,9 @@
 toward upstream servers"), end to end with real parts:
 
 - the upstream: an MCP server written with the official SDK (Streamable HTTP) that accepts only
-  access tokens of a SECOND bastion (its authorization server, audience = the upstream's URL),
-  and records every token it is sent;
+  access tokens of a SECOND bastion, a `bastion serve` process of its own (its authorization
+  server: signature by its JWKS, issuer, audience = the upstream's URL, expiry), and records
+  every token it is sent;
 - the first bastion: its gateway serves the upstream with ``auth = "per_user"``;
 - the official SDK client calls through the first bastion and gets MCP's URL elicitation; Debian's
   chromium (Playwright) signs in at the first bastion and connects at the second.
@@ -23,20 +24,27 @@ import httpx
 import httpx2
 import pytest
 from cryptography.fernet import Fernet
+from joserfc import jwt
+from joserfc.errors import JoseError
+from joserfc.jwk import KeySet
 from mcp.client.client import Client as McpClient
 from mcp.client.streamable_http import streamable_http_client
 from mcp.server.auth.middleware.auth_context import get_access_token
+from mcp.server.auth.provider import AccessToken
 from mcp.server.auth.settings import AuthSettings
 from mcp.server.mcpserver import MCPServer
 from mcp.shared.exceptions import MCPError, UrlElicitationRequiredError
 
 from bastion.connections.sealing import Sealer, Unsealable
+from bastion.connections.upstream_oauth import well_known
+from bastion.db import Database
+from bastion.oauth.store import OAuthStore
 from bastion.oauth.users import create_user
 from bastion.server.app import create_app
 from bastion.server.config import ServerConfig
 from tests.browser import browser_fixture, tab_fixture  # noqa: F401 (fixtures)
+from tests.gateway.support import bastion_serve, stop
 from tests.oauth.support import MemoryStorage, free_socket, log_in_and_consent, sdk_auth, serve
-from tests.oauth.test_mcp_sdk import BastionTokenVerifier
 
 PASSWORD = "connections-test-password"
 REDIRECT_URI = "http://127.0.0.1:9/callback"
@@ -55,8 +63,9 @@ allow(_agent: Agent, _action: String, _tool: Tool);
 class Lab:
     """Both bastions, the upstream and what it saw."""
 
-    def __init__(self, one, two, one_url, two_url, upstream_url, seen) -> None:
-        self.one, self.two = one, two
+    def __init__(self, one, upstream_checks, one_url, two_url, upstream_url, seen) -> None:
+        self.one = one  # the first bastion's app
+        self.upstream_checks = upstream_checks  # how the upstream checks a token
         self.one_url, self.two_url = one_url, two_url  # the issuers (each under a path of its own)
         self.upstream_url = upstream_url
         self.seen: list[dict] = seen  # each call the upstream served: its token and subject
@@ -68,15 +77,51 @@ class Lab:
         return self.one.state.connections
 
 
-def upstream_app(verifier, issuer: str, resource: str, seen: list[dict]):
+class JwtVerifier:
+    """The SDK's TokenVerifier protocol, as an upstream of its own checks an authorization
+    server's JWT access tokens: signature by the server's published keys, ``iss``, ``aud`` = this
+    server's URL, ``exp`` (joserfc)."""
+
+    def __init__(self, issuer: str, resource: str) -> None:
+        self.issuer = issuer
+        self.resource = resource
+        self._keys: KeySet | None = None
+
+    async def verify_token(self, token: str) -> AccessToken | None:
+        if self._keys is None:
+            async with httpx.AsyncClient(timeout=10) as http:
+                meta = await http.get(well_known(self.issuer, "oauth-authorization-server"))
+                jwks = await http.get(meta.json()["jwks_uri"])
+            self._keys = KeySet.import_key_set(jwks.json())
+        try:
+            claims = jwt.decode(token, self._keys).claims
+            jwt.JWTClaimsRegistry(
+                iss={"essential": True, "value": self.issuer},
+                aud={"essential": True, "value": self.resource},
+                exp={"essential": True},
+                sub={"essential": True},
+            ).validate(claims)
+        except JoseError:
+            return None
+        return AccessToken(
+            token=token,
+            client_id=str(claims.get("client_id", "")),
+            scopes=str(claims.get("scope", "")).split(),
+            expires_at=int(claims["exp"]),
+            resource=self.resource,
+            subject=claims["sub"],
+        )
+
+
+def upstream_app(issuer: str, resource: str, seen: list[dict]):
     server = MCPServer(
         "tracker",
-        token_verifier=BastionTokenVerifier(verifier, resource),
+        token_verifier=JwtVerifier(issuer, resource),
         auth=AuthSettings(
             issuer_url=issuer,
             resource_server_url=resource,
             required_scopes=["issues:read"],
-            validate_token_resource=False,  # bastion's verifier checks aud itself
+            validate_token_resource=False,  # JwtVerifier checks aud itself
         ),
     )
 
@@ -100,18 +145,27 @@ def lab(tmp_path_factory):
     one_url = f"http://127.0.0.1:{one_sock.getsockname()[1]}/one"
     two_url = f"http://127.0.0.1:{two_sock.getsockname()[1]}/two"
     upstream_url = f"http://127.0.0.1:{up_sock.getsockname()[1]}/mcp"
-    two = create_app(
-        ServerConfig(
-            database=str(tmp / "two.db"),
-            policy_file=str(policy),
-            oauth={
-                "issuer": two_url,
-                "key_dir": str(tmp / "two-keys"),
-                "resources": [{"uri": upstream_url, "scopes": ["issues:read"]}],
-                "open_registration": {"max_per_address": 1000},
-            },
-        )
+    # The upstream's authorization server: `bastion serve`, a process of its own.
+    two_port = two_sock.getsockname()[1]
+    two_sock.close()
+    (tmp / "two.toml").write_text(
+        f"""[server]
+host = "127.0.0.1"
+port = {two_port}
+database = "{tmp / "two.db"}"
+policy_file = "{policy}"
+
+[oauth]
+issuer = "{two_url}"
+key_dir = "{tmp / "two-keys"}"
+resources = [{{ uri = "{upstream_url}", scopes = ["issues:read"] }}]
+open_registration = {{ max_per_address = 1000 }}
+"""
     )
+    db = Database(str(tmp / "two.db"))
+    for name in ("alice", "bob"):
+        create_user(OAuthStore(db), name, PASSWORD, time.time())
+    db.close()
     origin = one_url.removesuffix("/one")
     one = create_app(
         ServerConfig(
@@ -135,11 +189,10 @@ def lab(tmp_path_factory):
             },
         )
     )
-    for app in (one, two):
-        for name in ("alice", "bob"):
-            create_user(app.state.oauth.store, name, PASSWORD, time.time())
+    for name in ("alice", "bob"):
+        create_user(one.state.oauth.store, name, PASSWORD, time.time())
     seen: list[dict] = []
-    upstream = upstream_app(two.state.oauth.verifier, two_url, upstream_url, seen)
+    upstream = upstream_app(two_url, upstream_url, seen)
     # The same deployment as bastion.toml, for the CLI.
     (tmp / "bastion.toml").write_text(
         f"""[server]
@@ -158,10 +211,14 @@ auth = "per_user"
 oauth = {{ scopes = ["issues:read"] }}
 """
     )
-    with serve(two, two_sock), serve(upstream, up_sock), serve(one, one_sock):
-        lab = Lab(one, two, one_url, two_url, upstream_url, seen)
-        lab.config = tmp / "bastion.toml"
-        yield lab
+    two, _ = bastion_serve(tmp / "two.toml", two_url.removesuffix("/two"))
+    try:
+        with serve(upstream, up_sock), serve(one, one_sock):
+            lab = Lab(one, JwtVerifier(two_url, upstream_url), one_url, two_url, upstream_url, seen)
+            lab.config = tmp / "bastion.toml"
+            yield lab
+    finally:
+        stop(two)
 
 
 # -- the SDK client and the browser --------------------------------------------------------------
@@ -267,8 +324,8 @@ def test_a_user_connects_once_and_the_upstream_sees_only_their_own_token(lab, ta
     assert again.get("text") == "alice", again
     sent = lab.seen[-1]["token"]
     # The upstream got alice's token from the second bastion, for its own URL...
-    verified = lab.two.state.oauth.verifier.verify(sent, lab.upstream_url)
-    assert verified.subject == "alice"
+    verified = run(lab.upstream_checks.verify_token, sent)
+    assert verified is not None and verified.subject == "alice"
     # ...never the token the client holds for the first bastion.
     assert sent != again["tokens"].access_token
     assert all(s["token"] != again["tokens"].access_token for s in lab.seen)
@@ -289,7 +346,7 @@ def test_a_2025_11_25_client_gets_the_elicitation_and_then_its_users_token_upstr
     ensure_connected(lab, tab, "alice")
     outcome = call(lab, "alice", mode="legacy", storage=MemoryStorage())
     assert outcome.get("text") == "alice", outcome
-    assert lab.two.state.oauth.verifier.verify(lab.seen[-1]["token"], lab.upstream_url)
+    assert run(lab.upstream_checks.verify_token, lab.seen[-1]["token"]).subject == "alice"
     url = elicited_url(call(lab, "bob", mode="legacy", storage=MemoryStorage()))
     assert parse_qs(urlsplit(url).query)["user"] == ["bob"]
 
