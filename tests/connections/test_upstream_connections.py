@@ -86,6 +86,7 @@ class JwtVerifier:
         self.issuer = issuer
         self.resource = resource
         self._keys: KeySet | None = None
+        self.refused: set[str] = set()  # users whose tokens it refuses anyway (as if revoked)
 
     async def verify_token(self, token: str) -> AccessToken | None:
         if self._keys is None:
@@ -103,6 +104,8 @@ class JwtVerifier:
             ).validate(claims)
         except JoseError:
             return None
+        if claims["sub"] in self.refused:
+            return None
         return AccessToken(
             token=token,
             client_id=str(claims.get("client_id", "")),
@@ -113,10 +116,11 @@ class JwtVerifier:
         )
 
 
-def upstream_app(issuer: str, resource: str, seen: list[dict]):
+def upstream_app(checks: JwtVerifier, seen: list[dict]):
+    issuer, resource = checks.issuer, checks.resource
     server = MCPServer(
         "tracker",
-        token_verifier=JwtVerifier(issuer, resource),
+        token_verifier=checks,
         auth=AuthSettings(
             issuer_url=issuer,
             resource_server_url=resource,
@@ -192,7 +196,8 @@ open_registration = {{ max_per_address = 1000 }}
     for name in ("alice", "bob"):
         create_user(one.state.oauth.store, name, PASSWORD, time.time())
     seen: list[dict] = []
-    upstream = upstream_app(two_url, upstream_url, seen)
+    checks = JwtVerifier(two_url, upstream_url)
+    upstream = upstream_app(checks, seen)
     # The same deployment as bastion.toml, for the CLI.
     (tmp / "bastion.toml").write_text(
         f"""[server]
@@ -214,7 +219,7 @@ oauth = {{ scopes = ["issues:read"] }}
     two, _ = bastion_serve(tmp / "two.toml", two_url.removesuffix("/two"))
     try:
         with serve(upstream, up_sock), serve(one, one_sock):
-            lab = Lab(one, JwtVerifier(two_url, upstream_url), one_url, two_url, upstream_url, seen)
+            lab = Lab(one, checks, one_url, two_url, upstream_url, seen)
             lab.config = tmp / "bastion.toml"
             yield lab
     finally:
@@ -419,6 +424,18 @@ def test_an_expired_access_token_is_refreshed_once_before_it_is_sent(lab, tab):
     outcome = call(lab, "alice")
     assert outcome.get("text") == "alice", outcome
     assert lab.seen[-1]["token"] == tokens[0]
+
+
+def test_a_token_the_upstream_refuses_sends_the_user_to_connect_again(lab, tab):
+    ensure_connected(lab, tab, "alice")
+    served = len(lab.seen)
+    lab.upstream_checks.refused.add("alice")
+    try:
+        elicited_url(call(lab, "alice"))  # 401 upstream: connect again
+    finally:
+        lab.upstream_checks.refused.discard("alice")
+    assert len(lab.seen) == served
+    assert call(lab, "alice").get("text") == "alice"
 
 
 def test_a_tampered_ciphertext_fails_closed(lab, tab):
