@@ -17,6 +17,7 @@ COMMAND_MODULES = [
     "bastion.agents.commands",
     "bastion.signals.alert_commands",
     "bastion.delegation.task_commands",
+    "bastion.connections.commands",
 ]
 
 

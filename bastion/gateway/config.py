@@ -21,6 +21,12 @@ url = "http://127.0.0.1:9000/mcp"        # ... or a Streamable HTTP server
 headers = { Authorization = "Bearer ${FILES_KEY}" }   # bastion's own credential, from the env
 scopes = ["files:read"]                  # asked for in the 401 challenge
 
+[[gateway.upstreams]]
+name = "tracker"
+url = "https://tracker.example.com/mcp"
+auth = "per_user"                        # each user's own OAuth token (docs/identity.md)
+oauth = { scopes = ["issues:read"] }     # issuer, client_id, client_secret: optional
+
 [[gateway.trusted_issuers]]              # an identity provider's access tokens are accepted too
 issuer = "https://login.example.com"     # (every key: docs/identity.md)
 audiences = { desk = "api://desk" }      # the aud it uses for each server it may be used for
@@ -36,6 +42,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
+from bastion.connections.settings import ConnectionSettingsError, UpstreamOAuth
 from bastion.identity.trusted_issuers import TrustedIssuer, parse_trusted_issuers
 from bastion.redis_client import CLUSTER_SCHEMES
 from bastion.server.config import ConfigError
@@ -66,6 +73,9 @@ class UpstreamConfig:
     headers: Mapping[str, str] = field(default_factory=dict, repr=False)
     scopes: tuple[str, ...] = ()
     timeout: float = 60.0
+    # "none": only ``headers``; "per_user": each user's own OAuth token (`oauth`).
+    auth: str = "none"
+    oauth: UpstreamOAuth | None = None
 
     @property
     def transport(self) -> str:
@@ -244,7 +254,19 @@ def _upstream(index: int, value: Any, env: Mapping[str, str]) -> UpstreamConfig:
         raise ConfigError(f"{where}: a table with name and command or url")
     _only(
         value,
-        {"name", "command", "args", "env", "cwd", "url", "headers", "scopes", "timeout"},
+        {
+            "name",
+            "command",
+            "args",
+            "env",
+            "cwd",
+            "url",
+            "headers",
+            "scopes",
+            "timeout",
+            "auth",
+            "oauth",
+        },
         where,
     )
     name = value.get("name")
@@ -269,6 +291,27 @@ def _upstream(index: int, value: Any, env: Mapping[str, str]) -> UpstreamConfig:
     }
     if any(k.lower() in ("host", "content-length", "mcp-session-id") for k in headers):
         raise ConfigError(f"{where}.headers may not set Host, Content-Length or Mcp-Session-Id")
+    auth = value.get("auth", "none")
+    if auth not in ("none", "per_user"):
+        raise ConfigError(f'{where}.auth must be "none" or "per_user", got {auth!r}')
+    oauth = None
+    if auth == "per_user":
+        if not url:
+            raise ConfigError(f'{where} ({name}): auth = "per_user" needs a url (Streamable HTTP)')
+        if any(k.lower() == "authorization" for k in headers):
+            raise ConfigError(f'{where}.headers may not set Authorization with auth = "per_user"')
+        table = value.get("oauth", {})
+        if not isinstance(table, dict):
+            raise ConfigError(f"{where}.oauth must be a table")
+        table = dict(table)
+        if isinstance(table.get("client_secret"), str):
+            table["client_secret"] = _expand(table["client_secret"], env, f"{where}.oauth")
+        try:
+            oauth = UpstreamOAuth.from_mapping(table, f"{where}.oauth")
+        except ConnectionSettingsError as e:
+            raise ConfigError(str(e)) from None
+    elif "oauth" in value:
+        raise ConfigError(f'{where}.oauth is read only with auth = "per_user"')
     return UpstreamConfig(
         name=name,
         command=str(command),
@@ -282,4 +325,6 @@ def _upstream(index: int, value: Any, env: Mapping[str, str]) -> UpstreamConfig:
         headers=headers,
         scopes=tuple(scopes),
         timeout=float(_positive(value, "timeout", 60, where)),
+        auth=auth,
+        oauth=oauth,
     )

@@ -69,6 +69,10 @@ _ACKNOWLEDGED = "notifications/subscriptions/acknowledged"
 _OPEN_WAIT = 5.0
 
 
+class UpstreamUnauthorized(RpcError):
+    """The upstream answered 401 to the user's own token (`HttpUpstream.bearer`)."""
+
+
 class UpstreamError(RpcError):
     """An error the upstream answered with (a JSON-RPC error, or an HTTP error's text), relayed
     as it came unless a mask applies: its message is the upstream's free text."""
@@ -465,6 +469,9 @@ class HttpUpstream(Upstream):
         # Set once the current notification stream is open (or the upstream has none).
         self._opened = asyncio.Event()
         self._chores: set[asyncio.Task] = set()  # notifications/cancelled being sent
+        # The access token of the one user this connection serves (per-user credentials,
+        # `bastion.gateway.upstream_credentials`); None: only the configured headers.
+        self.bearer: str | None = None
 
     def _headers(self) -> dict[str, str]:
         headers = {
@@ -472,6 +479,8 @@ class HttpUpstream(Upstream):
             "accept": "application/json, text/event-stream",
             **self.config.headers,
         }
+        if self.bearer is not None:
+            headers["authorization"] = f"Bearer {self.bearer}"
         if self._protocol_version:
             headers["mcp-protocol-version"] = self._protocol_version
         if self._session_id:
@@ -559,6 +568,10 @@ class HttpUpstream(Upstream):
                 await self._connect()
                 return await self._exchange(
                     message, capabilities=capabilities, ask=ask, hear=hear, retry=False
+                )
+            if response.status_code == 401 and self.bearer is not None:
+                raise UpstreamUnauthorized(
+                    UPSTREAM_UNAVAILABLE, f"upstream {self.name} no longer accepts the user's token"
                 )
             if message.get("method") == "initialize" and "mcp-session-id" in response.headers:
                 self._session_id = response.headers["mcp-session-id"]
@@ -843,6 +856,11 @@ async def _events(response: Response, stream: EventStream | None = None):
 
 
 def open_upstream(config: UpstreamConfig) -> Upstream:
+    if config.auth == "per_user":
+        # Imported here: that module builds on this one (one connection per user).
+        from bastion.gateway.upstream_credentials import PerUserUpstream
+
+        return PerUserUpstream(config)
     return StdioUpstream(config) if config.transport == "stdio" else HttpUpstream(config)
 
 

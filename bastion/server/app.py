@@ -150,15 +150,17 @@ def body_limits(config: ServerConfig, oauth, gateway, signals=None) -> BodyLimit
             )
             for p in sorted(oauth_paths(oauth))
         ]
-        # The approval pages' answers (bastion.approvals.pages) are forms of the same family.
-        limits.append(
+        # The approval pages' answers (bastion.approvals.pages) and the connection pages' forms
+        # (bastion.connections.pages) are forms of the same family.
+        limits += [
             BodyLimit(
                 config.max_oauth_body_bytes,
                 "max_oauth_body_bytes",
                 oauth_refusal,
-                prefix=f"{oauth.settings.issuer_path}/approvals/",
+                prefix=f"{oauth.settings.issuer_path}/{pages}/",
             )
-        )
+            for pages in ("approvals", "connections")
+        ]
     if gateway is not None:
         from bastion.gateway.jsonrpc import INVALID_REQUEST, RpcError
 
@@ -326,6 +328,46 @@ def _approvals(config: ServerConfig, oauth, replica: Replica):
     )
 
 
+def _connections(config: ServerConfig, db: Database, oauth, gateway):
+    """Per-user credentials toward upstreams with ``auth = "per_user"`` (docs/identity.md), or
+    None when there is none."""
+    if gateway is None:
+        return None
+    per_user = [u for u in gateway.config.upstreams if u.auth == "per_user"]
+    if not per_user:
+        return None
+    if oauth is None:
+        raise ConfigError('auth = "per_user" upstreams need an [oauth] table: people sign in there')
+    from bastion.connections.sealing import ConnectionKeysError
+    from bastion.connections.service import connections_from_config
+
+    try:
+        connections = connections_from_config(
+            db,
+            {u.name: (u.url, u.oauth) for u in per_user},
+            oauth.settings.key_dir,
+            oauth.settings.issuer,
+        )
+    except ConnectionKeysError as e:
+        raise ConfigError(str(e)) from None
+    for upstream in per_user:
+        state = gateway.upstreams[upstream.name]
+        state.upstream.connections = connections
+        connections.on_revoke(
+            lambda subject, name, per=state.upstream, own=upstream.name: (
+                per.forget(subject) if name == own else None
+            )
+        )
+    return connections
+
+
+def _connection_pages(connections, oauth) -> list[BaseRoute]:
+    """The connections' pages, under the issuer (where elicitations point)."""
+    from bastion.connections.pages import ConnectionPages
+
+    return list(ConnectionPages(connections, oauth).routes())
+
+
 def _approval_pages(approvals, oauth) -> list[BaseRoute]:
     """The approvers' pages, under the issuer (where `Approvals.url` points)."""
     from bastion.approvals.pages import ApprovalPages
@@ -425,6 +467,7 @@ def create_app(config: ServerConfig) -> Starlette:
     oauth = _oauth_server(config, db)
     approvals = _approvals(config, oauth, replica)
     gateway = _gateway(config, oauth, replica, approvals)
+    connections = _connections(config, db, oauth, gateway)
     signals = _signals(config, db, store, oauth, replica)
     alerts = _alerts(config, oauth, replica, gateway)
     tasks = _tasks(config, db, store, oauth, replica)
@@ -495,6 +538,7 @@ def create_app(config: ServerConfig) -> Starlette:
         *api.routes(),
         *(oauth.routes() if oauth is not None else []),
         *(_approval_pages(approvals, oauth) if approvals is not None else []),
+        *(_connection_pages(connections, oauth) if connections is not None else []),
         *(signals.routes() if signals is not None else []),
         *(_alert_pages(alerts, oauth) if alerts is not None else []),
     ]
@@ -533,6 +577,7 @@ def create_app(config: ServerConfig) -> Starlette:
     app.state.oauth_paths = oauth_paths(oauth)
     app.state.gateway = gateway
     app.state.approvals = approvals
+    app.state.connections = connections
     app.state.signals = signals
     app.state.signal_settings = signal_settings
     app.state.alerts = alerts

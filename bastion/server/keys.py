@@ -40,6 +40,9 @@ SCOPES = (
     # Open, list, show and end just-in-time tasks (/v1/tasks, docs/delegation.md): a key sees
     # and ends the tasks it opened; a task's facts only ever grant the task's agent.
     "tasks",
+    # See and revoke users' connections to upstream MCP servers (/v1/connections,
+    # docs/identity.md); never their tokens.
+    "connections",
     # The AuthZEN Authorization API (/access/v1/...): for a PEP that asks for decisions.
     "authzen",
     # Oso Cloud's API under /api (docs/oso-cloud.md): decisions and reads of facts and policy;

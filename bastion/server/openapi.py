@@ -19,6 +19,7 @@ from bastion.delegation.tasks import STATUSES as TASK_STATUSES
 from bastion.server.api import agents as agents_api
 from bastion.server.api import alerts as alerts_api
 from bastion.server.api import approvals as approvals_api
+from bastion.server.api import connections as connections_api
 from bastion.server.api import labels as labels_api
 from bastion.server.api import signals as signals_api
 from bastion.server.api import suspensions as suspensions_api
@@ -361,6 +362,15 @@ SCHEMAS: dict[str, Any] = {
         used_by=_nullable({**_STR, "description": "the decision of the call it unlocked"}),
         withheld_fields={"type": "array", "items": _STR},
         answers={"type": "array", "items": _ref("ApprovalAnswer")},
+    ),
+    "Connection": _response(
+        ["subject", "upstream", "scope", "access_token_expires_at", "created_at", "refreshed_at"],
+        subject=_STR,
+        upstream=_STR,
+        scope=_STR,
+        access_token_expires_at=_NUM,
+        created_at=_NUM,
+        refreshed_at=_NUM,
     ),
     "Suspension": _response(
         ["kind", "id", "expires_at"],
@@ -1039,6 +1049,47 @@ PATHS: dict[str, Any] = {
             params=[_path("request_id", "the id of an approval request")],
         )
         | {"operationId": "denyRequest"}
+    },
+    "/v1/connections": {
+        "get": _op(
+            'Users\' connections to upstream MCP servers (auth = "per_user"), without tokens',
+            connections_api.SCOPE,
+            _response(["connections"], connections={"type": "array", "items": _ref("Connection")}),
+            params=[
+                _query(
+                    "subject",
+                    {**_STR, "minLength": 1, "maxLength": connections_api.MAX_NAME},
+                    "only this user's",
+                ),
+                _query(
+                    "upstream",
+                    {**_STR, "minLength": 1, "maxLength": connections_api.MAX_NAME},
+                    "only this upstream's",
+                ),
+            ],
+        )
+    },
+    "/v1/connections/{subject}/{upstream}": {
+        "delete": _op(
+            "Revoke a user's connection: its tokens are deleted here and revoked at the"
+            " upstream's authorization server when it offers RFC 7009 revocation (404: none)",
+            connections_api.SCOPE,
+            _response(
+                ["revoked"],
+                revoked=_response(["subject", "upstream"], subject=_STR, upstream=_STR),
+            ),
+            params=[
+                {
+                    **_path("subject", "the user"),
+                    "schema": {**_STR, "minLength": 1, "maxLength": connections_api.MAX_NAME},
+                },
+                {
+                    **_path("upstream", "the upstream's name"),
+                    "schema": {**_STR, "minLength": 1, "maxLength": connections_api.MAX_NAME},
+                },
+            ],
+            problems=(400, 404),
+        )
     },
     "/v1/suspensions": {
         "get": _op(

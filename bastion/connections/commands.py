@@ -1,0 +1,142 @@
+"""CLI: ``bastion connections list|revoke|rekey|new-key`` (docs/identity.md, "Per-user
+credentials toward upstream servers").
+
+Like the other admin commands it works on the deployment's database (``--database``, or the one
+in bastion.toml) with its configuration (the upstreams with ``auth = "per_user"``, and the
+``[oauth]`` key directory, or ``BASTION_CONNECTION_KEYS``, for the keys). ``revoke`` also
+revokes the tokens at the upstream's authorization server when it offers RFC 7009 revocation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from datetime import UTC, datetime
+
+import anyio
+
+
+class CommandError(Exception):
+    """A mistake the person running the command can fix; the message says how."""
+
+
+def _open(args: argparse.Namespace):
+    from bastion.connections.sealing import ConnectionKeysError
+    from bastion.connections.service import connections_from_config
+    from bastion.db import Database
+    from bastion.gateway.config import GatewayConfig
+    from bastion.oauth.settings import OAuthSettings, SettingsError
+    from bastion.server.config import ConfigError, ServerConfig, command_database
+
+    try:
+        config = ServerConfig.load(args.config)
+        gateway = GatewayConfig.from_mapping(config.gateway or {})
+        oauth = OAuthSettings.from_mapping(config.oauth)
+    except (ConfigError, SettingsError) as e:
+        raise CommandError(str(e)) from None
+    per_user = {u.name: (u.url, u.oauth) for u in gateway.upstreams if u.auth == "per_user"}
+    if not per_user:
+        raise CommandError('bastion.toml has no upstream with auth = "per_user"; give --config')
+    db = Database(command_database(args, config), role="bastion-cli")
+    try:
+        return connections_from_config(db, per_user, oauth.key_dir, oauth.issuer)
+    except ConnectionKeysError as e:
+        db.close()
+        raise CommandError(str(e)) from None
+
+
+def _when(epoch: float) -> str:
+    return datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    connections = _open(args)
+    try:
+        found = connections.listed(args.user, args.upstream)
+    finally:
+        connections.store.db.close()
+    for c in found:
+        if args.json:
+            print(json.dumps(c.to_json()))
+        else:
+            print(
+                f"{c.subject}\t{c.upstream}\tsince {_when(c.created_at)}"
+                f"\taccess token until {_when(c.expires_at)}\t{c.scope or '-'}"
+            )
+    return 0
+
+
+def cmd_revoke(args: argparse.Namespace) -> int:
+    connections = _open(args)
+    try:
+        done = anyio.run(connections.revoke, args.user, args.upstream)
+    finally:
+        connections.store.db.close()
+    if not done:
+        print(f"{args.user} has no connection to {args.upstream}", file=sys.stderr)
+        return 1
+    print(f"revoked {args.user}'s connection to {args.upstream}")
+    return 0
+
+
+def cmd_rekey(args: argparse.Namespace) -> int:
+    connections = _open(args)
+    try:
+        count = connections.rekey()
+    finally:
+        connections.store.db.close()
+    print(f"re-sealed {count} connection(s) under the first key")
+    return 0
+
+
+def cmd_new_key(args: argparse.Namespace) -> int:
+    from cryptography.fernet import Fernet
+
+    print(Fernet.generate_key().decode())
+    return 0
+
+
+def _guarded(func):
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return func(args)
+        except CommandError as e:
+            print(f"bastion connections: {e}", file=sys.stderr)
+            return 2
+
+    return run
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--database", help="SQLite path or postgresql:// URL (or BASTION_DATABASE, or bastion.toml)"
+    )
+    parser.add_argument(
+        "--config", help="bastion.toml (its per_user upstreams and [oauth] key_dir)"
+    )
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser("connections", help="users' connections to upstream MCP servers")
+    commands = parser.add_subparsers(dest="connections_command", required=True)
+
+    p = commands.add_parser("list", help="the connections (never their tokens)")
+    p.add_argument("--user", help="only this user's")
+    p.add_argument("--upstream", help="only this upstream's")
+    p.add_argument("--json", action="store_true", help="one JSON connection per line")
+    _common(p)
+    p.set_defaults(func=_guarded(cmd_list))
+
+    p = commands.add_parser("revoke", help="revoke a user's connection, here and upstream")
+    p.add_argument("user")
+    p.add_argument("upstream")
+    _common(p)
+    p.set_defaults(func=_guarded(cmd_revoke))
+
+    p = commands.add_parser("rekey", help="seal every connection again under the first key")
+    _common(p)
+    p.set_defaults(func=_guarded(cmd_rekey))
+
+    p = commands.add_parser("new-key", help="print a new connection key (to put first)")
+    p.set_defaults(func=_guarded(cmd_new_key))

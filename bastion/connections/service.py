@@ -1,0 +1,334 @@
+"""Each user's connections to upstream MCP servers that need their own OAuth token.
+
+A person connects once, at bastion's page (`bastion.connections.pages`): bastion runs the
+authorization code flow with the upstream's authorization server for them
+(`bastion.connections.upstream_oauth`), keeps the tokens sealed (`bastion.connections.sealing`)
+in the database (`bastion.connections.store`), refreshes the access token before it expires
+(one refresh at a time per user and upstream in a process), and hands it out only for that
+user's calls to that upstream (`access_token`). A flow finishes only for the person who started
+it. Revoking deletes the tokens here and, where the server has RFC 7009 revocation, there too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from urllib.parse import quote
+
+import anyio
+
+from bastion.connections.sealing import Sealer, Unsealable
+from bastion.connections.settings import UpstreamOAuth
+from bastion.connections.store import ConnectionStore, StoredConnection, StoredFlow
+from bastion.connections.upstream_oauth import (
+    UpstreamOAuthClient,
+    UpstreamOAuthError,
+    pkce_pair,
+)
+
+log = logging.getLogger("bastion.connections")
+
+PATH = "/connections"
+CLIENT_NAME = "bastion (per-user connections)"
+# Opened access tokens a process keeps at most (with cache_seconds > 0); the oldest go first.
+MAX_CACHED = 100_000
+
+
+class ConnectionUnavailable(Exception):
+    """The user's connection exists but cannot be used now (the upstream's authorization server
+    cannot be reached to refresh it): the call fails, nothing is sent upstream."""
+
+
+class FlowRefused(Exception):
+    """A connection that cannot be finished: ``status`` and a sentence for the person."""
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.message = message
+        self.status = status
+
+
+@dataclass(frozen=True, slots=True)
+class Connection:
+    """One user's connection to one upstream, as people and administrators see it (no token)."""
+
+    subject: str
+    upstream: str
+    scope: str
+    expires_at: float
+    created_at: float
+    refreshed_at: float
+
+    def to_json(self) -> dict:
+        return {
+            "subject": self.subject,
+            "upstream": self.upstream,
+            "scope": self.scope,
+            "access_token_expires_at": self.expires_at,
+            "created_at": self.created_at,
+            "refreshed_at": self.refreshed_at,
+        }
+
+
+def _shown(row: StoredConnection) -> Connection:
+    return Connection(
+        row.subject, row.upstream, row.scope, row.expires_at, row.created_at, row.refreshed_at
+    )
+
+
+class Connections:
+    """The connections of every user to the upstreams configured with ``auth = "per_user"``."""
+
+    def __init__(
+        self,
+        store: ConnectionStore,
+        sealer: Sealer,
+        upstreams: Mapping[str, tuple[str, UpstreamOAuth]],
+        issuer: str,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.store = store
+        self.sealer = sealer
+        self.settings = {name: oauth for name, (_, oauth) in upstreams.items()}
+        self.clients = {
+            name: UpstreamOAuthClient(url, oauth) for name, (url, oauth) in upstreams.items()
+        }
+        self.issuer = issuer.rstrip("/")
+        self.redirect_uri = f"{self.issuer}{PATH}/callback"
+        self.clock = clock
+        self._refreshing: dict[tuple[str, str], asyncio.Lock] = {}
+        # (subject, upstream) -> (access token, its expiry, when read): `cache_seconds`.
+        self._cached: dict[tuple[str, str], tuple[str, float, float]] = {}
+        # Called with (subject, upstream) when a connection is revoked in this process.
+        self._on_revoke: list[Callable[[str, str], None]] = []
+
+    def on_revoke(self, callback: Callable[[str, str], None]) -> None:
+        self._on_revoke.append(callback)
+
+    def connect_url(self, subject: str, upstream: str) -> str:
+        """The page where ``subject`` connects to ``upstream`` (the URL an elicitation opens)."""
+        return (
+            f"{self.issuer}{PATH}/{quote(upstream, safe='')}/connect?user={quote(subject, safe='')}"
+        )
+
+    # -- the token of a call ----------------------------------------------------------------------
+
+    async def access_token(self, subject: str, upstream: str) -> str | None:
+        """``subject``'s access token for ``upstream``, refreshed first if it expires soon; None
+        if they have no usable connection (never connected, revoked, refresh refused, or sealed
+        tokens that cannot be opened: fail closed). `ConnectionUnavailable` if the refresh could
+        not reach the authorization server."""
+        settings = self.settings[upstream]
+        ahead = settings.refresh_ahead_seconds
+        key = (subject, upstream)
+        cached = self._cached.get(key)
+        if cached is not None:
+            now = self.clock()
+            if now - cached[2] < settings.cache_seconds and cached[1] - now > ahead:
+                return cached[0]
+            del self._cached[key]
+        row = await anyio.to_thread.run_sync(self.store.get, subject, upstream)
+        if row is None:
+            return None
+        if row.expires_at - self.clock() > ahead:
+            return self._remember(row, self._open(row).get("access_token"))
+        lock = self._refreshing.setdefault(key, asyncio.Lock())
+        try:
+            async with lock:
+                # Another call may have refreshed it while this one waited.
+                row = await anyio.to_thread.run_sync(self.store.get, subject, upstream)
+                if row is None:
+                    return None
+                if row.expires_at - self.clock() > ahead:
+                    return self._remember(row, self._open(row).get("access_token"))
+                return await self._refresh(row)
+        finally:
+            if not lock.locked() and self._refreshing.get(key) is lock:
+                del self._refreshing[key]
+
+    def _remember(self, row: StoredConnection, token: str | None) -> str | None:
+        if token and self.settings[row.upstream].cache_seconds > 0:
+            self._cached[(row.subject, row.upstream)] = (token, row.expires_at, self.clock())
+            if len(self._cached) > MAX_CACHED:
+                del self._cached[next(iter(self._cached))]  # the oldest
+        return token
+
+    def forget_token(self, subject: str, upstream: str) -> None:
+        """Read ``subject``'s connection again on their next call (the upstream refused it)."""
+        self._cached.pop((subject, upstream), None)
+
+    def _open(self, row: StoredConnection) -> dict:
+        try:
+            return self.sealer.open(row.subject, row.upstream, row.sealed)
+        except Unsealable as e:
+            log.warning("connection of %s to %s refused: %s", row.subject, row.upstream, e)
+            return {}
+
+    async def _refresh(self, row: StoredConnection) -> str | None:
+        tokens = self._open(row)
+        refresh_token = tokens.get("refresh_token")
+        if not refresh_token:
+            return None  # expired, and nothing to refresh it with: connect again
+        now = self.clock()
+        try:
+            client = await self._client(row.upstream)
+            fresh = await self.clients[row.upstream].refresh(client, refresh_token, now)
+        except UpstreamOAuthError as e:
+            if e.error == "unavailable":
+                raise ConnectionUnavailable(
+                    f"the connection to {row.upstream} cannot be refreshed now: {e.description}"
+                ) from None
+            # The grant is gone at the upstream (revoked, expired): forget it; connect again.
+            log.info("refresh of %s's connection to %s refused: %s", row.subject, row.upstream, e)
+            await anyio.to_thread.run_sync(self.store.delete, row.subject, row.upstream)
+            return None
+        sealed = self.sealer.seal(
+            row.subject,
+            row.upstream,
+            {"access_token": fresh.access_token, "refresh_token": fresh.refresh_token},
+        )
+        updated = StoredConnection(
+            row.subject, row.upstream, sealed, fresh.scope, fresh.expires_at, row.created_at, now
+        )
+        await anyio.to_thread.run_sync(self.store.put, updated)
+        return self._remember(updated, fresh.access_token)
+
+    # -- connecting (the pages) -------------------------------------------------------------------
+
+    async def start(self, subject: str, upstream: str) -> str:
+        """Begin ``subject``'s connection to ``upstream``: the URL of the upstream's
+        authorization page to send their browser to."""
+        oauth = self.clients[upstream]
+        meta = await oauth.metadata()
+        client = await self._client(upstream)
+        verifier, challenge = pkce_pair()
+        state = secrets.token_urlsafe(32)
+        now = self.clock()
+        flow = StoredFlow(
+            state,
+            subject,
+            upstream,
+            self.sealer.seal(subject, upstream, {"verifier": verifier}),
+            now,
+        )
+        older = now - self.settings[upstream].flow_seconds
+        await anyio.to_thread.run_sync(self.store.add_flow, flow, older)
+        return oauth.authorization_url(
+            meta, client["client_id"], self.redirect_uri, state, challenge
+        )
+
+    async def finish(self, subject: str, state: str, code: str) -> Connection:
+        """The authorization server sent ``subject``'s browser back with ``code`` for ``state``:
+        exchange it and keep the tokens. Refused (`FlowRefused`) for an unknown or used state, a
+        flow older than ``flow_seconds``, or a person other than the one who started it (the
+        flow is then spent: nobody can finish it)."""
+        flow = await anyio.to_thread.run_sync(self.store.take_flow, state)
+        if flow is None or flow.upstream not in self.clients:
+            raise FlowRefused("This connection link is unknown or was already used.", 400)
+        if flow.subject != subject:
+            raise FlowRefused(
+                "This connection was started by another user: it is not yours to finish.", 403
+            )
+        now = self.clock()
+        if now - flow.created_at > self.settings[flow.upstream].flow_seconds:
+            raise FlowRefused("This connection took too long; start again.", 400)
+        try:
+            verifier = self.sealer.open(subject, flow.upstream, flow.sealed)["verifier"]
+        except (Unsealable, KeyError):
+            raise FlowRefused("This connection cannot be finished; start again.", 400) from None
+        client = await self._client(flow.upstream)
+        try:
+            tokens = await self.clients[flow.upstream].exchange_code(
+                client, code, verifier, self.redirect_uri, now
+            )
+        except UpstreamOAuthError as e:
+            raise FlowRefused(
+                f"{flow.upstream} refused the connection: {e.description}", 502
+            ) from None
+        sealed = self.sealer.seal(
+            subject,
+            flow.upstream,
+            {"access_token": tokens.access_token, "refresh_token": tokens.refresh_token},
+        )
+        row = StoredConnection(
+            subject, flow.upstream, sealed, tokens.scope, tokens.expires_at, now, now
+        )
+        await anyio.to_thread.run_sync(self.store.put, row)
+        self._cached.pop((subject, flow.upstream), None)
+        return _shown(row)
+
+    # -- seeing and revoking ----------------------------------------------------------------------
+
+    def listed(self, subject: str | None = None, upstream: str | None = None) -> list[Connection]:
+        """Blocking: the connections, without their tokens."""
+        return [_shown(r) for r in self.store.listed(subject, upstream)]
+
+    async def revoke(self, subject: str, upstream: str) -> bool:
+        """Forget ``subject``'s connection to ``upstream`` (False if there was none), and revoke
+        its tokens at the upstream's authorization server when it offers RFC 7009 revocation (a
+        failure there is logged: the tokens are gone from bastion either way)."""
+        self._cached.pop((subject, upstream), None)
+        row = await anyio.to_thread.run_sync(self.store.delete, subject, upstream)
+        if row is None:
+            return False
+        for callback in self._on_revoke:
+            callback(subject, upstream)
+        tokens = self._open(row)
+        oauth = self.clients.get(upstream)
+        if oauth is not None and tokens:
+            try:
+                client = await self._client(upstream)
+                if tokens.get("refresh_token"):
+                    await oauth.revoke(client, tokens["refresh_token"], "refresh_token")
+                if tokens.get("access_token"):
+                    await oauth.revoke(client, tokens["access_token"], "access_token")
+            except UpstreamOAuthError as e:
+                log.warning("revocation of %s's tokens at %s failed: %s", subject, upstream, e)
+        return True
+
+    def rekey(self) -> int:
+        """Blocking: seal every connection again under the first key; return how many."""
+        done = 0
+        for row in self.store.listed(limit=10**9):
+            try:
+                new = self.sealer.rotate(row.sealed)
+            except Unsealable:
+                log.warning("connection of %s to %s cannot be re-sealed", row.subject, row.upstream)
+                continue
+            done += self.store.replace_sealed(row.subject, row.upstream, row.sealed, new)
+        return done
+
+    # -- bastion's client at each upstream ------------------------------------------------------
+
+    async def _client(self, upstream: str) -> dict[str, str]:
+        settings = self.settings[upstream]
+        if settings.client_id:
+            return {"client_id": settings.client_id, "client_secret": settings.client_secret}
+        oauth = self.clients[upstream]
+        issuer = (await oauth.metadata()).issuer
+        name = f"{upstream} {issuer}"
+        sealed = await anyio.to_thread.run_sync(self.store.client, upstream, issuer)
+        if sealed is None:
+            registered = await oauth.register(self.redirect_uri, CLIENT_NAME)
+            fresh = self.sealer.seal("", name, registered)
+            sealed = await anyio.to_thread.run_sync(self.store.add_client, upstream, issuer, fresh)
+        try:
+            return self.sealer.open("", name, sealed)
+        except Unsealable:
+            raise ConnectionUnavailable(
+                f"bastion's registration with {issuer} cannot be opened with the connection keys"
+            ) from None
+
+
+def connections_from_config(
+    db, upstreams: Mapping[str, tuple[str, UpstreamOAuth]], key_dir: str, issuer: str
+) -> Connections:
+    """The connections of a deployment: its database, the keys (`bastion.connections.sealing`)
+    and the upstreams configured with ``auth = "per_user"`` (name -> (URL, oauth table))."""
+    from bastion.connections.sealing import load_keys
+
+    return Connections(ConnectionStore(db), Sealer(load_keys(key_dir)), upstreams, issuer)

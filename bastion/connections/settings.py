@@ -1,0 +1,94 @@
+"""The ``oauth`` table of an upstream that needs each user's own OAuth token (``auth =
+"per_user"`` in ``[[gateway.upstreams]]``; docs/identity.md, "Per-user credentials toward
+upstream servers")."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+KNOWN = {
+    "issuer",
+    "client_id",
+    "client_secret",
+    "scopes",
+    "refresh_ahead_seconds",
+    "flow_seconds",
+    "timeout_seconds",
+    "cache_seconds",
+}
+
+
+class ConnectionSettingsError(ValueError):
+    """An ``oauth`` table that cannot be used: the message names the key."""
+
+
+@dataclass(frozen=True)
+class UpstreamOAuth:
+    """How bastion is the OAuth client of one upstream's authorization server."""
+
+    # The upstream's authorization server; "" = the first one its protected-resource metadata
+    # (RFC 9728) names.
+    issuer: str = ""
+    # A client registered with it by an administrator; "" = dynamic registration (RFC 7591).
+    client_id: str = ""
+    client_secret: str = field(default="", repr=False)
+    scopes: tuple[str, ...] = ()
+    # An access token this close to its expiry is refreshed before it is sent.
+    refresh_ahead_seconds: int = 60
+    # A started connection (the person at the upstream's pages) must come back within this.
+    flow_seconds: int = 600
+    # Each request to the upstream's authorization server (metadata, token, revocation).
+    timeout_seconds: float = 10.0
+    # A process may use an opened access token this long without reading its row again; 0: read
+    # on every call. A revocation made in another process applies after at most this long.
+    cache_seconds: float = 0.0
+
+    @classmethod
+    def from_mapping(cls, table: Mapping[str, Any], where: str) -> UpstreamOAuth:
+        if not isinstance(table, Mapping):
+            raise ConnectionSettingsError(f"{where} must be a table")
+        unknown = sorted(set(table) - KNOWN)
+        if unknown:
+            raise ConnectionSettingsError(
+                f"unknown key {where}.{unknown[0]}; known keys: {', '.join(sorted(KNOWN))}"
+            )
+        issuer = table.get("issuer", "")
+        if not isinstance(issuer, str) or (
+            issuer and not issuer.startswith(("http://", "https://"))
+        ):
+            raise ConnectionSettingsError(f"{where}.issuer must be an http(s) URL")
+        for key in ("client_id", "client_secret"):
+            if not isinstance(table.get(key, ""), str):
+                raise ConnectionSettingsError(f"{where}.{key} must be a string")
+        if table.get("client_secret") and not table.get("client_id"):
+            raise ConnectionSettingsError(f"{where}.client_secret needs {where}.client_id")
+        scopes = table.get("scopes", [])
+        if not isinstance(scopes, list) or not all(
+            isinstance(s, str) and s and " " not in s for s in scopes
+        ):
+            raise ConnectionSettingsError(f"{where}.scopes must be a list of scope names")
+        numbers = {}
+        for key, default in (
+            ("refresh_ahead_seconds", 60),
+            ("flow_seconds", 600),
+            ("timeout_seconds", 10),
+        ):
+            value = table.get(key, default)
+            if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+                raise ConnectionSettingsError(f"{where}.{key} must be a positive number")
+            numbers[key] = value
+        cache = table.get("cache_seconds", 0)
+        if isinstance(cache, bool) or not isinstance(cache, int | float) or not 0 <= cache <= 300:
+            raise ConnectionSettingsError(f"{where}.cache_seconds must be between 0 and 300")
+        return cls(
+            cache_seconds=float(cache),
+            issuer=issuer.rstrip("/"),
+            client_id=table.get("client_id", ""),
+            client_secret=table.get("client_secret", ""),
+            scopes=tuple(scopes),
+            refresh_ahead_seconds=int(numbers["refresh_ahead_seconds"]),
+            flow_seconds=int(numbers["flow_seconds"]),
+            timeout_seconds=float(numbers["timeout_seconds"]),
+        )

@@ -1,0 +1,180 @@
+"""The durable rows of upstream connections (SQLite or PostgreSQL, `bastion.db`): each user's
+sealed tokens per upstream, the connections being made (one row per ``state``), and the client
+bastion registered with each upstream's authorization server."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from bastion.db import Database
+
+_MIGRATIONS = [
+    """
+    CREATE TABLE upstream_connections (
+        subject TEXT NOT NULL,
+        upstream TEXT NOT NULL,
+        sealed TEXT NOT NULL,
+        scope TEXT NOT NULL,
+        expires_at DOUBLE PRECISION NOT NULL,
+        created_at DOUBLE PRECISION NOT NULL,
+        refreshed_at DOUBLE PRECISION NOT NULL,
+        PRIMARY KEY (subject, upstream)
+    );
+    CREATE INDEX upstream_connections_upstream ON upstream_connections (upstream);
+    CREATE TABLE upstream_connection_flows (
+        state TEXT PRIMARY KEY,
+        subject TEXT NOT NULL,
+        upstream TEXT NOT NULL,
+        sealed TEXT NOT NULL,
+        created_at DOUBLE PRECISION NOT NULL
+    );
+    CREATE TABLE upstream_oauth_clients (
+        upstream TEXT NOT NULL,
+        issuer TEXT NOT NULL,
+        sealed TEXT NOT NULL,
+        PRIMARY KEY (upstream, issuer)
+    );
+    """
+]
+
+
+@dataclass(frozen=True, slots=True)
+class StoredConnection:
+    subject: str
+    upstream: str
+    sealed: str  # {"access_token", "refresh_token"} sealed by `bastion.connections.sealing`
+    scope: str
+    expires_at: float
+    created_at: float
+    refreshed_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class StoredFlow:
+    state: str
+    subject: str
+    upstream: str
+    sealed: str  # {"verifier", "issuer"} sealed
+    created_at: float
+
+
+_COLUMNS = "subject, upstream, sealed, scope, expires_at, created_at, refreshed_at"
+
+
+class ConnectionStore:
+    """Blocking: call it from a worker thread."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+        db.migrate("upstream_connections", _MIGRATIONS)
+
+    # -- connections -----------------------------------------------------------------------------
+
+    def get(self, subject: str, upstream: str) -> StoredConnection | None:
+        rows = self.db.execute(
+            f"SELECT {_COLUMNS} FROM upstream_connections WHERE subject = ? AND upstream = ?",
+            (subject, upstream),
+        )
+        return StoredConnection(*rows[0]) if rows else None
+
+    def listed(self, subject: str | None = None, upstream: str | None = None, limit: int = 1000):
+        where, params = [], []
+        if subject is not None:
+            where.append("subject = ?")
+            params.append(subject)
+        if upstream is not None:
+            where.append("upstream = ?")
+            params.append(upstream)
+        clause = f" WHERE {' AND '.join(where)}" if where else ""
+        rows = self.db.execute(
+            f"SELECT {_COLUMNS} FROM upstream_connections{clause}"
+            " ORDER BY subject, upstream LIMIT ?",
+            (*params, limit),
+        )
+        return [StoredConnection(*row) for row in rows]
+
+    def put(self, connection: StoredConnection) -> None:
+        with self.db.transaction():
+            self.db.execute(
+                "DELETE FROM upstream_connections WHERE subject = ? AND upstream = ?",
+                (connection.subject, connection.upstream),
+            )
+            self.db.execute(
+                f"INSERT INTO upstream_connections ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (
+                    connection.subject,
+                    connection.upstream,
+                    connection.sealed,
+                    connection.scope,
+                    connection.expires_at,
+                    connection.created_at,
+                    connection.refreshed_at,
+                ),
+            )
+
+    def delete(self, subject: str, upstream: str) -> StoredConnection | None:
+        with self.db.transaction():
+            found = self.get(subject, upstream)
+            if found is not None:
+                self.db.execute(
+                    "DELETE FROM upstream_connections WHERE subject = ? AND upstream = ?",
+                    (subject, upstream),
+                )
+            return found
+
+    def replace_sealed(self, subject: str, upstream: str, old: str, new: str) -> bool:
+        """Re-seal one row if it still holds ``old`` (key rotation)."""
+        return bool(
+            self.db.execute(
+                "UPDATE upstream_connections SET sealed = ? WHERE subject = ? AND upstream = ?"
+                " AND sealed = ? RETURNING subject",
+                (new, subject, upstream, old),
+                read=False,
+            )
+        )
+
+    # -- connections being made ------------------------------------------------------------------
+
+    def add_flow(self, flow: StoredFlow, older_than: float) -> None:
+        with self.db.transaction():
+            # Flows nobody finished are forgotten as new ones start.
+            self.db.execute(
+                "DELETE FROM upstream_connection_flows WHERE created_at < ?", (older_than,)
+            )
+            self.db.execute(
+                "INSERT INTO upstream_connection_flows (state, subject, upstream, sealed,"
+                " created_at) VALUES (?, ?, ?, ?, ?)",
+                (flow.state, flow.subject, flow.upstream, flow.sealed, flow.created_at),
+            )
+
+    def take_flow(self, state: str) -> StoredFlow | None:
+        """The flow of ``state``, removed: a state is used once."""
+        with self.db.transaction():
+            rows = self.db.execute(
+                "SELECT state, subject, upstream, sealed, created_at FROM upstream_connection_flows"
+                " WHERE state = ?",
+                (state,),
+            )
+            if not rows:
+                return None
+            self.db.execute("DELETE FROM upstream_connection_flows WHERE state = ?", (state,))
+            return StoredFlow(*rows[0])
+
+    # -- the clients bastion registered (RFC 7591) ---------------------------------------------
+
+    def client(self, upstream: str, issuer: str) -> str | None:
+        rows = self.db.execute(
+            "SELECT sealed FROM upstream_oauth_clients WHERE upstream = ? AND issuer = ?",
+            (upstream, issuer),
+        )
+        return rows[0][0] if rows else None
+
+    def add_client(self, upstream: str, issuer: str, sealed: str) -> str:
+        """Keep the first registration of (upstream, issuer); return the one kept (two
+        replicas may register at once: both use the first)."""
+        self.db.execute(
+            "INSERT INTO upstream_oauth_clients (upstream, issuer, sealed) VALUES (?, ?, ?)"
+            " ON CONFLICT (upstream, issuer) DO NOTHING",
+            (upstream, issuer, sealed),
+        )
+        return self.client(upstream, issuer) or sealed

@@ -1,0 +1,283 @@
+"""bastion as an OAuth 2.1 client of an upstream MCP server's authorization server.
+
+Discovery: the upstream's protected-resource metadata (RFC 9728) names its authorization server,
+whose metadata (RFC 8414) gives the endpoints. Registration: a configured client, or dynamic
+registration (RFC 7591) as a public client. The authorization code flow with PKCE S256 (RFC
+7636), ``state``, and ``resource`` = the upstream's URL (RFC 8707); refresh (RFC 6749 §6);
+revocation (RFC 7009) when the server offers it. Every request has a deadline, a size cap and
+follows no redirect; every refusal is an `UpstreamOAuthError` carrying the server's ``error``.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import secrets
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlencode, urlsplit, urlunsplit
+
+import anyio
+import httpx
+
+from bastion import untrusted_json
+from bastion.connections.settings import UpstreamOAuth
+from bastion.oauth.jwks import FetchLimits, RemoteDocumentError, fetch_json
+
+_MAX_BYTES = 65536
+
+
+class UpstreamOAuthError(Exception):
+    """The upstream's authorization server refused, or could not be reached. ``error`` is its
+    OAuth error code (``invalid_grant``: the grant is gone) or ``unavailable``."""
+
+    def __init__(self, error: str, description: str) -> None:
+        super().__init__(f"{error}: {description}")
+        self.error = error
+        self.description = description
+
+
+@dataclass(frozen=True)
+class ServerMetadata:
+    """What bastion uses of an authorization server's metadata (RFC 8414)."""
+
+    issuer: str
+    authorization_endpoint: str
+    token_endpoint: str
+    registration_endpoint: str = ""
+    revocation_endpoint: str = ""
+
+
+@dataclass(frozen=True)
+class TokenSet:
+    access_token: str
+    refresh_token: str
+    expires_at: float
+    scope: str
+
+
+def pkce_pair() -> tuple[str, str]:
+    """A code verifier and its S256 challenge (RFC 7636 §4.1-4.2)."""
+    verifier = secrets.token_urlsafe(48)
+    digest = hashlib.sha256(verifier.encode()).digest()
+    return verifier, base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
+
+
+def well_known(url: str, name: str) -> str:
+    """``url`` with ``/.well-known/<name>`` inserted before its path (RFC 8414 §3, RFC 9728 §3)."""
+    parts = urlsplit(url)
+    path = parts.path.rstrip("/")
+    return urlunsplit((parts.scheme, parts.netloc, f"/.well-known/{name}{path}", "", ""))
+
+
+def _https_or_loopback(url: Any) -> bool:
+    if not isinstance(url, str):
+        return False
+    parts = urlsplit(url)
+    return parts.scheme == "https" or (
+        parts.scheme == "http" and parts.hostname in ("127.0.0.1", "localhost", "::1")
+    )
+
+
+class UpstreamOAuthClient:
+    """The client side of one upstream's authorization server."""
+
+    def __init__(self, resource: str, settings: UpstreamOAuth) -> None:
+        self.resource = resource  # the upstream's URL: the token's audience
+        self.settings = settings
+        self._limits = FetchLimits(timeout_seconds=settings.timeout_seconds, max_bytes=_MAX_BYTES)
+        self._metadata: ServerMetadata | None = None
+
+    async def metadata(self) -> ServerMetadata:
+        """The authorization server's metadata, fetched once per process."""
+        if self._metadata is not None:
+            return self._metadata
+        issuer = self.settings.issuer
+        try:
+            if not issuer:
+                found = await fetch_json(
+                    well_known(self.resource, "oauth-protected-resource"), self._limits
+                )
+                servers = found.get("authorization_servers") if isinstance(found, dict) else None
+                if not isinstance(servers, list) or not servers or not isinstance(servers[0], str):
+                    raise UpstreamOAuthError(
+                        "unavailable",
+                        f"{self.resource}'s protected-resource metadata names no authorization"
+                        " server; set oauth.issuer",
+                    )
+                issuer = servers[0].rstrip("/")
+            document = await fetch_json(
+                well_known(issuer, "oauth-authorization-server"), self._limits
+            )
+        except RemoteDocumentError as e:
+            raise UpstreamOAuthError(
+                "unavailable", f"metadata of {issuer or self.resource}: {e}"
+            ) from None
+        if not isinstance(document, dict) or document.get("issuer", "").rstrip("/") != issuer:
+            raise UpstreamOAuthError(
+                "unavailable", f"the metadata of {issuer} does not name it as its issuer"
+            )
+        endpoints = {}
+        for name in ("authorization_endpoint", "token_endpoint"):
+            if not _https_or_loopback(document.get(name)):
+                raise UpstreamOAuthError("unavailable", f"{issuer} gives no usable {name}")
+            endpoints[name] = document[name]
+        for name in ("registration_endpoint", "revocation_endpoint"):
+            value = document.get(name)
+            endpoints[name] = value if _https_or_loopback(value) else ""
+        methods = document.get("code_challenge_methods_supported")
+        if not isinstance(methods, list) or "S256" not in methods:
+            # OAuth 2.1 and MCP: no PKCE S256 advertised, no authorization.
+            raise UpstreamOAuthError("unavailable", f"{issuer} does not advertise PKCE S256")
+        self._metadata = ServerMetadata(issuer=issuer, **endpoints)
+        return self._metadata
+
+    async def register(self, redirect_uri: str, client_name: str) -> dict[str, str]:
+        """A dynamic registration (RFC 7591) as a public client: ``{"client_id": ...}``."""
+        meta = await self.metadata()
+        if not meta.registration_endpoint:
+            raise UpstreamOAuthError(
+                "unavailable",
+                f"{meta.issuer} has no dynamic registration: set oauth.client_id (and"
+                " client_secret) to a client registered there",
+            )
+        body = {
+            "client_name": client_name,
+            "redirect_uris": [redirect_uri],
+            "grant_types": ["authorization_code", "refresh_token"],
+            "response_types": ["code"],
+            "token_endpoint_auth_method": "none",
+        }
+        if self.settings.scopes:
+            body["scope"] = " ".join(self.settings.scopes)
+        answer = await self._post(meta.registration_endpoint, json_body=body, expect=(200, 201))
+        client_id = answer.get("client_id")
+        if not isinstance(client_id, str) or not client_id:
+            raise UpstreamOAuthError("unavailable", f"{meta.issuer} registered no client_id")
+        secret = answer.get("client_secret")
+        return {"client_id": client_id, "client_secret": secret if isinstance(secret, str) else ""}
+
+    def authorization_url(
+        self, meta: ServerMetadata, client_id: str, redirect_uri: str, state: str, challenge: str
+    ) -> str:
+        params = {
+            "response_type": "code",
+            "client_id": client_id,
+            "redirect_uri": redirect_uri,
+            "state": state,
+            "code_challenge": challenge,
+            "code_challenge_method": "S256",
+            "resource": self.resource,
+        }
+        if self.settings.scopes:
+            params["scope"] = " ".join(self.settings.scopes)
+        separator = "&" if urlsplit(meta.authorization_endpoint).query else "?"
+        return f"{meta.authorization_endpoint}{separator}{urlencode(params)}"
+
+    async def exchange_code(
+        self, client: dict[str, str], code: str, verifier: str, redirect_uri: str, now: float
+    ) -> TokenSet:
+        meta = await self.metadata()
+        form = {
+            "grant_type": "authorization_code",
+            "code": code,
+            "redirect_uri": redirect_uri,
+            "code_verifier": verifier,
+            "resource": self.resource,
+        }
+        return self._tokens(await self._token_request(meta, client, form), now, "")
+
+    async def refresh(self, client: dict[str, str], refresh_token: str, now: float) -> TokenSet:
+        meta = await self.metadata()
+        form = {
+            "grant_type": "refresh_token",
+            "refresh_token": refresh_token,
+            "resource": self.resource,
+        }
+        return self._tokens(await self._token_request(meta, client, form), now, refresh_token)
+
+    async def revoke(self, client: dict[str, str], token: str, hint: str) -> bool:
+        """RFC 7009 revocation of ``token``; False if the server offers none."""
+        meta = await self.metadata()
+        if not meta.revocation_endpoint:
+            return False
+        form = {"token": token, "token_type_hint": hint}
+        await self._post(meta.revocation_endpoint, form=self._authenticated(client, form))
+        return True
+
+    # -- HTTP ------------------------------------------------------------------------------------
+
+    def _authenticated(self, client: dict[str, str], form: dict[str, str]) -> dict[str, str]:
+        """Client authentication in the body (client_secret_post), or the public client's id."""
+        form = {**form, "client_id": client["client_id"]}
+        if client.get("client_secret"):
+            form["client_secret"] = client["client_secret"]
+        return form
+
+    async def _token_request(
+        self, meta: ServerMetadata, client: dict[str, str], form: dict[str, str]
+    ) -> dict[str, Any]:
+        return await self._post(meta.token_endpoint, form=self._authenticated(client, form))
+
+    def _tokens(self, answer: dict[str, Any], now: float, old_refresh: str) -> TokenSet:
+        access = answer.get("access_token")
+        kind = str(answer.get("token_type", "")).lower()
+        if not isinstance(access, str) or not access or kind != "bearer":
+            raise UpstreamOAuthError("unavailable", "the token endpoint sent no bearer token")
+        expires_in = answer.get("expires_in")
+        if isinstance(expires_in, bool) or not isinstance(expires_in, int | float):
+            expires_in = 3600  # RFC 6749 §5.1 makes it optional; assume an hour
+        refresh = answer.get("refresh_token")
+        scope = answer.get("scope")
+        return TokenSet(
+            access_token=access,
+            # A server that does not rotate refresh tokens sends none back on refresh.
+            refresh_token=refresh if isinstance(refresh, str) else old_refresh,
+            expires_at=now + max(0.0, float(expires_in)),
+            scope=scope if isinstance(scope, str) else " ".join(self.settings.scopes),
+        )
+
+    async def _post(
+        self,
+        url: str,
+        *,
+        form: dict[str, str] | None = None,
+        json_body: dict[str, Any] | None = None,
+        expect: tuple[int, ...] = (200,),
+    ) -> dict[str, Any]:
+        try:
+            with anyio.fail_after(self.settings.timeout_seconds):
+                async with (
+                    httpx.AsyncClient(follow_redirects=False, trust_env=False) as http,
+                    http.stream(
+                        "POST",
+                        url,
+                        data=form,
+                        json=json_body,
+                        headers={"Accept": "application/json"},
+                    ) as response,
+                ):
+                    body = bytearray()
+                    async for chunk in response.aiter_bytes():
+                        body += chunk
+                        if len(body) > _MAX_BYTES:
+                            raise UpstreamOAuthError("unavailable", f"{url} sent too much")
+                    status = response.status_code
+        except TimeoutError:
+            raise UpstreamOAuthError("unavailable", f"{url} did not answer in time") from None
+        except httpx.HTTPError as e:
+            raise UpstreamOAuthError("unavailable", f"{url}: {e}") from None
+        try:
+            answer = untrusted_json.loads(bytes(body)) if body else {}
+        except untrusted_json.JsonRefused:
+            answer = None
+        if status not in expect:
+            error = answer.get("error") if isinstance(answer, dict) else None
+            description = answer.get("error_description") if isinstance(answer, dict) else None
+            raise UpstreamOAuthError(
+                error if isinstance(error, str) and status < 500 else "unavailable",
+                str(description or f"{url} answered HTTP {status}"),
+            )
+        if not isinstance(answer, dict):
+            raise UpstreamOAuthError("unavailable", f"{url} sent no JSON object")
+        return answer

@@ -1,0 +1,149 @@
+"""The connections' rows on SQLite and PostgreSQL, and the ``auth = "per_user"`` settings: bad
+input is refused with a message naming the key, and changes nothing."""
+
+from __future__ import annotations
+
+import pytest
+
+from bastion.connections.store import ConnectionStore, StoredConnection, StoredFlow
+from bastion.db import Database
+from bastion.gateway.config import GatewayConfig
+from bastion.server.config import ConfigError
+
+
+@pytest.fixture
+def store(database_url):
+    db = Database(database_url)  # a fresh file, or a fresh PostgreSQL schema
+    yield ConnectionStore(db)
+    db.close()
+
+
+def test_a_connection_is_kept_replaced_and_deleted_per_user_and_upstream(store):
+    first = StoredConnection("alice", "tracker", "sealed-1", "issues:read", 100.0, 1.0, 1.0)
+    store.put(first)
+    store.put(StoredConnection("bob", "tracker", "sealed-b", "", 100.0, 1.0, 1.0))
+    store.put(StoredConnection("alice", "tracker", "sealed-2", "issues:read", 200.0, 1.0, 2.0))
+    assert store.get("alice", "tracker").sealed == "sealed-2"
+    assert [c.subject for c in store.listed(upstream="tracker")] == ["alice", "bob"]
+    assert store.replace_sealed("alice", "tracker", "sealed-2", "sealed-3")
+    assert not store.replace_sealed("alice", "tracker", "sealed-2", "sealed-4")  # moved on
+    assert store.delete("alice", "tracker").sealed == "sealed-3"
+    assert store.get("alice", "tracker") is None and store.delete("alice", "tracker") is None
+    assert store.get("bob", "tracker") is not None
+
+
+def test_a_flow_state_is_taken_once_and_old_flows_are_forgotten(store):
+    store.add_flow(StoredFlow("old", "alice", "tracker", "v", 10.0), older_than=0.0)
+    store.add_flow(StoredFlow("new", "alice", "tracker", "v", 1000.0), older_than=500.0)
+    assert store.take_flow("old") is None  # forgotten as the new one started
+    assert store.take_flow("new").subject == "alice"
+    assert store.take_flow("new") is None
+
+
+def test_the_first_registration_with_an_authorization_server_is_kept(store):
+    assert store.add_client("tracker", "https://as", "first") == "first"
+    assert store.add_client("tracker", "https://as", "second") == "first"
+    assert store.client("tracker", "https://as") == "first"
+
+
+def _gateway(**upstream):
+    return GatewayConfig.from_mapping(
+        {"upstreams": [{"name": "tracker", "url": "https://t.example/mcp", **upstream}]}, env={}
+    )
+
+
+@pytest.mark.parametrize(
+    ("upstream", "message"),
+    [
+        ({"auth": "everyone"}, 'auth must be "none" or "per_user"'),
+        (
+            {"auth": "per_user", "headers": {"Authorization": "Bearer x"}},
+            "may not set Authorization",
+        ),
+        ({"auth": "per_user", "oauth": {"issuer": "ftp://as"}}, "oauth.issuer"),
+        ({"auth": "per_user", "oauth": {"scope": ["a"]}}, "unknown key"),
+        ({"auth": "per_user", "oauth": {"scopes": ["a b"]}}, "oauth.scopes"),
+        ({"auth": "per_user", "oauth": {"client_secret": "s"}}, "needs"),
+        ({"auth": "per_user", "oauth": {"refresh_ahead_seconds": 0}}, "refresh_ahead_seconds"),
+        ({"auth": "per_user", "oauth": "yes"}, "must be a table"),
+        ({"oauth": {}}, 'only with auth = "per_user"'),
+    ],
+)
+def test_bad_per_user_settings_are_refused_with_the_key_named(upstream, message):
+    with pytest.raises(ConfigError, match=message):
+        _gateway(**upstream)
+
+
+def test_a_per_user_upstream_must_be_http():
+    with pytest.raises(ConfigError, match="needs a url"):
+        GatewayConfig.from_mapping(
+            {"upstreams": [{"name": "t", "command": "python", "auth": "per_user"}]}, env={}
+        )
+
+
+def test_per_user_settings_have_defaults_and_read_the_secret_from_the_environment():
+    config = GatewayConfig.from_mapping(
+        {
+            "upstreams": [
+                {
+                    "name": "tracker",
+                    "url": "https://t.example/mcp",
+                    "auth": "per_user",
+                    "oauth": {"client_id": "bastion", "client_secret": "${SECRET}"},
+                }
+            ]
+        },
+        env={"SECRET": "s3"},
+    )
+    oauth = config.upstream("tracker").oauth
+    assert oauth.client_secret == "s3" and "s3" not in repr(oauth)
+    assert (oauth.refresh_ahead_seconds, oauth.flow_seconds, oauth.issuer) == (60, 600, "")
+    assert _gateway().upstream("tracker").auth == "none"
+
+
+def _service(tmp_path, cache_seconds: float, clock):
+    from cryptography.fernet import Fernet
+
+    from bastion.connections.sealing import Sealer
+    from bastion.connections.service import Connections
+    from bastion.connections.settings import UpstreamOAuth
+
+    store = ConnectionStore(Database(str(tmp_path / "cache.db")))
+    # Port 9 on loopback: nothing answers there (revocation upstream fails at once, and is logged).
+    upstreams = {"tracker": ("http://127.0.0.1:9/mcp", UpstreamOAuth(cache_seconds=cache_seconds))}
+    return Connections(store, Sealer([Fernet.generate_key()]), upstreams, "https://b", clock=clock)
+
+
+def _connect(service, token: str) -> None:
+    sealed = service.sealer.seal("alice", "tracker", {"access_token": token, "refresh_token": ""})
+    service.store.put(StoredConnection("alice", "tracker", sealed, "", 10_000.0, 0.0, 0.0))
+
+
+def test_without_a_cache_each_call_reads_the_connection_again(tmp_path):
+    import anyio
+
+    service = _service(tmp_path, 0, lambda: 1000.0)
+    _connect(service, "a1")
+    assert anyio.run(service.access_token, "alice", "tracker") == "a1"
+    _connect(service, "a2")  # as another replica would
+    assert anyio.run(service.access_token, "alice", "tracker") == "a2"
+    service.store.delete("alice", "tracker")  # as the CLI would
+    assert anyio.run(service.access_token, "alice", "tracker") is None
+
+
+def test_with_cache_seconds_a_token_is_reused_that_long_and_a_revocation_here_applies_at_once(
+    tmp_path,
+):
+    import anyio
+
+    now = [1000.0]
+    service = _service(tmp_path, 5, lambda: now[0])
+    _connect(service, "a1")
+    assert anyio.run(service.access_token, "alice", "tracker") == "a1"
+    _connect(service, "a2")  # another process's change is seen after cache_seconds
+    assert anyio.run(service.access_token, "alice", "tracker") == "a1"
+    now[0] += 5
+    assert anyio.run(service.access_token, "alice", "tracker") == "a2"
+    assert anyio.run(service.revoke, "alice", "tracker")
+    assert anyio.run(service.access_token, "alice", "tracker") is None
+    service.store.db.close()

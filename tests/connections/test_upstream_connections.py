@@ -1,0 +1,590 @@
+"""Per-user credentials toward an upstream MCP server (docs/identity.md, "Per-user credentials
+toward upstream servers"), end to end with real parts:
+
+- the upstream: an MCP server written with the official SDK (Streamable HTTP) that accepts only
+  access tokens of a SECOND bastion, a `bastion serve` process of its own (its authorization
+  server: signature by its JWKS, issuer, audience = the upstream's URL, expiry), and records
+  every token it is sent;
+- the first bastion: its gateway serves the upstream with ``auth = "per_user"``;
+- the official SDK client calls through the first bastion and gets MCP's URL elicitation; Debian's
+  chromium (Playwright) signs in at the first bastion and connects at the second.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+import time
+from concurrent.futures import ThreadPoolExecutor
+from urllib.parse import parse_qs, urlsplit
+
+import anyio
+import httpx
+import httpx2
+import pytest
+from cryptography.fernet import Fernet
+from joserfc import jwt
+from joserfc.errors import JoseError
+from joserfc.jwk import KeySet
+from mcp.client.client import Client as McpClient
+from mcp.client.streamable_http import streamable_http_client
+from mcp.server.auth.middleware.auth_context import get_access_token
+from mcp.server.auth.provider import AccessToken
+from mcp.server.auth.settings import AuthSettings
+from mcp.server.mcpserver import MCPServer
+from mcp.shared.exceptions import MCPError, UrlElicitationRequiredError
+
+from bastion.connections.sealing import Sealer, Unsealable
+from bastion.connections.upstream_oauth import well_known
+from bastion.db import Database
+from bastion.oauth.store import OAuthStore
+from bastion.oauth.users import create_user
+from bastion.server.app import create_app
+from bastion.server.config import ServerConfig
+from tests.browser import browser_fixture, tab_fixture  # noqa: F401 (fixtures)
+from tests.gateway.support import bastion_serve, stop
+from tests.oauth.support import MemoryStorage, free_socket, log_in_and_consent, sdk_auth, serve
+
+PASSWORD = "connections-test-password"
+REDIRECT_URI = "http://127.0.0.1:9/callback"
+POLICY = """
+actor User {}
+actor Agent {}
+resource McpServer {}
+resource Tool {}
+allow(_user: User, _action: String, _server: McpServer);
+allow(_agent: Agent, _action: String, _server: McpServer);
+allow(_user: User, _action: String, _tool: Tool);
+allow(_agent: Agent, _action: String, _tool: Tool);
+"""
+
+
+class Lab:
+    """Both bastions, the upstream and what it saw."""
+
+    def __init__(self, one, upstream_checks, one_url, two_url, upstream_url, seen) -> None:
+        self.one = one  # the first bastion's app
+        self.upstream_checks = upstream_checks  # how the upstream checks a token
+        self.one_url, self.two_url = one_url, two_url  # the issuers (each under a path of its own)
+        self.upstream_url = upstream_url
+        self.seen: list[dict] = seen  # each call the upstream served: its token and subject
+        self.storages: dict[str, MemoryStorage] = {}  # each user's SDK client registration
+        self.mcp_url = f"{urlsplit(one_url).scheme}://{urlsplit(one_url).netloc}/mcp/tracker"
+
+    @property
+    def connections(self):
+        return self.one.state.connections
+
+
+class JwtVerifier:
+    """The SDK's TokenVerifier protocol, as an upstream of its own checks an authorization
+    server's JWT access tokens: signature by the server's published keys, ``iss``, ``aud`` = this
+    server's URL, ``exp`` (joserfc)."""
+
+    def __init__(self, issuer: str, resource: str) -> None:
+        self.issuer = issuer
+        self.resource = resource
+        self._keys: KeySet | None = None
+        self.refused: set[str] = set()  # users whose tokens it refuses anyway (as if revoked)
+
+    async def verify_token(self, token: str) -> AccessToken | None:
+        if self._keys is None:
+            async with httpx.AsyncClient(timeout=10) as http:
+                meta = await http.get(well_known(self.issuer, "oauth-authorization-server"))
+                jwks = await http.get(meta.json()["jwks_uri"])
+            self._keys = KeySet.import_key_set(jwks.json())
+        try:
+            claims = jwt.decode(token, self._keys).claims
+            jwt.JWTClaimsRegistry(
+                iss={"essential": True, "value": self.issuer},
+                aud={"essential": True, "value": self.resource},
+                exp={"essential": True},
+                sub={"essential": True},
+            ).validate(claims)
+        except JoseError:
+            return None
+        if claims["sub"] in self.refused:
+            return None
+        return AccessToken(
+            token=token,
+            client_id=str(claims.get("client_id", "")),
+            scopes=str(claims.get("scope", "")).split(),
+            expires_at=int(claims["exp"]),
+            resource=self.resource,
+            subject=claims["sub"],
+        )
+
+
+def upstream_app(checks: JwtVerifier, seen: list[dict]):
+    issuer, resource = checks.issuer, checks.resource
+    server = MCPServer(
+        "tracker",
+        token_verifier=checks,
+        auth=AuthSettings(
+            issuer_url=issuer,
+            resource_server_url=resource,
+            required_scopes=["issues:read"],
+            validate_token_resource=False,  # JwtVerifier checks aud itself
+        ),
+    )
+
+    @server.tool()
+    def whoami() -> str:
+        """The user whose token this call came with."""
+        token = get_access_token()
+        seen.append({"token": token.token, "subject": token.subject})
+        return token.subject or ""
+
+    return server.streamable_http_app(streamable_http_path="/mcp")
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("connections")
+    policy = tmp / "policy.polar"
+    policy.write_text(POLICY)
+    one_sock, two_sock, up_sock = free_socket(), free_socket(), free_socket()
+    # Both on 127.0.0.1: each issuer has a path of its own, so that their cookies do not mix.
+    one_url = f"http://127.0.0.1:{one_sock.getsockname()[1]}/one"
+    two_url = f"http://127.0.0.1:{two_sock.getsockname()[1]}/two"
+    upstream_url = f"http://127.0.0.1:{up_sock.getsockname()[1]}/mcp"
+    # The upstream's authorization server: `bastion serve`, a process of its own.
+    two_port = two_sock.getsockname()[1]
+    two_sock.close()
+    (tmp / "two.toml").write_text(
+        f"""[server]
+host = "127.0.0.1"
+port = {two_port}
+database = "{tmp / "two.db"}"
+policy_file = "{policy}"
+
+[oauth]
+issuer = "{two_url}"
+key_dir = "{tmp / "two-keys"}"
+resources = [{{ uri = "{upstream_url}", scopes = ["issues:read"] }}]
+open_registration = {{ max_per_address = 1000 }}
+"""
+    )
+    db = Database(str(tmp / "two.db"))
+    for name in ("alice", "bob"):
+        create_user(OAuthStore(db), name, PASSWORD, time.time())
+    db.close()
+    origin = one_url.removesuffix("/one")
+    one = create_app(
+        ServerConfig(
+            database=str(tmp / "one.db"),
+            policy_file=str(policy),
+            oauth={
+                "issuer": one_url,
+                "key_dir": str(tmp / "one-keys"),
+                "resources": [{"uri": f"{origin}/mcp/tracker", "scopes": ["tracker"]}],
+                "open_registration": {"max_per_address": 1000},
+            },
+            gateway={
+                "upstreams": [
+                    {
+                        "name": "tracker",
+                        "url": upstream_url,
+                        "auth": "per_user",
+                        "oauth": {"scopes": ["issues:read"]},
+                    }
+                ]
+            },
+        )
+    )
+    for name in ("alice", "bob"):
+        create_user(one.state.oauth.store, name, PASSWORD, time.time())
+    seen: list[dict] = []
+    checks = JwtVerifier(two_url, upstream_url)
+    upstream = upstream_app(checks, seen)
+    # The same deployment as bastion.toml, for the CLI.
+    (tmp / "bastion.toml").write_text(
+        f"""[server]
+database = "{tmp / "one.db"}"
+policy_file = "{policy}"
+
+[oauth]
+issuer = "{one_url}"
+key_dir = "{tmp / "one-keys"}"
+resources = [{{ uri = "{origin}/mcp/tracker", scopes = ["tracker"] }}]
+
+[[gateway.upstreams]]
+name = "tracker"
+url = "{upstream_url}"
+auth = "per_user"
+oauth = {{ scopes = ["issues:read"] }}
+"""
+    )
+    two, _ = bastion_serve(tmp / "two.toml", two_url.removesuffix("/two"))
+    try:
+        with serve(upstream, up_sock), serve(one, one_sock):
+            lab = Lab(one, checks, one_url, two_url, upstream_url, seen)
+            lab.config = tmp / "bastion.toml"
+            yield lab
+    finally:
+        stop(two)
+
+
+# -- the SDK client and the browser --------------------------------------------------------------
+
+
+def run(func, *args):
+    """``anyio.run(func, *args)`` in a thread of its own: Playwright's sync API keeps an event
+    loop in the test's thread."""
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(anyio.run, func, *args).result()
+
+
+def call(
+    lab: Lab,
+    username: str,
+    tool: str = "whoami",
+    storage: MemoryStorage | None = None,
+    url_elicitation: bool = True,
+    mode: str = "auto",
+):
+    """``username``'s SDK client (declaring URL elicitation) calls ``tool`` through the first
+    bastion; returns the text result, or the MCPError it got, and the client's tokens. ``mode``
+    "auto" speaks 2026-07-28 to bastion, "legacy" 2025-11-25 (sessions)."""
+    storage = storage or lab.storages.setdefault(username, MemoryStorage())
+    provider = sdk_auth(
+        lab.mcp_url,
+        lambda url: log_in_and_consent(lab.one_url, url, username, PASSWORD),
+        storage,
+        [],
+        client_name="connections test agent",
+        redirect_uri=REDIRECT_URI,
+    )
+    outcome: dict = {}
+
+    async def never(context, params):  # the test opens the link itself, in the browser
+        raise AssertionError("bastion asks through the error, not elicitation/create")
+
+    async def main() -> None:
+        async with (
+            httpx2.AsyncClient(auth=provider, timeout=20) as http,
+            McpClient(
+                streamable_http_client(lab.mcp_url, http_client=http),
+                mode=mode,
+                **({"elicitation_callback": never} if url_elicitation else {}),
+            ) as client,
+        ):
+            try:
+                result = await client.call_tool(tool, {})
+                outcome["text"] = result.content[0].text
+            except MCPError as e:
+                outcome["error"] = e
+
+    run(main)
+    outcome["tokens"] = storage.tokens
+    return outcome
+
+
+def elicited_url(outcome: dict) -> str:
+    error = outcome.get("error")
+    assert error is not None, outcome
+    assert error.error.code == -32042, error.error
+    (question,) = UrlElicitationRequiredError.from_error(error.error).elicitations
+    assert question.mode == "url"
+    return str(question.url)
+
+
+def sign_in(page, username: str) -> None:
+    page.fill("#username", username)
+    page.fill("#password", PASSWORD)
+    page.click("button[type=submit]")
+
+
+def connect_in_browser(page, lab: Lab, url: str, username: str) -> None:
+    """Open the elicitation's link, sign in at the first bastion, connect, sign in and allow at
+    the second, and arrive back at the first."""
+    page.goto(url)
+    assert "/one/sign-in" in page.url
+    sign_in(page, username)
+    page.wait_for_url("**/one/connections/tracker/connect**")
+    page.click("button[type=submit]")  # Connect
+    page.wait_for_url(f"{lab.two_url}/**")
+    if page.locator("#password").count():
+        sign_in(page, username)
+        page.wait_for_load_state()
+    # The second bastion asks for consent once per client and user; then it sends them back.
+    if "/one/connections/callback" not in page.url:
+        page.click("button[value=allow]")
+    page.wait_for_url("**/one/connections/callback**")
+    assert page.title() == "Connected", page.content()
+
+
+# -- the flow ------------------------------------------------------------------------------------
+
+
+def test_a_user_connects_once_and_the_upstream_sees_only_their_own_token(lab, tab):
+    first = call(lab, "alice")
+    url = elicited_url(first)
+    assert url.startswith(f"{lab.one_url}/connections/tracker/connect")
+    assert lab.seen == []  # nothing reached the upstream without alice's own token
+
+    connect_in_browser(tab.page, lab, url, "alice")
+    again = call(lab, "alice")
+    assert again.get("text") == "alice", again
+    sent = lab.seen[-1]["token"]
+    # The upstream got alice's token from the second bastion, for its own URL...
+    verified = run(lab.upstream_checks.verify_token, sent)
+    assert verified is not None and verified.subject == "alice"
+    # ...never the token the client holds for the first bastion.
+    assert sent != again["tokens"].access_token
+    assert all(s["token"] != again["tokens"].access_token for s in lab.seen)
+    (shown,) = lab.connections.listed("alice")
+    assert shown.upstream == "tracker" and shown.scope == "issues:read"
+
+
+def test_another_user_is_not_connected_and_gets_an_elicitation_of_their_own(lab, tab):
+    ensure_connected(lab, tab, "alice")
+    served = len(lab.seen)
+    outcome = call(lab, "bob")
+    url = elicited_url(outcome)
+    assert parse_qs(urlsplit(url).query)["user"] == ["bob"]
+    assert len(lab.seen) == served  # alice's connection did not serve bob
+
+
+def test_a_2025_11_25_client_gets_the_elicitation_and_then_its_users_token_upstream(lab, tab):
+    ensure_connected(lab, tab, "alice")
+    outcome = call(lab, "alice", mode="legacy", storage=MemoryStorage())
+    assert outcome.get("text") == "alice", outcome
+    assert run(lab.upstream_checks.verify_token, lab.seen[-1]["token"]).subject == "alice"
+    url = elicited_url(call(lab, "bob", mode="legacy", storage=MemoryStorage()))
+    assert parse_qs(urlsplit(url).query)["user"] == ["bob"]
+
+
+def test_a_client_without_url_elicitation_gets_the_link_in_an_error_it_can_show(lab):
+    served = len(lab.seen)
+    outcome = call(lab, "bob", url_elicitation=False, storage=MemoryStorage())
+    error = outcome["error"].error
+    assert error.code == -32009  # never -32042 to a client that did not declare URL mode
+    assert error.data["url"].startswith(f"{lab.one_url}/connections/tracker/connect?user=bob")
+    assert error.data["url"] in error.message
+    assert len(lab.seen) == served
+
+
+def test_the_link_of_one_user_is_refused_to_another(lab, tab):
+    bobs = elicited_url(call(lab, "bob"))
+    page = tab.page
+    page.goto(bobs)
+    sign_in(page, "alice")
+    page.wait_for_url("**/connections/tracker/connect**")
+    assert page.title() == "Not your link"
+    assert page.locator("form").count() == 0
+    assert lab.connections.listed("bob") == []
+
+
+def test_a_connection_is_finished_only_by_the_person_who_started_it(lab):
+    location = run(lab.connections.start, "bob", "tracker")
+    state = parse_qs(urlsplit(location).query)["state"][0]
+    from bastion.connections.service import FlowRefused
+
+    with pytest.raises(FlowRefused) as refused:
+        run(lab.connections.finish, "alice", state, "any-code")
+    assert refused.value.status == 403
+    # Spent: bob cannot finish it either, after alice tried.
+    with pytest.raises(FlowRefused):
+        run(lab.connections.finish, "bob", state, "any-code")
+    assert lab.connections.listed("bob") == []
+
+
+def ensure_connected(lab: Lab, tab, username: str) -> None:
+    if not lab.connections.listed(username):
+        outcome = call(lab, username)
+        connect_in_browser(tab.page, lab, elicited_url(outcome), username)
+    assert call(lab, username).get("text") == username
+
+
+def stored_tokens(lab: Lab, username: str) -> dict:
+    row = lab.connections.store.get(username, "tracker")
+    return lab.connections.sealer.open(username, "tracker", row.sealed)
+
+
+def test_an_expired_access_token_is_refreshed_once_before_it_is_sent(lab, tab):
+    ensure_connected(lab, tab, "alice")
+    before = stored_tokens(lab, "alice")
+    lab.connections.store.db.execute(
+        "UPDATE upstream_connections SET expires_at = ? WHERE subject = 'alice'", (time.time(),)
+    )
+
+    async def many():
+        return await asyncio.gather(
+            *(lab.connections.access_token("alice", "tracker") for _ in range(5))
+        )
+
+    # Five calls at once: one refresh (the second bastion rotates refresh tokens and revokes
+    # the grant on reuse, so a second refresh with the same token would lose it).
+    tokens = run(many)
+    assert len(set(tokens)) == 1 and tokens[0] != before["access_token"]
+    after = stored_tokens(lab, "alice")
+    assert after["refresh_token"] != before["refresh_token"]
+    outcome = call(lab, "alice")
+    assert outcome.get("text") == "alice", outcome
+    assert lab.seen[-1]["token"] == tokens[0]
+
+
+def test_a_token_the_upstream_refuses_sends_the_user_to_connect_again(lab, tab):
+    ensure_connected(lab, tab, "alice")
+    served = len(lab.seen)
+    lab.upstream_checks.refused.add("alice")
+    try:
+        elicited_url(call(lab, "alice"))  # 401 upstream: connect again
+    finally:
+        lab.upstream_checks.refused.discard("alice")
+    assert len(lab.seen) == served
+    assert call(lab, "alice").get("text") == "alice"
+
+
+def test_a_tampered_ciphertext_fails_closed(lab, tab):
+    ensure_connected(lab, tab, "alice")
+    row = lab.connections.store.get("alice", "tracker")
+    served = len(lab.seen)
+    tampered = row.sealed[:-8] + ("A" if row.sealed[-8] != "A" else "B") + row.sealed[-7:]
+    lab.connections.store.db.execute(
+        "UPDATE upstream_connections SET sealed = ? WHERE subject = 'alice'", (tampered,)
+    )
+    try:
+        outcome = call(lab, "alice")
+        elicited_url(outcome)  # treated as no connection: connect again
+        assert len(lab.seen) == served  # nothing was sent upstream
+    finally:
+        lab.connections.store.db.execute(
+            "UPDATE upstream_connections SET sealed = ? WHERE subject = 'alice'", (row.sealed,)
+        )
+
+
+def test_a_ciphertext_moved_to_another_user_is_refused(lab, tab):
+    ensure_connected(lab, tab, "alice")
+    row = lab.connections.store.get("alice", "tracker")
+    with pytest.raises(Unsealable):
+        lab.connections.sealer.open("bob", "tracker", row.sealed)
+
+
+def test_revocation_stops_the_connection_here_and_at_the_upstream_server(lab, tab):
+    ensure_connected(lab, tab, "alice")
+    tokens = stored_tokens(lab, "alice")
+    key, _ = lab.one.state.keys.create("admin", ["connections"])
+    with httpx.Client(base_url=lab.one_url.removesuffix("/one"), timeout=10) as http:
+        auth = {"Authorization": f"Bearer {key}"}
+        listed = http.get("/v1/connections", params={"subject": "alice"}, headers=auth)
+        assert listed.status_code == 200
+        (shown,) = listed.json()["connections"]
+        assert shown["upstream"] == "tracker" and "token" not in str(shown).replace(
+            "access_token_expires_at", ""
+        )
+        # A key without the scope may not.
+        other, _ = lab.one.state.keys.create("reader", ["facts:read"])
+        refused = http.delete(
+            "/v1/connections/alice/tracker", headers={"Authorization": f"Bearer {other}"}
+        )
+        assert refused.status_code == 403
+        assert lab.connections.listed("alice") != []
+        revoked = http.delete("/v1/connections/alice/tracker", headers=auth)
+        assert revoked.status_code == 200, revoked.text
+        assert http.delete("/v1/connections/alice/tracker", headers=auth).status_code == 404
+    elicited_url(call(lab, "alice"))  # connect again
+    # Revoked at the second bastion too (RFC 7009): the refresh token no longer works.
+    client_id = lab.connections.sealer.open(
+        "", f"tracker {lab.two_url}", lab.connections.store.client("tracker", lab.two_url)
+    )["client_id"]
+    with httpx.Client(timeout=10) as http:
+        refresh = http.post(
+            f"{lab.two_url}/token",
+            data={
+                "grant_type": "refresh_token",
+                "refresh_token": tokens["refresh_token"],
+                "client_id": client_id,
+            },
+        )
+    assert refresh.status_code == 400 and refresh.json()["error"] == "invalid_grant"
+
+
+def test_people_see_and_revoke_their_own_connections_on_their_page(lab, tab):
+    ensure_connected(lab, tab, "alice")
+    page = tab.page
+    page.goto(f"{lab.one_url}/connections")
+    if "/sign-in" in page.url:
+        sign_in(page, "alice")
+        page.wait_for_url("**/one/connections")
+    assert "connected since" in page.content()
+    page.click("button:has-text('Revoke')")
+    page.wait_for_url("**/one/connections")
+    assert "not connected" in page.content()
+    assert lab.connections.listed("alice") == []
+
+
+def test_forms_without_their_csrf_token_and_unknown_states_change_nothing(lab, tab):
+    ensure_connected(lab, tab, "alice")
+    page = tab.page
+    page.goto(f"{lab.one_url}/connections")
+    if "/sign-in" in page.url:
+        sign_in(page, "alice")
+        page.wait_for_url("**/one/connections")
+    before = lab.connections.listed("alice")
+    for path in ("tracker/revoke", "tracker/connect"):
+        for form in ({}, {"csrf_token": "1.forged"}):
+            answer = page.request.post(f"{lab.one_url}/connections/{path}", form=form)
+            assert answer.status == 403, (path, form)
+    answer = page.goto(f"{lab.one_url}/connections/callback?state=made-up&code=any")
+    assert answer.status == 400 and page.title() == "Not connected"
+    assert lab.connections.listed("alice") == before
+
+
+def test_administrators_list_and_revoke_connections_with_the_cli(lab, tab, capsys):
+    from bastion.cli import main
+
+    ensure_connected(lab, tab, "alice")
+    assert main(["connections", "list", "--config", str(lab.config), "--json"]) == 0
+    listed = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [(c["subject"], c["upstream"]) for c in listed] == [("alice", "tracker")]
+    assert "token" not in json.dumps(listed).replace("access_token_expires_at", "")
+    revoke = ["connections", "revoke", "alice", "tracker", "--config", str(lab.config)]
+    with ThreadPoolExecutor(1) as pool:  # away from Playwright's event loop
+        assert pool.submit(main, revoke).result() == 0
+        assert lab.connections.listed("alice") == []
+        assert pool.submit(main, revoke).result() == 1
+    elicited_url(call(lab, "alice"))
+
+
+# -- keys ----------------------------------------------------------------------------------------
+
+
+def test_rotation_old_key_opens_new_key_seals_and_a_removed_key_opens_nothing(tmp_path):
+    old, new = Fernet.generate_key(), Fernet.generate_key()
+    sealed = Sealer([old]).seal("alice", "tracker", {"access_token": "a"})
+    rotated = Sealer([new, old])
+    assert rotated.open("alice", "tracker", sealed) == {"access_token": "a"}
+    resealed = rotated.rotate(sealed)
+    assert Sealer([new]).open("alice", "tracker", resealed) == {"access_token": "a"}
+    with pytest.raises(Unsealable):
+        Sealer([old]).open("alice", "tracker", resealed)
+    with pytest.raises(Unsealable):  # a wrong key fails closed
+        Sealer([Fernet.generate_key()]).open("alice", "tracker", sealed)
+
+
+def test_rekey_reseals_every_stored_connection_under_the_first_key(lab, tab):
+    ensure_connected(lab, tab, "alice")
+    service = lab.connections
+    old = service.sealer
+    keys = [Fernet.generate_key()]
+    row = service.store.get("alice", "tracker")
+    from bastion.connections.sealing import load_keys
+
+    current = load_keys(lab.one.state.oauth.settings.key_dir)
+    service.sealer = Sealer([*keys, *current])
+    try:
+        assert service.rekey() >= 1
+        moved = service.store.get("alice", "tracker")
+        assert moved.sealed != row.sealed
+        assert Sealer(keys).open("alice", "tracker", moved.sealed)["access_token"]
+        with pytest.raises(Unsealable):
+            old.open("alice", "tracker", moved.sealed)
+        assert call(lab, "alice").get("text") == "alice"
+    finally:
+        service.sealer = Sealer([*current, *keys])
+        service.rekey()
+        service.sealer = old
+    assert sqlite3.sqlite_version_info >= (3, 35)  # UPDATE ... RETURNING
