@@ -10,6 +10,7 @@ stays one session for everyone, whose standing-stream requests are refused as be
 
 from __future__ import annotations
 
+import base64
 import json
 import threading
 import time
@@ -333,3 +334,45 @@ def test_a_stdio_upstream_is_shared():
         GatewayConfig.from_mapping({"upstreams": [upstream]}, env={})
     defaults = GatewayConfig.from_mapping({"upstreams": [{"name": "d", "command": "python"}]})
     assert defaults.upstreams[0].session == "shared"
+
+
+def _claim(token: str, name: str) -> str:
+    payload = token.split(".")[1]
+    return json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))[name]
+
+
+def _closed_upstream(bastion, session_id: str) -> None:
+    deadline = time.monotonic() + 15
+    while not upstream_deleted(bastion, session_id):
+        assert time.monotonic() < deadline, "the upstream session was never closed"
+        time.sleep(0.02)
+
+
+def test_revoking_a_grant_closes_the_upstream_sessions_it_used(bastion):
+    token = bastion.token("alice", "solo")
+    alice = legacy_session(bastion, token, "solo")
+    first = _call(bastion, alice, "solo", "whoami", {})["result"]["content"][0]["text"]
+    revoked = bastion.http.post(
+        f"{bastion.url}/revoke", data={"token": token, "client_id": _claim(token, "client_id")}
+    )
+    assert revoked.status_code == 200, revoked.text
+    _closed_upstream(bastion, first)
+    # Another agent of alice's gets a new upstream session.
+    again = legacy_session(bastion, bastion.token("alice", "solo"), "solo")
+    assert _call(bastion, again, "solo", "whoami", {})["result"]["content"][0]["text"] != first
+
+
+def test_suspending_a_user_closes_their_upstream_session(bastion):
+    key, _ = bastion.app.state.keys.create("kill switch", ["suspensions"], created_by="test")
+    headers = {"authorization": f"Bearer {key}"}
+    bob = legacy_session(bastion, bastion.token("bob", "solo"), "solo")
+    first = _call(bastion, bob, "solo", "whoami", {})["result"]["content"][0]["text"]
+    suspended = bastion.http.post(
+        f"{bastion.url}/v1/suspensions", json={"kind": "user", "id": "bob"}, headers=headers
+    )
+    assert suspended.status_code == 201, suspended.text
+    try:
+        _closed_upstream(bastion, first)
+    finally:
+        resumed = bastion.http.delete(f"{bastion.url}/v1/suspensions/user/bob", headers=headers)
+        assert resumed.status_code == 200, resumed.text
