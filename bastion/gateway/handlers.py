@@ -346,9 +346,9 @@ def server_capabilities(ex: Exchange) -> dict[str, Any]:
 # -- lifecycle ---------------------------------------------------------------------------------
 
 
-async def _admit_and_start(ex: Exchange) -> None:
-    """``connect`` decided and recorded, and the upstream connection started: its own session
-    only once the caller is admitted (none is opened for a refused client)."""
+async def admit_and_start(ex: Exchange) -> None:
+    """``connect`` decided and recorded, and the upstream connection started: the caller's own
+    upstream session only once it is admitted (none is opened for a refused client)."""
     if ex.upstream.sessions is None:
         await ex.connection.ensure_started()
         await ex.gateway.admit(ex, record=True)
@@ -358,7 +358,7 @@ async def _admit_and_start(ex: Exchange) -> None:
 
 
 async def initialize(ex: Exchange) -> dict[str, Any]:
-    await _admit_and_start(ex)
+    await admit_and_start(ex)
     info = ex.connection.init_result
     requested = ex.message.params.get("protocolVersion")
     version = requested if requested in LEGACY_VERSIONS else LEGACY_VERSIONS[0]
@@ -374,7 +374,7 @@ async def initialize(ex: Exchange) -> dict[str, Any]:
 
 
 async def discover(ex: Exchange) -> dict[str, Any]:
-    await _admit_and_start(ex)
+    await admit_and_start(ex)
     info = ex.connection.init_result
     result: dict[str, Any] = {
         "supportedVersions": list(MODERN_VERSIONS),

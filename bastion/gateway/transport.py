@@ -26,7 +26,7 @@ from starlette.types import Receive, Scope, Send
 from bastion import untrusted_json
 from bastion.db import DatabaseUnavailable
 from bastion.gateway.enforce import Caller, StepUp
-from bastion.gateway.handlers import Exchange, handler_for
+from bastion.gateway.handlers import Exchange, admit_and_start, handler_for
 from bastion.gateway.jsonrpc import (
     FACTS_STALE,
     HEADER_MISMATCH,
@@ -749,14 +749,14 @@ class StreamableHttpEndpoint:
                     http_status=406,
                 )
             wanted, uris = _listen_filter(message.params)
-            with upstream.connection(caller, "") as connection:
-                await connection.ensure_started()
-            await gateway.admit(ex, record=True)
+            await admit_and_start(ex)
+            offered = ex.connection.init_result.get("capabilities") or {}
         except RpcError as e:
             raise HttpError(e.http_status, e.body(message.id)) from None
         except StepUp:
             raise HttpError(403, None) from None
-        offered = connection.init_result.get("capabilities") or {}
+        finally:
+            ex.release()  # a stream does not keep its upstream session busy
         methods = frozenset(
             method
             for method, flag in LIST_CHANGED.items()

@@ -26,12 +26,13 @@ from mcp.client.client import Client as McpClient
 from mcp.client.streamable_http import streamable_http_client
 
 from bastion.gateway.config import GatewayConfig
+from bastion.gateway.upstream_sessions import SessionOwner
 from bastion.oauth import users
 from bastion.oauth.users import create_user
 from bastion.server.config import ConfigError
 from tests.oauth.support import MemoryStorage, free_socket, sdk_auth, serve
 
-from .streams import legacy_session, messages
+from .streams import legacy_session, messages, modern_headers, modern_request
 from .support import REDIRECT_URI, LegacyOnly, Recorder, fresh_module, start
 
 SERVER = fresh_module("session_server", Path(__file__).parent / "session_server.py")
@@ -43,6 +44,8 @@ allow(_actor, _action: String, _it: McpServer) if context.server in {json.dumps(
 allow(_actor, _action: String, _it: Tool) if context.server in {json.dumps(NAMES)};
 deny(_user: User, "roots/list", _it: McpServer) if context.server in {json.dumps(NAMES)};
 mask(_user: User, "elicitation/create", _it: McpServer, "content.secret") if
+  context.server in {json.dumps(NAMES)};
+deny(user: User, "connect", _it: McpServer) if user = User{{"sam"}} and
   context.server in {json.dumps(NAMES)};
 """
 
@@ -376,3 +379,27 @@ def test_suspending_a_user_closes_their_upstream_session(bastion):
     finally:
         resumed = bastion.http.delete(f"{bastion.url}/v1/suspensions/user/bob", headers=headers)
         assert resumed.status_code == 200, resumed.text
+
+
+def test_a_client_refused_at_initialize_opens_no_upstream_session(bastion):
+    token = bastion.token("sam", "solo")
+    for body, headers in (
+        (
+            {
+                "jsonrpc": "2.0",
+                "id": 0,
+                "method": "initialize",
+                "params": {
+                    "protocolVersion": "2025-11-25",
+                    "capabilities": {},
+                    "clientInfo": {"name": "t", "version": "1"},
+                },
+            },
+            {"authorization": f"Bearer {token}", "mcp-protocol-version": "2025-11-25"},
+        ),
+        (modern_request(1, "server/discover", {}), modern_headers(token, "server/discover")),
+    ):
+        refused = bastion.http.post(bastion.mcp_url("solo"), json=body, headers=headers)
+        assert refused.json()["error"]["data"]["reason"] == "not_permitted"
+    pool = bastion.app.state.gateway.upstreams["solo"].sessions
+    assert pool.find(SessionOwner("sam")) is None
