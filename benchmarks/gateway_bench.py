@@ -2,6 +2,7 @@
 Streamable HTTP and through bastion's gateway to that same upstream, in one run.
 
     .venv/bin/python benchmarks/gateway_bench.py [--clients 4] [--requests 1500] [--rounds 3] [--chain]
+        [--session shared|per_user|per_client_session]
 
 The upstream is the quickstart's MCP server (official SDK) in its own process; bastion runs
 ``bastion serve`` in another, with the quickstart policy (the support agent's search, with emails
@@ -11,7 +12,9 @@ median and p99 latency of each path, the added latency, the throughput ratio, an
 bastion and the upstream spent per call (from /proc: steadier than latency on a shared machine).
 With ``--chain``, a third path calls through the gateway with a delegated token (RFC 8693 token
 exchange): a chain of three principals (the user, their agent, a sub-agent), each decided on
-every call, against the plain token's two.
+every call, against the plain token's two. ``--session`` sets the upstream's ``session`` (an
+upstream session per user or per client session instead of one shared): run it once with each
+value, alternating, to compare them.
 """
 
 from __future__ import annotations
@@ -243,6 +246,12 @@ def main() -> None:
         action="store_true",
         help="also call with a delegated token: user -> agent -> sub-agent (token exchange)",
     )
+    parser.add_argument(
+        "--session",
+        choices=("shared", "per_user", "per_client_session"),
+        default="shared",
+        help="the upstream's session setting (docs/gateway.md, Upstream sessions)",
+    )
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="bastion-gateway-bench-"))
@@ -277,6 +286,7 @@ scopes = ["customers:read", "customers:write"]
 name = "desk"
 url = "{upstream_url}"
 scopes = ["customers:read"]
+session = "{args.session}"
 """
     )
     sys.path.insert(0, str(QUICKSTART))
@@ -352,7 +362,8 @@ scopes = ["customers:read"]
 
     print(
         f"gateway benchmark: tools/call search_customers, {args.clients} concurrent clients,"
-        f" {args.rounds} rounds x {args.requests} calls per path, MCP 2026-07-28 over HTTP"
+        f" {args.rounds} rounds x {args.requests} calls per path, MCP 2026-07-28 over HTTP,"
+        f" upstream session {args.session}"
     )
     print(
         f"{'path':<8} {'median ms':>10} {'p99 ms':>8} {'calls/s':>9}"

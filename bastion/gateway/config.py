@@ -20,6 +20,7 @@ name = "files"
 url = "http://127.0.0.1:9000/mcp"        # ... or a Streamable HTTP server
 headers = { Authorization = "Bearer ${FILES_KEY}" }   # bastion's own credential, from the env
 scopes = ["files:read"]                  # asked for in the 401 challenge
+session = "per_user"                     # one upstream session per user (default "shared")
 
 [[gateway.upstreams]]
 name = "tracker"
@@ -56,6 +57,8 @@ DEFAULT_PASS_METHODS = (
     "logging/setLevel",
     "completion/complete",
 )
+# How clients' requests map onto upstream sessions (docs/gateway.md, "Upstream sessions").
+SESSION_MODES = ("shared", "per_user", "per_client_session")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
@@ -76,6 +79,13 @@ class UpstreamConfig:
     # "none": only ``headers``; "per_user": each user's own OAuth token (`oauth`).
     auth: str = "none"
     oauth: UpstreamOAuth | None = None
+    # "shared": one upstream session for every client; "per_user": one per user;
+    # "per_client_session": one per client MCP session (see `bastion.gateway.upstream_sessions`).
+    session: str = "shared"
+    # Upstream sessions this upstream may have open at once (per_user, per_client_session).
+    max_sessions: int = 256
+    # An upstream session unused for this long is closed (per_user, per_client_session).
+    session_idle_seconds: float = 900.0
 
     @property
     def transport(self) -> str:
@@ -266,6 +276,9 @@ def _upstream(index: int, value: Any, env: Mapping[str, str]) -> UpstreamConfig:
             "timeout",
             "auth",
             "oauth",
+            "session",
+            "max_sessions",
+            "session_idle_seconds",
         },
         where,
     )
@@ -312,6 +325,16 @@ def _upstream(index: int, value: Any, env: Mapping[str, str]) -> UpstreamConfig:
             raise ConfigError(str(e)) from None
     elif "oauth" in value:
         raise ConfigError(f'{where}.oauth is read only with auth = "per_user"')
+    session = value.get("session", "shared")
+    if session not in SESSION_MODES:
+        raise ConfigError(
+            f"{where}.session must be one of {', '.join(SESSION_MODES)}, got {session!r}"
+        )
+    if command and session != "shared":
+        raise ConfigError(
+            f"{where} ({name}): session = {session!r} needs a Streamable HTTP upstream (url); a"
+            " stdio upstream is one process, shared by every client"
+        )
     return UpstreamConfig(
         name=name,
         command=str(command),
@@ -327,4 +350,7 @@ def _upstream(index: int, value: Any, env: Mapping[str, str]) -> UpstreamConfig:
         timeout=float(_positive(value, "timeout", 60, where)),
         auth=auth,
         oauth=oauth,
+        session=session,
+        max_sessions=_positive(value, "max_sessions", 256, where),
+        session_idle_seconds=float(_positive(value, "session_idle_seconds", 900, where)),
     )

@@ -8,7 +8,9 @@ import logging
 import secrets
 import signal
 import threading
+import weakref
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import anyio
@@ -21,7 +23,8 @@ from bastion.db import DatabaseUnavailable
 from bastion.decide import Authorizer
 from bastion.decide.contract import decide_chain
 from bastion.facts.model import Entity
-from bastion.gateway.config import GatewayConfig, normalized_origin
+from bastion.gateway.client_requests import ClientRequests
+from bastion.gateway.config import GatewayConfig, UpstreamConfig, normalized_origin
 from bastion.gateway.enforce import Caller, Enforcer, Held, StepUp, refused
 from bastion.gateway.handlers import Exchange
 from bastion.gateway.holds import RequestStates, pending_error
@@ -32,11 +35,13 @@ from bastion.gateway.sessions import (
     LIST_CHANGED,
     RESOURCE_UPDATED,
     Listener,
+    Session,
     SessionTable,
     may_read,
 )
 from bastion.gateway.transport import InFlight, StreamableHttpEndpoint, send_json
 from bastion.gateway.upstream import Hear, Upstream, open_upstream
+from bastion.gateway.upstream_sessions import SessionOwner, UpstreamSession, UpstreamSessions
 from bastion.identity.trusted_issuers import IssuerUnavailable, TrustedIssuers
 from bastion.oauth.dpop import DPoPProofs
 from bastion.oauth.errors import InvalidToken
@@ -51,41 +56,84 @@ _METADATA = WELL_KNOWN + _MCP
 _HINTS = ("readOnlyHint", "destructiveHint", "idempotentHint", "openWorldHint")
 
 
-class UpstreamState:
-    """One upstream and what bastion remembers of it: its tools' annotations."""
+class ToolHints:
+    """What one upstream session said of its tools: each tool's annotations (hints)."""
 
-    def __init__(self, upstream: Upstream) -> None:
+    def __init__(self) -> None:
+        self.annotations: dict[str, dict[str, Any]] = {}
+        self.complete = False
+
+
+class UpstreamState:
+    """One upstream and what bastion remembers of it: its tools' annotations, and (unless its
+    ``session`` is ``shared``) the upstream sessions of its users or client sessions."""
+
+    def __init__(self, upstream: Upstream, sessions: UpstreamSessions | None = None) -> None:
         self.upstream = upstream
         self.name = upstream.name
         self.entity = Entity("McpServer", upstream.name)
-        self._annotations: dict[str, dict[str, Any]] = {}
-        self._complete = False
+        self.sessions = sessions
+        # Per upstream session: an upstream may describe its tools differently to each user,
+        # and what one user's session said never decides another's calls.
+        self._hints: weakref.WeakKeyDictionary[Upstream, ToolHints] = weakref.WeakKeyDictionary()
 
-    def learn_tools(self, tools: list[dict[str, Any]]) -> None:
+    def _hints_of(self, connection: Upstream | None) -> ToolHints:
+        connection = connection or self.upstream
+        hints = self._hints.get(connection)
+        if hints is None:
+            hints = self._hints[connection] = ToolHints()
+        return hints
+
+    def learn_tools(self, tools: list[dict[str, Any]], connection: Upstream | None = None) -> None:
+        hints = self._hints_of(connection)
         for tool in tools:
             notes = tool.get("annotations") or {}
-            self._annotations[str(tool.get("name"))] = {
+            hints.annotations[str(tool.get("name"))] = {
                 k: notes[k] for k in _HINTS if isinstance(notes.get(k), bool)
             }
 
-    def forget_tools(self) -> None:
-        self._annotations.clear()
-        self._complete = False
+    def forget_tools(self, connection: Upstream | None = None) -> None:
+        self._hints.pop(connection or self.upstream, None)
 
-    async def annotations(self, tool: str) -> dict[str, Any]:
-        """The tool's annotations (hints), reading the upstream's tool list once if needed."""
-        if tool not in self._annotations and not self._complete:
+    async def annotations(self, tool: str, connection: Upstream | None = None) -> dict[str, Any]:
+        """The tool's annotations (hints), reading the upstream's tool list once if needed (on
+        ``connection``: the caller's upstream session, or the shared one)."""
+        connection = connection or self.upstream
+        hints = self._hints_of(connection)
+        if tool not in hints.annotations and not hints.complete:
             cursor = None
             for _ in range(100):
                 params = {"cursor": cursor} if cursor else {}
-                response = await self.upstream.request("tools/list", params)
+                response = await connection.request("tools/list", params)
                 page = response.get("result") or {}
-                self.learn_tools([t for t in page.get("tools") or () if isinstance(t, dict)])
+                self.learn_tools(
+                    [t for t in page.get("tools") or () if isinstance(t, dict)], connection
+                )
                 cursor = page.get("nextCursor")
                 if not cursor:
                     break
-            self._complete = True
-        return self._annotations.get(tool, {})
+            hints.complete = True
+        return hints.annotations.get(tool, {})
+
+    def lease(self, caller: Caller, session_id: str) -> UpstreamSession | None:
+        """The caller's own upstream session, busy until released (`UpstreamSessions.release`);
+        None when the upstream is ``shared``. `RpcError` when none can be opened."""
+        if self.sessions is None:
+            return None
+        owner = self.sessions.owner(caller.subject, caller.client_id, session_id)
+        return self.sessions.acquire(owner, caller.grant_id)
+
+    @contextlib.contextmanager
+    def connection(self, caller: Caller, session_id: str):
+        """The connection that serves ``caller`` (its client session ``session_id``) for a
+        moment: the shared one, or its own upstream session."""
+        lease = self.lease(caller, session_id)
+        try:
+            yield self.upstream if lease is None else lease.upstream
+        finally:
+            if lease is not None:
+                assert self.sessions is not None
+                self.sessions.release(lease)
 
 
 class Gateway:
@@ -148,11 +196,17 @@ class Gateway:
         # What bastion asked a client on an upstream's behalf: its id -> (the owner, as above
         # without the request id, and where the client's response goes)
         self.asked: dict[str, tuple[tuple, asyncio.Future]] = {}
+        # Requests upstreams send clients (sampling, elicitation, roots).
+        self.client_requests = ClientRequests(self)
         self.upstreams: dict[str, UpstreamState] = {}
         for upstream_config in config.upstreams:
             state = UpstreamState(open_upstream(upstream_config))
             state.upstream.on_notification = self._notification_handler(state)
+            if upstream_config.session != "shared":
+                state.sessions = UpstreamSessions(upstream_config, self._session_opener(state))
             self.upstreams[state.name] = state
+        self._sweeper: asyncio.Task | None = None
+        self.sessions.on_end = self._client_session_ended
         self._flusher: asyncio.Task | None = None
         self._signal_handlers: list[tuple[int, Any, Any]] = []
         self._endpoint = StreamableHttpEndpoint(self)
@@ -230,7 +284,80 @@ class Gateway:
 
     # -- upstream notifications ------------------------------------------------------------------
 
-    def _notification_handler(self, state: UpstreamState):
+    def _own_sessions(self) -> list[UpstreamSessions]:
+        return [state.sessions for state in self.upstreams.values() if state.sessions is not None]
+
+    def _client_session_ended(self, session: Session) -> None:
+        """A client session ended: so does its upstream session, if it has one of its own."""
+        state = self.upstreams.get(session.server)
+        if state is None or state.sessions is None or state.sessions.per_user:
+            return
+        owner = SessionOwner(session.subject, session.client_id, session.id)
+        found = state.sessions.find(owner)
+        if found is not None:
+            state.sessions.close(found, "(its client session ended)")
+
+    def _grant_revoked(self, grant_id: str) -> None:
+        self.sessions.end_grant(grant_id)
+        for pool in self._own_sessions():
+            pool.end_grant(grant_id)
+
+    def _suspended(self) -> None:
+        """The kill switch was used: end the suspended callers' sessions and streams, and close
+        the upstream sessions of a suspended user (or agent, or client session)."""
+        enforcer = self.enforcer
+        self.sessions.end_suspended(enforcer.suspended, enforcer.session_suspended)
+        suspensions = enforcer.suspensions
+        if suspensions is None:
+            return
+
+        def suspended(session: UpstreamSession) -> bool:
+            owner = session.owner
+            principals = (Entity("User", owner.user),) + (
+                (Entity("Agent", owner.client_id),) if owner.client_id else ()
+            )
+            return suspensions.first(principals, owner.client_session) is not None
+
+        for pool in self._own_sessions():
+            pool.close_where(suspended, "(suspended)")
+
+    async def _sweep_forever(self) -> None:
+        """Close idle upstream sessions, checking a few times per idle period."""
+        pools = self._own_sessions()
+        every = min(max(min(p.config.session_idle_seconds for p in pools) / 4, 0.25), 30.0)
+        while True:
+            await asyncio.sleep(every)
+            for pool in pools:
+                pool.sweep()
+
+    def _session_opener(self, state: UpstreamState):
+        """Makes the upstream session of one owner: its notifications go to the owner's streams
+        only, and its requests on the standing stream to the owner's client."""
+
+        def open_session(config: UpstreamConfig, owner: SessionOwner) -> Upstream:
+            upstream = open_upstream(config)
+            upstream.on_notification = self._notification_handler(state, owner, upstream)
+            upstream.on_request = partial(self.client_requests.from_standing_stream, state, owner)
+            return upstream
+
+        return open_session
+
+    def _notification_handler(
+        self,
+        state: UpstreamState,
+        owner: SessionOwner | None = None,
+        connection: Upstream | None = None,
+    ):
+        def listeners() -> list[Listener]:
+            found = self.sessions.listeners_of(state.name)
+            if owner is None:
+                return list(found)
+            return [
+                s
+                for s in found
+                if owner.covers(s.caller.subject, s.caller.client_id, s.caller.session_id)
+            ]
+
         async def handle(message: dict[str, Any]) -> None:
             method = message.get("method", "")
             params = message.get("params")
@@ -241,14 +368,14 @@ class Gateway:
                     await hear(message)
             elif method in LIST_CHANGED:
                 if method == "notifications/tools/list_changed":
-                    state.forget_tools()
+                    state.forget_tools(connection)
                 # Only the method travels on: the upstream's params are about its own streams.
-                for listener in self.sessions.listeners_of(state.name):
+                for listener in listeners():
                     if method in listener.methods and await self.may_hear(listener, method):
                         listener.notify(method)
             elif method == RESOURCE_UPDATED and isinstance(params.get("uri"), str):
                 uri = params["uri"]
-                for listener in self.sessions.listeners_of(state.name):
+                for listener in listeners():
                     if uri in listener.uris and await self.may_hear(listener, method, uri):
                         listener.notify(method, {"uri": uri})
 
@@ -313,17 +440,13 @@ class Gateway:
         # streams off at once, not at their next notification.
         loop = asyncio.get_running_loop()
         self.tokens.on_forget(
-            lambda grant_id: loop.call_soon_threadsafe(self.sessions.end_grant, grant_id)
+            lambda grant_id: loop.call_soon_threadsafe(self._grant_revoked, grant_id)
         )
         # A suspension this replica applies ends the suspended callers' sessions and streams.
         if self.enforcer.suspensions is not None:
-            self.enforcer.suspensions.on_suspend(
-                lambda: loop.call_soon_threadsafe(
-                    self.sessions.end_suspended,
-                    self.enforcer.suspended,
-                    self.enforcer.session_suspended,
-                )
-            )
+            self.enforcer.suspensions.on_suspend(lambda: loop.call_soon_threadsafe(self._suspended))
+        if self._own_sessions():
+            self._sweeper = asyncio.create_task(self._sweep_forever())
 
     def _end_streams_on_stop_signals(self) -> None:
         """uvicorn waits for open responses to finish before the lifespan's shutdown, and a
@@ -373,6 +496,11 @@ class Gateway:
                 signal.signal(number, previous)
         self._signal_handlers.clear()
         self.sessions.close_all()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        for pool in self._own_sessions():
+            with contextlib.suppress(Exception):
+                await pool.close_all()
         if self._flusher is not None:
             self._flusher.cancel()
             with contextlib.suppress(asyncio.CancelledError):

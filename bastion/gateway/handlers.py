@@ -11,13 +11,17 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import secrets
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from bastion.facts.model import Entity
 from bastion.gateway import holds
+from bastion.gateway.client_requests import (
+    CLIENT_REQUESTS,
+    answer_for_upstream,
+    check_client_request,
+)
 from bastion.gateway.enforce import Caller, Held, Verdict, refused
 from bastion.gateway.jsonrpc import (
     INVALID_PARAMS,
@@ -39,16 +43,12 @@ from bastion.signals.read_only import is_read_only_tool
 if TYPE_CHECKING:
     from bastion.gateway.gateway import Gateway, UpstreamState
     from bastion.gateway.sessions import Session
+    from bastion.gateway.upstream import Upstream
+    from bastion.gateway.upstream_sessions import UpstreamSession
 
 Progress = Callable[[dict[str, Any]], Awaitable[None]]
 # Puts one message on the event stream that answers the client's request (starting it if need be).
 Emit = Callable[[dict[str, Any]], Awaitable[None]]
-# The requests an upstream may send a client, and the capability the client must have declared.
-CLIENT_REQUESTS = {
-    "sampling/createMessage": "sampling",
-    "elicitation/create": "elicitation",
-    "roots/list": "roots",
-}
 # A 2026-07-28 result that asks the client for input first (SEP-2322; the draft says
 # "incomplete", the SDK "input_required").
 INPUT_REQUIRED = ("input_required", "incomplete")
@@ -78,6 +78,8 @@ class Exchange:
     emit: Emit | None = None
     # The 2025-11-25 session the request came in (None in 2026-07-28, and at initialize).
     session: Session | None = None
+    # At initialize (2025-11-25): the id of the session it opens.
+    opening: str = ""
     # The mask obligation on the result, once decided: also applied to what is relayed during
     # the call (progress, log messages), and no request may go to the client under it.
     masks: Paths = ()
@@ -87,6 +89,34 @@ class Exchange:
     _context: dict[str, Any] | None = None
     # The client's progress token, while its progress is relayed.
     _progress_token: Any = None
+    # The caller's own upstream session while this request uses it (not ``shared``).
+    _lease: UpstreamSession | None = None
+
+    @property
+    def connection(self) -> Upstream:
+        """The upstream connection this request goes on: the upstream's shared session, or
+        the caller's own (per user, per client session), held busy until `release`. Raises
+        `RpcError` when the upstream has no room for one more session."""
+        if self.upstream.sessions is None:
+            return self.upstream.upstream
+        if self._lease is None:
+            session_id = self.session.id if self.session is not None else self.opening
+            self._lease = self.upstream.lease(self.caller, session_id)
+        assert self._lease is not None
+        return self._lease.upstream
+
+    def release(self) -> None:
+        """This request no longer uses its upstream session."""
+        lease, self._lease = self._lease, None
+        if lease is not None and self.upstream.sessions is not None:
+            self.upstream.sessions.release(lease)
+
+    @property
+    def decides_client_requests(self) -> bool:
+        """Whether what the upstream asks the client is decided by the policy: from an upstream
+        session of one user or client session (a shared session's are bounded by the client's
+        capabilities and the call's masks only)."""
+        return self.upstream.sessions is not None
 
     @property
     def server(self) -> str:
@@ -166,7 +196,7 @@ class Exchange:
         level = self.log_level if self.progress is not None else None
         logs: dict[str, Any] = {"log_level": level, "hear": self.hear} if level else {}
         try:
-            response = await self.upstream.upstream.request(
+            response = await self.connection.request(
                 self.message.method, params, capabilities=asks, ask=self._relay_request, **logs
             )
             for _ in range(_MAX_INPUT_ROUNDS):
@@ -175,7 +205,7 @@ class Exchange:
                     break
                 # A 2025-11-25 client: ask it each question, then retry for it.
                 params = {**params, **await self._answers(result)}
-                response = await self.upstream.upstream.request(
+                response = await self.connection.request(
                     self.message.method, params, capabilities=asks, ask=self._relay_request, **logs
                 )
         finally:
@@ -192,6 +222,10 @@ class Exchange:
                 raise RpcError(UPSTREAM_UNAVAILABLE, f"upstream {self.server}: bad inputRequests")
             for question in questions.values():
                 self._check_question(question)
+                if self.decides_client_requests:
+                    await self.gateway.client_requests.decide(
+                        self.caller, self.server, question["method"]
+                    )
         return result
 
     # -- requests to the client (sampling, elicitation, roots) ----------------------------------
@@ -200,20 +234,7 @@ class Exchange:
         """Refuse (RpcError) a request for the client that bastion may not relay to it."""
         method = question.get("method") if isinstance(question, dict) else None
         params = question.get("params") if isinstance(question, dict) else None
-        capability = CLIENT_REQUESTS.get(method)  # type: ignore[arg-type]
-        if capability is None or not isinstance(params, dict):
-            raise RpcError(METHOD_NOT_FOUND, f"bastion relays no {method!r} requests to clients")
-        declared = self.capabilities.get(capability)
-        if not isinstance(declared, dict):
-            raise RpcError(
-                METHOD_NOT_FOUND, f"the client did not declare the {capability} capability"
-            )
-        if capability == "elicitation":
-            mode = params.get("mode", "form")
-            # MCP: an empty ``elicitation`` capability declares form mode only.
-            modes = declared or {"form": {}}
-            if not isinstance(mode, str) or mode not in modes:
-                raise RpcError(METHOD_NOT_FOUND, f"the client did not declare {mode!r} elicitation")
+        check_client_request(method, params, self.capabilities)
         if self.masks:
             # What would travel to the client cannot be masked field by field: fail closed.
             raise RpcError(
@@ -236,37 +257,28 @@ class Exchange:
             raise RpcError(
                 INVALID_REQUEST, "the client's request does not accept text/event-stream"
             )
-        request_id = f"bastion-{secrets.token_urlsafe(12)}"
-        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-        pending = self.gateway.asked
-        pending[request_id] = (self.owner, future)
-        try:
-            await self.emit(
-                {"jsonrpc": "2.0", "id": request_id, "method": method, "params": params}
-            )
-            timeout = self.upstream.upstream.config.timeout
-            try:
-                async with asyncio.timeout(timeout):
-                    return await future
-            except TimeoutError:
-                raise RpcError(
-                    UPSTREAM_UNAVAILABLE, f"the client did not answer {method} within {timeout:g}s"
-                ) from None
-        finally:
-            pending.pop(request_id, None)
+        timeout = self.upstream.upstream.config.timeout
+        return await self.gateway.client_requests.ask(
+            self.owner, self.emit, method, params, timeout
+        )
 
     async def _relay_request(self, message: dict[str, Any]) -> dict[str, Any]:
         """A request from a 2025-11-25 upstream, sent while it answers ours: the answer (result
         or error) to send back to it."""
-        params = message.get("params")
+        method, params = str(message.get("method")), message.get("params")
         try:
-            answer = await self.ask_client(str(message.get("method")), params or {})
+            masks = await self._decide_question(method)
+            answer = await self.ask_client(method, params or {})
         except RpcError as e:
             return {"error": e.body(None)["error"]}
-        if isinstance(answer.get("result"), dict):
-            return {"result": answer["result"]}
-        error = answer.get("error")
-        return {"error": error if isinstance(error, dict) else {"code": -32603, "message": "?"}}
+        return answer_for_upstream(answer, masks)
+
+    async def _decide_question(self, method: str) -> Paths:
+        """The masks of the client's answer, once the policy lets the upstream ask it
+        (`decides_client_requests`; else none)."""
+        if not self.decides_client_requests:
+            return ()
+        return await self.gateway.client_requests.decide(self.caller, self.server, method)
 
     async def _answers(self, result: dict[str, Any]) -> dict[str, Any]:
         """A 2026-07-28 upstream's questions, asked of a 2025-11-25 client one by one; the
@@ -277,7 +289,10 @@ class Exchange:
         answers: dict[str, Any] = {}
         for key, question in questions.items():
             self._check_question(question)
-            answer = await self.ask_client(question["method"], question["params"])
+            masks = await self._decide_question(question["method"])
+            answer = answer_for_upstream(
+                await self.ask_client(question["method"], question["params"]), masks
+            )
             if not isinstance(answer.get("result"), dict):
                 error = answer.get("error") if isinstance(answer.get("error"), dict) else {}
                 raise RpcError(
@@ -313,13 +328,13 @@ def _name(params: dict[str, Any], key: str, where: str = "params") -> str:
 
 def server_capabilities(ex: Exchange) -> dict[str, Any]:
     """The upstream's capabilities, less what bastion does not relay."""
-    upstream = ex.upstream.upstream.init_result.get("capabilities") or {}
+    upstream = ex.connection.init_result.get("capabilities") or {}
     passes = ex.gateway.config.pass_methods
     caps: dict[str, Any] = {}
     for key in ("tools", "prompts", "resources"):
         if key in upstream:
             caps[key] = dict(upstream[key] or {})
-    if "resources" in caps and not ex.upstream.upstream.offers_subscribe():
+    if "resources" in caps and not ex.connection.offers_subscribe():
         caps["resources"].pop("subscribe", None)
     if "completions" in upstream and "completion/complete" in passes:
         caps["completions"] = upstream["completions"]
@@ -331,10 +346,20 @@ def server_capabilities(ex: Exchange) -> dict[str, Any]:
 # -- lifecycle ---------------------------------------------------------------------------------
 
 
+async def admit_and_start(ex: Exchange) -> None:
+    """``connect`` decided and recorded, and the upstream connection started: the caller's own
+    upstream session only once it is admitted (none is opened for a refused client)."""
+    if ex.upstream.sessions is None:
+        await ex.connection.ensure_started()
+        await ex.gateway.admit(ex, record=True)
+    else:
+        await ex.gateway.admit(ex, record=True)
+        await ex.connection.ensure_started()
+
+
 async def initialize(ex: Exchange) -> dict[str, Any]:
-    await ex.upstream.upstream.ensure_started()
-    await ex.gateway.admit(ex, record=True)
-    info = ex.upstream.upstream.init_result
+    await admit_and_start(ex)
+    info = ex.connection.init_result
     requested = ex.message.params.get("protocolVersion")
     version = requested if requested in LEGACY_VERSIONS else LEGACY_VERSIONS[0]
     result = {
@@ -349,9 +374,8 @@ async def initialize(ex: Exchange) -> dict[str, Any]:
 
 
 async def discover(ex: Exchange) -> dict[str, Any]:
-    await ex.upstream.upstream.ensure_started()
-    await ex.gateway.admit(ex, record=True)
-    info = ex.upstream.upstream.init_result
+    await admit_and_start(ex)
+    info = ex.connection.init_result
     result: dict[str, Any] = {
         "supportedVersions": list(MODERN_VERSIONS),
         "capabilities": server_capabilities(ex),
@@ -387,7 +411,7 @@ async def list_items(ex: Exchange) -> dict[str, Any]:
     result = await ex.forward()
     items = [i for i in result.get(key) or () if isinstance(i, dict)]
     if key == "tools":
-        ex.upstream.learn_tools(items)
+        ex.upstream.learn_tools(items, ex.connection)
         if ex.gateway.enforcer.read_only(ex.caller, ex.context()):
             # Downgraded: a tool it may not call is not offered (fail closed; see signals docs).
             items = [i for i in items if is_read_only_tool(i.get("annotations"))]
@@ -519,7 +543,7 @@ async def call_tool(ex: Exchange) -> dict[str, Any]:
     arguments = params.get("arguments") or {}
     if not isinstance(arguments, dict):
         raise RpcError(INVALID_PARAMS, "params.arguments must be an object", http_status=400)
-    annotations = await ex.upstream.annotations(name)
+    annotations = await ex.upstream.annotations(name, ex.connection)
     return await _decide_and_forward(
         ex,
         "call",
@@ -578,7 +602,7 @@ async def subscribe(ex: Exchange) -> dict[str, Any]:
     )
     enforcer.write(verdict.record)
     # One stream of notifications from the upstream serves every client (see Upstream.watch).
-    await ex.upstream.upstream.watch(frozenset((uri,)))
+    await ex.connection.watch(frozenset((uri,)))
     session.subscriptions.add(uri)
     return {}
 
@@ -599,7 +623,7 @@ def _subscriber(ex: Exchange) -> Session:
             METHOD_NOT_FOUND,
             "2026-07-28 clients ask for a resource's updates with subscriptions/listen",
         )
-    if not ex.upstream.upstream.offers_subscribe():
+    if not ex.connection.offers_subscribe():
         raise RpcError(
             METHOD_NOT_FOUND, f"upstream {ex.server} does not offer resource subscriptions"
         )
@@ -622,8 +646,8 @@ async def set_log_level(ex: Exchange) -> dict[str, Any]:
         raise RpcError(
             INVALID_PARAMS, f"params.level must be one of: {', '.join(LOG_LEVELS)}", http_status=400
         )
-    await ex.upstream.upstream.ensure_started()
-    if "logging" not in (ex.upstream.upstream.init_result.get("capabilities") or {}):
+    await ex.connection.ensure_started()
+    if "logging" not in (ex.connection.init_result.get("capabilities") or {}):
         raise RpcError(METHOD_NOT_FOUND, f"upstream {ex.server} does not offer logging")
     await ex.gateway.admit(ex)
     ex.session.log_level = level

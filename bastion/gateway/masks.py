@@ -28,6 +28,7 @@ A call that no mask applies to is not touched (`mask_result` returns at once).
 
 from __future__ import annotations
 
+import copy
 import functools
 import json
 import logging
@@ -336,3 +337,14 @@ def mask_notification(method: str, params: dict[str, Any], paths: Paths) -> dict
         return None
     kept, _ = _rebuild(params, fields, paths, None)
     return kept if _REQUIRED[method] in kept else None
+
+
+def mask_answer(answer: dict[str, Any], paths: Paths) -> dict[str, Any] | None:
+    """A client's answer to a request an upstream sent it (sampling, elicitation, roots) under
+    ``paths``: a copy with the fields they name masked, wherever in it they lead; None when no
+    path reaches into it (withheld whole: fail closed, as for a result). Without paths,
+    ``answer`` itself."""
+    if not paths:
+        return answer
+    copied = copy.deepcopy(answer)
+    return copied if _mask_json(copied, paths) is not None else None

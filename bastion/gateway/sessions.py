@@ -113,13 +113,26 @@ class Listener:
         if self.refused:
             return
         if self.stream.qsize() >= MAX_BACKLOG:
-            while not self.stream.empty():
-                self.stream.get_nowait()
-            self.close(refused=True)
+            self._cut_off()
             return
         if self.id is not None:
             params = {**(params or {}), "_meta": {SUBSCRIPTION_ID: self.id}}
         self.stream.put_nowait(notification(method, params))
+
+    def ask(self, request: dict[str, Any]) -> None:
+        """Send a request an upstream sends the client (a 2025-11-25 GET stream only), under
+        the same bound as notifications."""
+        if self.refused:
+            raise RpcError(INVALID_REQUEST, "the client's stream was closed")
+        if self.stream.qsize() >= MAX_BACKLOG:
+            self._cut_off()
+            raise RpcError(INVALID_REQUEST, "the client does not read its stream")
+        self.stream.put_nowait(request)
+
+    def _cut_off(self) -> None:
+        while not self.stream.empty():
+            self.stream.get_nowait()
+        self.close(refused=True)
 
     def close(self, refused: bool = False) -> None:
         """End the stream: gracefully (with the listen request's result), or as refused."""
@@ -136,6 +149,8 @@ class SessionTable:
         self._listeners: set[Listener] = set()
         self._streams: dict[tuple[str, str], int] = {}  # (server, user) -> open streams
         self._last_sweep = 0.0
+        # Told of every session that ends (its upstream session, if its own, closes too).
+        self.on_end: Callable[[Session], None] | None = None
 
     def open(
         self,
@@ -144,13 +159,15 @@ class SessionTable:
         client_id: str,
         protocol_version: str,
         capabilities: dict[str, Any] | None = None,
+        session_id: str | None = None,
     ) -> Session:
+        """A new session (``session_id``: its id, if chosen beforehand with `new_id`)."""
         self._sweep()
         theirs = self._by_user.setdefault((server, subject), {})
         if len(theirs) >= MAX_SESSIONS_PER_USER:
             self.end(min(theirs.values(), key=lambda s: s.last_seen))
         session = Session(
-            secrets.token_urlsafe(16),
+            session_id or self.new_id(),
             server,
             subject,
             client_id,
@@ -161,6 +178,19 @@ class SessionTable:
         self._sessions[session.id] = session
         theirs[session.id] = session
         return session
+
+    @staticmethod
+    def new_id() -> str:
+        return secrets.token_urlsafe(16)
+
+    def get(self, session_id: str) -> Session | None:
+        """The session ``session_id``, whoever holds it (for bastion's own use: a client finds
+        only its own, with `find`)."""
+        return self._sessions.get(session_id)
+
+    def sessions_of(self, server: str, subject: str) -> list[Session]:
+        """The sessions ``subject`` holds on ``server``, all their agents together."""
+        return list(self._by_user.get((server, subject), {}).values())
 
     def find(self, session_id: str, server: str, subject: str, client_id: str) -> Session | None:
         session = self._sessions.get(session_id)
@@ -178,6 +208,8 @@ class SessionTable:
         return session
 
     def end(self, session: Session) -> None:
+        if self.on_end is not None and not session.closed:
+            self.on_end(session)
         session.close()
         self._sessions.pop(session.id, None)
         key = (session.server, session.subject)

@@ -26,7 +26,7 @@ from starlette.types import Receive, Scope, Send
 from bastion import untrusted_json
 from bastion.db import DatabaseUnavailable
 from bastion.gateway.enforce import Caller, StepUp
-from bastion.gateway.handlers import Exchange, handler_for
+from bastion.gateway.handlers import Exchange, admit_and_start, handler_for
 from bastion.gateway.jsonrpc import (
     FACTS_STALE,
     HEADER_MISMATCH,
@@ -398,6 +398,9 @@ class StreamableHttpEndpoint:
             owner=owner,
             session=session,
         )
+        if message.method == "initialize" and not modern:
+            # Chosen now: a session's own upstream session is opened for it at initialize.
+            exchange.opening = gateway.sessions.new_id()
         handler = handler_for(message.method, gateway.config.pass_methods)
         wants_events = "text/event-stream" in headers.get("accept", "")
         # While bastion waits, the request can be cancelled: by the client's
@@ -444,6 +447,7 @@ class StreamableHttpEndpoint:
         finally:
             timer.cancel()
             flight.finish()
+            exchange.release()
             if gateway.in_flight.get(key) is flight:
                 del gateway.in_flight[key]
         if flight.sending is not None:
@@ -457,6 +461,7 @@ class StreamableHttpEndpoint:
                 caller.client_id,
                 exchange.notes["protocol_version"],
                 capabilities if isinstance(capabilities, dict) else {},
+                session_id=exchange.opening,
             )
             extra["mcp-session-id"] = opened.id
         _counted(exchange, await send_json(send, status, body, {**response_headers, **extra}))
@@ -672,7 +677,8 @@ class StreamableHttpEndpoint:
         # of this GET and decided again before each notification (`Gateway.may_hear`).
         context = gateway.enforcer.context(caller, server, "GET")
         try:
-            await upstream.upstream.ensure_started()
+            with upstream.connection(caller, session.id) as connection:
+                await connection.ensure_started()
             verdict = await gateway.enforcer.decide(
                 caller, server, "GET", "connect", upstream.entity, context
             )
@@ -703,7 +709,8 @@ class StreamableHttpEndpoint:
         expiry = _end_at_expiry(listener)
         try:
             try:
-                await upstream.upstream.watch(frozenset(session.subscriptions))
+                with upstream.connection(caller, session.id) as connection:
+                    await connection.watch(frozenset(session.subscriptions))
             except RpcError as e:
                 raise HttpError(502, e.body(None)) from None
             await _start_events(send)
@@ -747,13 +754,14 @@ class StreamableHttpEndpoint:
                     http_status=406,
                 )
             wanted, uris = _listen_filter(message.params)
-            await upstream.upstream.ensure_started()
-            await gateway.admit(ex, record=True)
+            await admit_and_start(ex)
+            offered = ex.connection.init_result.get("capabilities") or {}
         except RpcError as e:
             raise HttpError(e.http_status, e.body(message.id)) from None
         except StepUp:
             raise HttpError(403, None) from None
-        offered = upstream.upstream.init_result.get("capabilities") or {}
+        finally:
+            ex.release()  # a stream does not keep its upstream session busy
         methods = frozenset(
             method
             for method, flag in LIST_CHANGED.items()
@@ -783,7 +791,8 @@ class StreamableHttpEndpoint:
         expiry = _end_at_expiry(listener)
         try:
             try:
-                await upstream.upstream.watch(readable)
+                with upstream.connection(caller, "") as connection:
+                    await connection.watch(readable)
             except RpcError as e:
                 raise HttpError(e.http_status, e.body(message.id)) from None
             await _start_events(send)

@@ -6,8 +6,11 @@ request), else in 2025-11-25, which every server speaks; over stdio in 2025-11-2
 all clients share that one connection; ids are bastion's. The client's token never travels
 upstream: an HTTP upstream gets only the headers configured for it. A request an HTTP upstream
 sends on the stream of one of bastion's requests (sampling, elicitation, roots) goes to that
-request's ``ask``, and a log message sent there to its ``hear``; any other (over stdio, on a
-standing stream) names no client: a request is answered with an error, a log message dropped.
+request's ``ask``, and a log message sent there to its ``hear``. A request on the standing
+stream goes to ``on_request`` where the gateway set one (an upstream session of one user or one
+client session: `bastion.gateway.upstream_sessions`), whose standing stream is then kept open;
+any other (over stdio, on a shared standing stream) names no client: a request is answered with
+an error, a log message dropped.
 
 Log levels belong to each client, not to the connection they share: a 2026-07-28 upstream is
 told the level of the client behind each request (``_meta``), and a 2025-11-25 upstream, whose
@@ -96,6 +99,9 @@ class Upstream(abc.ABC):
         self.init_result: dict[str, Any] = {}
         # Called with every notification the upstream sends (progress, list_changed...).
         self.on_notification: Notify | None = None
+        # Answers a request the upstream sends on its standing stream (an upstream session of
+        # one user or client session); None: such requests are refused.
+        self.on_request: Ask | None = None
         self._ids = itertools.count(1)
         self._start_lock = asyncio.Lock()
         self._started = False
@@ -494,6 +500,18 @@ class HttpUpstream(Upstream):
         if not await self._discover():
             await self._handshake()
             await self._subscribe_again()
+        if self.on_request is not None:
+            await self._keep_standing_stream()
+
+    async def _keep_standing_stream(self) -> None:
+        """Open the standing stream of a session whose requests reach a client (`on_request`),
+        and wait a moment for it: the upstream may ask on it during the very first call."""
+        if self._watcher is None or self._watcher.done():
+            self._opened = asyncio.Event()
+            self._watcher = asyncio.create_task(self._watch_forever(self._watched, self._opened))
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(min(self.config.timeout, _OPEN_WAIT)):
+                await self._opened.wait()
 
     async def _discover(self) -> bool:
         """Use 2026-07-28 (one POST per request, no session: cheaper) if the upstream has it."""
@@ -674,8 +692,14 @@ class HttpUpstream(Upstream):
         return headers
 
     async def _from_server(self, message: dict[str, Any]) -> None:
-        """A request or notification the upstream sent on a stream."""
-        if "id" in message:
+        """A request or notification the upstream sent on a stream. A request goes to
+        `on_request` if set, in a task of its own: the stream goes on while the client thinks."""
+        if "id" in message and self.on_request is not None:
+            task = asyncio.ensure_future(self._answer(self.on_request, message))
+            self._chores.add(task)
+            task.add_done_callback(self._chores.discard)
+            task.add_done_callback(_log_failure)
+        elif "id" in message:
             await self._send_notification(
                 RpcError(METHOD_NOT_FOUND, "bastion does not relay server requests").body(
                     message["id"]
@@ -683,6 +707,10 @@ class HttpUpstream(Upstream):
             )
         else:
             await self._deliver(message)
+
+    async def _answer(self, ask: Ask, message: dict[str, Any]) -> None:
+        answer = await ask(message)
+        await self._send_notification({**answer, "jsonrpc": "2.0", "id": message["id"]})
 
     # -- the standing stream: notifications that belong to no request ----------------------------
 
@@ -796,7 +824,7 @@ def _cancelled(request_id: Any, reason: str) -> dict[str, Any]:
 
 def _log_failure(task: asyncio.Task) -> None:
     if not task.cancelled() and task.exception() is not None:
-        log.warning("upstream: notifications/cancelled not sent: %s", task.exception())
+        log.warning("upstream: a message to the upstream was not sent: %s", task.exception())
 
 
 @dataclass(slots=True)

@@ -441,12 +441,14 @@ def start(
     signals: dict | None = None,
     oauth: dict | None = None,
     tasks: dict | None = None,
+    more_upstreams: tuple[dict, ...] = (),
 ):
     """Start everything; a context manager yielding `Running`. ``gateway`` adds settings to the
     ``[gateway]`` table, ``oauth`` to the ``[oauth]`` table; ``approvals`` is the
     ``[approvals]`` table (by default a held request waits for no answer), ``policy_extra``
     rules go after the test policy; ``replicas`` more apps share the first one's database and
-    settings; ``signals`` is the ``[signals]`` table, ``tasks`` the ``[tasks]`` table."""
+    settings; ``signals`` is the ``[signals]`` table, ``tasks`` the ``[tasks]`` table;
+    ``more_upstreams`` are more ``[[gateway.upstreams]]`` (each a resource too)."""
     from contextlib import ExitStack, contextmanager
 
     @contextmanager
@@ -488,7 +490,7 @@ def start(
                             "uri": f"{base}/mcp/{name}",
                             "scopes": ["customers:read", "customers:write"],
                         }
-                        for name in SERVERS
+                        for name in (*SERVERS, *(u["name"] for u in more_upstreams))
                     ],
                     # One module's tests register many clients, all from 127.0.0.1.
                     "open_registration": {"max_per_address": 10_000},
@@ -522,6 +524,7 @@ def start(
                         },
                         {"name": "labhttp", "url": f"{lab_url}/mcp"},
                         {"name": "labold", "url": f"{old_url}/mcp"},
+                        *more_upstreams,
                     ],
                 },
             )

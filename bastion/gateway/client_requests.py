@@ -1,0 +1,204 @@
+"""Requests an upstream sends a client: ``sampling/createMessage``, ``elicitation/create``,
+``roots/list`` (MCP 2025-11-25, server requests).
+
+Sent while the upstream answers one of a client's requests, they go to that client on the
+stream of its request (`bastion.gateway.handlers.Exchange`). Sent on the standing stream of an
+upstream session of one user or one client session (`bastion.gateway.upstream_sessions`), they
+go to that owner's client on its session's GET stream: ``per_client_session``, that very client
+session; ``per_user``, the user's client session used last among those that declared the
+capability. Never to another user's client. From an upstream session of one owner, each is
+decided by the policy as the action named by its method on the ``McpServer``, for every
+principal of the client it would reach, and the client's answer is masked as a result is.
+Refused (a JSON-RPC error back to the upstream) when no such client can be asked or the policy
+says no.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+from bastion.facts.model import Entity
+from bastion.gateway.enforce import Caller, Held, StepUp, refused
+from bastion.gateway.jsonrpc import (
+    INTERNAL_ERROR,
+    INVALID_REQUEST,
+    METHOD_NOT_FOUND,
+    UPSTREAM_UNAVAILABLE,
+    RpcError,
+)
+from bastion.gateway.masks import Paths, compile_paths, mask_answer
+from bastion.gateway.upstream_sessions import SessionOwner
+
+if TYPE_CHECKING:
+    from bastion.gateway.gateway import Gateway, UpstreamState
+    from bastion.gateway.sessions import Session
+
+# The requests an upstream may send a client, and the capability the client must have declared.
+CLIENT_REQUESTS = {
+    "sampling/createMessage": "sampling",
+    "elicitation/create": "elicitation",
+    "roots/list": "roots",
+}
+# Puts a request on an event stream the client reads.
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+log = logging.getLogger("bastion.gateway")
+
+
+def check_client_request(method: Any, params: Any, capabilities: dict[str, Any]) -> None:
+    """Refuse (`RpcError`) a request for a client that did not declare what it needs."""
+    capability = CLIENT_REQUESTS.get(method) if isinstance(method, str) else None
+    if capability is None or not isinstance(params, dict):
+        raise RpcError(METHOD_NOT_FOUND, f"bastion relays no {method!r} requests to clients")
+    declared = capabilities.get(capability)
+    if not isinstance(declared, dict):
+        raise RpcError(METHOD_NOT_FOUND, f"the client did not declare the {capability} capability")
+    if capability == "elicitation":
+        mode = params.get("mode", "form")
+        # MCP: an empty ``elicitation`` capability declares form mode only.
+        modes = declared or {"form": {}}
+        if not isinstance(mode, str) or mode not in modes:
+            raise RpcError(METHOD_NOT_FOUND, f"the client did not declare {mode!r} elicitation")
+
+
+class ClientRequests:
+    """Asks clients on upstreams' behalf, and remembers what it asked (`Gateway.asked`)."""
+
+    def __init__(self, gateway: Gateway) -> None:
+        self.gateway = gateway
+
+    async def ask(
+        self, owner: tuple, send: Send, method: str, params: dict[str, Any], timeout: float
+    ) -> dict[str, Any]:
+        """Send a client a request (``send`` puts it on a stream it reads) under an id of
+        bastion's; return its JSON-RPC response. Only ``owner`` (the server, user, agent and
+        session it was sent to) may answer (`StreamableHttpEndpoint._answered`)."""
+        request_id = f"bastion-{secrets.token_urlsafe(12)}"
+        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        pending = self.gateway.asked
+        pending[request_id] = (owner, future)
+        try:
+            await send({"jsonrpc": "2.0", "id": request_id, "method": method, "params": params})
+            try:
+                async with asyncio.timeout(timeout):
+                    return await future
+            except TimeoutError:
+                raise RpcError(
+                    UPSTREAM_UNAVAILABLE, f"the client did not answer {method} within {timeout:g}s"
+                ) from None
+        finally:
+            pending.pop(request_id, None)
+
+    async def decide(self, caller: Caller, server: str, method: str) -> Paths:
+        """May the upstream ``server`` send ``caller``'s client ``method``? Decided (and
+        recorded) as the action ``method`` on ``McpServer{server}``; returns the masks its
+        answer goes back under. A hold or a step-up cannot be waited for here: refused."""
+        enforcer = self.gateway.enforcer
+        context = enforcer.context(caller, server, method)
+        resource = Entity("McpServer", server)
+        try:
+            verdict = await enforcer.decide(caller, server, method, method, resource, context)
+        except StepUp as e:
+            raise refused(server, e.decision_id, "insufficient_scope") from None
+        except Held as held:
+            raise refused(server, held.decision_id, held.reason) from None
+        enforcer.write(verdict.record)
+        return compile_paths(verdict.obligations.masks)
+
+    async def from_standing_stream(
+        self, state: UpstreamState, owner: SessionOwner, message: dict[str, Any]
+    ) -> dict[str, Any]:
+        """A request on the standing stream of ``owner``'s upstream session: the answer (a
+        result or an error) to send back to the upstream."""
+        method, params = message.get("method"), message.get("params")
+        params = params if isinstance(params, dict) else {}
+        try:
+            session = self._client_session(state.name, owner, method, params)
+            listener = session.listener
+            assert listener is not None
+            # The token of its stream must still be good, and ``connect`` still allowed.
+            if not await self.gateway.may_hear(listener, str(method)):
+                raise RpcError(INVALID_REQUEST, "the client's stream was closed: ask again later")
+            masks = await self.decide(listener.caller, state.name, str(method))
+
+            async def send(request: dict[str, Any]) -> None:
+                listener.ask(request)
+
+            owner_key = (state.name, session.subject, session.client_id, session.id)
+            timeout = state.upstream.config.timeout
+            answer = await self.ask(owner_key, send, str(method), params, timeout)
+            return answer_for_upstream(answer, masks)
+        except RpcError as e:
+            return {"error": e.body(None)["error"]}
+        except Exception:
+            log.exception("relaying %s from upstream %s failed", method, state.name)
+            return {"error": {"code": INTERNAL_ERROR, "message": "internal error in bastion"}}
+
+    def _client_session(
+        self, server: str, owner: SessionOwner, method: Any, params: dict[str, Any]
+    ) -> Session:
+        """The owner's client session to ask: open, with a GET stream, and that declared the
+        capability (the one used last, for a user's)."""
+        if owner.client_id and not owner.client_session:
+            raise RpcError(
+                INVALID_REQUEST,
+                "this upstream session serves an MCP 2026-07-28 client, which has no standing"
+                " stream: it can be asked only within a call (an input_required result)",
+            )
+        sessions = self.gateway.sessions
+        if owner.client_session:
+            found = sessions.get(owner.client_session)
+            candidates = [found] if found is not None else []
+        else:
+            candidates = sessions.sessions_of(server, owner.user)
+        live = [
+            s
+            for s in candidates
+            if owner.covers(s.subject, s.client_id, s.id)
+            and s.server == server
+            and not s.closed
+            and s.listener is not None
+            and not s.listener.refused
+        ]
+        if not live:
+            raise RpcError(
+                INVALID_REQUEST,
+                "no client of this session can be asked now: that needs an MCP 2025-11-25"
+                " client session with its GET stream open (a 2026-07-28 client has no standing"
+                " stream, and is asked only within a call)",
+            )
+        refusal: RpcError | None = None
+        willing = []
+        for session in live:
+            try:
+                check_client_request(method, params, session.capabilities)
+                willing.append(session)
+            except RpcError as e:
+                refusal = e
+        if not willing:
+            assert refusal is not None
+            raise refusal
+        return max(willing, key=lambda s: s.last_seen)
+
+
+def answer_for_upstream(answer: dict[str, Any], masks: Paths) -> dict[str, Any]:
+    """A client's JSON-RPC response, as bastion sends it on to the upstream: its result
+    (masked), or its error; anything else is an error."""
+    if isinstance(answer.get("result"), dict):
+        result = mask_answer(answer["result"], masks)
+        if result is None:
+            return {
+                "error": {
+                    "code": INVALID_REQUEST,
+                    "message": "the client's answer is withheld by bastion: a field of it is"
+                    " masked and the answer has no such field",
+                }
+            }
+        return {"result": result}
+    error = answer.get("error")
+    if isinstance(error, dict):
+        return {"error": error}
+    return {"error": {"code": INTERNAL_ERROR, "message": "the client sent no result"}}

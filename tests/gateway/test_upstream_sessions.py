@@ -1,0 +1,405 @@
+"""Upstream sessions per user and per client session (``session`` of an upstream).
+
+A stateful upstream (official SDK, Streamable HTTP, sessions: `session_server.py`) says which of
+its sessions each call came on, and asks its client for input on its standing stream. Through
+bastion, each user's calls land on an upstream session of their own (``per_user``), or each client
+session's (``per_client_session``); what the upstream asks on one user's session reaches that
+user's client, decided by the policy and its answer masked, never another user's; ``shared``
+stays one session for everyone, whose standing-stream requests are refused as before.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import threading
+import time
+from contextlib import AsyncExitStack
+from pathlib import Path
+
+import anyio
+import httpx2
+import pytest
+from argon2 import PasswordHasher
+from mcp import types
+from mcp.client.client import Client as McpClient
+from mcp.client.streamable_http import streamable_http_client
+
+from bastion.gateway.config import GatewayConfig
+from bastion.gateway.upstream_sessions import SessionOwner
+from bastion.oauth import users
+from bastion.oauth.users import create_user
+from bastion.server.config import ConfigError
+from tests.oauth.support import MemoryStorage, free_socket, sdk_auth, serve
+
+from .streams import legacy_session, messages, modern_headers, modern_request
+from .support import REDIRECT_URI, LegacyOnly, Recorder, fresh_module, start
+
+SERVER = fresh_module("session_server", Path(__file__).parent / "session_server.py")
+NAMES = ["solo", "pair", "together", "capped", "brief"]
+# Everyone may do everything on these servers, except that the upstream may not list a client's
+# roots, and a client's elicitation answer goes back with its "secret" field masked.
+POLICY = f"""
+allow(_actor, _action: String, _it: McpServer) if context.server in {json.dumps(NAMES)};
+allow(_actor, _action: String, _it: Tool) if context.server in {json.dumps(NAMES)};
+deny(_user: User, "roots/list", _it: McpServer) if context.server in {json.dumps(NAMES)};
+mask(_user: User, "elicitation/create", _it: McpServer, "content.secret") if
+  context.server in {json.dumps(NAMES)};
+deny(user: User, "connect", _it: McpServer) if user = User{{"sam"}} and
+  context.server in {json.dumps(NAMES)};
+"""
+
+
+@pytest.fixture(scope="module")
+def bastion(tmp_path_factory):
+    saved = users._HASHER
+    users._HASHER = PasswordHasher(time_cost=1, memory_cost=1024, parallelism=1)
+    upstream = Recorder(LegacyOnly(SERVER.server.streamable_http_app(streamable_http_path="/mcp")))
+    try:
+        with serve(upstream, free_socket()) as url:
+            more = (
+                {"name": "solo", "url": f"{url}/mcp", "session": "per_user"},
+                {"name": "pair", "url": f"{url}/mcp", "session": "per_client_session"},
+                {"name": "together", "url": f"{url}/mcp"},
+                {"name": "capped", "url": f"{url}/mcp", "session": "per_user", "max_sessions": 1},
+                {
+                    "name": "brief",
+                    "url": f"{url}/mcp",
+                    "session": "per_user",
+                    "session_idle_seconds": 1,
+                },
+            )
+            with start(
+                tmp_path_factory.mktemp("upsessions"), policy_extra=POLICY, more_upstreams=more
+            ) as running:
+                for name in ("alice", "bob"):
+                    create_user(running.app.state.oauth.store, name, running.password, time.time())
+                running.upstream_requests = upstream.requests
+                yield running
+    finally:
+        users._HASHER = saved
+
+
+def callbacks(user: str, seen: list) -> dict:
+    """An SDK client's answers: each request it is asked is noted in ``seen``."""
+
+    async def elicit(context, params):
+        seen.append(("elicit", params.message))
+        return types.ElicitResult(
+            action="accept", content={"name": user, "secret": f"{user}-secret"}
+        )
+
+    async def sample(context, params):
+        seen.append(("sample", params.messages[0].content.text))
+        text = types.TextContent(type="text", text=f"{user}'s model")
+        return types.CreateMessageResult(role="assistant", content=text, model="test-model")
+
+    async def roots(context):
+        seen.append(("roots", ""))
+        return types.ListRootsResult(roots=[types.Root(uri=f"file:///home/{user}")])
+
+    return {
+        "elicitation_callback": elicit,
+        "sampling_callback": sample,
+        "list_roots_callback": roots,
+    }
+
+
+async def connect(
+    bastion, stack: AsyncExitStack, user: str, server: str, seen: list, mode="legacy"
+):
+    """An official SDK client of ``user`` on ``server`` (signed in through OAuth)."""
+    provider = sdk_auth(
+        bastion.mcp_url(server),
+        lambda url: bastion.log_in_and_consent(url, user),
+        MemoryStorage(),
+        [],
+        client_name=f"{user}'s agent",
+        redirect_uri=REDIRECT_URI,
+    )
+    http = await stack.enter_async_context(httpx2.AsyncClient(auth=provider, timeout=30))
+    return await stack.enter_async_context(
+        McpClient(
+            streamable_http_client(bastion.mcp_url(server), http_client=http),
+            mode=mode,
+            **callbacks(user, seen),
+        )
+    )
+
+
+async def text(client, tool: str, **arguments) -> str:
+    return (await client.call_tool(tool, arguments)).content[0].text
+
+
+async def streams_open(bastion, server: str, count: int) -> None:
+    """Wait until ``count`` client sessions on ``server`` have their GET stream open (an SDK
+    client opens it in the background after initialize)."""
+    table = bastion.app.state.gateway.sessions
+    with anyio.fail_after(15):
+        while sum(1 for s in table._sessions.values() if s.server == server and s.listener) < count:
+            await anyio.sleep(0.02)
+
+
+def upstream_deleted(bastion, session_id: str) -> bool:
+    return any(
+        r["method"] == "DELETE" and r["headers"].get(b"mcp-session-id") == session_id.encode()
+        for r in bastion.upstream_requests
+    )
+
+
+def test_each_users_calls_land_on_their_own_upstream_session(bastion):
+    async def main():
+        async with AsyncExitStack() as stack:
+            alice = await connect(bastion, stack, "alice", "solo", [])
+            again = await connect(bastion, stack, "alice", "solo", [])
+            bob = await connect(bastion, stack, "bob", "solo", [])
+            return [await text(c, "whoami") for c in (alice, again, alice, bob, bob)]
+
+    first, again, later, bob, bob_later = anyio.run(main)
+    assert first == again == later != bob == bob_later
+    assert "none" not in (first, bob)
+
+
+def test_a_request_on_alices_session_reaches_alice_never_bob(bastion):
+    asked = {"alice": [], "bob": []}
+
+    async def main():
+        async with AsyncExitStack() as stack:
+            alice = await connect(bastion, stack, "alice", "solo", asked["alice"])
+            bob = await connect(bastion, stack, "bob", "solo", asked["bob"])
+            await streams_open(bastion, "solo", 2)
+            return (
+                await text(alice, "ask", kind="elicit"),
+                await text(bob, "ask", kind="sample"),
+                await text(alice, "ask", kind="sample"),
+            )
+
+    alice_elicit, bob_sample, alice_sample = anyio.run(main)
+    # Decided and masked: the upstream never sees alice's secret.
+    assert json.loads(alice_elicit.removeprefix("answer: ")) == {
+        "name": "alice",
+        "secret": "[masked]",
+    }
+    assert bob_sample == "answer: bob's model"
+    assert alice_sample == "answer: alice's model"
+    assert asked["alice"] == [("elicit", "Who are you?"), ("sample", "Which model?")]
+    assert asked["bob"] == [("sample", "Which model?")]
+
+
+@pytest.mark.parametrize("tool", ["ask", "ask_in_call"])
+def test_a_request_the_policy_denies_is_refused_to_the_upstream(bastion, tool):
+    asked: list = []
+
+    async def main():
+        async with AsyncExitStack() as stack:
+            alice = await connect(bastion, stack, "alice", "solo", asked)
+            await streams_open(bastion, "solo", 1)
+            return await text(alice, tool, kind="roots")
+
+    answer = anyio.run(main)
+    assert answer.startswith("refused: bastion refused this request (solo): not permitted")
+    assert asked == []
+
+
+def test_each_client_session_has_its_own_upstream_session_closed_with_it(bastion):
+    asked = {"first": [], "second": []}
+
+    async def main():
+        async with AsyncExitStack() as stack:
+            second = await connect(bastion, stack, "alice", "pair", asked["second"])
+            bob = await connect(bastion, stack, "bob", "pair", [])
+            async with AsyncExitStack() as inner:
+                first = await connect(bastion, inner, "alice", "pair", asked["first"])
+                await streams_open(bastion, "pair", 3)
+                ids = [await text(c, "whoami") for c in (first, second, bob, first)]
+                answer = await text(first, "ask", kind="sample")
+            # The first client session ended (the SDK sent DELETE): its upstream session too.
+            with anyio.fail_after(15):
+                while not upstream_deleted(bastion, ids[0]):
+                    await anyio.sleep(0.02)
+            return ids, answer, upstream_deleted(bastion, ids[1])
+
+    ids, answer, second_deleted = anyio.run(main)
+    assert len(set(ids[:3])) == 3 and ids[3] == ids[0]
+    assert answer == "answer: alice's model"
+    assert asked == {"first": [("sample", "Which model?")], "second": []}
+    assert not second_deleted
+
+
+def test_a_shared_upstream_session_is_one_for_everyone_and_relays_no_standing_request(bastion):
+    asked: list = []
+
+    async def main():
+        async with AsyncExitStack() as stack:
+            alice = await connect(bastion, stack, "alice", "together", asked)
+            bob = await connect(bastion, stack, "bob", "together", [])
+            await streams_open(bastion, "together", 2)
+            return (
+                await text(alice, "whoami"),
+                await text(bob, "whoami"),
+                await text(alice, "ask", kind="sample"),
+                # Within a call, relayed as before: not decided by the policy (roots allowed).
+                await text(alice, "ask_in_call", kind="roots"),
+            )
+
+    alice_id, bob_id, standing, in_call = anyio.run(main)
+    assert alice_id == bob_id
+    assert standing == "refused: bastion does not relay server requests"
+    assert in_call == "answer: file:///home/alice"
+    assert asked == [("roots", "")]
+
+
+def test_a_2026_client_cannot_be_asked_on_a_standing_stream(bastion):
+    asked: list = []
+
+    async def main():
+        async with AsyncExitStack() as stack:
+            alice = await connect(bastion, stack, "alice", "solo", asked, mode="auto")
+            assert alice.protocol_version == "2026-07-28"
+            return await text(alice, "ask", kind="sample")
+
+    answer = anyio.run(main)
+    assert answer.startswith("refused: no client of this session can be asked now")
+    assert "2026-07-28 client has no standing stream" in answer
+    assert asked == []
+
+
+def _call(bastion, headers, server, tool, arguments, request_id=7):
+    body = {"jsonrpc": "2.0", "id": request_id, "method": "tools/call"}
+    body["params"] = {"name": tool, "arguments": arguments}
+    response = bastion.http.post(bastion.mcp_url(server), json=body, headers=headers)
+    assert response.status_code == 200, response.text
+    return messages(response)[-1]
+
+
+def test_the_cap_closes_the_oldest_idle_session_and_refuses_when_none_is_idle(bastion):
+    alice = legacy_session(bastion, bastion.token("alice", "capped"), "capped")
+    first = _call(bastion, alice, "capped", "whoami", {})["result"]["content"][0]["text"]
+    bob = legacy_session(bastion, bastion.token("bob", "capped"), "capped")
+    # Bob's session took the only place: alice's, idle, was closed upstream.
+    assert upstream_deleted(bastion, first)
+    held: dict = {}
+    thread = threading.Thread(
+        target=lambda: held.update(_call(bastion, bob, "capped", "hold", {"tag": "cap"}))
+    )
+    thread.start()
+    try:
+        deadline = time.monotonic() + 15
+        while "cap" not in SERVER.HELD:
+            assert time.monotonic() < deadline, "the upstream never got bob's call"
+            time.sleep(0.02)
+        refused = _call(bastion, alice, "capped", "whoami", {})
+        assert refused["error"]["code"] == -32000
+        assert (
+            "has its 1 sessions (max_sessions) open and every one is in use"
+            in (refused["error"]["message"])
+        )
+    finally:
+        SERVER.RELEASED.add("cap")
+        thread.join(15)
+    assert held["result"]["content"][0]["text"] == "released cap"
+    again = _call(bastion, alice, "capped", "whoami", {})["result"]["content"][0]["text"]
+    assert again != first
+
+
+def test_an_idle_upstream_session_is_closed(bastion):
+    alice = legacy_session(bastion, bastion.token("alice", "brief"), "brief")
+    first = _call(bastion, alice, "brief", "whoami", {})["result"]["content"][0]["text"]
+    deadline = time.monotonic() + 15
+    while not upstream_deleted(bastion, first):
+        assert time.monotonic() < deadline, "the idle upstream session was never closed"
+        time.sleep(0.05)
+    # The client's own session lives on; its next call opens a new upstream session.
+    again = _call(bastion, alice, "brief", "whoami", {})["result"]["content"][0]["text"]
+    assert again not in (first, "none")
+
+
+@pytest.mark.parametrize(
+    ("table", "error"),
+    [
+        ({"session": "per_agent"}, "session must be one of shared, per_user, per_client_session"),
+        ({"session": "per_user", "max_sessions": 0}, "max_sessions must be a positive number"),
+        (
+            {"session": "per_user", "session_idle_seconds": -1},
+            "session_idle_seconds must be a positive number",
+        ),
+    ],
+)
+def test_bad_session_settings_are_refused(table, error):
+    upstream = {"name": "files", "url": "http://127.0.0.1:9/mcp", **table}
+    with pytest.raises(ConfigError, match=error):
+        GatewayConfig.from_mapping({"upstreams": [upstream]}, env={})
+
+
+def test_a_stdio_upstream_is_shared():
+    upstream = {"name": "desk", "command": "python", "session": "per_user"}
+    with pytest.raises(ConfigError, match="needs a Streamable HTTP upstream"):
+        GatewayConfig.from_mapping({"upstreams": [upstream]}, env={})
+    defaults = GatewayConfig.from_mapping({"upstreams": [{"name": "d", "command": "python"}]})
+    assert defaults.upstreams[0].session == "shared"
+
+
+def _claim(token: str, name: str) -> str:
+    payload = token.split(".")[1]
+    return json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))[name]
+
+
+def _closed_upstream(bastion, session_id: str) -> None:
+    deadline = time.monotonic() + 15
+    while not upstream_deleted(bastion, session_id):
+        assert time.monotonic() < deadline, "the upstream session was never closed"
+        time.sleep(0.02)
+
+
+def test_revoking_a_grant_closes_the_upstream_sessions_it_used(bastion):
+    token = bastion.token("alice", "solo")
+    alice = legacy_session(bastion, token, "solo")
+    first = _call(bastion, alice, "solo", "whoami", {})["result"]["content"][0]["text"]
+    revoked = bastion.http.post(
+        f"{bastion.url}/revoke", data={"token": token, "client_id": _claim(token, "client_id")}
+    )
+    assert revoked.status_code == 200, revoked.text
+    _closed_upstream(bastion, first)
+    # Another agent of alice's gets a new upstream session.
+    again = legacy_session(bastion, bastion.token("alice", "solo"), "solo")
+    assert _call(bastion, again, "solo", "whoami", {})["result"]["content"][0]["text"] != first
+
+
+def test_suspending_a_user_closes_their_upstream_session(bastion):
+    key, _ = bastion.app.state.keys.create("kill switch", ["suspensions"], created_by="test")
+    headers = {"authorization": f"Bearer {key}"}
+    bob = legacy_session(bastion, bastion.token("bob", "solo"), "solo")
+    first = _call(bastion, bob, "solo", "whoami", {})["result"]["content"][0]["text"]
+    suspended = bastion.http.post(
+        f"{bastion.url}/v1/suspensions", json={"kind": "user", "id": "bob"}, headers=headers
+    )
+    assert suspended.status_code == 201, suspended.text
+    try:
+        _closed_upstream(bastion, first)
+    finally:
+        resumed = bastion.http.delete(f"{bastion.url}/v1/suspensions/user/bob", headers=headers)
+        assert resumed.status_code == 200, resumed.text
+
+
+def test_a_client_refused_at_initialize_opens_no_upstream_session(bastion):
+    token = bastion.token("sam", "solo")
+    for body, headers in (
+        (
+            {
+                "jsonrpc": "2.0",
+                "id": 0,
+                "method": "initialize",
+                "params": {
+                    "protocolVersion": "2025-11-25",
+                    "capabilities": {},
+                    "clientInfo": {"name": "t", "version": "1"},
+                },
+            },
+            {"authorization": f"Bearer {token}", "mcp-protocol-version": "2025-11-25"},
+        ),
+        (modern_request(1, "server/discover", {}), modern_headers(token, "server/discover")),
+    ):
+        refused = bastion.http.post(bastion.mcp_url("solo"), json=body, headers=headers)
+        assert refused.json()["error"]["data"]["reason"] == "not_permitted"
+    pool = bastion.app.state.gateway.upstreams["solo"].sessions
+    assert pool.find(SessionOwner("sam")) is None
