@@ -245,6 +245,45 @@ def _decide_chain(
     )
 
 
+def plainly_allowed(
+    authz: Authorizer,
+    principals: Sequence[Entity],
+    action: str,
+    resource: Entity,
+    context: dict | None,
+    granted_scopes: Iterable[str],
+) -> bool:
+    """Whether `decide_chain` would allow ``action`` on ``resource`` with nothing to do: every
+    principal allowed, every required signal fresh, every required scope granted, no approval
+    still needed, no rate limit. Asks only those questions (the gateway's check of ``connect``
+    on every message, which goes through the whole contract when this is False); a spent
+    evaluation budget is False too."""
+    chain = tuple(principals)
+    if not chain:
+        return False
+    with authz.session(context) as s:
+        try:
+            if not all(s.allowed(p, action, resource) for p in chain):
+                return False
+            if _stale_signals(s, chain, _decision_time(context)) is not None:
+                return False
+            granted = set(granted_scopes)
+            for scope in s.rows("requires_scope", "bbf", action, resource):
+                if isinstance(scope, str) and scope not in granted:
+                    return False
+            approval = False
+            for p in chain:
+                if s.rows("rate_limit", "bbbff", p, action, resource):
+                    return False
+                approval = approval or bool(s.rows("requires_approval", "bbb", p, action, resource))
+            return not approval or (
+                len(chain) > 1
+                and bool(s.rows("approval_grant", "bbbb", chain[0], chain[1], action, resource))
+            )
+        except EvaluationLimit:
+            return False
+
+
 @dataclass(frozen=True, slots=True)
 class DelegationDecision:
     """The policy's answer to a token exchange: whether ``from`` may delegate to ``to`` at all,

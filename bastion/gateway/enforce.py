@@ -7,7 +7,6 @@ policy sees, asks `decide_chain` (every principal must be allowed), turns the an
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import hmac
 import json
@@ -51,6 +50,7 @@ from bastion.policy.runtime import context_value
 from bastion.signals.behavior import (
     COUNTED_METHODS,
     BehaviorUnavailable,
+    BehaviorView,
     LocalBehavior,
     RedisBehavior,
 )
@@ -360,6 +360,8 @@ class Enforcer:
             except Exception:
                 log.exception("the approval store cannot be written: call refused")
                 result, reason, linked = "deny", "approval_unavailable", None
+        # Read before this message is counted (`_record`): the figures the decision saw.
+        behaving = self._behavior_alerts(context)
         record = self._record(
             authz,
             decision_id,
@@ -377,7 +379,7 @@ class Enforcer:
             approval={"id": linked.id, "kind": linked.kind} if linked is not None else None,
         )
         if self.alerts is not None:
-            await self._raise_alerts(caller, chain, decision_id, result, reason, record, context)
+            await self._raise_alerts(caller, chain, decision_id, result, reason, record, behaving)
         if result == "step_up":
             max_age = chain.obligations.max_auth_age if reason == SIGN_IN_AGAIN else None
             raise StepUp(chain.missing_scopes, decision_id, max_age)
@@ -418,6 +420,19 @@ class Enforcer:
             )
         return verdict
 
+    def _behavior_alerts(self, context: dict[str, Any]) -> list[tuple[str, str, dict]]:
+        """The built-in alerts the calling agent's behaviour figures call for (none without
+        alerts or counters; counters that cannot be read raise nothing: the decision took care
+        of itself)."""
+        behavior = context.get("behavior")
+        if self.alerts is None or not isinstance(behavior, BehaviorView):
+            return []
+        destructive = (context.get("annotations") or {}).get("destructiveHint") is True
+        try:
+            return self.alerts.behavior_alerts(behavior, destructive)
+        except BehaviorUnavailable:
+            return []
+
     async def _raise_alerts(
         self,
         caller: Caller,
@@ -426,18 +441,12 @@ class Enforcer:
         result: str,
         reason: str,
         record: dict[str, Any],
-        context: dict[str, Any],
+        behaving: list[tuple[str, str, dict]],
     ) -> None:
-        """The decision's ``alert`` rules, the built-in alerts over the calling agent's
-        behaviour, and a refusal counted towards a refusal burst."""
+        """The decision's ``alert`` rules, the built-in ``behaving`` alerts, and a refusal
+        counted towards a refusal burst."""
         alerts = self.alerts
         raised = chain.obligations.alerts
-        behaving = ()
-        if (behavior := context.get("behavior")) is not None:
-            destructive = (context.get("annotations") or {}).get("destructiveHint") is True
-            # Counters that cannot be read raise nothing; the decision took care of itself.
-            with contextlib.suppress(BehaviorUnavailable):
-                behaving = alerts.behavior_alerts(behavior, destructive)
         if not raised and not behaving and result != "deny":
             return
         detail = {

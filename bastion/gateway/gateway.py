@@ -21,7 +21,7 @@ from bastion.approvals.service import Approvals
 from bastion.audit.decisions import DecisionRecords
 from bastion.db import DatabaseUnavailable
 from bastion.decide import Authorizer
-from bastion.decide.contract import decide_chain
+from bastion.decide.contract import plainly_allowed
 from bastion.facts.model import Entity
 from bastion.gateway.client_requests import ClientRequests
 from bastion.gateway.config import GatewayConfig, UpstreamConfig, normalized_origin
@@ -269,18 +269,9 @@ class Gateway:
         policy attaches something to do (a scope the token lacks, an approval, a rate limit)."""
         if self.enforcer.suspended(caller) is not None:
             return True  # refused (and recorded) by `Enforcer.decide`
-        chain = decide_chain(
-            self.enforcer.authorizer(),
-            caller.principals,
-            "connect",
-            server,
-            context,
-            granted_scopes=caller.scopes,
+        return not plainly_allowed(
+            self.enforcer.authorizer(), caller.principals, "connect", server, context, caller.scopes
         )
-        duties = chain.obligations
-        held = duties.requires_approval and not duties.approval_granted
-        duties = held or duties.rate_limits
-        return not chain.allowed or bool(chain.missing_scopes) or bool(duties)
 
     # -- upstream notifications ------------------------------------------------------------------
 

@@ -23,7 +23,7 @@ import secrets
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,6 +34,7 @@ from bastion.db import Database, first_line
 from bastion.decide import Authorizer
 from bastion.facts.model import Entity
 from bastion.facts.store import FactStore
+from bastion.signals.behavior import BehaviorView
 from bastion.webhooks import (
     SettingsError,
     WebhookDelivery,
@@ -474,7 +475,7 @@ class Alerts:
         )
 
     def behavior_alerts(
-        self, behavior: Mapping[str, Any], destructive: bool
+        self, behavior: BehaviorView, destructive: bool
     ) -> list[tuple[str, str, dict[str, Any]]]:
         """The built-in alerts the calling agent's behaviour figures (``context.behavior`` as
         the decision saw them, before this message) call for: (name, severity, detail).
@@ -482,12 +483,12 @@ class Alerts:
         raised = []
         settings = self.settings
         if destructive and settings.bulk_destructive_count > 0:
-            count = behavior["agent"]["destructive"]["minute"]["count"] + 1
+            count = behavior.figure("agent", "destructive", "minute")["count"] + 1
             if count > settings.bulk_destructive_count:
                 detail = {"destructive_calls": count, "within_seconds": 60}
                 raised.append((BULK_DESTRUCTIVE, settings.bulk_destructive_severity, detail))
         if settings.spike_ratio > 0 and settings.spike_min_calls > 0:
-            calls = behavior["agent"]["calls"]["ten_minutes"]
+            calls = behavior.figure("agent", "calls", "ten_minutes")
             # An agent without history (baseline 0) has nothing to be far above yet.
             if (
                 calls["baseline"] > 0

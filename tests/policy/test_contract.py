@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import functools
+import itertools
+from datetime import UTC, datetime
+
+import pytest
+
 from bastion import Authorizer, Entity
-from bastion.decide.contract import RateLimit, decide_chain
+from bastion.decide.contract import RateLimit, decide_chain, plainly_allowed
+from bastion.policy.limits import PolicyLimits
 
 POLICY = """
 actor User {}
@@ -113,3 +120,99 @@ def test_a_rate_limit_that_cannot_be_counted_refuses_rather_than_lets_through():
         )
         decision = decide_chain(a, (ann,), "call", search, {})
         assert decision.obligations.rate_limits == (RateLimit(ann, 0, 1),), numbers
+
+
+# -- the gateway's check of `connect` on every message: `plainly_allowed` ------------------------
+
+PLAIN_BASE = """
+actor User {}
+actor Agent {}
+resource McpServer {}
+declare member(User, McpServer);
+declare member(Agent, McpServer);
+declare signal(User, String, Boolean, String, Integer);
+declare approval_grant(User, Agent, String, McpServer);
+declare busy(McpServer);
+declare step(Integer, Integer);
+allow(actor, "connect", server: McpServer) if member(actor, server);
+"""
+# Each adds something `decide_chain` would make the gateway decide and record in full.
+PLAIN_RULES = {
+    "deny": 'deny(_: Agent, "connect", server: McpServer) if busy(server);',
+    "scope": 'requires_scope("connect", _: McpServer, "desk:use");',
+    "bad_scope": 'requires_scope("connect", _: McpServer, 7);',
+    "limit": 'rate_limit(_: Agent, "connect", _: McpServer, 10, 60);',
+    "bad_limit": 'rate_limit(_: User, "connect", _: McpServer, "many", 60);',
+    "approval": 'requires_approval(_: User, "connect", _: McpServer);',
+    "signal": 'requires_signal(_: User, "compliant", 300);',
+    "masked": 'mask(_: User, "connect", _: McpServer, "secret");',
+    "budget": (
+        'deny(_: User, "connect", _: McpServer) if loop(0);\nloop(n) if step(n, m) and loop(m);'
+    ),
+}
+NOW = 1_800_000_000
+desk = Entity("McpServer", "desk")
+
+
+PLAIN_FACTS = [
+    ("member", ann, desk),
+    ("member", bot, desk),
+    ("busy", desk),
+    ("signal", ann, "compliant", True, "mdm", NOW - 10),
+    ("signal", ann, "compliant", True, "mdm", NOW - 1000),
+    ("approval_grant", ann, bot, "connect", desk),
+]
+
+
+@pytest.mark.parametrize(
+    "rules",
+    [
+        (),
+        *((r,) for r in PLAIN_RULES),
+        ("approval", "limit"),
+        ("scope", "signal"),
+        ("deny", "budget"),
+    ],
+)
+def test_plainly_allowed_is_decide_chain_allowing_with_nothing_to_do(rules):
+    """Every set of facts, chain and scopes: `plainly_allowed` says yes exactly when
+    `decide_chain` allows with no scope missing, no approval pending and no rate limit."""
+    a = plain_authorizer(frozenset(rules))
+    context = {"time": datetime.fromtimestamp(NOW, UTC)}
+    for chosen in itertools.product((False, True), repeat=len(PLAIN_FACTS)):
+        facts = [f for f, keep in zip(PLAIN_FACTS, chosen, strict=True) if keep]
+        a.facts.apply(facts, [])
+        for chain in [(ann,), (ann, bot), (bot,), ()]:
+            for scopes in [(), ("desk:use",), ("other",)]:
+                full = decide_chain(a, chain, "connect", desk, context, granted_scopes=scopes)
+                duties = full.obligations
+                expected = (
+                    full.allowed
+                    and not full.missing_scopes
+                    and not (duties.requires_approval and not duties.approval_granted)
+                    and not duties.rate_limits
+                )
+                got = plainly_allowed(a, chain, "connect", desk, context, scopes)
+                assert got == expected, (facts, chain, scopes)
+        a.facts.apply([], facts)
+
+
+@functools.cache
+def plain_authorizer(rules: frozenset[str]) -> Authorizer:
+    """The policy of ``rules`` (compiled once per set of rules), with the steps that make the
+    "budget" rule spend its evaluation budget."""
+    policy = PLAIN_BASE + "\n".join(PLAIN_RULES[r] for r in sorted(rules))
+    a = Authorizer(policy, limits=PolicyLimits(evaluation_max_steps=200))
+    a.facts.apply([("step", n, n + 1) for n in range(300)], [])
+    return a
+
+
+def test_plainly_allowed_refuses_what_a_masked_or_limited_connect_is_not():
+    # Masks are not a reason to decide connect in full (a connect returns nothing to mask);
+    # a rate limit is.
+    a = Authorizer(PLAIN_BASE + PLAIN_RULES["masked"])
+    a.facts.apply([("member", ann, desk), ("member", bot, desk)], [])
+    assert plainly_allowed(a, (ann, bot), "connect", desk, {}, ())
+    b = Authorizer(PLAIN_BASE + PLAIN_RULES["limit"])
+    b.facts.apply([("member", ann, desk), ("member", bot, desk)], [])
+    assert not plainly_allowed(b, (ann, bot), "connect", desk, {}, ())

@@ -6,6 +6,7 @@ does not. A burst of refusals raises the built-in alert. Every API refusal is tr
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import time
@@ -640,3 +641,40 @@ def test_the_store_dedupes_escalates_once_and_keeps_the_latest_decisions(databas
             alerts.raise_alert("", "low", agent)
     finally:
         store.db.close()
+
+
+def test_the_gateway_reads_the_built_in_alerts_figures_before_counting_the_call(tmp_path):
+    """With a policy that never reads the figures, the built-in alert sees what the decision
+    saw (before this call), as the figures a policy reads: three destructive calls within a
+    threshold of three raise nothing; the fourth raises "bulk_destructive" (4 calls)."""
+    from bastion import Authorizer
+    from bastion.db import Database
+    from bastion.gateway.enforce import Caller, Enforcer
+    from bastion.signals.alerts import AlertStore
+
+    policy = 'actor User {}\nactor Agent {}\nresource Tool {}\nallow(_, "call", _: Tool);'
+    authz = Authorizer(policy)
+    db = Database(str(tmp_path / "alerts.db"))
+    alerts = Alerts(
+        AlertStore(db), AlertSettings(bulk_destructive_count=3), lambda: authz, "https://b.example"
+    )
+    enforcer = Enforcer(lambda: authz, None, behavior=LocalBehavior())
+    enforcer.alerts = alerts
+    caller = Caller("sam", "bot", frozenset(), "127.0.0.1", "2025-11-25")
+    tool = Entity("Tool", "desk/delete_customer")
+
+    async def delete(n: int) -> list:
+        context = enforcer.context(
+            caller, "desk", "tools/call", annotations={"destructiveHint": True}
+        )
+        await enforcer.decide(caller, "desk", "tools/call", "call", tool, context, {"id": n})
+        return [a for a in alerts.store.list() if a.name == "bulk_destructive"]
+
+    async def run() -> list[list]:
+        return [await delete(n) for n in range(4)]
+
+    raised = asyncio.run(run())
+    assert raised[:3] == [[], [], []]
+    [alert] = raised[3]
+    assert alert.detail["destructive_calls"] == 4 and alert.principal == 'Agent{"bot"}'
+    db.close()
