@@ -9,10 +9,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from bastion.environment import expand
 from bastion.facts.model import Entity
 from bastion.oauth.client_assertion import algorithms_problem, url_problem
 
-_ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _PROVIDER_ID = re.compile(r"[a-z0-9][a-z0-9-]{0,31}")
 # Values of one claim turned into facts at one login; more are refused (a claim this large is a
 # mistake of the mapping or of the provider).
@@ -182,14 +182,7 @@ def _text(where: str, value: Any) -> str:
 
 
 def _expand(where: str, value: str, env: Mapping[str, str]) -> str:
-    def sub(match: re.Match) -> str:
-        if match.group(1) not in env:
-            raise IdentityConfigError(
-                f"{where} names ${{{match.group(1)}}} but the environment has no {match.group(1)}"
-            )
-        return env[match.group(1)]
-
-    return _ENV.sub(sub, value)
+    return expand(value, env, where, IdentityConfigError)
 
 
 def _provider(index: int, table: Any, env: Mapping[str, str]) -> OpenIDProvider:
