@@ -44,6 +44,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from bastion.connections.settings import ConnectionSettingsError, UpstreamOAuth
+from bastion.environment import expand
 from bastion.identity.trusted_issuers import TrustedIssuer, parse_trusted_issuers
 from bastion.redis_client import CLUSTER_SCHEMES
 from bastion.server.config import ConfigError
@@ -60,7 +61,6 @@ DEFAULT_PASS_METHODS = (
 # How clients' requests map onto upstream sessions (docs/gateway.md, "Upstream sessions").
 SESSION_MODES = ("shared", "per_user", "per_client_session")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-_ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
 @dataclass(frozen=True)
@@ -249,13 +249,7 @@ def _strings(value: Any, where: str) -> dict[str, str]:
 
 
 def _expand(value: str, env: Mapping[str, str], where: str) -> str:
-    def sub(match: re.Match) -> str:
-        name = match.group(1)
-        if name not in env:
-            raise ConfigError(f"{where} names ${{{name}}} but the environment has no {name}")
-        return env[name]
-
-    return _ENV.sub(sub, value)
+    return expand(value, env, where, ConfigError)
 
 
 def _upstream(index: int, value: Any, env: Mapping[str, str]) -> UpstreamConfig:

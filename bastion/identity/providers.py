@@ -9,10 +9,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from bastion.environment import expand
 from bastion.facts.model import Entity
-from bastion.oauth.client_assertion import ASYMMETRIC_ALGORITHMS, jwks_uri_problem
+from bastion.oauth.client_assertion import algorithms_problem, url_problem
 
-_ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _PROVIDER_ID = re.compile(r"[a-z0-9][a-z0-9-]{0,31}")
 # Values of one claim turned into facts at one login; more are refused (a claim this large is a
 # mistake of the mapping or of the provider).
@@ -182,19 +182,7 @@ def _text(where: str, value: Any) -> str:
 
 
 def _expand(where: str, value: str, env: Mapping[str, str]) -> str:
-    def sub(match: re.Match) -> str:
-        if match.group(1) not in env:
-            raise IdentityConfigError(
-                f"{where} names ${{{match.group(1)}}} but the environment has no {match.group(1)}"
-            )
-        return env[match.group(1)]
-
-    return _ENV.sub(sub, value)
-
-
-def url_problem(value: Any) -> str | None:
-    problem = jwks_uri_problem(value)  # https, or http to a loopback address; no fragment
-    return problem.replace("jwks_uri must be", "must be") if problem else None
+    return expand(value, env, where, IdentityConfigError)
 
 
 def _provider(index: int, table: Any, env: Mapping[str, str]) -> OpenIDProvider:
@@ -244,15 +232,8 @@ def _provider(index: int, table: Any, env: Mapping[str, str]) -> OpenIDProvider:
         )
     values["scopes"] = tuple(dict.fromkeys(scopes))
     algorithms = table.get("algorithms", list(OpenIDProvider.algorithms))
-    if (
-        not isinstance(algorithms, list)
-        or not algorithms
-        or any(a not in ASYMMETRIC_ALGORITHMS for a in algorithms)
-    ):
-        raise IdentityConfigError(
-            f"{where}.algorithms: a non-empty list of {list(ASYMMETRIC_ALGORITHMS)} (asymmetric"
-            f" only), got {algorithms!r}"
-        )
+    if problem := algorithms_problem(algorithms):
+        raise IdentityConfigError(f"{where}.algorithms: {problem}")
     values["algorithms"] = tuple(algorithms)
     method = table.get("token_endpoint_auth_method", "client_secret_basic")
     if method not in ("client_secret_basic", "client_secret_post", "none"):

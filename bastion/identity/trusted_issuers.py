@@ -30,7 +30,7 @@ from joserfc.jwk import KeySet
 from bastion import untrusted_json
 from bastion.audit.refusals import RefusalLog
 from bastion.oauth.access_token import TOKEN_TYPE
-from bastion.oauth.client_assertion import ASYMMETRIC_ALGORITHMS, jwks_problem, jwks_uri_problem
+from bastion.oauth.client_assertion import algorithms_problem, jwks_problem, url_problem
 from bastion.oauth.dpop import token_key
 from bastion.oauth.errors import InvalidToken
 from bastion.oauth.jwks import (
@@ -107,7 +107,7 @@ class TrustedIssuer:
                 f"unknown key {where}.{unknown[0]}; known keys: {', '.join(sorted(_KEYS))}"
             )
         issuer = table.get("issuer")
-        problem = _url_problem(issuer)
+        problem = url_problem(issuer)
         if problem:
             raise ValueError(f"{where}.issuer: {problem}")
         audiences = table.get("audiences")
@@ -126,7 +126,7 @@ class TrustedIssuer:
         values: dict[str, Any] = {"issuer": issuer, "audiences": dict(audiences)}
         for name in ("jwks_uri", "introspection_endpoint"):
             if name in table:
-                problem = _url_problem(table[name])
+                problem = url_problem(table[name])
                 if problem:
                     raise ValueError(f"{where}.{name}: {problem}")
                 values[name] = table[name]
@@ -145,17 +145,9 @@ class TrustedIssuer:
                 raise ValueError(f"{where}.agent_claims must be a non-empty list of claim names")
             values["agent_claims"] = tuple(claims)
         if "algorithms" in table:
-            algorithms = table["algorithms"]
-            if (
-                not isinstance(algorithms, list)
-                or not algorithms
-                or not all(a in ASYMMETRIC_ALGORITHMS for a in algorithms)
-            ):
-                raise ValueError(
-                    f"{where}.algorithms must list asymmetric algorithms only, of"
-                    f" {', '.join(ASYMMETRIC_ALGORITHMS)}"
-                )
-            values["algorithms"] = tuple(algorithms)
+            if problem := algorithms_problem(table["algorithms"]):
+                raise ValueError(f"{where}.algorithms: {problem}")
+            values["algorithms"] = tuple(table["algorithms"])
         if "require_typ" in table:
             if not isinstance(table["require_typ"], bool):
                 raise ValueError(f"{where}.require_typ must be true or false")
@@ -184,11 +176,6 @@ class TrustedIssuer:
         if found.introspection_endpoint and not has_id:
             raise ValueError(f"{where}.introspection_endpoint needs client credentials")
         return found
-
-
-def _url_problem(value: Any) -> str | None:
-    problem = jwks_uri_problem(value)  # https, or http to a loopback address; no fragment
-    return problem.replace("jwks_uri must be", "must be") if problem else None
 
 
 def parse_trusted_issuers(value: Any, servers: set[str]) -> tuple[TrustedIssuer, ...]:
@@ -455,7 +442,7 @@ class TrustedIssuers:
             jwks_uri = issuer.jwks_uri or metadata.get("jwks_uri")
             endpoint = issuer.introspection_endpoint or metadata.get("introspection_endpoint", "")
             for name, value in (("jwks_uri", jwks_uri), ("introspection_endpoint", endpoint)):
-                if (value or name == "jwks_uri") and _url_problem(value):
+                if (value or name == "jwks_uri") and url_problem(value):
                     raise IssuerUnavailable(
                         f"the metadata of {issuer.issuer} has no usable {name}: {value!r}"
                     )

@@ -88,6 +88,21 @@ def jwks_problem(jwks: Any) -> str | None:
     return None
 
 
+def algorithms_problem(value: Any) -> str | None:
+    """Why ``value`` cannot be a setting's list of signing algorithms, or None: a non-empty list
+    of asymmetric ones (never ``none``, never an HMAC keyed with a public key)."""
+    if isinstance(value, list) and value and all(a in ASYMMETRIC_ALGORITHMS for a in value):
+        return None
+    return f"a non-empty list of {list(ASYMMETRIC_ALGORITHMS)} (asymmetric only), got {value!r}"
+
+
+def url_problem(value: Any) -> str | None:
+    """Why ``value`` cannot be an issuer's URL (or another of its endpoints), or None: https, or
+    http to a loopback address; no fragment."""
+    problem = jwks_uri_problem(value)
+    return problem.replace("jwks_uri must be", "must be") if problem else None
+
+
 def jwks_uri_problem(uri: Any) -> str | None:
     """Why ``uri`` cannot be a client's jwks_uri, or None: https, or http to a loopback address."""
     if not isinstance(uri, str) or len(uri) > 2000:

@@ -33,7 +33,12 @@ from joserfc.errors import JoseError
 from joserfc.jwk import KeySet
 
 from bastion import untrusted_json
-from bastion.oauth.client_assertion import ASYMMETRIC_ALGORITHMS, jwks_problem, jwks_uri_problem
+from bastion.oauth.client_assertion import (
+    algorithms_problem,
+    jwks_problem,
+    jwks_uri_problem,
+    url_problem,
+)
 from bastion.oauth.errors import InvalidGrant, InvalidScope, InvalidTarget, OAuthError
 from bastion.oauth.jwks import (
     FetchLimits,
@@ -98,9 +103,8 @@ class TrustedIdp:
         values: dict[str, Any] = {}
         for name in ("issuer", "jwks_uri"):
             if name in table or name == "issuer":
-                problem = jwks_uri_problem(table.get(name))
-                if problem:
-                    raise ValueError(f"{where}.{name}: {problem.replace('jwks_uri ', '')}")
+                if problem := url_problem(table.get(name)):
+                    raise ValueError(f"{where}.{name}: {problem}")
                 values[name] = table[name]
         if "user_claim" in table:
             if not isinstance(table["user_claim"], str) or not table["user_claim"]:
@@ -111,17 +115,9 @@ class TrustedIdp:
                 raise ValueError(f"{where}.users must be one of {list(USER_MODES)}")
             values["users"] = table["users"]
         if "algorithms" in table:
-            algorithms = table["algorithms"]
-            if (
-                not isinstance(algorithms, list)
-                or not algorithms
-                or not all(a in ASYMMETRIC_ALGORITHMS for a in algorithms)
-            ):
-                raise ValueError(
-                    f"{where}.algorithms must list asymmetric algorithms only, of"
-                    f" {', '.join(ASYMMETRIC_ALGORITHMS)}"
-                )
-            values["algorithms"] = tuple(algorithms)
+            if problem := algorithms_problem(table["algorithms"]):
+                raise ValueError(f"{where}.algorithms: {problem}")
+            values["algorithms"] = tuple(table["algorithms"])
         for name in (
             "timeout_seconds",
             "max_document_bytes",

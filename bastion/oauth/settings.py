@@ -418,27 +418,20 @@ def _client_metadata(value: Any) -> ClientMetadataDocumentSettings:
 
 
 def _client_assertion(value: Any) -> ClientAssertionSettings:
-    from bastion.oauth.client_assertion import ASYMMETRIC_ALGORITHMS
+    from bastion.oauth.client_assertion import algorithms_problem
 
     if not isinstance(value, Mapping):
         raise SettingsError("oauth.client_assertion: a table")
     numbers = {k: v for k, v in value.items() if k != "algorithms"}
     settings = _limits("client_assertion", numbers, ClientAssertionSettings)
     algorithms = value.get("algorithms", list(settings.algorithms))
-    if (
-        not isinstance(algorithms, list)
-        or not algorithms
-        or any(a not in ASYMMETRIC_ALGORITHMS for a in algorithms)
-    ):
-        raise SettingsError(
-            f"oauth.client_assertion.algorithms: a non-empty list of {list(ASYMMETRIC_ALGORITHMS)}"
-            f" (asymmetric only), got {algorithms!r}"
-        )
+    if problem := algorithms_problem(algorithms):
+        raise SettingsError(f"oauth.client_assertion.algorithms: {problem}")
     return ClientAssertionSettings(**{**settings.__dict__, "algorithms": tuple(algorithms)})
 
 
 def _dpop(value: Any) -> DPoPSettings:
-    from bastion.oauth.client_assertion import ASYMMETRIC_ALGORITHMS
+    from bastion.oauth.client_assertion import algorithms_problem
 
     if not isinstance(value, Mapping):
         raise SettingsError("oauth.dpop: a table")
@@ -448,15 +441,8 @@ def _dpop(value: Any) -> DPoPSettings:
     if not isinstance(require_nonce, bool):
         raise SettingsError(f"oauth.dpop.require_nonce: true or false, got {require_nonce!r}")
     algorithms = value.get("algorithms", list(settings.algorithms))
-    if (
-        not isinstance(algorithms, list)
-        or not algorithms
-        or any(a not in ASYMMETRIC_ALGORITHMS for a in algorithms)
-    ):
-        raise SettingsError(
-            f"oauth.dpop.algorithms: a non-empty list of {list(ASYMMETRIC_ALGORITHMS)}"
-            f" (asymmetric only), got {algorithms!r}"
-        )
+    if problem := algorithms_problem(algorithms):
+        raise SettingsError(f"oauth.dpop.algorithms: {problem}")
     return DPoPSettings(
         **{
             **settings.__dict__,
