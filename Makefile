@@ -32,7 +32,7 @@ run-oidc: $(STAMP)
 test: $(STAMP)
 	$(BIN)/ruff check bastion tests benchmarks
 	$(BIN)/ruff format --check bastion tests benchmarks
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -n 2 --dist loadfile
 
 lint: $(STAMP)
 	$(BIN)/ruff check bastion tests benchmarks
