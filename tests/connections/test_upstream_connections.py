@@ -781,3 +781,23 @@ def test_per_user_credential_sessions_are_closed_when_idle(lab, ledgers):
     assert first == "alice"
     assert wait_deleted(lab, session)["headers"][b"authorization"] == bearer(lab, "alice")
     assert pool.find(SessionOwner("alice")) is None
+
+
+def test_revoking_a_connection_closes_its_users_upstream_sessions_at_once(lab, ledgers):
+    async def main():
+        async with AsyncExitStack() as stack:
+            client = await ledger_client(lab, stack, "alice", "ledger", [])
+            return await text(client, "whoami"), ledger_session(lab, "alice")
+
+    first, session = run(main)
+    assert first == "alice"
+    key, _ = lab.one.state.keys.create("admin", ["connections"])
+    with httpx.Client(base_url=lab.one_url.removesuffix("/one"), timeout=10) as http:
+        revoked = http.delete(
+            "/v1/connections/alice/ledger", headers={"Authorization": f"Bearer {key}"}
+        )
+    assert revoked.status_code == 200, revoked.text
+    # Closed now, not when it next idles (the session's default idle time is 15 minutes).
+    wait_deleted(lab, session)
+    assert lab.one.state.gateway.upstreams["ledger"].sessions.find(SessionOwner("alice")) is None
+    assert lab.connections.listed("bob", "ledger") != []  # bob's connection is his own
