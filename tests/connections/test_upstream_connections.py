@@ -27,6 +27,7 @@ import anyio
 import httpx
 import httpx2
 import pytest
+from argon2 import PasswordHasher
 from cryptography.fernet import Fernet
 from joserfc import jwt
 from joserfc.errors import JoseError
@@ -45,6 +46,7 @@ from bastion.connections.store import StoredConnection
 from bastion.connections.upstream_oauth import well_known
 from bastion.db import Database
 from bastion.gateway.upstream_sessions import SessionOwner
+from bastion.oauth import users
 from bastion.oauth.store import OAuthStore
 from bastion.oauth.users import create_user
 from bastion.server.app import create_app
@@ -165,6 +167,16 @@ def upstream_app(checks: JwtVerifier, seen: list[dict]):
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory):
+    # Cheap password hashes for this module's many sign-ins (what is tested is not argon2).
+    saved = users._HASHER
+    users._HASHER = PasswordHasher(time_cost=1, memory_cost=1024, parallelism=1)
+    try:
+        yield from _lab(tmp_path_factory)
+    finally:
+        users._HASHER = saved
+
+
+def _lab(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("connections")
     policy = tmp / "policy.polar"
     policy.write_text(POLICY)
@@ -706,6 +718,20 @@ def ledger_session(lab: Lab, username: str) -> bytes:
     raise AssertionError(f"no upstream session of {username} at the ledger")
 
 
+def alice_calls(lab: Lab, server: str) -> bytes:
+    """alice's client calls ``whoami`` on ``server`` (served with her token); returns the id of
+    the upstream session it went on."""
+
+    async def main():
+        async with AsyncExitStack() as stack:
+            client = await ledger_client(lab, stack, "alice", server, [])
+            return await text(client, "whoami"), ledger_session(lab, "alice")
+
+    answer, session = run(main)
+    assert answer == "alice"
+    return session
+
+
 def wait_deleted(lab: Lab, session_id: bytes) -> dict:
     """The DELETE that closed ``session_id`` at the ledger (waited for: sessions close in the
     background)."""
@@ -771,26 +797,13 @@ def test_per_user_credential_sessions_are_capped_like_any_upstream_session(lab, 
 
 def test_per_user_credential_sessions_are_closed_when_idle(lab, ledgers):
     pool = lab.one.state.gateway.upstreams["brief"].sessions
-
-    async def main():
-        async with AsyncExitStack() as stack:
-            client = await ledger_client(lab, stack, "alice", "brief", [])
-            return await text(client, "whoami"), ledger_session(lab, "alice")
-
-    first, session = run(main)
-    assert first == "alice"
+    session = alice_calls(lab, "brief")
     assert wait_deleted(lab, session)["headers"][b"authorization"] == bearer(lab, "alice")
     assert pool.find(SessionOwner("alice")) is None
 
 
 def test_revoking_a_connection_closes_its_users_upstream_sessions_at_once(lab, ledgers):
-    async def main():
-        async with AsyncExitStack() as stack:
-            client = await ledger_client(lab, stack, "alice", "ledger", [])
-            return await text(client, "whoami"), ledger_session(lab, "alice")
-
-    first, session = run(main)
-    assert first == "alice"
+    session = alice_calls(lab, "ledger")
     key, _ = lab.one.state.keys.create("admin", ["connections"])
     with httpx.Client(base_url=lab.one_url.removesuffix("/one"), timeout=10) as http:
         revoked = http.delete(
