@@ -25,7 +25,8 @@ session = "per_user"                     # one upstream session per user (defaul
 [[gateway.upstreams]]
 name = "tracker"
 url = "https://tracker.example.com/mcp"
-auth = "per_user"                        # each user's own OAuth token (docs/identity.md)
+auth = "per_user"                        # each user's own OAuth token (docs/identity.md), on
+                                         # upstream sessions per user (session's default here)
 oauth = { scopes = ["issues:read"] }     # issuer, client_id, client_secret: optional
 
 [[gateway.trusted_issuers]]              # an identity provider's access tokens are accepted too
@@ -319,10 +320,17 @@ def _upstream(index: int, value: Any, env: Mapping[str, str]) -> UpstreamConfig:
             raise ConfigError(str(e)) from None
     elif "oauth" in value:
         raise ConfigError(f'{where}.oauth is read only with auth = "per_user"')
-    session = value.get("session", "shared")
+    # Each user's token goes on upstream sessions of that user's only.
+    session = value.get("session", "per_user" if auth == "per_user" else "shared")
     if session not in SESSION_MODES:
         raise ConfigError(
             f"{where}.session must be one of {', '.join(SESSION_MODES)}, got {session!r}"
+        )
+    if auth == "per_user" and session == "shared":
+        raise ConfigError(
+            f'{where} ({name}): auth = "per_user" needs session = "per_user" (the default) or'
+            ' "per_client_session": a shared upstream session cannot carry each user\'s own'
+            " token"
         )
     if command and session != "shared":
         raise ConfigError(

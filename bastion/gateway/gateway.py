@@ -11,7 +11,7 @@ import threading
 import weakref
 from collections.abc import Callable
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 from starlette.types import Receive, Scope, Send
@@ -40,7 +40,8 @@ from bastion.gateway.sessions import (
     may_read,
 )
 from bastion.gateway.transport import InFlight, StreamableHttpEndpoint, send_json
-from bastion.gateway.upstream import Hear, Upstream, open_upstream
+from bastion.gateway.upstream import Hear, HttpUpstream, Upstream, open_upstream
+from bastion.gateway.upstream_credentials import UserTokenUpstream
 from bastion.gateway.upstream_sessions import SessionOwner, UpstreamSession, UpstreamSessions
 from bastion.identity.trusted_issuers import IssuerUnavailable, TrustedIssuers
 from bastion.oauth.dpop import DPoPProofs
@@ -48,6 +49,9 @@ from bastion.oauth.errors import InvalidToken
 from bastion.oauth.verifier import VerifiedToken, VerifiedTokens
 from bastion.signals.posture import PostureSettings
 from bastion.signals.suspensions import Suspensions
+
+if TYPE_CHECKING:
+    from bastion.connections.service import Connections
 
 log = logging.getLogger("bastion.gateway")
 
@@ -198,6 +202,9 @@ class Gateway:
         self.asked: dict[str, tuple[tuple, asyncio.Future]] = {}
         # Requests upstreams send clients (sampling, elicitation, roots).
         self.client_requests = ClientRequests(self)
+        # Users' connections to upstreams with ``auth = "per_user"`` (`bastion.connections`),
+        # set when the server is composed; None refuses their every request.
+        self.connections: Connections | None = None
         self.upstreams: dict[str, UpstreamState] = {}
         for upstream_config in config.upstreams:
             state = UpstreamState(open_upstream(upstream_config))
@@ -288,6 +295,15 @@ class Gateway:
         if found is not None:
             state.sessions.close(found, "(its client session ended)")
 
+    def connection_revoked(self, subject: str, upstream: str) -> None:
+        """``subject``'s connection to ``upstream`` (``auth = "per_user"``) was revoked: close
+        their upstream sessions there, at once."""
+        state = self.upstreams.get(upstream)
+        if state is not None and state.sessions is not None:
+            state.sessions.close_where(
+                lambda s: s.owner.user == subject, "(its user's connection was revoked)"
+            )
+
     def _grant_revoked(self, grant_id: str) -> None:
         self.sessions.end_grant(grant_id)
         for pool in self._own_sessions():
@@ -323,10 +339,23 @@ class Gateway:
 
     def _session_opener(self, state: UpstreamState):
         """Makes the upstream session of one owner: its notifications go to the owner's streams
-        only, and its requests on the standing stream to the owner's client."""
+        only, and its requests on the standing stream to the owner's client. With ``auth =
+        "per_user"`` it carries the owner's own upstream token (`UserTokenUpstream`)."""
+
+        def end(upstream: Upstream) -> None:
+            if state.sessions is not None:
+                state.sessions.close_where(
+                    lambda s: s.upstream is upstream, "(the upstream refused the user's token)"
+                )
 
         def open_session(config: UpstreamConfig, owner: SessionOwner) -> Upstream:
-            upstream = open_upstream(config)
+            if config.auth == "per_user":
+                assert isinstance(state.upstream, HttpUpstream)
+                upstream: Upstream = UserTokenUpstream(
+                    config, owner.user, self.connections, state.upstream, end
+                )
+            else:
+                upstream = open_upstream(config)
             upstream.on_notification = self._notification_handler(state, owner, upstream)
             upstream.on_request = partial(self.client_requests.from_standing_stream, state, owner)
             return upstream

@@ -49,7 +49,7 @@ from bastion.gateway.jsonrpc import (
 )
 from bastion.gateway.metadata import challenge
 from bastion.gateway.sessions import LIST_CHANGED, SUBSCRIPTION_ID, Listener, may_read
-from bastion.gateway.upstream_credentials import act_for
+from bastion.gateway.upstream_credentials import client_declared
 from bastion.identity.trusted_issuers import IssuerUnavailable
 from bastion.oauth.dpop import NONCE_HEADER, InvalidDPoPProof, UseDPoPNonce, one_proof
 from bastion.oauth.errors import InvalidToken
@@ -387,8 +387,8 @@ class StreamableHttpEndpoint:
             declared = meta.get(_ENVELOPE_CAPABILITIES)  # type: ignore[union-attr]
         else:
             declared = session.capabilities if session is not None else None
-        # Per-user credentials: the upstream requests this message makes are this user's.
-        act_for(caller.subject, declared if isinstance(declared, dict) else None)
+        # Per-user credentials: whether a user not connected yet is asked by URL elicitation.
+        client_declared(declared if isinstance(declared, dict) else None)
         exchange = Exchange(
             gateway,
             upstream,
@@ -672,7 +672,7 @@ class StreamableHttpEndpoint:
             raise HttpError(e.http_status, e.body(None)) from None
         gateway = self.gateway
         upstream = gateway.upstreams[server]
-        act_for(caller.subject, None)
+        client_declared(None)
         # Decided and recorded as a ``connect``, as a listen request is; then held to the token
         # of this GET and decided again before each notification (`Gateway.may_hear`).
         context = gateway.enforcer.context(caller, server, "GET")
@@ -744,7 +744,7 @@ class StreamableHttpEndpoint:
         only if every principal may ``read`` it now, and each update is decided again before it
         is sent (see `Gateway.may_hear`)."""
         gateway = self.gateway
-        act_for(caller.subject, None)
+        client_declared(None)
         ex = Exchange(gateway, upstream, caller, message)
         try:
             if "text/event-stream" not in headers.get("accept", ""):

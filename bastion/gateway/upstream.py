@@ -475,7 +475,7 @@ class HttpUpstream(Upstream):
         # Set once the current notification stream is open (or the upstream has none).
         self._opened = asyncio.Event()
         self._chores: set[asyncio.Task] = set()  # notifications/cancelled being sent
-        # The access token of the one user this connection serves (per-user credentials,
+        # The access token of the one user this upstream session serves (per-user credentials,
         # `bastion.gateway.upstream_credentials`); None: only the configured headers.
         self.bearer: str | None = None
 
@@ -884,11 +884,8 @@ async def _events(response: Response, stream: EventStream | None = None):
 
 
 def open_upstream(config: UpstreamConfig) -> Upstream:
-    if config.auth == "per_user":
-        # Imported here: that module builds on this one (one connection per user).
-        from bastion.gateway.upstream_credentials import PerUserUpstream
-
-        return PerUserUpstream(config)
+    """The upstream's own connection (``auth = "per_user"``: never used to connect; each user's
+    session is a `bastion.gateway.upstream_credentials.UserTokenUpstream`)."""
     return StdioUpstream(config) if config.transport == "stdio" else HttpUpstream(config)
 
 

@@ -1,36 +1,27 @@
-"""An upstream that needs each user's own OAuth token (``auth = "per_user"``): one connection
-per user, each carrying only that user's access token (`bastion.connections`).
+"""The upstream session of one user toward an upstream that needs each user's own OAuth token
+(``auth = "per_user"``): it carries only that user's access token (`bastion.connections`).
 
-The user is the one of the message being handled (`act_for`, set by the transport for each
-message, read through a context variable by every request that message makes upstream). A user
-without a usable connection gets MCP's URLElicitationRequiredError (-32042, MCP 2025-11-25,
-Elicitation, URL mode) naming bastion's connect page if their client declared URL elicitation,
-and otherwise an error carrying the same URL; nothing is sent upstream. The client's own token
-never travels: an upstream connection's only credential is the user's upstream token.
+Such an upstream's sessions are upstream sessions like any other (`bastion.gateway.upstream_sessions`:
+one per user or per client session, capped, closed when idle, revoked or suspended); this module
+adds the credential. Before each request, and before its standing stream is opened again, the
+session reads its user's current access token (refreshed when it expires soon). A user without a
+usable connection gets MCP's URLElicitationRequiredError (-32042, MCP 2025-11-25, Elicitation,
+URL mode) naming bastion's connect page if their client declared URL elicitation, and otherwise
+an error carrying the same URL; nothing is sent upstream. A token the upstream refuses (401) is
+forgotten, the session is ended, and the user is sent to connect again. The client's own token
+never travels: the session's only credential is the user's upstream token.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import secrets
+from collections.abc import Callable
 from contextvars import ContextVar
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from bastion.gateway.config import UpstreamConfig
-from bastion.gateway.jsonrpc import (
-    INVALID_REQUEST,
-    UPSTREAM_UNAVAILABLE,
-    URL_ELICITATION_REQUIRED,
-    RpcError,
-)
-from bastion.gateway.upstream import (
-    UPSTREAM_PROTOCOL_VERSION,
-    HttpUpstream,
-    Upstream,
-    UpstreamUnauthorized,
-)
+from bastion.gateway.jsonrpc import UPSTREAM_UNAVAILABLE, URL_ELICITATION_REQUIRED, RpcError
+from bastion.gateway.upstream import UPSTREAM_PROTOCOL_VERSION, HttpUpstream, UpstreamUnauthorized
 
 if TYPE_CHECKING:
     from bastion.connections.service import Connections
@@ -39,81 +30,66 @@ if TYPE_CHECKING:
 # A client that did not declare URL elicitation gets this error, with the URL in its data.
 CONNECTION_REQUIRED = -32009
 
-
-@dataclass(frozen=True, slots=True)
-class Acting:
-    """Whose message is being handled, and whether their client takes URL elicitations."""
-
-    subject: str
-    url_elicitation: bool
+# Whether the client of the message being handled takes URL elicitations (set by the transport
+# for each message; read when a request of that message finds its user not connected).
+_url_elicitation: ContextVar[bool] = ContextVar("bastion_url_elicitation", default=False)
 
 
-_acting: ContextVar[Acting | None] = ContextVar("bastion_upstream_user", default=None)
-
-
-def act_for(subject: str, capabilities: dict[str, Any] | None) -> None:
-    """Every upstream request made while handling this message is ``subject``'s."""
+def client_declared(capabilities: dict[str, Any] | None) -> None:
+    """The client of the message being handled declared ``capabilities``."""
     declared = (capabilities or {}).get("elicitation")
-    _acting.set(Acting(subject, isinstance(declared, dict) and "url" in declared))
+    _url_elicitation.set(isinstance(declared, dict) and "url" in declared)
 
 
-class PerUserUpstream(Upstream):
-    """One `HttpUpstream` per user, each sending that user's upstream access token."""
+class UserTokenUpstream(HttpUpstream):
+    """One upstream session of ``user``, sending that user's upstream access token."""
 
-    def __init__(self, config: UpstreamConfig) -> None:
-        self._known: dict[str, Any] = {}
+    def __init__(
+        self,
+        config: UpstreamConfig,
+        user: str,
+        connections: Connections | None,
+        last_known: HttpUpstream,
+        end: Callable[[UserTokenUpstream], None],
+    ) -> None:
         super().__init__(config)
-        # Set when the server is composed (`bastion.server.app`); None refuses every call.
-        self.connections: Connections | None = None
-        self._users: dict[str, HttpUpstream] = {}
-
-    # What the gateway reads at initialize: the connected user's upstream's, else the last one
-    # any user's connection saw, else tools only (a user connects on their first call).
-    @property  # type: ignore[override]
-    def init_result(self) -> dict[str, Any]:
-        acting = _acting.get()
-        own = self._users.get(acting.subject) if acting is not None else None
-        if own is not None and own.init_result:
-            return own.init_result
-        return self._known or {
+        self.user = user
+        # None (no connections service composed) refuses every request.
+        self.connections = connections
+        # What the upstream said at the initialize of any user's session, kept on the
+        # upstream's own (never connected) `HttpUpstream`: a user not yet connected is told that.
+        self._last_known = last_known
+        # Ends this session in its pool (the upstream refused the user's token).
+        self._end = end
+        self.init_result = last_known.init_result or {
             "protocolVersion": UPSTREAM_PROTOCOL_VERSION,
             "capabilities": {"tools": {}},
             "serverInfo": {"name": self.name},
         }
 
-    @init_result.setter
-    def init_result(self, value: dict[str, Any]) -> None:
-        self._known = value
-
-    async def _own(self, connect: bool = True) -> HttpUpstream | None:
-        """The acting user's connection, with their current access token; None if they have
-        none and ``connect`` is False; else the error that sends them to the connect page."""
-        acting = _acting.get()
-        if acting is None:
-            raise RpcError(INVALID_REQUEST, f"upstream {self.name} serves users only")
-        if self.connections is None:
+    async def _authorize(self, connect: bool) -> bool:
+        """Carry the user's current access token. False if they have none and ``connect`` is
+        False; else the error that sends them to the connect page."""
+        connections = self.connections
+        if connections is None:
             raise RpcError(UPSTREAM_UNAVAILABLE, f"upstream {self.name}: no connections service")
         from bastion.connections.service import ConnectionUnavailable
 
         try:
-            token = await self.connections.access_token(acting.subject, self.name)
+            token = await connections.access_token(self.user, self.name)
         except ConnectionUnavailable as e:
             raise RpcError(UPSTREAM_UNAVAILABLE, str(e)) from None
         if token is None:
-            self.forget(acting.subject)
+            self.bearer = None
             if not connect:
-                return None
-            raise self._connect_first(acting)
-        upstream = self._users.get(acting.subject)
-        if upstream is None:
-            upstream = self._users[acting.subject] = HttpUpstream(self.config)
-            upstream.on_notification = self.on_notification
-        upstream.bearer = token
-        return upstream
+                return False
+            raise self._connect_first()
+        self.bearer = token
+        return True
 
-    def _connect_first(self, acting: Acting) -> RpcError:
+    def _connect_first(self) -> RpcError:
         assert self.connections is not None
-        url = self.connections.connect_url(acting.subject, self.name)
+        url = self.connections.connect_url(self.user, self.name)
         message = f"connect your account to {self.name} first: open {url}"
         question = {
             "mode": "url",
@@ -121,76 +97,53 @@ class PerUserUpstream(Upstream):
             "url": url,
             "message": f"{self.name} needs your own authorization: connect your account.",
         }
-        if acting.url_elicitation:
+        if _url_elicitation.get():
             return RpcError(URL_ELICITATION_REQUIRED, message, {"elicitations": [question]})
         return RpcError(CONNECTION_REQUIRED, message, {"url": url})
 
-    def forget(self, subject: str) -> None:
-        """Close ``subject``'s connection (revoked, or no longer usable)."""
-        upstream = self._users.pop(subject, None)
-        if upstream is not None:
-            task = asyncio.ensure_future(upstream.close())
-            task.add_done_callback(lambda t: t.cancelled() or t.exception())
-
-    async def _unauthorized(self, upstream: HttpUpstream) -> RpcError:
-        """The upstream refused the user's token: drop this connection; connect again."""
-        acting = _acting.get()
-        assert acting is not None
-        self.forget(acting.subject)
-        if self.connections is not None:
-            self.connections.forget_token(acting.subject, self.name)
-        return self._connect_first(acting)
+    def _refused(self) -> RpcError:
+        """The upstream refused the user's token: forget it, end this session; connect again."""
+        assert self.connections is not None
+        self.connections.forget_token(self.user, self.name)
+        self.bearer = None
+        self._end(self)
+        return self._connect_first()
 
     # -- what the gateway calls ------------------------------------------------------------------
 
     async def ensure_started(self) -> None:
-        upstream = await self._own(connect=False)
-        if upstream is None:
-            return
+        if self._started or not await self._authorize(connect=False):
+            return  # a user not connected yet: nothing to start (their first call asks them)
         try:
-            await upstream.ensure_started()
+            await super().ensure_started()
         except UpstreamUnauthorized:
-            raise await self._unauthorized(upstream) from None
-        self._known = upstream.init_result
+            raise self._refused() from None
+        self._last_known.init_result = self.init_result
 
     async def request(self, method: str, params: dict[str, Any] | None, **options: Any):
-        upstream = await self._own()
-        assert upstream is not None
+        await self._authorize(connect=True)
         try:
-            response = await upstream.request(method, params, **options)
+            return await super().request(method, params, **options)
         except UpstreamUnauthorized:
-            raise await self._unauthorized(upstream) from None
-        self._known = upstream.init_result
-        return response
+            raise self._refused() from None
 
     async def notify(self, method: str, params: dict[str, Any] | None = None) -> None:
-        upstream = await self._own(connect=False)
-        if upstream is not None:
-            with contextlib.suppress(UpstreamUnauthorized):
-                await upstream.notify(method, params)
+        if await self._authorize(connect=False):
+            try:
+                await super().notify(method, params)
+            except UpstreamUnauthorized:
+                self._refused()
 
     async def watch(self, uris: frozenset[str]) -> None:
-        upstream = await self._own()
-        assert upstream is not None
+        await self._authorize(connect=True)
         try:
-            await upstream.watch(uris)
+            await super().watch(uris)
         except UpstreamUnauthorized:
-            raise await self._unauthorized(upstream) from None
+            raise self._refused() from None
 
-    async def close(self) -> None:
-        users, self._users = self._users, {}
-        for upstream in users.values():
-            await upstream.close()
-
-    # Each user's `HttpUpstream` does the transport's work; this one never connects itself.
-    async def _connect(self) -> None:
-        raise RpcError(UPSTREAM_UNAVAILABLE, f"upstream {self.name} connects per user")
-
-    async def _exchange(self, message: dict[str, Any], **options: Any) -> dict[str, Any]:
-        raise RpcError(UPSTREAM_UNAVAILABLE, f"upstream {self.name} connects per user")
-
-    async def _send_notification(self, message: dict[str, Any]) -> None:
-        return None
-
-    def _abandon(self, request_id: Any, reason: str) -> None:
-        return None
+    async def _watch_once(self, uris: frozenset[str], opened) -> bool:
+        # The standing stream is opened again with the user's current (refreshed) token.
+        if not await self._authorize(connect=False):
+            opened.set()
+            return False  # no longer connected: no stream
+        return await super()._watch_once(uris, opened)

@@ -11,8 +11,9 @@ ends. At most ``max_sessions`` are open per upstream: one more closes the one un
 among those no request is waiting on, and is refused when every one is busy.
 
 Each upstream session is an `Upstream` of its own (its own ``Mcp-Session-Id``, connections and
-standing stream), made by the factory the gateway gives; that is where a credential of the user
-toward the upstream is to be attached.
+standing stream), made by the factory the gateway gives, which attaches the user's own upstream
+token when the upstream has ``auth = "per_user"`` (`bastion.gateway.upstream_credentials`; such
+a session is also closed when its user's connection is revoked, or the upstream refuses it).
 """
 
 from __future__ import annotations

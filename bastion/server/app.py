@@ -350,14 +350,8 @@ def _connections(config: ServerConfig, db: Database, oauth, gateway):
         )
     except ConnectionKeysError as e:
         raise ConfigError(str(e)) from None
-    for upstream in per_user:
-        state = gateway.upstreams[upstream.name]
-        state.upstream.connections = connections
-        connections.on_revoke(
-            lambda subject, name, per=state.upstream, own=upstream.name: (
-                per.forget(subject) if name == own else None
-            )
-        )
+    gateway.connections = connections
+    connections.on_revoke(gateway.connection_revoked)
     return connections
 
 

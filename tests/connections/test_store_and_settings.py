@@ -101,6 +101,16 @@ def test_per_user_settings_have_defaults_and_read_the_secret_from_the_environmen
     assert _gateway().upstream("tracker").auth == "none"
 
 
+def test_per_user_credentials_go_on_upstream_sessions_of_one_user_never_a_shared_one():
+    assert _gateway(auth="per_user").upstream("tracker").session == "per_user"
+    mine = _gateway(auth="per_user", session="per_client_session").upstream("tracker")
+    assert mine.session == "per_client_session"
+    with pytest.raises(ConfigError, match='needs session = "per_user"') as refused:
+        _gateway(auth="per_user", session="shared")
+    assert "cannot carry each user's own token" in str(refused.value)
+    assert _gateway().upstream("tracker").session == "shared"
+
+
 def _service(tmp_path, cache_seconds: float, clock):
     from cryptography.fernet import Fernet
 

@@ -7,7 +7,10 @@ toward upstream servers"), end to end with real parts:
   every token it is sent;
 - the first bastion: its gateway serves the upstream with ``auth = "per_user"``;
 - the official SDK client calls through the first bastion and gets MCP's URL elicitation; Debian's
-  chromium (Playwright) signs in at the first bastion and connects at the second.
+  chromium (Playwright) signs in at the first bastion and connects at the second;
+- the same upstream at a second address that speaks 2025-11-25 only (sessions, a standing
+  stream), behind capped and quickly idled upstream sessions: each user's own token rides on
+  upstream sessions like any others.
 """
 
 from __future__ import annotations
@@ -17,33 +20,39 @@ import json
 import sqlite3
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import AsyncExitStack
 from urllib.parse import parse_qs, urlsplit
 
 import anyio
 import httpx
 import httpx2
 import pytest
+from argon2 import PasswordHasher
 from cryptography.fernet import Fernet
 from joserfc import jwt
 from joserfc.errors import JoseError
 from joserfc.jwk import KeySet
+from mcp import types
 from mcp.client.client import Client as McpClient
 from mcp.client.streamable_http import streamable_http_client
 from mcp.server.auth.middleware.auth_context import get_access_token
 from mcp.server.auth.provider import AccessToken
 from mcp.server.auth.settings import AuthSettings
-from mcp.server.mcpserver import MCPServer
+from mcp.server.mcpserver import Context, MCPServer
 from mcp.shared.exceptions import MCPError, UrlElicitationRequiredError
 
 from bastion.connections.sealing import Sealer, Unsealable
+from bastion.connections.store import StoredConnection
 from bastion.connections.upstream_oauth import well_known
 from bastion.db import Database
+from bastion.gateway.upstream_sessions import SessionOwner
+from bastion.oauth import users
 from bastion.oauth.store import OAuthStore
 from bastion.oauth.users import create_user
 from bastion.server.app import create_app
 from bastion.server.config import ServerConfig
 from tests.browser import browser_fixture, tab_fixture  # noqa: F401 (fixtures)
-from tests.gateway.support import bastion_serve, stop
+from tests.gateway.support import LegacyOnly, Recorder, bastion_serve, stop
 from tests.oauth.support import MemoryStorage, free_socket, log_in_and_consent, sdk_auth, serve
 
 PASSWORD = "connections-test-password"
@@ -58,10 +67,17 @@ allow(_agent: Agent, _action: String, _server: McpServer);
 allow(_user: User, _action: String, _tool: Tool);
 allow(_agent: Agent, _action: String, _tool: Tool);
 """
+# The upstream at its 2025-11-25 address, as three upstreams of the first bastion: with the
+# default session settings, with max_sessions = 1, with session_idle_seconds = 1.
+LEDGERS = ("ledger", "capped", "brief")
 
 
 class Lab:
     """Both bastions, the upstream and what it saw."""
+
+    # The 2025-11-25 address of the upstream, and what reached it there (`LEDGERS`).
+    ledger_url = ""
+    ledger_requests: list[dict]
 
     def __init__(self, one, upstream_checks, one_url, two_url, upstream_url, seen) -> None:
         self.one = one  # the first bastion's app
@@ -136,15 +152,37 @@ def upstream_app(checks: JwtVerifier, seen: list[dict]):
         seen.append({"token": token.token, "subject": token.subject})
         return token.subject or ""
 
+    @server.tool()
+    async def ask(ctx: Context) -> str:
+        """Ask the client who it is, on the session's standing stream (2025-11-25)."""
+        token = get_access_token()
+        seen.append({"token": token.token, "subject": token.subject})
+        form = {"type": "object", "properties": {"name": {"type": "string"}}}
+        with anyio.fail_after(20):
+            answer = await ctx.session.elicit_form("Who are you?", form)
+        return "answer: " + json.dumps(answer.content, sort_keys=True)
+
     return server.streamable_http_app(streamable_http_path="/mcp")
 
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory):
+    # Cheap password hashes for this module's many sign-ins (what is tested is not argon2).
+    saved = users._HASHER
+    users._HASHER = PasswordHasher(time_cost=1, memory_cost=1024, parallelism=1)
+    try:
+        yield from _lab(tmp_path_factory)
+    finally:
+        users._HASHER = saved
+
+
+def _lab(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("connections")
     policy = tmp / "policy.polar"
     policy.write_text(POLICY)
     one_sock, two_sock, up_sock = free_socket(), free_socket(), free_socket()
+    ledger_sock = free_socket()
+    ledger_url = f"http://127.0.0.1:{ledger_sock.getsockname()[1]}/mcp"
     # Both on 127.0.0.1: each issuer has a path of its own, so that their cookies do not mix.
     one_url = f"http://127.0.0.1:{one_sock.getsockname()[1]}/one"
     two_url = f"http://127.0.0.1:{two_sock.getsockname()[1]}/two"
@@ -178,7 +216,10 @@ open_registration = {{ max_per_address = 1000 }}
             oauth={
                 "issuer": one_url,
                 "key_dir": str(tmp / "one-keys"),
-                "resources": [{"uri": f"{origin}/mcp/tracker", "scopes": ["tracker"]}],
+                "resources": [
+                    {"uri": f"{origin}/mcp/{name}", "scopes": ["tracker"]}
+                    for name in ("tracker", *LEDGERS)
+                ],
                 "open_registration": {"max_per_address": 1000},
             },
             gateway={
@@ -188,16 +229,26 @@ open_registration = {{ max_per_address = 1000 }}
                         "url": upstream_url,
                         "auth": "per_user",
                         "oauth": {"scopes": ["issues:read"]},
-                    }
+                    },
+                    {"name": "ledger", "url": ledger_url, "auth": "per_user"},
+                    {"name": "capped", "url": ledger_url, "auth": "per_user", "max_sessions": 1},
+                    {
+                        "name": "brief",
+                        "url": ledger_url,
+                        "auth": "per_user",
+                        "session_idle_seconds": 1,
+                    },
                 ]
             },
         )
     )
-    for name in ("alice", "bob"):
+    for name in ("alice", "bob", "carol"):
         create_user(one.state.oauth.store, name, PASSWORD, time.time())
     seen: list[dict] = []
     checks = JwtVerifier(two_url, upstream_url)
     upstream = upstream_app(checks, seen)
+    # The same upstream (the same checks of a token: aud = upstream_url) at a second address.
+    ledger = Recorder(LegacyOnly(upstream_app(checks, seen)))
     # The same deployment as bastion.toml, for the CLI.
     (tmp / "bastion.toml").write_text(
         f"""[server]
@@ -218,9 +269,10 @@ oauth = {{ scopes = ["issues:read"] }}
     )
     two, _ = bastion_serve(tmp / "two.toml", two_url.removesuffix("/two"))
     try:
-        with serve(upstream, up_sock), serve(one, one_sock):
+        with serve(upstream, up_sock), serve(ledger, ledger_sock), serve(one, one_sock):
             lab = Lab(one, checks, one_url, two_url, upstream_url, seen)
             lab.config = tmp / "bastion.toml"
+            lab.ledger_url, lab.ledger_requests = ledger_url, ledger.requests
             yield lab
     finally:
         stop(two)
@@ -588,3 +640,177 @@ def test_rekey_reseals_every_stored_connection_under_the_first_key(lab, tab):
         service.rekey()
         service.sealer = old
     assert sqlite3.sqlite_version_info >= (3, 35)  # UPDATE ... RETURNING
+
+
+# -- per-user credentials on upstream sessions ---------------------------------------------------
+
+
+@pytest.fixture
+def ledgers(lab, tab):
+    """alice and bob connected to the ledgers: their tracker tokens, sealed for each (the ledgers
+    are the tracker's upstream at another address, which takes the same tokens); removed after."""
+    service = lab.connections
+    for username in ("alice", "bob"):
+        tab.page.context.clear_cookies()  # signed in at either bastion as nobody
+        ensure_connected(lab, tab, username)
+        row = service.store.get(username, "tracker")
+        tokens = service.sealer.open(username, "tracker", row.sealed)
+        for name in LEDGERS:
+            sealed = service.sealer.seal(username, name, tokens)
+            service.store.put(
+                StoredConnection(
+                    username,
+                    name,
+                    sealed,
+                    row.scope,
+                    row.expires_at,
+                    row.created_at,
+                    row.created_at,
+                )
+            )
+    yield
+    for username in ("alice", "bob"):
+        for name in LEDGERS:
+            service.store.delete(username, name)
+
+
+async def ledger_client(lab: Lab, stack: AsyncExitStack, username: str, server: str, asked: list):
+    """``username``'s SDK client (2025-11-25, with its GET stream) on ``server``; each elicitation
+    it is asked is noted in ``asked`` and answered with its user's name."""
+    url = lab.mcp_url.removesuffix("/tracker") + f"/{server}"
+    provider = sdk_auth(
+        url,
+        lambda link: log_in_and_consent(lab.one_url, link, username, PASSWORD),
+        MemoryStorage(),
+        [],
+        client_name="connections test agent",
+        redirect_uri=REDIRECT_URI,
+    )
+
+    async def elicit(context, params):
+        asked.append(params.message)
+        return types.ElicitResult(action="accept", content={"name": username})
+
+    http = await stack.enter_async_context(httpx2.AsyncClient(auth=provider, timeout=20))
+    return await stack.enter_async_context(
+        McpClient(
+            streamable_http_client(url, http_client=http),
+            mode="legacy",
+            elicitation_callback=elicit,
+        )
+    )
+
+
+async def text(client, tool: str) -> str:
+    return (await client.call_tool(tool, {})).content[0].text
+
+
+def bearer(lab: Lab, username: str) -> bytes:
+    return f"Bearer {stored_tokens(lab, username)['access_token']}".encode()
+
+
+def ledger_session(lab: Lab, username: str) -> bytes:
+    """The upstream session id of the last request to the ledger with ``username``'s token."""
+    for request in reversed(lab.ledger_requests):
+        headers = request["headers"]
+        if headers.get(b"authorization") == bearer(lab, username) and b"mcp-session-id" in headers:
+            return headers[b"mcp-session-id"]
+    raise AssertionError(f"no upstream session of {username} at the ledger")
+
+
+def alice_calls(lab: Lab, server: str) -> bytes:
+    """alice's client calls ``whoami`` on ``server`` (served with her token); returns the id of
+    the upstream session it went on."""
+
+    async def main():
+        async with AsyncExitStack() as stack:
+            client = await ledger_client(lab, stack, "alice", server, [])
+            return await text(client, "whoami"), ledger_session(lab, "alice")
+
+    answer, session = run(main)
+    assert answer == "alice"
+    return session
+
+
+def wait_deleted(lab: Lab, session_id: bytes) -> dict:
+    """The DELETE that closed ``session_id`` at the ledger (waited for: sessions close in the
+    background)."""
+    deadline = time.monotonic() + 15
+    while True:
+        for request in lab.ledger_requests:
+            headers = request["headers"]
+            if request["method"] == "DELETE" and headers.get(b"mcp-session-id") == session_id:
+                return request
+        assert time.monotonic() < deadline, "the upstream session was never closed"
+        time.sleep(0.02)
+
+
+def test_the_upstream_asks_alice_on_her_standing_stream_and_only_her_token_carries_it(lab, ledgers):
+    asked: dict[str, list] = {"alice": [], "bob": []}
+    served = len(lab.seen)
+
+    async def main():
+        async with AsyncExitStack() as stack:
+            alice = await ledger_client(lab, stack, "alice", "ledger", asked["alice"])
+            bob = await ledger_client(lab, stack, "bob", "ledger", asked["bob"])
+            table = lab.one.state.gateway.sessions
+            with anyio.fail_after(15):  # both clients' GET streams open at bastion
+                while sum(1 for s in table.sessions_of("ledger", "alice") if s.listener) < 1 or (
+                    sum(1 for s in table.sessions_of("ledger", "bob") if s.listener) < 1
+                ):
+                    await anyio.sleep(0.02)
+            return await text(alice, "ask"), await text(bob, "whoami")
+
+    answer, bobs = run(main)
+    assert json.loads(answer.removeprefix("answer: ")) == {"name": "alice"}
+    assert bobs == "bob"
+    assert asked == {"alice": ["Who are you?"], "bob": []}
+    tokens = {u: stored_tokens(lab, u)["access_token"] for u in ("alice", "bob")}
+    assert [(s["subject"], s["token"]) for s in lab.seen[served:]] == [
+        ("alice", tokens["alice"]),
+        ("bob", tokens["bob"]),
+    ]
+    # Every request on alice's upstream session (its standing stream's GET included) carried
+    # her own upstream token: never bob's, never a token of the first bastion.
+    session = ledger_session(lab, "alice")
+    on_it = [r for r in lab.ledger_requests if r["headers"].get(b"mcp-session-id") == session]
+    assert {r["method"] for r in on_it} >= {"GET", "POST"}
+    assert {r["headers"].get(b"authorization") for r in on_it} == {bearer(lab, "alice")}
+
+
+def test_per_user_credential_sessions_are_capped_like_any_upstream_session(lab, ledgers):
+    pool = lab.one.state.gateway.upstreams["capped"].sessions
+
+    async def main():
+        async with AsyncExitStack() as stack:
+            first = await text(await ledger_client(lab, stack, "alice", "capped", []), "whoami")
+            alices = ledger_session(lab, "alice")
+            bobs = await text(await ledger_client(lab, stack, "bob", "capped", []), "whoami")
+            return first, alices, bobs
+
+    first, alices, bobs = run(main)
+    assert (first, bobs) == ("alice", "bob")
+    # bob's session took the only place: alice's, idle, was closed upstream, with her token.
+    assert wait_deleted(lab, alices)["headers"][b"authorization"] == bearer(lab, "alice")
+    assert pool.find(SessionOwner("alice")) is None and len(pool) == 1
+
+
+def test_per_user_credential_sessions_are_closed_when_idle(lab, ledgers):
+    pool = lab.one.state.gateway.upstreams["brief"].sessions
+    session = alice_calls(lab, "brief")
+    assert wait_deleted(lab, session)["headers"][b"authorization"] == bearer(lab, "alice")
+    assert pool.find(SessionOwner("alice")) is None
+
+
+def test_revoking_a_connection_closes_its_users_upstream_sessions_at_once(lab, ledgers):
+    session = alice_calls(lab, "ledger")
+    key, _ = lab.one.state.keys.create("admin", ["connections"])
+    with httpx.Client(base_url=lab.one_url.removesuffix("/one"), timeout=10) as http:
+        revoked = http.delete(
+            "/v1/connections/alice/ledger", headers={"Authorization": f"Bearer {key}"}
+        )
+    assert revoked.status_code == 200, revoked.text
+    # Closed now, not when it next idles (the session's default idle time is 15 minutes).
+    wait_deleted(lab, session)
+    assert lab.one.state.gateway.upstreams["ledger"].sessions.find(SessionOwner("alice")) is None
+    assert lab.connections.listed("bob", "ledger") != []  # bob's connection is his own
