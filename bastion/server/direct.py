@@ -34,6 +34,8 @@ log = logging.getLogger("bastion.server")
 Answer = Callable[[Any, dict, Any], dict]
 
 SCOPE = "decide"
+# JSON as Starlette's JSONResponse renders it, with one encoder made once.
+_render = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode
 
 
 class _State:
@@ -133,7 +135,4 @@ class DirectDecisions:
             log.exception("a decision answered in the protocol failed; the application answers")
             return None
         self.metrics.direct_answer()
-        # As Starlette's JSONResponse renders it.
-        return json.dumps(
-            out, ensure_ascii=False, allow_nan=False, indent=None, separators=(",", ":")
-        ).encode()
+        return _render(out).encode()
