@@ -8,9 +8,10 @@ on a kept-alive connection) and within ``max_header_bytes`` (counted as it arriv
 when complete, for a head that arrived in one read): otherwise the connection is answered 408 or
 431 and closed.
 
-With a `bastion.server.direct.DirectDecisions`, a decision request that arrives whole in one read
-is answered here, without the ASGI application, when all it needs is in memory; any other is
-handed to the application as it arrived.
+With a `bastion.server.direct.DirectDecisions`, a decision request is answered here, without the
+ASGI application, when all it needs is in memory: its body is held as it arrives (within
+``body_timeout``, else 408 as the application answers), then decided; any other request, or one
+that does not check out here, is handed to the application as it arrived.
 """
 
 from __future__ import annotations
@@ -67,9 +68,9 @@ class BoundedHttpProtocol(HttpToolsProtocol):
         super().data_received(data)
         if self._held is not None and self._held_deadline is None:
             # The body is still coming: it has body_timeout to arrive, as through the application.
-            self._held_deadline = self.loop.call_later(
-                self.direct.body_timeout, self._held_too_slow
-            )  # type: ignore[union-attr]
+            assert self.direct is not None
+            timeout = self.direct.body_timeout
+            self._held_deadline = self.loop.call_later(timeout, self._held_too_slow)
         if self._oversized:
             self._refuse(431, _TOO_LARGE)
         elif in_head and self._in_head and not self.transport.is_closing():

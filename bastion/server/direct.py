@@ -2,15 +2,16 @@
 is in memory.
 
 A single check through uvicorn's ASGI cycle, Starlette's middleware and its Request and Response
-costs several times the decision itself. ``POST /v1/authorize`` and ``/v1/authorize/batch`` are
-answered here, from `bastion.server.connections.BoundedHttpProtocol`, when the request arrived
-whole in one read, its key was verified within the key cache's lifetime and grants ``decide``,
-its body is JSON within the limits, and the replica can answer now (not stale, ``at_least``
-already applied). The answer is made by the routes' own functions
-(`bastion.server.api.decisions`): decided, counted and recorded as through the application.
+costs tens of times the decision itself. ``POST /v1/authorize`` and ``/v1/authorize/batch`` are
+answered here, from `bastion.server.connections.BoundedHttpProtocol`, when the request is framed
+simply (HTTP/1.1, one Content-Length within the body limit), its key was verified within the key
+cache's lifetime and grants ``decide``, its body is JSON that passes the route's checks, and the
+replica can answer now (not stale, ``at_least`` already applied). The answer is made by the
+routes' own functions (`bastion.server.api.decisions`): decided, counted and recorded as through
+the application.
 
 Anything else goes to the application unchanged, which answers it as it always has: a key to
-look up or refuse, a body that is refused or arrives in pieces, a wait for ``at_least``, stale
+look up or refuse, a body that is refused or sent chunked, a wait for ``at_least``, stale
 facts, a connection with an answer still under way, HTTP/1.0, an access log to write. Nothing is
 answered here that the application would refuse: a request that does not check out here is
 handed over before anything is decided or recorded.
