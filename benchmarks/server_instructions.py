@@ -58,7 +58,7 @@ def main() -> None:
 
     tmp = Path(tempfile.mkdtemp(prefix="server-instructions-"))
     facts = gitclub_facts(2000)
-    bodies = checks(facts, 3 * args.requests * args.batch + 100)
+    bodies = checks(facts, (3 * args.requests + 20) * args.batch)
     store = FactStore.open(str(tmp / "b.db"))
     store.put_policy(POLICY, source="bench.polar")
     store.apply(facts)
