@@ -126,10 +126,28 @@ def loads(
         raise AssertionError("a refused number was not found again") from None
     except ValueError as e:  # JSONDecodeError, or an integer of more digits than Python reads
         raise JsonRefused(f"not valid JSON: {e}") from None
-    # Fewer brackets than the limit cannot nest deeper: most bodies skip the walk.
-    if text.count("[") + text.count("{") > max_depth:
-        _walk(value, max_depth)
+    # Fewer brackets than the limit cannot nest deeper: most bodies skip the depth check.
+    if text.count("[") + text.count("{") > max_depth and not _nests_within(value, max_depth):
+        _walk(value, max_depth)  # refuses it, as the walk counts
     return value
+
+
+def _nests_within(value: Any, levels: int) -> bool:
+    """Whether ``value``, decoded JSON, nests at most ``levels`` levels of objects and arrays.
+
+    Depth only, no path: several times faster than `_walk`, which a batch of a hundred checks
+    would otherwise spend a tenth of its time in. Recursion is bounded by ``levels``.
+    """
+    if value.__class__ is not dict and value.__class__ is not list:
+        return True
+    if levels <= 0:
+        return False
+    for item in value.values() if value.__class__ is dict else value:
+        if (item.__class__ is dict or item.__class__ is list) and not _nests_within(
+            item, levels - 1
+        ):
+            return False
+    return True
 
 
 def _too_deep(max_depth: int) -> JsonRefused:

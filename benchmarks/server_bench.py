@@ -1,6 +1,7 @@
 """Decision service benchmark: HTTP decisions beside in-process ones, writes, replica catch-up.
 
     .venv/bin/python benchmarks/server_bench.py --facts 1000000
+    .venv/bin/python benchmarks/server_bench.py --facts 100000 --http-only --rounds 3
 
 Prints figures; asserts nothing. The load runs in a separate process (keep-alive httpx client,
 one request at a time) against a real ``bastion serve`` on 127.0.0.1. PostgreSQL figures need
@@ -110,9 +111,11 @@ def fmt_latency(samples: list[float]) -> str:
 # -- the load process --------------------------------------------------------------------------
 
 
-def load_worker(url: str, bodies_file: str, requests: int, batch: int) -> None:
-    """Runs in its own process; prints one JSON line of results."""
+def load_worker(url: str, bodies_file: str, requests: int, batch: int, pid: int) -> None:
+    """Runs in its own process; prints one JSON line of results, with the CPU time the server
+    (process ``pid``) spent during the timed part."""
     import httpx
+    from gateway_bench import cpu_seconds
 
     bodies = json.loads(Path(bodies_file).read_text())[: requests * batch]
     headers = {"authorization": f"Bearer {ADMIN_KEY}"}
@@ -122,6 +125,7 @@ def load_worker(url: str, bodies_file: str, requests: int, batch: int) -> None:
             http.post("/v1/authorize", json=b)
         samples = []
         allowed = 0
+        cpu_before = cpu_seconds(pid)
         started = time.perf_counter()
         if batch == 1:
             for b in bodies:
@@ -136,7 +140,9 @@ def load_worker(url: str, bodies_file: str, requests: int, batch: int) -> None:
                 samples.append(time.perf_counter() - t)
                 allowed += sum(x["allowed"] for x in r.json()["results"])
         elapsed = time.perf_counter() - started
+        server_cpu = cpu_seconds(pid) - cpu_before
         out = {"samples": samples, "elapsed": elapsed, "decisions": len(bodies), "allowed": allowed}
+        out["server_cpu"] = server_cpu
     print(json.dumps(out))
 
 
@@ -239,7 +245,10 @@ def bench_in_process(facts: list[tuple], bodies: list[dict]) -> None:
     del authz
 
 
-def bench_http(url: str, bodies_file: Path, requests: int) -> None:
+def bench_http(url: str, bodies_file: Path, requests: int, pid: int) -> None:
+    """Single requests and batches of 100; the server's CPU per request read from /proc around
+    the timed load (steadier than latency on a shared machine)."""
+
     for batch, count in ((1, requests), (100, max(20, requests // 100))):
         cmd = [
             sys.executable,
@@ -249,12 +258,15 @@ def bench_http(url: str, bodies_file: Path, requests: int) -> None:
             str(bodies_file),
             str(count),
             str(batch),
+            str(pid),
         ]
         result = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout)
         rate = result["decisions"] / result["elapsed"]
+        cpu = result["server_cpu"] / len(result["samples"]) * 1e6
         what = "single requests" if batch == 1 else f"batches of {batch}"
         print(
             f"  HTTP {what}: {rate:,.0f} decisions/s; per request {fmt_latency(result['samples'])}"
+            f"; server CPU {cpu:,.0f} µs per request"
             f"  ({result['decisions']:,} decisions, {result['allowed']:,} allowed)"
         )
 
@@ -326,6 +338,10 @@ def main() -> None:
     parser.add_argument("--facts", type=int, default=1_000_000)
     parser.add_argument("--requests", type=int, default=5000)
     parser.add_argument("--skip-postgres", action="store_true")
+    parser.add_argument("--rounds", type=int, default=1, help="rounds of the HTTP decisions")
+    parser.add_argument(
+        "--http-only", action="store_true", help="stop after the HTTP decisions (no writes)"
+    )
     args = parser.parse_args()
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -358,9 +374,12 @@ def main() -> None:
         try:
             bodies_file = tmp / "checks.json"
             bodies_file.write_text(json.dumps(bodies))
-            bench_http(url, bodies_file, args.requests)
+            for _ in range(args.rounds):
+                bench_http(url, bodies_file, args.requests, proc.pid)
         finally:
             stop(proc)
+        if args.http_only:
+            return
 
         bench_writes("SQLite", str(tmp / "writes.db"), facts)
         bench_catch_up("SQLite", str(tmp / "catchup.db"), facts, tmp)
@@ -381,6 +400,6 @@ def main() -> None:
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--load-worker":
         url, file, requests, batch = sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
-        load_worker(url, file, requests, batch)
+        load_worker(url, file, requests, batch, int(sys.argv[6]))
     else:
         main()

@@ -538,13 +538,8 @@ def create_app(config: ServerConfig) -> Starlette:
     ]
     routes = one_route_per_path(routes)
     # First, so that every body is capped while it is read, whichever route it is for.
-    middleware = [
-        Middleware(
-            RequestBodyLimits,
-            limits=body_limits(config, oauth, gateway, signals),
-            body_timeout=config.body_timeout,
-        )
-    ]
+    limits = body_limits(config, oauth, gateway, signals)
+    middleware = [Middleware(RequestBodyLimits, limits=limits, body_timeout=config.body_timeout)]
     if gateway is not None:
         from bastion.gateway.mount import GatewayFirst
 
@@ -562,6 +557,7 @@ def create_app(config: ServerConfig) -> Starlette:
         },
     )
     app.state.config = config
+    app.state.body_limits = limits
     app.state.store = store
     app.state.keys = keys
     app.state.replica = replica

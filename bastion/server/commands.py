@@ -197,18 +197,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
         # The gateway ends its open SSE streams on SIGINT/SIGTERM; anything else still open
         # after this many seconds is cut, so a stop never hangs on a client.
         timeout_graceful_shutdown=10,
-        **connection_limits(config),
+        **connection_limits(config, app),
         **tls,
     )
     return 0
 
 
-def connection_limits(config: ServerConfig) -> dict[str, Any]:
-    """uvicorn's options for slow clients, many clients and proxies (docs/security.md)."""
+def connection_limits(config: ServerConfig, app: Any = None) -> dict[str, Any]:
+    """uvicorn's options for slow clients, many clients and proxies (docs/security.md); with the
+    application, its decisions answered in the protocol when they can be (docs/server.md)."""
     from bastion.server.connections import bounded_http_protocol
+    from bastion.server.direct import DirectDecisions
 
+    direct = DirectDecisions(app) if app is not None and config.direct_decisions else None
     return {
-        "http": bounded_http_protocol(config.header_timeout, config.max_header_bytes),
+        "http": bounded_http_protocol(config.header_timeout, config.max_header_bytes, direct),
         "limit_concurrency": config.max_connections,
         "timeout_keep_alive": config.keep_alive_timeout,
         # Only the proxies named may say who the client is; uvicorn would otherwise trust

@@ -98,6 +98,9 @@ class ServerConfig:
     log_level: str = "info"
     # One log line per request (uvicorn's access log).
     access_log: bool = False
+    # Answer /v1/authorize and its batch inside the HTTP protocol when all they need is in
+    # memory (bastion.server.direct); false: every request through the ASGI application.
+    direct_decisions: bool = True
     # Read from the environment only: an admin key accepted besides the stored ones.
     admin_key: str = field(default="", repr=False)
     # The [oauth] table, handed to the authorization server as it is.

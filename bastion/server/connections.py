@@ -7,6 +7,11 @@ likes, and a head that never ends is buffered without limit. Here a head must be
 on a kept-alive connection) and within ``max_header_bytes`` (counted as it arrives, and once more
 when complete, for a head that arrived in one read): otherwise the connection is answered 408 or
 431 and closed.
+
+With a `bastion.server.direct.DirectDecisions`, a decision request is answered here, without the
+ASGI application, when all it needs is in memory: its body is held as it arrives (within
+``body_timeout``, else 408 as the application answers), then decided; any other request, or one
+that does not check out here, is handed to the application as it arrived.
 """
 
 from __future__ import annotations
@@ -16,14 +21,30 @@ import functools
 from collections.abc import Callable
 from typing import Any
 
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+
+from bastion.server.direct import DirectDecisions, DirectRoute
+from bastion.server.request_limits import TOO_SLOW
 
 
 class BoundedHttpProtocol(HttpToolsProtocol):
     """`HttpToolsProtocol` whose request heads have a deadline and a size limit."""
 
-    def __init__(self, *args: Any, header_timeout: float, max_header_bytes: int, **kwargs: Any):
+    def __init__(
+        self,
+        *args: Any,
+        header_timeout: float,
+        max_header_bytes: int,
+        direct: DirectDecisions | None = None,
+        **kwargs: Any,
+    ):
         super().__init__(*args, **kwargs)
+        self.direct = direct
+        # A decision request being answered in the protocol: its route, its body so far, and
+        # the deadline of the rest of its body.
+        self._held: DirectRoute | None = None
+        self._held_body: list[bytes] = []
+        self._held_deadline: asyncio.TimerHandle | None = None
         self.header_timeout = header_timeout
         self.max_header_bytes = max_header_bytes
         self._head_bytes = 0
@@ -39,11 +60,17 @@ class BoundedHttpProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
+        self._release()
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
         in_head = self._in_head
         super().data_received(data)
+        if self._held is not None and self._held_deadline is None:
+            # The body is still coming: it has body_timeout to arrive, as through the application.
+            assert self.direct is not None
+            timeout = self.direct.body_timeout
+            self._held_deadline = self.loop.call_later(timeout, self._held_too_slow)
         if self._oversized:
             self._refuse(431, _TOO_LARGE)
         elif in_head and self._in_head and not self.transport.is_closing():
@@ -70,15 +97,96 @@ class BoundedHttpProtocol(HttpToolsProtocol):
         if size > self.max_header_bytes:
             self._oversized = True  # answered by data_received, once the parser returns
             return
+        if self.direct is not None and self._may_answer_directly():
+            return  # the body is held until the message is complete (on_message_complete)
         super().on_headers_complete()
 
     def on_body(self, body: bytes) -> None:
-        if not self._oversized:
+        if self._held is not None:
+            self._held_body.append(body)
+        elif not self._oversized:
             super().on_body(body)
 
     def on_message_complete(self) -> None:
+        if self._held is not None:
+            assert self.direct is not None
+            content = self.direct.answer(self._held, self.headers, b"".join(self._held_body))
+            if content is not None:
+                self._release()
+                self._respond(content)
+                return
+            self._hand_over()
         if not self._oversized:
             super().on_message_complete()
+
+    def _may_answer_directly(self) -> bool:
+        """Whether this request, its head complete, is one the protocol may answer itself (then
+        its body is held): as uvicorn would start it, with nothing else under way."""
+        assert self.direct is not None
+        route = self.direct.route(self.parser.get_method(), self.url)
+        if route is None:
+            return False
+        limit = self.limit_concurrency
+        if (
+            self.access_log  # uvicorn writes the access log line
+            or self.root_path
+            or self.parser.get_http_version() != "1.1"
+            or not self.parser.should_keep_alive()
+            or (self.cycle is not None and not self.cycle.response_complete)
+            or self.pipeline
+            or self.flow.write_paused
+            # uvicorn's own refusal (503) when this process has as much as it may take.
+            or (limit is not None and (len(self.connections) >= limit or len(self.tasks) >= limit))
+            or not self.direct.framed(self.headers, route.limit.max_bytes)
+        ):
+            return False
+        self._held = route
+        return True
+
+    def _hand_over(self) -> None:
+        """Give the held request to uvicorn as the parser gave it: its head, then its body."""
+        body = self._held_body
+        self._release()
+        if self.transport.is_closing():
+            return
+        super().on_headers_complete()
+        for part in body:
+            super().on_body(part)
+
+    def _release(self) -> None:
+        self._held, self._held_body = None, []
+        if self._held_deadline is not None:
+            self._held_deadline.cancel()
+            self._held_deadline = None
+
+    def _held_too_slow(self) -> None:
+        """The held body missed its deadline: answered as the application answers it (408 in
+        the route family's form), and the connection closed."""
+        self._held_deadline = None
+        route = self._held
+        self._release()
+        if route is None or self.transport.is_closing():
+            return
+        content_type, body = route.limit.refusal(408, TOO_SLOW)
+        self._write(408, content_type.encode(), body, close=True)
+        self.transport.close()
+
+    def _respond(self, content: bytes) -> None:
+        self._write(200, b"application/json", content)
+        # What uvicorn does once an answer is sent: count it, and time the idle connection.
+        self.on_response_complete()
+
+    def _write(self, status: int, content_type: bytes, body: bytes, close: bool = False) -> None:
+        """An answer with the headers uvicorn gives every answer (date, server)."""
+        head = [STATUS_LINE[status]]
+        for name, value in self.server_state.default_headers:
+            head += [name, b": ", value, b"\r\n"]
+        head.append(b"content-length: %d\r\ncontent-type: %s\r\n" % (len(body), content_type))
+        if status != 200:
+            head.append(b"cache-control: no-store\r\n")
+        if close:
+            head.append(b"connection: close\r\n")
+        self.transport.write(b"".join([*head, b"\r\n", body]))
 
     def _arm(self) -> None:
         self._head_deadline = self.loop.call_later(self.header_timeout, self._head_too_slow)
@@ -112,8 +220,13 @@ _PHRASES = {408: b"Request Timeout", 431: b"Request Header Fields Too Large"}
 _TOO_LARGE = "the request head is larger than max_header_bytes"
 
 
-def bounded_http_protocol(header_timeout: float, max_header_bytes: int) -> Callable[..., Any]:
+def bounded_http_protocol(
+    header_timeout: float, max_header_bytes: int, direct: DirectDecisions | None = None
+) -> Callable[..., Any]:
     """The protocol factory to pass to uvicorn as ``http=``."""
     return functools.partial(
-        BoundedHttpProtocol, header_timeout=header_timeout, max_header_bytes=max_header_bytes
+        BoundedHttpProtocol,
+        header_timeout=header_timeout,
+        max_header_bytes=max_header_bytes,
+        direct=direct,
     )

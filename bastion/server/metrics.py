@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import bisect
+from collections.abc import Callable, Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -25,22 +29,64 @@ _LATENCY_BUCKETS = (
 )
 
 
+class _DecisionCounts(Collector):
+    """``bastion_decisions_total`` and ``bastion_decision_seconds``, counted in plain numbers on
+    the event loop (where every decision is made) and turned into samples at scrape time: the
+    client library's counter and histogram take a lock on each update, which cost a decision
+    more than its evaluation."""
+
+    def __init__(self) -> None:
+        self.totals: dict[tuple[str, str], int] = {}
+        # Requests answered in the protocol (`bastion.server.direct`).
+        self.direct = 0
+        # kind -> [count in each bucket (the last: over every bound), sum of seconds]
+        self.latency: dict[str, list] = {}
+
+    def count(self, kind: str, result: str, seconds: float) -> None:
+        key = (kind, result)
+        self.totals[key] = self.totals.get(key, 0) + 1
+        latency = self.latency.get(kind)
+        if latency is None:
+            latency = self.latency[kind] = [[0] * (len(_LATENCY_BUCKETS) + 1), 0.0]
+        latency[0][bisect.bisect_left(_LATENCY_BUCKETS, seconds)] += 1
+        latency[1] += seconds
+
+    def collect(self) -> Iterator[Metric]:
+        totals = CounterMetricFamily(
+            "bastion_decisions",
+            "Decisions made, by kind (authorize, list, actions, query) and result.",
+            labels=["kind", "result"],
+        )
+        for (kind, result), n in list(self.totals.items()):
+            totals.add_metric([kind, result], n)
+        yield totals
+        yield CounterMetricFamily(
+            "bastion_direct_answers",
+            "Decision requests answered inside the HTTP protocol, all they needed in memory"
+            " (the others go through the application).",
+            value=self.direct,
+        )
+        latency = HistogramMetricFamily(
+            "bastion_decision_seconds",
+            "Time to evaluate a decision in process (not counting HTTP).",
+            labels=["kind"],
+        )
+        bounds = [floatToGoString(b) for b in _LATENCY_BUCKETS] + ["+Inf"]
+        for kind, (counts, total) in list(self.latency.items()):
+            cumulative, running = [], 0
+            for bound, n in zip(bounds, list(counts), strict=True):
+                running += n
+                cumulative.append((bound, running))
+            latency.add_metric([kind], cumulative, total)
+        yield latency
+
+
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
-        self.decisions = Counter(
-            "bastion_decisions_total",
-            "Decisions made, by kind (authorize, list, actions, query) and result.",
-            ["kind", "result"],
-            registry=self.registry,
-        )
-        self.latency = Histogram(
-            "bastion_decision_seconds",
-            "Time to evaluate a decision in process (not counting HTTP).",
-            ["kind"],
-            buckets=_LATENCY_BUCKETS,
-            registry=self.registry,
-        )
+        # Counted on every decision: plain numbers, read at scrape time (`_DecisionCounts`).
+        self._decisions = _DecisionCounts()
+        self.registry.register(self._decisions)
         self.writes = Counter(
             "bastion_writes_total",
             "Committed writes (facts or policy) made through this process.",
@@ -53,7 +99,6 @@ class Metrics:
             ["rule", "effect"],
             registry=self.registry,
         )
-        self._children: dict[tuple[str, str], tuple] = {}
         self._facts = Gauge("bastion_facts", "Facts held in memory.", registry=self.registry)
         self._applied = Gauge(
             "bastion_changelog_applied_sequence",
@@ -78,13 +123,12 @@ class Metrics:
         )
 
     def decision(self, kind: str, result: str, seconds: float) -> None:
-        """Count one decision and its evaluation time (label children are looked up once)."""
-        children = self._children.get((kind, result))
-        if children is None:
-            children = (self.decisions.labels(kind, result), self.latency.labels(kind))
-            self._children[(kind, result)] = children
-        children[0].inc()
-        children[1].observe(seconds)
+        """Count one decision and its evaluation time."""
+        self._decisions.count(kind, result, seconds)
+
+    def direct_answer(self) -> None:
+        """Count one request answered in the protocol (`bastion.server.direct`)."""
+        self._decisions.direct += 1
 
     def shadow_fired(self, rule: str, effect: str) -> None:
         """Count one firing of a shadow rule (`bastion.signals.shadow`)."""

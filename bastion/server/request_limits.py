@@ -178,9 +178,7 @@ class _Reading:
             self.waiting.cancel()
 
     def _too_slow(self) -> BodyRefused:
-        return self._refuse(
-            408, "the request body did not arrive in time (body_timeout); send it at once"
-        )
+        return self._refuse(408, TOO_SLOW)
 
     def _refuse(self, status: int, detail: str) -> BodyRefused:
         self.refused = BodyRefused(status, detail)
@@ -242,6 +240,7 @@ class _Deadlines:
 
 
 _CLOSE = (b"connection", b"close")
+TOO_SLOW = "the request body did not arrive in time (body_timeout); send it at once"
 
 
 def _too_large(limit: BodyLimit) -> str:

@@ -137,6 +137,17 @@ async def fresh(request: Request, body: dict) -> Replica:
     return replica
 
 
+def answerable_now(replica: Replica, body: dict) -> bool:
+    """Whether `fresh` would return at once, with nothing to wait for or refuse: the facts are
+    not stale, and ``at_least`` (if given, and well formed) is applied already."""
+    if replica.stale:
+        return False
+    at_least = body.get("at_least")
+    if at_least is None:
+        return True
+    return at_least.__class__ is int and 0 <= at_least <= replica.applied
+
+
 def _context(body: dict) -> dict | None:
     return get_field(body, "context", dict, required=False)
 
@@ -243,7 +254,7 @@ def _chain_request(chain: tuple[Entity, ...], action: str, resource: Entity) -> 
     }
 
 
-async def _authorize_chain(request: Request, body: dict, replica: Replica) -> JSONResponse:
+def _authorize_chain(request: Request, body: dict, replica: Replica) -> dict:
     authz = replica.authz
     chain, action, resource = _check_chain(authz, body)
     context = _context(body)
@@ -270,7 +281,7 @@ async def _authorize_chain(request: Request, body: dict, replica: Replica) -> JS
     }
     if explanation is not None:
         out["explanation"] = explanation
-    return JSONResponse(out)
+    return out
 
 
 def record_decision(
@@ -281,8 +292,19 @@ def record_decision(
     explanation: dict | None = None,
     refusal: dict | None = None,
 ) -> str:
-    log: DecisionLog = request.app.state.decisions
-    replica: Replica = request.app.state.replica
+    state = request.app.state
+    return _record(state.decisions, state.replica, kind, req, result, explanation, refusal)
+
+
+def _record(
+    log: DecisionLog,
+    replica: Replica,
+    kind: str,
+    req: dict,
+    result: Any,
+    explanation: dict | None = None,
+    refusal: dict | None = None,
+) -> str:
     decision_id = log.new_id()
     log.add(
         DecisionRecord(
@@ -330,8 +352,17 @@ async def authorize(request: Request) -> JSONResponse:
     await require(request, "decide")
     body = await read_json(request)
     replica = await fresh(request, body)
+    return JSONResponse(authorize_answer(request, body, replica))
+
+
+def authorize_answer(request: Request, body: dict, replica: Replica) -> dict:
+    """The answer to one ``/v1/authorize`` body, decided on ``replica`` and recorded.
+
+    A body that does not check out raises `Problem` before anything is decided or recorded;
+    the key and freshness were checked by the caller (the route, or `bastion.server.direct`).
+    """
     if "principals" in body:
-        return await _authorize_chain(request, body, replica)
+        return _authorize_chain(request, body, replica)
     authz = replica.authz
     actor, action, resource = _check(authz, body)
     context = _context(body)
@@ -357,13 +388,18 @@ async def authorize(request: Request) -> JSONResponse:
     out.update(refusal or {})
     if explanation is not None:
         out["explanation"] = explanation
-    return JSONResponse(out)
+    return out
 
 
 async def authorize_batch(request: Request) -> JSONResponse:
     await require(request, "decide")
     body = await read_json(request)
     replica = await fresh(request, body)
+    return JSONResponse(authorize_batch_answer(request, body, replica))
+
+
+def authorize_batch_answer(request: Request, body: dict, replica: Replica) -> dict:
+    """The answer to one ``/v1/authorize/batch`` body, as `authorize_answer` for each check."""
     authz = replica.authz
     checks = get_field(body, "checks", list)
     if len(checks) > MAX_BATCH:
@@ -383,6 +419,10 @@ async def authorize_batch(request: Request) -> JSONResponse:
         except Problem as p:
             raise Problem(p.status, p.title, f"checks[{i}]: {p.detail}") from None
     results = []
+    # Looked up once for the whole batch.
+    state = request.app.state
+    log: DecisionLog = state.decisions
+    count = state.metrics.decision
     # One session: one view of the facts, and one evaluation budget for the whole batch, as for
     # one decision. Each check with a budget of its own let one request of a thousand checks
     # hold the event loop for a thousand budgets (minutes); once it is spent, every check left
@@ -393,8 +433,10 @@ async def authorize_batch(request: Request) -> JSONResponse:
             refusal = None
             if not isinstance(actor, Entity):  # a chain (an Entity is a tuple too)
                 decision = decide_chain_in(session, actor, action, resource, context, scopes)
-                observe_decision(
-                    request, "authorize", started, "allow" if decision.allowed else "deny"
+                count(
+                    "authorize",
+                    "allow" if decision.allowed else "deny",
+                    time.perf_counter() - started,
                 )
                 answer = _chain_answer(decision)
                 req = {
@@ -403,8 +445,8 @@ async def authorize_batch(request: Request) -> JSONResponse:
                 }
                 keep_context(request, req, context)
                 refusal = {k: answer[k] for k in ("reason", "limit") if k in answer} or None
-                decision_id = record_decision(
-                    request, "authorize", req, decision.allowed, refusal=refusal
+                decision_id = _record(
+                    log, replica, "authorize", req, decision.allowed, refusal=refusal
                 )
                 results.append({"allowed": decision.allowed, "decision_id": decision_id, **answer})
                 continue
@@ -412,16 +454,16 @@ async def authorize_batch(request: Request) -> JSONResponse:
                 allowed = session.allowed(actor, action, resource, context)
             except EvaluationLimit as over:
                 allowed, refusal = False, _refusal(over)
-            observe_decision(request, "authorize", started, "allow" if allowed else "deny")
+            count("authorize", "allow" if allowed else "deny", time.perf_counter() - started)
             req = {
                 "actor": _entity_json(actor),
                 "action": action,
                 "resource": _entity_json(resource),
             }
             keep_context(request, req, context)
-            decision_id = record_decision(request, "authorize", req, allowed, refusal=refusal)
+            decision_id = _record(log, replica, "authorize", req, allowed, refusal=refusal)
             results.append({"allowed": allowed, "decision_id": decision_id, **(refusal or {})})
-    return JSONResponse({"results": results, "sequence": replica.applied})
+    return {"results": results, "sequence": replica.applied}
 
 
 async def list_resources(request: Request) -> JSONResponse:

@@ -1,0 +1,139 @@
+"""Decisions answered inside the HTTP protocol, without the ASGI application, when all they need
+is in memory.
+
+A single check through uvicorn's ASGI cycle, Starlette's middleware and its Request and Response
+costs tens of times the decision itself. ``POST /v1/authorize`` and ``/v1/authorize/batch`` are
+answered here, from `bastion.server.connections.BoundedHttpProtocol`, when the request is framed
+simply (HTTP/1.1, one Content-Length within the body limit), its key was verified within the key
+cache's lifetime and grants ``decide``, its body is JSON that passes the route's checks, and the
+replica can answer now (not stale, ``at_least`` already applied). The answer is made by the
+routes' own functions (`bastion.server.api.decisions`): decided, counted and recorded as through
+the application.
+
+Anything else goes to the application unchanged, which answers it as it always has: a key to
+look up or refuse, a body that is refused or sent chunked, a wait for ``at_least``, stale
+facts, a connection with an answer still under way, HTTP/1.0, an access log to write. Nothing is
+answered here that the application would refuse: a request that does not check out here is
+handed over before anything is decided or recorded.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from bastion.server.api.decisions import answerable_now, authorize_answer, authorize_batch_answer
+from bastion.server.problems import Problem, parse_json
+from bastion.server.request_limits import BodyLimit
+
+log = logging.getLogger("bastion.server")
+
+# (request, body, replica) -> the answer's JSON; raises `Problem` before deciding anything.
+Answer = Callable[[Any, dict, Any], dict]
+
+SCOPE = "decide"
+# JSON as Starlette's JSONResponse renders it, with one encoder made once.
+_render = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode
+
+
+class _State:
+    __slots__ = ("body_size",)
+
+    def __init__(self, body_size: int) -> None:
+        self.body_size = body_size
+
+
+class _Asked:
+    """What the decision routes read of a request: the application (its state) and the body's
+    size (`bastion.server.api.decisions.keep_context`)."""
+
+    __slots__ = ("app", "state")
+
+    def __init__(self, app: Any, body_size: int) -> None:
+        self.app = app
+        self.state = _State(body_size)
+
+
+@dataclass(frozen=True, slots=True)
+class DirectRoute:
+    """A route answered in the protocol: how, and the body limit of its path."""
+
+    answer: Answer
+    limit: BodyLimit
+
+
+class DirectDecisions:
+    """The decision routes answered in the protocol, for one application."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        state = app.state
+        self.keys = state.keys
+        self.replica = state.replica
+        self.metrics = state.metrics
+        self.max_json_depth = state.config.max_json_depth
+        self.body_timeout = state.config.body_timeout
+        limits = state.body_limits
+        # The exact request targets: a query string, or any other spelling, goes the long way.
+        self.routes: dict[bytes, DirectRoute] = {
+            path.encode(): DirectRoute(answer, limits.for_path(path))
+            for path, answer in (
+                ("/v1/authorize", authorize_answer),
+                ("/v1/authorize/batch", authorize_batch_answer),
+            )
+        }
+
+    def route(self, method: bytes, url: bytes) -> DirectRoute | None:
+        return self.routes.get(url) if method == b"POST" else None
+
+    @staticmethod
+    def framed(headers: list[tuple[bytes, bytes]], max_bytes: int) -> bool:
+        """Whether the head frames a body this path can take in one piece: one plain
+        Content-Length within the limit, nothing chunked, nothing that waits for 100 Continue."""
+        length = None
+        for name, value in headers:
+            if name == b"content-length":
+                if length is not None or not value.isdigit():
+                    return False
+                length = int(value)
+            elif name in (b"transfer-encoding", b"expect", b"upgrade"):
+                return False
+        return length is not None and length <= max_bytes
+
+    def answer(
+        self, route: DirectRoute, headers: list[tuple[bytes, bytes]], body: bytes
+    ) -> bytes | None:
+        """The JSON answer, decided and recorded; None (nothing decided, nothing recorded) when
+        the application must answer instead."""
+        authorization = None
+        for name, value in headers:
+            if name == b"authorization":
+                authorization = value
+                break
+        if authorization is None:
+            return None
+        kind, _, token = authorization.decode("latin-1").partition(" ")
+        token = token.strip()
+        if kind.lower() != "bearer" or not token:
+            return None
+        known, key = self.keys.remembered(token)
+        if not known or key is None or not key.allows(SCOPE):
+            return None
+        replica = self.replica
+        try:
+            parsed = parse_json(body, self.max_json_depth) if body else None
+            if parsed.__class__ is not dict or not answerable_now(replica, parsed):
+                return None
+            out = route.answer(_Asked(self.app, len(body)), parsed, replica)
+        except Problem:
+            return None
+        except Exception:
+            # The application meets the same failure and answers it (a 500 that names no
+            # internals, logged with its traceback).
+            log.exception("a decision answered in the protocol failed; the application answers")
+            return None
+        self.metrics.direct_answer()
+        return _render(out).encode()

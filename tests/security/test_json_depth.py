@@ -1,0 +1,55 @@
+"""The JSON reader's depth limit (`bastion.untrusted_json`), tried with any shape of nesting:
+objects and arrays mixed, siblings of every depth, brackets inside strings. A body nested
+deeper than the limit is refused, whatever its shape; one within it is read."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from bastion import untrusted_json
+
+scalars = st.one_of(
+    st.none(), st.booleans(), st.integers(-1000, 1000), st.sampled_from(["a", "[{", "}]", '"\\]'])
+)
+values = st.recursive(
+    scalars,
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=3), inner, max_size=4)
+    ),
+    max_leaves=40,
+)
+
+
+def depth(value) -> int:
+    """Levels of objects and arrays, counted the plain way."""
+    if isinstance(value, dict):
+        return 1 + max(map(depth, value.values()), default=0)
+    if isinstance(value, list):
+        return 1 + max(map(depth, value), default=0)
+    return 0
+
+
+@settings(max_examples=150, deadline=None)
+@given(value=values, limit=st.integers(1, 6))
+def test_a_body_is_refused_exactly_when_it_nests_deeper_than_the_limit(value, limit):
+    text = json.dumps(value)
+    if depth(value) > limit:
+        with pytest.raises(untrusted_json.JsonRefused, match="max_json_depth"):
+            untrusted_json.loads(text, max_depth=limit)
+    else:
+        assert untrusted_json.loads(text, max_depth=limit) == value
+
+
+@pytest.mark.parametrize("opening", ["[", '{"k": '])
+def test_one_deep_branch_among_many_shallow_ones_is_found(opening):
+    closing = "]" if opening == "[" else "}"
+    deep = opening * 65 + "1" + closing * 65
+    text = "[" + ", ".join(["[1, {}]"] * 200 + [deep] + ["[2]"] * 200) + "]"
+    with pytest.raises(untrusted_json.JsonRefused, match="max_json_depth"):
+        untrusted_json.loads(text, max_depth=64)
+    within = opening * 62 + "1" + closing * 62
+    assert untrusted_json.loads("[" + within + ", [[]]]", max_depth=64)
