@@ -131,13 +131,18 @@ class PredicateFacts:
         return True
 
     def add_many(self, rows: Iterable[tuple]) -> set[tuple]:
-        """Add many argument tuples at once; return those that were new. The same as `add` for
-        each, with the loops over the facts in C where they can be (a replica's start)."""
-        new = set(rows)
-        new.difference_update(self.all)
+        """Add many argument tuples at once; return those that were new (read only: `all` itself
+        when it was empty). The same as `add` for each, with fewer steps per fact."""
+        if self.all:
+            new = set(rows)
+            new.difference_update(self.all)
+            self.all.update(new)
+        else:
+            # Hashed once: the new facts are all of them.
+            self.all.update(rows)
+            new = self.all
         if not new:
-            return new
-        self.all.update(new)
+            return set()
         for pinned, routes in self._routes.items():
             if pinned:
                 # The new facts by their pinned values, in one pass.

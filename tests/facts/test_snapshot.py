@@ -318,3 +318,48 @@ def typed(groups: list[snapshot.PredicateRows]) -> list[str]:
         for g in groups
         for v in g.rows
     )
+
+
+def test_facts_added_in_bulk_are_indexed_as_facts_added_one_by_one():
+    import random
+
+    from bastion.facts.index import FactIndex, Many
+
+    rng = random.Random(5)
+    users = [Entity("User", f"u{i}") for i in range(30)]
+    repos = [Entity("Repo", f"r{i}") for i in range(30)]
+    rows = list(
+        {
+            (rng.choice(users), rng.choice(["reader", "admin"]), rng.choice(repos))
+            for _ in range(400)
+        }
+    )
+    # Some before the lookups exist, some after, some into a predicate that holds facts already.
+    first, second = rows[:100], rows[100:]
+    one, bulk = FactIndex(), FactIndex()
+    for index in (one, bulk):
+        for fact in first:
+            index.add(("has_role", *fact))
+        pf = index.predicate("has_role", 3)
+        pf.mode("bfb")
+        pf.mode("bbf", ((1, "reader"),))
+        pf.mode("fbb", ((1, "admin"),))
+    for fact in second:
+        one.add(("has_role", *fact))
+    until = time.time() + 1000
+    assert bulk.add_rows("has_role", 3, second + first[:5], {second[0]: until}) == len(second)
+    one.add(("has_role", *second[0]), until)
+
+    def norm(modes: dict) -> dict:
+        return {
+            shape: {k: sorted(v, key=repr) if v.__class__ is Many else v for k, v in index.items()}
+            for shape, index in modes.items()
+        }
+
+    assert bulk.count == one.count == len(rows)
+    assert bulk.predicates["has_role", 3].all == one.predicates["has_role", 3].all
+    assert norm(bulk.predicates["has_role", 3].modes) == norm(one.predicates["has_role", 3].modes)
+    assert bulk.expiry_of(("has_role", *second[0])) == until
+    assert sorted(bulk.matching(("has_role", users[0], None, None))) == sorted(
+        one.matching(("has_role", users[0], None, None))
+    )
