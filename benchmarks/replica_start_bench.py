@@ -118,39 +118,35 @@ def bench_serve(n: int, runs: int, tmp: Path) -> None:
         )
 
 
+def child_snapshot_write(n: int, tmp: str) -> None:
+    """In a fresh process: write the facts as a snapshot (for the next child to load)."""
+    from bastion.facts import snapshot
+    from bastion.facts.store import StoredFact
+
+    groups = snapshot.from_facts(StoredFact(f) for f in gitclub_facts(n))
+    origin = snapshot.SnapshotOrigin("bench", 0, 0, None, None)
+    t = time.perf_counter()
+    size = snapshot.write(os.path.join(tmp, "inproc.snapshot"), origin, groups)
+    print(
+        f"  snapshot of {n:,} facts: {size / 1e6:.0f} MB written in {time.perf_counter() - t:.1f} s"
+    )
+
+
 def child_snapshot_load(n: int, tmp: str) -> None:
-    """In a fresh process: load the snapshot as a replica does, then authorize."""
+    """In a fresh process (so that its resident memory grows only by the facts): load the
+    snapshot as a replica does, then authorize."""
     import gc
 
     from bastion import Entity
+    from bastion.decide import Authorizer
     from bastion.facts import snapshot
-    from bastion.facts.store import StoredFact
     from bastion.server.replica import _collector_paused
 
-    facts = gitclub_facts(n)
-    bodies = checks(facts, 20_000)
-    args = [
-        (
-            Entity(b["actor"]["type"], b["actor"]["id"]),
-            b["action"],
-            Entity(b["resource"]["type"], b["resource"]["id"]),
-        )
-        for b in bodies
-    ]
-    groups = snapshot.from_facts(StoredFact(f) for f in facts)
-    origin = snapshot.SnapshotOrigin("bench", 0, 0, None, None)
-    path = os.path.join(tmp, "inproc.snapshot")
-    t = time.perf_counter()
-    size = snapshot.write(path, origin, groups)
-    wrote = time.perf_counter() - t
-    del facts, groups, bodies
     gc.collect()
-    from bastion.decide import Authorizer
-
     base = rss_bytes()
     t, c = time.perf_counter(), time.process_time()
     with _collector_paused():
-        snap = snapshot.read(path)
+        snap = snapshot.read(os.path.join(tmp, "inproc.snapshot"))
         read_at = time.perf_counter() - t
         authz = Authorizer(POLICY, source="bench.polar")
         entities = snap.entities
@@ -162,6 +158,19 @@ def child_snapshot_load(n: int, tmp: str) -> None:
     del snap, entities, g
     gc.collect()
     added = rss_bytes() - base
+    print(
+        f"  loaded {count:,} facts from it in {wall:.2f} s ({cpu:.2f} s CPU; read {read_at:.2f} s),"
+        f" {added / count:.0f} B/fact resident ({added / 2**30:.2f} GiB),"
+        f" process RSS {rss_bytes() / 2**30:.2f} GiB"
+    )
+    args = [
+        (
+            Entity(b["actor"]["type"], b["actor"]["id"]),
+            b["action"],
+            Entity(b["resource"]["type"], b["resource"]["id"]),
+        )
+        for b in checks(gitclub_facts(n), 20_000)
+    ]
     for a in args[:200]:
         authz.authorize(*a)
     samples = []
@@ -170,12 +179,6 @@ def child_snapshot_load(n: int, tmp: str) -> None:
             t = time.perf_counter()
             authz.authorize(*a)
             samples.append(time.perf_counter() - t)
-    print(
-        f"  snapshot of {count:,} facts: {size / 1e6:.0f} MB written in {wrote:.1f} s;"
-        f" loaded in {wall:.2f} s ({cpu:.2f} s CPU; read {read_at:.2f} s),"
-        f" {added / count:.0f} B/fact resident ({added / 2**30:.2f} GiB),"
-        f" process RSS {rss_bytes() / 2**30:.2f} GiB"
-    )
     print(f"  authorize at {count:,} facts: {fmt_latency(samples)}")
 
 
@@ -215,6 +218,7 @@ def main() -> None:
     )
     with tempfile.TemporaryDirectory() as tmp:
         me = [sys.executable, __file__]
+        subprocess.run([*me, "--child-write", str(args.facts), tmp], check=True)
         subprocess.run([*me, "--child-snapshot", str(args.facts), tmp], check=True)
         if not args.skip_store_path:
             subprocess.run([*me, "--child-apply", str(args.facts)], check=True)
@@ -223,7 +227,9 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) > 1 and sys.argv[1] == "--child-snapshot":
+    if len(sys.argv) > 1 and sys.argv[1] == "--child-write":
+        child_snapshot_write(int(sys.argv[2]), sys.argv[3])
+    elif len(sys.argv) > 1 and sys.argv[1] == "--child-snapshot":
         child_snapshot_load(int(sys.argv[2]), sys.argv[3])
     elif len(sys.argv) > 1 and sys.argv[1] == "--child-apply":
         child_apply_load(int(sys.argv[2]))

@@ -275,19 +275,22 @@ class FactSet:
                 break
             else:
                 parts.append(list(map({v: _part(v) for v in set(column)}.__getitem__, column)))
-        if parts is None:
-            shapes: list = [tuple(_part(a) for a in v) for v in rows]
-        else:
-            shapes = list(zip(*parts, strict=True)) if parts else [()] * len(rows)
+
+        def shapes() -> Iterator[tuple]:
+            # Made twice rather than kept: a list of a million shapes is 60 MB at its peak.
+            if parts is None:
+                return (tuple(_part(a) for a in v) for v in rows)
+            return zip(*parts, strict=True) if parts else iter([()] * len(rows))
+
         refused_shapes = set()
-        for shape, example in dict(zip(shapes, rows, strict=True)).items():
+        for shape, example in dict(zip(shapes(), rows, strict=True)).items():
             try:
                 self.validate((name, *example))
             except FactError:
                 refused_shapes.add(shape)
         if not refused_shapes:
             return set()
-        return {v for v, s in zip(rows, shapes, strict=True) if s in refused_shapes}
+        return {v for v, s in zip(rows, shapes(), strict=True) if s in refused_shapes}
 
     def rows(self) -> list[tuple[str, int, set[tuple], dict[tuple, float]]]:
         """A copy of every fact held, by predicate (see `FactIndex.rows`), taken under the lock."""
