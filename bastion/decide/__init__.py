@@ -17,6 +17,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
+from operator import itemgetter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -231,6 +232,71 @@ class FactSet:
         self._commit(checked, [self._parse(p, pattern=True) for p in deletes])
         return refused
 
+    def load_rows(
+        self,
+        name: str,
+        arity: int,
+        rows: list[tuple],
+        expiries: dict[tuple, float],
+        entities: Iterable[Entity] = (),
+    ) -> list[tuple]:
+        """`load` for the argument tuples of one predicate that were checked when written (a
+        fact snapshot's), checking each distinct shape against the policy once rather than
+        each fact. Returns the refused facts as ``(fact, expires_at)`` pairs, as `load` does.
+        """
+        now = time.time()
+        if expiries:
+            gone = {v for v, at in expiries.items() if at <= now}
+            if gone:
+                rows = [v for v in rows if v not in gone]
+                expiries = {v: at for v, at in expiries.items() if v not in gone}
+        refused = self._refused_rows(name, arity, rows)
+        if refused:
+            rows = [v for v in rows if v not in refused]
+            expiries = {v: at for v, at in expiries.items() if v not in refused}
+        with self._index.lock:
+            self._index.add_rows(name, arity, rows, expiries, entities)
+        return [((name, *v), expiries.get(v)) for v in refused]
+
+    def _refused_rows(self, name: str, arity: int, rows: list[tuple]) -> set[tuple]:
+        """The rows the policy in force cannot use. What `validate` decides depends only on a
+        fact's `_shape` (with every string's value), so one fact per distinct shape is asked."""
+        parts: list | None = []
+        for i in range(arity):
+            column = list(map(itemgetter(i), rows))
+            kinds = set(map(type, column))
+            if kinds == {Entity}:
+                parts.append(list(map(_ENTITY_TYPE, column)))
+            elif kinds == {str}:
+                parts.append(column)  # each value is its own part (kinds never mix here)
+            elif bool in kinds and int in kinds:
+                # True == 1 as a dict key: too rare to be worth a fast path.
+                parts = None
+                break
+            else:
+                parts.append(list(map({v: _part(v) for v in set(column)}.__getitem__, column)))
+
+        def shapes() -> Iterator[tuple]:
+            # Made twice rather than kept: a list of a million shapes is 60 MB at its peak.
+            if parts is None:
+                return (tuple(_part(a) for a in v) for v in rows)
+            return zip(*parts, strict=True) if parts else iter([()] * len(rows))
+
+        refused_shapes = set()
+        for shape, example in dict(zip(shapes(), rows, strict=True)).items():
+            try:
+                self.validate((name, *example))
+            except FactError:
+                refused_shapes.add(shape)
+        if not refused_shapes:
+            return set()
+        return {v for v, s in zip(rows, shapes(), strict=True) if s in refused_shapes}
+
+    def rows(self) -> list[tuple[str, int, set[tuple], dict[tuple, float]]]:
+        """A copy of every fact held, by predicate (see `FactIndex.rows`), taken under the lock."""
+        with self._index.lock:
+            return self._index.rows()
+
     def _commit(self, inserts: list[tuple[tuple, float | None]], patterns: list[tuple]) -> int:
         index = self._index
         now = time.time()
@@ -294,6 +360,18 @@ def _shape(fact: tuple) -> tuple | None:
         else:
             shape.append(type(a))
     return tuple(shape)
+
+
+_ENTITY_TYPE = itemgetter(0)
+
+
+def _part(a: Any) -> Any:
+    """One argument's part of a fact's shape (see `_shape`), any string's value included."""
+    if a.__class__ is Entity:
+        return a.type
+    if a.__class__ is str:
+        return (a,)
+    return type(a)
 
 
 def _fits(spec: tuple, arg: Any) -> bool:

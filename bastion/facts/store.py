@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import secrets
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -62,7 +63,16 @@ _MIGRATIONS = [
         note TEXT NOT NULL
     );
     """,
+    # Who this store is: a fact snapshot taken from another store is never used with this one.
+    """
+    CREATE TABLE facts_identity (
+        one INTEGER PRIMARY KEY,
+        id TEXT NOT NULL
+    );
+    """,
 ]
+# The schema version of the facts tables, written in every fact snapshot.
+SCHEMA_VERSION = len(_MIGRATIONS)
 
 
 def _arg_key(arg: Any) -> str:
@@ -199,6 +209,23 @@ class FactStore:
     def __init__(self, db: Database) -> None:
         self.db = db
         db.migrate("facts", _MIGRATIONS)
+        self._identity: str | None = None
+
+    def identity(self) -> str:
+        """This store's random identity, made by the first process that asks; a restored copy
+        of the database keeps it (the change log tells those apart: `change_at`)."""
+        if self._identity is None:
+            rows = self.db.execute("SELECT id FROM facts_identity WHERE one = 1")
+            if not rows:
+                with self.db.transaction():
+                    self.db.execute(
+                        "INSERT INTO facts_identity (one, id) VALUES (1, ?)"
+                        " ON CONFLICT (one) DO NOTHING",
+                        (secrets.token_hex(16),),
+                    )
+                rows = self.db.execute("SELECT id FROM facts_identity WHERE one = 1")
+            self._identity = rows[0][0]
+        return self._identity
 
     @classmethod
     def open(cls, url: str, *, role: str = "bastion") -> FactStore:
@@ -395,6 +422,11 @@ class FactStore:
             else:
                 out.append(Change(seq_, at, actor, kind, policy_version=body["version"]))
         return out
+
+    def change_at(self, seq: int) -> float | None:
+        """When the change at ``seq`` was committed; None if the log no longer holds it."""
+        rows = self.db.execute("SELECT at FROM changes WHERE seq = ?", (seq,))
+        return rows[0][0] if rows else None
 
     def prune_changes(self, keep: int) -> int:
         """Delete all but the latest ``keep`` change-log entries; return how many went.

@@ -450,6 +450,8 @@ def create_app(config: ServerConfig) -> Starlette:
         poll_interval=config.poll_interval,
         max_staleness=config.max_staleness_seconds,
         limits=config.policy_limits(),
+        snapshot_path=config.fact_snapshot_path,
+        snapshot_interval=config.fact_snapshot_interval,
     )
     metrics = Metrics()
     metrics.observe_state(

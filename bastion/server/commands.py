@@ -437,6 +437,21 @@ def cmd_facts_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_facts_snapshot(args: argparse.Namespace) -> int:
+    from bastion.facts import snapshot
+
+    store = _local_store(args)
+    try:
+        origin, count, size = snapshot.take(store, args.file)
+    finally:
+        store.close()
+    print(
+        f"wrote {count} facts as of sequence {origin.seq} to {args.file} ({size} bytes)",
+        file=sys.stderr,
+    )
+    return 0
+
+
 # -- policy push | versions | rollback ---------------------------------------------------------
 
 
@@ -572,7 +587,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     _target_options(p)
     p.set_defaults(func=_guard(cmd_keys_revoke))
 
-    facts = _subcommands(sub, "facts", "facts: insert, delete, get, import, export")
+    facts = _subcommands(sub, "facts", "facts: insert, delete, get, import, export, snapshot")
     p = facts.add_parser(
         "insert", help='insert facts: has_role(User{"alice"}, "admin", Org{"acme"})'
     )
@@ -596,6 +611,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("file", nargs="?", default="-")
     _target_options(p)
     p.set_defaults(func=_guard(cmd_facts_export))
+    p = facts.add_parser(
+        "snapshot",
+        help="write a fact snapshot for replicas to start from (their fact_snapshot_path)",
+    )
+    p.add_argument("file")
+    p.add_argument("--database", help="SQLite path or postgresql:// URL (or BASTION_DATABASE)")
+    p.add_argument("--config", help="bastion.toml to read the database from")
+    p.set_defaults(func=_guard(cmd_facts_snapshot))
 
     changes = _subcommands(sub, "changes", "the change log that replicas follow")
     p = changes.add_parser(

@@ -73,6 +73,11 @@ class ServerConfig:
     # A replica that has not confirmed it is current with the database for this long refuses
     # to decide (503; the gateway refuses calls) rather than decide on old facts.
     max_staleness_seconds: float = 5.0
+    # A file where this replica keeps a snapshot of the facts, read at start so that it is ready
+    # in seconds (docs/operations.md, "Fact snapshots"); empty: none, facts loaded from the
+    # database. Written every fact_snapshot_interval seconds while the facts change, and on stop.
+    fact_snapshot_path: str = ""
+    fact_snapshot_interval: float = 300.0
     # Audit events and gateway decision records older than this are deleted (0: kept for ever).
     audit_retention_days: float = 90.0
     # Gateway decision records held in memory while the database cannot take them.
@@ -243,6 +248,7 @@ _POSITIVE = (
     "max_connections",
     "keep_alive_timeout",
     "max_staleness_seconds",
+    "fact_snapshot_interval",
     "decision_records_buffer",
     "authzen_max_evaluations",
     "authzen_max_page",

@@ -12,25 +12,42 @@ While it cannot read the log (the database is down, the connection hangs) that m
 past ``max_staleness`` seconds the replica is `stale` and its facts are not used for decisions.
 It is `stale` at once, too, while the policy in force does not load here (stored by a replica
 with larger policy limits, or a different engine): it does not decide under the previous one.
+
+With ``snapshot_path`` set, the replica starts from the fact snapshot there when it fits the
+database (`bastion.facts.snapshot.check_origin`), replays the log after it, and only then says it
+is ready; it writes a new one every ``snapshot_interval`` seconds while the facts change, and when
+it stops. A snapshot that does not fit is ignored, with a log line, and the facts loaded from the
+database.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
+import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from functools import partial
 
 import anyio
 
 from bastion.db import Listener, first_line
 from bastion.decide import Authorizer
+from bastion.facts import snapshot
 from bastion.facts.model import matches
-from bastion.facts.store import CHANGES_CHANNEL, Change, FactStore, StoredFact
+from bastion.facts.store import (
+    CHANGES_CHANNEL,
+    SCHEMA_VERSION,
+    Change,
+    FactStore,
+    PolicyVersion,
+    StoredFact,
+)
 from bastion.policy.errors import PolicyError
 from bastion.policy.limits import DEFAULT_LIMITS, PolicyLimits
+from bastion.signals.suspensions import PREDICATE as SUSPENDED
 from bastion.signals.suspensions import Suspensions
 
 log = logging.getLogger("bastion.replica")
@@ -64,10 +81,44 @@ def load_facts(
 def _build(
     text: str, facts: list[StoredFact], source: str, limits: PolicyLimits
 ) -> tuple[Authorizer, list[StoredFact]]:
-    authz = Authorizer("", limits=limits)
-    if text:
-        authz.load_policy(text, source=source or "policy.polar")
-    return authz, load_facts(authz, facts)
+    with _collector_paused():
+        authz = Authorizer("", limits=limits)
+        if text:
+            authz.load_policy(text, source=source or "policy.polar")
+        return authz, load_facts(authz, facts)
+
+
+@contextlib.contextmanager
+def _collector_paused() -> Iterator[None]:
+    """Millions of new tuples would start the cyclic garbage collector over and over (each pass
+    longer than the last) while nothing they make can be garbage: pause it while they are made."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
+
+
+def _from_snapshot(
+    path: str, store: FactStore, limits: PolicyLimits
+) -> tuple[snapshot.Snapshot, PolicyVersion | None, Authorizer, list[StoredFact]]:
+    """Read the snapshot at ``path``, check it fits ``store``, and build an `Authorizer` of its
+    facts under the policy it was taken with."""
+    with _collector_paused():
+        snap = snapshot.read(path)
+        policy = snapshot.check_origin(store, snap.origin)
+        authz = Authorizer("", limits=limits)
+        if policy is not None:
+            authz.load_policy(policy.text, source=policy.source or "policy.polar")
+        unusable = []
+        entities = snap.entities
+        for g in snap.groups:
+            refused = authz.facts.load_rows(g.name, g.arity, g.rows, g.expiries, entities)
+            unusable += [StoredFact(fact, at) for fact, at in refused]
+            entities = []
+    return snap, policy, authz, unusable
 
 
 class Replica:
@@ -80,8 +131,17 @@ class Replica:
         poll_interval: float = 0.05,
         max_staleness: float = 5.0,
         limits: PolicyLimits = DEFAULT_LIMITS,
+        snapshot_path: str = "",
+        snapshot_interval: float = 300.0,
     ) -> None:
         self.database = database
+        self.snapshot_path = snapshot_path
+        self.snapshot_interval = snapshot_interval
+        # The sequence of the last snapshot written or read here (None: none yet).
+        self.snapshot_seq: int | None = None
+        self._snapshots: asyncio.Task | None = None
+        self._writing = asyncio.Lock()
+        self._file_lock = threading.Lock()
         self.limits = limits
         self.store = FactStore.open(database, role="bastion-replica")
         self.is_postgres = self.store.db.is_postgres
@@ -116,7 +176,8 @@ class Replica:
         self._loop = asyncio.get_running_loop()
         self._wake = asyncio.Event()
         self._advanced = asyncio.Condition()
-        await self._resync()
+        if not (self.snapshot_path and await self._load_snapshot()):
+            await self._resync()
         if self.is_postgres:
             self._listener = Listener(
                 self.database,
@@ -128,7 +189,105 @@ class Replica:
             )
             self._listener.start()
         self._task = asyncio.create_task(self._follow())
+        if self.snapshot_path:
+            self._snapshots = asyncio.create_task(self._write_snapshots())
         self.ready = True
+
+    async def _load_snapshot(self) -> bool:
+        """Start from the snapshot at `snapshot_path` and replay the log after it; False (with
+        a log line) if there is none or it does not fit this database."""
+        path = self.snapshot_path
+        started = time.perf_counter()
+        try:
+            snap, policy, authz, unusable = await anyio.to_thread.run_sync(
+                _from_snapshot, path, self.store, self.limits
+            )
+        except FileNotFoundError:
+            log.info("no fact snapshot at %s yet; loading the facts from the database", path)
+            return False
+        except (snapshot.SnapshotRefused, OSError) as e:
+            log.warning(
+                "fact snapshot %s not used: %s; loading the facts from the database", path, e
+            )
+            return False
+        if unusable:
+            log.warning("%d stored facts are not used by the policy in force", len(unusable))
+        self.authz, self.unusable = authz, unusable
+        self.suspensions.reset(
+            StoredFact((g.name, *v), g.expiries.get(v))
+            for g in snap.groups
+            if g.name == SUSPENDED and g.arity == 1
+            for v in g.rows
+        )
+        self.policy_version = policy.version if policy else None
+        self.applied = self.snapshot_seq = snap.origin.seq
+        self.head_seen = max(self.head_seen, self.applied)
+        loaded = time.perf_counter() - started
+        # Ready only once current: the changes after the snapshot are applied first.
+        while await self._catch_up():
+            pass
+        log.info(
+            "loaded %d facts from the snapshot at sequence %d in %.2fs, then the change log up"
+            " to sequence %d in %.2fs",
+            snap.count,
+            snap.origin.seq,
+            loaded,
+            self.applied,
+            time.perf_counter() - started - loaded,
+        )
+        return True
+
+    async def write_snapshot(self) -> int | None:
+        """Write this replica's facts to `snapshot_path` as of the sequence applied; return the
+        file's size (None when there is nothing to write, or the log no longer holds that
+        sequence). Only the copy of the facts runs on the event loop."""
+        async with self._writing:
+            seq, version = self.applied, self.policy_version
+            rows = self.authz.facts.rows()
+            unusable = list(self.unusable)
+            started = time.perf_counter()
+
+            def write() -> int | None:
+                # One at a time, in order: a write whose wait was cancelled (at stop) still
+                # runs to its end, and must not rename its older file over the next one.
+                with self._file_lock:
+                    return write_file()
+
+            def write_file() -> int | None:
+                change_at = self.store.change_at(seq) if seq else None
+                if seq and change_at is None:
+                    return None
+                origin = snapshot.SnapshotOrigin(
+                    self.store.identity(), SCHEMA_VERSION, seq, change_at, version
+                )
+                groups = [snapshot.PredicateRows(*r) for r in rows]
+                groups += snapshot.from_facts(unusable)
+                return snapshot.write(self.snapshot_path, origin, groups)
+
+            size = await anyio.to_thread.run_sync(write)
+            if size is None:
+                log.warning("no fact snapshot written: the change log no longer holds %d", seq)
+                return None
+            self.snapshot_seq = seq
+            log.info(
+                "wrote the fact snapshot %s at sequence %d (%d bytes) in %.2fs",
+                self.snapshot_path,
+                seq,
+                size,
+                time.perf_counter() - started,
+            )
+            return size
+
+    async def _write_snapshots(self) -> None:
+        """A snapshot now if none fits the facts loaded, then one per interval while the facts
+        change."""
+        while True:
+            if self.snapshot_seq != self.applied:
+                try:
+                    await self.write_snapshot()
+                except Exception as e:  # a full disk must not stop the replica
+                    log.warning("cannot write the fact snapshot %s: %s", self.snapshot_path, e)
+            await asyncio.sleep(self.snapshot_interval)
 
     async def _resync(self) -> None:
         """Load a snapshot into a new `Authorizer`, then swap it in (decisions go on meanwhile)."""
@@ -198,6 +357,15 @@ class Replica:
         return None
 
     async def stop(self) -> None:
+        if self._snapshots:
+            self._snapshots.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._snapshots
+            if self.ready and self.snapshot_seq != self.applied:
+                try:
+                    await self.write_snapshot()
+                except Exception as e:
+                    log.warning("cannot write the fact snapshot %s: %s", self.snapshot_path, e)
         if self._task:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

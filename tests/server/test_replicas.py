@@ -399,3 +399,33 @@ def test_a_replica_cut_off_from_the_database_stops_deciding_within_the_bound_the
         assert cb.post("/v1/authorize", json=READ_ANVIL, headers=app_key).status_code == 200
         write = cb.post("/v1/facts", json={"facts": [role("bo", "reader", "Repo", "x")]})
         assert write.status_code == 200
+
+
+def test_a_replica_restarted_from_its_fact_snapshot_replays_what_was_written_while_it_was_down(
+    sqlite_url, serve, tmp_path
+):
+    snapshot = str(tmp_path / "facts.snapshot")
+    a = serve(sqlite_url, BASTION_FACT_SNAPSHOT_PATH=snapshot)
+    with a.client() as ca:
+        ca.post("/v1/facts", json={"facts": [role("alice", "reader", "Repo", "anvil")]})
+        assert decide(ca)
+    a.stop()  # writes the snapshot as it stops
+    b = serve(sqlite_url)  # a write while the first replica is down
+    with b.client() as cb:
+        cb.post(
+            "/v1/facts/delete",
+            json={
+                "patterns": [
+                    {"predicate": "has_role", "args": [entity("User", "alice"), None, None]}
+                ]
+            },
+        )
+        cb.post("/v1/facts", json={"facts": [role("bob", "reader", "Repo", "anvil")]})
+        head = cb.get("/readyz").json()["sequence"]
+    a.start()
+    with a.client() as ca:
+        # Ready means current: the snapshot's facts and every change after it.
+        assert ca.get("/readyz").json()["sequence"] == head
+        assert not decide(ca)
+        assert decide(ca, {**READ_ANVIL, "actor": entity("User", "bob")})
+    assert "from the snapshot at sequence" in a.log.read_text()

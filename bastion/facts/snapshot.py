@@ -1,0 +1,385 @@
+"""Fact snapshots: every fact of a store as of one change-log sequence, in one file that a replica
+reads at start instead of every row, before it replays the log after that sequence.
+
+The file is a compact binary of arrays (`array`, `struct`), never code: reading it runs nothing
+it holds. A string table and a value table (strings, entities, integers, booleans) are followed by
+each predicate's facts as columns of value numbers, and a SHA-256 of everything before it, so a
+truncated or damaged file is refused whole. The header says what the snapshot covers: the store
+it was taken from (`FactStore.identity`), the schema and format versions, the sequence and the
+time of the change at that sequence (so a store restored from a backup, or another history with
+the same numbers, is told apart), and the policy version in force.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import struct
+import sys
+import tempfile
+from array import array
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from itertools import accumulate
+from typing import Any
+
+from bastion.facts.model import Entity
+from bastion.facts.store import SCHEMA_VERSION, FactStore, PolicyVersion, StoredFact
+
+MAGIC = b"bastion-facts\n"
+# Bumped whenever the layout below changes: a file of another format is ignored.
+FORMAT = 1
+_DIGEST = 32
+_KIND_STR, _KIND_ENTITY, _KIND_INT, _KIND_BOOL = 0, 1, 2, 3
+_U32 = "I" if array("I").itemsize == 4 else "L"
+_LITTLE = sys.byteorder == "little"
+
+
+class SnapshotRefused(Exception):
+    """A snapshot that must not be used (damaged, of another store, schema or history); the
+    replica then loads from the store."""
+
+
+@dataclass(frozen=True)
+class SnapshotOrigin:
+    """What a snapshot covers, written in its header and checked against the store at start."""
+
+    store_id: str
+    schema: int
+    seq: int
+    # The `at` of the change at ``seq`` (None for sequence 0, an empty log).
+    change_at: float | None
+    policy_version: int | None
+
+    def to_json(self) -> dict:
+        return {
+            "format": FORMAT,
+            "store_id": self.store_id,
+            "schema": self.schema,
+            "seq": self.seq,
+            "change_at": self.change_at,
+            "policy_version": self.policy_version,
+        }
+
+
+@dataclass
+class PredicateRows:
+    """The facts of one predicate: argument tuples, and the expiry of those that have one."""
+
+    name: str
+    arity: int
+    rows: list[tuple] | set[tuple]
+    expiries: dict[tuple, float] = field(default_factory=dict)
+
+
+@dataclass
+class Snapshot:
+    origin: SnapshotOrigin
+    groups: list[PredicateRows]
+    # Every entity the facts hold, each once (the facts share these objects).
+    entities: list[Entity]
+
+    @property
+    def count(self) -> int:
+        return sum(len(g.rows) for g in self.groups)
+
+
+# -- writing -----------------------------------------------------------------------------------
+
+
+class _Values:
+    """Numbers values and strings in the order first met."""
+
+    def __init__(self) -> None:
+        self.numbers: dict[Any, int] = {}
+        self.strings: dict[str, int] = {}
+        self.kinds = array("B")
+        self.a = array(_U32)
+        self.b = array(_U32)
+        self.ints = array("q")
+
+    def string(self, s: str) -> int:
+        n = self.strings.get(s)
+        if n is None:
+            n = self.strings[s] = len(self.strings)
+        return n
+
+    def add(self, key: Any, value: Any) -> None:
+        self.numbers[key] = len(self.numbers)
+        cls = value.__class__
+        if cls is Entity:
+            self.kinds.append(_KIND_ENTITY)
+            self.a.append(self.string(value[0]))
+            self.b.append(self.string(value[1]))
+        elif cls is str:
+            self.kinds.append(_KIND_STR)
+            self.a.append(self.string(value))
+            self.b.append(0)
+        elif cls is bool:
+            self.kinds.append(_KIND_BOOL)
+            self.a.append(int(value))
+            self.b.append(0)
+        else:
+            self.kinds.append(_KIND_INT)
+            self.a.append(len(self.ints))
+            self.b.append(0)
+            self.ints.append(value)
+
+    def column(self, values: list) -> array:
+        """The value numbers of one column of facts."""
+        if bool in set(map(type, values)):
+            # True == 1 in a dict: booleans are numbered under a key of their own.
+            values = [(bool, v) if v.__class__ is bool else v for v in values]
+            for v in set(values):
+                if v not in self.numbers:
+                    self.add(v, v[1] if v.__class__ is tuple else v)
+        else:
+            for v in set(values):
+                if v not in self.numbers:
+                    self.add(v, v)
+        return array(_U32, map(self.numbers.__getitem__, values))
+
+
+def _u32(n: int) -> bytes:
+    return struct.pack("<I", n)
+
+
+def _arr(a: array) -> bytes:
+    if not _LITTLE:  # pragma: no cover
+        a = array(a.typecode, a)
+        a.byteswap()
+    return a.tobytes()
+
+
+def encode(origin: SnapshotOrigin, groups: Iterable[PredicateRows]) -> bytes:
+    """The file's bytes for these facts."""
+    values = _Values()
+    names = array(_U32)
+    body: list[bytes] = []
+    for g in groups:
+        rows = list(g.rows)
+        names.append(values.string(g.name))
+        body.append(struct.pack("<III", g.arity, len(rows), len(g.expiries)))
+        for i in range(g.arity):
+            body.append(_arr(values.column([r[i] for r in rows])))
+        if g.expiries:
+            position = {r: n for n, r in enumerate(rows)}
+            at = [(position[r], t) for r, t in g.expiries.items() if r in position]
+            body.append(_arr(array(_U32, (n for n, _ in at))))
+            body.append(_arr(array("d", (t for _, t in at))))
+    text = "".join(values.strings)
+    lengths = array(_U32, map(len, values.strings))
+    header = json.dumps(origin.to_json(), separators=(",", ":")).encode()
+    blob = text.encode("utf-8", "surrogatepass")
+    parts = [
+        MAGIC,
+        _u32(len(header)),
+        header,
+        _u32(len(lengths)),
+        _u32(len(blob)),
+        _arr(lengths),
+        blob,
+        _u32(len(values.kinds)),
+        values.kinds.tobytes(),
+        _arr(values.a),
+        _arr(values.b),
+        _u32(len(values.ints)),
+        _arr(values.ints),
+        _u32(len(names)),
+        _arr(names),
+        *body,
+    ]
+    data = b"".join(parts)
+    return data + hashlib.sha256(data).digest()
+
+
+def write(path: str, origin: SnapshotOrigin, groups: Iterable[PredicateRows]) -> int:
+    """Write the snapshot to ``path`` atomically (a temporary file beside it, fsync, rename,
+    fsync of the folder), readable by its owner only; return its size in bytes."""
+    data = encode(origin, groups)
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    dir_fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+    return len(data)
+
+
+# -- reading -----------------------------------------------------------------------------------
+
+
+class _Reader:
+    def __init__(self, data: memoryview) -> None:
+        self.data = data
+        self.at = 0
+
+    def take(self, n: int) -> memoryview:
+        if n < 0 or self.at + n > len(self.data):
+            raise SnapshotRefused("the snapshot is truncated")
+        out = self.data[self.at : self.at + n]
+        self.at += n
+        return out
+
+    def u32(self) -> int:
+        return struct.unpack("<I", self.take(4))[0]
+
+    def array(self, typecode: str, count: int) -> array:
+        out = array(typecode)
+        out.frombytes(self.take(count * out.itemsize))
+        if not _LITTLE:  # pragma: no cover
+            out.byteswap()
+        return out
+
+
+def read(path: str) -> Snapshot:
+    """Read and check a snapshot file; `SnapshotRefused` (or `OSError`) if it cannot be used."""
+    with open(path, "rb") as f:
+        data = f.read()
+    return decode(data)
+
+
+def decode(data: bytes) -> Snapshot:
+    if len(data) < len(MAGIC) + _DIGEST or not data.startswith(MAGIC):
+        raise SnapshotRefused("not a bastion fact snapshot")
+    view = memoryview(data)
+    if hashlib.sha256(view[:-_DIGEST]).digest() != data[-_DIGEST:]:
+        raise SnapshotRefused("the snapshot is damaged or truncated (its digest does not match)")
+    try:
+        return _decode(_Reader(view[len(MAGIC) : -_DIGEST]))
+    except SnapshotRefused:
+        raise
+    except (ValueError, TypeError, KeyError, IndexError, UnicodeDecodeError, struct.error) as e:
+        raise SnapshotRefused(f"the snapshot is malformed ({e})") from None
+
+
+def _decode(r: _Reader) -> Snapshot:
+    header = json.loads(bytes(r.take(r.u32())))
+    if header.get("format") != FORMAT:
+        raise SnapshotRefused(f"format {header.get('format')!r}, this version reads {FORMAT}")
+    origin = SnapshotOrigin(
+        store_id=str(header["store_id"]),
+        schema=int(header["schema"]),
+        seq=int(header["seq"]),
+        change_at=header["change_at"],
+        policy_version=header["policy_version"],
+    )
+    count, size = r.u32(), r.u32()
+    lengths = r.array(_U32, count)
+    text = bytes(r.take(size)).decode("utf-8", "surrogatepass")
+    offsets = list(accumulate(lengths, initial=0))
+    if offsets[-1] != len(text):
+        raise SnapshotRefused("the snapshot's string table does not add up")
+    strings = [text[i:j] for i, j in zip(offsets, offsets[1:], strict=False)]
+    nvalues = r.u32()
+    kinds, a, b = r.array("B", nvalues), r.array(_U32, nvalues), r.array(_U32, nvalues)
+    ints = r.array("q", r.u32())
+    intern = sys.intern
+    values: list[Any] = []
+    entities: list[Entity] = []
+    types: dict[str, str] = {}
+    for kind, x, y in zip(kinds, a, b, strict=True):
+        if kind == _KIND_ENTITY:
+            type_ = strings[x]
+            type_ = types.get(type_) or types.setdefault(type_, intern(type_))
+            value = Entity(type_, strings[y])
+            entities.append(value)
+        elif kind == _KIND_STR:
+            value = intern(strings[x])
+        elif kind == _KIND_INT:
+            value = ints[x]
+        elif kind == _KIND_BOOL:
+            value = bool(x)
+        else:
+            raise SnapshotRefused(f"unknown value kind {kind}")
+        values.append(value)
+    names = r.array(_U32, r.u32())
+    groups = []
+    for n in names:
+        name = strings[n]
+        if not name.isidentifier():
+            raise SnapshotRefused(f"bad predicate name {name!r}")
+        arity, nrows, nexp = struct.unpack("<III", r.take(12))
+        columns = [map(values.__getitem__, r.array(_U32, nrows)) for _ in range(arity)]
+        rows = list(zip(*columns, strict=True)) if arity else [()] * min(nrows, 1)
+        expiries = {}
+        if nexp:
+            where, at = r.array(_U32, nexp), r.array("d", nexp)
+            expiries = {rows[i]: t for i, t in zip(where, at, strict=True)}
+        groups.append(PredicateRows(intern(name), arity, rows, expiries))
+    if r.at != len(r.data):
+        raise SnapshotRefused("the snapshot has bytes after its last predicate")
+    return Snapshot(origin, groups, entities)
+
+
+# -- against a store ---------------------------------------------------------------------------
+
+
+def check_origin(store: FactStore, origin: SnapshotOrigin) -> PolicyVersion | None:
+    """The policy version the snapshot was taken under, if the snapshot may be used with this
+    store and its log replayed after it; `SnapshotRefused` saying why not otherwise."""
+    if origin.schema != SCHEMA_VERSION:
+        raise SnapshotRefused(
+            f"it was written for schema version {origin.schema}, the database is at"
+            f" {SCHEMA_VERSION}"
+        )
+    if origin.store_id != store.identity():
+        raise SnapshotRefused("it was taken from another database")
+    head = store.head()
+    if origin.seq > head:
+        raise SnapshotRefused(
+            f"it covers the change log up to sequence {origin.seq}, but the database's log ends"
+            f" at {head} (a database restored from a backup?)"
+        )
+    if origin.seq and store.change_at(origin.seq) != origin.change_at:
+        raise SnapshotRefused(
+            f"the database's change log no longer holds the change at sequence {origin.seq}, or"
+            " holds another one (pruned, or another history)"
+        )
+    if origin.policy_version is None:
+        return None
+    policy = store.policy(origin.policy_version)
+    if policy is None:
+        raise SnapshotRefused(f"the database has no policy version {origin.policy_version}")
+    return policy
+
+
+def from_facts(facts: Iterable[StoredFact]) -> list[PredicateRows]:
+    """Stored facts grouped by predicate, as a snapshot holds them."""
+    groups: dict[tuple[str, int], PredicateRows] = {}
+    for f in facts:
+        key = (f.fact[0], len(f.fact) - 1)
+        g = groups.get(key)
+        if g is None:
+            g = groups[key] = PredicateRows(key[0], key[1], [])
+        values = f.fact[1:]
+        g.rows.append(values)  # type: ignore[union-attr]
+        if f.expires_at is not None:
+            g.expiries[values] = f.expires_at
+    return list(groups.values())
+
+
+def take(store: FactStore, path: str) -> tuple[SnapshotOrigin, int, int]:
+    """Write a snapshot of the store's facts, as of one moment, to ``path``; return what it
+    covers, how many facts and how many bytes."""
+    store_id = store.identity()
+    with store.db.transaction(read_only=True):
+        seq, facts, policy = store.snapshot()
+        change_at = store.change_at(seq) if seq else None
+    origin = SnapshotOrigin(
+        store_id, SCHEMA_VERSION, seq, change_at, policy.version if policy else None
+    )
+    return origin, len(facts), write(path, origin, from_facts(facts))

@@ -1,0 +1,365 @@
+"""Fact snapshots: a replica started from one decides exactly as one loaded from the store, and a
+snapshot that does not fit the database (damaged, foreign, of another schema or history, ahead
+of the log) is ignored. On a real SQLite file and a real PostgreSQL schema."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import stat
+import time
+from pathlib import Path
+
+import pytest
+
+from bastion.cli import main as cli
+from bastion.db import Database
+from bastion.facts import snapshot
+from bastion.facts.model import Entity
+from bastion.facts.store import SCHEMA_VERSION, FactStore, StoredFact
+from bastion.server.replica import Replica
+
+POLICY = """
+actor User {}
+resource Org {
+  roles = ["member", "admin"];
+  permissions = ["read", "manage"];
+  "read" if "member";
+  "manage" if "admin";
+  "member" if "admin";
+}
+resource Repo {
+  roles = ["reader", "maintainer"];
+  permissions = ["read", "push", "archive"];
+  relations = { parent: Org };
+  "read" if "reader";
+  "push" if "maintainer";
+  "reader" if "maintainer";
+  "reader" if "member" on "parent";
+}
+declare is_public(Repo, Boolean);
+declare stars(Repo, Integer);
+has_permission(_: User, "read", repo: Repo) if is_public(repo, true);
+has_permission(user: User, "archive", repo: Repo) if
+  has_role(user, "maintainer", repo) and stars(repo, n) and n > 100;
+allow(actor, action, resource) if has_permission(actor, action, resource);
+"""
+
+USERS = [Entity("User", f"u{i}") for i in range(6)]
+ORGS = [Entity("Org", "acme"), Entity("Org", "globex")]
+REPOS = [Entity("Repo", f"r{i}") for i in range(6)]
+ACTIONS = ["read", "push", "archive", "manage"]
+
+
+def facts() -> list[StoredFact]:
+    out = [StoredFact(("has_relation", REPOS[i], "parent", ORGS[i % 2])) for i in range(len(REPOS))]
+    out += [
+        StoredFact(("has_role", USERS[0], "admin", ORGS[0])),
+        StoredFact(("has_role", USERS[1], "member", ORGS[1])),
+        StoredFact(("has_role", USERS[2], "maintainer", REPOS[3])),
+        StoredFact(("has_role", USERS[3], "reader", REPOS[4])),
+        StoredFact(("is_public", REPOS[5], True)),
+        StoredFact(("is_public", REPOS[1], False)),
+        StoredFact(("stars", REPOS[3], 101)),
+        StoredFact(("stars", REPOS[4], 1)),
+        # Until the far future: kept, with its expiry. One already expired: not loaded.
+        StoredFact(("has_role", USERS[4], "reader", REPOS[0]), time.time() + 10**6),
+        StoredFact(("has_role", USERS[5], "reader", REPOS[2]), time.time() - 1),
+        # A fact the policy has no use for: stored, not in the index, offered again later.
+        StoredFact(("has_role", USERS[5], "guest", REPOS[2])),
+        StoredFact(("suspended", USERS[3])),
+    ]
+    return out
+
+
+def decisions(replica: Replica) -> dict[tuple, bool]:
+    return {
+        (u, a, r): replica.authz.authorize(u, a, r)
+        for u in USERS
+        for a in ACTIONS
+        for r in [*REPOS, *ORGS]
+    }
+
+
+def state(replica: Replica) -> tuple:
+    """Everything a replica decides from, to compare two replicas with."""
+    held = set(replica.authz.facts)
+    return (
+        held,
+        {f: replica.authz.facts.expiry(f) for f in held},
+        sorted(map(repr, replica.unusable)),
+        replica.policy_version,
+        replica.applied,
+        replica.suspensions.holds(USERS[3]),
+        decisions(replica),
+    )
+
+
+async def started(database: str, path: str = "") -> Replica:
+    replica = Replica(database, snapshot_path=path, snapshot_interval=3600)
+    await replica.start()
+    return replica
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+@pytest.fixture
+def store(database_url):
+    s = FactStore.open(database_url)
+    s.put_policy(POLICY)
+    s.apply(facts())
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def path(tmp_path) -> str:
+    return str(tmp_path / "facts.snapshot")
+
+
+async def write_one(database: str, path: str) -> Replica:
+    """A replica loaded from the store that has written its snapshot; returned stopped."""
+    replica = await started(database)
+    replica.snapshot_path = path
+    assert await replica.write_snapshot() is not None
+    await replica.stop()
+    return replica
+
+
+def test_a_replica_started_from_a_snapshot_decides_as_one_loaded_from_the_store(
+    store, database_url, path
+):
+    async def scenario():
+        from_store = await write_one(database_url, path)
+        from_snapshot = await started(database_url, path)
+        assert from_snapshot.snapshot_seq == store.head()
+        assert state(from_snapshot) == state(from_store)
+        assert any(decisions(from_snapshot).values())
+        await from_snapshot.stop()
+
+    run(scenario())
+    # The facts may say who may do what: the file is its owner's only, as the database is.
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+
+
+def test_writes_after_the_snapshot_are_replayed_before_the_replica_is_ready(
+    store, database_url, path
+):
+    async def scenario():
+        await write_one(database_url, path)
+        store.apply(
+            [StoredFact(("has_role", USERS[5], "maintainer", REPOS[0]))],
+            deletes=[("has_role", USERS[0], None, None), ("is_public", None, True)],
+        )
+        store.apply([StoredFact(("stars", REPOS[0], 500))])
+        store.put_policy(POLICY.replace('"manage" if "admin";', ""))
+        # A guest role on repositories: the snapshot's unusable fact is usable now.
+        store.put_policy(
+            POLICY.replace(
+                'roles = ["reader", "maintainer"];', 'roles = ["reader", "maintainer", "guest"];'
+            ).replace('"push" if "maintainer";', '"push" if "maintainer";\n  "read" if "guest";')
+        )
+        from_snapshot = await started(database_url, path)
+        from_store = await started(database_url)
+        assert from_snapshot.applied == store.head()
+        assert state(from_snapshot) == state(from_store)
+        assert from_snapshot.authz.authorize(USERS[5], "archive", REPOS[0])
+        assert not from_snapshot.authz.authorize(USERS[0], "manage", ORGS[0])
+        assert not from_snapshot.authz.authorize(USERS[0], "read", REPOS[5])
+        assert from_snapshot.authz.authorize(USERS[5], "read", REPOS[2])
+        assert [f.fact[0] for f in from_snapshot.unusable] == ["suspended"]
+        await from_snapshot.stop()
+        await from_store.stop()
+
+    run(scenario())
+
+
+def test_a_replica_writes_its_snapshot_when_it_stops_and_starts_from_it(store, database_url, path):
+    async def scenario():
+        first = await started(database_url, path)
+        store.apply([StoredFact(("has_role", USERS[5], "admin", ORGS[1]))])
+        await first.wait_for(store.head(), timeout=10)
+        await first.stop()
+        assert snapshot.read(path).origin.seq == store.head()
+        second = await started(database_url, path)
+        assert second.snapshot_seq == store.head()
+        assert second.authz.authorize(USERS[5], "manage", ORGS[1])
+        await second.stop()
+
+    run(scenario())
+
+
+def ignored(database_url: str, path: str, caplog, why: str) -> None:
+    """The replica ignores the snapshot with a log line saying ``why``, and decides from the
+    store's facts."""
+
+    async def scenario():
+        with caplog.at_level(logging.WARNING, logger="bastion.replica"):
+            replica = await started(database_url, path)
+        assert any(why in r.getMessage() and "not used" in r.getMessage() for r in caplog.records)
+        reference = await started(database_url)
+        assert state(replica) == state(reference)
+        await replica.stop()
+        await reference.stop()
+
+    run(scenario())
+
+
+def test_a_damaged_snapshot_is_ignored(store, database_url, path, caplog):
+    run(write_one(database_url, path))
+    data = bytearray(Path(path).read_bytes())
+    data[len(data) // 2] ^= 0x40
+    Path(path).write_bytes(bytes(data))
+    ignored(database_url, path, caplog, "damaged")
+
+
+def test_a_truncated_snapshot_is_ignored(store, database_url, path, caplog):
+    run(write_one(database_url, path))
+    data = Path(path).read_bytes()
+    Path(path).write_bytes(data[: len(data) - 100])
+    ignored(database_url, path, caplog, "damaged or truncated")
+
+
+def test_a_file_that_is_not_a_snapshot_is_ignored(store, database_url, path, caplog):
+    Path(path).write_bytes(b"\x80\x04\x95not a snapshot, and never unpickled")
+    ignored(database_url, path, caplog, "not a bastion fact snapshot")
+
+
+def test_a_snapshot_of_another_database_is_ignored(store, database_url, path, caplog, tmp_path):
+    other = FactStore.open(str(tmp_path / "other.db"))
+    other.put_policy(POLICY)
+    # Granting what this database does not: it must never be used here.
+    other.apply([*facts(), StoredFact(("has_role", USERS[5], "admin", ORGS[0]))])
+    snapshot.take(other, path)
+    other.close()
+    ignored(database_url, path, caplog, "another database")
+
+
+def test_a_snapshot_of_another_schema_version_is_ignored(store, database_url, path, caplog):
+    origin = snapshot.SnapshotOrigin(
+        store.identity(), SCHEMA_VERSION + 1, store.head(), store.change_at(store.head()), 1
+    )
+    snapshot.write(path, origin, snapshot.from_facts(facts()))
+    ignored(database_url, path, caplog, "schema version")
+
+
+def test_a_snapshot_ahead_of_the_database_is_ignored(store, database_url, path, caplog):
+    store.apply([StoredFact(("has_role", USERS[5], "admin", ORGS[0]))])
+    snapshot.take(store, path)
+    # The database restored from a backup taken before that write.
+    _restore(store, store.head() - 1, ("has_role", USERS[5], "admin", ORGS[0]))
+    ignored(database_url, path, caplog, "ends at")
+
+
+def test_a_snapshot_of_another_history_is_ignored(store, database_url, path, caplog):
+    store.apply([StoredFact(("has_role", USERS[5], "admin", ORGS[0]))])
+    snapshot.take(store, path)
+    # Restored to before that write, then another write took its sequence number.
+    _restore(store, store.head() - 1, ("has_role", USERS[5], "admin", ORGS[0]))
+    store.apply([StoredFact(("has_role", USERS[5], "member", ORGS[1]))])
+    ignored(database_url, path, caplog, "another one")
+
+
+def test_a_snapshot_older_than_the_pruned_log_is_ignored(store, database_url, path, caplog):
+    snapshot.take(store, path)
+    store.apply([StoredFact(("has_role", USERS[5], "admin", ORGS[0]))])
+    store.apply([StoredFact(("has_role", USERS[4], "admin", ORGS[1]))])
+    store.prune_changes(1)
+    ignored(database_url, path, caplog, "no longer holds")
+
+
+def _restore(store: FactStore, seq: int, fact: tuple) -> None:
+    """What restoring a backup taken at ``seq`` does to the log and to ``fact``, written after."""
+    db: Database = store.db
+    with db.transaction():
+        db.execute("DELETE FROM changes WHERE seq > ?", (seq,))
+    store.apply(deletes=[fact])
+    with db.transaction():
+        db.execute("DELETE FROM changes WHERE seq > ?", (seq,))
+
+
+def test_the_cli_writes_a_snapshot_replicas_start_from(store, database_url, path, capsys):
+    assert cli(["facts", "snapshot", path, "--database", database_url]) == 0
+    assert f"as of sequence {store.head()}" in capsys.readouterr().err
+
+    async def scenario():
+        from_snapshot = await started(database_url, path)
+        from_store = await started(database_url)
+        assert from_snapshot.snapshot_seq == store.head()
+        assert state(from_snapshot) == state(from_store)
+        await from_snapshot.stop()
+        await from_store.stop()
+
+    run(scenario())
+
+
+def test_a_snapshot_round_trips_every_kind_of_value():
+    weird = 'quote" back\\slash \x00 nul é \U0001f600 \ud800'
+    groups = snapshot.from_facts(
+        [
+            StoredFact(("p", Entity("T", weird), weird, 0, -(2**63), 2**63 - 1, True, False, 1)),
+            StoredFact(("p", Entity("T", ""), "", 1, 1, 1, 1, True, True), 12.5),
+            StoredFact(("q",)),
+        ]
+    )
+    origin = snapshot.SnapshotOrigin("id", SCHEMA_VERSION, 3, 1.5, None)
+    back = snapshot.decode(snapshot.encode(origin, groups))
+    assert back.origin == origin
+    # Compared with each value's type: True == 1 in Python, but a boolean is not an integer.
+    assert typed(back.groups) == typed(groups)
+
+
+def typed(groups: list[snapshot.PredicateRows]) -> list[str]:
+    return sorted(
+        repr([(type(a).__name__, a) for a in (g.name, *v)]) + repr(g.expiries.get(v))
+        for g in groups
+        for v in g.rows
+    )
+
+
+def test_facts_added_in_bulk_are_indexed_as_facts_added_one_by_one():
+    import random
+
+    from bastion.facts.index import FactIndex, Many
+
+    rng = random.Random(5)
+    users = [Entity("User", f"u{i}") for i in range(30)]
+    repos = [Entity("Repo", f"r{i}") for i in range(30)]
+    rows = list(
+        {
+            (rng.choice(users), rng.choice(["reader", "admin"]), rng.choice(repos))
+            for _ in range(400)
+        }
+    )
+    # Some before the lookups exist, some after, some into a predicate that holds facts already.
+    first, second = rows[:100], rows[100:]
+    one, bulk = FactIndex(), FactIndex()
+    for index in (one, bulk):
+        for fact in first:
+            index.add(("has_role", *fact))
+        pf = index.predicate("has_role", 3)
+        pf.mode("bfb")
+        pf.mode("bbf", ((1, "reader"),))
+        pf.mode("fbb", ((1, "admin"),))
+    for fact in second:
+        one.add(("has_role", *fact))
+    until = time.time() + 1000
+    assert bulk.add_rows("has_role", 3, second + first[:5], {second[0]: until}) == len(second)
+    one.add(("has_role", *second[0]), until)
+
+    def norm(modes: dict) -> dict:
+        return {
+            shape: {k: sorted(v, key=repr) if v.__class__ is Many else v for k, v in index.items()}
+            for shape, index in modes.items()
+        }
+
+    assert bulk.count == one.count == len(rows)
+    assert bulk.predicates["has_role", 3].all == one.predicates["has_role", 3].all
+    assert norm(bulk.predicates["has_role", 3].modes) == norm(one.predicates["has_role", 3].modes)
+    assert bulk.expiry_of(("has_role", *second[0])) == until
+    assert sorted(bulk.matching(("has_role", users[0], None, None))) == sorted(
+        one.matching(("has_role", users[0], None, None))
+    )
