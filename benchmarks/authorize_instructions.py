@@ -22,7 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import policy_bench  # noqa: E402
 
-# The probes of policy_bench.py's authorize rows (the deny asks what the deny row asks).
+# The probes of policy_bench.py's authorize rows; the deny is asked as the earlier figures asked
+# it (push on r5, where the row asks delete on r9: the same full search, no role on either).
 PROBES = {
     "direct": ("direct", "push", "r5"),
     "inherit": ("inherit", "read", "r7"),
