@@ -55,7 +55,15 @@ from bastion.policy.program import (
     literal_vars,
     term_vars,
 )
-from bastion.policy.runtime import MISSING, built, compare, contains, counted_members, exhausted
+from bastion.policy.runtime import (
+    MISSING,
+    built,
+    compare,
+    contains,
+    counted_members,
+    exhausted,
+    spent,
+)
 
 # Blocks one generated function may nest before the rest of a body moves to a continuation.
 _MAX_DEPTH = 12
@@ -66,6 +74,9 @@ _FANOUT = 16
 _ROLE_FACTS = {("has_role", 3), ("has_role", 2), ("has_relation", 3)}
 # The Python names generated code gives its run-time values (arguments and bound variables).
 _LOCAL = re.compile(r"a\d+|v_\w+")
+# A function that passes its arguments, in order, to one other and answers what it answers.
+_FORWARD_HEAD = re.compile(r"def @\(q((?:, a\d+)*)\):")
+_FORWARD_CALL = re.compile(r"        if (p_\w+)\(q((?:, a\d+)*)\):")
 
 
 @dataclass(frozen=True, slots=True)
@@ -204,6 +215,7 @@ class CompiledPolicy:
             "_members": counted_members,
             "_built": built,
             "_exhausted": exhausted,
+            "_spent": spent,
             "_arith": arith,
         }
         for (name, arity), builtin in BUILTINS.items():
@@ -238,6 +250,12 @@ class CompiledPolicy:
         self._heads: dict[tuple, _Heads] = {}
         self._signature_index: dict[tuple, dict] = {}
         self._output_shapes: dict[tuple, dict[int, frozenset | None]] = {}
+        # Per shape read from a fact index by key: the name of that index, for callers that
+        # read it inline (see `_call`).
+        self._fact_modes: dict[Node, str] = {}
+        # Per shape whose function only passes its arguments on to one other: that one, which
+        # its name is bound to instead (see `_forwarded`).
+        self._aliases: dict[Node, str] = {}
 
     # -- entry points -----------------------------------------------------------------------
 
@@ -374,6 +392,9 @@ class CompiledPolicy:
                     f"def {name}(q{''.join(', ' + p for p in params)}):\n"
                     f"    return q.tabled({gid}, {raw}, ({name!r}, {tup}), {tup}, {'f' not in node.mask})\n"
                 )
+            elif self._aliases.get(node) in self.namespace:
+                self._pending.pop(node)
+                source.append(f"{name} = {self._aliases[node]}\n")
             else:
                 source.append(self._pending.pop(node).replace("def @(", f"def {name}(", 1))
         text = "\n".join(source)
@@ -402,6 +423,10 @@ class CompiledPolicy:
             # Many calls for one: spend them at once, here, rather than nothing anywhere.
             out.lines[1:1] = [f"    q.steps -= {weight}", "    if q.steps < 0: _exhausted(q)"]
             weight = 0
+        else:
+            callee = _forwarded(out.lines)
+            if callee is not None:
+                self._aliases[node] = callee
         self._weights[node] = weight
         return "\n".join(out.lines) + "\n"
 
@@ -501,6 +526,7 @@ class CompiledPolicy:
             fixed = tuple((i, next(values)) for i, m in enumerate(node.mask) if m == "c")
             fm = f"FM{next(self._counter)}_{node.name}_{node.arity}_{node.mask}"
             self.namespace[fm] = pf.mode(fact_mask, fixed)
+            self._fact_modes[node] = fm
             keys = [f"a{i}" for i, m in enumerate(node.mask) if m == "b"]
             key = keys[0] if len(keys) == 1 else f"({''.join(k + ', ' for k in keys)})"
             d = 1
@@ -993,12 +1019,38 @@ class CompiledPolicy:
         for name, found in self._output_types(lit, mask, consts, types).items():
             if name in new_vars:
                 self._vtypes[name] = found
+        # A predicate that only facts make true is read here, as its function would read it:
+        # a call less, and for a lookup by key no generator to make and close.
+        facts_only = key not in self.program.clauses and key in self.program.fact_predicates
         if not targets:
-            out.emit(depth, f"if {call}:")
+            if facts_only:
+                bound, values = iter(bound_args), iter(consts)
+                parts = [next(bound) if m == "b" else self._const(next(values)) for m in mask]
+                fa = f"FA_{lit.name}_{len(lit.args)}"
+                out.emit(depth, f"if ({''.join(p + ', ' for p in parts)}) in {fa}:")
+            else:
+                out.emit(depth, f"if {call}:")
             return depth + 1
         env.update(new_vars)
         target = targets[0] if len(targets) == 1 else "(" + ", ".join(targets) + ")"
-        out.emit(depth, f"for {target} in {call}:")
+        fm = self._fact_modes.get(target_node) if facts_only else None
+        if fm is not None:
+            found = f"_x{next(self._counter)}"
+            by = (
+                bound_args[0]
+                if len(bound_args) == 1
+                else f"({''.join(b + ', ' for b in bound_args)})"
+            )
+            out.emit(depth, f"{found} = {fm}.get({by})")
+            out.emit(depth, f"if {found} is not None:")
+            depth += 1
+            out.emit(
+                depth,
+                f"for {target} in ({found},) if {found}.__class__ is not Many"
+                f" else _spent(q, {found}):",
+            )
+        else:
+            out.emit(depth, f"for {target} in {call}:")
         depth += 1
         if checks:
             out.emit(depth, f"if {' and '.join(checks)}:")
@@ -1010,6 +1062,25 @@ def _summary(text: str, width: int = 100) -> str:
     """A clause's text for a comment in generated code: bounded, since every alternative of an
     'or' shares its rule's whole text (n alternatives would make n copies of n of them)."""
     return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def _forwarded(lines: list[str]) -> str | None:
+    """The function a generated true/false function only calls with its own arguments (one
+    rule, ``allow(a, b, c) if has_permission(a, b, c)``), if it is one: naming that function
+    instead gives the same answers for one call less."""
+    if len(lines) != 7 or lines[2:] != [
+        "    while True:",
+        lines[3],
+        "            return True",
+        "        break",
+        "    return False",
+    ]:
+        return None
+    params = _FORWARD_HEAD.fullmatch(lines[0])
+    call = _FORWARD_CALL.fullmatch(lines[3])
+    if params is None or call is None or params[1] != call[2]:
+        return None
+    return call[1]
 
 
 def _succeed(out: _Emitter, env: dict, depth: int) -> None:

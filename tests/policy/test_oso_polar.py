@@ -4,6 +4,8 @@ and what it refuses. Constructs that evaluate are also checked against the refer
 
 from __future__ import annotations
 
+import math
+
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -730,6 +732,21 @@ def test_integers_never_leave_64_bits():
     put(authz, [("seats", Entity("Org", "huge"), 2**62), ("seats", Entity("Org", "zero"), 0)])
     assert not authz.authorize(U("u"), "read", Entity("Org", "huge"))  # 2^64 has no value
     assert not authz.authorize(U("u"), "divide", Entity("Org", "zero"))  # nor has 1 / 0
+
+
+def test_an_infinite_operand_gives_no_value_even_where_the_result_would_be_finite():
+    text = """
+    actor User {}
+    resource Org {}
+    allow(_: User, "divide", _o: Org) if 1 / context.n = 0;
+    allow(_: User, "mod", _o: Org) if 1 mod context.n > 0;
+    allow(_: User, "rem", _o: Org) if 1 rem context.n > 0;
+    """
+    authz = Authorizer(text)
+    for action in ("divide", "mod", "rem"):
+        for n in (math.inf, -math.inf, math.nan):
+            assert not authz.authorize(U("u"), action, Entity("Org", "o"), {"n": n})
+    assert authz.authorize(U("u"), "mod", Entity("Org", "o"), {"n": 3.5})
 
 
 @SETTINGS

@@ -1,7 +1,8 @@
 """Arithmetic on numbers (``+``, ``-``, ``*``, ``/``, ``mod``, ``rem``), as Polar has it.
 
 Integers stay within Polar's 64-bit signed range: a result outside it, a division by zero, or
-an operand that is not a number (a string, a boolean, a missing context field) makes the
+an operand that is not a finite number (a string, a boolean, a missing context field, an
+infinity or a NaN from the context) makes the
 condition that uses it false, so a bad value fails closed and no computation can grow a number
 without bound. ``/`` of two integers rounds toward zero; ``mod`` takes the sign of the divisor,
 ``rem`` that of the dividend.
@@ -28,6 +29,13 @@ def arith(op: str, a: Any, b: Any) -> Any:
     """``a op b``, or MISSING when it has no value (see the module's docstring)."""
     if a.__class__ not in _NUMBERS or b.__class__ not in _NUMBERS:
         return MISSING  # booleans, strings, entities, lists, MISSING
+    if (
+        a.__class__ is float
+        and not math.isfinite(a)
+        or b.__class__ is float
+        and not math.isfinite(b)
+    ):
+        return MISSING  # 1 / inf would be 0.0, a value made from one that has none
     try:
         return _checked(op, a, b)
     except (OverflowError, ValueError):  # a float out of range, a NaN or an infinity
