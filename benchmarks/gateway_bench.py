@@ -34,6 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import parse_qs, urlencode, urlsplit
 
@@ -236,6 +237,81 @@ def p(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
+@dataclass(frozen=True)
+class Bench:
+    """A prepared run: bastion's URL, the upstream's, and the configuration to serve."""
+
+    base: str
+    upstream_url: str
+    upstream_port: int
+    config: Path
+
+
+def prepare(
+    work: Path, *, chain: bool = False, session: str = "shared", server_settings: str = ""
+) -> Bench:
+    """Write ``work/bastion.toml`` (the quickstart policy, one upstream ``desk``) and its
+    database with the quickstart's facts and users (sam's password: `PASSWORD`)."""
+    upstream_port, bastion_port = free_port(), free_port()
+    base = f"http://127.0.0.1:{bastion_port}"
+    upstream_url = f"http://127.0.0.1:{upstream_port}/mcp"
+    database = str(work / "bastion.db")
+    policy = QUICKSTART / "policy.polar"
+    lifetimes = ""
+    if chain:
+        policy = work / "policy.polar"
+        policy.write_text((QUICKSTART / "policy.polar").read_text() + DELEGATION_RULES)
+        # Tokens that outlive the longest run (a delegated token never outlives its subject).
+        lifetimes = "access_token_seconds = 3600\nexchanged_token_seconds = 3600\n"
+    config = work / "bastion.toml"
+    config.write_text(
+        f"""
+[server]
+database = "{database}"
+policy_file = "{policy}"
+port = {bastion_port}
+log_level = "warning"
+{server_settings}
+[oauth]
+issuer = "{base}"
+key_dir = "{work / "keys"}"
+{lifetimes}[[oauth.resources]]
+uri = "{base}/mcp/desk"
+scopes = ["customers:read", "customers:write"]
+
+[gateway]
+[[gateway.upstreams]]
+name = "desk"
+url = "{upstream_url}"
+scopes = ["customers:read"]
+{f'session = "{session}"' if session != "shared" else ""}
+"""
+    )
+    sys.path.insert(0, str(QUICKSTART))
+    from setup import setup  # the quickstart's facts and users
+
+    import bastion.oauth.users as users
+
+    setup(database)
+    from bastion.db import Database
+    from bastion.oauth.store import OAuthStore
+
+    db = Database(database)
+    OAuthStore(db).set_password_hash("sam", users.hash_password(PASSWORD))
+    db.close()
+    return Bench(base, upstream_url, upstream_port, config)
+
+
+def start_upstream(port: int, env: dict[str, str]) -> subprocess.Popen:
+    """The quickstart's MCP server (official SDK, Streamable HTTP) on uvloop, on ``port``."""
+    return subprocess.Popen(
+        [sys.executable, "-c", UPSTREAM, str(QUICKSTART / "server.py"), "--http", str(port)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clients", type=int, default=4)
@@ -255,73 +331,16 @@ def main() -> None:
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="bastion-gateway-bench-"))
-    upstream_port, bastion_port = free_port(), free_port()
-    base = f"http://127.0.0.1:{bastion_port}"
-    upstream_url = f"http://127.0.0.1:{upstream_port}/mcp"
-    database = str(work / "bastion.db")
-    policy = QUICKSTART / "policy.polar"
-    lifetimes = ""
-    if args.chain:
-        policy = work / "policy.polar"
-        policy.write_text((QUICKSTART / "policy.polar").read_text() + DELEGATION_RULES)
-        # Tokens that outlive the longest run (a delegated token never outlives its subject).
-        lifetimes = "access_token_seconds = 3600\nexchanged_token_seconds = 3600\n"
-    (work / "bastion.toml").write_text(
-        f"""
-[server]
-database = "{database}"
-policy_file = "{policy}"
-port = {bastion_port}
-log_level = "warning"
-
-[oauth]
-issuer = "{base}"
-key_dir = "{work / "keys"}"
-{lifetimes}[[oauth.resources]]
-uri = "{base}/mcp/desk"
-scopes = ["customers:read", "customers:write"]
-
-[gateway]
-[[gateway.upstreams]]
-name = "desk"
-url = "{upstream_url}"
-scopes = ["customers:read"]
-session = "{args.session}"
-"""
-    )
-    sys.path.insert(0, str(QUICKSTART))
-    from setup import setup  # the quickstart's facts and users
-
-    import bastion.oauth.users as users
-
-    setup(database)
-    from bastion.db import Database
-    from bastion.oauth.store import OAuthStore
-
-    db = Database(database)
-    OAuthStore(db).set_password_hash("sam", users.hash_password(PASSWORD))
-    db.close()
-
+    bench = prepare(work, chain=args.chain, session=args.session)
+    base, upstream_url = bench.base, bench.upstream_url
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    upstream = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            UPSTREAM,
-            str(QUICKSTART / "server.py"),
-            "--http",
-            str(upstream_port),
-        ],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    upstream = start_upstream(bench.upstream_port, env)
     server = subprocess.Popen(
         [
             str(Path(sys.executable).parent / "bastion"),
             "serve",
             "--config",
-            str(work / "bastion.toml"),
+            str(bench.config),
         ],
         env=env,
         stdout=subprocess.DEVNULL,
@@ -336,7 +355,7 @@ session = "{args.session}"
             "gateway": (f"{base}/mcp/desk", {"authorization": f"Bearer {token}"}),
         }
         if args.chain:
-            chained = delegated_token(base, f"{base}/mcp/desk", work / "bastion.toml", token, agent)
+            chained = delegated_token(base, f"{base}/mcp/desk", bench.config, token, agent)
             paths["chain"] = (f"{base}/mcp/desk", {"authorization": f"Bearer {chained}"})
         for url, headers in paths.values():  # warm up both (connections, stdio, caches)
             uvloop.run(run_load(url, headers, args.clients, 100))

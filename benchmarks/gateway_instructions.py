@@ -1,0 +1,90 @@
+"""Instructions bastion runs per proxied ``tools/call``, counted by valgrind's callgrind in a real
+``bastion serve``: a figure that does not move with the machine's load, for comparing two trees
+(or a tree with and without a capability) on a shared machine.
+
+    .venv/bin/python benchmarks/gateway_instructions.py [--requests 200]
+
+The setup is gateway_bench.py's (the quickstart's policy and MCP server, sam's support agent
+searching customers, emails masked, MCP 2026-07-28), with bastion under ``valgrind
+--tool=callgrind`` and its change-log poll slowed to 30 s, so that it adds nothing. After a
+warm-up the counters are zeroed (``callgrind_control -z``), N calls go through one client and
+are dumped (``callgrind_control -d``); the same with 2 N. Per call: the difference divided by N
+(user-space instructions of the whole bastion process, its record writer's thread included;
+system calls and the upstream's work are not counted). Starting Python under valgrind takes a
+minute or more. Prints figures; asserts nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import uvloop
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from gateway_bench import access_token, prepare, run_load, start_upstream, wait_until_up  # noqa: E402
+from server_instructions import counted  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=200)
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="gateway-instructions-"))
+    # Tokens that outlive the run (valgrind is slow), no change-log poll during it.
+    bench = prepare(work, server_settings="poll_interval = 30\nmax_staleness_seconds = 3600\n")
+    config = bench.config.read_text().replace(
+        "[oauth]\n", "[oauth]\naccess_token_seconds = 3600\n", 1
+    )
+    bench.config.write_text(config)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONMALLOC": "malloc"}
+    upstream = start_upstream(bench.upstream_port, env)
+    out = work / "callgrind.out"
+    cmd = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}.%p", sys.executable]
+    cmd += ["-m", "bastion.cli", "serve", "--config", str(bench.config)]
+    log = open(work / "serve.log", "wb")  # noqa: SIM115 - closed in the finally below
+    server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+    url = f"{bench.base}/mcp/desk"
+    try:
+        wait_until_up(bench.upstream_url, upstream)
+        deadline = time.monotonic() + 1800
+        while time.monotonic() < deadline:
+            if server.poll() is not None:
+                raise SystemExit(f"bastion serve exited: see {work / 'serve.log'}")
+            try:
+                if httpx.get(f"{bench.base}/healthz", timeout=10).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(1)
+        token, _ = access_token(bench.base, url)
+        headers = {"authorization": f"Bearer {token}"}
+
+        def send(n: int) -> None:
+            uvloop.run(run_load(url, headers, 1, n))
+            time.sleep(2)  # the record writer's flush of these calls, counted with them
+
+        send(30)  # the token remembered, the connections open, the code warm
+        one = counted(server.pid, out, lambda: send(args.requests))
+        two = counted(server.pid, out, lambda: send(2 * args.requests))
+        print(json.dumps({"n": args.requests, "counted": [one, two]}))
+        print(
+            f"tools/call through the gateway: {(two - one) / args.requests:,.0f} instructions per call"
+        )
+    finally:
+        for process in (server, upstream):
+            process.terminate()
+            process.wait(60)
+        log.close()
+
+
+if __name__ == "__main__":
+    main()
