@@ -133,13 +133,7 @@ class OpenIDLogin:
         self._endpoints: dict[str, _Endpoints] = {}
         self._key_sets = {
             p.id: RemoteKeySets(
-                FetchLimits(
-                    timeout_seconds=p.timeout_seconds,
-                    max_bytes=p.max_document_bytes,
-                    cache_seconds=p.jwks_cache_seconds,
-                    refetch_seconds=p.jwks_refetch_seconds,
-                    max_cached=4,
-                ),
+                FetchLimits.of_issuer(p),
                 check=jwks_problem,
                 clock=self.clock,
                 transport=transport,

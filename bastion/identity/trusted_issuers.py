@@ -239,13 +239,7 @@ class TrustedIssuers:
         self.transport = transport
         self._key_sets = {
             i.issuer: RemoteKeySets(
-                FetchLimits(
-                    timeout_seconds=i.timeout_seconds,
-                    max_bytes=i.max_document_bytes,
-                    cache_seconds=i.jwks_cache_seconds,
-                    refetch_seconds=i.jwks_refetch_seconds,
-                    max_cached=4,
-                ),
+                FetchLimits.of_issuer(i),
                 check=jwks_problem,
                 clock=clock,
                 transport=transport,

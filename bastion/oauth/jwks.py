@@ -41,6 +41,20 @@ class FetchLimits:
     max_cached: int = 1000
     where: str = ""
 
+    @classmethod
+    def of_issuer(cls, settings: Any, where: str = "") -> FetchLimits:
+        """The limits an issuer's settings name (``timeout_seconds``, ``max_document_bytes``,
+        ``jwks_cache_seconds``, ``jwks_refetch_seconds``: trusted issuers, ID-JAG providers and
+        OpenID providers all have them), keeping a few key sets."""
+        return cls(
+            timeout_seconds=settings.timeout_seconds,
+            max_bytes=settings.max_document_bytes,
+            cache_seconds=settings.jwks_cache_seconds,
+            refetch_seconds=settings.jwks_refetch_seconds,
+            max_cached=4,
+            where=where,
+        )
+
 
 async def fetch_json(
     uri: str, limits: FetchLimits, transport: httpx.AsyncBaseTransport | None = None

@@ -199,14 +199,7 @@ class IdentityAssertionGrant:
         self.spent: SpentJtis = server.assertions.spent
         self._key_sets = {
             i.issuer: RemoteKeySets(
-                FetchLimits(
-                    timeout_seconds=i.timeout_seconds,
-                    max_bytes=i.max_document_bytes,
-                    cache_seconds=i.jwks_cache_seconds,
-                    refetch_seconds=i.jwks_refetch_seconds,
-                    max_cached=4,
-                    where="oauth.id_jag.issuers",
-                ),
+                FetchLimits.of_issuer(i, "oauth.id_jag.issuers"),
                 check=jwks_problem,
                 clock=self.clock,
                 transport=transport,
