@@ -479,16 +479,17 @@ class Alerts:
     ) -> list[tuple[str, str, dict[str, Any]]]:
         """The built-in alerts the calling agent's behaviour figures (``context.behavior`` as
         the decision saw them, before this message) call for: (name, severity, detail).
-        Reads no more figures than the enabled ones need; a `BehaviorUnavailable` propagates."""
+        Reads no more figures than the enabled ones need, through the view, so the decision
+        record shows the figures that raised an alert; a `BehaviorUnavailable` propagates."""
         raised = []
         settings = self.settings
         if destructive and settings.bulk_destructive_count > 0:
-            count = behavior.figure("agent", "destructive", "minute")["count"] + 1
+            count = behavior["agent"]["destructive"]["minute"]["count"] + 1
             if count > settings.bulk_destructive_count:
                 detail = {"destructive_calls": count, "within_seconds": 60}
                 raised.append((BULK_DESTRUCTIVE, settings.bulk_destructive_severity, detail))
         if settings.spike_ratio > 0 and settings.spike_min_calls > 0:
-            calls = behavior.figure("agent", "calls", "ten_minutes")
+            calls = behavior["agent"]["calls"]["ten_minutes"]
             # An agent without history (baseline 0) has nothing to be far above yet.
             if (
                 calls["baseline"] > 0

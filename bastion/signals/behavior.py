@@ -187,15 +187,6 @@ class BehaviorView(_Lazy):
     def counter_keys(self) -> tuple[str, str, str]:
         return self._keys
 
-    def figure(self, scope: str, counter: str, window: str) -> dict[str, Any]:
-        """One figure, as ``view[scope][counter][window]`` reads it, without keeping it in the
-        view: for the built-in alerts, which read the figures after the policy did, and whose
-        reads are not the decision's. Raises `BehaviorUnavailable` as reading the view does."""
-        if self._source is None:
-            raise BehaviorUnavailable()
-        key = self._keys[("user", "agent", "tool").index(scope)]
-        return self._source(key, self._now, _COUNTER_INDEX[counter], _WINDOW_INDEX[window])
-
     def _scope(self, scope: Any) -> _Lazy | None:
         try:
             key = self._keys[("user", "agent", "tool").index(scope)]

@@ -13,7 +13,6 @@ import os
 import pty
 import queue
 import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -26,6 +25,7 @@ import httpx
 import pytest
 
 from tests.oauth.support import hidden_fields
+from tests.ports import free_port
 
 from .support import npm_install, serve_quickstart, stop
 
@@ -34,12 +34,6 @@ PASSWORD = "quickstart-password"  # examples/quickstart/setup.py
 INSPECTOR_VERSION = "2.12.0"  # the README's command pins the same version
 NPM_PREFIX = ROOT / ".npm-inspector"
 TOOLS = {"search_customers", "delete_customer", "send_email"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def install_inspector() -> Path:

@@ -32,6 +32,7 @@ from starlette.applications import Starlette
 from bastion.db import Database
 from bastion.oauth import AuthorizationServer, OAuthSettings
 from bastion.oauth.users import create_user
+from tests.ports import free_socket  # noqa: F401 (re-exported: many tests import it here)
 
 PASSWORD = "correct horse battery staple"
 
@@ -47,13 +48,6 @@ class Clock:
 
     def advance(self, seconds: float) -> None:
         self.offset += seconds
-
-
-def free_socket() -> socket.socket:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    return sock
 
 
 @contextmanager

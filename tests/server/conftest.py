@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,6 +15,7 @@ from starlette.testclient import TestClient
 
 from bastion.server.app import create_app
 from bastion.server.config import ServerConfig
+from tests.ports import free_port  # noqa: F401 (re-exported for tests/server)
 
 ADMIN_KEY = "test-admin-key-" + "x" * 32
 
@@ -65,12 +65,6 @@ def api(config):
     with TestClient(create_app(config)) as client:
         client.headers["authorization"] = f"Bearer {ADMIN_KEY}"
         yield client
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class ServerProcess:
