@@ -357,19 +357,17 @@ class Replica:
         return None
 
     async def stop(self) -> None:
+        # Each step waits a bounded time: a task that does not end (a bug) is logged, and the
+        # replica still stops (its listener, its store).
         if self._snapshots:
-            self._snapshots.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._snapshots
+            await _cancelled(self._snapshots, "the fact snapshot writer")
             if self.ready and self.snapshot_seq != self.applied:
                 try:
-                    await self.write_snapshot()
+                    await asyncio.wait_for(self.write_snapshot(), _STOP_WAIT)
                 except Exception as e:
                     log.warning("cannot write the fact snapshot %s: %s", self.snapshot_path, e)
         if self._task:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await _cancelled(self._task, "the change-log follower")
         if self._listener:
             await anyio.to_thread.run_sync(self._listener.stop)
         self.store.close()
@@ -489,3 +487,19 @@ class Replica:
     @property
     def lag(self) -> int:
         return max(0, self.head_seen - self.applied)
+
+
+# How long `Replica.stop` waits for each of its tasks to end.
+_STOP_WAIT = 10.0
+
+
+async def _cancelled(task: asyncio.Task, what: str) -> None:
+    """Cancel ``task`` and wait for it to end, at most `_STOP_WAIT` seconds."""
+    task.cancel()
+    done, _ = await asyncio.wait({task}, timeout=_STOP_WAIT)
+    if not done:
+        log.error(
+            "%s did not end within %gs of being cancelled; stopping without it", what, _STOP_WAIT
+        )
+    elif not task.cancelled() and task.exception() is not None:
+        log.error("%s ended with %r", what, task.exception())
