@@ -25,6 +25,7 @@ import httpx
 import pytest
 
 from tests.gateway.support import ROOT, serve_quickstart
+from tests.ports import free_socket
 from tests.server.conftest import ServerProcess
 
 ADMIN_KEY = "edge-test-admin-key-" + "x" * 32
@@ -68,13 +69,44 @@ class Served:
             self.process.wait()
 
 
-def start_quickstart(directory: Path, **settings: object) -> Served:
-    """The quickstart served in its own process, with ``[server]`` settings as BASTION_*."""
+# A company OpenID provider, so that its login form (`POST /login/<provider>`) is served, and an
+# upstream with per-user credentials, so that its connection forms (`POST
+# /connections/<upstream>/connect|revoke`) are. Neither is reached: a provider's metadata is
+# fetched only when someone logs in through it, an upstream only when it is called.
+IDENTITY = """
+[[oauth.resources]]
+uri = "http://127.0.0.1:{port}/mcp/tracker"
+
+[[gateway.upstreams]]
+name = "tracker"
+url = "http://127.0.0.1:9/mcp"
+auth = "per_user"
+
+[identity]
+
+[[identity.providers]]
+id = "company"
+issuer = "http://127.0.0.1:9/"
+client_id = "bastion"
+client_secret = "not-used"
+
+[approvals]"""
+
+
+def start_quickstart(directory: Path, identity: bool = False, **settings: object) -> Served:
+    """The quickstart served in its own process, with ``[server]`` settings as BASTION_*, and
+    with `IDENTITY` if asked."""
     env = {
         f"BASTION_{k.upper()}": str(v).lower() if isinstance(v, bool) else str(v)
         for k, v in settings.items()
     }
-    process, url = serve_quickstart(directory, env={"BASTION_ADMIN_KEY": ADMIN_KEY, **env})
+    port = free_socket().getsockname()[1]
+    process, url = serve_quickstart(
+        directory,
+        env={"BASTION_ADMIN_KEY": ADMIN_KEY, **env},
+        replace={"[approvals]": IDENTITY.format(port=port)} if identity else None,
+        port=port,
+    )
     return Served(process, url, directory)
 
 
@@ -82,7 +114,10 @@ def start_quickstart(directory: Path, **settings: object) -> Served:
 def quickstart(tmp_path_factory) -> Iterator[Served]:
     # The import's own limit, smaller than its default (64 MiB) so that reaching it is quick.
     served = start_quickstart(
-        tmp_path_factory.mktemp("edge"), max_import_bytes=IMPORT_LIMIT, access_log=True
+        tmp_path_factory.mktemp("edge"),
+        identity=True,
+        max_import_bytes=IMPORT_LIMIT,
+        access_log=True,
     )
     yield served
     served.stop()
@@ -144,6 +179,9 @@ BODY_ROUTES = {
     "/bc-approve/any-request": FORM,
     "/sign-in": FORM,
     "/approvals/some-request": FORM,
+    "/login/company": FORM,
+    "/connections/tracker/connect": FORM,
+    "/connections/tracker/revoke": FORM,
     "/register": "application/json",
     "/v1/facts": "application/json",
     "/v1/authorize": "application/json",
