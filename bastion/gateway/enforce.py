@@ -26,7 +26,12 @@ from bastion.approvals.service import Approvals, Call, Outcome
 from bastion.approvals.store import ApprovalRequest
 from bastion.audit.decisions import DecisionRecord, DecisionRecords, new_decision_id
 from bastion.decide import Authorizer
-from bastion.decide.contract import ChainDecision, Obligations, decide_chain
+from bastion.decide.contract import (
+    ChainDecision,
+    Obligations,
+    decide_chain,
+    same_value,
+)
 from bastion.delegation.labels import (
     CONTEXT_FIELD,
     LabelKey,
@@ -804,7 +809,7 @@ class Explained:
         if generation != known_generation:
             return None
         for reads, rules in known.get(question, ()):
-            if all(_same(context_value(context, path), seen) for path, seen in reads):
+            if all(same_value(context_value(context, path), seen) for path, seen in reads):
                 return rules
         return None
 
@@ -840,10 +845,6 @@ def _without_arguments(context: dict[str, Any]) -> dict[str, Any]:
     seen = dict(context)
     seen.pop("arguments", None)
     return seen
-
-
-def _same(value: Any, seen: Any) -> bool:
-    return value is seen or (type(value) is type(seen) and value == seen)
 
 
 def _approval_context(request: ApprovalRequest) -> dict[str, Any]:
