@@ -331,7 +331,7 @@ class Remembered(Generic[Answer]):
         if generation is not None and generation == self._generation:
             known = self._known.get(question)
             if known is not None and all(
-                same_value(_field(context, name), seen) for name, seen in known[0]
+                _equal(_field(context, name), seen) for name, seen in known[0]
             ):
                 return known[1]
         reading = _Reading(context or {})
@@ -429,6 +429,21 @@ def _plain(value: Any, left: list[int]) -> bool:
     if cls is list or cls is tuple:
         return all(_plain(v, left) for v in value)
     return False
+
+
+def _equal(value: Any, seen: Any) -> bool:
+    """Whether ``value`` is ``seen`` (`_plain` data) down to the type of every value in it:
+    ``true`` is not ``1``, nor ``1`` ``1.0``, at any depth."""
+    cls = seen.__class__
+    if value.__class__ is not cls:
+        return False
+    if cls is dict:
+        return len(value) == len(seen) and all(
+            k in value and _equal(value[k], v) for k, v in seen.items()
+        )
+    if cls is list or cls is tuple:
+        return len(value) == len(seen) and all(map(_equal, value, seen))
+    return value == seen
 
 
 def same_value(value: Any, seen: Any) -> bool:

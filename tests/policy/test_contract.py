@@ -314,3 +314,12 @@ def test_a_connect_that_read_a_live_view_is_not_remembered():
     calm, busy = {"load": _Live("calm")}, {"load": _Live("busy")}
     assert remembered(a, (ann, bot), "connect", desk, calm, frozenset())
     assert not remembered(a, (ann, bot), "connect", desk, busy, frozenset())
+
+
+def test_a_remembered_connect_tells_true_from_one_inside_a_field():
+    policy = 'deny(_: User, "connect", _: McpServer) if context.flags.strict matches Boolean;'
+    members = [("member", ann, desk), ("member", bot, desk)]
+    a, remembered = remembered_yes(policy, members, {"flags": {"strict": 1}})
+    strict = {"flags": {"strict": True}}
+    assert not plainly_allowed(a, (ann, bot), "connect", desk, strict, frozenset())
+    assert not remembered(a, (ann, bot), "connect", desk, strict, frozenset())
