@@ -237,6 +237,15 @@ class Database:
 
         return self._run(run, again=_is_read(sql) if read is None else read)
 
+    def data_version(self) -> int | None:
+        """SQLite's ``PRAGMA data_version`` on this connection: it changes when another
+        connection commits. None on PostgreSQL. Read on the gateway's call path (revocation),
+        so without `execute`'s general handling."""
+        if self.is_postgres:
+            return None
+        with self._lock:
+            return self._conn.execute("PRAGMA data_version").fetchone()[0]
+
     def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
         def run(conn: Any) -> None:
             if self.is_postgres:

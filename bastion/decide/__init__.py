@@ -743,6 +743,16 @@ class Authorizer:
             self._index.lock.release()
         return found
 
+    def settled_generation(self) -> int | None:
+        """The generation of the facts and policy in force (`FactIndex.generation`: the same
+        generation, the same answers), or None while a fact has expired and is not purged yet
+        (the next question purges it, which starts a new generation)."""
+        index = self._index
+        # The expiry first: a purge moves it on after it has started a new generation.
+        if index.next_expiry <= time.time():
+            return None
+        return index.generation
+
     def reads_context(self, name: str) -> bool:
         """Whether a rule of the policy in force reads ``context.<name>``: a caller may skip
         working out a costly field no rule reads."""

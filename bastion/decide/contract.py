@@ -50,16 +50,18 @@ with the policy (`bastion.decide.CONTRACT_SHAPES`), never while serving.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from bastion.decide import Authorizer, Session
 from bastion.facts.model import Entity
 from bastion.policy.errors import EvaluationLimit
 from bastion.signals.read_only import read_only_holds
 from bastion.signals.step_up import required_auth_age
+
+Answer = TypeVar("Answer")
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,7 +173,7 @@ def _decide_chain(
                 obligations=Obligations(alerts=alerts),
                 generation=generation,
             )
-    stale = _stale_signals(s, chain, _decision_time(context))
+    stale = _stale_signals(s, chain, context)
     if stale:
         principal, names = stale
         return ChainDecision(
@@ -265,7 +267,7 @@ def plainly_allowed(
         try:
             if not all(s.allowed(p, action, resource) for p in chain):
                 return False
-            if _stale_signals(s, chain, _decision_time(context)) is not None:
+            if _stale_signals(s, chain, context) is not None:
                 return False
             granted = set(granted_scopes)
             for scope in s.rows("requires_scope", "bbf", action, resource):
@@ -282,6 +284,171 @@ def plainly_allowed(
             )
         except EvaluationLimit:
             return False
+
+
+class Remembered(Generic[Answer]):
+    """A contract question the gateway asks on every message (`plainly_allowed` for its
+    ``connect``), answered from memory while the answer cannot have changed.
+
+    An answer depends on the policy and facts in force (their generation), the question (the
+    chain, the action, the resource, the token's scopes) and the ``context`` fields the policy
+    read while answering it. So an answer is kept with the fields it read and their values, and
+    given again only for the same generation (none while a fact has expired unpurged), the same
+    question, and a context whose fields it read are the same. Anything read of the time (a
+    rule on ``context.time``, ``@current_unix_time``, a required signal's age) is a field that
+    differs from call to call: such an answer is never given again; nor one that read a view
+    that works out its values when read (``context.behavior``), or much data (`_plain`). What
+    ``keep`` refuses is never kept. One generation is kept at a time, at most `QUESTIONS`
+    questions of it. Not thread-safe: for one event loop."""
+
+    QUESTIONS = 4096
+
+    def __init__(
+        self,
+        answer: Callable[[Authorizer, Sequence[Entity], str, Entity, dict, frozenset[str]], Answer],
+        keep: Callable[[Answer], bool],
+    ) -> None:
+        self._answer = answer
+        self._keep = keep
+        self._generation: int | None = None
+        self._known: dict[tuple, tuple[tuple[tuple[str, Any], ...], Answer]] = {}
+
+    def __call__(
+        self,
+        authz: Authorizer,
+        principals: Sequence[Entity],
+        action: str,
+        resource: Entity,
+        context: dict | None,
+        granted_scopes: frozenset[str],
+    ) -> Answer:
+        """The answer for ``principals``, ``action``, ``resource`` in ``context`` with the
+        token's ``granted_scopes`` (a frozenset: part of the question)."""
+        # Read before the question is answered: a change meanwhile keeps its answer from ever
+        # being given again (it is filed under a generation no longer in force).
+        generation = authz.settled_generation()
+        question = (tuple(principals), action, resource, granted_scopes)
+        if generation is not None and generation == self._generation:
+            known = self._known.get(question)
+            if known is not None and all(
+                _equal(_field(context, name), seen) for name, seen in known[0]
+            ):
+                return known[1]
+        reading = _Reading(context or {})
+        answer = self._answer(authz, principals, action, resource, reading, granted_scopes)
+        if generation is not None and not reading.whole and self._keep(answer):
+            reads = tuple((name, _field(reading, name)) for name in reading.fields)
+            if _plain(tuple(value for _, value in reads), [_PLAIN_ITEMS]):
+                if generation != self._generation or len(self._known) >= self.QUESTIONS:
+                    self._generation, self._known = generation, {}
+                self._known[question] = (reads, answer)
+        return answer
+
+
+def remembered_connects() -> Remembered[bool]:
+    """`plainly_allowed` from memory: its "yes" kept ("no" is decided in full anyway)."""
+    return Remembered(plainly_allowed, keep=bool)
+
+
+class _Reading(dict):
+    """A copy of a ``context`` that notes which of its fields are read (`Remembered`):
+    every way the policy reads a field goes through ``get`` or ``in``; anything that reads the
+    context whole marks it ``whole``."""
+
+    __slots__ = ("fields", "whole")
+
+    def __init__(self, context: dict) -> None:
+        super().__init__(context)
+        self.fields: set[Any] = set()
+        self.whole = False
+
+    def get(self, key: Any, default: Any = None) -> Any:
+        self.fields.add(key)
+        return dict.get(self, key, default)
+
+    def __getitem__(self, key: Any) -> Any:
+        self.fields.add(key)
+        return dict.__getitem__(self, key)
+
+    def __contains__(self, key: Any) -> bool:
+        self.fields.add(key)
+        return dict.__contains__(self, key)
+
+    def _all(self) -> None:
+        self.whole = True
+
+    def keys(self):  # type: ignore[override]
+        self._all()
+        return dict.keys(self)
+
+    def values(self):  # type: ignore[override]
+        self._all()
+        return dict.values(self)
+
+    def items(self):  # type: ignore[override]
+        self._all()
+        return dict.items(self)
+
+    def __iter__(self):  # type: ignore[override]
+        self._all()
+        return dict.__iter__(self)
+
+    def copy(self):  # type: ignore[override]
+        self._all()
+        return dict(self)
+
+
+_ABSENT = object()
+_SCALARS = frozenset({int, float, bool, type(None), datetime})
+
+
+def _field(context: dict | None, name: Any) -> Any:
+    return _ABSENT if context is None else dict.get(context, name, _ABSENT)
+
+
+# What one remembered answer may hold of the context: values, and characters of text.
+_PLAIN_ITEMS = 256
+_PLAIN_TEXT = 4096
+
+
+def _plain(value: Any, left: list[int]) -> bool:
+    """Whether ``value`` is data that equals another exactly when a policy sees the same in
+    both: text, numbers, times, and lists and objects of them (not a view that works out its
+    values when read, such as ``context.behavior``), of at most ``left[0]`` values in all
+    (counted down) and text of at most `_PLAIN_TEXT` characters each."""
+    left[0] -= 1
+    if left[0] < 0:
+        return False
+    cls = value.__class__
+    if cls is str:
+        return len(value) <= _PLAIN_TEXT
+    if cls in _SCALARS or value is _ABSENT:
+        return True
+    if cls is dict:
+        return all(k.__class__ is str and _plain(v, left) for k, v in value.items())
+    if cls is list or cls is tuple:
+        return all(_plain(v, left) for v in value)
+    return False
+
+
+def _equal(value: Any, seen: Any) -> bool:
+    """Whether ``value`` is ``seen`` (`_plain` data) down to the type of every value in it:
+    ``true`` is not ``1``, nor ``1`` ``1.0``, at any depth."""
+    cls = seen.__class__
+    if value.__class__ is not cls:
+        return False
+    if cls is dict:
+        return len(value) == len(seen) and all(
+            k in value and _equal(value[k], v) for k, v in seen.items()
+        )
+    if cls is list or cls is tuple:
+        return len(value) == len(seen) and all(map(_equal, value, seen))
+    return value == seen
+
+
+def same_value(value: Any, seen: Any) -> bool:
+    """Whether a context value read now is the one read before (of the same type, and equal)."""
+    return value is seen or (type(value) is type(seen) and value == seen)
 
 
 @dataclass(frozen=True, slots=True)
@@ -325,15 +492,19 @@ def _decision_time(context: dict | None) -> float:
     return at.timestamp() if isinstance(at, datetime) else time.time()
 
 
-def _stale_signals(s: Any, chain: tuple[Entity, ...], now: float) -> tuple | None:
+def _stale_signals(s: Any, chain: tuple[Entity, ...], context: dict | None) -> tuple | None:
     """The first principal missing a fresh required signal, and the names it misses; None
-    when every required signal is fresh."""
+    when every required signal is fresh. The decision's time is read only if a signal is
+    required (`Remembered` keeps answers that did not read it)."""
+    now: float | None = None
     for principal in chain:
         stale = []
         for name, max_age in sorted(s.rows("requires_signal", "bff", principal), key=repr):
             if not isinstance(name, str) or type(max_age) is not int or max_age < 0:
                 stale.append(str(name))  # a requirement that cannot be checked is not met
                 continue
+            if now is None:
+                now = _decision_time(context)
             fresh = any(
                 type(set_at) is int and now - set_at <= max_age
                 for _value, _source, set_at in s.rows("signal", "bbfff", principal, name)

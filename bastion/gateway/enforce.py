@@ -26,7 +26,12 @@ from bastion.approvals.service import Approvals, Call, Outcome
 from bastion.approvals.store import ApprovalRequest
 from bastion.audit.decisions import DecisionRecord, DecisionRecords, new_decision_id
 from bastion.decide import Authorizer
-from bastion.decide.contract import ChainDecision, Obligations, decide_chain
+from bastion.decide.contract import (
+    ChainDecision,
+    Obligations,
+    decide_chain,
+    same_value,
+)
 from bastion.delegation.labels import (
     CONTEXT_FIELD,
     LabelKey,
@@ -656,7 +661,7 @@ class Enforcer:
                 "principals": tuple(repr(p) for p in caller.principals),
                 "result": result,
                 "arguments_digest": self.digest(arguments),
-                "context": {k: v for k, v in context.items() if k != "arguments"},
+                "context": _without_arguments(context),
                 "reason": reason,
             }
         )
@@ -709,7 +714,7 @@ class Enforcer:
         if approval is not None:
             # The request that held it, or whose approval (or released result) it used.
             obligations["approval"] = approval
-        seen = {k: v for k, v in context.items() if k != "arguments"}
+        seen = _without_arguments(context)
         record = {
             "id": decision_id,
             "at": self.clock(),
@@ -804,7 +809,7 @@ class Explained:
         if generation != known_generation:
             return None
         for reads, rules in known.get(question, ()):
-            if all(_same(context_value(context, path), seen) for path, seen in reads):
+            if all(same_value(context_value(context, path), seen) for path, seen in reads):
                 return rules
         return None
 
@@ -834,8 +839,12 @@ def label_key(caller: Caller) -> LabelKey:
     return LabelKey.of(caller.subject, caller.agents, caller.client_id, caller.task)
 
 
-def _same(value: Any, seen: Any) -> bool:
-    return value is seen or (type(value) is type(seen) and value == seen)
+def _without_arguments(context: dict[str, Any]) -> dict[str, Any]:
+    """What a decision record keeps of its context: all of it but the arguments (recorded as
+    their digest). Copied at C speed: this runs for every decision."""
+    seen = dict(context)
+    seen.pop("arguments", None)
+    return seen
 
 
 def _approval_context(request: ApprovalRequest) -> dict[str, Any]:

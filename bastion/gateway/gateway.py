@@ -21,7 +21,7 @@ from bastion.approvals.service import Approvals
 from bastion.audit.decisions import DecisionRecords
 from bastion.db import DatabaseUnavailable
 from bastion.decide import Authorizer
-from bastion.decide.contract import plainly_allowed
+from bastion.decide.contract import remembered_connects
 from bastion.facts.model import Entity
 from bastion.gateway.client_requests import ClientRequests
 from bastion.gateway.config import GatewayConfig, UpstreamConfig, normalized_origin
@@ -189,6 +189,8 @@ class Gateway:
             approvals=approvals,
             suspensions=suspensions,
         )
+        # The connect check's "yes" on every message, kept while it cannot have changed.
+        self.connects = remembered_connects()
         # Signs the requestState of held calls (2026-07-28 clients).
         self.states = RequestStates(digest_key or secrets.token_bytes(32))
         self.sessions = SessionTable(config.session_idle_seconds)
@@ -276,7 +278,7 @@ class Gateway:
         policy attaches something to do (a scope the token lacks, an approval, a rate limit)."""
         if self.enforcer.suspended(caller) is not None:
             return True  # refused (and recorded) by `Enforcer.decide`
-        return not plainly_allowed(
+        return not self.connects(
             self.enforcer.authorizer(), caller.principals, "connect", server, context, caller.scopes
         )
 

@@ -24,6 +24,10 @@ _IDLE_SECONDS = 3.0
 _DRAIN_SECONDS = 5.0
 
 
+# Request heads kept encoded per client (one per set of headers sent: per user where each
+# user's token goes upstream); past this many, they are encoded again from scratch.
+_HEADS = 256
+
 # The most bastion reads of one response body, or of one line of an event stream.
 MAX_MESSAGE = 64 * 1024 * 1024
 
@@ -248,6 +252,8 @@ class Http1Client:
         self._connect_timeout = connect_timeout
         self._max_idle = max_idle
         self._idle: list[_Connection] = []
+        # Encoded request heads by method and headers (`_encode`), at most _HEADS of them.
+        self._heads: dict[tuple, bytes] = {}
         self._draining: set[asyncio.Task] = set()
         self._closed = False
 
@@ -271,13 +277,21 @@ class Http1Client:
         return connection
 
     def _encode(self, method: str, headers: Mapping[str, str], body: bytes) -> bytes:
-        lines = [f"{method} {self.target} HTTP/1.1", f"host: {self._host_header}"]
-        for name, value in headers.items():
-            _check_header(name, value)
-            lines.append(f"{name}: {value}")
-        lines.append(f"content-length: {len(body)}")
-        lines.append("accept-encoding: identity")
-        return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+        # The head but for its length is the same from call to call (the same upstream, tool
+        # and credentials): checked and encoded once, then looked up.
+        key = (method, *headers.items())
+        head = self._heads.get(key)
+        if head is None:
+            lines = [f"{method} {self.target} HTTP/1.1", f"host: {self._host_header}"]
+            for name, value in headers.items():
+                _check_header(name, value)
+                lines.append(f"{name}: {value}")
+            lines.append("accept-encoding: identity")
+            head = ("\r\n".join(lines) + "\r\ncontent-length: ").encode("latin-1")
+            if len(self._heads) >= _HEADS:
+                self._heads.clear()
+            self._heads[key] = head
+        return b"%b%d\r\n\r\n%b" % (head, len(body), body)
 
     async def request(self, method: str, headers: Mapping[str, str], body: bytes = b"") -> Response:
         """Send a request and return once the response's status and headers are in. The caller

@@ -593,15 +593,17 @@ class StreamableHttpEndpoint:
 
     def _check_modern(self, message, headers: dict[str, str], scope: Scope) -> None:
         """2026-07-28: the routing headers must agree with the body (HEADER_MISMATCH if not)."""
-        seen: set[str] = set()
-        for name, _ in scope["headers"]:
-            key = name.decode("latin-1").lower()
-            if key in ("mcp-protocol-version", "mcp-method", "mcp-name"):
-                if key in seen:
-                    raise RpcError(
-                        HEADER_MISMATCH, f"the {key} header is sent twice", http_status=400
-                    )
-                seen.add(key)
+        if len(headers) != len(scope["headers"]):
+            # A header name came more than once (the dict kept one): not a routing header.
+            seen: set[str] = set()
+            for name, _ in scope["headers"]:
+                key = name.decode("latin-1")
+                if key in ("mcp-protocol-version", "mcp-method", "mcp-name"):
+                    if key in seen:
+                        raise RpcError(
+                            HEADER_MISMATCH, f"the {key} header is sent twice", http_status=400
+                        )
+                    seen.add(key)
         if "mcp-session-id" in headers:
             raise RpcError(
                 INVALID_REQUEST,

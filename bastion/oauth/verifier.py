@@ -305,11 +305,6 @@ class VerifiedTokens:
         PostgreSQL while the revocation listener is healthy."""
         return self.listener is None or self.listener.healthy
 
-    def _marker(self) -> int | None:
-        if self.db.is_postgres:
-            return None
-        return self.db.execute("PRAGMA data_version")[0][0]
-
     def remembered(self, token: str, resource: str | None) -> VerifiedToken | None:
         """The token's facts if it was verified before and is still valid; None means: call
         `verify` (a token not seen yet, expired, revoked, or forgotten)."""
@@ -326,7 +321,7 @@ class VerifiedTokens:
             return verified  # a revocation would have removed the entry
         # SQLite, or PostgreSQL without a healthy listener (then this reads the state, even if
         # the caller saw ``local`` just before the listener fell ill).
-        marker = self._marker()
+        marker = self.db.data_version()
         if marker is None or marker != seen:
             state = self._store.access_token_state(verified.jti)
             if state is None or state[1]:
@@ -339,7 +334,7 @@ class VerifiedTokens:
     def verify(self, token: str, resource: str | None, address: str | None = None) -> VerifiedToken:
         """`TokenVerifier.verify` (every check, refusals audited), then remember the token."""
         # Both read before the state, so a revocation in between is seen.
-        marker = self._marker()
+        marker = self.db.data_version()
         forgotten = self._forgotten
         verified = self.verifier.verify(token, resource, address=address)
         with self._lock:

@@ -101,6 +101,23 @@ def test_bad_input_gets_a_clear_error_and_nothing_is_forwarded(bastion, token, c
     assert len(bastion.recorder.requests) == before  # the upstream saw nothing
 
 
+@pytest.mark.parametrize("name", ["mcp-method", "mcp-name", "mcp-protocol-version"])
+def test_a_routing_header_sent_twice_is_refused(bastion, token, name):
+    # Twice with the same value, and the second spelt in capitals: still one header twice.
+    headers = [
+        ("authorization", f"Bearer {token}"),
+        ("content-type", "application/json"),
+        *MODERN.items(),
+        (name.upper(), MODERN[name]),
+    ]
+    before = len(bastion.recorder.requests)
+    response = bastion.http.post(bastion.mcp_url("deskhttp"), json=call(), headers=headers)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["code"] == -32020 and "sent twice" in error["message"]
+    assert len(bastion.recorder.requests) == before
+
+
 def test_another_users_session_id_is_unknown(bastion, token):
     session = legacy_session(bastion, token, "deskhttp")["mcp-session-id"]
     other = bastion.token("avery", "deskhttp")

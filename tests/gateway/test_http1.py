@@ -71,6 +71,25 @@ def test_a_header_value_cannot_start_another_header(value):
         client._encode("POST", {"mcp-name": value}, b"")
 
 
+def test_each_request_head_says_its_own_headers_and_length():
+    client = Http1Client("http://127.0.0.1:9/mcp")
+    first = client._encode("POST", {"authorization": "Bearer one"}, b"{}")
+    again = client._encode("POST", {"authorization": "Bearer one"}, b'{"a":1}')
+    other = client._encode("POST", {"authorization": "Bearer two"}, b"{}")
+    assert first == (
+        b"POST /mcp HTTP/1.1\r\nhost: 127.0.0.1:9\r\nauthorization: Bearer one\r\n"
+        b"accept-encoding: identity\r\ncontent-length: 2\r\n\r\n{}"
+    )
+    assert again.endswith(
+        b'Bearer one\r\naccept-encoding: identity\r\ncontent-length: 7\r\n\r\n{"a":1}'
+    )
+    assert b"Bearer two" in other and b"Bearer one" not in other
+    # A value refused once is refused every time (only what passed the check is kept).
+    for _ in range(2):
+        with pytest.raises(HttpClientError):
+            client._encode("POST", {"authorization": "Bearer one\r\nx: 1"}, b"")
+
+
 def test_an_unreachable_upstream_is_a_clear_error():
     async def main():
         client = Http1Client("http://127.0.0.1:9/mcp", connect_timeout=2)

@@ -4,12 +4,19 @@ from __future__ import annotations
 
 import functools
 import itertools
+import time
 from datetime import UTC, datetime
 
 import pytest
 
 from bastion import Authorizer, Entity
-from bastion.decide.contract import RateLimit, decide_chain, plainly_allowed
+from bastion.decide.contract import (
+    RateLimit,
+    Remembered,
+    decide_chain,
+    plainly_allowed,
+    remembered_connects,
+)
 from bastion.policy.limits import PolicyLimits
 
 POLICY = """
@@ -216,3 +223,103 @@ def test_plainly_allowed_refuses_what_a_masked_or_limited_connect_is_not():
     b = Authorizer(PLAIN_BASE + PLAIN_RULES["limit"])
     b.facts.apply([("member", ann, desk), ("member", bot, desk)], [])
     assert not plainly_allowed(b, (ann, bot), "connect", desk, {}, ())
+
+
+# -- the same questions answered from memory: `Remembered` ---------------------------------------
+
+
+@pytest.mark.parametrize("rules", [(), ("deny",), ("scope", "signal"), ("approval",), ("limit",)])
+def test_a_remembered_connect_is_the_one_decided_now(rules):
+    """One memory through every change of the facts, chain and scopes: each answer, asked
+    twice, is `plainly_allowed`'s on the facts in force then."""
+    a = plain_authorizer(frozenset(rules))
+    remembered = remembered_connects()
+    context = {"time": datetime.fromtimestamp(NOW, UTC)}
+    for chosen in itertools.product((False, True), repeat=len(PLAIN_FACTS)):
+        facts = [f for f, keep in zip(PLAIN_FACTS, chosen, strict=True) if keep]
+        a.facts.apply(facts, [])
+        for chain in [(ann,), (ann, bot), (bot,)]:
+            for scopes in [frozenset(), frozenset({"desk:use"})]:
+                expected = plainly_allowed(a, chain, "connect", desk, context, scopes)
+                for _ in range(2):
+                    got = remembered(a, chain, "connect", desk, context, scopes)
+                    assert got == expected, (facts, chain, scopes)
+        a.facts.apply([], facts)
+
+
+def remembered_yes(policy: str, facts: list, context: dict) -> tuple[Authorizer, Remembered]:
+    """An authorizer with ``policy`` and ``facts``, and a memory that has just said yes."""
+    a = Authorizer(PLAIN_BASE + policy)
+    a.facts.apply(facts, [])
+    remembered = remembered_connects()
+    for _ in range(2):
+        assert remembered(a, (ann, bot), "connect", desk, context, frozenset())
+    return a, remembered
+
+
+def test_a_remembered_connect_is_refused_when_a_field_it_read_changes():
+    policy = 'deny(_: User, "connect", _: McpServer) if context.network.zone = "public";'
+    office = {"network": {"ip": "10.0.0.1", "zone": "office"}, "scopes": []}
+    a, remembered = remembered_yes(policy, [("member", ann, desk), ("member", bot, desk)], office)
+    public = {**office, "network": {"ip": "10.0.0.1", "zone": "public"}}
+    assert not remembered(a, (ann, bot), "connect", desk, public, frozenset())
+    # A field no rule reads may change: the answer stays.
+    moved = {**office, "scopes": ["other"]}
+    assert remembered(a, (ann, bot), "connect", desk, moved, frozenset())
+
+
+def test_a_remembered_connect_is_refused_when_its_time_runs_out():
+    # A rule on the time, and a required signal's age: each read the time, never remembered.
+    until = f'deny(_: User, "connect", _: McpServer) if @current_unix_time > {NOW + 100};'
+    members = [("member", ann, desk), ("member", bot, desk)]
+    signal = [("signal", ann, "compliant", True, "mdm", NOW - 10)]
+    now = {"time": datetime.fromtimestamp(NOW, UTC)}
+    later = {"time": datetime.fromtimestamp(NOW + 400, UTC)}
+    for policy, facts in [(until, members), (PLAIN_RULES["signal"], members + signal)]:
+        a, remembered = remembered_yes(policy, facts, now)
+        assert not remembered(a, (ann, bot), "connect", desk, later, frozenset())
+
+
+def test_a_remembered_connect_is_refused_once_a_fact_it_stood_on_expires():
+    a = Authorizer(PLAIN_BASE)
+    a.facts.apply([("member", bot, desk)], [])
+    a.facts.insert(("member", ann, desk), expires_at=time.time() + 0.3)
+    remembered = remembered_connects()
+    assert remembered(a, (ann, bot), "connect", desk, {}, frozenset())
+    time.sleep(0.4)  # nothing written meanwhile: only the expiry changed the facts
+    assert not remembered(a, (ann, bot), "connect", desk, {}, frozenset())
+
+
+def test_a_remembered_connect_is_refused_under_a_new_policy():
+    a, remembered = remembered_yes("", [("member", ann, desk), ("member", bot, desk)], {})
+    a.load_policy(PLAIN_BASE + 'deny(_: Agent, "connect", _: McpServer);')
+    assert not remembered(a, (ann, bot), "connect", desk, {}, frozenset())
+
+
+class _Live(dict):
+    """A context value that works out what is read from it when it is read (as
+    ``context.behavior`` does): two of them compare equal whatever they would answer."""
+
+    def __init__(self, answer: str) -> None:
+        super().__init__()
+        self.answer = answer
+
+    def get(self, key, default=None):
+        return self.answer if key == "state" else default
+
+
+def test_a_connect_that_read_a_live_view_is_not_remembered():
+    policy = 'deny(_: Agent, "connect", _: McpServer) if context.load.state = "busy";'
+    a, remembered = remembered_yes(policy, [("member", ann, desk), ("member", bot, desk)], {})
+    calm, busy = {"load": _Live("calm")}, {"load": _Live("busy")}
+    assert remembered(a, (ann, bot), "connect", desk, calm, frozenset())
+    assert not remembered(a, (ann, bot), "connect", desk, busy, frozenset())
+
+
+def test_a_remembered_connect_tells_true_from_one_inside_a_field():
+    policy = 'deny(_: User, "connect", _: McpServer) if context.flags.strict matches Boolean;'
+    members = [("member", ann, desk), ("member", bot, desk)]
+    a, remembered = remembered_yes(policy, members, {"flags": {"strict": 1}})
+    strict = {"flags": {"strict": True}}
+    assert not plainly_allowed(a, (ann, bot), "connect", desk, strict, frozenset())
+    assert not remembered(a, (ann, bot), "connect", desk, strict, frozenset())
