@@ -2,10 +2,15 @@
 
     .venv/bin/python benchmarks/server_bench.py --facts 1000000
     .venv/bin/python benchmarks/server_bench.py --facts 100000 --http-only --rounds 3
+    .venv/bin/python benchmarks/server_bench.py --facts 100000 --http-only --rounds 2 \
+        --client both --compare ../main-worktree
 
-Prints figures; asserts nothing. The load runs in a separate process (keep-alive httpx client,
-one request at a time) against a real ``bastion serve`` on 127.0.0.1. PostgreSQL figures need
-the server at 127.0.0.1:5432 (as for the tests); they are skipped with a note otherwise.
+Prints figures; asserts nothing. The load runs in a separate process (one keep-alive connection,
+one request at a time: httpx, the SDK's client, or ``--client raw``, a lean socket client whose
+own cost is a small part of httpx's) against a real ``bastion serve`` on 127.0.0.1; the server's
+CPU per request is read from /proc around each timed load. ``--compare`` serves another checkout
+on the same store too, its rounds interleaved with this one's. PostgreSQL figures need the
+server at 127.0.0.1:5432 (as for the tests); they are skipped with a note otherwise.
 """
 
 from __future__ import annotations
