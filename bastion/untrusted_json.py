@@ -136,17 +136,20 @@ def _nests_within(value: Any, levels: int) -> bool:
     """Whether ``value``, decoded JSON, nests at most ``levels`` levels of objects and arrays.
 
     Depth only, no path: several times faster than `_walk`, which a batch of a hundred checks
-    would otherwise spend a tenth of its time in. Recursion is bounded by ``levels``.
+    would otherwise spend a tenth of its time in. One level at a time, with no call per object
+    or array (twice as fast again as a recursion).
     """
-    if value.__class__ is not dict and value.__class__ is not list:
-        return True
-    if levels <= 0:
-        return False
-    for item in value.values() if value.__class__ is dict else value:
-        if (item.__class__ is dict or item.__class__ is list) and not _nests_within(
-            item, levels - 1
-        ):
+    level = [value] if value.__class__ is dict or value.__class__ is list else []
+    while level:
+        if levels <= 0:
             return False
+        levels -= 1
+        below = []
+        for container in level:
+            for item in container.values() if container.__class__ is dict else container:
+                if item.__class__ is dict or item.__class__ is list:
+                    below.append(item)
+        level = below
     return True
 
 

@@ -2,10 +2,15 @@
 
     .venv/bin/python benchmarks/server_bench.py --facts 1000000
     .venv/bin/python benchmarks/server_bench.py --facts 100000 --http-only --rounds 3
+    .venv/bin/python benchmarks/server_bench.py --facts 100000 --http-only --rounds 2 \
+        --client both --compare ../main-worktree
 
-Prints figures; asserts nothing. The load runs in a separate process (keep-alive httpx client,
-one request at a time) against a real ``bastion serve`` on 127.0.0.1. PostgreSQL figures need
-the server at 127.0.0.1:5432 (as for the tests); they are skipped with a note otherwise.
+Prints figures; asserts nothing. The load runs in a separate process (one keep-alive connection,
+one request at a time: httpx, the SDK's client, or ``--client raw``, a lean socket client whose
+own cost is a small part of httpx's) against a real ``bastion serve`` on 127.0.0.1; the server's
+CPU per request is read from /proc around each timed load. ``--compare`` serves another checkout
+on the same store too, its rounds interleaved with this one's. PostgreSQL figures need the
+server at 127.0.0.1:5432 (as for the tests); they are skipped with a note otherwise.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import time
 import uuid
 from pathlib import Path
 
+ROOT = Path(__file__).resolve().parents[1]
 ADMIN_KEY = "bench-admin-key-" + "k" * 32
 POSTGRES_URL = os.environ.get("BASTION_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
 
@@ -111,38 +117,96 @@ def fmt_latency(samples: list[float]) -> str:
 # -- the load process --------------------------------------------------------------------------
 
 
-def load_worker(url: str, bodies_file: str, requests: int, batch: int, pid: int) -> None:
+class RawClient:
+    """A lean keep-alive HTTP/1.1 client on one socket: a request's bytes built once, the
+    answer read by its Content-Length. What it costs per request is a small part of httpx's, so
+    the rate shows the server more than the client (both share the machine's cores)."""
+
+    def __init__(self, url: str, headers: dict[str, str]) -> None:
+        host, _, port = url.removeprefix("http://").partition(":")
+        self.host = f"{host}:{port}"
+        self.sock = socket.create_connection((host, int(port)))
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.headers = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+        self.buffer = b""
+
+    def post(self, path: str, body: bytes) -> bytes:
+        """The answer's body; a status other than 200 stops the run."""
+        self.sock.sendall(
+            f"POST {path} HTTP/1.1\r\nhost: {self.host}\r\n{self.headers}"
+            f"content-type: application/json\r\ncontent-length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
+        while b"\r\n\r\n" not in self.buffer:
+            self._read()
+        head, _, self.buffer = self.buffer.partition(b"\r\n\r\n")
+        status = head[9:12]
+        if status != b"200":
+            raise SystemExit(f"the server answered {head.decode(errors='replace')!r}")
+        length = int(head.lower().split(b"content-length:", 1)[1].split(b"\r\n", 1)[0])
+        while len(self.buffer) < length:
+            self._read()
+        answer, self.buffer = self.buffer[:length], self.buffer[length:]
+        return answer
+
+    def _read(self) -> None:
+        data = self.sock.recv(65536)
+        if not data:
+            raise SystemExit("the server closed the connection")
+        self.buffer += data
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def load_worker(
+    url: str, bodies_file: str, requests: int, batch: int, pid: int, client: str = "httpx"
+) -> None:
     """Runs in its own process; prints one JSON line of results, with the CPU time the server
-    (process ``pid``) spent during the timed part."""
+    (process ``pid``) spent during the timed part. ``client``: httpx (the SDK's), or raw
+    (`RawClient`)."""
     import httpx
     from gateway_bench import cpu_seconds
 
     bodies = json.loads(Path(bodies_file).read_text())[: requests * batch]
     headers = {"authorization": f"Bearer {ADMIN_KEY}"}
-    out = {}
-    with httpx.Client(base_url=url, headers=headers, timeout=60) as http:
-        for b in bodies[:50]:  # warm up the connection and the server
-            http.post("/v1/authorize", json=b)
-        samples = []
-        allowed = 0
-        cpu_before = cpu_seconds(pid)
-        started = time.perf_counter()
-        if batch == 1:
-            for b in bodies:
-                t = time.perf_counter()
-                r = http.post("/v1/authorize", json=b)
-                samples.append(time.perf_counter() - t)
-                allowed += r.json()["allowed"]
-        else:
-            for i in range(0, len(bodies), batch):
-                t = time.perf_counter()
-                r = http.post("/v1/authorize/batch", json={"checks": bodies[i : i + batch]})
-                samples.append(time.perf_counter() - t)
-                allowed += sum(x["allowed"] for x in r.json()["results"])
-        elapsed = time.perf_counter() - started
-        server_cpu = cpu_seconds(pid) - cpu_before
-        out = {"samples": samples, "elapsed": elapsed, "decisions": len(bodies), "allowed": allowed}
-        out["server_cpu"] = server_cpu
+    if client == "raw":
+        raw = RawClient(url, headers)
+
+        def post(path: str, body: object) -> dict:
+            return json.loads(raw.post(path, json.dumps(body, separators=(",", ":")).encode()))
+
+    else:
+        http = httpx.Client(base_url=url, headers=headers, timeout=60)
+
+        def post(path: str, body: object) -> dict:
+            r = http.post(path, json=body)
+            r.raise_for_status()
+            return r.json()
+
+    for b in bodies[:50]:  # warm up the connection and the server
+        post("/v1/authorize", b)
+    samples = []
+    allowed = 0
+    cpu_before = cpu_seconds(pid)
+    started = time.perf_counter()
+    if batch == 1:
+        for b in bodies:
+            t = time.perf_counter()
+            answer = post("/v1/authorize", b)
+            samples.append(time.perf_counter() - t)
+            allowed += answer["allowed"]
+    else:
+        for i in range(0, len(bodies), batch):
+            t = time.perf_counter()
+            answer = post("/v1/authorize/batch", {"checks": bodies[i : i + batch]})
+            samples.append(time.perf_counter() - t)
+            allowed += sum(x["allowed"] for x in answer["results"])
+    elapsed = time.perf_counter() - started
+    server_cpu = cpu_seconds(pid) - cpu_before
+    out = {"samples": samples, "elapsed": elapsed, "decisions": len(bodies), "allowed": allowed}
+    out["server_cpu"] = server_cpu
+    (raw if client == "raw" else http).close()
     print(json.dumps(out))
 
 
@@ -155,11 +219,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(database: str, log: Path) -> tuple[subprocess.Popen, str, float]:
+def start_server(
+    database: str, log: Path, tree: str | None = None
+) -> tuple[subprocess.Popen, str, float]:
+    """``bastion serve`` on ``database``, from the checkout ``tree`` (this one by default)."""
     import httpx
 
     port = free_port()
     env = {**os.environ, "BASTION_ADMIN_KEY": ADMIN_KEY, "BASTION_CONFIG": "/nonexistent"}
+    tree = tree or str(ROOT)
+    env["PYTHONPATH"] = tree
     cmd = [
         sys.executable,
         "-m",
@@ -171,7 +240,7 @@ def start_server(database: str, log: Path) -> tuple[subprocess.Popen, str, float
         str(port),
     ]
     started = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=log.open("ab"), stderr=subprocess.STDOUT, env=env)
+    proc = subprocess.Popen(cmd, stdout=log.open("ab"), stderr=subprocess.STDOUT, env=env, cwd=tree)
     url = f"http://127.0.0.1:{port}"
     while True:
         if proc.poll() is not None:
@@ -245,30 +314,28 @@ def bench_in_process(facts: list[tuple], bodies: list[dict]) -> None:
     del authz
 
 
-def bench_http(url: str, bodies_file: Path, requests: int, pid: int) -> None:
-    """Single requests and batches of 100; the server's CPU per request read from /proc around
-    the timed load (steadier than latency on a shared machine)."""
+def bench_http(
+    url: str, bodies_file: Path, requests: int, batches: int, pid: int, clients: list[str]
+) -> None:
+    """Single requests and batches of 100, through each load client; the server's CPU per
+    request read from /proc around the timed load (steadier than latency on a shared machine,
+    but in ticks of 10 ms: a figure needs a few hundred ms of the server's CPU)."""
 
-    for batch, count in ((1, requests), (100, max(20, requests // 100))):
-        cmd = [
-            sys.executable,
-            __file__,
-            "--load-worker",
-            url,
-            str(bodies_file),
-            str(count),
-            str(batch),
-            str(pid),
-        ]
-        result = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout)
-        rate = result["decisions"] / result["elapsed"]
-        cpu = result["server_cpu"] / len(result["samples"]) * 1e6
-        what = "single requests" if batch == 1 else f"batches of {batch}"
-        print(
-            f"  HTTP {what}: {rate:,.0f} decisions/s; per request {fmt_latency(result['samples'])}"
-            f"; server CPU {cpu:,.0f} µs per request"
-            f"  ({result['decisions']:,} decisions, {result['allowed']:,} allowed)"
-        )
+    for client in clients:
+        for batch, count in ((1, requests), (100, batches)):
+            cmd = [sys.executable, __file__, "--load-worker", url, str(bodies_file)]
+            cmd += [str(count), str(batch), str(pid), client]
+            done = subprocess.run(cmd, capture_output=True, text=True, check=True)
+            result = json.loads(done.stdout)
+            rate = result["decisions"] / result["elapsed"]
+            cpu = result["server_cpu"] / len(result["samples"]) * 1e6
+            what = "single requests" if batch == 1 else f"batches of {batch}"
+            per_decision = f" ({cpu / batch:,.1f} per decision)" if batch > 1 else ""
+            print(
+                f"  HTTP {what} ({client}): {rate:,.0f} decisions/s; per request"
+                f" {fmt_latency(result['samples'])}; server CPU {cpu:,.0f} µs per request"
+                f"{per_decision}  ({result['decisions']:,} decisions, {result['allowed']:,} allowed)"
+            )
 
 
 def bench_writes(label: str, url: str, facts: list[tuple]) -> None:
@@ -336,15 +403,30 @@ def bench_catch_up(label: str, url: str, facts: list[tuple], tmp: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--facts", type=int, default=1_000_000)
-    parser.add_argument("--requests", type=int, default=5000)
+    parser.add_argument("--requests", type=int, default=5000, help="single requests per round")
+    parser.add_argument(
+        "--batches", type=int, default=200, help="batches of 100 per round (20,000 decisions)"
+    )
+    parser.add_argument(
+        "--client",
+        choices=["httpx", "raw", "both"],
+        default="httpx",
+        help="the load client: httpx (the SDK's), raw (a lean socket client), or both in turn",
+    )
     parser.add_argument("--skip-postgres", action="store_true")
     parser.add_argument("--rounds", type=int, default=1, help="rounds of the HTTP decisions")
     parser.add_argument(
         "--http-only", action="store_true", help="stop after the HTTP decisions (no writes)"
     )
+    parser.add_argument(
+        "--compare",
+        metavar="TREE",
+        help="also serve from this checkout (e.g. a worktree of main), on the same store, its"
+        " rounds interleaved with this tree's",
+    )
     args = parser.parse_args()
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    sys.path.insert(0, str(ROOT))
     from bastion.facts.store import FactStore
 
     print(
@@ -353,7 +435,7 @@ def main() -> None:
     t = time.perf_counter()
     facts = gitclub_facts(args.facts)
     print(f"  generated {len(facts):,} facts in {time.perf_counter() - t:.1f} s")
-    bodies = checks(facts, 20_000)
+    bodies = checks(facts, max(20_000, args.requests, 100 * args.batches))
     bench_in_process(facts, bodies)
 
     with tempfile.TemporaryDirectory() as tmp_:
@@ -369,15 +451,26 @@ def main() -> None:
             f"  SQLite bulk load: {len(facts):,} facts in {elapsed:.1f} s ({len(facts) / elapsed:,.0f} facts/s)"
         )
         store.close()
-        proc, url, startup = start_server(db, tmp / "serve.log")
-        print(f"  server start with {len(facts):,} facts (snapshot load, ready): {startup:.1f} s")
+        servers = []
         try:
+            for tree in [None] if args.compare is None else [args.compare, None]:
+                proc, url, startup = start_server(db, tmp / "serve.log", tree)
+                servers.append((tree or str(ROOT), proc, url))
+                print(
+                    f"  server ({tree or ROOT}) start with {len(facts):,} facts (snapshot load,"
+                    f" ready): {startup:.1f} s"
+                )
             bodies_file = tmp / "checks.json"
             bodies_file.write_text(json.dumps(bodies))
-            for _ in range(args.rounds):
-                bench_http(url, bodies_file, args.requests, proc.pid)
+            clients = ["httpx", "raw"] if args.client == "both" else [args.client]
+            for round_ in range(args.rounds):
+                for tree, proc, url in servers:
+                    if len(servers) > 1:
+                        print(f"  round {round_ + 1}, {tree}:")
+                    bench_http(url, bodies_file, args.requests, args.batches, proc.pid, clients)
         finally:
-            stop(proc)
+            for _, proc, _ in servers:
+                stop(proc)
         if args.http_only:
             return
 
@@ -400,6 +493,6 @@ def main() -> None:
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--load-worker":
         url, file, requests, batch = sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
-        load_worker(url, file, requests, batch, int(sys.argv[6]))
+        load_worker(url, file, requests, batch, int(sys.argv[6]), sys.argv[7])
     else:
         main()

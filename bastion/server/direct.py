@@ -25,36 +25,24 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from bastion.server.api.decisions import answerable_now, authorize_answer, authorize_batch_answer
+from bastion.server.api.decisions import (
+    Asked,
+    answerable_now,
+    authorize_answer,
+    authorize_batch_answer,
+)
 from bastion.server.problems import Problem, parse_json
 from bastion.server.request_limits import BodyLimit
 
 log = logging.getLogger("bastion.server")
 
-# (request, body, replica) -> the answer's JSON; raises `Problem` before deciding anything.
-Answer = Callable[[Any, dict, Any], dict]
+# (what was asked, body, replica) -> the answer's JSON; raises `Problem` before deciding
+# anything.
+Answer = Callable[[Asked, dict, Any], dict]
 
 SCOPE = "decide"
 # JSON as Starlette's JSONResponse renders it, with one encoder made once.
 _render = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode
-
-
-class _State:
-    __slots__ = ("body_size",)
-
-    def __init__(self, body_size: int) -> None:
-        self.body_size = body_size
-
-
-class _Asked:
-    """What the decision routes read of a request: the application (its state) and the body's
-    size (`bastion.server.api.decisions.keep_context`)."""
-
-    __slots__ = ("app", "state")
-
-    def __init__(self, app: Any, body_size: int) -> None:
-        self.app = app
-        self.state = _State(body_size)
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,6 +62,7 @@ class DirectDecisions:
         self.keys = state.keys
         self.replica = state.replica
         self.metrics = state.metrics
+        self.log = state.decisions
         self.max_json_depth = state.config.max_json_depth
         self.body_timeout = state.config.body_timeout
         limits = state.body_limits
@@ -127,7 +116,7 @@ class DirectDecisions:
             parsed = parse_json(body, self.max_json_depth) if body else None
             if parsed.__class__ is not dict or not answerable_now(replica, parsed):
                 return None
-            out = route.answer(_Asked(self.app, len(body)), parsed, replica)
+            out = route.answer(Asked(self.log, self.metrics, len(body)), parsed, replica)
         except Problem:
             return None
         except Exception:

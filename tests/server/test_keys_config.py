@@ -117,3 +117,49 @@ def test_config_refuses_storage_limits_out_of_range(tmp_path, variable, value):
     env = {variable: value, "BASTION_CONFIG": str(tmp_path / "absent.toml")}
     with pytest.raises(ConfigError, match=variable.removeprefix("BASTION_").lower()):
         ServerConfig.load(None, env=env)
+
+
+@pytest.fixture
+def remembering(database_url):
+    db = Database(database_url)
+    yield KeyStore(db, cache_seconds=60)
+    db.close()
+
+
+def test_a_remembered_key_answers_for_that_exact_key_only(remembering):
+    keys = remembering
+    key, record = keys.create("ci", ["decide"])
+    assert keys.remembered(key) == (False, None)
+    assert keys.verify(key).id == record.id
+    known, found = keys.remembered(key)
+    assert known and found is not None and found.id == record.id
+    forged = key[:-1] + ("A" if not key.endswith("A") else "B")
+    for other in (forged, key + " ", key.upper(), key[:-1]):
+        assert keys.remembered(other) == (False, None)
+    # A refused key is remembered as refused, never as the key it resembles.
+    assert keys.verify(forged) is None
+    assert keys.remembered(forged) == (True, None)
+
+
+def test_a_revocation_forgets_every_remembered_key_at_once(remembering):
+    keys = remembering
+    key, record = keys.create("ci", ["decide"])
+    other, _ = keys.create("other", ["decide"])
+    assert keys.verify(key) is not None and keys.verify(other) is not None
+    assert keys.revoke(record.id)
+    assert keys.remembered(key) == (False, None)
+    assert keys.remembered(other) == (False, None)
+    assert keys.verify(key) is None
+    assert keys.verify(other) is not None
+
+
+def test_remembered_keys_are_bounded_in_characters_as_well_as_in_number(remembering):
+    """Refused keys are remembered too: long ones must not grow the cache past its bound."""
+    from bastion.server.keys import _REMEMBERED_CHARS
+
+    keys = remembering
+    long_key = "x" * 8192
+    for i in range(2 * _REMEMBERED_CHARS // len(long_key)):
+        assert keys.verify(f"{i}{long_key}") is None
+        held = sum(len(k) for k in keys._cache)
+        assert held <= _REMEMBERED_CHARS + len(long_key) + 8

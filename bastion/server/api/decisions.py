@@ -16,7 +16,6 @@ import bisect
 import itertools
 import secrets
 import time
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,6 +30,7 @@ from bastion.facts.model import Entity, arg_from_json, arg_to_json
 from bastion.policy.errors import EvaluationLimit, PolicyError
 from bastion.server.api.policy import policy_problem
 from bastion.server.auth import require
+from bastion.server.metrics import Metrics
 from bastion.server.problems import Problem, bad_request, entity, read_json, unprocessable
 from bastion.server.problems import field as get_field
 from bastion.server.replica import ConsistencyTimeout, Replica
@@ -71,24 +71,58 @@ class DecisionRecord:
 
 
 class DecisionLog:
-    """The most recent decisions of this process, by id (bounded; oldest forgotten first)."""
+    """The most recent decisions of this process, by id (bounded; oldest forgotten first).
+
+    Ids are this process's prefix and a count, so the last ``size`` records sit in a ring,
+    each at its count modulo ``size``: keeping one overwrites the oldest in place, without the
+    insertions and evictions of a mapping, on every decision. Each is kept as the plain tuple of
+    a `DecisionRecord`'s fields, made into one when it is asked for: most never are.
+    """
 
     def __init__(self, size: int) -> None:
-        self.size = size
-        self._records: OrderedDict[str, DecisionRecord] = OrderedDict()
+        self.size = max(size, 0)
+        self._ring: list[tuple] = []
         self._prefix = secrets.token_hex(4)
         self._counter = itertools.count(1)
 
-    def new_id(self) -> str:
-        return f"{self._prefix}-{next(self._counter)}"
-
-    def add(self, record: DecisionRecord) -> None:
-        self._records[record.id] = record
-        while len(self._records) > self.size:
-            self._records.popitem(last=False)
+    def record(
+        self,
+        kind: str,
+        req: dict,
+        result: Any,
+        seq: int,
+        policy_version: int | None,
+        explanation: dict | None = None,
+        refusal: dict | None = None,
+    ) -> str:
+        """Keep a decision made now; its new id."""
+        n = next(self._counter)
+        decision_id = f"{self._prefix}-{n}"
+        if self.size:
+            at = time.time()
+            record = (decision_id, kind, req, result, seq, policy_version, at, explanation, refusal)
+            ring = self._ring
+            if len(ring) < self.size:
+                ring.append(record)
+            else:
+                ring[(n - 1) % self.size] = record
+        return decision_id
 
     def get(self, decision_id: str) -> DecisionRecord | None:
-        return self._records.get(decision_id)
+        if not self.made_here(decision_id):
+            return None
+        try:
+            n = int(decision_id[len(self._prefix) + 1 :])
+        except ValueError:
+            return None
+        if not self.size or n < 1:
+            return None
+        slot = (n - 1) % self.size
+        if slot >= len(self._ring):
+            return None
+        fields = self._ring[slot]
+        # Not so for another spelling of the count ("007", "7_0"), or a record overwritten since.
+        return DecisionRecord(*fields) if fields[0] == decision_id else None
 
     def made_here(self, decision_id: str) -> bool:
         return decision_id.startswith(self._prefix + "-")
@@ -152,9 +186,19 @@ def _context(body: dict) -> dict | None:
     return get_field(body, "context", dict, required=False)
 
 
+def _context_or(body: dict, shared: dict | None) -> dict | None:
+    """A check's own ``context`` (checked), or the batch's when it gives none or an empty one."""
+    if body.get("context") is None:  # the common case, first: it is on every check's path
+        return shared
+    return _context(body) or shared
+
+
 def known_type(authz: Authorizer, e: Entity, name: str) -> None:
+    _known_type(authz.entity_types, e, name)
+
+
+def _known_type(types: frozenset[str], e: Entity, name: str) -> None:
     # Only a policy that declares its types (actor and resource blocks) can refuse one.
-    types = authz.entity_types
     if types and e.type not in types:
         raise unprocessable(
             f"the field {name!r} has the entity type {e.type!r}, which the policy does not"
@@ -162,12 +206,16 @@ def known_type(authz: Authorizer, e: Entity, name: str) -> None:
         )
 
 
-def _check(authz: Authorizer, body: dict) -> tuple[Entity, str, Entity]:
+def _check(types: frozenset[str], body: dict) -> tuple[Entity, str, Entity]:
+    """The actor, action and resource of a check; ``types``: those the policy declares."""
     actor = entity(body, "actor")
-    action = get_field(body, "action", str)
+    action = body.get("action")
+    if action.__class__ is not str:  # the well-formed case needs no more checking
+        action = get_field(body, "action", str)
     resource = entity(body, "resource")
-    known_type(authz, actor, "actor")
-    known_type(authz, resource, "resource")
+    if types and (actor.type not in types or resource.type not in types):
+        _known_type(types, actor, "actor")
+        _known_type(types, resource, "resource")
     return actor, action, resource
 
 
@@ -254,7 +302,7 @@ def _chain_request(chain: tuple[Entity, ...], action: str, resource: Entity) -> 
     }
 
 
-def _authorize_chain(request: Request, body: dict, replica: Replica) -> dict:
+def _authorize_chain(asked: Asked, body: dict, replica: Replica) -> dict:
     authz = replica.authz
     chain, action, resource = _check_chain(authz, body)
     context = _context(body)
@@ -262,7 +310,8 @@ def _authorize_chain(request: Request, body: dict, replica: Replica) -> dict:
     explain = get_field(body, "explain", bool, required=False)
     started = time.perf_counter()
     decision = decide_chain(authz, chain, action, resource, context, scopes)
-    observe_decision(request, "authorize", started, "allow" if decision.allowed else "deny")
+    result = "allow" if decision.allowed else "deny"
+    asked.metrics.decision("authorize", result, time.perf_counter() - started)
     answer = _chain_answer(decision)
     explanation = None
     if explain:
@@ -270,9 +319,11 @@ def _authorize_chain(request: Request, body: dict, replica: Replica) -> dict:
         explained = authz.decide(decision.refused_by or chain[-1], action, resource, context)
         explanation = _explanation_json(explained)
     req = {**_chain_request(chain, action, resource), "refused_by": answer["refused_by"]}
-    keep_context(request, req, context)
+    _keep_context(req, context, asked.keeps_context)
     refusal = {k: answer[k] for k in ("reason", "limit") if k in answer} or None
-    decision_id = record_decision(request, "authorize", req, decision.allowed, explanation, refusal)
+    decision_id = _record(
+        asked.log, replica, "authorize", req, decision.allowed, explanation, refusal
+    )
     out = {
         "allowed": decision.allowed,
         "decision_id": decision_id,
@@ -305,21 +356,29 @@ def _record(
     explanation: dict | None = None,
     refusal: dict | None = None,
 ) -> str:
-    decision_id = log.new_id()
-    log.add(
-        DecisionRecord(
-            decision_id,
-            kind,
-            req,
-            result,
-            replica.applied,
-            replica.policy_version,
-            time.time(),
-            explanation,
-            refusal,
-        )
+    return log.record(
+        kind, req, result, replica.applied, replica.policy_version, explanation, refusal
     )
-    return decision_id
+
+
+@dataclass(frozen=True, slots=True)
+class Asked:
+    """What answering a decision request needs besides its body: where the process records and
+    counts its decisions, and the body's size (`keep_context`). Taken from the application's
+    state by the routes, or given by `bastion.server.direct`."""
+
+    log: DecisionLog
+    metrics: Metrics
+    body_size: int
+
+    @classmethod
+    def of(cls, request: Request) -> Asked:
+        state = request.app.state
+        return cls(state.decisions, state.metrics, getattr(request.state, "body_size", 0))
+
+    @property
+    def keeps_context(self) -> bool:
+        return self.body_size <= KEEP_CONTEXT_BYTES
 
 
 def _refusal(limit: EvaluationLimit) -> dict:
@@ -329,16 +388,30 @@ def _refusal(limit: EvaluationLimit) -> dict:
 
 def keep_context(request: Request, req: dict, context: dict | None) -> None:
     """Remember the context with the decision, unless the request was large (bounded memory)."""
+    _keep_context(req, context, getattr(request.state, "body_size", 0) <= KEEP_CONTEXT_BYTES)
+
+
+def _keep_context(req: dict, context: dict | None, kept: bool) -> None:
     if context is None:
         return
-    if getattr(request.state, "body_size", 0) > KEEP_CONTEXT_BYTES:
-        req["context_omitted"] = True
-    else:
+    if kept:
         req["context"] = context
+    else:
+        req["context_omitted"] = True
 
 
 def observe_decision(request: Request, kind: str, started: float, result: str) -> None:
     request.app.state.metrics.decision(kind, result, time.perf_counter() - started)
+
+
+def _request_json(actor: Entity, action: str, resource: Entity) -> dict:
+    """What a decision's record says was asked of one actor (`_entity_json` written out: on
+    every decision's path a call costs as much as building a dictionary)."""
+    return {
+        "actor": {"type": actor.type, "id": actor.id},
+        "action": action,
+        "resource": {"type": resource.type, "id": resource.id},
+    }
 
 
 def _entity_json(e: Entity) -> dict:
@@ -352,21 +425,22 @@ async def authorize(request: Request) -> JSONResponse:
     await require(request, "decide")
     body = await read_json(request)
     replica = await fresh(request, body)
-    return JSONResponse(authorize_answer(request, body, replica))
+    return JSONResponse(authorize_answer(Asked.of(request), body, replica))
 
 
-def authorize_answer(request: Request, body: dict, replica: Replica) -> dict:
+def authorize_answer(asked: Asked, body: dict, replica: Replica) -> dict:
     """The answer to one ``/v1/authorize`` body, decided on ``replica`` and recorded.
 
     A body that does not check out raises `Problem` before anything is decided or recorded;
     the key and freshness were checked by the caller (the route, or `bastion.server.direct`).
     """
     if "principals" in body:
-        return _authorize_chain(request, body, replica)
+        return _authorize_chain(asked, body, replica)
     authz = replica.authz
-    actor, action, resource = _check(authz, body)
-    context = _context(body)
-    explain = get_field(body, "explain", bool, required=False)
+    actor, action, resource = _check(authz.entity_types, body)
+    # The fields left out, the common case, first: they are on every decision's path.
+    context = None if body.get("context") is None else _context(body)
+    explain = body.get("explain") is not None and get_field(body, "explain", bool)
     started = time.perf_counter()
     explanation = refusal = None
     if explain:
@@ -380,12 +454,18 @@ def authorize_answer(request: Request, body: dict, replica: Replica) -> dict:
             allowed = authz.authorize(actor, action, resource, context)
         except EvaluationLimit as over:
             allowed, refusal = False, _refusal(over)
-    observe_decision(request, "authorize", started, "allow" if allowed else "deny")
-    req = {"actor": _entity_json(actor), "action": action, "resource": _entity_json(resource)}
-    keep_context(request, req, context)
-    decision_id = record_decision(request, "authorize", req, allowed, explanation, refusal)
+    asked.metrics.decision(
+        "authorize", "allow" if allowed else "deny", time.perf_counter() - started
+    )
+    req = _request_json(actor, action, resource)
+    if context is not None:
+        _keep_context(req, context, asked.keeps_context)
+    decision_id = asked.log.record(
+        "authorize", req, allowed, replica.applied, replica.policy_version, explanation, refusal
+    )
     out = {"allowed": allowed, "decision_id": decision_id, "sequence": replica.applied}
-    out.update(refusal or {})
+    if refusal is not None:
+        out.update(refusal)
     if explanation is not None:
         out["explanation"] = explanation
     return out
@@ -395,16 +475,17 @@ async def authorize_batch(request: Request) -> JSONResponse:
     await require(request, "decide")
     body = await read_json(request)
     replica = await fresh(request, body)
-    return JSONResponse(authorize_batch_answer(request, body, replica))
+    return JSONResponse(authorize_batch_answer(Asked.of(request), body, replica))
 
 
-def authorize_batch_answer(request: Request, body: dict, replica: Replica) -> dict:
+def authorize_batch_answer(asked: Asked, body: dict, replica: Replica) -> dict:
     """The answer to one ``/v1/authorize/batch`` body, as `authorize_answer` for each check."""
     authz = replica.authz
     checks = get_field(body, "checks", list)
     if len(checks) > MAX_BATCH:
         raise bad_request(f"a batch holds at most {MAX_BATCH} checks, got {len(checks)}")
     shared_context = _context(body)
+    types = authz.entity_types
     parsed = []
     for i, check in enumerate(checks):
         if not isinstance(check, dict):
@@ -412,57 +493,72 @@ def authorize_batch_answer(request: Request, body: dict, replica: Replica) -> di
         try:
             if "principals" in check:
                 parsed.append(
-                    (*_check_chain(authz, check), _context(check) or shared_context, _scopes(check))
+                    (
+                        *_check_chain(authz, check),
+                        _context_or(check, shared_context),
+                        _scopes(check),
+                    )
                 )
             else:
-                parsed.append((*_check(authz, check), _context(check) or shared_context, None))
+                parsed.append((*_check(types, check), _context_or(check, shared_context), None))
         except Problem as p:
             raise Problem(p.status, p.title, f"checks[{i}]: {p.detail}") from None
     results = []
-    # Looked up once for the whole batch.
-    state = request.app.state
-    log: DecisionLog = state.decisions
-    count = state.metrics.decision
-    # One session: one view of the facts, and one evaluation budget for the whole batch, as for
-    # one decision. Each check with a budget of its own let one request of a thousand checks
-    # hold the event loop for a thousand budgets (minutes); once it is spent, every check left
-    # is refused with evaluation_limit at once.
-    with authz.session(shared_context) as session:
-        for actor, action, resource, context, scopes in parsed:
-            started = time.perf_counter()
-            refusal = None
-            if not isinstance(actor, Entity):  # a chain (an Entity is a tuple too)
-                decision = decide_chain_in(session, actor, action, resource, context, scopes)
-                count(
+    # Looked up once for the whole batch; the decisions are counted once, when it is done.
+    record, kept, clock = asked.log.record, asked.keeps_context, time.perf_counter
+    seconds: list[float] = []
+    allowed_count = 0
+    try:
+        # One session: one view of the facts, and one evaluation budget for the whole batch, as
+        # for one decision. Each check with a budget of its own let one request of a thousand
+        # checks hold the event loop for a thousand budgets (minutes); once it is spent, every
+        # check left is refused with evaluation_limit at once.
+        with authz.session(shared_context) as session:
+            for actor, action, resource, context, scopes in parsed:
+                started = clock()
+                refusal = None
+                if not isinstance(actor, Entity):  # a chain (an Entity is a tuple too)
+                    decision = decide_chain_in(session, actor, action, resource, context, scopes)
+                    seconds.append(clock() - started)
+                    allowed_count += decision.allowed
+                    answer = _chain_answer(decision)
+                    req = {
+                        **_chain_request(actor, action, resource),
+                        "refused_by": answer["refused_by"],
+                    }
+                    _keep_context(req, context, kept)
+                    refusal = {k: answer[k] for k in ("reason", "limit") if k in answer} or None
+                    decision_id = _record(
+                        asked.log, replica, "authorize", req, decision.allowed, refusal=refusal
+                    )
+                    results.append(
+                        {"allowed": decision.allowed, "decision_id": decision_id, **answer}
+                    )
+                    continue
+                try:
+                    allowed = session.allowed(actor, action, resource, context)
+                except EvaluationLimit as over:
+                    allowed, refusal = False, _refusal(over)
+                seconds.append(clock() - started)
+                allowed_count += allowed
+                req = _request_json(actor, action, resource)
+                if context is not None:
+                    _keep_context(req, context, kept)
+                decision_id = record(
                     "authorize",
-                    "allow" if decision.allowed else "deny",
-                    time.perf_counter() - started,
+                    req,
+                    allowed,
+                    replica.applied,
+                    replica.policy_version,
+                    None,
+                    refusal,
                 )
-                answer = _chain_answer(decision)
-                req = {
-                    **_chain_request(actor, action, resource),
-                    "refused_by": answer["refused_by"],
-                }
-                keep_context(request, req, context)
-                refusal = {k: answer[k] for k in ("reason", "limit") if k in answer} or None
-                decision_id = _record(
-                    log, replica, "authorize", req, decision.allowed, refusal=refusal
-                )
-                results.append({"allowed": decision.allowed, "decision_id": decision_id, **answer})
-                continue
-            try:
-                allowed = session.allowed(actor, action, resource, context)
-            except EvaluationLimit as over:
-                allowed, refusal = False, _refusal(over)
-            count("authorize", "allow" if allowed else "deny", time.perf_counter() - started)
-            req = {
-                "actor": _entity_json(actor),
-                "action": action,
-                "resource": _entity_json(resource),
-            }
-            keep_context(request, req, context)
-            decision_id = _record(log, replica, "authorize", req, allowed, refusal=refusal)
-            results.append({"allowed": allowed, "decision_id": decision_id, **(refusal or {})})
+                result = {"allowed": allowed, "decision_id": decision_id}
+                if refusal is not None:
+                    result.update(refusal)
+                results.append(result)
+    finally:
+        asked.metrics.decisions("authorize", allowed_count, seconds)
     return {"results": results, "sequence": replica.applied}
 
 
