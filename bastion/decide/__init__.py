@@ -238,7 +238,6 @@ class FactSet:
         arity: int,
         rows: list[tuple],
         expiries: dict[tuple, float],
-        entities: Iterable[Entity] = (),
     ) -> list[tuple]:
         """`load` for the argument tuples of one predicate that were checked when written (a
         fact snapshot's), checking each distinct shape against the policy once rather than
@@ -255,7 +254,7 @@ class FactSet:
             rows = [v for v in rows if v not in refused]
             expiries = {v: at for v, at in expiries.items() if v not in refused}
         with self._index.lock:
-            self._index.add_rows(name, arity, rows, expiries, entities)
+            self._index.add_rows(name, arity, rows, expiries)
         return [((name, *v), expiries.get(v)) for v in refused]
 
     def _refused_rows(self, name: str, arity: int, rows: list[tuple]) -> set[tuple]:

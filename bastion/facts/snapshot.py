@@ -78,8 +78,6 @@ class PredicateRows:
 class Snapshot:
     origin: SnapshotOrigin
     groups: list[PredicateRows]
-    # Every entity the facts hold, each once (the facts share these objects).
-    entities: list[Entity]
 
     @property
     def count(self) -> int:
@@ -289,14 +287,12 @@ def _decode(r: _Reader) -> Snapshot:
     ints = r.array("q", r.u32())
     intern = sys.intern
     values: list[Any] = []
-    entities: list[Entity] = []
     types: dict[str, str] = {}
     for kind, x, y in zip(kinds, a, b, strict=True):
         if kind == _KIND_ENTITY:
             type_ = strings[x]
             type_ = types.get(type_) or types.setdefault(type_, intern(type_))
             value = Entity(type_, strings[y])
-            entities.append(value)
         elif kind == _KIND_STR:
             value = intern(strings[x])
         elif kind == _KIND_INT:
@@ -322,7 +318,7 @@ def _decode(r: _Reader) -> Snapshot:
         groups.append(PredicateRows(intern(name), arity, rows, expiries))
     if r.at != len(r.data):
         raise SnapshotRefused("the snapshot has bytes after its last predicate")
-    return Snapshot(origin, groups, entities)
+    return Snapshot(origin, groups)
 
 
 # -- against a store ---------------------------------------------------------------------------
