@@ -5,6 +5,7 @@ of the log) is ignored. On a real SQLite file and a real PostgreSQL schema."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import stat
@@ -424,3 +425,38 @@ def test_a_fact_written_after_a_snapshot_load_about_its_entities_is_found_and_re
     authz.facts.apply([], [("has_role", Entity("User", "alice"), None, Entity("Org", "acme"))])
     assert not authz.authorize(Entity("User", "alice"), "read", Entity("Org", "acme"))
     assert len(authz.facts) == 0
+
+
+def test_what_a_start_loads_is_out_of_the_collectors_sight_until_the_replica_lets_it_go(
+    store, database_url, path
+):
+    """The start's facts are frozen (`gc.freeze`), so the collector does not walk them; a new
+    policy, a reload and a stop give them back, so that a replaced policy or `Authorizer` caught
+    in a cycle is still freed."""
+
+    def frozen(replica: Replica) -> bool:
+        """Whether an entity of the facts held is in none of the collector's generations."""
+        entity = next(iter(replica.authz.facts))[1]
+        assert gc.is_tracked(entity)
+        return gc.get_freeze_count() > 0 and not any(
+            o is entity for generation in (0, 1, 2) for o in gc.get_objects(generation)
+        )
+
+    async def scenario():
+        gc.unfreeze()
+        run_once = await write_one(database_url, path)
+        assert not frozen(run_once) and gc.get_freeze_count() == 0  # stopped: given back
+        for snapshot_path in (path, ""):  # from the snapshot, and from the database
+            replica = await started(database_url, snapshot_path)
+            try:
+                assert frozen(replica)
+                # A new policy: the old one's compiled code is given back.
+                version, _ = store.put_policy(POLICY + "\n# again\n")
+                await replica.wait_for(store.head(), 10)
+                assert replica.policy_version == version
+                assert gc.get_freeze_count() == 0
+            finally:
+                await replica.stop()
+            assert gc.get_freeze_count() == 0
+
+    run(scenario())
