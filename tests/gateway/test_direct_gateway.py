@@ -21,7 +21,6 @@ import uuid
 from unittest import mock
 from urllib.parse import urlsplit
 
-import httpx
 import pytest
 import uvicorn
 from argon2 import PasswordHasher
