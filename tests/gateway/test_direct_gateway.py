@@ -18,6 +18,7 @@ import socket
 import threading
 import time
 import uuid
+from dataclasses import replace
 from unittest import mock
 from urllib.parse import urlsplit
 
@@ -40,16 +41,9 @@ BODY_TIMEOUT = 1
 
 
 @contextlib.contextmanager
-def served_like_bastion_serve(app, sock):
-    """tests.oauth.support.serve, with `bastion serve`'s protocol and options for bastion's own
-    application."""
-    state = getattr(app, "state", None)
-    if state is None or getattr(state, "gateway", None) is None:
-        with oauth_support.serve(app, sock) as url:
-            yield url
-        return
-    options = connection_limits(state.config, app)
-    config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on", **options)
+def uvicorn_serving(app, sock, **options):
+    """uvicorn serving ``app`` on ``sock`` in a thread, with ``options``; yields its URL."""
+    config = uvicorn.Config(app, log_level="warning", access_log=False, **options)
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
@@ -62,6 +56,19 @@ def served_like_bastion_serve(app, sock):
     finally:
         server.should_exit = True
         thread.join(10)
+
+
+@contextlib.contextmanager
+def served_like_bastion_serve(app, sock):
+    """tests.oauth.support.serve, with `bastion serve`'s protocol and options for bastion's own
+    application."""
+    state = getattr(app, "state", None)
+    if state is None or getattr(state, "gateway", None) is None:
+        with oauth_support.serve(app, sock) as url:
+            yield url
+        return
+    with uvicorn_serving(app, sock, lifespan="on", **connection_limits(state.config, app)) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
@@ -350,4 +357,35 @@ def test_what_the_protocol_does_not_take_goes_to_the_application(bastion, method
         if answer.startswith(b"HTTP/1.1 100"):
             answer = answer.partition(b"\r\n\r\n")[2] or s.recv(65536)
     assert status_of(answer) in (200, 404, 405, 406)
+    assert direct_requests(bastion) == before
+
+
+def test_it_is_off_with_direct_gateway_false(bastion):
+    on = connection_limits(bastion.app.state.config, bastion.app)["http"]
+    off = connection_limits(replace(bastion.app.state.config, direct_gateway=False), bastion.app)
+    assert on.keywords["gateway"] is not None and off["http"].keywords["gateway"] is None
+
+
+@pytest.mark.parametrize("setting", ["proxy_headers", "access_log"])
+def test_with_proxy_headers_or_the_access_log_every_call_goes_to_the_application(bastion, setting):
+    """uvicorn's proxy headers middleware says who the client is, its access log writes a line
+    per request: both are the application's path."""
+    token = bastion.token("sam", "desk")
+    options = connection_limits(bastion.app.state.config, bastion.app)
+    if setting == "proxy_headers":
+        options.update({"proxy_headers": True, "forwarded_allow_ips": "127.0.0.1"})
+    before = direct_requests(bastion)
+    # The same application (started already), served by a second uvicorn with the setting on.
+    with (
+        mock.patch.object(
+            logging.getLogger("uvicorn.access"), "hasHandlers", lambda: setting == "access_log"
+        ),
+        uvicorn_serving(bastion.app, support.free_socket(), lifespan="off", **options) as url,
+    ):
+        answer = bastion.http.post(
+            f"{url}/mcp/desk",
+            json=search(),
+            headers=modern_headers(token, "tools/call", "search_customers"),
+        )
+    assert answer.status_code == 200 and "result" in messages(answer)[-1]
     assert direct_requests(bastion) == before
