@@ -25,11 +25,14 @@ import functools
 from collections.abc import Callable
 from typing import Any
 
-from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import (
+    STATUS_LINE,
+    HttpToolsProtocol,
+    RequestResponseCycle,
+)
 
 from bastion.server.direct import DirectDecisions, DirectRoute
 from bastion.server.direct_gateway import DirectGateway, GatewayRoute
-from bastion.server.held_cycle import HeldCycle
 from bastion.server.request_limits import TOO_SLOW
 
 
@@ -166,9 +169,9 @@ class BoundedHttpProtocol(HttpToolsProtocol):
         return True
 
     def _run_gateway(self, route: GatewayRoute, body: bytes) -> None:
-        """Run the held gateway request as uvicorn runs a request, on a cycle of its own that
-        writes the answer as uvicorn's does (`bastion.server.held_cycle`), with the gateway as
-        its application."""
+        """Run the held gateway request as uvicorn runs a request, on its own cycle (which
+        writes the answer, keeps the connection alive or closes it, starts what was pipelined
+        behind it, and says when the client went away), with the gateway as its application."""
         assert self.gateway is not None
         scope = self.scope
         url = self.url
@@ -176,17 +179,26 @@ class BoundedHttpProtocol(HttpToolsProtocol):
         scope["path"] = url.decode("ascii")
         scope["raw_path"] = url
         scope["query_string"] = b""
-        cycle = HeldCycle(
-            scope,
-            body,
-            self.transport,
-            self.flow,
-            self.logger,
-            self.server_state.default_headers,
-            self.on_response_complete,
+        # Set: the body is there for the first receive.
+        ready = asyncio.Event()
+        ready.set()
+        cycle = RequestResponseCycle(
+            scope=scope,
+            transport=self.transport,
+            flow=self.flow,
+            logger=self.logger,
+            access_logger=self.access_logger,
+            access_log=False,
+            default_headers=self.server_state.default_headers,
+            message_event=ready,
+            expect_100_continue=False,
+            keep_alive=True,
+            on_response=self.on_response_complete,
         )
-        self.cycle = cycle  # type: ignore[assignment]
-        self._start_asgi_task(cycle, functools.partial(self.gateway.serve, route.server, cycle))  # type: ignore[arg-type]
+        cycle.body = body  # type: ignore[assignment]
+        cycle.more_body = False
+        self.cycle = cycle
+        self._start_asgi_task(cycle, functools.partial(self.gateway.serve, route.server, cycle))
 
     def _hand_over(self) -> None:
         """Give the held request to uvicorn as the parser gave it: its head, then its body."""

@@ -22,6 +22,7 @@ from dataclasses import replace
 from unittest import mock
 from urllib.parse import urlsplit
 
+import httpx
 import pytest
 import uvicorn
 from argon2 import PasswordHasher
