@@ -95,13 +95,17 @@ async def http_problem(request: Request, exc: Exception) -> JSONResponse:
     return response
 
 
+# What an unexpected exception's 500 says, on every route family.
+FAILED = "the server failed to answer this request; the failure is in its log"
+
+
 async def internal_error(request: Request, exc: Exception) -> Response:
     """An unexpected exception: a 500 in the form of the route family, naming no internals.
 
     Starlette raises the exception again after this answer, and uvicorn logs it with its
     traceback.
     """
-    detail = "the server failed to answer this request; the failure is in its log"
+    detail = FAILED
     gateway = request.app.state.gateway
     if gateway is not None and request.url.path.startswith(gateway.PREFIXES):
         from bastion.gateway.jsonrpc import INTERNAL_ERROR, RpcError

@@ -208,10 +208,18 @@ def connection_limits(config: ServerConfig, app: Any = None) -> dict[str, Any]:
     application, its decisions answered in the protocol when they can be (docs/server.md)."""
     from bastion.server.connections import bounded_http_protocol
     from bastion.server.direct import DirectDecisions
+    from bastion.server.direct_gateway import DirectGateway
 
     direct = DirectDecisions(app) if app is not None and config.direct_decisions else None
+    gateway = (
+        DirectGateway(app)
+        if app is not None and config.direct_gateway and app.state.gateway is not None
+        else None
+    )
     return {
-        "http": bounded_http_protocol(config.header_timeout, config.max_header_bytes, direct),
+        "http": bounded_http_protocol(
+            config.header_timeout, config.max_header_bytes, direct, gateway
+        ),
         "limit_concurrency": config.max_connections,
         "timeout_keep_alive": config.keep_alive_timeout,
         # Only the proxies named may say who the client is; uvicorn would otherwise trust

@@ -106,6 +106,9 @@ class ServerConfig:
     # Answer /v1/authorize and its batch inside the HTTP protocol when all they need is in
     # memory (bastion.server.direct); false: every request through the ASGI application.
     direct_decisions: bool = True
+    # Run the gateway's POST /mcp/<server> from the HTTP protocol, past the application's
+    # middleware (bastion.server.direct_gateway); false: through the ASGI application.
+    direct_gateway: bool = True
     # Read from the environment only: an admin key accepted besides the stored ones.
     admin_key: str = field(default="", repr=False)
     # The [oauth] table, handed to the authorization server as it is.

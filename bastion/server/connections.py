@@ -12,6 +12,10 @@ With a `bastion.server.direct.DirectDecisions`, a decision request is answered h
 ASGI application, when all it needs is in memory: its body is held as it arrives (within
 ``body_timeout``, else 408 as the application answers), then decided; any other request, or one
 that does not check out here, is handed to the application as it arrived.
+
+With a `bastion.server.direct_gateway.DirectGateway`, a gateway ``POST /mcp/<server>`` is held
+the same way, then run by the gateway's transport on uvicorn's request-response cycle, past the
+application's middleware.
 """
 
 from __future__ import annotations
@@ -21,9 +25,14 @@ import functools
 from collections.abc import Callable
 from typing import Any
 
-from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import (
+    STATUS_LINE,
+    HttpToolsProtocol,
+    RequestResponseCycle,
+)
 
 from bastion.server.direct import DirectDecisions, DirectRoute
+from bastion.server.direct_gateway import DirectGateway, GatewayRoute
 from bastion.server.request_limits import TOO_SLOW
 
 
@@ -36,13 +45,15 @@ class BoundedHttpProtocol(HttpToolsProtocol):
         header_timeout: float,
         max_header_bytes: int,
         direct: DirectDecisions | None = None,
+        gateway: DirectGateway | None = None,
         **kwargs: Any,
     ):
         super().__init__(*args, **kwargs)
         self.direct = direct
-        # A decision request being answered in the protocol: its route, its body so far, and
-        # the deadline of the rest of its body.
-        self._held: DirectRoute | None = None
+        self.gateway = gateway
+        # A request being answered from the protocol: its route, its body so far, and the
+        # deadline of the rest of its body.
+        self._held: DirectRoute | GatewayRoute | None = None
         self._held_body: list[bytes] = []
         self._held_deadline: asyncio.TimerHandle | None = None
         self.header_timeout = header_timeout
@@ -68,8 +79,9 @@ class BoundedHttpProtocol(HttpToolsProtocol):
         super().data_received(data)
         if self._held is not None and self._held_deadline is None:
             # The body is still coming: it has body_timeout to arrive, as through the application.
-            assert self.direct is not None
-            timeout = self.direct.body_timeout
+            source = self.gateway if self._held.__class__ is GatewayRoute else self.direct
+            assert source is not None
+            timeout = source.body_timeout
             self._held_deadline = self.loop.call_later(timeout, self._held_too_slow)
         if self._oversized:
             self._refuse(431, _TOO_LARGE)
@@ -97,7 +109,7 @@ class BoundedHttpProtocol(HttpToolsProtocol):
         if size > self.max_header_bytes:
             self._oversized = True  # answered by data_received, once the parser returns
             return
-        if self.direct is not None and self._may_answer_directly():
+        if (self.direct is not None or self.gateway is not None) and self._may_answer_directly():
             return  # the body is held until the message is complete (on_message_complete)
         super().on_headers_complete()
 
@@ -108,9 +120,15 @@ class BoundedHttpProtocol(HttpToolsProtocol):
             super().on_body(body)
 
     def on_message_complete(self) -> None:
-        if self._held is not None:
+        held = self._held
+        if held.__class__ is GatewayRoute:
+            body = b"".join(self._held_body)
+            self._release()
+            self._run_gateway(held, body)  # type: ignore[arg-type]
+            return
+        if held is not None:
             assert self.direct is not None
-            content = self.direct.answer(self._held, self.headers, b"".join(self._held_body))
+            content = self.direct.answer(held, self.headers, b"".join(self._held_body))  # type: ignore[arg-type]
             if content is not None:
                 self._release()
                 self._respond(content)
@@ -122,8 +140,15 @@ class BoundedHttpProtocol(HttpToolsProtocol):
     def _may_answer_directly(self) -> bool:
         """Whether this request, its head complete, is one the protocol may answer itself (then
         its body is held): as uvicorn would start it, with nothing else under way."""
-        assert self.direct is not None
-        route = self.direct.route(self.parser.get_method(), self.url)
+        method, url = self.parser.get_method(), self.url
+        route: DirectRoute | GatewayRoute | None = None
+        if self.direct is not None:
+            route = self.direct.route(method, url)
+        if route is None and self.gateway is not None:
+            route = self.gateway.route(method, url)
+            # uvicorn's proxy headers middleware would say who the client is.
+            if route is not None and self.config.proxy_headers:
+                return False
         if route is None:
             return False
         limit = self.limit_concurrency
@@ -137,11 +162,43 @@ class BoundedHttpProtocol(HttpToolsProtocol):
             or self.flow.write_paused
             # uvicorn's own refusal (503) when this process has as much as it may take.
             or (limit is not None and (len(self.connections) >= limit or len(self.tasks) >= limit))
-            or not self.direct.framed(self.headers, route.limit.max_bytes)
+            or not DirectDecisions.framed(self.headers, route.limit.max_bytes)
         ):
             return False
         self._held = route
         return True
+
+    def _run_gateway(self, route: GatewayRoute, body: bytes) -> None:
+        """Run the held gateway request as uvicorn runs a request, on its own cycle (which
+        writes the answer, keeps the connection alive or closes it, starts what was pipelined
+        behind it, and says when the client went away), with the gateway as its application."""
+        assert self.gateway is not None
+        scope = self.scope
+        url = self.url
+        scope["method"] = "POST"
+        scope["path"] = url.decode("ascii")
+        scope["raw_path"] = url
+        scope["query_string"] = b""
+        # Set: the body is there for the first receive.
+        ready = asyncio.Event()
+        ready.set()
+        cycle = RequestResponseCycle(
+            scope=scope,
+            transport=self.transport,
+            flow=self.flow,
+            logger=self.logger,
+            access_logger=self.access_logger,
+            access_log=False,
+            default_headers=self.server_state.default_headers,
+            message_event=ready,
+            expect_100_continue=False,
+            keep_alive=True,
+            on_response=self.on_response_complete,
+        )
+        cycle.body = body  # type: ignore[assignment]
+        cycle.more_body = False
+        self.cycle = cycle
+        self._start_asgi_task(cycle, functools.partial(self.gateway.serve, route.server, cycle))
 
     def _hand_over(self) -> None:
         """Give the held request to uvicorn as the parser gave it: its head, then its body."""
@@ -221,7 +278,10 @@ _TOO_LARGE = "the request head is larger than max_header_bytes"
 
 
 def bounded_http_protocol(
-    header_timeout: float, max_header_bytes: int, direct: DirectDecisions | None = None
+    header_timeout: float,
+    max_header_bytes: int,
+    direct: DirectDecisions | None = None,
+    gateway: DirectGateway | None = None,
 ) -> Callable[..., Any]:
     """The protocol factory to pass to uvicorn as ``http=``."""
     return functools.partial(
@@ -229,4 +289,5 @@ def bounded_http_protocol(
         header_timeout=header_timeout,
         max_header_bytes=max_header_bytes,
         direct=direct,
+        gateway=gateway,
     )

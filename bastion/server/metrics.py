@@ -39,6 +39,8 @@ class _DecisionCounts(Collector):
         self.totals: dict[tuple[str, str], int] = {}
         # Requests answered in the protocol (`bastion.server.direct`).
         self.direct = 0
+        # Gateway requests run from the protocol (`bastion.server.direct_gateway`).
+        self.direct_gateway = 0
         # kind -> [count in each bucket (the last: over every bound), sum of seconds]
         self.latency: dict[str, list] = {}
 
@@ -82,6 +84,12 @@ class _DecisionCounts(Collector):
             "Decision requests answered inside the HTTP protocol, all they needed in memory"
             " (the others go through the application).",
             value=self.direct,
+        )
+        yield CounterMetricFamily(
+            "bastion_direct_gateway_requests",
+            "Gateway POSTs to /mcp/<server> run from the HTTP protocol, past the application's"
+            " middleware (the others go through the application).",
+            value=self.direct_gateway,
         )
         latency = HistogramMetricFamily(
             "bastion_decision_seconds",
@@ -147,6 +155,10 @@ class Metrics:
     def direct_answer(self) -> None:
         """Count one request answered in the protocol (`bastion.server.direct`)."""
         self._decisions.direct += 1
+
+    def direct_gateway_request(self) -> None:
+        """Count one gateway request run from the protocol (`bastion.server.direct_gateway`)."""
+        self._decisions.direct_gateway += 1
 
     def shadow_fired(self, rule: str, effect: str) -> None:
         """Count one firing of a shadow rule (`bastion.signals.shadow`)."""

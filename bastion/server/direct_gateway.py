@@ -1,0 +1,70 @@
+"""The gateway's ``POST /mcp/<server>`` run from the HTTP protocol, past Starlette and the
+application's middleware.
+
+Through Starlette, its error middleware, the body limits' middleware and `GatewayFirst`, each
+gateway call paid for layers that do nothing for it. Here
+`bastion.server.connections.BoundedHttpProtocol` holds the body of a ``POST`` to an exact
+``/mcp/<server>`` target of a configured upstream (HTTP/1.1, one plain ``Content-Length`` within
+``gateway.max_body_bytes``, within ``body_timeout``: the limit and the 408 of
+`bastion.server.request_limits`), then runs the transport's own
+`StreamableHttpEndpoint.serve` on uvicorn's own request-response cycle, which writes the answer
+(keep-alive, pipelining, flow control, chunked event streams, the client's disconnect). An
+unexpected exception is answered and logged as the application's error handler and uvicorn
+answer and log it.
+
+Anything else goes to the application as it arrived, before anything is read or decided: GET
+and DELETE, other targets, a body sent chunked, over the limit or waiting for 100 Continue,
+HTTP/1.0, a connection with an answer under way, uvicorn's access log or proxy headers on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from bastion.gateway.jsonrpc import INTERNAL_ERROR, RpcError
+from bastion.gateway.transport import StreamableHttpEndpoint, send_json
+from bastion.server.app import FAILED
+from bastion.server.request_limits import BodyLimit
+
+
+@dataclass(frozen=True, slots=True)
+class GatewayRoute:
+    """An upstream's ``/mcp/<server>``, answered from the protocol, and its body limit."""
+
+    server: str
+    limit: BodyLimit
+
+
+class DirectGateway:
+    """The gateway's call path, for the protocol of one application."""
+
+    def __init__(self, app: Any) -> None:
+        state = app.state
+        gateway = state.gateway
+        self.endpoint = StreamableHttpEndpoint(gateway)
+        self.metrics = state.metrics
+        self.body_timeout = state.config.body_timeout
+        # Exact request targets only: a query string, an escape or a trailing slash goes the
+        # long way (and is answered there as before).
+        self.routes: dict[bytes, GatewayRoute] = {
+            path.encode(): GatewayRoute(name, state.body_limits.for_path(path))
+            for name in gateway.upstreams
+            if (path := f"/mcp/{name}").isascii()
+        }
+        self._failure = RpcError(INTERNAL_ERROR, FAILED).body(None)
+
+    def route(self, method: bytes, url: bytes) -> GatewayRoute | None:
+        return self.routes.get(url) if method == b"POST" else None
+
+    async def serve(self, server: str, cycle: Any, scope: Any, receive: Any, send: Any) -> None:
+        """The request, on uvicorn's ``cycle`` (an ASGI application for its ``run_asgi``)."""
+        self.metrics.direct_gateway_request()
+        try:
+            await self.endpoint.serve(server, scope, receive, send)
+        except Exception:
+            # As Starlette's ServerErrorMiddleware with the application's handler: a JSON-RPC
+            # 500 naming no internals, the connection closed; then uvicorn logs the exception.
+            if not cycle.response_started:
+                await send_json(send, 500, self._failure, {"connection": "close"})
+            raise
