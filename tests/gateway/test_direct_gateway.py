@@ -22,7 +22,6 @@ from dataclasses import replace
 from unittest import mock
 from urllib.parse import urlsplit
 
-import httpx
 import pytest
 import uvicorn
 from argon2 import PasswordHasher
