@@ -74,6 +74,22 @@ def wait_until_up(url: str, process: subprocess.Popen) -> None:
     raise SystemExit(f"{url} did not come up")
 
 
+def wait_until_ok(url: str, process: subprocess.Popen, seconds: float, log: Path) -> None:
+    """Until ``url`` answers 200 (a slow start, under valgrind say, may take ``seconds``); exit
+    naming ``log`` if ``process`` ends first."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise SystemExit(f"bastion serve exited: see {log}")
+        try:
+            if httpx.get(url, timeout=10).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise SystemExit(f"{url} did not answer 200 within {seconds:g} s: see {log}")
+
+
 EXCHANGE = "urn:ietf:params:oauth:grant-type:token-exchange"
 ACCESS_TOKEN = "urn:ietf:params:oauth:token-type:access_token"
 # --chain: the quickstart policy, and any agent may delegate the read scope to any other.

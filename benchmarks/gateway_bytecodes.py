@@ -27,12 +27,18 @@ import tempfile
 import time
 from pathlib import Path
 
-import httpx
 import uvloop
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from gateway_bench import access_token, prepare, run_load, start_upstream, wait_until_up  # noqa: E402
+from gateway_bench import (  # noqa: E402
+    access_token,
+    prepare,
+    run_load,
+    start_upstream,
+    wait_until_ok,
+    wait_until_up,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -127,16 +133,7 @@ def main() -> None:
     url = f"{bench.base}/mcp/desk"
     try:
         wait_until_up(bench.upstream_url, upstream)
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            if server.poll() is not None:
-                raise SystemExit(f"bastion serve exited: see {work / 'serve.log'}")
-            try:
-                if httpx.get(f"{bench.base}/healthz", timeout=5).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
+        wait_until_ok(f"{bench.base}/healthz", server, 120, work / "serve.log")
         token, _ = access_token(bench.base, url)
         headers = {"authorization": f"Bearer {token}"}
         uvloop.run(run_load(url, headers, 1, 50))  # the token remembered, the code warm

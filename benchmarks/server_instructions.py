@@ -29,6 +29,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from gateway_bench import wait_until_ok  # noqa: E402
 from server_bench import ADMIN_KEY, POLICY, checks, free_port, gitclub_facts  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -96,16 +97,7 @@ def main() -> None:
     url = f"http://127.0.0.1:{port}"
     headers = {"authorization": f"Bearer {ADMIN_KEY}"}
     try:
-        deadline = time.monotonic() + 1800
-        while time.monotonic() < deadline:
-            if server.poll() is not None:
-                raise SystemExit(f"bastion serve exited: see {tmp / 'serve.log'}")
-            try:
-                if httpx.get(f"{url}/readyz", timeout=10).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(1)
+        wait_until_ok(f"{url}/readyz", server, 1800, tmp / "serve.log")
         with httpx.Client(base_url=url, headers=headers, timeout=600) as http:
             queue = iter(range(len(bodies)))
 
