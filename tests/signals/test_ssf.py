@@ -408,6 +408,25 @@ def test_a_set_that_must_be_refused_is_refused_and_changes_nothing(signals, case
     assert len(signals.app.state.signals.audit.events("signal.received")) == before
 
 
+def test_a_streamed_gigabyte_push_is_refused_while_it_is_read(signals):
+    """The push endpoint reads its body whole, so its cap (`signals.ssf.max_body_bytes`) must
+    hold while the body arrives: a gigabyte that never ends is answered 413, not buffered."""
+
+    def gigabyte():
+        chunk = b"a" * 65536
+        for _ in range((1 << 30) // len(chunk)):
+            yield chunk
+
+    before = len(signals.app.state.signals.audit.events("signal.received"))
+    response = signals.pusher.push(gigabyte())
+    assert response.status_code == 413, response.text
+    assert response.json()["err"] == "invalid_request"
+    assert "signals.ssf.max_body_bytes" in response.json()["description"]
+    assert len(signals.app.state.signals.audit.events("signal.received")) == before
+    # The endpoint still answers the next push.
+    assert signals.pusher.push("x", content_type="application/json").status_code == 400
+
+
 def test_a_replayed_jti_is_refused_and_applied_only_once(signals):
     event = signals.pusher.set_token(CAEP + "session-revoked", {}, email("sam@example.com"))
     assert signals.pusher.push(event).status_code == 202
