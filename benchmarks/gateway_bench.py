@@ -264,16 +264,26 @@ class Bench:
 
 
 def prepare(
-    work: Path, *, chain: bool = False, session: str = "shared", server_settings: str = ""
+    work: Path,
+    *,
+    chain: bool = False,
+    session: str = "shared",
+    server_settings: str = "",
+    traced: bool = False,
 ) -> Bench:
     """Write ``work/bastion.toml`` (the quickstart policy, one upstream ``desk``) and its
-    database with the quickstart's facts and users (sam's password: `PASSWORD`)."""
+    database with the quickstart's facts and users (sam's password: `PASSWORD`). ``traced``:
+    for a server run under a tracer or valgrind, many times slower: tokens that outlive the
+    run, and no change-log poll during it."""
     upstream_port, bastion_port = free_port(), free_port()
     base = f"http://127.0.0.1:{bastion_port}"
     upstream_url = f"http://127.0.0.1:{upstream_port}/mcp"
     database = str(work / "bastion.db")
     policy = QUICKSTART / "policy.polar"
     lifetimes = ""
+    if traced:
+        server_settings += "\npoll_interval = 30\nmax_staleness_seconds = 3600\n"
+        lifetimes = "access_token_seconds = 3600\n"
     if chain:
         policy = work / "policy.polar"
         policy.write_text((QUICKSTART / "policy.polar").read_text() + DELEGATION_RULES)

@@ -115,11 +115,7 @@ def main() -> None:
     parser.add_argument("--json", help="also write the counts per function here")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="gateway-bytecodes-"))
-    bench = prepare(work, server_settings="poll_interval = 30\nmax_staleness_seconds = 3600\n")
-    config = bench.config.read_text().replace(
-        "[oauth]\n", "[oauth]\naccess_token_seconds = 3600\n", 1
-    )
-    bench.config.write_text(config)
+    bench = prepare(work, traced=True)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     upstream = start_upstream(bench.upstream_port, env)
     counts = work / "counts.json"

@@ -45,12 +45,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=200)
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="gateway-instructions-"))
-    # Tokens that outlive the run (valgrind is slow), no change-log poll during it.
-    bench = prepare(work, server_settings="poll_interval = 30\nmax_staleness_seconds = 3600\n")
-    config = bench.config.read_text().replace(
-        "[oauth]\n", "[oauth]\naccess_token_seconds = 3600\n", 1
-    )
-    bench.config.write_text(config)
+    bench = prepare(work, traced=True)
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONMALLOC": "malloc"}
     upstream = start_upstream(bench.upstream_port, env)
     out = work / "callgrind.out"
