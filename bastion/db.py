@@ -38,6 +38,17 @@ _RECONNECT_INTERVAL = 0.5
 _CONNECTION_ERRORS = (psycopg.OperationalError, psycopg.InterfaceError)
 
 
+def _server_ended(error: BaseException | None) -> bool:
+    """Whether the server said, in ``error`` or the errors it arose from, that it is ending the
+    connection (SQLSTATE 57P01 admin shutdown, 57P02 crash shutdown, 57P03 cannot connect now)."""
+    seen = 0
+    while error is not None and seen < 8:
+        if getattr(error, "sqlstate", None) in ("57P01", "57P02", "57P03"):
+            return True
+        error, seen = error.__cause__ or error.__context__, seen + 1
+    return False
+
+
 class DatabaseUnavailable(Exception):
     """PostgreSQL cannot be reached, or the connection was lost under a statement that could not
     safely be sent again. A transaction was rolled back, unless the connection was lost while it
@@ -175,8 +186,16 @@ class Database:
                 conn.close()
 
     def _lost(self, conn: Any, error: Exception) -> bool:
-        """Whether ``error`` (raised on ``conn``) means the connection is gone; then drop it."""
-        if not isinstance(error, _CONNECTION_ERRORS) or not (conn.closed or conn.broken):
+        """Whether ``error`` (raised on ``conn``) means the connection is gone; then drop it.
+
+        Gone: psycopg marked it closed or broken, or the server said it is ending it (SQLSTATE
+        class 57P, as for ``pg_terminate_backend``) in ``error`` or the error it arose from.
+        psycopg does not mark every such connection broken: one ended while a pipelined
+        ``executemany`` was under way is left "busy", and fails every later statement with
+        "cannot exit pipeline mode while busy"."""
+        if not isinstance(error, _CONNECTION_ERRORS):
+            return False
+        if not (conn.closed or conn.broken or _server_ended(error)):
             return False
         if conn is self._conn:
             self._drop(first_line(error))
