@@ -58,6 +58,7 @@ from typing import Any, Generic, TypeVar
 from bastion.decide import Authorizer, Session
 from bastion.facts.model import Entity
 from bastion.policy.errors import EvaluationLimit
+from bastion.policy.runtime import ReadContext
 from bastion.signals.read_only import read_only_holds
 from bastion.signals.step_up import required_auth_age
 
@@ -288,20 +289,26 @@ def plainly_allowed(
 
 class Remembered(Generic[Answer]):
     """A contract question the gateway asks on every message (`plainly_allowed` for its
-    ``connect``), answered from memory while the answer cannot have changed.
+    ``connect``, `decide_chain` for the message itself), answered from memory while the answer
+    cannot have changed.
 
     An answer depends on the policy and facts in force (their generation), the question (the
-    chain, the action, the resource, the token's scopes) and the ``context`` fields the policy
-    read while answering it. So an answer is kept with the fields it read and their values, and
-    given again only for the same generation (none while a fact has expired unpurged), the same
-    question, and a context whose fields it read are the same. Anything read of the time (a
-    rule on ``context.time``, ``@current_unix_time``, a required signal's age) is a field that
-    differs from call to call: such an answer is never given again; nor one that read a view
-    that works out its values when read (``context.behavior``), or much data (`_plain`). What
-    ``keep`` refuses is never kept. One generation is kept at a time, at most `QUESTIONS`
-    questions of it. Not thread-safe: for one event loop."""
+    chain, the action, the resource, the token's scopes) and what was read of the ``context``
+    while answering it: each path a rule read (``context.arguments.field`` alone, not the rest
+    of the arguments), and each field the contract itself read whole (`ReadContext`). So an
+    answer is kept with those paths and the values found there, and given again only for the
+    same generation (none while a fact has expired unpurged), the same question, and a context
+    with the same values at those paths (type for type, at every depth). An answer that read
+    the time (``context.time``, ``@current_unix_time``, a required signal's age) is never kept;
+    nor one that read a view that works out its values when read (``context.behavior``), the
+    context whole, or much data (`_plain`). What ``keep`` refuses is never kept. One
+    generation is kept at a time, at most `QUESTIONS` questions of it holding at most `SIZE`
+    values and characters in all, the newest reading of each. Not thread-safe: for one event
+    loop."""
 
     QUESTIONS = 4096
+    # What the kept readings may hold in all: values, and characters of text (`_plain`).
+    SIZE = 1 << 20
 
     def __init__(
         self,
@@ -311,7 +318,8 @@ class Remembered(Generic[Answer]):
         self._answer = answer
         self._keep = keep
         self._generation: int | None = None
-        self._known: dict[tuple, tuple[tuple[tuple[str, Any], ...], Answer]] = {}
+        self._known: dict[tuple, tuple[tuple[tuple[tuple, Any], ...], Answer]] = {}
+        self._size = 0
 
     def __call__(
         self,
@@ -328,20 +336,31 @@ class Remembered(Generic[Answer]):
         # being given again (it is filed under a generation no longer in force).
         generation = authz.settled_generation()
         question = (tuple(principals), action, resource, granted_scopes)
+        if context is None:
+            context = {}
         if generation is not None and generation == self._generation:
             known = self._known.get(question)
-            if known is not None and all(
-                _equal(_field(context, name), seen) for name, seen in known[0]
-            ):
+            if known is not None and _agrees(context, known[0]):
                 return known[1]
-        reading = _Reading(context or {})
+        reading = ReadContext(context)
         answer = self._answer(authz, principals, action, resource, reading, granted_scopes)
         if generation is not None and not reading.whole and self._keep(answer):
-            reads = tuple((name, _field(reading, name)) for name in reading.fields)
-            if _plain(tuple(value for _, value in reads), [_PLAIN_ITEMS]):
-                if generation != self._generation or len(self._known) >= self.QUESTIONS:
-                    self._generation, self._known = generation, {}
-                self._known[question] = (reads, answer)
+            paths = reading.paths.union((name,) for name in reading.fields)
+            reads = tuple((path, _at(context, path)) for path in paths)
+            left = [_PLAIN_ITEMS, _PLAIN_TEXT]
+            if not any(_timed(path) for path in paths) and _plain(
+                tuple(value for _, value in reads), left
+            ):
+                size = _PLAIN_ITEMS + _PLAIN_TEXT - left[0] - left[1]
+                if (
+                    generation != self._generation
+                    or len(self._known) >= self.QUESTIONS
+                    or self._size + size > self.SIZE
+                ):
+                    self._generation, self._known, self._size = generation, {}, 0
+                # Copied: what the caller's context holds may change after this.
+                self._known[question] = (tuple((p, _copy(v)) for p, v in reads), answer)
+                self._size += size
         return answer
 
 
@@ -350,63 +369,67 @@ def remembered_connects() -> Remembered[bool]:
     return Remembered(plainly_allowed, keep=bool)
 
 
-class _Reading(dict):
-    """A copy of a ``context`` that notes which of its fields are read (`Remembered`):
-    every way the policy reads a field goes through ``get`` or ``in``; anything that reads the
-    context whole marks it ``whole``."""
+def remembered_calls() -> Remembered[ChainDecision]:
+    """`decide_chain` from memory, for the gateway's decision on each message: an answer that
+    allows is kept (a refusal is decided in full again, and explained on the spot)."""
+    return Remembered(decide_chain, keep=_allows)
 
-    __slots__ = ("fields", "whole")
 
-    def __init__(self, context: dict) -> None:
-        super().__init__(context)
-        self.fields: set[Any] = set()
-        self.whole = False
-
-    def get(self, key: Any, default: Any = None) -> Any:
-        self.fields.add(key)
-        return dict.get(self, key, default)
-
-    def __getitem__(self, key: Any) -> Any:
-        self.fields.add(key)
-        return dict.__getitem__(self, key)
-
-    def __contains__(self, key: Any) -> bool:
-        self.fields.add(key)
-        return dict.__contains__(self, key)
-
-    def _all(self) -> None:
-        self.whole = True
-
-    def keys(self):  # type: ignore[override]
-        self._all()
-        return dict.keys(self)
-
-    def values(self):  # type: ignore[override]
-        self._all()
-        return dict.values(self)
-
-    def items(self):  # type: ignore[override]
-        self._all()
-        return dict.items(self)
-
-    def __iter__(self):  # type: ignore[override]
-        self._all()
-        return dict.__iter__(self)
-
-    def copy(self):  # type: ignore[override]
-        self._all()
-        return dict(self)
+def _allows(decision: ChainDecision) -> bool:
+    return decision.allowed
 
 
 _ABSENT = object()
+# Where a path goes through a view that works out its values when read: never kept.
+_LIVE = object()
 _SCALARS = frozenset({int, float, bool, type(None), datetime})
 
 
-def _field(context: dict | None, name: Any) -> Any:
-    return _ABSENT if context is None else dict.get(context, name, _ABSENT)
+def _at(context: Any, path: tuple) -> Any:
+    """What ``path`` holds in ``context``: `_ABSENT` where it holds nothing a policy could read
+    (an absent key, or a value that is not an object on the way), `_LIVE` where it goes through
+    an object that is not a plain ``dict``."""
+    value = context
+    for name in path:
+        cls = value.__class__
+        if cls is not dict:
+            return _LIVE if isinstance(value, dict) else _ABSENT
+        value = value.get(name, _ABSENT)
+        if value is _ABSENT:
+            return _ABSENT
+    return value
 
 
-# What one remembered answer may hold of the context: values, and characters of text.
+def _agrees(context: dict, reads: tuple[tuple[tuple, Any], ...]) -> bool:
+    """Whether ``context`` holds what was read (`_at`, `_equal`) at every path of ``reads``."""
+    for path, seen in reads:
+        value = _at(context, path)
+        # The same text or number, or the same marker (kept values are private copies).
+        if value is not seen and not _equal(value, seen):
+            return False
+    return True
+
+
+def _copy(value: Any) -> Any:
+    """A copy of `_plain` data, its lists and objects copied at every depth."""
+    cls = value.__class__
+    if cls is dict:
+        return {k: _copy(v) for k, v in value.items()}
+    if cls is list:
+        return [_copy(v) for v in value]
+    if cls is tuple:
+        return tuple(_copy(v) for v in value)
+    return value
+
+
+def _timed(path: tuple) -> bool:
+    """Whether reading ``path`` reads the time: ``context.time`` (the time now when the context
+    gives none) or a built-in constant (``@current_unix_time``)."""
+    head = path[0]
+    return head == "time" or (head.__class__ is str and head[:1] == "@")
+
+
+# What one remembered answer may hold of the context: values, and characters of text in all.
 _PLAIN_ITEMS = 256
 _PLAIN_TEXT = 4096
 
@@ -414,18 +437,21 @@ _PLAIN_TEXT = 4096
 def _plain(value: Any, left: list[int]) -> bool:
     """Whether ``value`` is data that equals another exactly when a policy sees the same in
     both: text, numbers, times, and lists and objects of them (not a view that works out its
-    values when read, such as ``context.behavior``), of at most ``left[0]`` values in all
-    (counted down) and text of at most `_PLAIN_TEXT` characters each."""
+    values when read, such as ``context.behavior``), of at most ``left[0]`` values and
+    ``left[1]`` characters of text in all (each counted down)."""
     left[0] -= 1
     if left[0] < 0:
         return False
     cls = value.__class__
     if cls is str:
-        return len(value) <= _PLAIN_TEXT
+        left[1] -= len(value)
+        return left[1] >= 0
     if cls in _SCALARS or value is _ABSENT:
         return True
     if cls is dict:
-        return all(k.__class__ is str and _plain(v, left) for k, v in value.items())
+        return all(
+            k.__class__ is str and _plain(k, left) and _plain(v, left) for k, v in value.items()
+        )
     if cls is list or cls is tuple:
         return all(_plain(v, left) for v in value)
     return False

@@ -30,6 +30,7 @@ from bastion.decide.contract import (
     ChainDecision,
     Obligations,
     decide_chain,
+    remembered_calls,
     same_value,
 )
 from bastion.delegation.labels import (
@@ -195,6 +196,8 @@ class Enforcer:
         # the database): every decision is refused, fail closed.
         self.facts_stale = facts_stale
         self.explained = Explained()
+        # The message's own decision, from memory while it cannot have changed (`Remembered`).
+        self.decisions = remembered_calls()
         # Alerts the decisions raise (`bastion.signals.alerts.Alerts`); None: none are raised.
         self.alerts: Any = None
         # Without a key of the deployment's, one of this process (digests match within it).
@@ -281,9 +284,7 @@ class Enforcer:
         if isinstance(session := context.get(CONTEXT_FIELD), SessionView):
             await self.labels.prepare(session)
         authz = self.authorizer()
-        chain = decide_chain(
-            authz, caller.principals, action, resource, context, granted_scopes=caller.scopes
-        )
+        chain = self.decisions(authz, caller.principals, action, resource, context, caller.scopes)
         result, reason, retry_after = "allow", "", None
         if chain.missing_scopes:
             result, reason = "step_up", "insufficient_scope"

@@ -92,6 +92,65 @@ def context_value(context: dict | None, path: tuple[str, ...]) -> Any:
     return MISSING if value is None else value
 
 
+class ReadContext(dict):
+    """A request's context that notes what is read of it, for a memory of answers
+    (`bastion.decide.contract.Remembered`): ``paths``, each path a policy read
+    (``context.arguments.field`` is ``("arguments", "field")``, however much else
+    ``context.arguments`` holds), and ``fields``, each top-level field that other code read with
+    ``get``, ``[]`` or ``in`` (read whole). Anything that reads the context whole (its keys, its
+    items, a copy) marks it ``whole``. The policy reads ``source``, the context as given; the
+    rest reads a copy of it."""
+
+    __slots__ = ("source", "paths", "fields", "whole")
+
+    def __init__(self, context: dict) -> None:
+        super().__init__(context)
+        self.source = context
+        self.paths: set[tuple[str, ...]] = set()
+        self.fields: set[Any] = set()
+        self.whole = False
+
+    def noted(self, path: tuple[str, ...]) -> dict:
+        """Note that a policy read ``context.<path>``; the context it reads it from."""
+        self.paths.add(path)
+        return self.source
+
+    def get(self, key: Any, default: Any = None) -> Any:
+        self.fields.add(key)
+        return dict.get(self, key, default)
+
+    def __getitem__(self, key: Any) -> Any:
+        self.fields.add(key)
+        return dict.__getitem__(self, key)
+
+    def __contains__(self, key: Any) -> bool:
+        self.fields.add(key)
+        return dict.__contains__(self, key)
+
+    def _all(self) -> None:
+        self.whole = True
+
+    def keys(self):  # type: ignore[override]
+        self._all()
+        return dict.keys(self)
+
+    def values(self):  # type: ignore[override]
+        self._all()
+        return dict.values(self)
+
+    def items(self):  # type: ignore[override]
+        self._all()
+        return dict.items(self)
+
+    def __iter__(self):  # type: ignore[override]
+        self._all()
+        return dict.__iter__(self)
+
+    def copy(self):  # type: ignore[override]
+        self._all()
+        return dict(self)
+
+
 class Query:
     """The state of one top-level evaluation; `start` (or `Authorizer._begin`, which does the
     same inline on the hot path) resets it before each."""
@@ -130,11 +189,17 @@ class Query:
 
     def read(self, path: tuple[str, ...]) -> Any:
         """``context.<path>`` as the request gave it (for a list only searched with ``in``)."""
-        return context_value(self.context, path)
+        context = self.context
+        if context.__class__ is ReadContext:
+            context = context.noted(path)
+        return context_value(context, path)
 
     def lookup(self, path: tuple[str, ...]) -> Any:
         """``context.<path>`` as a policy value (a list or object `frozen`)."""
-        value = context_value(self.context, path)
+        context = self.context
+        if context.__class__ is ReadContext:
+            context = context.noted(path)
+        value = context_value(context, path)
         cls = value.__class__
         if cls is list or cls is dict:
             return self._frozen(path, value)

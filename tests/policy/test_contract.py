@@ -9,12 +9,14 @@ from datetime import UTC, datetime
 
 import pytest
 
+import bastion.decide.contract as contract
 from bastion import Authorizer, Entity
 from bastion.decide.contract import (
     RateLimit,
     Remembered,
     decide_chain,
     plainly_allowed,
+    remembered_calls,
     remembered_connects,
 )
 from bastion.policy.limits import PolicyLimits
@@ -323,3 +325,147 @@ def test_a_remembered_connect_tells_true_from_one_inside_a_field():
     strict = {"flags": {"strict": True}}
     assert not plainly_allowed(a, (ann, bot), "connect", desk, strict, frozenset())
     assert not remembered(a, (ann, bot), "connect", desk, strict, frozenset())
+
+
+# -- the gateway's decision on each message, from memory: `remembered_calls` ---------------------
+
+CALLS = """
+actor User {}
+actor Agent {}
+resource Tool {}
+declare caller(User, Tool);
+declare caller(Agent, Tool);
+declare pii_tool(Tool);
+allow(actor, "call", tool: Tool) if caller(actor, tool);
+deny(_: User, "call", _: Tool) if context.arguments.field = "email";
+deny(_: Agent, "call", _: Tool) if "admin" in context.arguments.roles;
+deny(_: User, "call", _: Tool) if context.arguments.flags.strict matches Boolean;
+mask(_: User, "call", tool: Tool, "customers.*.email") if pii_tool(tool);
+rate_limit(_: Agent, "call", _: Tool, 5, 60);
+"""
+CALL_FACTS = [("caller", ann, search), ("caller", bot, search)]
+
+
+@pytest.fixture
+def answered(monkeypatch):
+    """Each `decide_chain` the memory asks (answers it did not give from memory)."""
+    asked: list[str] = []
+
+    def counted(authz, principals, action, resource, context=None, granted_scopes=None):
+        asked.append(action)
+        return decide_chain(authz, principals, action, resource, context, granted_scopes)
+
+    monkeypatch.setattr(contract, "decide_chain", counted)
+    return asked
+
+
+def call_memory(policy: str = CALLS, facts: list = CALL_FACTS) -> tuple[Authorizer, Remembered]:
+    a = Authorizer(policy)
+    a.facts.apply(facts, [])
+    return a, remembered_calls()
+
+
+def test_a_remembered_call_is_kept_by_the_paths_the_policy_read(answered):
+    """The policy reads ``context.arguments.field``, not the query: another query is answered
+    from memory; another field is decided anew."""
+    a, remembered = call_memory()
+    asked = [
+        remembered(a, (ann, bot), "call", search, {"arguments": {"query": q}}, frozenset())
+        for q in "abc"
+    ]
+    assert all(d.allowed for d in asked) and len(answered) == 1
+    email = {"arguments": {"query": "c", "field": "email"}}
+    assert not remembered(a, (ann, bot), "call", search, email, frozenset()).allowed
+    name = {"arguments": {"query": "c", "field": "name"}}
+    assert remembered(a, (ann, bot), "call", search, name, frozenset()).allowed
+    assert len(answered) == 3
+    # The newest reading of a question is kept: no field again is decided again, then given
+    # from memory as deciding it now gives it, obligations included.
+    plain = {"arguments": {"query": "d"}}
+    for _ in range(2):
+        got = remembered(a, (ann, bot), "call", search, plain, frozenset())
+        assert got == decide_chain(a, (ann, bot), "call", search, plain, frozenset())
+    assert got.obligations.rate_limits and len(answered) == 4
+
+
+def test_a_remembered_call_compares_a_value_read_whole_and_its_types():
+    a, remembered = call_memory()
+    ok = {"arguments": {"roles": ["reader"]}}
+    assert remembered(a, (ann, bot), "call", search, ok, frozenset()).allowed
+    admin = {"arguments": {"roles": ["reader", "admin"]}}
+    assert not remembered(a, (ann, bot), "call", search, admin, frozenset()).allowed
+    assert remembered(
+        a, (ann, bot), "call", search, {"arguments": {"flags": {"strict": 1}}}, frozenset()
+    ).allowed
+    strict = {"arguments": {"flags": {"strict": True}}}
+    assert not remembered(a, (ann, bot), "call", search, strict, frozenset()).allowed
+    # What was read is kept as it was: the same list, changed since, is read again.
+    roles = ["reader"]
+    same = {"arguments": {"roles": roles}}
+    assert remembered(a, (ann, bot), "call", search, same, frozenset()).allowed
+    roles.append("admin")
+    assert not remembered(a, (ann, bot), "call", search, same, frozenset()).allowed
+    # A path through something that is not an object holds nothing, as the policy sees it.
+    assert remembered(a, (ann, bot), "call", search, {"arguments": "text"}, frozenset()).allowed
+
+
+def test_a_remembered_call_follows_the_facts_and_the_policy(answered):
+    a, remembered = call_memory()
+    plain = {"arguments": {"query": "a"}}
+    assert remembered(a, (ann, bot), "call", search, plain, frozenset()).allowed
+    # A new fact: a mask the remembered answer did not have.
+    a.facts.insert(("pii_tool", search))
+    got = remembered(a, (ann, bot), "call", search, plain, frozenset())
+    assert got.obligations.masks == ("customers.*.email",)
+    # A revoked role: refused on the next call.
+    a.facts.delete(("caller", bot, search))
+    assert not remembered(a, (ann, bot), "call", search, plain, frozenset()).allowed
+    a.facts.insert(("caller", bot, search))
+    assert remembered(a, (ann, bot), "call", search, plain, frozenset()).allowed
+    a.load_policy(CALLS + 'deny(_: Agent, "call", _: Tool);')
+    assert not remembered(a, (ann, bot), "call", search, plain, frozenset()).allowed
+    # Another chain or other scopes are another question.
+    a.load_policy(CALLS)
+    assert remembered(a, (ann, bot), "call", search, plain, frozenset()).allowed
+    assert not remembered(a, (bot, ann), "call", delete, plain, frozenset()).allowed
+    assert len(answered) == 7
+
+
+def test_a_call_that_read_the_time_or_a_live_view_is_never_remembered(answered):
+    until = CALLS + f'deny(_: User, "call", _: Tool) if @current_unix_time > {NOW + 100};'
+    a, remembered = call_memory(until)
+    now = {"time": datetime.fromtimestamp(NOW, UTC)}
+    later = {"time": datetime.fromtimestamp(NOW + 400, UTC)}
+    assert remembered(a, (ann, bot), "call", search, now, frozenset()).allowed
+    assert not remembered(a, (ann, bot), "call", search, later, frozenset()).allowed
+    window = CALLS + 'deny(_: User, "call", _: Tool) if context.time > "2027-01-01T00:00:00Z";'
+    a, remembered = call_memory(window)
+    for _ in range(2):
+        assert remembered(a, (ann, bot), "call", search, {}, frozenset()).allowed
+    live = CALLS + 'deny(_: Agent, "call", _: Tool) if context.load.state = "busy";'
+    a, remembered = call_memory(live)
+    assert remembered(a, (ann, bot), "call", search, {"load": _Live("calm")}, frozenset()).allowed
+    busy = {"load": _Live("busy")}
+    assert not remembered(a, (ann, bot), "call", search, busy, frozenset()).allowed
+    assert remembered(a, (ann, bot), "call", search, {"load": _Live("calm")}, frozenset()).allowed
+    assert len(answered) == 7
+
+
+def test_the_call_memory_is_bounded_by_what_its_readings_hold(answered):
+    policy = CALLS + 'deny(_: User, "call", _: Tool) if context.arguments.note = "stop";'
+    a, remembered = call_memory(
+        policy, CALL_FACTS + [("caller", ann, delete), ("caller", bot, delete)]
+    )
+    remembered.SIZE = 100
+    note = {"arguments": {"note": "n" * 60}}
+    for tool in (search, delete, search):
+        assert remembered(a, (ann, bot), "call", tool, note, frozenset()).allowed
+    # The second reading did not fit beside the first: the memory started again without it.
+    assert len(answered) == 3
+    assert remembered(a, (ann, bot), "call", search, note, frozenset()).allowed
+    assert len(answered) == 3
+    # A reading of more text than one answer may hold is never kept.
+    long = {"arguments": {"note": "n" * 5000}}
+    for _ in range(2):
+        assert remembered(a, (ann, bot), "call", delete, long, frozenset()).allowed
+    assert len(answered) == 5
