@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import functools
 from collections.abc import Callable
+from itertools import chain
 from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import (
@@ -105,7 +106,8 @@ class BoundedHttpProtocol(HttpToolsProtocol):
             return
         # A head that came whole within one read was never counted while incomplete: its size
         # is its parts' (request target, names and values, each line's separators).
-        size = len(self.url) + sum(len(name) + len(value) + 4 for name, value in self.headers)
+        headers = self.headers
+        size = len(self.url) + 4 * len(headers) + sum(map(len, chain.from_iterable(headers)))
         if size > self.max_header_bytes:
             self._oversized = True  # answered by data_received, once the parser returns
             return

@@ -23,6 +23,7 @@ import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from operator import itemgetter
 from typing import Any
 
 from bastion.server.api.decisions import (
@@ -35,6 +36,10 @@ from bastion.server.problems import Problem, parse_json
 from bastion.server.request_limits import BodyLimit
 
 log = logging.getLogger("bastion.server")
+
+# Headers after which a body is not one plain Content-Length the protocol can hold.
+_UNFRAMED = frozenset({b"transfer-encoding", b"expect", b"upgrade"})
+_NAME = itemgetter(0)
 
 # (what was asked, body, replica) -> the answer's JSON; raises `Problem` before deciding
 # anything.
@@ -80,17 +85,14 @@ class DirectDecisions:
 
     @staticmethod
     def framed(headers: list[tuple[bytes, bytes]], max_bytes: int) -> bool:
-        """Whether the head frames a body this path can take in one piece: one plain
-        Content-Length within the limit, nothing chunked, nothing that waits for 100 Continue."""
-        length = None
-        for name, value in headers:
-            if name == b"content-length":
-                if length is not None or not value.isdigit():
-                    return False
-                length = int(value)
-            elif name in (b"transfer-encoding", b"expect", b"upgrade"):
-                return False
-        return length is not None and length <= max_bytes
+        """Whether the head (its names lowercased) frames a body this path can take in one
+        piece: one plain Content-Length within the limit, nothing chunked, nothing that waits
+        for 100 Continue."""
+        names = list(map(_NAME, headers))
+        if names.count(b"content-length") != 1 or not _UNFRAMED.isdisjoint(names):
+            return False
+        length = headers[names.index(b"content-length")][1]
+        return length.isdigit() and int(length) <= max_bytes
 
     def answer(
         self, route: DirectRoute, headers: list[tuple[bytes, bytes]], body: bytes

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
+from bastion.server.direct import DirectDecisions
 from tests.security.test_edge import answers_on, head_and_body, status_of
 from tests.server.conftest import ADMIN_KEY, POLICY, ServerProcess, role
 
@@ -239,3 +240,23 @@ def test_a_body_that_stops_coming_is_refused_at_its_deadline(server, http):
     assert "content-type: application/problem+json" in headers
     assert "connection: close" in headers and "body_timeout" in body["detail"]
     assert http.get("/healthz").status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("headers", "framed"),
+    [
+        ([(b"host", b"x"), (b"content-length", b"10")], True),
+        ([(b"content-length", b"100")], True),  # at the limit
+        ([(b"content-length", b"101")], False),  # past it
+        ([], False),  # no length
+        ([(b"content-length", b"10"), (b"content-length", b"10")], False),  # repeated
+        ([(b"content-length", b"+10")], False),
+        ([(b"content-length", b" 10")], False),
+        ([(b"content-length", b"1e1")], False),
+        ([(b"content-length", b"10"), (b"transfer-encoding", b"chunked")], False),
+        ([(b"expect", b"100-continue"), (b"content-length", b"10")], False),
+        ([(b"content-length", b"10"), (b"upgrade", b"h2c")], False),
+    ],
+)
+def test_only_one_plain_content_length_within_the_limit_is_held_in_the_protocol(headers, framed):
+    assert DirectDecisions.framed(headers, 100) is framed
