@@ -383,6 +383,8 @@ _ABSENT = object()
 # Where a path goes through a view that works out its values when read: never kept.
 _LIVE = object()
 _SCALARS = frozenset({int, float, bool, type(None), datetime})
+# Values equal exactly when ``==`` says so, once their types are the same.
+_SIMPLE = frozenset({str, int, float, bool, type(None)})
 
 
 def _at(context: Any, path: tuple) -> Any:
@@ -401,11 +403,24 @@ def _at(context: Any, path: tuple) -> Any:
 
 
 def _agrees(context: dict, reads: tuple[tuple[tuple, Any], ...]) -> bool:
-    """Whether ``context`` holds what was read (`_at`, `_equal`) at every path of ``reads``."""
+    """Whether ``context`` holds what was read at every path of ``reads``: `_at` and `_equal`,
+    written out (this runs on every message, twice)."""
     for path, seen in reads:
-        value = _at(context, path)
-        # The same text or number, or the same marker (kept values are private copies).
-        if value is not seen and not _equal(value, seen):
+        value = context
+        for name in path:
+            if value.__class__ is not dict:
+                value = _LIVE if isinstance(value, dict) else _ABSENT
+                break
+            value = value.get(name, _ABSENT)
+            if value is _ABSENT:
+                break
+        # The same marker, text or number (kept lists and objects are private copies).
+        if value is seen:
+            continue
+        cls = seen.__class__
+        if value.__class__ is not cls:
+            return False
+        if not (value == seen if cls in _SIMPLE else _equal(value, seen)):
             return False
     return True
 
