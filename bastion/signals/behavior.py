@@ -140,27 +140,30 @@ def fold(
 
 class _Lazy(dict):
     """A dict that makes each entry when it is first read (`get`, as the policy's field lookup
-    reads): only the figures a rule reads are computed, and kept in the decision record."""
+    reads, or ``[]``): only the figures a rule reads are computed, and kept in the decision
+    record. No entry is None (``make`` answers None for a name that has none)."""
 
     __slots__ = ("_make",)
 
     def __init__(self, make: Callable[[str], Any]) -> None:
-        super().__init__()
+        # Empty already (dict.__new__): dict.__init__ would have nothing to do.
         self._make = make
 
     def get(self, name: Any, default: Any = None) -> Any:
-        if dict.__contains__(self, name):
-            return dict.__getitem__(self, name)
-        value = self._make(name)
+        value = dict.get(self, name)
         if value is None:
-            return default
-        dict.__setitem__(self, name, value)
+            value = self._make(name)
+            if value is None:
+                return default
+            dict.__setitem__(self, name, value)
         return value
 
-    def __getitem__(self, name: Any) -> Any:
-        value = self.get(name)
+    def __missing__(self, name: Any) -> Any:
+        # ``[]`` of an entry not made yet (one made is found by dict itself, at C speed).
+        value = self._make(name)
         if value is None:
             raise KeyError(name)
+        dict.__setitem__(self, name, value)
         return value
 
 
@@ -178,7 +181,7 @@ class BehaviorView(_Lazy):
     __slots__ = ("_source", "_keys", "_now")
 
     def __init__(self, source: Source | None, keys: tuple[str, str, str], now: float):
-        super().__init__(self._scope)
+        self._make = self._scope
         self._source = source
         self._keys = keys
         self._now = now
@@ -242,7 +245,7 @@ class _Counting(ABC):
             allowed and isinstance(annotations, dict) and annotations.get("destructiveHint") is True
         )
         self.observe(
-            view.counter_keys,
+            view._keys,
             not allowed,
             destructive,
             record["target"],
@@ -304,28 +307,43 @@ class LocalBehavior(_Counting):
         """Count one decided message: under each key, a call (and a refusal, a destructive
         call), and its target (its arguments, for the agent-on-target key) if new."""
         now = self.clock()
+        known = self._keys
+        max_targets = self.settings.max_targets
+        flagged = refused or destructive
         for key in keys:
+            # `_windows`, inline while the key's windows need neither making nor rolling.
+            windows = known.get(key)
+            if windows is None or now >= windows[0].end:
+                windows = self._windows(key, now)
             seen = detail if key[0] == "t" else target
-            for window in self._windows(key, now):
+            for window in windows:
                 counts = window.current
                 counts[_CALLS] += 1
-                if refused:
-                    counts[_REFUSALS] += 1
-                if destructive:
-                    counts[_DESTRUCTIVE] += 1
-                if seen not in window.seen:
+                if flagged:
+                    if refused:
+                        counts[_REFUSALS] += 1
+                    if destructive:
+                        counts[_DESTRUCTIVE] += 1
+                targets = window.seen
+                if seen not in targets:
                     counts[_TARGETS] += 1
-                    if len(window.seen) < self.settings.max_targets:
-                        window.seen.add(seen)
+                    if len(targets) < max_targets:
+                        targets.add(seen)
 
     def returned(self, keys: tuple[str, ...], size: int) -> None:
         """Count the bytes of a result returned."""
         now = self.clock()
+        known = self._keys
         for key in keys:
-            for window in self._windows(key, now):
+            windows = known.get(key)  # `_windows`, inline as in `observe`
+            if windows is None or now >= windows[0].end:
+                windows = self._windows(key, now)
+            for window in windows:
                 window.current[_BYTES] += size
 
     def _windows(self, key: str, now: float) -> list[_Window]:
+        """``key``'s windows at ``now``: made if new (the oldest key goes if there are too
+        many), rolled if the minute ended."""
         windows = self._keys.get(key)
         weight = self.settings.baseline_weight
         if windows is None:
