@@ -17,7 +17,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import MISSING, dataclass, field, fields, replace
 from typing import Any
 
 from bastion.db import Database
@@ -89,6 +89,23 @@ class DecisionRecord:
         return data
 
     @classmethod
+    def of(cls, given: dict[str, Any]) -> DecisionRecord:
+        """``DecisionRecord(**given)``, made for every decision the gateway records: a frozen
+        dataclass's ``__init__`` sets each field with a call of ``object.__setattr__``, which
+        costs more than the rest of buffering a record; this fills the fields at once."""
+        if not _REQUIRED <= given.keys() <= _NAMES:
+            return cls(**given)  # the TypeError that names the field missing or unknown
+        record = object.__new__(cls)
+        values = record.__dict__
+        if len(given) < len(_NAMES):  # some fields take their defaults
+            values.update(_DEFAULTS)
+            for name, make in _FACTORIES:
+                if name not in given:
+                    values[name] = make()
+        values.update(given)
+        return record
+
+    @classmethod
     def from_dict(cls, data: dict[str, Any]) -> DecisionRecord:
         data = dict(data)
         data["principals"] = tuple(data.get("principals", ()))
@@ -97,6 +114,14 @@ class DecisionRecord:
 
 
 _FIELDS = tuple(f.name for f in fields(DecisionRecord))
+_NAMES = frozenset(_FIELDS)
+_REQUIRED = frozenset(
+    f.name for f in fields(DecisionRecord) if f.default is MISSING and f.default_factory is MISSING
+)
+_DEFAULTS = {f.name: f.default for f in fields(DecisionRecord) if f.default is not MISSING}
+_FACTORIES = tuple(
+    (f.name, f.default_factory) for f in fields(DecisionRecord) if f.default_factory is not MISSING
+)
 
 
 def _canonical_encoder() -> Callable[[Any], str]:

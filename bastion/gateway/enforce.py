@@ -792,7 +792,7 @@ class Enforcer:
         fields = {**record, **more}
         explain = fields.pop("_explain", None)
         rules = partial(self.explained.explain, *explain) if explain else None
-        self.records.add(DecisionRecord(**fields), rules)
+        self.records.add(DecisionRecord.of(fields), rules)
 
 
 class Explained:

@@ -110,3 +110,49 @@ def test_decision_ids_are_uuid4_hex(monkeypatch):
     for fill in (b"\x00", b"\xff", os.urandom(1)):
         monkeypatch.setattr(decisions.os, "urandom", lambda n, fill=fill: fill * n)
         assert new_decision_id() == uuid.UUID(bytes=fill * 16, version=4).hex
+
+
+FULL = {
+    "id": "d1",
+    "at": 1.0,
+    "server": "desk",
+    "method": "tools/call",
+    "target": "T",
+    "principals": ("U",),
+    "result": "allow",
+    "arguments_digest": "hmac-sha256:00",
+    "context": {"server": "desk"},
+    "deciding_principal": "U",
+    "rules": ("r",),
+    "obligations": {"masks": []},
+    "reason": "",
+    "latency_us": 12,
+}
+
+
+@pytest.mark.parametrize(
+    "given",
+    [
+        FULL,
+        {
+            k: FULL[k]
+            for k in ("id", "at", "server", "method", "target", "principals", "result", "context")
+        },
+    ],
+)
+def test_a_record_made_from_its_fields_is_the_one_its_constructor_makes(given):
+    made, constructed = DecisionRecord.of(given), DecisionRecord(**given)
+    assert made == constructed and vars(made) == vars(constructed)
+    if "obligations" not in given:  # a default dict is made for each record
+        assert (
+            made.obligations == {} and DecisionRecord.of(given).obligations is not made.obligations
+        )
+    with pytest.raises(AttributeError):
+        made.result = "deny"  # frozen, as constructed
+
+
+def test_a_record_made_from_wrong_fields_is_refused_as_its_constructor_refuses_it():
+    with pytest.raises(TypeError, match="unexpected keyword argument 'extra'"):
+        DecisionRecord.of({**FULL, "extra": 1})
+    with pytest.raises(TypeError, match="'result'"):
+        DecisionRecord.of({k: v for k, v in FULL.items() if k != "result"})
