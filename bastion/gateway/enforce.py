@@ -687,11 +687,10 @@ class Enforcer:
         deciding = chain.refused_by or chain.principals[-1]
         question = (deciding, action, resource)
         rules = self.explained.get(chain.generation, question, context)
-        over_budget = reason == EvaluationLimit.reason  # explaining would spend it again
         if (
             rules is None
-            and not over_budget
             and result in ("deny", "held", "rate_limited", "unavailable")
+            and reason != EvaluationLimit.reason  # explaining would spend the budget again
         ):
             # Refusals are explained on the spot; allows when the record is written (`write`),
             # off the request path: an explanation costs a few hundred microseconds.
@@ -817,6 +816,8 @@ class Explained:
         if generation != known_generation:
             return None
         for reads, rules in known.get(question, ()):
+            if not reads:  # decided without reading the context
+                return rules
             if all(same_value(context_value(context, path), seen) for path, seen in reads):
                 return rules
         return None
