@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
 import time
-import uuid
 from collections import deque
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import MISSING, dataclass, field, fields, replace
 from typing import Any
 
 from bastion.db import Database
@@ -50,8 +50,16 @@ PRUNE_BATCH = 5000
 RESULTS = ("allow", "deny", "step_up", "rate_limited", "held", "error")
 
 
+# The bits `uuid.UUID(..., version=4)` clears and sets: version 4, RFC 4122 variant.
+_UUID4_CLEAR = ((1 << 128) - 1) ^ (0xF000 << 64) ^ (0xC000 << 48)
+_UUID4_SET = (4 << 76) | (0x8000 << 48)
+
+
 def new_decision_id() -> str:
-    return uuid.uuid4().hex
+    """A random UUID (version 4) as 32 hex digits, as ``uuid.uuid4().hex`` spells it; made
+    without a `uuid.UUID` (its checks cost more than the rest: one is made per decision)."""
+    n = int.from_bytes(os.urandom(16), "big")
+    return "%032x" % (n & _UUID4_CLEAR | _UUID4_SET)
 
 
 @dataclass(frozen=True)
@@ -81,6 +89,23 @@ class DecisionRecord:
         return data
 
     @classmethod
+    def of(cls, given: dict[str, Any]) -> DecisionRecord:
+        """``DecisionRecord(**given)``, made for every decision the gateway records: a frozen
+        dataclass's ``__init__`` sets each field with a call of ``object.__setattr__``, which
+        costs more than the rest of buffering a record; this fills the fields at once."""
+        if not _REQUIRED <= given.keys() <= _NAMES:
+            return cls(**given)  # the TypeError that names the field missing or unknown
+        record = object.__new__(cls)
+        values = record.__dict__
+        if len(given) < len(_NAMES):  # some fields take their defaults
+            values.update(_DEFAULTS)
+            for name, make in _FACTORIES:
+                if name not in given:
+                    values[name] = make()
+        values.update(given)
+        return record
+
+    @classmethod
     def from_dict(cls, data: dict[str, Any]) -> DecisionRecord:
         data = dict(data)
         data["principals"] = tuple(data.get("principals", ()))
@@ -89,8 +114,46 @@ class DecisionRecord:
 
 
 _FIELDS = tuple(f.name for f in fields(DecisionRecord))
-# A record as stored: sorted keys, compact; times and other non-JSON values as text.
-_encode = json.JSONEncoder(sort_keys=True, separators=(",", ":"), default=str).encode
+_NAMES = frozenset(_FIELDS)
+_REQUIRED = frozenset(
+    f.name for f in fields(DecisionRecord) if f.default is MISSING and f.default_factory is MISSING
+)
+_DEFAULTS = {f.name: f.default for f in fields(DecisionRecord) if f.default is not MISSING}
+_FACTORIES = tuple(
+    (f.name, f.default_factory) for f in fields(DecisionRecord) if f.default_factory is not MISSING
+)
+
+
+def _canonical_encoder() -> Callable[[Any], str]:
+    """``JSONEncoder(sort_keys=True, separators=(",", ":"), default=str).encode``, calling the
+    C encoder that method builds directly: the same text, without the Python frames around it
+    that cost more than encoding a small value."""
+    reference = json.JSONEncoder(sort_keys=True, separators=(",", ":"), default=str)
+    make = json.encoder.c_make_encoder
+    if make is None:  # an interpreter without the C accelerator
+        return reference.encode
+    settings = (
+        reference.default,
+        json.encoder.encode_basestring_ascii,  # ensure_ascii, as the reference
+        reference.indent,
+        reference.key_separator,
+        reference.item_separator,
+        reference.sort_keys,
+        reference.skipkeys,
+        reference.allow_nan,
+    )
+
+    def encode(value: Any) -> str:
+        # A fresh dict of markers each time, as the reference: circular values are refused.
+        return "".join(make({}, *settings)(value, 0))
+
+    return encode
+
+
+# Canonical JSON (sorted keys, no spaces; times and other non-JSON values as text): a record as
+# stored, and the arguments a decision digests (`bastion.gateway.enforce.ArgumentDigest`).
+canonical_json = _canonical_encoder()
+_encode = canonical_json
 
 
 class DecisionRecords:
@@ -162,18 +225,18 @@ class DecisionRecords:
             self._dropped_logged = dropped
 
     def _write(self, batch: list[DecisionRecord]) -> None:
+        # A record's fields (``vars``) encode as its `to_dict` does: a tuple is a JSON array.
         rows = [
             (
-                0,
                 r.id,
                 r.at,
                 r.server,
                 r.method,
                 r.target,
-                _encode(list(r.principals)),
+                _encode(r.principals),
                 r.result,
                 r.arguments_digest,
-                _encode(r.to_dict()),
+                _encode(vars(r)),
             )
             for r in batch
         ]
@@ -182,7 +245,7 @@ class DecisionRecords:
             if self.db.is_postgres:
                 self.db.execute("SELECT pg_advisory_xact_lock(hashtext('bastion:audit_decisions'))")
             head = self.db.execute("SELECT COALESCE(MAX(seq), 0) FROM audit_decisions")[0][0]
-            rows = [(head + i, *row[1:]) for i, row in enumerate(rows, start=1)]
+            rows = [(seq, *row) for seq, row in enumerate(rows, start=head + 1)]
             # A batch is written again after a failed flush, and the failure may have been the
             # answer to a COMMIT that took effect: what is stored already is left as it is (a
             # sequence number is then skipped), so no record is written twice and the rest of

@@ -18,7 +18,11 @@ class Entity(NamedTuple):
     id: str
 
     def __repr__(self) -> str:
-        return f"{self.type}{{{_quote(self.id)}}}"
+        # `_quote`, inline: every decision record spells its principals and target this way.
+        text = self.id
+        if "\\" in text or '"' in text:
+            text = text.replace("\\", "\\\\").replace('"', '\\"')
+        return f'{self.type}{{"{text}"}}'
 
     @classmethod
     def parse(cls, text: str) -> Entity:

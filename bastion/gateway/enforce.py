@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import json
 import logging
 import secrets
 import threading
@@ -24,7 +23,12 @@ import anyio
 
 from bastion.approvals.service import Approvals, Call, Outcome
 from bastion.approvals.store import ApprovalRequest
-from bastion.audit.decisions import DecisionRecord, DecisionRecords, new_decision_id
+from bastion.audit.decisions import (
+    DecisionRecord,
+    DecisionRecords,
+    canonical_json,
+    new_decision_id,
+)
 from bastion.decide import Authorizer
 from bastion.decide.contract import (
     ChainDecision,
@@ -134,10 +138,6 @@ class Held(Exception):
     reason: str  # approval_pending or review_pending
 
 
-# Canonical JSON (sorted keys, no spaces) for digests and keys; built once, not per call.
-_canonical = json.JSONEncoder(sort_keys=True, separators=(",", ":"), default=str).encode
-
-
 class ArgumentDigest:
     """The digest of a message's arguments in its decision record: HMAC-SHA256 under a key of
     the deployment, so that a reader of the records cannot confirm a guess of small values (an
@@ -152,7 +152,7 @@ class ArgumentDigest:
         if arguments is None:
             return ""
         mac = self._keyed.copy()
-        mac.update(_canonical(arguments).encode())
+        mac.update(canonical_json(arguments).encode())
         return "hmac-sha256:" + mac.hexdigest()
 
 
@@ -687,46 +687,52 @@ class Enforcer:
         deciding = chain.refused_by or chain.principals[-1]
         question = (deciding, action, resource)
         rules = self.explained.get(chain.generation, question, context)
-        over_budget = reason == EvaluationLimit.reason  # explaining would spend it again
         if (
             rules is None
-            and not over_budget
             and result in ("deny", "held", "rate_limited", "unavailable")
+            and reason != EvaluationLimit.reason  # explaining would spend the budget again
         ):
             # Refusals are explained on the spot; allows when the record is written (`write`),
             # off the request path: an explanation costs a few hundred microseconds.
             rules = self.explained.explain(authz, question, context)
+        applied = chain.obligations
         obligations = {
-            "masks": list(chain.obligations.masks),
+            "masks": list(applied.masks),
             "rate_limits": [
                 {"principal": repr(r.principal), "max": r.max, "seconds": r.seconds}
-                for r in chain.obligations.rate_limits
-            ],
-            "required_scopes": list(chain.obligations.required_scopes),
+                for r in applied.rate_limits
+            ]
+            if applied.rate_limits
+            else [],
+            "required_scopes": list(applied.required_scopes),
         }
         if chain.missing_scopes:
             obligations["missing_scopes"] = list(chain.missing_scopes)
-        if chain.obligations.read_only:
+        if applied.read_only:
             obligations["read_only"] = True
-        if chain.obligations.max_auth_age is not None:
-            obligations["max_auth_age"] = chain.obligations.max_auth_age
+        if applied.max_auth_age is not None:
+            obligations["max_auth_age"] = applied.max_auth_age
         if chain.stale_signals:
             obligations["stale_signals"] = list(chain.stale_signals)
         if approval is not None:
             # The request that held it, or whose approval (or released result) it used.
             obligations["approval"] = approval
         seen = _without_arguments(context)
+        principals = tuple(map(repr, chain.principals))
         record = {
             "id": decision_id,
             "at": self.clock(),
             "server": server,
             "method": method,
             "target": repr(resource),
-            "principals": tuple(repr(p) for p in chain.principals),
+            "principals": principals,
             "result": result,
             "arguments_digest": self.digest(arguments),
             "context": seen,
-            "deciding_principal": repr(deciding),
+            # Mostly the last principal, spelled already.
+            "deciding_principal": (
+                principals[-1] if deciding is chain.principals[-1] else repr(deciding)
+            ),
             "rules": rules or (),
             "obligations": obligations,
             "reason": reason,
@@ -785,7 +791,7 @@ class Enforcer:
         fields = {**record, **more}
         explain = fields.pop("_explain", None)
         rules = partial(self.explained.explain, *explain) if explain else None
-        self.records.add(DecisionRecord(**fields), rules)
+        self.records.add(DecisionRecord.of(fields), rules)
 
 
 class Explained:
@@ -810,6 +816,8 @@ class Explained:
         if generation != known_generation:
             return None
         for reads, rules in known.get(question, ()):
+            if not reads:  # decided without reading the context
+                return rules
             if all(same_value(context_value(context, path), seen) for path, seen in reads):
                 return rules
         return None

@@ -95,30 +95,50 @@ def scope_keys(subject: str, agent: str, target: str) -> tuple[str, str, str]:
     return (f"user|{subject}", f"agent|{agent}", f"tool|{agent}|{target}")
 
 
+class _Counted:
+    """One key's counters: the running totals of those every window counts alike (calls,
+    refusals, destructive, bytes), and its windows. A message adds to the totals once, not
+    once per window: a window's count is how far the totals went since it began."""
+
+    __slots__ = ("totals", "windows")
+
+    def __init__(self, now: float) -> None:
+        self.totals = [0] * _TARGETS  # the counters before targets, in `COUNTERS` order
+        self.windows = [_Window(int(now // s), s, self.totals) for _, s in WINDOWS]
+
+
 class _Window:
-    """One key's counters over one window length: fixed windows, rolled lazily."""
+    """One key's counters over one window length: fixed windows, rolled lazily. ``start``: the
+    key's totals when the current fixed window began; ``targets``: the distinct targets in it."""
 
-    __slots__ = ("index", "end", "current", "previous", "baseline", "learned", "seen")
+    __slots__ = ("index", "end", "start", "targets", "previous", "baseline", "learned", "seen")
 
-    def __init__(self, index: int, seconds: float) -> None:
+    def __init__(self, index: int, seconds: float, totals: list[int]) -> None:
         self.index = index
         self.end = (index + 1) * seconds
-        self.current = [0] * _N
+        self.start = list(totals)
+        self.targets = 0
         self.previous = [0] * _N
         self.baseline = [0.0] * _N
         self.learned = False
         self.seen: set[str] = set()
 
-    def roll(self, now: float, seconds: float, weight: float) -> None:
+    def current(self, totals: list[int]) -> list[int]:
+        """The counts of the current fixed window, in `COUNTERS` order."""
+        return [t - s for t, s in zip(totals, self.start, strict=True)] + [self.targets]
+
+    def roll(self, now: float, seconds: float, weight: float, totals: list[int]) -> None:
         index = int(now // seconds)
         gap = index - self.index
         self.end = (index + 1) * seconds
         if gap <= 0:
             return
-        self.baseline = fold(self.baseline, self.current, gap, weight, self.learned)
+        current = self.current(totals)
+        self.baseline = fold(self.baseline, current, gap, weight, self.learned)
         self.learned = True
-        self.previous = self.current if gap == 1 else [0] * _N
-        self.current = [0] * _N
+        self.previous = current if gap == 1 else [0] * _N
+        self.start = list(totals)
+        self.targets = 0
         self.seen = set()
         self.index = index
 
@@ -140,27 +160,30 @@ def fold(
 
 class _Lazy(dict):
     """A dict that makes each entry when it is first read (`get`, as the policy's field lookup
-    reads): only the figures a rule reads are computed, and kept in the decision record."""
+    reads, or ``[]``): only the figures a rule reads are computed, and kept in the decision
+    record. No entry is None (``make`` answers None for a name that has none)."""
 
     __slots__ = ("_make",)
 
     def __init__(self, make: Callable[[str], Any]) -> None:
-        super().__init__()
+        # Empty already (dict.__new__): dict.__init__ would have nothing to do.
         self._make = make
 
     def get(self, name: Any, default: Any = None) -> Any:
-        if dict.__contains__(self, name):
-            return dict.__getitem__(self, name)
-        value = self._make(name)
+        value = dict.get(self, name)
         if value is None:
-            return default
-        dict.__setitem__(self, name, value)
+            value = self._make(name)
+            if value is None:
+                return default
+            dict.__setitem__(self, name, value)
         return value
 
-    def __getitem__(self, name: Any) -> Any:
-        value = self.get(name)
+    def __missing__(self, name: Any) -> Any:
+        # ``[]`` of an entry not made yet (one made is found by dict itself, at C speed).
+        value = self._make(name)
         if value is None:
             raise KeyError(name)
+        dict.__setitem__(self, name, value)
         return value
 
 
@@ -178,7 +201,7 @@ class BehaviorView(_Lazy):
     __slots__ = ("_source", "_keys", "_now")
 
     def __init__(self, source: Source | None, keys: tuple[str, str, str], now: float):
-        super().__init__(self._scope)
+        self._make = self._scope
         self._source = source
         self._keys = keys
         self._now = now
@@ -242,7 +265,7 @@ class _Counting(ABC):
             allowed and isinstance(annotations, dict) and annotations.get("destructiveHint") is True
         )
         self.observe(
-            view.counter_keys,
+            view._keys,
             not allowed,
             destructive,
             record["target"],
@@ -260,7 +283,7 @@ class LocalBehavior(_Counting):
     ) -> None:
         self.settings = settings or BehaviorSettings()
         self.clock = clock
-        self._keys: dict[str, list[_Window]] = {}
+        self._keys: dict[str, _Counted] = {}
 
     # -- reading ------------------------------------------------------------------------------
 
@@ -272,12 +295,13 @@ class LocalBehavior(_Counting):
 
     def figure(self, key: str, now: float, c: int, w: int) -> dict[str, Any]:
         """Counter ``c`` of ``key`` over window ``w`` at ``now`` (read as rolled, not rolled)."""
-        windows = self._keys.get(key)
-        if windows is None:
+        counted = self._keys.get(key)
+        if counted is None:
             return figure(0, 0, 0.0, 0.0)
-        window, seconds = windows[w], WINDOWS[w][1]
+        window, seconds = counted.windows[w], WINDOWS[w][1]
         index = int(now // seconds)
-        cur, prev, base = window.current[c], window.previous[c], window.baseline[c]
+        cur = window.targets if c == _TARGETS else counted.totals[c] - window.start[c]
+        prev, base = window.previous[c], window.baseline[c]
         if index > window.index:
             gap = index - window.index
             base = fold([base], [cur], gap, self.settings.baseline_weight, window.learned)[0]
@@ -304,40 +328,55 @@ class LocalBehavior(_Counting):
         """Count one decided message: under each key, a call (and a refusal, a destructive
         call), and its target (its arguments, for the agent-on-target key) if new."""
         now = self.clock()
+        known = self._keys
+        max_targets = self.settings.max_targets
+        flagged = refused or destructive
         for key in keys:
-            seen = detail if key[0] == "t" else target
-            for window in self._windows(key, now):
-                counts = window.current
-                counts[_CALLS] += 1
+            # `_counted`, inline while the key's windows need neither making nor rolling.
+            counted = known.get(key)
+            if counted is None or now >= counted.windows[0].end:
+                counted = self._counted(key, now)
+            totals = counted.totals
+            totals[_CALLS] += 1
+            if flagged:
                 if refused:
-                    counts[_REFUSALS] += 1
+                    totals[_REFUSALS] += 1
                 if destructive:
-                    counts[_DESTRUCTIVE] += 1
-                if seen not in window.seen:
-                    counts[_TARGETS] += 1
-                    if len(window.seen) < self.settings.max_targets:
-                        window.seen.add(seen)
+                    totals[_DESTRUCTIVE] += 1
+            seen = detail if key[0] == "t" else target
+            for window in counted.windows:
+                targets = window.seen
+                if seen not in targets:
+                    window.targets += 1
+                    if len(targets) < max_targets:
+                        targets.add(seen)
 
     def returned(self, keys: tuple[str, ...], size: int) -> None:
         """Count the bytes of a result returned."""
         now = self.clock()
+        known = self._keys
         for key in keys:
-            for window in self._windows(key, now):
-                window.current[_BYTES] += size
+            counted = known.get(key)  # `_counted`, inline as in `observe`
+            if counted is None or now >= counted.windows[0].end:
+                counted = self._counted(key, now)
+            counted.totals[_BYTES] += size
 
-    def _windows(self, key: str, now: float) -> list[_Window]:
-        windows = self._keys.get(key)
-        weight = self.settings.baseline_weight
-        if windows is None:
+    def _counted(self, key: str, now: float) -> _Counted:
+        """``key``'s counters at ``now``: made if new (the oldest key goes if there are too
+        many), their windows rolled if the minute ended."""
+        counted = self._keys.get(key)
+        if counted is None:
             if len(self._keys) >= self.settings.max_keys:
                 del self._keys[next(iter(self._keys))]
-            windows = self._keys[key] = [_Window(int(now // s), s) for _, s in WINDOWS]
-            return windows
+            counted = self._keys[key] = _Counted(now)
+            return counted
+        windows = counted.windows
         if now >= windows[0].end:  # the minute ends first: nothing else can have ended before
+            weight, totals = self.settings.baseline_weight, counted.totals
             for window, (_, seconds) in zip(windows, WINDOWS, strict=True):
                 if now >= window.end:
-                    window.roll(now, seconds, weight)
-        return windows
+                    window.roll(now, seconds, weight, totals)
+        return counted
 
     async def close(self) -> None:
         pass

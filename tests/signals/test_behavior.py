@@ -6,6 +6,7 @@ baselines) on a clock the test moves."""
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 from argon2 import PasswordHasher
@@ -193,6 +194,62 @@ def test_keys_and_targets_held_are_bounded():
     assert b.figures("agent|y", now[0])["targets"]["minute"]["count"] == 5
 
 
+def _reference_figures(events, now, weight, c, seconds):
+    """Counter ``c`` over windows of ``seconds`` at ``now``, from every message and result
+    (``events``: time, calls, refusals, destructive, bytes, target) of one key, window by
+    window: the definition the counters compute in O(1)."""
+    index = int(now // seconds)
+    first = int(events[0][0] // seconds)
+    per_window: dict[int, list] = {}
+    for at, *adds, target in events:
+        counts = per_window.setdefault(int(at // seconds), [0, 0, 0, 0, set()])
+        for i, n in enumerate(adds):
+            counts[i] += n
+        if target is not None:
+            counts[4].add(target)
+
+    def count(i):
+        counts = per_window.get(i, [0, 0, 0, 0, set()])
+        return len(counts[4]) if c == 4 else counts[c]
+
+    baseline = 0.0
+    for i in range(first, index):  # the completed windows: the first seeds the baseline
+        baseline = float(count(i)) if i == first else weight * count(i) + (1 - weight) * baseline
+    covered = 1 - (now - index * seconds) / seconds
+    return count(index) + count(index - 1) * covered, baseline
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_counts_and_baselines_agree_with_their_definition_window_by_window(seed):
+    import random
+
+    rng = random.Random(seed)
+    now = [rng.uniform(0, 1e6)]
+    weight = rng.choice([0.2, 0.5, 1.0])
+    b = LocalBehavior(BehaviorSettings(baseline_weight=weight), clock=lambda: now[0])
+    keys = scope_keys("sam", "agent-1", 'Tool{"desk/search"}')
+    events = []
+    for _ in range(150):
+        now[0] += rng.choice([0.5, 3, 20, 59, 61, 200, 599, 601, 1800, 3601])
+        if rng.random() < 0.7:
+            refused, destructive = rng.random() < 0.3, rng.random() < 0.3
+            target = rng.choice("abcde")
+            b.observe(keys[:2], refused, destructive, target=target, detail="")
+            events.append((now[0], 1, int(refused), int(destructive), 0, target))
+        else:
+            size = rng.randrange(5000)
+            b.returned(keys[:2], size)
+            events.append((now[0], 0, 0, 0, size, None))
+        at = now[0] + rng.choice([0, 10, 70, 700, 4000])
+        figures = b.figures(keys[1], at)
+        for c, name in enumerate(("calls", "refusals", "destructive", "bytes", "targets")):
+            for window, seconds in (("minute", 60), ("ten_minutes", 600), ("hour", 3600)):
+                count, baseline = _reference_figures(events, at, weight, c, seconds)
+                figure = figures[name][window]
+                assert figure["count"] == math.ceil(count - 1e-9), (name, window)
+                assert figure["baseline"] == pytest.approx(baseline, rel=1e-6, abs=2e-3)
+
+
 @pytest.mark.parametrize(
     "table",
     [
@@ -254,6 +311,26 @@ def test_the_view_makes_only_what_a_rule_reads_and_nothing_for_unknown_names():
     }
 
 
+def test_a_view_read_by_index_makes_what_the_policy_lookup_makes():
+    now = [0.0]
+    b = LocalBehavior(clock=lambda: now[0])
+    b.observe(scope_keys("sam", "a", "T"), refused=False, destructive=True, target="T", detail="")
+    by_index, by_lookup = b.view("sam", "a", "T"), b.view("sam", "a", "T")
+    figure = by_index["agent"]["destructive"]["minute"]
+    assert figure == by_lookup.get("agent").get("destructive").get("minute")
+    assert figure == {"count": 1, "baseline": 0.0, "ratio": 1.0}
+    assert by_index["agent"]["destructive"]["minute"] is figure  # made once, then kept
+    assert json.dumps(by_index) == json.dumps(by_lookup)
+    with pytest.raises(KeyError):
+        by_index["agents"]
+    with pytest.raises(KeyError):
+        by_index["agent"]["deletes"]
+    with pytest.raises(KeyError):
+        by_index["agent"]["destructive"]["1m"]
+    assert by_index.get("agents", "absent") == "absent"
+    assert json.dumps(by_index) == json.dumps(by_lookup)  # nothing made for a wrong name
+
+
 def test_a_view_without_its_counters_refuses_the_rule_that_reads_it():
     from bastion.signals.behavior import BehaviorUnavailable, BehaviorView
 
@@ -262,6 +339,8 @@ def test_a_view_without_its_counters_refuses_the_rule_that_reads_it():
     with pytest.raises(BehaviorUnavailable) as refused:
         view.get("agent")
     assert refused.value.reason == "behavior_unavailable"
+    with pytest.raises(BehaviorUnavailable):
+        view["agent"]  # as the built-in alerts read it
 
 
 def test_signals_behavior_table_is_read_from_bastion_toml_and_checked(tmp_path):

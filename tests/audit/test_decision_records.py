@@ -1,0 +1,158 @@
+"""Decision records as stored: the ``record`` and ``principals`` columns hold the canonical JSON
+of the record (sorted keys, compact, non-JSON values as text), byte for byte what the standard
+library's encoder writes; decision ids are random UUIDs (version 4) in hex."""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import uuid
+from datetime import UTC, datetime
+
+import pytest
+
+from bastion.audit import decisions
+from bastion.audit.decisions import (
+    DecisionRecord,
+    DecisionRecords,
+    canonical_json,
+    new_decision_id,
+)
+from bastion.db import Database
+from bastion.signals.behavior import LocalBehavior
+
+REFERENCE = json.JSONEncoder(sort_keys=True, separators=(",", ":"), default=str).encode
+
+VALUES = [
+    "plain",
+    'quotes " and \\ and é and \u2028 and \x00',
+    0,
+    -(2**70),
+    1.5,
+    -0.0,
+    float("nan"),
+    float("inf"),
+    None,
+    True,
+    [1, (2, "3"), []],
+    {"b": 1, "a": {"z": [datetime(2026, 12, 3, tzinfo=UTC)], "y": {}}},
+    {1: "one", 2: "two"},
+    {"set": {3}, "object": object.__name__, "bytes": b"x"},
+]
+
+
+@pytest.mark.parametrize("value", VALUES, ids=range(len(VALUES)))
+def test_canonical_json_is_the_standard_encoders_text(value):
+    assert canonical_json(value) == REFERENCE(value)
+
+
+def test_canonical_json_refuses_what_the_standard_encoder_refuses_and_goes_on():
+    loop: list = []
+    loop.append(loop)
+    for refused, error in (({1: 1, "a": 2}, TypeError), (loop, ValueError)):
+        with pytest.raises(error):
+            REFERENCE(refused)
+        with pytest.raises(error):
+            canonical_json(refused)
+    assert canonical_json([loop[:0], {"a": 1}]) == '[[],{"a":1}]'  # nothing left behind
+
+
+def test_a_record_is_stored_as_the_canonical_json_of_its_fields(tmp_path):
+    database = str(tmp_path / "records.db")
+    records = DecisionRecords(Database(database))
+    behavior = LocalBehavior(clock=lambda: 120.0)
+    view = behavior.view("sam", "agent-1", 'Tool{"desk/search"}')
+    view["agent"]["calls"]["minute"]  # read, as an alert or a rule reads it: recorded
+    made = [
+        DecisionRecord(
+            new_decision_id(),
+            1.25,
+            "desk",
+            "tools/call",
+            'Tool{"desk/search"}',
+            ('User{"sam"}', 'Agent{"agent-1"}'),
+            "allow",
+            "hmac-sha256:00",
+            {"time": datetime(2026, 12, 3, tzinfo=UTC), "behavior": view, "é": ["\u2028"]},
+            'Agent{"agent-1"}',
+            ("allow(user, action, tool) if ...",),
+            {"masks": ["customers.*.email"], "rate_limits": [], "required_scopes": ["a"]},
+            "",
+            321,
+        ),
+        DecisionRecord("early", 2.0, "desk", "tools/call", "T", ("U",), "deny", reason="stale"),
+    ]
+    for record in made:
+        records.add(record)
+    records.add(made[1], lambda: ("explained",))
+    records.add(DecisionRecord("later", 3.0, "desk", "m", "T", (), "allow"), lambda: ("r",))
+    assert records.flush() == 4
+    with sqlite3.connect(database) as conn:
+        rows = conn.execute(
+            "SELECT seq, id, principals, record FROM audit_decisions ORDER BY seq"
+        ).fetchall()
+    later = DecisionRecord("later", 3.0, "desk", "m", "T", (), "allow", rules=("r",))
+    # The second "early" is the same decision: not stored twice (its sequence is skipped).
+    assert [(seq, i) for seq, i, _, _ in rows] == [(1, made[0].id), (2, "early"), (4, "later")]
+    for (_, _, principals, text), record in zip(rows, [*made, later], strict=True):
+        assert principals == REFERENCE(list(record.principals))
+        assert text == REFERENCE(record.to_dict())
+    assert records.get(made[0].id).context["behavior"] == json.loads(REFERENCE(view))
+
+
+def test_decision_ids_are_uuid4_hex(monkeypatch):
+    for _ in range(1000):
+        decision_id = new_decision_id()
+        parsed = uuid.UUID(hex=decision_id)
+        assert parsed.hex == decision_id and parsed.version == 4
+        assert parsed.variant == uuid.RFC_4122
+    for fill in (b"\x00", b"\xff", os.urandom(1)):
+        monkeypatch.setattr(decisions.os, "urandom", lambda n, fill=fill: fill * n)
+        assert new_decision_id() == uuid.UUID(bytes=fill * 16, version=4).hex
+
+
+FULL = {
+    "id": "d1",
+    "at": 1.0,
+    "server": "desk",
+    "method": "tools/call",
+    "target": "T",
+    "principals": ("U",),
+    "result": "allow",
+    "arguments_digest": "hmac-sha256:00",
+    "context": {"server": "desk"},
+    "deciding_principal": "U",
+    "rules": ("r",),
+    "obligations": {"masks": []},
+    "reason": "",
+    "latency_us": 12,
+}
+
+
+@pytest.mark.parametrize(
+    "given",
+    [
+        FULL,
+        {
+            k: FULL[k]
+            for k in ("id", "at", "server", "method", "target", "principals", "result", "context")
+        },
+    ],
+)
+def test_a_record_made_from_its_fields_is_the_one_its_constructor_makes(given):
+    made, constructed = DecisionRecord.of(given), DecisionRecord(**given)
+    assert made == constructed and vars(made) == vars(constructed)
+    if "obligations" not in given:  # a default dict is made for each record
+        assert (
+            made.obligations == {} and DecisionRecord.of(given).obligations is not made.obligations
+        )
+    with pytest.raises(AttributeError):
+        made.result = "deny"  # frozen, as constructed
+
+
+def test_a_record_made_from_wrong_fields_is_refused_as_its_constructor_refuses_it():
+    with pytest.raises(TypeError, match="unexpected keyword argument 'extra'"):
+        DecisionRecord.of({**FULL, "extra": 1})
+    with pytest.raises(TypeError, match="'result'"):
+        DecisionRecord.of({k: v for k, v in FULL.items() if k != "result"})
