@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import itertools
 import json
 import logging
 import time
@@ -61,6 +62,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("bastion.gateway")
 
 DPOP_HEADER = b"dpop"
+_LATIN_1 = itertools.repeat("latin-1")
 _NAME_PARAMS = {"tools/call": "name", "prompts/get": "name", "resources/read": "uri"}
 _ENVELOPE_VERSION = "io.modelcontextprotocol/protocolVersion"
 _ENVELOPE_CAPABILITIES = "io.modelcontextprotocol/clientCapabilities"
@@ -76,8 +78,14 @@ class HttpError(Exception):
 
 
 def _headers(scope: Scope) -> dict[str, str]:
-    # ASGI servers give header names lowercased.
-    return {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+    # ASGI servers give header names lowercased. Decoded by map and zip, not one name and one
+    # value at a time in Python: ~15 bytecodes a request instead of ~150.
+    raw = scope["headers"]
+    if not raw:
+        return {}
+    names, values = zip(*raw, strict=True)
+    decoded = map(bytes.decode, names, _LATIN_1), map(bytes.decode, values, _LATIN_1)
+    return dict(zip(*decoded, strict=True))
 
 
 def _decode_name(value: str | None) -> str | None:
@@ -99,7 +107,7 @@ async def send_json(
     raw = [(b"content-type", b"application/json")] if body is not None else []
     if headers:
         raw += [(k.encode(), v.encode()) for k, v in headers.items()]
-    raw.append((b"content-length", str(len(data)).encode()))
+    raw.append((b"content-length", b"%d" % len(data)))
     await send({"type": "http.response.start", "status": status, "headers": raw})
     await send({"type": "http.response.body", "body": data})
     return len(data)
@@ -169,8 +177,8 @@ class StreamableHttpEndpoint:
         gateway = self.gateway
         authorization = headers.get("authorization", "")
         scheme, _, token = authorization.partition(" ")
-        kind = scheme.lower()
-        if kind not in ("bearer", "dpop") or not token.strip():
+        kind, presented = scheme.lower(), token.strip()
+        if kind not in ("bearer", "dpop") or not presented:
             raise HttpError(
                 401,
                 {
@@ -183,9 +191,9 @@ class StreamableHttpEndpoint:
                     )
                 },
             )
+        address = (scope.get("client") or ("", 0))[0] or ""
         try:
-            address = (scope.get("client") or ("", 0))[0] or None
-            verified = await gateway.verify_token(token.strip(), server, address)
+            verified = await gateway.verify_token(presented, server, address or None)
         except InvalidToken as e:
             raise HttpError(
                 401,
@@ -209,17 +217,16 @@ class StreamableHttpEndpoint:
             ) from None
         if verified.jkt is not None or kind == "dpop":
             await self._check_dpop(server, kind, token, verified.jkt, scope)
-        client = scope.get("client") or ("", 0)
         return Caller(
             subject=verified.subject,
             client_id=verified.client_id,
             scopes=verified.scopes,
-            address=client[0] or "",
+            address=address,
             protocol_version=headers.get("mcp-protocol-version", ""),
             grant_id=verified.grant_id,
             session_id=headers.get("mcp-session-id", ""),
             auth_time=verified.auth_time,
-            posture=gateway.posture.read(client[0] or "", headers, verified.claims),
+            posture=gateway.posture.read(address, headers, verified.claims),
             # A delegated token's chain (RFC 8693 act), checked by the verifier.
             agents=verified.agents,
             task=verified.task or "",
