@@ -417,7 +417,8 @@ class StreamableHttpEndpoint:
         # nothing more, a cancellation included, until an answer has begun). Quicker requests
         # cost one timer.
         key = (*owner, message.id)
-        flight = gateway.in_flight[key] = InFlight(asyncio.current_task())
+        task = asyncio.current_task()
+        flight = gateway.in_flight[key] = InFlight(task)
         # Answered as events once the upstream reports progress or a log message the client
         # asked for (at its level: its session's in 2025-11-25, the request's in 2026-07-28).
         progress = wants_events and (
@@ -425,7 +426,9 @@ class StreamableHttpEndpoint:
             or (exchange.log_level is not None and message.method not in _ANSWERED_WHOLE)
         )
         early = wants_events and not progress and message.method not in _ANSWERED_WHOLE
-        timer = asyncio.get_running_loop().call_later(
+        # The task's loop is the running one (not asked again: a getpid() on Python 3.11).
+        loop = task.get_loop() if task is not None else asyncio.get_running_loop()
+        timer = loop.call_later(
             _WATCH_AFTER, flight.watch, receive, send if early else None, response_headers
         )
         if early:
@@ -447,7 +450,7 @@ class StreamableHttpEndpoint:
         except asyncio.CancelledError:
             if flight.reason is None:
                 raise
-            asyncio.current_task().uncancel()  # type: ignore[union-attr]
+            task.uncancel()  # type: ignore[union-attr]
             if flight.reason == "cancelled":
                 await flight.end(send, None)
             return
