@@ -206,12 +206,9 @@ class Exchange:
                     hear=hear,
                 )
             )
+            asking = result.get("resultType") in INPUT_REQUIRED
             rounds = 0
-            while (
-                result.get("resultType") in INPUT_REQUIRED
-                and not modern
-                and rounds < _MAX_INPUT_ROUNDS
-            ):
+            while asking and not modern and rounds < _MAX_INPUT_ROUNDS:
                 # A 2025-11-25 client: ask it each question, then retry for it.
                 rounds += 1
                 params = {**params, **await self._answers(result)}
@@ -225,10 +222,11 @@ class Exchange:
                         hear=hear,
                     )
                 )
+                asking = result.get("resultType") in INPUT_REQUIRED
         finally:
             if route is not None:
                 self.gateway.progress_routes.pop(route, None)
-        if result.get("resultType") in INPUT_REQUIRED:
+        if asking:
             if not modern:
                 raise RpcError(UPSTREAM_UNAVAILABLE, f"upstream {self.server} kept asking")
             # A 2026-07-28 client answers the questions itself and retries (a new request,

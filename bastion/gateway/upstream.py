@@ -164,7 +164,8 @@ class Upstream(abc.ABC):
         roots), told to a 2026-07-28 upstream. ``ask``: where requests the upstream sends while
         answering this one go (else they are refused). ``log_level``: the level of log messages
         that client wants, if any; ``hear`` takes those the upstream sends about this request."""
-        await self.ensure_started()
+        if not self._started:
+            await self.ensure_started()
         message: dict[str, Any] = {"jsonrpc": "2.0", "id": next(self._ids), "method": method}
         if log_level is not None:
             if self._modern:
