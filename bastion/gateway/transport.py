@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import itertools
 import json
 import logging
 import time
@@ -62,7 +61,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("bastion.gateway")
 
 DPOP_HEADER = b"dpop"
-_LATIN_1 = itertools.repeat("latin-1")
 _NAME_PARAMS = {"tools/call": "name", "prompts/get": "name", "resources/read": "uri"}
 _ENVELOPE_VERSION = "io.modelcontextprotocol/protocolVersion"
 _ENVELOPE_CAPABILITIES = "io.modelcontextprotocol/clientCapabilities"
@@ -78,14 +76,9 @@ class HttpError(Exception):
 
 
 def _headers(scope: Scope) -> dict[str, str]:
-    # ASGI servers give header names lowercased. Decoded by map and zip, not one name and one
-    # value at a time in Python: ~15 bytecodes a request instead of ~150.
-    raw = scope["headers"]
-    if not raw:
-        return {}
-    names, values = zip(*raw, strict=True)
-    decoded = map(bytes.decode, names, _LATIN_1), map(bytes.decode, values, _LATIN_1)
-    return dict(zip(*decoded, strict=True))
+    # ASGI servers give header names lowercased. (A dict comprehension: map and zip over
+    # bytes.decode run fewer bytecodes but half again as many instructions, by callgrind.)
+    return {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
 
 
 def _decode_name(value: str | None) -> str | None:
