@@ -193,26 +193,40 @@ class Exchange:
             else None
         )
         # Log messages only for a client that asked for them and reads the answer's stream.
-        level = self.log_level if self.progress is not None else None
-        logs: dict[str, Any] = {"log_level": level, "hear": self.hear} if level else {}
+        level = (self.log_level if self.progress is not None else None) or None
+        hear = self.hear if level else None
         try:
-            response = await self.connection.request(
-                self.message.method, params, capabilities=asks, ask=self._relay_request, **logs
-            )
-            for _ in range(_MAX_INPUT_ROUNDS):
-                result = _result(response)
-                if result.get("resultType") not in INPUT_REQUIRED or modern:
-                    break
-                # A 2025-11-25 client: ask it each question, then retry for it.
-                params = {**params, **await self._answers(result)}
-                response = await self.connection.request(
-                    self.message.method, params, capabilities=asks, ask=self._relay_request, **logs
+            result = _result(
+                await self.connection.request(
+                    self.message.method,
+                    params,
+                    capabilities=asks,
+                    ask=self._relay_request,
+                    log_level=level,
+                    hear=hear,
                 )
+            )
+            asking = result.get("resultType") in INPUT_REQUIRED
+            rounds = 0
+            while asking and not modern and rounds < _MAX_INPUT_ROUNDS:
+                # A 2025-11-25 client: ask it each question, then retry for it.
+                rounds += 1
+                params = {**params, **await self._answers(result)}
+                result = _result(
+                    await self.connection.request(
+                        self.message.method,
+                        params,
+                        capabilities=asks,
+                        ask=self._relay_request,
+                        log_level=level,
+                        hear=hear,
+                    )
+                )
+                asking = result.get("resultType") in INPUT_REQUIRED
         finally:
             if route is not None:
                 self.gateway.progress_routes.pop(route, None)
-        result = _result(response)
-        if result.get("resultType") in INPUT_REQUIRED:
+        if asking:
             if not modern:
                 raise RpcError(UPSTREAM_UNAVAILABLE, f"upstream {self.server} kept asking")
             # A 2026-07-28 client answers the questions itself and retries (a new request,

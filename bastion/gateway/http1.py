@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import re
 import ssl
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Mapping
 from urllib.parse import urlsplit
 
 import httptools
@@ -36,6 +37,11 @@ def _text(line: bytearray) -> str:
     return bytes(line).removesuffix(b"\r").decode(errors="replace")
 
 
+def _framed(head: bytes, body: bytes) -> bytes:
+    """A request: its head (`Http1Client.head`), its length, and its body."""
+    return b"%b%d\r\n\r\n%b" % (head, len(body), body)
+
+
 class HttpClientError(Exception):
     """The upstream could not be reached, or its answer was not HTTP/1.1 we can read."""
 
@@ -53,17 +59,17 @@ def _check_header(name: str, value: str) -> None:
 class _Connection(asyncio.Protocol):
     """One TCP (or TLS) connection; one request at a time on it."""
 
-    def __init__(self) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        # The loop the connection is made on, which its futures belong to (asked for once).
+        self._loop = loop
         self.transport: asyncio.Transport | None = None
         self.lost = False
         self._error: Exception | None = None
         self._parser: httptools.HttpResponseParser | None = None
         self._headers: dict[str, str] = {}
-        self._name = b""
         self._head: asyncio.Future[None] | None = None
         self._chunks: collections.deque[bytes] = collections.deque()
         self._waiter: asyncio.Future[None] | None = None
-        self.received = 0
         self.complete = False
         self._keep_alive = False
         self.idle_since = 0.0
@@ -73,7 +79,6 @@ class _Connection(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
-        self.received += len(data)
         if self._parser is None:
             self._fail(HttpClientError("the upstream sent data nobody asked for"))
             return
@@ -91,8 +96,7 @@ class _Connection(asyncio.Protocol):
 
     # httptools callbacks
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._name = name.lower()
-        self._headers[self._name.decode("latin-1")] = value.decode("latin-1")
+        self._headers[name.lower().decode("latin-1")] = value.decode("latin-1")
 
     def on_headers_complete(self) -> None:
         # Asked now: once the message is complete the parser has moved on to the next one.
@@ -130,9 +134,8 @@ class _Connection(asyncio.Protocol):
         self._chunks.clear()
         self.complete = False
         self._keep_alive = False
-        self.received = 0
         self._error = None
-        self._head = asyncio.get_running_loop().create_future()
+        self._head = self._loop.create_future()
         self.transport.write(data)
         return self._head
 
@@ -144,7 +147,7 @@ class _Connection(asyncio.Protocol):
                 return None
             if self._error is not None:
                 raise self._error
-            self._waiter = asyncio.get_running_loop().create_future()
+            self._waiter = self._loop.create_future()
             try:
                 await self._waiter
             finally:
@@ -173,6 +176,15 @@ class Response:
 
     async def read(self, limit: int = MAX_MESSAGE) -> bytes:
         """The whole body; `HttpClientError` if it grows past ``limit`` bytes."""
+        connection = self._connection
+        if connection.complete:
+            # All of it has arrived (a small answer, most often): taken at once.
+            chunks = connection._chunks
+            if sum(map(len, chunks)) > limit:
+                raise HttpClientError(f"the response is larger than {limit} bytes")
+            body = b"".join(chunks)
+            chunks.clear()
+            return body
         parts, size = [], 0
         while (chunk := await self._connection.next_chunk()) is not None:
             size += len(chunk)
@@ -262,7 +274,7 @@ class Http1Client:
         try:
             _, connection = await asyncio.wait_for(
                 loop.create_connection(
-                    _Connection,
+                    functools.partial(_Connection, loop),
                     self.host,
                     self.port,
                     ssl=self._ssl,
@@ -276,7 +288,10 @@ class Http1Client:
             ) from None
         return connection
 
-    def _encode(self, method: str, headers: Mapping[str, str], body: bytes) -> bytes:
+    def head(self, method: str, headers: Mapping[str, str]) -> bytes:
+        """The head of a request, checked (`HttpClientError` for a CR, LF or NUL in a header)
+        and encoded up to its Content-Length's value: what `send` takes. A caller that sends
+        the same head again may keep it and send it again."""
         # The head but for its length is the same from call to call (the same upstream, tool
         # and credentials): checked and encoded once, then looked up.
         key = (method, *headers.items())
@@ -291,14 +306,25 @@ class Http1Client:
             if len(self._heads) >= _HEADS:
                 self._heads.clear()
             self._heads[key] = head
-        return b"%b%d\r\n\r\n%b" % (head, len(body), body)
+        return head
+
+    def _encode(self, method: str, headers: Mapping[str, str], body: bytes) -> bytes:
+        return _framed(self.head(method, headers), body)
 
     async def request(self, method: str, headers: Mapping[str, str], body: bytes = b"") -> Response:
         """Send a request and return once the response's status and headers are in. The caller
         reads the body and must `Response.close` it."""
         if self._closed:
             raise HttpClientError("the client is closed")
-        data = self._encode(method, headers, body)
+        return await self._send(self._encode(method, headers, body))
+
+    def send(self, head: bytes, body: bytes = b"") -> Awaitable[Response]:
+        """`request`, with a head `head` made."""
+        return self._send(_framed(head, body))
+
+    async def _send(self, data: bytes) -> Response:
+        if self._closed:
+            raise HttpClientError("the client is closed")
         connection = None
         now = time.monotonic()
         while self._idle:

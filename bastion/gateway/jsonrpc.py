@@ -6,9 +6,10 @@ their shape once, on the way in, and builds the error responses the gateway send
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from typing import Any
+
+from bastion.json_encoding import encoder
 
 PARSE_ERROR = -32700
 INVALID_REQUEST = -32600
@@ -40,9 +41,8 @@ RequestId = str | int
 # MCP's log levels (RFC 5424 severities), least severe first.
 LOG_LEVELS = ("debug", "info", "notice", "warning", "error", "critical", "alert", "emergency")
 
-# Compact JSON for every message bastion writes, with one encoder built once (``json.dumps``
-# with options builds a new encoder on every call).
-encode = json.JSONEncoder(separators=(",", ":")).encode
+# Compact JSON for every message bastion writes, with json's C encoder made once.
+encode = encoder(separators=(",", ":"))
 
 
 @dataclass(frozen=True, slots=True)

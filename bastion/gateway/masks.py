@@ -37,6 +37,7 @@ from collections.abc import Callable
 from typing import Any
 
 from bastion.gateway.jsonrpc import LOG_LEVELS
+from bastion.json_encoding import encoder
 
 log = logging.getLogger("bastion.gateway.masks")
 
@@ -60,6 +61,8 @@ _TIMESTAMP = re.compile(
 )
 # Returned by a field's masker for a field to leave out.
 _DROP = object()
+# json.dumps(value) with its encoder made once.
+_dumps = encoder()
 
 
 @functools.lru_cache(maxsize=1024)
@@ -159,8 +162,8 @@ def _text(text: Any, paths: Paths, uri: str | None = None) -> tuple[str, int]:
     count = _mask_json(data, paths)
     if count is None:
         return WITHHELD, 1
-    # Written back only if changed; without indent: json's C encoder, not the indenting one.
-    return (json.dumps(data) if count else text), count
+    # Written back only if changed, as json.dumps writes it.
+    return (_dumps(data) if count else text), count
 
 
 def _rebuild(

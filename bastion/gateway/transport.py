@@ -76,7 +76,8 @@ class HttpError(Exception):
 
 
 def _headers(scope: Scope) -> dict[str, str]:
-    # ASGI servers give header names lowercased.
+    # ASGI servers give header names lowercased. (A dict comprehension: map and zip over
+    # bytes.decode run fewer bytecodes but half again as many instructions, by callgrind.)
     return {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
 
 
@@ -99,7 +100,7 @@ async def send_json(
     raw = [(b"content-type", b"application/json")] if body is not None else []
     if headers:
         raw += [(k.encode(), v.encode()) for k, v in headers.items()]
-    raw.append((b"content-length", str(len(data)).encode()))
+    raw.append((b"content-length", b"%d" % len(data)))
     await send({"type": "http.response.start", "status": status, "headers": raw})
     await send({"type": "http.response.body", "body": data})
     return len(data)
@@ -169,8 +170,8 @@ class StreamableHttpEndpoint:
         gateway = self.gateway
         authorization = headers.get("authorization", "")
         scheme, _, token = authorization.partition(" ")
-        kind = scheme.lower()
-        if kind not in ("bearer", "dpop") or not token.strip():
+        kind, presented = scheme.lower(), token.strip()
+        if kind not in ("bearer", "dpop") or not presented:
             raise HttpError(
                 401,
                 {
@@ -183,9 +184,9 @@ class StreamableHttpEndpoint:
                     )
                 },
             )
+        address = (scope.get("client") or ("", 0))[0] or ""
         try:
-            address = (scope.get("client") or ("", 0))[0] or None
-            verified = await gateway.verify_token(token.strip(), server, address)
+            verified = await gateway.verify_token(presented, server, address or None)
         except InvalidToken as e:
             raise HttpError(
                 401,
@@ -209,17 +210,16 @@ class StreamableHttpEndpoint:
             ) from None
         if verified.jkt is not None or kind == "dpop":
             await self._check_dpop(server, kind, token, verified.jkt, scope)
-        client = scope.get("client") or ("", 0)
         return Caller(
             subject=verified.subject,
             client_id=verified.client_id,
             scopes=verified.scopes,
-            address=client[0] or "",
+            address=address,
             protocol_version=headers.get("mcp-protocol-version", ""),
             grant_id=verified.grant_id,
             session_id=headers.get("mcp-session-id", ""),
             auth_time=verified.auth_time,
-            posture=gateway.posture.read(client[0] or "", headers, verified.claims),
+            posture=gateway.posture.read(address, headers, verified.claims),
             # A delegated token's chain (RFC 8693 act), checked by the verifier.
             agents=verified.agents,
             task=verified.task or "",
@@ -410,7 +410,8 @@ class StreamableHttpEndpoint:
         # nothing more, a cancellation included, until an answer has begun). Quicker requests
         # cost one timer.
         key = (*owner, message.id)
-        flight = gateway.in_flight[key] = InFlight(asyncio.current_task())
+        task = asyncio.current_task()
+        flight = gateway.in_flight[key] = InFlight(task)
         # Answered as events once the upstream reports progress or a log message the client
         # asked for (at its level: its session's in 2025-11-25, the request's in 2026-07-28).
         progress = wants_events and (
@@ -418,7 +419,9 @@ class StreamableHttpEndpoint:
             or (exchange.log_level is not None and message.method not in _ANSWERED_WHOLE)
         )
         early = wants_events and not progress and message.method not in _ANSWERED_WHOLE
-        timer = asyncio.get_running_loop().call_later(
+        # The task's loop is the running one (not asked again: a getpid() on Python 3.11).
+        loop = task.get_loop() if task is not None else asyncio.get_running_loop()
+        timer = loop.call_later(
             _WATCH_AFTER, flight.watch, receive, send if early else None, response_headers
         )
         if early:
@@ -440,7 +443,7 @@ class StreamableHttpEndpoint:
         except asyncio.CancelledError:
             if flight.reason is None:
                 raise
-            asyncio.current_task().uncancel()  # type: ignore[union-attr]
+            task.uncancel()  # type: ignore[union-attr]
             if flight.reason == "cancelled":
                 await flight.end(send, None)
             return

@@ -87,6 +87,34 @@ def _b64_header(value: str) -> str:
     return "=?base64?" + base64.b64encode(value.encode()).decode() + "?="
 
 
+class _Deadline:
+    """The timeout of one request upstream, as `asyncio.timeout` times the await it guards: at
+    the deadline the task is cancelled, and that cancellation alone (not the client's) is taken
+    back (`end`). Without its state machine, and asking for the running loop once instead of
+    three times (Python 3.11 makes a getpid() system call each time): on every call's path."""
+
+    __slots__ = ("_task", "_handle", "_expired")
+
+    def __init__(self, delay: float) -> None:
+        task = asyncio.current_task()
+        if task is None:
+            raise RuntimeError("a request upstream must run in a task")
+        self._task = task
+        self._expired = False
+        self._handle = task.get_loop().call_later(delay, self._expire)
+
+    def _expire(self) -> None:
+        self._task.cancel()
+        self._expired = True
+
+    def end(self) -> bool:
+        """Stop the timer (again: harmless). True, once, if it expired and its cancellation was
+        the task's only one, now taken back: the request timed out, and nothing else stops it."""
+        self._handle.cancel()
+        expired, self._expired = self._expired, False
+        return expired and self._task.uncancel() == 0
+
+
 class Upstream(abc.ABC):
     """What the gateway needs of an upstream: request, notify, and its initialize result."""
 
@@ -136,7 +164,8 @@ class Upstream(abc.ABC):
         roots), told to a 2026-07-28 upstream. ``ask``: where requests the upstream sends while
         answering this one go (else they are refused). ``log_level``: the level of log messages
         that client wants, if any; ``hear`` takes those the upstream sends about this request."""
-        await self.ensure_started()
+        if not self._started:
+            await self.ensure_started()
         message: dict[str, Any] = {"jsonrpc": "2.0", "id": next(self._ids), "method": method}
         if log_level is not None:
             if self._modern:
@@ -146,19 +175,23 @@ class Upstream(abc.ABC):
                 await self._lower_log_level(log_level)
         if params is not None:
             message["params"] = params
+        deadline = _Deadline(self.config.timeout)
         try:
-            async with asyncio.timeout(self.config.timeout):  # no task per call, as wait_for has
-                return await self._exchange(message, capabilities=capabilities, ask=ask, hear=hear)
+            return await self._exchange(message, capabilities=capabilities, ask=ask, hear=hear)
         except asyncio.CancelledError:
-            # Its client cancelled or went away: the upstream may stop working on it.
-            self._abandon(message["id"], "the client cancelled the request")
-            raise
+            if not deadline.end():
+                # Its client cancelled or went away: the upstream may stop working on it.
+                self._abandon(message["id"], "the client cancelled the request")
+                raise
         except TimeoutError:
-            self._abandon(message["id"], "bastion stopped waiting")
-            raise RpcError(
-                UPSTREAM_UNAVAILABLE,
-                f"upstream {self.name} did not answer {method} within {self.config.timeout:g}s",
-            ) from None
+            pass
+        finally:
+            deadline.end()
+        self._abandon(message["id"], "bastion stopped waiting")
+        raise RpcError(
+            UPSTREAM_UNAVAILABLE,
+            f"upstream {self.name} did not answer {method} within {self.config.timeout:g}s",
+        ) from None
 
     async def watch(self, uris: frozenset[str]) -> None:
         """Make sure the upstream's notifications reach bastion: list changes, and updates of
@@ -478,6 +511,9 @@ class HttpUpstream(Upstream):
         # The access token of the one user this upstream session serves (per-user credentials,
         # `bastion.gateway.upstream_credentials`); None: only the configured headers.
         self.bearer: str | None = None
+        # The last POST head (`_post_head`), and what it was made for.
+        self._head = b""
+        self._head_key: tuple | None = None
 
     def _headers(self) -> dict[str, str]:
         headers = {
@@ -547,25 +583,38 @@ class HttpUpstream(Upstream):
         await super()._handshake()
         self._protocol_version = self.init_result.get("protocolVersion", UPSTREAM_PROTOCOL_VERSION)
 
+    def _post_head(self, method: str | None = None, name: str | None = None) -> bytes:
+        """The head of a POST (with 2026-07-28's Mcp-Method and Mcp-Name for ``method`` and
+        ``name``): made again only when it would differ from the last one (another user's token,
+        protocol version, session, method or name)."""
+        key = (self.bearer, self._protocol_version, self._session_id, method, name)
+        if key != self._head_key:
+            headers = self._headers()
+            if method is not None:
+                headers["mcp-method"] = method
+            if name is not None:
+                plain = name.isascii() and name.isprintable()
+                headers["mcp-name"] = name if plain else _b64_header(name)
+            self._head = self._http.head("POST", headers)
+            self._head_key = key
+        return self._head
+
     async def _post(
         self, message: dict[str, Any], capabilities: dict[str, Any] | None = None
     ) -> Response:
-        headers = self._headers()
-        if self._modern and "method" in message:
-            method = message["method"]
-            params = dict(message.get("params") or {})
-            params["_meta"] = {**(params.get("_meta") or {}), **_ENVELOPE}
-            if capabilities:
-                params["_meta"][_CAPABILITIES] = capabilities
-            message = {**message, "params": params}
-            headers["mcp-method"] = method
-            name = params.get(_NAME_PARAMS.get(method, ""))
-            if isinstance(name, str):
-                plain = name.isascii() and name.isprintable()
-                headers["mcp-name"] = name if plain else _b64_header(name)
-        body = encode(message).encode()
         try:
-            return await self._http.request("POST", headers, body)
+            if self._modern and "method" in message:
+                method = message["method"]
+                params = dict(message.get("params") or {})
+                params["_meta"] = {**(params.get("_meta") or {}), **_ENVELOPE}
+                if capabilities:
+                    params["_meta"][_CAPABILITIES] = capabilities
+                message = {**message, "params": params}
+                name = params.get(_NAME_PARAMS.get(method, ""))
+                head = self._post_head(method, name if isinstance(name, str) else None)
+            else:
+                head = self._post_head()
+            return await self._http.send(head, encode(message).encode())
         except HttpClientError as e:
             raise RpcError(UPSTREAM_UNAVAILABLE, f"upstream {self.name}: {e}") from None
 
@@ -579,30 +628,31 @@ class HttpUpstream(Upstream):
         retry: bool = True,
     ) -> dict[str, Any]:
         response = await self._post(message, capabilities)
+        status = response.status_code
         try:
-            if response.status_code == 404 and self._session_id and retry:
+            if status == 404 and self._session_id and retry:
                 # The upstream forgot our session (restart): open a new one, once.
                 response.close()
                 await self._connect()
                 return await self._exchange(
                     message, capabilities=capabilities, ask=ask, hear=hear, retry=False
                 )
-            if response.status_code == 401 and self.bearer is not None:
+            if status == 401 and self.bearer is not None:
                 raise UpstreamUnauthorized(
                     UPSTREAM_UNAVAILABLE, f"upstream {self.name} no longer accepts the user's token"
                 )
             if message.get("method") == "initialize" and "mcp-session-id" in response.headers:
                 self._session_id = response.headers["mcp-session-id"]
             kind = response.headers.get("content-type", "")
-            if response.status_code >= 400 and "json" not in kind:
+            if status >= 400 and "json" not in kind:
                 text = (await response.read()).decode(errors="replace")[:200]
                 raise UpstreamError(
                     UPSTREAM_UNAVAILABLE,
-                    f"upstream {self.name} answered HTTP {response.status_code}: {text}",
+                    f"upstream {self.name} answered HTTP {status}: {text}",
                 )
-            if _is_event_stream(response):
+            if kind.startswith(_EVENT_STREAM):
                 return await self._from_events(response, message["id"], ask, hear)
-            data = json.loads(await response.read())
+            data = _json_body(await response.read())
             if not isinstance(data, dict):
                 raise RpcError(UPSTREAM_UNAVAILABLE, f"upstream {self.name} sent a non-object")
             return data
@@ -836,8 +886,22 @@ class EventStream:
     retry: float = 1.0
 
 
+_EVENT_STREAM = "text/event-stream"
+
+
 def _is_event_stream(response: Response) -> bool:
-    return response.headers.get("content-type", "").startswith("text/event-stream")
+    return response.headers.get("content-type", "").startswith(_EVENT_STREAM)
+
+
+_decode_json = json.JSONDecoder().decode  # json.loads's own, for text
+
+
+def _json_body(data: bytes) -> Any:
+    """``json.loads(data)``, skipping its guess of the encoding for a body that opens an object
+    with a byte that is not NUL (which it reads as UTF-8 too: no BOM, no UTF-16 or UTF-32)."""
+    if data[:1] == b"{" and data[1:2] != b"\0":
+        return _decode_json(data.decode("utf-8", "surrogatepass"))
+    return json.loads(data)
 
 
 async def _events(response: Response, stream: EventStream | None = None):

@@ -172,3 +172,37 @@ def test_events_skip_what_is_not_json_and_refuse_an_event_over_the_limit(monkeyp
     # The broken events are logged, once each; the priming event is not.
     warned = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert warned == ["an upstream sent an event that is not JSON"] * 2
+
+
+def test_a_body_read_as_it_arrives_is_whole_and_bounded():
+    """A body that is still arriving when it is read (not all there yet, unlike the answers
+    above) is read to its end, and refused past the limit."""
+
+    async def handle(reader, writer):
+        for _ in range(2):
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 40\r\n\r\n" + b"x" * 10)
+            await writer.drain()
+            await asyncio.sleep(0.05)
+            writer.write(b"y" * 30)
+            await writer.drain()
+        writer.close()
+
+    async def main():
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        client = Http1Client(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/mcp")
+        try:
+            response = await client.request("POST", {}, b"")
+            assert not response._connection.complete  # read while it arrives
+            assert await response.read() == b"x" * 10 + b"y" * 30
+            response.close()
+            response = await client.request("POST", {}, b"")
+            assert not response._connection.complete
+            with pytest.raises(HttpClientError, match="larger than 16 bytes"):
+                await response.read(limit=16)
+            response.abort()
+        finally:
+            await client.aclose()
+            server.close()
+
+    asyncio.run(main())

@@ -1,0 +1,64 @@
+"""JSON encoders made once per configuration: `json.JSONEncoder.encode` without its per-call
+Python.
+
+`json.JSONEncoder.encode` runs two Python methods and builds json's C encoder again on every call;
+on the gateway's path, which encodes a few messages per call, that was more Python than the
+encoding. `encoder` builds the C encoder once and calls it directly: the same text, byte for byte,
+and the same errors (TypeError, ValueError for a circular reference or a NaN refused).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from json.encoder import (
+    JSONEncoder,
+    c_make_encoder,
+    encode_basestring,
+    encode_basestring_ascii,
+)
+from typing import Any
+
+
+def encoder(**options: Any) -> Callable[[Any], str]:
+    """``json.JSONEncoder(**options).encode``, as fast as json's C encoder allows."""
+    public = JSONEncoder(**options)
+    # c_make_encoder is json's private C accelerator (CPython has it): None where it is missing,
+    # and it does not indent; then the public encoder, which makes the same choice per call.
+    if c_make_encoder is None or public.indent is not None:
+        return public.encode
+    # The C encoder keeps the containers it is inside of in ``markers`` (check_circular), as
+    # JSONEncoder does with a new dict per call; an error leaves them there.
+    markers: dict[int, Any] | None = {} if public.check_circular else None
+    encode_c = c_make_encoder(
+        markers,
+        public.default,
+        encode_basestring_ascii if public.ensure_ascii else encode_basestring,
+        None,
+        public.key_separator,
+        public.item_separator,
+        public.sort_keys,
+        public.skipkeys,
+        public.allow_nan,
+    )
+    join = "".join
+
+    if markers is None:
+
+        def encode_unchecked(value: Any) -> str:
+            return join(encode_c(value, 0))
+
+        return encode_unchecked
+
+    def encode(value: Any) -> str:
+        if markers:
+            # The C encoder is in use (called again from ``default``, or by another thread while
+            # this one is in ``default``): its markers are not this call's. A one-off encoder.
+            return public.encode(value)
+        try:
+            return join(encode_c(value, 0))
+        except BaseException:
+            # What the failed call left would make every later call take the one-off encoder.
+            markers.clear()
+            raise
+
+    return encode

@@ -1,0 +1,136 @@
+"""`bastion.json_encoding.encoder`: json's C encoder made once writes what
+`json.JSONEncoder(...).encode` writes, byte for byte, raises what it raises, and stays right
+after an error, when called again from ``default``, and where the C encoder is missing."""
+
+from __future__ import annotations
+
+import json
+import math
+from json.encoder import JSONEncoder
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from bastion import json_encoding
+from bastion.json_encoding import encoder
+
+CONFIGURATIONS = [
+    {},
+    {"separators": (",", ":")},
+    {"ensure_ascii": False, "allow_nan": False, "separators": (",", ":")},
+    {"sort_keys": True, "separators": (",", ":"), "default": str},
+    {"check_circular": False},
+    {"skipkeys": True},
+    {"indent": 2},
+]
+
+keys = st.one_of(st.text(max_size=6), st.integers(-5, 5), st.floats(), st.booleans(), st.none())
+scalars = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(),
+    st.floats(),  # NaN and the infinities included
+    st.text(),  # any code point: escapes, non-ASCII, surrogates
+)
+values = st.recursive(
+    scalars,
+    lambda inner: (
+        st.lists(inner, max_size=4)
+        | st.tuples(inner, inner)
+        | st.dictionaries(keys, inner, max_size=4)
+    ),
+    max_leaves=30,
+)
+
+
+def outcome(encode, value):
+    try:
+        return "ok", encode(value)
+    except (TypeError, ValueError) as e:
+        return type(e).__name__, str(e)
+
+
+@settings(max_examples=300, deadline=None)
+@given(value=values)
+@pytest.mark.parametrize("options", CONFIGURATIONS)
+def test_the_text_is_byte_for_byte_json_encoders(options, value):
+    assert outcome(encoder(**options), value) == outcome(JSONEncoder(**options).encode, value)
+
+
+@pytest.mark.parametrize("options", CONFIGURATIONS)
+def test_errors_are_json_encoders(options):
+    encode, public = encoder(**options), JSONEncoder(**options).encode
+    loop: list = []
+    loop.append(loop)
+    cases = [{"a": [1, {2, 3}]}, {(1, 2): 3}, [math.nan], {"x": object()}]
+    if options.get("check_circular", True):
+        cases.append(loop)
+    for value in cases:
+        expected = outcome(public, value)
+        assert outcome(encode, value)[0] == expected[0]
+
+
+def test_an_error_leaves_nothing_behind():
+    """A failed call leaves the ids of the containers it was in; the same dict, fixed, is
+    encoded again (without the markers cleared: 'Circular reference detected')."""
+    encode = encoder(separators=(",", ":"))
+    inner = {"b": object()}
+    value = {"a": inner}
+    with pytest.raises(TypeError):
+        encode(value)
+    inner["b"] = 1
+    assert encode(value) == '{"a":{"b":1}}'
+
+
+def test_after_an_error_the_made_encoder_is_used_again(monkeypatch):
+    """Not the one-off encoder for ever after (which a left-over marker would cause)."""
+    encode = encoder(separators=(",", ":"))
+    with pytest.raises(TypeError):
+        encode({"a": [object()]})
+    one_offs = []
+    real = JSONEncoder.encode
+    monkeypatch.setattr(JSONEncoder, "encode", lambda self, o: one_offs.append(o) or real(self, o))
+    assert encode({"a": [1]}) == '{"a":[1]}'
+    assert one_offs == []
+
+
+class Node:
+    """Encoded by ``default`` with the same encoder, by encoding its parent list again."""
+
+    def __init__(self) -> None:
+        self.parent: list = []
+        self.busy = False
+
+
+def test_an_encoder_called_again_from_default_encodes_as_json_does():
+    """Inside ``default`` the made encoder is in use (it marks the list it is in): the inner
+    call must not see the outer call's markers, as JSONEncoder's own calls never do (with them:
+    'Circular reference detected')."""
+
+    def default(o):
+        if not isinstance(o, Node):
+            raise TypeError("no")
+        if o.busy:
+            return "again"
+        o.busy = True
+        try:
+            return encode_now(o.parent)
+        finally:
+            o.busy = False
+
+    node = Node()
+    node.parent.append(node)
+    expected = json.JSONEncoder(default=default).encode
+    encode_now = expected
+    want = expected(node.parent)
+    made = encoder(default=default)
+    encode_now = made
+    assert made(node.parent) == want == '["[\\"again\\"]"]'
+
+
+def test_without_the_c_encoder_the_public_one(monkeypatch):
+    monkeypatch.setattr(json_encoding, "c_make_encoder", None)
+    encode = encoder(separators=(",", ":"))
+    assert encode({"a": [1, 2.5, None]}) == '{"a":[1,2.5,null]}'
+    assert encode.__self__.__class__ is JSONEncoder  # the public encoder's own method
