@@ -20,7 +20,9 @@ from typing import Any
 
 
 def encoder(**options: Any) -> Callable[[Any], str]:
-    """``json.JSONEncoder(**options).encode``, as fast as json's C encoder allows."""
+    """``json.JSONEncoder(**options).encode``, as fast as json's C encoder allows. Each encoder
+    made here is for one thread: its C encoder keeps one set of markers (a call that finds them
+    in use, re-entered from ``default``, takes a one-off encoder)."""
     public = JSONEncoder(**options)
     # c_make_encoder is json's private C accelerator (CPython has it): None where it is missing,
     # and it does not indent; then the public encoder, which makes the same choice per call.

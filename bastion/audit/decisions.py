@@ -21,6 +21,7 @@ from dataclasses import MISSING, dataclass, field, fields, replace
 from typing import Any
 
 from bastion.db import Database
+from bastion.json_encoding import encoder
 
 log = logging.getLogger("bastion.audit")
 
@@ -124,36 +125,13 @@ _FACTORIES = tuple(
 )
 
 
-def _canonical_encoder() -> Callable[[Any], str]:
-    """``JSONEncoder(sort_keys=True, separators=(",", ":"), default=str).encode``, calling the
-    C encoder that method builds directly: the same text, without the Python frames around it
-    that cost more than encoding a small value."""
-    reference = json.JSONEncoder(sort_keys=True, separators=(",", ":"), default=str)
-    make = json.encoder.c_make_encoder
-    if make is None:  # an interpreter without the C accelerator
-        return reference.encode
-    settings = (
-        reference.default,
-        json.encoder.encode_basestring_ascii,  # ensure_ascii, as the reference
-        reference.indent,
-        reference.key_separator,
-        reference.item_separator,
-        reference.sort_keys,
-        reference.skipkeys,
-        reference.allow_nan,
-    )
-
-    def encode(value: Any) -> str:
-        # A fresh dict of markers each time, as the reference: circular values are refused.
-        return "".join(make({}, *settings)(value, 0))
-
-    return encode
-
-
 # Canonical JSON (sorted keys, no spaces; times and other non-JSON values as text): a record as
-# stored, and the arguments a decision digests (`bastion.gateway.enforce.ArgumentDigest`).
-canonical_json = _canonical_encoder()
-_encode = canonical_json
+# stored, and the arguments a decision digests (`bastion.gateway.enforce.ArgumentDigest`). One
+# encoder per thread (`bastion.json_encoding`): this one for the event loop's digests, the other
+# for the record writer's thread.
+_CANONICAL = {"sort_keys": True, "separators": (",", ":"), "default": str}
+canonical_json = encoder(**_CANONICAL)
+_encode = encoder(**_CANONICAL)
 
 
 class DecisionRecords:
