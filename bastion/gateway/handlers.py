@@ -13,6 +13,7 @@ import asyncio
 import itertools
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from bastion.facts.model import Entity
@@ -195,33 +196,23 @@ class Exchange:
         # Log messages only for a client that asked for them and reads the answer's stream.
         level = (self.log_level if self.progress is not None else None) or None
         hear = self.hear if level else None
+        request = partial(
+            self.connection.request,
+            self.message.method,
+            capabilities=asks,
+            ask=self._relay_request,
+            log_level=level,
+            hear=hear,
+        )
         try:
-            result = _result(
-                await self.connection.request(
-                    self.message.method,
-                    params,
-                    capabilities=asks,
-                    ask=self._relay_request,
-                    log_level=level,
-                    hear=hear,
-                )
-            )
+            result = _result(await request(params))
             asking = result.get("resultType") in INPUT_REQUIRED
             rounds = 0
             while asking and not modern and rounds < _MAX_INPUT_ROUNDS:
                 # A 2025-11-25 client: ask it each question, then retry for it.
                 rounds += 1
                 params = {**params, **await self._answers(result)}
-                result = _result(
-                    await self.connection.request(
-                        self.message.method,
-                        params,
-                        capabilities=asks,
-                        ask=self._relay_request,
-                        log_level=level,
-                        hear=hear,
-                    )
-                )
+                result = _result(await request(params))
                 asking = result.get("resultType") in INPUT_REQUIRED
         finally:
             if route is not None:
