@@ -314,8 +314,6 @@ class Http1Client:
     async def request(self, method: str, headers: Mapping[str, str], body: bytes = b"") -> Response:
         """Send a request and return once the response's status and headers are in. The caller
         reads the body and must `Response.close` it."""
-        if self._closed:
-            raise HttpClientError("the client is closed")
         return await self._send(self._encode(method, headers, body))
 
     def send(self, head: bytes, body: bytes = b"") -> Awaitable[Response]:
