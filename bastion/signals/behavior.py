@@ -198,21 +198,18 @@ class BehaviorView(_Lazy):
     Without a source (the shared counters could not be read), reading a scope raises
     `BehaviorUnavailable`: the decision that needs it is refused."""
 
-    __slots__ = ("_source", "_keys", "_now")
+    __slots__ = ("_source", "counter_keys", "_now")
 
     def __init__(self, source: Source | None, keys: tuple[str, str, str], now: float):
         self._make = self._scope
         self._source = source
-        self._keys = keys
+        # The user's, the agent's and the agent-on-target key (`scope_keys`), counted under.
+        self.counter_keys = keys
         self._now = now
-
-    @property
-    def counter_keys(self) -> tuple[str, str, str]:
-        return self._keys
 
     def _scope(self, scope: Any) -> _Lazy | None:
         try:
-            key = self._keys[("user", "agent", "tool").index(scope)]
+            key = self.counter_keys[("user", "agent", "tool").index(scope)]
         except ValueError:
             return None
         if self._source is None:
@@ -265,7 +262,7 @@ class _Counting(ABC):
             allowed and isinstance(annotations, dict) and annotations.get("destructiveHint") is True
         )
         self.observe(
-            view._keys,
+            view.counter_keys,
             not allowed,
             destructive,
             record["target"],
