@@ -14,8 +14,9 @@ ASGI application, when all it needs is in memory: its body is held as it arrives
 that does not check out here, is handed to the application as it arrived.
 
 With a `bastion.server.direct_gateway.DirectGateway`, a gateway ``POST /mcp/<server>`` is held
-the same way, then run by the gateway's transport on uvicorn's request-response cycle, past the
-application's middleware.
+the same way, then run by the gateway's transport on uvicorn's request-response cycle (with a
+short way for its common answer, `bastion.server.gateway_cycle`), past the application's
+middleware.
 """
 
 from __future__ import annotations
@@ -26,14 +27,11 @@ from collections.abc import Callable
 from itertools import chain
 from typing import Any
 
-from uvicorn.protocols.http.httptools_impl import (
-    STATUS_LINE,
-    HttpToolsProtocol,
-    RequestResponseCycle,
-)
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
 from bastion.server.direct import DirectDecisions, DirectRoute
 from bastion.server.direct_gateway import DirectGateway, GatewayRoute
+from bastion.server.gateway_cycle import GatewayCycle
 from bastion.server.request_limits import TOO_SLOW
 
 
@@ -181,24 +179,16 @@ class BoundedHttpProtocol(HttpToolsProtocol):
         scope["path"] = url.decode("ascii")
         scope["raw_path"] = url
         scope["query_string"] = b""
-        # Set: the body is there for the first receive.
-        ready = asyncio.Event()
-        ready.set()
-        cycle = RequestResponseCycle(
-            scope=scope,
-            transport=self.transport,
-            flow=self.flow,
-            logger=self.logger,
-            access_logger=self.access_logger,
-            access_log=False,
-            default_headers=self.server_state.default_headers,
-            message_event=ready,
-            expect_100_continue=False,
-            keep_alive=True,
-            on_response=self.on_response_complete,
+        cycle = GatewayCycle(
+            scope,
+            self.transport,
+            self.flow,
+            self.logger,
+            self.access_logger,
+            self.server_state.default_headers,
+            body,
+            self.on_response_complete,
         )
-        cycle.body = body  # type: ignore[assignment]
-        cycle.more_body = False
         self.cycle = cycle
         self._start_asgi_task(cycle, functools.partial(self.gateway.serve, route.server, cycle))
 
