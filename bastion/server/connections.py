@@ -25,6 +25,7 @@ import asyncio
 import functools
 from collections.abc import Callable
 from itertools import chain
+from operator import itemgetter
 from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
@@ -97,6 +98,10 @@ class BoundedHttpProtocol(HttpToolsProtocol):
         if self._head_deadline is None:
             self._arm()
 
+    def on_header(self, name: bytes, value: bytes) -> None:
+        # uvicorn's, but for the 100 Continue check, made once the head is complete.
+        self.headers.append((name.lower(), value))
+
     def on_headers_complete(self) -> None:
         self._in_head = False
         self._disarm()
@@ -109,7 +114,15 @@ class BoundedHttpProtocol(HttpToolsProtocol):
         if size > self.max_header_bytes:
             self._oversized = True  # answered by data_received, once the parser returns
             return
-        if (self.direct is not None or self.gateway is not None) and self._may_answer_directly():
+        names = [*map(_NAME, headers)]
+        if b"expect" in names:
+            # uvicorn asks this of each header as it comes (on_header): here, of the whole head.
+            self.expect_100_continue = any(
+                value.lower() == b"100-continue" for name, value in headers if name == b"expect"
+            )
+        if (self.direct is not None or self.gateway is not None) and self._may_answer_directly(
+            names
+        ):
             return  # the body is held until the message is complete (on_message_complete)
         super().on_headers_complete()
 
@@ -137,9 +150,10 @@ class BoundedHttpProtocol(HttpToolsProtocol):
         if not self._oversized:
             super().on_message_complete()
 
-    def _may_answer_directly(self) -> bool:
-        """Whether this request, its head complete, is one the protocol may answer itself (then
-        its body is held): as uvicorn would start it, with nothing else under way."""
+    def _may_answer_directly(self, names: list[bytes]) -> bool:
+        """Whether this request, its head complete (its header ``names`` in order), is one the
+        protocol may answer itself (then its body is held): as uvicorn would start it, with
+        nothing else under way."""
         method, url = self.parser.get_method(), self.url
         route: DirectRoute | GatewayRoute | None = None
         if self.direct is not None:
@@ -162,7 +176,7 @@ class BoundedHttpProtocol(HttpToolsProtocol):
             or self.flow.write_paused
             # uvicorn's own refusal (503) when this process has as much as it may take.
             or (limit is not None and (len(self.connections) >= limit or len(self.tasks) >= limit))
-            or not DirectDecisions.framed(self.headers, route.limit.max_bytes)
+            or not DirectDecisions.framed(self.headers, names, route.limit.max_bytes)
         ):
             return False
         self._held = route
@@ -265,6 +279,7 @@ class BoundedHttpProtocol(HttpToolsProtocol):
         self.transport.close()
 
 
+_NAME = itemgetter(0)
 _PHRASES = {408: b"Request Timeout", 431: b"Request Header Fields Too Large"}
 _TOO_LARGE = "the request head is larger than max_header_bytes"
 

@@ -23,7 +23,6 @@ import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from operator import itemgetter
 from typing import Any
 
 from bastion.server.api.decisions import (
@@ -39,7 +38,6 @@ log = logging.getLogger("bastion.server")
 
 # Headers after which a body is not one plain Content-Length the protocol can hold.
 _UNFRAMED = frozenset({b"transfer-encoding", b"expect", b"upgrade"})
-_NAME = itemgetter(0)
 
 # (what was asked, body, replica) -> the answer's JSON; raises `Problem` before deciding
 # anything.
@@ -84,11 +82,10 @@ class DirectDecisions:
         return self.routes.get(url) if method == b"POST" else None
 
     @staticmethod
-    def framed(headers: list[tuple[bytes, bytes]], max_bytes: int) -> bool:
-        """Whether the head (its names lowercased) frames a body this path can take in one
-        piece: one plain Content-Length within the limit, nothing chunked, nothing that waits
-        for 100 Continue."""
-        names = list(map(_NAME, headers))
+    def framed(headers: list[tuple[bytes, bytes]], names: list[bytes], max_bytes: int) -> bool:
+        """Whether the head (its names lowercased, and those ``names`` in order) frames a body
+        this path can take in one piece: one plain Content-Length within the limit, nothing
+        chunked, nothing that waits for 100 Continue."""
         if names.count(b"content-length") != 1 or not _UNFRAMED.isdisjoint(names):
             return False
         length = headers[names.index(b"content-length")][1]
