@@ -51,6 +51,12 @@ class BoundedHttpProtocol(HttpToolsProtocol):
         super().__init__(*args, **kwargs)
         self.direct = direct
         self.gateway = gateway
+        # The exact targets answered here, POST only; a decision route first, as it was asked
+        # first (the two never share a target).
+        self._routes: dict[bytes, DirectRoute | GatewayRoute] = {
+            **(gateway.routes if gateway is not None else {}),
+            **(direct.routes if direct is not None else {}),
+        }
         # A request being answered from the protocol: its route, its body so far, and the
         # deadline of the rest of its body.
         self._held: DirectRoute | GatewayRoute | None = None
@@ -120,9 +126,7 @@ class BoundedHttpProtocol(HttpToolsProtocol):
             self.expect_100_continue = any(
                 value.lower() == b"100-continue" for name, value in headers if name == b"expect"
             )
-        if (self.direct is not None or self.gateway is not None) and self._may_answer_directly(
-            names
-        ):
+        if self._routes and self._may_answer_directly(names):
             return  # the body is held until the message is complete (on_message_complete)
         super().on_headers_complete()
 
@@ -154,16 +158,11 @@ class BoundedHttpProtocol(HttpToolsProtocol):
         """Whether this request, its head complete (its header ``names`` in order), is one the
         protocol may answer itself (then its body is held): as uvicorn would start it, with
         nothing else under way."""
-        method, url = self.parser.get_method(), self.url
-        route: DirectRoute | GatewayRoute | None = None
-        if self.direct is not None:
-            route = self.direct.route(method, url)
-        if route is None and self.gateway is not None:
-            route = self.gateway.route(method, url)
-            # uvicorn's proxy headers middleware would say who the client is.
-            if route is not None and self.config.proxy_headers:
-                return False
+        route = self._routes.get(self.url) if self.parser.get_method() == b"POST" else None
         if route is None:
+            return False
+        # uvicorn's proxy headers middleware would say who a gateway client is.
+        if route.__class__ is GatewayRoute and self.config.proxy_headers:
             return False
         limit = self.limit_concurrency
         if (

@@ -69,7 +69,8 @@ class DirectDecisions:
         self.max_json_depth = state.config.max_json_depth
         self.body_timeout = state.config.body_timeout
         limits = state.body_limits
-        # The exact request targets: a query string, or any other spelling, goes the long way.
+        # The exact request targets (of a POST): a query string, or any other spelling, goes the
+        # long way.
         self.routes: dict[bytes, DirectRoute] = {
             path.encode(): DirectRoute(answer, limits.for_path(path))
             for path, answer in (
@@ -77,9 +78,6 @@ class DirectDecisions:
                 ("/v1/authorize/batch", authorize_batch_answer),
             )
         }
-
-    def route(self, method: bytes, url: bytes) -> DirectRoute | None:
-        return self.routes.get(url) if method == b"POST" else None
 
     @staticmethod
     def framed(headers: list[tuple[bytes, bytes]], names: list[bytes], max_bytes: int) -> bool:

@@ -46,17 +46,14 @@ class DirectGateway:
         self.endpoint = StreamableHttpEndpoint(gateway)
         self.metrics = state.metrics
         self.body_timeout = state.config.body_timeout
-        # Exact request targets only: a query string, an escape or a trailing slash goes the
-        # long way (and is answered there as before).
+        # Exact request targets (of a POST) only: a query string, an escape or a trailing slash
+        # goes the long way (and is answered there as before).
         self.routes: dict[bytes, GatewayRoute] = {
             path.encode(): GatewayRoute(name, state.body_limits.for_path(path))
             for name in gateway.upstreams
             if (path := f"/mcp/{name}").isascii()
         }
         self._failure = RpcError(INTERNAL_ERROR, FAILED).body(None)
-
-    def route(self, method: bytes, url: bytes) -> GatewayRoute | None:
-        return self.routes.get(url) if method == b"POST" else None
 
     async def serve(self, server: str, cycle: Any, scope: Any, receive: Any, send: Any) -> None:
         """The request, on uvicorn's ``cycle`` (an ASGI application for its ``run_asgi``)."""
