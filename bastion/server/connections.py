@@ -3,8 +3,8 @@
 uvicorn closes idle keep-alive connections, but a connection that opens and sends nothing, or
 trickles its request line and headers a byte at a time, stays open for as long as the client
 likes, and a head that never ends is buffered without limit. Here a head must be complete within
-``header_timeout`` seconds of the connection opening (or of its first byte, for the next request
-on a kept-alive connection) and within ``max_header_bytes`` (counted as it arrives, and once more
+``header_timeout`` seconds of the connection opening (or of the read that brought its first byte,
+for the next request on a kept-alive connection) and within ``max_header_bytes`` (counted as it arrives, and once more
 when complete, for a head that arrived in one read): otherwise the connection is answered 408 or
 431 and closed.
 
@@ -91,18 +91,23 @@ class BoundedHttpProtocol(HttpToolsProtocol):
             self._held_deadline = self.loop.call_later(timeout, self._held_too_slow)
         if self._oversized:
             self._refuse(431, _TOO_LARGE)
-        elif in_head and self._in_head and not self.transport.is_closing():
-            # All of ``data`` went into a head that is still not complete.
-            self._head_bytes += len(data)
-            if self._head_bytes > self.max_header_bytes:
-                self._refuse(431, _TOO_LARGE)
+        elif self._in_head and not self.transport.is_closing():
+            if in_head:
+                # All of ``data`` went into a head that is still not complete.
+                self._head_bytes += len(data)
+                if self._head_bytes > self.max_header_bytes:
+                    self._refuse(431, _TOO_LARGE)
+                    return
+            if self._head_deadline is None:
+                # A head that began in this read and is not complete: its deadline, counted
+                # from this read (armed here, not as it began, so a head that came whole in
+                # one read, the usual case, arms and cancels no timer).
+                self._arm()
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self._in_head = True
         self._head_bytes = 0
-        if self._head_deadline is None:
-            self._arm()
 
     def on_header(self, name: bytes, value: bytes) -> None:
         # uvicorn's, but for the 100 Continue check, made once the head is complete.
@@ -110,7 +115,8 @@ class BoundedHttpProtocol(HttpToolsProtocol):
 
     def on_headers_complete(self) -> None:
         self._in_head = False
-        self._disarm()
+        if self._head_deadline is not None:
+            self._disarm()
         if self._oversized:
             return
         # A head that came whole within one read was never counted while incomplete: its size
