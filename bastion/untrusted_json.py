@@ -17,6 +17,7 @@ DEFAULT_MAX_DEPTH = 64
 MIN_INTEGER = -(2**63)
 MAX_INTEGER = 2**63 - 1
 _SHORT = 18  # an integer literal of at most this many digits is always in range
+_BINARY = bytes | bytearray  # made once: ``bytes | bytearray`` in a call makes it each time
 _RANGE = f"numbers must be between {MIN_INTEGER} and {MAX_INTEGER} (64-bit)"
 
 
@@ -112,7 +113,7 @@ def loads(
     ``bounded_numbers``) a number outside the range of a 64-bit signed integer.
     """
     try:
-        text = data.decode("utf-8") if isinstance(data, bytes | bytearray) else data
+        text = data.decode("utf-8") if isinstance(data, _BINARY) else data
     except UnicodeDecodeError as e:
         raise JsonRefused(f"not valid JSON: not UTF-8 ({e})") from None
     try:

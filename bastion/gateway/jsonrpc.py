@@ -87,7 +87,7 @@ def parse_message(value: Any) -> Message:
         raise RpcError(INVALID_REQUEST, 'the message must carry "jsonrpc": "2.0"', http_status=400)
     request_id = value.get("id")
     if "id" in value and (
-        isinstance(request_id, bool) or not isinstance(request_id, str | int) or request_id is None
+        isinstance(request_id, bool) or not isinstance(request_id, RequestId) or request_id is None
     ):
         raise RpcError(INVALID_REQUEST, "id must be a string or an integer", http_status=400)
     method = value.get("method")

@@ -3,8 +3,8 @@
 uvicorn closes idle keep-alive connections, but a connection that opens and sends nothing, or
 trickles its request line and headers a byte at a time, stays open for as long as the client
 likes, and a head that never ends is buffered without limit. Here a head must be complete within
-``header_timeout`` seconds of the connection opening (or of its first byte, for the next request
-on a kept-alive connection) and within ``max_header_bytes`` (counted as it arrives, and once more
+``header_timeout`` seconds of the connection opening (or of the read that brought its first byte,
+for the next request on a kept-alive connection) and within ``max_header_bytes`` (counted as it arrives, and once more
 when complete, for a head that arrived in one read): otherwise the connection is answered 408 or
 431 and closed.
 
@@ -14,8 +14,9 @@ ASGI application, when all it needs is in memory: its body is held as it arrives
 that does not check out here, is handed to the application as it arrived.
 
 With a `bastion.server.direct_gateway.DirectGateway`, a gateway ``POST /mcp/<server>`` is held
-the same way, then run by the gateway's transport on uvicorn's request-response cycle, past the
-application's middleware.
+the same way, then run by the gateway's transport on uvicorn's request-response cycle (with a
+short way for its common answer, `bastion.server.gateway_cycle`), past the application's
+middleware.
 """
 
 from __future__ import annotations
@@ -24,16 +25,14 @@ import asyncio
 import functools
 from collections.abc import Callable
 from itertools import chain
+from operator import itemgetter
 from typing import Any
 
-from uvicorn.protocols.http.httptools_impl import (
-    STATUS_LINE,
-    HttpToolsProtocol,
-    RequestResponseCycle,
-)
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
 from bastion.server.direct import DirectDecisions, DirectRoute
 from bastion.server.direct_gateway import DirectGateway, GatewayRoute
+from bastion.server.gateway_cycle import GatewayCycle
 from bastion.server.request_limits import TOO_SLOW
 
 
@@ -52,6 +51,12 @@ class BoundedHttpProtocol(HttpToolsProtocol):
         super().__init__(*args, **kwargs)
         self.direct = direct
         self.gateway = gateway
+        # The exact targets answered here, POST only; a decision route first, as it was asked
+        # first (the two never share a target).
+        self._routes: dict[bytes, DirectRoute | GatewayRoute] = {
+            **(gateway.routes if gateway is not None else {}),
+            **(direct.routes if direct is not None else {}),
+        }
         # A request being answered from the protocol: its route, its body so far, and the
         # deadline of the rest of its body.
         self._held: DirectRoute | GatewayRoute | None = None
@@ -86,22 +91,32 @@ class BoundedHttpProtocol(HttpToolsProtocol):
             self._held_deadline = self.loop.call_later(timeout, self._held_too_slow)
         if self._oversized:
             self._refuse(431, _TOO_LARGE)
-        elif in_head and self._in_head and not self.transport.is_closing():
-            # All of ``data`` went into a head that is still not complete.
-            self._head_bytes += len(data)
-            if self._head_bytes > self.max_header_bytes:
-                self._refuse(431, _TOO_LARGE)
+        elif self._in_head and not self.transport.is_closing():
+            if in_head:
+                # All of ``data`` went into a head that is still not complete.
+                self._head_bytes += len(data)
+                if self._head_bytes > self.max_header_bytes:
+                    self._refuse(431, _TOO_LARGE)
+                    return
+            if self._head_deadline is None:
+                # A head that began in this read and is not complete: its deadline, counted
+                # from this read (armed here, not as it began, so a head that came whole in
+                # one read, the usual case, arms and cancels no timer).
+                self._arm()
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self._in_head = True
         self._head_bytes = 0
-        if self._head_deadline is None:
-            self._arm()
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        # uvicorn's, but for the 100 Continue check, made once the head is complete.
+        self.headers.append((name.lower(), value))
 
     def on_headers_complete(self) -> None:
         self._in_head = False
-        self._disarm()
+        if self._head_deadline is not None:
+            self._disarm()
         if self._oversized:
             return
         # A head that came whole within one read was never counted while incomplete: its size
@@ -111,7 +126,13 @@ class BoundedHttpProtocol(HttpToolsProtocol):
         if size > self.max_header_bytes:
             self._oversized = True  # answered by data_received, once the parser returns
             return
-        if (self.direct is not None or self.gateway is not None) and self._may_answer_directly():
+        names = [*map(_NAME, headers)]
+        if b"expect" in names:
+            # uvicorn asks this of each header as it comes (on_header): here, of the whole head.
+            self.expect_100_continue = any(
+                value.lower() == b"100-continue" for name, value in headers if name == b"expect"
+            )
+        if self._routes and self._may_answer_directly(names):
             return  # the body is held until the message is complete (on_message_complete)
         super().on_headers_complete()
 
@@ -139,19 +160,15 @@ class BoundedHttpProtocol(HttpToolsProtocol):
         if not self._oversized:
             super().on_message_complete()
 
-    def _may_answer_directly(self) -> bool:
-        """Whether this request, its head complete, is one the protocol may answer itself (then
-        its body is held): as uvicorn would start it, with nothing else under way."""
-        method, url = self.parser.get_method(), self.url
-        route: DirectRoute | GatewayRoute | None = None
-        if self.direct is not None:
-            route = self.direct.route(method, url)
-        if route is None and self.gateway is not None:
-            route = self.gateway.route(method, url)
-            # uvicorn's proxy headers middleware would say who the client is.
-            if route is not None and self.config.proxy_headers:
-                return False
+    def _may_answer_directly(self, names: list[bytes]) -> bool:
+        """Whether this request, its head complete (its header ``names`` in order), is one the
+        protocol may answer itself (then its body is held): as uvicorn would start it, with
+        nothing else under way."""
+        route = self._routes.get(self.url) if self.parser.get_method() == b"POST" else None
         if route is None:
+            return False
+        # uvicorn's proxy headers middleware would say who a gateway client is.
+        if route.__class__ is GatewayRoute and self.config.proxy_headers:
             return False
         limit = self.limit_concurrency
         if (
@@ -164,7 +181,7 @@ class BoundedHttpProtocol(HttpToolsProtocol):
             or self.flow.write_paused
             # uvicorn's own refusal (503) when this process has as much as it may take.
             or (limit is not None and (len(self.connections) >= limit or len(self.tasks) >= limit))
-            or not DirectDecisions.framed(self.headers, route.limit.max_bytes)
+            or not DirectDecisions.framed(self.headers, names, route.limit.max_bytes)
         ):
             return False
         self._held = route
@@ -181,24 +198,16 @@ class BoundedHttpProtocol(HttpToolsProtocol):
         scope["path"] = url.decode("ascii")
         scope["raw_path"] = url
         scope["query_string"] = b""
-        # Set: the body is there for the first receive.
-        ready = asyncio.Event()
-        ready.set()
-        cycle = RequestResponseCycle(
-            scope=scope,
-            transport=self.transport,
-            flow=self.flow,
-            logger=self.logger,
-            access_logger=self.access_logger,
-            access_log=False,
-            default_headers=self.server_state.default_headers,
-            message_event=ready,
-            expect_100_continue=False,
-            keep_alive=True,
-            on_response=self.on_response_complete,
+        cycle = GatewayCycle(
+            scope,
+            self.transport,
+            self.flow,
+            self.logger,
+            self.access_logger,
+            self.server_state.default_headers,
+            body,
+            self.on_response_complete,
         )
-        cycle.body = body  # type: ignore[assignment]
-        cycle.more_body = False
         self.cycle = cycle
         self._start_asgi_task(cycle, functools.partial(self.gateway.serve, route.server, cycle))
 
@@ -275,6 +284,7 @@ class BoundedHttpProtocol(HttpToolsProtocol):
         self.transport.close()
 
 
+_NAME = itemgetter(0)
 _PHRASES = {408: b"Request Timeout", 431: b"Request Header Fields Too Large"}
 _TOO_LARGE = "the request head is larger than max_header_bytes"
 

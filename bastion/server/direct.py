@@ -23,7 +23,6 @@ import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from operator import itemgetter
 from typing import Any
 
 from bastion.server.api.decisions import (
@@ -39,7 +38,6 @@ log = logging.getLogger("bastion.server")
 
 # Headers after which a body is not one plain Content-Length the protocol can hold.
 _UNFRAMED = frozenset({b"transfer-encoding", b"expect", b"upgrade"})
-_NAME = itemgetter(0)
 
 # (what was asked, body, replica) -> the answer's JSON; raises `Problem` before deciding
 # anything.
@@ -71,7 +69,8 @@ class DirectDecisions:
         self.max_json_depth = state.config.max_json_depth
         self.body_timeout = state.config.body_timeout
         limits = state.body_limits
-        # The exact request targets: a query string, or any other spelling, goes the long way.
+        # The exact request targets (of a POST): a query string, or any other spelling, goes the
+        # long way.
         self.routes: dict[bytes, DirectRoute] = {
             path.encode(): DirectRoute(answer, limits.for_path(path))
             for path, answer in (
@@ -80,15 +79,11 @@ class DirectDecisions:
             )
         }
 
-    def route(self, method: bytes, url: bytes) -> DirectRoute | None:
-        return self.routes.get(url) if method == b"POST" else None
-
     @staticmethod
-    def framed(headers: list[tuple[bytes, bytes]], max_bytes: int) -> bool:
-        """Whether the head (its names lowercased) frames a body this path can take in one
-        piece: one plain Content-Length within the limit, nothing chunked, nothing that waits
-        for 100 Continue."""
-        names = list(map(_NAME, headers))
+    def framed(headers: list[tuple[bytes, bytes]], names: list[bytes], max_bytes: int) -> bool:
+        """Whether the head (its names lowercased, and those ``names`` in order) frames a body
+        this path can take in one piece: one plain Content-Length within the limit, nothing
+        chunked, nothing that waits for 100 Continue."""
         if names.count(b"content-length") != 1 or not _UNFRAMED.isdisjoint(names):
             return False
         length = headers[names.index(b"content-length")][1]

@@ -7,10 +7,11 @@ gateway call paid for layers that do nothing for it. Here
 ``/mcp/<server>`` target of a configured upstream (HTTP/1.1, one plain ``Content-Length`` within
 ``gateway.max_body_bytes``, within ``body_timeout``: the limit and the 408 of
 `bastion.server.request_limits`), then runs the transport's own
-`StreamableHttpEndpoint.serve` on uvicorn's own request-response cycle, which writes the answer
-(keep-alive, pipelining, flow control, chunked event streams, the client's disconnect). An
-unexpected exception is answered and logged as the application's error handler and uvicorn
-answer and log it.
+`StreamableHttpEndpoint.serve` on uvicorn's request-response cycle
+(`bastion.server.gateway_cycle`: uvicorn's, with a short way for an answer of one known length),
+which writes the answer (keep-alive, pipelining, flow control, chunked event streams, the
+client's disconnect). An unexpected exception is answered and logged as the application's error
+handler and uvicorn answer and log it.
 
 Anything else goes to the application as it arrived, before anything is read or decided: GET
 and DELETE, other targets, a body sent chunked, over the limit or waiting for 100 Continue,
@@ -45,17 +46,14 @@ class DirectGateway:
         self.endpoint = StreamableHttpEndpoint(gateway)
         self.metrics = state.metrics
         self.body_timeout = state.config.body_timeout
-        # Exact request targets only: a query string, an escape or a trailing slash goes the
-        # long way (and is answered there as before).
+        # Exact request targets (of a POST) only: a query string, an escape or a trailing slash
+        # goes the long way (and is answered there as before).
         self.routes: dict[bytes, GatewayRoute] = {
             path.encode(): GatewayRoute(name, state.body_limits.for_path(path))
             for name in gateway.upstreams
             if (path := f"/mcp/{name}").isascii()
         }
         self._failure = RpcError(INTERNAL_ERROR, FAILED).body(None)
-
-    def route(self, method: bytes, url: bytes) -> GatewayRoute | None:
-        return self.routes.get(url) if method == b"POST" else None
 
     async def serve(self, server: str, cycle: Any, scope: Any, receive: Any, send: Any) -> None:
         """The request, on uvicorn's ``cycle`` (an ASGI application for its ``run_asgi``)."""

@@ -360,6 +360,40 @@ def test_what_the_protocol_does_not_take_goes_to_the_application(bastion, method
     assert direct_requests(bastion) == before
 
 
+@pytest.mark.parametrize(
+    "expect, continued",
+    [
+        ("Expect: 100-Continue\r\n", True),
+        ("expect: 100-continue\r\nexpect: other\r\n", True),
+        ("expect: other\r\nEXPECT: 100-CONTINUE\r\n", True),
+        ("expect: other\r\n", False),
+        ("x-expect: 100-continue\r\n", False),
+    ],
+)
+def test_a_client_waiting_for_100_continue_gets_it_before_it_sends_the_body(
+    bastion, expect, continued
+):
+    """As uvicorn answers it: any Expect header saying 100-continue, in any case."""
+    token = bastion.token("sam", "desk")
+    body = json.dumps(search()).encode()
+    whole = raw_post(bastion, "desk", token, body, "search_customers", extra=expect)
+    with connect(bastion) as s:
+        s.sendall(whole[: -len(body)])
+        s.settimeout(0.5)
+        try:
+            first = s.recv(65536)
+        except TimeoutError:
+            first = b""
+        assert first.startswith(b"HTTP/1.1 100 Continue\r\n\r\n") is continued
+        s.settimeout(30)
+        s.sendall(body)
+        answer = first.partition(b"\r\n\r\n")[2] if continued else first
+        while b"\r\n\r\n" not in answer:
+            answer += s.recv(65536)
+    # JSON, or an event stream when the call took longer than a moment.
+    assert status_of(answer) == 200
+
+
 def test_it_is_off_with_direct_gateway_false(bastion):
     on = connection_limits(bastion.app.state.config, bastion.app)["http"]
     off = connection_limits(replace(bastion.app.state.config, direct_gateway=False), bastion.app)

@@ -371,6 +371,37 @@ def test_connections_that_trickle_their_headers_are_closed_while_others_are_answ
             s.close()
 
 
+@pytest.mark.parametrize("behind", [False, True], ids=["in a read of its own", "behind another"])
+def test_the_next_request_on_a_kept_alive_connection_must_complete_its_head_in_time(
+    impatient, behind
+):
+    """The next request's head has header_timeout from its first byte, whether it came in a read
+    of its own or in the same read as the request before it; trickled, it is refused (uvicorn's
+    own keep-alive timer stops at the first byte)."""
+    answered = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+    begun = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+    with socket.create_connection(("127.0.0.1", impatient.port), timeout=30) as s:
+        if behind:
+            s.sendall(answered + begun)
+        else:
+            s.sendall(answered)
+            (first,) = answers_on(s, 1)
+            assert status_of(first) == 200
+            s.sendall(begun)
+        out = b""
+        # Bounded: without the deadline the connection stays open for as long as bytes come.
+        for _ in range(150):
+            if select.select([s], [], [], 0.2)[0]:
+                data = s.recv(65536)
+                if not data:
+                    break
+                out += data
+            with contextlib.suppress(OSError):
+                s.send(b"X")  # one byte of a header that never ends
+    statuses = [status_of(b"HTTP/1.1 " + a) for a in out.split(b"HTTP/1.1 ")[1:]]
+    assert statuses == ([200, 408] if behind else [408])
+
+
 def test_a_connection_that_sends_nothing_is_closed(impatient):
     with socket.create_connection(("127.0.0.1", impatient.port), timeout=30) as s:
         answer = s.recv(65536)

@@ -1,0 +1,270 @@
+"""The direct gateway path's request-response cycle (`bastion.server.gateway_cycle`) does what
+uvicorn's own cycle does with every answer: the same writes, in the same pieces, the same
+closing, the same callbacks and errors, the same state after each message. Its short way (a head
+with one content-length, then the whole body) must not change any of it; everything else (event
+streams, bodies in pieces or of the wrong length, connection and transfer-encoding headers,
+capitals, refused headers, HEAD, a client that went away, a paused writer, a connection no longer
+kept alive) is uvicorn's way, checked here against uvicorn itself."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from uvicorn.protocols.http.flow_control import FlowControl
+from uvicorn.protocols.http.httptools_impl import RequestResponseCycle
+
+from bastion.server.gateway_cycle import GatewayCycle
+
+DEFAULTS = [(b"date", b"Wed, 02 Dec 2026 10:00:00 GMT"), (b"server", b"uvicorn")]
+
+
+class Transport:
+    """What the cycle does to its connection, in order."""
+
+    def __init__(self) -> None:
+        self.done: list[tuple[str, bytes]] = []
+        self.closing = False
+
+    def write(self, data: bytes) -> None:
+        self.done.append(("write", bytes(data)))
+
+    def close(self) -> None:
+        self.done.append(("close", b""))
+        self.closing = True
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+    def pause_reading(self) -> None:
+        self.done.append(("pause_reading", b""))
+
+    def resume_reading(self) -> None:
+        self.done.append(("resume_reading", b""))
+
+
+STATE = (
+    "response_started",
+    "response_complete",
+    "expected_content_length",
+    "chunked_encoding",
+    "keep_alive",
+    "disconnected",
+)
+
+
+async def run(
+    kind,
+    messages,
+    method="POST",
+    defaults=DEFAULTS,
+    keep_alive=True,
+    disconnected=False,
+    paused=False,
+    read_paused=False,
+):
+    """What a cycle of ``kind`` does with ``messages``: per message, its outcome and the cycle's
+    state after it; then two receives, and everything done to the transport."""
+    transport = Transport()
+    flow = FlowControl(transport)  # type: ignore[arg-type]
+    flow.read_paused = read_paused
+    responses = []
+    scope = {"type": "http", "method": method, "http_version": "1.1", "path": "/mcp/x"}
+    logger = logging.getLogger("uvicorn.error")
+    access = logging.getLogger("uvicorn.access")
+    if kind is GatewayCycle:
+        cycle = GatewayCycle(
+            scope,
+            transport,  # type: ignore[arg-type]
+            flow,
+            logger,
+            access,
+            defaults,
+            b"{}",
+            lambda: responses.append(1),
+        )
+    else:
+        event = asyncio.Event()
+        event.set()
+        cycle = RequestResponseCycle(
+            scope=scope,  # type: ignore[arg-type]
+            transport=transport,  # type: ignore[arg-type]
+            flow=flow,
+            logger=logger,
+            access_logger=access,
+            access_log=False,
+            default_headers=defaults,
+            message_event=event,
+            expect_100_continue=False,
+            keep_alive=True,
+            on_response=lambda: responses.append(1),
+        )
+        cycle.body = b"{}"  # type: ignore[assignment]
+        cycle.more_body = False
+    cycle.keep_alive = keep_alive
+    cycle.disconnected = disconnected
+    seen = []
+    for message in messages:
+        if paused:
+            flow.pause_writing()
+            asyncio.get_running_loop().call_soon(flow.resume_writing)
+        try:
+            outcome = ("ok", await cycle.send(message))
+        except Exception as e:
+            outcome = (type(e).__name__, str(e))
+        seen.append((outcome, [getattr(cycle, name) for name in STATE], len(responses)))
+    received = []
+    for _ in range(2):
+        try:
+            received.append(await asyncio.wait_for(cycle.receive(), 0.01))
+        except TimeoutError:
+            received.append("waits")
+    return seen, received, transport.done, cycle.message_event.is_set()
+
+
+def start(headers, status=200):
+    return {"type": "http.response.start", "status": status, "headers": headers}
+
+
+def body(data=b"", more=None):
+    message = {"type": "http.response.body", "body": data}
+    if more is not None:
+        message["more_body"] = more
+    return message
+
+
+JSON = [(b"content-type", b"application/json")]
+
+
+def length(n) -> list:
+    return [(b"content-length", b"%d" % n)]
+
+
+CASES = {
+    "a JSON answer": [start(JSON + length(2)), body(b"{}")],
+    "with more_body False said": [start(JSON + length(2)), body(b"{}", False)],
+    "with a session header": [
+        start(JSON + [(b"mcp-session-id", b"abc")] + length(2)),
+        body(b"{}"),
+    ],
+    "no body (202)": [start(length(0), 202), body()],
+    "204": [start(length(0), 204), body()],
+    "an event stream": [
+        start([(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]),
+        body(b"event: message\ndata: {}\n\n", True),
+        body(b"", False),
+    ],
+    "a body in pieces": [start(length(4)), body(b"ab", True), body(b"cd")],
+    "a body longer than said": [start(length(1)), body(b"ab")],
+    "a body shorter than said": [start(length(3)), body(b"ab")],
+    "a body after the answer": [start(length(2)), body(b"ab"), body(b"")],
+    "a second start": [start(length(2)), start(length(2))],
+    "a body first": [body(b"ab")],
+    "no type": [{"status": 200}],
+    "connection: close (the 500)": [
+        start(JSON + [(b"connection", b"close")] + length(2), 500),
+        body(b"{}"),
+    ],
+    "connection: keep-alive": [start([(b"connection", b"keep-alive")] + length(0)), body()],
+    "chunked said": [start([(b"transfer-encoding", b"chunked")]), body(b"ab", False)],
+    "two lengths": [start(length(2) + length(3)), body(b"ab")],
+    "capitals": [start([(b"Content-Length", b"2")]), body(b"ab")],
+    "capitals in another name": [start([(b"Content-Type", b"x")] + length(2)), body(b"ab")],
+    "a name uvicorn refuses": [start([(b"x y", b"1")] + length(0)), body()],
+    "a value uvicorn refuses": [start([(b"x", b"a\r\nb: c")] + length(0)), body()],
+    "a length that is no number": [start([(b"content-length", b"two")]), body(b"ab")],
+    "a length with spaces": [start([(b"content-length", b" 2 ")]), body(b"ab")],
+    "headers as a tuple": [start(tuple(length(2))), body(b"ab")],
+    "a header as a list": [start([[b"content-length", b"2"]]), body(b"ab")],
+    "a header of three": [start([(b"content-length", b"2", b"x")]), body(b"ab")],
+    "a header of str": [start([("content-length", "2")]), body(b"ab")],
+    "a name as bytearray": [start([(bytearray(b"content-length"), b"2")]), body(b"ab")],
+    "a name as memoryview": [start([(memoryview(b"content-length"), b"2")]), body(b"ab")],
+    "no headers": [start([]), body(b"ab")],
+    "no status line": [start(length(0), 99), body()],
+    "no status": [{"type": "http.response.start", "headers": length(0)}, body()],
+}
+
+
+@pytest.mark.parametrize("messages", CASES.values(), ids=CASES.keys())
+@pytest.mark.parametrize(
+    "setting",
+    [
+        {},
+        {"keep_alive": False},
+        {"method": "HEAD"},
+        {"disconnected": True},
+        {"paused": True},
+        {"read_paused": True},
+        {"defaults": []},
+        {"defaults": [(b"Server", b"uvicorn")]},
+        {"defaults": [(b"connection", b"close")]},
+        {"defaults": [(b"content-length", b"2")]},
+        {"defaults": [(b"x-bad", b"a\nb")]},
+        {"defaults": [("server", "uvicorn")]},
+    ],
+    ids=repr,
+)
+def test_each_answer_is_written_as_uvicorn_writes_it(messages, setting):
+    ours = asyncio.run(run(GatewayCycle, messages, **setting))
+    theirs = asyncio.run(run(RequestResponseCycle, messages, **setting))
+    assert ours == theirs
+
+
+def test_the_common_answer_takes_the_short_way():
+    """The test above would pass with no short way at all: this one would not."""
+    seen, _, done, _ = asyncio.run(run(GatewayCycle, CASES["a JSON answer"]))
+    assert [what for what, _ in done] == ["write", "write"]
+
+    async def count() -> int:
+        calls = 0
+        original = RequestResponseCycle.send
+
+        async def counted(self, message):
+            nonlocal calls
+            calls += 1
+            await original(self, message)
+
+        RequestResponseCycle.send = counted  # type: ignore[method-assign]
+        try:
+            await run(GatewayCycle, CASES["a JSON answer"])
+            await run(GatewayCycle, CASES["an event stream"])
+        finally:
+            RequestResponseCycle.send = original  # type: ignore[method-assign]
+        return calls
+
+    assert asyncio.run(count()) == 3  # the event stream's three messages only
+
+
+names = st.sampled_from(
+    [
+        b"content-type",
+        b"content-length",
+        b"connection",
+        b"transfer-encoding",
+        b"x-a",
+        b"X-A",
+        b"a b",
+    ]
+)
+values = st.sampled_from([b"application/json", b"2", b"0", b"close", b"chunked", b"", b"a\x01"])
+bodies = st.sampled_from([b"", b"{}", b"ab", b"abc"])
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    headers=st.lists(st.tuples(names, values), max_size=4),
+    status=st.sampled_from([200, 202, 204, 304, 500]),
+    parts=st.lists(st.tuples(bodies, st.sampled_from([None, True, False])), max_size=3),
+    keep_alive=st.booleans(),
+    method=st.sampled_from(["POST", "HEAD"]),
+)
+def test_any_answer_is_written_as_uvicorn_writes_it(headers, status, parts, keep_alive, method):
+    messages = [start(headers, status), *(body(data, more) for data, more in parts)]
+    setting = {"keep_alive": keep_alive, "method": method}
+    ours = asyncio.run(run(GatewayCycle, messages, **setting))
+    theirs = asyncio.run(run(RequestResponseCycle, messages, **setting))
+    assert ours == theirs
