@@ -1,5 +1,5 @@
 """JSON encoders made once per configuration: `json.JSONEncoder.encode` without its per-call
-Python.
+Python; and `decode`, `json.loads` of a text without its two Python methods.
 
 `json.JSONEncoder.encode` runs two Python methods and builds json's C encoder again on every call;
 on the gateway's path, which encodes a few messages per call, that was more Python than the
@@ -9,7 +9,9 @@ and the same errors (TypeError, ValueError for a circular reference or a NaN ref
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
+from json.decoder import JSONDecoder
 from json.encoder import (
     JSONEncoder,
     c_make_encoder,
@@ -64,3 +66,20 @@ def encoder(**options: Any) -> Callable[[Any], str]:
             raise
 
     return encode
+
+
+_scan_once = JSONDecoder().scan_once
+
+
+def decode(text: str) -> Any:
+    """``json.loads(text)`` for a str: the same value, or the same error. Text that is one JSON
+    value and nothing else (what encoders write) is read by json's scanner straight away;
+    anything else (whitespace around it, a second value, no value, a byte order mark) takes
+    `json.loads`, for its answer and its error message."""
+    try:
+        value, end = _scan_once(text, 0)
+    except StopIteration:
+        return json.loads(text)
+    if end != len(text):
+        return json.loads(text)
+    return value

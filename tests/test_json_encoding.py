@@ -1,6 +1,7 @@
 """`bastion.json_encoding.encoder`: json's C encoder made once writes what
 `json.JSONEncoder(...).encode` writes, byte for byte, raises what it raises, and stays right
-after an error, when called again from ``default``, and where the C encoder is missing."""
+after an error, when called again from ``default``, and where the C encoder is missing. And
+`bastion.json_encoding.decode` reads text as `json.loads` reads it."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bastion import json_encoding
-from bastion.json_encoding import encoder
+from bastion.json_encoding import decode, encoder
 
 CONFIGURATIONS = [
     {},
@@ -134,3 +135,35 @@ def test_without_the_c_encoder_the_public_one(monkeypatch):
     encode = encoder(separators=(",", ":"))
     assert encode({"a": [1, 2.5, None]}) == '{"a":[1,2.5,null]}'
     assert encode.__self__.__class__ is JSONEncoder  # the public encoder's own method
+
+
+def _read(read, text: str):
+    try:
+        return "ok", read(text)
+    except (ValueError, RecursionError) as e:
+        return type(e).__name__, str(e)
+
+
+json_texts = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner, max_size=3)
+    ),
+    max_leaves=10,
+).map(json.dumps)
+around = st.sampled_from(["", " ", "\n\t ", "x", "1", "]", "{}", "\u00a0", "\ufeff"])
+
+
+@settings(max_examples=400, deadline=None)
+@given(before=around, text=json_texts | st.text(max_size=10), after=around)
+def test_decode_reads_text_as_json_loads_does(before, text, after):
+    # The same value, or the same error with the same message: whitespace or anything else
+    # around the value, no value, a second value, text that is not JSON.
+    whole = before + text + after
+    assert _read(decode, whole) == _read(json.loads, whole)
+
+
+def test_decode_refuses_what_json_loads_refuses():
+    for text in ("", " ", "[1,", '{"a":1}}', "\ufeff{}", "[" * 100_000, "NaNx", '"\\ud800"x'):
+        answer = _read(decode, text)
+        assert answer[0] != "ok" and answer == _read(json.loads, text), text

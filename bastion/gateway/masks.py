@@ -30,14 +30,13 @@ from __future__ import annotations
 
 import copy
 import functools
-import json
 import logging
 import re
 from collections.abc import Callable
 from typing import Any
 
 from bastion.gateway.jsonrpc import LOG_LEVELS
-from bastion.json_encoding import encoder
+from bastion.json_encoding import decode, encoder
 
 log = logging.getLogger("bastion.gateway.masks")
 
@@ -98,13 +97,6 @@ def _mask_json(data: dict | list, paths: Paths) -> int | None:
     return count if reached else None
 
 
-def _fits(value: Any, head: str) -> bool:
-    """Whether a path whose next key is ``head`` can look into ``value``."""
-    return isinstance(value, dict) or (
-        isinstance(value, list) and (head == "*" or head.isdecimal())
-    )
-
-
 def _redact(value: Any, path: tuple[str, ...]) -> int:
     """Redact ``path`` in ``value`` (an object or list that the path's first key fits) in place;
     return how many fields were redacted. Where the path goes on into a value it cannot look
@@ -119,14 +111,16 @@ def _redact(value: Any, path: tuple[str, ...]) -> int:
         slots = range(len(value))
     else:
         slots = [int(head)] if int(head) < len(value) else []
+    if not rest:
+        for slot in slots:
+            value[slot] = MASKED
+        return len(slots)
+    # Whether the rest of the path can look into a list (an object it always can).
+    into_lists = rest[0] == "*" or rest[0].isdecimal()
     count = 0
     for slot in slots:
-        if not rest:
-            value[slot] = MASKED
-            count += 1
-            continue
         child = value[slot]
-        if _fits(child, rest[0]):
+        if isinstance(child, dict) or (into_lists and isinstance(child, list)):
             count += _redact(child, rest)
         elif child is not None and child != [] and child != {}:
             value[slot] = MASKED
@@ -154,7 +148,7 @@ def _text(text: Any, paths: Paths, uri: str | None = None) -> tuple[str, int]:
     if not isinstance(text, str):
         return WITHHELD, 1
     try:
-        data = json.loads(text)
+        data = decode(text)
     except (ValueError, RecursionError):  # not JSON, or nested past Python's stack
         return WITHHELD, 1
     if not isinstance(data, dict | list):

@@ -40,6 +40,7 @@ from bastion.gateway.jsonrpc import (
     RpcError,
     encode,
 )
+from bastion.json_encoding import decode
 
 log = logging.getLogger("bastion.gateway.upstream")
 
@@ -893,14 +894,11 @@ def _is_event_stream(response: Response) -> bool:
     return response.headers.get("content-type", "").startswith(_EVENT_STREAM)
 
 
-_decode_json = json.JSONDecoder().decode  # json.loads's own, for text
-
-
 def _json_body(data: bytes) -> Any:
     """``json.loads(data)``, skipping its guess of the encoding for a body that opens an object
     with a byte that is not NUL (which it reads as UTF-8 too: no BOM, no UTF-16 or UTF-32)."""
     if data[:1] == b"{" and data[1:2] != b"\0":
-        return _decode_json(data.decode("utf-8", "surrogatepass"))
+        return decode(data.decode("utf-8", "surrogatepass"))
     return json.loads(data)
 
 
