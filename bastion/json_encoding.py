@@ -1,5 +1,5 @@
 """JSON encoders made once per configuration: `json.JSONEncoder.encode` without its per-call
-Python; and `decode`, `json.loads` of a text without its two Python methods.
+Python; and decoders (`decode`: `json.loads` of a text) without the two around json's scanner.
 
 `json.JSONEncoder.encode` runs two Python methods and builds json's C encoder again on every call;
 on the gateway's path, which encodes a few messages per call, that was more Python than the
@@ -68,18 +68,25 @@ def encoder(**options: Any) -> Callable[[Any], str]:
     return encode
 
 
-_scan_once = JSONDecoder().scan_once
+def decoder(public: JSONDecoder, slow: Callable[[str], Any] | None = None) -> Callable[[str], Any]:
+    """``public.decode``, or ``slow`` if given, for a str: the same value, or the same error.
+    Text that is one JSON value and nothing else (what encoders write) is read by the
+    decoder's scanner straight away, without `json.JSONDecoder.decode`'s two Python methods
+    around it; anything else (whitespace around it, a second value, no value) takes ``slow``,
+    for its answer and its error message."""
+    scan_once, slow = public.scan_once, slow or public.decode
+
+    def decode(text: str) -> Any:
+        try:
+            value, end = scan_once(text, 0)
+        except StopIteration:
+            return slow(text)
+        if end != len(text):
+            return slow(text)
+        return value
+
+    return decode
 
 
-def decode(text: str) -> Any:
-    """``json.loads(text)`` for a str: the same value, or the same error. Text that is one JSON
-    value and nothing else (what encoders write) is read by json's scanner straight away;
-    anything else (whitespace around it, a second value, no value, a byte order mark) takes
-    `json.loads`, for its answer and its error message."""
-    try:
-        value, end = _scan_once(text, 0)
-    except StopIteration:
-        return json.loads(text)
-    if end != len(text):
-        return json.loads(text)
-    return value
+# ``json.loads(text)`` for a str (json.loads also names a byte order mark in its error).
+decode = decoder(JSONDecoder(), json.loads)

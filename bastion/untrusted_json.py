@@ -12,6 +12,8 @@ import json
 import math
 from typing import Any
 
+from bastion.json_encoding import decoder
+
 DEFAULT_MAX_DEPTH = 64
 # The range of a 64-bit signed integer: what SQLite and PostgreSQL's bigint store.
 MIN_INTEGER = -(2**63)
@@ -99,7 +101,7 @@ def _decoder(bounded_numbers: bool, answer) -> json.JSONDecoder:
 
 
 # The first pass stops at the first refused number; only then a second pass finds its place.
-_FAST = {bounded: _decoder(bounded, _raise) for bounded in (True, False)}
+_FAST = {bounded: decoder(_decoder(bounded, _raise)) for bounded in (True, False)}
 _MARKING = {bounded: _decoder(bounded, _mark) for bounded in (True, False)}
 
 
@@ -117,7 +119,7 @@ def loads(
     except UnicodeDecodeError as e:
         raise JsonRefused(f"not valid JSON: not UTF-8 ({e})") from None
     try:
-        value = _FAST[bounded_numbers].decode(text)
+        value = _FAST[bounded_numbers](text)
     except RecursionError:
         raise _too_deep(max_depth) from None
     except _RefusedNumber:

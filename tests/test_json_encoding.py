@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bastion import json_encoding
-from bastion.json_encoding import decode, encoder
+from bastion.json_encoding import decode, decoder, encoder
 
 CONFIGURATIONS = [
     {},
@@ -167,3 +167,14 @@ def test_decode_refuses_what_json_loads_refuses():
     for text in ("", " ", "[1,", '{"a":1}}', "\ufeff{}", "[" * 100_000, "NaNx", '"\\ud800"x'):
         answer = _read(decode, text)
         assert answer[0] != "ok" and answer == _read(json.loads, text), text
+
+
+@settings(max_examples=200, deadline=None)
+@given(before=around, text=json_texts | st.text(max_size=10), after=around)
+def test_a_decoder_with_hooks_reads_as_its_own_decode(before, text, after):
+    from decimal import Decimal
+    from json.decoder import JSONDecoder
+
+    public = JSONDecoder(parse_float=Decimal, parse_int=str, parse_constant=repr)
+    whole = before + text + after
+    assert _read(decoder(public), whole) == _read(public.decode, whole)
