@@ -31,6 +31,8 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
+from itertools import repeat
+from operator import contains
 from typing import Any
 
 from bastion.policy.errors import EvaluationLimit
@@ -98,13 +100,17 @@ def scope_keys(subject: str, agent: str, target: str) -> tuple[str, str, str]:
 class _Counted:
     """One key's counters: the running totals of those every window counts alike (calls,
     refusals, destructive, bytes), and its windows. A message adds to the totals once, not
-    once per window: a window's count is how far the totals went since it began."""
+    once per window: a window's count is how far the totals went since it began. ``end``: when
+    its first window (the minute, the first to end) ends; ``seen``: its windows' sets of the
+    targets seen (each window's own set, for good: a window that rolls empties it)."""
 
-    __slots__ = ("totals", "windows")
+    __slots__ = ("totals", "windows", "end", "seen")
 
     def __init__(self, now: float) -> None:
         self.totals = [0] * _TARGETS  # the counters before targets, in `COUNTERS` order
         self.windows = [_Window(int(now // s), s, self.totals) for _, s in WINDOWS]
+        self.end = self.windows[0].end
+        self.seen = tuple(window.seen for window in self.windows)
 
 
 class _Window:
@@ -139,7 +145,7 @@ class _Window:
         self.previous = current if gap == 1 else [0] * _N
         self.start = list(totals)
         self.targets = 0
-        self.seen = set()
+        self.seen.clear()  # the same set: `_Counted.seen` holds it
         self.index = index
 
 
@@ -326,12 +332,11 @@ class LocalBehavior(_Counting):
         call), and its target (its arguments, for the agent-on-target key) if new."""
         now = self.clock()
         known = self._keys
-        max_targets = self.settings.max_targets
         flagged = refused or destructive
         for key in keys:
             # `_counted`, inline while the key's windows need neither making nor rolling.
             counted = known.get(key)
-            if counted is None or now >= counted.windows[0].end:
+            if counted is None or now >= counted.end:
                 counted = self._counted(key, now)
             totals = counted.totals
             totals[_CALLS] += 1
@@ -341,12 +346,20 @@ class LocalBehavior(_Counting):
                 if destructive:
                     totals[_DESTRUCTIVE] += 1
             seen = detail if key[0] == "t" else target
-            for window in counted.windows:
-                targets = window.seen
-                if seen not in targets:
-                    window.targets += 1
-                    if len(targets) < max_targets:
-                        targets.add(seen)
+            # Mostly seen already in every window: asked of the three sets at once.
+            if not all(map(contains, counted.seen, repeat(seen))):
+                self._new_target(counted, seen)
+
+    def _new_target(self, counted: _Counted, seen: str) -> None:
+        """Count ``seen`` in each of ``counted``'s windows that has not seen it yet (and keep
+        it, while the window keeps fewer than ``max_targets``)."""
+        max_targets = self.settings.max_targets
+        for window in counted.windows:
+            targets = window.seen
+            if seen not in targets:
+                window.targets += 1
+                if len(targets) < max_targets:
+                    targets.add(seen)
 
     def returned(self, keys: tuple[str, ...], size: int) -> None:
         """Count the bytes of a result returned."""
@@ -354,7 +367,7 @@ class LocalBehavior(_Counting):
         known = self._keys
         for key in keys:
             counted = known.get(key)  # `_counted`, inline as in `observe`
-            if counted is None or now >= counted.windows[0].end:
+            if counted is None or now >= counted.end:
                 counted = self._counted(key, now)
             counted.totals[_BYTES] += size
 
@@ -368,11 +381,12 @@ class LocalBehavior(_Counting):
             counted = self._keys[key] = _Counted(now)
             return counted
         windows = counted.windows
-        if now >= windows[0].end:  # the minute ends first: nothing else can have ended before
+        if now >= counted.end:  # the minute ends first: nothing else can have ended before
             weight, totals = self.settings.baseline_weight, counted.totals
             for window, (_, seconds) in zip(windows, WINDOWS, strict=True):
                 if now >= window.end:
                     window.roll(now, seconds, weight, totals)
+            counted.end = windows[0].end
         return counted
 
     async def close(self) -> None:
