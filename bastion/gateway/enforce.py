@@ -319,7 +319,6 @@ class Enforcer:
                 chain,
                 retried,
             )
-            obligations = chain.obligations
         if held is not None and held[1].state == "hold":
             try:
                 why = self._why_held(
@@ -356,14 +355,16 @@ class Enforcer:
         )
         # The decision's alert rules, the built-in ``behaving`` alerts, a refusal counted
         # towards a refusal burst: without any, nothing to raise.
-        if self.alerts is not None and (obligations.alerts or behaving or result == "deny"):
+        if self.alerts is not None and (chain.obligations.alerts or behaving or result == "deny"):
             await self._raise_alerts(caller, chain, decision_id, result, reason, record, behaving)
         if result != "allow":
             self._refuse(decision_id, resource.id, chain, result, reason, retry_after, linked)
         if review is not None:
             step = "release" if review[1].state == "released" else "hold"
-            return Verdict(decision_id, obligations, record, step, review[1].request, review[0])
-        return Verdict(decision_id, obligations, record)
+            return Verdict(
+                decision_id, chain.obligations, record, step, review[1].request, review[0]
+            )
+        return Verdict(decision_id, chain.obligations, record)
 
     async def _obligations(
         self,
