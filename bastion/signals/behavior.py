@@ -167,13 +167,13 @@ def fold(
 class _Lazy(dict):
     """A dict that makes each entry when it is first read (`get`, as the policy's field lookup
     reads, or ``[]``): only the figures a rule reads are computed, and kept in the decision
-    record. No entry is None (``make`` answers None for a name that has none)."""
+    record. Each kind of entry says how it is made (`_make`, None for a name that has none);
+    no entry is None."""
 
-    __slots__ = ("_make",)
+    __slots__ = ()
 
-    def __init__(self, make: Callable[[str], Any]) -> None:
-        # Empty already (dict.__new__): dict.__init__ would have nothing to do.
-        self._make = make
+    def _make(self, name: Any) -> Any:
+        raise NotImplementedError
 
     def get(self, name: Any, default: Any = None) -> Any:
         value = dict.get(self, name)
@@ -181,7 +181,7 @@ class _Lazy(dict):
             value = self._make(name)
             if value is None:
                 return default
-            dict.__setitem__(self, name, value)
+            self[name] = value
         return value
 
     def __missing__(self, name: Any) -> Any:
@@ -189,7 +189,7 @@ class _Lazy(dict):
         value = self._make(name)
         if value is None:
             raise KeyError(name)
-        dict.__setitem__(self, name, value)
+        self[name] = value
         return value
 
 
@@ -207,33 +207,51 @@ class BehaviorView(_Lazy):
     __slots__ = ("_source", "counter_keys", "_now")
 
     def __init__(self, source: Source | None, keys: tuple[str, str, str], now: float):
-        self._make = self._scope
+        # Empty already (dict.__new__): dict.__init__ would have nothing to do.
         self._source = source
         # The user's, the agent's and the agent-on-target key (`scope_keys`), counted under.
         self.counter_keys = keys
         self._now = now
 
-    def _scope(self, scope: Any) -> _Lazy | None:
+    def _make(self, scope: Any) -> _Counters | None:
         try:
-            key = self.counter_keys[("user", "agent", "tool").index(scope)]
+            key = self.counter_keys[SCOPES.index(scope)]
         except ValueError:
             return None
         if self._source is None:
             raise BehaviorUnavailable()
-        source, now = self._source, self._now
+        return _Counters(self._source, key, self._now)
 
-        def counter(name: Any) -> _Lazy | None:
-            c = _COUNTER_INDEX.get(name)
-            if c is None:
-                return None
 
-            def window(name: Any) -> dict | None:
-                w = _WINDOW_INDEX.get(name)
-                return None if w is None else source(key, now, c, w)
+class _Counters(_Lazy):
+    """One scope's counters: counter -> window -> figures."""
 
-            return _Lazy(window)
+    __slots__ = ("_source", "_key", "_now")
 
-        return _Lazy(counter)
+    def __init__(self, source: Source, key: str, now: float) -> None:
+        self._source = source
+        self._key = key
+        self._now = now
+
+    def _make(self, name: Any) -> _Windows | None:
+        c = _COUNTER_INDEX.get(name)
+        return None if c is None else _Windows(self._source, self._key, self._now, c)
+
+
+class _Windows(_Lazy):
+    """One counter of one scope: window -> figures."""
+
+    __slots__ = ("_source", "_key", "_now", "_counter")
+
+    def __init__(self, source: Source, key: str, now: float, counter: int) -> None:
+        self._source = source
+        self._key = key
+        self._now = now
+        self._counter = counter
+
+    def _make(self, name: Any) -> dict | None:
+        w = _WINDOW_INDEX.get(name)
+        return None if w is None else self._source(self._key, self._now, self._counter, w)
 
 
 def figure(current: int, previous: int, baseline: float, covered: float) -> dict[str, Any]:
