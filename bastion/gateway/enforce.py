@@ -95,8 +95,11 @@ class Caller:
     principals: tuple[Entity, ...] = field(init=False)
 
     def __post_init__(self) -> None:
-        agents = self.agents or (self.client_id,)
-        principals = (Entity("User", self.subject), *(Entity("Agent", a) for a in agents))
+        user = Entity("User", self.subject)
+        if self.agents:
+            principals = (user, *[Entity("Agent", a) for a in self.agents])
+        else:
+            principals = (user, Entity("Agent", self.client_id))
         object.__setattr__(self, "principals", principals)
 
 
@@ -305,9 +308,14 @@ class Enforcer:
             result, reason = "deny", chain.reason
         elif not chain.allowed:
             result, reason = "deny", "not_permitted"
-        elif refuses_write(obligations.read_only, action, resource, context):
+        # Each asked only of an answer that has the obligation (neither holds without it).
+        elif obligations.read_only and refuses_write(
+            obligations.read_only, action, resource, context
+        ):
             result, reason = "deny", "read_only"
-        elif needs_sign_in(obligations.max_auth_age, caller.auth_time, self.clock()):
+        elif obligations.max_auth_age is not None and needs_sign_in(
+            obligations.max_auth_age, caller.auth_time, self.clock()
+        ):
             result, reason = "step_up", SIGN_IN_AGAIN
         held: tuple[Call, Outcome] | None = None
         review: tuple[Call, Outcome] | None = None
