@@ -318,7 +318,7 @@ class Remembered(Generic[Answer]):
         self._answer = answer
         self._keep = keep
         self._generation: int | None = None
-        self._known: dict[tuple, tuple[tuple[tuple[tuple, Any], ...], Answer]] = {}
+        self._known: dict[tuple, tuple[_Reading, Answer]] = {}
         self._size = 0
 
     def __call__(
@@ -359,7 +359,7 @@ class Remembered(Generic[Answer]):
                 ):
                     self._generation, self._known, self._size = generation, {}, 0
                 # Copied: what the caller's context holds may change after this.
-                self._known[question] = (tuple((p, _copy(v)) for p, v in reads), answer)
+                self._known[question] = (_Reading((p, _copy(v)) for p, v in reads), answer)
                 self._size += size
         return answer
 
@@ -402,25 +402,63 @@ def _at(context: Any, path: tuple) -> Any:
     return value
 
 
-def _agrees(context: dict, reads: tuple[tuple[tuple, Any], ...]) -> bool:
-    """Whether ``context`` holds what was read at every path of ``reads``: `_at` and `_equal`,
-    written out (this runs on every message, twice)."""
-    for path, seen in reads:
-        value = context
-        for name in path:
-            if value.__class__ is not dict:
-                value = _LIVE if isinstance(value, dict) else _ABSENT
-                break
-            value = value.get(name, _ABSENT)
-            if value is _ABSENT:
-                break
-        # The same marker, text or number (kept lists and objects are private copies).
-        if value is seen:
-            continue
-        cls = seen.__class__
-        if value.__class__ is not cls:
+class _Reading:
+    """What an answer read of one object of the context (the context itself, or an object in
+    it), arranged to be compared with another at once (`_agrees`): ``names``, the fields whose
+    values were text, numbers, booleans, null or nothing (`_ABSENT`), with those ``values`` and
+    the ``kinds`` (ids of the types) of those values; ``whole``, the fields whose values were
+    lists, objects or times, and those values; ``inner``, the objects it read fields of, each a
+    reading of its own. ``empty``: it read nothing; ``absent``: nothing was found at any of its
+    paths."""
+
+    __slots__ = ("names", "absents", "values", "kinds", "whole", "inner", "empty", "absent")
+
+    def __init__(self, reads: Iterable[tuple[tuple, Any]]) -> None:
+        """``reads``: each path read, with the value `_at` found there (a copy of it)."""
+        simple: list[tuple[Any, Any]] = []
+        whole: list[tuple[Any, Any]] = []
+        inner: dict[Any, list[tuple[tuple, Any]]] = {}
+        for path, seen in reads:
+            name = path[0]
+            if len(path) > 1:
+                inner.setdefault(name, []).append((path[1:], seen))
+            elif seen is _ABSENT or seen.__class__ in _SIMPLE:
+                simple.append((name, seen))
+            else:
+                whole.append((name, seen))
+        self.names = tuple(name for name, _ in simple)
+        self.absents = (_ABSENT,) * len(simple)
+        self.values = tuple(seen for _, seen in simple)
+        self.kinds = tuple(id(seen.__class__) for _, seen in simple)
+        self.whole = tuple(whole)
+        self.inner = tuple((name, _Reading(below)) for name, below in inner.items())
+        self.empty = not (simple or whole or inner)
+        self.absent = (
+            not whole
+            and all(seen is _ABSENT for seen in self.values)
+            and all(reading.absent for _, reading in self.inner)
+        )
+
+
+def _agrees(context: Any, reading: _Reading) -> bool:
+    """Whether ``context`` holds what was read at every path of ``reading``, as `_at` finds it
+    and `_equal` compares it: this runs on every message, twice, so the text, numbers and
+    absences of one object are compared at once, their types by identity (``true`` is not
+    ``1``), and each object read into is looked up once."""
+    if context.__class__ is not dict:
+        # Every path through it goes through a view that works out its values when read
+        # (`_LIVE`, never kept), or holds nothing (`_ABSENT`).
+        return reading.empty if isinstance(context, dict) else reading.absent
+    names = reading.names
+    if names:
+        found = tuple(map(context.get, names, reading.absents))
+        if tuple(map(id, map(type, found))) != reading.kinds or found != reading.values:
             return False
-        if not (value == seen if cls in _SIMPLE else _equal(value, seen)):
+    for name, seen in reading.whole:
+        if not _equal(context.get(name, _ABSENT), seen):
+            return False
+    for name, inner in reading.inner:  # noqa: SIM110 - no generator: this runs on every message
+        if not _agrees(context.get(name, _ABSENT), inner):
             return False
     return True
 

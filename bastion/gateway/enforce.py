@@ -8,7 +8,6 @@ policy sees, asks `decide_chain` (every principal must be allowed), turns the an
 from __future__ import annotations
 
 import hashlib
-import hmac
 import logging
 import secrets
 import threading
@@ -96,8 +95,11 @@ class Caller:
     principals: tuple[Entity, ...] = field(init=False)
 
     def __post_init__(self) -> None:
-        agents = self.agents or (self.client_id,)
-        principals = (Entity("User", self.subject), *(Entity("Agent", a) for a in agents))
+        user = Entity("User", self.subject)
+        if self.agents:
+            principals = (user, *[Entity("Agent", a) for a in self.agents])
+        else:
+            principals = (user, Entity("Agent", self.client_id))
         object.__setattr__(self, "principals", principals)
 
 
@@ -142,18 +144,29 @@ class ArgumentDigest:
     """The digest of a message's arguments in its decision record: HMAC-SHA256 under a key of
     the deployment, so that a reader of the records cannot confirm a guess of small values (an
     id, an address) by hashing it, and the same arguments still match across records, restarts
-    and replicas that share the key."""
+    and replicas that share the key.
+
+    HMAC as RFC 2104 §2 defines it, H((K ^ opad) || H((K ^ ipad) || text)), over `hashlib`'s
+    SHA-256: keyed once (the two padded keys hashed here), each digest copies those states,
+    all in C (`hmac.HMAC.copy` is Python, and costs more than the hashing)."""
+
+    BLOCK = 64  # SHA-256's block, in bytes
 
     def __init__(self, key: bytes) -> None:
-        # Keyed once: each digest copies this state (no key schedule per call).
-        self._keyed = hmac.new(key, digestmod=hashlib.sha256)
+        if len(key) > self.BLOCK:
+            key = hashlib.sha256(key).digest()
+        key = key.ljust(self.BLOCK, b"\0")
+        self._inner = hashlib.sha256(bytes(b ^ 0x36 for b in key))
+        self._outer = hashlib.sha256(bytes(b ^ 0x5C for b in key))
 
     def __call__(self, arguments: Any) -> str:
         if arguments is None:
             return ""
-        mac = self._keyed.copy()
-        mac.update(canonical_json(arguments).encode())
-        return "hmac-sha256:" + mac.hexdigest()
+        inner = self._inner.copy()
+        inner.update(canonical_json(arguments).encode())
+        outer = self._outer.copy()
+        outer.update(inner.digest())
+        return "hmac-sha256:" + outer.hexdigest()
 
 
 def refused(target: str, decision_id: str, reason: str, **extra: Any) -> RpcError:
@@ -198,6 +211,8 @@ class Enforcer:
         self.explained = Explained()
         # The message's own decision, from memory while it cannot have changed (`Remembered`).
         self.decisions = remembered_calls()
+        # What the records say of the last decision, whatever the message (`Spelled`).
+        self._spelled: Spelled | None = None
         # Alerts the decisions raise (`bastion.signals.alerts.Alerts`); None: none are raised.
         self.alerts: Any = None
         # Without a key of the deployment's, one of this process (digests match within it).
@@ -271,7 +286,6 @@ class Enforcer:
         ``requestState``); the call must be the one it was made for."""
         started = time.perf_counter()
         decision_id = new_decision_id()
-        target = resource.id
         if self.facts_stale():
             self._refuse_stale(decision_id, caller, server, method, resource, context, arguments)
         if (suspended := self.suspended(caller)) is not None:
@@ -279,12 +293,14 @@ class Enforcer:
             self._refuse_suspended(
                 decision_id, caller, server, method, resource, context, arguments, suspended
             )
+        shown = repr(resource)  # as records and counters spell it
         if method in COUNTED_METHODS:
-            context = await self._behavior_context(caller, resource, context)
+            context = await self._behavior_context(caller, shown, context)
         if isinstance(session := context.get(CONTEXT_FIELD), SessionView):
             await self.labels.prepare(session)
         authz = self.authorizer()
         chain = self.decisions(authz, caller.principals, action, resource, context, caller.scopes)
+        obligations = chain.obligations
         result, reason, retry_after = "allow", "", None
         if chain.missing_scopes:
             result, reason = "step_up", "insufficient_scope"
@@ -292,10 +308,109 @@ class Enforcer:
             result, reason = "deny", chain.reason
         elif not chain.allowed:
             result, reason = "deny", "not_permitted"
-        elif refuses_write(chain.obligations.read_only, action, resource, context):
+        # Each asked only of an answer that has the obligation (neither holds without it).
+        elif obligations.read_only and refuses_write(
+            obligations.read_only, action, resource, context
+        ):
             result, reason = "deny", "read_only"
-        elif needs_sign_in(chain.obligations.max_auth_age, caller.auth_time, self.clock()):
+        elif obligations.max_auth_age is not None and needs_sign_in(
+            obligations.max_auth_age, caller.auth_time, self.clock()
+        ):
             result, reason = "step_up", SIGN_IN_AGAIN
+        held: tuple[Call, Outcome] | None = None
+        review: tuple[Call, Outcome] | None = None
+        linked: ApprovalRequest | None = None
+        if result == "allow" and (
+            obligations.requires_approval or obligations.requires_review or obligations.rate_limits
+        ):
+            # Decided again, with the approval, when one was given: ``chain`` is that decision.
+            chain, result, reason, retry_after, held, review, linked = await self._obligations(
+                authz,
+                decision_id,
+                caller,
+                server,
+                method,
+                action,
+                resource,
+                context,
+                arguments,
+                chain,
+                retried,
+            )
+        if held is not None and held[1].state == "hold":
+            try:
+                why = self._why_held(
+                    authz, caller.principals, action, resource, context, held[0].kind
+                )
+                linked = await anyio.to_thread.run_sync(
+                    self.approvals.hold,
+                    held[0],
+                    decision_id,
+                    why,
+                    context,  # type: ignore[union-attr]
+                )
+            except Exception:
+                log.exception("the approval store cannot be written: call refused")
+                result, reason, linked = "deny", "approval_unavailable", None
+        # Read before this message is counted (`_record`): the figures the decision saw.
+        behaving = self._behavior_alerts(context)
+        record = self._record(
+            authz,
+            decision_id,
+            caller,
+            server,
+            method,
+            action,
+            resource,
+            shown,
+            context,
+            arguments,
+            chain,
+            result,
+            reason,
+            started,
+            approval={"id": linked.id, "kind": linked.kind} if linked is not None else None,
+        )
+        # The decision's alert rules, the built-in ``behaving`` alerts, a refusal counted
+        # towards a refusal burst: without any, nothing to raise.
+        if self.alerts is not None and (chain.obligations.alerts or behaving or result == "deny"):
+            await self._raise_alerts(caller, chain, decision_id, result, reason, record, behaving)
+        if result != "allow":
+            self._refuse(decision_id, resource.id, chain, result, reason, retry_after, linked)
+        if review is not None:
+            step = "release" if review[1].state == "released" else "hold"
+            return Verdict(
+                decision_id, chain.obligations, record, step, review[1].request, review[0]
+            )
+        return Verdict(decision_id, chain.obligations, record)
+
+    async def _obligations(
+        self,
+        authz: Authorizer,
+        decision_id: str,
+        caller: Caller,
+        server: str,
+        method: str,
+        action: str,
+        resource: Entity,
+        context: dict[str, Any],
+        arguments: Any,
+        chain: ChainDecision,
+        retried: str | None,
+    ) -> tuple[
+        ChainDecision,
+        str,
+        str,
+        float | None,
+        tuple[Call, Outcome] | None,
+        tuple[Call, Outcome] | None,
+        ApprovalRequest | None,
+    ]:
+        """What an allowed message's approval, review and rate limits make of it: the decision
+        (decided again with the approval in the context when one was given), its result, reason
+        and retry delay, the hold to place (call, outcome), the review it is under and the
+        approval request it is linked to."""
+        result, reason, retry_after = "allow", "", None
         held: tuple[Call, Outcome] | None = None
         review: tuple[Call, Outcome] | None = None
         linked: ApprovalRequest | None = None
@@ -351,41 +466,19 @@ class Enforcer:
         # Used once: of two identical retries at the same moment, one goes through.
         if result == "allow" and spend is not None and not await self._spend(spend, decision_id):
             result, reason = "deny", "approval_used"
-        if held is not None and held[1].state == "hold":
-            try:
-                why = self._why_held(
-                    authz, caller.principals, action, resource, context, held[0].kind
-                )
-                linked = await anyio.to_thread.run_sync(
-                    self.approvals.hold,
-                    held[0],
-                    decision_id,
-                    why,
-                    context,  # type: ignore[union-attr]
-                )
-            except Exception:
-                log.exception("the approval store cannot be written: call refused")
-                result, reason, linked = "deny", "approval_unavailable", None
-        # Read before this message is counted (`_record`): the figures the decision saw.
-        behaving = self._behavior_alerts(context)
-        record = self._record(
-            authz,
-            decision_id,
-            caller,
-            server,
-            method,
-            action,
-            resource,
-            context,
-            arguments,
-            chain,
-            result,
-            reason,
-            started,
-            approval={"id": linked.id, "kind": linked.kind} if linked is not None else None,
-        )
-        if self.alerts is not None:
-            await self._raise_alerts(caller, chain, decision_id, result, reason, record, behaving)
+        return chain, result, reason, retry_after, held, review, linked
+
+    def _refuse(
+        self,
+        decision_id: str,
+        target: str,
+        chain: ChainDecision,
+        result: str,
+        reason: str,
+        retry_after: float | None,
+        linked: ApprovalRequest | None,
+    ) -> None:
+        """Raise what a message that is not allowed answers: `StepUp`, `Held` or an `RpcError`."""
         if result == "step_up":
             max_age = chain.obligations.max_auth_age if reason == SIGN_IN_AGAIN else None
             raise StepUp(chain.missing_scopes, decision_id, max_age)
@@ -399,6 +492,7 @@ class Enforcer:
                 reason,
             )
         if result == "rate_limited":
+            assert retry_after is not None  # a rate limit refuses with the seconds to wait
             raise RpcError(
                 RATE_LIMITED,
                 f"bastion refused this request ({target}): rate limited",
@@ -415,16 +509,8 @@ class Enforcer:
                 " right now (the shared counters are unreachable); try again later",
                 {"decision_id": decision_id, "reason": reason},
             )
-        if result != "allow":
-            extra = {"approval_id": linked.id} if linked is not None else {}
-            raise refused(target, decision_id, reason, **extra)
-        verdict = Verdict(decision_id, chain.obligations, record)
-        if review is not None:
-            step = "release" if review[1].state == "released" else "hold"
-            verdict = Verdict(
-                decision_id, chain.obligations, record, step, review[1].request, review[0]
-            )
-        return verdict
+        extra = {"approval_id": linked.id} if linked is not None else {}
+        raise refused(target, decision_id, reason, **extra)
 
     def _behavior_alerts(self, context: dict[str, Any]) -> list[tuple[str, str, dict]]:
         """The built-in alerts the calling agent's behaviour figures call for (none without
@@ -450,11 +536,9 @@ class Enforcer:
         behaving: list[tuple[str, str, dict]],
     ) -> None:
         """The decision's ``alert`` rules, the built-in ``behaving`` alerts, and a refusal
-        counted towards a refusal burst."""
+        counted towards a refusal burst (`decide` calls it when there is one of them)."""
         alerts = self.alerts
         raised = chain.obligations.alerts
-        if not raised and not behaving and result != "deny":
-            return
         detail = {
             "server": record["server"],
             "method": record["method"],
@@ -676,6 +760,7 @@ class Enforcer:
         method: str,
         action: str,
         resource: Entity,
+        shown: str,
         context: dict[str, Any],
         arguments: Any,
         chain: ChainDecision,
@@ -684,6 +769,9 @@ class Enforcer:
         started: float,
         approval: dict[str, str] | None = None,
     ) -> dict[str, Any]:
+        """The decision record of ``chain`` (``shown``: ``resource`` as records spell it),
+        counted and written if it is a refusal; an allowed one is written once its obligations
+        are applied."""
         deciding = chain.refused_by or chain.principals[-1]
         question = (deciding, action, resource)
         rules = self.explained.get(chain.generation, question, context)
@@ -695,44 +783,24 @@ class Enforcer:
             # Refusals are explained on the spot; allows when the record is written (`write`),
             # off the request path: an explanation costs a few hundred microseconds.
             rules = self.explained.explain(authz, question, context)
-        applied = chain.obligations
-        obligations = {
-            "masks": list(applied.masks),
-            "rate_limits": [
-                {"principal": repr(r.principal), "max": r.max, "seconds": r.seconds}
-                for r in applied.rate_limits
-            ]
-            if applied.rate_limits
-            else [],
-            "required_scopes": list(applied.required_scopes),
-        }
-        if chain.missing_scopes:
-            obligations["missing_scopes"] = list(chain.missing_scopes)
-        if applied.read_only:
-            obligations["read_only"] = True
-        if applied.max_auth_age is not None:
-            obligations["max_auth_age"] = applied.max_auth_age
-        if chain.stale_signals:
-            obligations["stale_signals"] = list(chain.stale_signals)
+        spelled = self._spelled
+        if spelled is None or spelled.chain is not chain:
+            spelled = self._spelled = Spelled(chain)
+        obligations = dict(spelled.obligations)
         if approval is not None:
             # The request that held it, or whose approval (or released result) it used.
             obligations["approval"] = approval
-        seen = _without_arguments(context)
-        principals = tuple(map(repr, chain.principals))
         record = {
             "id": decision_id,
             "at": self.clock(),
             "server": server,
             "method": method,
-            "target": repr(resource),
-            "principals": principals,
+            "target": shown,
+            "principals": spelled.principals,
             "result": result,
             "arguments_digest": self.digest(arguments),
-            "context": seen,
-            # Mostly the last principal, spelled already.
-            "deciding_principal": (
-                principals[-1] if deciding is chain.principals[-1] else repr(deciding)
-            ),
+            "context": _without_arguments(context),
+            "deciding_principal": spelled.deciding,
             "rules": rules or (),
             "obligations": obligations,
             "reason": reason,
@@ -748,9 +816,9 @@ class Enforcer:
     # -- behaviour and shadow rules (bastion.signals) ------------------------------------------
 
     async def _behavior_context(
-        self, caller: Caller, resource: Entity, context: dict[str, Any]
+        self, caller: Caller, target: str, context: dict[str, Any]
     ) -> dict[str, Any]:
-        view = self.behavior.view(caller.subject, caller.client_id, repr(resource))
+        view = self.behavior.view(caller.subject, caller.client_id, target)
         await self.behavior.prepare(view)
         return {**context, "behavior": view}
 
@@ -792,6 +860,45 @@ class Enforcer:
         explain = fields.pop("_explain", None)
         rules = partial(self.explained.explain, *explain) if explain else None
         self.records.add(DecisionRecord.of(fields), rules)
+
+
+class Spelled:
+    """What a decision record says of a `ChainDecision`, whatever the message: its principals,
+    the one it turned on, and its obligations (but the approval a message used). Spelled once
+    per answer: a remembered answer is the same object each time, and the gateway keeps the
+    last one's. ``obligations`` is copied into each record; the lists in it are shared by the
+    records of one answer, and never changed."""
+
+    __slots__ = ("chain", "principals", "deciding", "obligations")
+
+    def __init__(self, chain: ChainDecision) -> None:
+        self.chain = chain
+        self.principals = principals = tuple(map(repr, chain.principals))
+        deciding = chain.refused_by
+        # Mostly the last principal, spelled already.
+        self.deciding = (
+            principals[-1]
+            if deciding is None or deciding is chain.principals[-1]
+            else repr(deciding)
+        )
+        applied = chain.obligations
+        obligations: dict[str, Any] = {
+            "masks": list(applied.masks),
+            "rate_limits": [
+                {"principal": repr(r.principal), "max": r.max, "seconds": r.seconds}
+                for r in applied.rate_limits
+            ],
+            "required_scopes": list(applied.required_scopes),
+        }
+        if chain.missing_scopes:
+            obligations["missing_scopes"] = list(chain.missing_scopes)
+        if applied.read_only:
+            obligations["read_only"] = True
+        if applied.max_auth_age is not None:
+            obligations["max_auth_age"] = applied.max_auth_age
+        if chain.stale_signals:
+            obligations["stale_signals"] = list(chain.stale_signals)
+        self.obligations = obligations
 
 
 class Explained:

@@ -31,6 +31,8 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
+from itertools import repeat
+from operator import contains
 from typing import Any
 
 from bastion.policy.errors import EvaluationLimit
@@ -98,13 +100,17 @@ def scope_keys(subject: str, agent: str, target: str) -> tuple[str, str, str]:
 class _Counted:
     """One key's counters: the running totals of those every window counts alike (calls,
     refusals, destructive, bytes), and its windows. A message adds to the totals once, not
-    once per window: a window's count is how far the totals went since it began."""
+    once per window: a window's count is how far the totals went since it began. ``end``: when
+    its first window (the minute, the first to end) ends; ``seen``: its windows' sets of the
+    targets seen (each window's own set, for good: a window that rolls empties it)."""
 
-    __slots__ = ("totals", "windows")
+    __slots__ = ("totals", "windows", "end", "seen")
 
     def __init__(self, now: float) -> None:
         self.totals = [0] * _TARGETS  # the counters before targets, in `COUNTERS` order
         self.windows = [_Window(int(now // s), s, self.totals) for _, s in WINDOWS]
+        self.end = self.windows[0].end
+        self.seen = tuple(window.seen for window in self.windows)
 
 
 class _Window:
@@ -139,7 +145,7 @@ class _Window:
         self.previous = current if gap == 1 else [0] * _N
         self.start = list(totals)
         self.targets = 0
-        self.seen = set()
+        self.seen.clear()  # the same set: `_Counted.seen` holds it
         self.index = index
 
 
@@ -161,13 +167,13 @@ def fold(
 class _Lazy(dict):
     """A dict that makes each entry when it is first read (`get`, as the policy's field lookup
     reads, or ``[]``): only the figures a rule reads are computed, and kept in the decision
-    record. No entry is None (``make`` answers None for a name that has none)."""
+    record. Each kind of entry says how it is made (`_make`, None for a name that has none);
+    no entry is None."""
 
-    __slots__ = ("_make",)
+    __slots__ = ()
 
-    def __init__(self, make: Callable[[str], Any]) -> None:
-        # Empty already (dict.__new__): dict.__init__ would have nothing to do.
-        self._make = make
+    def _make(self, name: Any) -> Any:
+        raise NotImplementedError
 
     def get(self, name: Any, default: Any = None) -> Any:
         value = dict.get(self, name)
@@ -175,7 +181,7 @@ class _Lazy(dict):
             value = self._make(name)
             if value is None:
                 return default
-            dict.__setitem__(self, name, value)
+            self[name] = value
         return value
 
     def __missing__(self, name: Any) -> Any:
@@ -183,7 +189,7 @@ class _Lazy(dict):
         value = self._make(name)
         if value is None:
             raise KeyError(name)
-        dict.__setitem__(self, name, value)
+        self[name] = value
         return value
 
 
@@ -201,33 +207,51 @@ class BehaviorView(_Lazy):
     __slots__ = ("_source", "counter_keys", "_now")
 
     def __init__(self, source: Source | None, keys: tuple[str, str, str], now: float):
-        self._make = self._scope
+        # Empty already (dict.__new__): dict.__init__ would have nothing to do.
         self._source = source
         # The user's, the agent's and the agent-on-target key (`scope_keys`), counted under.
         self.counter_keys = keys
         self._now = now
 
-    def _scope(self, scope: Any) -> _Lazy | None:
+    def _make(self, scope: Any) -> _Counters | None:
         try:
-            key = self.counter_keys[("user", "agent", "tool").index(scope)]
+            key = self.counter_keys[SCOPES.index(scope)]
         except ValueError:
             return None
         if self._source is None:
             raise BehaviorUnavailable()
-        source, now = self._source, self._now
+        return _Counters(self._source, key, self._now)
 
-        def counter(name: Any) -> _Lazy | None:
-            c = _COUNTER_INDEX.get(name)
-            if c is None:
-                return None
 
-            def window(name: Any) -> dict | None:
-                w = _WINDOW_INDEX.get(name)
-                return None if w is None else source(key, now, c, w)
+class _Counters(_Lazy):
+    """One scope's counters: counter -> window -> figures."""
 
-            return _Lazy(window)
+    __slots__ = ("_source", "_key", "_now")
 
-        return _Lazy(counter)
+    def __init__(self, source: Source, key: str, now: float) -> None:
+        self._source = source
+        self._key = key
+        self._now = now
+
+    def _make(self, name: Any) -> _Windows | None:
+        c = _COUNTER_INDEX.get(name)
+        return None if c is None else _Windows(self._source, self._key, self._now, c)
+
+
+class _Windows(_Lazy):
+    """One counter of one scope: window -> figures."""
+
+    __slots__ = ("_source", "_key", "_now", "_counter")
+
+    def __init__(self, source: Source, key: str, now: float, counter: int) -> None:
+        self._source = source
+        self._key = key
+        self._now = now
+        self._counter = counter
+
+    def _make(self, name: Any) -> dict | None:
+        w = _WINDOW_INDEX.get(name)
+        return None if w is None else self._source(self._key, self._now, self._counter, w)
 
 
 def figure(current: int, previous: int, baseline: float, covered: float) -> dict[str, Any]:
@@ -326,12 +350,11 @@ class LocalBehavior(_Counting):
         call), and its target (its arguments, for the agent-on-target key) if new."""
         now = self.clock()
         known = self._keys
-        max_targets = self.settings.max_targets
         flagged = refused or destructive
         for key in keys:
             # `_counted`, inline while the key's windows need neither making nor rolling.
             counted = known.get(key)
-            if counted is None or now >= counted.windows[0].end:
+            if counted is None or now >= counted.end:
                 counted = self._counted(key, now)
             totals = counted.totals
             totals[_CALLS] += 1
@@ -341,12 +364,20 @@ class LocalBehavior(_Counting):
                 if destructive:
                     totals[_DESTRUCTIVE] += 1
             seen = detail if key[0] == "t" else target
-            for window in counted.windows:
-                targets = window.seen
-                if seen not in targets:
-                    window.targets += 1
-                    if len(targets) < max_targets:
-                        targets.add(seen)
+            # Mostly seen already in every window: asked of the three sets at once.
+            if not all(map(contains, counted.seen, repeat(seen))):
+                self._new_target(counted, seen)
+
+    def _new_target(self, counted: _Counted, seen: str) -> None:
+        """Count ``seen`` in each of ``counted``'s windows that has not seen it yet (and keep
+        it, while the window keeps fewer than ``max_targets``)."""
+        max_targets = self.settings.max_targets
+        for window in counted.windows:
+            targets = window.seen
+            if seen not in targets:
+                window.targets += 1
+                if len(targets) < max_targets:
+                    targets.add(seen)
 
     def returned(self, keys: tuple[str, ...], size: int) -> None:
         """Count the bytes of a result returned."""
@@ -354,7 +385,7 @@ class LocalBehavior(_Counting):
         known = self._keys
         for key in keys:
             counted = known.get(key)  # `_counted`, inline as in `observe`
-            if counted is None or now >= counted.windows[0].end:
+            if counted is None or now >= counted.end:
                 counted = self._counted(key, now)
             counted.totals[_BYTES] += size
 
@@ -368,11 +399,12 @@ class LocalBehavior(_Counting):
             counted = self._keys[key] = _Counted(now)
             return counted
         windows = counted.windows
-        if now >= windows[0].end:  # the minute ends first: nothing else can have ended before
+        if now >= counted.end:  # the minute ends first: nothing else can have ended before
             weight, totals = self.settings.baseline_weight, counted.totals
             for window, (_, seconds) in zip(windows, WINDOWS, strict=True):
                 if now >= window.end:
                     window.roll(now, seconds, weight, totals)
+            counted.end = windows[0].end
         return counted
 
     async def close(self) -> None:

@@ -119,6 +119,9 @@ class PostureSettings:
     posture_claim: str = ""
     # address -> (the address as the context shows it, its zone, whether it is a trusted proxy)
     _seen: dict[str, tuple[str, str, bool]] = field(default_factory=dict, compare=False, repr=False)
+    # The postures read lately, by their fields: one made once serves each request that has it
+    # (a `RequestPosture` is frozen; making one costs more than the rest of reading it).
+    _postures: dict[tuple, RequestPosture] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
     def from_mapping(cls, table: Mapping[str, Any] | None) -> PostureSettings:
@@ -195,15 +198,22 @@ class PostureSettings:
             source = "proxy" if device_id is not None or posture is not None else None
         issued_at = claims.get("iat")
         auth_time = claims.get("auth_time")
-        return RequestPosture(
-            ip=shown,
-            zone=zone,
-            device_id=device_id,
-            device_posture=posture,
-            device_source=source,
-            issued_at=issued_at if type(issued_at) is int else None,
-            auth_time=auth_time if type(auth_time) is int else None,
+        fields = (
+            shown,
+            zone,
+            device_id,
+            posture,
+            source,
+            issued_at if type(issued_at) is int else None,
+            auth_time if type(auth_time) is int else None,
         )
+        found = self._postures.get(fields)
+        if found is None:
+            found = RequestPosture(*fields)
+            if len(self._postures) >= _REMEMBERED:
+                self._postures.clear()
+            self._postures[fields] = found
+        return found
 
     def _trusted(self, ip: ipaddress.IPv4Address | ipaddress.IPv6Address | None) -> bool:
         return ip is not None and any(ip in network for network in self.trusted_proxies)

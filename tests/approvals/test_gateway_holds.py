@@ -30,6 +30,9 @@ requires_approval(_user: User, "call", Tool{"deskhttp/search_customers"}) if
 # The policy sees the approval a call comes back with, and may still refuse it.
 deny(_user: User, "call", Tool{"deskhttp/search_customers"}) if
   context.arguments.query = "vetoed" and context.approval.channels = ["api"];
+# What the call is allowed with is the decision made with its approval (a sign-in of today).
+requires_recent_auth(_user: User, "call", Tool{"deskhttp/send_email"}, 86400) if
+  context.approval.channels = ["api"];
 requires_review(_user: User, "read", McpResource{"deskhttp/customers://plans"});
 approver(User{"avery"}, _user: User, "read", McpResource{"deskhttp/customers://plans"});
 """
@@ -133,8 +136,10 @@ def test_a_held_call_goes_through_once_approved_and_only_once(bastion, mode):
     record = bastion.records.get(used.used_by)
     assert record.result == "allow"
     assert record.obligations["approval"] == {"id": used.id, "kind": "approval"}
+    assert record.obligations["max_auth_age"] == 86400
     held = bastion.records.get(data["decision_id"])
     assert held.result == "held" and held.obligations["approval"]["id"] == used.id
+    assert "max_auth_age" not in held.obligations
 
 
 @pytest.mark.parametrize("mode", ERAS)

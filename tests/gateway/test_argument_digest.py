@@ -5,11 +5,14 @@ hashing it, and the same arguments match across restarts and replicas sharing ``
 from __future__ import annotations
 
 import hashlib
+import hmac
+import os
 import stat
 import threading
 
 import pytest
 
+from bastion.audit.decisions import canonical_json
 from bastion.gateway.enforce import ArgumentDigest
 from bastion.oauth.keys import ARGUMENT_DIGEST_KEY, deployment_secret
 
@@ -24,6 +27,17 @@ def test_a_digest_is_keyed_not_a_plain_hash(tmp_path):
     assert ArgumentDigest(key)({"customer_id": "c-101"}) == value  # stable for one key
     assert ArgumentDigest(b"k" * 32)(ARGUMENTS) != value  # another deployment: another digest
     assert ArgumentDigest(key)(None) == ""
+
+
+@pytest.mark.parametrize("size", [0, 1, 32, 63, 64, 65, 200])
+def test_a_digest_is_hmac_sha256_of_the_canonical_arguments(size):
+    """RFC 2104 over SHA-256, as the standard library's `hmac` computes it, for keys shorter
+    than, as long as and longer than SHA-256's block (a longer key is hashed first)."""
+    key = os.urandom(size)
+    for arguments in (ARGUMENTS, {"query": "a" * 300, "n": [1, 2.5, True, None]}, "", []):
+        text = canonical_json(arguments).encode()
+        expected = hmac.new(key, text, hashlib.sha256).hexdigest()
+        assert ArgumentDigest(key)(arguments) == "hmac-sha256:" + expected
 
 
 def test_the_secret_is_made_once_private_and_read_again(tmp_path):

@@ -409,6 +409,38 @@ def test_a_remembered_call_compares_a_value_read_whole_and_its_types():
     assert remembered(a, (ann, bot), "call", search, {"arguments": "text"}, frozenset()).allowed
 
 
+def test_a_remembered_call_is_refused_when_an_object_it_read_into_is_gone(answered):
+    """A value read inside an object (at any depth), or an object read whole, that is no
+    longer there because an object on its way is now text, null or absent, is not the value
+    read: decided anew, refused; and a list read whole compares its values type for type."""
+    policy = CALLS + (
+        'deny(_: User, "call", _: Tool) if not context.request.flags.mode = "safe";\n'
+        'deny(_: Agent, "call", _: Tool) if not "reader" in context.grants.roles;\n'
+        'deny(_: Agent, "call", _: Tool) if x in context.grants.roles and x matches Boolean;\n'
+    )
+    a, remembered = call_memory(policy)
+    request, grants = {"flags": {"mode": "safe"}}, {"roles": ["reader", 1]}
+    for _ in range(2):
+        got = remembered(
+            a, (ann, bot), "call", search, {"request": request, "grants": grants}, frozenset()
+        )
+        assert got.allowed
+    assert len(answered) == 1
+    gone = [
+        {"request": "text", "grants": grants},
+        {"request": None, "grants": grants},
+        {"grants": grants},
+        {"request": {"flags": "safe"}, "grants": grants},
+        {"request": {"flags": {}}, "grants": grants},
+        {"request": request, "grants": "text"},
+        {"request": request},
+        {"request": request, "grants": {"roles": ["reader", True]}},
+    ]
+    for context in gone:
+        assert not remembered(a, (ann, bot), "call", search, context, frozenset()).allowed, context
+    assert len(answered) == 1 + len(gone)
+
+
 def test_a_remembered_call_follows_the_facts_and_the_policy(answered):
     a, remembered = call_memory()
     plain = {"arguments": {"query": "a"}}

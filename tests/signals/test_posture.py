@@ -8,9 +8,10 @@ from dataclasses import replace
 
 import pytest
 
+import bastion.signals.posture as posture_module
 from bastion.gateway.mount import posture_settings
 from bastion.server.config import ConfigError, ServerConfig
-from bastion.signals.posture import PostureError, PostureSettings
+from bastion.signals.posture import PostureError, PostureSettings, RequestPosture
 from tests.signals.conftest import CORP, PROXY, VPN, refusal, search
 
 SETTINGS = PostureSettings.from_mapping(
@@ -38,6 +39,38 @@ def test_zones_are_resolved_first_match_wins_else_public():
     assert SETTINGS.read("", {}, {}).zone == "public"
     posture = SETTINGS.read("100.64.0.1", {}, {})
     assert posture.context(0)["network"] == {"ip": "100.64.0.1", "zone": "vpn"}
+
+
+def read_claims(settings: PostureSettings, address: str, claims: dict) -> RequestPosture:
+    """The posture of a request from ``address`` whose token has ``claims`` (None: not there)."""
+    return settings.read(address, {}, {k: v for k, v in claims.items() if v is not None})
+
+
+def test_a_posture_read_again_with_the_same_fields_is_the_one_made_before(monkeypatch):
+    """Made once per set of fields (it is frozen), another for a field that differs, and
+    kept for a bounded number of them."""
+    settings = PostureSettings.from_mapping({"zones": {"corp": ["10.0.0.0/8"]}})
+    claims = {"iat": 100, "auth_time": 90}
+    first = settings.read("10.1.2.3", {}, claims)
+    assert settings.read("10.1.2.3", {}, dict(claims)) is first
+    assert first == RequestPosture("10.1.2.3", "corp", issued_at=100, auth_time=90)
+    others = {
+        ("10.1.2.4", 100, 90): RequestPosture("10.1.2.4", "corp", issued_at=100, auth_time=90),
+        ("8.8.8.8", 100, 90): RequestPosture("8.8.8.8", "public", issued_at=100, auth_time=90),
+        ("10.1.2.3", 101, 90): RequestPosture("10.1.2.3", "corp", issued_at=101, auth_time=90),
+        ("10.1.2.3", 100, 91): RequestPosture("10.1.2.3", "corp", issued_at=100, auth_time=91),
+        ("10.1.2.3", 100, None): RequestPosture("10.1.2.3", "corp", issued_at=100),
+        ("10.1.2.3", True, 90): RequestPosture("10.1.2.3", "corp", auth_time=90),
+    }
+    for (address, iat, auth_time), expected in others.items():
+        got = read_claims(settings, address, {"iat": iat, "auth_time": auth_time})
+        assert got == expected and got is not first
+    device = SETTINGS.read("10.1.2.3", {}, {**claims, "device_id": "phone-2"})
+    assert device.device_id == "phone-2" and SETTINGS.read("10.1.2.3", {}, claims) != device
+    monkeypatch.setattr(posture_module, "_REMEMBERED", 3)
+    for i in range(10):
+        assert settings.read(f"10.0.0.{i}", {}, claims).ip == f"10.0.0.{i}"
+    assert len(settings._postures) <= 3
 
 
 def test_a_trusted_proxy_s_device_headers_are_honoured():
