@@ -296,15 +296,11 @@ class Enforcer:
             result, reason = "deny", chain.reason
         elif not chain.allowed:
             result, reason = "deny", "not_permitted"
-        # Each asked only of an answer that has the obligation (neither holds without it).
-        elif obligations.read_only and refuses_write(
-            obligations.read_only, action, resource, context
+        # Asked only of an answer with either obligation: a call less on the usual path.
+        elif (obligations.read_only or obligations.max_auth_age is not None) and (
+            refusal := self._posture_refusal(caller, obligations, action, resource, context)
         ):
-            result, reason = "deny", "read_only"
-        elif obligations.max_auth_age is not None and needs_sign_in(
-            obligations.max_auth_age, caller.auth_time, self.clock()
-        ):
-            result, reason = "step_up", SIGN_IN_AGAIN
+            result, reason = refusal
         held: tuple[Call, Outcome] | None = None
         review: tuple[Call, Outcome] | None = None
         linked: ApprovalRequest | None = None
@@ -372,6 +368,27 @@ class Enforcer:
             )
         return Verdict(decision_id, chain.obligations, record)
 
+    def _posture_refusal(
+        self,
+        caller: Caller,
+        obligations: Obligations,
+        action: str,
+        resource: Entity,
+        context: dict[str, Any],
+    ) -> tuple[str, str] | None:
+        """The result and reason refusing an allowed message for its obligations' read-only
+        mode (a write refused) or sign-in age (a step-up), or None. Each asked only of an
+        answer that has the obligation (neither refuses without it)."""
+        if obligations.read_only and refuses_write(
+            obligations.read_only, action, resource, context
+        ):
+            return "deny", "read_only"
+        if obligations.max_auth_age is not None and needs_sign_in(
+            obligations.max_auth_age, caller.auth_time, self.clock()
+        ):
+            return "step_up", SIGN_IN_AGAIN
+        return None
+
     async def _obligations(
         self,
         authz: Authorizer,
@@ -423,6 +440,12 @@ class Enforcer:
                 )
                 if not chain.allowed or chain.missing_scopes or chain.reason is not None:
                     result, reason = "deny", chain.reason or "not_permitted"
+                elif refusal := self._posture_refusal(
+                    caller, chain.obligations, action, resource, context
+                ):
+                    # What the call is allowed with is this decision's: its read-only mode and
+                    # the sign-in it asks for hold as much as the first decision's.
+                    result, reason = refusal
                 else:
                     spend = outcome.request  # once everything else has let it through
             elif outcome.state in ("hold", "pending"):

@@ -26,13 +26,16 @@ approver(User{"avery"}, User{"sam"}, "call", Tool{"deskhttp/send_email"});
 approval_window(_user: User, "call", Tool{"deskhttp/send_email"}, 30);
 # The user confirms their own agent's call (no approver rule names anyone else).
 requires_approval(_user: User, "call", Tool{"deskhttp/search_customers"}) if
-  context.arguments.query in ["confirm", "vetoed"];
+  context.arguments.query in ["confirm", "vetoed", "recent"];
 # The policy sees the approval a call comes back with, and may still refuse it.
 deny(_user: User, "call", Tool{"deskhttp/search_customers"}) if
   context.arguments.query = "vetoed" and context.approval.channels = ["api"];
 # What the call is allowed with is the decision made with its approval (a sign-in of today).
 requires_recent_auth(_user: User, "call", Tool{"deskhttp/send_email"}, 86400) if
   context.approval.channels = ["api"];
+# Approved, this call asks for a sign-in of the last second (none is that recent).
+requires_recent_auth(_user: User, "call", Tool{"deskhttp/search_customers"}, 0) if
+  context.arguments.query = "recent" and context.approval.channels = ["api"];
 requires_review(_user: User, "read", McpResource{"deskhttp/customers://plans"});
 approver(User{"avery"}, _user: User, "read", McpResource{"deskhttp/customers://plans"});
 """
@@ -285,6 +288,26 @@ def test_a_user_confirms_their_own_agents_call(bastion):
         approvals(bastion).answer(held["approval_id"], "avery", "approve", channel="api")
     approvals(bastion).answer(held["approval_id"], "sam", "approve", channel="api")
     assert "result" in raw_call(bastion, token, confirm, tool="search_customers")
+
+
+def test_the_decision_made_with_an_approval_can_still_ask_for_a_recent_sign_in(bastion):
+    """The sign-in age the policy asks of an approved call is enforced, not only recorded: the
+    call is challenged (RFC 9470), nothing reaches the upstream, and the approval is not used."""
+    token = bastion.token("sam", "deskhttp")
+    recent = {"query": "recent"}
+    held = raw_call(bastion, token, recent, tool="search_customers")["error"]["data"]
+    approvals(bastion).answer(held["approval_id"], "sam", "approve", channel="api")
+    before = upstream_calls(bastion, "search_customers")
+    response = bastion.http.post(
+        bastion.mcp_url("deskhttp"),
+        json=modern_request(1, "tools/call", {"name": "search_customers", "arguments": recent}),
+        headers=modern_headers(token, "tools/call", "search_customers"),
+    )
+    assert response.status_code == 401, response.text
+    challenge = response.headers["www-authenticate"]
+    assert "insufficient_user_authentication" in challenge and 'max_age="0"' in challenge
+    assert upstream_calls(bastion, "search_customers") == before
+    assert approvals(bastion).get(held["approval_id"]).status == "approved"
 
 
 def test_a_request_held_by_one_replica_is_answered_and_used_through_another(bastion):
