@@ -388,18 +388,26 @@ def test_the_next_request_on_a_kept_alive_connection_must_complete_its_head_in_t
             (first,) = answers_on(s, 1)
             assert status_of(first) == 200
             s.sendall(begun)
-        out = b""
+        out, closed = b"", False
         # Bounded: without the deadline the connection stays open for as long as bytes come.
         for _ in range(150):
-            if select.select([s], [], [], 0.2)[0]:
-                data = s.recv(65536)
-                if not data:
-                    break
-                out += data
-            with contextlib.suppress(OSError):
+            try:
+                if select.select([s], [], [], 0.2)[0]:
+                    data = s.recv(65536)
+                    if not data:
+                        closed = True
+                        break
+                    out += data
                 s.send(b"X")  # one byte of a header that never ends
+            except ConnectionResetError:
+                # Closed with trickled bytes unread, the server's side resets the connection,
+                # which may discard its last answer (the 408) before it is read here.
+                closed = True
+                break
+    assert closed, "the connection stayed open while its head trickled in"
     statuses = [status_of(b"HTTP/1.1 " + a) for a in out.split(b"HTTP/1.1 ")[1:]]
-    assert statuses == ([200, 408] if behind else [408])
+    expected = [200, 408] if behind else [408]
+    assert statuses in (expected, expected[:-1]), statuses
 
 
 def test_a_connection_that_sends_nothing_is_closed(impatient):
