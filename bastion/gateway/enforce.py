@@ -12,7 +12,7 @@ import logging
 import secrets
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import partial
@@ -175,6 +175,7 @@ class Enforcer:
         clock: Callable[[], float] = time.time,
         digest_key: bytes | None = None,
         facts_stale: Callable[[], bool] = lambda: False,
+        facts_heard: Callable[[], Awaitable[bool] | None] = lambda: None,
         approvals: Approvals | None = None,
         suspensions: Suspensions | None = None,
         behavior: LocalBehavior | RedisBehavior | None = None,
@@ -196,6 +197,9 @@ class Enforcer:
         # True while this process's facts are too old to decide on (the replica cannot follow
         # the database): every decision is refused, fail closed.
         self.facts_stale = facts_stale
+        # None while every fact change this process has heard of is applied; else an awaitable
+        # of whether it is soon enough (`Replica.heard_not_applied`): if not, refused as stale.
+        self.facts_heard = facts_heard
         self.explained = Explained()
         # The message's own decision, from memory while it cannot have changed (`Remembered`).
         self.decisions = remembered_calls()
@@ -274,7 +278,7 @@ class Enforcer:
         ``requestState``); the call must be the one it was made for."""
         started = time.perf_counter()
         decision_id = new_decision_id()
-        if self.facts_stale():
+        if self.facts_stale() or ((heard := self.facts_heard()) is not None and not await heard):
             self._refuse_stale(decision_id, caller, server, method, resource, context, arguments)
         if (suspended := self.suspended(caller)) is not None:
             await self._alert_suspended(suspended, decision_id, server, method, resource)

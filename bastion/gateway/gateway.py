@@ -9,7 +9,7 @@ import secrets
 import signal
 import threading
 import weakref
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
@@ -152,6 +152,7 @@ class Gateway:
         resource_scopes: Callable[[str], tuple[str, ...]] = lambda uri: (),
         digest_key: bytes | None = None,
         facts_stale: Callable[[], bool] = lambda: False,
+        facts_heard: Callable[[], Awaitable[bool] | None] = lambda: None,
         max_json_depth: int = untrusted_json.DEFAULT_MAX_DEPTH,
         approvals: Approvals | None = None,
         suspensions: Suspensions | None = None,
@@ -186,6 +187,7 @@ class Gateway:
             self.limiter,
             digest_key=digest_key,
             facts_stale=facts_stale,
+            facts_heard=facts_heard,
             approvals=approvals,
             suspensions=suspensions,
         )
@@ -259,6 +261,10 @@ class Gateway:
         else goes through `Enforcer.decide`: a refusal, and also the obligations a policy may put
         on ``connect`` (a scope to step up to, an approval, a rate limit), never ignored."""
         enforcer = self.enforcer
+        if (heard := enforcer.facts_heard()) is not None:
+            # A fact change this process has heard of is applied before anything is decided
+            # (if it is not soon enough, `Enforcer.decide` refuses, and records it).
+            await heard
         context = ex.context()
         server = ex.upstream.entity
         # On stale facts `Enforcer.decide` refuses, and records it.

@@ -3,7 +3,7 @@ that sends the gateway's paths to it ahead of the API's routing."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -47,11 +47,14 @@ def gateway_from_config(
     oauth,
     authorizer: Callable[[], Authorizer],
     facts_stale: Callable[[], bool] = lambda: False,
+    facts_heard: Callable[[], Awaitable[bool] | None] = lambda: None,
     approvals=None,
     suspensions=None,
 ) -> Gateway:
     """The gateway of the ``[gateway]`` table; it checks tokens with the ``[oauth]`` server.
-    While ``facts_stale()`` the facts are too old to decide on, and every decision refuses."""
+    While ``facts_stale()`` the facts are too old to decide on, and every decision refuses;
+    ``facts_heard()`` is awaited first when it gives an awaitable (a fact change heard of and not
+    applied yet), and a decision refuses if it says False."""
     if oauth is None:
         raise ConfigError(
             "bastion.toml has a [gateway] table but no [oauth] table: the gateway accepts"
@@ -79,6 +82,7 @@ def gateway_from_config(
         issuer=settings.issuer,
         authorizer=authorizer,
         facts_stale=facts_stale,
+        facts_heard=facts_heard,
         records=records,
         resource_scopes=lambda uri: r.scopes if (r := settings.resource(uri)) else (),
         digest_key=digest_key,

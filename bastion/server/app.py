@@ -261,6 +261,7 @@ def _gateway(config: ServerConfig, oauth, replica: Replica, approvals):
         oauth,
         lambda: replica.authz,
         lambda: replica.stale,
+        lambda: replica.heard_not_applied(config.consistency_timeout),
         approvals=approvals,
         suspensions=replica.suspensions,
     )

@@ -29,7 +29,7 @@ import gc
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from functools import partial
 
 import anyio
@@ -187,6 +187,8 @@ class Replica:
         self.poll_interval = min(interval, max_staleness / 4)
         # When (monotonic) this replica last knew it had applied everything committed.
         self.confirmed_at = 0.0
+        # When (monotonic) it last heard of a commit (a notice on PostgreSQL, its own write).
+        self.noticed = 0.0
         # Why the last read of the change log failed (None while it is being followed).
         self.follow_error: str | None = None
         # Why the policy in force does not load here (None while the one in force is loaded).
@@ -424,7 +426,31 @@ class Replica:
     def _notified(self, payload: str) -> None:
         if payload.isdigit():
             self.head_seen = max(self.head_seen, int(payload))
+        self.noticed = time.monotonic()
         self.kick()
+
+    def heard_not_applied(self, timeout: float) -> Awaitable[bool] | None:
+        """None when every commit this replica has heard of is applied (the usual case, asked
+        on every gateway message); else an awaitable of whether it is within ``timeout``
+        seconds. A commit is heard of before it is read: a message decided in between would be
+        decided on facts this replica knows to be out of date. Compared by time, not by
+        sequence, so a notice of another deployment's log (sharing the database) clears with
+        the next read that finds nothing more."""
+        noticed = self.noticed
+        if noticed <= self.confirmed_at:
+            return None
+        return self._confirmed_after(noticed, timeout)
+
+    async def _confirmed_after(self, noticed: float, timeout: float) -> bool:
+        assert self._advanced is not None
+        self.kick()
+        try:
+            async with asyncio.timeout(timeout):
+                async with self._advanced:
+                    await self._advanced.wait_for(lambda: self.confirmed_at >= noticed)
+        except TimeoutError:
+            return False
+        return True
 
     async def _follow(self) -> None:
         assert self._wake is not None
@@ -476,6 +502,9 @@ class Replica:
             if len(changes) == _PAGE:
                 return True
         self.confirmed_at = asked_at
+        if self.noticed > 0.0:
+            async with self._advanced:
+                self._advanced.notify_all()  # for a message waiting on a commit it heard of
         return False
 
     async def _apply(self, change: Change) -> None:

@@ -1,0 +1,68 @@
+"""A replica that has heard of a commit (PostgreSQL's notice) has it applied before the gateway
+decides anything: `Replica.heard_not_applied` is None only while every commit it heard of is
+read, waits for the read otherwise, and says False (the gateway then refuses, as on stale facts)
+when the read does not come within the time given. A notice of nothing new (another
+deployment's, sharing the database) clears with the next read."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+from bastion.facts.model import Entity
+from bastion.facts.store import FactStore, StoredFact
+from bastion.server.replica import Replica
+
+POLICY = """
+actor User {}
+resource Repo { roles = ["reader"]; permissions = ["read"]; "read" if "reader"; }
+allow(actor, action, resource) if has_permission(actor, action, resource);
+"""
+ADA, REPO = Entity("User", "ada"), Entity("Repo", "r1")
+READER = ("has_role", ADA, "reader", REPO)
+
+
+def test_a_heard_commit_is_applied_before_anything_is_decided(postgres_url):
+    writer = FactStore.open(postgres_url)
+    writer.put_policy(POLICY)
+
+    async def scenario():
+        replica = Replica(postgres_url, max_staleness=30)
+        await replica.start()
+        try:
+            assert replica.heard_not_applied(5) is None  # current: nothing to wait for
+            # The follower's reads are held back, as on a loaded machine.
+            held, read = threading.Event(), replica.store.changes_since
+
+            def slow_read(*args, **kwargs):
+                held.wait(10)
+                return read(*args, **kwargs)
+
+            replica.store.changes_since = slow_read
+            seq = (await asyncio.to_thread(writer.apply, [StoredFact(READER)])).seq
+            deadline = time.monotonic() + 10
+            while (waiting := replica.heard_not_applied(5)) is None:
+                assert time.monotonic() < deadline, "the commit's notice never came"
+                await asyncio.sleep(0.01)
+            assert replica.applied < seq  # heard of, not applied: deciding now would be wrong
+            # Not read within the time given: False (the gateway refuses).
+            assert await replica.heard_not_applied(0.2) is False
+            held.set()
+            assert await waiting is True
+            assert replica.applied >= seq
+            assert replica.authz.authorize(ADA, "read", REPO)
+            assert replica.heard_not_applied(5) is None
+            # A notice of nothing new clears with the next read that finds nothing more.
+            replica._notified(str(seq + 1000))
+            again = replica.heard_not_applied(5)
+            assert again is not None and await again is True
+            assert replica.heard_not_applied(5) is None and replica.applied == seq
+        finally:
+            held.set()
+            await replica.stop()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        writer.close()
