@@ -439,15 +439,17 @@ class Replica:
         noticed = self.noticed
         if noticed <= self.confirmed_at:
             return None
-        return self._confirmed_after(noticed, timeout)
+        return self._until(lambda: self.confirmed_at >= noticed, timeout)
 
-    async def _confirmed_after(self, noticed: float, timeout: float) -> bool:
+    async def _until(self, done: Callable[[], bool], timeout: float) -> bool:
+        """Wake the follower and wait until ``done()`` after one of its reads; False if that
+        takes longer than ``timeout`` seconds."""
         assert self._advanced is not None
         self.kick()
         try:
             async with asyncio.timeout(timeout):
                 async with self._advanced:
-                    await self._advanced.wait_for(lambda: self.confirmed_at >= noticed)
+                    await self._advanced.wait_for(done)
         except TimeoutError:
             return False
         return True
@@ -544,17 +546,11 @@ class Replica:
         """Return once every change up to ``seq`` is applied; raise `ConsistencyTimeout`."""
         if self.applied >= seq:
             return
-        assert self._advanced is not None
-        self.kick()
-        try:
-            async with asyncio.timeout(timeout):
-                async with self._advanced:
-                    await self._advanced.wait_for(lambda: self.applied >= seq)
-        except TimeoutError:
+        if not await self._until(lambda: self.applied >= seq, timeout):
             raise ConsistencyTimeout(
                 f"this replica has applied changes up to {self.applied}, not yet {seq};"
                 " retry, or ask another replica"
-            ) from None
+            )
 
     @property
     def lag(self) -> int:
