@@ -40,7 +40,12 @@ from bastion.oauth.throttle import (
     client_address,
     counted_address,
 )
-from bastion.oauth.token_exchange import DelegationPolicy, RequestOrigin, TaskBinder
+from bastion.oauth.token_exchange import (
+    TOKEN_EXCHANGE_GRANT_TYPE,
+    DelegationPolicy,
+    RequestOrigin,
+    TaskBinder,
+)
 from bastion.oauth.tokens import TokenEndpoint
 from bastion.oauth.verifier import TokenVerifier
 
@@ -355,6 +360,8 @@ class AuthorizationServer:
                 functools.partial(self.find_client, address=client_address(request)),
                 self.assertions,
             )
+            if form.get("grant_type") == TOKEN_EXCHANGE_GRANT_TYPE:
+                await self._facts_heard()
             body = await run_in_threadpool(work, client, form)
             await run_in_threadpool(self.housekeeping)
         except OAuthError as error:
@@ -366,6 +373,16 @@ class AuthorizationServer:
                 )
             return error_response(error)
         return json_response(body)
+
+    async def _facts_heard(self) -> None:
+        """A delegation is decided on the facts: a change this process has heard of is applied
+        first, as for the gateway's messages; if it is not soon enough, refused (503)."""
+        delegation = self.delegation
+        heard = delegation.facts_heard() if delegation is not None else None
+        if heard is not None and not await heard:
+            raise OAuthError(
+                "temporarily_unavailable", "the facts are too old to decide on; retry", 503
+            )
 
     def _token_refused(
         self,

@@ -24,7 +24,7 @@ registered for this grant type (`bastion.oauth.tokens`).
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Protocol
@@ -84,6 +84,9 @@ class DelegationPolicy:
     # [signals.posture] (`bastion.signals.posture.PostureSettings`): the request's posture.
     posture: Any = None
     facts_stale: Callable[[], bool] = lambda: False
+    # None while every fact change this process has heard of is applied; else an awaitable of
+    # whether it is soon enough (`bastion.server.replica.Replica.heard_not_applied`).
+    facts_heard: Callable[[], Awaitable[bool] | None] = lambda: None
 
 
 class TokenExchange:

@@ -267,7 +267,7 @@ def _gateway(config: ServerConfig, oauth, replica: Replica, approvals):
     )
 
 
-def _delegation(oauth, gateway, replica: Replica) -> None:
+def _delegation(oauth, gateway, replica: Replica, consistency_timeout: float) -> None:
     """Token exchange (docs/delegation.md) asks the policy about the MCP server a resource is,
     as the gateway maps it; without a gateway every exchange is refused."""
     from bastion.facts.model import Entity
@@ -279,6 +279,7 @@ def _delegation(oauth, gateway, replica: Replica) -> None:
         server_of=servers.get,
         posture=gateway.posture,
         facts_stale=lambda: replica.stale,
+        facts_heard=lambda: replica.heard_not_applied(consistency_timeout),
     )
 
 
@@ -477,7 +478,7 @@ def create_app(config: ServerConfig) -> Starlette:
     if gateway is not None and gateway.records is not None:
         metrics.observe_records_dropped(lambda: gateway.records.dropped)
     if gateway is not None:
-        _delegation(oauth, gateway, replica)
+        _delegation(oauth, gateway, replica, config.consistency_timeout)
         gateway.enforcer.shadow.on_fire = metrics.shadow_fired
         gateway.enforcer.behavior = _behavior(config, gateway)
         gateway.enforcer.labels = _labels(gateway)

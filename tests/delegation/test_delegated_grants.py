@@ -294,3 +294,29 @@ def test_a_refused_exchange_changes_nothing(sqlite_url, tmp_path):
         ):
             assert answer.status_code == 400, answer.text
         assert bastion.rows() == before
+
+
+def test_an_exchange_waits_for_a_fact_change_its_process_heard_of(sqlite_url, tmp_path):
+    """As the gateway's messages: a delegation is decided once every fact change the process
+    has heard of is applied; one not applied in time refuses it (503), changing nothing."""
+    with running_bastion(sqlite_url, tmp_path) as bastion:
+        coder, sub = coding_agent(bastion), sub_agent(bastion)
+        policy_for(bastion, [sub["client_id"]])
+        tokens = bastion.tokens_for(coder)
+        actor = own_token(bastion, sub)
+        heard: list[bool] = []
+
+        async def applied_in_time() -> bool:
+            return heard.pop()
+
+        bastion.server.delegation.facts_heard = lambda: applied_in_time() if heard else None
+        heard.append(False)
+        before = bastion.rows()
+        answer = exchange(bastion, coder, tokens["access_token"], actor)
+        assert answer.status_code == 503, answer.text
+        assert answer.json()["error"] == "temporarily_unavailable"
+        assert bastion.rows() == before and not heard
+        heard.append(True)
+        answer = exchange(bastion, coder, tokens["access_token"], actor)
+        assert answer.status_code == 200, answer.text
+        assert not heard  # asked, and waited for
