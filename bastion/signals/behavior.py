@@ -171,9 +171,13 @@ class _Lazy(dict):
     no entry is None."""
 
     __slots__ = ()
+    # How an entry is made; every kind of `_Lazy` defines it (checked as each is defined).
+    _make: Callable[[Any], Any]
 
-    def _make(self, name: Any) -> Any:
-        raise NotImplementedError
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if not callable(getattr(cls, "_make", None)):
+            raise TypeError(f"{cls.__name__} must say how its entries are made (_make)")
 
     def get(self, name: Any, default: Any = None) -> Any:
         value = dict.get(self, name)

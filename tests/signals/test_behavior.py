@@ -356,3 +356,14 @@ def test_signals_behavior_table_is_read_from_bastion_toml_and_checked(tmp_path):
     path.write_text("[signals]\nbehavior = 3\n")
     with pytest.raises(ConfigError, match=r"\[signals.behavior\] must be a table"):
         ServerConfig.load(path, env={})
+
+
+def test_a_lazy_view_that_cannot_make_its_entries_is_refused_when_defined():
+    import pytest
+
+    from bastion.signals.behavior import _Lazy
+
+    with pytest.raises(TypeError, match="_make"):
+
+        class Nothing(_Lazy):  # no way to make an entry: never a view that answers nothing
+            pass
