@@ -381,15 +381,11 @@ class Enforcer:
         context: dict[str, Any],
     ) -> tuple[str, str] | None:
         """The result and reason refusing an allowed message for its obligations' read-only
-        mode (a write refused) or sign-in age (a step-up), or None. Each asked only of an
-        answer that has the obligation (neither refuses without it)."""
-        if obligations.read_only and refuses_write(
-            obligations.read_only, action, resource, context
-        ):
+        mode (a write refused) or sign-in age (a step-up), or None (always, for an answer with
+        neither obligation)."""
+        if refuses_write(obligations.read_only, action, resource, context):
             return "deny", "read_only"
-        if obligations.max_auth_age is not None and needs_sign_in(
-            obligations.max_auth_age, caller.auth_time, self.clock()
-        ):
+        if needs_sign_in(obligations.max_auth_age, caller.auth_time, self.clock()):
             return "step_up", SIGN_IN_AGAIN
         return None
 
