@@ -2,12 +2,17 @@
 (`bastion.server.direct_gateway`), with a short way for the answer nearly every call gets.
 
 An answer of one known length, its head then its whole body (``send_json``), is written here as
-uvicorn writes it, in the same two writes: the status line, the server's default headers (date,
-server), the answer's own, ``connection: close`` when the connection is not kept alive, and the
-body. Everything else is uvicorn's own ``send``: an event stream (chunked), a body in pieces or of
-another length than announced, a ``connection`` or ``transfer-encoding`` header, a header name in
-capitals or a header uvicorn refuses, a paused writer, a client that went away, HEAD. The short
-way is checked against the installed uvicorn's own cycle, message by message
+uvicorn writes it (the status line, the server's default headers (date, server), the answer's
+own, ``connection: close`` when the connection is not kept alive, and the body), but in one write
+where uvicorn makes two: the head is held until its body comes. That is one system call and one
+loopback segment fewer per answer, and the client is not woken for a head whose body is not
+there yet (which, on two cores, let it take the CPU between the two writes). A head held when
+anything but its whole body follows is written first, and the rest is uvicorn's; an answer
+begun and never finished (a head, then the application ends) is closed without its head, where
+uvicorn would have written the head before closing. Everything else is uvicorn's own ``send``: an
+event stream (chunked), a body in pieces or of another length than announced, a ``connection``
+or ``transfer-encoding`` header, a header name in capitals or a header uvicorn refuses, a paused
+writer, a client that went away, HEAD. The short way is checked against the installed uvicorn's own cycle, message by message
 (tests/gateway/test_gateway_cycle.py), so that a uvicorn release that writes answers otherwise
 fails there rather than putting the two out of step.
 """
@@ -72,8 +77,10 @@ class GatewayCycle(RequestResponseCycle):
     response_complete = False
     chunked_encoding: bool | None = None
     expected_content_length = 0
-    # The head was written here (a known length, not HEAD): a whole body may follow it here.
+    # The head was made here (a known length, not HEAD): a whole body may follow it here.
     _plain = False
+    # That head, not written yet: it goes out with the body, or before anything else.
+    _held = b""
 
     def __init__(
         self,
@@ -105,7 +112,8 @@ class GatewayCycle(RequestResponseCycle):
                     body = message.get("body", b"")
                     if len(body) == self.expected_content_length:
                         self.expected_content_length = 0
-                        self.transport.write(body)
+                        head, self._held = self._held, b""
+                        self.transport.write(head + body)  # one write, one segment
                         self.response_complete = True
                         self._plain = False
                         self.message_event.set()
@@ -116,8 +124,12 @@ class GatewayCycle(RequestResponseCycle):
             elif not self.response_started and message["type"] == "http.response.start":
                 head = self._head(message)
                 if head is not None:
-                    self.transport.write(head)
+                    self._held = head
                     return
+        if self._held:  # not the whole body: the head goes out first, as uvicorn wrote it
+            head, self._held = self._held, b""
+            if not self.disconnected:
+                self.transport.write(head)
         await RequestResponseCycle.send(self, message)
 
     def _head(self, message: Any) -> bytes | None:
