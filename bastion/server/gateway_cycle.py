@@ -37,6 +37,7 @@ from uvicorn.protocols.http.httptools_impl import (
 _NAME, _VALUE = itemgetter(0), itemgetter(1)
 _LINE = b"%s: %s\r\n".__mod__  # raises TypeError unless given a pair
 _CONTENT_LENGTH = b"content-length"
+_JSON_LENGTH = b"content-type: application/json\r\ncontent-length: "
 # Headers whose meaning uvicorn acts on besides the length: answers naming them take its way.
 _FRAMING = frozenset({b"transfer-encoding", b"connection"})
 _BYTES = frozenset({bytes})
@@ -135,7 +136,6 @@ class GatewayCycle(RequestResponseCycle):
     def _head(self, message: Any) -> bytes | None:
         """The answer's head as uvicorn writes it, with uvicorn's state set as it sets it; None
         (nothing set) when the answer is not one of a known length with plain headers."""
-        global _defaults
         try:
             line = STATUS_LINE.get(message.get("status"))
             headers = message.get("headers", [])
@@ -156,10 +156,7 @@ class GatewayCycle(RequestResponseCycle):
             length = int(headers[names.index(_CONTENT_LENGTH)][1].decode())
         except Exception:  # not what uvicorn takes: its own way raises its own error
             return None
-        defaults = self.default_headers
-        seen, prefix = _defaults
-        if defaults != seen:
-            seen, prefix = _defaults = (list(defaults), _default_lines(defaults))
+        prefix = self._prefix()
         if prefix is None:
             return None
         self.response_started = True
@@ -169,6 +166,46 @@ class GatewayCycle(RequestResponseCycle):
         if self.keep_alive:
             return b"".join((line, prefix, lines, b"\r\n"))
         return b"".join((line, prefix, lines, b"connection: close\r\n\r\n"))
+
+    def _prefix(self) -> bytes | None:
+        """The lines uvicorn writes for the server's default headers (None: its own way)."""
+        global _defaults
+        defaults = self.default_headers
+        seen, prefix = _defaults
+        if defaults != seen:
+            seen, prefix = _defaults = (list(defaults), _default_lines(defaults))
+        return prefix
+
+    def send_whole_json(self, status: int, body: bytes) -> bool:
+        """A whole JSON answer, written at once as `send` writes ``http.response.start`` (with
+        ``content-type: application/json`` and ``content-length``) then its whole ``body``, the
+        cycle left as they leave it: without the two messages, their checks and a head made
+        from a list of headers. False, with nothing done, where the short way would not take
+        them (an answer under way, a paused writer, a client gone, HEAD, a status uvicorn has no
+        line for, default headers it would refuse): then send the messages."""
+        line = STATUS_LINE.get(status)
+        if (
+            line is None
+            or self.response_started
+            or self.flow.write_paused
+            or self.disconnected
+            or self.scope["method"] == "HEAD"
+        ):
+            return False
+        prefix = self._prefix()
+        if prefix is None:
+            return False
+        self.response_started = self.response_complete = True
+        self.chunked_encoding = False
+        end = b"\r\n\r\n" if self.keep_alive else b"\r\nconnection: close\r\n\r\n"
+        self.transport.write(
+            b"".join((line, prefix, _JSON_LENGTH, b"%d" % len(body), end, body))
+        )  # one write, one segment
+        self.message_event.set()
+        if not self.keep_alive:
+            self.transport.close()
+        self.on_response()
+        return True
 
     async def receive(self) -> Any:
         if not self.disconnected and not self.response_complete:

@@ -68,9 +68,11 @@ async def run(
     disconnected=False,
     paused=False,
     read_paused=False,
+    whole=None,
 ):
     """What a cycle of ``kind`` does with ``messages``: per message, its outcome and the cycle's
-    state after it; then two receives, and everything done to the transport."""
+    state after it; then two receives, and everything done to the transport. ``whole``: (status,
+    body) for `GatewayCycle.send_whole_json` first; the messages only if it declines."""
     transport = Transport()
     flow = FlowControl(transport)  # type: ignore[arg-type]
     flow.read_paused = read_paused
@@ -110,6 +112,13 @@ async def run(
     cycle.keep_alive = keep_alive
     cycle.disconnected = disconnected
     seen = []
+    if whole is not None:
+        if paused:
+            flow.pause_writing()
+            asyncio.get_running_loop().call_soon(flow.resume_writing)
+        if cycle.send_whole_json(*whole):
+            messages = []
+            seen.append((("ok", None), [getattr(cycle, name) for name in STATE], len(responses)))
     for message in messages:
         if paused:
             flow.pause_writing()
@@ -276,6 +285,56 @@ def test_the_common_answer_takes_the_short_way():
         return calls
 
     assert asyncio.run(count()) == 3  # the event stream's three messages only
+
+
+SETTINGS = [
+    {},
+    {"keep_alive": False},
+    {"method": "HEAD"},
+    {"disconnected": True},
+    {"paused": True},
+    {"read_paused": True},
+    {"defaults": []},
+    {"defaults": [(b"Server", b"uvicorn")]},
+    {"defaults": [(b"connection", b"close")]},
+    {"defaults": [(b"x-bad", b"a\nb")]},
+]
+
+
+@pytest.mark.parametrize("status", [200, 202, 400, 500, 99])
+@pytest.mark.parametrize("data", [b"", b"{}", b'{"jsonrpc":"2.0","id":1,"result":{}}'])
+@pytest.mark.parametrize("setting", SETTINGS, ids=repr)
+def test_a_whole_json_answer_is_written_as_uvicorn_writes_its_two_messages(status, data, setting):
+    """`send_whole_json` (the gateway's usual answer, without ASGI messages) leaves the client,
+    the connection and the cycle as uvicorn's cycle given the head and the body does; where it
+    declines, the messages are sent to it as ever."""
+    messages = [start(JSON + length(len(data)), status), body(data)]
+    seen, *ours = asyncio.run(run(GatewayCycle, messages, whole=(status, data), **setting))
+    their_seen, *theirs = asyncio.run(run(RequestResponseCycle, messages, **setting))
+    assert ours[:-1] == theirs[:-1] and not ours[-1]  # nothing held
+    assert seen[-1][1:] == their_seen[-1][1:]  # the state after the answer, the callbacks
+
+
+def test_the_usual_answer_takes_the_whole_way():
+    """The test above would pass if `send_whole_json` always declined: this one would not."""
+    done = asyncio.run(run(GatewayCycle, [], whole=(200, b"{}")))[2]
+    assert [what for what, _ in done] == ["write"]
+    assert done[0][1].startswith(b"HTTP/1.1 200 OK\r\n") and done[0][1].endswith(b"\r\n\r\n{}")
+    # A paused writer (a client reading slowly) is waited for, as uvicorn waits: not written to.
+    transport = Transport()
+    flow = FlowControl(transport)  # type: ignore[arg-type]
+    flow.pause_writing()
+    cycle = GatewayCycle(
+        {"type": "http", "method": "POST"},
+        transport,  # type: ignore[arg-type]
+        flow,
+        logging.getLogger("uvicorn.error"),
+        logging.getLogger("uvicorn.access"),
+        DEFAULTS,
+        b"{}",
+        lambda: None,
+    )
+    assert not cycle.send_whole_json(200, b"{}") and not transport.done
 
 
 names = st.sampled_from(
