@@ -286,7 +286,11 @@ class StreamableHttpEndpoint:
 
     async def _body(self, headers: dict[str, str], receive: Receive) -> bytes:
         # gateway.max_body_bytes and the body's deadline are enforced while it arrives, by
-        # bastion.server.request_limits in front of the gateway.
+        # bastion.server.request_limits in front of the gateway (or, for a body held by the
+        # protocol, before the cycle is made: `GatewayCycle.take_body` gives it at once).
+        take = getattr(getattr(receive, "__self__", None), "take_body", None)
+        if take is not None and (whole := take()) is not None:
+            return whole
         chunks = []
         while True:
             message = await receive()

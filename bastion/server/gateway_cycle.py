@@ -207,6 +207,25 @@ class GatewayCycle(RequestResponseCycle):
         self.on_response()
         return True
 
+    def take_body(self) -> bytes | None:
+        """What the first `receive` gives, at once: the whole body, held before the cycle was
+        made, the cycle left as `receive` leaves it. None, with nothing done, where `receive`
+        would wait or say that the client went away."""
+        if (
+            self.disconnected
+            or self.response_complete
+            or self.more_body
+            or not self.message_event.is_set()
+        ):
+            return None
+        flow = self.flow
+        if flow.read_paused:
+            flow.resume_reading()
+        self.message_event.clear()
+        body = bytes(self.body)
+        self.body = bytearray()
+        return body
+
     async def receive(self) -> Any:
         if not self.disconnected and not self.response_complete:
             flow = self.flow

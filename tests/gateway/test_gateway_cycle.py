@@ -337,6 +337,58 @@ def test_the_usual_answer_takes_the_whole_way():
     assert not cycle.send_whole_json(200, b"{}") and not transport.done
 
 
+@pytest.mark.parametrize(
+    "setting",
+    [{}, {"read_paused": True}, {"disconnected": True}, {"answered": True}, {"taken": True}],
+    ids=repr,
+)
+def test_the_body_taken_at_once_is_what_receive_gives(setting):
+    """`take_body` gives the held body as the first `receive` does, and leaves the cycle, the
+    connection and the next `receive` as it does; where receive would wait or say the client
+    went away, it declines (None) and receive is used."""
+
+    async def go(take: bool):
+        transport = Transport()
+        flow = FlowControl(transport)  # type: ignore[arg-type]
+        flow.read_paused = setting.get("read_paused", False)
+        cycle = GatewayCycle(
+            {"type": "http", "method": "POST"},
+            transport,  # type: ignore[arg-type]
+            flow,
+            logging.getLogger("uvicorn.error"),
+            logging.getLogger("uvicorn.access"),
+            DEFAULTS,
+            b'{"jsonrpc":"2.0"}',
+            lambda: None,
+        )
+        cycle.disconnected = setting.get("disconnected", False)
+        if setting.get("answered"):
+            assert cycle.send_whole_json(200, b"{}")
+        if setting.get("taken"):
+            await cycle.receive()
+        got = cycle.take_body() if take else None
+        took = got is not None
+        if got is None:
+            try:
+                got = await asyncio.wait_for(cycle.receive(), 0.01)
+            except TimeoutError:
+                got = "waits"
+        else:
+            got = {"type": "http.request", "body": got, "more_body": False}
+        first = [*transport.done, flow.read_paused, cycle.message_event.is_set()]
+        try:
+            after = await asyncio.wait_for(cycle.receive(), 0.01)
+        except TimeoutError:
+            after = "waits"
+        state = [getattr(cycle, name) for name in STATE]
+        return took, (got, first, after, state, transport.done, cycle.body)
+
+    (took, taken), (_, received) = asyncio.run(go(True)), asyncio.run(go(False))
+    assert taken == received
+    # Taken at once where the body is there to take (else the test above proves nothing).
+    assert took == (setting in ({}, {"read_paused": True}))
+
+
 names = st.sampled_from(
     [
         b"content-type",
