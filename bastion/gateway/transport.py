@@ -57,10 +57,14 @@ from bastion.signals.step_up import ERROR as SIGN_IN_AGAIN
 
 if TYPE_CHECKING:
     from bastion.gateway.gateway import Gateway
+    from bastion.oauth.verifier import VerifiedToken
+    from bastion.signals.posture import RequestPosture
 
 log = logging.getLogger("bastion.gateway")
 
 DPOP_HEADER = b"dpop"
+# At most this many callers are kept for requests to come (`StreamableHttpEndpoint._caller`).
+_CALLERS = 4096
 _NAME_PARAMS = {"tools/call": "name", "prompts/get": "name", "resources/read": "uri"}
 _ENVELOPE_VERSION = "io.modelcontextprotocol/protocolVersion"
 _ENVELOPE_CAPABILITIES = "io.modelcontextprotocol/clientCapabilities"
@@ -91,6 +95,11 @@ async def send_json(
     """A whole HTTP response: ``body`` as compact JSON (none if None), with ``headers``; returns
     the length of the body sent."""
     data = b"" if body is None else encode(body).encode()
+    if body is not None and not headers:
+        # The direct gateway's cycle writes such an answer at once (`GatewayCycle.send_whole_json`).
+        whole = getattr(getattr(send, "__self__", None), "send_whole_json", None)
+        if whole is not None and whole(status, data):
+            return len(data)
     raw = [(b"content-type", b"application/json")] if body is not None else []
     if headers:
         raw += [(k.encode(), v.encode()) for k, v in headers.items()]
@@ -125,6 +134,9 @@ class StreamableHttpEndpoint:
 
     def __init__(self, gateway: Gateway) -> None:
         self.gateway = gateway
+        # (the token's verified facts, address, protocol version, session, posture, by the
+        # identity of the first and last) -> (those two, the `Caller` made of them): see `_caller`.
+        self._callers: dict[tuple, tuple[VerifiedToken, RequestPosture, Caller]] = {}
 
     async def serve(self, server: str, scope: Scope, receive: Receive, send: Send) -> None:
         """Answer one HTTP request (ASGI) for the upstream named ``server``."""
@@ -207,20 +219,38 @@ class StreamableHttpEndpoint:
             ) from None
         if verified.jkt is not None or kind == "dpop":
             await self._check_dpop(server, kind, token, verified.jkt, scope)
-        return Caller(
+        return self._caller(verified, address, headers)
+
+    def _caller(self, verified: VerifiedToken, address: str, headers: dict[str, str]) -> Caller:
+        """Who sends the request: a `Caller` (frozen) of the token's verified facts, the address,
+        the protocol version, the session and the posture. Made once for each of these and given
+        again: a remembered token's facts, as a posture, are the same object from request to
+        request. The entry keeps both objects, so their ids are not another's while it is kept."""
+        posture = self.gateway.posture.read(address, headers, verified.claims)
+        version = headers.get("mcp-protocol-version", "")
+        session_id = headers.get("mcp-session-id", "")
+        key = (id(verified), address, version, session_id, id(posture))
+        known = self._callers.get(key)
+        if known is not None and known[0] is verified and known[1] is posture:
+            return known[2]
+        caller = Caller(
             subject=verified.subject,
             client_id=verified.client_id,
             scopes=verified.scopes,
             address=address,
-            protocol_version=headers.get("mcp-protocol-version", ""),
+            protocol_version=version,
             grant_id=verified.grant_id,
-            session_id=headers.get("mcp-session-id", ""),
+            session_id=session_id,
             auth_time=verified.auth_time,
-            posture=gateway.posture.read(address, headers, verified.claims),
+            posture=posture,
             # A delegated token's chain (RFC 8693 act), checked by the verifier.
             agents=verified.agents,
             task=verified.task or "",
         )
+        if len(self._callers) >= _CALLERS:
+            self._callers.clear()
+        self._callers[key] = (verified, posture, caller)
+        return caller
 
     async def _check_dpop(
         self, server: str, kind: str, token: str, jkt: str | None, scope: Scope
@@ -281,7 +311,11 @@ class StreamableHttpEndpoint:
 
     async def _body(self, headers: dict[str, str], receive: Receive) -> bytes:
         # gateway.max_body_bytes and the body's deadline are enforced while it arrives, by
-        # bastion.server.request_limits in front of the gateway.
+        # bastion.server.request_limits in front of the gateway (or, for a body held by the
+        # protocol, before the cycle is made: `GatewayCycle.take_body` gives it at once).
+        take = getattr(getattr(receive, "__self__", None), "take_body", None)
+        if take is not None and (whole := take()) is not None:
+            return whole
         chunks = []
         while True:
             message = await receive()

@@ -1,10 +1,13 @@
 """The direct gateway path's request-response cycle (`bastion.server.gateway_cycle`) does what
-uvicorn's own cycle does with every answer: the same writes, in the same pieces, the same
+uvicorn's own cycle does with every answer: the same bytes, in the same order, the same
 closing, the same callbacks and errors, the same state after each message. Its short way (a head
-with one content-length, then the whole body) must not change any of it; everything else (event
-streams, bodies in pieces or of the wrong length, connection and transfer-encoding headers,
-capitals, refused headers, HEAD, a client that went away, a paused writer, a connection no longer
-kept alive) is uvicorn's way, checked here against uvicorn itself."""
+with one content-length, then the whole body) writes the head and body in one write where
+uvicorn writes two, and nothing else differs; everything else (event streams, bodies in pieces
+or of the wrong length, connection and transfer-encoding headers, capitals, refused headers,
+HEAD, a client that went away, a paused writer, a connection no longer kept alive) is uvicorn's
+way, checked here against uvicorn itself. An answer begun the short way and never finished (a
+head and no body) has its head held, not written: the one case where the bytes differ, checked
+as such."""
 
 from __future__ import annotations
 
@@ -65,9 +68,11 @@ async def run(
     disconnected=False,
     paused=False,
     read_paused=False,
+    whole=None,
 ):
     """What a cycle of ``kind`` does with ``messages``: per message, its outcome and the cycle's
-    state after it; then two receives, and everything done to the transport."""
+    state after it; then two receives, and everything done to the transport. ``whole``: (status,
+    body) for `GatewayCycle.send_whole_json` first; the messages only if it declines."""
     transport = Transport()
     flow = FlowControl(transport)  # type: ignore[arg-type]
     flow.read_paused = read_paused
@@ -107,6 +112,13 @@ async def run(
     cycle.keep_alive = keep_alive
     cycle.disconnected = disconnected
     seen = []
+    if whole is not None:
+        if paused:
+            flow.pause_writing()
+            asyncio.get_running_loop().call_soon(flow.resume_writing)
+        if cycle.send_whole_json(*whole):
+            messages = []
+            seen.append((("ok", None), [getattr(cycle, name) for name in STATE], len(responses)))
     for message in messages:
         if paused:
             flow.pause_writing()
@@ -122,7 +134,30 @@ async def run(
             received.append(await asyncio.wait_for(cycle.receive(), 0.01))
         except TimeoutError:
             received.append("waits")
-    return seen, received, transport.done, cycle.message_event.is_set()
+    held = cycle._held if isinstance(cycle, GatewayCycle) else b""
+    return seen, received, sent(transport.done), cycle.message_event.is_set(), held
+
+
+def sent(done: list[tuple[str, bytes]]) -> list[tuple[str, bytes]]:
+    """What the client gets, in order: writes one after the other as one (the same bytes)."""
+    out: list[tuple[str, bytes]] = []
+    for what, data in done:
+        if what == "write" and out and out[-1][0] == "write":
+            out[-1] = ("write", out[-1][1] + data)
+        else:
+            out.append((what, data))
+    return out
+
+
+def same(ours, theirs) -> None:
+    """``ours`` (a `GatewayCycle`'s run) is ``theirs`` (uvicorn's), but for the head of an
+    answer begun the short way and never finished, which ours holds and theirs wrote."""
+    *ours, held = ours
+    *theirs, _ = theirs
+    if held:
+        assert theirs[2].count(("write", held)) == 1
+        theirs[2] = [done for done in theirs[2] if done != ("write", held)]
+    assert ours == theirs
 
 
 def start(headers, status=200):
@@ -211,13 +246,26 @@ CASES = {
 def test_each_answer_is_written_as_uvicorn_writes_it(messages, setting):
     ours = asyncio.run(run(GatewayCycle, messages, **setting))
     theirs = asyncio.run(run(RequestResponseCycle, messages, **setting))
-    assert ours == theirs
+    same(ours, theirs)
 
 
 def test_the_common_answer_takes_the_short_way():
     """The test above would pass with no short way at all: this one would not."""
-    seen, _, done, _ = asyncio.run(run(GatewayCycle, CASES["a JSON answer"]))
-    assert [what for what, _ in done] == ["write", "write"]
+    transport = Transport()
+    cycle = GatewayCycle(
+        {"type": "http", "method": "POST"},
+        transport,  # type: ignore[arg-type]
+        FlowControl(transport),  # type: ignore[arg-type]
+        logging.getLogger("uvicorn.error"),
+        logging.getLogger("uvicorn.access"),
+        DEFAULTS,
+        b"{}",
+        lambda: None,
+    )
+    for message in CASES["a JSON answer"]:
+        asyncio.run(cycle.send(message))
+    assert [what for what, _ in transport.done] == ["write"]  # head and body at once
+    assert transport.done[0][1].endswith(b"\r\n\r\n{}")
 
     async def count() -> int:
         calls = 0
@@ -237,6 +285,108 @@ def test_the_common_answer_takes_the_short_way():
         return calls
 
     assert asyncio.run(count()) == 3  # the event stream's three messages only
+
+
+SETTINGS = [
+    {},
+    {"keep_alive": False},
+    {"method": "HEAD"},
+    {"disconnected": True},
+    {"paused": True},
+    {"read_paused": True},
+    {"defaults": []},
+    {"defaults": [(b"Server", b"uvicorn")]},
+    {"defaults": [(b"connection", b"close")]},
+    {"defaults": [(b"x-bad", b"a\nb")]},
+]
+
+
+@pytest.mark.parametrize("status", [200, 202, 400, 500, 99])
+@pytest.mark.parametrize("data", [b"", b"{}", b'{"jsonrpc":"2.0","id":1,"result":{}}'])
+@pytest.mark.parametrize("setting", SETTINGS, ids=repr)
+def test_a_whole_json_answer_is_written_as_uvicorn_writes_its_two_messages(status, data, setting):
+    """`send_whole_json` (the gateway's usual answer, without ASGI messages) leaves the client,
+    the connection and the cycle as uvicorn's cycle given the head and the body does; where it
+    declines, the messages are sent to it as ever."""
+    messages = [start(JSON + length(len(data)), status), body(data)]
+    seen, *ours = asyncio.run(run(GatewayCycle, messages, whole=(status, data), **setting))
+    their_seen, *theirs = asyncio.run(run(RequestResponseCycle, messages, **setting))
+    assert ours[:-1] == theirs[:-1] and not ours[-1]  # nothing held
+    assert seen[-1][1:] == their_seen[-1][1:]  # the state after the answer, the callbacks
+
+
+def test_the_usual_answer_takes_the_whole_way():
+    """The test above would pass if `send_whole_json` always declined: this one would not."""
+    done = asyncio.run(run(GatewayCycle, [], whole=(200, b"{}")))[2]
+    assert [what for what, _ in done] == ["write"]
+    assert done[0][1].startswith(b"HTTP/1.1 200 OK\r\n") and done[0][1].endswith(b"\r\n\r\n{}")
+    # A paused writer (a client reading slowly) is waited for, as uvicorn waits: not written to.
+    transport = Transport()
+    flow = FlowControl(transport)  # type: ignore[arg-type]
+    flow.pause_writing()
+    cycle = GatewayCycle(
+        {"type": "http", "method": "POST"},
+        transport,  # type: ignore[arg-type]
+        flow,
+        logging.getLogger("uvicorn.error"),
+        logging.getLogger("uvicorn.access"),
+        DEFAULTS,
+        b"{}",
+        lambda: None,
+    )
+    assert not cycle.send_whole_json(200, b"{}") and not transport.done
+
+
+@pytest.mark.parametrize(
+    "setting",
+    [{}, {"read_paused": True}, {"disconnected": True}, {"answered": True}, {"taken": True}],
+    ids=repr,
+)
+def test_the_body_taken_at_once_is_what_receive_gives(setting):
+    """`take_body` gives the held body as the first `receive` does, and leaves the cycle, the
+    connection and the next `receive` as it does; where receive would wait or say the client
+    went away, it declines (None) and receive is used."""
+
+    async def go(take: bool):
+        transport = Transport()
+        flow = FlowControl(transport)  # type: ignore[arg-type]
+        flow.read_paused = setting.get("read_paused", False)
+        cycle = GatewayCycle(
+            {"type": "http", "method": "POST"},
+            transport,  # type: ignore[arg-type]
+            flow,
+            logging.getLogger("uvicorn.error"),
+            logging.getLogger("uvicorn.access"),
+            DEFAULTS,
+            b'{"jsonrpc":"2.0"}',
+            lambda: None,
+        )
+        cycle.disconnected = setting.get("disconnected", False)
+        if setting.get("answered"):
+            assert cycle.send_whole_json(200, b"{}")
+        if setting.get("taken"):
+            await cycle.receive()
+        got = cycle.take_body() if take else None
+        took = got is not None
+        if got is None:
+            try:
+                got = await asyncio.wait_for(cycle.receive(), 0.01)
+            except TimeoutError:
+                got = "waits"
+        else:
+            got = {"type": "http.request", "body": got, "more_body": False}
+        first = [*transport.done, flow.read_paused, cycle.message_event.is_set()]
+        try:
+            after = await asyncio.wait_for(cycle.receive(), 0.01)
+        except TimeoutError:
+            after = "waits"
+        state = [getattr(cycle, name) for name in STATE]
+        return took, (got, first, after, state, transport.done, cycle.body)
+
+    (took, taken), (_, received) = asyncio.run(go(True)), asyncio.run(go(False))
+    assert taken == received
+    # Taken at once where the body is there to take (else the test above proves nothing).
+    assert took == (setting in ({}, {"read_paused": True}))
 
 
 names = st.sampled_from(
@@ -267,4 +417,4 @@ def test_any_answer_is_written_as_uvicorn_writes_it(headers, status, parts, keep
     setting = {"keep_alive": keep_alive, "method": method}
     ours = asyncio.run(run(GatewayCycle, messages, **setting))
     theirs = asyncio.run(run(RequestResponseCycle, messages, **setting))
-    assert ours == theirs
+    same(ours, theirs)
