@@ -59,6 +59,28 @@ STATE = (
 )
 
 
+def gateway_cycle(
+    transport: Transport,
+    flow: FlowControl,
+    body: bytes = b"{}",
+    method: str = "POST",
+    defaults=DEFAULTS,
+    on_response=lambda: None,
+) -> GatewayCycle:
+    scope = {"type": "http", "method": method, "http_version": "1.1", "path": "/mcp/x"}
+    logger, access = logging.getLogger("uvicorn.error"), logging.getLogger("uvicorn.access")
+    return GatewayCycle(
+        scope,
+        transport,  # type: ignore[arg-type]
+        flow,
+        logger,
+        access,
+        defaults,
+        body,
+        on_response,
+    )
+
+
 async def run(
     kind,
     messages,
@@ -81,15 +103,12 @@ async def run(
     logger = logging.getLogger("uvicorn.error")
     access = logging.getLogger("uvicorn.access")
     if kind is GatewayCycle:
-        cycle = GatewayCycle(
-            scope,
-            transport,  # type: ignore[arg-type]
+        cycle = gateway_cycle(
+            transport,
             flow,
-            logger,
-            access,
-            defaults,
-            b"{}",
-            lambda: responses.append(1),
+            method=method,
+            defaults=defaults,
+            on_response=lambda: responses.append(1),
         )
     else:
         event = asyncio.Event()
@@ -224,25 +243,24 @@ CASES = {
 }
 
 
+SETTINGS = [
+    {},
+    {"keep_alive": False},
+    {"method": "HEAD"},
+    {"disconnected": True},
+    {"paused": True},
+    {"read_paused": True},
+    {"defaults": []},
+    {"defaults": [(b"Server", b"uvicorn")]},
+    {"defaults": [(b"connection", b"close")]},
+    {"defaults": [(b"content-length", b"2")]},
+    {"defaults": [(b"x-bad", b"a\nb")]},
+    {"defaults": [("server", "uvicorn")]},
+]
+
+
 @pytest.mark.parametrize("messages", CASES.values(), ids=CASES.keys())
-@pytest.mark.parametrize(
-    "setting",
-    [
-        {},
-        {"keep_alive": False},
-        {"method": "HEAD"},
-        {"disconnected": True},
-        {"paused": True},
-        {"read_paused": True},
-        {"defaults": []},
-        {"defaults": [(b"Server", b"uvicorn")]},
-        {"defaults": [(b"connection", b"close")]},
-        {"defaults": [(b"content-length", b"2")]},
-        {"defaults": [(b"x-bad", b"a\nb")]},
-        {"defaults": [("server", "uvicorn")]},
-    ],
-    ids=repr,
-)
+@pytest.mark.parametrize("setting", SETTINGS, ids=repr)
 def test_each_answer_is_written_as_uvicorn_writes_it(messages, setting):
     ours = asyncio.run(run(GatewayCycle, messages, **setting))
     theirs = asyncio.run(run(RequestResponseCycle, messages, **setting))
@@ -252,16 +270,7 @@ def test_each_answer_is_written_as_uvicorn_writes_it(messages, setting):
 def test_the_common_answer_takes_the_short_way():
     """The test above would pass with no short way at all: this one would not."""
     transport = Transport()
-    cycle = GatewayCycle(
-        {"type": "http", "method": "POST"},
-        transport,  # type: ignore[arg-type]
-        FlowControl(transport),  # type: ignore[arg-type]
-        logging.getLogger("uvicorn.error"),
-        logging.getLogger("uvicorn.access"),
-        DEFAULTS,
-        b"{}",
-        lambda: None,
-    )
+    cycle = gateway_cycle(transport, FlowControl(transport))  # type: ignore[arg-type]
     for message in CASES["a JSON answer"]:
         asyncio.run(cycle.send(message))
     assert [what for what, _ in transport.done] == ["write"]  # head and body at once
@@ -287,20 +296,6 @@ def test_the_common_answer_takes_the_short_way():
     assert asyncio.run(count()) == 3  # the event stream's three messages only
 
 
-SETTINGS = [
-    {},
-    {"keep_alive": False},
-    {"method": "HEAD"},
-    {"disconnected": True},
-    {"paused": True},
-    {"read_paused": True},
-    {"defaults": []},
-    {"defaults": [(b"Server", b"uvicorn")]},
-    {"defaults": [(b"connection", b"close")]},
-    {"defaults": [(b"x-bad", b"a\nb")]},
-]
-
-
 @pytest.mark.parametrize("status", [200, 202, 400, 500, 99])
 @pytest.mark.parametrize("data", [b"", b"{}", b'{"jsonrpc":"2.0","id":1,"result":{}}'])
 @pytest.mark.parametrize("setting", SETTINGS, ids=repr)
@@ -324,16 +319,7 @@ def test_the_usual_answer_takes_the_whole_way():
     transport = Transport()
     flow = FlowControl(transport)  # type: ignore[arg-type]
     flow.pause_writing()
-    cycle = GatewayCycle(
-        {"type": "http", "method": "POST"},
-        transport,  # type: ignore[arg-type]
-        flow,
-        logging.getLogger("uvicorn.error"),
-        logging.getLogger("uvicorn.access"),
-        DEFAULTS,
-        b"{}",
-        lambda: None,
-    )
+    cycle = gateway_cycle(transport, flow)
     assert not cycle.send_whole_json(200, b"{}") and not transport.done
 
 
@@ -351,16 +337,7 @@ def test_the_body_taken_at_once_is_what_receive_gives(setting):
         transport = Transport()
         flow = FlowControl(transport)  # type: ignore[arg-type]
         flow.read_paused = setting.get("read_paused", False)
-        cycle = GatewayCycle(
-            {"type": "http", "method": "POST"},
-            transport,  # type: ignore[arg-type]
-            flow,
-            logging.getLogger("uvicorn.error"),
-            logging.getLogger("uvicorn.access"),
-            DEFAULTS,
-            b'{"jsonrpc":"2.0"}',
-            lambda: None,
-        )
+        cycle = gateway_cycle(transport, flow, b'{"jsonrpc":"2.0"}')
         cycle.disconnected = setting.get("disconnected", False)
         if setting.get("answered"):
             assert cycle.send_whole_json(200, b"{}")
