@@ -12,9 +12,13 @@ begun and never finished (a head, then the application ends) is closed without i
 uvicorn would have written the head before closing. Everything else is uvicorn's own ``send``: an
 event stream (chunked), a body in pieces or of another length than announced, a ``connection``
 or ``transfer-encoding`` header, a header name in capitals or a header uvicorn refuses, a paused
-writer, a client that went away, HEAD. The short way is checked against the installed uvicorn's own cycle, message by message
-(tests/gateway/test_gateway_cycle.py), so that a uvicorn release that writes answers otherwise
-fails there rather than putting the two out of step.
+writer, a client that went away, HEAD.
+
+The gateway's usual answer (JSON, no headers of its own) skips the two messages altogether
+(`GatewayCycle.send_whole_json`), and the body held before the cycle was made is taken without
+``receive``'s message (`GatewayCycle.take_body`). Each way is checked against the installed
+uvicorn's own cycle, message by message (tests/gateway/test_gateway_cycle.py), so that a uvicorn
+release that writes answers otherwise fails there rather than putting the two out of step.
 """
 
 from __future__ import annotations
