@@ -338,6 +338,17 @@ def start_upstream(port: int, env: dict[str, str]) -> subprocess.Popen:
     )
 
 
+def stop(*processes: subprocess.Popen) -> None:
+    """Stop ``processes`` as Ctrl-C would, killing one that takes more than 10 s."""
+    for process in processes:
+        process.send_signal(signal.SIGINT)
+    for process in processes:
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clients", type=int, default=4)
@@ -397,13 +408,7 @@ def main() -> None:
                 results[name]["tput"].append(throughput)
                 results[name]["cpu"].append([b - a for a, b in zip(before, after, strict=True)])
     finally:
-        for process in (server, upstream):
-            process.send_signal(signal.SIGINT)
-        for process in (server, upstream):
-            try:
-                process.wait(10)
-            except subprocess.TimeoutExpired:
-                process.kill()
+        stop(server, upstream)
 
     print(
         f"gateway benchmark: tools/call search_customers, {args.clients} concurrent clients,"

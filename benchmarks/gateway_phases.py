@@ -44,6 +44,7 @@ from gateway_bench import (  # noqa: E402
     prepare,
     run_load,
     start_upstream,
+    stop,
     wait_until_up,
 )
 
@@ -193,13 +194,7 @@ def main() -> None:
         perf.send_signal(signal.SIGINT)
         perf.wait(60)
     finally:
-        for process in (server, upstream):
-            process.send_signal(signal.SIGINT)
-        for process in (server, upstream):
-            try:
-                process.wait(10)
-            except subprocess.TimeoutExpired:
-                process.kill()
+        stop(server, upstream)
     trace = subprocess.run(
         ["perf", "script", "-i", str(data), "-F", "time,event,trace"],
         capture_output=True,
