@@ -157,6 +157,10 @@ def _from_snapshot(
     return snap, policy, authz, unusable
 
 
+async def _refused() -> bool:
+    return False
+
+
 class Replica:
     """The decision state of this process: an `Authorizer`, the policy version, the sequence."""
 
@@ -189,6 +193,9 @@ class Replica:
         self.confirmed_at = 0.0
         # When (monotonic) it last heard of a commit (a notice on PostgreSQL, its own write).
         self.noticed = 0.0
+        # The notice a wait (`heard_not_applied`) gave up on, and the task that waited: that
+        # task's next asks about it, while it is still not read, are refused at once.
+        self._given_up: tuple[float, asyncio.Task | None] = (0.0, None)
         # Why the last read of the change log failed (None while it is being followed).
         self.follow_error: str | None = None
         # Why the policy in force does not load here (None while the one in force is loaded).
@@ -435,11 +442,22 @@ class Replica:
         seconds. A commit is heard of before it is read: a message decided in between would be
         decided on facts this replica knows to be out of date. Compared by time, not by
         sequence, so a notice of another deployment's log (sharing the database) clears with
-        the next read that finds nothing more."""
+        the next read that finds nothing more. Once a task's wait for a notice has run out, its
+        next asks about that notice say False at once: a gateway message, which asks twice (its
+        ``connect``, then its own decision), is refused after one wait, not two; any other task
+        waits as ever."""
         noticed = self.noticed
         if noticed <= self.confirmed_at:
             return None
-        return self._until(lambda: self.confirmed_at >= noticed, timeout)
+        if self._given_up == (noticed, asyncio.current_task()):
+            return _refused()
+        return self._heard(noticed, timeout)
+
+    async def _heard(self, noticed: float, timeout: float) -> bool:
+        if await self._until(lambda: self.confirmed_at >= noticed, timeout):
+            return True
+        self._given_up = (noticed, asyncio.current_task())
+        return False
 
     async def _until(self, done: Callable[[], bool], timeout: float) -> bool:
         """Wake the follower and wait until ``done()`` after one of its reads; False if that

@@ -65,6 +65,22 @@ def test_a_heard_commit_is_applied_before_anything_is_decided(postgres_url):
             assert replica.applied < seq  # heard of, not applied: deciding now would be wrong
             # Not read within the time given: False (the gateway refuses).
             assert await replica.heard_not_applied(0.2) is False
+            # Given up on once, the same notice is refused at once when the same task asks again
+            # (a gateway message asks twice: its connect, then its own decision): no second
+            # wait. Another task (another message) waits as ever.
+            waits: list = []
+            until = replica._until
+            replica._until = lambda *args: waits.append(args) or until(*args)  # type: ignore[method-assign]
+            assert await replica.heard_not_applied(5) is False
+            assert waits == []
+
+            async def another_message() -> bool:
+                asked = replica.heard_not_applied(0.2)
+                assert asked is not None
+                return await asked
+
+            assert await asyncio.create_task(another_message()) is False and len(waits) == 1
+            replica._until = until  # type: ignore[method-assign]
             held.set()
             assert await waiting is True
             assert replica.applied >= seq
