@@ -465,6 +465,20 @@ def main() -> None:
         )
     d, g = summary["direct"], summary["gateway"]
     print(f"added latency: median {g[0] - d[0]:.3f} ms, p99 {g[1] - d[1]:.3f} ms")
+    # The machine's speed drifts from minute to minute; divided by what the upstream spent on
+    # the direct round just before, a proxy's CPU per call moves much less.
+    for name in ("gateway", "floor"):
+        if name in results:
+            ratios = [
+                mine[0] / direct[1]
+                for mine, direct in zip(results[name]["cpu"], results["direct"]["cpu"], strict=True)
+                if direct[1] > 0
+            ]
+            if ratios:
+                print(
+                    f"{name} CPU per call / the upstream's on the direct path, by round: median"
+                    f" {statistics.median(ratios):.3f} ({', '.join(f'{r:.3f}' for r in ratios)})"
+                )
     print(f"throughput through bastion: {g[2] / d[2]:.0%} of direct")
     if "floor" in summary:
         f = summary["floor"]
