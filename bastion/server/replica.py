@@ -187,9 +187,11 @@ class Replica:
         self.store = FactStore.open(database, role="bastion-replica")
         self.is_postgres = self.store.db.is_postgres
         # SQLite: a connection of its own that only asks whether anything was committed since a
-        # read of the log began (`_unchanged`), on the event loop, never waiting for a lock.
-        self._probe = None if self.is_postgres else Database(
-            database, role="bastion-replica-probe", busy_timeout=0
+        # read of the log began (`_version`), on the event loop, never waiting for a lock.
+        self._probe = (
+            None
+            if self.is_postgres
+            else Database(database, role="bastion-replica-probe", busy_timeout=0)
         )
         # Its `data_version` as the last read that reached the end of the log began.
         self._read_at_version: int | None = None
