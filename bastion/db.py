@@ -107,10 +107,11 @@ class Database:
     is never replayed in part. ``role`` names the connection (see `application_name`).
 
     A SQLite file is created readable and writable by its owner only (0600); SQLite gives its
-    ``-wal`` and ``-shm`` files the same mode.
+    ``-wal`` and ``-shm`` files the same mode. ``busy_timeout``: how long a SQLite statement
+    waits for a lock another connection holds before it fails ("database is locked").
     """
 
-    def __init__(self, url: str, *, role: str = "bastion") -> None:
+    def __init__(self, url: str, *, role: str = "bastion", busy_timeout: float = 10) -> None:
         self.url = url
         self.role = role
         self.is_postgres = url.startswith(("postgresql://", "postgres://"))
@@ -127,7 +128,7 @@ class Database:
             path = url.removeprefix("sqlite:///").removeprefix("sqlite://")
             _create_private(path)
             self._conn = sqlite3.connect(
-                path, check_same_thread=False, isolation_level=None, timeout=10
+                path, check_same_thread=False, isolation_level=None, timeout=busy_timeout
             )
             _use_wal(self._conn)
             self._conn.execute("PRAGMA synchronous=NORMAL")

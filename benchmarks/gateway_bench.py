@@ -2,7 +2,7 @@
 Streamable HTTP and through bastion's gateway to that same upstream, in one run.
 
     .venv/bin/python benchmarks/gateway_bench.py [--clients 4] [--requests 1500] [--rounds 3] [--chain]
-        [--session shared|per_user|per_client_session]
+        [--floor] [--session shared|per_user|per_client_session]
 
 The upstream is the quickstart's MCP server (official SDK) in its own process; bastion runs
 ``bastion serve`` in another, with the quickstart policy (the support agent's search, with emails
@@ -12,7 +12,10 @@ median and p99 latency of each path, the added latency, the throughput ratio, an
 bastion and the upstream spent per call (from /proc: steadier than latency on a shared machine).
 With ``--chain``, a third path calls through the gateway with a delegated token (RFC 8693 token
 exchange): a chain of three principals (the user, their agent, a sub-agent), each decided on
-every call, against the plain token's two. ``--session`` sets the upstream's ``session`` (an
+every call, against the plain token's two. With ``--floor``, another path calls through a bare
+proxy on bastion's stack (``floor_proxy.py``: uvloop, httptools, bastion's HTTP/1.1 client; no
+token, policy, record or mask), its CPU shown in bastion's column: what any proxy written this
+way costs, beside what bastion costs. ``--session`` sets the upstream's ``session`` (an
 upstream session per user or per client session instead of one shared): run it once with each
 value, alternating, to compare them.
 """
@@ -360,6 +363,11 @@ def main() -> None:
         help="also call with a delegated token: user -> agent -> sub-agent (token exchange)",
     )
     parser.add_argument(
+        "--floor",
+        action="store_true",
+        help="also call through a bare proxy on the same stack (floor_proxy.py): the floor",
+    )
+    parser.add_argument(
         "--session",
         choices=("shared", "per_user", "per_client_session"),
         default="shared",
@@ -383,6 +391,20 @@ def main() -> None:
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
+    floor = None
+    if args.floor:
+        floor_port = free_port()
+        floor = subprocess.Popen(
+            [
+                sys.executable,
+                str(ROOT / "benchmarks" / "floor_proxy.py"),
+                str(floor_port),
+                upstream_url,
+            ],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
     try:
         wait_until_up(upstream_url, upstream)
         wait_until_up(f"{base}/healthz", server)
@@ -394,21 +416,29 @@ def main() -> None:
         if args.chain:
             chained = delegated_token(base, f"{base}/mcp/desk", bench.config, token, agent)
             paths["chain"] = (f"{base}/mcp/desk", {"authorization": f"Bearer {chained}"})
+        # The proxy whose CPU is counted on each path: bastion's, or the floor's.
+        proxies = dict.fromkeys(paths, server)
+        if floor is not None:
+            floor_url = f"http://127.0.0.1:{floor_port}/mcp"
+            wait_until_up(floor_url, floor)
+            paths["floor"] = (floor_url, {})
+            proxies["floor"] = floor
         for url, headers in paths.values():  # warm up both (connections, stdio, caches)
             uvloop.run(run_load(url, headers, args.clients, 100))
         results: dict[str, dict[str, list]] = {k: {"lat": [], "tput": [], "cpu": []} for k in paths}
         for _ in range(args.rounds):
             for name, (url, headers) in paths.items():
-                before = (cpu_seconds(server.pid), cpu_seconds(upstream.pid), time.process_time())
+                proxy = proxies[name].pid
+                before = (cpu_seconds(proxy), cpu_seconds(upstream.pid), time.process_time())
                 latencies, throughput = uvloop.run(
                     run_load(url, headers, args.clients, args.requests)
                 )
-                after = (cpu_seconds(server.pid), cpu_seconds(upstream.pid), time.process_time())
+                after = (cpu_seconds(proxy), cpu_seconds(upstream.pid), time.process_time())
                 results[name]["lat"] += latencies
                 results[name]["tput"].append(throughput)
                 results[name]["cpu"].append([b - a for a, b in zip(before, after, strict=True)])
     finally:
-        stop(server, upstream)
+        stop(server, upstream, *([floor] if floor is not None else []))
 
     print(
         f"gateway benchmark: tools/call search_customers, {args.clients} concurrent clients,"
@@ -435,7 +465,27 @@ def main() -> None:
         )
     d, g = summary["direct"], summary["gateway"]
     print(f"added latency: median {g[0] - d[0]:.3f} ms, p99 {g[1] - d[1]:.3f} ms")
+    # The machine's speed drifts from minute to minute; divided by what the upstream spent on
+    # the direct round just before, a proxy's CPU per call moves much less.
+    for name in ("gateway", "floor"):
+        if name in results:
+            ratios = [
+                mine[0] / direct[1]
+                for mine, direct in zip(results[name]["cpu"], results["direct"]["cpu"], strict=True)
+                if direct[1] > 0
+            ]
+            if ratios:
+                print(
+                    f"{name} CPU per call / the upstream's on the direct path, by round: median"
+                    f" {statistics.median(ratios):.3f} ({', '.join(f'{r:.3f}' for r in ratios)})"
+                )
     print(f"throughput through bastion: {g[2] / d[2]:.0%} of direct")
+    if "floor" in summary:
+        f = summary["floor"]
+        print(
+            f"the floor (a bare proxy on bastion's stack, its CPU in the bastion column): median"
+            f" {f[0] - d[0]:+.3f} ms over direct; throughput {f[2] / d[2]:.0%} of direct"
+        )
     if "chain" in summary:
         c = summary["chain"]
         print(

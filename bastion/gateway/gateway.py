@@ -505,6 +505,8 @@ class Gateway:
         failing = False
         while True:
             await asyncio.sleep(0.2)
+            if not records.waiting:
+                continue  # idle: no thread woken for nothing (a drop is only made while full)
             try:
                 await asyncio.to_thread(records.flush)
             except DatabaseUnavailable as e:

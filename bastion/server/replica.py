@@ -27,6 +27,7 @@ import contextlib
 import ctypes
 import gc
 import logging
+import sqlite3
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator
@@ -34,7 +35,7 @@ from functools import partial
 
 import anyio
 
-from bastion.db import Listener, first_line
+from bastion.db import Database, Listener, first_line
 from bastion.decide import Authorizer
 from bastion.facts import snapshot
 from bastion.facts.model import matches
@@ -185,6 +186,15 @@ class Replica:
         self.limits = limits
         self.store = FactStore.open(database, role="bastion-replica")
         self.is_postgres = self.store.db.is_postgres
+        # SQLite: a connection of its own that only asks whether anything was committed since a
+        # read of the log began (`_version`), on the event loop, never waiting for a lock.
+        self._probe = (
+            None
+            if self.is_postgres
+            else Database(database, role="bastion-replica-probe", busy_timeout=0)
+        )
+        # Its `data_version` as the last read that reached the end of the log began.
+        self._read_at_version: int | None = None
         self.max_staleness = max_staleness
         # Polled often enough that an idle log is confirmed current well within the bound.
         interval = _PG_POLL_INTERVAL if self.is_postgres else poll_interval
@@ -421,6 +431,8 @@ class Replica:
         if self._listener:
             await anyio.to_thread.run_sync(self._listener.stop)
         self.store.close()
+        if self._probe is not None:
+            self._probe.close()
         _thaw()
 
     # -- following the log -----------------------------------------------------------------
@@ -489,8 +501,12 @@ class Replica:
                 self.follow_error = None
             if more:
                 continue
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.poll_interval)
+            # Woken by `kick`, or after `poll_interval` (a timer, not `wait_for`'s task each time).
+            timer = self._loop.call_later(self.poll_interval, self._wake.set)  # type: ignore[union-attr]
+            try:
+                await self._wake.wait()
+            finally:
+                timer.cancel()
 
     async def _catch_up(self) -> bool:
         """Read the next page of the change log after `applied` and apply it; True if there may
@@ -498,6 +514,13 @@ class Replica:
         sequence order is commit order, so it holds every change committed before then."""
         assert self._advanced is not None
         asked_at = time.monotonic()
+        version = self._version()
+        if version is not None and version == self._read_at_version:
+            # SQLite: nothing committed since the last read that reached the end of the log
+            # began, so that end is still the end: current as of now, without reading again.
+            await self._confirmed(asked_at)
+            return False
+        self._read_at_version = None
         changes = await anyio.to_thread.run_sync(
             lambda: self.store.changes_since(self.applied, limit=_PAGE)
         )
@@ -521,11 +544,27 @@ class Replica:
                 self._advanced.notify_all()
             if len(changes) == _PAGE:
                 return True
+        self._read_at_version = version
+        await self._confirmed(asked_at)
+        return False
+
+    async def _confirmed(self, asked_at: float) -> None:
+        """Everything committed before ``asked_at`` is applied."""
+        assert self._advanced is not None
         self.confirmed_at = asked_at
         if self.noticed > 0.0:
             async with self._advanced:
                 self._advanced.notify_all()  # for a message waiting on a commit it heard of
-        return False
+
+    def _version(self) -> int | None:
+        """The probe's ``PRAGMA data_version`` (SQLite), or None: on PostgreSQL, or when it
+        cannot be read at once (a lock held, say): then the log is read."""
+        if self._probe is None:
+            return None
+        try:
+            return self._probe.data_version()
+        except sqlite3.Error:
+            return None
 
     async def _apply(self, change: Change) -> None:
         if change.kind == "facts":

@@ -121,3 +121,30 @@ def test_rate_limit_refuses_the_sixth_email_in_a_minute(bastion):
 
     seen = bastion.sdk("sam", "deskhttp", "auto", script)
     assert seen["outcomes"] == ["ok"] * 5 + ["rate_limited"]
+
+
+def test_the_record_writer_is_woken_only_when_a_record_waits(bastion):
+    """The gateway writes its buffered decision records every 0.2 s from a worker thread; with
+    none buffered it wakes no thread (an idle server's CPU), and one buffered is written at
+    the next round."""
+    import time
+
+    from bastion.audit.decisions import DecisionRecord, new_decision_id
+
+    records = bastion.records
+    flushes, flush = [], records.flush
+    records.flush = lambda: flushes.append(1) or flush()
+    try:
+        deadline = time.monotonic() + 10
+        while records.waiting:  # what earlier tests left: written at the next rounds
+            assert time.monotonic() < deadline, "the buffered records were never written"
+            time.sleep(0.05)
+        flushes.clear()
+        time.sleep(0.7)  # three rounds or more
+        assert flushes == [], "a thread was woken with no record to write"
+        records.add(DecisionRecord(new_decision_id(), 1.0, "desk", "m", "T", (), "allow"))
+        while records.waiting or not flushes:
+            assert time.monotonic() < deadline, "the buffered record was never written"
+            time.sleep(0.05)
+    finally:
+        del records.flush

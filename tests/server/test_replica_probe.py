@@ -1,0 +1,128 @@
+"""On SQLite a replica polls the change log every ``poll_interval``; it reads the log only when
+something was committed since its last read that reached the log's end began (its probe's
+``PRAGMA data_version``), and is confirmed current either way. A commit from another
+connection or process, whatever it wrote, is read by the next poll; one made while a read is
+under way is read by the poll after."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from bastion.db import Database
+from bastion.facts.model import Entity
+from bastion.facts.store import FactStore, StoredFact
+from bastion.server.replica import Replica
+
+POLICY = """
+actor User {}
+resource Repo { roles = ["reader"]; permissions = ["read"]; "read" if "reader"; }
+allow(actor, action, resource) if has_permission(actor, action, resource);
+"""
+ADA, REPO = Entity("User", "ada"), Entity("Repo", "r1")
+
+
+def reader(n: int) -> tuple:
+    return ("has_role", ADA, "reader", Entity("Repo", f"r{n}"))
+
+
+async def until(done, seconds: float = 10.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not done():
+        assert time.monotonic() < deadline, "not within the time given"
+        await asyncio.sleep(0.01)
+
+
+def counted_reads(replica: Replica) -> list[int]:
+    """The replica's reads of the change log, counted as they are made."""
+    reads, read = [], replica.store.changes_since
+
+    def counting(*args, **kwargs):
+        reads.append(1)
+        return read(*args, **kwargs)
+
+    replica.store.changes_since = counting
+    return reads
+
+
+def test_an_idle_log_is_confirmed_without_being_read(tmp_path):
+    path = str(tmp_path / "bastion.db")
+    FactStore.open(path).put_policy(POLICY)
+
+    async def scenario():
+        replica = Replica(path, poll_interval=0.01)
+        await replica.start()
+        try:
+            reads = counted_reads(replica)
+            await until(lambda: len(reads) >= 1)  # the first poll reads: nothing known yet
+            await asyncio.sleep(0.05)
+            before = len(reads)
+            confirmed = replica.confirmed_at
+            await asyncio.sleep(0.3)  # some 30 polls
+            assert len(reads) == before, "the log was read with nothing committed"
+            assert replica.confirmed_at > confirmed, "the idle log was not confirmed current"
+            assert not replica.stale
+        finally:
+            await replica.stop()
+
+    asyncio.run(scenario())
+
+
+def test_any_commit_from_elsewhere_is_read_by_the_next_poll(tmp_path):
+    path = str(tmp_path / "bastion.db")
+    writer = FactStore.open(path)
+    writer.put_policy(POLICY)
+
+    async def scenario():
+        replica = Replica(path, poll_interval=0.01)
+        await replica.start()
+        try:
+            reads = counted_reads(replica)
+            await until(lambda: len(reads) >= 1)
+            # A fact written by another connection (as another process would): applied.
+            seq = (await asyncio.to_thread(writer.apply, [StoredFact(reader(1))])).seq
+            await until(lambda: replica.applied >= seq)
+            with replica.authz.session() as s:
+                assert s.allowed(ADA, "read", Entity("Repo", "r1"))
+            # A commit of anything else (a decision record, say) is read too, and finds nothing.
+            await asyncio.sleep(0.05)
+            before = len(reads)
+            other = Database(path, role="another-writer")
+            await asyncio.to_thread(other.execute, "CREATE TABLE unrelated (x)")
+            await until(lambda: len(reads) > before)
+            other.close()
+        finally:
+            await replica.stop()
+
+    asyncio.run(scenario())
+
+
+def test_a_commit_during_a_read_is_read_by_the_poll_after(tmp_path):
+    path = str(tmp_path / "bastion.db")
+    writer = FactStore.open(path)
+    writer.put_policy(POLICY)
+
+    async def scenario():
+        replica = Replica(path, poll_interval=0.01)
+        await replica.start()
+        try:
+            await until(lambda: replica.applied >= 1)
+            # The next read is held until a fact is committed, after the read began.
+            committed, read = [], replica.store.changes_since
+
+            def read_then_commit(*args, **kwargs):
+                changes = read(*args, **kwargs)
+                if not committed:
+                    committed.append(writer.apply([StoredFact(reader(2))]).seq)
+                return changes
+
+            replica.store.changes_since = read_then_commit
+            replica.kick()
+            await until(lambda: bool(committed))
+            await until(lambda: replica.applied >= committed[0])
+            with replica.authz.session() as s:
+                assert s.allowed(ADA, "read", Entity("Repo", "r2"))
+        finally:
+            await replica.stop()
+
+    asyncio.run(scenario())
