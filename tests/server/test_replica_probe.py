@@ -7,6 +7,7 @@ under way is read by the poll after."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 
 from bastion.db import Database
@@ -19,7 +20,7 @@ actor User {}
 resource Repo { roles = ["reader"]; permissions = ["read"]; "read" if "reader"; }
 allow(actor, action, resource) if has_permission(actor, action, resource);
 """
-ADA, REPO = Entity("User", "ada"), Entity("Repo", "r1")
+ADA = Entity("User", "ada")
 
 
 def reader(n: int) -> tuple:
@@ -31,6 +32,20 @@ async def until(done, seconds: float = 10.0) -> None:
     while not done():
         assert time.monotonic() < deadline, "not within the time given"
         await asyncio.sleep(0.01)
+
+
+@contextlib.asynccontextmanager
+async def following(tmp_path):
+    """A store with the policy, and a replica following it that polls every 10 ms."""
+    path = str(tmp_path / "bastion.db")
+    writer = FactStore.open(path)
+    writer.put_policy(POLICY)
+    replica = Replica(path, poll_interval=0.01)
+    await replica.start()
+    try:
+        yield writer, replica
+    finally:
+        await replica.stop()
 
 
 def counted_reads(replica: Replica) -> list[int]:
@@ -46,13 +61,8 @@ def counted_reads(replica: Replica) -> list[int]:
 
 
 def test_an_idle_log_is_confirmed_without_being_read(tmp_path):
-    path = str(tmp_path / "bastion.db")
-    FactStore.open(path).put_policy(POLICY)
-
     async def scenario():
-        replica = Replica(path, poll_interval=0.01)
-        await replica.start()
-        try:
+        async with following(tmp_path) as (_, replica):
             reads = counted_reads(replica)
             await until(lambda: len(reads) >= 1)  # the first poll reads: nothing known yet
             await asyncio.sleep(0.05)
@@ -62,21 +72,13 @@ def test_an_idle_log_is_confirmed_without_being_read(tmp_path):
             assert len(reads) == before, "the log was read with nothing committed"
             assert replica.confirmed_at > confirmed, "the idle log was not confirmed current"
             assert not replica.stale
-        finally:
-            await replica.stop()
 
     asyncio.run(scenario())
 
 
 def test_any_commit_from_elsewhere_is_read_by_the_next_poll(tmp_path):
-    path = str(tmp_path / "bastion.db")
-    writer = FactStore.open(path)
-    writer.put_policy(POLICY)
-
     async def scenario():
-        replica = Replica(path, poll_interval=0.01)
-        await replica.start()
-        try:
+        async with following(tmp_path) as (writer, replica):
             reads = counted_reads(replica)
             await until(lambda: len(reads) >= 1)
             # A fact written by another connection (as another process would): applied.
@@ -87,42 +89,32 @@ def test_any_commit_from_elsewhere_is_read_by_the_next_poll(tmp_path):
             # A commit of anything else (a decision record, say) is read too, and finds nothing.
             await asyncio.sleep(0.05)
             before = len(reads)
-            other = Database(path, role="another-writer")
+            other = Database(str(tmp_path / "bastion.db"), role="another-writer")
             await asyncio.to_thread(other.execute, "CREATE TABLE unrelated (x)")
             await until(lambda: len(reads) > before)
             other.close()
-        finally:
-            await replica.stop()
 
     asyncio.run(scenario())
 
 
 def test_a_commit_during_a_read_is_read_by_the_poll_after(tmp_path):
-    path = str(tmp_path / "bastion.db")
-    writer = FactStore.open(path)
-    writer.put_policy(POLICY)
-
     async def scenario():
-        replica = Replica(path, poll_interval=0.01)
-        await replica.start()
-        try:
-            await until(lambda: replica.applied >= 1)
-            # The next read is held until a fact is committed, after the read began.
+        async with following(tmp_path) as (writer, replica):
+            # The read that finds a first fact commits a second right after it has read the
+            # log: committed after that read began, which did not see it.
             committed, read = [], replica.store.changes_since
 
             def read_then_commit(*args, **kwargs):
                 changes = read(*args, **kwargs)
-                if not committed:
+                if not committed and any(c.seq >= 2 for c in changes):  # 1 is the policy
                     committed.append(writer.apply([StoredFact(reader(2))]).seq)
                 return changes
 
             replica.store.changes_since = read_then_commit
-            replica.kick()
+            await asyncio.to_thread(writer.apply, [StoredFact(reader(1))])
             await until(lambda: bool(committed))
             await until(lambda: replica.applied >= committed[0])
             with replica.authz.session() as s:
                 assert s.allowed(ADA, "read", Entity("Repo", "r2"))
-        finally:
-            await replica.stop()
 
     asyncio.run(scenario())
