@@ -341,6 +341,16 @@ def start_upstream(port: int, env: dict[str, str]) -> subprocess.Popen:
     )
 
 
+def start_bastion(config: Path, env: dict[str, str]) -> subprocess.Popen:
+    """``bastion serve`` with ``config``, its output discarded."""
+    return subprocess.Popen(
+        [str(Path(sys.executable).parent / "bastion"), "serve", "--config", str(config)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
 def stop(*processes: subprocess.Popen) -> None:
     """Stop ``processes`` as Ctrl-C would, killing one that takes more than 10 s."""
     for process in processes:
@@ -380,17 +390,7 @@ def main() -> None:
     base, upstream_url = bench.base, bench.upstream_url
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     upstream = start_upstream(bench.upstream_port, env)
-    server = subprocess.Popen(
-        [
-            str(Path(sys.executable).parent / "bastion"),
-            "serve",
-            "--config",
-            str(bench.config),
-        ],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    server = start_bastion(bench.config, env)
     floor = None
     if args.floor:
         floor_port = free_port()

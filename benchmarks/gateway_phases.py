@@ -43,6 +43,7 @@ from gateway_bench import (  # noqa: E402
     access_token,
     prepare,
     run_load,
+    start_bastion,
     start_upstream,
     stop,
     wait_until_up,
@@ -158,12 +159,7 @@ def main() -> None:
     bench = prepare(work)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     upstream = start_upstream(bench.upstream_port, env)
-    server = subprocess.Popen(
-        [str(Path(sys.executable).parent / "bastion"), "serve", "--config", str(bench.config)],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    server = start_bastion(bench.config, env)
     data = work / "perf.data"
     url = f"{bench.base}/mcp/desk"
     try:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -24,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gateway_bench import (  # noqa: E402
     cpu_seconds,
     prepare,
+    start_bastion,
     start_upstream,
     stop,
     wait_until_up,
@@ -41,12 +41,7 @@ def main() -> None:
     )
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     upstream = start_upstream(bench.upstream_port, env)
-    server = subprocess.Popen(
-        [str(Path(sys.executable).parent / "bastion"), "serve", "--config", str(bench.config)],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    server = start_bastion(bench.config, env)
     try:
         wait_until_up(bench.upstream_url, upstream)
         wait_until_up(f"{bench.base}/healthz", server)
