@@ -117,14 +117,9 @@ class GatewayCycle(RequestResponseCycle):
                     body = message.get("body", b"")
                     if len(body) == self.expected_content_length:
                         self.expected_content_length = 0
-                        head, self._held = self._held, b""
-                        self.transport.write(head + body)  # one write, one segment
-                        self.response_complete = True
                         self._plain = False
-                        self.message_event.set()
-                        if not self.keep_alive:
-                            self.transport.close()
-                        self.on_response()
+                        head, self._held = self._held, b""
+                        self._write_whole(head + body)
                         return
             elif not self.response_started and message["type"] == "http.response.start":
                 head = self._head(message)
@@ -199,17 +194,21 @@ class GatewayCycle(RequestResponseCycle):
         prefix = self._prefix()
         if prefix is None:
             return False
-        self.response_started = self.response_complete = True
+        self.response_started = True
         self.chunked_encoding = False
         end = b"\r\n\r\n" if self.keep_alive else b"\r\nconnection: close\r\n\r\n"
-        self.transport.write(
-            b"".join((line, prefix, _JSON_LENGTH, b"%d" % len(body), end, body))
-        )  # one write, one segment
+        self._write_whole(b"".join((line, prefix, _JSON_LENGTH, b"%d" % len(body), end, body)))
+        return True
+
+    def _write_whole(self, answer: bytes) -> None:
+        """Write a whole answer, head and body, in one write (one segment), and end it as
+        uvicorn ends an answer: complete, the connection closed unless kept alive."""
+        self.transport.write(answer)
+        self.response_complete = True
         self.message_event.set()
         if not self.keep_alive:
             self.transport.close()
         self.on_response()
-        return True
 
     def take_body(self) -> bytes | None:
         """What the first `receive` gives, at once: the whole body, held before the cycle was
