@@ -114,11 +114,25 @@ def test_a_cancellation_at_the_deadline_is_not_taken_for_the_timeout():
 
     async def scenario():
         upstream = Scripted(timeout=0.05, delay=10)
-        task = asyncio.ensure_future(upstream.request("tools/call", {"name": "slow"}))
         loop = asyncio.get_running_loop()
-        # Runs after the deadline's own timer (scheduled earlier for the same moment or sooner).
-        await asyncio.sleep(0)
-        loop.call_later(0.05, task.cancel)
+        # The timers the request sets as it starts (its deadline, its exchange's sleep), seen as
+        # they are set, so that the client's cancellation can be set for the deadline's very
+        # moment: two timers due at once run in one turn of the loop, before the task resumes
+        # (0.05 s after, as before, depended on the machine: a loaded one ran them apart).
+        timers, call_later = [], loop.call_later
+
+        def recorded(delay, callback, *args, **kwargs):
+            timers.append(call_later(delay, callback, *args, **kwargs))
+            return timers[-1]
+
+        loop.call_later = recorded
+        try:
+            task = asyncio.ensure_future(upstream.request("tools/call", {"name": "slow"}))
+            await asyncio.sleep(0)  # the request starts: its deadline is set
+        finally:
+            del loop.call_later
+        deadline = min(timers, key=lambda timer: timer.when())
+        loop.call_at(deadline.when(), task.cancel)
         with pytest.raises(asyncio.CancelledError):
             await task
         return upstream.abandoned
