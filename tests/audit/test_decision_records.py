@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
+import time
 import uuid
 from datetime import UTC, datetime
 
@@ -101,15 +102,30 @@ def test_a_record_is_stored_as_the_canonical_json_of_its_fields(tmp_path):
     assert records.get(made[0].id).context["behavior"] == json.loads(REFERENCE(view))
 
 
-def test_decision_ids_are_uuid4_hex(monkeypatch):
+def test_decision_ids_are_uuid7_hex_in_the_order_they_are_made(monkeypatch):
+    made = []
     for _ in range(1000):
+        before = time.time_ns() // 1_000_000
         decision_id = new_decision_id()
+        after = time.time_ns() // 1_000_000
         parsed = uuid.UUID(hex=decision_id)
-        assert parsed.hex == decision_id and parsed.version == 4
+        assert parsed.hex == decision_id and parsed.version == 7
         assert parsed.variant == uuid.RFC_4122
-    for fill in (b"\x00", b"\xff", os.urandom(1)):
+        assert before <= parsed.int >> 80 <= after  # RFC 9562: unix_ts_ms, the first 48 bits
+        made.append((parsed.int >> 80, decision_id))
+    # Made in a later millisecond, an id sorts after (as text too: the index orders them so).
+    for (ms, earlier), (later_ms, later) in zip(made, made[1:]):
+        assert ms < later_ms and earlier < later or ms == later_ms
+    assert len({decision_id for _, decision_id in made}) == len(made)
+    # The 74 bits after the time are drawn at random; the version and the variant are set.
+    monkeypatch.setattr(decisions.time, "time_ns", lambda: 0x0123456789AB * 1_000_000 + 999_999)
+    for fill, expected in (
+        (b"\x00", "0123456789ab" "7000" "8000" "000000000000"),
+        (b"\xff", "0123456789ab" "7fff" "bfff" "ffffffffffff"),
+        (b"\x5a", "0123456789ab" "7a5a" "9a5a" "5a5a5a5a5a5a"),
+    ):
         monkeypatch.setattr(decisions.os, "urandom", lambda n, fill=fill: fill * n)
-        assert new_decision_id() == uuid.UUID(bytes=fill * 16, version=4).hex
+        assert new_decision_id() == expected
 
 
 FULL = {
