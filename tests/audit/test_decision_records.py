@@ -1,15 +1,15 @@
 """Decision records as stored: the ``record`` and ``principals`` columns hold the canonical JSON
 of the record (sorted keys, compact, non-JSON values as text), byte for byte what the standard
-library's encoder writes; decision ids are random UUIDs (version 4) in hex."""
+library's encoder writes; decision ids are UUIDs version 7 in hex: the time, then random bits."""
 
 from __future__ import annotations
 
 import json
-import os
 import sqlite3
 import time
 import uuid
 from datetime import UTC, datetime
+from itertools import pairwise
 
 import pytest
 
@@ -114,15 +114,16 @@ def test_decision_ids_are_uuid7_hex_in_the_order_they_are_made(monkeypatch):
         assert before <= parsed.int >> 80 <= after  # RFC 9562: unix_ts_ms, the first 48 bits
         made.append((parsed.int >> 80, decision_id))
     # Made in a later millisecond, an id sorts after (as text too: the index orders them so).
-    for (ms, earlier), (later_ms, later) in zip(made, made[1:]):
+    for (ms, earlier), (later_ms, later) in pairwise(made):
         assert ms < later_ms and earlier < later or ms == later_ms
     assert len({decision_id for _, decision_id in made}) == len(made)
-    # The 74 bits after the time are drawn at random; the version and the variant are set.
+    # The 74 bits after the time are drawn at random; the version and the variant are set:
+    # 12 digits of milliseconds, 7 and three drawn, 8 to b (the variant) and fifteen drawn.
     monkeypatch.setattr(decisions.time, "time_ns", lambda: 0x0123456789AB * 1_000_000 + 999_999)
     for fill, expected in (
-        (b"\x00", "0123456789ab" "7000" "8000" "000000000000"),
-        (b"\xff", "0123456789ab" "7fff" "bfff" "ffffffffffff"),
-        (b"\x5a", "0123456789ab" "7a5a" "9a5a" "5a5a5a5a5a5a"),
+        (b"\x00", "0123456789ab70008000000000000000"),
+        (b"\xff", "0123456789ab7fffbfffffffffffffff"),
+        (b"\x5a", "0123456789ab7a5a9a5a5a5a5a5a5a5a"),
     ):
         monkeypatch.setattr(decisions.os, "urandom", lambda n, fill=fill: fill * n)
         assert new_decision_id() == expected
