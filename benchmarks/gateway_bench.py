@@ -2,7 +2,8 @@
 Streamable HTTP and through bastion's gateway to that same upstream, in one run.
 
     .venv/bin/python benchmarks/gateway_bench.py [--clients 4] [--requests 1500] [--rounds 3] [--chain]
-        [--floor] [--session shared|per_user|per_client_session]
+        [--floor] [--session shared|per_user|per_client_session] [--records N]
+        [--python PATH]
 
 The upstream is the quickstart's MCP server (official SDK) in its own process; bastion runs
 ``bastion serve`` in another, with the quickstart policy (the support agent's search, with emails
@@ -17,7 +18,11 @@ proxy on bastion's stack (``floor_proxy.py``: uvloop, httptools, bastion's HTTP/
 token, policy, record or mask), its CPU shown in bastion's column: what any proxy written this
 way costs, beside what bastion costs. ``--session`` sets the upstream's ``session`` (an
 upstream session per user or per client session instead of one shared): run it once with each
-value, alternating, to compare them.
+value, alternating, to compare them. ``--records`` fills the decision log with that many
+records first (`records_bench.py`), so that recording is measured on a log of a server that has
+run a while, not on an empty one. ``--python`` runs ``bastion serve`` on the interpreter of
+another environment where bastion is installed (with ``PYTHONPATH`` set to the tree, the tree's
+code), to compare interpreters: the upstream and the clients stay on this one.
 """
 
 from __future__ import annotations
@@ -273,11 +278,13 @@ def prepare(
     session: str = "shared",
     server_settings: str = "",
     traced: bool = False,
+    records: int = 0,
 ) -> Bench:
     """Write ``work/bastion.toml`` (the quickstart policy, one upstream ``desk``) and its
     database with the quickstart's facts and users (sam's password: `PASSWORD`). ``traced``:
     for a server run under a tracer or valgrind, many times slower: tokens that outlive the
-    run, and no change-log poll during it."""
+    run, and no change-log poll during it. ``records``: decision records already in the log
+    (as a server that has run a while has), written as the gateway writes them."""
     upstream_port, bastion_port = free_port(), free_port()
     base = f"http://127.0.0.1:{bastion_port}"
     upstream_url = f"http://127.0.0.1:{upstream_port}/mcp"
@@ -327,6 +334,12 @@ scopes = ["customers:read"]
 
     db = Database(database)
     OAuthStore(db).set_password_hash("sam", users.hash_password(PASSWORD))
+    if records:
+        from records_bench import fill
+
+        from bastion.audit.decisions import DecisionRecords
+
+        fill(DecisionRecords(db), records)
     db.close()
     return Bench(base, upstream_url, upstream_port, config)
 
@@ -341,10 +354,11 @@ def start_upstream(port: int, env: dict[str, str]) -> subprocess.Popen:
     )
 
 
-def start_bastion(config: Path, env: dict[str, str]) -> subprocess.Popen:
-    """``bastion serve`` with ``config``, its output discarded."""
+def start_bastion(config: Path, env: dict[str, str], python: str | None = None) -> subprocess.Popen:
+    """``bastion serve`` with ``config``, its output discarded; ``python``: the interpreter of
+    the environment whose ``bastion`` runs (this one's by default)."""
     return subprocess.Popen(
-        [str(Path(sys.executable).parent / "bastion"), "serve", "--config", str(config)],
+        [str(Path(python or sys.executable).parent / "bastion"), "serve", "--config", str(config)],
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -383,14 +397,25 @@ def main() -> None:
         default="shared",
         help="the upstream's session setting (docs/gateway.md, Upstream sessions)",
     )
+    parser.add_argument(
+        "--python",
+        help="the Python of another environment with bastion installed, to run `bastion serve`"
+        " on another interpreter (the upstream and the clients stay on this one)",
+    )
+    parser.add_argument(
+        "--records",
+        type=int,
+        default=0,
+        help="decision records in the log before the run, as after a while in service",
+    )
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="bastion-gateway-bench-"))
-    bench = prepare(work, chain=args.chain, session=args.session)
+    bench = prepare(work, chain=args.chain, session=args.session, records=args.records)
     base, upstream_url = bench.base, bench.upstream_url
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     upstream = start_upstream(bench.upstream_port, env)
-    server = start_bastion(bench.config, env)
+    server = start_bastion(bench.config, env, args.python)
     floor = None
     if args.floor:
         floor_port = free_port()

@@ -2,7 +2,7 @@
 ``bastion serve``: a figure that does not move with the machine's load, for comparing two trees
 (or a tree with and without a capability) on a shared machine.
 
-    .venv/bin/python benchmarks/gateway_instructions.py [--requests 200]
+    .venv/bin/python benchmarks/gateway_instructions.py [--requests 200] [--records N] [--python PATH]
 
 The setup is gateway_bench.py's (the quickstart's policy and MCP server, sam's support agent
 searching customers, emails masked, MCP 2026-07-28), with bastion under ``valgrind
@@ -11,7 +11,9 @@ warm-up the counters are zeroed (``callgrind_control -z``), N calls go through o
 are dumped (``callgrind_control -d``); the same with 2 N. Per call: the difference divided by N
 (user-space instructions of the whole bastion process, its record writer's thread included;
 system calls and the upstream's work are not counted). Starting Python under valgrind takes a
-minute or more. Prints figures; asserts nothing.
+minute or more. ``--records`` and ``--python`` are gateway_bench.py's: decision records in the
+log before the run, and the interpreter of another environment to run bastion on. Prints
+figures; asserts nothing.
 """
 
 from __future__ import annotations
@@ -43,13 +45,20 @@ from server_instructions import counted  # noqa: E402
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=200)
+    parser.add_argument(
+        "--records", type=int, default=0, help="decision records in the log before the run"
+    )
+    parser.add_argument(
+        "--python", help="the interpreter to run `bastion serve` on (another environment's)"
+    )
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="gateway-instructions-"))
-    bench = prepare(work, traced=True)
+    bench = prepare(work, traced=True, records=args.records)
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONMALLOC": "malloc"}
     upstream = start_upstream(bench.upstream_port, env)
     out = work / "callgrind.out"
-    cmd = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}.%p", sys.executable]
+    cmd = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}.%p"]
+    cmd.append(args.python or sys.executable)
     cmd += ["-m", "bastion.cli", "serve", "--config", str(bench.config)]
     log = open(work / "serve.log", "wb")  # noqa: SIM115 - closed in the finally below
     server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)

@@ -51,16 +51,22 @@ PRUNE_BATCH = 5000
 RESULTS = ("allow", "deny", "step_up", "rate_limited", "held", "error")
 
 
-# The bits `uuid.UUID(..., version=4)` clears and sets: version 4, RFC 4122 variant.
-_UUID4_CLEAR = ((1 << 128) - 1) ^ (0xF000 << 64) ^ (0xC000 << 48)
-_UUID4_SET = (4 << 76) | (0x8000 << 48)
+# A UUID version 7 (RFC 9562, section 5.7): 48 bits of Unix time in milliseconds, the version
+# (7), 12 random bits, the variant (0b10), 62 random bits: the 80 bits after the time are drawn
+# at random, and all but the version's and the variant's places are kept.
+_RANDOM = ((1 << 80) - 1) ^ (0xF << 76) ^ (0x3 << 62)
+_VERSION_7 = (7 << 76) | (0x2 << 62)
 
 
 def new_decision_id() -> str:
-    """A random UUID (version 4) as 32 hex digits, as ``uuid.uuid4().hex`` spells it; made
+    """A UUID version 7 (RFC 9562) as 32 hex digits: the time in milliseconds, then 74 random
+    bits. An id made in a later millisecond sorts after, so a record's id goes at the end of
+    the table's unique index on ids, not on a random page of it: a batch of records writes a
+    page or two of that index instead of one per record, however large the table grows. Made
     without a `uuid.UUID` (its checks cost more than the rest: one is made per decision)."""
-    n = int.from_bytes(os.urandom(16), "big")
-    return "%032x" % (n & _UUID4_CLEAR | _UUID4_SET)
+    drawn = int.from_bytes(os.urandom(10), "big")
+    millisecond = time.time_ns() // 1_000_000
+    return "%032x" % ((millisecond << 80) | (drawn & _RANDOM) | _VERSION_7)
 
 
 @dataclass(frozen=True)

@@ -1,14 +1,15 @@
 """Decision records as stored: the ``record`` and ``principals`` columns hold the canonical JSON
 of the record (sorted keys, compact, non-JSON values as text), byte for byte what the standard
-library's encoder writes; decision ids are random UUIDs (version 4) in hex."""
+library's encoder writes; decision ids are UUIDs version 7 in hex: the time, then random bits."""
 
 from __future__ import annotations
 
 import json
-import os
 import sqlite3
+import time
 import uuid
 from datetime import UTC, datetime
+from itertools import pairwise
 
 import pytest
 
@@ -101,15 +102,31 @@ def test_a_record_is_stored_as_the_canonical_json_of_its_fields(tmp_path):
     assert records.get(made[0].id).context["behavior"] == json.loads(REFERENCE(view))
 
 
-def test_decision_ids_are_uuid4_hex(monkeypatch):
+def test_decision_ids_are_uuid7_hex_in_the_order_they_are_made(monkeypatch):
+    made = []
     for _ in range(1000):
+        before = time.time_ns() // 1_000_000
         decision_id = new_decision_id()
+        after = time.time_ns() // 1_000_000
         parsed = uuid.UUID(hex=decision_id)
-        assert parsed.hex == decision_id and parsed.version == 4
+        assert parsed.hex == decision_id and parsed.version == 7
         assert parsed.variant == uuid.RFC_4122
-    for fill in (b"\x00", b"\xff", os.urandom(1)):
+        assert before <= parsed.int >> 80 <= after  # RFC 9562: unix_ts_ms, the first 48 bits
+        made.append((parsed.int >> 80, decision_id))
+    # Made in a later millisecond, an id sorts after (as text too: the index orders them so).
+    for (ms, earlier), (later_ms, later) in pairwise(made):
+        assert ms < later_ms and earlier < later or ms == later_ms
+    assert len({decision_id for _, decision_id in made}) == len(made)
+    # The 74 bits after the time are drawn at random; the version and the variant are set:
+    # 12 digits of milliseconds, 7 and three drawn, 8 to b (the variant) and fifteen drawn.
+    monkeypatch.setattr(decisions.time, "time_ns", lambda: 0x0123456789AB * 1_000_000 + 999_999)
+    for fill, expected in (
+        (b"\x00", "0123456789ab70008000000000000000"),
+        (b"\xff", "0123456789ab7fffbfffffffffffffff"),
+        (b"\x5a", "0123456789ab7a5a9a5a5a5a5a5a5a5a"),
+    ):
         monkeypatch.setattr(decisions.os, "urandom", lambda n, fill=fill: fill * n)
-        assert new_decision_id() == uuid.UUID(bytes=fill * 16, version=4).hex
+        assert new_decision_id() == expected
 
 
 FULL = {
