@@ -1,7 +1,9 @@
 """Rate limits shared through a real Redis Cluster (``redis+cluster://``).
 
 The fixture starts three ``redis-server`` nodes in cluster mode on free ports and joins them with
-``redis-cli --cluster create``. The limits of one call (the user's and the agent's) must be counted
+``redis-cli --cluster create``. Each node's cluster bus gets a free port of its own too: left to
+itself, a node takes its port + 10000, which falls in the kernel's range for outgoing
+connections, where any connection of the suite may hold it (the node then exits at start). The limits of one call (the user's and the agent's) must be counted
 atomically in one script, which a cluster only allows within one hash slot: these tests count
 across two limiters (two bastion processes) and across principals, and check that targets spread.
 """
@@ -41,6 +43,7 @@ def cluster(tmp_path_factory) -> Iterator[list[int]]:
         subprocess.Popen(
             ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--dir", str(work)]
             + ["--cluster-enabled", "yes", "--cluster-config-file", f"nodes-{port}.conf"]
+            + ["--cluster-port", str(_free_port())]
             + ["--save", "", "--appendonly", "no"],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -48,8 +51,8 @@ def cluster(tmp_path_factory) -> Iterator[list[int]]:
         for port in ports
     ]
     try:
-        for port in ports:
-            _wait(["redis-cli", "-p", str(port), "ping"], "PONG")
+        for port, node in zip(ports, nodes, strict=True):
+            _wait(["redis-cli", "-p", str(port), "ping"], "PONG", node)
         subprocess.run(
             ["redis-cli", "--cluster", "create"]
             + [f"127.0.0.1:{port}" for port in ports]
@@ -68,9 +71,11 @@ def cluster(tmp_path_factory) -> Iterator[list[int]]:
             node.wait(10)
 
 
-def _wait(command: list[str], expected: str) -> None:
+def _wait(command: list[str], expected: str, node: subprocess.Popen | None = None) -> None:
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
+        if node is not None and node.poll() is not None:
+            raise RuntimeError(f"{' '.join(node.args)} exited with {node.returncode}")
         done = subprocess.run(command, capture_output=True, text=True)
         if expected in done.stdout:
             return
