@@ -2,10 +2,11 @@
 
 The fixture starts three ``redis-server`` nodes in cluster mode on free ports and joins them with
 ``redis-cli --cluster create``. Each node's cluster bus gets a free port of its own too: left to
-itself, a node takes its port + 10000, which falls in the kernel's range for outgoing
-connections, where any connection of the suite may hold it (the node then exits at start). The limits of one call (the user's and the agent's) must be counted
-atomically in one script, which a cluster only allows within one hash slot: these tests count
-across two limiters (two bastion processes) and across principals, and check that targets spread.
+itself, a node takes its port + 10000, which falls in the kernel's range for outgoing connections,
+where any connection of the suite may hold it (the node then exits at start). The limits of one
+call (the user's and the agent's) must be counted atomically in one script, which a cluster only
+allows within one hash slot: these tests count across two limiters (two bastion processes) and
+across principals, and check that targets spread.
 """
 
 from __future__ import annotations
@@ -23,14 +24,9 @@ from bastion.decide.contract import RateLimit
 from bastion.facts.model import Entity
 from bastion.gateway.ratelimit import LimitsUnavailable, RedisRateLimiter
 from tests.conftest import require_program
-from tests.oauth.support import free_socket
+from tests.ports import free_port, free_socket
 
 USER, AGENT = Entity("User", "sam"), Entity("Agent", "client-1")
-
-
-def _free_port() -> int:
-    with free_socket() as s:
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -38,12 +34,12 @@ def cluster(tmp_path_factory) -> Iterator[list[int]]:
     require_program("redis-server", shutil.which("redis-server") or "/usr/bin/redis-server")
     require_program("redis-cli", shutil.which("redis-cli") or "/usr/bin/redis-cli")
     work = tmp_path_factory.mktemp("redis-cluster")
-    ports = [_free_port() for _ in range(3)]
+    ports = [free_port() for _ in range(3)]
     nodes = [
         subprocess.Popen(
             ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--dir", str(work)]
             + ["--cluster-enabled", "yes", "--cluster-config-file", f"nodes-{port}.conf"]
-            + ["--cluster-port", str(_free_port())]
+            + ["--cluster-port", str(free_port())]
             + ["--save", "", "--appendonly", "no"],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
