@@ -273,6 +273,10 @@ class Bench:
     config: Path
 
 
+# `[server]` settings of a bastion behind a reverse proxy on this machine (--proxy-headers).
+BEHIND_PROXY = 'proxy_headers = true\nforwarded_allow_ips = "127.0.0.1"\n'
+
+
 def prepare(
     work: Path,
     *,
@@ -419,13 +423,12 @@ def main() -> None:
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="bastion-gateway-bench-"))
-    behind = 'proxy_headers = true\nforwarded_allow_ips = "127.0.0.1"\n'
     bench = prepare(
         work,
         chain=args.chain,
         session=args.session,
         records=args.records,
-        server_settings=behind if args.proxy_headers else "",
+        server_settings=BEHIND_PROXY if args.proxy_headers else "",
     )
     base, upstream_url = bench.base, bench.upstream_url
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
