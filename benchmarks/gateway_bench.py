@@ -3,7 +3,7 @@ Streamable HTTP and through bastion's gateway to that same upstream, in one run.
 
     .venv/bin/python benchmarks/gateway_bench.py [--clients 4] [--requests 1500] [--rounds 3] [--chain]
         [--floor] [--session shared|per_user|per_client_session] [--records N]
-        [--python PATH]
+        [--python PATH] [--proxy-headers]
 
 The upstream is the quickstart's MCP server (official SDK) in its own process; bastion runs
 ``bastion serve`` in another, with the quickstart policy (the support agent's search, with emails
@@ -23,6 +23,8 @@ records first (`records_bench.py`), so that recording is measured on a log of a 
 run a while, not on an empty one. ``--python`` runs ``bastion serve`` on the interpreter of
 another environment where bastion is installed (with ``PYTHONPATH`` set to the tree, the tree's
 code), to compare interpreters: the upstream and the clients stay on this one.
+``--proxy-headers`` configures bastion as behind a reverse proxy or a load balancer
+(``proxy_headers``, the clients' loopback address trusted to name the client).
 """
 
 from __future__ import annotations
@@ -271,6 +273,10 @@ class Bench:
     config: Path
 
 
+# `[server]` settings of a bastion behind a reverse proxy on this machine (--proxy-headers).
+BEHIND_PROXY = 'proxy_headers = true\nforwarded_allow_ips = "127.0.0.1"\n'
+
+
 def prepare(
     work: Path,
     *,
@@ -408,10 +414,22 @@ def main() -> None:
         default=0,
         help="decision records in the log before the run, as after a while in service",
     )
+    parser.add_argument(
+        "--proxy-headers",
+        action="store_true",
+        help="bastion behind a reverse proxy: proxy_headers on, the clients' loopback trusted"
+        " (forwarded_allow_ips), as a deployment behind a load balancer is configured",
+    )
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="bastion-gateway-bench-"))
-    bench = prepare(work, chain=args.chain, session=args.session, records=args.records)
+    bench = prepare(
+        work,
+        chain=args.chain,
+        session=args.session,
+        records=args.records,
+        server_settings=BEHIND_PROXY if args.proxy_headers else "",
+    )
     base, upstream_url = bench.base, bench.upstream_url
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     upstream = start_upstream(bench.upstream_port, env)

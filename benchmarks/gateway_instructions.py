@@ -3,6 +3,7 @@
 (or a tree with and without a capability) on a shared machine.
 
     .venv/bin/python benchmarks/gateway_instructions.py [--requests 200] [--records N] [--python PATH]
+        [--proxy-headers]
 
 The setup is gateway_bench.py's (the quickstart's policy and MCP server, sam's support agent
 searching customers, emails masked, MCP 2026-07-28), with bastion under ``valgrind
@@ -12,8 +13,9 @@ are dumped (``callgrind_control -d``); the same with 2 N. Per call: the differen
 (user-space instructions of the whole bastion process, its record writer's thread included;
 system calls and the upstream's work are not counted). Starting Python under valgrind takes a
 minute or more. ``--records`` and ``--python`` are gateway_bench.py's: decision records in the
-log before the run, and the interpreter of another environment to run bastion on. Prints
-figures; asserts nothing.
+log before the run, and the interpreter of another environment to run bastion on;
+``--proxy-headers``, bastion configured as behind a reverse proxy. Prints figures; asserts
+nothing.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import uvloop
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from gateway_bench import (  # noqa: E402
+    BEHIND_PROXY,
     access_token,
     prepare,
     run_load,
@@ -51,9 +54,17 @@ def main() -> None:
     parser.add_argument(
         "--python", help="the interpreter to run `bastion serve` on (another environment's)"
     )
+    parser.add_argument(
+        "--proxy-headers", action="store_true", help="as gateway_bench.py's: behind a proxy"
+    )
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="gateway-instructions-"))
-    bench = prepare(work, traced=True, records=args.records)
+    bench = prepare(
+        work,
+        traced=True,
+        records=args.records,
+        server_settings=BEHIND_PROXY if args.proxy_headers else "",
+    )
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONMALLOC": "malloc"}
     upstream = start_upstream(bench.upstream_port, env)
     out = work / "callgrind.out"

@@ -16,7 +16,7 @@ that does not check out here, is handed to the application as it arrived.
 With a `bastion.server.direct_gateway.DirectGateway`, a gateway ``POST /mcp/<server>`` is held
 the same way, then run by the gateway's transport on uvicorn's request-response cycle (with a
 short way for its common answer, `bastion.server.gateway_cycle`), past the application's
-middleware.
+middleware (but uvicorn's proxy headers middleware, when on).
 """
 
 from __future__ import annotations
@@ -51,6 +51,9 @@ class BoundedHttpProtocol(HttpToolsProtocol):
         super().__init__(*args, **kwargs)
         self.direct = direct
         self.gateway = gateway
+        # The gateway as this server runs the application (behind uvicorn's proxy headers
+        # middleware when that is on).
+        self._gateway_app = gateway.app(self.config) if gateway is not None else None
         # The exact targets answered here, POST only; a decision route first, as it was asked
         # first (the two never share a target).
         self._routes: dict[bytes, DirectRoute | GatewayRoute] = {
@@ -147,7 +150,7 @@ class BoundedHttpProtocol(HttpToolsProtocol):
         if held.__class__ is GatewayRoute:
             body = b"".join(self._held_body)
             self._release()
-            self._run_gateway(held, body)  # type: ignore[arg-type]
+            self._run_gateway(body)
             return
         if held is not None:
             assert self.direct is not None
@@ -167,9 +170,6 @@ class BoundedHttpProtocol(HttpToolsProtocol):
         route = self._routes.get(self.url) if self.parser.get_method() == b"POST" else None
         if route is None:
             return False
-        # uvicorn's proxy headers middleware would say who a gateway client is.
-        if route.__class__ is GatewayRoute and self.config.proxy_headers:
-            return False
         limit = self.limit_concurrency
         if (
             self.access_log  # uvicorn writes the access log line
@@ -187,11 +187,12 @@ class BoundedHttpProtocol(HttpToolsProtocol):
         self._held = route
         return True
 
-    def _run_gateway(self, route: GatewayRoute, body: bytes) -> None:
+    def _run_gateway(self, body: bytes) -> None:
         """Run the held gateway request as uvicorn runs a request, on its own cycle (which
         writes the answer, keeps the connection alive or closes it, starts what was pipelined
-        behind it, and says when the client went away), with the gateway as its application."""
-        assert self.gateway is not None
+        behind it, and says when the client went away), with the gateway as its application
+        (its upstream named by the request's target)."""
+        assert self._gateway_app is not None
         scope = self.scope
         url = self.url
         scope["method"] = "POST"
@@ -209,7 +210,7 @@ class BoundedHttpProtocol(HttpToolsProtocol):
             self.on_response_complete,
         )
         self.cycle = cycle
-        self._start_asgi_task(cycle, functools.partial(self.gateway.serve, route.server, cycle))
+        self._start_asgi_task(cycle, self._gateway_app)
 
     def _hand_over(self) -> None:
         """Give the held request to uvicorn as the parser gave it: its head, then its body."""

@@ -13,15 +13,21 @@ which writes the answer (keep-alive, pipelining, flow control, chunked event str
 client's disconnect). An unexpected exception is answered and logged as the application's error
 handler and uvicorn answer and log it.
 
+With ``proxy_headers`` on, the request goes through uvicorn's own proxy headers middleware first,
+as through the application: the client's address and scheme are those the trusted proxies
+(``forwarded_allow_ips``) name, and no one else's headers are read.
+
 Anything else goes to the application as it arrived, before anything is read or decided: GET
 and DELETE, other targets, a body sent chunked, over the limit or waiting for 100 Continue,
-HTTP/1.0, a connection with an answer under way, uvicorn's access log or proxy headers on.
+HTTP/1.0, a connection with an answer under way, uvicorn's access log on.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
+
+from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
 from bastion.gateway.jsonrpc import INTERNAL_ERROR, RpcError
 from bastion.gateway.transport import StreamableHttpEndpoint, send_json
@@ -54,15 +60,30 @@ class DirectGateway:
             if (path := f"/mcp/{name}").isascii()
         }
         self._failure = RpcError(INTERNAL_ERROR, FAILED).body(None)
+        # uvicorn's proxy headers middleware in front of `serve`, by the proxies it trusts.
+        self._behind_proxies: dict[str, ProxyHeadersMiddleware] = {}
 
-    async def serve(self, server: str, cycle: Any, scope: Any, receive: Any, send: Any) -> None:
-        """The request, on uvicorn's ``cycle`` (an ASGI application for its ``run_asgi``)."""
+    def app(self, config: Any) -> Any:
+        """`serve`, as uvicorn's ``config`` runs the application: behind uvicorn's proxy
+        headers middleware when ``proxy_headers`` is on (made once for its trusted proxies)."""
+        if not config.proxy_headers:
+            return self.serve
+        trusted = config.forwarded_allow_ips
+        key = trusted if isinstance(trusted, str) else ",".join(trusted)
+        app = self._behind_proxies.get(key)
+        if app is None:
+            app = self._behind_proxies[key] = ProxyHeadersMiddleware(self.serve, trusted)
+        return app
+
+    async def serve(self, scope: Any, receive: Any, send: Any) -> None:
+        """The request the protocol held (an ASGI application, run on uvicorn's cycle by its
+        ``run_asgi``: ``send`` is the cycle's), for the upstream its target names."""
         self.metrics.direct_gateway_request()
         try:
-            await self.endpoint.serve(server, scope, receive, send)
+            await self.endpoint.serve(self.routes[scope["raw_path"]].server, scope, receive, send)
         except Exception:
             # As Starlette's ServerErrorMiddleware with the application's handler: a JSON-RPC
             # 500 naming no internals, the connection closed; then uvicorn logs the exception.
-            if not cycle.response_started:
+            if not send.__self__.response_started:
                 await send_json(send, 500, self._failure, {"connection": "close"})
             raise

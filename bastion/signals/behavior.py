@@ -16,7 +16,9 @@ reads them.
 
 `LocalBehavior` keeps them in this process (the default). `RedisBehavior` shares them through
 Redis (``gateway.redis_url``): one pipelined round trip reads a call's figures before it is
-decided, and what the call did is written after it, off the call path. When Redis cannot be read,
+decided, and what the call did is written after it, off the call path (one pipelined round trip
+on a server; on a Redis Cluster, whose pipelines take no scripts, one script call per counter key,
+at once). When Redis cannot be read,
 a decision whose rules read ``context.behavior`` is refused with reason ``behavior_unavailable``
 (fail closed); decisions whose rules do not read it go on.
 """
@@ -36,7 +38,7 @@ from operator import contains
 from typing import Any
 
 from bastion.policy.errors import EvaluationLimit
-from bastion.redis_client import connect, safe_url
+from bastion.redis_client import CLUSTER_SCHEMES, connect, safe_url
 
 log = logging.getLogger("bastion.signals.behavior")
 
@@ -469,7 +471,8 @@ class RedisBehavior(_Counting):
 
     Window boundaries come from each process's clock (keep replicas on NTP). Reading a call's
     figures is one pipelined round trip before it is decided; what it did is written after, in
-    the background (one pipelined round trip per message, off the call path)."""
+    the background, off the call path: one pipelined round trip per message on a server, one
+    script call per counter key (each to its node, at once) on a cluster."""
 
     # Writes waiting for Redis; beyond, new ones are dropped (and logged): counts never hold
     # the event loop or its memory hostage to a slow Redis.
@@ -488,6 +491,7 @@ class RedisBehavior(_Counting):
         self.settings = settings or BehaviorSettings()
         self.clock = clock
         self._redis, self._errors = connect(url, timeout)
+        self._cluster = url.partition("://")[0] in CLUSTER_SCHEMES
         self._script = self._redis.register_script(_COUNT)
         self._pending: set[asyncio.Task] = set()
 
@@ -550,20 +554,48 @@ class RedisBehavior(_Counting):
 
     async def _send(self, writes: list, now: float) -> None:
         s = self.settings
+        calls = []
+        for key, adds, member in writes:
+            base, hashes = self._hashes(key)
+            args: list[Any] = [s.baseline_weight, member, s.max_targets, *adds]
+            sets = []
+            for name, seconds in WINDOWS:
+                index = int(now // seconds)
+                args += [index, int(seconds * 2) + 60]
+                sets.append(f"{base}:{name}:seen:{index}")
+            calls.append(([*hashes, *sets], args))
         try:
-            async with self._redis.pipeline(transaction=False) as pipe:
-                for key, adds, member in writes:
-                    base, hashes = self._hashes(key)
-                    args: list[Any] = [s.baseline_weight, member, s.max_targets, *adds]
-                    sets = []
-                    for name, seconds in WINDOWS:
-                        index = int(now // seconds)
-                        args += [index, int(seconds * 2) + 60]
-                        sets.append(f"{base}:{name}:seen:{index}")
-                    await self._script(keys=[*hashes, *sets], args=args, client=pipe)
-                await pipe.execute()
+            if self._cluster:
+                # A cluster's pipelines refuse scripts: each key's call goes to its own node
+                # (the script loaded there first if it is not).
+                await asyncio.gather(*(self._script(keys=k, args=a) for k, a in calls))
+            else:
+                await self._pipelined(calls)
         except self._errors as e:
             log.error("behaviour counts lost: Redis at %s: %s", safe_url(self.url), e)
+
+    async def _pipelined(self, calls: list[tuple[list[str], list[Any]]]) -> None:
+        """The count script for each of ``calls`` in one round trip, by its digest (EVALSHA).
+        A server without the script (restarted, or its scripts flushed) runs none of those
+        calls: it is loaded, and they are sent once more."""
+        from redis.exceptions import NoScriptError
+
+        for _ in range(2):
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for keys, args in calls:
+                    pipe.evalsha(self._script.sha, len(keys), *keys, *args)
+                results = await pipe.execute(raise_on_error=False)
+            missing = []
+            for call, result in zip(calls, results, strict=True):
+                if isinstance(result, NoScriptError):
+                    missing.append(call)
+                elif isinstance(result, Exception):
+                    raise result
+            if not missing:
+                return
+            await self._redis.script_load(self._script.script)
+            calls = missing
+        raise NoScriptError("the count script could not be loaded")
 
     async def close(self) -> None:
         if self._pending:

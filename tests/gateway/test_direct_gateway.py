@@ -400,20 +400,14 @@ def test_it_is_off_with_direct_gateway_false(bastion):
     assert on.keywords["gateway"] is not None and off["http"].keywords["gateway"] is None
 
 
-@pytest.mark.parametrize("setting", ["proxy_headers", "access_log"])
-def test_with_proxy_headers_or_the_access_log_every_call_goes_to_the_application(bastion, setting):
-    """uvicorn's proxy headers middleware says who the client is, its access log writes a line
-    per request: both are the application's path."""
+def test_with_the_access_log_every_call_goes_to_the_application(bastion):
+    """uvicorn's access log writes a line per request: the application's path."""
     token = bastion.token("sam", "desk")
     options = connection_limits(bastion.app.state.config, bastion.app)
-    if setting == "proxy_headers":
-        options.update({"proxy_headers": True, "forwarded_allow_ips": "127.0.0.1"})
     before = direct_requests(bastion)
-    # The same application (started already), served by a second uvicorn with the setting on.
+    # The same application (started already), served by a second uvicorn with the log on.
     with (
-        mock.patch.object(
-            logging.getLogger("uvicorn.access"), "hasHandlers", lambda: setting == "access_log"
-        ),
+        mock.patch.object(logging.getLogger("uvicorn.access"), "hasHandlers", lambda: True),
         uvicorn_serving(bastion.app, support.free_socket(), lifespan="off", **options) as url,
     ):
         answer = bastion.http.post(
@@ -423,3 +417,35 @@ def test_with_proxy_headers_or_the_access_log_every_call_goes_to_the_application
         )
     assert answer.status_code == 200 and "result" in messages(answer)[-1]
     assert direct_requests(bastion) == before
+
+
+@pytest.mark.parametrize(
+    ("trusted", "recorded"), [("127.0.0.1", "203.0.113.9"), ("10.9.9.9", "127.0.0.1")]
+)
+def test_with_proxy_headers_a_call_is_from_the_address_only_a_trusted_proxy_names(
+    bastion, trusted, recorded
+):
+    """Behind a proxy (``proxy_headers``) calls are still answered from the protocol, by way of
+    uvicorn's own proxy headers middleware: the client is the one a trusted proxy names in
+    X-Forwarded-For; from any other peer that header is not read."""
+    token = bastion.token("sam", "desk")
+    options = connection_limits(bastion.app.state.config, bastion.app)
+    options.update({"proxy_headers": True, "forwarded_allow_ips": trusted})
+    before = direct_requests(bastion)
+    bastion.flush()
+    seen = max((seq for seq, _ in bastion.records.after(0, 100000)), default=0)
+    # The same application (started already), served by a second uvicorn with proxy headers on.
+    with uvicorn_serving(bastion.app, support.free_socket(), lifespan="off", **options) as url:
+        answer = bastion.http.post(
+            f"{url}/mcp/desk",
+            json=search(),
+            headers={
+                **modern_headers(token, "tools/call", "search_customers"),
+                "x-forwarded-for": "203.0.113.9",
+            },
+        )
+    assert answer.status_code == 200 and "result" in messages(answer)[-1]
+    assert direct_requests(bastion) == before + 1
+    bastion.flush()
+    mine = [r for _, r in bastion.records.after(seen, 100000) if r.method == "tools/call"]
+    assert [r.context["client"]["ip"] for r in mine] == [recorded]

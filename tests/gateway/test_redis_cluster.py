@@ -1,4 +1,4 @@
-"""Rate limits shared through a real Redis Cluster (``redis+cluster://``).
+"""Rate limits and behaviour counters shared through a real Redis Cluster (``redis+cluster://``).
 
 The fixture starts three ``redis-server`` nodes in cluster mode on free ports and joins them with
 ``redis-cli --cluster create``. Each node's cluster bus gets a free port of its own too: left to
@@ -6,7 +6,8 @@ itself, a node takes its port + 10000, which falls in the kernel's range for out
 where any connection of the suite may hold it (the node then exits at start). The limits of one
 call (the user's and the agent's) must be counted atomically in one script, which a cluster only
 allows within one hash slot: these tests count across two limiters (two bastion processes) and
-across principals, and check that targets spread.
+across principals, and check that targets spread. Behaviour counts are written by a script too,
+which no node has until it is loaded there: two gateways' counts must reach the cluster.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import pytest
 from bastion.decide.contract import RateLimit
 from bastion.facts.model import Entity
 from bastion.gateway.ratelimit import LimitsUnavailable, RedisRateLimiter
+from bastion.signals.behavior import RedisBehavior, scope_keys
 from tests.conftest import require_program
 from tests.ports import free_port, free_socket
 
@@ -119,6 +121,37 @@ def test_targets_spread_over_the_cluster_but_each_call_stays_in_one_slot(cluster
         slots |= call_slots
     assert len(slots) > 10  # fifty targets do not all land on one node
     asyncio.run(limiter.close())
+
+
+def test_two_gateways_behaviour_counts_reach_the_cluster(cluster):
+    prefix = f"bastion-test-{uuid.uuid4().hex[:12]}"
+    keys = scope_keys("sam", "client-1", 'Tool{"desk/delete_customer"}')
+
+    async def scenario() -> tuple[int, int, int]:
+        # Two bastion processes entering by different nodes; the count script is on no node yet.
+        first = RedisBehavior(f"redis+cluster://127.0.0.1:{cluster[0]}", prefix)
+        second = RedisBehavior(f"redis+cluster://127.0.0.1:{cluster[1]}", prefix)
+        try:
+            for counters in (first, second, first):
+                counters.observe(keys, False, True, 'Tool{"desk/delete_customer"}', "digest")
+                await asyncio.wait(set(counters._pending))
+            reader = RedisBehavior(f"redis+cluster://127.0.0.1:{cluster[2]}", prefix)
+            try:
+                view = reader.view("sam", "client-1", 'Tool{"desk/delete_customer"}')
+                await reader.prepare(view)
+                return (
+                    view["user"]["calls"]["minute"]["count"],
+                    view["agent"]["destructive"]["minute"]["count"],
+                    view["tool"]["targets"]["minute"]["count"],
+                )
+            finally:
+                await reader.close()
+        finally:
+            await first.close()
+            await second.close()
+
+    # Three calls, all destructive, one argument digest for the agent on its target.
+    assert asyncio.run(scenario()) == (3, 3, 1)
 
 
 def test_an_unreachable_cluster_refuses(cluster):

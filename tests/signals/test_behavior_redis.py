@@ -1,23 +1,29 @@
 """Behaviour counters shared through Redis (``gateway.redis_url``): two bastion apps on one
 database count one agent's deletes together, and a gateway whose Redis is unreachable refuses
 the decisions whose rules read ``context.behavior`` (reason ``behavior_unavailable``), and only
-those."""
+those. A message's counts reach Redis in one round trip of scripts run by their digest, and
+still do once the server has lost its scripts (on a Redis Cluster: tests/gateway/test_redis_cluster.py)."""
 
 from __future__ import annotations
 
+import asyncio
+import shutil
+import subprocess
 import time
 import uuid
+from collections.abc import Iterator
 
 import anyio
 import pytest
 from argon2 import PasswordHasher
 
 from bastion.oauth import users
-from bastion.signals.behavior import RedisBehavior
-from tests.conftest import REDIS_URL, require_service
+from bastion.signals.behavior import RedisBehavior, scope_keys
+from tests.conftest import REDIS_URL, require_program, require_service
 from tests.gateway.support import start
 from tests.gateway.test_shared_rate_limits import call_tool
 from tests.oauth.support import free_socket
+from tests.ports import free_port
 
 from .test_behavior import BULK
 
@@ -139,3 +145,120 @@ def test_unreachable_redis_refuses_what_reads_behaviour_and_only_that(tmp_path, 
             ]
             assert rows and rows[-1].result == "deny"
     assert any("behaviour counters cannot be read" in r.getMessage() for r in caplog.records)
+
+
+@pytest.fixture(scope="module")
+def own_redis(tmp_path_factory) -> Iterator[str]:
+    """A Redis server of this module's own, whose command counts no other test adds to."""
+    require_program("redis-server", shutil.which("redis-server") or "/usr/bin/redis-server")
+    import redis
+
+    port = free_port()
+    work = tmp_path_factory.mktemp("own-redis")
+    node = subprocess.Popen(
+        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--dir", str(work)]
+        + ["--save", "", "--appendonly", "no"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"redis://127.0.0.1:{port}/0"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            assert node.poll() is None, f"redis-server exited with {node.returncode}"
+            try:
+                redis.Redis.from_url(url).ping()
+                break
+            except redis.ConnectionError:
+                assert time.monotonic() < deadline, "redis-server never answered"
+                time.sleep(0.05)
+        yield url
+    finally:
+        node.terminate()
+        node.wait(10)
+
+
+def _calls(url: str) -> dict[str, int]:
+    import redis
+
+    client = redis.Redis.from_url(url)
+    try:
+        return {k: v["calls"] for k, v in client.info("commandstats").items()}
+    finally:
+        client.close()
+
+
+def _counted(url: str, flush_between: bool) -> tuple[int, int, dict[str, int]]:
+    """Three messages' counts written, the first to warm up (the script loaded, connections
+    open), the scripts flushed before the third if asked; the agent's calls and bytes for the
+    minute as a reader sees them, and the commands Redis ran for the last two messages' writes
+    (by `INFO commandstats`; the flush and the connections' own handshakes left out)."""
+    import redis
+
+    prefix = f"bastion-test-{uuid.uuid4().hex[:12]}"
+    target = 'Tool{"desk/search"}'
+    keys = scope_keys("sam", "client-1", target)
+
+    async def write(counters: RedisBehavior) -> None:
+        counters.observe(keys, False, False, target, "digest")
+        counters.returned(keys, 100)
+        await asyncio.wait(set(counters._pending))
+
+    async def scenario() -> tuple[int, int, dict[str, int]]:
+        counters = RedisBehavior(url, prefix)
+        try:
+            await write(counters)
+            before = _calls(url)
+            await write(counters)
+            middle = _calls(url)
+            if flush_between:
+                redis.Redis.from_url(url).script_flush()
+            flushed = _calls(url)
+            await write(counters)
+            after = _calls(url)
+            ran = {
+                name: (middle.get(name, 0) - before.get(name, 0))
+                + (after.get(name, 0) - flushed.get(name, 0))
+                for name in after
+            }
+            view = counters.view("sam", "client-1", target)
+            await counters.prepare(view)
+            figures = view["agent"]
+            return figures["calls"]["minute"]["count"], figures["bytes"]["minute"]["count"], ran
+        finally:
+            await counters.close()
+
+    calls, size, ran = asyncio.run(scenario())
+    # INFO is this test's own (one per reading); HELLO and CLIENT SETINFO open a connection.
+    ignored = {"cmdstat_info", "cmdstat_hello", "cmdstat_client|setinfo", "cmdstat_ping"}
+    return calls, size, {k: n for k, n in ran.items() if n and k not in ignored}
+
+
+def test_a_messages_counts_are_scripts_run_by_digest_in_one_round_trip(own_redis):
+    calls, size, ran = _counted(own_redis, flush_between=False)
+    assert (calls, size) == (3, 300)
+    # Two messages, each written twice (decided, then its result returned), three keys each:
+    # twelve script runs by digest, and no other command sent by the client (a pipeline given
+    # the script itself asks the server whether it has it: one more round trip each time).
+    sent = {name: n for name, n in ran.items() if not _inside_script(name)}
+    assert sent == {"cmdstat_evalsha": 12}
+
+
+def test_counts_reach_a_server_that_lost_its_scripts(own_redis):
+    calls, size, ran = _counted(own_redis, flush_between=True)
+    # Nothing lost: refused for want of the script, it was loaded and the calls sent again.
+    assert (calls, size) == (3, 300)
+    assert ran.get("cmdstat_script|load", 0) >= 1
+    assert ran["cmdstat_evalsha"] > 12
+
+
+def _inside_script(name: str) -> bool:
+    """Commands the count script runs on the server (which Redis counts as well)."""
+    return name in {
+        "cmdstat_hget",
+        "cmdstat_hincrby",
+        "cmdstat_hsetnx",
+        "cmdstat_expire",
+        "cmdstat_sadd",
+        "cmdstat_scard",
+    }
