@@ -8,6 +8,7 @@ from __future__ import annotations
 import threading
 import time
 
+from bastion.policy.parser import parse_fact
 from tests.gateway.streams import messages, modern_headers, modern_request
 from tests.gateway.support import start
 
@@ -37,7 +38,10 @@ def test_a_message_waits_for_a_fact_change_its_process_heard_of(tmp_path):
 
         replica.store.changes_since = slow_read
         try:
-            # As a commit's notice (PostgreSQL) sets it; the log is not read meanwhile.
+            # A change committed (by another process, say), and heard of as a commit's notice
+            # (PostgreSQL) is; the log is not read meanwhile. Without the commit, SQLite's
+            # data_version would rightly confirm the replica current without reading the log.
+            bastion.store.apply([parse_fact('has_role(User{"kim"}, "member", Team{"support"})')])
             replica.noticed = time.monotonic()
             refused = call(bastion, token)
             assert refused["error"]["data"]["reason"] == "facts_stale", refused
