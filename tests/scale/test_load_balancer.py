@@ -2,7 +2,8 @@
 (round robin), used by the official MCP SDK client through the load balancer. Whichever replica
 answers, a call is decided and recorded the same; a rate limit is counted once; a fact changed,
 or a grant revoked, through one replica is enforced by the other on its next call; an approval
-asked through one is found and answered through the other. 2025-11-25 sessions live in the replica that opened them:
+asked through one is found and answered through the other, and a result held for review by one
+is reviewed and released through the other. 2025-11-25 sessions live in the replica that opened them:
 the other answers 404, so HAProxy routes by `Mcp-Session-Id` (docs/operations.md)."""
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ from .balancer import REPLICA_HEADER, Deployment, deployment
 SEARCH = ("search_customers", {"query": "a"})
 EMAIL = ("send_email", {"to": "a@example.com", "subject": "s", "body": "b"})
 DELETE = ("delete_customer", {"customer_id": "c-101"})
+NOTES = "customers://audit-notes"
+NOTES_TEXT = "2026-01-12: exported customer list for the yearly review."
 
 
 @pytest.fixture(autouse=True)
@@ -308,6 +311,58 @@ def test_an_approval_asked_through_one_replica_is_answered_through_the_other(lb)
 
     avery.run(script, mode="auto")
     assert {r for _, r, _ in avery.calls} == {"a", "b"}
+
+
+def test_a_result_held_for_review_through_one_replica_is_released_by_the_other(lb):
+    """sam's reading of the internal notes is held for review by the replica that served it; the
+    other shows the held result to the reviewer, takes the release, and delivers it once without
+    asking the upstream again. The next reading is held anew."""
+    sam = Agent(lb, "sam")
+
+    async def sign_in(client, seen):
+        assert await sam.call(client, SEARCH) == "ok"
+
+    sam.run(sign_in)
+    token = sam.storage.tokens.access_token
+
+    def upstream_reads() -> int:
+        return sum(
+            1
+            for m in lb.recorder.messages()
+            if m.get("method") == "resources/read" and m.get("params", {}).get("uri") == NOTES
+        )
+
+    with httpx.Client(timeout=20) as http:
+
+        def read(base: str) -> tuple[str, dict]:
+            response = http.post(
+                f"{base}/mcp/deskhttp",
+                json=modern_request(1, "resources/read", {"uri": NOTES}),
+                headers=modern_headers(token, "resources/read", NOTES),
+            )
+            assert response.status_code == 200, response.text
+            return response.headers.get(REPLICA_HEADER, ""), response.json()
+
+        held_on, answer = read(lb.url)
+        held = answer["error"]["data"]
+        assert held["reason"] == "review_pending"
+        assert upstream_reads() == 1
+        other = "b" if held_on == "a" else "a"
+        path = f"/v1/approvals/{held['approval_id']}"
+        shown = lb.admin.get(f"{lb.replicas[other]}{path}", params={"reviewer": "avery"})
+        assert shown.status_code == 200, shown.text
+        assert shown.json()["kind"] == "review" and shown.json()["status"] == "pending"
+        assert NOTES_TEXT in json.dumps(shown.json()["result"])
+        released = lb.admin_post(other, f"{path}/approve", {"approver": "avery", "reason": "ok"})
+        assert released.status_code == 200, released.text
+        _, answer = read(lb.replicas[other])
+        assert answer["result"]["contents"][0]["text"] == NOTES_TEXT
+        assert upstream_reads() == 1  # delivered from the store, not read again
+        assert lb.admin.get(f"{lb.replicas[held_on]}{path}").json()["status"] == "delivered"
+        _, again = read(lb.url)
+        assert again["error"]["data"]["reason"] == "review_pending"
+        assert again["error"]["data"]["approval_id"] != held["approval_id"]
+    assert upstream_reads() == 2
 
 
 def test_a_2025_11_25_session_is_not_found_on_the_other_replica(lb):
