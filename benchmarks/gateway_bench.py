@@ -10,7 +10,9 @@ The upstream is the quickstart's MCP server (official SDK) in its own process; b
 masked). Clients are concurrent asyncio tasks in this process, speaking MCP 2026-07-28 (one POST
 per call, no session). Rounds alternate direct and gateway so drift hits both alike. Prints the
 median and p99 latency of each path, the added latency, the throughput ratio, and the CPU time
-bastion and the upstream spent per call (from /proc: steadier than latency on a shared machine).
+bastion and the upstream spent per call (from /proc: steadier than latency on a shared machine),
+and how long per call the upstream's threads were ready to run but had no CPU (its run-queue
+wait, from /proc's schedstat: on two shared cores, the CPU the other processes took from it).
 With ``--chain``, a third path calls through the gateway with a delegated token (RFC 8693 token
 exchange): a chain of three principals (the user, their agent, a sub-agent), each decided on
 every call, against the plain token's two. With ``--floor``, another path calls through a bare
@@ -258,6 +260,19 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def waited_seconds(pid: int) -> float:
+    """Time the threads of a process now running have spent ready to run but without a CPU
+    (Linux ``/proc/<pid>/task/*/schedstat``, its second field; 0 elsewhere). A thread that
+    ended between two readings takes its share with it."""
+    total = 0
+    for task in Path(f"/proc/{pid}/task").glob("*/schedstat"):
+        try:
+            total += int(task.read_text().split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+    return total / 1e9
+
+
 def p(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
@@ -472,11 +487,21 @@ def main() -> None:
         for _ in range(args.rounds):
             for name, (url, headers) in paths.items():
                 proxy = proxies[name].pid
-                before = (cpu_seconds(proxy), cpu_seconds(upstream.pid), time.process_time())
+                before = (
+                    cpu_seconds(proxy),
+                    cpu_seconds(upstream.pid),
+                    time.process_time(),
+                    waited_seconds(upstream.pid),
+                )
                 latencies, throughput = uvloop.run(
                     run_load(url, headers, args.clients, args.requests)
                 )
-                after = (cpu_seconds(proxy), cpu_seconds(upstream.pid), time.process_time())
+                after = (
+                    cpu_seconds(proxy),
+                    cpu_seconds(upstream.pid),
+                    time.process_time(),
+                    waited_seconds(upstream.pid),
+                )
                 results[name]["lat"] += latencies
                 results[name]["tput"].append(throughput)
                 results[name]["cpu"].append([b - a for a, b in zip(before, after, strict=True)])
@@ -491,6 +516,7 @@ def main() -> None:
     print(
         f"{'path':<8} {'median ms':>10} {'p99 ms':>8} {'calls/s':>9}"
         f" {'bastion CPU us/call':>20} {'upstream CPU us/call':>21} {'client CPU us/call':>19}"
+        f" {'upstream waited us/call':>24}"
     )
     summary = {}
     calls = args.rounds * args.requests
@@ -498,13 +524,14 @@ def main() -> None:
         median = statistics.median(data["lat"]) * 1000
         p99 = p(data["lat"], 0.99) * 1000
         tput = statistics.median(data["tput"])
-        server_cpu, upstream_cpu, client_cpu = (
-            sum(c[i] for c in data["cpu"]) / calls * 1e6 for i in (0, 1, 2)
+        server_cpu, upstream_cpu, client_cpu, upstream_waited = (
+            sum(c[i] for c in data["cpu"]) / calls * 1e6 for i in (0, 1, 2, 3)
         )
         summary[name] = (median, p99, tput)
         print(
             f"{name:<8} {median:>10.3f} {p99:>8.3f} {tput:>9.0f}"
             f" {server_cpu:>20.0f} {upstream_cpu:>21.0f} {client_cpu:>19.0f}"
+            f" {upstream_waited:>24.0f}"
         )
     d, g = summary["direct"], summary["gateway"]
     print(f"added latency: median {g[0] - d[0]:.3f} ms, p99 {g[1] - d[1]:.3f} ms")
