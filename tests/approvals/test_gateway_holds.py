@@ -68,22 +68,6 @@ def waiting(tmp_path_factory):
     yield from _start(tmp_path_factory, "holds-waiting", {"wait_seconds": 4})
 
 
-def upstream_calls(bastion, tool: str) -> int:
-    return sum(
-        1
-        for m in bastion.recorder.messages()
-        if m.get("method") == "tools/call" and m.get("params", {}).get("name") == tool
-    )
-
-
-def upstream_reads(bastion, uri: str) -> int:
-    return sum(
-        1
-        for m in bastion.recorder.messages()
-        if m.get("method") == "resources/read" and m.get("params", {}).get("uri") == uri
-    )
-
-
 async def attempt(client, seen, key, tool, arguments):
     try:
         result = await client.call_tool(tool, arguments)
@@ -108,13 +92,15 @@ def last_error(seen, key="calls") -> dict:
 @pytest.mark.parametrize("mode", ERAS)
 def test_a_held_call_goes_through_once_approved_and_only_once(bastion, mode):
     email = {**EMAIL, "subject": f"once {mode}"}
-    before = upstream_calls(bastion, "send_email")
+    before = bastion.recorder.count("tools/call", name="send_email")
 
     async def script(client, seen):
         await attempt(client, seen, "calls", "send_email", email)
         data = last_error(seen)
         seen["held"] = data
-        seen["ran_before_approval"] = upstream_calls(bastion, "send_email") - before
+        seen["ran_before_approval"] = (
+            bastion.recorder.count("tools/call", name="send_email") - before
+        )
         approvals(bastion).answer(data["approval_id"], "avery", "approve", channel="api")
         await attempt(client, seen, "calls", "send_email", email)  # goes through
         await attempt(client, seen, "calls", "send_email", email)  # a replay: held anew
@@ -129,7 +115,7 @@ def test_a_held_call_goes_through_once_approved_and_only_once(bastion, mode):
     assert ok == "ok" and "ada@example.com" in text
     assert (code, replay["reason"]) == (-32008, "approval_pending")
     assert replay["approval_id"] != data["approval_id"]
-    assert upstream_calls(bastion, "send_email") == before + 1
+    assert bastion.recorder.count("tools/call", name="send_email") == before + 1
     used = approvals(bastion).get(data["approval_id"])
     assert used.status == "used"
     assert used.subject == "sam" and used.approvers == ("avery",)
@@ -153,14 +139,14 @@ def test_an_approval_does_not_cover_other_arguments(bastion, mode):
         await attempt(client, seen, "calls", "send_email", email)
         seen["held"] = last_error(seen)
         approvals(bastion).answer(seen["held"]["approval_id"], "avery", "approve", channel="api")
-        seen["before"] = upstream_calls(bastion, "send_email")
+        seen["before"] = bastion.recorder.count("tools/call", name="send_email")
         await attempt(client, seen, "calls", "send_email", {**email, "to": "eve@example.com"})
 
     seen = bastion.sdk("sam", "deskhttp", mode, script)
     other = last_error(seen)
     assert other["reason"] == "approval_pending"
     assert other["approval_id"] != seen["held"]["approval_id"]
-    assert upstream_calls(bastion, "send_email") == seen["before"]
+    assert bastion.recorder.count("tools/call", name="send_email") == seen["before"]
     assert approvals(bastion).get(seen["held"]["approval_id"]).status == "approved"  # unused
 
 
@@ -208,7 +194,7 @@ def test_an_expired_request_is_refused_then_asked_anew(bastion):
 
 def test_two_identical_pending_calls_share_one_request_and_one_of_them_goes_through(bastion):
     email = {**EMAIL, "subject": "twice"}
-    before = upstream_calls(bastion, "send_email")
+    before = bastion.recorder.count("tools/call", name="send_email")
 
     async def script(client, seen):
         await attempt(client, seen, "first", "send_email", email)
@@ -223,7 +209,7 @@ def test_two_identical_pending_calls_share_one_request_and_one_of_them_goes_thro
     (_, _, a), (_, _, b) = seen["first"]
     assert a["approval_id"] == b["approval_id"]
     assert [s[0] for s in seen["then"]] == ["ok", "error"]
-    assert upstream_calls(bastion, "send_email") == before + 1
+    assert bastion.recorder.count("tools/call", name="send_email") == before + 1
 
 
 def test_the_agent_and_other_users_cannot_approve(bastion):
@@ -263,11 +249,11 @@ def test_an_approval_for_minutes_lets_the_tool_run_with_any_arguments_until_revo
     [grant] = list(bastion.store.get(("approval_grant", None, None, None, None)))
     assert grant.expires_at == pytest.approx(time.time() + 600, abs=30)
     caught_up(bastion)
-    before = upstream_calls(bastion, "send_email")
+    before = bastion.recorder.count("tools/call", name="send_email")
     for subject in ("first", "second"):
         answer = raw_call(bastion, token, {**EMAIL, "subject": subject})
         assert "result" in answer, answer
-    assert upstream_calls(bastion, "send_email") == before + 2
+    assert bastion.recorder.count("tools/call", name="send_email") == before + 2
     # Another agent of the same user is not covered.
     other = raw_call(bastion, bastion.token("sam", "deskhttp"), {**EMAIL, "subject": "other"})
     assert other["error"]["data"]["reason"] == "approval_pending"
@@ -297,7 +283,7 @@ def test_the_decision_made_with_an_approval_can_still_ask_for_a_recent_sign_in(b
     recent = {"query": "recent"}
     held = raw_call(bastion, token, recent, tool="search_customers")["error"]["data"]
     approvals(bastion).answer(held["approval_id"], "sam", "approve", channel="api")
-    before = upstream_calls(bastion, "search_customers")
+    before = bastion.recorder.count("tools/call", name="search_customers")
     response = bastion.http.post(
         bastion.mcp_url("deskhttp"),
         json=modern_request(1, "tools/call", {"name": "search_customers", "arguments": recent}),
@@ -306,7 +292,7 @@ def test_the_decision_made_with_an_approval_can_still_ask_for_a_recent_sign_in(b
     assert response.status_code == 401, response.text
     challenge = response.headers["www-authenticate"]
     assert "insufficient_user_authentication" in challenge and 'max_age="0"' in challenge
-    assert upstream_calls(bastion, "search_customers") == before
+    assert bastion.recorder.count("tools/call", name="search_customers") == before
     assert approvals(bastion).get(held["approval_id"]).status == "approved"
 
 
@@ -412,10 +398,10 @@ def read(bastion, token, uri="customers://plans"):
 
 def test_a_result_held_for_review_is_released_once_without_a_second_upstream_call(bastion):
     token = bastion.token("sam", "deskhttp")
-    before = upstream_reads(bastion, "customers://plans")
+    before = bastion.recorder.count("resources/read", uri="customers://plans")
     held = read(bastion, token)["error"]["data"]
     assert held["reason"] == "review_pending"
-    assert upstream_reads(bastion, "customers://plans") == before + 1
+    assert bastion.recorder.count("resources/read", uri="customers://plans") == before + 1
     assert read(bastion, token)["error"]["data"]["approval_id"] == held["approval_id"]
     request = approvals(bastion).get(held["approval_id"])
     assert request.kind == "review" and request.approvers == ("avery",)
@@ -423,7 +409,8 @@ def test_a_result_held_for_review_is_released_once_without_a_second_upstream_cal
     approvals(bastion).answer(held["approval_id"], "avery", "approve", channel="api")
     released = read(bastion, token)
     assert "enterprise" in released["result"]["contents"][0]["text"]
-    assert upstream_reads(bastion, "customers://plans") == before + 1  # not asked again
+    # Not asked again.
+    assert bastion.recorder.count("resources/read", uri="customers://plans") == before + 1
     delivered = approvals(bastion).get(held["approval_id"])
     assert delivered.status == "delivered"
     assert approvals(bastion).held_result(delivered) is None  # deleted once delivered

@@ -215,6 +215,16 @@ class Recorder:
                     found.append({"unparsed": r["body"]})
         return found
 
+    def count(self, method: str, **params: str) -> int:
+        """How many messages of ``method`` whose params hold each of ``params`` reached the
+        upstream: ``count("tools/call", name="send_email")``."""
+        return sum(
+            1
+            for m in self.messages()
+            if m.get("method") == method
+            and all(m.get("params", {}).get(key) == value for key, value in params.items())
+        )
+
 
 def test_policy() -> str:
     """The quickstart policy with business hours taken out, so tests do not depend on the clock."""

@@ -325,13 +325,6 @@ def test_a_result_held_for_review_through_one_replica_is_released_by_the_other(l
     sam.run(sign_in)
     token = sam.storage.tokens.access_token
 
-    def upstream_reads() -> int:
-        return sum(
-            1
-            for m in lb.recorder.messages()
-            if m.get("method") == "resources/read" and m.get("params", {}).get("uri") == NOTES
-        )
-
     with httpx.Client(timeout=20) as http:
 
         def read(base: str) -> tuple[str, dict]:
@@ -347,7 +340,7 @@ def test_a_result_held_for_review_through_one_replica_is_released_by_the_other(l
         held_on, answer = read(lb.url)
         held = answer["error"]["data"]
         assert held["reason"] == "review_pending"
-        assert upstream_reads() == 1
+        assert lb.recorder.count("resources/read", uri=NOTES) == 1
         other = "b" if held_on == "a" else "a"
         path = f"/v1/approvals/{held['approval_id']}"
         shown = lb.admin.get(f"{lb.replicas[other]}{path}", params={"reviewer": "avery"})
@@ -358,12 +351,13 @@ def test_a_result_held_for_review_through_one_replica_is_released_by_the_other(l
         assert released.status_code == 200, released.text
         _, answer = read(lb.replicas[other])
         assert answer["result"]["contents"][0]["text"] == NOTES_TEXT
-        assert upstream_reads() == 1  # delivered from the store, not read again
+        # Delivered from the store, not read again.
+        assert lb.recorder.count("resources/read", uri=NOTES) == 1
         assert lb.admin.get(f"{lb.replicas[held_on]}{path}").json()["status"] == "delivered"
         _, again = read(lb.url)
         assert again["error"]["data"]["reason"] == "review_pending"
         assert again["error"]["data"]["approval_id"] != held["approval_id"]
-    assert upstream_reads() == 2
+    assert lb.recorder.count("resources/read", uri=NOTES) == 2
 
 
 def test_a_2025_11_25_session_is_not_found_on_the_other_replica(lb):
