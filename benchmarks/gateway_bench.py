@@ -12,7 +12,7 @@ per call, no session). Rounds alternate direct and gateway so drift hits both al
 median and p99 latency of each path, the added latency, the throughput ratio, and the CPU time
 bastion and the upstream spent per call (from /proc: steadier than latency on a shared machine),
 and how long per call the upstream's threads were ready to run but had no CPU (its run-queue
-wait, from /proc's schedstat: on two shared cores, the CPU the other processes took from it).
+wait, from /proc's schedstat: on two shared cores, the CPU other threads held meanwhile).
 With ``--chain``, a third path calls through the gateway with a delegated token (RFC 8693 token
 exchange): a chain of three principals (the user, their agent, a sub-agent), each decided on
 every call, against the plain token's two. With ``--floor``, another path calls through a bare
