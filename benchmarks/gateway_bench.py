@@ -11,8 +11,9 @@ masked). Clients are concurrent asyncio tasks in this process, speaking MCP 2026
 per call, no session). Rounds alternate direct and gateway so drift hits both alike. Prints the
 median and p99 latency of each path, the added latency, the throughput ratio, and the CPU time
 bastion and the upstream spent per call (from /proc: steadier than latency on a shared machine),
-and how long per call the upstream's threads were ready to run but had no CPU (its run-queue
-wait, from /proc's schedstat: on two shared cores, the CPU other threads held meanwhile).
+and how long per call the upstream's and bastion's threads were ready to run but had no CPU
+(their run-queue wait, from /proc's schedstat: on two shared cores, the CPU other threads held
+meanwhile; the floor's in bastion's column on its path).
 With ``--chain``, a third path calls through the gateway with a delegated token (RFC 8693 token
 exchange): a chain of three principals (the user, their agent, a sub-agent), each decided on
 every call, against the plain token's two. With ``--floor``, another path calls through a bare
@@ -492,6 +493,7 @@ def main() -> None:
                     cpu_seconds(upstream.pid),
                     time.process_time(),
                     waited_seconds(upstream.pid),
+                    waited_seconds(proxy),
                 )
                 latencies, throughput = uvloop.run(
                     run_load(url, headers, args.clients, args.requests)
@@ -501,6 +503,7 @@ def main() -> None:
                     cpu_seconds(upstream.pid),
                     time.process_time(),
                     waited_seconds(upstream.pid),
+                    waited_seconds(proxy),
                 )
                 results[name]["lat"] += latencies
                 results[name]["tput"].append(throughput)
@@ -516,7 +519,7 @@ def main() -> None:
     print(
         f"{'path':<8} {'median ms':>10} {'p99 ms':>8} {'calls/s':>9}"
         f" {'bastion CPU us/call':>20} {'upstream CPU us/call':>21} {'client CPU us/call':>19}"
-        f" {'upstream waited us/call':>24}"
+        f" {'upstream waited us/call':>24} {'bastion waited us/call':>23}"
     )
     summary = {}
     calls = args.rounds * args.requests
@@ -524,14 +527,14 @@ def main() -> None:
         median = statistics.median(data["lat"]) * 1000
         p99 = p(data["lat"], 0.99) * 1000
         tput = statistics.median(data["tput"])
-        server_cpu, upstream_cpu, client_cpu, upstream_waited = (
-            sum(c[i] for c in data["cpu"]) / calls * 1e6 for i in (0, 1, 2, 3)
+        server_cpu, upstream_cpu, client_cpu, upstream_waited, server_waited = (
+            sum(c[i] for c in data["cpu"]) / calls * 1e6 for i in range(5)
         )
         summary[name] = (median, p99, tput)
         print(
             f"{name:<8} {median:>10.3f} {p99:>8.3f} {tput:>9.0f}"
             f" {server_cpu:>20.0f} {upstream_cpu:>21.0f} {client_cpu:>19.0f}"
-            f" {upstream_waited:>24.0f}"
+            f" {upstream_waited:>24.0f} {server_waited:>23.0f}"
         )
     d, g = summary["direct"], summary["gateway"]
     print(f"added latency: median {g[0] - d[0]:.3f} ms, p99 {g[1] - d[1]:.3f} ms")
