@@ -274,6 +274,18 @@ def waited_seconds(pid: int) -> float:
     return total / 1e9
 
 
+def times(proxy: int, upstream: int) -> tuple[float, ...]:
+    """The seconds so far, in the order the summary reads them: the proxy's CPU, the upstream's
+    CPU, this process's CPU (the clients'), the upstream's run-queue wait, the proxy's."""
+    return (
+        cpu_seconds(proxy),
+        cpu_seconds(upstream),
+        time.process_time(),
+        waited_seconds(upstream),
+        waited_seconds(proxy),
+    )
+
+
 def p(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
@@ -488,23 +500,11 @@ def main() -> None:
         for _ in range(args.rounds):
             for name, (url, headers) in paths.items():
                 proxy = proxies[name].pid
-                before = (
-                    cpu_seconds(proxy),
-                    cpu_seconds(upstream.pid),
-                    time.process_time(),
-                    waited_seconds(upstream.pid),
-                    waited_seconds(proxy),
-                )
+                before = times(proxy, upstream.pid)
                 latencies, throughput = uvloop.run(
                     run_load(url, headers, args.clients, args.requests)
                 )
-                after = (
-                    cpu_seconds(proxy),
-                    cpu_seconds(upstream.pid),
-                    time.process_time(),
-                    waited_seconds(upstream.pid),
-                    waited_seconds(proxy),
-                )
+                after = times(proxy, upstream.pid)
                 results[name]["lat"] += latencies
                 results[name]["tput"].append(throughput)
                 results[name]["cpu"].append([b - a for a, b in zip(before, after, strict=True)])
