@@ -3,7 +3,7 @@ Streamable HTTP and through bastion's gateway to that same upstream, in one run.
 
     .venv/bin/python benchmarks/gateway_bench.py [--clients 4] [--requests 1500] [--rounds 3] [--chain]
         [--floor] [--session shared|per_user|per_client_session] [--records N]
-        [--python PATH] [--proxy-headers]
+        [--python PATH] [--proxy-headers] [--pin]
 
 The upstream is the quickstart's MCP server (official SDK) in its own process; bastion runs
 ``bastion serve`` in another, with the quickstart policy (the support agent's search, with emails
@@ -28,6 +28,9 @@ another environment where bastion is installed (with ``PYTHONPATH`` set to the t
 code), to compare interpreters: the upstream and the clients stay on this one.
 ``--proxy-headers`` configures bastion as behind a reverse proxy or a load balancer
 (``proxy_headers``, the clients' loopback address trusted to name the client).
+``--pin`` (Linux) gives the upstream the first CPU this process may use and bastion, the floor
+and the clients the others, on every path alike (an upstream and bastion on one machine set
+apart, as `taskset` or a container's CPU set would): without it the kernel places them.
 """
 
 from __future__ import annotations
@@ -448,6 +451,11 @@ def main() -> None:
         help="bastion behind a reverse proxy: proxy_headers on, the clients' loopback trusted"
         " (forwarded_allow_ips), as a deployment behind a load balancer is configured",
     )
+    parser.add_argument(
+        "--pin",
+        action="store_true",
+        help="the upstream on the first CPU, bastion, the floor and the clients on the others",
+    )
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="bastion-gateway-bench-"))
@@ -460,7 +468,14 @@ def main() -> None:
     )
     base, upstream_url = bench.base, bench.upstream_url
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    cpus = sorted(os.sched_getaffinity(0)) if args.pin else []
+    if args.pin:
+        if len(cpus) < 2:
+            raise SystemExit("--pin needs two CPUs or more")
+        os.sched_setaffinity(0, cpus[:1])  # the upstream inherits it
     upstream = start_upstream(bench.upstream_port, env)
+    if args.pin:
+        os.sched_setaffinity(0, cpus[1:])  # bastion, the floor and the clients
     server = start_bastion(bench.config, env, args.python)
     floor = None
     if args.floor:
@@ -515,6 +530,7 @@ def main() -> None:
         f"gateway benchmark: tools/call search_customers, {args.clients} concurrent clients,"
         f" {args.rounds} rounds x {args.requests} calls per path, MCP 2026-07-28 over HTTP,"
         f" upstream session {args.session}"
+        + (f", upstream on CPU {cpus[0]}, the rest on {cpus[1:]}" if args.pin else "")
     )
     print(
         f"{'path':<8} {'median ms':>10} {'p99 ms':>8} {'calls/s':>9}"
