@@ -46,6 +46,12 @@ _MIGRATIONS = [
 BUFFER_RECORDS = 100_000
 # Records deleted per statement when pruning, so other writers wait little for the connection.
 PRUNE_BATCH = 5000
+# A flush builds and encodes its records holding the GIL; the event loop's thread, wanting it
+# meanwhile, got it only when the interpreter forced a switch (every 5 ms): under load a call could
+# wait that long once in each flush. So a flush works in turns of about `TURN` seconds, with a
+# `PAUSE` (seconds) between two, long enough for a thread woken by the release to take the GIL.
+TURN = 0.0003
+PAUSE = 0.0001
 
 # How the `result` column reads: allow, deny, step_up, rate_limited, held, error.
 RESULTS = ("allow", "deny", "step_up", "rate_limited", "held", "error")
@@ -140,6 +146,43 @@ canonical_json = encoder(**_CANONICAL)
 _encode = encoder(**_CANONICAL)
 
 
+def in_turns(make: Callable[[Any], Any], items: list) -> list:
+    """``[make(item) for item in items]``, pausing `PAUSE` seconds whenever `TURN` seconds have
+    gone by since the last pause: for a thread beside the event loop's, so that the loop waits
+    for the GIL about one turn at most (or one ``make``, if that takes longer)."""
+    made = []
+    clock = time.perf_counter
+    turn_ends = clock() + TURN
+    for item in items:
+        made.append(make(item))
+        if clock() >= turn_ends:
+            time.sleep(PAUSE)
+            turn_ends = clock() + TURN
+    return made
+
+
+def _explained(pending: tuple[DecisionRecord, Callable | None]) -> DecisionRecord:
+    """A buffered record with its deciding rules, if they were left to be worked out now."""
+    record, rules = pending
+    return record if rules is None else replace(record, rules=rules())
+
+
+def _row(r: DecisionRecord) -> tuple:
+    """A record's row of ``audit_decisions``. Its fields (``vars``) encode as its `to_dict`
+    does: a tuple is a JSON array."""
+    return (
+        r.id,
+        r.at,
+        r.server,
+        r.method,
+        r.target,
+        _encode(r.principals),
+        r.result,
+        r.arguments_digest,
+        _encode(vars(r)),
+    )
+
+
 class DecisionRecords:
     """Appends and reads decision records. `add` only buffers; `flush` writes.
 
@@ -180,10 +223,7 @@ class DecisionRecords:
         self._report_dropped()
         if not pending:
             return 0
-        batch = [
-            replace(record, rules=rules()) if rules is not None else record
-            for record, rules in pending
-        ]
+        batch = in_turns(_explained, pending)
         try:
             self._write(batch)
         except BaseException:
@@ -209,21 +249,7 @@ class DecisionRecords:
             self._dropped_logged = dropped
 
     def _write(self, batch: list[DecisionRecord]) -> None:
-        # A record's fields (``vars``) encode as its `to_dict` does: a tuple is a JSON array.
-        rows = [
-            (
-                r.id,
-                r.at,
-                r.server,
-                r.method,
-                r.target,
-                _encode(r.principals),
-                r.result,
-                r.arguments_digest,
-                _encode(vars(r)),
-            )
-            for r in batch
-        ]
+        rows = in_turns(_row, batch)
         with self.db.transaction():
             # Sequences give `audit tail` a total order; writers are serialised to assign them.
             if self.db.is_postgres:

@@ -102,6 +102,31 @@ def test_a_record_is_stored_as_the_canonical_json_of_its_fields(tmp_path):
     assert records.get(made[0].id).context["behavior"] == json.loads(REFERENCE(view))
 
 
+def test_a_flush_in_turns_writes_what_a_flush_in_one_turn_writes(tmp_path, monkeypatch):
+    """A flush pauses whenever a turn's time is up, so that the event loop's thread gets the GIL;
+    the records it writes, in their order, with the rules worked out at write time, are those a
+    flush without a pause writes."""
+    pauses: list[float] = []
+    monkeypatch.setattr(decisions.time, "sleep", pauses.append)
+
+    def flushed(turn: float) -> list[tuple[int, dict]]:
+        monkeypatch.setattr(decisions, "TURN", turn)
+        records = DecisionRecords(Database(str(tmp_path / f"{turn}.db")))
+        for i in range(40):
+            record = DecisionRecord(f"d{i}", float(i), "desk", "tools/call", "T", ("U",), "allow")
+            records.add(record, (lambda i=i: (f"rule {i}",)) if i % 3 else None)
+        assert records.flush() == 40
+        return [(seq, record.to_dict()) for seq, record in records.after(0)]
+
+    whole = flushed(3600.0)
+    assert pauses == []
+    # A turn over after every record: a pause after each, working out the rules and encoding.
+    assert flushed(0.0) == whole
+    assert pauses == [decisions.PAUSE] * 80
+    assert [seq for seq, _ in whole] == list(range(1, 41))
+    assert [r["rules"] for _, r in whole[:3]] == [[], ["rule 1"], ["rule 2"]]
+
+
 def test_decision_ids_are_uuid7_hex_in_the_order_they_are_made(monkeypatch):
     made = []
     for _ in range(1000):
