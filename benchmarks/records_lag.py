@@ -24,6 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from gateway_bench import p  # noqa: E402
 from records_bench import add  # noqa: E402
 
 from bastion.audit.decisions import DecisionRecords  # noqa: E402
@@ -66,15 +67,11 @@ def main() -> None:
     args = parser.parse_args()
     for batch in (args.batch, 0):
         late, walls = lateness(batch, args.flushes, args.every)
-        late.sort()
-
-        def q(p: float, late: list[float] = late) -> float:
-            return late[min(len(late) - 1, int(p * len(late)))]
-
         print(
             f"{batch:>5} records per flush: flush {statistics.median(walls):.2f} ms (median);"
-            f" the loop's lateness: median {q(0.5):.3f}, p99 {q(0.99):.3f}, p99.9 {q(0.999):.3f},"
-            f" max {late[-1]:.3f} ms; over 2 ms {sum(x > 2 for x in late)} of {len(late)}"
+            f" the loop's lateness: median {p(late, 0.5):.3f}, p99 {p(late, 0.99):.3f},"
+            f" p99.9 {p(late, 0.999):.3f}, max {max(late):.3f} ms;"
+            f" over 2 ms {sum(x > 2 for x in late)} of {len(late)}"
         )
 
 
