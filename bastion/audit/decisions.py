@@ -197,6 +197,9 @@ class DecisionRecords:
         db.migrate("audit_decisions", _MIGRATIONS)
         self._buffer: deque[tuple[DecisionRecord, Callable | None]] = deque()
         self._lock = threading.Lock()
+        # Held through a whole flush: a flush that finds another under way waits for it, so that
+        # what was buffered before a flush began is written (or back in the buffer) when it returns.
+        self._flushing = threading.Lock()
         self.dropped = 0
         self._dropped_logged = 0
 
@@ -217,7 +220,12 @@ class DecisionRecords:
         return len(self._buffer)
 
     def flush(self) -> int:
-        """Write every buffered record; on failure keep them for the next flush, and raise."""
+        """Write every buffered record; on failure keep them for the next flush, and raise. A
+        flush under way in another thread (the record writer's) is waited for first."""
+        with self._flushing:
+            return self._flush()
+
+    def _flush(self) -> int:
         with self._lock:
             pending, self._buffer = list(self._buffer), deque()
         self._report_dropped()

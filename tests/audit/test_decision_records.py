@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import threading
 import time
 import uuid
 from datetime import UTC, datetime
@@ -125,6 +126,32 @@ def test_a_flush_in_turns_writes_what_a_flush_in_one_turn_writes(tmp_path, monke
     assert pauses == [decisions.PAUSE] * 80
     assert [seq for seq, _ in whole] == list(range(1, 41))
     assert [r["rules"] for _, r in whole[:3]] == [[], ["rule 1"], ["rule 2"]]
+
+
+def test_a_flush_waits_for_one_under_way_and_returns_with_every_record_written(
+    tmp_path, monkeypatch
+):
+    """The record writer's flush takes the buffer and pauses between its turns; a flush asked
+    meanwhile (at shutdown, or by a test) finds the buffer empty, and must not return before the
+    records taken are written."""
+    records = DecisionRecords(Database(str(tmp_path / "records.db")))
+    for i in range(3):
+        records.add(DecisionRecord(f"d{i}", float(i), "desk", "tools/call", "T", ("U",), "allow"))
+    monkeypatch.setattr(decisions, "TURN", 0.0)
+    paused, go = threading.Event(), threading.Event()
+
+    def pause(seconds: float) -> None:  # the writer's first pause holds it until `go`
+        paused.set()
+        go.wait()
+
+    monkeypatch.setattr(decisions.time, "sleep", pause)
+    writer = threading.Thread(target=records.flush)
+    writer.start()
+    assert paused.wait(10)
+    threading.Timer(0.2, go.set).start()
+    assert records.flush() == 0  # nothing was left for it: the writer had taken all three
+    assert [r.id for _, r in records.after(0)] == ["d0", "d1", "d2"]
+    writer.join(10)
 
 
 def test_decision_ids_are_uuid7_hex_in_the_order_they_are_made(monkeypatch):
