@@ -31,6 +31,8 @@ def _line(record: DecisionRecord) -> str:
         extra.append(f"reason={record.reason}")
     if record.rules:
         extra.append(f"rules={len(record.rules)}")
+    if record.unexplained:
+        extra.append("unexplained")
     approval = record.obligations.get("approval")
     if isinstance(approval, dict) and approval.get("id"):
         # The request that held this call, or whose approval (or released result) it used:

@@ -92,6 +92,8 @@ class DecisionRecord:
     obligations: dict[str, Any] = field(default_factory=dict)
     reason: str = ""
     latency_us: int = 0
+    # Why ``rules`` is empty where it should not be: working them out at write time failed.
+    unexplained: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         # Field by field, not `dataclasses.asdict`: that deep-copies the context and obligations,
@@ -162,9 +164,16 @@ def in_turns(make: Callable[[Any], Any], items: list) -> list:
 
 
 def _explained(pending: tuple[DecisionRecord, Callable | None]) -> DecisionRecord:
-    """A buffered record with its deciding rules, if they were left to be worked out now."""
+    """A buffered record with its deciding rules, if they were left to be worked out now. If
+    that fails, the record is written all the same, saying why its rules are missing: a
+    decision is never left unrecorded for want of its explanation."""
     record, rules = pending
-    return record if rules is None else replace(record, rules=rules())
+    if rules is None:
+        return record
+    try:
+        return replace(record, rules=rules())
+    except Exception as e:
+        return replace(record, unexplained=f"{type(e).__name__}: {e}"[:500])
 
 
 def _row(r: DecisionRecord) -> tuple:
@@ -231,18 +240,33 @@ class DecisionRecords:
         self._report_dropped()
         if not pending:
             return 0
-        batch = in_turns(_explained, pending)
+        batch = None
         try:
+            batch = in_turns(_explained, pending)
+            self._report_unexplained(batch)
             self._write(batch)
         except BaseException:
+            # Older than anything buffered meanwhile: back at the front (explained, if they were).
+            back = pending if batch is None else [(record, None) for record in batch]
             with self._lock:
-                # Older than anything buffered meanwhile: back at the front, explained already.
-                self._buffer.extendleft((record, None) for record in reversed(batch))
+                self._buffer.extendleft(reversed(back))
                 while len(self._buffer) > self.max_buffer:
                     self._buffer.popleft()
                     self.dropped += 1
             raise
         return len(batch)
+
+    @staticmethod
+    def _report_unexplained(batch: list[DecisionRecord]) -> None:
+        failed = [r for r in batch if r.unexplained]
+        if failed:
+            log.error(
+                "%d decision records written without their rules: working them out failed"
+                " (the first: decision %s, %s)",
+                len(failed),
+                failed[0].id,
+                failed[0].unexplained,
+            )
 
     def _report_dropped(self) -> None:
         dropped = self.dropped

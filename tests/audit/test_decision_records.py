@@ -15,6 +15,7 @@ from itertools import pairwise
 import pytest
 
 from bastion.audit import decisions
+from bastion.audit.commands import _line
 from bastion.audit.decisions import (
     DecisionRecord,
     DecisionRecords,
@@ -152,6 +153,54 @@ def test_a_flush_waits_for_one_under_way_and_returns_with_every_record_written(
     assert records.flush() == 0  # nothing was left for it: the writer had taken all three
     assert [r.id for _, r in records.after(0)] == ["d0", "d1", "d2"]
     writer.join(10)
+
+
+def test_a_record_whose_rules_cannot_be_worked_out_is_written_saying_why(tmp_path, caplog):
+    """An explanation left to the record writer that raises must not cost the flush its records:
+    each is written, the one without its rules saying why, and the failure is logged."""
+    records = DecisionRecords(Database(str(tmp_path / "records.db")))
+
+    def broken() -> tuple[str, ...]:
+        raise RuntimeError("the policy changed under the explanation")
+
+    for i in range(4):
+        record = DecisionRecord(f"d{i}", float(i), "desk", "tools/call", "T", ("U",), "allow")
+        records.add(record, broken if i == 1 else (lambda i=i: (f"rule {i}",)))
+    with caplog.at_level("ERROR", logger="bastion.audit"):
+        assert records.flush() == 4
+    written = {r.id: r for _, r in records.after(0)}
+    assert [written[f"d{i}"].rules for i in range(4)] == [("rule 0",), (), ("rule 2",), ("rule 3",)]
+    assert written["d1"].unexplained == "RuntimeError: the policy changed under the explanation"
+    assert [written[i].unexplained for i in ("d0", "d2", "d3")] == ["", "", ""]
+    assert "1 decision records written without their rules" in caplog.text
+    assert "decision d1, RuntimeError" in caplog.text
+    assert " unexplained " in _line(written["d1"]) and "unexplained" not in _line(written["d0"])
+
+
+def test_a_flush_stopped_while_explaining_keeps_its_records_for_the_next(tmp_path, monkeypatch):
+    """A flush interrupted before it writes (here while working out rules) puts back what it took,
+    in order, still to be explained; the next flush writes all of it."""
+    records = DecisionRecords(Database(str(tmp_path / "records.db")))
+    stop = [True]
+
+    def interrupted() -> tuple[str, ...]:
+        if stop[0]:
+            raise KeyboardInterrupt
+        return ("rule 1",)
+
+    for i in range(3):
+        record = DecisionRecord(f"d{i}", float(i), "desk", "tools/call", "T", ("U",), "allow")
+        records.add(record, interrupted if i == 1 else None)
+    with pytest.raises(KeyboardInterrupt):
+        records.flush()
+    assert records.waiting == 3
+    stop[0] = False
+    assert records.flush() == 3
+    assert [(r.id, r.rules) for _, r in records.after(0)] == [
+        ("d0", ()),
+        ("d1", ("rule 1",)),
+        ("d2", ()),
+    ]
 
 
 def test_decision_ids_are_uuid7_hex_in_the_order_they_are_made(monkeypatch):
