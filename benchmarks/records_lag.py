@@ -19,6 +19,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -31,11 +32,33 @@ from bastion.audit.decisions import DecisionRecords  # noqa: E402
 from bastion.db import Database  # noqa: E402
 
 
+def late_while(work: Callable[[], object]) -> list[float]:
+    """The lateness (ms) of a 1 ms timer on an asyncio loop, each time it fires, while another
+    thread runs ``work``."""
+    done = threading.Event()
+
+    def run() -> None:
+        try:
+            work()
+        finally:
+            done.set()
+
+    async def timer() -> list[float]:
+        late = []
+        threading.Thread(target=run, daemon=True).start()
+        while not done.is_set():
+            started = time.perf_counter()
+            await asyncio.sleep(0.001)
+            late.append((time.perf_counter() - started - 0.001) * 1e3)
+        return late
+
+    return asyncio.run(timer())
+
+
 def lateness(batch: int, flushes: int, every: float) -> tuple[list[float], list[float]]:
     """The timer's lateness (ms) while a thread flushes ``batch`` records ``flushes`` times, and
     each flush's wall time (ms)."""
     records = DecisionRecords(Database(str(Path(tempfile.mkdtemp()) / "bastion.db")))
-    done = threading.Event()
     walls: list[float] = []
 
     def writer() -> None:
@@ -45,18 +68,8 @@ def lateness(batch: int, flushes: int, every: float) -> tuple[list[float], list[
             records.flush()
             walls.append((time.perf_counter() - started) * 1e3)
             time.sleep(every)
-        done.set()
 
-    async def timer() -> list[float]:
-        late = []
-        threading.Thread(target=writer, daemon=True).start()
-        while not done.is_set():
-            started = time.perf_counter()
-            await asyncio.sleep(0.001)
-            late.append((time.perf_counter() - started - 0.001) * 1e3)
-        return late
-
-    return asyncio.run(timer()), walls
+    return late_while(writer), walls
 
 
 def main() -> None:

@@ -22,6 +22,7 @@ from typing import Any
 
 from bastion.db import Database
 from bastion.json_encoding import encoder
+from bastion.turns import in_turns
 
 log = logging.getLogger("bastion.audit")
 
@@ -46,13 +47,6 @@ _MIGRATIONS = [
 BUFFER_RECORDS = 100_000
 # Records deleted per statement when pruning, so other writers wait little for the connection.
 PRUNE_BATCH = 5000
-# A flush builds and encodes its records holding the GIL; the event loop's thread, wanting it
-# meanwhile, got it only when the interpreter forced a switch (every 5 ms): under load a call could
-# wait that long once in each flush. So a flush works in turns of about `TURN` seconds, with a
-# `PAUSE` (seconds) between two, long enough for a thread woken by the release to take the GIL.
-TURN = 0.0003
-PAUSE = 0.0001
-
 # How the `result` column reads: allow, deny, step_up, rate_limited, held, error.
 RESULTS = ("allow", "deny", "step_up", "rate_limited", "held", "error")
 
@@ -148,21 +142,6 @@ canonical_json = encoder(**_CANONICAL)
 _encode = encoder(**_CANONICAL)
 
 
-def in_turns(make: Callable[[Any], Any], items: list) -> list:
-    """``[make(item) for item in items]``, pausing `PAUSE` seconds whenever `TURN` seconds have
-    gone by since the last pause: for a thread beside the event loop's, so that the loop waits
-    for the GIL about one turn at most (or one ``make``, if that takes longer)."""
-    made = []
-    clock = time.perf_counter
-    turn_ends = clock() + TURN
-    for item in items:
-        made.append(make(item))
-        if clock() >= turn_ends:
-            time.sleep(PAUSE)
-            turn_ends = clock() + TURN
-    return made
-
-
 def _explained(pending: tuple[DecisionRecord, Callable | None]) -> DecisionRecord:
     """A buffered record with its deciding rules, if they were left to be worked out now. If
     that fails, the record is written all the same, saying why its rules are missing: a
@@ -242,6 +221,7 @@ class DecisionRecords:
             return 0
         batch = None
         try:
+            # In turns (`bastion.turns`): a call arriving meanwhile waits little for the GIL.
             batch = in_turns(_explained, pending)
             self._report_unexplained(batch)
             self._write(batch)

@@ -23,10 +23,12 @@ from array import array
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from itertools import accumulate
+from operator import itemgetter
 from typing import Any
 
 from bastion.facts.model import Entity
 from bastion.facts.store import SCHEMA_VERSION, FactStore, PolicyVersion, StoredFact
+from bastion.turns import Turns
 
 MAGIC = b"bastion-facts\n"
 # Bumped whenever the layout below changes: a file of another format is ignored.
@@ -90,7 +92,8 @@ class Snapshot:
 class _Values:
     """Numbers values and strings in the order first met."""
 
-    def __init__(self) -> None:
+    def __init__(self, turns: Turns) -> None:
+        self.turns = turns
         self.numbers: dict[Any, int] = {}
         self.strings: dict[str, int] = {}
         self.kinds = array("B")
@@ -125,19 +128,32 @@ class _Values:
             self.b.append(0)
             self.ints.append(value)
 
-    def column(self, values: list) -> array:
-        """The value numbers of one column of facts."""
-        if bool in set(map(type, values)):
-            # True == 1 in a dict: booleans are numbered under a key of their own.
-            values = [(bool, v) if v.__class__ is bool else v for v in values]
-            for v in set(values):
-                if v not in self.numbers:
-                    self.add(v, v[1] if v.__class__ is tuple else v)
-        else:
-            for v in set(values):
-                if v not in self.numbers:
-                    self.add(v, v)
-        return array(_U32, map(self.numbers.__getitem__, values))
+    def column(self, rows: list[tuple], i: int) -> array:
+        """The value numbers of column ``i`` of ``rows``, a chunk at a time."""
+        out = array(_U32)
+        numbers, take = self.numbers, itemgetter(i)
+        for _, chunk in self.turns.slices(rows):
+            values = list(map(take, chunk))
+            if bool in set(map(type, values)):
+                # True == 1 in a dict: booleans are numbered under a key of their own.
+                values = [(bool, v) if v.__class__ is bool else v for v in values]
+                for v in set(values):
+                    if v not in numbers:
+                        self.add(v, v[1] if v.__class__ is tuple else v)
+            else:
+                for v in set(values):
+                    if v not in numbers:
+                        self.add(v, v)
+            out.extend(map(numbers.__getitem__, values))
+        return out
+
+    def string_table(self) -> tuple[array, list[bytes]]:
+        """Each string's length, and the strings' UTF-8 in pieces."""
+        lengths, pieces = array(_U32), []
+        for chunk in self.turns.chunks(self.strings):
+            lengths.extend(map(len, chunk))
+            pieces.append("".join(chunk).encode("utf-8", "surrogatepass"))
+        return lengths, pieces
 
 
 def _u32(n: int) -> bytes:
@@ -151,34 +167,42 @@ def _arr(a: array) -> bytes:
     return a.tobytes()
 
 
-def encode(origin: SnapshotOrigin, groups: Iterable[PredicateRows]) -> bytes:
-    """The file's bytes for these facts."""
-    values = _Values()
+def _parts(origin: SnapshotOrigin, groups: Iterable[PredicateRows]) -> list[bytes]:
+    """The file's bytes for these facts but its digest, in parts. Worked out in turns
+    (`bastion.turns`): a replica writes its snapshot beside the event loop that decides, and a
+    million facts take seconds, in C calls that would each hold the GIL for milliseconds."""
+    turns = Turns()
+    values = _Values(turns)
     names = array(_U32)
     body: list[bytes] = []
     for g in groups:
-        rows = list(g.rows)
+        rows: list[tuple] = []
+        for chunk in turns.chunks(g.rows):
+            rows += chunk
         names.append(values.string(g.name))
         body.append(struct.pack("<III", g.arity, len(rows), len(g.expiries)))
         for i in range(g.arity):
-            body.append(_arr(values.column([r[i] for r in rows])))
+            body.append(_arr(values.column(rows, i)))
         if g.expiries:
-            position = {r: n for n, r in enumerate(rows)}
-            at = [(position[r], t) for r, t in g.expiries.items() if r in position]
-            body.append(_arr(array(_U32, (n for n, _ in at))))
-            body.append(_arr(array("d", (t for _, t in at))))
-    text = "".join(values.strings)
-    lengths = array(_U32, map(len, values.strings))
+            position: dict[tuple, int] = {}
+            for start, chunk in turns.slices(rows):
+                position.update(zip(chunk, range(start, start + len(chunk)), strict=True))
+            where, at = array(_U32), array("d")
+            for chunk in turns.chunks(g.expiries.items()):
+                kept = [(position[r], t) for r, t in chunk if r in position]
+                where.extend(n for n, _ in kept)
+                at.extend(t for _, t in kept)
+            body += [_arr(where), _arr(at)]
+    lengths, text = values.string_table()
     header = json.dumps(origin.to_json(), separators=(",", ":")).encode()
-    blob = text.encode("utf-8", "surrogatepass")
-    parts = [
+    return [
         MAGIC,
         _u32(len(header)),
         header,
         _u32(len(lengths)),
-        _u32(len(blob)),
+        _u32(sum(map(len, text))),
         _arr(lengths),
-        blob,
+        *text,
         _u32(len(values.kinds)),
         values.kinds.tobytes(),
         _arr(values.a),
@@ -189,19 +213,28 @@ def encode(origin: SnapshotOrigin, groups: Iterable[PredicateRows]) -> bytes:
         _arr(names),
         *body,
     ]
-    data = b"".join(parts)
+
+
+def encode(origin: SnapshotOrigin, groups: Iterable[PredicateRows]) -> bytes:
+    """The file's bytes for these facts."""
+    data = b"".join(_parts(origin, groups))
     return data + hashlib.sha256(data).digest()
 
 
 def write(path: str, origin: SnapshotOrigin, groups: Iterable[PredicateRows]) -> int:
     """Write the snapshot to ``path`` atomically (a temporary file beside it, fsync, rename,
-    fsync of the folder), readable by its owner only; return its size in bytes."""
-    data = encode(origin, groups)
+    fsync of the folder), readable by its owner only; return its size in bytes. The parts are
+    written and hashed one by one, never joined (both release the GIL on a large part)."""
+    parts = _parts(origin, groups)
+    digest = hashlib.sha256()
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + ".", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            for part in parts:
+                digest.update(part)
+                f.write(part)
+            f.write(digest.digest())
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -214,7 +247,7 @@ def write(path: str, origin: SnapshotOrigin, groups: Iterable[PredicateRows]) ->
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
-    return len(data)
+    return sum(map(len, parts)) + _DIGEST
 
 
 # -- reading -----------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ from itertools import pairwise
 
 import pytest
 
+from bastion import turns
 from bastion.audit import decisions
 from bastion.audit.commands import _line
 from bastion.audit.decisions import (
@@ -109,10 +110,10 @@ def test_a_flush_in_turns_writes_what_a_flush_in_one_turn_writes(tmp_path, monke
     the records it writes, in their order, with the rules worked out at write time, are those a
     flush without a pause writes."""
     pauses: list[float] = []
-    monkeypatch.setattr(decisions.time, "sleep", pauses.append)
+    monkeypatch.setattr(turns.time, "sleep", pauses.append)
 
     def flushed(turn: float) -> list[tuple[int, dict]]:
-        monkeypatch.setattr(decisions, "TURN", turn)
+        monkeypatch.setattr(turns, "TURN", turn)
         records = DecisionRecords(Database(str(tmp_path / f"{turn}.db")))
         for i in range(40):
             record = DecisionRecord(f"d{i}", float(i), "desk", "tools/call", "T", ("U",), "allow")
@@ -124,7 +125,7 @@ def test_a_flush_in_turns_writes_what_a_flush_in_one_turn_writes(tmp_path, monke
     assert pauses == []
     # A turn over after every record: a pause after each, working out the rules and encoding.
     assert flushed(0.0) == whole
-    assert pauses == [decisions.PAUSE] * 80
+    assert pauses == [turns.PAUSE] * 80
     assert [seq for seq, _ in whole] == list(range(1, 41))
     assert [r["rules"] for _, r in whole[:3]] == [[], ["rule 1"], ["rule 2"]]
 
@@ -138,14 +139,14 @@ def test_a_flush_waits_for_one_under_way_and_returns_with_every_record_written(
     records = DecisionRecords(Database(str(tmp_path / "records.db")))
     for i in range(3):
         records.add(DecisionRecord(f"d{i}", float(i), "desk", "tools/call", "T", ("U",), "allow"))
-    monkeypatch.setattr(decisions, "TURN", 0.0)
+    monkeypatch.setattr(turns, "TURN", 0.0)
     paused, go = threading.Event(), threading.Event()
 
     def pause(seconds: float) -> None:  # the writer's first pause holds it until `go`
         paused.set()
         go.wait()
 
-    monkeypatch.setattr(decisions.time, "sleep", pause)
+    monkeypatch.setattr(turns.time, "sleep", pause)
     writer = threading.Thread(target=records.flush)
     writer.start()
     assert paused.wait(10)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from bastion import turns
 from bastion.cli import main as cli
 from bastion.db import Database
 from bastion.facts import snapshot
@@ -311,6 +312,39 @@ def test_a_snapshot_round_trips_every_kind_of_value():
     assert back.origin == origin
     # Compared with each value's type: True == 1 in Python, but a boolean is not an integer.
     assert typed(back.groups) == typed(groups)
+
+
+def test_a_snapshot_written_in_turns_holds_the_facts_given(tmp_path, monkeypatch):
+    """The writer numbers values and writes columns a chunk at a time, pausing between turns so
+    that the event loop gets the GIL: with chunks of three facts and a pause after each, every
+    kind of value, booleans beside integers and expiries still read back as they were given,
+    and the file written part by part is the one `encode` makes whole."""
+    pauses: list[float] = []
+    monkeypatch.setattr(turns, "CHUNK", 3)
+    monkeypatch.setattr(turns, "TURN", 0.0)
+    monkeypatch.setattr(turns.time, "sleep", pauses.append)
+    facts = (
+        [
+            StoredFact(("p", Entity("T", f"e{i}"), i % 4 == 0, i, f"s{i % 5}"), 100.0 + i)
+            if i % 3 == 0
+            else StoredFact(("p", Entity("T", f"e{i % 7}"), i, i % 2 == 1, "\ud800"))
+            for i in range(40)
+        ]
+        + [StoredFact(("q", Entity("U", str(i)))) for i in range(8)]
+        + [StoredFact(("r",))]
+    )
+    groups = snapshot.from_facts(facts)
+    origin = snapshot.SnapshotOrigin("id", SCHEMA_VERSION, 3, 1.5, None)
+    path = str(tmp_path / "facts.snapshot")
+    size = snapshot.write(path, origin, groups)
+    assert pauses and set(pauses) == {turns.PAUSE}
+    assert Path(path).read_bytes() == snapshot.encode(origin, groups) and size == os.path.getsize(
+        path
+    )
+    back = snapshot.read(path)
+    assert back.origin == origin
+    assert typed(back.groups) == typed(groups)
+    assert sum(len(g.expiries) for g in back.groups) == 14
 
 
 def typed(groups: list[snapshot.PredicateRows]) -> list[str]:
