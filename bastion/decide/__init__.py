@@ -31,6 +31,7 @@ from bastion.policy.limits import DEFAULT_LIMITS, PolicyLimits
 from bastion.policy.parser import parse_fact
 from bastion.policy.program import context_roots, has_type
 from bastion.policy.runtime import Query, stack_exhausted
+from bastion.turns import Turns
 
 if TYPE_CHECKING:
     from bastion.decide.contract import ChainDecision
@@ -143,6 +144,11 @@ def _epoch(value: datetime | float | int | None) -> float | None:
     return float(value)
 
 
+# Up to this many facts a write adds one by one (`FactIndex.add`); more go in together
+# (`FactIndex.add_all`), in fewer steps a fact but more steps in all for a few.
+_ONE_BY_ONE = 32
+
+
 class FactSet:
     """The facts of an `Authorizer`: insert, delete, get, and atomic batches."""
 
@@ -222,6 +228,17 @@ class FactSet:
         the policy in force cannot use are left out and returned as such pairs, so that a store
         can offer them again after a policy change; a malformed fact raises `FactError`.
         """
+        checked, refused = self.check(facts)
+        self.load_checked(checked, deletes)
+        return refused
+
+    def check(
+        self, facts: Iterable[tuple], turns: Turns | None = None
+    ) -> tuple[list[tuple], list[tuple]]:
+        """The first half of `load`, which needs no lock: each ``(fact, expires_at)`` parsed and
+        checked against the policy in force, as (those it can use, those it cannot); a
+        malformed fact raises `FactError`. With ``turns``, on a worker thread: a tick after
+        each fact (`bastion.turns`)."""
         checked, refused = [], []
         for fact, expires_at in facts:
             fact = self._parse(fact)
@@ -229,8 +246,22 @@ class FactSet:
                 checked.append((self.validate(fact), _epoch(expires_at)))
             except FactError:
                 refused.append((fact, expires_at))
-        self._commit(checked, [self._parse(p, pattern=True) for p in deletes])
-        return refused
+            if turns is not None:
+                turns.tick()
+        return checked, refused
+
+    def load_checked(
+        self, checked: list[tuple], deletes: Iterable = (), shared: bool = False
+    ) -> None:
+        """The second half of `load`: ``deletes`` applied, then the facts `check` found usable
+        (under the policy in force still: the caller makes sure) added, as one atomic change.
+        ``shared``: ``checked`` went through `shared` too."""
+        self._commit(checked, [self._parse(p, pattern=True) for p in deletes], shared)
+
+    def shared(self, checked: list[tuple], turns: Turns | None = None) -> list[tuple]:
+        """Facts `check` found usable, their values as the index stores them (`FactIndex.shared`),
+        made without the lock: what is left to `load_checked` is adding them."""
+        return self._index.shared(checked, turns)
 
     def load_rows(
         self,
@@ -296,7 +327,12 @@ class FactSet:
         with self._index.lock:
             return self._index.rows()
 
-    def _commit(self, inserts: list[tuple[tuple, float | None]], patterns: list[tuple]) -> int:
+    def _commit(
+        self,
+        inserts: list[tuple[tuple, float | None]],
+        patterns: list[tuple],
+        shared: bool = False,
+    ) -> int:
         index = self._index
         now = time.time()
         with index.lock:
@@ -304,10 +340,13 @@ class FactSet:
             for pattern in patterns:
                 for fact in list(index.matching(pattern)):
                     removed += index.remove(fact)
-            added = 0
-            for fact, expiry in inserts:
-                if expiry is None or expiry > now:
-                    added += index.add(fact, expiry)
+            if shared or len(inserts) > _ONE_BY_ONE:
+                added = index.add_all([i for i in inserts if i[1] is None or i[1] > now], shared)
+            else:
+                added = 0
+                for fact, expiry in inserts:
+                    if expiry is None or expiry > now:
+                        added += index.add(fact, expiry)
         return added - removed
 
     @contextmanager

@@ -17,6 +17,7 @@ from operator import itemgetter
 from typing import Any
 
 from bastion.facts.model import Entity
+from bastion.turns import Turns
 
 
 def _key(values: tuple, positions: tuple[int, ...]) -> Any:
@@ -231,17 +232,22 @@ class FactIndex:
             pf = self.predicates[key] = PredicateFacts(name, arity)
         return pf
 
+    def shared(self, facts: list[tuple], turns: Turns | None = None) -> list[tuple]:
+        """``(fact, expires_at)`` pairs with each value as `intern` would store it, made without
+        the lock (on a worker thread, in ``turns``): an entity the index holds already is that
+        object; another is made once for all of ``facts``, but not entered in the index's table
+        (as with `add_rows`). For `add_all` with ``shared``."""
+        known, made = self._interned, {}
+        out = []
+        for fact, expires_at in facts:
+            out.append(((fact[0], *(_share(v, known, made) for v in fact[1:])), expires_at))
+            if turns is not None:
+                turns.tick()
+        return out
+
     def intern(self, value: Any) -> Any:
         """The shared copy of an entity or string, so that equal values are stored once."""
-        if isinstance(value, Entity):
-            found = self._interned.get(value)
-            if found is None:
-                found = Entity(sys.intern(value.type), sys.intern(value.id))
-                self._interned[found] = found
-            return found
-        if isinstance(value, str):
-            return sys.intern(value)
-        return value
+        return _share(value, self._interned, self._interned)
 
     # -- writes (callers hold the lock) -----------------------------------------------------
 
@@ -259,6 +265,44 @@ class FactIndex:
             self.next_expiry = self._expiry_heap[0][0]
         elif full in self._expiry:
             del self._expiry[full]  # re-inserted without an expiry: it no longer expires
+        return added
+
+    def add_all(self, inserts: list[tuple[tuple, float | None]], shared: bool = False) -> int:
+        """`add` for each ``(fact, expires_at)`` pair, in order, with fewer steps per fact: the
+        facts of each predicate are added together (`PredicateFacts.add_many`), and the
+        expiries set (or, for a fact given again without one, taken away) in the pairs' order.
+        ``shared``: the values are shared already (`shared`). Returns how many facts were new.
+        The caller holds the lock."""
+        intern = self.intern
+        by_predicate: dict[tuple[str, int], list[tuple]] = {}
+        for fact, _ in inserts:
+            values = fact[1:] if shared else tuple(map(intern, fact[1:]))
+            rows = by_predicate.get((fact[0], len(values)))
+            if rows is None:
+                rows = by_predicate[fact[0], len(values)] = []
+            rows.append(values)
+        added = 0
+        for (name, arity), rows in by_predicate.items():
+            new = self.predicate(name, arity).add_many(rows)
+            added += len(new)
+            if self._entity_types is not None:
+                for values in new:
+                    self._count_entities(values, +1)
+        self.count += added
+        self.generation = next(GENERATIONS)
+        if self._expiry or any(at is not None for _, at in inserts):
+            expiry, heap, pushed = self._expiry, self._expiry_heap, False
+            for fact, at in inserts:
+                full = fact if shared else (fact[0], *map(intern, fact[1:]))
+                if at is not None:
+                    expiry[full] = at
+                    heap.append((at, full))
+                    pushed = True
+                else:
+                    expiry.pop(full, None)  # given again without an expiry: it no longer expires
+            if pushed:
+                heapq.heapify(heap)
+                self.next_expiry = heap[0][0]
         return added
 
     def add_rows(
@@ -362,6 +406,22 @@ class FactIndex:
                     counts[v] = n
                 else:
                     counts.pop(v, None)
+
+
+def _share(value: Any, known: dict, made: dict) -> Any:
+    """``value`` as the index stores it: an entity as the one in ``known``, else in ``made``
+    (entered there, its parts interned, if new); a string interned."""
+    if isinstance(value, Entity):
+        found = known.get(value)
+        if found is None:
+            found = made.get(value)
+            if found is None:
+                found = Entity(sys.intern(value.type), sys.intern(value.id))
+                made[found] = found
+        return found
+    if isinstance(value, str):
+        return sys.intern(value)
+    return value
 
 
 def _fits(values: tuple, args: tuple) -> bool:

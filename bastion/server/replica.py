@@ -51,6 +51,7 @@ from bastion.policy.errors import PolicyError
 from bastion.policy.limits import DEFAULT_LIMITS, PolicyLimits
 from bastion.signals.suspensions import PREDICATE as SUSPENDED
 from bastion.signals.suspensions import Suspensions
+from bastion.turns import Turns
 
 log = logging.getLogger("bastion.replica")
 
@@ -61,6 +62,8 @@ _PAGE = 200
 _PG_POLL_INTERVAL = 1.0
 # After a failed read of the change log, try again this soon.
 _RETRY_INTERVAL = 0.25
+# A change with more facts is checked against the policy on a worker thread (`_load_change`).
+_CHECKED_ON_LOOP = 1000
 
 
 class ConsistencyTimeout(Exception):
@@ -566,13 +569,36 @@ class Replica:
         except sqlite3.Error:
             return None
 
+    async def _load_change(
+        self, inserts: list[StoredFact], deletes: Iterable[tuple]
+    ) -> list[StoredFact]:
+        """`load_facts` of one change of the log. A large one (an import) is checked against the
+        policy, and its values shared with the index's, on a worker thread in turns: the event
+        loop holds it only while its facts are added."""
+        authz = self.authz
+        if len(inserts) <= _CHECKED_ON_LOOP:
+            return load_facts(authz, inserts, deletes)
+        policy = authz.policy
+
+        def check() -> tuple[list[tuple], list[tuple]]:
+            turns = Turns()
+            pairs = [(f.fact, f.expires_at) for f in inserts]
+            checked, refused = authz.facts.check(pairs, turns)
+            return authz.facts.shared(checked, turns), refused
+
+        checked, refused = await anyio.to_thread.run_sync(check)
+        if authz is not self.authz or authz.policy is not policy:
+            return load_facts(self.authz, inserts, deletes)  # checked under another policy
+        authz.facts.load_checked(checked, deletes, shared=True)
+        return [StoredFact(fact, expires_at) for fact, expires_at in refused]
+
     async def _apply(self, change: Change) -> None:
         if change.kind == "facts":
             if self.unusable and change.deletes:
                 self.unusable = [
                     f for f in self.unusable if not any(matches(f.fact, p) for p in change.deletes)
                 ]
-            self.unusable += load_facts(self.authz, list(change.inserts), change.deletes)
+            self.unusable += await self._load_change(list(change.inserts), change.deletes)
             self.suspensions.apply(change.inserts, change.deletes)
         elif change.kind == "policy":
             policy = await anyio.to_thread.run_sync(self.store.policy, change.policy_version)

@@ -494,3 +494,173 @@ def test_what_a_start_loads_is_out_of_the_collectors_sight_until_the_replica_let
             assert gc.get_freeze_count() == 0
 
     run(scenario())
+
+
+def large_change() -> tuple[list[StoredFact], list[tuple]]:
+    """A change of every kind of fact: new and repeated ones, one given twice (the last wins),
+    one given again without its expiry, one already expired, one the policy has no use for;
+    and deletes, applied first."""
+    far = time.time() + 10**6
+    inserts = [
+        StoredFact(("has_role", Entity("User", f"n{i}"), "reader", REPOS[i % 6])) for i in range(40)
+    ]
+    inserts += [
+        StoredFact(("has_role", USERS[0], "admin", ORGS[0])),  # held already
+        StoredFact(
+            ("has_role", USERS[4], "reader", REPOS[0])
+        ),  # held until `far`: no longer expires
+        StoredFact(("stars", REPOS[0], 7), far),
+        StoredFact(("stars", REPOS[0], 7), far + 5),
+        StoredFact(("has_role", USERS[1], "maintainer", REPOS[5]), time.time() - 1),
+        StoredFact(("has_role", USERS[2], "guest", REPOS[1])),
+        StoredFact(("is_public", REPOS[2], True)),
+    ]
+    return inserts, [("stars", REPOS[3], None), ("has_role", USERS[3], None, None)]
+
+
+def test_a_large_change_is_applied_as_a_replica_loaded_after_it_holds_it(
+    store, database_url, monkeypatch
+):
+    """A change of more facts than the event loop checks itself is checked, and its values
+    shared with the index's, on a worker thread in turns; what the replica then holds and
+    decides is what a replica that loads every fact after the change holds and decides."""
+    from bastion.server import replica as replica_module
+
+    made = []
+
+    class Counted(turns.Turns):
+        def __init__(self) -> None:
+            super().__init__()
+            made.append(self)
+
+    monkeypatch.setattr(replica_module, "_CHECKED_ON_LOOP", 10)
+    monkeypatch.setattr(replica_module, "Turns", Counted)
+
+    async def scenario():
+        following = await started(database_url)
+        inserts, deletes = large_change()
+        store.apply(inserts, deletes=deletes)
+        await following.wait_for(store.head(), 10)
+        assert len(made) == 1  # the change went by the worker thread
+        loaded = await started(database_url)
+        assert state(following) == state(loaded)
+        held = set(following.authz.facts)
+        assert ("has_role", Entity("User", "n7"), "reader", REPOS[1]) in held
+        assert following.authz.facts.expiry(("has_role", USERS[4], "reader", REPOS[0])) is None
+        assert following.authz.facts.expiry(("stars", REPOS[0], 7)) == inserts[43].expires_at
+        assert ("stars", REPOS[3], 101) not in held
+        assert ("has_role", USERS[2], "guest", REPOS[1]) in {f.fact for f in following.unusable}
+        # Entities the index held already are shared, not copied.
+        new = next(f for f in held if f[0] == "has_role" and f[1] == Entity("User", "n5"))
+        assert new[3] is next(f[1] for f in held if f[0] == "has_relation" and f[1] == REPOS[5])
+        await following.stop()
+        await loaded.stop()
+
+    run(scenario())
+
+
+def test_a_large_change_checked_under_a_policy_replaced_meanwhile_is_checked_again(
+    store, database_url, monkeypatch
+):
+    """The worker thread checks the facts under the policy in force when it began; if another is
+    in force when they are to be added, they are checked again under it, on the loop."""
+    from bastion.decide import FactSet
+    from bastion.server import replica as replica_module
+
+    monkeypatch.setattr(replica_module, "_CHECKED_ON_LOOP", 10)
+    shared = FactSet.shared
+    stricter = POLICY.replace("declare is_public(Repo, Boolean);\n", "").replace(
+        'has_permission(_: User, "read", repo: Repo) if is_public(repo, true);\n', ""
+    )
+    assert "is_public" not in stricter
+
+    def shared_then_replaced(self, checked, turns=None):
+        out = shared(self, checked, turns)
+        self._authz.load_policy(stricter)  # as if a new version came in meanwhile
+        return out
+
+    monkeypatch.setattr(FactSet, "shared", shared_then_replaced)
+
+    async def scenario():
+        following = await started(database_url)
+        inserts, deletes = large_change()
+        store.apply(inserts, deletes=deletes)
+        await following.wait_for(store.head(), 10)
+        # The policy in force now has no use for is_public facts: the new one is held back.
+        assert ("is_public", REPOS[2], True) in {f.fact for f in following.unusable}
+        assert ("is_public", REPOS[2], True) not in set(following.authz.facts)
+        assert ("has_role", Entity("User", "n7"), "reader", REPOS[1]) in set(following.authz.facts)
+        await following.stop()
+
+    run(scenario())
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_facts_added_all_at_once_are_indexed_as_facts_added_one_by_one(shared):
+    """`FactIndex.add_all` (the path of every write) against `add` of each pair in order: facts
+    new and held already, repeated within the batch, with and without expiries (the last given
+    wins; one given again without any no longer expires), into predicates with lookups and
+    without, with the entity counts kept; and with the values shared beforehand (`shared`,
+    from equal objects that are not the index's)."""
+    import random
+
+    from bastion.facts.index import FactIndex, Many
+
+    rng = random.Random(11)
+    users = [Entity("User", f"u{i}") for i in range(12)]
+    repos = [Entity("Repo", f"r{i}") for i in range(12)]
+
+    def pair() -> tuple[tuple, float | None]:
+        if rng.random() < 0.7:
+            fact = (
+                "has_role",
+                rng.choice(users),
+                rng.choice(["reader", "admin"]),
+                rng.choice(repos),
+            )
+        else:
+            fact = ("stars", rng.choice(repos), rng.randrange(3))
+        return fact, rng.choice([None, None, 1000.0 + rng.randrange(4)])
+
+    def copied(fact: tuple) -> tuple:
+        return (fact[0], *(Entity(v.type, v.id) if isinstance(v, Entity) else v for v in fact[1:]))
+
+    def norm(index: FactIndex) -> tuple:
+        return (
+            index.count,
+            {key: set(pf.all) for key, pf in index.predicates.items()},
+            {
+                key: {
+                    shape: {
+                        k: sorted(v, key=repr) if v.__class__ is Many else v for k, v in m.items()
+                    }
+                    for shape, m in pf.modes.items()
+                }
+                for key, pf in index.predicates.items()
+            },
+            dict(index._expiry),
+            sorted(index._expiry_heap, key=repr),
+            index.next_expiry,
+            index._entity_types,
+        )
+
+    for _ in range(6):
+        one, bulk = FactIndex(), FactIndex()
+        earlier = [pair() for _ in range(50)]
+        for index in (one, bulk):
+            for fact, at in earlier:
+                index.add(fact, at)
+            index.entities_of(frozenset({"User"}))  # counted from now on
+            pf = index.predicate("has_role", 3)
+            pf.mode("bfb")
+            pf.mode("bbf", ((1, "reader"),))
+        batch = [pair() for _ in range(100)]
+        held = one.count
+        for fact, at in batch:
+            one.add(fact, at)
+        given = [(copied(fact), at) for fact, at in batch]
+        generation = bulk.generation
+        added = bulk.add_all(bulk.shared(given), shared=True) if shared else bulk.add_all(given)
+        assert added == one.count - held > 0
+        assert norm(bulk) == norm(one)
+        assert bulk.generation != generation

@@ -1,0 +1,74 @@
+"""How late a replica's event loop runs while it applies one large change of the log (an
+import): a 1 ms timer on the replica's loop, measured for its lateness, from the moment the
+change is committed (by another thread, as another replica or `bastion facts import` commits
+it) until the replica has applied it. A decision asked meanwhile waits about as long as this
+timer. On SQLite, gitclub-style facts (benchmarks/server_bench.py). Run it on two trees to
+compare them.
+
+    .venv/bin/python benchmarks/apply_lag.py [--facts 200000] [--runs 3]
+
+Prints figures; asserts nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from gateway_bench import p  # noqa: E402
+from server_bench import POLICY, gitclub_facts  # noqa: E402
+
+from bastion.facts.store import FactStore, StoredFact  # noqa: E402
+from bastion.server.replica import Replica  # noqa: E402
+
+
+async def one_run(n: int) -> tuple[list[float], float]:
+    """The timer's lateness (ms) while a replica applies an import of ``n`` facts, and the
+    seconds from the commit to the replica having applied it."""
+    url = f"sqlite:///{Path(tempfile.mkdtemp()) / 'bastion.db'}"
+    store = FactStore.open(url)
+    store.put_policy(POLICY)
+    facts = [StoredFact(f) for f in gitclub_facts(n)]
+    replica = Replica(url)
+    await replica.start()
+    committed = threading.Event()
+    target = store.head() + 1
+    threading.Thread(target=lambda: (store.apply(facts), committed.set()), daemon=True).start()
+    while not committed.is_set():
+        await asyncio.sleep(0.01)
+    started = time.perf_counter()
+    late: list[float] = []
+    while replica.applied < target:
+        tick = time.perf_counter()
+        await asyncio.sleep(0.001)
+        late.append((time.perf_counter() - tick - 0.001) * 1e3)
+    took = time.perf_counter() - started
+    await replica.stop()
+    store.close()
+    return late, took
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--facts", type=int, default=200_000)
+    parser.add_argument("--runs", type=int, default=3)
+    args = parser.parse_args()
+    for run in range(args.runs):
+        late, took = asyncio.run(one_run(args.facts))
+        print(
+            f"run {run + 1}: {args.facts:,} facts applied {took:.2f} s after their commit;"
+            f" the loop's lateness median {p(late, 0.5):.2f}, p99 {p(late, 0.99):.1f},"
+            f" max {max(late):.0f} ms; ticks {len(late)}"
+        )
+
+
+if __name__ == "__main__":
+    main()
