@@ -6,11 +6,17 @@ a single C call (a set or an array of a million items) holds it for as long as i
 request that arrives meanwhile waits that long. Work done in turns checks the time between
 steps, and after about `TURN` seconds pauses `PAUSE` seconds, long enough for a thread woken by
 the release to take the GIL. The loop then waits about one turn, or one step if a step takes
-longer: steps must be small (`CHUNK` items of a C call).
+longer: steps must be small (`CHUNK` items of a C call; one element of a JSON array,
+`loads_in_turns`). The garbage collector's passes hold the GIL too: `collector_paused` keeps
+them from starting over and over while such work makes its objects.
 """
 
 from __future__ import annotations
 
+import contextlib
+import gc
+import json
+import re
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from itertools import islice
@@ -45,11 +51,33 @@ class Turns:
             yield chunk
             self.tick()
 
+    def each(self, items: Iterable[T]) -> Iterator[T]:
+        """``items``, a tick after each."""
+        for item in items:
+            yield item
+            self.tick()
+
     def slices(self, items: Sequence[T]) -> Iterator[tuple[int, Sequence[T]]]:
         """``items`` in slices of at most `CHUNK`, each with its start; a tick after each."""
         for start in range(0, len(items), CHUNK):
             yield start, items[start : start + CHUNK]
             self.tick()
+
+
+@contextlib.contextmanager
+def collector_paused() -> Iterator[None]:
+    """Python's cyclic garbage collector paused for a piece of work that makes many objects
+    none of which can be cyclic garbage (decoding, checking and adding a large change of the
+    facts): otherwise it starts pass after pass over them, each holding the GIL for as long as
+    it runs (0.3 s and more at 200,000 facts). Around CPU work only, never around a wait: the
+    collector is the whole process's."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
 
 
 def in_turns(make: Callable[[Any], T], items: Iterable[Any]) -> list[T]:
@@ -60,3 +88,66 @@ def in_turns(make: Callable[[Any], T], items: Iterable[Any]) -> list[T]:
         made.append(make(item))
         turns.tick()
     return made
+
+
+_DECODER = json.JSONDecoder()
+_SPACE = re.compile(r"[ \t\n\r]*")
+
+
+def loads_in_turns(text: str, turns: Turns) -> Any:
+    """``json.loads(text)``, in turns: in an object, each array's elements are decoded one at a
+    time, with a tick after each (a 20 MB change of the fact log is otherwise one C call of most
+    of a second). Anything else, and each element, is decoded as ``json.loads`` decodes it;
+    malformed text raises `ValueError` as it does."""
+
+    def space(at: int) -> int:
+        return _SPACE.match(text, at).end()  # type: ignore[union-attr]  # always matches
+
+    def expect(at: int, marks: str) -> str:
+        mark = text[at : at + 1]
+        if mark and mark in marks:
+            return mark
+        raise json.JSONDecodeError(f"Expecting one of {marks!r}", text, at)
+
+    scan = _DECODER.raw_decode
+    at = space(0)
+    if not text.startswith("{", at):
+        return json.loads(text)
+    out: dict[str, Any] = {}
+    at = space(at + 1)
+    if text.startswith("}", at):
+        at += 1
+    else:
+        while True:
+            if not text.startswith('"', at):
+                raise json.JSONDecodeError("Expecting property name", text, at)
+            key, at = scan(text, at)
+            at = space(at)
+            expect(at, ":")
+            at = space(at + 1)
+            if text.startswith("[", at):
+                value: Any = []
+                at = space(at + 1)
+                if text.startswith("]", at):
+                    at += 1
+                else:
+                    while True:
+                        item, at = scan(text, at)
+                        value.append(item)
+                        turns.tick()
+                        at = space(at)
+                        if expect(at, ",]") == "]":
+                            at += 1
+                            break
+                        at = space(at + 1)
+            else:
+                value, at = scan(text, at)
+            out[key] = value
+            at = space(at)
+            if expect(at, ",}") == "}":
+                at += 1
+                break
+            at = space(at + 1)
+    if space(at) != len(text):
+        raise json.JSONDecodeError("Extra data", text, at)
+    return out

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import sys
 import tempfile
 import threading
@@ -46,17 +47,32 @@ async def one_run(n: int) -> tuple[list[float], float]:
         await asyncio.sleep(0.01)
     started = time.perf_counter()
     late: list[float] = []
+    collections.clear()
     while replica.applied < target:
         tick = time.perf_counter()
         await asyncio.sleep(0.001)
         late.append((time.perf_counter() - tick - 0.001) * 1e3)
     took = time.perf_counter() - started
+    gc_ms.append(sorted(collections, reverse=True)[:3])
     await replica.stop()
     store.close()
     return late, took
 
 
+# The collector's passes while a change was applied (ms), to tell its pauses from the replica's.
+collections: list[float] = []
+gc_ms: list[list[float]] = []
+
+
+def _timed(phase: str, info: dict, began: list[float] = [0.0]) -> None:  # noqa: B006
+    if phase == "start":
+        began[0] = time.perf_counter()
+    else:
+        collections.append(round((time.perf_counter() - began[0]) * 1e3, 1))
+
+
 def main() -> None:
+    gc.callbacks.append(_timed)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--facts", type=int, default=200_000)
     parser.add_argument("--runs", type=int, default=3)
@@ -66,7 +82,8 @@ def main() -> None:
         print(
             f"run {run + 1}: {args.facts:,} facts applied {took:.2f} s after their commit;"
             f" the loop's lateness median {p(late, 0.5):.2f}, p99 {p(late, 0.99):.1f},"
-            f" max {max(late):.0f} ms; ticks {len(late)}"
+            f" max {max(late):.0f} ms; ticks {len(late)}; the collector's longest passes"
+            f" {gc_ms[-1]} ms"
         )
 
 

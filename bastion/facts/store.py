@@ -26,6 +26,7 @@ from bastion.facts.model import (
     fact_to_json,
     matches,
 )
+from bastion.turns import Turns, collector_paused, loads_in_turns
 from bastion.untrusted_json import MAX_INTEGER, MIN_INTEGER
 
 # Arguments 1..INDEXED_ARGS get a column of their own, so patterns on them are matched by SQL.
@@ -393,14 +394,23 @@ class FactStore:
         return self.db.execute("SELECT COALESCE(MAX(seq), 0) FROM changes")[0][0]
 
     def changes_since(self, seq: int, *, limit: int = 100) -> list[Change]:
+        """The changes after ``seq``, oldest first. Decoded in turns (`bastion.turns`): a replica
+        reads them on a worker thread beside the event loop that decides, and one change (an
+        import) can hold hundreds of thousands of facts."""
         rows = self.db.execute(
             "SELECT seq, at, actor, kind, payload FROM changes WHERE seq > ? ORDER BY seq"
             f" LIMIT {int(limit)}",
             (seq,),
         )
+        with collector_paused():
+            return self._changes(rows)
+
+    @staticmethod
+    def _changes(rows: list[tuple]) -> list[Change]:
         out = []
+        turns = Turns()
         for seq_, at, actor, kind, payload in rows:
-            body = json.loads(payload)
+            body = loads_in_turns(payload, turns)
             if kind == "facts":
                 out.append(
                     Change(
@@ -412,7 +422,7 @@ class FactStore:
                             StoredFact(
                                 (f["predicate"], *_args_from_json(f["args"])), f.get("expires_at")
                             )
-                            for f in body["insert"]
+                            for f in turns.each(body["insert"])
                         ),
                         deletes=tuple(
                             (p["predicate"], *_args_from_json(p["args"])) for p in body["delete"]

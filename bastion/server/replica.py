@@ -51,7 +51,7 @@ from bastion.policy.errors import PolicyError
 from bastion.policy.limits import DEFAULT_LIMITS, PolicyLimits
 from bastion.signals.suspensions import PREDICATE as SUSPENDED
 from bastion.signals.suspensions import Suspensions
-from bastion.turns import Turns
+from bastion.turns import Turns, collector_paused
 
 log = logging.getLogger("bastion.replica")
 
@@ -107,15 +107,14 @@ def _bulk_load(freeze: bool = False) -> Iterator[None]:
     full pass after it too, to find nothing. Frozen objects are still freed when nothing
     refers to them; only a cycle among them would be kept, so the replica unfreezes them
     (`_thaw`) when it lets go of what it built (another `Authorizer`, another policy, stop)."""
-    was = gc.isenabled()
-    gc.disable()
     try:
-        yield
+        with collector_paused():
+            try:
+                yield
+            finally:
+                if freeze:
+                    gc.freeze()
     finally:
-        if freeze:
-            gc.freeze()
-        if was:
-            gc.enable()
         if _MALLOC_TRIM is not None:
             _MALLOC_TRIM(0)
 
@@ -586,10 +585,11 @@ class Replica:
             checked, refused = authz.facts.check(pairs, turns)
             return authz.facts.shared(checked, turns), refused
 
-        checked, refused = await anyio.to_thread.run_sync(check)
-        if authz is not self.authz or authz.policy is not policy:
-            return load_facts(self.authz, inserts, deletes)  # checked under another policy
-        authz.facts.load_checked(checked, deletes, shared=True)
+        with collector_paused():
+            checked, refused = await anyio.to_thread.run_sync(check)
+            if authz is not self.authz or authz.policy is not policy:
+                return load_facts(self.authz, inserts, deletes)  # checked under another policy
+            authz.facts.load_checked(checked, deletes, shared=True)
         return [StoredFact(fact, expires_at) for fact, expires_at in refused]
 
     async def _apply(self, change: Change) -> None:
