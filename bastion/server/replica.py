@@ -622,7 +622,7 @@ class Replica:
                     )
                     log.error("%s", self.policy_refused)
                 if self.unusable:
-                    self.unusable = load_facts(self.authz, self.unusable)
+                    self.unusable = await self._load_change(self.unusable, ())
         self.applied = change.seq
 
     async def wait_for(self, seq: int, timeout: float) -> None:

@@ -533,7 +533,7 @@ def test_a_large_change_is_applied_as_a_replica_loaded_after_it_holds_it(
             super().__init__()
             made.append(self)
 
-    monkeypatch.setattr(replica_module, "_CHECKED_ON_LOOP", 10)
+    monkeypatch.setattr(replica_module, "_CHECKED_ON_LOOP", 2)
     monkeypatch.setattr(replica_module, "Turns", Counted)
 
     async def scenario():
@@ -553,8 +553,19 @@ def test_a_large_change_is_applied_as_a_replica_loaded_after_it_holds_it(
         # Entities the index held already are shared, not copied.
         new = next(f for f in held if f[0] == "has_role" and f[1] == Entity("User", "n5"))
         assert new[3] is next(f[1] for f in held if f[0] == "has_relation" and f[1] == REPOS[5])
-        await following.stop()
         await loaded.stop()
+        # A policy with a guest role: the facts held back are offered again, the same way.
+        store.put_policy(
+            POLICY.replace(
+                'roles = ["reader", "maintainer"];', 'roles = ["reader", "maintainer", "guest"];'
+            ).replace('"push" if "maintainer";', '"push" if "maintainer";\n  "read" if "guest";')
+        )
+        await following.wait_for(store.head(), 10)
+        assert len(made) == 2
+        assert ("has_role", USERS[2], "guest", REPOS[1]) in set(following.authz.facts)
+        assert following.authz.authorize(USERS[2], "read", REPOS[1])
+        assert [f.fact[0] for f in following.unusable] == ["suspended"]
+        await following.stop()
 
     run(scenario())
 
