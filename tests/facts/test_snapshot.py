@@ -518,6 +518,15 @@ def large_change() -> tuple[list[StoredFact], list[tuple]]:
     return inserts, [("stars", REPOS[3], None), ("has_role", USERS[3], None, None)]
 
 
+async def after_a_large_change(store, database_url) -> tuple[Replica, list[StoredFact]]:
+    """A replica started, then `large_change` written and applied by it."""
+    following = await started(database_url)
+    inserts, deletes = large_change()
+    store.apply(inserts, deletes=deletes)
+    await following.wait_for(store.head(), 10)
+    return following, inserts
+
+
 def test_a_large_change_is_applied_as_a_replica_loaded_after_it_holds_it(
     store, database_url, monkeypatch
 ):
@@ -537,10 +546,7 @@ def test_a_large_change_is_applied_as_a_replica_loaded_after_it_holds_it(
     monkeypatch.setattr(replica_module, "Turns", Counted)
 
     async def scenario():
-        following = await started(database_url)
-        inserts, deletes = large_change()
-        store.apply(inserts, deletes=deletes)
-        await following.wait_for(store.head(), 10)
+        following, inserts = await after_a_large_change(store, database_url)
         assert len(made) == 1  # the change went by the worker thread
         loaded = await started(database_url)
         assert state(following) == state(loaded)
@@ -593,10 +599,7 @@ def test_a_large_change_checked_under_a_policy_replaced_meanwhile_is_checked_aga
     monkeypatch.setattr(FactSet, "shared", shared_then_replaced)
 
     async def scenario():
-        following = await started(database_url)
-        inserts, deletes = large_change()
-        store.apply(inserts, deletes=deletes)
-        await following.wait_for(store.head(), 10)
+        following, _ = await after_a_large_change(store, database_url)
         # The policy in force now has no use for is_public facts: the new one is held back.
         assert ("is_public", REPOS[2], True) in {f.fact for f in following.unusable}
         assert ("is_public", REPOS[2], True) not in set(following.authz.facts)
