@@ -82,12 +82,7 @@ def collector_paused() -> Iterator[None]:
 
 def in_turns(make: Callable[[Any], T], items: Iterable[Any]) -> list[T]:
     """``[make(item) for item in items]``, in turns (a tick after each item)."""
-    made = []
-    turns = Turns()
-    for item in items:
-        made.append(make(item))
-        turns.tick()
-    return made
+    return [make(item) for item in Turns().each(items)]
 
 
 _DECODER = json.JSONDecoder()
