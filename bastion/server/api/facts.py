@@ -22,6 +22,7 @@ from bastion.server.auth import require
 from bastion.server.problems import bad_request, fact_problem, parse_json, read_body, read_json
 from bastion.server.problems import field as get_field
 from bastion.server.replica import ConsistencyTimeout, Replica
+from bastion.turns import Turns
 
 MAX_PAGE = 1000
 NDJSON = "application/x-ndjson"
@@ -134,14 +135,14 @@ async def import_lines(request: Request) -> JSONResponse:
 
     def parse() -> list[StoredFact]:
         inserts = []
-        for n, line in enumerate(body.splitlines(), start=1):
+        for n, line in Turns().each(enumerate(body.splitlines(), start=1)):
             if not line.strip():
                 continue
             obj = parse_json(line, depth, f"line {n}")
             inserts.append(_stored_fact(request, obj, n, what="line"))
         return inserts
 
-    # A large import is checked off the event loop, so decisions go on meanwhile.
+    # A large import is checked off the event loop, in turns, so decisions go on meanwhile.
     inserts = await anyio.to_thread.run_sync(parse)
     if not inserts:
         raise bad_request("the body holds no facts; send one JSON fact per line")
