@@ -28,7 +28,7 @@ from typing import Any
 
 from bastion.facts.model import Entity
 from bastion.facts.store import SCHEMA_VERSION, FactStore, PolicyVersion, StoredFact
-from bastion.turns import Turns
+from bastion.turns import CHUNK, Turns, collector_paused
 
 MAGIC = b"bastion-facts\n"
 # Bumped whenever the layout below changes: a file of another format is ignored.
@@ -89,26 +89,37 @@ class Snapshot:
 # -- writing -----------------------------------------------------------------------------------
 
 
+# The tables of values and strings are kept in this many dictionaries, by hash: one dictionary
+# of millions of entries grows in one C call of a second and more at 10 M facts, holding the GIL.
+_SHARDS = 512
+
+
 class _Values:
     """Numbers values and strings in the order first met."""
 
     def __init__(self, turns: Turns) -> None:
         self.turns = turns
-        self.numbers: dict[Any, int] = {}
-        self.strings: dict[str, int] = {}
+        self.count = 0
+        self.numbers: list[dict[Any, int]] = [{} for _ in range(_SHARDS)]
+        self.strings: list[dict[str, int]] = [{} for _ in range(_SHARDS)]
+        self.string_list: list[str] = []
         self.kinds = array("B")
         self.a = array(_U32)
         self.b = array(_U32)
         self.ints = array("q")
 
     def string(self, s: str) -> int:
-        n = self.strings.get(s)
+        shard = self.strings[hash(s) % _SHARDS]
+        n = shard.get(s)
         if n is None:
-            n = self.strings[s] = len(self.strings)
+            n = shard[s] = len(self.string_list)
+            self.string_list.append(s)
         return n
 
-    def add(self, key: Any, value: Any) -> None:
-        self.numbers[key] = len(self.numbers)
+    def _new(self, value: Any) -> int:
+        """The number of a value not met before (the next one)."""
+        n = self.count
+        self.count += 1
         cls = value.__class__
         if cls is Entity:
             self.kinds.append(_KIND_ENTITY)
@@ -127,33 +138,46 @@ class _Values:
             self.a.append(len(self.ints))
             self.b.append(0)
             self.ints.append(value)
+        return n
 
     def column(self, rows: list[tuple], i: int) -> array:
         """The value numbers of column ``i`` of ``rows``, a chunk at a time."""
         out = array(_U32)
-        numbers, take = self.numbers, itemgetter(i)
+        take, shards, tick = itemgetter(i), self.numbers, self.turns.tick
         for _, chunk in self.turns.slices(rows):
             values = list(map(take, chunk))
-            if bool in set(map(type, values)):
-                # True == 1 in a dict: booleans are numbered under a key of their own.
+            # True == 1 in a dict: booleans are numbered under a key of their own.
+            booleans = bool in set(map(type, values))
+            if booleans:
                 values = [(bool, v) if v.__class__ is bool else v for v in values]
-                for v in set(values):
-                    if v not in numbers:
-                        self.add(v, v[1] if v.__class__ is tuple else v)
-            else:
-                for v in set(values):
-                    if v not in numbers:
-                        self.add(v, v)
-            out.extend(map(numbers.__getitem__, values))
+            seen = {}
+            for v in set(values):
+                shard = shards[hash(v) % _SHARDS]
+                n = shard.get(v)
+                if n is None:
+                    n = shard[v] = self._new(v[1] if booleans and v.__class__ is tuple else v)
+                    tick()  # a new value is most of a step's work
+                seen[v] = n
+            out.extend(map(seen.__getitem__, values))
         return out
 
     def string_table(self) -> tuple[array, list[bytes]]:
         """Each string's length, and the strings' UTF-8 in pieces."""
         lengths, pieces = array(_U32), []
-        for chunk in self.turns.chunks(self.strings):
+        for _, chunk in self.turns.slices(self.string_list):
             lengths.extend(map(len, chunk))
             pieces.append("".join(chunk).encode("utf-8", "surrogatepass"))
         return lengths, pieces
+
+    def release(self) -> None:
+        """Let go of the tables a piece at a time: freed whole, on return, millions of entries
+        would hold the GIL for tens of milliseconds."""
+        for shard in self.turns.each([*self.numbers, *self.strings]):
+            shard.clear()
+        strings = self.string_list
+        while strings:
+            del strings[-CHUNK:]
+            self.turns.tick()
 
 
 def _u32(n: int) -> bytes:
@@ -170,7 +194,14 @@ def _arr(a: array) -> bytes:
 def _parts(origin: SnapshotOrigin, groups: Iterable[PredicateRows]) -> list[bytes]:
     """The file's bytes for these facts but its digest, in parts. Worked out in turns
     (`bastion.turns`): a replica writes its snapshot beside the event loop that decides, and a
-    million facts take seconds, in C calls that would each hold the GIL for milliseconds."""
+    million facts take seconds, in C calls that would each hold the GIL for milliseconds. The
+    garbage collector is paused meanwhile: its passes would walk the tables, which are let go
+    of before it runs again (`_Values.release`)."""
+    with collector_paused():
+        return _parts_of(origin, groups)
+
+
+def _parts_of(origin: SnapshotOrigin, groups: Iterable[PredicateRows]) -> list[bytes]:
     turns = Turns()
     values = _Values(turns)
     names = array(_U32)
@@ -195,6 +226,7 @@ def _parts(origin: SnapshotOrigin, groups: Iterable[PredicateRows]) -> list[byte
             body += [_arr(where), _arr(at)]
     lengths, text = values.string_table()
     header = json.dumps(origin.to_json(), separators=(",", ":")).encode()
+    values.release()
     return [
         MAGIC,
         _u32(len(header)),

@@ -264,7 +264,7 @@ class FactStore:
         change (the consistency token) and the counts.
         """
         # Checked and encoded before taking the writers' lock, so that it is held only for the
-        # database work; in turns, since an import's hundred thousands of facts are written
+        # database work; in turns, since an import's hundreds of thousands of facts are written
         # beside the event loop that decides (`bastion.turns`).
         turns = Turns()
         ins = [
