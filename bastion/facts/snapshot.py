@@ -215,14 +215,13 @@ def _parts_of(origin: SnapshotOrigin, groups: Iterable[PredicateRows]) -> list[b
         for i in range(g.arity):
             body.append(_arr(values.column(rows, i)))
         if g.expiries:
-            position: dict[tuple, int] = {}
+            # Each expiry by its row's place (no table of every row's place: see `_SHARDS`).
+            where, at, expiry = array(_U32), array("d"), g.expiries.get
             for start, chunk in turns.slices(rows):
-                position.update(zip(chunk, range(start, start + len(chunk)), strict=True))
-            where, at = array(_U32), array("d")
-            for chunk in turns.chunks(g.expiries.items()):
-                kept = [(position[r], t) for r, t in chunk if r in position]
-                where.extend(n for n, _ in kept)
-                at.extend(t for _, t in kept)
+                for n, t in enumerate(map(expiry, chunk), start):
+                    if t is not None:
+                        where.append(n)
+                        at.append(t)
             body += [_arr(where), _arr(at)]
     lengths, text = values.string_table()
     header = json.dumps(origin.to_json(), separators=(",", ":")).encode()
