@@ -275,12 +275,18 @@ class FactIndex:
         The caller holds the lock."""
         intern = self.intern
         by_predicate: dict[tuple[str, int], list[tuple]] = {}
-        for fact, _ in inserts:
+        # The facts as stored, with their expiries, if any expiry is to be set or taken away.
+        timed: list[tuple[tuple, float | None]] | None = (
+            [] if self._expiry or any(at is not None for _, at in inserts) else None
+        )
+        for fact, at in inserts:
             values = fact[1:] if shared else tuple(map(intern, fact[1:]))
             rows = by_predicate.get((fact[0], len(values)))
             if rows is None:
                 rows = by_predicate[fact[0], len(values)] = []
             rows.append(values)
+            if timed is not None:
+                timed.append((fact if shared else (fact[0], *values), at))
         added = 0
         for (name, arity), rows in by_predicate.items():
             new = self.predicate(name, arity).add_many(rows)
@@ -290,10 +296,9 @@ class FactIndex:
                     self._count_entities(values, +1)
         self.count += added
         self.generation = next(GENERATIONS)
-        if self._expiry or any(at is not None for _, at in inserts):
+        if timed is not None:
             expiry, heap, pushed = self._expiry, self._expiry_heap, False
-            for fact, at in inserts:
-                full = fact if shared else (fact[0], *map(intern, fact[1:]))
+            for full, at in timed:
                 if at is not None:
                     expiry[full] = at
                     heap.append((at, full))
