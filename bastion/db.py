@@ -87,6 +87,17 @@ def connect(url: str, role: str) -> psycopg.Connection:
     )
 
 
+def _readable(fd: int) -> bool:
+    """Whether bytes (or the end) wait on the socket ``fd``; True if it cannot be told (closed
+    meanwhile). poll, not select: a busy process's descriptors may be numbered past 1024."""
+    try:
+        waiting = select.poll()
+        waiting.register(fd, select.POLLIN)
+        return bool(waiting.poll(0))
+    except (OSError, ValueError):
+        return True
+
+
 def _is_read(sql: str) -> bool:
     """A statement that changes nothing, so sending it twice is harmless."""
     return sql.lstrip()[:6].upper() == "SELECT"
@@ -149,11 +160,8 @@ class Database:
         conn = self._conn
         if conn is not None and not conn.closed:
             try:
-                # poll, not select: a busy process's descriptors may be numbered past 1024.
-                waiting = select.poll()
-                waiting.register(conn.fileno(), select.POLLIN)
-                readable = bool(waiting.poll(0))
-            except (OSError, ValueError, psycopg.Error):
+                readable = _readable(conn.fileno())
+            except psycopg.Error:
                 readable = True
             if not readable:
                 return conn
@@ -459,6 +467,11 @@ class Listener:
     the connection is up and has answered within ``stale_after`` seconds (it is asked every
     ``heartbeat`` seconds), so a connection that hangs without an error is not trusted either.
     ``name`` names the thread and the connection (see `application_name`).
+
+    A notification can reach this process before its thread has handled it (the thread waits
+    for the GIL while a request is decided): `behind` tells, so that a caller who must not act
+    on what the notice would change (a revoked token, a changed fact) waits for it
+    (`caught_up`) or reads the database.
     """
 
     def __init__(
@@ -482,12 +495,41 @@ class Listener:
         self._on_listening = on_listening
         self._connected = False
         self._answered_at = 0.0
+        # The connection's socket while connected, and whether the thread is parked on it with
+        # every notification it has read handled (see `behind`).
+        self._fd = -1
+        self._waiting = False
+        self._parked = threading.Condition()  # told each time the thread parks (`caught_up`)
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
 
     @property
     def healthy(self) -> bool:
         return self._connected and time.monotonic() - self._answered_at < self.stale_after
+
+    def behind(self) -> bool:
+        """True when a notification may have reached this process and not been handled yet:
+        bytes wait on the socket, or the thread is not parked waiting for them (it is reading
+        them, handling them, or asking its heartbeat, which can read one too). The socket is
+        looked at first: if the thread took the bytes in between, it had stopped waiting
+        before, and the second look sees it. A notice still on its way from PostgreSQL is not
+        seen; it left after its commit, not before the commit's client heard back."""
+        fd = self._fd
+        return fd < 0 or _readable(fd) or not self._waiting
+
+    def caught_up(self, timeout: float) -> bool:
+        """Wait until the thread has handled every notification that reached this process
+        (not `behind`); False if that takes longer than ``timeout`` seconds, or the connection
+        is lost meanwhile."""
+        if not self.behind():
+            return True
+        deadline = time.monotonic() + timeout
+        with self._parked:
+            while self.behind():
+                left = deadline - time.monotonic()
+                if not self._connected or left <= 0 or not self._parked.wait(left):
+                    return False
+        return True
 
     def start(self) -> None:
         self._thread.start()
@@ -505,14 +547,11 @@ class Listener:
                     self.backend_pid = conn.info.backend_pid
                     self._on_listening()
                     self._answered_at = time.monotonic()
+                    self._fd = conn.fileno()
                     self._connected = True
-                    while not self._stopping.is_set():
-                        for note in conn.notifies(timeout=self.heartbeat):
-                            self._on_notify(note.payload)
-                        conn.execute("SELECT 1")
-                        self._answered_at = time.monotonic()
+                    self._follow(conn)
             except Exception as e:  # a dropped connection: reconnect, then catch up
-                self._connected = False
+                self._lost()
                 if not self._stopping.is_set():
                     log.warning(
                         "%s: notifications on %s lost (%s); reconnecting",
@@ -521,4 +560,38 @@ class Listener:
                         e,
                     )
                     self._stopping.wait(0.5)
-        self._connected = False
+        self._lost()
+
+    def _lost(self) -> None:
+        self._connected, self._waiting, self._fd = False, False, -1
+        with self._parked:
+            self._parked.notify_all()  # a `caught_up` waiting gives up now
+
+    def _follow(self, conn: psycopg.Connection) -> None:
+        """Park on the socket until bytes come or the heartbeat is due, then handle every
+        notification read, and park again only once they are handled. Bytes that were no
+        notification (the server's last words, say) are followed by the heartbeat at once, so
+        a connection the server ends is known lost before the thread parks on it again."""
+        parked = select.poll()
+        parked.register(self._fd, select.POLLIN)
+        beat = time.monotonic() + self.heartbeat
+        while not self._stopping.is_set():
+            self._waiting = True
+            with self._parked:
+                self._parked.notify_all()
+            woke = parked.poll(max(0, (beat - time.monotonic()) * 1000))
+            self._waiting = False
+            heard = self._handle(conn)
+            if (woke and not heard) or time.monotonic() >= beat:
+                conn.execute("SELECT 1")
+                self._answered_at = time.monotonic()
+                beat = self._answered_at + self.heartbeat
+                self._handle(conn)  # those the query read, kept for the next ``notifies``
+
+    def _handle(self, conn: psycopg.Connection) -> bool:
+        """Handle the notifications read, waiting for none; whether there were any."""
+        heard = False
+        for note in conn.notifies(timeout=0):
+            heard = True
+            self._on_notify(note.payload)
+        return heard

@@ -417,9 +417,8 @@ class Gateway:
         event loop), then a token whose ``iss`` is a trusted issuer, checked against that issuer
         alone. Raises `InvalidToken`, `DatabaseUnavailable` or `IssuerUnavailable`."""
         tokens, resource = self.tokens, self.resource(server)
-        if tokens.local:
-            verified = tokens.remembered(token, resource)
-        else:
+        verified = tokens.remembered(token, resource, on_loop=True)
+        if verified == "off_loop":
             verified = await anyio.to_thread.run_sync(tokens.remembered, token, resource)
         if verified is not None:
             return verified

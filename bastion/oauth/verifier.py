@@ -16,7 +16,7 @@ import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from joserfc import jwt
 from joserfc.errors import JoseError
@@ -253,6 +253,11 @@ def delegation_chain(claims: dict[str, Any]) -> tuple[str, ...]:
     return tuple(reversed(actors))
 
 
+# How long a use waits for the revocation listener to handle a notice that has reached this
+# process before reading the token's state instead.
+CATCH_UP = 0.1
+
+
 class VerifiedTokens:
     """Tokens `TokenVerifier` accepted, remembered until they expire, for per-request use.
 
@@ -265,13 +270,16 @@ class VerifiedTokens:
       no rows.
     - PostgreSQL: each revocation NOTIFYs `REVOCATIONS_CHANNEL` in its transaction, and a
       `Listener` of this object's own forgets the grant's tokens when it hears it. While that
-      listener is healthy a remembered token is checked in memory; while it is not (starting,
-      reconnecting, silent), every use reads the state as before, and once it is back every
-      remembered token is forgotten, since a revocation may have been missed meanwhile.
+      listener is healthy a remembered token is checked in memory, once the listener has
+      handled every notice that reached this process (`Listener.caught_up`: one can wait for
+      the GIL while a call is decided); while it is not healthy (starting, reconnecting,
+      silent) or does not catch up within `CATCH_UP` seconds, every use reads the state as
+      before, and once it is back every remembered token is forgotten, since a revocation may
+      have been missed meanwhile.
 
     Either way a revocation through ``verifier.store`` (this process) forgets the grant's tokens
-    as soon as it commits. ``local`` says whether `remembered` can be called on the event loop
-    (it reads nothing over the network).
+    as soon as it commits. On the event loop `remembered` is asked with ``on_loop``: where it
+    would wait or read it says so, and is asked again from a worker thread.
     """
 
     def __init__(self, verifier: TokenVerifier, database_url: str, max_tokens: int = 10_000):
@@ -301,13 +309,18 @@ class VerifiedTokens:
 
     @property
     def local(self) -> bool:
-        """True when `remembered` reads no row over the network: always on SQLite, and on
-        PostgreSQL while the revocation listener is healthy."""
-        return self.listener is None or self.listener.healthy
+        """True when `remembered` would answer at once, on the event loop too: always on SQLite,
+        and on PostgreSQL while the revocation listener is healthy and not behind."""
+        listener = self.listener
+        return listener is None or (listener.healthy and not listener.behind())
 
-    def remembered(self, token: str, resource: str | None) -> VerifiedToken | None:
+    def remembered(
+        self, token: str, resource: str | None, on_loop: bool = False
+    ) -> VerifiedToken | None | Literal["off_loop"]:
         """The token's facts if it was verified before and is still valid; None means: call
-        `verify` (a token not seen yet, expired, revoked, or forgotten)."""
+        `verify` (a token not seen yet, expired, revoked, or forgotten). ``on_loop``: the caller
+        is the event loop, so instead of waiting for the listener or reading the token's state
+        this answers ``"off_loop"``: ask again from a worker thread."""
         key = (token, resource)
         entry = self._tokens.get(key)
         if entry is None:
@@ -317,10 +330,17 @@ class VerifiedTokens:
             with self._lock:
                 self._drop(key)
             return None
-        if self.listener is not None and self.listener.healthy:
-            return verified  # a revocation would have removed the entry
-        # SQLite, or PostgreSQL without a healthy listener (then this reads the state, even if
-        # the caller saw ``local`` just before the listener fell ill).
+        listener = self.listener
+        if listener is not None:
+            # A revocation the listener has handled has removed the entry (looked up again: it
+            # may have done so since the first look).
+            if listener.healthy and not listener.behind():
+                return verified if self._tokens.get(key) is entry else None
+            if on_loop:
+                return "off_loop"
+            if listener.healthy and listener.caught_up(CATCH_UP):
+                return verified if self._tokens.get(key) is entry else None
+        # SQLite, or PostgreSQL without a healthy listener (or one that did not catch up).
         marker = self.db.data_version()
         if marker is None or marker != seen:
             state = self._store.access_token_state(verified.jti)

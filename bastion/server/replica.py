@@ -62,6 +62,8 @@ _PAGE = 200
 _PG_POLL_INTERVAL = 1.0
 # After a failed read of the change log, try again this soon.
 _RETRY_INTERVAL = 0.25
+# `_given_up`'s notice when what ran out was the wait for the listener itself (`Listener.behind`).
+_BEHIND = -1.0
 # A change with more facts is checked against the policy on a worker thread (`_load_change`).
 _CHECKED_ON_LOOP = 1000
 
@@ -459,13 +461,30 @@ class Replica:
         the next read that finds nothing more. Once a task's wait for a notice has run out, its
         next asks about that notice say False at once: a gateway message, which asks twice (its
         ``connect``, then its own decision), is refused after one wait, not two; any other task
-        waits as ever."""
+        waits as ever. A notice can reach this process before the listener's thread has handled
+        it (`Listener.behind`): then the listener is waited for first."""
+        listener = self._listener
+        if listener is not None and listener.healthy and listener.behind():
+            if self._given_up == (_BEHIND, asyncio.current_task()):
+                return _refused()
+            return self._caught_up_then_heard(listener, timeout)
+        return self._heard_of(timeout)
+
+    def _heard_of(self, timeout: float) -> Awaitable[bool] | None:
         noticed = self.noticed
         if noticed <= self.confirmed_at:
             return None
         if self._given_up == (noticed, asyncio.current_task()):
             return _refused()
         return self._heard(noticed, timeout)
+
+    async def _caught_up_then_heard(self, listener: Listener, timeout: float) -> bool:
+        started = time.monotonic()
+        if not await anyio.to_thread.run_sync(listener.caught_up, timeout):
+            self._given_up = (_BEHIND, asyncio.current_task())
+            return False
+        waiting = self._heard_of(max(0.0, timeout - (time.monotonic() - started)))
+        return True if waiting is None else await waiting
 
     async def _heard(self, noticed: float, timeout: float) -> bool:
         if await self._until(lambda: self.confirmed_at >= noticed, timeout):

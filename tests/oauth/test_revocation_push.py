@@ -144,6 +144,55 @@ def held_notices(monkeypatch) -> Iterator[threading.Event]:
     release.set()
 
 
+class SlowNotices:
+    """The listener's handling of each notice waits until `release` is set, as a thread waiting
+    for the GIL while calls are decided would; `arrived` is set when one reaches it."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.arrived, self.release = threading.Event(), threading.Event()
+        notified = VerifiedTokens._notified
+
+        def slow(tokens: VerifiedTokens, payload: str) -> None:
+            self.arrived.set()
+            self.release.wait(20)
+            notified(tokens, payload)
+
+        monkeypatch.setattr(VerifiedTokens, "_notified", slow)
+
+
+@pytest.fixture
+def slow_notices(monkeypatch) -> Iterator[SlowNotices]:
+    slow = SlowNotices(monkeypatch)
+    yield slow
+    slow.release.set()
+
+
+def test_a_revocation_whose_notice_has_arrived_but_is_not_handled_yet_is_refused(
+    slow_notices, replicas, monkeypatch
+):
+    token, jti, _ = replicas.issue()
+    waited, waited_jti, _ = replicas.issue()
+    reads = Reads(replicas.tokens.db, monkeypatch)
+    assert replicas.remembered(token) is not None and reads.count == 0
+
+    replicas.b.revoke_access_token(jti, time.time())
+    assert slow_notices.arrived.wait(20)
+    # The notice is here, its handling is not done: on the event loop nothing is answered (nor
+    # waited for, nor read); from a worker thread the token's state is read, not trusted.
+    assert not replicas.tokens.local
+    assert replicas.tokens.remembered(token, replicas.a.resource, on_loop=True) == "off_loop"
+    assert reads.count == 0
+    assert replicas.remembered(token) is None
+    assert reads.count == 1
+
+    # Handled while a call waits for it: the notice refuses, without a read.
+    replicas.b.revoke_access_token(waited_jti, time.time())
+    threading.Timer(0.02, slow_notices.release.set).start()
+    before = reads.count
+    assert eventually(lambda: replicas.remembered(waited) is None)
+    assert reads.count == before
+
+
 def revoke_at_the_endpoint(replicas: Replicas, issued: dict) -> None:
     response = replicas.a.http.post(
         f"{replicas.a.url}/revoke",

@@ -100,3 +100,61 @@ def test_a_heard_commit_is_applied_before_anything_is_decided(postgres_url):
         asyncio.run(scenario())
     finally:
         writer.close()
+
+
+def test_a_notice_that_has_arrived_but_is_not_handled_yet_is_waited_for(postgres_url, monkeypatch):
+    """The listener's thread can be slow to handle a notice that is already here (it waits for
+    the GIL while messages are decided): a message decided meanwhile would not know of it. It is
+    waited for, then the commit it tells of."""
+    arrived, release = threading.Event(), threading.Event()
+    notified = Replica._notified
+
+    def slow(replica: Replica, payload: str) -> None:
+        arrived.set()
+        release.wait(20)
+        notified(replica, payload)
+
+    monkeypatch.setattr(Replica, "_notified", slow)
+    writer = FactStore.open(postgres_url)
+    writer.put_policy(POLICY)
+
+    async def scenario():
+        replica = Replica(postgres_url, max_staleness=30)
+        await replica.start()
+        try:
+            deadline = time.monotonic() + 30
+            while not replica.listening:
+                assert time.monotonic() < deadline, "the replica never listened"
+                await asyncio.sleep(0.01)
+            release.set()
+            await settled(replica)
+            release.clear()
+            arrived.clear()
+            seq = (await asyncio.to_thread(writer.apply, [StoredFact(READER)])).seq
+            assert await asyncio.to_thread(arrived.wait, 20)
+            assert replica.applied < seq and not replica.authz.authorize(ADA, "read", REPO)
+            # Not handled within the time given: False (the gateway refuses, as on stale facts),
+            # and the same task (a message's second ask) is refused at once, without a second
+            # wait.
+            waiting = replica.heard_not_applied(0.05)
+            assert waiting is not None and await waiting is False
+            waiting = replica.heard_not_applied(20)
+            assert waiting is not None and await waiting is False
+
+            async def another_message() -> bool:
+                # Handled while it waits: the message is decided on the commit.
+                asked = replica.heard_not_applied(20)
+                assert asked is not None
+                threading.Timer(0.02, release.set).start()
+                return await asked
+
+            assert await asyncio.create_task(another_message()) is True
+            assert replica.applied >= seq and replica.authz.authorize(ADA, "read", REPO)
+        finally:
+            release.set()
+            await replica.stop()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        writer.close()
