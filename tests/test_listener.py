@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import socket
 import threading
-import time
 import uuid
 from collections.abc import Callable, Iterator
 
@@ -15,15 +14,7 @@ import pytest
 
 from bastion.db import Listener
 from tests.conftest import POSTGRES_URL
-
-
-def eventually(condition: Callable[[], bool], within: float = 20.0) -> bool:
-    deadline = time.monotonic() + within
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.002)
-    return True
+from tests.waits import eventually
 
 
 class Heard:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import psycopg
 import pytest
@@ -20,18 +20,9 @@ from bastion.db import Database
 from bastion.oauth import InvalidToken
 from bastion.oauth.store import OAuthStore
 from bastion.oauth.verifier import VerifiedTokens
+from tests.waits import eventually
 
 from .support import Bastion, running_bastion
-
-
-def eventually(condition: Callable[[], bool], within: float = 20.0) -> bool:
-    """Poll until ``condition`` holds; False if it never did (the caller asserts)."""
-    deadline = time.monotonic() + within
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.005)
-    return True
 
 
 class Reads:

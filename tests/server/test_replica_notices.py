@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from collections.abc import Awaitable, Callable
 
 from bastion.facts.model import Entity
 from bastion.facts.store import FactStore, StoredFact
@@ -34,29 +35,46 @@ async def settled(replica: Replica) -> None:
     raise AssertionError("notices never stopped coming")
 
 
-def test_a_heard_commit_is_applied_before_anything_is_decided(postgres_url):
+def with_a_listening_replica(
+    postgres_url: str, scenario: Callable[[Replica, FactStore], Awaitable[None]]
+) -> None:
+    """Run ``scenario(replica, writer)`` with a replica of ``POLICY`` that listens for commits,
+    and a writer of its own."""
     writer = FactStore.open(postgres_url)
     writer.put_policy(POLICY)
 
-    async def scenario():
+    async def run():
         replica = Replica(postgres_url, max_staleness=30)
         await replica.start()
         try:
-            await settled(replica)  # current: nothing to wait for
             # Its LISTEN in force (a thread of its own makes it): a commit before would go
             # unheard, found by the next poll instead.
             deadline = time.monotonic() + 30
             while not replica.listening:
                 assert time.monotonic() < deadline, "the replica never listened"
                 await asyncio.sleep(0.01)
-            # The follower's reads are held back, as on a loaded machine.
-            held, read = threading.Event(), replica.store.changes_since
+            await scenario(replica, writer)
+        finally:
+            await replica.stop()
 
-            def slow_read(*args, **kwargs):
-                held.wait(10)
-                return read(*args, **kwargs)
+    try:
+        asyncio.run(run())
+    finally:
+        writer.close()
 
-            replica.store.changes_since = slow_read
+
+def test_a_heard_commit_is_applied_before_anything_is_decided(postgres_url):
+    async def scenario(replica: Replica, writer: FactStore) -> None:
+        await settled(replica)  # current: nothing to wait for
+        # The follower's reads are held back, as on a loaded machine.
+        held, read = threading.Event(), replica.store.changes_since
+
+        def slow_read(*args, **kwargs):
+            held.wait(10)
+            return read(*args, **kwargs)
+
+        replica.store.changes_since = slow_read
+        try:
             seq = (await asyncio.to_thread(writer.apply, [StoredFact(READER)])).seq
             deadline = time.monotonic() + 30
             while (waiting := replica.heard_not_applied(5)) is None:
@@ -94,12 +112,8 @@ def test_a_heard_commit_is_applied_before_anything_is_decided(postgres_url):
             assert replica.applied == seq
         finally:
             held.set()
-            await replica.stop()
 
-    try:
-        asyncio.run(scenario())
-    finally:
-        writer.close()
+    with_a_listening_replica(postgres_url, scenario)
 
 
 def test_a_notice_that_has_arrived_but_is_not_handled_yet_is_waited_for(postgres_url, monkeypatch):
@@ -107,6 +121,7 @@ def test_a_notice_that_has_arrived_but_is_not_handled_yet_is_waited_for(postgres
     the GIL while messages are decided): a message decided meanwhile would not know of it. It is
     waited for, then the commit it tells of."""
     arrived, release = threading.Event(), threading.Event()
+    release.set()  # held from the commit on
     notified = Replica._notified
 
     def slow(replica: Replica, payload: str) -> None:
@@ -115,18 +130,9 @@ def test_a_notice_that_has_arrived_but_is_not_handled_yet_is_waited_for(postgres
         notified(replica, payload)
 
     monkeypatch.setattr(Replica, "_notified", slow)
-    writer = FactStore.open(postgres_url)
-    writer.put_policy(POLICY)
 
-    async def scenario():
-        replica = Replica(postgres_url, max_staleness=30)
-        await replica.start()
+    async def scenario(replica: Replica, writer: FactStore) -> None:
         try:
-            deadline = time.monotonic() + 30
-            while not replica.listening:
-                assert time.monotonic() < deadline, "the replica never listened"
-                await asyncio.sleep(0.01)
-            release.set()
             await settled(replica)
             release.clear()
             arrived.clear()
@@ -152,9 +158,5 @@ def test_a_notice_that_has_arrived_but_is_not_handled_yet_is_waited_for(postgres
             assert replica.applied >= seq and replica.authz.authorize(ADA, "read", REPO)
         finally:
             release.set()
-            await replica.stop()
 
-    try:
-        asyncio.run(scenario())
-    finally:
-        writer.close()
+    with_a_listening_replica(postgres_url, scenario)

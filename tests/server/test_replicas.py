@@ -10,6 +10,8 @@ import httpx
 import psycopg
 import pytest
 
+from tests.waits import eventually
+
 from .conftest import entity, role
 
 READ_ANVIL = {
@@ -23,17 +25,6 @@ def decide(server_client: httpx.Client, body: dict = READ_ANVIL) -> bool:
     r = server_client.post("/v1/authorize", json=body)
     assert r.status_code == 200, r.text
     return r.json()["allowed"]
-
-
-def eventually(predicate, within: float = 1.0) -> bool:
-    """Poll ``predicate`` until it holds or the deadline passes (a deadline, not a timing)."""
-    deadline = time.monotonic() + within
-    while True:
-        if predicate():
-            return True
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
 
 
 def test_a_role_deleted_through_one_replica_is_enforced_by_the_other_within_a_second(
@@ -171,7 +162,7 @@ def test_a_policy_pushed_through_one_replica_reaches_the_other(kind, request, se
     a, b = serve(url), serve(url)
     with a.client() as ca, b.client() as cb:
         ca.post("/v1/facts", json={"facts": [role("alice", "reader", "Repo", "anvil")]})
-        assert eventually(lambda: decide(cb))
+        assert eventually(lambda: decide(cb), within=1.0)
         text = ca.get("/v1/policy").json()["text"].replace('"read" if "reader";', "")
         seq = ca.put("/v1/policy", json={"text": text}).json()["sequence"]
         assert not decide(cb, {**READ_ANVIL, "at_least": seq})
@@ -186,7 +177,7 @@ def test_a_replica_that_cannot_load_the_policy_in_force_stops_deciding_until_one
     a, b = serve(sqlite_url), serve(sqlite_url, BASTION_POLICY_MAX_BYTES="4096")
     with a.client() as ca, b.client() as cb:
         ca.post("/v1/facts", json={"facts": [role("alice", "reader", "Repo", "anvil")]})
-        assert eventually(lambda: decide(cb))
+        assert eventually(lambda: decide(cb), within=1.0)
         old = ca.get("/v1/policy").json()["text"]
         # The new policy takes alice's read away; it is larger than b may load.
         revoked = old.replace('"read" if "reader";', "") + "\n# " + "x" * 8192 + "\n"
