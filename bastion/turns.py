@@ -57,6 +57,13 @@ class Turns:
             yield item
             self.tick()
 
+    def empty(self, items: list) -> None:
+        """Let go of ``items`` a `CHUNK` at a time, a tick after each: freed whole, a million
+        objects hold the GIL for tens of milliseconds in one call."""
+        while items:
+            del items[-CHUNK:]
+            self.tick()
+
     def slices(self, items: Sequence[T]) -> Iterator[tuple[int, Sequence[T]]]:
         """``items`` in slices of at most `CHUNK`, each with its start; a tick after each."""
         for start in range(0, len(items), CHUNK):

@@ -258,6 +258,15 @@ class FactSet:
         ``shared``: ``checked`` went through `shared` too."""
         self._commit(checked, [self._parse(p, pattern=True) for p in deletes], shared)
 
+    def fill(self, checked: list[tuple], turns: Turns) -> None:
+        """`load_checked` of facts `shared` made, into facts that nothing decides on yet (a
+        replica's next `Authorizer`), on a worker thread: a `CHUNK` at a time, a tick after
+        each, so that a reader would see them part by part."""
+        now = time.time()
+        with self._index.lock:
+            for chunk in turns.chunks(i for i in checked if i[1] is None or i[1] > now):
+                self._index.add_all(chunk, shared=True)
+
     def shared(self, checked: list[tuple], turns: Turns | None = None) -> list[tuple]:
         """Facts `check` found usable, their values as the index stores them (`FactIndex.shared`),
         made without the lock: what is left to `load_checked` is adding them."""

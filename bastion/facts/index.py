@@ -297,16 +297,21 @@ class FactIndex:
         self.count += added
         self.generation = next(GENERATIONS)
         if timed is not None:
-            expiry, heap, pushed = self._expiry, self._expiry_heap, False
+            expiry, pushes = self._expiry, []
             for full, at in timed:
                 if at is not None:
                     expiry[full] = at
-                    heap.append((at, full))
-                    pushed = True
+                    pushes.append((at, full))
                 else:
                     expiry.pop(full, None)  # given again without an expiry: it no longer expires
-            if pushed:
-                heapq.heapify(heap)
+            if pushes:
+                heap = self._expiry_heap
+                if len(pushes) < len(heap) // 8:  # a few into many (one part of a fill, say)
+                    for entry in pushes:
+                        heapq.heappush(heap, entry)
+                else:
+                    heap += pushes
+                    heapq.heapify(heap)
                 self.next_expiry = heap[0][0]
         return added
 

@@ -28,7 +28,7 @@ from typing import Any
 
 from bastion.facts.model import Entity
 from bastion.facts.store import SCHEMA_VERSION, FactStore, PolicyVersion, StoredFact
-from bastion.turns import CHUNK, Turns, collector_paused
+from bastion.turns import Turns, collector_paused
 
 MAGIC = b"bastion-facts\n"
 # Bumped whenever the layout below changes: a file of another format is ignored.
@@ -174,10 +174,7 @@ class _Values:
         would hold the GIL for tens of milliseconds."""
         for shard in self.turns.each([*self.numbers, *self.strings]):
             shard.clear()
-        strings = self.string_list
-        while strings:
-            del strings[-CHUNK:]
-            self.turns.tick()
+        self.turns.empty(self.string_list)
 
 
 def _u32(n: int) -> bytes:

@@ -382,11 +382,18 @@ class FactStore:
     def count(self) -> int:
         return self.db.execute("SELECT COUNT(*) FROM facts")[0][0]
 
-    def snapshot(self) -> tuple[int, list[StoredFact], PolicyVersion | None]:
-        """The head sequence, all live facts and the policy in force, as of one moment."""
+    def snapshot(
+        self, turns: Turns | None = None
+    ) -> tuple[int, list[StoredFact], PolicyVersion | None]:
+        """The head sequence, all live facts and the policy in force, as of one moment. With
+        ``turns``, on a worker thread beside an event loop: read in smaller pages, a tick after
+        each fact."""
         with self.db.transaction(read_only=True):
             seq = self.head()
-            facts = list(self.iter_all(batch=50_000))
+            if turns is None:
+                facts = list(self.iter_all(batch=50_000))
+            else:
+                facts = list(turns.each(self.iter_all()))
             policy = self.policy()
         return seq, facts, policy
 

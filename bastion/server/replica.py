@@ -85,14 +85,30 @@ def load_facts(
     return [StoredFact(fact, expires_at) for fact, expires_at in refused]
 
 
-def _build(
-    text: str, facts: list[StoredFact], source: str, limits: PolicyLimits, freeze: bool = False
-) -> tuple[Authorizer, list[StoredFact]]:
-    with _bulk_load(freeze):
+def _from_store(
+    store: FactStore, limits: PolicyLimits, first: bool
+) -> tuple[int, PolicyVersion | None, Authorizer, list[StoredFact], list[StoredFact]]:
+    """Every stored fact read and an `Authorizer` built of them, on a worker thread. Except at
+    the start (``first``), beside an event loop that decides meanwhile: in turns, and the facts
+    read let go of here a part at a time. Returns the sequence read at, the policy in force, the
+    `Authorizer`, the facts it cannot use, and the suspension facts (`Suspensions.reset`)."""
+    with _bulk_load(first):
+        turns = None if first else Turns()
+        seq, facts, policy = store.snapshot(turns)
         authz = Authorizer("", limits=limits)
-        if text:
-            authz.load_policy(text, source=source or "policy.polar")
-        return authz, load_facts(authz, facts)
+        if policy is not None:
+            authz.load_policy(policy.text, source=policy.source or "policy.polar")
+        pairs = [(f.fact, f.expires_at) for f in facts]
+        checked, refused = authz.facts.check(pairs, turns)
+        if turns is None:
+            authz.facts.load_checked(checked)
+        else:
+            authz.facts.fill(authz.facts.shared(checked, turns), turns)
+        suspended = [f for f in facts if f.fact[0] == SUSPENDED and len(f.fact) == 2]
+        if turns is not None:
+            for each in (checked, pairs, facts):
+                turns.empty(each)
+    return seq, policy, authz, [StoredFact(f, at) for f, at in refused], suspended
 
 
 @contextlib.contextmanager
@@ -352,25 +368,23 @@ class Replica:
         """Load a snapshot into a new `Authorizer`, then swap it in (decisions go on meanwhile)."""
         asked_at = time.monotonic()
         started = time.perf_counter()
-        seq, facts, policy = await anyio.to_thread.run_sync(self.store.snapshot)
-        text, source = (policy.text, policy.source) if policy else ("", "")
         first = not self.ready  # the start's load: nothing to replace
-        authz, unusable = await anyio.to_thread.run_sync(
-            _build, text, facts, source, self.limits, first
+        seq, policy, authz, unusable, suspended = await anyio.to_thread.run_sync(
+            _from_store, self.store, self.limits, first
         )
         if unusable:
             log.warning("%d stored facts are not used by the policy in force", len(unusable))
         self.authz, self.unusable = authz, unusable
         if not first:
             _thaw()  # the replaced Authorizer, if frozen
-        self.suspensions.reset(facts)
+        self.suspensions.reset(suspended)
         self.policy_version = policy.version if policy else None
         self.applied = seq
         self.head_seen = max(self.head_seen, seq)
         self.confirmed_at = asked_at
         log.info(
             "loaded %d facts and policy version %s at sequence %d in %.2fs",
-            len(facts),
+            len(authz.facts),
             self.policy_version,
             seq,
             time.perf_counter() - started,

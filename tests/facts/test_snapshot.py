@@ -576,6 +576,50 @@ def test_a_large_change_is_applied_as_a_replica_loaded_after_it_holds_it(
     run(scenario())
 
 
+def test_a_replica_reloaded_while_serving_holds_what_one_loaded_at_its_start_holds(
+    store, database_url, monkeypatch
+):
+    """A replica behind a pruned log loads every fact again while it serves (`_resync`): read,
+    checked and added on a worker thread in turns, a part at a time. It then holds and decides
+    what a replica loaded at its start holds and decides: expiries, the facts the policy cannot
+    use, the suspensions, every decision."""
+    from bastion.facts.index import FactIndex
+    from bastion.server import replica as replica_module
+
+    made, parts = [], []
+
+    class Counted(turns.Turns):
+        def __init__(self) -> None:
+            super().__init__()
+            made.append(self)
+
+    monkeypatch.setattr(replica_module, "Turns", Counted)
+    monkeypatch.setattr(turns, "CHUNK", 3)
+    add_all = FactIndex.add_all
+
+    def counted_add_all(self, inserts, shared=False):
+        parts.append(len(inserts))
+        return add_all(self, inserts, shared)
+
+    monkeypatch.setattr(FactIndex, "add_all", counted_add_all)
+
+    async def scenario():
+        loaded = await started(database_url)
+        reloaded = await started(database_url)
+        assert made == []  # at the start nothing decides yet: not in turns
+        before, parts[:] = reloaded.authz, []
+        await reloaded._resync()
+        assert reloaded.authz is not before
+        # Added three at a time (`CHUNK` here), every fact the policy can use.
+        assert len(made) == 1 and max(parts) == 3 and sum(parts) == len(set(loaded.authz.facts))
+        assert state(reloaded) == state(loaded)
+        assert reloaded.suspensions.holds(USERS[3])
+        await loaded.stop()
+        await reloaded.stop()
+
+    run(scenario())
+
+
 def test_a_large_change_checked_under_a_policy_replaced_meanwhile_is_checked_again(
     store, database_url, monkeypatch
 ):
@@ -609,13 +653,14 @@ def test_a_large_change_checked_under_a_policy_replaced_meanwhile_is_checked_aga
     run(scenario())
 
 
-@pytest.mark.parametrize("shared", [False, True])
-def test_facts_added_all_at_once_are_indexed_as_facts_added_one_by_one(shared):
+@pytest.mark.parametrize("shared, parts", [(False, 1), (True, 1), (True, 25)])
+def test_facts_added_all_at_once_are_indexed_as_facts_added_one_by_one(shared, parts):
     """`FactIndex.add_all` (the path of every write) against `add` of each pair in order: facts
     new and held already, repeated within the batch, with and without expiries (the last given
     wins; one given again without any no longer expires), into predicates with lookups and
-    without, with the entity counts kept; and with the values shared beforehand (`shared`,
-    from equal objects that are not the index's)."""
+    without, with the entity counts kept; with the values shared beforehand (`shared`, from
+    equal objects that are not the index's); and given in parts, one call each (as a replica's
+    next `Authorizer` is filled, `FactSet.fill`)."""
     import random
 
     from bastion.facts.index import FactIndex, Many
@@ -674,7 +719,12 @@ def test_facts_added_all_at_once_are_indexed_as_facts_added_one_by_one(shared):
             one.add(fact, at)
         given = [(copied(fact), at) for fact, at in batch]
         generation = bulk.generation
-        added = bulk.add_all(bulk.shared(given), shared=True) if shared else bulk.add_all(given)
+        if shared:
+            given = bulk.shared(given)
+        step = -(-len(given) // parts)
+        added = sum(
+            bulk.add_all(given[i : i + step], shared=shared) for i in range(0, len(given), step)
+        )
         assert added == one.count - held > 0
         assert norm(bulk) == norm(one)
         assert bulk.generation != generation
