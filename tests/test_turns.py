@@ -69,3 +69,31 @@ def test_the_items_made_in_turns_are_those_made_at_once(monkeypatch):
         (4, [4]),
     ]
     assert pauses == [turns.PAUSE] * (5 + 3 + 3 + 3)
+
+
+def test_the_collectors_full_passes_are_held_and_its_young_ones_go_on():
+    """`full_passes_held`: while it holds, the collector walks what was made lately (its young
+    passes) but never everything (a full pass); two holders at once (nested here, or on two
+    threads) put the thresholds back only when the last one ends."""
+    import gc
+
+    before = gc.get_threshold()
+    passes: list[int] = []
+
+    def seen(phase: str, info: dict) -> None:
+        if phase == "start":
+            passes.append(info["generation"])
+
+    gc.callbacks.append(seen)
+    try:
+        with turns.full_passes_held():
+            held = gc.get_threshold()
+            assert held[:2] == before[:2] and held[2] >= 2**31 - 1
+            with turns.full_passes_held():
+                kept = [[i] for i in range(200_000)]  # long-lived containers, as facts are
+            assert gc.get_threshold() == held  # the outer one holds still
+        assert gc.get_threshold() == before
+    finally:
+        gc.callbacks.remove(seen)
+    assert len(kept) == 200_000
+    assert 0 in passes and 2 not in passes

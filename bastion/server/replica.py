@@ -51,7 +51,7 @@ from bastion.policy.errors import PolicyError
 from bastion.policy.limits import DEFAULT_LIMITS, PolicyLimits
 from bastion.signals.suspensions import PREDICATE as SUSPENDED
 from bastion.signals.suspensions import Suspensions
-from bastion.turns import Turns, collector_paused
+from bastion.turns import Turns, collector_paused, full_passes_held
 
 log = logging.getLogger("bastion.replica")
 
@@ -89,8 +89,9 @@ def _from_store(
     store: FactStore, limits: PolicyLimits, first: bool
 ) -> tuple[int, PolicyVersion | None, Authorizer, list[StoredFact], list[StoredFact]]:
     """Every stored fact read and an `Authorizer` built of them, on a worker thread. Except at
-    the start (``first``), beside an event loop that decides meanwhile: in turns, and the facts
-    read let go of here a part at a time. Returns the sequence read at, the policy in force, the
+    the start (``first``), beside an event loop that decides meanwhile: in turns, with the
+    collector's full passes held (`_bulk_load`), and the facts read let go of here a part at a
+    time. Returns the sequence read at, the policy in force, the
     `Authorizer`, the facts it cannot use, and the suspension facts (`Suspensions.reset`)."""
     with _bulk_load(first):
         turns = None if first else Turns()
@@ -114,10 +115,11 @@ def _from_store(
 @contextlib.contextmanager
 def _bulk_load(freeze: bool = False) -> Iterator[None]:
     """Around the building of a replica's facts: millions of new tuples would start the cyclic
-    garbage collector over and over (each pass longer than the last) while nothing they make
-    can be garbage, so it is paused; and the C allocator is then asked to give back the pages
-    that the load's temporary lists freed (about 30 bytes a fact at 1 M facts, which glibc
-    would otherwise keep).
+    garbage collector's full passes over and over (each longer than the last) while nothing they
+    make can be garbage, so they are held (`full_passes_held`; at the start, with nothing to
+    decide meanwhile, the collector is paused altogether, which costs less); and the C
+    allocator is then asked to give back the pages that the load's temporary lists freed (about
+    30 bytes a fact at 1 M facts, which glibc would otherwise keep).
 
     With ``freeze`` (the load of a replica's start, when the process holds no other facts),
     what the load made is moved out of the collector's sight (`gc.freeze`) before it runs
@@ -126,7 +128,7 @@ def _bulk_load(freeze: bool = False) -> Iterator[None]:
     refers to them; only a cycle among them would be kept, so the replica unfreezes them
     (`_thaw`) when it lets go of what it built (another `Authorizer`, another policy, stop)."""
     try:
-        with collector_paused():
+        with collector_paused() if freeze else full_passes_held():
             try:
                 yield
             finally:
