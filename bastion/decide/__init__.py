@@ -581,8 +581,11 @@ class Authorizer:
         # must not disturb), so a long compile in a worker thread never stalls a decision.
         active = _Active(loaded, self._index, self.limits, self._index.lock)
         with self._index.lock:
-            self._active = active
+            replaced, self._active = self._active, active
             self._index.generation = next(GENERATIONS)
+            # Every decision takes the policy in force under the lock: none runs this one now.
+            if replaced is not None:
+                replaced.compiled.close()
         return loaded.warnings
 
     @property
@@ -629,8 +632,8 @@ class Authorizer:
         ``facts`` (checked with `FactSet.validate`) hold for the session's questions only, as
         if stored: Oso Cloud's context facts.
         """
-        active = self._active
         q = self._begin(context)
+        active = self._active  # under the lock, as in `authorize`
         added = self._assume(facts) if facts else ()
         try:
             yield Session(self, active, q)
@@ -676,12 +679,12 @@ class Authorizer:
         """
         # `_begin` and `_allowed`, written out: on this path a Python call costs about as much
         # as the rest of a check's work put together (docs/benchmarks.md).
-        active = self._active
         index = self._index
         if index.next_expiry <= time.time():
             with index.lock:
                 index.purge_expired(time.time())
         index.lock.acquire()
+        active = self._active  # under the lock: the policy it replaced is closed (`_swap`)
         try:
             q = self._query
             q.context = context
@@ -742,10 +745,11 @@ class Authorizer:
         Only resources that some fact mentions can be listed. ``facts``: as for `session`.
         """
         _check_arguments(actor, action)
-        active = self._active
-        if active.allow is None:
-            return []
         q = self._begin(context)
+        active = self._active  # under the lock, as in `authorize`
+        if active.allow is None:
+            self._index.lock.release()
+            return []
         added = self._assume(facts) if facts else ()
         try:
             fn = active.compiled.function("allow", 3, "bbf")  # compiled on first use, locked
@@ -772,10 +776,11 @@ class Authorizer:
     ) -> set[str]:
         """Every action ``actor`` may take on ``resource``. ``facts``: as for `session`."""
         _check_arguments(actor, "", resource)
-        active = self._active
-        if active.allow is None:
-            return set()
         q = self._begin(context)
+        active = self._active  # under the lock, as in `authorize`
+        if active.allow is None:
+            self._index.lock.release()
+            return set()
         added = self._assume(facts) if facts else ()
         try:
             fn = active.compiled.function("allow", 3, "bfb")  # compiled on first use, locked

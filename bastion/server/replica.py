@@ -126,7 +126,8 @@ def _bulk_load(freeze: bool = False) -> Iterator[None]:
     again: its first pass would otherwise walk every fact (0.7–0.9 s at 1 M facts), and every
     full pass after it too, to find nothing. Frozen objects are still freed when nothing
     refers to them; only a cycle among them would be kept, so the replica unfreezes them
-    (`_thaw`) when it lets go of what it built (another `Authorizer`, another policy, stop)."""
+    (`_thaw`) when it lets go of what it built (another `Authorizer`, stop). A replaced policy
+    breaks its own cycles (`CompiledPolicy.close`) and needs no unfreezing."""
     try:
         with collector_paused() if freeze else full_passes_held():
             try:
@@ -645,7 +646,8 @@ class Replica:
                     )
                     self.policy_version = policy.version
                     self.policy_refused = None
-                    _thaw()  # the replaced policy's compiled code, if frozen
+                    # The replaced policy is closed (`CompiledPolicy.close`), freed without the
+                    # collector: the facts stay out of its sight.
                 except PolicyError as e:
                     # Validated where it was stored, so by other limits or another engine. The
                     # old policy is no longer in force: nothing is decided until one loads.

@@ -10,6 +10,7 @@ import logging
 import os
 import stat
 import time
+import weakref
 from pathlib import Path
 
 import pytest
@@ -464,9 +465,10 @@ def test_a_fact_written_after_a_snapshot_load_about_its_entities_is_found_and_re
 def test_what_a_start_loads_is_out_of_the_collectors_sight_until_the_replica_lets_it_go(
     store, database_url, path
 ):
-    """The start's facts are frozen (`gc.freeze`), so the collector does not walk them; a new
-    policy, a reload and a stop give them back, so that a replaced policy or `Authorizer` caught
-    in a cycle is still freed."""
+    """The start's facts are frozen (`gc.freeze`), so the collector does not walk them. A new
+    policy leaves them so: the replaced one frees itself (`CompiledPolicy.close`), without the
+    collector. A stop gives them back, so that an `Authorizer` caught in a cycle is still
+    freed."""
 
     def frozen(replica: Replica) -> bool:
         """Whether an entity of the facts held is in none of the collector's generations."""
@@ -484,11 +486,16 @@ def test_what_a_start_loads_is_out_of_the_collectors_sight_until_the_replica_let
             replica = await started(database_url, snapshot_path)
             try:
                 assert frozen(replica)
-                # A new policy: the old one's compiled code is given back.
-                version, _ = store.put_policy(POLICY + "\n# again\n")
+                # A new policy: the facts stay frozen, the replaced policy is freed.
+                replaced = weakref.ref(replica.authz._active.compiled)
+                assert replica.authz.authorize(USERS[3], "read", REPOS[4])
+                version, _ = store.put_policy(POLICY.replace('"read" if "reader";', ""))
                 await replica.wait_for(store.head(), 10)
                 assert replica.policy_version == version
-                assert gc.get_freeze_count() == 0
+                assert not replica.authz.authorize(USERS[3], "read", REPOS[4])
+                assert frozen(replica) and replaced() is None
+                store.put_policy(POLICY)
+                await replica.wait_for(store.head(), 10)
             finally:
                 await replica.stop()
             assert gc.get_freeze_count() == 0
