@@ -91,8 +91,8 @@ def _from_store(
     """Every stored fact read and an `Authorizer` built of them, on a worker thread. Except at
     the start (``first``), beside an event loop that decides meanwhile: in turns, with the
     collector's full passes held (`_bulk_load`), and the facts read let go of here a part at a
-    time. Returns the sequence read at, the policy in force, the
-    `Authorizer`, the facts it cannot use, and the suspension facts (`Suspensions.reset`)."""
+    time. Returns the sequence read at, the policy in force, the `Authorizer`, the facts it
+    cannot use, and the suspension facts (`Suspensions.reset`)."""
     with _bulk_load(first):
         turns = None if first else Turns()
         seq, facts, policy = store.snapshot(turns)
