@@ -147,7 +147,7 @@ def child_snapshot_load(n: int, tmp: str) -> None:
     gc.collect()
     base = rss_bytes()
     t, c = time.perf_counter(), time.process_time()
-    with _bulk_load():
+    with _bulk_load(first=True):
         snap = snapshot.read(os.path.join(tmp, "inproc.snapshot"))
         read_at = time.perf_counter() - t
         authz = Authorizer(POLICY, source="bench.polar")

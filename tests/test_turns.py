@@ -71,6 +71,19 @@ def test_the_items_made_in_turns_are_those_made_at_once(monkeypatch):
     assert pauses == [turns.PAUSE] * (5 + 3 + 3 + 3)
 
 
+def test_a_list_a_dict_and_a_set_are_let_go_of_a_part_at_a_time(monkeypatch):
+    """`Turns.empty`: a pause after each `CHUNK` items, until nothing is left."""
+    pauses: list[float] = []
+    monkeypatch.setattr(turns, "TURN", 0.0)
+    monkeypatch.setattr(turns.time, "sleep", pauses.append)
+    monkeypatch.setattr(turns, "CHUNK", 2)
+    each = [list(range(5)), dict.fromkeys(range(5)), set(range(5)), []]
+    for items in each:
+        Turns().empty(items)
+    assert each == [[], {}, set(), []]
+    assert pauses == [turns.PAUSE] * (3 + 3 + 3)
+
+
 def test_the_collectors_full_passes_are_held_and_its_young_ones_go_on():
     """`full_passes_held`: while it holds, the collector walks what was made lately (its young
     passes) but never everything (a full pass); two holders at once (nested here, or on two

@@ -548,8 +548,28 @@ class Authorizer:
         self._query = Query(None, self._index, limits)
         self._steps = limits.evaluation_max_steps
         self._active: _Active | None = None
-        self.facts = FactSet(self)
         self.load_policy(policy, source=source)
+
+    @property
+    def facts(self) -> FactSet:
+        """Its facts. Made on each use rather than kept: kept, it would refer back to this
+        `Authorizer` (a cycle), which then waits for a pass of the cyclic garbage collector to
+        be freed with every fact it holds (see `__del__`)."""
+        return FactSet(self)
+
+    def let_go(self, turns: Turns) -> None:
+        """Empty its facts a part at a time (`FactIndex.let_go`), for an `Authorizer` that
+        nothing decides with any more (a replica's, replaced by one loaded again)."""
+        self._index.let_go(turns)
+
+    def __del__(self) -> None:
+        # Nothing refers to this `Authorizer` any more, so no decision runs its policy: the
+        # compiled policy breaks its own cycle (`CompiledPolicy.close`), and the facts are freed
+        # by reference counting, at once, where the last reference went, never by the
+        # collector (which a replica keeps its facts out of the sight of).
+        active = getattr(self, "_active", None)  # None if the first policy did not load
+        if active is not None:
+            active.compiled.close()
 
     @classmethod
     def from_files(cls, *paths: str | Path) -> Authorizer:
@@ -572,7 +592,7 @@ class Authorizer:
     def check_policy(self, text: str, *, source: str = "<policy>") -> list[Diagnostic]:
         """Check and compile ``text`` without putting it in force; return its warnings."""
         loaded = load([(source, text)], self.limits)
-        _Active(loaded, FactIndex(), self.limits)
+        _Active(loaded, FactIndex(), self.limits).compiled.close()
         return loaded.warnings
 
     def _swap(self, loaded: LoadedPolicy) -> list[Diagnostic]:

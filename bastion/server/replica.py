@@ -28,6 +28,7 @@ import ctypes
 import gc
 import logging
 import sqlite3
+import sys
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator
@@ -113,28 +114,28 @@ def _from_store(
 
 
 @contextlib.contextmanager
-def _bulk_load(freeze: bool = False) -> Iterator[None]:
+def _bulk_load(first: bool) -> Iterator[None]:
     """Around the building of a replica's facts: millions of new tuples would start the cyclic
     garbage collector's full passes over and over (each longer than the last) while nothing they
-    make can be garbage, so they are held (`full_passes_held`; at the start, with nothing to
-    decide meanwhile, the collector is paused altogether, which costs less); and the C
-    allocator is then asked to give back the pages that the load's temporary lists freed (about
-    30 bytes a fact at 1 M facts, which glibc would otherwise keep).
+    make can be garbage, so they are held (`full_passes_held`; at the ``first`` load, the
+    start's, with nothing to decide meanwhile, the collector is paused altogether, which costs
+    less); and the C allocator is then asked to give back the pages that the load's temporary
+    lists freed (about 30 bytes a fact at 1 M facts, which glibc would otherwise keep).
 
-    With ``freeze`` (the load of a replica's start, when the process holds no other facts),
-    what the load made is moved out of the collector's sight (`gc.freeze`) before it runs
-    again: its first pass would otherwise walk every fact (0.7–0.9 s at 1 M facts), and every
-    full pass after it too, to find nothing. Frozen objects are still freed when nothing
-    refers to them; only a cycle among them would be kept, so the replica unfreezes them
-    (`_thaw`) when it lets go of what it built (another `Authorizer`, stop). A replaced policy
-    breaks its own cycles (`CompiledPolicy.close`) and needs no unfreezing."""
+    Once built, what the load made is moved out of the collector's sight (`gc.freeze`): its
+    first pass would otherwise walk every fact (0.7–0.9 s at 1 M facts), and every full pass
+    after it too, to find nothing. Frozen objects are still freed by reference counting when
+    nothing refers to them, and an `Authorizer` and a replaced policy hold no cycle (see
+    `Authorizer.__del__`), so what a replica lets go of is freed without the collector. A
+    cycle that is garbage when the freeze comes is kept: before a reload, a full pass first
+    (it walks what is not frozen, since the facts are) leaves only what became garbage during
+    the load for that."""
     try:
-        with collector_paused() if freeze else full_passes_held():
-            try:
-                yield
-            finally:
-                if freeze:
-                    gc.freeze()
+        if not first:
+            gc.collect()
+        with collector_paused() if first else full_passes_held():
+            yield
+            gc.freeze()
     finally:
         if _MALLOC_TRIM is not None:
             _MALLOC_TRIM(0)
@@ -154,19 +155,29 @@ _MALLOC_TRIM = _malloc_trim()
 
 
 def _thaw() -> None:
-    """Give what a replica's start froze (`_bulk_load`) back to the collector, which then walks
+    """Give what a replica's loads froze (`_bulk_load`) back to the collector, which then walks
     it in its next full pass and frees whatever of it has become garbage."""
     if gc.get_freeze_count():
         gc.unfreeze()
 
 
+def _let_go(held: list[Authorizer]) -> None:
+    """Free the `Authorizer` that ``held`` alone holds (one a reload replaced) on a worker
+    thread, its facts a part at a time (`Authorizer.let_go`), if nothing else refers to it: no
+    decision runs on it then, nor can one start. If something does (a decision still under way),
+    it is freed, whole, when that lets go of it."""
+    authz = held.pop()
+    if sys.getrefcount(authz) == 2:  # ``authz`` here, and getrefcount's argument
+        authz.let_go(Turns())
+
+
 def _from_snapshot(
-    path: str, store: FactStore, limits: PolicyLimits, freeze: bool = False
+    path: str, store: FactStore, limits: PolicyLimits, first: bool
 ) -> tuple[snapshot.Snapshot, PolicyVersion | None, Authorizer, list[StoredFact]]:
     """Read the snapshot at ``path``, check it fits ``store``, and build an `Authorizer` of its
     facts under the policy it was taken with. The snapshot comes back with the rows of its
     suspension facts only (the others are in the `Authorizer`)."""
-    with _bulk_load(freeze):
+    with _bulk_load(first):
         snap = snapshot.read(path)
         policy = snapshot.check_origin(store, snap.origin)
         authz = Authorizer("", limits=limits)
@@ -377,9 +388,12 @@ class Replica:
         )
         if unusable:
             log.warning("%d stored facts are not used by the policy in force", len(unusable))
+        replaced = [self.authz]
         self.authz, self.unusable = authz, unusable
         if not first:
-            _thaw()  # the replaced Authorizer, if frozen
+            # Freed beside the loop: at once, a million facts would hold it a third of a second.
+            threading.Thread(target=_let_go, args=(replaced,), name="bastion-let-go").start()
+        del replaced
         self.suspensions.reset(suspended)
         self.policy_version = policy.version if policy else None
         self.applied = seq
