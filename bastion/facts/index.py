@@ -354,6 +354,22 @@ class FactIndex:
             if pf.all
         ]
 
+    def fill_from(self, other: FactIndex, turns: Turns) -> None:
+        """Every fact of ``other``, with its expiry, into this index, which nothing reads yet (a
+        copy built on a worker thread, `Authorizer.copy`): ``other``'s lock is held only while
+        its facts are copied out (one C call a predicate), and they are added a `CHUNK` at a
+        time. A fact expired but not yet purged there is copied, and purged here as there."""
+        with other.lock:
+            rows = other.rows()
+            interned = other._interned.copy()
+        with self.lock:
+            self._interned.update(interned)
+            for name, arity, held, expiries in rows:
+                for chunk in turns.chunks(held):
+                    self.add_rows(name, arity, chunk)
+                if expiries:
+                    self.add_rows(name, arity, (), expiries)
+
     def let_go(self, turns: Turns) -> None:
         """Empty this index a part at a time (`Turns.empty`), on a worker thread beside an event
         loop: freed in one go, a million facts hold the GIL for a third of a second. Only for

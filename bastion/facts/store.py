@@ -26,7 +26,7 @@ from bastion.facts.model import (
     fact_to_json,
     matches,
 )
-from bastion.turns import Turns, collector_paused, loads_in_turns
+from bastion.turns import Turns, full_passes_held, loads_in_turns
 from bastion.untrusted_json import MAX_INTEGER, MIN_INTEGER
 
 # Arguments 1..INDEXED_ARGS get a column of their own, so patterns on them are matched by SQL.
@@ -176,6 +176,14 @@ class Change:
     inserts: tuple[StoredFact, ...] = ()
     deletes: tuple[tuple, ...] = ()
     policy_version: int | None = None
+
+    def let_go(self, turns: Turns) -> None:
+        """Let go of this change's facts a part at a time (`Turns.empty`), once it is applied,
+        on a worker thread: freed whole, wherever the change goes, 200,000 decoded facts hold
+        the GIL for a tenth of a second. It holds no facts afterwards."""
+        held = list(self.inserts)
+        object.__setattr__(self, "inserts", ())  # frozen: only this change's own doing
+        turns.empty(held)
 
 
 @dataclass(frozen=True)
@@ -412,7 +420,7 @@ class FactStore:
             f" LIMIT {int(limit)}",
             (seq,),
         )
-        with collector_paused():
+        with full_passes_held():
             return self._changes(rows)
 
     @staticmethod
@@ -439,6 +447,7 @@ class FactStore:
                         ),
                     )
                 )
+                turns.empty(body["insert"])  # the decoded JSON: freed whole, a tenth of a second
             else:
                 out.append(Change(seq_, at, actor, kind, policy_version=body["version"]))
         return out

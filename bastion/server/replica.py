@@ -67,6 +67,17 @@ _RETRY_INTERVAL = 0.25
 _BEHIND = -1.0
 # A change with more facts is checked against the policy on a worker thread (`_load_change`).
 _CHECKED_ON_LOOP = 1000
+# A change with at least this many facts, and half as many as the replica holds, is built aside.
+_BUILT_ASIDE = 10_000
+
+
+def _built_aside(inserts: int, held: int) -> bool:
+    """Whether a change of ``inserts`` facts, to a replica that holds ``held``, is put in force by
+    building the next `Authorizer` on a worker thread (the facts held copied, then the change),
+    rather than by adding its facts to the indexes on the event loop: the loop never waits for
+    it, but the worker copies every fact held (about 4 µs a fact), so only where that is less
+    than the change's own work there (about 8 µs a fact: read, checked, shared)."""
+    return inserts >= _BUILT_ASIDE and 2 * inserts >= held
 
 
 class ConsistencyTimeout(Exception):
@@ -126,19 +137,27 @@ def _bulk_load(first: bool) -> Iterator[None]:
     first pass would otherwise walk every fact (0.7–0.9 s at 1 M facts), and every full pass
     after it too, to find nothing. Frozen objects are still freed by reference counting when
     nothing refers to them, and an `Authorizer` and a replaced policy hold no cycle (see
-    `Authorizer.__del__`), so what a replica lets go of is freed without the collector. A
-    cycle that is garbage when the freeze comes is kept: before a reload, a full pass first
-    (it walks what is not frozen, since the facts are) leaves only what became garbage during
-    the load for that."""
+    `Authorizer.__del__`), so what a replica lets go of is freed without the collector (see
+    `_freeze` for the cycles that are garbage then)."""
     try:
-        if not first:
-            gc.collect()
         with collector_paused() if first else full_passes_held():
             yield
-            gc.freeze()
+            if first:
+                gc.freeze()  # its young generations hold the whole load: not collected first
+            else:
+                _freeze()
     finally:
         if _MALLOC_TRIM is not None:
             _MALLOC_TRIM(0)
+
+
+def _freeze() -> None:
+    """Move what is in the collector's sight out of it (`gc.freeze`), its young generations
+    collected first: a cycle that is garbage then is kept for good, so only one that lived long
+    before it became garbage is (a full pass, which would find those too, walks every object not
+    frozen: a large change's own, while it is read)."""
+    gc.collect(1)
+    gc.freeze()
 
 
 def _malloc_trim() -> Callable[[int], int] | None:
@@ -169,6 +188,13 @@ def _let_go(held: list[Authorizer]) -> None:
     authz = held.pop()
     if sys.getrefcount(authz) == 2:  # ``authz`` here, and getrefcount's argument
         authz.let_go(Turns())
+
+
+def _let_go_of_changes(changes: list[Change]) -> None:
+    """`Change.let_go` of each, on a worker thread: not at the end of the read, on the loop."""
+    turns = Turns()
+    for change in changes:
+        change.let_go(turns)
 
 
 def _from_snapshot(
@@ -388,12 +414,11 @@ class Replica:
         )
         if unusable:
             log.warning("%d stored facts are not used by the policy in force", len(unusable))
-        replaced = [self.authz]
-        self.authz, self.unusable = authz, unusable
-        if not first:
-            # Freed beside the loop: at once, a million facts would hold it a third of a second.
-            threading.Thread(target=_let_go, args=(replaced,), name="bastion-let-go").start()
-        del replaced
+        if first:
+            self.authz = authz  # replaces an empty one
+        else:
+            self._replace(authz)
+        self.unusable = unusable
         self.suspensions.reset(suspended)
         self.policy_version = policy.version if policy else None
         self.applied = seq
@@ -573,29 +598,36 @@ class Replica:
             await self._confirmed(asked_at)
             return False
         self._read_at_version = None
-        changes = await anyio.to_thread.run_sync(
-            lambda: self.store.changes_since(self.applied, limit=_PAGE)
-        )
-        if changes and changes[0].seq != self.applied + 1:
-            # The entries this replica needs were pruned: start again from a snapshot.
-            log.warning(
-                "change log pruned past sequence %d (next is %d); reloading a snapshot",
-                self.applied,
-                changes[0].seq,
+        # A large change's objects reach the collector's oldest generation a few thousand at a
+        # time as they are made, and are frozen once in force (`_freeze`): a full pass before
+        # that would walk them all (half a second at 200,000 facts), holding the event loop.
+        with full_passes_held():
+            changes = await anyio.to_thread.run_sync(
+                lambda: self.store.changes_since(self.applied, limit=_PAGE)
             )
-            await self._resync()
-            async with self._advanced:
-                self._advanced.notify_all()
-            return True
-        if changes:
-            # `applied` moves with each change, so a failure part way resumes after the last.
-            for change in changes:
-                await self._apply(change)
-            self.head_seen = max(self.head_seen, self.applied)
-            async with self._advanced:
-                self._advanced.notify_all()
-            if len(changes) == _PAGE:
+            if changes and changes[0].seq != self.applied + 1:
+                # The entries this replica needs were pruned: start again from a snapshot.
+                log.warning(
+                    "change log pruned past sequence %d (next is %d); reloading a snapshot",
+                    self.applied,
+                    changes[0].seq,
+                )
+                await self._resync()
+                async with self._advanced:
+                    self._advanced.notify_all()
                 return True
+            if changes:
+                # `applied` moves with each change, so a failure part way resumes after the last.
+                for change in changes:
+                    await self._apply(change)
+                self.head_seen = max(self.head_seen, self.applied)
+                async with self._advanced:
+                    self._advanced.notify_all()
+                large = [c for c in changes if len(c.inserts) > _CHECKED_ON_LOOP]
+                if large:
+                    await anyio.to_thread.run_sync(_let_go_of_changes, large)
+                if len(changes) == _PAGE:
+                    return True
         self._read_at_version = version
         await self._confirmed(asked_at)
         return False
@@ -622,25 +654,55 @@ class Replica:
         self, inserts: list[StoredFact], deletes: Iterable[tuple]
     ) -> list[StoredFact]:
         """`load_facts` of one change of the log. A large one (an import) is checked against the
-        policy, and its values shared with the index's, on a worker thread in turns: the event
-        loop holds it only while its facts are added."""
+        policy, and its values shared with the index's, on a worker thread in turns; then, if
+        it holds at least as many facts as the replica (`_built_aside`), the next `Authorizer`
+        is built there too (the facts held, the change's deletes, its facts) and takes over;
+        otherwise the event loop holds it while its facts are added."""
         authz = self.authz
         if len(inserts) <= _CHECKED_ON_LOOP:
             return load_facts(authz, inserts, deletes)
         policy = authz.policy
+        aside = _built_aside(len(inserts), len(authz.facts))
 
-        def check() -> tuple[list[tuple], list[tuple]]:
-            turns = Turns()
+        def check(turns: Turns) -> tuple[list[tuple], list[tuple]]:
             pairs = [(f.fact, f.expires_at) for f in inserts]
             checked, refused = authz.facts.check(pairs, turns)
-            return authz.facts.shared(checked, turns), refused
+            shared = authz.facts.shared(checked, turns)
+            for each in (checked, pairs):
+                turns.empty(each)  # the facts as checked, then as read: not in one go
+            return shared, refused
 
-        with collector_paused():
-            checked, refused = await anyio.to_thread.run_sync(check)
+        def build() -> tuple[Authorizer, list[tuple]]:
+            with _bulk_load(first=False):
+                turns = Turns()
+                checked, refused = check(turns)
+                built = authz.copy(turns)
+                built.facts.load_checked([], deletes)
+                built.facts.fill(checked, turns)
+                turns.empty(checked)
+            return built, refused
+
+        if aside:
+            built, refused = await anyio.to_thread.run_sync(build)
+            if authz is not self.authz or authz.policy is not policy:
+                return load_facts(self.authz, inserts, deletes)  # built under another policy
+            authz = None  # held by nothing here (nor by `check` and `build`): see `_let_go`
+            self._replace(built)
+        else:
+            checked, refused = await anyio.to_thread.run_sync(check, Turns())
             if authz is not self.authz or authz.policy is not policy:
                 return load_facts(self.authz, inserts, deletes)  # checked under another policy
             authz.facts.load_checked(checked, deletes, shared=True)
+            _freeze()
         return [StoredFact(fact, expires_at) for fact, expires_at in refused]
+
+    def _replace(self, authz: Authorizer) -> None:
+        """Put ``authz`` in force (between two decisions, on the event loop) and let go of the
+        one it replaces on a thread of its own (`_let_go`): at once, a million facts would hold
+        the loop for a third of a second."""
+        replaced = [self.authz]
+        self.authz = authz
+        threading.Thread(target=_let_go, args=(replaced,), name="bastion-let-go").start()
 
     async def _apply(self, change: Change) -> None:
         if change.kind == "facts":

@@ -464,6 +464,11 @@ def test_a_fact_written_after_a_snapshot_load_about_its_entities_is_found_and_re
     assert len(authz.facts) == 0
 
 
+def letting_go() -> bool:
+    """Whether a replaced `Authorizer` is being let go of (`bastion.server.replica._let_go`)."""
+    return any(t.name == "bastion-let-go" for t in threading.enumerate())
+
+
 def frozen(replica: Replica) -> bool:
     """Whether an entity of the facts held is in none of the collector's generations."""
     entity = next(iter(replica.authz.facts))[1]
@@ -537,27 +542,43 @@ async def after_a_large_change(store, database_url) -> tuple[Replica, list[Store
     return following, inserts
 
 
+@pytest.mark.parametrize("aside", [False, True])
 def test_a_large_change_is_applied_as_a_replica_loaded_after_it_holds_it(
-    store, database_url, monkeypatch
+    store, database_url, monkeypatch, aside
 ):
     """A change of more facts than the event loop checks itself is checked, and its values
-    shared with the index's, on a worker thread in turns; what the replica then holds and
-    decides is what a replica that loads every fact after the change holds and decides."""
+    shared with the index's, on a worker thread in turns, then added on the loop or, as large
+    as what the replica holds (``aside``), put in force in a new `Authorizer` built there (the
+    facts held, the change's deletes, its facts); what the replica then holds and decides is
+    what a replica that loads every fact after the change holds and decides."""
+    from bastion.decide import FactSet
     from bastion.server import replica as replica_module
 
-    made = []
-
-    class Counted(turns.Turns):
-        def __init__(self) -> None:
-            super().__init__()
-            made.append(self)
-
     monkeypatch.setattr(replica_module, "_CHECKED_ON_LOOP", 2)
-    monkeypatch.setattr(replica_module, "Turns", Counted)
+    monkeypatch.setattr(replica_module, "_BUILT_ASIDE", 2 if aside else 10**9)
+    in_turns, check = [], FactSet.check
+
+    def counted_check(self, facts, turns_=None):
+        in_turns.append(turns_ is not None)  # on a worker thread
+        return check(self, facts, turns_)
+
+    monkeypatch.setattr(FactSet, "check", counted_check)
 
     async def scenario():
-        following, inserts = await after_a_large_change(store, database_url)
-        assert len(made) == 1  # the change went by the worker thread
+        following = await started(database_url)
+        before = following.authz
+        inserts, deletes = large_change()
+        store.apply(inserts, deletes=deletes)
+        await following.wait_for(store.head(), 10)
+        assert in_turns[-1:] == [True]  # the change went by the worker thread
+        assert (following.authz is not before) == aside
+        del before
+        # Its facts out of the collector's sight, as those of a start (`_freeze`); checked
+        # before another replica starts here (a start freezes everything).
+        entity = next(f[1] for f in following.authz.facts if f[1] == Entity("User", "n5"))
+        assert gc.is_tracked(entity) and not any(
+            o is entity for generation in (0, 1, 2) for o in gc.get_objects(generation)
+        )
         loaded = await started(database_url)
         assert state(following) == state(loaded)
         held = set(following.authz.facts)
@@ -576,8 +597,9 @@ def test_a_large_change_is_applied_as_a_replica_loaded_after_it_holds_it(
                 'roles = ["reader", "maintainer"];', 'roles = ["reader", "maintainer", "guest"];'
             ).replace('"push" if "maintainer";', '"push" if "maintainer";\n  "read" if "guest";')
         )
+        in_turns[:] = []
         await following.wait_for(store.head(), 10)
-        assert len(made) == 2
+        assert in_turns == [True]  # the facts held back, checked again on the worker thread
         assert ("has_role", USERS[2], "guest", REPOS[1]) in set(following.authz.facts)
         assert following.authz.authorize(USERS[2], "read", REPOS[1])
         assert [f.fact[0] for f in following.unusable] == ["suspended"]
@@ -593,9 +615,6 @@ def test_a_reload_leaves_the_facts_out_of_the_collectors_sight_and_frees_what_it
     replaced is emptied on a worker thread a part at a time and freed by reference counting,
     without the collector (which it would otherwise keep walking every fact for: 0.6–1.1 s per
     full pass at 300,000 facts). One that a decision still holds is left whole for it."""
-
-    def letting_go() -> bool:
-        return any(t.name == "bastion-let-go" for t in threading.enumerate())
 
     async def scenario():
         replica = await started(database_url)
@@ -664,6 +683,47 @@ def test_a_replica_reloaded_while_serving_holds_what_one_loaded_at_its_start_hol
         assert reloaded.suspensions.holds(USERS[3])
         await loaded.stop()
         await reloaded.stop()
+
+    run(scenario())
+
+
+def test_decisions_go_on_from_the_facts_before_a_change_built_aside_until_it_is_in_force(
+    store, database_url, monkeypatch
+):
+    """While a large change is built aside (`_built_aside`), the event loop goes on deciding,
+    from the facts before the change, whole; then from the facts after it, whole."""
+    import threading as threads
+
+    from bastion.decide import Authorizer
+    from bastion.server import replica as replica_module
+
+    monkeypatch.setattr(replica_module, "_CHECKED_ON_LOOP", 2)
+    monkeypatch.setattr(replica_module, "_BUILT_ASIDE", 2)
+    building, resume = threads.Event(), threads.Event()
+    copy = Authorizer.copy
+
+    def held_copy(self, turns_):
+        building.set()
+        assert resume.wait(20)
+        return copy(self, turns_)
+
+    monkeypatch.setattr(Authorizer, "copy", held_copy)
+
+    async def scenario():
+        following = await started(database_url)
+        before, held = decisions(following), set(following.authz.facts)
+        inserts, deletes = large_change()
+        store.apply(inserts, deletes=deletes)
+        assert await asyncio.to_thread(building.wait, 20)
+        for _ in range(3):
+            await asyncio.sleep(0.01)
+            assert decisions(following) == before and set(following.authz.facts) == held
+        resume.set()
+        await following.wait_for(store.head(), 10)
+        loaded = await started(database_url)
+        assert decisions(following) == decisions(loaded) != before
+        await loaded.stop()
+        await following.stop()
 
     run(scenario())
 

@@ -54,6 +54,18 @@ def test_every_write_gets_the_next_sequence(store):
     assert [c.seq for c in store.changes_since(2)] == [3]
 
 
+def test_a_change_let_go_of_holds_no_facts(store, monkeypatch):
+    """`Change.let_go`: a replica lets go of a change it applied a part at a time."""
+    from bastion import turns
+
+    monkeypatch.setattr(turns, "CHUNK", 2)
+    store.apply([StoredFact(("is_public", ANVIL)), StoredFact(("is_public", ACME))])
+    (change,) = store.changes_since(0)
+    assert len(change.inserts) == 2
+    change.let_go(turns.Turns())
+    assert change.inserts == () and change.seq == 1
+
+
 def test_wildcard_delete_removes_only_matching_facts(store):
     store.apply(
         [
