@@ -3,9 +3,10 @@
 At start the replica loads a snapshot (facts, policy, head sequence), then applies each change
 after it in sequence order. On PostgreSQL a LISTEN connection wakes it on every commit; it also
 polls, so a lost notification or a reconnect only delays it. On SQLite it polls the log.
-All changes are applied on the event loop thread, the same thread that makes decisions, so a
-decision never sees half of a batch; a new policy is compiled in a worker thread first, and put
-in force between two decisions.
+All changes are put in force on the event loop thread, the same thread that makes decisions, so
+a decision never sees half of a batch; a new policy is compiled in a worker thread first, and a
+large change checked there (and, as large as half the facts held, built there into the next
+`Authorizer`), then put in force between two decisions.
 
 A replica knows when it last confirmed it was current: a read of the log that reached its end.
 While it cannot read the log (the database is down, the connection hangs) that moment recedes;
@@ -181,8 +182,8 @@ def _thaw() -> None:
 
 
 def _let_go(held: list[Authorizer]) -> None:
-    """Free the `Authorizer` that ``held`` alone holds (one a reload replaced) on a worker
-    thread, its facts a part at a time (`Authorizer.let_go`), if nothing else refers to it: no
+    """Free the `Authorizer` that ``held`` alone holds (one that a reload, or a change built
+    aside, replaced) on a worker thread, its facts a part at a time (`Authorizer.let_go`), if nothing else refers to it: no
     decision runs on it then, nor can one start. If something does (a decision still under way),
     it is freed, whole, when that lets go of it."""
     authz = held.pop()
@@ -655,9 +656,9 @@ class Replica:
     ) -> list[StoredFact]:
         """`load_facts` of one change of the log. A large one (an import) is checked against the
         policy, and its values shared with the index's, on a worker thread in turns; then, if
-        it holds at least as many facts as the replica (`_built_aside`), the next `Authorizer`
-        is built there too (the facts held, the change's deletes, its facts) and takes over;
-        otherwise the event loop holds it while its facts are added."""
+        it holds at least half as many facts as the replica (`_built_aside`), the next
+        `Authorizer` is built there too (the facts held, the change's deletes, its facts) and
+        takes over; otherwise the event loop holds it while its facts are added."""
         authz = self.authz
         if len(inserts) <= _CHECKED_ON_LOOP:
             return load_facts(authz, inserts, deletes)
