@@ -22,7 +22,7 @@ from bastion.server.auth import require
 from bastion.server.problems import bad_request, fact_problem, parse_json, read_body, read_json
 from bastion.server.problems import field as get_field
 from bastion.server.replica import ConsistencyTimeout, Replica
-from bastion.turns import Turns
+from bastion.turns import Turns, full_passes_held
 
 MAX_PAGE = 1000
 NDJSON = "application/x-ndjson"
@@ -142,11 +142,16 @@ async def import_lines(request: Request) -> JSONResponse:
             inserts.append(_stored_fact(request, obj, n, what="line"))
         return inserts
 
-    # A large import is checked off the event loop, in turns, so decisions go on meanwhile.
-    inserts = await anyio.to_thread.run_sync(parse)
-    if not inserts:
-        raise bad_request("the body holds no facts; send one JSON fact per line")
-    return JSONResponse(await _write(request, inserts, []))
+    # A large import is checked off the event loop, in turns, so decisions go on meanwhile; the
+    # collector's full passes are held until its facts are let go of (each pass would walk all
+    # of them, more each time, holding the GIL), and they are let go of in turns too.
+    with full_passes_held():
+        inserts = await anyio.to_thread.run_sync(parse)
+        if not inserts:
+            raise bad_request("the body holds no facts; send one JSON fact per line")
+        written = await _write(request, inserts, [])
+        await anyio.to_thread.run_sync(Turns().empty, inserts)
+    return JSONResponse(written)
 
 
 async def export_lines(request: Request) -> StreamingResponse:
