@@ -82,8 +82,8 @@ class Turns:
 @contextlib.contextmanager
 def collector_paused() -> Iterator[None]:
     """Python's cyclic garbage collector paused for a piece of work that makes many objects
-    none of which can be cyclic garbage (decoding, checking and adding a large change of the
-    facts): otherwise it starts pass after pass over them, each holding the GIL for as long as
+    none of which can be cyclic garbage (a replica's first load, a fact snapshot's encoding):
+    otherwise it starts pass after pass over them, each holding the GIL for as long as
     it runs (0.3 s and more at 200,000 facts). Around CPU work only, never around a wait: the
     collector is the whole process's."""
     was = gc.isenabled()
