@@ -703,7 +703,9 @@ class Replica:
         the loop for a third of a second."""
         replaced = [self.authz]
         self.authz = authz
-        threading.Thread(target=_let_go, args=(replaced,), name="bastion-let-go").start()
+        threading.Thread(
+            target=_let_go, args=(replaced,), name="bastion-let-go", daemon=True
+        ).start()
 
     async def _apply(self, change: Change) -> None:
         if change.kind == "facts":
