@@ -144,6 +144,14 @@ def _epoch(value: datetime | float | int | None) -> float | None:
     return float(value)
 
 
+def _live(
+    pairs: Iterable[tuple[tuple, float | None]], now: float | None = None
+) -> Iterator[tuple[tuple, float | None]]:
+    """The ``(fact, expires_at)`` pairs not expired at ``now`` (by default, now)."""
+    now = time.time() if now is None else now
+    return (pair for pair in pairs if pair[1] is None or pair[1] > now)
+
+
 # Up to this many facts a write adds one by one (`FactIndex.add`); more go in together
 # (`FactIndex.add_all`), in fewer steps a fact but more steps in all for a few.
 _ONE_BY_ONE = 32
@@ -262,9 +270,8 @@ class FactSet:
         """`load_checked` of facts `shared` made, into facts that nothing decides on yet (a
         replica's next `Authorizer`), on a worker thread: a `CHUNK` at a time, a tick after
         each, so that a reader would see them part by part."""
-        now = time.time()
         with self._index.lock:
-            for chunk in turns.chunks(i for i in checked if i[1] is None or i[1] > now):
+            for chunk in turns.chunks(_live(checked)):
                 self._index.add_all(chunk, shared=True)
 
     def shared(self, checked: list[tuple], turns: Turns | None = None) -> list[tuple]:
@@ -350,7 +357,7 @@ class FactSet:
                 for fact in list(index.matching(pattern)):
                     removed += index.remove(fact)
             if shared or len(inserts) > _ONE_BY_ONE:
-                added = index.add_all([i for i in inserts if i[1] is None or i[1] > now], shared)
+                added = index.add_all(list(_live(inserts, now)), shared)
             else:
                 added = 0
                 for fact, expiry in inserts:
