@@ -5,12 +5,12 @@ process knows to be out of date; once the log is read again, calls go through.""
 
 from __future__ import annotations
 
-import threading
 import time
 
 from bastion.policy.parser import parse_fact
 from tests.gateway.streams import messages, modern_headers, modern_request
 from tests.gateway.support import start
+from tests.waits import reads_held
 
 SEARCH = {"name": "search_customers", "arguments": {"query": "a"}}
 
@@ -30,14 +30,7 @@ def test_a_message_waits_for_a_fact_change_its_process_heard_of(tmp_path):
         token = bastion.token("sam", "deskhttp")
         assert "result" in call(bastion, token)
         replica = bastion.app.state.replica
-        held, read = threading.Event(), replica.store.changes_since
-
-        def slow_read(*args, **kwargs):
-            held.wait(30)
-            return read(*args, **kwargs)
-
-        replica.store.changes_since = slow_read
-        try:
+        with reads_held(replica):
             # A change committed (by another process, say), and heard of as a commit's notice
             # (PostgreSQL) is; the log is not read meanwhile. Without the commit, SQLite's
             # data_version would rightly confirm the replica current without reading the log.
@@ -45,7 +38,4 @@ def test_a_message_waits_for_a_fact_change_its_process_heard_of(tmp_path):
             replica.noticed = time.monotonic()
             refused = call(bastion, token)
             assert refused["error"]["data"]["reason"] == "facts_stale", refused
-        finally:
-            held.set()
-            replica.store.changes_since = read
         assert "result" in call(bastion, token)

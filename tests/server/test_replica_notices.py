@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable
 from bastion.facts.model import Entity
 from bastion.facts.store import FactStore, StoredFact
 from bastion.server.replica import Replica
+from tests.waits import reads_held
 
 POLICY = """
 actor User {}
@@ -67,14 +68,7 @@ def test_a_heard_commit_is_applied_before_anything_is_decided(postgres_url):
     async def scenario(replica: Replica, writer: FactStore) -> None:
         await settled(replica)  # current: nothing to wait for
         # The follower's reads are held back, as on a loaded machine.
-        held, read = threading.Event(), replica.store.changes_since
-
-        def slow_read(*args, **kwargs):
-            held.wait(10)
-            return read(*args, **kwargs)
-
-        replica.store.changes_since = slow_read
-        try:
+        with reads_held(replica, within=10) as held:
             seq = (await asyncio.to_thread(writer.apply, [StoredFact(READER)])).seq
             deadline = time.monotonic() + 30
             while (waiting := replica.heard_not_applied(5)) is None:
@@ -110,8 +104,6 @@ def test_a_heard_commit_is_applied_before_anything_is_decided(postgres_url):
             assert again is not None and await again is True
             await settled(replica)
             assert replica.applied == seq
-        finally:
-            held.set()
 
     with_a_listening_replica(postgres_url, scenario)
 
