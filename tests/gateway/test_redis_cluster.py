@@ -127,15 +127,22 @@ def test_two_gateways_behaviour_counts_reach_the_cluster(cluster):
     prefix = f"bastion-test-{uuid.uuid4().hex[:12]}"
     keys = scope_keys("sam", "client-1", 'Tool{"desk/delete_customer"}')
 
+    # Every process's clock at the middle of this minute: a minute that ended between two calls
+    # would count the one target once in each window (the sliding estimate adds them).
+    middle = time.time() // 60 * 60 + 30
+
+    def clock() -> float:
+        return middle
+
     async def scenario() -> tuple[int, int, int]:
         # Two bastion processes entering by different nodes; the count script is on no node yet.
-        first = RedisBehavior(f"redis+cluster://127.0.0.1:{cluster[0]}", prefix)
-        second = RedisBehavior(f"redis+cluster://127.0.0.1:{cluster[1]}", prefix)
+        first = RedisBehavior(f"redis+cluster://127.0.0.1:{cluster[0]}", prefix, clock=clock)
+        second = RedisBehavior(f"redis+cluster://127.0.0.1:{cluster[1]}", prefix, clock=clock)
         try:
             for counters in (first, second, first):
                 counters.observe(keys, False, True, 'Tool{"desk/delete_customer"}', "digest")
                 await asyncio.wait(set(counters._pending))
-            reader = RedisBehavior(f"redis+cluster://127.0.0.1:{cluster[2]}", prefix)
+            reader = RedisBehavior(f"redis+cluster://127.0.0.1:{cluster[2]}", prefix, clock=clock)
             try:
                 view = reader.view("sam", "client-1", 'Tool{"desk/delete_customer"}')
                 await reader.prepare(view)
