@@ -152,6 +152,15 @@ def _live(
     return (pair for pair in pairs if pair[1] is None or pair[1] > now)
 
 
+def _remove_matching(index: FactIndex, patterns: list[tuple]) -> int:
+    """Remove the facts that fit each pattern; return how many. The caller holds the lock."""
+    removed = 0
+    for pattern in patterns:
+        for fact in list(index.matching(pattern)):
+            removed += index.remove(fact)
+    return removed
+
+
 # Up to this many facts a write adds one by one (`FactIndex.add`); more go in together
 # (`FactIndex.add_all`), in fewer steps a fact but more steps in all for a few.
 _ONE_BY_ONE = 32
@@ -266,13 +275,18 @@ class FactSet:
         ``shared``: ``checked`` went through `shared` too."""
         self._commit(checked, [self._parse(p, pattern=True) for p in deletes], shared)
 
-    def fill(self, checked: list[tuple], turns: Turns) -> None:
-        """`load_checked` of facts `shared` made, into facts that nothing decides on yet (a
-        replica's next `Authorizer`), on a worker thread: a `CHUNK` at a time, a tick after
-        each, so that a reader would see them part by part."""
-        with self._index.lock:
+    def fill(self, checked: list[tuple], turns: Turns, deletes: Iterable = ()) -> None:
+        """`load_checked` of facts `shared` made, on a worker thread: under one hold of the lock,
+        ``deletes`` applied, then the facts added a `CHUNK` at a time, a tick after each, so that
+        no C call holds the GIL long. Into facts that nothing decides on yet (a replica's next
+        `Authorizer`), or into those in force: their decisions then wait for the lock (see
+        `bastion.server.replica.Replica.in_force`), and see the change whole or not at all."""
+        patterns = [self._parse(p, pattern=True) for p in deletes]
+        index = self._index
+        with index.lock:
+            _remove_matching(index, patterns)
             for chunk in turns.chunks(_live(checked)):
-                self._index.add_all(chunk, shared=True)
+                index.add_all(chunk, shared=True)
 
     def shared(self, checked: list[tuple], turns: Turns | None = None) -> list[tuple]:
         """Facts `check` found usable, their values as the index stores them (`FactIndex.shared`),
@@ -352,10 +366,7 @@ class FactSet:
         index = self._index
         now = time.time()
         with index.lock:
-            removed = 0
-            for pattern in patterns:
-                for fact in list(index.matching(pattern)):
-                    removed += index.remove(fact)
+            removed = _remove_matching(index, patterns)
             if shared or len(inserts) > _ONE_BY_ONE:
                 added = index.add_all(list(_live(inserts, now)), shared)
             else:

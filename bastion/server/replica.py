@@ -272,6 +272,9 @@ class Replica:
         # Why the policy in force does not load here (None while the one in force is loaded).
         self.policy_refused: str | None = None
         self.authz: Authorizer = Authorizer("", limits=limits)
+        # Done once the change being added to `authz` on a worker thread is in force (None
+        # while none is): see `in_force`.
+        self._changing: asyncio.Future[None] | None = None
         self.applied = 0
         self.head_seen = 0
         self.policy_version: int | None = None
@@ -509,6 +512,20 @@ class Replica:
         self.noticed = time.monotonic()
         self.kick()
 
+    def in_force(self) -> Awaitable[None] | None:
+        """None unless a change is being added to `authz` on a worker thread (`_load_change`);
+        else an awaitable that ends once it is in force. That thread holds the fact lock, so a
+        decision taken meanwhile would wait for the lock, and hold the event loop while it
+        does: await this first (the decision service, the gateway, token exchange do). No
+        bound: the wait is for work in hand, which ends."""
+        changing = self._changing
+        return None if changing is None else asyncio.shield(changing)
+
+    async def _in_force_then_heard(self, changing: asyncio.Future[None], timeout: float) -> bool:
+        await asyncio.shield(changing)
+        waiting = self.heard_not_applied(timeout)
+        return True if waiting is None else await waiting
+
     def heard_not_applied(self, timeout: float) -> Awaitable[bool] | None:
         """None when every commit this replica has heard of is applied (the usual case, asked
         on every gateway message); else an awaitable of whether it is within ``timeout``
@@ -519,7 +536,10 @@ class Replica:
         next asks about that notice say False at once: a gateway message, which asks twice (its
         ``connect``, then its own decision), is refused after one wait, not two; any other task
         waits as ever. A notice can reach this process before the listener's thread has handled
-        it (`Listener.behind`): then the listener is waited for first."""
+        it (`Listener.behind`): then the listener is waited for first. A change being put in
+        force (`in_force`) is waited for before all of that, without a bound."""
+        if (changing := self._changing) is not None:
+            return self._in_force_then_heard(changing, timeout)
         listener = self._listener
         if listener is not None and listener.healthy and listener.behind():
             if self._given_up == (_BEHIND, asyncio.current_task()):
@@ -658,7 +678,8 @@ class Replica:
         policy, and its values shared with the index's, on a worker thread in turns; then, if
         it holds at least half as many facts as the replica (`_built_aside`), the next
         `Authorizer` is built there too (the facts held, the change's deletes, its facts) and
-        takes over; otherwise the event loop holds it while its facts are added."""
+        takes over; otherwise its facts are added to the `Authorizer` in force there, under its
+        fact lock, while decisions wait for it (`in_force`) and the event loop goes on."""
         authz = self.authz
         if len(inserts) <= _CHECKED_ON_LOOP:
             return load_facts(authz, inserts, deletes)
@@ -678,8 +699,7 @@ class Replica:
                 turns = Turns()
                 checked, refused = check(turns)
                 built = authz.copy(turns)
-                built.facts.load_checked([], deletes)
-                built.facts.fill(checked, turns)
+                built.facts.fill(checked, turns, deletes)
                 turns.empty(checked)
             return built, refused
 
@@ -693,9 +713,26 @@ class Replica:
             checked, refused = await anyio.to_thread.run_sync(check, Turns())
             if authz is not self.authz or authz.policy is not policy:
                 return load_facts(self.authz, inserts, deletes)  # checked under another policy
-            authz.facts.load_checked(checked, deletes, shared=True)
-            _freeze()
+
+            def add() -> None:
+                turns = Turns()
+                authz.facts.fill(checked, turns, deletes)
+                turns.empty(checked)
+                _freeze()
+
+            await self._put_in_force(add)
         return [StoredFact(fact, expires_at) for fact, expires_at in refused]
+
+    async def _put_in_force(self, add: Callable[[], None]) -> None:
+        """Run ``add`` (a change added to `authz` under its fact lock) on a worker thread; until
+        it returns, `in_force` gives what to wait for."""
+        assert self._loop is not None
+        self._changing = changing = self._loop.create_future()
+        try:
+            await anyio.to_thread.run_sync(add)
+        finally:
+            self._changing = None
+            changing.set_result(None)
 
     def _replace(self, authz: Authorizer) -> None:
         """Put ``authz`` in force (between two decisions, on the event loop) and let go of the

@@ -547,10 +547,11 @@ def test_a_large_change_is_applied_as_a_replica_loaded_after_it_holds_it(
     store, database_url, monkeypatch, aside
 ):
     """A change of more facts than the event loop checks itself is checked, and its values
-    shared with the index's, on a worker thread in turns, then added on the loop or, at least
-    half as large as what the replica holds (``aside``), put in force in a new `Authorizer`
-    built there (the facts held, the change's deletes, its facts); what the replica then holds and decides is
-    what a replica that loads every fact after the change holds and decides."""
+    shared with the index's, on a worker thread in turns, then added there to the facts in force
+    or, at least half as large as what the replica holds (``aside``), put in force in a new
+    `Authorizer` built there (the facts held, the change's deletes, its facts); what the replica
+    then holds and decides is what a replica that loads every fact after the change holds and
+    decides."""
     from bastion.decide import FactSet
     from bastion.server import replica as replica_module
 
@@ -722,6 +723,68 @@ def test_decisions_go_on_from_the_facts_before_a_change_built_aside_until_it_is_
         await following.wait_for(store.head(), 10)
         loaded = await started(database_url)
         assert decisions(following) == decisions(loaded) != before
+        await loaded.stop()
+        await following.stop()
+
+    run(scenario())
+
+
+def test_a_large_change_added_in_place_holds_the_decisions_that_wait_for_it_not_the_event_loop(
+    store, database_url, monkeypatch
+):
+    """A large change added to the facts in force (not `_built_aside`) is added on a worker
+    thread, a part at a time, under one hold of the fact lock: no decision sees part of it.
+    Meanwhile the event loop goes on, and a decision that asks the replica first (`in_force`,
+    `heard_not_applied`: the decision service, the gateway) waits for the change, then sees it
+    whole."""
+    import threading as threads
+
+    from bastion import turns
+    from bastion.facts.index import FactIndex
+    from bastion.server import replica as replica_module
+
+    monkeypatch.setattr(replica_module, "_CHECKED_ON_LOOP", 2)
+    monkeypatch.setattr(replica_module, "_BUILT_ASIDE", 10**9)
+    monkeypatch.setattr(turns, "CHUNK", 8)  # the change's 46 facts in six parts
+    armed, adding, resume = [], threads.Event(), threads.Event()
+    parts: list[int] = []  # the thread each part of the change was added on
+    add_all = FactIndex.add_all
+
+    def held_add_all(self, inserts, shared=False):
+        if armed:
+            parts.append(threads.get_ident())
+            if len(parts) == 2 and parts[0] != armed[0]:  # off the loop's thread
+                adding.set()  # after the first part, holding the lock
+                assert resume.wait(20)
+        return add_all(self, inserts, shared)
+
+    monkeypatch.setattr(FactIndex, "add_all", held_add_all)
+
+    async def scenario():
+        following = await started(database_url)
+        before = decisions(following)
+        armed.append(threads.get_ident())  # the event loop's thread
+        inserts, deletes = large_change()
+        store.apply(inserts, deletes=deletes)
+        assert await asyncio.to_thread(adding.wait, 20)
+        # The loop runs this; part of the change is in, and no one can read the facts now.
+        lock = following.authz._index.lock
+        assert not await asyncio.to_thread(lock.acquire, timeout=0)
+        gate, heard = following.in_force(), following.heard_not_applied(2.0)
+        assert gate is not None and heard is not None
+        waiting = [asyncio.ensure_future(gate), asyncio.ensure_future(heard)]
+        await asyncio.sleep(0.05)
+        assert not any(w.done() for w in waiting)
+        resume.set()
+        await waiting[0]
+        after = decisions(following)  # the first decision after the gate: the change whole
+        assert await waiting[1] is True
+        assert following.in_force() is None
+        await following.wait_for(store.head(), 10)
+        assert len(parts) > 2 and armed[0] not in parts
+        loaded = await started(database_url)
+        assert after == decisions(loaded) != before
+        assert state(following) == state(loaded)
         await loaded.stop()
         await following.stop()
 

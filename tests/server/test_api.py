@@ -133,6 +133,54 @@ def test_at_least_waits_for_a_write_and_refuses_an_unknown_sequence(api):
     assert_problem(api.post("/v1/authorize", json=body), 422, "latest is")
 
 
+def test_a_decision_asked_while_a_large_change_is_added_waits_for_it_and_the_server_goes_on(
+    api, monkeypatch
+):
+    """A change added on a worker thread under the fact lock (`Replica.in_force`): a decision
+    asked meanwhile waits for it and sees it; the server answers other requests meanwhile."""
+    import threading
+
+    from bastion.facts.index import FactIndex
+    from bastion.server import replica as replica_module
+
+    monkeypatch.setattr(replica_module, "_CHECKED_ON_LOOP", 2)
+    monkeypatch.setattr(replica_module, "_BUILT_ASIDE", 10**9)
+    adding, resume = threading.Event(), threading.Event()
+    add_all = FactIndex.add_all
+
+    def held_add_all(self, inserts, shared=False):
+        if shared and not adding.is_set():  # the change's facts, their lock held
+            adding.set()
+            assert resume.wait(20)
+        return add_all(self, inserts, shared)
+
+    monkeypatch.setattr(FactIndex, "add_all", held_add_all)
+    answers: dict[str, object] = {}
+
+    def ask(name: str, method: str, path: str, **kwargs) -> threading.Thread:
+        asking = threading.Thread(
+            target=lambda: answers.__setitem__(name, api.request(method, path, **kwargs))
+        )
+        asking.start()
+        return asking
+
+    facts = [role(f"u{i}", "reader", "Repo", "anvil") for i in range(20)]
+    writing = ask("write", "POST", "/v1/facts", json={"facts": facts})
+    assert adding.wait(20)
+    check = {"actor": "User:u19", "action": "read", "resource": "Repo:anvil"}
+    deciding = ask("decide", "POST", "/v1/authorize", json=check)
+    assert api.get("/healthz").status_code == 200  # the event loop goes on
+    deciding.join(0.2)
+    assert deciding.is_alive() and "decide" not in answers  # waiting for the change
+    resume.set()
+    for asking in (writing, deciding):
+        asking.join(20)
+    assert answers["write"].status_code == 200
+    decided = answers["decide"]
+    assert decided.status_code == 200 and decided.json()["allowed"] is True
+    assert decided.json()["sequence"] >= answers["write"].json()["sequence"]
+
+
 # -- bad input ---------------------------------------------------------------------------------
 
 

@@ -148,8 +148,11 @@ def _current(request: Request) -> Replica:
 
 async def fresh(request: Request, body: dict) -> Replica:
     """The replica, once it reflects ``at_least`` (if given), and only if its facts are not
-    stale."""
+    stale; and once a change it is putting in force is (`Replica.in_force`)."""
     replica = _current(request)
+    if (changing := replica.in_force()) is not None:
+        await changing
+        _current(request)  # it may have gone stale while it waited
     at_least = get_field(body, "at_least", int, required=False)
     if at_least is not None and at_least < 0:
         raise bad_request("at_least must be a sequence a write returned (0 or more)")
@@ -173,8 +176,9 @@ async def fresh(request: Request, body: dict) -> Replica:
 
 def answerable_now(replica: Replica, body: dict) -> bool:
     """Whether `fresh` would return at once, with nothing to wait for or refuse: the facts are
-    not stale, and ``at_least`` (if given, and well formed) is applied already."""
-    if replica.stale:
+    not stale, no change is being put in force, and ``at_least`` (if given, and well formed) is
+    applied already."""
+    if replica.stale or replica.in_force() is not None:
         return False
     at_least = body.get("at_least")
     if at_least is None:
