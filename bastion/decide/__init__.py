@@ -21,7 +21,7 @@ from operator import itemgetter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from bastion.facts.index import GENERATIONS, FactIndex
+from bastion.facts.index import GENERATIONS, CopiedRows, FactIndex
 from bastion.facts.model import Entity, FactError, check_fact, format_fact
 from bastion.policy import LoadedPolicy, load
 from bastion.policy.compile import CompiledPolicy
@@ -352,8 +352,8 @@ class FactSet:
             return set()
         return {v for v, s in zip(rows, shapes(), strict=True) if s in refused_shapes}
 
-    def rows(self) -> list[tuple[str, int, set[tuple], dict[tuple, float]]]:
-        """A copy of every fact held, by predicate (see `FactIndex.rows`), taken under the lock."""
+    def rows(self) -> CopiedRows:
+        """A copy of every fact held (see `FactIndex.rows`), taken under the lock."""
         with self._index.lock:
             return self._index.rows()
 

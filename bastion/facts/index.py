@@ -204,6 +204,27 @@ class PredicateFacts:
         return rows
 
 
+class CopiedRows:
+    """Every fact an index held, as `FactIndex.rows` copied them under its lock: per predicate
+    with facts, (name, arity, its argument tuples); and every fact's expiry."""
+
+    __slots__ = ("held", "expiry")
+
+    def __init__(self, held: list[tuple[str, int, set[tuple]]], expiry: dict[tuple, float]):
+        self.held = held
+        self.expiry = expiry
+
+    def grouped(self) -> list[tuple[str, int, set[tuple], dict[tuple, float]]]:
+        """(name, arity, argument tuples, their expiries) per predicate: the expiries sorted by
+        predicate in Python, a step a fact that expires, which is why not under the lock."""
+        expiries: dict[tuple, dict[tuple, float]] = {}
+        for fact, at in self.expiry.items():
+            expiries.setdefault((fact[0], len(fact) - 1), {})[fact[1:]] = at
+        return [
+            (name, arity, rows, expiries.get((name, arity), {})) for name, arity, rows in self.held
+        ]
+
+
 GENERATIONS = itertools.count(1)
 
 
@@ -342,29 +363,30 @@ class FactIndex:
             self.next_expiry = self._expiry_heap[0][0]
         return len(new)
 
-    def rows(self) -> list[tuple[str, int, set[tuple], dict[tuple, float]]]:
-        """A copy of every predicate's argument tuples and their expiries (name, arity, rows,
-        expiries). The caller holds the lock."""
-        expiries: dict[tuple, dict[tuple, float]] = {}
-        for fact, at in self._expiry.items():
-            expiries.setdefault((fact[0], len(fact) - 1), {})[fact[1:]] = at
-        return [
-            (name, arity, pf.all.copy(), expiries.get((name, arity), {}))
-            for (name, arity), pf in self.predicates.items()
-            if pf.all
-        ]
+    def rows(self) -> CopiedRows:
+        """A copy of every predicate's argument tuples and of the expiries, in one C call each
+        (`CopiedRows.grouped` sorts them, without the lock). The caller holds the lock."""
+        return CopiedRows(
+            [
+                (name, arity, pf.all.copy())
+                for (name, arity), pf in self.predicates.items()
+                if pf.all
+            ],
+            self._expiry.copy(),
+        )
 
     def fill_from(self, other: FactIndex, turns: Turns) -> None:
         """Every fact of ``other``, with its expiry, into this index, which nothing reads yet (a
         copy built on a worker thread, `Authorizer.copy`): ``other``'s lock is held only while
         its facts are copied out (one C call a predicate, and a pass over its expiries), and
-        they are added a `CHUNK` at a time. A fact expired but not yet purged there is copied, and purged here as there."""
+        they are added a `CHUNK` at a time. A fact expired but not yet purged there is copied,
+        and purged here as there."""
         with other.lock:
             rows = other.rows()
             interned = other._interned.copy()
         with self.lock:
             self._interned.update(interned)
-            for name, arity, held, expiries in rows:
+            for name, arity, held, expiries in rows.grouped():
                 for chunk in turns.chunks(held):
                     self.add_rows(name, arity, chunk)
                 if expiries:

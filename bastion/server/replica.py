@@ -359,7 +359,8 @@ class Replica:
     async def write_snapshot(self) -> int | None:
         """Write this replica's facts to `snapshot_path` as of the sequence applied; return the
         file's size (None when there is nothing to write, or the log no longer holds that
-        sequence). Only the copy of the facts runs on the event loop."""
+        sequence). Only the copy of the facts runs on the event loop (a C call per predicate,
+        and one for the expiries)."""
         async with self._writing:
             seq, version = self.applied, self.policy_version
             rows = self.authz.facts.rows()
@@ -379,7 +380,7 @@ class Replica:
                 origin = snapshot.SnapshotOrigin(
                     self.store.identity(), SCHEMA_VERSION, seq, change_at, version
                 )
-                groups = [snapshot.PredicateRows(*r) for r in rows]
+                groups = [snapshot.PredicateRows(*r) for r in rows.grouped()]
                 groups += snapshot.from_facts(unusable)
                 return snapshot.write(self.snapshot_path, origin, groups)
 
