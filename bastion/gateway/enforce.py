@@ -178,6 +178,7 @@ class Enforcer:
         digest_key: bytes | None = None,
         facts_stale: Callable[[], bool] = lambda: False,
         facts_heard: Callable[[], Awaitable[bool] | None] = lambda: None,
+        facts_in_force: Callable[[], Awaitable[None] | None] = lambda: None,
         approvals: Approvals | None = None,
         suspensions: Suspensions | None = None,
         behavior: LocalBehavior | RedisBehavior | None = None,
@@ -202,6 +203,9 @@ class Enforcer:
         # None while every fact change this process has heard of is applied; else an awaitable
         # of whether it is soon enough (`Replica.heard_not_applied`): if not, refused as stale.
         self.facts_heard = facts_heard
+        # None unless a fact change is being put in force; else an awaitable of when it is
+        # (`Replica.in_force`): see `settled`.
+        self.facts_in_force = facts_in_force
         self.explained = Explained()
         # The message's own decision, from memory while it cannot have changed (`Remembered`).
         self.decisions = remembered_calls()
@@ -233,6 +237,13 @@ class Enforcer:
         if self.suspensions is None:
             return None
         return self.suspensions.first(caller.principals, caller.session_id)
+
+    async def settled(self) -> None:
+        """Return once no fact change is being put in force. Before a decision taken after the
+        message waited for something else (its upstream's answer, say): a change that began
+        meanwhile holds the fact lock, which the decision would wait for on the event loop."""
+        if (changing := self.facts_in_force()) is not None:
+            await changing
 
     def session_suspended(self, session_id: str) -> bool:
         return self.suspensions is not None and self.suspensions.first((), session_id) is not None
@@ -292,6 +303,8 @@ class Enforcer:
             context = await self._behavior_context(caller, shown, context)
         if isinstance(session := context.get(CONTEXT_FIELD), SessionView):
             await self.labels.prepare(session)
+        if (changing := self.facts_in_force()) is not None:
+            await changing  # one began while the counters or labels were read (`settled`)
         authz = self.authorizer()
         chain = self.decisions(authz, caller.principals, action, resource, context, caller.scopes)
         obligations = chain.obligations
@@ -635,6 +648,7 @@ class Enforcer:
         """Keep the upstream's result for a reviewer; the `Held` to answer the client with."""
         assert self.approvals is not None and verdict.call is not None
         call, approvals = verdict.call, self.approvals
+        await self.settled()
         principals = tuple(Entity.parse(p) for p in verdict.record["principals"])
         why = self._why_held(
             self.authorizer(), principals, call.action, call.resource, context, "review"

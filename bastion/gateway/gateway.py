@@ -153,6 +153,7 @@ class Gateway:
         digest_key: bytes | None = None,
         facts_stale: Callable[[], bool] = lambda: False,
         facts_heard: Callable[[], Awaitable[bool] | None] = lambda: None,
+        facts_in_force: Callable[[], Awaitable[None] | None] = lambda: None,
         max_json_depth: int = untrusted_json.DEFAULT_MAX_DEPTH,
         approvals: Approvals | None = None,
         suspensions: Suspensions | None = None,
@@ -188,6 +189,7 @@ class Gateway:
             digest_key=digest_key,
             facts_stale=facts_stale,
             facts_heard=facts_heard,
+            facts_in_force=facts_in_force,
             approvals=approvals,
             suspensions=suspensions,
         )
@@ -441,6 +443,7 @@ class Gateway:
             listener.close(refused=True)
             return False
         enforcer = self.enforcer
+        await enforcer.settled()
         authz = enforcer.authorizer()
         caller = listener.caller
         context = enforcer.context(caller, listener.server, method)

@@ -414,6 +414,7 @@ async def list_items(ex: Exchange) -> dict[str, Any]:
     await ex.gateway.admit(ex)
     key, kind, field_name = LISTS[ex.message.method]
     result = await ex.forward()
+    await ex.gateway.enforcer.settled()
     items = [i for i in result.get(key) or () if isinstance(i, dict)]
     if key == "tools":
         ex.upstream.learn_tools(items, ex.connection)

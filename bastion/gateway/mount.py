@@ -50,11 +50,14 @@ def gateway_from_config(
     facts_heard: Callable[[], Awaitable[bool] | None] = lambda: None,
     approvals=None,
     suspensions=None,
+    facts_in_force: Callable[[], Awaitable[None] | None] = lambda: None,
 ) -> Gateway:
     """The gateway of the ``[gateway]`` table; it checks tokens with the ``[oauth]`` server.
     While ``facts_stale()`` the facts are too old to decide on, and every decision refuses;
     ``facts_heard()`` is awaited first when it gives an awaitable (a fact change heard of and not
-    applied yet), and a decision refuses if it says False."""
+    applied yet), and a decision refuses if it says False; ``facts_in_force()`` gives an awaitable
+    while a fact change is being put in force (`Replica.in_force`), awaited before a decision
+    taken after the message waited for something else."""
     if oauth is None:
         raise ConfigError(
             "bastion.toml has a [gateway] table but no [oauth] table: the gateway accepts"
@@ -83,6 +86,7 @@ def gateway_from_config(
         authorizer=authorizer,
         facts_stale=facts_stale,
         facts_heard=facts_heard,
+        facts_in_force=facts_in_force,
         records=records,
         resource_scopes=lambda uri: r.scopes if (r := settings.resource(uri)) else (),
         digest_key=digest_key,

@@ -809,6 +809,7 @@ class StreamableHttpEndpoint:
             if wanted.get(flag) and flag.removesuffix("ListChanged") in offered
         )
         context = ex.context()
+        await gateway.enforcer.settled()
         authz = gateway.enforcer.authorizer()
         readable = frozenset(
             uri

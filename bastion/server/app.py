@@ -264,6 +264,7 @@ def _gateway(config: ServerConfig, oauth, replica: Replica, approvals):
         lambda: replica.heard_not_applied(config.consistency_timeout),
         approvals=approvals,
         suspensions=replica.suspensions,
+        facts_in_force=replica.in_force,
     )
 
 

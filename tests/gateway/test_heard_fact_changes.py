@@ -5,6 +5,7 @@ process knows to be out of date; once the log is read again, calls go through.""
 
 from __future__ import annotations
 
+import threading
 import time
 
 from bastion.policy.parser import parse_fact
@@ -39,3 +40,81 @@ def test_a_message_waits_for_a_fact_change_its_process_heard_of(tmp_path):
             refused = call(bastion, token)
             assert refused["error"]["data"]["reason"] == "facts_stale", refused
         assert "result" in call(bastion, token)
+
+
+def test_a_message_waits_for_a_change_being_added_and_the_gateway_goes_on(tmp_path, monkeypatch):
+    """A change added to the facts in force on a worker thread, under their lock
+    (`Replica.in_force`): a gateway message that arrives meanwhile waits for it, then is decided;
+    the server answers other requests meanwhile (its event loop is not held)."""
+    from bastion.facts.index import FactIndex
+    from bastion.server import replica as replica_module
+
+    monkeypatch.setattr(replica_module, "_CHECKED_ON_LOOP", 2)
+    monkeypatch.setattr(replica_module, "_BUILT_ASIDE", 10**9)
+    armed, adding, resume = threading.Event(), threading.Event(), threading.Event()
+    add_all = FactIndex.add_all
+
+    def held_add_all(self, inserts, shared=False):
+        if shared and armed.is_set() and not adding.is_set():  # the change's facts
+            adding.set()
+            assert resume.wait(20)
+        return add_all(self, inserts, shared)
+
+    monkeypatch.setattr(FactIndex, "add_all", held_add_all)
+    with start(tmp_path) as bastion:
+        token = bastion.token("sam", "deskhttp")
+        assert "result" in call(bastion, token)
+        armed.set()
+        members = [
+            parse_fact(f'has_role(User{{"kim{i}"}}, "member", Team{{"support"}})') for i in range(5)
+        ]
+        bastion.store.apply(members)
+        assert adding.wait(20)
+        answers: list[dict] = []
+        calling = threading.Thread(target=lambda: answers.append(call(bastion, token)))
+        calling.start()
+        assert bastion.http.get(f"{bastion.url}/healthz").status_code == 200
+        calling.join(0.2)
+        assert calling.is_alive() and not answers  # waiting for the change
+        resume.set()
+        calling.join(20)
+        assert "result" in answers[0], answers
+        held = set(bastion.app.state.replica.authz.facts)
+        assert all(m in held for m in members)
+
+
+def test_a_decision_and_a_list_filter_wait_for_a_change_being_put_in_force():
+    """`Enforcer.decide` asks `facts_in_force` again right before it decides (a change can begin
+    while its counters or labels are read), and `Enforcer.settled` (before a list is filtered,
+    after the upstream answered) waits for such a change too."""
+    import asyncio
+
+    from bastion import Authorizer
+    from bastion.facts.model import Entity
+    from bastion.gateway.enforce import Caller, Enforcer
+
+    authz = Authorizer(
+        'actor User {}\nactor Agent {}\nresource Tool {}\nallow(_, "call", _: Tool);'
+    )
+    caller = Caller("sam", "bot", frozenset(), "127.0.0.1", "2025-11-25")
+
+    async def scenario() -> str:
+        change = asyncio.get_running_loop().create_future()
+        enforcer = Enforcer(
+            lambda: authz,
+            None,
+            facts_in_force=lambda: None if change.done() else asyncio.shield(change),
+        )
+        context = enforcer.context(caller, "desk", "tools/call")
+        tool = Entity("Tool", "desk/search")
+        deciding = asyncio.ensure_future(
+            enforcer.decide(caller, "desk", "tools/call", "call", tool, context, {})
+        )
+        settling = asyncio.ensure_future(enforcer.settled())
+        await asyncio.sleep(0.05)
+        assert not deciding.done() and not settling.done()
+        change.set_result(None)
+        await settling
+        return (await deciding).record["result"]
+
+    assert asyncio.run(scenario()) == "allow"
