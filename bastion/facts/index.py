@@ -378,7 +378,7 @@ class FactIndex:
     def fill_from(self, other: FactIndex, turns: Turns) -> None:
         """Every fact of ``other``, with its expiry, into this index, which nothing reads yet (a
         copy built on a worker thread, `Authorizer.copy`): ``other``'s lock is held only while
-        its facts are copied out (one C call a predicate, and a pass over its expiries), and
+        its facts are copied out (`rows`: one C call a predicate, and one for its expiries), and
         they are added a `CHUNK` at a time. A fact expired but not yet purged there is copied,
         and purged here as there."""
         with other.lock:
