@@ -444,7 +444,6 @@ class Gateway:
             return False
         enforcer = self.enforcer
         await enforcer.settled()
-        authz = enforcer.authorizer()
         caller = listener.caller
         context = enforcer.context(caller, listener.server, method)
         server = Entity("McpServer", listener.server)
@@ -458,7 +457,9 @@ class Gateway:
                 listener.close(refused=True)
                 return False
             enforcer.write(verdict.record)  # allowed after all: the facts changed meanwhile
-        return uri is None or may_read(authz, caller, listener.server, uri, context)
+            # Facts may have changed during the decision's own waits: read as they are now.
+            await enforcer.settled()
+        return uri is None or may_read(enforcer.authorizer(), caller, listener.server, uri, context)
 
     # -- lifecycle and routes --------------------------------------------------------------------
 

@@ -118,3 +118,42 @@ def test_a_decision_and_a_list_filter_wait_for_a_change_being_put_in_force():
         return (await deciding).record["result"]
 
     assert asyncio.run(scenario()) == "allow"
+
+
+def test_a_streams_notification_is_decided_on_the_facts_in_force_after_its_connect_decision():
+    """`Gateway.may_hear` decides ``connect`` again (which can wait), then whether the resource's
+    update may be heard: on the `Authorizer` in force then, not on the one before the wait. The
+    gateway around it is stubbed (its token check and connect decision): only the order of the
+    two decisions is under test."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from bastion import Authorizer
+    from bastion.gateway.enforce import Caller, Enforcer
+    from bastion.gateway.gateway import Gateway
+    from bastion.gateway.sessions import Listener, may_read
+
+    types = "actor User {}\nactor Agent {}\nresource McpResource {}\n"
+    readable = Authorizer(types + 'allow(_, "read", _: McpResource);')
+    in_force = [readable]
+    enforcer = Enforcer(lambda: in_force[0], None)
+
+    async def decide(*args, **kwargs):
+        in_force[0] = Authorizer(types)  # a change put in force while it waited: no read now
+        return SimpleNamespace(record={})
+
+    async def verify_token(*args):
+        return None
+
+    enforcer.decide, enforcer.write = decide, lambda record: None
+    gateway = SimpleNamespace(
+        verify_token=verify_token, enforcer=enforcer, _connect_needs_deciding=lambda *a: True
+    )
+    caller = Caller("sam", "bot", frozenset(), "127.0.0.1", "2025-11-25")
+    listener = Listener(None, "desk", caller, "token", frozenset(), frozenset({"notes/a"}))
+    method = "notifications/resources/updated"
+    heard = asyncio.run(Gateway.may_hear(gateway, listener, method, "notes/a"))
+    assert heard is False
+    # Before the change it could be heard: what refused it is the change.
+    context = enforcer.context(caller, "desk", method)
+    assert may_read(readable, caller, "desk", "notes/a", context) is True
