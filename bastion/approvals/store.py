@@ -23,6 +23,7 @@ from typing import Any
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from bastion.db import Database
+from bastion.ids import typed_id
 
 _MIGRATIONS = [
     """
@@ -183,12 +184,8 @@ class ApprovalRequest:
 
 
 def new_request_id() -> str:
-    """144 random bits, URL-safe, never starting with "-": an id that did would read as an
-    option on a command line (``bastion approvals approve -x...``)."""
-    while True:
-        request_id = secrets.token_urlsafe(18)
-        if not request_id.startswith("-"):
-            return request_id
+    """144 random bits, URL-safe, never starting with "-" (`typed_id`)."""
+    return typed_id(18)
 
 
 class Sealed:

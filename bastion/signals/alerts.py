@@ -19,7 +19,6 @@ import asyncio
 import json
 import logging
 import os
-import secrets
 import threading
 import time
 from collections import deque
@@ -34,6 +33,7 @@ from bastion.db import Database, first_line
 from bastion.decide import Authorizer
 from bastion.facts.model import Entity
 from bastion.facts.store import FactStore
+from bastion.ids import typed_id
 from bastion.signals.behavior import BehaviorView
 from bastion.webhooks import (
     SettingsError,
@@ -392,7 +392,7 @@ class Alerts:
             owner = self._owner(who)
             recipients = (owner,) if owner else self.settings.fallback_recipients
             alert = Alert(
-                secrets.token_urlsafe(12),
+                typed_id(12),  # shown and typed: never read as an option
                 name,
                 who,
                 severity,
