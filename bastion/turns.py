@@ -4,8 +4,8 @@ A thread that holds the GIL (building and encoding records, numbering a million 
 the event loop's thread waiting for it until the interpreter forces a switch, every 5 ms, and
 a single C call (a set or an array of a million items) holds it for as long as it runs: a
 request that arrives meanwhile waits that long. Work done in turns checks the time between
-steps, and after about `TURN` seconds pauses `PAUSE` seconds, long enough for a thread woken by
-the release to take the GIL. The loop then waits about one turn, or one step if a step takes
+steps, and after about `TURN` seconds pauses (`PAUSE`), long enough for a thread woken by the
+release to take the GIL. The loop then waits about one turn, or one step if a step takes
 longer: steps must be small (`CHUNK` items of a C call; one element of a JSON array,
 `loads_in_turns`). The garbage collector's passes hold the GIL too: `collector_paused` keeps
 them from starting over and over while such work makes its objects.
@@ -26,7 +26,13 @@ from typing import Any, TypeVar
 T = TypeVar("T")
 
 TURN = 0.0003
-PAUSE = 0.0001
+# Asked of `time.sleep`, which sleeps longer by the kernel's timer slack (50 µs by default on
+# Linux): about 95 µs here, in which a thread waiting for the GIL wakes and takes it. Asked for
+# 0.1 ms, it slept 180 µs, and a large change of the fact log took 3.7–5.4 s to put in force
+# instead of 3.1 (docs/benchmarks.md). `time.sleep(0)` would lean on the slack alone: a thread
+# with none set (`PR_SET_TIMERSLACK`) then handed the GIL over after 14 to 39 of 40 pauses (29 to
+# 36 with this one; 38 of 40 with either at the default slack).
+PAUSE = 0.00002
 # Items a step hands to one C call (a set, an array, a join) between two checks of the time.
 CHUNK = 1024
 
@@ -132,6 +138,7 @@ def in_turns(make: Callable[[Any], T], items: Iterable[Any]) -> list[T]:
 
 _DECODER = json.JSONDecoder()
 _SPACE = re.compile(r"[ \t\n\r]*")
+_BLANKS = (" ", "\t", "\n", "\r")
 
 
 def loads_in_turns(text: str, turns: Turns) -> Any:
@@ -150,6 +157,7 @@ def loads_in_turns(text: str, turns: Turns) -> Any:
         raise json.JSONDecodeError(f"Expecting one of {marks!r}", text, at)
 
     scan = _DECODER.raw_decode
+    element = _DECODER.scan_once  # `raw_decode` without its Python frame, for each element
     at = space(0)
     if not text.startswith("{", at):
         return json.loads(text)
@@ -171,10 +179,18 @@ def loads_in_turns(text: str, turns: Turns) -> Any:
                 if text.startswith("]", at):
                     at += 1
                 else:
+                    append, tick = value.append, turns.tick
                     while True:
-                        item, at = scan(text, at)
-                        value.append(item)
-                        turns.tick()
+                        try:
+                            item, at = element(text, at)
+                        except StopIteration as e:  # as `raw_decode` says it
+                            raise json.JSONDecodeError("Expecting value", text, e.value) from None
+                        append(item)
+                        tick()
+                        # bastion writes no space between elements: looked for only if there.
+                        if text.startswith(",", at) and not text.startswith(_BLANKS, at + 1):
+                            at += 1
+                            continue
                         at = space(at)
                         if expect(at, ",]") == "]":
                             at += 1

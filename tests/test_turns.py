@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import sys
+import threading
 
 import pytest
 
@@ -13,6 +15,7 @@ DOCUMENTS = [
     '{"insert":[{"predicate":"p","args":[{"type":"T","id":"x"},1,true]}],"delete":[]}',
     ' { "insert" : [ 1 , [2, [3]] , {"a": [4]} ] ,\n "delete" : [ ] , "n" : null } ',
     '{"a":[],"b":{},"c":"[not an array]","d":[""],"a":[1]}',
+    '{"insert":[1,2, 3,\n4 ,"x",{"y":[5,6]}],"delete":[]}',
     "{}",
     " {\t} ",
     '{"é\\u2028":["\\ud800", 1.5e300, -0.0]}',
@@ -24,6 +27,9 @@ MALFORMED = [
     "",
     "{",
     '{"a":[1,]}',
+    '{"a":[1,,2]}',
+    '{"a":[1,\n]}',
+    '{"a":[1,2',
     '{"a":[1 2]}',
     '{"a":[1}',
     '{"a" [1]}',
@@ -110,3 +116,36 @@ def test_the_collectors_full_passes_are_held_and_its_young_ones_go_on():
         gc.callbacks.remove(seen)
     assert len(kept) == 200_000
     assert 0 in passes and 2 not in passes
+
+
+def test_a_pause_hands_the_gil_to_a_thread_that_waits_for_it(monkeypatch):
+    """What the pauses are for: a thread that wakes (as the event loop does, for a timer or a
+    socket) while work in turns holds the GIL runs at the work's next pause, not when the
+    interpreter forces a switch. The switch interval is made long, so that only a pause can
+    hand the GIL over; the waiting thread then runs after most pauses (38 of 40 seen here),
+    and after none where the pause does not release the GIL long enough."""
+    monkeypatch.setattr(turns, "TURN", 0.0)
+    pauses, woke, done = 40, [0], threading.Event()
+    after: list[bool] = []
+
+    def work() -> None:
+        clock = Turns()
+        for _ in range(pauses):
+            sum(range(20_000))  # a step that holds the GIL
+            before = woke[0]
+            clock.tick()
+            after.append(woke[0] != before)
+        done.set()
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(10.0)
+    try:
+        worker = threading.Thread(target=work)
+        worker.start()
+        while not done.wait(0.0002):  # wakes every 0.2 ms, and then needs the GIL
+            woke[0] += 1
+        worker.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert len(after) == pauses
+    assert sum(after) >= pauses // 4

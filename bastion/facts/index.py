@@ -259,9 +259,21 @@ class FactIndex:
         object; another is made once for all of ``facts``, but not entered in the index's table
         (as with `add_rows`). For `add_all` with ``shared``."""
         known, made = self._interned, {}
+        # Each entity and string met so far, as shared: a lookup, not a call, for most values.
+        # Of those two classes only: an int and a bool can be equal, and are kept as they are.
+        seen: dict[Any, Any] = {}
         out = []
         for fact, expires_at in facts:
-            out.append(((fact[0], *(_share(v, known, made) for v in fact[1:])), expires_at))
+            values = [fact[0]]
+            for v in fact[1:]:
+                if v.__class__ is Entity or v.__class__ is str:
+                    found = seen.get(v)
+                    if found is None:
+                        found = seen[v] = _share(v, known, made)
+                    values.append(found)
+                else:
+                    values.append(_share(v, known, made))
+            out.append((tuple(values), expires_at))
             if turns is not None:
                 turns.tick()
         return out

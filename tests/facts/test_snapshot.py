@@ -917,3 +917,30 @@ def test_facts_added_all_at_once_are_indexed_as_facts_added_one_by_one(shared, p
         assert added == one.count - held > 0
         assert norm(bulk) == norm(one)
         assert bulk.generation != generation
+
+
+def test_values_shared_for_the_index_keep_their_kind_and_are_one_object_each():
+    """`FactIndex.shared` (a large change's values, before it is added): an entity the index
+    holds comes back as the index's object, equal entities and strings new to it as one object,
+    and an integer and a boolean that compare equal (1 and True) each as it was given."""
+    from bastion.facts.index import FactIndex
+
+    index = FactIndex()
+    index.add(("member", Entity("User", "alice"), "admin", 1))
+    held = index.intern(Entity("User", "alice"))  # the index's own object
+    given = [
+        (("member", Entity("User", "alice"), "ad" + "min", True), None),
+        (("member", Entity("User", "bob"), "ad" + "min", 1), 5.0),
+        (("member", Entity("User", "bob"), "reader", False), None),
+        (("member", Entity("User", "bob"), "reader", 0), None),
+    ]
+    out = index.shared(given)
+    assert out == given
+    assert [[v.__class__ for v in fact] for fact, _ in out] == [
+        [v.__class__ for v in fact] for fact, _ in given
+    ]
+    assert [at for _, at in out] == [None, 5.0, None, None]
+    assert out[0][0][1] is held
+    assert out[1][0][1] is out[2][0][1] is out[3][0][1]
+    assert out[0][0][2] is out[1][0][2] is index.intern("admin")
+    assert out[2][0][2] is out[3][0][2]
