@@ -14,6 +14,7 @@ import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
+from json.encoder import encode_basestring_ascii
 from typing import Any
 
 from bastion.db import Database
@@ -26,6 +27,7 @@ from bastion.facts.model import (
     fact_to_json,
     matches,
 )
+from bastion.json_encoding import encoder
 from bastion.turns import Turns, full_passes_held, loads_in_turns
 from bastion.untrusted_json import MAX_INTEGER, MIN_INTEGER
 
@@ -89,9 +91,13 @@ def _arg_key(arg: Any) -> str:
     return f"i:{arg}"
 
 
+# `json.dumps`, its encoder made once (`bastion.json_encoding`): the same text, byte for byte.
+_dumps = encoder()
+
+
 def fact_key(fact: tuple) -> str:
     """The canonical text of a fact: its identity in the store, and the order of pages."""
-    return json.dumps([fact[0], *map(_arg_key, fact[1:])])
+    return _dumps([fact[0], *map(_arg_key, fact[1:])])
 
 
 def _rows(facts: Iterable[StoredFact]) -> list[tuple]:
@@ -107,7 +113,7 @@ def _rows(facts: Iterable[StoredFact]) -> list[tuple]:
                 f.fact[0],
                 len(args),
                 *cols,
-                json.dumps([arg_to_json(a) for a in args]),
+                _dumps([arg_to_json(a) for a in args]),
                 f.expires_at,
             )
         )
@@ -117,7 +123,7 @@ def _rows(facts: Iterable[StoredFact]) -> list[tuple]:
 def _facts_payload(rows: Iterable[tuple], deletes: list[tuple]) -> str:
     """The change-log entry of a facts write, reusing the rows' encoded arguments."""
     inserts = ",".join(
-        f'{{"predicate":{json.dumps(r[1])},"args":{r[7]}'
+        f'{{"predicate":{encode_basestring_ascii(r[1])},"args":{r[7]}'
         + (f',"expires_at":{float(r[8])!r}}}' if r[8] is not None else "}")
         for r in rows
     )

@@ -291,3 +291,33 @@ def test_a_first_policy_is_stored_once_when_replicas_start_together(database_url
     assert len(stores[0].policy_versions()) == 1
     for s in stores:
         s.close()
+
+
+def test_a_fact_is_written_as_json_dumps_writes_it(store):
+    """The store's key of a fact, its encoded arguments and its entry in the change log, made by
+    encoders built once, are `json.dumps`'s text, byte for byte (the key is the fact's identity
+    in the store, so another spelling of it would store the fact twice): with non-ASCII text,
+    quotes, backslashes, control characters, and integers at their bounds."""
+    import json
+
+    from bastion.facts.model import arg_to_json
+    from bastion.facts.store import _arg_key, _facts_payload, _rows
+    from bastion.untrusted_json import MAX_INTEGER, MIN_INTEGER
+
+    facts = [
+        ("has_role", Entity("User", 'a"l\\ice\u2028é'), "ad\tmin\x00", Entity("Org", "😀")),
+        ("stars", Entity("Repo", "r"), MAX_INTEGER),
+        ("stars", Entity("Repo", "r"), MIN_INTEGER),
+        ("flag", True, False, 0, "", "\u00e9t\u00e9"),
+        ("\u00e9vent", Entity("T", "x")),
+    ]
+    rows = _rows([StoredFact(f) for f in facts])
+    for fact, row in zip(facts, rows, strict=True):
+        assert row[0] == fact_key(fact) == json.dumps([fact[0], *map(_arg_key, fact[1:])])
+        assert row[7] == json.dumps([arg_to_json(a) for a in fact[1:]])
+    assert json.loads(_facts_payload(rows, [])) == {
+        "insert": [{"predicate": f[0], "args": [arg_to_json(a) for a in f[1:]]} for f in facts],
+        "delete": [],
+    }
+    assert _facts_payload(rows[:1], []).startswith('{"insert":[{"predicate":"has_role","args":')
+    assert _facts_payload(rows[4:], []).startswith('{"insert":[{"predicate":"\\u00e9vent",')
