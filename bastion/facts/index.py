@@ -258,10 +258,10 @@ class FactIndex:
         the lock (on a worker thread, in ``turns``): an entity the index holds already is that
         object; another is made once for all of ``facts``, but not entered in the index's table
         (as with `add_rows`). For `add_all` with ``shared``."""
-        known, made = self._interned, {}
-        # Each entity and string met so far, as shared: a lookup, not a call, for most values.
-        # Of those two classes only: an int and a bool can be equal, and are kept as they are.
-        seen: dict[Any, Any] = {}
+        # Each entity and string met so far, as shared (the entities new to the index made
+        # there too): a lookup, not a call, for most values. Of those two classes only: an int
+        # and a bool can be equal, and are kept as they are.
+        known, seen = self._interned, {}
         out = []
         for fact, expires_at in facts:
             values = [fact[0]]
@@ -269,10 +269,10 @@ class FactIndex:
                 if v.__class__ is Entity or v.__class__ is str:
                     found = seen.get(v)
                     if found is None:
-                        found = seen[v] = _share(v, known, made)
+                        found = seen[v] = _share(v, known, seen)
                     values.append(found)
                 else:
-                    values.append(_share(v, known, made))
+                    values.append(_share(v, known, seen))
             out.append((tuple(values), expires_at))
             if turns is not None:
                 turns.tick()

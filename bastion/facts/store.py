@@ -130,15 +130,15 @@ def _facts_payload(rows: Iterable[tuple], deletes: list[tuple]) -> str:
     return f'{{"insert":[{inserts}],"delete":{json.dumps([fact_to_json(p) for p in deletes])}}}'
 
 
+_tuple_new = tuple.__new__
+
+
 def _args_from_json(args: list) -> tuple:
     # Rows were checked when they were written; only rebuild the entities (as `Entity(type, id)`
     # makes them, without its Python `__new__`: a change of the log can hold a million).
     return tuple(
         [_tuple_new(Entity, (a["type"], a["id"])) if a.__class__ is dict else a for a in args]
     )
-
-
-_tuple_new = tuple.__new__
 
 
 def epoch(expires_at: datetime | float | int | None) -> float | None:
