@@ -106,9 +106,11 @@ def arg_from_json(value: Any, *, pattern: bool = False) -> Any:
         # JSON has one kind of number: 3.0 is the integer 3 (as JSON Schema says).
         value = int(value)
     if isinstance(value, dict):
-        if set(value) != {"type", "id"} or not all(isinstance(v, str) for v in value.values()):
+        # Exactly the two keys, both text (two keys, and both found as text, are those two).
+        kind, name = value.get("type"), value.get("id")
+        if len(value) != 2 or not isinstance(kind, str) or not isinstance(name, str):
             raise FactError(f'an entity is {{"type": str, "id": str}}, got {value!r}')
-        return Entity(value["type"], value["id"])
+        return Entity(kind, name)
     if isinstance(value, (str, int, bool)) or (pattern and value is None):
         return value
     raise FactError(f"unsupported fact argument {value!r}")
@@ -122,7 +124,7 @@ def fact_to_json(fact: tuple) -> dict:
 def fact_from_json(obj: Any, *, pattern: bool = False) -> tuple:
     if not isinstance(obj, dict) or not isinstance(obj.get("args", []), list):
         raise FactError('a fact is {"predicate": str, "args": [...]}')
-    args = tuple(arg_from_json(a, pattern=pattern) for a in obj.get("args", []))
+    args = [arg_from_json(a, pattern=pattern) for a in obj.get("args", [])]
     return check_fact((obj.get("predicate"), *args), pattern=pattern)
 
 

@@ -21,3 +21,49 @@ def test_an_entity_is_spelled_with_its_id_quoted_as_a_polar_string(id_):
 @pytest.mark.parametrize("id_", ["alice", "", "é {} : ,"])
 def test_an_entity_spelled_without_escapes_is_read_back(id_):
     assert Entity.parse(repr(Entity("Agent", id_))) == Entity("Agent", id_)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        {"type": "User"},
+        {"id": "alice"},
+        {},
+        {"type": "User", "id": "alice", "extra": "x"},
+        {"type": "User", "id": 7},
+        {"type": 7, "id": "alice"},
+        {"type": "User", "id": None},
+        {"type": None, "id": None},
+        {"kind": "User", "id": "alice"},
+        {"type": "User", "ID": "alice"},
+        {"type": ["User"], "id": "alice"},
+    ],
+)
+def test_an_entity_that_is_not_exactly_a_type_and_an_id_as_text_is_refused(value):
+    """`arg_from_json` (every fact and pattern the API and the store read): an entity is an
+    object of exactly ``type`` and ``id``, both strings; anything else is refused with the
+    shape it must have, and the fact that holds it with it."""
+    from bastion.facts.model import FactError, arg_from_json, fact_from_json
+
+    for pattern in (False, True):
+        with pytest.raises(FactError, match="an entity is"):
+            arg_from_json(value, pattern=pattern)
+        with pytest.raises(FactError, match="an entity is"):
+            fact_from_json({"predicate": "member", "args": [value, "admin"]}, pattern=pattern)
+
+
+def test_a_fact_read_from_json_is_the_fact_it_spells():
+    from bastion.facts.model import arg_from_json, fact_from_json, fact_to_json
+
+    fact = ("member", Entity("User", "a\"l'ice"), "admin", 3, True, Entity("Org", ""))
+    assert fact_from_json(fact_to_json(fact)) == fact
+    assert fact_from_json({"predicate": "stars", "args": [3.0]}) == ("stars", 3)
+    assert arg_from_json({"id": "x", "type": "T"}) == Entity("T", "x")
+    assert arg_from_json(None, pattern=True) is None
+    assert [a.__class__ for a in fact_from_json(fact_to_json(fact))[1:]] == [
+        Entity,
+        str,
+        int,
+        bool,
+        Entity,
+    ]
