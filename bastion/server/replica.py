@@ -191,11 +191,14 @@ def _let_go(held: list[Authorizer]) -> None:
         authz.let_go(Turns())
 
 
-def _let_go_of_changes(changes: list[Change]) -> None:
-    """`Change.let_go` of each, on a worker thread: not at the end of the read, on the loop."""
+def _let_go_of_changes(changes: list[Change], spent: list[list[tuple]]) -> None:
+    """`Change.let_go` of each, and the facts as checked of those added in place emptied, on a
+    worker thread: not at the end of the read, on the loop."""
     turns = Turns()
     for change in changes:
         change.let_go(turns)
+    for checked in spent:
+        turns.empty(checked)
 
 
 def _from_snapshot(
@@ -275,6 +278,8 @@ class Replica:
         # Done once the change being added to `authz` on a worker thread is in force (None
         # while none is): see `in_force`.
         self._changing: asyncio.Future[None] | None = None
+        # The facts as checked of the changes added in place, to let go of in turns (`_catch_up`).
+        self._spent: list[list[tuple]] = []
         self.applied = 0
         self.head_seen = 0
         self.policy_version: int | None = None
@@ -646,8 +651,9 @@ class Replica:
                 async with self._advanced:
                     self._advanced.notify_all()
                 large = [c for c in changes if len(c.inserts) > _CHECKED_ON_LOOP]
-                if large:
-                    await anyio.to_thread.run_sync(_let_go_of_changes, large)
+                spent, self._spent = self._spent, []
+                if large or spent:
+                    await anyio.to_thread.run_sync(_let_go_of_changes, large, spent)
                 if len(changes) == _PAGE:
                     return True
         self._read_at_version = version
@@ -716,12 +722,13 @@ class Replica:
                 return load_facts(self.authz, inserts, deletes)  # checked under another policy
 
             def add() -> None:
-                turns = Turns()
-                authz.facts.fill(checked, turns, deletes)
-                turns.empty(checked)
+                authz.facts.fill(checked, Turns(), deletes)
                 _freeze()
 
             await self._put_in_force(add)
+            # Let go of once `applied` has moved (`_catch_up`), not while decisions wait for
+            # the change, nor between its being in force and `applied` moving.
+            self._spent.append(checked)
         return [StoredFact(fact, expires_at) for fact, expires_at in refused]
 
     async def _put_in_force(self, add: Callable[[], None]) -> None:

@@ -788,6 +788,53 @@ def test_a_large_change_added_in_place_holds_the_decisions_that_wait_for_it_not_
     run(scenario())
 
 
+def test_a_large_change_added_in_place_is_let_go_of_after_it_is_applied_not_while_decisions_wait(
+    store, database_url, monkeypatch
+):
+    """What a change added in place leaves behind (its facts as checked, given to `fill`) is let
+    go of once `applied` has moved, on a worker thread: not while decisions wait for the change
+    (`in_force`), and not between its being in force and `applied` moving (a decision then
+    would see the change under the sequence before it)."""
+    from bastion.decide import FactSet
+    from bastion.server import replica as replica_module
+
+    monkeypatch.setattr(replica_module, "_CHECKED_ON_LOOP", 2)
+    monkeypatch.setattr(replica_module, "_BUILT_ASIDE", 10**9)
+    filled: list[list] = []  # the facts as checked that `fill` added
+    emptied: list[tuple] = []  # when they were let go of: (put in force then, applied)
+    replicas: list[Replica] = []
+    fill, empty = FactSet.fill, turns.Turns.empty
+
+    def watched_fill(self, checked, clock, deletes=()):
+        filled.append(checked)
+        return fill(self, checked, clock, deletes)
+
+    def watched_empty(self, items):
+        if any(items is each for each in filled):
+            emptied.append((replicas[0]._changing is not None, replicas[0].applied))
+        return empty(self, items)
+
+    monkeypatch.setattr(FactSet, "fill", watched_fill)
+    monkeypatch.setattr(turns.Turns, "empty", watched_empty)
+
+    async def scenario():
+        following = await started(database_url)
+        replicas.append(following)
+        inserts, deletes = large_change()
+        result = store.apply(inserts, deletes=deletes)
+        await following.wait_for(result.seq, 10)
+        for _ in range(4000):  # until the follower has let go of it (a deadline: 20 s)
+            if emptied:
+                break
+            await asyncio.sleep(0.005)
+        await following.stop()
+        return result.seq
+
+    seq = run(scenario())
+    assert len(filled) == 1 and filled[0] == []
+    assert emptied == [(False, seq)]
+
+
 def test_a_large_change_checked_under_a_policy_replaced_meanwhile_is_checked_again(
     store, database_url, monkeypatch
 ):
