@@ -964,6 +964,15 @@ def test_facts_added_all_at_once_are_indexed_as_facts_added_one_by_one(shared, p
         assert added == one.count - held > 0
         assert norm(bulk) == norm(one)
         assert bulk.generation != generation
+        # Facts that expire, given again without an expiry, in a batch where nothing expires:
+        # they no longer expire.
+        again = [(fact, None) for fact, at in batch if at is not None][:10]
+        assert again and bulk._expiry
+        for fact, at in again:
+            one.add(fact, at)
+        given = [(copied(fact), at) for fact, at in again]
+        bulk.add_all(bulk.shared(given) if shared else given, shared=shared)
+        assert norm(bulk) == norm(one)
 
 
 def test_values_shared_for_the_index_keep_their_kind_and_are_one_object_each():
