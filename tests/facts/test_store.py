@@ -219,12 +219,33 @@ def test_concurrent_writers_get_distinct_gapless_sequences(database_url):
 def test_a_large_batch_with_repeats_is_stored_once_each_with_the_last_expiry(store):
     repos = [("is_public", Entity("Repo", f"r{i}")) for i in range(1500)]
     batch = [StoredFact(f) for f in repos] + [StoredFact(repos[0], 4102444800.0)]
+    # Three hundred more given twice, the first copy with an expiry and the second without, or
+    # the other way round: the copy given last is the one stored, as row by row.
+    last = {}
+    for i in range(1, 301):
+        first, then = (4102444800.0 + i, None) if i % 2 else (None, 4102444800.0 + i)
+        batch[i] = StoredFact(repos[i], first)
+        batch.append(StoredFact(repos[i], then))
+        last[repos[i]] = then
     store.apply(batch)
     assert store.count() == 1500
     assert store.get(repos[0])[0].expires_at == 4102444800.0
+    stored = {f.fact: f.expires_at for f in store.get()}
+    assert {fact: stored[fact] for fact in last} == last
     store.apply([StoredFact(f, 4102444800.0) for f in repos])
     assert {f.expires_at for f in store.get()} == {4102444800.0}
     assert store.count() == 1500
+
+
+def test_a_large_batch_leaves_nothing_behind_for_the_next(store):
+    """A large batch goes through a scratch table (`FactStore._upsert`): what one left there
+    would come back with the next."""
+    first = [("is_public", Entity("Repo", f"r{i}")) for i in range(600)]
+    second = [("is_public", Entity("Repo", f"s{i}")) for i in range(600)]
+    store.apply(first)
+    store.apply([], deletes=[("is_public", None)])
+    store.apply(second)
+    assert facts_of(store) == set(second)
 
 
 def test_a_failed_large_batch_leaves_nothing_and_the_next_one_works(store):
