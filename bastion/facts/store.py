@@ -232,6 +232,11 @@ class FactStore:
         self.db = db
         db.migrate("facts", _MIGRATIONS)
         self._identity: str | None = None
+        # Where the changes of facts written here are handed over, by sequence, with their
+        # entry in the log (`Replica.handed`): put there before the commit, as a reader can read
+        # the entry before COMMIT returns here (SQLite checkpoints inside it), and taken back if
+        # the write fails here. `changes_since` takes one only where the log holds its entry.
+        self.handed: dict[int, tuple[str, Change]] | None = None
 
     def identity(self) -> str:
         """This store's random identity, made by the first process that asks; a restored copy
@@ -264,13 +269,16 @@ class FactStore:
             self.db.execute("SELECT pg_advisory_xact_lock(hashtext(?))", ("bastion:changes",))
         return self.db.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM changes")[0][0]
 
-    def _log(self, seq: int, actor: str, kind: str, payload: str) -> None:
+    def _log(self, seq: int, actor: str, kind: str, payload: str) -> float:
+        """Add the change to the log; return its time, as written."""
+        at = time.time()
         self.db.execute(
             "INSERT INTO changes (seq, at, actor, kind, payload) VALUES (?, ?, ?, ?, ?)",
-            (seq, time.time(), actor, kind, payload),
+            (seq, at, actor, kind, payload),
         )
         # Delivered at commit (PostgreSQL); listeners then catch up by sequence.
         self.db.notify(CHANGES_CHANNEL, str(seq))
+        return at
 
     def apply(
         self,
@@ -297,11 +305,22 @@ class FactStore:
         dels = [check_fact(p, pattern=True) for p in deletes]
         rows = _rows(turns.each(ins))
         payload = _facts_payload(turns.each(rows), dels)
-        with self.db.transaction():
-            seq = self._begin_write()
-            deleted = sum(self._delete_matching(p) for p in dels)
-            self._upsert(rows)
-            self._log(seq, actor, "facts", payload)
+        handed, seq = self.handed, None
+        try:
+            with self.db.transaction():
+                seq = self._begin_write()
+                deleted = sum(self._delete_matching(p) for p in dels)
+                self._upsert(rows)
+                at = self._log(seq, actor, "facts", payload)
+                if handed is not None:
+                    handed[seq] = (
+                        payload,
+                        Change(seq, at, actor, "facts", tuple(ins), tuple(dels)),
+                    )
+        except BaseException:
+            if handed is not None and seq is not None:
+                handed.pop(seq, None)
+            raise
         return WriteResult(seq, inserted=len(ins), deleted=deleted)
 
     def _upsert(self, rows: list[tuple]) -> None:
@@ -438,23 +457,32 @@ class FactStore:
         """The sequence of the latest committed change (0 for an empty store)."""
         return self.db.execute("SELECT COALESCE(MAX(seq), 0) FROM changes")[0][0]
 
-    def changes_since(self, seq: int, *, limit: int = 100) -> list[Change]:
+    def changes_since(
+        self, seq: int, *, limit: int = 100, handed: dict[int, tuple[str, Change]] | None = None
+    ) -> list[Change]:
         """The changes after ``seq``, oldest first. Decoded in turns (`bastion.turns`): a replica
         reads them on a worker thread beside the event loop that decides, and one change (an
-        import) can hold hundreds of thousands of facts."""
+        import) can hold hundreds of thousands of facts. ``handed``: changes handed over by the
+        stores that wrote them (`FactStore.handed`); one whose entry the log holds at its
+        sequence, the same text, time, writer and kind, is taken as it is, not decoded."""
         rows = self.db.execute(
             "SELECT seq, at, actor, kind, payload FROM changes WHERE seq > ? ORDER BY seq"
             f" LIMIT {int(limit)}",
             (seq,),
         )
         with full_passes_held():
-            return self._changes(rows)
+            return self._changes(rows, handed or {})
 
     @staticmethod
-    def _changes(rows: list[tuple]) -> list[Change]:
+    def _changes(rows: list[tuple], handed: dict[int, tuple[str, Change]]) -> list[Change]:
         out = []
         turns = Turns()
         for seq_, at, actor, kind, payload in rows:
+            if (mine := handed.get(seq_)) is not None:
+                text, change = mine
+                if (change.at, change.actor, change.kind) == (at, actor, kind) and text == payload:
+                    out.append(change)
+                    continue
             body = loads_in_turns(payload, turns)
             if kind == "facts":
                 out.append(

@@ -460,6 +460,7 @@ def create_app(config: ServerConfig) -> Starlette:
         snapshot_path=config.fact_snapshot_path,
         snapshot_interval=config.fact_snapshot_interval,
     )
+    store.handed = replica.handed  # its changes taken as written, not read back
     metrics = Metrics()
     metrics.observe_state(
         lambda: len(replica.authz.facts), lambda: replica.applied, lambda: replica.lag

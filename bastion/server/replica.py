@@ -280,6 +280,10 @@ class Replica:
         self._changing: asyncio.Future[None] | None = None
         # The facts as checked of the changes added in place, to let go of in turns (`_catch_up`).
         self._spent: list[list[tuple]] = []
+        # Changes this process's writers committed, handed over with their log entries
+        # (`FactStore.handed`): read from the log, each is taken as written, not decoded again
+        # (1.3 s at 200,000 facts). Let go of once applied.
+        self.handed: dict[int, tuple[str, Change]] = {}
         self.applied = 0
         self.head_seen = 0
         self.policy_version: int | None = None
@@ -617,6 +621,14 @@ class Replica:
         be more. A page that ends the log confirms the replica current as of the read's start:
         sequence order is commit order, so it holds every change committed before then."""
         assert self._advanced is not None
+        if self.handed:
+            # Those applied are let go of (the keys taken whole: a writer's thread may add one
+            # meanwhile). A large one taken was let go of once applied; one not taken (written
+            # in a transaction that then rolled back) holds its facts: in turns, on a worker
+            # thread, if they are many.
+            done = [self.handed.pop(seq)[1] for seq in list(self.handed) if seq <= self.applied]
+            if sum(len(change.inserts) for change in done) > _CHECKED_ON_LOOP:
+                await anyio.to_thread.run_sync(_let_go_of_changes, done, [])
         asked_at = time.monotonic()
         version = self._version()
         if version is not None and version == self._read_at_version:
@@ -630,7 +642,7 @@ class Replica:
         # that would walk them all (half a second at 200,000 facts), holding the event loop.
         with full_passes_held():
             changes = await anyio.to_thread.run_sync(
-                lambda: self.store.changes_since(self.applied, limit=_PAGE)
+                lambda: self.store.changes_since(self.applied, limit=_PAGE, handed=self.handed)
             )
             if changes and changes[0].seq != self.applied + 1:
                 # The entries this replica needs were pruned: start again from a snapshot.

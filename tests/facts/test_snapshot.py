@@ -542,17 +542,20 @@ async def after_a_large_change(store, database_url) -> tuple[Replica, list[Store
     return following, inserts
 
 
+@pytest.mark.parametrize("handed", [False, True])
 @pytest.mark.parametrize("aside", [False, True])
 def test_a_large_change_is_applied_as_a_replica_loaded_after_it_holds_it(
-    store, database_url, monkeypatch, aside
+    store, database_url, monkeypatch, aside, handed
 ):
     """A change of more facts than the event loop checks itself is checked, and its values
     shared with the index's, on a worker thread in turns, then added there to the facts in force
     or, at least half as large as what the replica holds (``aside``), put in force in a new
     `Authorizer` built there (the facts held, the change's deletes, its facts); what the replica
     then holds and decides is what a replica that loads every fact after the change holds and
-    decides."""
+    decides. Written through a store that hands its changes over to the replica (``handed``,
+    as `bastion serve`'s writers do), the change is taken as written, not decoded again."""
     from bastion.decide import FactSet
+    from bastion.facts import store as store_module
     from bastion.server import replica as replica_module
 
     monkeypatch.setattr(replica_module, "_CHECKED_ON_LOOP", 2)
@@ -564,13 +567,29 @@ def test_a_large_change_is_applied_as_a_replica_loaded_after_it_holds_it(
         return check(self, facts, turns_)
 
     monkeypatch.setattr(FactSet, "check", counted_check)
+    decoded, loads = [], store_module.loads_in_turns
+
+    def counted_loads(text, turns_):
+        decoded.append(text)
+        return loads(text, turns_)
+
+    monkeypatch.setattr(store_module, "loads_in_turns", counted_loads)
 
     async def scenario():
         following = await started(database_url)
+        if handed:
+            store.handed = following.handed
         before = following.authz
         inserts, deletes = large_change()
+        decoded[:] = []
         store.apply(inserts, deletes=deletes)
         await following.wait_for(store.head(), 10)
+        assert len(decoded) == (0 if handed else 1)
+        for _ in range(400):  # let go of at the follower's next turn (a deadline: 20 s)
+            if not following.handed:
+                break
+            await asyncio.sleep(0.05)
+        assert not following.handed
         assert in_turns[-1:] == [True]  # the change went by the worker thread
         assert (following.authz is not before) == aside
         del before

@@ -264,6 +264,70 @@ def test_a_failed_large_batch_leaves_nothing_and_the_next_one_works(store):
     assert store.count() == 800
 
 
+def test_a_change_written_here_is_handed_over_as_the_log_holds_it(store):
+    """A change of facts written through a store with `FactStore.handed` is put there, by its
+    sequence, with its entry in the log; `changes_since` takes it instead of decoding that entry
+    only where the log holds the same entry (text, time, writer, kind) at that sequence."""
+    import dataclasses
+
+    handed: dict = {}
+    store.handed = handed
+    inserts = [
+        StoredFact(("has_role", ALICE, "admin", ACME), 4102444800.0),
+        StoredFact(("flag", True, False, 0, -7, "", 'é"\\\u2028')),
+        StoredFact(("is_public", ANVIL)),
+    ]
+    result = store.apply(inserts, deletes=[("has_role", BOB, None, None)], actor="someone")
+    ((seq, (text, change)),) = handed.items()
+    (read,) = store.changes_since(0)
+    assert seq == change.seq == read.seq == result.seq
+    assert (change.at, change.actor, change.kind) == (read.at, read.actor, read.kind)
+    assert (change.actor, change.kind) == ("someone", "facts")
+    assert change.inserts == read.inserts and change.deletes == read.deletes
+    kinds = [[type(v) for v in (*f.fact, f.expires_at)] for f in change.inserts]
+    assert kinds == [[type(v) for v in (*f.fact, f.expires_at)] for f in read.inserts]
+    assert store.changes_since(0, handed={seq: (text, change)})[0] is change
+    for other in (
+        (text, dataclasses.replace(change, at=change.at + 1)),
+        (text, dataclasses.replace(change, actor="another")),
+        (text.replace("alice", "alicf"), change),
+    ):
+        (taken,) = store.changes_since(0, handed={seq: other})
+        assert taken is not other[1] and taken == read
+    # A policy change is not handed over.
+    store.put_policy("actor User {}")
+    assert list(handed) == [seq]
+
+
+def test_a_write_that_does_not_commit_is_not_handed_over(store, monkeypatch):
+    """Its sequence is the next write's: taken, it would stand for that one."""
+    handed: dict = {}
+    store.handed = handed
+    commit = store.db._commit
+
+    def commit_fails():
+        store.db._conn.execute("ROLLBACK")
+        raise RuntimeError("the commit failed")
+
+    monkeypatch.setattr(store.db, "_commit", commit_fails)
+    with pytest.raises(RuntimeError):
+        store.apply([("is_public", ANVIL)])
+    monkeypatch.setattr(store.db, "_commit", commit)
+    assert handed == {} and store.head() == 0
+    # Inside a transaction that then rolls back, it is handed over, and not taken: the log's
+    # entry at its sequence is the next write's.
+    with pytest.raises(RuntimeError), store.db.transaction():
+        store.apply([("is_public", ANVIL)])
+        raise RuntimeError("stop")
+    assert store.head() == 0 and list(handed) == [1]
+    stale = handed[1][1]
+    store.handed = None
+    store.apply([("has_role", ALICE, "admin", ACME)])
+    (read,) = store.changes_since(0, handed=handed)
+    assert read is not stale
+    assert read.inserts == (StoredFact(("has_role", ALICE, "admin", ACME)),)
+
+
 @pytest.mark.parametrize("bad", [float("inf"), float("nan"), True, "tomorrow"])
 def test_an_expiry_must_be_a_finite_time(bad):
     with pytest.raises(FactError):

@@ -8,6 +8,7 @@ import re
 import pytest
 from starlette.testclient import TestClient
 
+from bastion.facts.model import Entity
 from bastion.server.app import create_app
 from bastion.server.openapi import openapi_document
 
@@ -293,6 +294,35 @@ def test_export_then_import_round_trips_with_expiry(api):
     facts = api.get("/v1/facts").json()["facts"]
     assert {f.get("expires_at") for f in facts} == {far, None}
     assert allowed(api, "alice", "read", "Repo", "anvil")
+
+
+def test_a_large_import_is_put_in_force_as_written_not_read_back(api, monkeypatch):
+    """The server's replica takes a large change its own writers committed as they wrote it,
+    rather than decoding it from the change log again (`Replica.written`)."""
+    from bastion.facts import store as store_module
+
+    decoded, loads = [], store_module.loads_in_turns
+    monkeypatch.setattr(
+        store_module,
+        "loads_in_turns",
+        lambda text, turns: decoded.append(text) or loads(text, turns),
+    )
+    far = 4102444800.0
+    lines = [json.dumps(role(f"u{i}", "reader", "Repo", "anvil")) for i in range(1499)]
+    lines.append(json.dumps({**role("alice", "reader", "Repo", "forge"), "expires_at": far}))
+    r = api.post("/v1/facts/import", content="\n".join(lines).encode())
+    assert r.status_code == 200, r.text
+    assert r.json()["inserted"] == 1500
+    assert decoded == []
+    assert allowed(api, "u1498", "read", "Repo", "anvil")
+    assert allowed(api, "alice", "read", "Repo", "forge")
+    assert not allowed(api, "u1499", "read", "Repo", "anvil")
+    assert (
+        api.app.state.replica.authz.facts.expiry(
+            ("has_role", Entity("User", "alice"), "reader", Entity("Repo", "forge"))
+        )
+        == far
+    )
 
 
 def test_an_expired_grant_no_longer_allows(api):
