@@ -180,10 +180,11 @@ class FactSet:
 
     def validate(self, fact: tuple | str) -> tuple:
         """The fact as a checked tuple; `FactError` if malformed or if the policy cannot use it."""
-        return self._usable(self._parse(fact))
+        return self.usable(self._parse(fact))
 
-    def _usable(self, fact: tuple) -> tuple:
-        """``fact``, checked by `_parse`, if the policy in force can use it; else `FactError`."""
+    def usable(self, fact: tuple) -> tuple:
+        """``fact``, as `check_fact` returns it (`fact_from_json` does too), if the policy in
+        force can use it; else `FactError`."""
         active = self._authz._active
         shape = _shape(fact)
         if shape is not None and shape in active.fact_shapes:
@@ -263,7 +264,7 @@ class FactSet:
         for fact, expires_at in facts:
             fact = self._parse(fact)
             try:
-                checked.append((self._usable(fact), _epoch(expires_at)))
+                checked.append((self.usable(fact), _epoch(expires_at)))
             except FactError:
                 refused.append((fact, expires_at))
             if turns is not None:

@@ -34,8 +34,7 @@ def _stored_fact(request: Request, obj: Any, index: int | None, what: str = "fac
     try:
         if not isinstance(obj, dict):
             raise FactError('a fact is {"predicate": str, "args": [...], "expires_at"?: number}')
-        fact = fact_from_json(obj)
-        fact = replica.authz.facts.validate(fact)
+        fact = replica.authz.facts.usable(fact_from_json(obj))  # checked once, there
         return StoredFact(fact, epoch(obj.get("expires_at")))
     except FactError as e:
         raise fact_problem(e, index, what) from None
