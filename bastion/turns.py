@@ -35,6 +35,8 @@ TURN = 0.0003
 PAUSE = 0.00002
 # Items a step hands to one C call (a set, an array, a join) between two checks of the time.
 CHUNK = 1024
+# Bytes of text a step splits into lines (`Turns.lines`).
+PIECE = 65536
 
 
 class Turns:
@@ -77,6 +79,19 @@ class Turns:
             for _ in range(min(CHUNK, len(items))):
                 take()
             self.tick()
+
+    def lines(self, data: bytes) -> Iterator[bytes]:
+        """``data.splitlines()``, split a piece of about `PIECE` bytes at a time, each cut just
+        after a newline (so a ``\\r\\n`` stays whole), a tick after each line: split whole, the
+        lines of 21 MB hold the GIL for 30 ms."""
+        at = 0
+        while at < len(data):
+            cut = data.find(b"\n", at + PIECE)
+            end = len(data) if cut < 0 else cut + 1
+            for line in data[at:end].splitlines():
+                yield line
+                self.tick()
+            at = end
 
     def slices(self, items: Sequence[T]) -> Iterator[tuple[int, Sequence[T]]]:
         """``items`` in slices of at most `CHUNK`, each with its start; a tick after each."""

@@ -77,6 +77,29 @@ def test_the_items_made_in_turns_are_those_made_at_once(monkeypatch):
     assert pauses == [turns.PAUSE] * (5 + 3 + 3 + 3)
 
 
+@pytest.mark.parametrize("piece", [1, 2, 3, 5, 65536])
+def test_text_split_into_lines_in_turns_is_split_as_splitlines_splits_it(piece, monkeypatch):
+    """`Turns.lines` splits a piece at a time, each cut after a newline: the lines are those of
+    ``splitlines`` whatever the piece's size, with every kind of line end, blank lines, a first
+    or last line without one, and a pause after each line."""
+    import random
+
+    pauses: list[float] = []
+    monkeypatch.setattr(turns, "TURN", 0.0)
+    monkeypatch.setattr(turns.time, "sleep", pauses.append)
+    monkeypatch.setattr(turns, "PIECE", piece)
+    texts = [b"", b"\n", b"\r\n", b"\r", b"a", b"a\nb", b"a\r\nb\r\n", b"a\rb\r", b"\n\na\n\n\nb"]
+    pick = random.Random(7)
+    texts += [
+        b"".join(pick.choice([b"x", b'{"a":1}', b"\n", b"\r", b"\r\n", b" "]) for _ in range(60))
+        for _ in range(200)
+    ]
+    for text in texts:
+        pauses[:] = []
+        assert list(Turns().lines(text)) == text.splitlines(), text
+        assert len(pauses) == len(text.splitlines())
+
+
 def test_a_list_a_dict_and_a_set_are_let_go_of_a_part_at_a_time(monkeypatch):
     """`Turns.empty`: a pause after each `CHUNK` items, until nothing is left."""
     pauses: list[float] = []

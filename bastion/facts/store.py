@@ -346,7 +346,7 @@ class FactStore:
             )
             return
         # SQLite: the rows in key order reach the key's index and (predicate, a1)'s in order,
-        # not scattered over their pages: 200,000 facts into 400,000 upserted in 1.8-2.0 s, not
+        # not scattered over their pages: 200,000 facts into 400,000 upserted in 2.0-2.1 s, not
         # 3.4-3.7. SQLite sorts them itself, without Python's GIL (a sort in Python would hold
         # it for 0.1 s, beside the event loop). In the order given where a fact comes twice
         # (rowid), so the last copy wins, as row by row; emptied in the transaction, or with it.

@@ -134,7 +134,7 @@ async def import_lines(request: Request) -> JSONResponse:
 
     def parse() -> list[StoredFact]:
         inserts = []
-        for n, line in Turns().each(enumerate(body.splitlines(), start=1)):
+        for n, line in enumerate(Turns().lines(body), start=1):
             if not line.strip():
                 continue
             obj = parse_json(line, depth, f"line {n}")
