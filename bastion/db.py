@@ -53,7 +53,16 @@ class DatabaseUnavailable(Exception):
     """PostgreSQL cannot be reached, or the connection was lost under a statement that could not
     safely be sent again. A transaction was rolled back, unless the connection was lost while it
     committed; a write outside one may or may not have been applied: the message says which.
-    Retry later: the API answers 503."""
+    Also a transaction refused because the database's storage is full (rolled back). Retry
+    later: the API answers 503."""
+
+
+def _storage_full(error: BaseException) -> bool:
+    """SQLite's ``database or disk is full`` (the file's disk, or its temporary files'), or
+    PostgreSQL's ``disk_full`` (SQLSTATE 53100)."""
+    if isinstance(error, sqlite3.OperationalError):
+        return getattr(error, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL
+    return isinstance(error, psycopg.errors.DiskFull)
 
 
 def application_name(url: str, role: str) -> str:
@@ -327,17 +336,21 @@ class Database:
             self._run(lambda conn: conn.execute(begin), again=True)
             self._depth = 1
             try:
-                yield self
-            except BaseException:
-                self._depth = 0
-                self._after_commit.clear()
-                self._rollback()
-                raise
-            self._depth = 0
-            try:
+                try:
+                    yield self
+                finally:
+                    self._depth = 0
                 self._commit()
-            finally:
-                callbacks, self._after_commit = self._after_commit, []
+            except BaseException as e:
+                self._after_commit.clear()
+                self._rollback()  # also after a COMMIT that failed (SQLite may leave it open)
+                if _storage_full(e):
+                    raise DatabaseUnavailable(
+                        f"the database's storage is full ({first_line(e)}); the transaction was"
+                        " rolled back: make room, then retry"
+                    ) from e
+                raise
+            callbacks, self._after_commit = self._after_commit, []
         for callback in callbacks:
             callback()
 
@@ -345,6 +358,8 @@ class Database:
         conn = self._conn
         if conn is None:
             return  # lost: the server rolled the transaction back
+        if not self.is_postgres and not conn.in_transaction:
+            return  # SQLite rolled it back itself (on a full disk, say): ROLLBACK would fail
         try:
             conn.execute("ROLLBACK")
         except _CONNECTION_ERRORS as e:

@@ -328,6 +328,32 @@ def test_a_write_that_does_not_commit_is_not_handed_over(store, monkeypatch):
     assert read.inserts == (StoredFact(("has_role", ALICE, "admin", ACME)),)
 
 
+@pytest.mark.parametrize("where", ["temp", "main"])
+def test_a_write_refused_for_want_of_room_says_so_and_changes_nothing(sqlite_url, where):
+    """SQLite's ``database or disk is full``, in the file or in the temporary space a large batch
+    is sorted in, rolls the transaction back itself: the store says the storage is full (not
+    that there was no transaction to roll back), nothing is written, and with room again the
+    same write goes in."""
+    from bastion.db import DatabaseUnavailable
+
+    store = FactStore.open(sqlite_url)
+    try:
+        store.apply([("is_public", ANVIL)])
+        store.db.execute("CREATE TEMP TABLE room (x)")  # the temporary schema, made now
+        pages = store.db.execute(f"PRAGMA {where}.page_count")[0][0]
+        store.db.execute(f"PRAGMA {where}.max_page_count = {pages + 2}")
+        repos = [("is_public", Entity("Repo", f"r{i}")) for i in range(3000)]
+        with pytest.raises(DatabaseUnavailable, match="storage is full .*rolled back"):
+            store.apply(repos)
+        assert store.head() == 1 and facts_of(store) == {("is_public", ANVIL)}
+        assert not store.db._conn.in_transaction
+        store.db.execute(f"PRAGMA {where}.max_page_count = 1073741823")
+        store.apply(repos)
+        assert store.head() == 2 and store.count() == 3001
+    finally:
+        store.close()
+
+
 @pytest.mark.parametrize("bad", [float("inf"), float("nan"), True, "tomorrow"])
 def test_an_expiry_must_be_a_finite_time(bad):
     with pytest.raises(FactError):

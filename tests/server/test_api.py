@@ -325,6 +325,18 @@ def test_a_large_import_is_put_in_force_as_written_not_read_back(api, monkeypatc
     )
 
 
+def test_an_import_refused_for_want_of_room_is_a_503_that_says_so(api):
+    db = api.app.state.store.db
+    db.execute("CREATE TEMP TABLE room (x)")  # the temporary schema, made now
+    db.execute(f"PRAGMA temp.max_page_count = {db.execute('PRAGMA temp.page_count')[0][0] + 2}")
+    before = head(api)
+    lines = [json.dumps(role(f"u{i}", "reader", "Repo", "anvil")) for i in range(3000)]
+    r = api.post("/v1/facts/import", content="\n".join(lines).encode())
+    problem = assert_problem(r, 503, "storage is full", "rolled back")
+    assert "cannot rollback" not in problem["detail"]
+    assert head(api) == before and not allowed(api, "u1", "read", "Repo", "anvil")
+
+
 def test_an_expired_grant_no_longer_allows(api):
     write_roles(api, {**role("alice", "reader", "Repo", "anvil"), "expires_at": 1.0})
     assert not allowed(api, "alice", "read", "Repo", "anvil")
