@@ -104,16 +104,17 @@ def fact_key(fact: tuple) -> str:
 def _rows(facts: Iterable[StoredFact]) -> list[tuple]:
     """The ``facts`` table rows of these facts (columns as in `_FACT_COLUMNS`)."""
     rows = []
-    pad = (None,) * INDEXED_ARGS
+    pad = [None] * INDEXED_ARGS
     for f in facts:
-        args = f.fact[1:]
-        cols = (*map(_arg_key, args[:INDEXED_ARGS]), *pad)[:INDEXED_ARGS]
+        fact = f.fact
+        args = fact[1:]
+        keys = [*map(_arg_key, args)]  # once, for the key and the indexed columns
         rows.append(
             (
-                fact_key(f.fact),
-                f.fact[0],
+                _dumps([fact[0], *keys]),  # `fact_key`
+                fact[0],
                 len(args),
-                *cols,
+                *(keys + pad)[:INDEXED_ARGS],
                 _dumps([arg_to_json(a) for a in args]),
                 f.expires_at,
             )
