@@ -322,7 +322,12 @@ class FactStore:
             if handed is not None and seq is not None:
                 handed.pop(seq, None)
             raise
-        return WriteResult(seq, inserted=len(ins), deleted=deleted)
+        result = WriteResult(seq, inserted=len(ins), deleted=deleted)
+        # Let go of in turns too: freed whole as this returns, the rows of 200,000 facts held
+        # the GIL for about 40 ms.
+        turns.empty(rows)
+        turns.empty(ins)
+        return result
 
     def _upsert(self, rows: list[tuple]) -> None:
         if not rows:
