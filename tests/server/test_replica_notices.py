@@ -9,10 +9,15 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 
+import pytest
+
+from bastion.facts import store as store_module
 from bastion.facts.model import Entity
 from bastion.facts.store import FactStore, StoredFact
+from bastion.server import replica as replica_module
 from bastion.server.replica import Replica
 from tests.waits import reads_held
 
@@ -25,9 +30,20 @@ ADA, REPO = Entity("User", "ada"), Entity("Repo", "r1")
 READER = ("has_role", ADA, "reader", REPO)
 
 
+@pytest.fixture(autouse=True)
+def a_channel_of_its_own(monkeypatch):
+    """The tests' schemas share one database, and PostgreSQL's notices are the database's: a
+    commit by a test on the other worker was heard here too, and a notice that comes between
+    two asks is a new one, waited for (`test_a_heard_commit_is_applied_before_anything_is_decided`
+    then failed: a wait where none was due). Each test here notifies and listens on a channel of
+    its own."""
+    channel = f"bastion_changes_{uuid.uuid4().hex[:12]}"
+    monkeypatch.setattr(store_module, "CHANGES_CHANNEL", channel)
+    monkeypatch.setattr(replica_module, "CHANGES_CHANNEL", channel)
+
+
 async def settled(replica: Replica) -> None:
-    """Until every notice heard so far is confirmed read: the tests' schemas share a database,
-    so another test's commits are heard here too (and clear with the next read)."""
+    """Until every notice heard so far is confirmed read (each clears with the next read)."""
     for _ in range(100):
         waiting = replica.heard_not_applied(5)
         if waiting is None:
