@@ -80,14 +80,35 @@ class Turns:
                 take()
             self.tick()
 
-    def lines(self, data: bytes) -> Iterator[bytes]:
-        """``data.splitlines()``, split a piece of about `PIECE` bytes at a time, each cut just
-        after a newline (so a ``\\r\\n`` stays whole), a tick after each line: split whole, the
-        lines of 21 MB hold the GIL for 30 ms."""
-        at = 0
-        while at < len(data):
-            cut = data.find(b"\n", at + PIECE)
-            end = len(data) if cut < 0 else cut + 1
+    def lines(self, chunks: Iterable[bytes]) -> Iterator[bytes]:
+        """The lines of the text the ``chunks`` make one after the other, as
+        ``b"".join(chunks).splitlines()`` gives them, without that join (21 MB, on the event
+        loop, were 20 ms and more): each chunk is split a piece of about `PIECE` bytes at a
+        time, each piece cut just after a newline (so a ``\\r\\n`` stays whole), and what
+        follows a chunk's last newline is carried to the next; a tick after each line."""
+        held: list[bytes] = []  # the text since the last newline
+        for chunk in chunks:
+            first = chunk.find(b"\n")
+            if first < 0:
+                held.append(chunk)
+                continue
+            if held:
+                held.append(chunk[: first + 1])
+                joined = b"".join(held)
+                yield from self._pieces(joined, 0, len(joined))
+            last = chunk.rfind(b"\n") + 1
+            yield from self._pieces(chunk, first + 1 if held else 0, last)
+            held = [chunk[last:]] if last < len(chunk) else []
+        if held:
+            joined = b"".join(held)
+            yield from self._pieces(joined, 0, len(joined))
+
+    def _pieces(self, data: bytes, start: int, stop: int) -> Iterator[bytes]:
+        """The lines of ``data[start:stop]``, a piece at a time (`lines`)."""
+        at = start
+        while at < stop:
+            cut = data.find(b"\n", at + PIECE, stop)
+            end = stop if cut < 0 else cut + 1
             for line in data[at:end].splitlines():
                 yield line
                 self.tick()

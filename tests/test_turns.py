@@ -79,9 +79,11 @@ def test_the_items_made_in_turns_are_those_made_at_once(monkeypatch):
 
 @pytest.mark.parametrize("piece", [1, 2, 3, 5, 65536])
 def test_text_split_into_lines_in_turns_is_split_as_splitlines_splits_it(piece, monkeypatch):
-    """`Turns.lines` splits a piece at a time, each cut after a newline: the lines are those of
-    ``splitlines`` whatever the piece's size, with every kind of line end, blank lines, a first
-    or last line without one, and a pause after each line."""
+    """`Turns.lines` splits a piece at a time, each cut after a newline, carrying what follows a
+    chunk's last newline to the next: the lines are those of ``splitlines`` of the chunks
+    joined, whatever the piece's size and wherever the chunks are cut (in a ``\\r\\n``, in a
+    line, into empty chunks), with every kind of line end, blank lines, a first or last line
+    without one, and a pause after each line."""
     import random
 
     pauses: list[float] = []
@@ -95,9 +97,16 @@ def test_text_split_into_lines_in_turns_is_split_as_splitlines_splits_it(piece, 
         for _ in range(200)
     ]
     for text in texts:
-        pauses[:] = []
-        assert list(Turns().lines(text)) == text.splitlines(), text
-        assert len(pauses) == len(text.splitlines())
+        cuts = sorted(pick.randint(0, len(text)) for _ in range(pick.randint(0, 6)))
+        for chunks in (
+            [text],
+            [text[i:j] for i, j in zip([0, *cuts], [*cuts, len(text)], strict=True)],
+        ):
+            pauses[:] = []
+            assert list(Turns().lines(chunks)) == text.splitlines(), chunks
+            assert len(pauses) == len(text.splitlines())
+    # Cut inside a "\r\n": one line end, not two.
+    assert list(Turns().lines([b"a\r", b"\nb"])) == [b"a", b"b"]
 
 
 def test_a_list_a_dict_and_a_set_are_let_go_of_a_part_at_a_time(monkeypatch):
