@@ -123,13 +123,19 @@ def _rows(facts: Iterable[StoredFact]) -> list[tuple]:
 
 
 def _facts_payload(rows: Iterable[tuple], deletes: list[tuple]) -> str:
-    """The change-log entry of a facts write, reusing the rows' encoded arguments."""
-    inserts = ",".join(
-        f'{{"predicate":{encode_basestring_ascii(r[1])},"args":{r[7]}'
-        + (f',"expires_at":{float(r[8])!r}}}' if r[8] is not None else "}")
-        for r in rows
-    )
-    return f'{{"insert":[{inserts}],"delete":{json.dumps([fact_to_json(p) for p in deletes])}}}'
+    """The change-log entry of a facts write, reusing the rows' encoded arguments: its parts
+    joined once (an import's entry is tens of megabytes, made in one C call that holds the GIL:
+    joining the inserts first, then the whole, took twice as long)."""
+    parts = ['{"insert":[']
+    for r in rows:
+        parts.append(
+            f'{{"predicate":{encode_basestring_ascii(r[1])},"args":{r[7]}'
+            + (f',"expires_at":{float(r[8])!r}}},' if r[8] is not None else "},")
+        )
+    if len(parts) > 1:
+        parts[-1] = parts[-1][:-1]  # no comma after the last
+    parts.append(f'],"delete":{json.dumps([fact_to_json(p) for p in deletes])}}}')
+    return "".join(parts)
 
 
 _tuple_new = tuple.__new__
