@@ -304,7 +304,7 @@ class FactStore:
         # beside the event loop that decides (`bastion.turns`).
         turns = Turns()
         ins = [
-            StoredFact(check_fact(f.fact), f.expires_at)
+            StoredFact(check_fact(f.fact), None if f.expires_at is None else float(f.expires_at))
             if isinstance(f, StoredFact)
             else StoredFact(check_fact(f))
             for f in turns.each(inserts)

@@ -273,7 +273,7 @@ def test_a_change_written_here_is_handed_over_as_the_log_holds_it(store):
     handed: dict = {}
     store.handed = handed
     inserts = [
-        StoredFact(("has_role", ALICE, "admin", ACME), 4102444800.0),
+        StoredFact(("has_role", ALICE, "admin", ACME), 4102444800),  # an int: a float as read
         StoredFact(("flag", True, False, 0, -7, "", 'é"\\\u2028')),
         StoredFact(("is_public", ANVIL)),
     ]
