@@ -298,7 +298,7 @@ def test_export_then_import_round_trips_with_expiry(api):
 
 def test_a_large_import_is_put_in_force_as_written_not_read_back(api, monkeypatch):
     """The server's replica takes a large change its own writers committed as they wrote it,
-    rather than decoding it from the change log again (`Replica.written`)."""
+    rather than decoding it from the change log again (`Replica.handed`)."""
     from bastion.facts import store as store_module
 
     decoded, loads = [], store_module.loads_in_turns
