@@ -92,20 +92,20 @@ class Turns:
             if first < 0:
                 held.append(chunk)
                 continue
-            if held:
+            start = 0
+            if held:  # the line that began in an earlier chunk ends here
                 held.append(chunk[: first + 1])
-                joined = b"".join(held)
-                yield from self._pieces(joined, 0, len(joined))
+                yield from self._pieces(b"".join(held))
+                start = first + 1
             last = chunk.rfind(b"\n") + 1
-            yield from self._pieces(chunk, first + 1 if held else 0, last)
+            yield from self._pieces(chunk, start, last)
             held = [chunk[last:]] if last < len(chunk) else []
         if held:
-            joined = b"".join(held)
-            yield from self._pieces(joined, 0, len(joined))
+            yield from self._pieces(b"".join(held))
 
-    def _pieces(self, data: bytes, start: int, stop: int) -> Iterator[bytes]:
+    def _pieces(self, data: bytes, start: int = 0, stop: int | None = None) -> Iterator[bytes]:
         """The lines of ``data[start:stop]``, a piece at a time (`lines`)."""
-        at = start
+        at, stop = start, len(data) if stop is None else stop
         while at < stop:
             cut = data.find(b"\n", at + PIECE, stop)
             end = stop if cut < 0 else cut + 1
