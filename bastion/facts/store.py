@@ -98,7 +98,12 @@ _dumps = encoder()
 
 def fact_key(fact: tuple) -> str:
     """The canonical text of a fact: its identity in the store, and the order of pages."""
-    return _dumps([fact[0], *map(_arg_key, fact[1:])])
+    return _key(fact[0], map(_arg_key, fact[1:]))
+
+
+def _key(predicate: str, keys: Iterable[str]) -> str:
+    """`fact_key` of a fact from its predicate and its arguments' keys (`_arg_key`)."""
+    return _dumps([predicate, *keys])
 
 
 def _rows(facts: Iterable[StoredFact]) -> list[tuple]:
@@ -111,7 +116,7 @@ def _rows(facts: Iterable[StoredFact]) -> list[tuple]:
         keys = [*map(_arg_key, args)]  # once, for the key and the indexed columns
         rows.append(
             (
-                _dumps([fact[0], *keys]),  # `fact_key`
+                _key(fact[0], keys),
                 fact[0],
                 len(args),
                 *(keys + pad)[:INDEXED_ARGS],
