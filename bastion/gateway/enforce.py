@@ -573,24 +573,37 @@ class Enforcer:
             "reason": reason,
         }
         agent = caller.principals[-1]
+        raisings = [(name, severity, principal, detail) for principal, name, severity in raised]
+        raisings += [
+            (name, severity, agent, {**detail, **more}) for name, severity, more in behaving
+        ]
+        if result == "deny":
+            for principal in caller.principals:
+                if (burst := alerts.refusal_burst(principal, detail)) is not None:
+                    raisings.append(burst)
+        await self._alerting(raisings, decision_id)
+
+    async def _alerting(
+        self, raisings: list[tuple[str, str, Entity, dict[str, Any]]], decision_id: str
+    ) -> None:
+        """Raise alerts: (name, severity, principal, detail). One this process knows is within
+        its cooldown is counted again in memory (`Alerts.count_again`: an agent in a spike, a
+        refusal burst, does not cost a write per call); the others are raised in a worker
+        thread (database I/O). An alert that cannot be stored is logged; it never changes the
+        decision."""
+        alerts = self.alerts
+        rest = [r for r in raisings if not alerts.count_again(*r[:3], decision_id)]
+        if not rest:
+            return
 
         def work() -> None:
-            alerts.from_decision(raised, decision_id, detail)
-            for name, severity, more in behaving:
-                alerts.raise_alert(name, severity, agent, decision_id, {**detail, **more})
-            if result == "deny":
-                for principal in caller.principals:
-                    alerts.refused(principal, decision_id, detail)
+            for name, severity, principal, detail in rest:
+                try:
+                    alerts.raise_alert(name, severity, principal, decision_id, detail)
+                except Exception:
+                    log.exception("alert %r of decision %s could not be raised", name, decision_id)
 
-        await self._alerting(work, decision_id)
-
-    async def _alerting(self, work: Callable[[], Any], decision_id: str) -> None:
-        """Raise alerts (``work``: database I/O) in a worker thread. An alert that cannot be
-        stored is logged; it never changes the decision."""
-        try:
-            await anyio.to_thread.run_sync(work)
-        except Exception:
-            log.exception("alerts of decision %s could not be raised", decision_id)
+        await anyio.to_thread.run_sync(work)
 
     # -- holds for people -----------------------------------------------------------------------
 
@@ -713,17 +726,7 @@ class Enforcer:
         if self.alerts is None:
             return
         detail = {"server": server, "method": method, "target": repr(resource)}
-        await self._alerting(
-            partial(
-                self.alerts.raise_alert,
-                "suspended_still_calling",
-                "high",
-                suspended,
-                decision_id,
-                detail,
-            ),
-            decision_id,
-        )
+        await self._alerting([("suspended_still_calling", "high", suspended, detail)], decision_id)
 
     def _refuse_suspended(
         self,

@@ -502,6 +502,9 @@ def create_app(config: ServerConfig) -> Starlette:
         if alerts is not None and alerts.webhooks is not None:
             await alerts.webhooks.start()
         escalation = asyncio.create_task(alerts.escalate_forever()) if alerts is not None else None
+        repeats = (
+            asyncio.create_task(alerts.write_repeats_forever()) if alerts is not None else None
+        )
         task_sweep = asyncio.create_task(tasks.sweep_forever())
         retention = asyncio.create_task(prune_forever(db, config.audit_retention_days))
         sweep = (
@@ -512,7 +515,7 @@ def create_app(config: ServerConfig) -> Starlette:
         try:
             yield
         finally:
-            for task in (retention, sweep, escalation, task_sweep):
+            for task in (retention, sweep, escalation, repeats, task_sweep):
                 if task is not None:
                     task.cancel()
                     with contextlib.suppress(asyncio.CancelledError):
@@ -528,6 +531,10 @@ def create_app(config: ServerConfig) -> Starlette:
                     await approvals.webhooks.close()
                 await anyio.to_thread.run_sync(approvals.store.db.close)
             if alerts is not None:
+                try:  # after the gateway: no raising is counted after this
+                    await anyio.to_thread.run_sync(alerts.write_repeats)
+                except Exception:
+                    log.exception("alerts: repeated raisings could not be written at shutdown")
                 if alerts.webhooks is not None:
                     await alerts.webhooks.close()
                 await anyio.to_thread.run_sync(alerts.store.db.close)

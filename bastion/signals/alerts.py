@@ -9,8 +9,10 @@ within ``escalate_after_seconds``, it is told again naming the owner's manager (
 escalation survives a restart. Notifications go through the shared signed-webhook outbox
 (`bastion.webhooks`, HMAC-SHA256 as RFC 2104).
 
-Entry points: `Alerts.raise_alert` (any thread; does I/O) for alerts bastion raises itself, and
-`Alerts.from_decision` for the ``alert(actor, name, severity)`` rules of the decision contract.
+Entry points: `Alerts.raise_alert` (any thread; does I/O), for alerts bastion raises itself and
+the ``alert(actor, name, severity)`` rules of the decision contract; `Alerts.count_again` (no I/O)
+first, for a raising of an alert this process knows is within its cooldown (written later, in
+one transaction, by `Alerts.write_repeats`).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import os
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -113,6 +115,9 @@ class AlertSettings(WebhookDelivery):
     fallback_recipients: tuple[str, ...] = ()
     # How often the escalation task looks for alerts due.
     escalation_poll_seconds: float = 5.0
+    # How often raisings of an alert this process knows is within its cooldown, counted in
+    # memory (`Alerts.count_again`), are written to its row.
+    repeat_write_seconds: float = 1.0
     # Where alerts are told (`bastion.webhooks`: signed, retried): the keys of `WebhookDelivery`,
     # with [[signals.alerts.webhooks]].
 
@@ -138,6 +143,7 @@ class AlertSettings(WebhookDelivery):
             "escalate_after_seconds",
             "refusal_burst_seconds",
             "escalation_poll_seconds",
+            "repeat_write_seconds",
         ):
             if key in table:
                 values[key] = positive_seconds(f"signals.alerts.{key}", table[key], True)
@@ -287,6 +293,38 @@ def severity_of(value: str, name: str) -> str:
     return "high"
 
 
+class _Repeats:
+    """Raisings of one stored alert counted in memory (`Alerts.count_again`), not yet written:
+    how many, the latest ``keep`` decision ids, the latest time, the most severe severity."""
+
+    __slots__ = ("count", "decisions", "last_at", "severity")
+
+    def __init__(self, keep: int) -> None:
+        self.count = 0
+        self.decisions: deque[str] = deque(maxlen=keep)
+        self.last_at = 0.0
+        self.severity = SEVERITIES[0]
+
+    def add(self, severity: str, decision_id: str, now: float) -> None:
+        self.count += 1
+        # One decision's raisings of one alert come one after the other (`count_again`).
+        if decision_id and (not self.decisions or self.decisions[-1] != decision_id):
+            self.decisions.append(decision_id)
+        self.last_at = max(self.last_at, now)
+        self.severity = max(self.severity, severity, key=SEVERITIES.index)
+
+    def merge(self, later: _Repeats | None) -> None:
+        """Take in ``later`` (counted after these): for raisings that could not be written."""
+        if later is None:
+            return
+        self.count += later.count
+        for decision_id in later.decisions:
+            if decision_id not in self.decisions:
+                self.decisions.append(decision_id)
+        self.last_at = max(self.last_at, later.last_at)
+        self.severity = max(self.severity, later.severity, key=SEVERITIES.index)
+
+
 class AlertStore:
     """The ``alerts`` table. Every method does I/O: call from a worker thread."""
 
@@ -345,11 +383,101 @@ class Alerts:
         self.clock = clock
         self._refusals: dict[str, deque[float]] = {}
         self._lock = threading.Lock()
+        # (name, principal) -> the id and latest raising of the alert this process last stored
+        # or counted for it; alert id -> its raisings counted in memory, not yet written.
+        self._known: dict[tuple[str, str], tuple[str, float]] = {}
+        self._repeats: dict[str, _Repeats] = {}
 
     def url(self, alert_id: str) -> str:
         return f"{self.issuer}/alerts/{alert_id}"
 
     # -- raising ---------------------------------------------------------------------------------
+
+    def count_again(
+        self, name: str, severity: str, principal: Entity | str, decision_id: str = ""
+    ) -> bool:
+        """Count a raising of an alert this process stored or counted within its cooldown, in
+        memory (no I/O: the loop may call it); `write_repeats` writes it to the alert's row
+        within ``repeat_write_seconds``. False (nothing counted): raise it with `raise_alert`."""
+        settings = self.settings
+        if settings.repeat_write_seconds <= 0:
+            return False
+        key = (name, principal if isinstance(principal, str) else repr(principal))
+        now = self.clock()
+        with self._lock:
+            known = self._known.get(key)
+            if known is None or known[1] < now - settings.cooldown_seconds:
+                return False
+            alert_id, last_at = known
+            self._known[key] = (alert_id, max(last_at, now))
+            repeats = self._repeats.get(alert_id)
+            if repeats is None:
+                repeats = self._repeats[alert_id] = _Repeats(settings.max_decisions)
+            repeats.add(severity_of(severity, name), decision_id, now)
+        return True
+
+    def write_repeats(self) -> int:
+        """Write the raisings `count_again` counted to their alerts' rows, in one transaction:
+        how many. Does I/O. Those it could not write are counted again for the next time."""
+        with self._lock:
+            taken, self._repeats = self._repeats, {}
+            horizon = self.clock() - self.settings.cooldown_seconds
+            for key in [k for k, (_, last_at) in self._known.items() if last_at < horizon]:
+                del self._known[key]
+        if not taken:
+            return 0
+        db = self.store.db
+        try:
+            with db.transaction():
+                for alert_id, repeats in taken.items():
+                    rows = db.execute(
+                        "SELECT decision_ids, severity, last_at FROM alerts WHERE id = ?",
+                        (alert_id,),
+                    )
+                    if not rows:
+                        continue  # removed meanwhile: nothing to count into
+                    stored, severity, last_at = rows[0]
+                    decisions = tuple(json.loads(stored))
+                    decisions = (*decisions, *(d for d in repeats.decisions if d not in decisions))
+                    db.execute(
+                        "UPDATE alerts SET count = count + ?, decision_ids = ?, last_at = ?,"
+                        " severity = ? WHERE id = ?",
+                        (
+                            repeats.count,
+                            json.dumps(decisions[-self.settings.max_decisions :]),
+                            max(last_at, repeats.last_at),
+                            max(severity, repeats.severity, key=SEVERITIES.index),
+                            alert_id,
+                        ),
+                    )
+        except Exception:
+            with self._lock:
+                for alert_id, repeats in taken.items():
+                    repeats.merge(self._repeats.get(alert_id))
+                    self._repeats[alert_id] = repeats
+            raise
+        return sum(r.count for r in taken.values())
+
+    async def write_repeats_forever(self) -> None:
+        """The background task: `write_repeats` every ``repeat_write_seconds`` (at shutdown the
+        server calls it once more)."""
+        while True:
+            await asyncio.sleep(self.settings.repeat_write_seconds or 1.0)
+            if not self._repeats:
+                continue
+            try:
+                await anyio.to_thread.run_sync(self.write_repeats)
+            except Exception as e:
+                log.warning(
+                    "alerts: repeated raisings not written (%s); trying again", first_line(e)
+                )
+
+    def _remember(self, name: str, who: str, alert_id: str, now: float) -> None:
+        with self._lock:
+            if len(self._known) >= 100_000:  # bounded: the next write forgets the quiet ones
+                return
+            known = self._known.get((name, who))
+            self._known[(name, who)] = (alert_id, max(now, known[1]) if known else now)
 
     def raise_alert(
         self,
@@ -388,6 +516,7 @@ class Alerts:
                     " severity = ? WHERE id = ?",
                     (json.dumps(decisions), now, worst, alert.id),
                 )
+                self._remember(name, who, alert.id, now)
                 return self.store.get(alert.id)
             owner = self._owner(who)
             recipients = (owner,) if owner else self.settings.fallback_recipients
@@ -430,26 +559,23 @@ class Alerts:
                     "",
                 ),
             )
+        self._remember(name, who, alert.id, now)
         log.warning("alert %s %r (%s) for %s raised", alert.id, name, severity, who)
         self._tell(alert, "raised", recipients)
         return alert
 
-    def from_decision(
-        self,
-        alerts: Iterable[tuple[Entity, str, str]],
-        decision_id: str,
-        detail: dict[str, Any],
-    ) -> list[Alert]:
-        """Raise the alerts a decision's ``alert(actor, name, severity)`` rules asked for."""
-        return [
-            self.raise_alert(name, severity, principal, decision_id, detail)
-            for principal, name, severity in alerts
-        ]
-
     def refused(self, principal: Entity, decision_id: str, detail: dict[str, Any]) -> Alert | None:
         """Count a refusal of ``principal``: more than ``refusal_burst_count`` within
         ``refusal_burst_seconds`` raises the built-in "refusal_burst" alert. Counted per
-        process (the alert itself is shared through the database)."""
+        process (the alert itself is shared through the database). Does I/O when it raises."""
+        burst = self.refusal_burst(principal, detail)
+        return None if burst is None else self.raise_alert(*burst[:3], decision_id, burst[3])
+
+    def refusal_burst(
+        self, principal: Entity, detail: dict[str, Any]
+    ) -> tuple[str, str, Entity, dict[str, Any]] | None:
+        """Count a refusal of ``principal`` (in memory, no I/O): the "refusal_burst" alert to
+        raise as (name, severity, principal, detail) when it makes a burst, else None."""
         n, window = self.settings.refusal_burst_count, self.settings.refusal_burst_seconds
         if n <= 0:
             return None
@@ -466,11 +592,10 @@ class Alerts:
                     del self._refusals[k]
         if not burst:
             return None
-        return self.raise_alert(
+        return (
             REFUSAL_BURST,
             self.settings.refusal_burst_severity,
             principal,
-            decision_id,
             {**detail, "refusals": len(seen), "within_seconds": window},
         )
 

@@ -69,6 +69,7 @@ def bastion(tmp_path_factory, receiver):
             "cooldown_seconds": 300,
             "escalate_after_seconds": ESCALATE_AFTER,
             "escalation_poll_seconds": 0.05,
+            "repeat_write_seconds": 0.05,
             "refusal_burst_count": 3,
             "refusal_burst_seconds": 60,
             "bulk_destructive_count": 3,
@@ -171,9 +172,17 @@ def api_key(bastion, scopes=("alerts",)) -> dict:
 def test_a_policy_alert_reaches_the_owner_signed_once_within_the_cooldown(bastion, receiver):
     client_id, seen = search(bastion, "everyone", "everyone", "ada")
     assert seen["calls"] == ["ok", "ok", "ok"]  # an alert never changes the decision
-    [alert] = alerts_of(bastion, "customer_search", f'Agent{{"{client_id}"}}')
+    # Raised again within its cooldown, it is counted in memory and written soon after.
+    [alert] = wait_for(
+        lambda: [
+            a
+            for a in alerts_of(bastion, "customer_search", f'Agent{{"{client_id}"}}')
+            if a.count == 2
+        ],
+        "the second raising written",
+    )
     assert alert.severity == "high" and alert.state == "open"
-    assert alert.count == 2 and len(alert.decision_ids) == 2
+    assert len(alert.decision_ids) == 2
     assert alert.owner == 'User{"pat"}' and alert.recipients == ('User{"pat"}',)
     [body] = wait_for(lambda: told(receiver, alert.id), "the alert's webhook")
     assert body["event"] == "alert.raised"
@@ -421,6 +430,8 @@ def test_the_api_refuses_what_it_must(bastion):
         {"refusal_burst_severity": "urgent"},
         {"fallback_recipients": "oncall"},
         {"max_decisions": 0},
+        {"repeat_write_seconds": -0.5},
+        {"repeat_write_seconds": True},
         {"webhooks": [{"url": "https://h.example/x", "secret": "inline"}]},
         {"webhooks": [{"url": "https://h.example/x", "secret_env": "BASTION_UNSET_SECRET"}]},
     ],
@@ -434,6 +445,7 @@ def test_alert_settings_have_defaults():
     settings = AlertSettings.from_mapping({})
     assert settings.cooldown_seconds == 300 and settings.escalate_after_seconds == 900
     assert settings.refusal_burst_count == 20 and settings.refusal_burst_seconds == 60
+    assert settings.repeat_write_seconds == 1.0
 
 
 # -- the command line ----------------------------------------------------------------------------
@@ -644,6 +656,145 @@ def test_the_store_dedupes_escalates_once_and_keeps_the_latest_decisions(databas
         store.db.close()
 
 
+def _alerts(database_url: str, now: list[float], told: list, **settings) -> Alerts:
+    from bastion import Authorizer
+    from bastion.db import Database
+    from bastion.signals.alerts import AlertStore
+
+    authz = Authorizer('actor User {} actor Agent {}\nallow(_u: User, "x", _a: Agent);')
+    return Alerts(
+        AlertStore(Database(database_url)),
+        AlertSettings(**settings),
+        lambda: authz,
+        "https://bastion.test",
+        notify=lambda a, stage, to: told.append((a.id, stage)),
+        clock=lambda: now[0],
+    )
+
+
+def raise_or_count(alerts: Alerts, name: str, severity: str, principal, decision_id: str) -> None:
+    """As the gateway raises: counted in memory where it may be, else written."""
+    if not alerts.count_again(name, severity, principal, decision_id):
+        alerts.raise_alert(name, severity, principal, decision_id, {"n": decision_id})
+
+
+def test_raisings_counted_in_memory_are_written_as_each_raising_written_would_be(database_url):
+    """Raisings within an alert's cooldown counted in memory leave the alert's row, once
+    written, as the same raisings each written at once: the count, the latest decision ids,
+    the most severe severity, the latest time; nobody is told again. Nothing is written per
+    raising, and past the cooldown it is a new alert."""
+    now, told = [1000.0], []
+    alerts = _alerts(database_url, now, told, cooldown_seconds=60, max_decisions=3)
+    agent = Entity("Agent", "c1")
+    try:
+        assert not alerts.count_again("spike", "low", agent, "d0")  # nothing stored yet
+        for i, severity in enumerate(("medium", "low", "critical", "low", "high")):
+            alerts.raise_alert("each", severity, agent, f"d{i}", {"n": i})
+            raise_or_count(alerts, "counted", severity, agent, f"d{i}")
+            now[0] += 20  # each within the cooldown of the last
+        [counted] = [a for a in alerts.store.list() if a.name == "counted"]
+        assert counted.count == 1  # the four raisings since are in memory, not written
+        assert alerts.write_repeats() == 4
+        assert alerts.write_repeats() == 0  # written once
+        [each] = [a for a in alerts.store.list() if a.name == "each"]
+        [counted] = [a for a in alerts.store.list() if a.name == "counted"]
+        assert each.count == counted.count == 5
+        assert each.decision_ids == counted.decision_ids == ("d2", "d3", "d4")
+        assert each.severity == counted.severity == "critical"
+        assert each.last_at == counted.last_at == 1080.0
+        assert counted.first_at == 1000.0 and counted.detail == {"n": "d0"}
+        assert sorted(stage for _, stage in told) == ["raised", "raised"]  # once each
+        now[0] += 61  # past the cooldown: not counted again, a new alert
+        assert not alerts.count_again("counted", "low", agent, "d5")
+        raise_or_count(alerts, "counted", "low", agent, "d5")
+        assert len([a for a in alerts.store.list() if a.name == "counted"]) == 2
+        assert len(told) == 3
+    finally:
+        alerts.store.db.close()
+
+
+def test_raisings_that_could_not_be_written_are_written_the_next_time(database_url):
+    from bastion.db import Database
+
+    now, told = [1000.0], []
+    alerts = _alerts(database_url, now, told, cooldown_seconds=60)
+    agent = Entity("Agent", "c1")
+    try:
+        first = alerts.raise_alert("spike", "low", agent, "d0")
+        for i in range(1, 4):
+            assert alerts.count_again("spike", "low", agent, f"d{i}")
+        other = Database(database_url)  # another connection takes the table away a while
+        other.execute("ALTER TABLE alerts RENAME TO alerts_away")
+        with pytest.raises(Exception, match="alerts"):
+            alerts.write_repeats()
+        other.execute("ALTER TABLE alerts_away RENAME TO alerts")
+        other.close()
+        assert alerts.count_again("spike", "high", agent, "d4")  # counted meanwhile
+        assert alerts.write_repeats() == 4
+        alert = alerts.store.get(first.id)
+        assert alert.count == 5 and alert.severity == "high"
+        assert alert.decision_ids == ("d0", "d1", "d2", "d3", "d4")
+    finally:
+        alerts.store.db.close()
+
+
+def test_with_repeat_write_seconds_0_every_raising_is_written_at_once(sqlite_url):
+    now, told = [1000.0], []
+    alerts = _alerts(sqlite_url, now, told, repeat_write_seconds=0)
+    agent = Entity("Agent", "c1")
+    try:
+        for i in range(3):
+            raise_or_count(alerts, "spike", "low", agent, f"d{i}")
+        [alert] = alerts.store.list()
+        assert alert.count == 3 and alerts.write_repeats() == 0
+    finally:
+        alerts.store.db.close()
+
+
+def test_two_replicas_count_into_the_same_alert(database_url):
+    """Each process counts its own raisings in memory; the alert's row adds them up."""
+    now, told = [1000.0], []
+    one, two = _alerts(database_url, now, told), _alerts(database_url, now, told)
+    agent = Entity("Agent", "c1")
+    try:
+        for i in range(6):
+            raise_or_count(one if i % 2 else two, "spike", "low", agent, f"d{i}")
+            now[0] += 1
+        assert one.write_repeats() + two.write_repeats() == 4  # the first of each was written
+        [alert] = one.store.list()
+        assert alert.count == 6 and len(told) == 1
+        assert sorted(alert.decision_ids) == [f"d{i}" for i in range(6)]
+    finally:
+        one.store.db.close()
+        two.store.db.close()
+
+
+def test_raisings_counted_in_memory_are_written_when_the_server_stops(tmp_path):
+    """With a write interval far longer than the test, only the write at shutdown can have
+    counted the second raising."""
+    from bastion.db import Database
+    from bastion.signals.alerts import AlertStore
+
+    signals = {"alerts": {"repeat_write_seconds": 3600, "fallback_recipients": ["oncall"]}}
+
+    def run():
+        with start(tmp_path, policy_extra=RULES, signals=signals) as running:
+            client_id, seen = search(running, "everyone", "everyone")
+            assert seen["calls"] == ["ok", "ok"]
+            [alert] = alerts_of(running, "customer_search", f'Agent{{"{client_id}"}}')
+            assert alert.count == 1
+            return alert, running.app.state.alerts.store.db.url
+
+    # In a thread of its own: the page tests of this module leave Playwright's loop running here.
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        alert, database = pool.submit(run).result()
+    store = AlertStore(Database(database))
+    try:
+        assert store.get(alert.id).count == 2
+    finally:
+        store.db.close()
+
+
 def test_the_gateway_reads_the_built_in_alerts_figures_before_counting_the_call(tmp_path):
     """With a policy that never reads the figures, the built-in alert sees what the decision
     saw (before this call), as the figures a policy reads: three destructive calls within a
@@ -672,12 +823,19 @@ def test_the_gateway_reads_the_built_in_alerts_figures_before_counting_the_call(
         return [a for a in alerts.store.list() if a.name == "bulk_destructive"]
 
     async def run() -> list[list]:
-        return [await delete(n) for n in range(4)]
+        return [await delete(n) for n in range(7)]
 
+    written = []  # the raisings that went to the database as they happened
+    raise_alert = alerts.raise_alert
+    alerts.raise_alert = lambda *args: written.append(args) or raise_alert(*args)
     # In a thread of its own: the page tests of this module leave Playwright's loop running here.
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         raised = pool.submit(asyncio.run, run()).result()
     assert raised[:3] == [[], [], []]
     [alert] = raised[3]
     assert alert.detail["destructive_calls"] == 4 and alert.principal == 'Agent{"bot"}'
+    # Raised again by each later call: counted in memory, not a write per call.
+    assert len(written) == 1 and raised[6] == [alert]
+    assert alerts.write_repeats() == 3
+    assert alerts.store.get(alert.id).count == 4
     db.close()
