@@ -421,12 +421,11 @@ class Alerts:
         how many. Does I/O. Those it could not write are counted again for the next time."""
         with self._lock:
             taken, self._repeats = self._repeats, {}
-            horizon = self.clock() - self.settings.cooldown_seconds
-            for key in [k for k, (_, last_at) in self._known.items() if last_at < horizon]:
-                del self._known[key]
+        self._forget_quiet()
         if not taken:
             return 0
         db = self.store.db
+        gone = set()
         try:
             with db.transaction():
                 for alert_id, repeats in taken.items():
@@ -435,7 +434,8 @@ class Alerts:
                         (alert_id,),
                     )
                     if not rows:
-                        continue  # removed meanwhile: nothing to count into
+                        gone.add(alert_id)
+                        continue
                     stored, severity, last_at = rows[0]
                     decisions = tuple(json.loads(stored))
                     decisions = (*decisions, *(d for d in repeats.decisions if d not in decisions))
@@ -456,14 +456,32 @@ class Alerts:
                     repeats.merge(self._repeats.get(alert_id))
                     self._repeats[alert_id] = repeats
             raise
-        return sum(r.count for r in taken.values())
+        if gone:  # removed from the table: the next raising makes a new alert
+            log.warning("alerts %s are gone: their repeated raisings not counted", sorted(gone))
+            with self._lock:
+                for key in [k for k, (alert_id, _) in self._known.items() if alert_id in gone]:
+                    del self._known[key]
+        return sum(r.count for alert_id, r in taken.items() if alert_id not in gone)
+
+    def _forget_quiet(self) -> None:
+        """Forget the alerts past their cooldown, which `count_again` no longer counts (looked
+        for outside the lock, which the event loop takes)."""
+        with self._lock:
+            known = list(self._known.items())
+        horizon = self.clock() - self.settings.cooldown_seconds
+        quiet = [(key, entry) for key, entry in known if entry[1] < horizon]
+        if quiet:
+            with self._lock:
+                for key, entry in quiet:
+                    if self._known.get(key) == entry:  # not counted again meanwhile
+                        del self._known[key]
 
     async def write_repeats_forever(self) -> None:
         """The background task: `write_repeats` every ``repeat_write_seconds`` (at shutdown the
         server calls it once more)."""
         while True:
             await asyncio.sleep(self.settings.repeat_write_seconds or 1.0)
-            if not self._repeats:
+            if not (self._repeats or self._known):
                 continue
             try:
                 await anyio.to_thread.run_sync(self.write_repeats)
@@ -474,7 +492,7 @@ class Alerts:
 
     def _remember(self, name: str, who: str, alert_id: str, now: float) -> None:
         with self._lock:
-            if len(self._known) >= 100_000:  # bounded: the next write forgets the quiet ones
+            if len(self._known) >= 100_000:  # bounded: `_forget_quiet` makes room
                 return
             known = self._known.get((name, who))
             self._known[(name, who)] = (alert_id, max(now, known[1]) if known else now)

@@ -738,6 +738,27 @@ def test_raisings_that_could_not_be_written_are_written_the_next_time(database_u
         alerts.store.db.close()
 
 
+def test_an_alert_removed_from_the_table_is_raised_anew(database_url):
+    from bastion.db import Database
+
+    now, told = [1000.0], []
+    alerts = _alerts(database_url, now, told)
+    agent = Entity("Agent", "c1")
+    try:
+        first = alerts.raise_alert("spike", "low", agent, "d0")
+        assert alerts.count_again("spike", "low", agent, "d1")
+        other = Database(database_url)  # an operator deletes it (bastion itself never does)
+        other.execute("DELETE FROM alerts WHERE id = ?", (first.id,))
+        other.close()
+        assert alerts.write_repeats() == 0  # nothing to count into
+        assert not alerts.count_again("spike", "low", agent, "d2")
+        raise_or_count(alerts, "spike", "low", agent, "d2")
+        [again] = alerts.store.list()
+        assert again.id != first.id and again.count == 1 and len(told) == 2
+    finally:
+        alerts.store.db.close()
+
+
 def test_with_repeat_write_seconds_0_every_raising_is_written_at_once(sqlite_url):
     now, told = [1000.0], []
     alerts = _alerts(sqlite_url, now, told, repeat_write_seconds=0)
