@@ -52,6 +52,7 @@ REFUSAL_BURST = "refusal_burst"
 BULK_DESTRUCTIVE = "bulk_destructive"
 BEHAVIOR_SPIKE = "behavior_spike"
 CHANNELS = ("page", "api", "cli")
+_REFUSERS = 100_000  # principals whose refusals are counted before the quiet ones are forgotten
 
 _MIGRATIONS = [
     """
@@ -382,6 +383,7 @@ class Alerts:
         self.webhooks: Any = None  # the signed webhooks that `notify` queues for, if any
         self.clock = clock
         self._refusals: dict[str, deque[float]] = {}
+        self._refusals_pruned_at = _REFUSERS
         self._lock = threading.Lock()
         # (name, principal) -> the id and latest raising of the alert this process last stored
         # or counted for it; alert id -> its raisings counted in memory, not yet written.
@@ -605,9 +607,12 @@ class Alerts:
             while seen and seen[0] <= now - window:
                 seen.popleft()
             burst = len(seen) > n
-            if len(self._refusals) > 100_000:  # bounded: forget quiet principals
+            if len(self._refusals) > self._refusals_pruned_at:  # bounded: forget quiet ones
                 for k in [k for k, v in self._refusals.items() if not v or v[-1] <= now - window]:
                     del self._refusals[k]
+                # Looked for again once it has grown by a tenth: not on every refusal (on the
+                # event loop) while more than that many principals are refused.
+                self._refusals_pruned_at = max(_REFUSERS, len(self._refusals) * 11 // 10)
         if not burst:
             return None
         return (

@@ -759,6 +759,27 @@ def test_an_alert_removed_from_the_table_is_raised_anew(database_url):
         alerts.store.db.close()
 
 
+def test_the_refusals_counted_stay_bounded_and_bursts_are_still_seen(sqlite_url, monkeypatch):
+    import bastion.signals.alerts as module
+
+    monkeypatch.setattr(module, "_REFUSERS", 100)
+    now, told = [1000.0], []
+    alerts = _alerts(sqlite_url, now, told, refusal_burst_count=3, refusal_burst_seconds=60)
+    alerts._refusals_pruned_at = 100
+    try:
+        for i in range(150):  # more principals than the bound, all refused within the window
+            assert alerts.refusal_burst(Entity("User", f"u{i}"), {}) is None
+        assert len(alerts._refusals) == 150  # none is quiet: none forgotten
+        now[0] += 61  # all quiet now
+        for i in range(20):
+            alerts.refusal_burst(Entity("User", f"v{i}"), {})
+        assert len(alerts._refusals) == 20  # the quiet ones forgotten at the next refusal
+        bursts = [alerts.refusal_burst(Entity("User", "v0"), {}) for _ in range(3)]
+        assert bursts[:2] == [None, None] and bursts[2][0] == "refusal_burst"
+    finally:
+        alerts.store.db.close()
+
+
 def test_with_repeat_write_seconds_0_every_raising_is_written_at_once(sqlite_url):
     now, told = [1000.0], []
     alerts = _alerts(sqlite_url, now, told, repeat_write_seconds=0)
