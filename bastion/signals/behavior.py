@@ -110,25 +110,38 @@ class _Counted:
 
     def __init__(self, now: float) -> None:
         self.totals = [0] * _TARGETS  # the counters before targets, in `COUNTERS` order
-        self.windows = [_Window(int(now // s), s, self.totals) for _, s in WINDOWS]
+        self.windows = [_Window(now, s, self.totals) for _, s in WINDOWS]
         self.end = self.windows[0].end
         self.seen = tuple(window.seen for window in self.windows)
 
 
 class _Window:
     """One key's counters over one window length: fixed windows, rolled lazily. ``start``: the
-    key's totals when the current fixed window began; ``targets``: the distinct targets in it."""
+    key's totals when the current fixed window began; ``targets``: the distinct targets in it;
+    ``share``: how much of the current window the key has been counted in (less than all of
+    its first window, then 1)."""
 
-    __slots__ = ("index", "end", "start", "targets", "previous", "baseline", "learned", "seen")
+    __slots__ = (
+        "index",
+        "end",
+        "start",
+        "targets",
+        "previous",
+        "baseline",
+        "learned",
+        "share",
+        "seen",
+    )
 
-    def __init__(self, index: int, seconds: float, totals: list[int]) -> None:
-        self.index = index
-        self.end = (index + 1) * seconds
+    def __init__(self, now: float, seconds: float, totals: list[int]) -> None:
+        self.index = int(now // seconds)
+        self.end = (self.index + 1) * seconds
         self.start = list(totals)
         self.targets = 0
         self.previous = [0] * _N
         self.baseline = [0.0] * _N
         self.learned = False
+        self.share = first_share(now, seconds)
         self.seen: set[str] = set()
 
     def current(self, totals: list[int]) -> list[int]:
@@ -142,8 +155,9 @@ class _Window:
         if gap <= 0:
             return
         current = self.current(totals)
-        self.baseline = fold(self.baseline, current, gap, weight, self.learned)
-        self.learned = True
+        self.baseline = fold(self.baseline, current, gap, weight, self.learned, self.share)
+        self.learned = learns(self.learned, self.share, gap)
+        self.share = 1.0
         self.previous = current if gap == 1 else [0] * _N
         self.start = list(totals)
         self.targets = 0
@@ -151,19 +165,45 @@ class _Window:
         self.index = index
 
 
+# A key's first window seeds its baseline only if the key was counted in at least this share of
+# it: a key first seen a moment before a window ends would seed it with that moment's count,
+# and then its usual rate would read as a spike (a baseline of 0 is not judged far above).
+SEEDING_SHARE = 0.5
+
+
+def first_share(now: float, seconds: float) -> float:
+    """The share of its first window of ``seconds`` a key first counted at ``now`` is in."""
+    return ((now // seconds) + 1) - now / seconds
+
+
 def fold(
-    baseline: list[float], completed: list[int], gap: int, weight: float, learned: bool
+    baseline: list[float],
+    completed: list[int],
+    gap: int,
+    weight: float,
+    learned: bool,
+    share: float = 1.0,
 ) -> list[float]:
     """The baseline after ``gap`` windows completed: the first with ``completed``, the others
-    empty (an idle key's baseline decays toward zero)."""
+    empty (an idle key's baseline decays toward zero). Not ``learned`` yet, ``completed`` seeds
+    it, as a whole window's worth of the ``share`` the key was counted in (`SEEDING_SHARE` at
+    least; less seeds nothing: the next window does)."""
     if learned:
         out = [weight * c + (1 - weight) * b for b, c in zip(baseline, completed, strict=True)]
+    elif share >= SEEDING_SHARE:
+        out = [c / share for c in completed]
     else:
-        out = [float(c) for c in completed]
+        out = [0.0] * len(completed)
     if gap > 1:
         decay = (1 - weight) ** min(gap - 1, 1000)
         out = [b * decay for b in out]
     return out
+
+
+def learns(learned: bool, share: float, gap: int) -> bool:
+    """Whether the baseline is learned once ``gap`` windows completed (`fold`): a window seeded
+    it (the first, if counted in enough of it; else the next, empty when ``gap`` > 1)."""
+    return learned or share >= SEEDING_SHARE or gap > 1
 
 
 class _Lazy(dict):
@@ -331,7 +371,9 @@ class LocalBehavior(_Counting):
         prev, base = window.previous[c], window.baseline[c]
         if index > window.index:
             gap = index - window.index
-            base = fold([base], [cur], gap, self.settings.baseline_weight, window.learned)[0]
+            base = fold(
+                [base], [cur], gap, self.settings.baseline_weight, window.learned, window.share
+            )[0]
             prev, cur = (cur if gap == 1 else 0), 0
         return figure(cur, prev, base, 1 - (now - index * seconds) / seconds)
 
@@ -418,26 +460,35 @@ class LocalBehavior(_Counting):
 
 
 # One key's counters for one window, in a hash: i (the fixed window's index), l (learned),
-# c0..c4 (current), p0..p4 (previous), b0..b4 (baseline). KEYS: the three windows' hashes, then
-# their sets of targets seen in the current window. ARGV: weight, member (the target seen, or
-# ""), max_targets, the four increments (calls, refusals, destructive, bytes), then per window
-# its index and its time to live in seconds.
+# s (the share of its first window the key is counted in, until that window ends), c0..c4
+# (current), p0..p4 (previous), b0..b4 (baseline). KEYS: the three windows' hashes, then their
+# sets of targets seen in the current window. ARGV: weight, member (the target seen, or ""),
+# max_targets, the four increments (calls, refusals, destructive, bytes), then per window its
+# index, its time to live in seconds and the share of it from now (`first_share`). As `fold`.
 _COUNT = """
 local weight = tonumber(ARGV[1])
 local member = ARGV[2]
 local max_targets = tonumber(ARGV[3])
+local seeding = SEEDING_SHARE
 for w = 1, 3 do
   local key = KEYS[w]
-  local index = tonumber(ARGV[6 + 2 * w])
-  local ttl = tonumber(ARGV[7 + 2 * w])
+  local index = tonumber(ARGV[5 + 3 * w])
+  local ttl = tonumber(ARGV[6 + 3 * w])
   local at = tonumber(redis.call('HGET', key, 'i') or index)
   local gap = index - at
   if gap > 0 then
     local learned = redis.call('HGET', key, 'l') == '1'
+    local share = tonumber(redis.call('HGET', key, 's') or '1')
     for n = 0, 4 do
       local c = tonumber(redis.call('HGET', key, 'c' .. n) or '0')
       local b = tonumber(redis.call('HGET', key, 'b' .. n) or '0')
-      if learned then b = weight * c + (1 - weight) * b else b = c end
+      if learned then
+        b = weight * c + (1 - weight) * b
+      elseif share >= seeding then
+        b = c / share
+      else
+        b = 0
+      end
       local p = c
       if gap > 1 then
         b = b * (1 - weight) ^ math.min(gap - 1, 1000)
@@ -445,9 +496,13 @@ for w = 1, 3 do
       end
       redis.call('HSET', key, 'b' .. n, tostring(b), 'p' .. n, p, 'c' .. n, 0)
     end
-    redis.call('HSET', key, 'l', '1', 'i', index)
+    if learned or share >= seeding or gap > 1 then redis.call('HSET', key, 'l', '1') end
+    redis.call('HSET', key, 'i', index)
+    redis.call('HDEL', key, 's')
   elseif gap == 0 then
-    redis.call('HSETNX', key, 'i', index)
+    if redis.call('HSETNX', key, 'i', index) == 1 then
+      redis.call('HSET', key, 's', ARGV[7 + 3 * w])
+    end
   end
   for n = 0, 3 do
     local add = tonumber(ARGV[4 + n])
@@ -463,7 +518,7 @@ for w = 1, 3 do
   redis.call('EXPIRE', key, ttl)
 end
 return 0
-"""
+""".replace("SEEDING_SHARE", repr(SEEDING_SHARE))
 
 
 class RedisBehavior(_Counting):
@@ -561,7 +616,7 @@ class RedisBehavior(_Counting):
             sets = []
             for name, seconds in WINDOWS:
                 index = int(now // seconds)
-                args += [index, int(seconds * 2) + 60]
+                args += [index, int(seconds * 2) + 60, repr(first_share(now, seconds))]
                 sets.append(f"{base}:{name}:seen:{index}")
             calls.append(([*hashes, *sets], args))
         try:
@@ -612,7 +667,8 @@ def _figure_of(row: dict, now: float, c: int, w: int, weight: float) -> dict[str
     cur, prev = int(row.get(b"c%d" % c, 0)), int(row.get(b"p%d" % c, 0))
     base = float(row.get(b"b%d" % c, 0))
     if index > at:
-        base = fold([base], [cur], index - at, weight, row.get(b"l") == b"1")[0]
+        learned, share = row.get(b"l") == b"1", float(row.get(b"s", 1.0))
+        base = fold([base], [cur], index - at, weight, learned, share)[0]
         prev, cur = (cur if index - at == 1 else 0), 0
     return figure(cur, prev, base, 1 - (now - index * seconds) / seconds)
 

@@ -112,6 +112,9 @@ def test_bytes_far_above_the_agents_baseline_mask_and_throttle(bastion):
     offset = [0.0]
     real = behavior.clock
     behavior.clock = lambda: real() + offset[0]
+    # From the start of a minute: a key counted in less than half of its first window does
+    # not seed its baseline with it.
+    offset[0] = 60 - real() % 60 + 0.5
     try:
 
         async def script(client, seen):
@@ -164,6 +167,34 @@ def test_counts_slide_and_baselines_learn_from_completed_windows():
     assert b.figures(keys[1], now[0])["calls"]["hour"]["count"] == 4
 
 
+def test_a_key_first_counted_late_in_a_window_is_not_far_above_that_moment():
+    """An agent first seen five seconds before ten minutes end, calling ten times a second
+    before and after: its usual rate is not far above a baseline that those five seconds
+    taught (it was, sixty times: the first window seeded the baseline with 50 calls). The next
+    window, whole, seeds it; a key counted in most of its first window is scaled to a whole."""
+    now = [600.0 * 100 - 5]
+    b = LocalBehavior(clock=lambda: now[0])
+    late, early = scope_keys("sam", "late", "t")[1], scope_keys("sam", "early", "t")[1]
+
+    def calls(key: str, seconds: float) -> None:
+        for _ in range(int(seconds * 10)):
+            b.observe((key,), refused=False, destructive=False, target="t", detail="")
+            now[0] += 0.1
+
+    calls(late, 5 + 300)  # to the middle of the next window
+    figure = b.figures(late, now[0])["calls"]["ten_minutes"]
+    assert figure["baseline"] == 0.0  # not judged yet (the built-in spike needs a baseline)
+    calls(late, 600)  # to the middle of the window after
+    figure = b.figures(late, now[0])["calls"]["ten_minutes"]
+    assert figure["baseline"] == pytest.approx(6000, abs=2) and 0.95 < figure["ratio"] < 1.05
+    # First seen 200 s into a window, at one call a second: seeded as 600 calls, not 400.
+    now[0] = 600.0 * 200 + 200
+    for _ in range(400):
+        b.observe((early,), refused=False, destructive=False, target="t", detail="")
+        now[0] += 1
+    assert b.figures(early, now[0])["calls"]["ten_minutes"]["baseline"] == pytest.approx(600)
+
+
 def test_refusals_bytes_and_an_unknown_key_read_as_zero():
     now = [0.0]
     b = LocalBehavior(clock=lambda: now[0])
@@ -212,9 +243,15 @@ def _reference_figures(events, now, weight, c, seconds):
         counts = per_window.get(i, [0, 0, 0, 0, set()])
         return len(counts[4]) if c == 4 else counts[c]
 
-    baseline = 0.0
-    for i in range(first, index):  # the completed windows: the first seeds the baseline
-        baseline = float(count(i)) if i == first else weight * count(i) + (1 - weight) * baseline
+    # The completed windows. The first seeds the baseline, as a whole window's worth of the
+    # share of it the key was counted in, if that is half or more; else the next one seeds it.
+    share = ((first + 1) * seconds - events[0][0]) / seconds
+    baseline, learned = 0.0, False
+    for i in range(first, index):
+        if learned:
+            baseline = weight * count(i) + (1 - weight) * baseline
+        elif i > first or share >= 0.5:
+            baseline, learned = count(i) / (share if i == first else 1.0), True
     covered = 1 - (now - index * seconds) / seconds
     return count(index) + count(index - 1) * covered, baseline
 

@@ -25,7 +25,7 @@ from tests.gateway.test_shared_rate_limits import call_tool
 from tests.oauth.support import free_socket
 from tests.ports import free_port
 
-from .test_behavior import BULK
+from .test_behavior import BULK, _reference_figures
 
 WRITE = "customers:read customers:write"
 
@@ -178,6 +178,58 @@ def own_redis(tmp_path_factory) -> Iterator[str]:
     finally:
         node.terminate()
         node.wait(10)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_shared_counts_and_baselines_agree_with_their_definition(seed):
+    """The count script's windows and baselines (Lua, in Redis) against the definition, as
+    `test_behavior.py` checks the counters kept in process: random messages and results on a
+    clock the test moves (a key's first window seeded by its share of it, or not), read back as
+    another process reads them."""
+    import math
+    import random
+
+    from bastion.signals.behavior import BehaviorSettings
+
+    require_service("Redis", "127.0.0.1", 6379)
+    rng = random.Random(seed)
+    now = [rng.uniform(0, 1e6)]
+    weight = rng.choice([0.2, 0.5, 1.0])
+    settings = BehaviorSettings(baseline_weight=weight)
+    prefix = f"bastion-test-{uuid.uuid4().hex[:12]}"
+    keys = scope_keys("sam", "agent-1", 'Tool{"desk/search"}')
+
+    async def scenario() -> None:
+        counters = RedisBehavior(REDIS_URL, prefix, settings, clock=lambda: now[0])
+        events = []
+        try:
+            for _ in range(60):
+                now[0] += rng.choice([0.5, 3, 20, 59, 61, 200, 599, 601, 1800, 3601])
+                if rng.random() < 0.7:
+                    refused, destructive = rng.random() < 0.3, rng.random() < 0.3
+                    target = rng.choice("abcde")
+                    counters.observe(keys[:2], refused, destructive, target, "")
+                    events.append((now[0], 1, int(refused), int(destructive), 0, target))
+                else:
+                    size = rng.randrange(5000)
+                    counters.returned(keys[:2], size)
+                    events.append((now[0], 0, 0, 0, size, None))
+                await asyncio.wait(set(counters._pending))
+                written = now[0]
+                now[0] += rng.choice([0, 10, 70, 700, 4000])  # read later, as then
+                view = counters.view("sam", "agent-1", "t")
+                await counters.prepare(view)
+                for c, name in enumerate(("calls", "refusals", "destructive", "bytes", "targets")):
+                    for window, seconds in (("minute", 60), ("ten_minutes", 600), ("hour", 3600)):
+                        count, baseline = _reference_figures(events, now[0], weight, c, seconds)
+                        figure = view["agent"][name][window]
+                        assert figure["count"] == math.ceil(count - 1e-9), (name, window)
+                        assert figure["baseline"] == pytest.approx(baseline, rel=1e-6, abs=2e-3)
+                now[0] = written
+        finally:
+            await counters.close()
+
+    asyncio.run(scenario())
 
 
 def _calls(url: str) -> dict[str, int]:
