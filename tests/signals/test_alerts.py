@@ -656,13 +656,15 @@ def test_the_store_dedupes_escalates_once_and_keeps_the_latest_decisions(databas
         store.db.close()
 
 
-def _alerts(database_url: str, now: list[float], told: list, **settings) -> Alerts:
+@contextmanager
+def alerts_on(database_url: str, now: list[float], told: list, **settings):
+    """`Alerts` on ``database_url``, on the clock ``now``, telling ``told``; closed after."""
     from bastion import Authorizer
     from bastion.db import Database
     from bastion.signals.alerts import AlertStore
 
     authz = Authorizer('actor User {} actor Agent {}\nallow(_u: User, "x", _a: Agent);')
-    return Alerts(
+    alerts = Alerts(
         AlertStore(Database(database_url)),
         AlertSettings(**settings),
         lambda: authz,
@@ -670,6 +672,10 @@ def _alerts(database_url: str, now: list[float], told: list, **settings) -> Aler
         notify=lambda a, stage, to: told.append((a.id, stage)),
         clock=lambda: now[0],
     )
+    try:
+        yield alerts
+    finally:
+        alerts.store.db.close()
 
 
 def raise_or_count(alerts: Alerts, name: str, severity: str, principal, decision_id: str) -> None:
@@ -684,9 +690,8 @@ def test_raisings_counted_in_memory_are_written_as_each_raising_written_would_be
     the most severe severity, the latest time; nobody is told again. Nothing is written per
     raising, and past the cooldown it is a new alert."""
     now, told = [1000.0], []
-    alerts = _alerts(database_url, now, told, cooldown_seconds=60, max_decisions=3)
-    agent = Entity("Agent", "c1")
-    try:
+    with alerts_on(database_url, now, told, cooldown_seconds=60, max_decisions=3) as alerts:
+        agent = Entity("Agent", "c1")
         assert not alerts.count_again("spike", "low", agent, "d0")  # nothing stored yet
         for i, severity in enumerate(("medium", "low", "critical", "low", "high")):
             alerts.raise_alert("each", severity, agent, f"d{i}", {"n": i})
@@ -709,17 +714,14 @@ def test_raisings_counted_in_memory_are_written_as_each_raising_written_would_be
         raise_or_count(alerts, "counted", "low", agent, "d5")
         assert len([a for a in alerts.store.list() if a.name == "counted"]) == 2
         assert len(told) == 3
-    finally:
-        alerts.store.db.close()
 
 
 def test_raisings_that_could_not_be_written_are_written_the_next_time(database_url):
     from bastion.db import Database
 
     now, told = [1000.0], []
-    alerts = _alerts(database_url, now, told, cooldown_seconds=60)
-    agent = Entity("Agent", "c1")
-    try:
+    with alerts_on(database_url, now, told, cooldown_seconds=60) as alerts:
+        agent = Entity("Agent", "c1")
         first = alerts.raise_alert("spike", "low", agent, "d0")
         for i in range(1, 4):
             assert alerts.count_again("spike", "low", agent, f"d{i}")
@@ -734,17 +736,14 @@ def test_raisings_that_could_not_be_written_are_written_the_next_time(database_u
         alert = alerts.store.get(first.id)
         assert alert.count == 5 and alert.severity == "high"
         assert alert.decision_ids == ("d0", "d1", "d2", "d3", "d4")
-    finally:
-        alerts.store.db.close()
 
 
 def test_an_alert_removed_from_the_table_is_raised_anew(database_url):
     from bastion.db import Database
 
     now, told = [1000.0], []
-    alerts = _alerts(database_url, now, told)
-    agent = Entity("Agent", "c1")
-    try:
+    with alerts_on(database_url, now, told) as alerts:
+        agent = Entity("Agent", "c1")
         first = alerts.raise_alert("spike", "low", agent, "d0")
         assert alerts.count_again("spike", "low", agent, "d1")
         other = Database(database_url)  # an operator deletes it (bastion itself never does)
@@ -755,8 +754,6 @@ def test_an_alert_removed_from_the_table_is_raised_anew(database_url):
         raise_or_count(alerts, "spike", "low", agent, "d2")
         [again] = alerts.store.list()
         assert again.id != first.id and again.count == 1 and len(told) == 2
-    finally:
-        alerts.store.db.close()
 
 
 def test_the_refusals_counted_stay_bounded_and_bursts_are_still_seen(sqlite_url, monkeypatch):
@@ -764,9 +761,10 @@ def test_the_refusals_counted_stay_bounded_and_bursts_are_still_seen(sqlite_url,
 
     monkeypatch.setattr(module, "_REFUSERS", 100)
     now, told = [1000.0], []
-    alerts = _alerts(sqlite_url, now, told, refusal_burst_count=3, refusal_burst_seconds=60)
-    alerts._refusals_pruned_at = 100
-    try:
+    with alerts_on(
+        sqlite_url, now, told, refusal_burst_count=3, refusal_burst_seconds=60
+    ) as alerts:
+        alerts._refusals_pruned_at = 100
         for i in range(150):  # more principals than the bound, all refused within the window
             assert alerts.refusal_burst(Entity("User", f"u{i}"), {}) is None
         assert len(alerts._refusals) == 150  # none is quiet: none forgotten
@@ -776,29 +774,23 @@ def test_the_refusals_counted_stay_bounded_and_bursts_are_still_seen(sqlite_url,
         assert len(alerts._refusals) == 20  # the quiet ones forgotten at the next refusal
         bursts = [alerts.refusal_burst(Entity("User", "v0"), {}) for _ in range(3)]
         assert bursts[:2] == [None, None] and bursts[2][0] == "refusal_burst"
-    finally:
-        alerts.store.db.close()
 
 
 def test_with_repeat_write_seconds_0_every_raising_is_written_at_once(sqlite_url):
     now, told = [1000.0], []
-    alerts = _alerts(sqlite_url, now, told, repeat_write_seconds=0)
-    agent = Entity("Agent", "c1")
-    try:
+    with alerts_on(sqlite_url, now, told, repeat_write_seconds=0) as alerts:
+        agent = Entity("Agent", "c1")
         for i in range(3):
             raise_or_count(alerts, "spike", "low", agent, f"d{i}")
         [alert] = alerts.store.list()
         assert alert.count == 3 and alerts.write_repeats() == 0
-    finally:
-        alerts.store.db.close()
 
 
 def test_two_replicas_count_into_the_same_alert(database_url):
     """Each process counts its own raisings in memory; the alert's row adds them up."""
     now, told = [1000.0], []
-    one, two = _alerts(database_url, now, told), _alerts(database_url, now, told)
     agent = Entity("Agent", "c1")
-    try:
+    with alerts_on(database_url, now, told) as one, alerts_on(database_url, now, told) as two:
         for i in range(6):
             raise_or_count(one if i % 2 else two, "spike", "low", agent, f"d{i}")
             now[0] += 1
@@ -806,9 +798,6 @@ def test_two_replicas_count_into_the_same_alert(database_url):
         [alert] = one.store.list()
         assert alert.count == 6 and len(told) == 1
         assert sorted(alert.decision_ids) == [f"d{i}" for i in range(6)]
-    finally:
-        one.store.db.close()
-        two.store.db.close()
 
 
 def test_raisings_counted_in_memory_are_written_when_the_server_stops(tmp_path):
