@@ -581,29 +581,7 @@ class Enforcer:
             for principal in caller.principals:
                 if (burst := alerts.refusal_burst(principal, detail)) is not None:
                     raisings.append(burst)
-        await self._alerting(raisings, decision_id)
-
-    async def _alerting(
-        self, raisings: list[tuple[str, str, Entity, dict[str, Any]]], decision_id: str
-    ) -> None:
-        """Raise alerts: (name, severity, principal, detail). One this process knows is within
-        its cooldown is counted again in memory (`Alerts.count_again`: an agent in a spike, a
-        refusal burst, does not cost a write per call); the others are raised in a worker
-        thread (database I/O). An alert that cannot be stored is logged; it never changes the
-        decision."""
-        alerts = self.alerts
-        rest = [r for r in raisings if not alerts.count_again(*r[:3], decision_id)]
-        if not rest:
-            return
-
-        def work() -> None:
-            for name, severity, principal, detail in rest:
-                try:
-                    alerts.raise_alert(name, severity, principal, decision_id, detail)
-                except Exception:
-                    log.exception("alert %r of decision %s could not be raised", name, decision_id)
-
-        await anyio.to_thread.run_sync(work)
+        await alerts.raise_all(raisings, decision_id)
 
     # -- holds for people -----------------------------------------------------------------------
 
@@ -726,7 +704,8 @@ class Enforcer:
         if self.alerts is None:
             return
         detail = {"server": server, "method": method, "target": repr(resource)}
-        await self._alerting([("suspended_still_calling", "high", suspended, detail)], decision_id)
+        raising = ("suspended_still_calling", "high", suspended, detail)
+        await self.alerts.raise_all([raising], decision_id)
 
     def _refuse_suspended(
         self,

@@ -418,6 +418,27 @@ class Alerts:
             repeats.add(severity_of(severity, name), decision_id, now)
         return True
 
+    async def raise_all(
+        self, raisings: list[tuple[str, str, Entity | str, dict[str, Any]]], decision_id: str = ""
+    ) -> None:
+        """Raise each of ``raisings`` (name, severity, principal, detail), from the event loop:
+        one this process knows is within its cooldown is counted again in memory
+        (`count_again`: an agent in a spike, a refusal burst, costs no write per call); the
+        others are raised in a worker thread (database I/O). One that cannot be stored is
+        logged, and the others are still raised."""
+        rest = [r for r in raisings if not self.count_again(*r[:3], decision_id)]
+        if not rest:
+            return
+
+        def work() -> None:
+            for name, severity, principal, detail in rest:
+                try:
+                    self.raise_alert(name, severity, principal, decision_id, detail)
+                except Exception:
+                    log.exception("alert %r of decision %s could not be raised", name, decision_id)
+
+        await anyio.to_thread.run_sync(work)
+
     def write_repeats(self) -> int:
         """Write the raisings `count_again` counted to their alerts' rows, in one transaction:
         how many. Does I/O. Those it could not write are counted again for the next time."""

@@ -13,7 +13,7 @@ from tests.gateway.support import start
 
 
 def test_events_count_in_the_gateways_counters_and_raise_its_alerts(tmp_path):
-    signals = {"alerts": {"bulk_destructive_count": 2}}
+    signals = {"alerts": {"bulk_destructive_count": 2, "repeat_write_seconds": 0.05}}
     with start(tmp_path, signals=signals) as running:
         key, _ = running.app.state.keys.create("app", ["oso:events"])
         oso = Oso(url=running.url, api_key=key)
@@ -21,12 +21,21 @@ def test_events_count_in_the_gateways_counters_and_raise_its_alerts(tmp_path):
         events = oso.for_agents(name, uuid.uuid4(), [Value("User", "sam")])
         counters = running.app.state.gateway.enforcer.behavior
         assert running.app.state.behavior is counters
-        for i in range(3):
+        alerts = running.app.state.alerts
+        written = []  # the raisings written as they came
+        raise_alert = alerts.raise_alert
+        alerts.raise_alert = lambda *args: written.append(args) or raise_alert(*args)
+        for i in range(5):
             events.tool_call_request("drop_table", {"table": f"t{i}"}, destructive=True)
         figures = counters.figures(f"agent|{name}", time.time())
-        assert figures["calls"]["minute"]["count"] == 3
-        assert figures["destructive"]["minute"]["count"] == 3
-        assert counters.figures("user|sam", time.time())["calls"]["minute"]["count"] == 3
-        # The third destructive call within a minute is past bulk_destructive_count (2).
-        raised = [a for a in running.app.state.alerts.store.list() if a.name == "bulk_destructive"]
-        assert [a.principal for a in raised] == [f'Agent{{"{name}"}}']
+        assert figures["calls"]["minute"]["count"] == 5
+        assert figures["destructive"]["minute"]["count"] == 5
+        assert counters.figures("user|sam", time.time())["calls"]["minute"]["count"] == 5
+        # The third destructive call within a minute is past bulk_destructive_count (2); the
+        # fourth and fifth raise it again: counted in memory, written soon after.
+        raised = [a for a in alerts.store.list() if a.name == "bulk_destructive"]
+        assert [a.principal for a in raised] == [f'Agent{{"{name}"}}'] and len(written) == 1
+        deadline = time.monotonic() + 10
+        while alerts.store.get(raised[0].id).count < 3:
+            assert time.monotonic() < deadline, "the raisings counted again were not written"
+            time.sleep(0.02)

@@ -17,12 +17,9 @@ No event's text is stored: not the parameters, results or messages, nor the sess
 
 from __future__ import annotations
 
-import functools
 import json
 from dataclasses import dataclass
-from typing import Any
 
-import anyio
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -131,11 +128,10 @@ async def _alerts(request: Request, event: AgentEvent) -> None:
     except BehaviorUnavailable:
         return
     agent = Entity("Agent", event.agent)
-    for name, severity, detail in raised:
-        more: dict[str, Any] = {**detail, "tool": event.tool, "source": "oso-cloud agent event"}
-        await anyio.to_thread.run_sync(
-            functools.partial(alerts.raise_alert, name, severity, agent, "", more)
-        )
+    source = {"tool": event.tool, "source": "oso-cloud agent event"}
+    await alerts.raise_all(
+        [(name, severity, agent, {**detail, **source}) for name, severity, detail in raised]
+    )
 
 
 routes = [
