@@ -605,13 +605,6 @@ class Alerts:
         self._tell(alert, "raised", recipients)
         return alert
 
-    def refused(self, principal: Entity, decision_id: str, detail: dict[str, Any]) -> Alert | None:
-        """Count a refusal of ``principal``: more than ``refusal_burst_count`` within
-        ``refusal_burst_seconds`` raises the built-in "refusal_burst" alert. Counted per
-        process (the alert itself is shared through the database). Does I/O when it raises."""
-        burst = self.refusal_burst(principal, detail)
-        return None if burst is None else self.raise_alert(*burst[:3], decision_id, burst[3])
-
     def refusal_burst(
         self, principal: Entity, detail: dict[str, Any]
     ) -> tuple[str, str, Entity, dict[str, Any]] | None:

@@ -347,8 +347,12 @@ def test_a_burst_of_refusals_raises_the_built_in_alert(bastion):
     # The lab's admin-only resources are refused to sam; more than 3 refusals within 60 s.
     before = {a.id for a in alerts_of(bastion, "refusal_burst", 'User{"sam"}')}
     alerts = bastion.app.state.alerts
-    for i in range(4):
-        alerts.refused(Entity("User", "sam"), f"refused-{i}", {"reason": "not_permitted"})
+    bursts = [
+        alerts.refusal_burst(Entity("User", "sam"), {"reason": "not_permitted"}) for _ in "abcd"
+    ]
+    assert bursts[:3] == [None, None, None]  # three refusals within 60 s: no burst yet
+    name, severity, principal, detail = bursts[3]
+    alerts.raise_alert(name, severity, principal, "refused-3", detail)
     [alert] = [a for a in alerts_of(bastion, "refusal_burst", 'User{"sam"}') if a.id not in before]
     assert alert.severity == "high" and alert.decision_ids == ("refused-3",)
     assert alert.detail["refusals"] == 4
