@@ -12,7 +12,7 @@ escalation survives a restart. Notifications go through the shared signed-webhoo
 Entry points: `Alerts.raise_alert` (any thread; does I/O), for alerts bastion raises itself and
 the ``alert(actor, name, severity)`` rules of the decision contract; `Alerts.count_again` (no I/O)
 first, for a raising of an alert this process knows is within its cooldown (written later, in
-one transaction, by `Alerts.write_repeats`).
+one transaction, by `Alerts.write_repeats`); `Alerts.raise_all`, both from the event loop.
 """
 
 from __future__ import annotations
@@ -53,6 +53,7 @@ BULK_DESTRUCTIVE = "bulk_destructive"
 BEHAVIOR_SPIKE = "behavior_spike"
 CHANNELS = ("page", "api", "cli")
 _REFUSERS = 100_000  # principals whose refusals are counted before the quiet ones are forgotten
+_KNOWN = 100_000  # alerts a process counts raisings of in memory (`Alerts.count_again`)
 
 _MIGRATIONS = [
     """
@@ -515,7 +516,7 @@ class Alerts:
 
     def _remember(self, name: str, who: str, alert_id: str, now: float) -> None:
         with self._lock:
-            if len(self._known) >= 100_000:  # bounded: `_forget_quiet` makes room
+            if len(self._known) >= _KNOWN:  # bounded: `_forget_quiet` makes room
                 return
             known = self._known.get((name, who))
             self._known[(name, who)] = (alert_id, max(now, known[1]) if known else now)
