@@ -31,6 +31,7 @@ import logging
 import math
 import time
 from abc import ABC, abstractmethod
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from itertools import repeat
@@ -350,7 +351,9 @@ class LocalBehavior(_Counting):
     ) -> None:
         self.settings = settings or BehaviorSettings()
         self.clock = clock
-        self._keys: dict[str, _Counted] = {}
+        # Insertion-ordered, for `max_keys` to let go of the oldest in O(1): a dict's first key
+        # is found past the slots of those deleted before it (25 µs a new key at 100,000).
+        self._keys: OrderedDict[str, _Counted] = OrderedDict()
 
     # -- reading ------------------------------------------------------------------------------
 
@@ -443,7 +446,7 @@ class LocalBehavior(_Counting):
         counted = self._keys.get(key)
         if counted is None:
             if len(self._keys) >= self.settings.max_keys:
-                del self._keys[next(iter(self._keys))]
+                self._keys.popitem(last=False)
             counted = self._keys[key] = _Counted(now)
             return counted
         windows = counted.windows
