@@ -3,7 +3,7 @@ Streamable HTTP and through bastion's gateway to that same upstream, in one run.
 
     .venv/bin/python benchmarks/gateway_bench.py [--clients 4] [--requests 1500] [--rounds 3] [--chain]
         [--floor] [--session shared|per_user|per_client_session] [--records N]
-        [--python PATH] [--proxy-headers] [--pin]
+        [--python PATH] [--proxy-headers] [--pin] [--refused]
 
 The upstream is the quickstart's MCP server (official SDK) in its own process; bastion runs
 ``bastion serve`` in another, with the quickstart policy (the support agent's search, with emails
@@ -31,6 +31,9 @@ code), to compare interpreters: the upstream and the clients stay on this one.
 ``--pin`` (Linux) gives the upstream the first CPU this process may use and bastion, the floor
 and the clients the others, on every path alike (an upstream and bastion on one machine set
 apart, as `taskset` or a container's CPU set would): without it the kernel places them.
+With ``--refused``, another path calls through bastion with arguments the policy refuses (a
+search by email, which the quickstart denies to non-admins): a refused call's cost, decided and
+recorded, never sent upstream, its answer a JSON-RPC error.
 """
 
 from __future__ import annotations
@@ -202,14 +205,17 @@ def delegated_token(base: str, resource: str, config: Path, subject: str, agent:
 QUERIES = "acdeghilmnoprtuv"
 
 
-def call_body(i: int) -> dict:
+def call_body(i: int, refused: bool = False) -> dict:
+    arguments = {"query": QUERIES[i % len(QUERIES)]}
+    if refused:
+        arguments["field"] = "email"
     return {
         "jsonrpc": "2.0",
         "id": i,
         "method": "tools/call",
         "params": {
             "name": "search_customers",
-            "arguments": {"query": QUERIES[i % len(QUERIES)]},
+            "arguments": arguments,
             "_meta": {
                 "io.modelcontextprotocol/protocolVersion": "2026-07-28",
                 "io.modelcontextprotocol/clientCapabilities": {},
@@ -219,7 +225,7 @@ def call_body(i: int) -> dict:
 
 
 async def run_load(
-    url: str, headers: dict, clients: int, requests: int
+    url: str, headers: dict, clients: int, requests: int, refused: bool = False
 ) -> tuple[list[float], float]:
     headers = {
         "content-type": "application/json",
@@ -239,11 +245,12 @@ async def run_load(
     async def worker() -> None:
         for i in counter:
             started = time.perf_counter()
-            response = await http.request("POST", headers, json.dumps(call_body(i)).encode())
+            body = json.dumps(call_body(i, refused)).encode()
+            response = await http.request("POST", headers, body)
             body = await response.read()
             response.close()
             latencies.append(time.perf_counter() - started)
-            if response.status_code != 200 or b'"error"' in body[:200]:
+            if response.status_code != 200 or (b'"error"' in body[:200]) != refused:
                 raise SystemExit(f"{url}: {response.status_code} {body[:300]!r}")
 
     try:
@@ -456,6 +463,11 @@ def main() -> None:
         action="store_true",
         help="the upstream on the first CPU, bastion, the floor and the clients on the others",
     )
+    parser.add_argument(
+        "--refused",
+        action="store_true",
+        help="also call through bastion with arguments the policy refuses (a search by email)",
+    )
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="bastion-gateway-bench-"))
@@ -502,6 +514,8 @@ def main() -> None:
         if args.chain:
             chained = delegated_token(base, f"{base}/mcp/desk", bench.config, token, agent)
             paths["chain"] = (f"{base}/mcp/desk", {"authorization": f"Bearer {chained}"})
+        if args.refused:
+            paths["refused"] = paths["gateway"]
         # The proxy whose CPU is counted on each path: bastion's, or the floor's.
         proxies = dict.fromkeys(paths, server)
         if floor is not None:
@@ -509,15 +523,15 @@ def main() -> None:
             wait_until_up(floor_url, floor)
             paths["floor"] = (floor_url, {})
             proxies["floor"] = floor
-        for url, headers in paths.values():  # warm up both (connections, stdio, caches)
-            uvloop.run(run_load(url, headers, args.clients, 100))
+        for name, (url, headers) in paths.items():  # warm up each (connections, stdio, caches)
+            uvloop.run(run_load(url, headers, args.clients, 100, name == "refused"))
         results: dict[str, dict[str, list]] = {k: {"lat": [], "tput": [], "cpu": []} for k in paths}
         for _ in range(args.rounds):
             for name, (url, headers) in paths.items():
                 proxy = proxies[name].pid
                 before = times(proxy, upstream.pid)
                 latencies, throughput = uvloop.run(
-                    run_load(url, headers, args.clients, args.requests)
+                    run_load(url, headers, args.clients, args.requests, name == "refused")
                 )
                 after = times(proxy, upstream.pid)
                 results[name]["lat"] += latencies
@@ -556,7 +570,7 @@ def main() -> None:
     print(f"added latency: median {g[0] - d[0]:.3f} ms, p99 {g[1] - d[1]:.3f} ms")
     # The machine's speed drifts from minute to minute; divided by what the upstream spent on
     # the direct round just before, a proxy's CPU per call moves much less.
-    for name in ("gateway", "floor"):
+    for name in ("gateway", "floor", "refused"):
         if name in results:
             ratios = [
                 mine[0] / direct[1]
@@ -574,6 +588,13 @@ def main() -> None:
         print(
             f"the floor (a bare proxy on bastion's stack, its CPU in the bastion column): median"
             f" {f[0] - d[0]:+.3f} ms over direct; throughput {f[2] / d[2]:.0%} of direct"
+        )
+    if "refused" in summary:
+        r = summary["refused"]
+        print(
+            f"refused calls (decided, recorded, not sent upstream): median {r[0]:.3f} ms,"
+            f" {r[0] - g[0]:+.3f} ms against an allowed call through bastion; throughput"
+            f" {r[2] / d[2]:.0%} of direct"
         )
     if "chain" in summary:
         c = summary["chain"]
