@@ -47,6 +47,8 @@ from bastion.webhooks import (
 log = logging.getLogger("bastion.signals.alerts")
 
 SEVERITIES = ("low", "medium", "high", "critical")
+# Each severity's rank, least severe first: compared on every raising counted in memory.
+_RANK = {severity: rank for rank, severity in enumerate(SEVERITIES)}
 OPEN, ACKNOWLEDGED = "open", "acknowledged"
 REFUSAL_BURST = "refusal_burst"
 BULK_DESTRUCTIVE = "bulk_destructive"
@@ -312,8 +314,10 @@ class _Repeats:
         # One decision's raisings of one alert come one after the other (`count_again`).
         if decision_id and (not self.decisions or self.decisions[-1] != decision_id):
             self.decisions.append(decision_id)
-        self.last_at = max(self.last_at, now)
-        self.severity = max(self.severity, severity, key=SEVERITIES.index)
+        if now > self.last_at:
+            self.last_at = now
+        if _RANK[severity] > _RANK[self.severity]:
+            self.severity = severity
 
     def merge(self, later: _Repeats | None) -> None:
         """Take in ``later`` (counted after these): for raisings that could not be written."""
@@ -412,7 +416,8 @@ class Alerts:
             if known is None or known[1] < now - settings.cooldown_seconds:
                 return False
             alert_id, last_at = known
-            self._known[key] = (alert_id, max(last_at, now))
+            if now > last_at:
+                self._known[key] = (alert_id, now)
             repeats = self._repeats.get(alert_id)
             if repeats is None:
                 repeats = self._repeats[alert_id] = _Repeats(settings.max_decisions)
@@ -617,7 +622,9 @@ class Alerts:
         key = repr(principal)
         now = self.clock()
         with self._lock:
-            seen = self._refusals.setdefault(key, deque())
+            seen = self._refusals.get(key)
+            if seen is None:
+                seen = self._refusals[key] = deque()
             seen.append(now)
             while seen and seen[0] <= now - window:
                 seen.popleft()
