@@ -51,7 +51,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Generic, TypeVar
 
@@ -93,6 +93,10 @@ class Obligations:
     labels: tuple[str, ...] = ()
 
 
+# An answer without obligations (most refusals): immutable, so one is shared.
+NO_OBLIGATIONS = Obligations()
+
+
 @dataclass(frozen=True, slots=True)
 class ChainDecision:
     """The answer for one request over a principal chain."""
@@ -101,7 +105,7 @@ class ChainDecision:
     principals: tuple[Entity, ...]
     refused_by: Entity | None = None  # the first principal the policy did not allow
     missing_scopes: tuple[str, ...] = ()  # required scopes the token lacks (403 step-up)
-    obligations: Obligations = field(default_factory=Obligations)
+    obligations: Obligations = NO_OBLIGATIONS
     generation: int = -1  # the facts and policy it was decided on (`Session.generation`)
     # "evaluation_limit" when refused because the evaluation spent its budget (`limit` says
     # which); None when the policy decided.
@@ -171,7 +175,7 @@ def _decide_chain(
                 False,
                 chain,
                 refused_by=principal,
-                obligations=Obligations(alerts=alerts),
+                obligations=Obligations(alerts=alerts) if alerts else NO_OBLIGATIONS,
                 generation=generation,
             )
     stale = _stale_signals(s, chain, context)
@@ -181,7 +185,7 @@ def _decide_chain(
             False,
             chain,
             refused_by=principal,
-            obligations=Obligations(alerts=alerts),
+            obligations=Obligations(alerts=alerts) if alerts else NO_OBLIGATIONS,
             generation=generation,
             reason="signal_stale",
             stale_signals=names,
