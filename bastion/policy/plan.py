@@ -35,7 +35,11 @@ def _bound(term, bound: set[str]) -> bool:
 def _cost(lit: Literal, bound: set[str]) -> float | None:
     """Lower is sooner; ``None`` means the literal cannot run yet."""
     if isinstance(lit, TypeLit):
-        return 0 if _bound(lit.term, bound) else 100
+        if _bound(lit.term, bound):
+            return 0
+        # An unbound variable alone enumerates the entities of the types it names; anything
+        # else (arithmetic, a list) can only be computed once its variables are bound.
+        return 100 if isinstance(lit.term, Var) else None
     if isinstance(lit, CmpLit):
         left, right = _bound(lit.left, bound), _bound(lit.right, bound)
         if left and right:

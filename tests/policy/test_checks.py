@@ -126,6 +126,37 @@ def test_a_variable_that_is_never_bound_is_refused():
     assert "variable(s) x are never bound" in message
 
 
+@pytest.mark.parametrize(
+    "body",
+    [
+        "x - 1 matches Integer",
+        "x * 2 matches Integer and lim(o, n) and n > 0",
+        "lim(o, n) and n - x matches Integer",
+        "[x] matches List",
+        "not x - 1 matches Integer",
+        "forall(lim(o, n), n - x matches Integer)",
+        "(x - 1 matches Integer or lim(o, 1))",
+    ],
+)
+def test_a_type_check_of_a_value_that_can_never_be_computed_is_refused(body):
+    # Found by test_oso_polar's noisy fragments: it crashed the compiler (KeyError 'x').
+    (message,) = errors_of(
+        BASE + f'declare lim(Org, Integer);\nallow(_u: User, "read", o: Org) if {body};'
+    )
+    assert "variable(s) x are never bound" in message and "p.polar:9:" in message
+
+
+def test_a_type_check_of_arithmetic_waits_for_its_variables():
+    authz = Authorizer(
+        BASE + 'declare lim(Org, Integer);\nallow(_u: User, "read", o: Org) if'
+        " n - 1 matches Integer and lim(o, n) and n > 1;"
+    )
+    alice, acme = Entity("User", "alice"), Entity("Org", "acme")
+    assert not authz.authorize(alice, "read", acme)
+    authz.facts.insert(("lim", acme, 2))
+    assert authz.authorize(alice, "read", acme)
+
+
 def test_singleton_variable_is_a_warning_not_an_error():
     authz = Authorizer(
         BASE + "declare is_blocked(User);\ndeny(actor, action, _r) if is_blocked(actor);",
