@@ -47,7 +47,7 @@ from bastion.webhooks import (
 log = logging.getLogger("bastion.signals.alerts")
 
 SEVERITIES = ("low", "medium", "high", "critical")
-# Each severity's rank, least severe first: compared on every raising counted in memory.
+# Each severity's rank, least severe first (`more_severe`).
 _RANK = {severity: rank for rank, severity in enumerate(SEVERITIES)}
 OPEN, ACKNOWLEDGED = "open", "acknowledged"
 REFUSAL_BURST = "refusal_burst"
@@ -297,6 +297,11 @@ def severity_of(value: str, name: str) -> str:
     return "high"
 
 
+def more_severe(a: str, b: str) -> str:
+    """The more severe of two `SEVERITIES` (``a`` when they are the same)."""
+    return b if _RANK[b] > _RANK[a] else a
+
+
 class _Repeats:
     """Raisings of one stored alert counted in memory (`Alerts.count_again`), not yet written:
     how many, the latest ``keep`` decision ids, the latest time, the most severe severity."""
@@ -316,8 +321,7 @@ class _Repeats:
             self.decisions.append(decision_id)
         if now > self.last_at:
             self.last_at = now
-        if _RANK[severity] > _RANK[self.severity]:
-            self.severity = severity
+        self.severity = more_severe(self.severity, severity)
 
     def merge(self, later: _Repeats | None) -> None:
         """Take in ``later`` (counted after these): for raisings that could not be written."""
@@ -328,7 +332,7 @@ class _Repeats:
             if decision_id not in self.decisions:
                 self.decisions.append(decision_id)
         self.last_at = max(self.last_at, later.last_at)
-        self.severity = max(self.severity, later.severity, key=SEVERITIES.index)
+        self.severity = more_severe(self.severity, later.severity)
 
 
 class AlertStore:
@@ -475,7 +479,7 @@ class Alerts:
                             repeats.count,
                             json.dumps(decisions[-self.settings.max_decisions :]),
                             max(last_at, repeats.last_at),
-                            max(severity, repeats.severity, key=SEVERITIES.index),
+                            more_severe(severity, repeats.severity),
                             alert_id,
                         ),
                     )
@@ -557,7 +561,7 @@ class Alerts:
                 if decision_id and decision_id not in decisions:
                     decisions = (*decisions, decision_id)[-keep:]
                 # The most severe raising decides how the alert reads.
-                worst = max(alert.severity, severity, key=SEVERITIES.index)
+                worst = more_severe(alert.severity, severity)
                 db.execute(
                     "UPDATE alerts SET count = count + 1, decision_ids = ?, last_at = ?,"
                     " severity = ? WHERE id = ?",
