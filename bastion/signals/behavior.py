@@ -622,7 +622,7 @@ class RedisBehavior(_Counting):
             sets = []
             for name, seconds in WINDOWS:
                 index = int(now // seconds)
-                args += [index, int(seconds * 2) + 60, repr(first_share(now, seconds))]
+                args += [index, int(seconds * 2) + 60, first_share(now, seconds)]
                 sets.append(f"{base}:{name}:seen:{index}")
             calls.append(([*hashes, *sets], args))
         try:
