@@ -274,6 +274,8 @@ class Replica:
         self.follow_error: str | None = None
         # Why the policy in force does not load here (None while the one in force is loaded).
         self.policy_refused: str | None = None
+        # The change being applied and when that began: said in a 503 while it takes long.
+        self.applying: tuple[Change, float] | None = None
         self.authz: Authorizer = Authorizer("", limits=limits)
         # Done once the change being added to `authz` on a worker thread is in force (None
         # while none is): see `in_force`.
@@ -470,6 +472,17 @@ class Replica:
         if self.policy_refused is not None:
             return self.policy_refused
         why = f": {self.follow_error}" if self.follow_error else ""
+        if self.applying is not None:
+            change, since = self.applying
+            what = (
+                f"policy version {change.policy_version} compiling"
+                if change.kind == "policy"
+                else f"{len(change.inserts)} facts added, {len(change.deletes)} deletes"
+            )
+            why += (
+                f": change {change.seq} ({what}) has been going in force for"
+                f" {time.monotonic() - since:.1f} s, and the changes after it wait"
+            )
         return (
             f"this replica has not confirmed it is current with the database for"
             f" {self.staleness:.1f} s (max_staleness_seconds is {self.max_staleness:g})"
@@ -666,7 +679,9 @@ class Replica:
                 spent, self._spent = self._spent, []
                 if large or spent:
                     await anyio.to_thread.run_sync(_let_go_of_changes, large, spent)
-                if len(changes) == _PAGE:
+                if len(changes) == _PAGE or time.monotonic() - asked_at > self.poll_interval:
+                    # More, or long in force (a compile, an import): current only as of the
+                    # read's start, so read again at once rather than after the interval.
                     return True
         self._read_at_version = version
         await self._confirmed(asked_at)
@@ -765,6 +780,17 @@ class Replica:
         ).start()
 
     async def _apply(self, change: Change) -> None:
+        """Put ``change`` in force. Until it is (a large import, a policy that takes long to
+        compile), the changes after it wait, and `confirmed_at` does not move: past
+        ``max_staleness`` the replica is stale, rather than decide on what it held before."""
+        self.applying = (change, time.monotonic())
+        try:
+            await self._put_change(change)
+        finally:
+            self.applying = None
+        self.applied = change.seq
+
+    async def _put_change(self, change: Change) -> None:
         if change.kind == "facts":
             if self.unusable and change.deletes:
                 self.unusable = [
@@ -796,7 +822,6 @@ class Replica:
                     log.error("%s", self.policy_refused)
                 if self.unusable:
                     self.unusable = await self._load_change(self.unusable, ())
-        self.applied = change.seq
 
     async def wait_for(self, seq: int, timeout: float) -> None:
         """Return once every change up to ``seq`` is applied; raise `ConsistencyTimeout`."""

@@ -25,11 +25,15 @@ from tests.server.conftest import POLICY, ServerProcess, entity
 GROW = "actor User {}\ngrow(x) if grow([x, x]);\nallow(a, _b, _c) if grow(a);\n"
 
 
-@pytest.fixture
-def server(tmp_path):
+def start(tmp_path, **env: str) -> ServerProcess:
     policy = tmp_path / "policy.polar"
     policy.write_text(POLICY)
-    running = ServerProcess(str(tmp_path / "bastion.db"), tmp_path, str(policy)).start()
+    return ServerProcess(str(tmp_path / "bastion.db"), tmp_path, str(policy), env).start()
+
+
+@pytest.fixture
+def server(tmp_path):
+    running = start(tmp_path)
     yield running
     running.stop()
 
@@ -103,32 +107,79 @@ def test_the_server_answers_while_a_large_policy_is_validated(server):
     assert len([t for t in answered_at if t < validated["at"]]) >= 3
 
 
-def test_the_server_answers_while_its_replica_compiles_a_new_policy(server):
-    # Stored by another process (as `bastion policy push` on the database does): this server
-    # only hears of it from the change log, and compiles it to put it in force.
+def push_slow_policy(server: ServerProcess) -> tuple[int, float]:
+    """Store `SLOW_TO_COMPILE` from another process (as `bastion policy push` on the database
+    does): ``server`` only hears of it from the change log, and compiles it to put it in force.
+    Returns its version and when it was written."""
     store = FactStore.open(server.database)
     try:
         version, _ = store.put_policy(SLOW_TO_COMPILE, source="wide.polar", actor="test")
     finally:
         store.close()
-    written = time.monotonic()
-    answered_at: list[float] = []
-    check = {"actor": entity("User", "a"), "action": "read", "resource": entity("Repo", "r")}
+    return version, time.monotonic()
+
+
+# Asked of the policy in force before the slow one (which declares Repo; the slow one does not).
+CHECK = {"actor": entity("User", "a"), "action": "read", "resource": entity("Repo", "r")}
+
+
+def decide_until_applied(server: ServerProcess, version: int) -> tuple[list, float]:
+    """Ask `CHECK` (and `/healthz`) every 50 ms until ``version`` is in force; the answers
+    before then, with when each came, and when it was seen in force."""
+    answers = []
     with httpx.Client(base_url=server.url, timeout=120) as anyone, server.client() as admin:
         while True:
             assert anyone.get("/healthz").status_code == 200
-            decided = admin.post("/v1/authorize", json=check)
+            decided = admin.post("/v1/authorize", json=CHECK)
             if admin.get("/v1/policy").json()["applied"] == version:
-                break
-            # Still under the old policy (which declares Repo; the new one does not) when it
-            # was answered, so it was decided.
-            assert decided.status_code == 200, decided.text
-            answered_at.append(time.monotonic())
+                return answers, time.monotonic()
+            answers.append((time.monotonic(), decided))
             time.sleep(0.05)
-        applied = time.monotonic()
-    # Health checks and decisions (under the policy in force) were answered while the replica
-    # compiled the new one (it starts within a poll interval of the write).
-    assert len([t for t in answered_at if written + 0.5 < t < applied]) >= 3
+
+
+def test_the_server_answers_while_its_replica_compiles_a_new_policy(server):
+    version, written = push_slow_policy(server)
+    answers, applied = decide_until_applied(server, version)
+    for _, decided in answers:
+        # Decided under the policy in force; or, once the compile has outlasted the staleness
+        # bound (5 s: CI's busy runs), refused as stale, naming the policy compiling.
+        if decided.status_code != 200:
+            assert decided.status_code == 503, decided.text
+            assert f"policy version {version} compiling" in decided.json()["detail"]
+    decided_at = [t for t, decided in answers if decided.status_code == 200]
+    # Health checks and decisions were answered while the replica compiled the new one (it
+    # starts within a poll interval of the write).
+    assert len([t for t in decided_at if written + 0.5 < t < applied]) >= 3
+
+
+def test_a_compile_that_outlasts_the_staleness_bound_stops_decisions_until_it_is_done(tmp_path):
+    # The changes after a policy wait for it to be put in force, so a replica whose compile
+    # outlasts `max_staleness_seconds` (here 0.5 s; the compile takes seconds) stops deciding on
+    # what it held before, says why, and goes on answering everything else.
+    server = start(tmp_path, BASTION_MAX_STALENESS_SECONDS="0.5")
+    try:
+        version, _ = push_slow_policy(server)
+        answers, _ = decide_until_applied(server, version)
+        refused = [decided for _, decided in answers if decided.status_code != 200]
+        assert refused, "no decision was refused while the policy compiled"
+        for decided in refused:
+            assert decided.status_code == 503, decided.text
+            detail = decided.json()["detail"]
+            assert "max_staleness_seconds is 0.5" in detail
+            assert f"(policy version {version} compiling) has been going in force" in detail
+        # It confirms it is current with its next read of the log, and decides again.
+        with httpx.Client(base_url=server.url) as anyone, server.client() as admin:
+            deadline = time.monotonic() + 10
+            while (ready := anyone.get("/readyz")).status_code != 200:
+                assert time.monotonic() < deadline, ready.text
+                time.sleep(0.05)
+            assert ready.json()["policy_version"] == version
+            decided = admin.post("/v1/authorize", json=CHECK)
+        # Decided under the new policy, which does not declare Repo.
+        assert decided.status_code == 422, decided.text
+        assert "entity type 'Repo', which the policy does not declare" in decided.json()["detail"]
+    finally:
+        server.stop()
 
 
 def test_a_rule_of_two_thousand_conjuncts_is_refused_naming_the_limit(server):
