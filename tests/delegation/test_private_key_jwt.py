@@ -349,9 +349,9 @@ def test_a_jwks_uri_that_answers_too_slowly_is_refused(
     client_id = register(capsys, config, tmp_path, jwks_uri=url + "?slow")
     keys.delay = 2.0
     try:
-        started = time.monotonic()
+        # Refused for the time it took, not for its keys: had bastion waited the 2 s, it would
+        # have had the key that signed the assertion, and issued a token.
         refused(token_request(bastion, assertion(key, client_id, bastion.url)), "within 1 s")
-        assert time.monotonic() - started < 1.9
     finally:
         keys.delay = 0.0
 
