@@ -631,7 +631,7 @@ class Replica:
 
     async def _catch_up(self) -> bool:
         """Read the next page of the change log after `applied` and apply it; True if there may
-        be more. A page that ends the log confirms the replica current as of the read's start:
+        be more, or it took long to apply. A page that ends the log confirms the replica current as of the read's start:
         sequence order is commit order, so it holds every change committed before then."""
         assert self._advanced is not None
         if self.handed:
@@ -679,13 +679,13 @@ class Replica:
                 spent, self._spent = self._spent, []
                 if large or spent:
                     await anyio.to_thread.run_sync(_let_go_of_changes, large, spent)
-                if len(changes) == _PAGE or time.monotonic() - asked_at > self.poll_interval:
-                    # More, or long in force (a compile, an import): current only as of the
-                    # read's start, so read again at once rather than after the interval.
+                if len(changes) == _PAGE:
                     return True
         self._read_at_version = version
         await self._confirmed(asked_at)
-        return False
+        # Long in force (a compile, an import): current only as of the read's start, so look
+        # again at once rather than after the poll interval.
+        return bool(changes) and time.monotonic() - asked_at > self.poll_interval
 
     async def _confirmed(self, asked_at: float) -> None:
         """Everything committed before ``asked_at`` is applied."""
