@@ -90,6 +90,7 @@ _MIGRATIONS = [
 ]
 
 # The ID token and the token endpoint's answer: far larger than any real one.
+PROVIDERS_TABLE = "[[identity.providers]]"
 MAX_ID_TOKEN_CHARS = 16_384
 # The longest user id made from a claim (a bastion username is at most 128 characters).
 MAX_USER_ID = 128
@@ -133,7 +134,7 @@ class OpenIDLogin:
         self._endpoints: dict[str, _Endpoints] = {}
         self._key_sets = {
             p.id: RemoteKeySets(
-                FetchLimits.of_issuer(p),
+                FetchLimits.of_issuer(p, PROVIDERS_TABLE),
                 check=jwks_problem,
                 clock=self.clock,
                 transport=transport,
@@ -553,7 +554,7 @@ class OpenIDLogin:
         if known is not None:
             return known
         uri = f"{provider.issuer.rstrip('/')}/.well-known/openid-configuration"
-        limits = FetchLimits(provider.timeout_seconds, provider.max_document_bytes)
+        limits = FetchLimits.of_issuer(provider, PROVIDERS_TABLE)
         try:
             document = await fetch_json(uri, limits, self.transport)
         except RemoteDocumentError as exc:

@@ -42,6 +42,7 @@ from bastion.oauth.jwks import (
 )
 from bastion.oauth.verifier import VerifiedToken
 
+ISSUERS_TABLE = "[[gateway.trusted_issuers]]"
 MAX_TOKEN_CHARS = 16_384
 _KEYS = {
     "issuer",
@@ -239,7 +240,7 @@ class TrustedIssuers:
         self.transport = transport
         self._key_sets = {
             i.issuer: RemoteKeySets(
-                FetchLimits.of_issuer(i),
+                FetchLimits.of_issuer(i, ISSUERS_TABLE),
                 check=jwks_problem,
                 clock=clock,
                 transport=transport,
@@ -449,7 +450,7 @@ class TrustedIssuers:
         return found
 
     async def _metadata(self, issuer: TrustedIssuer) -> dict[str, Any]:
-        limits = FetchLimits(issuer.timeout_seconds, issuer.max_document_bytes)
+        limits = FetchLimits.of_issuer(issuer, ISSUERS_TABLE)
         try:
             return await issuer_metadata(issuer.issuer, limits, self.transport)
         except RemoteDocumentError as exc:

@@ -32,28 +32,35 @@ class RemoteDocumentError(Exception):
 
 @dataclass(frozen=True)
 class FetchLimits:
-    """How a remote document is fetched and kept; ``where`` names the settings table in errors."""
+    """How a remote document is fetched and kept. ``time_setting`` and ``bytes_setting`` name
+    the settings of the time and size limits, for errors (none: fixed)."""
 
     timeout_seconds: float = 5
     max_bytes: int = 65536
     cache_seconds: float = 300
     refetch_seconds: float = 30
     max_cached: int = 1000
-    where: str = ""
+    time_setting: str = ""
+    bytes_setting: str = ""
 
     @classmethod
-    def of_issuer(cls, settings: Any, where: str = "") -> FetchLimits:
-        """The limits an issuer's settings name (``timeout_seconds``, ``max_document_bytes``,
-        ``jwks_cache_seconds``, ``jwks_refetch_seconds``: trusted issuers, ID-JAG providers and
-        OpenID providers all have them), keeping a few key sets."""
+    def of_issuer(cls, settings: Any, table: str) -> FetchLimits:
+        """The limits an issuer's settings in ``table`` name (``timeout_seconds``,
+        ``max_document_bytes``, ``jwks_cache_seconds``, ``jwks_refetch_seconds``: trusted
+        issuers, ID-JAG providers and OpenID providers all have them), keeping a few key sets."""
         return cls(
             timeout_seconds=settings.timeout_seconds,
             max_bytes=settings.max_document_bytes,
             cache_seconds=settings.jwks_cache_seconds,
             refetch_seconds=settings.jwks_refetch_seconds,
             max_cached=4,
-            where=where,
+            time_setting=f"{table} timeout_seconds",
+            bytes_setting=f"{table} max_document_bytes",
         )
+
+
+def _named(setting: str) -> str:
+    return f" ({setting})" if setting else ""
 
 
 async def fetch_json(
@@ -61,7 +68,6 @@ async def fetch_json(
 ) -> Any:
     """GET ``uri`` and read its body as untrusted JSON, within ``limits``; `RemoteDocumentError`
     on any failure (timeout, HTTP status other than 200, too large, not JSON)."""
-    where = f" ([{limits.where}]" if limits.where else ""
     try:
         with anyio.fail_after(limits.timeout_seconds):
             async with (
@@ -78,12 +84,11 @@ async def fetch_json(
                     if len(body) > limits.max_bytes:
                         raise RemoteDocumentError(
                             f"sent more than {limits.max_bytes} bytes"
-                            + (f"{where}.jwks_max_bytes)" if where else "")
+                            + _named(limits.bytes_setting)
                         )
     except TimeoutError:
         raise RemoteDocumentError(
-            f"did not answer within {limits.timeout_seconds} s"
-            + (f"{where}.jwks_timeout_seconds)" if where else "")
+            f"did not answer within {limits.timeout_seconds} s" + _named(limits.time_setting)
         ) from None
     except httpx.HTTPError as exc:
         raise RemoteDocumentError(f"cannot be fetched: {exc}") from None

@@ -58,6 +58,7 @@ JWT_BEARER_GRANT_TYPE = "urn:ietf:params:oauth:grant-type:jwt-bearer"
 ID_JAG_TYPE = "oauth-id-jag+jwt"
 # How an authorization server says it accepts ID-JAGs (the draft's §7.2, MCP's extension §6).
 ID_JAG_PROFILE = "urn:ietf:params:oauth:grant-profile:id-jag"
+ID_JAG_TABLE = "[[oauth.id_jag.issuers]]"
 MAX_ASSERTION_CHARS = 16_384
 MAX_JTI_CHARS = 256
 USER_MODES = ("existing", "any")
@@ -199,7 +200,7 @@ class IdentityAssertionGrant:
         self.spent: SpentJtis = server.assertions.spent
         self._key_sets = {
             i.issuer: RemoteKeySets(
-                FetchLimits.of_issuer(i, "oauth.id_jag.issuers"),
+                FetchLimits.of_issuer(i, ID_JAG_TABLE),
                 check=jwks_problem,
                 clock=self.clock,
                 transport=transport,
@@ -299,7 +300,7 @@ class IdentityAssertionGrant:
         known = idp.jwks_uri or self._jwks_uris.get(idp.issuer)
         if known:
             return known
-        limits = FetchLimits(idp.timeout_seconds, idp.max_document_bytes)
+        limits = FetchLimits.of_issuer(idp, ID_JAG_TABLE)
         uri = (await issuer_metadata(idp.issuer, limits, self.transport)).get("jwks_uri")
         problem = jwks_uri_problem(uri)
         if problem:

@@ -337,7 +337,10 @@ def test_a_jwks_uri_that_sends_too_much_is_refused(bastion, config, capsys, tmp_
     key = new_key("big")
     keys.body = json.dumps({**public_jwks(key), "pad": "x" * 70_000}).encode()
     client_id = register(capsys, config, tmp_path, jwks_uri=url + "?big")
-    refused(token_request(bastion, assertion(key, client_id, bastion.url)), "more than 65536 bytes")
+    refused(
+        token_request(bastion, assertion(key, client_id, bastion.url)),
+        "more than 65536 bytes ([oauth.client_assertion] jwks_max_bytes)",
+    )
 
 
 def test_a_jwks_uri_that_answers_too_slowly_is_refused(
@@ -351,7 +354,10 @@ def test_a_jwks_uri_that_answers_too_slowly_is_refused(
     try:
         # Refused for the time it took, not for its keys: had bastion waited the 2 s, it would
         # have had the key that signed the assertion, and issued a token.
-        refused(token_request(bastion, assertion(key, client_id, bastion.url)), "within 1 s")
+        refused(
+            token_request(bastion, assertion(key, client_id, bastion.url)),
+            "within 1 s ([oauth.client_assertion] jwks_timeout_seconds)",
+        )
     finally:
         keys.delay = 0.0
 

@@ -37,15 +37,16 @@ SCOPES = "customers:read customers:write"
 
 
 class EnterpriseIdp:
-    """Two identity providers on one server: ``acme`` (found by OpenID Connect Discovery) and
-    ``other`` (its jwks_uri configured), each with its own key under the same kid."""
+    """Identity providers on one server: ``acme`` (found by OpenID Connect Discovery), ``other``
+    (its jwks_uri configured), each with its own key under the same kid, and ``big`` (its
+    jwks_uri configured, its key set larger than bastion takes from it)."""
 
     __test__ = False
 
     def __init__(self) -> None:
         self.keys = {
             name: ECKey.generate_key("P-256", parameters={"kid": "k1"})
-            for name in ("acme", "other")
+            for name in ("acme", "other", "big")
         }
         self.url = ""
         self.app = Starlette(
@@ -105,6 +106,11 @@ def bastion(tmp_path_factory, idp):
             "issuers": [
                 {"issuer": idp.issuer("acme")},
                 {"issuer": idp.issuer("other"), "jwks_uri": f"{idp.issuer('other')}/jwks"},
+                {
+                    "issuer": idp.issuer("big"),
+                    "jwks_uri": f"{idp.issuer('big')}/jwks",
+                    "max_document_bytes": 64,
+                },
             ]
         },
     }
@@ -249,6 +255,19 @@ def test_a_replayed_id_jag_is_refused(bastion, idp, agent):
     jag = idp.id_jag(bastion, agent["client_id"])
     assert present(bastion, agent, jag).status_code == 200
     assert "already used" in refused(present(bastion, agent, jag))
+
+
+def test_a_key_set_larger_than_its_cap_is_refused_naming_the_setting(bastion, idp, agent):
+    jag = idp.id_jag(bastion, agent["client_id"], signer="big", iss=idp.issuer("big"))
+    response = present(bastion, agent, jag)
+    assert response.status_code == 503, response.text
+    assert response.json()["error"] == "temporarily_unavailable"
+    assert "access_token" not in response.json()
+    # The setting to change, as it is spelled in the configuration.
+    assert (
+        "sent more than 64 bytes ([[oauth.id_jag.issuers]] max_document_bytes)"
+        in response.json()["error_description"]
+    )
 
 
 def now() -> int:

@@ -449,7 +449,8 @@ def test_metadata_naming_another_issuer_is_not_used(bastion, idp):
 def test_a_key_set_larger_than_its_cap_is_not_read(bastion, idp):
     response = call(bastion, idp.token("e", aud="api://lab-e"), "labhttp")
     assert response.status_code == 503, response.text
-    assert "more than 4096 bytes" in response.json()["error_description"]
+    described = response.json()["error_description"]
+    assert "more than 4096 bytes ([[gateway.trusted_issuers]] max_document_bytes)" in described
 
 
 def test_a_rotated_key_is_fetched_when_a_token_names_its_new_kid(bastion, idp):
