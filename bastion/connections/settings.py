@@ -4,6 +4,7 @@ upstream servers")."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,9 +37,9 @@ class UpstreamOAuth:
     client_secret: str = field(default="", repr=False)
     scopes: tuple[str, ...] = ()
     # An access token this close to its expiry is refreshed before it is sent.
-    refresh_ahead_seconds: int = 60
+    refresh_ahead_seconds: float = 60.0
     # A started connection (the person at the upstream's pages) must come back within this.
-    flow_seconds: int = 600
+    flow_seconds: float = 600.0
     # Each request to the upstream's authorization server (metadata, token, revocation).
     timeout_seconds: float = 10.0
     # A process may use an opened access token this long without reading its row again; 0: read
@@ -76,9 +77,13 @@ class UpstreamOAuth:
             ("timeout_seconds", 10),
         ):
             value = table.get(key, default)
-            if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, int | float)
+                or not 0 < value < math.inf
+            ):
                 raise ConnectionSettingsError(f"{where}.{key} must be a positive number")
-            numbers[key] = value
+            numbers[key] = float(value)
         cache = table.get("cache_seconds", 0)
         if isinstance(cache, bool) or not isinstance(cache, int | float) or not 0 <= cache <= 300:
             raise ConnectionSettingsError(f"{where}.cache_seconds must be between 0 and 300")
@@ -88,7 +93,7 @@ class UpstreamOAuth:
             client_id=table.get("client_id", ""),
             client_secret=table.get("client_secret", ""),
             scopes=tuple(scopes),
-            refresh_ahead_seconds=int(numbers["refresh_ahead_seconds"]),
-            flow_seconds=int(numbers["flow_seconds"]),
-            timeout_seconds=float(numbers["timeout_seconds"]),
+            refresh_ahead_seconds=numbers["refresh_ahead_seconds"],
+            flow_seconds=numbers["flow_seconds"],
+            timeout_seconds=numbers["timeout_seconds"],
         )

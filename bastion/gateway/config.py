@@ -37,6 +37,7 @@ audiences = { desk = "api://desk" }      # the aud it uses for each server it ma
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from collections.abc import Mapping
@@ -185,12 +186,12 @@ class GatewayConfig:
             redis_url=redis_url,
             redis_prefix=redis_prefix,
             public_url=public_url,
-            max_body_bytes=_positive(table, "max_body_bytes", 1_048_576, "gateway"),
+            max_body_bytes=_whole(table, "max_body_bytes", 1_048_576, "gateway"),
             pass_methods=tuple(pass_methods),
-            session_idle_seconds=float(_positive(table, "session_idle_seconds", 3600, "gateway")),
-            label_ttl_seconds=_positive(table, "label_ttl_seconds", 86_400, "gateway"),
-            label_max=_positive(table, "label_max", 256, "gateway"),
-            label_max_sets=_positive(table, "label_max_sets", 100_000, "gateway"),
+            session_idle_seconds=_seconds(table, "session_idle_seconds", 3600, "gateway"),
+            label_ttl_seconds=_whole(table, "label_ttl_seconds", 86_400, "gateway"),
+            label_max=_whole(table, "label_max", 256, "gateway"),
+            label_max_sets=_whole(table, "label_max_sets", 100_000, "gateway"),
         )
 
 
@@ -234,11 +235,20 @@ def _list(table: Mapping[str, Any], key: str, where: str) -> list:
     return value
 
 
-def _positive(table: Mapping[str, Any], key: str, default: int, where: str) -> int:
+def _whole(table: Mapping[str, Any], key: str, default: int, where: str) -> int:
+    """A count (bytes, labels, sessions, Redis's whole seconds), refused unless whole, >= 1."""
     value = table.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
-        raise ConfigError(f"{where}.{key} must be a positive number, got {value!r}")
-    return int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ConfigError(f"{where}.{key} must be a whole number >= 1, got {value!r}")
+    return value
+
+
+def _seconds(table: Mapping[str, Any], key: str, default: float, where: str) -> float:
+    """A time in seconds, fractions kept; refused unless finite and > 0."""
+    value = table.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < math.inf:
+        raise ConfigError(f"{where}.{key} must be a positive number of seconds, got {value!r}")
+    return float(value)
 
 
 def _strings(value: Any, where: str) -> dict[str, str]:
@@ -349,10 +359,10 @@ def _upstream(index: int, value: Any, env: Mapping[str, str]) -> UpstreamConfig:
         url=str(url),
         headers=headers,
         scopes=tuple(scopes),
-        timeout=float(_positive(value, "timeout", 60, where)),
+        timeout=_seconds(value, "timeout", 60, where),
         auth=auth,
         oauth=oauth,
         session=session,
-        max_sessions=_positive(value, "max_sessions", 256, where),
-        session_idle_seconds=float(_positive(value, "session_idle_seconds", 900, where)),
+        max_sessions=_whole(value, "max_sessions", 256, where),
+        session_idle_seconds=_seconds(value, "session_idle_seconds", 900, where),
     )

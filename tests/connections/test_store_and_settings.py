@@ -65,6 +65,7 @@ def _gateway(**upstream):
         ({"auth": "per_user", "oauth": {"scopes": ["a b"]}}, "oauth.scopes"),
         ({"auth": "per_user", "oauth": {"client_secret": "s"}}, "needs"),
         ({"auth": "per_user", "oauth": {"refresh_ahead_seconds": 0}}, "refresh_ahead_seconds"),
+        ({"auth": "per_user", "oauth": {"flow_seconds": float("inf")}}, "flow_seconds"),
         ({"auth": "per_user", "oauth": "yes"}, "must be a table"),
         ({"oauth": {}}, 'only with auth = "per_user"'),
     ],
@@ -99,6 +100,16 @@ def test_per_user_settings_have_defaults_and_read_the_secret_from_the_environmen
     assert oauth.client_secret == "s3" and "s3" not in repr(oauth)
     assert (oauth.refresh_ahead_seconds, oauth.flow_seconds, oauth.issuer) == (60, 600, "")
     assert _gateway().upstream("tracker").auth == "none"
+
+
+def test_per_user_seconds_keep_their_fractions():
+    timing = {"refresh_ahead_seconds": 0.5, "flow_seconds": 90.5, "timeout_seconds": 2.5}
+    oauth = _gateway(auth="per_user", oauth=timing).upstream("tracker").oauth
+    assert (oauth.refresh_ahead_seconds, oauth.flow_seconds, oauth.timeout_seconds) == (
+        0.5,
+        90.5,
+        2.5,
+    )
 
 
 def test_per_user_credentials_go_on_upstream_sessions_of_one_user_never_a_shared_one():

@@ -318,17 +318,50 @@ def test_an_idle_upstream_session_is_closed(bastion):
     ("table", "error"),
     [
         ({"session": "per_agent"}, "session must be one of shared, per_user, per_client_session"),
-        ({"session": "per_user", "max_sessions": 0}, "max_sessions must be a positive number"),
+        ({"session": "per_user", "max_sessions": 0}, "max_sessions must be a whole number"),
+        # A count is never rounded to another one.
+        ({"session": "per_user", "max_sessions": 2.5}, "max_sessions must be a whole number"),
         (
             {"session": "per_user", "session_idle_seconds": -1},
-            "session_idle_seconds must be a positive number",
+            "session_idle_seconds must be a positive number of seconds",
         ),
+        ({"timeout": float("inf")}, "timeout must be a positive number of seconds"),
+        ({"timeout": True}, "timeout must be a positive number of seconds"),
     ],
 )
 def test_bad_session_settings_are_refused(table, error):
     upstream = {"name": "files", "url": "http://127.0.0.1:9/mcp", **table}
     with pytest.raises(ConfigError, match=error):
         GatewayConfig.from_mapping({"upstreams": [upstream]}, env={})
+
+
+@pytest.mark.parametrize(
+    ("table", "error"),
+    [
+        ({"label_ttl_seconds": 1.5}, "label_ttl_seconds must be a whole number"),  # Redis EXPIRE
+        ({"max_body_bytes": 1024.5}, "max_body_bytes must be a whole number"),
+        ({"label_max": 0}, "label_max must be a whole number"),
+        ({"session_idle_seconds": 0}, "session_idle_seconds must be a positive number of seconds"),
+    ],
+)
+def test_bad_gateway_numbers_are_refused(table, error):
+    with pytest.raises(ConfigError, match=error):
+        GatewayConfig.from_mapping(table, env={})
+
+
+def test_seconds_keep_their_fractions():
+    # 0.5 s was read as int(0.5): a timeout of 0, which no call could meet.
+    upstream = {"name": "files", "url": "http://127.0.0.1:9/mcp", "session": "per_user"}
+    config = GatewayConfig.from_mapping(
+        {
+            "session_idle_seconds": 2.7,
+            "upstreams": [{**upstream, "timeout": 0.5, "session_idle_seconds": 1.5}],
+        },
+        env={},
+    )
+    assert config.session_idle_seconds == 2.7
+    files = config.upstream("files")
+    assert (files.timeout, files.session_idle_seconds) == (0.5, 1.5)
 
 
 def test_a_stdio_upstream_is_shared():
