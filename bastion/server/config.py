@@ -290,7 +290,7 @@ def _coerce(key: str, value: Any, kind: type) -> Any:
             return str(value).lower() in ("1", "true", "yes", "on")
         raise ConfigError(f"{key} must be true or false, got {value!r}")
     try:
-        if kind is int and not isinstance(value, bool):
+        if kind is int and not isinstance(value, bool | float):  # 1.5 is not rounded to 1
             return int(value)
         if kind is float and not isinstance(value, bool):
             return float(value)
@@ -298,4 +298,5 @@ def _coerce(key: str, value: Any, kind: type) -> Any:
             return str(value)
     except (TypeError, ValueError):
         pass
-    raise ConfigError(f"{key} must be a {kind.__name__}, got {value!r}")
+    what = {int: "a whole number", float: "a number", str: "a string"}.get(kind, kind.__name__)
+    raise ConfigError(f"{key} must be {what}, got {value!r}")

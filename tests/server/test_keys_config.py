@@ -99,6 +99,15 @@ def test_config_refuses_unknown_keys_and_bad_types(tmp_path):
         ServerConfig.load(tmp_path / "missing.toml", env={})
 
 
+def test_config_refuses_a_fraction_for_a_whole_number(tmp_path):
+    file = tmp_path / "bastion.toml"
+    file.write_text("[server]\ndecision_records_buffer = 1.5\n")
+    with pytest.raises(
+        ConfigError, match="decision_records_buffer must be a whole number, got 1.5"
+    ):
+        ServerConfig.load(file, env={})
+
+
 def test_config_refuses_a_signals_table_no_part_reads(tmp_path):
     file = tmp_path / "bastion.toml"
     file.write_text("[signals.postures]\nzones = {}\n")  # a misspelt [signals.posture]
