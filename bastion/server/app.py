@@ -154,8 +154,9 @@ def body_limits(config: ServerConfig, oauth, gateway, signals=None) -> BodyLimit
             )
             for p in sorted(oauth_paths(oauth))
         ]
-        # The approval pages' answers (bastion.approvals.pages) and the connection pages' forms
-        # (bastion.connections.pages) are forms of the same family.
+        # The forms of the pages under the issuer are of the same family: the approval pages'
+        # answers (bastion.approvals.pages), the connection pages' (bastion.connections.pages)
+        # and an alert's acknowledgement (bastion.signals.alert_pages).
         limits += [
             BodyLimit(
                 config.max_oauth_body_bytes,
@@ -163,7 +164,7 @@ def body_limits(config: ServerConfig, oauth, gateway, signals=None) -> BodyLimit
                 oauth_refusal,
                 prefix=f"{oauth.settings.issuer_path}/{pages}/",
             )
-            for pages in ("approvals", "connections")
+            for pages in ("approvals", "connections", "alerts")
         ]
     if gateway is not None:
         from bastion.gateway.jsonrpc import INVALID_REQUEST, RpcError

@@ -543,6 +543,21 @@ def test_the_owner_acknowledges_on_the_page_and_nobody_else_can(bastion, tab, cl
     assert tab.console_errors == [] and tab.failed_requests == []
 
 
+def test_an_acknowledgement_past_the_pages_body_limit_is_refused_unread(bastion):
+    agent = Entity("Agent", "form-agent")
+    bastion.apply(inserts=[("has_relation", agent, "owner", Entity("User", "avery"))])
+    alert = bastion.app.state.alerts.raise_alert("big_form", "high", agent, "d-big")
+    limit = bastion.app.state.config.max_oauth_body_bytes  # the pages' forms, not max_body_bytes
+    with signed_in(bastion, "avery") as http:
+        token = csrf_of(http.get(f"/alerts/{alert.id}").text)
+        answer = http.post(
+            f"/alerts/{alert.id}", data={"csrf_token": token, "note": "x" * (limit + 1)}
+        )
+    assert answer.status_code == 413, answer.text
+    assert "max_oauth_body_bytes" in answer.text
+    assert bastion.app.state.alerts.store.get(alert.id).state == "open"
+
+
 def test_alert_settings_without_a_gateway_are_a_configuration_error(tmp_path):
     from bastion.server.app import create_app
     from bastion.server.config import ServerConfig
