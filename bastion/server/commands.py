@@ -205,7 +205,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def connection_limits(config: ServerConfig, app: Any = None) -> dict[str, Any]:
     """uvicorn's options for slow clients, many clients and proxies (docs/security.md); with the
-    application, its decisions answered in the protocol when they can be (docs/server.md)."""
+    application, its decisions and gateway calls answered in the protocol when they can be
+    (docs/operations.md, "Decisions answered in the protocol")."""
     from bastion.server.connections import bounded_http_protocol
     from bastion.server.direct import DirectDecisions
     from bastion.server.direct_gateway import DirectGateway
