@@ -208,6 +208,10 @@ class ServerConfig:
             _check_public_url(self.public_url)
         if not math.isfinite(self.max_staleness_seconds):
             raise ConfigError("max_staleness_seconds must be a positive number of seconds")
+        if self.decision_log_size < 0:
+            raise ConfigError(
+                f"decision_log_size must be 0 (keep none) or more, got {self.decision_log_size}"
+            )
         if not (math.isfinite(self.audit_retention_days) and self.audit_retention_days >= 0):
             raise ConfigError("audit_retention_days must be a number of days, 0 to keep everything")
         try:

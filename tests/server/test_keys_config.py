@@ -123,6 +123,7 @@ def test_config_refuses_a_signals_table_no_part_reads(tmp_path):
         ("BASTION_MAX_STALENESS_SECONDS", "nan"),
         ("BASTION_AUDIT_RETENTION_DAYS", "-1"),
         ("BASTION_DECISION_RECORDS_BUFFER", "0"),
+        ("BASTION_DECISION_LOG_SIZE", "-1"),
     ],
 )
 def test_config_refuses_storage_limits_out_of_range(tmp_path, variable, value):
