@@ -4,12 +4,16 @@ registration and the MCP gateway, with a limit on nesting and on what numbers ma
 `json.loads` recurses once per level (a body of ten thousand ``[`` is a `RecursionError`, a
 500), turns ``1e999`` into infinity and accepts ``NaN`` and ``Infinity``, which are not JSON and
 which no JSON encoder writes back. Here they are a `JsonRefused` that names the limit and the place.
+So is a string holding half of a UTF-16 surrogate pair (``"\\ud800"``, which JSON's grammar allows
+and `json.loads` keeps): it is not Unicode text, and fails wherever it is written as UTF-8 (a
+database, a log, an answer), long after it was taken in.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
 from typing import Any
 
 from bastion.json_encoding import decoder
@@ -21,6 +25,10 @@ MAX_INTEGER = 2**63 - 1
 _SHORT = 18  # an integer literal of at most this many digits is always in range
 _BINARY = bytes | bytearray  # made once: ``bytes | bytearray`` in a call makes it each time
 _RANGE = f"numbers must be between {MIN_INTEGER} and {MAX_INTEGER} (64-bit)"
+# A surrogate written as an escape; in a text given as str, one written as it is.
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_LONE_SURROGATE = "a string holds half of a UTF-16 surrogate pair, which is not Unicode text"
 
 
 class JsonRefused(ValueError):
@@ -111,8 +119,9 @@ def loads(
     """``data`` as JSON, or `JsonRefused`.
 
     Refused: text that is not JSON (or not UTF-8), objects and arrays nested deeper than
-    ``max_depth``, ``NaN``, ``Infinity``, a number too large to be finite, and (with
-    ``bounded_numbers``) a number outside the range of a 64-bit signed integer.
+    ``max_depth``, ``NaN``, ``Infinity``, a number too large to be finite, (with
+    ``bounded_numbers``) a number outside the range of a 64-bit signed integer, and a string
+    (or key) holding a lone surrogate.
     """
     try:
         text = data.decode("utf-8") if isinstance(data, _BINARY) else data
@@ -132,7 +141,38 @@ def loads(
     # Fewer brackets than the limit cannot nest deeper: most bodies skip the depth check.
     if text.count("[") + text.count("{") > max_depth and not _nests_within(value, max_depth):
         _walk(value, max_depth)  # refuses it, as the walk counts
+    # Surrogates come only from escapes (UTF-8 has none) or from a str given with them; a pair
+    # (an emoji, escaped by an ASCII-only encoder) is one character once decoded.
+    if ("\\u" in text and _SURROGATE_ESCAPE.search(text)) or (
+        not text.isascii() and _SURROGATE.search(text)
+    ):
+        _refuse_lone_surrogates(value)
     return value
+
+
+def _refuse_lone_surrogates(value: Any) -> None:
+    """`JsonRefused`, naming its place, for the first string or key of ``value`` that is not
+    Unicode text (a lone surrogate)."""
+    stack: list[tuple[Any, tuple]] = [(value, ())]
+    while stack:
+        item, path = stack.pop()
+        if isinstance(item, dict):
+            for k, v in item.items():
+                if not _unicode(k):
+                    raise JsonRefused(f"{_LONE_SURROGATE} (in a key)", path=place(path))
+                stack.append((v, (*path, k)))
+        elif isinstance(item, list):
+            stack.extend((v, (*path, i)) for i, v in enumerate(item))
+        elif isinstance(item, str) and not _unicode(item):
+            raise JsonRefused(_LONE_SURROGATE, path=place(path))
+
+
+def _unicode(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _nests_within(value: Any, levels: int) -> bool:

@@ -11,7 +11,6 @@ by the receiver, which stores the jtis.
 from __future__ import annotations
 
 import base64
-import json
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,6 +19,7 @@ from joserfc import jws
 from joserfc.errors import JoseError
 from joserfc.jwk import KeySet
 
+from bastion import untrusted_json
 from bastion.oauth.client_assertion import jwks_problem
 from bastion.oauth.jwks import signing_key
 
@@ -74,8 +74,10 @@ def _header(token: str) -> dict[str, Any]:
             "invalid_request", "a SET must be a compact JWS (three dot-separated parts)"
         )
     try:
-        header = json.loads(base64.urlsafe_b64decode(parts[0] + "=" * (-len(parts[0]) % 4)))
-    except ValueError:
+        header = untrusted_json.loads(
+            base64.urlsafe_b64decode(parts[0] + "=" * (-len(parts[0]) % 4))
+        )
+    except ValueError:  # JsonRefused too
         raise SetRefused("invalid_request", "the SET's JOSE header is not base64url JSON") from None
     if not isinstance(header, dict):
         raise SetRefused("invalid_request", "the SET's JOSE header must be a JSON object")
@@ -116,9 +118,9 @@ def verify_set(
     except (JoseError, ValueError) as e:
         raise SetRefused("invalid_key", f"the SET's signature does not verify: {e}") from None
     try:
-        claims = json.loads(obj.payload)
-    except ValueError:
-        raise SetRefused("invalid_request", "the SET's payload is not JSON") from None
+        claims = untrusted_json.loads(obj.payload)
+    except untrusted_json.JsonRefused as e:
+        raise SetRefused("invalid_request", f"the SET's payload is refused: {e}") from None
     if not isinstance(claims, dict):
         raise SetRefused("invalid_request", "the SET's payload must be a JSON object")
     if claims.get("iss") != issuer:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
-import json
 import logging
 import secrets
 import time
@@ -31,6 +30,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from bastion import untrusted_json
 from bastion.audit.log import AuditLog
 from bastion.db import Database
 from bastion.facts.model import Entity, FactError
@@ -557,7 +557,7 @@ class SsfReceiver:
                 content += chunk
                 if len(content) > MAX_ANSWER_BYTES:
                     raise ValueError(f"{url} answered more than {MAX_ANSWER_BYTES} bytes")
-        answer = json.loads(content)
+        answer = untrusted_json.loads(content)  # JsonRefused: a ValueError, as the others
         sets = answer.get("sets") if isinstance(answer, dict) else None
         if not isinstance(sets, dict):
             raise ValueError(f"{url} answered no sets object")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from .streams import legacy_session
@@ -87,6 +89,24 @@ CASES = {
         -32022,
     ),
     "an oversized body": (dict(body=call(arguments={"query": "x" * 70000}), **MODERN), 413, -32600),
+    # Half of a surrogate pair, which JSON's grammar allows and no Unicode text holds: the SDK's
+    # upstream never answered such a call (a 60 s wait), and as a tool's name it stopped the
+    # writing of every decision record after it.
+    "a lone surrogate in an argument": (
+        dict(content=json.dumps(call(arguments={"query": "\ud800"})).encode(), **MODERN),
+        400,
+        -32700,
+    ),
+    "a lone surrogate as the tool's name": (
+        dict(content=json.dumps(call(name="x\udfff")).encode(), **MODERN),
+        400,
+        -32700,
+    ),
+    "a lone surrogate in a key": (
+        dict(content=json.dumps(call(_meta={**ENVELOPE, "\udc00": 1})).encode(), **MODERN),
+        400,
+        -32700,
+    ),
 }
 
 

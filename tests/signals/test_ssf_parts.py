@@ -196,6 +196,24 @@ def verify_set_with(receiver, t, token: str):
     return receiver.receive(t, token, keys)
 
 
+def test_a_signed_set_holding_text_that_is_not_unicode_is_refused(published_keys, tmp_path):
+    """Signed by the transmitter and still refused, before its subject reaches a fact write:
+    half of a surrogate pair, which no database stores."""
+    from tests.signals.transmitter import CAEP, Transmitter
+
+    sender = Transmitter("https://bastion.example.com")
+    sender.url = ISSUER
+    published_keys["keys"] = [sender.key.as_dict(private=False)]
+    receiver, t, db = receiver_of(published_keys, tmp_path)
+    try:
+        token = sender.set_token(CAEP + "session-revoked", {}, {"format": "opaque", "id": "\udc00"})
+        with pytest.raises(SetRefused, match="half of a UTF-16 surrogate pair") as refused:
+            verify_set_with(receiver, t, token)
+        assert refused.value.err == "invalid_request"
+    finally:
+        db.close()
+
+
 def test_a_jwks_with_too_many_keys_or_secret_keys_is_not_used(published_keys, tmp_path):
     many = [ECKey.generate_key("P-256", parameters={"kid": str(i)}) for i in range(3)]
     published_keys["keys"] = [k.as_dict(private=False) for k in many]
