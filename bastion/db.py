@@ -65,6 +65,24 @@ def _storage_full(error: BaseException) -> bool:
     return isinstance(error, psycopg.errors.DiskFull)
 
 
+def unstorable(error: BaseException) -> bool:
+    """Whether ``error`` says the values written cannot be stored (text that is not Unicode, an
+    integer too large, a constraint broken), so that writing them again will fail again; not a
+    database that is unavailable, busy or full, which a retry may get past."""
+    return isinstance(
+        error,
+        UnicodeError
+        | ValueError
+        | TypeError
+        | OverflowError
+        | sqlite3.InterfaceError
+        | sqlite3.DataError
+        | sqlite3.IntegrityError
+        | psycopg.DataError
+        | psycopg.IntegrityError,
+    )
+
+
 def application_name(url: str, role: str) -> str:
     """The ``application_name`` of a connection of bastion's: its role (``bastion``,
     ``bastion-listen``, ...), after the URL's own ``application_name`` if it has one, so an

@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import MISSING, dataclass, field, fields, replace
 from typing import Any
 
-from bastion.db import Database
+from bastion.db import Database, first_line, unstorable
 from bastion.json_encoding import encoder
 from bastion.turns import in_turns
 
@@ -171,6 +171,14 @@ def _row(r: DecisionRecord) -> tuple:
     )
 
 
+class _Unwritten(Exception):  # noqa: N818 - internal, raised on as its cause
+    """The records of a batch not yet written when the database failed under `_write_around`."""
+
+    def __init__(self, records: list[DecisionRecord]) -> None:
+        super().__init__(f"{len(records)} decision records not written")
+        self.records = records
+
+
 class DecisionRecords:
     """Appends and reads decision records. `add` only buffers; `flush` writes.
 
@@ -190,6 +198,8 @@ class DecisionRecords:
         self._flushing = threading.Lock()
         self.dropped = 0
         self._dropped_logged = 0
+        # Records that no write could store (`_write_around`), let go of so as to hold back none.
+        self.unstorable = 0
 
     def add(
         self, record: DecisionRecord, rules: Callable[[], tuple[str, ...]] | None = None
@@ -224,17 +234,66 @@ class DecisionRecords:
             # In turns (`bastion.turns`): a call arriving meanwhile waits little for the GIL.
             batch = in_turns(_explained, pending)
             self._report_unexplained(batch)
-            self._write(batch)
-        except BaseException:
+            try:
+                self._write(batch)
+            except Exception as e:
+                if not unstorable(e):
+                    raise
+                batch = self._write_around(batch, e)
+        except BaseException as e:
             # Older than anything buffered meanwhile: back at the front (explained, if they were).
-            back = pending if batch is None else [(record, None) for record in batch]
+            if isinstance(e, _Unwritten):
+                back = [(record, None) for record in e.records]
+            else:
+                back = pending if batch is None else [(record, None) for record in batch]
             with self._lock:
                 self._buffer.extendleft(reversed(back))
                 while len(self._buffer) > self.max_buffer:
                     self._buffer.popleft()
                     self.dropped += 1
+            if isinstance(e, _Unwritten):
+                raise e.__cause__  # noqa: B904 - what the database said (DatabaseUnavailable, say)
             raise
         return len(batch)
+
+    def _write_around(self, batch: list[DecisionRecord], error: Exception) -> list[DecisionRecord]:
+        """Write ``batch``, which failed with ``error`` on values that cannot be stored, in
+        halves, down to the records that alone cannot be: those are let go of (counted in
+        `unstorable`, logged), so that they hold back no record after them, which otherwise
+        waited for ever. Returns what was written; `_Unwritten` (the rest, in order) if the
+        database fails meanwhile."""
+        written: list[DecisionRecord] = []
+        ranges: list[tuple[int, int]] = []  # a stack, in order from its top
+
+        def failed(lo: int, hi: int, error: Exception) -> None:
+            if hi - lo > 1:  # its halves, to be tried in turn
+                mid = (lo + hi) // 2
+                ranges.extend([(mid, hi), (lo, mid)])
+                return
+            self.unstorable += 1
+            record = batch[lo]
+            log.error(
+                # Quoted as Python writes a str: what could not be stored, escaped, in the log.
+                "decision record %s (%r on %r) cannot be stored, and is dropped: %s",
+                record.id,
+                record.method,
+                record.target,
+                first_line(error),
+            )
+
+        failed(0, len(batch), error)
+        while ranges:
+            lo, hi = ranges.pop()
+            try:
+                self._write(batch[lo:hi])
+            except Exception as e:
+                if not unstorable(e):
+                    rest = [r for a, b in [(lo, hi), *reversed(ranges)] for r in batch[a:b]]
+                    raise _Unwritten(rest) from e
+                failed(lo, hi, e)
+                continue
+            written += batch[lo:hi]
+        return written
 
     @staticmethod
     def _report_unexplained(batch: list[DecisionRecord]) -> None:

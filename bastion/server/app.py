@@ -479,7 +479,8 @@ def create_app(config: ServerConfig) -> Starlette:
     if oauth is not None:
         oauth.tasks = tasks
     if gateway is not None and gateway.records is not None:
-        metrics.observe_records_dropped(lambda: gateway.records.dropped)
+        records = gateway.records
+        metrics.observe_records_dropped(lambda: records.dropped, lambda: records.unstorable)
     if gateway is not None:
         _delegation(oauth, gateway, replica, config.consistency_timeout)
         gateway.enforcer.shadow.on_fire = metrics.shadow_fired

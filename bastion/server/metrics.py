@@ -151,6 +151,11 @@ class Metrics:
             " decision_records_buffer while the database was unavailable.",
             registry=self.registry,
         )
+        self._records_unstorable = Gauge(
+            "bastion_decision_records_unstorable",
+            "Gateway decision records dropped since start because no write could store them.",
+            registry=self.registry,
+        )
 
     def direct_answer(self) -> None:
         """Count one request answered in the protocol (`bastion.server.direct`)."""
@@ -175,8 +180,11 @@ class Metrics:
     def observe_staleness(self, staleness: Callable[[], float]) -> None:
         self._staleness.set_function(staleness)
 
-    def observe_records_dropped(self, dropped: Callable[[], float]) -> None:
+    def observe_records_dropped(
+        self, dropped: Callable[[], float], unstorable: Callable[[], float]
+    ) -> None:
         self._records_dropped.set_function(dropped)
+        self._records_unstorable.set_function(unstorable)
 
 
 async def metrics_endpoint(request: Request) -> Response:

@@ -204,6 +204,66 @@ def test_a_flush_stopped_while_explaining_keeps_its_records_for_the_next(tmp_pat
     ]
 
 
+def _record(i: int, target: str = "T") -> DecisionRecord:
+    return DecisionRecord(f"d{i}", float(i), "desk", "tools/call", target, ("U",), "allow")
+
+
+def test_a_record_that_cannot_be_stored_holds_back_no_other(database_url, caplog):
+    """A record holding text that is not Unicode (half of a surrogate pair, from an upstream
+    say) fails the batch it is in at every try: it was put back at the front, and no record
+    after it was ever written. Now the batch is written around it, and it alone is dropped,
+    logged and counted."""
+    records = DecisionRecords(Database(database_url))
+    bad = {2, 7}
+    for i in range(9):
+        records.add(_record(i, "T\ud800" if i in bad else "T"))
+    with caplog.at_level("ERROR", logger="bastion.audit"):
+        assert records.flush() == 7
+    assert [r.id for _, r in records.after(0)] == [f"d{i}" for i in range(9) if i not in bad]
+    assert (records.unstorable, records.waiting, records.dropped) == (2, 0, 0)
+    # What could not be stored is quoted, escaped: the log line itself is Unicode text.
+    assert "decision record d2 ('tools/call' on 'T\\ud800') cannot be stored" in caplog.text
+    assert caplog.text.encode("utf-8")
+    assert "decision record d7 " in caplog.text
+    records.add(_record(9))  # and the next is written as ever
+    assert records.flush() == 1
+    assert [r.id for _, r in records.after(0)][-1] == "d9"
+
+
+def test_a_database_failure_while_writing_around_keeps_the_rest_for_the_next_flush(
+    tmp_path, monkeypatch
+):
+    """Written around a record that cannot be stored, a batch may meet a database that fails:
+    what is not written yet goes back, in order, to be written by the next flush."""
+    from bastion.db import DatabaseUnavailable
+
+    records = DecisionRecords(Database(str(tmp_path / "records.db")))
+    for i in range(8):
+        records.add(_record(i, "T\udfff" if i == 1 else "T"))
+    write, calls = records._write, []
+
+    def failing_once(batch):
+        calls.append([r.id for r in batch])
+        if len(calls) == 4:  # the whole, its first half, the first quarter; then the second
+            raise DatabaseUnavailable("the database is unavailable (lost); retry")
+        write(batch)
+
+    monkeypatch.setattr(records, "_write", failing_once)
+    with pytest.raises(DatabaseUnavailable):
+        records.flush()
+    assert calls[:4] == [
+        [f"d{i}" for i in range(8)],
+        ["d0", "d1", "d2", "d3"],
+        ["d0", "d1"],
+        ["d0"],
+    ]
+    # Nothing written; all eight back in order (d1 too: it is tried again, and dropped then).
+    assert records.after(0) == [] and records.waiting == 8
+    assert records.flush() == 7
+    assert [r.id for _, r in records.after(0)] == [f"d{i}" for i in range(8) if i != 1]
+    assert records.unstorable == 1
+
+
 def test_decision_ids_are_uuid7_hex_in_the_order_they_are_made(monkeypatch):
     made = []
     for _ in range(1000):
