@@ -302,7 +302,9 @@ class FactStore:
         """Delete every fact matching the patterns, then insert the facts: all or nothing.
 
         Inserting a fact that is already stored replaces its expiry. Returns the sequence of the
-        change (the consistency token) and the counts.
+        change (the consistency token) and the counts. A write that inserts nothing and whose
+        patterns match nothing changes nothing: it adds no entry to the change log, and its
+        sequence is the latest one's.
         """
         # Checked and encoded before taking the writers' lock, so that it is held only for the
         # database work; in turns, since an import's hundreds of thousands of facts are written
@@ -322,6 +324,8 @@ class FactStore:
             with self.db.transaction():
                 seq = self._begin_write()
                 deleted = sum(self._delete_matching(p) for p in dels)
+                if not ins and not deleted:
+                    return WriteResult(seq - 1, inserted=0, deleted=0)
                 self._upsert(rows)
                 at = self._log(seq, actor, "facts", payload)
                 if handed is not None:

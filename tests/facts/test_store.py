@@ -79,6 +79,15 @@ def test_wildcard_delete_removes_only_matching_facts(store):
     assert facts_of(store) == {("has_role", BOB, "admin", ACME)}
 
 
+def test_a_write_that_changes_nothing_logs_nothing(store):
+    written = store.apply([("has_role", ALICE, "admin", ACME)])
+    nothing = store.apply(deletes=[("has_role", BOB, None, None)])
+    # No entry in the change log (a 404 of the kill switch wrote one), and as current as any.
+    assert (nothing.seq, nothing.deleted, nothing.inserted) == (written.seq, 0, 0)
+    assert [c.seq for c in store.changes_since(0)] == [written.seq]
+    assert store.apply(deletes=[("has_role", ALICE, None, None)]).seq == written.seq + 1
+
+
 def test_values_of_different_types_are_different_facts(store):
     store.apply([("level", ALICE, 1), ("level", ALICE, True), ("level", ALICE, "1")])
     assert len(store.get()) == 3

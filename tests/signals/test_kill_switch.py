@@ -256,8 +256,10 @@ def test_suspensions_need_a_key_with_their_scope(bastion, key):
 
 
 def test_resuming_what_is_not_suspended_is_404_and_listing_shows_what_is(bastion, key):
+    head = bastion.store.head()
     assert api(bastion, key, "DELETE", "/agent/nobody").status_code == 404
     assert api(bastion, key, "DELETE", "/robot/x").status_code == 400
+    assert bastion.store.head() == head  # refused, and nothing written: no change logged
     suspend(bastion, key, "agent", "https://agent.example/client.json")
     try:
         listed = api(bastion, key, "GET").json()["suspensions"]
