@@ -631,8 +631,9 @@ class Replica:
 
     async def _catch_up(self) -> bool:
         """Read the next page of the change log after `applied` and apply it; True if there may
-        be more, or it took long to apply. A page that ends the log confirms the replica current as of the read's start:
-        sequence order is commit order, so it holds every change committed before then."""
+        be more, or it took long to apply. A page that ends the log confirms the replica current
+        as of the read's start: sequence order is commit order, so it holds every change
+        committed before then."""
         assert self._advanced is not None
         if self.handed:
             # Those applied are let go of (the keys taken whole: a writer's thread may add one
