@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from bastion import untrusted_json
 from bastion.facts.store import FactStore
-from tests.server.conftest import POLICY, ServerProcess
+from tests.server.conftest import POLICY, serve_policy
 
 # Text with surrogates in it often (Hypothesis's characters leave them out unless asked): alone,
 # or two side by side, which may make a pair.
@@ -84,10 +84,7 @@ ATTEMPTS = {
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("surrogates")
-    policy = tmp / "policy.polar"
-    policy.write_text(POLICY)
-    running = ServerProcess(str(tmp / "bastion.db"), tmp, str(policy)).start()
+    running = serve_policy(tmp_path_factory.mktemp("surrogates"))
     yield running
     running.stop()
 

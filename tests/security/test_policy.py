@@ -20,20 +20,14 @@ from bastion.facts.model import Entity
 from bastion.facts.store import FactStore
 from bastion.oauth import users
 from tests.gateway import support
-from tests.server.conftest import POLICY, ServerProcess, entity
+from tests.server.conftest import POLICY, ServerProcess, entity, serve_policy
 
 GROW = "actor User {}\ngrow(x) if grow([x, x]);\nallow(a, _b, _c) if grow(a);\n"
 
 
-def start(tmp_path, **env: str) -> ServerProcess:
-    policy = tmp_path / "policy.polar"
-    policy.write_text(POLICY)
-    return ServerProcess(str(tmp_path / "bastion.db"), tmp_path, str(policy), env).start()
-
-
 @pytest.fixture
 def server(tmp_path):
-    running = start(tmp_path)
+    running = serve_policy(tmp_path)
     yield running
     running.stop()
 
@@ -156,7 +150,7 @@ def test_a_compile_that_outlasts_the_staleness_bound_stops_decisions_until_it_is
     # The changes after a policy wait for it to be put in force, so a replica whose compile
     # outlasts `max_staleness_seconds` (here 0.5 s; the compile takes seconds) stops deciding on
     # what it held before, says why, and goes on answering everything else.
-    server = start(tmp_path, BASTION_MAX_STALENESS_SECONDS="0.5")
+    server = serve_policy(tmp_path, BASTION_MAX_STALENESS_SECONDS="0.5")
     try:
         version, _ = push_slow_policy(server)
         answers, _ = decide_until_applied(server, version)

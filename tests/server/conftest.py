@@ -125,6 +125,13 @@ class ServerProcess:
                 self.kill()
 
 
+def serve_policy(tmp: Path, text: str = POLICY, **env: str) -> ServerProcess:
+    """A started `ServerProcess` on a new database in ``tmp``, under the policy ``text``."""
+    policy = tmp / "policy.polar"
+    policy.write_text(text)
+    return ServerProcess(str(tmp / "bastion.db"), tmp, str(policy), env).start()
+
+
 @pytest.fixture
 def serve(tmp_path):
     """Start servers with ``serve(database, **env)`` (``env``: more environment variables, such

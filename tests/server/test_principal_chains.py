@@ -14,7 +14,7 @@ from bastion.client import Client
 from bastion.decide.contract import ChainDecision
 from bastion.facts.model import Entity
 from bastion.policy.parser import parse_fact
-from tests.server.conftest import ADMIN_KEY, ServerProcess
+from tests.server.conftest import ADMIN_KEY, serve_policy
 
 POLICY = """
 actor User {}
@@ -51,10 +51,7 @@ def ent(e: Entity) -> dict:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("chains")
-    policy = tmp / "policy.polar"
-    policy.write_text(POLICY)
-    running = ServerProcess(str(tmp / "bastion.db"), tmp, str(policy)).start()
+    running = serve_policy(tmp_path_factory.mktemp("chains"), POLICY)
     try:
         with Client(running.url, ADMIN_KEY) as client:
             client.facts.insert_many([parse_fact(line) for line in FACTS.split("\n") if line])
