@@ -29,7 +29,8 @@ def facts() -> list[tuple]:
 
 
 def setup(database: str) -> None:
-    Path(database).parent.mkdir(parents=True, exist_ok=True)
+    if "://" not in database:  # a SQLite file: its folder; a PostgreSQL URL is no path
+        Path(database).parent.mkdir(parents=True, exist_ok=True)
     store = FactStore.open(database)
     try:
         store.apply(facts(), actor="quickstart")
