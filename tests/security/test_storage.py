@@ -13,7 +13,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -30,7 +29,8 @@ from tests.gateway import support as gateway_support
 from tests.gateway.streams import modern_headers, modern_request
 from tests.gateway.support import PASSWORD, QUICKSTART, Running
 from tests.postgres_outage import CommitCut
-from tests.server.conftest import ADMIN_KEY, POLICY, ServerProcess, role
+from tests.security.conftest import GATEWAY, OAUTH
+from tests.server.conftest import ADMIN_KEY, ServerProcess, role
 from tests.server.test_replicas import eventually
 
 DAY = 86_400.0
@@ -43,39 +43,6 @@ def private(path: Path) -> bool:
 
 def _decision(at: float, n: int) -> DecisionRecord:
     return DecisionRecord(f"d{n}", at, "desk", "tools/call", "Tool:desk/x", ("User:sam",), "allow")
-
-
-@pytest.fixture
-def served(tmp_path: Path) -> Iterator[Callable[..., ServerProcess]]:
-    """``served(database, config="", **env)``: `bastion serve` on ``database`` with ``config`` as
-    bastion.toml (``{url}`` is its URL); every server started is stopped after the test."""
-    started: list[ServerProcess] = []
-    policy = tmp_path / "policy.polar"
-
-    def start(database: str, config: str = "", **env: str) -> ServerProcess:
-        if not policy.exists():
-            policy.write_text(POLICY)
-        server = ServerProcess(database, tmp_path, str(policy), env)
-        path = tmp_path / f"bastion-{server.port}.toml"
-        path.write_text(config.replace("{url}", server.url))
-        server.env["BASTION_CONFIG"] = str(path)
-        started.append(server)
-        return server.start()
-
-    yield start
-    for server in started:
-        server.stop()
-
-
-OAUTH = """
-[oauth]
-issuer = "{url}"
-key_dir = "%s"
-
-[[oauth.resources]]
-uri = "{url}/mcp/desk"
-scopes = ["customers:read", "customers:write"]
-"""
 
 
 # -- files ----------------------------------------------------------------------------------------
@@ -252,20 +219,6 @@ def test_every_connection_has_keepalives_and_timeouts_which_the_url_may_change(p
 
 
 # -- the database goes away: the gateway ----------------------------------------------------------
-
-
-GATEWAY = (
-    OAUTH
-    + """
-[gateway]
-
-[[gateway.upstreams]]
-name = "desk"
-command = "%s"
-args = ["%s"]
-scopes = ["customers:read"]
-"""
-)
 
 
 @pytest.fixture
