@@ -6,7 +6,9 @@ registration and the MCP gateway, with a limit on nesting and on what numbers ma
 which no JSON encoder writes back. Here they are a `JsonRefused` that names the limit and the place.
 So is a string holding half of a UTF-16 surrogate pair (``"\\ud800"``, which JSON's grammar allows
 and `json.loads` keeps): it is not Unicode text, and fails wherever it is written as UTF-8 (a
-database, a log, an answer), long after it was taken in.
+database, a log, an answer), long after it was taken in. And so is a string holding U+0000
+(``"\\u0000"``): PostgreSQL stores no NUL in text, and in a name or an identifier it is the
+classic way to make two programs read one string as two (one of them stops at the NUL).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ _RANGE = f"numbers must be between {MIN_INTEGER} and {MAX_INTEGER} (64-bit)"
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 _SURROGATE = re.compile("[\ud800-\udfff]")
 _LONE_SURROGATE = "a string holds half of a UTF-16 surrogate pair, which is not Unicode text"
+_NUL = "a string holds the character U+0000 (NUL), which no string here may hold"
 
 
 class JsonRefused(ValueError):
@@ -121,7 +124,7 @@ def loads(
     Refused: text that is not JSON (or not UTF-8), objects and arrays nested deeper than
     ``max_depth``, ``NaN``, ``Infinity``, a number too large to be finite, (with
     ``bounded_numbers``) a number outside the range of a 64-bit signed integer, and a string
-    (or key) holding a lone surrogate.
+    (or key) holding a lone surrogate or a NUL.
     """
     try:
         text = data.decode("utf-8") if isinstance(data, _BINARY) else data
@@ -142,37 +145,41 @@ def loads(
     if text.count("[") + text.count("{") > max_depth and not _nests_within(value, max_depth):
         _walk(value, max_depth)  # refuses it, as the walk counts
     # Surrogates come only from escapes (UTF-8 has none) or from a str given with them; a pair
-    # (an emoji, escaped by an ASCII-only encoder) is one character once decoded.
-    if ("\\u" in text and _SURROGATE_ESCAPE.search(text)) or (
+    # (an emoji, escaped by an ASCII-only encoder) is one character once decoded. A NUL comes
+    # only from its escape: JSON allows no control character in a string as it is.
+    if ("\\u" in text and (_SURROGATE_ESCAPE.search(text) or "\\u0000" in text)) or (
         not text.isascii() and _SURROGATE.search(text)
     ):
-        _refuse_lone_surrogates(value)
+        _refuse_untext(value)
     return value
 
 
-def _refuse_lone_surrogates(value: Any) -> None:
-    """`JsonRefused`, naming its place, for the first string or key of ``value`` that is not
-    Unicode text (a lone surrogate)."""
+def _refuse_untext(value: Any) -> None:
+    """`JsonRefused`, naming its place, for the first string or key of ``value`` that holds a
+    lone surrogate or a NUL (the escapes looked for may also be a backslash's, and mean none)."""
     stack: list[tuple[Any, tuple]] = [(value, ())]
     while stack:
         item, path = stack.pop()
         if isinstance(item, dict):
             for k, v in item.items():
-                if not _unicode(k):
-                    raise JsonRefused(f"{_LONE_SURROGATE} (in a key)", path=place(path))
+                if (reason := _untext(k)) is not None:
+                    raise JsonRefused(f"{reason} (in a key)", path=place(path))
                 stack.append((v, (*path, k)))
         elif isinstance(item, list):
             stack.extend((v, (*path, i)) for i, v in enumerate(item))
-        elif isinstance(item, str) and not _unicode(item):
-            raise JsonRefused(_LONE_SURROGATE, path=place(path))
+        elif isinstance(item, str) and (reason := _untext(item)) is not None:
+            raise JsonRefused(reason, path=place(path))
 
 
-def _unicode(text: str) -> bool:
+def _untext(text: str) -> str | None:
+    """Why ``text`` may not be taken in, or None."""
+    if "\x00" in text:
+        return _NUL
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
-        return False
-    return True
+        return _LONE_SURROGATE
+    return None
 
 
 def _nests_within(value: Any, levels: int) -> bool:

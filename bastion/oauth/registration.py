@@ -306,6 +306,9 @@ def parse_registration_body(
     try:
         metadata = untrusted_json.loads(body, max_depth=max_depth)
     except untrusted_json.JsonRefused as exc:
+        if exc.path.startswith("redirect_uris["):
+            # A redirect URI that is not text (a NUL, half a surrogate pair) is an invalid one.
+            raise InvalidRedirectUri(f"a redirect URI is not a URI: {exc}") from None
         raise InvalidClientMetadata(
             f"the request body must be a JSON object of client metadata: {exc}"
         ) from None

@@ -5,6 +5,11 @@ refused as malformed (a 400); a request it forbids is refused. What is well form
 fit the policy in force (an undeclared entity type, an undefined predicate, a fact the policy
 cannot use, a policy that does not load) is a 422. ``tests/server/test_openapi.py`` holds the
 server to it with schemathesis.
+
+No string and no key of a request may hold U+0000 (NUL): the server refuses it on every route
+(`bastion.server.request_limits`, `bastion.untrusted_json`). The document says so once, as it is
+served: every string schema without a pattern of its own gets `NO_NUL`, every object's keys too
+(`_text_only`); the patterns written here exclude NUL themselves.
 """
 
 from __future__ import annotations
@@ -28,7 +33,6 @@ from bastion.server.api.decisions import MAX_BATCH, MAX_CHAIN
 from bastion.server.api.decisions import MAX_PAGE as MAX_LIST_PAGE
 from bastion.server.api.facts import MAX_PAGE as MAX_FACTS_PAGE
 from bastion.server.keys import MAX_KEY_SECONDS, SCOPES
-from bastion.server.problems import ENTITY_SHORT_FORM
 from bastion.signals import store as signals
 from bastion.signals.suspensions import KINDS as SUSPENSION_KINDS
 from bastion.untrusted_json import MAX_INTEGER, MIN_INTEGER
@@ -111,7 +115,8 @@ SCHEMAS: dict[str, Any] = {
             _ref("EntityObject"),
             {
                 "type": "string",
-                "pattern": f"^{ENTITY_SHORT_FORM.pattern}$",
+                # ENTITY_SHORT_FORM, without the NUL no request may hold.
+                "pattern": "^[^:\\u0000]+:[^\\u0000]+$",
                 "description": 'short form "Type:id"',
             },
         ]
@@ -1173,7 +1178,7 @@ PATHS: dict[str, Any] = {
                     "subject",
                     {
                         **_STR,
-                        "pattern": f"^({'|'.join(signals.SUBJECT_TYPES)}):[\\s\\S]"
+                        "pattern": f"^({'|'.join(signals.SUBJECT_TYPES)}):[^\\u0000]"
                         f"{{1,{signals.MAX_SUBJECT_ID}}}$",
                     },
                     "only this subject's signals, as Type:id (User:sam, Device:d1)",
@@ -1659,6 +1664,49 @@ PATHS.update(
 )
 
 
+# A string that holds no NUL (an ECMA-262 pattern, as JSON Schema's are).
+NO_NUL = "^[^\\u0000]*$"
+
+
+def _text_only(schema: Any) -> Any:
+    """``schema`` with `NO_NUL` on each string schema that has no pattern, enum or const of its
+    own, and on the keys of each object that may have keys beyond its properties; an object or
+    an array that says nothing of its other members' values holds `JsonValue`s."""
+    if not isinstance(schema, dict) or "$ref" in schema:
+        return schema
+    out = dict(schema)
+    for key in ("anyOf", "oneOf", "allOf", "prefixItems"):
+        if key in out:
+            out[key] = [_text_only(s) for s in out[key]]
+    for key in ("items", "not", "additionalProperties", "propertyNames"):
+        if isinstance(out.get(key), dict):
+            out[key] = _text_only(out[key])
+    if "properties" in out:
+        out["properties"] = {name: _text_only(s) for name, s in out["properties"].items()}
+    types = out.get("type", ())
+    types = (types,) if isinstance(types, str) else types
+    if "string" in types and not {"pattern", "enum", "const"} & out.keys():
+        out["pattern"] = NO_NUL
+    if "object" in types and out.setdefault("additionalProperties", _ref("JsonValue")):
+        names = out.get("propertyNames", {})
+        if "pattern" not in names:
+            out["propertyNames"] = {**names, "pattern": NO_NUL}
+    if "array" in types:
+        out.setdefault("items", _ref("JsonValue"))
+    return out
+
+
+def _schemas_text_only(node: Any) -> Any:
+    """``node`` of the document's paths, with `_text_only` on each schema in it."""
+    if isinstance(node, dict):
+        return {
+            k: _text_only(v) if k == "schema" else _schemas_text_only(v) for k, v in node.items()
+        }
+    if isinstance(node, list):
+        return [_schemas_text_only(v) for v in node]
+    return node
+
+
 @cache
 def openapi_document() -> dict:
     from bastion.server import openapi_oso_cloud as oso
@@ -1670,11 +1718,12 @@ def openapi_document() -> dict:
             "version": "1",
             "description": "Policy decisions, facts, policy versions, API keys, approvals,"
             " signals, suspensions, alerts and tasks; the OpenID AuthZEN Authorization API"
-            " 1.0; and Oso Cloud's API as the oso-cloud SDK calls it (/api).",
+            " 1.0; and Oso Cloud's API as the oso-cloud SDK calls it (/api). No string or key"
+            " of a request may hold U+0000 (NUL): every route refuses it (400).",
         },
-        "paths": {**PATHS, **oso.PATHS},
+        "paths": _schemas_text_only({**PATHS, **oso.PATHS}),
         "components": {
-            "schemas": {**SCHEMAS, **oso.SCHEMAS},
+            "schemas": {name: _text_only(s) for name, s in {**SCHEMAS, **oso.SCHEMAS}.items()},
             "securitySchemes": {"apiKey": {"type": "http", "scheme": "bearer"}},
         },
     }

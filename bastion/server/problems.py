@@ -82,7 +82,13 @@ def refusal(status: int, detail: str) -> tuple[str, bytes]:
     return PROBLEM_JSON, json.dumps(body).encode()
 
 
-_TITLES = {408: "Request timeout", 413: "Content too large", 500: "Internal server error"}
+_TITLES = {
+    400: "Bad request",
+    408: "Request timeout",
+    413: "Content too large",
+    415: "Unsupported media type",
+    500: "Internal server error",
+}
 
 
 # -- typed fields ------------------------------------------------------------------------------

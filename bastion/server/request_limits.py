@@ -7,6 +7,14 @@ it passes the limit. A body that is not complete within the deadline is answered
 answer is in the form of the route family that was asked (problem details on ``/v1``, an OAuth
 error on the OAuth endpoints, a JSON-RPC error on the gateway), and closes the connection, so
 the rest of the body is never read.
+
+No request may carry the character U+0000 (NUL) where the application reads text: in its path,
+its query string or a form body (as ``%00``, or as it is; a JSON body is read by
+`bastion.untrusted_json`, which refuses its escape). PostgreSQL stores no NUL in text, and in a
+name or an identifier a NUL is the classic way to make two programs read one string as two: it is
+answered 400 before the application sees it, on every route alike. A form may only be sent as
+``application/x-www-form-urlencoded`` (what OAuth and HTML forms send): no route takes
+``multipart/form-data``, whose parts may name a character set that writes a NUL without one.
 """
 
 from __future__ import annotations
@@ -82,7 +90,10 @@ class RequestBodyLimits:
             return
         path, root = scope["path"], scope.get("root_path", "")
         limit = self.limits.for_path(path[len(root) :] if root and path.startswith(root) else path)
-        declared, lengths, chunked, expecting = None, 0, False, False
+        if "\x00" in path or b"%00" in scope["query_string"]:
+            await _answer(send, limit, 400, NUL)
+            return
+        declared, lengths, chunked, expecting, form = None, 0, False, False, False
         for name, value in scope["headers"]:
             # Either header frames a body, however its value is written: such a body is counted
             # as it arrives, whatever this loop makes of the value.
@@ -95,6 +106,13 @@ class RequestBodyLimits:
                 chunked = True
             elif name == b"expect":
                 expecting = True
+            elif name == b"content-type":
+                # As the form parser reads it; if the header is sent twice, either may be read.
+                media = value.split(b";", 1)[0].strip().lower()
+                if media == b"multipart/form-data":
+                    await _answer(send, limit, 415, MULTIPART)
+                    return
+                form = form or media == b"application/x-www-form-urlencoded"
         if declared is not None and declared > limit.max_bytes:
             await _answer(send, limit, 413, _too_large(limit))
             return
@@ -103,6 +121,8 @@ class RequestBodyLimits:
             await self.app(scope, receive, send)
             return
         reading = _Reading(limit, receive, send)
+        if form:
+            reading.form_tail = b""
         # An empty body is read already: answering without reading it leaves nothing unread.
         reading.complete = declared == 0 and lengths == 1 and not chunked
         if lengths == 1 and not chunked and not expecting and declared is not None:
@@ -126,7 +146,7 @@ class _Reading:
     refused (too large, or past its deadline)."""
 
     __slots__ = ("limit", "_receive", "_send", "deadline", "size", "complete", "started")
-    __slots__ += ("refused", "expired", "waiting", "drainable")
+    __slots__ += ("refused", "expired", "waiting", "drainable", "form_tail")
 
     def __init__(self, limit: BodyLimit, receive: Receive, send: Send) -> None:
         self.limit = limit
@@ -142,6 +162,9 @@ class _Reading:
         # Whether the rest of the body may be read and dropped if the application answers
         # without it (a small body of declared length).
         self.drainable = False
+        # In a form body, the last two bytes read, for a ``%00`` split across two messages; None
+        # for any other body.
+        self.form_tail: bytes | None = None
 
     async def receive(self) -> Message:
         if self.complete:
@@ -164,9 +187,15 @@ class _Reading:
         finally:
             self.waiting = None
         if message["type"] == "http.request":
-            self.size += len(message.get("body", b""))
+            body = message.get("body", b"")
+            self.size += len(body)
             if self.size > self.limit.max_bytes:
                 raise self._refuse(413, _too_large(self.limit))
+            if self.form_tail is not None:
+                seen = self.form_tail + body
+                if b"%00" in seen or b"\x00" in body:
+                    raise self._refuse(400, NUL)
+                self.form_tail = seen[-2:]
             if not message.get("more_body", False):
                 self.complete = True
         return message
@@ -241,6 +270,14 @@ class _Deadlines:
 
 _CLOSE = (b"connection", b"close")
 TOO_SLOW = "the request body did not arrive in time (body_timeout); send it at once"
+NUL = (
+    "the request holds the character U+0000 (NUL, %00) in its path, its query or its form, "
+    "where no name or value may hold it"
+)
+MULTIPART = (
+    "multipart/form-data is taken by no route here: send a form as "
+    "application/x-www-form-urlencoded"
+)
 
 
 def _too_large(limit: BodyLimit) -> str:

@@ -10,6 +10,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+from hypothesis import find, settings
+from hypothesis import strategies as st
+from hypothesis.errors import NoSuchExample
+
+from bastion.server.openapi import NO_NUL, openapi_document
 from tests.approvals.support import DELETE, REPORT, SEND, Holder
 from tests.approvals.support import config as approvals_config
 from tests.server.conftest import ADMIN_KEY, POLICY, ServerProcess
@@ -120,3 +126,39 @@ def check_with_schemathesis(
     summary = report.split("SUMMARY")[-1]
     assert " passed" in report and not re.search(r"\b\d+ failed\b", summary), report[-5000:]
     assert "Traceback" not in server.log.read_text()
+
+
+def schemas(node, into: list[dict]) -> list[dict]:
+    """Every schema object in ``node`` of the document (and some objects that hold them)."""
+    if isinstance(node, dict):
+        into.append(node)
+        for value in node.values():
+            schemas(value, into)
+    elif isinstance(node, list):
+        for value in node:
+            schemas(value, into)
+    return into
+
+
+def test_the_document_says_no_string_or_key_may_hold_a_nul():
+    """Every route refuses U+0000 (tests/security/test_nul.py): the document allows it nowhere,
+    or schemathesis's requests with a NUL would be refused while the document allows them."""
+    found = schemas(openapi_document(), [])
+    strings = [s for s in found if s.get("type") == "string" or "string" in s.get("type", [])]
+    assert strings and all({"pattern", "enum", "const"} & s.keys() for s in strings)
+    objects = [s for s in found if s.get("type") == "object"]
+    assert objects and all(
+        s.get("additionalProperties") is False or "pattern" in s.get("propertyNames", {})
+        for s in objects
+    )
+    patterns = {s["pattern"] for s in found if isinstance(s.get("pattern"), str)}
+    assert NO_NUL in patterns and len(patterns) > 3
+    for pattern in patterns:
+        # A NUL is among the first characters Hypothesis tries: a pattern that allows one is
+        # found out within these examples.
+        with pytest.raises(NoSuchExample):
+            find(
+                st.from_regex(pattern, fullmatch=True),
+                lambda text: "\x00" in text,
+                settings=settings(max_examples=300, database=None),
+            )
