@@ -70,6 +70,12 @@ def well_known(url: str, name: str) -> str:
     return urlunsplit((parts.scheme, parts.netloc, f"/.well-known/{name}{path}", "", ""))
 
 
+# The most characters of an authorization server's URL named by an upstream's metadata: it is
+# stored in an indexed column (the client bastion registered there), and PostgreSQL indexes no
+# entry over 2,704 bytes (one of 3,000 characters was a 500, after registering a client).
+MAX_ISSUER = 1024
+
+
 def _https_or_loopback(url: Any) -> bool:
     if not isinstance(url, str):
         return False
@@ -99,11 +105,17 @@ class UpstreamOAuthClient:
                     well_known(self.resource, "oauth-protected-resource"), self._limits
                 )
                 servers = found.get("authorization_servers") if isinstance(found, dict) else None
-                if not isinstance(servers, list) or not servers or not isinstance(servers[0], str):
+                if (
+                    not isinstance(servers, list)
+                    or not servers
+                    or not _https_or_loopback(servers[0])
+                    or len(servers[0]) > MAX_ISSUER
+                ):
                     raise UpstreamOAuthError(
                         "unavailable",
-                        f"{self.resource}'s protected-resource metadata names no authorization"
-                        " server; set oauth.issuer",
+                        f"{self.resource}'s protected-resource metadata names no usable"
+                        f" authorization server (an https URL of at most {MAX_ISSUER}"
+                        " characters); set oauth.issuer",
                     )
                 issuer = servers[0].rstrip("/")
             document = await fetch_json(

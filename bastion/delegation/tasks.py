@@ -28,7 +28,7 @@ import anyio
 from bastion.audit import AuditLog
 from bastion.db import Database
 from bastion.facts.model import Entity, FactError, fact_from_json, fact_to_json
-from bastion.facts.store import FactStore, StoredFact
+from bastion.facts.store import FactStore, StoredFact, check_storable
 from bastion.oauth.store import OAuthStore
 
 log = logging.getLogger("bastion.delegation.tasks")
@@ -377,6 +377,7 @@ class Tasks:
             raise TaskError(f"{where}: a task's facts expire with the task; leave expires_at out")
         try:
             fact = fact_from_json(obj)
+            check_storable(fact)
         except FactError as e:
             raise TaskUnprocessable(f"{where}: {e}") from None
         if fact[0] not in self.settings.predicates:

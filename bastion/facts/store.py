@@ -15,7 +15,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from json.encoder import encode_basestring_ascii
-from typing import Any
+from typing import Any, NoReturn
 
 from bastion.db import Database
 from bastion.facts.model import (
@@ -25,6 +25,7 @@ from bastion.facts.model import (
     check_fact,
     fact_from_json,
     fact_to_json,
+    format_fact,
     matches,
 )
 from bastion.json_encoding import encoder
@@ -33,6 +34,10 @@ from bastion.untrusted_json import MAX_INTEGER, MIN_INTEGER
 
 # Arguments 1..INDEXED_ARGS get a column of their own, so patterns on them are matched by SQL.
 INDEXED_ARGS = 4
+# The most characters of a fact's key (`fact_key`: ASCII, a character beyond it escaped as 6 or
+# 12). The key is the facts table's primary key, and PostgreSQL indexes no entry over 2,704
+# bytes: a longer one was a failed write there (a 500), and SQLite took it.
+MAX_FACT_KEY = 2600
 CHANGES_CHANNEL = "bastion_changes"
 # Batches at least this large go through a scratch table (`FactStore._upsert`).
 _SCRATCH_THRESHOLD = 500
@@ -114,9 +119,12 @@ def _rows(facts: Iterable[StoredFact]) -> list[tuple]:
         fact = f.fact
         args = fact[1:]
         keys = [*map(_arg_key, args)]  # once, for the key and the indexed columns
+        key = _key(fact[0], keys)
+        if len(key) > MAX_FACT_KEY:
+            _refuse_key(fact, key)
         rows.append(
             (
-                _key(fact[0], keys),
+                key,
                 fact[0],
                 len(args),
                 *(keys + pad)[:INDEXED_ARGS],
@@ -125,6 +133,24 @@ def _rows(facts: Iterable[StoredFact]) -> list[tuple]:
             )
         )
     return rows
+
+
+def check_storable(fact: tuple) -> None:
+    """`FactError` if ``fact`` (checked) is too large to store (`MAX_FACT_KEY`): for a writer
+    that must know before it writes anything else."""
+    key = fact_key(fact)
+    if len(key) > MAX_FACT_KEY:
+        _refuse_key(fact, key)
+
+
+def _refuse_key(fact: tuple, key: str) -> NoReturn:
+    text = format_fact(fact)
+    shown = text if len(text) <= 120 else f"{text[:100]}... ({len(text)} characters)"
+    raise FactError(
+        f"{shown} is too large to store: its key is {len(key)} characters, at most"
+        f" {MAX_FACT_KEY} (the predicate and the arguments as JSON text, a character beyond"
+        " ASCII counted as its escape, 6 or 12)"
+    )
 
 
 def _facts_payload(rows: Iterable[tuple], deletes: list[tuple]) -> str:

@@ -39,8 +39,8 @@ from starlette.responses import RedirectResponse, Response
 from starlette.routing import Route
 
 from bastion import untrusted_json
-from bastion.facts.model import Entity, fact_from_json, fact_to_json
-from bastion.facts.store import StoredFact
+from bastion.facts.model import Entity, FactError, fact_from_json, fact_to_json
+from bastion.facts.store import StoredFact, check_storable
 from bastion.identity.id_token import check_claims, signed_claims
 from bastion.identity.providers import (
     IdentitySettings,
@@ -456,6 +456,13 @@ class OpenIDLogin:
         for mapping in provider.facts:
             wanted.extend(mapping.facts(user, claims))
         wanted = list(dict.fromkeys(wanted))
+        for fact in wanted:
+            try:
+                check_storable(fact)
+            except FactError as e:
+                raise LoginRefused(
+                    "claims", f"A claim of the provider makes no usable fact: {e}"
+                ) from None
         with self.db.transaction():
             self.db.execute(
                 "INSERT INTO oauth_users (username, password_hash, created_at) VALUES (?, ?, ?)"

@@ -31,6 +31,7 @@ from bastion import untrusted_json
 from bastion.audit.refusals import RefusalLog
 from bastion.oauth.access_token import TOKEN_TYPE
 from bastion.oauth.client_assertion import algorithms_problem, jwks_problem, url_problem
+from bastion.oauth.client_metadata_document import MAX_CLIENT_ID_URL
 from bastion.oauth.dpop import token_key
 from bastion.oauth.errors import InvalidToken
 from bastion.oauth.jwks import (
@@ -44,6 +45,10 @@ from bastion.oauth.verifier import VerifiedToken
 
 ISSUERS_TABLE = "[[gateway.trusted_issuers]]"
 MAX_TOKEN_CHARS = 16_384
+# The most characters of the user a token names (OpenID Connect's bound on ``sub``); its agent's
+# client ID is bounded as bastion's own are (`MAX_CLIENT_ID_URL`). Both are stored in indexed
+# columns (alerts, approvals), where PostgreSQL takes no entry over 2,704 bytes.
+MAX_USER_CHARS = 255
 _KEYS = {
     "issuer",
     "jwks_uri",
@@ -386,12 +391,22 @@ class TrustedIssuers:
         user = claims.get(issuer.user_claim)
         if not isinstance(user, str) or not user:
             raise InvalidToken(f"claim {issuer.user_claim!r} (the user) is missing", "claims")
+        if len(user) > MAX_USER_CHARS:
+            raise InvalidToken(
+                f"claim {issuer.user_claim!r} (the user) is longer than {MAX_USER_CHARS}"
+                " characters",
+                "claims",
+            )
         agent = next(
             (a for c in issuer.agent_claims if isinstance(a := claims.get(c), str) and a), None
         )
         if agent is None:
             raise InvalidToken(
                 f"none of the claims {list(issuer.agent_claims)} names the agent", "claims"
+            )
+        if len(agent) > MAX_CLIENT_ID_URL:
+            raise InvalidToken(
+                f"the agent's client ID is longer than {MAX_CLIENT_ID_URL} characters", "claims"
             )
         scope, scp = claims.get("scope"), claims.get("scp")
         if isinstance(scope, str):

@@ -79,6 +79,12 @@ def is_public_address(address: ipaddress.IPv4Address | ipaddress.IPv6Address) ->
     return address.is_global and not address.is_multicast
 
 
+# The most characters of a client_id that is a metadata document's URL. It is stored in indexed
+# columns (the client, its consents, its Agent facts and alerts), and PostgreSQL indexes no
+# entry over 2,704 bytes: a URL of 3,000 characters was a 500 at /authorize there.
+MAX_CLIENT_ID_URL = 1024
+
+
 def is_client_id_url(client_id: str) -> bool:
     """Whether a client_id names a metadata document rather than a registered client."""
     return client_id.startswith("https://")
@@ -87,7 +93,10 @@ def is_client_id_url(client_id: str) -> bool:
 def client_id_url_problem(url: str) -> str | None:
     """Why a URL cannot be a client_id (the draft's §3 rules), or None. It must be an RFC 3986
     URI, ASCII only: its host is shown on the consent page as who the client is, and a Unicode
-    host could pass for another (a Cyrillic "а" in "аpple.com"); in punycode it cannot."""
+    host could pass for another (a Cyrillic "а" in "аpple.com"); in punycode it cannot. And at
+    most `MAX_CLIENT_ID_URL` characters."""
+    if len(url) > MAX_CLIENT_ID_URL:
+        return f"longer than {MAX_CLIENT_ID_URL} characters"
     syntax = uri_syntax_problem(url)
     if syntax:
         return syntax

@@ -15,6 +15,7 @@ cannot pass a limit together. Password hashes themselves are limited per process
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import math
 from collections.abc import Callable
@@ -32,16 +33,25 @@ def client_address(request: Request) -> str | None:
     return request.client.host if request.client else None
 
 
+# The longest DNS name; a client address given as a longer text is counted by its digest.
+MAX_NAME = 253
+
+
 def counted_address(address: str | None) -> str:
     """What a per-address counter counts a request under: an IPv4 address (IPv4-mapped IPv6
     included) as itself, an IPv6 address as its /64, which a single host is given whole and
-    may send from at any address of; anything else (a name, none) as it is."""
+    may send from at any address of; anything else (a name, none) as it is, or by its digest if
+    it is longer than a DNS name may be (a forwarding header names what the client sent: a name
+    of thousands of characters was a 500 on PostgreSQL, whose indexes take no entry over 2,704
+    bytes)."""
     if not address:
         return "unknown"
     try:
         ip = ipaddress.ip_address(address)
     except ValueError:
-        return address
+        if len(address) <= MAX_NAME:
+            return address
+        return "sha256:" + hashlib.sha256(address.encode("utf-8", "surrogatepass")).hexdigest()
     if ip.version == 6 and ip.ipv4_mapped is not None:
         return str(ip.ipv4_mapped)
     if ip.version == 6:

@@ -34,7 +34,7 @@ from bastion import untrusted_json
 from bastion.audit.log import AuditLog
 from bastion.db import Database
 from bastion.facts.model import Entity, FactError
-from bastion.facts.store import FactStore, StoredFact
+from bastion.facts.store import FactStore, StoredFact, check_storable
 from bastion.oauth.jwks import FetchLimits, RemoteDocumentError, RemoteKeySets, fetch_json
 from bastion.oauth.store import OAuthStore
 from bastion.signals.set_tokens import (
@@ -329,6 +329,7 @@ class SsfReceiver:
         for fact in inserts:
             try:
                 authz.facts.validate(fact)
+                check_storable(fact)
                 kept.append(fact)
             except FactError as e:
                 skipped.append(str(e))

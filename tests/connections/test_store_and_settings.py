@@ -3,12 +3,20 @@ input is refused with a message naming the key, and changes nothing."""
 
 from __future__ import annotations
 
-import pytest
+import asyncio
 
+import pytest
+from starlette.applications import Starlette
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from bastion.connections.settings import UpstreamOAuth
 from bastion.connections.store import ConnectionStore, StoredConnection, StoredFlow
+from bastion.connections.upstream_oauth import MAX_ISSUER, UpstreamOAuthClient, UpstreamOAuthError
 from bastion.db import Database
 from bastion.gateway.config import GatewayConfig
 from bastion.server.config import ConfigError
+from tests.oauth.support import free_socket, serve
 
 
 @pytest.fixture
@@ -168,3 +176,44 @@ def test_with_cache_seconds_a_token_is_reused_that_long_and_a_revocation_here_ap
     assert anyio.run(service.revoke, "alice", "tracker")
     assert anyio.run(service.access_token, "alice", "tracker") is None
     service.store.db.close()
+
+
+def test_an_authorization_server_named_by_an_upstream_must_be_a_url_an_index_takes():
+    """The authorization server an upstream's metadata names is stored with the client bastion
+    registers there, in an indexed column: PostgreSQL indexes no entry over 2,704 bytes, so one
+    of 3,000 characters was a 500 (after a client was registered there, at every try). Neither
+    it nor a name that is no https URL is used; one at the bound is."""
+    sock = free_socket()
+    upstream = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    named: list[str] = []
+
+    async def resource_metadata(request):
+        return JSONResponse({"resource": f"{upstream}/mcp", "authorization_servers": named})
+
+    async def server_metadata(request):
+        issuer = named[0]
+        return JSONResponse(
+            {
+                "issuer": issuer,
+                "authorization_endpoint": f"{upstream}/authorize",
+                "token_endpoint": f"{upstream}/token",
+                "code_challenge_methods_supported": ["S256"],
+            }
+        )
+
+    app = Starlette(
+        routes=[
+            Route("/.well-known/oauth-protected-resource/mcp", resource_metadata),
+            Route("/.well-known/oauth-authorization-server/as/{rest:path}", server_metadata),
+        ]
+    )
+    at_the_bound = f"{upstream}/as/" + "a" * (MAX_ISSUER - len(upstream) - 4)
+    with serve(app, sock):
+        for issuer in (at_the_bound + "a", "javascript:alert(1)", f"ftp://{upstream[7:]}/as/x"):
+            named[:] = [issuer]
+            client = UpstreamOAuthClient(f"{upstream}/mcp", UpstreamOAuth())
+            with pytest.raises(UpstreamOAuthError, match=f"at most {MAX_ISSUER} characters"):
+                asyncio.run(client.metadata())
+        named[:] = [at_the_bound]
+        found = asyncio.run(UpstreamOAuthClient(f"{upstream}/mcp", UpstreamOAuth()).metadata())
+        assert found.issuer == at_the_bound and len(at_the_bound) == MAX_ISSUER

@@ -275,6 +275,21 @@ def test_the_agent_claim_maps_to_the_agent_the_policy_may_block(bastion, idp):
     assert "agent" in refused(call(bastion, idp.token("a", client_id=None)))
 
 
+def test_a_user_or_an_agent_longer_than_any_index_takes_is_refused(bastion, idp):
+    """The user and the agent a token names are stored in indexed columns (a refusal burst's
+    alert, an approval): PostgreSQL indexes no entry over 2,704 bytes, so an alert for a `sub`
+    of 3,000 characters was never stored. They are bounded where the token is read."""
+    assert "longer than 255" in refused(call(bastion, idp.token("a", sub="s" * 256)))
+    assert "longer than 1024" in refused(call(bastion, idp.token("a", client_id="c" * 1025)))
+    assert "longer than 1024" in refused(
+        call(bastion, idp.token("a", client_id=None, azp="c" * 1025))
+    )
+    # At the bounds, the token is taken: the call is decided (this user has no grant).
+    answer = call(bastion, idp.token("a", sub="s" * 255, client_id="c" * 1024))
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["error"]["data"]["reason"] == "not_permitted"
+
+
 def test_scopes_come_from_scope_or_scp_and_drive_step_up(bastion, idp):
     delete = {
         **CALL,

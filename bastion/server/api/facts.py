@@ -51,9 +51,12 @@ async def _write(request: Request, inserts: list[StoredFact], deletes: list[tupl
     """Commit the write, wait (bounded) until this replica reflects it, return the counts."""
     store: FactStore = request.app.state.store
     actor = request.state.key.principal
-    result: WriteResult = await anyio.to_thread.run_sync(
-        lambda: store.apply(inserts, deletes, actor=actor)
-    )
+    try:
+        result: WriteResult = await anyio.to_thread.run_sync(
+            lambda: store.apply(inserts, deletes, actor=actor)
+        )
+    except FactError as e:  # a fact too large to store (`bastion.facts.store.MAX_FACT_KEY`)
+        raise fact_problem(e) from None
     request.app.state.metrics.writes.labels("facts").inc()
     replica: Replica = request.app.state.replica
     # Committed either way; on a timeout the returned sequence lets the caller ask for it later.

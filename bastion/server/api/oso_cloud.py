@@ -543,7 +543,10 @@ async def batch(request: Request) -> Response:
                 deletes.append(p.fact)
         return store.apply(list(inserts.values()), deletes, actor=key.principal)
 
-    result = await anyio.to_thread.run_sync(write)
+    try:
+        result = await anyio.to_thread.run_sync(write)
+    except FactError as e:  # a fact too large to store (`bastion.facts.store.MAX_FACT_KEY`)
+        raise unprocessable(str(e)) from None
     request.app.state.metrics.writes.labels("facts").inc()
     await await_applied(request, result.seq)
     return _json({"message": "success"}, offset=result.seq)
