@@ -18,6 +18,7 @@ one transaction, by `Alerts.write_repeats`); `Alerts.raise_all`, both from the e
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import os
@@ -83,6 +84,24 @@ _MIGRATIONS = [
     CREATE INDEX alerts_escalate ON alerts (state, escalate_at);
     """,
 ]
+
+
+# The most bytes (UTF-8) of a principal as an alert names it: (name, principal) is indexed, and
+# PostgreSQL indexes no entry over 2,704 bytes (a name is at most 200 characters).
+MAX_PRINCIPAL_BYTES = 1500
+
+
+def principal_text(principal: Entity | str) -> str:
+    """How an alert names ``principal``: as the policy writes it (``Agent{"client"}``), or, past
+    `MAX_PRINCIPAL_BYTES`, its start and the SHA-256 digest of the whole. A policy's alert may
+    name any entity, a tool whose name the client chose among them: one of 3,000 characters was
+    an alert PostgreSQL never stored."""
+    who = principal if isinstance(principal, str) else repr(principal)
+    whole = who.encode("utf-8", "surrogatepass")
+    if len(whole) <= MAX_PRINCIPAL_BYTES:
+        return who
+    start = whole[: MAX_PRINCIPAL_BYTES - 100].decode("utf-8", "ignore")
+    return f"{start}... sha256:{hashlib.sha256(whole).hexdigest()}"
 
 
 class AlertError(ValueError):
@@ -413,7 +432,7 @@ class Alerts:
         settings = self.settings
         if settings.repeat_write_seconds <= 0:
             return False
-        key = (name, principal if isinstance(principal, str) else repr(principal))
+        key = (name, principal_text(principal))
         now = self.clock()
         with self._lock:
             known = self._known.get(key)
@@ -545,7 +564,8 @@ class Alerts:
         if not isinstance(name, str) or not name or len(name) > 200:
             raise AlertError("an alert's name must be text of 1 to 200 characters")
         severity = severity_of(severity, name)
-        who = principal if isinstance(principal, str) else repr(principal)
+        whole = principal if isinstance(principal, str) else repr(principal)
+        who = principal_text(principal)
         now = self.clock()
         db = self.store.db
         keep = self.settings.max_decisions
@@ -569,7 +589,7 @@ class Alerts:
                 )
                 self._remember(name, who, alert.id, now)
                 return self.store.get(alert.id)
-            owner = self._owner(who)
+            owner = self._owner(whole)
             recipients = (owner,) if owner else self.settings.fallback_recipients
             alert = Alert(
                 typed_id(12),  # shown and typed: never read as an option

@@ -893,3 +893,33 @@ def test_the_gateway_reads_the_built_in_alerts_figures_before_counting_the_call(
     assert alerts.write_repeats() == 3
     assert alerts.store.get(alert.id).count == 4
     db.close()
+
+
+def test_an_alert_about_an_entity_of_any_length_is_stored_and_counted_again(database_url):
+    """A policy's alert may name any entity, a tool whose name the client chose among them:
+    (name, principal) is indexed, and PostgreSQL indexes no entry over 2,704 bytes, so an alert
+    about one of 3,000 characters was never stored there (logged, lost). Past 1,500 bytes the
+    alert names the entity's start and the digest of the whole; two such entities that share
+    that start are two alerts."""
+    import secrets
+
+    from bastion.db import Database
+    from bastion.signals.alerts import MAX_PRINCIPAL_BYTES, AlertStore
+
+    db = Database(database_url)
+    try:
+        alerts = Alerts(AlertStore(db), AlertSettings(), lambda: None, "http://bastion.test")
+        # Random, so that PostgreSQL cannot compress the index entry below its bound.
+        tool = Entity("Tool", "desk/é" + secrets.token_urlsafe(2400))
+        first = alerts.raise_alert("odd_tool", "high", tool, "d-1")
+        again = alerts.raise_alert("odd_tool", "high", tool, "d-2")
+        other = alerts.raise_alert("odd_tool", "high", Entity("Tool", tool.id + "x"), "d-3")
+        assert again.id == first.id and again.count == 2
+        assert other.id != first.id
+        named = first.principal.encode()
+        assert len(named) <= MAX_PRINCIPAL_BYTES and first.principal.startswith('Tool{"desk/é')
+        assert "sha256:" in first.principal
+        short = alerts.raise_alert("odd_tool", "high", Entity("Tool", "desk/x"), "d-4")
+        assert short.principal == 'Tool{"desk/x"}'
+    finally:
+        db.close()
