@@ -40,6 +40,10 @@ log = logging.getLogger("bastion.approvals")
 GRANT = "approval_grant"
 # Statuses in which a request still counts, until its expiry.
 _LIVE = (OPEN, "approved", "released")
+# The most approvals a call may need, whatever the policy says: the number is kept in an
+# INTEGER column, 32 bits on PostgreSQL (a policy's 3,000,000,000 was a failed write there).
+# A call needing this many still waits for more answers than anyone gives.
+MAX_REQUIRED = 1000
 
 
 class NotAllowed(Exception):
@@ -314,7 +318,7 @@ class Approvals:
         window = min(min(windows, default=0), self.settings.max_window_minutes)
         return Terms(
             approvers=tuple(approvers),
-            required=required,
+            required=min(required, MAX_REQUIRED),
             self_forbidden=forbidden,
             window_minutes=window,
             seconds=min([seconds, *shorter]),

@@ -41,6 +41,11 @@ from bastion.webhooks import (
 __all__ = ["MIN_SECRET_BYTES", "ApprovalSettings", "Webhook", "webhook_label"]
 
 
+# The longest `max_window_minutes` (a year): the windows are kept in INTEGER columns, 32 bits on
+# PostgreSQL.
+MAX_WINDOW_MINUTES = 525_600
+
+
 @dataclass(frozen=True)
 class ApprovalSettings(WebhookDelivery):
     expiry_seconds: float = 600.0
@@ -72,8 +77,11 @@ class ApprovalSettings(WebhookDelivery):
         for key in ("max_window_minutes",):
             if key in table:
                 value = table[key]
-                if type(value) is not int or value < (0 if key == "max_window_minutes" else 1):
-                    raise ConfigError(f"approvals.{key} must be a whole number, got {value!r}")
+                if type(value) is not int or not 0 <= value <= MAX_WINDOW_MINUTES:
+                    raise ConfigError(
+                        f"approvals.{key} must be a whole number of minutes from 0 to"
+                        f" {MAX_WINDOW_MINUTES} (a year), got {value!r}"
+                    )
                 values[key] = value
         return cls(**values)
 

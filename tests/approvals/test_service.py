@@ -6,13 +6,14 @@ from __future__ import annotations
 import pytest
 
 from bastion import Authorizer, Entity
-from bastion.approvals.service import Approvals, Call, NotAllowed
+from bastion.approvals.service import MAX_REQUIRED, Approvals, Call, NotAllowed
 from bastion.approvals.settings import ApprovalSettings
 from bastion.approvals.store import ApprovalStore
 from bastion.audit.log import AuditLog
 from bastion.db import Database
 from bastion.decide.contract import decide_chain
 from bastion.facts.store import FactStore
+from bastion.server.config import ConfigError
 from tests.approvals.support import POLICY_HEAD
 
 POLICY = (
@@ -27,6 +28,9 @@ approver(boss: User, user: User, "call", Tool{"crm/wire"}) if manager(user, boss
 approver(User{"cfo"}, _user: User, "call", Tool{"crm/wire"});
 approvals_required(_user: User, "call", Tool{"crm/wire"}, 2);
 approval_window(_user: User, "call", Tool{"crm/send"}, 30);
+requires_approval(_user: User, "call", Tool{"crm/huge"});
+approver(User{"cfo"}, _user: User, "call", Tool{"crm/huge"});
+approvals_required(_user: User, "call", Tool{"crm/huge"}, 3000000000);
 # Admins approve refunds, but never their own.
 requires_approval(_user: User, "call", Tool{"crm/refund"});
 approver(admin: User, _user: User, "call", Tool{"crm/refund"}) if admin in [User{"avery"}, User{"sam"}];
@@ -263,3 +267,23 @@ def test_the_policy_may_forbid_approving_ones_own_call_even_to_an_approver(world
     with pytest.raises(NotAllowed, match="forbids approving one's own call"):
         approvals.answer(request.id, "sam", "approve", channel="api")
     assert approvals.answer(request.id, "avery", "approve", channel="api").status == "approved"
+
+
+def test_a_number_of_approvals_past_any_column_is_held_and_can_never_be_met(world):
+    """The policy may require any 64-bit number of approvals; PostgreSQL's INTEGER column holds
+    32 bits, so a call held under 3,000,000,000 was a failed write there (the gateway's 500).
+    The number is bounded at MAX_REQUIRED: as before, more answers than anyone can give."""
+    approvals, *_ = world
+    huge = Entity("Tool", "crm/huge")
+    request = held(approvals, call(huge))
+    assert request.required == MAX_REQUIRED
+    done = approvals.answer(request.id, "cfo", "approve", channel="api")
+    assert done.status == "pending"  # one answer of MAX_REQUIRED
+    assert approvals.check(call(huge)).state == "pending"
+
+
+@pytest.mark.parametrize("bad", [-1, 525_601, 3_000_000_000, 1.5, "60", True])
+def test_a_window_past_a_year_or_not_a_whole_number_is_refused_by_the_settings(bad):
+    with pytest.raises(ConfigError, match="approvals.max_window_minutes must be a whole number"):
+        ApprovalSettings.from_mapping({"max_window_minutes": bad}, env={})
+    assert ApprovalSettings.from_mapping({"max_window_minutes": 525_600}, env={})
