@@ -122,6 +122,10 @@ def _rows(facts: Iterable[StoredFact]) -> list[tuple]:
         key = _key(fact[0], keys)
         if len(key) > MAX_FACT_KEY:
             _refuse_key(fact, key)
+        if "\\u0000" in key and any("\x00" in k for k in (fact[0], *keys)):
+            # PostgreSQL stores no NUL in text (the API refuses it before: this is for every
+            # other writer, the CLI and the library included).
+            raise FactError(f"{_shown(fact)} holds the character U+0000 (NUL)")
         rows.append(
             (
                 key,
@@ -143,11 +147,16 @@ def check_storable(fact: tuple) -> None:
         _refuse_key(fact, key)
 
 
+def _shown(fact: tuple) -> str:
+    """``fact`` in a message: its Polar text (a NUL written ``\\x00``), cut after 100
+    characters."""
+    text = format_fact(fact).replace("\x00", "\\x00")
+    return text if len(text) <= 120 else f"{text[:100]}... ({len(text)} characters)"
+
+
 def _refuse_key(fact: tuple, key: str) -> NoReturn:
-    text = format_fact(fact)
-    shown = text if len(text) <= 120 else f"{text[:100]}... ({len(text)} characters)"
     raise FactError(
-        f"{shown} is too large to store: its key is {len(key)} characters, at most"
+        f"{_shown(fact)} is too large to store: its key is {len(key)} characters, at most"
         f" {MAX_FACT_KEY} (the predicate and the arguments as JSON text, a character beyond"
         " ASCII counted as its escape, 6 or 12)"
     )

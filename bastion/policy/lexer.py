@@ -65,6 +65,13 @@ def _unescape(raw: str, location: Location) -> str:
 
 
 def tokenize(text: str, source: str) -> list[Token]:
+    nul = text.find("\x00")
+    if nul >= 0:
+        # Anywhere, a comment too: PostgreSQL stores no NUL in the policy's text, and in a
+        # string Python's compiler refuses it (a rule then "could not be compiled").
+        line_start = text.rfind("\n", 0, nul) + 1
+        where = Location(source, text.count("\n", 0, nul) + 1, nul - line_start + 1)
+        raise PolicyError([Diagnostic(where, "the character U+0000 (NUL) cannot be in a policy")])
     tokens: list[Token] = []
     line, line_start, pos = 1, 0, 0
     while pos < len(text):

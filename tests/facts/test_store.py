@@ -460,3 +460,20 @@ def test_a_fact_is_written_as_json_dumps_writes_it(store):
     }
     assert _facts_payload(rows[:1], []).startswith('{"insert":[{"predicate":"has_role","args":')
     assert _facts_payload(rows[4:], []).startswith('{"insert":[{"predicate":"\\u00e9vent",')
+
+
+def test_a_nul_is_refused_by_every_writer_of_the_store_and_nothing_is_written(store):
+    """PostgreSQL stores no NUL in text (SQLite does): the API refuses it before
+    (tests/security/test_nul.py); the store refuses it for every other writer, the CLI and the
+    library included, alike on both databases."""
+    head = store.head()
+    for fact in [
+        ("has_role", Entity("User", "sam\x00"), "reader", Entity("Repo", "anvil")),
+        ("has_role", Entity("User", "sam"), "read\x00er", Entity("Repo", "anvil")),
+    ]:
+        with pytest.raises(FactError, match=r"U\+0000 \(NUL\)"):
+            store.apply([("has_role", Entity("User", "ok"), "reader", Entity("Repo", "a")), fact])
+    assert store.head() == head and store.get() == []
+    # The text "\\u0000" (a backslash, then u0000) is no NUL.
+    store.apply([("has_role", Entity("User", "\\u0000"), "reader", Entity("Repo", "anvil"))])
+    assert store.get()[0].fact[1].id == "\\u0000"

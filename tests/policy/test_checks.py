@@ -36,6 +36,21 @@ def test_unterminated_string_is_reported_at_its_start():
     assert message.startswith("p.polar:2:15:") and "unterminated string" in message
 
 
+@pytest.mark.parametrize(
+    ("text", "where"),
+    [
+        ('allow(a, "r", b) if a = "x\x00y";', "p.polar:1:27:"),
+        ("# a \x00 note\nf(1);", "p.polar:1:5:"),
+    ],
+)
+def test_a_nul_anywhere_is_refused_where_it_is(text, where):
+    """In a string it made Python's compiler fail ("split it into smaller rules"); in a comment it
+    was taken, and PostgreSQL stores no NUL in the policy's text. The API refuses it before
+    (docs/security.md, "NUL"); a policy file is read here."""
+    (message,) = errors_of(text)
+    assert message.startswith(where) and "U+0000 (NUL)" in message
+
+
 def test_shorthand_naming_an_undeclared_role_is_refused():
     text = BASE.replace('"read" if "member";', '"read" if "membr";')
     (message,) = errors_of(text)
