@@ -32,7 +32,7 @@ from bastion.server.api.decisions import (
     authorize_batch_answer,
 )
 from bastion.server.problems import Problem, parse_json
-from bastion.server.request_limits import BodyLimit
+from bastion.server.request_limits import BodyLimit, media_type
 
 log = logging.getLogger("bastion.server")
 
@@ -83,8 +83,14 @@ class DirectDecisions:
     def framed(headers: list[tuple[bytes, bytes]], names: list[bytes], max_bytes: int) -> bool:
         """Whether the head (its names lowercased, and those ``names`` in order) frames a body
         this path can take in one piece: one plain Content-Length within the limit, nothing
-        chunked, nothing that waits for 100 Continue."""
+        chunked, nothing that waits for 100 Continue, no multipart form (which the application
+        refuses, `bastion.server.request_limits`)."""
         if names.count(b"content-length") != 1 or not _UNFRAMED.isdisjoint(names):
+            return False
+        if b"content-type" in names and any(
+            name == b"content-type" and media_type(value) == b"multipart/form-data"
+            for name, value in headers
+        ):
             return False
         length = headers[names.index(b"content-length")][1]
         return length.isdigit() and int(length) <= max_bytes

@@ -107,8 +107,8 @@ class RequestBodyLimits:
             elif name == b"expect":
                 expecting = True
             elif name == b"content-type":
-                # As the form parser reads it; if the header is sent twice, either may be read.
-                media = value.split(b";", 1)[0].strip().lower()
+                # If the header is sent twice, either may be read.
+                media = media_type(value)
                 if media == b"multipart/form-data":
                     await _answer(send, limit, 415, MULTIPART)
                     return
@@ -139,6 +139,11 @@ class RequestBodyLimits:
             self.deadlines.discard(reading)
         if reading.refused is not None and not reading.started:
             await _answer(send, limit, reading.refused.status, reading.refused.detail)
+
+
+def media_type(content_type: bytes) -> bytes:
+    """The media type of a Content-Type header's value, as the form parser reads it."""
+    return content_type.split(b";", 1)[0].strip().lower()
 
 
 class _Reading:

@@ -256,7 +256,32 @@ def test_a_body_that_stops_coming_is_refused_at_its_deadline(server, http):
         ([(b"content-length", b"10"), (b"transfer-encoding", b"chunked")], False),
         ([(b"expect", b"100-continue"), (b"content-length", b"10")], False),
         ([(b"content-length", b"10"), (b"upgrade", b"h2c")], False),
+        ([(b"content-length", b"10"), (b"content-type", b"application/json")], True),
+        # A multipart form: the application refuses it (415), so the protocol answers nothing.
+        (
+            [(b"content-length", b"10"), (b"content-type", b"Multipart/Form-Data; boundary=b")],
+            False,
+        ),  # fmt: skip
+        (
+            [
+                (b"content-type", b"application/json"),
+                (b"content-length", b"10"),
+                (b"content-type", b"multipart/form-data"),
+            ],
+            False,
+        ),  # fmt: skip
     ],
 )
 def test_only_one_plain_content_length_within_the_limit_is_held_in_the_protocol(headers, framed):
     assert DirectDecisions.framed(headers, [name for name, _ in headers], 100) is framed
+
+
+def test_a_multipart_body_is_refused_in_the_protocol_as_by_the_application(http):
+    warm(http)
+    before = direct_answers(http)
+    body = httpx.Request("POST", "/", json=ALLOWED).read()
+    answer = http.post(
+        "/v1/authorize", content=body, headers={"content-type": "multipart/form-data; boundary=b"}
+    )
+    assert answer.status_code == 415 and "multipart" in answer.json()["detail"]
+    assert direct_answers(http) == before
