@@ -444,7 +444,8 @@ def test_a_fact_is_written_as_json_dumps_writes_it(store):
     from bastion.untrusted_json import MAX_INTEGER, MIN_INTEGER
 
     facts = [
-        ("has_role", Entity("User", 'a"l\\ice\u2028é'), "ad\tmin\x00", Entity("Org", "😀")),
+        # (A NUL is refused: test_a_nul_is_refused_by_every_writer_of_the_store...)
+        ("has_role", Entity("User", 'a"l\\ice\u2028é'), "ad\tmin\x01\x1f", Entity("Org", "😀")),
         ("stars", Entity("Repo", "r"), MAX_INTEGER),
         ("stars", Entity("Repo", "r"), MIN_INTEGER),
         ("flag", True, False, 0, "", "\u00e9t\u00e9"),
