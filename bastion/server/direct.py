@@ -87,9 +87,9 @@ class DirectDecisions:
         refuses, `bastion.server.request_limits`)."""
         if names.count(b"content-length") != 1 or not _UNFRAMED.isdisjoint(names):
             return False
-        if b"content-type" in names and any(
-            name == b"content-type" and media_type(value) == b"multipart/form-data"
-            for name, value in headers
+        types = names.count(b"content-type")
+        if types > 1 or (
+            types and media_type(headers[names.index(b"content-type")][1]) == b"multipart/form-data"
         ):
             return False
         length = headers[names.index(b"content-length")][1]
