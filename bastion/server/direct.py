@@ -88,10 +88,13 @@ class DirectDecisions:
         if names.count(b"content-length") != 1 or not _UNFRAMED.isdisjoint(names):
             return False
         types = names.count(b"content-type")
-        if types > 1 or (
-            types and media_type(headers[names.index(b"content-type")][1]) == b"multipart/form-data"
-        ):
+        if types > 1:
             return False
+        if types:
+            media = headers[names.index(b"content-type")][1]
+            # What clients send, compared at once; anything else read as the application reads it.
+            if media != b"application/json" and media_type(media) == b"multipart/form-data":
+                return False
         length = headers[names.index(b"content-length")][1]
         return length.isdigit() and int(length) <= max_bytes
 
