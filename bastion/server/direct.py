@@ -83,18 +83,9 @@ class DirectDecisions:
     def framed(headers: list[tuple[bytes, bytes]], names: list[bytes], max_bytes: int) -> bool:
         """Whether the head (its names lowercased, and those ``names`` in order) frames a body
         this path can take in one piece: one plain Content-Length within the limit, nothing
-        chunked, nothing that waits for 100 Continue, no multipart form (which the application
-        refuses, `bastion.server.request_limits`)."""
+        chunked, nothing that waits for 100 Continue."""
         if names.count(b"content-length") != 1 or not _UNFRAMED.isdisjoint(names):
             return False
-        types = names.count(b"content-type")
-        if types > 1:
-            return False
-        if types:
-            media = headers[names.index(b"content-type")][1]
-            # What clients send, compared at once; anything else read as the application reads it.
-            if media != b"application/json" and media_type(media) == b"multipart/form-data":
-                return False
         length = headers[names.index(b"content-length")][1]
         return length.isdigit() and int(length) <= max_bytes
 
@@ -102,12 +93,18 @@ class DirectDecisions:
         self, route: DirectRoute, headers: list[tuple[bytes, bytes]], body: bytes
     ) -> bytes | None:
         """The JSON answer, decided and recorded; None (nothing decided, nothing recorded) when
-        the application must answer instead."""
+        the application must answer instead: also for a multipart form, which the application
+        refuses (`bastion.server.request_limits`)."""
         authorization = None
         for name, value in headers:
             if name == b"authorization":
                 authorization = value
-                break
+            elif (
+                name == b"content-type"
+                and value != b"application/json"  # what clients send, compared at once
+                and media_type(value) == b"multipart/form-data"
+            ):
+                return None
         if authorization is None:
             return None
         kind, _, token = authorization.decode("latin-1").partition(" ")

@@ -256,24 +256,6 @@ def test_a_body_that_stops_coming_is_refused_at_its_deadline(server, http):
         ([(b"content-length", b"10"), (b"transfer-encoding", b"chunked")], False),
         ([(b"expect", b"100-continue"), (b"content-length", b"10")], False),
         ([(b"content-length", b"10"), (b"upgrade", b"h2c")], False),
-        ([(b"content-length", b"10"), (b"content-type", b"application/json")], True),
-        # A multipart form: the application refuses it (415), so the protocol answers nothing.
-        (
-            [(b"content-length", b"10"), (b"content-type", b"Multipart/Form-Data; boundary=b")],
-            False,
-        ),
-        # Two Content-Types: either may be read; the application reads them.
-        *(
-            (
-                [
-                    (b"content-type", b"application/json"),
-                    (b"content-length", b"10"),
-                    (b"content-type", second),
-                ],
-                False,
-            )
-            for second in (b"multipart/form-data", b"application/json")
-        ),
     ],
 )
 def test_only_one_plain_content_length_within_the_limit_is_held_in_the_protocol(headers, framed):
