@@ -165,6 +165,12 @@ def test_opening_refuses_facts_for_anyone_else_and_expiries_past_the_cap(parts):
     refused(TaskUnprocessable, [READ_DOCS], expires_in=3600 + 60, match="at most 3600")
     refused(TaskUnprocessable, [READ_DOCS], expires_in=-1, match="future")
     refused(TaskError, [], match="non-empty")
+    # A fact too large to store (its key past MAX_FACT_KEY: PostgreSQL indexes no more).
+    too_large = {
+        **READ_DOCS,
+        "args": [*READ_DOCS["args"][:2], {"type": "Folder", "id": "d" * 2600}],
+    }
+    refused(TaskUnprocessable, [READ_DOCS, too_large], match=r"facts\[1\]: .*too large to store")
     refused(TaskError, [{**READ_DOCS, "expires_at": clock.now + 9e5}], match="expire with")
     with pytest.raises(TaskError, match="purpose"):
         tasks.open(USER, AGENT, "line\nbreak", clock.now + 60, [READ_DOCS], "test")
