@@ -28,6 +28,7 @@ AUDIENCE = "https://bastion.test/ssf"
 PUSH_TOKEN = "push-credential-of-the-idp-stream"
 POLICY = """
 declare device_compliance(User, String);
+declare token_claim(User, String, String);
 deny(user: User, "call", _tool: Tool) if device_compliance(user, "not-compliant");
 """
 CALL = {
@@ -333,6 +334,22 @@ def test_an_event_the_policy_cannot_hold_is_skipped_and_recorded(signals):
     assert signals.store.get(("assurance_level", None, None)) == []
     result = received(signals, jti_of(event)).detail["effects"][0]["result"]
     assert result.startswith("skipped") and "no use for assurance_level" in result
+
+
+def test_a_claim_too_large_to_store_is_skipped_and_recorded_and_the_rest_written(signals):
+    """A claim's name is the transmitter's: past the store's bound on a fact's key (PostgreSQL
+    indexes no more) its fact is skipped, and the record says why; the others are written."""
+    long_name = "c" * 2600
+    event = signals.pusher.set_token(
+        CAEP + "token-claims-change",
+        {"claims": {"department": "finance", long_name: "x"}},
+        email("sam@example.com"),
+    )
+    assert signals.pusher.push(event).status_code == 202
+    stored = [f.fact for f in signals.store.get(("token_claim", None, None, None))]
+    assert stored == [parse_fact('token_claim(User{"sam"}, "department", "finance")')]
+    result = received(signals, jti_of(event)).detail["effects"][0]["result"]
+    assert result.startswith("wrote 1 fact(s)") and "too large to store" in result
 
 
 # -- 3. RISC account-disabled -------------------------------------------------------------------
