@@ -319,6 +319,19 @@ def test_groups_become_facts_kept_in_step_at_each_login_and_expiring(bastion, id
     }
 
 
+def test_a_claim_value_too_large_to_store_refuses_the_login_and_writes_nothing(
+    bastion, idp, person, client
+):
+    """A group of 2,600 characters makes facts past the store's bound on a fact's key
+    (PostgreSQL indexes no more): the login is refused before anything is written."""
+    before = (sessions(bastion), users(bastion), bastion.server.facts.head())
+    query = person.sent_to_provider(client, "a")
+    code = idp.issue("a", query, groups=["devs", "g" * 2600])
+    response = person.back_from_provider("a", code=code, state=query["state"], iss=idp.issuer("a"))
+    refused(response, 400, "makes no usable fact")
+    assert (sessions(bastion), users(bastion), bastion.server.facts.head()) == before
+
+
 def test_sign_in_page_offers_providers_and_goes_back_to_the_local_page(bastion, idp, person):
     page = person.http.get(f"{bastion.url}/sign-in?next=/approvals")
     assert "name=password" not in page.text
