@@ -15,7 +15,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from json.encoder import encode_basestring_ascii
-from typing import Any, NoReturn
+from typing import Any
 
 from bastion.db import Database
 from bastion.facts.model import (
@@ -119,13 +119,7 @@ def _rows(facts: Iterable[StoredFact]) -> list[tuple]:
         fact = f.fact
         args = fact[1:]
         keys = [*map(_arg_key, args)]  # once, for the key and the indexed columns
-        key = _key(fact[0], keys)
-        if len(key) > MAX_FACT_KEY:
-            _refuse_key(fact, key)
-        if "\\u0000" in key and any("\x00" in k for k in (fact[0], *keys)):
-            # PostgreSQL stores no NUL in text (the API refuses it before: this is for every
-            # other writer, the CLI and the library included).
-            raise FactError(f"{_shown(fact)} holds the character U+0000 (NUL)")
+        key = _storable_key(fact, keys)
         rows.append(
             (
                 key,
@@ -140,11 +134,26 @@ def _rows(facts: Iterable[StoredFact]) -> list[tuple]:
 
 
 def check_storable(fact: tuple) -> None:
-    """`FactError` if ``fact`` (checked) is too large to store (`MAX_FACT_KEY`): for a writer
-    that must know before it writes anything else."""
-    key = fact_key(fact)
+    """`FactError` if the store cannot hold ``fact`` (checked): for a writer that must know
+    before it writes anything else."""
+    _storable_key(fact, [*map(_arg_key, fact[1:])])
+
+
+def _storable_key(fact: tuple, keys: list[str]) -> str:
+    """`fact_key` of ``fact`` from its arguments' ``keys`` (`_arg_key`); `FactError` if the
+    store cannot hold it: a key past `MAX_FACT_KEY`, or a NUL (PostgreSQL stores none in text;
+    the API refuses it before, this is for every other writer, the CLI and the library too)."""
+    key = _key(fact[0], keys)
     if len(key) > MAX_FACT_KEY:
-        _refuse_key(fact, key)
+        raise FactError(
+            f"{_shown(fact)} is too large to store: its key is {len(key)} characters, at most"
+            f" {MAX_FACT_KEY} (the predicate and the arguments as JSON text, a character beyond"
+            " ASCII counted as its escape, 6 or 12)"
+        )
+    # A NUL is escaped in the key; the prefilter's text may also be a backslash's.
+    if "\\u0000" in key and any("\x00" in k for k in (fact[0], *keys)):
+        raise FactError(f"{_shown(fact)} holds the character U+0000 (NUL)")
+    return key
 
 
 def _shown(fact: tuple) -> str:
@@ -152,14 +161,6 @@ def _shown(fact: tuple) -> str:
     characters."""
     text = format_fact(fact).replace("\x00", "\\x00")
     return text if len(text) <= 120 else f"{text[:100]}... ({len(text)} characters)"
-
-
-def _refuse_key(fact: tuple, key: str) -> NoReturn:
-    raise FactError(
-        f"{_shown(fact)} is too large to store: its key is {len(key)} characters, at most"
-        f" {MAX_FACT_KEY} (the predicate and the arguments as JSON text, a character beyond"
-        " ASCII counted as its escape, 6 or 12)"
-    )
 
 
 def _facts_payload(rows: Iterable[tuple], deletes: list[tuple]) -> str:
