@@ -171,6 +171,11 @@ def _refuse_untext(value: Any) -> None:
             raise JsonRefused(reason, path=place(path))
 
 
+def is_text(text: str) -> bool:
+    """Whether ``text`` could have come in through `loads`: no lone surrogate, no NUL."""
+    return _untext(text) is None
+
+
 def _untext(text: str) -> str | None:
     """Why ``text`` may not be taken in, or None."""
     if "\x00" in text:

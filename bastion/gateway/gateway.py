@@ -26,7 +26,7 @@ from bastion.facts.model import Entity
 from bastion.gateway.client_requests import ClientRequests
 from bastion.gateway.config import GatewayConfig, UpstreamConfig, normalized_origin
 from bastion.gateway.enforce import Caller, Enforcer, Held, StepUp, refused
-from bastion.gateway.handlers import Exchange
+from bastion.gateway.handlers import Exchange, nameable
 from bastion.gateway.holds import RequestStates, pending_error
 from bastion.gateway.jsonrpc import RpcError
 from bastion.gateway.metadata import WELL_KNOWN, ProtectedResourceMetadata, metadata_url
@@ -91,8 +91,11 @@ class UpstreamState:
     def learn_tools(self, tools: list[dict[str, Any]], connection: Upstream | None = None) -> None:
         hints = self._hints_of(connection)
         for tool in tools:
-            notes = tool.get("annotations") or {}
-            hints.annotations[str(tool.get("name"))] = {
+            if not nameable(name := tool.get("name")):
+                continue  # no client can call it, and its hints are no other tool's
+            notes = tool.get("annotations")
+            notes = notes if isinstance(notes, dict) else {}
+            hints.annotations[name] = {
                 k: notes[k] for k in _HINTS if isinstance(notes.get(k), bool)
             }
 

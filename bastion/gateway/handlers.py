@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
+from bastion import untrusted_json
 from bastion.facts.model import Entity
 from bastion.gateway import holds
 from bastion.gateway.client_requests import (
@@ -324,6 +325,12 @@ def _result(response: dict[str, Any]) -> dict[str, Any]:
     return result if isinstance(result, dict) else {}
 
 
+def nameable(value: Any) -> bool:
+    """Whether ``value`` is a name a client can send in a request: a non-empty string that
+    `untrusted_json` takes (no NUL, no lone surrogate)."""
+    return isinstance(value, str) and value != "" and untrusted_json.is_text(value)
+
+
 def _name(params: dict[str, Any], key: str, where: str = "params") -> str:
     value = params.get(key)
     if not isinstance(value, str) or not value:
@@ -415,13 +422,16 @@ async def list_items(ex: Exchange) -> dict[str, Any]:
     key, kind, field_name = LISTS[ex.message.method]
     result = await ex.forward()
     await ex.gateway.enforcer.settled()
-    items = [i for i in result.get(key) or () if isinstance(i, dict)]
+    # An item a client could not name back (a name that is not text it may send) is not offered.
+    items = [
+        i for i in result.get(key) or () if isinstance(i, dict) and nameable(i.get(field_name))
+    ]
     if key == "tools":
         ex.upstream.learn_tools(items, ex.connection)
         if ex.gateway.enforcer.read_only(ex.caller, ex.context()):
             # Downgraded: a tool it may not call is not offered (fail closed; see signals docs).
             items = [i for i in items if is_read_only_tool(i.get("annotations"))]
-    entities = [Entity(kind, f"{ex.server}/{i.get(field_name, '')}") for i in items]
+    entities = [Entity(kind, f"{ex.server}/{i[field_name]}") for i in items]
     shown = ex.gateway.enforcer.visible(ex.caller, entities, ex.context())
     result[key] = [item for item, ok in zip(items, shown, strict=True) if ok]
     return result
