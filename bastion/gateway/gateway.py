@@ -88,10 +88,12 @@ class UpstreamState:
             hints = self._hints[connection] = ToolHints()
         return hints
 
-    def learn_tools(self, tools: list[dict[str, Any]], connection: Upstream | None = None) -> None:
+    def learn_tools(self, tools: Any, connection: Upstream | None = None) -> None:
+        """Take the hints of ``tools``, a ``tools/list`` result's tools as the upstream sent them
+        (only a list's objects named as a client could call them count)."""
         hints = self._hints_of(connection)
-        for tool in tools:
-            if not nameable(name := tool.get("name")):
+        for tool in tools if isinstance(tools, list) else ():
+            if not isinstance(tool, dict) or not nameable(name := tool.get("name")):
                 continue  # no client can call it, and its hints are no other tool's
             notes = tool.get("annotations")
             notes = notes if isinstance(notes, dict) else {}
@@ -112,10 +114,9 @@ class UpstreamState:
             for _ in range(100):
                 params = {"cursor": cursor} if cursor else {}
                 response = await connection.request("tools/list", params)
-                page = response.get("result") or {}
-                self.learn_tools(
-                    [t for t in page.get("tools") or () if isinstance(t, dict)], connection
-                )
+                page = response.get("result")
+                page = page if isinstance(page, dict) else {}
+                self.learn_tools(page.get("tools"), connection)
                 cursor = page.get("nextCursor")
                 if not cursor:
                     break

@@ -26,6 +26,7 @@ from bastion.gateway.client_requests import (
 )
 from bastion.gateway.enforce import Caller, Held, Verdict, refused
 from bastion.gateway.jsonrpc import (
+    INTERNAL_ERROR,
     INVALID_PARAMS,
     INVALID_REQUEST,
     LEGACY_VERSIONS,
@@ -35,6 +36,7 @@ from bastion.gateway.jsonrpc import (
     UPSTREAM_UNAVAILABLE,
     Message,
     RpcError,
+    error_parts,
     notification,
 )
 from bastion.gateway.masks import Paths, compile_paths, mask_notification, mask_result
@@ -300,11 +302,10 @@ class Exchange:
                 await self.ask_client(question["method"], question["params"]), masks
             )
             if not isinstance(answer.get("result"), dict):
-                error = answer.get("error") if isinstance(answer.get("error"), dict) else {}
-                raise RpcError(
-                    int(error.get("code", INVALID_REQUEST)),
-                    str(error.get("message", "the client did not answer")),
+                code, message, _ = error_parts(
+                    answer.get("error"), INVALID_REQUEST, "the client did not answer"
                 )
+                raise RpcError(code, message)
             answers[key] = answer["result"]
         retry: dict[str, Any] = {"inputResponses": answers}
         if "requestState" in result:
@@ -315,12 +316,7 @@ class Exchange:
 def _result(response: dict[str, Any]) -> dict[str, Any]:
     """The result of an upstream's JSON-RPC response, or its error raised as `UpstreamError`."""
     if "error" in response:
-        error = response["error"] if isinstance(response["error"], dict) else {}
-        raise UpstreamError(
-            int(error.get("code", -32603)),
-            str(error.get("message", "upstream error")),
-            error.get("data"),
-        )
+        raise UpstreamError(*error_parts(response["error"], INTERNAL_ERROR, "upstream error"))
     result = response.get("result")
     return result if isinstance(result, dict) else {}
 
@@ -422,9 +418,12 @@ async def list_items(ex: Exchange) -> dict[str, Any]:
     key, kind, field_name = LISTS[ex.message.method]
     result = await ex.forward()
     await ex.gateway.enforcer.settled()
+    listed = result.get(key)
     # An item a client could not name back (a name that is not text it may send) is not offered.
     items = [
-        i for i in result.get(key) or () if isinstance(i, dict) and nameable(i.get(field_name))
+        i
+        for i in (listed if isinstance(listed, list) else ())
+        if isinstance(i, dict) and nameable(i.get(field_name))
     ]
     if key == "tools":
         ex.upstream.learn_tools(items, ex.connection)

@@ -61,6 +61,18 @@ class RpcError(Exception):
         return {"jsonrpc": "2.0", "id": request_id, "error": error}
 
 
+def error_parts(error: Any, code: int, message: str) -> tuple[int, str, Any]:
+    """The code, message and data of an error object someone else wrote (any JSON): its code
+    where it is an integer and its message where it is text, else ``code`` and ``message``."""
+    fields = error if isinstance(error, dict) else {}
+    given, text = fields.get("code"), fields.get("message")
+    return (
+        given if isinstance(given, int) and not isinstance(given, bool) else code,
+        text if isinstance(text, str) and text else message,
+        fields.get("data"),
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class Message:
     """One inbound JSON-RPC message: a request (has an id), a notification, or a response."""

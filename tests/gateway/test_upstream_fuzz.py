@@ -1,0 +1,260 @@
+"""Whatever an upstream answers, the client gets a clear answer and nothing a mask covers:
+hypothesis writes the upstream's answers (any JSON as the result or the error, MCP shapes with
+odd members), a scripted HTTP upstream sends them, and sam asks through bastion.
+
+Properties, for every answer:
+- the client gets HTTP 200 and a JSON-RPC answer to its own id: a result, or an error with a
+  code and a message; never bastion's own failure (-32603, "internal error in bastion");
+- a value at a masked path never reaches the client, whatever shape it arrives in (in
+  ``structuredContent``, in a text block's JSON, in an embedded resource, in an error), and
+  neither does the JSON text that holds it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+from argon2 import PasswordHasher
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from bastion.gateway.jsonrpc import error_parts
+from bastion.oauth import users
+from tests.oauth.support import free_socket, serve
+
+from .streams import messages, modern_headers, modern_request
+from .support import start
+
+SECRET = "s3cr3t-value-1f9a"  # only ever under a key named "secret"
+POLICY = """
+allow(_actor, _action: String, _it: McpServer) if context.server = "fuzz";
+allow(_actor, _action: String, _it: Tool) if context.server = "fuzz";
+allow(_actor, _action: String, _it: Prompt) if context.server = "fuzz";
+allow(_actor, _action: String, _it: McpResource) if context.server = "fuzz";
+mask(_user: User, "call", _it: Tool, "items.*.secret") if
+  context.server = "fuzz" and context.tool = "masked";
+"""
+REQUESTS = {
+    "tools/list": {},
+    "tools/call": {"name": "plain", "arguments": {}},
+    "prompts/list": {},
+    "prompts/get": {"name": "p", "arguments": {}},
+    "resources/list": {},
+    "resources/templates/list": {},
+    "resources/read": {"uri": "fuzz://r"},
+    "completion/complete": {
+        "ref": {"type": "ref/prompt", "name": "p"},
+        "argument": {"name": "a", "value": ""},
+    },
+}
+INITIALIZED = {
+    "protocolVersion": "2025-11-25",
+    "capabilities": {"tools": {}, "prompts": {}, "resources": {}, "completions": {}},
+    "serverInfo": {"name": "fuzz", "version": "1"},
+}
+
+
+class Scripted:
+    """An MCP upstream over HTTP (JSON answers, no session) that answers each request with the
+    message the test set last (its id put in); ``initialize`` as a plain server would."""
+
+    def __init__(self) -> None:
+        self.answer: dict = {"result": {}}
+        self.app = Starlette(routes=[Route("/mcp", self.post, methods=["POST"])])
+
+    async def post(self, request: Request) -> Response:
+        message = json.loads(await request.body())
+        if not isinstance(message, dict) or "id" not in message:
+            return Response(status_code=202)
+        if message.get("method") == "initialize":
+            return JSONResponse({"jsonrpc": "2.0", "id": message["id"], "result": INITIALIZED})
+        return JSONResponse({**self.answer, "jsonrpc": "2.0", "id": message["id"]})
+
+
+@pytest.fixture(scope="module")
+def upstream():
+    return Scripted()
+
+
+@pytest.fixture(scope="module")
+def bastion(tmp_path_factory, upstream):
+    saved = users._HASHER
+    users._HASHER = PasswordHasher(time_cost=1, memory_cost=1024, parallelism=1)
+    try:
+        with serve(upstream.app, free_socket()) as url:
+            more = ({"name": "fuzz", "url": f"{url}/mcp"},)
+            folder = tmp_path_factory.mktemp("upfuzz")
+            with start(folder, policy_extra=POLICY, more_upstreams=more) as running:
+                yield running
+    finally:
+        users._HASHER = saved
+
+
+@pytest.fixture(scope="module")
+def token(bastion):
+    return bastion.token("sam", "fuzz")
+
+
+# Any JSON: text that may be a name, a URI, a mime type, or JSON itself; never the secret.
+leaves = (
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**53), max_value=2**53)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=12)
+    | st.sampled_from(["text", "image", "resource", "resource_link", "fuzz://r", "p", "plain"])
+)
+any_json = st.recursive(
+    leaves,
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+    ),
+    max_leaves=20,
+)
+
+
+def mcp_shaped(values):
+    """MCP's result members, each holding ``values``, some of them in MCP's own shapes."""
+    block = st.fixed_dictionaries(
+        {"type": st.sampled_from(["text", "image", "resource", "resource_link", "audio"])},
+        optional={"text": values, "resource": values, "data": values, "uri": values},
+    )
+    return st.fixed_dictionaries(
+        {},
+        optional={
+            "content": st.lists(block, max_size=3) | values,
+            "structuredContent": values,
+            "isError": values,
+            "tools": st.lists(values, max_size=3) | values,
+            "prompts": values,
+            "resources": values,
+            "resourceTemplates": values,
+            "contents": values,
+            "messages": values,
+            "completion": values,
+            "nextCursor": values,
+            "_meta": values,
+        },
+    )
+
+
+def answers(values):
+    """An upstream's answer: a result (any JSON, or MCP-shaped), or an error (of any shape)."""
+    return st.one_of(
+        st.builds(lambda r: {"result": r}, values | mcp_shaped(values)),
+        st.builds(lambda e: {"error": e}, values),
+        st.builds(
+            lambda c, m, d: {"error": {"code": c, "message": m, "data": d}},
+            st.integers(-40000, 40000) | values,
+            values,
+            values,
+        ),
+    )
+
+
+def ask(bastion, token, upstream, method: str, params: dict, answer: dict) -> dict:
+    upstream.answer = answer
+    name = params.get("name") or params.get("uri")
+    response = bastion.http.post(
+        bastion.mcp_url("fuzz"),
+        json=modern_request(9, method, params),
+        headers=modern_headers(token, method, name),
+        timeout=30,
+    )
+    assert response.status_code == 200, (answer, response.status_code, response.text)
+    reply = messages(response)[-1]
+    assert reply.get("id") == 9, (answer, reply)
+    assert ("result" in reply) != ("error" in reply), (answer, reply)
+    if "error" in reply:
+        error = reply["error"]
+        assert isinstance(error.get("code"), int) and isinstance(error.get("message"), str)
+        assert error["message"], (answer, reply)
+        assert "internal error in bastion" not in error["message"], (answer, reply)
+    return reply
+
+
+def kind(reply: dict) -> str:
+    return f"error {reply['error']['code']}" if "error" in reply else "result"
+
+
+@settings(
+    max_examples=250,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(method=st.sampled_from(sorted(REQUESTS)), answer=answers(any_json))
+def test_any_upstream_answer_gets_the_client_a_clear_answer(
+    bastion, token, upstream, caplog, method, answer
+):
+    caplog.clear()
+    # A call reads the tools' hints from the upstream's list (the same answer) until it has one.
+    bastion.app.state.gateway.upstreams["fuzz"].forget_tools()
+    with caplog.at_level(logging.ERROR, logger="bastion"):
+        event(f"{method}: {kind(ask(bastion, token, upstream, method, REQUESTS[method], answer))}")
+    failures = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert not failures, (answer, [r.getMessage() for r in failures])
+
+
+# Values where the secret is only at the masked path (``items.*.secret``), or in JSON text.
+def _with(record: dict, secret: bool) -> dict:
+    return {**record, "secret": SECRET} if secret else record
+
+
+_record = st.builds(
+    _with, st.dictionaries(st.text(max_size=8), any_json, max_size=3), st.booleans()
+)
+_items = st.lists(_record, max_size=3) | st.dictionaries(st.text(max_size=8), _record, max_size=3)
+_shaped = st.builds(
+    lambda items, rest: {**rest, "items": items},
+    _items | any_json,
+    st.dictionaries(st.text(max_size=8), any_json, max_size=2),
+)
+with_secrets = _shaped | _shaped.map(json.dumps) | any_json
+
+
+@settings(
+    max_examples=250,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(answer=answers(with_secrets))
+def test_a_masked_value_never_reaches_the_client_in_any_shape(bastion, token, upstream, answer):
+    params = {"name": "masked", "arguments": {}}
+    reply = ask(bastion, token, upstream, "tools/call", params, answer)
+    event(kind(reply))
+    assert SECRET not in json.dumps(reply), (answer, reply)
+
+
+def test_the_fuzzed_upstream_is_reached_and_its_answer_relayed(bastion, token, upstream):
+    """The properties above hold of answers that arrive: a plain one does, as it was sent."""
+    answer = {"result": {"content": [{"type": "text", "text": "hello"}]}}
+    reply = ask(bastion, token, upstream, "tools/call", REQUESTS["tools/call"], answer)
+    assert reply["result"]["content"] == [{"type": "text", "text": "hello"}]
+    masked = {"result": {"structuredContent": {"items": [{"secret": SECRET, "kept": 1}]}}}
+    reply = ask(bastion, token, upstream, "tools/call", {"name": "masked", "arguments": {}}, masked)
+    assert reply["result"]["structuredContent"]["items"][0]["kept"] == 1, reply
+    assert SECRET not in json.dumps(reply)
+
+
+@pytest.mark.parametrize(
+    ("error", "parts"),
+    [
+        ({"code": -32001, "message": "busy", "data": {"a": 1}}, (-32001, "busy", {"a": 1})),
+        ({"code": "-32001", "message": "busy"}, (-1, "busy", None)),
+        ({"code": True, "message": 5}, (-1, "default", None)),
+        ({"code": 1.5, "message": ""}, (-1, "default", None)),
+        ({"code": None, "message": None, "data": [1]}, (-1, "default", [1])),
+        (["code", 7], (-1, "default", None)),
+        ("error", (-1, "default", None)),
+    ],
+)
+def test_an_error_someone_else_wrote_is_read_for_what_it_holds(error, parts):
+    """The one reader of an upstream's error and of a client's error answer (to a question an
+    upstream asked): an odd code or message is replaced, never a failure of bastion's own."""
+    assert error_parts(error, -1, "default") == parts
