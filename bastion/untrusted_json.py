@@ -176,6 +176,15 @@ def is_text(text: str) -> bool:
     return _untext(text) is None
 
 
+def writable(text: str) -> str:
+    """``text`` with what no database, log or UTF-8 answer can hold written as its escape: a NUL
+    as ``\\x00``, half of a surrogate pair as ``\\udXXX``. For a message that quotes text
+    someone else sent (a key, a name, an error of theirs)."""
+    if "\x00" in text:
+        text = text.replace("\x00", "\\x00")
+    return text if text.isascii() else text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def _untext(text: str) -> str | None:
     """Why ``text`` may not be taken in, or None."""
     if "\x00" in text:
@@ -234,8 +243,11 @@ def _walk(value: Any, max_depth: int) -> None:
 
 
 def place(path: tuple) -> str:
-    """``("facts", 0, "args", 2)`` as ``facts[0].args[2]``."""
+    """``("facts", 0, "args", 2)`` as ``facts[0].args[2]`` (a key as `writable` writes it)."""
     out = ""
     for part in path:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{writable(part)}" if out else writable(str(part))
     return out

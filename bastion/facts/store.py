@@ -30,7 +30,7 @@ from bastion.facts.model import (
 )
 from bastion.json_encoding import encoder
 from bastion.turns import Turns, full_passes_held, loads_in_turns
-from bastion.untrusted_json import MAX_INTEGER, MIN_INTEGER
+from bastion.untrusted_json import MAX_INTEGER, MIN_INTEGER, is_text, writable
 
 # Arguments 1..INDEXED_ARGS get a column of their own, so patterns on them are matched by SQL.
 INDEXED_ARGS = 4
@@ -141,8 +141,9 @@ def check_storable(fact: tuple) -> None:
 
 def _storable_key(fact: tuple, keys: list[str]) -> str:
     """`fact_key` of ``fact`` from its arguments' ``keys`` (`_arg_key`); `FactError` if the
-    store cannot hold it: a key past `MAX_FACT_KEY`, or a NUL (PostgreSQL stores none in text;
-    the API refuses it before, this is for every other writer, the CLI and the library too)."""
+    store cannot hold it: a key past `MAX_FACT_KEY`, a NUL (PostgreSQL stores none in text) or
+    half of a surrogate pair (not Unicode: no database writes it as UTF-8). The API refuses both
+    before; this is for every other writer: a sign-in's claims, the CLI, the library."""
     key = _key(fact[0], keys)
     if len(key) > MAX_FACT_KEY:
         raise FactError(
@@ -150,16 +151,21 @@ def _storable_key(fact: tuple, keys: list[str]) -> str:
             f" {MAX_FACT_KEY} (the predicate and the arguments as JSON text, a character beyond"
             " ASCII counted as its escape, 6 or 12)"
         )
-    # A NUL is escaped in the key; the prefilter's text may also be a backslash's.
-    if "\\u0000" in key and any("\x00" in k for k in (fact[0], *keys)):
-        raise FactError(f"{_shown(fact)} holds the character U+0000 (NUL)")
+    # A NUL and a surrogate are escaped in the key; the prefilter's text may also be a
+    # backslash's, or a whole pair's (text beyond the Basic Multilingual Plane).
+    if "\\u0000" in key or "\\ud" in key:
+        for part in (fact[0], *keys):
+            if "\x00" in part:
+                raise FactError(f"{_shown(fact)} holds the character U+0000 (NUL)")
+            if not is_text(part):
+                raise FactError(f"{_shown(fact)} holds half of a UTF-16 surrogate pair")
     return key
 
 
 def _shown(fact: tuple) -> str:
-    """``fact`` in a message: its Polar text (a NUL written ``\\x00``), cut after 100
-    characters."""
-    text = format_fact(fact).replace("\x00", "\\x00")
+    """``fact`` in a message: its Polar text (a NUL or a lone surrogate written as its escape),
+    cut after 100 characters."""
+    text = writable(format_fact(fact))
     return text if len(text) <= 120 else f"{text[:100]}... ({len(text)} characters)"
 
 

@@ -9,10 +9,11 @@ import hmac
 from collections.abc import Mapping
 from typing import Any
 
-from joserfc import jwt
+from joserfc import jws, jwt
 from joserfc.errors import JoseError
 from joserfc.jwk import KeySet
 
+from bastion import untrusted_json
 from bastion.identity.providers import LoginRefused, OpenIDProvider
 
 
@@ -26,9 +27,18 @@ def signed_claims(token: str, keys: KeySet, kid: str | None, alg: str) -> dict[s
     if len(candidates) != 1:
         raise LoginRefused("kid", "The ID token is not signed by a key of the provider.")
     try:
-        return dict(jwt.decode(token, candidates[0], algorithms=[alg]).claims)
+        jwt.decode(token, candidates[0], algorithms=[alg])
     except (JoseError, ValueError):
         raise LoginRefused("signature", "The ID token's signature is not the provider's.") from None
+    # The claims as bastion reads every JSON someone else sends: no NUL, no lone surrogate, no
+    # number past 64 bits (what a claim mapped to facts or the account's subject is written as).
+    try:
+        claims = untrusted_json.loads(jws.extract_compact(token.encode("ascii")).payload)
+    except untrusted_json.JsonRefused as exc:
+        raise LoginRefused("claims", f"The ID token's claims cannot be taken: {exc}") from None
+    if not isinstance(claims, dict):
+        raise LoginRefused("claims", "The ID token's claims are not a JSON object.")
+    return claims
 
 
 def _number(claims: Mapping[str, Any], name: str) -> float:

@@ -10,7 +10,7 @@ import pytest
 
 from bastion.db import Database
 from bastion.facts.model import Entity, FactError
-from bastion.facts.store import SCHEMA_VERSION, FactStore, StoredFact, fact_key
+from bastion.facts.store import SCHEMA_VERSION, FactStore, StoredFact, check_storable, fact_key
 
 ALICE = Entity("User", "alice")
 BOB = Entity("User", "bob")
@@ -478,3 +478,25 @@ def test_a_nul_is_refused_by_every_writer_of_the_store_and_nothing_is_written(st
     # The text "\\u0000" (a backslash, then u0000) is no NUL.
     store.apply([("has_role", Entity("User", "\\u0000"), "reader", Entity("Repo", "anvil"))])
     assert store.get()[0].fact[1].id == "\\u0000"
+
+
+def test_half_a_surrogate_pair_is_refused_by_every_writer_and_nothing_is_written(store):
+    """Half of a UTF-16 surrogate pair is not Unicode: neither database writes it as UTF-8 (a
+    sign-in whose claim held one was a 500 on both). The API refuses it before; the store
+    refuses it for every other writer, with a message that shows it as its escape."""
+    head = store.head()
+    for fact in [
+        ("has_role", Entity("User", "sam\ud800"), "reader", Entity("Repo", "anvil")),
+        ("has_role", Entity("User", "sam"), "\udfff", Entity("Repo", "anvil")),
+        ("has_role", Entity("User", "sam"), "reader", Entity("Re\udc00po", "anvil")),
+    ]:
+        with pytest.raises(FactError, match="half of a UTF-16 surrogate pair") as refused:
+            store.apply([("has_role", Entity("User", "ok"), "reader", Entity("Repo", "a")), fact])
+        str(refused.value).encode("utf-8")  # the message itself is text
+        with pytest.raises(FactError):
+            check_storable(fact)
+    assert store.head() == head and store.get() == []
+    # A whole pair is one character (an emoji), and the text "\\ud800" is no surrogate.
+    for text in ["\N{GRINNING FACE}", "\\ud800"]:
+        store.apply([("has_role", Entity("User", text), "reader", Entity("Repo", "anvil"))])
+    assert {f.fact[1].id for f in store.get()} == {"\N{GRINNING FACE}", "\\ud800"}

@@ -15,7 +15,7 @@ import uuid
 
 import httpx
 import pytest
-from joserfc import jwt
+from joserfc import jws, jwt
 from joserfc.jwk import OctKey, RSAKey
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -120,10 +120,12 @@ class TestProvider:
             **claims,
         }
         body = {k: v for k, v in body.items() if v is not None}
+        # The claims as JSON text escaped to ASCII: a lone surrogate can be sent too.
+        payload = json.dumps(body).encode()
         if sign == "k1":
-            token = jwt.encode({"alg": "RS256", "kid": "k1"}, body, self.key)
+            token = jws.serialize_compact({"alg": "RS256", "kid": "k1"}, payload, self.key)
         elif sign == "stranger":
-            token = jwt.encode({"alg": "RS256", "kid": "k1"}, body, self.stranger)
+            token = jws.serialize_compact({"alg": "RS256", "kid": "k1"}, payload, self.stranger)
         elif sign == "none":
             header = _b64(json.dumps({"alg": "none"}).encode())
             token = f"{header}.{_b64(json.dumps(body).encode())}."
@@ -329,6 +331,31 @@ def test_a_claim_value_too_large_to_store_refuses_the_login_and_writes_nothing(
     code = idp.issue("a", query, groups=["devs", "g" * 2600])
     response = person.back_from_provider("a", code=code, state=query["state"], iss=idp.issuer("a"))
     refused(response, 400, "makes no usable fact")
+    assert (sessions(bastion), users(bastion), bastion.server.facts.head()) == before
+
+
+@pytest.mark.parametrize(
+    "claims",
+    [
+        {"groups": ["devs", "a\u0000b"]},
+        {"groups": ["\ud800"]},
+        {"sub": "ada\u0000"},
+        {"profile": {"\udc00": 1}},
+        {"custom": 2**64},
+    ],
+    ids=["nul-group", "surrogate-group", "nul-sub", "surrogate-key", "huge-number"],
+)
+def test_claims_no_store_can_hold_refuse_the_login_and_write_nothing(
+    bastion, idp, person, client, claims
+):
+    """Claims are read as every JSON from elsewhere is: a NUL or half of a surrogate pair in any
+    string or key, or a number past 64 bits, refuses the login before anything is written (a
+    group with a surrogate was a 500 on both databases, a NUL one on PostgreSQL)."""
+    before = (sessions(bastion), users(bastion), bastion.server.facts.head())
+    query = person.sent_to_provider(client, "a")
+    code = idp.issue("a", query, **claims)
+    response = person.back_from_provider("a", code=code, state=query["state"], iss=idp.issuer("a"))
+    refused(response, 400, "The ID token's claims cannot be taken")
     assert (sessions(bastion), users(bastion), bastion.server.facts.head()) == before
 
 

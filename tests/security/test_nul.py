@@ -197,3 +197,28 @@ def test_a_multipart_form_is_refused_by_every_route(bastion):
     ]:
         answer = http.post(path, content=body, headers=headers)
         assert refused(answer, family, status=415) is None, (path, answer.text)
+
+
+def test_a_refusal_quotes_a_key_it_could_not_write_as_its_escape(bastion):
+    """A number refused under a key that is not text (the number is met first): every route's
+    refusal is a 400 naming the place with the key written as its escape (a 500 at /register
+    before: its answer, UTF-8, could not hold the key as it came), and changes nothing."""
+    server, http, token, store = bastion
+    head = store.head()
+    wrong: dict[str, str] = {}
+    for key in ["\\ud800", "a\\u0000b", "\\udfff\\u0000"]:
+        body = f'{{"{key}": 1e999}}'.encode()  # ASCII text: the key's characters as escapes
+        for name, (method, path, _body, family) in JSON_BODIES.items():
+            answer = http.request(
+                method, path, content=body, headers={**ADMIN, "content-type": "application/json"}
+            )
+            said = answer.text if family is None else json.dumps(answer.json().get(SAID[family]))
+            if answer.status_code != 400 or "1e999 is too large" not in said:
+                wrong[f"{name}, {key}"] = f"{answer.status_code}: {answer.text[:300]}"
+        call = modern_headers(token, "tools/call", "x")
+        answer = http.post("/mcp/desk", content=body, headers=call)
+        if answer.status_code != 400 or "1e999 is too large" not in answer.text:
+            wrong[f"a tool call, {key}"] = f"{answer.status_code}: {answer.text[:300]}"
+    assert not wrong, json.dumps(wrong, indent=1)
+    assert store.head() == head
+    assert "Traceback" not in server.log.read_text()
