@@ -422,12 +422,18 @@ class SsfReceiver:
             except Exception as e:  # noqa: BLE001 - any failure is reported and retried
                 message = f"stream not configured: {e}"[:500]
                 log.error("ssf transmitter %s: %s", t.name, message)
-                await anyio.to_thread.run_sync(
-                    lambda m=message: self.store.save_stream(t.name, "error", m)
-                )
+                await self._note(t, "error", message)
                 await asyncio.sleep(t.poll_interval_seconds)
         if t.delivery == "poll":
             await self._poll_forever(t, stream)
+
+    async def _note(self, t: Transmitter, status: str, detail: str) -> None:
+        """Record the stream's status; a database that cannot take it now is logged, and the
+        stream's task goes on (it stopped for good before, and no signal came in after)."""
+        try:
+            await anyio.to_thread.run_sync(lambda: self.store.save_stream(t.name, status, detail))
+        except Exception as e:  # noqa: BLE001 - the status is noted again at the next change
+            log.warning("ssf transmitter %s: its status could not be recorded: %s", t.name, e)
 
     async def _call(
         self, t: Transmitter, method: str, url: str, *, json_body: Any = None, params=None
@@ -448,7 +454,7 @@ class SsfReceiver:
         if known is not None and known.stream_id:
             response = await self._call(t, "GET", endpoint, params={"stream_id": known.stream_id})
             if response.status_code == 200:
-                stream = response.json()
+                stream = untrusted_json.loads(response.content)
         if stream is None:
             delivery: dict[str, Any] = (
                 {
@@ -472,7 +478,7 @@ class SsfReceiver:
                     f"creating the stream at {endpoint} answered HTTP {response.status_code}:"
                     f" {response.text[:200]}"
                 )
-            stream = response.json()
+            stream = untrusted_json.loads(response.content)
         if not isinstance(stream, dict) or not isinstance(stream.get("stream_id"), str):
             raise ValueError(f"{endpoint} answered no stream_id")
         if t.audience not in (
@@ -484,8 +490,9 @@ class SsfReceiver:
         status_endpoint = meta.get("status_endpoint")
         if isinstance(status_endpoint, str):
             answer = await self._call(t, "GET", status_endpoint, params={"stream_id": stream_id})
-            if answer.status_code == 200 and isinstance(answer.json(), dict):
-                status = str(answer.json().get("status", status))[:32]
+            said = untrusted_json.loads(answer.content) if answer.status_code == 200 else None
+            if isinstance(said, dict) and isinstance(said.get("status"), str):
+                status = said["status"][:32]
         state = secrets.token_urlsafe(16)
         await anyio.to_thread.run_sync(
             lambda: self.store.save_stream(
@@ -512,8 +519,7 @@ class SsfReceiver:
         try:
             url = secure_url(url, "the stream's poll endpoint_url")
         except ValueError as e:
-            message = str(e)
-            await anyio.to_thread.run_sync(lambda: self.store.save_stream(t.name, "error", message))
+            await self._note(t, "error", str(e))
             return
         ack: list[str] = []
         errs: dict[str, dict[str, str]] = {}
@@ -525,17 +531,13 @@ class SsfReceiver:
                 message = f"poll failed: {e}"[:500]
                 log.error("ssf transmitter %s: %s", t.name, message)
                 if not failing:
-                    await anyio.to_thread.run_sync(
-                        lambda m=message: self.store.save_stream(t.name, "error", m)
-                    )
+                    await self._note(t, "error", message)
                 failing = True
                 await asyncio.sleep(t.poll_interval_seconds)
                 continue
             if failing:
                 failing = False
-                await anyio.to_thread.run_sync(
-                    lambda: self.store.save_stream(t.name, "polling", "poll answered again")
-                )
+                await self._note(t, "polling", "poll answered again")
             if not more and not ack and not errs:
                 await asyncio.sleep(t.poll_interval_seconds)
 

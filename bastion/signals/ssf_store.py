@@ -9,6 +9,7 @@ import time
 from dataclasses import dataclass
 
 from bastion.db import Database
+from bastion.untrusted_json import writable
 
 _MIGRATIONS = [
     """
@@ -82,6 +83,9 @@ class SsfStore:
         stream_id: str | None = None,
         verification_state: str | None = None,
     ) -> None:
+        # Both may quote what the transmitter said (an error's text): held as text any database
+        # and any answer can hold.
+        status, detail = writable(status), writable(detail)
         now = time.time()
         self.seen[transmitter] = {"status": status, "detail": detail}
         with self.db.transaction():

@@ -5,13 +5,14 @@ replay store works on SQLite and PostgreSQL, and user-wide revocation revokes ev
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import anyio
 import pytest
 from joserfc.jwk import ECKey, KeySet
 from starlette.applications import Starlette
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from bastion.db import Database
@@ -300,3 +301,83 @@ def test_a_set_whose_effects_fail_is_released_and_applied_when_delivered_again(t
         assert receiver.oauth_store.grant("g1").revoked_at is not None
     finally:
         db.close()
+
+
+def test_a_transmitters_words_no_database_can_hold_are_recorded_and_its_stream_tried_again(
+    database_url,
+):
+    """A transmitter whose answers hold what a database cannot store (a NUL byte in an error's
+    text; a key that is half of a surrogate pair, quoted by the refusal of a number under it):
+    the stream's status is recorded with them written as escapes, and the stream's task goes on
+    (on PostgreSQL the status write failed inside the task's handler, and the task stopped for
+    good: no signal came in after it)."""
+    from bastion.facts.store import FactStore
+    from bastion.signals.ssf import SsfReceiver
+
+    state = {"url": "", "creates": 0, "polls": 0}
+
+    async def metadata(request):
+        return JSONResponse(
+            {"issuer": ISSUER, "jwks_uri": f"{state['url']}/jwks",
+             "configuration_endpoint": f"{state['url']}/stream"}
+        )  # fmt: skip
+
+    async def stream(request):
+        state["creates"] += 1
+        if state["creates"] <= 2:  # refused, with bytes no text column takes
+            return Response(b"down \x00 for \xff maintenance", status_code=500)
+        return JSONResponse(
+            {"stream_id": "s1", "aud": "https://bastion.example.com",
+             "delivery": {"method": "urn:ietf:rfc:8936", "endpoint_url": f"{state['url']}/poll"}}
+        )  # fmt: skip
+
+    async def poll(request):
+        state["polls"] += 1
+        body = b'{"\\ud800": 1e999}' if state["polls"] <= 2 else b'{"sets": {}}'
+        return Response(body, media_type="application/json")
+
+    app = Starlette(
+        routes=[
+            Route("/.well-known/ssf-configuration", metadata),
+            Route("/stream", stream, methods=["GET", "POST"]),
+            Route("/poll", poll, methods=["POST"]),
+        ]
+    )
+    db = Database(database_url)
+    seen: list[dict] = []
+    try:
+        with serve(app, free_socket()) as url:
+            state["url"] = url
+            s = settings(
+                delivery="poll",
+                poll_interval_seconds=0.05,
+                configuration_url=f"{url}/.well-known/ssf-configuration",
+            )
+            receiver = SsfReceiver(s, db, OAuthStore(db), FactStore(db), lambda: None)
+            t = s.transmitters[0]
+
+            async def scenario():
+                import httpx
+
+                receiver._client = httpx.AsyncClient(timeout=10)
+                task = asyncio.create_task(receiver._run(t))
+                try:
+                    with anyio.fail_after(20):
+                        while state["polls"] < 4:
+                            stored = receiver.store.stream(t.name)
+                            if stored and stored.detail not in [x["detail"] for x in seen]:
+                                seen.append({"status": stored.status, "detail": stored.detail})
+                            await asyncio.sleep(0.01)
+                    assert not task.done(), task
+                finally:
+                    task.cancel()
+                    await receiver._client.aclose()
+
+            anyio.run(scenario)
+    finally:
+        db.close()
+    details = " | ".join(x["detail"] for x in seen)
+    assert "stream not configured" in details and "\\x00" in details, seen
+    assert "poll failed" in details and "\\ud800: 1e999 is too large" in details, seen
+    assert all("\x00" not in x["detail"] and x["detail"].isprintable() for x in seen), seen
+    assert state["creates"] == 3 and state["polls"] >= 4
