@@ -67,8 +67,9 @@ def _storage_full(error: BaseException) -> bool:
 
 def unstorable(error: BaseException) -> bool:
     """Whether ``error`` says the values written cannot be stored (text that is not Unicode, an
-    integer too large, a constraint broken), so that writing them again will fail again; not a
-    database that is unavailable, busy or full, which a retry may get past."""
+    integer too large, a constraint broken, an index entry too large), so that writing them again
+    will fail again; not a database that is unavailable, busy or full, which a retry may get
+    past."""
     return isinstance(
         error,
         UnicodeError
@@ -79,7 +80,8 @@ def unstorable(error: BaseException) -> bool:
         | sqlite3.DataError
         | sqlite3.IntegrityError
         | psycopg.DataError
-        | psycopg.IntegrityError,
+        | psycopg.IntegrityError
+        | psycopg.errors.ProgramLimitExceeded,
     )
 
 

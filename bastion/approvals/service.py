@@ -29,7 +29,7 @@ from bastion.approvals.store import OPEN, Answer, ApprovalRequest, ApprovalStore
 from bastion.audit.log import AuditLog
 from bastion.decide import Authorizer
 from bastion.facts.model import Entity
-from bastion.facts.store import FactStore, StoredFact
+from bastion.facts.store import FactStore, StoredFact, check_storable
 from bastion.policy.errors import EvaluationLimit
 
 if TYPE_CHECKING:
@@ -454,12 +454,20 @@ class Approvals:
     def _check_grant(self, request: ApprovalRequest) -> None:
         from bastion.facts.model import FactError
 
+        fact = self._grant_fact(request)
         try:
-            self.authorizer().facts.validate(self._grant_fact(request))
+            self.authorizer().facts.validate(fact)
         except FactError as e:
             raise NotAllowed(
                 f"an approval for a time is stored as an {GRANT} fact, and the policy cannot"
                 f" hold it: {e}"
+            ) from None
+        try:  # before the answer is written: the grant would fail after it (a 500, no grant)
+            check_storable(fact)
+        except FactError as e:
+            raise NotAllowed(
+                f"an approval for a time is stored as an {GRANT} fact, and the store cannot"
+                f" hold this one: {e}; approve it once instead"
             ) from None
 
     def _grant(self, request: ApprovalRequest, minutes: int) -> None:

@@ -109,13 +109,14 @@ class UpstreamOAuthClient:
                     not isinstance(servers, list)
                     or not servers
                     or not _https_or_loopback(servers[0])
+                    or not servers[0].isascii()
                     or len(servers[0]) > MAX_ISSUER
                 ):
                     raise UpstreamOAuthError(
                         "unavailable",
                         f"{self.resource}'s protected-resource metadata names no usable"
                         f" authorization server (an https URL of at most {MAX_ISSUER}"
-                        " characters); set oauth.issuer",
+                        " ASCII characters); set oauth.issuer",
                     )
                 issuer = servers[0].rstrip("/")
             document = await fetch_json(

@@ -46,8 +46,9 @@ from bastion.oauth.verifier import VerifiedToken
 ISSUERS_TABLE = "[[gateway.trusted_issuers]]"
 MAX_TOKEN_CHARS = 16_384
 # The most characters of the user a token names (OpenID Connect's bound on ``sub``); its agent's
-# client ID is bounded as bastion's own are (`MAX_CLIENT_ID_URL`). Both are stored in indexed
-# columns (alerts, approvals), where PostgreSQL takes no entry over 2,704 bytes.
+# client ID is bounded as bastion's own are (`MAX_CLIENT_ID_URL`), counted in UTF-8 bytes (bastion's
+# own are ASCII). Both are stored in indexed columns (alerts, approvals), where PostgreSQL takes no
+# entry over 2,704 bytes.
 MAX_USER_CHARS = 255
 _KEYS = {
     "issuer",
@@ -404,9 +405,9 @@ class TrustedIssuers:
             raise InvalidToken(
                 f"none of the claims {list(issuer.agent_claims)} names the agent", "claims"
             )
-        if len(agent) > MAX_CLIENT_ID_URL:
+        if len(agent.encode("utf-8", "surrogatepass")) > MAX_CLIENT_ID_URL:
             raise InvalidToken(
-                f"the agent's client ID is longer than {MAX_CLIENT_ID_URL} characters", "claims"
+                f"the agent's client ID is longer than {MAX_CLIENT_ID_URL} bytes (UTF-8)", "claims"
             )
         scope, scp = claims.get("scope"), claims.get("scp")
         if isinstance(scope, str):

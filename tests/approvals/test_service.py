@@ -3,6 +3,8 @@ the exact call, used once, expire, and a time-bounded approval is an expiring fa
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from bastion import Authorizer, Entity
@@ -210,6 +212,21 @@ def test_an_approval_for_minutes_is_an_expiring_fact_the_contract_sees(world):
     assert chain.obligations.requires_approval and chain.obligations.approval_granted
     other = decide_chain(authz, (sam, bot), "call", delete, {})
     assert not other.obligations.approval_granted
+
+
+def test_an_approval_for_minutes_the_store_cannot_hold_is_refused_before_it_is_written(world):
+    """An agent's client ID of 300 emoji (1,200 bytes: a trusted issuer's agent may be that
+    long) makes a grant fact past the store's bound on a key. The answer for minutes is refused
+    before anything is written (it was written, then the grant failed: a 500, the request
+    approved with no grant and no final event); approving it once still works."""
+    approvals, _, facts, _ = world
+    agent = "\N{GRINNING FACE}" * 300
+    request = held(approvals, dataclasses.replace(call(send), client_id=agent))
+    with pytest.raises(NotAllowed, match="the store cannot hold this one"):
+        approvals.answer(request.id, "avery", "approve", minutes=15, channel="api")
+    assert approvals.get(request.id).status == "pending" and not approvals.get(request.id).approvals
+    assert list(facts.get(("approval_grant", None, None, None, None))) == []
+    assert approvals.answer(request.id, "avery", "approve", channel="api").status == "approved"
 
 
 def test_a_call_only_policy_refuses_an_approval_for_minutes(world):

@@ -209,10 +209,17 @@ def test_an_authorization_server_named_by_an_upstream_must_be_a_url_an_index_tak
     )
     at_the_bound = f"{upstream}/as/" + "a" * (MAX_ISSUER - len(upstream) - 4)
     with serve(app, sock):
-        for issuer in (at_the_bound + "a", "javascript:alert(1)", f"ftp://{upstream[7:]}/as/x"):
+        # Beyond ASCII, 1,024 characters may be 4,096 bytes, past any index entry: refused too.
+        wide = f"{upstream}/as/" + "\N{GRINNING FACE}" * 20
+        for issuer in (
+            at_the_bound + "a",
+            "javascript:alert(1)",
+            f"ftp://{upstream[7:]}/as/x",
+            wide,
+        ):
             named[:] = [issuer]
             client = UpstreamOAuthClient(f"{upstream}/mcp", UpstreamOAuth())
-            with pytest.raises(UpstreamOAuthError, match=f"at most {MAX_ISSUER} characters"):
+            with pytest.raises(UpstreamOAuthError, match=f"at most {MAX_ISSUER} ASCII characters"):
                 asyncio.run(client.metadata())
         named[:] = [at_the_bound]
         found = asyncio.run(UpstreamOAuthClient(f"{upstream}/mcp", UpstreamOAuth()).metadata())

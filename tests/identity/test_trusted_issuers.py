@@ -284,6 +284,10 @@ def test_a_user_or_an_agent_longer_than_any_index_takes_is_refused(bastion, idp)
     assert "longer than 1024" in refused(
         call(bastion, idp.token("a", client_id=None, azp="c" * 1025))
     )
+    # Counted in UTF-8 bytes: 257 emoji are 1,028 (and 3,084 characters in a fact's key).
+    assert "longer than 1024 bytes" in refused(
+        call(bastion, idp.token("a", client_id="\N{GRINNING FACE}" * 257))
+    )
     # At the bounds, the token is taken: the call is decided (this user has no grant).
     answer = call(bastion, idp.token("a", sub="s" * 255, client_id="c" * 1024))
     assert answer.status_code == 200, answer.text
