@@ -33,6 +33,7 @@ from bastion.db import DatabaseUnavailable
 from bastion.oauth import pages
 from bastion.oauth.sign_in import SESSION_COOKIE, sign_in_url
 from bastion.oauth.store import Client
+from bastion.untrusted_json import writable
 
 if TYPE_CHECKING:
     from bastion.oauth.server import AuthorizationServer
@@ -338,7 +339,10 @@ def _status(request: ApprovalRequest, now: float) -> str:
 
 
 def _json(value: Any) -> str:
-    return escape(json.dumps(value, indent=2, ensure_ascii=False, sort_keys=True, default=str))
+    """``value`` as JSON to read on a page: text beyond ASCII as it is, half of a surrogate pair
+    (which an upstream's result may hold) as its escape, as no UTF-8 page can hold it."""
+    text = json.dumps(value, indent=2, ensure_ascii=False, sort_keys=True, default=str)
+    return escape(writable(text))
 
 
 def _agent(request: ApprovalRequest, client: Client | None) -> str:

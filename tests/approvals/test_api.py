@@ -386,3 +386,21 @@ def test_a_server_without_a_gateway_says_it_has_no_approvals(tmp_path):
         server.stop()
     for r in answers:
         assert_problem(r, 503, "[gateway]")
+
+
+def test_a_held_result_holding_text_no_utf8_answer_holds_is_shown_as_its_escape(bastion):
+    """An upstream's result may hold half of a surrogate pair (bastion relays what it sent):
+    held for review, the reviewer reads it through the API (a 500 before: the answer, UTF-8,
+    could not hold it) and on the page, each time as its escape."""
+    from bastion.approvals.pages import _json
+
+    result = {"content": [{"type": "text", "text": "odd \ud800 text"}], "isError": False}
+    held = bastion.holder.hold(REPORT, kind="review", result=result)
+    with bastion.client() as api:
+        r = api.get(f"/v1/approvals/{held.id}", params={"reviewer": "avery"})
+    assert r.status_code == 200, r.text
+    assert b"odd \\ud800 text" in r.content and r.content.isascii()
+    assert r.json()["result"] == result
+    page = _json(result)
+    page.encode("utf-8")  # the page's text is Unicode: the surrogate is written as its escape
+    assert "odd \\ud800 text" in page

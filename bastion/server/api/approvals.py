@@ -9,6 +9,7 @@ holds a key of this scope.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import anyio
@@ -154,7 +155,16 @@ async def get_request(request: Request) -> JSONResponse:
     shown = await anyio.to_thread.run_sync(read)
     if shown is None:
         raise _unknown(request_id)
-    return JSONResponse(shown)
+    return _AsciiJSON(shown)
+
+
+class _AsciiJSON(JSONResponse):
+    """JSON escaped to ASCII: a held result may hold half of a surrogate pair (an upstream's
+    text), which no UTF-8 answer holds as it is (Starlette's failed: a 500); its escape reads
+    back as the same string."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, allow_nan=False, separators=(",", ":")).encode("ascii")
 
 
 async def _answer(request: Request, answer: str) -> JSONResponse:
