@@ -28,7 +28,7 @@ from bastion.gateway.jsonrpc import error_parts
 from bastion.oauth import users
 from tests.oauth.support import free_socket, serve
 
-from .streams import messages, modern_headers, modern_request
+from .streams import legacy_session, messages, modern_headers, modern_request
 from .support import start
 
 SECRET = "s3cr3t-value-1f9a"  # only ever under a key named "secret"
@@ -158,15 +158,22 @@ def answers(values):
     )
 
 
-def ask(bastion, token, upstream, method: str, params: dict, answer: dict) -> dict:
+@pytest.fixture(scope="module")
+def legacy(bastion, token):
+    """The headers of a 2025-11-25 session with the fuzzed upstream."""
+    return legacy_session(bastion, token, "fuzz")
+
+
+def ask(bastion, token, upstream, method, params, answer, legacy=None) -> dict:
+    """Ask ``method`` with ``params`` while the upstream answers ``answer``: in 2026-07-28, or
+    in the 2025-11-25 session whose headers ``legacy`` are."""
     upstream.answer = answer
     name = params.get("name") or params.get("uri")
-    response = bastion.http.post(
-        bastion.mcp_url("fuzz"),
-        json=modern_request(9, method, params),
-        headers=modern_headers(token, method, name),
-        timeout=30,
-    )
+    if legacy is None:
+        body, headers = modern_request(9, method, params), modern_headers(token, method, name)
+    else:
+        body, headers = {"jsonrpc": "2.0", "id": 9, "method": method, "params": params}, legacy
+    response = bastion.http.post(bastion.mcp_url("fuzz"), json=body, headers=headers, timeout=30)
     assert response.status_code == 200, (answer, response.status_code, response.text)
     reply = messages(response)[-1]
     assert reply.get("id") == 9, (answer, reply)
@@ -188,15 +195,18 @@ def kind(reply: dict) -> str:
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
-@given(method=st.sampled_from(sorted(REQUESTS)), answer=answers(any_json))
+@given(method=st.sampled_from(sorted(REQUESTS)), answer=answers(any_json), old=st.booleans())
 def test_any_upstream_answer_gets_the_client_a_clear_answer(
-    bastion, token, upstream, caplog, method, answer
+    bastion, token, upstream, legacy, caplog, method, answer, old
 ):
     caplog.clear()
     # A call reads the tools' hints from the upstream's list (the same answer) until it has one.
     bastion.app.state.gateway.upstreams["fuzz"].forget_tools()
     with caplog.at_level(logging.ERROR, logger="bastion"):
-        event(f"{method}: {kind(ask(bastion, token, upstream, method, REQUESTS[method], answer))}")
+        reply = ask(
+            bastion, token, upstream, method, REQUESTS[method], answer, legacy if old else None
+        )
+        event(f"{method}: {kind(reply)}")
     failures = [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert not failures, (answer, [r.getMessage() for r in failures])
 
@@ -223,10 +233,12 @@ with_secrets = _shaped | _shaped.map(json.dumps) | any_json
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
-@given(answer=answers(with_secrets))
-def test_a_masked_value_never_reaches_the_client_in_any_shape(bastion, token, upstream, answer):
+@given(answer=answers(with_secrets), old=st.booleans())
+def test_a_masked_value_never_reaches_the_client_in_any_shape(
+    bastion, token, upstream, legacy, answer, old
+):
     params = {"name": "masked", "arguments": {}}
-    reply = ask(bastion, token, upstream, "tools/call", params, answer)
+    reply = ask(bastion, token, upstream, "tools/call", params, answer, legacy if old else None)
     event(kind(reply))
     assert SECRET not in json.dumps(reply), (answer, reply)
 
