@@ -1,10 +1,13 @@
 """Whatever an upstream answers, the client gets a clear answer and nothing a mask covers:
 hypothesis writes the upstream's answers (any JSON as the result or the error, MCP shapes with
-odd members), a scripted HTTP upstream sends them, and sam asks through bastion.
+odd members) and the notifications it sends before them (progress, log messages, others, of any
+shape), a scripted HTTP upstream sends them, and sam asks through bastion in either era.
 
 Properties, for every answer:
 - the client gets HTTP 200 and a JSON-RPC answer to its own id: a result, or an error with a
-  code and a message; never bastion's own failure (-32603, "internal error in bastion");
+  code and a message; never bastion's own failure (-32603, "internal error in bastion"), and
+  nothing logged as a failure; what comes before the answer is notifications, a progress one
+  with the client's own token;
 - a value at a masked path never reaches the client, whatever shape it arrives in (in
   ``structuredContent``, in a text block's JSON, in an embedded resource, in an error), and
   neither does the JSON text that holds it.
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+from functools import partial
 
 import pytest
 from argon2 import PasswordHasher
@@ -61,11 +65,14 @@ INITIALIZED = {
 
 
 class Scripted:
-    """An MCP upstream over HTTP (JSON answers, no session) that answers each request with the
-    message the test set last (its id put in); ``initialize`` as a plain server would."""
+    """An MCP upstream over HTTP (no session) that answers each request with the message the
+    test set last (its id put in), as JSON, or as an event stream after the notifications the
+    test set (a progress notification's token "TOKEN" is the request's own); ``initialize`` as a
+    plain server would."""
 
     def __init__(self) -> None:
         self.answer: dict = {"result": {}}
+        self.notes: list[dict] = []
         self.app = Starlette(routes=[Route("/mcp", self.post, methods=["POST"])])
 
     async def post(self, request: Request) -> Response:
@@ -74,7 +81,20 @@ class Scripted:
             return Response(status_code=202)
         if message.get("method") == "initialize":
             return JSONResponse({"jsonrpc": "2.0", "id": message["id"], "result": INITIALIZED})
-        return JSONResponse({**self.answer, "jsonrpc": "2.0", "id": message["id"]})
+        answer = {**self.answer, "jsonrpc": "2.0", "id": message["id"]}
+        if not self.notes:
+            return JSONResponse(answer)
+        token = ((message.get("params") or {}).get("_meta") or {}).get("progressToken")
+        events = [*map(partial(_with_token, token), self.notes), answer]
+        body = "".join(f"event: message\ndata: {json.dumps(e)}\n\n" for e in events)
+        return Response(body, media_type="text/event-stream")
+
+
+def _with_token(token, note: dict) -> dict:
+    params = note.get("params")
+    if isinstance(params, dict) and params.get("progressToken") == "TOKEN" and token is not None:
+        note = {**note, "params": {**params, "progressToken": token}}
+    return {"jsonrpc": "2.0", **note}
 
 
 @pytest.fixture(scope="module")
@@ -144,6 +164,36 @@ def mcp_shaped(values):
     )
 
 
+def notifications(values):
+    """What an upstream may send before its answer: notifications MCP defines, with their
+    members of any shape (a progress of the request's own token, or not), or any other."""
+    progress = st.fixed_dictionaries(
+        {"progressToken": st.just("TOKEN") | values},
+        optional={"progress": st.integers(0, 10) | values, "total": values, "message": values},
+    )
+    log = st.fixed_dictionaries(
+        {"level": st.sampled_from(["info", "error", "debug"]) | values},
+        optional={"data": values, "logger": values},
+    )
+    note = st.one_of(
+        st.builds(lambda p: {"method": "notifications/progress", "params": p}, progress),
+        st.builds(lambda p: {"method": "notifications/message", "params": p}, log),
+        st.builds(
+            lambda m, p: {"method": m, "params": p},
+            st.sampled_from(
+                [
+                    "notifications/resources/updated",
+                    "notifications/tools/list_changed",
+                    "notifications/cancelled",
+                    "notifications/whatever",
+                ]
+            ),
+            values,
+        ),  # fmt: skip
+    )
+    return st.lists(note, max_size=3)
+
+
 def answers(values):
     """An upstream's answer: a result (any JSON, or MCP-shaped), or an error (of any shape)."""
     return st.one_of(
@@ -164,18 +214,26 @@ def legacy(bastion, token):
     return legacy_session(bastion, token, "fuzz")
 
 
-def ask(bastion, token, upstream, method, params, answer, legacy=None) -> dict:
-    """Ask ``method`` with ``params`` while the upstream answers ``answer``: in 2026-07-28, or
-    in the 2025-11-25 session whose headers ``legacy`` are."""
-    upstream.answer = answer
+def ask(bastion, token, upstream, method, params, answer, legacy=None, notes=()) -> list[dict]:
+    """Ask ``method`` with ``params`` (and a progress token) while the upstream sends ``notes``
+    then answers ``answer``: in 2026-07-28, or in the 2025-11-25 session whose headers
+    ``legacy`` are. The messages the client got, the answer last, checked as JSON-RPC."""
+    upstream.answer, upstream.notes = answer, list(notes)
     name = params.get("name") or params.get("uri")
     if legacy is None:
         body, headers = modern_request(9, method, params), modern_headers(token, method, name)
+        body["params"]["_meta"]["progressToken"] = "mine"
     else:
+        params = {**params, "_meta": {"progressToken": "mine"}}
         body, headers = {"jsonrpc": "2.0", "id": 9, "method": method, "params": params}, legacy
     response = bastion.http.post(bastion.mcp_url("fuzz"), json=body, headers=headers, timeout=30)
     assert response.status_code == 200, (answer, response.status_code, response.text)
-    reply = messages(response)[-1]
+    got = messages(response)
+    for note in got[:-1]:
+        assert isinstance(note.get("method"), str) and "id" not in note, (notes, note)
+        if note["method"] == "notifications/progress":
+            assert note["params"]["progressToken"] == "mine", (notes, note)
+    reply = got[-1]
     assert reply.get("id") == 9, (answer, reply)
     assert ("result" in reply) != ("error" in reply), (answer, reply)
     if "error" in reply:
@@ -183,7 +241,7 @@ def ask(bastion, token, upstream, method, params, answer, legacy=None) -> dict:
         assert isinstance(error.get("code"), int) and isinstance(error.get("message"), str)
         assert error["message"], (answer, reply)
         assert "internal error in bastion" not in error["message"], (answer, reply)
-    return reply
+    return got
 
 
 def kind(reply: dict) -> str:
@@ -195,17 +253,23 @@ def kind(reply: dict) -> str:
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
-@given(method=st.sampled_from(sorted(REQUESTS)), answer=answers(any_json), old=st.booleans())
+@given(
+    method=st.sampled_from(sorted(REQUESTS)),
+    answer=answers(any_json),
+    notes=notifications(any_json),
+    old=st.booleans(),
+)
 def test_any_upstream_answer_gets_the_client_a_clear_answer(
-    bastion, token, upstream, legacy, caplog, method, answer, old
+    bastion, token, upstream, legacy, caplog, method, answer, notes, old
 ):
     caplog.clear()
     # A call reads the tools' hints from the upstream's list (the same answer) until it has one.
     bastion.app.state.gateway.upstreams["fuzz"].forget_tools()
     with caplog.at_level(logging.ERROR, logger="bastion"):
         reply = ask(
-            bastion, token, upstream, method, REQUESTS[method], answer, legacy if old else None
-        )
+            bastion, token, upstream, method, REQUESTS[method], answer, legacy if old else None,
+            notes,
+        )[-1]  # fmt: skip
         event(f"{method}: {kind(reply)}")
     failures = [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert not failures, (answer, [r.getMessage() for r in failures])
@@ -233,25 +297,38 @@ with_secrets = _shaped | _shaped.map(json.dumps) | any_json
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
-@given(answer=answers(with_secrets), old=st.booleans())
+@given(answer=answers(with_secrets), notes=notifications(with_secrets), old=st.booleans())
 def test_a_masked_value_never_reaches_the_client_in_any_shape(
-    bastion, token, upstream, legacy, answer, old
+    bastion, token, upstream, legacy, answer, notes, old
 ):
     params = {"name": "masked", "arguments": {}}
-    reply = ask(bastion, token, upstream, "tools/call", params, answer, legacy if old else None)
-    event(kind(reply))
-    assert SECRET not in json.dumps(reply), (answer, reply)
+    got = ask(
+        bastion, token, upstream, "tools/call", params, answer, legacy if old else None, notes
+    )
+    event(kind(got[-1]))
+    event(f"{len(got) - 1} notifications relayed")
+    assert SECRET not in json.dumps(got), (answer, notes, got)
 
 
 def test_the_fuzzed_upstream_is_reached_and_its_answer_relayed(bastion, token, upstream):
-    """The properties above hold of answers that arrive: a plain one does, as it was sent."""
+    """The properties above hold of answers that arrive: a plain one does, as it was sent, and
+    so does a notification sent before it."""
     answer = {"result": {"content": [{"type": "text", "text": "hello"}]}}
-    reply = ask(bastion, token, upstream, "tools/call", REQUESTS["tools/call"], answer)
+    reply = ask(bastion, token, upstream, "tools/call", REQUESTS["tools/call"], answer)[-1]
     assert reply["result"]["content"] == [{"type": "text", "text": "hello"}]
     masked = {"result": {"structuredContent": {"items": [{"secret": SECRET, "kept": 1}]}}}
-    reply = ask(bastion, token, upstream, "tools/call", {"name": "masked", "arguments": {}}, masked)
+    reply = ask(
+        bastion, token, upstream, "tools/call", {"name": "masked", "arguments": {}}, masked
+    )[-1]
     assert reply["result"]["structuredContent"]["items"][0]["kept"] == 1, reply
     assert SECRET not in json.dumps(reply)
+    # A progress notification before the answer reaches the client, with the client's token;
+    # under a mask without its free text.
+    progress = {"progressToken": "TOKEN", "progress": 1, "message": SECRET}
+    notes = [{"method": "notifications/progress", "params": progress}]
+    for tool, shown in (("plain", {"message": SECRET}), ("masked", {})):
+        got = ask(bastion, token, upstream, "tools/call", {"name": tool}, answer, notes=notes)
+        assert got[0]["params"] == {"progressToken": "mine", "progress": 1, **shown}, got
 
 
 @pytest.mark.parametrize(
