@@ -52,8 +52,10 @@ WITHHELD_URI = "bastion:withheld"
 Paths = tuple[tuple[str, ...], ...]
 
 _INDEX = re.compile(r"\[(\*|\d+)\]")
-_ROLES = frozenset({"user", "assistant"})
-_RESULT_TYPES = frozenset({"complete", "input_required", "incomplete"})
+# Tuples, not sets: what they are asked about is the upstream's JSON, and a list or an object
+# asked of a set is a TypeError (unhashable); a tuple compares it.
+_ROLES = ("user", "assistant")
+_RESULT_TYPES = ("complete", "input_required", "incomplete")
 _MIME_TYPE = re.compile(r"[A-Za-z0-9][\w.+-]{0,63}/[A-Za-z0-9][\w.+-]{0,63}")
 _TIMESTAMP = re.compile(
     r"\d{4}-\d{2}-\d{2}(T\d{2}:\d{2}(:\d{2}(\.\d{1,9})?)?(Z|[+-]\d{2}:\d{2})?)?"

@@ -383,9 +383,8 @@ class StdioUpstream(Upstream):
                 except (ValueError, RecursionError):  # not JSON, or nested past Python's stack
                     log.warning("upstream %s wrote a line that is not JSON", self.name)
                     continue
-                if not isinstance(message, dict):
-                    continue
-                await self._dispatch(message)
+                if _is_message(message, self.name):
+                    await self._dispatch(message)
         except (ValueError, ConnectionError) as e:
             log.warning("upstream %s: stdout unreadable: %s", self.name, e)
         finally:
@@ -941,7 +940,7 @@ async def _events(response: Response, stream: EventStream | None = None):
         except (ValueError, RecursionError):  # not JSON, or nested past Python's stack
             log.warning("an upstream sent an event that is not JSON")
             continue
-        if isinstance(message, dict):
+        if _is_message(message):
             yield message
 
 
@@ -949,6 +948,18 @@ def open_upstream(config: UpstreamConfig) -> Upstream:
     """The upstream's own connection (``auth = "per_user"``: never used to connect; each user's
     session is a `bastion.gateway.upstream_credentials.UserTokenUpstream`)."""
     return StdioUpstream(config) if config.transport == "stdio" else HttpUpstream(config)
+
+
+def _is_message(message: Any, upstream: str = "?") -> bool:
+    """Whether ``message`` (read from the upstream so named) can be a JSON-RPC message: an
+    object whose ``method``, if it has one, is text. Any other is dropped, with a warning for one
+    whose method is not text (it failed in the notification handler before)."""
+    if not isinstance(message, dict):
+        return False
+    if "method" in message and not isinstance(message["method"], str):
+        log.warning("upstream %s sent a message whose method is not text", upstream)
+        return False
+    return True
 
 
 def _plain_id(value: Any) -> bool:

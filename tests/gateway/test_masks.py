@@ -245,3 +245,18 @@ def test_a_path_that_cannot_be_read_withholds_every_json_value(path):
         "level": "info",
         "data": WITHHELD,
     }
+
+
+def test_members_of_any_shape_where_mcp_names_a_value_are_left_out_not_a_failure():
+    """An upstream's ``resultType``, a message's ``role`` and an annotation's ``audience`` are
+    checked against the values MCP names; a list or an object there was a TypeError (asked of a
+    set, it is unhashable), bastion's own failure. Now it is left out, as any other odd value."""
+    odd = {
+        "resultType": {"x": 1},
+        "messages": [{"role": ["user"], "content": {"type": "text", "text": "{}"}}],
+        "content": [{"type": "text", "text": "{}", "annotations": {"audience": [{"r": 1}]}}],
+    }
+    masked, count = mask_result(odd, PATHS)
+    assert "resultType" not in masked and masked["messages"] == []
+    assert masked["content"] == [{"type": "text", "text": "{}", "annotations": {}}]
+    assert count == 3

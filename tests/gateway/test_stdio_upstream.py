@@ -1,5 +1,6 @@
 """A misbehaving stdio upstream cannot break bastion's side of the pipe: messages with ids bastion
-cannot match are dropped, the real answer still arrives, and no second process is started."""
+cannot match, and notifications whose method is not text, are dropped, the real answer still
+arrives, and no second process is started."""
 
 from __future__ import annotations
 
@@ -25,6 +26,10 @@ SERVER = textwrap.dedent(
             for crafted in ([message["id"]], {"id": message["id"]}, 1.5, True, None):
                 print(json.dumps({"jsonrpc": "2.0", "id": crafted, "result": {}}), flush=True)
             print(json.dumps({"jsonrpc": "2.0", "id": [1], "method": "roots/list"}), flush=True)
+            for method in (["x"], 5, {"m": 1}, None):  # a notification's method not text
+                print(json.dumps({"jsonrpc": "2.0", "method": method}), flush=True)
+            print(json.dumps({"jsonrpc": "2.0", "method": "notifications/tools/list_changed"}),
+                  flush=True)
             result = {"tools": [{"name": "echo", "inputSchema": {"type": "object"}}]}
         print(json.dumps({"jsonrpc": "2.0", "id": message["id"], "result": result}), flush=True)
     """
@@ -35,10 +40,17 @@ def test_crafted_ids_from_a_stdio_upstream_are_dropped_and_the_answer_arrives(tm
     script = tmp_path / "raw_server.py"
     script.write_text(SERVER)
 
+    heard: list = []
+
     async def scenario() -> tuple[list, int, int, bool]:
         upstream = StdioUpstream(
             UpstreamConfig(name="raw", command=sys.executable, args=(str(script),), timeout=10)
         )
+
+        async def hear(message):
+            heard.append(message["method"])
+
+        upstream.on_notification = hear
         try:
             first = await upstream.request("tools/list", {})
             pid = upstream._process.pid
@@ -55,3 +67,5 @@ def test_crafted_ids_from_a_stdio_upstream_are_dropped_and_the_answer_arrives(tm
     names, first_pid, second_pid, running = asyncio.run(scenario())
     assert names == ["echo", "echo"]
     assert first_pid == second_pid and running  # the same process throughout, still running
+    # Only the notification whose method is text reaches the handler (one per answer).
+    assert heard == ["notifications/tools/list_changed"] * 2

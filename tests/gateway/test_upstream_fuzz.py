@@ -77,8 +77,8 @@ class Scripted:
 
     async def post(self, request: Request) -> Response:
         message = json.loads(await request.body())
-        if not isinstance(message, dict) or "id" not in message:
-            return Response(status_code=202)
+        if not isinstance(message, dict) or "id" not in message or "method" not in message:
+            return Response(status_code=202)  # a notification, or a response to its request
         if message.get("method") == "initialize":
             return JSONResponse({"jsonrpc": "2.0", "id": message["id"], "result": INITIALIZED})
         answer = {**self.answer, "jsonrpc": "2.0", "id": message["id"]}
@@ -160,13 +160,28 @@ def mcp_shaped(values):
             "completion": values,
             "nextCursor": values,
             "_meta": values,
+            "resultType": st.sampled_from(["complete", "input_required"]) | values,
+            "inputRequests": st.dictionaries(st.text(max_size=4), questions(values), max_size=2)
+            | values,
+            "requestState": values,
         },
+    )
+
+
+QUESTIONS = ["elicitation/create", "sampling/createMessage", "roots/list", "tools/call"]
+
+
+def questions(values):
+    """A request an upstream asks the client (MCP's, or another), with params of any shape."""
+    return st.fixed_dictionaries(
+        {"method": st.sampled_from(QUESTIONS) | values}, optional={"params": values}
     )
 
 
 def notifications(values):
     """What an upstream may send before its answer: notifications MCP defines, with their
-    members of any shape (a progress of the request's own token, or not), or any other."""
+    members of any shape (a progress of the request's own token, or not), or any other, and
+    requests for the client (which declared no capability: each is refused to the upstream)."""
     progress = st.fixed_dictionaries(
         {"progressToken": st.just("TOKEN") | values},
         optional={"progress": st.integers(0, 10) | values, "total": values, "message": values},
@@ -187,9 +202,13 @@ def notifications(values):
                     "notifications/cancelled",
                     "notifications/whatever",
                 ]
-            ),
+            )
+            | values,
             values,
         ),  # fmt: skip
+        st.builds(
+            lambda i, q: {"id": i, **q}, st.integers(1, 99) | st.text(max_size=4), questions(values)
+        ),
     )
     return st.lists(note, max_size=3)
 
