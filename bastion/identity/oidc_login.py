@@ -51,7 +51,13 @@ from bastion.identity.providers import (
 )
 from bastion.oauth import pages, pkce
 from bastion.oauth.client_assertion import jwks_problem
-from bastion.oauth.jwks import FetchLimits, RemoteDocumentError, RemoteKeySets, fetch_json
+from bastion.oauth.jwks import (
+    FetchLimits,
+    RemoteDocumentError,
+    RemoteKeySets,
+    fetch_json,
+    protected_header,
+)
 from bastion.oauth.sign_in import (
     BROWSER_COOKIE,
     CSRF_PURPOSE,
@@ -418,7 +424,7 @@ class OpenIDLogin:
     ) -> dict[str, Any]:
         """The ID token's claims once checked as OpenID Connect Core §3.1.3.7 says."""
         try:
-            header = dict(jws.extract_compact(id_token.encode("ascii")).headers())
+            header = protected_header(jws.extract_compact(id_token.encode("ascii")))
         except (JoseError, UnicodeError, ValueError):
             raise LoginRefused("id_token", "The ID token is not a signed JWT.") from None
         alg = header.get("alg")

@@ -39,6 +39,7 @@ from bastion.oauth.jwks import (
     RemoteDocumentError,
     RemoteKeySets,
     issuer_metadata,
+    protected_header,
     signing_key,
 )
 from bastion.oauth.verifier import VerifiedToken
@@ -319,7 +320,7 @@ class TrustedIssuers:
             raise InvalidToken(f"the token is longer than {MAX_TOKEN_CHARS} characters", "format")
         try:
             compact = jws.extract_compact(token.encode("ascii"))
-            header = dict(compact.headers())
+            header = protected_header(compact)
         except (JoseError, UnicodeError, ValueError):
             raise InvalidToken("not a compact JWS", "format") from None
         claimed = unverified_issuer(token)

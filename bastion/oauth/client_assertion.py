@@ -31,7 +31,13 @@ from joserfc.jwk import KeySet
 from bastion import untrusted_json
 from bastion.db import Database
 from bastion.oauth.errors import InvalidClient, InvalidClientMetadata, InvalidRequest
-from bastion.oauth.jwks import FetchLimits, RemoteDocumentError, RemoteKeySets, signing_key
+from bastion.oauth.jwks import (
+    FetchLimits,
+    RemoteDocumentError,
+    RemoteKeySets,
+    protected_header,
+    signing_key,
+)
 from bastion.oauth.settings import ClientAssertionSettings
 from bastion.oauth.spent_jtis import SpentJtis
 from bastion.oauth.store import Client
@@ -78,7 +84,10 @@ def jwks_problem(jwks: Any) -> str | None:
                 f"jwks.keys[{i}] holds private key material ({', '.join(private)}): register"
                 " only the public key"
             )
-        kids.append(key.get("kid"))
+        kid = key.get("kid")
+        if kid is not None and not isinstance(kid, str):
+            return f"jwks.keys[{i}]: kid must be text"
+        kids.append(kid)
     if len(keys) > 1 and (None in kids or len(set(kids)) != len(kids)):
         return "jwks with several keys: each key needs a distinct kid"
     try:
@@ -303,12 +312,12 @@ def _unverified(assertion: str) -> tuple[dict[str, Any], dict[str, Any]]:
     its key. Nothing read here is trusted until `_verify`."""
     try:
         compact = jws.extract_compact(assertion.encode("ascii"))
+        header = protected_header(compact)
         claims = untrusted_json.loads(compact.payload)
     except (JoseError, UnicodeError, ValueError, untrusted_json.JsonRefused):
         raise InvalidClient(
             "client_assertion is not a signed JWT (compact serialization)"
         ) from None
-    header = compact.headers()
     if not isinstance(claims, dict):
         raise InvalidClient("the client assertion's payload must be a JSON object of claims")
-    return dict(header), claims
+    return header, claims

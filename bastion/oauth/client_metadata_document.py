@@ -312,7 +312,7 @@ class ClientMetadataDocuments:
             if problem:
                 raise ClientMetadataDocumentError(url, problem)
         grant_types = document.get("grant_types", ["authorization_code"])
-        if not isinstance(grant_types, list) or not set(grant_types) <= set(_GRANT_TYPES):
+        if not isinstance(grant_types, list) or not all(g in _GRANT_TYPES for g in grant_types):
             raise ClientMetadataDocumentError(
                 url, f"grant_types must be among {list(_GRANT_TYPES)}"
             )

@@ -39,6 +39,7 @@ from joserfc.jws import JWSRegistry
 
 from bastion.db import Database
 from bastion.oauth.errors import OAuthError
+from bastion.oauth.jwks import protected_header
 from bastion.oauth.settings import DPoPSettings
 from bastion.oauth.spent_jtis import SpentJtis
 
@@ -185,7 +186,7 @@ class DPoPProofs:
             )
         try:
             compact = jws.extract_compact(proof.encode("ascii"), registry=self._registry)
-            header = dict(compact.headers())
+            header = protected_header(compact)
         except (JoseError, UnicodeError, ValueError):
             raise InvalidDPoPProof("the DPoP proof is not a signed JWT (compact form)") from None
         if header.get("typ") != PROOF_TYPE:

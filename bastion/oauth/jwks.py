@@ -21,6 +21,7 @@ from urllib.parse import urlsplit
 import anyio
 import httpx
 from joserfc.jwk import Key, KeySet
+from joserfc.jws import CompactSignature
 
 from bastion import untrusted_json
 
@@ -102,6 +103,16 @@ async def fetch_json(
 class _Fetched:
     keys: KeySet
     fetched_at: float
+
+
+def protected_header(compact: CompactSignature) -> dict[str, Any]:
+    """The protected header of a compact JWS, before anything is verified; `ValueError` unless
+    it is a JSON object (joserfc takes any JSON that holds "alg": a list or a string did, and
+    made a 500 wherever it was read as an object)."""
+    header = compact.headers()
+    if not isinstance(header, dict):
+        raise ValueError("the JWS header is not a JSON object")
+    return dict(header)
 
 
 def has_kid(keys: KeySet, kid: str) -> bool:

@@ -45,6 +45,7 @@ from bastion.oauth.jwks import (
     RemoteDocumentError,
     RemoteKeySets,
     issuer_metadata,
+    protected_header,
     signing_key,
 )
 from bastion.oauth.settings import ProtectedResource
@@ -450,9 +451,10 @@ def _unverified(assertion: str) -> tuple[dict[str, Any], dict[str, Any]]:
         raise InvalidGrant(f"the assertion is longer than {MAX_ASSERTION_CHARS} characters")
     try:
         compact = jws.extract_compact(assertion.encode("ascii"))
+        header = protected_header(compact)
         claims = untrusted_json.loads(compact.payload)
     except (JoseError, UnicodeError, ValueError, untrusted_json.JsonRefused):
         raise InvalidGrant("the assertion is not a signed JWT (compact serialization)") from None
     if not isinstance(claims, dict):
         raise InvalidGrant("the assertion's payload must be a JSON object of claims")
-    return dict(compact.headers()), claims
+    return header, claims

@@ -284,6 +284,11 @@ def test_alg_none_and_hmac_with_the_public_key_are_refused(bastion, config, caps
         signing_input = f"{head}.{payload}".encode()
         mac = _b64(hmac.new(secret, signing_input, hashlib.sha256).digest())
         refused(token_request(bastion, f"{head}.{payload}.{mac}"), "alg 'HS256'")
+    # A header that is JSON but not an object (joserfc takes any that holds "alg"): refused as
+    # not a signed JWT (it was a 500).
+    for header in (["alg"], "alg", ["alg", "RS256"]):
+        odd = f"{_b64(json.dumps(header).encode())}.{payload}.{_b64(b'x' * 256)}"
+        refused(token_request(bastion, odd), "not a signed JWT")
     # Its own algorithm works.
     good = assertion(key, client_id, bastion.url, header={"alg": "RS256", "kid": "rsa"})
     assert token_request(bastion, good).status_code == 200
@@ -420,6 +425,29 @@ def test_registration_refuses_private_keys_and_plain_http_key_urls(config, capsy
         "--config", config,
     )  # fmt: skip
     assert code == 2 and "https" in err
+
+
+def test_a_key_set_whose_kid_is_not_text_is_refused_before_anything_else(bastion):
+    """A ``kid`` that is a list or an object (RFC 7517: a string) was put in a set to check the
+    kids are distinct: unhashable, a 500 to anyone registering (before the registration policy),
+    at a token request whose client's jwks_uri served it, and wherever a trusted party's key set
+    is read. It is refused as the key set's problem."""
+    for kid in (["a"], {"x": 1}, 7):
+        first = {**public_jwks(new_key("one"))["keys"][0], "kid": kid}
+        keys = {"keys": [first, public_jwks(new_key("two"))["keys"][0]]}
+        answer = bastion.http.post(
+            f"{bastion.url}/register",
+            json={
+                "client_name": "odd kid",
+                "token_endpoint_auth_method": "private_key_jwt",
+                "grant_types": ["client_credentials"],
+                "jwks": keys,
+            },
+        )
+        assert answer.status_code == 400, answer.text
+        body = answer.json()
+        assert body["error"] == "invalid_client_metadata", body
+        assert "kid must be text" in body["error_description"], body
 
 
 def test_open_registration_of_a_key_client_needs_an_initial_access_token(bastion):

@@ -132,6 +132,13 @@ def test_document_with_bad_redirect_uris_is_refused(host):
     refused(host, host.document("/http.json", redirect_uris=["http://example.com/cb"]), "https")
 
 
+def test_document_whose_grant_types_are_not_text_is_refused(host):
+    """A grant type that is a list or an object was put in a set (unhashable): a 500 at
+    /authorize, and, not a refusal, never remembered as a failure (fetched again each time)."""
+    for odd in ([["authorization_code"]], [{"a": 1}], ["password"]):
+        refused(host, host.document("/grants.json", grant_types=odd), "grant_types must be")
+
+
 def test_oversized_document_is_refused(host):
     url = host.raw("/big.json", 200, b'{"client_id": "' + b"x" * 10_000 + b'"}')
     refused(host, url, "larger than", max_bytes=5120)
