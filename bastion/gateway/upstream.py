@@ -298,7 +298,7 @@ class Upstream(abc.ABC):
                 UPSTREAM_UNAVAILABLE,
                 f"upstream {self.name} refused initialize: {response.get('error')}",
             )
-        self.init_result = response["result"]
+        self.init_result = server_description(response["result"])
         self._log_level = None  # a new connection: its level is the upstream's default again
         await self._send_notification({"jsonrpc": "2.0", "method": "notifications/initialized"})
 
@@ -567,13 +567,13 @@ class HttpUpstream(Upstream):
             response = {}
         found = response.get("result") if isinstance(response, dict) else None
         if isinstance(found, dict) and MODERN_VERSION in (found.get("supportedVersions") or ()):
-            meta = found.get("_meta") or {}
-            self.init_result = {
-                "protocolVersion": MODERN_VERSION,
-                "capabilities": found.get("capabilities") or {},
-                "serverInfo": meta.get("io.modelcontextprotocol/serverInfo") or {},
-                "instructions": found.get("instructions"),
-            }
+            meta = found.get("_meta")
+            info = (
+                meta.get("io.modelcontextprotocol/serverInfo") if isinstance(meta, dict) else None
+            )
+            self.init_result = server_description(
+                {**found, "protocolVersion": MODERN_VERSION, "serverInfo": info}
+            )
             return True
         self._protocol_version = None
         self._modern = False
@@ -948,6 +948,24 @@ def open_upstream(config: UpstreamConfig) -> Upstream:
     """The upstream's own connection (``auth = "per_user"``: never used to connect; each user's
     session is a `bastion.gateway.upstream_credentials.UserTokenUpstream`)."""
     return StdioUpstream(config) if config.transport == "stdio" else HttpUpstream(config)
+
+
+def server_description(result: Any) -> dict[str, Any]:
+    """What an upstream said of itself (the result of ``initialize``, or of ``server/discover``
+    put in its shape), in the shapes bastion reads it in: ``capabilities`` an object of objects,
+    ``serverInfo`` an object, ``protocolVersion`` and ``instructions`` text; a member of another
+    shape is left out (read as an object, a list there was bastion's own failure)."""
+    said = result if isinstance(result, dict) else {}
+    capabilities = said.get("capabilities")
+    described: dict[str, Any] = {
+        "capabilities": {k: v for k, v in capabilities.items() if isinstance(v, dict)}
+        if isinstance(capabilities, dict)
+        else {}
+    }
+    for key, kind in (("protocolVersion", str), ("serverInfo", dict), ("instructions", str)):
+        if isinstance(said.get(key), kind):
+            described[key] = said[key]
+    return described
 
 
 def _is_message(message: Any, upstream: str = "?") -> bool:

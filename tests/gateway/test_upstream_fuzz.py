@@ -37,12 +37,12 @@ from .support import start
 
 SECRET = "s3cr3t-value-1f9a"  # only ever under a key named "secret"
 POLICY = """
-allow(_actor, _action: String, _it: McpServer) if context.server = "fuzz";
-allow(_actor, _action: String, _it: Tool) if context.server = "fuzz";
-allow(_actor, _action: String, _it: Prompt) if context.server = "fuzz";
-allow(_actor, _action: String, _it: McpResource) if context.server = "fuzz";
+allow(_actor, _action: String, _it: McpServer) if context.server in ["fuzz", "oddinit", "odddisc"];
+allow(_actor, _action: String, _it: Tool) if context.server in ["fuzz", "oddinit", "odddisc"];
+allow(_actor, _action: String, _it: Prompt) if context.server in ["fuzz", "oddinit", "odddisc"];
+allow(_actor, _action: String, _it: McpResource) if context.server in ["fuzz", "oddinit", "odddisc"];
 mask(_user: User, "call", _it: Tool, "items.*.secret") if
-  context.server = "fuzz" and context.tool = "masked";
+  context.server in ["fuzz", "oddinit", "odddisc"] and context.tool = "masked";
 """
 REQUESTS = {
     "tools/list": {},
@@ -70,8 +70,9 @@ class Scripted:
     test set (a progress notification's token "TOKEN" is the request's own); ``initialize`` as a
     plain server would."""
 
-    def __init__(self) -> None:
-        self.answer: dict = {"result": {}}
+    def __init__(self, initialized: dict | None = None, answer: dict | None = None) -> None:
+        self.initialized = INITIALIZED if initialized is None else initialized
+        self.answer: dict = answer or {"result": {}}
         self.notes: list[dict] = []
         self.app = Starlette(routes=[Route("/mcp", self.post, methods=["POST"])])
 
@@ -80,7 +81,8 @@ class Scripted:
         if not isinstance(message, dict) or "id" not in message or "method" not in message:
             return Response(status_code=202)  # a notification, or a response to its request
         if message.get("method") == "initialize":
-            return JSONResponse({"jsonrpc": "2.0", "id": message["id"], "result": INITIALIZED})
+            result = self.initialized
+            return JSONResponse({"jsonrpc": "2.0", "id": message["id"], "result": result})
         answer = {**self.answer, "jsonrpc": "2.0", "id": message["id"]}
         if not self.notes:
             return JSONResponse(answer)
@@ -102,13 +104,32 @@ def upstream():
     return Scripted()
 
 
+# What two more upstreams say of themselves, each member in another shape than MCP's: one at
+# initialize (2025-11-25), one at server/discover (2026-07-28, which it answers every request
+# with).
+ODD = {"capabilities": {"tools": [1], "resources": "yes", "logging": 5, "prompts": None}}
+ODD_INIT = {**ODD, "protocolVersion": 7, "serverInfo": "odd", "instructions": {"a": 1}}
+ODD_DISCOVERY = {
+    "result": {**ODD, "supportedVersions": ["2026-07-28"], "_meta": "odd", "instructions": [1]}
+}
+
+
 @pytest.fixture(scope="module")
 def bastion(tmp_path_factory, upstream):
     saved = users._HASHER
     users._HASHER = PasswordHasher(time_cost=1, memory_cost=1024, parallelism=1)
+    odd_init, odd_discovery = Scripted(ODD_INIT), Scripted(answer=ODD_DISCOVERY)
     try:
-        with serve(upstream.app, free_socket()) as url:
-            more = ({"name": "fuzz", "url": f"{url}/mcp"},)
+        with (
+            serve(upstream.app, free_socket()) as url,
+            serve(odd_init.app, free_socket()) as init_url,
+            serve(odd_discovery.app, free_socket()) as discovery_url,
+        ):
+            more = (
+                {"name": "fuzz", "url": f"{url}/mcp"},
+                {"name": "oddinit", "url": f"{init_url}/mcp"},
+                {"name": "odddisc", "url": f"{discovery_url}/mcp"},
+            )
             folder = tmp_path_factory.mktemp("upfuzz")
             with start(folder, policy_extra=POLICY, more_upstreams=more) as running:
                 yield running
@@ -366,3 +387,26 @@ def test_an_error_someone_else_wrote_is_read_for_what_it_holds(error, parts):
     """The one reader of an upstream's error and of a client's error answer (to a question an
     upstream asked): an odd code or message is replaced, never a failure of bastion's own."""
     assert error_parts(error, -1, "default") == parts
+
+
+@pytest.mark.parametrize("server", ["oddinit", "odddisc"])
+def test_an_upstream_describing_itself_in_other_shapes_is_served_with_what_mcp_shapes(
+    bastion, server
+):
+    """Capabilities that are not objects, a server name that is not an object, a version or
+    instructions that are not text (at initialize or server/discover): each is left out, and a
+    client of either era gets clear answers (a list of tools as ``tools`` was bastion's own
+    failure at the client's initialize, discover and tools/list)."""
+    token = bastion.token("sam", server)
+    session = legacy_session(bastion, token, server)  # initialize: asserts 200
+    for body, headers in (
+        ({"jsonrpc": "2.0", "id": 1, "method": "tools/list", "params": {}}, session),
+        (modern_request(2, "server/discover", {}), modern_headers(token, "server/discover")),
+        (modern_request(3, "tools/list", {}), modern_headers(token, "tools/list")),
+    ):
+        answer = bastion.http.post(bastion.mcp_url(server), json=body, headers=headers)
+        assert answer.status_code == 200, answer.text
+        reply = messages(answer)[-1]
+        assert "internal error" not in json.dumps(reply), reply
+        if body["method"] == "server/discover":
+            assert reply["result"]["capabilities"] == {}, reply
