@@ -435,31 +435,28 @@ def test_a_key_set_whose_kid_is_not_text_is_refused_before_anything_else(bastion
     for kid in (["a"], {"x": 1}, 7):
         first = {**public_jwks(new_key("one"))["keys"][0], "kid": kid}
         keys = {"keys": [first, public_jwks(new_key("two"))["keys"][0]]}
-        answer = bastion.http.post(
-            f"{bastion.url}/register",
-            json={
-                "client_name": "odd kid",
-                "token_endpoint_auth_method": "private_key_jwt",
-                "grant_types": ["client_credentials"],
-                "jwks": keys,
-            },
-        )
+        answer = self_register(bastion, keys)
         assert answer.status_code == 400, answer.text
         body = answer.json()
         assert body["error"] == "invalid_client_metadata", body
         assert "kid must be text" in body["error_description"], body
 
 
-def test_open_registration_of_a_key_client_needs_an_initial_access_token(bastion):
-    answer = bastion.http.post(
+def self_register(bastion, jwks: dict):
+    """A key client registering itself at /register (no initial access token)."""
+    return bastion.http.post(
         f"{bastion.url}/register",
         json={
             "client_name": "self-registered",
             "token_endpoint_auth_method": "private_key_jwt",
             "grant_types": ["client_credentials"],
-            "jwks": public_jwks(new_key("self")),
+            "jwks": jwks,
         },
     )
+
+
+def test_open_registration_of_a_key_client_needs_an_initial_access_token(bastion):
+    answer = self_register(bastion, public_jwks(new_key("self")))
     assert answer.status_code == 401 and answer.json()["error"] == "invalid_token"
 
 

@@ -1,5 +1,5 @@
-"""Whatever an upstream answers, the client gets a clear answer and nothing a mask covers:
-hypothesis writes the upstream's answers (any JSON as the result or the error, MCP shapes with
+"""Whatever an upstream answers or lists, the client gets a clear answer and nothing a mask
+covers: hypothesis writes the upstream's answers (any JSON as the result or the error, MCP shapes with
 odd members) and the notifications it sends before them (progress, log messages, others, of any
 shape), a scripted HTTP upstream sends them, and sam asks through bastion in either era.
 
@@ -11,12 +11,17 @@ Properties, for every answer:
 - a value at a masked path never reaches the client, whatever shape it arrives in (in
   ``structuredContent``, in a text block's JSON, in an embedded resource, in an error), and
   neither does the JSON text that holds it.
+
+And what it lists (a raw stdio upstream, below) is offered only where a client could name it
+back; what it says of itself at initialize or server/discover is read in MCP's shapes.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import sys
+import textwrap
 from functools import partial
 
 import pytest
@@ -32,17 +37,52 @@ from bastion.gateway.jsonrpc import error_parts
 from bastion.oauth import users
 from tests.oauth.support import free_socket, serve
 
-from .streams import legacy_session, messages, modern_headers, modern_request
+from .streams import call_tool, legacy_session, messages, modern_headers, modern_request
 from .support import start
 
+# A raw MCP stdio server (no SDK, which would refuse to list such names): its lists hold, beside
+# one good item each, items no client could name. Its "write" tool says it is read-only in a
+# list instead of an object.
+RAW_SERVER = textwrap.dedent(
+    r"""
+    import json, sys
+    BAD = ["a\u0000b", "\ud800", 5, "", None, ["x"], {"x": 1}]
+    def items(field, good, **more):
+        return [{field: good, **more}] + [{field: b, **more} for b in BAD] + [{"other": "x"}]
+    LISTS = {
+        "tools/list": {"tools": items("name", "echo", inputSchema={"type": "object"})
+                       + [{"name": "write", "inputSchema": {"type": "object"},
+                           "annotations": ["readOnlyHint", True]}]},
+        "prompts/list": {"prompts": items("name", "hello")},
+        "resources/list": {"resources": items("uri", "raw://ok", name="r")},
+        "resources/templates/list": {
+            "resourceTemplates": items("uriTemplate", "raw://{id}", name="t")},
+    }
+    for line in sys.stdin:
+        message = json.loads(line)
+        if "id" not in message:
+            continue
+        method = message["method"]
+        if method == "initialize":
+            result = {"protocolVersion": "2025-11-25",
+                      "capabilities": {"tools": {}, "prompts": {}, "resources": {}},
+                      "serverInfo": {"name": "raw", "version": "1"}}
+        elif method == "tools/call":
+            text = json.dumps(message["params"]["name"])
+            result = {"content": [{"type": "text", "text": text}]}
+        else:
+            result = LISTS.get(method, {})
+        print(json.dumps({"jsonrpc": "2.0", "id": message["id"], "result": result}), flush=True)
+    """
+)
 SECRET = "s3cr3t-value-1f9a"  # only ever under a key named "secret"
 POLICY = """
-allow(_actor, _action: String, _it: McpServer) if context.server in ["fuzz", "oddinit", "odddisc"];
-allow(_actor, _action: String, _it: Tool) if context.server in ["fuzz", "oddinit", "odddisc"];
-allow(_actor, _action: String, _it: Prompt) if context.server in ["fuzz", "oddinit", "odddisc"];
-allow(_actor, _action: String, _it: McpResource) if context.server in ["fuzz", "oddinit", "odddisc"];
+allow(_actor, _action: String, _it: McpServer) if context.server in ["fuzz", "oddinit", "odddisc", "raw"];
+allow(_actor, _action: String, _it: Tool) if context.server in ["fuzz", "oddinit", "odddisc", "raw"];
+allow(_actor, _action: String, _it: Prompt) if context.server in ["fuzz", "oddinit", "odddisc", "raw"];
+allow(_actor, _action: String, _it: McpResource) if context.server in ["fuzz", "oddinit", "odddisc", "raw"];
 mask(_user: User, "call", _it: Tool, "items.*.secret") if
-  context.server in ["fuzz", "oddinit", "odddisc"] and context.tool = "masked";
+  context.server in ["fuzz", "oddinit", "odddisc", "raw"] and context.tool = "masked";
 """
 REQUESTS = {
     "tools/list": {},
@@ -119,6 +159,8 @@ def bastion(tmp_path_factory, upstream):
     saved = users._HASHER
     users._HASHER = PasswordHasher(time_cost=1, memory_cost=1024, parallelism=1)
     odd_init, odd_discovery = Scripted(ODD_INIT), Scripted(answer=ODD_DISCOVERY)
+    folder = tmp_path_factory.mktemp("upfuzz")
+    (folder / "raw_server.py").write_text(RAW_SERVER)
     try:
         with (
             serve(upstream.app, free_socket()) as url,
@@ -129,8 +171,8 @@ def bastion(tmp_path_factory, upstream):
                 {"name": "fuzz", "url": f"{url}/mcp"},
                 {"name": "oddinit", "url": f"{init_url}/mcp"},
                 {"name": "odddisc", "url": f"{discovery_url}/mcp"},
+                {"name": "raw", "command": sys.executable, "args": [str(folder / "raw_server.py")]},
             )
-            folder = tmp_path_factory.mktemp("upfuzz")
             with start(folder, policy_extra=POLICY, more_upstreams=more) as running:
                 yield running
     finally:
@@ -410,3 +452,59 @@ def test_an_upstream_describing_itself_in_other_shapes_is_served_with_what_mcp_s
         assert "internal error" not in json.dumps(reply), reply
         if body["method"] == "server/discover":
             assert reply["result"]["capabilities"] == {}, reply
+
+
+# -- what an upstream lists ----------------------------------------------------------------------
+# Offered only where a client could name it back: an item whose name (a tool's or a prompt's
+# name, a resource's URI or URI template) is not a non-empty string that a client may send (no
+# NUL, no lone surrogate: bastion refuses those in every request) is left out of the list, and a
+# tool's hints are taken only from a tool so named, in the shape MCP gives them.
+
+
+@pytest.fixture(scope="module")
+def raw_token(bastion):
+    return bastion.token("sam", "raw")
+
+
+def listed(bastion, token, method: str) -> dict:
+    """``method`` (a list) of the raw upstream, in 2026-07-28: its result."""
+    response = bastion.http.post(
+        bastion.mcp_url("raw"),
+        json=modern_request(1, method, {}),
+        headers=modern_headers(token, method),
+    )
+    assert response.status_code == 200, response.text
+    return messages(response)[-1]["result"]
+
+
+@pytest.mark.parametrize(
+    ("method", "key", "field", "good"),
+    [
+        ("tools/list", "tools", "name", ["echo", "write"]),
+        ("prompts/list", "prompts", "name", ["hello"]),
+        ("resources/list", "resources", "uri", ["raw://ok"]),
+        ("resources/templates/list", "resourceTemplates", "uriTemplate", ["raw://{id}"]),
+    ],
+)
+def test_a_list_offers_only_items_a_client_could_name(bastion, raw_token, method, key, field, good):
+    assert [item.get(field) for item in listed(bastion, raw_token, method)[key]] == good
+
+
+def test_a_tool_named_so_is_refused_when_asked_for_and_the_others_answer(bastion, raw_token):
+    for name in ("a\u0000b", "\ud800"):
+        response = bastion.http.post(
+            bastion.mcp_url("raw"),
+            content=json.dumps(modern_request(2, "tools/call", {"name": name, "arguments": {}})),
+            headers=modern_headers(raw_token, "tools/call", "x"),
+        )
+        assert response.status_code == 400, response.text
+    for name in ("echo", "write"):  # "write" listed hints in a list: read as none, no error
+        answer = call_tool(bastion, raw_token, "raw", name, {})
+        assert answer["result"]["content"][0]["text"] == json.dumps(name), answer
+
+
+def test_hints_in_another_shape_do_not_make_a_tool_read_only(bastion):
+    state = bastion.app.state.gateway.upstreams["raw"]
+    hints = state._hints_of(None)
+    assert hints.annotations.get("write") == {}
+    assert set(hints.annotations) == {"echo", "write"}
