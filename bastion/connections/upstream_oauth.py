@@ -79,7 +79,10 @@ MAX_ISSUER = 1024
 def _https_or_loopback(url: Any) -> bool:
     if not isinstance(url, str):
         return False
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # "https://[x": an IPv6 host not closed
+        return False
     return parts.scheme == "https" or (
         parts.scheme == "http" and parts.hostname in ("127.0.0.1", "localhost", "::1")
     )
@@ -126,7 +129,8 @@ class UpstreamOAuthClient:
             raise UpstreamOAuthError(
                 "unavailable", f"metadata of {issuer or self.resource}: {e}"
             ) from None
-        if not isinstance(document, dict) or document.get("issuer", "").rstrip("/") != issuer:
+        named = document.get("issuer") if isinstance(document, dict) else None
+        if not isinstance(named, str) or named.rstrip("/") != issuer:
             raise UpstreamOAuthError(
                 "unavailable", f"the metadata of {issuer} does not name it as its issuer"
             )

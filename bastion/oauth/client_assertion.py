@@ -92,7 +92,7 @@ def jwks_problem(jwks: Any) -> str | None:
         return "jwks with several keys: each key needs a distinct kid"
     try:
         KeySet.import_key_set(json.loads(json.dumps(jwks)))
-    except (JoseError, ValueError, TypeError) as exc:
+    except (JoseError, ValueError, TypeError, KeyError) as exc:  # KeyError: a curve unknown
         return f"jwks cannot be read as keys: {exc}"
     return None
 
@@ -116,7 +116,10 @@ def jwks_uri_problem(uri: Any) -> str | None:
     """Why ``uri`` cannot be a client's jwks_uri, or None: https, or http to a loopback address."""
     if not isinstance(uri, str) or len(uri) > 2000:
         return "jwks_uri must be a URL of at most 2000 characters"
-    parts = urlsplit(uri)
+    try:
+        parts = urlsplit(uri)
+    except ValueError:  # "https://[x": an IPv6 host not closed
+        return "jwks_uri must be a valid URL"
     if parts.fragment or not parts.hostname:
         return "jwks_uri must be an absolute URL without a fragment"
     if parts.scheme == "https":

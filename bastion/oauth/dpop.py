@@ -318,5 +318,5 @@ def _public_key(jwk: Any) -> Any:
         )
     try:
         return JWKRegistry.import_key(dict(jwk))
-    except (JoseError, ValueError, TypeError) as exc:
+    except (JoseError, ValueError, TypeError, KeyError) as exc:  # KeyError: a curve unknown
         raise InvalidDPoPProof(f"the DPoP proof's jwk cannot be read as a key: {exc}") from None

@@ -84,6 +84,14 @@ class Registration:
         return body
 
 
+def _http_url(value: str) -> bool:
+    """Whether ``value`` is an http(s) URL (one urlsplit refuses, "https://[x", is not)."""
+    try:
+        return urlsplit(value).scheme in ("https", "http")
+    except ValueError:
+        return False
+
+
 def grant_types_supported(settings: OAuthSettings) -> list[str]:
     """The grant types this server offers: the JWT bearer grant only with identity providers
     to take ID-JAGs from (``[[oauth.id_jag.issuers]]``)."""
@@ -190,7 +198,7 @@ def validate_client_metadata(
             continue
         if not isinstance(value, str) or len(value) > 2000:
             raise InvalidClientMetadata(f"{key} must be a string of at most 2000 characters")
-        if key.endswith("_uri") and urlsplit(value).scheme not in ("https", "http"):
+        if key.endswith("_uri") and not _http_url(value):
             raise InvalidClientMetadata(f"{key} must be an http(s) URL")
         descriptive[key] = value
     descriptive.update(key_metadata(metadata, method))

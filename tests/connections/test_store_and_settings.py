@@ -187,11 +187,13 @@ def test_an_authorization_server_named_by_an_upstream_must_be_a_url_an_index_tak
     upstream = f"http://127.0.0.1:{sock.getsockname()[1]}"
     named: list[str] = []
 
+    said: list = []  # the issuer the server's metadata names, when not the one asked
+
     async def resource_metadata(request):
         return JSONResponse({"resource": f"{upstream}/mcp", "authorization_servers": named})
 
     async def server_metadata(request):
-        issuer = named[0]
+        issuer = said[0] if said else named[0]
         return JSONResponse(
             {
                 "issuer": issuer,
@@ -216,6 +218,7 @@ def test_an_authorization_server_named_by_an_upstream_must_be_a_url_an_index_tak
             "javascript:alert(1)",
             f"ftp://{upstream[7:]}/as/x",
             wide,
+            "https://[x/as",  # urlsplit refuses it (a ValueError: a 500 before)
         ):
             named[:] = [issuer]
             client = UpstreamOAuthClient(f"{upstream}/mcp", UpstreamOAuth())
@@ -224,3 +227,10 @@ def test_an_authorization_server_named_by_an_upstream_must_be_a_url_an_index_tak
         named[:] = [at_the_bound]
         found = asyncio.run(UpstreamOAuthClient(f"{upstream}/mcp", UpstreamOAuth()).metadata())
         assert found.issuer == at_the_bound and len(at_the_bound) == MAX_ISSUER
+        # Metadata whose issuer is not text is not the server's (an AttributeError before: a
+        # 500 to the person connecting, and at every refresh).
+        for odd in (5, None, [at_the_bound], {"issuer": at_the_bound}):
+            said[:] = [odd]
+            client = UpstreamOAuthClient(f"{upstream}/mcp", UpstreamOAuth())
+            with pytest.raises(UpstreamOAuthError, match="does not name it as its issuer"):
+                asyncio.run(client.metadata())

@@ -442,7 +442,7 @@ def test_a_key_set_whose_kid_is_not_text_is_refused_before_anything_else(bastion
         assert "kid must be text" in body["error_description"], body
 
 
-def self_register(bastion, jwks: dict):
+def self_register(bastion, jwks: dict | None = None, **metadata):
     """A key client registering itself at /register (no initial access token)."""
     return bastion.http.post(
         f"{bastion.url}/register",
@@ -450,9 +450,27 @@ def self_register(bastion, jwks: dict):
             "client_name": "self-registered",
             "token_endpoint_auth_method": "private_key_jwt",
             "grant_types": ["client_credentials"],
-            "jwks": jwks,
+            **({"jwks": jwks} if jwks is not None else {}),
+            **metadata,
         },
     )
+
+
+def test_keys_and_urls_no_reader_takes_are_refused_at_registration(bastion):
+    """A key on a curve joserfc does not know (a KeyError), a URL urlsplit refuses ("https://[x":
+    a ValueError) as a jwks_uri or a descriptive URI: each was a 500 at /register to anyone, and
+    in the same readers of providers' documents; each is refused as the metadata's problem."""
+    unknown_curve = {**public_jwks(new_key("curve"))["keys"][0], "crv": "P-999"}
+    for metadata, words in (
+        ({"jwks": {"keys": [unknown_curve]}}, "cannot be read as keys"),
+        ({"jwks_uri": "https://[x/jwks.json"}, "valid URL"),
+        ({"jwks": public_jwks(new_key("uri")), "client_uri": "https://[x"}, "http(s) URL"),
+    ):
+        answer = self_register(bastion, **metadata)
+        assert answer.status_code == 400, answer.text
+        body = answer.json()
+        assert body["error"] == "invalid_client_metadata", body
+        assert words in body["error_description"], body
 
 
 def test_open_registration_of_a_key_client_needs_an_initial_access_token(bastion):

@@ -406,6 +406,9 @@ def test_alg_none_hmac_and_private_keys_are_refused(bastion, bound):
     refused(call(bastion, token, [hmac]), "invalid_dpop_proof", "alg 'HS256'")
     private = holder.proof("POST", url, token, header={"jwk": holder.key.as_dict(private=True)})
     refused(call(bastion, token, [private]), "invalid_dpop_proof", "private key material")
+    # A key on a curve no reader knows (joserfc raised KeyError: a 500 to anyone before).
+    odd = holder.proof("POST", url, token, header={"jwk": {**public, "crv": "P-999"}})
+    refused(call(bastion, token, [odd]), "invalid_dpop_proof", "cannot be read as a key")
     # At the token endpoint: alg none, and an asymmetric alg left out of [oauth.dpop].algorithms.
     at_token = {**claims, "htu": token_url(bastion)}
     at_token.pop("ath")
