@@ -240,8 +240,9 @@ class Connections:
             verifier = self.sealer.open(subject, flow.upstream, flow.sealed)["verifier"]
         except (Unsealable, KeyError):
             raise FlowRefused("This connection cannot be finished; start again.", 400) from None
-        client = await self._client(flow.upstream)
         try:
+            # The client too: after a restart its registration (or the metadata) is read again.
+            client = await self._client(flow.upstream)
             tokens = await self.clients[flow.upstream].exchange_code(
                 client, code, verifier, self.redirect_uri, now
             )
@@ -249,6 +250,8 @@ class Connections:
             raise FlowRefused(
                 f"{flow.upstream} refused the connection: {e.description}", 502
             ) from None
+        except ConnectionUnavailable as e:
+            raise FlowRefused(f"{flow.upstream} cannot be connected now: {e}", 502) from None
         sealed = self.sealer.seal(
             subject,
             flow.upstream,

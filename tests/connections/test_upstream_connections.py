@@ -16,6 +16,7 @@ toward upstream servers"), end to end with real parts:
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import sqlite3
 import time
@@ -440,6 +441,30 @@ def test_a_connection_is_finished_only_by_the_person_who_started_it(lab):
     # Spent: bob cannot finish it either, after alice tried.
     with pytest.raises(FlowRefused):
         run(lab.connections.finish, "bob", state, "any-code")
+    assert lab.connections.listed("bob") == []
+
+
+def test_a_connection_whose_authorization_server_is_gone_at_its_end_is_refused_not_a_500(lab):
+    """Between the start of a connection and its end, bastion forgot the upstream's metadata (a
+    restart) and the authorization server cannot be reached: the end is refused (502, with the
+    reason), where reading bastion's registration there was an error no page caught (a 500)."""
+    from bastion.connections.service import FlowRefused
+
+    location = run(lab.connections.start, "bob", "tracker")
+    state = parse_qs(urlsplit(location).query)["state"][0]
+    oauth = lab.connections.clients["tracker"]
+    saved = (oauth._metadata, oauth.resource, oauth.settings)
+    dead = free_socket()  # bound, never listening: nothing answers there
+    oauth._metadata = None
+    oauth.resource = f"http://127.0.0.1:{dead.getsockname()[1]}/mcp"
+    oauth.settings = dataclasses.replace(oauth.settings, issuer="")
+    try:
+        with pytest.raises(FlowRefused) as refused:
+            run(lab.connections.finish, "bob", state, "any-code")
+    finally:
+        oauth._metadata, oauth.resource, oauth.settings = saved
+        dead.close()
+    assert refused.value.status == 502 and "tracker" in refused.value.message
     assert lab.connections.listed("bob") == []
 
 
