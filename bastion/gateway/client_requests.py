@@ -29,6 +29,7 @@ from bastion.gateway.jsonrpc import (
     METHOD_NOT_FOUND,
     UPSTREAM_UNAVAILABLE,
     RpcError,
+    error_parts,
 )
 from bastion.gateway.masks import Paths, compile_paths, mask_answer
 from bastion.gateway.upstream_sessions import SessionOwner
@@ -46,6 +47,11 @@ CLIENT_REQUESTS = {
 # Puts a request on an event stream the client reads.
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 log = logging.getLogger("bastion.gateway")
+# What the upstream is told of a client's error answer under a mask, instead of its text.
+WITHHELD_CLIENT_ERROR = (
+    "the client answered with an error; its message is withheld by bastion because a field of"
+    " its answer is masked"
+)
 
 
 def check_client_request(method: Any, params: Any, capabilities: dict[str, Any]) -> None:
@@ -186,7 +192,9 @@ class ClientRequests:
 
 def answer_for_upstream(answer: dict[str, Any], masks: Paths) -> dict[str, Any]:
     """A client's JSON-RPC response, as bastion sends it on to the upstream: its result
-    (masked), or its error; anything else is an error."""
+    (masked), or its error in JSON-RPC's shape (under a mask, its code alone: the message and
+    data are the client's free text, which could hold what is masked); anything else is an
+    error."""
     if isinstance(answer.get("result"), dict):
         result = mask_answer(answer["result"], masks)
         if result is None:
@@ -199,6 +207,9 @@ def answer_for_upstream(answer: dict[str, Any], masks: Paths) -> dict[str, Any]:
             }
         return {"result": result}
     error = answer.get("error")
-    if isinstance(error, dict):
-        return {"error": error}
-    return {"error": {"code": INTERNAL_ERROR, "message": "the client sent no result"}}
+    if not isinstance(error, dict):
+        return {"error": {"code": INTERNAL_ERROR, "message": "the client sent no result"}}
+    code, message, data = error_parts(error, INTERNAL_ERROR, "the client answered with an error")
+    if masks:
+        return {"error": {"code": code, "message": WITHHELD_CLIENT_ERROR}}
+    return {"error": {"code": code, "message": message, **({} if data is None else {"data": data})}}

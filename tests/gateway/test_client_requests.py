@@ -14,6 +14,9 @@ import pytest
 from mcp import types
 from mcp.shared.exceptions import MCPError
 
+from bastion.gateway.client_requests import answer_for_upstream
+from bastion.gateway.masks import compile_paths
+
 from .streams import events, legacy_session
 
 # labhttp speaks 2026-07-28 to bastion; labold only 2025-11-25 (sessions, requests on streams).
@@ -165,3 +168,29 @@ def test_only_the_client_that_was_asked_may_answer(bastion, server):
     assert json.dumps(frames).count("Mallory") == 0
     # Answered once: a second answer finds nothing to answer.
     assert _answer(bastion, server, sam, question["id"], "Ada") == 400
+
+
+NO_RESULT = {"code": -32603, "message": "the client sent no result"}
+WITHHELD = "the client answered with an error; its message is withheld by bastion because a field"
+
+
+@pytest.mark.parametrize(
+    ("answer", "masked", "sent"),
+    [
+        ({"error": {"code": 7, "message": "no", "data": [1]}}, False, {"code": 7, "message": "no", "data": [1]}),
+        ({"error": {"code": "7", "message": ["no"]}}, False, {"code": -32603, "message": "the client answered with an error"}),
+        ({"error": {"code": 7, "message": "no secret", "data": "secret"}}, True, {"code": 7, "message": WITHHELD}),
+        ({"error": {"code": 7.5, "message": "secret"}}, True, {"code": -32603, "message": WITHHELD}),
+        ({"error": "no"}, False, NO_RESULT),
+        ({"result": ["x"]}, True, NO_RESULT),
+    ],
+)  # fmt: skip
+def test_a_clients_error_goes_upstream_in_json_rpcs_shape_and_under_a_mask_as_its_code(
+    answer, masked, sent
+):
+    masks = compile_paths(("content.secret",) if masked else ())
+    error = answer_for_upstream(answer, masks)["error"]
+    if sent["message"] == WITHHELD:
+        assert error["message"].startswith(WITHHELD) and "secret" not in error["message"][-30:]
+        error = {**error, "message": WITHHELD}
+    assert error == sent

@@ -80,11 +80,15 @@ def bastion(tmp_path_factory):
         users._HASHER = saved
 
 
-def callbacks(user: str, seen: list) -> dict:
-    """An SDK client's answers: each request it is asked is noted in ``seen``."""
+def callbacks(user: str, seen: list, declines: bool = False) -> dict:
+    """An SDK client's answers: each request it is asked is noted in ``seen``. One that
+    ``declines`` answers an elicitation with an error that names its secret."""
 
     async def elicit(context, params):
         seen.append(("elicit", params.message))
+        if declines:
+            secret = f"{user}-secret"
+            return types.ErrorData(code=-32042, message=f"not {secret}", data={"secret": secret})
         return types.ElicitResult(
             action="accept", content={"name": user, "secret": f"{user}-secret"}
         )
@@ -106,7 +110,13 @@ def callbacks(user: str, seen: list) -> dict:
 
 
 async def connect(
-    bastion, stack: AsyncExitStack, user: str, server: str, seen: list, mode="legacy"
+    bastion,
+    stack: AsyncExitStack,
+    user: str,
+    server: str,
+    seen: list,
+    mode="legacy",
+    declines: bool = False,
 ):
     """An official SDK client of ``user`` on ``server`` (signed in through OAuth)."""
     provider = sdk_auth(
@@ -122,7 +132,7 @@ async def connect(
         McpClient(
             streamable_http_client(bastion.mcp_url(server), http_client=http),
             mode=mode,
-            **callbacks(user, seen),
+            **callbacks(user, seen, declines),
         )
     )
 
@@ -184,6 +194,23 @@ def test_a_request_on_alices_session_reaches_alice_never_bob(bastion):
     assert alice_sample == "answer: alice's model"
     assert asked["alice"] == [("elicit", "Who are you?"), ("sample", "Which model?")]
     assert asked["bob"] == [("sample", "Which model?")]
+
+
+@pytest.mark.parametrize("tool", ["ask", "ask_in_call"])
+def test_a_clients_error_answer_under_a_mask_reaches_the_upstream_without_its_text(bastion, tool):
+    # An error's message and data are the client's free text: they could hold what is masked.
+    async def main():
+        async with AsyncExitStack() as stack:
+            alice = await connect(bastion, stack, "alice", "solo", [], declines=True)
+            await streams_open(bastion, "solo", 1)
+            return await text(alice, tool, kind="elicit")
+
+    before = len(bastion.upstream_requests)
+    answer = anyio.run(main)
+    assert answer.startswith("refused: the client answered with an error"), answer
+    sent = b"".join(r["body"] for r in bastion.upstream_requests[before:])
+    assert b"-32042" in sent  # its code goes back
+    assert b"alice-secret" not in sent
 
 
 @pytest.mark.parametrize("tool", ["ask", "ask_in_call"])
