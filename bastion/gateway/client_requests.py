@@ -16,6 +16,8 @@ says no.
 from __future__ import annotations
 
 import asyncio
+import base64
+import json
 import logging
 import secrets
 from collections.abc import Awaitable, Callable
@@ -25,6 +27,7 @@ from bastion.facts.model import Entity
 from bastion.gateway.enforce import Caller, Held, StepUp, refused
 from bastion.gateway.jsonrpc import (
     INTERNAL_ERROR,
+    INVALID_PARAMS,
     INVALID_REQUEST,
     METHOD_NOT_FOUND,
     UPSTREAM_UNAVAILABLE,
@@ -44,6 +47,9 @@ CLIENT_REQUESTS = {
     "elicitation/create": "elicitation",
     "roots/list": "roots",
 }
+# The kind of bastion's requestState for the questions of an upstream session's input_required
+# result (`ClientRequests.seal`).
+ASKED_STATE = "bastion-asked.v1."
 # Puts a request on an event stream the client reads.
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 log = logging.getLogger("bastion.gateway")
@@ -113,6 +119,57 @@ class ClientRequests:
             raise refused(server, held.decision_id, held.reason) from None
         enforcer.write(verdict.record)
         return compile_paths(verdict.obligations.masks)
+
+    def seal(
+        self, caller: Caller, server: str, result: dict[str, Any], methods: dict[str, str]
+    ) -> None:
+        """Give a 2026-07-28 client an upstream's ``input_required`` ``result`` with a
+        requestState of bastion's: the upstream's own and the method of each question, signed
+        for this caller, so that the answers in its retry go upstream decided and masked as the
+        questions they answer (`answered`)."""
+        sealed: dict[str, Any] = {"server": server, "methods": methods}
+        if "requestState" in result:
+            sealed["state"] = result["requestState"]
+        text = json.dumps(sealed, separators=(",", ":")).encode()
+        value = base64.urlsafe_b64encode(text).decode().rstrip("=")
+        states = self.gateway.states
+        result["requestState"] = states.sign(value, caller.subject, caller.client_id, ASKED_STATE)
+
+    async def answered(self, caller: Caller, server: str, params: dict[str, Any]) -> dict[str, Any]:
+        """The params of a 2026-07-28 retry as they go upstream. With a requestState of
+        bastion's (`seal`): each answer decided and masked as the question it answers (a refusal
+        or a withheld answer refuses the retry), answers to no question left out, and the
+        upstream's own requestState back in place. Any other params as they came."""
+        state = params.get("requestState")
+        if not isinstance(state, str) or not state.startswith(ASKED_STATE):
+            return params
+        value = self.gateway.states.read(state, caller.subject, caller.client_id, ASKED_STATE)
+        if value is None:
+            raise RpcError(
+                INVALID_PARAMS, "requestState was not issued by bastion to this user and agent"
+            )
+        sealed = json.loads(base64.urlsafe_b64decode(value + "=" * (-len(value) % 4)))
+        if sealed["server"] != server:
+            raise RpcError(INVALID_PARAMS, "requestState was issued for another server")
+        upstream = {k: v for k, v in params.items() if k not in ("requestState", "inputResponses")}
+        if "state" in sealed:
+            upstream["requestState"] = sealed["state"]
+        given = params.get("inputResponses")
+        given = given if isinstance(given, dict) else {}
+        answers = {}
+        for key, method in sealed["methods"].items():
+            if key not in given:
+                continue
+            if not isinstance(given[key], dict):
+                raise RpcError(INVALID_PARAMS, f"inputResponses[{key!r}] must be an object")
+            masks = await self.decide(caller, server, method)
+            answer = answer_for_upstream({"result": given[key]}, masks)
+            if "result" not in answer:
+                raise RpcError(answer["error"]["code"], answer["error"]["message"])
+            answers[key] = answer["result"]
+        if answers:
+            upstream["inputResponses"] = answers
+        return upstream
 
     async def from_standing_stream(
         self, state: UpstreamState, owner: SessionOwner, message: dict[str, Any]

@@ -173,6 +173,8 @@ class Exchange:
     async def forward(self, params: dict[str, Any] | None = None) -> dict[str, Any]:
         """Send this request upstream (bastion's own connection) and return its result."""
         params = dict(self.message.params if params is None else params)
+        if "requestState" in params:
+            params = await self.gateway.client_requests.answered(self.caller, self.server, params)
         meta = params.get("_meta")
         route = None
         if isinstance(meta, dict):
@@ -230,10 +232,13 @@ class Exchange:
                 raise RpcError(UPSTREAM_UNAVAILABLE, f"upstream {self.server}: bad inputRequests")
             for question in questions.values():
                 self._check_question(question)
-                if self.decides_client_requests:
-                    await self.gateway.client_requests.decide(
-                        self.caller, self.server, question["method"]
-                    )
+            if self.decides_client_requests:
+                asking = self.gateway.client_requests
+                methods = {key: question["method"] for key, question in questions.items()}
+                for method in methods.values():
+                    await asking.decide(self.caller, self.server, method)
+                # Its answers come back in a retry: decided and masked as these questions.
+                asking.seal(self.caller, self.server, result, methods)
         return result
 
     # -- requests to the client (sampling, elicitation, roots) ----------------------------------

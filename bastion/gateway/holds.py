@@ -49,33 +49,34 @@ PROGRESS_SECONDS = 5.0
 
 
 class RequestStates:
-    """The ``requestState`` of a held call: the request's id, signed (HMAC-SHA256 under a key of
-    the deployment) with the user and agent it was given to, so that no other caller can present
-    it and no client can make one up."""
+    """The ``requestState`` values bastion gives 2026-07-28 clients: a value of bastion's (a held
+    call's request id; an upstream's questions, `bastion.gateway.client_requests`) after its
+    kind's prefix, signed (HMAC-SHA256 under a key of the deployment) with that kind and the user
+    and agent it was given to, so that no other caller can present it, no client can make one
+    up, and one kind is never read as another."""
 
     def __init__(self, key: bytes) -> None:
         self._keyed = hmac.new(key, b"bastion request state", hashlib.sha256)
 
-    def _mac(self, request_id: str, subject: str, client_id: str) -> str:
+    def _mac(self, kind: str, value: str, subject: str, client_id: str) -> str:
         mac = self._keyed.copy()
-        mac.update(f"{request_id}\x00{subject}\x00{client_id}".encode())
+        mac.update(f"{kind}\x00{value}\x00{subject}\x00{client_id}".encode())
         return mac.hexdigest()
 
-    def sign(self, request_id: str, subject: str, client_id: str) -> str:
-        return f"{STATE_PREFIX}{request_id}.{self._mac(request_id, subject, client_id)}"
+    def sign(self, value: str, subject: str, client_id: str, kind: str = STATE_PREFIX) -> str:
+        """``value`` (text without a ``.`` at its end) as a state of ``kind``."""
+        return f"{kind}{value}.{self._mac(kind, value, subject, client_id)}"
 
-    def read(self, state: str, subject: str, client_id: str) -> str:
-        """The request id a state names; `RpcError` if bastion did not give it to this caller."""
-        request_id, _, mac = state[len(STATE_PREFIX) :].rpartition(".")
-        if not request_id or not hmac.compare_digest(
-            mac, self._mac(request_id, subject, client_id)
-        ):
-            raise RpcError(
-                INVALID_PARAMS,
-                "requestState was not issued by bastion to this user and agent",
-                {"reason": "approval_mismatch"},
-            )
-        return request_id
+    def read(
+        self, state: str, subject: str, client_id: str, kind: str = STATE_PREFIX
+    ) -> str | None:
+        """The value of a state of ``kind``; None unless bastion gave it to this caller."""
+        if not state.startswith(kind):
+            return None
+        value, _, mac = state[len(kind) :].rpartition(".")
+        if not value or not hmac.compare_digest(mac, self._mac(kind, value, subject, client_id)):
+            return None
+        return value
 
 
 def retried(ex: Exchange) -> tuple[str | None, dict[str, Any]]:
@@ -90,6 +91,12 @@ def retried(ex: Exchange) -> tuple[str | None, dict[str, Any]]:
     if isinstance(answer, dict) and answer.get("action") in ("decline", "cancel"):
         ex.notes["declined"] = True
     request_id = ex.gateway.states.read(state, ex.caller.subject, ex.caller.client_id)
+    if request_id is None:
+        raise RpcError(
+            INVALID_PARAMS,
+            "requestState was not issued by bastion to this user and agent",
+            {"reason": "approval_mismatch"},
+        )
     upstream = {k: v for k, v in params.items() if k != "requestState"}
     answers = upstream.get("inputResponses")
     if isinstance(answers, dict):

@@ -24,7 +24,9 @@ from argon2 import PasswordHasher
 from mcp import types
 from mcp.client.client import Client as McpClient
 from mcp.client.streamable_http import streamable_http_client
+from mcp.shared.exceptions import MCPError
 
+from bastion.gateway.client_requests import ASKED_STATE
 from bastion.gateway.config import GatewayConfig
 from bastion.gateway.upstream_sessions import SessionOwner
 from bastion.oauth import users
@@ -33,7 +35,7 @@ from bastion.server.config import ConfigError
 from tests.oauth.support import MemoryStorage, free_socket, sdk_auth, serve
 
 from .streams import legacy_session, messages, modern_headers, modern_request
-from .support import REDIRECT_URI, LegacyOnly, Recorder, fresh_module, start
+from .support import REDIRECT_URI, LegacyOnly, MemoryEvents, Recorder, fresh_module, start
 
 SERVER = fresh_module("session_server", Path(__file__).parent / "session_server.py")
 NAMES = ["solo", "pair", "together", "capped", "brief"]
@@ -47,7 +49,15 @@ mask(_user: User, "elicitation/create", _it: McpServer, "content.secret") if
   context.server in {json.dumps(NAMES)};
 deny(user: User, "connect", _it: McpServer) if user = User{{"sam"}} and
   context.server in {json.dumps(NAMES)};
+allow(_actor, _action: String, _it: McpServer) if context.server = "mine";
+allow(_actor, _action: String, _it: Tool) if context.server = "mine";
+mask(_user: User, "elicitation/create", _it: McpServer, "content.name") if context.server = "mine";
+deny(_user: User, "roots/list", _it: McpServer) if context.server = "mine";
 """
+# "mine": the lab's server speaking 2026-07-28 (which asks by input_required results), one
+# upstream session per user, whose elicitations' answers go back with their name masked, and
+# which may not list a user's roots.
+LAB = fresh_module("lab_server_mine", Path(__file__).parent / "lab_server.py")
 
 
 @pytest.fixture(scope="module")
@@ -55,9 +65,16 @@ def bastion(tmp_path_factory):
     saved = users._HASHER
     users._HASHER = PasswordHasher(time_cost=1, memory_cost=1024, parallelism=1)
     upstream = Recorder(LegacyOnly(SERVER.server.streamable_http_app(streamable_http_path="/mcp")))
+    lab = Recorder(
+        LegacyOnly(
+            LAB.server.streamable_http_app(streamable_http_path="/mcp", event_store=MemoryEvents()),
+            legacy=False,
+        )
+    )
     try:
-        with serve(upstream, free_socket()) as url:
+        with serve(upstream, free_socket()) as url, serve(lab, free_socket()) as lab_url:
             more = (
+                {"name": "mine", "url": f"{lab_url}/mcp", "session": "per_user"},
                 {"name": "solo", "url": f"{url}/mcp", "session": "per_user"},
                 {"name": "pair", "url": f"{url}/mcp", "session": "per_client_session"},
                 {"name": "together", "url": f"{url}/mcp"},
@@ -75,6 +92,7 @@ def bastion(tmp_path_factory):
                 for name in ("alice", "bob"):
                     create_user(running.app.state.oauth.store, name, running.password, time.time())
                 running.upstream_requests = upstream.requests
+                running.lab_requests = lab.requests
                 yield running
     finally:
         users._HASHER = saved
@@ -211,6 +229,25 @@ def test_a_clients_error_answer_under_a_mask_reaches_the_upstream_without_its_te
     sent = b"".join(r["body"] for r in bastion.upstream_requests[before:])
     assert b"-32042" in sent  # its code goes back
     assert b"alice-secret" not in sent
+
+
+@pytest.mark.parametrize("mode", ["legacy", "auto"])
+def test_a_2026_upstreams_question_is_answered_under_its_masks_in_either_era(bastion, mode):
+    # A 2025-11-25 client is asked by bastion, which sends the answer masked; a 2026-07-28 client
+    # answers in a retry of its own, whose answers bastion must mask (or refuse) as well.
+    async def main():
+        async with AsyncExitStack() as stack:
+            alice = await connect(bastion, stack, "alice", "mine", [], mode=mode)
+            try:
+                return await text(alice, "greet")
+            except MCPError as e:
+                return f"refused: {e}"
+
+    before = len(bastion.lab_requests)
+    answer = anyio.run(main)
+    sent = b"".join(r["body"] for r in bastion.lab_requests[before:])
+    assert b'"name":"alice"' not in sent.replace(b" ", b""), answer
+    assert answer == "hello [masked]", answer
 
 
 @pytest.mark.parametrize("tool", ["ask", "ask_in_call"])
@@ -463,3 +500,77 @@ def test_a_client_refused_at_initialize_opens_no_upstream_session(bastion):
         assert refused.json()["error"]["data"]["reason"] == "not_permitted"
     pool = bastion.app.state.gateway.upstreams["solo"].sessions
     assert pool.find(SessionOwner("sam")) is None
+
+
+def _claims(token: str) -> dict:
+    body = token.split(".")[1]
+    return json.loads(base64.urlsafe_b64decode(body + "=" * (-len(body) % 4)))
+
+
+def _retry(bastion, token: str, state: str, answers: dict):
+    """A 2026-07-28 retry of the lab's ``greet`` on "mine" with ``state`` and ``answers``: the
+    JSON-RPC response, and what reached the upstream."""
+    before = len(bastion.lab_requests)
+    params = {"name": "greet", "arguments": {}, "requestState": state, "inputResponses": answers}
+    response = bastion.http.post(
+        bastion.mcp_url("mine"),
+        json=modern_request(5, "tools/call", params, {"elicitation": {}}),
+        headers=modern_headers(token, "tools/call", "greet"),
+    )
+    sent = [json.loads(r["body"]) for r in bastion.lab_requests[before:] if r["body"]]
+    return messages(response)[-1], [m for m in sent if m.get("method") == "tools/call"]
+
+
+def _sealed(bastion, subject: str, client_id: str, **fields) -> str:
+    value = base64.urlsafe_b64encode(json.dumps(fields).encode()).decode().rstrip("=")
+    states = bastion.app.state.gateway.states
+    return states.sign(value, subject, client_id, ASKED_STATE)
+
+
+ANSWER = {"action": "accept", "content": {"name": "alice"}}
+
+
+def test_a_retry_presents_bastions_question_state_only_as_given(bastion):
+    """The state bastion gives with an upstream's questions is its own, for one caller and one
+    server: made up, another caller's or another server's, the retry is refused and nothing
+    reaches the upstream."""
+    token = bastion.token("alice", "mine")
+    claims = _claims(token)
+    subject, client_id = claims["sub"], claims["client_id"]
+    methods = {"q": "elicitation/create"}
+    for state, refusal in (
+        (ASKED_STATE + "e30.00", "requestState was not issued by bastion"),
+        (_sealed(bastion, "bob", client_id, server="mine", methods=methods), "not issued"),
+        (_sealed(bastion, subject, "other", server="mine", methods=methods), "not issued"),
+        (_sealed(bastion, subject, client_id, server="solo", methods=methods), "another server"),
+    ):
+        reply, sent = _retry(bastion, token, state, {"q": ANSWER})
+        assert reply["error"]["code"] == -32602 and refusal in reply["error"]["message"], reply
+        assert sent == []
+
+
+def test_a_retrys_answers_go_upstream_masked_as_their_questions_and_no_others(bastion):
+    token = bastion.token("alice", "mine")
+    claims = _claims(token)
+    state = _sealed(
+        bastion,
+        claims["sub"],
+        claims["client_id"],
+        server="mine",
+        methods={"q": "elicitation/create"},
+        state="the upstream's",
+    )
+    _, sent = _retry(bastion, token, state, {"q": ANSWER, "extra": ANSWER})
+    params = sent[-1]["params"]
+    assert params["inputResponses"] == {"q": {"action": "accept", "content": {"name": "[masked]"}}}
+    assert params["requestState"] == "the upstream's"
+    # An answer that is no object is refused to the client.
+    reply, sent = _retry(bastion, token, state, {"q": "alice"})
+    assert reply["error"]["code"] == -32602 and sent == [], reply
+    # An answer the policy refuses now (the upstream may not list alice's roots) goes nowhere.
+    roots = _sealed(
+        bastion, claims["sub"], claims["client_id"], server="mine", methods={"q": "roots/list"}
+    )
+    reply, sent = _retry(bastion, token, roots, {"q": {"roots": []}})
+    assert reply["error"]["code"] == -32003 and sent == [], reply
+    assert "not permitted" in reply["error"]["message"]
