@@ -245,15 +245,16 @@ class Exchange:
 
     def _check_question(self, question: Any) -> None:
         """Refuse (RpcError) a request for the client that bastion may not relay to it."""
-        method = question.get("method") if isinstance(question, dict) else None
-        params = question.get("params") if isinstance(question, dict) else None
-        check_client_request(method, params, self.capabilities)
         if self.masks:
-            # What would travel to the client cannot be masked field by field: fail closed.
+            # What would travel to the client cannot be masked field by field: fail closed,
+            # before reading it (a refusal naming the upstream's method or mode would carry it).
             raise RpcError(
                 INVALID_REQUEST,
                 "a call whose result is masked cannot ask its client for input",
             )
+        method = question.get("method") if isinstance(question, dict) else None
+        params = question.get("params") if isinstance(question, dict) else None
+        check_client_request(method, params, self.capabilities)
 
     async def ask_client(self, method: str, params: dict[str, Any]) -> dict[str, Any]:
         """Send the client a request on its answer's event stream; return its response

@@ -508,3 +508,35 @@ def test_hints_in_another_shape_do_not_make_a_tool_read_only(bastion):
     hints = state._hints_of(None)
     assert hints.annotations.get("write") == {}
     assert set(hints.annotations) == {"echo", "write"}
+
+
+@pytest.mark.parametrize(
+    "question",
+    [
+        {"method": {"items": [{"secret": SECRET}]}, "params": {}},
+        {"method": "elicitation/create", "params": {"mode": SECRET, "message": "m"}},
+        {"method": "sampling/createMessage", "params": {"messages": [SECRET]}},
+    ],
+)
+@pytest.mark.parametrize("old", [False, True])
+def test_a_question_of_a_masked_call_is_refused_without_its_text(
+    bastion, token, upstream, question, old
+):
+    """A masked call's result cannot ask its client for input, and the refusal is the same
+    whatever the upstream asked: a refusal naming the upstream's method or mode carried it."""
+    answer = {"result": {"resultType": "input_required", "inputRequests": {"q": question}}}
+    upstream.answer, upstream.notes = answer, []
+    declared = {"elicitation": {"form": {}}, "sampling": {}}
+    if old:
+        headers = legacy_session(bastion, token, "fuzz", declared)
+        params = {"name": "masked", "arguments": {}}
+        body = {"jsonrpc": "2.0", "id": 9, "method": "tools/call", "params": params}
+    else:
+        body = modern_request(9, "tools/call", {"name": "masked", "arguments": {}}, declared)
+        headers = modern_headers(token, "tools/call", "masked")
+    response = bastion.http.post(bastion.mcp_url("fuzz"), json=body, headers=headers, timeout=30)
+    reply = messages(response)[-1]
+    assert (
+        reply["error"]["message"] == "a call whose result is masked cannot ask its client for input"
+    )
+    assert SECRET not in response.text
