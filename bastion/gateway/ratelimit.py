@@ -32,12 +32,20 @@ class LimitsUnavailable(Exception):
     """The shared counters cannot be reached: the call cannot be checked, so it is refused."""
 
 
+# The in-process counters are swept of windows with no call left in them once they hold more
+# than this many, or twice as many as the last sweep kept (amortised: each sweep at least halves
+# what it walks, or walks no more than this).
+SWEEP_AT = 4096
+
+
 class RateLimiter:
-    """In-process counters (the default)."""
+    """In-process counters (the default). A window whose calls have all left it is forgotten
+    (`SWEEP_AT`): memory holds the windows with a call in them, as Redis's expiring keys do."""
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self.clock = clock
         self._calls: dict[tuple, deque[float]] = {}
+        self._sweep_at = SWEEP_AT
 
     async def admit(
         self, limits: Sequence[RateLimit], action: str, resource: Entity
@@ -49,6 +57,8 @@ class RateLimiter:
         if not limits:
             return None
         now = self.clock()
+        if len(self._calls) > self._sweep_at:
+            self._sweep(now)
         windows = []
         wait = 0.0
         for limit in limits:
@@ -64,6 +74,11 @@ class RateLimiter:
         for window in windows:
             window.append(now)
         return None
+
+    def _sweep(self, now: float) -> None:
+        """Forget the windows whose last call is older than the window (key: ..., seconds)."""
+        self._calls = {k: w for k, w in self._calls.items() if w and w[-1] > now - k[4]}
+        self._sweep_at = max(SWEEP_AT, 2 * len(self._calls))
 
     async def close(self) -> None:
         pass
