@@ -250,7 +250,7 @@ class Exchange:
             # before reading it (a refusal naming the upstream's method or mode would carry it).
             raise RpcError(
                 INVALID_REQUEST,
-                "a call whose result is masked cannot ask its client for input",
+                "a call whose result is masked or held for review cannot ask its client for input",
             )
         method = question.get("method") if isinstance(question, dict) else None
         params = question.get("params") if isinstance(question, dict) else None
@@ -510,13 +510,18 @@ async def _forward(
     """Send the decided request upstream and apply its obligations to the answer."""
     enforcer = ex.gateway.enforcer
     ex.masks = compile_paths(verdict.obligations.masks)
+    reviewed = verdict.review_step == "hold"
+    if reviewed:
+        # Nothing the upstream says reaches the client before a reviewer releases its result:
+        # what it sends during the call is masked whole, and it may not ask the client.
+        ex.masks = (*ex.masks, WHOLE)
     try:
         result = await ex.forward(params)
     except RpcError as e:
         enforcer.write(verdict.record, reason=f"upstream error {e.code}")
         if ex.masks and isinstance(e, UpstreamError):
             # Its message and data are the upstream's free text: they could name what is masked.
-            raise RpcError(e.code, WITHHELD_ERROR) from None
+            raise RpcError(e.code, WITHHELD_REVIEW_ERROR if reviewed else WITHHELD_ERROR) from None
         raise
     except asyncio.CancelledError:
         enforcer.write(verdict.record, reason="cancelled by the client")
@@ -556,6 +561,12 @@ WITHHELD_ERROR = (
     "the upstream answered with an error; its message is withheld by bastion because a field of"
     " this result is masked"
 )
+WITHHELD_REVIEW_ERROR = (
+    "the upstream answered with an error; its message is withheld by bastion because this"
+    " call's result is held for review"
+)
+# The mask path that stands for a whole value (`compile_paths`).
+WHOLE: tuple[str, ...] = ()
 
 
 async def call_tool(ex: Exchange) -> dict[str, Any]:

@@ -83,6 +83,7 @@ allow(_actor, _action: String, _it: Prompt) if context.server in ["fuzz", "oddin
 allow(_actor, _action: String, _it: McpResource) if context.server in ["fuzz", "oddinit", "odddisc", "raw"];
 mask(_user: User, "call", _it: Tool, "items.*.secret") if
   context.server in ["fuzz", "oddinit", "odddisc", "raw"] and context.tool = "masked";
+requires_review(_user: User, "call", Tool{"fuzz/reviewed"});
 """
 REQUESTS = {
     "tools/list": {},
@@ -298,13 +299,15 @@ def legacy(bastion, token):
 
 def ask(bastion, token, upstream, method, params, answer, legacy=None, notes=()) -> list[dict]:
     """Ask ``method`` with ``params`` (and a progress token) while the upstream sends ``notes``
-    then answers ``answer``: in 2026-07-28, or in the 2025-11-25 session whose headers
-    ``legacy`` are. The messages the client got, the answer last, checked as JSON-RPC."""
+    then answers ``answer``: in 2026-07-28 (asking for every log message), or in the 2025-11-25
+    session whose headers ``legacy`` are. The messages the client got, the answer last, checked
+    as JSON-RPC."""
     upstream.answer, upstream.notes = answer, list(notes)
     name = params.get("name") or params.get("uri")
     if legacy is None:
         body, headers = modern_request(9, method, params), modern_headers(token, method, name)
         body["params"]["_meta"]["progressToken"] = "mine"
+        body["params"]["_meta"]["io.modelcontextprotocol/logLevel"] = "debug"
     else:
         params = {**params, "_meta": {"progressToken": "mine"}}
         body, headers = {"jsonrpc": "2.0", "id": 9, "method": method, "params": params}, legacy
@@ -511,6 +514,41 @@ def test_hints_in_another_shape_do_not_make_a_tool_read_only(bastion):
 
 
 @pytest.mark.parametrize(
+    "answer",
+    [
+        {"result": {"content": [{"type": "text", "text": SECRET}], "_meta": {"a": SECRET}}},
+        {"error": {"code": 5, "message": SECRET, "data": SECRET}},
+        {"result": {"resultType": "input_required", "inputRequests": {"q": {"method": SECRET}}}},
+    ],
+)
+@pytest.mark.parametrize("old", [False, True])
+def test_nothing_of_a_call_held_for_review_reaches_the_client_before_it_is_released(
+    bastion, token, upstream, answer, old
+):
+    """A call whose result waits for a reviewer: what the upstream sends during it (progress
+    with a message, log messages, an error, a question for the client) is not the reviewer's
+    to see after the client has it; the client gets progress without its message, and its
+    answer is that the result is held (or an error without the upstream's text)."""
+    progress = {"progressToken": "TOKEN", "progress": 1, "message": SECRET}
+    notes = [
+        {"method": "notifications/progress", "params": progress},
+        {"method": "notifications/message", "params": {"level": "error", "data": SECRET}},
+    ]
+    session = None
+    if old:
+        session = legacy_session(bastion, token, "fuzz")
+        level = {"jsonrpc": "2.0", "id": 0, "method": "logging/setLevel"}
+        level["params"] = {"level": "debug"}
+        assert bastion.http.post(bastion.mcp_url("fuzz"), json=level, headers=session).is_success
+    # Arguments of its own: an identical call would find this one's hold, and not be sent.
+    params = {"name": "reviewed", "arguments": {"case": f"{old} {json.dumps(answer)}"}}
+    got = ask(bastion, token, upstream, "tools/call", params, answer, session, notes)
+    assert SECRET not in json.dumps(got), got
+    assert got[0]["params"] == {"progressToken": "mine", "progress": 1}, got
+    assert "error" in got[-1], got
+
+
+@pytest.mark.parametrize(
     "question",
     [
         {"method": {"items": [{"secret": SECRET}]}, "params": {}},
@@ -537,6 +575,7 @@ def test_a_question_of_a_masked_call_is_refused_without_its_text(
     response = bastion.http.post(bastion.mcp_url("fuzz"), json=body, headers=headers, timeout=30)
     reply = messages(response)[-1]
     assert (
-        reply["error"]["message"] == "a call whose result is masked cannot ask its client for input"
+        reply["error"]["message"]
+        == "a call whose result is masked or held for review cannot ask its client for input"
     )
     assert SECRET not in response.text
