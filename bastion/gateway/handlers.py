@@ -565,6 +565,10 @@ WITHHELD_REVIEW_ERROR = (
     "the upstream answered with an error; its message is withheld by bastion because this"
     " call's result is held for review"
 )
+WITHHELD_SUBSCRIBE_ERROR = (
+    "the upstream refused the subscription; its reason is withheld by bastion because a field of"
+    " this resource is masked"
+)
 # The mask path that stands for a whole value (`compile_paths`).
 WHOLE: tuple[str, ...] = ()
 
@@ -633,8 +637,14 @@ async def subscribe(ex: Exchange) -> dict[str, Any]:
         ex.context(uri=uri),
     )
     enforcer.write(verdict.record)
-    # One stream of notifications from the upstream serves every client (see Upstream.watch).
-    await ex.connection.watch(frozenset((uri,)))
+    try:
+        # One stream of notifications from the upstream serves every client (Upstream.watch).
+        await ex.connection.watch(frozenset((uri,)))
+    except RpcError as e:
+        if verdict.obligations.masks:
+            # The upstream's reason is its free text: it could name what the mask covers.
+            raise RpcError(e.code, WITHHELD_SUBSCRIBE_ERROR) from None
+        raise
     session.subscriptions.add(uri)
     return {}
 

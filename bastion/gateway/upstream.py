@@ -34,11 +34,13 @@ from typing import Any
 from bastion.gateway.config import UpstreamConfig
 from bastion.gateway.http1 import MAX_MESSAGE, Http1Client, HttpClientError, Response
 from bastion.gateway.jsonrpc import (
+    INTERNAL_ERROR,
     LOG_LEVELS,
     METHOD_NOT_FOUND,
     UPSTREAM_UNAVAILABLE,
     RpcError,
     encode,
+    error_parts,
 )
 from bastion.json_encoding import decode
 
@@ -229,10 +231,11 @@ class Upstream(abc.ABC):
                     f"upstream {self.name} did not answer resources/subscribe",
                 ) from None
             if "error" in response:
+                code, reason, _ = error_parts(response["error"], INTERNAL_ERROR, "no reason given")
                 raise RpcError(
                     UPSTREAM_UNAVAILABLE,
-                    f"upstream {self.name} refused resources/subscribe for {uri}:"
-                    f" {response['error']}",
+                    f"upstream {self.name} refused resources/subscribe for {uri}: {reason}"
+                    f" ({code})",
                 )
 
     async def _lower_log_level(self, level: str) -> None:

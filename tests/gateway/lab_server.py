@@ -329,8 +329,12 @@ def greeting(name: str) -> str:
 
 
 async def subscribe(ctx, params: SubscribeRequestParams) -> EmptyResult:
-    """resources/subscribe (2025-11-25): noted; ``announce`` sends updates whoever subscribed."""
+    """resources/subscribe (2025-11-25): noted; ``announce`` sends updates whoever subscribed.
+    A leaky resource's (and lab://locked's) is refused with an error that names the address its
+    reads carry."""
     trace("subscribed", tag=str(params.uri))
+    if str(params.uri).startswith(("lab://leaky", "lab://locked")):
+        raise MCPError(-32000, f"locked by {SECRET}", {"owner": SECRET})
     return EmptyResult()
 
 

@@ -14,6 +14,7 @@ from mcp.types import ResourceUpdatedNotification
 from bastion.gateway import handlers
 from bastion.policy.parser import parse_fact
 
+from .lab_server import SECRET
 from .streams import (
     call_tool,
     events,
@@ -222,3 +223,18 @@ def test_an_sdk_client_subscribes_and_hears_the_updates(bastion):
     seen = bastion.sdk("sam", "labold", "legacy", script, message_handler=on_message)
     assert seen["offered"] is True
     assert heard and {str(uri) for uri in heard} == {"lab://open"}
+
+
+@pytest.mark.parametrize("server", ["lab", "labold"])  # a 2026-07-28 upstream has no subscribe
+def test_an_upstreams_refusal_to_subscribe_to_a_masked_resource_comes_without_its_text(
+    bastion, server
+):
+    # Reading lab://leaky is masked (customers.*.email): the upstream's refusal to subscribe is
+    # its free text, which names the address.
+    headers = legacy_session(bastion, bastion.token("sam", server), server)
+    error = subscribe(bastion, server, headers, "lab://leaky")["error"]
+    assert "withheld by bastion" in error["message"], error
+    assert SECRET not in json.dumps(error)
+    # Where no mask applies, the upstream's reason is given (its message, not its data).
+    error = subscribe(bastion, server, headers, "lab://locked")["error"]
+    assert f"locked by {SECRET}" in error["message"] and "data" not in error, error
