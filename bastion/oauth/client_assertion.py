@@ -64,14 +64,14 @@ MAX_ASSERTION_CHARS = 8192
 _PRIVATE_MEMBERS = ("d", "p", "q", "dp", "dq", "qi", "oth", "k")
 
 
-def jwks_problem(jwks: Any) -> str | None:
+def jwks_problem(jwks: Any, max_keys: int = MAX_KEYS) -> str | None:
     """Why ``jwks`` cannot be a client's registered key set, or None: a JSON Web Key Set of 1 to
-    `MAX_KEYS` public asymmetric keys, each with a distinct ``kid`` when there are several."""
+    ``max_keys`` public asymmetric keys, each with a distinct ``kid`` when there are several."""
     if not isinstance(jwks, Mapping) or not isinstance(jwks.get("keys"), list):
         return 'jwks must be a JSON Web Key Set: {"keys": [...]}'
     keys = jwks["keys"]
-    if not 1 <= len(keys) <= MAX_KEYS:
-        return f"jwks must hold 1 to {MAX_KEYS} keys"
+    if not 1 <= len(keys) <= max_keys:
+        return f"jwks must hold 1 to {max_keys} keys"
     kids = []
     for i, key in enumerate(keys):
         if not isinstance(key, Mapping):

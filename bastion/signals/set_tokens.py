@@ -51,12 +51,10 @@ class VerifiedSet:
 
 
 def transmitter_jwks_problem(document: Any, max_keys: int) -> str | None:
-    """Why a transmitter's JWKS cannot be used, or None: at most ``max_keys`` public keys
+    """Why a transmitter's JWKS cannot be used, or None: 1 to ``max_keys`` public keys
     (`bastion.oauth.client_assertion.jwks_problem`: no secret or private key material)."""
-    keys = document.get("keys") if isinstance(document, dict) else None
-    if isinstance(keys, list) and len(keys) > max_keys:
-        return f"the transmitter's JWKS must hold at most {max_keys} keys"
-    return jwks_problem(document)
+    problem = jwks_problem(document, max_keys)
+    return None if problem is None else f"the transmitter's {problem}"
 
 
 def unverified_kid(token: str) -> str | None:

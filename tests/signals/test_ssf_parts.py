@@ -220,8 +220,16 @@ def test_a_jwks_with_too_many_keys_or_secret_keys_is_not_used(published_keys, tm
     published_keys["keys"] = [k.as_dict(private=False) for k in many]
     receiver, t, db = receiver_of(published_keys, tmp_path, jwks_max_keys=2)
     try:
-        with pytest.raises(SetRefused, match="at most 2"):
+        with pytest.raises(SetRefused, match="jwks must hold 1 to 2 keys"):
             anyio.run(receiver.keys, t, set_with_kid("0"))
+    finally:
+        db.close()
+    # A setting above the 20 keys of a client's key set is the transmitter's bound.
+    many = [ECKey.generate_key("P-256", parameters={"kid": str(i)}) for i in range(25)]
+    published_keys["keys"] = [k.as_dict(private=False) for k in many]
+    receiver, t, db = receiver_of(published_keys, tmp_path, jwks_max_keys=30)
+    try:
+        assert anyio.run(receiver.keys, t, set_with_kid("24"))
     finally:
         db.close()
     published_keys["keys"] = [{"kty": "oct", "k": "c2VjcmV0", "kid": "s"}]
