@@ -44,6 +44,26 @@ _LIVE = (OPEN, "approved", "released")
 # INTEGER column, 32 bits on PostgreSQL (a policy's 3,000,000,000 was a failed write there).
 # A call needing this many still waits for more answers than anyone gives.
 MAX_REQUIRED = 1000
+# The longest reason an answer gives, the most fields a release withholds, and the longest
+# path of one (whichever way the answer comes: the API, a page, the CLI).
+MAX_REASON = 2000
+MAX_WITHHELD = 100
+MAX_PATH = 256
+
+
+def answer_problem(reason: str, withheld_fields: tuple[str, ...]) -> str | None:
+    """Why an answer's reason or withheld fields cannot be kept, or None."""
+    if len(reason) > MAX_REASON:
+        return f"a reason holds at most {MAX_REASON} characters, got {len(reason)}"
+    if len(withheld_fields) > MAX_WITHHELD:
+        return f"at most {MAX_WITHHELD} fields can be withheld, got {len(withheld_fields)}"
+    for path in withheld_fields:
+        if not isinstance(path, str) or not 0 < len(path) <= MAX_PATH:
+            return (
+                f'a withheld field is a path such as "customers.*.email" (1 to {MAX_PATH}'
+                f" characters), got {path!r:.80}"
+            )
+    return None
 
 
 class NotAllowed(Exception):
@@ -372,6 +392,9 @@ class Approvals:
         kept in the audit event."""
         if answer not in ("approve", "deny"):
             raise NotAllowed(f"answer must be approve or deny, not {answer!r}")
+        problem = answer_problem(reason, withheld_fields)
+        if problem is not None:
+            raise NotAllowed(problem)
         request = self.store.get(request_id)
         if request is None:
             raise UnknownRequest(request_id)

@@ -19,6 +19,7 @@ from typing import Any
 
 from bastion.agents.registry import MAX_PURPOSE_CHARS
 from bastion.agents.registry import STATUSES as AGENT_STATUSES
+from bastion.approvals import service as approvals_service
 from bastion.approvals.store import KINDS, STATUSES
 from bastion.delegation.tasks import STATUSES as TASK_STATUSES
 from bastion.server.api import agents as agents_api
@@ -1020,15 +1021,15 @@ PATHS: dict[str, Any] = {
                         " policy's approval_window); 0: this call only",
                     }
                 ),
-                reason=_nullable({**_STR, "maxLength": approvals_api.MAX_REASON}),
+                reason=_nullable({**_STR, "maxLength": approvals_service.MAX_REASON}),
                 withheld_fields=_nullable(
                     {
                         "type": "array",
-                        "maxItems": approvals_api.MAX_WITHHELD,
+                        "maxItems": approvals_service.MAX_WITHHELD,
                         "items": {
                             **_STR,
                             "minLength": 1,
-                            "maxLength": approvals_api.MAX_PATH,
+                            "maxLength": approvals_service.MAX_PATH,
                         },
                         "description": "a review only: paths of the result to withhold, such"
                         ' as "customers.*.email"',
@@ -1048,7 +1049,7 @@ PATHS: dict[str, Any] = {
             body=_request(
                 ["approver"],
                 approver={**_STR, "minLength": 1, "maxLength": approvals_api.MAX_PERSON},
-                reason=_nullable({**_STR, "maxLength": approvals_api.MAX_REASON}),
+                reason=_nullable({**_STR, "maxLength": approvals_service.MAX_REASON}),
             ),
             problems=(404, 422),
             params=[_path("request_id", "the id of an approval request")],

@@ -304,3 +304,26 @@ def test_a_window_past_a_year_or_not_a_whole_number_is_refused_by_the_settings(b
     with pytest.raises(ConfigError, match="approvals.max_window_minutes must be a whole number"):
         ApprovalSettings.from_mapping({"max_window_minutes": bad}, env={})
     assert ApprovalSettings.from_mapping({"max_window_minutes": 525_600}, env={})
+
+
+@pytest.mark.parametrize(
+    ("reason", "withheld", "refusal"),
+    [
+        ("x" * 2001, (), "a reason holds at most 2000 characters"),
+        ("", tuple(f"f{i}" for i in range(101)), "at most 100 fields can be withheld"),
+        ("", ("x" * 257,), "1 to 256 characters"),
+        ("", ("",), "1 to 256 characters"),
+    ],
+)
+def test_an_answer_past_the_bounds_of_a_reason_or_withheld_fields_is_refused_unrecorded(
+    world, reason, withheld, refusal
+):
+    """Whichever way the answer comes (the API, a page, the CLI all answer here)."""
+    approvals, *_ = world
+    review = Call("review", "sam", "bot", "crm", "resources/read", "read", send, None, "")
+    request = approvals.hold(review, "d1", (), {}, result={"secret": "value"})
+    with pytest.raises(NotAllowed, match=refusal):
+        approvals.answer(
+            request.id, "avery", "approve", channel="page", reason=reason, withheld_fields=withheld
+        )
+    assert approvals.get(request.id).status == "pending" and not approvals.get(request.id).approvals

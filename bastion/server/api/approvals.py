@@ -17,7 +17,13 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from bastion.approvals.service import Approvals, NotAllowed, UnknownRequest
+from bastion.approvals.service import (
+    MAX_REASON,
+    Approvals,
+    NotAllowed,
+    UnknownRequest,
+    answer_problem,
+)
 from bastion.approvals.store import STATUSES, ApprovalRequest
 from bastion.server.auth import require
 from bastion.server.problems import Problem, bad_request, read_json, unprocessable
@@ -28,11 +34,8 @@ SCOPE = "approvals"
 DEFAULT_PAGE = 100
 # With ``approver``, the store reads up to 20 times as many rows to find them.
 MAX_PAGE = 200
-# The longest a person's name is (as bastion.oauth.users allows), a reason, and a withheld path.
+# The longest a person's name is (as bastion.oauth.users allows).
 MAX_PERSON = 128
-MAX_REASON = 2000
-MAX_PATH = 256
-MAX_WITHHELD = 100
 # No request id is longer: a longer one is unknown without asking the database.
 MAX_ID = 64
 
@@ -82,16 +85,11 @@ def _minutes(body: dict) -> int:
 
 
 def _withheld(body: dict) -> tuple[str, ...]:
-    paths = get_field(body, "withheld_fields", list, required=False) or []
-    if len(paths) > MAX_WITHHELD:
-        raise bad_request(f"withheld_fields lists at most {MAX_WITHHELD} paths, got {len(paths)}")
-    for path in paths:
-        if not isinstance(path, str) or not 0 < len(path) <= MAX_PATH:
-            raise bad_request(
-                f'withheld_fields holds paths such as "customers.*.email" (1 to {MAX_PATH}'
-                f" characters), got {path!r:.80}"
-            )
-    return tuple(paths)
+    paths = tuple(get_field(body, "withheld_fields", list, required=False) or ())
+    problem = answer_problem("", paths)
+    if problem is not None:
+        raise bad_request(f"withheld_fields: {problem}")
+    return paths
 
 
 def _unknown(request_id: str) -> Problem:
