@@ -40,6 +40,7 @@ from bastion.oauth.jwks import (
     RemoteKeySets,
     issuer_metadata,
     protected_header,
+    read_body,
     signing_key,
 )
 from bastion.oauth.verifier import VerifiedToken
@@ -479,26 +480,32 @@ class TrustedIssuers:
         _, endpoint = await self._endpoints_of(issuer)
         try:
             with anyio.fail_after(issuer.timeout_seconds):
-                async with httpx.AsyncClient(
-                    follow_redirects=False, transport=self.transport, trust_env=False
-                ) as http:
-                    response = await http.post(
+                async with (
+                    httpx.AsyncClient(
+                        follow_redirects=False, transport=self.transport, trust_env=False
+                    ) as http,
+                    http.stream(
+                        "POST",
                         endpoint,
                         data={"token": token, "token_type_hint": "access_token"},
                         auth=(issuer.introspection_client_id, issuer.introspection_client_secret),
                         headers={"Accept": "application/json"},
+                    ) as response,
+                ):
+                    if response.status_code != 200:
+                        raise IssuerUnavailable(
+                            f"the introspection endpoint of {issuer.issuer} answered HTTP"
+                            f" {response.status_code}"
+                        )
+                    content = await read_body(
+                        response, issuer.max_document_bytes, f"{ISSUERS_TABLE} max_document_bytes"
                     )
-        except (TimeoutError, httpx.HTTPError) as exc:
+        except (TimeoutError, httpx.HTTPError, RemoteDocumentError) as exc:
             raise IssuerUnavailable(
-                f"the introspection endpoint of {issuer.issuer} cannot be reached: {exc!r}"
+                f"the introspection endpoint of {issuer.issuer} cannot be read: {exc!r}"
             ) from None
-        if response.status_code != 200 or len(response.content) > issuer.max_document_bytes:
-            raise IssuerUnavailable(
-                f"the introspection endpoint of {issuer.issuer} answered HTTP"
-                f" {response.status_code}"
-            )
         try:
-            answer = untrusted_json.loads(response.content)
+            answer = untrusted_json.loads(content)
         except untrusted_json.JsonRefused:
             raise IssuerUnavailable(
                 f"the introspection endpoint of {issuer.issuer} sent no JSON"

@@ -64,6 +64,17 @@ def _named(setting: str) -> str:
     return f" ({setting})" if setting else ""
 
 
+async def read_body(response: httpx.Response, max_bytes: int, setting: str = "") -> bytes:
+    """The body of a streamed ``response``, read no further than ``max_bytes``
+    (`RemoteDocumentError` past them; ``setting`` names their setting)."""
+    body = bytearray()
+    async for chunk in response.aiter_bytes():
+        body += chunk
+        if len(body) > max_bytes:
+            raise RemoteDocumentError(f"sent more than {max_bytes} bytes" + _named(setting))
+    return bytes(body)
+
+
 async def fetch_json(
     uri: str, limits: FetchLimits, transport: httpx.AsyncBaseTransport | None = None
 ) -> Any:
@@ -79,14 +90,7 @@ async def fetch_json(
             ):
                 if response.status_code != 200:
                     raise RemoteDocumentError(f"answered HTTP {response.status_code}")
-                body = bytearray()
-                async for chunk in response.aiter_bytes():
-                    body += chunk
-                    if len(body) > limits.max_bytes:
-                        raise RemoteDocumentError(
-                            f"sent more than {limits.max_bytes} bytes"
-                            + _named(limits.bytes_setting)
-                        )
+                body = await read_body(response, limits.max_bytes, limits.bytes_setting)
     except TimeoutError:
         raise RemoteDocumentError(
             f"did not answer within {limits.timeout_seconds} s" + _named(limits.time_setting)
@@ -94,7 +98,7 @@ async def fetch_json(
     except httpx.HTTPError as exc:
         raise RemoteDocumentError(f"cannot be fetched: {exc}") from None
     try:
-        return untrusted_json.loads(bytes(body))
+        return untrusted_json.loads(body)
     except untrusted_json.JsonRefused as exc:
         raise RemoteDocumentError(f"sent no JSON: {exc}") from None
 

@@ -35,7 +35,13 @@ from bastion.audit.log import AuditLog
 from bastion.db import Database
 from bastion.facts.model import Entity, FactError
 from bastion.facts.store import FactStore, StoredFact, check_storable
-from bastion.oauth.jwks import FetchLimits, RemoteDocumentError, RemoteKeySets, fetch_json
+from bastion.oauth.jwks import (
+    FetchLimits,
+    RemoteDocumentError,
+    RemoteKeySets,
+    fetch_json,
+    read_body,
+)
 from bastion.oauth.store import OAuthStore
 from bastion.signals.set_tokens import (
     SetRefused,
@@ -61,8 +67,10 @@ PUSH_PATH = "/ssf/events"
 SET_MEDIA_TYPE = "application/secevent+jwt"
 PUSH_METHOD = "urn:ietf:rfc:8935"
 POLL_METHOD = "urn:ietf:rfc:8936"
-# A transmitter's metadata, stream and poll answers larger than this are not read.
+# A transmitter's metadata, stream and poll answers larger than this are not read, nor waited
+# for longer than this (the whole answer).
 MAX_ANSWER_BYTES = 1_048_576
+ANSWER_SECONDS = 10.0
 
 
 class Replayed(Exception):  # noqa: N818 - a refusal, like SetRefused
@@ -116,7 +124,7 @@ class SsfReceiver:
         # (`bastion.oauth.jwks`): one deadline, a size cap, no redirects; an unknown kid fetches
         # the set again at most once every jwks_refresh_seconds.
         self.limits = FetchLimits(
-            timeout_seconds=10,
+            timeout_seconds=ANSWER_SECONDS,
             max_bytes=MAX_ANSWER_BYTES,
             refetch_seconds=settings.jwks_refresh_seconds,
             max_cached=max(1, len(settings.transmitters)),
@@ -437,11 +445,20 @@ class SsfReceiver:
 
     async def _call(
         self, t: Transmitter, method: str, url: str, *, json_body: Any = None, params=None
-    ) -> httpx.Response:
+    ) -> tuple[int, bytes]:
+        """A request to the transmitter: its answer's status and body, the whole of it within
+        `ANSWER_SECONDS` and `MAX_ANSWER_BYTES` (a ValueError past either)."""
         headers = {"authorization": f"Bearer {t.bearer}"} if t.bearer else {}
-        return await self._client.request(
-            method, url, headers=headers, json=json_body, params=params
-        )
+        try:
+            with anyio.fail_after(ANSWER_SECONDS):
+                async with self._client.stream(
+                    method, url, headers=headers, json=json_body, params=params
+                ) as response:
+                    return response.status_code, await read_body(response, MAX_ANSWER_BYTES)
+        except TimeoutError:
+            raise ValueError(f"{url} did not answer within {ANSWER_SECONDS:g} s") from None
+        except RemoteDocumentError as e:
+            raise ValueError(f"{url} {e}") from None
 
     async def configure(self, t: Transmitter) -> dict[str, Any]:
         """Read the transmitter's metadata, read or create bastion's stream, ask it to verify."""
@@ -452,9 +469,11 @@ class SsfReceiver:
         known = await anyio.to_thread.run_sync(self.store.stream, t.name)
         stream = None
         if known is not None and known.stream_id:
-            response = await self._call(t, "GET", endpoint, params={"stream_id": known.stream_id})
-            if response.status_code == 200:
-                stream = untrusted_json.loads(response.content)
+            code, content = await self._call(
+                t, "GET", endpoint, params={"stream_id": known.stream_id}
+            )
+            if code == 200:
+                stream = untrusted_json.loads(content)
         if stream is None:
             delivery: dict[str, Any] = (
                 {
@@ -466,19 +485,19 @@ class SsfReceiver:
                 else {"method": POLL_METHOD}
             )
             requested = sorted({*DEFAULT_EFFECTS, *t.effects})
-            response = await self._call(
+            code, content = await self._call(
                 t,
                 "POST",
                 endpoint,
                 json_body={"delivery": delivery, "events_requested": requested,
                            "description": "bastion"},
             )  # fmt: skip
-            if response.status_code not in (200, 201):
+            if code not in (200, 201):
                 raise ValueError(
-                    f"creating the stream at {endpoint} answered HTTP {response.status_code}:"
-                    f" {response.text[:200]}"
+                    f"creating the stream at {endpoint} answered HTTP {code}:"
+                    f" {content[:200].decode(errors='replace')}"
                 )
-            stream = untrusted_json.loads(response.content)
+            stream = untrusted_json.loads(content)
         if not isinstance(stream, dict) or not isinstance(stream.get("stream_id"), str):
             raise ValueError(f"{endpoint} answered no stream_id")
         if t.audience not in (
@@ -489,8 +508,10 @@ class SsfReceiver:
         status = "enabled"
         status_endpoint = meta.get("status_endpoint")
         if isinstance(status_endpoint, str):
-            answer = await self._call(t, "GET", status_endpoint, params={"stream_id": stream_id})
-            said = untrusted_json.loads(answer.content) if answer.status_code == 200 else None
+            code, content = await self._call(
+                t, "GET", status_endpoint, params={"stream_id": stream_id}
+            )
+            said = untrusted_json.loads(content) if code == 200 else None
             if isinstance(said, dict) and isinstance(said.get("status"), str):
                 status = said["status"][:32]
         state = secrets.token_urlsafe(16)
@@ -502,14 +523,13 @@ class SsfReceiver:
         )  # fmt: skip
         verification = meta.get("verification_endpoint")
         if isinstance(verification, str):
-            answer = await self._call(
+            code, _ = await self._call(
                 t, "POST", verification, json_body={"stream_id": stream_id, "state": state}
             )
-            if answer.status_code not in (200, 204):
+            if code not in (200, 204):
                 log.warning(
-                    "ssf transmitter %s: verification request answered HTTP %s",
-                    t.name, answer.status_code,
-                )  # fmt: skip
+                    "ssf transmitter %s: verification request answered HTTP %s", t.name, code
+                )
         log.info("ssf transmitter %s: stream %s %s", t.name, stream_id, status)
         return stream
 
@@ -551,15 +571,9 @@ class SsfReceiver:
             body["ack"] = ack
         if errs:
             body["setErrs"] = errs
-        headers = {"authorization": f"Bearer {t.bearer}"} if t.bearer else {}
-        async with self._client.stream("POST", url, headers=headers, json=body) as response:
-            if response.status_code != 200:
-                raise ValueError(f"{url} answered HTTP {response.status_code}")
-            content = b""
-            async for chunk in response.aiter_bytes():
-                content += chunk
-                if len(content) > MAX_ANSWER_BYTES:
-                    raise ValueError(f"{url} answered more than {MAX_ANSWER_BYTES} bytes")
+        code, content = await self._call(t, "POST", url, json_body=body)
+        if code != 200:
+            raise ValueError(f"{url} answered HTTP {code}")
         answer = untrusted_json.loads(content)  # JsonRefused: a ValueError, as the others
         sets = answer.get("sets") if isinstance(answer, dict) else None
         if not isinstance(sets, dict):

@@ -23,7 +23,7 @@ from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.exceptions import MCPError
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from bastion.facts.model import Entity
@@ -72,6 +72,7 @@ class TestIssuer:
                 Route("/jwks", self.jwks),
                 Route("/big-jwks", self.big_jwks),
                 Route("/introspect", self.introspect, methods=["POST"]),
+                Route("/endless-introspect", self.endless_introspect, methods=["POST"]),
             ]
         )
 
@@ -97,6 +98,15 @@ class TestIssuer:
     async def big_jwks(self, request: Request) -> Response:
         key = self.keys["k1"].as_dict(private=False)
         return JSONResponse({"keys": [key], "padding": "x" * 100_000})
+
+    async def endless_introspect(self, request: Request) -> Response:
+        async def endless():
+            yield b'{"active": true, "padding": "'
+            while True:
+                yield b"x" * 65536
+                await anyio.sleep(0)
+
+        return StreamingResponse(endless(), media_type="application/json")
 
     async def introspect(self, request: Request) -> Response:
         expected = base64.b64encode(f"{INTROSPECTION_ID}:{INTROSPECTION_SECRET}".encode())
@@ -184,6 +194,15 @@ def bastion(tmp_path_factory, idp, dead_url):
             "introspection_endpoint": f"{dead_url}/introspect",
             "introspection_client_id": INTROSPECTION_ID,
             "introspection_client_secret": INTROSPECTION_SECRET,
+        },
+        {
+            "issuer": idp.issuer("g"),
+            "jwks_uri": f"{idp.url}/jwks",
+            "audiences": {"deskhttp": "api://desk-g"},
+            "introspection_endpoint": f"{idp.url}/endless-introspect",
+            "introspection_client_id": INTROSPECTION_ID,
+            "introspection_client_secret": INTROSPECTION_SECRET,
+            "max_document_bytes": 4096,
         },
         {"issuer": f"{dead_url}/d", "audiences": {"deskhttp": "api://desk-d"}},
         {"issuer": idp.issuer("f"), "audiences": {"deskhttp": "api://desk-f"}},
@@ -330,6 +349,7 @@ def test_the_resource_metadata_lists_the_issuers_of_each_server(bastion, idp, de
         idp.issuer("a"),
         idp.issuer("b"),
         idp.issuer("c"),
+        idp.issuer("g"),
         f"{dead_url}/d",
         idp.issuer("f"),
     ]
@@ -449,6 +469,15 @@ def test_an_unreachable_introspection_endpoint_fails_closed(bastion, idp):
     assert response.status_code == 503, response.text
     assert response.json()["error"] == "temporarily_unavailable"
     assert "introspection" in response.json()["error_description"]
+
+
+def test_an_introspection_answer_past_its_cap_is_not_read_further(bastion, idp):
+    # The endpoint answers without end: read no further than max_document_bytes, not until the
+    # deadline (nor into memory whole before its size was checked).
+    response = call(bastion, idp.token("g", aud="api://desk-g"))
+    assert response.status_code == 503, response.text
+    described = response.json()["error_description"]
+    assert "more than 4096 bytes ([[gateway.trusted_issuers]] max_document_bytes)" in described
 
 
 def test_an_issuer_whose_metadata_cannot_be_fetched_fails_closed(bastion, idp, dead_url):

@@ -389,3 +389,88 @@ def test_a_transmitters_words_no_database_can_hold_are_recorded_and_its_stream_t
     assert "poll failed" in details and "\\ud800: 1e999 is too large" in details, seen
     assert all("\x00" not in x["detail"] and x["detail"].isprintable() for x in seen), seen
     assert state["creates"] == 3 and state["polls"] >= 4
+
+
+def test_a_transmitters_answer_too_large_or_too_slow_is_not_read_and_its_stream_tried_again(
+    database_url, monkeypatch
+):
+    """Every answer of a transmitter (stream management as well as poll) is read within one
+    deadline for the whole of it and a size cap: a stream endpoint that answers 2 MiB, then
+    one that trickles its answer for ever, are each noted and the stream tried again."""
+    from starlette.responses import StreamingResponse
+
+    from bastion.facts.store import FactStore
+    from bastion.signals import ssf
+
+    monkeypatch.setattr(ssf, "ANSWER_SECONDS", 0.5)
+    state = {"url": "", "creates": 0, "polls": 0}
+
+    async def metadata(request):
+        return JSONResponse(
+            {"issuer": ISSUER, "jwks_uri": f"{state['url']}/jwks",
+             "configuration_endpoint": f"{state['url']}/stream"}
+        )  # fmt: skip
+
+    async def trickle():
+        while True:
+            yield b" "
+            await asyncio.sleep(0.05)
+
+    async def stream(request):
+        state["creates"] += 1
+        if state["creates"] == 1:
+            return Response(b" " * (2 * 1_048_576), media_type="application/json")
+        if state["creates"] == 2:
+            return StreamingResponse(trickle(), media_type="application/json")
+        return JSONResponse(
+            {"stream_id": "s1", "aud": "https://bastion.example.com",
+             "delivery": {"method": "urn:ietf:rfc:8936", "endpoint_url": f"{state['url']}/poll"}}
+        )  # fmt: skip
+
+    async def poll(request):
+        state["polls"] += 1
+        return JSONResponse({"sets": {}})
+
+    app = Starlette(
+        routes=[
+            Route("/.well-known/ssf-configuration", metadata),
+            Route("/stream", stream, methods=["GET", "POST"]),
+            Route("/poll", poll, methods=["POST"]),
+        ]
+    )
+    db = Database(database_url)
+    seen: list[str] = []
+    try:
+        with serve(app, free_socket()) as url:
+            state["url"] = url
+            s = settings(
+                delivery="poll",
+                poll_interval_seconds=0.05,
+                configuration_url=f"{url}/.well-known/ssf-configuration",
+            )
+            receiver = ssf.SsfReceiver(s, db, OAuthStore(db), FactStore(db), lambda: None)
+            t = s.transmitters[0]
+
+            async def scenario():
+                import httpx
+
+                receiver._client = httpx.AsyncClient(timeout=10)
+                task = asyncio.create_task(receiver._run(t))
+                try:
+                    with anyio.fail_after(20):
+                        while state["polls"] < 2:
+                            stored = receiver.store.stream(t.name)
+                            if stored and stored.detail not in seen:
+                                seen.append(stored.detail)
+                            await asyncio.sleep(0.01)
+                finally:
+                    task.cancel()
+                    await receiver._client.aclose()
+
+            anyio.run(scenario)
+    finally:
+        db.close()
+    details = " | ".join(seen)
+    assert "sent more than 1048576 bytes" in details, seen
+    assert "did not answer within 0.5 s" in details, seen
+    assert state["creates"] == 3
