@@ -22,7 +22,7 @@ import httpx
 
 from bastion import untrusted_json
 from bastion.connections.settings import UpstreamOAuth
-from bastion.oauth.jwks import FetchLimits, RemoteDocumentError, fetch_json
+from bastion.oauth.jwks import FetchLimits, RemoteDocumentError, fetch_json, read_body
 
 _MAX_BYTES = 65536
 
@@ -274,18 +274,16 @@ class UpstreamOAuthClient:
                         headers={"Accept": "application/json"},
                     ) as response,
                 ):
-                    body = bytearray()
-                    async for chunk in response.aiter_bytes():
-                        body += chunk
-                        if len(body) > _MAX_BYTES:
-                            raise UpstreamOAuthError("unavailable", f"{url} sent too much")
+                    body = await read_body(response, _MAX_BYTES)
                     status = response.status_code
+        except RemoteDocumentError as e:
+            raise UpstreamOAuthError("unavailable", f"{url} {e}") from None
         except TimeoutError:
             raise UpstreamOAuthError("unavailable", f"{url} did not answer in time") from None
         except httpx.HTTPError as e:
             raise UpstreamOAuthError("unavailable", f"{url}: {e}") from None
         try:
-            answer = untrusted_json.loads(bytes(body)) if body else {}
+            answer = untrusted_json.loads(body) if body else {}
         except untrusted_json.JsonRefused:
             answer = None
         if status not in expect:

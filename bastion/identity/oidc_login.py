@@ -57,6 +57,7 @@ from bastion.oauth.jwks import (
     RemoteKeySets,
     fetch_json,
     protected_header,
+    read_body,
 )
 from bastion.oauth.sign_in import (
     BROWSER_COOKIE,
@@ -401,13 +402,9 @@ class OpenIDLogin:
                         "POST" if form is not None else "GET", url, data=form, headers=headers
                     ) as response,
                 ):
-                    body = bytearray()
-                    async for chunk in response.aiter_bytes():
-                        body += chunk
-                        if len(body) > provider.max_document_bytes:
-                            raise ProviderUnavailable(
-                                f"its {what} sent more than {provider.max_document_bytes} bytes"
-                            )
+                    body = await read_body(response, provider.max_document_bytes)
+        except RemoteDocumentError as exc:
+            raise ProviderUnavailable(f"its {what} {exc}") from None
         except TimeoutError:
             raise ProviderUnavailable(
                 f"its {what} did not answer within {provider.timeout_seconds} s"
@@ -415,7 +412,7 @@ class OpenIDLogin:
         except httpx.HTTPError as exc:
             raise ProviderUnavailable(f"its {what} cannot be reached: {exc}") from None
         try:
-            return response.status_code, untrusted_json.loads(bytes(body))
+            return response.status_code, untrusted_json.loads(body)
         except untrusted_json.JsonRefused:
             return response.status_code, None
 

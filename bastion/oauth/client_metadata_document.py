@@ -25,6 +25,7 @@ import httpx
 
 from bastion import untrusted_json
 from bastion.oauth.errors import OAuthError
+from bastion.oauth.jwks import RemoteDocumentError, read_body
 from bastion.oauth.redirect_uris import redirect_uri_problem, uri_syntax_problem
 from bastion.oauth.registration import client_name_problem
 from bastion.oauth.settings import ClientMetadataDocumentSettings
@@ -284,14 +285,12 @@ class ClientMetadataDocuments:
                     raise ClientMetadataDocumentError(
                         url, f"answered HTTP {response.status_code}, expected 200"
                     )
-                body = bytearray()
-                async for chunk in response.aiter_bytes():
-                    body += chunk
-                    if len(body) > limit:
-                        raise ClientMetadataDocumentError(url, f"is larger than {limit} bytes")
+                body = await read_body(response, limit)
+        except RemoteDocumentError:
+            raise ClientMetadataDocumentError(url, f"is larger than {limit} bytes") from None
         except httpx.HTTPError as exc:
             raise ClientMetadataDocumentError(url, f"could not be fetched ({exc!r})") from exc
-        return bytes(body)
+        return body
 
     def _validate(self, url: str, document: dict[str, Any]) -> Client:
         if document.get("client_id") != url:
