@@ -163,7 +163,7 @@ class ClientRequests:
             if not isinstance(given[key], dict):
                 raise RpcError(INVALID_PARAMS, f"inputResponses[{key!r}] must be an object")
             masks = await self.decide(caller, server, method)
-            answer = answer_for_upstream({"result": given[key]}, masks)
+            answer = answer_for_upstream({"result": given[key]}, masks, method)
             if "result" not in answer:
                 raise RpcError(answer["error"]["code"], answer["error"]["message"])
             answers[key] = answer["result"]
@@ -193,7 +193,7 @@ class ClientRequests:
             owner_key = (state.name, session.subject, session.client_id, session.id)
             timeout = state.upstream.config.timeout
             answer = await self.ask(owner_key, send, str(method), params, timeout)
-            return answer_for_upstream(answer, masks)
+            return answer_for_upstream(answer, masks, str(method))
         except RpcError as e:
             return {"error": e.body(None)["error"]}
         except Exception:
@@ -247,13 +247,13 @@ class ClientRequests:
         return max(willing, key=lambda s: s.last_seen)
 
 
-def answer_for_upstream(answer: dict[str, Any], masks: Paths) -> dict[str, Any]:
-    """A client's JSON-RPC response, as bastion sends it on to the upstream: its result
-    (masked), or its error in JSON-RPC's shape (under a mask, its code alone: the message and
+def answer_for_upstream(answer: dict[str, Any], masks: Paths, method: str) -> dict[str, Any]:
+    """A client's JSON-RPC response to ``method``, as bastion sends it on to the upstream: its
+    result (masked), or its error in JSON-RPC's shape (under a mask, its code alone: the message and
     data are the client's free text, which could hold what is masked); anything else is an
     error."""
     if isinstance(answer.get("result"), dict):
-        result = mask_answer(answer["result"], masks)
+        result = mask_answer(answer["result"], masks, method)
         if result is None:
             return {
                 "error": {

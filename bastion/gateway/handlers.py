@@ -285,7 +285,7 @@ class Exchange:
             answer = await self.ask_client(method, params or {})
         except RpcError as e:
             return {"error": e.body(None)["error"]}
-        return answer_for_upstream(answer, masks)
+        return answer_for_upstream(answer, masks, method)
 
     async def _decide_question(self, method: str) -> Paths:
         """The masks of the client's answer, once the policy lets the upstream ask it
@@ -303,9 +303,10 @@ class Exchange:
         answers: dict[str, Any] = {}
         for key, question in questions.items():
             self._check_question(question)
-            masks = await self._decide_question(question["method"])
+            method = question["method"]
+            masks = await self._decide_question(method)
             answer = answer_for_upstream(
-                await self.ask_client(question["method"], question["params"]), masks
+                await self.ask_client(method, question["params"]), masks, method
             )
             if not isinstance(answer.get("result"), dict):
                 code, message, _ = error_parts(

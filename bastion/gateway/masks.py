@@ -338,12 +338,40 @@ def mask_notification(method: str, params: dict[str, Any], paths: Paths) -> dict
     return kept if _REQUIRED[method] in kept else None
 
 
-def mask_answer(answer: dict[str, Any], paths: Paths) -> dict[str, Any] | None:
-    """A client's answer to a request an upstream sent it (sampling, elicitation, roots) under
-    ``paths``: a copy with the fields they name masked, wherever in it they lead; None when no
-    path reaches into it (withheld whole: fail closed, as for a result). Without paths,
-    ``answer`` itself."""
+# The members MCP defines for a client's answer to each request an upstream may send it.
+_ANSWER_MEMBERS = {
+    "elicitation/create": ("action", "content"),
+    "sampling/createMessage": ("role", "content", "model", "stopReason"),
+    "roots/list": ("roots",),
+}
+_ROOT_MEMBERS = ("uri", "name")
+
+
+def mask_answer(answer: dict[str, Any], paths: Paths, method: str) -> dict[str, Any] | None:
+    """A client's answer to ``method``, a request an upstream sent it (sampling, elicitation,
+    roots), under ``paths``: a copy with the fields they name masked, wherever in it they lead,
+    and, as a result is rebuilt, only the members MCP defines for that answer (no ``_meta``, at
+    its top, in a root or in a sampled content block); None when no path reaches into it
+    (withheld whole: fail closed, as for a result). Without paths, ``answer`` itself."""
     if not paths:
         return answer
     copied = copy.deepcopy(answer)
-    return copied if _mask_json(copied, paths) is not None else None
+    if _mask_json(copied, paths) is None:
+        return None
+    kept = {k: v for k, v in copied.items() if k in _ANSWER_MEMBERS.get(method, ())}
+    if method == "roots/list" and isinstance(kept.get("roots"), list):
+        kept["roots"] = [_members(root, _ROOT_MEMBERS) for root in kept["roots"]]
+    elif method == "sampling/createMessage" and "content" in kept:
+        content = kept["content"]
+        blocks = content if isinstance(content, list) else [content]
+        blocks = [
+            {k: v for k, v in b.items() if k != "_meta"} if isinstance(b, dict) else b
+            for b in blocks
+        ]
+        kept["content"] = blocks if isinstance(content, list) else blocks[0]
+    return kept
+
+
+def _members(value: Any, members: tuple[str, ...]) -> Any:
+    """An object with only ``members``; anything else as it is."""
+    return {k: v for k, v in value.items() if k in members} if isinstance(value, dict) else value

@@ -189,8 +189,41 @@ def test_a_clients_error_goes_upstream_in_json_rpcs_shape_and_under_a_mask_as_it
     answer, masked, sent
 ):
     masks = compile_paths(("content.secret",) if masked else ())
-    error = answer_for_upstream(answer, masks)["error"]
+    error = answer_for_upstream(answer, masks, "elicitation/create")["error"]
     if sent["message"] == WITHHELD:
         assert error["message"].startswith(WITHHELD) and "secret" not in error["message"][-30:]
         error = {**error, "message": WITHHELD}
     assert error == sent
+
+
+@pytest.mark.parametrize(
+    ("method", "answer", "sent"),
+    [
+        (
+            "elicitation/create",
+            {"action": "accept", "content": {"secret": "s", "name": "n"}, "_meta": {"x": "s"},
+             "extra": "s"},
+            {"action": "accept", "content": {"secret": "[masked]", "name": "n"}},
+        ),
+        (
+            "sampling/createMessage",
+            {"role": "assistant", "model": "m", "content": {"type": "text", "text": "t",
+             "_meta": {"x": "s"}}, "secret": "s", "_meta": {"x": "s"}},
+            {"role": "assistant", "model": "m", "content": {"type": "text", "text": "t"}},
+        ),
+        (
+            "roots/list",
+            {"roots": [{"uri": "file:///a", "name": "a", "_meta": {"x": "s"}}], "secret": "s"},
+            {"roots": [{"uri": "file:///a", "name": "a"}]},
+        ),
+    ],
+)  # fmt: skip
+def test_a_clients_answer_under_a_mask_goes_upstream_in_mcps_shape_only(method, answer, sent):
+    """As a result is rebuilt under a mask, an answer keeps only the members MCP defines for it:
+    its ``_meta`` and members of its own could carry what the mask covers."""
+    # (A path must reach into the answer, else it is withheld whole.)
+    paths = ("content.secret",) if method == "elicitation/create" else ("secret",)
+    result = answer_for_upstream({"result": answer}, compile_paths(paths), method)["result"]
+    assert result == sent
+    # Without a mask, the answer as the client sent it.
+    assert answer_for_upstream({"result": answer}, (), method)["result"] == answer
