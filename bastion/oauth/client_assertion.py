@@ -182,6 +182,7 @@ class ClientAssertions:
                 max_cached=settings.jwks_max_cached,
                 time_setting="[oauth.client_assertion] jwks_timeout_seconds",
                 bytes_setting="[oauth.client_assertion] jwks_max_bytes",
+                refetch_setting="[oauth.client_assertion] jwks_refetch_seconds",
             ),
             check=jwks_problem,
             clock=clock,

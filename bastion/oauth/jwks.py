@@ -33,8 +33,9 @@ class RemoteDocumentError(Exception):
 
 @dataclass(frozen=True)
 class FetchLimits:
-    """How a remote document is fetched and kept. ``time_setting`` and ``bytes_setting`` name
-    the settings of the time and size limits, for errors (none: fixed)."""
+    """How a remote document is fetched and kept. ``time_setting``, ``bytes_setting`` and
+    ``refetch_setting`` name the settings of the time, size and refetch limits, for errors
+    (none: fixed)."""
 
     timeout_seconds: float = 5
     max_bytes: int = 65536
@@ -43,6 +44,7 @@ class FetchLimits:
     max_cached: int = 1000
     time_setting: str = ""
     bytes_setting: str = ""
+    refetch_setting: str = ""
 
     @classmethod
     def of_issuer(cls, settings: Any, table: str) -> FetchLimits:
@@ -57,6 +59,7 @@ class FetchLimits:
             max_cached=4,
             time_setting=f"{table} timeout_seconds",
             bytes_setting=f"{table} max_document_bytes",
+            refetch_setting=f"{table} jwks_refetch_seconds",
         )
 
 
@@ -165,6 +168,9 @@ class RemoteKeySets:
     """Key sets fetched from ``jwks_uri``s, cached per URI (one implementation for every caller).
 
     ``check(document)`` returns why a fetched document is not an acceptable key set, or None.
+    A fetch that failed is not tried again for ``refetch_seconds``: the requests that need the
+    set meanwhile (a poll's batch of SETs, every token of an issuer that is down) are refused at
+    once with its reason, instead of each waiting out a fetch of its own.
     """
 
     def __init__(
@@ -180,6 +186,8 @@ class RemoteKeySets:
         self.transport = transport
         self._fetched: dict[str, _Fetched] = {}
         self._fetching: dict[str, asyncio.Lock] = {}
+        # uri -> (when its last fetch failed, why)
+        self._failed: dict[str, tuple[float, str]] = {}
 
     async def keys(self, uri: str, kid: str | None) -> KeySet:
         """The key set at ``uri``: cached while young and holding ``kid``; fetched again for a
@@ -197,11 +205,26 @@ class RemoteKeySets:
             again = self._fetched.get(uri)
             if again is not None and again is not cached:
                 return again.keys  # fetched by another request while this one waited
-            keys = await self._fetch(uri)
-            if len(self._fetched) >= self.limits.max_cached:
-                self._fetched.pop(next(iter(self._fetched)))
-            self._fetched[uri] = _Fetched(keys, self.clock())
+            self._refuse_if_failed_lately(uri)
+            try:
+                keys = await self._fetch(uri)
+            except RemoteDocumentError as e:
+                _remember(self._failed, uri, (self.clock(), str(e)), self.limits.max_cached)
+                raise
+            self._failed.pop(uri, None)
+            _remember(self._fetched, uri, _Fetched(keys, self.clock()), self.limits.max_cached)
             return keys
+
+    def _refuse_if_failed_lately(self, uri: str) -> None:
+        failed = self._failed.get(uri)
+        if failed is None:
+            return
+        age = self.clock() - failed[0]
+        if age < self.limits.refetch_seconds:
+            raise RemoteDocumentError(
+                f"{failed[1]} ({age:.0f} s ago; fetched again {self.limits.refetch_seconds:g} s"
+                " after a failure" + _named(self.limits.refetch_setting) + ")"
+            )
 
     async def _fetch(self, uri: str) -> KeySet:
         document = await fetch_json(uri, self.limits, self.transport)
@@ -209,3 +232,11 @@ class RemoteKeySets:
         if problem:
             raise RemoteDocumentError(f"sent no acceptable key set: {problem}")
         return await anyio.to_thread.run_sync(KeySet.import_key_set, document)
+
+
+def _remember(kept: dict[str, Any], uri: str, value: Any, most: int) -> None:
+    """Keep ``value`` for ``uri``, the oldest entry making room beyond ``most``."""
+    kept.pop(uri, None)
+    if len(kept) >= most:
+        kept.pop(next(iter(kept)))
+    kept[uri] = value

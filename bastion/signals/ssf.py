@@ -122,12 +122,13 @@ class SsfReceiver:
         self._metadata: dict[str, dict[str, Any]] = {}
         # The transmitters' metadata and key sets are fetched as every remote document is
         # (`bastion.oauth.jwks`): one deadline, a size cap, no redirects; an unknown kid fetches
-        # the set again at most once every jwks_refresh_seconds.
+        # the set again at most once every jwks_refresh_seconds, and so does a failed fetch.
         self.limits = FetchLimits(
             timeout_seconds=ANSWER_SECONDS,
             max_bytes=MAX_ANSWER_BYTES,
             refetch_seconds=settings.jwks_refresh_seconds,
             max_cached=max(1, len(settings.transmitters)),
+            refetch_setting="[signals.ssf] jwks_refresh_seconds",
         )
         self.key_sets = RemoteKeySets(
             self.limits,

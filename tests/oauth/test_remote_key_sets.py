@@ -1,0 +1,75 @@
+"""Key sets fetched from a ``jwks_uri`` (`bastion.oauth.jwks.RemoteKeySets`, behind private_key_jwt
+clients, trusted issuers, ID-JAG and login providers, SSF transmitters), over real HTTP: a fetch
+that failed is not tried again for ``refetch_seconds``, so the requests that need the set meanwhile
+are refused at once with its reason, and one fetch serves requests that came together."""
+
+from __future__ import annotations
+
+import asyncio
+
+import anyio
+import pytest
+from joserfc.jwk import ECKey
+from starlette.applications import Starlette
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from bastion.oauth.client_assertion import jwks_problem
+from bastion.oauth.jwks import FetchLimits, RemoteDocumentError, RemoteKeySets
+from tests.oauth.support import free_socket, serve
+
+KEY = ECKey.generate_key("P-256", parameters={"kid": "k1"}).as_dict(private=False)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def issuer():
+    state = {"fetches": 0, "down": True}
+
+    async def jwks(request):
+        state["fetches"] += 1
+        await anyio.sleep(0.05)  # long enough for requests that came together to wait on it
+        if state["down"]:
+            return JSONResponse({"error": "down"}, status_code=503)
+        return JSONResponse({"keys": [KEY]})
+
+    with serve(Starlette(routes=[Route("/jwks", jwks)]), free_socket()) as url:
+        state["uri"] = f"{url}/jwks"
+        yield state
+
+
+def test_a_failed_fetch_is_not_tried_again_until_refetch_seconds(issuer):
+    clock = Clock()
+    limits = FetchLimits(refetch_seconds=30, refetch_setting="[t] jwks_refetch_seconds")
+    sets = RemoteKeySets(limits, check=jwks_problem, clock=clock)
+
+    async def scenario() -> list:
+        outcomes: list = []
+
+        async def one() -> None:
+            try:
+                outcomes.append(await sets.keys(issuer["uri"], "k1"))
+            except RemoteDocumentError as e:
+                outcomes.append(str(e))
+
+        await asyncio.gather(*(one() for _ in range(5)))  # together: one fetch for all
+        assert issuer["fetches"] == 1, outcomes
+        issuer["down"] = False
+        clock.now += 29  # up again, but within refetch_seconds of the failure: not asked
+        await one()
+        assert issuer["fetches"] == 1
+        clock.now += 2
+        await one()
+        return outcomes
+
+    outcomes = anyio.run(scenario)
+    assert outcomes[0] == "answered HTTP 503"
+    assert all("answered HTTP 503" in o and "[t] jwks_refetch_seconds" in o for o in outcomes[1:6])
+    assert not isinstance(outcomes[-1], str) and issuer["fetches"] == 2
