@@ -11,7 +11,9 @@ import socket
 import uuid
 
 import pytest
+from argon2 import PasswordHasher
 
+from bastion.oauth import users
 from tests.postgres_outage import Outage
 
 POSTGRES_URL = os.environ.get("BASTION_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
@@ -43,6 +45,17 @@ def _unavailable(message: str) -> None:
     if os.environ.get("BASTION_REQUIRE_SERVICES") == "1":
         pytest.fail(f"{message} and BASTION_REQUIRE_SERVICES=1")
     pytest.skip(f"SKIPPED: {message} (set BASTION_REQUIRE_SERVICES=1 to make this a failure)")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def light_password_hashing():
+    """Argon2id with small parameters in every test's process, so each sign-in costs
+    milliseconds, not half a second on a shared machine: what the tests check is not Argon2's
+    cost (`tests/oauth/conftest.py` gives the marked tests the production parameters back)."""
+    saved = users._HASHER
+    users._HASHER = PasswordHasher(time_cost=1, memory_cost=1024, parallelism=1)
+    yield
+    users._HASHER = saved
 
 
 @pytest.fixture

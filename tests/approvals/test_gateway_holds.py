@@ -9,11 +9,9 @@ import json
 import time
 
 import pytest
-from argon2 import PasswordHasher
 from mcp import types
 from mcp.shared.exceptions import MCPError
 
-from bastion.oauth import users
 from tests.gateway.streams import messages, modern_headers, modern_request
 from tests.gateway.support import start
 
@@ -42,18 +40,13 @@ approver(User{"avery"}, _user: User, "read", McpResource{"deskhttp/customers://p
 
 
 def _start(tmp_path_factory, name: str, approvals: dict, replicas: int = 0):
-    saved = users._HASHER
-    users._HASHER = PasswordHasher(time_cost=1, memory_cost=1024, parallelism=1)
-    try:
-        with start(
-            tmp_path_factory.mktemp(name),
-            approvals=approvals,
-            policy_extra=RULES,
-            replicas=replicas,
-        ) as running:
-            yield running
-    finally:
-        users._HASHER = saved
+    with start(
+        tmp_path_factory.mktemp(name),
+        approvals=approvals,
+        policy_extra=RULES,
+        replicas=replicas,
+    ) as running:
+        yield running
 
 
 @pytest.fixture(scope="module")

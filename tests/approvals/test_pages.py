@@ -18,13 +18,12 @@ from urllib.parse import urlencode, urlsplit
 
 import httpx
 import pytest
-from argon2 import PasswordHasher
 from playwright.sync_api import Page
 
 from bastion.approvals.service import Approvals, Call
 from bastion.approvals.store import ApprovalRequest
 from bastion.facts.model import Entity
-from bastion.oauth import registration, users
+from bastion.oauth import registration
 from bastion.oauth.sign_in import SESSION_COOKIE
 from bastion.oauth.users import create_user
 from bastion.policy.parser import parse_fact
@@ -95,8 +94,6 @@ class Running:
 def bastion(tmp_path_factory) -> Iterator[Running]:
     """bastion with its authorization server, a gateway (no upstream is needed to hold calls)
     and approvals; sam, avery, mallory and cfo can sign in. The approvals' clock can be moved."""
-    saved = users._HASHER
-    users._HASHER = PasswordHasher(time_cost=1, memory_cost=1024, parallelism=1)
     tmp = tmp_path_factory.mktemp("pages")
     policy = tmp / "policy.polar"
     policy.write_text(POLICY)
@@ -113,28 +110,25 @@ def bastion(tmp_path_factory) -> Iterator[Running]:
         gateway={"upstreams": []},
         approvals={"wait_seconds": 0},
     )
-    try:
-        app = create_app(config)
-        for name in ("sam", "avery", "mallory", "cfo"):
-            create_user(app.state.oauth.store, name, PASSWORD, time.time())
-        seq = app.state.store.apply([parse_fact(f) for f in FACTS], actor="test").seq
-        values = registration.validate_client_metadata(
-            {"client_name": "Support <b>agent</b>", "redirect_uris": ["http://127.0.0.1:9/cb"]},
-            app.state.oauth.settings,
-        )
-        agent = registration.new_client(values, source="dynamic", now=time.time()).client
-        app.state.oauth.store.save_client(agent)
-        clock = Clock()
-        app.state.approvals.clock = clock
-        app.state.approvals.store.clock = clock
-        with serve(app, sock) as url:
-            deadline = time.monotonic() + 10
-            while app.state.replica.applied < seq or app.state.replica.policy_version is None:
-                assert time.monotonic() < deadline, "the replica did not load the policy"
-                time.sleep(0.01)
-            yield Running(url, app, clock, agent.client_id)
-    finally:
-        users._HASHER = saved
+    app = create_app(config)
+    for name in ("sam", "avery", "mallory", "cfo"):
+        create_user(app.state.oauth.store, name, PASSWORD, time.time())
+    seq = app.state.store.apply([parse_fact(f) for f in FACTS], actor="test").seq
+    values = registration.validate_client_metadata(
+        {"client_name": "Support <b>agent</b>", "redirect_uris": ["http://127.0.0.1:9/cb"]},
+        app.state.oauth.settings,
+    )
+    agent = registration.new_client(values, source="dynamic", now=time.time()).client
+    app.state.oauth.store.save_client(agent)
+    clock = Clock()
+    app.state.approvals.clock = clock
+    app.state.approvals.store.clock = clock
+    with serve(app, sock) as url:
+        deadline = time.monotonic() + 10
+        while app.state.replica.applied < seq or app.state.replica.policy_version is None:
+            assert time.monotonic() < deadline, "the replica did not load the policy"
+            time.sleep(0.01)
+        yield Running(url, app, clock, agent.client_id)
 
 
 def hold(
@@ -740,45 +734,40 @@ def test_the_pages_answer_503_while_the_database_is_unreachable(outage, tmp_path
         gateway={"upstreams": []},
         approvals={"wait_seconds": 0},
     )
-    saved = users._HASHER
-    users._HASHER = PasswordHasher(time_cost=1, memory_cost=1024, parallelism=1)
-    try:
-        app = create_app(config)
-        create_user(app.state.oauth.store, "avery", PASSWORD, time.time())
-        app.state.store.apply([parse_fact(f) for f in FACTS], actor="test")
-        with serve(app, sock) as url:
-            deadline = time.monotonic() + 10
-            while app.state.replica.policy_version is None:
-                assert time.monotonic() < deadline, "the replica did not load the policy"
-                time.sleep(0.01)
-            running = Running(url, app, Clock(), "agent-1")
-            request = hold(running)
-            with signed_in(running, "avery") as http:
-                token = csrf_of(http.get(f"/approvals/{request.id}").text)
-                outage.block(role)
-                try:
-                    for answer in (
-                        http.get(f"/approvals/{request.id}"),
-                        http.get("/approvals"),
-                        http.post(
-                            f"/approvals/{request.id}",
-                            data={"csrf_token": token, "answer": "approve"},
-                        ),
-                    ):
-                        assert answer.status_code == 503, answer.text
-                        assert answer.headers["retry-after"] == "1"
-                        assert "Try again" in answer.text
-                        assert answer.headers["x-frame-options"] == "DENY"
-                finally:
-                    outage.unblock(role)
-                deadline = time.monotonic() + 20
-                while (page := http.get(f"/approvals/{request.id}")).status_code != 200:
-                    assert time.monotonic() < deadline, page.text
-                    time.sleep(0.1)
-                assert "Approve this call?" in page.text
-            assert running.get(request.id).status == "pending"
-    finally:
-        users._HASHER = saved
+    app = create_app(config)
+    create_user(app.state.oauth.store, "avery", PASSWORD, time.time())
+    app.state.store.apply([parse_fact(f) for f in FACTS], actor="test")
+    with serve(app, sock) as url:
+        deadline = time.monotonic() + 10
+        while app.state.replica.policy_version is None:
+            assert time.monotonic() < deadline, "the replica did not load the policy"
+            time.sleep(0.01)
+        running = Running(url, app, Clock(), "agent-1")
+        request = hold(running)
+        with signed_in(running, "avery") as http:
+            token = csrf_of(http.get(f"/approvals/{request.id}").text)
+            outage.block(role)
+            try:
+                for answer in (
+                    http.get(f"/approvals/{request.id}"),
+                    http.get("/approvals"),
+                    http.post(
+                        f"/approvals/{request.id}",
+                        data={"csrf_token": token, "answer": "approve"},
+                    ),
+                ):
+                    assert answer.status_code == 503, answer.text
+                    assert answer.headers["retry-after"] == "1"
+                    assert "Try again" in answer.text
+                    assert answer.headers["x-frame-options"] == "DENY"
+            finally:
+                outage.unblock(role)
+            deadline = time.monotonic() + 20
+            while (page := http.get(f"/approvals/{request.id}")).status_code != 200:
+                assert time.monotonic() < deadline, page.text
+                time.sleep(0.1)
+            assert "Approve this call?" in page.text
+        assert running.get(request.id).status == "pending"
 
 
 def test_under_an_issuer_with_a_path_the_pages_are_where_the_request_urls_point(tmp_path):

@@ -9,11 +9,9 @@ import json
 
 import anyio
 import pytest
-from argon2 import PasswordHasher
 from mcp.shared.exceptions import MCPError
 from playwright.sync_api import sync_playwright
 
-from bastion.oauth import users
 from tests.browser import CHROMIUM, CHROMIUM_ARGS, on_this_machine
 from tests.conftest import require_program
 from tests.gateway.streams import messages, modern_headers, modern_request
@@ -32,17 +30,12 @@ EMAIL = {"to": "ada@example.com", "subject": "hello", "body": "hi"}
 @pytest.fixture(scope="module")
 def bastion(tmp_path_factory):
     require_program("Debian's chromium", CHROMIUM)
-    saved = users._HASHER
-    users._HASHER = PasswordHasher(time_cost=1, memory_cost=1024, parallelism=1)
-    try:
-        with start(
-            tmp_path_factory.mktemp("pages-gateway"),
-            approvals={"wait_seconds": 0},
-            policy_extra=RULES,
-        ) as running:
-            yield running
-    finally:
-        users._HASHER = saved
+    with start(
+        tmp_path_factory.mktemp("pages-gateway"),
+        approvals={"wait_seconds": 0},
+        policy_extra=RULES,
+    ) as running:
+        yield running
 
 
 def answer_in_browser(

@@ -28,7 +28,6 @@ import anyio
 import httpx
 import httpx2
 import pytest
-from argon2 import PasswordHasher
 from cryptography.fernet import Fernet
 from joserfc import jwt
 from joserfc.errors import JoseError
@@ -47,7 +46,6 @@ from bastion.connections.store import StoredConnection
 from bastion.connections.upstream_oauth import well_known
 from bastion.db import Database
 from bastion.gateway.upstream_sessions import SessionOwner
-from bastion.oauth import users
 from bastion.oauth.store import OAuthStore
 from bastion.oauth.users import create_user
 from bastion.server.app import create_app
@@ -168,13 +166,7 @@ def upstream_app(checks: JwtVerifier, seen: list[dict]):
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory):
-    # Cheap password hashes for this module's many sign-ins (what is tested is not argon2).
-    saved = users._HASHER
-    users._HASHER = PasswordHasher(time_cost=1, memory_cost=1024, parallelism=1)
-    try:
-        yield from _lab(tmp_path_factory)
-    finally:
-        users._HASHER = saved
+    yield from _lab(tmp_path_factory)
 
 
 def _lab(tmp_path_factory):

@@ -11,10 +11,8 @@ from urllib.parse import urlencode
 
 import httpx
 import pytest
-from argon2 import PasswordHasher
 
 from bastion.facts.model import Entity
-from bastion.oauth import users
 from tests.delegation.agent_support import cli, cli_config
 from tests.gateway.streams import call_tool
 from tests.gateway.support import PASSWORD, REDIRECT_URI, start
@@ -32,13 +30,8 @@ deny(agent: Agent, "call", Tool{"deskhttp/search_customers"}) if
 
 @pytest.fixture(scope="module")
 def bastion(tmp_path_factory):
-    saved = users._HASHER
-    users._HASHER = PasswordHasher(time_cost=1, memory_cost=1024, parallelism=1)
-    try:
-        with start(tmp_path_factory.mktemp("agents"), policy_extra=POLICY_EXTRA) as running:
-            yield running
-    finally:
-        users._HASHER = saved
+    with start(tmp_path_factory.mktemp("agents"), policy_extra=POLICY_EXTRA) as running:
+        yield running
 
 
 @pytest.fixture(scope="module")

@@ -439,7 +439,7 @@ async def _drop(prefix: str) -> None:
     await client.aclose()
 
 
-def test_two_gateways_share_labels_through_redis(tmp_path, light_hashing):
+def test_two_gateways_share_labels_through_redis(tmp_path):
     require_service("Redis", "127.0.0.1", 6379)
     prefix = f"bastion-test-{uuid.uuid4().hex[:12]}"
     settings = {"redis_url": REDIS_URL, "redis_prefix": prefix}
@@ -457,9 +457,7 @@ def test_two_gateways_share_labels_through_redis(tmp_path, light_hashing):
         anyio.run(_drop, prefix)
 
 
-def test_unreachable_redis_refuses_what_reads_labels_and_withholds_labelled_results(
-    tmp_path, light_hashing
-):
+def test_unreachable_redis_refuses_what_reads_labels_and_withholds_labelled_results(tmp_path):
     with free_socket() as closed:  # bound, never listening: connections are refused
         port = closed.getsockname()[1]
         settings = {"redis_url": f"redis://127.0.0.1:{port}/0"}
@@ -500,18 +498,6 @@ def read_resource(http, base: str, token: str, uri: str) -> dict:
     )
     assert response.status_code == 200, response.text
     return response.json()
-
-
-@pytest.fixture
-def light_hashing():
-    from argon2 import PasswordHasher
-
-    from bastion.oauth import users
-
-    saved = users._HASHER
-    users._HASHER = PasswordHasher(time_cost=1, memory_cost=1024, parallelism=1)
-    yield
-    users._HASHER = saved
 
 
 def test_the_example_labels_policy_passes_its_own_tests():

@@ -14,7 +14,6 @@ import time
 import anyio
 import httpx2
 import pytest
-from argon2 import PasswordHasher
 from joserfc import jwt as jose_jwt
 from joserfc.jwk import RSAKey
 from mcp.client.auth.extensions.client_credentials import (
@@ -29,7 +28,6 @@ from starlette.routing import Route
 
 from bastion.db import Database
 from bastion.facts.model import Entity
-from bastion.oauth import users
 from bastion.oauth.client_assertion import ClientAssertions
 from bastion.oauth.settings import ClientAssertionSettings
 from tests.delegation.agent_support import (
@@ -50,20 +48,15 @@ INITIAL_TOKEN = "initial-access-token-of-the-tests"
 
 @pytest.fixture(scope="module")
 def bastion(tmp_path_factory):
-    saved = users._HASHER
-    users._HASHER = PasswordHasher(time_cost=1, memory_cost=1024, parallelism=1)
-    try:
-        # A rotated key is fetched again after 1 s (the default waits 30 s between fetches).
-        with start(
-            tmp_path_factory.mktemp("pkjwt"),
-            oauth={
-                "client_assertion": {"jwks_refetch_seconds": 1, "jwks_timeout_seconds": 1},
-                "initial_access_tokens": [INITIAL_TOKEN],
-            },
-        ) as running:
-            yield running
-    finally:
-        users._HASHER = saved
+    # A rotated key is fetched again after 1 s (the default waits 30 s between fetches).
+    with start(
+        tmp_path_factory.mktemp("pkjwt"),
+        oauth={
+            "client_assertion": {"jwks_refetch_seconds": 1, "jwks_timeout_seconds": 1},
+            "initial_access_tokens": [INITIAL_TOKEN],
+        },
+    ) as running:
+        yield running
 
 
 @pytest.fixture(scope="module")

@@ -24,9 +24,7 @@ from urllib.parse import urlsplit
 
 import pytest
 import uvicorn
-from argon2 import PasswordHasher
 
-from bastion.oauth import users
 from bastion.server.commands import connection_limits
 from bastion.server.config import ServerConfig
 from tests.oauth import support as oauth_support
@@ -73,8 +71,6 @@ def served_like_bastion_serve(app, sock):
 
 @pytest.fixture(scope="module")
 def bastion(tmp_path_factory):
-    saved = users._HASHER
-    users._HASHER = PasswordHasher(time_cost=1, memory_cost=1024, parallelism=1)
     access = logging.getLogger("uvicorn.access")
 
     def config(**settings):
@@ -91,7 +87,6 @@ def bastion(tmp_path_factory):
             access.hasHandlers = lambda: False  # type: ignore[method-assign]
             yield running
     finally:
-        users._HASHER = saved
         vars(access).pop("hasHandlers", None)
 
 

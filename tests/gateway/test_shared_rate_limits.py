@@ -6,9 +6,7 @@ from __future__ import annotations
 import uuid
 
 import pytest
-from argon2 import PasswordHasher
 
-from bastion.oauth import users
 from tests.conftest import REDIS_URL, require_service
 from tests.oauth.support import free_socket
 
@@ -18,14 +16,6 @@ ENVELOPE = {
     "io.modelcontextprotocol/protocolVersion": "2026-07-28",
     "io.modelcontextprotocol/clientCapabilities": {},
 }
-
-
-@pytest.fixture(autouse=True)
-def light_password_hashing():
-    saved = users._HASHER
-    users._HASHER = PasswordHasher(time_cost=1, memory_cost=1024, parallelism=1)
-    yield
-    users._HASHER = saved
 
 
 def call_tool(http, base: str, token: str, name: str, arguments: dict) -> dict:

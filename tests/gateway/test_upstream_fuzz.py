@@ -25,7 +25,6 @@ import textwrap
 from functools import partial
 
 import pytest
-from argon2 import PasswordHasher
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from starlette.applications import Starlette
@@ -34,7 +33,6 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from bastion.gateway.jsonrpc import error_parts
-from bastion.oauth import users
 from tests.oauth.support import free_socket, serve
 
 from .streams import call_tool, legacy_session, messages, modern_headers, modern_request
@@ -157,27 +155,22 @@ ODD_DISCOVERY = {
 
 @pytest.fixture(scope="module")
 def bastion(tmp_path_factory, upstream):
-    saved = users._HASHER
-    users._HASHER = PasswordHasher(time_cost=1, memory_cost=1024, parallelism=1)
     odd_init, odd_discovery = Scripted(ODD_INIT), Scripted(answer=ODD_DISCOVERY)
     folder = tmp_path_factory.mktemp("upfuzz")
     (folder / "raw_server.py").write_text(RAW_SERVER)
-    try:
-        with (
-            serve(upstream.app, free_socket()) as url,
-            serve(odd_init.app, free_socket()) as init_url,
-            serve(odd_discovery.app, free_socket()) as discovery_url,
-        ):
-            more = (
-                {"name": "fuzz", "url": f"{url}/mcp"},
-                {"name": "oddinit", "url": f"{init_url}/mcp"},
-                {"name": "odddisc", "url": f"{discovery_url}/mcp"},
-                {"name": "raw", "command": sys.executable, "args": [str(folder / "raw_server.py")]},
-            )
-            with start(folder, policy_extra=POLICY, more_upstreams=more) as running:
-                yield running
-    finally:
-        users._HASHER = saved
+    with (
+        serve(upstream.app, free_socket()) as url,
+        serve(odd_init.app, free_socket()) as init_url,
+        serve(odd_discovery.app, free_socket()) as discovery_url,
+    ):
+        more = (
+            {"name": "fuzz", "url": f"{url}/mcp"},
+            {"name": "oddinit", "url": f"{init_url}/mcp"},
+            {"name": "odddisc", "url": f"{discovery_url}/mcp"},
+            {"name": "raw", "command": sys.executable, "args": [str(folder / "raw_server.py")]},
+        )
+        with start(folder, policy_extra=POLICY, more_upstreams=more) as running:
+            yield running
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,6 @@ from pathlib import Path
 import anyio
 import httpx2
 import pytest
-from argon2 import PasswordHasher
 from mcp import types
 from mcp.client.client import Client as McpClient
 from mcp.client.streamable_http import streamable_http_client
@@ -29,7 +28,6 @@ from mcp.shared.exceptions import MCPError
 from bastion.gateway.client_requests import ASKED_STATE
 from bastion.gateway.config import GatewayConfig
 from bastion.gateway.upstream_sessions import SessionOwner
-from bastion.oauth import users
 from bastion.oauth.users import create_user
 from bastion.server.config import ConfigError
 from tests.oauth.support import MemoryStorage, free_socket, sdk_auth, serve
@@ -62,8 +60,6 @@ LAB = fresh_module("lab_server_mine", Path(__file__).parent / "lab_server.py")
 
 @pytest.fixture(scope="module")
 def bastion(tmp_path_factory):
-    saved = users._HASHER
-    users._HASHER = PasswordHasher(time_cost=1, memory_cost=1024, parallelism=1)
     upstream = Recorder(LegacyOnly(SERVER.server.streamable_http_app(streamable_http_path="/mcp")))
     lab = Recorder(
         LegacyOnly(
@@ -71,31 +67,28 @@ def bastion(tmp_path_factory):
             legacy=False,
         )
     )
-    try:
-        with serve(upstream, free_socket()) as url, serve(lab, free_socket()) as lab_url:
-            more = (
-                {"name": "mine", "url": f"{lab_url}/mcp", "session": "per_user"},
-                {"name": "solo", "url": f"{url}/mcp", "session": "per_user"},
-                {"name": "pair", "url": f"{url}/mcp", "session": "per_client_session"},
-                {"name": "together", "url": f"{url}/mcp"},
-                {"name": "capped", "url": f"{url}/mcp", "session": "per_user", "max_sessions": 1},
-                {
-                    "name": "brief",
-                    "url": f"{url}/mcp",
-                    "session": "per_user",
-                    "session_idle_seconds": 1,
-                },
-            )
-            with start(
-                tmp_path_factory.mktemp("upsessions"), policy_extra=POLICY, more_upstreams=more
-            ) as running:
-                for name in ("alice", "bob"):
-                    create_user(running.app.state.oauth.store, name, running.password, time.time())
-                running.upstream_requests = upstream.requests
-                running.lab_requests = lab.requests
-                yield running
-    finally:
-        users._HASHER = saved
+    with serve(upstream, free_socket()) as url, serve(lab, free_socket()) as lab_url:
+        more = (
+            {"name": "mine", "url": f"{lab_url}/mcp", "session": "per_user"},
+            {"name": "solo", "url": f"{url}/mcp", "session": "per_user"},
+            {"name": "pair", "url": f"{url}/mcp", "session": "per_client_session"},
+            {"name": "together", "url": f"{url}/mcp"},
+            {"name": "capped", "url": f"{url}/mcp", "session": "per_user", "max_sessions": 1},
+            {
+                "name": "brief",
+                "url": f"{url}/mcp",
+                "session": "per_user",
+                "session_idle_seconds": 1,
+            },
+        )
+        with start(
+            tmp_path_factory.mktemp("upsessions"), policy_extra=POLICY, more_upstreams=more
+        ) as running:
+            for name in ("alice", "bob"):
+                create_user(running.app.state.oauth.store, name, running.password, time.time())
+            running.upstream_requests = upstream.requests
+            running.lab_requests = lab.requests
+            yield running
 
 
 def callbacks(user: str, seen: list, declines: bool = False) -> dict:

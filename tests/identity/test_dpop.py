@@ -13,12 +13,11 @@ import uuid
 from urllib.parse import parse_qs, urlencode, urlsplit
 
 import pytest
-from argon2 import PasswordHasher
 from joserfc import jwt as jose_jwt
 from joserfc.jwk import ECKey, OctKey, RSAKey
 
 from bastion.db import Database
-from bastion.oauth import registration, users
+from bastion.oauth import registration
 from bastion.oauth.dpop import DPoPProofs, InvalidDPoPProof
 from bastion.oauth.settings import DPoPSettings, OAuthSettings, SettingsError
 from tests.delegation.support import ACCESS_TOKEN, EXCHANGE, start_studio
@@ -34,14 +33,9 @@ TOOL = "search_customers"
 
 @pytest.fixture(scope="module")
 def bastion(tmp_path_factory):
-    saved = users._HASHER
-    users._HASHER = PasswordHasher(time_cost=1, memory_cost=1024, parallelism=1)
-    try:
-        # One more replica on the same database: a jti spent on one is spent on both.
-        with start(tmp_path_factory.mktemp("dpop"), replicas=1) as running:
-            yield running
-    finally:
-        users._HASHER = saved
+    # One more replica on the same database: a jti spent on one is spent on both.
+    with start(tmp_path_factory.mktemp("dpop"), replicas=1) as running:
+        yield running
 
 
 def b64(data: bytes) -> str:
@@ -426,17 +420,12 @@ def test_alg_none_hmac_and_private_keys_are_refused(bastion, bound):
 @pytest.fixture(scope="module")
 def strict(tmp_path_factory):
     """A bastion that requires a server nonce in every proof, with one more replica."""
-    saved = users._HASHER
-    users._HASHER = PasswordHasher(time_cost=1, memory_cost=1024, parallelism=1)
-    try:
-        with start(
-            tmp_path_factory.mktemp("dpop-nonce"),
-            replicas=1,
-            oauth={"dpop": {"require_nonce": True, "nonce_seconds": 60}},
-        ) as running:
-            yield running
-    finally:
-        users._HASHER = saved
+    with start(
+        tmp_path_factory.mktemp("dpop-nonce"),
+        replicas=1,
+        oauth={"dpop": {"require_nonce": True, "nonce_seconds": 60}},
+    ) as running:
+        yield running
 
 
 def test_a_proof_without_the_server_nonce_gets_one_to_retry_with(strict):

@@ -13,13 +13,11 @@ from .support import Bastion, running_bastion
 
 
 @pytest.fixture(autouse=True)
-def light_password_hashing(request, monkeypatch):
-    """Argon2id with small parameters, so each login costs milliseconds, not half a second on a
-    shared machine. Tests marked ``real_password_hashing`` keep the production parameters."""
-    if request.node.get_closest_marker("real_password_hashing") is None:
-        monkeypatch.setattr(
-            users, "_HASHER", PasswordHasher(time_cost=1, memory_cost=1024, parallelism=1)
-        )
+def real_password_hashing(request, monkeypatch):
+    """Tests marked ``real_password_hashing`` hash with the production Argon2id parameters (the
+    others with the small ones of `tests.conftest.light_password_hashing`)."""
+    if request.node.get_closest_marker("real_password_hashing") is not None:
+        monkeypatch.setattr(users, "_HASHER", PasswordHasher())  # as bastion.oauth.users has it
 
 
 def pytest_configure(config):

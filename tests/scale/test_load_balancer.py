@@ -16,12 +16,10 @@ import httpx
 import httpx2
 import psycopg
 import pytest
-from argon2 import PasswordHasher
 from mcp.client.client import Client as McpClient
 from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.exceptions import MCPError
 
-from bastion.oauth import users
 from tests.gateway.streams import messages, modern_headers, modern_request
 from tests.gateway.support import PASSWORD, REDIRECT_URI, access_token
 from tests.oauth.support import MemoryStorage, log_in_and_consent, sdk_auth
@@ -33,14 +31,6 @@ EMAIL = ("send_email", {"to": "a@example.com", "subject": "s", "body": "b"})
 DELETE = ("delete_customer", {"customer_id": "c-101"})
 NOTES = "customers://audit-notes"
 NOTES_TEXT = "2026-01-12: exported customer list for the yearly review."
-
-
-@pytest.fixture(autouse=True)
-def light_password_hashing():
-    saved = users._HASHER
-    users._HASHER = PasswordHasher(time_cost=1, memory_cost=1024, parallelism=1)
-    yield
-    users._HASHER = saved
 
 
 @pytest.fixture

@@ -13,12 +13,10 @@ import time
 
 import httpx
 import pytest
-from argon2 import PasswordHasher
 from mcp.shared.exceptions import MCPError
 
 from bastion.facts.model import Entity
 from bastion.facts.store import FactStore
-from bastion.oauth import users
 from tests.gateway import support
 from tests.server.conftest import POLICY, ServerProcess, entity, serve_policy
 
@@ -341,13 +339,8 @@ deny(_user: User, "call", _tool: Tool) if
 
 @pytest.fixture
 def gateway(tmp_path):
-    saved = users._HASHER
-    users._HASHER = PasswordHasher(time_cost=1, memory_cost=1024, parallelism=1)
-    try:
-        with support.start(tmp_path) as running:
-            yield running
-    finally:
-        users._HASHER = saved
+    with support.start(tmp_path) as running:
+        yield running
 
 
 def test_the_gateway_refuses_a_runaway_decision_and_goes_on_serving(gateway):

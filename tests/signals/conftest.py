@@ -7,9 +7,7 @@ from __future__ import annotations
 
 import httpx
 import pytest
-from argon2 import PasswordHasher
 
-from bastion.oauth import users
 from tests.gateway.streams import call_tool as modern_call
 from tests.gateway.streams import messages, modern_headers, modern_request
 from tests.gateway.support import start
@@ -48,19 +46,12 @@ deny(_user: User, "call", _tool: Tool) if
 
 @pytest.fixture(scope="module")
 def signals_gateway(tmp_path_factory):
-    # Per module: the light password hasher it sets is put back when the module ends, before
-    # other folders' tests (tests/oauth checks real hashes) run.
-    saved = users._HASHER
-    users._HASHER = PasswordHasher(time_cost=1, memory_cost=1024, parallelism=1)
-    try:
-        with start(
-            tmp_path_factory.mktemp("signals-gateway"), policy_extra=RULES, signals=SIGNALS
-        ) as running:
-            key, _ = running.app.state.keys.create("mdm", ["signals"])
-            running.signals_key = key
-            yield running
-    finally:
-        users._HASHER = saved
+    with start(
+        tmp_path_factory.mktemp("signals-gateway"), policy_extra=RULES, signals=SIGNALS
+    ) as running:
+        key, _ = running.app.state.keys.create("mdm", ["signals"])
+        running.signals_key = key
+        yield running
 
 
 def set_signal(bastion, user: str, name: str, value, source: str = "mdm", ttl: int = 3600):

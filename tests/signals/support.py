@@ -3,25 +3,18 @@ the SDK client's calls kept as outcomes."""
 
 from __future__ import annotations
 
-from argon2 import PasswordHasher
 from mcp.shared.exceptions import MCPError
 
 from bastion.facts.model import Entity
-from bastion.oauth import users
 from tests.gateway.support import start
 
 ERAS = ["legacy", "auto"]  # 2025-11-25, 2026-07-28
 
 
 def running(tmp_path_factory, name: str, rules: str, **options):
-    """A bastion for one test module (cheap password hashing, as the other gateway tests)."""
-    saved = users._HASHER
-    users._HASHER = PasswordHasher(time_cost=1, memory_cost=1024, parallelism=1)
-    try:
-        with start(tmp_path_factory.mktemp(name), policy_extra=rules, **options) as bastion:
-            yield bastion
-    finally:
-        users._HASHER = saved
+    """A bastion for one test module."""
+    with start(tmp_path_factory.mktemp(name), policy_extra=rules, **options) as bastion:
+        yield bastion
 
 
 async def attempt(client, seen: dict, key: str, tool: str, arguments: dict) -> None:

@@ -16,11 +16,9 @@ from urllib.parse import urlsplit
 
 import httpx
 import pytest
-from argon2 import PasswordHasher
 from mcp.shared.exceptions import MCPError
 
 from bastion.facts.model import Entity
-from bastion.oauth import users
 from bastion.server.config import ConfigError
 from bastion.signals.alerts import AlertError, Alerts, AlertSettings, severity_of
 from bastion.signals.behavior import LocalBehavior
@@ -62,8 +60,6 @@ def receiver():
 @pytest.fixture(scope="module")
 def bastion(tmp_path_factory, receiver):
     os.environ[SECRET_ENV] = SECRET.decode()
-    saved = users._HASHER
-    users._HASHER = PasswordHasher(time_cost=1, memory_cost=1024, parallelism=1)
     signals = {
         "alerts": {
             "cooldown_seconds": 300,
@@ -84,7 +80,6 @@ def bastion(tmp_path_factory, receiver):
         ) as running:
             yield running
     finally:
-        users._HASHER = saved
         os.environ.pop(SECRET_ENV, None)
 
 

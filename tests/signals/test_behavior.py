@@ -9,10 +9,8 @@ import json
 import math
 
 import pytest
-from argon2 import PasswordHasher
 from mcp.shared.exceptions import MCPError
 
-from bastion.oauth import users
 from bastion.signals.behavior import BehaviorSettings, LocalBehavior, scope_keys
 from tests.gateway.support import start
 
@@ -38,13 +36,8 @@ rate_limit(_user: User, "call", _tool: Tool, 1, 3600) if far_above_baseline();
 
 @pytest.fixture(scope="module")
 def bastion(tmp_path_factory):
-    saved = users._HASHER
-    users._HASHER = PasswordHasher(time_cost=1, memory_cost=1024, parallelism=1)
-    try:
-        with start(tmp_path_factory.mktemp("behavior"), policy_extra=BULK + EXFILTRATION) as r:
-            yield r
-    finally:
-        users._HASHER = saved
+    with start(tmp_path_factory.mktemp("behavior"), policy_extra=BULK + EXFILTRATION) as r:
+        yield r
 
 
 async def attempt(client, seen, tool, arguments):

@@ -15,9 +15,7 @@ from collections.abc import Iterator
 
 import anyio
 import pytest
-from argon2 import PasswordHasher
 
-from bastion.oauth import users
 from bastion.signals.behavior import RedisBehavior, scope_keys
 from tests.conftest import REDIS_URL, require_program, require_service
 from tests.gateway.support import start
@@ -28,14 +26,6 @@ from tests.ports import free_port
 from .test_behavior import BULK, _reference_figures
 
 WRITE = "customers:read customers:write"
-
-
-@pytest.fixture(autouse=True)
-def light_password_hashing():
-    saved = users._HASHER
-    users._HASHER = PasswordHasher(time_cost=1, memory_cost=1024, parallelism=1)
-    yield
-    users._HASHER = saved
 
 
 def destructive_seen(prefix: str, agent: str) -> int:

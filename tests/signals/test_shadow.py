@@ -10,10 +10,8 @@ import sys
 import time
 
 import pytest
-from argon2 import PasswordHasher
 from mcp.shared.exceptions import MCPError
 
-from bastion.oauth import users
 from bastion.signals.shadow_commands import since_epoch
 from tests.gateway.support import ROOT, start
 
@@ -32,14 +30,9 @@ would(user: User, "call", tool: Tool, "approval", "bulk_delete") if
 
 @pytest.fixture(scope="module")
 def shadowed(tmp_path_factory):
-    saved = users._HASHER
-    users._HASHER = PasswordHasher(time_cost=1, memory_cost=1024, parallelism=1)
     directory = tmp_path_factory.mktemp("shadow")
-    try:
-        with start(directory, policy_extra=MONITORED) as running:
-            yield running, directory / "bastion.db"
-    finally:
-        users._HASHER = saved
+    with start(directory, policy_extra=MONITORED) as running:
+        yield running, directory / "bastion.db"
 
 
 async def attempt(client, seen, tool, arguments):

@@ -12,10 +12,8 @@ import time
 
 import anyio
 import pytest
-from argon2 import PasswordHasher
 
 from bastion.cli import main
-from bastion.oauth import users
 from bastion.oauth.users import create_user
 from bastion.policy.parser import parse_fact
 from tests.gateway.streams import events, modern_headers, modern_request
@@ -52,8 +50,6 @@ def email(address: str) -> dict:
 
 @pytest.fixture(scope="module")
 def signals(tmp_path_factory):
-    saved = users._HASHER
-    users._HASHER = PasswordHasher(time_cost=1, memory_cost=1024, parallelism=1)
     os.environ["BASTION_TEST_SSF_PUSH"] = PUSH_TOKEN
     os.environ["BASTION_TEST_SSF_BEARER"] = BEARER
     pusher, poller = Transmitter(AUDIENCE), Transmitter(AUDIENCE)
@@ -112,7 +108,6 @@ def signals(tmp_path_factory):
                 wait_until(lambda: streams(running).get("mdm", {}).get("status") == "verified")
                 yield running
     finally:
-        users._HASHER = saved
         closed.close()
 
 
