@@ -27,7 +27,7 @@ from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 from starlette.routing import Route
 
-from bastion.approvals.service import Approvals, NotAllowed, UnknownRequest
+from bastion.approvals.service import Approvals, NotAllowed, Unavailable, UnknownRequest
 from bastion.approvals.store import OPEN, ApprovalRequest
 from bastion.db import DatabaseUnavailable
 from bastion.oauth import pages
@@ -108,10 +108,11 @@ class ApprovalPages:
             person = await run_in_threadpool(self._person, session)
             if person is None:
                 return _see_other(sign_in_url(self.oauth.settings, self.prefix))
+            await self.approvals.current()
             waiting = await run_in_threadpool(self._waiting_for, person)
             # An agent's request for access ahead of time (OpenID CIBA) waits here too.
             backchannel = await run_in_threadpool(self.oauth.ciba.pending_for, person)
-        except DatabaseUnavailable:
+        except (DatabaseUnavailable, Unavailable):
             return _unavailable()
         return _list_page(person, waiting, backchannel, self.prefix, self.approvals.clock())
 
@@ -141,8 +142,9 @@ class ApprovalPages:
             person = await run_in_threadpool(self._person, session)
             if person is None:
                 return _see_other(sign_in_url(self.oauth.settings, request.url.path))
+            await self.approvals.current()
             shown = await run_in_threadpool(self._shown, request_id, person)
-        except DatabaseUnavailable:
+        except (DatabaseUnavailable, Unavailable):
             return _unavailable()
         if shown is None:
             return _not_found()
@@ -202,6 +204,7 @@ class ApprovalPages:
             if not self._csrf_valid(str(form.get("csrf_token", "")), session, request_id):
                 await run_in_threadpool(self._record_csrf_refusal, request, person, request_id)
                 return _csrf_refused(request.url.path)
+            await self.approvals.current()
             shown = await run_in_threadpool(self._shown, request_id, person, False)
             if shown is None:
                 return _not_found()
@@ -216,13 +219,13 @@ class ApprovalPages:
                     return _not_found()
                 return self._page(shown, session, refused.message, refused.status)
             outcome = await run_in_threadpool(self._answered, request_id, person, given)
-        except DatabaseUnavailable:
+            if isinstance(outcome, _Refused):
+                shown = await run_in_threadpool(self._shown, request_id, person)
+                if shown is None:
+                    return _not_found()
+                return self._page(shown, session, outcome.message, outcome.status)
+        except (DatabaseUnavailable, Unavailable):
             return _unavailable()
-        if isinstance(outcome, _Refused):
-            shown = await run_in_threadpool(self._shown, request_id, person)
-            if shown is None:
-                return _not_found()
-            return self._page(shown, session, outcome.message, outcome.status)
         return _see_other(request.url.path)
 
     def _answered(self, request_id: str, person: str, given: _Answer) -> _Refused | None:
@@ -525,7 +528,10 @@ def _not_found() -> Response:
 
 def _unavailable() -> Response:
     response = _message(
-        "Try again", "bastion cannot read its approval requests right now. Try again.", 503
+        "Try again",
+        "bastion cannot read its approval requests, or the policy that says who answers them,"
+        " right now. Try again.",
+        503,
     )
     response.headers["Retry-After"] = "1"
     return response

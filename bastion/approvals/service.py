@@ -17,7 +17,7 @@ import hmac
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -64,6 +64,16 @@ def answer_problem(reason: str, withheld_fields: tuple[str, ...]) -> str | None:
                 f" characters), got {path!r:.80}"
             )
     return None
+
+
+class Unavailable(Exception):
+    """What the policy says cannot be read here now (this replica is behind the database, or
+    the policy in force does not load on it): nothing is answered or shown on what it holds.
+    The message says why."""
+
+
+async def _current() -> None:
+    """Nothing to wait for (one process, no replicas)."""
 
 
 class NotAllowed(Exception):
@@ -127,10 +137,15 @@ class Approvals:
         binding_key: bytes,
         audit: AuditLog,
         clock: Callable[[], float] = time.time,
+        current: Callable[[], Awaitable[None]] = _current,
     ) -> None:
+        """``authorizer`` raises `Unavailable` while what it holds must not decide; ``current``
+        waits for the changes this process has heard of (raising `Unavailable` if they do not
+        come in time): awaited before an answer or a reviewer's view is worked out."""
         self.store = store
         self.facts = facts
         self.authorizer = authorizer
+        self.current = current
         self.policy_version = policy_version
         self.settings = settings
         self.base_url = base_url.rstrip("/")
@@ -544,6 +559,7 @@ def approvals_from_config(
     issuer: str,
     authorizer: Callable[[], Authorizer],
     policy_version: Callable[[], int | None],
+    current: Callable[[], Awaitable[None]] = _current,
 ) -> Approvals:
     """The approvals of a server with a gateway: its own database connection, the ``[approvals]``
     table, and two secrets of the deployment in ``key_dir`` (one seals what requests hold, one
@@ -568,6 +584,7 @@ def approvals_from_config(
         issuer,
         binding,
         AuditLog(db),
+        current=current,
     )
     if settings.webhooks:
         from bastion.approvals.webhooks import WebhookNotifier

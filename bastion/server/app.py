@@ -324,15 +324,28 @@ def _approvals(config: ServerConfig, oauth, replica: Replica):
                 "bastion.toml has an [approvals] table but no [gateway] to hold calls"
             )
         return None
-    from bastion.approvals.service import approvals_from_config
+    from bastion.approvals.service import Unavailable, approvals_from_config
+
+    def authorizer():
+        # Who may answer, and what a reviewer sees, are the policy's: never from a replica
+        # that must not decide (as the gateway and /v1 refuse then).
+        if replica.stale:
+            raise Unavailable(replica.stale_reason())
+        return replica.authz
+
+    async def current() -> None:
+        heard = replica.heard_not_applied(config.consistency_timeout)
+        if (heard is not None and not await heard) or replica.stale:
+            raise Unavailable(replica.stale_reason())
 
     return approvals_from_config(
         config.database,
         config.approvals,
         oauth.settings.key_dir,
         oauth.settings.issuer,
-        lambda: replica.authz,
+        authorizer,
         lambda: replica.policy_version,
+        current,
     )
 
 

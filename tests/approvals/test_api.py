@@ -404,3 +404,38 @@ def test_a_held_result_holding_text_no_utf8_answer_holds_is_shown_as_its_escape(
     page = _json(result)
     page.encode("utf-8")  # the page's text is Unicode: the surrogate is written as its escape
     assert "odd \\ud800 text" in page
+
+
+# -- a replica that must not decide ------------------------------------------------------------
+
+
+def test_a_replica_that_cannot_load_the_policy_in_force_answers_no_approval(bastion, tmp_path):
+    """Who may answer is the policy's: a replica on the same database that cannot load the
+    policy in force (a smaller policy_max_bytes) refuses every answer with 503, as /v1 and the
+    gateway refuse then, and records none; it answered under the policy no longer in force."""
+    held = bastion.holder.hold(SEND)
+    other = ServerProcess(
+        bastion.database, tmp_path, env={**bastion.server.env, "BASTION_POLICY_MAX_BYTES": "4096"}
+    )
+    other.start()
+    with bastion.server.client() as admin:
+        old = admin.get("/v1/policy").json()["text"]
+    try:
+        with bastion.server.client() as admin:
+            r = admin.put("/v1/policy", json={"text": old + "\n# " + "x" * 8192 + "\n"})
+            assert r.status_code == 200, r.text
+        with httpx.Client(base_url=other.url, timeout=30) as probe:
+            deadline = time.monotonic() + 10
+            while probe.get("/readyz").status_code == 200 and time.monotonic() < deadline:
+                time.sleep(0.05)
+        headers = {"authorization": f"Bearer {bastion.keys['approvals']}"}
+        with httpx.Client(base_url=other.url, headers=headers, timeout=30) as api:
+            r = api.post(f"/v1/approvals/{held.id}/approve", json={"approver": "avery"})
+            assert_problem(r, 503, "policy_max_bytes")
+            # Reading it is not deciding: still shown.
+            assert api.get(f"/v1/approvals/{held.id}").json()["status"] == "pending"
+        unchanged(bastion, held.id)
+    finally:
+        with bastion.server.client() as admin:
+            admin.put("/v1/policy", json={"text": old})
+        other.stop()

@@ -10,7 +10,8 @@ holds a key of this scope.
 from __future__ import annotations
 
 import json
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import anyio
 from starlette.requests import Request
@@ -21,6 +22,7 @@ from bastion.approvals.service import (
     MAX_REASON,
     Approvals,
     NotAllowed,
+    Unavailable,
     UnknownRequest,
     answer_problem,
 )
@@ -30,6 +32,7 @@ from bastion.server.problems import Problem, bad_request, read_json, unprocessab
 from bastion.server.problems import field as get_field
 from bastion.untrusted_json import MAX_INTEGER
 
+T = TypeVar("T")
 SCOPE = "approvals"
 DEFAULT_PAGE = 100
 # With ``approver``, the store reads up to 20 times as many rows to find them.
@@ -92,6 +95,17 @@ def _withheld(body: dict) -> tuple[str, ...]:
     return paths
 
 
+async def _decided(approvals: Approvals, work: Callable[[], T]) -> T:
+    """``work`` (which asks the policy) in a worker thread, once this replica is current; a 503
+    while it is not (fail closed: an answer is never checked against facts or a policy that
+    are no longer in force)."""
+    try:
+        await approvals.current()
+        return await anyio.to_thread.run_sync(work)
+    except Unavailable as e:
+        raise Problem(503, "Policy not current here", str(e)) from None
+
+
 def _unknown(request_id: str) -> Problem:
     return Problem(
         404,
@@ -150,7 +164,10 @@ async def get_request(request: Request) -> JSONResponse:
             shown["result"] = approvals.review_view(found, reviewer)
         return shown
 
-    shown = await anyio.to_thread.run_sync(read)
+    # Only a reviewer's view asks the policy (may they review it, what is masked for them).
+    shown = await (
+        _decided(approvals, read) if reviewer is not None else anyio.to_thread.run_sync(read)
+    )
     if shown is None:
         raise _unknown(request_id)
     return _AsciiJSON(shown)
@@ -189,7 +206,7 @@ async def _answer(request: Request, answer: str) -> JSONResponse:
         )
 
     try:
-        answered = await anyio.to_thread.run_sync(run)
+        answered = await _decided(approvals, run)
     except UnknownRequest:
         raise _unknown(request_id) from None
     except NotAllowed as e:
