@@ -35,6 +35,7 @@ from bastion.gateway.config import UpstreamConfig
 from bastion.gateway.http1 import MAX_MESSAGE, Http1Client, HttpClientError, Response
 from bastion.gateway.jsonrpc import (
     INTERNAL_ERROR,
+    INVALID_REQUEST,
     LOG_LEVELS,
     METHOD_NOT_FOUND,
     UPSTREAM_UNAVAILABLE,
@@ -58,6 +59,9 @@ Ask = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
 # Takes a notification the upstream sent on the stream of one of bastion's requests (a log
 # message), for the client that sent that request.
 Hear = Callable[[dict[str, Any]], Awaitable[None]]
+# The resources bastion asks one upstream connection for the updates of, for all its clients
+# together, at most (it never asks the upstream to stop; docs/gateway.md).
+MAX_WATCHED = 10_000
 LOG_MESSAGE = "notifications/message"
 LOG_LEVEL = "io.modelcontextprotocol/logLevel"
 
@@ -202,8 +206,18 @@ class Upstream(abc.ABC):
         they always arrive; resources are subscribed to with ``resources/subscribe``."""
         await self.ensure_started()
         new = uris - self._watched
+        self._room_for(new)
         await self._subscribe(new)
         self._watched |= new
+
+    def _room_for(self, new: frozenset[str]) -> None:
+        """Refuse (`RpcError`) to follow ``new`` resources past `MAX_WATCHED`."""
+        if new and len(self._watched) + len(new) > MAX_WATCHED:
+            raise RpcError(
+                INVALID_REQUEST,
+                f"bastion follows the updates of at most {MAX_WATCHED} resources of upstream"
+                f" {self.name} for all its clients, and follows {len(self._watched)}",
+            )
 
     def offers_subscribe(self) -> bool:
         """Whether the upstream sends a resource's updates on request."""
@@ -778,6 +792,7 @@ class HttpUpstream(Upstream):
         if self._modern:
             if running and uris <= self._watched:
                 return
+            self._room_for(uris - self._watched)
             self._watched |= uris
             if watcher is not None:
                 watcher.cancel()
@@ -790,6 +805,7 @@ class HttpUpstream(Upstream):
                 await self._opened.wait()
         if not self._modern:
             new = uris - self._watched
+            self._room_for(new)
             await self._subscribe(new)
             self._watched |= new
 

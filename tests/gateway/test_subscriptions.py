@@ -12,6 +12,7 @@ import pytest
 from mcp.types import ResourceUpdatedNotification
 
 from bastion.gateway import handlers
+from bastion.gateway import upstream as upstream_module
 from bastion.policy.parser import parse_fact
 
 from .lab_server import SECRET
@@ -238,3 +239,17 @@ def test_an_upstreams_refusal_to_subscribe_to_a_masked_resource_comes_without_it
     # Where no mask applies, the upstream's reason is given (its message, not its data).
     error = subscribe(bastion, server, headers, "lab://locked")["error"]
     assert f"locked by {SECRET}" in error["message"] and "data" not in error, error
+
+
+@pytest.mark.parametrize("server", ["lab", "labold"])
+def test_the_resources_followed_for_all_clients_are_bounded(bastion, server, monkeypatch):
+    # bastion never asks an upstream to stop sending a resource's updates: what it follows for
+    # every client together only grows, up to a bound.
+    headers = legacy_session(bastion, bastion.token("sam", server), server)
+    assert subscribe(bastion, server, headers, "lab://open")["result"] == {}
+    connection = bastion.app.state.gateway.upstreams[server].upstream
+    monkeypatch.setattr(upstream_module, "MAX_WATCHED", len(connection._watched))
+    error = subscribe(bastion, server, headers, "lab://locked")["error"]
+    assert "at most" in error["message"] and "resources of upstream" in error["message"], error
+    assert "lab://locked" not in connection._watched
+    assert subscribe(bastion, server, headers, "lab://open")["result"] == {}  # followed already
