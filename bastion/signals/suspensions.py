@@ -109,19 +109,25 @@ class Suspensions:
         self.apply(facts, ())
 
     def apply(self, inserts: Iterable[StoredFact], deletes: Iterable[tuple]) -> None:
-        """A change of the facts: deletes first, then inserts (as the store applies them)."""
+        """A change of the facts: deletes first, then inserts (as the store applies them). The
+        view is built anew once per change (readers on the event loop see one or the other),
+        without the suspensions that have expired: an expiry writes no delete to the log."""
         deletes = [p for p in deletes if p and p[0] == PREDICATE]
-        if deletes:
-            self._until = {
-                e: t
-                for e, t in self._until.items()
-                if not any(matches((PREDICATE, e), p) for p in deletes)
-            }
-        added = False
-        for f in inserts:
-            if f.fact[0] == PREDICATE and len(f.fact) == 2 and isinstance(f.fact[1], Entity):
-                self._until = {**self._until, f.fact[1]: f.expires_at}
-                added = True
+        added = [
+            (f.fact[1], f.expires_at)
+            for f in inserts
+            if f.fact[0] == PREDICATE and len(f.fact) == 2 and isinstance(f.fact[1], Entity)
+        ]
+        if not deletes and not added:
+            return
+        now = self.clock()
+        until = {
+            e: t
+            for e, t in self._until.items()
+            if (t is None or t > now) and not any(matches((PREDICATE, e), p) for p in deletes)
+        }
+        until.update(added)
+        self._until = until
         if added:
             for callback in list(self._subscribers):
                 callback()
