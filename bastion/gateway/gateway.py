@@ -356,11 +356,9 @@ class Gateway:
         only, and its requests on the standing stream to the owner's client. With ``auth =
         "per_user"`` it carries the owner's own upstream token (`UserTokenUpstream`)."""
 
-        def end(upstream: Upstream) -> None:
+        def end(upstream: Upstream, reason: str) -> None:
             if state.sessions is not None:
-                state.sessions.close_where(
-                    lambda s: s.upstream is upstream, "(the upstream refused the user's token)"
-                )
+                state.sessions.close_where(lambda s: s.upstream is upstream, reason)
 
         def open_session(config: UpstreamConfig, owner: SessionOwner) -> Upstream:
             if config.auth == "per_user":

@@ -50,7 +50,7 @@ class UserTokenUpstream(HttpUpstream):
         user: str,
         connections: Connections | None,
         last_known: HttpUpstream,
-        end: Callable[[UserTokenUpstream], None],
+        end: Callable[[UserTokenUpstream, str], None],
     ) -> None:
         super().__init__(config)
         self.user = user
@@ -59,7 +59,7 @@ class UserTokenUpstream(HttpUpstream):
         # What the upstream said at the initialize of any user's session, kept on the
         # upstream's own (never connected) `HttpUpstream`: a user not yet connected is told that.
         self._last_known = last_known
-        # Ends this session in its pool (the upstream refused the user's token).
+        # Ends this session in its pool, saying why (in the log).
         self._end = end
         self.init_result = last_known.init_result or {
             "protocolVersion": UPSTREAM_PROTOCOL_VERSION,
@@ -106,7 +106,7 @@ class UserTokenUpstream(HttpUpstream):
         assert self.connections is not None
         self.connections.forget_token(self.user, self.name)
         self.bearer = None
-        self._end(self)
+        self._end(self, "(the upstream refused the user's token)")
         return self._connect_first()
 
     # -- what the gateway calls ------------------------------------------------------------------
@@ -140,6 +140,15 @@ class UserTokenUpstream(HttpUpstream):
             await super().watch(uris)
         except UpstreamUnauthorized:
             raise self._refused() from None
+
+    async def _from_server(self, message: dict[str, Any]) -> None:
+        # What the upstream sends on a stream opened with the user's token goes on only while
+        # they are still connected: a connection revoked through another process (a replica,
+        # the CLI) ends this session here at its next message.
+        if not await self._authorize(connect=False):
+            self._end(self, "(its user's connection is gone)")
+            return
+        await super()._from_server(message)
 
     async def _watch_once(self, uris: frozenset[str], opened) -> bool:
         # The standing stream is opened again with the user's current (refreshed) token.

@@ -819,6 +819,29 @@ def test_per_user_credential_sessions_are_closed_when_idle(lab, ledgers):
     assert pool.find(SessionOwner("alice")) is None
 
 
+def test_a_connection_gone_through_another_process_ends_the_session_at_its_next_message(
+    lab, ledgers
+):
+    """A connection deleted where this process's callbacks do not run (another replica, the
+    CLI on the same database): what the upstream then sends on the standing stream it opened with
+    that user's token is not relayed, and the session ends."""
+    from bastion.gateway.upstream_credentials import UserTokenUpstream
+
+    state = lab.one.state.gateway.upstreams["ledger"]
+    ended, heard = [], []
+    session = UserTokenUpstream(
+        state.upstream.config, "alice", lab.connections, state.upstream,
+        lambda upstream, reason: ended.append(reason),
+    )  # fmt: skip
+    session.on_notification = lambda *message: heard.append(message)
+    note = {"jsonrpc": "2.0", "method": "notifications/resources/list_changed"}
+    run(session._from_server, note)  # connected: relayed
+    assert len(heard) == 1 and ended == []
+    lab.connections.store.delete("alice", "ledger")  # not through this process's service
+    run(session._from_server, note)
+    assert len(heard) == 1 and ended == ["(its user's connection is gone)"]
+
+
 def test_revoking_a_connection_closes_its_users_upstream_sessions_at_once(lab, ledgers):
     session = alice_calls(lab, "ledger")
     key, _ = lab.one.state.keys.create("admin", ["connections"])
