@@ -311,14 +311,11 @@ def test_a_set_whose_effects_fail_is_released_and_applied_when_delivered_again(t
         db.close()
 
 
-def test_a_transmitters_words_no_database_can_hold_are_recorded_and_its_stream_tried_again(
-    database_url,
-):
-    """A transmitter whose answers hold what a database cannot store (a NUL byte in an error's
-    text; a key that is half of a surrogate pair, quoted by the refusal of a number under it):
-    the stream's status is recorded with them written as escapes, and the stream's task goes on
-    (on PostgreSQL the status write failed inside the task's handler, and the task stopped for
-    good: no signal came in after it)."""
+def streamed(database_url, stream, poll, polls: int) -> tuple[list[dict], dict]:
+    """Serve a transmitter whose metadata names ``stream`` (its configuration endpoint, GET and
+    POST) and whose streams are polled at ``poll``; run bastion's task for that stream until
+    ``poll`` was called ``polls`` times. The statuses the stream was recorded with on the way,
+    and the transmitter's counts (``creates``, ``polls``); the task must still be running."""
     from bastion.facts.store import FactStore
     from bastion.signals.ssf import SsfReceiver
 
@@ -330,25 +327,19 @@ def test_a_transmitters_words_no_database_can_hold_are_recorded_and_its_stream_t
              "configuration_endpoint": f"{state['url']}/stream"}
         )  # fmt: skip
 
-    async def stream(request):
+    async def counted_stream(request):
         state["creates"] += 1
-        if state["creates"] <= 2:  # refused, with bytes no text column takes
-            return Response(b"down \x00 for \xff maintenance", status_code=500)
-        return JSONResponse(
-            {"stream_id": "s1", "aud": "https://bastion.example.com",
-             "delivery": {"method": "urn:ietf:rfc:8936", "endpoint_url": f"{state['url']}/poll"}}
-        )  # fmt: skip
+        return await stream(request, state)
 
-    async def poll(request):
+    async def counted_poll(request):
         state["polls"] += 1
-        body = b'{"\\ud800": 1e999}' if state["polls"] <= 2 else b'{"sets": {}}'
-        return Response(body, media_type="application/json")
+        return await poll(request, state)
 
     app = Starlette(
         routes=[
             Route("/.well-known/ssf-configuration", metadata),
-            Route("/stream", stream, methods=["GET", "POST"]),
-            Route("/poll", poll, methods=["POST"]),
+            Route("/stream", counted_stream, methods=["GET", "POST"]),
+            Route("/poll", counted_poll, methods=["POST"]),
         ]
     )
     db = Database(database_url)
@@ -371,7 +362,7 @@ def test_a_transmitters_words_no_database_can_hold_are_recorded_and_its_stream_t
                 task = asyncio.create_task(receiver._run(t))
                 try:
                     with anyio.fail_after(20):
-                        while state["polls"] < 4:
+                        while state["polls"] < polls:
                             stored = receiver.store.stream(t.name)
                             if stored and stored.detail not in [x["detail"] for x in seen]:
                                 seen.append({"status": stored.status, "detail": stored.detail})
@@ -384,6 +375,36 @@ def test_a_transmitters_words_no_database_can_hold_are_recorded_and_its_stream_t
             anyio.run(scenario)
     finally:
         db.close()
+    return seen, state
+
+
+def created(state: dict) -> JSONResponse:
+    """The stream a transmitter creates, polled at its /poll."""
+    return JSONResponse(
+        {"stream_id": "s1", "aud": "https://bastion.example.com",
+         "delivery": {"method": "urn:ietf:rfc:8936", "endpoint_url": f"{state['url']}/poll"}}
+    )  # fmt: skip
+
+
+def test_a_transmitters_words_no_database_can_hold_are_recorded_and_its_stream_tried_again(
+    database_url,
+):
+    """A transmitter whose answers hold what a database cannot store (a NUL byte in an error's
+    text; a key that is half of a surrogate pair, quoted by the refusal of a number under it):
+    the stream's status is recorded with them written as escapes, and the stream's task goes on
+    (on PostgreSQL the status write failed inside the task's handler, and the task stopped for
+    good: no signal came in after it)."""
+
+    async def stream(request, state):
+        if state["creates"] <= 2:  # refused, with bytes no text column takes
+            return Response(b"down \x00 for \xff maintenance", status_code=500)
+        return created(state)
+
+    async def poll(request, state):
+        body = b'{"\\ud800": 1e999}' if state["polls"] <= 2 else b'{"sets": {}}'
+        return Response(body, media_type="application/json")
+
+    seen, state = streamed(database_url, stream, poll, polls=4)
     details = " | ".join(x["detail"] for x in seen)
     assert "stream not configured" in details and "\\x00" in details, seen
     assert "poll failed" in details and "\\ud800: 1e999 is too large" in details, seen
@@ -399,78 +420,27 @@ def test_a_transmitters_answer_too_large_or_too_slow_is_not_read_and_its_stream_
     one that trickles its answer for ever, are each noted and the stream tried again."""
     from starlette.responses import StreamingResponse
 
-    from bastion.facts.store import FactStore
     from bastion.signals import ssf
 
     monkeypatch.setattr(ssf, "ANSWER_SECONDS", 0.5)
-    state = {"url": "", "creates": 0, "polls": 0}
-
-    async def metadata(request):
-        return JSONResponse(
-            {"issuer": ISSUER, "jwks_uri": f"{state['url']}/jwks",
-             "configuration_endpoint": f"{state['url']}/stream"}
-        )  # fmt: skip
 
     async def trickle():
         while True:
             yield b" "
             await asyncio.sleep(0.05)
 
-    async def stream(request):
-        state["creates"] += 1
+    async def stream(request, state):
         if state["creates"] == 1:
             return Response(b" " * (2 * 1_048_576), media_type="application/json")
         if state["creates"] == 2:
             return StreamingResponse(trickle(), media_type="application/json")
-        return JSONResponse(
-            {"stream_id": "s1", "aud": "https://bastion.example.com",
-             "delivery": {"method": "urn:ietf:rfc:8936", "endpoint_url": f"{state['url']}/poll"}}
-        )  # fmt: skip
+        return created(state)
 
-    async def poll(request):
-        state["polls"] += 1
+    async def poll(request, state):
         return JSONResponse({"sets": {}})
 
-    app = Starlette(
-        routes=[
-            Route("/.well-known/ssf-configuration", metadata),
-            Route("/stream", stream, methods=["GET", "POST"]),
-            Route("/poll", poll, methods=["POST"]),
-        ]
-    )
-    db = Database(database_url)
-    seen: list[str] = []
-    try:
-        with serve(app, free_socket()) as url:
-            state["url"] = url
-            s = settings(
-                delivery="poll",
-                poll_interval_seconds=0.05,
-                configuration_url=f"{url}/.well-known/ssf-configuration",
-            )
-            receiver = ssf.SsfReceiver(s, db, OAuthStore(db), FactStore(db), lambda: None)
-            t = s.transmitters[0]
-
-            async def scenario():
-                import httpx
-
-                receiver._client = httpx.AsyncClient(timeout=10)
-                task = asyncio.create_task(receiver._run(t))
-                try:
-                    with anyio.fail_after(20):
-                        while state["polls"] < 2:
-                            stored = receiver.store.stream(t.name)
-                            if stored and stored.detail not in seen:
-                                seen.append(stored.detail)
-                            await asyncio.sleep(0.01)
-                finally:
-                    task.cancel()
-                    await receiver._client.aclose()
-
-            anyio.run(scenario)
-    finally:
-        db.close()
-    details = " | ".join(seen)
+    seen, state = streamed(database_url, stream, poll, polls=2)
+    details = " | ".join(x["detail"] for x in seen)
     assert "sent more than 1048576 bytes" in details, seen
     assert "did not answer within 0.5 s" in details, seen
     assert state["creates"] == 3
