@@ -7,16 +7,9 @@ from __future__ import annotations
 from bastion.decide.contract import RateLimit
 from bastion.facts.model import Entity
 from bastion.gateway.ratelimit import SWEEP_AT, RateLimiter
+from tests.clock import ManualClock
 
 SAM = Entity("User", "sam")
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def admit(limiter: RateLimiter, limit: RateLimit, target: str) -> float | None:
@@ -29,7 +22,7 @@ def admit(limiter: RateLimiter, limit: RateLimit, target: str) -> float | None:
 
 
 def test_calls_to_ever_new_targets_do_not_grow_the_counters_without_bound():
-    clock = Clock()
+    clock = ManualClock()
     limiter = RateLimiter(clock)
     limit = RateLimit(SAM, 5, 1)
     for n in range(5 * SWEEP_AT):
@@ -39,7 +32,7 @@ def test_calls_to_ever_new_targets_do_not_grow_the_counters_without_bound():
 
 
 def test_a_window_that_still_holds_a_call_is_never_forgotten():
-    clock = Clock()
+    clock = ManualClock()
     limiter = RateLimiter(clock)
     slow = RateLimit(SAM, 1, 3600)
     assert admit(limiter, slow, "report") is None

@@ -16,17 +16,10 @@ from starlette.routing import Route
 
 from bastion.oauth.client_assertion import jwks_problem
 from bastion.oauth.jwks import FetchLimits, RemoteDocumentError, RemoteKeySets
+from tests.clock import ManualClock
 from tests.oauth.support import free_socket, serve
 
 KEY = ECKey.generate_key("P-256", parameters={"kid": "k1"}).as_dict(private=False)
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @pytest.fixture
@@ -46,7 +39,7 @@ def issuer():
 
 
 def test_a_failed_fetch_is_not_tried_again_until_refetch_seconds(issuer):
-    clock = Clock()
+    clock = ManualClock()
     limits = FetchLimits(refetch_seconds=30, refetch_setting="[t] jwks_refetch_seconds")
     sets = RemoteKeySets(limits, check=jwks_problem, clock=clock)
 

@@ -7,14 +7,7 @@ from __future__ import annotations
 from bastion.facts.model import Entity
 from bastion.facts.store import StoredFact
 from bastion.signals.suspensions import PREDICATE, Suspensions
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
+from tests.clock import ManualClock
 
 
 def suspended(name: str, until: float | None) -> StoredFact:
@@ -22,7 +15,7 @@ def suspended(name: str, until: float | None) -> StoredFact:
 
 
 def test_expired_suspensions_are_forgotten_and_the_others_kept():
-    clock = Clock()
+    clock = ManualClock()
     view = Suspensions(clock)
     view.apply([suspended(f"u{i}", 1010.0) for i in range(1000)], ())
     view.apply([suspended("forever", None), suspended("hour", 4600.0)], ())
