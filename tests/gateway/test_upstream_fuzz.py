@@ -112,6 +112,7 @@ class Scripted:
     def __init__(self, initialized: dict | None = None, answer: dict | None = None) -> None:
         self.initialized = INITIALIZED if initialized is None else initialized
         self.answer: dict = answer or {"result": {}}
+        self.raw: bytes | None = None
         self.notes: list[dict] = []
         self.app = Starlette(routes=[Route("/mcp", self.post, methods=["POST"])])
 
@@ -122,6 +123,9 @@ class Scripted:
         if message.get("method") == "initialize":
             result = self.initialized
             return JSONResponse({"jsonrpc": "2.0", "id": message["id"], "result": result})
+        if self.raw is not None:  # the answer as bytes, "ID" standing for the request's id
+            body = self.raw.replace(b'"ID"', json.dumps(message["id"]).encode())
+            return Response(body, media_type="application/json")
         answer = {**self.answer, "jsonrpc": "2.0", "id": message["id"]}
         if not self.notes:
             return JSONResponse(answer)
@@ -572,3 +576,22 @@ def test_a_question_of_a_masked_call_is_refused_without_its_text(
         == "a call whose result is masked or held for review cannot ask its client for input"
     )
     assert SECRET not in response.text
+
+
+@pytest.mark.parametrize("depth", [200, 900, 5000])
+@pytest.mark.parametrize("tool", ["plain", "masked"])
+@pytest.mark.parametrize("old", [False, True])
+def test_an_answer_nested_deep_gets_the_client_a_clear_answer(
+    bastion, token, upstream, legacy, depth, tool, old
+):
+    """JSON nested as deep as Python's parser takes, or deeper: never bastion's own failure."""
+    nested = b"[" * depth + b"]" * depth
+    upstream.raw = b'{"jsonrpc": "2.0", "id": "ID", "result": {"structuredContent": {"items": '
+    upstream.raw += nested + b'}, "content": [{"type": "text", "text": "x"}]}}'
+    try:
+        ask(
+            bastion, token, upstream, "tools/call", {"name": tool, "arguments": {}},
+            {"result": {}}, legacy if old else None,
+        )  # fmt: skip
+    finally:
+        upstream.raw = None
