@@ -595,3 +595,39 @@ def test_an_answer_nested_deep_gets_the_client_a_clear_answer(
         )  # fmt: skip
     finally:
         upstream.raw = None
+
+
+_fragments = st.sampled_from(
+    [b"{", b"}", b"[", b"]", b'"ID"', b'"id"', b":", b",", b'"result"', b'"error"', b"null",
+     b'"jsonrpc"', b'"2.0"', b"\\ud800", b'"\\u0000"', b"1e999", b"\xff", b"\xef\xbb\xbf", b" "]
+)  # fmt: skip
+
+
+@settings(
+    max_examples=150,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(
+    raw=st.binary(max_size=64) | st.lists(_fragments, max_size=24).map(b"".join),
+    old=st.booleans(),
+)
+def test_any_bytes_an_upstream_answers_get_the_client_a_clear_answer(
+    bastion, token, upstream, legacy, caplog, raw, old
+):
+    """Not JSON, JSON of another encoding, half a message, a message without the request's id:
+    the client gets a JSON-RPC answer, never bastion's own failure, and nothing is logged as
+    one."""
+    caplog.clear()
+    upstream.raw = raw
+    try:
+        with caplog.at_level(logging.ERROR, logger="bastion"):
+            reply = ask(
+                bastion, token, upstream, "tools/call", REQUESTS["tools/call"], {"result": {}},
+                legacy if old else None,
+            )[-1]  # fmt: skip
+            event(kind(reply))
+    finally:
+        upstream.raw = None
+    failures = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert not failures, (raw, [r.getMessage() for r in failures])
