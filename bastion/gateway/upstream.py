@@ -148,12 +148,28 @@ class Upstream(abc.ABC):
         self._log_level: str | None = None
 
     async def ensure_started(self) -> None:
+        """Connect (start the process, do the handshake) unless connected, within the upstream's
+        ``timeout``, waiting for the lock included: an upstream that takes a connection and
+        never answers fails each call in time, and holds no other call for longer."""
         if self._started:
             return
-        async with self._start_lock:
-            if not self._started:
-                await self._connect()
-                self._started = True
+        timeout = self.config.timeout
+        try:
+            async with asyncio.timeout(timeout), self._start_lock:
+                if not self._started:
+                    try:
+                        await self._connect()
+                    except BaseException:
+                        self._discard_start()
+                        raise
+                    self._started = True
+        except TimeoutError:
+            raise RpcError(
+                UPSTREAM_UNAVAILABLE, f"upstream {self.name} did not start within {timeout:g}s"
+            ) from None
+
+    def _discard_start(self) -> None:  # noqa: B027 - nothing by default: HTTP starts afresh
+        """Let go of what a start that failed (or ran out of time) left behind."""
 
     async def request(
         self,
@@ -486,6 +502,16 @@ class StdioUpstream(Upstream):
             return
         # One write of a whole line: it cannot land inside another message (no await between).
         process.stdin.write(encode(_cancelled(request_id, reason)).encode() + b"\n")
+
+    def _discard_start(self) -> None:
+        # The process may hang in its handshake: it is killed, not asked to stop.
+        process, self._process = self._process, None
+        if process is not None and process.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                process.kill()
+        for task in self._tasks:
+            task.cancel()
+        self._tasks = []
 
     async def close(self) -> None:
         process, self._process = self._process, None

@@ -18,10 +18,14 @@ back; what it says of itself at initialize or server/discover is read in MCP's s
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import socket
 import sys
 import textwrap
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 
 import pytest
@@ -75,8 +79,8 @@ RAW_SERVER = textwrap.dedent(
 )
 SECRET = "s3cr3t-value-1f9a"  # only ever under a key named "secret"
 POLICY = """
-allow(_actor, _action: String, _it: McpServer) if context.server in ["fuzz", "oddinit", "odddisc", "raw"];
-allow(_actor, _action: String, _it: Tool) if context.server in ["fuzz", "oddinit", "odddisc", "raw"];
+allow(_actor, _action: String, _it: McpServer) if context.server in ["fuzz", "oddinit", "odddisc", "raw", "silent", "mute"];
+allow(_actor, _action: String, _it: Tool) if context.server in ["fuzz", "oddinit", "odddisc", "raw", "silent", "mute"];
 allow(_actor, _action: String, _it: Prompt) if context.server in ["fuzz", "oddinit", "odddisc", "raw"];
 allow(_actor, _action: String, _it: McpResource) if context.server in ["fuzz", "oddinit", "odddisc", "raw"];
 mask(_user: User, "call", _it: Tool, "items.*.secret") if
@@ -157,11 +161,36 @@ ODD_DISCOVERY = {
 }
 
 
+# "silent" takes connections and never answers; "mute" is a stdio process that never answers.
+MUTE_SERVER = "import sys, time\nfor line in sys.stdin:\n    time.sleep(3600)\n"
+
+
 @pytest.fixture(scope="module")
-def bastion(tmp_path_factory, upstream):
+def silent_url():
+    """An HTTP address that accepts connections, reads what comes, and never answers."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    held: list[socket.socket] = []
+
+    def hold() -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                held.append(listener.accept()[0])
+
+    threading.Thread(target=hold, daemon=True).start()
+    yield f"http://127.0.0.1:{listener.getsockname()[1]}/mcp"
+    listener.close()
+    for connection in held:
+        connection.close()
+
+
+@pytest.fixture(scope="module")
+def bastion(tmp_path_factory, upstream, silent_url):
     odd_init, odd_discovery = Scripted(ODD_INIT), Scripted(answer=ODD_DISCOVERY)
     folder = tmp_path_factory.mktemp("upfuzz")
     (folder / "raw_server.py").write_text(RAW_SERVER)
+    (folder / "mute_server.py").write_text(MUTE_SERVER)
     with (
         serve(upstream.app, free_socket()) as url,
         serve(odd_init.app, free_socket()) as init_url,
@@ -172,6 +201,13 @@ def bastion(tmp_path_factory, upstream):
             {"name": "oddinit", "url": f"{init_url}/mcp"},
             {"name": "odddisc", "url": f"{discovery_url}/mcp"},
             {"name": "raw", "command": sys.executable, "args": [str(folder / "raw_server.py")]},
+            {"name": "silent", "url": silent_url, "timeout": 1},
+            {
+                "name": "mute",
+                "command": sys.executable,
+                "args": [str(folder / "mute_server.py")],
+                "timeout": 1,
+            },
         )
         with start(folder, policy_extra=POLICY, more_upstreams=more) as running:
             yield running
@@ -631,3 +667,23 @@ def test_any_bytes_an_upstream_answers_get_the_client_a_clear_answer(
         upstream.raw = None
     failures = [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert not failures, (raw, [r.getMessage() for r in failures])
+
+
+@pytest.mark.parametrize("server", ["silent", "mute"])
+def test_an_upstream_that_never_answers_its_start_fails_each_call_in_its_timeout(bastion, server):
+    """An HTTP upstream that takes the connection and never answers, a process that never
+    answers its handshake: each call fails within the upstream's timeout (1 s here), three at
+    once as well (those waiting for the first call's start included), and each new call tries
+    again."""
+    token = bastion.token("sam", server)
+
+    def call(_: int) -> dict:
+        return call_tool(bastion, token, server, "echo", {})
+
+    for _attempt in range(2):
+        with ThreadPoolExecutor(3) as pool:
+            answers = list(pool.map(call, range(3)))
+        # (Without the bound, each waited until its client gave up.)
+        for answer in answers:
+            assert answer["error"]["code"] == -32000, answer
+            assert "did not start within 1s" in answer["error"]["message"], answer
