@@ -19,6 +19,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import anyio
@@ -276,13 +277,16 @@ class TrustedIssuers:
             return await self._verify(token, server)
         except InvalidToken as refused:
             if self.refusals is not None:
-                self.refusals.record(
+                # Its row is a database write: never on the event loop (anyone can send one).
+                record = partial(
+                    self.refusals.record,
                     "token.refused",
                     address=address,
                     reason=refused.check,
                     resource=server,
                     description=refused.reason,
                 )
+                await anyio.to_thread.run_sync(record)
             raise
 
     async def _verify(self, token: str, server: str) -> VerifiedToken:
