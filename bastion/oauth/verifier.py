@@ -320,7 +320,8 @@ class VerifiedTokens:
         """The token's facts if it was verified before and is still valid; None means: call
         `verify` (a token not seen yet, expired, revoked, or forgotten). ``on_loop``: the caller
         is the event loop, so instead of waiting for the listener or reading the token's state
-        this answers ``"off_loop"``: ask again from a worker thread."""
+        (on SQLite: after another commit, which may have revoked it) this answers
+        ``"off_loop"``: ask again from a worker thread."""
         key = (token, resource)
         entry = self._tokens.get(key)
         if entry is None:
@@ -343,6 +344,8 @@ class VerifiedTokens:
         # SQLite, or PostgreSQL without a healthy listener (or one that did not catch up).
         marker = self.db.data_version()
         if marker is None or marker != seen:
+            if on_loop:
+                return "off_loop"  # the token's state is read in a worker thread, not here
             state = self._store.access_token_state(verified.jti)
             if state is None or state[1]:
                 with self._lock:

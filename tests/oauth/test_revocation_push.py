@@ -300,3 +300,29 @@ def test_a_closed_verified_tokens_is_no_longer_told_of_revocations(database_url,
         ).grant_id
         store.revoke_client(store.grant(grant_id).client_id, time.time())
         assert tokens._forgotten == forgotten
+
+
+def test_on_sqlite_a_token_whose_state_may_have_changed_is_read_off_the_event_loop(
+    sqlite_url, tmp_path, monkeypatch
+):
+    """On SQLite, after any other commit (the decision records' flush does one every 0.2 s) a
+    remembered token's state is read again; the event loop is told to ask from a worker thread
+    instead of reading there (a statement that may wait on SQLite's lock)."""
+    with running_bastion(sqlite_url, tmp_path) as a:
+        tokens = VerifiedTokens(a.server.verifier, sqlite_url)
+        other = OAuthStore(Database(sqlite_url))
+        try:
+            client = a.register()
+            token = a.tokens_for(client)["access_token"]
+            jti = tokens.verify(token, a.resource).jti
+            reads = Reads(tokens.db, monkeypatch)
+            assert tokens.remembered(token, a.resource, on_loop=True).jti == jti
+            assert reads.count == 0
+            other.revoke_access_token(jti, time.time())  # another connection commits
+            assert tokens.remembered(token, a.resource, on_loop=True) == "off_loop"
+            assert reads.count == 0
+            assert tokens.remembered(token, a.resource) is None  # from a worker thread: read
+            assert reads.count == 1
+        finally:
+            tokens.close()
+            other.db.close()
