@@ -23,6 +23,7 @@ import httpx
 from bastion import untrusted_json
 from bastion.connections.settings import UpstreamOAuth
 from bastion.oauth.jwks import FetchLimits, RemoteDocumentError, fetch_json, read_body
+from bastion.tls import httpx_context
 
 _MAX_BYTES = 65536
 
@@ -265,7 +266,9 @@ class UpstreamOAuthClient:
         try:
             with anyio.fail_after(self.settings.timeout_seconds):
                 async with (
-                    httpx.AsyncClient(follow_redirects=False, trust_env=False) as http,
+                    httpx.AsyncClient(
+                        follow_redirects=False, trust_env=False, verify=httpx_context()
+                    ) as http,
                     http.stream(
                         "POST",
                         url,

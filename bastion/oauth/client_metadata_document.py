@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import ipaddress
 import socket
-import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -30,6 +29,7 @@ from bastion.oauth.redirect_uris import redirect_uri_problem, uri_syntax_problem
 from bastion.oauth.registration import client_name_problem
 from bastion.oauth.settings import ClientMetadataDocumentSettings
 from bastion.oauth.store import Client
+from bastion.tls import file_context, httpx_context
 
 _FORBIDDEN_MEMBERS = ("client_secret", "client_secret_expires_at")
 _GRANT_TYPES = ("authorization_code", "refresh_token")
@@ -267,9 +267,8 @@ class ClientMetadataDocuments:
             headers["Host"] = target.netloc.decode("ascii")
             extensions["sni_hostname"] = name
             target = target.copy_with(host=str(address))
-        verify: ssl.SSLContext | bool = True
-        if self.settings.ca_file:
-            verify = ssl.create_default_context(cafile=self.settings.ca_file)
+        ca_file = self.settings.ca_file
+        verify = file_context(ca_file) if ca_file else httpx_context()
         limit = self.settings.max_bytes
         try:
             async with (

@@ -24,6 +24,7 @@ from joserfc.jwk import Key, KeySet
 from joserfc.jws import CompactSignature
 
 from bastion import untrusted_json
+from bastion.tls import httpx_context
 
 
 class RemoteDocumentError(Exception):
@@ -87,7 +88,10 @@ async def fetch_json(
         with anyio.fail_after(limits.timeout_seconds):
             async with (
                 httpx.AsyncClient(
-                    follow_redirects=False, transport=transport, trust_env=False
+                    follow_redirects=False,
+                    transport=transport,
+                    trust_env=False,
+                    verify=httpx_context(),
                 ) as http,
                 http.stream("GET", uri, headers={"Accept": "application/json"}) as response,
             ):
