@@ -511,23 +511,9 @@ async def batch(request: Request) -> Response:
     raw = await _json_array(request)
     # As /v1 writes: checked against the policy in force, whatever the replica's freshness.
     authz: Authorizer = request.app.state.replica.authz
-    inserts: dict[tuple, StoredFact] = {}
-    patterns: list[Pattern] = []
-    for i, changeset in enumerate(raw):
-        if not isinstance(changeset, dict) or len(changeset) != 1:
-            raise bad_request(f'[{i}] must be {{"inserts": [...]}} or {{"deletes": [...]}}')
-        if "inserts" in changeset and isinstance(changeset["inserts"], list):
-            for j, obj in enumerate(changeset["inserts"]):
-                fact = _fact_from_oso(authz, obj, f"[{i}].inserts[{j}]")
-                inserts[fact] = StoredFact(fact)
-        elif "deletes" in changeset and isinstance(changeset["deletes"], list):
-            for j, obj in enumerate(changeset["deletes"]):
-                pattern = _pattern_from_json(obj, f"[{i}].deletes[{j}]")
-                patterns.append(pattern)
-                for fact in [f for f in inserts if _fits(f, pattern)]:
-                    del inserts[fact]
-        else:
-            raise bad_request(f'[{i}] must be {{"inserts": [...]}} or {{"deletes": [...]}}')
+    # In a worker thread: a body's deletes are matched against its inserts so far, which a
+    # body of wildcard deletes after many inserts makes long.
+    inserts, patterns = await anyio.to_thread.run_sync(_changesets, authz, raw)
     if not inserts and not patterns:
         return _json({"message": "success"})  # nothing to change: no write
     store: FactStore = request.app.state.store
@@ -550,6 +536,35 @@ async def batch(request: Request) -> Response:
     request.app.state.metrics.writes.labels("facts").inc()
     await await_applied(request, result.seq)
     return _json({"message": "success"}, offset=result.seq)
+
+
+def _changesets(authz: Authorizer, raw: list) -> tuple[dict[tuple, StoredFact], list[Pattern]]:
+    """The facts a batch inserts (less those its later deletes take back) and the patterns it
+    deletes; `Problem` 400 or 422 naming the first changeset that cannot be read."""
+    inserts: dict[tuple, StoredFact] = {}
+    patterns: list[Pattern] = []
+    for i, changeset in enumerate(raw):
+        if not isinstance(changeset, dict) or len(changeset) != 1:
+            raise bad_request(f'[{i}] must be {{"inserts": [...]}} or {{"deletes": [...]}}')
+        if "inserts" in changeset and isinstance(changeset["inserts"], list):
+            for j, obj in enumerate(changeset["inserts"]):
+                fact = _fact_from_oso(authz, obj, f"[{i}].inserts[{j}]")
+                inserts[fact] = StoredFact(fact)
+        elif "deletes" in changeset and isinstance(changeset["deletes"], list):
+            for j, obj in enumerate(changeset["deletes"]):
+                pattern = _pattern_from_json(obj, f"[{i}].deletes[{j}]")
+                patterns.append(pattern)
+                if None not in pattern.fact:  # one fact, named whole: no need to look further
+                    named = inserts.get(pattern.fact)
+                    # (True and 1 are one key of a dict, and not one value of a fact.)
+                    if named is not None and _fits(named.fact, pattern):
+                        del inserts[pattern.fact]
+                    continue
+                for fact in [f for f in inserts if _fits(f, pattern)]:
+                    del inserts[fact]
+        else:
+            raise bad_request(f'[{i}] must be {{"inserts": [...]}} or {{"deletes": [...]}}')
+    return inserts, patterns
 
 
 def _fits(fact: tuple, pattern: Pattern) -> bool:
