@@ -148,7 +148,7 @@ class ApprovalPages:
             return _unavailable()
         if shown is None:
             return _not_found()
-        return self._page(shown, session)
+        return await run_in_threadpool(self._page, shown, session)
 
     def _shown(self, request_id: str, person: str, with_result: bool = True) -> _Shown | None:
         """In a worker thread: the request as ``person`` may see it, or None if there is none.
@@ -173,6 +173,7 @@ class ApprovalPages:
     def _page(
         self, shown: _Shown, session: str, message: str | None = None, status: int | None = None
     ) -> Response:
+        """In a worker thread: the page of a request (a held result in it can be large)."""
         request = shown.request
         if status is None:
             # Who may not answer gets 403; who answered already, or took part in a request that
@@ -210,20 +211,24 @@ class ApprovalPages:
                 return _not_found()
             if shown.refusal is not None:
                 message = f"Your answer was not taken: {shown.refusal}."
-                return self._page(shown, session, message, 403)
+                return await run_in_threadpool(self._page, shown, session, message, 403)
             try:
                 given = _read_answer(form, shown.request)
             except _Refused as refused:
                 shown = await run_in_threadpool(self._shown, request_id, person)
                 if shown is None:
                     return _not_found()
-                return self._page(shown, session, refused.message, refused.status)
+                return await run_in_threadpool(
+                    self._page, shown, session, refused.message, refused.status
+                )
             outcome = await run_in_threadpool(self._answered, request_id, person, given)
             if isinstance(outcome, _Refused):
                 shown = await run_in_threadpool(self._shown, request_id, person)
                 if shown is None:
                     return _not_found()
-                return self._page(shown, session, outcome.message, outcome.status)
+                return await run_in_threadpool(
+                    self._page, shown, session, outcome.message, outcome.status
+                )
         except (DatabaseUnavailable, Unavailable):
             return _unavailable()
         return _see_other(request.url.path)

@@ -170,7 +170,8 @@ async def get_request(request: Request) -> JSONResponse:
     )
     if shown is None:
         raise _unknown(request_id)
-    return _AsciiJSON(shown)
+    # A held result can be large: written out in a worker thread.
+    return await anyio.to_thread.run_sync(_AsciiJSON, shown)
 
 
 class _AsciiJSON(JSONResponse):
