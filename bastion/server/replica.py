@@ -72,6 +72,16 @@ _CHECKED_ON_LOOP = 1000
 _BUILT_ASIDE = 10_000
 
 
+def _small(inserts: int, deletes: list[tuple]) -> bool:
+    """Whether a change is put in force on the event loop: few facts, and deletes that each
+    name one fact whole (looked up; a wildcard may match every fact held)."""
+    return (
+        inserts <= _CHECKED_ON_LOOP
+        and len(deletes) <= _CHECKED_ON_LOOP
+        and all(None not in pattern for pattern in deletes)
+    )
+
+
 def _built_aside(inserts: int, held: int) -> bool:
     """Whether a change of ``inserts`` facts, to a replica that holds ``held``, is put in force by
     building the next `Authorizer` on a worker thread (the facts held copied, then the change),
@@ -714,9 +724,11 @@ class Replica:
         it holds at least half as many facts as the replica (`_built_aside`), the next
         `Authorizer` is built there too (the facts held, the change's deletes, its facts) and
         takes over; otherwise its facts are added to the `Authorizer` in force there, under its
-        fact lock, while decisions wait for it (`in_force`) and the event loop goes on."""
+        fact lock, while decisions wait for it (`in_force`) and the event loop goes on. So are
+        deletes that are many, or match by wildcard (`_small`)."""
         authz = self.authz
-        if len(inserts) <= _CHECKED_ON_LOOP:
+        deletes = list(deletes)
+        if _small(len(inserts), deletes):
             return load_facts(authz, inserts, deletes)
         policy = authz.policy
         aside = _built_aside(len(inserts), len(authz.facts))
@@ -794,9 +806,10 @@ class Replica:
     async def _put_change(self, change: Change) -> None:
         if change.kind == "facts":
             if self.unusable and change.deletes:
-                self.unusable = [
-                    f for f in self.unusable if not any(matches(f.fact, p) for p in change.deletes)
-                ]
+                unusable, deletes = self.unusable, change.deletes
+                self.unusable = await anyio.to_thread.run_sync(
+                    lambda: [f for f in unusable if not any(matches(f.fact, p) for p in deletes)]
+                )
             self.unusable += await self._load_change(list(change.inserts), change.deletes)
             self.suspensions.apply(change.inserts, change.deletes)
         elif change.kind == "policy":

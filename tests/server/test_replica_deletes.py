@@ -1,0 +1,59 @@
+"""A change whose deletes may match many facts (a wildcard, or many patterns) is put in force on a
+worker thread, under the fact lock, as a large import is: on the event loop a delete of every
+``has_role`` fact held every replica's loop for as long as it took."""
+
+from __future__ import annotations
+
+import asyncio
+
+from bastion.facts.model import Entity
+from bastion.facts.store import FactStore, StoredFact
+from bastion.server import replica as replica_module
+from bastion.server.replica import Replica
+
+POLICY = """
+actor User {}
+resource Repo { roles = ["reader"]; permissions = ["read"]; "read" if "reader"; }
+allow(actor, action, resource) if has_permission(actor, action, resource);
+"""
+REPO = Entity("Repo", "r1")
+
+
+def reader(n: int) -> tuple:
+    return ("has_role", Entity("User", f"u{n}"), "reader", REPO)
+
+
+def test_a_wildcard_delete_is_put_in_force_off_the_event_loop(sqlite_url, monkeypatch):
+    writer = FactStore.open(sqlite_url)
+    writer.put_policy(POLICY)
+    on_loop: list[list] = []
+    load = replica_module.load_facts
+
+    def noting(authz, facts, deletes=()):
+        on_loop.append(list(deletes))  # load_facts runs on the event loop (`_small`)
+        return load(authz, facts, deletes)
+
+    monkeypatch.setattr(replica_module, "load_facts", noting)
+
+    async def run() -> tuple[int, int]:
+        replica = Replica(sqlite_url, max_staleness=30)
+        await replica.start()
+        try:
+            seq = writer.apply([StoredFact(reader(n)) for n in range(50)]).seq
+            await replica.wait_for(seq, 10)
+            held = len(replica.authz.facts)
+            exact = writer.apply([], [reader(0)]).seq  # one fact named whole: on the loop
+            await replica.wait_for(exact, 10)
+            every = writer.apply([], [("has_role", None, "reader", None)]).seq
+            await replica.wait_for(every, 10)
+            return held, len(replica.authz.facts)
+        finally:
+            await replica.stop()
+
+    try:
+        held, left = asyncio.run(run())
+    finally:
+        writer.close()
+    assert (held, left) == (50, 0)
+    assert [reader(0)] in on_loop
+    assert not any(None in pattern for deletes in on_loop for pattern in deletes), on_loop
