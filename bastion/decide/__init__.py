@@ -397,6 +397,13 @@ class FactSet:
             self._purge()
             return self._index.count
 
+    @property
+    def held(self) -> int:
+        """How many facts are held, read without waiting for the fact lock (for `/readyz` and
+        the metrics, which must answer while a large change goes in): expired facts not yet
+        dropped are counted."""
+        return self._index.count
+
     def __iter__(self) -> Iterator[tuple]:
         with self._index.lock:
             self._purge()

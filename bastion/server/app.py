@@ -53,7 +53,7 @@ async def readyz(request: Request) -> JSONResponse:
         "sequence": replica.applied,
         "lag": replica.lag,
         "policy_version": replica.policy_version,
-        "facts": len(replica.authz.facts),
+        "facts": replica.authz.facts.held,
         "staleness_seconds": round(replica.staleness, 3),
     }
     if reason is not None:
@@ -477,7 +477,7 @@ def create_app(config: ServerConfig) -> Starlette:
     store.handed = replica.handed  # its changes taken as written, not read back
     metrics = Metrics()
     metrics.observe_state(
-        lambda: len(replica.authz.facts), lambda: replica.applied, lambda: replica.lag
+        lambda: replica.authz.facts.held, lambda: replica.applied, lambda: replica.lag
     )
     metrics.observe_staleness(lambda: replica.staleness)
 
