@@ -613,10 +613,14 @@ class Enforcer:
         if self.approvals is None:
             return Outcome("refused", reason="approval_unavailable")
         try:
-            return await anyio.to_thread.run_sync(self.approvals.check, call, retried)
+            outcome = await anyio.to_thread.run_sync(self.approvals.check, call, retried)
         except Exception:
             log.exception("the approval store cannot be read: call refused")
             return Outcome("refused", reason="approval_unavailable")
+        # A fact change that began while the store was read holds the fact lock: waited for
+        # here, not on the event loop by the decision that follows.
+        await self.settled()
+        return outcome
 
     async def _spend(self, request: ApprovalRequest, decision_id: str) -> bool:
         assert self.approvals is not None

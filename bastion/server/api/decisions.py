@@ -729,6 +729,9 @@ async def explain(request: Request) -> JSONResponse:
             ' "explain": true to get the explanation in the answer',
         )
     replica = _current(request)
+    if (changing := replica.in_force()) is not None:
+        await changing  # a change going in holds the fact lock: not waited for on the loop
+        replica = _current(request)
     decision = replica.authz.decide(
         Entity(**r["actor"]), r["action"], Entity(**r["resource"]), r.get("context")
     )
