@@ -30,3 +30,20 @@ def default_context() -> ssl.SSLContext:
 def file_context(ca_file: str) -> ssl.SSLContext:
     """The certificates of ``ca_file`` alone (a setting: read once; a change needs a restart)."""
     return ssl.create_default_context(cafile=ca_file)
+
+
+def fetching_client(
+    transport: httpx.AsyncBaseTransport | None = None,
+    verify: ssl.SSLContext | None = None,
+    **options: object,
+) -> httpx.AsyncClient:
+    """A client for one of bastion's fetches from another party (a key set, a metadata
+    document, a provider's or an authorization server's answer): the shared TLS context (or
+    ``verify``), no redirect followed, nothing taken from the environment (proxies, netrc)."""
+    return httpx.AsyncClient(
+        follow_redirects=False,
+        trust_env=False,
+        transport=transport,
+        verify=verify or httpx_context(),
+        **options,  # type: ignore[arg-type]
+    )

@@ -23,7 +23,7 @@ import httpx
 from bastion import untrusted_json
 from bastion.connections.settings import UpstreamOAuth
 from bastion.oauth.jwks import FetchLimits, RemoteDocumentError, fetch_json, read_body
-from bastion.tls import httpx_context
+from bastion.tls import fetching_client
 
 _MAX_BYTES = 65536
 
@@ -266,9 +266,7 @@ class UpstreamOAuthClient:
         try:
             with anyio.fail_after(self.settings.timeout_seconds):
                 async with (
-                    httpx.AsyncClient(
-                        follow_redirects=False, trust_env=False, verify=httpx_context()
-                    ) as http,
+                    fetching_client() as http,
                     http.stream(
                         "POST",
                         url,

@@ -69,7 +69,7 @@ from bastion.oauth.sign_in import (
 )
 from bastion.oauth.store import digest, new_secret
 from bastion.oauth.throttle import client_address
-from bastion.tls import httpx_context
+from bastion.tls import fetching_client
 
 if TYPE_CHECKING:
     from bastion.oauth.server import AuthorizationServer
@@ -396,12 +396,7 @@ class OpenIDLogin:
         try:
             with anyio.fail_after(provider.timeout_seconds):
                 async with (
-                    httpx.AsyncClient(
-                        follow_redirects=False,
-                        transport=self.transport,
-                        trust_env=False,
-                        verify=httpx_context(),
-                    ) as http,
+                    fetching_client(self.transport) as http,
                     http.stream(
                         "POST" if form is not None else "GET", url, data=form, headers=headers
                     ) as response,

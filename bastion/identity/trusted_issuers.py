@@ -45,7 +45,7 @@ from bastion.oauth.jwks import (
     signing_key,
 )
 from bastion.oauth.verifier import VerifiedToken
-from bastion.tls import httpx_context
+from bastion.tls import fetching_client
 
 ISSUERS_TABLE = "[[gateway.trusted_issuers]]"
 MAX_TOKEN_CHARS = 16_384
@@ -486,12 +486,7 @@ class TrustedIssuers:
         try:
             with anyio.fail_after(issuer.timeout_seconds):
                 async with (
-                    httpx.AsyncClient(
-                        follow_redirects=False,
-                        transport=self.transport,
-                        trust_env=False,
-                        verify=httpx_context(),
-                    ) as http,
+                    fetching_client(self.transport) as http,
                     http.stream(
                         "POST",
                         endpoint,

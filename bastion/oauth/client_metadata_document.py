@@ -29,7 +29,7 @@ from bastion.oauth.redirect_uris import redirect_uri_problem, uri_syntax_problem
 from bastion.oauth.registration import client_name_problem
 from bastion.oauth.settings import ClientMetadataDocumentSettings
 from bastion.oauth.store import Client
-from bastion.tls import file_context, httpx_context
+from bastion.tls import fetching_client, file_context
 
 _FORBIDDEN_MEMBERS = ("client_secret", "client_secret_expires_at")
 _GRANT_TYPES = ("authorization_code", "refresh_token")
@@ -268,16 +268,11 @@ class ClientMetadataDocuments:
             extensions["sni_hostname"] = name
             target = target.copy_with(host=str(address))
         ca_file = self.settings.ca_file
-        verify = file_context(ca_file) if ca_file else httpx_context()
+        verify = file_context(ca_file) if ca_file else None
         limit = self.settings.max_bytes
         try:
             async with (
-                httpx.AsyncClient(
-                    verify=verify,
-                    timeout=self.settings.timeout_seconds,
-                    follow_redirects=False,
-                    trust_env=False,
-                ) as http,
+                fetching_client(verify=verify, timeout=self.settings.timeout_seconds) as http,
                 http.stream("GET", target, headers=headers, extensions=extensions) as response,
             ):
                 if response.status_code != 200:

@@ -24,7 +24,7 @@ from joserfc.jwk import Key, KeySet
 from joserfc.jws import CompactSignature
 
 from bastion import untrusted_json
-from bastion.tls import httpx_context
+from bastion.tls import fetching_client
 
 
 class RemoteDocumentError(Exception):
@@ -87,12 +87,7 @@ async def fetch_json(
     try:
         with anyio.fail_after(limits.timeout_seconds):
             async with (
-                httpx.AsyncClient(
-                    follow_redirects=False,
-                    transport=transport,
-                    trust_env=False,
-                    verify=httpx_context(),
-                ) as http,
+                fetching_client(transport) as http,
                 http.stream("GET", uri, headers={"Accept": "application/json"}) as response,
             ):
                 if response.status_code != 200:

@@ -840,21 +840,11 @@ def test_an_agents_request_for_access_ahead_of_time_waits_on_the_same_list(basti
 def test_a_held_results_page_is_written_off_the_event_loop(bastion: Running, monkeypatch):
     """A held result can be as large as an upstream's message (64 MiB): its page is written in a
     worker thread, never on the event loop that serves every other request."""
-    import asyncio
-
     from bastion.approvals import pages
+    from tests.loop import noting_where
 
-    written, seen = pages._request_page, []
-
-    def noting(*args, **kwargs):
-        try:
-            asyncio.get_running_loop()
-            seen.append("event loop")
-        except RuntimeError:
-            seen.append("worker thread")
-        return written(*args, **kwargs)
-
-    monkeypatch.setattr(pages, "_request_page", noting)
+    seen: list[str] = []
+    monkeypatch.setattr(pages, "_request_page", noting_where(pages._request_page, seen))
     request = hold(bastion, resource=NOTES, kind="review", result=HELD_RESULT)
     with signed_in(bastion, "avery") as http:
         assert http.get(f"/approvals/{request.id}").status_code == 200

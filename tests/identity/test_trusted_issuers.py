@@ -541,19 +541,10 @@ def test_the_configuration_refuses_unknown_keys_and_symmetric_algorithms():
 def test_a_refused_tokens_audit_row_is_written_off_the_event_loop(bastion, idp, monkeypatch):
     """Anyone can send a token naming a trusted issuer; its refusal's row is a database write,
     which must not hold the event loop (on SQLite it may wait for another writer's lock)."""
-    import asyncio
+    from tests.loop import noting_where
 
     refusals = bastion.app.state.gateway.trusted.refusals
-    record, seen = refusals.record, []
-
-    def noting(*args, **kwargs):
-        try:
-            asyncio.get_running_loop()
-            seen.append("event loop")
-        except RuntimeError:
-            seen.append("worker thread")
-        return record(*args, **kwargs)
-
-    monkeypatch.setattr(refusals, "record", noting)
+    seen: list[str] = []
+    monkeypatch.setattr(refusals, "record", noting_where(refusals.record, seen))
     assert "typ" in refused(call(bastion, idp.token("b", typ=None)))
     assert seen == ["worker thread"]

@@ -6,21 +6,10 @@ from __future__ import annotations
 
 import asyncio
 
-from bastion.facts.model import Entity
 from bastion.facts.store import FactStore, StoredFact
 from bastion.server import replica as replica_module
 from bastion.server.replica import Replica
-
-POLICY = """
-actor User {}
-resource Repo { roles = ["reader"]; permissions = ["read"]; "read" if "reader"; }
-allow(actor, action, resource) if has_permission(actor, action, resource);
-"""
-REPO = Entity("Repo", "r1")
-
-
-def reader(n: int) -> tuple:
-    return ("has_role", Entity("User", f"u{n}"), "reader", REPO)
+from tests.server.test_replica_probe import POLICY, reader
 
 
 def test_a_wildcard_delete_is_put_in_force_off_the_event_loop(sqlite_url, monkeypatch):
