@@ -17,13 +17,9 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlencode, urlsplit, urlunsplit
 
-import anyio
-import httpx
-
 from bastion import untrusted_json
 from bastion.connections.settings import UpstreamOAuth
-from bastion.oauth.jwks import FetchLimits, RemoteDocumentError, fetch_json, read_body
-from bastion.tls import fetching_client
+from bastion.oauth.jwks import FetchLimits, RemoteDocumentError, fetch, fetch_json
 
 _MAX_BYTES = 65536
 
@@ -263,26 +259,13 @@ class UpstreamOAuthClient:
         json_body: dict[str, Any] | None = None,
         expect: tuple[int, ...] = (200,),
     ) -> dict[str, Any]:
+        headers = {"Accept": "application/json"}
         try:
-            with anyio.fail_after(self.settings.timeout_seconds):
-                async with (
-                    fetching_client() as http,
-                    http.stream(
-                        "POST",
-                        url,
-                        data=form,
-                        json=json_body,
-                        headers={"Accept": "application/json"},
-                    ) as response,
-                ):
-                    body = await read_body(response, _MAX_BYTES)
-                    status = response.status_code
+            status, body = await fetch(
+                "POST", url, self._limits, data=form, json=json_body, headers=headers
+            )
         except RemoteDocumentError as e:
             raise UpstreamOAuthError("unavailable", f"{url} {e}") from None
-        except TimeoutError:
-            raise UpstreamOAuthError("unavailable", f"{url} did not answer in time") from None
-        except httpx.HTTPError as e:
-            raise UpstreamOAuthError("unavailable", f"{url}: {e}") from None
         try:
             answer = untrusted_json.loads(body) if body else {}
         except untrusted_json.JsonRefused:

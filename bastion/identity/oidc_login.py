@@ -55,9 +55,9 @@ from bastion.oauth.jwks import (
     FetchLimits,
     RemoteDocumentError,
     RemoteKeySets,
+    fetch,
     fetch_json,
     protected_header,
-    read_body,
 )
 from bastion.oauth.sign_in import (
     BROWSER_COOKIE,
@@ -69,7 +69,6 @@ from bastion.oauth.sign_in import (
 )
 from bastion.oauth.store import digest, new_secret
 from bastion.oauth.throttle import client_address
-from bastion.tls import fetching_client
 
 if TYPE_CHECKING:
     from bastion.oauth.server import AuthorizationServer
@@ -393,27 +392,18 @@ class OpenIDLogin:
     ) -> tuple[int, Any]:
         """POST ``form`` (or GET, without one) to one of the provider's endpoints, within its
         deadline and size cap, no redirects followed; (status, the JSON body or None)."""
+        limits = FetchLimits.of_issuer(provider, PROVIDERS_TABLE)
+        method = "POST" if form is not None else "GET"
         try:
-            with anyio.fail_after(provider.timeout_seconds):
-                async with (
-                    fetching_client(self.transport) as http,
-                    http.stream(
-                        "POST" if form is not None else "GET", url, data=form, headers=headers
-                    ) as response,
-                ):
-                    body = await read_body(response, provider.max_document_bytes)
+            status, body = await fetch(
+                method, url, limits, self.transport, data=form, headers=headers
+            )
         except RemoteDocumentError as exc:
             raise ProviderUnavailable(f"its {what} {exc}") from None
-        except TimeoutError:
-            raise ProviderUnavailable(
-                f"its {what} did not answer within {provider.timeout_seconds} s"
-            ) from None
-        except httpx.HTTPError as exc:
-            raise ProviderUnavailable(f"its {what} cannot be reached: {exc}") from None
         try:
-            return response.status_code, untrusted_json.loads(body)
+            return status, untrusted_json.loads(body)
         except untrusted_json.JsonRefused:
-            return response.status_code, None
+            return status, None
 
     async def _verified_claims(
         self, provider: OpenIDProvider, endpoints: _Endpoints, id_token: str, nonce: str

@@ -39,13 +39,12 @@ from bastion.oauth.jwks import (
     FetchLimits,
     RemoteDocumentError,
     RemoteKeySets,
+    fetch,
     issuer_metadata,
     protected_header,
-    read_body,
     signing_key,
 )
 from bastion.oauth.verifier import VerifiedToken
-from bastion.tls import fetching_client
 
 ISSUERS_TABLE = "[[gateway.trusted_issuers]]"
 MAX_TOKEN_CHARS = 16_384
@@ -484,29 +483,24 @@ class TrustedIssuers:
         answer cannot be had (fail closed)."""
         _, endpoint = await self._endpoints_of(issuer)
         try:
-            with anyio.fail_after(issuer.timeout_seconds):
-                async with (
-                    fetching_client(self.transport) as http,
-                    http.stream(
-                        "POST",
-                        endpoint,
-                        data={"token": token, "token_type_hint": "access_token"},
-                        auth=(issuer.introspection_client_id, issuer.introspection_client_secret),
-                        headers={"Accept": "application/json"},
-                    ) as response,
-                ):
-                    if response.status_code != 200:
-                        raise IssuerUnavailable(
-                            f"the introspection endpoint of {issuer.issuer} answered HTTP"
-                            f" {response.status_code}"
-                        )
-                    content = await read_body(
-                        response, issuer.max_document_bytes, f"{ISSUERS_TABLE} max_document_bytes"
-                    )
-        except (TimeoutError, httpx.HTTPError, RemoteDocumentError) as exc:
+            status, content = await fetch(
+                "POST",
+                endpoint,
+                FetchLimits.of_issuer(issuer, ISSUERS_TABLE),
+                self.transport,
+                only=(200,),
+                data={"token": token, "token_type_hint": "access_token"},
+                auth=(issuer.introspection_client_id, issuer.introspection_client_secret),
+                headers={"Accept": "application/json"},
+            )
+        except RemoteDocumentError as exc:
             raise IssuerUnavailable(
-                f"the introspection endpoint of {issuer.issuer} cannot be read: {exc!r}"
+                f"the introspection endpoint of {issuer.issuer} {exc}"
             ) from None
+        if status != 200:
+            raise IssuerUnavailable(
+                f"the introspection endpoint of {issuer.issuer} answered HTTP {status}"
+            )
         try:
             answer = untrusted_json.loads(content)
         except untrusted_json.JsonRefused:

@@ -79,26 +79,47 @@ async def read_body(response: httpx.Response, max_bytes: int, setting: str = "")
     return bytes(body)
 
 
-async def fetch_json(
-    uri: str, limits: FetchLimits, transport: httpx.AsyncBaseTransport | None = None
-) -> Any:
-    """GET ``uri`` and read its body as untrusted JSON, within ``limits``; `RemoteDocumentError`
-    on any failure (timeout, HTTP status other than 200, too large, not JSON)."""
+async def fetch(
+    method: str,
+    uri: str,
+    limits: FetchLimits,
+    transport: httpx.AsyncBaseTransport | None = None,
+    *,
+    only: tuple[int, ...] | None = None,
+    **request: Any,
+) -> tuple[int, bytes]:
+    """One request to another party (`bastion.tls.fetching_client`: no redirect followed), its
+    whole answer within ``limits``: (the status, the body; the body left unread, empty, when
+    the status is not among ``only``). `RemoteDocumentError` when it does not answer in time,
+    sends more than the limit or cannot be reached. ``request``: httpx's (data, json, auth,
+    headers)."""
     try:
         with anyio.fail_after(limits.timeout_seconds):
             async with (
                 fetching_client(transport) as http,
-                http.stream("GET", uri, headers={"Accept": "application/json"}) as response,
+                http.stream(method, uri, **request) as response,
             ):
-                if response.status_code != 200:
-                    raise RemoteDocumentError(f"answered HTTP {response.status_code}")
-                body = await read_body(response, limits.max_bytes, limits.bytes_setting)
+                status = response.status_code
+                if only is not None and status not in only:
+                    return status, b""
+                return status, await read_body(response, limits.max_bytes, limits.bytes_setting)
     except TimeoutError:
         raise RemoteDocumentError(
             f"did not answer within {limits.timeout_seconds} s" + _named(limits.time_setting)
         ) from None
     except httpx.HTTPError as exc:
         raise RemoteDocumentError(f"cannot be fetched: {exc}") from None
+
+
+async def fetch_json(
+    uri: str, limits: FetchLimits, transport: httpx.AsyncBaseTransport | None = None
+) -> Any:
+    """GET ``uri`` and read its body as untrusted JSON, within ``limits``; `RemoteDocumentError`
+    on any failure (timeout, HTTP status other than 200, too large, not JSON)."""
+    headers = {"Accept": "application/json"}
+    status, body = await fetch("GET", uri, limits, transport, only=(200,), headers=headers)
+    if status != 200:
+        raise RemoteDocumentError(f"answered HTTP {status}")
     try:
         return untrusted_json.loads(body)
     except untrusted_json.JsonRefused as exc:
