@@ -39,7 +39,7 @@ from bastion.gateway.jsonrpc import (
     error_parts,
     notification,
 )
-from bastion.gateway.masks import Paths, compile_paths, mask_notification, mask_result
+from bastion.gateway.masks import WHOLE, Paths, compile_paths, mask_notification, mask_result
 from bastion.gateway.upstream import LOG_LEVEL, LOG_MESSAGE, UpstreamError
 from bastion.signals.behavior import scope_keys
 from bastion.signals.read_only import is_read_only_tool
@@ -570,8 +570,6 @@ WITHHELD_SUBSCRIBE_ERROR = (
     "the upstream refused the subscription; its reason is withheld by bastion because a field of"
     " this resource is masked"
 )
-# The mask path that stands for a whole value (`compile_paths`).
-WHOLE: tuple[str, ...] = ()
 
 
 async def call_tool(ex: Exchange) -> dict[str, Any]:

@@ -66,6 +66,10 @@ _DROP = object()
 _dumps = encoder()
 
 
+# The compiled path that stands for a whole value.
+WHOLE: tuple[str, ...] = ()
+
+
 @functools.lru_cache(maxsize=1024)
 def compile_paths(paths: tuple[str, ...]) -> Paths:
     """Each path as its keys; compiled once per set of paths, as the policy names them. A path
@@ -76,7 +80,7 @@ def compile_paths(paths: tuple[str, ...]) -> Paths:
         keys = tuple(_INDEX.sub(r".\1", path).removeprefix("$").removeprefix(".").split("."))
         if any(not key or "[" in key or "]" in key for key in keys):
             log.warning("mask path %r cannot be read: every JSON value under it is withheld", path)
-            keys = ()
+            keys = WHOLE
         compiled.append(keys)
     return tuple(compiled)
 
