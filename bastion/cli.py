@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from collections.abc import Callable
 
 # Modules that define ``register(subparsers)``; each adds its commands and sets ``func``.
 COMMAND_MODULES = [
@@ -19,6 +20,34 @@ COMMAND_MODULES = [
     "bastion.delegation.task_commands",
     "bastion.connections.commands",
 ]
+
+
+def count_in(text: str, most: int) -> int | None:
+    """``text`` as a whole number from 1 to ``most`` in plain digits (no sign, space, ``_`` or
+    other script's digits, which `int` takes), or None."""
+    if text.isascii() and text.isdigit() and len(text) <= len(str(most)):
+        value = int(text)
+        return value if 1 <= value <= most else None
+    return None
+
+
+def whole_number(most: int) -> Callable[[str], int]:
+    """An argument's type: a whole number from 1 to ``most``; anything else is a usage error."""
+
+    def parse(text: str) -> int:
+        value = count_in(text, most)
+        if value is None:
+            raise argparse.ArgumentTypeError(f"give a whole number from 1 to {most}, not {text!r}")
+        return value
+
+    return parse
+
+
+def add_limit(parser: argparse.ArgumentParser, most: int) -> None:
+    """A listing's ``--limit``: as many as the API's ``limit`` allows, 100 unless given."""
+    parser.add_argument(
+        "--limit", type=whole_number(most), default=100, help=f"at most this many (1 to {most})"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:

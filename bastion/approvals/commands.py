@@ -18,14 +18,13 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 
 from bastion.approvals.service import Approvals, NotAllowed, UnknownRequest
-from bastion.approvals.store import STATUSES, ApprovalRequest
+from bastion.approvals.store import MAX_LIST, STATUSES, ApprovalRequest
 from bastion.audit.commands import event_line
+from bastion.cli import add_limit, whole_number
 from bastion.db import DatabaseUnavailable
 from bastion.decide import Authorizer
 from bastion.facts.store import FactStore
 from bastion.server.config import ConfigError, ServerConfig, command_database
-
-MAX_LIST = 200
 
 
 class CommandError(Exception):
@@ -280,16 +279,6 @@ def cmd_deny(deployment: Deployment, args: argparse.Namespace) -> int:
     return _answer(deployment, args, "deny")
 
 
-def _limit(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if not 1 <= value <= MAX_LIST:
-        raise argparse.ArgumentTypeError(f"give 1 to {MAX_LIST}, not {value}")
-    return value
-
-
 def _minutes(text: str) -> int:
     try:
         value = int(text)
@@ -314,14 +303,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = commands.add_parser("list", help="requests, newest first")
     p.add_argument("--status", choices=STATUSES, help="only requests in this status")
     p.add_argument("--approver", help="only requests this person may answer")
-    p.add_argument("--limit", type=_limit, default=100, help=f"at most this many (1-{MAX_LIST})")
+    add_limit(p, MAX_LIST)
     p.add_argument("--json", action="store_true", help="one JSON request per line")
     _common(p)
     p.set_defaults(func=_opened(cmd_list))
 
     p = commands.add_parser("show", help="a request: arguments in full, answers, audit events")
     p.add_argument("id")
-    p.add_argument("--events", type=_limit, default=100, help="audit events to show, at most")
+    p.add_argument(
+        "--events", type=whole_number(MAX_LIST), default=100, help="audit events to show, at most"
+    )
     p.add_argument(
         "--as",
         dest="person",

@@ -87,6 +87,9 @@ STATUSES = (
     "void",
 )
 ANSWERS = ("approve", "deny")
+# The most requests one listing returns, through the API or the command line (with an approver,
+# the store reads up to 20 times as many rows to find them).
+MAX_LIST = 200
 CHANNELS = ("page", "api", "cli", "elicitation")
 
 _COLUMNS = (

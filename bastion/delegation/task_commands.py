@@ -18,16 +18,15 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 
 from bastion.audit import AuditLog
+from bastion.cli import add_limit
 from bastion.db import Database, DatabaseUnavailable
 from bastion.decide import Authorizer
-from bastion.delegation.tasks import STATUSES, Task, TaskError, Tasks
+from bastion.delegation.tasks import MAX_LIST, STATUSES, Task, TaskError, Tasks
 from bastion.facts.model import FactError, check_fact, fact_to_json
 from bastion.facts.store import FactStore
 from bastion.oauth.store import OAuthStore
 from bastion.policy.errors import PolicyError
 from bastion.server.config import ConfigError, ServerConfig, command_database
-
-MAX_LIST = 1000
 
 
 def _actor() -> str:
@@ -148,16 +147,6 @@ def _seconds(text: str) -> float:
     return value
 
 
-def _limit(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError("give a whole number") from None
-    if not 1 <= value <= MAX_LIST:
-        raise argparse.ArgumentTypeError(f"give 1 to {MAX_LIST}")
-    return value
-
-
 def register(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser("tasks", help="just-in-time tasks: open, list, show, end")
     commands = parser.add_subparsers(dest="tasks_command", required=True)
@@ -192,9 +181,7 @@ def register(sub: argparse._SubParsersAction) -> None:
             p.add_argument("--reason", default="ended", help="why, for the audit trail")
         if name == "list":
             p.add_argument("--status", choices=list(STATUSES), help="only tasks in this status")
-            p.add_argument(
-                "--limit", type=_limit, default=100, help=f"at most this many (1..{MAX_LIST})"
-            )
+            add_limit(p, MAX_LIST)
             p.add_argument("--json", action="store_true", help="one JSON task per line")
         p.add_argument(
             "--database",

@@ -64,6 +64,8 @@ OPEN, ENDED, EXPIRED = "open", "ended", "expired"
 STATUSES = (OPEN, ENDED, EXPIRED)
 # A user or agent id, a purpose: printable, bounded, never a pattern.
 MAX_ID_LENGTH = 512
+# The most tasks one listing returns, through the API or the command line.
+MAX_LIST = 500
 MAX_PURPOSE_LENGTH = 1000
 MAX_REASON_LENGTH = 500
 _PRINTABLE = re.compile(r"^[\x21-\x7e][\x20-\x7e]*$")

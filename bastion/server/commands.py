@@ -20,6 +20,7 @@ from typing import Any
 import psycopg
 
 from bastion import untrusted_json
+from bastion.cli import whole_number
 from bastion.db import DatabaseUnavailable
 from bastion.facts.model import FactError, format_fact
 from bastion.facts.store import FactStore, StoredFact, epoch
@@ -63,17 +64,6 @@ def _expiry(text: str | None) -> float | None:
             f"--expires-at {text!r}: give epoch seconds or an ISO time with a zone"
             " (2026-12-01T18:00:00+00:00)"
         ) from None
-
-
-def _count(text: str) -> int:
-    """A command-line number that the store keeps as a 64-bit integer: 1 or more."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if not 1 <= value <= MAX_INTEGER:
-        raise argparse.ArgumentTypeError(f"{text} is out of range: give 1 to {MAX_INTEGER}")
-    return value
 
 
 class Progress:
@@ -633,7 +623,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = changes.add_parser(
         "prune", help="drop old change-log entries (replicas further behind reload a snapshot)"
     )
-    p.add_argument("--keep", type=_count, default=100_000, help="entries to keep (default 100000)")
+    p.add_argument(
+        "--keep",
+        type=whole_number(MAX_INTEGER),
+        default=100_000,
+        help="entries to keep (default 100000)",
+    )
     p.add_argument("--database", help="SQLite path or postgresql:// URL (or BASTION_DATABASE)")
     p.add_argument("--config", help="bastion.toml to read the database from")
     p.set_defaults(func=_guard(cmd_changes_prune))
@@ -648,6 +643,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     _target_options(p)
     p.set_defaults(func=_guard(cmd_policy_versions))
     p = policy.add_parser("rollback", help="put an earlier policy version back in force")
-    p.add_argument("version", type=_count)
+    p.add_argument("version", type=whole_number(MAX_INTEGER))
     _target_options(p)
     p.set_defaults(func=_guard(cmd_policy_rollback))

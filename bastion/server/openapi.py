@@ -34,6 +34,7 @@ from bastion.server.api.decisions import MAX_BATCH, MAX_CHAIN
 from bastion.server.api.decisions import MAX_PAGE as MAX_LIST_PAGE
 from bastion.server.api.facts import MAX_PAGE as MAX_FACTS_PAGE
 from bastion.server.keys import MAX_KEY_SECONDS, SCOPES
+from bastion.server.problems import DEFAULT_LIMIT
 from bastion.signals import store as signals
 from bastion.signals.suspensions import KINDS as SUSPENSION_KINDS
 from bastion.untrusted_json import MAX_INTEGER, MIN_INTEGER
@@ -526,6 +527,12 @@ def _query(name: str, schema: dict, description: str) -> dict:
     return {"name": name, "in": "query", "schema": schema, "description": description}
 
 
+def _limit_query(most: int, what: str = "at most this many") -> dict:
+    """The ``limit`` of a listing, as `bastion.server.problems.page_limit` reads it."""
+    schema = {**_INT, "minimum": 1, "maximum": most}
+    return _query("limit", schema, f"{what}, 1..{most} (default {DEFAULT_LIMIT})")
+
+
 def _path(name: str, description: str) -> dict:
     return {
         "name": name,
@@ -555,7 +562,6 @@ _TO_DECISION = {
         "parameters": {"decision_id": "$response.body#/decision_id"},
     }
 }
-_LIMIT = {"minimum": 1}
 _FIRST_APPROVAL = "$response.body#/approvals/0/id"
 _NON_EMPTY = {"type": "array", "minItems": 1}
 _TASK_ID_FIELD = {
@@ -653,7 +659,7 @@ PATHS: dict[str, Any] = {
                 action=_STR,
                 resource_type=_STR,
                 context=_CTX,
-                limit=_nullable({**_INT, **_LIMIT, "maximum": MAX_LIST_PAGE}),
+                limit=_nullable({**_INT, "minimum": 1, "maximum": MAX_LIST_PAGE}),
                 cursor=_nullable(_STR),
                 at_least=_AT_LEAST,
             ),
@@ -764,11 +770,7 @@ PATHS: dict[str, Any] = {
                     "content": {"application/json": {"schema": _ref("Pattern")}},
                     "description": "a Pattern as JSON",
                 },
-                _query(
-                    "limit",
-                    {**_INT, **_LIMIT, "maximum": MAX_FACTS_PAGE},
-                    f"page size, 1..{MAX_FACTS_PAGE} (default 100)",
-                ),
+                _limit_query(MAX_FACTS_PAGE, "page size"),
                 _query("cursor", _STR, "next_cursor of the previous page"),
             ],
             problems=(422,),
@@ -952,12 +954,7 @@ PATHS: dict[str, Any] = {
                     {**_STR, "minLength": 1, "maxLength": approvals_api.MAX_PERSON},
                     "only requests the policy named this person an approver of",
                 ),
-                _query(
-                    "limit",
-                    {**_INT, **_LIMIT, "maximum": approvals_api.MAX_PAGE},
-                    f"at most this many, 1..{approvals_api.MAX_PAGE} (default"
-                    f" {approvals_api.DEFAULT_PAGE})",
-                ),
+                _limit_query(approvals_api.MAX_PAGE),
             ],
             links={
                 name: {"operationId": op, "parameters": {"request_id": _FIRST_APPROVAL}}
@@ -1185,12 +1182,7 @@ PATHS: dict[str, Any] = {
                     "only this subject's signals, as Type:id (User:sam, Device:d1)",
                 ),
                 _query("name", _SIGNAL_NAME, "only signals of this name"),
-                _query(
-                    "limit",
-                    {**_INT, **_LIMIT, "maximum": signals_api.MAX_PAGE},
-                    f"at most this many, 1..{signals_api.MAX_PAGE} (default"
-                    f" {signals_api.DEFAULT_PAGE})",
-                ),
+                _limit_query(signals_api.MAX_PAGE),
             ],
         ),
         "post": _op(
@@ -1232,12 +1224,7 @@ PATHS: dict[str, Any] = {
             _response(["alerts"], alerts={"type": "array", "items": _ref("Alert")}),
             params=[
                 _query("state", {"enum": ["open", "acknowledged"]}, "only alerts in this state"),
-                _query(
-                    "limit",
-                    {**_INT, **_LIMIT, "maximum": alerts_api.MAX_PAGE},
-                    f"at most this many, 1..{alerts_api.MAX_PAGE} (default"
-                    f" {alerts_api.DEFAULT_PAGE})",
-                ),
+                _limit_query(alerts_api.MAX_PAGE),
             ],
             links={
                 name: {"operationId": op, "parameters": {"alert_id": "$response.body#/alerts/0/id"}}
@@ -1305,12 +1292,7 @@ PATHS: dict[str, Any] = {
             _response(["tasks"], tasks={"type": "array", "items": _ref("Task")}),
             params=[
                 _query("status", {"enum": list(TASK_STATUSES)}, "only tasks in this status"),
-                _query(
-                    "limit",
-                    {**_INT, **_LIMIT, "maximum": tasks_api.MAX_PAGE},
-                    f"at most this many, 1..{tasks_api.MAX_PAGE} (default"
-                    f" {tasks_api.DEFAULT_PAGE})",
-                ),
+                _limit_query(tasks_api.MAX_PAGE),
             ],
             links={
                 name: {"operationId": op, "parameters": {"task_id": "$response.body#/tasks/0/id"}}

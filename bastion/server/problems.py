@@ -10,9 +10,12 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from bastion import untrusted_json
+from bastion.cli import count_in
 from bastion.facts.model import Entity, FactError
 
 PROBLEM_JSON = "application/problem+json"
+# What a listing returns at most when its request gives no ``limit``.
+DEFAULT_LIMIT = 100
 
 
 class Problem(Exception):
@@ -39,6 +42,17 @@ def bad_request(detail: str, **extra: Any) -> Problem:
 
 def unprocessable(detail: str, **extra: Any) -> Problem:
     return Problem(422, "Unprocessable content", detail, **extra)
+
+
+def page_limit(request: Request, most: int) -> int:
+    """The ``limit`` query parameter of a listing: a whole number from 1 to ``most``."""
+    text = request.query_params.get("limit")
+    if text is None:
+        return DEFAULT_LIMIT
+    value = count_in(text, most)
+    if value is None:
+        raise bad_request(f"limit must be a whole number from 1 to {most}, got {text[:40]!r}")
+    return value
 
 
 async def problem_handler(request: Request, exc: Exception) -> JSONResponse:

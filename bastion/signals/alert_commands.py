@@ -12,10 +12,12 @@ import json
 import sys
 from datetime import UTC, datetime
 
+from bastion.cli import add_limit
 from bastion.db import Database, DatabaseUnavailable
 from bastion.server.config import ConfigError, ServerConfig, command_database
 from bastion.signals.alerts import (
     ACKNOWLEDGED,
+    MAX_LIST,
     OPEN,
     Alert,
     AlertError,
@@ -25,8 +27,6 @@ from bastion.signals.alerts import (
     AlertStore,
 )
 from bastion.webhooks import SettingsError
-
-MAX_LIST = 500
 
 
 def _when(epoch: float | None) -> str:
@@ -99,22 +99,12 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _limit(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if not 1 <= value <= MAX_LIST:
-        raise argparse.ArgumentTypeError(f"give 1 to {MAX_LIST}, not {value}")
-    return value
-
-
 def register(sub: argparse._SubParsersAction) -> None:
     alerts = sub.add_parser("alerts", help="alerts: list, show, acknowledge")
     commands = alerts.add_subparsers(dest="alerts_command", required=True)
     p = commands.add_parser("list", help="alerts, most recently raised first")
     p.add_argument("--state", choices=(OPEN, ACKNOWLEDGED))
-    p.add_argument("--limit", type=_limit, default=100, help=f"at most this many (1-{MAX_LIST})")
+    add_limit(p, MAX_LIST)
     p.add_argument("--json", action="store_true", help="one JSON alert per line")
     p = commands.add_parser("show", help="an alert and the decisions that raised it")
     p.add_argument("id")

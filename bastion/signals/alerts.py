@@ -89,6 +89,8 @@ _MIGRATIONS = [
 # The most bytes (UTF-8) of a principal as an alert names it: (name, principal) is indexed, and
 # PostgreSQL indexes no entry over 2,704 bytes (a name is at most 200 characters).
 MAX_PRINCIPAL_BYTES = 1500
+# The most alerts one listing returns, through the API or the command line.
+MAX_LIST = 500
 
 
 def principal_text(principal: Entity | str) -> str:

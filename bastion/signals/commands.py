@@ -16,6 +16,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
+from bastion.cli import add_limit, whole_number
 from bastion.db import DatabaseUnavailable
 from bastion.decide import Authorizer
 from bastion.facts.model import Entity, FactError
@@ -23,6 +24,7 @@ from bastion.facts.store import FactStore
 from bastion.server.config import ConfigError, ServerConfig, command_database
 from bastion.signals.shadow_commands import add_shadow_report
 from bastion.signals.store import (
+    MAX_LIST,
     SUBJECT_TYPES,
     SignalError,
     SignalSettings,
@@ -33,8 +35,6 @@ from bastion.signals.store import (
     set_signal,
 )
 from bastion.signals.stream_commands import register_streams
-
-MAX_LIST = 1000
 
 
 class CommandError(Exception):
@@ -138,19 +138,6 @@ def cmd_list(store: FactStore, config: ServerConfig, args: argparse.Namespace) -
     return 0
 
 
-def _positive(most: int) -> Callable[[str], int]:
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"a whole number, got {text!r}") from None
-        if not 1 <= value <= most:
-            raise argparse.ArgumentTypeError(f"from 1 to {most}, got {value}")
-        return value
-
-    return parse
-
-
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--database", help="SQLite path or postgresql:// URL (or BASTION_DATABASE, or bastion.toml)"
@@ -175,7 +162,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--source", required=True, help="who says so, such as mdm")
     p.add_argument(
         "--ttl",
-        type=_positive(2**31),
+        type=whole_number(2**31),
         help="seconds it lives (default [signals.api].default_ttl_seconds)",
     )
     _common(p)
@@ -190,7 +177,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = commands.add_parser("list", help="live signals")
     p.add_argument("--subject", help="only this subject's (Type:id)")
     p.add_argument("--name", help="only signals of this name")
-    p.add_argument("--limit", type=_positive(MAX_LIST), default=100)
+    add_limit(p, MAX_LIST)
     p.add_argument("--json", action="store_true", help="one JSON signal per line")
     _common(p)
     p.set_defaults(func=_opened(cmd_list))

@@ -26,6 +26,8 @@ from bastion.untrusted_json import MAX_INTEGER, MIN_INTEGER
 PREDICATE = "signal"
 SUBJECT_TYPES = ("User", "Device", "Agent", "Session")
 # Sizes are fixed (the OpenAPI document states them): a signal is a small fact.
+# The most signals one listing returns, through the API or the command line.
+MAX_LIST = 1000
 MAX_NAME = 64
 MAX_SOURCE = 64
 MAX_SUBJECT_ID = 256

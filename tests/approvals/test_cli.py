@@ -85,7 +85,7 @@ def test_list_narrows_by_approver_and_status_and_prints_json(deployment, bastion
     [line] = out.splitlines()
     assert json.loads(line)["id"] == sams_own.id
     code, _, err = bastion("approvals", "list", "--limit", "0")
-    assert code == 2 and "give 1 to 200" in err
+    assert code == 2 and "give a whole number from 1 to 200, not '0'" in err
     code, _, err = bastion("approvals", "list", "--status", "maybe")
     assert code == 2 and "invalid choice" in err
 

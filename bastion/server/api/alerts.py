@@ -12,13 +12,12 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from bastion.server.auth import require
-from bastion.server.problems import Problem, bad_request, read_json, unprocessable
+from bastion.server.problems import Problem, bad_request, page_limit, read_json, unprocessable
 from bastion.server.problems import field as get_field
 from bastion.signals.alerts import ACKNOWLEDGED, OPEN, AlertError, AlertNotFound, Alerts
+from bastion.signals.alerts import MAX_LIST as MAX_PAGE
 
 SCOPE = "alerts"
-DEFAULT_PAGE = 100
-MAX_PAGE = 500
 MAX_PERSON = 128
 MAX_ID = 64
 
@@ -49,12 +48,7 @@ async def list_alerts(request: Request) -> JSONResponse:
     state = params.get("state")
     if state is not None and state not in (OPEN, ACKNOWLEDGED):
         raise bad_request(f"state must be {OPEN} or {ACKNOWLEDGED}, got {state!r:.80}")
-    try:
-        limit = int(params.get("limit", str(DEFAULT_PAGE)))
-    except ValueError:
-        raise bad_request("limit must be an integer") from None
-    if not 1 <= limit <= MAX_PAGE:
-        raise bad_request(f"limit must be between 1 and {MAX_PAGE}, got {limit}")
+    limit = page_limit(request, MAX_PAGE)
     found = await anyio.to_thread.run_sync(lambda: alerts.store.list(state, limit))
     return JSONResponse({"alerts": [a.public() for a in found]})
 

@@ -26,17 +26,15 @@ from bastion.approvals.service import (
     UnknownRequest,
     answer_problem,
 )
+from bastion.approvals.store import MAX_LIST as MAX_PAGE
 from bastion.approvals.store import STATUSES, ApprovalRequest
 from bastion.server.auth import require
-from bastion.server.problems import Problem, bad_request, read_json, unprocessable
+from bastion.server.problems import Problem, bad_request, page_limit, read_json, unprocessable
 from bastion.server.problems import field as get_field
 from bastion.untrusted_json import MAX_INTEGER
 
 T = TypeVar("T")
 SCOPE = "approvals"
-DEFAULT_PAGE = 100
-# With ``approver``, the store reads up to 20 times as many rows to find them.
-MAX_PAGE = 200
 # The longest a person's name is (as bastion.oauth.users allows).
 MAX_PERSON = 128
 # No request id is longer: a longer one is unknown without asking the database.
@@ -125,12 +123,7 @@ async def list_requests(request: Request) -> JSONResponse:
     approver = params.get("approver")
     if approver is not None:
         approver = _person(approver, "approver")
-    try:
-        limit = int(params.get("limit", str(DEFAULT_PAGE)))
-    except ValueError:
-        raise bad_request("limit must be an integer") from None
-    if not 1 <= limit <= MAX_PAGE:
-        raise bad_request(f"limit must be between 1 and {MAX_PAGE}, got {limit}")
+    limit = page_limit(request, MAX_PAGE)
     found = await anyio.to_thread.run_sync(
         lambda: approvals.listed(status=status, approver=approver, limit=limit)
     )

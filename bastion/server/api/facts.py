@@ -19,7 +19,7 @@ from starlette.routing import Route
 from bastion.facts.model import FactError, fact_from_json
 from bastion.facts.store import FactStore, StoredFact, WriteResult, epoch, fact_key
 from bastion.server.auth import require
-from bastion.server.problems import bad_request, fact_problem, parse_json, read_json
+from bastion.server.problems import bad_request, fact_problem, page_limit, parse_json, read_json
 from bastion.server.problems import field as get_field
 from bastion.server.replica import ConsistencyTimeout, Replica
 from bastion.turns import Turns, full_passes_held
@@ -110,12 +110,7 @@ async def get(request: Request) -> JSONResponse:
     if "pattern" in params:
         depth = request.app.state.config.max_json_depth
         pattern = _pattern(parse_json(params["pattern"], depth, "the query parameter 'pattern'"))
-    try:
-        limit = int(params.get("limit", "100"))
-    except ValueError:
-        raise bad_request("limit must be an integer") from None
-    if not 1 <= limit <= MAX_PAGE:
-        raise bad_request(f"limit must be between 1 and {MAX_PAGE}")
+    limit = page_limit(request, MAX_PAGE)
     cursor = params.get("cursor", "")
     store: FactStore = request.app.state.store
     page = await anyio.to_thread.run_sync(lambda: store.get(pattern, after=cursor, limit=limit + 1))

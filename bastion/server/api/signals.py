@@ -19,9 +19,16 @@ from starlette.routing import Route
 from bastion.facts.model import Entity, FactError
 from bastion.facts.store import FactStore, WriteResult
 from bastion.server.auth import require
-from bastion.server.problems import ENTITY_SHORT_FORM, bad_request, read_json, unprocessable
+from bastion.server.problems import (
+    ENTITY_SHORT_FORM,
+    bad_request,
+    page_limit,
+    read_json,
+    unprocessable,
+)
 from bastion.server.problems import field as get_field
 from bastion.server.replica import ConsistencyTimeout, Replica
+from bastion.signals.store import MAX_LIST as MAX_PAGE
 from bastion.signals.store import (
     SignalError,
     SignalSettings,
@@ -35,8 +42,6 @@ from bastion.signals.store import (
 )
 
 SCOPE = "signals"
-DEFAULT_PAGE = 100
-MAX_PAGE = 1000
 
 
 def _settings(request: Request) -> SignalSettings:
@@ -127,12 +132,7 @@ async def get(request: Request) -> JSONResponse:
     name = params.get("name")
     if name is not None:
         _checked(check_name, name)
-    try:
-        limit = int(params.get("limit", str(DEFAULT_PAGE)))
-    except ValueError:
-        raise bad_request("limit must be an integer") from None
-    if not 1 <= limit <= MAX_PAGE:
-        raise bad_request(f"limit must be between 1 and {MAX_PAGE}")
+    limit = page_limit(request, MAX_PAGE)
     store: FactStore = request.app.state.store
     found = await anyio.to_thread.run_sync(lambda: list_signals(store, subject, name, limit=limit))
     return JSONResponse({"signals": [s.to_json() for s in found]})

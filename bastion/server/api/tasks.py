@@ -29,15 +29,14 @@ from bastion.delegation.tasks import (
     TaskUnprocessable,
     UnknownTask,
 )
+from bastion.delegation.tasks import MAX_LIST as MAX_PAGE
 from bastion.server.auth import require
 from bastion.server.keys import ApiKey
-from bastion.server.problems import Problem, bad_request, read_json, unprocessable
+from bastion.server.problems import Problem, bad_request, page_limit, read_json, unprocessable
 from bastion.server.problems import field as get_field
 from bastion.server.replica import ConsistencyTimeout, Replica
 
 SCOPE = "tasks"
-DEFAULT_PAGE = 100
-MAX_PAGE = 500
 __all__ = ["MAX_ID_LENGTH", "MAX_PURPOSE_LENGTH", "MAX_REASON_LENGTH", "SCOPE", "routes"]
 
 
@@ -119,12 +118,7 @@ async def list_tasks(request: Request) -> JSONResponse:
     status = params.get("status")
     if status is not None and status not in STATUSES:
         raise bad_request(f"status must be one of {', '.join(STATUSES)}, got {status!r:.80}")
-    try:
-        limit = int(params.get("limit", str(DEFAULT_PAGE)))
-    except ValueError:
-        raise bad_request("limit must be an integer") from None
-    if not 1 <= limit <= MAX_PAGE:
-        raise bad_request(f"limit must be between 1 and {MAX_PAGE}, got {limit}")
+    limit = page_limit(request, MAX_PAGE)
     found = await anyio.to_thread.run_sync(
         lambda: tasks.list(created_by=_owner(key), status=status, limit=limit)
     )
