@@ -76,7 +76,8 @@ async def database_unavailable(request: Request, exc: Exception) -> JSONResponse
         response.headers.update(retry)
         return response
     body = {"error": "temporarily_unavailable", "error_description": detail}
-    return JSONResponse(body, status_code=503, headers={**retry, "Cache-Control": "no-store"})
+    headers = {**retry, **problems.NOT_A_PAGE, "Cache-Control": "no-store"}
+    return JSONResponse(body, status_code=503, headers=headers)
 
 
 async def openapi(request: Request) -> JSONResponse:
@@ -117,6 +118,7 @@ async def internal_error(request: Request, exc: Exception) -> Response:
         response = JSONResponse(body, status_code=500, headers={"Cache-Control": "no-store"})
     else:
         response = Problem(500, "Internal server error", detail).response()
+    response.headers.update(problems.NOT_A_PAGE)
     # uvicorn closes the connection after an exception: say so, so no client reuses it.
     response.headers["connection"] = "close"
     return response

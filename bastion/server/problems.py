@@ -14,6 +14,9 @@ from bastion.cli import count_in
 from bastion.facts.model import Entity, FactError
 
 PROBLEM_JSON = "application/problem+json"
+# On every error answer: a browser shown one (a 404 quoting the path it was sent to, say) takes
+# it as the JSON it says it is, never as a page.
+NOT_A_PAGE = {"X-Content-Type-Options": "nosniff"}
 # What a listing returns at most when its request gives no ``limit``.
 DEFAULT_LIMIT = 100
 
@@ -32,7 +35,7 @@ class Problem(Exception):
         body = {"type": "about:blank", "title": self.title, "status": self.status}
         body["detail"] = self.detail
         body.update(self.extra)
-        headers = {"WWW-Authenticate": "Bearer"} if self.status == 401 else None
+        headers = {**NOT_A_PAGE, "WWW-Authenticate": "Bearer"} if self.status == 401 else NOT_A_PAGE
         return JSONResponse(body, status_code=self.status, media_type=PROBLEM_JSON, headers=headers)
 
 

@@ -533,6 +533,7 @@ def test_an_unexpected_failure_is_a_problem_that_names_no_internals(tmp_path):
             assert r.status_code == 500, r.text
             for internal in ("sqlite", "api_keys", "oauth_clients", "Traceback", "Error"):
                 assert internal not in r.text
+            assert r.headers["x-content-type-options"] == "nosniff"
         api, oauth = answers
         assert api.headers["content-type"].startswith(PROBLEM_JSON)
         assert api.json()["status"] == 500 and api.json()["title"] == "Internal server error"

@@ -243,6 +243,11 @@ def test_an_import_with_one_bad_line_imports_nothing(api):
 def test_unknown_routes_and_methods_are_problems_too(api):
     assert_problem(api.get("/v1/nothing"), 404, "openapi")
     assert_problem(api.delete("/v1/authorize"), 405, "DELETE")
+    # A browser sent to a path that quotes markup takes the answer as the JSON it is, not a page.
+    r = api.get("/approvals/x/%3Cscript%3Ealert(1)%3C%2Fscript%3E")
+    assert_problem(r, 404, "<script>")
+    assert r.headers["x-content-type-options"] == "nosniff"
+    assert r.headers["content-type"].startswith("application/problem+json")
 
 
 # -- facts -------------------------------------------------------------------------------------
