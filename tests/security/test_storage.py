@@ -73,6 +73,26 @@ def test_the_database_its_wal_and_shm_files_and_the_signing_keys_are_private(tmp
     assert "anvil" in exported.read_text() and private(exported)
 
 
+def test_a_sqlite_commit_is_written_through_to_the_disk_unless_the_url_says_otherwise(tmp_path):
+    """synchronous=FULL: an answered write outlives a power loss, not only the process's end."""
+    levels = {"FULL": 2, "NORMAL": 1}
+    for url, level in [
+        (str(tmp_path / "a.db"), "FULL"),
+        (f"sqlite:///{tmp_path / 'b.db'}", "FULL"),
+        (f"sqlite:///{tmp_path / 'c.db'}?synchronous=full", "FULL"),
+        (f"sqlite:///{tmp_path / 'd.db'}?synchronous=normal", "NORMAL"),
+    ]:
+        db = Database(url)
+        try:
+            assert db.execute("PRAGMA synchronous") == [(levels[level],)], url
+        finally:
+            db.close()
+    for query in ("synchronous=off", "synchronous=", "sync=full", "synchronous=full&x=1"):
+        with pytest.raises(ValueError, match=r"takes one setting, \?synchronous=full\|normal"):
+            Database(f"sqlite:///{tmp_path / 'e.db'}?{query}")
+    assert not (tmp_path / "e.db").exists()
+
+
 # -- the audit trail's retention --------------------------------------------------------------------
 
 
