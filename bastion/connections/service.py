@@ -16,7 +16,7 @@ import logging
 import secrets
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from urllib.parse import quote
 
 import anyio
@@ -25,6 +25,7 @@ from bastion.connections.sealing import Sealer, Unsealable
 from bastion.connections.settings import UpstreamOAuth
 from bastion.connections.store import ConnectionStore, StoredConnection, StoredFlow
 from bastion.connections.upstream_oauth import (
+    TokenSet,
     UpstreamOAuthClient,
     UpstreamOAuthError,
     pkce_pair,
@@ -36,6 +37,9 @@ PATH = "/connections"
 CLIENT_NAME = "bastion (per-user connections)"
 # Opened access tokens a process keeps at most (with cache_seconds > 0); the oldest go first.
 MAX_CACHED = 100_000
+# How many times a refresh's tokens are written again over the same tokens sealed anew (a
+# `rekey` under way) before the call gives up.
+_RESEALS = 5
 
 
 class ConnectionUnavailable(Exception):
@@ -80,6 +84,15 @@ def _shown(row: StoredConnection) -> Connection:
     )
 
 
+def _new_tokens(fresh: TokenSet, old: Mapping) -> dict[str, str]:
+    """What a refresh brought back that the connection did not hold already (a server that
+    does not rotate refresh tokens sends none, and bastion keeps the one it had)."""
+    new = {"access_token": fresh.access_token}
+    if fresh.refresh_token != old.get("refresh_token"):
+        new["refresh_token"] = fresh.refresh_token
+    return new
+
+
 class Connections:
     """The connections of every user to the upstreams configured with ``auth = "per_user"``."""
 
@@ -105,6 +118,9 @@ class Connections:
         self._cached: dict[tuple[str, str], tuple[str, float, float]] = {}
         # Called with (subject, upstream) when a connection is revoked in this process.
         self._on_revoke: list[Callable[[str, str], None]] = []
+        # Moves at each revocation in this process, before and after its delete: a token read
+        # while it was under way is used by the call that read it, and never cached.
+        self._revocations = 0
 
     def on_revoke(self, callback: Callable[[str, str], None]) -> None:
         self._on_revoke.append(callback)
@@ -125,6 +141,7 @@ class Connections:
         settings = self.settings[upstream]
         ahead = settings.refresh_ahead_seconds
         key = (subject, upstream)
+        epoch = self._revocations
         cached = self._cached.get(key)
         if cached is not None:
             now = self.clock()
@@ -135,7 +152,7 @@ class Connections:
         if row is None:
             return None
         if row.expires_at - self.clock() > ahead:
-            return self._remember(row, self._open(row).get("access_token"))
+            return self._remember(row, self._open(row).get("access_token"), epoch)
         lock = self._refreshing.setdefault(key, asyncio.Lock())
         try:
             async with lock:
@@ -144,14 +161,17 @@ class Connections:
                 if row is None:
                     return None
                 if row.expires_at - self.clock() > ahead:
-                    return self._remember(row, self._open(row).get("access_token"))
-                return await self._refresh(row)
+                    return self._remember(row, self._open(row).get("access_token"), epoch)
+                return await self._refresh(row, epoch)
         finally:
             if not lock.locked() and self._refreshing.get(key) is lock:
                 del self._refreshing[key]
 
-    def _remember(self, row: StoredConnection, token: str | None) -> str | None:
-        if token and self.settings[row.upstream].cache_seconds > 0:
+    def _remember(self, row: StoredConnection, token: str | None, epoch: int) -> str | None:
+        """``token``, cached when ``cache_seconds`` says so and no revocation in this process
+        overlapped the read of ``row`` (begun at ``epoch``)."""
+        cache = self.settings[row.upstream].cache_seconds > 0
+        if token and cache and epoch == self._revocations:
             self._cached[(row.subject, row.upstream)] = (token, row.expires_at, self.clock())
             if len(self._cached) > MAX_CACHED:
                 del self._cached[next(iter(self._cached))]  # the oldest
@@ -168,7 +188,7 @@ class Connections:
             log.warning("connection of %s to %s refused: %s", row.subject, row.upstream, e)
             return {}
 
-    async def _refresh(self, row: StoredConnection) -> str | None:
+    async def _refresh(self, row: StoredConnection, epoch: int) -> str | None:
         tokens = self._open(row)
         refresh_token = tokens.get("refresh_token")
         if not refresh_token:
@@ -183,9 +203,19 @@ class Connections:
                     f"the connection to {row.upstream} cannot be refreshed now: {e.description}"
                 ) from None
             # The grant is gone at the upstream (revoked, expired): forget it; connect again.
+            # Only the row refreshed: a connection made meanwhile is not the refused grant's.
             log.info("refresh of %s's connection to %s refused: %s", row.subject, row.upstream, e)
-            await anyio.to_thread.run_sync(self.store.delete, row.subject, row.upstream)
+            await anyio.to_thread.run_sync(self.store.delete, row.subject, row.upstream, row.sealed)
             return None
+        return await self._keep(row, tokens, fresh, now, epoch)
+
+    async def _keep(
+        self, row: StoredConnection, tokens: dict, fresh: TokenSet, now: float, epoch: int
+    ) -> str | None:
+        """Store the tokens a refresh of ``row`` brought back, in its place only: a connection
+        revoked while the refresh was under way stays revoked (here or on another replica), and
+        the tokens are revoked at the upstream; one connected again or refreshed elsewhere
+        meanwhile is kept, and this call uses it."""
         sealed = self.sealer.seal(
             row.subject,
             row.upstream,
@@ -194,8 +224,27 @@ class Connections:
         updated = StoredConnection(
             row.subject, row.upstream, sealed, fresh.scope, fresh.expires_at, row.created_at, now
         )
-        await anyio.to_thread.run_sync(self.store.put, updated)
-        return self._remember(updated, fresh.access_token)
+        current = row
+        for _ in range(_RESEALS):
+            if await anyio.to_thread.run_sync(self.store.replace, current, updated):
+                return self._remember(updated, fresh.access_token, epoch)
+            current = await anyio.to_thread.run_sync(self.store.get, row.subject, row.upstream)
+            if current is None or current.created_at != row.created_at:
+                # Revoked (and perhaps connected again) while it was refreshed: what came
+                # back belongs to the revoked grant.
+                await self._revoke_upstream(row.subject, row.upstream, _new_tokens(fresh, tokens))
+                if current is None:
+                    return None
+                return self._remember(current, self._open(current).get("access_token"), epoch)
+            if self._open(current) != tokens:
+                # Refreshed by another replica meanwhile, the same grant: its tokens are kept
+                # and used; this refresh's are left to expire (revoking them could revoke the
+                # grant, theirs with it).
+                return self._remember(current, self._open(current).get("access_token"), epoch)
+            # The same tokens sealed again (`rekey`): the fresh ones still replace them.
+        raise ConnectionUnavailable(
+            f"the connection to {row.upstream} was sealed again while it was refreshed; retry"
+        )
 
     # -- connecting (the pages) -------------------------------------------------------------------
 
@@ -274,24 +323,34 @@ class Connections:
         """Forget ``subject``'s connection to ``upstream`` (False if there was none), and revoke
         its tokens at the upstream's authorization server when it offers RFC 7009 revocation (a
         failure there is logged: the tokens are gone from bastion either way)."""
+        self._revocations += 1
         self._cached.pop((subject, upstream), None)
-        row = await anyio.to_thread.run_sync(self.store.delete, subject, upstream)
+        try:
+            row = await anyio.to_thread.run_sync(self.store.delete, subject, upstream)
+        finally:
+            self._revocations += 1
+            self._cached.pop((subject, upstream), None)
         if row is None:
             return False
         for callback in self._on_revoke:
             callback(subject, upstream)
-        tokens = self._open(row)
-        oauth = self.clients.get(upstream)
-        if oauth is not None and tokens:
-            try:
-                client = await self._client(upstream)
-                if tokens.get("refresh_token"):
-                    await oauth.revoke(client, tokens["refresh_token"], "refresh_token")
-                if tokens.get("access_token"):
-                    await oauth.revoke(client, tokens["access_token"], "access_token")
-            except UpstreamOAuthError as e:
-                log.warning("revocation of %s's tokens at %s failed: %s", subject, upstream, e)
+        await self._revoke_upstream(subject, upstream, self._open(row))
         return True
+
+    async def _revoke_upstream(self, subject: str, upstream: str, tokens: Mapping) -> None:
+        """Revoke ``tokens`` at the upstream's authorization server, if it offers RFC 7009
+        revocation; a failure is logged (bastion keeps them nowhere either way)."""
+        oauth = self.clients.get(upstream)
+        if oauth is None or not tokens:
+            return
+        try:
+            client = await self._client(upstream)
+            if tokens.get("refresh_token"):
+                await oauth.revoke(client, tokens["refresh_token"], "refresh_token")
+            if tokens.get("access_token"):
+                await oauth.revoke(client, tokens["access_token"], "access_token")
+        except (UpstreamOAuthError, ConnectionUnavailable) as e:
+            log.warning("revocation of %s's tokens at %s failed: %s", subject, upstream, e)
 
     def rekey(self) -> int:
         """Blocking: seal every connection again under the first key; return how many."""
@@ -302,7 +361,7 @@ class Connections:
             except Unsealable:
                 log.warning("connection of %s to %s cannot be re-sealed", row.subject, row.upstream)
                 continue
-            done += self.store.replace_sealed(row.subject, row.upstream, row.sealed, new)
+            done += self.store.replace(row, replace(row, sealed=new))
         return done
 
     # -- bastion's client at each upstream ------------------------------------------------------

@@ -94,44 +94,60 @@ class ConnectionStore:
         return [StoredConnection(*row) for row in rows]
 
     def put(self, connection: StoredConnection) -> None:
-        with self.db.transaction():
-            self.db.execute(
-                "DELETE FROM upstream_connections WHERE subject = ? AND upstream = ?",
-                (connection.subject, connection.upstream),
-            )
-            self.db.execute(
-                f"INSERT INTO upstream_connections ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (
-                    connection.subject,
-                    connection.upstream,
-                    connection.sealed,
-                    connection.scope,
-                    connection.expires_at,
-                    connection.created_at,
-                    connection.refreshed_at,
-                ),
-            )
+        """Keep a new connection (a finished flow), in place of any the user had."""
+        self.db.execute(
+            f"INSERT INTO upstream_connections ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)"
+            " ON CONFLICT (subject, upstream) DO UPDATE SET sealed = excluded.sealed,"
+            " scope = excluded.scope, expires_at = excluded.expires_at,"
+            " created_at = excluded.created_at, refreshed_at = excluded.refreshed_at",
+            (
+                connection.subject,
+                connection.upstream,
+                connection.sealed,
+                connection.scope,
+                connection.expires_at,
+                connection.created_at,
+                connection.refreshed_at,
+            ),
+        )
 
-    def delete(self, subject: str, upstream: str) -> StoredConnection | None:
-        with self.db.transaction():
-            found = self.get(subject, upstream)
-            if found is not None:
-                self.db.execute(
-                    "DELETE FROM upstream_connections WHERE subject = ? AND upstream = ?",
-                    (subject, upstream),
-                )
-            return found
-
-    def replace_sealed(self, subject: str, upstream: str, old: str, new: str) -> bool:
-        """Re-seal one row if it still holds ``old`` (key rotation)."""
+    def replace(self, old: StoredConnection, new: StoredConnection) -> bool:
+        """Put ``new`` (a refresh, or the same tokens sealed again) in place of ``old``, only if
+        the row still holds ``old``'s sealed tokens: False, and nothing written, if it was
+        revoked, connected again, refreshed or re-sealed meanwhile (here or on another
+        replica). A sealed value is never made twice (Fernet draws a fresh IV each time)."""
         return bool(
             self.db.execute(
-                "UPDATE upstream_connections SET sealed = ? WHERE subject = ? AND upstream = ?"
-                " AND sealed = ? RETURNING subject",
-                (new, subject, upstream, old),
+                "UPDATE upstream_connections SET sealed = ?, scope = ?, expires_at = ?,"
+                " refreshed_at = ? WHERE subject = ? AND upstream = ? AND sealed = ?"
+                " RETURNING subject",
+                (
+                    new.sealed,
+                    new.scope,
+                    new.expires_at,
+                    new.refreshed_at,
+                    old.subject,
+                    old.upstream,
+                    old.sealed,
+                ),
                 read=False,
             )
         )
+
+    def delete(
+        self, subject: str, upstream: str, sealed: str | None = None
+    ) -> StoredConnection | None:
+        """Delete the connection, and return it (None if there was none). With ``sealed``, only
+        if the row still holds those sealed tokens (a connection made or refreshed meanwhile
+        is kept). One statement: of two deletes at once, on any replicas, one gets the row."""
+        only = " AND sealed = ?" if sealed is not None else ""
+        rows = self.db.execute(
+            f"DELETE FROM upstream_connections WHERE subject = ? AND upstream = ?{only}"
+            f" RETURNING {_COLUMNS}",
+            (subject, upstream) if sealed is None else (subject, upstream, sealed),
+            read=False,
+        )
+        return StoredConnection(*rows[0]) if rows else None
 
     # -- connections being made ------------------------------------------------------------------
 

@@ -4,6 +4,7 @@ input is refused with a message naming the key, and changes nothing."""
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 
 import pytest
 from starlette.applications import Starlette
@@ -33,8 +34,12 @@ def test_a_connection_is_kept_replaced_and_deleted_per_user_and_upstream(store):
     store.put(StoredConnection("alice", "tracker", "sealed-2", "issues:read", 200.0, 1.0, 2.0))
     assert store.get("alice", "tracker").sealed == "sealed-2"
     assert [c.subject for c in store.listed(upstream="tracker")] == ["alice", "bob"]
-    assert store.replace_sealed("alice", "tracker", "sealed-2", "sealed-3")
-    assert not store.replace_sealed("alice", "tracker", "sealed-2", "sealed-4")  # moved on
+    second = store.get("alice", "tracker")
+    third = StoredConnection("alice", "tracker", "sealed-3", "issues:read", 300.0, 1.0, 3.0)
+    assert store.replace(second, third)
+    assert not store.replace(second, replace(third, sealed="sealed-4"))  # moved on
+    assert store.get("alice", "tracker") == third
+    assert store.delete("alice", "tracker", "sealed-2") is None  # only the row holding it
     assert store.delete("alice", "tracker").sealed == "sealed-3"
     assert store.get("alice", "tracker") is None and store.delete("alice", "tracker") is None
     assert store.get("bob", "tracker") is not None
