@@ -164,17 +164,15 @@ class ConnectionStore:
             )
 
     def take_flow(self, state: str) -> StoredFlow | None:
-        """The flow of ``state``, removed: a state is used once."""
-        with self.db.transaction():
-            rows = self.db.execute(
-                "SELECT state, subject, upstream, sealed, created_at FROM upstream_connection_flows"
-                " WHERE state = ?",
-                (state,),
-            )
-            if not rows:
-                return None
-            self.db.execute("DELETE FROM upstream_connection_flows WHERE state = ?", (state,))
-            return StoredFlow(*rows[0])
+        """The flow of ``state``, removed as it is read: a state is used once, and of two
+        replicas taking it at once exactly one gets it."""
+        rows = self.db.execute(
+            "DELETE FROM upstream_connection_flows WHERE state = ?"
+            " RETURNING state, subject, upstream, sealed, created_at",
+            (state,),
+            read=False,
+        )
+        return StoredFlow(*rows[0]) if rows else None
 
     # -- the clients bastion registered (RFC 7591) ---------------------------------------------
 

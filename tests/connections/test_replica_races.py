@@ -1,5 +1,5 @@
 """Two replicas (two `Database` objects on one PostgreSQL schema) spending the same one-time
-row at once: a connection revoked by both. The first replica is
+row at once: a connection's ``state``, and a connection revoked by both. The first replica is
 paused right after each statement it sends on the table, and the second does the whole of its
 own work there, on a thread of its own: whatever point the code leaves between reading the row
 and removing it is where the second one runs. Exactly one of them gets the row."""
@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 import pytest
 
-from bastion.connections.store import ConnectionStore, StoredConnection
+from bastion.connections.store import ConnectionStore, StoredConnection, StoredFlow
 from bastion.db import Database
 
 
@@ -48,6 +48,13 @@ def _race(first: ConnectionStore, second: ConnectionStore, table: str, work: Cal
     assert others, f"the first replica sent nothing on {table}"
     others[0].join(30)
     return [mine, *theirs]
+
+
+def test_a_connection_state_is_taken_by_one_replica_only(replicas):
+    one, two = replicas
+    one.add_flow(StoredFlow("s-1", "alice", "tracker", "sealed", 100.0), older_than=0.0)
+    taken = _race(one, two, "upstream_connection_flows", lambda store: store.take_flow("s-1"))
+    assert sorted(flow is not None for flow in taken) == [False, True], taken
 
 
 def test_a_connection_revoked_on_two_replicas_at_once_is_revoked_by_one(replicas):
