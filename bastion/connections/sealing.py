@@ -20,6 +20,8 @@ from typing import Any
 
 from cryptography.fernet import Fernet, InvalidToken, MultiFernet
 
+from bastion import atomic_files
+
 ENV = "BASTION_CONNECTION_KEYS"
 KEY_FILE = "connection-keys"
 _SPLIT = re.compile(r"[\s,]+")
@@ -43,13 +45,8 @@ def load_keys(key_dir: str | os.PathLike, env: Mapping[str, str] | None = None) 
         where = str(path)
         if not path.exists():
             path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-            try:
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            except FileExistsError:
-                pass  # another replica made it first: theirs is read below
-            else:
-                with os.fdopen(fd, "w") as out:
-                    out.write(Fernet.generate_key().decode() + "\n")
+            # Whole or not at all; another replica may make it first: theirs is read below.
+            atomic_files.create(path, Fernet.generate_key() + b"\n")
         text = path.read_text()
     keys = [k.encode() for k in _SPLIT.split(text.strip()) if k]
     if not keys:

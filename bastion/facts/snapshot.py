@@ -12,13 +12,10 @@ the same numbers, is told apart), and the policy version in force.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import os
 import struct
 import sys
-import tempfile
 from array import array
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -26,6 +23,7 @@ from itertools import accumulate
 from operator import itemgetter
 from typing import Any
 
+from bastion import atomic_files
 from bastion.facts.model import Entity
 from bastion.facts.store import SCHEMA_VERSION, FactStore, PolicyVersion, StoredFact
 from bastion.turns import Turns, collector_paused
@@ -255,26 +253,11 @@ def write(path: str, origin: SnapshotOrigin, groups: Iterable[PredicateRows]) ->
     written and hashed one by one, never joined (both release the GIL on a large part)."""
     parts = _parts(origin, groups)
     digest = hashlib.sha256()
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            for part in parts:
-                digest.update(part)
-                f.write(part)
-            f.write(digest.digest())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    dir_fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    with atomic_files.replacing(path) as f:
+        for part in parts:
+            digest.update(part)
+            f.write(part)
+        f.write(digest.digest())
     return sum(map(len, parts)) + _DIGEST
 
 

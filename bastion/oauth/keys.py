@@ -13,7 +13,6 @@ digests.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import secrets
@@ -22,6 +21,7 @@ from pathlib import Path
 
 from joserfc.jwk import ECKey, KeySet
 
+from bastion import atomic_files
 from bastion.oauth.store import OAuthStore
 
 ALGORITHM = "ES256"
@@ -63,10 +63,9 @@ class KeyRing:
         self.key_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         key = ECKey.generate_key("P-256")
         kid = key.thumbprint()
-        path = self._private_path(kid)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "wb") as out:
-            out.write(key.as_pem(private=True))
+        # On disk, whole, before its public half is published as the key that signs.
+        if not atomic_files.create(self._private_path(kid), key.as_pem(private=True)):
+            raise FileExistsError(f"{self._private_path(kid)} exists already")
         public = {**key.as_dict(private=False), "kid": kid, "use": "sig", "alg": ALGORITHM}
         self.store.add_signing_key(kid, json.dumps(public, sort_keys=True), self.clock())
         self._signer = None
@@ -125,17 +124,8 @@ def deployment_secret(key_dir: str | os.PathLike, name: str) -> bytes:
     directory.mkdir(parents=True, exist_ok=True, mode=0o700)
     path = directory / name
     if not path.exists():
-        # Made whole or not at all, whoever comes first: written to a file of its own, then
-        # linked in place (a link fails if another replica made it meanwhile; theirs is kept).
-        draft = directory / f".{name}.{secrets.token_hex(8)}"
-        fd = os.open(draft, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            with os.fdopen(fd, "w") as out:
-                out.write(secrets.token_hex(_SECRET_BYTES) + "\n")
-            with contextlib.suppress(FileExistsError):
-                os.link(draft, path)
-        finally:
-            draft.unlink()
+        # Made whole or not at all, whoever comes first (another replica's is kept).
+        atomic_files.create(path, (secrets.token_hex(_SECRET_BYTES) + "\n").encode())
     try:
         secret = bytes.fromhex(path.read_text().strip())
     except ValueError:
