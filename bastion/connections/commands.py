@@ -21,9 +21,15 @@ class CommandError(Exception):
     """A mistake the person running the command can fix; the message says how."""
 
 
-def _open(args: argparse.Namespace):
-    from bastion.connections.sealing import ConnectionKeysError
-    from bastion.connections.service import connections_from_config
+def _open(args: argparse.Namespace, keys_needed: bool = True):
+    """The deployment's connections. Without ``keys_needed`` (list, revoke), a key file gone
+    missing under stored connections is said, and the connections are worked on without it:
+    that is how an administrator gives them up (`ConnectionKeysMissing` says so)."""
+    from cryptography.fernet import Fernet
+
+    from bastion.connections.sealing import ConnectionKeysError, ConnectionKeysMissing, Sealer
+    from bastion.connections.service import Connections, connections_from_config
+    from bastion.connections.store import ConnectionStore
     from bastion.db import Database
     from bastion.gateway.config import GatewayConfig
     from bastion.oauth.settings import OAuthSettings, SettingsError
@@ -41,6 +47,18 @@ def _open(args: argparse.Namespace):
     db = Database(command_database(args, config), role="bastion-cli")
     try:
         return connections_from_config(db, per_user, oauth.key_dir, oauth.issuer)
+    except ConnectionKeysMissing as e:
+        if keys_needed:
+            db.close()
+            raise CommandError(str(e)) from None
+        print(
+            f"bastion connections: {e.path} is missing: the stored tokens cannot be opened, so a"
+            " connection revoked now is not revoked at the upstream",
+            file=sys.stderr,
+        )
+        # A key of this run only, never written: it opens nothing stored.
+        keys = Sealer([Fernet.generate_key()])
+        return Connections(ConnectionStore(db), keys, per_user, oauth.issuer)
     except ConnectionKeysError as e:
         db.close()
         raise CommandError(str(e)) from None
@@ -51,7 +69,7 @@ def _when(epoch: float) -> str:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    connections = _open(args)
+    connections = _open(args, keys_needed=False)
     try:
         found = connections.listed(args.user, args.upstream)
     finally:
@@ -68,7 +86,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_revoke(args: argparse.Namespace) -> int:
-    connections = _open(args)
+    connections = _open(args, keys_needed=False)
     try:
         done = anyio.run(connections.revoke, args.user, args.upstream)
     finally:

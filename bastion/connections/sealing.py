@@ -4,7 +4,8 @@ key is rotated by putting a new one first and re-sealing (`bastion connections r
 
 The keys come from ``BASTION_CONNECTION_KEYS`` (Fernet keys separated by commas or spaces) or,
 without it, from the file ``<oauth.key_dir>/connection-keys`` (one key a line, mode 0600),
-made with one fresh key on first use. What is sealed names its user and upstream, and is opened
+made with one fresh key on first use (never while the database holds connections sealed under
+the keys of a file now missing, nor over a file found empty or damaged). What is sealed names its user and upstream, and is opened
 only for them: a ciphertext moved to another row, altered, or sealed under a key no longer
 listed is refused (`Unsealable`), never used.
 """
@@ -14,7 +15,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -32,32 +33,73 @@ class Unsealable(Exception):
 
 
 class ConnectionKeysError(ValueError):
-    """The keys cannot be read: the message says which and why."""
+    """The keys cannot be read: the message says which and why, and what to do."""
 
 
-def load_keys(key_dir: str | os.PathLike, env: Mapping[str, str] | None = None) -> list[bytes]:
-    """The connection keys, newest (sealing) first: from the environment, else the key file."""
+class ConnectionKeysMissing(ConnectionKeysError):
+    """The key file is gone while the database holds connections sealed under its keys."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(
+            f"{path} is missing, and the database holds upstream connections sealed under the"
+            " keys it held (a new key would open none of them): restore it from a backup (every"
+            f" replica must hold the same keys), or give its keys in {ENV}; or give those"
+            " connections up: `bastion connections list` names them, `bastion connections revoke"
+            " <user> <upstream>` deletes each (their users connect again), and the next start"
+            " makes a new key"
+        )
+        self.path = path
+
+
+_RESTORE = (
+    "restore it from a backup (every replica must hold the same keys; a new key would open"
+    " none of the stored connections)"
+)
+
+
+def load_keys(
+    key_dir: str | os.PathLike,
+    env: Mapping[str, str] | None = None,
+    in_use: Callable[[], bool] = lambda: False,
+) -> list[bytes]:
+    """The connection keys, newest (sealing) first: from the environment, else the key file,
+    made with one new key if it does not exist, unless ``in_use()`` (the database holds sealed
+    connections): then `ConnectionKeysMissing`. A file that holds no key, or anything but keys
+    (cut short, damaged), is refused, never replaced."""
     env = os.environ if env is None else env
     text = env.get(ENV, "")
-    where = ENV
+    if text.strip():
+        return _parsed(text, ENV, "")
+    path = Path(key_dir) / KEY_FILE
+    if not path.exists():
+        if in_use():
+            raise ConnectionKeysMissing(path)
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        # Whole or not at all; another replica may make it first: theirs is read below.
+        atomic_files.create(path, Fernet.generate_key() + b"\n")
+    try:
+        text = path.read_text(encoding="ascii", errors="replace")
+    except OSError as e:
+        raise ConnectionKeysError(f"{path} cannot be read: {e.strerror}") from None
     if not text.strip():
-        path = Path(key_dir) / KEY_FILE
-        where = str(path)
-        if not path.exists():
-            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-            # Whole or not at all; another replica may make it first: theirs is read below.
-            atomic_files.create(path, Fernet.generate_key() + b"\n")
-        text = path.read_text()
+        raise ConnectionKeysError(
+            f"{path} holds no connection key (empty or damaged): {_RESTORE}; if no upstream"
+            " connection is stored, remove it and the next start makes a new key"
+        )
+    return _parsed(text, str(path), f": the file is damaged or cut short; {_RESTORE}")
+
+
+def _parsed(text: str, where: str, advice: str) -> list[bytes]:
     keys = [k.encode() for k in _SPLIT.split(text.strip()) if k]
     if not keys:
         raise ConnectionKeysError(f"{where} holds no connection key")
-    for key in keys:
+    for n, key in enumerate(keys, 1):
         try:
             Fernet(key)
         except ValueError:
             raise ConnectionKeysError(
-                f"{where}: each connection key must be a Fernet key (32 bytes, URL-safe"
-                " base64), as `bastion connections new-key` prints"
+                f"{where}: key {n} is not a Fernet key (32 bytes, URL-safe base64, as"
+                f" `bastion connections new-key` prints){advice}"
             ) from None
     return keys
 

@@ -393,4 +393,7 @@ def connections_from_config(
     and the upstreams configured with ``auth = "per_user"`` (name -> (URL, oauth table))."""
     from bastion.connections.sealing import load_keys
 
-    return Connections(ConnectionStore(db), Sealer(load_keys(key_dir)), upstreams, issuer)
+    store = ConnectionStore(db)
+    return Connections(
+        store, Sealer(load_keys(key_dir, in_use=store.holds_connections)), upstreams, issuer
+    )

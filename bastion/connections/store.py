@@ -77,6 +77,10 @@ class ConnectionStore:
         )
         return StoredConnection(*rows[0]) if rows else None
 
+    def holds_connections(self) -> bool:
+        """Whether any connection is stored (sealed under the connection keys)."""
+        return bool(self.db.execute("SELECT 1 FROM upstream_connections LIMIT 1"))
+
     def listed(self, subject: str | None = None, upstream: str | None = None, limit: int = 1000):
         where, params = [], []
         if subject is not None:

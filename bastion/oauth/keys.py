@@ -31,6 +31,11 @@ _SECRET_BYTES = 32
 _RELOAD_SECONDS = 60
 
 
+class SigningKeyError(ValueError):
+    """A signing key's private half cannot be read: the message names its file and what to do
+    (never the key)."""
+
+
 class KeyRing:
     """The issuer's signing keys: one current signer, plus retired keys still verifying."""
 
@@ -82,19 +87,45 @@ class KeyRing:
         self.store.forget_signing_keys_retired_before(cutoff)
 
     def signer(self) -> ECKey:
-        """The current signing key, creating the first one on first use."""
+        """The current signing key, creating the first one on first use. `SigningKeyError` if
+        its private half cannot be read."""
         if self._signer is not None and self._fresh(self._signer_at):
             return self._signer
+        key = self._current()
+        if key is None:
+            self.rotate()
+            return self.signer()
+        self._signer = key
+        self._signer_at = self.clock()
+        return key
+
+    def check(self) -> None:
+        """Read the current signing key's private half now, if there is one yet: a damaged file
+        stops the start, not every token issuance after it (`SigningKeyError`)."""
+        self._current()
+
+    def _current(self) -> ECKey | None:
         for kid, _public, _created, retired in self.store.signing_keys():
             if retired is None and self._private_path(kid).exists():
-                key = ECKey.import_key(
-                    self._private_path(kid).read_bytes(), {"kid": kid, "alg": ALGORITHM}
-                )
-                self._signer = key
-                self._signer_at = self.clock()
-                return key
-        self.rotate()
-        return self.signer()
+                return self._private_key(kid)
+        return None
+
+    def _private_key(self, kid: str) -> ECKey:
+        path = self._private_path(kid)
+        try:
+            key = ECKey.import_key(path.read_bytes(), {"kid": kid, "alg": ALGORITHM})
+            why = "" if key.is_private and key.thumbprint() == kid else "it holds another key"
+        except (OSError, ValueError) as e:
+            why = f"{type(e).__name__}: {str(e).split('. ')[0]}"
+        if why:
+            raise SigningKeyError(
+                f"{path}, the private key of the current signing key {kid}, cannot be used"
+                f" ({why}): the file is damaged, empty or cut short; restore it from a backup"
+                " (every replica shares key_dir), or start signing with a new key:"
+                " `bastion signing-keys rotate` (tokens signed before stay valid until they"
+                " expire, while the published key verifies them)"
+            )
+        return key
 
     def public_keys(self, refresh: bool = False) -> KeySet:
         """Every key a valid token may be signed with: public halves only."""

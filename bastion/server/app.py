@@ -242,6 +242,12 @@ def _oauth_server(config: ServerConfig, db: Database):
             f"bastion.toml has an [oauth] table but the authorization server is unavailable: {e}"
         ) from None
     server = AuthorizationServer(config.oauth, db, max_json_depth=config.max_json_depth)
+    from bastion.oauth.keys import SigningKeyError
+
+    try:
+        server.keys.check()
+    except SigningKeyError as e:
+        raise ConfigError(str(e)) from None
     if config.identity:
         from bastion.identity.oidc_login import compose
         from bastion.identity.providers import IdentityConfigError
