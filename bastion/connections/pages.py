@@ -195,12 +195,11 @@ class ConnectionPages:
             if person is None:
                 return self._sign_in(request)
             if not state or not code:
-                error = request.query_params.get("error", "no code")
                 if state:
                     # The person said no there, or the server refused: the flow is spent.
                     await run_in_threadpool(self.connections.store.take_flow, state)
                 return pages.message_page(
-                    "Not connected", f"The server did not authorize the connection ({error}).", 400
+                    "Not connected", _refusal(request.query_params.get("error"), code), 400
                 )
             connection = await self.connections.finish(person, state, code)
         except FlowRefused as e:
@@ -231,6 +230,30 @@ class ConnectionPages:
         except DatabaseUnavailable:
             return _unavailable()
         return _see_other(self.prefix)
+
+
+# The error codes of an authorization response (RFC 6749 §4.1.2.1, and RFC 8707 §2 for the
+# resource bastion names), each said in bastion's own words. Anyone can send a signed-in person
+# to the callback with any text: no text of the query is ever shown on bastion's page.
+AUTHORIZATION_ERRORS = {
+    "access_denied": "The authorization was declined there.",
+    "invalid_request": "The server found bastion's request invalid.",
+    "unauthorized_client": "The server does not let bastion's client ask this way.",
+    "unsupported_response_type": "The server does not offer bastion's client the code flow.",
+    "invalid_scope": "The server refused the scopes bastion asked for.",
+    "server_error": "The server failed to answer the request.",
+    "temporarily_unavailable": "The server cannot authorize now; try again later.",
+    "invalid_target": "The server refused the address bastion asked a token for.",
+}
+
+
+def _refusal(error: str | None, code: str) -> str:
+    """What to tell the person about an authorization response without a code (or state)."""
+    if error is not None:
+        return AUTHORIZATION_ERRORS.get(error, "The server answered with an unknown error.")
+    if not code:
+        return "The server sent no authorization code."
+    return "The server's answer names no connection (it has no state)."
 
 
 def _csrf_refused() -> Response:

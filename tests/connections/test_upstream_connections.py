@@ -602,6 +602,37 @@ def test_forms_without_their_csrf_token_and_unknown_states_change_nothing(lab, t
     assert lab.connections.listed("alice") == before
 
 
+@pytest.mark.parametrize(
+    ("error", "said"),
+    [
+        ("access_denied", "The authorization was declined there."),
+        ("temporarily_unavailable", "The server cannot authorize now; try again later."),
+        ("invalid_target", "The server refused the address bastion asked a token for."),
+        ("Your+account+is+locked.+Call+the+spoofer", "The server answered with an unknown error."),
+        ("<h1>Call+the+spoofer</h1>", "The server answered with an unknown error."),
+        ("", "The server sent no authorization code."),
+    ],
+)
+def test_the_callback_says_only_errors_oauth_defines_in_bastions_words(lab, error, said):
+    """Anyone can send a signed-in person to the callback with any ``error``: text bastion
+    shows must not be theirs (content spoofing under bastion's name). The codes of RFC 6749
+    §4.1.2.1 (and RFC 8707's invalid_target) get bastion's wording; anything else is an unknown
+    error; ``error_description`` is never shown."""
+    session = lab.one.state.oauth.store.create_session("alice", time.time(), 600)
+    query = f"error={error}&error_description=Call+the+spoofer+now" if error else ""
+    location = run(lab.connections.start, "alice", "tracker")
+    state = parse_qs(urlsplit(location).query)["state"][0]
+    with httpx.Client(cookies={"bastion_session": session}, timeout=10) as http:
+        answer = http.get(f"{lab.one_url}/connections/callback?state={state}&{query}")
+    assert answer.status_code == 400
+    assert said in answer.text
+    assert "spoofer" not in answer.text and "locked" not in answer.text.lower()
+    from bastion.connections.service import FlowRefused
+
+    with pytest.raises(FlowRefused):  # the flow is spent
+        run(lab.connections.finish, "alice", state, "any-code")
+
+
 def test_administrators_list_and_revoke_connections_with_the_cli(lab, tab, capsys):
     from bastion.cli import main
 
