@@ -15,11 +15,11 @@ import sys
 import time
 from collections.abc import Iterable, Iterator
 from datetime import datetime
-from typing import Any
+from typing import Any, TextIO
 
 import psycopg
 
-from bastion import untrusted_json
+from bastion import atomic_files, untrusted_json
 from bastion.cli import whole_number
 from bastion.db import DatabaseUnavailable
 from bastion.facts.model import FactError, format_fact
@@ -407,33 +407,38 @@ def cmd_facts_import(args: argparse.Namespace) -> int:
 
 
 def cmd_facts_export(args: argparse.Namespace) -> int:
-    # The facts may say who may do what: the file is its owner's only (0600), as the store is.
-    out = (
-        sys.stdout
-        if args.file == "-"
-        else os.fdopen(os.open(args.file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w")
-    )
-    progress = Progress("exported")
+    if args.file == "-":
+        _export(args, sys.stdout)
+        return 0
+    # Whole or not at all: an export that fails leaves FILE as it was (a file cut at a line
+    # boundary would import "successfully" with facts missing). The facts may say who may do
+    # what: the file is its owner's only (0600), as the store is.
     try:
-        client = _remote(args)
-        if client is not None:
-            with client:
-                for f in client.facts.export():
-                    out.write(json.dumps(f.to_json(), separators=(",", ":")) + "\n")
-                    progress.add(1)
-        else:
-            store = _local_store(args)
-            try:
-                for f in store.iter_all():
-                    out.write(json.dumps(f.to_json(), separators=(",", ":")) + "\n")
-                    progress.add(1)
-            finally:
-                store.close()
-    finally:
-        if out is not sys.stdout:
-            out.close()
-    progress.finish()
+        with atomic_files.replacing(args.file, text=True) as out:
+            _export(args, out)
+    except BaseException:
+        print(f"bastion: the export failed; {args.file} was left as it was", file=sys.stderr)
+        raise
     return 0
+
+
+def _export(args: argparse.Namespace, out: TextIO) -> None:
+    progress = Progress("exported")
+    client = _remote(args)
+    if client is not None:
+        with client:
+            for f in client.facts.export():
+                out.write(json.dumps(f.to_json(), separators=(",", ":")) + "\n")
+                progress.add(1)
+    else:
+        store = _local_store(args)
+        try:
+            for f in store.iter_all():
+                out.write(json.dumps(f.to_json(), separators=(",", ":")) + "\n")
+                progress.add(1)
+        finally:
+            store.close()
+    progress.finish()
 
 
 def cmd_facts_snapshot(args: argparse.Namespace) -> int:
@@ -542,10 +547,14 @@ def _guard(func):
     """Turn the errors a person can fix into one line on stderr and exit status 2."""
 
     def run(args: argparse.Namespace) -> int:
+        import httpx
+
         from bastion.client import RemoteError
 
         try:
             return func(args)
+        except httpx.TransportError as e:
+            return _fail(f"the server cannot be reached, or its answer broke off: {e}")
         except (ConfigError, FactError, OSError, LookupError, DatabaseUnavailable) as e:
             return _fail(str(e))
         except RemoteError as e:
