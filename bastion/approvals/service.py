@@ -182,26 +182,28 @@ class Approvals:
         2026-07-28 ``requestState``); it must name this very call."""
         binding = self.binding(call)
         if request_id is not None:
-            request = self.store.get(request_id)
+            request = self._settled(self.store.get(request_id))
             if request is None or request.kind != call.kind or request.binding != binding:
                 return Outcome("refused", request, "approval_mismatch")
         else:
-            request = self.store.latest(call.kind, binding)
+            request = self._settled(self.store.latest(call.kind, binding))
         if request is None:
             return Outcome("hold")
         now = self.clock()
         prefix = "approval" if call.kind == "approval" else "review"
         if request.status in _LIVE and request.expires_at <= now:
-            self.store.resolve(request.id, "expired", from_status=request.status)
-            self._event(request, f"{prefix}.expired")
+            with self.store.db.transaction():
+                self.store.resolve(request.id, "expired", from_status=request.status)
+                self._event(request, f"{prefix}.expired")
             return Outcome("refused", request, f"{prefix}_expired")
         if request.status == OPEN:
             return Outcome("pending", request)
         if request.status == "approved":
             if request.policy_version != (self.policy_version() or 0):
                 # Approved under other rules: what the person saw is no longer what decides.
-                self.store.resolve(request.id, "void", from_status="approved")
-                self._event(request, "approval.void", reason="policy version changed")
+                with self.store.db.transaction():
+                    self.store.resolve(request.id, "void", from_status="approved")
+                    self._event(request, "approval.void", reason="policy version changed")
                 return Outcome("refused", request, "approval_mismatch")
             return Outcome("approved", request)
         if request.status == "released":
@@ -262,10 +264,11 @@ class Approvals:
         """Spend an approval (or deliver a released result) for the call ``decision_id``; False
         if it was spent already (two retries at once: one goes through)."""
         from_status = "approved" if request.kind == "approval" else "released"
-        used = self.store.use(request.id, decision_id, from_status=from_status)
-        if used:
-            kind = "approval.used" if request.kind == "approval" else "review.delivered"
-            self._event(request, kind, decision_id=decision_id)
+        with self.store.db.transaction():
+            used = self.store.use(request.id, decision_id, from_status=from_status)
+            if used:
+                kind = "approval.used" if request.kind == "approval" else "review.delivered"
+                self._event(request, kind, decision_id=decision_id)
         return used
 
     def held_result(self, request: ApprovalRequest) -> Any:
@@ -410,7 +413,7 @@ class Approvals:
         problem = answer_problem(reason, withheld_fields)
         if problem is not None:
             raise NotAllowed(problem)
-        request = self.store.get(request_id)
+        request = self._settled(self.store.get(request_id))
         if request is None:
             raise UnknownRequest(request_id)
         why = self.may_answer(request, person)
@@ -433,50 +436,73 @@ class Approvals:
                 )
             self._check_grant(request)
         now = self.clock()
-        try:
-            self.store.answer(request.id, Answer(person, answer, minutes, channel, reason, now))
-        except ValueError as e:
-            raise NotAllowed(str(e)) from None
         kind = request.kind
-        verb = {"approve": "approved", "deny": "denied"}[answer]
-        if kind == "review":
-            verb = {"approve": "released", "deny": "withheld"}[answer]
-        self._event(
-            request,
-            f"{kind}.answer",
-            approver=person,
-            answer=verb,
-            channel=channel,
-            reason=reason,
-            minutes=minutes,
-            withheld_fields=list(withheld_fields),
-            **({"via": via} if via else {}),
-        )
-        request = self.store.get(request.id)
-        assert request is not None
-        if answer == "deny":
-            self.store.resolve(request.id, verb, from_status=OPEN)
-        elif len(request.approvals) >= request.required:
-            if not self.store.resolve(
-                request.id, verb, from_status=OPEN, withheld_fields=withheld_fields
-            ):
+        verb = _verbs(kind)[answer]
+        # One transaction: the answer, the request's resolution, a grant for a time and their
+        # audit events are written whole or not at all (a process killed between the answer
+        # and the resolution left a denial that decided nothing). The request is read again
+        # under its lock, so that its answers are taken one at a time, whichever process takes
+        # them: two approvals at once each see the other's.
+        with self.store.db.transaction():
+            request = self.store.locked(request.id)
+            assert request is not None
+            if request.status != OPEN or _denied(request):
                 raise NotAllowed("this request was answered meanwhile")
-            window = min(a.minutes for a in request.approvals)
-            if kind == "approval" and window > 0:
-                self._grant(request, window)
-        request = self.store.get(request.id)
-        assert request is not None
-        if request.status != OPEN:
-            self._event(request, f"{kind}.{request.status}")
+            try:
+                self.store.answer(request.id, Answer(person, answer, minutes, channel, reason, now))
+            except ValueError as e:
+                raise NotAllowed(str(e)) from None
+            self._event(
+                request,
+                f"{kind}.answer",
+                approver=person,
+                answer=verb,
+                channel=channel,
+                reason=reason,
+                minutes=minutes,
+                withheld_fields=list(withheld_fields),
+                **({"via": via} if via else {}),
+            )
+            request = self.store.get(request.id)
+            assert request is not None
+            if answer == "deny":
+                self.store.resolve(request.id, verb, from_status=OPEN)
+            elif len(request.approvals) >= request.required:
+                self.store.resolve(
+                    request.id, verb, from_status=OPEN, withheld_fields=withheld_fields
+                )
+                window = min(a.minutes for a in request.approvals)
+                if kind == "approval" and window > 0:
+                    self._grant(request, window)
+            request = self.store.get(request.id)
+            assert request is not None
+            if request.status != OPEN:
+                self._event(request, f"{kind}.{request.status}")
         return request
 
+    def _settled(self, request: ApprovalRequest | None) -> ApprovalRequest | None:
+        """``request``, resolved as denied (withheld, for a review) if it is pending with a
+        denial stored: what a version that wrote a denial and the resolution apart left when
+        it was stopped between the two. One denial decides, so it is settled as it would have
+        been, with its audit event, wherever such a request is read."""
+        if request is None or request.status != OPEN or not _denied(request):
+            return request
+        status = _verbs(request.kind)["deny"]
+        with self.store.db.transaction():
+            if self.store.resolve(request.id, status, from_status=OPEN):
+                self._event(request, f"{request.kind}.{status}", reason="a denial was stored")
+            settled = self.store.get(request.id)
+        return settled
+
     def get(self, request_id: str) -> ApprovalRequest | None:
-        return self.store.get(request_id)
+        return self._settled(self.store.get(request_id))
 
     def listed(
         self, *, status: str | None = None, approver: str | None = None, limit: int = 100
     ) -> list[ApprovalRequest]:
-        return self.store.listed(status=status, approver=approver, limit=limit)
+        found = self.store.listed(status=status, approver=approver, limit=limit)
+        settled = [self._settled(r) for r in found]
+        return [r for r in settled if r is not None and status in (None, r.status)]
 
     # -- time-bounded grants -------------------------------------------------------------------
 
@@ -528,6 +554,18 @@ class Approvals:
             decision_id=detail.pop("decision_id", request.decision_id),
             **detail,
         )
+
+
+def _verbs(kind: str) -> dict[str, str]:
+    """What an answer makes of a request of ``kind``: its status, and its audit events' word."""
+    if kind == "review":
+        return {"approve": "released", "deny": "withheld"}
+    return {"approve": "approved", "deny": "denied"}
+
+
+def _denied(request: ApprovalRequest) -> bool:
+    """Whether anyone denied ``request``: one denial decides it."""
+    return any(a.answer == "deny" for a in request.answers)
 
 
 def _call_context(request: ApprovalRequest, now: float) -> dict[str, Any]:

@@ -303,6 +303,16 @@ class ApprovalStore:
         )
         return self._request(rows[0]) if rows else None
 
+    def locked(self, request_id: str) -> ApprovalRequest | None:
+        """Inside a transaction: the request, read under a lock on it held to the end of the
+        transaction, so that every process takes its answers one at a time (PostgreSQL: the
+        row, ``FOR UPDATE``; SQLite's writers take turns already)."""
+        lock = " FOR UPDATE" if self.db.is_postgres else ""
+        rows = self.db.execute(
+            f"SELECT {_COLUMNS} FROM approval_requests WHERE id = ?{lock}", (request_id,)
+        )
+        return self._request(rows[0]) if rows else None
+
     def latest(self, kind: str, binding: str) -> ApprovalRequest | None:
         """The newest request of this kind for the call ``binding`` names, in whatever state."""
         rows = self.db.execute(

@@ -4,13 +4,14 @@ the exact call, used once, expire, and a time-bounded approval is an expiring fa
 from __future__ import annotations
 
 import dataclasses
+import threading
 
 import pytest
 
 from bastion import Authorizer, Entity
 from bastion.approvals.service import MAX_REQUIRED, Approvals, Call, NotAllowed
 from bastion.approvals.settings import ApprovalSettings
-from bastion.approvals.store import ApprovalStore
+from bastion.approvals.store import Answer, ApprovalStore
 from bastion.audit.log import AuditLog
 from bastion.db import Database
 from bastion.decide.contract import decide_chain
@@ -37,6 +38,10 @@ approvals_required(_user: User, "call", Tool{"crm/huge"}, 3000000000);
 requires_approval(_user: User, "call", Tool{"crm/refund"});
 approver(admin: User, _user: User, "call", Tool{"crm/refund"}) if admin in [User{"avery"}, User{"sam"}];
 self_approval_forbidden(_user: User, "call", Tool{"crm/refund"});
+# Two approvers, either of whom decides alone.
+requires_approval(_user: User, "call", Tool{"crm/pay"});
+approver(boss: User, user: User, "call", Tool{"crm/pay"}) if manager(user, boss);
+approver(User{"cfo"}, _user: User, "call", Tool{"crm/pay"});
 """
 )
 
@@ -48,6 +53,7 @@ send, delete, wire = (
     Entity("Tool", "crm/wire"),
 )
 refund = Entity("Tool", "crm/refund")
+pay = Entity("Tool", "crm/pay")
 
 
 class Clock:
@@ -58,11 +64,8 @@ class Clock:
         return self.now
 
 
-@pytest.fixture
-def world(database_url):
-    clock = Clock()
-    db = Database(database_url)
-    facts = FactStore(db)
+def approvals_on(db: Database, clock: Clock) -> tuple[Approvals, Authorizer]:
+    """The approvals of one process on ``db``, with the policy and its facts loaded."""
     authz = Authorizer(POLICY)
     base = [
         ("has_role", sam, "caller", send),
@@ -73,7 +76,7 @@ def world(database_url):
     authz.facts.apply(base, [])
     approvals = Approvals(
         ApprovalStore(db, b"k" * 32, clock),
-        facts,
+        FactStore(db),
         lambda: authz,
         lambda: 1,
         ApprovalSettings(),
@@ -82,7 +85,15 @@ def world(database_url):
         AuditLog(db, clock),
         clock,
     )
-    yield approvals, authz, facts, clock
+    return approvals, authz
+
+
+@pytest.fixture
+def world(database_url):
+    clock = Clock()
+    db = Database(database_url)
+    approvals, authz = approvals_on(db, clock)
+    yield approvals, authz, approvals.facts, clock
     db.close()
 
 
@@ -171,6 +182,70 @@ def test_a_denial_stands_until_the_request_would_have_expired(world):
     assert approvals.check(call(send)).state == "hold"
 
 
+class Killed(BaseException):  # noqa: N818 - stands for SIGKILL, not an error
+    """The process killed at this point: no handler of bastion's runs (it is no `Exception`),
+    and what its open transaction wrote is gone with its connection."""
+
+
+def killed(*args, **kwargs):
+    raise Killed
+
+
+@pytest.mark.parametrize(
+    ("step", "tool", "answer", "minutes"),
+    [
+        ("resolve", pay, "deny", 0),  # the denial written, the request still pending
+        ("grant", send, "approve", 15),  # approved, its grant for 15 minutes not yet written
+    ],
+)
+def test_an_answer_killed_part_way_leaves_nothing_of_it(
+    world, monkeypatch, step, tool, answer, minutes
+):
+    """An answer (its row, the resolution, a time-window grant, the audit events) is written
+    whole or not at all. Killed between the answer's row and the request's resolution, it left
+    a pending request whose denier could not deny again ("already answered") and that another
+    approver's approval then approved: one denial no longer decided."""
+    approvals, _, facts, _ = world
+    request = held(approvals, call(tool))
+    target = (approvals.store, "resolve") if step == "resolve" else (facts, "apply")
+    monkeypatch.setattr(*target, killed)
+    with pytest.raises(Killed):
+        approvals.answer(request.id, "avery", answer, minutes=minutes, channel="api")
+    monkeypatch.undo()
+    after = approvals.get(request.id)
+    assert (after.status, after.answers) == ("pending", ())
+    assert approvals.audit.events(kind_prefix="approval.answer") == []
+    assert list(facts.get(("approval_grant", None, None, None, None))) == []
+    # The answer is given again, and counts as it would have.
+    done = approvals.answer(request.id, "avery", answer, minutes=minutes, channel="api")
+    assert done.status == ("denied" if answer == "deny" else "approved")
+
+
+def test_a_pending_request_with_a_stored_denial_is_denied_and_cannot_be_approved(world):
+    """What an earlier version left when killed between a denial and the request's resolution:
+    the denial is stored, the request pending. One denial decides: it reads as denied, is
+    settled as denied (with its audit event) where it is answered or checked, and another
+    approver's approval is refused."""
+    approvals, *_ = world
+    for first in ("answer", "check", "list"):
+        c = call(pay, {"to": f"{first}@example.com"})
+        request = held(approvals, c)
+        approvals.store.answer(
+            request.id, Answer("avery", "deny", 0, "api", "no", approvals.clock())
+        )
+        if first == "answer":
+            with pytest.raises(NotAllowed, match="denied"):
+                approvals.answer(request.id, "cfo", "approve", channel="api")
+        elif first == "list":
+            assert request.id not in {r.id for r in approvals.listed(status="pending")}
+        assert approvals.check(c).reason == "approval_denied"
+        settled = approvals.get(request.id)
+        assert settled.status == "denied" and not settled.approvals
+        assert [e.kind for e in approvals.audit.events(request_id=request.id)].count(
+            "approval.denied"
+        ) == 1
+
+
 def test_an_unanswered_request_expires_and_cannot_be_answered_after(world):
     approvals, _, _, clock = world
     request = held(approvals, call(send))
@@ -197,6 +272,42 @@ def test_two_distinct_approvers_when_the_policy_requires_two(world):
     with pytest.raises(NotAllowed, match="already answered"):
         approvals.answer(request.id, "avery", "approve", channel="api")
     assert approvals.answer(request.id, "cfo", "approve", channel="api").status == "approved"
+
+
+def test_two_approvals_given_at_once_on_two_replicas_approve_a_request_needing_two(
+    postgres_url,
+):
+    """Each answer is one transaction: two replicas taking the two approvals a request needs at
+    the same moment must not each miss the other's and leave it pending with both given."""
+    clock = Clock()
+    dbs = [Database(postgres_url) for _ in range(2)]
+    try:
+        replicas = [approvals_on(db, clock)[0] for db in dbs]
+        for round_ in range(20):
+            request = held(replicas[0], call(wire, {"to": f"{round_}@example.com"}))
+            start = threading.Barrier(2)
+            failed: list[BaseException] = []
+
+            def approve(replica, person, request_id=request.id, start=start, failed=failed):
+                start.wait()
+                try:
+                    replica.answer(request_id, person, "approve", channel="api")
+                except BaseException as e:  # told below, with the round
+                    failed.append(e)
+
+            threads = [
+                threading.Thread(target=approve, args=(replica, person))
+                for replica, person in zip(replicas, ("avery", "cfo"), strict=True)
+            ]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+            done = replicas[1].get(request.id)
+            assert (done.status, len(done.approvals), failed) == ("approved", 2, []), round_
+    finally:
+        for db in dbs:
+            db.close()
 
 
 def test_an_approval_for_minutes_is_an_expiring_fact_the_contract_sees(world):
