@@ -351,8 +351,10 @@ class Outbox:
 
     def enqueue(self, subject_id: str, body: Callable[[str], dict]) -> None:
         """Queue a notification about ``subject_id`` for every webhook (one outbox row each;
-        ``body(delivery_id)`` is its JSON body) and wake the sender. Does no HTTP; its only I/O
-        is that insert."""
+        ``body(delivery_id)`` is its JSON body) and wake the sender once they are committed.
+        Inside a transaction on this outbox's `Database`, the rows are part of it: written with
+        what they tell of (an approval request, an alert), or not at all. Does no HTTP; its only
+        I/O is that insert."""
         if not self._hooks:
             return
         now = self.clock()
@@ -368,7 +370,7 @@ class Outbox:
                 " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 rows,
             )
-        self._poke()
+            self.db.after_commit(self._poke)
 
     def expires_at(self, delivery: Delivery) -> float | None:
         """When what ``delivery`` tells of can no longer be answered (the body's

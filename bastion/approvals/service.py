@@ -152,7 +152,8 @@ class Approvals:
         self._keyed = hmac.new(binding_key, digestmod=hashlib.sha256)
         self.audit = audit
         self.clock = clock
-        # Told of each new request (webhooks), in the thread that made it.
+        # Told of each new request (webhooks), inside the transaction that makes it: what they
+        # write on the approvals' database goes with the request, and one that fails undoes it.
         self.on_new_request: list[Callable[[ApprovalRequest], None]] = []
         # Sends them to the configured webhooks; started and closed with the server.
         self.webhooks: WebhookNotifier | None = None
@@ -228,36 +229,40 @@ class Approvals:
         context: dict[str, Any],
         result: Any = None,
     ) -> ApprovalRequest:
-        """The pending request for this call, made (and announced) if there is none."""
+        """The pending request for this call, made (and announced) if there is none.
+
+        The request, its audit event and its announcement (`on_new_request`: the webhooks'
+        outbox rows) are one transaction: a process killed in between leaves no request that
+        nothing will announce (the agent's retry finds a request pending, and makes none). An
+        announcement that cannot be queued raises, and nothing is kept: the gateway refuses the
+        call (``approval_unavailable``), and holds it again when it comes back."""
         terms = self.terms(call.subject, call.action, call.resource, context)
-        request, made = self.store.create(
-            kind=call.kind,
-            binding=self.binding(call),
-            subject=call.subject,
-            client_id=call.client_id,
-            server=call.server,
-            method=call.method,
-            action=call.action,
-            target=repr(call.resource),
-            arguments_digest=call.arguments_digest,
-            arguments=call.arguments,
-            policy_version=self.policy_version() or 0,
-            decision_id=decision_id,
-            rules=rules,
-            approvers=terms.approvers,
-            required=terms.required,
-            self_forbidden=terms.self_forbidden,
-            window_minutes=terms.window_minutes,
-            seconds=terms.seconds,
-            result=result,
-        )
-        if made:
-            self._event(request, f"{call.kind}.requested", decision_id=decision_id)
-            for hook in self.on_new_request:
-                try:
+        with self.store.db.transaction():
+            request, made = self.store.create(
+                kind=call.kind,
+                binding=self.binding(call),
+                subject=call.subject,
+                client_id=call.client_id,
+                server=call.server,
+                method=call.method,
+                action=call.action,
+                target=repr(call.resource),
+                arguments_digest=call.arguments_digest,
+                arguments=call.arguments,
+                policy_version=self.policy_version() or 0,
+                decision_id=decision_id,
+                rules=rules,
+                approvers=terms.approvers,
+                required=terms.required,
+                self_forbidden=terms.self_forbidden,
+                window_minutes=terms.window_minutes,
+                seconds=terms.seconds,
+                result=result,
+            )
+            if made:
+                self._event(request, f"{call.kind}.requested", decision_id=decision_id)
+                for hook in self.on_new_request:
                     hook(request)
-                except Exception:  # a notifier's failure must not lose the request
-                    log.exception("approval %s: a notifier failed", request.id)
         return request
 
     def use(self, request: ApprovalRequest, decision_id: str) -> bool:

@@ -62,7 +62,8 @@ def payload(request: ApprovalRequest, url: str, delivery_id: str) -> dict:
 class WebhookNotifier(Outbox):
     """Sends each new approval request to the configured webhooks, in the background.
 
-    ``notify`` (a hook of `Approvals.on_new_request`) may be called from any thread.
+    ``notify`` (a hook of `Approvals.on_new_request`) may be called from any thread; on the
+    approvals' own `Database`, its rows join the transaction that makes the request.
     ``url_of(request_id)`` is the request's page.
     """
 

@@ -392,8 +392,9 @@ class Alerts:
     """Raising, escalating and acknowledging alerts.
 
     ``notify(alert, stage, recipients)`` tells people (stage "raised" or "escalated"); it is
-    called in the thread that raised the alert, after the alert is stored, and must not wait on
-    a receiver (the webhook outbox only inserts rows)."""
+    called in the transaction that stores the new alert or its escalation, so that what it
+    writes on the alerts' database (the webhook outbox's rows) is written with it or not at all,
+    and one that fails undoes it. It must not wait on a receiver (the outbox only inserts)."""
 
     def __init__(
         self,
@@ -571,6 +572,9 @@ class Alerts:
         now = self.clock()
         db = self.store.db
         keep = self.settings.max_decisions
+        # Opened before the transaction: the tables it makes on first use would go with a
+        # raising that fails, and the store, kept, would then read tables that are not there.
+        facts = self._facts
         with db.transaction():
             rows = db.execute(
                 f"SELECT {_COLUMNS} FROM alerts WHERE name = ? AND principal = ? AND last_at >= ?"
@@ -591,7 +595,7 @@ class Alerts:
                 )
                 self._remember(name, who, alert.id, now)
                 return self.store.get(alert.id)
-            owner = self._owner(whole)
+            owner = self._owner(facts, whole)
             recipients = (owner,) if owner else self.settings.fallback_recipients
             alert = Alert(
                 typed_id(12),  # shown and typed: never read as an option
@@ -632,9 +636,11 @@ class Alerts:
                     "",
                 ),
             )
+            # In the same transaction: a process killed after the alert and before its
+            # notification left an alert that nobody would be told of, its raisings counted.
+            self._tell(alert, "raised", recipients)
         self._remember(name, who, alert.id, now)
         log.warning("alert %s %r (%s) for %s raised", alert.id, name, severity, who)
-        self._tell(alert, "raised", recipients)
         return alert
 
     def refusal_burst(
@@ -699,22 +705,29 @@ class Alerts:
     # -- escalation ------------------------------------------------------------------------------
 
     def escalate_due(self) -> list[Alert]:
-        """Tell the owner's manager of every open alert past its escalation time. Does I/O."""
+        """Tell the owner's manager of every open alert past its escalation time. Does I/O.
+        An escalation and its notification are one transaction: one that cannot be told is
+        not recorded either, and is tried again at the next round (logged)."""
         done = []
-        for alert in self.store.due(self.clock()):
-            managers = self._managers(alert.owner) if alert.owner else ()
+        db = self.store.db
+        for due in self.store.due(self.clock()):
+            managers = self._managers(due.owner) if due.owner else ()
             to = managers or self.settings.fallback_recipients
-            now = self.clock()
-            changed = self.store.db.execute(
-                "UPDATE alerts SET escalate_at = NULL, escalated_at = ?, escalated_to = ?"
-                " WHERE id = ? AND state = ? AND escalate_at IS NOT NULL RETURNING id",
-                (now, json.dumps(to), alert.id, OPEN),
-            )
-            if not changed:
-                continue  # acknowledged meanwhile, or another replica escalated it
-            alert = self.store.get(alert.id)
+            try:
+                with db.transaction():
+                    changed = db.execute(
+                        "UPDATE alerts SET escalate_at = NULL, escalated_at = ?, escalated_to = ?"
+                        " WHERE id = ? AND state = ? AND escalate_at IS NOT NULL RETURNING id",
+                        (self.clock(), json.dumps(to), due.id, OPEN),
+                    )
+                    if not changed:
+                        continue  # acknowledged meanwhile, or another replica escalated it
+                    alert = self.store.get(due.id)
+                    self._tell(alert, "escalated", to)
+            except Exception:
+                log.exception("alert %s: its escalation could not be told; tried again", due.id)
+                continue
             log.warning("alert %s %r escalated to %s", alert.id, alert.name, ", ".join(to))
-            self._tell(alert, "escalated", to)
             done.append(alert)
         return done
 
@@ -763,11 +776,11 @@ class Alerts:
             self._fact_store = FactStore(self.store.db)
         return self._fact_store
 
-    def _owner(self, principal: str) -> str:
+    def _owner(self, facts: FactStore, principal: str) -> str:
         """The agent's owner, ``has_relation(Agent{...}, "owner", User{...})`` as stored
         (`bastion.agents.identity.owner_of`: one path for every reader), or ""."""
         try:
-            owner = owner_of(self._facts, Entity.parse(principal))
+            owner = owner_of(facts, Entity.parse(principal))
         except Exception:
             log.exception("alerts: the owner of %s could not be read", principal)
             return ""
@@ -782,13 +795,9 @@ class Alerts:
         return tuple(sorted(repr(f.fact[2]) for f in rows if isinstance(f.fact[2], Entity)))
 
     def _tell(self, alert: Alert, stage: str, recipients: tuple[str, ...]) -> None:
-        if self.notify is None:
-            return
-        try:
+        """Inside the transaction that stores what is told of: a failure undoes it."""
+        if self.notify is not None:
             self.notify(alert, stage, recipients)
-        except Exception:
-            # The alert is stored: an outbox that cannot be written does not lose it.
-            log.exception("alert %s: the notification could not be queued", alert.id)
 
 
 def alerts_from_config(

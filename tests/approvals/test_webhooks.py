@@ -474,6 +474,41 @@ def test_a_notifier_that_cannot_reach_anyone_never_holds_up_or_loses_the_request
     approvals.store.db.close()
 
 
+def test_a_request_whose_announcement_cannot_be_queued_is_not_made_either(
+    database_url, receivers, monkeypatch
+):
+    """The request, its audit event and its outbox rows are one transaction. A process killed
+    between the request and its outbox rows (here: the rows cannot be written) left a request
+    nothing would ever announce: the agent's retry finds it pending, and only a new request is
+    announced. Now the call is refused (the gateway's approval_unavailable) with nothing kept,
+    and held again, announced, when it comes back."""
+    url = receivers(Receiver())
+    approvals = approvals_on(database_url, settings(url))
+    notifier = approvals.webhooks
+
+    def unwritable(subject_id, body):
+        raise DatabaseUnavailable("the outbox cannot be written")
+
+    monkeypatch.setattr(notifier, "enqueue", unwritable)
+    with pytest.raises(DatabaseUnavailable):
+        approvals.hold(the_call(), "d1", (), {})
+    assert approvals.check(the_call()).state == "hold"
+    assert approvals.listed() == []
+    assert approvals.audit.events(kind_prefix="approval.") == []
+    monkeypatch.undo()
+
+    async def scenario():
+        await notifier.start()
+        try:
+            request = await hold(approvals)
+            await eventually(lambda: state(notifier, request.id) == {url: DELIVERED}, "delivered")
+        finally:
+            await notifier.close()
+
+    anyio.run(scenario)
+    approvals.store.db.close()
+
+
 def test_a_restart_resumes_an_unfinished_delivery(database_url, receivers):
     receiver = Receiver(answers=[503])
     url = receivers(receiver)

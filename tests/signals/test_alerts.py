@@ -734,6 +734,40 @@ def test_raisings_counted_in_memory_are_written_as_each_raising_written_would_be
         assert len(told) == 3
 
 
+@pytest.mark.parametrize("stage", ["raised", "escalated"])
+def test_an_alert_and_its_notification_are_written_together_or_not_at_all(database_url, stage):
+    """A new alert, or its escalation, and the notification of it (the webhooks' outbox rows)
+    are one transaction. A process killed between them (here: the notification cannot be
+    queued) left an alert nobody would ever be told of: raised again, it is the same alert and
+    tells nobody; escalated, it is never escalated again. Now nothing of it is kept, and the next
+    raising, or the next round of escalation, tells."""
+    from bastion.db import DatabaseUnavailable
+
+    def unwritable(alert, stage, to):
+        raise DatabaseUnavailable("the outbox cannot be written")
+
+    now, told = [1000.0], []
+    with alerts_on(database_url, now, told, escalate_after_seconds=300) as alerts:
+        agent, telling = Entity("Agent", "c1"), alerts.notify
+        if stage == "raised":
+            alerts.notify = unwritable
+            with pytest.raises(DatabaseUnavailable):
+                alerts.raise_alert("spike", "high", agent, "d0")
+            assert alerts.store.list() == []
+            alerts.notify = telling
+            alert = alerts.raise_alert("spike", "high", agent, "d1")
+        else:
+            alert = alerts.raise_alert("spike", "high", agent, "d0")
+            now[0] += 301
+            alerts.notify = unwritable
+            assert alerts.escalate_due() == []
+            kept = alerts.store.get(alert.id)
+            assert (kept.escalated_at, kept.escalate_at) == (None, alert.escalate_at)
+            alerts.notify = telling
+            assert [a.id for a in alerts.escalate_due()] == [alert.id]
+        assert told[-1] == (alert.id, stage)
+
+
 def test_raisings_that_could_not_be_written_are_written_the_next_time(database_url):
     from bastion.db import Database
 
