@@ -483,9 +483,12 @@ class Alerts:
         gone = set()
         try:
             with db.transaction():
-                for alert_id, repeats in taken.items():
+                # Each row read under its lock (as `raise_alert` reads it), taken in one order
+                # by every replica: neither writes over what the other added since it read.
+                for alert_id, repeats in sorted(taken.items()):
                     rows = db.execute(
-                        "SELECT decision_ids, severity, last_at FROM alerts WHERE id = ?",
+                        "SELECT decision_ids, severity, last_at FROM alerts WHERE id = ?"
+                        + (" FOR UPDATE" if db.is_postgres else ""),
                         (alert_id,),
                     )
                     if not rows:
@@ -576,9 +579,18 @@ class Alerts:
         # raising that fails, and the store, kept, would then read tables that are not there.
         facts = self._facts
         with db.transaction():
+            if db.is_postgres:
+                # Raisings of one (name, principal) read and write one at a time, whichever
+                # replica raises: the second waits for the first's alert and counts into it; the
+                # row is read under its lock, as `write_repeats` reads it. (SQLite's writers take
+                # turns already.)
+                db.execute(
+                    "SELECT pg_advisory_xact_lock(hashtext(?))",
+                    (json.dumps(["alert", name, who]),),
+                )
             rows = db.execute(
                 f"SELECT {_COLUMNS} FROM alerts WHERE name = ? AND principal = ? AND last_at >= ?"
-                " ORDER BY last_at DESC LIMIT 1",
+                " ORDER BY last_at DESC LIMIT 1" + (" FOR UPDATE" if db.is_postgres else ""),
                 (name, who, now - self.settings.cooldown_seconds),
             )
             if rows:
@@ -748,18 +760,18 @@ class Alerts:
             raise AlertError(f"channel must be one of {', '.join(CHANNELS)}, not {channel!r}")
         if not by:
             raise AlertError("an acknowledgement must say who acknowledges")
-        with self.store.db.transaction():
-            alert = self.store.get(alert_id)
-            if alert.state == ACKNOWLEDGED:
-                raise AlertError(
-                    f"alert {alert_id} was acknowledged already, by {alert.acknowledged_by}"
-                )
-            self.store.db.execute(
-                "UPDATE alerts SET state = ?, escalate_at = NULL, acknowledged_by = ?,"
-                " acknowledged_at = ?, acknowledged_channel = ? WHERE id = ?",
-                (ACKNOWLEDGED, by, self.clock(), channel, alert_id),
-            )
-            return self.store.get(alert_id)
+        # One statement, conditional: of two acknowledgements at once (two replicas), one is
+        # recorded and the other told who made it, never the second written over the first.
+        rows = self.store.db.execute(
+            "UPDATE alerts SET state = ?, escalate_at = NULL, acknowledged_by = ?,"
+            " acknowledged_at = ?, acknowledged_channel = ? WHERE id = ? AND state <> ?"
+            f" RETURNING {_COLUMNS}",
+            (ACKNOWLEDGED, by, self.clock(), channel, alert_id, ACKNOWLEDGED),
+        )
+        if rows:
+            return _alert(rows[0])
+        alert = self.store.get(alert_id)  # AlertNotFound if there is none
+        raise AlertError(f"alert {alert_id} was acknowledged already, by {alert.acknowledged_by}")
 
     def may_acknowledge(self, alert: Alert, person: str) -> bool:
         """Whether the signed-in user ``person`` is someone the alert was told to (its owner,

@@ -10,6 +10,7 @@ import asyncio
 import concurrent.futures
 import json
 import os
+import threading
 import time
 from contextlib import contextmanager
 from urllib.parse import urlsplit
@@ -20,7 +21,7 @@ from mcp.shared.exceptions import MCPError
 
 from bastion.facts.model import Entity
 from bastion.server.config import ConfigError
-from bastion.signals.alerts import AlertError, Alerts, AlertSettings, severity_of
+from bastion.signals.alerts import AlertError, AlertNotFound, Alerts, AlertSettings, severity_of
 from bastion.signals.behavior import LocalBehavior
 from bastion.webhooks import SettingsError
 from tests.approvals.test_pages import csrf_of, press
@@ -850,6 +851,87 @@ def test_two_replicas_count_into_the_same_alert(database_url):
         [alert] = one.store.list()
         assert alert.count == 6 and len(told) == 1
         assert sorted(alert.decision_ids) == [f"d{i}" for i in range(6)]
+
+
+def at_once(*works) -> list:
+    """Run each of ``works`` on a thread of its own, all let go at the same moment: what each
+    returned, or the exception it raised."""
+    start = threading.Barrier(len(works))
+
+    def run(work):
+        start.wait()
+        try:
+            return work()
+        except Exception as e:  # what the caller asserts on
+            return e
+
+    with concurrent.futures.ThreadPoolExecutor(len(works)) as pool:
+        return list(pool.map(run, works))
+
+
+def test_two_replicas_raising_a_new_alert_at_once_make_one_alert_told_once(postgres_url):
+    """Deduplication holds across replicas: the raising of one (name, principal) is read and
+    written under a lock of that key, so the second raising waits for the first and counts into
+    its alert. (Without it, on PostgreSQL's read committed, most such pairs made two alerts, each
+    told.)"""
+    now, told = [1000.0], []
+    with alerts_on(postgres_url, now, told) as one, alerts_on(postgres_url, now, told) as two:
+        for i in range(20):
+            name = f"spike{i}"
+            raised = at_once(
+                lambda name=name: one.raise_alert(name, "high", Entity("Agent", "c1"), "d1"),
+                lambda name=name: two.raise_alert(name, "high", Entity("Agent", "c1"), "d2"),
+            )
+            assert len({a.id for a in raised}) == 1, raised
+            [alert] = [a for a in one.store.list(limit=500) if a.name == name]
+            assert alert.count == 2 and sorted(alert.decision_ids) == ["d1", "d2"]
+        assert len(told) == 20
+
+
+def test_a_raising_and_another_replicas_counted_raisings_written_at_once_both_count(postgres_url):
+    """The alert's row is read for its update under a lock on it, by a raising as by the
+    writing of raisings counted in memory: neither writes over the other's decision ids and
+    severity with what it read before the other wrote."""
+    now, told = [1000.0], []
+    with alerts_on(postgres_url, now, told) as one, alerts_on(postgres_url, now, told) as two:
+        for i in range(30):
+            name = f"spike{i}"
+            first = two.raise_alert(name, "low", Entity("Agent", "c1"), "d0")
+            assert two.count_again(name, "critical", Entity("Agent", "c1"), "counted")
+            at_once(
+                lambda name=name: one.raise_alert(name, "low", Entity("Agent", "c1"), "raised"),
+                two.write_repeats,
+            )
+            alert = one.store.get(first.id)
+            assert alert.count == 3, alert
+            assert sorted(alert.decision_ids) == ["counted", "d0", "raised"], alert
+            assert alert.severity == "critical", alert
+
+
+def test_two_replicas_acknowledging_at_once_record_one_acknowledgement(postgres_url):
+    """One acknowledgement is recorded; the other is told who acknowledged it (it overwrote
+    the first, each told it had acknowledged)."""
+    now, told = [1000.0], []
+    with alerts_on(postgres_url, now, told) as one, alerts_on(postgres_url, now, told) as two:
+        for i in range(20):
+            alert = one.raise_alert(f"spike{i}", "high", Entity("Agent", "c1"), "d1")
+            answers = at_once(
+                lambda alert=alert: one.acknowledge(alert.id, "pat", "api"),
+                lambda alert=alert: two.acknowledge(alert.id, "kim", "page"),
+            )
+            [done] = [a for a in answers if not isinstance(a, Exception)]
+            [refused] = [a for a in answers if isinstance(a, Exception)]
+            assert isinstance(refused, AlertError), refused
+            assert str(refused) == (
+                f"alert {alert.id} was acknowledged already, by {done.acknowledged_by}"
+            )
+            stored = one.store.get(alert.id)
+            assert (stored.acknowledged_by, stored.acknowledged_channel) == (
+                done.acknowledged_by,
+                done.acknowledged_channel,
+            )
+        with pytest.raises(AlertNotFound):
+            one.acknowledge("no-such-alert", "pat", "api")
 
 
 def test_raisings_counted_in_memory_are_written_when_the_server_stops(tmp_path):
