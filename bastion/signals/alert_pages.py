@@ -3,8 +3,10 @@ to acknowledge it. ``GET`` and ``POST <issuer path>/alerts/<id>`` (the link in e
 
 The person signs in with bastion's own login (the authorization server's session cookie; the
 sign-in page otherwise). Only someone the alert was told to (its owner, a recipient, the
-manager it escalated to: `Alerts.may_acknowledge`) sees the form; an acknowledgement sent by
-anyone else is refused (403). The form carries a CSRF token bound to the session and the alert
+manager it escalated to: `Alerts.may_acknowledge`), or who acknowledged it, sees the page
+(`Alerts.may_see`); to anyone else it is the page of an alert that does not exist (404, the same
+bytes: an id is not confirmed). Only those it was told to see the form; an acknowledgement sent
+by anyone else is refused. The form carries a CSRF token bound to the session and the alert
 (`bastion.oauth.csrf`). Rendered with every value escaped, no scripts (`bastion.oauth.pages`).
 """
 
@@ -53,13 +55,16 @@ class AlertPages:
             token, f"alert:{alert_id}", session, self.oauth.settings.session_seconds
         )
 
-    def _get(self, alert_id: str) -> Alert | None:
+    def _get(self, alert_id: str, person: str) -> Alert | None:
+        """The alert, if there is one and ``person`` may see it: else None, the same answer
+        for both."""
         if len(alert_id) > MAX_ID:
             return None
         try:
-            return self.alerts.store.get(alert_id)
+            alert = self.alerts.store.get(alert_id)
         except AlertNotFound:
             return None
+        return alert if self.alerts.may_see(alert, person) else None
 
     async def alert_page(self, request: Request) -> Response:
         alert_id = request.path_params["alert_id"]
@@ -70,11 +75,11 @@ class AlertPages:
                 return RedirectResponse(
                     sign_in_url(self.oauth.settings, request.url.path), status_code=303
                 )
-            alert = await run_in_threadpool(self._get, alert_id)
+            alert = await run_in_threadpool(self._get, alert_id, person)
         except DatabaseUnavailable:
             return _message("Try again", "bastion cannot read its alerts right now.", 503)
         if alert is None:
-            return _message("No such alert", "There is no alert here.", 404)
+            return _not_found()
         return self._page(alert, person, session)
 
     async def acknowledge(self, request: Request) -> Response:
@@ -92,9 +97,9 @@ class AlertPages:
                     " page: nothing was acknowledged.",
                     403,
                 )
-            alert = await run_in_threadpool(self._get, alert_id)
+            alert = await run_in_threadpool(self._get, alert_id, person)
             if alert is None:
-                return _message("No such alert", "There is no alert here.", 404)
+                return _not_found()
             if not self.alerts.may_acknowledge(alert, person):
                 return _message(
                     "Refused",
@@ -142,8 +147,6 @@ class AlertPages:
                 f"<input type=hidden name=csrf_token value='{token}'>"
                 "<button type=submit id=acknowledge>Acknowledge</button></form>"
             )
-        elif alert.state != ACKNOWLEDGED:
-            form = "<p id=not-yours>This alert was not sent to you.</p>"
         return pages.page(f"Alert: {alert.name}", f"<table>{table}</table>{form}")
 
 
@@ -151,6 +154,11 @@ def _when(epoch: float | None) -> str:
     if epoch is None:
         return "-"
     return datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def _not_found() -> Response:
+    """For an alert that does not exist, and one the person may not see."""
+    return _message("No such alert", "There is no alert here.", 404)
 
 
 def _message(title: str, text: str, status: int) -> Response:

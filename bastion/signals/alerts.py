@@ -779,6 +779,11 @@ class Alerts:
         who = repr(Entity("User", person))
         return who in {alert.owner, *alert.recipients, *alert.escalated_to}
 
+    def may_see(self, alert: Alert, person: str) -> bool:
+        """Whether the signed-in user ``person`` may see the alert on its page: someone it was
+        told to (`may_acknowledge`) or whoever acknowledged it. To anyone else it is not there."""
+        return self.may_acknowledge(alert, person) or alert.acknowledged_by == person
+
     # -- who is told -----------------------------------------------------------------------------
 
     @property

@@ -511,11 +511,11 @@ def test_the_owner_acknowledges_on_the_page_and_nobody_else_can(bastion, tab, cl
         "page_case", "high", Entity("Agent", "page-agent"), "d-page"
     )
     url = f"{bastion.url}/alerts/{alert.id}"
-    # sam was not told of it: no form, and an acknowledgement he sends anyway is refused.
+    # sam was not told of it: it is not there for him, and an acknowledgement he sends anyway
+    # is refused.
     with signed_in(bastion, "sam") as http:
         shown = http.get(f"/alerts/{alert.id}")
-        assert shown.status_code == 200 and "not sent to you" in shown.text
-        assert "csrf_token" not in shown.text
+        assert shown.status_code == 404 and "csrf_token" not in shown.text
         with signed_in(bastion, "avery") as avery:
             token = csrf_of(avery.get(f"/alerts/{alert.id}").text)
         forged = http.post(f"/alerts/{alert.id}", data={"csrf_token": token})
@@ -541,6 +541,50 @@ def test_the_owner_acknowledges_on_the_page_and_nobody_else_can(bastion, tab, cl
     clock[0] = ESCALATE_AFTER * 10
     assert alert.id not in [a.id for a in bastion.app.state.alerts.escalate_due()]
     assert tab.console_errors == [] and tab.failed_requests == []
+
+
+def test_an_alerts_page_is_there_only_for_whom_it_was_told(bastion, clock):
+    """The page shows what was raised, about whom and by which decisions: only to those it was
+    told to (owner, recipients, the managers it escalated to) and whoever acknowledged it. To
+    anyone else signed in it is the page of an alert that does not exist, the same bytes, so an
+    id is not confirmed either (it showed every alert to any signed-in user)."""
+    from bastion.oauth.users import create_user
+
+    agent = Entity("Agent", "seen-agent")
+    create_user(bastion.app.state.oauth.store, "seen-boss", bastion.password, time.time())
+    bastion.apply(
+        inserts=[
+            ("has_relation", agent, "owner", Entity("User", "avery")),
+            ("manager", Entity("User", "avery"), Entity("User", "seen-boss")),
+        ]
+    )
+    alerts = bastion.app.state.alerts
+    alert = alerts.raise_alert("seen_case", "high", agent, "d-seen")
+    with signed_in(bastion, "sam") as http:
+        unknown = http.get("/alerts/no-such-alert")
+        shown = http.get(f"/alerts/{alert.id}")
+        assert unknown.status_code == shown.status_code == 404
+        assert shown.content == unknown.content
+        assert "seen" not in shown.text
+        with signed_in(bastion, "avery") as avery:
+            token = csrf_of(avery.get(f"/alerts/{alert.id}").text)
+        refused = http.post(f"/alerts/{alert.id}", data={"csrf_token": token})
+        assert refused.status_code == 403 and "seen" not in refused.text
+    # The owner sees it; the manager once it escalated to him, not before.
+    with signed_in(bastion, "avery") as http:
+        shown = http.get(f"/alerts/{alert.id}")
+        assert shown.status_code == 200 and "seen_case" in shown.text
+    with signed_in(bastion, "seen-boss") as http:
+        assert http.get(f"/alerts/{alert.id}").status_code == 404
+        clock[0] = ESCALATE_AFTER * 10
+        assert alert.id in [a.id for a in alerts.escalate_due()]
+        shown = http.get(f"/alerts/{alert.id}")
+        assert shown.status_code == 200 and "d-seen" in shown.text
+    # Acknowledged through the API by someone it was not told to: they see it too.
+    alerts.acknowledge(alert.id, "sam", "api")
+    with signed_in(bastion, "sam") as http:
+        shown = http.get(f"/alerts/{alert.id}")
+        assert shown.status_code == 200 and "by sam (api)" in shown.text
 
 
 def test_an_acknowledgement_past_the_pages_body_limit_is_refused_unread(bastion):
