@@ -112,6 +112,9 @@ class SsfReceiver:
         facts: FactStore,
         authz: Callable[[], Any],
     ) -> None:
+        if oauth_store.db is not db or facts.db is not db:
+            # A SET's claim and its effects are one transaction (`receive`).
+            raise ValueError("the SSF receiver, its OAuth store and its facts share one Database")
         self.settings = settings
         self.store = SsfStore(db)
         self.audit = AuditLog(db)
@@ -209,29 +212,32 @@ class SsfReceiver:
             self._refused(t, e)
             raise
         now = time.time()
-        if not self.store.claim(t.issuer, verified.jti, now):
+        # The jti's claim, the effects (grants revoked, a user disabled, facts written, the
+        # stream's state) and the record are one transaction on one database: a SET is applied
+        # whole and its jti claimed, or nothing of it is kept and its redelivery applies it. A
+        # claim committed first was released only by a handler, so a process killed under the
+        # effects left the jti claimed and the redelivery refused as a replay: lost for good.
+        # Another replica's claim of the same jti waits for this one's transaction to end.
+        with self.store.db.transaction():
+            claimed = self.store.claim(t.issuer, verified.jti, now)
+            if claimed:
+                outcome = self._apply(t, verified, now)
+                self.audit.record(
+                    "signal.received",
+                    subject=outcome.user,
+                    transmitter=t.name,
+                    issuer=t.issuer,
+                    jti=verified.jti,
+                    txn=verified.txn,
+                    events=list(verified.events),
+                    effects=outcome.effects,
+                )
+        if not claimed:
             self.audit.record(
                 "signal.refused", transmitter=t.name, issuer=t.issuer, jti=verified.jti,
                 err="invalid_request", description="replayed jti",
             )  # fmt: skip
             raise Replayed(verified.jti)
-        # Every effect is idempotent (revoking what is revoked, writing the same fact), so a SET
-        # whose effects or record failed part-way is released and applied whole when redelivered.
-        try:
-            outcome = self._apply(t, verified, now)
-            self.audit.record(
-                "signal.received",
-                subject=outcome.user,
-                transmitter=t.name,
-                issuer=t.issuer,
-                jti=verified.jti,
-                txn=verified.txn,
-                events=list(verified.events),
-                effects=outcome.effects,
-            )
-        except Exception:
-            self.store.release(t.issuer, verified.jti)
-            raise
         return outcome
 
     def _subject(self, verified: VerifiedSet, body: dict[str, Any]) -> Subject:

@@ -55,17 +55,14 @@ class SsfStore:
         db.migrate("ssf", _MIGRATIONS)
 
     def claim(self, issuer: str, jti: str, now: float) -> bool:
-        """Record the jti; False if it was received before."""
+        """Record the jti; False if it was received before. Made in the transaction that applies
+        the SET (`SsfReceiver.receive`), so that it is kept only with the SET's effects."""
         rows = self.db.execute(
             "INSERT INTO ssf_received (issuer, jti, received_at) VALUES (?, ?, ?)"
             " ON CONFLICT DO NOTHING RETURNING jti",
             (issuer, jti, now),
         )
         return bool(rows)
-
-    def release(self, issuer: str, jti: str) -> None:
-        """Forget a claimed jti whose effects failed, so a redelivery applies them."""
-        self.db.execute("DELETE FROM ssf_received WHERE issuer = ? AND jti = ?", (issuer, jti))
 
     def forget_before(self, cutoff: float) -> int:
         return len(

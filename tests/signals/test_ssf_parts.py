@@ -248,9 +248,11 @@ def test_a_jti_is_claimed_once_on_each_database(database_url):
         assert store.claim("https://idp", "j1", time.time())
         assert not store.claim("https://idp", "j1", time.time())
         assert store.claim("https://other", "j1", time.time())  # jtis are per issuer
-        store.release("https://idp", "j1")
-        assert store.claim("https://idp", "j1", time.time())
-        assert store.forget_before(time.time() + 1) == 2
+        with pytest.raises(Killed), db.transaction():  # a claim is kept only with its effects
+            assert store.claim("https://idp", "j2", time.time())
+            raise Killed
+        assert store.claim("https://idp", "j2", time.time())
+        assert store.forget_before(time.time() + 1) == 3
     finally:
         db.close()
 
@@ -278,17 +280,32 @@ def _grant(grant_id: str, username: str, now: float) -> Grant:
     return Grant(grant_id, "c", username, "https://r", "s", now, now + 3600, None)
 
 
-def test_a_set_whose_effects_fail_is_released_and_applied_when_delivered_again(tmp_path):
+class Killed(BaseException):  # noqa: N818 - stands for SIGKILL, not an error
+    """The process killed at this point: no handler of bastion's runs (it is no `Exception`),
+    and what its open transaction wrote is gone with its connection."""
+
+
+def killed(*args, **kwargs):
+    raise Killed
+
+
+@pytest.mark.parametrize("step", ["effects", "record"])
+def test_a_set_killed_part_way_is_not_claimed_and_is_applied_when_delivered_again(
+    database_url, monkeypatch, step
+):
+    """A SET's jti claim, its effects and its record are one transaction. Killed after the claim
+    and before (or during) its effects, the jti stayed claimed (it was released only by a
+    handler), and the transmitter's redelivery was refused as a replay: a revocation lost for
+    good. Now nothing of it is kept, and the redelivery is applied, once."""
     from bastion.facts.store import FactStore
-    from bastion.signals.ssf import SsfReceiver
+    from bastion.signals.ssf import Replayed, SsfReceiver
     from tests.signals.transmitter import CAEP, Transmitter
 
     idp = Transmitter("https://bastion.example.com")
     idp.url = "https://idp.example.com/tenant"
     s = settings(users={"email:sam@example.com": "sam"})
-    db = Database(str(tmp_path / "b.db"))
-    grants_db = Database(str(tmp_path / "b.db"))  # the grants' connection, lost below
-    oauth = OAuthStore(grants_db)
+    db = Database(database_url)
+    oauth = OAuthStore(db)
     oauth.create_user("sam", "x", time.time())
     oauth.create_grant(_grant("g1", "sam", time.time()))
     receiver = SsfReceiver(s, db, oauth, FactStore(db), lambda: None)
@@ -298,17 +315,43 @@ def test_a_set_whose_effects_fail_is_released_and_applied_when_delivered_again(t
     )
     t = s.transmitters[0]
     try:
-        grants_db.close()
-        with pytest.raises(Exception) as failed:  # noqa: B017 - a closed connection's error
+        if step == "effects":
+            monkeypatch.setattr(receiver, "revoke_user", killed)
+        else:  # the grant revoked, the record of the SET not yet written
+            monkeypatch.setattr(receiver.audit, "record", killed)
+        with pytest.raises(Killed):
             receiver.receive(t, event, keys)
-        assert not isinstance(failed.value, SetRefused)
+        monkeypatch.undo()
+        assert db.execute("SELECT COUNT(*) FROM ssf_received") == [(0,)]
+        assert oauth.grant("g1").revoked_at is None
         assert receiver.audit.events("signal.received") == []
-        receiver.oauth_store = OAuthStore(db)
         outcome = receiver.receive(t, event, keys)  # redelivered: applied now, once
         assert outcome.effects[0]["result"] == "revoked 1 grant(s)"
-        assert receiver.oauth_store.grant("g1").revoked_at is not None
+        assert oauth.grant("g1").revoked_at is not None
+        with pytest.raises(Replayed):
+            receiver.receive(t, event, keys)
+        assert len(receiver.audit.events("signal.received")) == 1
+        assert len(receiver.audit.events("signal.refused")) == 1
     finally:
         db.close()
+
+
+def test_a_receiver_whose_stores_are_on_another_database_is_refused(tmp_path):
+    """Its claims and effects could not be one transaction."""
+    from bastion.facts.store import FactStore
+    from bastion.signals.ssf import SsfReceiver
+
+    db, other = Database(str(tmp_path / "b.db")), Database(str(tmp_path / "b.db"))
+    try:
+        for oauth, facts in (
+            (OAuthStore(other), FactStore(db)),
+            (OAuthStore(db), FactStore(other)),
+        ):
+            with pytest.raises(ValueError, match="share one Database"):
+                SsfReceiver(settings(), db, oauth, facts, lambda: None)
+    finally:
+        db.close()
+        other.close()
 
 
 def streamed(database_url, stream, poll, polls: int) -> tuple[list[dict], dict]:
