@@ -375,6 +375,13 @@ class Database:
         for callback in callbacks:
             callback()
 
+    def lock(self, name: str) -> None:
+        """Inside a transaction: hold the lock ``name`` until it ends, so writers of one thing
+        (one approval's binding, the change log) take turns across processes. PostgreSQL's
+        advisory lock; nothing on SQLite, where BEGIN IMMEDIATE lets one writer in at a time."""
+        if self.is_postgres:
+            self.execute("SELECT pg_advisory_xact_lock(hashtext(?))", (name,))
+
     def _rollback(self) -> None:
         conn = self._conn
         if conn is None:
@@ -423,9 +430,7 @@ class Database:
         ``;`` at line ends. Safe to call from several processes at once.
         """
         with self.transaction():
-            if self.is_postgres:
-                # One lock per component, held to the end of this transaction.
-                self.execute("SELECT pg_advisory_xact_lock(hashtext(?))", (f"bastion:{component}",))
+            self.lock(f"bastion:{component}")
             self.execute(
                 "CREATE TABLE IF NOT EXISTS schema_migrations ("
                 " component TEXT NOT NULL, version INTEGER NOT NULL,"

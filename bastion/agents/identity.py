@@ -103,8 +103,7 @@ def record_first_owner(store: FactStore, client_id: str, username: str, actor: s
     it did. Two first consents at once record one owner (checked and written as one step)."""
     db = store.db
     with db.transaction():
-        if db.is_postgres:
-            db.execute("SELECT pg_advisory_xact_lock(hashtext(?))", (f"bastion:owner:{client_id}",))
+        db.lock(f"bastion:owner:{client_id}")
         if owners(store, client_id):
             return False
         store.apply([owner_fact(client_id, username)], actor=actor)

@@ -247,10 +247,7 @@ class ApprovalStore:
         whether it was made now. Identical pending calls share one request."""
         now = self.clock()
         with self.db.transaction():
-            if self.db.is_postgres:
-                self.db.execute(
-                    "SELECT pg_advisory_xact_lock(hashtext(?))", (f"approval:{binding}",)
-                )
+            self.db.lock(f"approval:{binding}")
             found = self._pending(kind, binding, now)
             if found is not None:
                 return found, False

@@ -323,8 +323,7 @@ class DecisionRecords:
         rows = in_turns(_row, batch)
         with self.db.transaction():
             # Sequences give `audit tail` a total order; writers are serialised to assign them.
-            if self.db.is_postgres:
-                self.db.execute("SELECT pg_advisory_xact_lock(hashtext('bastion:audit_decisions'))")
+            self.db.lock("bastion:audit_decisions")
             head = self.db.execute("SELECT COALESCE(MAX(seq), 0) FROM audit_decisions")[0][0]
             rows = [(seq, *row) for seq, row in enumerate(rows, start=head + 1)]
             # A batch is written again after a failed flush, and the failure may have been the

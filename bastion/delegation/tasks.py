@@ -438,12 +438,8 @@ class Tasks:
             new_task_id(), user, agent, purpose, tuple(checked), created_by, now, float(expires_at)
         )
         with self.facts.db.transaction():
-            if self.facts.db.is_postgres:
-                # Two tasks opened at once must not both take the same fact (SQLite's write
-                # lock already serialises them).
-                self.facts.db.execute(
-                    "SELECT pg_advisory_xact_lock(hashtext(?))", ("bastion:tasks",)
-                )
+            # Two tasks opened at once must not both take the same fact.
+            self.facts.db.lock("bastion:tasks")
             for fact in checked:
                 # Ending the task deletes its facts: one the store holds already (a standing
                 # grant, another task's) would be deleted with it.

@@ -319,8 +319,7 @@ class FactStore:
 
     def _begin_write(self) -> int:
         """Inside a transaction: take the writers' lock and return the next sequence number."""
-        if self.db.is_postgres:
-            self.db.execute("SELECT pg_advisory_xact_lock(hashtext(?))", ("bastion:changes",))
+        self.db.lock("bastion:changes")
         return self.db.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM changes")[0][0]
 
     def _log(self, seq: int, actor: str, kind: str, payload: str) -> float:

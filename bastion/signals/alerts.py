@@ -579,15 +579,10 @@ class Alerts:
         # raising that fails, and the store, kept, would then read tables that are not there.
         facts = self._facts
         with db.transaction():
-            if db.is_postgres:
-                # Raisings of one (name, principal) read and write one at a time, whichever
-                # replica raises: the second waits for the first's alert and counts into it; the
-                # row is read under its lock, as `write_repeats` reads it. (SQLite's writers take
-                # turns already.)
-                db.execute(
-                    "SELECT pg_advisory_xact_lock(hashtext(?))",
-                    (json.dumps(["alert", name, who]),),
-                )
+            # Raisings of one (name, principal) read and write one at a time, whichever replica
+            # raises: the second waits for the first's alert and counts into it; the row is read
+            # under its lock, as `write_repeats` reads it.
+            db.lock(json.dumps(["alert", name, who]))
             rows = db.execute(
                 f"SELECT {_COLUMNS} FROM alerts WHERE name = ? AND principal = ? AND last_at >= ?"
                 " ORDER BY last_at DESC LIMIT 1" + (" FOR UPDATE" if db.is_postgres else ""),
