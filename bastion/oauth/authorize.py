@@ -32,7 +32,14 @@ from bastion.oauth.sign_in import (
     check_login,
     set_cookie,
 )
-from bastion.oauth.store import Client, Grant, PendingAuthorization, digest, new_secret
+from bastion.oauth.store import (
+    Client,
+    Grant,
+    GrantRefused,
+    PendingAuthorization,
+    digest,
+    new_secret,
+)
 from bastion.oauth.throttle import client_address
 
 if TYPE_CHECKING:
@@ -264,9 +271,12 @@ class AuthorizationEndpoint:
         """In a worker thread (the database): after a login elsewhere (an identity provider,
         `bastion.identity.oidc_login`, which starts the session), consent or the code, exactly
         as after a password login."""
-        return self._after_login(
-            pending, client, username, prompt=None, status=303, auth_time=self.server.clock()
-        )
+        try:
+            return self._after_login(
+                pending, client, username, prompt=None, status=303, auth_time=self.server.clock()
+            )
+        except _PageError as error:
+            return error.response
 
     def _signed_in(self, pending: PendingAuthorization, client: Client, username: str) -> Response:
         """In a worker thread (the database): a session for the person, then consent or the
@@ -522,7 +532,12 @@ class AuthorizationEndpoint:
         )
         code = new_secret()
         with self.store.db.transaction():
-            self.store.create_grant(grant)
+            try:
+                self.store.create_grant(grant, authorized_at=auth_time)
+            except GrantRefused as refused:
+                raise _PageError(
+                    "access_denied", f"{refused}; return to the application and start again", 403
+                ) from None
             self.store.save_code(
                 code,
                 grant.grant_id,

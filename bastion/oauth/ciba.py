@@ -38,7 +38,7 @@ from bastion.oauth.errors import (
     OAuthError,
     UnauthorizedClient,
 )
-from bastion.oauth.store import BackchannelRequest, Client, Grant, new_secret
+from bastion.oauth.store import BackchannelRequest, Client, Grant, GrantRefused, new_secret
 from bastion.oauth.throttle import client_address
 from bastion.oauth.users import UserError, validate_username
 
@@ -295,7 +295,12 @@ class BackchannelAuthentication:
                 auth_req_id, client.client_id, grant.grant_id, now
             )
             if spent:
-                self.store.create_grant(grant)
+                try:
+                    # Refused if, since the person approved, they were disabled or all their
+                    # grants revoked: the request is then left unspent, and refused again.
+                    self.store.create_grant(grant, authorized_at=found.answered_at)
+                except GrantRefused as refused:
+                    raise OAuthError("access_denied", f"{refused}; make a new request") from None
                 response = issue(grant, client, grant.scope, True)
         if not spent:
             raise InvalidGrant(

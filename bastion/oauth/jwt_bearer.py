@@ -216,10 +216,12 @@ class IdentityAssertionGrant:
         self,
         client: Client,
         form: Mapping[str, str],
-        issue: Callable[[Grant], dict[str, Any]],
+        issue: Callable[..., dict[str, Any]],
     ) -> dict[str, Any]:
         """Answer one ``jwt-bearer`` request of the authenticated ``client``, or raise;
-        ``issue(grant)`` saves the new grant and mints its access token (no refresh token)."""
+        ``issue(grant, authorized_at=, strangers=)`` saves the new grant (refused, as
+        `OAuthStore.create_grant` says, if its user was disabled or their grants revoked since
+        the ID-JAG was issued) and mints its access token (no refresh token)."""
         if client.is_public:
             # draft §8.1: public clients use the authorization code flow and its consent.
             raise OAuthError(
@@ -252,7 +254,7 @@ class IdentityAssertionGrant:
             revoked_at=None,
             auth_time=_auth_time(claims),
         )
-        response = issue(grant)
+        response = issue(grant, authorized_at=float(claims["iat"]), strangers=idp.users == "any")
         self.server.audit.record(
             "token.issued",
             subject=user,

@@ -165,6 +165,16 @@ _MIGRATIONS = [
     ALTER TABLE oauth_grants ADD COLUMN parent_grant_id TEXT;
     CREATE INDEX oauth_grants_parent ON oauth_grants (parent_grant_id);
     """,
+    # When every grant of a user was last revoked (a Shared Signals session-revoked, say): a
+    # grant that rests on a sign-in, an approval or an assertion from before then is refused,
+    # so one being made while the revocation ran does not outlive it. Kept for any name, also
+    # for an identity provider's users that are not rows of oauth_users.
+    """
+    CREATE TABLE oauth_user_revocations (
+        username TEXT PRIMARY KEY,
+        revoked_at DOUBLE PRECISION NOT NULL
+    );
+    """,
 ]
 
 
@@ -174,6 +184,12 @@ def digest(secret: str) -> str:
 
 def new_secret(nbytes: int = 32) -> str:
     return secrets.token_urlsafe(nbytes)
+
+
+class GrantRefused(Exception):
+    """A grant that may not be made (nothing was saved); the message says why, for the person
+    or the client: its user is disabled or unknown, their grants were revoked after the
+    authorization it rests on, or the grant it would be delegated from is revoked."""
 
 
 @dataclass(frozen=True)
@@ -501,8 +517,10 @@ class OAuthStore:
         ]
 
     def disable_user(self, username: str, now: float) -> bool:
-        """Disable the user, end their sessions and revoke every grant they gave."""
+        """Disable the user, end their sessions and revoke every grant they gave. Ordered with
+        every grant being made for them (`create_grant`): each is refused, or revoked here."""
         with self.db.transaction():
+            self._lock_user(username, shared=False)
             rows = self.db.execute(
                 "UPDATE oauth_users SET disabled_at = ? WHERE username = ? AND disabled_at IS NULL"
                 " RETURNING username",
@@ -773,37 +791,82 @@ class OAuthStore:
 
     # grants, codes, refresh and access tokens
 
-    def create_grant(self, grant: Grant) -> None:
-        self.db.execute(
-            f"INSERT INTO oauth_grants ({_GRANT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (
-                grant.grant_id,
-                grant.client_id,
-                grant.username,
-                grant.resource,
-                grant.scope,
-                grant.created_at,
-                grant.expires_at,
-                grant.revoked_at,
-                grant.auth_time,
-                grant.parent_grant_id,
-            ),
-        )
+    def _lock_user(self, username: str, *, shared: bool) -> None:
+        """Inside a transaction on PostgreSQL: order it with every other that makes a grant for
+        ``username`` (``shared``: those run side by side) or takes their grants away (not
+        shared). A lock on a name, not a row, so that users bastion does not hold (an identity
+        provider's) are ordered too. SQLite's writers run one at a time (BEGIN IMMEDIATE)."""
+        if self.db.is_postgres:
+            function = "pg_advisory_xact_lock_shared" if shared else "pg_advisory_xact_lock"
+            self.db.execute(f"SELECT {function}(hashtext(?))", (f"bastion:user:{username}",))
 
-    def create_child_grant(self, grant: Grant) -> bool:
-        """Save a delegated grant under its live parent; False (nothing saved) when the parent
-        is revoked. Inside the caller's transaction; on PostgreSQL the parent's row is locked,
-        so a revocation of it either comes first (and this saves nothing) or waits for this
-        commit and then finds the child (no delegation outlives its parent)."""
-        lock = " FOR UPDATE" if self.db.is_postgres else ""
+    def create_grant(
+        self, grant: Grant, *, authorized_at: float | None = None, strangers: bool = False
+    ) -> None:
+        """Save a new grant, or raise `GrantRefused` and save nothing: the one way every grant
+        is made. What may refuse it is read in the write transaction (the caller's, or its own),
+        after the user's lock, so a disable or a revocation of the user's grants either commits
+        first and is seen here, or waits for this commit and then finds the grant.
+
+        A user's grant: the user must be one of bastion's (any name with ``strangers``: an
+        identity provider's users) and not disabled, and ``authorized_at`` (when they signed in,
+        approved, or their provider vouched for them; None: not known) must come after the
+        last revocation of all their grants. A delegated grant: its parent must be live (its row
+        locked on PostgreSQL, so that no delegation outlives its parent either)."""
+        with self.db.transaction():
+            if grant.username is not None:
+                self._lock_user(grant.username, shared=True)
+                refusal = self._user_refusal(grant.username, authorized_at, strangers)
+                if refusal is not None:
+                    raise GrantRefused(refusal)
+            if grant.parent_grant_id is not None:
+                lock = " FOR UPDATE" if self.db.is_postgres else ""
+                rows = self.db.execute(
+                    f"SELECT revoked_at FROM oauth_grants WHERE grant_id = ?{lock}",
+                    (grant.parent_grant_id,),
+                )
+                if not rows or rows[0][0] is not None:
+                    raise GrantRefused("the grant it would be delegated from has been revoked")
+            self.db.execute(
+                f"INSERT INTO oauth_grants ({_GRANT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    grant.grant_id,
+                    grant.client_id,
+                    grant.username,
+                    grant.resource,
+                    grant.scope,
+                    grant.created_at,
+                    grant.expires_at,
+                    grant.revoked_at,
+                    grant.auth_time,
+                    grant.parent_grant_id,
+                ),
+            )
+
+    def _user_refusal(
+        self, username: str, authorized_at: float | None, strangers: bool
+    ) -> str | None:
+        """Inside `create_grant`'s transaction, after the user's lock: why ``username`` may not
+        have a new grant, or None."""
+        # FOR SHARE as well: under REPEATABLE READ a disable committed since this transaction's
+        # snapshot is then a serialization failure, not a grant made on the older state.
+        lock = " FOR SHARE" if self.db.is_postgres else ""
         rows = self.db.execute(
-            f"SELECT revoked_at FROM oauth_grants WHERE grant_id = ?{lock}",
-            (grant.parent_grant_id,),
+            f"SELECT disabled_at FROM oauth_users WHERE username = ?{lock}", (username,)
         )
-        if not rows or rows[0][0] is not None:
-            return False
-        self.create_grant(grant)
-        return True
+        if rows and rows[0][0] is not None:
+            return f"user {username!r} is disabled"
+        if not rows and not strangers:
+            return f"user {username!r} is not a user of this server"
+        rows = self.db.execute(
+            "SELECT revoked_at FROM oauth_user_revocations WHERE username = ?", (username,)
+        )
+        if rows and (authorized_at is None or authorized_at <= rows[0][0]):
+            return (
+                f"every grant of user {username!r} was revoked after the sign-in, approval or"
+                " assertion this one rests on: it must be given again"
+            )
+        return None
 
     def grant(self, grant_id: str) -> Grant | None:
         rows = self.db.execute(
@@ -849,8 +912,19 @@ class OAuthStore:
 
     def revoke_user_grants(self, username: str, now: float, reason: str) -> int:
         """Revoke every live grant of the user (and everything issued under each), announcing
-        each revocation; return how many were revoked."""
+        each revocation, and end their sessions; return how many grants were revoked. A grant
+        being made for them meanwhile, or later, on a sign-in, approval or assertion from before
+        ``now`` is refused (`create_grant`)."""
         with self.db.transaction():
+            self._lock_user(username, shared=False)
+            self.db.execute(
+                "INSERT INTO oauth_user_revocations (username, revoked_at) VALUES (?, ?)"
+                " ON CONFLICT (username) DO UPDATE SET revoked_at = CASE"
+                " WHEN excluded.revoked_at > oauth_user_revocations.revoked_at"
+                " THEN excluded.revoked_at ELSE oauth_user_revocations.revoked_at END",
+                (username, now),
+            )
+            self.db.execute("DELETE FROM oauth_sessions WHERE username = ?", (username,))
             rows = self.db.execute(
                 "SELECT grant_id FROM oauth_grants WHERE username = ? AND revoked_at IS NULL",
                 (username,),

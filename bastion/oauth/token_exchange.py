@@ -39,7 +39,7 @@ from bastion.oauth.errors import (
     InvalidToken,
     OAuthError,
 )
-from bastion.oauth.store import Client, Grant
+from bastion.oauth.store import Client, Grant, GrantRefused
 from bastion.oauth.verifier import VerifiedToken
 
 if TYPE_CHECKING:
@@ -216,8 +216,11 @@ class TokenExchange:
             extra["task"] = bound
         extra.update(self._device_claims(subject))
         with self.store.db.transaction():
-            if not self.store.create_child_grant(grant):
-                raise InvalidRequest("the grant of subject_token has been revoked")
+            try:
+                # Its user is checked too: disabled, or every grant revoked since the parent.
+                self.store.create_grant(grant, authorized_at=parent.created_at, strangers=True)
+            except GrantRefused as refused:
+                raise InvalidRequest(f"subject_token: {refused}") from None
             if task is not None:
                 try:
                     task_expires = self.server.tasks.bind(

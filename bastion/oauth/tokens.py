@@ -39,7 +39,7 @@ from bastion.oauth.errors import (
 )
 from bastion.oauth.jwt_bearer import JWT_BEARER_GRANT_TYPE, IdentityAssertionGrant
 from bastion.oauth.redirect_uris import redirect_uri_allowed
-from bastion.oauth.store import Client, Grant, new_secret
+from bastion.oauth.store import Client, Grant, GrantRefused, new_secret
 from bastion.oauth.token_exchange import (
     TOKEN_EXCHANGE_GRANT_TYPE,
     RequestOrigin,
@@ -122,12 +122,23 @@ class TokenEndpoint:
         )
 
     def _issue_new_grant(
-        self, grant: Grant, client: Client, form: Mapping[str, str], jkt: str | None
+        self,
+        grant: Grant,
+        client: Client,
+        form: Mapping[str, str],
+        jkt: str | None,
+        *,
+        authorized_at: float | None = None,
+        strangers: bool = False,
     ) -> dict[str, Any]:
         """Save a grant that starts with this request and mint its access token (no refresh
-        token), bound to the request's task if it names one: all or nothing."""
+        token), bound to the request's task if it names one: all or nothing. A user's grant is
+        checked as `OAuthStore.create_grant` says (``authorized_at``, ``strangers``)."""
         with self.store.db.transaction():
-            self.store.create_grant(grant)
+            try:
+                self.store.create_grant(grant, authorized_at=authorized_at, strangers=strangers)
+            except GrantRefused as refused:
+                raise InvalidGrant(str(refused)) from None
             self._bind_task(form, grant, client)
             return self._issue(grant, client, grant.scope, refresh=False, jkt=jkt)
 
@@ -155,6 +166,7 @@ class TokenEndpoint:
             raise InvalidGrant("the authorization code has expired")
         if grant.revoked_at is not None:
             raise InvalidGrant("the grant of this code has been revoked")
+        self._refuse_disabled_user(grant)
         # The very URI of the authorization request (RFC 6749 §4.1.3), still one the client has.
         if form["redirect_uri"] != redirect_uri or not redirect_uri_allowed(
             client.redirect_uris, form["redirect_uri"]
@@ -195,6 +207,22 @@ class TokenEndpoint:
         )
         raise InvalidGrant(f"the {what} was already used; its grant is now revoked")
 
+    def _refuse_disabled_user(self, grant: Grant) -> None:
+        """A grant of a disabled user issues nothing, and is revoked if it is somehow still
+        live: disabling a user revokes their grants, and no grant is made for a disabled user
+        (`OAuthStore.create_grant`), so this only backs those up."""
+        if grant.username is None or self.store.user_state(grant.username) != "disabled":
+            return
+        if self.store.revoke_grant(grant.grant_id, self.server.clock(), "user disabled"):
+            self.audit.record(
+                "grant.revoked",
+                subject=grant.username,
+                client_id=grant.client_id,
+                grant_id=grant.grant_id,
+                reason="user disabled",
+            )
+        raise InvalidGrant(f"user {grant.username!r} is disabled: this grant is revoked")
+
     def _refresh_token(
         self, client: Client, form: Mapping[str, str], jkt: str | None
     ) -> dict[str, Any]:
@@ -210,6 +238,7 @@ class TokenEndpoint:
             raise InvalidGrant("the refresh token was issued to another client")
         if grant.revoked_at is not None:
             raise InvalidGrant("the grant of this refresh token has been revoked")
+        self._refuse_disabled_user(grant)
         if used_at is not None:
             return self._revoke_on_reuse(grant, "refresh token reused", "refresh token")
         now = self.server.clock()

@@ -137,6 +137,22 @@ def test_revoking_the_user_or_the_client_revokes_the_delegations(database_url, t
         assert all(refused(bastion, t) for t in delegated)
 
 
+def test_a_disabled_users_token_is_not_exchanged_even_while_its_grant_lives_on(
+    database_url, tmp_path
+):
+    with running_bastion(database_url, tmp_path) as bastion:
+        coder, first = coding_agent(bastion), sub_agent(bastion)
+        policy_for(bastion, [first["client_id"]])
+        tokens = bastion.tokens_for(coder)
+        # As a disable that missed the grant would leave it: the user disabled, the grant live.
+        bastion.db.execute(
+            "UPDATE oauth_users SET disabled_at = ? WHERE username = 'alice'", (bastion.clock(),)
+        )
+        response = exchange(bastion, coder, tokens["access_token"], own_token(bastion, first))
+        assert response.status_code == 400, response.text
+        assert "disabled" in response.json()["error_description"]
+
+
 def test_the_gateways_remembered_tokens_forget_every_descendant(database_url, tmp_path):
     with running_bastion(database_url, tmp_path) as bastion:
         tokens, delegated = chain_of_three(bastion)
