@@ -5,7 +5,11 @@ exactly (but for the port of a loopback IP literal: `redirect_uri_allowed`), and
 (RFC 8707) must be one of the configured protected resources.
 
 Errors that cannot be trusted to the redirect URI (unknown client, unregistered redirect URI,
-a forged or expired form) are shown on a page; every other error goes back to the client.
+a forged or expired form) are shown on a page. An error in the request itself goes back to the
+redirect URI of a client the deployment vouches for (an administrator registered it); for any
+other, anyone could have registered that URI, so the error is shown on bastion's page with a link
+there rather than redirected (RFC 9700 §4.11.2: bastion is no open redirect). Once the person has
+acted (they denied consent), the answer goes back to the client either way.
 """
 
 from __future__ import annotations
@@ -106,7 +110,7 @@ def select_scope(requested: str | None, resource_scopes: tuple[str, ...], client
     if requested is None or not requested.strip():
         return " ".join(s for s in resource_scopes if registered is None or s in registered)
     allowed = set(resource_scopes)
-    if registered is not None and client.source == "admin":
+    if registered is not None and client.vouched_for:
         allowed &= registered
     wanted = list(dict.fromkeys(requested.split()))
     refused = [s for s in wanted if s not in allowed]
@@ -165,7 +169,7 @@ class AuthorizationEndpoint:
                     description=error.description,
                 )
             )
-            return self._error_redirect(redirect_uri, state, error)
+            return self._request_error(client, redirect_uri, state, error)
         browser = request.cookies.get(BROWSER_COOKIE) or new_secret()
         pending = replace(pending, browser_digest=digest(browser))
         response = await run_in_threadpool(
@@ -558,6 +562,16 @@ class AuthorizationEndpoint:
             {"code": code, "state": pending.state, "iss": self.settings.issuer},
             status=status,
         )
+
+    def _request_error(
+        self, client: Client, redirect_uri: str, state: str | None, error: OAuthError
+    ) -> Response:
+        """An error in the authorization request, found before the person did anything:
+        redirected only to a client the deployment vouches for, else shown here."""
+        response = self._error_redirect(redirect_uri, state, error)
+        if client.vouched_for:
+            return response
+        return pages.unsent_error_page(error.error, error.description, response.headers["location"])
 
     def _error_redirect(
         self, redirect_uri: str, state: str | None, error: OAuthError, status: int = 302

@@ -446,7 +446,7 @@ class BackchannelAuthentication:
             csrf_token=answer_csrf_token(session, found.request_id),
             username=username,
             client_name=client.client_name,
-            client_verified=client.source == "admin",
+            client_verified=client.vouched_for,
             binding_message=found.binding_message,
             resource_name=resource.name if resource is not None else "",
             resource_uri=found.resource,

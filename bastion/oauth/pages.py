@@ -284,6 +284,22 @@ def error_page(error: str, description: str, status: int = 400) -> HTMLResponse:
     return page("Authorization failed", body, status)
 
 
+def unsent_error_page(error: str, description: str, redirect_uri: str) -> HTMLResponse:
+    """An authorization error that would go back to a redirect URI nobody vouches for: shown
+    here, with a link there that the person may follow (RFC 9700 §4.11.2). ``redirect_uri``
+    carries the error already."""
+    host = escape(urlsplit(redirect_uri).netloc)
+    body = (
+        f"<p class=error role=alert><code>{escape(error)}</code>: {escape(description)}</p>"
+        "<p>The application that sent you here registered itself, so nobody vouches for where"
+        f" it asked to be answered: <span class=host>{host}</span>. bastion does not send you"
+        " there on its own.</p><p>If you started this from the application you expect, return"
+        f" to it: <a href='{escape(redirect_uri, quote=True)}'>tell {host} about the"
+        " error</a>. Otherwise close this page.</p>"
+    )
+    return page("Authorization failed", body, 400)
+
+
 def sign_in_page(
     *,
     action: str,

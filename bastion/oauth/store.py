@@ -211,6 +211,13 @@ class Client:
     def is_public(self) -> bool:
         return self.token_endpoint_auth_method == "none"
 
+    @property
+    def vouched_for(self) -> bool:
+        """Whether the deployment vouches for the client (an administrator registered it);
+        anyone may register a client, or publish a metadata document, with any name and
+        redirect URI."""
+        return self.source == "admin"
+
 
 @dataclass(frozen=True)
 class OpenRegistrationRefusal:

@@ -30,7 +30,7 @@ from mcp.shared.auth import (
 from starlette.applications import Starlette
 
 from bastion.db import Database
-from bastion.oauth import AuthorizationServer, OAuthSettings
+from bastion.oauth import AuthorizationServer, OAuthSettings, registration
 from bastion.oauth.users import create_user
 from tests.ports import free_socket  # noqa: F401 (re-exported: many tests import it here)
 
@@ -188,6 +188,20 @@ class Bastion:
         response = self.http.post(f"{self.url}/register", json=body)
         assert response.status_code == 201, response.text
         return response.json()
+
+    def register_as_admin(self, **metadata) -> dict:
+        """A client as `bastion clients create` makes one: the deployment vouches for it."""
+        body = {
+            "client_name": "Admin agent",
+            "redirect_uris": ["http://127.0.0.1:9/callback"],
+            "token_endpoint_auth_method": "none",
+            "grant_types": ["authorization_code", "refresh_token"],
+            **metadata,
+        }
+        values = registration.validate_client_metadata(body, self.server.settings)
+        made = registration.new_client(values, source="admin", now=self.clock())
+        self.server.store.save_client(made.client)
+        return made.response()
 
     def authorize_params(self, client: dict, challenge: str, **overrides) -> dict:
         params = {

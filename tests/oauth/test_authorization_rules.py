@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import html
+import re
 from urllib.parse import parse_qs, urlencode, urlsplit
 
 import httpx
@@ -15,6 +17,15 @@ from .support import Bastion, hidden_fields, pkce_pair
 def redirect_query(response: httpx.Response) -> dict[str, str]:
     assert response.status_code in (302, 303), response.text
     return {k: v[0] for k, v in parse_qs(urlsplit(response.headers["location"]).query).items()}
+
+
+def shown_error(response: httpx.Response) -> dict[str, str]:
+    """The error of an authorization request shown on bastion's page, not redirected: the query
+    of the page's one link back to the client (which the person may follow, or not)."""
+    assert response.status_code == 400, response.text
+    assert "location" not in response.headers
+    (href,) = re.findall(r"<a href='([^']*)'", response.text)
+    return {k: v[0] for k, v in parse_qs(urlsplit(html.unescape(href)).query).items()}
 
 
 def authorize(bastion: Bastion, params: dict) -> httpx.Response:
@@ -63,10 +74,10 @@ def assert_oauth_error(response: httpx.Response, error: str, status: int = 400) 
         "unknown-scope",
     ],
 )
-def test_authorization_request_errors_go_back_to_the_client_and_change_nothing(
+def test_authorization_request_errors_go_back_to_a_client_the_deployment_vouches_for(
     bastion: Bastion, overrides, error
 ):
-    client = bastion.register()
+    client = bastion.register_as_admin()
     _, challenge = pkce_pair()
     before = bastion.rows()
     query = redirect_query(
@@ -80,13 +91,47 @@ def test_authorization_request_errors_go_back_to_the_client_and_change_nothing(
     assert bastion.rows() == before
 
 
+@pytest.mark.parametrize(
+    ("overrides", "error"),
+    [
+        ({"code_challenge": None, "code_challenge_method": None}, "invalid_request"),
+        ({"response_type": "token"}, "unsupported_response_type"),
+        ({"resource": None}, "invalid_target"),
+        ({"scope": "tools:read admin"}, "invalid_scope"),
+    ],
+    ids=["no-pkce", "implicit", "no-resource", "unknown-scope"],
+)
+def test_errors_before_the_person_acts_are_shown_not_redirected_for_a_self_registered_client(
+    bastion: Bastion, overrides, error
+):
+    """RFC 9700 §4.11.2: anyone may register a client with any redirect URI, so bastion does not
+    send a browser there on its own; the page names the host and links there."""
+    client = bastion.register()
+    _, challenge = pkce_pair()
+    before = bastion.rows()
+    response = authorize(bastion, bastion.authorize_params(client, challenge, **overrides))
+    query = shown_error(response)
+    assert query["error"] == error and error in response.text
+    assert query["error_description"]
+    assert query["state"] == "xyz-state" and query["iss"] == bastion.url
+    assert "127.0.0.1:9" in response.text
+    assert bastion.rows() == before
+
+
+def test_bastion_is_no_open_redirect_to_a_client_anyone_registered(bastion: Bastion):
+    phish = bastion.register(redirect_uris=["https://phish.example/login"])
+    response = authorize(bastion, {"client_id": phish["client_id"], "response_type": "x"})
+    assert shown_error(response)["error"] == "unsupported_response_type"
+    assert "phish.example" in response.text
+
+
 def test_a_scope_the_other_resource_lacks_is_refused(bastion: Bastion):
     client = bastion.register()
     _, challenge = pkce_pair()
     params = bastion.authorize_params(
         client, challenge, resource=bastion.other_resource, scope="tools:call"
     )
-    assert redirect_query(authorize(bastion, params))["error"] == "invalid_scope"
+    assert shown_error(authorize(bastion, params))["error"] == "invalid_scope"
 
 
 def test_redirect_uri_differing_by_one_character_is_refused_without_redirecting(bastion: Bastion):
@@ -123,7 +168,7 @@ def test_repeated_parameters_are_refused(bastion: Bastion):
     _, challenge = pkce_pair()
     params = list(bastion.authorize_params(client, challenge).items()) + [("scope", "tools:call")]
     response = bastion.http.get(f"{bastion.url}/authorize?{urlencode(params)}")
-    assert redirect_query(response)["error"] == "invalid_request"
+    assert shown_error(response)["error"] == "invalid_request"
 
 
 def test_the_redirect_carries_code_state_and_issuer(bastion: Bastion):

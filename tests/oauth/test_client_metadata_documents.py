@@ -198,6 +198,21 @@ def test_authorize_with_a_lying_document_shows_an_error_page_and_changes_nothing
         assert bastion.rows() == before
 
 
+def test_an_error_for_a_document_client_is_shown_not_redirected(host, sqlite_url, tmp_path):
+    """Anyone can publish a document naming any redirect URI: bastion does not send a browser
+    there on its own for an error found before the person did anything (RFC 9700 §4.11.2)."""
+    url = host.document("/agent.json")
+    settings = {"allow_private_addresses": True, "ca_file": host.ca_file}
+    with running_bastion(sqlite_url, tmp_path, client_metadata=settings) as bastion:
+        _, challenge = pkce_pair()
+        params = bastion.authorize_params(
+            {"client_id": url, "redirect_uris": [REDIRECT]}, challenge, response_type="token"
+        )
+        response = bastion.http.get(f"{bastion.url}/authorize?{urlencode(params)}")
+        assert response.status_code == 400 and "location" not in response.headers
+        assert "unsupported_response_type" in response.text and "127.0.0.1:9" in response.text
+
+
 def test_revoked_document_client_stays_refused(host, sqlite_url, tmp_path):
     url = host.document("/agent.json")
     settings = {"allow_private_addresses": True, "ca_file": host.ca_file}
