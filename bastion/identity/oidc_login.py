@@ -60,10 +60,10 @@ from bastion.oauth.jwks import (
     protected_header,
 )
 from bastion.oauth.sign_in import (
-    BROWSER_COOKIE,
     CSRF_PURPOSE,
     FORM_SECONDS,
     SESSION_COOKIE,
+    browser_cookie,
     local_path,
     set_cookie,
 )
@@ -179,7 +179,7 @@ class OpenIDLogin:
         if provider is None:
             return pages.error_page("invalid_request", "no such identity provider", 404)
         form = await request.form()
-        browser = request.cookies.get(BROWSER_COOKIE, "")
+        browser = browser_cookie(request, self.server)
         try:
             request_id, next_path = await self._resumed(request, form, browser)
             endpoints = await self._provider_endpoints(provider)
@@ -297,7 +297,7 @@ class OpenIDLogin:
             raise LoginRefused(
                 "state", "This login is unknown, expired or already used: start again."
             )
-        browser = request.cookies.get(BROWSER_COOKIE, "")
+        browser = browser_cookie(request, self.server)
         if not (browser and hmac.compare_digest(digest(browser), login.browser_digest)):
             raise LoginRefused("browser", "This login was started in another browser.", 403)
         if login.provider != provider.id:

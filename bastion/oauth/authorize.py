@@ -33,6 +33,8 @@ from bastion.oauth.sign_in import (
     BROWSER_COOKIE,
     FORM_SECONDS,
     SESSION_COOKIE,
+    browser_binding,
+    browser_cookie,
     check_login,
     set_cookie,
 )
@@ -170,7 +172,7 @@ class AuthorizationEndpoint:
                 )
             )
             return self._request_error(client, redirect_uri, state, error)
-        browser = request.cookies.get(BROWSER_COOKIE) or new_secret()
+        browser = browser_binding(request, self.server)
         pending = replace(pending, browser_digest=digest(browser))
         response = await run_in_threadpool(
             self._begin,
@@ -428,7 +430,7 @@ class AuthorizationEndpoint:
         if pending is None:
             raise _PageError("invalid_request", "this authorization request is unknown or expired")
         csrf = str(form.get("csrf_token", ""))
-        browser = request.cookies.get(BROWSER_COOKIE, "")
+        browser = browser_cookie(request, self.server)
         if not (
             csrf
             and hmac.compare_digest(csrf, pending.csrf_token)

@@ -7,14 +7,22 @@ form (and what it acts on, e.g. one approval request), ``binding`` is the value 
 the browser (its session, or the browser cookie before sign-in). Another site can make the
 browser send the cookie but cannot read it, so it cannot make a token that matches; a token
 copied from one form is refused by another, and every token is refused after ``max_age``.
+
+The browser cookie's value is bastion's own too (`FormTokens.browser_id`: random, with a MAC), so
+a value someone else chose and planted in a browser (from a sibling subdomain, or over plain HTTP)
+is never adopted as the browser's: it binds no form.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import secrets
 import time
 from collections.abc import Callable
+
+# The purpose under which browser cookie values are MACed: no form's token is made for it.
+_BROWSER = "browser-cookie"
 
 
 class FormTokens:
@@ -30,6 +38,18 @@ class FormTokens:
             self._key = self._secret()
         message = "\x00".join(("bastion-form", purpose, binding, issued)).encode()
         return hmac.new(self._key, message, hashlib.sha256).hexdigest()
+
+    def browser_id(self) -> str:
+        """A new value for the browser cookie: random, and marked as bastion's by its MAC."""
+        value = secrets.token_urlsafe(32)
+        return f"{value}.{self._mac(_BROWSER, value, '')}"
+
+    def made_here(self, browser_id: str) -> bool:
+        """Whether ``browser_id`` is a value `browser_id` made (under this deployment's secret)."""
+        value, dot, mac = browser_id.partition(".")
+        if not (value and dot and mac and browser_id.isascii()):
+            return False
+        return hmac.compare_digest(mac, self._mac(_BROWSER, value, ""))
 
     def token(self, purpose: str, binding: str) -> str:
         issued = str(int(self.clock()))

@@ -25,7 +25,6 @@ from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 
 from bastion.oauth import pages
-from bastion.oauth.store import new_secret
 from bastion.oauth.throttle import client_address
 from bastion.oauth.users import check_password
 
@@ -124,6 +123,19 @@ def _login_failed(
     server.housekeeping()
 
 
+def browser_cookie(request: Request, server: AuthorizationServer) -> str:
+    """The browser cookie's value if bastion made it, else "": a value planted by someone else
+    binds nothing."""
+    value = request.cookies.get(BROWSER_COOKIE, "")
+    return value if value and server.form_tokens.made_here(value) else ""
+
+
+def browser_binding(request: Request, server: AuthorizationServer) -> str:
+    """The browser cookie's value to bind a new form to: the request's if bastion made it (a
+    person's other tabs stay bound to it), else a new one."""
+    return browser_cookie(request, server) or server.form_tokens.browser_id()
+
+
 def set_cookie(
     response: Response, settings: OAuthSettings, name: str, value: str, seconds: int
 ) -> None:
@@ -212,8 +224,7 @@ class SignInEndpoint:
             self.server.store.session_user, session, self.server.clock()
         ):
             return _see_other(next_path)
-        browser = request.cookies.get(BROWSER_COOKIE) or new_secret()
-        return self._form(browser, next_path)
+        return self._form(browser_binding(request, self.server), next_path)
 
     async def submit(self, request: Request) -> Response:
         form = await request.form()
@@ -221,7 +232,7 @@ class SignInEndpoint:
         if next_path is None:
             return _refused_next()
         address = client_address(request)
-        browser = request.cookies.get(BROWSER_COOKIE, "")
+        browser = browser_cookie(request, self.server)
         if not self.server.form_tokens.valid(
             str(form.get("csrf_token", "")), CSRF_PURPOSE, browser, FORM_SECONDS
         ):
@@ -235,7 +246,7 @@ class SignInEndpoint:
             )
             # Nothing was checked; a fresh form lets a person who left it open too long go on.
             return self._form(
-                browser or new_secret(),
+                browser or self.server.form_tokens.browser_id(),
                 next_path,
                 "This form expired or came from another page. Sign in again.",
                 403,
