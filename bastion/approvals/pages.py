@@ -31,7 +31,7 @@ from bastion.approvals.service import Approvals, NotAllowed, Unavailable, Unknow
 from bastion.approvals.store import OPEN, ApprovalRequest
 from bastion.db import DatabaseUnavailable
 from bastion.oauth import pages
-from bastion.oauth.sign_in import SESSION_COOKIE, sign_in_url
+from bastion.oauth.sign_in import SESSION_COOKIE, read_cookie, sign_in_url
 from bastion.oauth.store import Client
 from bastion.untrusted_json import writable
 
@@ -86,7 +86,7 @@ class ApprovalPages:
     # -- who is there ----------------------------------------------------------------------------
 
     def _session(self, request: Request) -> str:
-        return request.cookies.get(SESSION_COOKIE, "")
+        return read_cookie(request, self.oauth.settings, SESSION_COOKIE)
 
     def _person(self, session: str) -> str | None:
         """In a worker thread: the person the session cookie names, if it is live."""

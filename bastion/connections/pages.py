@@ -27,7 +27,7 @@ from bastion.connections.service import PATH, Connections, ConnectionUnavailable
 from bastion.connections.upstream_oauth import UpstreamOAuthError
 from bastion.db import DatabaseUnavailable
 from bastion.oauth import pages
-from bastion.oauth.sign_in import SESSION_COOKIE, sign_in_url
+from bastion.oauth.sign_in import SESSION_COOKIE, read_cookie, sign_in_url
 
 if TYPE_CHECKING:
     from bastion.oauth.server import AuthorizationServer
@@ -61,7 +61,7 @@ class ConnectionPages:
     # -- who is there ----------------------------------------------------------------------------
 
     async def _person(self, request: Request) -> tuple[str, str | None]:
-        session = request.cookies.get(SESSION_COOKIE, "")
+        session = read_cookie(request, self.oauth.settings, SESSION_COOKIE)
         if not session:
             return "", None
         person = await run_in_threadpool(self.oauth.store.session_user, session, self.oauth.clock())

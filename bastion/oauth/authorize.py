@@ -36,6 +36,7 @@ from bastion.oauth.sign_in import (
     browser_binding,
     browser_cookie,
     check_login,
+    read_cookie,
     set_cookie,
 )
 from bastion.oauth.store import (
@@ -178,7 +179,7 @@ class AuthorizationEndpoint:
             self._begin,
             pending,
             client,
-            request.cookies.get(SESSION_COOKIE),
+            read_cookie(request, self.settings, SESSION_COOKIE),
             query.get("prompt"),
             _max_age(query.get("max_age")),
         )
@@ -360,7 +361,7 @@ class AuthorizationEndpoint:
                 self._answered,
                 pending,
                 client,
-                request.cookies.get(SESSION_COOKIE),
+                read_cookie(request, self.settings, SESSION_COOKIE),
                 form.get("decision"),
             )
         except _PageError as error:

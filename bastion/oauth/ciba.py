@@ -29,7 +29,6 @@ from starlette.responses import Response
 
 from bastion.agents.identity import record_first_owner
 from bastion.oauth import pages
-from bastion.oauth.authorize import SESSION_COOKIE
 from bastion.oauth.errors import (
     InvalidGrant,
     InvalidRequest,
@@ -38,6 +37,7 @@ from bastion.oauth.errors import (
     OAuthError,
     UnauthorizedClient,
 )
+from bastion.oauth.sign_in import SESSION_COOKIE, read_cookie
 from bastion.oauth.store import BackchannelRequest, Client, Grant, GrantRefused, new_secret
 from bastion.oauth.throttle import client_address
 from bastion.oauth.users import UserError, validate_username
@@ -329,7 +329,7 @@ class BackchannelAuthentication:
         return await run_in_threadpool(
             self._page,
             request_id,
-            request.cookies.get(SESSION_COOKIE),
+            read_cookie(request, self.settings, SESSION_COOKIE),
             form,
             client_address(request),
         )

@@ -123,10 +123,26 @@ def _login_failed(
     server.housekeeping()
 
 
+def cookie_name(settings: OAuthSettings, name: str) -> str:
+    """The name of one of bastion's cookies (`SESSION_COOKIE`, `BROWSER_COOKIE`) under this
+    issuer. On https, ``__Host-`` when the issuer is at the host's root: a browser takes such a
+    cookie only from this very host, over https, Secure, for path / and with no Domain, so
+    neither a sibling subdomain nor plain HTTP can plant one (RFC 6265bis §4.1.3.2); with an
+    issuer path, ``__Secure-`` (plain HTTP cannot set it; a sibling subdomain on https could)."""
+    if not settings.issuer.startswith("https://"):
+        return name
+    return f"{'__Secure-' if settings.issuer_path else '__Host-'}{name}"
+
+
+def read_cookie(request: Request, settings: OAuthSettings, name: str) -> str:
+    """The value of one of bastion's cookies the request carries (under `cookie_name`), or ""."""
+    return request.cookies.get(cookie_name(settings, name), "")
+
+
 def browser_cookie(request: Request, server: AuthorizationServer) -> str:
     """The browser cookie's value if bastion made it, else "": a value planted by someone else
     binds nothing."""
-    value = request.cookies.get(BROWSER_COOKIE, "")
+    value = read_cookie(request, server.settings, BROWSER_COOKIE)
     return value if value and server.form_tokens.made_here(value) else ""
 
 
@@ -139,10 +155,10 @@ def browser_binding(request: Request, server: AuthorizationServer) -> str:
 def set_cookie(
     response: Response, settings: OAuthSettings, name: str, value: str, seconds: int
 ) -> None:
-    """One of bastion's cookies: for the issuer's path, HTTP only, SameSite=Lax, and Secure
-    when the issuer is https."""
+    """One of bastion's cookies (named by `cookie_name`): for the issuer's path, HTTP only,
+    SameSite=Lax, and Secure when the issuer is https."""
     response.set_cookie(
-        name,
+        cookie_name(settings, name),
         value,
         max_age=seconds,
         path=settings.issuer_path or "/",
@@ -219,7 +235,7 @@ class SignInEndpoint:
         next_path = local_path(request.query_params.get("next", f"{self.settings.issuer_path}/"))
         if next_path is None:
             return _refused_next()
-        session = request.cookies.get(SESSION_COOKIE)
+        session = read_cookie(request, self.settings, SESSION_COOKIE)
         if session and await run_in_threadpool(
             self.server.store.session_user, session, self.server.clock()
         ):

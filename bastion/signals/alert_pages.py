@@ -23,7 +23,7 @@ from starlette.routing import Route
 
 from bastion.db import DatabaseUnavailable
 from bastion.oauth import pages
-from bastion.oauth.sign_in import SESSION_COOKIE, sign_in_url
+from bastion.oauth.sign_in import SESSION_COOKIE, read_cookie, sign_in_url
 from bastion.signals.alerts import ACKNOWLEDGED, Alert, AlertError, AlertNotFound, Alerts
 
 if TYPE_CHECKING:
@@ -68,7 +68,7 @@ class AlertPages:
 
     async def alert_page(self, request: Request) -> Response:
         alert_id = request.path_params["alert_id"]
-        session = request.cookies.get(SESSION_COOKIE, "")
+        session = read_cookie(request, self.oauth.settings, SESSION_COOKIE)
         try:
             person = await run_in_threadpool(self._person, session)
             if person is None:
@@ -84,7 +84,7 @@ class AlertPages:
 
     async def acknowledge(self, request: Request) -> Response:
         alert_id = request.path_params["alert_id"]
-        session = request.cookies.get(SESSION_COOKIE, "")
+        session = read_cookie(request, self.oauth.settings, SESSION_COOKIE)
         try:
             form = await request.form()
             person = await run_in_threadpool(self._person, session)

@@ -172,6 +172,8 @@ class Bastion:
     other_resource: str
     clock: Clock
     http: httpx.Client
+    # What trusts the server's certificate when the issuer is https (`running_bastion(https=True)`).
+    trust: ssl.SSLContext | None = None
 
     @property
     def db(self) -> Database:
@@ -292,9 +294,19 @@ def make_settings(url: str, resource: str, other: str, key_dir: str, **extra) ->
 
 
 @contextmanager
-def running_bastion(database_url: str, tmp_path, resource: str | None = None, **extra):
+def running_bastion(
+    database_url: str, tmp_path, resource: str | None = None, *, https: bool = False, **extra
+):
+    """An authorization server on loopback; ``https``: its issuer is https, served with a
+    self-signed certificate (`Bastion.trust`)."""
     sock = free_socket()
-    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    scheme = "https" if https else "http"
+    url = f"{scheme}://127.0.0.1:{sock.getsockname()[1]}"
+    tls: dict[str, str] = {}
+    if https:
+        (tmp_path / "tls").mkdir(exist_ok=True)
+        cert, key = self_signed_certificate(tmp_path / "tls")
+        tls = {"ssl_certfile": cert, "ssl_keyfile": key}
     resource = resource or "http://127.0.0.1:9/mcp"
     settings = make_settings(
         url, resource, "http://127.0.0.1:9/other-mcp", str(tmp_path / "keys"), **extra
@@ -304,9 +316,18 @@ def running_bastion(database_url: str, tmp_path, resource: str | None = None, **
     server = AuthorizationServer(settings, db, clock=clock)
     create_user(server.store, "alice", PASSWORD, clock())
     app = Starlette(routes=server.routes())
-    with serve(app, sock) as base, httpx.Client(timeout=10) as http:
+    trust = ssl.create_default_context(cafile=tls["ssl_certfile"]) if tls else None
+    with serve(app, sock, **tls) as base, httpx.Client(timeout=10, verify=trust or True) as http:
         assert base == url
-        yield Bastion(server, url, resource, "http://127.0.0.1:9/other-mcp", clock, http)
+        yield Bastion(
+            server,
+            url,
+            resource,
+            "http://127.0.0.1:9/other-mcp",
+            clock,
+            http,
+            trust,
+        )
     db.close()
 
 

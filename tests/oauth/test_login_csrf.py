@@ -9,7 +9,7 @@ from urllib.parse import urlencode
 
 import httpx
 
-from .support import PASSWORD, Bastion, hidden_fields, pkce_pair
+from .support import PASSWORD, Bastion, hidden_fields, pkce_pair, running_bastion
 
 CHOSEN = "chosen-by-someone-else"
 
@@ -45,3 +45,45 @@ def test_an_authorization_request_never_binds_to_a_browser_cookie_bastion_did_no
     )
     assert answer.status_code == 403, answer.text
     assert "bastion_session" not in answer.cookies
+
+
+def test_on_an_https_issuer_the_cookies_are_host_only_and_secure(sqlite_url, tmp_path):
+    """``__Host-``: a browser takes the cookie only from this host, over https, for path / and
+    with no Domain, so neither a sibling subdomain nor plain HTTP can set one."""
+    with running_bastion(sqlite_url, tmp_path, https=True) as bastion:
+        with httpx.Client(verify=bastion.trust) as browser:
+            page = browser.get(f"{bastion.url}/sign-in", params={"next": "/approvals"})
+            (made,) = page.headers.get_list("set-cookie")
+            assert made.startswith("__Host-bastion_browser=")
+            signed_in = browser.post(
+                f"{bastion.url}/sign-in",
+                data={**hidden_fields(page.text), "username": "alice", "password": PASSWORD},
+            )
+        assert signed_in.status_code == 303, signed_in.text
+        (session,) = signed_in.headers.get_list("set-cookie")
+        assert session.startswith("__Host-bastion_session=")
+        for cookie in (made, session):
+            attributes = [a.strip().lower() for a in cookie.split(";")[1:]]
+            assert "secure" in attributes and "path=/" in attributes and "httponly" in attributes
+            assert not any(a.startswith("domain") for a in attributes)
+
+
+def test_on_an_https_issuer_a_session_cookie_planted_without_the_prefix_signs_nobody_in(
+    sqlite_url, tmp_path
+):
+    with running_bastion(sqlite_url, tmp_path, https=True) as bastion:
+        session = bastion.server.store.create_session("alice", bastion.clock(), 3600)
+        signed_in = "/approvals"
+
+        def sign_in_page(cookie: str) -> httpx.Response:
+            return httpx.get(
+                f"{bastion.url}/sign-in",
+                params={"next": signed_in},
+                headers={"Cookie": f"{cookie}={session}"},
+                verify=bastion.trust,
+            )
+
+        planted = sign_in_page("bastion_session")
+        assert planted.status_code == 200 and "name=password" in planted.text
+        own = sign_in_page("__Host-bastion_session")
+        assert own.status_code == 303 and own.headers["location"] == signed_in
