@@ -92,10 +92,13 @@ def tab_fixture(browser: tuple[BrowserContext, list[str]]) -> Iterator[Tab]:
 
 class ClientSite:
     """The client's own web site on another loopback port: the redirect URI (which records what
-    it is sent), a page that puts any URLs in <iframe>s, and a plain page that may be framed."""
+    it is sent, and the ``Referer`` it came with), a page that puts any URLs in <iframe>s, a
+    plain page that may be framed, and a page that submits a form to any URL as soon as it
+    loads (``/post?action=<url>&<field>=<value>...``: what a hostile site does)."""
 
     def __init__(self) -> None:
         self.arrivals: list[dict[str, list[str]]] = []
+        self.referers: list[str | None] = []
         site = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -104,7 +107,21 @@ class ClientSite:
                 query = parse_qs(parts.query)
                 if parts.path == "/callback":
                     site.arrivals.append(query)
+                    site.referers.append(self.headers.get("Referer"))
                     body = "<!doctype html><title>Client</title><h1>Back at the client</h1>"
+                elif parts.path == "/post":
+                    fields = "".join(
+                        f"<input type=hidden name='{escape(k, quote=True)}'"
+                        f" value='{escape(v[0], quote=True)}'>"
+                        for k, v in query.items()
+                        if k != "action"
+                    )
+                    action = escape(query["action"][0], quote=True)
+                    body = (
+                        "<!doctype html><title>Hostile</title><body"
+                        " onload='document.forms[0].submit()'>"
+                        f"<form method=post action='{action}'>{fields}</form>"
+                    )
                 elif parts.path == "/plain":
                     body = "<!doctype html><title>Plain</title><h1>A page that may be framed</h1>"
                 elif parts.path == "/frame":

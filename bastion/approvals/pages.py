@@ -80,7 +80,7 @@ class ApprovalPages:
         return [
             Route(self.prefix, self.list_page, methods=["GET"]),
             Route(f"{self.prefix}/{{request_id}}", self.request_page, methods=["GET"]),
-            Route(f"{self.prefix}/{{request_id}}", self.answer, methods=["POST"]),
+            self.oauth.form_route(f"{self.prefix}/{{request_id}}", self.answer),
         ]
 
     # -- who is there ----------------------------------------------------------------------------

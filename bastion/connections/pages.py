@@ -54,8 +54,8 @@ class ConnectionPages:
             Route(self.prefix, self.list_page, methods=["GET"]),
             Route(f"{self.prefix}/callback", self.callback, methods=["GET"]),
             Route(f"{self.prefix}/{{upstream}}/connect", self.connect_page, methods=["GET"]),
-            Route(f"{self.prefix}/{{upstream}}/connect", self.connect, methods=["POST"]),
-            Route(f"{self.prefix}/{{upstream}}/revoke", self.revoke, methods=["POST"]),
+            self.oauth.form_route(f"{self.prefix}/{{upstream}}/connect", self.connect),
+            self.oauth.form_route(f"{self.prefix}/{{upstream}}/revoke", self.revoke),
         ]
 
     # -- who is there ----------------------------------------------------------------------------

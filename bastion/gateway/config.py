@@ -43,11 +43,11 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlsplit
 
 from bastion.connections.settings import ConnectionSettingsError, UpstreamOAuth
 from bastion.environment import expand
 from bastion.identity.trusted_issuers import TrustedIssuer, parse_trusted_issuers
+from bastion.origins import normalized_origin
 from bastion.redis_client import CLUSTER_SCHEMES
 from bastion.server.config import ConfigError
 
@@ -193,31 +193,6 @@ class GatewayConfig:
             label_max=_whole(table, "label_max", 256, "gateway"),
             label_max_sets=_whole(table, "label_max_sets", 100_000, "gateway"),
         )
-
-
-def normalized_origin(value: str) -> str | None:
-    """An HTTP(S) origin as browsers send it (RFC 6454: lowercase scheme and host, the port only
-    if it is not the scheme's default), or None if ``value`` is no such origin (``null``, a path,
-    credentials...)."""
-    try:
-        parts = urlsplit(value.strip())
-        port = parts.port
-    except ValueError:
-        return None
-    scheme, host = parts.scheme.lower(), (parts.hostname or "")
-    if (
-        scheme not in ("http", "https")
-        or not host
-        or parts.username is not None
-        or parts.path not in ("", "/")
-        or parts.query
-        or parts.fragment
-    ):
-        return None
-    if ":" in host:
-        host = f"[{host}]"
-    default = 443 if scheme == "https" else 80
-    return f"{scheme}://{host}" + (f":{port}" if port is not None and port != default else "")
 
 
 def _only(table: Mapping[str, Any], known: set[str], where: str) -> None:

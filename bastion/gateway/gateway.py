@@ -24,7 +24,7 @@ from bastion.decide import Authorizer
 from bastion.decide.contract import remembered_connects
 from bastion.facts.model import Entity
 from bastion.gateway.client_requests import ClientRequests
-from bastion.gateway.config import GatewayConfig, UpstreamConfig, normalized_origin
+from bastion.gateway.config import GatewayConfig, UpstreamConfig
 from bastion.gateway.enforce import Caller, Enforcer, Held, StepUp, refused
 from bastion.gateway.handlers import Exchange, nameable
 from bastion.gateway.holds import RequestStates, pending_error
@@ -47,6 +47,7 @@ from bastion.identity.trusted_issuers import IssuerUnavailable, TrustedIssuers
 from bastion.oauth.dpop import DPoPProofs
 from bastion.oauth.errors import InvalidToken
 from bastion.oauth.verifier import VerifiedToken, VerifiedTokens
+from bastion.origins import normalized_origin, origin_of
 from bastion.signals.posture import PostureSettings
 from bastion.signals.suspensions import Suspensions
 
@@ -178,7 +179,7 @@ class Gateway:
         self.issuer = issuer
         self.public_url = config.public_url or _origin(issuer)
         # Pages of other origins may not call /mcp/ (DNS rebinding: MCP's transport, Security).
-        own = normalized_origin(_origin(self.public_url))
+        own = origin_of(self.public_url)
         self.allowed_origins = frozenset(config.allowed_origins or ((own,) if own else ()))
         self.records = records
         self.limiter = (

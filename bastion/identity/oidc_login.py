@@ -165,7 +165,7 @@ class OpenIDLogin:
     def routes(self) -> list[Route]:
         prefix = self.server.settings.issuer_path
         return [
-            Route(f"{prefix}/login/{{provider}}", self.start, methods=["POST"]),
+            self.server.form_route(f"{prefix}/login/{{provider}}", self.start),
             Route(f"{prefix}/login/{{provider}}/callback", self.callback, methods=["GET"]),
         ]
 

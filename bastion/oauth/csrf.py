@@ -8,6 +8,11 @@ the browser (its session, or the browser cookie before sign-in). Another site ca
 browser send the cookie but cannot read it, so it cannot make a token that matches; a token
 copied from one form is refused by another, and every token is refused after ``max_age``.
 
+A form is also refused when its request's ``Origin`` header names another site than the
+issuer's (`foreign_origin`, the cheat sheet's "verifying origin with standard headers"): every
+current browser sends it with a POST, so another site's page cannot submit one of bastion's forms
+even with a token and cookies it managed to plant.
+
 The browser cookie's value is bastion's own too (`FormTokens.browser_id`: random, with a MAC), so
 a value someone else chose and planted in a browser (from a sibling subdomain, or over plain HTTP)
 is never adopted as the browser's: it binds no form.
@@ -20,6 +25,10 @@ import hmac
 import secrets
 import time
 from collections.abc import Callable
+
+from starlette.requests import Request
+
+from bastion.origins import normalized_origin, origin_of
 
 # The purpose under which browser cookie values are MACed: no form's token is made for it.
 _BROWSER = "browser-cookie"
@@ -66,3 +75,14 @@ class FormTokens:
         if not 0 <= self.clock() - int(issued) <= max_age:
             return False
         return hmac.compare_digest(mac, self._mac(purpose, binding, issued))
+
+
+def foreign_origin(request: Request, issuer: str) -> str | None:
+    """The request's ``Origin`` when it is there and is not the issuer's origin (``null``, a
+    sandboxed or hidden origin, is not the issuer's either); None otherwise. A browser sends
+    ``Origin`` with every POST, so a form one of bastion's own pages sent has the issuer's."""
+    sent = request.headers.get("origin")
+    if sent is None:
+        return None
+    own = origin_of(issuer)
+    return None if own is not None and normalized_origin(sent) == own else sent[:200]

@@ -3,9 +3,9 @@ request and errors during authorization, and the sign-in of bastion's own pages 
 frame every page of bastion uses, approvals too).
 
 Server-rendered HTML with every value escaped, no scripts, and headers that forbid framing
-(clickjacking, RFC 9700 §4.16), caching and referrer leaks. A client's name is only vouched for
-when an administrator registered it; otherwise the pages say plainly that it is unverified, and
-for a metadata-document client, which host identifies it.
+(clickjacking, RFC 9700 §4.16), caching and referrer leaks to other sites. A client's name is
+only vouched for when an administrator registered it; otherwise the pages say plainly that it is
+unverified, and for a metadata-document client, which host identifies it.
 """
 
 from __future__ import annotations
@@ -24,7 +24,10 @@ SECURITY_HEADERS = {
     ),
     "Cache-Control": "no-store",
     "Pragma": "no-cache",
-    "Referrer-Policy": "no-referrer",
+    # No referrer to another site (the redirect URI, a link); to bastion itself the browser then
+    # sends its real ``Origin`` with each form (under no-referrer it sends ``null``), which is
+    # how a form from another site is told apart (`bastion.oauth.csrf.foreign_origin`).
+    "Referrer-Policy": "same-origin",
     "X-Content-Type-Options": "nosniff",
 }
 

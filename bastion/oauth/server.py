@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import functools
 import time
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
@@ -19,13 +19,13 @@ from bastion.audit import AuditLog
 from bastion.audit.refusals import RefusalLog
 from bastion.db import Database, DatabaseUnavailable
 from bastion.facts.store import FactStore
-from bastion.oauth import introspection, registration, revocation
+from bastion.oauth import introspection, pages, registration, revocation
 from bastion.oauth.authorize import AuthorizationEndpoint
 from bastion.oauth.ciba import POLLING_ERRORS, BackchannelAuthentication
 from bastion.oauth.client_assertion import ClientAssertions
 from bastion.oauth.client_auth import authenticate_client
 from bastion.oauth.client_metadata_document import ClientMetadataDocuments, is_client_id_url
-from bastion.oauth.csrf import FormTokens
+from bastion.oauth.csrf import FormTokens, foreign_origin
 from bastion.oauth.dpop import HEADER as DPOP_HEADER
 from bastion.oauth.dpop import NONCE_HEADER, DPoPProofs, UseDPoPNonce
 from bastion.oauth.errors import InvalidRequest, OAuthError
@@ -218,6 +218,43 @@ class AuthorizationServer:
         """(form action, name) of each identity provider the login pages offer."""
         return self.external_login.choices() if self.external_login is not None else []
 
+    def form_route(
+        self,
+        path: str,
+        endpoint: Callable[[Request], Awaitable[Response]],
+        methods: Sequence[str] = ("POST",),
+    ) -> Route:
+        """The route of a page of bastion's that takes a form (sign-in, login, consent, a CIBA
+        answer, approvals, alerts, connections): a POST another site's page sent (its
+        ``Origin`` is not the issuer's: `foreign_origin`) is refused with 403 before
+        ``endpoint`` sees it, and recorded (aggregated: it proves nothing). Every page's form
+        route is made here; the APIs (``/token``, ``/v1``, the gateway) are not pages."""
+
+        async def same_origin_only(request: Request) -> Response:
+            origin = (
+                foreign_origin(request, self.settings.issuer) if request.method == "POST" else None
+            )
+            if origin is None:
+                return await endpoint(request)
+            await run_in_threadpool(
+                functools.partial(
+                    self.refusals.record,
+                    "page.origin_refused",
+                    address=client_address(request),
+                    reason="origin",
+                    origin=origin,
+                    path=request.url.path[:200],
+                )
+            )
+            return pages.message_page(
+                "Form refused",
+                "This form was sent from another site, not from bastion's own page, so nothing"
+                " was done. If you meant to, open the page at bastion and send it from there.",
+                403,
+            )
+
+        return Route(path, same_origin_only, methods=list(methods), name=endpoint.__name__)
+
     def routes(self) -> list[Route]:
         prefix = self.settings.issuer_path
         provider_logins = self.external_login.routes() if self.external_login is not None else []
@@ -226,13 +263,13 @@ class AuthorizationServer:
             Route(f"{prefix}/jwks.json", self._jwks, methods=["GET"]),
             Route(f"{prefix}/register", self._register, methods=["POST"]),
             Route(f"{prefix}/authorize", self.authorization.authorize, methods=["GET"]),
-            Route(f"{prefix}/authorize/login", self.authorization.login, methods=["POST"]),
-            Route(f"{prefix}/authorize/consent", self.authorization.consent, methods=["POST"]),
+            self.form_route(f"{prefix}/authorize/login", self.authorization.login),
+            self.form_route(f"{prefix}/authorize/consent", self.authorization.consent),
             Route(f"{prefix}/sign-in", self._sign_in.page, methods=["GET"]),
-            Route(f"{prefix}/sign-in", self._sign_in.submit, methods=["POST"]),
+            self.form_route(f"{prefix}/sign-in", self._sign_in.submit),
             Route(f"{prefix}/token", self._token, methods=["POST"]),
             Route(f"{prefix}/bc-authorize", self._backchannel_authorize, methods=["POST"]),
-            Route(f"{prefix}/bc-approve/{{request_id}}", self.ciba.page, methods=["GET", "POST"]),
+            self.form_route(f"{prefix}/bc-approve/{{request_id}}", self.ciba.page, ["GET", "POST"]),
             Route(f"{prefix}/revoke", self._revoke, methods=["POST"]),
             Route(f"{prefix}/introspect", self._introspect, methods=["POST"]),
         ]

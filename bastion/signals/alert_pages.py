@@ -41,7 +41,7 @@ class AlertPages:
     def routes(self) -> list[Route]:
         return [
             Route(f"{self.prefix}/{{alert_id}}", self.alert_page, methods=["GET"]),
-            Route(f"{self.prefix}/{{alert_id}}", self.acknowledge, methods=["POST"]),
+            self.oauth.form_route(f"{self.prefix}/{{alert_id}}", self.acknowledge),
         ]
 
     def _person(self, session: str) -> str | None:

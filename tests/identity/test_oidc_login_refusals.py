@@ -544,6 +544,17 @@ def test_a_login_cannot_start_without_the_forms_csrf_token(bastion, person, clie
     refused(person.http.post(f"{bastion.url}/login/a", data=form), 403, "expired or came from")
 
 
+def test_a_provider_login_started_from_another_site_is_refused(bastion, person, client):
+    page = person.open_authorization(client)
+    started = person.http.post(
+        f"{bastion.url}/login/a",
+        data=hidden_fields(page.text),
+        headers={"Origin": "https://evil.example"},
+    )
+    refused(started, 403, "sent from another site")
+    assert "location" not in started.headers
+
+
 def test_a_disabled_user_cannot_log_in_through_the_provider(bastion, idp, person, client):
     query = person.sent_to_provider(client, "a")
     first = person.back_from_provider(

@@ -117,6 +117,7 @@ def test_sign_in_and_allow_lands_on_the_client_with_a_code_for_a_working_token(
     assert query["state"] == [state] and query["iss"] == [bastion.url]
     assert page.get_by_role("heading", name="Back at the client").is_visible()
     assert site.arrivals == [query]
+    assert site.referers == [None]  # bastion's pages tell no other site their addresses
 
     response = bastion.token(
         grant_type="authorization_code",
@@ -135,6 +136,28 @@ def test_sign_in_and_allow_lands_on_the_client_with_a_code_for_a_working_token(
     assert verified.audience == (bastion.resource,)
     assert verified.claims["iss"] == bastion.url
     assert tab.console_errors == [] and tab.failed_requests == []
+
+
+def test_another_site_cannot_submit_the_sign_in_form_even_with_its_token_and_cookie(
+    bastion: Bastion, site: ClientSite, tab: Tab
+):
+    """Login CSRF from another site of the same host (cookies ignore ports, so it is as a
+    sibling subdomain would be): it has the browser's cookie and a token bound to it (as if it
+    had planted both), and its page submits the sign-in form with its own password at once.
+    The browser says where the form came from (``Origin``), and bastion refuses it."""
+    page = tab.page
+    page.goto(f"{bastion.url}/sign-in?next=/approvals")
+    token = page.locator("input[name=csrf_token]").get_attribute("value")
+    fields = {"next": "/approvals", "csrf_token": token, "username": "alice", "password": PASSWORD}
+    hostile = f"{site.url}/post?{urlencode({'action': f'{bastion.url}/sign-in', **fields})}"
+    with page.expect_response(
+        lambda r: r.url == f"{bastion.url}/sign-in" and r.request.method == "POST"
+    ) as posted:
+        page.goto(hostile)
+    assert posted.value.status == 403
+    assert posted.value.request.headers.get("origin") == site.url
+    assert "sent from another site" in text_of(page)
+    assert "bastion_session" not in {c["name"] for c in page.context.cookies()}
 
 
 def test_an_administrators_client_is_shown_as_verified_and_a_self_registered_one_is_not(

@@ -94,7 +94,9 @@ def test_a_form_posted_by_another_page_is_refused(
     bastion: Bastion, client: dict, site: ClientSite, tab: Tab
 ):
     """The client's site and bastion are both on 127.0.0.1: the same site, so the browser sends
-    the Lax session cookie with the other page's POST. The CSRF token is what refuses it."""
+    the Lax session cookie with the other page's POST. Its ``Origin`` (another site's) refuses
+    it before anything else; its guessed CSRF token would too
+    (test_ciba.py::test_an_answer_without_its_csrf_token_is_refused)."""
     agent = ciba_client(bastion)
     ack = requested(bastion, agent)
     url = only_pending_url(bastion)
@@ -114,6 +116,6 @@ def test_a_form_posted_by_another_page_is_refused(
     with page.expect_navigation(url=url) as navigation:
         page.goto(f"{site.url}/prize")
     assert navigation.value.status == 403
-    assert page.get_by_role("heading", name="Answer refused").is_visible()
+    assert page.get_by_role("heading", name="Form refused").is_visible()
     assert_oauth_error(wait_and_poll(bastion, agent, ack["auth_req_id"]), "authorization_pending")
     assert CIBA_GRANT_TYPE in agent["grant_types"]

@@ -5,13 +5,20 @@ Each is tried with real requests and refused."""
 
 from __future__ import annotations
 
-from urllib.parse import urlencode
+import re
+from urllib.parse import parse_qs, urlencode, urlsplit
 
 import httpx
+from starlette.routing import Route
+
+from tests.gateway.support import start
 
 from .support import PASSWORD, Bastion, hidden_fields, pkce_pair, running_bastion
+from .test_ciba import ciba_client, only_pending_url, requested, signed_in
 
 CHOSEN = "chosen-by-someone-else"
+FOREIGN = {"Origin": "https://evil.example"}
+REFUSED = "sent from another site"
 
 
 def test_the_sign_in_page_never_adopts_a_browser_cookie_bastion_did_not_make(bastion: Bastion):
@@ -87,3 +94,89 @@ def test_on_an_https_issuer_a_session_cookie_planted_without_the_prefix_signs_no
         assert planted.status_code == 200 and "name=password" in planted.text
         own = sign_in_page("__Host-bastion_session")
         assert own.status_code == 303 and own.headers["location"] == signed_in
+
+
+def test_a_sign_in_form_sent_from_another_site_is_refused(bastion: Bastion):
+    """Another site's page auto-submits bastion's sign-in form with the attacker's password:
+    refused before anything is checked, whatever the form holds; sent from bastion's own page,
+    the same form signs in."""
+    with httpx.Client(timeout=10) as browser:
+        page = browser.get(f"{bastion.url}/sign-in", params={"next": "/approvals"})
+        form = {**hidden_fields(page.text), "username": "alice", "password": PASSWORD}
+        for origin in (
+            "https://evil.example",
+            "null",
+            bastion.url.replace("127.0.0.1", "localhost"),
+        ):
+            refused = browser.post(f"{bastion.url}/sign-in", data=form, headers={"Origin": origin})
+            assert refused.status_code == 403 and REFUSED in refused.text, origin
+            assert "bastion_session" not in refused.cookies
+        own = browser.post(f"{bastion.url}/sign-in", data=form, headers={"Origin": bastion.url})
+        assert own.status_code == 303 and "bastion_session" in own.cookies
+
+
+def test_login_and_consent_forms_sent_from_another_site_are_refused(bastion: Bastion):
+    client = bastion.register()
+    _, challenge = pkce_pair()
+    url = f"{bastion.url}/authorize?{urlencode(bastion.authorize_params(client, challenge))}"
+    with httpx.Client(timeout=10) as browser:
+        page = browser.get(url)
+        form = {**hidden_fields(page.text), "username": "alice", "password": PASSWORD}
+        refused = browser.post(f"{bastion.url}/authorize/login", data=form, headers=FOREIGN)
+        assert refused.status_code == 403 and REFUSED in refused.text
+        page = browser.post(
+            f"{bastion.url}/authorize/login", data=form, headers={"Origin": bastion.url}
+        )
+        assert page.status_code == 200 and "decision" in page.text, page.text
+        allow = {**hidden_fields(page.text), "decision": "allow"}
+        refused = browser.post(f"{bastion.url}/authorize/consent", data=allow, headers=FOREIGN)
+        assert refused.status_code == 403 and REFUSED in refused.text
+        assert "location" not in refused.headers
+        # The refused form changed nothing: sent from bastion's page (no Origin: an older
+        # browser), it is still answered.
+        done = browser.post(f"{bastion.url}/authorize/consent", data=allow)
+        assert done.status_code == 303
+        assert "code" in parse_qs(urlsplit(done.headers["location"]).query)
+
+
+def test_a_ciba_answer_sent_from_another_site_is_refused(bastion: Bastion):
+    requested(bastion, ciba_client(bastion))
+    browser = signed_in(bastion, "alice")
+    url = only_pending_url(bastion)
+    page = browser.get(url)
+    refused = browser.post(
+        url, data={**hidden_fields(page.text), "decision": "approve"}, headers=FOREIGN
+    )
+    assert refused.status_code == 403 and REFUSED in refused.text
+    assert len(bastion.server.ciba.pending_for("alice")) == 1
+
+
+# The machine-facing POST routes, which other sites' scripts may call (CORS) and which carry no
+# browser cookie: not pages, so no Origin check of the pages' applies.
+API_PATHS = ("/token", "/register", "/revoke", "/introspect", "/bc-authorize", "/ssf/events")
+API_PREFIXES = ("/v1/", "/api/", "/access/")
+
+
+def test_every_page_form_of_a_whole_server_refuses_another_sites_post_and_no_api_does(tmp_path):
+    """Every POST route of a server with a gateway, approvals, alerts and per-user connections:
+    a page's form refuses a POST from another site before it looks at anything; an API does not
+    (its own checks answer). A page route added without the check fails here."""
+    personal = {"name": "personal", "url": "http://127.0.0.1:9/mcp", "auth": "per_user"}
+    with start(tmp_path, more_upstreams=(personal,)) as running:
+        posts = sorted(
+            {
+                re.sub(r"\{[^}]*\}", "x", route.path)
+                for route in running.app.routes
+                if isinstance(route, Route) and "POST" in (route.methods or ())
+            }
+        )
+        pages = [p for p in posts if p not in API_PATHS and not p.startswith(API_PREFIXES)]
+        for wanted in ("/sign-in", "/authorize/consent", "/approvals/x", "/alerts/x"):
+            assert wanted in pages, pages
+        assert "/connections/x/connect" in pages and "/connections/x/revoke" in pages, pages
+        for path in posts:
+            answer = running.http.post(f"{running.url}{path}", data={"a": "b"}, headers=FOREIGN)
+            if path in pages:
+                assert answer.status_code == 403 and REFUSED in answer.text, path
+            else:
+                assert REFUSED not in answer.text, path

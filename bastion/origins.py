@@ -1,0 +1,40 @@
+"""Web origins (RFC 6454) as browsers send them in ``Origin``: compared by the gateway (which pages
+may call ``/mcp/``) and by bastion's own pages (a form another site sent is refused)."""
+
+from __future__ import annotations
+
+from urllib.parse import urlsplit
+
+
+def normalized_origin(value: str) -> str | None:
+    """An HTTP(S) origin as browsers send it (RFC 6454: lowercase scheme and host, the port only
+    if it is not the scheme's default), or None if ``value`` is no such origin (``null``, a path,
+    credentials...)."""
+    try:
+        parts = urlsplit(value.strip())
+        port = parts.port
+    except ValueError:
+        return None
+    scheme, host = parts.scheme.lower(), (parts.hostname or "")
+    if (
+        scheme not in ("http", "https")
+        or not host
+        or parts.username is not None
+        or parts.path not in ("", "/")
+        or parts.query
+        or parts.fragment
+    ):
+        return None
+    if ":" in host:
+        host = f"[{host}]"
+    default = 443 if scheme == "https" else 80
+    return f"{scheme}://{host}" + (f":{port}" if port is not None and port != default else "")
+
+
+def origin_of(url: str) -> str | None:
+    """The origin of a URL (its scheme, host and port, normalized), or None if it has none."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return None
+    return normalized_origin(f"{parts.scheme}://{parts.netloc}")
