@@ -375,12 +375,14 @@ class Database:
         for callback in callbacks:
             callback()
 
-    def lock(self, name: str) -> None:
+    def lock(self, name: str, *, shared: bool = False) -> None:
         """Inside a transaction: hold the lock ``name`` until it ends, so writers of one thing
-        (one approval's binding, the change log) take turns across processes. PostgreSQL's
-        advisory lock; nothing on SQLite, where BEGIN IMMEDIATE lets one writer in at a time."""
+        (one approval's binding, the change log) take turns across processes; ``shared`` ones
+        run side by side, and only wait for one that is not. PostgreSQL's advisory lock;
+        nothing on SQLite, where BEGIN IMMEDIATE lets one writer in at a time."""
         if self.is_postgres:
-            self.execute("SELECT pg_advisory_xact_lock(hashtext(?))", (name,))
+            function = "pg_advisory_xact_lock_shared" if shared else "pg_advisory_xact_lock"
+            self.execute(f"SELECT {function}(hashtext(?))", (name,))
 
     def _rollback(self) -> None:
         conn = self._conn

@@ -387,11 +387,8 @@ class OAuthStore:
         registered ``max_per_address`` in the last ``window_seconds``, or ``max_unused`` open
         registrations have no grant yet; then save nothing and say which (and since when)."""
         with self.db.transaction():
-            if self.db.is_postgres:
-                # Counted and inserted as one step, whatever the isolation level.
-                self.db.execute(
-                    "SELECT pg_advisory_xact_lock(hashtext('bastion:open_registration'))"
-                )
+            # Counted and inserted as one step, whatever the isolation level.
+            self.db.lock("bastion:open_registration")
             count, oldest = self.db.execute(
                 "SELECT COUNT(*), MIN(registered_at) FROM oauth_open_registrations"
                 " WHERE address = ? AND registered_at > ?",
@@ -687,12 +684,8 @@ class OAuthStore:
         """Keep a new request, unless its client has ``most_pending`` requests waiting for an
         answer already (then save nothing and return False)."""
         with self.db.transaction():
-            if self.db.is_postgres:
-                # Counted and inserted as one step, whatever the isolation level.
-                self.db.execute(
-                    "SELECT pg_advisory_xact_lock(hashtext(?))",
-                    (f"bastion:backchannel:{request.client_id}",),
-                )
+            # Counted and inserted as one step, whatever the isolation level.
+            self.db.lock(f"bastion:backchannel:{request.client_id}")
             (waiting,) = self.db.execute(
                 "SELECT COUNT(*) FROM oauth_backchannel_requests"
                 " WHERE client_id = ? AND status = 'pending' AND expires_at > ?",
@@ -803,9 +796,7 @@ class OAuthStore:
         ``username`` (``shared``: those run side by side) or takes their grants away (not
         shared). A lock on a name, not a row, so that users bastion does not hold (an identity
         provider's) are ordered too. SQLite's writers run one at a time (BEGIN IMMEDIATE)."""
-        if self.db.is_postgres:
-            function = "pg_advisory_xact_lock_shared" if shared else "pg_advisory_xact_lock"
-            self.db.execute(f"SELECT {function}(hashtext(?))", (f"bastion:user:{username}",))
+        self.db.lock(f"bastion:user:{username}", shared=shared)
 
     def create_grant(
         self, grant: Grant, *, authorized_at: float | None = None, strangers: bool = False

@@ -109,9 +109,7 @@ class LoginThrottle:
         for every process on the database; `succeeded` or `take_back` undo the count."""
         db = self.store.db
         with db.transaction():
-            if db.is_postgres:
-                # SQLite's BEGIN IMMEDIATE already lets one writer in at a time.
-                db.execute("SELECT pg_advisory_xact_lock(hashtext('bastion:login_throttle'))")
+            db.lock("bastion:login_throttle")
             wait = self.wait(username, address)
             if wait is None:
                 self.failed(username, address)
