@@ -53,7 +53,10 @@ def parts(database_url):
 
 
 def grant(grants: OAuthStore, grant_id: str, client_id: str = AGENT, user: str = USER) -> str:
+    """A grant of ``user`` (one of the server's users, as every grant's user must be)."""
     now = time.time()
+    if user not in {name for name, *_ in grants.users()}:
+        grants.create_user(user, "not a password hash", now)
     grants.create_grant(
         Grant(grant_id, client_id, user, "https://mcp", "read", now, now + 9e4, None)
     )
