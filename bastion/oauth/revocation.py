@@ -38,14 +38,8 @@ def revoke(server: AuthorizationServer, client: Client, form: Mapping[str, str])
                 continue
             grant = server.store.grant(found[0])
             mine = grant is not None and grant.client_id == client.client_id
-            if mine and server.store.revoke_grant(grant.grant_id, now, "revoked by client"):
-                server.audit.record(
-                    "grant.revoked",
-                    subject=grant.username,
-                    client_id=client.client_id,
-                    grant_id=grant.grant_id,
-                    reason="refresh token revoked by client",
-                )
+            if mine:
+                server.revoke_grant(grant, "refresh token revoked by client")
             return
         try:
             verified = server.verifier.verify(token, resource=None, audit=False)

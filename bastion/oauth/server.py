@@ -33,7 +33,7 @@ from bastion.oauth.keys import KeyRing, deployment_secret
 from bastion.oauth.metadata import authorization_server_metadata, metadata_path
 from bastion.oauth.settings import OAuthSettings
 from bastion.oauth.sign_in import SignInEndpoint
-from bastion.oauth.store import Client, OAuthStore
+from bastion.oauth.store import Client, Grant, OAuthStore
 from bastion.oauth.throttle import (
     LoginThrottle,
     PasswordCheckSlots,
@@ -204,6 +204,20 @@ class AuthorizationServer:
         except DatabaseUnavailable:
             # Best effort, after the answer is made: a token already issued is still answered.
             self._last_housekeeping = 0.0
+
+    def revoke_grant(self, grant: Grant, reason: str) -> bool:
+        """Revoke ``grant`` and all it issued, recorded with ``reason``; False if it was revoked
+        already (nothing recorded then)."""
+        if not self.store.revoke_grant(grant.grant_id, self.clock(), reason):
+            return False
+        self.audit.record(
+            "grant.revoked",
+            subject=grant.username,
+            client_id=grant.client_id,
+            grant_id=grant.grant_id,
+            reason=reason,
+        )
+        return True
 
     def close(self) -> None:
         """At shutdown: write the refusal counts of windows still open."""

@@ -197,14 +197,7 @@ class TokenEndpoint:
 
     def _revoke_on_reuse(self, grant: Grant, reason: str, what: str) -> dict[str, Any]:
         """A single-use credential came back: revoke everything its grant issued (RFC 9700)."""
-        self.store.revoke_grant(grant.grant_id, self.server.clock(), reason)
-        self.audit.record(
-            "grant.revoked",
-            subject=grant.username,
-            client_id=grant.client_id,
-            grant_id=grant.grant_id,
-            reason=reason,
-        )
+        self.server.revoke_grant(grant, reason)
         raise InvalidGrant(f"the {what} was already used; its grant is now revoked")
 
     def _refuse_disabled_user(self, grant: Grant) -> None:
@@ -213,14 +206,7 @@ class TokenEndpoint:
         (`OAuthStore.create_grant`), so this only backs those up."""
         if grant.username is None or self.store.user_state(grant.username) != "disabled":
             return
-        if self.store.revoke_grant(grant.grant_id, self.server.clock(), "user disabled"):
-            self.audit.record(
-                "grant.revoked",
-                subject=grant.username,
-                client_id=grant.client_id,
-                grant_id=grant.grant_id,
-                reason="user disabled",
-            )
+        self.server.revoke_grant(grant, "user disabled")
         raise InvalidGrant(f"user {grant.username!r} is disabled: this grant is revoked")
 
     def _refresh_token(
