@@ -9,6 +9,7 @@ import re
 from urllib.parse import parse_qs, urlencode, urlsplit
 
 import httpx
+import pytest
 from starlette.routing import Route
 
 from tests.gateway.support import start
@@ -21,32 +22,23 @@ FOREIGN = {"Origin": "https://evil.example"}
 REFUSED = "sent from another site"
 
 
-def test_the_sign_in_page_never_adopts_a_browser_cookie_bastion_did_not_make(bastion: Bastion):
-    planted = {"Cookie": f"bastion_browser={CHOSEN}"}
-    page = httpx.get(f"{bastion.url}/sign-in", params={"next": "/approvals"}, headers=planted)
-    assert page.status_code == 200
-    assert page.cookies.get("bastion_browser") not in (None, CHOSEN)
-    answer = httpx.post(
-        f"{bastion.url}/sign-in",
-        data={**hidden_fields(page.text), "username": "alice", "password": PASSWORD},
-        headers=planted,
-    )
-    assert answer.status_code == 403, answer.text
-    assert "bastion_session" not in answer.cookies
-
-
-def test_an_authorization_request_never_binds_to_a_browser_cookie_bastion_did_not_make(
-    bastion: Bastion,
+@pytest.mark.parametrize("form", ["/sign-in", "/authorize/login"])
+def test_no_sign_in_form_adopts_or_binds_to_a_browser_cookie_bastion_did_not_make(
+    bastion: Bastion, form: str
 ):
-    client = bastion.register()
-    _, challenge = pkce_pair()
+    """The sign-in page and an authorization request's login each make a browser value of their
+    own, and a form sent with a planted one is refused."""
     planted = {"Cookie": f"bastion_browser={CHOSEN}"}
-    url = f"{bastion.url}/authorize?{urlencode(bastion.authorize_params(client, challenge))}"
-    page = httpx.get(url, headers=planted)
+    if form == "/sign-in":
+        page = httpx.get(f"{bastion.url}/sign-in", params={"next": "/approvals"}, headers=planted)
+    else:
+        _, challenge = pkce_pair()
+        query = urlencode(bastion.authorize_params(bastion.register(), challenge))
+        page = httpx.get(f"{bastion.url}/authorize?{query}", headers=planted)
     assert page.status_code == 200
     assert page.cookies.get("bastion_browser") not in (None, CHOSEN)
     answer = httpx.post(
-        f"{bastion.url}/authorize/login",
+        f"{bastion.url}{form}",
         data={**hidden_fields(page.text), "username": "alice", "password": PASSWORD},
         headers=planted,
     )
