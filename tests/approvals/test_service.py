@@ -173,6 +173,23 @@ def test_changed_arguments_do_not_match_the_approval_given(world):
     assert approvals.check(changed).state == "hold"
 
 
+def test_an_approval_does_not_match_another_user_agent_or_method(world):
+    """The binding names the user, the agent and the method, not only the arguments: avery's
+    approval of sam's call lets neither bob, another agent of sam's, nor another method through."""
+    approvals, *_ = world
+    request = held(approvals, call(send))
+    approvals.answer(request.id, "avery", "approve", channel="api")
+    others = {
+        "another user": call(send, subject="bob"),
+        "another agent": dataclasses.replace(call(send), client_id="another-bot"),
+        "another method": dataclasses.replace(call(send), method="tools/other"),
+    }
+    for what, other in others.items():
+        assert approvals.check(other).state == "hold", what
+        assert approvals.check(other, request.id).reason == "approval_mismatch", what
+    assert approvals.check(call(send)).state == "approved"
+
+
 def test_a_denial_stands_until_the_request_would_have_expired(world):
     approvals, _, _, clock = world
     request = held(approvals, call(send))
