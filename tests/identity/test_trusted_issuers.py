@@ -11,6 +11,7 @@ import hmac
 import json
 import time
 import uuid
+from functools import partial
 
 import anyio
 import httpx
@@ -28,7 +29,10 @@ from starlette.routing import Route
 
 from bastion.facts.model import Entity
 from bastion.gateway.config import GatewayConfig
+from bastion.identity.trusted_issuers import TrustedIssuers, parse_trusted_issuers
+from bastion.oauth.errors import InvalidToken
 from bastion.server.config import ConfigError
+from tests.clock import ManualClock
 from tests.gateway.support import start
 from tests.oauth.support import free_socket, serve
 
@@ -380,6 +384,24 @@ def test_an_expired_or_not_yet_valid_token_is_refused(bastion, idp):
     assert "nbf" in refused(call(bastion, idp.token("a", nbf=now + 600)))
     assert "future" in refused(call(bastion, idp.token("a", iat=now + 600)))
     assert "exp" in refused(call(bastion, idp.token("a", exp=None)))
+
+
+def test_a_remembered_token_is_refused_once_it_expires(idp):
+    """A verified token is remembered so its next calls skip the signature; the memory does
+    not outlive the token: past exp and the leeway it is refused, as a new token would be."""
+    clock = ManualClock(int(time.time()))
+    issuers = parse_trusted_issuers(
+        [{"issuer": idp.issuer("a"), "audiences": {"deskhttp": "api://desk-a"}}], {"deskhttp"}
+    )
+    trusted = TrustedIssuers(issuers, clock=clock)
+    token = idp.token("a", exp=clock.now + 60)
+    verify = partial(trusted.verify, token, "deskhttp")
+    assert anyio.run(verify).claims["sub"] == "sam"
+    clock.now += 60 + issuers[0].leeway_seconds  # the last second it may be used
+    assert anyio.run(verify).claims["sub"] == "sam"
+    clock.now += 1
+    with pytest.raises(InvalidToken, match="expired"):
+        anyio.run(verify)
 
 
 def test_a_trusted_issuers_dpop_bound_token_is_not_taken_as_a_bearer_token(bastion, idp):
