@@ -17,7 +17,7 @@ from bastion.oauth.access_token import mint_access_token
 from bastion.oauth.keys import KeyRing
 from bastion.oauth.store import OAuthStore
 
-from .support import ACCESS_TOKEN, claims
+from .support import ACCESS_TOKEN, claims, start_studio
 
 
 def cast(studio, name: str, *, sub_roles=("illustrator",), sub_scope: str | None = None):
@@ -212,11 +212,32 @@ def test_a_chain_cannot_grow_past_max_delegation_depth(studio):
     answer = studio.exchange(second, token, studio.own_token(third))
     assert error(answer) == (400, "invalid_request")
     assert "max_delegation_depth" in answer.json()["error_description"]
-    # Nor may a chain loop back to an agent already in it.
-    assert error(studio.exchange(second, token, studio.own_token(first))) == (
-        400,
-        "invalid_request",
+
+
+@pytest.fixture(scope="module")
+def deep_studio(tmp_path_factory):
+    """A studio allowing 4 delegations: room for a loop the depth alone would not refuse."""
+    with start_studio(tmp_path_factory.mktemp("deep"), max_delegation_depth=4) as running:
+        yield running
+
+
+def test_a_chain_cannot_loop_back_to_an_agent_already_in_it(deep_studio):
+    studio = deep_studio
+    coder, first = cast(studio, "loop", sub_roles=("illustrator", "coder"))
+    second = studio.sub_agent("loop-2")
+    studio.facts(
+        ("has_role", f"Agent:{second.client_id}", "illustrator", "McpServer:studio"),
+        ("has_role", f"Agent:{second.client_id}", "coder", "McpServer:studio"),
     )
+    token = studio.user_token(coder, "sam")["access_token"]
+    token = studio.exchange(coder, token, studio.own_token(first)).json()["access_token"]
+    answer = studio.exchange(first, token, studio.own_token(second))
+    assert answer.status_code == 200, answer.text
+    # coder -> first -> second -> first: 3 delegations of the 4 allowed, and the policy lets
+    # second delegate to first; only the loop refuses it.
+    looped = studio.exchange(second, answer.json()["access_token"], studio.own_token(first))
+    assert error(looped) == (400, "invalid_request"), looped.text
+    assert "already in the chain" in looped.json()["error_description"]
 
 
 def test_may_act_names_the_only_actor_allowed(studio):
