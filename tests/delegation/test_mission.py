@@ -3,7 +3,7 @@ SDK client: a person's coding agent exchanges its token (RFC 8693) for an illust
 sub-agent's, limited to ``svg:write`` and the one folder the facts give the sub-agent. The
 sub-agent cannot exceed its token, the coding agent or the person; every decision record
 holds the whole chain; revoking the coding agent's grant ends the sub-agent's token on its next
-call, and its open streams at once."""
+call, and its open streams at once; suspending the coding agent refuses the sub-agent's calls."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from bastion.facts.model import Entity
 from tests.gateway.streams import events, modern_headers, modern_request
 from tests.oauth.support import MemoryStorage, log_in_and_consent, sdk_auth
 
-from .support import EXCHANGE, PASSWORD, REDIRECT_URI, SCOPES, claims
+from .support import ADMIN_KEY, EXCHANGE, PASSWORD, REDIRECT_URI, SCOPES, claims
 
 
 def cast(studio, name: str = "coder"):
@@ -229,3 +229,20 @@ def test_a_revoked_client_takes_every_delegation_it_made_with_it(studio):
     studio.cli("clients", "revoke", coder.client_id)  # another process, the same database
     refused = studio.call(delegated, "write_svg", folder="icons", name="g.svg", svg="<svg/>")
     assert refused["http"] == 401
+
+
+def test_suspending_the_coding_agent_refuses_its_sub_agents_delegated_calls(studio):
+    """The kill switch covers every principal of the chain, not only the user and the agent
+    calling: the coding agent suspended, the sub-agent acting for it is refused."""
+    coder, svgbot = cast(studio, "suspended-coder")
+    subject = studio.user_token(coder, "sam")["access_token"]
+    delegated = studio.exchange(coder, subject, studio.own_token(svgbot)).json()["access_token"]
+    assert refusal(studio.call(delegated, "read_file", folder="icons", name="a.svg")) == ("ok",)
+    suspended = studio.http.post(
+        f"{studio.url}/v1/suspensions",
+        json={"kind": "agent", "id": coder.client_id},
+        headers={"authorization": f"Bearer {ADMIN_KEY}"},
+    )
+    assert suspended.status_code == 201, suspended.text
+    answer = studio.call(delegated, "read_file", folder="icons", name="a.svg")
+    assert refusal(answer) == ("refused", "suspended")
