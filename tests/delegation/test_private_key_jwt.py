@@ -241,6 +241,16 @@ def test_an_assertion_signed_with_another_key_is_refused(bastion, config, capsys
     )
 
 
+def test_a_revoked_key_client_cannot_authenticate(bastion, config, capsys, tmp_path):
+    key = new_key("revoked")
+    client_id = register(capsys, config, tmp_path, key)
+    assert token_request(bastion, assertion(key, client_id, bastion.url)).status_code == 200
+    code, _, err = cli(capsys, "clients", "revoke", client_id, "--config", config)
+    assert code == 0, err
+    # Its key still signs a fresh, well-formed assertion: only the revocation refuses it.
+    refused(token_request(bastion, assertion(key, client_id, bastion.url)), "revoked")
+
+
 def _b64(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
