@@ -9,7 +9,7 @@ from urllib.parse import parse_qs, urlencode, urlsplit
 import httpx
 import pytest
 
-from bastion.oauth import InvalidToken
+from bastion.oauth import InvalidToken, pkce
 
 from .support import Bastion, hidden_fields, pkce_pair
 
@@ -125,6 +125,28 @@ def test_bastion_is_no_open_redirect_to_a_client_anyone_registered(bastion: Bast
     assert "phish.example" in response.text
 
 
+def test_an_admin_registered_clients_scope_bounds_what_it_may_ask_for(bastion: Bastion):
+    """An administrator's client asks for no more than the scope it was registered with (a
+    self-registered client's registered scope bounds nothing: it could have registered any)."""
+    client = bastion.register_as_admin(scope="tools:read")
+    _, challenge = pkce_pair()
+    within = authorize(bastion, bastion.authorize_params(client, challenge, scope="tools:read"))
+    assert within.status_code == 200 and "name=password" in within.text  # the sign-in page
+    wider = bastion.authorize_params(client, challenge, scope="tools:read tools:call")
+    assert redirect_query(authorize(bastion, wider))["error"] == "invalid_scope"
+
+
+def test_a_client_not_registered_for_authorization_code_gets_no_code(bastion: Bastion):
+    _, challenge = pkce_pair()
+    exchange_only = {"grant_types": ["urn:ietf:params:oauth:grant-type:token-exchange"]}
+    admins = bastion.register_as_admin(**exchange_only)
+    query = redirect_query(authorize(bastion, bastion.authorize_params(admins, challenge)))
+    assert query["error"] == "unauthorized_client" and "code" not in query
+    own = bastion.register(**exchange_only)
+    query = shown_error(authorize(bastion, bastion.authorize_params(own, challenge)))
+    assert query["error"] == "unauthorized_client" and "code" not in query
+
+
 def test_a_scope_the_other_resource_lacks_is_refused(bastion: Bastion):
     client = bastion.register()
     _, challenge = pkce_pair()
@@ -193,6 +215,18 @@ def test_wrong_code_verifier_is_refused_and_the_code_stays_unused(bastion: Basti
     assert_oauth_error(exchange(bastion, client, code, None), "invalid_request")
     assert bastion.rows() == before
     assert exchange(bastion, client, code, verifier).status_code == 200
+
+
+def test_a_code_verifier_of_43_to_128_unreserved_characters_only_is_accepted(bastion: Bastion):
+    """RFC 7636 §4.1, checked on its own: each code's challenge is the verifier's own S256
+    digest, so only the verifier's form can refuse it."""
+    client = bastion.register()
+    for verifier in ("a" * 42, "a" * 129, "a" * 42 + "!"):
+        code, _ = bastion.code_for(client, code_challenge=pkce.s256(verifier))
+        assert_oauth_error(exchange(bastion, client, code, verifier), "invalid_grant")
+    for verifier in ("a" * 43, "~._-" * 32):
+        code, _ = bastion.code_for(client, code_challenge=pkce.s256(verifier))
+        assert exchange(bastion, client, code, verifier).status_code == 200, verifier
 
 
 def test_redirect_uri_at_the_token_endpoint_must_match(bastion: Bastion):
