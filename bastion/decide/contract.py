@@ -39,8 +39,10 @@ Alerts are asked of every principal on every decision, allowed or refused (``con
 what happened); they never change the answer.
 
 An ``approval_grant(user, agent, action, resource)`` fact (an approval for N minutes, stored
-with an expiry) satisfies ``requires_approval`` for that user and agent; the rules about who may
-approve (``approver`` and its companions) are asked by `bastion.approvals.service`.
+with an expiry) satisfies ``requires_approval`` for that user and agent: the agent calling, the
+last of the chain, whose call was held; in a chain the grant of an agent before it does not
+count. The rules about who may approve (``approver`` and its companions) are asked by
+`bastion.approvals.service`.
 
 A request whose evaluation spends its budget is refused with ``reason`` "evaluation_limit": the
 enforcement point fails closed, and goes on answering. The questions asked here are compiled
@@ -223,11 +225,7 @@ def _decide_chain(
                 limits.append(RateLimit(principal, 0, 1))
         approval = approval or bool(s.rows("requires_approval", "bbb", principal, action, resource))
         review = review or bool(s.rows("requires_review", "bbb", principal, action, resource))
-    granted = (
-        approval
-        and len(chain) > 1
-        and bool(s.rows("approval_grant", "bbbb", chain[0], chain[1], action, resource))
-    )
+    granted = approval and _approval_granted(s, chain, action, resource)
     read_only = read_only_holds(s, chain, context)
     max_auth_age = required_auth_age(s, chain, action, resource)
     labels = tuple(
@@ -283,10 +281,7 @@ def plainly_allowed(
                 if s.rows("rate_limit", "bbbff", p, action, resource):
                     return False
                 approval = approval or bool(s.rows("requires_approval", "bbb", p, action, resource))
-            return not approval or (
-                len(chain) > 1
-                and bool(s.rows("approval_grant", "bbbb", chain[0], chain[1], action, resource))
-            )
+            return not approval or _approval_granted(s, chain, action, resource)
         except EvaluationLimit:
             return False
 
@@ -573,6 +568,15 @@ def decide_delegation(
 def _decision_time(context: dict | None) -> float:
     at = context.get("time") if context else None
     return at.timestamp() if isinstance(at, datetime) else time.time()
+
+
+def _approval_granted(s: Any, chain: tuple[Entity, ...], action: str, resource: Entity) -> bool:
+    """Whether a live ``approval_grant`` covers this call: one for the user and the agent calling
+    now (the last of the chain), which is whose call the approval held and granted. A sub-agent
+    never inherits a grant given to an agent before it in the chain."""
+    return len(chain) > 1 and bool(
+        s.rows("approval_grant", "bbbb", chain[0], chain[-1], action, resource)
+    )
 
 
 def _stale_signals(s: Any, chain: tuple[Entity, ...], context: dict | None) -> tuple | None:

@@ -14,7 +14,7 @@ from bastion.approvals.settings import ApprovalSettings
 from bastion.approvals.store import Answer, ApprovalStore
 from bastion.audit.log import AuditLog
 from bastion.db import Database
-from bastion.decide.contract import decide_chain
+from bastion.decide.contract import decide_chain, plainly_allowed
 from bastion.facts.store import FactStore
 from bastion.server.config import ConfigError
 from tests.approvals.support import POLICY_HEAD
@@ -340,6 +340,35 @@ def test_an_approval_for_minutes_is_an_expiring_fact_the_contract_sees(world):
     assert chain.obligations.requires_approval and chain.obligations.approval_granted
     other = decide_chain(authz, (sam, bot), "call", delete, {})
     assert not other.obligations.approval_granted
+
+
+def test_an_approval_for_minutes_covers_the_agent_whose_call_was_held_not_its_sub_agents(world):
+    """In a chain (sam, A, B), the call is B's (the gateway holds it with B as its client): A's
+    grant for minutes does not let B through on A's behalf; B's own grant does."""
+    approvals, authz, facts, _ = world
+    first, sub = Entity("Agent", "A"), Entity("Agent", "B")
+    chain = (sam, first, sub)
+
+    def grant_for(agent: Entity) -> tuple:
+        request = held(approvals, dataclasses.replace(call(send), client_id=agent.id))
+        approvals.answer(request.id, "avery", "approve", minutes=15, channel="api")
+        [stored] = list(facts.get(("approval_grant", sam, agent, None, None)))
+        authz.facts.apply([stored.fact], [])  # what a replica does when it reads the change
+        return stored.fact
+
+    def granted(principals: tuple) -> bool:
+        decided = decide_chain(authz, principals, "call", send, {}).obligations
+        assert decided.requires_approval
+        plainly = plainly_allowed(authz, principals, "call", send, {}, ())
+        assert plainly == decided.approval_granted  # the gateway's two questions agree
+        return decided.approval_granted
+
+    a_grant = grant_for(first)
+    assert granted((sam, first)) and not granted(chain)
+    facts.apply(deletes=[a_grant])
+    authz.facts.apply([], [a_grant])
+    grant_for(sub)
+    assert granted(chain) and granted((sam, sub)) and not granted((sam, first))
 
 
 def test_an_approval_for_minutes_the_store_cannot_hold_is_refused_before_it_is_written(world):
