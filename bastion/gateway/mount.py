@@ -78,9 +78,10 @@ def gateway_from_config(
     records = DecisionRecords(
         Database(config.database, role="bastion-records"), config.decision_records_buffer
     )
+    tokens = VerifiedTokens(oauth.verifier, config.database)
     gateway = Gateway(
         gateway_config,
-        tokens=VerifiedTokens(oauth.verifier, config.database),
+        tokens=tokens,
         dpop=oauth.dpop,
         issuer=settings.issuer,
         authorizer=authorizer,
@@ -94,7 +95,11 @@ def gateway_from_config(
         approvals=approvals,
         suspensions=suspensions,
         posture=posture_settings(config),
-        trusted=TrustedIssuers(gateway_config.trusted_issuers, refusals=oauth.verifier.refusals)
+        trusted=TrustedIssuers(
+            gateway_config.trusted_issuers,
+            refusals=oauth.verifier.refusals,
+            user_disabled=tokens.user_disabled,
+        )
         if gateway_config.trusted_issuers
         else None,
     )

@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any
+from typing import Any, Literal
 
 import anyio
 import httpx
@@ -241,9 +241,13 @@ class TrustedIssuers:
         clock: Callable[[], float] = time.time,
         max_tokens: int = 10_000,
         transport: httpx.AsyncBaseTransport | None = None,
+        user_disabled: Callable[..., bool | Literal["off_loop"]] | None = None,
     ) -> None:
         self.issuers = {i.issuer: i for i in issuers}
         self.refusals = refusals
+        # (username, on_loop) -> whether bastion holds the user and has disabled them
+        # (`VerifiedTokens.user_disabled`); None: not asked.
+        self.user_disabled = user_disabled
         self.clock = clock
         self.max_tokens = max_tokens
         self.transport = transport
@@ -274,7 +278,9 @@ class TrustedIssuers:
         """The token's facts for a call to ``server``; `InvalidToken` saying why it is refused,
         or `IssuerUnavailable` when its issuer's keys or introspection cannot be reached."""
         try:
-            return await self._verify(token, server)
+            verified = await self._verify(token, server)
+            await self._refuse_a_disabled_user(verified.subject)
+            return verified
         except InvalidToken as refused:
             if self.refusals is not None:
                 # Its row is a database write: never on the event loop (anyone can send one).
@@ -288,6 +294,19 @@ class TrustedIssuers:
                 )
                 await anyio.to_thread.run_sync(record)
             raise
+
+    async def _refuse_a_disabled_user(self, user: str) -> None:
+        """On every use, not only the first: a user bastion holds and has disabled (`bastion
+        users disable`, an SSF signal) is refused, as their grants are; one it does not hold is
+        the provider's to vouch for."""
+        user_disabled = self.user_disabled
+        if user_disabled is None:
+            return
+        disabled = user_disabled(user, True)
+        if disabled == "off_loop":
+            disabled = await anyio.to_thread.run_sync(user_disabled, user)
+        if disabled:
+            raise InvalidToken(f"user {user!r} is disabled in bastion", "disabled")
 
     async def _verify(self, token: str, server: str) -> VerifiedToken:
         key = (hashlib.sha256(token.encode()).digest(), server)

@@ -4,8 +4,9 @@ access tokens and signing keys.
 
 Secrets (codes, refresh tokens, session ids, client secrets, CIBA auth_req_ids) are stored only as SHA-256 digests:
 they are high-entropy random strings, so a digest is enough and a database leak reveals none.
-Every revocation of an access token or a grant is announced, in its transaction, on
-`REVOCATIONS_CHANNEL` (PostgreSQL NOTIFY) and, once committed, to this process's subscribers.
+Every revocation of an access token or a grant, and every user disabled, is announced, in its
+transaction, on `REVOCATIONS_CHANNEL` (PostgreSQL NOTIFY) and, once committed, to this process's
+subscribers.
 """
 
 from __future__ import annotations
@@ -18,8 +19,10 @@ from dataclasses import dataclass
 
 from bastion.db import Database
 
-# The payload of each notification is the grant_id whose tokens (all, or one) were revoked.
+# The payload of each notification is the grant_id whose tokens (all, or one) were revoked, or
+# `USERS_CHANGED` when a user was disabled (a grant id never holds a colon).
 REVOCATIONS_CHANNEL = "bastion_revocations"
+USERS_CHANGED = ":users"
 
 _MIGRATIONS = [
     """
@@ -330,7 +333,8 @@ class OAuthStore:
 
     def on_revoked(self, callback: Callable[[str], None]) -> None:
         """Call ``callback(grant_id)`` after each commit, through this store, that revokes an
-        access token of the grant or the grant itself (other processes hear of it by NOTIFY)."""
+        access token of the grant or the grant itself, and ``callback(USERS_CHANGED)`` after
+        one that disables a user (other processes hear of both by NOTIFY)."""
         self._revocation_subscribers.append(callback)
 
     def off_revoked(self, callback: Callable[[str], None]) -> None:
@@ -338,11 +342,12 @@ class OAuthStore:
         if callback in self._revocation_subscribers:
             self._revocation_subscribers.remove(callback)
 
-    def _announce_revocation(self, grant_id: str) -> None:
-        """Inside the revoking transaction: NOTIFY at its commit, and tell subscribers after."""
-        self.db.notify(REVOCATIONS_CHANNEL, grant_id)
+    def _announce_revocation(self, payload: str) -> None:
+        """Inside the revoking transaction: NOTIFY at its commit, and tell subscribers after.
+        ``payload`` is a grant_id, or `USERS_CHANGED`."""
+        self.db.notify(REVOCATIONS_CHANNEL, payload)
         for callback in self._revocation_subscribers:
-            self.db.after_commit(lambda callback=callback: callback(grant_id))
+            self.db.after_commit(lambda callback=callback: callback(payload))
 
     # clients
 
@@ -532,6 +537,9 @@ class OAuthStore:
             )
             if not rows:
                 return False
+            # A trusted issuer's tokens of the user rest on no grant: whoever remembers users'
+            # states (`VerifiedTokens.user_disabled`) reads them again.
+            self._announce_revocation(USERS_CHANGED)
             self.db.execute("DELETE FROM oauth_sessions WHERE username = ?", (username,))
             self.db.execute("DELETE FROM oauth_consents WHERE username = ?", (username,))
             for (grant_id,) in self.db.execute(

@@ -29,7 +29,7 @@ from bastion.oauth.access_token import TOKEN_TYPE
 from bastion.oauth.dpop import token_key
 from bastion.oauth.errors import InvalidToken
 from bastion.oauth.keys import ALGORITHM, KeyRing
-from bastion.oauth.store import REVOCATIONS_CHANNEL, OAuthStore
+from bastion.oauth.store import REVOCATIONS_CHANNEL, USERS_CHANGED, OAuthStore
 
 log = logging.getLogger("bastion.oauth.verifier")
 
@@ -280,6 +280,10 @@ class VerifiedTokens:
     Either way a revocation through ``verifier.store`` (this process) forgets the grant's tokens
     as soon as it commits. On the event loop `remembered` is asked with ``on_loop``: where it
     would wait or read it says so, and is asked again from a worker thread.
+
+    The same rules keep `user_disabled` current, for the tokens of trusted issuers, which rest on
+    no grant of bastion's: a user disabled anywhere (`USERS_CHANGED`, sent by
+    `OAuthStore.disable_user` in its transaction) is known on the next use.
     """
 
     def __init__(self, verifier: TokenVerifier, database_url: str, max_tokens: int = 10_000):
@@ -295,7 +299,10 @@ class VerifiedTokens:
         self._forgotten = 0
         self._lock = threading.Lock()
         self._forget_callbacks: list[Callable[[str], None]] = []
-        verifier.store.on_revoked(self._forget_grant)
+        # username -> [disabled in bastion, change marker when read] (`user_disabled`)
+        self._users: dict[str, list] = {}
+        self._users_forgotten = 0  # as ``_forgotten``, for ``_users``
+        verifier.store.on_revoked(self._heard)
         self.listener: Listener | None = None
         if self.db.is_postgres:
             self.listener = Listener(
@@ -375,6 +382,38 @@ class VerifiedTokens:
             self._grants.setdefault(verified.grant_id, set()).add(key)
         return verified
 
+    def user_disabled(self, username: str, on_loop: bool = False) -> bool | Literal["off_loop"]:
+        """Whether ``username`` is one of bastion's users and disabled (a user bastion does not
+        hold is not). Remembered, and read again as a remembered token's revocation state is:
+        on SQLite once ``data_version`` has moved; on PostgreSQL once a user was disabled
+        anywhere (`USERS_CHANGED`), or on every use while the listener is not healthy. ``on_loop``
+        as for `remembered`."""
+        entry = self._users.get(username)
+        listener = self.listener
+        if entry is not None:
+            if listener is None:
+                if self.db.data_version() == entry[1]:
+                    return entry[0]
+            elif (
+                listener.healthy
+                and (not listener.behind() or (not on_loop and listener.caught_up(CATCH_UP)))
+                # A notice the listener has handled has removed the entry (looked up again).
+                and self._users.get(username) is entry
+            ):
+                return entry[0]
+        if on_loop:
+            return "off_loop"
+        # Both read before the state, so a user disabled in between is seen.
+        marker = self.db.data_version()
+        forgotten = self._users_forgotten
+        disabled = self._store.user_state(username) == "disabled"
+        with self._lock:
+            if self._users_forgotten == forgotten:
+                if len(self._users) >= self.max_tokens:
+                    self._users.pop(next(iter(self._users)))
+                self._users[username] = [disabled, marker]
+        return disabled
+
     def _drop(self, key: tuple[str, str | None]) -> None:
         """Under the lock: forget one remembered token."""
         entry = self._tokens.pop(key, None)
@@ -403,18 +442,31 @@ class VerifiedTokens:
             except Exception:  # a subscriber's failure must not undo or break a revocation
                 log.exception("a subscriber to revocations failed")
 
-    def _notified(self, grant_id: str) -> None:
-        """A revocation committed by any process (this one included) has been announced."""
-        self._forget_grant(grant_id)
+    def _notified(self, payload: str) -> None:
+        """A revocation or a user disabled, committed by any process (this one included), has
+        been announced."""
+        self._heard(payload)
+
+    def _heard(self, payload: str) -> None:
+        """A revocation (a grant_id) or a user disabled (`USERS_CHANGED`) has committed, told
+        by NOTIFY or by this process's store."""
+        if payload == USERS_CHANGED:
+            with self._lock:
+                self._users_forgotten += 1
+                self._users.clear()
+        else:
+            self._forget_grant(payload)
 
     def _forget_all(self) -> None:
         with self._lock:
             self._forgotten += 1
             self._tokens.clear()
             self._grants.clear()
+            self._users_forgotten += 1
+            self._users.clear()
 
     def close(self) -> None:
-        self.verifier.store.off_revoked(self._forget_grant)
+        self.verifier.store.off_revoked(self._heard)
         self._forget_callbacks.clear()
         if self.listener is not None:
             self.listener.stop()

@@ -9,6 +9,9 @@ import base64
 import hashlib
 import hmac
 import json
+import os
+import subprocess
+import sys
 import time
 import uuid
 from functools import partial
@@ -31,9 +34,10 @@ from bastion.facts.model import Entity
 from bastion.gateway.config import GatewayConfig
 from bastion.identity.trusted_issuers import TrustedIssuers, parse_trusted_issuers
 from bastion.oauth.errors import InvalidToken
+from bastion.oauth.users import create_user
 from bastion.server.config import ConfigError
 from tests.clock import ManualClock
-from tests.gateway.support import start
+from tests.gateway.support import PASSWORD, start
 from tests.oauth.support import free_socket, serve
 
 INTROSPECTION_ID, INTROSPECTION_SECRET = "bastion-rs", "s3cret-for-tests"
@@ -469,6 +473,42 @@ def test_typ_is_required_only_where_configured(bastion, idp):
     assert "error" not in call(bastion, idp.token("a", typ=None)).json()
     assert "typ" in refused(call(bastion, idp.token("b", typ=None)))
     assert "error" not in call(bastion, idp.token("b", typ="at+jwt")).json()
+
+
+# -- bastion's disabled users ---------------------------------------------------------------------
+
+
+def users_disable(bastion, username: str) -> None:
+    """`bastion users disable`, run as an administrator would: another process."""
+    done = subprocess.run(
+        [sys.executable, "-m", "bastion.cli", "users", "disable", username, "--database",
+         bastion.app.state.oauth.store.db.url],
+        capture_output=True, text=True, env=os.environ, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+
+
+def test_a_user_bastion_has_disabled_is_refused_on_the_next_call(bastion, idp):
+    """The provider's token is valid until it expires; a user disabled in bastion (who holds no
+    grant of bastion's to revoke) is refused all the same, on the next call."""
+    create_user(bastion.app.state.oauth.store, "lee", PASSWORD, time.time())
+    token = idp.token("a", sub="lee")
+    for _ in range(3):
+        assert call(bastion, token).status_code == 200  # the token is taken (the policy decides)
+
+    users_disable(bastion, "lee")
+
+    assert "'lee' is disabled" in refused(call(bastion, token))
+    assert "'lee' is disabled" in refused(call(bastion, idp.token("a", sub="lee")))
+    refusals = [
+        e
+        for e in bastion.app.state.oauth.verifier.audit.events("token.refused")
+        if e.detail.get("reason") == "disabled"
+    ]
+    assert refusals, "the refusal was not audited"
+    # Other users, and users bastion does not hold (the provider's to vouch for), are served.
+    assert "error" not in call(bastion, idp.token("a", sub="sam")).json()
+    assert call(bastion, idp.token("a", sub="not-a-user-of-bastion")).status_code == 200
 
 
 # -- revocation through introspection, and keys rotating ------------------------------------------

@@ -19,10 +19,11 @@ import pytest
 from bastion.db import Database
 from bastion.oauth import InvalidToken
 from bastion.oauth.store import OAuthStore
+from bastion.oauth.users import create_user
 from bastion.oauth.verifier import VerifiedTokens
 from tests.waits import eventually
 
-from .support import Bastion, running_bastion
+from .support import PASSWORD, Bastion, running_bastion
 
 
 class Reads:
@@ -117,6 +118,26 @@ def test_a_revocation_by_another_replica_is_refused_once_notified_without_a_read
         assert replicas.remembered(sibling) is not None  # other grants are not forgotten
     else:
         assert eventually(lambda: replicas.remembered(sibling) is None)
+
+
+def test_a_user_disabled_by_another_replica_is_known_once_notified_without_a_read_per_call(
+    replicas, monkeypatch
+):
+    """The state a trusted issuer's token is checked against (its user holds no grant, so no
+    grant's notice would tell): read once, then in memory until a user is disabled anywhere."""
+    create_user(replicas.a.server.store, "lee", PASSWORD, time.time())
+    reads = Reads(replicas.tokens.db, monkeypatch)
+    assert replicas.tokens.user_disabled("lee") is False
+    assert replicas.tokens.user_disabled("not-a-user-of-bastion") is False
+    read = reads.count
+    for _ in range(50):
+        assert replicas.tokens.user_disabled("lee", on_loop=True) is False
+    assert reads.count == read, "a remembered user's state was read per call"
+
+    assert replicas.b.disable_user("lee", time.time())
+
+    assert eventually(lambda: replicas.tokens.user_disabled("lee") is True), "never notified"
+    assert replicas.tokens.user_disabled("not-a-user-of-bastion") is False
 
 
 @pytest.fixture

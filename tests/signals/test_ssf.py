@@ -18,6 +18,7 @@ from bastion.oauth.users import create_user
 from bastion.policy.parser import parse_fact
 from tests.gateway.streams import events, modern_headers, modern_request
 from tests.gateway.support import PASSWORD, start
+from tests.identity.test_trusted_issuers import TestIssuer
 from tests.oauth.support import free_socket, serve
 
 from .transmitter import BEARER, CAEP, RISC, Transmitter
@@ -52,11 +53,12 @@ def email(address: str) -> dict:
 def signals(tmp_path_factory):
     os.environ["BASTION_TEST_SSF_PUSH"] = PUSH_TOKEN
     os.environ["BASTION_TEST_SSF_BEARER"] = BEARER
-    pusher, poller = Transmitter(AUDIENCE), Transmitter(AUDIENCE)
+    pusher, poller, idp = Transmitter(AUDIENCE), Transmitter(AUDIENCE), TestIssuer()
     mapping = {
         "email:Sam@Example.com": "sam",
         "email:dana@example.com": "dana",
         "opaque:avery-0001": "avery",
+        "email:lee@example.com": "lee",
     }
     closed = free_socket()
     closed_port = closed.getsockname()[1]  # bound, never listening: connections are refused
@@ -64,8 +66,11 @@ def signals(tmp_path_factory):
         with (
             serve(pusher.app(), free_socket()) as push_url,
             serve(poller.app(), free_socket()) as poll_url,
+            serve(idp.app, free_socket()) as idp_url,
         ):
-            pusher.url, poller.url = push_url, poll_url
+            pusher.url, poller.url, idp.url = push_url, poll_url, idp_url
+            # The company's provider, whose access tokens the gateway takes too.
+            trusted = [{"issuer": idp.issuer("a"), "audiences": {"deskhttp": "api://desk-a"}}]
             table = {
                 "ssf": {
                     "transmitters": [
@@ -100,10 +105,15 @@ def signals(tmp_path_factory):
                 }
             }
             with start(
-                tmp_path_factory.mktemp("signals"), policy_extra=POLICY, signals=table
+                tmp_path_factory.mktemp("signals"),
+                policy_extra=POLICY,
+                signals=table,
+                gateway={"trusted_issuers": trusted},
             ) as running:
-                create_user(running.app.state.oauth.store, "dana", PASSWORD, time.time())
+                for name in ("dana", "lee"):
+                    create_user(running.app.state.oauth.store, name, PASSWORD, time.time())
                 running.pusher, running.poller, running.signals_table = pusher, poller, table
+                running.idp = idp
                 wait_until(lambda: streams(running).get("idp", {}).get("status") == "verified")
                 wait_until(lambda: streams(running).get("mdm", {}).get("status") == "verified")
                 yield running
@@ -359,6 +369,17 @@ def test_risc_account_disabled_disables_the_user_and_refuses_their_tokens(signal
     assert disabled["sam"] is None
     assert call(signals, token).status_code == 401
     assert received(signals, jti_of(event)).detail["effects"][0]["result"].startswith("disabled")
+
+
+def test_risc_account_disabled_refuses_the_users_tokens_from_a_trusted_issuer(signals):
+    """A provider's token rests on no grant of bastion's: the user disabled is refused anyway."""
+    token = signals.idp.token("a", sub="lee")
+    assert call(signals, token).status_code == 200
+    event = signals.pusher.set_token(RISC + "account-disabled", {}, email("lee@example.com"))
+    assert signals.pusher.push(event).status_code == 202
+    response = call(signals, token)
+    assert response.status_code == 401, response.text
+    assert "'lee' is disabled" in response.json()["error_description"]
 
 
 # -- 4. refusals: each refused, and nothing changes ---------------------------------------------
