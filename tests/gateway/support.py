@@ -331,11 +331,18 @@ class Running:
         self.logins.append(username)
         return log_in_and_consent(self.url, url, username, self.password)
 
-    def token(self, username: str, server: str, scope: str = "customers:read") -> str:
-        """An access token by the plain OAuth flow (no SDK), for raw HTTP tests."""
+    def token(
+        self,
+        username: str,
+        server: str,
+        scope: str = "customers:read",
+        client_id: str | None = None,
+    ) -> str:
+        """An access token by the plain OAuth flow (no SDK), for raw HTTP tests: of the client
+        ``client_id``, or of a client registered for it."""
         self.logins.append(username)
         return access_token(
-            self.http, self.url, self.mcp_url(server), username, self.password, scope
+            self.http, self.url, self.mcp_url(server), username, self.password, scope, client_id
         )
 
     # -- the official SDK client -------------------------------------------------------------
@@ -401,19 +408,20 @@ class Running:
 
 
 def access_token(
-    http: httpx.Client, issuer: str, resource: str, username: str, password: str, scope: str
+    http: httpx.Client,
+    issuer: str,
+    resource: str,
+    username: str,
+    password: str,
+    scope: str,
+    client_id: str | None = None,
 ) -> str:
     """An access token for ``resource`` by the plain OAuth flow (no SDK): a client registered
-    at ``issuer``, the person's sign-in and consent, the code exchanged with its PKCE verifier."""
-    client = http.post(
-        f"{issuer}/register",
-        json={
-            "client_name": "raw test client",
-            "redirect_uris": [REDIRECT_URI],
-            "token_endpoint_auth_method": "none",
-            "grant_types": ["authorization_code", "refresh_token"],
-        },
-    ).json()
+    at ``issuer`` (or the public client ``client_id``), the person's sign-in and consent, the
+    code exchanged with its PKCE verifier."""
+    if client_id is None:
+        client_id = register_public_client(http, issuer)
+    client = {"client_id": client_id}
     verifier, challenge = pkce_pair()
     params = {
         "response_type": "code",
@@ -441,6 +449,21 @@ def access_token(
     )
     assert tokens.status_code == 200, tokens.text
     return tokens.json()["access_token"]
+
+
+def register_public_client(http: httpx.Client, issuer: str) -> str:
+    """The id of a public client registered at ``issuer`` for the plain OAuth flow."""
+    response = http.post(
+        f"{issuer}/register",
+        json={
+            "client_name": "raw test client",
+            "redirect_uris": [REDIRECT_URI],
+            "token_endpoint_auth_method": "none",
+            "grant_types": ["authorization_code", "refresh_token"],
+        },
+    )
+    assert response.status_code == 201, response.text
+    return response.json()["client_id"]
 
 
 def start(

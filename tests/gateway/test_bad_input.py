@@ -7,6 +7,7 @@ import json
 import pytest
 
 from .streams import legacy_session
+from .support import register_public_client
 
 ENVELOPE = {
     "io.modelcontextprotocol/protocolVersion": "2026-07-28",
@@ -164,6 +165,26 @@ def test_another_users_session_id_is_unknown(bastion, token):
         **{"mcp-protocol-version": "2025-11-25", "mcp-session-id": session},
     )
     assert again.status_code == 404
+
+
+@pytest.mark.parametrize("holder", ["another agent of the same user", "another user's same agent"])
+def test_a_session_is_known_only_to_its_user_through_its_agent(bastion, holder):
+    # A session is owned by the pair (user, client): sharing either one is not enough.
+    agent = register_public_client(bastion.http, bastion.url)
+    token = bastion.token("sam", "deskhttp", client_id=agent)
+    session = legacy_session(bastion, token, "deskhttp")["mcp-session-id"]
+    if holder == "another agent of the same user":
+        other = bastion.token("sam", "deskhttp")
+    else:
+        other = bastion.token("avery", "deskhttp", client_id=agent)
+    headers = {"mcp-protocol-version": "2025-11-25", "mcp-session-id": session}
+    before = len(bastion.recorder.requests)
+    response = post(bastion, other, body=call(), **headers)
+    assert response.status_code == 404, response.text
+    assert response.json()["error"]["code"] == -32005
+    assert len(bastion.recorder.requests) == before
+    # The owner still has it: the refusal was of the holder, not of the session.
+    assert post(bastion, token, body=call(), **headers).status_code == 200
 
 
 def test_unknown_methods_are_refused_by_default(bastion, token):
