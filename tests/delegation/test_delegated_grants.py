@@ -249,6 +249,57 @@ def test_a_task_binds_the_delegated_grant_and_travels_in_the_token(database_url,
         assert bastion.db.execute("SELECT COUNT(*) FROM oauth_grants")[0][0] == grants + 2
 
 
+def test_a_token_bound_to_a_task_is_not_delegated_into_another_task(sqlite_url, tmp_path):
+    with running_bastion(sqlite_url, tmp_path) as bastion:
+        coder, first, second = coding_agent(bastion), sub_agent(bastion), sub_agent(bastion)
+        policy_for(bastion, [first["client_id"], second["client_id"]])
+        tasks = Tasks(FactStore(bastion.db), bastion.server.store, bastion.server.audit)
+        bastion.server.tasks = tasks
+
+        def task_of(agent: dict, folder: str):
+            who = {"type": "Agent", "id": agent["client_id"]}
+            fact = {
+                "predicate": "has_role",
+                "args": [who, "writer", {"type": "Folder", "id": folder}],
+            }
+            return tasks.open("alice", agent["client_id"], "icons", time.time() + 60, [fact], "t")
+
+        # Both tasks are alice's, each of the agent that binds it: only the rule refuses.
+        one, two = task_of(first, "a"), task_of(second, "b")
+        tokens = bastion.tokens_for(coder)
+        bound = exchange(
+            bastion, coder, tokens["access_token"], own_token(bastion, first), task=one.id
+        )
+        assert bound.status_code == 200, bound.text
+        bound = bound.json()["access_token"]
+        moved = exchange(bastion, first, bound, own_token(bastion, second), task=two.id)
+        assert moved.status_code == 400 and moved.json()["error"] == "invalid_request"
+        assert f"bound to task {one.id!r}" in moved.json()["error_description"]
+        assert tasks.get(two.id).grants == ()
+        # Without a task the delegation stays in the subject token's.
+        stays = exchange(bastion, first, bound, own_token(bastion, second))
+        assert stays.status_code == 200, stays.text
+        assert claims(stays.json()["access_token"])["task"] == one.id
+
+
+def test_an_actor_token_for_another_resource_is_refused(sqlite_url, tmp_path):
+    with running_bastion(sqlite_url, tmp_path) as bastion:
+        coder, sub = coding_agent(bastion), sub_agent(bastion)
+        policy_for(bastion, [sub["client_id"]])
+        tokens = bastion.tokens_for(coder)
+        elsewhere = bastion.http.post(
+            f"{bastion.url}/token",
+            data={"grant_type": "client_credentials", "resource": bastion.other_resource},
+            auth=(sub["client_id"], sub["client_secret"]),
+        )
+        assert elsewhere.status_code == 200, elsewhere.text
+        answer = exchange(bastion, coder, tokens["access_token"], elsewhere.json()["access_token"])
+        assert answer.status_code == 400 and answer.json()["error"] == "invalid_request"
+        assert "actor_token" in answer.json()["error_description"]
+        answer = exchange(bastion, coder, tokens["access_token"], own_token(bastion, sub))
+        assert answer.status_code == 200, answer.text
+
+
 def test_max_delegation_depth_zero_refuses_every_exchange(sqlite_url, tmp_path):
     with running_bastion(sqlite_url, tmp_path, max_delegation_depth=0) as bastion:
         coder, sub = coding_agent(bastion), sub_agent(bastion)

@@ -45,14 +45,16 @@ def reissue(studio, token: str, **changes) -> str:
         keys = KeyRing(store, studio.directory / "keys", retain_seconds=600, clock=time.time)
         old = claims(token)
         grant_id, _ = store.access_token_state(old["jti"])
-        extra = {k: v for k, v in changes.items() if k not in ("iat", "exp") and v is not None}
+        extra = {
+            k: v for k, v in changes.items() if k not in ("iat", "exp", "aud") and v is not None
+        }
         issued_at = changes.get("iat", old["iat"])
         minted = mint_access_token(
             keys,
             issuer=old["iss"],
             subject=old["sub"],
             client_id=old["client_id"],
-            resource=old["aud"],
+            resource=changes.get("aud", old["aud"]),
             scope=old["scope"],
             now=issued_at,
             seconds=changes.get("exp", old["exp"]) - issued_at,
@@ -262,6 +264,16 @@ def test_a_resource_or_audience_other_than_the_subject_tokens_is_refused(studio)
         assert error(answer) == (400, "invalid_target")
     same = studio.exchange(coder, subject, studio.own_token(sub), resource=studio.mcp_url)
     assert same.status_code == 200, same.text
+
+
+def test_a_subject_token_for_a_resource_no_longer_served_is_refused(studio):
+    # A token bastion issued for a resource since removed from its configuration.
+    coder, sub = cast(studio, "removed")
+    subject = studio.user_token(coder, "sam")["access_token"]
+    gone = reissue(studio, subject, aud="https://removed.example/mcp")
+    answer = studio.exchange(coder, gone, studio.own_token(sub))
+    assert error(answer) == (400, "invalid_target")
+    assert "no longer a protected resource" in answer.json()["error_description"]
 
 
 def test_a_refresh_token_is_never_issued_or_accepted(studio):
