@@ -201,6 +201,7 @@ def test_a_replayed_assertion_is_refused(bastion, config, capsys, tmp_path):
         ({"jti": None}, "jti"),
         ({"jti": "x" * 300}, "jti"),
         ({"exp": "tomorrow"}, "exp"),
+        ({"nbf": 120}, "not valid yet (nbf)"),
     ],
 )
 def test_an_assertion_out_of_bounds_is_refused(bastion, config, capsys, tmp_path, change, words):
@@ -219,6 +220,8 @@ def test_an_assertion_out_of_bounds_is_refused(bastion, config, capsys, tmp_path
         claims["aud"] = [bastion.url if a == "ISSUER" else a for a in claims["aud"]]
     if claims["jti"] is None:
         del claims["jti"]
+    if "nbf" in change:  # seconds after now
+        claims["nbf"] = now + change["nbf"]
     signed = jose_jwt.encode({"alg": "ES256", "kid": key.kid}, claims, key)
     refused(token_request(bastion, signed), words)
 

@@ -288,6 +288,7 @@ ATTACKS = {
         "future",
     ),
     "living too long": (lambda i, b, c: i.id_jag(b, c, exp=now() + 3600), "lives longer"),
+    "not valid yet": (lambda i, b, c: i.id_jag(b, c, nbf=now() + 120), "(nbf)"),
     "no jti": (lambda i, b, c: i.id_jag(b, c, jti=None), "jti"),
     "no sub": (lambda i, b, c: i.id_jag(b, c, sub=None), "sub"),
     "another client's": (

@@ -112,6 +112,30 @@ def test_well_signed_token_never_issued_is_refused(bastion: Bastion, issued: dic
     refused(bastion, forged, "unknown jti")
 
 
+@pytest.mark.parametrize(
+    "change, reason",
+    [
+        ({"iat": 120}, "issued in the future"),
+        ({"nbf": 120}, "not valid yet"),
+    ],
+    ids=["iat", "nbf"],
+)
+def test_token_not_valid_yet_is_refused(bastion: Bastion, issued: dict, change, reason):
+    # Signed by the server's key, its jti issued: only the time refuses it. Past the leeway.
+    header, claims = claims_of(issued["access_token"])
+    later = {name: int(bastion.clock()) + seconds for name, seconds in change.items()}
+    forged = jwt.encode(header, {**claims, **later}, bastion.server.keys.signer())
+    refused(bastion, forged, reason)
+
+
+@pytest.mark.parametrize("name, value", [("sub", None), ("client_id", None), ("sub", 7)])
+def test_token_without_its_user_or_client_is_refused(bastion: Bastion, issued: dict, name, value):
+    header, claims = claims_of(issued["access_token"])
+    claims = {k: v for k, v in {**claims, name: value}.items() if v is not None}
+    forged = jwt.encode(header, claims, bastion.server.keys.signer())
+    refused(bastion, forged, f"claim '{name}' is missing")
+
+
 def test_refusals_are_audited(bastion: Bastion, issued: dict):
     refused(bastion, "not-a-token", "compact")
     events = bastion.server.audit.events("token.refused")
