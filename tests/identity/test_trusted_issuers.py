@@ -69,6 +69,7 @@ class TestIssuer:
         self.keys = {"k1": ECKey.generate_key("P-256", parameters={"kid": "k1"})}
         self.published = ["k1"]
         self.inactive: set[str] = set()  # jtis introspection reports as not active
+        self.answers: dict[str, object] = {}  # jti -> the introspection answer, as it is sent
         self.introspections = 0
         self.url = ""
         self.app = Starlette(
@@ -123,6 +124,8 @@ class TestIssuer:
         self.introspections += 1
         token = (await request.form())["token"]
         claims = json.loads(_b64decode(token.split(".")[1]))
+        if claims["jti"] in self.answers:
+            return JSONResponse(self.answers[claims["jti"]])
         return JSONResponse({"active": claims["jti"] not in self.inactive})
 
     def token(
@@ -523,6 +526,18 @@ def test_introspection_saying_inactive_refuses_the_token_after_its_short_cache(b
     idp.inactive.add(json.loads(_b64decode(token.split(".")[1]))["jti"])
     time.sleep(1.1)
     assert "not active" in refused(call(bastion, token))
+    assert "not active" in refused(call(bastion, token))
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [{"active": "true"}, {"active": 1}, {"scope": "customers:read"}, [{"active": True}]],
+    ids=["the string true", "the number 1", "no active", "not an object"],
+)
+def test_introspection_must_answer_active_true_exactly(bastion, idp, answer):
+    # RFC 7662 §2.2: active is a boolean; anything but true is a token not active.
+    token = idp.token("b")
+    idp.answers[json.loads(_b64decode(token.split(".")[1]))["jti"]] = answer
     assert "not active" in refused(call(bastion, token))
 
 
