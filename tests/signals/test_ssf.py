@@ -420,12 +420,21 @@ def _refusals(t: Transmitter):
             t.set_token(revoke, {}, sam), {"content_type": "application/json"}, "invalid_request"
         ),
         "oversized body": ("x" * 70_000, {}, "invalid_request"),
+        # The replay guard is keyed by jti: a SET without one could be replayed at will. A SET
+        # has no exp (RFC 8417 §2.2): a JWT that carries one is not a SET.
+        "no jti": (t.set_token(revoke, {}, sam, jti=None), {}, "invalid_request"),
+        "empty jti": (t.set_token(revoke, {}, sam, jti=""), {}, "invalid_request"),
+        "a jti that is a number": (t.set_token(revoke, {}, sam, jti=7), {}, "invalid_request"),
+        "an exp claim": (
+            t.set_token(revoke, {}, sam, exp=int(time.time()) + 300), {}, "invalid_request"
+        ),
     }  # fmt: skip
 
 
 CASES = [
     "bad signature", "wrong iss", "wrong aud", "wrong typ", "alg none", "alg HS256", "stale iat",
-    "future iat", "no bearer", "wrong bearer", "wrong content type", "oversized body",
+    "future iat", "no bearer", "wrong bearer", "wrong content type", "oversized body", "no jti",
+    "empty jti", "a jti that is a number", "an exp claim",
 ]  # fmt: skip
 
 
