@@ -277,6 +277,19 @@ def test_expired_code_is_refused(bastion: Bastion):
     assert_oauth_error(exchange(bastion, client, code, verifier), "invalid_grant")
 
 
+def test_a_code_whose_grant_was_revoked_is_refused(bastion: Bastion):
+    # Revoked before the client redeemed it (the user, an administrator, a signal).
+    client = bastion.register()
+    code, verifier = bastion.code_for(client)
+    grant_id = bastion.server.store.code(code)[0]
+    bastion.server.store.revoke_grant(grant_id, bastion.clock(), "test")
+    before = bastion.rows()
+    response = exchange(bastion, client, code, verifier)
+    assert_oauth_error(response, "invalid_grant")
+    assert "revoked" in response.json()["error_description"]
+    assert bastion.rows() == before
+
+
 def test_refresh_rotates_the_refresh_token(bastion: Bastion):
     client = bastion.register()
     first = bastion.tokens_for(client)
