@@ -12,6 +12,7 @@ import html
 import json
 import time
 import uuid
+from urllib.parse import parse_qs, urlsplit
 
 import httpx
 import pytest
@@ -456,6 +457,31 @@ def test_an_answer_delivered_to_another_browser_is_refused(bastion, idp, person,
         attacker.close()
     refused(response, 403, "started in another browser")
     assert code not in idp.redeemed
+
+
+def test_a_login_resumes_no_authorization_request_of_another_browser(bastion, idp, person, client):
+    # Login CSRF: the person's sign-in must not complete a request started in the attacker's
+    # browser (the code would go to the attacker's session). Starting the login checks the
+    # request's browser, so no login state over HTTP names another's; this holds at the
+    # resumption too, for a state written by any other way: here, one changed in place.
+    fields = hidden_fields(person.open_authorization(client).text)
+    started = person.http.post(f"{bastion.url}/login/a", data=fields)
+    assert started.status_code == 303, started.text
+    query = {k: v[0] for k, v in parse_qs(urlsplit(started.headers["location"]).query).items()}
+    attacker = Person(bastion)
+    try:
+        theirs = hidden_fields(attacker.open_authorization(client).text)["request_id"]
+    finally:
+        attacker.close()
+    bastion.db.execute(
+        "UPDATE identity_login_states SET request_id = ? WHERE request_id = ?",
+        (theirs, fields["request_id"]),
+    )
+    before = sessions(bastion)
+    code = idp.issue("a", query)
+    response = person.back_from_provider("a", code=code, state=query["state"], iss=idp.issuer("a"))
+    refused(response, 400, "request expired while you signed in")
+    assert sessions(bastion) == before
 
 
 def test_mix_up_an_answer_for_one_provider_at_another_is_refused(idp, person, client):
