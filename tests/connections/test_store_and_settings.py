@@ -1,5 +1,6 @@
 """The connections' rows on SQLite and PostgreSQL, and the ``auth = "per_user"`` settings: bad
-input is refused with a message naming the key, and changes nothing."""
+input is refused with a message naming the key, and changes nothing. Also what bastion refuses
+from an upstream's authorization server (metadata of another issuer, a token not Bearer)."""
 
 from __future__ import annotations
 
@@ -239,3 +240,65 @@ def test_an_authorization_server_named_by_an_upstream_must_be_a_url_an_index_tak
             client = UpstreamOAuthClient(f"{upstream}/mcp", UpstreamOAuth())
             with pytest.raises(UpstreamOAuthError, match="does not name it as its issuer"):
                 asyncio.run(client.metadata())
+
+
+def _authorization_server(sock, issuer_of, token_type: list):
+    """An upstream's authorization server on ``sock``: at ``/as/<name>`` its metadata names
+    ``issuer_of(asked)``; its token endpoint answers with ``token_type[0]`` (None: none)."""
+
+    async def server_metadata(request):
+        asked = f"{base}/as/{request.path_params['name']}"
+        return JSONResponse(
+            {
+                "issuer": issuer_of(asked),
+                "authorization_endpoint": f"{base}/authorize",
+                "token_endpoint": f"{base}/token",
+                "code_challenge_methods_supported": ["S256"],
+            }
+        )
+
+    async def token(request):
+        answer = {"access_token": "upstream-access", "expires_in": 60}
+        if token_type[0] is not None:
+            answer["token_type"] = token_type[0]
+        return JSONResponse(answer)
+
+    base = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    return base, Starlette(
+        routes=[
+            Route("/.well-known/oauth-authorization-server/as/{name}", server_metadata),
+            Route("/token", token, methods=["POST"]),
+        ]
+    )
+
+
+def test_metadata_naming_another_issuer_than_the_server_asked_is_refused():
+    # RFC 8414 §3.3: the issuer in the metadata is the one asked, else a mix-up (another
+    # server's metadata, served here, would send the person's code and tokens there).
+    sock = free_socket()
+    evil = lambda asked: asked.rsplit("/", 1)[0] + "/evil"  # noqa: E731
+    base, app = _authorization_server(sock, evil, [None])
+    with serve(app, sock):
+        for issuer in (f"{base}/as/good", f"{base}/as/good/"):
+            client = UpstreamOAuthClient(f"{base}/mcp", UpstreamOAuth(issuer=issuer))
+            with pytest.raises(UpstreamOAuthError, match="does not name it as its issuer"):
+                asyncio.run(client.metadata())
+        named = UpstreamOAuthClient(f"{base}/mcp", UpstreamOAuth(issuer=f"{base}/as/evil"))
+        assert asyncio.run(named.metadata()).issuer == f"{base}/as/evil"
+
+
+def test_a_token_that_is_not_a_bearer_token_is_refused():
+    # bastion sends the upstream token as a Bearer token; a DPoP- or MAC-bound one it cannot use.
+    token_type: list = [None]
+    sock = free_socket()
+    base, app = _authorization_server(sock, lambda asked: asked, token_type)
+    with serve(app, sock):
+        client = UpstreamOAuthClient(f"{base}/mcp", UpstreamOAuth(issuer=f"{base}/as/a"))
+        for kind in ("DPoP", "mac", "", None):
+            token_type[0] = kind
+            with pytest.raises(UpstreamOAuthError, match="no bearer token"):
+                asyncio.run(client.refresh({"client_id": "bastion"}, "r", 0.0))
+        for kind in ("Bearer", "bearer"):
+            token_type[0] = kind
+            tokens = asyncio.run(client.refresh({"client_id": "bastion"}, "r", 0.0))
+            assert tokens.access_token == "upstream-access"
