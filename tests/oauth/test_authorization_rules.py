@@ -59,6 +59,10 @@ def assert_oauth_error(response: httpx.Response, error: str, status: int = 400) 
         ({"code_challenge": None, "code_challenge_method": None}, "invalid_request"),
         ({"code_challenge_method": None}, "invalid_request"),
         ({"code_challenge_method": "plain"}, "invalid_request"),
+        # An S256 challenge is 43 base64url characters (RFC 7636 §4.2), nothing else.
+        ({"code_challenge": "a" * 42}, "invalid_request"),
+        ({"code_challenge": "a" * 44}, "invalid_request"),
+        ({"code_challenge": "a" * 42 + "="}, "invalid_request"),
         ({"response_type": "token"}, "unsupported_response_type"),
         ({"resource": None}, "invalid_target"),
         ({"resource": "http://127.0.0.1:9/not-configured"}, "invalid_target"),
@@ -68,6 +72,9 @@ def assert_oauth_error(response: httpx.Response, error: str, status: int = 400) 
         "no-pkce",
         "pkce-without-method",
         "plain-pkce",
+        "challenge-of-42",
+        "challenge-of-44",
+        "challenge-not-base64url",
         "implicit",
         "no-resource",
         "unknown-resource",
@@ -191,6 +198,18 @@ def test_repeated_parameters_are_refused(bastion: Bastion):
     params = list(bastion.authorize_params(client, challenge).items()) + [("scope", "tools:call")]
     response = bastion.http.get(f"{bastion.url}/authorize?{urlencode(params)}")
     assert shown_error(response)["error"] == "invalid_request"
+
+
+def test_two_resource_parameters_are_refused(bastion: Bastion):
+    # A code is for one resource (RFC 8707 would allow several): the same one twice, or two.
+    client = bastion.register()
+    _, challenge = pkce_pair()
+    before = bastion.rows()
+    for second in (bastion.resource, bastion.other_resource):
+        params = list(bastion.authorize_params(client, challenge).items())
+        response = authorize(bastion, params + [("resource", second)])
+        assert shown_error(response)["error"] in ("invalid_request", "invalid_target")
+    assert bastion.rows() == before
 
 
 def test_the_redirect_carries_code_state_and_issuer(bastion: Bastion):
