@@ -410,6 +410,31 @@ def test_introspection(bastion: Bastion):
     assert introspect(fresh["access_token"]) == {"active": False}
 
 
+def test_introspection_reports_a_used_expired_or_revoked_refresh_token_inactive(bastion: Bastion):
+    resource_server = confidential(bastion)
+    bastion.db.execute(
+        "UPDATE oauth_clients SET may_introspect = 1 WHERE client_id = ?",
+        (resource_server["client_id"],),
+    )
+    introspect = lambda token: bastion.http.post(  # noqa: E731
+        f"{bastion.url}/introspect", data={"token": token}, headers=basic(resource_server)
+    ).json()
+    client = bastion.register()
+    first = bastion.tokens_for(client)["refresh_token"]
+    rotated = bastion.token(
+        grant_type="refresh_token", refresh_token=first, client_id=client["client_id"]
+    )
+    second = rotated.json()["refresh_token"]
+    assert introspect(first) == {"active": False}  # used: rotated out
+    assert introspect(second)["active"] is True
+    revoked = bastion.tokens_for(client)["refresh_token"]
+    grant_id = bastion.server.store.refresh_token(revoked)[0]
+    bastion.server.store.revoke_grant(grant_id, bastion.clock(), "test")
+    assert introspect(revoked) == {"active": False}
+    bastion.clock.advance(bastion.server.settings.refresh_token_seconds + 1)
+    assert introspect(second) == {"active": False}  # expired
+
+
 def test_introspection_is_for_allowed_confidential_clients_only(bastion: Bastion):
     agent = confidential(bastion)
     public = bastion.register()
