@@ -349,18 +349,8 @@ class Running:
 
     def register(self, scope: str) -> OAuthClientInformationFull:
         """A client registered ahead of time, allowed ``scope`` (it may step up within it)."""
-        response = self.http.post(
-            f"{self.url}/register",
-            json={
-                "client_name": "pre-registered test agent",
-                "redirect_uris": [REDIRECT_URI],
-                "token_endpoint_auth_method": "none",
-                "grant_types": ["authorization_code", "refresh_token"],
-                "scope": scope,
-            },
-        )
-        assert response.status_code == 201, response.text
-        return OAuthClientInformationFull.model_validate(response.json())
+        registered = public_client(self.http, self.url, "pre-registered test agent", scope=scope)
+        return OAuthClientInformationFull.model_validate(registered)
 
     def sdk(
         self,
@@ -451,19 +441,25 @@ def access_token(
     return tokens.json()["access_token"]
 
 
-def register_public_client(http: httpx.Client, issuer: str) -> str:
-    """The id of a public client registered at ``issuer`` for the plain OAuth flow."""
+def public_client(http: httpx.Client, issuer: str, name: str, **metadata) -> dict:
+    """A public client registered at ``issuer`` for the plain OAuth flow: its registration."""
     response = http.post(
         f"{issuer}/register",
         json={
-            "client_name": "raw test client",
+            "client_name": name,
             "redirect_uris": [REDIRECT_URI],
             "token_endpoint_auth_method": "none",
             "grant_types": ["authorization_code", "refresh_token"],
+            **metadata,
         },
     )
     assert response.status_code == 201, response.text
-    return response.json()["client_id"]
+    return response.json()
+
+
+def register_public_client(http: httpx.Client, issuer: str) -> str:
+    """The id of a public client registered at ``issuer`` for the plain OAuth flow."""
+    return public_client(http, issuer, "raw test client")["client_id"]
 
 
 def start(
