@@ -619,4 +619,5 @@ class Tasks:
                 wait = min(wait, max(0.0, nearest - self.clock()) + 0.01)
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), wait)
+                async with asyncio.timeout(wait):
+                    await self._wake.wait()

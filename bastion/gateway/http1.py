@@ -273,16 +273,16 @@ class Http1Client:
     async def _connect(self) -> _Connection:
         loop = asyncio.get_running_loop()
         try:
-            _, connection = await asyncio.wait_for(
-                loop.create_connection(
+            # Not asyncio.wait_for: on Python 3.11 it returns a connection made as the caller's
+            # own deadline ends and drops that cancellation, so the caller waits on unbounded.
+            async with asyncio.timeout(self._connect_timeout):
+                _, connection = await loop.create_connection(
                     functools.partial(_Connection, loop),
                     self.host,
                     self.port,
                     ssl=self._ssl,
                     server_hostname=self.host if self._ssl else None,
-                ),
-                self._connect_timeout,
-            )
+                )
         except (OSError, TimeoutError) as e:
             raise HttpClientError(
                 f"cannot connect to {self.host}:{self.port}: {e or 'timed out'}"

@@ -520,11 +520,13 @@ class StdioUpstream(Upstream):
             if process.stdin is not None:
                 process.stdin.close()
             try:
-                await asyncio.wait_for(process.wait(), 2)
+                async with asyncio.timeout(2):
+                    await process.wait()
             except TimeoutError:
                 process.terminate()
                 try:
-                    await asyncio.wait_for(process.wait(), 2)
+                    async with asyncio.timeout(2):
+                        await process.wait()
                 except TimeoutError:
                     process.kill()
                     await process.wait()

@@ -520,7 +520,8 @@ class Replica:
             await _cancelled(self._snapshots, "the fact snapshot writer")
             if self.ready and self.snapshot_seq != self.applied:
                 try:
-                    await asyncio.wait_for(self.write_snapshot(), _STOP_WAIT)
+                    async with asyncio.timeout(_STOP_WAIT):
+                        await self.write_snapshot()
                 except Exception as e:
                     log.warning("cannot write the fact snapshot %s: %s", self.snapshot_path, e)
         if self._task:

@@ -206,3 +206,41 @@ def test_a_body_read_as_it_arrives_is_whole_and_bounded():
             server.close()
 
     asyncio.run(main())
+
+
+def test_a_deadline_that_ends_as_the_connection_opens_is_not_lost():
+    """The caller's deadline (``asyncio.timeout`` around a call, as the gateway's start of an
+    upstream) may end just as the connection is made. Python 3.11's ``asyncio.wait_for`` then
+    returned the connection and dropped the cancellation: the deadline was spent, and the
+    request went on waiting for an upstream that never answers, with no bound at all."""
+
+    async def main():
+        holder: list = []  # connections the silent server took, kept open
+        server = await asyncio.start_server(
+            lambda reader, writer: holder.append(writer), "127.0.0.1", 0
+        )
+        client = Http1Client(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/mcp")
+        loop = asyncio.get_running_loop()
+        opening = loop.create_connection
+        deadline: asyncio.Timeout | None = None
+
+        async def opened_as_the_deadline_ends(*args, **kwargs):
+            made = await opening(*args, **kwargs)
+            deadline.reschedule(loop.time())  # the deadline ends at this very moment
+            return made
+
+        loop.create_connection = opened_as_the_deadline_ends
+        try:
+            async with asyncio.timeout(10) as bound:  # the test's own, should all else fail
+                with pytest.raises(TimeoutError):
+                    async with asyncio.timeout(5) as deadline:
+                        response = await client.request("POST", {}, b"{}")
+                        await response.read()
+            assert not bound.expired(), "the deadline was lost: only the test's bound ended it"
+            assert deadline.expired()
+        finally:
+            loop.create_connection = opening
+            await client.aclose()
+            server.close()
+
+    asyncio.run(main())
