@@ -5,9 +5,9 @@ key is rotated by putting a new one first and re-sealing (`bastion connections r
 The keys come from ``BASTION_CONNECTION_KEYS`` (Fernet keys separated by commas or spaces) or,
 without it, from the file ``<oauth.key_dir>/connection-keys`` (one key a line, mode 0600),
 made with one fresh key on first use (never while the database holds connections sealed under
-the keys of a file now missing, nor over a file found empty or damaged). What is sealed names its user and upstream, and is opened
-only for them: a ciphertext moved to another row, altered, or sealed under a key no longer
-listed is refused (`Unsealable`), never used.
+the keys of a file now missing, nor over a file found empty or damaged). What is sealed names
+its user and upstream, and is opened only for them: a ciphertext moved to another row, altered,
+or sealed under a key no longer listed is refused (`Unsealable`), never used.
 """
 
 from __future__ import annotations
@@ -91,7 +91,7 @@ def load_keys(
 
 def _parsed(text: str, where: str, advice: str) -> list[bytes]:
     keys = [k.encode() for k in _SPLIT.split(text.strip()) if k]
-    if not keys:
+    if not keys:  # separators only (``,``)
         raise ConnectionKeysError(f"{where} holds no connection key")
     for n, key in enumerate(keys, 1):
         try:

@@ -90,12 +90,17 @@ class _PageError(Exception):
         self.response = pages.error_page(error, description, status)
 
 
-def redirect_with(uri: str, params: dict[str, str | None], status: int = 302) -> RedirectResponse:
-    """Redirect to ``uri`` with ``params`` added to its query (keeping the query it already has)."""
+def with_query(uri: str, params: dict[str, str | None]) -> str:
+    """``uri`` with ``params`` added to its query (keeping the query it already has)."""
     parts = urlsplit(uri)
     query = parse_qsl(parts.query, keep_blank_values=True)
     query += [(k, v) for k, v in params.items() if v is not None]
-    location = urlunsplit((parts.scheme, parts.netloc, parts.path, urlencode(query), ""))
+    return urlunsplit((parts.scheme, parts.netloc, parts.path, urlencode(query), ""))
+
+
+def redirect_with(uri: str, params: dict[str, str | None], status: int = 302) -> RedirectResponse:
+    """Redirect to ``uri`` with ``params`` added to its query (keeping the query it already has)."""
+    location = with_query(uri, params)
     return RedirectResponse(location, status_code=status, headers={"Cache-Control": "no-store"})
 
 
@@ -571,24 +576,24 @@ class AuthorizationEndpoint:
     ) -> Response:
         """An error in the authorization request, found before the person did anything:
         redirected only to a client the deployment vouches for, else shown here."""
-        response = self._error_redirect(redirect_uri, state, error)
         if client.vouched_for:
-            return response
-        return pages.unsent_error_page(error.error, error.description, response.headers["location"])
+            return self._error_redirect(redirect_uri, state, error)
+        location = with_query(redirect_uri, self._error_params(state, error))
+        return pages.unsent_error_page(error.error, error.description, location)
 
     def _error_redirect(
         self, redirect_uri: str, state: str | None, error: OAuthError, status: int = 302
     ) -> Response:
-        return redirect_with(
-            redirect_uri,
-            {
-                "error": error.error,
-                "error_description": error.description,
-                "state": state,
-                "iss": self.settings.issuer,
-            },
-            status=status,
-        )
+        return redirect_with(redirect_uri, self._error_params(state, error), status=status)
+
+    def _error_params(self, state: str | None, error: OAuthError) -> dict[str, str | None]:
+        """What an error tells the client at its redirect URI (RFC 6749 §4.1.2.1, RFC 9207)."""
+        return {
+            "error": error.error,
+            "error_description": error.description,
+            "state": state,
+            "iss": self.settings.issuer,
+        }
 
     def _set_cookie(self, response: Response, name: str, value: str, seconds: int) -> None:
         set_cookie(response, self.settings, name, value, seconds)
