@@ -260,9 +260,10 @@ def test_dpop_bound_access_tokens_must_be_a_boolean(bastion):
         (lambda h, url: h.proof("POST", url, iat=int(time.time()) - 600), "older than"),
         (lambda h, url: h.proof("POST", url, iat=int(time.time()) + 600), "future"),
         (lambda h, url: h.proof("POST", url, drop=("jti",)), "jti"),
+        (lambda h, url: h.proof("POST", url, jti="j" * 257), "1 to 256 characters"),
         (lambda h, url: h.proof("POST", url, header={"jwk": Holder().key.as_dict(False)}), "sig"),
     ],
-    ids=["typ", "htm", "htu", "old-iat", "future-iat", "no-jti", "another-jwk"],
+    ids=["typ", "htm", "htu", "old-iat", "future-iat", "no-jti", "overlong-jti", "another-jwk"],
 )
 def test_a_bad_proof_at_the_token_endpoint_is_refused(bastion, make, words):
     holder = Holder()
