@@ -242,6 +242,22 @@ def test_client_authentication_refusals(bastion: Bastion):
     assert bastion.rows() == before
 
 
+def test_basic_credentials_with_another_client_id_in_the_body_are_refused(bastion: Bastion):
+    agent, other = confidential(bastion), confidential(bastion)
+    before = bastion.rows()
+    form = {"grant_type": "client_credentials", "resource": bastion.resource}
+    response = bastion.http.post(
+        f"{bastion.url}/token", data={**form, "client_id": other["client_id"]}, headers=basic(agent)
+    )
+    assert_oauth_error(response, "invalid_request")
+    assert "differs from the Basic credentials" in response.json()["error_description"]
+    assert bastion.rows() == before
+    # The same client_id in the body as in the header is taken.
+    same = {**form, "client_id": agent["client_id"]}
+    response = bastion.http.post(f"{bastion.url}/token", data=same, headers=basic(agent))
+    assert response.status_code == 200, response.text
+
+
 def test_token_endpoint_bad_requests_change_nothing(bastion: Bastion):
     client = bastion.register()
     before = bastion.rows()
