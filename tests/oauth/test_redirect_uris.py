@@ -52,6 +52,27 @@ def test_uris_outside_rfc_3986_cannot_be_registered(bastion: Bastion, uri):
 
 
 @pytest.mark.parametrize(
+    "uri, words",
+    [
+        ("https://example.com/" + "a" * 1981, "at most 2000 characters"),
+        ("https:///cb", "must be https"),
+        ("https:cb", "must be https"),
+    ],
+    ids=["over-2000-characters", "https-without-host", "https-without-authority"],
+)
+def test_an_overlong_or_hostless_redirect_uri_cannot_be_registered(bastion: Bastion, uri, words):
+    before = bastion.rows()
+    body = {"redirect_uris": [uri], "token_endpoint_auth_method": "none"}
+    response = bastion.http.post(f"{bastion.url}/register", json=body)
+    assert response.status_code == 400, response.text
+    assert response.json()["error"] == "invalid_redirect_uri"
+    assert words in response.json()["error_description"]
+    assert bastion.rows() == before
+    # At 2000 characters a URI is still taken.
+    assert redirect_uri_problem("https://example.com/" + "a" * 1980) is None
+
+
+@pytest.mark.parametrize(
     "uri",
     [
         "https://example.com/cb",
