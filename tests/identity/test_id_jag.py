@@ -18,6 +18,8 @@ import httpx2
 import pytest
 from joserfc import jwt
 from joserfc.jwk import ECKey, OctKey
+from joserfc.jws import JWSRegistry
+from joserfc.registry import HeaderParameter
 from mcp.client.client import Client as McpClient
 from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.exceptions import MCPError
@@ -34,6 +36,8 @@ from tests.oauth.support import free_socket, serve
 
 INITIAL_TOKEN = "initial-access-token-for-id-jag-tests"
 SCOPES = "customers:read customers:write"
+# joserfc writes only a string kid; this registry lets a test write any, as an attacker would.
+ANY_KID = JWSRegistry(header_registry={"kid": HeaderParameter("Key ID", lambda value: None)})
 
 
 class EnterpriseIdp:
@@ -68,7 +72,7 @@ class EnterpriseIdp:
 
     def id_jag(
         self, bastion, agent_id: str, /, *, signer: str = "acme", typ: str | None = "oauth-id-jag+jwt",
-        alg: str = "ES256", key=None, **claims,
+        alg: str = "ES256", key=None, kid: object = "k1", **claims,
     ) -> str:  # fmt: skip
         now = int(time.time())
         body = {
@@ -83,11 +87,11 @@ class EnterpriseIdp:
             "jti": uuid.uuid4().hex,
             **claims,
         }
-        header = {"alg": alg, "kid": "k1"}
+        header = {"alg": alg, "kid": kid}
         if typ:
             header["typ"] = typ
         body = {k: v for k, v in body.items() if v is not None}
-        return jwt.encode(header, body, key or self.keys[signer])
+        return jwt.encode(header, body, key or self.keys[signer], registry=ANY_KID)
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +109,12 @@ def bastion(tmp_path_factory, idp):
         "id_jag": {
             "issuers": [
                 {"issuer": idp.issuer("acme")},
-                {"issuer": idp.issuer("other"), "jwks_uri": f"{idp.issuer('other')}/jwks"},
+                # users = "any": only the claim's own bounds stand between it and a token.
+                {
+                    "issuer": idp.issuer("other"),
+                    "jwks_uri": f"{idp.issuer('other')}/jwks",
+                    "users": "any",
+                },
                 {
                     "issuer": idp.issuer("big"),
                     "jwks_uri": f"{idp.issuer('big')}/jwks",
@@ -306,6 +315,20 @@ ATTACKS = {
     "a scope the resource lacks": (
         lambda i, b, c: i.id_jag(b, c, scope="customers:read admin"),
         "['admin']",
+    ),
+    "a kid that is not a string": (lambda i, b, c: i.id_jag(b, c, kid=["k1"]), "kid is not"),
+    "a resource that is not a string": (
+        lambda i, b, c: i.id_jag(b, c, resource=[b.mcp_url("deskhttp")]),
+        "resource must be one URI",
+    ),
+    # From the issuer that takes any user: only the claim's bounds refuse these.
+    "a user claim over 128 characters": (
+        lambda i, b, c: i.id_jag(b, c, iss=i.issuer("other"), signer="other", sub="s" * 129),
+        "'sub' claim names no user",
+    ),
+    "a user claim with a control character": (
+        lambda i, b, c: i.id_jag(b, c, iss=i.issuer("other"), signer="other", sub="sam\n"),
+        "'sub' claim names no user",
     ),
     "a key from another issuer": (lambda i, b, c: i.id_jag(b, c, signer="other"), "signature"),
     "a user bastion does not know": (lambda i, b, c: i.id_jag(b, c, sub="zed"), "not a user"),
