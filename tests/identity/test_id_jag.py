@@ -18,8 +18,6 @@ import httpx2
 import pytest
 from joserfc import jwt
 from joserfc.jwk import ECKey, OctKey
-from joserfc.jws import JWSRegistry
-from joserfc.registry import HeaderParameter
 from mcp.client.client import Client as McpClient
 from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.exceptions import MCPError
@@ -32,12 +30,10 @@ from bastion.oauth.jwt_bearer import ID_JAG_PROFILE, JWT_BEARER_GRANT_TYPE
 from bastion.oauth.metadata import authorization_server_metadata
 from bastion.oauth.settings import OAuthSettings, SettingsError
 from tests.gateway.support import start
-from tests.oauth.support import free_socket, serve
+from tests.oauth.support import ANY_KID, free_socket, serve
 
 INITIAL_TOKEN = "initial-access-token-for-id-jag-tests"
 SCOPES = "customers:read customers:write"
-# joserfc writes only a string kid; this registry lets a test write any, as an attacker would.
-ANY_KID = JWSRegistry(header_registry={"kid": HeaderParameter("Key ID", lambda value: None)})
 
 
 class EnterpriseIdp:

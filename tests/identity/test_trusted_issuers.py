@@ -38,7 +38,7 @@ from bastion.oauth.users import create_user
 from bastion.server.config import ConfigError
 from tests.clock import ManualClock
 from tests.gateway.support import PASSWORD, start
-from tests.oauth.support import free_socket, serve
+from tests.oauth.support import ANY_KID, free_socket, serve
 
 INTROSPECTION_ID, INTROSPECTION_SECRET = "bastion-rs", "s3cret-for-tests"
 ENVELOPE = {
@@ -132,7 +132,7 @@ class TestIssuer:
         self,
         issuer: str = "a",
         *,
-        kid: str = "k1",
+        kid: object = "k1",
         key=None,
         typ: str | None = "at+jwt",
         **claims,
@@ -153,7 +153,7 @@ class TestIssuer:
         header = {"alg": "ES256", "kid": kid}
         if typ:
             header["typ"] = typ
-        return jwt.encode(header, body, key or self.keys[kid])
+        return jwt.encode(header, body, key or self.keys[kid], registry=ANY_KID)
 
 
 def _b64decode(part: str) -> bytes:
@@ -433,6 +433,11 @@ def test_a_kid_not_in_the_jwks_is_refused(bastion, idp):
     # The right kid with another key's signature.
     forged = idp.token("a", key=ECKey.generate_key("P-256", parameters={"kid": "k1"}))
     assert "signature" in refused(call(bastion, forged))
+
+
+def test_a_kid_that_is_not_a_string_is_refused(bastion, idp):
+    token = idp.token("a", kid=["k1"], key=idp.keys["k1"])
+    assert "the header's kid is not a string" in refused(call(bastion, token))
 
 
 def test_alg_none_and_hmac_keyed_with_the_public_key_are_refused(bastion, idp):

@@ -20,6 +20,8 @@ from urllib.parse import parse_qs, urlencode, urlsplit
 import anyio
 import httpx
 import uvicorn
+from joserfc.jws import JWSRegistry
+from joserfc.registry import HeaderParameter
 from mcp.client.auth import OAuthClientProvider
 from mcp.shared.auth import (
     AuthorizationCodeResult,
@@ -35,6 +37,8 @@ from bastion.oauth.users import create_user
 from tests.ports import free_socket  # noqa: F401 (re-exported: many tests import it here)
 
 PASSWORD = "correct horse battery staple"
+# joserfc writes only a string kid; with this registry a test writes any, as an attacker would.
+ANY_KID = JWSRegistry(header_registry={"kid": HeaderParameter("Key ID", lambda value: None)})
 
 
 class Clock:

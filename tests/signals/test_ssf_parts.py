@@ -215,6 +215,30 @@ def test_a_signed_set_holding_text_that_is_not_unicode_is_refused(published_keys
         db.close()
 
 
+def test_a_set_whose_kid_is_not_a_string_is_refused(published_keys, tmp_path):
+    from tests.signals.transmitter import CAEP, Transmitter
+
+    sender = Transmitter("https://bastion.example.com")
+    sender.url = ISSUER
+    published_keys["keys"] = [sender.key.as_dict(private=False)]
+    receiver, t, db = receiver_of(published_keys, tmp_path)
+    event, subject = CAEP + "session-revoked", {"format": "opaque", "id": "x"}
+    token = sender.set_token(event, {}, subject, header={"kid": ["k1"]})
+    try:
+        # Before its key set is looked for...
+        with pytest.raises(SetRefused, match="kid must be a string") as refused:
+            anyio.run(receiver.keys, t, token)
+        assert refused.value.err == "invalid_request"
+        assert published_keys["fetches"] == 0
+        # ... and when verified, with the key set that holds its key.
+        keys = anyio.run(receiver.keys, t, sender.set_token(event, {}, subject))
+        with pytest.raises(SetRefused, match="kid must be a string") as refused:
+            receiver.receive(t, token, keys)
+        assert refused.value.err == "invalid_request"
+    finally:
+        db.close()
+
+
 def test_a_jwks_with_too_many_keys_or_secret_keys_is_not_used(published_keys, tmp_path):
     many = [ECKey.generate_key("P-256", parameters={"kid": str(i)}) for i in range(3)]
     published_keys["keys"] = [k.as_dict(private=False) for k in many]

@@ -19,6 +19,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from tests.oauth.support import ANY_KID
+
 CAEP = "https://schemas.openid.net/secevent/caep/event-type/"
 RISC = "https://schemas.openid.net/secevent/risc/event-type/"
 VERIFICATION = "https://schemas.openid.net/secevent/ssf/event-type/verification"
@@ -60,7 +62,11 @@ class Transmitter:
         }
         protected = {"alg": "ES256", "typ": "secevent+jwt", "kid": "k1", **(header or {})}
         return jws.serialize_compact(
-            protected, json.dumps(payload).encode(), key or self.key, algorithms=[protected["alg"]]
+            protected,
+            json.dumps(payload).encode(),
+            key or self.key,
+            algorithms=[protected["alg"]],
+            registry=ANY_KID,
         )
 
     @staticmethod
