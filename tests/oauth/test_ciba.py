@@ -393,6 +393,24 @@ def test_a_request_is_answered_once(bastion: Bastion):
     assert_oauth_error(wait_and_poll(bastion, client, ack["auth_req_id"]), "access_denied")
 
 
+def test_a_poll_naming_another_resource_than_the_one_approved_is_refused(bastion: Bastion):
+    client = ciba_client(bastion)
+    ack = requested(bastion, client)
+    answer(signed_in(bastion, "alice"), only_pending_url(bastion), "approve")
+    bastion.clock.advance(INTERVAL)
+    response = poll(bastion, client, ack["auth_req_id"], resource=bastion.other_resource)
+    assert_oauth_error(response, "invalid_target")
+    assert "differs from" in response.json()["error_description"]
+    assert not bastion.db.execute(
+        "SELECT * FROM oauth_grants WHERE client_id = ?", (client["client_id"],)
+    )
+    # Refused, the request is left unspent: polled for its own resource, it gives the token.
+    bastion.clock.advance(INTERVAL)
+    response = poll(bastion, client, ack["auth_req_id"], resource=bastion.resource)
+    assert response.status_code == 200, response.text
+    bastion.server.verifier.verify(response.json()["access_token"], resource=bastion.resource)
+
+
 # Single use
 
 
