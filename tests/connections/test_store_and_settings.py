@@ -242,20 +242,23 @@ def test_an_authorization_server_named_by_an_upstream_must_be_a_url_an_index_tak
                 asyncio.run(client.metadata())
 
 
-def _authorization_server(sock, issuer_of, token_type: list):
+def _authorization_server(sock, issuer_of, token_type: list, pkce: list | None = None):
     """An upstream's authorization server on ``sock``: at ``/as/<name>`` its metadata names
-    ``issuer_of(asked)``; its token endpoint answers with ``token_type[0]`` (None: none)."""
+    ``issuer_of(asked)`` and advertises ``pkce[0]`` as its PKCE methods (``["S256"]`` without
+    ``pkce``; None: not at all); its token endpoint answers with ``token_type[0]`` (None:
+    none)."""
+    methods = pkce if pkce is not None else [["S256"]]
 
     async def server_metadata(request):
         asked = f"{base}/as/{request.path_params['name']}"
-        return JSONResponse(
-            {
-                "issuer": issuer_of(asked),
-                "authorization_endpoint": f"{base}/authorize",
-                "token_endpoint": f"{base}/token",
-                "code_challenge_methods_supported": ["S256"],
-            }
-        )
+        document = {
+            "issuer": issuer_of(asked),
+            "authorization_endpoint": f"{base}/authorize",
+            "token_endpoint": f"{base}/token",
+        }
+        if methods[0] is not None:
+            document["code_challenge_methods_supported"] = methods[0]
+        return JSONResponse(document)
 
     async def token(request):
         answer = {"access_token": "upstream-access", "expires_in": 60}
@@ -285,6 +288,22 @@ def test_metadata_naming_another_issuer_than_the_server_asked_is_refused():
                 asyncio.run(client.metadata())
         named = UpstreamOAuthClient(f"{base}/mcp", UpstreamOAuth(issuer=f"{base}/as/evil"))
         assert asyncio.run(named.metadata()).issuer == f"{base}/as/evil"
+
+
+def test_an_authorization_server_that_does_not_advertise_pkce_s256_is_refused():
+    # OAuth 2.1 and MCP: no PKCE S256 advertised, no person sent there to authorize.
+    pkce: list = [None]
+    sock = free_socket()
+    base, app = _authorization_server(sock, lambda asked: asked, [None], pkce)
+    with serve(app, sock):
+        for advertised in (None, [], ["plain"], "S256"):
+            pkce[0] = advertised
+            client = UpstreamOAuthClient(f"{base}/mcp", UpstreamOAuth(issuer=f"{base}/as/a"))
+            with pytest.raises(UpstreamOAuthError, match="does not advertise PKCE S256"):
+                asyncio.run(client.metadata())
+        pkce[0] = ["plain", "S256"]
+        client = UpstreamOAuthClient(f"{base}/mcp", UpstreamOAuth(issuer=f"{base}/as/a"))
+        assert asyncio.run(client.metadata()).issuer == f"{base}/as/a"
 
 
 def test_a_token_that_is_not_a_bearer_token_is_refused():
