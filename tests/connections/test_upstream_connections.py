@@ -51,6 +51,7 @@ from bastion.oauth.users import create_user
 from bastion.server.app import create_app
 from bastion.server.config import ServerConfig
 from tests.browser import browser_fixture, tab_fixture  # noqa: F401 (fixtures)
+from tests.clock import ManualClock
 from tests.gateway.support import LegacyOnly, Recorder, bastion_serve, stop
 from tests.oauth.support import MemoryStorage, free_socket, log_in_and_consent, sdk_auth, serve
 
@@ -432,6 +433,27 @@ def test_a_connection_is_finished_only_by_the_person_who_started_it(lab):
     assert refused.value.status == 403
     # Spent: bob cannot finish it either, after alice tried.
     with pytest.raises(FlowRefused):
+        run(lab.connections.finish, "bob", state, "any-code")
+    assert lab.connections.listed("bob") == []
+
+
+def test_a_connection_older_than_flow_seconds_is_refused_at_its_end(lab):
+    from bastion.connections.service import FlowRefused
+
+    clock = ManualClock(time.time())
+    saved, lab.connections.clock = lab.connections.clock, clock
+    try:
+        location = run(lab.connections.start, "bob", "tracker")
+        state = parse_qs(urlsplit(location).query)["state"][0]
+        clock.now += lab.connections.settings["tracker"].flow_seconds + 1
+        with pytest.raises(FlowRefused) as refused:
+            run(lab.connections.finish, "bob", state, "any-code")
+    finally:
+        lab.connections.clock = saved
+    assert refused.value.status == 400
+    assert refused.value.message == "This connection took too long; start again."
+    # Spent: the same link is refused now, as unknown.
+    with pytest.raises(FlowRefused, match="unknown or was already used"):
         run(lab.connections.finish, "bob", state, "any-code")
     assert lab.connections.listed("bob") == []
 
