@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
+
+from tests.clock import ManualClock
 
 from .streams import legacy_session
 from .support import register_public_client
@@ -165,6 +168,31 @@ def test_another_users_session_id_is_unknown(bastion, token):
         **{"mcp-protocol-version": "2025-11-25", "mcp-session-id": session},
     )
     assert again.status_code == 404
+
+
+def test_a_session_unused_longer_than_its_idle_limit_is_unknown(bastion, token):
+    sessions = bastion.app.state.gateway.sessions
+    clock = ManualClock(float(int(time.monotonic()) + 1))  # whole seconds: exact sums
+    saved, sessions.clock = sessions.clock, clock
+    try:
+        used = legacy_session(bastion, token, "deskhttp")["mcp-session-id"]
+        forgotten = legacy_session(bastion, token, "deskhttp")["mcp-session-id"]
+        headers = {"mcp-protocol-version": "2025-11-25", "mcp-session-id": used}
+        clock.now += sessions.idle_seconds  # at the limit: still the session's
+        assert post(bastion, token, body=call(), **headers).status_code == 200
+        clock.now += sessions.idle_seconds + 1
+        before = len(bastion.recorder.requests)
+        response = post(bastion, token, body=call(), **headers)
+        assert response.status_code == 404, response.text
+        assert response.json()["error"]["code"] == -32005
+        assert "unknown or expired session" in response.json()["error"]["message"]
+        assert len(bastion.recorder.requests) == before
+        # The session nobody used again is ended too, as the next one opens (the sweep).
+        assert sessions.get(forgotten) is not None
+        legacy_session(bastion, token, "deskhttp")
+        assert sessions.get(forgotten) is None
+    finally:
+        sessions.clock = saved
 
 
 @pytest.mark.parametrize("holder", ["another agent of the same user", "another user's same agent"])
