@@ -11,7 +11,7 @@ import pytest
 from bastion import Authorizer, Entity
 from bastion.approvals.service import MAX_REQUIRED, Approvals, Call, NotAllowed
 from bastion.approvals.settings import ApprovalSettings
-from bastion.approvals.store import Answer, ApprovalStore
+from bastion.approvals.store import Answer, ApprovalRequest, ApprovalStore
 from bastion.audit.log import AuditLog
 from bastion.db import Database
 from bastion.decide.contract import decide_chain, plainly_allowed
@@ -42,6 +42,15 @@ self_approval_forbidden(_user: User, "call", Tool{"crm/refund"});
 requires_approval(_user: User, "call", Tool{"crm/pay"});
 approver(boss: User, user: User, "call", Tool{"crm/pay"}) if manager(user, boss);
 approver(User{"cfo"}, _user: User, "call", Tool{"crm/pay"});
+# A rule that never ends: whatever asks it spends the evaluation budget (EvaluationLimit).
+spin(n: Integer) if m = n + 1 and spin(m);
+requires_approval(_user: User, "call", Tool{"crm/spin"});
+approver(User{"cfo"}, _user: User, "call", Tool{"crm/spin"}) if spin(0);
+approval_window(_user: User, "call", Tool{"crm/spin"}, 60);
+# Reviewers of held results: avery sees the report with its emails masked; what cfo sees of
+# the spun report is asked of a rule over its budget.
+mask(User{"avery"}, "call", Tool{"crm/report"}, "customers.*.email");
+mask(User{"cfo"}, "call", Tool{"crm/spin"}, "customers.*.email") if spin(0);
 """
 )
 
@@ -54,6 +63,7 @@ send, delete, wire = (
 )
 refund = Entity("Tool", "crm/refund")
 pay = Entity("Tool", "crm/pay")
+spin, report = Entity("Tool", "crm/spin"), Entity("Tool", "crm/report")
 
 
 class Clock:
@@ -384,6 +394,67 @@ def test_an_approval_for_minutes_the_store_cannot_hold_is_refused_before_it_is_w
     assert approvals.get(request.id).status == "pending" and not approvals.get(request.id).approvals
     assert list(facts.get(("approval_grant", None, None, None, None))) == []
     assert approvals.answer(request.id, "avery", "approve", channel="api").status == "approved"
+
+
+def test_no_approval_for_minutes_is_longer_than_max_window_minutes(world):
+    approvals, _, facts, clock = world
+    approvals.settings = dataclasses.replace(approvals.settings, max_window_minutes=10)
+    request = held(approvals, call(send))  # the policy allows 30 minutes
+    assert request.window_minutes == 10
+    with pytest.raises(NotAllowed, match="10 minutes at most"):
+        approvals.answer(request.id, "avery", "approve", minutes=11, channel="api")
+    approvals.answer(request.id, "avery", "approve", minutes=10, channel="api")
+    [stored] = list(facts.get(("approval_grant", None, None, None, None)))
+    assert stored.expires_at == clock.now + 10 * 60
+
+
+def test_an_approval_for_negative_minutes_is_refused_and_records_nothing(world):
+    approvals, _, facts, _ = world
+    request = held(approvals, call(send))
+    with pytest.raises(NotAllowed, match="minutes must be a whole number of minutes"):
+        approvals.answer(request.id, "avery", "approve", minutes=-5, channel="api")
+    assert approvals.get(request.id).status == "pending" and not approvals.get(request.id).answers
+    assert list(facts.get(("approval_grant", None, None, None, None))) == []
+
+
+def test_terms_the_policy_cannot_say_within_its_budget_are_the_narrowest(world):
+    # The approver rule spends the budget: nobody but the user may answer, once, and not even
+    # the user, as if approving their own call were forbidden.
+    approvals, *_ = world
+    request = approvals.hold(call(spin), "d1", ("requires_approval(...)",), {})
+    terms = (request.approvers, request.required, request.self_forbidden, request.window_minutes)
+    assert terms == ((), 1, True, 0)
+    with pytest.raises(NotAllowed, match="forbids approving one's own call"):
+        approvals.answer(request.id, "sam", "approve", channel="api")
+    with pytest.raises(NotAllowed, match="not an approver"):
+        approvals.answer(request.id, "cfo", "approve", channel="api")
+    assert approvals.get(request.id).status == "pending"
+
+
+def reviewed(approvals: Approvals, resource: Entity, result) -> ApprovalRequest:
+    review = dataclasses.replace(call(resource), kind="review")
+    return approvals.hold(review, "d1", ("requires_review(...)",), {}, result=result)
+
+
+def test_a_reviewers_mask_over_the_evaluation_budget_withholds_the_whole_result(world):
+    approvals, *_ = world
+    result = {"structuredContent": {"customers": [{"name": "Ada", "email": "ada@example.com"}]}}
+    request = reviewed(approvals, spin, result)
+    assert approvals.reviewer_masks(request, "cfo") == ("",)
+    seen = approvals.review_view(request, "cfo")
+    assert "Ada" not in repr(seen) and "ada@example.com" not in repr(seen)
+    # The held result itself is untouched: what is masked is only the reviewer's view.
+    assert approvals.held_result(request) == result
+
+
+def test_a_held_result_that_is_not_an_mcp_result_is_hidden_from_a_masked_reviewer(world):
+    # Not a dict: no mask path can say which part of it is the email, so a mask hides it all.
+    approvals, *_ = world
+    request = reviewed(approvals, report, ["ada@example.com"])
+    assert approvals.reviewer_masks(request, "avery") == ("customers.*.email",)
+    assert approvals.review_view(request, "avery") is None
+    # A reviewer the policy masks nothing for sees it as held.
+    assert approvals.review_view(request, "cfo") == ["ada@example.com"]
 
 
 def test_a_call_only_policy_refuses_an_approval_for_minutes(world):
