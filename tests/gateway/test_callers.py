@@ -8,13 +8,17 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+import anyio
+
 import bastion.gateway.transport as transport
+from bastion.delegation.labels import LabelKey, LocalLabels
+from bastion.gateway.enforce import label_key
 from bastion.gateway.transport import StreamableHttpEndpoint
 from bastion.oauth.verifier import VerifiedToken
 from bastion.signals.posture import PostureSettings
 
 
-def verified(subject="sam", client="agent-1", agents=(), claims=None) -> VerifiedToken:
+def verified(subject="sam", client="agent-1", agents=(), claims=None, task=None) -> VerifiedToken:
     return VerifiedToken(
         subject=subject,
         client_id=client,
@@ -26,6 +30,7 @@ def verified(subject="sam", client="agent-1", agents=(), claims=None) -> Verifie
         grant_id="g-" + subject,
         claims=claims if claims is not None else {"iat": 1000},
         agents=agents,
+        task=task,
     )
 
 
@@ -87,6 +92,20 @@ def test_anything_that_differs_makes_another_caller_with_its_own_values():
     assert a.posture is b.posture and (a.address, b.address) == ("peer-a", "peer-b")
     # And the first is still given for its own request.
     assert ep._caller(token, "127.0.0.1", dict(HEADERS)) is first
+
+
+def test_a_token_bound_to_a_task_gets_the_tasks_label_set_not_its_agents_untasked_one():
+    ep = endpoint()
+    tasked = ep._caller(verified(task="task-1"), "127.0.0.1", dict(HEADERS))
+    untasked = ep._caller(verified(), "127.0.0.1", dict(HEADERS))
+    assert tasked.task == "task-1" and untasked.task == ""
+    assert label_key(tasked) == LabelKey("sam", "agent-1", "task-1")
+    assert label_key(untasked) == LabelKey("sam", "agent-1")
+    # What the agent was shown under the task is not in its untasked set.
+    labels = LocalLabels()
+    anyio.run(labels.record, label_key(tasked), ["pii"])
+    assert labels.current(label_key(untasked)) == []
+    assert labels.current(label_key(tasked)) == ["pii"]
 
 
 def test_the_callers_kept_are_bounded(monkeypatch):
