@@ -12,7 +12,7 @@ import html
 import json
 import time
 import uuid
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, urlencode, urlsplit
 
 import httpx
 import pytest
@@ -407,9 +407,11 @@ def test_userinfo_about_someone_else_is_refused(bastion, idp, person, client):
         ({"exp": int(time.time()) - 3600}, "has expired"),
         ({"exp": None}, "'exp' is missing"),
         ({"iat": int(time.time()) + 3600}, "not issued during this login"),
+        ({"iat": int(time.time()) - 3600}, "not issued during this login"),
         ({"nonce": "another-login"}, "nonce is not this login"),
         ({"nonce": None}, "nonce is not this login"),
         ({"sub": None}, "no usable sub"),
+        ({"sub": "s" * 256}, "no usable sub"),
     ],
     # Names that do not hold the times: every process of a parallel run collects the same tests.
     ids=lambda v: ",".join(sorted(v)) if isinstance(v, dict) else str(v)[:40],
@@ -442,6 +444,32 @@ def test_a_replayed_answer_is_refused_and_its_code_never_redeemed_twice(
     again = person.back_from_provider("a", code=code, state=query["state"], iss=idp.issuer("a"))
     refused(again, 400, "unknown, expired or already used")
     assert idp.redeemed.count(code) == 1
+
+
+def test_an_answer_repeating_its_code_or_state_is_refused_and_spends_nothing(
+    bastion, idp, person, client
+):
+    query = person.sent_to_provider(client, "a")
+    code = idp.issue("a", query)
+    answer = [("code", code), ("state", query["state"]), ("iss", idp.issuer("a"))]
+    for twice in (("code", "another-code"), ("state", "another-state")):
+        url = f"{bastion.url}/login/a/callback?{urlencode([*answer, twice])}"
+        refused(person.http.get(url), 400, "The answer repeats")
+    assert code not in idp.redeemed
+    # The login was not spent: its answer, given once, is taken.
+    taken = person.back_from_provider("a", code=code, state=query["state"], iss=idp.issuer("a"))
+    assert taken.status_code in (200, 303), taken.text
+
+
+def test_a_login_for_an_application_revoked_meanwhile_resumes_nothing(bastion, idp, person):
+    client = bastion.register()  # its own: it is revoked
+    query = person.sent_to_provider(client, "a")
+    code = idp.issue("a", query)
+    assert bastion.server.store.revoke_client(client["client_id"], time.time())
+    before = sessions(bastion)
+    response = person.back_from_provider("a", code=code, state=query["state"], iss=idp.issuer("a"))
+    refused(response, 403, "The application is unknown or revoked.")
+    assert sessions(bastion) == before
 
 
 def test_an_answer_delivered_to_another_browser_is_refused(bastion, idp, person, client):
