@@ -15,6 +15,7 @@ from urllib.parse import parse_qs, urlencode, urlsplit
 import httpx
 import pytest
 
+from bastion.oauth.authorize import MAX_AGE_LIMIT
 from tests.gateway.streams import modern_headers, modern_request
 from tests.gateway.support import REDIRECT_URI
 from tests.oauth.support import hidden_fields, pkce_pair
@@ -208,6 +209,16 @@ def test_a_malformed_max_age_is_refused(bastion, max_age):
     # A client that registered itself: the error is shown on bastion's page, not redirected.
     error = shown_error(page)
     assert error["error"] == "invalid_request" and "max_age" in error["error_description"]
+
+
+def test_max_age_is_taken_up_to_ten_years_and_refused_past_them(bastion):
+    browser = Browser(bastion)
+    browser.sign_in()
+    taken, _ = browser.authorize(max_age=str(MAX_AGE_LIMIT))
+    assert taken.is_redirect and "code" in parse_qs(urlsplit(taken.headers["location"]).query)
+    error = shown_error(browser.authorize(max_age=str(MAX_AGE_LIMIT + 1))[0])
+    assert error["error"] == "invalid_request"
+    assert f"from 0 to {MAX_AGE_LIMIT}" in error["error_description"]
 
 
 def test_auth_time_is_the_sign_in_and_a_refresh_keeps_it(bastion):
