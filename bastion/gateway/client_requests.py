@@ -30,6 +30,7 @@ from bastion.gateway.jsonrpc import (
     INVALID_PARAMS,
     INVALID_REQUEST,
     METHOD_NOT_FOUND,
+    MODERN_VERSIONS,
     UPSTREAM_UNAVAILABLE,
     RpcError,
     error_parts,
@@ -125,8 +126,10 @@ class ClientRequests:
     ) -> None:
         """Give a 2026-07-28 client an upstream's ``input_required`` ``result`` with a
         requestState of bastion's: the upstream's own and the method of each question, signed
-        for this caller, so that the answers in its retry go upstream decided and masked as the
-        questions they answer (`answered`)."""
+        for this caller and server, so that the answers in its retry go upstream as answers to
+        these questions (decided and masked as they are, `answered`) and in no other way.
+        Signed, not encrypted: the client saw the questions, and the upstream's state was
+        meant for it."""
         sealed: dict[str, Any] = {"server": server, "methods": methods}
         if "requestState" in result:
             sealed["state"] = result["requestState"]
@@ -135,34 +138,65 @@ class ClientRequests:
         states = self.gateway.states
         result["requestState"] = states.sign(value, caller.subject, caller.client_id, ASKED_STATE)
 
-    async def answered(self, caller: Caller, server: str, params: dict[str, Any]) -> dict[str, Any]:
-        """The params of a 2026-07-28 retry as they go upstream. With a requestState of
-        bastion's (`seal`): each answer decided and masked as the question it answers (a refusal
-        or a withheld answer refuses the retry), answers to no question left out, and the
-        upstream's own requestState back in place. Any other params as they came."""
+    def sealed(self, caller: Caller, server: str, params: dict[str, Any]) -> dict[str, Any] | None:
+        """What bastion sealed (`seal`) for the questions a retry's ``params`` answer; None for
+        params with neither ``requestState`` nor ``inputResponses``. Anything else is refused
+        (-32602): either one from a 2025-11-25 client (bastion asks it the upstream's questions
+        itself), a requestState that is not bastion's for this caller and server (the
+        upstream's own, lifted from bastion's, included), answers without one."""
+        if "requestState" not in params and "inputResponses" not in params:
+            return None
+        if caller.protocol_version not in MODERN_VERSIONS:
+            raise RpcError(
+                INVALID_PARAMS,
+                "a 2025-11-25 client sends no requestState or inputResponses: bastion asks it"
+                " an upstream's questions itself",
+                http_status=400,
+            )
         state = params.get("requestState")
-        if not isinstance(state, str) or not state.startswith(ASKED_STATE):
-            return params
-        value = self.gateway.states.read(state, caller.subject, caller.client_id, ASKED_STATE)
+        value = (
+            self.gateway.states.read(state, caller.subject, caller.client_id, ASKED_STATE)
+            if isinstance(state, str)
+            else None
+        )
         if value is None:
             raise RpcError(
-                INVALID_PARAMS, "requestState was not issued by bastion to this user and agent"
+                INVALID_PARAMS,
+                "requestState was not issued by bastion to this user and agent: answers"
+                " (inputResponses) go upstream only with the requestState of bastion's"
+                " input_required result, as it was given",
+                http_status=400,
             )
         sealed = json.loads(base64.urlsafe_b64decode(value + "=" * (-len(value) % 4)))
         if sealed["server"] != server:
-            raise RpcError(INVALID_PARAMS, "requestState was issued for another server")
+            raise RpcError(
+                INVALID_PARAMS, "requestState was issued for another server", http_status=400
+            )
+        if not isinstance(params.get("inputResponses", {}), dict):
+            raise RpcError(INVALID_PARAMS, "inputResponses must be an object", http_status=400)
+        return sealed
+
+    async def answered(
+        self, caller: Caller, server: str, params: dict[str, Any], decides: bool
+    ) -> dict[str, Any]:
+        """The params of a 2026-07-28 retry as they go upstream, its answers checked (`sealed`):
+        each answer decided (when ``decides``: from an upstream session of one owner) and masked
+        as the question it answers (a refusal or a withheld answer refuses the retry), answers
+        to no question left out, and the upstream's own requestState back in place."""
+        sealed = self.sealed(caller, server, params)
+        if sealed is None:
+            return params
         upstream = {k: v for k, v in params.items() if k not in ("requestState", "inputResponses")}
         if "state" in sealed:
             upstream["requestState"] = sealed["state"]
-        given = params.get("inputResponses")
-        given = given if isinstance(given, dict) else {}
+        given = params.get("inputResponses", {})
         answers = {}
         for key, method in sealed["methods"].items():
             if key not in given:
                 continue
             if not isinstance(given[key], dict):
                 raise RpcError(INVALID_PARAMS, f"inputResponses[{key!r}] must be an object")
-            masks = await self.decide(caller, server, method)
+            masks = await self.decide(caller, server, method) if decides else ()
             answer = answer_for_upstream({"result": given[key]}, masks, method)
             if "result" not in answer:
                 raise RpcError(answer["error"]["code"], answer["error"]["message"])

@@ -173,8 +173,11 @@ class Exchange:
     async def forward(self, params: dict[str, Any] | None = None) -> dict[str, Any]:
         """Send this request upstream (bastion's own connection) and return its result."""
         params = dict(self.message.params if params is None else params)
-        if "requestState" in params:
-            params = await self.gateway.client_requests.answered(self.caller, self.server, params)
+        if "requestState" in params or "inputResponses" in params:
+            # Answers go upstream only as answers to questions bastion relayed (`seal`).
+            params = await self.gateway.client_requests.answered(
+                self.caller, self.server, params, self.decides_client_requests
+            )
         meta = params.get("_meta")
         route = None
         if isinstance(meta, dict):
@@ -232,13 +235,11 @@ class Exchange:
                 raise RpcError(UPSTREAM_UNAVAILABLE, f"upstream {self.server}: bad inputRequests")
             for question in questions.values():
                 self._check_question(question)
-            if self.decides_client_requests:
-                asking = self.gateway.client_requests
-                methods = {key: question["method"] for key, question in questions.items()}
-                for method in methods.values():
-                    await asking.decide(self.caller, self.server, method)
-                # Its answers come back in a retry: decided and masked as these questions.
-                asking.seal(self.caller, self.server, result, methods)
+            methods = {key: question["method"] for key, question in questions.items()}
+            for method in methods.values():
+                await self._decide_question(method)
+            # Its answers come back in a retry, taken only as answers to these questions.
+            self.gateway.client_requests.seal(self.caller, self.server, result, methods)
         return result
 
     # -- requests to the client (sampling, elicitation, roots) ----------------------------------
@@ -452,6 +453,8 @@ async def _decide_and_forward(
     enforcer = ex.gateway.enforcer
     await ex.gateway.admit(ex)
     request_id, params = holds.retried(ex)
+    # Refused before the call is decided (and counted, or spends an approval).
+    ex.gateway.client_requests.sealed(ex.caller, ex.server, params)
     context = ex.context(**extra)
     # Decided again each time people answer a hold while the client waits: approval, then
     # (when the result is held for review) release.

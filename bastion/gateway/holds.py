@@ -39,7 +39,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("bastion.gateway")
 
 # The key of bastion's question among a 2026-07-28 result's inputRequests, and the prefix of the
-# requestState bastion signs (any other requestState is the upstream's, and goes to it).
+# requestState bastion signs for a held call (any other is taken only as
+# `ClientRequests.sealed` says).
 INPUT_KEY = "io.bastion/approval"
 STATE_PREFIX = "bastion-hold.v1."
 # How often a waiting request looks for an answer, and sends progress to keep the client's
@@ -84,7 +85,8 @@ def retried(ex: Exchange) -> tuple[str | None, dict[str, Any]]:
     to send upstream: without bastion's state and answers, which are not the upstream's."""
     params = ex.message.params
     state = params.get("requestState")
-    if not isinstance(state, str) or not state.startswith(STATE_PREFIX):
+    modern = ex.caller.protocol_version in MODERN_VERSIONS
+    if not modern or not isinstance(state, str) or not state.startswith(STATE_PREFIX):
         return None, params
     answers = params.get("inputResponses")
     answer = answers.get(INPUT_KEY) if isinstance(answers, dict) else None

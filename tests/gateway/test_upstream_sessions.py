@@ -500,18 +500,26 @@ def _claims(token: str) -> dict:
     return json.loads(base64.urlsafe_b64decode(body + "=" * (-len(body) % 4)))
 
 
+def _call_mine(bastion, token: str, params: dict, headers: dict | None = None):
+    """``tools/call`` on "mine" with ``params`` (in 2026-07-28, unless the ``headers`` of a
+    2025-11-25 session are given): the JSON-RPC response, and the calls that reached the
+    upstream."""
+    before = len(bastion.lab_requests)
+    if headers is None:
+        body = modern_request(5, "tools/call", params, {"elicitation": {}, "roots": {}})
+        headers = modern_headers(token, "tools/call", params["name"])
+    else:
+        body = {"jsonrpc": "2.0", "id": 5, "method": "tools/call", "params": params}
+    response = bastion.http.post(bastion.mcp_url("mine"), json=body, headers=headers)
+    sent = [json.loads(r["body"]) for r in bastion.lab_requests[before:] if r["body"]]
+    return messages(response)[-1], [m for m in sent if m.get("method") == "tools/call"]
+
+
 def _retry(bastion, token: str, state: str, answers: dict):
     """A 2026-07-28 retry of the lab's ``greet`` on "mine" with ``state`` and ``answers``: the
     JSON-RPC response, and what reached the upstream."""
-    before = len(bastion.lab_requests)
     params = {"name": "greet", "arguments": {}, "requestState": state, "inputResponses": answers}
-    response = bastion.http.post(
-        bastion.mcp_url("mine"),
-        json=modern_request(5, "tools/call", params, {"elicitation": {}}),
-        headers=modern_headers(token, "tools/call", "greet"),
-    )
-    sent = [json.loads(r["body"]) for r in bastion.lab_requests[before:] if r["body"]]
-    return messages(response)[-1], [m for m in sent if m.get("method") == "tools/call"]
+    return _call_mine(bastion, token, params)
 
 
 def _sealed(bastion, subject: str, client_id: str, **fields) -> str:
@@ -567,3 +575,81 @@ def test_a_retrys_answers_go_upstream_masked_as_their_questions_and_no_others(ba
     reply, sent = _retry(bastion, token, roots, {"q": {"roots": []}})
     assert reply["error"]["code"] == -32003 and sent == [], reply
     assert "not permitted" in reply["error"]["message"]
+
+
+def _unsealed(state: str) -> dict:
+    """What bastion's requestState holds: it is signed, not encrypted."""
+    value = state[len(ASKED_STATE) :].rpartition(".")[0]
+    return json.loads(base64.urlsafe_b64decode(value + "=" * (-len(value) % 4)))
+
+
+UNMASKED = {"action": "accept", "content": {"name": "alice-unmasked"}}
+
+
+def test_answers_go_upstream_only_under_bastions_requeststate(bastion):
+    """A 2026-07-28 client's answers reach the upstream only as answers to the questions
+    bastion relayed, under the requestState bastion gave with them: the upstream's own state
+    (readable inside bastion's) with answers that would escape their mask, answers with no
+    state at all, or volunteered to a call that asked nothing (a roots list, which the policy
+    denies), are refused and reach no upstream."""
+    token = bastion.token("alice", "mine")
+    asked, _ = _call_mine(bastion, token, {"name": "greet", "arguments": {}})
+    state = asked["result"]["requestState"]
+    assert state.startswith(ASKED_STATE)
+    sealed = _unsealed(state)
+    (key,) = sealed["methods"]
+    lifted = {"name": "greet", "arguments": {}, "inputResponses": {key: UNMASKED}}
+    if "state" in sealed:
+        lifted["requestState"] = sealed["state"]
+    volunteered = {
+        "name": "ask_anyway",
+        "arguments": {},
+        "inputResponses": {"q": {"roots": [{"uri": "file:///home/alice"}]}},
+    }
+    for params in (
+        lifted,
+        {**lifted, "requestState": None},
+        {k: v for k, v in lifted.items() if k != "requestState"},
+        {"name": "greet", "arguments": {}, "requestState": "the upstream's"},
+        volunteered,
+    ):
+        reply, sent = _call_mine(bastion, token, params)
+        assert reply.get("error", {}).get("code") == -32602, (params, reply, sent)
+        assert "requestState was not issued by bastion" in reply["error"]["message"]
+        assert sent == [] and "alice-unmasked" not in json.dumps(sent)
+    # Under bastion's state the same answer goes upstream masked.
+    _, sent = _call_mine(
+        bastion,
+        token,
+        {
+            "name": "greet",
+            "arguments": {},
+            "requestState": state,
+            "inputResponses": {key: UNMASKED},
+        },
+    )
+    assert sent[-1]["params"]["inputResponses"][key]["content"] == {"name": "[masked]"}
+
+
+def test_a_2025_client_sends_no_answers_of_its_own(bastion):
+    """bastion asks a 2025-11-25 client an upstream's questions itself: answers or a
+    requestState in that client's request are refused, even bastion's own."""
+    token = bastion.token("alice", "mine")
+    asked, _ = _call_mine(bastion, token, {"name": "greet", "arguments": {}})
+    state = asked["result"]["requestState"]
+    (key,) = _unsealed(state)["methods"]
+    session = legacy_session(bastion, token, "mine", {"elicitation": {}, "roots": {}})
+    for params in (
+        {
+            "name": "greet",
+            "arguments": {},
+            "requestState": state,
+            "inputResponses": {key: UNMASKED},
+        },
+        {"name": "greet", "arguments": {}, "inputResponses": {key: UNMASKED}},
+        {"name": "ask_anyway", "arguments": {}, "requestState": "lab-state"},
+    ):
+        reply, sent = _call_mine(bastion, token, params, session)
+        assert reply.get("error", {}).get("code") == -32602, (params, reply, sent)
+        assert "2025-11-25 client sends no requestState" in reply["error"]["message"]
+        assert sent == []
