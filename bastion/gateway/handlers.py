@@ -521,18 +521,25 @@ async def _forward(
         ex.masks = (*ex.masks, WHOLE)
     try:
         result = await ex.forward(params)
-    except RpcError as e:
-        enforcer.write(verdict.record, reason=f"upstream error {e.code}")
+    except (Exception, asyncio.CancelledError) as e:
+        # An allowed decision is recorded however its call ends.
+        enforcer.write(verdict.record, reason=_unanswered(e))
         if ex.masks and isinstance(e, UpstreamError):
             # Its message and data are the upstream's free text: they could name what is masked.
             raise RpcError(e.code, WITHHELD_REVIEW_ERROR if reviewed else WITHHELD_ERROR) from None
         raise
-    except asyncio.CancelledError:
-        enforcer.write(verdict.record, reason="cancelled by the client")
-        raise
     if verdict.review_step == "hold":
         return result  # masked when it is released, under the masks in force then
     return await _release(ex, verdict, result, uri)
+
+
+def _unanswered(error: BaseException) -> str:
+    """The reason an allowed call's record gives for its having no result."""
+    if isinstance(error, RpcError):
+        return f"upstream error {error.code}"
+    if isinstance(error, asyncio.CancelledError):
+        return "cancelled by the client"
+    return "internal error"
 
 
 async def _released(ex: Exchange, verdict: Verdict, uri: str | None) -> dict[str, Any]:

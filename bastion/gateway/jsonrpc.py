@@ -114,6 +114,10 @@ def parse_message(value: Any) -> Message:
         params = {}
     if not isinstance(params, dict):
         raise RpcError(INVALID_PARAMS, "params must be an object", http_status=400)
+    meta = params.get("_meta")
+    if meta is not None and not isinstance(meta, dict):
+        # MCP's _meta is an object in every era; bastion reads and extends it as one.
+        raise RpcError(INVALID_PARAMS, "params._meta must be an object", http_status=400)
     return Message(value, method, request_id, params)
 
 

@@ -231,3 +231,33 @@ def test_unknown_methods_are_refused_by_default(bastion, token):
     )
     assert response.json()["error"]["code"] == -32601
     assert len(bastion.recorder.requests) == before
+
+
+@pytest.mark.parametrize("meta", ["x", ["a"], 5, True])
+@pytest.mark.parametrize("server", ["deskhttp", "labhttp"])
+def test_a_meta_that_is_not_an_object_is_refused_in_either_era(bastion, server, meta):
+    """``_meta`` is an object or nothing. Another shape from a 2025-11-25 client reached a
+    2026-07-28 upstream's envelope (a TypeError in bastion: -32603, after the call was allowed,
+    counted by rate limits, and left unrecorded)."""
+    token = bastion.token("sam", server)
+    seq = bastion.records.last_seq()
+    arguments = {"seconds": 0, "tag": "meta"} if server == "labhttp" else {"query": "Ada"}
+    name = "wait" if server == "labhttp" else "search_customers"
+    legacy = {"name": name, "arguments": arguments, "_meta": meta}
+    body = {"jsonrpc": "2.0", "id": 7, "method": "tools/call", "params": legacy}
+    modern = {**MODERN, "mcp-name": name, "authorization": f"Bearer {token}"}
+    for response in (
+        bastion.http.post(
+            bastion.mcp_url(server), json=body, headers=legacy_session(bastion, token, server)
+        ),
+        bastion.http.post(
+            bastion.mcp_url(server),
+            json=call(name, arguments=arguments, _meta=meta),
+            headers=modern,
+        ),
+    ):
+        assert response.status_code == 400, response.text
+        error = response.json()["error"]
+        assert error["code"] == -32602 and "_meta must be an object" in error["message"], error
+    bastion.flush()
+    assert [r.method for _, r in bastion.records.after(seq)] == ["initialize"]

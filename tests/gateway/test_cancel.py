@@ -171,3 +171,27 @@ def test_the_record_of_a_call_whose_client_went_away_says_it_was_cancelled(basti
         assert traced(bastion, "wait-started", tag)
     assert traced(bastion, "wait-cancelled", tag)
     assert _record_of_wait(bastion, tag, 30, seq).reason == "cancelled by the client"
+
+
+def test_the_record_of_a_call_bastion_failed_to_forward_says_so(bastion, monkeypatch):
+    """An allowed call is recorded however it ends: a failure of bastion's own while it forwards
+    (the call never reaches the upstream) is recorded as an internal error, never left out."""
+    upstream = bastion.app.state.gateway.upstreams["labhttp"].upstream
+
+    async def fails(*args, **kwargs):
+        raise TypeError("a failure bastion did not foresee")
+
+    monkeypatch.setattr(upstream, "request", fails)
+    headers = legacy_session(bastion, bastion.token("sam", "labhttp"), "labhttp")
+    seq = bastion.records.last_seq()
+    tag = uuid.uuid4().hex
+    response = bastion.http.post(
+        bastion.mcp_url("labhttp"), json=_wait_call(4, tag, seconds=0), headers=headers
+    )
+    assert response.json()["error"] == {"code": -32603, "message": "internal error in bastion"}
+    record = _record_of_wait(bastion, tag, 0, seq)
+    assert (record.method, record.result, record.reason) == (
+        "tools/call",
+        "allow",
+        "internal error",
+    )
