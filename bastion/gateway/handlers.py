@@ -342,6 +342,19 @@ def _name(params: dict[str, Any], key: str, where: str = "params") -> str:
     return value
 
 
+def _arguments(params: dict[str, Any], where: str = "params") -> dict[str, Any]:
+    """The ``arguments`` of a request as they are decided, recorded and bound to approvals: an
+    object, or none (absent or null, decided as ``{}``; MCP servers read both as no
+    arguments). Any other value is refused: read as ``{}`` while it went upstream as sent, it
+    was decided as other arguments than the upstream got."""
+    arguments = params.get("arguments")
+    if arguments is None:
+        return {}
+    if not isinstance(arguments, dict):
+        raise RpcError(INVALID_PARAMS, f"{where}.arguments must be an object", http_status=400)
+    return arguments
+
+
 def server_capabilities(ex: Exchange) -> dict[str, Any]:
     """The upstream's capabilities, less what bastion does not relay."""
     upstream = ex.connection.init_result.get("capabilities") or {}
@@ -585,9 +598,7 @@ WITHHELD_SUBSCRIBE_ERROR = (
 async def call_tool(ex: Exchange) -> dict[str, Any]:
     params = ex.message.params
     name = _name(params, "name")
-    arguments = params.get("arguments") or {}
-    if not isinstance(arguments, dict):
-        raise RpcError(INVALID_PARAMS, "params.arguments must be an object", http_status=400)
+    arguments = _arguments(params)
     annotations = await ex.upstream.annotations(name, ex.connection)
     return await _decide_and_forward(
         ex,
@@ -608,9 +619,7 @@ async def read_resource(ex: Exchange) -> dict[str, Any]:
 async def get_prompt(ex: Exchange) -> dict[str, Any]:
     params = ex.message.params
     name = _name(params, "name")
-    arguments = params.get("arguments") or {}
-    if not isinstance(arguments, dict):
-        raise RpcError(INVALID_PARAMS, "params.arguments must be an object", http_status=400)
+    arguments = _arguments(params)
     return await _decide_and_forward(
         ex,
         "get",
@@ -723,10 +732,11 @@ async def complete(ex: Exchange) -> dict[str, Any]:
             INVALID_PARAMS, "params.argument must be an object with a name", http_status=400
         )
     context = params.get("context")
-    resolved = context.get("arguments") if isinstance(context, dict) else None
+    if context is not None and not isinstance(context, dict):
+        raise RpcError(INVALID_PARAMS, "params.context must be an object", http_status=400)
     extra: dict[str, Any] = {
         "argument": argument["name"],
-        "arguments": resolved if isinstance(resolved, dict) else {},
+        "arguments": _arguments(context or {}, "params.context"),
     }
     if ref["type"] == "ref/prompt":
         name = _name(ref, "name", "params.ref")

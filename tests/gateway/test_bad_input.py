@@ -106,6 +106,39 @@ CASES = {
         400,
         -32700,
     ),
+    **{
+        f"arguments that are {shape}": (dict(body=call(arguments=value), **MODERN), 400, -32602)
+        for shape, value in (("a list", []), ("false", False), ("0", 0), ("empty text", ""))
+    },
+    "a prompt's arguments that are a list": (
+        dict(
+            body={
+                **call(),
+                "method": "prompts/get",
+                "params": {**call()["params"], "name": "apology", "arguments": []},
+            },
+            **{**MODERN, "mcp-method": "prompts/get", "mcp-name": "apology"},
+        ),
+        400,
+        -32602,
+    ),
+    "completion arguments that are not an object": (
+        dict(
+            body={
+                **call(),
+                "method": "completion/complete",
+                "params": {
+                    "ref": {"type": "ref/prompt", "name": "apology"},
+                    "argument": {"name": "customer_name", "value": "A"},
+                    "context": {"arguments": 0},
+                    "_meta": ENVELOPE,
+                },
+            },
+            **{**MODERN, "mcp-method": "completion/complete"},
+        ),
+        400,
+        -32602,
+    ),
     "a lone surrogate in a key": (
         dict(content=json.dumps(call(_meta={**ENVELOPE, "\udc00": 1})).encode(), **MODERN),
         400,
@@ -240,6 +273,7 @@ def test_a_meta_that_is_not_an_object_is_refused_in_either_era(bastion, server, 
     2026-07-28 upstream's envelope (a TypeError in bastion: -32603, after the call was allowed,
     counted by rate limits, and left unrecorded)."""
     token = bastion.token("sam", server)
+    bastion.flush()  # the records of earlier calls
     seq = bastion.records.last_seq()
     arguments = {"seconds": 0, "tag": "meta"} if server == "labhttp" else {"query": "Ada"}
     name = "wait" if server == "labhttp" else "search_customers"
