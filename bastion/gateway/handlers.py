@@ -41,6 +41,7 @@ from bastion.gateway.jsonrpc import (
 )
 from bastion.gateway.masks import WHOLE, Paths, compile_paths, mask_notification, mask_result
 from bastion.gateway.upstream import LOG_LEVEL, LOG_MESSAGE, UpstreamError
+from bastion.gateway.uris import resource_uri, spelling_refused
 from bastion.signals.behavior import scope_keys
 from bastion.signals.read_only import is_read_only_tool
 
@@ -440,11 +441,14 @@ async def list_items(ex: Exchange) -> dict[str, Any]:
     result = await ex.forward()
     await ex.gateway.enforcer.settled()
     listed = result.get(key)
-    # An item a client could not name back (a name that is not text it may send) is not offered.
+    # An item a client could not name back (a name that is not text it may send, a resource
+    # URI in a spelling bastion refuses) is not offered.
     items = [
         i
         for i in (listed if isinstance(listed, list) else ())
-        if isinstance(i, dict) and nameable(i.get(field_name))
+        if isinstance(i, dict)
+        and nameable(i.get(field_name))
+        and (key != "resources" or spelling_refused(i[field_name]) is None)
     ]
     if key == "tools":
         ex.upstream.learn_tools(items, ex.connection)
@@ -610,7 +614,7 @@ async def call_tool(ex: Exchange) -> dict[str, Any]:
 
 
 async def read_resource(ex: Exchange) -> dict[str, Any]:
-    uri = _name(ex.message.params, "uri")
+    uri = resource_uri(ex.message.params.get("uri"))
     return await _decide_and_forward(
         ex, "read", Entity("McpResource", f"{ex.server}/{uri}"), {"uri": uri}, None
     )
@@ -637,7 +641,7 @@ async def subscribe(ex: Exchange) -> dict[str, Any]:
     """``resources/subscribe`` (2025-11-25): decided as ``read`` on the resource; its updates then
     go on the session's GET stream, each decided again (`Gateway.may_hear`)."""
     session = _subscriber(ex)
-    uri = _name(ex.message.params, "uri")
+    uri = resource_uri(ex.message.params.get("uri"))
     if uri not in session.subscriptions and len(session.subscriptions) >= MAX_SUBSCRIPTIONS:
         raise RpcError(
             INVALID_PARAMS,
@@ -671,7 +675,7 @@ async def unsubscribe(ex: Exchange) -> dict[str, Any]:
     """``resources/unsubscribe``: no more updates of the resource for this session. The upstream
     is not told (other clients may want them)."""
     session = _subscriber(ex)
-    uri = _name(ex.message.params, "uri")
+    uri = resource_uri(ex.message.params.get("uri"))
     await ex.gateway.admit(ex)
     session.subscriptions.discard(uri)
     return {}
@@ -743,7 +747,7 @@ async def complete(ex: Exchange) -> dict[str, Any]:
         action, resource = "get", Entity("Prompt", f"{ex.server}/{name}")
         extra["prompt"] = name
     else:
-        uri = _name(ref, "uri", "params.ref")
+        uri = resource_uri(ref.get("uri"), "params.ref.uri")
         action, resource = "read", Entity("McpResource", f"{ex.server}/{uri}")
         extra["uri"] = uri
     return await _decide_and_forward(ex, action, resource, extra, argument)

@@ -50,6 +50,7 @@ from bastion.gateway.jsonrpc import (
 from bastion.gateway.metadata import challenge
 from bastion.gateway.sessions import LIST_CHANGED, SUBSCRIPTION_ID, Listener, may_read
 from bastion.gateway.upstream_credentials import client_declared
+from bastion.gateway.uris import resource_uri
 from bastion.identity.trusted_issuers import IssuerUnavailable
 from bastion.oauth.dpop import NONCE_HEADER, InvalidDPoPProof, UseDPoPNonce, one_proof
 from bastion.oauth.errors import InvalidToken
@@ -1024,6 +1025,8 @@ def _listen_filter(params: dict[str, Any]) -> tuple[dict[str, bool], list[str]]:
             f" {_MAX_LISTEN_URIS} resource URIs",
             http_status=400,
         )
+    for i, uri in enumerate(uris):
+        resource_uri(uri, f"params.notifications.resourceSubscriptions[{i}]")
     return flags, uris
 
 

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import time
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
+from bastion.gateway.uris import spelling_refused
 from tests.clock import ManualClock
 
-from .streams import legacy_session
+from .lab_server import SECRET
+from .streams import legacy_session, modern_headers, modern_request
 from .support import register_public_client
 
 ENVELOPE = {
@@ -295,3 +300,96 @@ def test_a_meta_that_is_not_an_object_is_refused_in_either_era(bastion, server, 
         assert error["code"] == -32602 and "_meta must be an object" in error["message"], error
     bastion.flush()
     assert [r.method for _, r in bastion.records.after(seq)] == ["initialize"]
+
+
+# Other spellings of lab://leaky (whose reading is masked) and lab://secret (refused to sam),
+# each one the MCP SDK's AnyUrl (or a path normaliser) reads as the URI itself.
+SPELLINGS = [
+    "LAB://leaky",
+    " lab://leaky",
+    "lab://leaky\n",
+    "lab://LEAKY",
+    "lab://leaky/.",
+    "lab://x/../secret",
+    "lab://x/%2e%2e/secret",
+    "lab://%73ecret",
+]
+
+
+def _resource_requests(uri: str) -> dict:
+    """Each request that names a resource URI, in 2026-07-28: method -> params."""
+    return {
+        "resources/read": {"uri": uri},
+        "completion/complete": {
+            "ref": {"type": "ref/resource", "uri": uri},
+            "argument": {"name": "name", "value": ""},
+        },
+        "subscriptions/listen": {"notifications": {"resourceSubscriptions": ["lab://open", uri]}},
+    }
+
+
+def _spelled(name: str) -> str:
+    """``name`` as an Mcp-Name header carries any text (base64, as MCP says)."""
+    return f"=?base64?{base64.b64encode(name.encode()).decode()}?="
+
+
+@pytest.mark.parametrize("uri", SPELLINGS)
+def test_a_resource_uri_is_taken_in_one_spelling_only(bastion, uri):
+    """Resources are decided by the literal text of their URI, and some upstreams read other
+    spellings as the same resource: every other spelling is refused before it is decided, in
+    each request that names a resource (2025-11-25 subscriptions too)."""
+    token = bastion.token("sam", "labhttp")
+    for method, params in _resource_requests(uri).items():
+        response = bastion.http.post(
+            bastion.mcp_url("labhttp"),
+            json=modern_request(3, method, params),
+            headers=modern_headers(token, method, _spelled(uri) if "read" in method else None),
+        )
+        assert response.status_code == 400, (method, response.text)
+        error = response.json()["error"]
+        assert error["code"] == -32602 and "one spelling only" in error["message"], error
+        assert SECRET not in response.text
+    headers = legacy_session(bastion, bastion.token("sam", "labold"), "labold")
+    for method in ("resources/subscribe", "resources/unsubscribe"):
+        body = {"jsonrpc": "2.0", "id": 4, "method": method, "params": {"uri": uri}}
+        response = bastion.http.post(bastion.mcp_url("labold"), json=body, headers=headers)
+        assert response.status_code == 400, (method, response.text)
+        assert response.json()["error"]["code"] == -32602
+
+
+_scheme = st.from_regex(r"[a-z][a-z0-9+.-]{0,6}", fullmatch=True)
+_part = st.from_regex(r"[a-z0-9_~-]{1,8}", fullmatch=True)
+
+
+@given(
+    _scheme,
+    _part,
+    st.lists(_part, max_size=4),
+    st.sampled_from(["upper-case scheme", "whitespace", "dot segment", "encoded", "upper host"]),
+    st.data(),
+)
+def test_every_other_spelling_of_a_uri_bastion_takes_is_refused(
+    scheme, host, segments, change, data
+):
+    uri = f"{scheme}://{host}/" + "/".join(segments)
+    assert spelling_refused(uri) is None
+    if change == "upper-case scheme":
+        other = scheme.upper() + uri[len(scheme) :]
+        if other == uri:
+            return
+    elif change == "whitespace":
+        other = data.draw(st.sampled_from([" ", "\t", "\n", "\u3000"])) + uri
+    elif change == "dot segment":
+        dot = data.draw(st.sampled_from([".", ".."]))
+        other = f"{scheme}://{host}/{dot}/" + "/".join(segments)
+    elif change == "encoded":
+        at = data.draw(st.integers(len(scheme) + 3, len(uri) - 1))
+        char = uri[at]
+        if char in ":/":
+            return
+        other = f"{uri[:at]}%{ord(char):02X}{uri[at + 1 :]}"
+    else:
+        other = uri.replace(host, host.upper(), 1)
+        if other == uri:
+            return
+    assert spelling_refused(other) is not None, other
