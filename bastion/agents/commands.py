@@ -1,8 +1,9 @@
 """CLI: ``bastion agents list|show|update|suspend|resume``: the agent registry (docs/delegation.md)
 and the kill switch (docs/signals.md), one command family. Like the other admin commands it
 writes to the deployment's database directly (``--database``, or the one in bastion.toml); every
-running replica applies the change from the change log: a suspended caller's next call is
-refused and its streams end; an owner or parent changed is a fact the policy sees."""
+running replica applies the change from the change log: a suspended caller's next call through
+the gateway is refused and its streams end, the token endpoint issues it nothing and
+introspection calls its tokens inactive; an owner or parent changed is a fact the policy sees."""
 
 from __future__ import annotations
 
@@ -135,7 +136,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         ("list", cmd_list, "agents with owner, parent and status (--suspended: suspensions)"),
         ("show", cmd_show, "one agent: name, purpose, owner, parent, status"),
         ("update", cmd_update, "change an agent's owner, name, purpose or parent"),
-        ("suspend", cmd_suspend, "refuse every call of an agent, user or session; end its streams"),
+        (
+            "suspend",
+            cmd_suspend,
+            "refuse an agent's, user's or session's every gateway call and new token; end its"
+            " streams (the decision API only as its policy says: docs/signals.md)",
+        ),
         ("resume", cmd_resume, "lift a suspension"),
     ):
         p = commands.add_parser(name, help=help_text)

@@ -68,7 +68,7 @@ from bastion.signals.read_only import read_only_holds, refuses_write
 from bastion.signals.shadow import Shadow
 from bastion.signals.step_up import ERROR as SIGN_IN_AGAIN
 from bastion.signals.step_up import needs_sign_in
-from bastion.signals.suspensions import Suspensions
+from bastion.signals.suspensions import Suspensions, token_principals
 
 log = logging.getLogger("bastion.gateway")
 
@@ -95,12 +95,8 @@ class Caller:
     principals: tuple[Entity, ...] = field(init=False)
 
     def __post_init__(self) -> None:
-        user = Entity("User", self.subject)
-        if self.agents:
-            principals = (user, *[Entity("Agent", a) for a in self.agents])
-        else:
-            principals = (user, Entity("Agent", self.client_id))
-        object.__setattr__(self, "principals", principals)
+        chain = self.agents or (self.client_id,)
+        object.__setattr__(self, "principals", token_principals(self.subject, chain))
 
 
 @dataclass(frozen=True, slots=True)

@@ -2,7 +2,8 @@
 
 Only confidential clients an admin allowed to introspect (``bastion clients create
 --introspection``, typically a resource server) may call it. Revoked, expired, unknown or
-malformed tokens are all simply ``{"active": false}``.
+malformed tokens are all simply ``{"active": false}``, and so is the token of a user or agent
+(any agent of its chain) the kill switch holds, for as long as it holds them.
 """
 
 from __future__ import annotations
@@ -40,6 +41,8 @@ def introspect(
             return INACTIVE
         if expires_at <= server.clock():
             return INACTIVE
+        if server.suspended(grant.username or grant.client_id, (grant.client_id,)) is not None:
+            return INACTIVE
         return {
             "active": True,
             "token_type": "refresh_token",
@@ -53,6 +56,8 @@ def introspect(
     try:
         verified = server.verifier.verify(token, resource=None, audit=False)
     except InvalidToken:
+        return INACTIVE
+    if server.suspended(verified.subject, verified.agents or (verified.client_id,)) is not None:
         return INACTIVE
     claims = verified.claims
     answer = {

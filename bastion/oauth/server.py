@@ -18,8 +18,10 @@ from bastion import untrusted_json
 from bastion.audit import AuditLog
 from bastion.audit.refusals import RefusalLog
 from bastion.db import Database, DatabaseUnavailable
+from bastion.facts.model import Entity
 from bastion.facts.store import FactStore
 from bastion.oauth import introspection, pages, registration, revocation
+from bastion.oauth.access_token import IssuedAccessToken, mint_access_token
 from bastion.oauth.authorize import AuthorizationEndpoint
 from bastion.oauth.ciba import POLLING_ERRORS, BackchannelAuthentication
 from bastion.oauth.client_assertion import ClientAssertions
@@ -28,7 +30,7 @@ from bastion.oauth.client_metadata_document import ClientMetadataDocuments, is_c
 from bastion.oauth.csrf import FormTokens, foreign_origin
 from bastion.oauth.dpop import HEADER as DPOP_HEADER
 from bastion.oauth.dpop import NONCE_HEADER, DPoPProofs, UseDPoPNonce
-from bastion.oauth.errors import InvalidRequest, OAuthError
+from bastion.oauth.errors import InvalidGrant, InvalidRequest, OAuthError
 from bastion.oauth.keys import KeyRing, deployment_secret
 from bastion.oauth.metadata import authorization_server_metadata, metadata_path
 from bastion.oauth.settings import OAuthSettings
@@ -48,6 +50,7 @@ from bastion.oauth.token_exchange import (
 )
 from bastion.oauth.tokens import TokenEndpoint
 from bastion.oauth.verifier import TokenVerifier
+from bastion.signals.suspensions import Suspensions, describe, token_principals
 
 if TYPE_CHECKING:
     from bastion.identity.oidc_login import OpenIDLogin
@@ -160,6 +163,10 @@ class AuthorizationServer:
         # tasks a delegated token may be bound to (None: a ``task`` parameter is refused).
         self.delegation: DelegationPolicy | None = None
         self.tasks: TaskBinder | None = None
+        # The kill switch: this replica's view of the suspensions (`bastion.signals.
+        # suspensions`), composed by bastion.server.app. No token is issued to, and
+        # introspection answers inactive for, a suspended user or agent. None: no replica.
+        self.suspensions: Suspensions | None = None
         # OpenID CIBA: `pending_for(username)` lists what waits for a person's answer.
         self.ciba = BackchannelAuthentication(self)
         # Logins through the company's OpenID providers (`bastion.identity.oidc_login`),
@@ -204,6 +211,50 @@ class AuthorizationServer:
         except DatabaseUnavailable:
             # Best effort, after the answer is made: a token already issued is still answered.
             self._last_housekeeping = 0.0
+
+    def suspended(self, user: str, agents: Sequence[str]) -> Entity | None:
+        """The token's user, or agent of its chain (``agents``, the one it is issued to last),
+        that the kill switch holds, if any."""
+        if self.suspensions is None:
+            return None
+        return self.suspensions.first(token_principals(user, agents))
+
+    def issue_access_token(
+        self,
+        grant: Grant,
+        *,
+        subject: str,
+        agents: Sequence[str],
+        scope: str,
+        now: float,
+        seconds: int,
+        extra: Mapping[str, Any] | None = None,
+    ) -> IssuedAccessToken:
+        """Mint and record an access token of ``grant`` for ``subject`` and the agents of its
+        chain (the last one is its ``client_id``). Every grant of the token endpoint issues
+        through here, so the kill switch is checked once for all of them: a suspended user or
+        agent gets `InvalidGrant`, raised inside the caller's transaction (a refresh token or
+        code stays unused, usable again once resumed)."""
+        suspended = self.suspended(subject, agents)
+        if suspended is not None:
+            raise InvalidGrant(
+                f"{describe(suspended)} is suspended (the kill switch): no token is issued"
+                " until an operator resumes it"
+            )
+        access = mint_access_token(
+            self.keys,
+            issuer=self.settings.issuer,
+            subject=subject,
+            client_id=agents[-1],
+            resource=grant.resource,
+            scope=scope,
+            now=now,
+            seconds=seconds,
+            auth_time=grant.auth_time,  # a refresh keeps the time of the sign-in it came from
+            extra=extra,
+        )
+        self.store.save_access_token(access.jti, grant.grant_id, access.expires_at)
+        return access
 
     def revoke_grant(self, grant: Grant, reason: str) -> bool:
         """Revoke ``grant`` and all it issued, recorded with ``reason``; False if it was revoked

@@ -15,7 +15,7 @@ subject token.
 Refusals use §2.2.2's codes: ``invalid_request`` for a malformed request and for a subject or
 actor token that is invalid or unacceptable (another client's, expired, revoked, the wrong kind,
 a ``may_act`` that names someone else, a chain past ``max_delegation_depth``, a delegation the
-policy refuses), ``invalid_target`` for a resource or audience other than the subject token's,
+policy refuses, a user or agent of the chain that is suspended), ``invalid_target`` for a resource or audience other than the subject token's,
 ``invalid_scope`` for scopes beyond what the subject token, the sub-agent's registration and the
 resource allow (or when the policy lets none through), ``unauthorized_client`` for a client not
 registered for this grant type (`bastion.oauth.tokens`).
@@ -31,8 +31,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from bastion.decide.contract import decide_delegation
 from bastion.facts.model import Entity
-from bastion.oauth.access_token import mint_access_token
 from bastion.oauth.errors import (
+    InvalidGrant,
     InvalidRequest,
     InvalidScope,
     InvalidTarget,
@@ -233,19 +233,20 @@ class TokenExchange:
                 except ValueError as e:
                     raise InvalidRequest(f"task {task!r} cannot be bound: {e}") from None
                 seconds = min(seconds, int(task_expires - now))
-            access = mint_access_token(
-                self.server.keys,
-                issuer=self.settings.issuer,
-                subject=subject.subject,
-                client_id=actor_client.client_id,
-                resource=target,
-                scope=grant.scope,
-                now=now,
-                seconds=seconds,
-                auth_time=parent.auth_time,
-                extra=extra,
-            )
-            self.store.save_access_token(access.jti, grant.grant_id, access.expires_at)
+            try:
+                # The kill switch: any agent of the new chain, or the user, suspended.
+                access = self.server.issue_access_token(
+                    grant,
+                    subject=subject.subject,
+                    agents=new_chain,
+                    scope=grant.scope,
+                    now=now,
+                    seconds=seconds,
+                    extra=extra,
+                )
+            except InvalidGrant as refused:
+                # §2.2.2: an unacceptable subject or actor token is invalid_request.
+                raise InvalidRequest(refused.description) from None
         self.audit.record(
             "token.exchanged",
             subject=subject.subject,

@@ -12,6 +12,10 @@ A ``DPoP`` proof (RFC 9449, `bastion.oauth.dpop`) binds the access token to the 
 (``cnf.jkt``, ``token_type: DPoP``) and a public client's refresh tokens to that key; a client
 registered with ``dpop_bound_access_tokens`` gets nothing without one.
 
+While the kill switch (`bastion.signals.suspensions`) holds the user or the client, every grant
+is refused with ``invalid_grant`` and nothing is spent: one check where every token is minted
+(`AuthorizationServer.issue_access_token`), so a token made during a suspension cannot outlive it.
+
 A code is single use: a second use revokes the grant the first one started. A refresh token is
 single use: presenting a rotated one revokes the whole grant (it was stolen, or the client is
 broken; either way no token of that grant may live on).
@@ -25,7 +29,6 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from bastion.oauth import pkce
-from bastion.oauth.access_token import mint_access_token
 from bastion.oauth.ciba import CIBA_GRANT_TYPE
 from bastion.oauth.dpop import CLIENT_METADATA as DPOP_REQUIRED
 from bastion.oauth.dpop import InvalidDPoPProof, one_proof
@@ -330,7 +333,9 @@ class TokenEndpoint:
     def _issue(
         self, grant: Grant, client: Client, scope: str, refresh: bool, jkt: str | None = None
     ) -> dict[str, Any]:
-        """Mint the grant's next tokens; ``jkt`` binds them to a DPoP key (RFC 9449 §5, §6.1)."""
+        """Mint the grant's next tokens; ``jkt`` binds them to a DPoP key (RFC 9449 §5, §6.1).
+        Refused (`InvalidGrant`) while the kill switch holds the user or the client
+        (`AuthorizationServer.issue_access_token`): every grant but token exchange ends here."""
         now = self.server.clock()
         seconds, last = self.settings.access_token_seconds, grant.expires_at
         extra: dict[str, Any] = {} if jkt is None else {"cnf": {"jkt": jkt}}
@@ -341,19 +346,15 @@ class TokenEndpoint:
             if last <= now:
                 raise InvalidGrant(f"task {task} has ended: its grants issue no more tokens")
             seconds, extra["task"] = min(seconds, int(last - now)), task
-        access = mint_access_token(
-            self.server.keys,
-            issuer=self.settings.issuer,
+        access = self.server.issue_access_token(
+            grant,
             subject=grant.username or client.client_id,
-            client_id=client.client_id,
-            resource=grant.resource,
+            agents=(client.client_id,),
             scope=scope,
             now=now,
             seconds=seconds,
-            auth_time=grant.auth_time,  # a refresh keeps the time of the sign-in it came from
             extra=extra or None,
         )
-        self.store.save_access_token(access.jti, grant.grant_id, access.expires_at)
         response: dict[str, Any] = {
             "access_token": access.token,
             "token_type": "Bearer" if jkt is None else "DPoP",

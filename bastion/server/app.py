@@ -499,6 +499,8 @@ def create_app(config: ServerConfig) -> Starlette:
     tasks = _tasks(config, db, store, oauth, replica)
     if oauth is not None:
         oauth.tasks = tasks
+        # The kill switch holds at /token and /introspect as at the gateway.
+        oauth.suspensions = replica.suspensions
     if gateway is not None and gateway.records is not None:
         records = gateway.records
         metrics.observe_records_dropped(lambda: records.dropped, lambda: records.unstorable)

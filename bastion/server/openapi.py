@@ -1101,9 +1101,13 @@ PATHS: dict[str, Any] = {
             _response(["suspensions"], suspensions={"type": "array", "items": _ref("Suspension")}),
         ),
         "post": _op(
-            "Suspend an agent (OAuth client id), a user or an MCP session: each of its calls is"
-            " refused (reason suspended) and its streams end, on every replica, until resumed"
-            " or until expires_at (422: expires_at is not in the future)",
+            "Suspend an agent (OAuth client id), a user or an MCP session: each of its calls"
+            " through the gateway is refused (reason suspended) and its streams end, the token"
+            " endpoint issues it no token (any grant; for a token exchange, any agent of the"
+            " chain) and introspection answers active: false for its tokens, on every replica,"
+            " until resumed or until expires_at (422: expires_at is not in the future). The"
+            " decision API (/v1/authorize, AuthZEN) is not refused by it: it answers as the"
+            " policy says, which may read the suspended facts once it declares them",
             suspensions_api.SCOPE,
             _response(["suspension", "sequence"], suspension=_ref("Suspension"), sequence=_INT),
             body=_request(

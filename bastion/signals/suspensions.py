@@ -7,13 +7,19 @@ change log (PostgreSQL LISTEN/NOTIFY, or its poll) as it hears of any fact. Each
 suspensions in a `Suspensions` view of its own, fed with every change whatever the policy says:
 the kill switch holds even under a policy that never mentions ``suspended`` (the policy may read
 the facts too, once it declares them). Resuming deletes the fact.
+
+`Suspensions.first` is the kill switch's one question, "is any of these principals suspended":
+the gateway asks it of every message (the token's user, every agent of its chain, its session),
+the token endpoint of every token it would issue, introspection of every token it is shown, the
+approvals of every person who answers, and the gateway again of every upstream session when a
+suspension comes. `token_principals` names a token's user and agents the one way all of them use.
 """
 
 from __future__ import annotations
 
 import re
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from bastion.facts.model import Entity, matches
@@ -47,6 +53,19 @@ class Suspension:
 
     def to_json(self) -> dict:
         return {"kind": self.kind, "id": self.id, "expires_at": self.expires_at}
+
+
+def token_principals(user: str, agents: Sequence[str]) -> tuple[Entity, ...]:
+    """A token's user and every agent of its chain, from the first one the user let act to the
+    one it was issued to (for a token granted to an agent directly, that agent alone), as the
+    policy names them and the kill switch checks them: suspending any one covers the token."""
+    return (Entity("User", user), *(Entity("Agent", a) for a in agents))
+
+
+def describe(entity: Entity) -> str:
+    """A suspended principal as a refusal names it: ``agent 'desk-1'``, ``user 'sam'``."""
+    kind = next((k for k, v in KINDS.items() if v == entity.type), entity.type)
+    return f"{kind} {entity.id!r}"
 
 
 def suspension(kind: str, id: str, expires_at: float | None = None) -> Suspension:
@@ -133,20 +152,26 @@ class Suspensions:
                 callback()
 
     def holds(self, entity: Entity) -> bool:
-        if entity not in self._until:
-            return False
-        until = self._until.get(entity)
-        return until is None or until > self.clock()
+        return self.first((entity,)) is not None
 
     def first(self, principals: Iterable[Entity], session_id: str = "") -> Entity | None:
-        """The first of the principals (or the session) that is suspended, or None."""
-        if not self._until:
+        """The first of the principals (or the session) that is suspended, or None: dictionary
+        lookups only, no I/O. Safe from worker threads (the token endpoint's): a change
+        replaces the view whole, so one read of it is one consistent view."""
+        until = self._until
+        if not until:
             return None
-        for p in principals:
-            if self.holds(p):
-                return p
+        now: float | None = None
+        candidates: Iterable[Entity] = principals
         if session_id:
-            session = Entity(KINDS["session"], session_id)
-            if self.holds(session):
-                return session
+            candidates = (*principals, Entity(KINDS["session"], session_id))
+        for p in candidates:
+            if p in until:
+                ends = until[p]
+                if ends is None:
+                    return p
+                if now is None:
+                    now = self.clock()
+                if ends > now:
+                    return p
         return None

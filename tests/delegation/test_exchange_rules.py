@@ -7,6 +7,7 @@ refuse them."""
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 
@@ -17,7 +18,7 @@ from bastion.oauth.access_token import mint_access_token
 from bastion.oauth.keys import KeyRing
 from bastion.oauth.store import OAuthStore
 
-from .support import ACCESS_TOKEN, claims, start_studio
+from .support import ACCESS_TOKEN, ADMIN_KEY, claims, start_studio
 
 
 def cast(studio, name: str, *, sub_roles=("illustrator",), sub_scope: str | None = None):
@@ -190,6 +191,52 @@ def test_the_policy_decides_who_may_be_delegated_to(studio):
         if e.detail.get("actor") == stranger.client_id
     ]
     assert event and event[0].detail["chain"] == [coder.client_id, stranger.client_id]
+
+
+def suspension(studio, method: str, kind: str, id: str) -> None:
+    """Suspend (POST) or resume (DELETE) through /v1/suspensions, the kill switch."""
+    headers = {"authorization": f"Bearer {ADMIN_KEY}"}
+    if method == "POST":
+        url, body = f"{studio.url}/v1/suspensions", {"kind": kind, "id": id}
+        answer = studio.http.post(url, json=body, headers=headers)
+    else:
+        answer = studio.http.delete(f"{studio.url}/v1/suspensions/{kind}/{id}", headers=headers)
+    assert answer.status_code in (200, 201), answer.text
+
+
+def test_no_agent_of_a_chain_may_be_suspended_for_a_token_to_be_exchanged_or_introspected(
+    studio,
+):
+    coder, sub = cast(studio, "kill-switch")
+    resource_server = json.loads(
+        studio.cli(
+            "clients", "create", "--name", "kill-switch-rs", "--confidential",
+            "--grant-type", "client_credentials", "--introspection",
+        )
+    )  # fmt: skip
+    rs = (resource_server["client_id"], resource_server["client_secret"])
+
+    def introspect(token: str) -> dict:
+        answer = studio.http.post(f"{studio.url}/introspect", data={"token": token}, auth=rs)
+        return answer.json()
+
+    subject = studio.user_token(coder, "sam")["access_token"]
+    actor = studio.own_token(sub)
+    delegated = studio.exchange(coder, subject, actor).json()["access_token"]
+    refused = {}
+    for suspended in (coder, sub):
+        suspension(studio, "POST", "agent", suspended.client_id)
+        try:
+            refused[suspended.client_id] = studio.exchange(coder, subject, actor)
+            # The delegated token's chain holds the suspended agent, first or last.
+            assert introspect(delegated) == {"active": False}
+        finally:
+            suspension(studio, "DELETE", "agent", suspended.client_id)
+    for agent, answer in refused.items():
+        assert error(answer) == (400, "invalid_request")  # RFC 8693 §2.2.2
+        assert f"agent {agent!r} is suspended" in answer.json()["error_description"]
+    assert studio.exchange(coder, subject, actor).status_code == 200
+    assert introspect(delegated)["active"] is True
 
 
 def test_a_chain_cannot_grow_past_max_delegation_depth(studio):

@@ -1,18 +1,21 @@
 """The kill switch against a running bastion: suspending an agent, a user or a 2025-11-25 session
 (API or command line) refuses its very next call with reason ``suspended`` (recorded) and ends its
-open streams at once; resuming lifts it on the same token. Every malformed or unauthorised
-suspension is refused and changes nothing."""
+open streams at once; resuming lifts it on the same token. While it holds, the token endpoint
+issues the user or agent nothing (every grant) and introspection calls their tokens inactive, so
+no token made during a suspension outlives it. Every malformed or unauthorised suspension is
+refused and changes nothing."""
 
 from __future__ import annotations
 
 import base64
 import json
 import time
-from urllib.parse import quote
+from urllib.parse import parse_qs, quote, urlencode, urlsplit
 
 import pytest
 
 from bastion.cli import main
+from bastion.oauth import registration
 from bastion.signals.suspensions import stored
 from tests.gateway.streams import (
     call_tool,
@@ -21,6 +24,8 @@ from tests.gateway.streams import (
     modern_headers,
     modern_request,
 )
+from tests.gateway.support import REDIRECT_URI, register_public_client
+from tests.oauth.support import log_in_and_consent, pkce_pair
 from tests.signals.support import ERAS, attempt, latest_agent, running
 
 QUERY = {"query": "a"}
@@ -110,15 +115,115 @@ def test_suspending_a_user_refuses_all_their_agents_and_no_one_else(bastion, key
     suspend(bastion, key, "user", "sam")
     try:
         refused = error_of(call_tool(bastion, sam, "deskhttp", "search_customers", QUERY))
-        # A new authorization (a new agent, a fresh token) is no way around it.
-        fresh = bastion.token("sam", "deskhttp")
-        again = error_of(call_tool(bastion, fresh, "deskhttp", "search_customers", QUERY))
+        # A new authorization (a new agent, a fresh token) is no way around it: no token.
+        fresh = token_request(bastion, authorization_code(bastion, "sam"))
         other = call_tool(bastion, avery, "deskhttp", "search_customers", QUERY)
     finally:
         resume(bastion, key, "user", "sam")
-    assert refused["data"]["reason"] == again["data"]["reason"] == "suspended"
+    assert refused["data"]["reason"] == "suspended"
+    assert (fresh.status_code, fresh.json()["error"]) == (400, "invalid_grant")
     assert "result" in other
     assert "result" in call_tool(bastion, sam, "deskhttp", "search_customers", QUERY)
+
+
+def authorization_code(bastion, username: str, server: str = "deskhttp") -> dict:
+    """The token request that redeems a fresh sign-in and consent of ``username``: a new public
+    client's code, with its PKCE verifier."""
+    client = register_public_client(bastion.http, bastion.url)
+    verifier, challenge = pkce_pair()
+    params = {
+        "response_type": "code",
+        "client_id": client,
+        "redirect_uri": REDIRECT_URI,
+        "state": "s",
+        "code_challenge": challenge,
+        "code_challenge_method": "S256",
+        "resource": bastion.mcp_url(server),
+        "scope": "customers:read",
+    }
+    authorize = f"{bastion.url}/authorize?{urlencode(params)}"
+    bastion.logins.append(username)
+    answer = log_in_and_consent(bastion.url, authorize, username, bastion.password)
+    return {
+        "grant_type": "authorization_code",
+        "code": parse_qs(urlsplit(answer.headers["location"]).query)["code"][0],
+        "redirect_uri": REDIRECT_URI,
+        "code_verifier": verifier,
+        "client_id": client,
+    }
+
+
+def token_request(bastion, form: dict, auth: tuple[str, str] | None = None):
+    return bastion.http.post(f"{bastion.url}/token", data=form, auth=auth)
+
+
+def confidential_client(bastion, name: str, **metadata) -> tuple[str, str]:
+    """A confidential client registered as `bastion clients create` does: its id and secret."""
+    oauth = bastion.app.state.oauth
+    values = registration.validate_client_metadata(
+        {
+            "client_name": name,
+            "grant_types": ["client_credentials"],
+            "token_endpoint_auth_method": "client_secret_basic",
+            "scope": "customers:read",
+        },
+        oauth.settings,
+    )
+    registered = registration.new_client(values, source="admin", now=time.time(), **metadata)
+    oauth.store.save_client(registered.client)
+    created = registered.response()
+    return created["client_id"], created["client_secret"]
+
+
+def refused_while_suspended(answer, principal: str) -> None:
+    assert answer.status_code == 400, answer.text
+    error = answer.json()
+    assert error["error"] == "invalid_grant"
+    assert f"{principal} is suspended" in error["error_description"]
+
+
+def test_a_suspended_user_is_issued_no_token_and_their_tokens_introspect_inactive(bastion, key):
+    resource_server = confidential_client(bastion, "resource server", may_introspect=True)
+    issued = token_request(bastion, authorization_code(bastion, "sam")).json()
+    refresh = {
+        "grant_type": "refresh_token",
+        "refresh_token": issued["refresh_token"],
+        "client_id": client_id(issued["access_token"]),
+    }
+
+    def introspect(token: str) -> dict:
+        url = f"{bastion.url}/introspect"
+        return bastion.http.post(url, data={"token": token}, auth=resource_server).json()
+
+    assert introspect(issued["access_token"])["active"] is True
+    code = authorization_code(bastion, "sam")  # consented before the suspension
+    suspend(bastion, key, "user", "sam")
+    try:
+        inactive = [introspect(issued["access_token"]), introspect(issued["refresh_token"])]
+        refreshed = token_request(bastion, refresh)
+        redeemed = token_request(bastion, code)
+    finally:
+        resume(bastion, key, "user", "sam")
+    assert inactive == [{"active": False}, {"active": False}]
+    refused_while_suspended(refreshed, "user 'sam'")
+    refused_while_suspended(redeemed, "user 'sam'")
+    # Nothing was spent by the refusals: once resumed the same refresh token and code work.
+    assert introspect(issued["access_token"])["active"] is True
+    assert token_request(bastion, refresh).status_code == 200
+    assert token_request(bastion, code).status_code == 200
+
+
+def test_a_suspended_agent_is_issued_no_token_by_client_credentials(bastion, key):
+    agent = confidential_client(bastion, "nightly agent")
+    form = {"grant_type": "client_credentials", "resource": bastion.mcp_url("deskhttp")}
+    assert token_request(bastion, form, agent).status_code == 200
+    suspend(bastion, key, "agent", agent[0])
+    try:
+        refused = token_request(bastion, form, agent)
+    finally:
+        resume(bastion, key, "agent", agent[0])
+    refused_while_suspended(refused, f"agent {agent[0]!r}")
+    assert token_request(bastion, form, agent).status_code == 200
 
 
 @pytest.mark.parametrize("era", ["legacy", "modern"])

@@ -54,7 +54,8 @@ async def _applied(request: Request, seq: int) -> None:
 
 
 async def create(request: Request) -> JSONResponse:
-    """Suspend: every call of the agent, user or session is refused, its streams end."""
+    """Suspend: every gateway call of the agent, user or session is refused, its streams end,
+    and the token endpoint issues it nothing (docs/signals.md says what else it covers)."""
     key = await require(request, SCOPE)
     body = await read_json(request)
     s = _checked(
