@@ -25,6 +25,8 @@ from bastion.db import DatabaseUnavailable
 from bastion.decide import Authorizer
 from bastion.facts.store import FactStore
 from bastion.server.config import ConfigError, ServerConfig, command_database
+from bastion.signals.suspensions import PREDICATE as SUSPENDED
+from bastion.signals.suspensions import Suspensions
 
 
 class CommandError(Exception):
@@ -62,6 +64,9 @@ class Deployment:
         # The CLI sends no notifications: the webhooks (and their secrets) are the server's.
         table = {k: v for k, v in config.approvals.items() if k != "webhooks"}
         try:
+            # The suspensions as stored now: a suspended person answers nothing here either.
+            suspensions = Suspensions()
+            suspensions.reset(self.facts.get((SUSPENDED, None)))
             self.approvals: Approvals = approvals_from_config(
                 database,
                 table,
@@ -69,6 +74,7 @@ class Deployment:
                 oauth.issuer,
                 self._authorizer,
                 lambda: self._policy_version,
+                suspensions=suspensions,
             )
         except Exception:
             self.facts.close()

@@ -31,6 +31,7 @@ from bastion.decide import Authorizer
 from bastion.facts.model import Entity
 from bastion.facts.store import FactStore, StoredFact, check_storable
 from bastion.policy.errors import EvaluationLimit
+from bastion.signals.suspensions import Suspensions
 
 if TYPE_CHECKING:
     from bastion.approvals.webhooks import WebhookNotifier
@@ -138,10 +139,18 @@ class Approvals:
         audit: AuditLog,
         clock: Callable[[], float] = time.time,
         current: Callable[[], Awaitable[None]] = _current,
+        *,
+        user_state: Callable[[str], str | None] = lambda person: None,
+        suspensions: Suspensions | None = None,
     ) -> None:
         """``authorizer`` raises `Unavailable` while what it holds must not decide; ``current``
         waits for the changes this process has heard of (raising `Unavailable` if they do not
-        come in time): awaited before an answer or a reviewer's view is worked out."""
+        come in time): awaited before an answer or a reviewer's view is worked out.
+        ``user_state`` is a person's state as the authorization server holds it
+        (`OAuthStore.user_state`) and ``suspensions`` the kill switch's view: a disabled or
+        suspended person answers nothing (`may_answer`)."""
+        self.user_state = user_state
+        self.suspensions = suspensions
         self.store = store
         self.facts = facts
         self.authorizer = authorizer
@@ -368,11 +377,20 @@ class Approvals:
         )
 
     def may_answer(self, request: ApprovalRequest, person: str) -> str | None:
-        """None if ``person`` (a user's name) may answer ``request`` now; else why not."""
+        """None if ``person`` (a user's name) may answer ``request`` now; else why not. The one
+        check of the API, the command line and the pages: a person bastion has disabled, or
+        the kill switch holds, answers nothing, whatever the policy's approver rules say."""
         if request.status != OPEN:
             return f"this request is {request.status}, not pending"
         if request.expires_at <= self.clock():
             return "this request has expired"
+        if self.user_state(person) == "disabled":
+            return f"{person} is disabled: a disabled user answers no request"
+        if (
+            self.suspensions is not None
+            and self.suspensions.first((Entity("User", person),)) is not None
+        ):
+            return f"{person} is suspended (the kill switch): a suspended user answers no request"
         if any(a.approver == person for a in request.answers):
             return f"{person} has already answered this request"
         resource = Entity.parse(request.target)
@@ -603,12 +621,15 @@ def approvals_from_config(
     authorizer: Callable[[], Authorizer],
     policy_version: Callable[[], int | None],
     current: Callable[[], Awaitable[None]] = _current,
+    suspensions: Suspensions | None = None,
 ) -> Approvals:
     """The approvals of a server with a gateway: its own database connection, the ``[approvals]``
     table, and two secrets of the deployment in ``key_dir`` (one seals what requests hold, one
-    keys the digests that bind a request to its call)."""
+    keys the digests that bind a request to its call); the users' states are read on that
+    connection, the suspensions from ``suspensions`` (the replica's view, or the command's)."""
     from bastion.db import Database
     from bastion.oauth.keys import deployment_secret
+    from bastion.oauth.store import OAuthStore
     from bastion.server.config import ConfigError
 
     settings = ApprovalSettings.from_mapping(table)
@@ -628,6 +649,8 @@ def approvals_from_config(
         binding,
         AuditLog(db),
         current=current,
+        user_state=OAuthStore(db).user_state,
+        suspensions=suspensions,
     )
     if settings.webhooks:
         from bastion.approvals.webhooks import WebhookNotifier

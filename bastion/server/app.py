@@ -354,6 +354,7 @@ def _approvals(config: ServerConfig, oauth, replica: Replica):
         authorizer,
         lambda: replica.policy_version,
         current,
+        suspensions=replica.suspensions,
     )
 
 

@@ -13,6 +13,8 @@ import pytest
 from bastion.audit.log import AuditLog
 from bastion.client import Client, RemoteError
 from bastion.db import Database
+from bastion.oauth.store import OAuthStore
+from bastion.oauth.users import create_user
 from tests.approvals.support import DELETE, REPORT, SEND, Holder, config, store_policy_and_facts
 from tests.server.conftest import ADMIN_KEY, ServerProcess
 
@@ -178,6 +180,39 @@ def test_a_person_the_policy_does_not_name_may_not_approve(bastion):
             r = api.post(f"/v1/approvals/{held.id}/approve", json={"approver": person})
             assert_problem(r, 403, "not an approver")
     unchanged(bastion, held.id)
+
+
+def test_a_disabled_or_suspended_approver_may_not_answer(bastion):
+    # dana and erin are sam's managers too: approvers of his emails under the policy; dana is
+    # disabled, erin suspended (the kill switch).
+    db = Database(bastion.database)
+    try:
+        users = OAuthStore(db)
+        for name in ("dana", "erin"):
+            create_user(users, name, "approvers-test-password", time.time())
+        assert users.disable_user("dana", time.time())
+    finally:
+        db.close()
+    managers = [
+        {"predicate": "manager", "args": [{"type": "User", "id": "sam"}, {"type": "User", "id": n}]}
+        for n in ("dana", "erin")
+    ]
+    held = bastion.holder.hold(SEND)
+    with bastion.client("admin") as admin, bastion.client() as api:
+        assert admin.post("/v1/facts", json={"facts": managers}).status_code == 200
+        suspended = admin.post("/v1/suspensions", json={"kind": "user", "id": "erin"})
+        assert suspended.status_code == 201, suspended.text
+        try:
+            for person, state in (("dana", "disabled"), ("erin", "suspended")):
+                for answer in ("approve", "deny"):
+                    r = api.post(f"/v1/approvals/{held.id}/{answer}", json={"approver": person})
+                    assert_problem(r, 403, f"{person} is {state}")
+            unchanged(bastion, held.id)
+        finally:
+            assert admin.delete("/v1/suspensions/user/erin").status_code == 200
+        # Resumed, erin is an approver again.
+        r = api.post(f"/v1/approvals/{held.id}/approve", json={"approver": "erin"})
+    assert r.status_code == 200 and r.json()["status"] == "approved", r.text
 
 
 def test_the_user_may_not_approve_their_own_call_when_the_policy_names_approvers(bastion):

@@ -29,6 +29,7 @@ from bastion.oauth.users import create_user
 from bastion.policy.parser import parse_fact
 from bastion.server.app import create_app
 from bastion.server.config import ServerConfig
+from bastion.signals.suspensions import resume, suspend, suspension
 from tests.approvals.support import POLICY_HEAD
 from tests.browser import ClientSite, Tab, browser_fixture, tab_fixture  # noqa: F401 (fixtures)
 from tests.oauth.support import Clock, free_socket, hidden_fields, serve
@@ -339,6 +340,42 @@ def test_a_person_who_is_not_an_approver_gets_403_no_form_and_a_forged_answer_is
         assert "not an approver of this request" in forged.text
         assert "<form" not in forged.text
     assert bastion.get(request.id).status == "pending" and bastion.get(request.id).answers == ()
+
+
+def test_a_suspended_approver_gets_403_no_form_and_their_answer_is_refused(bastion: Running):
+    request = hold(bastion)
+    with signed_in(bastion, "avery") as http:
+        session = http.cookies[SESSION_COOKIE]
+        token = bastion.app.state.oauth.form_tokens.token(f"approval:{request.id}", session)
+        kill_switch(bastion, suspend)
+        try:
+            shown = http.get(f"/approvals/{request.id}")
+            listed = http.get("/approvals")
+            answered = http.post(
+                f"/approvals/{request.id}", data={"csrf_token": token, "answer": "approve"}
+            )
+        finally:
+            kill_switch(bastion, resume)
+        assert shown.status_code == answered.status_code == 403
+        for page in (shown, answered):
+            assert "avery is suspended" in page.text and "<form" not in page.text
+        assert request.id not in listed.text
+        assert bastion.get(request.id).status == "pending" and bastion.get(request.id).answers == ()
+        # Resumed, the same session answers.
+        approved = http.post(
+            f"/approvals/{request.id}", data={"csrf_token": token, "answer": "approve"}
+        )
+    assert approved.status_code in (200, 303), approved.text
+    assert bastion.get(request.id).status == "approved"
+
+
+def kill_switch(bastion: Running, change) -> None:
+    """Suspend or resume avery (`suspend`, `resume`), as the API does; this replica has it."""
+    seq = change(bastion.app.state.store, suspension("user", "avery"), "test").seq
+    deadline = time.monotonic() + 10
+    while bastion.app.state.replica.applied < seq:
+        assert time.monotonic() < deadline, "the replica did not apply the suspension"
+        time.sleep(0.01)
 
 
 def test_sam_cannot_approve_his_own_call_where_the_policy_names_avery(bastion: Running, tab: Tab):
