@@ -49,7 +49,7 @@ from bastion.oauth.errors import InvalidToken
 from bastion.oauth.verifier import VerifiedToken, VerifiedTokens
 from bastion.origins import normalized_origin, origin_of
 from bastion.signals.posture import PostureSettings
-from bastion.signals.suspensions import Suspensions
+from bastion.signals.suspensions import Suspensions, token_principals
 
 if TYPE_CHECKING:
     from bastion.connections.service import Connections
@@ -130,7 +130,7 @@ class UpstreamState:
         if self.sessions is None:
             return None
         owner = self.sessions.owner(caller.subject, caller.client_id, session_id)
-        return self.sessions.acquire(owner, caller.grant_id)
+        return self.sessions.acquire(owner, caller.grant_id, caller.agents or (caller.client_id,))
 
     @contextlib.contextmanager
     def connection(self, caller: Caller, session_id: str):
@@ -326,7 +326,8 @@ class Gateway:
 
     def _suspended(self) -> None:
         """The kill switch was used: end the suspended callers' sessions and streams, and close
-        the upstream sessions of a suspended user (or agent, or client session)."""
+        the upstream sessions of a suspended user (or, ``per_client_session``, of any agent of
+        the chains that used it, or of its client session)."""
         enforcer = self.enforcer
         self.sessions.end_suspended(enforcer.suspended, enforcer.session_suspended)
         suspensions = enforcer.suspensions
@@ -335,9 +336,7 @@ class Gateway:
 
         def suspended(session: UpstreamSession) -> bool:
             owner = session.owner
-            principals = (Entity("User", owner.user),) + (
-                (Entity("Agent", owner.client_id),) if owner.client_id else ()
-            )
+            principals = token_principals(owner.user, sorted(session.agents))
             return suspensions.first(principals, owner.client_session) is not None
 
         for pool in self._own_sessions():

@@ -5,9 +5,9 @@ An upstream's ``session`` setting says how clients' requests map onto its MCP se
 cannot tell users apart. With ``per_user`` each user gets an upstream session of their own, and
 with ``per_client_session`` each client MCP session does (a 2026-07-28 client, which has none,
 gets one per user and agent): opened on first use, closed when unused for
-``session_idle_seconds``, when the grant of a token that used it is revoked, when its user (or
-agent, or client session) is suspended, and (``per_client_session``) when its client session
-ends. At most ``max_sessions`` are open per upstream: one more closes the one unused longest
+``session_idle_seconds``, when the grant of a token that used it is revoked, when its user (or,
+``per_client_session``, any agent of the chains of the tokens that used it, or its client
+session) is suspended, and (``per_client_session``) when its client session ends. At most ``max_sessions`` are open per upstream: one more closes the one unused longest
 among those no request is waiting on, and is refused when every one is busy.
 
 Each upstream session is an `Upstream` of its own (its own ``Mcp-Session-Id``, connections and
@@ -61,6 +61,9 @@ class UpstreamSession:
     busy: int = 0  # requests on it now: a busy session is never closed to make room
     # The grants of the tokens whose requests used it: revoking one closes it.
     grants: set[str] = field(default_factory=set)
+    # ``per_client_session``: every agent of the chains of the tokens whose requests used it (a
+    # sub-agent's and the agents it acts under): suspending any one closes it. Empty per user.
+    agents: set[str] = field(default_factory=set)
     closed: bool = False
 
 
@@ -89,8 +92,11 @@ class UpstreamSessions:
             return SessionOwner(subject)
         return SessionOwner(subject, client_id, session_id)
 
-    def acquire(self, owner: SessionOwner, grant_id: str = "") -> UpstreamSession:
-        """The owner's upstream session, opened if it has none, marked busy until `release`.
+    def acquire(
+        self, owner: SessionOwner, grant_id: str = "", agents: tuple[str, ...] = ()
+    ) -> UpstreamSession:
+        """The owner's upstream session, opened if it has none, marked busy until `release`;
+        ``agents``: the chain of the token of the request (kept ``per_client_session``).
         `RpcError` when ``max_sessions`` are open and every one is busy."""
         now = self.clock()
         session = self._sessions.get(owner)
@@ -102,6 +108,8 @@ class UpstreamSessions:
         session.last_used = now
         if grant_id:
             session.grants.add(grant_id)
+        if not self.per_user:
+            session.agents.update(agents)
         return session
 
     def release(self, session: UpstreamSession) -> None:

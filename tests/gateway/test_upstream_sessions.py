@@ -28,6 +28,8 @@ from mcp.shared.exceptions import MCPError
 from bastion.gateway.client_requests import ASKED_STATE
 from bastion.gateway.config import GatewayConfig
 from bastion.gateway.upstream_sessions import SessionOwner
+from bastion.oauth import registration
+from bastion.oauth.token_exchange import ACCESS_TOKEN_TYPE, TOKEN_EXCHANGE_GRANT_TYPE
 from bastion.oauth.users import create_user
 from bastion.server.config import ConfigError
 from tests.oauth.support import MemoryStorage, free_socket, sdk_auth, serve
@@ -51,6 +53,10 @@ allow(_actor, _action: String, _it: McpServer) if context.server = "mine";
 allow(_actor, _action: String, _it: Tool) if context.server = "mine";
 mask(_user: User, "elicitation/create", _it: McpServer, "content.name") if context.server = "mine";
 deny(_user: User, "roots/list", _it: McpServer) if context.server = "mine";
+# On "pair" any agent may delegate to any other, every scope passing.
+may_delegate(_from: Agent, _to: Agent, server: McpServer) if server = McpServer{{"pair"}};
+delegated_scope(_user: User, _from: Agent, _to: Agent, server: McpServer, _scope: String) if
+  server = McpServer{{"pair"}};
 """
 # "mine": the lab's server speaking 2026-07-28 (which asks by input_required results), one
 # upstream session per user, whose elicitations' answers go back with their name masked, and
@@ -468,6 +474,69 @@ def test_suspending_a_user_closes_their_upstream_session(bastion):
         _closed_upstream(bastion, first)
     finally:
         resumed = bastion.http.delete(f"{bastion.url}/v1/suspensions/user/bob", headers=headers)
+        assert resumed.status_code == 200, resumed.text
+
+
+def _client(bastion, grant_types: list[str], **metadata) -> tuple[str, str | None]:
+    """A client registered as `bastion clients create` does: its id and secret (if any)."""
+    oauth = bastion.app.state.oauth
+    values = registration.validate_client_metadata(
+        {"grant_types": grant_types, "scope": "customers:read", **metadata}, oauth.settings
+    )
+    registered = registration.new_client(values, source="admin", now=time.time())
+    oauth.store.save_client(registered.client)
+    created = registered.response()
+    return created["client_id"], created.get("client_secret")
+
+
+def test_suspending_a_parent_agent_closes_its_sub_agents_upstream_session(bastion):
+    # alice's agent delegates to a sub-agent (RFC 8693); the sub-agent's client session on
+    # "pair" (per_client_session) has an upstream session of its own.
+    coder, _ = _client(
+        bastion,
+        ["authorization_code", "refresh_token", TOKEN_EXCHANGE_GRANT_TYPE],
+        client_name="coder",
+        redirect_uris=[REDIRECT_URI],
+        token_endpoint_auth_method="none",
+    )
+    sub = _client(
+        bastion,
+        ["client_credentials", TOKEN_EXCHANGE_GRANT_TYPE],
+        client_name="sub-agent",
+        token_endpoint_auth_method="client_secret_basic",
+    )
+    resource = bastion.mcp_url("pair")
+    token_url = f"{bastion.url}/token"
+    own = bastion.http.post(
+        token_url, data={"grant_type": "client_credentials", "resource": resource}, auth=sub
+    )
+    assert own.status_code == 200, own.text
+    exchanged = bastion.http.post(
+        token_url,
+        data={
+            "grant_type": TOKEN_EXCHANGE_GRANT_TYPE,
+            "client_id": coder,
+            "subject_token": bastion.token("alice", "pair", client_id=coder),
+            "subject_token_type": ACCESS_TOKEN_TYPE,
+            "actor_token": own.json()["access_token"],
+            "actor_token_type": ACCESS_TOKEN_TYPE,
+        },
+    )
+    assert exchanged.status_code == 200, exchanged.text
+    delegated = legacy_session(bastion, exchanged.json()["access_token"], "pair")
+    first = _call(bastion, delegated, "pair", "whoami", {})["result"]["content"][0]["text"]
+    key, _ = bastion.app.state.keys.create("kill switch", ["suspensions"], created_by="test")
+    headers = {"authorization": f"Bearer {key}"}
+    suspended = bastion.http.post(
+        f"{bastion.url}/v1/suspensions", json={"kind": "agent", "id": coder}, headers=headers
+    )
+    assert suspended.status_code == 201, suspended.text
+    try:
+        _closed_upstream(bastion, first)  # the parent, not the sub-agent, was suspended
+    finally:
+        resumed = bastion.http.delete(
+            f"{bastion.url}/v1/suspensions/agent/{coder}", headers=headers
+        )
         assert resumed.status_code == 200, resumed.text
 
 
