@@ -84,7 +84,9 @@ try:
             now=now,
             seconds=300,
         )
-        server.store.save_access_token(access.jti, grant_id, access.expires_at)
+        server.store.save_access_token(
+            access.jti, grant_id, access.expires_at, access.token, access.kid
+        )
         tokens.verify(access.token, RESOURCE)
         return access.token, grant_id
 

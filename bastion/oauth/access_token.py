@@ -23,6 +23,7 @@ class IssuedAccessToken:
     jti: str
     expires_at: int
     scope: str
+    kid: str  # the key that signed it
 
 
 def mint_access_token(
@@ -59,4 +60,4 @@ def mint_access_token(
         claims.setdefault(name, value)
     header = {"alg": ALGORITHM, "typ": TOKEN_TYPE, "kid": signer.kid}
     token = jwt.encode(header, claims, signer, algorithms=[ALGORITHM])
-    return IssuedAccessToken(token, jti, issued_at + seconds, scope)
+    return IssuedAccessToken(token, jti, issued_at + seconds, scope, signer.kid)

@@ -10,6 +10,7 @@ import json
 import sys
 import time
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 
 from bastion.agents.identity import AgentError
 from bastion.db import Database
@@ -17,9 +18,12 @@ from bastion.oauth.ciba import CIBA_GRANT_TYPE
 from bastion.oauth.errors import OAuthError
 from bastion.oauth.jwt_bearer import JWT_BEARER_GRANT_TYPE
 from bastion.oauth.settings import OAuthSettings, SettingsError
-from bastion.oauth.store import OAuthStore
+from bastion.oauth.store import KeyRetirementRefused, OAuthStore
 from bastion.oauth.token_exchange import TOKEN_EXCHANGE_GRANT_TYPE
 from bastion.oauth.users import UserError, create_user, hash_password
+
+if TYPE_CHECKING:
+    from bastion.oauth.keys import KeyRing
 
 
 class CommandError(Exception):
@@ -211,17 +215,39 @@ def clients_revoke(args: argparse.Namespace) -> int:
     return 0
 
 
-def signing_keys_rotate(args: argparse.Namespace) -> int:
+def _key_ring(args: argparse.Namespace) -> KeyRing:
     from bastion.oauth.keys import KeyRing
 
     settings = _settings(args)
-    ring = KeyRing(
+    return KeyRing(
         OAuthStore(_database(args)),
         settings.key_dir,
         retain_seconds=settings.access_token_seconds + settings.leeway_seconds,
         clock=time.time,
     )
-    print(f"new signing key {ring.rotate()}; the previous key verifies until its tokens expire")
+
+
+def signing_keys_rotate(args: argparse.Namespace) -> int:
+    kid = _key_ring(args).rotate()
+    print(
+        f"new signing key {kid}; the previous key verifies until its tokens expire"
+        " (if it may be stolen, retire it now: `bastion signing-keys retire KID`)"
+    )
+    return 0
+
+
+def signing_keys_retire(args: argparse.Namespace) -> int:
+    try:
+        revoked = _key_ring(args).retire(args.kid)
+    except KeyRetirementRefused as refused:
+        raise CommandError(str(refused)) from None
+    print(
+        f"retired signing key {args.kid}: it is no longer published (jwks.json) nor accepted."
+        f" {revoked} access token(s) signed with it (or issued before bastion recorded each"
+        " token's key) are revoked and stop working on every replica at their next use; their"
+        " clients must get new ones. A resource server that verifies tokens itself drops the"
+        " key when it next fetches jwks.json (served with max-age=60)."
+    )
     return 0
 
 
@@ -325,6 +351,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = keys_sub.add_parser("rotate", help="start signing with a new key")
     _common(p)
     p.set_defaults(func=_guarded(signing_keys_rotate))
+    p = keys_sub.add_parser(
+        "retire",
+        help="withdraw a key that no longer signs at once (its private half may be stolen):"
+        " unpublished, and every token it signed revoked",
+    )
+    p.add_argument("kid", help="the key's kid, as `bastion signing-keys list` shows it")
+    _common(p)
+    p.set_defaults(func=_guarded(signing_keys_retire))
     p = keys_sub.add_parser("list", help="list signing keys (public information only)")
     _common(p)
     p.set_defaults(func=_guarded(signing_keys_list))

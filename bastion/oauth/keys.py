@@ -3,8 +3,9 @@ halves (RFC 7517).
 
 Private keys are PEM files (mode 0600) under ``key_dir``; the database holds only public JWKs and
 each key's life: the newest key signs, and a retired key stays published until every token it
-signed has expired, so rotation never invalidates a token early. Private keys are never put in a
-JWKS, a log line or an error message.
+signed has expired, so rotation never invalidates a token early. A key whose private half may be
+stolen is withdrawn at once instead (`KeyRing.retire`): unpublished, and its tokens revoked.
+Private keys are never put in a JWKS, a log line or an error message.
 
 The same directory keeps the deployment's other secrets (`deployment_secret`): random values made
 once, which every replica sharing ``key_dir`` shares, such as the key of the gateway's argument
@@ -77,6 +78,18 @@ class KeyRing:
         self._public = None
         self.prune()
         return kid
+
+    def retire(self, kid: str) -> int:
+        """Withdraw the retired key ``kid`` at once, for when its private half may be stolen:
+        it leaves the JWKS and verification, its private file is removed, and every access
+        token it signed is revoked, which every replica learns as it learns any revocation
+        (`OAuthStore.retire_signing_key`). Returns how many tokens were revoked.
+        `KeyRetirementRefused` for the key that signs (rotate first) or an unknown one."""
+        revoked = self.store.retire_signing_key(kid, self.clock())
+        self._private_path(kid).unlink(missing_ok=True)
+        self._signer = None
+        self._public = None
+        return revoked
 
     def prune(self) -> None:
         """Forget keys retired long enough ago that no token they signed can still be valid."""

@@ -253,7 +253,9 @@ class AuthorizationServer:
             auth_time=grant.auth_time,  # a refresh keeps the time of the sign-in it came from
             extra=extra,
         )
-        self.store.save_access_token(access.jti, grant.grant_id, access.expires_at)
+        self.store.save_access_token(
+            access.jti, grant.grant_id, access.expires_at, access.token, access.kid
+        )
         return access
 
     def revoke_grant(self, grant: Grant, reason: str) -> bool:

@@ -178,6 +178,14 @@ _MIGRATIONS = [
         revoked_at DOUBLE PRECISION NOT NULL
     );
     """,
+    # Each access token as issued: the SHA-256 of the token, so one signed with a stolen key
+    # under a live jti but with other claims is refused, and the kid of the key that signed it,
+    # so retiring a key revokes its tokens. NULL in the rows of tokens issued before.
+    """
+    ALTER TABLE oauth_access_tokens ADD COLUMN token_digest TEXT;
+    ALTER TABLE oauth_access_tokens ADD COLUMN kid TEXT;
+    CREATE INDEX oauth_access_tokens_kid ON oauth_access_tokens (kid);
+    """,
 ]
 
 
@@ -187,6 +195,11 @@ def digest(secret: str) -> str:
 
 def new_secret(nbytes: int = 32) -> str:
     return secrets.token_urlsafe(nbytes)
+
+
+class KeyRetirementRefused(ValueError):
+    """A signing key that may not be retired (nothing was changed): the message says why and
+    what to do instead."""
 
 
 class GrantRefused(Exception):
@@ -288,6 +301,17 @@ class Grant:
     auth_time: float | None = None
     # The grant this one was delegated from by token exchange (RFC 8693); None for a root.
     parent_grant_id: str | None = None
+
+
+@dataclass(frozen=True)
+class AccessTokenState:
+    """What the store holds of an issued access token."""
+
+    grant_id: str
+    revoked: bool  # the token, or its grant
+    expires_at: float
+    # SHA-256 (hex) of the token as issued; None for a token issued before bastion kept it.
+    token_digest: str | None
 
 
 _CLIENT_COLUMNS = (
@@ -988,23 +1012,34 @@ class OAuthStore:
         )
         return bool(rows)
 
-    def save_access_token(self, jti: str, grant_id: str, expires_at: float) -> None:
+    def save_access_token(
+        self, jti: str, grant_id: str, expires_at: float, token: str, kid: str
+    ) -> None:
+        """Record an access token as issued: its ``jti``, the digest of the whole token (what
+        the verifier compares, `AccessTokenState.token_digest`) and the ``kid`` that signed it."""
         self.db.execute(
-            "INSERT INTO oauth_access_tokens (jti, grant_id, expires_at) VALUES (?, ?, ?)",
-            (jti, grant_id, expires_at),
+            "INSERT INTO oauth_access_tokens (jti, grant_id, expires_at, token_digest, kid)"
+            " VALUES (?, ?, ?, ?, ?)",
+            (jti, grant_id, expires_at, digest(token), kid),
         )
 
-    def access_token_state(self, jti: str) -> tuple[str, bool] | None:
-        """(grant_id, revoked) for an issued access token; revoked covers its grant too."""
+    def access_token_state(self, jti: str) -> AccessTokenState | None:
+        """What was stored of the access token issued under ``jti``; None if none was."""
         rows = self.db.execute(
-            "SELECT t.grant_id, t.revoked_at, g.revoked_at FROM oauth_access_tokens t"
-            " JOIN oauth_grants g ON g.grant_id = t.grant_id WHERE t.jti = ?",
+            "SELECT t.grant_id, t.revoked_at, g.revoked_at, t.expires_at, t.token_digest"
+            " FROM oauth_access_tokens t JOIN oauth_grants g ON g.grant_id = t.grant_id"
+            " WHERE t.jti = ?",
             (jti,),
         )
         if not rows:
             return None
-        grant_id, token_revoked, grant_revoked = rows[0]
-        return grant_id, token_revoked is not None or grant_revoked is not None
+        grant_id, token_revoked, grant_revoked, expires_at, token_digest = rows[0]
+        return AccessTokenState(
+            grant_id=grant_id,
+            revoked=token_revoked is not None or grant_revoked is not None,
+            expires_at=expires_at,
+            token_digest=token_digest,
+        )
 
     def revoke_access_token(self, jti: str, now: float) -> None:
         with self.db.transaction():
@@ -1060,6 +1095,36 @@ class OAuthStore:
                 "INSERT INTO oauth_signing_keys (kid, public_jwk, created_at) VALUES (?, ?, ?)",
                 (kid, public_jwk, now),
             )
+
+    def retire_signing_key(self, kid: str, now: float) -> int:
+        """Withdraw the key ``kid`` at once (after its private half was stolen, say): its row
+        goes, so it leaves the JWKS and every verifier's keys, and every access token it signed
+        is revoked and announced as any revocation, so each replica refuses them on their next
+        use; so are the tokens issued before bastion kept each token's kid, whose key is not
+        known. Return how many tokens were revoked. `KeyRetirementRefused` for a key that is not
+        in the table, or that is the one signing (nothing is changed)."""
+        with self.db.transaction():
+            rows = self.db.execute(
+                "SELECT retired_at FROM oauth_signing_keys WHERE kid = ?", (kid,)
+            )
+            if not rows:
+                raise KeyRetirementRefused(
+                    f"no signing key {kid!r} (`bastion signing-keys list` shows the keys)"
+                )
+            if rows[0][0] is None:
+                raise KeyRetirementRefused(
+                    f"{kid} is the key that signs: start signing with a new one first"
+                    f" (`bastion signing-keys rotate`), then retire {kid}"
+                )
+            self.db.execute("DELETE FROM oauth_signing_keys WHERE kid = ?", (kid,))
+            revoked = self.db.execute(
+                "UPDATE oauth_access_tokens SET revoked_at = ?"
+                " WHERE (kid = ? OR kid IS NULL) AND revoked_at IS NULL RETURNING grant_id",
+                (now, kid),
+            )
+            for grant_id in sorted({row[0] for row in revoked}):
+                self._announce_revocation(grant_id)
+            return len(revoked)
 
     def forget_signing_keys_retired_before(self, cutoff: float) -> None:
         self.db.execute(

@@ -2,7 +2,9 @@
 
 Checks, in order: the JOSE header (``alg`` ES256 only, ``typ`` ``at+jwt``, a known ``kid``), the
 signature, ``iss``, ``aud`` (the resource this server is), ``exp``/``iat``/``nbf`` with a small
-leeway, and revocation: a token whose ``jti`` or grant was revoked is refused on its next use.
+leeway, that the token is the very one issued under its ``jti`` (the digest stored at issue, so a
+token signed with a stolen key under a live ``jti`` but with other claims is refused), and
+revocation: a token whose ``jti`` or grant was revoked is refused on its next use.
 Every refusal is an audit event: a token this server signed gets a row naming its user and
 client; a forged or malformed one is aggregated with its like (`bastion.audit.refusals`).
 `VerifiedTokens` remembers verified tokens for a resource server's per-request path (the MCP
@@ -12,6 +14,7 @@ gateway) without weakening the revocation rule.
 from __future__ import annotations
 
 import base64
+import hmac
 import logging
 import threading
 from collections.abc import Callable
@@ -29,7 +32,13 @@ from bastion.oauth.access_token import TOKEN_TYPE
 from bastion.oauth.dpop import token_key
 from bastion.oauth.errors import InvalidToken
 from bastion.oauth.keys import ALGORITHM, KeyRing
-from bastion.oauth.store import REVOCATIONS_CHANNEL, USERS_CHANGED, OAuthStore
+from bastion.oauth.store import (
+    REVOCATIONS_CHANNEL,
+    USERS_CHANGED,
+    AccessTokenState,
+    OAuthStore,
+    digest,
+)
 
 log = logging.getLogger("bastion.oauth.verifier")
 
@@ -195,8 +204,19 @@ class TokenVerifier:
             raise InvalidToken(
                 "the token was not issued by this server (unknown jti)", "jti", claims
             )
-        grant_id, revoked = state
-        if revoked:
+        if not _as_issued(token, expires_at, state):
+            # Well signed, yet not what was issued: made with bastion's signing key elsewhere.
+            log.warning(
+                "refused an access token signed with bastion's key whose claims differ from"
+                " those issued under its jti %s: a signing key may be stolen (docs/security.md)",
+                claims["jti"],
+            )
+            raise InvalidToken(
+                "the token was not issued by this server (not the token issued under its jti)",
+                "jti",
+                claims,
+            )
+        if state.revoked:
             raise InvalidToken("the token or its grant has been revoked", "revoked", claims)
         agents = delegation_chain(claims)
         task = claims.get("task")
@@ -214,14 +234,23 @@ class TokenVerifier:
             audience=audiences,
             jti=claims["jti"],
             issued_at=issued_at,
-            expires_at=expires_at,
-            grant_id=grant_id,
+            expires_at=int(state.expires_at),  # as stored: what `VerifiedTokens` keeps it until
+            grant_id=state.grant_id,
             claims=dict(claims),
             auth_time=_auth_time(claims),
             agents=agents,
             task=task,
             jkt=jkt,
         )
+
+
+def _as_issued(token: str, expires_at: int, state: AccessTokenState) -> bool:
+    """Whether ``token`` is the one stored as issued under its ``jti``: the same digest, every
+    claim and the header compared at once. A row from before digests were kept can only be
+    compared by its expiry; such tokens end within ``access_token_seconds`` of the upgrade."""
+    if state.token_digest is None:
+        return expires_at == int(state.expires_at)
+    return hmac.compare_digest(state.token_digest, digest(token))
 
 
 # More nested ``act`` claims than any chain bastion issues (``max_delegation_depth`` is at most
@@ -354,7 +383,7 @@ class VerifiedTokens:
             if on_loop:
                 return "off_loop"  # the token's state is read in a worker thread, not here
             state = self._store.access_token_state(verified.jti)
-            if state is None or state[1]:
+            if state is None or state.revoked:
                 with self._lock:
                     self._drop(key)
                 return None

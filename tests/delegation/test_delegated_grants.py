@@ -113,7 +113,9 @@ def refused(bastion: Bastion, token: str) -> bool:
 def test_revoking_the_root_grant_revokes_every_descendant(database_url, tmp_path):
     with running_bastion(database_url, tmp_path) as bastion:
         tokens, delegated = chain_of_three(bastion)
-        grants = [bastion.server.store.access_token_state(claims(t)["jti"])[0] for t in delegated]
+        grants = [
+            bastion.server.store.access_token_state(claims(t)["jti"]).grant_id for t in delegated
+        ]
         parent = bastion.server.store.grant(grants[1]).parent_grant_id
         assert parent == grants[0]
         root = bastion.server.store.grant(grants[0]).parent_grant_id
@@ -184,7 +186,9 @@ def test_a_delegation_cannot_be_made_under_a_revoked_grant(database_url, tmp_pat
         coder, sub = coding_agent(bastion), sub_agent(bastion)
         policy_for(bastion, [sub["client_id"]])
         tokens = bastion.tokens_for(coder)
-        grant_id, _ = bastion.server.store.access_token_state(claims(tokens["access_token"])["jti"])
+        grant_id = bastion.server.store.access_token_state(
+            claims(tokens["access_token"])["jti"]
+        ).grant_id
         bastion.server.store.revoke_grant(grant_id, bastion.clock(), "test")
         answer = exchange(bastion, coder, tokens["access_token"], own_token(bastion, sub))
         assert answer.status_code == 400 and answer.json()["error"] == "invalid_request"
@@ -338,7 +342,9 @@ def test_introspection_shows_the_chain_and_stops_at_a_revoked_parent(database_ur
         assert answer["active"] is True and answer["act"] == claims(delegated[1])["act"]
         assert answer["act"]["act"]["act"]["sub"] == claims(tokens["access_token"])["client_id"]
         assert "act" not in introspect(tokens["access_token"])
-        grant_id, _ = bastion.server.store.access_token_state(claims(tokens["access_token"])["jti"])
+        grant_id = bastion.server.store.access_token_state(
+            claims(tokens["access_token"])["jti"]
+        ).grant_id
         bastion.server.store.revoke_grant(grant_id, bastion.clock(), "test")
         assert introspect(delegated[1]) == {"active": False}
 

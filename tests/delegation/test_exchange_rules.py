@@ -45,7 +45,7 @@ def reissue(studio, token: str, **changes) -> str:
         store = OAuthStore(db)
         keys = KeyRing(store, studio.directory / "keys", retain_seconds=600, clock=time.time)
         old = claims(token)
-        grant_id, _ = store.access_token_state(old["jti"])
+        grant_id = store.access_token_state(old["jti"]).grant_id
         extra = {
             k: v for k, v in changes.items() if k not in ("iat", "exp", "aud") and v is not None
         }
@@ -63,7 +63,7 @@ def reissue(studio, token: str, **changes) -> str:
             if "act" not in changes or changes["act"] is not None
             else extra,
         )
-        store.save_access_token(minted.jti, grant_id, minted.expires_at)
+        store.save_access_token(minted.jti, grant_id, minted.expires_at, minted.token, minted.kid)
         return minted.token
     finally:
         db.close()

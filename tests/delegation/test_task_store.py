@@ -60,14 +60,14 @@ def grant(grants: OAuthStore, grant_id: str, client_id: str = AGENT, user: str =
     grants.create_grant(
         Grant(grant_id, client_id, user, "https://mcp", "read", now, now + 9e4, None)
     )
-    grants.save_access_token(f"jti-{grant_id}", grant_id, now + 600)
+    grants.save_access_token(f"jti-{grant_id}", grant_id, now + 600, "a token", "a kid")
     return grant_id
 
 
 def revoked(grants: OAuthStore, grant_id: str) -> bool:
     state = grants.access_token_state(f"jti-{grant_id}")
     assert state is not None
-    return state[1]
+    return state.revoked
 
 
 def test_ending_deletes_the_facts_revokes_the_grants_and_is_recorded_once(parts):

@@ -77,7 +77,7 @@ def claims(token: str) -> dict:
 def agent_and_grant(bastion, token: str) -> tuple[str, str]:
     """The token's agent (OAuth client id) and the grant it was issued under."""
     state = bastion.app.state.oauth.store.access_token_state(claims(token)["jti"])
-    return claims(token)["client_id"], state[0]
+    return claims(token)["client_id"], state.grant_id
 
 
 def reader(agent: str) -> dict:

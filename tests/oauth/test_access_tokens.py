@@ -225,3 +225,105 @@ def test_private_keys_never_reach_logs_audit_or_database(bastion: Bastion, caplo
 def test_disabling_a_user_refuses_their_tokens_on_next_use(bastion: Bastion, issued: dict):
     assert bastion.server.store.disable_user("alice", bastion.clock())
     refused(bastion, issued["access_token"], "revoked")
+
+
+def stolen_key(bastion: Bastion, token: str) -> ECKey:
+    """The private key that signed ``token``, read from the key directory, as a thief has it."""
+    kid = claims_of(token)[0]["kid"]
+    with open(os.path.join(bastion.server.settings.key_dir, f"{kid}.pem"), "rb") as pem:
+        return ECKey.import_key(pem.read())
+
+
+TEN_YEARS = 10 * 365 * 86400
+
+FORGED_CLAIMS = {
+    "sub": lambda claims, bastion: {"sub": "bob"},
+    "scope": lambda claims, bastion: {"scope": claims["scope"] + " tools:call"},
+    "exp": lambda claims, bastion: {"exp": claims["exp"] + TEN_YEARS},
+    "client_id": lambda claims, bastion: {"client_id": "another-client"},
+    "aud": lambda claims, bastion: {"aud": bastion.other_resource},
+    "act": lambda claims, bastion: {"act": {"sub": claims["client_id"]}},
+}
+
+
+@pytest.mark.parametrize("change", FORGED_CLAIMS)
+def test_a_token_signed_with_a_stolen_key_under_a_live_jti_with_other_claims_is_refused(
+    bastion: Bastion, issued: dict, change, caplog
+):
+    # The finding's case: the key was rotated out (it still verifies the tokens it signed) and
+    # its private half stolen; the thief reuses the jti of a live token, changing one claim.
+    token = issued["access_token"]
+    key = stolen_key(bastion, token)
+    bastion.server.keys.rotate()
+    header, claims = claims_of(token)
+    forged = jwt.encode(header, {**claims, **FORGED_CLAIMS[change](claims, bastion)}, key)
+    resource = bastion.other_resource if change == "aud" else bastion.resource
+    refused(bastion, forged, "not issued by this server", resource=resource)
+    warnings = [r for r in caplog.records if r.name == "bastion.oauth.verifier"]
+    assert warnings and warnings[-1].levelname == "WARNING"
+    assert claims["jti"] in warnings[-1].getMessage() and forged not in caplog.text
+    # The token as issued still verifies.
+    assert bastion.server.verifier.verify(token, bastion.resource).subject == "alice"
+
+
+def test_a_token_issued_before_digests_were_kept_verifies_until_its_stored_expiry(
+    bastion: Bastion, issued: dict
+):
+    """Rows from before the upgrade hold no digest: their token keeps working (for at most
+    access_token_seconds), but only with the stored expiry."""
+    token = issued["access_token"]
+    header, claims = claims_of(token)
+    bastion.db.execute(
+        "UPDATE oauth_access_tokens SET token_digest = NULL, kid = NULL WHERE jti = ?",
+        (claims["jti"],),
+    )
+    assert bastion.server.verifier.verify(token, bastion.resource).expires_at == claims["exp"]
+    forged = jwt.encode(
+        header, {**claims, "exp": claims["exp"] + TEN_YEARS}, stolen_key(bastion, token)
+    )
+    refused(bastion, forged, "not issued by this server")
+
+
+def test_a_retired_key_stops_verifying_at_once_and_its_tokens_are_revoked(
+    bastion: Bastion, issued: dict
+):
+    from bastion.oauth import AuthorizationServer
+
+    token = issued["access_token"]
+    old_kid = claims_of(token)[0]["kid"]
+    replica = AuthorizationServer(bastion.server.settings, bastion.db, clock=bastion.clock)
+    replica.verifier.verify(token, bastion.resource)  # the replica holds the old key now
+    key = stolen_key(bastion, token)
+    new_kid = bastion.server.keys.rotate()
+
+    assert bastion.server.keys.retire(old_kid) == 1
+
+    # At once: on this server the key is gone; a replica that has not reread the key table
+    # yet finds the token revoked.
+    refused(bastion, token, f"kid {old_kid!r} is not a key")
+    with pytest.raises(InvalidToken, match="revoked"):
+        replica.verifier.verify(token, bastion.resource)
+    header, claims = claims_of(token)
+    never_issued = jwt.encode(header, {**claims, "jti": "minted-by-the-thief"}, key)
+    refused(bastion, never_issued, f"kid {old_kid!r} is not a key")
+    with pytest.raises(InvalidToken, match="unknown jti"):
+        replica.verifier.verify(never_issued, bastion.resource)
+    kids = {k["kid"] for k in bastion.http.get(f"{bastion.url}/jwks.json").json()["keys"]}
+    assert kids == {new_kid}
+    assert not os.path.exists(os.path.join(bastion.server.settings.key_dir, f"{old_kid}.pem"))
+    # Tokens of the key that signs now are untouched.
+    fresh = bastion.tokens_for(bastion.register())["access_token"]
+    assert bastion.server.verifier.verify(fresh, bastion.resource).subject == "alice"
+
+
+def test_retiring_the_key_that_signs_is_refused_and_changes_nothing(bastion: Bastion, issued: dict):
+    from bastion.oauth.store import KeyRetirementRefused
+
+    kid = claims_of(issued["access_token"])[0]["kid"]
+    with pytest.raises(KeyRetirementRefused, match="rotate"):
+        bastion.server.keys.retire(kid)
+    with pytest.raises(KeyRetirementRefused, match="no signing key"):
+        bastion.server.keys.retire("not-a-kid")
+    assert [k["kid"] for k in bastion.server.keys.jwks()["keys"]] == [kid]
+    assert os.path.exists(os.path.join(bastion.server.settings.key_dir, f"{kid}.pem"))
+    assert bastion.server.verifier.verify(issued["access_token"], bastion.resource)

@@ -166,6 +166,28 @@ def test_signing_keys_rotate_and_list(capsys, monkeypatch, sqlite_url, tmp_path)
     assert "PRIVATE" not in out
 
 
+def test_signing_keys_retire_withdraws_a_previous_key_and_refuses_the_key_that_signs(
+    capsys, monkeypatch, sqlite_url, tmp_path
+):
+    config = write_config(tmp_path, sqlite_url)
+    run(capsys, monkeypatch, "signing-keys", "rotate", "--config", config)
+    run(capsys, monkeypatch, "signing-keys", "rotate", "--config", config)
+    _, listed, _ = run(capsys, monkeypatch, "signing-keys", "list", "--config", config)
+    current, previous = (line.split("\t")[0] for line in listed.strip().splitlines())
+
+    code, out, err = run(capsys, monkeypatch, "signing-keys", "retire", current, "--config", config)
+    assert code == 2 and "rotate" in err and not out
+    code, _, err = run(capsys, monkeypatch, "signing-keys", "retire", "nope", "--config", config)
+    assert code == 2 and "no signing key 'nope'" in err
+    assert run(capsys, monkeypatch, "signing-keys", "list", "--config", config)[1] == listed
+
+    code, out, _ = run(capsys, monkeypatch, "signing-keys", "retire", previous, "--config", config)
+    assert code == 0 and f"retired signing key {previous}" in out and "stop working" in out
+    _, listed, _ = run(capsys, monkeypatch, "signing-keys", "list", "--config", config)
+    assert [line.split("\t")[0] for line in listed.strip().splitlines()] == [current]
+    assert sorted(p.name for p in (tmp_path / "keys").glob("*.pem")) == [f"{current}.pem"]
+
+
 def test_a_confidential_client_with_a_redirect_uri_gets_the_authorization_code_grant(
     capsys, monkeypatch, sqlite_url, tmp_path
 ):

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 
 import psycopg
 import pytest
+from joserfc import jwt as jose_jwt
 
 from bastion.db import Database
 from bastion.oauth import InvalidToken
@@ -24,6 +25,7 @@ from bastion.oauth.verifier import VerifiedTokens
 from tests.waits import eventually
 
 from .support import PASSWORD, Bastion, running_bastion
+from .test_access_tokens import claims_of, stolen_key
 
 
 class Reads:
@@ -272,6 +274,40 @@ def test_while_the_listener_is_down_every_call_reads_and_nothing_revoked_meanwhi
     before = reads.count
     assert replicas.remembered(kept) is not None
     assert reads.count == before
+
+
+def test_a_remembered_token_lasts_until_its_stored_expiry_and_a_forged_one_is_never_remembered(
+    replicas,
+):
+    token, jti, _ = replicas.issue()
+    # Signed with the server's key (from the key directory, as a thief has it) under the live
+    # jti, with an expiry ten years on: refused, so never remembered until that expiry.
+    header, claims = claims_of(token)
+    ten_years = {"exp": claims["exp"] + 10 * 365 * 86400}
+    forged = jose_jwt.encode(header, {**claims, **ten_years}, stolen_key(replicas.a, token))
+    with pytest.raises(InvalidToken, match="not issued by this server"):
+        replicas.tokens.verify(forged, replicas.a.resource)
+    assert replicas.remembered(forged) is None
+    stored = replicas.b.access_token_state(jti).expires_at
+    assert replicas.remembered(token).expires_at == stored
+
+
+def test_a_key_retired_by_another_replica_refuses_its_remembered_tokens_once_notified(
+    replicas, monkeypatch
+):
+    token, _, _ = replicas.issue()
+    old_kid = claims_of(token)[0]["kid"]
+    replicas.a.server.keys.rotate()
+    fresh, _, _ = replicas.issue()  # signed by the new key
+    reads = Reads(replicas.tokens.db, monkeypatch)
+
+    replicas.b.retire_signing_key(old_kid, time.time())
+
+    assert eventually(lambda: replicas.remembered(token) is None), "the notice never arrived"
+    assert reads.count == 0, "refused by a database read, not by the notice"
+    with pytest.raises(InvalidToken, match="revoked|is not a key"):
+        replicas.tokens.verify(token, replicas.a.resource)
+    assert replicas.remembered(fresh) is not None
 
 
 def test_a_verification_overlapping_a_revocation_is_not_remembered(replicas):
