@@ -2,13 +2,14 @@
 
 An upstream's ``session`` setting says how clients' requests map onto its MCP sessions. With
 ``shared`` (the default) every client's requests go on bastion's one session, and the upstream
-cannot tell users apart. With ``per_user`` each user gets an upstream session of their own, and
-with ``per_client_session`` each client MCP session does (a 2026-07-28 client, which has none,
-gets one per user and agent): opened on first use, closed when unused for
-``session_idle_seconds``, when the grant of a token that used it is revoked, when its user (or,
-``per_client_session``, any agent of the chains of the tokens that used it, or its client
-session) is suspended, and (``per_client_session``) when its client session ends. At most ``max_sessions`` are open per upstream: one more closes the one unused longest
-among those no request is waiting on, and is refused when every one is busy.
+cannot tell users apart. With ``per_user`` each user gets an upstream session of their own, and with
+``per_client_session`` each client MCP session does (a 2026-07-28 client, which has none, gets one
+per user and agent): opened on first use, closed when unused for ``session_idle_seconds``, when the
+grant of a token that used it is revoked, when its user (or, ``per_client_session``, any agent of
+the chains of the tokens that used it, or its client session) is suspended, and
+(``per_client_session``) when its client session ends. At most ``max_sessions`` are open per
+upstream: one more closes the one unused longest among those no request is waiting on, and is
+refused when every one is busy.
 
 Each upstream session is an `Upstream` of its own (its own ``Mcp-Session-Id``, connections and
 standing stream), made by the factory the gateway gives, which attaches the user's own upstream

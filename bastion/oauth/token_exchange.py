@@ -12,13 +12,13 @@ sub-agent on the MCP server the token is for (``may_delegate``) and which scopes
 revoking any grant above it revokes it. It never has a refresh token and never outlives the
 subject token.
 
-Refusals use §2.2.2's codes: ``invalid_request`` for a malformed request and for a subject or
-actor token that is invalid or unacceptable (another client's, expired, revoked, the wrong kind,
-a ``may_act`` that names someone else, a chain past ``max_delegation_depth``, a delegation the
-policy refuses, a user or agent of the chain that is suspended), ``invalid_target`` for a resource or audience other than the subject token's,
-``invalid_scope`` for scopes beyond what the subject token, the sub-agent's registration and the
-resource allow (or when the policy lets none through), ``unauthorized_client`` for a client not
-registered for this grant type (`bastion.oauth.tokens`).
+Refusals use §2.2.2's codes: ``invalid_request`` for a malformed request and for a subject or actor
+token that is invalid or unacceptable (another client's, expired, revoked, the wrong kind, a
+``may_act`` that names someone else, a chain past ``max_delegation_depth``, a delegation the policy
+refuses, a user or agent of the chain that is suspended), ``invalid_target`` for a resource or
+audience other than the subject token's, ``invalid_scope`` for scopes beyond what the subject token,
+the sub-agent's registration and the resource allow (or when the policy lets none through),
+``unauthorized_client`` for a client not registered for this grant type (`bastion.oauth.tokens`).
 """
 
 from __future__ import annotations
