@@ -20,7 +20,7 @@ from bastion.oauth.jwt_bearer import JWT_BEARER_GRANT_TYPE
 from bastion.oauth.settings import OAuthSettings, SettingsError
 from bastion.oauth.store import KeyRetirementRefused, OAuthStore
 from bastion.oauth.token_exchange import TOKEN_EXCHANGE_GRANT_TYPE
-from bastion.oauth.users import UserError, create_user, hash_password
+from bastion.oauth.users import UserError, change_password, create_user
 
 if TYPE_CHECKING:
     from bastion.oauth.keys import KeyRing
@@ -75,8 +75,11 @@ def users_set_password(args: argparse.Namespace) -> int:
     store = OAuthStore(_database(args))
     if not any(user[0] == args.username for user in store.users()):
         raise CommandError(f"no user {args.username!r}")
-    store.set_password_hash(args.username, hash_password(_password(args)))
-    print(f"password of {args.username} changed")
+    change_password(store, args.username, _password(args), time.time())
+    print(
+        f"password of {args.username} changed; their sessions are ended and their grants"
+        " revoked (agents must send them through sign-in again)"
+    )
     return 0
 
 

@@ -536,10 +536,29 @@ class OAuthStore:
             return None
         return "enabled" if rows[0][0] is None else "disabled"
 
-    def set_password_hash(self, username: str, password_hash: str) -> None:
+    def rehash_password(self, username: str, password_hash: str) -> None:
+        """Store the user's same password hashed again (under parameters that have grown): not
+        a change of password, so nothing it let in ends (`change_password` is one)."""
         self.db.execute(
             "UPDATE oauth_users SET password_hash = ? WHERE username = ?", (password_hash, username)
         )
+
+    def change_password(self, username: str, password_hash: str, now: float) -> bool:
+        """Give the user a new password and, in the same transaction, end everything the old
+        one let in: their sessions, and every grant with its tokens, as a revocation of all
+        their grants (`revoke_user_grants`, announced). A password is changed after a suspected
+        takeover, and whoever took over holds those. False when there is no such user."""
+        with self.db.transaction():
+            # The user's lock before their row, in the order `create_grant` takes them.
+            self._lock_user(username, shared=False)
+            rows = self.db.execute(
+                "UPDATE oauth_users SET password_hash = ? WHERE username = ? RETURNING username",
+                (password_hash, username),
+            )
+            if not rows:
+                return False
+            self.revoke_user_grants(username, now, "password changed")
+            return True
 
     def users(self) -> list[tuple[str, float, float | None]]:
         return [

@@ -42,6 +42,13 @@ def hash_password(password: str) -> str:
     return _HASHER.hash(password)
 
 
+def change_password(store: OAuthStore, username: str, password: str, now: float) -> None:
+    """Give ``username`` a new password, ending their sessions, grants and tokens
+    (`OAuthStore.change_password`)."""
+    if not store.change_password(username, hash_password(password), now):
+        raise UserError(f"no user {username!r}")
+
+
 def create_user(store: OAuthStore, username: str, password: str, now: float) -> None:
     validate_username(username)
     if any(user[0] == username for user in store.users()):
@@ -59,5 +66,5 @@ def check_password(store: OAuthStore, username: str, password: str) -> bool:
     if stored is None:
         return False
     if _HASHER.check_needs_rehash(stored):
-        store.set_password_hash(username, _HASHER.hash(password))
+        store.rehash_password(username, _HASHER.hash(password))
     return True

@@ -5,14 +5,19 @@ from __future__ import annotations
 import io
 import json
 import sys
+from urllib.parse import parse_qs, urlencode, urlsplit
 
+import httpx
 import pytest
 from argon2 import PasswordHasher
 
 from bastion.cli import main
 from bastion.db import Database
+from bastion.oauth.errors import InvalidToken
 from bastion.oauth.store import OAuthStore
 from bastion.oauth.users import check_password
+
+from .support import PASSWORD, pkce_pair, running_bastion
 
 
 def run(capsys, monkeypatch, *argv: str, stdin: str = "") -> tuple[int, str, str]:
@@ -90,6 +95,70 @@ def test_users_create_list_disable(capsys, monkeypatch, sqlite_url):
     code, _, _ = run(capsys, monkeypatch, "users", "disable", "bob", "--database", sqlite_url)
     assert code == 0
     assert not check_password(store, "bob", "a long enough password")
+
+
+def test_set_password_ends_the_sessions_grants_and_tokens_the_old_password_let_in(
+    capsys, monkeypatch, database_url, tmp_path
+):
+    """A password is reset after a suspected takeover: whoever took over holds a browser
+    session, and agents hold grants and tokens, all from the old password."""
+    with running_bastion(database_url, tmp_path) as bastion:
+        client = bastion.register()
+        browser = httpx.Client(follow_redirects=False, timeout=10)
+        verifier, challenge = pkce_pair()
+        params = bastion.authorize_params(client, challenge)
+        redirect = bastion.log_in_and_consent(
+            f"{bastion.url}/authorize?{urlencode(params)}", browser
+        )
+        code = parse_qs(urlsplit(redirect.headers["location"]).query)["code"][0]
+        tokens = bastion.token(
+            grant_type="authorization_code",
+            code=code,
+            redirect_uri=client["redirect_uris"][0],
+            code_verifier=verifier,
+            client_id=client["client_id"],
+        ).json()
+        assert bastion.server.verifier.verify(tokens["access_token"], bastion.resource)
+
+        new_password = "a new password after the takeover"
+        code, out, err = run(
+            capsys,
+            monkeypatch,
+            *("users", "set-password", "alice", "--password-stdin"),
+            *("--database", bastion.db.url),
+            stdin=f"{new_password}\n",
+        )
+        assert code == 0, err
+
+        with pytest.raises(InvalidToken, match="revoked"):
+            bastion.server.verifier.verify(tokens["access_token"], bastion.resource)
+        refreshed = bastion.token(
+            grant_type="refresh_token",
+            refresh_token=tokens["refresh_token"],
+            client_id=client["client_id"],
+        )
+        assert refreshed.status_code == 400 and refreshed.json()["error"] == "invalid_grant"
+        # The old browser session gets no code: the sign-in form again.
+        _, challenge = pkce_pair()
+        params = bastion.authorize_params(client, challenge, state="after-the-reset")
+        page = browser.get(f"{bastion.url}/authorize?{urlencode(params)}")
+        assert page.status_code == 200 and "name=password" in page.text, page.headers
+        assert bastion.db.execute("SELECT COUNT(*) FROM oauth_sessions")[0][0] == 0
+        # The old password no longer signs in; the new one does.
+        assert not check_password(bastion.server.store, "alice", PASSWORD)
+        assert check_password(bastion.server.store, "alice", new_password)
+
+
+def test_set_password_of_an_unknown_user_changes_nothing(capsys, monkeypatch, sqlite_url):
+    OAuthStore(Database(sqlite_url))
+    code, _, err = run(
+        capsys,
+        monkeypatch,
+        *("users", "set-password", "nobody", "--password-stdin", "--database", sqlite_url),
+        stdin="a long enough password\n",
+    )
+    assert code == 2 and "no user 'nobody'" in err
+    assert Database(sqlite_url).execute("SELECT COUNT(*) FROM oauth_user_revocations")[0][0] == 0
 
 
 def test_clients_create_list_revoke(capsys, monkeypatch, sqlite_url, tmp_path):
