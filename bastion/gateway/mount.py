@@ -98,7 +98,7 @@ def gateway_from_config(
         trusted=TrustedIssuers(
             gateway_config.trusted_issuers,
             refusals=oauth.verifier.refusals,
-            user_disabled=tokens.user_disabled,
+            user_standing=tokens.user_standing,
         )
         if gateway_config.trusted_issuers
         else None,

@@ -44,6 +44,7 @@ from bastion.oauth.jwks import (
     protected_header,
     signing_key,
 )
+from bastion.oauth.store import UserStanding
 from bastion.oauth.verifier import VerifiedToken
 
 ISSUERS_TABLE = "[[gateway.trusted_issuers]]"
@@ -241,13 +242,13 @@ class TrustedIssuers:
         clock: Callable[[], float] = time.time,
         max_tokens: int = 10_000,
         transport: httpx.AsyncBaseTransport | None = None,
-        user_disabled: Callable[..., bool | Literal["off_loop"]] | None = None,
+        user_standing: Callable[..., UserStanding | Literal["off_loop"]] | None = None,
     ) -> None:
         self.issuers = {i.issuer: i for i in issuers}
         self.refusals = refusals
-        # (username, on_loop) -> whether bastion holds the user and has disabled them
-        # (`VerifiedTokens.user_disabled`); None: not asked.
-        self.user_disabled = user_disabled
+        # (username, on_loop) -> whether bastion has disabled the user, and when it last revoked
+        # all their grants (`VerifiedTokens.user_standing`); None: not asked.
+        self.user_standing = user_standing
         self.clock = clock
         self.max_tokens = max_tokens
         self.transport = transport
@@ -279,7 +280,7 @@ class TrustedIssuers:
         or `IssuerUnavailable` when its issuer's keys or introspection cannot be reached."""
         try:
             verified = await self._verify(token, server)
-            await self._refuse_a_disabled_user(verified.subject)
+            await self._refuse_a_revoked_user(verified)
             return verified
         except InvalidToken as refused:
             if self.refusals is not None:
@@ -295,18 +296,24 @@ class TrustedIssuers:
                 await anyio.to_thread.run_sync(record)
             raise
 
-    async def _refuse_a_disabled_user(self, user: str) -> None:
+    async def _refuse_a_revoked_user(self, verified: VerifiedToken) -> None:
         """On every use, not only the first: a user bastion holds and has disabled (`bastion
-        users disable`, an SSF signal) is refused, as their grants are; one it does not hold is
-        the provider's to vouch for."""
-        user_disabled = self.user_disabled
-        if user_disabled is None:
+        users disable`, an SSF signal) is refused, as their grants are; so is a token issued
+        (``iat``; none: 0) at or before the last revocation of all of its user's grants (an SSF
+        ``session-revoked``, a password changed, a disable), as a grant resting on a sign-in
+        from before it is. A user bastion neither holds nor revoked is the provider's to vouch
+        for."""
+        user_standing = self.user_standing
+        if user_standing is None:
             return
-        disabled = user_disabled(user, True)
-        if disabled == "off_loop":
-            disabled = await anyio.to_thread.run_sync(user_disabled, user)
-        if disabled:
-            raise InvalidToken(f"user {user!r} is disabled in bastion", "disabled")
+        user = verified.subject
+        standing = user_standing(user, True)
+        if standing == "off_loop":
+            standing = await anyio.to_thread.run_sync(user_standing, user)
+        refusal = standing.refusal(user, verified.issued_at)
+        if refusal is not None:
+            check, reason = refusal
+            raise InvalidToken(reason, check)
 
     async def _verify(self, token: str, server: str) -> VerifiedToken:
         key = (hashlib.sha256(token.encode()).digest(), server)

@@ -4,8 +4,8 @@ access tokens and signing keys.
 
 Secrets (codes, refresh tokens, session ids, client secrets, CIBA auth_req_ids) are stored only as SHA-256 digests:
 they are high-entropy random strings, so a digest is enough and a database leak reveals none.
-Every revocation of an access token or a grant, and every user disabled, is announced, in its
-transaction, on `REVOCATIONS_CHANNEL` (PostgreSQL NOTIFY) and, once committed, to this process's
+Every revocation of an access token or a grant, every user disabled and every revocation of all
+of a user's grants is announced, in its transaction, on `REVOCATIONS_CHANNEL` (PostgreSQL NOTIFY) and, once committed, to this process's
 subscribers.
 """
 
@@ -20,7 +20,8 @@ from dataclasses import dataclass
 from bastion.db import Database
 
 # The payload of each notification is the grant_id whose tokens (all, or one) were revoked, or
-# `USERS_CHANGED` when a user was disabled (a grant id never holds a colon).
+# `USERS_CHANGED` when a user's standing changed: disabled, or all their grants revoked (a grant
+# id never holds a colon).
 REVOCATIONS_CHANNEL = "bastion_revocations"
 USERS_CHANGED = ":users"
 
@@ -314,6 +315,28 @@ class AccessTokenState:
     token_digest: str | None
 
 
+@dataclass(frozen=True)
+class UserStanding:
+    """What bastion holds against a user, for the tokens that rest on no grant of its own (a
+    trusted issuer's, docs/identity.md): whether they are one of bastion's users and disabled,
+    and when all their grants were last revoked (None: never), for any name."""
+
+    disabled: bool
+    revoked_at: float | None
+
+    def refusal(self, username: str, issued_at: float) -> tuple[str, str] | None:
+        """(check, reason) refusing a token of ``username`` issued at ``issued_at``, or None:
+        the user is disabled, or the token was issued at or before the revocation."""
+        if self.disabled:
+            return "disabled", f"user {username!r} is disabled in bastion"
+        if self.revoked_at is not None and issued_at <= self.revoked_at:
+            return "revoked", (
+                f"every grant of user {username!r} was revoked after this token was issued"
+                " (iat): the user must sign in again"
+            )
+        return None
+
+
 _CLIENT_COLUMNS = (
     "client_id, client_name, redirect_uris, grant_types, token_endpoint_auth_method, scope,"
     " source, may_introspect, metadata, created_at, revoked_at, secret_digest"
@@ -358,7 +381,8 @@ class OAuthStore:
     def on_revoked(self, callback: Callable[[str], None]) -> None:
         """Call ``callback(grant_id)`` after each commit, through this store, that revokes an
         access token of the grant or the grant itself, and ``callback(USERS_CHANGED)`` after
-        one that disables a user (other processes hear of both by NOTIFY)."""
+        one that disables a user or revokes all their grants (other processes hear of both by
+        NOTIFY)."""
         self._revocation_subscribers.append(callback)
 
     def off_revoked(self, callback: Callable[[str], None]) -> None:
@@ -536,6 +560,15 @@ class OAuthStore:
             return None
         return "enabled" if rows[0][0] is None else "disabled"
 
+    def user_standing(self, username: str) -> UserStanding:
+        """Whether ``username`` is disabled, and when all their grants were last revoked."""
+        disabled_at, revoked_at = self.db.execute(
+            "SELECT (SELECT disabled_at FROM oauth_users WHERE username = ?),"
+            " (SELECT revoked_at FROM oauth_user_revocations WHERE username = ?)",
+            (username, username),
+        )[0]
+        return UserStanding(disabled_at is not None, revoked_at)
+
     def rehash_password(self, username: str, password_hash: str) -> None:
         """Store the user's same password hashed again (under parameters that have grown): not
         a change of password, so nothing it let in ends (`change_password` is one)."""
@@ -581,7 +614,7 @@ class OAuthStore:
             if not rows:
                 return False
             # A trusted issuer's tokens of the user rest on no grant: whoever remembers users'
-            # states (`VerifiedTokens.user_disabled`) reads them again.
+            # standing (`VerifiedTokens.user_standing`) reads it again.
             self._announce_revocation(USERS_CHANGED)
             self.db.execute("DELETE FROM oauth_sessions WHERE username = ?", (username,))
             self.db.execute("DELETE FROM oauth_consents WHERE username = ?", (username,))
@@ -973,6 +1006,9 @@ class OAuthStore:
                 " THEN excluded.revoked_at ELSE oauth_user_revocations.revoked_at END",
                 (username, now),
             )
+            # A trusted issuer's tokens of the user rest on no grant: whoever remembers users'
+            # standing (`VerifiedTokens.user_standing`) reads it again.
+            self._announce_revocation(USERS_CHANGED)
             self.db.execute("DELETE FROM oauth_sessions WHERE username = ?", (username,))
             rows = self.db.execute(
                 "SELECT grant_id FROM oauth_grants WHERE username = ? AND revoked_at IS NULL",

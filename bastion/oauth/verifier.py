@@ -37,6 +37,7 @@ from bastion.oauth.store import (
     USERS_CHANGED,
     AccessTokenState,
     OAuthStore,
+    UserStanding,
     digest,
 )
 
@@ -310,9 +311,10 @@ class VerifiedTokens:
     as soon as it commits. On the event loop `remembered` is asked with ``on_loop``: where it
     would wait or read it says so, and is asked again from a worker thread.
 
-    The same rules keep `user_disabled` current, for the tokens of trusted issuers, which rest on
-    no grant of bastion's: a user disabled anywhere (`USERS_CHANGED`, sent by
-    `OAuthStore.disable_user` in its transaction) is known on the next use.
+    The same rules keep `user_standing` current, for the tokens of trusted issuers, which rest on
+    no grant of bastion's: a user disabled anywhere, or all of whose grants were revoked
+    (`USERS_CHANGED`, sent by `OAuthStore.disable_user` and `OAuthStore.revoke_user_grants` in
+    their transactions), is known on the next use.
     """
 
     def __init__(self, verifier: TokenVerifier, database_url: str, max_tokens: int = 10_000):
@@ -328,7 +330,7 @@ class VerifiedTokens:
         self._forgotten = 0
         self._lock = threading.Lock()
         self._forget_callbacks: list[Callable[[str], None]] = []
-        # username -> [disabled in bastion, change marker when read] (`user_disabled`)
+        # username -> [UserStanding, change marker when read] (`user_standing`)
         self._users: dict[str, list] = {}
         self._users_forgotten = 0  # as ``_forgotten``, for ``_users``
         verifier.store.on_revoked(self._heard)
@@ -411,12 +413,14 @@ class VerifiedTokens:
             self._grants.setdefault(verified.grant_id, set()).add(key)
         return verified
 
-    def user_disabled(self, username: str, on_loop: bool = False) -> bool | Literal["off_loop"]:
-        """Whether ``username`` is one of bastion's users and disabled (a user bastion does not
-        hold is not). Remembered, and read again as a remembered token's revocation state is:
-        on SQLite once ``data_version`` has moved; on PostgreSQL once a user was disabled
-        anywhere (`USERS_CHANGED`), or on every use while the listener is not healthy. ``on_loop``
-        as for `remembered`."""
+    def user_standing(
+        self, username: str, on_loop: bool = False
+    ) -> UserStanding | Literal["off_loop"]:
+        """Whether ``username`` is one of bastion's users and disabled, and when all their
+        grants were last revoked (for any name). Remembered, and read again as a remembered
+        token's revocation state is: on SQLite once ``data_version`` has moved; on PostgreSQL
+        once a user's standing changed anywhere (`USERS_CHANGED`), or on every use while the
+        listener is not healthy. ``on_loop`` as for `remembered`."""
         entry = self._users.get(username)
         listener = self.listener
         if entry is not None:
@@ -432,16 +436,16 @@ class VerifiedTokens:
                 return entry[0]
         if on_loop:
             return "off_loop"
-        # Both read before the state, so a user disabled in between is seen.
+        # Both read before the standing, so a change in between is seen.
         marker = self.db.data_version()
         forgotten = self._users_forgotten
-        disabled = self._store.user_state(username) == "disabled"
+        standing = self._store.user_standing(username)
         with self._lock:
             if self._users_forgotten == forgotten:
                 if len(self._users) >= self.max_tokens:
                     self._users.pop(next(iter(self._users)))
-                self._users[username] = [disabled, marker]
-        return disabled
+                self._users[username] = [standing, marker]
+        return standing
 
     def _drop(self, key: tuple[str, str | None]) -> None:
         """Under the lock: forget one remembered token."""
@@ -472,13 +476,13 @@ class VerifiedTokens:
                 log.exception("a subscriber to revocations failed")
 
     def _notified(self, payload: str) -> None:
-        """A revocation or a user disabled, committed by any process (this one included), has
-        been announced."""
+        """A revocation or a change of a user's standing, committed by any process (this one
+        included), has been announced."""
         self._heard(payload)
 
     def _heard(self, payload: str) -> None:
-        """A revocation (a grant_id) or a user disabled (`USERS_CHANGED`) has committed, told
-        by NOTIFY or by this process's store."""
+        """A revocation (a grant_id) or a change of a user's standing (`USERS_CHANGED`) has
+        committed, told by NOTIFY or by this process's store."""
         if payload == USERS_CHANGED:
             with self._lock:
                 self._users_forgotten += 1

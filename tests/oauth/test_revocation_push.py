@@ -122,24 +122,37 @@ def test_a_revocation_by_another_replica_is_refused_once_notified_without_a_read
         assert eventually(lambda: replicas.remembered(sibling) is None)
 
 
-def test_a_user_disabled_by_another_replica_is_known_once_notified_without_a_read_per_call(
-    replicas, monkeypatch
+USER_CHANGES_BY_ANOTHER_REPLICA = {
+    "disabled": lambda b, user, now: b.disable_user(user, now),
+    "all grants revoked": lambda b, user, now: b.revoke_user_grants(user, now, "test: signal"),
+}
+
+
+@pytest.mark.parametrize(
+    ("change", "user"), [("disabled", "lee"), ("all grants revoked", "not-a-user-of-bastion")]
+)
+def test_a_users_standing_changed_by_another_replica_is_known_once_notified_without_a_read_per_call(
+    replicas, monkeypatch, change, user
 ):
-    """The state a trusted issuer's token is checked against (its user holds no grant, so no
-    grant's notice would tell): read once, then in memory until a user is disabled anywhere."""
+    """The standing a trusted issuer's token is checked against (its user holds no grant, so no
+    grant's notice would tell): read once, then in memory until a user is disabled, or all of
+    a user's grants revoked (any name: also one bastion does not hold), anywhere."""
     create_user(replicas.a.server.store, "lee", PASSWORD, time.time())
     reads = Reads(replicas.tokens.db, monkeypatch)
-    assert replicas.tokens.user_disabled("lee") is False
-    assert replicas.tokens.user_disabled("not-a-user-of-bastion") is False
+    issued_before = time.time()
+    assert replicas.tokens.user_standing(user).refusal(user, issued_before) is None
+    assert replicas.tokens.user_standing("sam").refusal("sam", issued_before) is None
     read = reads.count
     for _ in range(50):
-        assert replicas.tokens.user_disabled("lee", on_loop=True) is False
-    assert reads.count == read, "a remembered user's state was read per call"
+        assert replicas.tokens.user_standing(user, on_loop=True).refusal(user, 0) is None
+    assert reads.count == read, "a remembered user's standing was read per call"
 
-    assert replicas.b.disable_user("lee", time.time())
+    USER_CHANGES_BY_ANOTHER_REPLICA[change](replicas.b, user, time.time())
 
-    assert eventually(lambda: replicas.tokens.user_disabled("lee") is True), "never notified"
-    assert replicas.tokens.user_disabled("not-a-user-of-bastion") is False
+    assert eventually(
+        lambda: replicas.tokens.user_standing(user).refusal(user, issued_before) is not None
+    ), "never notified"
+    assert replicas.tokens.user_standing("sam").refusal("sam", issued_before) is None
 
 
 @pytest.fixture

@@ -59,6 +59,9 @@ def signals(tmp_path_factory):
         "email:dana@example.com": "dana",
         "opaque:avery-0001": "avery",
         "email:lee@example.com": "lee",
+        # Not users of bastion: the trusted issuer's alone.
+        "email:kim@example.com": "kim",
+        "email:jo@example.com": "jo",
     }
     closed = free_socket()
     closed_port = closed.getsockname()[1]  # bound, never listening: connections are refused
@@ -380,6 +383,34 @@ def test_risc_account_disabled_refuses_the_users_tokens_from_a_trusted_issuer(si
     response = call(signals, token)
     assert response.status_code == 401, response.text
     assert "'lee' is disabled" in response.json()["error_description"]
+
+
+@pytest.mark.parametrize(
+    ("kind", "user"), [("session-revoked", "kim"), ("credential-change", "jo")]
+)
+def test_a_revocation_signal_refuses_the_users_tokens_from_a_trusted_issuer_issued_before_it(
+    signals, kind, user
+):
+    """A provider's token rests on no grant of bastion's for the signal to revoke: one issued
+    (iat) at or before the revocation is refused from the next call, also for a user bastion
+    does not hold; one the provider issues after it (the person signed in again) is served."""
+    before = signals.idp.token("a", sub=user)
+    assert call(signals, before).status_code == 200
+    event = signals.pusher.set_token(CAEP + kind, {}, email(f"{user}@example.com"))
+    assert signals.pusher.push(event).status_code == 202
+    assert received(signals, jti_of(event)).detail["effects"][0]["effect"] == "revoke"
+
+    for _ in range(2):
+        response = call(signals, before)
+        assert response.status_code == 401, response.text
+        assert (
+            f"'{user}' was revoked after this token was issued"
+            in (response.json()["error_description"])
+        )
+    # Within the issuer's leeway: a token issued after the revocation, the second it happened.
+    after = signals.idp.token("a", sub=user, iat=int(time.time()) + 1)
+    assert call(signals, after).status_code == 200
+    assert call(signals, signals.idp.token("a", sub="not-revoked")).status_code == 200
 
 
 # -- 4. refusals: each refused, and nothing changes ---------------------------------------------
