@@ -602,8 +602,9 @@ class OAuthStore:
         ]
 
     def disable_user(self, username: str, now: float) -> bool:
-        """Disable the user, end their sessions and revoke every grant they gave. Ordered with
-        every grant being made for them (`create_grant`): each is refused, or revoked here."""
+        """Disable the user, end their sessions and revoke every grant they gave, recorded as a
+        revocation of all their grants (as `revoke_user_grants`). Ordered with every grant
+        being made for them (`create_grant`): each is refused, or revoked here."""
         with self.db.transaction():
             self._lock_user(username, shared=False)
             rows = self.db.execute(
@@ -613,9 +614,9 @@ class OAuthStore:
             )
             if not rows:
                 return False
-            # A trusted issuer's tokens of the user rest on no grant: whoever remembers users'
-            # standing (`VerifiedTokens.user_standing`) reads it again.
-            self._announce_revocation(USERS_CHANGED)
+            # Also a revocation of all their grants: what rests on a sign-in, an approval or a
+            # token from before now stays refused if the user is enabled again.
+            self._record_user_revocation(username, now)
             self.db.execute("DELETE FROM oauth_sessions WHERE username = ?", (username,))
             self.db.execute("DELETE FROM oauth_consents WHERE username = ?", (username,))
             for (grant_id,) in self.db.execute(
@@ -999,22 +1000,27 @@ class OAuthStore:
         ``now`` is refused (`create_grant`)."""
         with self.db.transaction():
             self._lock_user(username, shared=False)
-            self.db.execute(
-                "INSERT INTO oauth_user_revocations (username, revoked_at) VALUES (?, ?)"
-                " ON CONFLICT (username) DO UPDATE SET revoked_at = CASE"
-                " WHEN excluded.revoked_at > oauth_user_revocations.revoked_at"
-                " THEN excluded.revoked_at ELSE oauth_user_revocations.revoked_at END",
-                (username, now),
-            )
-            # A trusted issuer's tokens of the user rest on no grant: whoever remembers users'
-            # standing (`VerifiedTokens.user_standing`) reads it again.
-            self._announce_revocation(USERS_CHANGED)
+            self._record_user_revocation(username, now)
             self.db.execute("DELETE FROM oauth_sessions WHERE username = ?", (username,))
             rows = self.db.execute(
                 "SELECT grant_id FROM oauth_grants WHERE username = ? AND revoked_at IS NULL",
                 (username,),
             )
             return sum(self.revoke_grant(grant_id, now, reason) for (grant_id,) in rows)
+
+    def _record_user_revocation(self, username: str, now: float) -> None:
+        """Inside a transaction holding the user's lock: all the user's grants are revoked as of
+        ``now`` (the latest such time is kept), announced as a change of their standing."""
+        self.db.execute(
+            "INSERT INTO oauth_user_revocations (username, revoked_at) VALUES (?, ?)"
+            " ON CONFLICT (username) DO UPDATE SET revoked_at = CASE"
+            " WHEN excluded.revoked_at > oauth_user_revocations.revoked_at"
+            " THEN excluded.revoked_at ELSE oauth_user_revocations.revoked_at END",
+            (username, now),
+        )
+        # A trusted issuer's tokens of the user rest on no grant: whoever remembers users'
+        # standing (`VerifiedTokens.user_standing`) reads it again.
+        self._announce_revocation(USERS_CHANGED)
 
     def save_code(
         self, code: str, grant_id: str, redirect_uri: str, code_challenge: str, expires_at: float

@@ -24,7 +24,7 @@ import pytest
 
 from bastion.db import Database
 from bastion.oauth.jwt_bearer import JWT_BEARER_GRANT_TYPE
-from bastion.oauth.store import OAuthStore
+from bastion.oauth.store import Grant, GrantRefused, OAuthStore
 from tests.identity.test_id_jag import EnterpriseIdp
 from tests.waits import eventually
 
@@ -292,3 +292,24 @@ def test_a_code_of_a_disabled_user_whose_grant_lives_on_is_refused_and_revokes_i
     )
     assert_oauth_error(redeemed, "invalid_grant")
     assert live_grants(bastion) == []
+
+
+def test_a_sign_in_from_before_a_disable_makes_no_grant_once_the_user_is_back(database_url):
+    """A disable is also a revocation of all the user's grants: if the user is enabled again,
+    what rested on a sign-in, approval or assertion from before it stays refused."""
+    db = Database(database_url)
+    try:
+        store = OAuthStore(db)
+        store.create_user("alice", "x", time.time())
+        signed_in_at = time.time()
+        disabled_at = signed_in_at + 1
+        assert store.disable_user("alice", disabled_at)
+        db.execute("UPDATE oauth_users SET disabled_at = NULL WHERE username = 'alice'")
+        stale = Grant("g1", "c", "alice", "https://r", "s", disabled_at, disabled_at + 60, None)
+        with pytest.raises(GrantRefused, match="revoked after the sign-in"):
+            store.create_grant(stale, authorized_at=signed_in_at)
+        assert store.user_standing("alice").refusal("alice", signed_in_at) is not None
+        fresh = Grant("g2", "c", "alice", "https://r", "s", disabled_at, disabled_at + 60, None)
+        store.create_grant(fresh, authorized_at=disabled_at + 1)
+    finally:
+        db.close()
