@@ -97,6 +97,20 @@ def users_disable(args: argparse.Namespace) -> int:
     return 0
 
 
+def users_enable(args: argparse.Namespace) -> int:
+    store = OAuthStore(_database(args))
+    state = store.user_state(args.username)
+    if state is None:
+        raise CommandError(f"no user {args.username!r}")
+    if state == "enabled" or not store.enable_user(args.username):
+        raise CommandError(f"user {args.username!r} is not disabled")
+    print(
+        f"enabled {args.username}; they sign in again, and nothing issued before the disable"
+        " (grants, approvals, tokens) comes back"
+    )
+    return 0
+
+
 def _key_source(args: argparse.Namespace) -> dict:
     """The public keys of a private_key_jwt client: a JWKS file, or a jwks_uri."""
     if args.jwks_file and args.jwks_uri:
@@ -299,6 +313,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("username")
     _common(p)
     p.set_defaults(func=_guarded(users_disable))
+    p = users_sub.add_parser("enable", help="let a disabled user sign in again")
+    p.add_argument("username")
+    _common(p)
+    p.set_defaults(func=_guarded(users_enable))
 
     clients = sub.add_parser("clients", help="OAuth clients (agents) of the authorization server")
     clients_sub = clients.add_subparsers(dest="clients_command", required=True)

@@ -626,6 +626,23 @@ class OAuthStore:
                 self.revoke_grant(grant_id, now, "user disabled")
             return True
 
+    def enable_user(self, username: str) -> bool:
+        """Let a disabled user sign in again; False unless they are one of bastion's users and
+        disabled. Nothing issued before the disable comes back: it was recorded as a revocation
+        of all their grants, which stays."""
+        with self.db.transaction():
+            self._lock_user(username, shared=False)
+            rows = self.db.execute(
+                "UPDATE oauth_users SET disabled_at = NULL"
+                " WHERE username = ? AND disabled_at IS NOT NULL RETURNING username",
+                (username,),
+            )
+            if not rows:
+                return False
+            # Whoever remembers users' standing reads it again (no longer disabled).
+            self._announce_revocation(USERS_CHANGED)
+            return True
+
     # consents
 
     def consented_scope(self, username: str, client_id: str, resource: str) -> set[str] | None:

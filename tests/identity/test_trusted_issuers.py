@@ -486,14 +486,18 @@ def test_typ_is_required_only_where_configured(bastion, idp):
 # -- bastion's disabled users ---------------------------------------------------------------------
 
 
-def users_disable(bastion, username: str) -> None:
-    """`bastion users disable`, run as an administrator would: another process."""
+def users_command(bastion, command: str, username: str) -> None:
+    """`bastion users <command>`, run as an administrator would: another process."""
     done = subprocess.run(
-        [sys.executable, "-m", "bastion.cli", "users", "disable", username, "--database",
+        [sys.executable, "-m", "bastion.cli", "users", command, username, "--database",
          bastion.app.state.oauth.store.db.url],
         capture_output=True, text=True, env=os.environ, timeout=60,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
+
+
+def users_disable(bastion, username: str) -> None:
+    users_command(bastion, "disable", username)
 
 
 def test_a_user_bastion_has_disabled_is_refused_on_the_next_call(bastion, idp):
@@ -517,6 +521,20 @@ def test_a_user_bastion_has_disabled_is_refused_on_the_next_call(bastion, idp):
     # Other users, and users bastion does not hold (the provider's to vouch for), are served.
     assert "error" not in call(bastion, idp.token("a", sub="sam")).json()
     assert call(bastion, idp.token("a", sub="not-a-user-of-bastion")).status_code == 200
+
+
+def test_a_user_enabled_again_is_served_only_with_tokens_issued_after_the_disable(bastion, idp):
+    """The provider's token from before the disable is still valid at the provider; bastion
+    keeps refusing it once the user is enabled, and serves one issued after."""
+    create_user(bastion.app.state.oauth.store, "rae", PASSWORD, time.time())
+    before = idp.token("a", sub="rae")
+    assert call(bastion, before).status_code == 200
+    users_disable(bastion, "rae")
+    users_command(bastion, "enable", "rae")
+
+    assert "'rae' was revoked after this token was issued" in refused(call(bastion, before))
+    after = idp.token("a", sub="rae", iat=int(time.time()) + 1)
+    assert call(bastion, after).status_code == 200
 
 
 # -- revocation through introspection, and keys rotating ------------------------------------------

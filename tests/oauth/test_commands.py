@@ -161,6 +161,25 @@ def test_set_password_of_an_unknown_user_changes_nothing(capsys, monkeypatch, sq
     assert Database(sqlite_url).execute("SELECT COUNT(*) FROM oauth_user_revocations")[0][0] == 0
 
 
+def test_users_enable_refuses_an_unknown_or_enabled_user_and_changes_nothing(
+    capsys, monkeypatch, sqlite_url
+):
+    store = OAuthStore(Database(sqlite_url))
+    store.create_user("bob", "x", 1.0)
+    before = store.db.execute("SELECT * FROM oauth_users")
+    for name, error in (("nobody", "no user 'nobody'"), ("bob", "user 'bob' is not disabled")):
+        code, _, err = run(capsys, monkeypatch, "users", "enable", name, "--database", sqlite_url)
+        assert code == 2 and error in err
+    assert store.db.execute("SELECT * FROM oauth_users") == before
+    assert store.db.execute("SELECT COUNT(*) FROM oauth_user_revocations")[0][0] == 0
+    run(capsys, monkeypatch, "users", "disable", "bob", "--database", sqlite_url)
+    code, out, _ = run(capsys, monkeypatch, "users", "enable", "bob", "--database", sqlite_url)
+    assert code == 0 and "enabled bob" in out
+    assert store.user_state("bob") == "enabled"
+    code, _, err = run(capsys, monkeypatch, "users", "enable", "bob", "--database", sqlite_url)
+    assert code == 2 and "not disabled" in err
+
+
 def test_clients_create_list_revoke(capsys, monkeypatch, sqlite_url, tmp_path):
     config = write_config(tmp_path, sqlite_url)
     code, out, err = run(

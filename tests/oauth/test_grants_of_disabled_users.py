@@ -22,6 +22,7 @@ import httpx
 import psycopg
 import pytest
 
+from bastion.cli import main
 from bastion.db import Database
 from bastion.oauth.jwt_bearer import JWT_BEARER_GRANT_TYPE
 from bastion.oauth.store import Grant, GrantRefused, OAuthStore
@@ -313,3 +314,32 @@ def test_a_sign_in_from_before_a_disable_makes_no_grant_once_the_user_is_back(da
         store.create_grant(fresh, authorized_at=disabled_at + 1)
     finally:
         db.close()
+
+
+def test_a_user_enabled_again_is_refused_everything_issued_before_the_disable(
+    database_url, tmp_path
+):
+    """`bastion users enable` lets the person sign in again; the refresh token an agent held
+    and a CIBA approval given before the disable stay refused."""
+    with running_bastion(database_url, tmp_path) as bastion:
+        client = bastion.register()
+        tokens = bastion.tokens_for(client)
+        agent = ciba_client(bastion)
+        ack = requested(bastion, agent)
+        answer(signed_in(bastion, "alice"), only_pending_url(bastion), "approve")
+        assert bastion.server.store.disable_user("alice", bastion.clock())
+        bastion.clock.advance(1)
+
+        assert main(["users", "enable", "alice", "--database", bastion.db.url]) == 0
+
+        refreshed = bastion.token(
+            grant_type="refresh_token",
+            refresh_token=tokens["refresh_token"],
+            client_id=client["client_id"],
+        )
+        assert_oauth_error(refreshed, "invalid_grant")
+        assert_oauth_error(wait_and_poll(bastion, agent, ack["auth_req_id"]), "access_denied")
+        assert live_grants(bastion) == []
+        # A fresh sign-in (and consent: the disable forgot the old one) works.
+        assert bastion.tokens_for(client)["access_token"]
+        assert len(live_grants(bastion)) == 1
