@@ -31,7 +31,7 @@ from bastion.approvals.service import Approvals, NotAllowed, Unavailable, Unknow
 from bastion.approvals.store import OPEN, ApprovalRequest
 from bastion.db import DatabaseUnavailable
 from bastion.oauth import pages
-from bastion.oauth.sign_in import SESSION_COOKIE, read_cookie, sign_in_url
+from bastion.oauth.sign_in import SESSION_COOKIE, read_cookie, sign_in_url, signed_in_as
 from bastion.oauth.store import Client
 from bastion.untrusted_json import writable
 
@@ -114,7 +114,14 @@ class ApprovalPages:
             backchannel = await run_in_threadpool(self.oauth.ciba.pending_for, person)
         except (DatabaseUnavailable, Unavailable):
             return _unavailable()
-        return _list_page(person, waiting, backchannel, self.prefix, self.approvals.clock())
+        return _list_page(
+            person,
+            signed_in_as(self.oauth, session, person),
+            waiting,
+            backchannel,
+            self.prefix,
+            self.approvals.clock(),
+        )
 
     def _waiting_for(self, person: str) -> list[ApprovalRequest]:
         """Pending requests that name ``person`` among their approvers, and their own calls that
@@ -190,7 +197,8 @@ class ApprovalPages:
                 self._csrf_token(session, request.id),
                 shown.result,
             )
-        return _request_page(shown, self.approvals.clock(), form, message, status)
+        signed_in = signed_in_as(self.oauth, session, shown.person)
+        return _request_page(shown, self.approvals.clock(), signed_in, form, message, status)
 
     # -- POST /approvals/<id> ------------------------------------------------------------------
 
@@ -369,12 +377,12 @@ def _rows(rows: list[tuple[str, str]]) -> str:
 
 
 def _request_page(
-    shown: _Shown, now: float, form: str, message: str | None, status: int
+    shown: _Shown, now: float, signed_in: str, form: str, message: str | None, status: int
 ) -> Response:
     request = shown.request
     state = _status(request, now)
     title = "Approve this call?" if request.kind == "approval" else "Release this result?"
-    parts = [f"<p>Signed in as <strong>{escape(shown.person)}</strong>.</p>"]
+    parts = [signed_in]
     if message:
         parts.append(f"<p class=error role=alert>{escape(message)}</p>")
     elif shown.refusal is not None and status == 403:
@@ -489,12 +497,13 @@ def _answer_form(request: ApprovalRequest, action: str, csrf_token: str, result:
 
 def _list_page(
     person: str,
+    signed_in: str,
     waiting: list[ApprovalRequest],
     backchannel: list[dict[str, Any]],
     prefix: str,
     now: float,
 ) -> Response:
-    intro = f"<p>Signed in as <strong>{escape(person)}</strong>.</p>"
+    intro = signed_in
     if not waiting and not backchannel:
         return pages.page("Requests waiting for you", f"{intro}<p>Nothing waits for you.</p>")
     access = "".join(

@@ -27,7 +27,7 @@ from bastion.connections.service import PATH, Connections, ConnectionUnavailable
 from bastion.connections.upstream_oauth import UpstreamOAuthError
 from bastion.db import DatabaseUnavailable
 from bastion.oauth import pages
-from bastion.oauth.sign_in import SESSION_COOKIE, read_cookie, sign_in_url
+from bastion.oauth.sign_in import SESSION_COOKIE, read_cookie, sign_in_url, signed_in_as
 
 if TYPE_CHECKING:
     from bastion.oauth.server import AuthorizationServer
@@ -111,7 +111,7 @@ class ConnectionPages:
                 f" (<code>{escape(c.scope or '-')}</code>)</td><td>{form}</td></tr>"
             )
         body = (
-            f"<p>Signed in as <strong>{escape(person)}</strong>. These MCP servers get your own"
+            f"{signed_in_as(self.oauth, session, person)}<p>These MCP servers get your own"
             " authorization, sent only on your calls to them.</p>"
             "<table><tr><th>Server</th><th>Connection</th><th></th></tr>"
             f"{''.join(rows)}</table>"
@@ -151,7 +151,7 @@ class ConnectionPages:
             return refused
         action = f"{self.prefix}/{quote(upstream, safe='')}/connect"
         body = (
-            f"<p>Signed in as <strong>{escape(person)}</strong>.</p>"
+            f"{signed_in_as(self.oauth, session, person)}"
             f"<p><strong>{escape(upstream)}</strong> needs your own authorization. Connect once:"
             " you sign in there and allow bastion to call it for you. bastion keeps the tokens"
             " sealed and sends them only on your calls to this server.</p>"

@@ -37,7 +37,7 @@ from bastion.oauth.errors import (
     OAuthError,
     UnauthorizedClient,
 )
-from bastion.oauth.sign_in import SESSION_COOKIE, read_cookie
+from bastion.oauth.sign_in import SESSION_COOKIE, read_cookie, signed_in_as
 from bastion.oauth.store import BackchannelRequest, Client, Grant, GrantRefused, new_secret
 from bastion.oauth.throttle import client_address
 from bastion.oauth.users import UserError, validate_username
@@ -444,7 +444,7 @@ class BackchannelAuthentication:
         return pages.backchannel_request_page(
             action=self.url(found.request_id),
             csrf_token=answer_csrf_token(session, found.request_id),
-            username=username,
+            signed_in=signed_in_as(self.server, session, username),
             client_name=client.client_name,
             client_verified=client.vouched_for,
             binding_message=found.binding_message,

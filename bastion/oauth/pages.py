@@ -46,6 +46,7 @@ _STYLE = (
     "fieldset{margin:1rem 0;border:1px solid #ccc}.note{color:#555}"
     "input[type=radio]{width:auto}input[type=number]{width:6rem;display:inline-block}"
     "label.inline{display:inline}"
+    "form.sign-out button{margin:0 0 .5rem;padding:.2rem .6rem}"
 )
 
 
@@ -229,7 +230,7 @@ def backchannel_request_page(
     *,
     action: str,
     csrf_token: str,
-    username: str,
+    signed_in: str,
     client_name: str,
     client_verified: bool,
     binding_message: str | None,
@@ -239,7 +240,8 @@ def backchannel_request_page(
     expires_in_minutes: int,
 ) -> HTMLResponse:
     """An OpenID CIBA request waiting for the person's answer: who asks, for what, and the
-    message that binds it to what the application shows on its side."""
+    message that binds it to what the application shows on its side. ``signed_in`` is
+    `signed_in_as`'s HTML."""
     name = escape(client_name)
     if client_verified:
         who = (
@@ -260,7 +262,7 @@ def backchannel_request_page(
     )
     resource, items = _access(resource_name, resource_uri, scopes)
     body = (
-        f"<p>Signed in as <strong>{escape(username)}</strong>.</p>{who}{message}"
+        f"{signed_in}{who}{message}"
         f"<p>It wants access to {resource} to:</p><ul>{items}</ul>"
         f"<p>This request expires in about {expires_in_minutes} minute(s).</p>"
         f"<form method=post action='{escape(action, quote=True)}'>"
@@ -269,6 +271,17 @@ def backchannel_request_page(
         "<button type=submit name=decision value=deny>Deny</button></form>"
     )
     return page("Approve access?", body)
+
+
+def signed_in_as(username: str, sign_out_action: str, csrf_token: str) -> str:
+    """Who is signed in, with a button to sign out (a form: a link could be followed by any
+    page, `bastion.oauth.sign_in.SignOutEndpoint`)."""
+    return (
+        f"<p>Signed in as <strong>{escape(username)}</strong>.</p>"
+        f"<form method=post action='{escape(sign_out_action, quote=True)}' class=sign-out>"
+        f"<input type=hidden name=csrf_token value='{escape(csrf_token, quote=True)}'>"
+        "<button type=submit>Sign out</button></form>"
+    )
 
 
 def message_page(

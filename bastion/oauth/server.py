@@ -34,7 +34,7 @@ from bastion.oauth.errors import InvalidGrant, InvalidRequest, OAuthError
 from bastion.oauth.keys import KeyRing, deployment_secret
 from bastion.oauth.metadata import authorization_server_metadata, metadata_path
 from bastion.oauth.settings import OAuthSettings
-from bastion.oauth.sign_in import SignInEndpoint
+from bastion.oauth.sign_in import SignInEndpoint, SignOutEndpoint
 from bastion.oauth.store import Client, Grant, OAuthStore
 from bastion.oauth.throttle import (
     LoginThrottle,
@@ -157,6 +157,7 @@ class AuthorizationServer:
         )
         self.authorization = AuthorizationEndpoint(self)
         self._sign_in = SignInEndpoint(self)
+        self._sign_out = SignOutEndpoint(self)
         self._tokens = TokenEndpoint(self)
         # Token exchange (RFC 8693): the policy that decides delegations, composed by
         # bastion.server.app from the gateway (None: every exchange is refused), and the
@@ -334,6 +335,7 @@ class AuthorizationServer:
             self.form_route(f"{prefix}/authorize/consent", self.authorization.consent),
             Route(f"{prefix}/sign-in", self._sign_in.page, methods=["GET"]),
             self.form_route(f"{prefix}/sign-in", self._sign_in.submit),
+            self.form_route(f"{prefix}/sign-out", self._sign_out.page, ["GET", "POST"]),
             Route(f"{prefix}/token", self._token, methods=["POST"]),
             Route(f"{prefix}/bc-authorize", self._backchannel_authorize, methods=["POST"]),
             self.form_route(f"{prefix}/bc-approve/{{request_id}}", self.ciba.page, ["GET", "POST"]),

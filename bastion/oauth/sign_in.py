@@ -1,7 +1,8 @@
 """Signing in to bastion: the password check and login throttle every sign-in goes through
 (`check_login`, used by the authorization endpoint's login and by this page), the session
-cookie, and the sign-in page of bastion's own pages, which no OAuth authorization request starts:
-``GET/POST <issuer path>/sign-in?next=<local path>``.
+cookie, the sign-in page of bastion's own pages, which no OAuth authorization request starts
+(``GET/POST <issuer path>/sign-in?next=<local path>``), and the sign-out that ends the session
+(``GET/POST <issuer path>/sign-out``, `SignOutEndpoint`).
 
 The page is the authorization endpoint's login without a client: the same throttle (failures
 counted per username and per address before any hashing, `bastion.oauth.throttle`), the same
@@ -40,6 +41,7 @@ FORM_SECONDS = 600
 # The longest ``next`` followed: a path of bastion's own pages is far shorter.
 MAX_NEXT_LENGTH = 2048
 CSRF_PURPOSE = "sign-in"
+SIGN_OUT_PURPOSE = "sign-out"
 
 
 @dataclass(frozen=True)
@@ -168,6 +170,28 @@ def set_cookie(
     )
 
 
+def clear_cookie(response: Response, settings: OAuthSettings, name: str) -> None:
+    """Tell the browser to forget one of bastion's cookies (as `set_cookie` set it: a
+    ``__Host-`` cookie is only replaced with the same attributes)."""
+    response.delete_cookie(
+        cookie_name(settings, name),
+        path=settings.issuer_path or "/",
+        secure=settings.issuer.startswith("https://"),
+        httponly=True,
+        samesite="lax",
+    )
+
+
+def signed_in_as(server: AuthorizationServer, session: str, username: str) -> str:
+    """The line of bastion's pages that says who is signed in, with the sign-out button (its
+    form token bound to the session it ends)."""
+    return pages.signed_in_as(
+        username,
+        f"{server.settings.issuer_path}/sign-out",
+        server.form_tokens.token(SIGN_OUT_PURPOSE, session),
+    )
+
+
 def local_path(value: str) -> str | None:
     """``value`` if it is a path on this server that a browser cannot read as another host;
     else None. A path begins with one ``/`` and holds printable ASCII only: no ``//host``, no
@@ -292,4 +316,69 @@ class SignInEndpoint:
         self.server.audit.record("login.succeeded", subject=username, page="sign-in")
         return self.server.store.create_session(
             username, self.server.clock(), self.settings.session_seconds
+        )
+
+
+class SignOutEndpoint:
+    """``GET <issuer path>/sign-out`` asks (a GET never signs out: any page can make a browser
+    follow a link); ``POST`` with the form token bound to the session ends it: the session row
+    is deleted, so the cookie is worth nothing anywhere, and the browser is told to forget it.
+    A form from another site is refused before this (`AuthorizationServer.form_route`), and one
+    without the token (a sibling subdomain's, an old page's) here."""
+
+    def __init__(self, server: AuthorizationServer) -> None:
+        self.server = server
+        self.settings = server.settings
+
+    async def page(self, request: Request) -> Response:
+        if request.method == "POST":
+            return await self.submit(request)
+        session = read_cookie(request, self.settings, SESSION_COOKIE)
+        username = session and await run_in_threadpool(
+            self.server.store.session_user, session, self.server.clock()
+        )
+        if not username:
+            return self._signed_out()
+        return pages.page("Sign out of bastion?", signed_in_as(self.server, session, username))
+
+    async def submit(self, request: Request) -> Response:
+        form = await request.form()
+        session = read_cookie(request, self.settings, SESSION_COOKIE)
+        if not self.server.form_tokens.valid(
+            str(form.get("csrf_token", "")),
+            SIGN_OUT_PURPOSE,
+            session,
+            self.settings.session_seconds,
+        ):
+            await run_in_threadpool(
+                functools.partial(
+                    self.server.refusals.record,
+                    "sign_out.csrf_refused",
+                    address=client_address(request),
+                    reason="csrf",
+                )
+            )
+            return pages.message_page(
+                "Not signed out",
+                "This form expired or came from another page, so nothing was done. Open"
+                " bastion's sign-out page and sign out from there.",
+                403,
+                (f"{self.settings.issuer_path}/sign-out", "Sign out"),
+            )
+        await run_in_threadpool(self._end, session)
+        response = self._signed_out()
+        clear_cookie(response, self.settings, SESSION_COOKIE)
+        return response
+
+    def _end(self, session: str) -> None:
+        """In a worker thread (the database): delete the session, and audit it."""
+        username = self.server.store.end_session(session)
+        if username is not None:
+            self.server.audit.record("logout.succeeded", subject=username, page="sign-out")
+
+    def _signed_out(self) -> Response:
+        return pages.message_page(
+            "Signed out",
+            "You are signed out of bastion.",
+            link=(sign_in_url(self.settings, f"{self.settings.issuer_path}/"), "Sign in again"),
         )

@@ -760,6 +760,14 @@ class OAuthStore:
         )
         return session_id
 
+    def end_session(self, session_id: str) -> str | None:
+        """Delete the session (a sign-out); the user it was of, or None if there was none."""
+        rows = self.db.execute(
+            "DELETE FROM oauth_sessions WHERE session_digest = ? RETURNING username",
+            (digest(session_id),),
+        )
+        return rows[0][0] if rows else None
+
     def session_login(self, session_id: str, now: float) -> tuple[str, float | None] | None:
         """The person signed in with this session and when they typed their password."""
         rows = self.db.execute(

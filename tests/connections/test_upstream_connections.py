@@ -349,7 +349,7 @@ def connect_in_browser(page, lab: Lab, url: str, username: str) -> None:
     assert "/one/sign-in" in page.url
     sign_in(page, username)
     page.wait_for_url("**/one/connections/tracker/connect**")
-    page.click("button[type=submit]")  # Connect
+    page.click("button:has-text('Connect')")
     page.wait_for_url(f"{lab.two_url}/**")
     if page.locator("#password").count():
         sign_in(page, username)

@@ -104,6 +104,8 @@ def answer_in_browser_refused(url: str, username: str) -> bool:
             with page.expect_navigation():
                 page.get_by_role("button", name="Sign in").click()
             response = page.goto(url)
-            return response.status == 403 and page.get_by_role("button").count() == 0
+            # The only button left is the one to sign out.
+            buttons = page.get_by_role("button").all_inner_texts()
+            return response.status == 403 and buttons == ["Sign out"]
         finally:
             browser.close()

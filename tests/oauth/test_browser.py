@@ -284,6 +284,28 @@ def test_consent_without_its_csrf_token_is_refused_in_the_browser(
     assert issued_nothing(bastion) and bastion.rows()["oauth_consents"] == []
 
 
+def test_a_person_who_signs_out_is_asked_to_sign_in_again(
+    bastion: Bastion, client: dict, tab: Tab, tmp_path
+):
+    page = tab.page
+    page.goto(f"{bastion.url}/sign-in?next=/sign-out")
+    assert sign_in(tab) == 200
+    assert page.get_by_role("heading", name="Sign out of bastion?").is_visible()
+    assert "Signed in as alice" in text_of(page)
+    page.screenshot(path=tmp_path / "signed-in.png", full_page=True)
+
+    assert answer(tab, "Sign out") == 200
+    assert page.get_by_role("heading", name="Signed out").is_visible()
+    assert "bastion_session" not in {c["name"] for c in page.context.cookies(bastion.url)}
+    with page.expect_navigation():
+        page.get_by_role("link", name="Sign in again").click()
+    assert page.title() == "Sign in to bastion"
+    # An application's authorization request asks for the password again, too.
+    open_authorization(tab, bastion, client)
+    assert page.title() == "Sign in to bastion" and page.get_by_label("Password").is_visible()
+    assert tab.console_errors == [] and tab.failed_requests == []
+
+
 def test_the_name_typed_back_into_the_login_page_is_escaped():
     from bastion.oauth.pages import ClientShown, login_page
 

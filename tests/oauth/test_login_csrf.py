@@ -143,6 +143,52 @@ def test_a_ciba_answer_sent_from_another_site_is_refused(bastion: Bastion):
     assert len(bastion.server.ciba.pending_for("alice")) == 1
 
 
+def still_signed_in(bastion: Bastion, session: str) -> bool:
+    """Whether ``session`` is a live session: the sign-in page goes straight on with it."""
+    page = httpx.get(
+        f"{bastion.url}/sign-in",
+        params={"next": "/approvals"},
+        headers={"Cookie": f"bastion_session={session}"},
+    )
+    return page.status_code == 303
+
+
+def test_sign_out_ends_the_session_so_its_cookie_signs_nobody_in(bastion: Bastion):
+    browser = signed_in(bastion, "alice")
+    session = browser.cookies["bastion_session"]
+    page = browser.get(f"{bastion.url}/sign-out")
+    assert page.status_code == 200 and "Signed in as <strong>alice</strong>" in page.text
+    done = browser.post(f"{bastion.url}/sign-out", data=hidden_fields(page.text))
+    assert done.status_code == 200 and "You are signed out" in done.text, done.text
+    (cleared,) = done.headers.get_list("set-cookie")
+    assert cleared.startswith('bastion_session="";') and "Max-Age=0" in cleared
+    # The cookie's value is worth nothing now, wherever it was copied to.
+    assert not still_signed_in(bastion, session)
+    assert bastion.db.execute("SELECT COUNT(*) FROM oauth_sessions")[0][0] == 0
+    assert [e.subject for e in bastion.server.audit.events("logout.succeeded")] == ["alice"]
+
+
+def test_a_sign_out_without_its_form_token_or_from_another_site_signs_nobody_out(
+    bastion: Bastion,
+):
+    """Signing a person out against their will (to then sign them in as someone else, or just
+    to annoy) takes a form from bastion's own page: a POST without the token bound to the
+    session, with a token of another session, from another site, or a GET, ends nothing."""
+    browser = signed_in(bastion, "alice")
+    session = browser.cookies["bastion_session"]
+    form = hidden_fields(browser.get(f"{bastion.url}/sign-out").text)
+    other = signed_in(bastion, "alice")
+    others_form = hidden_fields(other.get(f"{bastion.url}/sign-out").text)
+    for data in ({}, {"csrf_token": "1.forged"}, others_form):
+        refused = browser.post(f"{bastion.url}/sign-out", data=data)
+        assert refused.status_code == 403 and "nothing was done" in refused.text, data
+        assert "set-cookie" not in refused.headers
+    refused = browser.post(f"{bastion.url}/sign-out", data=form, headers=FOREIGN)
+    assert refused.status_code == 403 and REFUSED in refused.text
+    assert browser.get(f"{bastion.url}/sign-out").status_code == 200
+    assert still_signed_in(bastion, session)
+
+
 # The machine-facing POST routes, which other sites' scripts may call (CORS) and which carry no
 # browser cookie: not pages, so no Origin check of the pages' applies.
 API_PATHS = ("/token", "/register", "/revoke", "/introspect", "/bc-authorize", "/ssf/events")
@@ -163,7 +209,7 @@ def test_every_page_form_of_a_whole_server_refuses_another_sites_post_and_no_api
             }
         )
         pages = [p for p in posts if p not in API_PATHS and not p.startswith(API_PREFIXES)]
-        for wanted in ("/sign-in", "/authorize/consent", "/approvals/x", "/alerts/x"):
+        for wanted in ("/sign-in", "/sign-out", "/authorize/consent", "/approvals/x", "/alerts/x"):
             assert wanted in pages, pages
         assert "/connections/x/connect" in pages and "/connections/x/revoke" in pages, pages
         for path in posts:
