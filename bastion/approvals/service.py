@@ -384,13 +384,9 @@ class Approvals:
             return f"this request is {request.status}, not pending"
         if request.expires_at <= self.clock():
             return "this request has expired"
-        if self.user_state(person) == "disabled":
-            return f"{person} is disabled: a disabled user answers no request"
-        if (
-            self.suspensions is not None
-            and self.suspensions.first((Entity("User", person),)) is not None
-        ):
-            return f"{person} is suspended (the kill switch): a suspended user answers no request"
+        standing = self._standing_refusal(person)
+        if standing is not None:
+            return standing
         if any(a.approver == person for a in request.answers):
             return f"{person} has already answered this request"
         resource = Entity.parse(request.target)
@@ -414,6 +410,18 @@ class Approvals:
         except EvaluationLimit:
             pass
         return f"{person} is not an approver of this request under the policy"
+
+    def _standing_refusal(self, person: str) -> str | None:
+        """Why ``person`` answers nothing whatever the policy says (disabled, or held by the
+        kill switch), or None."""
+        if self.user_state(person) == "disabled":
+            return f"{person} is disabled: a disabled user answers no request"
+        if (
+            self.suspensions is not None
+            and self.suspensions.first((Entity("User", person),)) is not None
+        ):
+            return f"{person} is suspended (the kill switch): a suspended user answers no request"
+        return None
 
     def answer(
         self,
@@ -471,6 +479,11 @@ class Approvals:
             assert request is not None
             if request.status != OPEN or _denied(request):
                 raise NotAllowed("this request was answered meanwhile")
+            # Again in the transaction that records the answer: a disable or a suspension
+            # committed since `may_answer` read it refuses the answer, none is recorded after.
+            standing = self._standing_refusal(person)
+            if standing is not None:
+                raise NotAllowed(standing)
             try:
                 self.store.answer(request.id, Answer(person, answer, minutes, channel, reason, now))
             except ValueError as e:

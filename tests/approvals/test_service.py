@@ -16,6 +16,7 @@ from bastion.audit.log import AuditLog
 from bastion.db import Database
 from bastion.decide.contract import decide_chain, plainly_allowed
 from bastion.facts.store import FactStore
+from bastion.oauth.store import OAuthStore
 from bastion.server.config import ConfigError
 from tests.approvals.support import POLICY_HEAD
 
@@ -246,6 +247,35 @@ def test_an_answer_killed_part_way_leaves_nothing_of_it(
     # The answer is given again, and counts as it would have.
     done = approvals.answer(request.id, "avery", answer, minutes=minutes, channel="api")
     assert done.status == ("denied" if answer == "deny" else "approved")
+
+
+def test_an_approver_disabled_after_their_answer_was_checked_has_no_answer_recorded(
+    world, database_url
+):
+    approvals, _authz, _facts, clock = world
+    OAuthStore(approvals.store.db).create_user("avery", "hash", clock())
+    request = held(approvals, call(send))
+    checked = OAuthStore(approvals.store.db).user_state
+    disabled: list[bool] = []
+
+    def disabled_elsewhere_once_read(person: str) -> str | None:
+        # Another process disables avery right after this one read her state (`may_answer`):
+        # the answer's transaction must read it again.
+        state = checked(person)
+        if not disabled:
+            other = Database(database_url)
+            try:
+                disabled.append(OAuthStore(other).disable_user(person, clock()))
+            finally:
+                other.close()
+        return state
+
+    approvals.user_state = disabled_elsewhere_once_read
+    with pytest.raises(NotAllowed, match="avery is disabled"):
+        approvals.answer(request.id, "avery", "approve", channel="api")
+    assert disabled == [True]
+    assert approvals.store.get(request.id).answers == ()
+    assert approvals.store.get(request.id).status == "pending"
 
 
 def test_a_pending_request_with_a_stored_denial_is_denied_and_cannot_be_approved(world):
