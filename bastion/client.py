@@ -235,7 +235,7 @@ class _Ops:
             if cursor:
                 params["cursor"] = cursor
             r = yield _Call("GET", "/v1/facts", params=params)
-            out += [fact_from_json(f) for f in r["facts"]]
+            out += [fact_from_json(f, also=("expires_at",)) for f in r["facts"]]
             cursor = r["next_cursor"]
             if not cursor:
                 return out

@@ -121,9 +121,22 @@ def fact_to_json(fact: tuple) -> dict:
     return {"predicate": fact[0], "args": [arg_to_json(a) for a in fact[1:]]}
 
 
-def fact_from_json(obj: Any, *, pattern: bool = False) -> tuple:
+FACT_KEYS = ("predicate", "args")
+
+
+def fact_from_json(obj: Any, *, pattern: bool = False, also: tuple[str, ...] = ()) -> tuple:
+    """The fact (or pattern) ``obj`` is. A key other than ``predicate``, ``args`` and those in
+    ``also`` (``expires_at`` where the caller takes it) is refused: a misspelt ``expires_at``
+    ignored would store a fact that never expires."""
     if not isinstance(obj, dict) or not isinstance(obj.get("args", []), list):
         raise FactError('a fact is {"predicate": str, "args": [...]}')
+    allowed = FACT_KEYS + also
+    unknown = [key for key in obj if key not in allowed]
+    if unknown:
+        raise FactError(
+            f"unknown key {str(unknown[0])!r} in a {'pattern' if pattern else 'fact'}"
+            f" (it has {', '.join(allowed)})"
+        )
     args = [arg_from_json(a, pattern=pattern) for a in obj.get("args", [])]
     return check_fact((obj.get("predicate"), *args), pattern=pattern)
 

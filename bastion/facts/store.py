@@ -228,7 +228,7 @@ class StoredFact:
 
     @classmethod
     def from_json(cls, obj: Any) -> StoredFact:
-        fact = fact_from_json(obj)
+        fact = fact_from_json(obj, also=("expires_at",))
         return cls(fact, epoch(obj.get("expires_at")))
 
 

@@ -67,3 +67,20 @@ def test_a_fact_read_from_json_is_the_fact_it_spells():
         bool,
         Entity,
     ]
+
+
+def test_a_fact_with_a_key_it_does_not_have_is_refused_naming_the_key():
+    """A misspelt ``expires_at`` ignored would store a grant that never expires: every key
+    other than ``predicate``, ``args`` and those the caller takes is refused."""
+    from bastion.facts.model import FactError, fact_from_json
+
+    fact = {"predicate": "member", "args": ["alice"], "expires": 1.0}
+    for pattern in (False, True):
+        with pytest.raises(FactError, match="unknown key 'expires'"):
+            fact_from_json(fact, pattern=pattern)
+    with pytest.raises(FactError, match="unknown key 'expires_at'"):
+        fact_from_json({"predicate": "member", "args": ["alice"], "expires_at": 1.0})
+    with pytest.raises(FactError, match="unknown key 'expires'"):
+        fact_from_json(fact, also=("expires_at",))
+    taken = {"predicate": "member", "args": ["alice"], "expires_at": 1.0}
+    assert fact_from_json(taken, also=("expires_at",)) == ("member", "alice")

@@ -388,6 +388,11 @@ def test_an_expiry_must_be_a_finite_time(bad):
         StoredFact.from_json({"predicate": "is_public", "args": [], "expires_at": bad})
 
 
+def test_a_stored_fact_with_a_misspelt_expiry_is_refused_not_kept_for_ever():
+    with pytest.raises(FactError, match="unknown key 'expires'"):
+        StoredFact.from_json({"predicate": "is_public", "args": [], "expires": 1.0})
+
+
 def test_the_change_log_reads_back_what_was_written(store):
     later = 4102444800.5
     quoted = Entity("Repo", 'a "quoted" \\ name')

@@ -240,6 +240,22 @@ def test_an_import_with_one_bad_line_imports_nothing(api):
     assert api.get("/v1/facts").json()["facts"] == []
 
 
+def test_a_fact_with_a_misspelt_expiry_is_refused_by_every_write_route(api):
+    """``expires`` for ``expires_at``, ignored, would grant for ever: refused (422), naming
+    the key, and nothing is stored."""
+    fact = {**role("temp", "admin", "Org", "acme"), "expires": 1.0}
+    before = head(api)
+    assert_problem(api.post("/v1/facts", json={"facts": [fact]}), 422, "'expires'")
+    assert_problem(api.post("/v1/facts/batch", json={"insert": [fact]}), 422, "'expires'")
+    assert_problem(
+        api.post("/v1/facts/import", content=json.dumps(fact)), 422, "line 1", "'expires'"
+    )
+    pattern = {"predicate": "has_role", "args": [None] * 3, "expires_at": 1.0}
+    assert_problem(api.post("/v1/facts/delete", json={"patterns": [pattern]}), 422, "'expires_at'")
+    assert head(api) == before
+    assert api.get("/v1/facts").json()["facts"] == []
+
+
 def test_unknown_routes_and_methods_are_problems_too(api):
     assert_problem(api.get("/v1/nothing"), 404, "openapi")
     assert_problem(api.delete("/v1/authorize"), 405, "DELETE")

@@ -34,7 +34,7 @@ def _stored_fact(request: Request, obj: Any, index: int | None, what: str = "fac
     try:
         if not isinstance(obj, dict):
             raise FactError('a fact is {"predicate": str, "args": [...], "expires_at"?: number}')
-        fact = replica.authz.facts.usable(fact_from_json(obj))  # checked once, there
+        fact = replica.authz.facts.usable(fact_from_json(obj, also=("expires_at",)))  # checked once
         return StoredFact(fact, epoch(obj.get("expires_at")))
     except FactError as e:
         raise fact_problem(e, index, what) from None
