@@ -58,6 +58,12 @@ class DatabaseUnavailable(Exception):
     later: the API answers 503."""
 
 
+class DatabaseSettingError(ValueError):
+    """A database setting that names no database bastion can use: empty, in-memory, another
+    product's URL, a directory, a file that is not there where one must be. The message names
+    the path or URL and what to give instead."""
+
+
 def _storage_full(error: BaseException) -> bool:
     """SQLite's ``database or disk is full`` (the file's disk, or its temporary files'), or
     PostgreSQL's ``disk_full`` (SQLSTATE 53100)."""
@@ -155,7 +161,7 @@ class Database:
     def __init__(self, url: str, *, role: str = "bastion", busy_timeout: float = 10) -> None:
         self.url = url
         self.role = role
-        self.is_postgres = url.startswith(("postgresql://", "postgres://"))
+        self.is_postgres = is_postgres(url)
         self._lock = threading.RLock()
         self._depth = 0
         self._after_commit: list[Callable[[], None]] = []
@@ -469,12 +475,18 @@ def first_line(error: BaseException) -> str:
 def _create_private(path: str) -> None:
     """Create the SQLite file ``path`` with mode 0600 if it does not exist yet (SQLite would make
     it 0644, readable by every local user), and warn if an existing one is readable by others."""
-    if path == ":memory:" or path.startswith("file:") or not path:
-        return
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileNotFoundError:
+        raise DatabaseSettingError(
+            f"cannot create the database {path}: its directory does not exist"
+        ) from None
     except FileExistsError:
         mode = os.stat(path).st_mode
+        if stat.S_ISDIR(mode):
+            raise DatabaseSettingError(
+                f"{path} is a directory; give the path of a SQLite file (or a postgresql:// URL)"
+            ) from None
         if mode & (stat.S_IRWXG | stat.S_IRWXO):
             log.warning(
                 "%s is readable or writable by other users (mode %o); chmod 600 it",
@@ -494,17 +506,56 @@ def _create_private(path: str) -> None:
 SQLITE_SYNCHRONOUS = ("full", "normal")
 
 
+def is_postgres(url: str) -> bool:
+    return url.startswith(("postgresql://", "postgres://"))
+
+
 def sqlite_file(url: str) -> tuple[str, str]:
-    """The file of a SQLite URL (``sqlite:///path``, or a path) and its ``synchronous`` level."""
+    """The file of a SQLite URL (``sqlite:///path``, or a path) and its ``synchronous`` level.
+
+    A server's state must outlive it: an empty path and ``:memory:`` (which SQLite opens as a
+    database thrown away on close) are refused, and so is a URL of any other scheme (``mysql://``
+    would otherwise be a file name)."""
+    scheme, sep, _ = url.partition("://")
+    if sep and scheme != "sqlite":
+        raise DatabaseSettingError(
+            f"{url!r}: bastion's database is a SQLite file (a path or sqlite:///path) or a"
+            f" postgresql:// URL, not {scheme}://"
+        )
     path, _, query = url.removeprefix("sqlite:///").removeprefix("sqlite://").partition("?")
+    if path in ("", ":memory:"):
+        raise DatabaseSettingError(
+            f"the database {url!r} names no file: give the path of a SQLite file (an empty"
+            " path or :memory: is a database thrown away when the process ends) or a"
+            " postgresql:// URL"
+        )
     settings = dict(parse_qsl(query, keep_blank_values=True))
     level = settings.pop("synchronous", "full")
     if settings or level not in SQLITE_SYNCHRONOUS:
-        raise ValueError(
+        raise DatabaseSettingError(
             f"the SQLite database {path!r} takes one setting, ?synchronous={'|'.join(SQLITE_SYNCHRONOUS)},"
             f" not {query!r}"
         )
     return path, level.upper()
+
+
+def existing_database(url: str) -> str:
+    """``url`` if it names a database that is there: a command other than those that set a
+    deployment up must not make a new, empty one on a mistyped path (PostgreSQL databases are
+    never created by connecting)."""
+    if is_postgres(url):
+        return url
+    path, _ = sqlite_file(url)
+    if os.path.isdir(path):
+        raise DatabaseSettingError(
+            f"{path} is a directory; give the path of a SQLite file (or a postgresql:// URL)"
+        )
+    if not os.path.exists(path):
+        raise DatabaseSettingError(
+            f"no database at {path} (bastion serve creates it); check --database,"
+            " BASTION_DATABASE or database in the configuration"
+        )
+    return url
 
 
 def _use_wal(conn: sqlite3.Connection, seconds: float = 10.0) -> None:

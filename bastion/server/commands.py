@@ -25,7 +25,12 @@ from bastion.db import DatabaseUnavailable
 from bastion.facts.model import FactError, format_fact
 from bastion.facts.store import FactStore, StoredFact, epoch
 from bastion.policy.errors import PolicyError
-from bastion.server.config import ConfigError, ServerConfig, command_database
+from bastion.server.config import (
+    ConfigError,
+    ServerConfig,
+    command_database,
+    environment_value,
+)
 from bastion.server.keys import SCOPES
 from bastion.untrusted_json import MAX_INTEGER
 
@@ -97,10 +102,10 @@ def _config(args: argparse.Namespace) -> ServerConfig:
 
 def _remote(args: argparse.Namespace):
     """A `Client` when a server URL is given, else None (use the local store)."""
-    url = args.url or os.environ.get("BASTION_URL")
+    url = args.url or environment_value(os.environ, "BASTION_URL")
     if not url:
         return None
-    key = args.api_key or os.environ.get("BASTION_API_KEY")
+    key = args.api_key or environment_value(os.environ, "BASTION_API_KEY")
     if not key:
         raise ConfigError("give --api-key (or BASTION_API_KEY) with --url")
     from bastion.client import Client

@@ -8,7 +8,9 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import sys
 import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -143,7 +145,7 @@ class ServerConfig:
         """
         env = dict(os.environ if env is None else env)
         values: dict[str, Any] = {}
-        file = Path(path or env.get("BASTION_CONFIG") or DEFAULT_CONFIG_FILE)
+        file = Path(path or environment_value(env, "BASTION_CONFIG") or DEFAULT_CONFIG_FILE)
         if file.exists():
             try:
                 data = tomllib.loads(file.read_text())
@@ -167,9 +169,9 @@ class ServerConfig:
         for name in names:
             if name in ("oauth", "gateway", "approvals", "signals", "tasks", "identity"):
                 continue
-            var = f"BASTION_{name.upper()}"
-            if var in env:
-                values[name] = env[var]
+            value = environment_value(env, f"BASTION_{name.upper()}")
+            if value is not None:
+                values[name] = value
         values.update(overrides or {})
         config = cls()
         checked = {}
@@ -206,6 +208,13 @@ class ServerConfig:
             )
         if self.public_url:
             _check_public_url(self.public_url)
+        from bastion.db import DatabaseSettingError, is_postgres, sqlite_file
+
+        if not is_postgres(self.database):
+            try:
+                sqlite_file(self.database)
+            except DatabaseSettingError as e:
+                raise ConfigError(f"database: {e}") from None
         if not math.isfinite(self.max_staleness_seconds):
             raise ConfigError("max_staleness_seconds must be a positive number of seconds")
         if self.decision_log_size < 0:
@@ -264,13 +273,41 @@ _POSITIVE = (
 )
 
 
+def environment_value(env: Mapping[str, str], name: str) -> str | None:
+    """The variable ``name``, None when it is unset. Set but empty is refused, naming it: it is
+    a value someone meant to give (``BASTION_DATABASE=${DB}`` with no DB), and read as unset it
+    would run on a database, a port or a file nobody chose."""
+    value = env.get(name)
+    if value == "":
+        raise ConfigError(f"{name} is set but empty: give it a value, or unset it")
+    return value
+
+
+# The commands a deployment is set up with before its first `bastion serve` (docs/operations.md,
+# "Admin commands and the database"): they create the database, saying so. Every other command
+# refuses a database that is not there, where it would make a new, empty one on a mistyped path.
+CREATING_COMMANDS = frozenset(
+    {("keys", "create"), ("policy", "push"), ("users", "create"), ("clients", "create")}
+)
+
+
 def command_database(args: argparse.Namespace, config: ServerConfig | None = None) -> str:
     """The database an admin command works on: ``--database``, else BASTION_DATABASE, else the
-    configuration's (``config``, or the one ``--config`` names, read only when needed)."""
-    given = getattr(args, "database", None) or os.environ.get("BASTION_DATABASE")
-    if given:
-        return given
-    return (config or ServerConfig.load(getattr(args, "config", None))).database
+    configuration's (``config``, or the one ``--config`` names, read only when needed). It must
+    be there, unless the command is one of `CREATING_COMMANDS`."""
+    from bastion.db import existing_database, is_postgres, sqlite_file
+
+    url = getattr(args, "database", None)
+    if url is None:
+        url = environment_value(os.environ, "BASTION_DATABASE")
+    if url is None:
+        url = (config or ServerConfig.load(getattr(args, "config", None))).database
+    command = getattr(args, "command", None)
+    if (command, getattr(args, f"{command}_command", None)) not in CREATING_COMMANDS:
+        return existing_database(url)
+    if not is_postgres(url) and not os.path.exists(path := sqlite_file(url)[0]):
+        print(f"bastion: no database at {path}; creating it", file=sys.stderr)
+    return url
 
 
 def _check_public_url(url: str) -> None:

@@ -245,6 +245,7 @@ def test_clients_create_refuses_bad_metadata(capsys, monkeypatch, sqlite_url, tm
 
 def test_signing_keys_rotate_and_list(capsys, monkeypatch, sqlite_url, tmp_path):
     config = write_config(tmp_path, sqlite_url)
+    Database(sqlite_url).close()  # as `bastion serve` leaves it: rotate creates no database
     code, out, _ = run(capsys, monkeypatch, "signing-keys", "rotate", "--config", config)
     assert code == 0
     run(capsys, monkeypatch, "signing-keys", "rotate", "--config", config)

@@ -7,6 +7,7 @@ the database holds what it sealed is refused, naming the file and what to do; ne
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import subprocess
 import sys
@@ -31,12 +32,15 @@ def _connection_keys(key_dir: Path) -> Path:
     return key_dir / KEY_FILE
 
 
+@functools.cache
+def signing_key_rows(key_dir: Path) -> OAuthStore:
+    """Where the signing keys' rows go: a database beside ``key_dir`` (what is tried here is the
+    key file), opened before a test limits how large files may grow."""
+    return OAuthStore(Database(str(key_dir.parent / f"{key_dir.name}-rows.db")))
+
+
 def _signing_key(key_dir: Path) -> Path:
-    db = Database(":memory:")  # its rows: what is tried here is the file
-    try:
-        kid = KeyRing(OAuthStore(db), key_dir, retain_seconds=60, clock=time.time).rotate()
-    finally:
-        db.close()
+    kid = KeyRing(signing_key_rows(key_dir), key_dir, retain_seconds=60, clock=time.time).rotate()
     return key_dir / f"{kid}.pem"
 
 
@@ -79,8 +83,9 @@ def test_a_key_cut_short_by_a_full_disk_is_not_left_under_its_name(tmp_path, wri
         f"""
         import resource, signal, sys
         from pathlib import Path
-        from tests.security.test_key_files import WRITERS
+        from tests.security.test_key_files import WRITERS, signing_key_rows
 
+        signing_key_rows(Path({str(key_dir)!r}))
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (20, 20))
         try:

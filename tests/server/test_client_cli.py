@@ -104,3 +104,36 @@ def test_cli_on_the_local_store_then_on_the_server(sqlite_url, tmp_path, serve):
     assert bastion("keys", "revoke", key_id, *db).returncode == 0
     r = bastion("keys", "list", *db)
     assert f"{key_id}\trevoked" in r.stdout
+
+
+def test_admin_commands_refuse_a_database_that_is_not_there_and_create_none(tmp_path):
+    """A mistyped --database must not make a new, empty store: `keys list` on it would say
+    there are no keys, and `facts insert` write facts no server reads. Only the commands a
+    deployment is set up with (keys create, policy push, users create, clients create) create
+    the database, and they say so."""
+    missing = tmp_path / "typo" / "k3.db"
+    for command in (("keys", "list"), ("facts", "get"), ("policy", "versions")):
+        r = bastion(*command, "--database", f"sqlite:///{missing}")
+        assert r.returncode == 2, (command, r.stderr)
+        assert r.stderr == f"bastion: no database at {missing} (bastion serve creates it);" + (
+            " check --database, BASTION_DATABASE or database in the configuration\n"
+        ), command
+    r = bastion("facts", "insert", 'is_public(Repo{"x"})', "--database", str(tmp_path / "k3.db"))
+    assert r.returncode == 2 and "no database at" in r.stderr
+    r = bastion("keys", "list", "--database", "mysql://x/y")
+    assert r.returncode == 2 and "not mysql://" in r.stderr
+    r = bastion("keys", "list", "--database", str(tmp_path))
+    assert r.returncode == 2 and "is a directory" in r.stderr
+    assert list(tmp_path.iterdir()) == []
+
+    new = tmp_path / "new.db"
+    r = bastion("keys", "create", "--name", "admin", "--scope", "admin", "--database", str(new))
+    assert r.returncode == 0 and f"no database at {new}; creating it" in r.stderr
+    r = bastion("keys", "list", "--database", str(new))
+    assert r.returncode == 0 and "\tactive\tadmin\tadmin" in r.stdout
+
+
+def test_an_empty_bastion_database_is_refused_not_taken_for_unset(tmp_path):
+    r = bastion("keys", "create", "--name", "a", "--scope", "admin", env={"BASTION_DATABASE": ""})
+    assert r.returncode == 2
+    assert r.stderr == "bastion: BASTION_DATABASE is set but empty: give it a value, or unset it\n"

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from bastion.db import Database
+from bastion.db import Database, DatabaseSettingError
 from bastion.server.config import ConfigError, ServerConfig
 from bastion.server.keys import KeyStore
 
@@ -130,6 +130,40 @@ def test_config_refuses_storage_limits_out_of_range(tmp_path, variable, value):
     env = {variable: value, "BASTION_CONFIG": str(tmp_path / "absent.toml")}
     with pytest.raises(ConfigError, match=variable.removeprefix("BASTION_").lower()):
         ServerConfig.load(None, env=env)
+
+
+@pytest.mark.parametrize(
+    "database", ["", "sqlite:///", "sqlite://", ":memory:", "sqlite:///:memory:"]
+)
+def test_a_database_setting_that_names_no_file_is_refused_not_run_on_a_throwaway_one(
+    tmp_path, database
+):
+    """SQLite opens an empty path or :memory: as a temporary database: a server run on it
+    would lose every key, fact and grant when it stops."""
+    file = tmp_path / "bastion.toml"
+    file.write_text(f"[server]\ndatabase = {database!r}\n".replace("'", '"'))
+    with pytest.raises(ConfigError, match="database: .*names no file"):
+        ServerConfig.load(file, env={})
+    with pytest.raises(DatabaseSettingError, match="names no file"):
+        Database(database)
+
+
+def test_an_empty_environment_variable_is_refused_naming_it_not_read_as_unset(tmp_path):
+    absent = str(tmp_path / "absent.toml")
+    for variable in ("BASTION_DATABASE", "BASTION_PORT", "BASTION_CONFIG"):
+        env = {"BASTION_CONFIG": absent, variable: ""}
+        with pytest.raises(ConfigError, match=f"{variable} is set but empty"):
+            ServerConfig.load(None, env=env)
+
+
+def test_a_database_of_another_product_or_a_directory_is_refused_by_name(tmp_path):
+    with pytest.raises(DatabaseSettingError, match="not mysql://"):
+        Database("mysql://x/y")
+    with pytest.raises(DatabaseSettingError, match="is a directory"):
+        Database(str(tmp_path))
+    with pytest.raises(DatabaseSettingError, match="directory does not exist"):
+        Database(str(tmp_path / "absent" / "bastion.db"))
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.fixture
