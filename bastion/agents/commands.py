@@ -16,11 +16,20 @@ from datetime import UTC, datetime
 
 from bastion.agents.identity import AgentError
 from bastion.agents.registry import STATUSES, list_agents, show_agent, update_agent
+from bastion.cli import whole_number
 from bastion.db import DatabaseUnavailable
 from bastion.facts.store import FactStore
 from bastion.oauth.store import OAuthStore
 from bastion.server.config import ConfigError, command_database
-from bastion.signals.suspensions import KINDS, SuspensionError, resume, stored, suspend, suspension
+from bastion.signals.suspensions import (
+    KINDS,
+    MAX_SUSPENSION_SECONDS,
+    SuspensionError,
+    resume,
+    stored,
+    suspend,
+    suspension,
+)
 
 
 def _actor() -> str:
@@ -37,7 +46,10 @@ def _store(args: argparse.Namespace) -> FactStore:
 def _when(epoch: float | None) -> str:
     if epoch is None:
         return "until resumed"
-    return "until " + datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    try:
+        return "until " + datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    except (ValueError, OverflowError, OSError):  # past year 9999: stored before the bound
+        return f"until {epoch:.0f} (seconds since the epoch)"
 
 
 def cmd_suspend(store: FactStore, args: argparse.Namespace) -> int:
@@ -117,16 +129,6 @@ def _run(work):
     return run
 
 
-def _minutes(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError("minutes must be a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError("minutes must be 1 or more (leave it out: until resumed)")
-    return value
-
-
 def register(sub: argparse._SubParsersAction) -> None:
     agents = sub.add_parser(
         "agents", help="agents (OAuth clients): list, show, update; the kill switch"
@@ -153,7 +155,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                 "--kind", choices=list(KINDS), default="agent", help="what id names (default agent)"
             )
         if name == "suspend":
-            p.add_argument("--minutes", type=_minutes, help="lift it by itself after this long")
+            p.add_argument(
+                "--minutes",
+                type=whole_number(MAX_SUSPENSION_SECONDS // 60),
+                help="lift it by itself after this long (at most 10 years; leave it out: until"
+                " resumed)",
+            )
         if name == "list":
             p.add_argument("--json", action="store_true", help="one JSON object per line")
             p.add_argument("--status", choices=list(STATUSES), help="only agents of this status")

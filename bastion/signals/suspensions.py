@@ -31,6 +31,9 @@ KINDS = {"agent": "Agent", "user": "User", "session": "McpSession"}
 # An id names one client, user or session: printable, bounded, never a pattern.
 MAX_ID_LENGTH = 512
 _PRINTABLE = re.compile(r"^[\x21-\x7e][\x20-\x7e]*$")
+# The longest a suspension may be given (10 years; `/v1/suspensions`' expires_at and `bastion
+# agents suspend --minutes` alike); longer is until resumed, so leave the expiry out.
+MAX_SUSPENSION_SECONDS = 10 * 365 * 86400
 
 
 class SuspensionError(ValueError):
@@ -81,10 +84,16 @@ def suspension(kind: str, id: str, expires_at: float | None = None) -> Suspensio
         isinstance(expires_at, bool) or not isinstance(expires_at, (int, float))
     ):
         raise SuspensionError("expires_at must be a number (seconds since the epoch) or null")
-    if expires_at is not None and not time.time() < expires_at < 2**53:
+    now = time.time()
+    if expires_at is not None and not now < expires_at:
         raise AlreadyOver(
             "expires_at must be in the future (seconds since the epoch); leave it out for a"
             " suspension that lasts until it is resumed"
+        )
+    if expires_at is not None and expires_at > now + MAX_SUSPENSION_SECONDS:
+        raise SuspensionError(
+            f"expires_at must be at most {MAX_SUSPENSION_SECONDS} seconds (10 years) away;"
+            " leave it out for a suspension that lasts until it is resumed"
         )
     return Suspension(kind, id, float(expires_at) if expires_at is not None else None)
 

@@ -15,6 +15,7 @@ from urllib.parse import parse_qs, quote, urlencode, urlsplit
 import pytest
 
 from bastion.cli import main
+from bastion.facts.store import FactStore
 from bastion.oauth import registration
 from bastion.signals.suspensions import stored
 from tests.gateway.streams import (
@@ -316,6 +317,24 @@ def test_the_command_line_suspends_and_resumes_on_the_deployments_database(basti
     assert main(["agents", "resume", agent, "--database", database]) == 1  # nothing to resume
 
 
+def test_a_suspension_longer_than_ten_years_is_refused_before_anything_is_stored(tmp_path, capsys):
+    """`--minutes` had no bound: 99999999999 stored the suspension, then failed to print its
+    end (year 192159). The bound is the API's (`MAX_SUSPENSION_SECONDS`), checked first."""
+    database = str(tmp_path / "bastion.db")
+    FactStore.open(database).close()
+    with pytest.raises(SystemExit) as refused:
+        main(["agents", "suspend", "nope", "--minutes", "99999999999", "--database", database])
+    assert refused.value.code == 2
+    assert "give a whole number from 1 to 5256000" in capsys.readouterr().err
+    store = FactStore.open(database)
+    try:
+        assert not stored(store)
+    finally:
+        store.close()
+    assert main(["agents", "suspend", "nope", "--minutes", "5256000", "--database", database]) == 0
+    assert capsys.readouterr().out.startswith("suspended agent nope until 20")
+
+
 def until(call, key: str) -> dict:
     """Call until the answer has ``key``: the server hears of the command line's write through
     the change log (a poll on SQLite), a moment later."""
@@ -338,6 +357,7 @@ def until(call, key: str) -> dict:
         ({"kind": "agent", "id": 7}, 400),
         ({"kind": "agent", "id": "x", "expires_at": "soon"}, 400),
         ({"kind": "agent", "id": "x", "expires_at": 1}, 422),  # already over
+        ({"kind": "agent", "id": "x", "expires_at": time.time() + 11 * 365 * 86400}, 400),
         ([], 400),
     ],
 )
