@@ -22,22 +22,25 @@ COMMAND_MODULES = [
 ]
 
 
-def count_in(text: str, most: int) -> int | None:
-    """``text`` as a whole number from 1 to ``most`` in plain digits (no sign, space, ``_`` or
-    other script's digits, which `int` takes), or None."""
+def count_in(text: str, most: int, least: int = 1) -> int | None:
+    """``text`` as a whole number from ``least`` to ``most`` in plain digits (no sign, space,
+    ``_`` or other script's digits, which `int` takes), or None."""
     if text.isascii() and text.isdigit() and len(text) <= len(str(most)):
         value = int(text)
-        return value if 1 <= value <= most else None
+        return value if least <= value <= most else None
     return None
 
 
-def whole_number(most: int) -> Callable[[str], int]:
-    """An argument's type: a whole number from 1 to ``most``; anything else is a usage error."""
+def whole_number(most: int, least: int = 1) -> Callable[[str], int]:
+    """An argument's type: a whole number from ``least`` (1 unless given) to ``most``; anything
+    else is a usage error."""
 
     def parse(text: str) -> int:
-        value = count_in(text, most)
+        value = count_in(text, most, least)
         if value is None:
-            raise argparse.ArgumentTypeError(f"give a whole number from 1 to {most}, not {text!r}")
+            raise argparse.ArgumentTypeError(
+                f"give a whole number from {least} to {most}, not {text!r}"
+            )
         return value
 
     return parse
@@ -60,6 +63,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def input_error(error: BaseException) -> str | None:
+    """What to tell a person of ``error``, if it is one they fix outside bastion (a setting, a
+    path, a file, the database server), else None: those end every command the same way, one
+    line and exit status 2, whichever command met them (`main`). A command's own refusals
+    (a fact the policy cannot use, an unknown user) are its own to say."""
+    import sqlite3
+
+    import psycopg
+
+    from bastion.db import DatabaseSettingError, DatabaseUnavailable, first_line
+    from bastion.server.config import ConfigError
+
+    if isinstance(error, (ConfigError, DatabaseSettingError, DatabaseUnavailable)):
+        return str(error)
+    if isinstance(error, OSError):
+        if error.filename is not None and error.strerror:
+            return f"{error.filename}: {error.strerror}"
+        return str(error) or error.__class__.__name__
+    if isinstance(error, UnicodeError):
+        return f"not UTF-8 text: {error}"
+    if isinstance(error, sqlite3.Error):
+        return f"the database refused: {error}"
+    if isinstance(error, psycopg.Error):
+        return f"the database refused: {first_line(error)}"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -68,6 +98,12 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return 0
+    except Exception as error:
+        message = input_error(error)
+        if message is None:
+            raise
+        print(f"bastion: {message}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -17,10 +17,9 @@ from datetime import UTC, datetime
 from bastion.agents.identity import AgentError
 from bastion.agents.registry import STATUSES, list_agents, show_agent, update_agent
 from bastion.cli import whole_number
-from bastion.db import DatabaseUnavailable
 from bastion.facts.store import FactStore
 from bastion.oauth.store import OAuthStore
-from bastion.server.config import ConfigError, command_database
+from bastion.server.config import command_database
 from bastion.signals.suspensions import (
     KINDS,
     MAX_SUSPENSION_SECONDS,
@@ -113,14 +112,10 @@ def cmd_update(store: FactStore, args: argparse.Namespace) -> int:
 
 def _run(work):
     def run(args: argparse.Namespace) -> int:
-        try:
-            store = _store(args)
-        except (ConfigError, DatabaseUnavailable, OSError) as e:
-            print(f"bastion: {e}", file=sys.stderr)
-            return 2
+        store = _store(args)
         try:
             return work(store, args)
-        except (SuspensionError, AgentError, DatabaseUnavailable) as e:
+        except (SuspensionError, AgentError) as e:
             print(f"bastion: {e}", file=sys.stderr)
             return 2
         finally:

@@ -21,10 +21,9 @@ from bastion.approvals.service import Approvals, NotAllowed, UnknownRequest
 from bastion.approvals.store import MAX_LIST, STATUSES, ApprovalRequest
 from bastion.audit.commands import event_line
 from bastion.cli import add_limit, whole_number
-from bastion.db import DatabaseUnavailable
 from bastion.decide import Authorizer
 from bastion.facts.store import FactStore
-from bastion.server.config import ConfigError, ServerConfig, command_database
+from bastion.server.config import ServerConfig, command_database
 from bastion.signals.suspensions import PREDICATE as SUSPENDED
 from bastion.signals.suspensions import Suspensions
 
@@ -106,12 +105,12 @@ def _opened(work: Callable[[Deployment, argparse.Namespace], int]) -> Callable:
     def run(args: argparse.Namespace) -> int:
         try:
             deployment = Deployment(args)
-        except (CommandError, ConfigError, DatabaseUnavailable, OSError) as e:
+        except CommandError as e:
             print(f"bastion: {e}", file=sys.stderr)
             return 2
         try:
             return work(deployment, args)
-        except (CommandError, DatabaseUnavailable) as e:
+        except CommandError as e:
             print(f"bastion: {e}", file=sys.stderr)
             return 2
         finally:

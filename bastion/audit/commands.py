@@ -13,8 +13,10 @@ from datetime import UTC, datetime
 from bastion.audit.decisions import DecisionRecord, DecisionRecords
 from bastion.audit.log import AuditEvent, AuditLog
 from bastion.audit.retention import prune
-from bastion.db import Database, DatabaseUnavailable
+from bastion.cli import whole_number
+from bastion.db import Database
 from bastion.server.config import ConfigError, ServerConfig, command_database
+from bastion.untrusted_json import MAX_INTEGER
 
 
 def _when(epoch: float) -> str:
@@ -96,17 +98,13 @@ def cmd_tail(args: argparse.Namespace) -> int:
 
 
 def cmd_events(args: argparse.Namespace) -> int:
+    db = Database(_database(args))
     try:
-        db = Database(_database(args))
-        try:
-            found = AuditLog(db).events(
-                kind_prefix=args.kind or None, request_id=args.request, limit=args.lines
-            )
-        finally:
-            db.close()
-    except (ConfigError, DatabaseUnavailable) as e:
-        print(f"bastion: {e}", file=sys.stderr)
-        return 2
+        found = AuditLog(db).events(
+            kind_prefix=args.kind or None, request_id=args.request, limit=args.lines
+        )
+    finally:
+        db.close()
     for event in reversed(found):
         if args.json:
             print(json.dumps(dataclasses.asdict(event), default=str))
@@ -116,25 +114,19 @@ def cmd_events(args: argparse.Namespace) -> int:
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
+    days = args.older_than
+    if days is None:
+        days = ServerConfig.load(args.config).audit_retention_days
+        if days == 0:
+            print("audit_retention_days is 0: the audit trail is kept for ever", file=sys.stderr)
+            return 0
+    if not days > 0:
+        raise ConfigError("--older-than must be a positive number of days")
+    db = Database(_database(args))
     try:
-        days = args.older_than
-        if days is None:
-            days = ServerConfig.load(args.config).audit_retention_days
-            if days == 0:
-                print(
-                    "audit_retention_days is 0: the audit trail is kept for ever", file=sys.stderr
-                )
-                return 0
-        if not days > 0:
-            raise ConfigError("--older-than must be a positive number of days")
-        db = Database(_database(args))
-        try:
-            pruned = prune(db, days)
-        finally:
-            db.close()
-    except (ConfigError, DatabaseUnavailable) as e:
-        print(f"bastion: {e}", file=sys.stderr)
-        return 2
+        pruned = prune(db, days)
+    finally:
+        db.close()
     print(
         f"deleted {pruned.events} audit events and {pruned.decisions} decision records"
         f" older than {days:g} days",
@@ -147,7 +139,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     audit = sub.add_parser("audit", help="the audit trail: decision records, retention")
     commands = audit.add_subparsers(dest="audit_command", required=True)
     tail = commands.add_parser("tail", help="print the latest decisions; -f follows new ones")
-    tail.add_argument("-n", "--lines", type=int, default=20, help="how many to show first")
+    tail.add_argument(
+        "-n",
+        "--lines",
+        type=whole_number(MAX_INTEGER, least=0),
+        default=20,
+        help="how many to show first (0: only new ones, with -f)",
+    )
     tail.add_argument("-f", "--follow", action="store_true", help="keep printing new decisions")
     tail.add_argument("--json", action="store_true", help="one JSON record per line")
     tail.add_argument("--database", help="SQLite path or postgresql:// URL (or BASTION_DATABASE)")
@@ -160,7 +158,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--kind", help="only kinds starting with this: approval. review. approval.answer"
     )
     events.add_argument("--request", metavar="ID", help="only events of this approval request")
-    events.add_argument("-n", "--lines", type=int, default=50, help="the latest N (default 50)")
+    events.add_argument(
+        "-n",
+        "--lines",
+        type=whole_number(MAX_INTEGER),
+        default=50,
+        help="the latest N (default 50)",
+    )
     events.add_argument("--json", action="store_true", help="one JSON event per line")
     events.add_argument("--database", help="SQLite path or postgresql:// URL (or BASTION_DATABASE)")
     events.add_argument("--config", help="bastion.toml to read the database from")

@@ -19,14 +19,14 @@ from datetime import UTC, datetime
 
 from bastion.audit import AuditLog
 from bastion.cli import add_limit
-from bastion.db import Database, DatabaseUnavailable
+from bastion.db import Database
 from bastion.decide import Authorizer
 from bastion.delegation.tasks import MAX_LIST, STATUSES, Task, TaskError, Tasks
 from bastion.facts.model import FactError, check_fact, fact_to_json
 from bastion.facts.store import FactStore
 from bastion.oauth.store import OAuthStore
 from bastion.policy.errors import PolicyError
-from bastion.server.config import ConfigError, ServerConfig, command_database
+from bastion.server.config import ServerConfig, command_database
 
 
 def _actor() -> str:
@@ -117,18 +117,14 @@ def cmd_end(tasks: Tasks, args: argparse.Namespace) -> int:
 
 def _opened(work: Callable[[Tasks, argparse.Namespace], int]) -> Callable:
     def run(args: argparse.Namespace) -> int:
-        try:
-            config = ServerConfig.load(args.config)
-            settings = config.task_settings()
-            db = Database(command_database(args, config), role="bastion-cli")
-        except (ConfigError, DatabaseUnavailable, OSError) as e:
-            print(f"bastion: {e}", file=sys.stderr)
-            return 2
+        config = ServerConfig.load(args.config)
+        settings = config.task_settings()
+        db = Database(command_database(args, config), role="bastion-cli")
         try:
             facts = FactStore(db)
             tasks = Tasks(facts, OAuthStore(db), AuditLog(db), settings, _validator(facts, config))
             return work(tasks, args)
-        except (TaskError, DatabaseUnavailable) as e:
+        except TaskError as e:
             print(f"bastion: {e}", file=sys.stderr)
             return 2
         finally:

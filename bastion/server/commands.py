@@ -10,18 +10,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sqlite3
 import sys
 import time
 from collections.abc import Iterable, Iterator
 from datetime import datetime
 from typing import Any, TextIO
 
-import psycopg
-
 from bastion import atomic_files, untrusted_json
 from bastion.cli import whole_number
-from bastion.db import DatabaseUnavailable
 from bastion.facts.model import FactError, format_fact
 from bastion.facts.store import FactStore, StoredFact, epoch
 from bastion.policy.errors import PolicyError
@@ -549,7 +545,8 @@ def cmd_changes_prune(args: argparse.Namespace) -> int:
 
 
 def _guard(func):
-    """Turn the errors a person can fix into one line on stderr and exit status 2."""
+    """Turn this family's refusals (a fact, a key, the server's answer) into one line on stderr
+    and exit status 2; a setting, a path or the database is `bastion.cli.main`'s to say."""
 
     def run(args: argparse.Namespace) -> int:
         import httpx
@@ -560,14 +557,10 @@ def _guard(func):
             return func(args)
         except httpx.TransportError as e:
             return _fail(f"the server cannot be reached, or its answer broke off: {e}")
-        except (ConfigError, FactError, OSError, LookupError, DatabaseUnavailable) as e:
-            return _fail(str(e))
         except RemoteError as e:
             return _fail(f"the server refused: {e.detail} ({e.status} {e.title})")
-        except ValueError as e:
+        except (FactError, LookupError, ValueError) as e:
             return _fail(str(e))
-        except (sqlite3.Error, psycopg.Error) as e:
-            return _fail(f"the database refused: {e}".strip())
 
     return run
 

@@ -148,9 +148,15 @@ class ServerConfig:
         file = Path(path or environment_value(env, "BASTION_CONFIG") or DEFAULT_CONFIG_FILE)
         if file.exists():
             try:
-                data = tomllib.loads(file.read_text())
+                data = tomllib.loads(file.read_text(encoding="utf-8"))
             except tomllib.TOMLDecodeError as e:
                 raise ConfigError(f"{file}: {e}") from None
+            except OSError as e:  # a directory, a file this user may not read
+                raise ConfigError(f"{file}: {e.strerror or e}") from None
+            except UnicodeDecodeError as e:
+                raise ConfigError(
+                    f"{file}: not UTF-8 text ({e.reason} at byte {e.start})"
+                ) from None
             server = data.get("server", {})
             if "admin_key" in server:
                 raise ConfigError(

@@ -13,8 +13,8 @@ import sys
 from datetime import UTC, datetime
 
 from bastion.cli import add_limit
-from bastion.db import Database, DatabaseUnavailable
-from bastion.server.config import ConfigError, ServerConfig, command_database
+from bastion.db import Database
+from bastion.server.config import ServerConfig, command_database
 from bastion.signals.alerts import (
     ACKNOWLEDGED,
     MAX_LIST,
@@ -59,8 +59,8 @@ def _open(args: argparse.Namespace) -> Alerts:
 def _run(args: argparse.Namespace) -> int:
     try:
         alerts = _open(args)
-    except (ConfigError, SettingsError) as e:
-        print(f"bastion alerts: {e}", file=sys.stderr)
+    except SettingsError as e:
+        print(f"bastion: {e}", file=sys.stderr)
         return 2
     try:
         if args.alerts_command == "list":
@@ -83,16 +83,10 @@ def _run(args: argparse.Namespace) -> int:
             alert = alerts.acknowledge(args.id, args.person, "cli")
             print(_line(alert))
     except AlertNotFound:
-        print(
-            f"bastion alerts: no alert has the id {args.id!r} (bastion alerts list)",
-            file=sys.stderr,
-        )
+        print(f"bastion: no alert has the id {args.id!r} (bastion alerts list)", file=sys.stderr)
         return 1
     except AlertError as e:
-        print(f"bastion alerts: {e}", file=sys.stderr)
-        return 1
-    except DatabaseUnavailable as e:
-        print(f"bastion alerts: the database is unavailable: {e}", file=sys.stderr)
+        print(f"bastion: {e}", file=sys.stderr)
         return 1
     finally:
         alerts.store.db.close()

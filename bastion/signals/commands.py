@@ -17,11 +17,10 @@ from datetime import UTC, datetime
 from typing import Any
 
 from bastion.cli import add_limit, whole_number
-from bastion.db import DatabaseUnavailable
 from bastion.decide import Authorizer
 from bastion.facts.model import Entity, FactError
 from bastion.facts.store import FactStore
-from bastion.server.config import ConfigError, ServerConfig, command_database
+from bastion.server.config import ServerConfig, command_database
 from bastion.signals.shadow_commands import add_shadow_report
 from bastion.signals.store import (
     MAX_LIST,
@@ -73,16 +72,11 @@ def _when(epoch: float) -> str:
 
 def _opened(work: Callable[[FactStore, ServerConfig, argparse.Namespace], int]) -> Callable:
     def run(args: argparse.Namespace) -> int:
-        try:
-            config = ServerConfig.load(args.config)
-            database = command_database(args, config)
-            store = FactStore.open(database, role="bastion-cli")
-        except (ConfigError, DatabaseUnavailable, OSError) as e:
-            print(f"bastion: {e}", file=sys.stderr)
-            return 2
+        config = ServerConfig.load(args.config)
+        store = FactStore.open(command_database(args, config), role="bastion-cli")
         try:
             return work(store, config, args)
-        except (CommandError, DatabaseUnavailable) as e:
+        except CommandError as e:
             print(f"bastion: {e}", file=sys.stderr)
             return 2
         finally:

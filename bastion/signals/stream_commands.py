@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 
 import anyio
 
-from bastion.db import Database, DatabaseUnavailable
+from bastion.db import Database
 from bastion.server.config import ConfigError, ServerConfig, command_database
 
 
@@ -109,17 +109,6 @@ def cmd_configure(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-def _guarded(func):
-    def run(args: argparse.Namespace) -> int:
-        try:
-            return func(args)
-        except (ConfigError, DatabaseUnavailable) as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-
-    return run
-
-
 def register_streams(commands: argparse._SubParsersAction) -> None:
     """``streams status|configure`` under ``bastion signals`` (`bastion.signals.commands`)."""
     streams = commands.add_parser("streams", help="the streams with SSF transmitters")
@@ -135,4 +124,4 @@ def register_streams(commands: argparse._SubParsersAction) -> None:
             p.add_argument("--json", action="store_true", help="one JSON object per transmitter")
         else:
             p.add_argument("--transmitter", help="only this transmitter (its name)")
-        p.set_defaults(func=_guarded(func))
+        p.set_defaults(func=func)

@@ -137,3 +137,85 @@ def test_an_empty_bastion_database_is_refused_not_taken_for_unset(tmp_path):
     r = bastion("keys", "create", "--name", "a", "--scope", "admin", env={"BASTION_DATABASE": ""})
     assert r.returncode == 2
     assert r.stderr == "bastion: BASTION_DATABASE is set but empty: give it a value, or unset it\n"
+
+
+# Every command family with --database, as the error boundary of `bastion.cli.main` meets it.
+FAMILIES = [
+    ("keys", "list"),
+    ("facts", "get"),
+    ("facts", "snapshot", "out.snapshot"),
+    ("policy", "versions"),
+    ("changes", "prune"),
+    ("users", "list"),
+    ("clients", "list"),
+    ("signing-keys", "list"),
+    ("agents", "list"),
+    ("agents", "suspend", "bot", "--minutes", "5"),
+    ("audit", "tail"),
+    ("audit", "events"),
+    ("audit", "prune", "--older-than", "1"),
+    ("approvals", "list"),
+    ("signals", "list"),
+    ("signals", "shadow-report"),
+    ("alerts", "list"),
+    ("tasks", "list"),
+]
+
+
+@pytest.mark.parametrize("command", FAMILIES, ids=" ".join)
+def test_every_command_family_answers_a_bad_database_in_one_line_and_exit_2(
+    command, tmp_path, capsys, monkeypatch
+):
+    from bastion.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("BASTION_CONFIG", str(tmp_path / "absent.toml"))
+    for database, says in (
+        (str(tmp_path / "absent" / "bastion.db"), "no database at"),
+        (str(tmp_path), "is a directory"),
+        ("mysql://x/y", "not mysql://"),
+    ):
+        assert main([*command, "--database", database]) == 2, database
+        err = capsys.readouterr().err
+        assert err.startswith("bastion: ") and says in err, err
+        assert err.count("\n") == 1, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("content", "says"),
+    [(b"\xff\xfe[server]\n", "not UTF-8 text"), (None, "Is a directory")],
+)
+def test_a_configuration_file_that_cannot_be_read_is_named_in_one_line(
+    content, says, tmp_path, capsys
+):
+    from bastion.cli import main
+
+    config = tmp_path / "bastion.toml"
+    if content is None:
+        config.mkdir()
+    else:
+        config.write_bytes(content)
+    for command in (("keys", "list"), ("agents", "list"), ("audit", "tail"), ("serve",)):
+        assert main([*command, "--config", str(config)]) == 2, command
+        err = capsys.readouterr().err
+        assert err.startswith(f"bastion: {config}: ") and says in err, err
+        assert err.count("\n") == 1, err
+
+
+def test_an_unreachable_postgresql_is_an_answer_not_a_traceback(capsys):
+    from bastion.cli import main
+
+    for command in (("audit", "tail"), ("agents", "list"), ("keys", "list")):
+        assert main([*command, "--database", "postgresql://bastion@127.0.0.1:9/x"]) == 2
+        last = capsys.readouterr().err.splitlines()[-1]
+        assert last.startswith("bastion: the database is unavailable"), command
+
+
+def test_audit_tail_lines_is_a_bounded_whole_number(capsys):
+    from bastion.cli import main
+
+    with pytest.raises(SystemExit) as refused:
+        main(["audit", "tail", "-n", "99999999999999999999"])
+    assert refused.value.code == 2
+    assert "give a whole number from 0 to" in capsys.readouterr().err
