@@ -60,7 +60,7 @@ def gateway_from_config(
     taken after the message waited for something else."""
     if oauth is None:
         raise ConfigError(
-            "bastion.toml has a [gateway] table but no [oauth] table: the gateway accepts"
+            f"{config.named} has a [gateway] table but no [oauth] table: the gateway accepts"
             " bastion's access tokens only (see docs/gateway.md)"
         )
     gateway_config = GatewayConfig.from_mapping(config.gateway)

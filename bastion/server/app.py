@@ -239,7 +239,7 @@ def _oauth_server(config: ServerConfig, db: Database):
         from bastion.oauth import AuthorizationServer
     except ImportError as e:
         raise ConfigError(
-            f"bastion.toml has an [oauth] table but the authorization server is unavailable: {e}"
+            f"{config.named} has an [oauth] table but the authorization server is unavailable: {e}"
         ) from None
     server = AuthorizationServer(config.oauth, db, max_json_depth=config.max_json_depth)
     from bastion.oauth.keys import SigningKeyError
@@ -329,7 +329,7 @@ def _approvals(config: ServerConfig, oauth, replica: Replica):
     if not config.gateway or oauth is None:
         if config.approvals:
             raise ConfigError(
-                "bastion.toml has an [approvals] table but no [gateway] to hold calls"
+                f"{config.named} has an [approvals] table but no [gateway] to hold calls"
             )
         return None
     from bastion.approvals.service import Unavailable, approvals_from_config
@@ -431,7 +431,7 @@ def _alerts(config: ServerConfig, oauth, replica: Replica, gateway):
     table = config.signals.get("alerts", {})
     if gateway is None:
         if table:
-            raise ConfigError("bastion.toml has a [signals.alerts] table but no [gateway]")
+            raise ConfigError(f"{config.named} has a [signals.alerts] table but no [gateway]")
         return None
     from bastion.signals.alerts import alerts_from_config
     from bastion.webhooks import SettingsError

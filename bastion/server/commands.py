@@ -22,6 +22,7 @@ from bastion.facts.model import FactError, format_fact
 from bastion.facts.store import FactStore, StoredFact, epoch
 from bastion.policy.errors import PolicyError
 from bastion.server.config import (
+    MAX_PORT,
     ConfigError,
     ServerConfig,
     command_database,
@@ -569,7 +570,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     serve = sub.add_parser("serve", help="run the decision service (HTTP)")
     serve.add_argument("--config", help="bastion.toml (default: ./bastion.toml if present)")
     serve.add_argument("--host", help="listen address (default 127.0.0.1)")
-    serve.add_argument("--port", type=int, help="listen port (default 8000)")
+    serve.add_argument(
+        "--port", type=whole_number(MAX_PORT, least=0), help="listen port (default 8000)"
+    )
     serve.add_argument("--database", help="SQLite path or postgresql:// URL")
     serve.add_argument("--policy-file", help="policy loaded at first start into an empty store")
     serve.add_argument("--tls-cert", help="PEM certificate chain: serve HTTPS (with --tls-key)")

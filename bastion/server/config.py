@@ -22,6 +22,13 @@ if TYPE_CHECKING:
     from bastion.delegation.tasks import TaskSettings
 
 DEFAULT_CONFIG_FILE = "bastion.toml"
+# The tables a configuration file holds; anything else in it is refused (a misspelt [gateway]
+# would otherwise run the server without a gateway). All but [server] are held whole, each read
+# by its part.
+TABLES = ("server", "oauth", "gateway", "approvals", "signals", "tasks", "identity")
+# The choices of log_level (uvicorn's and logging's names).
+LOG_LEVELS = ("debug", "info", "warning", "error")
+MAX_PORT = 65535
 
 
 class ConfigError(ValueError):
@@ -130,6 +137,8 @@ class ServerConfig:
     # The [identity] table: OpenID providers people log in through
     # (bastion.identity.oidc_login.IdentitySettings, docs/identity.md).
     identity: dict[str, Any] = field(default_factory=dict)
+    # Not a setting: the file these were read from ("" when none was), which messages name.
+    file: str = field(default="", compare=False)
 
     @classmethod
     def load(
@@ -145,8 +154,11 @@ class ServerConfig:
         """
         env = dict(os.environ if env is None else env)
         values: dict[str, Any] = {}
+        # Where each value came from, for the message that refuses it.
+        sources: dict[str, str] = {}
         file = Path(path or environment_value(env, "BASTION_CONFIG") or DEFAULT_CONFIG_FILE)
-        if file.exists():
+        read = file.exists()
+        if read:
             try:
                 data = tomllib.loads(file.read_text(encoding="utf-8"))
             except tomllib.TOMLDecodeError as e:
@@ -157,6 +169,14 @@ class ServerConfig:
                 raise ConfigError(
                     f"{file}: not UTF-8 text ({e.reason} at byte {e.start})"
                 ) from None
+            for key, value in data.items():
+                if key not in TABLES or not isinstance(value, dict):
+                    what = f"table [{key}]" if isinstance(value, dict) else f"key {key!r}"
+                    raise ConfigError(
+                        f"{file}: unknown {what} at the top of the file; it holds the tables "
+                        + ", ".join(f"[{t}]" for t in TABLES)
+                        + " (a server setting goes in [server])"
+                    )
             server = data.get("server", {})
             if "admin_key" in server:
                 raise ConfigError(
@@ -164,32 +184,45 @@ class ServerConfig:
                     " not in a file"
                 )
             values.update(server)
-            if "oauth" in data:
-                values["oauth"] = data["oauth"]
-            for table in ("gateway", "approvals", "signals", "tasks", "identity"):
+            sources.update(dict.fromkeys(server, f"{file} [server]"))
+            for table in TABLES[1:]:
                 if table in data:
                     values[table] = data[table]
         elif path is not None:
             raise ConfigError(f"configuration file {file} does not exist")
-        names = {f.name: f for f in fields(cls)}
+        names = [f.name for f in fields(cls) if f.name not in (*TABLES, "file")]
         for name in names:
-            if name in ("oauth", "gateway", "approvals", "signals", "tasks", "identity"):
-                continue
-            value = environment_value(env, f"BASTION_{name.upper()}")
+            variable = f"BASTION_{name.upper()}"
+            value = environment_value(env, variable)
             if value is not None:
                 values[name] = value
+                sources[name] = variable
         values.update(overrides or {})
+        sources.update(dict.fromkeys(overrides or {}, "the command line"))
         config = cls()
         checked = {}
         for key, value in values.items():
+            if key in TABLES[1:]:
+                checked[key] = _coerce(key, value, dict)
+                continue
+            source = sources.get(key, "")
             if key not in names:
                 raise ConfigError(
-                    f"unknown key [server].{key}; known keys: {', '.join(sorted(names))}"
+                    f"{source}: unknown key {key}; known keys: {', '.join(sorted(names))}"
                 )
-            checked[key] = _coerce(key, value, type(getattr(config, key)))
-        config = replace(config, **checked)
+            try:
+                checked[key] = _coerce(key, value, type(getattr(config, key)))
+                _check_value(key, checked[key])
+            except ConfigError as e:
+                raise ConfigError(f"{source}: {e}") from None
+        config = replace(config, **checked, file=str(file) if read else "")
         config.check()
         return config
+
+    @property
+    def named(self) -> str:
+        """The configuration as a message names it: its file, when one was read."""
+        return self.file or "the configuration"
 
     def check(self) -> None:
         """Refuse limits that would let nothing through, or everything."""
@@ -199,9 +232,9 @@ class ServerConfig:
                 f"unknown table [signals.{unknown[0]}]; known: "
                 + ", ".join(f"[signals.{t}]" for t in SIGNALS_TABLES)
             )
-        for name in _POSITIVE:
-            if not getattr(self, name) > 0:
-                raise ConfigError(f"{name} must be greater than 0, got {getattr(self, name)!r}")
+        for f in fields(self):
+            if f.name not in (*TABLES, "file"):
+                _check_value(f.name, getattr(self, f.name))
         if self.proxy_headers and not self.forwarded_allow_ips.strip():
             raise ConfigError(
                 "proxy_headers = true needs forwarded_allow_ips: the addresses of the proxies"
@@ -214,21 +247,6 @@ class ServerConfig:
             )
         if self.public_url:
             _check_public_url(self.public_url)
-        from bastion.db import DatabaseSettingError, is_postgres, sqlite_file
-
-        if not is_postgres(self.database):
-            try:
-                sqlite_file(self.database)
-            except DatabaseSettingError as e:
-                raise ConfigError(f"database: {e}") from None
-        if not math.isfinite(self.max_staleness_seconds):
-            raise ConfigError("max_staleness_seconds must be a positive number of seconds")
-        if self.decision_log_size < 0:
-            raise ConfigError(
-                f"decision_log_size must be 0 (keep none) or more, got {self.decision_log_size}"
-            )
-        if not (math.isfinite(self.audit_retention_days) and self.audit_retention_days >= 0):
-            raise ConfigError("audit_retention_days must be a number of days, 0 to keep everything")
         try:
             self.policy_limits()
         except ValueError as e:
@@ -260,6 +278,8 @@ class ServerConfig:
 SIGNALS_TABLES = ("ssf", "api", "posture", "behavior", "alerts")
 
 _POSITIVE = (
+    "consistency_timeout",
+    "poll_interval",
     "max_body_bytes",
     "max_import_bytes",
     "max_oauth_body_bytes",
@@ -323,6 +343,32 @@ def _check_public_url(url: str) -> None:
         raise ConfigError(f"public_url: {url!r} must be an https URL (http only on loopback)")
     if not parts.hostname or parts.query or parts.fragment:
         raise ConfigError(f"public_url: {url!r} must be a URL with a host, no query or fragment")
+
+
+def _check_value(key: str, value: Any) -> None:
+    """Refuse a value of ``key`` that is out of its range: a limit that would let nothing
+    through, or everything (an infinite header_timeout is no slowloris defence; a poll_interval
+    of 0 spins a CPU; nan compares false with everything and passes any check written as ``<``)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{key} must be a finite number, got {value!r}")
+    if key in _POSITIVE and not value > 0:
+        raise ConfigError(f"{key} must be greater than 0, got {value!r}")
+    if key == "port" and not 0 <= value <= MAX_PORT:
+        raise ConfigError(f"port must be from 0 to {MAX_PORT}, got {value!r}")
+    if key == "log_level" and value not in LOG_LEVELS:
+        raise ConfigError(f"log_level must be one of {', '.join(LOG_LEVELS)}, got {value!r}")
+    if key == "decision_log_size" and value < 0:
+        raise ConfigError(f"decision_log_size must be 0 (keep none) or more, got {value}")
+    if key == "audit_retention_days" and value < 0:
+        raise ConfigError("audit_retention_days must be a number of days, 0 to keep everything")
+    if key == "database":
+        from bastion.db import DatabaseSettingError, is_postgres, sqlite_file
+
+        if not is_postgres(value):
+            try:
+                sqlite_file(value)
+            except DatabaseSettingError as e:
+                raise ConfigError(f"database: {e}") from None
 
 
 def _coerce(key: str, value: Any, kind: type) -> Any:

@@ -35,7 +35,7 @@ def _receiver(args: argparse.Namespace):
     config = ServerConfig.load(args.config)
     table = (config.signals or {}).get("ssf")
     if not table:
-        raise ConfigError("bastion.toml has no [signals.ssf] table: no transmitters to show")
+        raise ConfigError(f"{config.named} has no [signals.ssf] table: no transmitters to show")
     try:
         settings = SsfSettings.from_table(table, issuer=str(config.oauth.get("issuer", "")))
     except SignalsConfigError as e:

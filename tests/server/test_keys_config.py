@@ -210,3 +210,88 @@ def test_remembered_keys_are_bounded_in_characters_as_well_as_in_number(remember
         assert keys.verify(f"{i}{long_key}") is None
         held = sum(len(k) for k in keys._cache)
         assert held <= _REMEMBERED_CHARS + len(long_key) + 8
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("poll_interval", "0"),  # a replica polling without pause: a core at 99 %
+        ("poll_interval", "-1"),
+        ("poll_interval", "nan"),  # killed the change-log follower
+        ("consistency_timeout", "-1"),
+        ("consistency_timeout", "inf"),
+        ("consistency_timeout", "nan"),
+        ("header_timeout", "inf"),  # no slowloris defence
+        ("body_timeout", "inf"),
+        ("keep_alive_timeout", "inf"),
+        ("fact_snapshot_interval", "inf"),
+        ("audit_retention_days", "inf"),
+    ],
+)
+def test_a_time_that_is_not_a_finite_positive_number_of_seconds_is_refused(tmp_path, key, value):
+    variable = f"BASTION_{key.upper()}"
+    env = {variable: value, "BASTION_CONFIG": str(tmp_path / "absent.toml")}
+    with pytest.raises(ConfigError, match=f"^{variable}: {key} must be"):
+        ServerConfig.load(None, env=env)
+    file = tmp_path / "bastion.toml"
+    file.write_text(f"[server]\n{key} = {value}\n")
+    with pytest.raises(ConfigError, match=f"{key} must be"):
+        ServerConfig.load(file, env={})
+
+
+@pytest.mark.parametrize("port", ["99999", "65536", "-1"])
+def test_a_port_outside_0_to_65535_is_refused_before_anything_is_opened(tmp_path, port, capsys):
+    from bastion.cli import main
+
+    file = tmp_path / "bastion.toml"
+    file.write_text(f'[server]\nport = {port}\ndatabase = "{tmp_path / "b.db"}"\n')
+    with pytest.raises(
+        ConfigError, match="bastion.toml \\[server\\]: port must be from 0 to 65535"
+    ):
+        ServerConfig.load(file, env={})
+    with pytest.raises(ConfigError, match="^BASTION_PORT: port must be from 0 to 65535"):
+        ServerConfig.load(None, env={"BASTION_PORT": port, "BASTION_CONFIG": str(file) + ".x"})
+    assert main(["serve", "--config", str(file)]) == 2
+    assert "port must be from 0 to 65535" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["serve", "--port", port, "--database", str(tmp_path / "b.db")])
+    assert "give a whole number from 0 to 65535" in capsys.readouterr().err
+    assert not (tmp_path / "b.db").exists()
+
+
+@pytest.mark.parametrize(
+    ("text", "names"),
+    [
+        ("[serverr]\nport = 9001\n", "unknown table [serverr]"),
+        ("port = 1\n[server]\n", "unknown key 'port'"),
+        ('[gatway]\n[[gatway.upstreams]]\nname = "x"\n', "unknown table [gatway]"),
+    ],
+)
+def test_a_table_or_key_outside_the_known_tables_is_refused_naming_the_file(tmp_path, text, names):
+    """A misspelt [gateway] ran the server without a gateway, and a top-level port was
+    ignored: the file holds only the tables bastion reads."""
+    file = tmp_path / "deploy.toml"
+    file.write_text(text)
+    with pytest.raises(ConfigError) as refused:
+        ServerConfig.load(file, env={})
+    assert str(refused.value).startswith(f"{file}: {names}"), refused.value
+
+
+def test_a_message_names_where_the_value_came_from(tmp_path, capsys):
+    from bastion.cli import main
+
+    absent = str(tmp_path / "absent.toml")
+    with pytest.raises(ConfigError, match="^BASTION_PORT: port must be a whole number"):
+        ServerConfig.load(None, env={"BASTION_PORT": "eighty", "BASTION_CONFIG": absent})
+    with pytest.raises(ConfigError, match="^BASTION_LOG_LEVEL: log_level must be one of debug"):
+        ServerConfig.load(None, env={"BASTION_LOG_LEVEL": "verbose", "BASTION_CONFIG": absent})
+    file = tmp_path / "deploy.toml"
+    file.write_text('[server]\nlog_level = "loud"\n')
+    with pytest.raises(ConfigError, match=f"^{file} \\[server\\]: log_level must be one of"):
+        ServerConfig.load(file, env={})
+    file.write_text(f'[server]\ndatabase = "{tmp_path / "b.db"}"\n')
+    assert main(["signals", "streams", "status", "--config", str(file)]) == 2
+    assert (
+        capsys.readouterr().err
+        == f"bastion: {file} has no [signals.ssf] table: no transmitters to show\n"
+    )
