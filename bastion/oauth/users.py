@@ -7,6 +7,7 @@ import functools
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
 
+from bastion.names import check_name
 from bastion.oauth.store import OAuthStore
 
 _HASHER = PasswordHasher()
@@ -23,13 +24,7 @@ class UserError(ValueError):
 
 
 def validate_username(username: str) -> None:
-    if (
-        not username
-        or len(username) > 128
-        or not username.isprintable()
-        or username.strip() != username
-    ):
-        raise UserError("a username is 1 to 128 printable characters without surrounding spaces")
+    check_name(username, "a username", UserError)
 
 
 def validate_password(password: str) -> None:

@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass
 
 from bastion.db import Database
+from bastion.names import check_name
 
 SCOPES = (
     "decide",
@@ -75,6 +76,11 @@ _MIGRATIONS = [
     );
     """,
 ]
+
+
+class KeyNameError(ValueError):
+    """A key's name that is not 1 to 128 printable characters without surrounding spaces: a
+    newline in it would forge a line of `bastion keys list`."""
 
 
 def _hash(key: str) -> str:
@@ -156,6 +162,7 @@ class KeyStore:
         created_by: str = "cli",
     ) -> tuple[str, ApiKey]:
         """Make a key; return the key (shown once, never stored) and its record."""
+        check_name(name, "a key's name", KeyNameError)
         scope_set = check_scopes(list(scopes))
         if expires_in is not None and not 0 < expires_in <= MAX_KEY_SECONDS:
             raise ValueError(

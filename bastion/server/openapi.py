@@ -22,6 +22,7 @@ from bastion.agents.registry import STATUSES as AGENT_STATUSES
 from bastion.approvals import service as approvals_service
 from bastion.approvals.store import KINDS, STATUSES
 from bastion.delegation.tasks import STATUSES as TASK_STATUSES
+from bastion.names import MAX_NAME_LENGTH
 from bastion.server.api import agents as agents_api
 from bastion.server.api import alerts as alerts_api
 from bastion.server.api import approvals as approvals_api
@@ -911,7 +912,12 @@ PATHS: dict[str, Any] = {
             ok_status=201,
             body=_request(
                 ["name", "scopes"],
-                name=_STR,
+                name={
+                    **_STR,
+                    "minLength": 1,
+                    "maxLength": MAX_NAME_LENGTH,
+                    "description": "printable, without surrounding spaces (422 otherwise)",
+                },
                 scopes={"type": "array", "items": {"enum": list(SCOPES)}, "minItems": 1},
                 expires_in=_nullable(
                     {

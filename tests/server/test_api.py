@@ -436,6 +436,17 @@ def test_keys_with_unknown_scopes_are_refused(api):
     assert_problem(api.post("/v1/keys", json={"name": "x", "scopes": ["root"]}), 400, "root")
 
 
+@pytest.mark.parametrize(
+    "name", ["", "ops\nbst_forged\tactive\tadmin\tadmin", " ops", "x" * 129, "x" * 100_000]
+)
+def test_a_key_name_that_is_empty_long_or_not_printable_is_refused_and_stores_nothing(api, name):
+    """A newline in a key's name forged a line of `bastion keys list`; a name is 1 to 128
+    printable characters without surrounding spaces, as a username is."""
+    r = api.post("/v1/keys", json={"name": name, "scopes": ["decide"]})
+    assert_problem(r, 422, "a key's name is 1 to 128 printable characters")
+    assert api.get("/v1/keys").json()["keys"] == []
+
+
 # -- service -----------------------------------------------------------------------------------
 
 

@@ -219,3 +219,13 @@ def test_audit_tail_lines_is_a_bounded_whole_number(capsys):
         main(["audit", "tail", "-n", "99999999999999999999"])
     assert refused.value.code == 2
     assert "give a whole number from 0 to" in capsys.readouterr().err
+
+
+def test_keys_create_refuses_a_name_that_would_forge_a_line_of_keys_list(tmp_path):
+    database = str(tmp_path / "bastion.db")
+    r = bastion("keys", "create", "--name", "a\nb", "--scope", "admin", "--database", database)
+    assert r.returncode == 2
+    assert r.stderr.endswith(
+        "bastion: a key's name is 1 to 128 printable characters without surrounding spaces\n"
+    )
+    assert r.stdout == ""

@@ -8,8 +8,8 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from bastion.server.auth import require
-from bastion.server.keys import KeyStore
-from bastion.server.problems import Problem, bad_request, read_json
+from bastion.server.keys import KeyNameError, KeyStore
+from bastion.server.problems import Problem, bad_request, read_json, unprocessable
 from bastion.server.problems import field as get_field
 
 
@@ -27,6 +27,8 @@ async def create(request: Request) -> JSONResponse:
         key, record = await anyio.to_thread.run_sync(
             lambda: keys.create(name, scopes, expires_in=expires_in, created_by=caller.principal)
         )
+    except KeyNameError as e:  # of the type and length the document says: refused by the store
+        raise unprocessable(str(e)) from None
     except ValueError as e:
         raise bad_request(str(e)) from None
     # The only time the key itself is shown.
