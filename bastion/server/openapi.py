@@ -910,6 +910,7 @@ PATHS: dict[str, Any] = {
             "admin",
             {"allOf": [_ref("ApiKey"), _response(["key"], key=_STR)]},
             ok_status=201,
+            problems=(422,),
             body=_request(
                 ["name", "scopes"],
                 name={
