@@ -44,6 +44,11 @@ class AlreadyOver(SuspensionError):
     """A suspension whose ``expires_at`` is not in the future: it would hold nothing."""
 
 
+class TooLong(SuspensionError):
+    """A suspension whose ``expires_at`` is more than `MAX_SUSPENSION_SECONDS` away. Like
+    `AlreadyOver`, a bound that moves with the clock, so no fixed maximum in a schema."""
+
+
 @dataclass(frozen=True, slots=True)
 class Suspension:
     kind: str  # agent, user or session
@@ -91,7 +96,7 @@ def suspension(kind: str, id: str, expires_at: float | None = None) -> Suspensio
             " suspension that lasts until it is resumed"
         )
     if expires_at is not None and expires_at > now + MAX_SUSPENSION_SECONDS:
-        raise SuspensionError(
+        raise TooLong(
             f"expires_at must be at most {MAX_SUSPENSION_SECONDS} seconds (10 years) away;"
             " leave it out for a suspension that lasts until it is resumed"
         )

@@ -25,6 +25,7 @@ from bastion.signals.suspensions import (
     AlreadyOver,
     Suspension,
     SuspensionError,
+    TooLong,
     resume,
     stored,
     suspend,
@@ -40,7 +41,7 @@ __all__ = ["ID_PATTERN", "MAX_ID_LENGTH", "SCOPE", "routes"]
 def _checked(kind: object, id: object, expires_at: object = None) -> Suspension:
     try:
         return suspension(kind, id, expires_at)  # type: ignore[arg-type]
-    except AlreadyOver as e:
+    except (AlreadyOver, TooLong) as e:  # as of now: the document can state neither bound
         raise unprocessable(str(e)) from None
     except SuspensionError as e:
         raise bad_request(str(e)) from None
