@@ -259,6 +259,7 @@ def test_signing_keys_retire_withdraws_a_previous_key_and_refuses_the_key_that_s
     capsys, monkeypatch, sqlite_url, tmp_path
 ):
     config = write_config(tmp_path, sqlite_url)
+    Database(sqlite_url).close()  # as `bastion serve` leaves it: rotate creates no database
     run(capsys, monkeypatch, "signing-keys", "rotate", "--config", config)
     run(capsys, monkeypatch, "signing-keys", "rotate", "--config", config)
     _, listed, _ = run(capsys, monkeypatch, "signing-keys", "list", "--config", config)
