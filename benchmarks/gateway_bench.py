@@ -381,7 +381,7 @@ scopes = ["customers:read"]
     from bastion.oauth.store import OAuthStore
 
     db = Database(database)
-    OAuthStore(db).set_password_hash("sam", users.hash_password(PASSWORD))
+    OAuthStore(db).change_password("sam", users.hash_password(PASSWORD), time.time())
     if records:
         from records_bench import fill
 
