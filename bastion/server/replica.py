@@ -383,6 +383,10 @@ class Replica:
         sequence). Only the copy of the facts runs on the event loop (a C call per predicate,
         and one for the expiries)."""
         async with self._writing:
+            # A change being added on a worker thread holds the fact lock: wait for it here,
+            # or `rows` would wait for the lock on the event loop.
+            while (changing := self.in_force()) is not None:
+                await changing
             seq, version = self.applied, self.policy_version
             rows = self.authz.facts.rows()
             unusable = list(self.unusable)

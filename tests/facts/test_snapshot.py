@@ -134,6 +134,44 @@ async def write_one(database: str, path: str) -> Replica:
     return replica
 
 
+def test_a_snapshot_waits_for_a_change_in_hand_without_holding_the_event_loop(
+    store, database_url, path
+):
+    """A change added on a worker thread holds the fact lock (`Replica.in_force`): a snapshot
+    begun meanwhile awaits the change, not the lock, so the event loop runs on."""
+
+    async def scenario():
+        replica = await started(database_url)
+        lock = replica.authz.facts._index.lock
+        held, alive = threading.Event(), threading.Event()
+        seen: list[bool] = []
+
+        def change_in_hand() -> None:
+            with lock:
+                held.set()
+                # A deadline, not a figure: the loop sets `alive` at once unless it is stuck.
+                seen.append(alive.wait(5))
+
+        worker = threading.Thread(target=change_in_hand)
+        replica._changing = changing = asyncio.get_running_loop().create_future()
+        worker.start()
+        while not held.is_set():
+            await asyncio.sleep(0.001)
+        replica.snapshot_path = path
+        writing = asyncio.create_task(replica.write_snapshot())
+        for _ in range(3):
+            await asyncio.sleep(0)
+        alive.set()
+        await asyncio.to_thread(worker.join)
+        replica._changing = None
+        changing.set_result(None)
+        await writing
+        await replica.stop()
+        return seen
+
+    assert run(scenario()) == [True]
+
+
 def test_a_replica_started_from_a_snapshot_decides_as_one_loaded_from_the_store(
     store, database_url, path
 ):
