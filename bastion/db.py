@@ -58,6 +58,12 @@ class DatabaseUnavailable(Exception):
     later: the API answers 503."""
 
 
+_LOCK_REFUSED = (
+    "the database was busy: a lock this request needs was held past lock_timeout (by another"
+    " replica's transaction, say); nothing was written; retry"
+)
+
+
 class DatabaseSettingError(ValueError):
     """A database setting that names no database bastion can use: empty, in-memory, another
     product's URL, a directory, a file that is not there where one must be. The message names
@@ -113,13 +119,28 @@ CONNECTION_DEFAULTS = {
 }
 
 
+# Session settings bastion asks for, before the URL's own ``options`` (which win: the last
+# ``-c`` of a name counts). No wait for a lock lasts past ``lock_timeout``: a transaction of
+# another replica that holds one (paused, or cut off with its TCP still up) would otherwise hold
+# every request that needs it, and each one's worker thread, for as long as it lasts; and a
+# session left in a transaction and silent is ended by the server after a minute, letting go of
+# its locks. A wait refused is `DatabaseUnavailable` (503, retry).
+SESSION_DEFAULTS = "-c lock_timeout=30s -c idle_in_transaction_session_timeout=60s"
+
+
 def connect(url: str, role: str) -> psycopg.Connection:
     """A PostgreSQL connection as bastion opens every one: autocommit, named after ``role``,
-    with `CONNECTION_DEFAULTS` for what the URL does not set."""
+    with `CONNECTION_DEFAULTS` for what the URL does not set, and `SESSION_DEFAULTS` before
+    the URL's own ``options``."""
     given = conninfo_to_dict(url)
     defaults = {k: v for k, v in CONNECTION_DEFAULTS.items() if k not in given}
+    options = f"{SESSION_DEFAULTS} {given.get('options', '')}".strip()
     return psycopg.connect(
-        url, autocommit=True, application_name=application_name(url, role), **defaults
+        url,
+        autocommit=True,
+        application_name=application_name(url, role),
+        options=options,
+        **defaults,
     )
 
 
@@ -259,6 +280,8 @@ class Database:
             conn = self._conn if in_transaction else self._connection()
             try:
                 return work(conn)
+            except psycopg.errors.LockNotAvailable as e:
+                raise DatabaseUnavailable(_LOCK_REFUSED) from e
             except _CONNECTION_ERRORS as e:
                 if not self._lost(conn, e):
                     raise
