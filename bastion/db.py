@@ -324,14 +324,17 @@ class Database:
 
         return self._run(run, again=_is_read(sql) if read is None else read)
 
-    def data_version(self) -> int | None:
+    def data_version(self, wait: bool = True) -> int | None:
         """SQLite's ``PRAGMA data_version`` on this connection: it changes when another
-        connection commits. None on PostgreSQL. Read on the gateway's call path (revocation),
-        so without `execute`'s general handling."""
-        if self.is_postgres:
+        connection commits. None on PostgreSQL, and (``wait`` False) while another thread uses
+        the connection: the event loop does not wait for a worker's statement. Read on the
+        gateway's call path (revocation), so without `execute`'s general handling."""
+        if self.is_postgres or not self._lock.acquire(blocking=wait):
             return None
-        with self._lock:
+        try:
             return self._conn.execute("PRAGMA data_version").fetchone()[0]
+        finally:
+            self._lock.release()
 
     def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
         def run(conn: Any) -> None:

@@ -380,7 +380,7 @@ class VerifiedTokens:
             if listener.healthy and listener.caught_up(CATCH_UP):
                 return verified if self._tokens.get(key) is entry else None
         # SQLite, or PostgreSQL without a healthy listener (or one that did not catch up).
-        marker = self.db.data_version()
+        marker = self.db.data_version(wait=not on_loop)
         if marker is None or marker != seen:
             if on_loop:
                 return "off_loop"  # the token's state is read in a worker thread, not here
@@ -425,7 +425,7 @@ class VerifiedTokens:
         listener = self.listener
         if entry is not None:
             if listener is None:
-                if self.db.data_version() == entry[1]:
+                if self.db.data_version(wait=not on_loop) == entry[1]:
                     return entry[0]
             elif (
                 listener.healthy

@@ -7,6 +7,7 @@ import base64
 import json
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -104,6 +105,38 @@ def test_a_remembered_token_is_refused_once_it_expires(bastion):
             oauth.verifier.clock = saved
         assert tokens.remembered(token, bastion.mcp_url("desk")) is None  # another audience
     finally:
+        tokens.close()
+
+
+def test_the_event_loop_does_not_wait_for_a_worker_using_the_token_states_connection(bastion):
+    """On SQLite a remembered token asked for on the event loop reads ``data_version`` on the
+    connection worker threads read token states on: while one of them holds it, the loop is
+    told to ask from a worker (``"off_loop"``) instead of waiting for that statement."""
+    oauth = bastion.app.state.oauth
+    token = bastion.token("sam", "deskhttp")
+    tokens = VerifiedTokens(oauth.verifier, bastion.app.state.config.database)
+    resource = bastion.mcp_url("deskhttp")
+    held, done = threading.Event(), threading.Event()
+    waited: list[bool] = []
+
+    def worker_statement() -> None:
+        with tokens.db._lock:
+            held.set()
+            # A deadline, not a figure: let go of at once unless the answer below waited.
+            waited.append(not done.wait(5))
+
+    worker = threading.Thread(target=worker_statement)
+    try:
+        verified = tokens.verify(token, resource)
+        worker.start()
+        assert held.wait(5)
+        answer = tokens.remembered(token, resource, on_loop=True)
+        done.set()
+        worker.join()
+        assert (answer, waited) == ("off_loop", [False])
+        assert tokens.remembered(token, resource) == verified  # from a worker: read, valid
+    finally:
+        done.set()
         tokens.close()
 
 
