@@ -42,6 +42,15 @@ def _line(record: DecisionRecord) -> str:
         kind = "review" if approval.get("kind") == "review" else "approval"
         status = f":{shown(approval['status'])}" if approval.get("status") else ""
         extra.append(f"{kind}={shown(approval['id'])}{status}")
+    # What it was decided on (the policy version and the facts' change-log sequence), and the
+    # caller's grant, task and session: absent from records written before they were kept.
+    if record.policy_version is not None:
+        extra.append(f"policy={record.policy_version}")
+    if record.sequence is not None:
+        extra.append(f"sequence={record.sequence}")
+    for name in ("grant_id", "task", "session"):
+        if value := getattr(record, name):
+            extra.append(f"{name.removesuffix('_id')}={shown(value)}")
     return (
         f"{at} {record.result:<12} {record.method:<15} {record.target} by {who}"
         f" {' '.join(extra)} {record.latency_us}us id={record.id}"

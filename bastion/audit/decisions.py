@@ -2,7 +2,8 @@
 
 A record holds the decision id, the time, the principals, the MCP method and target, a SHA-256
 digest of the arguments (never the arguments: they may hold personal data), the context the
-policy saw, the result, the rules that decided, the obligations applied and the latency.
+policy saw, the result, the rules that decided, the obligations applied, the latency, the
+policy version and change-log sequence decided on, and the caller's grant, task and session.
 Records are buffered in memory and written in batches off the request path. While the database
 cannot take them they stay buffered, up to a bound; beyond it the oldest are dropped, counted
 and logged.
@@ -88,6 +89,16 @@ class DecisionRecord:
     latency_us: int = 0
     # Why ``rules`` is empty where it should not be: working them out at write time failed.
     unexplained: str = ""
+    # What it was decided on: the policy version in force and the sequence of the change log
+    # the facts were applied up to (as ``/v1``'s records name them); None in records written
+    # before they were recorded, or by a gateway without a replica.
+    policy_version: int | None = None
+    sequence: int | None = None
+    # The caller's grant (what revoking it ends), the task its token is bound to, and its
+    # client session (Mcp-Session-Id, 2025-11-25); "" when it has none.
+    grant_id: str = ""
+    task: str = ""
+    session: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         # Field by field, not `dataclasses.asdict`: that deep-copies the context and obligations,

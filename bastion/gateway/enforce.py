@@ -175,6 +175,7 @@ class Enforcer:
         facts_stale: Callable[[], bool] = lambda: False,
         facts_heard: Callable[[], Awaitable[bool] | None] = lambda: None,
         facts_in_force: Callable[[], Awaitable[None] | None] = lambda: None,
+        position: Callable[[], tuple[int | None, int | None]] = lambda: (None, None),
         approvals: Approvals | None = None,
         suspensions: Suspensions | None = None,
         behavior: LocalBehavior | RedisBehavior | None = None,
@@ -202,6 +203,9 @@ class Enforcer:
         # None unless a fact change is being put in force; else an awaitable of when it is
         # (`Replica.in_force`): see `settled`.
         self.facts_in_force = facts_in_force
+        # The policy version in force and the change-log sequence applied (`Replica`), named in
+        # each decision record; (None, None) without a replica.
+        self.position = position
         self.explained = Explained()
         # The message's own decision, from memory while it cannot have changed (`Remembered`).
         self.decisions = remembered_calls()
@@ -302,6 +306,7 @@ class Enforcer:
         if (changing := self.facts_in_force()) is not None:
             await changing  # one began while the counters or labels were read (`settled`)
         authz = self.authorizer()
+        position = self.position()  # of the policy and facts ``authz`` decides on
         chain = self.decisions(authz, caller.principals, action, resource, context, caller.scopes)
         obligations = chain.obligations
         result, reason, retry_after = "allow", "", None
@@ -368,6 +373,7 @@ class Enforcer:
             result,
             reason,
             started,
+            position,
             approval={"id": linked.id, "kind": linked.kind} if linked is not None else None,
         )
         # The decision's alert rules, the built-in ``behaving`` alerts, a refusal counted
@@ -745,20 +751,66 @@ class Enforcer:
         reason: str,
     ) -> None:
         """The record of a refusal made before the policy was asked."""
+        principals = tuple(repr(p) for p in caller.principals)
         self.write(
-            {
-                "id": decision_id,
-                "at": self.clock(),
-                "server": server,
-                "method": method,
-                "target": repr(resource),
-                "principals": tuple(repr(p) for p in caller.principals),
-                "result": result,
-                "arguments_digest": self.digest(arguments),
-                "context": _without_arguments(context),
-                "reason": reason,
-            }
+            self._fields(
+                decision_id,
+                caller,
+                server,
+                method,
+                repr(resource),
+                principals,
+                result,
+                arguments,
+                context,
+                reason,
+                self.position(),
+            )
         )
+
+    def _fields(
+        self,
+        decision_id: str,
+        caller: Caller,
+        server: str,
+        method: str,
+        target: str,
+        principals: tuple[str, ...],
+        result: str,
+        arguments: Any,
+        context: dict[str, Any],
+        reason: str,
+        position: tuple[int | None, int | None],
+        deciding: str = "",
+        rules: tuple[str, ...] = (),
+        obligations: dict[str, Any] | None = None,
+        latency_us: int = 0,
+    ) -> dict[str, Any]:
+        """The fields of a decision record (`DecisionRecord`): every record the gateway writes
+        is built here. ``position``: the policy version in force and the change-log sequence
+        the facts stood at when it was decided, read with the `Authorizer` that decided."""
+        policy_version, sequence = position
+        return {
+            "id": decision_id,
+            "at": self.clock(),
+            "server": server,
+            "method": method,
+            "target": target,
+            "principals": principals,
+            "result": result,
+            "arguments_digest": self.digest(arguments),
+            "context": _without_arguments(context),
+            "deciding_principal": deciding,
+            "rules": rules,
+            "obligations": {} if obligations is None else obligations,
+            "reason": reason,
+            "latency_us": latency_us,
+            "policy_version": policy_version,
+            "sequence": sequence,
+            "grant_id": caller.grant_id,
+            "task": caller.task,
+            "session": caller.session_id,
+        }
 
     def _record(
         self,
@@ -776,6 +828,7 @@ class Enforcer:
         result: str,
         reason: str,
         started: float,
+        position: tuple[int | None, int | None],
         approval: dict[str, str] | None = None,
     ) -> dict[str, Any]:
         """The decision record of ``chain`` (``shown``: ``resource`` as records spell it),
@@ -799,22 +852,23 @@ class Enforcer:
         if approval is not None:
             # The request that held it, or whose approval (or released result) it used.
             obligations["approval"] = approval
-        record = {
-            "id": decision_id,
-            "at": self.clock(),
-            "server": server,
-            "method": method,
-            "target": shown,
-            "principals": spelled.principals,
-            "result": result,
-            "arguments_digest": self.digest(arguments),
-            "context": _without_arguments(context),
-            "deciding_principal": spelled.deciding,
-            "rules": rules or (),
-            "obligations": obligations,
-            "reason": reason,
-            "latency_us": int((time.perf_counter() - started) * 1e6),
-        }
+        record = self._fields(
+            decision_id,
+            caller,
+            server,
+            method,
+            shown,
+            spelled.principals,
+            result,
+            arguments,
+            context,
+            reason,
+            position,
+            spelled.deciding,
+            rules or (),
+            obligations,
+            int((time.perf_counter() - started) * 1e6),
+        )
         self._signals(authz, chain, action, resource, context, record)
         if result != "allow":
             self.write(record)

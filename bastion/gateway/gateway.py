@@ -159,6 +159,7 @@ class Gateway:
         facts_stale: Callable[[], bool] = lambda: False,
         facts_heard: Callable[[], Awaitable[bool] | None] = lambda: None,
         facts_in_force: Callable[[], Awaitable[None] | None] = lambda: None,
+        position: Callable[[], tuple[int | None, int | None]] = lambda: (None, None),
         max_json_depth: int = untrusted_json.DEFAULT_MAX_DEPTH,
         approvals: Approvals | None = None,
         suspensions: Suspensions | None = None,
@@ -195,6 +196,7 @@ class Gateway:
             facts_stale=facts_stale,
             facts_heard=facts_heard,
             facts_in_force=facts_in_force,
+            position=position,
             approvals=approvals,
             suspensions=suspensions,
         )

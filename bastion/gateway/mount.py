@@ -51,13 +51,15 @@ def gateway_from_config(
     approvals=None,
     suspensions=None,
     facts_in_force: Callable[[], Awaitable[None] | None] = lambda: None,
+    position: Callable[[], tuple[int | None, int | None]] = lambda: (None, None),
 ) -> Gateway:
     """The gateway of the ``[gateway]`` table; it checks tokens with the ``[oauth]`` server.
     While ``facts_stale()`` the facts are too old to decide on, and every decision refuses;
     ``facts_heard()`` is awaited first when it gives an awaitable (a fact change heard of and not
     applied yet), and a decision refuses if it says False; ``facts_in_force()`` gives an awaitable
     while a fact change is being put in force (`Replica.in_force`), awaited before a decision
-    taken after the message waited for something else."""
+    taken after the message waited for something else; ``position()`` gives the policy version
+    in force and the change-log sequence applied, named in each decision record."""
     if oauth is None:
         raise ConfigError(
             f"{config.named} has a [gateway] table but no [oauth] table: the gateway accepts"
@@ -88,6 +90,7 @@ def gateway_from_config(
         facts_stale=facts_stale,
         facts_heard=facts_heard,
         facts_in_force=facts_in_force,
+        position=position,
         records=records,
         resource_scopes=lambda uri: r.scopes if (r := settings.resource(uri)) else (),
         digest_key=digest_key,

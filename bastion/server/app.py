@@ -274,6 +274,7 @@ def _gateway(config: ServerConfig, oauth, replica: Replica, approvals):
         approvals=approvals,
         suspensions=replica.suspensions,
         facts_in_force=replica.in_force,
+        position=lambda: (replica.policy_version, replica.applied),
     )
 
 

@@ -3,13 +3,22 @@
 from __future__ import annotations
 
 import json
+import time
 
+import anyio
 import pytest
 from mcp.shared.exceptions import MCPError
 
+from bastion.audit.commands import _line
+from bastion.audit.decisions import DecisionRecords
+from bastion.db import Database
+from bastion.decide import Authorizer
+from bastion.facts.model import Entity
+from bastion.gateway.enforce import Caller, Enforcer
+from bastion.gateway.jsonrpc import RpcError
 from bastion.policy.parser import parse_fact
 
-from .streams import legacy_session
+from .streams import legacy_session, messages
 
 
 @pytest.mark.parametrize("mode", ["legacy", "auto"])
@@ -146,3 +155,94 @@ def test_the_record_writer_is_woken_only_when_a_record_waits(bastion):
         assert 0 not in woken_with
     finally:
         del records.flush
+
+
+def test_a_calls_record_names_the_policy_version_and_facts_it_was_decided_on_and_its_grant(
+    bastion,
+):
+    """Explainable months later: each record says which policy version decided and the change-log
+    sequence of the facts, and whose grant and session the call came with. A policy put in force
+    between two calls shows as two versions."""
+    token = bastion.token("sam", "desk")
+    headers = legacy_session(bastion, token, "desk")
+    grant_id = bastion.app.state.gateway.tokens.verify(token, bastion.mcp_url("desk")).grant_id
+    replica = bastion.app.state.replica
+
+    def search(request_id: int) -> None:
+        params = {"name": "search_customers", "arguments": {"query": "ada"}}
+        message = {"jsonrpc": "2.0", "id": request_id, "method": "tools/call", "params": params}
+        response = bastion.http.post(bastion.mcp_url("desk"), headers=headers, json=message)
+        assert "result" in messages(response)[-1], response.text
+
+    search(1)
+    first_version, first_sequence = replica.policy_version, replica.applied
+    policy = bastion.store.policy()
+    version, seq = bastion.store.put_policy(policy.text, source=policy.source, actor="test")
+    deadline = time.monotonic() + 10
+    while replica.policy_version != version:
+        assert time.monotonic() < deadline, "the replica did not put the policy in force"
+        time.sleep(0.01)
+    search(2)
+    bastion.flush()
+    calls = [
+        r
+        for _, r in bastion.records.after(0, 100000)
+        if r.session == headers["mcp-session-id"] and r.method == "tools/call"
+    ]
+    assert [(r.policy_version, r.sequence) for r in calls] == [
+        (first_version, first_sequence),
+        (version, seq),
+    ]
+    assert first_version is not None and version == first_version + 1
+    assert {(r.grant_id, r.task) for r in calls} == {(grant_id, "")}
+    assert f"policy={version} sequence={seq} grant={grant_id}" in _line(calls[1])
+
+
+ALLOW_CALLS = """
+actor User {}
+actor Agent {}
+resource Tool { permissions = ["call"]; }
+allow(_actor, "call", _tool: Tool);
+"""
+
+
+def test_a_refusal_before_the_policy_is_recorded_with_the_same_fields_as_a_decision(tmp_path):
+    """A refusal made before the policy is asked (facts too old here, a suspension likewise) is
+    recorded as a decision is: the policy version and sequence in force, the grant, the task the
+    token is bound to and the session."""
+    records = DecisionRecords(Database(str(tmp_path / "records.db")))
+    stale = [False]
+    enforcer = Enforcer(
+        lambda: Authorizer(ALLOW_CALLS),
+        records,
+        facts_stale=lambda: stale[0],
+        position=lambda: (7, 1234),
+    )
+    caller = Caller(
+        "sam", "agent", frozenset(), "127.0.0.1", "2025-11-25", "g-1", "s-1", task="task-9"
+    )
+    tool = Entity("Tool", "desk/search_customers")
+
+    async def decide() -> None:
+        context = enforcer.context(caller, "desk", "tools/call")
+        verdict = await enforcer.decide(caller, "desk", "tools/call", "call", tool, context, {})
+        enforcer.write(verdict.record)
+
+    anyio.run(decide)
+    stale[0] = True
+    with pytest.raises(RpcError):
+        anyio.run(decide)
+    records.flush()
+    written = [r for _, r in records.after(0)]
+    assert [(r.result, r.reason) for r in written] == [
+        ("allow", ""),
+        ("unavailable", "facts_stale"),
+    ]
+    for r in written:
+        assert (r.policy_version, r.sequence, r.grant_id, r.task, r.session) == (
+            7,
+            1234,
+            "g-1",
+            "task-9",
+            "s-1",
+        )
