@@ -19,6 +19,7 @@ from starlette.types import Receive, Scope, Send
 from bastion import untrusted_json
 from bastion.approvals.service import Approvals
 from bastion.audit.decisions import DecisionRecords
+from bastion.audit.refusals import RefusalLog
 from bastion.db import DatabaseUnavailable
 from bastion.decide import Authorizer
 from bastion.decide.contract import remembered_connects
@@ -31,6 +32,7 @@ from bastion.gateway.holds import RequestStates, pending_error
 from bastion.gateway.jsonrpc import RpcError
 from bastion.gateway.metadata import WELL_KNOWN, ProtectedResourceMetadata, metadata_url
 from bastion.gateway.ratelimit import RateLimiter, RedisRateLimiter
+from bastion.gateway.refusals import RequestRefusals
 from bastion.gateway.sessions import (
     LIST_CHANGED,
     RESOURCE_UPDATED,
@@ -166,6 +168,7 @@ class Gateway:
         posture: PostureSettings | None = None,
         trusted: TrustedIssuers | None = None,
         dpop: DPoPProofs | None = None,
+        refusals: RefusalLog | None = None,
     ) -> None:
         self.config = config
         # [[gateway.trusted_issuers]]: identity providers whose access tokens are accepted too.
@@ -183,6 +186,9 @@ class Gateway:
         own = origin_of(self.public_url)
         self.allowed_origins = frozenset(config.allowed_origins or ((own,) if own else ()))
         self.records = records
+        # Clients' requests refused before any decision, audited aggregated (the OAuth side's
+        # `RefusalLog`); None audits none.
+        self.refusals = RequestRefusals(refusals)
         self.limiter = (
             RedisRateLimiter(config.redis_url, config.redis_prefix)
             if config.redis_url

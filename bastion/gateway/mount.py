@@ -98,6 +98,7 @@ def gateway_from_config(
         approvals=approvals,
         suspensions=suspensions,
         posture=posture_settings(config),
+        refusals=oauth.verifier.refusals,
         trusted=TrustedIssuers(
             gateway_config.trusted_issuers,
             refusals=oauth.verifier.refusals,

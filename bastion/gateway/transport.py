@@ -348,24 +348,27 @@ class StreamableHttpEndpoint:
                 raw, max_depth=gateway.max_json_depth, bounded_numbers=False
             )
         except untrusted_json.JsonRefused as e:
-            raise HttpError(
-                400, RpcError(PARSE_ERROR, f"the body is refused: {e}").body(None)
-            ) from None
+            refusal = RpcError(PARSE_ERROR, f"the body is refused: {e}", http_status=400)
+            raise await self._refused(refusal, caller, upstream.name, None, None) from None
         if isinstance(value, list):
-            raise HttpError(
-                400,
-                RpcError(
-                    INVALID_REQUEST,
-                    "JSON-RPC batches are not accepted: MCP 2025-06-18 and later send one message"
-                    " per POST",
-                ).body(None),
+            refusal = RpcError(
+                INVALID_REQUEST,
+                "JSON-RPC batches are not accepted: MCP 2025-06-18 and later send one message"
+                " per POST",
+                http_status=400,
             )
+            raise await self._refused(refusal, caller, upstream.name, None, None)
         try:
             message = parse_message(value)
         except RpcError as e:
             request_id = value.get("id") if isinstance(value, dict) else None
-            raise HttpError(
-                e.http_status, e.body(request_id if isinstance(request_id, str | int) else None)
+            named = value.get("method") if isinstance(value, dict) else None
+            raise await self._refused(
+                e,
+                caller,
+                upstream.name,
+                named,
+                request_id if isinstance(request_id, str | int) else None,
             ) from None
         method = message.method
         version = headers.get("mcp-protocol-version", "")
@@ -394,7 +397,7 @@ class StreamableHttpEndpoint:
             else:
                 session = self._session(upstream.name, caller, headers)
         except RpcError as e:
-            raise HttpError(e.http_status, e.body(message.id)) from None
+            raise await self._refused(e, caller, upstream.name, method, message.id) from None
         owner = (upstream.name, caller.subject, caller.client_id, session and session.id)
         if method is None:
             # A response to what bastion asked this client for an upstream (sampling...).
@@ -504,6 +507,16 @@ class StreamableHttpEndpoint:
             extra["mcp-session-id"] = opened.id
         _counted(exchange, await send_json(send, status, body, {**response_headers, **extra}))
 
+    async def _refused(
+        self, error: RpcError, caller: Caller, server: str, method: Any, request_id: Any
+    ) -> HttpError:
+        """The answer to a client's request refused with ``error``: where the transport turns
+        every `RpcError` of a request into its answer. A refusal no decision record holds is
+        audited first, aggregated (`bastion.gateway.refusals`); nothing is on an allowed
+        call's path."""
+        await self.gateway.refusals.note(error, caller, server, method)
+        return HttpError(error.http_status, error.body(request_id))
+
     def _answered(self, owner: tuple, message) -> None:
         """Route a client's response to the request bastion sent it; refuse (400, nothing
         forwarded) a response to no such request, or from anyone but the client it was sent to
@@ -571,7 +584,8 @@ class StreamableHttpEndpoint:
                 },
             ) from None
         except RpcError as e:
-            return e.body(ex.message.id), e.http_status, {}
+            refused = await self._refused(e, ex.caller, ex.server, ex.message.method, ex.message.id)
+            return refused.body, e.http_status, {}
         except Exception:
             log.exception("gateway: %s on %s failed", ex.message.method, ex.server)
             return (
@@ -797,7 +811,9 @@ class StreamableHttpEndpoint:
             await admit_and_start(ex)
             offered = ex.connection.init_result.get("capabilities") or {}
         except RpcError as e:
-            raise HttpError(e.http_status, e.body(message.id)) from None
+            raise await self._refused(
+                e, caller, upstream.name, message.method, message.id
+            ) from None
         except StepUp:
             raise HttpError(403, None) from None
         finally:

@@ -393,3 +393,63 @@ def test_every_other_spelling_of_a_uri_bastion_takes_is_refused(
         if other == uri:
             return
     assert spelling_refused(other) is not None, other
+
+
+def _claims(token: str) -> dict:
+    payload = token.split(".")[1]
+    return json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+
+
+def test_refusals_before_any_decision_are_audited_aggregated_with_their_caller(bastion):
+    """A request refused before any decision (a forged requestState, an attack signal; a resource
+    URI in another spelling; malformed JSON-RPC) leaves an ``mcp.refused`` audit row naming the
+    user, the agent, the server, the method and the JSON-RPC error, aggregated per agent, address
+    and reason: a flood of a thousand bad requests leaves a bounded number of rows, its count
+    whole."""
+    oauth = bastion.app.state.oauth
+
+    def rows(client_id: str) -> list:
+        return [e for e in oauth.audit.events("mcp.refused", 100000) if e.client_id == client_id]
+
+    desk = bastion.token("sam", "deskhttp")
+    forged = post(bastion, desk, call(requestState="forged", inputResponses={}), **MODERN)
+    assert forged.status_code == 400 and "requestState was not issued" in forged.text
+    [row] = rows(_claims(desk)["client_id"])
+    assert (row.subject, row.detail["server"], row.detail["method"]) == (
+        "sam",
+        "deskhttp",
+        "tools/call",
+    )
+    assert (row.detail["reason"], row.detail["code"]) == ("invalid_params", -32602)
+    assert row.detail["message"].startswith("requestState was not issued by bastion")
+
+    lab = bastion.token("sam", "labhttp")
+    uri = "lab://x/../secret"
+    spelled = bastion.http.post(
+        bastion.mcp_url("labhttp"),
+        json=modern_request(3, "resources/read", {"uri": uri}),
+        headers=modern_headers(lab, "resources/read", _spelled(uri)),
+    )
+    assert spelled.status_code == 400
+    [row] = rows(_claims(lab)["client_id"])
+    assert (row.detail["server"], row.detail["method"], row.detail["reason"]) == (
+        "labhttp",
+        "resources/read",
+        "invalid_params",
+    )
+    assert "one spelling only" not in row.detail["message"]  # its first words only
+
+    flood = bastion.token("sam", "deskhttp")
+    bad = [
+        dict(body={"hello": "world"}),
+        dict(body=call(requestState="forged", inputResponses={}), **MODERN),
+        dict(content=b"{not json"),
+    ]
+    for i in range(1000):
+        assert post(bastion, flood, **bad[i % 3]).status_code == 400
+    client_id = _claims(flood)["client_id"]
+    assert len(rows(client_id)) == 3  # the first of each reason; the rest are counted
+    oauth.refusals.flush(everything=True)  # as at shutdown: the windows' counts are written
+    written = rows(client_id)
+    assert len(written) == 6
+    assert sum(e.detail.get("repeats", 1) for e in written) == 1000

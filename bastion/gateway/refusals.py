@@ -1,0 +1,83 @@
+"""Refusals of a client's MCP request that no decision record holds: a malformed message or
+params, an unknown session, a forged or foreign ``requestState``, a refused resource URI spelling.
+Audited as ``mcp.refused`` events, aggregated by `bastion.audit.refusals.RefusalLog` (address,
+reason, agent; windows of a minute), so that a flood writes a bounded number of rows.
+
+Asked only on the error path: an allowed call never comes here.
+"""
+
+from __future__ import annotations
+
+import logging
+from functools import partial
+from typing import Any
+
+import anyio
+
+from bastion.audit.refusals import RefusalLog
+from bastion.gateway.enforce import Caller
+from bastion.gateway.jsonrpc import (
+    HEADER_MISMATCH,
+    INVALID_PARAMS,
+    INVALID_REQUEST,
+    METHOD_NOT_FOUND,
+    PARSE_ERROR,
+    SESSION_NOT_FOUND,
+    UNSUPPORTED_PROTOCOL_VERSION,
+    RpcError,
+)
+
+log = logging.getLogger("bastion.gateway")
+
+KIND = "mcp.refused"
+# The JSON-RPC errors that refuse a client's own request before any decision, by the reason
+# their rows give: a small fixed set, since the reason keys the aggregation. The others (a
+# policy's refusal, an upstream that is down, bastion's own failure) are recorded elsewhere or
+# are no refusal of the request.
+REASONS = {
+    PARSE_ERROR: "parse_error",
+    INVALID_REQUEST: "invalid_request",
+    METHOD_NOT_FOUND: "method_not_found",
+    INVALID_PARAMS: "invalid_params",
+    SESSION_NOT_FOUND: "session_not_found",
+    HEADER_MISMATCH: "header_mismatch",
+    UNSUPPORTED_PROTOCOL_VERSION: "unsupported_protocol_version",
+}
+# Words of the error's message kept in the row: what was refused, not what the client sent.
+FIRST_WORDS = 12
+
+
+class RequestRefusals:
+    """Audits the refusals of clients' requests (see module); with no log, none."""
+
+    def __init__(self, refusals: RefusalLog | None) -> None:
+        self.refusals = refusals
+
+    async def note(self, error: RpcError, caller: Caller, server: str, method: Any) -> None:
+        """Audit ``error``, the answer to ``caller``'s request ``method`` to ``server``, if it
+        is a refusal of the request that no decision record holds. The database being down does
+        not change the answer: the refusal is still sent, the count kept for later
+        (`RefusalLog`), and a warning logged."""
+        reason = REASONS.get(error.code)
+        if reason is None or self.refusals is None:
+            return
+        if error.data is not None and "decision_id" in error.data:
+            return  # decided, and in the decision records
+        words = error.message.split(maxsplit=FIRST_WORDS)
+        try:
+            await anyio.to_thread.run_sync(
+                partial(
+                    self.refusals.record,
+                    KIND,
+                    address=caller.address,
+                    reason=reason,
+                    client_id=caller.client_id,
+                    subject=caller.subject,
+                    server=server,
+                    method=method if isinstance(method, str) else None,
+                    code=error.code,
+                    message=" ".join(words[:FIRST_WORDS]),
+                )
+            )
+        except Exception as e:
+            log.warning("a refused MCP request could not be audited now: %s", e)
