@@ -88,6 +88,20 @@ async def _form(request: Request) -> dict[str, str]:
     return {k: str(v) for k, v in form.items()}
 
 
+class SuspendedGrant(InvalidGrant):
+    """The kill switch's refusal at ``/token``: `InvalidGrant` to the client, and the user, the
+    agents of the chain and the one suspended kept for its audit row (`_token_refused`)."""
+
+    def __init__(self, suspended: Entity, subject: str, agents: Sequence[str]) -> None:
+        super().__init__(
+            f"{describe(suspended)} is suspended (the kill switch): no token is issued until"
+            " an operator resumes it"
+        )
+        self.suspended = suspended
+        self.subject = subject
+        self.agents = tuple(agents)
+
+
 class AuthorizationServer:
     """bastion's authorization server over one database. Mount `routes()` at the host root."""
 
@@ -238,10 +252,7 @@ class AuthorizationServer:
         code stays unused, usable again once resumed)."""
         suspended = self.suspended(subject, agents)
         if suspended is not None:
-            raise InvalidGrant(
-                f"{describe(suspended)} is suspended (the kill switch): no token is issued"
-                " until an operator resumes it"
-            )
+            raise SuspendedGrant(suspended, subject, agents)
         access = mint_access_token(
             self.keys,
             issuer=self.settings.issuer,
@@ -502,6 +513,23 @@ class AuthorizationServer:
         request (no client, a wrong secret, a public client anyone can name) is aggregated."""
         if getattr(error, "audited", False):
             return  # recorded with more detail where it was refused (a token exchange)
+        if isinstance(error, SuspendedGrant):
+            # Rare and security-relevant, and the request proved a grant (a code, a refresh
+            # token, a client's secret): a row each, naming the user and agent, never counted
+            # in with a public client's other invalid_grants.
+            self.audit.record(
+                kind,
+                subject=error.subject,
+                client_id=error.agents[-1],
+                address=client_address(request),
+                reason="suspended",
+                suspended=repr(error.suspended),
+                agents=list(error.agents),
+                grant_type=form.get("grant_type"),
+                error=error.error,
+                description=error.description,
+            )
+            return
         detail = {
             "grant_type": form.get("grant_type"),
             "error": error.error,

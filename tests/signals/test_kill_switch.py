@@ -227,6 +227,37 @@ def test_a_suspended_agent_is_issued_no_token_by_client_credentials(bastion, key
     assert token_request(bastion, form, agent).status_code == 200
 
 
+def test_each_refusal_of_a_token_to_a_suspended_user_is_audited_naming_them(bastion, key):
+    """The kill switch's refusals at /token are rare and security-relevant: each has a row of its
+    own with reason ``suspended``, naming the user and agent, and is not counted in with the
+    other invalid_grants of a public client (which anyone can name)."""
+    issued = token_request(bastion, authorization_code(bastion, "sam")).json()
+    agent = client_id(issued["access_token"])
+    refresh = {"grant_type": "refresh_token", "refresh_token": issued["refresh_token"]}
+    suspend(bastion, key, "user", "sam")
+    try:
+        for _ in range(3):
+            refused_while_suspended(
+                token_request(bastion, {**refresh, "client_id": agent}), "user 'sam'"
+            )
+    finally:
+        resume(bastion, key, "user", "sam")
+    rows = [
+        e
+        for e in bastion.app.state.oauth.audit.events("token.refused", 10000)
+        if e.client_id == agent
+    ]
+    assert len(rows) == 3
+    for row in rows:
+        assert (row.subject, row.detail["reason"], row.detail["error"]) == (
+            "sam",
+            "suspended",
+            "invalid_grant",
+        )
+        assert row.detail["suspended"] == 'User{"sam"}' and row.detail["agents"] == [agent]
+        assert row.detail["grant_type"] == "refresh_token" and "repeats" not in row.detail
+
+
 @pytest.mark.parametrize("era", ["legacy", "modern"])
 def test_suspending_an_agent_ends_its_open_streams_at_once_and_no_others(bastion, key, era):
     token, other = bastion.token("sam", "lab"), bastion.token("sam", "lab")
