@@ -168,6 +168,16 @@ def test_a_calls_record_names_the_policy_version_and_facts_it_was_decided_on_and
     grant_id = bastion.app.state.gateway.tokens.verify(token, bastion.mcp_url("desk")).grant_id
     replica = bastion.app.state.replica
 
+    def caught_up(done) -> None:
+        deadline = time.monotonic() + 10
+        while not done():
+            assert time.monotonic() < deadline, "the replica did not catch up"
+            time.sleep(0.01)
+
+    # Signing in writes facts (the agent's identity): the first call is decided once they are in.
+    head = bastion.store.head()
+    caught_up(lambda: replica.applied >= head)
+
     def search(request_id: int) -> None:
         params = {"name": "search_customers", "arguments": {"query": "ada"}}
         message = {"jsonrpc": "2.0", "id": request_id, "method": "tools/call", "params": params}
@@ -178,10 +188,7 @@ def test_a_calls_record_names_the_policy_version_and_facts_it_was_decided_on_and
     first_version, first_sequence = replica.policy_version, replica.applied
     policy = bastion.store.policy()
     version, seq = bastion.store.put_policy(policy.text, source=policy.source, actor="test")
-    deadline = time.monotonic() + 10
-    while replica.policy_version != version:
-        assert time.monotonic() < deadline, "the replica did not put the policy in force"
-        time.sleep(0.01)
+    caught_up(lambda: replica.applied >= seq)
     search(2)
     bastion.flush()
     calls = [
