@@ -381,7 +381,9 @@ scopes = ["customers:read"]
     from bastion.oauth.store import OAuthStore
 
     db = Database(database)
-    OAuthStore(db).change_password("sam", users.hash_password(PASSWORD), time.time())
+    OAuthStore(db).change_password(
+        "sam", users.hash_password(PASSWORD), time.time(), actor="benchmark"
+    )
     if records:
         from records_bench import fill
 

@@ -13,6 +13,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 from bastion.agents.identity import AgentError
+from bastion.audit.actor import cli_actor
 from bastion.db import Database
 from bastion.oauth.ciba import CIBA_GRANT_TYPE
 from bastion.oauth.errors import OAuthError
@@ -66,7 +67,7 @@ def _when(timestamp: float | None) -> str:
 
 def users_create(args: argparse.Namespace) -> int:
     store = OAuthStore(_database(args))
-    create_user(store, args.username, _password(args), time.time())
+    create_user(store, args.username, _password(args), time.time(), actor=cli_actor())
     print(f"created user {args.username}")
     return 0
 
@@ -75,7 +76,7 @@ def users_set_password(args: argparse.Namespace) -> int:
     store = OAuthStore(_database(args))
     if not any(user[0] == args.username for user in store.users()):
         raise CommandError(f"no user {args.username!r}")
-    change_password(store, args.username, _password(args), time.time())
+    change_password(store, args.username, _password(args), time.time(), actor=cli_actor())
     print(
         f"password of {args.username} changed; their sessions are ended and their grants"
         " revoked (agents must send them through sign-in again)"
@@ -91,7 +92,7 @@ def users_list(args: argparse.Namespace) -> int:
 
 
 def users_disable(args: argparse.Namespace) -> int:
-    if not OAuthStore(_database(args)).disable_user(args.username, time.time()):
+    if not OAuthStore(_database(args)).disable_user(args.username, time.time(), actor=cli_actor()):
         raise CommandError(f"no active user {args.username!r}")
     print(f"disabled {args.username}; their sessions, consents and grants are revoked")
     return 0
@@ -102,7 +103,7 @@ def users_enable(args: argparse.Namespace) -> int:
     state = store.user_state(args.username)
     if state is None:
         raise CommandError(f"no user {args.username!r}")
-    if state == "enabled" or not store.enable_user(args.username):
+    if state == "enabled" or not store.enable_user(args.username, actor=cli_actor()):
         raise CommandError(f"user {args.username!r} is not disabled")
     print(
         f"enabled {args.username}; they sign in again, and nothing issued before the disable"
@@ -177,9 +178,9 @@ def clients_create(args: argparse.Namespace) -> int:
     store, facts = OAuthStore(db), FactStore(db)
     if args.parent and store.client(args.parent) is None:
         raise CommandError(f"--parent {args.parent!r}: no such client")
-    actor = f"cli:{_user()}"
+    actor = cli_actor()
     with db.transaction():
-        store.save_client(registered.client)
+        store.register_client(registered.client, actor=actor)
         # The administrator who registers an agent names its owner (and parent, for a sub-agent).
         if args.owner:
             identity.set_owner(facts, registered.client.client_id, args.owner, actor)
@@ -188,13 +189,6 @@ def clients_create(args: argparse.Namespace) -> int:
     # The secret (if any) is shown this once; only its digest is stored.
     print(json.dumps(registered.response(), indent=2))
     return 0
-
-
-def _user() -> str:
-    try:
-        return getpass.getuser()
-    except Exception:  # no user name in this environment (a container without one)
-        return "unknown"
 
 
 def clients_list(args: argparse.Namespace) -> int:
@@ -226,7 +220,9 @@ def clients_list(args: argparse.Namespace) -> int:
 
 
 def clients_revoke(args: argparse.Namespace) -> int:
-    if not OAuthStore(_database(args)).revoke_client(args.client_id, time.time()):
+    if not OAuthStore(_database(args)).revoke_client(
+        args.client_id, time.time(), actor=cli_actor()
+    ):
         raise CommandError(f"no active client {args.client_id!r}")
     print(f"revoked {args.client_id} and every grant it held")
     return 0
@@ -245,7 +241,7 @@ def _key_ring(args: argparse.Namespace) -> KeyRing:
 
 
 def signing_keys_rotate(args: argparse.Namespace) -> int:
-    kid = _key_ring(args).rotate()
+    kid = _key_ring(args).rotate(actor=cli_actor())
     print(
         f"new signing key {kid}; the previous key verifies until its tokens expire"
         " (if it may be stolen, retire it now: `bastion signing-keys retire KID`)"
@@ -255,7 +251,7 @@ def signing_keys_rotate(args: argparse.Namespace) -> int:
 
 def signing_keys_retire(args: argparse.Namespace) -> int:
     try:
-        revoked = _key_ring(args).retire(args.kid)
+        revoked = _key_ring(args).retire(args.kid, actor=cli_actor())
     except KeyRetirementRefused as refused:
         raise CommandError(str(refused)) from None
     print(

@@ -23,6 +23,7 @@ from pathlib import Path
 from joserfc.jwk import ECKey, KeySet
 
 from bastion import atomic_files
+from bastion.audit.actor import SERVER
 from bastion.oauth.store import OAuthStore
 
 ALGORITHM = "ES256"
@@ -64,8 +65,9 @@ class KeyRing:
     def _private_path(self, kid: str) -> Path:
         return self.key_dir / f"{kid}.pem"
 
-    def rotate(self) -> str:
-        """Create a new signing key; it signs from now on. Returns its ``kid``."""
+    def rotate(self, *, actor: str) -> str:
+        """Create a new signing key; it signs from now on. Returns its ``kid``. ``actor``:
+        who, for the audit log."""
         self.key_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         key = ECKey.generate_key("P-256")
         kid = key.thumbprint()
@@ -73,19 +75,21 @@ class KeyRing:
         if not atomic_files.create(self._private_path(kid), key.as_pem(private=True)):
             raise FileExistsError(f"{self._private_path(kid)} exists already")
         public = {**key.as_dict(private=False), "kid": kid, "use": "sig", "alg": ALGORITHM}
-        self.store.add_signing_key(kid, json.dumps(public, sort_keys=True), self.clock())
+        self.store.add_signing_key(
+            kid, json.dumps(public, sort_keys=True), self.clock(), actor=actor
+        )
         self._signer = None
         self._public = None
         self.prune()
         return kid
 
-    def retire(self, kid: str) -> int:
+    def retire(self, kid: str, *, actor: str) -> int:
         """Withdraw the retired key ``kid`` at once, for when its private half may be stolen:
         it leaves the JWKS and verification, its private file is removed, and every access
         token it signed is revoked, which every replica learns as it learns any revocation
         (`OAuthStore.retire_signing_key`). Returns how many tokens were revoked.
         `KeyRetirementRefused` for the key that signs (rotate first) or an unknown one."""
-        revoked = self.store.retire_signing_key(kid, self.clock())
+        revoked = self.store.retire_signing_key(kid, self.clock(), actor=actor)
         self._private_path(kid).unlink(missing_ok=True)
         self._signer = None
         self._public = None
@@ -106,7 +110,7 @@ class KeyRing:
             return self._signer
         key = self._current()
         if key is None:
-            self.rotate()
+            self.rotate(actor=SERVER)
             return self.signer()
         self._signer = key
         self._signer_at = self.clock()

@@ -15,7 +15,6 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from bastion import untrusted_json
-from bastion.audit import AuditLog
 from bastion.audit.refusals import RefusalLog
 from bastion.db import Database, DatabaseUnavailable
 from bastion.facts.model import Entity
@@ -120,10 +119,10 @@ class AuthorizationServer:
         self.max_json_depth = max_json_depth
         self.db = db
         self.clock = clock
-        self.store = OAuthStore(db)
+        self.store = OAuthStore(db, clock)
         # Agent identities (owner, parent) are facts: the change log takes them to replicas.
         self.facts = FactStore(db)
-        self.audit = AuditLog(db, clock)
+        self.audit = self.store.audit
         self.refusals = RefusalLog(
             self.audit,
             window_seconds=settings.refusal_audit.window_seconds,

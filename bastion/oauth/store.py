@@ -6,7 +6,8 @@ Secrets (codes, refresh tokens, session ids, client secrets, CIBA auth_req_ids) 
 they are high-entropy random strings, so a digest is enough and a database leak reveals none.
 Every revocation of an access token or a grant, every user disabled and every revocation of all
 of a user's grants is announced, in its transaction, on `REVOCATIONS_CHANNEL` (PostgreSQL NOTIFY) and, once committed, to this process's
-subscribers.
+subscribers. Every change an administrator (or the server) makes here is recorded in the audit
+log, in the transaction that makes it, naming the ``actor`` (`bastion.audit.actor`).
 """
 
 from __future__ import annotations
@@ -14,9 +15,11 @@ from __future__ import annotations
 import hashlib
 import json
 import secrets
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from bastion.audit.log import AuditLog
 from bastion.db import Database
 
 # The payload of each notification is the grant_id whose tokens (all, or one) were revoked, or
@@ -371,10 +374,12 @@ def _client(row: tuple) -> Client:
 class OAuthStore:
     """Data access for the authorization server; one method per thing it needs to know or do."""
 
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, clock: Callable[[], float] = time.time) -> None:
         self.db = db
         self._revocation_subscribers: list[Callable[[str], None]] = []
         db.migrate("oauth", _MIGRATIONS)
+        # The record of each change made here, written in the change's own transaction.
+        self.audit = AuditLog(db, clock)
 
     # revocations: who must forget a token at once
 
@@ -398,6 +403,19 @@ class OAuthStore:
             self.db.after_commit(lambda callback=callback: callback(payload))
 
     # clients
+
+    def register_client(self, client: Client, *, actor: str) -> None:
+        """Save a client an administrator registers (`bastion clients create`), recorded as
+        ``client.registered`` as a dynamic registration is."""
+        with self.db.transaction():
+            self.save_client(client)
+            self.audit.record(
+                "client.registered",
+                client_id=client.client_id,
+                client_name=client.client_name,
+                auth_method=client.token_endpoint_auth_method,
+                actor=actor,
+            )
 
     def save_client(self, client: Client) -> None:
         """Insert a client, or replace the cached copy of a metadata-document client."""
@@ -518,8 +536,9 @@ class OAuthStore:
             )
             return True
 
-    def revoke_client(self, client_id: str, now: float) -> bool:
-        """Revoke the client and every grant it holds; False when no such active client."""
+    def revoke_client(self, client_id: str, now: float, *, actor: str) -> bool:
+        """Revoke the client and every grant it holds, recorded (``client.revoked``); False
+        when no such active client."""
         with self.db.transaction():
             rows = self.db.execute(
                 "UPDATE oauth_clients SET revoked_at = ? WHERE client_id = ? AND revoked_at IS NULL"
@@ -528,20 +547,27 @@ class OAuthStore:
             )
             if not rows:
                 return False
+            revoked = 0
             for (grant_id,) in self.db.execute(
                 "SELECT grant_id FROM oauth_grants WHERE client_id = ? AND revoked_at IS NULL",
                 (client_id,),
             ):
-                self.revoke_grant(grant_id, now, "client revoked")
+                revoked += self.revoke_grant(grant_id, now, "client revoked")
+            self.audit.record(
+                "client.revoked", client_id=client_id, actor=actor, grants_revoked=revoked
+            )
             return True
 
     # users
 
-    def create_user(self, username: str, password_hash: str, now: float) -> None:
-        self.db.execute(
-            "INSERT INTO oauth_users (username, password_hash, created_at) VALUES (?, ?, ?)",
-            (username, password_hash, now),
-        )
+    def create_user(self, username: str, password_hash: str, now: float, *, actor: str) -> None:
+        """Add a local user, recorded (``user.created``; never the hash)."""
+        with self.db.transaction():
+            self.db.execute(
+                "INSERT INTO oauth_users (username, password_hash, created_at) VALUES (?, ?, ?)",
+                (username, password_hash, now),
+            )
+            self.audit.record("user.created", subject=username, actor=actor)
 
     def user_password_hash(self, username: str) -> str | None:
         """The stored hash of an enabled user, or None."""
@@ -576,11 +602,12 @@ class OAuthStore:
             "UPDATE oauth_users SET password_hash = ? WHERE username = ?", (password_hash, username)
         )
 
-    def change_password(self, username: str, password_hash: str, now: float) -> bool:
+    def change_password(self, username: str, password_hash: str, now: float, *, actor: str) -> bool:
         """Give the user a new password and, in the same transaction, end everything the old
         one let in: their sessions, and every grant with its tokens, as a revocation of all
         their grants (`revoke_user_grants`, announced). A password is changed after a suspected
-        takeover, and whoever took over holds those. False when there is no such user."""
+        takeover, and whoever took over holds those. Recorded (``user.password_changed``, with
+        how many grants were revoked; never the hash). False when there is no such user."""
         with self.db.transaction():
             # The user's lock before their row, in the order `create_grant` takes them.
             self._lock_user(username, shared=False)
@@ -590,7 +617,10 @@ class OAuthStore:
             )
             if not rows:
                 return False
-            self.revoke_user_grants(username, now, "password changed")
+            revoked = self.revoke_user_grants(username, now, "password changed")
+            self.audit.record(
+                "user.password_changed", subject=username, actor=actor, grants_revoked=revoked
+            )
             return True
 
     def users(self) -> list[tuple[str, float, float | None]]:
@@ -601,10 +631,11 @@ class OAuthStore:
             )
         ]
 
-    def disable_user(self, username: str, now: float) -> bool:
+    def disable_user(self, username: str, now: float, *, actor: str) -> bool:
         """Disable the user, end their sessions and revoke every grant they gave, recorded as a
-        revocation of all their grants (as `revoke_user_grants`). Ordered with every grant
-        being made for them (`create_grant`): each is refused, or revoked here."""
+        revocation of all their grants (as `revoke_user_grants`) and in the audit log
+        (``user.disabled``). Ordered with every grant being made for them (`create_grant`):
+        each is refused, or revoked here."""
         with self.db.transaction():
             self._lock_user(username, shared=False)
             rows = self.db.execute(
@@ -619,14 +650,18 @@ class OAuthStore:
             self._record_user_revocation(username, now)
             self.db.execute("DELETE FROM oauth_sessions WHERE username = ?", (username,))
             self.db.execute("DELETE FROM oauth_consents WHERE username = ?", (username,))
+            revoked = 0
             for (grant_id,) in self.db.execute(
                 "SELECT grant_id FROM oauth_grants WHERE username = ? AND revoked_at IS NULL",
                 (username,),
             ):
-                self.revoke_grant(grant_id, now, "user disabled")
+                revoked += self.revoke_grant(grant_id, now, "user disabled")
+            self.audit.record(
+                "user.disabled", subject=username, actor=actor, grants_revoked=revoked
+            )
             return True
 
-    def enable_user(self, username: str) -> bool:
+    def enable_user(self, username: str, *, actor: str) -> bool:
         """Let a disabled user sign in again; False unless they are one of bastion's users and
         disabled. Nothing issued before the disable comes back: it was recorded as a revocation
         of all their grants, which stays."""
@@ -641,6 +676,7 @@ class OAuthStore:
                 return False
             # Whoever remembers users' standing reads it again (no longer disabled).
             self._announce_revocation(USERS_CHANGED)
+            self.audit.record("user.enabled", subject=username, actor=actor)
             return True
 
     # consents
@@ -1172,23 +1208,34 @@ class OAuthStore:
             )
         ]
 
-    def add_signing_key(self, kid: str, public_jwk: str, now: float) -> None:
+    def add_signing_key(self, kid: str, public_jwk: str, now: float, *, actor: str) -> None:
+        """Start signing with ``kid``; the key that signed until now is retired (it verifies
+        until its tokens expire). Recorded (``signing_key.rotated``, the public kids only)."""
         with self.db.transaction():
-            self.db.execute(
-                "UPDATE oauth_signing_keys SET retired_at = ? WHERE retired_at IS NULL", (now,)
+            previous = self.db.execute(
+                "UPDATE oauth_signing_keys SET retired_at = ? WHERE retired_at IS NULL"
+                " RETURNING kid",
+                (now,),
             )
             self.db.execute(
                 "INSERT INTO oauth_signing_keys (kid, public_jwk, created_at) VALUES (?, ?, ?)",
                 (kid, public_jwk, now),
             )
+            self.audit.record(
+                "signing_key.rotated",
+                kid=kid,
+                previous=sorted(row[0] for row in previous),
+                actor=actor,
+            )
 
-    def retire_signing_key(self, kid: str, now: float) -> int:
+    def retire_signing_key(self, kid: str, now: float, *, actor: str) -> int:
         """Withdraw the key ``kid`` at once (after its private half was stolen, say): its row
         goes, so it leaves the JWKS and every verifier's keys, and every access token it signed
         is revoked and announced as any revocation, so each replica refuses them on their next
         use; so are the tokens issued before bastion kept each token's kid, whose key is not
-        known. Return how many tokens were revoked. `KeyRetirementRefused` for a key that is not
-        in the table, or that is the one signing (nothing is changed)."""
+        known. Return how many tokens were revoked; recorded (``signing_key.retired``).
+        `KeyRetirementRefused` for a key that is not in the table, or that is the one signing
+        (nothing is changed)."""
         with self.db.transaction():
             rows = self.db.execute(
                 "SELECT retired_at FROM oauth_signing_keys WHERE kid = ?", (kid,)
@@ -1210,6 +1257,9 @@ class OAuthStore:
             )
             for grant_id in sorted({row[0] for row in revoked}):
                 self._announce_revocation(grant_id)
+            self.audit.record(
+                "signing_key.retired", kid=kid, tokens_revoked=len(revoked), actor=actor
+            )
             return len(revoked)
 
     def forget_signing_keys_retired_before(self, cutoff: float) -> None:

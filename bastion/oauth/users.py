@@ -37,18 +37,20 @@ def hash_password(password: str) -> str:
     return _HASHER.hash(password)
 
 
-def change_password(store: OAuthStore, username: str, password: str, now: float) -> None:
+def change_password(
+    store: OAuthStore, username: str, password: str, now: float, *, actor: str
+) -> None:
     """Give ``username`` a new password, ending their sessions, grants and tokens
     (`OAuthStore.change_password`)."""
-    if not store.change_password(username, hash_password(password), now):
+    if not store.change_password(username, hash_password(password), now, actor=actor):
         raise UserError(f"no user {username!r}")
 
 
-def create_user(store: OAuthStore, username: str, password: str, now: float) -> None:
+def create_user(store: OAuthStore, username: str, password: str, now: float, *, actor: str) -> None:
     validate_username(username)
     if any(user[0] == username for user in store.users()):
         raise UserError(f"user {username!r} already exists")
-    store.create_user(username, hash_password(password), now)
+    store.create_user(username, hash_password(password), now, actor=actor)
 
 
 def check_password(store: OAuthStore, username: str, password: str) -> bool:

@@ -290,7 +290,7 @@ class SsfReceiver:
                 )
                 done["result"] = f"revoked {count} grant(s)"
             elif effect == "disable":
-                disabled = self.oauth_store.disable_user(user, now)
+                disabled = self.oauth_store.disable_user(user, now, actor=f"ssf:{t.name}")
                 count = self.revoke_user(
                     user, now, f"ssf {t.name}: {event_type.rsplit('/', 1)[-1]}"
                 )

@@ -42,7 +42,7 @@ def setup(database: str) -> None:
         known = {row[0] for row in users.users()}
         for name in USERS:
             if name not in known:
-                create_user(users, name, PASSWORD, time.time())
+                create_user(users, name, PASSWORD, time.time(), actor="quickstart")
     finally:
         db.close()
 

@@ -189,8 +189,8 @@ def test_a_disabled_or_suspended_approver_may_not_answer(bastion):
     try:
         users = OAuthStore(db)
         for name in ("dana", "erin"):
-            create_user(users, name, "approvers-test-password", time.time())
-        assert users.disable_user("dana", time.time())
+            create_user(users, name, "approvers-test-password", time.time(), actor="test")
+        assert users.disable_user("dana", time.time(), actor="test")
     finally:
         db.close()
     managers = [

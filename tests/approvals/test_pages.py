@@ -113,7 +113,7 @@ def bastion(tmp_path_factory) -> Iterator[Running]:
     )
     app = create_app(config)
     for name in ("sam", "avery", "mallory", "cfo"):
-        create_user(app.state.oauth.store, name, PASSWORD, time.time())
+        create_user(app.state.oauth.store, name, PASSWORD, time.time(), actor="test")
     seq = app.state.store.apply([parse_fact(f) for f in FACTS], actor="test").seq
     values = registration.validate_client_metadata(
         {"client_name": "Support <b>agent</b>", "redirect_uris": ["http://127.0.0.1:9/cb"]},
@@ -774,7 +774,7 @@ def test_the_pages_answer_503_while_the_database_is_unreachable(outage, tmp_path
         approvals={"wait_seconds": 0},
     )
     app = create_app(config)
-    create_user(app.state.oauth.store, "avery", PASSWORD, time.time())
+    create_user(app.state.oauth.store, "avery", PASSWORD, time.time(), actor="test")
     app.state.store.apply([parse_fact(f) for f in FACTS], actor="test")
     with serve(app, sock) as url:
         deadline = time.monotonic() + 10

@@ -253,7 +253,7 @@ def test_an_approver_disabled_after_their_answer_was_checked_has_no_answer_recor
     world, database_url
 ):
     approvals, _authz, _facts, clock = world
-    OAuthStore(approvals.store.db).create_user("avery", "hash", clock())
+    OAuthStore(approvals.store.db).create_user("avery", "hash", clock(), actor="test")
     request = held(approvals, call(send))
     checked = OAuthStore(approvals.store.db).user_state
     disabled: list[bool] = []
@@ -265,7 +265,7 @@ def test_an_approver_disabled_after_their_answer_was_checked_has_no_answer_recor
         if not disabled:
             other = Database(database_url)
             try:
-                disabled.append(OAuthStore(other).disable_user(person, clock()))
+                disabled.append(OAuthStore(other).disable_user(person, clock(), actor="test"))
             finally:
                 other.close()
         return state

@@ -200,7 +200,7 @@ open_registration = {{ max_per_address = 1000 }}
     )
     db = Database(str(tmp / "two.db"))
     for name in ("alice", "bob"):
-        create_user(OAuthStore(db), name, PASSWORD, time.time())
+        create_user(OAuthStore(db), name, PASSWORD, time.time(), actor="test")
     db.close()
     origin = one_url.removesuffix("/one")
     one = create_app(
@@ -237,7 +237,7 @@ open_registration = {{ max_per_address = 1000 }}
         )
     )
     for name in ("alice", "bob", "carol"):
-        create_user(one.state.oauth.store, name, PASSWORD, time.time())
+        create_user(one.state.oauth.store, name, PASSWORD, time.time(), actor="test")
     seen: list[dict] = []
     checks = JwtVerifier(two_url, upstream_url)
     upstream = upstream_app(checks, seen)

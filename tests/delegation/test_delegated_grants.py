@@ -135,7 +135,7 @@ def test_revoking_the_user_or_the_client_revokes_the_delegations(database_url, t
         tokens, delegated = chain_of_three(bastion)
         assert not any(refused(bastion, t) for t in delegated)
         coder = claims(tokens["access_token"])["client_id"]
-        assert bastion.server.store.revoke_client(coder, bastion.clock())
+        assert bastion.server.store.revoke_client(coder, bastion.clock(), actor="test")
         assert all(refused(bastion, t) for t in delegated)
 
 

@@ -69,7 +69,7 @@ _users = iter(range(1_000_000))
 def new_user(bastion) -> str:
     """A support-team member of their own: the email rate limits (per user) never interfere."""
     name = f"u{next(_users)}-{uuid.uuid4().hex[:6]}"
-    create_user(bastion.app.state.oauth.store, name, PASSWORD, time.time())
+    create_user(bastion.app.state.oauth.store, name, PASSWORD, time.time(), actor="test")
     bastion.apply([("has_role", Entity("User", name), "member", Entity("Team", "support"))])
     bastion.apply(LABELS)
     return name

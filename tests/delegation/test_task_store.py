@@ -56,7 +56,7 @@ def grant(grants: OAuthStore, grant_id: str, client_id: str = AGENT, user: str =
     """A grant of ``user`` (one of the server's users, as every grant's user must be)."""
     now = time.time()
     if user not in {name for name, *_ in grants.users()}:
-        grants.create_user(user, "not a password hash", now)
+        grants.create_user(user, "not a password hash", now, actor="test")
     grants.create_grant(
         Grant(grant_id, client_id, user, "https://mcp", "read", now, now + 9e4, None)
     )

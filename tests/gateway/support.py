@@ -560,7 +560,7 @@ def start(
             )
             app = create_app(config)
             for name in ("sam", "avery"):
-                create_user(app.state.oauth.store, name, PASSWORD, time.time())
+                create_user(app.state.oauth.store, name, PASSWORD, time.time(), actor="test")
             app.state.store.apply(facts(), actor="test")
             with serve(app, sock) as url, httpx.Client(timeout=20) as http, ExitStack() as more:
                 others = [

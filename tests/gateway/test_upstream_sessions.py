@@ -91,7 +91,9 @@ def bastion(tmp_path_factory):
             tmp_path_factory.mktemp("upsessions"), policy_extra=POLICY, more_upstreams=more
         ) as running:
             for name in ("alice", "bob"):
-                create_user(running.app.state.oauth.store, name, running.password, time.time())
+                create_user(
+                    running.app.state.oauth.store, name, running.password, time.time(), actor="test"
+                )
             running.upstream_requests = upstream.requests
             running.lab_requests = lab.requests
             yield running

@@ -353,9 +353,9 @@ def test_alg_none_is_refused(bastion, idp, agent):
 
 def test_a_disabled_user_gets_no_token(bastion, idp, agent):
     store = bastion.app.state.oauth.store
-    store.create_user("kim", "not-a-real-hash", time.time())
+    store.create_user("kim", "not-a-real-hash", time.time(), actor="test")
     assert present(bastion, agent, idp.id_jag(bastion, agent["client_id"], sub="kim")).is_success
-    store.disable_user("kim", time.time())
+    store.disable_user("kim", time.time(), actor="test")
     assert "disabled" in refused(
         present(bastion, agent, idp.id_jag(bastion, agent["client_id"], sub="kim"))
     )

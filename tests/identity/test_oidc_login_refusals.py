@@ -465,7 +465,7 @@ def test_a_login_for_an_application_revoked_meanwhile_resumes_nothing(bastion, i
     client = bastion.register()  # its own: it is revoked
     query = person.sent_to_provider(client, "a")
     code = idp.issue("a", query)
-    assert bastion.server.store.revoke_client(client["client_id"], time.time())
+    assert bastion.server.store.revoke_client(client["client_id"], time.time(), actor="test")
     before = sessions(bastion)
     response = person.back_from_provider("a", code=code, state=query["state"], iss=idp.issuer("a"))
     refused(response, 403, "The application is unknown or revoked.")
@@ -615,7 +615,7 @@ def test_a_disabled_user_cannot_log_in_through_the_provider(bastion, idp, person
         "a", code=idp.issue("a", query, sub="grace"), state=query["state"], iss=idp.issuer("a")
     )
     assert first.status_code == 200, first.text
-    assert bastion.server.store.disable_user("a:grace", bastion.clock())
+    assert bastion.server.store.disable_user("a:grace", bastion.clock(), actor="test")
     query = person.sent_to_provider(client, "a")
     again = person.back_from_provider(
         "a", code=idp.issue("a", query, sub="grace"), state=query["state"], iss=idp.issuer("a")
@@ -781,7 +781,7 @@ def test_local_passwords_can_be_kept_beside_the_providers(tmp_path, idp):
     with bastion_with_providers(
         str(tmp_path / "bastion.db"), str(tmp_path / "keys"), free_socket(), identity
     ) as bastion:
-        create_user(bastion.server.store, "alice", "alice-password", bastion.clock())
+        create_user(bastion.server.store, "alice", "alice-password", bastion.clock(), actor="test")
         person = Person(bastion)
         try:
             page = person.open_authorization(bastion.register())

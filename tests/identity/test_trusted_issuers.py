@@ -503,7 +503,7 @@ def users_disable(bastion, username: str) -> None:
 def test_a_user_bastion_has_disabled_is_refused_on_the_next_call(bastion, idp):
     """The provider's token is valid until it expires; a user disabled in bastion (who holds no
     grant of bastion's to revoke) is refused all the same, on the next call."""
-    create_user(bastion.app.state.oauth.store, "lee", PASSWORD, time.time())
+    create_user(bastion.app.state.oauth.store, "lee", PASSWORD, time.time(), actor="test")
     token = idp.token("a", sub="lee")
     for _ in range(3):
         assert call(bastion, token).status_code == 200  # the token is taken (the policy decides)
@@ -526,7 +526,7 @@ def test_a_user_bastion_has_disabled_is_refused_on_the_next_call(bastion, idp):
 def test_a_user_enabled_again_is_served_only_with_tokens_issued_after_the_disable(bastion, idp):
     """The provider's token from before the disable is still valid at the provider; bastion
     keeps refusing it once the user is enabled, and serves one issued after."""
-    create_user(bastion.app.state.oauth.store, "rae", PASSWORD, time.time())
+    create_user(bastion.app.state.oauth.store, "rae", PASSWORD, time.time(), actor="test")
     before = idp.token("a", sub="rae")
     assert call(bastion, before).status_code == 200
     users_disable(bastion, "rae")

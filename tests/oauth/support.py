@@ -318,7 +318,7 @@ def running_bastion(
     clock = Clock()
     db = Database(database_url)
     server = AuthorizationServer(settings, db, clock=clock)
-    create_user(server.store, "alice", PASSWORD, clock())
+    create_user(server.store, "alice", PASSWORD, clock(), actor="test")
     app = Starlette(routes=server.routes())
     trust = ssl.create_default_context(cafile=tls["ssl_certfile"]) if tls else None
     with serve(app, sock, **tls) as base, httpx.Client(timeout=10, verify=trust or True) as http:

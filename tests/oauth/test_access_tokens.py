@@ -166,7 +166,7 @@ def test_private_keys_are_files_only_the_owner_can_read(bastion: Bastion, issued
 
 def test_rotation_keeps_tokens_of_the_previous_key_valid(bastion: Bastion, issued: dict):
     old_kid = claims_of(issued["access_token"])[0]["kid"]
-    new_kid = bastion.server.keys.rotate()
+    new_kid = bastion.server.keys.rotate(actor="test")
     assert new_kid != old_kid
     # The previous key's token still verifies; new tokens are signed by the new key.
     bastion.server.verifier.verify(issued["access_token"], bastion.resource)
@@ -202,7 +202,7 @@ def test_private_keys_never_reach_logs_audit_or_database(bastion: Bastion, caplo
     caplog.set_level(logging.DEBUG)
     client = bastion.register()
     bastion.tokens_for(client)
-    bastion.server.keys.rotate()
+    bastion.server.keys.rotate(actor="test")
     bastion.tokens_for(client)
     private_values = []
     for name in os.listdir(bastion.server.settings.key_dir):
@@ -223,7 +223,7 @@ def test_private_keys_never_reach_logs_audit_or_database(bastion: Bastion, caplo
 
 
 def test_disabling_a_user_refuses_their_tokens_on_next_use(bastion: Bastion, issued: dict):
-    assert bastion.server.store.disable_user("alice", bastion.clock())
+    assert bastion.server.store.disable_user("alice", bastion.clock(), actor="test")
     refused(bastion, issued["access_token"], "revoked")
 
 
@@ -254,7 +254,7 @@ def test_a_token_signed_with_a_stolen_key_under_a_live_jti_with_other_claims_is_
     # its private half stolen; the thief reuses the jti of a live token, changing one claim.
     token = issued["access_token"]
     key = stolen_key(bastion, token)
-    bastion.server.keys.rotate()
+    bastion.server.keys.rotate(actor="test")
     header, claims = claims_of(token)
     forged = jwt.encode(header, {**claims, **FORGED_CLAIMS[change](claims, bastion)}, key)
     resource = bastion.other_resource if change == "aud" else bastion.resource
@@ -294,9 +294,9 @@ def test_a_retired_key_stops_verifying_at_once_and_its_tokens_are_revoked(
     replica = AuthorizationServer(bastion.server.settings, bastion.db, clock=bastion.clock)
     replica.verifier.verify(token, bastion.resource)  # the replica holds the old key now
     key = stolen_key(bastion, token)
-    new_kid = bastion.server.keys.rotate()
+    new_kid = bastion.server.keys.rotate(actor="test")
 
-    assert bastion.server.keys.retire(old_kid) == 1
+    assert bastion.server.keys.retire(old_kid, actor="test") == 1
 
     # At once: on this server the key is gone; a replica that has not reread the key table
     # yet finds the token revoked.
@@ -321,9 +321,9 @@ def test_retiring_the_key_that_signs_is_refused_and_changes_nothing(bastion: Bas
 
     kid = claims_of(issued["access_token"])[0]["kid"]
     with pytest.raises(KeyRetirementRefused, match="rotate"):
-        bastion.server.keys.retire(kid)
+        bastion.server.keys.retire(kid, actor="test")
     with pytest.raises(KeyRetirementRefused, match="no signing key"):
-        bastion.server.keys.retire("not-a-kid")
+        bastion.server.keys.retire("not-a-kid", actor="test")
     assert [k["kid"] for k in bastion.server.keys.jwks()["keys"]] == [kid]
     assert os.path.exists(os.path.join(bastion.server.settings.key_dir, f"{kid}.pem"))
     assert bastion.server.verifier.verify(issued["access_token"], bastion.resource)

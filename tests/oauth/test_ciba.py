@@ -329,7 +329,7 @@ def test_a_client_without_the_ciba_grant_is_refused(bastion: Bastion):
 
 
 def test_another_signed_in_user_cannot_see_or_answer_the_request(bastion: Bastion):
-    create_user(bastion.server.store, "bob", PASSWORD, bastion.clock())
+    create_user(bastion.server.store, "bob", PASSWORD, bastion.clock(), actor="test")
     client = ciba_client(bastion)
     ack = requested(bastion, client)
     url = only_pending_url(bastion)
@@ -482,7 +482,7 @@ def test_no_token_for_a_person_disabled_after_approving(bastion: Bastion):
     client = ciba_client(bastion)
     ack = requested(bastion, client)
     answer(signed_in(bastion, "alice"), only_pending_url(bastion), "approve")
-    bastion.server.store.disable_user("alice", bastion.clock())
+    bastion.server.store.disable_user("alice", bastion.clock(), actor="test")
     assert_oauth_error(wait_and_poll(bastion, client, ack["auth_req_id"]), "access_denied")
 
 
@@ -546,8 +546,8 @@ def test_bad_requests_are_refused_and_change_nothing(bastion: Bastion, params, e
 
 
 def test_a_disabled_user_is_an_unknown_user(bastion: Bastion):
-    create_user(bastion.server.store, "carol", PASSWORD, bastion.clock())
-    bastion.server.store.disable_user("carol", bastion.clock())
+    create_user(bastion.server.store, "carol", PASSWORD, bastion.clock(), actor="test")
+    bastion.server.store.disable_user("carol", bastion.clock(), actor="test")
     assert_oauth_error(
         bc_authorize(bastion, ciba_client(bastion), login_hint="carol"), "unknown_user_id"
     )
@@ -580,7 +580,7 @@ def test_unknown_auth_req_id_and_missing_one_are_refused(bastion: Bastion):
 
 
 def test_pending_for_lists_what_waits_for_the_person(bastion: Bastion):
-    create_user(bastion.server.store, "bob", PASSWORD, bastion.clock())
+    create_user(bastion.server.store, "bob", PASSWORD, bastion.clock(), actor="test")
     client = ciba_client(bastion)
     requested(bastion, client)
     requested(
@@ -741,7 +741,7 @@ def test_with_the_database_out_of_reach_nothing_is_issued_and_no_request_is_lost
     server = AuthorizationServer(
         make_settings(url, resource, other, str(tmp_path / "keys")), db, clock=clock
     )
-    create_user(server.store, "alice", PASSWORD, clock())
+    create_user(server.store, "alice", PASSWORD, clock(), actor="test")
     app = Starlette(
         routes=server.routes(), exception_handlers={DatabaseUnavailable: database_unavailable}
     )
@@ -779,7 +779,7 @@ def test_a_revoked_client_can_no_longer_be_approved_or_poll(bastion: Bastion):
     url = only_pending_url(bastion)
     browser = signed_in(bastion, "alice")
     form = hidden_fields(browser.get(url).text)
-    assert bastion.server.store.revoke_client(client["client_id"], bastion.clock())
+    assert bastion.server.store.revoke_client(client["client_id"], bastion.clock(), actor="test")
     assert bastion.server.ciba.pending_for("alice") == []
     assert browser.get(url).status_code == 410
     assert browser.post(url, data={**form, "decision": "approve"}).status_code == 410

@@ -219,7 +219,7 @@ def test_revoked_document_client_stays_refused(host, sqlite_url, tmp_path):
     with running_bastion(sqlite_url, tmp_path, client_metadata=settings) as bastion:
         client = {"client_id": url, "redirect_uris": [REDIRECT]}
         bastion.code_for(client)
-        assert bastion.server.store.revoke_client(url, bastion.clock())
+        assert bastion.server.store.revoke_client(url, bastion.clock(), actor="test")
         _, challenge = pkce_pair()
         response = bastion.http.get(
             f"{bastion.url}/authorize?{urlencode(bastion.authorize_params(client, challenge))}"

@@ -11,6 +11,7 @@ import httpx
 import pytest
 from argon2 import PasswordHasher
 
+from bastion.audit.actor import cli_actor
 from bastion.cli import main
 from bastion.db import Database
 from bastion.oauth.errors import InvalidToken
@@ -165,7 +166,7 @@ def test_users_enable_refuses_an_unknown_or_enabled_user_and_changes_nothing(
     capsys, monkeypatch, sqlite_url
 ):
     store = OAuthStore(Database(sqlite_url))
-    store.create_user("bob", "x", 1.0)
+    store.create_user("bob", "x", 1.0, actor="test")
     before = store.db.execute("SELECT * FROM oauth_users")
     for name, error in (("nobody", "no user 'nobody'"), ("bob", "user 'bob' is not disabled")):
         code, _, err = run(capsys, monkeypatch, "users", "enable", name, "--database", sqlite_url)
@@ -347,3 +348,70 @@ def test_clients_create_refuses_a_redirect_uri_outside_rfc_3986(
         )  # fmt: skip
         assert code == 2 and "RFC 3986" in err
     assert OAuthStore(Database(sqlite_url)).clients() == []
+
+
+def audit_events(capsys, monkeypatch, database: str, kind: str = "") -> list[dict]:
+    """The audit events as ``bastion audit events --json`` prints them, oldest first."""
+    code, out, err = run(
+        capsys, monkeypatch, "audit", "events", "--json", "--kind", kind, "--database", database
+    )
+    assert code == 0, err
+    return [json.loads(line) for line in out.splitlines()]
+
+
+def test_each_admin_change_to_users_clients_and_signing_keys_is_in_the_audit_log(
+    capsys, monkeypatch, database_url, tmp_path
+):
+    config = write_config(tmp_path, database_url)
+    admin = cli_actor()
+    assert admin.startswith("cli:")
+    password = "a long enough password\n"
+    for argv in (
+        ("users", "create", "bob", "--password-stdin"),
+        ("users", "set-password", "bob", "--password-stdin"),
+        ("users", "disable", "bob"),
+        ("users", "enable", "bob"),
+    ):
+        code, _, err = run(capsys, monkeypatch, *argv, "--config", config, stdin=password)
+        assert code == 0, err
+    code, out, err = run(
+        capsys, monkeypatch, "clients", "create", "--name", "Nightly agent", "--confidential",
+        "--scope", "tools:read", "--config", config,
+    )  # fmt: skip
+    assert code == 0, err
+    client = json.loads(out)
+    assert (
+        run(capsys, monkeypatch, "clients", "revoke", client["client_id"], "--config", config)[0]
+        == 0
+    )
+    for _ in range(2):
+        assert run(capsys, monkeypatch, "signing-keys", "rotate", "--config", config)[0] == 0
+    _, listed, _ = run(capsys, monkeypatch, "signing-keys", "list", "--config", config)
+    current, previous = (line.split("\t")[0] for line in listed.strip().splitlines())
+    assert run(capsys, monkeypatch, "signing-keys", "retire", previous, "--config", config)[0] == 0
+
+    events = audit_events(capsys, monkeypatch, database_url)
+    assert [(e["kind"], e["subject"], e["client_id"]) for e in events] == [
+        ("user.created", "bob", None),
+        ("user.password_changed", "bob", None),
+        ("user.disabled", "bob", None),
+        ("user.enabled", "bob", None),
+        ("client.registered", None, client["client_id"]),
+        ("client.revoked", None, client["client_id"]),
+        ("signing_key.rotated", None, None),
+        ("signing_key.rotated", None, None),
+        ("signing_key.retired", None, None),
+    ]
+    assert all(e["detail"]["actor"] == admin for e in events)
+    detail = [e["detail"] for e in events]
+    assert detail[1]["grants_revoked"] == 0 and detail[2]["grants_revoked"] == 0
+    assert detail[4]["client_name"] == "Nightly agent"
+    assert detail[4]["auth_method"] == "client_secret_basic"
+    assert detail[5]["grants_revoked"] == 0
+    assert (detail[6]["kid"], detail[6]["previous"]) == (previous, [])
+    assert (detail[7]["kid"], detail[7]["previous"]) == (current, [previous])
+    assert detail[8] == {"kid": previous, "tokens_revoked": 0, "actor": admin}
+    # Never a password, a hash or a secret.
+    stored = json.dumps(events)
+    assert "argon2" not in stored and "long enough" not in stored
+    assert client["client_secret"] not in stored

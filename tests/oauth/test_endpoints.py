@@ -319,7 +319,7 @@ def test_token_endpoint_bad_requests_change_nothing(bastion: Bastion):
 def test_revoked_client_is_refused_everywhere(bastion: Bastion):
     client = bastion.register()
     tokens = bastion.tokens_for(client)
-    assert bastion.server.store.revoke_client(client["client_id"], bastion.clock())
+    assert bastion.server.store.revoke_client(client["client_id"], bastion.clock(), actor="test")
     with pytest.raises(InvalidToken, match="revoked"):
         bastion.server.verifier.verify(tokens["access_token"], bastion.resource)
     response = bastion.token(

@@ -118,7 +118,7 @@ def elsewhere_right_after(
 
 
 def disable_alice(store: OAuthStore) -> None:
-    assert store.disable_user("alice", time.time())
+    assert store.disable_user("alice", time.time(), actor="test")
 
 
 def revoke_alices_grants(store: OAuthStore) -> None:
@@ -301,10 +301,10 @@ def test_a_sign_in_from_before_a_disable_makes_no_grant_once_the_user_is_back(da
     db = Database(database_url)
     try:
         store = OAuthStore(db)
-        store.create_user("alice", "x", time.time())
+        store.create_user("alice", "x", time.time(), actor="test")
         signed_in_at = time.time()
         disabled_at = signed_in_at + 1
-        assert store.disable_user("alice", disabled_at)
+        assert store.disable_user("alice", disabled_at, actor="test")
         db.execute("UPDATE oauth_users SET disabled_at = NULL WHERE username = 'alice'")
         stale = Grant("g1", "c", "alice", "https://r", "s", disabled_at, disabled_at + 60, None)
         with pytest.raises(GrantRefused, match="revoked after the sign-in"):
@@ -327,7 +327,7 @@ def test_a_user_enabled_again_is_refused_everything_issued_before_the_disable(
         agent = ciba_client(bastion)
         ack = requested(bastion, agent)
         answer(signed_in(bastion, "alice"), only_pending_url(bastion), "approve")
-        assert bastion.server.store.disable_user("alice", bastion.clock())
+        assert bastion.server.store.disable_user("alice", bastion.clock(), actor="test")
         bastion.clock.advance(1)
 
         assert main(["users", "enable", "alice", "--database", bastion.db.url]) == 0

@@ -66,7 +66,7 @@ def test_housekeeping_deletes_self_registered_clients_that_never_got_a_grant(bas
     midway = bastion.register()
     trusted = register(bastion, IAT).json()
     revoked = bastion.register()
-    store.revoke_client(revoked["client_id"], bastion.clock())
+    store.revoke_client(revoked["client_id"], bastion.clock(), actor="test")
     now = bastion.clock()
     document = Client(
         client_id="https://agent.example/client.json",
@@ -84,7 +84,7 @@ def test_housekeeping_deletes_self_registered_clients_that_never_got_a_grant(bas
     store.save_client(document)
     revoked_document = replace(document, client_id="https://agent.example/revoked.json")
     store.save_client(revoked_document)
-    store.revoke_client(revoked_document.client_id, now)
+    store.revoke_client(revoked_document.client_id, now, actor="test")
 
     seconds = bastion.server.settings.open_registration.unused_client_seconds
     assert seconds == 24 * 3600

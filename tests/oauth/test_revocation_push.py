@@ -92,9 +92,9 @@ def listener_gate(monkeypatch) -> threading.Event:
 REVOCATIONS_BY_ANOTHER_REPLICA = {
     "access token": lambda b, jti, grant_id: b.revoke_access_token(jti, time.time()),
     "grant": lambda b, jti, grant_id: b.revoke_grant(grant_id, time.time(), "test"),
-    "user disabled": lambda b, jti, grant_id: b.disable_user("alice", time.time()),
+    "user disabled": lambda b, jti, grant_id: b.disable_user("alice", time.time(), actor="test"),
     "client revoked": lambda b, jti, grant_id: b.revoke_client(
-        b.grant(grant_id).client_id, time.time()
+        b.grant(grant_id).client_id, time.time(), actor="test"
     ),
 }
 
@@ -123,7 +123,7 @@ def test_a_revocation_by_another_replica_is_refused_once_notified_without_a_read
 
 
 USER_CHANGES_BY_ANOTHER_REPLICA = {
-    "disabled": lambda b, user, now: b.disable_user(user, now),
+    "disabled": lambda b, user, now: b.disable_user(user, now, actor="test"),
     "all grants revoked": lambda b, user, now: b.revoke_user_grants(user, now, "test: signal"),
 }
 
@@ -137,7 +137,7 @@ def test_a_users_standing_changed_by_another_replica_is_known_once_notified_with
     """The standing a trusted issuer's token is checked against (its user holds no grant, so no
     grant's notice would tell): read once, then in memory until a user is disabled, or all of
     a user's grants revoked (any name: also one bastion does not hold), anywhere."""
-    create_user(replicas.a.server.store, "lee", PASSWORD, time.time())
+    create_user(replicas.a.server.store, "lee", PASSWORD, time.time(), actor="test")
     reads = Reads(replicas.tokens.db, monkeypatch)
     issued_before = time.time()
     assert replicas.tokens.user_standing(user).refusal(user, issued_before) is None
@@ -310,11 +310,11 @@ def test_a_key_retired_by_another_replica_refuses_its_remembered_tokens_once_not
 ):
     token, _, _ = replicas.issue()
     old_kid = claims_of(token)[0]["kid"]
-    replicas.a.server.keys.rotate()
+    replicas.a.server.keys.rotate(actor="test")
     fresh, _, _ = replicas.issue()  # signed by the new key
     reads = Reads(replicas.tokens.db, monkeypatch)
 
-    replicas.b.retire_signing_key(old_kid, time.time())
+    replicas.b.retire_signing_key(old_kid, time.time(), actor="test")
 
     assert eventually(lambda: replicas.remembered(token) is None), "the notice never arrived"
     assert reads.count == 0, "refused by a database read, not by the notice"
@@ -352,10 +352,10 @@ def test_a_revocation_rolled_back_is_not_announced(database_url, tmp_path):
         announced: list[str] = []
         store.on_revoked(announced.append)
         with pytest.raises(RuntimeError), store.db.transaction():
-            store.revoke_client(store.grant(grant_id).client_id, time.time())
+            store.revoke_client(store.grant(grant_id).client_id, time.time(), actor="test")
             raise RuntimeError("the revoking transaction fails")
         assert announced == [] and store.grant(grant_id).revoked_at is None
-        store.revoke_client(store.grant(grant_id).client_id, time.time())
+        store.revoke_client(store.grant(grant_id).client_id, time.time(), actor="test")
         assert announced == [grant_id]
 
 
@@ -368,7 +368,7 @@ def test_a_closed_verified_tokens_is_no_longer_told_of_revocations(database_url,
         grant_id = a.server.verifier.verify(
             a.tokens_for(a.register())["access_token"], a.resource
         ).grant_id
-        store.revoke_client(store.grant(grant_id).client_id, time.time())
+        store.revoke_client(store.grant(grant_id).client_id, time.time(), actor="test")
         assert tokens._forgotten == forgotten
 
 

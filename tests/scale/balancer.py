@@ -154,7 +154,7 @@ def deployment(
     db = Database(postgres_url)
     try:
         for name in ("sam", "avery"):
-            create_user(OAuthStore(db), name, PASSWORD, time.time())
+            create_user(OAuthStore(db), name, PASSWORD, time.time(), actor="test")
     finally:
         db.close()
 

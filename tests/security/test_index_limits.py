@@ -49,7 +49,7 @@ def random_text(n: int) -> str:
 def bastion(database_url, tmp_path, served):
     server = served(database_url, CONFIG % (tmp_path / "keys"))
     db = Database(database_url)
-    create_user(OAuthStore(db), "sam", PASSWORD, time.time())
+    create_user(OAuthStore(db), "sam", PASSWORD, time.time(), actor="test")
     db.close()
     with httpx.Client(base_url=server.url, timeout=30) as http:
         yield server, http, database_url

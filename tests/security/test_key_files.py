@@ -40,7 +40,9 @@ def signing_key_rows(key_dir: Path) -> OAuthStore:
 
 
 def _signing_key(key_dir: Path) -> Path:
-    kid = KeyRing(signing_key_rows(key_dir), key_dir, retain_seconds=60, clock=time.time).rotate()
+    kid = KeyRing(signing_key_rows(key_dir), key_dir, retain_seconds=60, clock=time.time).rotate(
+        actor="test"
+    )
     return key_dir / f"{kid}.pem"
 
 
@@ -236,7 +238,7 @@ def test_a_damaged_signing_key_is_refused_with_its_path(tmp_path):
     database = str(tmp_path / "bastion.db")
     db = Database(database)
     ring = KeyRing(OAuthStore(db), tmp_path / "keys", retain_seconds=60, clock=time.time)
-    pem = tmp_path / "keys" / f"{ring.rotate()}.pem"
+    pem = tmp_path / "keys" / f"{ring.rotate(actor='test')}.pem"
     for damaged in (b"", pem.read_bytes()[:60]):
         pem.write_bytes(damaged)
         with pytest.raises(SigningKeyError) as refused:

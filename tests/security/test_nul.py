@@ -84,7 +84,7 @@ def bastion(database_url, tmp_path, served):
     config = GATEWAY % (tmp_path / "keys", sys.executable, QUICKSTART / "server.py")
     server = served(database_url, config)
     db = Database(database_url)
-    create_user(OAuthStore(db), "sam", PASSWORD, time.time())
+    create_user(OAuthStore(db), "sam", PASSWORD, time.time(), actor="test")
     FactStore(db).apply(gateway_support.facts())
     db.close()
     store = FactStore.open(database_url)

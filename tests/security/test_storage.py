@@ -254,7 +254,7 @@ def gateway(outage, tmp_path, served):
     config = GATEWAY % (tmp_path / "keys", sys.executable, QUICKSTART / "server.py")
     server = served(url, config, BASTION_MAX_STALENESS_SECONDS="2")
     db = Database(url)
-    create_user(OAuthStore(db), "sam", PASSWORD, time.time())
+    create_user(OAuthStore(db), "sam", PASSWORD, time.time(), actor="test")
     FactStore(db).apply(gateway_support.facts())
     db.close()
     with httpx.Client(timeout=30) as http:

@@ -551,7 +551,9 @@ def test_an_alerts_page_is_there_only_for_whom_it_was_told(bastion, clock):
     from bastion.oauth.users import create_user
 
     agent = Entity("Agent", "seen-agent")
-    create_user(bastion.app.state.oauth.store, "seen-boss", bastion.password, time.time())
+    create_user(
+        bastion.app.state.oauth.store, "seen-boss", bastion.password, time.time(), actor="test"
+    )
     bastion.apply(
         inserts=[
             ("has_relation", agent, "owner", Entity("User", "avery")),

@@ -11,7 +11,7 @@ from bastion.oauth.users import create_user
 def test_the_sign_in_time_is_kept_with_the_session_and_the_grant(database_url):
     store = OAuthStore(Database(database_url))
     try:
-        create_user(store, "sam", "a long enough password", 1000.0)
+        create_user(store, "sam", "a long enough password", 1000.0, actor="test")
         session = store.create_session("sam", 1000.0, 3600)
         assert store.session_login(session, 1001.0) == ("sam", 1000.0)
         assert store.session_login(session, 5000.0) is None  # the session has expired

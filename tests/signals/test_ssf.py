@@ -114,7 +114,9 @@ def signals(tmp_path_factory):
                 gateway={"trusted_issuers": trusted},
             ) as running:
                 for name in ("dana", "lee"):
-                    create_user(running.app.state.oauth.store, name, PASSWORD, time.time())
+                    create_user(
+                        running.app.state.oauth.store, name, PASSWORD, time.time(), actor="test"
+                    )
                 running.pusher, running.poller, running.signals_table = pusher, poller, table
                 running.idp = idp
                 wait_until(lambda: streams(running).get("idp", {}).get("status") == "verified")

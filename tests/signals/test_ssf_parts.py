@@ -287,7 +287,7 @@ def test_revoking_a_user_revokes_each_of_their_grants_and_announces_each(databas
         store = OAuthStore(db)
         now = time.time()
         for username in ("sam", "kim"):
-            store.create_user(username, "x", now)
+            store.create_user(username, "x", now, actor="test")
         heard = []
         store.on_revoked(heard.append)
         for i, username in enumerate(("sam", "sam", "kim")):
@@ -331,7 +331,7 @@ def test_a_set_killed_part_way_is_not_claimed_and_is_applied_when_delivered_agai
     s = settings(users={"email:sam@example.com": "sam"})
     db = Database(database_url)
     oauth = OAuthStore(db)
-    oauth.create_user("sam", "x", time.time())
+    oauth.create_user("sam", "x", time.time(), actor="test")
     oauth.create_grant(_grant("g1", "sam", time.time()))
     receiver = SsfReceiver(s, db, oauth, FactStore(db), lambda: None)
     keys = KeySet.import_key_set({"keys": [idp.key.as_dict(private=False)]})
