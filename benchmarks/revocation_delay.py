@@ -38,7 +38,7 @@ print("ready", flush=True)
 for line in sys.stdin:
     grant_id = line.strip()
     before = time.time()
-    store.revoke_grant(grant_id, time.time(), "measured")
+    store.revoke_grant(grant_id, time.time(), "measured", actor="benchmark")
     after = time.time()
     print(f"{before} {after}", flush=True)
 """

@@ -26,6 +26,7 @@ from typing import Any
 import anyio
 
 from bastion.audit import AuditLog
+from bastion.audit.actor import SERVER
 from bastion.db import Database
 from bastion.facts.model import Entity, FactError, fact_from_json, fact_to_json
 from bastion.facts.store import FactStore, StoredFact, check_storable
@@ -567,10 +568,12 @@ class Tasks:
             cleaned += self._clean(task_id)
         return cleaned
 
-    def _revoke(self, grant_id: str, task_id: str) -> bool:
+    def _revoke(self, grant_id: str, task_id: str, actor: str) -> bool:
         if self.grants is None:
             return False
-        return self.grants.revoke_grant(grant_id, self.clock(), f"task {task_id} ended")
+        return self.grants.revoke_grant(
+            grant_id, self.clock(), f"task {task_id} ended", actor=actor
+        )
 
     def _clean(self, task_id: str) -> int:
         """Delete the task's facts and revoke its grants (each idempotent); the first process to
@@ -583,7 +586,9 @@ class Tasks:
             if task.facts
             else 0
         )
-        revoked = sum(self._revoke(g, task_id) for g in task.grants)
+        # Who ended the task revoked its grants (`expiry` for one that expired).
+        ender = task.ended_by or SERVER
+        revoked = sum(self._revoke(g, task_id, ender) for g in task.grants)
         if not self.store.mark_cleaned(task_id, self.clock()):
             return 0
         self.audit.record(

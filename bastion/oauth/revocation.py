@@ -39,7 +39,9 @@ def revoke(server: AuthorizationServer, client: Client, form: Mapping[str, str])
             grant = server.store.grant(found[0])
             mine = grant is not None and grant.client_id == client.client_id
             if mine:
-                server.revoke_grant(grant, "refresh token revoked by client")
+                server.revoke_grant(
+                    grant, "refresh token revoked by client", actor=f"client:{client.client_id}"
+                )
             return
         try:
             verified = server.verifier.verify(token, resource=None, audit=False)

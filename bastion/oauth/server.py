@@ -269,19 +269,10 @@ class AuthorizationServer:
         )
         return access
 
-    def revoke_grant(self, grant: Grant, reason: str) -> bool:
-        """Revoke ``grant`` and all it issued, recorded with ``reason``; False if it was revoked
-        already (nothing recorded then)."""
-        if not self.store.revoke_grant(grant.grant_id, self.clock(), reason):
-            return False
-        self.audit.record(
-            "grant.revoked",
-            subject=grant.username,
-            client_id=grant.client_id,
-            grant_id=grant.grant_id,
-            reason=reason,
-        )
-        return True
+    def revoke_grant(self, grant: Grant, reason: str, *, actor: str) -> bool:
+        """Revoke ``grant`` and all it issued, recorded with ``reason`` and ``actor``
+        (`OAuthStore.revoke_grant`); False if it was revoked already (nothing recorded then)."""
+        return self.store.revoke_grant(grant.grant_id, self.clock(), reason, actor=actor)
 
     def close(self) -> None:
         """At shutdown: write the refusal counts of windows still open."""

@@ -552,7 +552,7 @@ class OAuthStore:
                 "SELECT grant_id FROM oauth_grants WHERE client_id = ? AND revoked_at IS NULL",
                 (client_id,),
             ):
-                revoked += self.revoke_grant(grant_id, now, "client revoked")
+                revoked += self.revoke_grant(grant_id, now, "client revoked", actor=actor)
             self.audit.record(
                 "client.revoked", client_id=client_id, actor=actor, grants_revoked=revoked
             )
@@ -617,7 +617,7 @@ class OAuthStore:
             )
             if not rows:
                 return False
-            revoked = self.revoke_user_grants(username, now, "password changed")
+            revoked = self.revoke_user_grants(username, now, "password changed", actor=actor)
             self.audit.record(
                 "user.password_changed", subject=username, actor=actor, grants_revoked=revoked
             )
@@ -655,7 +655,7 @@ class OAuthStore:
                 "SELECT grant_id FROM oauth_grants WHERE username = ? AND revoked_at IS NULL",
                 (username,),
             ):
-                revoked += self.revoke_grant(grant_id, now, "user disabled")
+                revoked += self.revoke_grant(grant_id, now, "user disabled", actor=actor)
             self.audit.record(
                 "user.disabled", subject=username, actor=actor, grants_revoked=revoked
             )
@@ -1018,29 +1018,48 @@ class OAuthStore:
         )
         return Grant(*rows[0]) if rows else None
 
-    def revoke_grant(self, grant_id: str, now: float, reason: str) -> bool:
+    def revoke_grant(self, grant_id: str, now: float, reason: str, *, actor: str) -> bool:
         """Revoke a grant, every grant delegated from it (token exchange, at any depth) and
-        everything issued under each; False if the grant itself was already revoked."""
+        everything issued under each; False if the grant itself was already revoked (nothing
+        recorded then). Recorded as one ``grant.revoked`` with ``reason``, ``actor`` and how many
+        delegated grants went with it: every revocation of a grant, whoever asks for it (a user
+        disabled, a client revoked, a password changed, a signal, a task ended, a token reused),
+        is recorded here and only here."""
         with self.db.transaction():
             rows = self.db.execute(
                 "UPDATE oauth_grants SET revoked_at = ?, revoked_reason = ?"
-                " WHERE grant_id = ? AND revoked_at IS NULL RETURNING grant_id",
+                " WHERE grant_id = ? AND revoked_at IS NULL RETURNING username, client_id",
                 (now, reason, grant_id),
             )
             self._revoke_issued(grant_id, now)
+            delegated = 0
             for (child,) in self.db.execute(
                 "WITH RECURSIVE tree (grant_id) AS (SELECT grant_id FROM oauth_grants"
                 " WHERE parent_grant_id = ? UNION SELECT g.grant_id FROM oauth_grants g"
                 " JOIN tree t ON g.parent_grant_id = t.grant_id) SELECT grant_id FROM tree",
                 (grant_id,),
             ):
-                self.db.execute(
-                    "UPDATE oauth_grants SET revoked_at = ?, revoked_reason = ?"
-                    " WHERE grant_id = ? AND revoked_at IS NULL",
-                    (now, f"parent grant revoked: {reason}", child),
+                delegated += len(
+                    self.db.execute(
+                        "UPDATE oauth_grants SET revoked_at = ?, revoked_reason = ?"
+                        " WHERE grant_id = ? AND revoked_at IS NULL RETURNING grant_id",
+                        (now, f"parent grant revoked: {reason}", child),
+                    )
                 )
                 self._revoke_issued(child, now)
-            return bool(rows)
+            if not rows:
+                return False
+            username, client_id = rows[0]
+            self.audit.record(
+                "grant.revoked",
+                subject=username,
+                client_id=client_id,
+                grant_id=grant_id,
+                reason=reason,
+                actor=actor,
+                delegated_revoked=delegated,
+            )
+            return True
 
     def _revoke_issued(self, grant_id: str, now: float) -> None:
         """Inside a revoking transaction: the grant's access and refresh tokens, announced."""
@@ -1054,9 +1073,10 @@ class OAuthStore:
         )
         self._announce_revocation(grant_id)
 
-    def revoke_user_grants(self, username: str, now: float, reason: str) -> int:
+    def revoke_user_grants(self, username: str, now: float, reason: str, *, actor: str) -> int:
         """Revoke every live grant of the user (and everything issued under each), announcing
-        each revocation, and end their sessions; return how many grants were revoked. A grant
+        and recording each revocation (one ``grant.revoked`` per grant), and end their sessions;
+        return how many grants were revoked. A grant
         being made for them meanwhile, or later, on a sign-in, approval or assertion from before
         ``now`` is refused (`create_grant`)."""
         with self.db.transaction():
@@ -1067,7 +1087,9 @@ class OAuthStore:
                 "SELECT grant_id FROM oauth_grants WHERE username = ? AND revoked_at IS NULL",
                 (username,),
             )
-            return sum(self.revoke_grant(grant_id, now, reason) for (grant_id,) in rows)
+            return sum(
+                self.revoke_grant(grant_id, now, reason, actor=actor) for (grant_id,) in rows
+            )
 
     def _record_user_revocation(self, username: str, now: float) -> None:
         """Inside a transaction holding the user's lock: all the user's grants are revoked as of

@@ -28,6 +28,7 @@ import uuid
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
+from bastion.audit.actor import SERVER
 from bastion.oauth import pkce
 from bastion.oauth.ciba import CIBA_GRANT_TYPE
 from bastion.oauth.dpop import CLIENT_METADATA as DPOP_REQUIRED
@@ -200,7 +201,7 @@ class TokenEndpoint:
 
     def _revoke_on_reuse(self, grant: Grant, reason: str, what: str) -> dict[str, Any]:
         """A single-use credential came back: revoke everything its grant issued (RFC 9700)."""
-        self.server.revoke_grant(grant, reason)
+        self.server.revoke_grant(grant, reason, actor=SERVER)
         raise InvalidGrant(f"the {what} was already used; its grant is now revoked")
 
     def _refuse_disabled_user(self, grant: Grant) -> None:
@@ -209,7 +210,7 @@ class TokenEndpoint:
         (`OAuthStore.create_grant`), so this only backs those up."""
         if grant.username is None or self.store.user_state(grant.username) != "disabled":
             return
-        self.server.revoke_grant(grant, "user disabled")
+        self.server.revoke_grant(grant, "user disabled", actor=SERVER)
         raise InvalidGrant(f"user {grant.username!r} is disabled: this grant is revoked")
 
     def _refresh_token(

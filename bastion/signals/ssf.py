@@ -286,21 +286,25 @@ class SsfReceiver:
                 done["result"] = "ignored: the subject maps to no user (signals.ssf users table)"
             elif effect == "revoke":
                 count = self.revoke_user(
-                    user, now, f"ssf {t.name}: {event_type.rsplit('/', 1)[-1]}"
+                    user, now, f"ssf {t.name}: {event_type.rsplit('/', 1)[-1]}", t.name
                 )
                 done["result"] = f"revoked {count} grant(s)"
             elif effect == "disable":
                 disabled = self.oauth_store.disable_user(user, now, actor=f"ssf:{t.name}")
                 count = self.revoke_user(
-                    user, now, f"ssf {t.name}: {event_type.rsplit('/', 1)[-1]}"
+                    user, now, f"ssf {t.name}: {event_type.rsplit('/', 1)[-1]}", t.name
                 )
                 done["result"] = ("disabled" if disabled else "already disabled") + (
                     f", revoked {count} more grant(s)" if count else ""
                 )
         return Outcome(verified.jti, ",".join(sorted(users)) or None, effects)
 
-    def revoke_user(self, username: str, now: float, reason: str) -> int:
-        return self.oauth_store.revoke_user_grants(username, now, reason)
+    def revoke_user(self, username: str, now: float, reason: str, transmitter: str) -> int:
+        """Revoke the user's grants on a signal of ``transmitter``, recorded in the receiving
+        transaction (actor ``ssf:<transmitter>``)."""
+        return self.oauth_store.revoke_user_grants(
+            username, now, reason, actor=f"ssf:{transmitter}"
+        )
 
     def _facts(
         self,

@@ -122,7 +122,7 @@ def test_revoking_the_root_grant_revokes_every_descendant(database_url, tmp_path
         heard: list[str] = []
         bastion.server.store.on_revoked(heard.append)
         assert not any(refused(bastion, t) for t in delegated)
-        assert bastion.server.store.revoke_grant(root, bastion.clock(), "test")
+        assert bastion.server.store.revoke_grant(root, bastion.clock(), "test", actor="test")
         assert all(refused(bastion, t) for t in delegated)
         assert set(grants) <= set(heard)  # every descendant announced (subscribers, NOTIFY)
 
@@ -130,7 +130,9 @@ def test_revoking_the_root_grant_revokes_every_descendant(database_url, tmp_path
 def test_revoking_the_user_or_the_client_revokes_the_delegations(database_url, tmp_path):
     with running_bastion(database_url, tmp_path) as bastion:
         _, delegated = chain_of_three(bastion)
-        bastion.server.store.revoke_user_grants("alice", bastion.clock(), "offboarded")
+        bastion.server.store.revoke_user_grants(
+            "alice", bastion.clock(), "offboarded", actor="test"
+        )
         assert all(refused(bastion, t) for t in delegated)
         tokens, delegated = chain_of_three(bastion)
         assert not any(refused(bastion, t) for t in delegated)
@@ -189,7 +191,7 @@ def test_a_delegation_cannot_be_made_under_a_revoked_grant(database_url, tmp_pat
         grant_id = bastion.server.store.access_token_state(
             claims(tokens["access_token"])["jti"]
         ).grant_id
-        bastion.server.store.revoke_grant(grant_id, bastion.clock(), "test")
+        bastion.server.store.revoke_grant(grant_id, bastion.clock(), "test", actor="test")
         answer = exchange(bastion, coder, tokens["access_token"], own_token(bastion, sub))
         assert answer.status_code == 400 and answer.json()["error"] == "invalid_request"
         rows = bastion.db.execute(
@@ -345,7 +347,7 @@ def test_introspection_shows_the_chain_and_stops_at_a_revoked_parent(database_ur
         grant_id = bastion.server.store.access_token_state(
             claims(tokens["access_token"])["jti"]
         ).grant_id
-        bastion.server.store.revoke_grant(grant_id, bastion.clock(), "test")
+        bastion.server.store.revoke_grant(grant_id, bastion.clock(), "test", actor="test")
         assert introspect(delegated[1]) == {"active": False}
 
 

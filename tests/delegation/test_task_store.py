@@ -93,6 +93,11 @@ def test_ending_deletes_the_facts_revokes_the_grants_and_is_recorded_once(parts)
     [event] = audit.events("task.ended")
     assert event.detail["task_id"] == task.id
     assert (event.detail["facts_deleted"], event.detail["grants_revoked"]) == (1, 2)
+    # Each grant's revocation is recorded, naming the task and who ended it.
+    assert sorted(
+        (e.detail["grant_id"], e.detail["reason"], e.detail["actor"])
+        for e in audit.events("grant.revoked")
+    ) == [("g1", f"task {task.id} ended", "test"), ("g2", f"task {task.id} ended", "test")]
     with pytest.raises(TaskClosed):
         tasks.bind(task.id, USER, AGENT, grant(grants, "g3"))
     assert not revoked(grants, "g3")  # refused before it was bound: not the task's to revoke
@@ -136,7 +141,7 @@ def test_binding_refuses_what_is_not_the_tasks(parts):
     # A grant that is not what the caller says it is: another agent's, or revoked.
     with pytest.raises(TaskError, match="is not"):
         tasks.bind(task.id, USER, AGENT, grant(grants, "g4", client_id="intruder"))
-    grants.revoke_grant(grant(grants, "g5"), time.time(), "test")
+    grants.revoke_grant(grant(grants, "g5"), time.time(), "test", actor="test")
     with pytest.raises(TaskError, match="revoked"):
         tasks.bind(task.id, USER, AGENT, "g5")
     # A sub-agent whose chain passes through the task's agent binds.

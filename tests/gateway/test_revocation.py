@@ -42,7 +42,7 @@ if what == "token":
     store.revoke_access_token(jti, time.time())
 else:
     grant_id = store.access_token_state(jti).grant_id
-    store.revoke_grant(grant_id, time.time(), "revoked by another process")
+    store.revoke_grant(grant_id, time.time(), "revoked by another process", actor="test")
 """
 
 

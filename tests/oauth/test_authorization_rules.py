@@ -301,7 +301,7 @@ def test_a_code_whose_grant_was_revoked_is_refused(bastion: Bastion):
     client = bastion.register()
     code, verifier = bastion.code_for(client)
     grant_id = bastion.server.store.code(code)[0]
-    bastion.server.store.revoke_grant(grant_id, bastion.clock(), "test")
+    bastion.server.store.revoke_grant(grant_id, bastion.clock(), "test", actor="test")
     before = bastion.rows()
     response = exchange(bastion, client, code, verifier)
     assert_oauth_error(response, "invalid_grant")

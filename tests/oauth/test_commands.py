@@ -415,3 +415,46 @@ def test_each_admin_change_to_users_clients_and_signing_keys_is_in_the_audit_log
     stored = json.dumps(events)
     assert "argon2" not in stored and "long enough" not in stored
     assert client["client_secret"] not in stored
+
+
+def _signed_in_grant(bastion) -> tuple[dict, dict]:
+    """A client and the tokens alice gave it (authorization code, PKCE)."""
+    client = bastion.register()
+    return client, bastion.tokens_for(client)
+
+
+def test_each_grant_an_admin_change_revokes_is_in_the_audit_log_once_with_its_reason(
+    capsys, monkeypatch, database_url, tmp_path
+):
+    admin = cli_actor()
+    with running_bastion(database_url, tmp_path) as bastion:
+        revoked_with_the_client, _ = _signed_in_grant(bastion)
+        database = ("--database", bastion.db.url)
+        argv = ("clients", "revoke", revoked_with_the_client["client_id"], *database)
+        assert run(capsys, monkeypatch, *argv)[0] == 0
+        revoked_with_the_user, _ = _signed_in_grant(bastion)
+        assert run(capsys, monkeypatch, "users", "disable", "alice", *database)[0] == 0
+        # A refresh token the client itself revokes (RFC 7009): the client is the actor.
+        assert run(capsys, monkeypatch, "users", "enable", "alice", *database)[0] == 0
+        by_client, tokens = _signed_in_grant(bastion)
+        answer = bastion.http.post(
+            f"{bastion.url}/revoke",
+            data={"token": tokens["refresh_token"], "client_id": by_client["client_id"]},
+        )
+        assert answer.status_code == 200
+
+        events = audit_events(capsys, monkeypatch, bastion.db.url, "grant.")
+    assert [
+        (e["client_id"], e["subject"], e["detail"]["reason"], e["detail"]["actor"]) for e in events
+    ] == [
+        (revoked_with_the_client["client_id"], "alice", "client revoked", admin),
+        (revoked_with_the_user["client_id"], "alice", "user disabled", admin),
+        (
+            by_client["client_id"],
+            "alice",
+            "refresh token revoked by client",
+            f"client:{by_client['client_id']}",
+        ),
+    ]
+    assert all(e["kind"] == "grant.revoked" and e["detail"]["grant_id"] for e in events)
+    assert all(e["detail"]["delegated_revoked"] == 0 for e in events)

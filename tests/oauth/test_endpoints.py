@@ -445,7 +445,7 @@ def test_introspection_reports_a_used_expired_or_revoked_refresh_token_inactive(
     assert introspect(second)["active"] is True
     revoked = bastion.tokens_for(client)["refresh_token"]
     grant_id = bastion.server.store.refresh_token(revoked)[0]
-    bastion.server.store.revoke_grant(grant_id, bastion.clock(), "test")
+    bastion.server.store.revoke_grant(grant_id, bastion.clock(), "test", actor="test")
     assert introspect(revoked) == {"active": False}
     bastion.clock.advance(bastion.server.settings.refresh_token_seconds + 1)
     assert introspect(second) == {"active": False}  # expired

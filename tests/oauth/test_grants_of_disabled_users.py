@@ -122,7 +122,7 @@ def disable_alice(store: OAuthStore) -> None:
 
 
 def revoke_alices_grants(store: OAuthStore) -> None:
-    store.revoke_user_grants("alice", time.time(), "ssf test: session-revoked")
+    store.revoke_user_grants("alice", time.time(), "ssf test: session-revoked", actor="test")
 
 
 def live_grants(bastion: Bastion, username: str = "alice") -> list:

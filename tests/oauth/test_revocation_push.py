@@ -91,7 +91,7 @@ def listener_gate(monkeypatch) -> threading.Event:
 
 REVOCATIONS_BY_ANOTHER_REPLICA = {
     "access token": lambda b, jti, grant_id: b.revoke_access_token(jti, time.time()),
-    "grant": lambda b, jti, grant_id: b.revoke_grant(grant_id, time.time(), "test"),
+    "grant": lambda b, jti, grant_id: b.revoke_grant(grant_id, time.time(), "test", actor="test"),
     "user disabled": lambda b, jti, grant_id: b.disable_user("alice", time.time(), actor="test"),
     "client revoked": lambda b, jti, grant_id: b.revoke_client(
         b.grant(grant_id).client_id, time.time(), actor="test"
@@ -124,7 +124,9 @@ def test_a_revocation_by_another_replica_is_refused_once_notified_without_a_read
 
 USER_CHANGES_BY_ANOTHER_REPLICA = {
     "disabled": lambda b, user, now: b.disable_user(user, now, actor="test"),
-    "all grants revoked": lambda b, user, now: b.revoke_user_grants(user, now, "test: signal"),
+    "all grants revoked": lambda b, user, now: b.revoke_user_grants(
+        user, now, "test: signal", actor="test"
+    ),
 }
 
 
@@ -331,7 +333,7 @@ def test_a_verification_overlapping_a_revocation_is_not_remembered(replicas):
 
     def revoked_meanwhile(*args, **kwargs):
         verified = verify(*args, **kwargs)  # the state is read: not revoked yet
-        replicas.b.revoke_grant(grant_id, time.time(), "test")
+        replicas.b.revoke_grant(grant_id, time.time(), "test", actor="test")
         assert eventually(lambda: replicas.tokens.remembered(token, None) is None)
         return verified
 

@@ -292,11 +292,11 @@ def test_revoking_a_user_revokes_each_of_their_grants_and_announces_each(databas
         store.on_revoked(heard.append)
         for i, username in enumerate(("sam", "sam", "kim")):
             store.create_grant(_grant(f"g{i}", username, now))
-        assert store.revoke_user_grants("sam", now, "test") == 2
+        assert store.revoke_user_grants("sam", now, "test", actor="test") == 2
         # Each grant, and the user's standing (a trusted issuer's tokens rest on no grant).
         assert sorted(heard) == sorted(["g0", "g1", USERS_CHANGED])
         assert store.grant("g2").revoked_at is None
-        assert store.revoke_user_grants("sam", now, "test") == 0
+        assert store.revoke_user_grants("sam", now, "test", actor="test") == 0
     finally:
         db.close()
 
@@ -350,12 +350,17 @@ def test_a_set_killed_part_way_is_not_claimed_and_is_applied_when_delivered_agai
         assert db.execute("SELECT COUNT(*) FROM ssf_received") == [(0,)]
         assert oauth.grant("g1").revoked_at is None
         assert receiver.audit.events("signal.received") == []
+        assert receiver.audit.events("grant.revoked") == []  # with the revocation it records
         outcome = receiver.receive(t, event, keys)  # redelivered: applied now, once
         assert outcome.effects[0]["result"] == "revoked 1 grant(s)"
         assert oauth.grant("g1").revoked_at is not None
         with pytest.raises(Replayed):
             receiver.receive(t, event, keys)
         assert len(receiver.audit.events("signal.received")) == 1
+        (revoked,) = receiver.audit.events("grant.revoked")
+        assert (revoked.subject, revoked.detail["grant_id"]) == ("sam", "g1")
+        assert revoked.detail["actor"] == f"ssf:{t.name}"
+        assert revoked.detail["reason"] == f"ssf {t.name}: session-revoked"
         assert len(receiver.audit.events("signal.refused")) == 1
     finally:
         db.close()
