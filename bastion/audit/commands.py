@@ -10,6 +10,7 @@ import json
 import sys
 from datetime import UTC, datetime
 
+from bastion.audit.actor import cli_actor
 from bastion.audit.decisions import DecisionRecord, DecisionRecords
 from bastion.audit.log import AuditEvent, AuditLog
 from bastion.audit.retention import prune
@@ -133,7 +134,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         raise ConfigError("--older-than must be a positive number of days")
     db = Database(_database(args))
     try:
-        pruned = prune(db, days)
+        pruned = prune(db, days, actor=cli_actor())
     finally:
         db.close()
     print(

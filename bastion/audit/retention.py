@@ -1,16 +1,19 @@
 """Retention of the audit trail: audit events and decision records older than a number of days
 (`[server] audit_retention_days`) are deleted, in small batches, by a task of the server's own
-(never on a request's path) and by ``bastion audit prune``."""
+(never on a request's path) and by ``bastion audit prune``. Each prune that deletes anything is
+itself recorded (``audit.pruned``), after the deletion, so the record stays."""
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from dataclasses import dataclass
 
 import anyio
 
+from bastion.audit.actor import SERVER
 from bastion.audit.decisions import DecisionRecords
 from bastion.audit.log import AuditLog
 from bastion.db import Database, first_line
@@ -28,12 +31,24 @@ class Pruned:
     decisions: int
 
 
-def prune(db: Database, days: float, now: float | None = None) -> Pruned:
-    """Delete audit events and decision records older than ``days`` days."""
+def prune(db: Database, days: float, now: float | None = None, *, actor: str) -> Pruned:
+    """Delete audit events and decision records older than ``days`` days; when any went,
+    record ``audit.pruned`` (the cutoff, how many of each, ``actor``) after them."""
     if days <= 0:
         raise ValueError("the retention must be a positive number of days")
     before = (time.time() if now is None else now) - days * DAY
-    return Pruned(AuditLog(db).prune(before), DecisionRecords(db).prune(before))
+    events = AuditLog(db)
+    pruned = Pruned(events.prune(before), DecisionRecords(db).prune(before))
+    if pruned.events or pruned.decisions:
+        events.record(
+            "audit.pruned",
+            before=before,
+            days=days,
+            events_deleted=pruned.events,
+            decisions_deleted=pruned.decisions,
+            actor=actor,
+        )
+    return pruned
 
 
 async def prune_forever(db: Database, days: float, interval: float = PRUNE_INTERVAL) -> None:
@@ -43,7 +58,9 @@ async def prune_forever(db: Database, days: float, interval: float = PRUNE_INTER
         return
     while True:
         try:
-            pruned = await anyio.to_thread.run_sync(prune, db, days)
+            pruned = await anyio.to_thread.run_sync(
+                functools.partial(prune, db, days, actor=SERVER)
+            )
         except Exception as e:
             log.warning("pruning the audit trail failed (%s); trying again later", first_line(e))
         else:

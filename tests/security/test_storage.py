@@ -20,6 +20,7 @@ import psycopg
 import pytest
 
 from bastion.audit import AuditLog
+from bastion.audit.actor import cli_actor
 from bastion.audit.decisions import DecisionRecord, DecisionRecords
 from bastion.db import Database, DatabaseUnavailable
 from bastion.facts.store import FactStore
@@ -97,6 +98,17 @@ def test_a_sqlite_commit_is_written_through_to_the_disk_unless_the_url_says_othe
 # -- the audit trail's retention --------------------------------------------------------------------
 
 
+def _pruned(database: str) -> list[dict]:
+    """The ``audit.pruned`` events, oldest first, as ``bastion audit events --json`` shows them."""
+    shown = subprocess.run(
+        [sys.executable, "-m", "bastion.cli", "audit", "events", "--json", "--kind",
+         "audit.pruned", "--database", database],
+        capture_output=True, text=True, env={**os.environ, "BASTION_CONFIG": "/nonexistent"},
+    )  # fmt: skip
+    assert shown.returncode == 0, shown.stderr
+    return [json.loads(line) for line in shown.stdout.splitlines()]
+
+
 def _audit_trail(database: str, ages_in_days: list[float]) -> None:
     """An audit event and a decision record of each age."""
     db = Database(database)
@@ -110,8 +122,11 @@ def _audit_trail(database: str, ages_in_days: list[float]) -> None:
 
 
 def _left(database: str) -> tuple[list[str], list[str]]:
+    """The subjects of the events of `_audit_trail` still there, and the decision records'."""
     with sqlite3.connect(database) as conn:
-        events = conn.execute("SELECT subject FROM audit_events ORDER BY subject").fetchall()
+        events = conn.execute(
+            "SELECT subject FROM audit_events WHERE kind = 'token.issued' ORDER BY subject"
+        ).fetchall()
         decisions = conn.execute("SELECT id FROM audit_decisions ORDER BY id").fetchall()
     return [e for (e,) in events], [d for (d,) in decisions]
 
@@ -122,6 +137,10 @@ def test_the_server_deletes_the_audit_trail_older_than_the_retention_by_itself(t
     served(database, BASTION_AUDIT_RETENTION_DAYS="30")
     # No request asks for it: the server prunes on its own, off the request path.
     assert eventually(lambda: _left(database) == (["u2", "u3"], ["d2", "d3"]), within=20)
+    # The deletion is itself recorded, by the server, after it (so it stays).
+    [pruned] = _pruned(database)
+    assert pruned["detail"]["actor"] == "server" and pruned["detail"]["days"] == 30
+    assert (pruned["detail"]["events_deleted"], pruned["detail"]["decisions_deleted"]) == (2, 2)
 
 
 def test_bastion_audit_prune_keeps_the_newest_decision_record_so_sequences_go_on(tmp_path):
@@ -141,9 +160,16 @@ def test_bastion_audit_prune_keeps_the_newest_decision_record_so_sequences_go_on
     assert done.returncode == 0, done.stderr
     assert "deleted 2 audit events and 2 decision records" in done.stderr
     assert _left(database) == (["u2"], ["d2"])
+    [pruned] = _pruned(database)
+    assert pruned["kind"] == "audit.pruned" and pruned["detail"]["actor"] == cli_actor()
+    assert (pruned["detail"]["events_deleted"], pruned["detail"]["decisions_deleted"]) == (2, 2)
+    assert pruned["detail"]["days"] == 150
+    assert abs(pruned["detail"]["before"] - (time.time() - 150 * DAY)) < 60
     assert prune("--older-than", "1").returncode == 0
     # Every event went; the newest decision record stays, so `audit tail -f` misses nothing.
     assert _left(database) == ([], ["d2"])
+    # The record of each deletion outlives it.
+    assert [p["detail"]["events_deleted"] for p in _pruned(database)] == [2, 1]
     db = Database(database)
     records = DecisionRecords(db)
     records.add(_decision(time.time(), 9))
