@@ -13,6 +13,10 @@ the gateway asks it of every message (the token's user, every agent of its chain
 the token endpoint of every token it would issue, introspection of every token it is shown, the
 approvals of every person who answers, and the gateway again of every upstream session when a
 suspension comes. `token_principals` names a token's user and agents the one way all of them use.
+
+`suspend` and `resume` are the one write path (the API and the command line both use them); each
+records ``suspension.created`` or ``suspension.lifted`` in the audit log, in the write's
+transaction.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
+from bastion.audit.log import AuditLog
 from bastion.facts.model import Entity, matches
 from bastion.facts.store import FactStore, StoredFact, WriteResult
 
@@ -104,13 +109,35 @@ def suspension(kind: str, id: str, expires_at: float | None = None) -> Suspensio
 
 
 def suspend(store: FactStore, s: Suspension, actor: str) -> WriteResult:
-    """Store the suspension (durable; every replica applies it from the change log)."""
-    return store.apply([StoredFact((PREDICATE, s.entity), s.expires_at)], actor=actor)
+    """Store the suspension (durable; every replica applies it from the change log), recorded
+    as ``suspension.created``."""
+    with store.db.transaction():
+        result = store.apply([StoredFact((PREDICATE, s.entity), s.expires_at)], actor=actor)
+        _record(store, "suspension.created", s, actor, result.seq)
+    return result
 
 
 def resume(store: FactStore, s: Suspension, actor: str) -> WriteResult:
-    """Lift the suspension; ``deleted`` is 0 when there was none."""
-    return store.apply([], [(PREDICATE, s.entity)], actor=actor)
+    """Lift the suspension, recorded as ``suspension.lifted``; ``deleted`` is 0 when there was
+    none (nothing recorded then)."""
+    with store.db.transaction():
+        result = store.apply([], [(PREDICATE, s.entity)], actor=actor)
+        if result.deleted:
+            _record(store, "suspension.lifted", s, actor, result.seq)
+    return result
+
+
+def _record(store: FactStore, kind: str, s: Suspension, actor: str, seq: int) -> None:
+    AuditLog(store.db).record(
+        kind,
+        subject=s.id if s.kind == "user" else None,
+        client_id=s.id if s.kind == "agent" else None,
+        suspended=s.kind,
+        id=s.id,
+        expires_at=s.expires_at,
+        actor=actor,
+        sequence=seq,
+    )
 
 
 def stored(store: FactStore) -> list[Suspension]:

@@ -14,6 +14,7 @@ from urllib.parse import parse_qs, quote, urlencode, urlsplit
 
 import pytest
 
+from bastion.audit.actor import cli_actor
 from bastion.cli import main
 from bastion.facts.store import FactStore
 from bastion.oauth import registration
@@ -61,6 +62,16 @@ def suspend(bastion, key: str, kind: str, id: str) -> None:
 def resume(bastion, key: str, kind: str, id: str) -> None:
     answer = api(bastion, key, "DELETE", f"/{kind}/{quote(id, safe='')}")
     assert answer.status_code == 200, answer.text
+
+
+def suspension_events(bastion, capsys, id: str) -> list[dict]:
+    """The kill switch's audit events about ``id``, oldest first, as ``bastion audit events``
+    shows them."""
+    capsys.readouterr()
+    database = bastion.app.state.config.database
+    assert main(["audit", "events", "--kind", "suspension.", "--json", "--database", database]) == 0
+    shown = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    return [e for e in shown if e["detail"]["id"] == id]
 
 
 def client_id(token: str) -> str:
@@ -346,6 +357,14 @@ def test_the_command_line_suspends_and_resumes_on_the_deployments_database(basti
     )
     assert "result" in answer
     assert main(["agents", "resume", agent, "--database", database]) == 1  # nothing to resume
+    # Who suspended the agent and who lifted it, each once (nothing to resume: no record).
+    events = suspension_events(bastion, capsys, agent)
+    assert [(e["kind"], e["client_id"], e["detail"]["actor"]) for e in events] == [
+        ("suspension.created", agent, cli_actor()),
+        ("suspension.lifted", agent, cli_actor()),
+    ]
+    assert events[0]["detail"]["suspended"] == "agent"
+    assert events[0]["detail"]["expires_at"] is None
 
 
 def test_a_suspension_longer_than_ten_years_is_refused_before_anything_is_stored(tmp_path, capsys):
@@ -411,7 +430,7 @@ def test_suspensions_need_a_key_with_their_scope(bastion, key):
     assert not stored(bastion.store)
 
 
-def test_resuming_what_is_not_suspended_is_404_and_listing_shows_what_is(bastion, key):
+def test_resuming_what_is_not_suspended_is_404_and_listing_shows_what_is(bastion, key, capsys):
     head = bastion.store.head()
     assert api(bastion, key, "DELETE", "/agent/nobody").status_code == 404
     assert api(bastion, key, "DELETE", "/robot/x").status_code == 400
@@ -425,6 +444,14 @@ def test_resuming_what_is_not_suspended_is_404_and_listing_shows_what_is(bastion
         {"kind": "agent", "id": "https://agent.example/client.json", "expires_at": None}
     ]
     assert api(bastion, key, "GET").json() == {"suspensions": []}
+    # Recorded with the API key that did it; the refused resume recorded nothing.
+    key_id = bastion.app.state.keys.verify(key).id
+    events = suspension_events(bastion, capsys, "https://agent.example/client.json")
+    assert [(e["kind"], e["detail"]["actor"]) for e in events] == [
+        ("suspension.created", f"key:{key_id}"),
+        ("suspension.lifted", f"key:{key_id}"),
+    ]
+    assert suspension_events(bastion, capsys, "nobody") == []
 
 
 @pytest.fixture(scope="module")
