@@ -8,7 +8,6 @@ introspection calls its tokens inactive; an owner or parent changed is a fact th
 from __future__ import annotations
 
 import argparse
-import getpass
 import json
 import sys
 import time
@@ -16,6 +15,7 @@ from datetime import UTC, datetime
 
 from bastion.agents.identity import AgentError
 from bastion.agents.registry import STATUSES, list_agents, show_agent, update_agent
+from bastion.audit.actor import cli_actor
 from bastion.cli import whole_number
 from bastion.facts.store import FactStore
 from bastion.oauth.store import OAuthStore
@@ -29,13 +29,6 @@ from bastion.signals.suspensions import (
     suspend,
     suspension,
 )
-
-
-def _actor() -> str:
-    try:
-        return f"cli:{getpass.getuser()}"
-    except Exception:  # no user name in this environment (a container without one)
-        return "cli"
 
 
 def _store(args: argparse.Namespace) -> FactStore:
@@ -54,7 +47,7 @@ def _when(epoch: float | None) -> str:
 def cmd_suspend(store: FactStore, args: argparse.Namespace) -> int:
     expires = time.time() + args.minutes * 60 if args.minutes else None
     s = suspension(args.kind, args.id, expires)
-    result = suspend(store, s, _actor())
+    result = suspend(store, s, cli_actor())
     print(f"suspended {s.kind} {s.id} {_when(s.expires_at)} (sequence {result.seq})")
     return 0
 
@@ -64,7 +57,7 @@ def cmd_resume(store: FactStore, args: argparse.Namespace) -> int:
     if not any(x == s for x in (suspension(x.kind, x.id) for x in stored(store))):
         print(f"bastion: {s.kind} {s.id!r} is not suspended", file=sys.stderr)
         return 1
-    result = resume(store, s, _actor())
+    result = resume(store, s, cli_actor())
     print(f"resumed {s.kind} {s.id} (sequence {result.seq})")
     return 0
 
@@ -100,7 +93,7 @@ def cmd_update(store: FactStore, args: argparse.Namespace) -> int:
         OAuthStore(store.db),
         store,
         args.id,
-        _actor(),
+        cli_actor(),
         name=args.name,
         purpose=args.purpose,
         owner=args.owner,

@@ -11,7 +11,6 @@ operating-system user who ran it is kept in the audit event).
 from __future__ import annotations
 
 import argparse
-import getpass
 import json
 import sys
 from collections.abc import Callable
@@ -19,6 +18,7 @@ from datetime import UTC, datetime
 
 from bastion.approvals.service import Approvals, NotAllowed, UnknownRequest
 from bastion.approvals.store import MAX_LIST, STATUSES, ApprovalRequest
+from bastion.audit.actor import cli_actor
 from bastion.audit.commands import event_line
 from bastion.cli import add_limit, whole_number
 from bastion.decide import Authorizer
@@ -233,13 +233,6 @@ def cmd_show(deployment: Deployment, args: argparse.Namespace) -> int:
     return 0
 
 
-def _vouching() -> str:
-    try:
-        return f"cli:{getpass.getuser()}"
-    except Exception:  # no user name in this environment (a container without one)
-        return "cli"
-
-
 def _check_person(person: str) -> None:
     if not person or not person.isprintable() or person.strip() != person:
         raise CommandError("--as names a person: a user name")
@@ -257,7 +250,7 @@ def _answer(deployment: Deployment, args: argparse.Namespace, answer: str) -> in
             channel="cli",
             reason=args.reason or "",
             withheld_fields=withheld,
-            via=_vouching(),
+            via=cli_actor(),
         )
     except UnknownRequest:
         raise CommandError(

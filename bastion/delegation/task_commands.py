@@ -11,13 +11,13 @@ the database: every task is theirs to see and end.
 from __future__ import annotations
 
 import argparse
-import getpass
 import json
 import sys
 from collections.abc import Callable
 from datetime import UTC, datetime
 
 from bastion.audit import AuditLog
+from bastion.audit.actor import cli_actor
 from bastion.cli import add_limit
 from bastion.db import Database
 from bastion.decide import Authorizer
@@ -27,13 +27,6 @@ from bastion.facts.store import FactStore
 from bastion.oauth.store import OAuthStore
 from bastion.policy.errors import PolicyError
 from bastion.server.config import ServerConfig, command_database
-
-
-def _actor() -> str:
-    try:
-        return f"cli:{getpass.getuser()}"
-    except Exception:  # no user name in this environment (a container without one)
-        return "cli"
 
 
 def _when(epoch: float | None) -> str:
@@ -79,7 +72,7 @@ def _line(task: Task, now: float) -> str:
 def cmd_open(tasks: Tasks, args: argparse.Namespace) -> int:
     expires_at = tasks.clock() + args.expires_in
     task = tasks.open(
-        args.user, args.agent, args.purpose, expires_at, [_fact(f) for f in args.fact], _actor()
+        args.user, args.agent, args.purpose, expires_at, [_fact(f) for f in args.fact], cli_actor()
     )
     print(json.dumps(task.to_json(tasks.clock())) if args.json else task.id)
     return 0
@@ -107,7 +100,7 @@ def cmd_show(tasks: Tasks, args: argparse.Namespace) -> int:
 
 def cmd_end(tasks: Tasks, args: argparse.Namespace) -> int:
     _found(tasks, args.task_id)
-    task, ended = tasks.end(args.task_id, _actor(), args.reason)
+    task, ended = tasks.end(args.task_id, cli_actor(), args.reason)
     if ended:
         print(f"ended {task.id}: its facts are deleted and its grants revoked")
     else:

@@ -17,6 +17,7 @@ from datetime import datetime
 from typing import Any, TextIO
 
 from bastion import atomic_files, untrusted_json
+from bastion.audit.actor import cli_actor
 from bastion.cli import whole_number
 from bastion.facts.model import FactError, format_fact
 from bastion.facts.store import FactStore, StoredFact, epoch
@@ -237,7 +238,7 @@ def cmd_keys_create(args: argparse.Namespace) -> int:
         store = _local_store(args)
         try:
             key, api_key = KeyStore(store.db).create(
-                args.name, args.scope, expires_in=args.expires_in, created_by="cli"
+                args.name, args.scope, expires_in=args.expires_in, created_by=cli_actor()
             )
         finally:
             store.close()
@@ -283,7 +284,7 @@ def cmd_keys_revoke(args: argparse.Namespace) -> int:
 
         store = _local_store(args)
         try:
-            ok = KeyStore(store.db).revoke(args.id)
+            ok = KeyStore(store.db).revoke(args.id, actor=cli_actor())
         finally:
             store.close()
     if not ok:
@@ -307,7 +308,7 @@ def cmd_facts_insert(args: argparse.Namespace) -> int:
         try:
             validate = _validator(store)
             stored = [StoredFact(validate(f), expires_at) for f in facts]
-            seq = store.apply(stored, actor="cli").seq
+            seq = store.apply(stored, actor=cli_actor()).seq
         finally:
             store.close()
     print(f"inserted {len(facts)} fact(s) at sequence {seq}", file=sys.stderr)
@@ -324,7 +325,7 @@ def cmd_facts_delete(args: argparse.Namespace) -> int:
         return 0
     store = _local_store(args)
     try:
-        result = store.apply([], patterns, actor="cli")
+        result = store.apply([], patterns, actor=cli_actor())
     finally:
         store.close()
     print(f"deleted {result.deleted} fact(s) at sequence {result.seq}", file=sys.stderr)
@@ -401,7 +402,7 @@ def cmd_facts_import(args: argparse.Namespace) -> int:
             progress.add(1)
         progress.finish()
         print(f"writing {len(facts)} facts in one transaction...", file=sys.stderr)
-        result = store.apply(facts, actor="cli")
+        result = store.apply(facts, actor=cli_actor())
     finally:
         store.close()
     print(f"imported {result.inserted} facts at sequence {result.seq}", file=sys.stderr)
@@ -480,7 +481,9 @@ def cmd_policy_push(args: argparse.Namespace) -> int:
             print(w, file=sys.stderr)
         store = _local_store(args)
         try:
-            version, _ = store.put_policy(text, source=source, actor="cli", note=args.note or "")
+            version, _ = store.put_policy(
+                text, source=source, actor=cli_actor(), note=args.note or ""
+            )
         finally:
             store.close()
     print(f"policy version {version} is in force", file=sys.stderr)
@@ -521,7 +524,7 @@ def cmd_policy_rollback(args: argparse.Namespace) -> int:
                 validate_policy(old.text, old.source, _config(args).policy_limits())
             except PolicyError as e:
                 return _fail(f"version {args.version} no longer loads; nothing changed:\n{e}")
-            version, _ = store.rollback_policy(args.version, actor="cli")
+            version, _ = store.rollback_policy(args.version, actor=cli_actor())
         finally:
             store.close()
     print(f"version {args.version} is back in force as version {version}", file=sys.stderr)

@@ -13,6 +13,7 @@ import secrets
 import time
 from dataclasses import dataclass
 
+from bastion.audit.log import AuditLog
 from bastion.db import Database
 from bastion.names import check_name
 
@@ -137,6 +138,8 @@ class KeyStore:
         self, db: Database, *, env_admin_key: str | None = None, cache_seconds: float = 1.0
     ) -> None:
         self.db = db
+        # Each key made or revoked is recorded, in the transaction that does it.
+        self.audit = AuditLog(db)
         # Verified keys are remembered briefly so decisions do not wait on the database; a
         # revocation therefore reaches every replica within ``cache_seconds``. By the exact key
         # sent: a key remembered costs a dictionary look-up, not a SHA-256, on every request.
@@ -159,9 +162,10 @@ class KeyStore:
         scopes: list[str] | tuple[str, ...],
         *,
         expires_in: float | None = None,
-        created_by: str = "cli",
+        created_by: str,
     ) -> tuple[str, ApiKey]:
-        """Make a key; return the key (shown once, never stored) and its record."""
+        """Make a key; return the key (shown once, never stored) and its record. Recorded as
+        ``api_key.created`` with ``created_by`` as the actor (never the key)."""
         check_name(name, "a key's name", KeyNameError)
         scope_set = check_scopes(list(scopes))
         if expires_in is not None and not 0 < expires_in <= MAX_KEY_SECONDS:
@@ -174,11 +178,28 @@ class KeyStore:
         key = f"{KEY_PREFIX}{key_id}_{secrets.token_urlsafe(32)}"
         now = time.time()
         expires_at = now + expires_in if expires_in else None
-        self.db.execute(
-            "INSERT INTO api_keys (id, hash, name, scopes, created_at, created_by, expires_at)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (key_id, _hash(key), name, " ".join(sorted(scope_set)), now, created_by, expires_at),
-        )
+        with self.db.transaction():
+            self.db.execute(
+                "INSERT INTO api_keys (id, hash, name, scopes, created_at, created_by, expires_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (
+                    key_id,
+                    _hash(key),
+                    name,
+                    " ".join(sorted(scope_set)),
+                    now,
+                    created_by,
+                    expires_at,
+                ),
+            )
+            self.audit.record(
+                "api_key.created",
+                key_id=key_id,
+                name=name,
+                scopes=sorted(scope_set),
+                expires_at=expires_at,
+                actor=created_by,
+            )
         return key, ApiKey(key_id, name, scope_set, now, created_by, expires_at)
 
     def _row(self, key_id: str) -> tuple | None:
@@ -244,12 +265,17 @@ class KeyStore:
         )
         return [self._record(r) for r in rows]
 
-    def revoke(self, key_id: str) -> bool:
-        """Revoke a key at once; False if there is no such key or it was already revoked."""
-        rows = self.db.execute(
-            "UPDATE api_keys SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL RETURNING id",
-            (time.time(), key_id),
-        )
+    def revoke(self, key_id: str, *, actor: str) -> bool:
+        """Revoke a key at once, recorded as ``api_key.revoked`` with ``actor``; False (nothing
+        recorded) if there is no such key or it was already revoked."""
+        with self.db.transaction():
+            rows = self.db.execute(
+                "UPDATE api_keys SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL"
+                " RETURNING name",
+                (time.time(), key_id),
+            )
+            if rows:
+                self.audit.record("api_key.revoked", key_id=key_id, name=rows[0][0], actor=actor)
         self._cache.clear()
         self._cache_chars = 0
         return bool(rows)

@@ -9,13 +9,13 @@ is checked against the policy in force before it is written, as ``/v1/signals`` 
 from __future__ import annotations
 
 import argparse
-import getpass
 import json
 import sys
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
+from bastion.audit.actor import cli_actor
 from bastion.cli import add_limit, whole_number
 from bastion.decide import Authorizer
 from bastion.facts.model import Entity, FactError
@@ -59,13 +59,6 @@ def _value(text: str) -> Any:
     return value if isinstance(value, (bool, int, str)) else text
 
 
-def _actor() -> str:
-    try:
-        return f"cli:{getpass.getuser()}"
-    except Exception:  # no user name in this environment (a container without one)
-        return "cli"
-
-
 def _when(epoch: float) -> str:
     return datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
@@ -98,7 +91,7 @@ def cmd_set(store: FactStore, config: ServerConfig, args: argparse.Namespace) ->
     if policy is not None:
         authz.load_policy(policy.text, source=policy.source or "policy.polar")
     try:
-        result = set_signal(store, signal, actor=_actor(), validate=authz.facts.validate)
+        result = set_signal(store, signal, actor=cli_actor(), validate=authz.facts.validate)
     except FactError as e:
         raise CommandError(
             f"the policy in force cannot hold this signal: {e}; declare the signal facts it"
@@ -113,7 +106,7 @@ def cmd_set(store: FactStore, config: ServerConfig, args: argparse.Namespace) ->
 
 def cmd_clear(store: FactStore, config: ServerConfig, args: argparse.Namespace) -> int:
     subject = _subject(args.subject)
-    result = clear_signal(store, subject, args.name, actor=_actor())
+    result = clear_signal(store, subject, args.name, actor=cli_actor())
     print(f"cleared {result.deleted} signal(s) of {subject!r}; sequence {result.seq}")
     return 0
 

@@ -557,7 +557,7 @@ def test_a_ciphertext_moved_to_another_user_is_refused(lab, tab):
 def test_revocation_stops_the_connection_here_and_at_the_upstream_server(lab, tab):
     ensure_connected(lab, tab, "alice")
     tokens = stored_tokens(lab, "alice")
-    key, _ = lab.one.state.keys.create("admin", ["connections"])
+    key, _ = lab.one.state.keys.create("admin", ["connections"], created_by="test")
     with httpx.Client(base_url=lab.one_url.removesuffix("/one"), timeout=10) as http:
         auth = {"Authorization": f"Bearer {key}"}
         listed = http.get("/v1/connections", params={"subject": "alice"}, headers=auth)
@@ -567,7 +567,7 @@ def test_revocation_stops_the_connection_here_and_at_the_upstream_server(lab, ta
             "access_token_expires_at", ""
         )
         # A key without the scope may not.
-        other, _ = lab.one.state.keys.create("reader", ["facts:read"])
+        other, _ = lab.one.state.keys.create("reader", ["facts:read"], created_by="test")
         refused = http.delete(
             "/v1/connections/alice/tracker", headers={"Authorization": f"Bearer {other}"}
         )
@@ -897,7 +897,7 @@ def test_a_connection_gone_through_another_process_ends_the_session_at_its_next_
 
 def test_revoking_a_connection_closes_its_users_upstream_sessions_at_once(lab, ledgers):
     session = alice_calls(lab, "ledger")
-    key, _ = lab.one.state.keys.create("admin", ["connections"])
+    key, _ = lab.one.state.keys.create("admin", ["connections"], created_by="test")
     with httpx.Client(base_url=lab.one_url.removesuffix("/one"), timeout=10) as http:
         revoked = http.delete(
             "/v1/connections/alice/ledger", headers={"Authorization": f"Bearer {key}"}

@@ -207,7 +207,7 @@ def test_bastion_agents_suspend_refuses_the_agents_calls_and_shows_its_status(
 
 
 def api(bastion, scopes: list[str]) -> httpx.Client:
-    key, _ = bastion.app.state.keys.create("agents test", scopes)
+    key, _ = bastion.app.state.keys.create("agents test", scopes, created_by="test")
     return httpx.Client(
         base_url=bastion.url, headers={"authorization": f"Bearer {key}"}, timeout=20
     )

@@ -205,8 +205,8 @@ def test_clearing_an_agents_labels_through_the_api(bastion):
     token = bastion.token(user, "deskhttp", "customers:read")
     sessions(bastion, token, "auto", search)
     agent = latest_agent(bastion)
-    key, _ = bastion.app.state.keys.create("ops", ["labels"])
-    weak, _ = bastion.app.state.keys.create("reader", ["facts:read"])
+    key, _ = bastion.app.state.keys.create("ops", ["labels"], created_by="test")
+    weak, _ = bastion.app.state.keys.create("reader", ["facts:read"], created_by="test")
     url = f"{bastion.url}/v1/labels/clear"
     body = {"user": user, "agent": agent}
     # A key without the labels scope, and malformed bodies, change nothing.
@@ -223,7 +223,7 @@ def test_clearing_an_agents_labels_through_the_api(bastion):
 
 
 def test_ending_a_task_wipes_its_label_sets(bastion):
-    key, _ = bastion.app.state.keys.create("orchestrator", ["tasks"])
+    key, _ = bastion.app.state.keys.create("orchestrator", ["tasks"], created_by="test")
     opened = bastion.http.post(
         f"{bastion.url}/v1/tasks",
         headers=_bearer(key),

@@ -15,7 +15,7 @@ from tests.gateway.support import start
 def test_events_count_in_the_gateways_counters_and_raise_its_alerts(tmp_path):
     signals = {"alerts": {"bulk_destructive_count": 2, "repeat_write_seconds": 0.05}}
     with start(tmp_path, signals=signals) as running:
-        key, _ = running.app.state.keys.create("app", ["oso:events"])
+        key, _ = running.app.state.keys.create("app", ["oso:events"], created_by="test")
         oso = Oso(url=running.url, api_key=key)
         name = f"bot-{uuid.uuid4().hex[:6]}"
         events = oso.for_agents(name, uuid.uuid4(), [Value("User", "sam")])

@@ -11,6 +11,7 @@ import sys
 import pytest
 
 from bastion import Entity, Variable
+from bastion.audit.actor import cli_actor
 from bastion.client import AsyncClient, Client, RemoteError
 
 from .conftest import ADMIN_KEY, POLICY
@@ -99,11 +100,22 @@ def test_cli_on_the_local_store_then_on_the_server(sqlite_url, tmp_path, serve):
     assert r.returncode == 0 and "imported 1" in r.stderr
     assert bastion("facts", "get", *db).stdout.startswith("has_role")
     versions = bastion("policy", "versions", *remote).stdout.splitlines()
-    assert len(versions) == 1 and versions[0].split("\t")[2] == "cli"
+    # Who pushed the policy: the administrator, as every other command names them.
+    assert len(versions) == 1 and versions[0].split("\t")[2] == cli_actor()
     key_id = key.split("_")[1]
     assert bastion("keys", "revoke", key_id, *db).returncode == 0
     r = bastion("keys", "list", *db)
     assert f"{key_id}\trevoked" in r.stdout
+    # The key's making and its revocation are in the audit log, with who did each.
+    shown = bastion("audit", "events", "--kind", "api_key.", "--json", *db)
+    assert shown.returncode == 0, shown.stderr
+    events = [json.loads(line) for line in shown.stdout.splitlines()]
+    assert [(e["kind"], e["detail"]["key_id"], e["detail"]["actor"]) for e in events] == [
+        ("api_key.created", key_id, cli_actor()),
+        ("api_key.revoked", key_id, cli_actor()),
+    ]
+    assert events[0]["detail"]["scopes"] == ["admin"] and events[0]["detail"]["name"] == "ops"
+    assert key.split("_", 2)[2] not in shown.stdout  # never the key
 
 
 def test_admin_commands_refuse_a_database_that_is_not_there_and_create_none(tmp_path):

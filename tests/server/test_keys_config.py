@@ -19,14 +19,14 @@ def keys(database_url):
 
 
 def test_a_created_key_verifies_with_its_scopes(keys):
-    key, record = keys.create("ci", ["decide", "facts:read"])
+    key, record = keys.create("ci", ["decide", "facts:read"], created_by="test")
     found = keys.verify(key)
     assert found is not None and found.id == record.id
     assert found.allows("decide") and not found.allows("facts:write")
 
 
 def test_the_store_holds_only_a_hash_of_the_key(keys):
-    key, record = keys.create("ci", ["admin"])
+    key, record = keys.create("ci", ["admin"], created_by="test")
     rows = keys.db.execute("SELECT * FROM api_keys")
     # The secret is token_urlsafe, which may itself hold "_": it is all after "bst_<id>_".
     secret = key.split("_", 2)[2]
@@ -36,7 +36,7 @@ def test_the_store_holds_only_a_hash_of_the_key(keys):
 
 
 def test_a_wrong_secret_with_a_real_id_is_refused(keys):
-    key, _ = keys.create("ci", ["admin"])
+    key, _ = keys.create("ci", ["admin"], created_by="test")
     forged = key[:-4] + ("AAAA" if not key.endswith("AAAA") else "BBBB")
     assert keys.verify(forged) is None
     assert keys.verify("bst_nothere_x") is None
@@ -44,23 +44,23 @@ def test_a_wrong_secret_with_a_real_id_is_refused(keys):
 
 
 def test_a_revoked_key_is_refused_at_once(keys):
-    key, record = keys.create("ci", ["admin"])
-    assert keys.revoke(record.id)
+    key, record = keys.create("ci", ["admin"], created_by="test")
+    assert keys.revoke(record.id, actor="test")
     assert keys.verify(key) is None
-    assert not keys.revoke(record.id)
+    assert not keys.revoke(record.id, actor="test")
 
 
 def test_an_expired_key_is_refused(keys):
-    key, _ = keys.create("short", ["decide"], expires_in=0.01)
+    key, _ = keys.create("short", ["decide"], expires_in=0.01, created_by="test")
     time.sleep(0.05)
     assert keys.verify(key) is None
 
 
 def test_unknown_scopes_are_refused_with_the_list_of_known_ones(keys):
     with pytest.raises(ValueError, match="facts:write"):
-        keys.create("x", ["facts:rw"])
+        keys.create("x", ["facts:rw"], created_by="test")
     with pytest.raises(ValueError):
-        keys.create("x", [])
+        keys.create("x", [], created_by="test")
 
 
 def test_the_environment_admin_key_must_be_long_and_grants_admin(database_url):
@@ -175,7 +175,7 @@ def remembering(database_url):
 
 def test_a_remembered_key_answers_for_that_exact_key_only(remembering):
     keys = remembering
-    key, record = keys.create("ci", ["decide"])
+    key, record = keys.create("ci", ["decide"], created_by="test")
     assert keys.remembered(key) == (False, None)
     assert keys.verify(key).id == record.id
     known, found = keys.remembered(key)
@@ -190,10 +190,10 @@ def test_a_remembered_key_answers_for_that_exact_key_only(remembering):
 
 def test_a_revocation_forgets_every_remembered_key_at_once(remembering):
     keys = remembering
-    key, record = keys.create("ci", ["decide"])
-    other, _ = keys.create("other", ["decide"])
+    key, record = keys.create("ci", ["decide"], created_by="test")
+    other, _ = keys.create("other", ["decide"], created_by="test")
     assert keys.verify(key) is not None and keys.verify(other) is not None
-    assert keys.revoke(record.id)
+    assert keys.revoke(record.id, actor="test")
     assert keys.remembered(key) == (False, None)
     assert keys.remembered(other) == (False, None)
     assert keys.verify(key) is None

@@ -49,7 +49,7 @@ def signals_gateway(tmp_path_factory):
     with start(
         tmp_path_factory.mktemp("signals-gateway"), policy_extra=RULES, signals=SIGNALS
     ) as running:
-        key, _ = running.app.state.keys.create("mdm", ["signals"])
+        key, _ = running.app.state.keys.create("mdm", ["signals"], created_by="test")
         running.signals_key = key
         yield running
 

@@ -158,7 +158,7 @@ def alerts_of(bastion, name: str, principal: str):
 
 
 def api_key(bastion, scopes=("alerts",)) -> dict:
-    key, _ = bastion.app.state.keys.create("alerts test", list(scopes))
+    key, _ = bastion.app.state.keys.create("alerts test", list(scopes), created_by="test")
     return {"Authorization": f"Bearer {key}"}
 
 

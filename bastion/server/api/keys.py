@@ -43,10 +43,10 @@ async def list_keys(request: Request) -> JSONResponse:
 
 
 async def revoke(request: Request) -> JSONResponse:
-    await require(request, "admin")
+    caller = await require(request, "admin")
     keys: KeyStore = request.app.state.keys
     key_id = request.path_params["key_id"]
-    if not await anyio.to_thread.run_sync(keys.revoke, key_id):
+    if not await anyio.to_thread.run_sync(lambda: keys.revoke(key_id, actor=f"key:{caller.id}")):
         raise Problem(404, "Unknown key", f"no active key with id {key_id!r} (see GET /v1/keys)")
     return JSONResponse({"id": key_id, "revoked": True})
 
