@@ -2,12 +2,13 @@
 requests, backchannel (CIBA) requests, login sessions, codes, grants, refresh tokens, issued
 access tokens and signing keys.
 
-Secrets (codes, refresh tokens, session ids, client secrets, CIBA auth_req_ids) are stored only as SHA-256 digests:
-they are high-entropy random strings, so a digest is enough and a database leak reveals none.
-Every revocation of an access token or a grant, every user disabled and every revocation of all
-of a user's grants is announced, in its transaction, on `REVOCATIONS_CHANNEL` (PostgreSQL NOTIFY) and, once committed, to this process's
-subscribers. Every change an administrator (or the server) makes here is recorded in the audit
-log, in the transaction that makes it, naming the ``actor`` (`bastion.audit.actor`).
+Secrets (codes, refresh tokens, session ids, client secrets, CIBA auth_req_ids) are stored only as
+SHA-256 digests: they are high-entropy random strings, so a digest is enough and a database leak
+reveals none. Every revocation of an access token or a grant, every user disabled and every
+revocation of all of a user's grants is announced, in its transaction, on `REVOCATIONS_CHANNEL`
+(PostgreSQL NOTIFY) and, once committed, to this process's subscribers. Every change an
+administrator (or the server) makes here is recorded in the audit log, in the transaction that makes
+it, naming the ``actor`` (`bastion.audit.actor`).
 """
 
 from __future__ import annotations
