@@ -2,7 +2,8 @@
 
 Like the other admin commands it works on the database directly (``--database``, or the one in
 bastion.toml). ``ack --as`` names the person who acknowledges; whoever can run this command can
-read the database and vouches for them. Acknowledged, an alert is not escalated any further.
+read the database and vouches for them (its OS user is named, as `via`, in the `alert.acknowledged`
+audit event). Acknowledged, an alert is not escalated any further.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import json
 import sys
 from datetime import UTC, datetime
 
+from bastion.audit.actor import cli_actor
 from bastion.cli import add_limit
 from bastion.db import Database
 from bastion.server.config import ServerConfig, command_database
@@ -80,7 +82,7 @@ def _run(args: argparse.Namespace) -> int:
                 for decision_id in alert.decision_ids:
                     print(f"  decision {decision_id}")
         else:
-            alert = alerts.acknowledge(args.id, args.person, "cli")
+            alert = alerts.acknowledge(args.id, args.person, "cli", via=cli_actor())
             print(_line(alert))
     except AlertNotFound:
         print(f"bastion: no alert has the id {args.id!r} (bastion alerts list)", file=sys.stderr)

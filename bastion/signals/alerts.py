@@ -32,6 +32,7 @@ from typing import Any
 import anyio
 
 from bastion.agents.identity import owner_of
+from bastion.audit.log import AuditLog
 from bastion.db import Database, first_line
 from bastion.decide import Authorizer
 from bastion.facts.model import Entity
@@ -749,22 +750,37 @@ class Alerts:
 
     # -- acknowledging ---------------------------------------------------------------------------
 
-    def acknowledge(self, alert_id: str, by: str, channel: str) -> Alert:
-        """Acknowledge: no escalation after this; who, when and how are recorded. Does I/O."""
+    def acknowledge(self, alert_id: str, by: str, channel: str, *, via: str = "") -> Alert:
+        """Acknowledge: no escalation after this; who, when and how are recorded on the alert
+        and, in the same transaction, as ``alert.acknowledged`` in the audit log. ``via``: who
+        vouched that ``by`` acknowledges (an API key, the CLI's OS user; none on the alert's
+        page, where ``by`` signed in). Does I/O."""
         if channel not in CHANNELS:
             raise AlertError(f"channel must be one of {', '.join(CHANNELS)}, not {channel!r}")
         if not by:
             raise AlertError("an acknowledgement must say who acknowledges")
+        db = self.store.db
         # One statement, conditional: of two acknowledgements at once (two replicas), one is
         # recorded and the other told who made it, never the second written over the first.
-        rows = self.store.db.execute(
-            "UPDATE alerts SET state = ?, escalate_at = NULL, acknowledged_by = ?,"
-            " acknowledged_at = ?, acknowledged_channel = ? WHERE id = ? AND state <> ?"
-            f" RETURNING {_COLUMNS}",
-            (ACKNOWLEDGED, by, self.clock(), channel, alert_id, ACKNOWLEDGED),
-        )
-        if rows:
-            return _alert(rows[0])
+        with db.transaction():
+            rows = db.execute(
+                "UPDATE alerts SET state = ?, escalate_at = NULL, acknowledged_by = ?,"
+                " acknowledged_at = ?, acknowledged_channel = ? WHERE id = ? AND state <> ?"
+                f" RETURNING {_COLUMNS}",
+                (ACKNOWLEDGED, by, self.clock(), channel, alert_id, ACKNOWLEDGED),
+            )
+            if rows:
+                alert = _alert(rows[0])
+                AuditLog(db).record(
+                    "alert.acknowledged",
+                    alert_id=alert.id,
+                    name=alert.name,
+                    principal=alert.principal,
+                    by=by,
+                    channel=channel,
+                    **({"via": via} if via else {}),
+                )
+                return alert
         alert = self.store.get(alert_id)  # AlertNotFound if there is none
         raise AlertError(f"alert {alert_id} was acknowledged already, by {alert.acknowledged_by}")
 

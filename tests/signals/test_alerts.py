@@ -19,6 +19,7 @@ import httpx
 import pytest
 from mcp.shared.exceptions import MCPError
 
+from bastion.audit.actor import cli_actor
 from bastion.facts.model import Entity
 from bastion.server.config import ConfigError
 from bastion.signals.alerts import AlertError, AlertNotFound, Alerts, AlertSettings, severity_of
@@ -160,6 +161,19 @@ def alerts_of(bastion, name: str, principal: str):
 def api_key(bastion, scopes=("alerts",)) -> dict:
     key, _ = bastion.app.state.keys.create("alerts test", list(scopes), created_by="test")
     return {"Authorization": f"Bearer {key}"}
+
+
+def acknowledged_events(bastion, capsys, alert_id: str) -> list[dict]:
+    """The ``alert.acknowledged`` audit events of ``alert_id``, as ``bastion audit events`` shows
+    them."""
+    from bastion.cli import main
+
+    capsys.readouterr()
+    database = str(bastion.app.state.config.database)
+    kind = ["--kind", "alert.acknowledged"]
+    assert main(["audit", "events", *kind, "--json", "--database", database]) == 0
+    shown = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    return [e["detail"] for e in shown if e["detail"]["alert_id"] == alert_id]
 
 
 # -- a policy alert, told, deduplicated, escalated ----------------------------------------------
@@ -391,7 +405,7 @@ def test_the_api_lists_and_shows_alerts(bastion):
     assert shown.json()["name"] == "listed"
 
 
-def test_the_api_refuses_what_it_must(bastion):
+def test_the_api_refuses_what_it_must(bastion, capsys):
     alert = bastion.app.state.alerts.raise_alert("refusals", "low", Entity("Agent", "a2"))
     url = f"{bastion.url}/v1/alerts"
     good = api_key(bastion)
@@ -419,6 +433,18 @@ def test_the_api_refuses_what_it_must(bastion):
     again = http.post(ack, json={"by": "other"}, headers=good)
     assert again.status_code == 409
     assert bastion.app.state.alerts.store.get(alert.id).acknowledged_by == "ops"
+    # The audit log names the API key that vouched for "ops", once: the 409 recorded nothing.
+    key_id = bastion.app.state.keys.verify(good["Authorization"].removeprefix("Bearer ")).id
+    assert acknowledged_events(bastion, capsys, alert.id) == [
+        {
+            "alert_id": alert.id,
+            "name": "refusals",
+            "principal": alert.principal,
+            "by": "ops",
+            "channel": "api",
+            "via": f"key:{key_id}",
+        }
+    ]
 
 
 # -- settings ------------------------------------------------------------------------------------
@@ -478,6 +504,9 @@ def test_the_cli_lists_shows_and_acknowledges_and_then_nothing_escalates(
         "cli",
     )
     assert main(["alerts", "ack", alert.id, "--as", "someone", *database]) == 1
+    # The OS user who ran the command vouched for "ops"; the refused second ack recorded nothing.
+    [event] = acknowledged_events(bastion, capsys, alert.id)
+    assert (event["by"], event["channel"], event["via"]) == ("ops", "cli", cli_actor())
     clock[0] = ESCALATE_AFTER * 10
     assert alert.id not in [a.id for a in bastion.app.state.alerts.escalate_due()]
 

@@ -1,7 +1,8 @@
 """Alert routes (scope ``alerts``): list alerts, read one, acknowledge it (docs/signals.md).
 
-The API key vouches for the person who acknowledges (``by``); the channel recorded is "api".
-Acknowledged, an alert is not escalated any further.
+The API key vouches for the person who acknowledges (``by``); the channel recorded is "api", and the
+key is named (``via``) in the ``alert.acknowledged`` audit event. Acknowledged, an alert is not
+escalated any further.
 """
 
 from __future__ import annotations
@@ -68,7 +69,7 @@ async def get_alert(request: Request) -> JSONResponse:
 
 async def acknowledge(request: Request) -> JSONResponse:
     """Acknowledge for the person named in ``by``: no escalation after this."""
-    await require(request, SCOPE)
+    key = await require(request, SCOPE)
     alerts = _alerts(request)
     alert_id = request.path_params["alert_id"]
     body = await read_json(request)
@@ -85,7 +86,9 @@ async def acknowledge(request: Request) -> JSONResponse:
     if len(alert_id) > MAX_ID:
         raise _unknown(alert_id)
     try:
-        alert = await anyio.to_thread.run_sync(alerts.acknowledge, alert_id, by, "api")
+        alert = await anyio.to_thread.run_sync(
+            lambda: alerts.acknowledge(alert_id, by, "api", via=f"key:{key.id}")
+        )
     except AlertNotFound:
         raise _unknown(alert_id) from None
     except AlertError as e:
