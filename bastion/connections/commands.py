@@ -16,6 +16,8 @@ from datetime import UTC, datetime
 
 import anyio
 
+from bastion.audit.actor import cli_actor
+
 
 class CommandError(Exception):
     """A mistake the person running the command can fix; the message says how."""
@@ -88,7 +90,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 def cmd_revoke(args: argparse.Namespace) -> int:
     connections = _open(args, keys_needed=False)
     try:
-        done = anyio.run(connections.revoke, args.user, args.upstream)
+        done = anyio.run(lambda: connections.revoke(args.user, args.upstream, actor=cli_actor()))
     finally:
         connections.store.db.close()
     if not done:

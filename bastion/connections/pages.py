@@ -226,7 +226,7 @@ class ConnectionPages:
                 )
             if not self._csrf_valid(str(form.get("csrf_token", "")), session, "revoke:" + upstream):
                 return _csrf_refused()
-            await self.connections.revoke(person, upstream)
+            await self.connections.revoke(person, upstream, actor=f"user:{person}")
         except DatabaseUnavailable:
             return _unavailable()
         return _see_other(self.prefix)

@@ -21,6 +21,7 @@ from urllib.parse import quote
 
 import anyio
 
+from bastion.audit.log import AuditLog
 from bastion.connections.sealing import Sealer, Unsealable
 from bastion.connections.settings import UpstreamOAuth
 from bastion.connections.store import ConnectionStore, StoredConnection, StoredFlow
@@ -30,6 +31,7 @@ from bastion.connections.upstream_oauth import (
     UpstreamOAuthError,
     pkce_pair,
 )
+from bastion.db import first_line
 
 log = logging.getLogger("bastion.connections")
 
@@ -319,14 +321,18 @@ class Connections:
         """Blocking: the connections, without their tokens."""
         return [_shown(r) for r in self.store.listed(subject, upstream)]
 
-    async def revoke(self, subject: str, upstream: str) -> bool:
+    async def revoke(self, subject: str, upstream: str, *, actor: str) -> bool:
         """Forget ``subject``'s connection to ``upstream`` (False if there was none), and revoke
         its tokens at the upstream's authorization server when it offers RFC 7009 revocation (a
-        failure there is logged: the tokens are gone from bastion either way)."""
+        failure there is logged: the tokens are gone from bastion either way).
+
+        Audited twice: ``connection.revoked`` (naming ``actor``) in the transaction that deletes
+        the row, then ``connection.upstream_revocation`` with what the upstream made of it,
+        which is asked only once the tokens are gone from here."""
         self._revocations += 1
         self._cached.pop((subject, upstream), None)
         try:
-            row = await anyio.to_thread.run_sync(self.store.delete, subject, upstream)
+            row = await anyio.to_thread.run_sync(self.store.revoke, subject, upstream, actor)
         finally:
             self._revocations += 1
             self._cached.pop((subject, upstream), None)
@@ -334,23 +340,36 @@ class Connections:
             return False
         for callback in self._on_revoke:
             callback(subject, upstream)
-        await self._revoke_upstream(subject, upstream, self._open(row))
+        outcome = await self._revoke_upstream(subject, upstream, self._open(row))
+        await anyio.to_thread.run_sync(
+            lambda: AuditLog(self.store.db).record(
+                "connection.upstream_revocation",
+                subject=subject,
+                upstream=upstream,
+                outcome=outcome,
+                actor=actor,
+            )
+        )
         return True
 
-    async def _revoke_upstream(self, subject: str, upstream: str, tokens: Mapping) -> None:
+    async def _revoke_upstream(self, subject: str, upstream: str, tokens: Mapping) -> str:
         """Revoke ``tokens`` at the upstream's authorization server, if it offers RFC 7009
-        revocation; a failure is logged (bastion keeps them nowhere either way)."""
+        revocation; a failure is logged (bastion keeps them nowhere either way). Says what
+        came of it: ``revoked``, ``not offered`` or ``failed: <why>``."""
         oauth = self.clients.get(upstream)
         if oauth is None or not tokens:
-            return
+            return "not offered"
         try:
             client = await self._client(upstream)
+            offered = False
             if tokens.get("refresh_token"):
-                await oauth.revoke(client, tokens["refresh_token"], "refresh_token")
+                offered = await oauth.revoke(client, tokens["refresh_token"], "refresh_token")
             if tokens.get("access_token"):
-                await oauth.revoke(client, tokens["access_token"], "access_token")
+                offered = await oauth.revoke(client, tokens["access_token"], "access_token")
         except (UpstreamOAuthError, ConnectionUnavailable) as e:
             log.warning("revocation of %s's tokens at %s failed: %s", subject, upstream, e)
+            return f"failed: {first_line(e)}"
+        return "revoked" if offered else "not offered"
 
     def rekey(self) -> int:
         """Blocking: seal every connection again under the first key; return how many."""

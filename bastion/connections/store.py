@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from bastion.audit.log import AuditLog
 from bastion.db import Database
 
 _MIGRATIONS = [
@@ -152,6 +153,17 @@ class ConnectionStore:
             read=False,
         )
         return StoredConnection(*rows[0]) if rows else None
+
+    def revoke(self, subject: str, upstream: str, actor: str) -> StoredConnection | None:
+        """Delete the connection as `delete` does and, in the same transaction, record
+        ``connection.revoked`` naming ``actor``; None (nothing recorded) if there was none."""
+        with self.db.transaction():
+            row = self.delete(subject, upstream)
+            if row is not None:
+                AuditLog(self.db).record(
+                    "connection.revoked", subject=subject, upstream=upstream, actor=actor
+                )
+        return row
 
     # -- connections being made ------------------------------------------------------------------
 

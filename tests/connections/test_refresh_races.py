@@ -137,7 +137,7 @@ def test_a_revocation_during_a_refresh_is_not_undone_by_the_refresh(service, hel
 
     async def scenario():
         async def revoke():
-            assert await service.revoke("alice", "tracker")
+            assert await service.revoke("alice", "tracker", actor="test")
 
         outcome = await _while_refreshing(service, held, revoke)
         return outcome, await service.access_token("alice", "tracker")
@@ -156,7 +156,7 @@ def test_a_refused_refresh_does_not_delete_a_connection_made_meanwhile(service, 
 
     async def scenario():
         async def reconnect():  # revoked and connected again, as `Connections.finish` stores it
-            assert await service.revoke("alice", "tracker")
+            assert await service.revoke("alice", "tracker", actor="test")
             _connect(service, "new-access", "new-refresh", NOW, NOW + 3600)
 
         return await _while_refreshing(service, held, reconnect)
@@ -170,7 +170,7 @@ def test_a_refresh_that_returns_after_a_new_connection_keeps_the_new_one(service
 
     async def scenario():
         async def reconnect():
-            assert await service.revoke("alice", "tracker")
+            assert await service.revoke("alice", "tracker", actor="test")
             _connect(service, "new-access", "new-refresh", NOW, NOW + 3600)
 
         return await _while_refreshing(service, held, reconnect)
@@ -231,7 +231,7 @@ def test_a_read_in_flight_at_a_revocation_leaves_nothing_cached(service):
         call = asyncio.create_task(service.access_token("alice", "tracker"))
         assert await anyio.to_thread.run_sync(arrived.wait, 30)
         service.store.get = read
-        assert await service.revoke("alice", "tracker")
+        assert await service.revoke("alice", "tracker", actor="test")
         release.set()
         return await call, await service.access_token("alice", "tracker")
 

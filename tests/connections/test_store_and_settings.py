@@ -179,7 +179,7 @@ def test_with_cache_seconds_a_token_is_reused_that_long_and_a_revocation_here_ap
     assert anyio.run(service.access_token, "alice", "tracker") == "a1"
     now[0] += 5
     assert anyio.run(service.access_token, "alice", "tracker") == "a2"
-    assert anyio.run(service.revoke, "alice", "tracker")
+    assert anyio.run(lambda: service.revoke("alice", "tracker", actor="test"))
     assert anyio.run(service.access_token, "alice", "tracker") is None
     service.store.db.close()
 

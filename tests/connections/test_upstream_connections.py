@@ -41,6 +41,7 @@ from mcp.server.auth.settings import AuthSettings
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.shared.exceptions import MCPError, UrlElicitationRequiredError
 
+from bastion.audit.actor import cli_actor
 from bastion.connections.sealing import Sealer, Unsealable
 from bastion.connections.store import StoredConnection
 from bastion.connections.upstream_oauth import well_known
@@ -554,7 +555,28 @@ def test_a_ciphertext_moved_to_another_user_is_refused(lab, tab):
         lab.connections.sealer.open("bob", "tracker", row.sealed)
 
 
-def test_revocation_stops_the_connection_here_and_at_the_upstream_server(lab, tab):
+def connection_events(lab: Lab, capsys) -> list[tuple[str, str, str, str, str]]:
+    """The connections' audit events, oldest first, as ``bastion audit events`` shows them:
+    (kind, user, upstream, actor, outcome at the upstream)."""
+    from bastion.cli import main
+
+    capsys.readouterr()
+    kind = ["--kind", "connection.", "--json"]
+    assert main(["audit", "events", *kind, "--config", str(lab.config)]) == 0
+    shown = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    return [
+        (
+            e["kind"],
+            e["subject"],
+            e["detail"]["upstream"],
+            e["detail"]["actor"],
+            e["detail"].get("outcome", ""),
+        )
+        for e in shown
+    ]
+
+
+def test_revocation_stops_the_connection_here_and_at_the_upstream_server(lab, tab, capsys):
     ensure_connected(lab, tab, "alice")
     tokens = stored_tokens(lab, "alice")
     key, _ = lab.one.state.keys.create("admin", ["connections"], created_by="test")
@@ -576,6 +598,14 @@ def test_revocation_stops_the_connection_here_and_at_the_upstream_server(lab, ta
         revoked = http.delete("/v1/connections/alice/tracker", headers=auth)
         assert revoked.status_code == 200, revoked.text
         assert http.delete("/v1/connections/alice/tracker", headers=auth).status_code == 404
+    # Recorded with the key that revoked it, and the upstream's revocation after; the 403 and
+    # the 404 recorded nothing.
+    before = connection_events(lab, capsys)
+    actor = f"key:{lab.one.state.keys.verify(key).id}"
+    assert [e for e in before if e[3] == actor] == [
+        ("connection.revoked", "alice", "tracker", actor, ""),
+        ("connection.upstream_revocation", "alice", "tracker", actor, "revoked"),
+    ]
     elicited_url(call(lab, "alice"))  # connect again
     # Revoked at the second bastion too (RFC 7009): the refresh token no longer works.
     client_id = lab.connections.sealer.open(
@@ -593,8 +623,9 @@ def test_revocation_stops_the_connection_here_and_at_the_upstream_server(lab, ta
     assert refresh.status_code == 400 and refresh.json()["error"] == "invalid_grant"
 
 
-def test_people_see_and_revoke_their_own_connections_on_their_page(lab, tab):
+def test_people_see_and_revoke_their_own_connections_on_their_page(lab, tab, capsys):
     ensure_connected(lab, tab, "alice")
+    before = len(connection_events(lab, capsys))
     page = tab.page
     page.goto(f"{lab.one_url}/connections")
     if "/sign-in" in page.url:
@@ -605,6 +636,10 @@ def test_people_see_and_revoke_their_own_connections_on_their_page(lab, tab):
     page.wait_for_url("**/one/connections")
     assert "not connected" in page.content()
     assert lab.connections.listed("alice") == []
+    assert connection_events(lab, capsys)[before:] == [
+        ("connection.revoked", "alice", "tracker", "user:alice", ""),
+        ("connection.upstream_revocation", "alice", "tracker", "user:alice", "revoked"),
+    ]
 
 
 def test_forms_without_their_csrf_token_and_unknown_states_change_nothing(lab, tab):
@@ -659,6 +694,7 @@ def test_administrators_list_and_revoke_connections_with_the_cli(lab, tab, capsy
     from bastion.cli import main
 
     ensure_connected(lab, tab, "alice")
+    before = len(connection_events(lab, capsys))
     assert main(["connections", "list", "--config", str(lab.config), "--json"]) == 0
     listed = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [(c["subject"], c["upstream"]) for c in listed] == [("alice", "tracker")]
@@ -668,6 +704,11 @@ def test_administrators_list_and_revoke_connections_with_the_cli(lab, tab, capsy
         assert pool.submit(main, revoke).result() == 0
         assert lab.connections.listed("alice") == []
         assert pool.submit(main, revoke).result() == 1
+    # The OS user who ran it is named; the second, with nothing to revoke, recorded nothing.
+    assert connection_events(lab, capsys)[before:] == [
+        ("connection.revoked", "alice", "tracker", cli_actor(), ""),
+        ("connection.upstream_revocation", "alice", "tracker", cli_actor(), "revoked"),
+    ]
     elicited_url(call(lab, "alice"))
 
 

@@ -43,10 +43,10 @@ async def list_all(request: Request) -> JSONResponse:
 
 async def revoke(request: Request) -> JSONResponse:
     """Revoke a user's connection here, and at the upstream's server where it can (404: none)."""
-    await require(request, SCOPE)
+    key = await require(request, SCOPE)
     subject = _name(request.path_params["subject"], "subject")
     upstream = _name(request.path_params["upstream"], "upstream")
-    if not await _service(request).revoke(subject, upstream):
+    if not await _service(request).revoke(subject, upstream, actor=f"key:{key.id}"):
         raise Problem(404, "Not connected", f"{subject!r} has no connection to {upstream!r}")
     return JSONResponse({"revoked": {"subject": subject, "upstream": upstream}})
 
