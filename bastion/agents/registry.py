@@ -159,7 +159,7 @@ def update_agent(
     seq = None
     with clients.db.transaction():
         if name is not None or purpose is not None:
-            clients.describe_client(client_id, name=name, purpose=purpose)
+            clients.describe_client(client_id, name=name, purpose=purpose, actor=actor)
         if owner is not None:
             seq = identity.set_owner(facts, client_id, owner, actor).seq
         if parent is not ...:

@@ -516,25 +516,41 @@ class OAuthStore:
         return [_client(r) for r in rows]
 
     def describe_client(
-        self, client_id: str, *, name: str | None = None, purpose: str | None = None
+        self,
+        client_id: str,
+        *,
+        name: str | None = None,
+        purpose: str | None = None,
+        actor: str,
     ) -> bool:
-        """Change the client's name and (in its metadata) purpose, as an agent's description;
-        False when there is no such client."""
+        """Change the client's name and (in its metadata) purpose, as an agent's description,
+        recorded (``agent.updated``, the old and new values of what changed; nothing when
+        nothing did); False when there is no such client."""
         with self.db.transaction():
             client = self.client(client_id)
             if client is None:
                 return False
             metadata = dict(client.metadata)
+            old = {"name": client.client_name, "purpose": metadata.get("purpose", "")}
             if purpose is not None:
                 metadata["purpose"] = purpose
+            new = {
+                "name": name if name is not None else client.client_name,
+                "purpose": metadata.get("purpose", ""),
+            }
             self.db.execute(
                 "UPDATE oauth_clients SET client_name = ?, metadata = ? WHERE client_id = ?",
-                (
-                    name if name is not None else client.client_name,
-                    json.dumps(metadata, sort_keys=True),
-                    client_id,
-                ),
+                (new["name"], json.dumps(metadata, sort_keys=True), client_id),
             )
+            changed = [field for field in new if new[field] != old[field]]
+            if changed:
+                self.audit.record(
+                    "agent.updated",
+                    client_id=client_id,
+                    old={field: old[field] for field in changed},
+                    new={field: new[field] for field in changed},
+                    actor=actor,
+                )
             return True
 
     def revoke_client(self, client_id: str, now: float, *, actor: str) -> bool:

@@ -12,6 +12,7 @@ from urllib.parse import urlencode
 import httpx
 import pytest
 
+from bastion.audit.actor import cli_actor
 from bastion.facts.model import Entity
 from tests.delegation.agent_support import cli, cli_config
 from tests.gateway.streams import call_tool
@@ -206,6 +207,38 @@ def test_bastion_agents_suspend_refuses_the_agents_calls_and_shows_its_status(
     assert answer_with(bastion, token, "result")
 
 
+def agent_updates(capsys, config: str, client_id: str) -> list[tuple[dict, dict, str]]:
+    """The ``agent.updated`` audit events of ``client_id``, oldest first, as ``bastion audit
+    events`` shows them: (old, new, actor)."""
+    code, out, err = cli(capsys, "audit", "events", "--kind", "agent.updated", "--json",
+                         "--config", config)  # fmt: skip
+    assert code == 0, err
+    shown = [json.loads(line) for line in out.splitlines()]
+    return [
+        (e["detail"]["old"], e["detail"]["new"], e["detail"]["actor"])
+        for e in shown
+        if e["client_id"] == client_id
+    ]
+
+
+def test_bastion_agents_update_records_the_old_and_new_name_and_purpose(bastion, config, capsys):
+    client_id = register(bastion, "old name")
+    code, _, err = cli(capsys, "agents", "update", client_id, "--name", "new name",
+                       "--purpose", "files tickets", "--config", config)  # fmt: skip
+    assert code == 0, err
+    # The same name again, and an owner (a fact, in the change log): no agent.updated.
+    code, _, err = cli(capsys, "agents", "update", client_id, "--name", "new name",
+                       "--owner", "sam", "--config", config)  # fmt: skip
+    assert code == 0, err
+    assert agent_updates(capsys, config, client_id) == [
+        (
+            {"name": "old name", "purpose": ""},
+            {"name": "new name", "purpose": "files tickets"},
+            cli_actor(),
+        )
+    ]
+
+
 def api(bastion, scopes: list[str]) -> httpx.Client:
     key, _ = bastion.app.state.keys.create("agents test", scopes, created_by="test")
     return httpx.Client(
@@ -213,7 +246,7 @@ def api(bastion, scopes: list[str]) -> httpx.Client:
     )
 
 
-def test_v1_agents_reads_with_agents_read_and_changes_with_agents_write(bastion):
+def test_v1_agents_reads_with_agents_read_and_changes_with_agents_write(bastion, config, capsys):
     client_id = register(bastion, "api agent")
     consent(bastion, client_id, "sam")
     with api(bastion, ["decide", "facts:read"]) as other:
@@ -250,6 +283,11 @@ def test_v1_agents_reads_with_agents_read_and_changes_with_agents_write(bastion)
         agent = reader.get(f"/v1/agents/{client_id}").json()["agent"]
         assert agent["parent"] is None and agent["purpose"] == "triage tickets"
         assert reader.get("/v1/agents", params={"status": "bogus"}).status_code == 400
+    # The purpose's change is recorded once, with the key that made it; the refusals, nothing.
+    [(old, new, actor)] = agent_updates(capsys, config, client_id)
+    assert (old, new) == ({"purpose": ""}, {"purpose": "triage tickets"})
+    writers = [k for k in bastion.app.state.keys.list() if "agents:write" in k.scopes]
+    assert actor in [f"key:{k.id}" for k in writers]
 
 
 def test_two_first_consents_at_once_record_one_owner(database_url):
