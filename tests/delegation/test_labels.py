@@ -19,6 +19,7 @@ from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.exceptions import MCPError
 
 from bastion import Authorizer, Entity
+from bastion.audit import AuditLog
 from bastion.delegation.labels import (
     LabelKey,
     LabelSettings,
@@ -220,6 +221,33 @@ def test_clearing_an_agents_labels_through_the_api(bastion):
     assert "error" not in call_tool(bastion.http, bastion.url, token, "send_email", OUTSIDE)
     again = bastion.http.post(url, json=body, headers=_bearer(key))
     assert again.json() == {"cleared": 0}
+
+
+def test_clearing_labels_is_audited_with_the_key_that_cleared_them(bastion):
+    """Forgetting a label set lifts what the policy refused because of it (mail after customer
+    data): who did it, for whom, and how many sets went, must be found later; a refused attempt
+    records nothing."""
+    user = new_user(bastion)
+    token = bastion.token(user, "deskhttp", "customers:read")
+    sessions(bastion, token, "auto", search)
+    agent = latest_agent(bastion)
+    key, record = bastion.app.state.keys.create("ops", ["labels"], created_by="test")
+    weak, _ = bastion.app.state.keys.create("reader", ["facts:read"], created_by="test")
+    url = f"{bastion.url}/v1/labels/clear"
+    audit = AuditLog(bastion.app.state.store.db)
+    before = {e.id for e in audit.events(kind="labels.cleared")}
+    assert bastion.http.post(url, json={"user": user}, headers=_bearer(key)).status_code == 400
+    weakly = bastion.http.post(url, json={"user": user, "agent": agent}, headers=_bearer(weak))
+    assert weakly.status_code == 403
+    one = bastion.http.post(url, json={"user": user, "agent": agent}, headers=_bearer(key))
+    assert one.json() == {"cleared": 1}
+    task = bastion.http.post(url, json={"task": "t-audited"}, headers=_bearer(key))
+    assert task.json() == {"cleared": 0}
+    events = [e for e in audit.events(kind="labels.cleared") if e.id not in before]
+    seen = {(e.subject, e.client_id, e.detail["task"], e.detail["cleared"]) for e in events}
+    assert seen == {(None, None, "t-audited", 0), (user, agent, "", 1)}
+    assert len(events) == 2
+    assert {e.detail["actor"] for e in events} == {f"key:{record.id}"}
 
 
 def test_ending_a_task_wipes_its_label_sets(bastion):
