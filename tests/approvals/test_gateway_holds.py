@@ -125,6 +125,31 @@ def test_a_held_call_goes_through_once_approved_and_only_once(bastion, mode):
 
 
 @pytest.mark.parametrize("mode", ERAS)
+def test_an_approval_is_spent_by_its_call_even_when_the_upstream_fails(bastion, mode):
+    """bastion cannot tell whether an upstream that failed acted (the mail may have gone): the
+    approval is not given back, and the same call is held again for a new one."""
+    email = {**EMAIL, "subject": f"failed {mode}"}
+    before = bastion.recorder.count("tools/call", name="send_email")
+
+    async def script(client, seen):
+        await attempt(client, seen, "calls", "send_email", email)
+        seen["held"] = last_error(seen)
+        approvals(bastion).answer(seen["held"]["approval_id"], "avery", "approve", channel="api")
+        bastion.recorder.fail_next("send_email")
+        await attempt(client, seen, "calls", "send_email", email)  # approved; the upstream fails
+        await attempt(client, seen, "calls", "send_email", email)  # held anew
+
+    seen = bastion.sdk("sam", "deskhttp", mode, script)
+    held = seen["held"]
+    (_, _, _), failed, (_, code, again) = seen["calls"]
+    assert failed == ("error", -32000, None), failed  # the upstream failed
+    assert (code, again["reason"]) == (-32008, "approval_pending")
+    assert again["approval_id"] != held["approval_id"]
+    assert approvals(bastion).get(held["approval_id"]).status == "used"
+    assert bastion.recorder.count("tools/call", name="send_email") == before
+
+
+@pytest.mark.parametrize("mode", ERAS)
 def test_an_approval_does_not_cover_other_arguments(bastion, mode):
     email = {**EMAIL, "subject": f"bound {mode}"}
 

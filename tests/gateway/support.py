@@ -186,10 +186,38 @@ class Recorder:
     def __init__(self, app) -> None:
         self.app = app
         self.requests: list[dict] = []
+        # Tool names whose next call is answered 502 without reaching the server (`fail_next`).
+        self.failing: set[str] = set()
+
+    def fail_next(self, tool: str) -> None:
+        """Answer the next ``tools/call`` of ``tool`` with 502, as a server that broke down:
+        it is not recorded and does not run."""
+        self.failing.add(tool)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        if self.failing and scope["method"] == "POST":
+            body, more = b"", True
+            while more:
+                message = await receive()
+                body += message.get("body", b"")
+                more = message.get("more_body", False)
+            try:
+                tool = json.loads(body).get("params", {}).get("name")
+            except (ValueError, AttributeError):
+                tool = None
+            if tool in self.failing:
+                self.failing.discard(tool)
+                await send({"type": "http.response.start", "status": 502, "headers": []})
+                await send({"type": "http.response.body", "body": b"broken"})
+                return None
+            replayed = [{"type": "http.request", "body": body, "more_body": False}]
+
+            async def replay():
+                return replayed.pop() if replayed else await receive()
+
+            receive = replay
         entry = {
             "method": scope["method"],
             "headers": dict(scope["headers"]),
