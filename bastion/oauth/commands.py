@@ -21,7 +21,7 @@ from bastion.oauth.jwt_bearer import JWT_BEARER_GRANT_TYPE
 from bastion.oauth.settings import OAuthSettings, SettingsError
 from bastion.oauth.store import KeyRetirementRefused, OAuthStore
 from bastion.oauth.token_exchange import TOKEN_EXCHANGE_GRANT_TYPE
-from bastion.oauth.users import UserError, change_password, create_user
+from bastion.oauth.users import UserError, change_password, create_user, validate_new_user
 
 if TYPE_CHECKING:
     from bastion.oauth.keys import KeyRing
@@ -66,8 +66,10 @@ def _when(timestamp: float | None) -> str:
 
 
 def users_create(args: argparse.Namespace) -> int:
+    password = _password(args)
+    validate_new_user(args.username, password)  # before the store is made
     store = OAuthStore(_database(args))
-    create_user(store, args.username, _password(args), time.time(), actor=cli_actor())
+    create_user(store, args.username, password, time.time(), actor=cli_actor())
     print(f"created user {args.username}")
     return 0
 

@@ -32,6 +32,12 @@ def validate_password(password: str) -> None:
         raise UserError("a password has at least 8 characters")
 
 
+def validate_new_user(username: str, password: str) -> None:
+    """What `create_user` checks before it reads the store: the name, then the password."""
+    validate_username(username)
+    validate_password(password)
+
+
 def hash_password(password: str) -> str:
     validate_password(password)
     return _HASHER.hash(password)
@@ -47,7 +53,7 @@ def change_password(
 
 
 def create_user(store: OAuthStore, username: str, password: str, now: float, *, actor: str) -> None:
-    validate_username(username)
+    validate_new_user(username, password)
     if any(user[0] == username for user in store.users()):
         raise UserError(f"user {username!r} already exists")
     store.create_user(username, hash_password(password), now, actor=actor)

@@ -233,8 +233,9 @@ def cmd_keys_create(args: argparse.Namespace) -> int:
             created = client.create_key(args.name, args.scope, args.expires_in)
         key, record = created["key"], created
     else:
-        from bastion.server.keys import KeyStore
+        from bastion.server.keys import KeyStore, check_new_key
 
+        check_new_key(args.name, args.scope, args.expires_in)  # before the store is made
         store = _local_store(args)
         try:
             key, api_key = KeyStore(store.db).create(

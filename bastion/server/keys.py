@@ -120,6 +120,22 @@ class ApiKey:
         }
 
 
+def check_new_key(
+    name: str, scopes: list[str] | tuple[str, ...], expires_in: float | None
+) -> frozenset[str]:
+    """The scopes of a key to be made with ``name`` and ``expires_in``, or the error that names
+    what is wrong with them: checked before anything is opened or written."""
+    check_name(name, "a key's name", KeyNameError)
+    scope_set = check_scopes(list(scopes))
+    if expires_in is not None and not 0 < expires_in <= MAX_KEY_SECONDS:
+        raise ValueError(
+            f"expires_in must be a number of seconds greater than 0 and at most"
+            f" {MAX_KEY_SECONDS} (10 years), got {expires_in!r}; leave it out for a key"
+            " that does not expire"
+        )
+    return scope_set
+
+
 def check_scopes(scopes: list[str] | tuple[str, ...]) -> frozenset[str]:
     unknown = [s for s in scopes if s not in SCOPES]
     if unknown or not scopes:
@@ -166,14 +182,7 @@ class KeyStore:
     ) -> tuple[str, ApiKey]:
         """Make a key; return the key (shown once, never stored) and its record. Recorded as
         ``api_key.created`` with ``created_by`` as the actor (never the key)."""
-        check_name(name, "a key's name", KeyNameError)
-        scope_set = check_scopes(list(scopes))
-        if expires_in is not None and not 0 < expires_in <= MAX_KEY_SECONDS:
-            raise ValueError(
-                f"expires_in must be a number of seconds greater than 0 and at most"
-                f" {MAX_KEY_SECONDS} (10 years), got {expires_in!r}; leave it out for a key"
-                " that does not expire"
-            )
+        scope_set = check_new_key(name, scopes, expires_in)
         key_id = secrets.token_hex(6)
         key = f"{KEY_PREFIX}{key_id}_{secrets.token_urlsafe(32)}"
         now = time.time()

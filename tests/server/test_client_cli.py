@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -15,6 +16,8 @@ from bastion.audit.actor import cli_actor
 from bastion.client import AsyncClient, Client, RemoteError
 
 from .conftest import ADMIN_KEY, POLICY
+
+QUICKSTART_CONFIG = Path(__file__).resolve().parents[2] / "examples" / "quickstart" / "bastion.toml"
 
 ALICE, ANVIL, ACME = Entity("User", "alice"), Entity("Repo", "anvil"), Entity("Org", "acme")
 
@@ -143,6 +146,41 @@ def test_admin_commands_refuse_a_database_that_is_not_there_and_create_none(tmp_
     assert r.returncode == 0 and f"no database at {new}; creating it" in r.stderr
     r = bastion("keys", "list", "--database", str(new))
     assert r.returncode == 0 and "\tactive\tadmin\tadmin" in r.stdout
+
+
+def test_a_creating_command_refused_for_its_input_creates_no_database(tmp_path):
+    """The commands that create the database check what they were given first: a refused key
+    name, scope or lifetime, username or password, policy or client leaves no new store behind
+    (nor says it is creating one)."""
+    (tmp_path / "bad.polar").write_text("allow(x) if")
+    config = str(QUICKSTART_CONFIG)
+    refused = [
+        (("keys", "create", "--name", " admin", "--scope", "admin"), ""),
+        (("keys", "create", "--name", "a", "--scope", "admin", "--expires-in", "-5"), ""),
+        (("users", "create", "bad\tname", "--password-stdin"), "long enough password\n"),
+        (("users", "create", "ada", "--password-stdin"), "short\n"),
+        (("policy", "push", str(tmp_path / "bad.polar")), ""),
+        (
+            (
+                "clients",
+                "create",
+                "--name",
+                "a",
+                "--redirect-uri",
+                "javascript:x",
+                "--config",
+                config,
+            ),
+            "",
+        ),
+    ]
+    for n, (command, given) in enumerate(refused):
+        store = tmp_path / f"store-{n}.db"
+        r = bastion(*command, "--database", str(store), stdin=given)
+        assert r.returncode == 2, (command, r.stderr)
+        assert "creating it" not in r.stderr, (command, r.stderr)
+        assert not store.exists(), command
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.polar"]
 
 
 def test_an_empty_bastion_database_is_refused_not_taken_for_unset(tmp_path):
