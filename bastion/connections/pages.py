@@ -3,7 +3,7 @@ connections and revokes them.
 
 ``GET <issuer path>/connections`` (the list), ``GET|POST .../connections/<upstream>/connect``
 (what an URL elicitation opens; the POST starts the authorization at the upstream's server),
-``GET .../connections/callback`` (where that server sends the person back), ``POST
+``GET .../connections/<upstream>/callback`` (where that server sends the person back), ``POST
 .../connections/<upstream>/revoke``. The person signs in with bastion's own sign-in. MCP's URL
 elicitation requires the page to check that the person there is the user the elicitation was
 for (MCP 2025-11-25, Elicitation, URL mode): a link naming another user is refused (403), and
@@ -52,7 +52,7 @@ class ConnectionPages:
     def routes(self) -> list[Route]:
         return [
             Route(self.prefix, self.list_page, methods=["GET"]),
-            Route(f"{self.prefix}/callback", self.callback, methods=["GET"]),
+            Route(f"{self.prefix}/{{upstream}}/callback", self.callback, methods=["GET"]),
             Route(f"{self.prefix}/{{upstream}}/connect", self.connect_page, methods=["GET"]),
             self.oauth.form_route(f"{self.prefix}/{{upstream}}/connect", self.connect),
             self.oauth.form_route(f"{self.prefix}/{{upstream}}/revoke", self.revoke),
@@ -185,11 +185,13 @@ class ConnectionPages:
             return _unavailable()
         return _see_other(location)
 
-    # -- GET /connections/callback -------------------------------------------------------------
+    # -- GET /connections/<upstream>/callback --------------------------------------------------
 
     async def callback(self, request: Request) -> Response:
+        upstream = request.path_params["upstream"]
         state = request.query_params.get("state", "")
         code = request.query_params.get("code", "")
+        iss = request.query_params.get("iss")
         try:
             _, person = await self._person(request)
             if person is None:
@@ -201,7 +203,7 @@ class ConnectionPages:
                 return pages.message_page(
                     "Not connected", _refusal(request.query_params.get("error"), code), 400
                 )
-            connection = await self.connections.finish(person, state, code)
+            connection = await self.connections.finish(person, upstream, state, code, iss)
         except FlowRefused as e:
             return pages.message_page("Not connected", e.message, e.status)
         except DatabaseUnavailable:

@@ -6,7 +6,11 @@ authorization code flow with the upstream's authorization server for them
 in the database (`bastion.connections.store`), refreshes the access token before it expires
 (one refresh at a time per user and upstream in a process), and hands it out only for that
 user's calls to that upstream (`access_token`). A flow finishes only for the person who started
-it. Revoking deletes the tokens here and, where the server has RFC 7009 revocation, there too.
+it, and only at the redirect URI of the upstream it was started for: each upstream has its own
+(``<issuer>/connections/<upstream>/callback``), so an authorization server cannot have the code
+another one issued redeemed at its own token endpoint (the mix-up of RFC 9700 §4.4.2.2), and an
+``iss`` in the answer (RFC 9207) must name the flow's server. Revoking deletes the tokens here
+and, where the server has RFC 7009 revocation, there too.
 """
 
 from __future__ import annotations
@@ -113,7 +117,6 @@ class Connections:
             name: UpstreamOAuthClient(url, oauth) for name, (url, oauth) in upstreams.items()
         }
         self.issuer = issuer.rstrip("/")
-        self.redirect_uri = f"{self.issuer}{PATH}/callback"
         self.clock = clock
         self._refreshing: dict[tuple[str, str], asyncio.Lock] = {}
         # (subject, upstream) -> (access token, its expiry, when read): `cache_seconds`.
@@ -126,6 +129,11 @@ class Connections:
 
     def on_revoke(self, callback: Callable[[str, str], None]) -> None:
         self._on_revoke.append(callback)
+
+    def redirect_uri(self, upstream: str) -> str:
+        """Where ``upstream``'s authorization server sends the person back: a URI of its own,
+        registered there for bastion's client and for no other server's (RFC 9700 §4.4.2.2)."""
+        return f"{self.issuer}{PATH}/{quote(upstream, safe='')}/callback"
 
     def connect_url(self, subject: str, upstream: str) -> str:
         """The page where ``subject`` connects to ``upstream`` (the URL an elicitation opens)."""
@@ -269,20 +277,33 @@ class Connections:
         older = now - self.settings[upstream].flow_seconds
         await anyio.to_thread.run_sync(self.store.add_flow, flow, older)
         return oauth.authorization_url(
-            meta, client["client_id"], self.redirect_uri, state, challenge
+            meta, client["client_id"], self.redirect_uri(upstream), state, challenge
         )
 
-    async def finish(self, subject: str, state: str, code: str) -> Connection:
-        """The authorization server sent ``subject``'s browser back with ``code`` for ``state``:
-        exchange it and keep the tokens. Refused (`FlowRefused`) for an unknown or used state, a
-        flow older than ``flow_seconds``, or a person other than the one who started it (the
-        flow is then spent: nobody can finish it)."""
+    async def finish(
+        self, subject: str, upstream: str, state: str, code: str, iss: str | None = None
+    ) -> Connection:
+        """The authorization server sent ``subject``'s browser back to ``upstream``'s redirect
+        URI with ``code`` for ``state`` (and ``iss``, RFC 9207, when it sends one): exchange it
+        and keep the tokens. Refused (`FlowRefused`) for an unknown or used state, a flow older
+        than ``flow_seconds``, a person other than the one who started it, an answer at another
+        upstream's redirect URI than the flow's, or an ``iss`` other than the flow's server (or
+        none from a server that says it sends it): the flow is then spent, nobody can finish it,
+        and the code is sent nowhere."""
         flow = await anyio.to_thread.run_sync(self.store.take_flow, state)
         if flow is None or flow.upstream not in self.clients:
             raise FlowRefused("This connection link is unknown or was already used.", 400)
         if flow.subject != subject:
             raise FlowRefused(
                 "This connection was started by another user: it is not yours to finish.", 403
+            )
+        if flow.upstream != upstream:
+            # Mix-up: a server other than the flow's sent the person back with a code it issued;
+            # redeemed at the flow's server, the code (and the PKCE verifier) would be its.
+            raise FlowRefused(
+                f"This answer came back for {upstream}, but the connection was started with"
+                f" {flow.upstream}: nothing was connected. Start again from the application.",
+                400,
             )
         now = self.clock()
         if now - flow.created_at > self.settings[flow.upstream].flow_seconds:
@@ -294,8 +315,21 @@ class Connections:
         try:
             # The client too: after a restart its registration (or the metadata) is read again.
             client = await self._client(flow.upstream)
+            meta = await self.clients[flow.upstream].metadata()
+            if iss is not None and iss.rstrip("/") != meta.issuer:
+                raise FlowRefused(
+                    f"This answer comes from {iss!r}, not from {flow.upstream}'s authorization"
+                    " server: nothing was connected. Start again from the application.",
+                    400,
+                )
+            if iss is None and meta.sends_iss:
+                raise FlowRefused(
+                    f"This answer lacks the iss that {flow.upstream}'s authorization server"
+                    " always sends (RFC 9207): nothing was connected. Start again.",
+                    400,
+                )
             tokens = await self.clients[flow.upstream].exchange_code(
-                client, code, verifier, self.redirect_uri, now
+                client, code, verifier, self.redirect_uri(flow.upstream), now
             )
         except UpstreamOAuthError as e:
             raise FlowRefused(
@@ -386,17 +420,28 @@ class Connections:
     # -- bastion's client at each upstream ------------------------------------------------------
 
     async def _client(self, upstream: str) -> dict[str, str]:
+        """bastion's client at ``upstream``'s authorization server: the configured one, or the
+        one registered there for ``upstream``'s own redirect URI (a registration made for
+        another URI, as the one callback all upstreams once shared, is made again)."""
         settings = self.settings[upstream]
         if settings.client_id:
             return {"client_id": settings.client_id, "client_secret": settings.client_secret}
         oauth = self.clients[upstream]
         issuer = (await oauth.metadata()).issuer
         name = f"{upstream} {issuer}"
+        redirect_uri = self.redirect_uri(upstream)
         sealed = await anyio.to_thread.run_sync(self.store.client, upstream, issuer)
-        if sealed is None:
-            registered = await oauth.register(self.redirect_uri, CLIENT_NAME)
-            fresh = self.sealer.seal("", name, registered)
-            sealed = await anyio.to_thread.run_sync(self.store.add_client, upstream, issuer, fresh)
+        kept = self._registration(name, issuer, sealed) if sealed is not None else None
+        if kept is None or kept.get("redirect_uri") != redirect_uri:
+            registered = await oauth.register(redirect_uri, CLIENT_NAME)
+            fresh = self.sealer.seal("", name, {**registered, "redirect_uri": redirect_uri})
+            sealed = await anyio.to_thread.run_sync(
+                self.store.add_client, upstream, issuer, fresh, sealed
+            )
+            kept = self._registration(name, issuer, sealed)
+        return {"client_id": kept["client_id"], "client_secret": kept.get("client_secret", "")}
+
+    def _registration(self, name: str, issuer: str, sealed: str) -> dict[str, str]:
         try:
             return self.sealer.open("", name, sealed)
         except Unsealable:

@@ -199,12 +199,22 @@ class ConnectionStore:
         )
         return rows[0][0] if rows else None
 
-    def add_client(self, upstream: str, issuer: str, sealed: str) -> str:
-        """Keep the first registration of (upstream, issuer); return the one kept (two
-        replicas may register at once: both use the first)."""
-        self.db.execute(
-            "INSERT INTO upstream_oauth_clients (upstream, issuer, sealed) VALUES (?, ?, ?)"
-            " ON CONFLICT (upstream, issuer) DO NOTHING",
-            (upstream, issuer, sealed),
-        )
+    def add_client(
+        self, upstream: str, issuer: str, sealed: str, replacing: str | None = None
+    ) -> str:
+        """Keep the first registration of (upstream, issuer), or the one that replaces
+        ``replacing`` (made for another redirect URI); return the one kept (two replicas may
+        register at once: both use the first)."""
+        if replacing is None:
+            self.db.execute(
+                "INSERT INTO upstream_oauth_clients (upstream, issuer, sealed) VALUES (?, ?, ?)"
+                " ON CONFLICT (upstream, issuer) DO NOTHING",
+                (upstream, issuer, sealed),
+            )
+        else:
+            self.db.execute(
+                "UPDATE upstream_oauth_clients SET sealed = ?"
+                " WHERE upstream = ? AND issuer = ? AND sealed = ?",
+                (sealed, upstream, issuer, replacing),
+            )
         return self.client(upstream, issuer) or sealed

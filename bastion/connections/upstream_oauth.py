@@ -43,6 +43,8 @@ class ServerMetadata:
     token_endpoint: str
     registration_endpoint: str = ""
     revocation_endpoint: str = ""
+    # authorization_response_iss_parameter_supported (RFC 9207 §3): every answer carries iss.
+    sends_iss: bool = False
 
 
 @dataclass(frozen=True)
@@ -143,7 +145,8 @@ class UpstreamOAuthClient:
         if not isinstance(methods, list) or "S256" not in methods:
             # OAuth 2.1 and MCP: no PKCE S256 advertised, no authorization.
             raise UpstreamOAuthError("unavailable", f"{issuer} does not advertise PKCE S256")
-        self._metadata = ServerMetadata(issuer=issuer, **endpoints)
+        sends_iss = document.get("authorization_response_iss_parameter_supported") is True
+        self._metadata = ServerMetadata(issuer=issuer, sends_iss=sends_iss, **endpoints)
         return self._metadata
 
     async def register(self, redirect_uri: str, client_name: str) -> dict[str, str]:

@@ -356,9 +356,9 @@ def connect_in_browser(page, lab: Lab, url: str, username: str) -> None:
         sign_in(page, username)
         page.wait_for_load_state()
     # The second bastion asks for consent once per client and user; then it sends them back.
-    if "/one/connections/callback" not in page.url:
+    if "/one/connections/tracker/callback" not in page.url:
         page.click("button[value=allow]")
-    page.wait_for_url("**/one/connections/callback**")
+    page.wait_for_url("**/one/connections/tracker/callback**")
     assert page.title() == "Connected", page.content()
 
 
@@ -430,11 +430,11 @@ def test_a_connection_is_finished_only_by_the_person_who_started_it(lab):
     from bastion.connections.service import FlowRefused
 
     with pytest.raises(FlowRefused) as refused:
-        run(lab.connections.finish, "alice", state, "any-code")
+        run(lab.connections.finish, "alice", "tracker", state, "any-code")
     assert refused.value.status == 403
     # Spent: bob cannot finish it either, after alice tried.
     with pytest.raises(FlowRefused):
-        run(lab.connections.finish, "bob", state, "any-code")
+        run(lab.connections.finish, "bob", "tracker", state, "any-code")
     assert lab.connections.listed("bob") == []
 
 
@@ -448,14 +448,14 @@ def test_a_connection_older_than_flow_seconds_is_refused_at_its_end(lab):
         state = parse_qs(urlsplit(location).query)["state"][0]
         clock.now += lab.connections.settings["tracker"].flow_seconds + 1
         with pytest.raises(FlowRefused) as refused:
-            run(lab.connections.finish, "bob", state, "any-code")
+            run(lab.connections.finish, "bob", "tracker", state, "any-code")
     finally:
         lab.connections.clock = saved
     assert refused.value.status == 400
     assert refused.value.message == "This connection took too long; start again."
     # Spent: the same link is refused now, as unknown.
     with pytest.raises(FlowRefused, match="unknown or was already used"):
-        run(lab.connections.finish, "bob", state, "any-code")
+        run(lab.connections.finish, "bob", "tracker", state, "any-code")
     assert lab.connections.listed("bob") == []
 
 
@@ -475,7 +475,7 @@ def test_a_connection_whose_authorization_server_is_gone_at_its_end_is_refused_n
     oauth.settings = dataclasses.replace(oauth.settings, issuer="")
     try:
         with pytest.raises(FlowRefused) as refused:
-            run(lab.connections.finish, "bob", state, "any-code")
+            run(lab.connections.finish, "bob", "tracker", state, "any-code")
     finally:
         oauth._metadata, oauth.resource, oauth.settings = saved
         dead.close()
@@ -654,7 +654,7 @@ def test_forms_without_their_csrf_token_and_unknown_states_change_nothing(lab, t
         for form in ({}, {"csrf_token": "1.forged"}):
             answer = page.request.post(f"{lab.one_url}/connections/{path}", form=form)
             assert answer.status == 403, (path, form)
-    answer = page.goto(f"{lab.one_url}/connections/callback?state=made-up&code=any")
+    answer = page.goto(f"{lab.one_url}/connections/tracker/callback?state=made-up&code=any")
     assert answer.status == 400 and page.title() == "Not connected"
     assert lab.connections.listed("alice") == before
 
@@ -680,14 +680,14 @@ def test_the_callback_says_only_errors_oauth_defines_in_bastions_words(lab, erro
     location = run(lab.connections.start, "alice", "tracker")
     state = parse_qs(urlsplit(location).query)["state"][0]
     with httpx.Client(cookies={"bastion_session": session}, timeout=10) as http:
-        answer = http.get(f"{lab.one_url}/connections/callback?state={state}&{query}")
+        answer = http.get(f"{lab.one_url}/connections/tracker/callback?state={state}&{query}")
     assert answer.status_code == 400
     assert said in answer.text
     assert "spoofer" not in answer.text and "locked" not in answer.text.lower()
     from bastion.connections.service import FlowRefused
 
     with pytest.raises(FlowRefused):  # the flow is spent
-        run(lab.connections.finish, "alice", state, "any-code")
+        run(lab.connections.finish, "alice", "tracker", state, "any-code")
 
 
 def test_administrators_list_and_revoke_connections_with_the_cli(lab, tab, capsys):
