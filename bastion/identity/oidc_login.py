@@ -39,6 +39,8 @@ from starlette.responses import RedirectResponse, Response
 from starlette.routing import Route
 
 from bastion import untrusted_json
+from bastion.audit.log import AuditLog
+from bastion.db import Database
 from bastion.facts.model import Entity, FactError, fact_from_json, fact_to_json
 from bastion.facts.store import StoredFact, check_storable
 from bastion.identity.id_token import check_claims, signed_claims
@@ -94,6 +96,8 @@ _MIGRATIONS = [
         PRIMARY KEY (provider, subject)
     );
     """,
+    # Which sub of a provider a user id is bound to (`OpenIDLogin._signed_in`).
+    "CREATE INDEX identity_accounts_username ON identity_accounts (username, provider);",
 ]
 
 # The ID token and the token endpoint's answer: far larger than any real one.
@@ -456,6 +460,23 @@ class OpenIDLogin:
                     "claims", f"A claim of the provider makes no usable fact: {e}"
                 ) from None
         with self.db.transaction():
+            # The account is the person's whose sub first signed in to it: a user_claim other
+            # than sub (an email, a login name) can pass to another person of the provider,
+            # who would otherwise sign in as the first, with their grants, facts, approvals
+            # and upstream connections. Released only by an administrator (`release_account`).
+            bound = self.db.execute(
+                "SELECT subject FROM identity_accounts WHERE username = ? AND provider = ?"
+                " AND subject <> ?",
+                (username, provider.id, claims["sub"]),
+            )
+            if bound:
+                raise LoginRefused(
+                    "account_taken",
+                    f"The user {username} belongs to another account of"
+                    f" {provider.shown_name} (another sub): an administrator must release it"
+                    " (bastion users unlink) before this account can use it.",
+                    403,
+                )
             self.db.execute(
                 "INSERT INTO oauth_users (username, password_hash, created_at) VALUES (?, ?, ?)"
                 " ON CONFLICT (username) DO NOTHING",
@@ -623,6 +644,28 @@ class OpenIDLogin:
         )
         response.headers["Retry-After"] = "5"
         return response
+
+
+def release_account(db: Database, username: str, *, actor: str) -> int:
+    """Unbind ``username`` from the provider accounts (sub) that signed in to it, so that the
+    next account of a provider whose ``user_claim`` names it gets it (the one that had it was
+    deleted at the provider, or its email or login name given to someone else). The user, their
+    grants and facts stay; the facts the login kept in step with the claims are the next
+    login's to put in step. Audited as ``user.unlinked``. Returns how many were unbound."""
+    db.migrate("identity", _MIGRATIONS)
+    with db.transaction():
+        rows = db.execute(
+            "DELETE FROM identity_accounts WHERE username = ? RETURNING provider, subject",
+            (username,),
+        )
+        if rows:
+            AuditLog(db).record(
+                "user.unlinked",
+                subject=username,
+                actor=actor,
+                accounts=[{"provider": p, "sub": sub} for p, sub in rows],
+            )
+    return len(rows)
 
 
 def compose(server: AuthorizationServer, table: Any, env: Mapping[str, str]) -> OpenIDLogin | None:

@@ -114,6 +114,20 @@ def users_enable(args: argparse.Namespace) -> int:
     return 0
 
 
+def users_unlink(args: argparse.Namespace) -> int:
+    # identity/ builds on oauth/; the command reaches down to it only when it runs.
+    from bastion.identity.oidc_login import release_account
+
+    count = release_account(_database(args), args.username, actor=cli_actor())
+    if not count:
+        raise CommandError(f"{args.username!r} is bound to no account of an identity provider")
+    print(
+        f"released {args.username} from {count} provider account(s); the next person of the"
+        " provider whose user_claim names it signs in to it"
+    )
+    return 0
+
+
 def _key_source(args: argparse.Namespace) -> dict:
     """The public keys of a private_key_jwt client: a JWKS file, or a jwks_uri."""
     if args.jwks_file and args.jwks_uri:
@@ -315,6 +329,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("username")
     _common(p)
     p.set_defaults(func=_guarded(users_enable))
+    p = users_sub.add_parser(
+        "unlink", help="release a user from the identity-provider account (sub) bound to it"
+    )
+    p.add_argument("username")
+    _common(p)
+    p.set_defaults(func=_guarded(users_unlink))
 
     clients = sub.add_parser("clients", help="OAuth clients (agents) of the authorization server")
     clients_sub = clients.add_subparsers(dest="clients_command", required=True)

@@ -30,7 +30,12 @@ from tests.oauth.support import free_socket, hidden_fields, serve
 
 from .oidc_support import Person, bastion_with_providers, buttons
 
-SECRETS = {"bastion-a": "secret-of-a", "bastion-b": "secret-of-b", "bastion-u": "secret-of-u"}
+SECRETS = {
+    "bastion-a": "secret-of-a",
+    "bastion-b": "secret-of-b",
+    "bastion-u": "secret-of-u",
+    "bastion-e": "secret-of-e",
+}
 
 
 def _b64(data: bytes) -> str:
@@ -199,6 +204,13 @@ def bastion(tmp_path_factory, idp):
                 "facts": [{"claim": "groups", "name": "{value}", "resource": "Org:acme"}],
             },
             {
+                "id": "e",
+                "issuer": idp.issuer("e"),
+                "client_id": "bastion-e",
+                "client_secret": SECRETS["bastion-e"],
+                "user_claim": "email",
+            },
+            {
                 "id": "down",
                 "name": "Down Provider",
                 "issuer": f"http://127.0.0.1:{dead.getsockname()[1]}/x",
@@ -249,7 +261,7 @@ def refused(response: httpx.Response, status: int, words: str) -> None:
 def test_login_page_offers_each_provider_and_no_password_form(person, client):
     page = person.open_authorization(client)
     actions = [action for action, _ in buttons(page.text)]
-    assert actions == ["/login/a", "/login/b", "/login/u", "/login/down"]
+    assert actions == ["/login/a", "/login/b", "/login/u", "/login/e", "/login/down"]
     assert "Sign in with Provider A" in page.text
     assert "name=password" not in page.text
 
@@ -621,6 +633,38 @@ def test_a_disabled_user_cannot_log_in_through_the_provider(bastion, idp, person
         "a", code=idp.issue("a", query, sub="grace"), state=query["state"], iss=idp.issuer("a")
     )
     refused(again, 403, "disabled")
+
+
+def test_another_person_of_the_provider_with_the_same_user_claim_cannot_take_the_account(
+    bastion, idp, person, client
+):
+    """With a ``user_claim`` other than ``sub`` (here ``email``), the value can pass from one
+    person of the provider to another (an address given again, a name edited): the account is
+    bound to the ``sub`` that first signed in, and another ``sub`` is refused until an
+    administrator releases the account (`bastion users unlink`)."""
+    email = "lin@corp.example"
+
+    def login(sub: str) -> httpx.Response:
+        query = person.sent_to_provider(client, "e")
+        code = idp.issue("e", query, sub=sub, email=email)
+        return person.back_from_provider("e", code=code, state=query["state"])
+
+    assert login("lin-1").status_code == 200
+    before = sessions(bastion)
+    refused(login("someone-else-7"), 403, "belongs to another account")
+    assert sessions(bastion) == before
+    assert login("lin-1").status_code == 200  # the person it is bound to still signs in
+    refusals = bastion.db.execute(
+        "SELECT detail FROM audit_events WHERE kind = 'login.refused' AND detail LIKE ?",
+        ("%account_taken%",),
+    )
+    assert len(refusals) == 1
+
+    from bastion.identity.oidc_login import release_account
+
+    assert release_account(bastion.db, f"e:{email}", actor="test") == 1
+    assert login("someone-else-7").status_code == 200  # released: bound to the new sub now
+    refused(login("lin-1"), 403, "belongs to another account")
 
 
 # -- configuration --------------------------------------------------------------------------
