@@ -7,7 +7,7 @@ push_url = ""                   # where transmitters push (default: the issuer +
 max_body_bytes = 65536          # a pushed SET larger than this is refused (413)
 clock_skew_seconds = 60         # a SET issued further in the future is refused
 max_event_age_seconds = 3600    # a SET issued longer ago is refused (stale)
-jti_retention_seconds = 86400   # jtis remembered (replay refused); never below the age limit
+jti_retention_seconds = 86400   # jtis remembered (replay refused); >= the age limit + the skew
 jwks_refresh_seconds = 60       # an unknown kid refetches the JWKS at most this often
 jwks_max_keys = 20              # a JWKS with more keys is refused
 algorithms = ["RS256", "PS256", "ES256", "EdDSA"]   # never none, never HS*
@@ -142,10 +142,14 @@ class SsfSettings:
         push_url = table.get("push_url") or (f"{issuer.rstrip('/')}/ssf/events" if issuer else "")
         values["push_url"] = str(push_url)
         settings = cls(**values)
-        if settings.jti_retention_seconds < settings.max_event_age_seconds:
+        # A SET may be dated clock_skew_seconds ahead of its receipt, and so stays fresh that
+        # much longer than max_event_age_seconds after it: its jti is kept until it is stale.
+        fresh_for = settings.max_event_age_seconds + settings.clock_skew_seconds
+        if settings.jti_retention_seconds < fresh_for:
             raise SignalsConfigError(
-                "[signals.ssf].jti_retention_seconds must be at least max_event_age_seconds:"
-                " a SET old enough to be forgotten must be old enough to be refused as stale"
+                "[signals.ssf].jti_retention_seconds must be at least max_event_age_seconds +"
+                f" clock_skew_seconds ({fresh_for:g}): a SET old enough to be forgotten must be"
+                " old enough to be refused as stale, and one may be dated clock_skew_seconds ahead"
             )
         raw = table.get("transmitters", [])
         if not isinstance(raw, list):

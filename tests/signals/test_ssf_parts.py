@@ -72,6 +72,7 @@ def test_defaults_and_the_derived_configuration_url():
         ({}, {"effects": {"x": "explode"}}, "use one of"),
         ({}, {"effects": {"https://example.com/x": "fact"}}, "become facts"),
         ({"jti_retention_seconds": 10, "max_event_age_seconds": 60}, {}, "at least"),
+        ({"jti_retention_seconds": 3600, "max_event_age_seconds": 3600}, {}, "clock_skew"),
         ({"max_body_bytes": 0}, {}, "positive"),
         ({"surprise": 1}, {}, "unknown key"),
         ({}, {"surprise": 1}, "unknown key"),
@@ -277,6 +278,50 @@ def test_a_jti_is_claimed_once_on_each_database(database_url):
             raise Killed
         assert store.claim("https://idp", "j2", time.time())
         assert store.forget_before(time.time() + 1) == 3
+    finally:
+        db.close()
+
+
+def test_a_set_dated_ahead_is_stale_before_its_jti_can_be_forgotten(database_url):
+    """A SET may be dated up to clock_skew_seconds ahead, so it stays fresh that much longer than
+    max_event_age_seconds after it is received: the shortest retention the settings allow must
+    still hold its jti until it is stale, or its replay is taken as new."""
+    from bastion.signals.set_tokens import verify_set
+    from tests.signals.transmitter import CAEP, Transmitter
+
+    table = {"max_event_age_seconds": 3600, "clock_skew_seconds": 60}
+    s = settings(table)
+
+    def accepted(retention: int) -> bool:
+        try:
+            settings({**table, "jti_retention_seconds": retention})
+        except SignalsConfigError:
+            return False
+        return True
+
+    shortest = next(r for r in range(3600, 3600 + 61) if accepted(r))
+    sender = Transmitter("https://bastion.example.com")
+    sender.url = ISSUER
+    received = 1_000_000.0
+    token = sender.set_token(CAEP + "session-revoked", iat=int(received + s.clock_skew_seconds))
+    keys = KeySet([sender.key])
+    check = {
+        "keys": keys,
+        "issuer": ISSUER,
+        "audience": "https://bastion.example.com",
+        "algorithms": s.algorithms,
+        "clock_skew_seconds": s.clock_skew_seconds,
+        "max_age_seconds": s.max_event_age_seconds,
+    }
+    db = Database(database_url)
+    try:
+        store = SsfStore(db)
+        jti = verify_set(token, now=received, **check).jti
+        assert store.claim(ISSUER, jti, received)
+        later = received + shortest + 1  # the jti may be forgotten now (the retention task)
+        assert store.forget_before(later - shortest) == 1
+        with pytest.raises(SetRefused, match="stale"):
+            verify_set(token, now=later, **check)
     finally:
         db.close()
 
