@@ -646,7 +646,7 @@ def test_another_person_of_the_provider_with_the_same_user_claim_cannot_take_the
 
     def login(sub: str) -> httpx.Response:
         query = person.sent_to_provider(client, "e")
-        code = idp.issue("e", query, sub=sub, email=email)
+        code = idp.issue("e", query, sub=sub, email=email, email_verified=True)
         return person.back_from_provider("e", code=code, state=query["state"])
 
     assert login("lin-1").status_code == 200
@@ -665,6 +665,18 @@ def test_another_person_of_the_provider_with_the_same_user_claim_cannot_take_the
     assert release_account(bastion.db, f"e:{email}", actor="test") == 1
     assert login("someone-else-7").status_code == 200  # released: bound to the new sub now
     refused(login("lin-1"), 403, "belongs to another account")
+
+
+@pytest.mark.parametrize("verified", [False, "true", None])
+def test_an_email_the_provider_does_not_vouch_for_names_no_user(
+    bastion, idp, person, client, verified
+):
+    """With ``user_claim = "email"``, the address must be one the provider verified
+    (``email_verified`` true): many providers let a person type any address, someone else's."""
+    query = person.sent_to_provider(client, "e")
+    code = idp.issue("e", query, sub="typed-7", email="ceo@corp.example", email_verified=verified)
+    refused(person.back_from_provider("e", code=code, state=query["state"]), 400, "email_verified")
+    assert "e:ceo@corp.example" not in users(bastion)
 
 
 # -- configuration --------------------------------------------------------------------------
