@@ -660,9 +660,13 @@ def test_another_person_of_the_provider_with_the_same_user_claim_cannot_take_the
     )
     assert len(refusals) == 1
 
-    from bastion.identity.oidc_login import release_account
+    from bastion.cli import main
 
-    assert release_account(bastion.db, f"e:{email}", actor="test") == 1
+    database = ["--database", bastion.db.url]
+    assert main(["users", "unlink", f"e:{email}", *database]) == 0
+    assert main(["users", "unlink", f"e:{email}", *database]) != 0  # nothing bound any more
+    unlinked = bastion.db.execute("SELECT detail FROM audit_events WHERE kind = 'user.unlinked'")
+    assert [json.loads(d)["accounts"] for (d,) in unlinked] == [[{"provider": "e", "sub": "lin-1"}]]
     assert login("someone-else-7").status_code == 200  # released: bound to the new sub now
     refused(login("lin-1"), 403, "belongs to another account")
 
