@@ -42,7 +42,6 @@ from bastion.oauth.throttle import (
     counted_address,
 )
 from bastion.oauth.token_exchange import (
-    TOKEN_EXCHANGE_GRANT_TYPE,
     DelegationPolicy,
     RequestOrigin,
     TaskBinder,
@@ -99,6 +98,20 @@ class SuspendedGrant(InvalidGrant):
         self.suspended = suspended
         self.subject = subject
         self.agents = tuple(agents)
+
+
+class FactsOutOfDate(OAuthError):
+    """This replica's facts (and so its view of the kill switch) may be missing a change made
+    through another one: 503 ``temporarily_unavailable``, never a token or an answer that may
+    be out of date."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "temporarily_unavailable",
+            "this server's copy of the facts (the kill switch among them) is behind the"
+            " database; retry in a moment",
+            503,
+        )
 
 
 class AuthorizationServer:
@@ -181,6 +194,12 @@ class AuthorizationServer:
         # suspensions`), composed by bastion.server.app. No token is issued to, and
         # introspection answers inactive for, a suspended user or agent. None: no replica.
         self.suspensions: Suspensions | None = None
+        # How current that view is, from the same replica: whether its facts are past the
+        # staleness bound, and None while every fact change it has heard of is applied, else
+        # an awaitable of whether that happens in time (`Replica.heard_not_applied`). Asked
+        # before every token request and introspection, as the gateway asks before a message.
+        self.facts_stale: Callable[[], bool] = lambda: False
+        self.facts_heard: Callable[[], Awaitable[bool] | None] = lambda: None
         # OpenID CIBA: `pending_for(username)` lists what waits for a person's answer.
         self.ciba = BackchannelAuthentication(self)
         # Logins through the company's OpenID providers (`bastion.identity.oidc_login`),
@@ -228,10 +247,24 @@ class AuthorizationServer:
 
     def suspended(self, user: str, agents: Sequence[str]) -> Entity | None:
         """The token's user, or agent of its chain (``agents``, the one it is issued to last),
-        that the kill switch holds, if any."""
+        that the kill switch holds, if any. `FactsOutOfDate` (503) while this replica's facts
+        are past the staleness bound: a suspension made through another replica may be
+        missing from its view."""
         if self.suspensions is None:
             return None
+        if self.facts_stale():
+            raise FactsOutOfDate()
         return self.suspensions.first(token_principals(user, agents))
+
+    async def facts_current(self) -> None:
+        """Before a request that asks the kill switch (or the facts): every fact change this
+        replica has heard of is applied first, as for the gateway's messages (a suspension
+        committed through another replica is in its view by the time its client can send
+        anything here); `FactsOutOfDate` if that does not happen in time, or the facts are
+        past the staleness bound."""
+        heard = self.facts_heard()
+        if (heard is not None and not await heard) or self.facts_stale():
+            raise FactsOutOfDate()
 
     def issue_access_token(
         self,
@@ -467,8 +500,7 @@ class AuthorizationServer:
                 functools.partial(self.find_client, address=client_address(request)),
                 self.assertions,
             )
-            if form.get("grant_type") == TOKEN_EXCHANGE_GRANT_TYPE:
-                await self._facts_heard()
+            await self.facts_current()
             body = await run_in_threadpool(work, client, form)
             await run_in_threadpool(self.housekeeping)
         except OAuthError as error:
@@ -480,16 +512,6 @@ class AuthorizationServer:
                 )
             return error_response(error)
         return json_response(body)
-
-    async def _facts_heard(self) -> None:
-        """A delegation is decided on the facts: a change this process has heard of is applied
-        first, as for the gateway's messages; if it is not soon enough, refused (503)."""
-        delegation = self.delegation
-        heard = delegation.facts_heard() if delegation is not None else None
-        if heard is not None and not await heard:
-            raise OAuthError(
-                "temporarily_unavailable", "the facts are too old to decide on; retry", 503
-            )
 
     def _token_refused(
         self,
@@ -553,6 +575,7 @@ class AuthorizationServer:
     async def _introspect(self, request: Request) -> Response:
         try:
             client, form = await self._authenticated(request)
+            await self.facts_current()
             body = await run_in_threadpool(introspection.introspect, self, client, form)
         except OAuthError as error:
             return error_response(error)

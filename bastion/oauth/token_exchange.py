@@ -24,7 +24,7 @@ the sub-agent's registration and the resource allow (or when the policy lets non
 from __future__ import annotations
 
 import uuid
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Protocol
@@ -83,10 +83,10 @@ class DelegationPolicy:
     server_of: Callable[[str], Entity | None]
     # [signals.posture] (`bastion.signals.posture.PostureSettings`): the request's posture.
     posture: Any = None
+    # Whether the facts are past the staleness bound: then no delegation is decided (503).
+    # (A change heard of and not applied yet is waited for before every token request:
+    # `AuthorizationServer.facts_current`.)
     facts_stale: Callable[[], bool] = lambda: False
-    # None while every fact change this process has heard of is applied; else an awaitable of
-    # whether it is soon enough (`bastion.server.replica.Replica.heard_not_applied`).
-    facts_heard: Callable[[], Awaitable[bool] | None] = lambda: None
 
 
 class TokenExchange:

@@ -278,7 +278,7 @@ def _gateway(config: ServerConfig, oauth, replica: Replica, approvals):
     )
 
 
-def _delegation(oauth, gateway, replica: Replica, consistency_timeout: float) -> None:
+def _delegation(oauth, gateway, replica: Replica) -> None:
     """Token exchange (docs/delegation.md) asks the policy about the MCP server a resource is,
     as the gateway maps it; without a gateway every exchange is refused."""
     from bastion.facts.model import Entity
@@ -290,7 +290,6 @@ def _delegation(oauth, gateway, replica: Replica, consistency_timeout: float) ->
         server_of=servers.get,
         posture=gateway.posture,
         facts_stale=lambda: replica.stale,
-        facts_heard=lambda: replica.heard_not_applied(consistency_timeout),
     )
 
 
@@ -503,11 +502,13 @@ def create_app(config: ServerConfig) -> Starlette:
         oauth.tasks = tasks
         # The kill switch holds at /token and /introspect as at the gateway.
         oauth.suspensions = replica.suspensions
+        oauth.facts_stale = lambda: replica.stale
+        oauth.facts_heard = lambda: replica.heard_not_applied(config.consistency_timeout)
     if gateway is not None and gateway.records is not None:
         records = gateway.records
         metrics.observe_records_dropped(lambda: records.dropped, lambda: records.unstorable)
     if gateway is not None:
-        _delegation(oauth, gateway, replica, config.consistency_timeout)
+        _delegation(oauth, gateway, replica)
         gateway.enforcer.shadow.on_fire = metrics.shadow_fired
         gateway.enforcer.behavior = _behavior(config, gateway)
         gateway.enforcer.labels = _labels(gateway)

@@ -384,7 +384,7 @@ def test_an_exchange_waits_for_a_fact_change_its_process_heard_of(sqlite_url, tm
         async def applied_in_time() -> bool:
             return heard.pop()
 
-        bastion.server.delegation.facts_heard = lambda: applied_in_time() if heard else None
+        bastion.server.facts_heard = lambda: applied_in_time() if heard else None
         heard.append(False)
         before = bastion.rows()
         answer = exchange(bastion, coder, tokens["access_token"], actor)

@@ -500,13 +500,15 @@ def start(
     oauth: dict | None = None,
     tasks: dict | None = None,
     more_upstreams: tuple[dict, ...] = (),
+    database: str | None = None,
 ):
     """Start everything; a context manager yielding `Running`. ``gateway`` adds settings to the
     ``[gateway]`` table, ``oauth`` to the ``[oauth]`` table; ``approvals`` is the
     ``[approvals]`` table (by default a held request waits for no answer), ``policy_extra``
     rules go after the test policy; ``replicas`` more apps share the first one's database and
     settings; ``signals`` is the ``[signals]`` table, ``tasks`` the ``[tasks]`` table;
-    ``more_upstreams`` are more ``[[gateway.upstreams]]`` (each a resource too)."""
+    ``more_upstreams`` are more ``[[gateway.upstreams]]`` (each a resource too); ``database``
+    is a PostgreSQL URL to use instead of a SQLite file in ``tmp_path``."""
     from contextlib import ExitStack, contextmanager
 
     @contextmanager
@@ -538,7 +540,7 @@ def start(
             serve(old_app, free_socket()) as old_url,
         ):
             config = ServerConfig(
-                database=str(tmp_path / "bastion.db"),
+                database=database or str(tmp_path / "bastion.db"),
                 policy_file=str(policy),
                 oauth={
                     "issuer": base,

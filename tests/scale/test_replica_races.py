@@ -1,0 +1,100 @@
+"""Two bastion apps (replicas) on one real PostgreSQL: what one of them is told is enforced by the
+other on the very next request that reaches it, not once it gets round to it."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from bastion.facts.model import Entity
+from tests.gateway.support import start
+from tests.signals.test_kill_switch import confidential_client
+
+ROUNDS = 2
+# A change this large takes a replica a while to put in force; what comes after it waits.
+IMPORT = 100_000
+
+
+@pytest.fixture
+def two_replicas(tmp_path, postgres_url):
+    with start(tmp_path, replicas=1, database=postgres_url) as bastion:
+        yield bastion
+
+
+def test_an_agent_suspended_through_one_replica_gets_no_token_and_is_inactive_on_the_other(
+    two_replicas,
+):
+    bastion = two_replicas
+    key, _ = bastion.app.state.keys.create("kill switch", ["suspensions"], created_by="test")
+    admin = {"authorization": f"Bearer {key}"}
+    agent = confidential_client(bastion, "nightly agent")
+    resource_server = confidential_client(bastion, "resource server", may_introspect=True)
+    other = bastion.replicas[0]
+    form = {"grant_type": "client_credentials", "resource": bastion.mcp_url("deskhttp")}
+    issued = bastion.http.post(f"{bastion.url}/token", data=form, auth=agent)
+    assert issued.status_code == 200, issued.text
+    token = issued.json()["access_token"]
+
+    def introspect() -> dict:
+        answer = bastion.http.post(
+            f"{other}/introspect", data={"token": token}, auth=resource_server
+        )
+        assert answer.status_code in (200, 503), answer.text
+        return answer.json()
+
+    def suspension(method: str) -> None:
+        path = "/v1/suspensions" + ("" if method == "POST" else f"/agent/{agent[0]}")
+        body = {"kind": "agent", "id": agent[0]} if method == "POST" else None
+        answer = bastion.http.request(method, f"{bastion.url}{path}", json=body, headers=admin)
+        assert answer.status_code in (200, 201), answer.text
+
+    seen = []
+    for round in range(ROUNDS):
+        # The other replica is busy with a large change when the suspension reaches it.
+        team = Entity("Team", f"import-{round}")
+        bastion.store.apply(
+            [("has_role", Entity("User", f"u{i}"), "member", team) for i in range(IMPORT)],
+            actor="test",
+        )
+        suspension("POST")
+        # Straight to the other replica: its answers must already know.
+        inactive = introspect()
+        minted = bastion.http.post(f"{other}/token", data=form, auth=agent)
+        seen.append((inactive.get("active"), minted.status_code))
+        suspension("DELETE")
+        deadline = time.monotonic() + 10
+        while introspect().get("active") is not True:
+            assert time.monotonic() < deadline, "the other replica never heard of the resume"
+            time.sleep(0.02)
+    # Inactive (or 503 while it catches up) and no token: never active, never a token.
+    assert [(active, status) for active, status in seen if active or status == 200] == []
+
+
+def test_a_replica_past_its_staleness_bound_issues_no_token_and_introspects_nothing(tmp_path):
+    """Its view of the kill switch may lack a suspension made through another replica: 503
+    ``temporarily_unavailable`` (retry), not a token or an ``active`` that may be wrong."""
+    with start(tmp_path) as bastion:
+        oauth = bastion.app.state.oauth
+        agent = confidential_client(bastion, "nightly agent")
+        resource_server = confidential_client(bastion, "resource server", may_introspect=True)
+        form = {"grant_type": "client_credentials", "resource": bastion.mcp_url("deskhttp")}
+        token = bastion.http.post(f"{bastion.url}/token", data=form, auth=agent).json()
+
+        def answers() -> list:
+            minted = bastion.http.post(f"{bastion.url}/token", data=form, auth=agent)
+            shown = bastion.http.post(
+                f"{bastion.url}/introspect",
+                data={"token": token["access_token"]},
+                auth=resource_server,
+            )
+            return [(r.status_code, r.json().get("error")) for r in (minted, shown)]
+
+        current = oauth.facts_stale
+        oauth.facts_stale = lambda: True  # as `Replica.stale` says past max_staleness_seconds
+        try:
+            stale = answers()
+        finally:
+            oauth.facts_stale = current
+        assert stale == [(503, "temporarily_unavailable")] * 2
+        assert answers() == [(200, None)] * 2
