@@ -492,8 +492,12 @@ class Enforcer:
                 if retry_after is not None:
                     result, reason = "rate_limited", "rate_limited"
         # Used once: of two identical retries at the same moment, one goes through.
-        if result == "allow" and spend is not None and not await self._spend(spend, decision_id):
-            result, reason = "deny", "approval_used"
+        if (
+            result == "allow"
+            and spend is not None
+            and (refusal := await self._spend(spend, decision_id)) is not None
+        ):
+            result, reason = "deny", refusal
         return chain, result, reason, retry_after, held, review, linked
 
     def _refuse(
@@ -624,22 +628,34 @@ class Enforcer:
         await self.settled()
         return outcome
 
-    async def _spend(self, request: ApprovalRequest, decision_id: str) -> bool:
+    async def _spend(self, request: ApprovalRequest, decision_id: str) -> str | None:
+        """Spend ``request`` for the call ``decision_id``: None once spent, else why the call
+        is refused: ``approval_used`` (spent already; of two retries at once, one goes
+        through) or ``approval_unavailable`` (the store cannot be written, a lock wait ran
+        out: not known spent, so the client may try again, not told it was used)."""
         assert self.approvals is not None
         try:
-            return await anyio.to_thread.run_sync(self.approvals.use, request, decision_id)
+            used = await anyio.to_thread.run_sync(self.approvals.use, request, decision_id)
         except Exception:
             log.exception("the approval store cannot be written: call refused")
-            return False
+            return "approval_unavailable"
+        return None if used else "approval_used"
 
-    async def release(self, verdict: Verdict) -> Any:
-        """The reviewed result of this call, spent once; None if it was delivered meanwhile."""
+    async def release(self, verdict: Verdict) -> tuple[Any, str | None]:
+        """The reviewed result of this call, spent once, and None; or None and why it is not
+        delivered (`_spend`'s reasons; ``approval_used`` too when it was delivered
+        meanwhile)."""
         assert self.approvals is not None and verdict.review is not None
         request = verdict.review
-        result = await anyio.to_thread.run_sync(self.approvals.held_result, request)
-        if result is None or not await self._spend(request, verdict.decision_id):
-            return None
-        return result
+        try:
+            result = await anyio.to_thread.run_sync(self.approvals.held_result, request)
+        except Exception:
+            log.exception("the approval store cannot be read: result not released")
+            return None, "approval_unavailable"
+        if not isinstance(result, dict):
+            return None, "approval_used"
+        refusal = await self._spend(request, verdict.decision_id)
+        return (None, refusal) if refusal is not None else (result, None)
 
     async def hold_result(self, verdict: Verdict, result: Any, context: dict[str, Any]) -> Held:
         """Keep the upstream's result for a reviewer; the `Held` to answer the client with."""

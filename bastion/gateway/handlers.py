@@ -564,19 +564,27 @@ async def _released(ex: Exchange, verdict: Verdict, uri: str | None) -> dict[str
     upstream again, masked as the policy says now and as the reviewer withheld."""
     enforcer = ex.gateway.enforcer
     assert verdict.review is not None
-    result = await enforcer.release(verdict)
-    if not isinstance(result, dict):
-        enforcer.write(verdict.record, result="deny", reason="approval_used")
-        raise refused(verdict.review.target, verdict.decision_id, "approval_used")
+    # Its labels before it is spent: spending deletes the held result, so one whose labels
+    # then could not be recorded (Redis away, the set full) would be withheld and lost. A
+    # refusal here leaves it held for the next try.
+    await enforcer.record_labels(ex.caller, verdict)
+    result, refusal = await enforcer.release(verdict)
+    if refusal is not None:
+        enforcer.write(verdict.record, result="deny", reason=refusal)
+        raise refused(verdict.review.target, verdict.decision_id, refusal)
     withheld = verdict.review.withheld_fields
     ex.masks = compile_paths(tuple(sorted({*verdict.obligations.masks, *withheld})))
-    return await _release(ex, verdict, result, uri)
+    return await _release(ex, verdict, result, uri, labelled=True)
 
 
-async def _release(ex: Exchange, verdict: Verdict, result: dict[str, Any], uri: str | None):
+async def _release(
+    ex: Exchange, verdict: Verdict, result: dict[str, Any], uri: str | None, labelled: bool = False
+):
     """The result as the client receives it: its target's labels recorded into the caller's
-    label set first (withheld if they cannot be), masked, counted and recorded."""
-    await ex.gateway.enforcer.record_labels(ex.caller, verdict)
+    label set first (withheld if they cannot be; ``labelled``: they were), masked, counted and
+    recorded."""
+    if not labelled:
+        await ex.gateway.enforcer.record_labels(ex.caller, verdict)
     result, masked = mask_result(result, ex.masks, uri)
     ex.returned_keys = scope_keys(ex.caller.subject, ex.caller.client_id, verdict.record["target"])
     obligations = dict(verdict.record["obligations"])

@@ -7,13 +7,16 @@ from __future__ import annotations
 
 import json
 import time
+import uuid
 
 import pytest
 from mcp import types
 from mcp.shared.exceptions import MCPError
 
+from tests.conftest import REDIS_URL, require_service
 from tests.gateway.streams import messages, modern_headers, modern_request
 from tests.gateway.support import start
+from tests.redis_outage import RedisRelay
 
 ERAS = ["legacy", "auto"]  # 2025-11-25, 2026-07-28
 
@@ -448,6 +451,51 @@ def test_a_withheld_result_never_reaches_the_agent_and_is_deleted(bastion):
     assert refused["reason"] == "review_withheld"
     request = approvals(bastion).get(held["approval_id"])
     assert request.status == "withheld" and approvals(bastion).held_result(request) is None
+
+
+def test_a_released_result_whose_labels_cannot_be_recorded_stays_held_for_the_next_try(
+    tmp_path,
+):
+    """Redis (the session labels' store) is down when the agent comes back for a released
+    result: the result is withheld (its labels must be recorded before it leaves), and kept for
+    the next try rather than spent with nothing delivered."""
+    require_service("Redis", "127.0.0.1", 6379)
+    import redis
+
+    prefix = f"bastion-test-{uuid.uuid4().hex[:12]}"
+    labelled = RULES + 'label(McpResource{"deskhttp/customers://plans"}, "pricing");\n'
+    try:
+        with (
+            RedisRelay() as relay,
+            start(
+                tmp_path,
+                approvals={"wait_seconds": 0},
+                policy_extra=labelled,
+                gateway={"redis_url": relay.url, "redis_prefix": prefix},
+            ) as bastion,
+        ):
+            token = bastion.token("sam", "deskhttp")
+            before = bastion.recorder.count("resources/read", uri="customers://plans")
+            held = read(bastion, token)["error"]["data"]
+            assert held["reason"] == "review_pending"
+            approvals(bastion).answer(held["approval_id"], "avery", "approve", channel="api")
+            relay.cut()
+            refused = read(bastion, token)["error"]["data"]
+            assert refused["reason"] == "labels_unavailable"
+            kept = approvals(bastion).get(held["approval_id"])
+            assert kept.status == "released"
+            assert "enterprise" in json.dumps(approvals(bastion).held_result(kept))
+            relay.restore()
+            released = read(bastion, token)
+            assert "enterprise" in released["result"]["contents"][0]["text"]
+            assert approvals(bastion).get(held["approval_id"]).status == "delivered"
+            assert bastion.recorder.count("resources/read", uri="customers://plans") == before + 1
+    finally:
+        client = redis.Redis.from_url(REDIS_URL)
+        keys = list(client.scan_iter(f"{prefix}:*"))
+        if keys:
+            client.delete(*keys)
+        client.close()
 
 
 def test_a_released_result_keeps_the_fields_the_reviewer_withheld(bastion):

@@ -98,3 +98,34 @@ def test_a_replica_past_its_staleness_bound_issues_no_token_and_introspects_noth
             oauth.facts_stale = current
         assert stale == [(503, "temporarily_unavailable")] * 2
         assert answers() == [(200, None)] * 2
+
+
+def test_an_approval_whose_spend_waits_past_lock_timeout_is_refused_as_unavailable_not_used(
+    tmp_path, postgres_url
+):
+    """Another replica's transaction holds the approval's row (PostgreSQL answering slowly):
+    the call cannot spend it within ``lock_timeout``, so it is refused as a store that cannot
+    be written (try again), not as an approval already used; the approval stays whole."""
+    import psycopg
+
+    from tests.approvals.test_gateway_holds import EMAIL, RULES, approvals, raw_call
+
+    impatient = postgres_url + "%20-clock_timeout%3D300"  # ms: after the search_path option
+    with start(
+        tmp_path, approvals={"wait_seconds": 0}, policy_extra=RULES, database=impatient
+    ) as bastion:
+        token = bastion.token("sam", "deskhttp")
+        email = {**EMAIL, "subject": "slow database"}
+        held = raw_call(bastion, token, email)["error"]["data"]
+        approvals(bastion).answer(held["approval_id"], "avery", "approve", channel="api")
+        with psycopg.connect(postgres_url) as other_replica:  # a transaction, left open
+            other_replica.execute(
+                "SELECT id FROM approval_requests WHERE id = %s FOR UPDATE",
+                (held["approval_id"],),
+            )
+            refused = raw_call(bastion, token, email)["error"]["data"]
+            other_replica.rollback()
+        assert refused["reason"] == "approval_unavailable"
+        assert approvals(bastion).get(held["approval_id"]).status == "approved"
+        assert "result" in raw_call(bastion, token, email)
+        assert approvals(bastion).get(held["approval_id"]).status == "used"
