@@ -4,12 +4,14 @@ other on the very next request that reaches it, not once it gets round to it."""
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 
+import httpx
 import pytest
 
 from bastion.facts.model import Entity
 from tests.gateway.support import start
-from tests.signals.test_kill_switch import confidential_client
+from tests.signals.test_kill_switch import authorization_code, client_id, confidential_client
 
 ROUNDS = 2
 # A change this large takes a replica a while to put in force; what comes after it waits.
@@ -129,3 +131,38 @@ def test_an_approval_whose_spend_waits_past_lock_timeout_is_refused_as_unavailab
         assert approvals(bastion).get(held["approval_id"]).status == "approved"
         assert "result" in raw_call(bastion, token, email)
         assert approvals(bastion).get(held["approval_id"]).status == "used"
+
+
+def _both_at_once(urls: list[str], form: dict) -> list[httpx.Response]:
+    """The same token request sent to each replica at the same moment."""
+    with ThreadPoolExecutor(len(urls)) as pool, httpx.Client(timeout=20) as http:
+        return list(pool.map(lambda url: http.post(f"{url}/token", data=form), urls))
+
+
+def test_a_code_or_refresh_token_sent_to_both_replicas_at_once_is_redeemed_once_then_revoked(
+    two_replicas,
+):
+    """RFC 9700 §4.14.2 across replicas: of two uses at once one wins, the other is a replay,
+    and the replay revokes the grant, the winner's new tokens with it."""
+    bastion = two_replicas
+    urls = [bastion.url, bastion.replicas[0]]
+    for _ in range(3):
+        code = authorization_code(bastion, "sam")
+        redeemed = _both_at_once(urls, code)
+        assert sorted(r.status_code for r in redeemed) == [200, 400], [r.text for r in redeemed]
+        won = next(r.json() for r in redeemed if r.status_code == 200)
+        refresh = {
+            "grant_type": "refresh_token",
+            "refresh_token": won["refresh_token"],
+            "client_id": client_id(won["access_token"]),
+        }
+        assert bastion.http.post(f"{urls[1]}/token", data=refresh).status_code == 400
+
+        tokens = bastion.http.post(f"{urls[0]}/token", data=authorization_code(bastion, "sam"))
+        refresh["refresh_token"] = tokens.json()["refresh_token"]
+        refresh["client_id"] = client_id(tokens.json()["access_token"])
+        rotated = _both_at_once(urls, refresh)
+        assert sorted(r.status_code for r in rotated) == [200, 400], [r.text for r in rotated]
+        won = next(r.json() for r in rotated if r.status_code == 200)
+        again = {**refresh, "refresh_token": won["refresh_token"]}
+        assert bastion.http.post(f"{urls[0]}/token", data=again).status_code == 400
