@@ -320,8 +320,9 @@ def labels_from_config(
     redis_url: str = "",
     redis_prefix: str = "bastion",
     settings: LabelSettings | None = None,
+    redis_timeout: float = 1.0,
 ) -> LocalLabels | RedisLabels:
     """The label sets a gateway keeps: in Redis when it has one, else in this process."""
     if redis_url:
-        return RedisLabels(redis_url, redis_prefix, settings)
+        return RedisLabels(redis_url, redis_prefix, settings, redis_timeout)
     return LocalLabels(settings)

@@ -106,6 +106,9 @@ class GatewayConfig:
     redis_url: str = ""
     # Keys are "<redis_prefix>:ratelimit:...", so deployments can share one Redis.
     redis_prefix: str = "bastion"
+    # How long one Redis command (or connection attempt) may take before what needs it is
+    # refused (fail closed): a Redis that hangs holds each call at most this long.
+    redis_timeout_seconds: float = 1.0
     # Origins (scheme://host[:port]) whose pages may send requests to /mcp/; empty: only the
     # origin of the gateway's own public URL. A request with no Origin header is not a page's.
     allowed_origins: tuple[str, ...] = ()
@@ -137,6 +140,7 @@ class GatewayConfig:
             "session_idle_seconds",
             "redis_url",
             "redis_prefix",
+            "redis_timeout_seconds",
             "allowed_origins",
             "label_ttl_seconds",
             "label_max",
@@ -185,6 +189,7 @@ class GatewayConfig:
             allowed_origins=tuple(o.lower() for o in origins),
             redis_url=redis_url,
             redis_prefix=redis_prefix,
+            redis_timeout_seconds=_seconds(table, "redis_timeout_seconds", 1.0, "gateway"),
             public_url=public_url,
             max_body_bytes=_whole(table, "max_body_bytes", 1_048_576, "gateway"),
             pass_methods=tuple(pass_methods),

@@ -190,7 +190,7 @@ class Gateway:
         # `RefusalLog`); None audits none.
         self.refusals = RequestRefusals(refusals)
         self.limiter = (
-            RedisRateLimiter(config.redis_url, config.redis_prefix)
+            RedisRateLimiter(config.redis_url, config.redis_prefix, config.redis_timeout_seconds)
             if config.redis_url
             else RateLimiter()
         )

@@ -298,7 +298,10 @@ def _behavior(config: ServerConfig, gateway):
     from bastion.signals.behavior import behavior_from_config
 
     return behavior_from_config(
-        config.signals.get("behavior", {}), gateway.config.redis_url, gateway.config.redis_prefix
+        config.signals.get("behavior", {}),
+        gateway.config.redis_url,
+        gateway.config.redis_prefix,
+        gateway.config.redis_timeout_seconds,
     )
 
 
@@ -321,7 +324,7 @@ def _labels(gateway):
 
     c = gateway.config
     settings = LabelSettings(c.label_ttl_seconds, c.label_max, c.label_max_sets)
-    return labels_from_config(c.redis_url, c.redis_prefix, settings)
+    return labels_from_config(c.redis_url, c.redis_prefix, settings, c.redis_timeout_seconds)
 
 
 def _approvals(config: ServerConfig, oauth, replica: Replica):

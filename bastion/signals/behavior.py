@@ -680,10 +680,13 @@ def _figure_of(row: dict, now: float, c: int, w: int, weight: float) -> dict[str
 
 
 def behavior_from_config(
-    table: dict[str, Any], redis_url: str = "", redis_prefix: str = "bastion"
+    table: dict[str, Any],
+    redis_url: str = "",
+    redis_prefix: str = "bastion",
+    redis_timeout: float = 1.0,
 ) -> LocalBehavior | RedisBehavior:
     """The counters a gateway keeps: in Redis when it has one, else in this process."""
     settings = BehaviorSettings.from_table(table)
     if redis_url:
-        return RedisBehavior(redis_url, redis_prefix, settings)
+        return RedisBehavior(redis_url, redis_prefix, settings, timeout=redis_timeout)
     return LocalBehavior(settings)

@@ -3,6 +3,7 @@ database count one window, and a gateway whose Redis is unreachable refuses limi
 
 from __future__ import annotations
 
+import socket
 import uuid
 
 import pytest
@@ -84,6 +85,30 @@ def test_unreachable_redis_refuses_rate_limited_calls_and_only_those(tmp_path, c
             )
             assert "error" not in searched  # no rate limit applies: Redis is not needed
     assert any("rate limits cannot be checked" in r.getMessage() for r in caplog.records)
+
+
+def test_a_redis_that_never_answers_refuses_rate_limited_calls_after_the_timeout_set(tmp_path):
+    """A Redis that takes connections and says nothing (hung, or a dead peer behind a proxy):
+    each call that needs it is refused once ``redis_timeout_seconds`` has passed, not held."""
+    with socket.create_server(("127.0.0.1", 0)) as silent:  # listens, accepts, never answers
+        port = silent.getsockname()[1]
+        settings = {"redis_url": f"redis://127.0.0.1:{port}/0", "redis_timeout_seconds": 0.2}
+        with start(tmp_path, gateway=settings) as bastion:
+            token = bastion.token("sam", "deskhttp")
+            refused = call_tool(bastion.http, bastion.url, token, "send_email", EMAIL)
+    assert refused["error"]["code"] == -32006
+    assert refused["error"]["data"]["reason"] == "rate_limit_unavailable"
+
+
+def test_redis_timeout_seconds_is_a_positive_number_of_seconds():
+    from bastion.gateway.config import GatewayConfig
+    from bastion.server.config import ConfigError
+
+    assert GatewayConfig.from_mapping({}).redis_timeout_seconds == 1.0
+    assert GatewayConfig.from_mapping({"redis_timeout_seconds": 0.25}).redis_timeout_seconds == 0.25
+    for wrong in (0, -1, "1", True, float("inf")):
+        with pytest.raises(ConfigError, match="redis_timeout_seconds"):
+            GatewayConfig.from_mapping({"redis_timeout_seconds": wrong})
 
 
 def test_redis_url_must_name_redis():
