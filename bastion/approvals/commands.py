@@ -43,7 +43,8 @@ class Deployment:
 
     def __init__(self, args: argparse.Namespace) -> None:
         from bastion.approvals.service import approvals_from_config
-        from bastion.oauth.settings import OAuthSettings, SettingsError
+        from bastion.approvals.settings import ApprovalSettings
+        from bastion.oauth.settings import OAuthSettings
 
         config = ServerConfig.load(args.config)
         database = command_database(args, config)
@@ -52,23 +53,23 @@ class Deployment:
                 "approvals need the [oauth] table of bastion.toml (its key_dir holds the key that"
                 " seals what requests hold); give --config"
             )
-        try:
+        with config.reading("oauth"):
             oauth = OAuthSettings.from_mapping(config.oauth)
-        except SettingsError as e:
-            raise CommandError(str(e)) from None
         self.config = config
         self.facts = FactStore.open(database, role="bastion-cli")
         self._authz: Authorizer | None = None
         self._policy_version: int | None = None
         # The CLI sends no notifications: the webhooks (and their secrets) are the server's.
         table = {k: v for k, v in config.approvals.items() if k != "webhooks"}
+        with config.reading("approvals"):
+            settings = ApprovalSettings.from_mapping(table)
         try:
             # The suspensions as stored now: a suspended person answers nothing here either.
             suspensions = Suspensions()
             suspensions.reset(self.facts.get((SUSPENDED, None)))
             self.approvals: Approvals = approvals_from_config(
                 database,
-                table,
+                settings,
                 oauth.key_dir,
                 oauth.issuer,
                 self._authorizer,

@@ -628,7 +628,7 @@ def _now(epoch: float) -> datetime:
 
 def approvals_from_config(
     database: str,
-    table: dict[str, Any],
+    settings: ApprovalSettings,
     key_dir: str,
     issuer: str,
     authorizer: Callable[[], Authorizer],
@@ -637,7 +637,7 @@ def approvals_from_config(
     suspensions: Suspensions | None = None,
 ) -> Approvals:
     """The approvals of a server with a gateway: its own database connection, the ``[approvals]``
-    table, and two secrets of the deployment in ``key_dir`` (one seals what requests hold, one
+    table's settings, and two secrets of the deployment in ``key_dir`` (one seals what requests hold, one
     keys the digests that bind a request to its call); the users' states are read on that
     connection, the suspensions from ``suspensions`` (the replica's view, or the command's)."""
     from bastion.db import Database
@@ -645,7 +645,6 @@ def approvals_from_config(
     from bastion.oauth.store import OAuthStore
     from bastion.server.config import ConfigError
 
-    settings = ApprovalSettings.from_mapping(table)
     try:
         sealing = deployment_secret(key_dir, SEALING_KEY)
         binding = deployment_secret(key_dir, BINDING_KEY)

@@ -34,15 +34,14 @@ def _open(args: argparse.Namespace, keys_needed: bool = True):
     from bastion.connections.store import ConnectionStore
     from bastion.db import Database
     from bastion.gateway.config import GatewayConfig
-    from bastion.oauth.settings import OAuthSettings, SettingsError
-    from bastion.server.config import ConfigError, ServerConfig, command_database
+    from bastion.oauth.settings import OAuthSettings
+    from bastion.server.config import ServerConfig, command_database
 
-    try:
-        config = ServerConfig.load(args.config)
+    config = ServerConfig.load(args.config)
+    with config.reading("gateway"):
         gateway = GatewayConfig.from_mapping(config.gateway or {})
+    with config.reading("oauth"):
         oauth = OAuthSettings.from_mapping(config.oauth)
-    except (ConfigError, SettingsError) as e:
-        raise CommandError(str(e)) from None
     per_user = {u.name: (u.url, u.oauth) for u in gateway.upstreams if u.auth == "per_user"}
     if not per_user:
         raise CommandError('bastion.toml has no upstream with auth = "per_user"; give --config')

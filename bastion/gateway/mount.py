@@ -65,7 +65,8 @@ def gateway_from_config(
             f"{config.named} has a [gateway] table but no [oauth] table: the gateway accepts"
             " bastion's access tokens only (see docs/gateway.md)"
         )
-    gateway_config = GatewayConfig.from_mapping(config.gateway)
+    with config.reading("gateway"):
+        gateway_config = GatewayConfig.from_mapping(config.gateway)
     settings = oauth.settings
     for trusted in gateway_config.trusted_issuers:
         if trusted.issuer.rstrip("/") == settings.issuer.rstrip("/"):
@@ -120,10 +121,8 @@ def gateway_from_config(
 
 def posture_settings(config: ServerConfig) -> PostureSettings:
     """The [signals.posture] table (docs/signals.md)."""
-    try:
+    with config.reading("signals.posture"):
         posture = PostureSettings.from_mapping(config.signals.get("posture"))
-    except (TypeError, ValueError) as e:
-        raise ConfigError(str(e)) from None
     if posture.uses_proxy_headers and config.proxy_headers:
         # uvicorn then replaces the connection's address with the forwarded one, so the
         # proxy that sent the headers could not be told from the client it speaks for.

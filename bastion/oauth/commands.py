@@ -44,10 +44,11 @@ def _database(args: argparse.Namespace) -> Database:
 
 
 def _settings(args: argparse.Namespace) -> OAuthSettings:
-    table = _config(args).oauth
-    if not table:
+    config = _config(args)
+    if not config.oauth:
         raise CommandError("this command needs the [oauth] table of bastion.toml (give --config)")
-    return OAuthSettings.from_mapping(table)
+    with config.reading("oauth"):
+        return OAuthSettings.from_mapping(config.oauth)
 
 
 def _password(args: argparse.Namespace) -> str:

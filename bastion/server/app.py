@@ -241,7 +241,11 @@ def _oauth_server(config: ServerConfig, db: Database):
         raise ConfigError(
             f"{config.named} has an [oauth] table but the authorization server is unavailable: {e}"
         ) from None
-    server = AuthorizationServer(config.oauth, db, max_json_depth=config.max_json_depth)
+    from bastion.oauth.settings import OAuthSettings
+
+    with config.reading("oauth"):
+        settings = OAuthSettings.from_mapping(config.oauth)
+    server = AuthorizationServer(settings, db, max_json_depth=config.max_json_depth)
     from bastion.oauth.keys import SigningKeyError
 
     try:
@@ -250,12 +254,9 @@ def _oauth_server(config: ServerConfig, db: Database):
         raise ConfigError(str(e)) from None
     if config.identity:
         from bastion.identity.oidc_login import compose
-        from bastion.identity.providers import IdentityConfigError
 
-        try:
+        with config.reading("identity"):
             compose(server, config.identity, os.environ)
-        except IdentityConfigError as e:
-            raise ConfigError(str(e)) from None
     return server
 
 
@@ -336,6 +337,7 @@ def _approvals(config: ServerConfig, oauth, replica: Replica):
             )
         return None
     from bastion.approvals.service import Unavailable, approvals_from_config
+    from bastion.approvals.settings import ApprovalSettings
 
     def authorizer():
         # Who may answer, and what a reviewer sees, are the policy's: never from a replica
@@ -349,9 +351,11 @@ def _approvals(config: ServerConfig, oauth, replica: Replica):
         if (heard is not None and not await heard) or replica.stale:
             raise Unavailable(replica.stale_reason())
 
+    with config.reading("approvals"):
+        settings = ApprovalSettings.from_mapping(config.approvals)
     return approvals_from_config(
         config.database,
-        config.approvals,
+        settings,
         oauth.settings.key_dir,
         oauth.settings.issuer,
         authorizer,
@@ -409,13 +413,11 @@ def _signals(config: ServerConfig, db: Database, store: FactStore, oauth, replic
         return None
     if oauth is None:
         raise ConfigError("[signals.ssf] needs an [oauth] table: its events revoke grants")
-    from bastion.signals.settings import SignalsConfigError, SsfSettings
+    from bastion.signals.settings import SsfSettings
     from bastion.signals.ssf import SsfReceiver
 
-    try:
+    with config.reading("signals.ssf"):
         settings = SsfSettings.from_table(table, issuer=oauth.settings.issuer)
-    except SignalsConfigError as e:
-        raise ConfigError(str(e)) from None
     return SsfReceiver(settings, db, oauth.store, store, lambda: replica.authz)
 
 
@@ -423,10 +425,8 @@ def _signal_settings(config: ServerConfig):
     """The signals API's limits ([signals.api], docs/signals.md)."""
     from bastion.signals.store import SignalSettings
 
-    try:
+    with config.reading("signals.api"):
         return SignalSettings.from_mapping(config.signals.get("api"))
-    except (TypeError, ValueError) as e:
-        raise ConfigError(str(e)) from None
 
 
 def _alerts(config: ServerConfig, oauth, replica: Replica, gateway):
@@ -437,14 +437,11 @@ def _alerts(config: ServerConfig, oauth, replica: Replica, gateway):
             raise ConfigError(f"{config.named} has a [signals.alerts] table but no [gateway]")
         return None
     from bastion.signals.alerts import alerts_from_config
-    from bastion.webhooks import SettingsError
 
-    try:
+    with config.reading("signals.alerts"):
         alerts = alerts_from_config(
             config.database, table, oauth.settings.issuer, lambda: replica.authz
         )
-    except SettingsError as e:
-        raise ConfigError(str(e)) from None
     gateway.enforcer.alerts = alerts
     return alerts
 

@@ -10,7 +10,8 @@ import math
 import os
 import sys
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -224,6 +225,16 @@ class ServerConfig:
         """The configuration as a message names it: its file, when one was read."""
         return self.file or "the configuration"
 
+    @contextmanager
+    def reading(self, table: str) -> Iterator[None]:
+        """Around the code that reads ``[table]`` (each table is read by the part of bastion it
+        configures): a value it refuses (`ValueError`, `TypeError`) is a `ConfigError` that
+        names the file and the table, however that part words it."""
+        try:
+            yield
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"{self.named} [{table}]: {e}") from None
+
     def check(self) -> None:
         """Refuse limits that would let nothing through, or everything."""
         unknown = sorted(set(self.signals) - set(SIGNALS_TABLES))
@@ -253,20 +264,16 @@ class ServerConfig:
             raise ConfigError(str(e)) from None
         from bastion.signals.behavior import BehaviorSettings
 
-        try:
+        with self.reading("signals.behavior"):
             BehaviorSettings.from_table(self.signals.get("behavior", {}))
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
         self.task_settings()
 
     def task_settings(self) -> TaskSettings:
         """The [tasks] table read (`bastion.delegation.tasks.TaskSettings`)."""
-        from bastion.delegation.tasks import TaskError, TaskSettings
+        from bastion.delegation.tasks import TaskSettings
 
-        try:
+        with self.reading("tasks"):
             return TaskSettings.from_mapping(self.tasks)
-        except TaskError as e:
-            raise ConfigError(str(e)) from None
 
     def policy_limits(self) -> PolicyLimits:
         """The limits on policies and on each evaluation, from the ``policy_*``,

@@ -28,7 +28,6 @@ from bastion.signals.alerts import (
     AlertSettings,
     AlertStore,
 )
-from bastion.webhooks import SettingsError
 
 
 def _when(epoch: float | None) -> str:
@@ -49,21 +48,19 @@ def _open(args: argparse.Namespace) -> Alerts:
     config = ServerConfig.load(args.config)
     database = command_database(args, config)
     table = {k: v for k, v in config.signals.get("alerts", {}).items() if k != "webhooks"}
+    with config.reading("signals.alerts"):
+        settings = AlertSettings.from_mapping(table)
     # Nothing is told from here: acknowledging only stops escalation (the server's task).
     return Alerts(
         AlertStore(Database(database, role="bastion-cli")),
-        AlertSettings.from_mapping(table),
+        settings,
         lambda: None,  # type: ignore[arg-type,return-value]
         "",
     )
 
 
 def _run(args: argparse.Namespace) -> int:
-    try:
-        alerts = _open(args)
-    except SettingsError as e:
-        print(f"bastion: {e}", file=sys.stderr)
-        return 2
+    alerts = _open(args)
     try:
         if args.alerts_command == "list":
             for alert in alerts.store.list(args.state, args.limit):

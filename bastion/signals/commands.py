@@ -79,8 +79,9 @@ def _opened(work: Callable[[FactStore, ServerConfig, argparse.Namespace], int]) 
 
 
 def cmd_set(store: FactStore, config: ServerConfig, args: argparse.Namespace) -> int:
-    try:
+    with config.reading("signals.api"):
         settings = SignalSettings.from_mapping(config.signals.get("api"))
+    try:
         signal = new_signal(
             _subject(args.subject), args.name, _value(args.value), args.source, args.ttl, settings
         )

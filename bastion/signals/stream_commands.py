@@ -29,17 +29,15 @@ def _when(epoch: float | None) -> str:
 def _receiver(args: argparse.Namespace):
     from bastion.facts.store import FactStore
     from bastion.oauth.store import OAuthStore
-    from bastion.signals.settings import SignalsConfigError, SsfSettings
+    from bastion.signals.settings import SsfSettings
     from bastion.signals.ssf import SsfReceiver
 
     config = ServerConfig.load(args.config)
     table = (config.signals or {}).get("ssf")
     if not table:
         raise ConfigError(f"{config.named} has no [signals.ssf] table: no transmitters to show")
-    try:
+    with config.reading("signals.ssf"):
         settings = SsfSettings.from_table(table, issuer=str(config.oauth.get("issuer", "")))
-    except SignalsConfigError as e:
-        raise ConfigError(str(e)) from None
     db = Database(command_database(args, config))
     return SsfReceiver(settings, db, OAuthStore(db), FactStore(db), lambda: None)
 

@@ -295,3 +295,52 @@ def test_a_message_names_where_the_value_came_from(tmp_path, capsys):
         capsys.readouterr().err
         == f"bastion: {file} has no [signals.ssf] table: no transmitters to show\n"
     )
+
+
+BASE = """
+[server]
+database = "{db}"
+[oauth]
+issuer = "http://127.0.0.1:8000"
+key_dir = "{keys}"
+[[oauth.resources]]
+uri = "http://127.0.0.1:8000/mcp/desk"
+scopes = ["customers:read"]
+[gateway]
+[[gateway.upstreams]]
+name = "desk"
+command = "true"
+[approvals]
+[tasks]
+[signals.behavior]
+[signals.posture]
+[signals.api]
+[signals.alerts]
+"""
+
+
+@pytest.mark.parametrize(
+    "table",
+    [
+        "oauth",
+        "gateway",
+        "approvals",
+        "tasks",
+        "signals.behavior",
+        "signals.posture",
+        "signals.api",
+        "signals.alerts",
+    ],
+)
+def test_a_mistake_in_any_table_is_refused_naming_the_file_and_the_table(tmp_path, table):
+    """Each table is read by the part of bastion it configures; whichever refuses a value, the
+    message says which file and which table to fix."""
+    from bastion.server.app import create_app
+
+    file = tmp_path / "deploy.toml"
+    text = BASE.format(db=tmp_path / "b.db", keys=tmp_path / "keys")
+    file.write_text(text.replace(f"[{table}]\n", f"[{table}]\nbogus_setting = 1\n", 1))
+    with pytest.raises(ConfigError) as refused:
+        create_app(ServerConfig.load(file, env={}))
+    assert str(refused.value).startswith(f"{file} [{table}]: "), refused.value
+    assert "bogus_setting" in str(refused.value)
