@@ -28,6 +28,19 @@ def _reachable(host: str, port: int) -> bool:
         return False
 
 
+def drop_redis_keys(prefix: str) -> None:
+    """Delete the keys a test wrote under its own ``prefix`` (never the others' keys)."""
+    import redis
+
+    client = redis.Redis.from_url(REDIS_URL)
+    try:
+        keys = list(client.scan_iter(f"{prefix}:*"))
+        if keys:
+            client.delete(*keys)
+    finally:
+        client.close()
+
+
 def require_service(name: str, host: str, port: int) -> None:
     if _reachable(host, port):
         return

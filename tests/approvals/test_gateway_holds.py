@@ -13,7 +13,7 @@ import pytest
 from mcp import types
 from mcp.shared.exceptions import MCPError
 
-from tests.conftest import REDIS_URL, require_service
+from tests.conftest import drop_redis_keys, require_service
 from tests.gateway.streams import messages, modern_headers, modern_request
 from tests.gateway.support import start
 from tests.redis_outage import RedisRelay
@@ -460,7 +460,6 @@ def test_a_released_result_whose_labels_cannot_be_recorded_stays_held_for_the_ne
     result: the result is withheld (its labels must be recorded before it leaves), and kept for
     the next try rather than spent with nothing delivered."""
     require_service("Redis", "127.0.0.1", 6379)
-    import redis
 
     prefix = f"bastion-test-{uuid.uuid4().hex[:12]}"
     labelled = RULES + 'label(McpResource{"deskhttp/customers://plans"}, "pricing");\n'
@@ -491,11 +490,7 @@ def test_a_released_result_whose_labels_cannot_be_recorded_stays_held_for_the_ne
             assert approvals(bastion).get(held["approval_id"]).status == "delivered"
             assert bastion.recorder.count("resources/read", uri="customers://plans") == before + 1
     finally:
-        client = redis.Redis.from_url(REDIS_URL)
-        keys = list(client.scan_iter(f"{prefix}:*"))
-        if keys:
-            client.delete(*keys)
-        client.close()
+        drop_redis_keys(prefix)
 
 
 def test_a_released_result_keeps_the_fields_the_reviewer_withheld(bastion):

@@ -8,7 +8,7 @@ import uuid
 
 import pytest
 
-from tests.conftest import REDIS_URL, require_service
+from tests.conftest import REDIS_URL, drop_redis_keys, require_service
 from tests.oauth.support import free_socket
 
 from .support import start
@@ -45,7 +45,6 @@ EMAIL = {"to": "a@example.com", "subject": "s", "body": "b"}
 
 def test_two_gateways_share_one_rate_limit_through_redis(tmp_path):
     require_service("Redis", "127.0.0.1", 6379)
-    import redis
 
     prefix = f"bastion-test-{uuid.uuid4().hex[:12]}"
     settings = {"redis_url": REDIS_URL, "redis_prefix": prefix}
@@ -63,11 +62,7 @@ def test_two_gateways_share_one_rate_limit_through_redis(tmp_path):
                 assert refused["error"]["data"]["reason"] == "rate_limited"
                 assert 0 < refused["error"]["data"]["retry_after"] <= 60
     finally:
-        client = redis.Redis.from_url(REDIS_URL)
-        keys = list(client.scan_iter(f"{prefix}:*"))
-        if keys:
-            client.delete(*keys)
-        client.close()
+        drop_redis_keys(prefix)
 
 
 def test_unreachable_redis_refuses_rate_limited_calls_and_only_those(tmp_path, caplog):

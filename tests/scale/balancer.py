@@ -19,7 +19,7 @@ from bastion.db import Database
 from bastion.facts.store import FactStore
 from bastion.oauth.store import OAuthStore
 from bastion.oauth.users import create_user
-from tests.conftest import REDIS_URL, require_program, require_service
+from tests.conftest import REDIS_URL, drop_redis_keys, require_program, require_service
 from tests.gateway.support import PASSWORD, Recorder, bastion_serve, demo_server_module, facts
 from tests.gateway.support import stop as stop_bastion
 from tests.gateway.support import test_policy as gateway_test_policy
@@ -142,7 +142,6 @@ def deployment(
     a thread of this process, behind a `Recorder`."""
     require_program("HAProxy (Debian package haproxy)", HAPROXY)
     require_service("Redis", "127.0.0.1", 6379)
-    import redis
 
     prefix = f"bastion-lb-{uuid.uuid4().hex[:12]}"
     (tmp_path / "policy.polar").write_text(gateway_test_policy() + APPROVAL)
@@ -194,11 +193,7 @@ def deployment(
         try:
             yield Deployment(public, replicas, postgres_url, recorder, admin, pids)
         finally:
-            client = redis.Redis.from_url(REDIS_URL)
-            keys = list(client.scan_iter(f"{prefix}:*"))
-            if keys:
-                client.delete(*keys)
-            client.close()
+            drop_redis_keys(prefix)
 
 
 def _wait_for_both(http: httpx.Client, url: str, haproxy: subprocess.Popen, log: Path) -> None:

@@ -17,7 +17,7 @@ import anyio
 import pytest
 
 from bastion.signals.behavior import RedisBehavior, scope_keys
-from tests.conftest import REDIS_URL, require_program, require_service
+from tests.conftest import REDIS_URL, drop_redis_keys, require_program, require_service
 from tests.gateway.support import start
 from tests.gateway.test_shared_rate_limits import call_tool
 from tests.oauth.support import free_socket
@@ -45,7 +45,6 @@ def destructive_seen(prefix: str, agent: str) -> int:
 
 def test_two_gateways_count_one_agents_deletes_together(tmp_path):
     require_service("Redis", "127.0.0.1", 6379)
-    import redis
 
     prefix = f"bastion-test-{uuid.uuid4().hex[:12]}"
     settings = {"redis_url": REDIS_URL, "redis_prefix": prefix}
@@ -74,11 +73,7 @@ def test_two_gateways_count_one_agents_deletes_together(tmp_path):
             for held in outcomes[3:]:
                 assert held["error"]["data"]["reason"] == "approval_pending"
     finally:
-        client = redis.Redis.from_url(REDIS_URL)
-        keys = list(client.scan_iter(f"{prefix}:*"))
-        if keys:
-            client.delete(*keys)
-        client.close()
+        drop_redis_keys(prefix)
 
 
 def _agent(bastion) -> str:
