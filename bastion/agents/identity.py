@@ -48,6 +48,14 @@ def owners(store: FactStore, client_id: str) -> list[str]:
     return _related(store, client_id, OWNER, USER)
 
 
+def owned(store: FactStore, username: str) -> list[str]:
+    """The client ids of the agents ``username`` owns."""
+    found = store.get((RELATION, None, OWNER, Entity(USER, username)))
+    return sorted(
+        f.fact[1].id for f in found if isinstance(f.fact[1], Entity) and f.fact[1].type == AGENT
+    )
+
+
 def parents(store: FactStore, client_id: str) -> list[str]:
     """The client ids of the agent's parent (one at most, unless written by hand)."""
     return _related(store, client_id, PARENT, AGENT)

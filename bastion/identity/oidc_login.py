@@ -496,6 +496,9 @@ class OpenIDLogin:
             )[0][0]
             if disabled is not None:
                 raise LoginRefused("disabled", "This account is disabled.", 403)
+            suspended = self.server.refuse_person(username)
+            if suspended is not None:
+                raise LoginRefused("suspended", suspended, 403)
             rows = self.db.execute(
                 "SELECT facts FROM identity_accounts WHERE provider = ? AND subject = ?",
                 (provider.id, claims["sub"]),

@@ -380,6 +380,7 @@ class AuthorizationEndpoint:
         if login is None:
             raise _PageError("access_denied", "you are not signed in; start again", 403)
         username, auth_time = login
+        self._refuse_suspended(username)
         if decision not in ("allow", "deny"):
             raise _PageError("invalid_request", "decision must be 'allow' or 'deny'")
         if not self.store.finish_pending(pending.request_id):
@@ -468,6 +469,7 @@ class AuthorizationEndpoint:
         status: int,
         auth_time: float | None = None,
     ) -> Response:
+        self._refuse_suspended(username)
         consented = self.store.consented_scope(username, client.client_id, pending.resource)
         if (
             prompt != "consent"
@@ -493,6 +495,13 @@ class AuthorizationEndpoint:
                 for s in pending.scope.split()
             ],
         )
+
+    def _refuse_suspended(self, username: str) -> None:
+        """A person the kill switch holds neither consents nor gets a code, whatever session
+        their browser holds (the request stays unanswered: it works once they are resumed)."""
+        refusal = self.server.refuse_person(username)
+        if refusal is not None:
+            raise _PageError("access_denied", refusal, 403)
 
     @staticmethod
     def _shown(client: Client, pending: PendingAuthorization) -> pages.ClientShown:

@@ -349,6 +349,18 @@ class BackchannelAuthentication:
                 200 if form is None else 403,
                 link=(sign_in, "Sign in"),
             )
+        suspended = self.server.refuse_person(username)
+        if suspended is not None:
+            # Signed in, but the kill switch holds them: they see and answer nothing.
+            if form is not None:
+                self.audit.record(
+                    "ciba.answer_refused",
+                    subject=username,
+                    request_id=request_id if _is_request_id(request_id) else None,
+                    reason="suspended",
+                    address=address,
+                )
+            return pages.message_page("Account suspended", suspended, 403)
         found = (
             self.store.backchannel_request_by_id(request_id) if _is_request_id(request_id) else None
         )

@@ -15,6 +15,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from bastion import untrusted_json
+from bastion.agents.identity import owners
 from bastion.audit.refusals import RefusalLog
 from bastion.db import Database, DatabaseUnavailable
 from bastion.facts.model import Entity
@@ -90,10 +91,14 @@ class SuspendedGrant(InvalidGrant):
     """The kill switch's refusal at ``/token``: `InvalidGrant` to the client, and the user, the
     agents of the chain and the one suspended kept for its audit row (`_token_refused`)."""
 
-    def __init__(self, suspended: Entity, subject: str, agents: Sequence[str]) -> None:
+    def __init__(
+        self, suspended: Entity, subject: str, agents: Sequence[str], owned: str | None = None
+    ) -> None:
+        # ``owned``: the agent acting as itself whose owner is the one suspended.
+        whose = "" if owned is None else f", the owner of agent {owned!r} (which acts as itself),"
         super().__init__(
-            f"{describe(suspended)} is suspended (the kill switch): no token is issued until"
-            " an operator resumes it"
+            f"{describe(suspended)}{whose} is suspended (the kill switch): no token is issued"
+            " until an operator resumes it"
         )
         self.suspended = suspended
         self.subject = subject
@@ -266,6 +271,34 @@ class AuthorizationServer:
         if (heard is not None and not await heard) or self.facts_stale():
             raise FactsOutOfDate()
 
+    def _refuse_disabled_owner(self, subject: str, agents: Sequence[str]) -> None:
+        """`InvalidGrant` when no person is in the chain (an agent acting as itself, or what it
+        delegated) and the owner of one of its agents is disabled: an agent never outlasts the
+        person who owns it. Disabling revokes such an agent's grants (`OAuthStore.disable_user`);
+        this refuses new ones until the owner is enabled again."""
+        if subject not in agents:
+            return  # a person's chain: bounded by that person
+        for agent in dict.fromkeys(agents):
+            for owner in owners(self.facts, agent):
+                if self.store.user_state(owner) == "disabled":
+                    raise InvalidGrant(
+                        f"user {owner!r}, the owner of agent {agent!r} (which acts as itself),"
+                        " is disabled: no token is issued until the owner is enabled again"
+                    )
+
+    def refuse_person(self, username: str) -> str | None:
+        """Why ``username`` may not sign in, consent or approve anything now, or None: the kill
+        switch holds them. One sentence for every page of bastion's (sign-in, consent, a CIBA
+        answer); it is shown only to whoever proved to be them (their password, their session).
+        Asked of this replica's view as it stands, as the approvals ask it (never a 503 for
+        staleness): a suspension made through another replica holds here once it is applied."""
+        if self.suspensions is None or self.suspensions.first((Entity("User", username),)) is None:
+            return None
+        return (
+            f"The account {username!r} is suspended (the kill switch): it cannot sign in,"
+            " consent or approve anything until an administrator resumes it."
+        )
+
     def issue_access_token(
         self,
         grant: Grant,
@@ -284,7 +317,14 @@ class AuthorizationServer:
         code stays unused, usable again once resumed)."""
         suspended = self.suspended(subject, agents)
         if suspended is not None:
-            raise SuspendedGrant(suspended, subject, agents)
+            owned = None
+            if suspended not in token_principals(subject, agents) and self.suspensions:
+                owned = next(
+                    (a for a in agents if suspended in self.suspensions.owners(Entity("Agent", a))),
+                    None,
+                )
+            raise SuspendedGrant(suspended, subject, agents, owned)
+        self._refuse_disabled_owner(subject, agents)
         access = mint_access_token(
             self.keys,
             issuer=self.settings.issuer,

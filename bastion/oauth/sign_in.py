@@ -69,7 +69,9 @@ async def check_login(
     address that must wait (429), else the attempt is counted as a failure at once (taken back
     if it checks nothing or succeeds); no free password-check slot (503); then ``before_hash``
     (the authorization endpoint counts the attempts of one request there; an exception it raises
-    takes the count back and ends the check). Then the password is checked off the event loop.
+    takes the count back and ends the check). Then the password is checked off the event loop;
+    a right one of a person the kill switch holds is refused (403), and recorded
+    (``login.refused``, reason ``suspended``).
     """
     throttle = server.login_throttle
 
@@ -104,7 +106,21 @@ async def check_login(
         # Argon2 takes a while on purpose: keep it off the event loop.
         if await run_in_threadpool(check_password, server.store, username, password):
             await run_in_threadpool(throttle.succeeded, username, address)
-            return None
+            # Told only to whoever knows the password: no one learns who is suspended.
+            suspended = server.refuse_person(username)
+            if suspended is None:
+                return None
+            await run_in_threadpool(
+                functools.partial(
+                    server.audit.record,
+                    "login.refused",
+                    subject=username,
+                    client_id=client_id,
+                    address=address,
+                    reason="suspended",
+                )
+            )
+            return LoginRefusal(403, suspended)
     finally:
         server.password_checks.give_back()
     await run_in_threadpool(_login_failed, server, address, client_id, username)

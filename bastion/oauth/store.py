@@ -20,8 +20,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from bastion.agents.identity import owned
 from bastion.audit.log import AuditLog
 from bastion.db import Database
+from bastion.facts.store import FactStore
 
 # The payload of each notification is the grant_id whose tokens (all, or one) were revoked, or
 # `USERS_CHANGED` when a user's standing changed: disabled, or all their grants revoked (a grant
@@ -673,8 +675,25 @@ class OAuthStore:
                 (username,),
             ):
                 revoked += self.revoke_grant(grant_id, now, "user disabled", actor=actor)
+            # An agent never outlasts its owner: the grants of the agents they own that act as
+            # themselves (client credentials; what those delegated goes with them) are revoked
+            # too. The token endpoint issues such an agent nothing while its owner is disabled.
+            agents_revoked = 0
+            for client_id in owned(FactStore(self.db), username):
+                for (grant_id,) in self.db.execute(
+                    "SELECT grant_id FROM oauth_grants WHERE client_id = ? AND username IS NULL"
+                    " AND revoked_at IS NULL",
+                    (client_id,),
+                ):
+                    agents_revoked += self.revoke_grant(
+                        grant_id, now, "owner disabled", actor=actor
+                    )
             self.audit.record(
-                "user.disabled", subject=username, actor=actor, grants_revoked=revoked
+                "user.disabled",
+                subject=username,
+                actor=actor,
+                grants_revoked=revoked,
+                agent_grants_revoked=agents_revoked,
             )
             return True
 

@@ -51,8 +51,7 @@ from bastion.facts.store import (
 )
 from bastion.policy.errors import PolicyError
 from bastion.policy.limits import DEFAULT_LIMITS, PolicyLimits
-from bastion.signals.suspensions import PREDICATE as SUSPENDED
-from bastion.signals.suspensions import Suspensions
+from bastion.signals.suspensions import Suspensions, kept, kept_rows
 from bastion.turns import Turns, collector_paused, full_passes_held
 
 log = logging.getLogger("bastion.replica")
@@ -115,7 +114,8 @@ def _from_store(
     the start (``first``), beside an event loop that decides meanwhile: in turns, with the
     collector's full passes held (`_bulk_load`), and the facts read let go of here a part at a
     time. Returns the sequence read at, the policy in force, the `Authorizer`, the facts it
-    cannot use, and the suspension facts (`Suspensions.reset`)."""
+    cannot use, and the facts of the suspensions view (`Suspensions.reset`: the suspensions and
+    the agents' owners)."""
     with _bulk_load(first):
         turns = None if first else Turns()
         seq, facts, policy = store.snapshot(turns)
@@ -128,7 +128,7 @@ def _from_store(
             authz.facts.load_checked(checked)
         else:
             authz.facts.fill(authz.facts.shared(checked, turns), turns)
-        suspended = [f for f in facts if f.fact[0] == SUSPENDED and len(f.fact) == 2]
+        suspended = [f for f in facts if kept(f.fact)]
         if turns is not None:
             for each in (checked, pairs, facts):
                 turns.empty(each)
@@ -215,8 +215,8 @@ def _from_snapshot(
     path: str, store: FactStore, limits: PolicyLimits, first: bool
 ) -> tuple[snapshot.Snapshot, PolicyVersion | None, Authorizer, list[StoredFact]]:
     """Read the snapshot at ``path``, check it fits ``store``, and build an `Authorizer` of its
-    facts under the policy it was taken with. The snapshot comes back with the rows of its
-    suspension facts only (the others are in the `Authorizer`)."""
+    facts under the policy it was taken with. The snapshot comes back with the rows of the
+    facts of the suspensions view only (`kept_rows`; the others are in the `Authorizer`)."""
     with _bulk_load(first):
         snap = snapshot.read(path)
         policy = snapshot.check_origin(store, snap.origin)
@@ -227,8 +227,8 @@ def _from_snapshot(
         for g in snap.groups:
             refused = authz.facts.load_rows(g.name, g.arity, g.rows, g.expiries)
             unusable += [StoredFact(fact, at) for fact, at in refused]
-            if (g.name, g.arity) != (SUSPENDED, 1):
-                g.rows = []  # in the index now; freed before the allocator gives pages back
+            # The rest is in the index now: freed before the allocator gives pages back.
+            g.rows = [r[1:] for r in kept_rows(g.name, g.arity, g.rows)]
     return snap, policy, authz, unusable
 
 
@@ -354,10 +354,7 @@ class Replica:
             log.warning("%d stored facts are not used by the policy in force", len(unusable))
         self.authz, self.unusable = authz, unusable
         self.suspensions.reset(
-            StoredFact((g.name, *v), g.expiries.get(v))
-            for g in snap.groups
-            if g.name == SUSPENDED and g.arity == 1
-            for v in g.rows
+            StoredFact((g.name, *v), g.expiries.get(v)) for g in snap.groups for v in g.rows
         )
         self.policy_version = policy.version if policy else None
         self.applied = self.snapshot_seq = snap.origin.seq

@@ -11,8 +11,15 @@ the facts too, once it declares them). Resuming deletes the fact.
 `Suspensions.first` is the kill switch's one question, "is any of these principals suspended":
 the gateway asks it of every message (the token's user, every agent of its chain, its session),
 the token endpoint of every token it would issue, introspection of every token it is shown, the
-approvals of every person who answers, and the gateway again of every upstream session when a
-suspension comes. `token_principals` names a token's user and agents the one way all of them use.
+approvals and the sign-in pages of every person, the decision API of every principal it decides
+for, and the gateway again of every upstream session when a suspension comes. `token_principals`
+names a token's user and agents the one way all of them use.
+
+An agent never outlasts its owner: where no person is among the principals (an agent acting as
+itself, by client credentials, and what it delegates; or an agent the decision API is asked
+about), a suspended owner (``has_relation(Agent{..}, "owner", User{..})``, which the view also
+keeps) answers for each agent it owns. Where a person is among them, that person bounds the
+agents: the owner of a client that many people use (the first to consent to it) does not.
 
 `suspend` and `resume` are the one write path (the API and the command line both use them); each
 records ``suspension.created`` or ``suspension.lifted`` in the audit log, in the write's
@@ -26,6 +33,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
+from bastion.agents.identity import AGENT, OWNER, RELATION, USER
 from bastion.audit.log import AuditLog
 from bastion.facts.model import Entity, matches
 from bastion.facts.store import FactStore, StoredFact, WriteResult
@@ -151,14 +159,57 @@ def stored(store: FactStore) -> list[Suspension]:
     return out
 
 
+def is_owner_fact(fact: tuple) -> bool:
+    """Whether ``fact`` names an agent's owner, ``has_relation(Agent{..}, "owner", User{..})``:
+    the view keeps those too (an agent acting as itself stops while its owner is suspended)."""
+    return (
+        len(fact) == 4
+        and fact[0] == RELATION
+        and fact[2] == OWNER
+        and isinstance(fact[1], Entity)
+        and fact[1].type == AGENT
+        and isinstance(fact[3], Entity)
+        and fact[3].type == USER
+    )
+
+
+def kept(fact: tuple) -> bool:
+    """Whether the `Suspensions` view keeps ``fact``: a suspension, or an agent's owner."""
+    return (fact[0] == PREDICATE and len(fact) == 2) or is_owner_fact(fact)
+
+
+def kept_rows(name: str, arity: int, rows: Iterable[tuple]) -> list[tuple]:
+    """Of one predicate's rows (a snapshot's), the facts the view keeps: every suspension, and
+    the ``has_relation`` rows that name an agent's owner."""
+    if (name, arity) == (PREDICATE, 1):
+        return [(name, *r) for r in rows]
+    if (name, arity) == (RELATION, 3):
+        return [(name, *r) for r in rows if r[1] == OWNER and is_owner_fact((name, *r))]
+    return []
+
+
+def has_person(principals: Sequence[Entity]) -> bool:
+    """Whether a person is among ``principals``: a user that is not an agent acting as itself
+    (a client credentials token's subject is its agent's own client id)."""
+    return any(
+        p.type == USER and not any(a.type == AGENT and a.id == p.id for a in principals)
+        for p in principals
+    )
+
+
 class Suspensions:
-    """This process's view of the suspensions in force, fed by the replica with every change
-    (`apply`) and every snapshot (`reset`). Read on the event loop; a suspension newly in force
-    is announced to `on_suspend` subscribers (the gateway ends the streams it covers)."""
+    """This process's view of the suspensions in force, and of the agents' owners, fed by the
+    replica with every change (`apply`) and every snapshot (`reset`). Read on the event loop; a
+    suspension newly in force is announced to `on_suspend` subscribers (the gateway ends the
+    streams it covers)."""
 
     def __init__(self, clock: Callable[[], float] = time.time) -> None:
         self.clock = clock
         self._until: dict[Entity, float | None] = {}
+        # Agent -> its owners (one, unless facts were written by hand). An owner fact's own
+        # expiry is not followed: an expired owner stays named until its fact is deleted, which
+        # can only stop an agent, never let one go on.
+        self._owners: dict[Entity, tuple[Entity, ...]] = {}
         self._subscribers: list[Callable[[], None]] = []
 
     def on_suspend(self, callback: Callable[[], None]) -> None:
@@ -166,12 +217,16 @@ class Suspensions:
 
     def reset(self, facts: Iterable[StoredFact]) -> None:
         self._until = {}
+        self._owners = {}
         self.apply(facts, ())
 
     def apply(self, inserts: Iterable[StoredFact], deletes: Iterable[tuple]) -> None:
         """A change of the facts: deletes first, then inserts (as the store applies them). The
         view is built anew once per change (readers on the event loop see one or the other),
         without the suspensions that have expired: an expiry writes no delete to the log."""
+        if not isinstance(inserts, (list, tuple)):
+            inserts = list(inserts)  # read twice: the owners, then the suspensions
+        self._apply_owners(inserts, deletes)
         deletes = [p for p in deletes if p and p[0] == PREDICATE]
         added = [
             (f.fact[1], f.expires_at)
@@ -192,18 +247,53 @@ class Suspensions:
             for callback in list(self._subscribers):
                 callback()
 
+    def _apply_owners(self, inserts: Iterable[StoredFact], deletes: Iterable[tuple]) -> None:
+        deletes = [
+            p
+            for p in deletes
+            if p
+            and p[0] == RELATION
+            and (len(p) < 3 or p[2] is None or p[2] == OWNER)
+            and (len(p) < 2 or p[1] is None or (isinstance(p[1], Entity) and p[1].type == AGENT))
+        ]
+        added = [f.fact for f in inserts if f.fact[0] == RELATION and is_owner_fact(f.fact)]
+        if not deletes and not added:
+            return
+        owners = dict(self._owners)
+        for p in deletes:
+            # A delete naming its agent is looked up; only a wildcard walks every agent.
+            agents = [p[1]] if len(p) > 1 and p[1] is not None else list(owners)
+            for agent in agents:
+                held = owners.get(agent)
+                if held:
+                    left = tuple(o for o in held if not matches((RELATION, agent, OWNER, o), p))
+                    if left:
+                        owners[agent] = left
+                    else:
+                        del owners[agent]
+        for _, agent, _, owner in added:
+            held = owners.get(agent, ())
+            if owner not in held:
+                owners[agent] = (*held, owner)
+        self._owners = owners
+
+    def owners(self, agent: Entity) -> tuple[Entity, ...]:
+        """The agent's owners as this view holds them."""
+        return self._owners.get(agent, ())
+
     def holds(self, entity: Entity) -> bool:
         return self.first((entity,)) is not None
 
-    def first(self, principals: Iterable[Entity], session_id: str = "") -> Entity | None:
-        """The first of the principals (or the session) that is suspended, or None: dictionary
-        lookups only, no I/O. Safe from worker threads (the token endpoint's): a change
-        replaces the view whole, so one read of it is one consistent view."""
+    def first(self, principals: Sequence[Entity], session_id: str = "") -> Entity | None:
+        """The first of the principals (or the session) that is suspended, or None; where no
+        person is among the principals, an agent's suspended owner too (`has_person`).
+        Dictionary lookups only, no I/O. Safe from worker threads (the token endpoint's): a
+        change replaces the view whole, so one read of it is one consistent view."""
         until = self._until
         if not until:
             return None
         now: float | None = None
-        candidates: Iterable[Entity] = principals
+        candidates: Sequence[Entity] = principals
         if session_id:
             candidates = (*principals, Entity(KINDS["session"], session_id))
         for p in candidates:
@@ -215,4 +305,13 @@ class Suspensions:
                     now = self.clock()
                 if ends > now:
                     return p
+        owners = self._owners
+        if not owners or has_person(principals):
+            return None
+        for p in principals:
+            for owner in owners.get(p, ()):
+                if owner in until:
+                    ends = until[owner]
+                    if ends is None or ends > self.clock():
+                        return owner
         return None

@@ -188,6 +188,27 @@ def test_a_replica_started_from_a_snapshot_decides_as_one_loaded_from_the_store(
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
 
 
+def test_a_replica_knows_the_agents_owners_whether_loaded_from_a_snapshot_or_the_store(
+    store, database_url, path
+):
+    """The kill switch stops an agent acting as itself while its owner is suspended: every way
+    a replica loads its facts gives its suspensions view the owners, whatever the policy uses."""
+    nightly = Entity("Agent", "nightly")
+    store.apply([StoredFact(("has_relation", nightly, "owner", USERS[3]))])
+
+    async def scenario():
+        from_store = await write_one(database_url, path)
+        from_snapshot = await started(database_url, path)
+        for replica in (from_store, from_snapshot):
+            assert replica.suspensions.owners(nightly) == (USERS[3],)
+            assert replica.suspensions.first((nightly,)) == USERS[3]  # USERS[3] is suspended
+        await from_snapshot._resync()
+        assert from_snapshot.suspensions.first((nightly,)) == USERS[3]
+        await from_snapshot.stop()
+
+    run(scenario())
+
+
 def test_writes_after_the_snapshot_are_replayed_before_the_replica_is_ready(
     store, database_url, path
 ):

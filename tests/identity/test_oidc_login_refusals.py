@@ -857,3 +857,21 @@ def test_local_passwords_can_be_kept_beside_the_providers(tmp_path, idp):
             assert "Signed in as <strong>alice</strong>" in signed_in.text, signed_in.text
         finally:
             person.close()
+
+
+def test_a_suspended_user_cannot_log_in_through_the_provider(bastion, idp, person, client):
+    from bastion.facts.store import StoredFact
+    from bastion.signals.suspensions import PREDICATE, Suspensions
+
+    heidi = Entity("User", "a:heidi")
+    view = Suspensions(bastion.clock)
+    view.apply([StoredFact((PREDICATE, heidi))], ())
+    before, bastion.server.suspensions = bastion.server.suspensions, view
+    try:
+        query = person.sent_to_provider(client, "a")
+        answer = person.back_from_provider(
+            "a", code=idp.issue("a", query, sub="heidi"), state=query["state"], iss=idp.issuer("a")
+        )
+    finally:
+        bastion.server.suspensions = before
+    refused(answer, 403, "suspended")

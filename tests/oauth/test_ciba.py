@@ -785,3 +785,27 @@ def test_a_revoked_client_can_no_longer_be_approved_or_poll(bastion: Bastion):
     assert browser.post(url, data={**form, "decision": "approve"}).status_code == 410
     assert_oauth_error(wait_and_poll(bastion, client, ack["auth_req_id"]), "invalid_client", 401)
     assert not events(bastion, "ciba.approved")
+
+
+def test_a_suspended_person_can_neither_see_nor_answer_a_request(bastion: Bastion):
+    from bastion.facts.store import StoredFact
+    from bastion.signals.suspensions import PREDICATE, Suspensions
+
+    bastion.server.suspensions = view = Suspensions(bastion.clock)
+    alice = Entity("User", "alice")
+    client = ciba_client(bastion)
+    ack = requested(bastion, client)
+    url = only_pending_url(bastion)
+    browser = signed_in(bastion, "alice")
+    form = hidden_fields(browser.get(url).text)
+    view.apply([StoredFact((PREDICATE, alice))], ())
+    page = browser.get(url)
+    answered = browser.post(url, data={**form, "decision": "approve"})
+    for refused in (page, answered):
+        assert refused.status_code == 403, refused.text
+        assert "suspended" in refused.text and "Refund order" not in refused.text
+    assert_oauth_error(wait_and_poll(bastion, client, ack["auth_req_id"]), "authorization_pending")
+    # Resumed, the same session answers.
+    view.apply([], [(PREDICATE, alice)])
+    assert answer(browser, url, "approve").status_code == 200
+    assert wait_and_poll(bastion, client, ack["auth_req_id"]).status_code == 200
