@@ -17,7 +17,7 @@ import binascii
 import bisect
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -316,23 +316,42 @@ def read_search(body: dict, kind: str, max_page: int) -> Search:
 # -- deciding ----------------------------------------------------------------------------------
 
 
-def decide(authz: Authorizer, question: Evaluation) -> tuple[dict, ChainDecision]:
-    """The Access Evaluation answer to ``question``, and the contract's decision behind it."""
-    decision = decide_chain(
-        authz,
-        (question.subject,),
-        question.action,
-        question.resource,
-        question.context,
-        question.scopes,
-    )
+def _nobody(_subject: Entity) -> bool:
+    return False
+
+
+def _held(subject: Entity) -> ChainDecision:
+    """The refusal of a subject the deployment holds (bastion's kill switch), before the policy
+    is asked: ``decision`` false, ``context.reason`` "suspended"."""
+    return ChainDecision(False, (subject,), refused_by=subject, reason="suspended")
+
+
+def decide(
+    authz: Authorizer, question: Evaluation, held: Callable[[Entity], bool] = _nobody
+) -> tuple[dict, ChainDecision]:
+    """The Access Evaluation answer to ``question``, and the contract's decision behind it;
+    refused whatever the policy says when ``held(subject)``."""
+    if held(question.subject):
+        decision = _held(question.subject)
+    else:
+        decision = decide_chain(
+            authz,
+            (question.subject,),
+            question.action,
+            question.resource,
+            question.context,
+            question.scopes,
+        )
     return answer(decision), decision
 
 
-def decide_batch(authz: Authorizer, batch: Batch) -> list[tuple[dict, ChainDecision | None]]:
+def decide_batch(
+    authz: Authorizer, batch: Batch, held: Callable[[Entity], bool] = _nobody
+) -> list[tuple[dict, ChainDecision | None]]:
     """The answers of a batch in order, stopped early as its semantic says; each with the
     decision behind it (None for an item that could not be read). One session: one view of
-    the facts and one evaluation budget for the whole batch, as for one decision."""
+    the facts and one evaluation budget for the whole batch, as for one decision. A subject
+    ``held`` is refused as in `decide`."""
     out: list[tuple[dict, ChainDecision | None]] = []
     with authz.session() as s:
         for item in batch.items:
@@ -343,9 +362,12 @@ def decide_batch(authz: Authorizer, batch: Batch) -> list[tuple[dict, ChainDecis
                     "context": {"error": {"status": 400, "message": str(item)}},
                 }
             else:
-                decision = decide_chain_in(
-                    s, (item.subject,), item.action, item.resource, item.context, item.scopes
-                )
+                if held(item.subject):
+                    decision = _held(item.subject)
+                else:
+                    decision = decide_chain_in(
+                        s, (item.subject,), item.action, item.resource, item.context, item.scopes
+                    )
                 reply = answer(decision)
             out.append((reply, decision))
             if batch.semantic == "deny_on_first_deny" and not reply["decision"]:
@@ -413,15 +435,23 @@ def _obligation(name: str, **properties: Any) -> dict:
 # -- searching ---------------------------------------------------------------------------------
 
 
-def search(authz: Authorizer, question: Search) -> dict:
+def search(authz: Authorizer, question: Search, held: Callable[[Entity], bool] = _nobody) -> dict:
     """The Search API answer: every permitted subject, resource or action (``allow`` and no
-    ``deny``), sorted, one page of them, and ``page.next_token`` ("" on the last page)."""
+    ``deny``), sorted, one page of them, and ``page.next_token`` ("" on the last page). A
+    subject ``held`` is permitted nothing (its search answers no results, with
+    ``context.reason`` "suspended"), and is left out of a subject search."""
     after = _position(question)
+    if question.kind != "subject":
+        subject = Entity(question.subject.type, question.subject.id or "")
+        if held(subject):
+            page = {"next_token": "", "count": 0, "total": 0}
+            return {"page": page, "context": {"reason": "suspended"}, "results": []}
     if question.kind == "resource":
         subject = Entity(question.subject.type, question.subject.id or "")
         ids = authz.list(subject, question.action.name, question.resource.type, question.context)
     elif question.kind == "subject":
-        ids = _subjects(authz, question)
+        subject_type = question.subject.type
+        ids = [i for i in _subjects(authz, question) if not held(Entity(subject_type, i))]
     else:
         subject = Entity(question.subject.type, question.subject.id or "")
         resource = Entity(question.resource.type, question.resource.id or "")

@@ -549,12 +549,19 @@ _DECIDED = {
     "sequence": _INT,
     # Present when the evaluation spent its budget: refused (allowed false, no results).
     # signal_stale and insufficient_scope: a chain (principals) refused by requires_signal or
-    # requires_scope (with scopes given).
+    # requires_scope (with scopes given). suspended: the kill switch holds the actor (or a
+    # principal of the chain, or the owner of an agent acting as itself), named by `suspended`.
     "reason": {
         "type": "string",
-        "enum": ["evaluation_limit", "signal_stale", "insufficient_scope"],
+        "enum": ["evaluation_limit", "signal_stale", "insufficient_scope", "suspended"],
     },
     "limit": _STR,
+    "suspended": {
+        "type": "object",
+        "required": ["type", "id"],
+        "properties": {"type": _STR, "id": _STR},
+        "description": "who the kill switch holds, when reason is suspended",
+    },
 }
 _FRESH = (422, 503)  # at_least: a sequence no write has; not applied in time
 _TO_DECISION = {
@@ -1589,7 +1596,10 @@ def _az_op(summary: str, ok: dict, body: dict | None, problems: tuple[int, ...] 
 
 _AZ_RESULTS = {
     "page": _response(["next_token"], next_token=_STR, count=_INT, total=_INT),
-    "context": {"type": "object", "description": "why bastion refused (evaluation_limit)"},
+    "context": {
+        "type": "object",
+        "description": "why bastion refused (evaluation_limit, or suspended: the kill switch)",
+    },
 }
 PATHS.update(
     {

@@ -76,6 +76,15 @@ class Suspension:
         return {"kind": self.kind, "id": self.id, "expires_at": self.expires_at}
 
 
+@dataclass(frozen=True, slots=True)
+class Held:
+    """A refusal of the kill switch: ``principal`` is refused because ``suspended`` is held,
+    which is the principal itself, or the owner of an agent acting as itself."""
+
+    principal: Entity
+    suspended: Entity
+
+
 def token_principals(user: str, agents: Sequence[str]) -> tuple[Entity, ...]:
     """A token's user and every agent of its chain, from the first one the user let act to the
     one it was issued to (for a token granted to an agent directly, that agent alone), as the
@@ -276,6 +285,17 @@ class Suspensions:
             if owner not in held:
                 owners[agent] = (*held, owner)
         self._owners = owners
+
+    def held(self, principals: Sequence[Entity]) -> Held | None:
+        """`first`, with the principal it refuses: the suspended one itself, or the agent whose
+        owner is suspended (the decision API names both)."""
+        suspended = self.first(principals)
+        if suspended is None:
+            return None
+        if suspended in principals:
+            return Held(suspended, suspended)
+        owned = next(p for p in principals if suspended in self._owners.get(p, ()))
+        return Held(owned, suspended)
 
     def owners(self, agent: Entity) -> tuple[Entity, ...]:
         """The agent's owners as this view holds them."""

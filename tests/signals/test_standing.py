@@ -250,3 +250,129 @@ def test_an_agent_acting_for_a_person_is_bounded_by_that_person_not_its_owner(ba
     finally:
         kill_switch(bastion, resume, "user", uma)
     assert "result" in answer, answer
+
+
+# -- the decision API ----------------------------------------------------------------------------
+
+# The scopes of the decision APIs: /v1, AuthZEN, Oso Cloud.
+SCOPES = ["decide", "authzen", "oso:read"]
+LIST_TOOL = {"action": "list", "resource": {"type": "Tool", "id": "desk/search_customers"}}
+
+
+def decision_answers(bastion, key: str, vera: str, agent: str) -> dict:
+    """Every decision API's answer about ``vera`` (a support member) and ``agent`` (hers)."""
+    headers = {"authorization": f"Bearer {key}"}
+
+    def post(path: str, body: dict):
+        answer = bastion.http.post(f"{bastion.url}{path}", json=body, headers=headers)
+        assert answer.status_code == 200, answer.text
+        return answer
+
+    user = {"type": "User", "id": vera}
+    bot = {"type": "Agent", "id": agent}
+    tool = LIST_TOOL["resource"]
+    return {
+        "authorize": post("/v1/authorize", {"actor": user, **LIST_TOOL}).json(),
+        "owned agent": post("/v1/authorize", {"actor": bot, **LIST_TOOL}).json(),
+        "chain": post("/v1/authorize", {"principals": [user, bot], **LIST_TOOL}).json(),
+        "batch": post("/v1/authorize/batch", {"checks": [{"actor": user, **LIST_TOOL}]}).json(),
+        "list": post("/v1/list", {"actor": user, "action": "list", "resource_type": "Tool"}).json(),
+        "actions": post("/v1/actions", {"actor": user, "resource": tool}).json(),
+        "authzen": post(
+            "/access/v1/evaluation",
+            {"subject": user, "action": {"name": "list"}, "resource": tool},
+        ).json(),
+        "authzen batch": post(
+            "/access/v1/evaluations",
+            {"evaluations": [{"subject": user, "action": {"name": "list"}, "resource": tool}]},
+        ).json(),
+        "authzen search": post(
+            "/access/v1/search/resource",
+            {"subject": user, "action": {"name": "list"}, "resource": {"type": "Tool"}},
+        ).json(),
+        "authzen subjects": post(
+            "/access/v1/search/subject",
+            {"subject": {"type": "User"}, "action": {"name": "list"}, "resource": tool},
+        ).json(),
+        "oso": post(
+            "/api/authorize",
+            {
+                "actor_type": "User",
+                "actor_id": vera,
+                "action": "list",
+                "resource_type": "Tool",
+                "resource_id": tool["id"],
+            },
+        ),
+        "oso list": post(
+            "/api/list",
+            {"actor_type": "User", "actor_id": vera, "action": "list", "resource_type": "Tool"},
+        ),
+        "oso actions": post(
+            "/api/actions",
+            {
+                "actor_type": "User",
+                "actor_id": vera,
+                "resource_type": "Tool",
+                "resource_id": tool["id"],
+            },
+        ),
+    }
+
+
+def test_the_decision_api_denies_a_suspended_user_and_the_agents_they_own_everywhere(bastion):
+    key, _ = bastion.app.state.keys.create("standing", SCOPES, created_by="test")
+    vera, agent = "vera", "vera-report-agent"
+    bastion.apply(
+        [
+            ("has_role", Entity("User", vera), "member", Entity("Team", "support")),
+            owner_fact(agent, vera),
+        ]
+    )
+    before = decision_answers(bastion, key, vera, agent)
+    kill_switch(bastion, suspend, "user", vera)
+    try:
+        during = decision_answers(bastion, key, vera, agent)
+    finally:
+        kill_switch(bastion, resume, "user", vera)
+    after = decision_answers(bastion, key, vera, agent)
+    for answers in (before, after):
+        assert answers["authorize"]["allowed"] and answers["owned agent"]["allowed"]
+        assert answers["authzen"]["decision"] and answers["oso"].json()["allowed"]
+    suspended = {"type": "User", "id": vera}
+    assert (during["authorize"]["allowed"], during["authorize"]["reason"]) == (False, "suspended")
+    assert during["authorize"]["suspended"] == suspended
+    # The agent asked about alone acts as itself: its owner's suspension holds it.
+    assert (during["owned agent"]["reason"], during["owned agent"]["suspended"]) == (
+        "suspended",
+        suspended,
+    )
+    assert not during["owned agent"]["allowed"]
+    chain = during["chain"]
+    assert (chain["allowed"], chain["reason"], chain["refused_by"]) == (
+        False,
+        "suspended",
+        suspended,
+    )
+    [check] = during["batch"]["results"]
+    assert (check["allowed"], check["reason"]) == (False, "suspended")
+    assert (during["list"]["ids"], during["list"]["reason"]) == ([], "suspended")
+    assert (during["actions"]["actions"], during["actions"]["reason"]) == ([], "suspended")
+    for reply in (during["authzen"], during["authzen batch"]["evaluations"][0]):
+        assert (reply["decision"], reply["context"]["reason"]) == (False, "suspended")
+    assert during["authzen search"]["results"] == []
+    assert during["authzen search"]["context"]["reason"] == "suspended"
+    assert suspended not in during["authzen subjects"]["results"]
+    assert suspended in after["authzen subjects"]["results"]
+    assert during["oso"].json() == {"allowed": False}
+    assert (
+        during["oso list"].json()["results"] == [] and during["oso actions"].json()["results"] == []
+    )
+    for answer in (during["oso"], during["oso list"], during["oso actions"]):
+        assert answer.headers["bastion-refusal"] == "suspended"
+    # Every refusal is in the decision log with its reason.
+    record = bastion.http.get(
+        f"{bastion.url}/v1/decisions/{during['authorize']['decision_id']}",
+        headers={"authorization": f"Bearer {key}"},
+    ).json()
+    assert (record["result"], record["reason"]) == (False, "suspended")

@@ -107,7 +107,7 @@ async def _evaluate(request: Request, body: dict) -> Response:
     question = authzen.read_evaluation(body)
     replica = await fresh(request, body)
     started = time.perf_counter()
-    reply, decision = authzen.decide(replica.authz, question)
+    reply, decision = authzen.decide(replica.authz, question, replica.suspensions.holds)
     observe_decision(request, "authorize", started, "allow" if reply["decision"] else "deny")
     decision_id = _log(request, question, reply, decision)
     return JSONResponse(reply, headers={"X-Bastion-Decision-Id": decision_id})
@@ -120,7 +120,9 @@ async def evaluations(request: Request) -> Response:
         return await _evaluate(request, body)
     replica = await fresh(request, body)
     started = time.perf_counter()
-    answered = await anyio.to_thread.run_sync(authzen.decide_batch, replica.authz, batch)
+    answered = await anyio.to_thread.run_sync(
+        authzen.decide_batch, replica.authz, batch, replica.suspensions.holds
+    )
     each = (time.perf_counter() - started) / len(answered)
     ids = []
     for item, (reply, decision) in zip(batch.items, answered, strict=False):
@@ -141,7 +143,9 @@ def _search(kind: str) -> Handler:
         replica = await fresh(request, body)
         started = time.perf_counter()
         try:
-            reply = await anyio.to_thread.run_sync(authzen.search, replica.authz, question)
+            reply = await anyio.to_thread.run_sync(
+                authzen.search, replica.authz, question, replica.suspensions.holds
+            )
         except EvaluationLimit as over:
             # Refused, never an error: no results, and why (as /v1/list).
             reply = {

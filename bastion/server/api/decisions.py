@@ -8,6 +8,10 @@ the first that is not, and the obligations of every principal come with an allow
 An evaluation that spends its budget (`EvaluationLimit`) is a refusal, never an error: allowed
 false (or no results) with ``"reason": "evaluation_limit"`` and the budget that ran out, and so
 recorded in the decision log.
+
+The kill switch holds here as at the gateway (`Suspensions.held`, a lookup in memory): a
+suspended principal, or an agent asked about as itself whose owner is suspended, is refused
+before the policy is asked, with ``"reason": "suspended"`` and ``suspended`` naming who is held.
 """
 
 from __future__ import annotations
@@ -16,7 +20,9 @@ import bisect
 import itertools
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import anyio
@@ -34,8 +40,11 @@ from bastion.server.metrics import Metrics
 from bastion.server.problems import Problem, bad_request, entity, read_json, unprocessable
 from bastion.server.problems import field as get_field
 from bastion.server.replica import ConsistencyTimeout, Replica
+from bastion.signals.suspensions import Held
 
 MAX_BATCH = 1000
+# What a refusal's record keeps of its answer.
+_REFUSAL_FIELDS = ("reason", "limit", "suspended")
 # Principals in one chain: a user, an agent and its sub-agents.
 MAX_CHAIN = 8
 MAX_PAGE = 1000
@@ -298,6 +307,23 @@ def _chain_answer(decision: ChainDecision) -> dict:
     return out
 
 
+def _held(held: Held) -> dict:
+    """What a refusal by the kill switch says (and its record keeps)."""
+    return {"reason": "suspended", "suspended": _entity_json(held.suspended)}
+
+
+def _decide_or_held(
+    decide: Callable[[], ChainDecision], chain: tuple[Entity, ...], held: Held | None
+) -> tuple[ChainDecision, dict]:
+    """The chain decided by ``decide``, or refused by the kill switch before the policy is
+    asked; with what its answer says beyond ``allowed``."""
+    if held is None:
+        decision = decide()
+        return decision, _chain_answer(decision)
+    decision = ChainDecision(False, chain, refused_by=held.principal, reason="suspended")
+    return decision, {**_chain_answer(decision), **_held(held)}
+
+
 def _chain_request(chain: tuple[Entity, ...], action: str, resource: Entity) -> dict:
     return {
         "principals": [_entity_json(p) for p in chain],
@@ -313,18 +339,20 @@ def _authorize_chain(asked: Asked, body: dict, replica: Replica) -> dict:
     scopes = _scopes(body)
     explain = get_field(body, "explain", bool, required=False)
     started = time.perf_counter()
-    decision = decide_chain(authz, chain, action, resource, context, scopes)
+    held = replica.suspensions.held(chain)
+    decision, answer = _decide_or_held(
+        lambda: decide_chain(authz, chain, action, resource, context, scopes), chain, held
+    )
     result = "allow" if decision.allowed else "deny"
     asked.metrics.decision("authorize", result, time.perf_counter() - started)
-    answer = _chain_answer(decision)
     explanation = None
-    if explain:
+    if explain and held is None:
         # Why the principal that refused was refused (or, allowed, why the last one was).
         explained = authz.decide(decision.refused_by or chain[-1], action, resource, context)
         explanation = _explanation_json(explained)
     req = {**_chain_request(chain, action, resource), "refused_by": answer["refused_by"]}
     _keep_context(req, context, asked.keeps_context)
-    refusal = {k: answer[k] for k in ("reason", "limit") if k in answer} or None
+    refusal = {k: answer[k] for k in _REFUSAL_FIELDS if k in answer} or None
     decision_id = _record(
         asked.log, replica, "authorize", req, decision.allowed, explanation, refusal
     )
@@ -447,7 +475,10 @@ def authorize_answer(asked: Asked, body: dict, replica: Replica) -> dict:
     explain = body.get("explain") is not None and get_field(body, "explain", bool)
     started = time.perf_counter()
     explanation = refusal = None
-    if explain:
+    held = replica.suspensions.held((actor,))
+    if held is not None:
+        allowed, refusal = False, _held(held)
+    elif explain:
         decision = authz.decide(actor, action, resource, context)
         allowed = decision.allowed
         explanation = _explanation_json(decision)
@@ -490,6 +521,7 @@ def authorize_batch_answer(asked: Asked, body: dict, replica: Replica) -> dict:
         raise bad_request(f"a batch holds at most {MAX_BATCH} checks, got {len(checks)}")
     shared_context = _context(body)
     types = authz.entity_types
+    held_by = replica.suspensions.held
     parsed = []
     for i, check in enumerate(checks):
         if not isinstance(check, dict):
@@ -522,16 +554,19 @@ def authorize_batch_answer(asked: Asked, body: dict, replica: Replica) -> dict:
                 started = clock()
                 refusal = None
                 if not isinstance(actor, Entity):  # a chain (an Entity is a tuple too)
-                    decision = decide_chain_in(session, actor, action, resource, context, scopes)
+                    decision, answer = _decide_or_held(
+                        partial(decide_chain_in, session, actor, action, resource, context, scopes),
+                        actor,
+                        held_by(actor),
+                    )
                     seconds.append(clock() - started)
                     allowed_count += decision.allowed
-                    answer = _chain_answer(decision)
                     req = {
                         **_chain_request(actor, action, resource),
                         "refused_by": answer["refused_by"],
                     }
                     _keep_context(req, context, kept)
-                    refusal = {k: answer[k] for k in ("reason", "limit") if k in answer} or None
+                    refusal = {k: answer[k] for k in _REFUSAL_FIELDS if k in answer} or None
                     decision_id = _record(
                         asked.log, replica, "authorize", req, decision.allowed, refusal=refusal
                     )
@@ -539,10 +574,14 @@ def authorize_batch_answer(asked: Asked, body: dict, replica: Replica) -> dict:
                         {"allowed": decision.allowed, "decision_id": decision_id, **answer}
                     )
                     continue
-                try:
-                    allowed = session.allowed(actor, action, resource, context)
-                except EvaluationLimit as over:
-                    allowed, refusal = False, _refusal(over)
+                held = held_by((actor,))
+                if held is not None:
+                    allowed, refusal = False, _held(held)
+                else:
+                    try:
+                        allowed = session.allowed(actor, action, resource, context)
+                    except EvaluationLimit as over:
+                        allowed, refusal = False, _refusal(over)
                 seconds.append(clock() - started)
                 allowed_count += allowed
                 req = _request_json(actor, action, resource)
@@ -583,10 +622,14 @@ async def list_resources(request: Request) -> JSONResponse:
     context = _context(body)
     started = time.perf_counter()
     refusal = None
-    try:
-        ids = sorted(authz.list(actor, action, resource_type, context))
-    except EvaluationLimit as over:
-        ids, refusal = [], _refusal(over)
+    held = replica.suspensions.held((actor,))
+    if held is not None:
+        ids, refusal = [], _held(held)
+    else:
+        try:
+            ids = sorted(authz.list(actor, action, resource_type, context))
+        except EvaluationLimit as over:
+            ids, refusal = [], _refusal(over)
     observe_decision(request, "list", started, "allow" if ids else "deny")
     start = bisect.bisect_right(ids, cursor) if cursor else 0
     page = ids[start : start + limit]
@@ -613,12 +656,17 @@ async def actions(request: Request) -> JSONResponse:
     resource = entity(body, "resource")
     known_type(authz, actor, "actor")
     known_type(authz, resource, "resource")
+    context = _context(body)
     started = time.perf_counter()
     refusal = None
-    try:
-        result = sorted(authz.actions(actor, resource, _context(body)))
-    except EvaluationLimit as over:
-        result, refusal = [], _refusal(over)
+    held = replica.suspensions.held((actor,))
+    if held is not None:
+        result, refusal = [], _held(held)
+    else:
+        try:
+            result = sorted(authz.actions(actor, resource, context))
+        except EvaluationLimit as over:
+            result, refusal = [], _refusal(over)
     observe_decision(request, "actions", started, "allow" if result else "deny")
     req = {"actor": _entity_json(actor), "resource": _entity_json(resource)}
     decision_id = record_decision(request, "actions", req, result, refusal=refusal)

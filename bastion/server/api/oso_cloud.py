@@ -41,9 +41,11 @@ WRITE = "oso:write"
 # The SDK's value types; any other type names an entity.
 VALUE_TYPES = {"String": str, "Integer": int, "Boolean": bool}
 OFFSET_HEADER = "OsoOffset"
-# Set on an answer that is a refusal because the evaluation spent its budget (allowed false, or
-# no results): the SDK's answers have no field for it.
+# Set on an answer that is a refusal (allowed false, or no results) because the evaluation spent
+# its budget, or because the kill switch holds the actor (`SUSPENDED`, docs/signals.md): the
+# SDK's answers have no field for it.
 REFUSAL_HEADER = "Bastion-Refusal"
+SUSPENDED = "suspended"
 
 Handler = Callable[[Request], Awaitable[Response]]
 
@@ -263,11 +265,14 @@ async def authorize(request: Request) -> Response:
         await request.app.state.behavior.prepare(context["behavior"])
     started = time.perf_counter()
     refused = None
-    try:
-        with authz.session(context, facts=facts) as session:
-            allowed = session.allowed(actor, action, resource)
-    except EvaluationLimit as over:
-        allowed, refused = False, over.reason
+    if replica.suspensions.holds(actor):
+        allowed, refused = False, SUSPENDED  # the kill switch, before the policy
+    else:
+        try:
+            with authz.session(context, facts=facts) as session:
+                allowed = session.allowed(actor, action, resource)
+        except EvaluationLimit as over:
+            allowed, refused = False, over.reason
     observe_decision(request, "authorize", started, "allow" if allowed else "deny")
     req = {"actor": value_to_oso(actor), "action": action, "resource": value_to_oso(resource)}
     if facts:
@@ -297,16 +302,21 @@ async def list_resources(request: Request) -> Response:
     facts = _context_facts(request, authz, body)
     started = time.perf_counter()
     refused = None
-    try:
-        ids = authz.list(actor, action, resource_type, facts=facts)
-    except EvaluationLimit as over:
-        ids, refused = [], over.reason
+    if replica.suspensions.holds(actor):
+        ids, refused = [], SUSPENDED
+    else:
+        try:
+            ids = authz.list(actor, action, resource_type, facts=facts)
+        except EvaluationLimit as over:
+            ids, refused = [], over.reason
     observe_decision(request, "list", started, "allow" if ids else "deny")
     start = bisect.bisect_right(ids, token) if token else 0
     page = ids[start : start + page_size]
     more = bool(page) and page[-1] != ids[-1]
     req = {"actor": value_to_oso(actor), "action": action, "resource_type": resource_type}
-    record_decision(request, "list", req, {"count": len(ids)})
+    record_decision(
+        request, "list", req, {"count": len(ids)}, refusal={"reason": refused} if refused else None
+    )
     return _json({"results": page, "next_page_token": page[-1] if more else None}, refused=refused)
 
 
@@ -323,13 +333,18 @@ async def actions(request: Request) -> Response:
     facts = _context_facts(request, authz, body)
     started = time.perf_counter()
     refused = None
-    try:
-        found = sorted(authz.actions(actor, resource, facts=facts))
-    except EvaluationLimit as over:
-        found, refused = [], over.reason
+    if replica.suspensions.holds(actor):
+        found, refused = [], SUSPENDED
+    else:
+        try:
+            found = sorted(authz.actions(actor, resource, facts=facts))
+        except EvaluationLimit as over:
+            found, refused = [], over.reason
     observe_decision(request, "actions", started, "allow" if found else "deny")
     req = {"actor": value_to_oso(actor), "resource": value_to_oso(resource)}
-    record_decision(request, "actions", req, found)
+    record_decision(
+        request, "actions", req, found, refusal={"reason": refused} if refused else None
+    )
     return _json({"results": found}, refused=refused)
 
 
