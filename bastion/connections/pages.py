@@ -135,7 +135,15 @@ class ConnectionPages:
                 " connected.",
                 403,
             )
-        return None
+        return self._suspended(person)
+
+    def _suspended(self, person: str) -> Response | None:
+        """A page refusing a person the kill switch holds: connecting is consenting, which
+        they may not do until resumed (revoking stays open to them)."""
+        refusal = self.oauth.refuse_person(person)
+        if refusal is None:
+            return None
+        return pages.message_page("Account suspended", f"{refusal} Nothing was connected.", 403)
 
     async def connect_page(self, request: Request) -> Response:
         upstream = request.path_params["upstream"]
@@ -196,6 +204,8 @@ class ConnectionPages:
             _, person = await self._person(request)
             if person is None:
                 return self._sign_in(request)
+            if (suspended := self._suspended(person)) is not None:
+                return suspended  # the flow stays unfinished: it expires (flow_seconds)
             if not state or not code:
                 if state:
                     # The person said no there, or the server refused: the flow is spent.

@@ -106,6 +106,10 @@ class AlertPages:
                     "This alert was not sent to you: nothing was acknowledged.",
                     403,
                 )
+            # A suspended account (perhaps taken over) silences no alert, its agents' least.
+            suspended = self.oauth.refuse_person(person)
+            if suspended is not None:
+                return _message("Refused", escape(suspended) + " Nothing was acknowledged.", 403)
             try:
                 await run_in_threadpool(self.alerts.acknowledge, alert_id, person, "page")
             except AlertError as e:

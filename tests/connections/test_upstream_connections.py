@@ -948,3 +948,41 @@ def test_revoking_a_connection_closes_its_users_upstream_sessions_at_once(lab, l
     wait_deleted(lab, session)
     assert lab.one.state.gateway.upstreams["ledger"].sessions.find(SessionOwner("alice")) is None
     assert lab.connections.listed("bob", "ledger") != []  # bob's connection is his own
+
+
+def test_a_suspended_person_connects_nothing_and_finishes_no_connection(lab):
+    """Connecting an upstream account is consenting: an account the kill switch holds does
+    neither, from a session made before (revoking stays open to it: it only takes away)."""
+    from bastion.signals.suspensions import resume, suspend, suspension
+    from tests.oauth.support import hidden_fields
+
+    create_user(lab.one.state.oauth.store, "held", PASSWORD, time.time(), actor="test")
+    location = run(lab.connections.start, "held", "tracker")
+    state = parse_qs(urlsplit(location).query)["state"][0]
+
+    def kill_switch(change) -> None:
+        seq = change(lab.one.state.store, suspension("user", "held"), "test").seq
+        deadline = time.monotonic() + 10
+        while lab.one.state.replica.applied < seq:
+            assert time.monotonic() < deadline, "the replica did not apply the suspension"
+            time.sleep(0.01)
+
+    with httpx.Client(follow_redirects=False, timeout=10) as browser:
+        page = browser.get(f"{lab.one_url}/sign-in", params={"next": "/one/connections"})
+        fields = {**hidden_fields(page.text), "username": "held", "password": PASSWORD}
+        assert browser.post(f"{lab.one_url}/sign-in", data=fields).status_code == 303
+        form = hidden_fields(browser.get(f"{lab.one_url}/connections/tracker/connect").text)
+        kill_switch(suspend)
+        try:
+            shown = browser.get(f"{lab.one_url}/connections/tracker/connect")
+            connected = browser.post(f"{lab.one_url}/connections/tracker/connect", data=form)
+            finished = browser.get(
+                f"{lab.one_url}/connections/callback", params={"state": state, "code": "any"}
+            )
+        finally:
+            kill_switch(resume)
+    for answer in (shown, connected, finished):
+        assert answer.status_code == 403, answer.text
+        assert "suspended" in answer.text
+    assert "name=csrf_token" not in shown.text
+    assert lab.connections.listed("held") == []

@@ -1109,3 +1109,31 @@ def test_an_alert_about_an_entity_of_any_length_is_stored_and_counted_again(data
         assert short.principal == 'Tool{"desk/x"}'
     finally:
         db.close()
+
+
+def test_a_suspended_owner_cannot_acknowledge_an_alert_on_its_page(bastion):
+    """An account the kill switch holds (perhaps taken over) must not silence the alerts about
+    its own agents: its session acknowledges nothing until it is resumed."""
+    from bastion.signals.suspensions import resume, suspend, suspension
+
+    agent = Entity("Agent", "held-owner-agent")
+    bastion.apply(inserts=[("has_relation", agent, "owner", Entity("User", "avery"))])
+    alert = bastion.app.state.alerts.raise_alert("held_owner", "high", agent, "d-held")
+
+    def kill_switch(change) -> None:
+        seq = change(bastion.app.state.store, suspension("user", "avery"), "test").seq
+        bastion.apply()  # nothing: waits for the replica to have the change before it
+        assert bastion.app.state.replica.applied >= seq
+
+    with signed_in(bastion, "avery") as http:
+        token = csrf_of(http.get(f"/alerts/{alert.id}").text)
+        kill_switch(suspend)
+        try:
+            refused = http.post(f"/alerts/{alert.id}", data={"csrf_token": token})
+        finally:
+            kill_switch(resume)
+        assert refused.status_code == 403 and "suspended" in refused.text
+        assert bastion.app.state.alerts.store.get(alert.id).state != "acknowledged"
+        done = http.post(f"/alerts/{alert.id}", data={"csrf_token": token})
+    assert done.status_code == 303, done.text
+    assert bastion.app.state.alerts.store.get(alert.id).acknowledged_by == "avery"
