@@ -104,6 +104,7 @@ def gateway_from_config(
             gateway_config.trusted_issuers,
             refusals=oauth.verifier.refusals,
             user_standing=tokens.user_standing,
+            owners=None if suspensions is None else suspensions.owner_names,
         )
         if gateway_config.trusted_issuers
         else None,

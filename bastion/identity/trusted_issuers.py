@@ -17,7 +17,7 @@ from __future__ import annotations
 import hashlib
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Literal
@@ -243,12 +243,16 @@ class TrustedIssuers:
         max_tokens: int = 10_000,
         transport: httpx.AsyncBaseTransport | None = None,
         user_standing: Callable[..., UserStanding | Literal["off_loop"]] | None = None,
+        owners: Callable[[str], Sequence[str]] | None = None,
     ) -> None:
         self.issuers = {i.issuer: i for i in issuers}
         self.refusals = refusals
         # (username, on_loop) -> whether bastion has disabled the user, and when it last revoked
         # all their grants (`VerifiedTokens.user_standing`); None: not asked.
         self.user_standing = user_standing
+        # client id -> the users that own the agent (this replica's view, in memory); None:
+        # owners are not asked.
+        self.owners = owners
         self.clock = clock
         self.max_tokens = max_tokens
         self.transport = transport
@@ -302,7 +306,8 @@ class TrustedIssuers:
         (``iat``; none: 0) at or before the last revocation of all of its user's grants (an SSF
         ``session-revoked``, a password changed, a disable), as a grant resting on a sign-in
         from before it is. A user bastion neither holds nor revoked is the provider's to vouch
-        for."""
+        for. A token of an agent acting as itself (its subject is its client id) is refused
+        while an owner of the agent (`owners`) is disabled."""
         user_standing = self.user_standing
         if user_standing is None:
             return
@@ -314,6 +319,19 @@ class TrustedIssuers:
         if refusal is not None:
             check, reason = refusal
             raise InvalidToken(reason, check)
+        if user != verified.client_id or self.owners is None:
+            return  # a person's token: that person bounds the agent
+        # An agent acting as itself never outlasts its owner: a disabled owner refuses it.
+        for owner in self.owners(user):
+            standing = user_standing(owner, True)
+            if standing == "off_loop":
+                standing = await anyio.to_thread.run_sync(user_standing, owner)
+            if standing.disabled:
+                raise InvalidToken(
+                    f"user {owner!r}, the owner of agent {user!r} (which acts as itself), is"
+                    " disabled in bastion",
+                    "disabled",
+                )
 
     async def _verify(self, token: str, server: str) -> VerifiedToken:
         key = (hashlib.sha256(token.encode()).digest(), server)

@@ -301,6 +301,10 @@ class Suspensions:
         """The agent's owners as this view holds them."""
         return self._owners.get(agent, ())
 
+    def owner_names(self, client_id: str) -> list[str]:
+        """The user names that own the agent ``client_id``, as this view holds them."""
+        return [o.id for o in self._owners.get(Entity(AGENT, client_id), ())]
+
     def holds(self, entity: Entity) -> bool:
         return self.first((entity,)) is not None
 

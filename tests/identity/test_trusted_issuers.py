@@ -537,6 +537,30 @@ def test_a_user_enabled_again_is_served_only_with_tokens_issued_after_the_disabl
     assert call(bastion, after).status_code == 200
 
 
+def test_a_providers_agent_acting_as_itself_stops_while_its_owner_is_disabled(bastion, idp):
+    """A provider's token for an agent acting as itself (its subject is its own client id) rests
+    on no grant of bastion's to revoke: its owner's standing is checked on every call instead,
+    from what this replica holds in memory."""
+    from bastion.agents.identity import owner_fact
+
+    create_user(bastion.app.state.oauth.store, "noor", PASSWORD, time.time(), actor="test")
+    bastion.apply([owner_fact("noor-build-agent", "noor")])
+    token = idp.token("a", sub="noor-build-agent", client_id="noor-build-agent")
+    for_a_person = idp.token("a", sub="sam", client_id="noor-build-agent")
+    assert call(bastion, token).status_code == 200
+    users_disable(bastion, "noor")
+    try:
+        said = refused(call(bastion, token))
+        person = call(bastion, for_a_person)
+    finally:
+        users_command(bastion, "enable", "noor")
+    assert "'noor'" in said and "owner" in said and "disabled" in said
+    # Acting for a person, the agent is that person's to bound, not its owner's.
+    assert person.status_code == 200 and "error" not in person.json()
+    # Enabled again, the owner's agent is served.
+    assert call(bastion, token).status_code == 200
+
+
 # -- revocation through introspection, and keys rotating ------------------------------------------
 
 
