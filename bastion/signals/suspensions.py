@@ -200,10 +200,7 @@ def kept_rows(name: str, arity: int, rows: Iterable[tuple]) -> list[tuple]:
 def has_person(principals: Sequence[Entity]) -> bool:
     """Whether a person is among ``principals``: a user that is not an agent acting as itself
     (a client credentials token's subject is its agent's own client id)."""
-    for p in principals:
-        if p[0] == USER and Entity(AGENT, p[1]) not in principals:
-            return True
-    return False
+    return any(p[0] == USER and Entity(AGENT, p[1]) not in principals for p in principals)
 
 
 class Suspensions:
