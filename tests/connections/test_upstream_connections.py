@@ -977,7 +977,8 @@ def test_a_suspended_person_connects_nothing_and_finishes_no_connection(lab):
             shown = browser.get(f"{lab.one_url}/connections/tracker/connect")
             connected = browser.post(f"{lab.one_url}/connections/tracker/connect", data=form)
             finished = browser.get(
-                f"{lab.one_url}/connections/callback", params={"state": state, "code": "any"}
+                f"{lab.one_url}/connections/tracker/callback",
+                params={"state": state, "code": "any"},
             )
         finally:
             kill_switch(resume)
