@@ -57,11 +57,13 @@ from bastion.policy.program import (
 )
 from bastion.policy.runtime import (
     MISSING,
+    PolicyList,
     built,
     compare,
     contains,
     counted_members,
     exhausted,
+    same,
     spent,
 )
 
@@ -212,6 +214,7 @@ class CompiledPolicy:
             "Many": Many,
             "_compare": compare,
             "_contains": contains,
+            "_same": same,
             "_members": counted_members,
             "_built": built,
             "_exhausted": exhausted,
@@ -567,7 +570,8 @@ class CompiledPolicy:
             rest = []
             for clause in clauses:
                 term = clause.head[pos]
-                if isinstance(term, Const) and _simple_constant(term.value):
+                # Strings and entities only: a table keyed by 1 would be found by true.
+                if isinstance(term, Const) and term.value.__class__ in (str, Entity):
                     groups[(type(term.value), term.value)].append(clause)
                 else:
                     rest.append(clause)
@@ -657,10 +661,12 @@ class CompiledPolicy:
                 if m == "c":
                     if not same_value(term.value, value):
                         raise _DeadClause
-                else:
+                elif term.value.__class__ is str:  # a string equals only a string
                     lines.emit(depth, f"if {arg} != {self._const(term.value)}: break")
+                else:
+                    lines.emit(depth, f"if not _same({arg}, {self._const(term.value)}): break")
             elif term.name in env:
-                lines.emit(depth, f"if {arg} != {env[term.name]}: break")
+                lines.emit(depth, f"if not _same({arg}, {env[term.name]}): break")
             else:
                 env[term.name] = arg
                 if m == "c":
@@ -715,10 +721,12 @@ class CompiledPolicy:
             tmp = f"c{next(self._counter)}"
             lookups.append((tmp, (term.op, left, right), "arith"))
             return tmp
+        # A list of values known at compile time is made once, of a known size; one built from
+        # run-time values is measured against the budget.
+        if _constant(term):
+            return self._const(_constant_value(term))
         items = "(" + "".join(self._expr(item, env, lookups) + ", " for item in term.items) + ")"
-        # A list of values known at compile time has a known size; one built from run-time
-        # values is measured against the budget.
-        return items if _constant(term) else f"_built(q, {items})"
+        return f"_built(q, {items})"
 
     def _guard(self, out: _Emitter, lookups: list[tuple[str, tuple, str]], depth: int) -> int:
         """Read the context fields an expression needs; the rest runs only if all are there."""
@@ -849,9 +857,9 @@ class CompiledPolicy:
             right = self._expr(lit.right, env, lookups)
         depth = self._guard(out, lookups, depth)
         if lit.op in ("=", "=="):
-            out.emit(depth, f"if {left} == {right}:")
+            out.emit(depth, f"if {_equal(left, right, lit.left, lit.right)}:")
         elif lit.op == "!=":
-            out.emit(depth, f"if {left} != {right}:")
+            out.emit(depth, f"if not ({_equal(left, right, lit.left, lit.right)}):")
         elif lit.op == "in":
             out.emit(depth, f"if _contains(q, {right}, {left}):")
         else:
@@ -1002,7 +1010,7 @@ class CompiledPolicy:
                 if a.name in new_vars:  # the same unbound variable twice: compare after binding
                     tmp = f"t{next(self._counter)}"
                     targets.append(tmp)
-                    checks.append(f"{tmp} == {new_vars[a.name]}")
+                    checks.append(f"_same({tmp}, {new_vars[a.name]})")
                 else:
                     new_vars[a.name] = f"v_{a.name}_{next(self._counter)}"
                     targets.append(new_vars[a.name])
@@ -1099,6 +1107,23 @@ def _constant(term: Any) -> bool:
     if isinstance(term, ListTerm):
         return all(_constant(item) for item in term.items)
     return isinstance(term, Const)
+
+
+def _constant_value(term: Any) -> Any:
+    """The value of a term made of constants (`_constant`): a list is a `PolicyList`."""
+    if isinstance(term, ListTerm):
+        return PolicyList(_constant_value(item) for item in term.items)
+    return term.value
+
+
+def _equal(left: str, right: str, left_term: Any, right_term: Any) -> str:
+    """An expression for whether two values are the same value (`same`): Python's ``==`` when
+    one side is a string written in the policy (a string equals only a string), else `same`,
+    for which ``true`` is not ``1`` and a list not an entity."""
+    for term in (left_term, right_term):
+        if isinstance(term, Const) and term.value.__class__ is str:
+            return f"{left} == {right}"
+    return f"_same({left}, {right})"
 
 
 def _types_of(value: Any) -> tuple[str, ...]:

@@ -41,6 +41,7 @@ from bastion.policy.runtime import (
     contains,
     counted_members,
     exhausted,
+    same,
     stack_exhausted,
 )
 
@@ -219,10 +220,10 @@ class _Interpreter:
             if arg is None:
                 continue
             if isinstance(term, Const):
-                if term.value != arg:
+                if not same(term.value, arg):
                     return None
             elif term.name in env:
-                if env[term.name] != arg:
+                if not same(env[term.name], arg):
                     return None
             else:
                 env[term.name] = arg
@@ -325,7 +326,7 @@ class _Interpreter:
             ok = True
             for term, value in zip(lit.args, values, strict=True):
                 if isinstance(term, Var):
-                    if term.name in env2 and env2[term.name] != value:
+                    if term.name in env2 and not same(env2[term.name], value):
                         ok = False
                         break
                     env2[term.name] = value
@@ -352,9 +353,9 @@ class _Interpreter:
         if left is MISSING or right is MISSING:
             return
         if lit.op in ("=", "=="):
-            ok = left == right
+            ok = same(left, right)
         elif lit.op == "!=":
-            ok = left != right
+            ok = not same(left, right)
         elif lit.op == "in":
             ok = contains(self.q, right, left)
         else:

@@ -48,27 +48,82 @@ class _Table:
 
 
 class FrozenObject(dict):
-    """An object (JSON) from the context, as a policy value: compared by content, and hashable
-    like every other value, so that it can be looked up and remembered. Never changed."""
+    """An object (JSON) from the context, as a policy value: compared by content (`same`), and
+    hashable like every other value, so that it can be looked up and remembered. Never
+    changed."""
 
     __slots__ = ()
 
     def __hash__(self) -> int:  # type: ignore[override]
         return hash(frozenset(self.items()))
 
+    def __eq__(self, other: object) -> bool:
+        return same(self, other)
+
+    def __ne__(self, other: object) -> bool:
+        return not same(self, other)
+
+
+class PolicyList(tuple):
+    """A list as a policy value: one from the context, one written in a rule, one built while
+    evaluating. Equal (`same`) to a list of the same values, and never to an entity, which is
+    a tuple of two strings too: a request's ``["User", "alice"]`` is not ``User{"alice"}``.
+    Hashed apart from a tuple of the same values, so it finds no fact (facts hold no lists:
+    their entities would otherwise be found by a list of their type and id)."""
+
+    __slots__ = ()
+
+    def __eq__(self, other: object) -> bool:
+        return same(self, other)
+
+    def __ne__(self, other: object) -> bool:
+        return not same(self, other)
+
+    def __hash__(self) -> int:
+        return hash((PolicyList, tuple.__hash__(self)))
+
 
 # Values that hold other values: comparing, hashing or searching one costs its size.
-_NESTED = (list, tuple, dict, set, frozenset, FrozenObject)
+_NESTED = (list, tuple, PolicyList, dict, set, frozenset, FrozenObject)
 _NESTED_TYPES = frozenset(_NESTED)
+# The kind of value each class is, where Python equates values of different kinds (True == 1,
+# a tuple with an entity): a class not here is a kind of its own (str, Entity).
+_KINDS: dict[type, type] = {
+    bool: bool,
+    int: float,
+    float: float,
+    PolicyList: list,
+    tuple: list,
+    list: list,
+    FrozenObject: dict,
+    dict: dict,
+}
+
+
+def same(left: Any, right: Any) -> bool:
+    """Whether two policy values are equal: of one kind and equal. A boolean is not the number
+    1 or 0 (Python's ``True == 1``), a list is not an entity (both tuples); numbers compare by
+    value (``1 = 1.0``); lists and objects compare item by item, each item so."""
+    cls = left.__class__
+    if cls is str:  # the usual case: a string equals only a string
+        return right.__class__ is str and left == right
+    kind = _KINDS.get(cls, cls)
+    if kind is not _KINDS.get(right.__class__, right.__class__):
+        return False
+    if kind is list:
+        return len(left) == len(right) and all(map(same, left, right))
+    if kind is dict:
+        return left.keys() == right.keys() and all(same(v, right[k]) for k, v in left.items())
+    return left == right
 
 
 def frozen(value: Any) -> Any:
-    """A context value as the policy sees it: a list is a tuple (equal to the same list written
-    in the policy), an object a `FrozenObject`, nested ones too."""
+    """A context value as the policy sees it: a list is a `PolicyList` (equal to the same list
+    written in the policy), an object a `FrozenObject`, nested ones too."""
     if value.__class__ is list or value.__class__ is tuple:
         if _NESTED_TYPES.isdisjoint(map(type, value)):
-            return tuple(value)  # a list of plain values (the usual case), at C speed
-        return tuple(frozen(item) for item in value)
+            return PolicyList(value)  # a list of plain values (the usual case), at C speed
+        return PolicyList(frozen(item) for item in value)
     if isinstance(value, dict):
         return FrozenObject((key, frozen(item)) for key, item in value.items())
     return value
@@ -216,7 +271,7 @@ class Query:
             if found is not None:
                 return found
         if value.__class__ is list and _NESTED_TYPES.isdisjoint(map(type, value)):
-            found, size = tuple(value), len(value) + 1  # plain values: the usual case
+            found, size = PolicyList(value), len(value) + 1  # plain values: the usual case
         else:
             found, size = frozen(value), size_of(value)
         self.steps -= size
@@ -332,7 +387,7 @@ def size_of(value: Any) -> int:
     """How many values ``value`` holds: 1 for a scalar; a list or object counts itself and its
     items, nested ones too, with repeats (``[x, x]`` holds x twice)."""
     cls = value.__class__
-    if cls is list or cls is tuple:
+    if cls is PolicyList or cls is list or cls is tuple:
         if _NESTED_TYPES.isdisjoint(map(type, value)):
             return len(value) + 1  # a list of plain values (the usual case), at C speed
     elif cls not in _NESTED_TYPES:
@@ -348,7 +403,7 @@ def size_of(value: Any) -> int:
     return size
 
 
-def built(q: Query, items: tuple) -> tuple:
+def built(q: Query, items: tuple) -> PolicyList:
     """A list the policy builds during evaluation, refused once larger than the budget allows
     (counted with repeats, as hashing and comparing it would go: ``[x, x]`` holds x twice).
     Building it spends a step per value it holds."""
@@ -367,7 +422,7 @@ def built(q: Query, items: tuple) -> tuple:
     q.steps -= size
     if q.steps < 0:
         exhausted(q)
-    return items
+    return PolicyList(items)
 
 
 def counted_members(q: Query, container: Any) -> Any:
@@ -402,23 +457,20 @@ def compare(op: str, left: Any, right: Any) -> bool:
 
 
 def contains(q: Query, container: Any, item: Any) -> bool:
-    """``item in container``; searching a list spends a step per item (a set is searched by
-    hash, for nothing)."""
-    cls = container.__class__
-    if cls is list or cls is tuple:
-        if item is MISSING:
-            return False
-        q.steps -= len(container)
-        if q.steps < 0:
-            exhausted(q)
-        return item in container
+    """``item in container``, each item compared by `same`; searching spends a step per item
+    (a set searched for a string is searched by hash, for nothing)."""
     if item is MISSING or not isinstance(container, (list, tuple, set, frozenset)):
         return False
-    if isinstance(container, (list, tuple)):  # a subclass
-        q.steps -= len(container)
-        if q.steps < 0:
-            exhausted(q)
-    return item in container
+    if item.__class__ is str:  # a string equals only a string: Python's search is exact
+        if isinstance(container, (list, tuple)):
+            q.steps -= len(container)
+            if q.steps < 0:
+                exhausted(q)
+        return item in container
+    q.steps -= len(container)  # a set too: a hash would take True for 1
+    if q.steps < 0:
+        exhausted(q)
+    return any(same(item, member) for member in container)
 
 
 def members(container: Any) -> Any:
