@@ -1437,8 +1437,9 @@ _AZ_ERRORS = {
     " application/json",
     403: "the key lacks the scope authzen",
     413: "the request body is larger than max_body_bytes",
-    422: "a page token this search cannot continue from (issued for another request)",
-    500: "an unexpected failure, or a subject search the policy in force cannot answer",
+    422: "a page token this search cannot continue from (issued for another request), or a"
+    " subject search the policy in force cannot answer",
+    500: "an unexpected failure",
     503: "the database is unavailable (keys are checked there), or this replica's facts are"
     " stale; retry",
 }

@@ -371,3 +371,34 @@ def test_a_batch_spends_one_evaluation_budget_and_is_refused_once_it_is_spent(
             assert pep.post(EVALUATION, json=question).json() == {"decision": True}
     finally:
         server.stop()
+
+
+UNSEARCHABLE = """
+actor user {}
+resource doc {}
+# Nothing binds the subject: a decision can answer, a search for subjects cannot.
+allow(u, "read", _d: doc) if ends_with(u, "@acme.example");
+"""
+
+
+def test_a_search_the_policy_cannot_answer_is_422_as_the_same_query_on_v1_is(
+    tmp_path_factory, certificate
+):
+    """The request is well formed and asking again cannot help: not a 500 (which a PEP retries
+    and a monitor counts as a crash), but 422 with the diagnostic, as `/v1/query` answers."""
+    tmp = tmp_path_factory.mktemp("authzen-unsearchable")
+    policy = tmp / "policy.polar"
+    policy.write_text(UNSEARCHABLE)
+    server = HttpsServer(tmp, policy, certificate).start()
+    try:
+        doc = {"type": "doc", "id": "d1"}
+        search = {"subject": {"type": "user"}, "action": READ, "resource": doc}
+        with server.client(server.create_key("authzen")) as pep:
+            r = pep.post("/access/v1/search/subject", json=search)
+        assert r.status_code == 422, r.text
+        assert "cannot answer" in r.text and "never bound" in r.text
+        query = {"predicate": "allow", "args": [{"var": "u"}, "read", doc]}
+        with server.client(ADMIN_KEY) as admin:
+            assert admin.post("/v1/query", json=query).status_code == 422
+    finally:
+        server.stop()

@@ -2,8 +2,9 @@
 Resource and Action Search APIs (the protocol itself is `bastion.pdp.authzen`).
 
 An API key with the scope ``authzen`` is needed (metadata excepted). Errors are the spec's: the
-status (400 malformed, 401 no or bad key, 403 a key without the scope, 500, and 503 while this
-replica cannot decide) with an error message string as the body. ``X-Request-ID`` is echoed.
+status (400 malformed, 401 no or bad key, 403 a key without the scope, 422 a search the policy
+cannot answer, 500, and 503 while this replica cannot decide) with an error message string as
+the body. ``X-Request-ID`` is echoed.
 A single evaluation is decided on the event loop, bounded by one evaluation budget as a `/v1`
 decision is; a batch and a search (more work, one budget too) run in a worker thread.
 """
@@ -52,8 +53,9 @@ def _route(handler: Handler) -> Handler:
             response = error(503, f"the database is unavailable, retry: {e}", {"Retry-After": "1"})
         except PolicyError as e:
             # A question the policy in force cannot answer (a subject search over rules that
-            # bind no subject): the PDP's failure, not the request's.
-            response = error(500, f"the policy in force cannot answer this search: {e}")
+            # bind no subject): well formed, and asking again cannot help, so not a 500 (which
+            # a PEP retries); 422 with the diagnostic, as `/v1/query` answers the same question.
+            response = error(422, f"the policy in force cannot answer this search: {e}")
         request_id = request.headers.get("x-request-id")
         if request_id is not None:
             response.headers["X-Request-ID"] = request_id
