@@ -252,13 +252,18 @@ class _Ops:
 
     # -- policy ----------------------------------------------------------------------------
 
-    def load_policy(self, text: str, source: str = "policy.polar", note: str = "") -> Op:
-        """Validate and put a new policy in force; returns its version."""
-        r = yield _Call("PUT", "/v1/policy", {"text": text, "source": source, "note": note})
+    def load_policy(
+        self, text: str, source: str = "policy.polar", note: str = "", strict: bool = False
+    ) -> Op:
+        """Validate and put a new policy in force; returns its version. With ``strict``, a
+        policy with a warning is refused (`RemoteError` 422) and nothing changes."""
+        body = {"text": text, "source": source, "note": note, "strict": strict}
+        r = yield _Call("PUT", "/v1/policy", body)
         return self._wrote(r)["version"]
 
-    def check_policy(self, text: str, source: str = "policy.polar") -> Op:
-        r = yield _Call("POST", "/v1/policy/validate", {"text": text, "source": source})
+    def check_policy(self, text: str, source: str = "policy.polar", strict: bool = False) -> Op:
+        body = {"text": text, "source": source, "strict": strict}
+        r = yield _Call("POST", "/v1/policy/validate", body)
         return r["warnings"]
 
     def policy(self) -> Op:

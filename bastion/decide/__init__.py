@@ -626,9 +626,12 @@ class Authorizer:
         """
         return self._swap(load([(source, text)], self.limits))
 
-    def check_policy(self, text: str, *, source: str = "<policy>") -> list[Diagnostic]:
-        """Check and compile ``text`` without putting it in force; return its warnings."""
-        loaded = load([(source, text)], self.limits)
+    def check_policy(
+        self, text: str, *, source: str = "<policy>", strict: bool = False
+    ) -> list[Diagnostic]:
+        """Check and compile ``text`` without putting it in force; return its warnings (with
+        ``strict``, they are errors: `PolicyError`)."""
+        loaded = load([(source, text)], self.limits, strict=strict)
         _Active(loaded, FactIndex(), self.limits).compiled.close()
         return loaded.warnings
 

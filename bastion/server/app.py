@@ -216,7 +216,7 @@ def _bootstrap_policy(store: FactStore, config: ServerConfig) -> None:
     except OSError as e:
         raise ConfigError(f"policy_file {path}: {e}") from None
     try:
-        validate_policy(text, str(path), config.policy_limits())
+        validate_policy(text, str(path), config.policy_limits(), config.policy_strict)
     except PolicyError as e:
         raise ConfigError(f"policy_file {path} does not load:\n{e}") from None
     store.put_policy(

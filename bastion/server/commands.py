@@ -472,10 +472,14 @@ def cmd_policy_push(args: argparse.Namespace) -> int:
     client = _remote(args)
     if client is not None:
         with client:
-            version = client.load_policy(text, source=source, note=args.note or "")
+            version = client.load_policy(
+                text, source=source, note=args.note or "", strict=args.strict
+            )
     else:
+        config = _config(args)
+        strict = args.strict or config.policy_strict
         try:
-            warnings = validate_policy(text, source, _config(args).policy_limits())
+            warnings = validate_policy(text, source, config.policy_limits(), strict)
         except PolicyError as e:
             return _fail(f"the policy does not load; nothing changed:\n{e}")
         for w in warnings:
@@ -521,8 +525,9 @@ def cmd_policy_rollback(args: argparse.Namespace) -> int:
             old = store.policy(args.version)
             if old is None:
                 return _fail(f"there is no policy version {args.version}")
+            config = _config(args)
             try:
-                validate_policy(old.text, old.source, _config(args).policy_limits())
+                validate_policy(old.text, old.source, config.policy_limits(), config.policy_strict)
             except PolicyError as e:
                 return _fail(f"version {args.version} no longer loads; nothing changed:\n{e}")
             version, _ = store.rollback_policy(args.version, actor=cli_actor())
@@ -651,6 +656,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = policy.add_parser("push", help="validate a policy file and put it in force")
     p.add_argument("file")
     p.add_argument("--note", help="why (kept with the version)")
+    p.add_argument(
+        "--strict",
+        action="store_true",
+        help="refuse the policy if it has a warning (a predicate nothing defines, a type no"
+        " block declares), as 'bastion policy check --strict' does",
+    )
     _target_options(p)
     p.set_defaults(func=_guard(cmd_policy_push))
     p = policy.add_parser("versions", help="list stored policy versions")

@@ -105,6 +105,10 @@ class ServerConfig:
     evaluation_max_depth: int = DEFAULT_LIMITS.evaluation_max_depth
     evaluation_max_term_size: int = DEFAULT_LIMITS.evaluation_max_term_size
     explanation_max_steps: int = DEFAULT_LIMITS.explanation_max_steps
+    # Refuse every policy with a warning (a predicate nothing defines, a type no block
+    # declares), by every way one is put in force (/v1, /api, rollback), as `bastion policy
+    # check --strict` does: a misspelt guardrail never fires. Off: Oso Cloud's policies load.
+    policy_strict: bool = False
     # Oso Cloud's API (/api, docs/oso-cloud.md): the most facts one get answers, the most rows
     # one query answers, the page size list answers at most, the most facts one typed delete
     # expands to; and the most context facts one request may send.

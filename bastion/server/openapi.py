@@ -68,6 +68,11 @@ def _response(required: list[str], **props: Any) -> dict:
 _STR = {"type": "string"}
 _LABEL_ID = {**_STR, "minLength": 1, "maxLength": labels_api.MAX_ID_LENGTH}
 _BOOL = {"type": "boolean"}
+# A policy's warnings refused as errors (always so with the setting policy_strict).
+_STRICT = {
+    **_nullable(_BOOL),
+    "description": "refuse the policy if it has a warning (always so with policy_strict)",
+}
 # Every number the API reads is finite and within 64 bits (bastion.untrusted_json).
 _INT = {"type": "integer", "minimum": MIN_INTEGER, "maximum": MAX_INTEGER}
 _NUM = {"type": "number", "minimum": MIN_INTEGER, "maximum": MAX_INTEGER}
@@ -870,7 +875,13 @@ PATHS: dict[str, Any] = {
                 sequence=_INT,
                 warnings={"type": "array", "items": _STR},
             ),
-            body=_request(["text"], text=_STR, source=_nullable(_STR), note=_nullable(_STR)),
+            body=_request(
+                ["text"],
+                text=_STR,
+                source=_nullable(_STR),
+                note=_nullable(_STR),
+                strict=_STRICT,
+            ),
             problems=(422,),
         ),
     },
@@ -881,7 +892,7 @@ PATHS: dict[str, Any] = {
             _response(
                 ["valid", "warnings"], valid=_BOOL, warnings={"type": "array", "items": _STR}
             ),
-            body=_request(["text"], text=_STR, source=_nullable(_STR)),
+            body=_request(["text"], text=_STR, source=_nullable(_STR), strict=_STRICT),
             problems=(422,),
         )
     },

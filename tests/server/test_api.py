@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 
@@ -12,7 +13,7 @@ from bastion.facts.model import Entity
 from bastion.server.app import create_app
 from bastion.server.openapi import openapi_document
 
-from .conftest import POLICY, entity, role
+from .conftest import ADMIN_KEY, POLICY, entity, role
 
 
 def write_roles(api, *facts) -> int:
@@ -394,6 +395,51 @@ def test_put_then_roll_back_the_policy(api):
     assert [v["note"] for v in versions][1:] == ["lockdown", "rollback to version 1"]
     assert versions[1]["created_by"].startswith("key:env")
     assert_problem(api.post("/v1/policy/rollback", json={"version": 9}), 404, "no policy version 9")
+
+
+# A guardrail whose predicate is misspelt never fires: a warning, which strict makes an error.
+MISSPELT_GUARDRAIL = (
+    POLICY
+    + """
+declare is_blocked(User);
+deny(user: User, _action, _resource) if is_blokced(user);
+"""
+)
+
+
+def test_a_strict_put_refuses_a_policy_with_warnings_and_changes_nothing(api):
+    r = api.post("/v1/policy/validate", json={"text": MISSPELT_GUARDRAIL, "strict": True})
+    body = assert_problem(r, 422, "is_blokced", "did you mean is_blocked")
+    assert body["diagnostics"][0]["severity"] == "error"
+    r = api.put("/v1/policy", json={"text": MISSPELT_GUARDRAIL, "strict": True})
+    assert_problem(r, 422, "is_blokced")
+    assert api.get("/v1/policy").json()["version"] == 1
+    # Not strict, as Oso Cloud loads it: in force, with the warning in the answer.
+    r = api.put("/v1/policy", json={"text": MISSPELT_GUARDRAIL})
+    assert r.status_code == 200 and "is_blokced" in r.json()["warnings"][0]
+    assert_problem(api.put("/v1/policy", json={"text": POLICY, "strict": "yes"}), 400, "boolean")
+
+
+def test_policy_strict_refuses_every_policy_with_warnings_by_every_way_in(config):
+    strict = dataclasses.replace(config, policy_strict=True)
+    with TestClient(create_app(strict)) as api:
+        api.headers["authorization"] = f"Bearer {ADMIN_KEY}"
+        for body in ({"text": MISSPELT_GUARDRAIL}, {"text": MISSPELT_GUARDRAIL, "strict": False}):
+            assert_problem(api.put("/v1/policy", json=body), 422, "is_blokced")
+            assert_problem(api.post("/v1/policy/validate", json=body), 422, "is_blokced")
+        r = api.post("/api/policy", json={"filename": "p.polar", "src": MISSPELT_GUARDRAIL})
+        assert r.status_code == 422 and "is_blokced" in r.json()["message"]
+        assert api.get("/v1/policy").json()["version"] == 1
+        assert api.put("/v1/policy", json={"text": POLICY + "# v2\n"}).status_code == 200
+    # A version with warnings stored before the setting was turned on is not rolled back to.
+    with TestClient(create_app(config)) as api:
+        api.headers["authorization"] = f"Bearer {ADMIN_KEY}"
+        assert api.put("/v1/policy", json={"text": MISSPELT_GUARDRAIL}).json()["version"] == 3
+        assert api.put("/v1/policy", json={"text": POLICY}).json()["version"] == 4
+    with TestClient(create_app(strict)) as api:
+        api.headers["authorization"] = f"Bearer {ADMIN_KEY}"
+        assert_problem(api.post("/v1/policy/rollback", json={"version": 3}), 422, "is_blokced")
+        assert api.get("/v1/policy").json()["version"] == 4
 
 
 # -- keys and scopes ---------------------------------------------------------------------------

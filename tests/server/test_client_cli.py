@@ -279,3 +279,27 @@ def test_keys_create_refuses_a_name_that_would_forge_a_line_of_keys_list(tmp_pat
         "bastion: a key's name is 1 to 128 printable characters without surrounding spaces\n"
     )
     assert r.stdout == ""
+
+
+def test_policy_push_strict_refuses_a_misspelt_guardrail_locally_and_remotely(
+    sqlite_url, tmp_path, serve
+):
+    misspelt = tmp_path / "misspelt.polar"
+    misspelt.write_text(
+        POLICY + "declare is_blocked(User);\ndeny(u: User, _a, _r) if is_blokced(u);\n"
+    )
+    db = ["--database", sqlite_url]
+    r = bastion("policy", "push", "--strict", str(misspelt), *db)
+    assert r.returncode != 0 and "is_blokced" in r.stderr and "nothing changed" in r.stderr
+    good = tmp_path / "p.polar"
+    good.write_text(POLICY)
+    assert bastion("policy", "push", str(good), *db).returncode == 0
+    server = serve(sqlite_url)
+    remote = ["--url", server.url, "--api-key", ADMIN_KEY]
+    r = bastion("policy", "push", "--strict", str(misspelt), *remote)
+    assert r.returncode != 0 and "is_blokced" in r.stderr
+    with Client(server.url, ADMIN_KEY) as client:
+        assert client.policy()["version"] == 1
+        with pytest.raises(RemoteError, match="is_blokced"):
+            client.load_policy(misspelt.read_text(), strict=True)
+        assert client.load_policy(misspelt.read_text()) == 2

@@ -41,17 +41,23 @@ def policy_problem(e: PolicyError, what: str = "the policy does not load") -> Pr
     return unprocessable(f"{what}; fix these: {e}", diagnostics=diagnostics)
 
 
-def validate_policy(text: str, source: str, limits: PolicyLimits = DEFAULT_LIMITS) -> list[str]:
-    """Warnings of a policy that loads; `PolicyError` otherwise. Checked on a fresh engine."""
-    return [str(w) for w in Authorizer("", limits=limits).check_policy(text, source=source)]
+def validate_policy(
+    text: str, source: str, limits: PolicyLimits = DEFAULT_LIMITS, strict: bool = False
+) -> list[str]:
+    """Warnings of a policy that loads; `PolicyError` otherwise (with ``strict``, for a
+    warning too). Checked on a fresh engine."""
+    authz = Authorizer("", limits=limits)
+    return [str(w) for w in authz.check_policy(text, source=source, strict=strict)]
 
 
 async def policy_warnings(
-    request: Request, text: str, source: str, *, writing: bool = False
+    request: Request, text: str, source: str, *, writing: bool = False, strict: bool = False
 ) -> list[str]:
     """`validate_policy` in a worker thread, one at a time (and one policy being written
-    besides); a policy that does not load is a 422 listing every diagnostic."""
+    besides); a policy that does not load is a 422 listing every diagnostic. Strict when
+    asked, or always with the setting ``policy_strict``, which a request cannot turn off."""
     state = request.app.state
+    strict = strict or state.config.policy_strict
     # One compile at a time: a flood of large policies queues here, not in the thread pool that
     # the other routes need for their database calls. A write (put, rollback) has a turn of its
     # own, so that validations queued by a key that may only read cannot hold it up.
@@ -63,7 +69,7 @@ async def policy_warnings(
     limits = state.config.policy_limits()
     try:
         return await anyio.to_thread.run_sync(
-            validate_policy, text, source, limits, limiter=compiling
+            validate_policy, text, source, limits, strict, limiter=compiling
         )
     except PolicyError as e:
         raise policy_problem(e) from None
@@ -92,7 +98,8 @@ async def validate(request: Request) -> JSONResponse:
     body = await read_json(request)
     text = get_field(body, "text", str)
     source = get_field(body, "source", str, required=False) or "policy.polar"
-    warnings = await policy_warnings(request, text, source)
+    strict = get_field(body, "strict", bool, required=False) or False
+    warnings = await policy_warnings(request, text, source, strict=strict)
     return JSONResponse({"valid": True, "warnings": warnings})
 
 
@@ -102,7 +109,8 @@ async def put_policy(request: Request) -> JSONResponse:
     text = get_field(body, "text", str)
     source = get_field(body, "source", str, required=False) or "policy.polar"
     note = get_field(body, "note", str, required=False) or ""
-    warnings = await policy_warnings(request, text, source, writing=True)
+    strict = get_field(body, "strict", bool, required=False) or False
+    warnings = await policy_warnings(request, text, source, writing=True, strict=strict)
     store: FactStore = request.app.state.store
     version, seq = await anyio.to_thread.run_sync(
         lambda: store.put_policy(text, source=source, actor=key.principal, note=note)
