@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 
@@ -64,6 +65,40 @@ def _unescape(raw: str, location: Location) -> str:
     return "".join(out)
 
 
+# Integers are 64-bit, as in Oso Cloud and as stored facts and request numbers are: a literal
+# past them could equal nothing, and past 4300 digits Python does not read it at all.
+_MIN_INTEGER, _MAX_INTEGER = -(2**63), 2**63 - 1
+_MAX_DIGITS = 20  # more digits than any 64-bit integer has: not read, refused as it is
+
+
+def _number(text: str, location: Location) -> int | float:
+    """A number literal's value; one outside 64 bits, or a float too large to be finite (the
+    generated code would read it as ``inf``), is refused where it is written."""
+    if "." in text:
+        value = float(text)
+        if not math.isfinite(value):
+            raise PolicyError(
+                [Diagnostic(location, f"{_shown(text)} is too large: numbers must be finite")]
+            )
+        return value
+    digits = len(text) - (text[0] == "-")
+    if digits <= _MAX_DIGITS and _MIN_INTEGER <= (value := int(text)) <= _MAX_INTEGER:
+        return value
+    raise PolicyError(
+        [
+            Diagnostic(
+                location,
+                f"{_shown(text)} is out of range: integers are 64-bit, from {_MIN_INTEGER} to"
+                f" {_MAX_INTEGER}",
+            )
+        ]
+    )
+
+
+def _shown(text: str) -> str:
+    return text if len(text) <= 24 else f"{text[:20]}... ({len(text)} characters)"
+
+
 def tokenize(text: str, source: str) -> list[Token]:
     nul = text.find("\x00")
     if nul >= 0:
@@ -93,9 +128,7 @@ def tokenize(text: str, source: str) -> list[Token]:
         elif kind == "string":
             tokens.append(Token("string", _unescape(value[1:-1], loc), loc, m.start()))
         elif kind == "number":
-            tokens.append(
-                Token("number", float(value) if "." in value else int(value), loc, m.start())
-            )
+            tokens.append(Token("number", _number(value, loc), loc, m.start()))
         elif kind == "constant":
             tokens.append(Token("constant", value[1:], loc, m.start()))
         elif kind == "name":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -79,3 +80,28 @@ def test_list_and_actions_refuse_unusable_arguments_clearly():
         DECIDER.list(["alice"], "read", "Repository")
     with pytest.raises(FactError, match="resource must be an Entity"):
         DECIDER.actions(Entity("User", "a"), {"id": 1})
+
+
+@pytest.mark.parametrize(
+    "literal",
+    [
+        "9" * 5000,  # past what Python reads as an integer (it was a ValueError, a 500)
+        "9" * 30,  # past 64 bits: no stored fact or request number can equal it
+        str(2**63),
+        "-" + str(2**63 + 1),
+        "9" * 400 + ".5",  # not finite as a float (it was an `inf` the compiled code lacked)
+    ],
+)
+def test_a_number_written_outside_64_bits_or_not_finite_is_refused_where_it_is(literal):
+    text = f'actor User {{}}\nresource Repo {{}}\nallow(_u: User, "read", _r: Repo) if\n  context.n < {literal};'
+    with pytest.raises(PolicyError) as refused:
+        Authorizer(text)
+    (diagnostic,) = refused.value.diagnostics
+    assert (diagnostic.location.line, diagnostic.location.column) == (4, 15)
+    assert "64-bit" in diagnostic.message or "finite" in diagnostic.message
+
+
+def test_numbers_at_the_edges_of_64_bits_load_and_compare():
+    text = f"""actor User {{}}\nresource Repo {{}}
+allow(_u: User, "read", _r: Repo) if context.n < {2**63 - 1} and context.n > -{2**63};"""
+    assert Authorizer(text).authorize(Entity("User", "a"), "read", Entity("Repo", "r"), {"n": 5})
