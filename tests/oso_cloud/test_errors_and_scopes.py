@@ -157,6 +157,43 @@ def test_malformed_bodies_are_refused_and_change_nothing(bastion):
         assert r.status_code == 200
 
 
+@pytest.mark.parametrize("written", ["\u0663", " 7", "7 ", "1_0", "+5", "٣٣", "0x1", ""])
+def test_an_integer_is_written_in_plain_digits_or_refused(bastion, written):
+    """Python's int() reads other scripts' digits, spaces, ``_`` and ``+``: two spellings of one
+    value, which nothing else in bastion takes. Refused, and nothing stored."""
+    key = bastion.oso("oso:read", "oso:write").api.token
+    label = {"type": "Integer", "id": written}
+    repo, name = {"type": "Repo", "id": "n"}, {"type": "String", "id": "x"}
+    fact = {"predicate": "has_label", "args": [repo, name, label]}
+    with httpx.Client(base_url=bastion.url, headers={"authorization": f"Bearer {key}"}) as client:
+        r = client.post("/api/batch", json=[{"inserts": [fact]}])
+        assert r.status_code == 422, r.text
+        assert "an Integer's id is its digits" in r.json()["message"]
+        params = {"predicate": "has_label", "args.0.type": "Repo", "args.0.id": "n"}
+        assert client.get("/api/facts", params=params).json() == []
+
+
+@pytest.mark.parametrize("offset", ["9" * 5000, "\u00b2", "-1", "1e3"])
+def test_an_offset_header_that_names_no_sequence_is_400(bastion, offset):
+    key = bastion.oso("oso:read").api.token
+    headers = {"authorization": f"Bearer {key}", "OsoOffset": offset.encode("latin-1")}
+    question = {"actor_type": "User", "actor_id": "a", "action": "read"}
+    question |= {"resource_type": "Repo", "resource_id": "r"}
+    with httpx.Client(base_url=bastion.url, headers=headers) as client:
+        r = client.post("/api/authorize", json=question)
+    assert r.status_code == 400, r.text
+    assert "OsoOffset" in r.json()["message"]
+
+
+def test_an_argument_position_in_plain_digits_or_refused(bastion):
+    key = bastion.oso("oso:read").api.token
+    with httpx.Client(base_url=bastion.url, headers={"authorization": f"Bearer {key}"}) as client:
+        for position in ("\u00b2", "\u0663", "9" * 5000):
+            params = {"predicate": "is_public", f"args.{position}.id": "x"}
+            r = client.get("/api/facts", params=params)
+            assert r.status_code == 400, r.text
+
+
 def test_a_policy_with_an_error_is_refused_with_its_place(bastion):
     oso = bastion.oso("oso:read", "oso:write")
     # (A predicate nothing defines is a fact type with a warning, as in Oso Cloud; a call

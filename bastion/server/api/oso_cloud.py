@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import bisect
 import functools
+import re
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -23,6 +24,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from bastion.cli import count_in
 from bastion.decide import Authorizer
 from bastion.facts.model import Entity, FactError, check_fact
 from bastion.facts.store import FactStore, StoredFact, WriteResult, fact_key
@@ -33,6 +35,7 @@ from bastion.server.api.policy import await_applied, policy_problem, policy_warn
 from bastion.server.auth import require
 from bastion.server.problems import Problem, bad_request, read_json, unprocessable
 from bastion.server.problems import field as get_field
+from bastion.untrusted_json import MAX_INTEGER, MIN_INTEGER, writable
 
 # API key scopes (bastion keys create --scope ...): decisions and reads of facts and policy;
 # fact and policy writes. A key may hold both, as an Oso Cloud read-write key does.
@@ -41,6 +44,8 @@ WRITE = "oso:write"
 # The SDK's value types; any other type names an entity.
 VALUE_TYPES = {"String": str, "Integer": int, "Boolean": bool}
 OFFSET_HEADER = "OsoOffset"
+# An Integer value's id: plain digits, an optional minus first.
+_INTEGER = re.compile(r"-?[0-9]+")
 # Set on an answer that is a refusal (allowed false, or no results) because the evaluation spent
 # its budget, or because the kill switch holds the actor (`SUSPENDED`, docs/signals.md): the
 # SDK's answers have no field for it.
@@ -89,10 +94,19 @@ def _typed(type_: str, id_: str, where: str) -> Any:
         if id_ not in ("true", "false"):
             raise unprocessable(f'{where}: a Boolean is "true" or "false", got {id_!r}')
         return id_ == "true"
-    try:
-        return int(id_)
-    except ValueError:
-        raise unprocessable(f"{where}: an Integer's id is its digits, got {id_!r}") from None
+    # Plain ASCII digits: int() takes other scripts' digits, spaces, "_" and "+" as well (two
+    # spellings of one value), and past 4300 digits raises. The range is the fact store's.
+    if _INTEGER.fullmatch(id_) is None:
+        raise unprocessable(
+            f"{where}: an Integer's id is its digits (an optional '-', then 0-9), got"
+            f" {writable(id_[:40])!r}"
+        )
+    if len(id_) > 20 or not MIN_INTEGER <= (value := int(id_)) <= MAX_INTEGER:
+        raise unprocessable(
+            f"{where}: an Integer is 64-bit, from {MIN_INTEGER} to {MAX_INTEGER}; got"
+            f" {id_[:24]}{'...' if len(id_) > 24 else ''} ({len(id_)} characters)"
+        )
+    return value
 
 
 def value_to_oso(value: Any) -> dict:
@@ -197,9 +211,10 @@ async def _replica(request: Request) -> Any:
     offset = request.headers.get(OFFSET_HEADER)
     body: dict = {}
     if offset is not None:
-        if not offset.isdigit():
+        sequence = count_in(offset, MAX_INTEGER, least=0)
+        if sequence is None:
             raise bad_request(f"the {OFFSET_HEADER} header must be a sequence a write returned")
-        body["at_least"] = int(offset)
+        body["at_least"] = sequence
     return await fresh(request, body)
 
 
@@ -486,11 +501,12 @@ async def get_facts(request: Request) -> Response:
             continue
         if len(parts) != 3 or parts[0] != "args" or parts[2] not in ("type", "id"):
             raise bad_request(f"unknown query parameter {key!r}")
-        if not parts[1].isdigit() or int(parts[1]) > 32:
+        position = count_in(parts[1], 32, least=0)
+        if position is None:
             raise bad_request(f"{key!r}: the argument number must be 0 to 32")
         if parts[2] == "type" and not value:
             raise bad_request(f"{key!r}: a type is not empty")
-        given.setdefault(int(parts[1]), [None, None])[parts[2] == "id"] = value
+        given.setdefault(position, [None, None])[parts[2] == "id"] = value
     if predicate is None:
         raise bad_request("the query parameter 'predicate' is required")
     authz: Authorizer = replica.authz
