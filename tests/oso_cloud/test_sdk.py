@@ -206,6 +206,21 @@ def test_query_builder_evaluates_every_shape(oso):
     assert oso.build_query(("has_role", u, "member", org)).evaluate(u) == [alice.id]
 
 
+def test_in_with_tens_of_thousands_of_ids_keeps_exactly_those_the_rules_allow(oso):
+    """Each row of the join is checked against the ids by hash: a list searched once per row
+    held the event loop for seconds (60,000 ids against 2,000 repos: 9 s)."""
+    alice, org, _ = ids()
+    repos = [Value("Repo", f"{org.id}-{i}") for i in range(2000)]
+    with oso.batch() as tx:
+        tx.insert(("has_role", alice, "member", org))
+        for repo in repos:
+            tx.insert(("has_relation", repo, "parent", org))
+    r = typed_var("Repo")
+    wanted = [f"nope-{i}" for i in range(60_000)] + [repo.id for repo in repos[::7]]
+    found = oso.build_query(("allow", alice, "read", r)).in_(r, wanted).evaluate(r)
+    assert sorted(found) == sorted(repo.id for repo in repos[::7])
+
+
 def test_policy_metadata_lists_each_resource_block(oso):
     meta = oso.get_policy_metadata()
     repo = meta.resources["Repo"]

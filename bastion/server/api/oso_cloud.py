@@ -410,8 +410,11 @@ def _call(obj: Any, where: str) -> tuple[str, list[str]]:
     return obj[0], obj[1]
 
 
-def _constraints(raw: dict) -> dict[str, tuple[str, list | None]]:
-    """variable id -> (type, the values it may take or None)."""
+def _constraints(raw: dict) -> dict[str, tuple[str, frozenset | None]]:
+    """variable id -> (type, the values it may take or None). The values are a set: each row
+    of the join is checked against them, and a list of tens of thousands of ids searched once
+    per row held the event loop for seconds. (One type per variable: no ``True`` beside
+    ``1`` in a set.)"""
     out = {}
     for var, c in raw.items():
         where = f"constraints.{var}"
@@ -422,7 +425,7 @@ def _constraints(raw: dict) -> dict[str, tuple[str, list | None]]:
             not isinstance(ids, list) or not all(isinstance(i, str) for i in ids)
         ):
             raise bad_request(f"{where}.ids must be a list of strings or null")
-        values = None if ids is None else [_typed(c["type"], i, where) for i in ids]
+        values = None if ids is None else frozenset(_typed(c["type"], i, where) for i in ids)
         out[var] = (c["type"], values)
     return out
 
@@ -440,7 +443,7 @@ def _solve(session: Any, calls: list, constraints: dict, most: int) -> list[dict
                 if var in row:
                     mask, bound = mask + "b", [*bound, row[var]]
                 elif values is not None and len(values) == 1:
-                    mask, bound = mask + "b", [*bound, values[0]]
+                    mask, bound = mask + "b", [*bound, next(iter(values))]
                 else:
                     mask += "f"
             open_vars = [v for v, m in zip(args, mask, strict=True) if m == "f"]
