@@ -3,7 +3,8 @@
 Checks made here, each reported with file, line and column: shorthand rules naming a role,
 permission or relation the block does not declare; relations to undeclared types; negation
 through recursion; recursion that builds ever larger terms (`recursion.py`); rules over the size
-limits (`limits.py`); singleton variables (a warning).
+limits (`limits.py`); singleton variables (a warning); a context field that a rule which can
+allow reads only under a 'not' (a warning: a request that leaves the field out is allowed).
 
 Fact types are inferred from the rules, as Oso Cloud does: each call in a rule body to a
 predicate that is not a builtin gives a fact signature, each argument typed by the caller's
@@ -600,6 +601,7 @@ class _Lowering:
         fact_predicates = set(STANDARD_FACTS) | set(declared)
 
         self.check_singletons(clauses)
+        self.check_negated_context(clauses)
         groups = recursive_groups(clauses)
         self.check_stratified(clauses, groups)
         self.diagnostics += check_growth(clauses, groups)
@@ -738,6 +740,47 @@ class _Lowering:
                         f"variable {v} is used only once in {clause.name}; name it _{v} or _ if that is intended",
                     )
 
+    def check_negated_context(self, clauses: dict) -> None:
+        """A context field that a rule which can allow reads only under a 'not': a request
+        that leaves the field out makes the negated condition false and the 'not' true, so
+        the rule allows (`allow ... if not context.device.compromised = true`). Rules that
+        `allow` calls (not under a 'not') are checked as it is; guardrails (`deny`) and
+        obligations are closed that way, and a rule called under a 'not' (`not archived(r)`,
+        whose context field is an optional statement of the request) is left alone."""
+        reached: set[tuple[str, int]] = set()
+        todo = [key for key in _GRANTS if key in clauses]
+        while todo:
+            key = todo.pop()
+            if key in reached:
+                continue
+            reached.add(key)
+            for clause in clauses[key]:
+                for lit in clause.body:
+                    if isinstance(lit, CallLit) and (lit.name, len(lit.args)) in clauses:
+                        todo.append((lit.name, len(lit.args)))
+        for key in sorted(reached):
+            for clause in clauses[key]:
+                reads: list[tuple[tuple[str, ...], bool, Location]] = []
+                for lit in clause.body:
+                    _context_reads(lit, False, lit.location, reads)
+                plain = {path for path, negated, _ in reads if not negated}
+                warned: set[tuple[str, ...]] = set()
+                for path, negated, where in reads:
+                    if not negated or path in plain or path in warned or _always_there(path):
+                        continue
+                    warned.add(path)
+                    field_ = "context." + ".".join(path)
+                    # A warning, not an error under strict: a field read so on purpose (allowed
+                    # when the request says nothing) has nothing else to silence it by.
+                    self.warn(
+                        where,
+                        f"{field_} is read only under 'not' in this rule of {key[0]}, which"
+                        " can allow: when a request leaves the field out, the negated condition"
+                        " is false and the 'not' holds, so the rule allows; if the field must"
+                        f" be there, read it outside the 'not' too ('{field_} matches String"
+                        " and not ...', or the condition itself, 'x = false' for 'not x = true')",
+                    )
+
     def check_stratified(self, clauses: dict, groups: dict[tuple, int]) -> None:
         """Negation must not go through recursion (the meaning of such a policy is unclear):
         no rule may negate a call to a rule of its own recursive group."""
@@ -851,6 +894,38 @@ def _walk(body: tuple[Literal, ...]):
         yield lit
         if isinstance(lit, NotLit):
             yield from _walk(lit.body)
+
+
+# The decisions a rule grants by holding (a guardrail or an obligation holding refuses).
+_GRANTS = (("allow", 3), ("may_delegate", 3), ("approver", 4))
+
+
+def _context_reads(lit: Literal, negated: bool, where: Location, out: list) -> None:
+    """Each ``context.<path>`` ``lit`` reads, with whether an odd number of 'not's is around
+    it, and ``where`` (the rule's literal that holds it)."""
+    if isinstance(lit, NotLit):
+        for sub in lit.body:
+            _context_reads(sub, not negated, where, out)
+        return
+    if isinstance(lit, CallLit):
+        terms = list(lit.args)
+    elif isinstance(lit, CmpLit):
+        terms = [lit.left, lit.right]
+    else:
+        terms = [lit.term]
+    while terms:
+        term = terms.pop()
+        if isinstance(term, ast.ContextPath):
+            out.append((term.path, negated, where))
+        elif isinstance(term, ast.ListTerm):
+            terms.extend(term.items)
+        elif isinstance(term, ast.Arith):
+            terms.extend((term.left, term.right))
+
+
+def _always_there(path: tuple[str, ...]) -> bool:
+    """``context.time`` (the time now when the request gives none) and built-in constants."""
+    return not path or path[0] == "time" or path[0].startswith("@")
 
 
 def _calls(lit: Literal, negated: bool):

@@ -321,3 +321,58 @@ def test_decisions_taken_while_the_policy_changes_each_run_one_policy_whole():
         for t in threads:
             t.join(30)
     assert failures == []
+
+
+NEGATED_CONTEXT = """actor User {}
+resource Tool {}
+allow(_u: User, "call", _t: Tool) if not context.device.compromised = true;
+"""
+
+
+def test_an_allow_that_reads_a_context_field_only_under_not_is_warned_of():
+    """A request that leaves the field out makes the negated condition false, so the 'not'
+    holds and the rule allows: the check meant to refuse a compromised device lets through a
+    request that says nothing of its device."""
+    (message,) = warnings_of(NEGATED_CONTEXT)
+    assert message.startswith("p.polar:3:38: warning: context.device.compromised is read only")
+    assert "so the rule allows" in message
+    authz = Authorizer(NEGATED_CONTEXT)  # what the warning is about, as decided
+    assert authz.authorize(Entity("User", "a"), "call", Entity("Tool", "t"), {})
+
+
+@pytest.mark.parametrize(
+    "rule",
+    [
+        # Read outside the 'not' too: a request without it is refused by that condition.
+        'allow(_u: User, "call", _t: Tool) if context.device.compromised = false;',
+        'allow(_u: User, "call", _t: Tool) if context.device.compromised matches Boolean and'
+        " not context.device.compromised = true;",
+        # A guardrail: a 'not' over a missing field makes it refuse, which is closed.
+        'deny(_u: User, "call", _t: Tool) if not context.device.managed = true;\n'
+        'allow(_u: User, "call", _t: Tool);',
+        # The time is always there.
+        'allow(_u: User, "call", _t: Tool) if'
+        ' not in_time_window(context.time, "Sat,Sun", "00:00", "24:00", "UTC");',
+    ],
+)
+def test_a_context_field_read_outside_the_not_or_in_a_guardrail_is_not_warned_of(rule):
+    assert warnings_of("actor User {}\nresource Tool {}\n" + rule + "\n") == []
+
+
+def test_a_rule_that_allow_calls_is_checked_as_allow_is_and_one_it_negates_is_not():
+    text = """actor User {}
+resource Tool {}
+allow(u: User, "call", _t: Tool) if trusted(u);
+trusted(_u: User) if not context.risk.high = true;
+"""
+    (message,) = warnings_of(text)
+    assert "context.risk.high is read only under 'not'" in message
+    # An optional statement of the request, the stored data deciding when it is left out.
+    negated = """actor User {}
+resource Doc {}
+declare status(Doc, String);
+archived(_d: Doc) if context.resource.status = "archived";
+archived(d: Doc) if status(d, "archived");
+allow(_u: User, "write", d: Doc) if not archived(d);
+"""
+    assert warnings_of(negated) == []
