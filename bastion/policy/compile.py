@@ -664,7 +664,8 @@ class CompiledPolicy:
                 elif term.value.__class__ is str:  # a string equals only a string
                     lines.emit(depth, f"if {arg} != {self._const(term.value)}: break")
                 else:
-                    lines.emit(depth, f"if not _same({arg}, {self._const(term.value)}): break")
+                    same_ = _equal(arg, self._const(term.value), None, term)
+                    lines.emit(depth, f"if not ({same_}): break")
             elif term.name in env:
                 lines.emit(depth, f"if not _same({arg}, {env[term.name]}): break")
             else:
@@ -1117,12 +1118,20 @@ def _constant_value(term: Any) -> Any:
 
 
 def _equal(left: str, right: str, left_term: Any, right_term: Any) -> str:
-    """An expression for whether two values are the same value (`same`): Python's ``==`` when
-    one side is a string written in the policy (a string equals only a string), else `same`,
-    for which ``true`` is not ``1`` and a list not an entity."""
-    for term in (left_term, right_term):
-        if isinstance(term, Const) and term.value.__class__ is str:
+    """An expression for whether two values are the same value (`same`), for which ``true``
+    is not ``1`` and a list not an entity: inline when one side is a string, a number or an
+    entity written in the policy, else a call of `same`."""
+    for term, other in ((left_term, right), (right_term, left)):
+        if not isinstance(term, Const):
+            continue
+        cls = term.value.__class__
+        if cls is str:
             return f"{left} == {right}"
+        # ``other`` may be a number written out (a variable bound to a constant): parenthesised.
+        if cls is int or cls is float:
+            return f"({left} == {right} and ({other}).__class__ is not bool)"
+        if cls is Entity:
+            return f"({left} == {right} and ({other}).__class__ is Entity)"
     return f"_same({left}, {right})"
 
 

@@ -457,19 +457,37 @@ def compare(op: str, left: Any, right: Any) -> bool:
 
 
 def contains(q: Query, container: Any, item: Any) -> bool:
-    """``item in container``, each item compared by `same`; searching spends a step per item
-    (a set searched for a string is searched by hash, for nothing)."""
-    if item is MISSING or not isinstance(container, (list, tuple, set, frozenset)):
+    """``item in container``, each item compared by `same`; searching a list spends a step per
+    item (a set is searched by hash, for nothing, unless a boolean may have been taken for a
+    number there: then a step per item)."""
+    cls = container.__class__
+    if cls is PolicyList or cls is list or cls is tuple:
+        if item is MISSING:
+            return False
+        q.steps -= len(container)
+        if q.steps < 0:
+            exhausted(q)
+    elif item is MISSING or not isinstance(container, (list, tuple, set, frozenset)):
         return False
-    if item.__class__ is str:  # a string equals only a string: Python's search is exact
-        if isinstance(container, (list, tuple)):
-            q.steps -= len(container)
-            if q.steps < 0:
-                exhausted(q)
-        return item in container
-    q.steps -= len(container)  # a set too: a hash would take True for 1
-    if q.steps < 0:
-        exhausted(q)
+    elif isinstance(container, (list, tuple)):  # a subclass
+        q.steps -= len(container)
+        if q.steps < 0:
+            exhausted(q)
+    if item not in container:  # at C speed: what `same` finds, == finds too
+        return False
+    kind = item.__class__
+    if kind is str:  # a string equals only a string
+        return True
+    if (kind is int or kind is float) and item != 1 and item != 0:
+        return True  # a boolean equals only 1 and 0: this was found as a number
+    if isinstance(container, (set, frozenset)):
+        q.steps -= len(container)
+        if q.steps < 0:
+            exhausted(q)
+    if kind is bool:
+        return any(member is item for member in container)
+    if kind is int or kind is float:
+        return any(member == item and member.__class__ is not bool for member in container)
     return any(same(item, member) for member in container)
 
 
