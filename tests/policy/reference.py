@@ -104,6 +104,30 @@ def _builtin(name: str, args: list) -> bool:
     return check(*args) if check is not None else BUILTINS[(name, len(args))].function(*args)
 
 
+def _kind(value: Any) -> str:
+    if isinstance(value, Entity):
+        return "entity"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, (int, float)):
+        return "number"
+    if isinstance(value, (list, tuple)):
+        return "list"
+    return type(value).__name__
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equal and of one kind: a boolean is not a number, a list is not an entity (written here
+    apart from the engine's ``runtime.same``, as the specification it is checked against)."""
+    if _kind(a) != _kind(b):
+        return False
+    if _kind(a) == "list":
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    return a == b
+
+
 def _has_type(value: Any, types: frozenset[str]) -> bool:
     if isinstance(value, Entity):
         return value.type in types
@@ -257,9 +281,9 @@ class Reference:
                 ok = True
                 for term, arg, value in zip(lit.args, args, atom[1:], strict=True):
                     if arg is not None:
-                        ok = ok and arg == value
+                        ok = ok and _same(arg, value)
                     elif isinstance(term, Var):
-                        if term.name in env2 and env2[term.name] != value:
+                        if term.name in env2 and not _same(env2[term.name], value):
                             ok = False
                         env2[term.name] = value
                 if ok:
@@ -275,10 +299,10 @@ class Reference:
             if a is _MISSING or b is _MISSING:
                 return
             ok = {
-                "=": lambda: a == b,
-                "==": lambda: a == b,
-                "!=": lambda: a != b,
-                "in": lambda: isinstance(b, (list, tuple)) and a in b,
+                "=": lambda: _same(a, b),
+                "==": lambda: _same(a, b),
+                "!=": lambda: not _same(a, b),
+                "in": lambda: isinstance(b, (list, tuple)) and any(_same(a, x) for x in b),
             }.get(lit.op)
             if ok is None:
                 numbers = all(

@@ -117,11 +117,16 @@ contexts = st.fixed_dictionaries(
         "time": st.sampled_from(
             ["2026-11-30T09:00:00Z", "2026-11-28T09:00:00Z", "2026-11-30T20:00:00Z"]
         ),
-        "device": st.fixed_dictionaries({}, optional={"managed": st.booleans()}),
+        # 1 and 0 beside true and false: the one is not the other (docs/policy-language.md).
+        "device": st.fixed_dictionaries(
+            {}, optional={"managed": st.one_of(st.booleans(), st.integers(0, 1))}
+        ),
         "client": st.fixed_dictionaries(
             {"ip": st.sampled_from(["10.0.0.1", "192.0.2.1", "not-an-ip"])}
         ),
-        "arguments": st.fixed_dictionaries({"amount": st.integers(0, 3000)}),
+        "arguments": st.fixed_dictionaries(
+            {"amount": st.one_of(st.integers(0, 3000), st.booleans())}
+        ),
     },
 )
 
