@@ -257,9 +257,16 @@ class _Ops:
     ) -> Op:
         """Validate and put a new policy in force; returns its version. With ``strict``, a
         policy with a warning is refused (`RemoteError` 422) and nothing changes."""
+        return (yield from self.put_policy(text, source, note, strict))["version"]
+
+    def put_policy(
+        self, text: str, source: str = "policy.polar", note: str = "", strict: bool = False
+    ) -> Op:
+        """As `load_policy`; returns the whole answer: ``version``, ``sequence`` and the
+        policy's ``warnings``."""
         body = {"text": text, "source": source, "note": note, "strict": strict}
         r = yield _Call("PUT", "/v1/policy", body)
-        return self._wrote(r)["version"]
+        return self._wrote(r)
 
     def check_policy(self, text: str, source: str = "policy.polar", strict: bool = False) -> Op:
         body = {"text": text, "source": source, "strict": strict}
@@ -393,6 +400,7 @@ _OPS = [
     "query",
     "explain",
     "load_policy",
+    "put_policy",
     "check_policy",
     "policy",
     "policy_versions",

@@ -472,9 +472,12 @@ def cmd_policy_push(args: argparse.Namespace) -> int:
     client = _remote(args)
     if client is not None:
         with client:
-            version = client.load_policy(
+            answer = client.put_policy(
                 text, source=source, note=args.note or "", strict=args.strict
             )
+        for w in answer["warnings"]:
+            print(w, file=sys.stderr)
+        version = answer["version"]
     else:
         config = _config(args)
         strict = args.strict or config.policy_strict
