@@ -53,6 +53,7 @@ from bastion.policy.program import (
     TypeLit,
     has_type,
     literal_vars,
+    position_kinds,
     term_vars,
 )
 from bastion.policy.runtime import (
@@ -239,6 +240,8 @@ class CompiledPolicy:
         self._edges: dict[Node, set[Node]] = defaultdict(set)
         self._pending: dict[Node, str] = {}
         self._dispatch: list[tuple[dict, Any, str]] = []
+        # Per (fact predicate, position): whether its facts may hold a number, a boolean.
+        self._kinds: dict[tuple, tuple[bool, bool]] = {}
         # Entity types known for the variables of the clause being generated.
         self._vtypes: dict[str, frozenset] = {}
         # Per generated shape, the calls one call of it makes that spend no steps (0 for a
@@ -519,11 +522,14 @@ class CompiledPolicy:
         # a call, such as has_permission): its facts are usually none, and an empty set costs
         # one truth test, not a lookup.
         rare = key in self.program.clauses and key not in _ROLE_FACTS
+        guard = self._kind_guard(
+            key, {i: a for i, (a, m) in enumerate(zip(args, node.mask, strict=True)) if m == "b"}
+        )
         if is_bool:
             fa = f"FA_{node.name}_{node.arity}"
             self.namespace[fa] = pf.all
             check = f"{fa} and " if rare else ""
-            out.emit(1, f"if {check}({''.join(a + ', ' for a in args)}) in {fa}:")
+            out.emit(1, f"if {guard}{check}({''.join(a + ', ' for a in args)}) in {fa}:")
             out.emit(2, "return True")
         elif not bound:
             fa = f"FA_{node.name}_{node.arity}"
@@ -546,7 +552,10 @@ class CompiledPolicy:
                 self.namespace[fa] = pf.all
                 out.emit(1, f"if {fa}:")
                 d = 2
-            out.emit(d, f"_v = {fm}.get({key})")
+            if guard:
+                out.emit(d, f"_v = {fm}.get({key}) if {guard[: -len(' and ')]} else None")
+            else:
+                out.emit(d, f"_v = {fm}.get({key})")
             out.emit(d, "if _v is not None:")
             out.emit(d + 1, "if _v.__class__ is Many:")
             out.emit(d + 2, "q.steps -= len(_v)")  # several facts under this key
@@ -554,6 +563,31 @@ class CompiledPolicy:
             out.emit(d + 2, "yield from _v")
             out.emit(d + 1, "else:")
             out.emit(d + 2, "yield _v")
+
+    def _kind_guard(self, key: tuple, bound: dict[int, str]) -> str:
+        """Conditions (each followed by " and ") that keep a fact lookup from taking a boolean
+        for the number 1 or 0, or one of those for a boolean: a dict or set finds the fact
+        ``level(u, 1)`` for ``level(u, true)`` (Python's ``True == 1``, same hash). Only for
+        the arguments, bound at run time, whose position the fact types keep to numbers or to
+        booleans; a position that takes any value holds either (docs: known limits)."""
+        found = []
+        for pos, expr in bound.items():
+            numbers, booleans = self._position_kinds(key, pos)
+            if numbers and not booleans:
+                found.append(f"({expr}).__class__ is not bool and ")
+            elif booleans and not numbers:
+                found.append(
+                    f"({expr}).__class__ is not int and ({expr}).__class__ is not float and "
+                )
+        return "".join(found)
+
+    def _position_kinds(self, key: tuple, pos: int) -> tuple[bool, bool]:
+        """`position_kinds` of ``key``'s fact types, worked out once per position."""
+        cached = self._kinds.get((key, pos))
+        if cached is None:
+            signatures = self.program.fact_signatures.get(key, ())
+            cached = self._kinds[(key, pos)] = position_kinds(signatures, pos)
+        return cached
 
     def _dispatch_on_constant(
         self, out: _Emitter, node: Node, clauses: Any, args: list, is_bool: bool
@@ -1043,8 +1077,12 @@ class CompiledPolicy:
             if facts_only:
                 bound, values = iter(bound_args), iter(consts)
                 parts = [next(bound) if m == "b" else self._const(next(values)) for m in mask]
+                guard = self._kind_guard(
+                    key,
+                    {i: p for i, (p, m) in enumerate(zip(parts, mask, strict=True)) if m == "b"},
+                )
                 fa = f"FA_{lit.name}_{len(lit.args)}"
-                out.emit(depth, f"if ({''.join(p + ', ' for p in parts)}) in {fa}:")
+                out.emit(depth, f"if {guard}({''.join(p + ', ' for p in parts)}) in {fa}:")
             else:
                 out.emit(depth, f"if {call}:")
             return depth + 1
@@ -1058,7 +1096,12 @@ class CompiledPolicy:
                 if len(bound_args) == 1
                 else f"({''.join(b + ', ' for b in bound_args)})"
             )
-            out.emit(depth, f"{found} = {fm}.get({by})")
+            bound = iter(bound_args)
+            guard = self._kind_guard(key, {i: next(bound) for i, m in enumerate(mask) if m == "b"})
+            if guard:
+                out.emit(depth, f"{found} = {fm}.get({by}) if {guard[: -len(' and ')]} else None")
+            else:
+                out.emit(depth, f"{found} = {fm}.get({by})")
             out.emit(depth, f"if {found} is not None:")
             depth += 1
             out.emit(

@@ -31,6 +31,7 @@ from bastion.policy.program import (
     TypeLit,
     format_literal,
     has_type,
+    position_kinds,
     term_vars,
 )
 from bastion.policy.runtime import (
@@ -199,7 +200,8 @@ class _Interpreter:
         self.in_progress.add(key)
         try:
             out: list[tuple[tuple, Step]] = []
-            if (name, len(args)) in self.program.fact_predicates:
+            facts = (name, len(args)) in self.program.fact_predicates
+            if facts and self.kinds_fit(name, args):
                 for fact in self.index.matching((name, *args)):
                     self.spend(1)
                     out.append((fact[1:], Step(format_fact(fact), True, "fact")))
@@ -213,6 +215,21 @@ class _Interpreter:
             return out
         finally:
             self.in_progress.discard(key)
+
+    def kinds_fit(self, name: str, args: tuple) -> bool:
+        """Whether a fact lookup of ``args`` may find what it finds, as the compiled lookup
+        decides (`CompiledPolicy._kind_guard`): no boolean where the facts hold only numbers,
+        and no number where they hold only booleans."""
+        signatures = self.program.fact_signatures.get((name, len(args)), ())
+        for pos, value in enumerate(args):
+            cls = value.__class__
+            if cls is bool or cls is int or cls is float:
+                numbers, booleans = position_kinds(signatures, pos)
+                if (cls is bool and numbers and not booleans) or (
+                    cls is not bool and booleans and not numbers
+                ):
+                    return False
+        return True
 
     def head_env(self, clause: Clause, args: tuple) -> dict | None:
         env: dict[str, Any] = {}

@@ -87,6 +87,24 @@ def has_type(value: Any, types: frozenset[str]) -> bool:
     return any(type(value) is VALUE_TYPES[t] for t in types if t in VALUE_TYPES)
 
 
+def position_kinds(signatures: Any, pos: int) -> tuple[bool, bool]:
+    """Whether facts of these signatures may hold a number, and a boolean, at ``pos``: a fact
+    lookup (a set or dict, where ``True == 1`` and their hashes are one) must not take the one
+    for the other where the position keeps to one of them."""
+    numbers = booleans = False
+    for signature in signatures:
+        kind, allowed = signature[pos]
+        if kind == "any":
+            return True, True
+        if kind == "types":
+            numbers = numbers or bool(allowed & {"Integer", "Float"})
+            booleans = booleans or "Boolean" in allowed
+        elif kind == "values":
+            numbers = numbers or any(v.__class__ in (int, float) for v in allowed)
+            booleans = booleans or any(v.__class__ is bool for v in allowed)
+    return numbers, booleans
+
+
 def term_vars(term: Term) -> list[str]:
     if isinstance(term, Var):
         return [term.name]

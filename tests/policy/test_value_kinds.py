@@ -112,3 +112,24 @@ def test_query_answers_keep_a_list_and_an_entity_apart():
     rows = authz.query("picked", Variable("x"), context={"xs": [["User", "alice"], "alice"]})
     assert sorted(rows, key=repr) == [("picked", "alice"), ("picked", ("User", "alice"))]
     assert not any(isinstance(value, Entity) for _, value in rows)
+
+
+@pytest.mark.parametrize(
+    "rules",
+    [
+        'allow(u: User, "read", _r: Repo) if level(u, context.n);',
+        # Through a rule's argument, and with the value bound first by '='.
+        'allow(u: User, "read", _r: Repo) if at(u, context.n);\nat(u, n) if level(u, n);',
+        'allow(u: User, "read", _r: Repo) if n = context.n and level(u, n);',
+    ],
+)
+def test_a_fact_holding_a_number_is_not_found_by_a_boolean_nor_the_other_way(rules):
+    numbers = "declare level(User, Integer);\n" + rules
+    facts = [("level", ALICE, 1)]
+    assert allowed(numbers, {"n": 1}, facts)
+    assert not allowed(numbers, {"n": True}, facts)
+    booleans = numbers.replace("Integer", "Boolean")
+    facts = [("level", ALICE, True)]
+    assert allowed(booleans, {"n": True}, facts)
+    assert not allowed(booleans, {"n": 1}, facts)
+    assert not allowed(booleans, {"n": 1.0}, facts)
