@@ -118,6 +118,10 @@ class GatewayConfig:
     label_ttl_seconds: int = 86_400
     label_max: int = 256
     label_max_sets: int = 100_000
+    # The longest tool name, prompt name or resource URI a client may send: each becomes a key of
+    # what the gateway keeps (decision records, behaviour counters, rate-limit windows,
+    # subscriptions), so one longer is refused (-32602) before anything is decided or kept.
+    max_name_chars: int = 2048
     # Identity providers whose JWT access tokens the gateway accepts too (docs/identity.md).
     trusted_issuers: tuple[TrustedIssuer, ...] = ()
 
@@ -145,6 +149,7 @@ class GatewayConfig:
             "label_ttl_seconds",
             "label_max",
             "label_max_sets",
+            "max_name_chars",
             "trusted_issuers",
         }
         _only(table, known, "gateway")
@@ -197,6 +202,7 @@ class GatewayConfig:
             label_ttl_seconds=_whole(table, "label_ttl_seconds", 86_400, "gateway"),
             label_max=_whole(table, "label_max", 256, "gateway"),
             label_max_sets=_whole(table, "label_max_sets", 100_000, "gateway"),
+            max_name_chars=_whole(table, "max_name_chars", 2048, "gateway"),
         )
 
 

@@ -41,7 +41,7 @@ from bastion.gateway.jsonrpc import (
 )
 from bastion.gateway.masks import WHOLE, Paths, compile_paths, mask_notification, mask_result
 from bastion.gateway.upstream import LOG_LEVEL, LOG_MESSAGE, UpstreamError
-from bastion.gateway.uris import resource_uri, spelling_refused
+from bastion.gateway.uris import checked_name, resource_uri, spelling_refused
 from bastion.signals.behavior import scope_keys
 from bastion.signals.read_only import is_read_only_tool
 
@@ -336,11 +336,12 @@ def nameable(value: Any) -> bool:
     return isinstance(value, str) and value != "" and untrusted_json.is_text(value)
 
 
-def _name(params: dict[str, Any], key: str, where: str = "params") -> str:
-    value = params.get(key)
-    if not isinstance(value, str) or not value:
-        raise RpcError(INVALID_PARAMS, f"{where}.{key} must be a non-empty string", http_status=400)
-    return value
+def _name(ex: Exchange, params: dict[str, Any], key: str, where: str = "params") -> str:
+    return checked_name(params.get(key), ex.gateway.config.max_name_chars, f"{where}.{key}")
+
+
+def _uri(ex: Exchange, value: Any, where: str = "params.uri") -> str:
+    return resource_uri(value, ex.gateway.config.max_name_chars, where)
 
 
 def _arguments(params: dict[str, Any], where: str = "params") -> dict[str, Any]:
@@ -609,7 +610,7 @@ WITHHELD_SUBSCRIBE_ERROR = (
 
 async def call_tool(ex: Exchange) -> dict[str, Any]:
     params = ex.message.params
-    name = _name(params, "name")
+    name = _name(ex, params, "name")
     arguments = _arguments(params)
     annotations = await ex.upstream.annotations(name, ex.connection)
     return await _decide_and_forward(
@@ -622,7 +623,7 @@ async def call_tool(ex: Exchange) -> dict[str, Any]:
 
 
 async def read_resource(ex: Exchange) -> dict[str, Any]:
-    uri = resource_uri(ex.message.params.get("uri"))
+    uri = _uri(ex, ex.message.params.get("uri"))
     return await _decide_and_forward(
         ex, "read", Entity("McpResource", f"{ex.server}/{uri}"), {"uri": uri}, None
     )
@@ -630,7 +631,7 @@ async def read_resource(ex: Exchange) -> dict[str, Any]:
 
 async def get_prompt(ex: Exchange) -> dict[str, Any]:
     params = ex.message.params
-    name = _name(params, "name")
+    name = _name(ex, params, "name")
     arguments = _arguments(params)
     return await _decide_and_forward(
         ex,
@@ -649,7 +650,7 @@ async def subscribe(ex: Exchange) -> dict[str, Any]:
     """``resources/subscribe`` (2025-11-25): decided as ``read`` on the resource; its updates then
     go on the session's GET stream, each decided again (`Gateway.may_hear`)."""
     session = _subscriber(ex)
-    uri = resource_uri(ex.message.params.get("uri"))
+    uri = _uri(ex, ex.message.params.get("uri"))
     if uri not in session.subscriptions and len(session.subscriptions) >= MAX_SUBSCRIPTIONS:
         raise RpcError(
             INVALID_PARAMS,
@@ -683,7 +684,7 @@ async def unsubscribe(ex: Exchange) -> dict[str, Any]:
     """``resources/unsubscribe``: no more updates of the resource for this session. The upstream
     is not told (other clients may want them)."""
     session = _subscriber(ex)
-    uri = resource_uri(ex.message.params.get("uri"))
+    uri = _uri(ex, ex.message.params.get("uri"))
     await ex.gateway.admit(ex)
     session.subscriptions.discard(uri)
     return {}
@@ -751,11 +752,11 @@ async def complete(ex: Exchange) -> dict[str, Any]:
         "arguments": _arguments(context or {}, "params.context"),
     }
     if ref["type"] == "ref/prompt":
-        name = _name(ref, "name", "params.ref")
+        name = _name(ex, ref, "name", "params.ref")
         action, resource = "get", Entity("Prompt", f"{ex.server}/{name}")
         extra["prompt"] = name
     else:
-        uri = resource_uri(ref.get("uri"), "params.ref.uri")
+        uri = _uri(ex, ref.get("uri"), "params.ref.uri")
         action, resource = "read", Entity("McpResource", f"{ex.server}/{uri}")
         extra["uri"] = uri
     return await _decide_and_forward(ex, action, resource, extra, argument)

@@ -807,7 +807,7 @@ class StreamableHttpEndpoint:
                     "subscriptions/listen is answered as text/event-stream; accept it",
                     http_status=406,
                 )
-            wanted, uris = _listen_filter(message.params)
+            wanted, uris = _listen_filter(message.params, gateway.config.max_name_chars)
             await admit_and_start(ex)
             offered = ex.connection.init_result.get("capabilities") or {}
         except RpcError as e:
@@ -1016,8 +1016,11 @@ _LISTEN_FLAGS = frozenset(LIST_CHANGED.values())
 _MAX_LISTEN_URIS = 1000
 
 
-def _listen_filter(params: dict[str, Any]) -> tuple[dict[str, bool], list[str]]:
-    """The ``notifications`` filter of a listen request, checked: its flags and resource URIs."""
+def _listen_filter(
+    params: dict[str, Any], max_name_chars: int
+) -> tuple[dict[str, bool], list[str]]:
+    """The ``notifications`` filter of a listen request, checked: its flags and resource URIs
+    (each of at most ``max_name_chars`` characters)."""
     wanted = params.get("notifications")
     if not isinstance(wanted, dict):
         raise RpcError(INVALID_PARAMS, "params.notifications must be an object", http_status=400)
@@ -1042,7 +1045,7 @@ def _listen_filter(params: dict[str, Any]) -> tuple[dict[str, bool], list[str]]:
             http_status=400,
         )
     for i, uri in enumerate(uris):
-        resource_uri(uri, f"params.notifications.resourceSubscriptions[{i}]")
+        resource_uri(uri, max_name_chars, f"params.notifications.resourceSubscriptions[{i}]")
     return flags, uris
 
 

@@ -43,17 +43,33 @@ def spelling_refused(uri: str) -> str | None:
     return None
 
 
-def resource_uri(value: Any, where: str = "params.uri") -> str:
-    """The resource URI a client sent as ``where``: a non-empty string in the one spelling
-    bastion takes (`spelling_refused`), else refused (-32602)."""
-    if not isinstance(value, str) or not value:
-        raise RpcError(INVALID_PARAMS, f"{where} must be a non-empty string", http_status=400)
+def resource_uri(value: Any, max_chars: int, where: str = "params.uri") -> str:
+    """The resource URI a client sent as ``where``: a non-empty string of at most ``max_chars``
+    characters (`checked_name`) in the one spelling bastion takes (`spelling_refused`), else
+    refused (-32602)."""
+    checked_name(value, max_chars, where)
     refusal = spelling_refused(value)
     if refusal is not None:
         raise RpcError(
             INVALID_PARAMS,
             f"{where} {refusal}: resource URIs are matched as written, so bastion takes each in"
             " one spelling only (RFC 3986's normal form)",
+            http_status=400,
+        )
+    return value
+
+
+def checked_name(value: Any, max_chars: int, where: str) -> str:
+    """A name a client sent as ``where`` (a tool's, a prompt's, a resource URI): a non-empty
+    string of at most ``max_chars`` characters (``gateway.max_name_chars``), else refused
+    (-32602). Every name is a key of what the gateway keeps (decision records, behaviour
+    counters, rate-limit windows, subscriptions): bounded here, it is bounded in each of them."""
+    if not isinstance(value, str) or not value:
+        raise RpcError(INVALID_PARAMS, f"{where} must be a non-empty string", http_status=400)
+    if len(value) > max_chars:
+        raise RpcError(
+            INVALID_PARAMS,
+            f"{where} is longer than {max_chars} characters (gateway.max_name_chars)",
             http_status=400,
         )
     return value

@@ -453,3 +453,53 @@ def test_refusals_before_any_decision_are_audited_aggregated_with_their_caller(b
     written = rows(client_id)
     assert len(written) == 6
     assert sum(e.detail.get("repeats", 1) for e in written) == 1000
+
+
+# A name a client sends (a tool's, a prompt's, a resource URI) is a key of what the gateway keeps:
+# decision records (100,000 buffered while the database is away), behaviour counters (100,000
+# keys, and each key's targets), rate-limit windows, subscriptions and the resources followed
+# upstream. One past gateway.max_name_chars is refused before any of them holds it.
+LONG = "x" * 5000
+NAMED = {
+    "a tool's name": ("tools/call", {"name": LONG, "arguments": {}}, LONG),
+    "a prompt's name": ("prompts/get", {"name": LONG, "arguments": {}}, LONG),
+    "a resource URI": ("resources/read", {"uri": f"desk://{LONG}"}, f"desk://{LONG}"),
+    "a completed prompt's name": (
+        "completion/complete",
+        {"ref": {"type": "ref/prompt", "name": LONG}, "argument": {"name": "a", "value": ""}},
+        None,
+    ),
+    "a completed resource's URI": (
+        "completion/complete",
+        {
+            "ref": {"type": "ref/resource", "uri": f"desk://{LONG}"},
+            "argument": {"name": "a", "value": ""},
+        },
+        None,
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(NAMED))
+def test_a_name_longer_than_the_limit_is_refused_and_nothing_keeps_it(bastion, token, case):
+    method, params, header = NAMED[case]
+    bastion.flush()  # the records of earlier calls
+    seq = bastion.records.last_seq()
+    behavior = bastion.app.state.gateway.enforcer.behavior
+    keys = len(behavior._keys) if behavior is not None else 0
+    before = len(bastion.recorder.requests)
+    body = {"jsonrpc": "2.0", "id": 7, "method": method, "params": {**params, "_meta": ENVELOPE}}
+    headers = {**MODERN, "mcp-method": method}
+    if header is None:
+        del headers["mcp-name"]
+    else:
+        headers["mcp-name"] = header
+    response = post(bastion, token, body=body, **headers)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["code"] == -32602, error
+    assert "gateway.max_name_chars" in error["message"] and "2048" in error["message"], error
+    bastion.flush()
+    assert list(bastion.records.after(seq)) == []  # no decision, so no record holds it
+    assert (len(behavior._keys) if behavior is not None else 0) == keys
+    assert len(bastion.recorder.requests) == before
