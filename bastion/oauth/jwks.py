@@ -221,19 +221,25 @@ class RemoteKeySets:
             if young and (known or not may_refetch):
                 return cached.keys
         lock = self._fetching.setdefault(uri, asyncio.Lock())
-        async with lock:
-            again = self._fetched.get(uri)
-            if again is not None and again is not cached:
-                return again.keys  # fetched by another request while this one waited
-            self._refuse_if_failed_lately(uri)
-            try:
-                keys = await self._fetch(uri)
-            except RemoteDocumentError as e:
-                _remember(self._failed, uri, (self.clock(), str(e)), self.limits.max_cached)
-                raise
-            self._failed.pop(uri, None)
-            _remember(self._fetched, uri, _Fetched(keys, self.clock()), self.limits.max_cached)
-            return keys
+        try:
+            async with lock:
+                again = self._fetched.get(uri)
+                if again is not None and again is not cached:
+                    return again.keys  # fetched by another request while this one waited
+                self._refuse_if_failed_lately(uri)
+                try:
+                    keys = await self._fetch(uri)
+                except RemoteDocumentError as e:
+                    _remember(self._failed, uri, (self.clock(), str(e)), self.limits.max_cached)
+                    raise
+                self._failed.pop(uri, None)
+                _remember(self._fetched, uri, _Fetched(keys, self.clock()), self.limits.max_cached)
+                return keys
+        finally:
+            # A lock is kept only while a fetch of its URI is under way: the URIs are as many as
+            # clients register, and one asked once would otherwise hold its lock for good.
+            if not lock.locked() and self._fetching.get(uri) is lock:
+                del self._fetching[uri]
 
     def _refuse_if_failed_lately(self, uri: str) -> None:
         failed = self._failed.get(uri)

@@ -66,3 +66,20 @@ def test_a_failed_fetch_is_not_tried_again_until_refetch_seconds(issuer):
     assert outcomes[0] == "answered HTTP 503"
     assert all("answered HTTP 503" in o and "[t] jwks_refetch_seconds" in o for o in outcomes[1:6])
     assert not isinstance(outcomes[-1], str) and issuer["fetches"] == 2
+
+
+def test_key_sets_asked_of_many_uris_keep_at_most_max_cached_of_each(issuer):
+    """A registered client names its own ``jwks_uri``, so the URIs asked for are as many as
+    clients make them: what is kept for them, fetched sets, failures, and the locks of fetches,
+    stays within ``max_cached`` however many are asked for (here 10 URIs, 2 kept)."""
+    sets = RemoteKeySets(FetchLimits(max_cached=2), check=jwks_problem, clock=ManualClock())
+
+    for n in range(5):  # the issuer is down: failures
+        with pytest.raises(RemoteDocumentError):
+            anyio.run(sets.keys, f"{issuer['uri']}?client={n}", "k1")
+    issuer["down"] = False
+    for n in range(5, 10):
+        anyio.run(sets.keys, f"{issuer['uri']}?client={n}", "k1")
+    assert issuer["fetches"] == 10
+    assert len(sets._fetched) <= 2 and len(sets._failed) <= 2
+    assert len(sets._fetching) == 0  # no fetch is in progress: no lock is kept for one
