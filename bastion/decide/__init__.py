@@ -154,11 +154,14 @@ def _live(
 
 def _remove_matching(index: FactIndex, patterns: list[tuple]) -> int:
     """Remove the facts that fit each pattern; return how many. The caller holds the lock."""
-    removed = 0
-    for pattern in patterns:
-        for fact in list(index.matching(pattern)):
-            removed += index.remove(fact)
+    removed = sum(index.remove(fact) for pattern in patterns for fact in _matching(index, pattern))
+    # The removed facts' tuples are let go of: what only they named is forgotten.
+    index.let_go_of_released()
     return removed
+
+
+def _matching(index: FactIndex, pattern: tuple) -> list[tuple]:
+    return list(index.matching(pattern))
 
 
 # Up to this many facts a write adds one by one (`FactIndex.add`); more go in together
@@ -716,8 +719,11 @@ class Authorizer:
         return added
 
     def _forget(self, added: list[tuple]) -> None:
+        index = self._index
         for fact in added:
-            self._index.remove(fact)
+            index.remove(fact)
+        fact = None  # this frame's last fact: what only the question's facts named goes
+        index.let_go_of_released()
 
     def _allowed(self, active: _Active, q: Query, actor: Any, action: Any, resource: Any) -> bool:
         try:
@@ -818,13 +824,16 @@ class Authorizer:
             }
             if active.deny is not None:
                 found = {r for r in found if not active.deny(q, actor, action, r)}
+            # Ids, not the entities: a context fact's entity is let go of with the fact.
+            ids = sorted(r[1] for r in found)
+            del found
         except RecursionError:
             stack_exhausted(q)
         finally:
             if added:
                 self._forget(added)
             self._index.lock.release()
-        return sorted(r[1] for r in found)
+        return ids
 
     def actions(
         self,

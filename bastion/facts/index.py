@@ -3,7 +3,9 @@
 Per predicate, a set of argument tuples answers "is this fact true?"; for each lookup shape the
 compiled policy uses (which arguments are bound), a dict maps the bound values to the list of the
 free ones. Shapes are built on first use and kept current on every write. Entities and strings
-are interned, so a million facts over a few thousand entities share them.
+are interned, so a million facts over a few thousand entities share them; an entity's shared copy
+is let go of once nothing refers to it any more (`FactIndex.let_go_of_released`), so the table
+holds what the facts in force name, not every entity ever named.
 """
 
 from __future__ import annotations
@@ -227,6 +229,11 @@ class CopiedRows:
 
 GENERATIONS = itertools.count(1)
 
+# References to an entity's shared copy when nothing else holds it, as
+# `FactIndex.let_go_of_released` counts them: the table's key and value, the set of those
+# released, that loop's name for it, and the count's own argument.
+_HELD_BY_NOTHING = 5
+
 
 class FactIndex:
     """All facts in memory. Every read and write holds ``lock`` (not re-entrant), so a batch of
@@ -236,6 +243,9 @@ class FactIndex:
         self.predicates: dict[tuple[str, int], PredicateFacts] = {}
         self.lock = threading.Lock()
         self._interned: dict[Any, Any] = {}
+        # Shared entities that removed facts named: let go of by `let_go_of_released` if
+        # nothing refers to them any more.
+        self._released: set[Entity] = set()
         self._expiry: dict[tuple, float] = {}
         self._expiry_heap: list[tuple[float, tuple]] = []
         self.next_expiry = float("inf")
@@ -413,7 +423,7 @@ class FactIndex:
             for index in pf.modes.values():
                 turns.empty(index)
             turns.empty(pf.all)
-        for each in (self._interned, self._expiry, self._expiry_heap):
+        for each in (self._interned, self._released, self._expiry, self._expiry_heap):
             turns.empty(each)
         self.count, self.next_expiry, self._entity_types = 0, float("inf"), None
         self.generation = next(GENERATIONS)
@@ -426,7 +436,30 @@ class FactIndex:
         self.count -= 1
         self._count_entities(fact[1:], -1)
         self._expiry.pop(fact, None)
+        self._release(fact)
         return True
+
+    def _release(self, fact: tuple) -> None:
+        """Note the shared entities ``fact`` names, for `let_go_of_released`."""
+        interned = self._interned
+        for value in fact[1:]:
+            if value.__class__ is Entity and (shared := interned.get(value)) is not None:
+                self._released.add(shared)
+
+    def let_go_of_released(self) -> int:
+        """Forget the shared copy of each entity that removed facts named and that nothing
+        refers to any more (no fact, lookup index, expiry, compiled policy, or caller); return
+        how many. The caller holds the lock, and none of the removed facts' tuples. One still
+        referred to stays (until a fact naming it is removed again): an entity found equal to
+        it later is shared with what holds it."""
+        released, self._released = self._released, set()
+        interned, count = self._interned, sys.getrefcount
+        gone = 0
+        for entity in released:
+            if count(entity) <= _HELD_BY_NOTHING:
+                del interned[entity]
+                gone += 1
+        return gone
 
     def purge_expired(self, now: float) -> int:
         """Remove facts whose expiry has passed; return how many. The caller holds the lock."""
@@ -436,7 +469,12 @@ class FactIndex:
             at, fact = heapq.heappop(heap)
             if self._expiry.get(fact) == at and self.remove(fact):
                 removed += 1
+            else:
+                # Removed before it expired: its entry here held its entities until now.
+                self._release(fact)
         self.next_expiry = heap[0][0] if heap else float("inf")
+        fact = None  # the last fact popped: no reference of this frame's keeps its entities
+        self.let_go_of_released()
         return removed
 
     def expiry_of(self, fact: tuple) -> float | None:
