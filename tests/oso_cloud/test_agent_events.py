@@ -132,3 +132,21 @@ def test_malformed_events_are_refused(bastion, oso):
         ok = client.post("/api/agents/event/tool_call_error", json=good)
         assert ok.status_code == 200
         assert client.post("/api/agents/event/no_such_event", json=good).status_code == 404
+
+
+def test_a_user_id_longer_than_a_name_may_be_is_refused_and_not_counted(bastion, oso):
+    """Each user of an event is a behaviour counter's key (100,000 kept per process): one longer
+    than the agent's and the tool's bound (256 characters) would be kept whole."""
+    headers = {"authorization": f"Bearer {oso.api.token}"}
+    long = f"u{uuid.uuid4().hex}" + "x" * 300
+    body = {
+        "agent_id": f"bot-{uuid.uuid4().hex[:8]}",
+        "session_id": "s",
+        "users": [{"type": "User", "id": long}],
+        "tool_name": "search",
+        "tool_parameters": {},
+    }
+    with httpx.Client(base_url=bastion.url, headers=headers) as client:
+        r = client.post("/api/agents/event/tool_call_request", json=body)
+    assert r.status_code == 400, r.text
+    assert "users[0]" in r.json()["message"] and "256" in r.json()["message"]

@@ -40,7 +40,7 @@ KINDS = (
     "message_from_user",
     "message_to_user",
 )
-MAX_NAME = 256  # characters of an agent id or a tool name
+MAX_NAME = 256  # characters of an agent id, a tool name or a user id
 MAX_USERS = 100  # users named by one event
 
 
@@ -69,7 +69,11 @@ def parse_event(kind: str, body: dict) -> AgentEvent:
     ids = []
     for i, u in enumerate(users):
         value = value_from_oso(u, f"users[{i}]")
-        ids.append(value.id if isinstance(value, Entity) else str(value))
+        # Each user is a behaviour counter's key: bounded as the agent and the tool are.
+        user = value.id if isinstance(value, Entity) else str(value)
+        if not user or len(user) > MAX_NAME:
+            raise bad_request(f"the id of users[{i}] must be 1 to {MAX_NAME} characters")
+        ids.append(user)
     tool = None
     if kind.startswith("tool_call"):
         tool = _name(body, "tool_name")
