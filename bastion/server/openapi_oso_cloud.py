@@ -138,7 +138,15 @@ _EVENT = {
         {
             "type": "array",
             "maxItems": MAX_USERS,
-            "items": {"$ref": "#/components/schemas/OsoValue"},
+            "items": {
+                "description": "a user, as an OsoValue whose id is 1 to 256 characters",
+                **_object(
+                    ["type", "id"],
+                    closed=True,
+                    type=_NAME,
+                    id={"type": "string", "minLength": 1, "maxLength": MAX_NAME},
+                ),
+            },
         }
     ),
 }

@@ -70,10 +70,9 @@ def parse_event(kind: str, body: dict) -> AgentEvent:
     for i, u in enumerate(users):
         value = value_from_oso(u, f"users[{i}]")
         # Each user is a behaviour counter's key: bounded as the agent and the tool are.
-        user = value.id if isinstance(value, Entity) else str(value)
-        if not user or len(user) > MAX_NAME:
+        if not 1 <= len(u["id"]) <= MAX_NAME:
             raise bad_request(f"the id of users[{i}] must be 1 to {MAX_NAME} characters")
-        ids.append(user)
+        ids.append(value.id if isinstance(value, Entity) else str(value))
     tool = None
     if kind.startswith("tool_call"):
         tool = _name(body, "tool_name")
