@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 
+from bastion.facts.model import Entity
 from bastion.facts.store import FactStore, StoredFact
 from bastion.server import replica as replica_module
 from bastion.server.replica import Replica
@@ -46,3 +47,51 @@ def test_a_wildcard_delete_is_put_in_force_off_the_event_loop(sqlite_url, monkey
     assert (held, left) == (50, 0)
     assert [reader(0)] in on_loop
     assert not any(None in pattern for deletes in on_loop for pattern in deletes), on_loop
+
+
+def test_deletes_are_matched_against_the_unused_facts_once_each(sqlite_url, monkeypatch):
+    """A replica keeps the stored facts the policy in force does not use, to use them after a
+    policy change, and drops those a change deletes. Each fact was tried against every pattern
+    of every change with deletes: 300 unused facts and a change deleting 300 other facts took
+    90,000 comparisons, and an application with many unused facts and large deletes held every
+    replica's changes back (stale past max_staleness). Exact patterns are looked up; a wildcard
+    is tried only against the unused facts of its predicate."""
+    writer = FactStore.open(sqlite_url)
+    writer.put_policy(POLICY)
+    tried = []
+    original = replica_module.matches
+
+    def counting(fact, pattern):
+        tried.append(pattern)
+        return original(fact, pattern)
+
+    monkeypatch.setattr(replica_module, "matches", counting)
+
+    def archived(n: int) -> tuple:
+        return ("is_archived", Entity("Repo", f"r{n}"))
+
+    async def run() -> list:
+        replica = Replica(sqlite_url, max_staleness=30)
+        await replica.start()
+        try:
+            facts = [StoredFact(reader(n)) for n in range(300)]
+            facts += [StoredFact(archived(n)) for n in range(300)]
+            facts += [StoredFact(("is_public", Entity("Repo", "r0")))]
+            seq = writer.apply(facts).seq
+            await replica.wait_for(seq, 10)
+            assert len(replica.unusable) == 301
+            tried.clear()
+            seq = writer.apply([], [reader(n) for n in range(300)] + [archived(0)]).seq
+            await replica.wait_for(seq, 10)
+            assert len(tried) <= 301  # not 301 x 301
+            seq = writer.apply([], [("is_archived", None)]).seq
+            await replica.wait_for(seq, 10)
+            return [f.fact for f in replica.unusable]
+        finally:
+            await replica.stop()
+
+    try:
+        left = asyncio.run(run())
+    finally:
+        writer.close()
+    assert left == [("is_public", Entity("Repo", "r0"))]
