@@ -48,6 +48,10 @@ CLIENT_REQUESTS = {
     "elicitation/create": "elicitation",
     "roots/list": "roots",
 }
+# The capabilities a client declares that bastion relays; a 2025-11-25 session keeps these only,
+# in at most this many characters of JSON (`kept_capabilities`).
+RELAYED_CAPABILITIES = frozenset(CLIENT_REQUESTS.values())
+MAX_KEPT_CAPABILITIES = 16_384
 # The kind of bastion's requestState for the questions of an upstream session's input_required
 # result (`ClientRequests.seal`).
 ASKED_STATE = "bastion-asked.v1."
@@ -59,6 +63,24 @@ WITHHELD_CLIENT_ERROR = (
     "the client answered with an error; its message is withheld by bastion because a field of"
     " its answer is masked"
 )
+
+
+def kept_capabilities(declared: Any) -> dict[str, Any]:
+    """What a 2025-11-25 session keeps, for as long as it lives, of the capabilities its client
+    declared at initialize: those bastion relays (`RELAYED_CAPABILITIES`), no others. Longer
+    than `MAX_KEPT_CAPABILITIES` characters of JSON, they are refused (-32602): a session holds
+    a few KiB of them, not a body's worth."""
+    if not isinstance(declared, dict):
+        return {}
+    kept = {k: v for k, v in declared.items() if k in RELAYED_CAPABILITIES}
+    if len(json.dumps(kept, separators=(",", ":"))) > MAX_KEPT_CAPABILITIES:
+        raise RpcError(
+            INVALID_PARAMS,
+            f"params.capabilities ({', '.join(sorted(RELAYED_CAPABILITIES))}) are longer than"
+            f" {MAX_KEPT_CAPABILITIES} characters of JSON",
+            http_status=400,
+        )
+    return kept
 
 
 def check_client_request(method: Any, params: Any, capabilities: dict[str, Any]) -> None:

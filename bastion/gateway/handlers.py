@@ -20,7 +20,7 @@ from bastion import untrusted_json
 from bastion.facts.model import Entity
 from bastion.gateway import holds
 from bastion.gateway.client_requests import (
-    CLIENT_REQUESTS,
+    RELAYED_CAPABILITIES,
     answer_for_upstream,
     check_client_request,
 )
@@ -57,7 +57,6 @@ Emit = Callable[[dict[str, Any]], Awaitable[None]]
 # A 2026-07-28 result that asks the client for input first (SEP-2322; the draft says
 # "incomplete", the SDK "input_required").
 INPUT_REQUIRED = ("input_required", "incomplete")
-_CAPABILITIES = frozenset(CLIENT_REQUESTS.values())
 _MAX_INPUT_ROUNDS = 10
 _tokens = itertools.count(1)
 # The 2026-07-28 per-request envelope; bastion speaks the 2025-11-25 era upstream.
@@ -198,7 +197,7 @@ class Exchange:
                 params.pop("_meta")
         modern = self.caller.protocol_version in MODERN_VERSIONS
         asks = (
-            {k: v for k, v in self.capabilities.items() if k in _CAPABILITIES}
+            {k: v for k, v in self.capabilities.items() if k in RELAYED_CAPABILITIES}
             if self.capabilities
             else None
         )

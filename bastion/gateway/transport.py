@@ -25,6 +25,7 @@ from starlette.types import Receive, Scope, Send
 
 from bastion import untrusted_json
 from bastion.db import DatabaseUnavailable
+from bastion.gateway.client_requests import kept_capabilities
 from bastion.gateway.enforce import Caller, StepUp
 from bastion.gateway.handlers import Exchange, admit_and_start, handler_for
 from bastion.gateway.jsonrpc import (
@@ -374,8 +375,11 @@ class StreamableHttpEndpoint:
         version = headers.get("mcp-protocol-version", "")
         modern = version in MODERN_VERSIONS
         session = None
+        kept: dict[str, Any] = {}  # what a new 2025-11-25 session keeps of its capabilities
         response_headers: dict[str, str] = {}
         try:
+            if method == "initialize":
+                kept = kept_capabilities(message.params.get("capabilities"))
             if modern:
                 self._check_modern(message, headers, scope)
             elif version and version not in LEGACY_VERSIONS:
@@ -495,13 +499,12 @@ class StreamableHttpEndpoint:
             _counted(exchange, await flight.end(send, body))
             return
         if method == "initialize" and "error" not in body:
-            capabilities = message.params.get("capabilities")
             opened = gateway.sessions.open(
                 upstream.name,
                 caller.subject,
                 caller.client_id,
                 exchange.notes["protocol_version"],
-                capabilities if isinstance(capabilities, dict) else {},
+                kept,
                 session_id=exchange.opening,
             )
             extra["mcp-session-id"] = opened.id

@@ -503,3 +503,33 @@ def test_a_name_longer_than_the_limit_is_refused_and_nothing_keeps_it(bastion, t
     assert list(bastion.records.after(seq)) == []  # no decision, so no record holds it
     assert (len(behavior._keys) if behavior is not None else 0) == keys
     assert len(bastion.recorder.requests) == before
+
+
+def test_a_session_keeps_only_the_capabilities_bastion_relays(bastion, token):
+    """A 2025-11-25 session keeps what its client declared at initialize for as long as it
+    lives, 64 sessions per user and server: only the capabilities bastion relays (sampling,
+    elicitation, roots) are kept, and a declaration of those longer than 16,384 characters of
+    JSON is refused, so a session holds a few KiB, not a body's worth (1 MiB)."""
+    sessions = bastion.app.state.gateway.sessions
+    declared = {"experimental": {"x": "y" * 50_000}, "roots": {"listChanged": True}}
+    headers = legacy_session(bastion, token, "deskhttp", declared)
+    assert sessions.get(headers["mcp-session-id"]).capabilities == {"roots": {"listChanged": True}}
+    before = len(sessions)
+    response = bastion.http.post(
+        bastion.mcp_url("deskhttp"),
+        json={
+            "jsonrpc": "2.0",
+            "id": 0,
+            "method": "initialize",
+            "params": {
+                "protocolVersion": "2025-11-25",
+                "capabilities": {"sampling": {"x": "y" * 20_000}},
+                "clientInfo": {"name": "t", "version": "1"},
+            },
+        },
+        headers={"authorization": f"Bearer {token}", "mcp-protocol-version": "2025-11-25"},
+    )
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["code"] == -32602 and "16384" in error["message"], error
+    assert len(sessions) == before
