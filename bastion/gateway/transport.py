@@ -67,6 +67,10 @@ log = logging.getLogger("bastion.gateway")
 DPOP_HEADER = b"dpop"
 # At most this many callers are kept for requests to come (`StreamableHttpEndpoint._caller`).
 _CALLERS = 4096
+# The longest Mcp-Session-Id or MCP-Protocol-Version a remembered caller is kept with: longer than
+# any session id bastion makes (22 characters) or version it speaks, so such a request's caller
+# is made again each time rather than its header text kept (up to the 64 KiB of a head).
+_REMEMBERED_HEADER = 64
 _NAME_PARAMS = {"tools/call": "name", "prompts/get": "name", "resources/read": "uri"}
 _ENVELOPE_VERSION = "io.modelcontextprotocol/protocolVersion"
 _ENVELOPE_CAPABILITIES = "io.modelcontextprotocol/clientCapabilities"
@@ -249,6 +253,8 @@ class StreamableHttpEndpoint:
             agents=verified.agents,
             task=verified.task or "",
         )
+        if len(session_id) > _REMEMBERED_HEADER or len(version) > _REMEMBERED_HEADER:
+            return caller  # no session or era of bastion's: refused later, and not kept
         if len(self._callers) >= _CALLERS:
             self._callers.clear()
         self._callers[key] = (verified, posture, caller)

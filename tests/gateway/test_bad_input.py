@@ -533,3 +533,18 @@ def test_a_session_keeps_only_the_capabilities_bastion_relays(bastion, token):
     error = response.json()["error"]
     assert error["code"] == -32602 and "16384" in error["message"], error
     assert len(sessions) == before
+
+
+def test_a_caller_is_remembered_only_with_headers_bastion_could_accept(bastion, token):
+    """The gateway remembers the `Caller` made for a token, address, protocol version and
+    session id (4,096 of them), to give it again. A session id or version no session or era of
+    bastion's has (here 20,000 characters, refused 404) is not remembered with it: each such
+    request kept its header text until the table was full (4,096 heads of 64 KiB)."""
+    callers = bastion.app.state.gateway._endpoint._callers
+    assert post(bastion, token, body=call(), **MODERN).status_code == 200
+    before = len(callers)
+    for n in range(20):
+        headers = {"mcp-protocol-version": "2025-11-25", "mcp-session-id": f"{n}{'s' * 20_000}"}
+        response = post(bastion, token, body=call(), **headers)
+        assert response.status_code == 404, response.text
+    assert len(callers) == before
