@@ -259,7 +259,7 @@ class DPoPProofs:
         if not isinstance(value, str) or len(value) > 64:
             return False
         period, _, _ = value.partition(".")
-        if not period.isdigit():
+        if not (period.isascii() and period.isdigit()):  # int() refuses some of str's digits
             return False
         current = int(self.clock() // self.settings.nonce_seconds)
         return int(period) in (current, current - 1) and hmac.compare_digest(

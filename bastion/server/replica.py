@@ -567,7 +567,7 @@ class Replica:
             self._loop.call_soon_threadsafe(self._wake.set)
 
     def _notified(self, payload: str) -> None:
-        if payload.isdigit():
+        if payload.isascii() and payload.isdigit():
             self.head_seen = max(self.head_seen, int(payload))
         self.noticed = time.monotonic()
         self.kick()

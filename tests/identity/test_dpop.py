@@ -458,7 +458,11 @@ def test_a_forged_or_stale_nonce_is_refused(strict):
     holder = Holder()
     period = int(time.time() // 60)
     dpop = strict.app.state.oauth.dpop
-    for nonce in (f"{period}.forged", dpop._nonce_of(period - 2), dpop._nonce_of(period + 1), 7):
+    # Digits of other scripts: '²' is a digit to str.isdigit() that int() refuses, '٣' one it
+    # reads as 3; a nonce's period is written in ASCII digits or it is no nonce of bastion's.
+    others = ("\u00b2.forged", "\u0663" + dpop._nonce_of(3)[1:])
+    forged = (f"{period}.forged", dpop._nonce_of(period - 2), dpop._nonce_of(period + 1), 7)
+    for nonce in (*forged, *others):
         proof = holder.proof("POST", token_url(strict), nonce=nonce)
         _, response = code_request(strict, holder, proofs=[proof])
         assert response.status_code == 400, response.text

@@ -183,6 +183,20 @@ def test_business_hours_in_a_time_zone():
     assert not authz.authorize(u, "call", t, {"time": "not a time"})
 
 
+def test_a_time_window_read_from_the_request_is_written_in_ascii_digits_or_matches_nothing():
+    """A window's hours may come from the request: '²' is a digit to Python's str.isdigit()
+    that int() refuses (the evaluation failed), '٠٩' one it reads as 09."""
+    policy = (
+        'actor User {}\nresource Tool {}\nallow(_u: User, "call", _t: Tool) if'
+        ' in_time_window(context.time, "Mon-Sun", context.start, "23:59", "UTC");'
+    )
+    authz = Authorizer(policy)
+    u, t, noon = User("a"), Entity("Tool", "x"), "2026-11-30T12:00:00Z"
+    assert authz.authorize(u, "call", t, {"time": noon, "start": "09:00"})
+    for start in ("\u00b2:00", "\u0660\u0669:00", "09:\u0660\u0660"):
+        assert not authz.authorize(u, "call", t, {"time": noon, "start": start}), start
+
+
 def test_in_over_lists_and_cidr_matching():
     policy = """actor User {}\nresource Doc {}
 allow(_u: User, "read", _d: Doc) if "support" in context.groups and cidr_contains("192.168.0.0/16", context.ip);

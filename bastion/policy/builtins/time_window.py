@@ -52,7 +52,7 @@ def _days(spec: str) -> frozenset[int] | None:
 @lru_cache(maxsize=256)
 def _minutes(hhmm: str) -> int | None:
     hours, _, minutes = hhmm.partition(":")
-    if not (hours.isdigit() and minutes.isdigit()):
+    if not (hhmm.isascii() and hours.isdigit() and minutes.isdigit()):
         return None
     h, m = int(hours), int(minutes)
     if h > 24 or m > 59 or (h == 24 and m):
