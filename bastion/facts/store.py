@@ -38,6 +38,12 @@ INDEXED_ARGS = 4
 # 12). The key is the facts table's primary key, and PostgreSQL indexes no entry over 2,704
 # bytes: a longer one was a failed write there (a 500), and SQLite took it.
 MAX_FACT_KEY = 2600
+# The longest type and id of an entity any fact can hold: in the shortest fact that names one,
+# a one-letter predicate and the entity alone, `["p", "E:T:id"]` (12 characters besides the
+# type and id), with the other part as short as it can be (a type of one character, an id of
+# none). The decision APIs refuse a longer one (`check_entity_size`): no fact could match it.
+MAX_ENTITY_TYPE = MAX_FACT_KEY - 12
+MAX_ENTITY_ID = MAX_FACT_KEY - 12 - 1
 CHANGES_CHANNEL = "bastion_changes"
 # Batches at least this large go through a scratch table (`FactStore._upsert`).
 _SCRATCH_THRESHOLD = 500
@@ -137,6 +143,23 @@ def check_storable(fact: tuple) -> None:
     """`FactError` if the store cannot hold ``fact`` (checked): for a writer that must know
     before it writes anything else."""
     _storable_key(fact, [*map(_arg_key, fact[1:])])
+
+
+def check_entity_size(type_: str, id_: str = "") -> None:
+    """`FactError` if no fact can hold an entity of this type and id: a type longer than
+    `MAX_ENTITY_TYPE` characters or an id longer than `MAX_ENTITY_ID`. For a decision API, which
+    must refuse such an entity before it decides or keeps anything of it: no fact could match
+    it, and the decision log would keep it whole."""
+    if len(type_) > MAX_ENTITY_TYPE or len(id_) > MAX_ENTITY_ID:
+        which, most, size = (
+            ("type", MAX_ENTITY_TYPE, len(type_))
+            if len(type_) > MAX_ENTITY_TYPE
+            else ("id", MAX_ENTITY_ID, len(id_))
+        )
+        raise FactError(
+            f"an entity's {which} is at most {most} characters, the longest any fact can hold"
+            f" (a fact's key is at most {MAX_FACT_KEY}); got {size}"
+        )
 
 
 def _storable_key(fact: tuple, keys: list[str]) -> str:

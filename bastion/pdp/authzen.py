@@ -23,7 +23,8 @@ from typing import Any
 
 from bastion.decide import Authorizer
 from bastion.decide.contract import ChainDecision, decide_chain, decide_chain_in
-from bastion.facts.model import Entity
+from bastion.facts.model import Entity, FactError
+from bastion.facts.store import check_entity_size
 
 SEMANTICS = ("execute_all", "deny_on_first_deny", "permit_on_first_permit")
 # The names under which the subject's, resource's and action's properties reach the policy.
@@ -132,9 +133,9 @@ def _properties(body: dict, where: str) -> dict:
 
 
 def read_party(value: Any, where: str, *, id_required: bool = True) -> Party:
-    """A subject or resource: ``type`` (not empty) and ``id`` strings, optional ``properties``.
-    With ``id_required`` false (the searched-for entity) an ``id`` is ignored, as the spec
-    says."""
+    """A subject or resource: ``type`` (not empty) and ``id`` strings, optional ``properties``;
+    refused if no fact can hold the entity (`check_entity_size`). With ``id_required`` false (the
+    searched-for entity) an ``id`` is ignored, as the spec says."""
     if value is None:
         raise AuthzenError(f"{where} is required")
     body = _object(value, where)
@@ -142,6 +143,10 @@ def read_party(value: Any, where: str, *, id_required: bool = True) -> Party:
     if not type_:
         raise AuthzenError(f"{where}.type must not be empty")
     id_ = _text(body, "id", where) if id_required else None
+    try:
+        check_entity_size(type_, id_ or "")
+    except FactError as e:
+        raise AuthzenError(f"{where}: {e}") from None
     return Party(type_, id_, _properties(body, where))
 
 

@@ -22,6 +22,7 @@ from bastion.agents.registry import STATUSES as AGENT_STATUSES
 from bastion.approvals import service as approvals_service
 from bastion.approvals.store import KINDS, STATUSES
 from bastion.delegation.tasks import STATUSES as TASK_STATUSES
+from bastion.facts.store import MAX_ENTITY_ID, MAX_ENTITY_TYPE
 from bastion.names import MAX_NAME_LENGTH
 from bastion.server.api import agents as agents_api
 from bastion.server.api import alerts as alerts_api
@@ -66,6 +67,9 @@ def _response(required: list[str], **props: Any) -> dict:
 
 
 _STR = {"type": "string"}
+# An entity's type and id in a question: at most what a fact can hold (`check_entity_size`).
+_ENTITY_TYPE = {**_STR, "minLength": 1, "maxLength": MAX_ENTITY_TYPE}
+_ENTITY_ID = {**_STR, "maxLength": MAX_ENTITY_ID}
 _LABEL_ID = {**_STR, "minLength": 1, "maxLength": labels_api.MAX_ID_LENGTH}
 _BOOL = {"type": "boolean"}
 # A policy's warnings refused as errors (always so with the setting policy_strict).
@@ -118,13 +122,20 @@ SCHEMAS: dict[str, Any] = {
         "properties": {"type": {"type": "string", "minLength": 1}, "id": _STR},
         "additionalProperties": False,
     },
+    # An entity a decision is asked about: none that no fact could hold (`check_entity_size`).
+    "AskedEntityObject": {
+        "type": "object",
+        "required": ["type", "id"],
+        "properties": {"type": _ENTITY_TYPE, "id": _ENTITY_ID},
+        "additionalProperties": False,
+    },
     "Entity": {
         "anyOf": [
-            _ref("EntityObject"),
+            _ref("AskedEntityObject"),
             {
                 "type": "string",
-                # ENTITY_SHORT_FORM, without the NUL no request may hold.
-                "pattern": "^[^:\\u0000]+:[^\\u0000]+$",
+                # ENTITY_SHORT_FORM, without the NUL no request may hold, its parts bounded.
+                "pattern": f"^[^:\\u0000]{{1,{MAX_ENTITY_TYPE}}}:[^\\u0000]{{1,{MAX_ENTITY_ID}}}$",
                 "description": 'short form "Type:id"',
             },
         ]
@@ -670,7 +681,7 @@ PATHS: dict[str, Any] = {
                 ["actor", "action", "resource_type"],
                 actor=_ref("Entity"),
                 action=_STR,
-                resource_type=_STR,
+                resource_type={**_STR, "maxLength": MAX_ENTITY_TYPE},
                 context=_CTX,
                 limit=_nullable({**_INT, "minimum": 1, "maximum": MAX_LIST_PAGE}),
                 cursor=_nullable(_STR),
@@ -724,7 +735,10 @@ PATHS: dict[str, Any] = {
                                     "properties": {"var": _STR},
                                     "additionalProperties": False,
                                 },
-                                _ref("FactArg"),
+                                _ref("AskedEntityObject"),
+                                _STR,
+                                _BOOL,
+                                _INT,
                             ]
                         },
                     }
@@ -1480,8 +1494,8 @@ def _az_entity(id_required: bool) -> dict:
         "type": "object",
         "required": ["type", "id"] if id_required else ["type"],
         "properties": {
-            "type": {"type": "string", "minLength": 1},
-            "id": _STR
+            "type": _ENTITY_TYPE,
+            "id": _ENTITY_ID
             if id_required
             else {"allOf": [_ref("JsonValue")], "description": "ignored: what the search finds"},
             "properties": _PROPERTIES,

@@ -9,12 +9,16 @@ from __future__ import annotations
 
 from typing import Any
 
+from bastion.facts.store import MAX_ENTITY_ID, MAX_ENTITY_TYPE
 from bastion.server.api.oso_agents import EVENTS, KINDS, MAX_NAME, MAX_USERS
 from bastion.server.api.oso_cloud import READ, WRITE
 
 _STR = {"type": "string"}
 _NAME = {"type": "string", "minLength": 1}
 _ANY = {"$ref": "#/components/schemas/JsonValue"}
+# The actor and resource of a question: at most what a fact can hold (`check_entity_size`).
+_ASKED_TYPE = {**_NAME, "maxLength": MAX_ENTITY_TYPE}
+_ASKED_ID = {**_STR, "maxLength": MAX_ENTITY_ID}
 
 
 def _nullable(schema: dict) -> dict:
@@ -125,7 +129,7 @@ def _query(name: str, schema: dict, description: str, required: bool = False) ->
     return out
 
 
-_QUESTION = {"actor_type": _NAME, "actor_id": _STR, "context_facts": _CONTEXT_FACTS}
+_QUESTION = {"actor_type": _ASKED_TYPE, "actor_id": _ASKED_ID, "context_facts": _CONTEXT_FACTS}
 _FACT_ARGS = [
     _query(f"args.{i}.{part}", _NAME if part == "type" else _STR, f"argument {i}'s {part}")
     for i in range(5)
@@ -181,8 +185,8 @@ PATHS: dict[str, Any] = {
                 ["actor_type", "actor_id", "action", "resource_type", "resource_id"],
                 **_QUESTION,
                 action=_STR,
-                resource_type=_NAME,
-                resource_id=_STR,
+                resource_type=_ASKED_TYPE,
+                resource_id=_ASKED_ID,
             ),
         )
     },
@@ -199,7 +203,7 @@ PATHS: dict[str, Any] = {
                 ["actor_type", "actor_id", "action", "resource_type"],
                 **_QUESTION,
                 action=_STR,
-                resource_type=_STR,
+                resource_type={**_STR, "maxLength": MAX_ENTITY_TYPE},
                 page_size=_nullable({"type": "integer", "minimum": 1, "maximum": 2**63 - 1}),
                 page_token=_nullable(_STR),
             ),
@@ -213,8 +217,8 @@ PATHS: dict[str, Any] = {
             body=_object(
                 ["actor_type", "actor_id", "resource_type", "resource_id"],
                 **_QUESTION,
-                resource_type=_NAME,
-                resource_id=_STR,
+                resource_type=_ASKED_TYPE,
+                resource_id=_ASKED_ID,
             ),
         )
     },

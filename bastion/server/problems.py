@@ -12,6 +12,7 @@ from starlette.responses import JSONResponse
 from bastion import untrusted_json
 from bastion.cli import count_in
 from bastion.facts.model import Entity, FactError
+from bastion.facts.store import MAX_ENTITY_ID, MAX_ENTITY_TYPE, check_entity_size
 
 PROBLEM_JSON = "application/problem+json"
 # On every error answer: a browser shown one (a 404 quoting the path it was sent to, say) takes
@@ -141,13 +142,43 @@ ENTITY_SHORT_FORM = re.compile(r"([^:]+):([\s\S]+)")
 
 
 def entity(body: dict, name: str) -> Entity:
-    """An entity field: ``{"type": "User", "id": "alice"}`` or the short form ``"User:alice"``."""
+    """An entity field: ``{"type": "User", "id": "alice"}`` or the short form ``"User:alice"``;
+    a 400 for one that no fact can hold (`check_entity_size`)."""
     value = body.get(name)
     # The common, well-formed case first: it is on the path of every decision.
     if value.__class__ is dict and len(value) == 2:
         type_, id_ = value.get("type"), value.get("id")
-        if type_.__class__ is str and id_.__class__ is str and type_:
+        if (
+            type_.__class__ is str
+            and id_.__class__ is str
+            and type_
+            and len(type_) <= MAX_ENTITY_TYPE
+            and len(id_) <= MAX_ENTITY_ID
+        ):
             return Entity(type_, id_)
+    return sized(_entity(body, name), name)
+
+
+def sized(e: Entity, name: str) -> Entity:
+    """``e``, the field ``name``; a 400 if no fact can hold it (`check_entity_size`)."""
+    try:
+        check_entity_size(e.type, e.id)
+    except FactError as err:
+        raise bad_request(f"the field {name!r}: {err}") from None
+    return e
+
+
+def entity_type(body: dict, name: str) -> str:
+    """An entity type field (a string); a 400 if no fact can hold an entity of it."""
+    value = field(body, name, str)
+    try:
+        check_entity_size(value)
+    except FactError as err:
+        raise bad_request(f"the field {name!r}: {err}") from None
+    return value
+
+
+def _entity(body: dict, name: str) -> Entity:
     value = field(body, name, (dict, str))
     if isinstance(value, str):
         short = ENTITY_SHORT_FORM.fullmatch(value)

@@ -37,7 +37,15 @@ from bastion.policy.errors import EvaluationLimit, PolicyError
 from bastion.server.api.policy import policy_problem
 from bastion.server.auth import require
 from bastion.server.metrics import Metrics
-from bastion.server.problems import Problem, bad_request, entity, read_json, unprocessable
+from bastion.server.problems import (
+    Problem,
+    bad_request,
+    entity,
+    entity_type,
+    read_json,
+    sized,
+    unprocessable,
+)
 from bastion.server.problems import field as get_field
 from bastion.server.replica import ConsistencyTimeout, Replica
 from bastion.signals.suspensions import Held
@@ -613,7 +621,7 @@ async def list_resources(request: Request) -> JSONResponse:
     actor = entity(body, "actor")
     known_type(authz, actor, "actor")
     action = get_field(body, "action", str)
-    resource_type = get_field(body, "resource_type", str)
+    resource_type = entity_type(body, "resource_type")
     limit = get_field(body, "limit", int, required=False)
     limit = 100 if limit is None else limit
     if not 1 <= limit <= MAX_PAGE:
@@ -703,9 +711,10 @@ async def query(request: Request) -> JSONResponse:
             args.append(Variable(a["var"]))
         else:
             try:
-                args.append(arg_from_json(a))
+                arg = arg_from_json(a)
             except ValueError as e:
                 raise bad_request(f'args[{i}]: {e}; a variable is {{"var": "name"}}') from None
+            args.append(sized(arg, f"args[{i}]") if arg.__class__ is Entity else arg)
     started = time.perf_counter()
     refusal = None
     try:

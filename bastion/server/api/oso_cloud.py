@@ -27,13 +27,19 @@ from starlette.routing import Route
 from bastion.cli import count_in
 from bastion.decide import Authorizer
 from bastion.facts.model import Entity, FactError, check_fact
-from bastion.facts.store import FactStore, StoredFact, WriteResult, fact_key
+from bastion.facts.store import FactStore, StoredFact, WriteResult, check_entity_size, fact_key
 from bastion.policy.errors import EvaluationLimit, PolicyError
 from bastion.policy.parser import parse
 from bastion.server.api.decisions import fresh, known_type, observe_decision, record_decision
 from bastion.server.api.policy import await_applied, policy_problem, policy_warnings
 from bastion.server.auth import require
-from bastion.server.problems import Problem, bad_request, read_json, unprocessable
+from bastion.server.problems import (
+    Problem,
+    bad_request,
+    entity_type,
+    read_json,
+    unprocessable,
+)
 from bastion.server.problems import field as get_field
 from bastion.untrusted_json import MAX_INTEGER, MIN_INTEGER, writable
 
@@ -233,7 +239,13 @@ def _entity(body: dict, type_field: str, id_field: str) -> Any:
     id_ = get_field(body, id_field, str)
     if not type_:
         raise bad_request(f"the field {type_field!r} must not be empty")
-    return _typed(type_, id_, f"{type_field}/{id_field}")
+    # The decision log keeps the actor and resource whole: none that no fact could hold.
+    where = f"{type_field}/{id_field}"
+    try:
+        check_entity_size(type_, id_)
+    except FactError as e:
+        raise bad_request(f"{where}: {e}") from None
+    return _typed(type_, id_, where)
 
 
 def _checked(authz: Authorizer, value: Any, name: str) -> None:
@@ -307,7 +319,7 @@ async def list_resources(request: Request) -> Response:
     actor = _entity(body, "actor_type", "actor_id")
     _checked(authz, actor, "actor_type")
     action = get_field(body, "action", str)
-    resource_type = get_field(body, "resource_type", str)
+    resource_type = entity_type(body, "resource_type")
     most = request.app.state.config.oso_api_max_results
     page_size = get_field(body, "page_size", int, required=False) or most
     if page_size < 1:
