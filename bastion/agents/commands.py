@@ -11,7 +11,6 @@ import argparse
 import json
 import sys
 import time
-from datetime import UTC, datetime
 
 from bastion.agents.identity import AgentError
 from bastion.agents.registry import STATUSES, list_agents, show_agent, update_agent
@@ -28,6 +27,7 @@ from bastion.signals.suspensions import (
     stored,
     suspend,
     suspension,
+    until,
 )
 
 
@@ -35,20 +35,11 @@ def _store(args: argparse.Namespace) -> FactStore:
     return FactStore.open(command_database(args), role="bastion-cli")
 
 
-def _when(epoch: float | None) -> str:
-    if epoch is None:
-        return "until resumed"
-    try:
-        return "until " + datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-    except (ValueError, OverflowError, OSError):  # past year 9999: stored before the bound
-        return f"until {epoch:.0f} (seconds since the epoch)"
-
-
 def cmd_suspend(store: FactStore, args: argparse.Namespace) -> int:
     expires = time.time() + args.minutes * 60 if args.minutes else None
     s = suspension(args.kind, args.id, expires)
     result = suspend(store, s, cli_actor())
-    print(f"suspended {s.kind} {s.id} {_when(s.expires_at)} (sequence {result.seq})")
+    print(f"suspended {s.kind} {s.id} {until(s.expires_at)} (sequence {result.seq})")
     return 0
 
 
@@ -67,7 +58,7 @@ def cmd_list(store: FactStore, args: argparse.Namespace) -> int:
         # The suspensions in force, of every kind (agents, users, sessions).
         for s in stored(store):
             out = (
-                json.dumps(s.to_json()) if args.json else f"{s.kind}\t{s.id}\t{_when(s.expires_at)}"
+                json.dumps(s.to_json()) if args.json else f"{s.kind}\t{s.id}\t{until(s.expires_at)}"
             )
             print(out)
         return 0
@@ -75,7 +66,8 @@ def cmd_list(store: FactStore, args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps(a.to_json()))
         else:
-            print(f"{a.client_id}\t{a.name}\t{a.status}\towner {a.owner or '-'}\t{a.parent or '-'}")
+            status = f"stopped: {a.stopped}" if a.stopped else a.status
+            print(f"{a.client_id}\t{a.name}\t{status}\towner {a.owner or '-'}\t{a.parent or '-'}")
     return 0
 
 

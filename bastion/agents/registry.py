@@ -1,7 +1,8 @@
 """The agent registry as the CLI (``bastion agents``) and the /v1 API (``/v1/agents``) show it:
 each OAuth client with its owner and parent (facts, `bastion.agents.identity`), its name and
 purpose (kept with the client) and its status: ``revoked`` (the client is), ``suspended`` (the
-kill switch holds it, `bastion.signals.suspensions`) or ``active``."""
+kill switch holds it, `bastion.signals.suspensions`), ``stopped`` (its owner is suspended or
+disabled, so it cannot act as itself: ``stopped`` says which owner and why) or ``active``."""
 
 from __future__ import annotations
 
@@ -15,10 +16,10 @@ from bastion.agents.identity import AgentError
 from bastion.facts.model import Entity
 from bastion.facts.store import FactStore
 from bastion.oauth.store import Client, OAuthStore
-from bastion.signals.suspensions import stored
+from bastion.signals.suspensions import stored, until
 
 MAX_PURPOSE_CHARS = 500
-STATUSES = ("active", "suspended", "revoked")
+STATUSES = ("active", "stopped", "suspended", "revoked")
 
 
 class UnknownAgent(AgentError):
@@ -37,6 +38,8 @@ class AgentIdentity:
     auth_method: str
     created_at: float
     suspended_until: float | None = None
+    # Why an agent is ``stopped``: "owner 'pat' is suspended until resumed", "... is disabled".
+    stopped: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -50,11 +53,42 @@ class AgentIdentity:
             "token_endpoint_auth_method": self.auth_method,
             "created_at": self.created_at,
             "suspended_until": self.suspended_until,
+            "stopped": self.stopped,
         }
 
 
-def _suspended(facts: FactStore) -> dict[str, float | None]:
-    return {s.id: s.expires_at for s in stored(facts) if s.kind == "agent"}
+@dataclass(frozen=True)
+class _Standing:
+    """The suspensions in force (agents' and users'), and which owners are disabled."""
+
+    agents: dict[str, float | None]
+    users: dict[str, float | None]
+    disabled: frozenset[str]
+
+    def stopped(self, owners: list[str]) -> str | None:
+        """Why an agent of these owners cannot act as itself, or None: an agent never outlasts
+        its owner (`bastion.signals.suspensions.Suspensions.first`, the token endpoint)."""
+        for owner in owners:
+            if owner in self.users:
+                return f"owner {owner!r} is suspended {until(self.users[owner])}"
+        for owner in owners:
+            if owner in self.disabled:
+                return f"owner {owner!r} is disabled"
+        return None
+
+
+def _standing(clients: OAuthStore, facts: FactStore, owners: list[str] | None) -> _Standing:
+    """What the status needs, for every agent (``owners`` None) or for these owners."""
+    in_force = stored(facts)
+    if owners is None:
+        disabled = {u for u, _, disabled_at in clients.users() if disabled_at is not None}
+    else:
+        disabled = {o for o in owners if clients.user_state(o) == "disabled"}
+    return _Standing(
+        {s.id: s.expires_at for s in in_force if s.kind == "agent"},
+        {s.id: s.expires_at for s in in_force if s.kind == "user"},
+        frozenset(disabled),
+    )
 
 
 def _relations(facts: FactStore, relation: str, kind: str) -> dict[str, list[str]]:
@@ -74,14 +108,18 @@ def _relations(facts: FactStore, relation: str, kind: str) -> dict[str, list[str
 
 def _identity(
     client: Client,
-    suspended: dict[str, float | None],
+    standing: _Standing,
     owners: list[str],
     parents: list[str],
 ) -> AgentIdentity:
+    suspended = standing.agents
+    stopped = standing.stopped(owners)
     if client.revoked_at is not None:
         status = "revoked"
     elif client.client_id in suspended:
         status = "suspended"
+    elif stopped is not None:
+        status = "stopped"
     else:
         status = "active"
     return AgentIdentity(
@@ -95,6 +133,7 @@ def _identity(
         auth_method=client.token_endpoint_auth_method,
         created_at=client.created_at,
         suspended_until=suspended.get(client.client_id),
+        stopped=stopped if status == "stopped" else None,
     )
 
 
@@ -102,11 +141,11 @@ def list_agents(
     clients: OAuthStore, facts: FactStore, status: str | None = None
 ) -> list[AgentIdentity]:
     """Every agent (oldest first), or those of one status."""
-    suspended = _suspended(facts)
+    standing = _standing(clients, facts, None)
     owners = _relations(facts, identity.OWNER, identity.USER)
     parents = _relations(facts, identity.PARENT, identity.AGENT)
     found = [
-        _identity(c, suspended, owners.get(c.client_id, []), parents.get(c.client_id, []))
+        _identity(c, standing, owners.get(c.client_id, []), parents.get(c.client_id, []))
         for c in clients.clients()
     ]
     return [a for a in found if status is None or a.status == status]
@@ -116,11 +155,9 @@ def show_agent(clients: OAuthStore, facts: FactStore, client_id: str) -> AgentId
     client = clients.client(client_id)
     if client is None:
         raise UnknownAgent(f"no agent (OAuth client) {client_id!r}")
+    owners = identity.owners(facts, client_id)
     return _identity(
-        client,
-        _suspended(facts),
-        identity.owners(facts, client_id),
-        identity.parents(facts, client_id),
+        client, _standing(clients, facts, owners), owners, identity.parents(facts, client_id)
     )
 
 

@@ -229,6 +229,7 @@ SCHEMAS: dict[str, Any] = {
         token_endpoint_auth_method=_STR,
         created_at=_NUM,
         suspended_until=_nullable(_NUM),
+        stopped=_nullable(_STR),
     ),
     "Write": _response(
         ["sequence", "inserted", "deleted"], sequence=_INT, inserted=_INT, deleted=_INT

@@ -32,6 +32,7 @@ import re
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 from bastion.agents.identity import AGENT, OWNER, RELATION, USER
 from bastion.audit.log import AuditLog
@@ -96,6 +97,17 @@ def describe(entity: Entity) -> str:
     """A suspended principal as a refusal names it: ``agent 'desk-1'``, ``user 'sam'``."""
     kind = next((k for k, v in KINDS.items() if v == entity.type), entity.type)
     return f"{kind} {entity.id!r}"
+
+
+def until(expires_at: float | None) -> str:
+    """How long a suspension lasts, as people read it: ``until resumed`` or ``until
+    2026-12-05T07:00:00Z``."""
+    if expires_at is None:
+        return "until resumed"
+    try:
+        return "until " + datetime.fromtimestamp(expires_at, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    except (ValueError, OverflowError, OSError):  # past year 9999: stored before the bound
+        return f"until {expires_at:.0f} (seconds since the epoch)"
 
 
 def suspension(kind: str, id: str, expires_at: float | None = None) -> Suspension:

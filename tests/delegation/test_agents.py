@@ -322,3 +322,20 @@ def test_two_first_consents_at_once_record_one_owner(database_url):
     finally:
         for store in stores:
             store.close()
+
+
+def test_v1_agents_shows_an_agent_whose_owner_is_suspended_as_stopped(bastion):
+    client_id = register(bastion, "owned agent")
+    with api(bastion, ["agents:read", "agents:write", "suspensions"]) as admin:
+        assert admin.patch(f"/v1/agents/{client_id}", json={"owner": "casey"}).status_code == 200
+        suspended = admin.post("/v1/suspensions", json={"kind": "user", "id": "casey"})
+        assert suspended.status_code == 201, suspended.text
+        try:
+            agent = admin.get(f"/v1/agents/{client_id}").json()["agent"]
+            assert agent["status"] == "stopped"
+            assert agent["stopped"] == "owner 'casey' is suspended until resumed"
+            listed = admin.get("/v1/agents", params={"status": "stopped"}).json()["agents"]
+            assert [a["client_id"] for a in listed] == [client_id]
+        finally:
+            assert admin.delete("/v1/suspensions/user/casey").status_code == 200
+        assert admin.get(f"/v1/agents/{client_id}").json()["agent"]["status"] == "active"
