@@ -46,6 +46,7 @@ from typing import Any
 
 from bastion.connections.settings import ConnectionSettingsError, UpstreamOAuth
 from bastion.environment import expand
+from bastion.gateway.sessions import MAX_SUBSCRIPTIONS_PER_USER
 from bastion.identity.trusted_issuers import TrustedIssuer, parse_trusted_issuers
 from bastion.origins import normalized_origin
 from bastion.redis_client import CLUSTER_SCHEMES
@@ -122,6 +123,9 @@ class GatewayConfig:
     # what the gateway keeps (decision records, behaviour counters, rate-limit windows,
     # subscriptions), so one longer is refused (-32602) before anything is decided or kept.
     max_name_chars: int = 2048
+    # Resources one user may follow on one server at once (resources/subscribe in every session,
+    # subscriptions/listen streams), all their agents together; one more is refused (-32602).
+    max_subscriptions_per_user: int = MAX_SUBSCRIPTIONS_PER_USER
     # Identity providers whose JWT access tokens the gateway accepts too (docs/identity.md).
     trusted_issuers: tuple[TrustedIssuer, ...] = ()
 
@@ -150,6 +154,7 @@ class GatewayConfig:
             "label_max",
             "label_max_sets",
             "max_name_chars",
+            "max_subscriptions_per_user",
             "trusted_issuers",
         }
         _only(table, known, "gateway")
@@ -203,6 +208,9 @@ class GatewayConfig:
             label_max=_whole(table, "label_max", 256, "gateway"),
             label_max_sets=_whole(table, "label_max_sets", 100_000, "gateway"),
             max_name_chars=_whole(table, "max_name_chars", 2048, "gateway"),
+            max_subscriptions_per_user=_whole(
+                table, "max_subscriptions_per_user", MAX_SUBSCRIPTIONS_PER_USER, "gateway"
+            ),
         )
 
 

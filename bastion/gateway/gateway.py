@@ -210,7 +210,10 @@ class Gateway:
         self.connects = remembered_connects()
         # Signs the requestState of held calls (2026-07-28 clients).
         self.states = RequestStates(digest_key or secrets.token_bytes(32))
-        self.sessions = SessionTable(config.session_idle_seconds)
+        self.sessions = SessionTable(
+            config.session_idle_seconds,
+            max_subscriptions_per_user=config.max_subscriptions_per_user,
+        )
         self.resource_scopes = resource_scopes
         # bastion's progress token for a request -> where its progress goes (`Exchange.hear`)
         self.progress_routes: dict[str, Hear] = {}

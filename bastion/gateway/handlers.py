@@ -650,12 +650,7 @@ async def subscribe(ex: Exchange) -> dict[str, Any]:
     go on the session's GET stream, each decided again (`Gateway.may_hear`)."""
     session = _subscriber(ex)
     uri = _uri(ex, ex.message.params.get("uri"))
-    if uri not in session.subscriptions and len(session.subscriptions) >= MAX_SUBSCRIPTIONS:
-        raise RpcError(
-            INVALID_PARAMS,
-            f"a session may subscribe to at most {MAX_SUBSCRIPTIONS} resources",
-            http_status=400,
-        )
+    _room_to_subscribe(ex, session, uri)
     enforcer = ex.gateway.enforcer
     await ex.gateway.admit(ex)
     verdict = await enforcer.decide(
@@ -675,8 +670,24 @@ async def subscribe(ex: Exchange) -> dict[str, Any]:
             # The upstream's reason is its free text: it could name what the mask covers.
             raise RpcError(e.code, WITHHELD_SUBSCRIBE_ERROR) from None
         raise
+    # Checked again: other subscriptions of this user were made while this one was decided.
+    _room_to_subscribe(ex, session, uri)
     session.subscriptions.add(uri)
     return {}
+
+
+def _room_to_subscribe(ex: Exchange, session: Session, uri: str) -> None:
+    """`RpcError` (-32602) unless ``session`` may follow ``uri`` too: `MAX_SUBSCRIPTIONS` per
+    session, ``gateway.max_subscriptions_per_user`` per user and server."""
+    if uri in session.subscriptions:
+        return
+    if len(session.subscriptions) >= MAX_SUBSCRIPTIONS:
+        raise RpcError(
+            INVALID_PARAMS,
+            f"a session may subscribe to at most {MAX_SUBSCRIPTIONS} resources",
+            http_status=400,
+        )
+    ex.gateway.sessions.room_to_follow(session.server, session.subject, 1)
 
 
 async def unsubscribe(ex: Exchange) -> dict[str, Any]:

@@ -22,7 +22,13 @@ from bastion.decide import Authorizer
 from bastion.decide.contract import decide_chain
 from bastion.facts.model import Entity
 from bastion.gateway.enforce import Caller
-from bastion.gateway.jsonrpc import INVALID_REQUEST, RequestId, RpcError, notification
+from bastion.gateway.jsonrpc import (
+    INVALID_PARAMS,
+    INVALID_REQUEST,
+    RequestId,
+    RpcError,
+    notification,
+)
 
 # The list_changed notifications and the `subscriptions/listen` filter flag that asks for each.
 LIST_CHANGED = {
@@ -41,6 +47,11 @@ MAX_BACKLOG = 1000
 # 2025-11-25 sessions a user may hold on one server, all their agents together; opening one more
 # ends the one used least recently (its client gets 404 and initializes again, as after a restart).
 MAX_SESSIONS_PER_USER = 64
+# Resources a user may follow on one server at once (``gateway.max_subscriptions_per_user``):
+# their sessions' subscriptions and their listen streams' resources, all their agents together.
+# Each is a URI kept while it is followed (up to ``gateway.max_name_chars`` characters), so more
+# sessions or streams buy no more memory.
+MAX_SUBSCRIPTIONS_PER_USER = 2000
 
 
 def may_read(
@@ -141,13 +152,22 @@ class Listener:
 
 
 class SessionTable:
-    def __init__(self, idle_seconds: float, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        idle_seconds: float,
+        clock: Callable[[], float] = time.monotonic,
+        max_subscriptions_per_user: int = MAX_SUBSCRIPTIONS_PER_USER,
+    ) -> None:
         self.idle_seconds = idle_seconds
         self.clock = clock
+        self.max_subscriptions_per_user = max_subscriptions_per_user
         self._sessions: dict[str, Session] = {}
         self._by_user: dict[tuple[str, str], dict[str, Session]] = {}  # (server, user) -> theirs
         self._listeners: set[Listener] = set()
         self._streams: dict[tuple[str, str], int] = {}  # (server, user) -> open streams
+        # (server, user) -> the resources their open listen streams follow (a GET stream's are
+        # its session's subscriptions, counted with the session).
+        self._listened: dict[tuple[str, str], int] = {}
         self._last_sweep = 0.0
         # Told of every session that ends (its upstream session, if its own, closes too).
         self.on_end: Callable[[Session], None] | None = None
@@ -219,9 +239,33 @@ class SessionTable:
             if not theirs:
                 del self._by_user[key]
 
+    def subscriptions_of(self, server: str, subject: str) -> int:
+        """How many resources ``subject`` follows on ``server``: their sessions' subscriptions
+        and their listen streams' resources, all their agents together."""
+        self._sweep()
+        sessions = self._by_user.get((server, subject), {}).values()
+        return sum(len(s.subscriptions) for s in sessions) + self._listened.get(
+            (server, subject), 0
+        )
+
+    def room_to_follow(self, server: str, subject: str, more: int) -> None:
+        """`RpcError` (-32602, HTTP 400) unless ``subject`` may follow ``more`` resources more on
+        ``server`` (``gateway.max_subscriptions_per_user``)."""
+        held = self.subscriptions_of(server, subject)
+        most = self.max_subscriptions_per_user
+        if held + more > most:
+            raise RpcError(
+                INVALID_PARAMS,
+                f"a user may follow at most {most} resources on a server, all their sessions,"
+                f" listen streams and agents together (gateway.max_subscriptions_per_user);"
+                f" {held} are followed: unsubscribe from some, or end a session or stream, first",
+                http_status=400,
+            )
+
     def listen(self, listener: Listener) -> None:
         """Start sending ``listener`` its notifications; `RpcError` (HTTP 429) if its user
-        already holds `MAX_STREAMS_PER_USER` streams on that server."""
+        already holds `MAX_STREAMS_PER_USER` streams on that server, or (-32602, HTTP 400) if a
+        listen stream's resources would take them past ``gateway.max_subscriptions_per_user``."""
         key = (listener.server, listener.caller.subject)
         held = self._streams.get(key, 0)
         if held >= MAX_STREAMS_PER_USER:
@@ -231,6 +275,9 @@ class SessionTable:
                 " a server; close one first",
                 http_status=429,
             )
+        if listener.id is not None and listener.uris:
+            self.room_to_follow(*key, len(listener.uris))
+            self._listened[key] = self._listened.get(key, 0) + len(listener.uris)
         self._streams[key] = held + 1
         self._listeners.add(listener)
 
@@ -242,6 +289,10 @@ class SessionTable:
         held = self._streams.pop(key, 1) - 1
         if held:
             self._streams[key] = held
+        if listener.id is not None and listener.uris:
+            followed = self._listened.pop(key, 0) - len(listener.uris)
+            if followed > 0:
+                self._listened[key] = followed
 
     def listeners_of(self, server: str) -> Iterator[Listener]:
         return (s for s in list(self._listeners) if s.server == server)

@@ -199,6 +199,58 @@ def test_a_session_subscribes_to_a_bounded_number_of_resources(bastion, monkeypa
     assert json.loads(response.text)["error"]["code"] == -32602
 
 
+def refused_as_too_many(response) -> bool:
+    error = response.json().get("error", {})
+    return (
+        response.status_code == 400
+        and error["code"] == -32602
+        and "gateway.max_subscriptions_per_user" in error.get("message", "")
+    )
+
+
+def listen(bastion, token: str, uris: list[str]):
+    body = modern_request("watch", "subscriptions/listen", {"notifications": {
+        "resourceSubscriptions": uris}})  # fmt: skip
+    headers = modern_headers(token, "subscriptions/listen")
+    return bastion.http.stream("POST", bastion.mcp_url("lab"), json=body, headers=headers)
+
+
+def test_a_user_follows_a_bounded_number_of_resources_across_sessions_and_streams(
+    bastion, monkeypatch
+):
+    # gateway.max_subscriptions_per_user, for avery on lab: all his sessions, listen streams
+    # and agents together (two more than the earlier tests left him). More sessions buy no more.
+    sessions = bastion.app.state.gateway.sessions
+    before = sessions.subscriptions_of("lab", "avery")
+    monkeypatch.setattr(sessions, "max_subscriptions_per_user", before + 2)
+    token = bastion.token("avery", "lab")
+    first, second = legacy_session(bastion, token, "lab"), legacy_session(bastion, token, "lab")
+    assert subscribe(bastion, "lab", first, "lab://open")["result"] == {}
+    assert subscribe(bastion, "lab", second, "lab://secret")["result"] == {}
+    assert subscribe(bastion, "lab", second, "lab://secret")["result"] == {}  # the same again
+    third = legacy_session(bastion, token, "lab")
+    assert refused_as_too_many(
+        post(bastion, "lab", third, "resources/subscribe", {"uri": "lab://open"})
+    )
+    with listen(bastion, token, ["lab://open"]) as response:
+        response.read()
+        assert refused_as_too_many(response)
+    # Another user follows resources of their own.
+    sam = legacy_session(bastion, bastion.token("sam", "lab"), "lab")
+    assert subscribe(bastion, "lab", sam, "lab://open")["result"] == {}
+    # Unsubscribing makes room, for a session or a listen stream.
+    gone = post(bastion, "lab", second, "resources/unsubscribe", {"uri": "lab://secret"})
+    assert gone.status_code == 200, gone.text
+    with listen(bastion, token, ["lab://secret"]) as response:
+        frames = events(response)  # held: the stream stays open while it is read
+        ack = next(frames)
+        assert ack["params"]["notifications"]["resourceSubscriptions"] == ["lab://secret"]
+        # The stream's resource counts while it is open.
+        assert refused_as_too_many(
+            post(bastion, "lab", third, "resources/subscribe", {"uri": "lab://secret"})
+        )
+
+
 @pytest.mark.filterwarnings("ignore:resources/subscribe is removed")
 def test_an_sdk_client_subscribes_and_hears_the_updates(bastion):
     heard: list = []
@@ -253,3 +305,19 @@ def test_the_resources_followed_for_all_clients_are_bounded(bastion, server, mon
     assert "at most" in error["message"] and "resources of upstream" in error["message"], error
     assert "lab://locked" not in connection._watched
     assert subscribe(bastion, server, headers, "lab://open")["result"] == {}  # followed already
+
+
+def test_the_bound_on_a_users_subscriptions_is_a_setting_of_gateway():
+    from bastion.gateway.config import GatewayConfig
+    from bastion.server.config import ConfigError
+
+    assert GatewayConfig.from_mapping({}, {}).max_subscriptions_per_user == 2000
+    assert (
+        GatewayConfig.from_mapping(
+            {"max_subscriptions_per_user": 50}, {}
+        ).max_subscriptions_per_user
+        == 50
+    )
+    for bad in (0, -1, 1.5, True, "many"):
+        with pytest.raises(ConfigError, match="gateway.max_subscriptions_per_user"):
+            GatewayConfig.from_mapping({"max_subscriptions_per_user": bad}, {})
