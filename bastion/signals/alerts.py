@@ -57,6 +57,7 @@ BULK_DESTRUCTIVE = "bulk_destructive"
 BEHAVIOR_SPIKE = "behavior_spike"
 CHANNELS = ("page", "api", "cli")
 _REFUSERS = 100_000  # principals whose refusals are counted before the quiet ones are forgotten
+_SLICES = 60  # a principal's refusals are counted per sixtieth of the burst window (`_Refusals`)
 _KNOWN = 100_000  # alerts a process counts raisings of in memory (`Alerts.count_again`)
 
 _MIGRATIONS = [
@@ -357,6 +358,46 @@ class _Repeats:
         self.severity = more_severe(self.severity, later.severity)
 
 
+class _Refusals:
+    """One principal's refusals for the refusal burst, in memory bounded by the threshold, not
+    by how fast they come: the times of the latest ``count + 1`` (whether they make a burst:
+    the oldest of them is within the window), and how many fell in each sixtieth of the window
+    (the alert's figure, `within`)."""
+
+    __slots__ = ("latest", "slices")
+
+    def __init__(self, count: int) -> None:
+        self.latest: deque[float] = deque(maxlen=count + 1)
+        self.slices: deque[list[int]] = deque()  # [slice index, refusals], oldest first
+
+    def add(self, now: float, window: float) -> bool:
+        """Count a refusal at ``now``; whether more than ``count`` fell within ``window``."""
+        self.latest.append(now)
+        width = window / _SLICES
+        index = int(now // width)
+        if self.slices and self.slices[-1][0] >= index:
+            self.slices[-1][1] += 1  # the same sixtieth (or a clock set back: the latest)
+        else:
+            self.slices.append([index, 1])
+        # A sixtieth before the one the window starts in lies wholly outside it.
+        first = int((now - window) // width)
+        while self.slices[0][0] < first:
+            self.slices.popleft()
+        latest = self.latest
+        return len(latest) == latest.maxlen and latest[0] > now - window
+
+    def within(self, now: float, window: float) -> int:
+        """How many refusals fell within ``window``, at least: those of the sixtieths wholly
+        within it (those of the sixtieth it starts in, partly gone, are left out), and never
+        fewer than the latest kept, which are all within it when they make a burst."""
+        first = int((now - window) // (window / _SLICES))
+        inside = sum(refusals for index, refusals in self.slices if index > first)
+        return max(inside, len(self.latest))
+
+    def quiet(self, now: float, window: float) -> bool:
+        return not self.latest or self.latest[-1] <= now - window
+
+
 class AlertStore:
     """The ``alerts`` table. Every method does I/O: call from a worker thread."""
 
@@ -414,7 +455,7 @@ class Alerts:
         self.notify = notify
         self.webhooks: Any = None  # the signed webhooks that `notify` queues for, if any
         self.clock = clock
-        self._refusals: dict[str, deque[float]] = {}
+        self._refusals: dict[str, _Refusals] = {}
         self._refusals_pruned_at = _REFUSERS
         self._lock = threading.Lock()
         # (name, principal) -> the id and latest raising of the alert this process last stored
@@ -663,14 +704,12 @@ class Alerts:
         now = self.clock()
         with self._lock:
             seen = self._refusals.get(key)
-            if seen is None:
-                seen = self._refusals[key] = deque()
-            seen.append(now)
-            while seen and seen[0] <= now - window:
-                seen.popleft()
-            burst = len(seen) > n
+            if seen is None or seen.latest.maxlen != n + 1:  # new, or the threshold changed
+                seen = self._refusals[key] = _Refusals(n)
+            burst = seen.add(now, window)
+            refusals = seen.within(now, window) if burst else 0
             if len(self._refusals) > self._refusals_pruned_at:  # bounded: forget quiet ones
-                for k in [k for k, v in self._refusals.items() if not v or v[-1] <= now - window]:
+                for k in [k for k, v in self._refusals.items() if v.quiet(now, window)]:
                     del self._refusals[k]
                 # Looked for again once it has grown by a tenth: not on every refusal (on the
                 # event loop) while more than that many principals are refused.
@@ -681,7 +720,7 @@ class Alerts:
             REFUSAL_BURST,
             self.settings.refusal_burst_severity,
             principal,
-            {**detail, "refusals": len(seen), "within_seconds": window},
+            {**detail, "refusals": refusals, "within_seconds": window},
         )
 
     def behavior_alerts(

@@ -904,6 +904,56 @@ def test_the_refusals_counted_stay_bounded_and_bursts_are_still_seen(sqlite_url,
         assert bursts[:2] == [None, None] and bursts[2][0] == "refusal_burst"
 
 
+def test_a_principals_refusals_take_memory_bounded_by_the_threshold_not_by_their_rate(
+    sqlite_url,
+):
+    import tracemalloc
+
+    now, told = [1000.0], []
+    with alerts_on(
+        sqlite_url, now, told, refusal_burst_count=20, refusal_burst_seconds=60
+    ) as alerts:
+        sam = Entity("User", "sam")
+        alerts.refusal_burst(sam, {})  # sam's first refusal: what is kept for him is made
+        tracemalloc.start()
+        try:
+            for _ in range(50_000):  # 50,000 more within 50 s: every one in the window
+                now[0] += 0.001
+                burst = alerts.refusal_burst(sam, {})
+            held, _ = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        # Every one counted in the figure, and held in a few KiB: each refusal's time was kept,
+        # over a MiB for this burst, and more the faster the refusals came.
+        assert burst is not None and burst[3]["refusals"] == 50_001
+        assert held < 64 * 1024, held
+
+
+def test_a_burst_is_raised_exactly_when_it_was_and_its_figure_counts_the_window(sqlite_url):
+    # Against every refusal's time kept (how bursts were counted): the same refusals make a
+    # burst, and the figure is their number within the window, less at most those of the
+    # sixtieth of it that is leaving: never more than there were.
+    import random
+
+    chance = random.Random(7)
+    now, told = [1000.0], []
+    n, window = 5, 60.0
+    with alerts_on(
+        sqlite_url, now, told, refusal_burst_count=n, refusal_burst_seconds=window
+    ) as alerts:
+        sam, times = Entity("User", "sam"), []
+        for _ in range(5000):
+            now[0] += chance.choice((0.0, 0.01, 0.5, 3.0, 13.0, 61.0))
+            times.append(now[0])
+            in_window = [t for t in times if t > now[0] - window]
+            settled = [t for t in in_window if t > now[0] - window + window / 60]
+            burst = alerts.refusal_burst(sam, {})
+            assert (burst is not None) == (len(in_window) > n)
+            if burst is not None:
+                refusals = burst[3]["refusals"]
+                assert max(len(settled), n + 1) <= refusals <= len(in_window)
+
+
 def test_with_repeat_write_seconds_0_every_raising_is_written_at_once(sqlite_url):
     now, told = [1000.0], []
     with alerts_on(sqlite_url, now, told, repeat_write_seconds=0) as alerts:
