@@ -1,5 +1,6 @@
 """Refusals of a client's MCP request that no decision record holds: a malformed message or
-params, an unknown session, a forged or foreign ``requestState``, a refused resource URI spelling.
+params, an unknown session, a forged or foreign ``requestState``, a refused resource URI spelling,
+and the HTTP-level refusals of any method (405, 406, 415; a GET stream or DELETE refused).
 Audited as ``mcp.refused`` events, aggregated by `bastion.audit.refusals.RefusalLog` (address,
 reason, agent; windows of a minute), so that a flood writes a bounded number of rows.
 
@@ -43,6 +44,12 @@ REASONS = {
     HEADER_MISMATCH: "header_mismatch",
     UNSUPPORTED_PROTOCOL_VERSION: "unsupported_protocol_version",
 }
+# Refusals of the HTTP request itself, by their status: these come before the JSON-RPC code.
+HTTP_REASONS = {
+    405: "method_not_allowed",
+    406: "not_acceptable",
+    415: "unsupported_media_type",
+}
 # Words of the error's message kept in the row: what was refused, not what the client sent.
 FIRST_WORDS = 12
 
@@ -58,7 +65,7 @@ class RequestRefusals:
         is a refusal of the request that no decision record holds. The database being down does
         not change the answer: the refusal is still sent, the count kept for later
         (`RefusalLog`), and a warning logged."""
-        reason = REASONS.get(error.code)
+        reason = HTTP_REASONS.get(error.http_status) or REASONS.get(error.code)
         if reason is None or self.refusals is None:
             return
         if error.data is not None and "decision_id" in error.data:

@@ -172,10 +172,17 @@ class StreamableHttpEndpoint:
             elif method == "GET":
                 await self._get(server, caller, headers, receive, send)
             elif method == "DELETE":
-                self._delete(server, caller, headers)
+                await self._delete(server, caller, headers)
                 await send_json(send, 204, None)
             else:
-                raise HttpError(405, None, {"allow": "GET, POST, DELETE"})
+                refusal = RpcError(
+                    INVALID_REQUEST,
+                    f"{method[:20]} is not taken here: send GET, POST or DELETE",
+                    http_status=405,
+                )
+                raise await self._refused(
+                    refusal, caller, server, method[:20], None, {"allow": "GET, POST, DELETE"}
+                )
         except HttpError as e:
             await send_json(send, e.status, e.body, e.headers)
 
@@ -344,10 +351,10 @@ class StreamableHttpEndpoint:
     ) -> None:
         gateway = self.gateway
         if not headers.get("content-type", "").lower().startswith("application/json"):
-            raise HttpError(
-                415,
-                RpcError(INVALID_REQUEST, "POST a JSON-RPC message as application/json").body(None),
+            refusal = RpcError(
+                INVALID_REQUEST, "POST a JSON-RPC message as application/json", http_status=415
             )
+            raise await self._refused(refusal, caller, upstream.name, None, None)
         raw = await self._body(headers, receive)
         try:
             # Integers are passed on as sent: only their nesting and finiteness are checked.
@@ -389,12 +396,7 @@ class StreamableHttpEndpoint:
             if modern:
                 self._check_modern(message, headers, scope)
             elif version and version not in LEGACY_VERSIONS:
-                raise RpcError(
-                    UNSUPPORTED_PROTOCOL_VERSION,
-                    f"MCP-Protocol-Version {version!r} is not supported",
-                    {"supported": [*MODERN_VERSIONS, *LEGACY_VERSIONS], "requested": version},
-                    http_status=400,
-                )
+                raise _unsupported(version)
             elif method == "initialize":
                 if "mcp-session-id" in headers:
                     raise RpcError(
@@ -411,7 +413,10 @@ class StreamableHttpEndpoint:
         owner = (upstream.name, caller.subject, caller.client_id, session and session.id)
         if method is None:
             # A response to what bastion asked this client for an upstream (sampling...).
-            self._answered(owner, message)
+            try:
+                self._answered(owner, message)
+            except RpcError as e:
+                raise await self._refused(e, caller, upstream.name, None, None) from None
             await send_json(send, 202, None)
             return
         if not message.is_request:
@@ -517,14 +522,21 @@ class StreamableHttpEndpoint:
         _counted(exchange, await send_json(send, status, body, {**response_headers, **extra}))
 
     async def _refused(
-        self, error: RpcError, caller: Caller, server: str, method: Any, request_id: Any
+        self,
+        error: RpcError,
+        caller: Caller,
+        server: str,
+        method: Any,
+        request_id: Any,
+        headers: dict[str, str] | None = None,
     ) -> HttpError:
-        """The answer to a client's request refused with ``error``: where the transport turns
-        every `RpcError` of a request into its answer. A refusal no decision record holds is
-        audited first, aggregated (`bastion.gateway.refusals`); nothing is on an allowed
-        call's path."""
+        """The answer to a client's request refused with ``error`` (and ``headers``): where the
+        transport turns every refusal of a request whose token was verified into its answer, the
+        HTTP-level ones (405, 406, 415, a GET or DELETE refused) included. A refusal no decision
+        record holds is audited first, aggregated (`bastion.gateway.refusals`); nothing is on an
+        allowed call's path."""
         await self.gateway.refusals.note(error, caller, server, method)
-        return HttpError(error.http_status, error.body(request_id))
+        return HttpError(error.http_status, error.body(request_id), headers)
 
     def _answered(self, owner: tuple, message) -> None:
         """Route a client's response to the request bastion sent it; refuse (400, nothing
@@ -532,11 +544,8 @@ class StreamableHttpEndpoint:
         (its user, agent and session)."""
         pending = self.gateway.asked.get(message.id)
         if pending is None or pending[0] != owner:
-            raise HttpError(
-                400,
-                RpcError(INVALID_REQUEST, "bastion sent this client no request with that id").body(
-                    None
-                ),
+            raise RpcError(
+                INVALID_REQUEST, "bastion sent this client no request with that id", http_status=400
             )
         future = pending[1]
         if not future.done():
@@ -720,19 +729,25 @@ class StreamableHttpEndpoint:
 
     # -- GET (standing stream) and DELETE -------------------------------------------------------
 
+    async def _refused_stream(
+        self, error: RpcError, caller: Caller, server: str, method: str
+    ) -> HttpError:
+        """`_refused` for a GET or DELETE, which has no request id."""
+        allow = {"allow": "POST"} if error.http_status == 405 else None
+        return await self._refused(error, caller, server, method, None, allow)
+
     async def _get(
         self, server: str, caller: Caller, headers: dict[str, str], receive: Receive, send: Send
     ) -> None:
-        if headers.get("mcp-protocol-version") in MODERN_VERSIONS:
-            raise HttpError(405, None, {"allow": "POST"})
-        if "text/event-stream" not in headers.get("accept", ""):
-            raise HttpError(
-                406, RpcError(INVALID_REQUEST, "GET needs Accept: text/event-stream").body(None)
-            )
         try:
+            _check_legacy(headers)
+            if "text/event-stream" not in headers.get("accept", ""):
+                raise RpcError(
+                    INVALID_REQUEST, "GET needs Accept: text/event-stream", http_status=406
+                )
             session = self._session(server, caller, headers)
         except RpcError as e:
-            raise HttpError(e.http_status, e.body(None)) from None
+            raise await self._refused_stream(e, caller, server, "GET") from None
         gateway = self.gateway
         upstream = gateway.upstreams[server]
         client_declared(None)
@@ -752,22 +767,22 @@ class StreamableHttpEndpoint:
         gateway.enforcer.write(verdict.record)
         # Checked after the last await, so nothing can come in between: the session may have
         # ended (DELETE) or got a GET stream while this one was being decided.
-        if session.closed:
-            raise HttpError(
-                404, RpcError(SESSION_NOT_FOUND, "the session ended; initialize again").body(None)
-            )
-        if session.listener is not None:
-            raise HttpError(
-                409, RpcError(INVALID_REQUEST, "this session already has a GET stream").body(None)
-            )
         _, _, token = headers.get("authorization", "").partition(" ")
         listener = Listener(
             None, server, caller, token.strip(), frozenset(LIST_CHANGED), session.subscriptions
         )
         try:
+            if session.closed:
+                raise RpcError(
+                    SESSION_NOT_FOUND, "the session ended; initialize again", http_status=404
+                )
+            if session.listener is not None:
+                raise RpcError(
+                    INVALID_REQUEST, "this session already has a GET stream", http_status=409
+                )
             gateway.sessions.listen(listener)
         except RpcError as e:
-            raise HttpError(e.http_status, e.body(None)) from None
+            raise await self._refused_stream(e, caller, server, "GET") from None
         session.listener = listener
         expiry = _end_at_expiry(listener)
         try:
@@ -880,14 +895,37 @@ class StreamableHttpEndpoint:
             expiry.cancel()
             gateway.sessions.unlisten(listener)
 
-    def _delete(self, server: str, caller: Caller, headers: dict[str, str]) -> None:
-        if headers.get("mcp-protocol-version") in MODERN_VERSIONS:
-            raise HttpError(405, None, {"allow": "POST"})
+    async def _delete(self, server: str, caller: Caller, headers: dict[str, str]) -> None:
         try:
+            _check_legacy(headers)
             session = self._session(server, caller, headers)
         except RpcError as e:
-            raise HttpError(e.http_status, e.body(None)) from None
+            raise await self._refused_stream(e, caller, server, "DELETE") from None
         self.gateway.sessions.end(session)
+
+
+def _unsupported(version: str) -> RpcError:
+    """The refusal of an MCP-Protocol-Version bastion does not speak."""
+    return RpcError(
+        UNSUPPORTED_PROTOCOL_VERSION,
+        f"MCP-Protocol-Version {version!r} is not supported",
+        {"supported": [*MODERN_VERSIONS, *LEGACY_VERSIONS], "requested": version},
+        http_status=400,
+    )
+
+
+def _check_legacy(headers: dict[str, str]) -> None:
+    """A GET or DELETE names a 2025-11-25 session: refused with 405 for a 2026-07-28 client (it
+    has no sessions), with 400 for a version bastion does not speak."""
+    version = headers.get("mcp-protocol-version", "")
+    if version in MODERN_VERSIONS:
+        raise RpcError(
+            INVALID_REQUEST,
+            "MCP 2026-07-28 has no sessions, so no GET stream and no DELETE: POST only",
+            http_status=405,
+        )
+    if version and version not in LEGACY_VERSIONS:
+        raise _unsupported(version)
 
 
 # A request still running after this many seconds gets a task that notices its client leaving.

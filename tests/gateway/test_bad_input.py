@@ -548,3 +548,53 @@ def test_a_caller_is_remembered_only_with_headers_bastion_could_accept(bastion, 
         response = post(bastion, token, body=call(), **headers)
         assert response.status_code == 404, response.text
     assert len(callers) == before
+
+
+def test_refused_gets_and_deletes_are_audited_as_mcp_refusals_of_their_caller(bastion):
+    """A 2025-11-25 stream (GET) or session end (DELETE) refused at the HTTP level — a method
+    the endpoint does not take, a wrong Accept, an unknown or another user's session, no session
+    header, a version bastion does not speak, a 2026-07-28 client asking for either (and a POST
+    that is not JSON) — leaves an ``mcp.refused`` row naming the
+    user, the agent, the server, the method and the reason, as a refused POST does. A request
+    with no token proves nothing and leaves none."""
+    oauth = bastion.app.state.oauth
+    agent = register_public_client(bastion.http, bastion.url)
+    token = bastion.token("sam", "deskhttp", client_id=agent)
+    mine = legacy_session(bastion, token, "deskhttp")
+    theirs = legacy_session(bastion, bastion.token("avery", "deskhttp"), "deskhttp")
+    url = bastion.mcp_url("deskhttp")
+    legacy = {"authorization": f"Bearer {token}", "mcp-protocol-version": "2025-11-25"}
+    stream = {**legacy, "accept": "text/event-stream"}
+    refused = [
+        ("GET", {**legacy, "mcp-session-id": mine["mcp-session-id"]}, 406, "not_acceptable"),
+        ("GET", {**stream, "mcp-session-id": theirs["mcp-session-id"]}, 404, "session_not_found"),
+        ("GET", stream, 400, "invalid_request"),
+        ("DELETE", {**legacy, "mcp-session-id": "no-such-session"}, 404, "session_not_found"),
+        ("DELETE", {**legacy, "mcp-protocol-version": "2026-07-28"}, 405, "method_not_allowed"),
+        ("PUT", legacy, 405, "method_not_allowed"),
+        ("GET", {**stream, "mcp-protocol-version": "1999-01"}, 400, "unsupported_protocol_version"),
+        ("POST", {**legacy, "content-type": "text/plain"}, 415, "unsupported_media_type"),
+    ]
+    for method, headers, status, _ in refused:
+        response = bastion.http.request(method, url, headers=headers)
+        assert response.status_code == status, (method, headers, response.text)
+    unproven = bastion.http.request("DELETE", url, headers={"mcp-session-id": "x"})
+    assert unproven.status_code == 401
+
+    def rows() -> list:
+        return [e for e in oauth.audit.events("mcp.refused", 100000) if e.client_id == agent]
+
+    # The first refusal of each reason is written at once, naming its method (a POST refused
+    # before its body is read names no JSON-RPC method); the others of its reason are counted.
+    first: dict[str, str | None] = {}
+    for method, _, _, reason in refused:
+        first.setdefault(reason, None if method == "POST" else method)
+    written = rows()
+    assert sorted((e.detail["reason"], e.detail["method"]) for e in written) == sorted(
+        first.items()
+    )
+    assert {(e.subject, e.detail["server"]) for e in written} == {("sam", "deskhttp")}
+    oauth.refusals.flush(everything=True)
+    assert sum(e.detail.get("repeats", 1) for e in rows()) == len(refused)
+    # The session the refused requests named is still its owner's.
+    assert bastion.http.delete(url, headers=mine).status_code == 204
