@@ -489,16 +489,6 @@ class AuthorizationServer:
             raise registration.open_registration_refused(refusal, limits, now)
         await run_in_threadpool(self.housekeeping)
 
-    async def _authenticated(self, request: Request) -> tuple[Client, dict[str, str]]:
-        form = await _form(request)
-        client = await authenticate_client(
-            request.headers.get("authorization"),
-            form,
-            functools.partial(self.find_client, address=client_address(request)),
-            self.assertions,
-        )
-        return client, form
-
     async def _token(self, request: Request) -> Response:
         # A CIBA client polls: its "not yet" answers are not refusals worth a record.
         origin = RequestOrigin(
@@ -526,10 +516,12 @@ class AuthorizationServer:
         work: Callable[[Client, dict[str, str]], dict[str, Any]],
         refused_kind: str,
         quiet: Collection[str] = (),
+        facts_current: bool = True,
     ) -> Response:
-        """A form-encoded request of an authenticated client (the token endpoint's way):
-        ``work(client, form)`` in a worker thread answers it; a refusal is recorded as
-        ``refused_kind`` unless its error is in ``quiet``."""
+        """A form-encoded request of an authenticated client (the token, CIBA, introspection
+        and revocation endpoints' way): ``work(client, form)`` in a worker thread answers it,
+        once this replica's facts are current unless ``facts_current`` is False; a refusal is
+        recorded as ``refused_kind`` unless its error is in ``quiet``."""
         form: dict[str, str] = {}
         client: Client | None = None
         try:
@@ -540,7 +532,8 @@ class AuthorizationServer:
                 functools.partial(self.find_client, address=client_address(request)),
                 self.assertions,
             )
-            await self.facts_current()
+            if facts_current:
+                await self.facts_current()
             body = await run_in_threadpool(work, client, form)
             await run_in_threadpool(self.housekeeping)
         except OAuthError as error:
@@ -605,18 +598,20 @@ class AuthorizationServer:
         )
 
     async def _revoke(self, request: Request) -> Response:
-        try:
-            client, form = await self._authenticated(request)
-            await run_in_threadpool(revocation.revoke, self, client, form)
-        except OAuthError as error:
-            return error_response(error)
-        return json_response({})
+        def revoke(client: Client, form: dict[str, str]) -> dict[str, Any]:
+            revocation.revoke(self, client, form)
+            return {}
+
+        # A revocation is not held back by facts that may be behind: it only takes away.
+        return await self._client_request(
+            request, revoke, "revocation.refused", facts_current=False
+        )
 
     async def _introspect(self, request: Request) -> Response:
-        try:
-            client, form = await self._authenticated(request)
-            await self.facts_current()
-            body = await run_in_threadpool(introspection.introspect, self, client, form)
-        except OAuthError as error:
-            return error_response(error)
-        return json_response(body)
+        """RFC 7662: its refusals (a client not allowed to, a wrong secret, no token) are
+        audited as ``introspection.refused``; its answers, active or not, are not."""
+        return await self._client_request(
+            request,
+            functools.partial(introspection.introspect, self),
+            "introspection.refused",
+        )

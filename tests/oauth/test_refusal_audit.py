@@ -170,3 +170,53 @@ def test_counts_whose_rows_could_not_be_written_are_written_later(sqlite_url):
     other.execute("DROP TRIGGER refuse")
     refusals.flush(everything=True)
     assert count(audit.events("login.failed")) == 8
+
+
+def _confidential(bastion: Bastion) -> tuple[dict, dict[str, str]]:
+    body = {
+        "token_endpoint_auth_method": "client_secret_basic",
+        "grant_types": ["client_credentials"],
+        "redirect_uris": [],
+        "scope": "tools:read",
+    }
+    client = bastion.http.post(f"{bastion.url}/register", json=body, headers=IAT).json()
+    secret = f"{client['client_id']}:{client['client_secret']}".encode()
+    return client, {"Authorization": "Basic " + base64.b64encode(secret).decode()}
+
+
+def test_refused_introspections_are_audited_and_answers_are_not(bastion: Bastion):
+    """RFC 7662: a client not allowed to introspect, a wrong secret, a request without a token
+    leave ``introspection.refused`` rows (a row each for a client that proved its secret, else
+    aggregated); an allowed client's answers, active or not, leave none."""
+    allowed, allowed_auth = _confidential(bastion)
+    bastion.db.execute(
+        "UPDATE oauth_clients SET may_introspect = 1 WHERE client_id = ?", (allowed["client_id"],)
+    )
+    other, other_auth = _confidential(bastion)
+    tokens = bastion.tokens_for(bastion.register())
+    url = f"{bastion.url}/introspect"
+    for token in (tokens["access_token"], tokens["refresh_token"], "unknown"):
+        assert (
+            bastion.http.post(url, data={"token": token}, headers=allowed_auth).status_code == 200
+        )
+    assert bastion.server.audit.events("introspection.refused") == []
+
+    for _ in range(2):
+        refused = bastion.http.post(url, data={"token": tokens["access_token"]}, headers=other_auth)
+        assert refused.status_code == 403 and refused.json()["error"] == "unauthorized_client"
+    missing = bastion.http.post(url, data={"token_type_hint": "access_token"}, headers=allowed_auth)
+    assert missing.status_code == 400
+    proven = bastion.server.audit.events("introspection.refused")
+    assert sorted((e.client_id, e.detail["error"]) for e in proven) == sorted(
+        [(other["client_id"], "unauthorized_client")] * 2
+        + [(allowed["client_id"], "invalid_request")]
+    )
+
+    wrong = {"Authorization": "Basic " + base64.b64encode(b"guess:wrong").decode()}
+    for _ in range(50):
+        response = bastion.http.post(url, data={"token": tokens["access_token"]}, headers=wrong)
+        assert response.status_code == 401
+    bastion.server.refusals.flush(everything=True)
+    guessed = [e for e in bastion.server.audit.events("introspection.refused") if not e.client_id]
+    assert len(guessed) == 2 and count(guessed) == 50
+    assert {e.detail["reason"] for e in guessed} == {"invalid_client"}
