@@ -220,3 +220,19 @@ def test_refused_introspections_are_audited_and_answers_are_not(bastion: Bastion
     guessed = [e for e in bastion.server.audit.events("introspection.refused") if not e.client_id]
     assert len(guessed) == 2 and count(guessed) == 50
     assert {e.detail["reason"] for e in guessed} == {"invalid_client"}
+
+
+def test_refused_revocations_are_audited(bastion: Bastion):
+    """RFC 7009: a revocation refused (no token; a client that does not authenticate) leaves a
+    ``revocation.refused`` row, a row each for a client that proved its secret."""
+    client, auth = _confidential(bastion)
+    url = f"{bastion.url}/revoke"
+    missing = bastion.http.post(url, data={"token_type_hint": "access_token"}, headers=auth)
+    assert missing.status_code == 400
+    wrong = {"Authorization": "Basic " + base64.b64encode(b"guess:wrong").decode()}
+    assert bastion.http.post(url, data={"token": "t"}, headers=wrong).status_code == 401
+    events = bastion.server.audit.events("revocation.refused")
+    assert sorted((e.client_id or "", e.detail["error"]) for e in events) == [
+        ("", "invalid_client"),
+        (client["client_id"], "invalid_request"),
+    ]
