@@ -31,6 +31,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from bastion import untrusted_json
+from bastion.audit.actor import SERVER
 from bastion.audit.log import AuditLog
 from bastion.db import Database
 from bastion.facts.model import Entity, FactError
@@ -255,12 +256,16 @@ class SsfReceiver:
             effects.append(done)
             if event_type == VERIFICATION:
                 state = body.get("state")
-                matched = self.store.verified(t.name, state if isinstance(state, str) else None)
+                matched = self.store.verified(
+                    t.name, state if isinstance(state, str) else None, actor=f"ssf:{t.name}"
+                )
                 done.update(effect="verify", result="verified" if matched else "unexpected state")
                 continue
             if event_type == STREAM_UPDATED:
                 status = str(body.get("status", ""))[:32]
-                self.store.save_stream(t.name, status or "updated", "stream-updated event")
+                self.store.save_stream(
+                    t.name, status or "updated", "stream-updated event", actor=f"ssf:{t.name}"
+                )
                 done.update(effect="record", result=f"stream {status}")
                 continue
             effect = t.effect(event_type)
@@ -450,7 +455,9 @@ class SsfReceiver:
         """Record the stream's status; a database that cannot take it now is logged, and the
         stream's task goes on (it stopped for good before, and no signal came in after)."""
         try:
-            await anyio.to_thread.run_sync(lambda: self.store.save_stream(t.name, status, detail))
+            await anyio.to_thread.run_sync(
+                lambda: self.store.save_stream(t.name, status, detail, actor=SERVER)
+            )
         except Exception as e:  # noqa: BLE001 - the status is noted again at the next change
             log.warning("ssf transmitter %s: its status could not be recorded: %s", t.name, e)
 
@@ -471,8 +478,10 @@ class SsfReceiver:
         except RemoteDocumentError as e:
             raise ValueError(f"{url} {e}") from None
 
-    async def configure(self, t: Transmitter) -> dict[str, Any]:
-        """Read the transmitter's metadata, read or create bastion's stream, ask it to verify."""
+    async def configure(self, t: Transmitter, actor: str = SERVER) -> dict[str, Any]:
+        """Read the transmitter's metadata, read or create bastion's stream, ask it to verify;
+        the change is audited as ``actor``'s (the server's at start, an administrator's from
+        ``bastion signals streams configure``)."""
         meta = await self.metadata(t)
         endpoint = meta.get("configuration_endpoint")
         if not isinstance(endpoint, str):
@@ -529,7 +538,7 @@ class SsfReceiver:
         await anyio.to_thread.run_sync(
             lambda: self.store.save_stream(
                 t.name, status, "stream configured; verification requested",
-                stream_id=stream_id, verification_state=state,
+                stream_id=stream_id, verification_state=state, actor=actor,
             )
         )  # fmt: skip
         verification = meta.get("verification_endpoint")

@@ -1,6 +1,7 @@
 """What the Shared Signals receiver keeps in the database: the ``jti`` of every SET received
 (RFC 8417 §2.2 ``jti``, for replay refusal, kept for a bounded time) and each transmitter's stream
-(SSF 1.0 §8: its id, status, and the verification ``state`` asked for)."""
+(SSF 1.0 §8: its id, status, and the verification ``state`` asked for). Each change of a stream
+is an ``ssf.stream_changed`` audit event naming its actor, written in the changing transaction."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import hmac
 import time
 from dataclasses import dataclass
 
+from bastion.audit.log import AuditLog
 from bastion.db import Database
 from bastion.untrusted_json import writable
 
@@ -53,6 +55,7 @@ class SsfStore:
         # What this process last recorded of each stream (status, detail), for /readyz.
         self.seen: dict[str, dict[str, str]] = {}
         db.migrate("ssf", _MIGRATIONS)
+        self.audit = AuditLog(db)
 
     def claim(self, issuer: str, jti: str, now: float) -> bool:
         """Record the jti; False if it was received before. Made in the transaction that applies
@@ -79,7 +82,11 @@ class SsfStore:
         *,
         stream_id: str | None = None,
         verification_state: str | None = None,
+        actor: str,
     ) -> None:
+        """Record ``transmitter``'s stream as ``actor`` (`bastion.audit.actor`; ``ssf:<name>``
+        for the transmitter's own word) left it; a change of its status, id or verification
+        request is audited in the same transaction."""
         # Both may quote what the transmitter said (an error's text): held as text any database
         # and any answer can hold.
         status, detail = writable(status), writable(detail)
@@ -87,8 +94,26 @@ class SsfStore:
         self.seen[transmitter] = {"status": status, "detail": detail}
         with self.db.transaction():
             rows = self.db.execute(
-                "SELECT stream_id FROM ssf_streams WHERE transmitter = ?", (transmitter,)
+                "SELECT stream_id, status, verification_state FROM ssf_streams"
+                " WHERE transmitter = ?",
+                (transmitter,),
             )
+            before = rows[0] if rows else (None, None, None)
+            after = (
+                stream_id or before[0],
+                status,
+                verification_state or before[2],
+            )
+            if after != tuple(before):
+                self._changed(
+                    transmitter,
+                    stream_id=after[0],
+                    previous=before[1],
+                    status=status,
+                    detail=detail,
+                    actor=actor,
+                    verification_requested=after[2] != before[2],
+                )
             if rows:
                 self.db.execute(
                     "UPDATE ssf_streams SET status = ?, detail = ?, updated_at = ?,"
@@ -104,15 +129,32 @@ class SsfStore:
                     (transmitter, stream_id, status, verification_state, detail, now),
                 )
 
-    def verified(self, transmitter: str, state: str | None) -> bool:
-        """The stream's verification event arrived: True if its state is the one asked for."""
+    def _changed(self, transmitter: str, **detail) -> None:
+        """Under the changing transaction: the audit event of a stream's change. Never the
+        verification state asked for (the transmitter proves itself by sending it back)."""
+        self.audit.record("ssf.stream_changed", transmitter=transmitter, **detail)
+
+    def verified(self, transmitter: str, state: str | None, *, actor: str) -> bool:
+        """The stream's verification event arrived: True if its state is the one asked for.
+        Called in the transaction that applies the event, so its audit event is kept with it."""
         rows = self.db.execute(
-            "SELECT verification_state FROM ssf_streams WHERE transmitter = ?", (transmitter,)
+            "SELECT verification_state, stream_id, status FROM ssf_streams WHERE transmitter = ?",
+            (transmitter,),
         )
         if not rows or rows[0][0] is None or state is None:
             return False
         if not hmac.compare_digest(str(rows[0][0]), str(state)):
             return False
+        if rows[0][2] != "verified":
+            self._changed(
+                transmitter,
+                stream_id=rows[0][1],
+                previous=rows[0][2],
+                status="verified",
+                detail="verification event received",
+                actor=actor,
+                verification_requested=False,
+            )
         self.db.execute(
             "UPDATE ssf_streams SET verified_at = ?, status = 'verified',"
             " detail = 'verification event received', updated_at = ? WHERE transmitter = ?",

@@ -16,6 +16,7 @@ from datetime import UTC, datetime
 
 import anyio
 
+from bastion.audit.actor import cli_actor
 from bastion.db import Database
 from bastion.server.config import ConfigError, ServerConfig, command_database
 
@@ -78,6 +79,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def cmd_configure(args: argparse.Namespace) -> int:
     receiver = _receiver(args)
+    actor = cli_actor()
     failed = 0
 
     async def run() -> None:
@@ -90,12 +92,12 @@ def cmd_configure(args: argparse.Namespace) -> int:
                 if args.transmitter and t.name != args.transmitter:
                     continue
                 try:
-                    stream = await receiver.configure(t)
+                    stream = await receiver.configure(t, actor)
                     print(f"{t.name}: stream {stream['stream_id']} configured; verification asked")
                 except Exception as e:  # noqa: BLE001 - each failure is reported, then the next
                     failed += 1
                     message = f"stream not configured: {e}"[:500]
-                    receiver.store.save_stream(t.name, "error", message)
+                    receiver.store.save_stream(t.name, "error", message, actor=actor)
                     print(f"{t.name}: {message}", file=sys.stderr)
         finally:
             await receiver._client.aclose()

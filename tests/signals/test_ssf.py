@@ -13,6 +13,7 @@ import time
 import anyio
 import pytest
 
+from bastion.audit.actor import cli_actor
 from bastion.cli import main
 from bastion.oauth.users import create_user
 from bastion.policy.parser import parse_fact
@@ -176,6 +177,13 @@ def test_bastion_creates_and_verifies_a_stream_with_each_transmitter(signals):
     assert signals.poller.stream("urn:ietf:rfc:8936")
     for name in ("idp", "mdm"):
         assert streams(signals)[name]["verified_at"] is not None
+    # Each change is audited with who made it: the server configured, the transmitter verified.
+    changed = [
+        (e.detail["actor"], e.detail["status"])
+        for e in reversed(signals.app.state.oauth.audit.events("ssf.stream_changed"))
+        if e.detail["transmitter"] == "idp"
+    ]
+    assert changed[:2] == [("server", "enabled"), ("ssf:idp", "verified")]
 
 
 def test_a_transmitter_that_cannot_be_reached_is_an_error_in_the_status_not_a_crash(signals):
@@ -216,6 +224,21 @@ def test_the_streams_status_command_shows_each_stream(signals, tmp_path, capsys)
     )
     assert code == 1
     assert "stream not configured" in capsys.readouterr().err
+
+    # An administrator's configure is audited as theirs, in the transaction that records it.
+    def mdm_changes() -> list:
+        audit = signals.app.state.oauth.audit
+        return [e for e in audit.events("ssf.stream_changed") if e.detail["transmitter"] == "mdm"]
+
+    before = len(mdm_changes())
+    code = main(
+        ["signals", "streams", "configure", "--config", str(config), "--transmitter", "mdm"]
+    )
+    assert code == 0
+    wait_until(lambda: streams(signals)["mdm"]["status"] == "verified")
+    configured = mdm_changes()[: len(mdm_changes()) - before][-1]
+    assert configured.detail["actor"] == cli_actor()
+    assert configured.detail["verification_requested"] is True
 
 
 # -- 1. off-boarded mid-session -----------------------------------------------------------------

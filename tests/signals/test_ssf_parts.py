@@ -15,6 +15,7 @@ from starlette.applications import Starlette
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from bastion.audit import AuditLog
 from bastion.db import Database
 from bastion.oauth.store import USERS_CHANGED, Grant, OAuthStore
 from bastion.server.app import create_app
@@ -562,3 +563,43 @@ def test_a_transmitters_answer_too_large_or_too_slow_is_not_read_and_its_stream_
     assert "sent more than 1048576 bytes" in details, seen
     assert "did not answer within 0.5 s" in details, seen
     assert state["creates"] == 3
+
+
+def test_a_streams_change_is_audited_with_its_actor_in_the_changing_transaction(database_url):
+    """Each change of a stream's status, id or verification request (configured by the server
+    or an administrator's command, verified or updated by its transmitter, in error) is an
+    ``ssf.stream_changed`` event naming who made it, written with the change or not at all; a
+    note that changes nothing records nothing."""
+    db = Database(database_url)
+    try:
+        store = SsfStore(db)
+        audit = AuditLog(db)
+
+        def changes() -> list[tuple]:
+            return [
+                (e.detail["transmitter"], e.detail["previous"], e.detail["status"],
+                 e.detail["stream_id"], e.detail["actor"])
+                for e in reversed(audit.events("ssf.stream_changed"))
+            ]  # fmt: skip
+
+        store.save_stream(
+            "idp", "enabled", "configured", stream_id="s1", verification_state="nonce-7f3",
+            actor="cli:alice",
+        )  # fmt: skip
+        assert changes() == [("idp", None, "enabled", "s1", "cli:alice")]
+        with pytest.raises(Killed), db.transaction():
+            store.save_stream("idp", "paused", "stream-updated event", actor="ssf:idp")
+            raise Killed
+        assert store.stream("idp").status == "enabled" and len(changes()) == 1
+        assert store.verified("idp", "nonce-7f3", actor="ssf:idp")
+        store.save_stream("idp", "error", "unreachable", actor="server")
+        store.save_stream("idp", "error", "unreachable again", actor="server")  # no change
+        assert changes() == [
+            ("idp", None, "enabled", "s1", "cli:alice"),
+            ("idp", "enabled", "verified", "s1", "ssf:idp"),
+            ("idp", "verified", "error", "s1", "server"),
+        ]
+        # The verification state asked for is the transmitter's proof: never in a row.
+        assert all("nonce-7f3" not in str(e.detail) for e in audit.events("ssf.stream_changed"))
+    finally:
+        db.close()
