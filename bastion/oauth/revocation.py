@@ -2,7 +2,9 @@
 
 Revoking a refresh token revokes its whole grant (every access token issued under it, §2.1);
 revoking an access token revokes that token (its ``jti``). A client may revoke only its own
-tokens; an unknown or foreign token is answered 200 all the same, as §2.2 requires.
+tokens; an unknown or foreign token is answered 200 all the same, as §2.2 requires. A client
+holding another client's token is a stolen token's trace: that is audited (``revocation.refused``,
+reason ``not_its_token``, aggregated), never told to the client.
 """
 
 from __future__ import annotations
@@ -19,7 +21,24 @@ if TYPE_CHECKING:
 TOKEN_TYPE_HINTS = ("access_token", "refresh_token")
 
 
-def revoke(server: AuthorizationServer, client: Client, form: Mapping[str, str]) -> None:
+def revoke(
+    server: AuthorizationServer,
+    client: Client,
+    form: Mapping[str, str],
+    address: str | None = None,
+) -> None:
+    """Revoke ``form``'s token if it is ``client``'s (the request came from ``address``)."""
+
+    def not_its_own(owner: str, subject: str | None) -> None:
+        server.refusals.record(
+            "revocation.refused",
+            address=address,
+            reason="not_its_token",
+            client_id=client.client_id,
+            subject=subject,
+            token_client_id=owner,
+        )
+
     token = form.get("token")
     if not token:
         raise InvalidRequest("token is required")
@@ -42,6 +61,8 @@ def revoke(server: AuthorizationServer, client: Client, form: Mapping[str, str])
                 server.revoke_grant(
                     grant, "refresh token revoked by client", actor=f"client:{client.client_id}"
                 )
+            elif grant is not None:
+                not_its_own(grant.client_id, grant.username)
             return
         try:
             verified = server.verifier.verify(token, resource=None, audit=False)
@@ -56,4 +77,6 @@ def revoke(server: AuthorizationServer, client: Client, form: Mapping[str, str])
                 jti=verified.jti,
                 grant_id=verified.grant_id,
             )
+        else:
+            not_its_own(verified.client_id, verified.subject)
         return

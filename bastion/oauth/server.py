@@ -599,7 +599,7 @@ class AuthorizationServer:
 
     async def _revoke(self, request: Request) -> Response:
         def revoke(client: Client, form: dict[str, str]) -> dict[str, Any]:
-            revocation.revoke(self, client, form)
+            revocation.revoke(self, client, form, client_address(request))
             return {}
 
         # A revocation is not held back by facts that may be behind: it only takes away.

@@ -236,3 +236,24 @@ def test_refused_revocations_are_audited(bastion: Bastion):
         ("", "invalid_client"),
         (client["client_id"], "invalid_request"),
     ]
+
+
+def test_a_revocation_of_another_clients_token_is_answered_alike_and_audited(bastion: Bastion):
+    """RFC 7009 §2.2: a client revoking a token not its own gets 200, as for its own, and the
+    token lives on; a client holding another's token is a stolen token's trace, so it leaves a
+    ``revocation.refused`` row (reason ``not_its_token``) naming both clients, never the token."""
+    owner, holder = bastion.register(), bastion.register()
+    tokens = bastion.tokens_for(owner)
+    for token in (tokens["access_token"], tokens["refresh_token"]):
+        response = bastion.http.post(
+            f"{bastion.url}/revoke", data={"token": token, "client_id": holder["client_id"]}
+        )
+        assert response.status_code == 200
+    bastion.server.verifier.verify(tokens["access_token"], bastion.resource)
+    events = bastion.server.audit.events("revocation.refused")
+    assert [(e.client_id, e.detail["reason"], e.detail["token_client_id"]) for e in events] == [
+        (holder["client_id"], "not_its_token", owner["client_id"])
+    ]
+    assert all(tokens[t] not in str(events[0].detail) for t in ("access_token", "refresh_token"))
+    bastion.server.refusals.flush(everything=True)
+    assert count(bastion.server.audit.events("revocation.refused")) == 2
