@@ -1,6 +1,7 @@
 """Refusals of a client's MCP request that no decision record holds: a malformed message or
 params, an unknown session, a forged or foreign ``requestState``, a refused resource URI spelling,
-and the HTTP-level refusals of any method (405, 406, 415; a GET stream or DELETE refused).
+the HTTP-level refusals of any method (405, 406, 415; a GET stream or DELETE refused), and a
+DPoP-bound token used without a proof of its key (RFC 9449: how a stolen token is tried).
 Audited as ``mcp.refused`` events, aggregated by `bastion.audit.refusals.RefusalLog` (address,
 reason, agent; windows of a minute), so that a flood writes a bounded number of rows.
 
@@ -70,7 +71,23 @@ class RequestRefusals:
             return
         if error.data is not None and "decision_id" in error.data:
             return  # decided, and in the decision records
-        words = error.message.split(maxsplit=FIRST_WORDS)
+        await self.record(reason, caller, server, method, error.code, error.message)
+
+    async def record(
+        self,
+        reason: str,
+        caller: Caller,
+        server: str,
+        method: Any,
+        code: int | None,
+        message: str,
+    ) -> None:
+        """Audit a refusal of ``caller``'s request for ``reason`` (from a small fixed set: it
+        keys the aggregation), with the JSON-RPC ``code`` if it has one and the first words of
+        ``message``."""
+        if self.refusals is None:
+            return
+        words = message.split(maxsplit=FIRST_WORDS)
         try:
             await anyio.to_thread.run_sync(
                 partial(
@@ -82,7 +99,7 @@ class RequestRefusals:
                     subject=caller.subject,
                     server=server,
                     method=method if isinstance(method, str) else None,
-                    code=error.code,
+                    code=code,
                     message=" ".join(words[:FIRST_WORDS]),
                 )
             )

@@ -71,6 +71,8 @@ _CALLERS = 4096
 # any session id bastion makes (22 characters) or version it speaks, so such a request's caller
 # is made again each time rather than its header text kept (up to the 64 KiB of a head).
 _REMEMBERED_HEADER = 64
+# The DPoP refusals of a verified token that are audited (`_authenticate`).
+_DPOP_REFUSALS = frozenset({"invalid_token", "invalid_dpop_proof"})
 _NAME_PARAMS = {"tools/call": "name", "prompts/get": "name", "resources/read": "uri"}
 _ENVELOPE_VERSION = "io.modelcontextprotocol/protocolVersion"
 _ENVELOPE_CAPABILITIES = "io.modelcontextprotocol/clientCapabilities"
@@ -230,9 +232,19 @@ class StreamableHttpEndpoint:
                 {"error": "temporarily_unavailable", "error_description": f"{e}"},
                 {"retry-after": "1"},
             ) from None
+        caller = self._caller(verified, address, headers)
         if verified.jkt is not None or kind == "dpop":
-            await self._check_dpop(server, kind, token, verified.jkt, scope)
-        return self._caller(verified, address, headers)
+            try:
+                await self._check_dpop(server, kind, token, verified.jkt, scope)
+            except HttpError as e:
+                # A verified token without a proof of its key (not a nonce to retry with, nor
+                # a database that is down): audited as other refused requests are.
+                error = (e.body or {}).get("error")
+                if error in _DPOP_REFUSALS:
+                    description = (e.body or {}).get("error_description", "")
+                    await gateway.refusals.record(error, caller, server, None, None, description)
+                raise
+        return caller
 
     def _caller(self, verified: VerifiedToken, address: str, headers: dict[str, str]) -> Caller:
         """Who sends the request: a `Caller` (frozen) of the token's verified facts, the address,

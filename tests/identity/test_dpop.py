@@ -618,3 +618,24 @@ def test_proofs_and_bindings_are_shared_through_either_database(database_url):
     one.bind_grant(grant, "first", time.time() + 60)
     two.bind_grant(grant, "second", time.time() + 60)
     assert two.grant_key(grant) == "first" and one.grant_key(uuid.uuid4().hex) is None
+
+
+def test_a_bound_token_used_without_its_key_at_the_gateway_is_audited(bastion):
+    """A token bound to a key (RFC 9449), verified, but sent as Bearer, without a proof or with
+    a proof of another key — how a stolen token is tried — leaves an ``mcp.refused`` row naming
+    its user and agent, aggregated per agent, address and reason, as other refused requests."""
+    holder = Holder()
+    client, tokens = bound_tokens(bastion, holder)
+    token = tokens["access_token"]
+    refused(call(bastion, token, scheme="Bearer"), "invalid_token", "bound to a DPoP key")
+    refused(call(bastion, token), "invalid_dpop_proof", "DPoP header")
+    other = Holder().proof("POST", bastion.mcp_url(SERVER), token)
+    refused(call(bastion, token, [other]), "invalid_dpop_proof", "another key")
+    oauth = bastion.app.state.oauth
+    rows = [e for e in oauth.audit.events("mcp.refused") if e.client_id == client["client_id"]]
+    assert sorted(e.detail["reason"] for e in rows) == ["invalid_dpop_proof", "invalid_token"]
+    assert {(e.subject, e.detail["server"]) for e in rows} == {(claims_of(token)["sub"], SERVER)}
+    assert all(token not in str(e.detail) for e in rows)
+    oauth.refusals.flush(everything=True)
+    rows = [e for e in oauth.audit.events("mcp.refused") if e.client_id == client["client_id"]]
+    assert sum(e.detail.get("repeats", 1) for e in rows) == 3
