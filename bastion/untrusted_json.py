@@ -56,6 +56,17 @@ class _RefusedNumber(Exception):  # noqa: N818 - internal signal, never leaves t
     """Raised from inside the decoder: the first pass stops at the first refused number."""
 
 
+# How much of a refused value a message quotes: enough to recognise it, never a whole body.
+QUOTED_CHARS = 80
+
+
+def quoted(value: Any) -> str:
+    """``value`` as JSON, cut to `QUOTED_CHARS` characters (``...`` says it was cut), for a
+    message that shows a client what it sent."""
+    text = json.dumps(value, default=str)
+    return text if len(text) <= QUOTED_CHARS else text[:QUOTED_CHARS] + "..."
+
+
 def _shown(literal: str) -> str:
     return literal if len(literal) <= 24 else f"{literal[:20]}... ({len(literal)} characters)"
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
-from bastion.untrusted_json import MAX_INTEGER, MIN_INTEGER
+from bastion.untrusted_json import MAX_INTEGER, MIN_INTEGER, quoted
 
 
 class Entity(NamedTuple):
@@ -109,11 +109,11 @@ def arg_from_json(value: Any, *, pattern: bool = False) -> Any:
         # Exactly the two keys, both text (two keys, and both found as text, are those two).
         kind, name = value.get("type"), value.get("id")
         if len(value) != 2 or not isinstance(kind, str) or not isinstance(name, str):
-            raise FactError(f'an entity is {{"type": str, "id": str}}, got {value!r}')
+            raise FactError(f'an entity is {{"type": str, "id": str}}, got {quoted(value)}')
         return Entity(kind, name)
     if isinstance(value, (str, int, bool)) or (pattern and value is None):
         return value
-    raise FactError(f"unsupported fact argument {value!r}")
+    raise FactError(f"unsupported fact argument {quoted(value)}")
 
 
 def fact_to_json(fact: tuple) -> dict:

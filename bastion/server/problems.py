@@ -124,9 +124,13 @@ def field(body: dict, name: str, kind: type | tuple[type, ...], *, required: boo
         # JSON has one kind of number: 3.0 is the integer 3 (as JSON Schema says).
         value = int(value)
     if isinstance(value, bool) and bool not in kinds:
-        raise bad_request(f"the field {name!r} must be {_names(kinds)}, got {json.dumps(value)}")
+        raise bad_request(
+            f"the field {name!r} must be {_names(kinds)}, got {untrusted_json.quoted(value)}"
+        )
     if not isinstance(value, kinds):
-        raise bad_request(f"the field {name!r} must be {_names(kinds)}, got {json.dumps(value)}")
+        raise bad_request(
+            f"the field {name!r} must be {_names(kinds)}, got {untrusted_json.quoted(value)}"
+        )
     return value
 
 
@@ -184,12 +188,13 @@ def _entity(body: dict, name: str) -> Entity:
         short = ENTITY_SHORT_FORM.fullmatch(value)
         if short is None:
             raise bad_request(
-                f"the field {name!r}: {value!r} is not an entity: Type:id, or"
+                f"the field {name!r}: {untrusted_json.quoted(value)} is not an entity: Type:id, or"
                 ' {"type": "Type", "id": "id"}'
             )
         return Entity(short[1], short[2])
     if set(value) != {"type", "id"} or not all(isinstance(v, str) for v in value.values()):
-        raise bad_request(f'the field {name!r} must be {{"type": str, "id": str}}, got {value!r}')
+        got = untrusted_json.quoted(value)
+        raise bad_request(f'the field {name!r} must be {{"type": str, "id": str}}, got {got}')
     if not value["type"]:
         raise bad_request(f"the field {name!r} needs a non-empty type")
     return Entity(value["type"], value["id"])

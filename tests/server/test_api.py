@@ -71,6 +71,23 @@ def test_the_short_entity_form_is_accepted(api):
     assert r.json()["allowed"] is True
 
 
+def test_a_refused_field_is_quoted_in_part_not_echoed_whole(api):
+    """A 400 names what was wrong with a field and shows the start of what came, not the whole
+    of it: a client sending a megabyte must not get it back in the answer (or the log)."""
+    big = "x" * 200_000
+    for body in (
+        {"actor": big, "action": "read", "resource": "Repo:anvil"},  # no Type:id form
+        {"actor": {"type": "User", "id": 7, "pad": big}, "action": "read", "resource": "Repo:a"},
+        {"actor": "User:alice", "action": [big], "resource": "Repo:anvil"},  # not a string
+    ):
+        r = api.post("/v1/authorize", json=body)
+        detail = assert_problem(r, 400, "the field")["detail"]
+        assert "xxxxxxxx" in detail and len(detail) < 400, len(detail)
+    fact = {"predicate": "has_role", "args": [{"type": "User", "id": big, "x": 1}, "r", "Repo:a"]}
+    detail = api.post("/v1/facts", json={"facts": [fact]}).json()["detail"]
+    assert "an entity is" in detail and len(detail) < 400, len(detail)
+
+
 def test_a_batch_answers_each_check_in_order(api):
     write_roles(api, role("alice", "maintainer", "Repo", "anvil"))
     checks = [
