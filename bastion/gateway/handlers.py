@@ -547,6 +547,7 @@ async def _forward(
         raise
     if verdict.review_step == "hold":
         return result  # masked when it is released, under the masks in force then
+    await enforcer.record_labels(ex.caller, verdict)
     return await _release(ex, verdict, result, uri)
 
 
@@ -574,17 +575,13 @@ async def _released(ex: Exchange, verdict: Verdict, uri: str | None) -> dict[str
         raise refused(verdict.review.target, verdict.decision_id, refusal)
     withheld = verdict.review.withheld_fields
     ex.masks = compile_paths(tuple(sorted({*verdict.obligations.masks, *withheld})))
-    return await _release(ex, verdict, result, uri, labelled=True)
+    return await _release(ex, verdict, result, uri)
 
 
-async def _release(
-    ex: Exchange, verdict: Verdict, result: dict[str, Any], uri: str | None, labelled: bool = False
-):
-    """The result as the client receives it: its target's labels recorded into the caller's
-    label set first (withheld if they cannot be; ``labelled``: they were), masked, counted and
-    recorded."""
-    if not labelled:
-        await ex.gateway.enforcer.record_labels(ex.caller, verdict)
+async def _release(ex: Exchange, verdict: Verdict, result: dict[str, Any], uri: str | None):
+    """The result as the client receives it: masked, counted and recorded. Its target's labels
+    are in the caller's label set already (withheld if they cannot be): `_forward` records them
+    once the upstream has answered, `_released` before the held result is spent."""
     result, masked = mask_result(result, ex.masks, uri)
     ex.returned_keys = scope_keys(ex.caller.subject, ex.caller.client_id, verdict.record["target"])
     obligations = dict(verdict.record["obligations"])
