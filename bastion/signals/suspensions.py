@@ -21,6 +21,10 @@ about), a suspended owner (``has_relation(Agent{..}, "owner", User{..})``, which
 keeps) answers for each agent it owns. Where a person is among them, that person bounds the
 agents: the owner of a client that many people use (the first to consent to it) does not.
 
+A query is a decision where it asks the decision contract's ``allow/3`` (`asks_allow`): an actor
+given there that the view holds gets no answer, and an actor left open is answered without the
+actors it holds (`Suspensions.holds_value`), as every other decision route is.
+
 `suspend` and `resume` are the one write path (the API and the command line both use them); each
 records ``suspension.created`` or ``suspension.lifted`` in the audit log, in the write's
 transaction.
@@ -209,6 +213,11 @@ def kept_rows(name: str, arity: int, rows: Iterable[tuple]) -> list[tuple]:
     return []
 
 
+def asks_allow(predicate: str, arity: int) -> bool:
+    """Whether a query of ``predicate/arity`` asks what an actor may do (its first argument)."""
+    return predicate == "allow" and arity == 3
+
+
 def has_person(principals: Sequence[Entity]) -> bool:
     """Whether a person is among ``principals``: a user that is not an agent acting as itself
     (a client credentials token's subject is its agent's own client id)."""
@@ -316,6 +325,10 @@ class Suspensions:
 
     def holds(self, entity: Entity) -> bool:
         return self.first((entity,)) is not None
+
+    def holds_value(self, value: object) -> bool:
+        """`holds` for a value a query bound: only an entity can be held."""
+        return value.__class__ is Entity and self.first((value,)) is not None
 
     def first(self, principals: Sequence[Entity], session_id: str = "") -> Entity | None:
         """The first of the principals (or the session) that is suspended, or None; where no

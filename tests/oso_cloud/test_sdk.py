@@ -8,6 +8,8 @@ import uuid
 import pytest
 from oso_cloud import Value, ValueOfType, typed_var
 
+from tests.oso_cloud.conftest import admin
+
 
 def ids() -> tuple[Value, Value, Value]:
     """A user, an org and a repo of this test only (the server is shared by the module)."""
@@ -204,6 +206,38 @@ def test_query_builder_evaluates_every_shape(oso):
     # A fact predicate can be queried as well.
     u = typed_var("User")
     assert oso.build_query(("has_role", u, "member", org)).evaluate(u) == [alice.id]
+
+
+def test_a_query_of_allow_answers_nothing_for_a_suspended_actor_and_leaves_it_out(bastion, oso):
+    """``build_query(("allow", ...))`` is how the SDK lists what an actor may do: the kill switch
+    holds there as in ``authorize`` and ``list``."""
+    alice, org, repo = ids()
+    bob = Value("User", alice.id + "-bob")
+    oso.insert(("has_role", alice, "member", org))
+    oso.insert(("has_role", bob, "member", org))
+    oso.insert(("has_relation", repo, "parent", org))
+    r, u = typed_var("Repo"), typed_var("User")
+
+    def answers() -> tuple:
+        return (
+            oso.build_query(("allow", alice, "read", r)).evaluate(r),
+            oso.build_query(("allow", alice, "read", repo)).evaluate(),
+            sorted(oso.build_query(("allow", u, "read", repo)).evaluate(u)),
+            oso.build_query(("allow", u, "read", repo)).in_(u, [alice.id]).evaluate(u),
+        )
+
+    before = answers()
+    assert before == ([repo.id], True, sorted([alice.id, bob.id]), [alice.id])
+    with admin(bastion) as http:
+        made = http.post("/v1/suspensions", json={"kind": "user", "id": alice.id})
+        assert made.status_code == 201, made.text
+        try:
+            # The actor given: no answer; left open: everyone but the suspended actor.
+            assert answers() == ([], False, [bob.id], [])
+        finally:
+            lifted = http.delete(f"/v1/suspensions/user/{alice.id}")
+            assert lifted.status_code in (200, 204), lifted.text
+    assert answers() == before
 
 
 def test_in_with_tens_of_thousands_of_ids_keeps_exactly_those_the_rules_allow(oso):

@@ -294,6 +294,12 @@ def decision_answers(bastion, key: str, vera: str, agent: str) -> dict:
             "/access/v1/search/subject",
             {"subject": {"type": "User"}, "action": {"name": "list"}, "resource": tool},
         ).json(),
+        "query": post(
+            "/v1/query", {"predicate": "allow", "args": [user, "list", {"var": "t"}]}
+        ).json(),
+        "query anyone": post(
+            "/v1/query", {"predicate": "allow", "args": [{"var": "u"}, "list", tool]}
+        ).json(),
         "oso": post(
             "/api/authorize",
             {
@@ -364,6 +370,14 @@ def test_the_decision_api_denies_a_suspended_user_and_the_agents_they_own_everyw
     assert during["authzen search"]["context"]["reason"] == "suspended"
     assert suspended not in during["authzen subjects"]["results"]
     assert suspended in after["authzen subjects"]["results"]
+    allowed = ["allow", suspended, "list", LIST_TOOL["resource"]]
+    for answers in (before, after):
+        assert allowed in answers["query"]["results"]
+        assert allowed in answers["query anyone"]["results"]
+    assert (during["query"]["results"], during["query"]["reason"]) == ([], "suspended")
+    assert during["query"]["suspended"] == suspended
+    assert allowed not in during["query anyone"]["results"]
+    assert "reason" not in during["query anyone"]
     assert during["oso"].json() == {"allowed": False}
     assert (
         during["oso list"].json()["results"] == [] and during["oso actions"].json()["results"] == []

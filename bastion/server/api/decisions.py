@@ -11,7 +11,9 @@ recorded in the decision log.
 
 The kill switch holds here as at the gateway (`Suspensions.held`, a lookup in memory): a
 suspended principal, or an agent asked about as itself whose owner is suspended, is refused
-before the policy is asked, with ``"reason": "suspended"`` and ``suspended`` naming who is held.
+before the policy is asked, with ``"reason": "suspended"`` and ``suspended`` naming who is held;
+a query of ``allow/3`` likewise (`asks_allow`), and one with its actor left open leaves the
+held actors out of its rows.
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ from bastion.server.problems import (
 )
 from bastion.server.problems import field as get_field
 from bastion.server.replica import ConsistencyTimeout, Replica
-from bastion.signals.suspensions import Held
+from bastion.signals.suspensions import Held, asks_allow
 
 MAX_BATCH = 1000
 # What a refusal's record keeps of its answer.
@@ -717,8 +719,17 @@ async def query(request: Request) -> JSONResponse:
             args.append(sized(arg, f"args[{i}]") if arg.__class__ is Entity else arg)
     started = time.perf_counter()
     refusal = None
+    suspensions = replica.suspensions
+    held = None
+    if asks_allow(predicate, len(args)) and args[0].__class__ is Entity:
+        held = suspensions.held((args[0],))
     try:
-        rows = replica.authz.query(predicate, *args, context=_context(body))
+        if held is not None:
+            rows, refusal = [], _held(held)  # the kill switch, before the policy
+        else:
+            rows = replica.authz.query(predicate, *args, context=_context(body))
+            if asks_allow(predicate, len(args)):
+                rows = [row for row in rows if not suspensions.holds_value(row[1])]
     except ValueError as e:
         # Well formed, but not something the policy in force defines.
         raise unprocessable(str(e)) from None

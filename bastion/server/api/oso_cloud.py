@@ -41,6 +41,7 @@ from bastion.server.problems import (
     unprocessable,
 )
 from bastion.server.problems import field as get_field
+from bastion.signals.suspensions import asks_allow
 from bastion.untrusted_json import MAX_INTEGER, MIN_INTEGER, writable
 
 # API key scopes (bastion keys create --scope ...): decisions and reads of facts and policy;
@@ -397,15 +398,26 @@ async def evaluate_query(request: Request) -> Response:
     most = request.app.state.config.oso_api_max_results
     started = time.perf_counter()
     refused = None
+    suspensions = replica.suspensions
+    # The actor of every allow/3 call: given and held, no answer; left open, its held values out.
+    actors = [args[0] for name, args in calls if asks_allow(name, len(args))]
+    given = [v for var in actors if (v := constraints[var][1]) is not None and len(v) == 1]
     try:
-        with authz.session(None, facts=facts) as session:
-            rows = _solve(session, calls, constraints, most)
+        if any(suspensions.holds_value(next(iter(v))) for v in given):
+            rows, refused = [], SUSPENDED  # the kill switch, before the policy
+        else:
+            with authz.session(None, facts=facts) as session:
+                rows = _solve(session, calls, constraints, most)
+            rows = [r for r in rows if not any(suspensions.holds_value(r[v]) for v in actors)]
     except EvaluationLimit as over:
         rows, refused = [], over.reason
     except PolicyError as e:
         raise policy_problem(e, "the policy in force cannot answer this query") from None
     observe_decision(request, "query", started, "allow" if rows else "deny")
-    record_decision(request, "query", {"predicate": calls[0][0], "calls": len(calls)}, len(rows))
+    req = {"predicate": calls[0][0], "calls": len(calls)}
+    record_decision(
+        request, "query", req, len(rows), refusal={"reason": refused} if refused else None
+    )
     out = [{var: _oso_id(row[var]) for var in constraints if var in row} for row in rows]
     return _json({"results": out}, refused=refused)
 
