@@ -1,9 +1,26 @@
-"""Names that people give and read back on a line of their own: a username, an API key's name."""
+"""Names that people give and read back on a line of their own: a username, an API key's name;
+and whether a token's claim may name a user at all."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 # The longest name (characters): a username or a key's name.
 MAX_NAME_LENGTH = 128
+# Why a token's ``user_claim`` of ``email`` cannot name a user (`vouched_for`).
+UNVERIFIED_EMAIL = (
+    "The issuer does not vouch for the email address (email_verified is not true): it cannot"
+    " name the user."
+)
+
+
+def vouched_for(claims: Mapping[str, Any], user_claim: str) -> bool:
+    """Whether the issuer vouches for the claim that names the user. An email address names a
+    person only with ``email_verified`` true (OpenID Connect Core §5.1): one the provider did not
+    verify is what somebody typed, which may be another person's. One rule for every token that
+    names a user (an ID token at sign-in, a trusted issuer's access token, an ID-JAG)."""
+    return user_claim != "email" or claims.get("email_verified") is True
 
 
 def check_name(

@@ -51,6 +51,7 @@ from bastion.identity.providers import (
     ProviderUnavailable,
     url_problem,
 )
+from bastion.names import UNVERIFIED_EMAIL, vouched_for
 from bastion.oauth import pages, pkce
 from bastion.oauth.client_assertion import jwks_problem
 from bastion.oauth.jwks import (
@@ -443,14 +444,8 @@ class OpenIDLogin:
             raise LoginRefused(
                 "claims", f"The ID token has no {provider.user_claim!r} claim to name the user."
             )
-        if provider.user_claim == "email" and claims.get("email_verified") is not True:
-            # OpenID Connect Core §5.1: an address the provider did not verify is what the
-            # person typed, which may be someone else's.
-            raise LoginRefused(
-                "claims",
-                "The provider does not vouch for this email address (email_verified is not"
-                " true): it cannot name the user.",
-            )
+        if not vouched_for(claims, provider.user_claim):
+            raise LoginRefused("claims", UNVERIFIED_EMAIL)
         username = f"{provider.user_prefix}{value}"
         if len(username) > MAX_USER_ID or not username.isprintable():
             raise LoginRefused("claims", "The user id from the provider is not a usable name.")

@@ -30,6 +30,7 @@ from joserfc.jwk import KeySet
 
 from bastion import untrusted_json
 from bastion.audit.refusals import RefusalLog
+from bastion.names import UNVERIFIED_EMAIL, vouched_for
 from bastion.oauth.access_token import TOKEN_TYPE
 from bastion.oauth.client_assertion import algorithms_problem, jwks_problem, url_problem
 from bastion.oauth.client_metadata_document import MAX_CLIENT_ID_URL
@@ -442,6 +443,8 @@ class TrustedIssuers:
         user = claims.get(issuer.user_claim)
         if not isinstance(user, str) or not user:
             raise InvalidToken(f"claim {issuer.user_claim!r} (the user) is missing", "claims")
+        if not vouched_for(claims, issuer.user_claim):
+            raise InvalidToken(UNVERIFIED_EMAIL, "claims")
         if len(user) > MAX_USER_CHARS:
             raise InvalidToken(
                 f"claim {issuer.user_claim!r} (the user) is longer than {MAX_USER_CHARS}"

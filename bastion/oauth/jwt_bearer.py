@@ -33,6 +33,7 @@ from joserfc.errors import JoseError
 from joserfc.jwk import KeySet
 
 from bastion import untrusted_json
+from bastion.names import UNVERIFIED_EMAIL, vouched_for
 from bastion.oauth.client_assertion import (
     algorithms_problem,
     jwks_problem,
@@ -431,6 +432,8 @@ class IdentityAssertionGrant:
         user = found.claims.get(idp.user_claim)
         if not isinstance(user, str) or not user or len(user) > 128 or not user.isprintable():
             raise InvalidGrant(f"the ID-JAG's {idp.user_claim!r} claim names no user")
+        if not vouched_for(found.claims, idp.user_claim):
+            raise InvalidGrant(UNVERIFIED_EMAIL)
         state = self.server.store.user_state(user)
         if state == "disabled":
             raise InvalidGrant(f"user {user!r} is disabled")

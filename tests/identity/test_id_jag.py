@@ -46,7 +46,7 @@ class EnterpriseIdp:
     def __init__(self) -> None:
         self.keys = {
             name: ECKey.generate_key("P-256", parameters={"kid": "k1"})
-            for name in ("acme", "other", "big")
+            for name in ("acme", "other", "big", "mail")
         }
         self.url = ""
         self.app = Starlette(
@@ -110,6 +110,13 @@ def bastion(tmp_path_factory, idp):
                     "issuer": idp.issuer("other"),
                     "jwks_uri": f"{idp.issuer('other')}/jwks",
                     "users": "any",
+                },
+                # Its users are named by email address.
+                {
+                    "issuer": idp.issuer("mail"),
+                    "jwks_uri": f"{idp.issuer('mail')}/jwks",
+                    "users": "any",
+                    "user_claim": "email",
                 },
                 {
                     "issuer": idp.issuer("big"),
@@ -327,6 +334,17 @@ ATTACKS = {
         "'sub' claim names no user",
     ),
     "a key from another issuer": (lambda i, b, c: i.id_jag(b, c, signer="other"), "signature"),
+    # An address the issuer does not vouch for may be another person's.
+    "an email not verified": (
+        lambda i, b, c: i.id_jag(b, c, iss=i.issuer("mail"), signer="mail", email="ceo@acme.test"),
+        "email_verified is not true",
+    ),
+    "an email verified only as a string": (
+        lambda i, b, c: i.id_jag(
+            b, c, iss=i.issuer("mail"), signer="mail", email="ceo@acme.test", email_verified="true"
+        ),
+        "email_verified is not true",
+    ),
     "a user bastion does not know": (lambda i, b, c: i.id_jag(b, c, sub="zed"), "not a user"),
     "alg HS256": (
         lambda i, b, c: i.id_jag(
@@ -349,6 +367,18 @@ def test_alg_none_is_refused(bastion, idp, agent):
     signed = idp.id_jag(bastion, agent["client_id"])
     header = _b64(json.dumps({"alg": "none", "typ": "oauth-id-jag+jwt", "kid": "k1"}).encode())
     assert "alg" in refused(present(bastion, agent, f"{header}.{signed.split('.')[1]}."))
+
+
+def test_an_email_the_issuer_vouches_for_names_the_user(bastion, idp, agent):
+    jag = idp.id_jag(
+        bastion, agent["client_id"], iss=idp.issuer("mail"), signer="mail",
+        email="lee@acme.test", email_verified=True,
+    )  # fmt: skip
+    answer = present(bastion, agent, jag)
+    assert answer.status_code == 200, answer.text
+    payload = answer.json()["access_token"].split(".")[1]
+    claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    assert claims["sub"] == "lee@acme.test"
 
 
 def test_a_disabled_user_gets_no_token(bastion, idp, agent):

@@ -218,6 +218,12 @@ def bastion(tmp_path_factory, idp, dead_url):
         {"issuer": f"{dead_url}/d", "audiences": {"deskhttp": "api://desk-d"}},
         {"issuer": idp.issuer("f"), "audiences": {"deskhttp": "api://desk-f"}},
         {
+            "issuer": idp.issuer("h"),
+            "jwks_uri": f"{idp.url}/jwks",
+            "audiences": {"deskhttp": "api://desk-h"},
+            "user_claim": "email",
+        },
+        {
             "issuer": idp.issuer("e"),
             "jwks_uri": f"{idp.url}/big-jwks",
             "audiences": {"labhttp": "api://lab-e"},
@@ -324,6 +330,19 @@ def test_a_user_or_an_agent_longer_than_any_index_takes_is_refused(bastion, idp)
     assert answer.json()["error"]["data"]["reason"] == "not_permitted"
 
 
+@pytest.mark.parametrize("verified", [None, False, "true"])
+def test_an_email_the_issuer_does_not_vouch_for_names_no_user(bastion, idp, verified):
+    """With ``user_claim = "email"`` the address must be one the issuer verified
+    (``email_verified`` true): otherwise it is what somebody typed, perhaps another's address."""
+    token = idp.token("h", sub="typed-7", email="avery@corp.example", email_verified=verified)
+    assert "email_verified is not true" in refused(call(bastion, token))
+    # Vouched for, the address names the user and the call is decided (this user has no grant).
+    token = idp.token("h", sub="typed-7", email="avery@corp.example", email_verified=True)
+    answer = call(bastion, token)
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["error"]["data"]["reason"] == "not_permitted"
+
+
 def test_scopes_come_from_scope_or_scp_and_drive_step_up(bastion, idp):
     delete = {
         **CALL,
@@ -363,6 +382,7 @@ def test_the_resource_metadata_lists_the_issuers_of_each_server(bastion, idp, de
         idp.issuer("g"),
         f"{dead_url}/d",
         idp.issuer("f"),
+        idp.issuer("h"),
     ]
     lab = bastion.http.get(f"{bastion.url}/.well-known/oauth-protected-resource/mcp/labhttp")
     assert lab.json()["authorization_servers"] == [bastion.url, idp.issuer("e")]
