@@ -44,6 +44,10 @@ MAX_FACT_KEY = 2600
 # none). The decision APIs refuse a longer one (`check_entity_size`): no fact could match it.
 MAX_ENTITY_TYPE = MAX_FACT_KEY - 12
 MAX_ENTITY_ID = MAX_FACT_KEY - 12 - 1
+# The longest string (an action, a query's argument) the decision APIs take
+# (`check_string_size`): a string in a fact has no more room than an entity's id. Without a
+# bound, the decision log kept a megabyte-long action whole in each of its records.
+MAX_STRING = MAX_ENTITY_ID
 CHANGES_CHANNEL = "bastion_changes"
 # Batches at least this large go through a scratch table (`FactStore._upsert`).
 _SCRATCH_THRESHOLD = 500
@@ -159,6 +163,16 @@ def check_entity_size(type_: str, id_: str = "") -> None:
         raise FactError(
             f"an entity's {which} is at most {most} characters, the longest any fact can hold"
             f" (a fact's key is at most {MAX_FACT_KEY}); got {size}"
+        )
+
+
+def check_string_size(value: str, what: str = "an action") -> None:
+    """`FactError` if ``value`` is longer than `MAX_STRING`: for a decision API, as
+    `check_entity_size` is for an entity."""
+    if len(value) > MAX_STRING:
+        raise FactError(
+            f"{what} is at most {MAX_STRING} characters, the longest any fact can hold"
+            f" (a fact's key is at most {MAX_FACT_KEY}); got {len(value)}"
         )
 
 

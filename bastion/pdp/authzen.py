@@ -24,7 +24,7 @@ from typing import Any
 from bastion.decide import Authorizer
 from bastion.decide.contract import ChainDecision, decide_chain, decide_chain_in
 from bastion.facts.model import Entity, FactError
-from bastion.facts.store import check_entity_size
+from bastion.facts.store import check_entity_size, check_string_size
 
 SEMANTICS = ("execute_all", "deny_on_first_deny", "permit_on_first_permit")
 # The names under which the subject's, resource's and action's properties reach the policy.
@@ -154,7 +154,12 @@ def read_action(value: Any, where: str = "action") -> Action:
     if value is None:
         raise AuthzenError(f"{where} is required")
     body = _object(value, where)
-    return Action(_text(body, "name", where), _properties(body, where))
+    name = _text(body, "name", where)
+    try:
+        check_string_size(name)
+    except FactError as e:
+        raise AuthzenError(f"{where}.name: {e}") from None
+    return Action(name, _properties(body, where))
 
 
 def read_context(value: Any, where: str = "context") -> dict | None:

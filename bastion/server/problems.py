@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Any
+from typing import Any, TypeVar
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse
@@ -12,7 +12,13 @@ from starlette.responses import JSONResponse
 from bastion import untrusted_json
 from bastion.cli import count_in
 from bastion.facts.model import Entity, FactError
-from bastion.facts.store import MAX_ENTITY_ID, MAX_ENTITY_TYPE, check_entity_size
+from bastion.facts.store import (
+    MAX_ENTITY_ID,
+    MAX_ENTITY_TYPE,
+    MAX_STRING,
+    check_entity_size,
+    check_string_size,
+)
 
 PROBLEM_JSON = "application/problem+json"
 # On every error answer: a browser shown one (a 404 quoting the path it was sent to, say) takes
@@ -163,13 +169,29 @@ def entity(body: dict, name: str) -> Entity:
     return sized(_entity(body, name), name)
 
 
-def sized(e: Entity, name: str) -> Entity:
-    """``e``, the field ``name``; a 400 if no fact can hold it (`check_entity_size`)."""
+# An entity, or a string such as an action: what `sized` bounds.
+_Sized = TypeVar("_Sized", Entity, str)
+
+
+def sized(value: _Sized, name: str) -> _Sized:
+    """``value`` (an entity, or a string such as an action), the field ``name``; a 400 if no
+    fact can hold it (`check_entity_size`, `check_string_size`)."""
     try:
-        check_entity_size(e.type, e.id)
+        if value.__class__ is Entity:
+            check_entity_size(value.type, value.id)
+        else:
+            check_string_size(value, "a string")
     except FactError as err:
         raise bad_request(f"the field {name!r}: {err}") from None
-    return e
+    return value
+
+
+def action(body: dict, name: str = "action") -> str:
+    """An action field (a string); a 400 if it is longer than any fact can hold."""
+    value = body.get(name)
+    if value.__class__ is str and len(value) <= MAX_STRING:  # on the path of every decision
+        return value
+    return sized(field(body, name, str), name)
 
 
 def entity_type(body: dict, name: str) -> str:

@@ -12,13 +12,20 @@ import pytest
 from starlette.testclient import TestClient
 
 from bastion.facts.model import Entity
-from bastion.facts.store import MAX_ENTITY_ID, MAX_ENTITY_TYPE, MAX_FACT_KEY, fact_key
+from bastion.facts.store import (
+    MAX_ENTITY_ID,
+    MAX_ENTITY_TYPE,
+    MAX_FACT_KEY,
+    MAX_STRING,
+    fact_key,
+)
 from bastion.server.app import create_app
 from bastion.server.config import ServerConfig
 from tests.server.conftest import ADMIN_KEY, POLICY
 
 LONG_ID = "x" * (MAX_ENTITY_ID + 1)
 LONG_TYPE = "T" * (MAX_ENTITY_TYPE + 1)
+LONG_ACTION = "a" * (MAX_STRING + 1)
 
 
 @pytest.fixture
@@ -167,6 +174,57 @@ def test_authzen_refuses_a_too_long_entity_in_a_search(api):
     )
 
 
+# An action (or a query's string) no fact can hold either: the decision log kept it whole.
+ACTIONS = [
+    ("/v1/authorize", {"actor": "User:a", "action": LONG_ACTION, "resource": "Repo:r"}),
+    ("/v1/authorize", {"principals": ["User:a"], "action": LONG_ACTION, "resource": "Repo:r"}),
+    (
+        "/v1/authorize/batch",
+        {"checks": [{"actor": "User:a", "action": LONG_ACTION, "resource": "Repo:r"}]},
+    ),
+    ("/v1/list", {"actor": "User:a", "action": LONG_ACTION, "resource_type": "Repo"}),
+    ("/v1/query", {"predicate": "allow", "args": ["User:a", LONG_ACTION, {"var": "r"}]}),
+    (
+        "/api/authorize",
+        {
+            "actor_type": "User",
+            "actor_id": "a",
+            "action": LONG_ACTION,
+            "resource_type": "Repo",
+            "resource_id": "r",
+        },
+    ),
+    (
+        "/api/list",
+        {"actor_type": "User", "actor_id": "a", "action": LONG_ACTION, "resource_type": "Repo"},
+    ),
+    (
+        "/access/v1/evaluation",
+        {
+            "subject": {"type": "User", "id": "u"},
+            "action": {"name": LONG_ACTION},
+            "resource": {"type": "Repo", "id": "d"},
+        },
+    ),
+    (
+        "/access/v1/search/resource",
+        {
+            "subject": {"type": "User", "id": "u"},
+            "action": {"name": LONG_ACTION},
+            "resource": {"type": "Repo"},
+        },
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("path", "body"), ACTIONS, ids=[f"{p}-{i}" for i, (p, _) in enumerate(ACTIONS)]
+)
+def test_every_decision_api_refuses_an_action_no_fact_can_hold_before_deciding(api, path, body):
+    text = refused_and_not_kept(api, path, body)
+    assert f"at most {MAX_STRING} characters" in text
+
+
 def test_an_entity_at_the_bound_is_still_decided(api):
     at_bound = "y" * MAX_ENTITY_ID
     answer = api.post(
@@ -175,6 +233,12 @@ def test_an_entity_at_the_bound_is_still_decided(api):
     assert answer.status_code == 200 and answer.json()["allowed"] is False
     kept = api.get(f"/v1/decisions/{answer.json()['decision_id']}").json()
     assert kept["request"]["actor"] == {"type": "User", "id": at_bound}
+    # So is an action at its bound.
+    action = "z" * MAX_STRING
+    answer = api.post(
+        "/v1/authorize", json={"actor": "User:a", "action": action, "resource": "Repo:r"}
+    )
+    assert answer.status_code == 200 and answer.json()["allowed"] is False
     answer = api.post(
         "/api/authorize",
         json={

@@ -48,6 +48,7 @@ from bastion.server.problems import (
     sized,
     unprocessable,
 )
+from bastion.server.problems import action as action_field
 from bastion.server.problems import field as get_field
 from bastion.server.replica import ConsistencyTimeout, Replica
 from bastion.signals.suspensions import Held, asks_allow
@@ -232,9 +233,7 @@ def _known_type(types: frozenset[str], e: Entity, name: str) -> None:
 def _check(types: frozenset[str], body: dict) -> tuple[Entity, str, Entity]:
     """The actor, action and resource of a check; ``types``: those the policy declares."""
     actor = entity(body, "actor")
-    action = body.get("action")
-    if action.__class__ is not str:  # the well-formed case needs no more checking
-        action = get_field(body, "action", str)
+    action = action_field(body)
     resource = entity(body, "resource")
     if types and (actor.type not in types or resource.type not in types):
         _known_type(types, actor, "actor")
@@ -266,7 +265,7 @@ def _chain(authz: Authorizer, body: dict) -> tuple[Entity, ...] | None:
 def _check_chain(authz: Authorizer, body: dict) -> tuple[tuple[Entity, ...], str, Entity]:
     chain = _chain(authz, body)
     assert chain is not None
-    action = get_field(body, "action", str)
+    action = action_field(body)
     resource = entity(body, "resource")
     known_type(authz, resource, "resource")
     return chain, action, resource
@@ -622,7 +621,7 @@ async def list_resources(request: Request) -> JSONResponse:
     authz = replica.authz
     actor = entity(body, "actor")
     known_type(authz, actor, "actor")
-    action = get_field(body, "action", str)
+    action = action_field(body)
     resource_type = entity_type(body, "resource_type")
     limit = get_field(body, "limit", int, required=False)
     limit = 100 if limit is None else limit
@@ -716,7 +715,7 @@ async def query(request: Request) -> JSONResponse:
                 arg = arg_from_json(a)
             except ValueError as e:
                 raise bad_request(f'args[{i}]: {e}; a variable is {{"var": "name"}}') from None
-            args.append(sized(arg, f"args[{i}]") if arg.__class__ is Entity else arg)
+            args.append(sized(arg, f"args[{i}]") if arg.__class__ in (Entity, str) else arg)
     started = time.perf_counter()
     refusal = None
     suspensions = replica.suspensions

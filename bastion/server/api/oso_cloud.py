@@ -40,6 +40,7 @@ from bastion.server.problems import (
     read_json,
     unprocessable,
 )
+from bastion.server.problems import action as action_field
 from bastion.server.problems import field as get_field
 from bastion.signals.suspensions import asks_allow
 from bastion.untrusted_json import MAX_INTEGER, MIN_INTEGER, writable
@@ -283,7 +284,7 @@ async def authorize(request: Request) -> Response:
     replica = await _replica(request)
     authz: Authorizer = replica.authz
     actor = _entity(body, "actor_type", "actor_id")
-    action = get_field(body, "action", str)
+    action = action_field(body)
     resource = _entity(body, "resource_type", "resource_id")
     _checked(authz, actor, "actor_type")
     _checked(authz, resource, "resource_type")
@@ -319,7 +320,7 @@ async def list_resources(request: Request) -> Response:
     authz: Authorizer = replica.authz
     actor = _entity(body, "actor_type", "actor_id")
     _checked(authz, actor, "actor_type")
-    action = get_field(body, "action", str)
+    action = action_field(body)
     resource_type = entity_type(body, "resource_type")
     most = request.app.state.config.oso_api_max_results
     page_size = get_field(body, "page_size", int, required=False) or most
