@@ -22,7 +22,7 @@ from bastion.agents.registry import STATUSES as AGENT_STATUSES
 from bastion.approvals import service as approvals_service
 from bastion.approvals.store import KINDS, STATUSES
 from bastion.delegation.tasks import STATUSES as TASK_STATUSES
-from bastion.facts.store import MAX_ENTITY_ID, MAX_ENTITY_TYPE
+from bastion.facts.store import MAX_ENTITY_ID, MAX_ENTITY_TYPE, MAX_STRING
 from bastion.names import MAX_NAME_LENGTH
 from bastion.server.api import agents as agents_api
 from bastion.server.api import alerts as alerts_api
@@ -70,6 +70,7 @@ _STR = {"type": "string"}
 # An entity's type and id in a question: at most what a fact can hold (`check_entity_size`).
 _ENTITY_TYPE = {**_STR, "minLength": 1, "maxLength": MAX_ENTITY_TYPE}
 _ENTITY_ID = {**_STR, "maxLength": MAX_ENTITY_ID}
+_ACTION = {**_STR, "maxLength": MAX_STRING}
 _LABEL_ID = {**_STR, "minLength": 1, "maxLength": labels_api.MAX_ID_LENGTH}
 _BOOL = {"type": "boolean"}
 # A policy's warnings refused as errors (always so with the setting policy_strict).
@@ -165,7 +166,7 @@ SCHEMAS: dict[str, Any] = {
         **_request(
             ["actor", "action", "resource"],
             actor=_ref("Entity"),
-            action=_STR,
+            action=_ACTION,
             resource=_ref("Entity"),
             context=_CTX,
         ),
@@ -182,7 +183,7 @@ SCHEMAS: dict[str, Any] = {
                 "description": "the user first, then each agent acting for them: allowed only"
                 " if every one is",
             },
-            action=_STR,
+            action=_ACTION,
             resource=_ref("Entity"),
             context=_CTX,
             scopes=_nullable(
@@ -681,7 +682,7 @@ PATHS: dict[str, Any] = {
             body=_request(
                 ["actor", "action", "resource_type"],
                 actor=_ref("Entity"),
-                action=_STR,
+                action=_ACTION,
                 resource_type={**_STR, "maxLength": MAX_ENTITY_TYPE},
                 context=_CTX,
                 limit=_nullable({**_INT, "minimum": 1, "maximum": MAX_LIST_PAGE}),
@@ -1511,7 +1512,7 @@ SCHEMAS.update(
         "AuthzenAction": {
             "type": "object",
             "required": ["name"],
-            "properties": {"name": _STR, "properties": _PROPERTIES},
+            "properties": {"name": _ACTION, "properties": _PROPERTIES},
             "additionalProperties": _ref("JsonValue"),
         },
         "AuthzenDecision": _response(

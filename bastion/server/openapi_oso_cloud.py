@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from bastion.facts.store import MAX_ENTITY_ID, MAX_ENTITY_TYPE
+from bastion.facts.store import MAX_ENTITY_ID, MAX_ENTITY_TYPE, MAX_STRING
 from bastion.server.api.oso_agents import EVENTS, KINDS, MAX_NAME, MAX_USERS
 from bastion.server.api.oso_cloud import READ, WRITE
 
@@ -19,6 +19,7 @@ _ANY = {"$ref": "#/components/schemas/JsonValue"}
 # The actor and resource of a question: at most what a fact can hold (`check_entity_size`).
 _ASKED_TYPE = {**_NAME, "maxLength": MAX_ENTITY_TYPE}
 _ASKED_ID = {**_STR, "maxLength": MAX_ENTITY_ID}
+_ACTION = {**_STR, "maxLength": MAX_STRING}
 
 
 def _nullable(schema: dict) -> dict:
@@ -184,7 +185,7 @@ PATHS: dict[str, Any] = {
             body=_object(
                 ["actor_type", "actor_id", "action", "resource_type", "resource_id"],
                 **_QUESTION,
-                action=_STR,
+                action=_ACTION,
                 resource_type=_ASKED_TYPE,
                 resource_id=_ASKED_ID,
             ),
@@ -202,7 +203,7 @@ PATHS: dict[str, Any] = {
             body=_object(
                 ["actor_type", "actor_id", "action", "resource_type"],
                 **_QUESTION,
-                action=_STR,
+                action=_ACTION,
                 resource_type={**_STR, "maxLength": MAX_ENTITY_TYPE},
                 page_size=_nullable({"type": "integer", "minimum": 1, "maximum": 2**63 - 1}),
                 page_token=_nullable(_STR),
