@@ -380,29 +380,58 @@ class Approvals:
         """None if ``person`` (a user's name) may answer ``request`` now; else why not. The one
         check of the API, the command line and the pages: a person bastion has disabled, or
         the kill switch holds, answers nothing, whatever the policy's approver rules say."""
+        return self._answerable(request, person)[0]
+
+    def _answerable(
+        self, request: ApprovalRequest, person: str
+    ) -> tuple[str | None, Terms | None]:
+        """`may_answer`'s refusal, or None and the terms the answer is taken under."""
         if request.status != OPEN:
-            return f"this request is {request.status}, not pending"
+            return f"this request is {request.status}, not pending", None
         if request.expires_at <= self.clock():
-            return "this request has expired"
+            return "this request has expired", None
         standing = self._standing_refusal(person)
         if standing is not None:
-            return standing
+            return standing, None
         if any(a.approver == person for a in request.answers):
-            return f"{person} has already answered this request"
-        resource = Entity.parse(request.target)
-        context = _call_context(request, self.clock())
-        terms = self.terms(request.subject, request.action, resource, context)
+            return f"{person} has already answered this request", None
+        terms = self._terms_now(request)
+        return self._entitled(request, person, terms), terms
+
+    def _terms_now(self, request: ApprovalRequest) -> Terms:
+        """The terms an answer to ``request`` is taken under: the policy's now (so an approver
+        removed meanwhile answers nothing), never wider than those it was held under. The facts
+        they turn on may have changed either way while the call waited; a tool frozen since,
+        or a user put on probation, narrows them (the shorter window, the more approvals),
+        and nothing that happened since widens what the hold asked for."""
+        now = self.terms(
+            request.subject,
+            request.action,
+            Entity.parse(request.target),
+            _call_context(request, self.clock()),
+        )
+        return Terms(
+            approvers=now.approvers,
+            required=max(now.required, request.required),
+            self_forbidden=now.self_forbidden or request.self_forbidden,
+            window_minutes=min(now.window_minutes, request.window_minutes),
+            seconds=now.seconds,
+        )
+
+    def _entitled(self, request: ApprovalRequest, person: str, terms: Terms) -> str | None:
+        """None if the policy lets ``person`` answer ``request`` under ``terms``; else why not."""
         if person == request.subject:
-            if terms.self_forbidden or request.self_forbidden:
+            if terms.self_forbidden:
                 return "the policy forbids approving one's own call here"
             if not terms.approvers or person in terms.approvers:
                 return None
             return f"{person} may not approve their own call: the policy names its approvers"
         if person in terms.approvers:
             return None
+        resource = Entity.parse(request.target)
         user = Entity("User", request.subject)
         try:
-            with self.authorizer().session(context) as s:
+            with self.authorizer().session(_call_context(request, self.clock())) as s:
                 if s.rows(
                     "approver", "bbbb", Entity("User", person), user, request.action, resource
                 ):
@@ -447,9 +476,10 @@ class Approvals:
         request = self._settled(self.store.get(request_id))
         if request is None:
             raise UnknownRequest(request_id)
-        why = self.may_answer(request, person)
+        why, terms = self._answerable(request, person)
         if why is not None:
             raise NotAllowed(why)
+        assert terms is not None
         if request.kind == "review":
             if minutes:
                 raise NotAllowed("a result is released once; it takes no minutes")
@@ -458,11 +488,11 @@ class Approvals:
         if minutes:
             if type(minutes) is not int or minutes < 0:
                 raise NotAllowed("minutes must be a whole number of minutes")
-            if minutes > request.window_minutes:
+            if minutes > terms.window_minutes:
                 raise NotAllowed(
-                    f"the policy allows approvals of this call for {request.window_minutes}"
+                    f"the policy allows approvals of this call for {terms.window_minutes}"
                     " minutes at most"
-                    if request.window_minutes
+                    if terms.window_minutes
                     else "the policy allows this call to be approved once only, not for a time"
                 )
             self._check_grant(request)
@@ -503,7 +533,7 @@ class Approvals:
             assert request is not None
             if answer == "deny":
                 self.store.resolve(request.id, verb, from_status=OPEN)
-            elif len(request.approvals) >= request.required:
+            elif len(request.approvals) >= terms.required:
                 self.store.resolve(
                     request.id, verb, from_status=OPEN, withheld_fields=withheld_fields
                 )

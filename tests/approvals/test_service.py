@@ -52,6 +52,15 @@ approval_window(_user: User, "call", Tool{"crm/spin"}, 60);
 # the spun report is asked of a rule over its budget.
 mask(User{"avery"}, "call", Tool{"crm/report"}, "customers.*.email");
 mask(User{"cfo"}, "call", Tool{"crm/spin"}, "customers.*.email") if spin(0);
+# Exports: the manager approves, for up to an hour, unless the tool is frozen (then once
+# only); a user on probation needs the cfo's approval too. Both turn on facts, not the policy.
+declare frozen(Tool);
+declare on_probation(User);
+requires_approval(_user: User, "call", Tool{"crm/export"});
+approver(boss: User, user: User, "call", Tool{"crm/export"}) if manager(user, boss);
+approver(User{"cfo"}, _user: User, "call", Tool{"crm/export"});
+approval_window(_user: User, "call", Tool{"crm/export"}, 60) if not frozen(Tool{"crm/export"});
+approvals_required(user: User, "call", Tool{"crm/export"}, 2) if on_probation(user);
 """
 )
 
@@ -65,6 +74,7 @@ send, delete, wire = (
 refund = Entity("Tool", "crm/refund")
 pay = Entity("Tool", "crm/pay")
 spin, report = Entity("Tool", "crm/spin"), Entity("Tool", "crm/report")
+export = Entity("Tool", "crm/export")
 
 
 class Clock:
@@ -436,6 +446,25 @@ def test_no_approval_for_minutes_is_longer_than_max_window_minutes(world):
     approvals.answer(request.id, "avery", "approve", minutes=10, channel="api")
     [stored] = list(facts.get(("approval_grant", None, None, None, None)))
     assert stored.expires_at == clock.now + 10 * 60
+
+
+def test_an_answer_is_bound_by_the_terms_the_policy_gives_now_when_they_narrowed_since_the_hold(
+    world,
+):
+    """The facts the terms turn on change while a call waits: the tool is frozen (the policy
+    now allows it to be approved once only) and sam is put on probation (two approvals now).
+    An answer is taken under the narrower of the terms of the hold and those of now: a grant
+    for minutes was given, and a single approval approved the call, on the terms of the hold."""
+    approvals, authz, facts, _ = world
+    request = held(approvals, call(export))
+    assert (request.window_minutes, request.required) == (60, 1)
+    authz.facts.apply([("frozen", export), ("on_probation", sam)], [])
+    with pytest.raises(NotAllowed, match="approved once only"):
+        approvals.answer(request.id, "avery", "approve", minutes=30, channel="api")
+    assert list(facts.get(("approval_grant", None, None, None, None))) == []
+    assert approvals.answer(request.id, "avery", "approve", channel="api").status == "pending"
+    assert approvals.check(call(export)).state == "pending"
+    assert approvals.answer(request.id, "cfo", "approve", channel="api").status == "approved"
 
 
 def test_an_approval_for_negative_minutes_is_refused_and_records_nothing(world):
