@@ -440,6 +440,18 @@ class Approvals:
             pass
         return f"{person} is not an approver of this request under the policy"
 
+    def _standing_approvals(self, request: ApprovalRequest, terms: Terms) -> int:
+        """How many of ``request``'s approvals count when it is decided: those of people who may
+        still approve it under ``terms``. One given by an approver the policy has removed since,
+        or who is disabled or suspended since, gives none: it decides nothing, as an answer they
+        gave now would not be taken."""
+        return sum(
+            1
+            for a in request.approvals
+            if self._standing_refusal(a.approver) is None
+            and self._entitled(request, a.approver, terms) is None
+        )
+
     def _standing_refusal(self, person: str) -> str | None:
         """Why ``person`` answers nothing whatever the policy says (disabled, or held by the
         kill switch), or None."""
@@ -533,7 +545,7 @@ class Approvals:
             assert request is not None
             if answer == "deny":
                 self.store.resolve(request.id, verb, from_status=OPEN)
-            elif len(request.approvals) >= terms.required:
+            elif self._standing_approvals(request, terms) >= terms.required:
                 self.store.resolve(
                     request.id, verb, from_status=OPEN, withheld_fields=withheld_fields
                 )

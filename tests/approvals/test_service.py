@@ -341,6 +341,27 @@ def test_two_distinct_approvers_when_the_policy_requires_two(world):
     assert approvals.answer(request.id, "cfo", "approve", channel="api").status == "approved"
 
 
+def test_an_approval_counts_only_while_its_approver_may_still_approve(world):
+    """A wire needs two approvers. avery approves, then stops being sam's manager (or is
+    disabled) before cfo approves: what decides is the second answer, and at that moment only
+    cfo may approve, so the wire waits for another approver. avery's approval made it approved."""
+    approvals, authz, _, clock = world
+    users = OAuthStore(approvals.store.db)
+    users.create_user("avery", "hash", clock(), actor="test")
+    approvals.user_state = users.user_state  # as a server's approvals read it
+    removed = held(approvals, call(wire, {"to": "removed@example.com"}))
+    disabled = held(approvals, call(wire, {"to": "disabled@example.com"}))
+    for request in (removed, disabled):
+        assert approvals.answer(request.id, "avery", "approve", channel="api").status == "pending"
+    authz.facts.apply([], [("manager", sam, avery)])
+    assert approvals.answer(removed.id, "cfo", "approve", channel="api").status == "pending"
+    authz.facts.apply([("manager", sam, avery)], [])
+    users.disable_user("avery", clock(), actor="test")
+    assert approvals.answer(disabled.id, "cfo", "approve", channel="api").status == "pending"
+    for request in (removed, disabled):
+        assert approvals.check(call(wire, request.arguments)).state == "pending"
+
+
 def test_two_approvals_given_at_once_on_two_replicas_approve_a_request_needing_two(
     postgres_url,
 ):
