@@ -164,8 +164,10 @@ class ApprovalPages:
         found = self.approvals.get(request_id)
         if found is None:
             return None
-        refusal = self.approvals.may_answer(found, person)
-        involved = (
+        # A person disabled or suspended is involved in nothing: their session may live on.
+        barred = self.approvals.standing_refusal(person)
+        refusal = barred or self.approvals.may_answer(found, person)
+        involved = barred is None and (
             refusal is None
             or person == found.subject
             or person in found.approvers
@@ -187,7 +189,7 @@ class ApprovalPages:
             # is over, sees where it stands (200).
             over = request.status != OPEN or request.expires_at <= self.approvals.clock()
             answered = any(a.approver == shown.person for a in request.answers)
-            allowed = shown.refusal is None or answered or (over and shown.involved)
+            allowed = shown.refusal is None or (shown.involved and (answered or over))
             status = 200 if allowed else 403
         form = ""
         if shown.refusal is None:

@@ -390,7 +390,7 @@ class Approvals:
             return f"this request is {request.status}, not pending", None
         if request.expires_at <= self.clock():
             return "this request has expired", None
-        standing = self._standing_refusal(person)
+        standing = self.standing_refusal(person)
         if standing is not None:
             return standing, None
         if any(a.approver == person for a in request.answers):
@@ -448,13 +448,13 @@ class Approvals:
         return sum(
             1
             for a in request.approvals
-            if self._standing_refusal(a.approver) is None
+            if self.standing_refusal(a.approver) is None
             and self._entitled(request, a.approver, terms) is None
         )
 
-    def _standing_refusal(self, person: str) -> str | None:
-        """Why ``person`` answers nothing whatever the policy says (disabled, or held by the
-        kill switch), or None."""
+    def standing_refusal(self, person: str) -> str | None:
+        """Why ``person`` answers nothing, and sees no more of a request than anyone, whatever
+        the policy says (disabled, or held by the kill switch), or None."""
         if self.user_state(person) == "disabled":
             return f"{person} is disabled: a disabled user answers no request"
         if (
@@ -523,7 +523,7 @@ class Approvals:
                 raise NotAllowed("this request was answered meanwhile")
             # Again in the transaction that records the answer: a disable or a suspension
             # committed since `may_answer` read it refuses the answer, none is recorded after.
-            standing = self._standing_refusal(person)
+            standing = self.standing_refusal(person)
             if standing is not None:
                 raise NotAllowed(standing)
             try:

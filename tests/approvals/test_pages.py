@@ -371,6 +371,29 @@ def test_a_suspended_approver_gets_403_no_form_and_their_answer_is_refused(basti
     assert bastion.get(request.id).status == "approved"
 
 
+def test_a_suspended_person_sees_no_more_of_a_request_than_its_summary(bastion: Running):
+    """The kill switch holds avery: the requests she is named on, or answered, are shown to her as
+    to anyone else (403, the summary), not with the arguments, the rules and the answers that a
+    named approver sees. Her session lives on, so before, they were shown to it."""
+    pending = hold(bastion, arguments={"secret": "pending-arguments"})
+    answered = hold(bastion, arguments={"secret": "answered-arguments"})
+    bastion.approvals.answer(answered.id, "avery", "approve", channel="page")
+    with signed_in(bastion, "avery") as http:
+        kill_switch(bastion, suspend)
+        try:
+            shown = {r.id: http.get(f"/approvals/{r.id}") for r in (pending, answered)}
+        finally:
+            kill_switch(bastion, resume)
+        for request, secret in ((pending, "pending-arguments"), (answered, "answered-arguments")):
+            page = shown[request.id]
+            assert page.status_code == 403
+            assert "avery is suspended" in page.text
+            assert secret not in page.text and "id=arguments" not in page.text
+            assert "requires_approval" not in page.text
+        # Resumed, she sees them again.
+        assert "answered-arguments" in http.get(f"/approvals/{answered.id}").text
+
+
 def kill_switch(bastion: Running, change) -> None:
     """Suspend or resume avery (`suspend`, `resume`), as the API does; this replica has it."""
     seq = change(bastion.app.state.store, suspension("user", "avery"), "test").seq
