@@ -766,7 +766,11 @@ async def complete(ex: Exchange) -> dict[str, Any]:
         uri = _uri(ex, ref.get("uri"), "params.ref.uri")
         action, resource = "read", Entity("McpResource", f"{ex.server}/{uri}")
         extra["uri"] = uri
-    return await _decide_and_forward(ex, action, resource, extra, argument)
+    # What is bound (to an approval, a review, the record's digest) is all the upstream gets
+    # to complete: the argument and the context of the prompt's other arguments, which the
+    # policy sees too. The argument alone let an approval of one context complete another.
+    bound = {"argument": argument, "context": context}
+    return await _decide_and_forward(ex, action, resource, extra, bound)
 
 
 async def pass_through(ex: Exchange) -> dict[str, Any]:

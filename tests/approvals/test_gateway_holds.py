@@ -39,6 +39,8 @@ requires_recent_auth(_user: User, "call", Tool{"deskhttp/search_customers"}, 0) 
   context.arguments.query = "recent" and context.approval.channels = ["api"];
 requires_review(_user: User, "read", McpResource{"deskhttp/customers://plans"});
 approver(User{"avery"}, _user: User, "read", McpResource{"deskhttp/customers://plans"});
+# Completing the greeting's name waits for the user's own confirmation.
+requires_approval(_user: User, "get", Prompt{"labhttp/greeting"}) if context.argument = "name";
 """
 
 
@@ -254,6 +256,39 @@ def raw_call(bastion, token, arguments, url=None, tool="send_email"):
     )
     assert response.status_code == 200, response.text
     return messages(response)[-1]  # plain JSON, or events when the answer began early (load)
+
+
+def test_an_approved_completion_does_not_cover_the_same_argument_in_another_context(bastion):
+    """A completion's ``context.arguments`` (the prompt's other arguments) go upstream with it,
+    and the policy sees them: they are bound to its approval with the argument completed. An
+    approval given for one context was spent by the same argument in another."""
+    token = bastion.token("sam", "labhttp")
+
+    def complete(arguments: dict) -> dict:
+        params = {
+            "ref": {"type": "ref/prompt", "name": "greeting"},
+            "argument": {"name": "name", "value": "A"},
+            "context": {"arguments": arguments},
+        }
+        response = bastion.http.post(
+            bastion.mcp_url("labhttp"),
+            json=modern_request(1, "completion/complete", params),
+            headers=modern_headers(token, "completion/complete"),
+        )
+        assert response.status_code == 200, response.text
+        return messages(response)[-1]
+
+    held = complete({"team": "support"})["error"]["data"]
+    assert held["reason"] == "approval_pending"
+    approvals(bastion).answer(held["approval_id"], "sam", "approve", channel="api")
+    other = complete({"team": "finance"})["error"]["data"]
+    assert other["reason"] == "approval_pending" and other["approval_id"] != held["approval_id"]
+    assert approvals(bastion).get(other["approval_id"]).arguments == {
+        "argument": {"name": "name", "value": "A"},
+        "context": {"arguments": {"team": "finance"}},
+    }
+    approved = complete({"team": "support"})
+    assert approved["result"]["completion"]["values"] == ["Ada", "Alan"]
 
 
 def caught_up(bastion) -> None:
