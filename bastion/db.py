@@ -23,7 +23,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import parse_qsl
 
 import psycopg
@@ -61,6 +61,14 @@ class DatabaseUnavailable(Exception):
 _LOCK_REFUSED = (
     "the database was busy: a lock this request needs was held past lock_timeout (by another"
     " replica's transaction, say); nothing was written; retry"
+)
+_SQLITE_BUSY_REFUSED = (
+    "the database was busy: another connection (another process's, say) held its write lock"
+    " past busy_timeout; nothing was written; retry"
+)
+_CONNECTION_BUSY = (
+    "the database was busy: this server's connection was held by other requests (waiting for"
+    " a lock, say) past {bound}; nothing was written; retry"
 )
 
 
@@ -144,6 +152,14 @@ def connect(url: str, role: str) -> psycopg.Connection:
     )
 
 
+def _lock_wait(conn: psycopg.Connection) -> float:
+    """The session's ``lock_timeout`` in seconds (-1 for 0, PostgreSQL's "without end"): what
+    `SESSION_DEFAULTS` set, or the URL's ``options``, or the role's or database's own setting."""
+    row = conn.execute("SELECT setting FROM pg_settings WHERE name = 'lock_timeout'").fetchone()
+    milliseconds = int(row[0]) if row else 0
+    return milliseconds / 1000 if milliseconds > 0 else -1.0
+
+
 def _readable(fd: int) -> bool:
     """Whether bytes (or the end) wait on the socket ``fd``; True if it cannot be told (closed
     meanwhile). poll, not select: a busy process's descriptors may be numbered past 1024."""
@@ -176,10 +192,19 @@ class Database:
 
     A SQLite file is created readable and writable by its owner only (0600); SQLite gives its
     ``-wal`` and ``-shm`` files the same mode. ``busy_timeout``: how long a SQLite statement
-    waits for a lock another connection holds before it fails ("database is locked").
+    waits for a lock another connection holds before it fails (`DatabaseUnavailable`); by
+    default the URL's ``?busy_timeout=``, else 10 s.
+
+    A thread waits for the connection, which another thread may hold while it waits for a lock,
+    as long as a statement waits for a lock (SQLite's ``busy_timeout``, PostgreSQL's
+    ``lock_timeout``), then gets `DatabaseUnavailable`: the threads queued on the connection
+    behind a stuck statement would otherwise each wait their own timeout in turn, and the last
+    one all of them together.
     """
 
-    def __init__(self, url: str, *, role: str = "bastion", busy_timeout: float = 10) -> None:
+    def __init__(
+        self, url: str, *, role: str = "bastion", busy_timeout: float | None = None
+    ) -> None:
         self.url = url
         self.role = role
         self.is_postgres = is_postgres(url)
@@ -190,20 +215,34 @@ class Database:
         self._retry_at = 0.0
         self._failure = ""
         self._down = False  # between a lost connection and the next one that opens
+        self._wait = -1.0  # seconds a thread waits for the connection (-1: without end)
         if self.is_postgres:
             self._connection()
         else:
-            path, synchronous = sqlite_file(url)
-            _create_private(path)
+            file = sqlite_file(url)
+            _create_private(file.path)
+            self._wait = file.busy_timeout if busy_timeout is None else busy_timeout
             self._conn = sqlite3.connect(
-                path, check_same_thread=False, isolation_level=None, timeout=busy_timeout
+                file.path, check_same_thread=False, isolation_level=None, timeout=self._wait
             )
             _use_wal(self._conn)
-            self._conn.execute(f"PRAGMA synchronous={synchronous}")
+            self._conn.execute(f"PRAGMA synchronous={file.synchronous}")
             self._conn.execute("PRAGMA foreign_keys=ON")
 
     def _sql(self, sql: str) -> str:
         return _PLACEHOLDER.sub("%s", sql) if self.is_postgres else sql
+
+    @contextmanager
+    def _turn(self) -> Iterator[None]:
+        """The connection to this thread, once no other holds it (at once for a thread that
+        holds it already); `DatabaseUnavailable` if that takes longer than a lock wait."""
+        if not self._lock.acquire(timeout=self._wait):
+            bound = "busy_timeout" if not self.is_postgres else "lock_timeout"
+            raise DatabaseUnavailable(_CONNECTION_BUSY.format(bound=f"{bound} ({self._wait:g} s)"))
+        try:
+            yield
+        finally:
+            self._lock.release()
 
     # -- the PostgreSQL connection, opened again when lost ---------------------------------------
 
@@ -226,7 +265,13 @@ class Database:
         if time.monotonic() < self._retry_at:
             raise DatabaseUnavailable(self._failure)
         try:
-            self._conn = connect(self.url, self.role)
+            conn = connect(self.url, self.role)
+            try:
+                self._wait = _lock_wait(conn)
+            except psycopg.Error:
+                conn.close()
+                raise
+            self._conn = conn
         except psycopg.Error as e:
             # Said once per outage, not at every attempt.
             (log.debug if self._down else log.warning)(
@@ -271,9 +316,17 @@ class Database:
         """``work(connection)`` under the lock. On PostgreSQL, a connection found gone is
         replaced first; one lost under ``work`` is replaced and ``work`` run once more only if
         ``again`` (it changes nothing) and no transaction is open."""
-        with self._lock:
+        with self._turn():
             if not self.is_postgres:
-                return work(self._conn)
+                try:
+                    return work(self._conn)
+                except sqlite3.OperationalError as e:
+                    if getattr(e, "sqlite_errorcode", 0) & 0xFF in (
+                        sqlite3.SQLITE_BUSY,
+                        sqlite3.SQLITE_LOCKED,
+                    ):
+                        raise DatabaseUnavailable(_SQLITE_BUSY_REFUSED) from e
+                    raise
             in_transaction = self._depth > 0
             if in_transaction and self._conn is None:
                 raise DatabaseUnavailable(self._failure)
@@ -326,10 +379,11 @@ class Database:
 
     def data_version(self, wait: bool = True) -> int | None:
         """SQLite's ``PRAGMA data_version`` on this connection: it changes when another
-        connection commits. None on PostgreSQL, and (``wait`` False) while another thread uses
-        the connection: the event loop does not wait for a worker's statement. Read on the
-        gateway's call path (revocation), so without `execute`'s general handling."""
-        if self.is_postgres or not self._lock.acquire(blocking=wait):
+        connection commits. None on PostgreSQL, and while another thread uses the connection:
+        at once with ``wait`` False (the event loop does not wait for a worker's statement),
+        else past the wait for a lock. Read on the gateway's call path (revocation), so without
+        `execute`'s general handling."""
+        if self.is_postgres or not self._lock.acquire(timeout=self._wait if wait else 0):
             return None
         try:
             return self._conn.execute("PRAGMA data_version").fetchone()[0]
@@ -373,7 +427,7 @@ class Database:
         A connection lost inside rolls the transaction back (the server does); the caller gets
         `DatabaseUnavailable`, and may run the whole transaction again.
         """
-        with self._lock:
+        with self._turn():
             if self._depth:
                 self._depth += 1
                 try:
@@ -530,14 +584,29 @@ def _create_private(path: str) -> None:
 # last commits then: a revocation, a suspension or a denial answered but gone after the power
 # comes back.
 SQLITE_SYNCHRONOUS = ("full", "normal")
+# How long a SQLite statement waits for the write lock of another connection (another process's)
+# by default, the URL's ``?busy_timeout=`` otherwise; a request waits as long for its turn on the
+# connection. Past it the request is refused (503, retry), never left waiting for all before it.
+SQLITE_BUSY_TIMEOUT = 10.0
 
 
 def is_postgres(url: str) -> bool:
     return url.startswith(("postgresql://", "postgres://"))
 
 
-def sqlite_file(url: str) -> tuple[str, str]:
-    """The file of a SQLite URL (``sqlite:///path``, or a path) and its ``synchronous`` level.
+class SqliteFile(NamedTuple):
+    """A SQLite database as its URL names it: the file, its ``synchronous`` level (upper case,
+    as the PRAGMA takes it) and its ``busy_timeout`` (seconds a statement waits for a lock that
+    another connection holds, and a request for the connection other requests hold)."""
+
+    path: str
+    synchronous: str
+    busy_timeout: float
+
+
+def sqlite_file(url: str) -> SqliteFile:
+    """The file of a SQLite URL (``sqlite:///path``, or a path) and its settings:
+    ``?synchronous=full|normal`` and ``?busy_timeout=<seconds>``.
 
     A server's state must outlive it: an empty path and ``:memory:`` (which SQLite opens as a
     database thrown away on close) are refused, and so is a URL of any other scheme (``mysql://``
@@ -557,12 +626,18 @@ def sqlite_file(url: str) -> tuple[str, str]:
         )
     settings = dict(parse_qsl(query, keep_blank_values=True))
     level = settings.pop("synchronous", "full")
-    if settings or level not in SQLITE_SYNCHRONOUS:
+    busy = settings.pop("busy_timeout", str(SQLITE_BUSY_TIMEOUT))
+    try:
+        busy_timeout = float(busy)
+    except ValueError:
+        busy_timeout = -1.0
+    if settings or level not in SQLITE_SYNCHRONOUS or not 0 <= busy_timeout <= 3600:
         raise DatabaseSettingError(
-            f"the SQLite database {path!r} takes one setting, ?synchronous={'|'.join(SQLITE_SYNCHRONOUS)},"
+            f"the SQLite database {path!r} takes the settings"
+            f" ?synchronous={'|'.join(SQLITE_SYNCHRONOUS)} and &busy_timeout=<seconds, 0 to 3600>,"
             f" not {query!r}"
         )
-    return path, level.upper()
+    return SqliteFile(path, level.upper(), busy_timeout)
 
 
 def existing_database(url: str) -> str:
@@ -571,7 +646,7 @@ def existing_database(url: str) -> str:
     never created by connecting)."""
     if is_postgres(url):
         return url
-    path, _ = sqlite_file(url)
+    path = sqlite_file(url).path
     if os.path.isdir(path):
         raise DatabaseSettingError(
             f"{path} is a directory; give the path of a SQLite file (or a postgresql:// URL)"

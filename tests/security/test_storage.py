@@ -90,8 +90,26 @@ def test_a_sqlite_commit_is_written_through_to_the_disk_unless_the_url_says_othe
         finally:
             db.close()
     for query in ("synchronous=off", "synchronous=", "sync=full", "synchronous=full&x=1"):
-        with pytest.raises(ValueError, match=r"takes one setting, \?synchronous=full\|normal"):
+        with pytest.raises(ValueError, match=r"takes the settings \?synchronous=full\|normal "):
             Database(f"sqlite:///{tmp_path / 'e.db'}?{query}")
+    assert not (tmp_path / "e.db").exists()
+
+
+def test_a_sqlite_wait_for_another_writers_lock_is_bounded_as_the_url_says(tmp_path):
+    """10 s unless ``?busy_timeout=`` says otherwise; a value that is no bound is refused."""
+    for url, milliseconds in [
+        (str(tmp_path / "a.db"), 10_000),
+        (f"sqlite:///{tmp_path / 'b.db'}?busy_timeout=2.5", 2_500),
+        (f"sqlite:///{tmp_path / 'c.db'}?synchronous=normal&busy_timeout=0", 0),
+    ]:
+        db = Database(url)
+        try:
+            assert db.execute("PRAGMA busy_timeout") == [(milliseconds,)], url
+        finally:
+            db.close()
+    for value in ("-1", "3601", "nan", "inf", "", "10s"):
+        with pytest.raises(ValueError, match=r"&busy_timeout=<seconds, 0 to 3600>"):
+            Database(f"sqlite:///{tmp_path / 'e.db'}?busy_timeout={value}")
     assert not (tmp_path / "e.db").exists()
 
 
