@@ -62,6 +62,10 @@ _LOCK_REFUSED = (
     "the database was busy: a lock this request needs was held past lock_timeout (by another"
     " replica's transaction, say); nothing was written; retry"
 )
+_STATEMENT_CANCELLED = (
+    "the database was busy: a statement of this request ran past statement_timeout (or was"
+    " cancelled); nothing was written; retry"
+)
 _SQLITE_BUSY_REFUSED = (
     "the database was busy: another connection (another process's, say) held its write lock"
     " past busy_timeout; nothing was written; retry"
@@ -153,11 +157,15 @@ def connect(url: str, role: str) -> psycopg.Connection:
 
 
 def _lock_wait(conn: psycopg.Connection) -> float:
-    """The session's ``lock_timeout`` in seconds (-1 for 0, PostgreSQL's "without end"): what
-    `SESSION_DEFAULTS` set, or the URL's ``options``, or the role's or database's own setting."""
-    row = conn.execute("SELECT setting FROM pg_settings WHERE name = 'lock_timeout'").fetchone()
-    milliseconds = int(row[0]) if row else 0
-    return milliseconds / 1000 if milliseconds > 0 else -1.0
+    """How long, in seconds, a statement of the session may wait at most: the smaller of its
+    ``lock_timeout`` and ``statement_timeout`` that is set (-1 if neither: PostgreSQL's 0 is
+    "without end"), as `SESSION_DEFAULTS`, the URL's ``options`` or the role's or database's
+    own settings left them."""
+    rows = conn.execute(
+        "SELECT setting FROM pg_settings WHERE name IN ('lock_timeout', 'statement_timeout')"
+    ).fetchall()
+    bounds = [int(setting) for (setting,) in rows if int(setting) > 0]
+    return min(bounds) / 1000 if bounds else -1.0
 
 
 def _readable(fd: int) -> bool:
@@ -197,7 +205,7 @@ class Database:
 
     A thread waits for the connection, which another thread may hold while it waits for a lock,
     as long as a statement waits for a lock (SQLite's ``busy_timeout``, PostgreSQL's
-    ``lock_timeout``), then gets `DatabaseUnavailable`: the threads queued on the connection
+    ``lock_timeout`` or, if smaller, ``statement_timeout``), then gets `DatabaseUnavailable`: the threads queued on the connection
     behind a stuck statement would otherwise each wait their own timeout in turn, and the last
     one all of them together.
     """
@@ -237,7 +245,7 @@ class Database:
         """The connection to this thread, once no other holds it (at once for a thread that
         holds it already); `DatabaseUnavailable` if that takes longer than a lock wait."""
         if not self._lock.acquire(timeout=self._wait):
-            bound = "busy_timeout" if not self.is_postgres else "lock_timeout"
+            bound = "busy_timeout" if not self.is_postgres else "lock_timeout or statement_timeout"
             raise DatabaseUnavailable(_CONNECTION_BUSY.format(bound=f"{bound} ({self._wait:g} s)"))
         try:
             yield
@@ -335,6 +343,8 @@ class Database:
                 return work(conn)
             except psycopg.errors.LockNotAvailable as e:
                 raise DatabaseUnavailable(_LOCK_REFUSED) from e
+            except psycopg.errors.QueryCanceled as e:
+                raise DatabaseUnavailable(_STATEMENT_CANCELLED) from e
             except _CONNECTION_ERRORS as e:
                 if not self._lost(conn, e):
                     raise

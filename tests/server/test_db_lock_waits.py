@@ -61,3 +61,27 @@ def test_a_lock_held_past_lock_timeout_refuses_the_transaction_and_writes_nothin
         db.execute("INSERT INTO t VALUES (3)")
     assert db.execute("SELECT n FROM t ORDER BY n") == [(1,), (3,)]
     db.close()
+
+
+def test_a_statement_cancelled_by_the_urls_statement_timeout_is_refused_as_busy_not_an_error(
+    postgres_url,
+):
+    """An operator's ``statement_timeout`` (in the URL's options) ends a statement however it is
+    held (here behind a lock with no ``lock_timeout``): a 503 to retry, as a lock wait refused
+    is, not a 500; nothing written. Threads waiting for the connection meanwhile wait no longer
+    than that either (`Database` docstring)."""
+    url = with_options(postgres_url, "-c lock_timeout=0 -c statement_timeout=300")
+    db = Database(url, role="test-lock-waits")
+    db.execute("CREATE TABLE t (n integer PRIMARY KEY)")
+    other = psycopg.connect(postgres_url)
+    try:
+        other.execute("LOCK TABLE t IN EXCLUSIVE MODE")
+        with pytest.raises(DatabaseUnavailable, match="statement_timeout"), db.transaction():
+            db.execute("INSERT INTO t VALUES (1)")
+        with pytest.raises(DatabaseUnavailable, match="statement_timeout"):
+            db.execute("INSERT INTO t VALUES (2)")
+    finally:
+        other.rollback()
+        other.close()
+    assert db.execute("SELECT n FROM t") == []
+    db.close()
