@@ -1,7 +1,8 @@
 """RFC 7009 OAuth 2.0 Token Revocation.
 
 Revoking a refresh token revokes its whole grant (every access token issued under it, §2.1);
-revoking an access token revokes that token (its ``jti``). A client may revoke only its own
+revoking an access token revokes that token (its ``jti``) and every delegation exchanged from it
+(RFC 8693, `bastion.oauth.token_exchange`), not the rest of its grant. A client may revoke only its own
 tokens; an unknown or foreign token is answered 200 all the same, as §2.2 requires. A client
 holding another client's token is a stolen token's trace: that is audited (``revocation.refused``,
 reason ``not_its_token``, aggregated), never told to the client.
@@ -69,13 +70,16 @@ def revoke(
         except InvalidToken:
             continue
         if verified.client_id == client.client_id:
-            server.store.revoke_access_token(verified.jti, now)
+            delegated = server.store.revoke_access_token(
+                verified.jti, now, actor=f"client:{client.client_id}"
+            )
             server.audit.record(
                 "token.revoked",
                 subject=verified.subject,
                 client_id=client.client_id,
                 jti=verified.jti,
                 grant_id=verified.grant_id,
+                delegated_revoked=delegated,
             )
         else:
             not_its_own(verified.client_id, verified.subject)

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from bastion.agents.identity import owned
+from bastion.audit.actor import SERVER
 from bastion.audit.log import AuditLog
 from bastion.db import Database
 from bastion.facts.store import FactStore
@@ -193,6 +194,12 @@ _MIGRATIONS = [
     ALTER TABLE oauth_access_tokens ADD COLUMN kid TEXT;
     CREATE INDEX oauth_access_tokens_kid ON oauth_access_tokens (kid);
     """,
+    # Token exchange: the access token a delegated grant was exchanged from (its jti), so that
+    # revoking that token alone (RFC 7009) revokes the delegations made from it.
+    """
+    ALTER TABLE oauth_grants ADD COLUMN parent_jti TEXT;
+    CREATE INDEX oauth_grants_parent_jti ON oauth_grants (parent_jti);
+    """,
 ]
 
 
@@ -308,6 +315,8 @@ class Grant:
     auth_time: float | None = None
     # The grant this one was delegated from by token exchange (RFC 8693); None for a root.
     parent_grant_id: str | None = None
+    # The access token (its jti) it was exchanged from: revoking that token revokes this grant.
+    parent_jti: str | None = None
 
 
 @dataclass(frozen=True)
@@ -353,7 +362,7 @@ _BACKCHANNEL_COLUMNS = (
 )
 _GRANT_COLUMNS = (
     "grant_id, client_id, username, resource, scope, created_at, expires_at, revoked_at, auth_time,"
-    " parent_grant_id"
+    " parent_grant_id, parent_jti"
 )
 
 
@@ -991,24 +1000,34 @@ class OAuthStore:
         A user's grant: the user must be one of bastion's (any name with ``strangers``: an
         identity provider's users) and not disabled, and ``authorized_at`` (when they signed in,
         approved, or their provider vouched for them; None: not known) must come after the
-        last revocation of all their grants. A delegated grant: its parent must be live (its row
-        locked on PostgreSQL, so that no delegation outlives its parent either)."""
+        last revocation of all their grants. A delegated grant: its parent grant, and the access
+        token it is exchanged from, must be live (their rows locked on PostgreSQL, so that no
+        delegation outlives either)."""
         with self.db.transaction():
             if grant.username is not None:
                 self._lock_user(grant.username, shared=True)
                 refusal = self._user_refusal(grant.username, authorized_at, strangers)
                 if refusal is not None:
                     raise GrantRefused(refusal)
+            lock = " FOR UPDATE" if self.db.is_postgres else ""
             if grant.parent_grant_id is not None:
-                lock = " FOR UPDATE" if self.db.is_postgres else ""
                 rows = self.db.execute(
                     f"SELECT revoked_at FROM oauth_grants WHERE grant_id = ?{lock}",
                     (grant.parent_grant_id,),
                 )
                 if not rows or rows[0][0] is not None:
                     raise GrantRefused("the grant it would be delegated from has been revoked")
+            if grant.parent_jti is not None:
+                # Locked as the parent grant is: a revocation of the token either comes first
+                # (refused here) or finds this grant and revokes it (`revoke_access_token`).
+                rows = self.db.execute(
+                    f"SELECT revoked_at FROM oauth_access_tokens WHERE jti = ?{lock}",
+                    (grant.parent_jti,),
+                )
+                if not rows or rows[0][0] is not None:
+                    raise GrantRefused("the access token it would be exchanged from is revoked")
             self.db.execute(
-                f"INSERT INTO oauth_grants ({_GRANT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                f"INSERT INTO oauth_grants ({_GRANT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     grant.grant_id,
                     grant.client_id,
@@ -1020,6 +1039,7 @@ class OAuthStore:
                     grant.revoked_at,
                     grant.auth_time,
                     grant.parent_grant_id,
+                    grant.parent_jti,
                 ),
             )
 
@@ -1221,15 +1241,28 @@ class OAuthStore:
             token_digest=token_digest,
         )
 
-    def revoke_access_token(self, jti: str, now: float) -> None:
+    def revoke_access_token(self, jti: str, now: float, *, actor: str = SERVER) -> int:
+        """Revoke one access token and every delegation exchanged from it (RFC 8693: the grants
+        whose ``parent_jti`` it is, with all they issued and delegated further, recorded as
+        `revoke_grant` records them); return how many such grants were revoked. Its own grant,
+        and the grant's other tokens, live on."""
         with self.db.transaction():
             rows = self.db.execute(
                 "UPDATE oauth_access_tokens SET revoked_at = ? WHERE jti = ? AND revoked_at IS NULL"
                 " RETURNING grant_id",
                 (now, jti),
             )
-            if rows:
-                self._announce_revocation(rows[0][0])
+            if not rows:
+                return 0
+            self._announce_revocation(rows[0][0])
+            reason = "the access token it was exchanged from was revoked"
+            return sum(
+                self.revoke_grant(child, now, reason, actor=actor)
+                for (child,) in self.db.execute(
+                    "SELECT grant_id FROM oauth_grants WHERE parent_jti = ? AND revoked_at IS NULL",
+                    (jti,),
+                )
+            )
 
     def purge_expired(self, now: float, keep_seconds: float) -> None:
         """Forget rows that can no longer matter: expired pending requests and sessions, and

@@ -9,7 +9,7 @@ sub-agent on the MCP server the token is for (``may_delegate``) and which scopes
 (``delegated_scope``), now, with the request's posture and the facts in force
 (`bastion.decide.contract.decide_delegation`). The result is a short-lived access token whose
 ``act`` claim nests the chain, under a grant that is a child of the subject token's grant:
-revoking any grant above it revokes it. It never has a refresh token and never outlives the
+revoking any grant above it, or the subject token itself, revokes it. It never has a refresh token and never outlives the
 subject token.
 
 Refusals use §2.2.2's codes: ``invalid_request`` for a malformed request and for a subject or actor
@@ -209,6 +209,7 @@ class TokenExchange:
             revoked_at=None,
             auth_time=parent.auth_time,
             parent_grant_id=parent.grant_id,
+            parent_jti=subject.jti,
         )
         bound = task if task is not None else subject.task
         extra: dict[str, Any] = {"act": _act(new_chain)}

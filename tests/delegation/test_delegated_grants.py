@@ -351,6 +351,79 @@ def test_introspection_shows_the_chain_and_stops_at_a_revoked_parent(database_ur
         assert introspect(delegated[1]) == {"active": False}
 
 
+def test_revoking_an_access_token_revokes_the_delegations_exchanged_from_it(database_url, tmp_path):
+    """The coding agent revokes the access token it delegated from (RFC 7009, at /revoke): every
+    token exchanged from it, at every depth, is refused at once and announced, while a
+    delegation made from another token of the same grant lives on."""
+    with running_bastion(database_url, tmp_path) as bastion:
+        coder, first, second = coding_agent(bastion), sub_agent(bastion), sub_agent(bastion)
+        policy_for(bastion, [first["client_id"], second["client_id"]])
+        tokens = bastion.tokens_for(coder)
+        one = exchange(bastion, coder, tokens["access_token"], own_token(bastion, first))
+        two = exchange(bastion, first, one.json()["access_token"], own_token(bastion, second))
+        delegated = [one.json()["access_token"], two.json()["access_token"]]
+        # Another access token of the same grant (a refresh), with a delegation of its own.
+        refreshed = bastion.token(
+            grant_type="refresh_token",
+            refresh_token=tokens["refresh_token"],
+            client_id=coder["client_id"],
+        ).json()["access_token"]
+        sibling = exchange(bastion, coder, refreshed, own_token(bastion, first))
+        assert sibling.status_code == 200, sibling.text
+        heard: list[str] = []
+        bastion.server.store.on_revoked(heard.append)
+
+        revoked = bastion.http.post(
+            f"{bastion.url}/revoke",
+            data={
+                "token": tokens["access_token"],
+                "token_type_hint": "access_token",
+                "client_id": coder["client_id"],
+            },
+        )
+        assert revoked.status_code == 200, revoked.text
+        assert all(refused(bastion, t) for t in delegated)
+        grants = [
+            bastion.server.store.access_token_state(claims(t)["jti"]).grant_id for t in delegated
+        ]
+        assert set(grants) <= set(heard)  # announced: the gateways forget the tokens
+        again = exchange(bastion, first, delegated[0], own_token(bastion, second))
+        assert again.status_code == 400 and again.json()["error"] == "invalid_request"
+        assert not refused(bastion, sibling.json()["access_token"])
+        assert not refused(bastion, refreshed)
+        reasons = [
+            e.detail["reason"]
+            for e in bastion.server.audit.events(kind="grant.revoked")
+            if e.detail["grant_id"] == grants[0]
+        ]
+        assert reasons == ["the access token it was exchanged from was revoked"]
+
+
+def test_an_exchange_racing_the_revocation_of_its_subject_token_saves_nothing(
+    database_url, tmp_path
+):
+    """The subject token is revoked after the exchange checked it and before it saves the new
+    grant (here, while the policy decides): the exchange is refused and no delegation is left
+    behind that the revocation did not see."""
+    with running_bastion(database_url, tmp_path) as bastion:
+        coder, sub = coding_agent(bastion), sub_agent(bastion)
+        policy_for(bastion, [sub["client_id"]])
+        tokens = bastion.tokens_for(coder)
+        jti = claims(tokens["access_token"])["jti"]
+        deciding = bastion.server.delegation.authorizer
+
+        def revoked_meanwhile():
+            bastion.server.store.revoke_access_token(jti, bastion.clock())
+            return deciding()
+
+        bastion.server.delegation.authorizer = revoked_meanwhile
+        answer = exchange(bastion, coder, tokens["access_token"], own_token(bastion, sub))
+        assert answer.status_code == 400 and answer.json()["error"] == "invalid_request"
+        assert "revoked" in answer.json()["error_description"]
+        rows = bastion.db.execute("SELECT COUNT(*) FROM oauth_grants WHERE parent_jti = ?", (jti,))
+        assert rows[0][0] == 0
+
+
 def test_a_refused_exchange_changes_nothing(sqlite_url, tmp_path):
     with running_bastion(sqlite_url, tmp_path) as bastion:
         coder, sub, stranger = coding_agent(bastion), sub_agent(bastion), sub_agent(bastion)
