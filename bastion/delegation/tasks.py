@@ -30,7 +30,7 @@ from bastion.audit.actor import SERVER
 from bastion.db import Database
 from bastion.facts.model import Entity, FactError, fact_from_json, fact_to_json
 from bastion.facts.store import FactStore, StoredFact, check_storable
-from bastion.oauth.store import OAuthStore
+from bastion.oauth.store import Grant, OAuthStore
 
 log = logging.getLogger("bastion.delegation.tasks")
 
@@ -519,14 +519,25 @@ class Tasks:
                 grant = self.grants.grant(grant_id)
                 if grant is None or grant.revoked_at is not None:
                     raise TaskError(f"grant {grant_id!r} is unknown or revoked")
-                # A client acting as itself (client_credentials) is its grant's subject.
-                if grant.client_id != agent or (grant.username or grant.client_id) != user:
+                if grant.client_id != agent or self._user_of(grant) != user:
                     raise TaskError(f"grant {grant_id!r} is not {agent!r}'s for user {user!r}")
             self.store.add_grant(task_id, grant_id, self.clock())
             self.audit.record(
                 "task.bound", subject=user, client_id=agent, task_id=task_id, grant_id=grant_id
             )
         return task.expires_at
+
+    def _user_of(self, grant: Grant) -> str:
+        """Whom a grant acts for: its user; a client acting as itself (client_credentials) is
+        its own user, and so the user of what it delegated (a delegated grant of no user: the
+        client of the grant at the root of its chain, found through the parent grants)."""
+        assert self.grants is not None
+        while grant.username is None and grant.parent_grant_id is not None:
+            parent = self.grants.grant(grant.parent_grant_id)
+            if parent is None:
+                break  # forgotten: then nobody's, and refused
+            grant = parent
+        return grant.username or grant.client_id
 
     def bound_task(self, grant_id: str) -> tuple[str, float] | None:
         """The task a grant is bound to and when it expires (or ended), if any: every token

@@ -255,6 +255,40 @@ def test_a_task_binds_the_delegated_grant_and_travels_in_the_token(database_url,
         assert bastion.db.execute("SELECT COUNT(*) FROM oauth_grants")[0][0] == grants + 2
 
 
+def test_an_agent_acting_as_itself_binds_its_delegation_to_its_own_task(sqlite_url, tmp_path):
+    """A nightly job (client_credentials: it is its own user) hands a sub-agent a token bound to
+    the job's task; a task of anyone else is still refused."""
+    with running_bastion(sqlite_url, tmp_path) as bastion:
+        job, sub = sub_agent(bastion), sub_agent(bastion)
+        policy_for(bastion, [sub["client_id"]])
+        tasks = Tasks(FactStore(bastion.db), bastion.server.store, bastion.server.audit)
+        agent = {"type": "Agent", "id": sub["client_id"]}
+
+        def fact(folder: str) -> dict:
+            return {
+                "predicate": "has_role",
+                "args": [agent, "writer", {"type": "Folder", "id": folder}],
+            }
+
+        expires = time.time() + 60
+        mine = tasks.open(job["client_id"], sub["client_id"], "report", expires, [fact("a")], "t")
+        theirs = tasks.open(sub["client_id"], sub["client_id"], "x", expires, [fact("b")], "t")
+        bastion.server.tasks = tasks
+        subject = own_token(bastion, job)
+        refused_task = exchange(bastion, job, subject, own_token(bastion, sub), task=theirs.id)
+        assert refused_task.status_code == 400, refused_task.text
+        assert "not on behalf of user" in refused_task.json()["error_description"]
+        answer = exchange(bastion, job, subject, own_token(bastion, sub), task=mine.id)
+        assert answer.status_code == 200, answer.text
+        verified = bastion.server.verifier.verify(
+            answer.json()["access_token"], bastion.resource, audit=False
+        )
+        assert verified.task == mine.id and verified.subject == job["client_id"]
+        assert tasks.get(mine.id).grants == (verified.grant_id,)
+        tasks.end(mine.id, "test")
+        assert refused(bastion, answer.json()["access_token"])
+
+
 def test_a_token_bound_to_a_task_is_not_delegated_into_another_task(sqlite_url, tmp_path):
     with running_bastion(sqlite_url, tmp_path) as bastion:
         coder, first, second = coding_agent(bastion), sub_agent(bastion), sub_agent(bastion)
