@@ -92,6 +92,10 @@ class SettingsError(ValueError):
 MIN_SECRET_BYTES = 16
 
 
+# The keys of one ``[[<table>.webhooks]]`` table.
+WEBHOOK_KEYS = frozenset({"url", "url_env", "secret_env"})
+
+
 def parse_webhook(where: str, hook: Any, env: dict[str, str], before: list[Webhook]) -> Webhook:
     """One ``[[<table>.webhooks]]`` table (``where`` names it in errors). Its URL may come from the environment as well as
     its secret: a chat tool's incoming-webhook URL is itself a credential (whoever has it can
@@ -103,10 +107,10 @@ def parse_webhook(where: str, hook: Any, env: dict[str, str], before: list[Webho
             f"{where}: the signing secret belongs in an environment variable named by"
             " secret_env, not in a file"
         )
-    unknown = sorted(set(hook) - {"url", "url_env", "secret_env"})
+    unknown = sorted(set(hook) - WEBHOOK_KEYS)
     if unknown:
         raise SettingsError(
-            f"{where}: unknown key {unknown[0]}; known keys: secret_env, url, url_env"
+            f"{where}: unknown key {unknown[0]}; known keys: {', '.join(sorted(WEBHOOK_KEYS))}"
         )
     if ("url" in hook) == ("url_env" in hook):
         raise SettingsError(f'{where}: needs url = "https://..." or url_env, one of the two')

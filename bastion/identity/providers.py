@@ -38,6 +38,7 @@ _PROVIDER_KEYS = {
     "facts",
 }
 _IDENTITY_KEYS = {"providers", "local_passwords", "fact_seconds", "login_seconds"}
+_FACT_MAPPING_KEYS = {"claim", "predicate", "name", "resource", "values"}
 
 
 class IdentityConfigError(ValueError):
@@ -268,12 +269,13 @@ def _provider(index: int, table: Any, env: Mapping[str, str]) -> OpenIDProvider:
 
 
 def _fact_mapping(where: str, table: Any) -> FactMapping:
-    keys = {"claim", "predicate", "name", "resource", "values"}
     if not isinstance(table, Mapping):
         raise IdentityConfigError(f"{where}: a table with claim, predicate, name and resource")
-    unknown = sorted(set(table) - keys)
+    unknown = sorted(set(table) - _FACT_MAPPING_KEYS)
     if unknown:
-        raise IdentityConfigError(f"unknown key {where}.{unknown[0]}; known: {sorted(keys)}")
+        raise IdentityConfigError(
+            f"unknown key {where}.{unknown[0]}; known: {sorted(_FACT_MAPPING_KEYS)}"
+        )
     predicate = table.get("predicate", "has_role")
     if predicate not in _PREDICATES:
         raise IdentityConfigError(f"{where}.predicate: one of {list(_PREDICATES)}")

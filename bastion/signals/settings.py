@@ -196,19 +196,22 @@ def _secret(where: str, key: str, t: dict, env: dict[str, str]) -> str:
     return value
 
 
+# The keys of one ``[[signals.ssf.transmitters]]`` table.
+TRANSMITTER_KEYS = frozenset({
+    "name", "issuer", "configuration_url", "audience", "delivery", "bearer_env",
+    "push_token_env", "poll_interval_seconds", "max_events", "fact_expiry_seconds", "users",
+    "effects",
+})  # fmt: skip
+
+
 def _transmitter(i: int, t: Any, env: dict[str, str]) -> Transmitter:
     where = f"[[signals.ssf.transmitters]] #{i + 1}"
     if not isinstance(t, dict):
         raise SignalsConfigError(f"{where} must be a table")
-    allowed = {
-        "name", "issuer", "configuration_url", "audience", "delivery", "bearer_env",
-        "push_token_env", "poll_interval_seconds", "max_events", "fact_expiry_seconds", "users",
-        "effects",
-    }  # fmt: skip
     for key in t:
-        if key not in allowed:
+        if key not in TRANSMITTER_KEYS:
             raise SignalsConfigError(
-                f"{where}: unknown key {key}; known: {', '.join(sorted(allowed))}"
+                f"{where}: unknown key {key}; known: {', '.join(sorted(TRANSMITTER_KEYS))}"
             )
     for key in ("name", "issuer", "audience"):
         if not isinstance(t.get(key), str) or not t[key]:
