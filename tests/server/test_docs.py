@@ -87,6 +87,23 @@ def test_every_operation_the_docs_show_is_one_the_server_has():
     assert not wrong, f"operations the docs show that the server does not serve: {wrong}"
 
 
+# A path of bastion's own /v1 API (not another server's, as `<issuer>/v1/introspect` is Okta's).
+_V1_PATH = re.compile(r"(?<![\w>])/v1/[A-Za-z0-9_/{}<>.:-]*[A-Za-z0-9_}>]")
+
+
+def test_every_v1_path_the_docs_name_is_one_the_server_has():
+    served = [path for _, path in _described()]
+    wrong = sorted(
+        {
+            (name, path)
+            for name, text in _guides().items()
+            for path in _V1_PATH.findall(text)
+            if not any(_same_path(path, p) for p in served)
+        }
+    )
+    assert not wrong, f"/v1 paths the docs name that the server does not serve: {wrong}"
+
+
 def _names(kind: type) -> set[str]:
     return {f.name for f in fields(kind)}
 
