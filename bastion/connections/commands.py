@@ -44,7 +44,10 @@ def _open(args: argparse.Namespace, keys_needed: bool = True):
         oauth = OAuthSettings.from_mapping(config.oauth)
     per_user = {u.name: (u.url, u.oauth) for u in gateway.upstreams if u.auth == "per_user"}
     if not per_user:
-        raise CommandError('bastion.toml has no upstream with auth = "per_user"; give --config')
+        raise CommandError(
+            f'{config.named} has no upstream with auth = "per_user"; give --config the file'
+            " that has one"
+        )
     db = Database(command_database(args, config), role="bastion-cli")
     try:
         return connections_from_config(db, per_user, oauth.key_dir, oauth.issuer)

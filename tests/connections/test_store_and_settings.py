@@ -96,6 +96,19 @@ def test_a_per_user_upstream_must_be_http():
         )
 
 
+def test_the_connections_commands_name_the_file_that_has_no_per_user_upstream(tmp_path, capsys):
+    from bastion.cli import main
+
+    config = tmp_path / "deploy.toml"
+    config.write_text(
+        '[oauth]\nissuer = "http://127.0.0.1:9"\nkey_dir = "keys"\n'
+        '[[oauth.resources]]\nuri = "http://127.0.0.1:9/mcp/desk"\n'
+        '[gateway]\n[[gateway.upstreams]]\nname = "desk"\nurl = "http://127.0.0.1:9/mcp"\n'
+    )
+    assert main(["connections", "list", "--config", str(config)]) == 2
+    assert f'{config} has no upstream with auth = "per_user"' in capsys.readouterr().err
+
+
 def test_per_user_settings_have_defaults_and_read_the_secret_from_the_environment():
     config = GatewayConfig.from_mapping(
         {
