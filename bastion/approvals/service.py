@@ -382,9 +382,7 @@ class Approvals:
         the kill switch holds, answers nothing, whatever the policy's approver rules say."""
         return self._answerable(request, person)[0]
 
-    def _answerable(
-        self, request: ApprovalRequest, person: str
-    ) -> tuple[str | None, Terms | None]:
+    def _answerable(self, request: ApprovalRequest, person: str) -> tuple[str | None, Terms | None]:
         """`may_answer`'s refusal, or None and the terms the answer is taken under."""
         if request.status != OPEN:
             return f"this request is {request.status}, not pending", None

@@ -91,6 +91,8 @@ class Caller:
     # (``client_id``); empty for a token the user granted to ``client_id`` directly.
     agents: tuple[str, ...] = ()
     task: str = ""  # the task the token is bound to, if any
+    # The task whose label set it reads and records where not ``task`` (a ``labels_task`` claim).
+    labels_task: str | None = None
     # The user and every agent of the chain, as the policy sees them (every one must be allowed).
     principals: tuple[Entity, ...] = field(init=False)
 
@@ -1030,8 +1032,10 @@ class Explained:
 
 
 def label_key(caller: Caller) -> LabelKey:
-    """The label set of ``caller``: its user, the first agent of its chain, its task."""
-    return LabelKey.of(caller.subject, caller.agents, caller.client_id, caller.task)
+    """The label set of ``caller``: its user, the first agent of its chain, and the task of the
+    token its chain began with (a delegation into a task keeps its subject's set)."""
+    task = caller.task if caller.labels_task is None else caller.labels_task
+    return LabelKey.of(caller.subject, caller.agents, caller.client_id, task)
 
 
 def _without_arguments(context: dict[str, Any]) -> dict[str, Any]:

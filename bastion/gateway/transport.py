@@ -271,6 +271,7 @@ class StreamableHttpEndpoint:
             # A delegated token's chain (RFC 8693 act), checked by the verifier.
             agents=verified.agents,
             task=verified.task or "",
+            labels_task=verified.labels_task,
         )
         if len(session_id) > _REMEMBERED_HEADER or len(version) > _REMEMBERED_HEADER:
             return caller  # no session or era of bastion's: refused later, and not kept

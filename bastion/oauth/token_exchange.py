@@ -215,6 +215,11 @@ class TokenExchange:
         extra: dict[str, Any] = {"act": _act(new_chain)}
         if bound is not None:
             extra["task"] = bound
+        # The chain keeps the session labels of the token it was exchanged from: a delegation
+        # bound to a task its subject was not in reads and records its subject's set, not the
+        # task's empty one (what the parent read goes with it into the task, and back).
+        if subject.label_set_task != (bound or ""):
+            extra["labels_task"] = subject.label_set_task
         extra.update(self._device_claims(subject))
         with self.store.db.transaction():
             try:

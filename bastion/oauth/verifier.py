@@ -63,9 +63,18 @@ class VerifiedToken:
     # ``client_id``; empty for a token without ``act``.
     agents: tuple[str, ...] = ()
     task: str | None = None  # the task the token is bound to (its ``task`` claim)
+    # The task whose session labels its calls read and record ("" for none), where that is not
+    # ``task``: a delegation bound to a task its subject token was not keeps the subject's
+    # labels (the ``labels_task`` claim, docs/delegation.md).
+    labels_task: str | None = None
     # The thumbprint of the DPoP key the token is bound to (``cnf.jkt``, RFC 9449 §6.1): it is
     # then accepted only with a proof of that key (`bastion.oauth.dpop`).
     jkt: str | None = None
+
+    @property
+    def label_set_task(self) -> str:
+        """The task whose session labels this token's calls read and record ("" for none)."""
+        return self.labels_task if self.labels_task is not None else self.task or ""
 
 
 def _header(token: str) -> dict[str, Any]:
@@ -223,6 +232,9 @@ class TokenVerifier:
         task = claims.get("task")
         if task is not None and (not isinstance(task, str) or not task):
             raise InvalidToken("claim 'task' is not a task id", "claims", claims)
+        labels_task = claims.get("labels_task")
+        if labels_task is not None and not isinstance(labels_task, str):
+            raise InvalidToken("claim 'labels_task' is not a task id", "claims", claims)
         try:
             jkt = token_key(claims)
         except ValueError as e:
@@ -241,6 +253,7 @@ class TokenVerifier:
             auth_time=_auth_time(claims),
             agents=agents,
             task=task,
+            labels_task=labels_task,
             jkt=jkt,
         )
 

@@ -373,6 +373,30 @@ def test_labels_are_per_task_and_wipe_task_clears_them():
     anyio.run(main)
 
 
+def test_a_delegation_into_a_task_shares_the_set_of_the_token_it_came_from():
+    async def main():
+        enforcer = _enforcer()
+        parent = _caller("sam", "planner")
+        # Exchanged with task=t-1 from the parent's token, which is in no task.
+        child = Caller(
+            "sam", "mailer", frozenset(), "127.0.0.1", "2026-07-28",
+            agents=("planner", "mailer"), task="t-1", labels_task="",
+        )  # fmt: skip
+        in_task = _caller("sam", "planner", task="t-1")  # the planner's own token for t-1
+        assert await _call(enforcer, parent, "search", {}) == "ok"
+        assert await _call(enforcer, child, "send_email", {"to": "x@out.example"}) == (
+            "not_permitted"
+        )
+        assert await _call(enforcer, in_task, "send_email", {"to": "x@out.example"}) == "ok"
+        # Ending the task leaves what the delegation shares with its parent.
+        assert await enforcer.labels.wipe_task("t-1") == 0
+        assert await _call(enforcer, parent, "send_email", {"to": "x@out.example"}) == (
+            "not_permitted"
+        )
+
+    anyio.run(main)
+
+
 def test_a_full_label_set_withholds_the_result_that_would_overflow_it():
     async def main():
         enforcer = _enforcer(LocalLabels(LabelSettings(max_labels=1)))
