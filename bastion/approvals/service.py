@@ -18,7 +18,7 @@ import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
@@ -105,14 +105,16 @@ class Outcome:
     """What `Approvals.check` found for a call.
 
     ``state``: "hold" (no request counts: hold it), "pending", "approved" (an unused approval for
-    this exact call; use it), "released" (a reviewed result to deliver) or "refused" (``reason``
-    says why: approval_denied, approval_expired, approval_mismatch, approval_used,
-    review_withheld, review_expired).
+    this exact call; use it), "reviewing" (of an approval: it was spent on this very call, whose
+    result ``review`` holds; the review decides, the call does not run again), "released" (a
+    reviewed result to deliver) or "refused" (``reason`` says why: approval_denied,
+    approval_expired, approval_mismatch, approval_used, review_withheld, review_expired).
     """
 
     state: str
     request: ApprovalRequest | None = None
     reason: str = ""
+    review: ApprovalRequest | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -189,12 +191,19 @@ class Approvals:
 
     def check(self, call: Call, request_id: str | None = None) -> Outcome:
         """Where this call stands. ``request_id``: the request the client says it retries (a
-        2026-07-28 ``requestState``); it must name this very call."""
+        2026-07-28 ``requestState``, or the hold answered while it waited); it must name this
+        very call, and may be of either kind: a call held for approval whose result is held for
+        review comes back naming its approval or its review (docs/approvals.md)."""
         binding = self.binding(call)
         if request_id is not None:
             request = self._settled(self.store.get(request_id))
-            if request is None or request.kind != call.kind or request.binding != binding:
+            if request is None or request.binding != self.binding(replace(call, kind=request.kind)):
                 return Outcome("refused", request, "approval_mismatch")
+            if request.kind != call.kind:
+                if call.kind == "approval":  # the review of this call: of the run it unlocked?
+                    return self._reviewing(call, request)
+                # The approval of this call, named to its review step: the call's latest review.
+                request_id, request = None, self._settled(self.store.latest(call.kind, binding))
         else:
             request = self._settled(self.store.latest(call.kind, binding))
         if request is None:
@@ -223,12 +232,34 @@ class Approvals:
             # not a way around it.
             reason = "approval_denied" if request.status == "denied" else "review_withheld"
             return Outcome("refused", request, reason)
+        if request.status == "used":
+            review = self._settled(
+                self.store.latest("review", self.binding(replace(call, kind="review")))
+            )
+            if (
+                review is not None
+                and review.decision_id == request.used_by
+                and review.status in (OPEN, "released", "withheld")
+                and now < review.expires_at
+            ):
+                # The call this approval unlocked ran, and its result stands under review: the
+                # retry is that call's, not a new one to approve.
+                return Outcome("reviewing", request, review=review)
         if request_id is not None:
             reason = {"used": "approval_used", "delivered": "approval_used"}.get(
                 request.status, f"{prefix}_expired"
             )
             return Outcome("refused", request, reason)
         return Outcome("hold")
+
+    def _reviewing(self, call: Call, review: ApprovalRequest) -> Outcome:
+        """What a retry naming ``review``, a review of ``call``, makes of the call's approval
+        step: "reviewing" if the review holds the result of the run this call's approval
+        unlocked (the decision that spent it is the one that held the result); else refused."""
+        approval = self._settled(self.store.latest("approval", self.binding(call)))
+        if approval is None or approval.status != "used" or approval.used_by != review.decision_id:
+            return Outcome("refused", review, "approval_mismatch")
+        return Outcome("reviewing", approval, review=review)
 
     def hold(
         self,

@@ -290,7 +290,8 @@ class Enforcer:
         """Allow (with obligations), or raise `StepUp`, `Held` or the `RpcError` to send back.
 
         ``retried``: the approval request a client says it retries (a 2026-07-28 client's
-        ``requestState``); the call must be the one it was made for."""
+        ``requestState``, or the hold answered while it waited: the call's approval or the
+        review of its result); the call must be the one it was made for."""
         started = time.perf_counter()
         decision_id = new_decision_id()
         if self.facts_stale() or ((heard := self.facts_heard()) is not None and not await heard):
@@ -439,13 +440,15 @@ class Enforcer:
         review: tuple[Call, Outcome] | None = None
         linked: ApprovalRequest | None = None
         spend: ApprovalRequest | None = None
+        # The review holding the result of the run this call's approval was spent on.
+        under_review: ApprovalRequest | None = None
         if result == "allow" and (
             chain.obligations.requires_approval and not chain.obligations.approval_granted
         ):
             call = self._call("approval", caller, server, method, action, resource, arguments)
             outcome = await self._where(call, retried)
             linked = outcome.request
-            if outcome.state == "approved":
+            if outcome.state in ("approved", "reviewing"):
                 assert outcome.request is not None
                 # Decided again with the approval in the context: the policy stays the judge.
                 approval = _approval_context(outcome.request)
@@ -465,16 +468,21 @@ class Enforcer:
                     # What the call is allowed with is this decision's: its read-only mode and
                     # the sign-in it asks for hold as much as the first decision's.
                     result, reason = refusal
-                else:
+                elif outcome.state == "approved":
                     spend = outcome.request  # once everything else has let it through
+                else:
+                    under_review = outcome.review
             elif outcome.state in ("hold", "pending"):
                 result, reason = "held", "approval_pending"
                 held = (call, outcome)
             else:
                 result, reason = "deny", outcome.reason
-        if result == "allow" and chain.obligations.requires_review:
+        # A result under review is the reviewer's to release, whatever the policy says of
+        # reviews now: its call, approved once, never runs again without a new approval.
+        if result == "allow" and (chain.obligations.requires_review or under_review is not None):
             call = self._call("review", caller, server, method, action, resource, arguments)
-            outcome = await self._where(call, retried)
+            # Named by id, a review is pending, released or refused: never "hold" (run again).
+            outcome = await self._where(call, under_review.id if under_review else retried)
             review = (call, outcome)
             linked = outcome.request or linked
             if outcome.state == "pending":

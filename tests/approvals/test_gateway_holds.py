@@ -1,11 +1,14 @@
 """Held calls through the gateway with the official MCP SDK client, in both protocol eras: a
 call that needs approval waits for people, goes through once approved, exactly once, and only
 for the arguments that were approved; a result held for review reaches the agent only once a
-reviewer releases it, without a second upstream call."""
+reviewer releases it, without a second upstream call; a call held for both runs once, after its
+approval, and its released result reaches that user and agent once."""
 
 from __future__ import annotations
 
+import base64
 import json
+import threading
 import time
 import uuid
 
@@ -13,6 +16,7 @@ import pytest
 from mcp import types
 from mcp.shared.exceptions import MCPError
 
+from bastion.facts.model import Entity
 from tests.conftest import drop_redis_keys, require_service
 from tests.gateway.streams import messages, modern_headers, modern_request
 from tests.gateway.support import start
@@ -39,6 +43,20 @@ requires_recent_auth(_user: User, "call", Tool{"deskhttp/search_customers"}, 0) 
   context.arguments.query = "recent" and context.approval.channels = ["api"];
 requires_review(_user: User, "read", McpResource{"deskhttp/customers://plans"});
 approver(User{"avery"}, _user: User, "read", McpResource{"deskhttp/customers://plans"});
+# One call held for approval and its result for review (docs/approvals.md, "A call held for
+# approval and review"): avery answers both for sam's searches of "lovelace" (in any case), a
+# user confirms and releases their own searches of "hopper"; a search of "turing" is reviewed
+# until the review is lifted (a fact).
+declare review_lifted(Tool);
+requires_approval(_user: User, "call", Tool{"deskhttp/search_customers"}) if
+  lower(context.arguments.query, q) and q in ["lovelace", "hopper", "turing"];
+requires_review(_user: User, "call", Tool{"deskhttp/search_customers"}) if
+  lower(context.arguments.query, q) and q in ["lovelace", "hopper"];
+requires_review(_user: User, "call", tool: Tool) if
+  tool = Tool{"deskhttp/search_customers"} and lower(context.arguments.query, "turing") and
+  not review_lifted(tool);
+approver(User{"avery"}, User{"sam"}, "call", Tool{"deskhttp/search_customers"}) if
+  lower(context.arguments.query, q) and q in ["lovelace", "turing"];
 # Completing the greeting's name waits for the user's own confirmation.
 requires_approval(_user: User, "get", Prompt{"labhttp/greeting"}) if context.argument = "name";
 """
@@ -571,3 +589,226 @@ def test_an_approved_call_is_decided_again_and_the_policy_may_still_refuse_it(ba
     refused = raw_call(bastion, token, vetoed, tool="search_customers")["error"]["data"]
     assert refused["reason"] == "not_permitted"
     assert approvals(bastion).get(held["approval_id"]).status == "approved"  # not spent
+
+
+# -- a call held for approval whose result is held for review ----------------------------------
+
+
+def searches(bastion, query: str) -> int:
+    """How many searches of ``query`` reached the upstream."""
+    return bastion.recorder.count("tools/call", name="search_customers", arguments={"query": query})
+
+
+@pytest.mark.parametrize("mode", ERAS)
+def test_an_approved_call_runs_once_and_its_result_is_delivered_once_a_reviewer_releases_it(
+    bastion, mode
+):
+    """The approval lets the call run once; its result waits for the reviewer; the retries
+    meanwhile are pointed at the review, not asked for a second approval; the released result
+    reaches the agent without a second upstream call, masked as the reviewer withheld."""
+    query = {"legacy": "Lovelace", "auto": "LOVELACE"}[mode]
+    search = {"query": query}
+
+    async def script(client, seen):
+        await attempt(client, seen, "calls", "search_customers", search)
+        seen["approval"] = last_error(seen)
+        approvals(bastion).answer(
+            seen["approval"]["approval_id"], "avery", "approve", channel="api"
+        )
+        await attempt(client, seen, "calls", "search_customers", search)  # runs; result held
+        seen["review"] = last_error(seen)
+        seen["ran"] = searches(bastion, query)
+        await attempt(client, seen, "calls", "search_customers", search)  # still under review
+        approvals(bastion).answer(
+            seen["review"]["approval_id"],
+            "avery",
+            "approve",
+            channel="api",
+            withheld_fields=("customers.*.plan",),
+        )
+        await attempt(client, seen, "calls", "search_customers", search)  # the released result
+        await attempt(client, seen, "calls", "search_customers", search)  # a new call
+
+    seen = bastion.sdk("sam", "deskhttp", mode, script)
+    approval, review = seen["approval"], seen["review"]
+    held, running, waiting, released, again = seen["calls"]
+    assert (approval["code"], approval["reason"]) == (-32008, "approval_pending"), held
+    assert (review["code"], review["reason"]) == (-32008, "review_pending"), running
+    assert waiting[0] == "error", waiting
+    assert (waiting[2]["reason"], waiting[2]["approval_id"]) == (
+        "review_pending",
+        review["approval_id"],
+    )
+    assert seen["ran"] == 1
+    assert released[0] == "ok", released
+    assert "Ada Lovelace" in released[1]
+    assert "enterprise" not in released[1]  # the plan, withheld by the reviewer
+    assert "ada@example.com" not in released[1]  # the email, masked by the policy for sam
+    assert again[0] == "error" and again[2]["reason"] == "approval_pending", again
+    assert again[2]["approval_id"] not in (approval["approval_id"], review["approval_id"])
+    assert searches(bastion, query) == 1
+    used = approvals(bastion).get(approval["approval_id"])
+    delivered = approvals(bastion).get(review["approval_id"])
+    assert (used.status, delivered.status) == ("used", "delivered")
+    assert delivered.decision_id == used.used_by  # the result of the call the approval unlocked
+
+
+@pytest.mark.parametrize("mode", ERAS)
+def test_a_waiting_client_gets_the_released_result_of_its_approved_call_in_one_request(
+    waiting, mode
+):
+    """The user confirms their agent's call on the page (2026-07-28: input_required, then the
+    retry with bastion's requestState; 2025-11-25: elicitation during the call), the call runs,
+    a reviewer releases its result while the client waits, and the one tools/call returns it."""
+    query = {"legacy": "hopper", "auto": "Hopper"}[mode]
+    reviewed: list = []
+
+    def review_once_held(approval_id: str) -> None:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            used = approvals(waiting).get(approval_id)
+            held = [
+                r
+                for r in approvals(waiting).listed(status="pending")
+                if r.kind == "review" and used.used_by is not None and r.decision_id == used.used_by
+            ]
+            if held:
+                reviewed.append(
+                    approvals(waiting).answer(
+                        held[0].id,
+                        "sam",
+                        "approve",
+                        channel="api",
+                        withheld_fields=("customers.*.plan",),
+                    )
+                )
+                return
+            time.sleep(0.05)
+
+    async def elicit(context, params):
+        request_id = str(params.url).rsplit("/", 1)[1]
+        approvals(waiting).answer(request_id, "sam", "approve", channel="elicitation")
+        threading.Thread(target=review_once_held, args=(request_id,), daemon=True).start()
+        return types.ElicitResult(action="accept")
+
+    async def script(client, seen):
+        await attempt(client, seen, "calls", "search_customers", {"query": query})
+
+    seen = waiting.sdk("sam", "deskhttp", mode, script, elicitation_callback=elicit)
+    [answer] = seen["calls"]
+    assert answer[0] == "ok", answer
+    assert "Grace Hopper" in answer[1] and '"team"' not in answer[1]
+    assert searches(waiting, query) == 1
+    [review] = reviewed
+    assert approvals(waiting).get(review.id).status == "delivered"
+
+
+def retry(bastion, token: str, arguments: dict, request_id: str | None = None) -> dict:
+    """A 2026-07-28 tools/call of search_customers; with ``request_id``, the retry of that
+    request, with the requestState bastion would give this token's user and agent for it."""
+    params: dict = {"name": "search_customers", "arguments": arguments}
+    if request_id is not None:
+        states = bastion.app.state.gateway.states
+        params["requestState"] = states.sign(request_id, "sam", agent_of(token))
+    response = bastion.http.post(
+        bastion.mcp_url("deskhttp"),
+        json=modern_request(1, "tools/call", params),
+        headers=modern_headers(token, "tools/call", "search_customers"),
+    )
+    assert response.status_code == 200, response.text
+    return messages(response)[-1]
+
+
+def agent_of(token: str) -> str:
+    """The agent (OAuth client) the access token ``token`` was issued to (its claim)."""
+    payload = token.split(".")[1]
+    return json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))["client_id"]
+
+
+def reviewed_call(bastion, token: str, search: dict, release: bool = True) -> tuple[str, str]:
+    """Hold ``search`` for approval, approve it, run it, and (with ``release``) release its
+    result: the approval's id and the review's."""
+    approval = retry(bastion, token, search)["error"]["data"]
+    assert approval["reason"] == "approval_pending", approval
+    approvals(bastion).answer(approval["approval_id"], "avery", "approve", channel="api")
+    review = retry(bastion, token, search, approval["approval_id"])["error"]["data"]
+    assert review["reason"] == "review_pending", review
+    if release:
+        approvals(bastion).answer(review["approval_id"], "avery", "approve", channel="api")
+    return approval["approval_id"], review["approval_id"]
+
+
+def test_a_retry_naming_the_approval_or_review_of_another_call_is_refused(bastion):
+    token = bastion.token("sam", "deskhttp")
+    first, other = {"query": "lOvelace"}, {"query": "loVelace"}
+    approved, released = reviewed_call(bastion, token, first)
+    unspent = retry(bastion, token, {"query": "lovElace"})["error"]["data"]["approval_id"]
+    approvals(bastion).answer(unspent, "avery", "approve", channel="api")
+    for named in (released, approved, unspent):
+        refused = retry(bastion, token, other, named)["error"]["data"]
+        assert refused["reason"] == "approval_mismatch", (named, refused)
+    assert searches(bastion, other["query"]) == 0
+    assert approvals(bastion).get(released).status == "released"  # still for its own call
+    assert approvals(bastion).get(unspent).status == "approved"
+    assert "result" in retry(bastion, token, first, released)
+
+
+def test_an_approval_is_spent_once_whatever_the_retries_name(bastion):
+    """Retries with the approval's requestState, while the result is under review and after it
+    was delivered, neither run the call again nor deliver its result twice."""
+    token = bastion.token("sam", "deskhttp")
+    search = {"query": "LOvelace"}
+    approved, under_review = reviewed_call(bastion, token, search, release=False)
+    again = retry(bastion, token, search, approved)["error"]["data"]
+    assert (again["reason"], again["approval_id"]) == ("review_pending", under_review)
+    approvals(bastion).answer(under_review, "avery", "approve", channel="api")
+    assert "Ada Lovelace" in json.dumps(retry(bastion, token, search, approved)["result"])
+    for named in (approved, under_review):
+        spent = retry(bastion, token, search, named)["error"]["data"]
+        assert spent["reason"] == "approval_used", (named, spent)
+    anew = retry(bastion, token, search)["error"]["data"]
+    assert anew["reason"] == "approval_pending" and anew["approval_id"] != approved
+    assert searches(bastion, search["query"]) == 1
+
+
+def test_a_released_result_reaches_no_other_agent_of_the_same_user(bastion):
+    token, other = bastion.token("sam", "deskhttp"), bastion.token("sam", "deskhttp")
+    search = {"query": "LOVelace"}
+    approved, released = reviewed_call(bastion, token, search)
+    for named in (None, approved, released):
+        refused = retry(bastion, other, search, named)["error"]["data"]
+        expected = "approval_pending" if named is None else "approval_mismatch"
+        assert refused["reason"] == expected, (named, refused)
+    assert approvals(bastion).get(released).status == "released"
+    assert "Ada Lovelace" in json.dumps(retry(bastion, token, search)["result"])
+    assert searches(bastion, search["query"]) == 1
+
+
+def test_a_withheld_result_is_refused_and_not_asked_for_a_second_approval(bastion):
+    token = bastion.token("sam", "deskhttp")
+    search = {"query": "LOVElace"}
+    approved, withheld = reviewed_call(bastion, token, search, release=False)
+    approvals(bastion).answer(withheld, "avery", "deny", channel="api", reason="not for agents")
+    for named in (None, approved, withheld):
+        refused = retry(bastion, token, search, named)["error"]["data"]
+        assert refused["reason"] == "review_withheld", (named, refused)
+    assert searches(bastion, search["query"]) == 1
+
+
+def test_a_result_under_review_is_not_fetched_by_running_its_call_again(bastion):
+    """The review was lifted while the result waited: the approval, spent on the run whose
+    result is held, lets nothing run again; the held result is still the reviewer's to release."""
+    token = bastion.token("sam", "deskhttp")
+    search = {"query": "Turing"}
+    lifted = ("review_lifted", Entity("Tool", "deskhttp/search_customers"))
+    approved, under_review = reviewed_call(bastion, token, search, release=False)
+    bastion.apply(inserts=[lifted])
+    try:
+        for named in (None, approved, under_review):
+            answer = retry(bastion, token, search, named)
+            assert "error" in answer, answer  # not a result of the call run again
+            held = answer["error"]["data"]
+            assert (held["reason"], held["approval_id"]) == ("review_pending", under_review)
+        assert searches(bastion, search["query"]) == 1
+    finally:
+        bastion.apply(deletes=[lifted])
