@@ -635,3 +635,28 @@ def test_an_answer_past_the_bounds_of_a_reason_or_withheld_fields_is_refused_unr
             request.id, "avery", "approve", channel="page", reason=reason, withheld_fields=withheld
         )
     assert approvals.get(request.id).status == "pending" and not approvals.get(request.id).approvals
+
+
+def test_a_review_stands_for_an_approval_only_when_that_approval_unlocked_its_run(world):
+    """A call held for approval and review comes back naming either: the review counts for the
+    approval step only if it holds the result of the run the call's approval was spent on (the
+    decision that spent it held the result). A review of a run no approval unlocked (the policy
+    asked for no approval then), or of another run, does not let the call skip its approval."""
+    approvals, _, _, clock = world
+    reviewed = dataclasses.replace(call(send), kind="review")
+    unapproved = approvals.hold(reviewed, "d-unapproved", (), {}, {"content": []})
+    assert approvals.check(call(send), unapproved.id).reason == "approval_mismatch"
+    approval = held(approvals, call(send))
+    approvals.answer(approval.id, "avery", "approve", channel="api")
+    assert approvals.use(approvals.check(call(send)).request, "d-run")
+    # The run's result is held by the decision that spent the approval: none other stands for it.
+    assert approvals.check(call(send), unapproved.id).reason == "approval_mismatch"
+    assert approvals.check(call(send)).state == "hold"
+    approvals.answer(unapproved.id, "avery", "deny", channel="api")  # settle it: one pending
+    review = approvals.hold(reviewed, "d-run", (), {}, {"content": []})
+    for named in (None, approval.id, review.id):
+        outcome = approvals.check(call(send), named)
+        assert (outcome.state, outcome.review.id) == ("reviewing", review.id), named
+    clock.now = review.expires_at  # the review lapsed unanswered: the next call is a new one
+    assert approvals.check(call(send)).state == "hold"
+    assert approvals.check(call(send), approval.id).reason == "approval_used"
