@@ -481,7 +481,8 @@ class Enforcer:
         # reviews now: its call, approved once, never runs again without a new approval.
         if result == "allow" and (chain.obligations.requires_review or under_review is not None):
             call = self._call("review", caller, server, method, action, resource, arguments)
-            # Named by id, a review is pending, released or refused: never "hold" (run again).
+            # The review under way, named by its id, is pending, released or refused: never
+            # "hold" (which would run the call again).
             outcome = await self._where(call, under_review.id if under_review else retried)
             review = (call, outcome)
             linked = outcome.request or linked
