@@ -158,7 +158,7 @@ class ClientRequests:
         text = json.dumps(sealed, separators=(",", ":")).encode()
         value = base64.urlsafe_b64encode(text).decode().rstrip("=")
         states = self.gateway.states
-        result["requestState"] = states.sign(value, caller.subject, caller.client_id, ASKED_STATE)
+        result["requestState"] = states.sign(value, caller.subject, caller.chain, ASKED_STATE)
 
     def sealed(self, caller: Caller, server: str, params: dict[str, Any]) -> dict[str, Any] | None:
         """What bastion sealed (`seal`) for the questions a retry's ``params`` answer; None for
@@ -177,14 +177,14 @@ class ClientRequests:
             )
         state = params.get("requestState")
         value = (
-            self.gateway.states.read(state, caller.subject, caller.client_id, ASKED_STATE)
+            self.gateway.states.read(state, caller.subject, caller.chain, ASKED_STATE)
             if isinstance(state, str)
             else None
         )
         if value is None:
             raise RpcError(
                 INVALID_PARAMS,
-                "requestState was not issued by bastion to this user and agent: answers"
+                "requestState was not issued by bastion to this user and chain of agents: answers"
                 " (inputResponses) go upstream only with the requestState of bastion's"
                 " input_required result, as it was given",
                 http_status=400,
@@ -246,7 +246,7 @@ class ClientRequests:
             async def send(request: dict[str, Any]) -> None:
                 listener.ask(request)
 
-            owner_key = (state.name, session.subject, session.client_id, session.id)
+            owner_key = (state.name, session.subject, session.chain, session.id)
             timeout = state.upstream.config.timeout
             answer = await self.ask(owner_key, send, str(method), params, timeout)
             return answer_for_upstream(answer, masks, str(method))
@@ -261,7 +261,7 @@ class ClientRequests:
     ) -> Session:
         """The owner's client session to ask: open, with a GET stream, and that declared the
         capability (the one used last, for a user's)."""
-        if owner.client_id and not owner.client_session:
+        if owner.chain and not owner.client_session:
             raise RpcError(
                 INVALID_REQUEST,
                 "this upstream session serves an MCP 2026-07-28 client, which has no standing"
@@ -276,7 +276,7 @@ class ClientRequests:
         live = [
             s
             for s in candidates
-            if owner.covers(s.subject, s.client_id, s.id)
+            if owner.covers(s.subject, s.chain, s.id)
             and s.server == server
             and not s.closed
             and s.listener is not None

@@ -93,11 +93,16 @@ class Caller:
     task: str = ""  # the task the token is bound to, if any
     # The task whose label set it reads and records where not ``task`` (a ``labels_task`` claim).
     labels_task: str | None = None
+    # Every agent of the chain, from the first to the calling one (``client_id`` alone for a
+    # direct grant): with ``subject``, whom per-caller state (sessions, upstream sessions, held
+    # requests) belongs to, so that a sub-agent's work for one chain is never another chain's.
+    chain: tuple[str, ...] = field(init=False)
     # The user and every agent of the chain, as the policy sees them (every one must be allowed).
     principals: tuple[Entity, ...] = field(init=False)
 
     def __post_init__(self) -> None:
         chain = self.agents or (self.client_id,)
+        object.__setattr__(self, "chain", chain)
         object.__setattr__(self, "principals", token_principals(self.subject, chain))
 
 

@@ -131,8 +131,8 @@ class UpstreamState:
         None when the upstream is ``shared``. `RpcError` when none can be opened."""
         if self.sessions is None:
             return None
-        owner = self.sessions.owner(caller.subject, caller.client_id, session_id)
-        return self.sessions.acquire(owner, caller.grant_id, caller.agents or (caller.client_id,))
+        owner = self.sessions.owner(caller.subject, caller.chain, session_id)
+        return self.sessions.acquire(owner, caller.grant_id)
 
     @contextlib.contextmanager
     def connection(self, caller: Caller, session_id: str):
@@ -217,7 +217,8 @@ class Gateway:
         self.resource_scopes = resource_scopes
         # bastion's progress token for a request -> where its progress goes (`Exchange.hear`)
         self.progress_routes: dict[str, Hear] = {}
-        # (server, user, agent, session id or None, the client's request id) -> its request
+        # (server, user, chain of agents, session id or None, the client's request id) -> its
+        # request
         self.in_flight: dict[tuple, InFlight] = {}
         # What bastion asked a client on an upstream's behalf: its id -> (the owner, as above
         # without the request id, and where the client's response goes)
@@ -316,7 +317,7 @@ class Gateway:
         state = self.upstreams.get(session.server)
         if state is None or state.sessions is None or state.sessions.per_user:
             return
-        owner = SessionOwner(session.subject, session.client_id, session.id)
+        owner = SessionOwner(session.subject, session.chain, session.id)
         found = state.sessions.find(owner)
         if found is not None:
             state.sessions.close(found, "(its client session ended)")
@@ -338,7 +339,7 @@ class Gateway:
     def _suspended(self) -> None:
         """The kill switch was used: end the suspended callers' sessions and streams, and close
         the upstream sessions of a suspended user (or, ``per_client_session``, of any agent of
-        the chains that used it, or of its client session)."""
+        its chain, or of its client session)."""
         enforcer = self.enforcer
         self.sessions.end_suspended(enforcer.suspended, enforcer.session_suspended)
         suspensions = enforcer.suspensions
@@ -347,7 +348,7 @@ class Gateway:
 
         def suspended(session: UpstreamSession) -> bool:
             owner = session.owner
-            principals = token_principals(owner.user, sorted(session.agents))
+            principals = token_principals(owner.user, owner.chain)
             return suspensions.first(principals, owner.client_session) is not None
 
         for pool in self._own_sessions():
@@ -398,7 +399,7 @@ class Gateway:
             return [
                 s
                 for s in found
-                if owner.covers(s.caller.subject, s.caller.client_id, s.caller.session_id)
+                if owner.covers(s.caller.subject, s.caller.chain, s.caller.session_id)
             ]
 
         async def handle(message: dict[str, Any]) -> None:

@@ -75,7 +75,8 @@ class Exchange:
     notes: dict[str, Any] = field(default_factory=dict)
     # What the client declared it can do (2025-11-25: at initialize; 2026-07-28: per request).
     capabilities: dict[str, Any] = field(default_factory=dict)
-    # (server, user, agent, session id or None): who may answer what bastion asks this client.
+    # (server, user, chain of agents, session id or None): who may answer what bastion asks
+    # this client.
     owner: tuple = ()
     # The answer's event stream, where requests to the client go; None if the client does not
     # accept text/event-stream.
@@ -259,7 +260,7 @@ class Exchange:
 
     async def ask_client(self, method: str, params: dict[str, Any]) -> dict[str, Any]:
         """Send the client a request on its answer's event stream; return its response
-        (``result`` or ``error``). Only this request's user, agent and session may answer."""
+        (``result`` or ``error``). Only this request's user, chain and session may answer."""
         self._check_question({"method": method, "params": params})
         if self.caller.protocol_version in MODERN_VERSIONS:
             # 2026-07-28 has no requests to the client mid-request (only input_required results),

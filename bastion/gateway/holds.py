@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
+import json
 import logging
 import time
 from typing import TYPE_CHECKING, Any
@@ -53,29 +54,32 @@ class RequestStates:
     """The ``requestState`` values bastion gives 2026-07-28 clients: a value of bastion's (a held
     call's request id; an upstream's questions, `bastion.gateway.client_requests`) after its
     kind's prefix, signed (HMAC-SHA256 under a key of the deployment) with that kind and the user
-    and agent it was given to, so that no other caller can present it, no client can make one
-    up, and one kind is never read as another."""
+    and chain of agents it was given to (`Caller.chain`), so that no other caller can present it
+    (a sub-agent neither, working for another agent), no client can make one up, and one kind is
+    never read as another."""
 
     def __init__(self, key: bytes) -> None:
         self._keyed = hmac.new(key, b"bastion request state", hashlib.sha256)
 
-    def _mac(self, kind: str, value: str, subject: str, client_id: str) -> str:
+    def _mac(self, kind: str, value: str, subject: str, chain: tuple[str, ...]) -> str:
         mac = self._keyed.copy()
-        mac.update(f"{kind}\x00{value}\x00{subject}\x00{client_id}".encode())
+        mac.update(json.dumps([kind, value, subject, chain], separators=(",", ":")).encode())
         return mac.hexdigest()
 
-    def sign(self, value: str, subject: str, client_id: str, kind: str = STATE_PREFIX) -> str:
+    def sign(
+        self, value: str, subject: str, chain: tuple[str, ...], kind: str = STATE_PREFIX
+    ) -> str:
         """``value`` (text without a ``.`` at its end) as a state of ``kind``."""
-        return f"{kind}{value}.{self._mac(kind, value, subject, client_id)}"
+        return f"{kind}{value}.{self._mac(kind, value, subject, chain)}"
 
     def read(
-        self, state: str, subject: str, client_id: str, kind: str = STATE_PREFIX
+        self, state: str, subject: str, chain: tuple[str, ...], kind: str = STATE_PREFIX
     ) -> str | None:
         """The value of a state of ``kind``; None unless bastion gave it to this caller."""
         if not state.startswith(kind):
             return None
         value, _, mac = state[len(kind) :].rpartition(".")
-        if not value or not hmac.compare_digest(mac, self._mac(kind, value, subject, client_id)):
+        if not value or not hmac.compare_digest(mac, self._mac(kind, value, subject, chain)):
             return None
         return value
 
@@ -92,11 +96,11 @@ def retried(ex: Exchange) -> tuple[str | None, dict[str, Any]]:
     answer = answers.get(INPUT_KEY) if isinstance(answers, dict) else None
     if isinstance(answer, dict) and answer.get("action") in ("decline", "cancel"):
         ex.notes["declined"] = True
-    request_id = ex.gateway.states.read(state, ex.caller.subject, ex.caller.client_id)
+    request_id = ex.gateway.states.read(state, ex.caller.subject, ex.caller.chain)
     if request_id is None:
         raise RpcError(
             INVALID_PARAMS,
-            "requestState was not issued by bastion to this user and agent",
+            "requestState was not issued by bastion to this user and chain of agents",
             {"reason": "approval_mismatch"},
         )
     upstream = {k: v for k, v in params.items() if k != "requestState"}
@@ -149,7 +153,7 @@ async def answer_held(ex: Exchange, held: Held, retry: bool) -> dict[str, Any] |
             "inputRequests": {
                 INPUT_KEY: {"method": "elicitation/create", "params": _question(held)}
             },
-            "requestState": states.sign(held.request.id, ex.caller.subject, ex.caller.client_id),
+            "requestState": states.sign(held.request.id, ex.caller.subject, ex.caller.chain),
         }
     asked: asyncio.Task | None = None
     if elicit and not modern and ex.emit is not None and not ex.masks:

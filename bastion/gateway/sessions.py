@@ -1,8 +1,9 @@
 """Where upstream notifications go: 2025-11-25 sessions and 2026-07-28 listen streams.
 
 A 2025-11-25 session (``Mcp-Session-Id``, a random 128-bit value) is only ever found again by
-the same user, agent and server that opened it: anyone else gets 404, as for an id that never
-existed. Each session may hold one standing GET stream, which receives the upstream's
+the same user, chain of agents and server that opened it: anyone else gets 404, as for an id that
+never existed (a sub-agent too, with a token of another chain: what it did for one agent that
+delegated to it is not another's). Each session may hold one standing GET stream, which receives the upstream's
 list_changed notifications and the updates of the resources the session subscribed to. In
 2026-07-28 there are no sessions: a client asks for notifications with ``subscriptions/listen``,
 whose answer is the stream. Both kinds of stream are a `Listener`, held to the token that opened
@@ -78,7 +79,8 @@ class Session:
     id: str
     server: str
     subject: str
-    client_id: str
+    # The agents of the opening token's chain, first to calling (`Caller.chain`).
+    chain: tuple[str, ...]
     protocol_version: str
     last_seen: float
     # What the client declared at initialize (sampling, elicitation, roots...).
@@ -176,7 +178,7 @@ class SessionTable:
         self,
         server: str,
         subject: str,
-        client_id: str,
+        chain: tuple[str, ...],
         protocol_version: str,
         capabilities: dict[str, Any] | None = None,
         session_id: str | None = None,
@@ -190,7 +192,7 @@ class SessionTable:
             session_id or self.new_id(),
             server,
             subject,
-            client_id,
+            chain,
             protocol_version,
             self.clock(),
             capabilities or {},
@@ -212,12 +214,14 @@ class SessionTable:
         """The sessions ``subject`` holds on ``server``, all their agents together."""
         return list(self._by_user.get((server, subject), {}).values())
 
-    def find(self, session_id: str, server: str, subject: str, client_id: str) -> Session | None:
+    def find(
+        self, session_id: str, server: str, subject: str, chain: tuple[str, ...]
+    ) -> Session | None:
         session = self._sessions.get(session_id)
         if (
             session is None
             or session.closed
-            or (session.server, session.subject, session.client_id) != (server, subject, client_id)
+            or (session.server, session.subject, session.chain) != (server, subject, chain)
         ):
             return None
         now = self.clock()

@@ -423,7 +423,7 @@ class StreamableHttpEndpoint:
                 session = self._session(upstream.name, caller, headers)
         except RpcError as e:
             raise await self._refused(e, caller, upstream.name, method, message.id) from None
-        owner = (upstream.name, caller.subject, caller.client_id, session and session.id)
+        owner = (upstream.name, caller.subject, caller.chain, session and session.id)
         if method is None:
             # A response to what bastion asked this client for an upstream (sampling...).
             try:
@@ -470,7 +470,7 @@ class StreamableHttpEndpoint:
         handler = handler_for(method, gateway.config.pass_methods)
         wants_events = "text/event-stream" in headers.get("accept", "")
         # While bastion waits, the request can be cancelled: by the client's
-        # notifications/cancelled (same user, agent and session), or by its going away. A request
+        # notifications/cancelled (same user, chain and session), or by its going away. A request
         # still running after _WATCH_AFTER seconds gets a task that notices the client leaving
         # and, if the client accepts SSE, starts the answer as an event stream (SDK clients send
         # nothing more, a cancellation included, until an answer has begun). Quicker requests
@@ -526,7 +526,7 @@ class StreamableHttpEndpoint:
             opened = gateway.sessions.open(
                 upstream.name,
                 caller.subject,
-                caller.client_id,
+                caller.chain,
                 exchange.notes["protocol_version"],
                 kept,
                 session_id=exchange.opening,
@@ -554,7 +554,7 @@ class StreamableHttpEndpoint:
     def _answered(self, owner: tuple, message) -> None:
         """Route a client's response to the request bastion sent it; refuse (400, nothing
         forwarded) a response to no such request, or from anyone but the client it was sent to
-        (its user, agent and session)."""
+        (its user, chain and session)."""
         pending = self.gateway.asked.get(message.id)
         if pending is None or pending[0] != owner:
             raise RpcError(
@@ -733,7 +733,7 @@ class StreamableHttpEndpoint:
                 "Mcp-Session-Id is required (initialize first, or use MCP 2026-07-28)",
                 http_status=400,
             )
-        session = self.gateway.sessions.find(session_id, server, caller.subject, caller.client_id)
+        session = self.gateway.sessions.find(session_id, server, caller.subject, caller.chain)
         if session is None:
             raise RpcError(
                 SESSION_NOT_FOUND, "unknown or expired session; initialize again", http_status=404

@@ -4,10 +4,11 @@ An upstream's ``session`` setting says how clients' requests map onto its MCP se
 ``shared`` (the default) every client's requests go on bastion's one session, and the upstream
 cannot tell users apart. With ``per_user`` each user gets an upstream session of their own, and with
 ``per_client_session`` each client MCP session does (a 2026-07-28 client, which has none, gets one
-per user and agent): opened on first use, closed when unused for ``session_idle_seconds``, when the
-grant of a token that used it is revoked, when its user (or, ``per_client_session``, any agent of
-the chains of the tokens that used it, or its client session) is suspended, and
-(``per_client_session``) when its client session ends. At most ``max_sessions`` are open per
+per user and chain of agents: a sub-agent's upstream session for one agent that delegated to it is
+not its session for another): opened on first use, closed when unused for ``session_idle_seconds``,
+when the grant of a token that used it is revoked, when its user (or, ``per_client_session``, any
+agent of its chain, or its client session) is suspended, and (``per_client_session``) when its
+client session ends. At most ``max_sessions`` are open per
 upstream: one more closes the one unused longest among those no request is waiting on, and is
 refused when every one is busy.
 
@@ -36,20 +37,18 @@ log = logging.getLogger("bastion.gateway.upstream")
 @dataclass(frozen=True, slots=True)
 class SessionOwner:
     """Whom an upstream session serves: a user (``per_user``), or one client session of theirs
-    (``per_client_session``: the agent and its ``Mcp-Session-Id``, "" for a 2026-07-28 client)."""
+    (``per_client_session``: the chain of agents, `Caller.chain`, and its ``Mcp-Session-Id``, ""
+    for a 2026-07-28 client)."""
 
     user: str
-    client_id: str = ""
+    chain: tuple[str, ...] = ()
     client_session: str = ""
 
-    def covers(self, subject: str, client_id: str, session_id: str) -> bool:
-        """Whether a client (its user, agent and session) is one this upstream session serves."""
+    def covers(self, subject: str, chain: tuple[str, ...], session_id: str) -> bool:
+        """Whether a client (its user, chain and session) is one this upstream session serves."""
         if subject != self.user:
             return False
-        return not self.client_id or (client_id, session_id) == (
-            self.client_id,
-            self.client_session,
-        )
+        return not self.chain or (chain, session_id) == (self.chain, self.client_session)
 
 
 @dataclass(eq=False, slots=True)
@@ -62,9 +61,6 @@ class UpstreamSession:
     busy: int = 0  # requests on it now: a busy session is never closed to make room
     # The grants of the tokens whose requests used it: revoking one closes it.
     grants: set[str] = field(default_factory=set)
-    # ``per_client_session``: every agent of the chains of the tokens whose requests used it (a
-    # sub-agent's and the agents it acts under): suspending any one closes it. Empty per user.
-    agents: set[str] = field(default_factory=set)
     closed: bool = False
 
 
@@ -87,17 +83,14 @@ class UpstreamSessions:
         self._sessions: dict[SessionOwner, UpstreamSession] = {}
         self._closing: set[asyncio.Task] = set()
 
-    def owner(self, subject: str, client_id: str, session_id: str) -> SessionOwner:
+    def owner(self, subject: str, chain: tuple[str, ...], session_id: str) -> SessionOwner:
         """The owner whose upstream session serves this client."""
         if self.per_user:
             return SessionOwner(subject)
-        return SessionOwner(subject, client_id, session_id)
+        return SessionOwner(subject, chain, session_id)
 
-    def acquire(
-        self, owner: SessionOwner, grant_id: str = "", agents: tuple[str, ...] = ()
-    ) -> UpstreamSession:
-        """The owner's upstream session, opened if it has none, marked busy until `release`;
-        ``agents``: the chain of the token of the request (kept ``per_client_session``).
+    def acquire(self, owner: SessionOwner, grant_id: str = "") -> UpstreamSession:
+        """The owner's upstream session, opened if it has none, marked busy until `release`.
         `RpcError` when ``max_sessions`` are open and every one is busy."""
         now = self.clock()
         session = self._sessions.get(owner)
@@ -109,8 +102,6 @@ class UpstreamSessions:
         session.last_used = now
         if grant_id:
             session.grants.add(grant_id)
-        if not self.per_user:
-            session.agents.update(agents)
         return session
 
     def release(self, session: UpstreamSession) -> None:

@@ -398,7 +398,7 @@ def test_a_call_is_refused_when_the_approval_store_cannot_be_read(bastion):
 def test_a_retry_cannot_present_another_callers_request_state(bastion):
     token = bastion.token("sam", "deskhttp")
     states = bastion.app.state.gateway.states
-    forged = states.sign("some-request", "avery", "another-agent")
+    forged = states.sign("some-request", "avery", ("another-agent",))
     response = bastion.http.post(
         bastion.mcp_url("deskhttp"),
         json=modern_request(

@@ -197,20 +197,20 @@ def test_a_user_holds_a_bounded_number_of_sessions_and_the_least_used_goes_first
     sessions = []
     for i in range(MAX_SESSIONS_PER_USER):
         now[0] += 1
-        sessions.append(table.open("lab", "sam", f"agent-{i % 3}", "2025-11-25"))
-    other = table.open("lab", "avery", "agent-0", "2025-11-25")
+        sessions.append(table.open("lab", "sam", (f"agent-{i % 3}",), "2025-11-25"))
+    other = table.open("lab", "avery", ("agent-0",), "2025-11-25")
     now[0] += 1
     # sam uses his first session again: the second is now the one used least recently.
-    assert table.find(sessions[0].id, "lab", "sam", "agent-0") is sessions[0]
+    assert table.find(sessions[0].id, "lab", "sam", ("agent-0",)) is sessions[0]
     now[0] += 1
-    newest = table.open("lab", "sam", "agent-9", "2025-11-25")  # one more agent buys nothing
-    assert table.find(sessions[1].id, "lab", "sam", "agent-1") is None  # ended
+    newest = table.open("lab", "sam", ("agent-9",), "2025-11-25")  # one more agent buys nothing
+    assert table.find(sessions[1].id, "lab", "sam", ("agent-1",)) is None  # ended
     assert sessions[1].closed
-    alive = [s for s in sessions if table.find(s.id, s.server, s.subject, s.client_id)]
+    alive = [s for s in sessions if table.find(s.id, s.server, s.subject, s.chain)]
     assert len(alive) == MAX_SESSIONS_PER_USER - 1 and sessions[0] in alive
-    assert table.find(newest.id, "lab", "sam", "agent-9") is newest
-    assert table.find(other.id, "lab", "avery", "agent-0") is other  # other users untouched
+    assert table.find(newest.id, "lab", "sam", ("agent-9",)) is newest
+    assert table.find(other.id, "lab", "avery", ("agent-0",)) is other  # other users untouched
     # Another server is counted on its own.
     assert table.find(
-        table.open("labold", "sam", "agent-0", "2025-11-25").id, "labold", "sam", "agent-0"
+        table.open("labold", "sam", ("agent-0",), "2025-11-25").id, "labold", "sam", ("agent-0",)
     )

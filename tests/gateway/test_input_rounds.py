@@ -38,7 +38,9 @@ def forward(asks: int, version: str) -> tuple[Any, list[dict[str, Any]]]:
     exchange = Exchange(
         gateway=gateway,
         upstream=SimpleNamespace(sessions=None, upstream=upstream, name="lab"),
-        caller=SimpleNamespace(protocol_version=version, subject="sam", client_id="agent"),
+        caller=SimpleNamespace(
+            protocol_version=version, subject="sam", client_id="agent", chain=("agent",)
+        ),
         message=Message({}, "tools/call", 1, {"name": "t", "arguments": {}}),
     )
     rounds = iter(range(1, 100))

@@ -53,10 +53,13 @@ allow(_actor, _action: String, _it: McpServer) if context.server = "mine";
 allow(_actor, _action: String, _it: Tool) if context.server = "mine";
 mask(_user: User, "elicitation/create", _it: McpServer, "content.name") if context.server = "mine";
 deny(_user: User, "roots/list", _it: McpServer) if context.server = "mine";
-# On "pair" any agent may delegate to any other, every scope passing.
+# On "pair" and "mine" any agent may delegate to any other, every scope passing.
 may_delegate(_from: Agent, _to: Agent, server: McpServer) if server = McpServer{{"pair"}};
 delegated_scope(_user: User, _from: Agent, _to: Agent, server: McpServer, _scope: String) if
   server = McpServer{{"pair"}};
+may_delegate(_from: Agent, _to: Agent, server: McpServer) if server = McpServer{{"mine"}};
+delegated_scope(_user: User, _from: Agent, _to: Agent, server: McpServer, _scope: String) if
+  server = McpServer{{"mine"}};
 """
 # "mine": the lab's server speaking 2026-07-28 (which asks by input_required results), one
 # upstream session per user, whose elicitations' answers go back with their name masked, and
@@ -491,23 +494,30 @@ def _client(bastion, grant_types: list[str], **metadata) -> tuple[str, str | Non
     return created["client_id"], created.get("client_secret")
 
 
-def test_suspending_a_parent_agent_closes_its_sub_agents_upstream_session(bastion):
-    # alice's agent delegates to a sub-agent (RFC 8693); the sub-agent's client session on
-    # "pair" (per_client_session) has an upstream session of its own.
+def _coder(bastion, name: str = "coder") -> str:
+    """A coding agent (a public client) that signs its user in and may delegate."""
     coder, _ = _client(
         bastion,
         ["authorization_code", "refresh_token", TOKEN_EXCHANGE_GRANT_TYPE],
-        client_name="coder",
+        client_name=name,
         redirect_uris=[REDIRECT_URI],
         token_endpoint_auth_method="none",
     )
-    sub = _client(
+    return coder
+
+
+def _sub_agent(bastion) -> tuple[str, str | None]:
+    return _client(
         bastion,
         ["client_credentials", TOKEN_EXCHANGE_GRANT_TYPE],
         client_name="sub-agent",
         token_endpoint_auth_method="client_secret_basic",
     )
-    resource = bastion.mcp_url("pair")
+
+
+def _delegated(bastion, user: str, coder: str, sub: tuple[str, str | None], server: str) -> str:
+    """A token of ``sub`` acting for ``user`` through ``coder`` (RFC 8693): user -> coder -> sub."""
+    resource = bastion.mcp_url(server)
     token_url = f"{bastion.url}/token"
     own = bastion.http.post(
         token_url, data={"grant_type": "client_credentials", "resource": resource}, auth=sub
@@ -518,14 +528,22 @@ def test_suspending_a_parent_agent_closes_its_sub_agents_upstream_session(bastio
         data={
             "grant_type": TOKEN_EXCHANGE_GRANT_TYPE,
             "client_id": coder,
-            "subject_token": bastion.token("alice", "pair", client_id=coder),
+            "subject_token": bastion.token(user, server, client_id=coder),
             "subject_token_type": ACCESS_TOKEN_TYPE,
             "actor_token": own.json()["access_token"],
             "actor_token_type": ACCESS_TOKEN_TYPE,
         },
     )
     assert exchanged.status_code == 200, exchanged.text
-    delegated = legacy_session(bastion, exchanged.json()["access_token"], "pair")
+    return exchanged.json()["access_token"]
+
+
+def test_suspending_a_parent_agent_closes_its_sub_agents_upstream_session(bastion):
+    # alice's agent delegates to a sub-agent (RFC 8693); the sub-agent's client session on
+    # "pair" (per_client_session) has an upstream session of its own.
+    coder = _coder(bastion)
+    token = _delegated(bastion, "alice", coder, _sub_agent(bastion), "pair")
+    delegated = legacy_session(bastion, token, "pair")
     first = _call(bastion, delegated, "pair", "whoami", {})["result"]["content"][0]["text"]
     key, _ = bastion.app.state.keys.create("kill switch", ["suspensions"], created_by="test")
     headers = {"authorization": f"Bearer {key}"}
@@ -540,6 +558,57 @@ def test_suspending_a_parent_agent_closes_its_sub_agents_upstream_session(bastio
             f"{bastion.url}/v1/suspensions/agent/{coder}", headers=headers
         )
         assert resumed.status_code == 200, resumed.text
+
+
+def _whoami(bastion, headers: dict) -> str:
+    """The upstream session a 2025-11-25 call with ``headers`` lands on."""
+    return _call(bastion, headers, "pair", "whoami", {})["result"]["content"][0]["text"]
+
+
+def _whoami_stateless(bastion, token: str) -> str:
+    """The upstream session a 2026-07-28 call with ``token`` lands on."""
+    response = bastion.http.post(
+        bastion.mcp_url("pair"),
+        json=modern_request(3, "tools/call", {"name": "whoami", "arguments": {}}),
+        headers=modern_headers(token, "tools/call", "whoami"),
+    )
+    assert response.status_code == 200, response.text
+    return messages(response)[-1]["result"]["content"][0]["text"]
+
+
+def _two_chains(bastion, server: str = "pair") -> tuple[str, str]:
+    """Tokens of one sub-agent acting for alice through each of her two coding agents."""
+    sub = _sub_agent(bastion)
+    return tuple(
+        _delegated(bastion, "alice", _coder(bastion, name), sub, server)
+        for name in ("first coder", "second coder")
+    )
+
+
+def test_a_sub_agent_cannot_resume_the_session_it_opened_for_another_chain(bastion):
+    # The same sub-agent works for alice through two coding agents: its client session of one
+    # chain, and the upstream session behind it (which may hold what it read there), is not
+    # the other chain's, as an unknown session is not.
+    first, second = _two_chains(bastion)
+    opened = legacy_session(bastion, first, "pair")
+    upstream_session = _whoami(bastion, opened)
+    body = {"jsonrpc": "2.0", "id": 7, "method": "tools/call"}
+    body["params"] = {"name": "whoami", "arguments": {}}
+    borrowed = {**opened, "authorization": f"Bearer {second}"}
+    refused = bastion.http.post(bastion.mcp_url("pair"), json=body, headers=borrowed)
+    assert refused.status_code == 404, refused.text
+    assert upstream_session not in refused.text
+    # Each chain keeps its own: the first resumes its session, the second opens one of its own.
+    assert _whoami(bastion, opened) == upstream_session
+    assert _whoami(bastion, legacy_session(bastion, second, "pair")) != upstream_session
+
+
+def test_a_sub_agents_stateless_calls_for_two_chains_land_on_two_upstream_sessions(bastion):
+    # A 2026-07-28 client has no session: its upstream session is its chain's, not the
+    # sub-agent's for every chain it serves.
+    first, second = _two_chains(bastion)
+    sessions = [_whoami_stateless(bastion, token) for token in (first, second, first, second)]
+    assert sessions[0] == sessions[2] != sessions[1] == sessions[3]
 
 
 def test_a_client_refused_at_initialize_opens_no_upstream_session(bastion):
@@ -596,7 +665,7 @@ def _retry(bastion, token: str, state: str, answers: dict):
 def _sealed(bastion, subject: str, client_id: str, **fields) -> str:
     value = base64.urlsafe_b64encode(json.dumps(fields).encode()).decode().rstrip("=")
     states = bastion.app.state.gateway.states
-    return states.sign(value, subject, client_id, ASKED_STATE)
+    return states.sign(value, subject, (client_id,), ASKED_STATE)
 
 
 ANSWER = {"action": "accept", "content": {"name": "alice"}}
@@ -699,6 +768,24 @@ def test_answers_go_upstream_only_under_bastions_requeststate(bastion):
             "inputResponses": {key: UNMASKED},
         },
     )
+    assert sent[-1]["params"]["inputResponses"][key]["content"] == {"name": "[masked]"}
+
+
+def test_a_sub_agent_answers_an_upstreams_question_only_in_the_chain_it_was_asked_in(bastion):
+    # The requestState given with an upstream's questions (holding the upstream's own state of
+    # the call) to a sub-agent working for one agent is refused to it working for another.
+    first, second = _two_chains(bastion, "mine")
+    asked, _ = _call_mine(bastion, first, {"name": "greet", "arguments": {}})
+    state = asked["result"]["requestState"]
+    (key,) = _unsealed(state)["methods"]
+    retry = {"name": "greet", "arguments": {}, "requestState": state, "inputResponses": {}}
+    retry["inputResponses"][key] = ANSWER
+    reply, sent = _call_mine(bastion, second, retry)
+    assert reply.get("error", {}).get("code") == -32602, (reply, sent)
+    assert "requestState was not issued by bastion" in reply["error"]["message"]
+    assert sent == []
+    # In its own chain the answer goes upstream.
+    _, sent = _call_mine(bastion, first, retry)
     assert sent[-1]["params"]["inputResponses"][key]["content"] == {"name": "[masked]"}
 
 
