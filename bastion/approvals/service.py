@@ -3,7 +3,8 @@ and tell the enforcement point, when the call comes again, whether it may go on.
 
 The policy stays authoritative. A held call is decided again in full when it comes back; an
 approval only satisfies ``requires_approval`` for the exact call it was given for (same user,
-agent, server, method, target and arguments, same policy version), once, before it expires.
+agent, chain of agents for a delegated token, server, method, target and arguments, same policy
+version), once, before it expires; a reviewed result is delivered only to that very call.
 Who may answer is policy too (the contract's ``approver``, ``approvals_required``,
 ``approval_expires``, ``approval_window`` and ``self_approval_forbidden`` rules, see
 docs/approvals.md). An approval for N minutes is a fact, ``approval_grant(user, agent, action,
@@ -98,6 +99,8 @@ class Call:
     resource: Entity
     arguments: Any
     arguments_digest: str
+    # A delegated token's agents, first to calling (`Caller.agents`); empty for a direct grant.
+    agents: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -183,6 +186,11 @@ class Approvals:
             repr(call.resource),
             call.arguments_digest,
         ]
+        if call.agents:
+            # A sub-agent working for two agents is two callers: what is approved or released
+            # for one chain is not the other's. (A direct grant's binding is as it always was,
+            # so requests pending across an upgrade are still found.)
+            parts.append(list(call.agents))
         mac.update(json.dumps(parts, separators=(",", ":")).encode())
         return mac.hexdigest()
 

@@ -627,6 +627,7 @@ class Enforcer:
             resource,
             arguments,
             self.digest(arguments),
+            caller.agents,
         )
 
     async def _where(self, call: Call, retried: str | None) -> Outcome:

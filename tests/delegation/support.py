@@ -215,9 +215,12 @@ class Studio:
             db.close()
 
 
-def start_studio(directory: Path, max_delegation_depth: int = 2, policy: Path = POLICY):
+def start_studio(
+    directory: Path, max_delegation_depth: int = 2, policy: Path = POLICY, settings: str = ""
+):
     """A context manager: the studio upstream in a thread, `bastion serve` in a process
-    (``policy``: the policy file it serves, examples/delegation.polar by default)."""
+    (``policy``: the policy file it serves, examples/delegation.polar by default; ``settings``:
+    more of bastion.toml, appended)."""
     from contextlib import contextmanager
 
     from tests.gateway.support import stop
@@ -253,7 +256,7 @@ max_per_address = 10000
 [[gateway.upstreams]]
 name = "studio"
 url = "{upstream_url}/mcp"
-"""
+{settings}"""
             )
             studio = Studio(url, directory, config, upstream)
             studio.cli("users", "create", "sam", "--password-stdin", stdin=PASSWORD)
