@@ -611,6 +611,37 @@ def test_a_sub_agents_stateless_calls_for_two_chains_land_on_two_upstream_sessio
     assert sessions[0] == sessions[2] != sessions[1] == sessions[3]
 
 
+def test_a_sub_agent_cannot_cancel_for_one_chain_a_request_it_sent_for_another(bastion):
+    # A 2026-07-28 request is known by its user, chain and id: the sub-agent working for the
+    # other agent names the same id, and the request runs on.
+    first, second = _two_chains(bastion)
+    tag = f"chains-{time.monotonic_ns()}"
+    answer: dict = {}
+
+    def post() -> None:
+        with httpx2.Client(timeout=20) as http:
+            answer["response"] = http.post(
+                bastion.mcp_url("pair"),
+                json=modern_request(11, "tools/call", {"name": "hold", "arguments": {"tag": tag}}),
+                headers=modern_headers(first, "tools/call", "hold"),
+            )
+
+    thread = threading.Thread(target=post)
+    thread.start()
+    deadline = time.monotonic() + 15
+    while tag not in SERVER.HELD:
+        assert time.monotonic() < deadline, "the call never reached the upstream"
+        time.sleep(0.02)
+    cancel = {"jsonrpc": "2.0", "method": "notifications/cancelled", "params": {"requestId": 11}}
+    headers = modern_headers(second, "notifications/cancelled")
+    assert (
+        bastion.http.post(bastion.mcp_url("pair"), json=cancel, headers=headers).status_code == 202
+    )
+    SERVER.RELEASED.add(tag)
+    thread.join(15)
+    assert messages(answer["response"])[-1]["result"]["content"][0]["text"] == f"released {tag}"
+
+
 def test_a_client_refused_at_initialize_opens_no_upstream_session(bastion):
     token = bastion.token("sam", "solo")
     for body, headers in (
