@@ -1009,23 +1009,16 @@ class OAuthStore:
                 refusal = self._user_refusal(grant.username, authorized_at, strangers)
                 if refusal is not None:
                     raise GrantRefused(refusal)
-            lock = " FOR UPDATE" if self.db.is_postgres else ""
-            if grant.parent_grant_id is not None:
-                rows = self.db.execute(
-                    f"SELECT revoked_at FROM oauth_grants WHERE grant_id = ?{lock}",
-                    (grant.parent_grant_id,),
-                )
-                if not rows or rows[0][0] is not None:
-                    raise GrantRefused("the grant it would be delegated from has been revoked")
-            if grant.parent_jti is not None:
-                # Locked as the parent grant is: a revocation of the token either comes first
-                # (refused here) or finds this grant and revokes it (`revoke_access_token`).
-                rows = self.db.execute(
-                    f"SELECT revoked_at FROM oauth_access_tokens WHERE jti = ?{lock}",
-                    (grant.parent_jti,),
-                )
-                if not rows or rows[0][0] is not None:
-                    raise GrantRefused("the access token it would be exchanged from is revoked")
+            if grant.parent_grant_id is not None and self._gone_or_revoked(
+                "oauth_grants", "grant_id", grant.parent_grant_id
+            ):
+                raise GrantRefused("the grant it would be delegated from has been revoked")
+            # A revocation of the token either comes first (refused here) or finds this grant
+            # and revokes it (`revoke_access_token`).
+            if grant.parent_jti is not None and self._gone_or_revoked(
+                "oauth_access_tokens", "jti", grant.parent_jti
+            ):
+                raise GrantRefused("the access token it would be exchanged from is revoked")
             self.db.execute(
                 f"INSERT INTO oauth_grants ({_GRANT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
@@ -1240,6 +1233,14 @@ class OAuthStore:
             expires_at=expires_at,
             token_digest=token_digest,
         )
+
+    def _gone_or_revoked(self, table: str, column: str, value: str) -> bool:
+        """Whether the row of ``table`` whose ``column`` is ``value`` is missing or revoked;
+        on PostgreSQL it stays locked (FOR UPDATE) until the transaction ends, so that nothing
+        delegated from it outlives it."""
+        lock = " FOR UPDATE" if self.db.is_postgres else ""
+        rows = self.db.execute(f"SELECT revoked_at FROM {table} WHERE {column} = ?{lock}", (value,))
+        return not rows or rows[0][0] is not None
 
     def revoke_access_token(self, jti: str, now: float, *, actor: str = SERVER) -> int:
         """Revoke one access token and every delegation exchanged from it (RFC 8693: the grants
