@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import hmac
 import logging
+import math
 import secrets
 import time
 from collections.abc import Callable
@@ -96,6 +97,16 @@ def secure_url(url: Any, what: str) -> str:
     if not (parts.scheme == "https" or (parts.scheme == "http" and loopback)):
         raise ValueError(f"{what} must be an https URL, got {url!r}")
     return url
+
+
+def event_time(verified: VerifiedSet, body: dict[str, Any]) -> float:
+    """When an event happened, to order it among others: its ``event_timestamp`` (CAEP 1.0
+    §2), else the SET's ``iat``; never after the ``iat`` (itself never far ahead), so that no
+    event can be dated ahead to hold its value against every later one."""
+    at = body.get("event_timestamp")
+    if isinstance(at, bool) or not isinstance(at, (int, float)) or not math.isfinite(at):
+        return verified.iat
+    return min(float(at), verified.iat)
 
 
 def _error(status: int, err: str, description: str, **headers: str) -> JSONResponse:
@@ -286,7 +297,9 @@ class SsfReceiver:
             if effect == "record":
                 done["result"] = "recorded"
             elif effect == "fact":
-                done["result"] = self._facts(t, event_type, body, subject, user)
+                done["result"] = self._facts(
+                    t, event_type, body, subject, user, event_time(verified, body)
+                )
             elif user is None:
                 done["result"] = "ignored: the subject maps to no user (signals.ssf users table)"
             elif effect == "revoke":
@@ -318,52 +331,57 @@ class SsfReceiver:
         body: dict[str, Any],
         subject: Subject,
         user: str | None,
+        at: float,
     ) -> str:
+        """Write the event's values as facts, each replacing the value before it unless an
+        event that happened after ``at`` set that one (events arrive out of order: a push
+        retried, a poll queue): a device found compliant, delivered after it was found not
+        compliant, must not be compliant again."""
         entities = [Entity("User", user)] if user is not None else []
         if subject.device is not None:
             entities.append(Entity("Device", subject.device))
         if not entities:
             return "ignored: the subject maps to no user or device"
-        inserts: list[tuple] = []
-        deletes: list[tuple] = []
+        values: list[tuple] = []  # each fact with its last term as the new value
         name = event_type.removeprefix(CAEP)
         for entity in entities:
             if name == "device-compliance-change":
                 status = body.get("current_status")
                 if status not in ("compliant", "not-compliant"):
                     return "ignored: current_status must be compliant or not-compliant"
-                deletes.append(("device_compliance", entity, None))
-                inserts.append(("device_compliance", entity, status))
+                values.append(("device_compliance", entity, status))
             elif name == "assurance-level-change":
                 level = body.get("current_level")
                 if not isinstance(level, str) or not level or len(level) > 128:
                     return "ignored: current_level must be a string"
-                deletes.append(("assurance_level", entity, None))
-                inserts.append(("assurance_level", entity, level))
+                values.append(("assurance_level", entity, level))
             elif name == "token-claims-change":
                 claims = body.get("claims")
                 if not isinstance(claims, dict) or not claims:
                     return "ignored: claims must be an object"
                 for claim, value in list(claims.items())[:32]:
                     if isinstance(value, (str, bool, int)) and len(str(value)) <= 512:
-                        deletes.append(("token_claim", entity, claim, None))
-                        inserts.append(("token_claim", entity, claim, value))
+                        values.append(("token_claim", entity, claim, value))
         authz = self.authz()
         kept, skipped = [], []
-        for fact in inserts:
+        for fact in values:
             try:
                 authz.facts.validate(fact)
                 check_storable(fact)
-                kept.append(fact)
             except FactError as e:
                 skipped.append(str(e))
+                continue
+            if not self.store.take_value(fact[:-1], at):
+                skipped.append(f"{fact[0]}{fact[1:-1]}: the event is older than the one in force")
+                continue
+            kept.append(fact)
         if not kept:
             return "skipped: " + "; ".join(skipped)
-        kept_names = {f[0] for f in kept}
         expires = time.time() + t.fact_expiry_seconds if t.fact_expiry_seconds > 0 else None
+        # Each value replaces its own earlier one only: a value skipped keeps the one in force.
         result = self.facts.apply(
             [StoredFact(f, expires) for f in kept],
-            [d for d in deletes if d[0] in kept_names],
+            [(*f[:-1], None) for f in kept],
             actor=f"ssf:{t.name}",
         )
         text = f"wrote {len(kept)} fact(s) at seq {result.seq}"

@@ -1,11 +1,15 @@
 """What the Shared Signals receiver keeps in the database: the ``jti`` of every SET received
-(RFC 8417 §2.2 ``jti``, for replay refusal, kept for a bounded time) and each transmitter's stream
-(SSF 1.0 §8: its id, status, and the verification ``state`` asked for). Each change of a stream
-is an ``ssf.stream_changed`` audit event naming its actor, written in the changing transaction."""
+(RFC 8417 §2.2 ``jti``, for replay refusal, kept for a bounded time), each transmitter's stream
+(SSF 1.0 §8: its id, status, and the verification ``state`` asked for), and when the event
+behind each value written as a fact happened (so that an older event delivered late does not
+replace it). Each change of a stream is an ``ssf.stream_changed`` audit event naming its actor,
+written in the changing transaction."""
 
 from __future__ import annotations
 
+import hashlib
 import hmac
+import json
 import time
 from dataclasses import dataclass
 
@@ -31,7 +35,15 @@ _MIGRATIONS = [
         detail TEXT NOT NULL,
         updated_at DOUBLE PRECISION NOT NULL
     );
+    """,
+    # One row per value an event wrote (a user's or device's compliance, a claim): the time of
+    # the event behind it. Keyed by a digest: a claim's name may be as long as a fact's key.
     """
+    CREATE TABLE ssf_value_times (
+        value_key TEXT PRIMARY KEY,
+        event_time DOUBLE PRECISION NOT NULL
+    );
+    """,
 ]
 
 
@@ -64,6 +76,20 @@ class SsfStore:
             "INSERT INTO ssf_received (issuer, jti, received_at) VALUES (?, ?, ?)"
             " ON CONFLICT DO NOTHING RETURNING jti",
             (issuer, jti, now),
+        )
+        return bool(rows)
+
+    def take_value(self, value: tuple, event_time: float) -> bool:
+        """Record that the value of ``value`` (a fact's predicate, entity and any key before its
+        last term) is now an event's of ``event_time``; False, recording nothing, when an event
+        that happened later set it. Made in the transaction that applies the SET: a replica
+        applying another event for the same value waits for it, then compares with its time."""
+        key = hashlib.sha256(json.dumps([str(v) for v in value]).encode()).hexdigest()
+        rows = self.db.execute(
+            "INSERT INTO ssf_value_times (value_key, event_time) VALUES (?, ?)"
+            " ON CONFLICT (value_key) DO UPDATE SET event_time = excluded.event_time"
+            " WHERE ssf_value_times.event_time <= excluded.event_time RETURNING value_key",
+            (key, event_time),
         )
         return bool(rows)
 

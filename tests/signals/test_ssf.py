@@ -359,6 +359,53 @@ def test_device_compliance_change_becomes_a_fact_the_policy_sees(signals):
     wait_until(lambda: "error" not in call(signals, token).json())
 
 
+def test_an_older_compliance_event_delivered_late_does_not_make_a_device_compliant(signals):
+    """Events can arrive out of order (a push retried, a poll queue): lee's device found
+    compliant a minute ago, delivered after it was found not compliant, stays not compliant."""
+    user = parse_fact('x(User{"lee"})')[1]
+    now = int(time.time())
+    newer = signals.pusher.set_token(
+        CAEP + "device-compliance-change",
+        {"current_status": "not-compliant", "event_timestamp": now},
+        email("lee@example.com"),
+    )
+    older = signals.pusher.set_token(
+        CAEP + "device-compliance-change",
+        {"current_status": "compliant", "event_timestamp": now - 60},
+        email("lee@example.com"),
+    )
+    assert signals.pusher.push(newer).status_code == 202
+    assert signals.pusher.push(older).status_code == 202
+    assert [f.fact[2] for f in signals.store.get(("device_compliance", user, None))] == [
+        "not-compliant"
+    ]
+    result = received(signals, jti_of(older)).detail["effects"][0]["result"]
+    assert result.startswith("skipped") and "older than" in result
+
+
+def test_an_event_dated_ahead_cannot_hold_its_value_against_later_events(signals):
+    """An event_timestamp counts no later than its SET's iat: a transmitter's bad clock (or
+    a compromised device reporting its own compliance) cannot date one ahead and so keep
+    every later event from changing the value."""
+    user = parse_fact('x(User{"kim"})')[1]
+    ahead = signals.pusher.set_token(
+        CAEP + "device-compliance-change",
+        {"current_status": "compliant", "event_timestamp": int(time.time()) + 365 * 86400},
+        email("kim@example.com"),
+    )
+    assert signals.pusher.push(ahead).status_code == 202
+    later = signals.pusher.set_token(
+        CAEP + "device-compliance-change",
+        {"current_status": "not-compliant"},
+        email("kim@example.com"),
+        iat=int(time.time()) + 1,
+    )
+    assert signals.pusher.push(later).status_code == 202
+    assert [f.fact[2] for f in signals.store.get(("device_compliance", user, None))] == [
+        "not-compliant"
+    ]
+
+
 def test_an_event_the_policy_cannot_hold_is_skipped_and_recorded(signals):
     event = signals.pusher.set_token(
         CAEP + "assurance-level-change", {"current_level": "nist-aal1"}, email("sam@example.com")
@@ -383,6 +430,46 @@ def test_a_claim_too_large_to_store_is_skipped_and_recorded_and_the_rest_written
     assert stored == [parse_fact('token_claim(User{"sam"}, "department", "finance")')]
     result = received(signals, jti_of(event)).detail["effects"][0]["result"]
     assert result.startswith("wrote 1 fact(s)") and "too large to store" in result
+
+
+def test_an_older_claims_event_replaces_only_the_claims_no_newer_event_set(signals):
+    """Without event_timestamp the SET's iat orders events. An older SET delivered late changes
+    none of the claims a newer one set, and still sets the claims no newer one named."""
+    user = parse_fact('x(User{"lee"})')[1]
+    now = int(time.time())
+    newer = signals.pusher.set_token(
+        CAEP + "token-claims-change", {"claims": {"role": "contractor"}}, email("lee@example.com")
+    )
+    older = signals.pusher.set_token(
+        CAEP + "token-claims-change",
+        {"claims": {"role": "admin", "region": "eu"}},
+        email("lee@example.com"),
+        iat=now - 30,
+    )
+    assert signals.pusher.push(newer).status_code == 202
+    assert signals.pusher.push(older).status_code == 202
+    stored = {f.fact[2]: f.fact[3] for f in signals.store.get(("token_claim", user, None, None))}
+    assert stored == {"role": "contractor", "region": "eu"}
+    result = received(signals, jti_of(older)).detail["effects"][0]["result"]
+    assert result.startswith("wrote 1 fact(s)") and "older than" in result
+
+
+def test_a_claim_skipped_keeps_its_value_in_force(signals):
+    """A claim whose new value the policy cannot hold (an integer where it declares a string)
+    is skipped whole: its old value is not deleted while another claim of the event is written."""
+    user = parse_fact('x(User{"dana"})')[1]
+    first = signals.pusher.set_token(
+        CAEP + "token-claims-change", {"claims": {"team": "ops"}}, email("dana@example.com")
+    )
+    assert signals.pusher.push(first).status_code == 202
+    second = signals.pusher.set_token(
+        CAEP + "token-claims-change",
+        {"claims": {"team": 5, "site": "berlin"}},
+        email("dana@example.com"),
+    )
+    assert signals.pusher.push(second).status_code == 202
+    stored = {f.fact[2]: f.fact[3] for f in signals.store.get(("token_claim", user, None, None))}
+    assert stored == {"team": "ops", "site": "berlin"}
 
 
 # -- 3. RISC account-disabled -------------------------------------------------------------------

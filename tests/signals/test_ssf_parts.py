@@ -18,6 +18,7 @@ from starlette.routing import Route
 from bastion.audit import AuditLog
 from bastion.db import Database
 from bastion.oauth.store import USERS_CHANGED, Grant, OAuthStore
+from bastion.policy.parser import parse_fact
 from bastion.server.app import create_app
 from bastion.server.config import ConfigError, ServerConfig
 from bastion.signals.set_tokens import SetRefused
@@ -279,6 +280,25 @@ def test_a_jti_is_claimed_once_on_each_database(database_url):
             raise Killed
         assert store.claim("https://idp", "j2", time.time())
         assert store.forget_before(time.time() + 1) == 3
+    finally:
+        db.close()
+
+
+def test_a_value_is_taken_only_by_an_event_no_older_than_the_one_in_force_on_each_database(
+    database_url,
+):
+    db = Database(database_url)
+    try:
+        store = SsfStore(db)
+        value = ("device_compliance", parse_fact('x(User{"sam"})')[1])
+        assert store.take_value(value, 100.0)
+        assert not store.take_value(value, 99.0)  # older: the value in force stays
+        assert store.take_value(value, 100.0)  # as new: taken, as before
+        assert store.take_value(("device_compliance", parse_fact('x(Device{"sam"})')[1]), 50.0)
+        with pytest.raises(Killed), db.transaction():  # kept only with the SET's effects
+            assert store.take_value(value, 200.0)
+            raise Killed
+        assert store.take_value(value, 150.0)
     finally:
         db.close()
 
