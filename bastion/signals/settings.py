@@ -44,6 +44,7 @@ from urllib.parse import urlsplit
 CAEP = "https://schemas.openid.net/secevent/caep/event-type/"
 RISC = "https://schemas.openid.net/secevent/risc/event-type/"
 SSF = "https://schemas.openid.net/secevent/ssf/event-type/"
+OAUTH = "https://schemas.openid.net/secevent/oauth/event-type/"
 VERIFICATION = SSF + "verification"
 STREAM_UPDATED = SSF + "stream-updated"
 
@@ -54,6 +55,11 @@ DEFAULT_EFFECTS: dict[str, str] = {
     CAEP + "device-compliance-change": "fact",
     CAEP + "assurance-level-change": "fact",
     CAEP + "token-claims-change": "fact",
+    # The same revocations in RISC's and the OAuth event types' words (Google's Cross-Account
+    # Protection sends these): recorded and ignored, they left the user's access standing.
+    RISC + "sessions-revoked": "revoke",
+    RISC + "account-credential-change-required": "revoke",
+    OAUTH + "tokens-revoked": "revoke",
     RISC + "account-disabled": "disable",
     RISC + "account-purged": "disable",
     RISC + "credential-compromise": "disable",

@@ -625,6 +625,27 @@ def test_a_replayed_jti_is_refused_and_applied_only_once(signals):
 # -- 5. unknown events --------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize(
+    "event_type",
+    [
+        # RISC's own session revocation, which Google's Cross-Account Protection sends.
+        RISC + "sessions-revoked",
+        "https://schemas.openid.net/secevent/oauth/event-type/tokens-revoked",
+        RISC + "account-credential-change-required",
+    ],
+)
+def test_every_standard_revocation_event_revokes_the_users_grants(signals, event_type):
+    """A transmitter saying a user's sessions or tokens are revoked, in any of the standard
+    event types for it, ends the user's access on the next call, as CAEP's own does."""
+    token = signals.token("sam", "deskhttp")
+    assert "error" not in call(signals, token).json()
+    event = signals.pusher.set_token(event_type, {}, email("sam@example.com"))
+    assert signals.pusher.push(event).status_code == 202
+    assert call(signals, token).status_code == 401
+    effect = received(signals, jti_of(event)).detail["effects"][0]
+    assert effect["effect"] == "revoke" and effect["result"].startswith("revoked ")
+
+
 def test_an_unknown_event_is_recorded_and_ignored(signals):
     token = signals.token("sam", "deskhttp")
     event = signals.pusher.set_token(
