@@ -2,7 +2,8 @@
 
 An alert is keyed by (name, principal). Raised again within ``cooldown_seconds`` of its last
 raising it is the same alert: its count goes up and the decision id joins its (bounded) list of
-decisions, and nobody is told again. A new alert is told to the principal's owner (a fact
+decisions, and nobody is told again, unless it was acknowledged and the raising is more severe
+than it: then it is open again and told again. A new alert is told to the principal's owner (a fact
 ``has_relation(Agent{...}, "owner", User{...})``, `bastion.agents.identity`; none: the configured fallback recipients); not acknowledged
 within ``escalate_after_seconds``, it is told again naming the owner's manager (a stored fact
 ``manager(User{...}, User{...})``). The state lives in the database (``alerts`` table), so an
@@ -25,7 +26,7 @@ import os
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -529,26 +530,19 @@ class Alerts:
                 # by every replica: neither writes over what the other added since it read.
                 for alert_id, repeats in sorted(taken.items()):
                     rows = db.execute(
-                        "SELECT decision_ids, severity, last_at FROM alerts WHERE id = ?"
+                        f"SELECT {_COLUMNS} FROM alerts WHERE id = ?"
                         + (" FOR UPDATE" if db.is_postgres else ""),
                         (alert_id,),
                     )
                     if not rows:
                         gone.add(alert_id)
                         continue
-                    stored, severity, last_at = rows[0]
-                    decisions = tuple(json.loads(stored))
-                    decisions = (*decisions, *(d for d in repeats.decisions if d not in decisions))
-                    db.execute(
-                        "UPDATE alerts SET count = count + ?, decision_ids = ?, last_at = ?,"
-                        " severity = ? WHERE id = ?",
-                        (
-                            repeats.count,
-                            json.dumps(decisions[-self.settings.max_decisions :]),
-                            max(last_at, repeats.last_at),
-                            more_severe(severity, repeats.severity),
-                            alert_id,
-                        ),
+                    self._count_into(
+                        _alert(rows[0]),
+                        repeats.count,
+                        repeats.decisions,
+                        repeats.last_at,
+                        repeats.severity,
                     )
         except Exception:
             with self._lock:
@@ -562,6 +556,39 @@ class Alerts:
                 for key in [k for k, (alert_id, _) in self._known.items() if alert_id in gone]:
                     del self._known[key]
         return sum(r.count for alert_id, r in taken.items() if alert_id not in gone)
+
+    def _count_into(
+        self, alert: Alert, count: int, decisions: Iterable[str], last_at: float, severity: str
+    ) -> None:
+        """Under the transaction that read ``alert``'s row under its lock: add ``count``
+        raisings of it (their decision ids, the latest of their times, their most severe
+        severity), as `raise_alert` and `write_repeats` both do."""
+        kept = alert.decision_ids
+        kept = (*kept, *(d for d in decisions if d and d not in kept))[
+            -self.settings.max_decisions :
+        ]
+        # The most severe raising decides how the alert reads. An acknowledged alert raised
+        # more severe than it was is news: open again, told again, escalating again. Raisings
+        # within the cooldown can keep coming for ever, and would otherwise keep a "critical"
+        # silent under a "low" that someone acknowledged once.
+        worst = more_severe(alert.severity, severity)
+        reopens = alert.state == ACKNOWLEDGED and worst != alert.severity
+        db = self.store.db
+        db.execute(
+            "UPDATE alerts SET count = count + ?, decision_ids = ?, last_at = ?, severity = ?"
+            + (", state = ?, escalate_at = ?" if reopens else "")
+            + " WHERE id = ?",
+            (
+                count,
+                json.dumps(kept),
+                max(alert.last_at, last_at),
+                worst,
+                *((OPEN, self.clock() + self.settings.escalate_after_seconds) if reopens else ()),
+                alert.id,
+            ),
+        )
+        if reopens:
+            self._tell(self.store.get(alert.id), "raised", alert.recipients)
 
     def _forget_quiet(self) -> None:
         """Forget the alerts past their cooldown, which `count_again` no longer counts (looked
@@ -616,7 +643,6 @@ class Alerts:
         who = principal_text(principal)
         now = self.clock()
         db = self.store.db
-        keep = self.settings.max_decisions
         # Opened before the transaction: the tables it makes on first use would go with a
         # raising that fails, and the store, kept, would then read tables that are not there.
         facts = self._facts
@@ -632,16 +658,7 @@ class Alerts:
             )
             if rows:
                 alert = _alert(rows[0])
-                decisions = alert.decision_ids
-                if decision_id and decision_id not in decisions:
-                    decisions = (*decisions, decision_id)[-keep:]
-                # The most severe raising decides how the alert reads.
-                worst = more_severe(alert.severity, severity)
-                db.execute(
-                    "UPDATE alerts SET count = count + 1, decision_ids = ?, last_at = ?,"
-                    " severity = ? WHERE id = ?",
-                    (json.dumps(decisions), now, worst, alert.id),
-                )
+                self._count_into(alert, 1, (decision_id,), now, severity)
                 self._remember(name, who, alert.id, now)
                 return self.store.get(alert.id)
             owner = self._owner(facts, whole)

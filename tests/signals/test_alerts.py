@@ -844,6 +844,47 @@ def test_an_alert_and_its_notification_are_written_together_or_not_at_all(databa
         assert told[-1] == (alert.id, stage)
 
 
+@pytest.mark.parametrize("at_once", [True, False], ids=["written at once", "counted in memory"])
+def test_an_acknowledged_alert_raised_again_more_severe_is_open_and_told_again(
+    database_url, at_once
+):
+    """Acknowledging a "low" alert must not silence a "critical" raising of it: raisings that
+    keep coming within the cooldown would otherwise keep it the same, acknowledged, alert for
+    ever, and nobody would be told or escalated to again. The more severe raising opens it
+    again and tells its recipients, whether written at once or counted in memory first; as
+    severe, or less, it stays acknowledged and nobody is told."""
+    now, told = [1000.0], []
+    settings = {"cooldown_seconds": 60, "escalate_after_seconds": 300}
+    with alerts_on(database_url, now, told, **settings) as alerts:
+        agent = Entity("Agent", "c1")
+
+        def again(severity: str, decision_id: str) -> None:
+            now[0] += 30  # within the cooldown: the same alert
+            if at_once:
+                alerts.raise_alert("exfiltration", severity, agent, decision_id)
+            else:
+                raise_or_count(alerts, "exfiltration", severity, agent, decision_id)
+                alerts.write_repeats()
+
+        first = alerts.raise_alert("exfiltration", "low", agent, "d0")
+        alerts.acknowledge(first.id, "pat", "api")
+        for i in range(1, 4):
+            again("low", f"d{i}")
+        assert alerts.store.get(first.id).state == "acknowledged" and len(told) == 1
+        again("critical", "d4")
+        alert = alerts.store.get(first.id)
+        assert (alert.state, alert.severity, alert.count) == ("open", "critical", 5)
+        assert told == [(first.id, "raised"), (first.id, "raised")]
+        for i in range(5, 16):  # it keeps coming, not acknowledged again: it escalates
+            again("critical", f"d{i}")
+        assert [a.id for a in alerts.escalate_due()] == [first.id]
+        alerts.acknowledge(first.id, "pat", "api")
+        again("high", "d16")
+        again("critical", "d17")
+        assert alerts.store.get(first.id).state == "acknowledged"
+        assert [stage for _, stage in told] == ["raised", "raised", "escalated"]
+
+
 def test_raisings_that_could_not_be_written_are_written_the_next_time(database_url):
     from bastion.db import Database
 
