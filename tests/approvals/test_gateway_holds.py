@@ -705,11 +705,12 @@ def test_a_waiting_client_gets_the_released_result_of_its_approved_call_in_one_r
 
 def retry(bastion, token: str, arguments: dict, request_id: str | None = None) -> dict:
     """A 2026-07-28 tools/call of search_customers; with ``request_id``, the retry of that
-    request, with the requestState bastion would give this token's user and agent for it."""
+    request, with the requestState bastion would give this token's user and chain of agents
+    for it (a direct grant's: its agent alone)."""
     params: dict = {"name": "search_customers", "arguments": arguments}
     if request_id is not None:
         states = bastion.app.state.gateway.states
-        params["requestState"] = states.sign(request_id, "sam", agent_of(token))
+        params["requestState"] = states.sign(request_id, "sam", (agent_of(token),))
     response = bastion.http.post(
         bastion.mcp_url("deskhttp"),
         json=modern_request(1, "tools/call", params),
