@@ -1,6 +1,8 @@
 """CLI: ``bastion audit tail`` prints the gateway's decision records, and follows new ones;
-``bastion audit events`` prints audit events (approvals, tokens, grants...); ``bastion audit
-prune`` deletes the audit trail older than the retention."""
+``bastion audit show`` prints one, found by its id, with the policy version it was decided under
+and the events of its approval or review; ``bastion audit events`` prints audit events
+(approvals, tokens, grants...); ``bastion audit prune`` deletes the audit trail older than the
+retention."""
 
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ from bastion.audit.log import AuditEvent, AuditLog
 from bastion.audit.retention import prune
 from bastion.cli import whole_number
 from bastion.db import Database
+from bastion.facts.store import FactStore
 from bastion.server.config import ConfigError, ServerConfig, command_database
 from bastion.untrusted_json import MAX_INTEGER
 
@@ -107,6 +110,51 @@ def cmd_tail(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_show(args: argparse.Namespace) -> int:
+    """One decision record, whole, as an auditor needs it months later: beside it the policy
+    version it was decided under (its text, not today's: the rules it names are read against
+    it) and the events of the approval or review it went through (who answered, and how)."""
+    decision_id = args.decision_id
+    db = Database(_database(args))
+    try:
+        record = DecisionRecords(db).get(decision_id)
+        if record is None:
+            print(f"bastion: {_not_recorded(decision_id)}", file=sys.stderr)
+            return 1
+        policy = None
+        if record.policy_version is not None:
+            if (version := FactStore(db).policy(record.policy_version)) is not None:
+                policy = {**version.summary(), "text": version.text}
+            else:
+                print(
+                    f"bastion: the database holds no policy version {record.policy_version}:"
+                    " was it restored from another one?",
+                    file=sys.stderr,
+                )
+        approval = record.obligations.get("approval")
+        events = []
+        if isinstance(approval, dict) and isinstance(approval.get("id"), str):
+            found = AuditLog(db).events(request_id=approval["id"])
+            events = [dataclasses.asdict(event) for event in reversed(found)]
+    finally:
+        db.close()
+    shown = {"record": record.to_dict(), "policy": policy, "events": events}
+    print(json.dumps(shown, indent=2, default=str))
+    return 0
+
+
+def _not_recorded(decision_id: str) -> str:
+    if "-" in decision_id:  # the /v1 API's ids are its process's prefix and a count
+        return (
+            f"no decision record {decision_id!r}: a /v1 decision is kept in the memory of the"
+            f" replica that made it, not here; ask it: GET /v1/decisions/{decision_id}"
+        )
+    return (
+        f"no decision record {decision_id!r}: it is older than audit_retention_days, or the"
+        " gateway that made it writes to another database"
+    )
+
+
 def cmd_events(args: argparse.Namespace) -> int:
     db = Database(_database(args))
     try:
@@ -161,6 +209,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     tail.add_argument("--database", help="SQLite path or postgresql:// URL (or BASTION_DATABASE)")
     tail.add_argument("--config", help="bastion.toml to read the database from")
     tail.set_defaults(func=cmd_tail)
+    show = commands.add_parser(
+        "show",
+        help="print one decision record, found by its id, with the policy version it was"
+        " decided under and its approval's events (JSON)",
+    )
+    show.add_argument(
+        "decision_id", help="as the agent's error (data.decision_id) or a log names it"
+    )
+    show.add_argument("--database", help="SQLite path or postgresql:// URL (or BASTION_DATABASE)")
+    show.add_argument("--config", help="bastion.toml to read the database from")
+    show.set_defaults(func=cmd_show)
     events = commands.add_parser(
         "events", help="print audit events, oldest first (approvals, tokens, grants...)"
     )
