@@ -106,6 +106,8 @@ class DecisionRecord:
         data = {f: getattr(self, f) for f in _FIELDS}
         data["principals"] = list(self.principals)
         data["rules"] = list(self.rules)
+        if len(self.__dict__) > len(_FIELDS):  # fields a later version wrote (`from_dict`)
+            data.update((k, v) for k, v in self.__dict__.items() if k not in _NAMES)
         return data
 
     @classmethod
@@ -127,10 +129,19 @@ class DecisionRecord:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> DecisionRecord:
-        data = dict(data)
-        data["principals"] = tuple(data.get("principals", ()))
-        data["rules"] = tuple(data.get("rules", ()))
-        return cls(**data)
+        """A record as stored, by this version or another. Fields an earlier version did not
+        write take their defaults; fields a later one wrote (read after a downgrade) are kept
+        beside the known ones, and `to_dict` gives them back: an auditor loses nothing, and
+        one record never stops ``audit tail`` (a name the class has already is left out, so
+        that no field stands in for one of its methods)."""
+        known = {k: v for k, v in data.items() if k in _NAMES}
+        known["principals"] = tuple(known.get("principals", ()))
+        known["rules"] = tuple(known.get("rules", ()))
+        record = cls(**known)
+        record.__dict__.update(
+            (k, v) for k, v in data.items() if k not in _NAMES and not hasattr(cls, k)
+        )
+        return record
 
 
 _FIELDS = tuple(f.name for f in fields(DecisionRecord))

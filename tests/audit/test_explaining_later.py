@@ -131,3 +131,46 @@ def test_a_record_naming_a_policy_version_the_database_lacks_says_so(database_ur
     assert code == 0
     assert json.loads(out)["policy"] is None
     assert "no policy version 7" in err
+
+
+def _rewrite(database: str, record_id: str, change) -> None:
+    """Rewrite a stored record's JSON with ``change(dict)``: what another version of bastion
+    would have written."""
+    db = Database(database)
+    (text,) = db.execute("SELECT record FROM audit_decisions WHERE id = ?", (record_id,))[0]
+    data = json.loads(text)
+    change(data)
+    db.execute("UPDATE audit_decisions SET record = ? WHERE id = ?", (json.dumps(data), record_id))
+    db.close()
+
+
+def test_a_record_a_later_bastion_wrote_is_read_after_a_downgrade_with_every_field_kept(
+    database_url, capsys
+):
+    record = _stored(database_url, result="allow", policy_version=2, sequence=9)
+    later = {"verdict": {"by": "a later field"}, "to_dict": "a later field named as a method"}
+    _rewrite(database_url, record.id, lambda data: data.update(later))
+
+    assert main(["audit", "tail", "-n", "1", "--database", database_url]) == 0
+    assert f"id={record.id}" in capsys.readouterr().out
+    assert main(["audit", "tail", "-n", "1", "--json", "--database", database_url]) == 0
+    tailed = json.loads(capsys.readouterr().out)
+    assert tailed["id"] == record.id and tailed["verdict"] == {"by": "a later field"}
+    code, out, _ = show(capsys, record.id, "--database", database_url)
+    assert code == 0
+    shown = json.loads(out)["record"]
+    assert shown["policy_version"] == 2 and shown["verdict"] == {"by": "a later field"}
+
+
+def test_a_record_written_before_the_policy_version_was_kept_reads_with_it_null(
+    database_url, capsys
+):
+    record = _stored(database_url, result="deny", reason="not_permitted")
+    old_fields = ("policy_version", "sequence", "grant_id", "task", "session", "unexplained")
+    _rewrite(database_url, record.id, lambda data: [data.pop(name) for name in old_fields])
+
+    code, out, _ = show(capsys, record.id, "--database", database_url)
+    assert code == 0
+    shown = json.loads(out)
+    assert shown["record"]["policy_version"] is None and shown["record"]["grant_id"] == ""
+    assert shown["policy"] is None and shown["record"]["reason"] == "not_permitted"
