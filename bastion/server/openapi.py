@@ -776,6 +776,7 @@ PATHS: dict[str, Any] = {
                         explanation=_ref("Explanation"),
                         exact=_BOOL,
                         explained_at_sequence=_INT,
+                        explained_policy_version=_nullable(_INT),
                     ),
                 ]
             },
@@ -917,6 +918,15 @@ PATHS: dict[str, Any] = {
             "Every stored policy version",
             "policy:read",
             _response(["versions"], versions={"type": "array", "items": _ref("PolicyVersion")}),
+        )
+    },
+    "/v1/policy/versions/{version}": {
+        "get": _op(
+            "A stored policy version with its text (a decision's policy_version)",
+            "policy:read",
+            {"allOf": [_ref("PolicyVersion"), _response(["text"], text=_STR)]},
+            problems=(404,),
+            params=[_path("version", "a policy version's number (1 or more)")],
         )
     },
     "/v1/policy/rollback": {

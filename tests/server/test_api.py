@@ -145,6 +145,33 @@ def test_a_decision_can_be_explained_afterwards(api):
     assert_problem(api.get("/v1/decisions/nope-1/explanation"), 404, "not made by this server")
 
 
+def test_an_explanation_asked_after_the_policy_changed_names_the_version_it_explains_against(api):
+    write_roles(api, role("alice", "reader", "Repo", "anvil"))
+    body = {"actor": entity("User", "alice"), "action": "read", "resource": entity("Repo", "anvil")}
+    decided = api.post("/v1/authorize", json=body).json()
+    assert decided["allowed"] is True
+    deny_all = POLICY.replace('"read" if "reader";', "")
+    assert api.put("/v1/policy", json={"text": deny_all}).json()["version"] == 2
+    out = api.get(f"/v1/decisions/{decided['decision_id']}/explanation").json()
+    # Decided under version 1, explained again now, against version 2: said so, never exact.
+    assert out["policy_version"] == 1 and out["explained_policy_version"] == 2
+    assert out["exact"] is False and out["explanation"]["allowed"] is False
+
+
+def test_an_old_policy_versions_text_is_read_by_its_number(api):
+    assert (
+        api.put("/v1/policy", json={"text": POLICY + "\n# v2\n", "note": "v2"}).status_code == 200
+    )
+    old = api.get("/v1/policy/versions/1")
+    assert old.status_code == 200
+    assert old.json()["version"] == 1 and old.json()["text"] == POLICY
+    assert api.get("/v1/policy/versions/2").json()["note"] == "v2"
+    for unknown in ("9", "0", "99999999999999999999", "x", "1.0"):
+        assert_problem(api.get(f"/v1/policy/versions/{unknown}"), 404, "no policy version")
+    api.headers["authorization"] = "Bearer nope"
+    assert api.get("/v1/policy/versions/1").status_code == 401
+
+
 def test_at_least_waits_for_a_write_and_refuses_an_unknown_sequence(api):
     seq = write_roles(api, role("alice", "reader", "Repo", "anvil"))
     assert allowed(api, "alice", "read", "Repo", "anvil", at_least=seq)

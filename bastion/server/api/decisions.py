@@ -803,9 +803,11 @@ async def explain(request: Request) -> JSONResponse:
         Entity(**r["actor"]), r["action"], Entity(**r["resource"]), r.get("context")
     )
     out["explanation"] = _explanation_json(decision)
-    # Evaluated again now: exact only if nothing changed since the decision was made.
+    # Evaluated again now: exact only if nothing changed since the decision was made (a new
+    # policy is a change too); what it was explained against is named beside what it was decided on.
     out["exact"] = replica.applied == record.seq
     out["explained_at_sequence"] = replica.applied
+    out["explained_policy_version"] = replica.policy_version
     return JSONResponse(out)
 
 

@@ -1,4 +1,5 @@
-"""Policy routes: get, validate without applying, put (atomic swap), versions, roll back.
+"""Policy routes: get, validate without applying, put (atomic swap), versions (each with its
+text), roll back.
 
 Checking a policy compiles it, which can take a second for a large one: it runs in a worker
 thread, one validation at a time per process and one write (put, rollback) besides, so the
@@ -127,6 +128,30 @@ async def versions(request: Request) -> JSONResponse:
     return JSONResponse({"versions": [v.summary() for v in found]})
 
 
+# Policy versions are a PostgreSQL INTEGER: no stored one is larger.
+_LAST_VERSION = 2**31 - 1
+
+
+async def get_version(request: Request) -> JSONResponse:
+    """A stored policy version with its text: what a decision record's ``policy_version``
+    names, to read its rules against months later (versions are never deleted)."""
+    await require(request, "policy:read")
+    spelled = request.path_params["version"]
+    store: FactStore = request.app.state.store
+    found = None
+    # Any other spelling (not digits, 0, past the largest) names no stored version either.
+    if spelled.isascii() and spelled.isdigit() and 1 <= int(spelled) <= _LAST_VERSION:
+        found = await anyio.to_thread.run_sync(store.policy, int(spelled))
+    if found is None:
+        raise Problem(
+            404,
+            "Unknown policy version",
+            f"there is no policy version {spelled!r}: versions are whole numbers from 1,"
+            " listed by GET /v1/policy/versions",
+        )
+    return JSONResponse({**found.summary(), "text": found.text})
+
+
 async def rollback(request: Request) -> JSONResponse:
     key = await require(request, "policy:write")
     body = await read_json(request)
@@ -151,5 +176,6 @@ routes = [
     Route("/v1/policy", put_policy, methods=["PUT"]),
     Route("/v1/policy/validate", validate, methods=["POST"]),
     Route("/v1/policy/versions", versions, methods=["GET"]),
+    Route("/v1/policy/versions/{version}", get_version, methods=["GET"]),
     Route("/v1/policy/rollback", rollback, methods=["POST"]),
 ]
