@@ -102,7 +102,8 @@ class Search:
     resource: Party
     context: dict
     limit: int
-    token: str | None
+    # Where the previous page ended (from its token); None from the start.
+    after: str | None
     # Binds a page token to its request: the spec asks for the same request on every page.
     digest: str
 
@@ -303,24 +304,32 @@ def read_search(body: dict, kind: str, max_page: int) -> Search:
     context = read_context(body.get("context"))
     _scopes(context)  # malformed scopes are refused here as in a decision
     page = body.get("page")
-    limit, token = max_page, None
+    limit, token = None, None
     if page is not None:
         page = _object(page, "page")
         if page.get("limit") is not None:
-            limit = page["limit"]
-            if limit.__class__ is float and limit.is_integer():
-                limit = int(limit)
-            if limit.__class__ is not int or limit < 0:
-                raise AuthzenError(f"page.limit must be a whole number, 0 or more, got {limit!r}")
-            limit = min(limit, max_page)
+            limit = _limit(page["limit"], max_page)
         if page.get("token") is not None:
             token = page["token"]
             if token.__class__ is not str:
                 raise AuthzenError(f"page.token must be a string, got {_shown(token)}")
             token = token or None  # "" is the end of a previous search, not a position
-    digest = _digest(kind, subject, action, resource, context, limit)
+    digest = _digest(kind, subject, action, resource, context)
+    after = None
+    if token is not None:
+        after, limit = _position(token, digest, limit, max_page)
     full = policy_context(context, subject, action, resource)
-    return Search(kind, subject, action, resource, full, limit, token, digest)
+    limit = max_page if limit is None else limit
+    return Search(kind, subject, action, resource, full, limit, after, digest)
+
+
+def _limit(value: Any, max_page: int) -> int:
+    """A page size as sent: a whole number, 0 or more; more than ``max_page`` is served as it."""
+    if value.__class__ is float and value.is_integer():
+        value = int(value)
+    if value.__class__ is not int or value < 0:
+        raise AuthzenError(f"page.limit must be a whole number, 0 or more, got {value!r}")
+    return min(value, max_page)
 
 
 # -- deciding ----------------------------------------------------------------------------------
@@ -450,7 +459,7 @@ def search(authz: Authorizer, question: Search, held: Callable[[Entity], bool] =
     ``deny``), sorted, one page of them, and ``page.next_token`` ("" on the last page). A
     subject ``held`` is permitted nothing (its search answers no results, with
     ``context.reason`` "suspended"), and is left out of a subject search."""
-    after = _position(question)
+    after = question.after
     if question.kind != "subject":
         subject = Entity(question.subject.type, question.subject.id or "")
         if held(subject):
@@ -469,7 +478,9 @@ def search(authz: Authorizer, question: Search, held: Callable[[Entity], bool] =
     start = _after(ids, after)
     chosen = ids[start : start + question.limit]
     more = start + len(chosen) < len(ids)
-    next_token = _token(chosen[-1] if chosen else after, question.digest) if more else ""
+    next_token = (
+        _token(chosen[-1] if chosen else after, question.digest, question.limit) if more else ""
+    )
     if question.kind == "action":
         results = [{"name": name} for name in chosen]
     else:
@@ -500,12 +511,7 @@ def _after(ids: Sequence[str], after: str | None) -> int:
 
 
 def _digest(
-    kind: str,
-    subject: Party,
-    action: Action | None,
-    resource: Party,
-    context: dict | None,
-    limit: int,
+    kind: str, subject: Party, action: Action | None, resource: Party, context: dict | None
 ) -> str:
     request = [
         kind,
@@ -513,37 +519,44 @@ def _digest(
         None if action is None else [action.name, action.properties],
         [resource.type, resource.id, resource.properties],
         context,
-        limit,
     ]
     text = json.dumps(request, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
-def _token(after: str | None, digest: str) -> str:
-    data = json.dumps({"a": after, "q": digest}, separators=(",", ":")).encode()
+def _token(after: str | None, digest: str, limit: int) -> str:
+    """A page token: where this page ended, the request it belongs to, and its page size (which
+    a follow-up that sends the token alone keeps, as the spec's example does)."""
+    data = json.dumps({"a": after, "q": digest, "n": limit}, separators=(",", ":")).encode()
     return base64.urlsafe_b64encode(data).decode().rstrip("=")
 
 
-def _position(question: Search) -> str | None:
-    """Where a page token says the previous page ended; a token of another request, or one
-    not issued here, is refused (the spec asks for the same request on every page)."""
-    if question.token is None:
-        return None
+def _position(token: str, digest: str, limit: int | None, max_page: int) -> tuple[str | None, int]:
+    """Where ``token`` says the previous page ended, and the search's page size: the token's, or
+    ``limit`` if the follow-up sends one, which must be the same. A token of another request,
+    or one not issued here, is refused (the spec asks for the same request on every page)."""
     try:
-        padded = question.token + "=" * (-len(question.token) % 4)
+        padded = token + "=" * (-len(token) % 4)
         data = json.loads(base64.urlsafe_b64decode(padded.encode()))
-        after, digest = data["a"], data["q"]
+        after, issued_for, size = data["a"], data["q"], data["n"]
     except (ValueError, binascii.Error, KeyError, TypeError):
         raise StaleToken(
             "page.token is not a token this server issued: send the next_token of the previous"
             " page, or no token to start again"
         ) from None
-    if digest != question.digest or (after is not None and after.__class__ is not str):
+    if (
+        issued_for != digest
+        or (after is not None and after.__class__ is not str)
+        or size.__class__ is not int
+        or size < 0
+        or (limit is not None and limit != min(size, max_page))
+    ):
         raise StaleToken(
             "page.token belongs to another search: send the same subject, action, resource,"
-            " context and page.limit as the request that returned it, or no token to start again"
+            " context and page.limit (or none) as the request that returned it, or no token to"
+            " start again"
         )
-    return after
+    return after, min(size, max_page)
 
 
 # -- metadata ----------------------------------------------------------------------------------

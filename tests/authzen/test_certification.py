@@ -358,6 +358,25 @@ def test_search_core_pagination(pep):
     assert seen == sorted(everyone)
 
 
+def test_search_core_pagination_the_next_page_is_asked_with_the_token_alone(pep):
+    # c-4-5-2, as the scenario and the spec's own example send it: the follow-up's page holds
+    # the token and nothing else (no limit); it continues the search page by page.
+    body = {"subject": {"type": "user"}, "action": READ, "resource": RECORD_1}
+    everyone = ids(results(pep, "subject", body), "user")
+    first = pep.post("/access/v1/search/subject", json={**body, "page": {"limit": 1}}).json()
+    seen, token = [r["id"] for r in first["results"]], first["page"]["next_token"]
+    assert token
+    while token:
+        response = pep.post("/access/v1/search/subject", json={**body, "page": {"token": token}})
+        assert response.status_code == 200, response.text
+        page = response.json()
+        # The page size of the first request holds for the whole search.
+        assert page["page"]["count"] == len(page["results"]) == 1
+        seen += [r["id"] for r in page["results"]]
+        token = page["page"]["next_token"]
+    assert seen == sorted(everyone)
+
+
 def test_search_core_no_match_is_an_empty_result_on_every_search(pep):
     unknown_user = {"type": "user", "id": "nonexistent-user"}
     # c-4-6-1
