@@ -477,7 +477,9 @@ def search(authz: Authorizer, question: Search, held: Callable[[Entity], bool] =
         ids = sorted(authz.actions(subject, resource, question.context))
     start = _after(ids, after)
     chosen = ids[start : start + question.limit]
-    more = start + len(chosen) < len(ids)
+    # A page of 0 asks for the count: it ends there, since its token could only ask for
+    # another page of 0 from the same place (docs/authzen.md, "Pagination").
+    more = question.limit > 0 and start + len(chosen) < len(ids)
     next_token = (
         _token(chosen[-1] if chosen else after, question.digest, question.limit) if more else ""
     )

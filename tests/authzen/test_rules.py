@@ -187,6 +187,17 @@ def test_a_page_token_is_bound_to_its_search(pep):
         assert pep.post("/access/v1/search/subject", json=other).status_code == 422
 
 
+def test_a_page_limit_of_0_answers_the_count_and_ends_the_search(pep):
+    # A PEP follows next_token until it is "": a page of 0 results that handed back a token
+    # would be asked for again, forever, with nothing to show for it.
+    body = {"subject": {"type": "user"}, "action": READ, "resource": RECORD_1}
+    everyone = pep.post("/access/v1/search/subject", json=body).json()["page"]["total"]
+    assert everyone >= 2
+    answer = pep.post("/access/v1/search/subject", json={**body, "page": {"limit": 0}}).json()
+    assert answer["results"] == []
+    assert answer["page"] == {"next_token": "", "count": 0, "total": everyone}
+
+
 @pytest.mark.parametrize("page", [{"limit": -1}, {"limit": "2"}, {"limit": 1.5}, {"token": 3}, "x"])
 def test_a_malformed_page_is_400(pep, page):
     body = {"subject": {"type": "user"}, "action": READ, "resource": RECORD_1, "page": page}
