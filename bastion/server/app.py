@@ -84,13 +84,16 @@ async def openapi(request: Request) -> JSONResponse:
     return JSONResponse(openapi_document())
 
 
-async def http_problem(request: Request, exc: Exception) -> JSONResponse:
+async def http_problem(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     detail = {
         404: f"there is no route {request.url.path}; see /v1/openapi.json",
         405: f"{request.method} is not allowed on {request.url.path}; see /v1/openapi.json",
     }.get(exc.status_code, str(exc.detail))
-    response = Problem(exc.status_code, str(exc.detail), detail).response()
+    if api.authzen.serves(request.url.path):
+        response = api.authzen.error(exc.status_code, detail)
+    else:
+        response = Problem(exc.status_code, str(exc.detail), detail).response()
     # The Allow header of a 405, among others.
     response.headers.update(exc.headers or {})
     return response
@@ -112,6 +115,9 @@ async def internal_error(request: Request, exc: Exception) -> Response:
         from bastion.gateway.jsonrpc import INTERNAL_ERROR, RpcError
 
         response = JSONResponse(RpcError(INTERNAL_ERROR, detail).body(None), status_code=500)
+    elif api.authzen.serves(request.url.path):
+        # AuthZEN's error form: the status and an error message string.
+        response = api.authzen.failure(request, detail)
     elif request.url.path in request.app.state.oauth_paths:
         # OAuth clients read "error" (RFC 6749 §4.1.2.1 names this one server_error).
         body = {"error": "server_error", "error_description": detail}
@@ -137,6 +143,12 @@ def body_limits(config: ServerConfig, oauth, gateway, signals=None) -> BodyLimit
         ),
         # AuthZEN's errors are a message string (bastion.server.api.authzen).
         BodyLimit(config.max_body_bytes, "max_body_bytes", _authzen_refusal, prefix="/access/"),
+        BodyLimit(
+            config.max_body_bytes,
+            "max_body_bytes",
+            _authzen_refusal,
+            path=api.authzen.METADATA_PATH,
+        ),
     ]
     if oauth is not None:
         from bastion.oauth.errors import InvalidRequest
@@ -584,7 +596,11 @@ def create_app(config: ServerConfig) -> Starlette:
     routes = one_route_per_path(routes)
     # First, so that every body is capped while it is read, whichever route it is for.
     limits = body_limits(config, oauth, gateway, signals)
-    middleware = [Middleware(RequestBodyLimits, limits=limits, body_timeout=config.body_timeout)]
+    middleware = [
+        # Outside the body limits, so that their refusals echo the PEP's X-Request-ID too.
+        Middleware(api.authzen.EchoRequestId),
+        Middleware(RequestBodyLimits, limits=limits, body_timeout=config.body_timeout),
+    ]
     if gateway is not None:
         from bastion.gateway.mount import GatewayFirst
 

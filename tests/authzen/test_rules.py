@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import base64
 import json
+import sqlite3
 
 import pytest
 
-from tests.authzen.conftest import HttpsServer
+from tests.authzen.conftest import EXAMPLE, HttpsServer
 from tests.server.conftest import ADMIN_KEY
 
 ALICE = {"type": "user", "id": "alice"}
@@ -88,6 +89,47 @@ def test_json_with_a_charset_is_json(pep):
     body = json.dumps(ALLOWED).encode()
     headers = {"content-type": "application/json; charset=utf-8"}
     assert pep.post(EVALUATION, content=body, headers=headers).json() == {"decision": True}
+
+
+# -- answers made before the route: request identifier and error form -------------------------
+
+
+def test_an_answer_made_before_the_route_echoes_x_request_id_as_an_error_string(pep):
+    # The spec: the PDP MUST echo the PEP's X-Request-ID on its answer to that request, and an
+    # error is its status with an error message string. The body limit (413), a NUL in the path
+    # (400), a multipart body (415) and a method the endpoint does not take (405) are answered
+    # before the AuthZEN route runs; a PEP matches their answers to its requests all the same.
+    rid = {"X-Request-ID": "rid-early"}
+    big = {**ALLOWED, "context": {"pad": "x" * 1_100_000}}
+    multipart = {**rid, "content-type": "multipart/form-data; boundary=x"}
+    answers = {
+        413: pep.post(EVALUATION, json=big, headers=rid),
+        400: pep.post(EVALUATION + "%00", json=ALLOWED, headers=rid),
+        415: pep.post(EVALUATION, content=b"--x--", headers=multipart),
+        405: pep.get(EVALUATION, headers=rid),
+    }
+    for status, response in answers.items():
+        assert response.status_code == status, response.text
+        assert response.headers.get("x-request-id") == "rid-early", status
+        assert response.headers["content-type"].startswith("text/plain"), status
+        assert response.text
+
+
+def test_an_unexpected_failure_is_a_500_string_that_echoes_x_request_id(tmp_path, certificate):
+    server = HttpsServer(tmp_path, EXAMPLE / "policy.polar", certificate).start()
+    try:
+        key = server.create_key("authzen")
+        # Pull the key table from under the running server: its next key check fails.
+        with sqlite3.connect(server.database) as db:
+            db.execute("ALTER TABLE api_keys RENAME TO api_keys_gone")
+        with server.client(key) as pep:
+            response = pep.post(EVALUATION, json=ALLOWED, headers={"X-Request-ID": "rid-500"})
+    finally:
+        server.stop()
+    assert response.status_code == 500
+    assert response.headers.get("x-request-id") == "rid-500"
+    assert response.headers["content-type"].startswith("text/plain")
+    assert "decision" not in response.text and "api_keys" not in response.text
 
 
 # -- batch semantics -----------------------------------------------------------------------------

@@ -4,7 +4,8 @@ Resource and Action Search APIs (the protocol itself is `bastion.pdp.authzen`).
 An API key with the scope ``authzen`` is needed (metadata excepted). Errors are the spec's: the
 status (400 malformed, 401 no or bad key, 403 a key without the scope, 422 a search the policy
 cannot answer, 500, and 503 while this replica cannot decide) with an error message string as
-the body. ``X-Request-ID`` is echoed.
+the body. ``X-Request-ID`` is echoed on every answer (`EchoRequestId`), those made before the
+route (a body refused by its limit, a method the endpoint does not take) and a 500 included.
 A single evaluation is decided on the event loop, bounded by one evaluation budget as a `/v1`
 decision is; a batch and a search (more work, one budget too) run in a worker thread.
 """
@@ -18,6 +19,7 @@ import anyio
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from bastion.db import DatabaseUnavailable
 from bastion.pdp import authzen
@@ -30,7 +32,14 @@ from bastion.server.problems import Problem, read_json
 SCOPE = "authzen"
 PREFIX = "/access/v1/"
 METADATA_PATH = "/.well-known/authzen-configuration"
+REQUEST_ID = b"x-request-id"
 Handler = Callable[[Request], Awaitable[Response]]
+
+
+def serves(path: str) -> bool:
+    """Whether ``path`` (below the root path) is AuthZEN's: its answers, errors included, are
+    in AuthZEN's form."""
+    return path.startswith(PREFIX) or path == METADATA_PATH
 
 
 def error(status: int, message: str, headers: dict[str, str] | None = None) -> Response:
@@ -38,8 +47,54 @@ def error(status: int, message: str, headers: dict[str, str] | None = None) -> R
     return PlainTextResponse(message, status_code=status, headers=headers)
 
 
+def request_id(headers: list[tuple[bytes, bytes]]) -> bytes | None:
+    """The PEP's request identifier (spec, "Request Identification"), as it was sent."""
+    for name, value in headers:
+        if name == REQUEST_ID:
+            return value
+    return None
+
+
+def failure(request: Request, message: str) -> Response:
+    """The 500 of an unexpected exception on an AuthZEN path. It is answered by Starlette's
+    outermost middleware, outside `EchoRequestId`, so the identifier is echoed here."""
+    response = error(500, message)
+    echoed = request_id(request.scope["headers"])
+    if echoed is not None:
+        response.raw_headers.append((REQUEST_ID, echoed))
+    return response
+
+
+class EchoRequestId:
+    """ASGI middleware: every answer on an AuthZEN path carries the ``X-Request-ID`` the PEP
+    sent (the spec's MUST), whoever made it: the route, the body limits, or the router. One
+    prefix test on any other path."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path, root = scope["path"], scope.get("root_path")
+        path = path[len(root) :] if root and path.startswith(root) else path
+        echoed = request_id(scope["headers"]) if serves(path) else None
+        if echoed is None:
+            await self.app(scope, receive, send)
+            return
+
+        async def send_echoed(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = [*message.get("headers", ()), (REQUEST_ID, echoed)]
+                message = {**message, "headers": headers}
+            await send(message)
+
+        await self.app(scope, receive, send_echoed)
+
+
 def _route(handler: Handler) -> Handler:
-    """``handler`` with AuthZEN's error form and its request identifier echoed."""
+    """``handler`` with AuthZEN's error form (`EchoRequestId` echoes the request identifier)."""
 
     async def route(request: Request) -> Response:
         try:
@@ -56,9 +111,6 @@ def _route(handler: Handler) -> Handler:
             # bind no subject): well formed, and asking again cannot help, so not a 500 (which
             # a PEP retries); 422 with the diagnostic, as `/v1/query` answers the same question.
             response = error(422, f"the policy in force cannot answer this search: {e}")
-        request_id = request.headers.get("x-request-id")
-        if request_id is not None:
-            response.headers["X-Request-ID"] = request_id
         return response
 
     return route
