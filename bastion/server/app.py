@@ -147,7 +147,7 @@ def body_limits(config: ServerConfig, oauth, gateway, signals=None) -> BodyLimit
             config.max_body_bytes,
             "max_body_bytes",
             _authzen_refusal,
-            path=api.authzen.METADATA_PATH,
+            prefix=api.authzen.METADATA_PATH,
         ),
     ]
     if oauth is not None:

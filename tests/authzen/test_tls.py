@@ -118,3 +118,39 @@ def test_the_metadata_uses_public_url_when_it_is_set(tmp_path, certificate):
         server.stop()
     assert document["policy_decision_point"] == "https://pdp.example.com"
     assert document["access_evaluation_endpoint"] == "https://pdp.example.com/access/v1/evaluation"
+
+
+def test_a_public_url_with_a_path_has_its_metadata_where_the_spec_derives_it(tmp_path, certificate):
+    # The spec (and RFC 8615): the metadata of the PDP https://pdp.example.com/tenant1 is at
+    # https://pdp.example.com/.well-known/authzen-configuration/tenant1, and its
+    # policy_decision_point must be that identifier, or the PEP must not use it.
+    server = HttpsServer(
+        tmp_path,
+        EXAMPLE / "policy.polar",
+        certificate,
+        BASTION_PUBLIC_URL="https://pdp.example.com/tenant1",
+    ).start()
+    try:
+        with server.client() as client:
+            found = client.get(
+                "/.well-known/authzen-configuration/tenant1", headers={"x-request-id": "m-1"}
+            )
+            # Elsewhere there is no metadata of this PDP: a document there would name an
+            # identifier that is not the one it was asked for.
+            elsewhere = [
+                client.get(f"/.well-known/authzen-configuration{path}")
+                for path in ("", "/tenant2", "/tenant1/more")
+            ]
+    finally:
+        server.stop()
+    assert found.status_code == 200 and found.headers["x-request-id"] == "m-1"
+    document = found.json()
+    assert document["policy_decision_point"] == "https://pdp.example.com/tenant1"
+    assert (
+        document["access_evaluation_endpoint"]
+        == "https://pdp.example.com/tenant1/access/v1/evaluation"
+    )
+    for response in elsewhere:
+        assert response.status_code == 404
+        assert response.headers["content-type"].startswith("text/plain")
+        assert "/.well-known/authzen-configuration/tenant1" in response.text

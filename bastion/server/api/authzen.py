@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Awaitable, Callable
+from urllib.parse import urlsplit
 
 import anyio
 from starlette.requests import Request
@@ -39,7 +40,7 @@ Handler = Callable[[Request], Awaitable[Response]]
 def serves(path: str) -> bool:
     """Whether ``path`` (below the root path) is AuthZEN's: its answers, errors included, are
     in AuthZEN's form."""
-    return path.startswith(PREFIX) or path == METADATA_PATH
+    return path.startswith((PREFIX, METADATA_PATH))
 
 
 def error(status: int, message: str, headers: dict[str, str] | None = None) -> Response:
@@ -147,8 +148,13 @@ def _log(request: Request, question: authzen.Evaluation, reply: dict, decision) 
 
 
 async def configuration(request: Request) -> Response:
-    """PDP metadata: public, as discovery documents are."""
-    base = _config(request).public_url or str(request.base_url)
+    """PDP metadata: public, as discovery documents are, and served only where the spec derives
+    it from the PDP's identifier (the well-known segment between its host and its path), since
+    a PEP must not use a document whose identifier is not the one it asked about."""
+    base = (_config(request).public_url or str(request.base_url)).rstrip("/")
+    here = METADATA_PATH + urlsplit(base).path
+    if METADATA_PATH + request.path_params["tail"] != here:
+        raise Problem(404, "Not found", f"this PDP's metadata is at {here}")
     return JSONResponse(authzen.metadata(base), headers={"Cache-Control": "max-age=300"})
 
 
@@ -215,7 +221,8 @@ def _search(kind: str) -> Handler:
 
 
 routes = [
-    Route(METADATA_PATH, _route(configuration), methods=["GET"]),
+    # The tail is a PDP identifier's path (public_url's), if it has one.
+    Route(METADATA_PATH + "{tail:path}", _route(configuration), methods=["GET"]),
     Route(f"{PREFIX}evaluation", _route(evaluation), methods=["POST"]),
     Route(f"{PREFIX}evaluations", _route(evaluations), methods=["POST"]),
     *(
