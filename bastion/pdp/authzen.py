@@ -245,8 +245,10 @@ def read_batch(body: dict, max_evaluations: int) -> Batch | None:
     options = body.get("options")
     semantic = "execute_all"
     if options is not None:
-        semantic = _object(options, "options").get("evaluations_semantic", "execute_all")
-        if semantic not in SEMANTICS:
+        semantic = _object(options, "options").get("evaluations_semantic")
+        if semantic is None:  # absent, or null (which the spec asks senders to leave out)
+            semantic = "execute_all"
+        elif semantic not in SEMANTICS:
             raise AuthzenError(
                 f"options.evaluations_semantic must be one of {', '.join(SEMANTICS)}, got"
                 f" {_shown(semantic)}"

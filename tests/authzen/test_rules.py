@@ -135,7 +135,7 @@ def test_an_unexpected_failure_is_a_500_string_that_echoes_x_request_id(tmp_path
 # -- batch semantics -----------------------------------------------------------------------------
 
 
-def semantic(name: str, *resources: dict) -> dict:
+def semantic(name: str | None, *resources: dict) -> dict:
     return {
         "subject": BOB,
         "action": READ,
@@ -146,6 +146,14 @@ def semantic(name: str, *resources: dict) -> dict:
 
 def test_execute_all_answers_every_evaluation_in_order(pep):
     answers = pep.post(EVALUATIONS, json=semantic("execute_all", RECORD_1, RECORD_2, RECORD_1))
+    assert [a["decision"] for a in answers.json()["evaluations"]] == [True, False, True]
+
+
+def test_a_null_semantic_is_the_default_execute_all_as_any_null_field_is_absent(pep):
+    # The spec asks senders to leave out null fields rather than send them; a PEP that sends
+    # "evaluations_semantic": null anyway means no semantic, as a null context or properties do.
+    answers = pep.post(EVALUATIONS, json=semantic(None, RECORD_1, RECORD_2, RECORD_1))
+    assert answers.status_code == 200, answers.text
     assert [a["decision"] for a in answers.json()["evaluations"]] == [True, False, True]
 
 
@@ -169,7 +177,8 @@ def test_permit_on_first_permit_stops_at_the_first_permit(pep):
 
 
 def test_an_unknown_semantic_or_a_malformed_default_refuses_the_whole_batch(pep):
-    assert pep.post(EVALUATIONS, json=semantic("all_or_nothing", RECORD_1)).status_code == 400
+    for unknown in ("all_or_nothing", "", "EXECUTE_ALL"):
+        assert pep.post(EVALUATIONS, json=semantic(unknown, RECORD_1)).status_code == 400
     body = {"subject": "alice", "action": READ, "evaluations": [{"resource": RECORD_1}]}
     assert pep.post(EVALUATIONS, json=body).status_code == 400
     body = {"subject": ALICE, "action": READ, "evaluations": {"resource": RECORD_1}}
