@@ -1473,6 +1473,8 @@ _AZ_ERRORS = {
     400: "malformed: a required field missing or of the wrong type, or not sent as"
     " application/json",
     403: "the key lacks the scope authzen",
+    404: "not this PDP's metadata path: with a public_url that has a path, the metadata is at"
+    " /.well-known/authzen-configuration followed by that path (RFC 8615), named in the message",
     413: "the request body is larger than max_body_bytes",
     422: "a page token this search cannot continue from (issued for another request), or a"
     " subject search the policy in force cannot answer",
@@ -1615,7 +1617,7 @@ def _az_op(summary: str, ok: dict, body: dict | None, problems: tuple[int, ...] 
     responses: dict[str, Any] = {
         "200": {"description": "OK", "content": {"application/json": {"schema": ok}}}
     }
-    statuses = {500} if body is None else {400, 401, 403, 408, 413, 500, 503, *problems}
+    statuses = {500, *problems} if body is None else {400, 401, 403, 408, 413, 500, 503, *problems}
     for status in sorted(statuses):
         answer: dict[str, Any] = {
             "description": _AZ_ERRORS[status],
@@ -1655,6 +1657,7 @@ PATHS.update(
                     supported_obligations={"type": "array", "items": _STR},
                 ),
                 None,
+                (404,),
             )
         },
         "/access/v1/evaluation": {
