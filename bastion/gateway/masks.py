@@ -162,8 +162,9 @@ def _text(text: Any, paths: Paths, uri: str | None = None) -> tuple[str, int]:
     count = _mask_json(data, paths)
     if count is None:
         return WITHHELD, 1
-    # Written back only if changed, as json.dumps writes it.
-    return (_dumps(data) if count else text), count
+    # Written back as bastion read it, changed or not: the text as it came can say more than
+    # its value (a key given twice, of which the parser keeps the last while a model reads both).
+    return _dumps(data), count
 
 
 def _rebuild(

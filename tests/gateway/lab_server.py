@@ -252,6 +252,8 @@ async def _raw(ctx, call_next):
                 {"type": "hologram", "text": SECRET},
                 {"type": "text", "text": json.dumps(CUSTOMERS), "note": SECRET},
                 SECRET,
+                # The key twice: a reader that keeps the last finds no address to mask.
+                {"type": "text", "text": json.dumps(CUSTOMERS)[:-1] + ', "customers": []}'},
             ],
             "structuredContent": SECRET,
             "isError": SECRET,

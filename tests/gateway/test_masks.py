@@ -4,6 +4,7 @@ result that can carry data is masked field by field or withheld whole: none fail
 from __future__ import annotations
 
 import base64
+import copy
 import json
 
 import pytest
@@ -260,3 +261,25 @@ def test_members_of_any_shape_where_mcp_names_a_value_are_left_out_not_a_failure
     assert "resultType" not in masked and masked["messages"] == []
     assert masked["content"] == [{"type": "text", "text": "{}", "annotations": {}}]
     assert count == 3
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        # The first "customers" holds the address; bastion's parser keeps the last, which is
+        # empty, null or without the field: nothing to change, so the text went out as it came,
+        # and a reader that keeps the first key (or a model reading the text) saw the address.
+        '{"customers": [{"email": "EMAIL"}], "customers": []}',
+        '{"customers": [{"email": "EMAIL"}], "customers": null}',
+        '{"customers": [{"name": "Ada", "email": "EMAIL", "email": null}]}',
+        '{"customers": [{"email": "EMAIL"}], "customers": [{"name": "Ada"}]}',
+    ],
+)
+def test_json_text_goes_out_as_bastion_read_it_never_as_the_upstream_wrote_it(text):
+    text = text.replace("EMAIL", EMAIL)
+    contents = {"uri": "customers://all", "text": text}
+    read = {"contents": [contents]}
+    call = {"content": [{"type": "text", "text": text}, {"type": "resource", "resource": contents}]}
+    for leaky in (read, call):
+        masked, _ = mask_result(copy.deepcopy(leaky), PATHS, "customers://all")
+        assert EMAIL not in json.dumps(masked)
