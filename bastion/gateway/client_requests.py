@@ -41,6 +41,7 @@ from bastion.gateway.upstream_sessions import SessionOwner
 if TYPE_CHECKING:
     from bastion.gateway.gateway import Gateway, UpstreamState
     from bastion.gateway.sessions import Session
+    from bastion.gateway.upstream import Upstream
 
 # The requests an upstream may send a client, and the capability the client must have declared.
 CLIENT_REQUESTS = {
@@ -55,6 +56,11 @@ MAX_KEPT_CAPABILITIES = 16_384
 # The kind of bastion's requestState for the questions of an upstream session's input_required
 # result (`ClientRequests.seal`).
 ASKED_STATE = "bastion-asked.v1."
+# Why a request for the client is refused while a call's result is masked: what it carries
+# cannot be masked field by field.
+MASKED_CALL_ASKS = (
+    "a call whose result is masked or held for review cannot ask its client for input"
+)
 # Puts a request on an event stream the client reads.
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 log = logging.getLogger("bastion.gateway")
@@ -228,13 +234,21 @@ class ClientRequests:
         return upstream
 
     async def from_standing_stream(
-        self, state: UpstreamState, owner: SessionOwner, message: dict[str, Any]
+        self,
+        state: UpstreamState,
+        owner: SessionOwner,
+        upstream: Upstream,
+        message: dict[str, Any],
     ) -> dict[str, Any]:
-        """A request on the standing stream of ``owner``'s upstream session: the answer (a
-        result or an error) to send back to the upstream."""
+        """A request on the standing stream of ``owner``'s upstream session ``upstream``: the
+        answer (a result or an error) to send back to the upstream. Refused while a call on that
+        session is masked or held for review: the request names no call, and could carry what
+        that call's result may not show (SDK servers ask on this stream by default)."""
         method, params = message.get("method"), message.get("params")
         params = params if isinstance(params, dict) else {}
         try:
+            if upstream.masked_calls:
+                raise RpcError(INVALID_REQUEST, MASKED_CALL_ASKS)
             session = self._client_session(state.name, owner, method, params)
             listener = session.listener
             assert listener is not None

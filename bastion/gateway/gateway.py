@@ -381,7 +381,9 @@ class Gateway:
             else:
                 upstream = open_upstream(config)
             upstream.on_notification = self._notification_handler(state, owner, upstream)
-            upstream.on_request = partial(self.client_requests.from_standing_stream, state, owner)
+            upstream.on_request = partial(
+                self.client_requests.from_standing_stream, state, owner, upstream
+            )
             return upstream
 
         return open_session

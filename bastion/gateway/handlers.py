@@ -20,6 +20,7 @@ from bastion import untrusted_json
 from bastion.facts.model import Entity
 from bastion.gateway import holds
 from bastion.gateway.client_requests import (
+    MASKED_CALL_ASKS,
     RELAYED_CAPABILITIES,
     answer_for_upstream,
     check_client_request,
@@ -205,14 +206,20 @@ class Exchange:
         # Log messages only for a client that asked for them and reads the answer's stream.
         level = (self.log_level if self.progress is not None else None) or None
         hear = self.hear if level else None
+        connection = self.connection
         request = partial(
-            self.connection.request,
+            connection.request,
             self.message.method,
             capabilities=asks,
             ask=self._relay_request,
             log_level=level,
             hear=hear,
         )
+        # What the upstream asks on its standing stream meanwhile names no call: refused
+        # while this one is masked (`ClientRequests.from_standing_stream`).
+        masked = bool(self.masks)
+        if masked:
+            connection.masked_calls += 1
         try:
             result = _result(await request(params))
             asking = result.get("resultType") in INPUT_REQUIRED
@@ -224,6 +231,8 @@ class Exchange:
                 result = _result(await request(params))
                 asking = result.get("resultType") in INPUT_REQUIRED
         finally:
+            if masked:
+                connection.masked_calls -= 1
             if route is not None:
                 self.gateway.progress_routes.pop(route, None)
         if asking:
@@ -250,10 +259,7 @@ class Exchange:
         if self.masks:
             # What would travel to the client cannot be masked field by field: fail closed,
             # before reading it (a refusal naming the upstream's method or mode would carry it).
-            raise RpcError(
-                INVALID_REQUEST,
-                "a call whose result is masked or held for review cannot ask its client for input",
-            )
+            raise RpcError(INVALID_REQUEST, MASKED_CALL_ASKS)
         method = question.get("method") if isinstance(question, dict) else None
         params = question.get("params") if isinstance(question, dict) else None
         check_client_request(method, params, self.capabilities)

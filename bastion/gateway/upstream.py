@@ -137,6 +137,9 @@ class Upstream(abc.ABC):
         # Answers a request the upstream sends on its standing stream (an upstream session of
         # one user or client session); None: such requests are refused.
         self.on_request: Ask | None = None
+        # Calls on this connection now whose result is masked or held for review: what the
+        # upstream asks on its standing stream meanwhile is refused (`ClientRequests`).
+        self.masked_calls = 0
         self._ids = itertools.count(1)
         self._start_lock = asyncio.Lock()
         self._started = False

@@ -28,19 +28,21 @@ async def whoami(ctx: Context) -> str:
     return (ctx.headers or {}).get("mcp-session-id", "none")
 
 
-async def _ask(ctx: Context, kind: str, related: str | None) -> str:
+async def _ask(ctx: Context, kind: str, related: str | None, about: str = "") -> str:
+    """Ask the client; the question names ``about`` when given (what a call knows)."""
     session = ctx.session
+    more = f" About {about}." if about else ""
     try:
         # Without an answer (a request nobody relays) the call still ends.
         with anyio.fail_after(20):
             if kind == "elicit":
                 answer = await session.elicit_form(
-                    "Who are you?", _FORM, related_request_id=related
+                    "Who are you?" + more, _FORM, related_request_id=related
                 )
                 return "answer: " + json.dumps(answer.content, sort_keys=True)
             if kind == "sample":
                 question = SamplingMessage(
-                    role="user", content=TextContent(type="text", text="Which model?")
+                    role="user", content=TextContent(type="text", text="Which model?" + more)
                 )
                 result = await session.create_message(
                     [question], max_tokens=10, related_request_id=related
@@ -67,15 +69,15 @@ async def _ask(ctx: Context, kind: str, related: str | None) -> str:
 
 
 @server.tool()
-async def ask(kind: str, ctx: Context) -> str:
+async def ask(kind: str, ctx: Context, about: str = "") -> str:
     """Ask the client (kind: elicit, sample, roots) on the session's standing stream."""
-    return await _ask(ctx, kind, None)
+    return await _ask(ctx, kind, None, about)
 
 
 @server.tool()
-async def ask_in_call(kind: str, ctx: Context) -> str:
+async def ask_in_call(kind: str, ctx: Context, about: str = "") -> str:
     """Ask the client (kind: elicit, sample, roots) on this call's own stream."""
-    return await _ask(ctx, kind, ctx.request_id)
+    return await _ask(ctx, kind, ctx.request_id, about)
 
 
 @server.tool()

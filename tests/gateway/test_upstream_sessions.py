@@ -38,7 +38,7 @@ from .streams import legacy_session, messages, modern_headers, modern_request
 from .support import REDIRECT_URI, LegacyOnly, MemoryEvents, Recorder, fresh_module, start
 
 SERVER = fresh_module("session_server", Path(__file__).parent / "session_server.py")
-NAMES = ["solo", "pair", "together", "capped", "brief"]
+NAMES = ["solo", "pair", "together", "capped", "brief", "hushed"]
 # Everyone may do everything on these servers, except that the upstream may not list a client's
 # roots, and a client's elicitation answer goes back with its "secret" field masked.
 POLICY = f"""
@@ -47,6 +47,8 @@ allow(_actor, _action: String, _it: Tool) if context.server in {json.dumps(NAMES
 deny(_user: User, "roots/list", _it: McpServer) if context.server in {json.dumps(NAMES)};
 mask(_user: User, "elicitation/create", _it: McpServer, "content.secret") if
   context.server in {json.dumps(NAMES)};
+# "hushed": every call's result is under a mask (the SDK puts a tool's text in "result").
+mask(_user: User, "call", _it: Tool, "result") if context.server = "hushed";
 deny(user: User, "connect", _it: McpServer) if user = User{{"sam"}} and
   context.server in {json.dumps(NAMES)};
 allow(_actor, _action: String, _it: McpServer) if context.server = "mine";
@@ -80,6 +82,7 @@ def bastion(tmp_path_factory):
         more = (
             {"name": "mine", "url": f"{lab_url}/mcp", "session": "per_user"},
             {"name": "solo", "url": f"{url}/mcp", "session": "per_user"},
+            {"name": "hushed", "url": f"{url}/mcp", "session": "per_user"},
             {"name": "pair", "url": f"{url}/mcp", "session": "per_client_session"},
             {"name": "together", "url": f"{url}/mcp"},
             {"name": "capped", "url": f"{url}/mcp", "session": "per_user", "max_sessions": 1},
@@ -267,6 +270,31 @@ def test_a_request_the_policy_denies_is_refused_to_the_upstream(bastion, tool):
     answer = anyio.run(main)
     assert answer.startswith("refused: bastion refused this request (solo): not permitted")
     assert asked == []
+
+
+@pytest.mark.parametrize("tool", ["ask", "ask_in_call"])
+@pytest.mark.parametrize("kind", ["elicit", "sample"])
+def test_an_upstream_cannot_ask_the_client_about_what_a_masked_call_holds_on_any_stream(
+    bastion, tool, kind
+):
+    # During a call whose result is masked, what the upstream asks the client (a sampling
+    # prompt, an elicitation's message) can carry the masked field, and cannot be masked: the
+    # SDK sends it on the standing stream unless told which request it belongs to.
+    asked: list = []
+    address = "ada@example.com"
+
+    async def main():
+        async with AsyncExitStack() as stack:
+            alice = await connect(bastion, stack, "alice", "hushed", asked)
+            await streams_open(bastion, "hushed", 1)
+            return await alice.call_tool(tool, {"kind": kind, "about": address})
+
+    before = len(bastion.upstream_requests)
+    result = anyio.run(main)
+    assert asked == []
+    assert address not in result.model_dump_json()
+    sent = b"".join(r["body"] for r in bastion.upstream_requests[before:])
+    assert b"masked or held for review" in sent  # the upstream was told why
 
 
 def test_each_client_session_has_its_own_upstream_session_closed_with_it(bastion):
