@@ -64,6 +64,7 @@ from bastion.signals.behavior import (
     RedisBehavior,
 )
 from bastion.signals.posture import RequestPosture
+from bastion.signals.read_only import MEANING as READ_ONLY_MEANING
 from bastion.signals.read_only import read_only_holds, refuses_write
 from bastion.signals.shadow import Shadow
 from bastion.signals.step_up import ERROR as SIGN_IN_AGAIN
@@ -162,11 +163,16 @@ class ArgumentDigest:
         return "hmac-sha256:" + mac.hexdigest()
 
 
+# What a refusal's reason means, where its name alone would leave the agent guessing.
+_MEANINGS = {"read_only": READ_ONLY_MEANING}
+
+
 def refused(target: str, decision_id: str, reason: str, **extra: Any) -> RpcError:
     """The error an agent sees: refused, and the decision id to quote; no policy internals."""
+    meaning = _MEANINGS.get(reason) or reason.replace("_", " ")
     return RpcError(
         REFUSED_BY_POLICY,
-        f"bastion refused this request ({target}): {reason.replace('_', ' ')}",
+        f"bastion refused this request ({target}): {meaning}",
         {"decision_id": decision_id, "reason": reason, **extra},
     )
 

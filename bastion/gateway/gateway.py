@@ -51,6 +51,7 @@ from bastion.oauth.errors import InvalidToken
 from bastion.oauth.verifier import VerifiedToken, VerifiedTokens
 from bastion.origins import normalized_origin, origin_of
 from bastion.signals.posture import PostureSettings
+from bastion.signals.read_only import PASSED_THROUGH
 from bastion.signals.suspensions import Suspensions, token_principals
 
 if TYPE_CHECKING:
@@ -273,22 +274,32 @@ class Gateway:
 
     # -- decisions shared by every handler -------------------------------------------------------
 
-    async def admit(self, ex: Exchange, record: bool = False) -> None:
+    async def admit(self, ex: Exchange, record: bool = False, passed_through: bool = False) -> None:
         """``connect`` on the server, for every principal, on every message (continuous).
 
         Allowed with nothing to do, it stays unrecorded (the message's own decision is). Anything
         else goes through `Enforcer.decide`: a refusal, and also the obligations a policy may put
-        on ``connect`` (a scope to step up to, an approval, a rate limit), never ignored."""
+        on ``connect`` (a scope to step up to, an approval, a rate limit), never ignored.
+
+        ``passed_through``: the message is forwarded as sent, with no decision of its own
+        (``gateway.pass_methods``), and ``context.passed_through`` says so; it is the connect
+        decision that refuses it to a caller downgraded to read-only (`refuses_write`)."""
         enforcer = self.enforcer
         if (heard := enforcer.facts_heard()) is not None:
             # A fact change this process has heard of is applied before anything is decided
             # (if it is not soon enough, `Enforcer.decide` refuses, and records it).
             await heard
-        context = ex.context()
+        context = ex.context(**{PASSED_THROUGH: True}) if passed_through else ex.context()
         server = ex.upstream.entity
         # On stale facts `Enforcer.decide` refuses, and records it.
         stale = enforcer.facts_stale()
-        if record or stale or self._connect_needs_deciding(ex.caller, server, context):
+        if (
+            record
+            or stale
+            or self._connect_needs_deciding(ex.caller, server, context)
+            # Only for a passed-through method: the usual path asks nothing more.
+            or (passed_through and enforcer.read_only(ex.caller, context))
+        ):
             try:
                 verdict = await enforcer.decide(
                     ex.caller, ex.server, ex.message.method or "", "connect", server, context

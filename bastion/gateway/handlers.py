@@ -781,8 +781,9 @@ async def complete(ex: Exchange) -> dict[str, Any]:
 
 
 async def pass_through(ex: Exchange) -> dict[str, Any]:
-    """Methods configured in ``gateway.pass_methods``: forwarded after the connect check."""
-    await ex.gateway.admit(ex)
+    """Methods configured in ``gateway.pass_methods``: forwarded after the connect check, which
+    refuses them to a caller downgraded to read-only (bastion cannot tell what they change)."""
+    await ex.gateway.admit(ex, passed_through=True)
     return await ex.forward()
 
 

@@ -3,7 +3,9 @@
 While ``read_only(p, McpServer{"<server>"})`` holds for any principal ``p`` of the chain, only
 tools whose MCP annotations say ``readOnlyHint: true`` (MCP 2025-11-25, ``ToolAnnotations``) may
 be called on that server; reads (``resources/read``, ``prompts/get``) go on. A tool with no
-annotation, or one the upstream did not list, counts as a write: the downgrade fails closed.
+annotation, or one the upstream did not list, counts as a write; so does any method the gateway
+passes through as sent (``gateway.pass_methods``: a vendor method, ``tasks/cancel``...), whose
+effect upstream bastion cannot know. The downgrade fails closed.
 """
 
 from __future__ import annotations
@@ -19,6 +21,14 @@ if TYPE_CHECKING:
 PREDICATE = "read_only"
 SHAPE = (PREDICATE, "bb")
 REASON = "read_only"
+# What the refusal tells the agent (its JSON-RPC error message), beyond the reason's name.
+MEANING = (
+    "read only: the caller is downgraded to read-only on this server, where only tools annotated"
+    " readOnlyHint: true may be called, and a method bastion cannot tell is a read is refused"
+)
+# The context field the gateway sets (true) on a message it passes through as sent, without
+# knowing what it does upstream (`refuses_write`).
+PASSED_THROUGH = "passed_through"
 
 
 def read_only_holds(s: Session, principals: Iterable[Entity], context: Mapping | None) -> bool:
@@ -37,7 +47,12 @@ def is_read_only_tool(annotations: Any) -> bool:
 
 
 def refuses_write(read_only: bool, action: str, resource: Entity, context: Mapping) -> bool:
-    """Whether a downgraded request is a write, refused with reason ``read_only``."""
-    if not read_only or action != "call" or resource.type != "Tool":
+    """Whether a downgraded request may write, refused with reason ``read_only``: a call of a
+    tool not annotated read-only, or any message passed through as sent."""
+    if not read_only:
+        return False
+    if context.get(PASSED_THROUGH) is True:
+        return True
+    if action != "call" or resource.type != "Tool":
         return False
     return not is_read_only_tool(context.get("annotations"))

@@ -9,7 +9,8 @@ from __future__ import annotations
 import pytest
 
 from bastion.facts.model import Entity
-from tests.gateway.streams import modern_headers, modern_request
+from bastion.gateway.config import DEFAULT_PASS_METHODS
+from tests.gateway.streams import legacy_session, messages, modern_headers, modern_request
 from tests.signals.support import ERAS, attempt, latest_agent, running
 
 RULES = """
@@ -18,11 +19,18 @@ declare downgraded(Agent, McpServer);
 read_only(principal, server: McpServer) if downgraded(principal, server);
 """
 EMAIL = {"to": "ada@example.com", "subject": "hello", "body": "hi"}
+# A vendor method an operator lets through: bastion cannot tell what it changes upstream.
+VENDOR = "acme/reindex"
 
 
 @pytest.fixture(scope="module")
 def bastion(tmp_path_factory):
-    yield from running(tmp_path_factory, "read-only", RULES)
+    yield from running(
+        tmp_path_factory,
+        "read-only",
+        RULES,
+        gateway={"pass_methods": [*DEFAULT_PASS_METHODS, VENDOR]},
+    )
 
 
 def downgrade(principal: Entity, server: str = "deskhttp") -> tuple:
@@ -133,3 +141,49 @@ def test_annotations_a_client_sends_do_not_make_a_write_a_read(bastion):
     finally:
         bastion.apply(deletes=[sam])
     assert answer.json()["error"]["data"]["reason"] == "read_only"
+
+
+def vendor_call(bastion, token: str, mode: str) -> dict:
+    """``VENDOR`` sent to deskhttp by raw HTTP, stateless (2026-07-28) or in a 2025-11-25
+    session; the JSON-RPC answer."""
+    if mode == "modern":
+        body = modern_request(7, VENDOR, {"scope": "all"})
+        headers = modern_headers(token, VENDOR)
+    else:
+        body = {"jsonrpc": "2.0", "id": 7, "method": VENDOR, "params": {"scope": "all"}}
+        headers = legacy_session(bastion, token, "deskhttp")
+    answer = bastion.http.post(bastion.mcp_url("deskhttp"), json=body, headers=headers)
+    assert answer.status_code == 200, answer.text
+    return messages(answer)[-1]
+
+
+@pytest.mark.parametrize("mode", ["legacy", "modern"])
+def test_a_downgraded_caller_cannot_send_a_passed_through_method(bastion, mode):
+    """A method in gateway.pass_methods may write, and bastion cannot tell: refused to a
+    downgraded caller with reason read_only (recorded), before it reaches the upstream."""
+    sam = downgrade(Entity("User", "sam"))
+    token = bastion.token("sam", "deskhttp")
+    before = bastion.recorder.count(VENDOR)
+    bastion.apply([sam])
+    try:
+        answer = vendor_call(bastion, token, mode)
+    finally:
+        bastion.apply(deletes=[sam])
+    assert answer["error"]["code"] == -32003, answer
+    data = answer["error"]["data"]
+    assert data["reason"] == "read_only"
+    assert "downgraded to read-only" in answer["error"]["message"]
+    assert bastion.recorder.count(VENDOR) == before  # it never reached the upstream
+    bastion.flush()
+    record = bastion.records.get(data["decision_id"])
+    assert (record.result, record.reason, record.method) == ("deny", "read_only", VENDOR)
+
+
+def test_a_passed_through_method_still_reaches_the_upstream_for_a_caller_not_downgraded(bastion):
+    token = bastion.token("sam", "deskhttp")
+    before = bastion.recorder.count(VENDOR)
+    answer = vendor_call(bastion, token, "modern")
+    # The upstream's own answer (it has no such method): what matters is that it got there.
+    assert answer["error"]["code"] == -32601, answer
+    assert "decision_id" not in (answer["error"].get("data") or {})
+    assert bastion.recorder.count(VENDOR) == before + 1
