@@ -297,12 +297,16 @@ class Enforcer:
         context: dict[str, Any],
         arguments: Any = None,
         retried: str | None = None,
+        annotations_now: Callable[[], Awaitable[dict[str, Any]]] | None = None,
     ) -> Verdict:
         """Allow (with obligations), or raise `StepUp`, `Held` or the `RpcError` to send back.
 
         ``retried``: the approval request a client says it retries (a 2026-07-28 client's
         ``requestState``, or the hold answered while it waited: the call's approval or the
-        review of its result); the call must be the one it was made for."""
+        review of its result); the call must be the one it was made for.
+
+        ``annotations_now``: for a tool call, the tool's annotations as its upstream gives them
+        now, asked only when the caller is downgraded to read-only (`_read_now`)."""
         started = time.perf_counter()
         decision_id = new_decision_id()
         if self.facts_stale() or ((heard := self.facts_heard()) is not None and not await heard):
@@ -322,6 +326,12 @@ class Enforcer:
         authz = self.authorizer()
         position = self.position()  # of the policy and facts ``authz`` decides on
         chain = self.decisions(authz, caller.principals, action, resource, context, caller.scopes)
+        # Asked only of a downgraded caller's tool call: one attribute read more on the usual
+        # path.
+        if chain.obligations.read_only and annotations_now is not None:
+            context, authz, position, chain = await self._read_now(
+                caller, action, resource, context, annotations_now
+            )
         obligations = chain.obligations
         result, reason, retry_after = "allow", "", None
         if chain.missing_scopes:
@@ -402,6 +412,25 @@ class Enforcer:
                 decision_id, chain.obligations, record, step, review[1].request, review[0]
             )
         return Verdict(decision_id, chain.obligations, record)
+
+    async def _read_now(
+        self,
+        caller: Caller,
+        action: str,
+        resource: Entity,
+        context: dict[str, Any],
+        annotations_now: Callable[[], Awaitable[dict[str, Any]]],
+    ) -> tuple[dict[str, Any], Authorizer, tuple[int | None, int | None], ChainDecision]:
+        """A downgraded caller's tool call, decided again on what the upstream says of the tool
+        now: what it listed last may be out of date (a read-only tool become a write, or the
+        other way round), without bastion hearing of it (no ``notifications/tools/list_changed``,
+        or none heard: bastion listens only while a client does). The context, authorizer,
+        position and decision to go on with."""
+        context = {**context, "annotations": await annotations_now()}
+        await self.settled()  # the upstream was waited for: see `settled`
+        authz, position = self.authorizer(), self.position()
+        chain = self.decisions(authz, caller.principals, action, resource, context, caller.scopes)
+        return context, authz, position, chain
 
     def _posture_refusal(
         self,

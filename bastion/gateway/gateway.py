@@ -71,6 +71,16 @@ class ToolHints:
         self.annotations: dict[str, dict[str, Any]] = {}
         self.complete = False
 
+    def learn(self, tools: Any) -> None:
+        """Take the hints of ``tools``, a ``tools/list`` result's tools as the upstream sent them
+        (only a list's objects named as a client could call them count)."""
+        for tool in tools if isinstance(tools, list) else ():
+            if not isinstance(tool, dict) or not nameable(name := tool.get("name")):
+                continue  # no client can call it, and its hints are no other tool's
+            notes = tool.get("annotations")
+            notes = notes if isinstance(notes, dict) else {}
+            self.annotations[name] = {k: notes[k] for k in _HINTS if isinstance(notes.get(k), bool)}
+
 
 class UpstreamState:
     """One upstream and what bastion remembers of it: its tools' annotations, and (unless its
@@ -93,39 +103,41 @@ class UpstreamState:
         return hints
 
     def learn_tools(self, tools: Any, connection: Upstream | None = None) -> None:
-        """Take the hints of ``tools``, a ``tools/list`` result's tools as the upstream sent them
-        (only a list's objects named as a client could call them count)."""
-        hints = self._hints_of(connection)
-        for tool in tools if isinstance(tools, list) else ():
-            if not isinstance(tool, dict) or not nameable(name := tool.get("name")):
-                continue  # no client can call it, and its hints are no other tool's
-            notes = tool.get("annotations")
-            notes = notes if isinstance(notes, dict) else {}
-            hints.annotations[name] = {
-                k: notes[k] for k in _HINTS if isinstance(notes.get(k), bool)
-            }
+        """Take the hints of ``tools``, a page of ``tools/list`` a client asked for."""
+        self._hints_of(connection).learn(tools)
 
     def forget_tools(self, connection: Upstream | None = None) -> None:
         self._hints.pop(connection or self.upstream, None)
 
-    async def annotations(self, tool: str, connection: Upstream | None = None) -> dict[str, Any]:
-        """The tool's annotations (hints), reading the upstream's tool list once if needed (on
-        ``connection``: the caller's upstream session, or the shared one)."""
+    async def annotations(
+        self, tool: str, connection: Upstream | None = None, fresh: bool = False
+    ) -> dict[str, Any]:
+        """The tool's annotations (hints) on ``connection`` (the caller's upstream session, or
+        the shared one): from what the upstream listed last, its tool list read once if need
+        be; with ``fresh``, from its tool list read now."""
         connection = connection or self.upstream
         hints = self._hints_of(connection)
-        if tool not in hints.annotations and not hints.complete:
-            cursor = None
-            for _ in range(100):
-                params = {"cursor": cursor} if cursor else {}
-                response = await connection.request("tools/list", params)
-                page = response.get("result")
-                page = page if isinstance(page, dict) else {}
-                self.learn_tools(page.get("tools"), connection)
-                cursor = page.get("nextCursor")
-                if not cursor:
-                    break
-            hints.complete = True
+        if fresh or (tool not in hints.annotations and not hints.complete):
+            hints = await self._read_tools(connection)
         return hints.annotations.get(tool, {})
+
+    async def _read_tools(self, connection: Upstream) -> ToolHints:
+        """The upstream's whole tool list as it gives it now, kept as what it says of its tools
+        (in place of what it said before: a tool it no longer lists has no hints)."""
+        hints = ToolHints()
+        cursor = None
+        for _ in range(100):
+            params = {"cursor": cursor} if cursor else {}
+            response = await connection.request("tools/list", params)
+            page = response.get("result")
+            page = page if isinstance(page, dict) else {}
+            hints.learn(page.get("tools"))
+            cursor = page.get("nextCursor")
+            if not cursor:
+                break
+        hints.complete = True
+        self._hints[connection] = hints
+        return hints
 
     def lease(self, caller: Caller, session_id: str) -> UpstreamSession | None:
         """The caller's own upstream session, busy until released (`UpstreamSessions.release`);

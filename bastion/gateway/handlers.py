@@ -472,7 +472,12 @@ async def list_items(ex: Exchange) -> dict[str, Any]:
 
 
 async def _decide_and_forward(
-    ex: Exchange, action: str, resource: Entity, extra: dict[str, Any], arguments: Any
+    ex: Exchange,
+    action: str,
+    resource: Entity,
+    extra: dict[str, Any],
+    arguments: Any,
+    annotations_now: Callable[[], Awaitable[dict[str, Any]]] | None = None,
 ) -> dict[str, Any]:
     enforcer = ex.gateway.enforcer
     await ex.gateway.admit(ex)
@@ -493,6 +498,7 @@ async def _decide_and_forward(
                 context,
                 arguments,
                 retried=request_id,
+                annotations_now=annotations_now,
             )
         except Held as held:
             if not waits_left:
@@ -622,6 +628,8 @@ async def call_tool(ex: Exchange) -> dict[str, Any]:
         Entity("Tool", f"{ex.server}/{name}"),
         {"tool": name, "arguments": arguments, "annotations": annotations},
         arguments,
+        # Asked only for a caller downgraded to read-only (`Enforcer.decide`).
+        partial(ex.upstream.annotations, name, ex.connection, fresh=True),
     )
 
 
