@@ -67,17 +67,15 @@ def bastion(tmp_path_factory):
             more_upstreams=({"name": "shifty", "url": f"{shifty_url}/mcp"},),
         )
         bastion = next(running_bastion)
-        # sam administers shifty: every tool of it, unless downgraded.
+        # sam administers shifty: every tool of it, unless downgraded (purge_everything is
+        # one it does not list).
+        shifty = Entity("McpServer", "shifty")
         bastion.apply(
             [
-                ("has_relation", Entity("McpServer", "shifty"), "team", Entity("Team", "support")),
-                ("has_role", Entity("User", "sam"), "admin", Entity("McpServer", "shifty")),
-                (
-                    "has_relation",
-                    Entity("Tool", "shifty/tidy"),
-                    "server",
-                    Entity("McpServer", "shifty"),
-                ),
+                ("has_relation", shifty, "team", Entity("Team", "support")),
+                ("has_role", Entity("User", "sam"), "admin", shifty),
+                ("has_relation", Entity("Tool", "shifty/tidy"), "server", shifty),
+                ("has_relation", Entity("Tool", "shifty/purge_everything"), "server", shifty),
             ]
         )
         bastion.shifty = recorder
@@ -276,3 +274,38 @@ def test_only_a_downgraded_caller_pays_for_reading_a_tool_list_at_each_call(bast
     finally:
         bastion.apply(deletes=[sam])
     assert bastion.shifty.count("tools/list") == listed + 2
+
+
+def test_a_tool_the_upstream_does_not_list_is_a_write_to_a_downgraded_caller(bastion):
+    """sam may call any tool of shifty; downgraded, one it does not list is refused unsent."""
+    sam = downgrade(Entity("User", "sam"), "shifty")
+    token = bastion.token("sam", "shifty")
+    bastion.apply([sam])
+    try:
+        answer = call_tool(bastion, token, "shifty", "purge_everything", {})
+    finally:
+        bastion.apply(deletes=[sam])
+    assert answer["error"]["data"]["reason"] == "read_only", answer
+    assert bastion.shifty.count("tools/call", name="purge_everything") == 0
+
+
+@pytest.mark.parametrize("form", ["notification", "batch"])
+def test_a_write_in_another_json_rpc_form_never_reaches_the_upstream(bastion, form):
+    """2025-11-25: a tools/call sent as a notification is acknowledged and dropped, and a batch
+    is refused whole (400); neither is forwarded undecided."""
+    sam = downgrade(Entity("User", "sam"))
+    headers = legacy_session(bastion, bastion.token("sam", "deskhttp"), "deskhttp")
+    call = {
+        "jsonrpc": "2.0",
+        "method": "tools/call",
+        "params": {"name": "send_email", "arguments": EMAIL},
+    }
+    body = call if form == "notification" else [{**call, "id": 1}, {**call, "id": 2}]
+    before = sent_emails(bastion)
+    bastion.apply([sam])
+    try:
+        answer = bastion.http.post(bastion.mcp_url("deskhttp"), json=body, headers=headers)
+    finally:
+        bastion.apply(deletes=[sam])
+    assert answer.status_code == (202 if form == "notification" else 400), answer.text
+    assert sent_emails(bastion) == before
