@@ -1641,24 +1641,30 @@ _AZ_RESULTS = {
         "description": "why bastion refused (evaluation_limit, or suspended: the kill switch)",
     },
 }
+_AZ_METADATA = _az_op(
+    "AuthZEN PDP metadata (public)",
+    _response(
+        ["policy_decision_point", "access_evaluation_endpoint"],
+        policy_decision_point=_STR,
+        access_evaluation_endpoint=_STR,
+        access_evaluations_endpoint=_STR,
+        search_subject_endpoint=_STR,
+        search_resource_endpoint=_STR,
+        search_action_endpoint=_STR,
+        supported_obligations={"type": "array", "items": _STR},
+    ),
+    None,
+    (404,),
+)
 PATHS.update(
     {
-        "/.well-known/authzen-configuration": {
-            "get": _az_op(
-                "AuthZEN PDP metadata (public)",
-                _response(
-                    ["policy_decision_point", "access_evaluation_endpoint"],
-                    policy_decision_point=_STR,
-                    access_evaluation_endpoint=_STR,
-                    access_evaluations_endpoint=_STR,
-                    search_subject_endpoint=_STR,
-                    search_resource_endpoint=_STR,
-                    search_action_endpoint=_STR,
-                    supported_obligations={"type": "array", "items": _STR},
-                ),
-                None,
-                (404,),
-            )
+        "/.well-known/authzen-configuration": {"get": _AZ_METADATA},
+        # A PDP whose identifier (public_url) has a path: its metadata is under that path.
+        "/.well-known/authzen-configuration/{tail}": {
+            "get": {
+                **_AZ_METADATA,
+                "parameters": [_path("tail", "the path of the PDP's identifier (public_url)")],
+            }
         },
         "/access/v1/evaluation": {
             "post": _az_op(

@@ -153,7 +153,8 @@ async def configuration(request: Request) -> Response:
     a PEP must not use a document whose identifier is not the one it asked about."""
     base = (_config(request).public_url or str(request.base_url)).rstrip("/")
     here = METADATA_PATH + urlsplit(base).path
-    if METADATA_PATH + request.path_params["tail"] != here:
+    tail = request.path_params.get("tail")
+    if (METADATA_PATH if tail is None else f"{METADATA_PATH}/{tail}") != here:
         raise Problem(404, "Not found", f"this PDP's metadata is at {here}")
     return JSONResponse(authzen.metadata(base), headers={"Cache-Control": "max-age=300"})
 
@@ -221,8 +222,9 @@ def _search(kind: str) -> Handler:
 
 
 routes = [
+    Route(METADATA_PATH, _route(configuration), methods=["GET"]),
     # The tail is a PDP identifier's path (public_url's), if it has one.
-    Route(METADATA_PATH + "{tail:path}", _route(configuration), methods=["GET"]),
+    Route(METADATA_PATH + "/{tail:path}", _route(configuration), methods=["GET"]),
     Route(f"{PREFIX}evaluation", _route(evaluation), methods=["POST"]),
     Route(f"{PREFIX}evaluations", _route(evaluations), methods=["POST"]),
     *(
