@@ -154,6 +154,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     import uvicorn
 
+    from bastion.server.access_log import redact_access_log
     from bastion.server.app import create_app
     from bastion.server.tls import tls_options
 
@@ -174,6 +175,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=config.log_level.upper(), format="%(levelname)s %(name)s: %(message)s"
     )
+    redact_access_log()
     app = create_app(config)
     if not config.admin_key and not app.state.keys.list():
         print(
