@@ -8,7 +8,6 @@ Redis that does not answer fails the caller (which fails closed) instead of hold
 from __future__ import annotations
 
 from typing import Any
-from urllib.parse import urlsplit
 
 CLUSTER_SCHEMES = ("redis+cluster", "rediss+cluster")
 
@@ -26,9 +25,3 @@ def connect(url: str, timeout: float = 1.0) -> tuple[Any, tuple[type[BaseExcepti
         plain = scheme.removesuffix("+cluster") + sep + rest
         return redis.RedisCluster.from_url(plain, **timeouts), errors
     return redis.Redis.from_url(url, **timeouts), errors
-
-
-def safe_url(url: str) -> str:
-    """The URL without a password, for logs."""
-    parts = urlsplit(url)
-    return url.replace(f":{parts.password}@", ":***@") if parts.password else url

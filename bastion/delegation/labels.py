@@ -30,7 +30,8 @@ from functools import partial
 from typing import Any, NamedTuple
 
 from bastion.policy.errors import EvaluationLimit
-from bastion.redis_client import connect, safe_url
+from bastion.redaction import safe_url
+from bastion.redis_client import connect
 
 log = logging.getLogger("bastion.delegation.labels")
 

@@ -23,7 +23,8 @@ from collections.abc import Callable, Sequence
 
 from bastion.decide.contract import RateLimit
 from bastion.facts.model import Entity
-from bastion.redis_client import connect, safe_url
+from bastion.redaction import safe_url
+from bastion.redis_client import connect
 
 log = logging.getLogger("bastion.gateway.ratelimit")
 

@@ -39,7 +39,8 @@ from operator import contains
 from typing import Any
 
 from bastion.policy.errors import EvaluationLimit
-from bastion.redis_client import CLUSTER_SCHEMES, connect, safe_url
+from bastion.redaction import safe_url
+from bastion.redis_client import CLUSTER_SCHEMES, connect
 
 log = logging.getLogger("bastion.signals.behavior")
 
