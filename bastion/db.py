@@ -29,6 +29,8 @@ from urllib.parse import parse_qsl
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
 
+from bastion.redaction import safe_url
+
 log = logging.getLogger("bastion.db")
 
 _PLACEHOLDER = re.compile(r"\?")
@@ -624,7 +626,7 @@ def sqlite_file(url: str) -> SqliteFile:
     scheme, sep, _ = url.partition("://")
     if sep and scheme != "sqlite":
         raise DatabaseSettingError(
-            f"{url!r}: bastion's database is a SQLite file (a path or sqlite:///path) or a"
+            f"{safe_url(url)!r}: bastion's database is a SQLite file (a path or sqlite:///path) or a"
             f" postgresql:// URL, not {scheme}://"
         )
     path, _, query = url.removeprefix("sqlite:///").removeprefix("sqlite://").partition("?")

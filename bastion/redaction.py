@@ -9,7 +9,8 @@ from urllib.parse import unquote_plus, urlsplit
 REDACTED = "[redacted]"
 # A parameter is taken for a secret if its name is one of these, or holds one of the words:
 # the credentials of OAuth 2.0 and OpenID Connect (code, state, *_token, client_secret,
-# code_verifier, client_assertion, auth_req_id, device_code), and of APIs (api_key, password).
+# code_verifier, client_assertion, auth_req_id, device_code), of APIs (api_key) and of database URLs
+# (password, sslpassword).
 SECRET_NAMES = frozenset({"code", "state", "key", "auth_req_id", "device_code", "user_code"})
 SECRET_WORDS = ("token", "secret", "password", "assertion", "verifier", "api_key")
 
@@ -33,6 +34,12 @@ def redact_query(target: str) -> str:
 
 
 def safe_url(url: str) -> str:
-    """The URL without a password, for logs."""
-    parts = urlsplit(url)
-    return url.replace(f":{parts.password}@", ":***@") if parts.password else url
+    """``url`` (a database's, Redis's) without its password, in the authority
+    (``postgresql://user:***@host``) or in the query (``?password=[redacted]``)."""
+    try:
+        password = urlsplit(url).password
+    except ValueError:  # a port that is not a number: the URL is named to say it is wrong
+        password = None
+    if password:
+        url = url.replace(f":{password}@", ":***@", 1)
+    return redact_query(url)

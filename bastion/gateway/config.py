@@ -49,6 +49,7 @@ from bastion.environment import expand
 from bastion.gateway.sessions import MAX_SUBSCRIPTIONS_PER_USER
 from bastion.identity.trusted_issuers import TrustedIssuer, parse_trusted_issuers
 from bastion.origins import normalized_origin
+from bastion.redaction import safe_url
 from bastion.redis_client import CLUSTER_SCHEMES
 from bastion.server.config import ConfigError
 
@@ -175,7 +176,7 @@ class GatewayConfig:
         if redis_url and not redis_url.startswith(tuple(f"{scheme}://" for scheme in schemes)):
             raise ConfigError(
                 "gateway.redis_url must be a redis://, rediss:// or unix:// URL, or"
-                f" redis+cluster:// (rediss+cluster://) for a Redis Cluster, got {redis_url!r}"
+                f" redis+cluster:// (rediss+cluster://) for a Redis Cluster, got {safe_url(redis_url)!r}"
             )
         redis_prefix = table.get("redis_prefix", "bastion")
         if not isinstance(redis_prefix, str) or not _NAME.match(redis_prefix):

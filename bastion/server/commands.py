@@ -154,6 +154,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     import uvicorn
 
+    from bastion.redaction import safe_url
     from bastion.server.access_log import redact_access_log
     from bastion.server.app import create_app
     from bastion.server.tls import tls_options
@@ -180,7 +181,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if not config.admin_key and not app.state.keys.list():
         print(
             "bastion: no API keys yet; create the first with:\n"
-            f"  bastion keys create --database {config.database} --name admin --scope admin",
+            f"  bastion keys create --database {safe_url(config.database)} --name admin --scope admin",
             file=sys.stderr,
         )
     uvicorn.run(

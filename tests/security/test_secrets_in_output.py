@@ -4,13 +4,18 @@ or a provider puts them, and its output is searched for them afterwards."""
 
 from __future__ import annotations
 
+import os
 import secrets
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
 
+from tests.ports import free_port
 from tests.security.test_edge import Served, start_quickstart
 
 
@@ -58,3 +63,84 @@ def test_a_secret_in_a_query_string_is_not_written_to_the_access_log(served):
     log = served.log
     leaked = [value for value in values if value in log]
     assert not leaked, f"{leaked} in the log:\n{log}"
+
+
+def test_serve_never_prints_the_database_password(postgres_url, tmp_path):
+    """With no API key yet, `bastion serve` prints the command that makes the first: the
+    database it names is shown without its password (the server trusts any, as in the tests)."""
+    password = secrets.token_urlsafe(16)
+    database = postgres_url.replace("://postgres@", f"://postgres:{password}@", 1)
+    assert password in database
+    env = {k: v for k, v in os.environ.items() if k != "BASTION_ADMIN_KEY"}
+    command = [sys.executable, "-m", "bastion.cli", "serve", "--database", database]
+    command += ["--port", str(free_port())]
+    process = subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**env, "BASTION_CONFIG": "/nonexistent"},
+    )
+    printed = []
+    try:
+        for line in process.stdout:
+            printed.append(line)
+            if "Uvicorn running" in line:
+                break
+    finally:
+        process.terminate()
+        printed.append(process.communicate(timeout=30)[0])
+    printed = "".join(printed)
+    assert "bastion keys create --database postgresql://postgres:***@127.0.0.1" in printed, printed
+    assert password not in printed
+
+
+def refused_start(tmp_path: Path, config: str) -> str:
+    """What `bastion serve` printed when it refused to start with ``config``."""
+    path = tmp_path / "bastion.toml"
+    path.write_text(config)
+    done = subprocess.run(
+        [sys.executable, "-m", "bastion.cli", "serve", "--config", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "BASTION_CONFIG": "/nonexistent"},
+    )
+    assert done.returncode != 0
+    return done.stdout + done.stderr
+
+
+GATEWAY = """
+[oauth]
+issuer = "http://127.0.0.1:9"
+key_dir = "{keys}"
+[[oauth.resources]]
+uri = "http://127.0.0.1:9/mcp/a"
+[gateway]
+redis_url = "{url}"
+[[gateway.upstreams]]
+name = "a"
+url = "http://127.0.0.1:9/mcp"
+"""
+
+
+@pytest.mark.parametrize(
+    ("setting", "url", "named"),
+    [
+        ("database", "mysql://bastion:{password}@db.internal/bastion", "mysql://bastion:***@"),
+        ("database", "mysql://db.internal/bastion?password={password}", "password=[redacted]"),
+        ("redis", "http://:{password}@cache.internal:6379/0", "http://:***@cache.internal"),
+    ],
+)
+def test_a_refused_url_is_named_without_its_password(tmp_path, setting, url, named):
+    password = secrets.token_urlsafe(16)
+    url = url.format(password=password)
+    if setting == "database":
+        config = f'[server]\ndatabase = "{url}"\n'
+    else:
+        database = tmp_path / "bastion.db"
+        config = f'[server]\ndatabase = "{database}"\n'
+        config += GATEWAY.format(keys=tmp_path / "keys", url=url)
+    printed = refused_start(tmp_path, config)
+    assert named in printed, printed
+    assert password not in printed
