@@ -56,6 +56,7 @@ if TYPE_CHECKING:
 
 FORM_TOKEN_KEY = "form-tokens.key"
 DPOP_NONCE_KEY = "dpop-nonces.key"
+LOGIN_COUNTER_KEY = "login-counters.key"
 _NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}
 
 
@@ -162,7 +163,12 @@ class AuthorizationServer:
             leeway_seconds=settings.leeway_seconds,
             refusals=self.refusals,
         )
-        self.login_throttle = LoginThrottle(self.store, settings.login, clock)
+        self.login_throttle = LoginThrottle(
+            self.store,
+            settings.login,
+            clock,
+            lambda: deployment_secret(settings.key_dir, LOGIN_COUNTER_KEY),
+        )
         self.password_checks = PasswordCheckSlots(settings.login.max_concurrent_password_checks)
         self.documents = ClientMetadataDocuments(settings.client_metadata, clock)
         # private_key_jwt: the audiences an assertion may name, the issuer first.

@@ -84,7 +84,7 @@ async def check_login(
     wait = await run_in_threadpool(throttle.begin, username, address)
     if wait is not None:
         await run_in_threadpool(
-            functools.partial(refused, wait.counter, "login.throttled", username=username)
+            lambda: refused(wait.counter, "login.throttled", **_recorded_name(server, username))
         )
         whose = "for this username" if wait.counter == "user" else "from your network"
         return LoginRefusal(
@@ -127,12 +127,18 @@ async def check_login(
     return LoginRefusal(401, "Wrong username or password.")
 
 
+def _recorded_name(server: AuthorizationServer, username: str) -> dict[str, str]:
+    """The username a record of an attempt may hold: only a user's. People type their password
+    into the username field, and a name that is no user's is kept nowhere."""
+    return {"username": username} if server.store.user_password_hash(username) is not None else {}
+
+
 def _login_failed(
     server: AuthorizationServer, address: str | None, client_id: str | None, username: str
 ) -> None:
     """Audit the failure (`LoginThrottle.begin` counted it): one for an existing user is a row of
     its own (the throttle bounds how many), one for a name that does not exist is aggregated."""
-    if server.store.user_password_hash(username) is not None:
+    if _recorded_name(server, username):
         server.audit.record("login.failed", subject=username, client_id=client_id, address=address)
     else:
         server.refusals.record(

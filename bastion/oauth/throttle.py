@@ -6,6 +6,8 @@ Login: failures are counted per username and per address in the database, so eve
 failures, each further attempt must wait ``backoff_seconds`` after the last failure, doubled at
 each further failure up to ``max_backoff_seconds``; a counter starts again from zero once its last
 failure is ``failure_window_seconds`` old, and a user's counter is cleared when they sign in.
+A username is counted under its keyed digest (HMAC-SHA-256 under a secret of the deployment),
+never as typed: people type their password into the username field.
 Attempts that must wait are refused before any password is hashed. An attempt that may go on is
 counted as a failure at once, in the same transaction as the check (`begin`), and taken back if
 it succeeds or checks nothing: attempts sent in parallel each see those before them, so they
@@ -16,6 +18,7 @@ cannot pass a limit together. Password hashes themselves are limited per process
 from __future__ import annotations
 
 import hashlib
+import hmac
 import ipaddress
 import math
 from collections.abc import Callable
@@ -71,16 +74,27 @@ class LoginThrottle:
     """Failure counters per username and per address, and the backoff they impose."""
 
     def __init__(
-        self, store: OAuthStore, settings: LoginSettings, clock: Callable[[], float]
+        self,
+        store: OAuthStore,
+        settings: LoginSettings,
+        clock: Callable[[], float],
+        counter_secret: Callable[[], bytes],
     ) -> None:
         self.store = store
         self.settings = settings
         self.clock = clock
+        self._counter_secret = counter_secret  # read on first use (`deployment_secret`)
+        self._secret: bytes | None = None
 
-    @staticmethod
-    def _counters(username: str, address: str | None) -> dict[str, str]:
-        # Bounded keys: a username longer than any valid one is still one counter.
-        return {"user": f"user:{username[:256]}", "address": f"address:{counted_address(address)}"}
+    def _counters(self, username: str, address: str | None) -> dict[str, str]:
+        if self._secret is None:
+            self._secret = self._counter_secret()
+        # Bounded keys; and a name that is a password typed in the wrong field is not kept.
+        name = hmac.new(self._secret, username.encode("utf-8", "surrogatepass"), hashlib.sha256)
+        return {
+            "user": f"user:{name.hexdigest()}",
+            "address": f"address:{counted_address(address)}",
+        }
 
     def wait(self, username: str, address: str | None) -> Wait | None:
         """How long this attempt must wait before a password may be checked, or None."""

@@ -4,6 +4,8 @@ hashes are limited per process ("busy" rather than a queue)."""
 
 from __future__ import annotations
 
+import secrets
+import sqlite3
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -144,8 +146,8 @@ def test_password_checks_beyond_the_limit_are_answered_busy(sqlite_url, tmp_path
 def test_failure_counters_are_shared_by_every_process_on_the_database(sqlite_url):
     clock = Clock()
     settings = LoginSettings(max_failures_per_user=2)
-    one = LoginThrottle(OAuthStore(Database(sqlite_url)), settings, clock)
-    other = LoginThrottle(OAuthStore(Database(sqlite_url)), settings, clock)
+    one = LoginThrottle(OAuthStore(Database(sqlite_url)), settings, clock, lambda: b"k" * 32)
+    other = LoginThrottle(OAuthStore(Database(sqlite_url)), settings, clock, lambda: b"k" * 32)
     one.failed("alice", "192.0.2.1")
     other.failed("alice", "192.0.2.2")
     assert one.wait("alice", "192.0.2.3").counter == "user"
@@ -194,7 +196,7 @@ def test_guesses_sent_at_once_cannot_pass_the_limit_together(
 def test_an_ipv6_network_is_one_address_for_the_counters(sqlite_url):
     # A host is given a whole /64: counted per address, each guess could come from another.
     settings = LoginSettings(max_failures_per_user=100, max_failures_per_address=3)
-    throttle = LoginThrottle(OAuthStore(Database(sqlite_url)), settings, Clock())
+    throttle = LoginThrottle(OAuthStore(Database(sqlite_url)), settings, Clock(), lambda: b"k" * 32)
     for n in range(3):
         throttle.failed(f"user{n}", f"2001:db8:1:2::{n + 1:x}")
     held = throttle.wait("alice", "2001:db8:1:2:ffff:ffff:ffff:ffff")
@@ -205,3 +207,23 @@ def test_an_ipv6_network_is_one_address_for_the_counters(sqlite_url):
         throttle.failed(f"user{n}", "192.0.2.7")
     assert throttle.wait("alice", "::ffff:192.0.2.7").counter == "address"
     assert throttle.wait("alice", "192.0.2.8") is None
+
+
+def test_a_password_typed_as_the_username_is_not_kept_in_the_database(sqlite_url, tmp_path):
+    """People type their password into the username field. Such a name is no user, so no audit
+    event names it, and its failures are still counted per username: under a keyed digest of the
+    name, never the text, which would otherwise sit in the database for the failure window."""
+    typed = f"Tr0ub4dor&3-{secrets.token_hex(8)}"
+    with running_bastion(sqlite_url, tmp_path, **limits(max_failures_per_user=2)) as bastion:
+        form = LoginForm(bastion)
+        assert form.sign_in(username=typed).status_code == 401
+        assert form.sign_in(username=typed).status_code == 401
+        assert form.sign_in(username=typed).status_code == 429  # counted all the same
+        assert form.sign_in().status_code == 401  # another name, its own counter
+    database = sqlite3.connect(sqlite_url)
+    try:
+        stored = "\n".join(database.iterdump())
+    finally:
+        database.close()
+    assert "oauth_login_failures" in stored
+    assert typed not in stored
