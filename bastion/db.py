@@ -29,7 +29,7 @@ from urllib.parse import parse_qsl
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
 
-from bastion.redaction import safe_url
+from bastion.redaction import safe_url, without_url_secrets
 
 log = logging.getLogger("bastion.db")
 
@@ -145,17 +145,21 @@ SESSION_DEFAULTS = "-c lock_timeout=30s -c idle_in_transaction_session_timeout=6
 def connect(url: str, role: str) -> psycopg.Connection:
     """A PostgreSQL connection as bastion opens every one: autocommit, named after ``role``,
     with `CONNECTION_DEFAULTS` for what the URL does not set, and `SESSION_DEFAULTS` before
-    the URL's own ``options``."""
-    given = conninfo_to_dict(url)
-    defaults = {k: v for k, v in CONNECTION_DEFAULTS.items() if k not in given}
-    options = f"{SESSION_DEFAULTS} {given.get('options', '')}".strip()
-    return psycopg.connect(
-        url,
-        autocommit=True,
-        application_name=application_name(url, role),
-        options=options,
-        **defaults,
-    )
+    the URL's own ``options``. An error names the URL without its password (libpq quotes a URL
+    it cannot parse)."""
+    try:
+        given = conninfo_to_dict(url)
+        defaults = {k: v for k, v in CONNECTION_DEFAULTS.items() if k not in given}
+        options = f"{SESSION_DEFAULTS} {given.get('options', '')}".strip()
+        return psycopg.connect(
+            url,
+            autocommit=True,
+            application_name=application_name(url, role),
+            options=options,
+            **defaults,
+        )
+    except psycopg.Error as e:
+        raise type(e)(without_url_secrets(str(e), url)) from None
 
 
 def _lock_wait(conn: psycopg.Connection) -> float:

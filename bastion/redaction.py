@@ -4,7 +4,8 @@ terminal (docs/security.md, "Secrets in logs")."""
 
 from __future__ import annotations
 
-from urllib.parse import unquote_plus, urlsplit
+import re
+from urllib.parse import unquote_plus
 
 REDACTED = "[redacted]"
 # A parameter is taken for a secret if its name is one of these, or holds one of the words:
@@ -33,13 +34,34 @@ def redact_query(target: str) -> str:
     return f"{head}?{'&'.join(items)}"
 
 
+def _password(url: str) -> str:
+    """The password in ``url``'s authority, as written; read by hand, for a URL too malformed for
+    `urlsplit` (``[::1``) is the one an error quotes."""
+    _, scheme, rest = url.partition("://")
+    authority = re.split(r"[/?#]", rest, maxsplit=1)[0] if scheme else ""
+    userinfo, at, _ = authority.rpartition("@")
+    return userinfo.partition(":")[2] if at else ""
+
+
 def safe_url(url: str) -> str:
     """``url`` (a database's, Redis's) without its password, in the authority
     (``postgresql://user:***@host``) or in the query (``?password=[redacted]``)."""
-    try:
-        password = urlsplit(url).password
-    except ValueError:  # a port that is not a number: the URL is named to say it is wrong
-        password = None
+    password = _password(url)
     if password:
         url = url.replace(f":{password}@", ":***@", 1)
     return redact_query(url)
+
+
+def without_url_secrets(text: str, url: str) -> str:
+    """``text`` (an error about ``url``, a library's) with ``url``'s password and secret query
+    values written ``***``, as written and as decoded: libpq quotes a URL it cannot parse, or
+    the token of it it stopped at."""
+    query = url.partition("?")[2].partition("#")[0]
+    secrets = [_password(url)] + [
+        value
+        for name, equals, value in (item.partition("=") for item in query.split("&"))
+        if equals and is_secret_parameter(name)
+    ]
+    for secret in {form for s in secrets if s for form in (s, unquote_plus(s))}:
+        text = text.replace(secret, "***")
+    return text

@@ -130,6 +130,9 @@ url = "http://127.0.0.1:9/mcp"
         ("database", "mysql://bastion:{password}@db.internal/bastion", "mysql://bastion:***@"),
         ("database", "mysql://db.internal/bastion?password={password}", "password=[redacted]"),
         ("redis", "http://:{password}@cache.internal:6379/0", "http://:***@cache.internal"),
+        # libpq quotes a URL it cannot parse, or the token of it it stopped at.
+        ("database", "postgresql://bastion:{password}@[::1/bastion", "IPv6 host address"),
+        ("database", "postgresql://bastion:%zz{password}@db.internal/bastion", "percent-encoded"),
     ],
 )
 def test_a_refused_url_is_named_without_its_password(tmp_path, setting, url, named):
