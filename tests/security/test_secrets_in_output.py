@@ -29,7 +29,7 @@ def served(tmp_path_factory) -> Iterator[Served]:
 
 
 def logged_line(served: Served, path: str) -> str:
-    """The access log line of the last request to ``path`` (its query string left out)."""
+    """The access log line of the last request to ``path`` that had a query string."""
     for _ in range(50):
         lines = [line for line in served.log.splitlines() if f'"GET {path}?' in line]
         if lines:
