@@ -261,7 +261,7 @@ def signing_keys_rotate(args: argparse.Namespace) -> int:
     kid = _key_ring(args).rotate(actor=cli_actor())
     print(
         f"new signing key {kid}; the previous key verifies until its tokens expire"
-        " (if it may be stolen, retire it now: `bastion signing-keys retire KID`)"
+        " (if it may be stolen, retire it now: `bastion signing-keys retire -- KID`)"
     )
     return 0
 

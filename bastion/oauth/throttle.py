@@ -86,13 +86,18 @@ class LoginThrottle:
         self._counter_secret = counter_secret  # read on first use (`deployment_secret`)
         self._secret: bytes | None = None
 
-    def _counters(self, username: str, address: str | None) -> dict[str, str]:
+    def user_counter(self, username: str) -> str:
+        """The key under which failed sign-ins as ``username`` are counted: bounded, and a name
+        that is a password typed in the wrong field is not kept (an HMAC under a deployment
+        secret)."""
         if self._secret is None:
             self._secret = self._counter_secret()
-        # Bounded keys; and a name that is a password typed in the wrong field is not kept.
         name = hmac.new(self._secret, username.encode("utf-8", "surrogatepass"), hashlib.sha256)
+        return f"user:{name.hexdigest()}"
+
+    def _counters(self, username: str, address: str | None) -> dict[str, str]:
         return {
-            "user": f"user:{name.hexdigest()}",
+            "user": self.user_counter(username),
             "address": f"address:{counted_address(address)}",
         }
 

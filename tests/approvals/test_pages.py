@@ -701,8 +701,9 @@ def test_a_wrong_password_on_the_sign_in_page_is_counted_by_the_login_throttle(
     assert page.get_by_role("alert").inner_text() == "Wrong username or password."
     assert page.get_by_label("Username").input_value() == "avery"
     assert SESSION_COOKIE not in {c["name"] for c in page.context.cookies()}
-    failures = bastion.app.state.oauth.store.login_failures(["user:avery"], since=0)
-    assert failures["user:avery"][0] >= 1
+    oauth = bastion.app.state.oauth
+    counter = oauth.login_throttle.user_counter("avery")
+    assert oauth.store.login_failures([counter], since=0)[counter][0] >= 1
     assert sign_in(tab, "avery") == 200
     assert page.get_by_role("heading", name="Requests waiting for you").is_visible()
 

@@ -266,13 +266,19 @@ def test_signing_keys_retire_withdraws_a_previous_key_and_refuses_the_key_that_s
     _, listed, _ = run(capsys, monkeypatch, "signing-keys", "list", "--config", config)
     current, previous = (line.split("\t")[0] for line in listed.strip().splitlines())
 
-    code, out, err = run(capsys, monkeypatch, "signing-keys", "retire", current, "--config", config)
+    code, out, err = run(
+        capsys, monkeypatch, "signing-keys", "retire", "--config", config, "--", current
+    )
     assert code == 2 and "rotate" in err and not out
-    code, _, err = run(capsys, monkeypatch, "signing-keys", "retire", "nope", "--config", config)
+    code, _, err = run(
+        capsys, monkeypatch, "signing-keys", "retire", "--config", config, "--", "nope"
+    )
     assert code == 2 and "no signing key 'nope'" in err
     assert run(capsys, monkeypatch, "signing-keys", "list", "--config", config)[1] == listed
 
-    code, out, _ = run(capsys, monkeypatch, "signing-keys", "retire", previous, "--config", config)
+    code, out, _ = run(
+        capsys, monkeypatch, "signing-keys", "retire", "--config", config, "--", previous
+    )
     assert code == 0 and f"retired signing key {previous}" in out and "stop working" in out
     _, listed, _ = run(capsys, monkeypatch, "signing-keys", "list", "--config", config)
     assert [line.split("\t")[0] for line in listed.strip().splitlines()] == [current]
@@ -388,7 +394,10 @@ def test_each_admin_change_to_users_clients_and_signing_keys_is_in_the_audit_log
         assert run(capsys, monkeypatch, "signing-keys", "rotate", "--config", config)[0] == 0
     _, listed, _ = run(capsys, monkeypatch, "signing-keys", "list", "--config", config)
     current, previous = (line.split("\t")[0] for line in listed.strip().splitlines())
-    assert run(capsys, monkeypatch, "signing-keys", "retire", previous, "--config", config)[0] == 0
+    assert (
+        run(capsys, monkeypatch, "signing-keys", "retire", "--config", config, "--", previous)[0]
+        == 0
+    )
 
     events = audit_events(capsys, monkeypatch, database_url)
     assert [(e["kind"], e["subject"], e["client_id"]) for e in events] == [
