@@ -449,6 +449,8 @@ class OpenIDLogin:
         username = f"{provider.user_prefix}{value}"
         if len(username) > MAX_USER_ID or not username.isprintable():
             raise LoginRefused("claims", "The user id from the provider is not a usable name.")
+        if problem := self.server.store.user_name_problem(username):
+            raise LoginRefused("claims", f"The user id from the provider, {problem}.")
         now = self.clock()
         user = Entity("User", username)
         wanted: list[tuple] = []

@@ -13,7 +13,7 @@ the database every replica shares). ``resource`` names one of bastion's protecte
 absent, the request's own ``resource``); ``scope`` holds only that resource's scopes. The token
 carries the scopes of the ID-JAG that the request asked for and the client is registered for.
 The user is the value of the provider's ``user_claim``: a bastion user (a disabled one is
-refused), and the policy decides every call of the token as for any other. Every refusal is
+refused; never a client's id, which names an agent acting as itself), and the policy decides every call of the token as for any other. Every refusal is
 ``invalid_grant`` (RFC 7521 §5.2) but a request that asks for more than the ID-JAG grants
 (``invalid_scope``) or another resource (``invalid_target``). No refresh token is issued: the
 client asks its provider for a fresh ID-JAG, so the provider stays in charge.
@@ -434,6 +434,8 @@ class IdentityAssertionGrant:
             raise InvalidGrant(f"the ID-JAG's {idp.user_claim!r} claim names no user")
         if not vouched_for(found.claims, idp.user_claim):
             raise InvalidGrant(UNVERIFIED_EMAIL)
+        if problem := self.server.store.user_name_problem(user):
+            raise InvalidGrant(f"the ID-JAG's {idp.user_claim!r} claim: {problem}")
         state = self.server.store.user_state(user)
         if state == "disabled":
             raise InvalidGrant(f"user {user!r} is disabled")

@@ -605,6 +605,17 @@ class OAuthStore:
         )
         return rows[0][0] if rows else None
 
+    def user_name_problem(self, username: str) -> str | None:
+        """Why ``username`` cannot name a person, or None: it is the id of a client (revoked
+        ones too). A client credentials token's subject is its client id, so such a person
+        would be the same ``User{<client id>}`` as the agent acting as itself: their roles,
+        label sets, upstream connections and approvals shared, and the kill switch reading
+        the person as the agent (`suspensions.has_person`). One rule for every place a user is
+        named: `bastion users create`, a login through a provider, an ID-JAG."""
+        if self.db.execute("SELECT 1 FROM oauth_clients WHERE client_id = ?", (username,)):
+            return f"{username!r} is the id of a client: it cannot name a user"
+        return None
+
     def user_state(self, username: str) -> str | None:
         """``"enabled"`` or ``"disabled"`` for one of bastion's users; None for a stranger."""
         rows = self.db.execute(

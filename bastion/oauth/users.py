@@ -56,6 +56,8 @@ def create_user(store: OAuthStore, username: str, password: str, now: float, *, 
     validate_new_user(username, password)
     if any(user[0] == username for user in store.users()):
         raise UserError(f"user {username!r} already exists")
+    if problem := store.user_name_problem(username):
+        raise UserError(problem)
     store.create_user(username, hash_password(password), now, actor=actor)
 
 

@@ -391,6 +391,17 @@ def test_a_disabled_user_gets_no_token(bastion, idp, agent):
     )
 
 
+def test_an_id_jag_cannot_name_a_client_as_its_user(bastion, idp, agent):
+    """A token whose subject is a client id is that agent acting as itself (client
+    credentials): an ID-JAG naming its own client, or another, as the user is refused."""
+    other = register(bastion)
+    for user in (agent["client_id"], other["client_id"]):
+        jag = idp.id_jag(
+            bastion, agent["client_id"], iss=idp.issuer("other"), signer="other", sub=user
+        )
+        assert "is the id of a client" in refused(present(bastion, agent, jag))
+
+
 def test_the_client_must_authenticate_and_be_confidential(bastion, idp, agent):
     jag = idp.id_jag(bastion, agent["client_id"])
     wrong = bastion.http.post(

@@ -35,6 +35,7 @@ SECRETS = {
     "bastion-b": "secret-of-b",
     "bastion-u": "secret-of-u",
     "bastion-e": "secret-of-e",
+    "bastion-n": "secret-of-n",
 }
 
 
@@ -211,6 +212,13 @@ def bastion(tmp_path_factory, idp):
                 "user_claim": "email",
             },
             {
+                "id": "n",
+                "issuer": idp.issuer("n"),
+                "client_id": "bastion-n",
+                "client_secret": SECRETS["bastion-n"],
+                "user_prefix": "",  # its users are bastion's users of the same name
+            },
+            {
                 "id": "down",
                 "name": "Down Provider",
                 "issuer": f"http://127.0.0.1:{dead.getsockname()[1]}/x",
@@ -261,7 +269,14 @@ def refused(response: httpx.Response, status: int, words: str) -> None:
 def test_login_page_offers_each_provider_and_no_password_form(person, client):
     page = person.open_authorization(client)
     actions = [action for action, _ in buttons(page.text)]
-    assert actions == ["/login/a", "/login/b", "/login/u", "/login/e", "/login/down"]
+    assert actions == [
+        "/login/a",
+        "/login/b",
+        "/login/u",
+        "/login/e",
+        "/login/n",
+        "/login/down",
+    ]
     assert "Sign in with Provider A" in page.text
     assert "name=password" not in page.text
 
@@ -669,6 +684,23 @@ def test_another_person_of_the_provider_with_the_same_user_claim_cannot_take_the
     assert [json.loads(d)["accounts"] for (d,) in unlinked] == [[{"provider": "e", "sub": "lin-1"}]]
     assert login("someone-else-7").status_code == 200  # released: bound to the new sub now
     refused(login("lin-1"), 403, "belongs to another account")
+
+
+def test_a_provider_user_cannot_take_the_name_of_a_client(bastion, idp, person, client):
+    """With ``user_prefix = ""`` the provider names bastion's users; a name that is a client's
+    id would make the person the ``User{<client id>}`` of that agent acting as itself (client
+    credentials), sharing its roles and state: refused, nothing written."""
+    agent = bastion.register_as_admin(
+        token_endpoint_auth_method="client_secret_basic",
+        grant_types=["client_credentials"],
+        redirect_uris=[],
+    )
+    before = sessions(bastion)
+    query = person.sent_to_provider(client, "n")
+    code = idp.issue("n", query, sub=agent["client_id"])
+    refused(person.back_from_provider("n", code=code, state=query["state"]), 400, "is the id of")
+    assert agent["client_id"] not in users(bastion) and sessions(bastion) == before
+    assert not bastion.db.execute("SELECT 1 FROM identity_accounts WHERE provider = 'n'")
 
 
 @pytest.mark.parametrize("verified", [False, "true", None])

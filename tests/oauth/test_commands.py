@@ -244,6 +244,38 @@ def test_clients_create_refuses_bad_metadata(capsys, monkeypatch, sqlite_url, tm
     assert code == 2 and "admin" in err
 
 
+def test_a_user_cannot_take_the_name_of_a_client(capsys, monkeypatch, sqlite_url, tmp_path):
+    # A client credentials token's subject is its client id: a person of that name would be
+    # the same User{<client id>} as the agent acting as itself, sharing its roles and state.
+    config = write_config(tmp_path, sqlite_url)
+    code, out, err = run(
+        capsys,
+        monkeypatch,
+        "clients",
+        "create",
+        "--name",
+        "Nightly",
+        "--confidential",
+        "--config",
+        config,
+    )
+    assert code == 0, err
+    client_id = json.loads(out)["client_id"]
+    code, _, err = run(
+        capsys,
+        monkeypatch,
+        "users",
+        "create",
+        client_id,
+        "--password-stdin",
+        "--config",
+        config,
+        stdin="a long enough password\n",
+    )
+    assert code == 2 and "is the id of a client" in err
+    assert OAuthStore(Database(sqlite_url)).user_state(client_id) is None
+
+
 def test_signing_keys_rotate_and_list(capsys, monkeypatch, sqlite_url, tmp_path):
     config = write_config(tmp_path, sqlite_url)
     Database(sqlite_url).close()  # as `bastion serve` leaves it: rotate creates no database
