@@ -334,14 +334,19 @@ class AccessTokenState:
 class UserStanding:
     """What bastion holds against a user, for the tokens that rest on no grant of its own (a
     trusted issuer's, docs/identity.md): whether they are one of bastion's users and disabled,
-    and when all their grants were last revoked (None: never), for any name."""
+    and when all their grants were last revoked (None: never), for any name; and whether the
+    name is a client's id, which names no user (`OAuthStore.user_name_problem`)."""
 
     disabled: bool
     revoked_at: float | None
+    client: bool = False
 
     def refusal(self, username: str, issued_at: float) -> tuple[str, str] | None:
         """(check, reason) refusing a token of ``username`` issued at ``issued_at``, or None:
-        the user is disabled, or the token was issued at or before the revocation."""
+        the user is disabled, or the token was issued at or before the revocation, or the name
+        is a client's id."""
+        if self.client:
+            return "claims", f"the user {_named_like_a_client(username)}"
         if self.disabled:
             return "disabled", f"user {username!r} is disabled in bastion"
         if self.revoked_at is not None and issued_at <= self.revoked_at:
@@ -350,6 +355,10 @@ class UserStanding:
                 " (iat): the user must sign in again"
             )
         return None
+
+
+def _named_like_a_client(username: str) -> str:
+    return f"{username!r} is the id of a client: it cannot name a user"
 
 
 _CLIENT_COLUMNS = (
@@ -611,9 +620,10 @@ class OAuthStore:
         would be the same ``User{<client id>}`` as the agent acting as itself: their roles,
         label sets, upstream connections and approvals shared, and the kill switch reading
         the person as the agent (`suspensions.has_person`). One rule for every place a user is
-        named: `bastion users create`, a login through a provider, an ID-JAG."""
+        named: `bastion users create`, a login through a provider, an ID-JAG, a trusted
+        issuer's token (`UserStanding.client`)."""
         if self.db.execute("SELECT 1 FROM oauth_clients WHERE client_id = ?", (username,)):
-            return f"{username!r} is the id of a client: it cannot name a user"
+            return _named_like_a_client(username)
         return None
 
     def user_state(self, username: str) -> str | None:
@@ -626,13 +636,15 @@ class OAuthStore:
         return "enabled" if rows[0][0] is None else "disabled"
 
     def user_standing(self, username: str) -> UserStanding:
-        """Whether ``username`` is disabled, and when all their grants were last revoked."""
-        disabled_at, revoked_at = self.db.execute(
+        """Whether ``username`` is disabled, when all their grants were last revoked, and
+        whether it is a client's id."""
+        disabled_at, revoked_at, client = self.db.execute(
             "SELECT (SELECT disabled_at FROM oauth_users WHERE username = ?),"
-            " (SELECT revoked_at FROM oauth_user_revocations WHERE username = ?)",
-            (username, username),
+            " (SELECT revoked_at FROM oauth_user_revocations WHERE username = ?),"
+            " (SELECT 1 FROM oauth_clients WHERE client_id = ?)",
+            (username, username, username),
         )[0]
-        return UserStanding(disabled_at is not None, revoked_at)
+        return UserStanding(disabled_at is not None, revoked_at, client is not None)
 
     def rehash_password(self, username: str, password_hash: str) -> None:
         """Store the user's same password hashed again (under parameters that have grown): not

@@ -311,6 +311,18 @@ def test_the_agent_claim_maps_to_the_agent_the_policy_may_block(bastion, idp):
     assert "agent" in refused(call(bastion, idp.token("a", client_id=None)))
 
 
+def test_a_providers_user_cannot_take_the_name_of_one_of_bastions_clients(bastion, idp):
+    """A subject that is the id of one of bastion's clients is the User{<client id>} of that
+    agent acting as itself (client credentials): a provider's person of that name would share
+    its roles and state. Refused on every call, as a disabled user is."""
+    client_id = bastion.register("customers:read").client_id
+    for token in (
+        idp.token("a", sub=client_id),
+        idp.token("a", sub=client_id, client_id=client_id),  # "itself", under bastion's id
+    ):
+        assert "is the id of a client" in refused(call(bastion, token))
+
+
 def test_a_user_or_an_agent_longer_than_any_index_takes_is_refused(bastion, idp):
     """The user and the agent a token names are stored in indexed columns (a refusal burst's
     alert, an approval): PostgreSQL indexes no entry over 2,704 bytes, so an alert for a `sub`
