@@ -1,5 +1,6 @@
 """Names that people give and read back on a line of their own: a username, an API key's name;
-and whether a token's claim may name a user at all."""
+whether a token's claim may name a user at all, and the prefix that keeps one source's users
+apart from another's."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ from typing import Any
 
 # The longest name (characters): a username or a key's name.
 MAX_NAME_LENGTH = 128
+# The longest ``user_prefix`` (characters): the user id is the prefix then a claim's value.
+MAX_USER_PREFIX = 64
 # Why a token's ``user_claim`` of ``email`` cannot name a user (`vouched_for`).
 UNVERIFIED_EMAIL = (
     "The issuer does not vouch for the email address (email_verified is not true): it cannot"
@@ -38,3 +41,12 @@ def check_name(
     ):
         raise error(f"{what} is 1 to {most} printable characters without surrounding spaces")
     return value
+
+
+def user_prefix_problem(value: object) -> str | None:
+    """Why ``value`` cannot be a ``user_prefix``, or None. The prefix puts one identity source's
+    users (a provider's at sign-in, a trusted issuer's, an ID-JAG issuer's) in a namespace of
+    their own, so that its ``sub`` "alice" is not bastion's local user "alice"."""
+    if not isinstance(value, str) or len(value) > MAX_USER_PREFIX or not value.isprintable():
+        return f"a string of at most {MAX_USER_PREFIX} printable characters"
+    return None

@@ -11,6 +11,7 @@ from typing import Any
 
 from bastion.environment import expand
 from bastion.facts.model import Entity
+from bastion.names import user_prefix_problem
 from bastion.oauth.client_assertion import algorithms_problem, url_problem
 
 _PROVIDER_ID = re.compile(r"[a-z0-9][a-z0-9-]{0,31}")
@@ -219,8 +220,8 @@ def _provider(index: int, table: Any, env: Mapping[str, str]) -> OpenIDProvider:
         if key in table:
             values[key] = _text(f"{where}.{key}", table[key])
     if "user_prefix" in table:
-        if not isinstance(table["user_prefix"], str) or len(table["user_prefix"]) > 64:
-            raise IdentityConfigError(f"{where}.user_prefix: a string of at most 64 characters")
+        if problem := user_prefix_problem(table["user_prefix"]):
+            raise IdentityConfigError(f"{where}.user_prefix: {problem}")
         values["user_prefix"] = table["user_prefix"]
     scopes = table.get("scopes", ["openid"])
     if (

@@ -30,7 +30,7 @@ from joserfc.jwk import KeySet
 
 from bastion import untrusted_json
 from bastion.audit.refusals import RefusalLog
-from bastion.names import UNVERIFIED_EMAIL, vouched_for
+from bastion.names import UNVERIFIED_EMAIL, user_prefix_problem, vouched_for
 from bastion.oauth.access_token import TOKEN_TYPE
 from bastion.oauth.client_assertion import algorithms_problem, jwks_problem, url_problem
 from bastion.oauth.client_metadata_document import MAX_CLIENT_ID_URL
@@ -60,6 +60,7 @@ _KEYS = {
     "jwks_uri",
     "audiences",
     "user_claim",
+    "user_prefix",
     "agent_claims",
     "algorithms",
     "require_typ",
@@ -90,6 +91,9 @@ class TrustedIssuer:
     audiences: Mapping[str, str]
     jwks_uri: str = ""  # "": found through the issuer's metadata
     user_claim: str = "sub"
+    # The user is this then the claim's value; "" (as before the setting): bastion's users of
+    # the same name, local ones included.
+    user_prefix: str = ""
     agent_claims: tuple[str, ...] = ("client_id", "azp")
     algorithms: tuple[str, ...] = ("RS256", "PS256", "ES256", "EdDSA")
     require_typ: bool = False
@@ -147,6 +151,10 @@ class TrustedIssuer:
                 if not isinstance(table[name], str) or not table[name]:
                     raise ValueError(f"{where}.{name} must be a non-empty string")
                 values[name] = table[name]
+        if "user_prefix" in table:
+            if problem := user_prefix_problem(table["user_prefix"]):
+                raise ValueError(f"{where}.user_prefix: {problem}")
+            values["user_prefix"] = table["user_prefix"]
         if "agent_claims" in table:
             claims = table["agent_claims"]
             if (
@@ -445,12 +453,6 @@ class TrustedIssuers:
             raise InvalidToken(f"claim {issuer.user_claim!r} (the user) is missing", "claims")
         if not vouched_for(claims, issuer.user_claim):
             raise InvalidToken(UNVERIFIED_EMAIL, "claims")
-        if len(user) > MAX_USER_CHARS:
-            raise InvalidToken(
-                f"claim {issuer.user_claim!r} (the user) is longer than {MAX_USER_CHARS}"
-                " characters",
-                "claims",
-            )
         agent = next(
             (a for c in issuer.agent_claims if isinstance(a := claims.get(c), str) and a), None
         )
@@ -461,6 +463,17 @@ class TrustedIssuers:
         if len(agent.encode("utf-8", "surrogatepass")) > MAX_CLIENT_ID_URL:
             raise InvalidToken(
                 f"the agent's client ID is longer than {MAX_CLIENT_ID_URL} bytes (UTF-8)", "claims"
+            )
+        if user != agent:
+            # A person: in the issuer's namespace. An agent acting as itself (its client
+            # credentials token names its own client id) stays its agent's name, as bastion's
+            # own client credentials tokens do, so that its owners bound it.
+            user = issuer.user_prefix + user
+        if len(user) > MAX_USER_CHARS:
+            raise InvalidToken(
+                f"claim {issuer.user_claim!r} (the user) is longer than {MAX_USER_CHARS}"
+                " characters",
+                "claims",
             )
         scope, scp = claims.get("scope"), claims.get("scp")
         if isinstance(scope, str):

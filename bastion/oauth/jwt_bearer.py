@@ -33,7 +33,7 @@ from joserfc.errors import JoseError
 from joserfc.jwk import KeySet
 
 from bastion import untrusted_json
-from bastion.names import UNVERIFIED_EMAIL, vouched_for
+from bastion.names import MAX_NAME_LENGTH, UNVERIFIED_EMAIL, user_prefix_problem, vouched_for
 from bastion.oauth.client_assertion import (
     algorithms_problem,
     jwks_problem,
@@ -68,6 +68,7 @@ _ISSUER_KEYS = {
     "issuer",
     "jwks_uri",
     "user_claim",
+    "user_prefix",
     "users",
     "algorithms",
     "timeout_seconds",
@@ -84,6 +85,9 @@ class TrustedIdp:
     issuer: str
     jwks_uri: str = ""  # "": found through the provider's metadata
     user_claim: str = "sub"
+    # The user is this then the claim's value; "" (as before the setting): bastion's users of
+    # the same name, local ones included.
+    user_prefix: str = ""
     # "existing": the user must be one of bastion's (created by an admin or at first sign-in);
     # "any": the claim's value is the user whether bastion knows them or not.
     users: str = "existing"
@@ -113,6 +117,10 @@ class TrustedIdp:
             if not isinstance(table["user_claim"], str) or not table["user_claim"]:
                 raise ValueError(f"{where}.user_claim must be a claim name")
             values["user_claim"] = table["user_claim"]
+        if "user_prefix" in table:
+            if problem := user_prefix_problem(table["user_prefix"]):
+                raise ValueError(f"{where}.user_prefix: {problem}")
+            values["user_prefix"] = table["user_prefix"]
         if "users" in table:
             if table["users"] not in USER_MODES:
                 raise ValueError(f"{where}.users must be one of {list(USER_MODES)}")
@@ -429,8 +437,11 @@ class IdentityAssertionGrant:
         return scopes
 
     def _user(self, idp: TrustedIdp, found: IdJag) -> str:
-        user = found.claims.get(idp.user_claim)
-        if not isinstance(user, str) or not user or len(user) > 128 or not user.isprintable():
+        claimed = found.claims.get(idp.user_claim)
+        if not isinstance(claimed, str) or not claimed:
+            raise InvalidGrant(f"the ID-JAG's {idp.user_claim!r} claim names no user")
+        user = idp.user_prefix + claimed
+        if len(user) > MAX_NAME_LENGTH or not user.isprintable():
             raise InvalidGrant(f"the ID-JAG's {idp.user_claim!r} claim names no user")
         if not vouched_for(found.claims, idp.user_claim):
             raise InvalidGrant(UNVERIFIED_EMAIL)

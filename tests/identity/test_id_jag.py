@@ -46,7 +46,7 @@ class EnterpriseIdp:
     def __init__(self) -> None:
         self.keys = {
             name: ECKey.generate_key("P-256", parameters={"kid": "k1"})
-            for name in ("acme", "other", "big", "mail")
+            for name in ("acme", "other", "big", "mail", "corp")
         }
         self.url = ""
         self.app = Starlette(
@@ -117,6 +117,12 @@ def bastion(tmp_path_factory, idp):
                     "jwks_uri": f"{idp.issuer('mail')}/jwks",
                     "users": "any",
                     "user_claim": "email",
+                },
+                # Its users are the people who sign in through it ("corp:<sub>").
+                {
+                    "issuer": idp.issuer("corp"),
+                    "jwks_uri": f"{idp.issuer('corp')}/jwks",
+                    "user_prefix": "corp:",
                 },
                 {
                     "issuer": idp.issuer("big"),
@@ -391,6 +397,26 @@ def test_a_disabled_user_gets_no_token(bastion, idp, agent):
     )
 
 
+def test_a_user_prefix_keeps_the_providers_users_apart_from_bastions_own(bastion, idp, agent):
+    """Without ``user_prefix`` an ID-JAG's ``sub`` "rui" is bastion's local user "rui", who may
+    be another realm's person; with ``user_prefix = "corp:"`` it names ``corp:rui`` only."""
+    store = bastion.app.state.oauth.store
+    store.create_user("rui", "not-a-real-hash", time.time(), actor="test")
+
+    def jag() -> str:
+        return idp.id_jag(
+            bastion, agent["client_id"], iss=idp.issuer("corp"), signer="corp", sub="rui"
+        )
+
+    assert "'corp:rui'" in refused(present(bastion, agent, jag()))  # not a user of bastion
+    store.create_user("corp:rui", "not-a-real-hash", time.time(), actor="test")
+    answer = present(bastion, agent, jag())
+    assert answer.status_code == 200, answer.text
+    payload = answer.json()["access_token"].split(".")[1]
+    claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    assert claims["sub"] == "corp:rui"
+
+
 def test_an_id_jag_cannot_name_a_client_as_its_user(bastion, idp, agent):
     """A token whose subject is a client id is that agent acting as itself (client
     credentials): an ID-JAG naming its own client, or another, as the user is refused."""
@@ -442,6 +468,10 @@ def test_the_client_must_authenticate_and_be_confidential(bastion, idp, agent):
         ({"issuers": [{"issuer": "https://idp.example.com", "algorithms": ["HS256"]}]}, "asym"),
         ({"issuers": [{"issuer": "https://idp.example.com", "users": "all"}]}, "users"),
         ({"issuers": [{"issuer": "https://idp.example.com", "audience": "x"}]}, "unknown key"),
+        (
+            {"issuers": [{"issuer": "https://idp.example.com", "user_prefix": "a\tb"}]},
+            "user_prefix",
+        ),
         ({"max_lifetime_seconds": 0}, "max_lifetime_seconds"),
     ],
 )

@@ -790,6 +790,20 @@ def test_an_email_the_provider_does_not_vouch_for_names_no_user(
             },
             '"Type:id"',
         ),
+        (
+            {
+                "providers": [
+                    {
+                        "id": "x",
+                        "issuer": "https://i.example",
+                        "client_id": "c",
+                        "token_endpoint_auth_method": "none",
+                        "user_prefix": "corp\n",  # would forge a line of `users list`
+                    }
+                ]
+            },
+            "user_prefix: a string of at most 64 printable characters",
+        ),
     ],
     ids=lambda v: str(v)[:30],
 )

@@ -224,6 +224,12 @@ def bastion(tmp_path_factory, idp, dead_url):
             "user_claim": "email",
         },
         {
+            "issuer": idp.issuer("p"),
+            "jwks_uri": f"{idp.url}/jwks",
+            "audiences": {"deskhttp": "api://desk-p"},
+            "user_prefix": "corp:",  # its users are not bastion's local users of the same name
+        },
+        {
             "issuer": idp.issuer("e"),
             "jwks_uri": f"{idp.url}/big-jwks",
             "audiences": {"labhttp": "api://lab-e"},
@@ -395,6 +401,7 @@ def test_the_resource_metadata_lists_the_issuers_of_each_server(bastion, idp, de
         f"{dead_url}/d",
         idp.issuer("f"),
         idp.issuer("h"),
+        idp.issuer("p"),
     ]
     lab = bastion.http.get(f"{bastion.url}/.well-known/oauth-protected-resource/mcp/labhttp")
     assert lab.json()["authorization_servers"] == [bastion.url, idp.issuer("e")]
@@ -555,6 +562,28 @@ def test_a_user_bastion_has_disabled_is_refused_on_the_next_call(bastion, idp):
     assert call(bastion, idp.token("a", sub="not-a-user-of-bastion")).status_code == 200
 
 
+def test_a_user_prefix_keeps_the_issuers_users_apart_from_bastions_own(bastion, idp):
+    """Without ``user_prefix`` the issuer's ``sub`` "quinn" is bastion's local user "quinn",
+    another realm's person; with ``user_prefix = "corp:"`` it is ``User{"corp:quinn"}``, which
+    the local user's roles and standing do not reach."""
+    create_user(bastion.app.state.oauth.store, "quinn", PASSWORD, time.time(), actor="test")
+    users_disable(bastion, "quinn")
+    assert "'quinn' is disabled" in refused(call(bastion, idp.token("a", sub="quinn")))
+    body = call(bastion, idp.token("p", sub="quinn")).json()
+    bastion.flush()
+    record = bastion.records.get(body["error"]["data"]["decision_id"])
+    assert record.principals[0] == 'User{"corp:quinn"}'
+    # An agent acting as itself (sub = its client id) keeps the agent's name: its owners bound it.
+    body = call(bastion, idp.token("p", sub="quinn-build", client_id="quinn-build")).json()
+    bastion.flush()
+    record = bastion.records.get(body["error"]["data"]["decision_id"])
+    assert record.principals[:2] == ('User{"quinn-build"}', 'Agent{"quinn-build"}')
+    # The prefixed name is the one bastion holds a standing for.
+    create_user(bastion.app.state.oauth.store, "corp:quinn", PASSWORD, time.time(), actor="test")
+    users_disable(bastion, "corp:quinn")
+    assert "'corp:quinn' is disabled" in refused(call(bastion, idp.token("p", sub="quinn")))
+
+
 def test_a_user_enabled_again_is_served_only_with_tokens_issued_after_the_disable(bastion, idp):
     """The provider's token from before the disable is still valid at the provider; bastion
     keeps refusing it once the user is enabled, and serves one issued after."""
@@ -692,6 +721,10 @@ def test_the_configuration_refuses_unknown_keys_and_symmetric_algorithms():
         GatewayConfig.from_mapping(config(issuer="http://idp.example.com"))
     with pytest.raises(ConfigError, match="both"):
         GatewayConfig.from_mapping(config(introspection_client_id="x"))
+    assert GatewayConfig.from_mapping(config()).trusted_issuers[0].user_prefix == ""
+    for prefix in ("corp\n", "x" * 65, 7):
+        with pytest.raises(ConfigError, match="user_prefix"):
+            GatewayConfig.from_mapping(config(user_prefix=prefix))
 
 
 def test_a_refused_tokens_audit_row_is_written_off_the_event_loop(bastion, idp, monkeypatch):
