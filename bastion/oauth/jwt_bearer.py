@@ -12,10 +12,11 @@ found through its metadata), with ``typ`` ``oauth-id-jag+jwt``, ``aud`` bastion'
 the database every replica shares). ``resource`` names one of bastion's protected resources (or,
 absent, the request's own ``resource``); ``scope`` holds only that resource's scopes. The token
 carries the scopes of the ID-JAG that the request asked for and the client is registered for.
-The user is the value of the provider's ``user_claim``: a bastion user (a disabled one is
-refused; never a client's id, which names an agent acting as itself), and the policy decides every call of the token as for any other. Every refusal is
-``invalid_grant`` (RFC 7521 §5.2) but a request that asks for more than the ID-JAG grants
-(``invalid_scope``) or another resource (``invalid_target``). No refresh token is issued: the
+The user is the provider's ``user_prefix`` then the value of its ``user_claim``: a bastion user
+(a disabled one is refused; never a client's id, which names an agent acting as itself), and the
+policy decides every call of the token as for any other. Every refusal is ``invalid_grant``
+(RFC 7521 §5.2) but a request that asks for more than the ID-JAG grants (``invalid_scope``) or
+another resource (``invalid_target``). No refresh token is issued: the
 client asks its provider for a fresh ID-JAG, so the provider stays in charge.
 """
 
