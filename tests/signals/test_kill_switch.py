@@ -140,11 +140,8 @@ def test_suspending_a_user_refuses_all_their_agents_and_no_one_else(bastion, key
     assert "result" in call_tool(bastion, sam, "deskhttp", "search_customers", QUERY)
 
 
-def authorization_code(bastion, username: str, server: str = "deskhttp") -> dict:
-    """The token request that redeems a fresh sign-in and consent of ``username``: a new public
-    client's code, with its PKCE verifier."""
-    client = register_public_client(bastion.http, bastion.url)
-    verifier, challenge = pkce_pair()
+def authorize_url(bastion, client: str, challenge: str, server: str = "deskhttp") -> str:
+    """The authorization request of the public client ``client`` for ``server`` (PKCE)."""
     params = {
         "response_type": "code",
         "client_id": client,
@@ -155,7 +152,15 @@ def authorization_code(bastion, username: str, server: str = "deskhttp") -> dict
         "resource": bastion.mcp_url(server),
         "scope": "customers:read",
     }
-    authorize = f"{bastion.url}/authorize?{urlencode(params)}"
+    return f"{bastion.url}/authorize?{urlencode(params)}"
+
+
+def authorization_code(bastion, username: str, server: str = "deskhttp") -> dict:
+    """The token request that redeems a fresh sign-in and consent of ``username``: a new public
+    client's code, with its PKCE verifier."""
+    client = register_public_client(bastion.http, bastion.url)
+    verifier, challenge = pkce_pair()
+    authorize = authorize_url(bastion, client, challenge, server)
     bastion.logins.append(username)
     answer = log_in_and_consent(bastion.url, authorize, username, bastion.password)
     return {
@@ -171,17 +176,8 @@ def sign_in(bastion, username: str):
     """The answer to ``username``'s sign-in at /authorize, for a new public client."""
     client = register_public_client(bastion.http, bastion.url)
     _, challenge = pkce_pair()
-    params = {
-        "response_type": "code",
-        "client_id": client,
-        "redirect_uri": REDIRECT_URI,
-        "code_challenge": challenge,
-        "code_challenge_method": "S256",
-        "resource": bastion.mcp_url("deskhttp"),
-        "scope": "customers:read",
-    }
     with httpx.Client(follow_redirects=False, timeout=10) as browser:
-        page = browser.get(f"{bastion.url}/authorize?{urlencode(params)}")
+        page = browser.get(authorize_url(bastion, client, challenge))
         fields = {**hidden_fields(page.text), "username": username, "password": bastion.password}
         return browser.post(f"{bastion.url}/authorize/login", data=fields)
 

@@ -8,7 +8,7 @@ bounded by that person, not by whoever owns the client."""
 from __future__ import annotations
 
 import time
-from urllib.parse import parse_qs, urlencode, urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 import httpx
 import pytest
@@ -19,10 +19,10 @@ from bastion.oauth.sign_in import SESSION_COOKIE
 from bastion.oauth.users import create_user
 from bastion.signals.suspensions import resume, suspend, suspension
 from tests.gateway.streams import call_tool, modern_headers, modern_request
-from tests.gateway.support import REDIRECT_URI, register_public_client
+from tests.gateway.support import register_public_client
 from tests.oauth.support import hidden_fields, pkce_pair
 from tests.signals.support import running
-from tests.signals.test_kill_switch import confidential_client, token_request
+from tests.signals.test_kill_switch import authorize_url, confidential_client, token_request
 
 QUERY = {"query": "a"}
 
@@ -50,23 +50,15 @@ def new_user(bastion, name: str) -> str:
     return name
 
 
-def authorize_url(bastion, client: str) -> str:
-    _, challenge = pkce_pair()
-    params = {
-        "response_type": "code",
-        "client_id": client,
-        "redirect_uri": REDIRECT_URI,
-        "state": "s",
-        "code_challenge": challenge,
-        "code_challenge_method": "S256",
-        "resource": bastion.mcp_url("deskhttp"),
-        "scope": "customers:read",
-    }
-    return f"{bastion.url}/authorize?{urlencode(params)}"
+def fresh_authorize_url(bastion, client: str) -> str:
+    """`authorize_url` with a new PKCE challenge (its verifier is not needed)."""
+    return authorize_url(bastion, client, pkce_pair()[1])
 
 
 def sign_in_at_authorize(bastion, browser: httpx.Client, username: str) -> httpx.Response:
-    page = browser.get(authorize_url(bastion, register_public_client(bastion.http, bastion.url)))
+    page = browser.get(
+        fresh_authorize_url(bastion, register_public_client(bastion.http, bastion.url))
+    )
     assert page.status_code == 200 and "name=password" in page.text, page.text
     return browser.post(
         f"{bastion.url}/authorize/login",
@@ -137,7 +129,7 @@ def test_a_suspended_users_browser_session_neither_consents_nor_gets_a_code(bast
             consented = consent(bastion, browser, consent_page)
             # A new authorization request with the same session: no consent page, no code.
             again = browser.get(
-                authorize_url(bastion, register_public_client(bastion.http, bastion.url))
+                fresh_authorize_url(bastion, register_public_client(bastion.http, bastion.url))
             )
         finally:
             kill_switch(bastion, resume, "user", rory)
@@ -147,7 +139,7 @@ def test_a_suspended_users_browser_session_neither_consents_nor_gets_a_code(bast
             assert code_of(answer) is None and "name=decision" not in answer.text
         # Resumed, the same session consents and gets a code.
         resumed = browser.get(
-            authorize_url(bastion, register_public_client(bastion.http, bastion.url))
+            fresh_authorize_url(bastion, register_public_client(bastion.http, bastion.url))
         )
         assert resumed.status_code == 200 and "name=decision" in resumed.text
         assert code_of(consent(bastion, browser, resumed)) is not None
