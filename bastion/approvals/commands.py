@@ -146,7 +146,7 @@ def _line(request: ApprovalRequest) -> str:
             request.id,
             request.kind,
             request.status,
-            f"{request.subject} via {request.client_id}",
+            f"{request.subject} via {' > '.join(request.agents) or request.client_id}",
             f"{request.server} {request.method} {request.target}",
             f"expires {_when(request.expires_at)}",
             f"approvers {approvers}",
@@ -198,7 +198,8 @@ def cmd_show(deployment: Deployment, args: argparse.Namespace) -> int:
         for k, v in request.summary().items()
     }
     print(f"{s['kind']} request {s['id']}: {s['status']}")
-    print(f"  user {s['user']}, agent {s['agent']}")
+    print(f"  user {s['user']}, agent {s['agent']}", end="")
+    print(f" (through {', '.join(map(_text, s['agents'][:-1]))})" if len(s["agents"]) > 1 else "")
     print(f"  {s['server']} {s['method']} {s['target']} (action {s['action']})")
     print("  arguments:")
     for text in json.dumps(s["arguments"], indent=2, sort_keys=True).splitlines():

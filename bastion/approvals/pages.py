@@ -374,6 +374,14 @@ def _agent(request: ApprovalRequest, client: Client | None) -> str:
     return f"<strong>{escape(client.client_name)}</strong> {vouched}, client {client_id}"
 
 
+def _chain(request: ApprovalRequest) -> str:
+    """A delegated call's chain, as the user's token passed it on: who the calling agent works
+    for, so that a call is not judged as the calling agent's own."""
+    steps = [f"<strong>{escape(request.subject)}</strong>"]
+    steps += [f"<code>{escape(agent)}</code>" for agent in request.agents]
+    return "<span id=chain>" + " &rarr; ".join(steps) + "</span> (delegated)"
+
+
 def _rows(rows: list[tuple[str, str]]) -> str:
     return "<table>" + "".join(f"<tr><th>{k}</th><td>{v}</td></tr>" for k, v in rows) + "</table>"
 
@@ -407,6 +415,8 @@ def _request_page(
     ]
     if shown.involved:
         summary.insert(3, ("Agent", _agent(request, shown.client)))
+        if request.agents:
+            summary.insert(4, ("For agents", _chain(request)))
     parts.append(f"<p>bastion {what}.</p>{_rows(summary)}")
     if shown.involved:
         parts.append(

@@ -306,6 +306,7 @@ class Approvals:
                 window_minutes=terms.window_minutes,
                 seconds=terms.seconds,
                 result=result,
+                agents=call.agents,
             )
             if made:
                 self._event(request, f"{call.kind}.requested", decision_id=decision_id)
@@ -662,6 +663,7 @@ class Approvals:
             kind,
             subject=request.subject,
             client_id=request.client_id,
+            **({"agents": list(request.agents)} if request.agents else {}),
             request_id=request.id,
             server=request.server,
             method=request.method,

@@ -68,6 +68,9 @@ _MIGRATIONS = [
         PRIMARY KEY (request_id, approver)
     );
     """,
+    # A delegated call's agents, first to calling, as a JSON list ('[]' for a direct grant): the
+    # people asked see whom the calling agent works for.
+    "ALTER TABLE approval_requests ADD COLUMN agents TEXT NOT NULL DEFAULT '[]'",
 ]
 
 KINDS = ("approval", "review")
@@ -96,7 +99,7 @@ _COLUMNS = (
     "id, kind, status, binding, subject, client_id, server, method, action, target,"
     " arguments_digest, arguments, policy_version, decision_id, rules, approvers, required,"
     " self_forbidden, window_minutes, created_at, expires_at, resolved_at, used_at, used_by,"
-    " result, withheld_fields"
+    " result, withheld_fields, agents"
 )
 
 
@@ -139,6 +142,8 @@ class ApprovalRequest:
     used_at: float | None = None
     used_by: str | None = None  # the decision id of the call it unlocked
     withheld_fields: tuple[str, ...] = ()  # a review released with these paths masked
+    # A delegated call's agents, first to calling (the last is ``client_id``); () when direct.
+    agents: tuple[str, ...] = ()
     answers: tuple[Answer, ...] = field(default=())
 
     @property
@@ -153,6 +158,7 @@ class ApprovalRequest:
             "status": self.status,
             "user": self.subject,
             "agent": self.client_id,
+            "agents": list(self.agents),
             "server": self.server,
             "method": self.method,
             "action": self.action,
@@ -242,6 +248,7 @@ class ApprovalStore:
         window_minutes: int,
         seconds: float,
         result: Any = None,
+        agents: tuple[str, ...] = (),
     ) -> tuple[ApprovalRequest, bool]:
         """The pending request of this kind bound to ``binding``, made if there is none; and
         whether it was made now. Identical pending calls share one request."""
@@ -255,7 +262,7 @@ class ApprovalStore:
             self.db.execute(
                 f"INSERT INTO approval_requests ({_COLUMNS}) VALUES"
                 " (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, NULL,"
-                " NULL, ?, ?)",
+                " NULL, ?, ?, ?)",
                 (
                     request_id,
                     kind,
@@ -280,6 +287,7 @@ class ApprovalStore:
                     now + seconds,
                     None if result is None else self.sealed.seal(request_id, result),
                     "[]",
+                    json.dumps(list(agents)),
                 ),
             )
             made = self.get(request_id)
@@ -446,5 +454,6 @@ class ApprovalStore:
             used_at=row[22],
             used_by=row[23],
             withheld_fields=tuple(json.loads(row[25])),
+            agents=tuple(json.loads(row[26])),
             answers=self._answers(request_id),
         )

@@ -36,6 +36,8 @@ def payload(request: ApprovalRequest, url: str, delivery_id: str) -> dict:
     result: they are data, shown on the page after sign-in, not in a chat channel. The event and
     the delivery id are in the body too, so that they are signed (the headers are not)."""
     who = f"{shown(request.client_id)} for {shown(request.subject)}"
+    if len(request.agents) > 1:
+        who += f" through {', '.join(map(shown, request.agents[:-1]))}"
     what = f"{shown(request.method)} {shown(request.target)} on {shown(request.server)}"
     if request.kind == "review":
         text = f"{who} got a result of {what}, held for review: release or withhold it at {url}"
@@ -50,6 +52,7 @@ def payload(request: ApprovalRequest, url: str, delivery_id: str) -> dict:
             "kind": request.kind,
             "user": request.subject,
             "agent": request.client_id,
+            "agents": list(request.agents),
             "server": request.server,
             "method": request.method,
             "target": request.target,

@@ -335,6 +335,7 @@ SCHEMAS: dict[str, Any] = {
             "status",
             "user",
             "agent",
+            "agents",
             "server",
             "method",
             "action",
@@ -361,6 +362,12 @@ SCHEMAS: dict[str, Any] = {
         status={"enum": list(STATUSES)},
         user={**_STR, "description": "the user the agent acts for"},
         agent={**_STR, "description": "the agent (OAuth client id)"},
+        agents={
+            "type": "array",
+            "items": _STR,
+            "description": "a delegated call's agents, first to calling (the last is agent);"
+            " empty for an agent acting on the user's own grant",
+        },
         server=_STR,
         method=_STR,
         action=_STR,

@@ -120,9 +120,16 @@ class Holder:
         )
 
     def hold(
-        self, tool: Entity, arguments: dict | None = None, *, kind: str = "approval", result=None
+        self,
+        tool: Entity,
+        arguments: dict | None = None,
+        *,
+        kind: str = "approval",
+        result=None,
+        agents: tuple[str, ...] = (),
     ) -> ApprovalRequest:
-        """A new held call of sam's agent ``bot`` (distinct arguments each time unless given)."""
+        """A new held call of sam's agent ``bot`` (distinct arguments each time unless given);
+        ``agents``, a delegated token's chain ending with ``bot``."""
         if arguments is None:
             arguments = {"to": f"customer{next(_calls)}@example.com"}
         call = Call(
@@ -135,6 +142,7 @@ class Holder:
             tool,
             arguments,
             repr(sorted(arguments.items())),
+            agents,
         )
         rule = "requires_review" if kind == "review" else "requires_approval"
         return self.approvals.hold(call, "decision-1", (f"{rule}(...)",), {}, result=result)

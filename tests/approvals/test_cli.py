@@ -109,6 +109,19 @@ def test_show_prints_the_arguments_in_full_the_answers_and_the_audit_events(depl
     assert kinds.index("approval.requested") < kinds.index("approval.answer")
 
 
+def test_a_delegated_call_is_listed_and_shown_with_its_chain_of_agents(deployment, bastion):
+    held = deployment.holder.hold(SEND, agents=("coder", "bot"))
+    _, out, _ = bastion("approvals", "list")
+    assert "sam via coder > bot\t" in out
+    _, out, _ = bastion("approvals", "show", held.id)
+    assert "user sam, agent bot (through coder)\n" in out
+    _, out, _ = bastion("approvals", "show", held.id, "--json")
+    assert json.loads(out)["agents"] == ["coder", "bot"]
+    direct = deployment.holder.hold(SEND)
+    _, out, _ = bastion("approvals", "show", direct.id)
+    assert "user sam, agent bot\n" in out
+
+
 def test_request_ids_never_read_as_an_option_on_the_command_line():
     from bastion.approvals.store import new_request_id
 

@@ -139,13 +139,24 @@ def hold(
     arguments: dict | None = None,
     kind: str = "approval",
     result: dict | None = None,
+    agents: tuple[str, ...] = (),
 ) -> ApprovalRequest:
-    """A held call (or result), as the gateway holds it; arguments unique to this call."""
+    """A held call (or result), as the gateway holds it; arguments unique to this call.
+    ``agents``: a delegated token's chain, first to calling (ours)."""
     arguments = {"to": "x@example.com", "nonce": uuid.uuid4().hex, **(arguments or {})}
     action = "read" if resource.type == "McpResource" else "call"
     method = "resources/read" if action == "read" else "tools/call"
     call = Call(
-        kind, subject, bastion.agent, "desk", method, action, resource, arguments, uuid.uuid4().hex
+        kind,
+        subject,
+        bastion.agent,
+        "desk",
+        method,
+        action,
+        resource,
+        arguments,
+        uuid.uuid4().hex,
+        agents,
     )
     predicate = "requires_review" if kind == "review" else "requires_approval"
     rule = f"{predicate}(User{{{subject!r}}}, {action!r}, {resource!r})"
@@ -251,6 +262,23 @@ def test_sign_in_then_approve_once(bastion: Running, tab: Tab, tmp_path):
     )
     assert "avery approved page" in text_of(page)
     assert tab.console_errors == [] and tab.failed_requests == []
+
+
+def test_a_delegated_call_shows_whom_the_calling_agent_works_for(bastion: Running, tab: Tab):
+    coder = "coder <b>one</b>"
+    request = hold(bastion, agents=(coder, bastion.agent))
+    page = tab.page
+    assert open_signed_in(tab, bastion, request, "avery") == 200
+    chain = " ".join(page.get_by_role("row", name="For agents").inner_text().split())
+    assert chain == f"For agents sam \u2192 {coder} \u2192 {bastion.agent} (delegated)"
+    assert page.locator("b").count() == 0
+    # A person the request does not involve sees no more of it than before: no chain either.
+    with signed_in(bastion, "mallory") as http:
+        assert "For agents" not in http.get(urlsplit(bastion.page_url(request)).path).text
+    # A direct grant's call has no such row.
+    direct = hold(bastion)
+    page.goto(bastion.page_url(direct))
+    assert page.get_by_role("row", name="For agents").count() == 0
 
 
 def test_approve_for_minutes_gives_a_grant_that_expires(bastion: Running, tab: Tab):

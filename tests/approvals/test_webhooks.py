@@ -243,6 +243,7 @@ def test_a_new_request_is_posted_signed_and_the_receiver_verifies_it(database_ur
         "kind": "approval",
         "user": "sam",
         "agent": "bot",
+        "agents": [],
         "server": "crm",
         "method": "tools/call",
         "target": 'Tool{"crm/send"}',
@@ -665,7 +666,9 @@ def test_names_an_agent_or_upstream_chooses_cannot_add_mentions_or_links_to_the_
     async def scenario():
         await notifier.start()
         try:
-            request = await hold(approvals, the_call(client_id=agent))
+            # The agent calls for another agent, whose name is as hostile: both are shown.
+            call = dataclasses.replace(the_call(client_id=agent), agents=(agent + " 2", agent))
+            request = await hold(approvals, call)
             await eventually(lambda: state(notifier, request.id) == {url: DELIVERED}, "delivered")
         finally:
             await notifier.close()
@@ -678,8 +681,12 @@ def test_names_an_agent_or_upstream_chooses_cannot_add_mentions_or_links_to_the_
     # Outside code spans the only link is the request's page: a name cannot close its span.
     plain = re.sub(r"`[^`]*`", "", text)
     assert re.findall(r"https?://\S+", plain) == [sent["approval"]["url"]]
-    # The JSON keeps the name as it is, for a receiver that builds its own message.
+    assert text.count("?channel?") == 2, text  # the calling agent, and the one it works for
+    # The JSON keeps the names as they are, for a receiver that builds its own message.
     assert sent["approval"]["agent"] == agent
+    assert sent["approval"]["agents"] == [agent + " 2", agent]
+    [made] = approvals.audit.events(kind="approval.requested")
+    assert made.detail["agents"] == [agent + " 2", agent]
     approvals.store.db.close()
 
 

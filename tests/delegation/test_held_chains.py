@@ -83,3 +83,23 @@ def test_an_approval_given_for_one_chain_is_not_spent_by_another(studio):
     assert studio.upstream.written == written, "nothing the other chain sent reached the studio"
     assert refusal(studio.call(first, "write_svg", **draw)) == ("ok",)
     assert studio.upstream.written == [*written, ("write_svg", "icons", "approved.svg")]
+
+
+def test_the_people_asked_see_whom_the_calling_agent_works_for(studio):
+    """A held call of a sub-agent is kept with its chain, first agent to calling (the API, the
+    command line, the audit trail, the webhook's payload and the page show it): the approver
+    judges the call of an agent working for another, not of the sub-agent on its own."""
+    sub = studio.sub_agent("shown-svgbot")
+    studio.facts(
+        ("has_role", f"Agent:{sub.client_id}", "illustrator", "McpServer:studio"),
+        ("may_use_folder", f"Agent:{sub.client_id}", "icons"),
+    )
+    coder = studio.coding_agent("shown-coder")
+    studio.facts(("has_role", f"Agent:{coder.client_id}", "coder", "McpServer:studio"))
+    token = studio.user_token(coder, "sam", " ".join(SCOPES))["access_token"]
+    exchanged = studio.exchange(coder, token, studio.own_token(sub)).json()["access_token"]
+    draw = {"folder": "icons", "name": "shown.svg", "svg": "<svg/>"}
+    request = held(studio, exchanged, "write_svg", draw, "approval_pending")
+    admin = {"authorization": f"Bearer {ADMIN_KEY}"}
+    shown = studio.http.get(f"{studio.url}/v1/approvals/{request}", headers=admin).json()
+    assert (shown["agent"], shown["agents"]) == (sub.client_id, [coder.client_id, sub.client_id])
