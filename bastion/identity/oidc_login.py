@@ -55,6 +55,7 @@ from bastion.names import UNVERIFIED_EMAIL, vouched_for
 from bastion.oauth import pages, pkce
 from bastion.oauth.client_assertion import jwks_problem
 from bastion.oauth.jwks import (
+    CoalescedFetches,
     FetchLimits,
     RemoteDocumentError,
     RemoteKeySets,
@@ -144,6 +145,10 @@ class OpenIDLogin:
         self.db = server.db
         self.db.migrate("identity", _MIGRATIONS)
         self._endpoints: dict[str, _Endpoints] = {}
+        self._discovery = {
+            p.id: CoalescedFetches(FetchLimits.of_issuer(p, PROVIDERS_TABLE), self.clock)
+            for p in settings.providers
+        }
         self._key_sets = {
             p.id: RemoteKeySets(
                 FetchLimits.of_issuer(p, PROVIDERS_TABLE),
@@ -576,34 +581,45 @@ class OpenIDLogin:
     # -- the provider's metadata -----------------------------------------------------------
 
     async def _provider_endpoints(self, provider: OpenIDProvider) -> _Endpoints:
-        """The provider's endpoints from its OpenID Connect Discovery document (read once per
-        process; a failure is not remembered)."""
+        """The provider's endpoints from its OpenID Connect Discovery document: read once per
+        process, one fetch at a time, and a failure not tried again for
+        ``jwks_refetch_seconds`` (`CoalescedFetches`): anyone can press a login button."""
         known = self._endpoints.get(provider.id)
         if known is not None:
             return known
+        try:
+            return await self._discovery[provider.id].once(
+                provider.id,
+                functools.partial(self._discover, provider),
+                lambda: self._endpoints.get(provider.id),
+            )
+        except RemoteDocumentError as exc:
+            raise ProviderUnavailable(str(exc)) from None
+
+    async def _discover(self, provider: OpenIDProvider) -> _Endpoints:
         uri = f"{provider.issuer.rstrip('/')}/.well-known/openid-configuration"
         limits = FetchLimits.of_issuer(provider, PROVIDERS_TABLE)
         try:
             document = await fetch_json(uri, limits, self.transport)
         except RemoteDocumentError as exc:
-            raise ProviderUnavailable(f"its discovery document {uri} {exc}") from None
+            raise RemoteDocumentError(f"its discovery document {uri} {exc}") from None
         # OpenID Connect Discovery §4.3: the document names the very issuer asked.
         if not isinstance(document, dict) or document.get("issuer") != provider.issuer:
-            raise ProviderUnavailable(f"{uri} is not the metadata of {provider.issuer}")
+            raise RemoteDocumentError(f"{uri} is not the metadata of {provider.issuer}")
         found = {}
         for name in ("authorization_endpoint", "token_endpoint", "jwks_uri"):
             problem = url_problem(document.get(name))
             if problem:
-                raise ProviderUnavailable(f"its metadata has no usable {name}: {problem}")
+                raise RemoteDocumentError(f"its metadata has no usable {name}: {problem}")
             found[name] = document[name]
         userinfo = document.get("userinfo_endpoint") or ""
         if userinfo and url_problem(userinfo):
-            raise ProviderUnavailable(f"its metadata has no usable userinfo_endpoint: {userinfo!r}")
+            raise RemoteDocumentError(f"its metadata has no usable userinfo_endpoint: {userinfo!r}")
         if provider.userinfo and not userinfo:
-            raise ProviderUnavailable("it has no userinfo_endpoint, and userinfo = true")
+            raise RemoteDocumentError("it has no userinfo_endpoint, and userinfo = true")
         methods = document.get("code_challenge_methods_supported")
         if isinstance(methods, list) and "S256" not in methods:
-            raise ProviderUnavailable("it does not support PKCE S256")
+            raise RemoteDocumentError("it does not support PKCE S256")
         endpoints = _Endpoints(
             found["authorization_endpoint"],
             found["token_endpoint"],

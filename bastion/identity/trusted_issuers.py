@@ -37,6 +37,7 @@ from bastion.oauth.client_metadata_document import MAX_CLIENT_ID_URL
 from bastion.oauth.dpop import token_key
 from bastion.oauth.errors import InvalidToken
 from bastion.oauth.jwks import (
+    CoalescedFetches,
     FetchLimits,
     RemoteDocumentError,
     RemoteKeySets,
@@ -276,6 +277,10 @@ class TrustedIssuers:
         }
         # issuer -> its jwks_uri and introspection endpoint, from the configuration or metadata
         self._endpoints: dict[str, tuple[str, str]] = {}
+        self._discovery = {
+            i.issuer: CoalescedFetches(FetchLimits.of_issuer(i, ISSUERS_TABLE), clock)
+            for i in issuers
+        }
         # (token digest, server) -> what verifying it found, until it expires
         self._tokens: dict[tuple[bytes, str], _Remembered] = {}
         self._lock = threading.Lock()
@@ -508,35 +513,40 @@ class TrustedIssuers:
 
     async def _endpoints_of(self, issuer: TrustedIssuer) -> tuple[str, str]:
         """The issuer's jwks_uri and introspection endpoint: configured, or read once from its
-        OpenID Connect Discovery document, else its RFC 8414 metadata."""
+        OpenID Connect Discovery document, else its RFC 8414 metadata (one fetch at a time, a
+        failure not tried again for ``jwks_refetch_seconds``: `CoalescedFetches`)."""
         known = self._endpoints.get(issuer.issuer)
         if known is not None:
             return known
+        try:
+            return await self._discovery[issuer.issuer].once(
+                issuer.issuer,
+                partial(self._find_endpoints, issuer),
+                lambda: self._endpoints.get(issuer.issuer),
+            )
+        except RemoteDocumentError as exc:
+            raise IssuerUnavailable(str(exc)) from None
+
+    async def _find_endpoints(self, issuer: TrustedIssuer) -> tuple[str, str]:
         if issuer.jwks_uri and (issuer.introspection_endpoint or not issuer.introspects):
             found = (issuer.jwks_uri, issuer.introspection_endpoint)
         else:
-            metadata = await self._metadata(issuer)
+            limits = FetchLimits.of_issuer(issuer, ISSUERS_TABLE)
+            metadata = await issuer_metadata(issuer.issuer, limits, self.transport)
             jwks_uri = issuer.jwks_uri or metadata.get("jwks_uri")
             endpoint = issuer.introspection_endpoint or metadata.get("introspection_endpoint", "")
             for name, value in (("jwks_uri", jwks_uri), ("introspection_endpoint", endpoint)):
                 if (value or name == "jwks_uri") and url_problem(value):
-                    raise IssuerUnavailable(
+                    raise RemoteDocumentError(
                         f"the metadata of {issuer.issuer} has no usable {name}: {value!r}"
                     )
             if issuer.introspects and not endpoint:
-                raise IssuerUnavailable(
+                raise RemoteDocumentError(
                     f"{issuer.issuer} offers no introspection_endpoint; configure one"
                 )
             found = (jwks_uri, endpoint)
         self._endpoints[issuer.issuer] = found
         return found
-
-    async def _metadata(self, issuer: TrustedIssuer) -> dict[str, Any]:
-        limits = FetchLimits.of_issuer(issuer, ISSUERS_TABLE)
-        try:
-            return await issuer_metadata(issuer.issuer, limits, self.transport)
-        except RemoteDocumentError as exc:
-            raise IssuerUnavailable(str(exc)) from None
 
     async def _introspect(self, issuer: TrustedIssuer, token: str) -> None:
         """RFC 7662: refuse a token its issuer says is not active; `IssuerUnavailable` when the

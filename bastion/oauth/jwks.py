@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import anyio
@@ -25,6 +25,8 @@ from joserfc.jws import CompactSignature
 
 from bastion import untrusted_json
 from bastion.tls import fetching_client
+
+_T = TypeVar("_T")
 
 
 class RemoteDocumentError(Exception):
@@ -184,13 +186,68 @@ async def issuer_metadata(
     raise RemoteDocumentError("; ".join(problems))
 
 
-class RemoteKeySets:
+class CoalescedFetches:
+    """Fetches of one kind, per key (a URI, an issuer): one at a time, and a failure remembered.
+
+    The requests that need a key while it is being fetched wait for that fetch, instead of each
+    starting its own; a fetch that failed is not tried again for ``refetch_seconds``: the
+    requests that need the key meanwhile are refused at once with its reason. Anyone can make
+    bastion need a remote document (a token naming a trusted issuer, a login button, a client
+    assertion), so without this an issuer that is down or slow was asked once per request, each
+    held up to ``timeout_seconds``. What a fetch found is the caller's to keep.
+    """
+
+    def __init__(self, limits: FetchLimits, clock: Callable[[], float] = time.time) -> None:
+        self.limits = limits
+        self.clock = clock
+        self._fetching: dict[str, asyncio.Lock] = {}
+        # key -> (when its last fetch failed, why)
+        self._failed: dict[str, tuple[float, str]] = {}
+
+    async def once(
+        self, key: str, fetch: Callable[[], Awaitable[_T]], kept: Callable[[], _T | None]
+    ) -> _T:
+        """``fetch()``'s answer for ``key``, or what ``kept()`` holds by the time no other fetch
+        of it is under way (another request's fetch found it meanwhile). `RemoteDocumentError`
+        when the fetch fails, or failed less than ``refetch_seconds`` ago."""
+        lock = self._fetching.setdefault(key, asyncio.Lock())
+        try:
+            async with lock:
+                found = kept()
+                if found is not None:
+                    return found
+                self._refuse_if_failed_lately(key)
+                try:
+                    value = await fetch()
+                except RemoteDocumentError as e:
+                    _remember(self._failed, key, (self.clock(), str(e)), self.limits.max_cached)
+                    raise
+                self._failed.pop(key, None)
+                return value
+        finally:
+            # A lock is kept only while a fetch of its key is under way: the keys may be as
+            # many as clients register, and one asked once would otherwise hold its lock for good.
+            if not lock.locked() and self._fetching.get(key) is lock:
+                del self._fetching[key]
+
+    def _refuse_if_failed_lately(self, key: str) -> None:
+        failed = self._failed.get(key)
+        if failed is None:
+            return
+        age = self.clock() - failed[0]
+        if age < self.limits.refetch_seconds:
+            raise RemoteDocumentError(
+                f"{failed[1]} ({age:.0f} s ago; fetched again {self.limits.refetch_seconds:g} s"
+                " after a failure" + _named(self.limits.refetch_setting) + ")"
+            )
+
+
+class RemoteKeySets(CoalescedFetches):
     """Key sets fetched from ``jwks_uri``s, cached per URI (one implementation for every caller).
 
     ``check(document)`` returns why a fetched document is not an acceptable key set, or None.
-    A fetch that failed is not tried again for ``refetch_seconds``: the requests that need the
-    set meanwhile (a poll's batch of SETs, every token of an issuer that is down) are refused at
-    once with its reason, instead of each waiting out a fetch of its own.
+    Fetches are coalesced and failures remembered (`CoalescedFetches`): a poll's batch of SETs,
+    or every token of an issuer that is down, waits on one fetch or is refused with its reason.
     """
 
     def __init__(
@@ -200,14 +257,10 @@ class RemoteKeySets:
         clock: Callable[[], float] = time.time,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
-        self.limits = limits
+        super().__init__(limits, clock)
         self.check = check
-        self.clock = clock
         self.transport = transport
         self._fetched: dict[str, _Fetched] = {}
-        self._fetching: dict[str, asyncio.Lock] = {}
-        # uri -> (when its last fetch failed, why)
-        self._failed: dict[str, tuple[float, str]] = {}
 
     async def keys(self, uri: str, kid: str | None) -> KeySet:
         """The key set at ``uri``: cached while young and holding ``kid``; fetched again for a
@@ -220,44 +273,21 @@ class RemoteKeySets:
             may_refetch = now - cached.fetched_at >= self.limits.refetch_seconds
             if young and (known or not may_refetch):
                 return cached.keys
-        lock = self._fetching.setdefault(uri, asyncio.Lock())
-        try:
-            async with lock:
-                again = self._fetched.get(uri)
-                if again is not None and again is not cached:
-                    return again.keys  # fetched by another request while this one waited
-                self._refuse_if_failed_lately(uri)
-                try:
-                    keys = await self._fetch(uri)
-                except RemoteDocumentError as e:
-                    _remember(self._failed, uri, (self.clock(), str(e)), self.limits.max_cached)
-                    raise
-                self._failed.pop(uri, None)
-                _remember(self._fetched, uri, _Fetched(keys, self.clock()), self.limits.max_cached)
-                return keys
-        finally:
-            # A lock is kept only while a fetch of its URI is under way: the URIs are as many as
-            # clients register, and one asked once would otherwise hold its lock for good.
-            if not lock.locked() and self._fetching.get(uri) is lock:
-                del self._fetching[uri]
 
-    def _refuse_if_failed_lately(self, uri: str) -> None:
-        failed = self._failed.get(uri)
-        if failed is None:
-            return
-        age = self.clock() - failed[0]
-        if age < self.limits.refetch_seconds:
-            raise RemoteDocumentError(
-                f"{failed[1]} ({age:.0f} s ago; fetched again {self.limits.refetch_seconds:g} s"
-                " after a failure" + _named(self.limits.refetch_setting) + ")"
-            )
+        def fetched_meanwhile() -> KeySet | None:
+            again = self._fetched.get(uri)
+            return again.keys if again is not None and again is not cached else None
+
+        return await self.once(uri, lambda: self._fetch(uri), fetched_meanwhile)
 
     async def _fetch(self, uri: str) -> KeySet:
         document = await fetch_json(uri, self.limits, self.transport)
         problem = self.check(document)
         if problem:
             raise RemoteDocumentError(f"sent no acceptable key set: {problem}")
-        return await anyio.to_thread.run_sync(KeySet.import_key_set, document)
+        keys = await anyio.to_thread.run_sync(KeySet.import_key_set, document)
+        _remember(self._fetched, uri, _Fetched(keys, self.clock()), self.limits.max_cached)
+        return keys
 
 
 def _remember(kept: dict[str, Any], uri: str, value: Any, most: int) -> None:

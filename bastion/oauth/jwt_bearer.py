@@ -25,6 +25,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -43,6 +44,7 @@ from bastion.oauth.client_assertion import (
 )
 from bastion.oauth.errors import InvalidGrant, InvalidScope, InvalidTarget, OAuthError
 from bastion.oauth.jwks import (
+    CoalescedFetches,
     FetchLimits,
     RemoteDocumentError,
     RemoteKeySets,
@@ -219,6 +221,10 @@ class IdentityAssertionGrant:
             for i in self.id_jag.issuers
         }
         self._jwks_uris: dict[str, str] = {}
+        self._discovery = {
+            i.issuer: CoalescedFetches(FetchLimits.of_issuer(i, ID_JAG_TABLE), self.clock)
+            for i in self.id_jag.issuers
+        }
 
     # -- the grant (a worker thread: `TokenEndpoint.exchange`) ---------------------------------
 
@@ -310,9 +316,16 @@ class IdentityAssertionGrant:
             ) from None
 
     async def _jwks_uri(self, idp: TrustedIdp) -> str:
+        """The provider's jwks_uri: configured, or read once from its metadata (one fetch at a
+        time, a failure not tried again for ``jwks_refetch_seconds``: `CoalescedFetches`)."""
         known = idp.jwks_uri or self._jwks_uris.get(idp.issuer)
         if known:
             return known
+        return await self._discovery[idp.issuer].once(
+            idp.issuer, partial(self._find_jwks_uri, idp), lambda: self._jwks_uris.get(idp.issuer)
+        )
+
+    async def _find_jwks_uri(self, idp: TrustedIdp) -> str:
         limits = FetchLimits.of_issuer(idp, ID_JAG_TABLE)
         uri = (await issuer_metadata(idp.issuer, limits, self.transport)).get("jwks_uri")
         problem = jwks_uri_problem(uri)

@@ -39,7 +39,8 @@ SCOPES = "customers:read customers:write"
 class EnterpriseIdp:
     """Identity providers on one server: ``acme`` (found by OpenID Connect Discovery), ``other``
     (its jwks_uri configured), each with its own key under the same kid, and ``big`` (its
-    jwks_uri configured, its key set larger than bastion takes from it)."""
+    jwks_uri configured, its key set larger than bastion takes from it), and ``down`` (its
+    metadata answers 503 wherever it is asked; ``down_asked`` counts the asking)."""
 
     __test__ = False
 
@@ -49,9 +50,12 @@ class EnterpriseIdp:
             for name in ("acme", "other", "big", "mail", "corp")
         }
         self.url = ""
+        self.down_asked = 0
         self.app = Starlette(
             routes=[
                 Route("/acme/.well-known/openid-configuration", self.discovery),
+                Route("/down/.well-known/openid-configuration", self.down),
+                Route("/.well-known/oauth-authorization-server/down", self.down),
                 Route("/{name}/jwks", self.jwks),
             ]
         )
@@ -61,6 +65,10 @@ class EnterpriseIdp:
 
     async def discovery(self, request: Request) -> Response:
         return JSONResponse({"issuer": self.issuer(), "jwks_uri": f"{self.issuer()}/jwks"})
+
+    async def down(self, request: Request) -> Response:
+        self.down_asked += 1
+        return JSONResponse({"error": "down"}, status_code=503)
 
     async def jwks(self, request: Request) -> Response:
         key = self.keys[request.path_params["name"]]
@@ -129,6 +137,7 @@ def bastion(tmp_path_factory, idp):
                     "jwks_uri": f"{idp.issuer('big')}/jwks",
                     "max_document_bytes": 64,
                 },
+                {"issuer": idp.issuer("down"), "jwks_refetch_seconds": 3600},
             ]
         },
     }
@@ -267,6 +276,22 @@ def test_a_request_for_more_scopes_than_the_id_jag_grants_is_refused(bastion, id
 def test_a_request_for_another_resource_than_the_id_jags_is_refused(bastion, idp, agent):
     jag = idp.id_jag(bastion, agent["client_id"])
     refused(present(bastion, agent, jag, resource=bastion.mcp_url("labhttp")), "invalid_target")
+
+
+def test_a_provider_whose_metadata_failed_is_not_asked_again_until_jwks_refetch_seconds(
+    bastion, idp, agent
+):
+    """Each ID-JAG naming a provider that is down asked for its metadata again (twice:
+    discovery, then RFC 8414), each fetch held up to timeout_seconds."""
+    answers = []
+    for _ in range(3):
+        jag = idp.id_jag(bastion, agent["client_id"], iss=idp.issuer("down"))
+        response = present(bastion, agent, jag)
+        assert response.status_code == 503, response.text
+        answers.append(response.json()["error_description"])
+    assert idp.down_asked == 2  # the first ID-JAG's two fetches; none for the next two
+    assert all("openid-configuration answered HTTP 503" in a for a in answers)
+    assert "([[oauth.id_jag.issuers]] jwks_refetch_seconds)" in answers[-1]
 
 
 def test_a_replayed_id_jag_is_refused(bastion, idp, agent):
