@@ -10,7 +10,9 @@ now; ``jti`` is used once: every accepted ``(client_id, jti)`` is written to the
 every replica shares, until the assertion has expired, and a second use is refused. Only the
 asymmetric algorithms of ``[oauth.client_assertion].algorithms`` are accepted (never ``none``,
 never an HMAC keyed with a public key). Signatures are checked in a worker thread; a ``jwks_uri``
-is fetched without blocking the event loop, with a timeout, a size cap and a cache.
+is fetched without blocking the event loop, with a timeout, a size cap and a cache, and, for a
+client registered at /register (its registrant chose the URL), from public addresses only
+(`bastion.egress`) unless ``allow_private_addresses``.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import ipaddress
 import json
 import time
 from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import replace
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -173,20 +176,26 @@ class ClientAssertions:
         self.audiences = audiences
         self.leeway = leeway_seconds
         self.clock = clock
-        self.key_sets = RemoteKeySets(
-            FetchLimits(
-                timeout_seconds=settings.jwks_timeout_seconds,
-                max_bytes=settings.jwks_max_bytes,
-                cache_seconds=settings.jwks_cache_seconds,
-                refetch_seconds=settings.jwks_refetch_seconds,
-                max_cached=settings.jwks_max_cached,
-                time_setting="[oauth.client_assertion] jwks_timeout_seconds",
-                bytes_setting="[oauth.client_assertion] jwks_max_bytes",
-                refetch_setting="[oauth.client_assertion] jwks_refetch_seconds",
-            ),
-            check=jwks_problem,
-            clock=clock,
-            transport=transport,
+        limits = FetchLimits(
+            timeout_seconds=settings.jwks_timeout_seconds,
+            max_bytes=settings.jwks_max_bytes,
+            cache_seconds=settings.jwks_cache_seconds,
+            refetch_seconds=settings.jwks_refetch_seconds,
+            max_cached=settings.jwks_max_cached,
+            time_setting="[oauth.client_assertion] jwks_timeout_seconds",
+            bytes_setting="[oauth.client_assertion] jwks_max_bytes",
+            refetch_setting="[oauth.client_assertion] jwks_refetch_seconds",
+            private_setting="[oauth.client_assertion] allow_private_addresses",
+        )
+        # An administrator's client: its jwks_uri is the deployment's choice, fetched as given.
+        self.key_sets = RemoteKeySets(limits, jwks_problem, clock, transport)
+        # A client registered at /register: its registrant chose the jwks_uri, and anyone who
+        # knows the client_id makes bastion fetch it, so only from public addresses (SSRF).
+        self.registered_key_sets = RemoteKeySets(
+            replace(limits, public_only=not settings.allow_private_addresses),
+            jwks_problem,
+            clock,
+            transport,
         )
         self.spent = SpentJtis(db)
 
@@ -244,8 +253,9 @@ class ClientAssertions:
         uri = client.metadata.get("jwks_uri")
         if not isinstance(uri, str):
             raise InvalidClient(f"client {client.client_id!r} has no registered keys")
+        key_sets = self.key_sets if client.vouched_for else self.registered_key_sets
         try:
-            return await self.key_sets.keys(uri, kid)
+            return await key_sets.keys(uri, kid)
         except RemoteDocumentError as exc:
             raise InvalidClient(f"the client's jwks_uri {exc}") from None
 

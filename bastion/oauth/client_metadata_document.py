@@ -12,8 +12,6 @@ while, so a failing URL is not fetched again on every request that names it.
 
 from __future__ import annotations
 
-import ipaddress
-import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -23,6 +21,7 @@ import anyio
 import httpx
 
 from bastion import untrusted_json
+from bastion.egress import AddressRefused, pinned
 from bastion.oauth.errors import OAuthError
 from bastion.oauth.jwks import RemoteDocumentError, read_body
 from bastion.oauth.redirect_uris import redirect_uri_problem, uri_syntax_problem
@@ -40,44 +39,6 @@ class ClientMetadataDocumentError(OAuthError):
 
     def __init__(self, url: str, description: str) -> None:
         super().__init__("invalid_client", f"client metadata document {url}: {description}", 401)
-
-
-# IPv6 forms that carry an IPv4 address the packets end up at: NAT64 (RFC 6052), 6to4 (RFC 3056),
-# Teredo (RFC 4380) and IPv4-compatible addresses (RFC 4291 §2.5.5.1, deprecated but routable by
-# some stacks). IPv4-mapped addresses (::ffff:0:0/96) are read by ``ipv4_mapped``.
-_NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
-# RFC 8215: a translator's local-use prefix; what it reaches is the operator's own network.
-_NAT64_LOCAL = ipaddress.IPv6Network("64:ff9b:1::/48")
-_SIX_TO_FOUR = ipaddress.IPv6Network("2002::/16")
-_TEREDO = ipaddress.IPv6Network("2001::/32")
-_IPV4_COMPATIBLE = ipaddress.IPv6Network("::/96")
-
-
-def embedded_ipv4(address: ipaddress.IPv6Address) -> tuple[ipaddress.IPv4Address, ...] | None:
-    """The IPv4 addresses an IPv6 address leads to (a Teredo address has two: its server and its
-    client), or None when it is not one of the forms that embed one."""
-    if address.ipv4_mapped is not None:
-        return (address.ipv4_mapped,)
-    if address in _TEREDO:
-        server, client = address.teredo
-        return (server, client)
-    if address in _SIX_TO_FOUR:
-        return (address.sixtofour,)
-    if address in _NAT64 or (address in _IPV4_COMPATIBLE and int(address) > 1):
-        return (ipaddress.IPv4Address(int(address) & 0xFFFFFFFF),)
-    return None
-
-
-def is_public_address(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
-    """Whether a fetch may connect to ``address``: globally reachable, and not a private,
-    loopback, link-local, shared (CGNAT), reserved or multicast address, even wrapped in IPv6."""
-    if isinstance(address, ipaddress.IPv6Address):
-        if address in _NAT64_LOCAL:
-            return False
-        inner = embedded_ipv4(address)
-        if inner is not None:
-            return all(is_public_address(v4) for v4 in inner)
-    return address.is_global and not address.is_multicast
 
 
 # The most characters of a client_id that is a metadata document's URL. It is stored in indexed
@@ -217,24 +178,6 @@ class ClientMetadataDocuments:
                 del table[next(iter(table))]
         table[url] = entry
 
-    async def _checked_address(
-        self, url: str, host: str, port: int
-    ) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
-        """The address to connect to: ``host`` resolved once, every address it gave public."""
-        try:
-            infos = await anyio.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-        except OSError as exc:
-            raise ClientMetadataDocumentError(url, f"cannot resolve {host}") from exc
-        addresses = [ipaddress.ip_address(info[4][0]) for info in infos]
-        if not addresses:
-            raise ClientMetadataDocumentError(url, f"cannot resolve {host}")
-        for address in addresses:
-            if not is_public_address(address):
-                raise ClientMetadataDocumentError(
-                    url, f"{host} resolves to non-public address {address}; refused"
-                )
-        return addresses[0]
-
     async def _fetch(self, url: str) -> dict[str, Any]:
         """The document, fetched within one deadline for all of it: httpx's own timeouts bound
         each read, so a server that trickles its headers or body could hold a fetch for ever."""
@@ -260,13 +203,13 @@ class ClientMetadataDocuments:
         headers = {"Accept": "application/json"}
         extensions: dict[str, Any] = {}
         if not self.settings.allow_private_addresses:
-            name = target.raw_host.decode("ascii")
-            address = await self._checked_address(url, name, target.port or 443)
             # To the address checked, by the name: Host and TLS (SNI, the certificate's name)
             # are the document's; only where the connection goes is fixed.
-            headers["Host"] = target.netloc.decode("ascii")
-            extensions["sni_hostname"] = name
-            target = target.copy_with(host=str(address))
+            try:
+                target, named, extensions = await pinned(target)
+            except AddressRefused as exc:
+                raise ClientMetadataDocumentError(url, str(exc)) from None
+            headers.update(named)
         ca_file = self.settings.ca_file
         verify = file_context(ca_file) if ca_file else None
         limit = self.settings.max_bytes

@@ -24,6 +24,7 @@ from joserfc.jwk import Key, KeySet
 from joserfc.jws import CompactSignature
 
 from bastion import untrusted_json
+from bastion.egress import AddressRefused, pinned
 from bastion.tls import fetching_client
 
 _T = TypeVar("_T")
@@ -48,6 +49,10 @@ class FetchLimits:
     time_setting: str = ""
     bytes_setting: str = ""
     refetch_setting: str = ""
+    # Connect only to public addresses (`bastion.egress.pinned`): the URI is someone else's
+    # choice. ``private_setting`` names the setting that allows private ones.
+    public_only: bool = False
+    private_setting: str = ""
 
     @classmethod
     def of_issuer(cls, settings: Any, table: str) -> FetchLimits:
@@ -93,13 +98,18 @@ async def fetch(
     """One request to another party (`bastion.tls.fetching_client`: no redirect followed), its
     whole answer within ``limits``: (the status, the body; the body left unread, empty, when
     the status is not among ``only``). `RemoteDocumentError` when it does not answer in time,
-    sends more than the limit or cannot be reached. ``request``: httpx's (data, json, auth,
-    headers)."""
+    sends more than the limit, cannot be reached, or (``limits.public_only``) its host is not
+    public. ``request``: httpx's (data, json, auth, headers)."""
+    extensions: dict[str, Any] = {}
     try:
+        target = httpx.URL(uri)
         with anyio.fail_after(limits.timeout_seconds):
+            if limits.public_only:
+                target, named, extensions = await pinned(target)
+                request["headers"] = {**request.get("headers", {}), **named}
             async with (
                 fetching_client(transport) as http,
-                http.stream(method, uri, **request) as response,
+                http.stream(method, target, extensions=extensions, **request) as response,
             ):
                 status = response.status_code
                 if only is not None and status not in only:
@@ -109,6 +119,8 @@ async def fetch(
         raise RemoteDocumentError(
             f"did not answer within {limits.timeout_seconds} s" + _named(limits.time_setting)
         ) from None
+    except AddressRefused as exc:
+        raise RemoteDocumentError(f"{exc}" + _named(limits.private_setting)) from None
     except httpx.HTTPError as exc:
         raise RemoteDocumentError(f"cannot be fetched: {exc}") from None
 

@@ -128,6 +128,10 @@ class ClientAssertionSettings:
     jwks_refetch_seconds: int = 30
     # Key sets of distinct jwks_uris kept per process.
     jwks_max_cached: int = 1000
+    # Fetch the jwks_uri of a client registered at /register (its registrant's choice) from
+    # private, loopback and link-local addresses too. An administrator's client is fetched as
+    # given either way.
+    allow_private_addresses: bool = False
 
 
 @dataclass(frozen=True)
@@ -422,12 +426,24 @@ def _client_assertion(value: Any) -> ClientAssertionSettings:
 
     if not isinstance(value, Mapping):
         raise SettingsError("oauth.client_assertion: a table")
-    numbers = {k: v for k, v in value.items() if k != "algorithms"}
+    others = ("algorithms", "allow_private_addresses")
+    numbers = {k: v for k, v in value.items() if k not in others}
     settings = _limits("client_assertion", numbers, ClientAssertionSettings)
     algorithms = value.get("algorithms", list(settings.algorithms))
     if problem := algorithms_problem(algorithms):
         raise SettingsError(f"oauth.client_assertion.algorithms: {problem}")
-    return ClientAssertionSettings(**{**settings.__dict__, "algorithms": tuple(algorithms)})
+    private = value.get("allow_private_addresses", False)
+    if not isinstance(private, bool):
+        raise SettingsError(
+            f"oauth.client_assertion.allow_private_addresses: true or false, got {private!r}"
+        )
+    return ClientAssertionSettings(
+        **{
+            **settings.__dict__,
+            "algorithms": tuple(algorithms),
+            "allow_private_addresses": private,
+        }
+    )
 
 
 def _dpop(value: Any) -> DPoPSettings:

@@ -10,6 +10,7 @@ import hashlib
 import hmac
 import json
 import time
+from functools import partial
 
 import anyio
 import httpx2
@@ -30,6 +31,7 @@ from bastion.db import Database
 from bastion.facts.model import Entity
 from bastion.oauth.client_assertion import ClientAssertions
 from bastion.oauth.settings import ClientAssertionSettings
+from bastion.oauth.store import Client
 from tests.delegation.agent_support import (
     ASSERTION_TYPE,
     assertion,
@@ -415,6 +417,81 @@ def test_a_key_client_registered_with_an_initial_access_token_gets_tokens(bastio
     assert "client_secret" not in registered and registered["jwks"] == public_jwks(key)
     signed = assertion(key, registered["client_id"], bastion.url)
     assert token_request(bastion, signed).status_code == 200
+
+
+def register_jwks_uri(bastion, jwks_uri: str) -> str:
+    """A key client registered at /register with an initial access token, naming its jwks_uri."""
+    answer = bastion.http.post(
+        f"{bastion.url}/register",
+        headers={"Authorization": f"Bearer {INITIAL_TOKEN}"},
+        json={
+            "client_name": "agent naming its own key url",
+            "token_endpoint_auth_method": "private_key_jwt",
+            "grant_types": ["client_credentials"],
+            "scope": SCOPE,
+            "jwks_uri": jwks_uri,
+        },
+    )
+    assert answer.status_code == 201, answer.text
+    return answer.json()["client_id"]
+
+
+@pytest.mark.parametrize(
+    "origin", ["http://127.0.0.1", "http://localhost", "https://[::ffff:127.0.0.1]"]
+)
+def test_a_jwks_uri_registered_at_register_is_not_fetched_from_a_private_address(
+    bastion, published, origin
+):
+    """SSRF: a holder of an initial access token names its client's jwks_uri, and anyone who
+    knows the client_id makes bastion fetch it (an assertion naming the client). It was fetched
+    as given, so it reached the loopback and the operator's private network, and the refusal
+    said what was there ("answered HTTP 404", "connection refused"). As with client ID metadata
+    documents, the name is resolved and every address must be public, unless
+    [oauth.client_assertion] allow_private_addresses; an administrator's client is exempt."""
+    keys, url = published
+    key = new_key("inside")
+    keys.body = json.dumps(public_jwks(key)).encode()
+    port = url.split(":")[2].split("/")[0]
+    client_id = register_jwks_uri(bastion, f"{origin}:{port}/jwks.json?{origin}")
+    before = keys.fetches
+    answer = token_request(bastion, assertion(key, client_id, bastion.url))
+    refused(answer, "resolves to non-public address")
+    assert "[oauth.client_assertion] allow_private_addresses" in answer.json()["error_description"]
+    assert keys.fetches == before  # nothing was asked of it
+
+
+def test_a_registered_jwks_uri_on_a_private_address_is_fetched_where_allowed(published, sqlite_url):
+    """With allow_private_addresses (a deployment whose agents publish keys inside its
+    network, or these tests), a registered client's loopback jwks_uri is fetched."""
+    keys, url = published
+    key = new_key("allowed")
+    keys.body = json.dumps(public_jwks(key)).encode()
+    settings = ClientAssertionSettings(allow_private_addresses=True)
+    checked = ClientAssertions(settings, Database(sqlite_url), ("https://a",), 30)
+    client = dynamic_key_client("allowed-agent", f"{url}?allowed")
+    signed = assertion(key, client.client_id, "https://a")
+    found = anyio.run(checked.authenticate, signed, None, partial(_found, client))
+    assert found.client_id == client.client_id
+
+
+async def _found(client, client_id: str):
+    return client if client_id == client.client_id else None
+
+
+def dynamic_key_client(client_id: str, jwks_uri: str) -> Client:
+    return Client(
+        client_id=client_id,
+        client_name=client_id,
+        redirect_uris=(),
+        grant_types=("client_credentials",),
+        token_endpoint_auth_method="private_key_jwt",
+        scope=SCOPE,
+        source="dynamic",
+        may_introspect=False,
+        metadata={"jwks_uri": jwks_uri},
+        created_at=time.time(),
+        revoked_at=None,
+    )
 
 
 def test_registration_refuses_private_keys_and_plain_http_key_urls(config, capsys, tmp_path):

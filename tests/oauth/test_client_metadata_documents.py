@@ -17,8 +17,9 @@ from starlette.applications import Starlette
 from starlette.responses import Response
 from starlette.routing import Route
 
-from bastion.oauth import client_metadata_document
-from bastion.oauth.client_metadata_document import ClientMetadataDocuments, is_public_address
+from bastion import egress
+from bastion.egress import is_public_address
+from bastion.oauth.client_metadata_document import ClientMetadataDocuments
 from bastion.oauth.errors import OAuthError
 from bastion.oauth.settings import ClientMetadataDocumentSettings
 
@@ -481,7 +482,7 @@ def test_a_checked_address_is_fetched_by_its_name(tmp_path, monkeypatch):
     monkeypatch.setattr(socket, "getaddrinfo", resolving)
     loopback = ipaddress.ip_address("127.0.0.1")
     monkeypatch.setattr(
-        client_metadata_document,
+        egress,
         "is_public_address",
         lambda address: address == loopback,  # here, the loopback stands for a public host
     )

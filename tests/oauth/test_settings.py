@@ -18,6 +18,7 @@ def test_defaults_are_safe():
     assert settings.registration == "open"
     assert settings.access_token_seconds == 300
     assert settings.client_metadata.allow_private_addresses is False
+    assert settings.client_assertion.allow_private_addresses is False
     assert settings.client_metadata.max_bytes == 5120
     assert settings.client_metadata.timeout_seconds == 5.0
     assert settings.client_metadata.failure_cache_seconds == 30
@@ -36,6 +37,10 @@ def test_defaults_are_safe():
     ("change", "key"),
     [
         ({"issuer": "http://auth.example.com"}, "oauth.issuer"),
+        (
+            {"client_assertion": {"allow_private_addresses": 1}},
+            "oauth.client_assertion.allow_private_addresses",
+        ),
         ({"issuer": "https://auth.example.com?x=1"}, "oauth.issuer"),
         ({"issuer": None}, "oauth.issuer"),
         ({"resources": []}, "oauth.resources"),

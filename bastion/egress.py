@@ -1,0 +1,80 @@
+"""Where bastion's requests to addresses someone else chose may go: public addresses only.
+
+A client ID metadata document's URL is chosen by whoever names it as a client_id, a registered
+client's ``jwks_uri`` by whoever registered it: fetched as given, they reached the loopback,
+the cloud's metadata service (169.254.169.254) and the operator's private network (SSRF), and
+the refusal told what was there. `pinned` resolves the name once, refuses unless every address
+it gave is public, and has the connection made to the address it checked (a name resolved
+again could lead elsewhere: DNS rebinding), with the request and TLS still the name's.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+from typing import Any
+
+import anyio
+import httpx
+
+# IPv6 forms that carry an IPv4 address the packets end up at: NAT64 (RFC 6052), 6to4 (RFC 3056),
+# Teredo (RFC 4380) and IPv4-compatible addresses (RFC 4291 §2.5.5.1, deprecated but routable by
+# some stacks). IPv4-mapped addresses (::ffff:0:0/96) are read by ``ipv4_mapped``.
+_NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
+# RFC 8215: a translator's local-use prefix; what it reaches is the operator's own network.
+_NAT64_LOCAL = ipaddress.IPv6Network("64:ff9b:1::/48")
+_SIX_TO_FOUR = ipaddress.IPv6Network("2002::/16")
+_TEREDO = ipaddress.IPv6Network("2001::/32")
+_IPV4_COMPATIBLE = ipaddress.IPv6Network("::/96")
+
+
+def embedded_ipv4(address: ipaddress.IPv6Address) -> tuple[ipaddress.IPv4Address, ...] | None:
+    """The IPv4 addresses an IPv6 address leads to (a Teredo address has two: its server and its
+    client), or None when it is not one of the forms that embed one."""
+    if address.ipv4_mapped is not None:
+        return (address.ipv4_mapped,)
+    if address in _TEREDO:
+        server, client = address.teredo
+        return (server, client)
+    if address in _SIX_TO_FOUR:
+        return (address.sixtofour,)
+    if address in _NAT64 or (address in _IPV4_COMPATIBLE and int(address) > 1):
+        return (ipaddress.IPv4Address(int(address) & 0xFFFFFFFF),)
+    return None
+
+
+def is_public_address(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    """Whether a fetch may connect to ``address``: globally reachable, and not a private,
+    loopback, link-local, shared (CGNAT), reserved or multicast address, even wrapped in IPv6."""
+    if isinstance(address, ipaddress.IPv6Address):
+        if address in _NAT64_LOCAL:
+            return False
+        inner = embedded_ipv4(address)
+        if inner is not None:
+            return all(is_public_address(v4) for v4 in inner)
+    return address.is_global and not address.is_multicast
+
+
+class AddressRefused(Exception):
+    """The URL's host cannot be resolved, or resolves to an address that is not public."""
+
+
+async def pinned(url: httpx.URL) -> tuple[httpx.URL, dict[str, str], dict[str, Any]]:
+    """``url`` with its host replaced by the one address to connect to, and the headers and
+    request extensions that keep the request and TLS the name's (``Host``, SNI and the
+    certificate's name). `AddressRefused` unless every address the name resolves to is public."""
+    name = url.raw_host.decode("ascii")
+    default_port = 443 if url.scheme == "https" else 80
+    try:
+        infos = await anyio.getaddrinfo(name, url.port or default_port, type=socket.SOCK_STREAM)
+    except OSError:
+        raise AddressRefused(f"cannot resolve {name}") from None
+    addresses = [ipaddress.ip_address(info[4][0]) for info in infos]
+    if not addresses:
+        raise AddressRefused(f"cannot resolve {name}")
+    for address in addresses:
+        if not is_public_address(address):
+            raise AddressRefused(f"{name} resolves to non-public address {address}; refused")
+    headers = {"Host": url.netloc.decode("ascii")}
+    extensions: dict[str, Any] = {"sni_hostname": name} if url.scheme == "https" else {}
+    return url.copy_with(host=str(addresses[0])), headers, extensions
