@@ -78,8 +78,7 @@ class KeyRing:
         self.store.add_signing_key(
             kid, json.dumps(public, sort_keys=True), self.clock(), actor=actor
         )
-        self._signer = None
-        self._public = None
+        self.forget()
         self.prune()
         return kid
 
@@ -91,9 +90,13 @@ class KeyRing:
         `KeyRetirementRefused` for the key that signs (rotate first) or an unknown one."""
         revoked = self.store.retire_signing_key(kid, self.clock(), actor=actor)
         self._private_path(kid).unlink(missing_ok=True)
+        self.forget()
+        return revoked
+
+    def forget(self) -> None:
+        """Read the key table again at the next use: another process rotated or retired."""
         self._signer = None
         self._public = None
-        return revoked
 
     def prune(self) -> None:
         """Forget keys retired long enough ago that no token they signed can still be valid."""

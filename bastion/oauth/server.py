@@ -331,22 +331,31 @@ class AuthorizationServer:
                 )
             raise SuspendedGrant(suspended, subject, agents, owned)
         self._refuse_disabled_owner(subject, agents)
-        access = mint_access_token(
-            self.keys,
-            issuer=self.settings.issuer,
-            subject=subject,
-            client_id=agents[-1],
-            resource=grant.resource,
-            scope=scope,
-            now=now,
-            seconds=seconds,
-            auth_time=grant.auth_time,  # a refresh keeps the time of the sign-in it came from
-            extra=extra,
+        for _ in range(2):
+            access = mint_access_token(
+                self.keys,
+                issuer=self.settings.issuer,
+                subject=subject,
+                client_id=agents[-1],
+                resource=grant.resource,
+                scope=scope,
+                now=now,
+                seconds=seconds,
+                auth_time=grant.auth_time,  # a refresh keeps the time of the sign-in it came from
+                extra=extra,
+            )
+            if self.store.save_access_token(
+                access.jti, grant.grant_id, access.expires_at, access.token, access.kid
+            ):
+                return access
+            # The key this process signs with was retired elsewhere (the CLI, another
+            # replica) since it read the key table: read it again, and sign with the current key.
+            self.keys.forget()
+        raise OAuthError(
+            "temporarily_unavailable",
+            "the signing keys changed while this token was signed; retry in a moment",
+            503,
         )
-        self.store.save_access_token(
-            access.jti, grant.grant_id, access.expires_at, access.token, access.kid
-        )
-        return access
 
     def revoke_grant(self, grant: Grant, reason: str, *, actor: str) -> bool:
         """Revoke ``grant`` and all it issued, recorded with ``reason`` and ``actor``

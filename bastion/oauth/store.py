@@ -1230,14 +1230,25 @@ class OAuthStore:
 
     def save_access_token(
         self, jti: str, grant_id: str, expires_at: float, token: str, kid: str
-    ) -> None:
+    ) -> bool:
         """Record an access token as issued: its ``jti``, the digest of the whole token (what
-        the verifier compares, `AccessTokenState.token_digest`) and the ``kid`` that signed it."""
-        self.db.execute(
-            "INSERT INTO oauth_access_tokens (jti, grant_id, expires_at, token_digest, kid)"
-            " VALUES (?, ?, ?, ?, ?)",
-            (jti, grant_id, expires_at, digest(token), kid),
-        )
+        the verifier compares, `AccessTokenState.token_digest`) and the ``kid`` that signed it.
+        False, and nothing recorded, if ``kid`` is no longer a signing key (retired by another
+        process since this one read it): the token would be refused everywhere, and its key
+        may be stolen. On PostgreSQL the key's row is locked (FOR SHARE) until the token's
+        transaction ends, so a retirement waits for it and then revokes it with the others."""
+        lock = " FOR SHARE" if self.db.is_postgres else ""
+        with self.db.transaction():
+            if not self.db.execute(
+                f"SELECT kid FROM oauth_signing_keys WHERE kid = ?{lock}", (kid,)
+            ):
+                return False
+            self.db.execute(
+                "INSERT INTO oauth_access_tokens (jti, grant_id, expires_at, token_digest, kid)"
+                " VALUES (?, ?, ?, ?, ?)",
+                (jti, grant_id, expires_at, digest(token), kid),
+            )
+        return True
 
     def access_token_state(self, jti: str) -> AccessTokenState | None:
         """What was stored of the access token issued under ``jti``; None if none was."""

@@ -414,3 +414,41 @@ def test_on_sqlite_a_token_whose_state_may_have_changed_is_read_off_the_event_lo
         finally:
             tokens.close()
             other.db.close()
+
+
+def test_a_token_recorded_while_another_replica_retires_its_key_is_revoked_with_the_others(
+    replicas, postgres_url
+):
+    """Replica A signs with the key it read; B retires that key (after a rotation) while A's
+    issuing transaction is still open. The retirement waits for it and revokes that token too:
+    no token of a retired key outlives the retirement, whichever commits first."""
+    from bastion.oauth.keys import KeyRing
+
+    token, jti, grant_id = replicas.issue()
+    old_kid = claims_of(token)[0]["kid"]
+    settings = replicas.a.server.settings
+    b_keys = KeyRing(replicas.b, settings.key_dir, settings.access_token_seconds, time.time)
+    b_keys.rotate(actor="test")
+    a = replicas.a.server.store
+    late = f"{jti}-late"
+    retired = threading.Thread(target=b_keys.retire, args=(old_kid,), kwargs={"actor": "test"})
+    with psycopg.connect(postgres_url, autocommit=True) as watcher:
+
+        def retirement_waits() -> bool:
+            return bool(
+                watcher.execute(
+                    "SELECT 1 FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                    " AND query LIKE 'DELETE FROM oauth_signing_keys%'"
+                ).fetchall()
+            )
+
+        with a.db.transaction():
+            assert a.save_access_token(late, grant_id, time.time() + 300, token + "x", old_kid)
+            retired.start()
+            assert eventually(lambda: not retired.is_alive() or retirement_waits())
+        retired.join(20)
+    assert not retired.is_alive()
+    assert a.access_token_state(late).revoked
+    # Once retired, the key records no token at all.
+    assert not a.save_access_token(f"{jti}-later", grant_id, time.time() + 300, token, old_kid)
+    assert a.access_token_state(f"{jti}-later") is None

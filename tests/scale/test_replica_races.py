@@ -11,6 +11,7 @@ import pytest
 
 from bastion.facts.model import Entity
 from tests.gateway.support import start
+from tests.oauth.test_access_tokens import claims_of
 from tests.signals.test_kill_switch import authorization_code, client_id, confidential_client
 
 ROUNDS = 2
@@ -131,6 +132,54 @@ def test_an_approval_whose_spend_waits_past_lock_timeout_is_refused_as_unavailab
         assert approvals(bastion).get(held["approval_id"]).status == "approved"
         assert "result" in raw_call(bastion, token, email)
         assert approvals(bastion).get(held["approval_id"]).status == "used"
+
+
+def test_a_signing_key_retired_by_another_process_signs_no_token_on_either_replica(
+    two_replicas, postgres_url
+):
+    """`bastion signing-keys rotate`, then `retire` of the old key (it may be stolen), run as
+    their own process: every token either replica issues after that is signed with the new key,
+    published by both (jwks.json) and active on both. Each replica had signed with the old key
+    just before, and keeps the key that signs in memory."""
+    from bastion.db import Database
+    from bastion.oauth.keys import KeyRing
+    from bastion.oauth.store import OAuthStore
+
+    bastion = two_replicas
+    agent = confidential_client(bastion, "nightly agent")
+    resource_server = confidential_client(bastion, "resource server", may_introspect=True)
+    urls = [bastion.url, bastion.replicas[0]]
+    form = {"grant_type": "client_credentials", "resource": bastion.mcp_url("deskhttp")}
+
+    def issued(url: str) -> str:
+        answer = bastion.http.post(f"{url}/token", data=form, auth=agent)
+        assert answer.status_code == 200, answer.text
+        return answer.json()["access_token"]
+
+    def kid(token: str) -> str:
+        return claims_of(token)[0]["kid"]
+
+    (old,) = {kid(issued(url)) for url in urls}
+    settings = bastion.app.state.oauth.settings
+    db = Database(postgres_url)
+    try:
+        command = KeyRing(
+            OAuthStore(db), settings.key_dir, settings.access_token_seconds, time.time
+        )
+        new = command.rotate(actor="test")
+        command.retire(old, actor="test")
+    finally:
+        db.close()
+    for url in urls:
+        token = issued(url)
+        for elsewhere in urls:
+            published = bastion.http.get(f"{elsewhere}/jwks.json").json()["keys"]
+            assert [k["kid"] for k in published] == [new]
+            assert kid(token) == new, f"{url} signed with the retired key"
+            shown = bastion.http.post(
+                f"{elsewhere}/introspect", data={"token": token}, auth=resource_server
+            )
+            assert shown.json()["active"] is True, shown.text
 
 
 def _both_at_once(urls: list[str], form: dict) -> list[httpx.Response]:
