@@ -1,7 +1,8 @@
 """Two real `bastion serve` replicas on one PostgreSQL and one Redis, behind HAProxy (Debian's
 package, started here) balancing round robin, in front of the quickstart's MCP server over
 Streamable HTTP. HAProxy names the replica that answered each response in `X-Bastion-Replica`,
-so a test can tell which replica served what."""
+so a test can tell which replica served what. Beside it, unless an upstream is given, the
+test lab's MCP server (slow calls: tools/call `wait`) as `labhttp`."""
 
 from __future__ import annotations
 
@@ -20,7 +21,17 @@ from bastion.facts.store import FactStore
 from bastion.oauth.store import OAuthStore
 from bastion.oauth.users import create_user
 from tests.conftest import REDIS_URL, drop_redis_keys, require_program, require_service
-from tests.gateway.support import PASSWORD, Recorder, bastion_serve, demo_server_module, facts
+from tests.gateway.support import (
+    LAB,
+    PASSWORD,
+    LegacyOnly,
+    MemoryEvents,
+    Recorder,
+    bastion_serve,
+    demo_server_module,
+    facts,
+    fresh_module,
+)
 from tests.gateway.support import stop as stop_bastion
 from tests.gateway.support import test_policy as gateway_test_policy
 from tests.oauth.support import free_socket, serve
@@ -43,6 +54,10 @@ defaults
     timeout client 60s
     timeout server 60s
     timeout http-request 10s
+    # A client that goes away (the 2026-07-28 way to cancel a call) closes the replica's
+    # connection too, so bastion cancels the call upstream: without it HAProxy keeps that
+    # connection open until the answer comes, and the call runs to its end.
+    option abortonclose
 
 frontend mcp
     bind 127.0.0.1:{port}
@@ -61,6 +76,15 @@ backend bastion
     http-response set-header X-Bastion-Replica %s
 {sticky}{servers}
 """
+LAB_UPSTREAM = """
+[[gateway.upstreams]]
+name = "labhttp"
+url = "{url}"
+
+[[oauth.resources]]
+uri = "{public}/mcp/labhttp"
+scopes = ["customers:read", "customers:write"]
+"""
 STICKY = """\
     stick-table type string len 128 size 100k expire 1h
     stick store-response res.hdr(mcp-session-id)
@@ -74,6 +98,7 @@ class Deployment:
     replicas: dict[str, str]  # HAProxy's server name: the replica's own URL
     database: str
     recorder: Recorder | None  # None when the upstream was given
+    lab_trace: Path | None  # what the lab's server noted (None when the upstream was given)
     admin: httpx.Client
     pids: dict[str, int]  # each replica's process and HAProxy's ("haproxy")
 
@@ -124,7 +149,7 @@ redis_prefix = "{prefix}"
 name = "deskhttp"
 url = "{{upstream}}"
 scopes = ["customers:read"]
-
+{{lab}}
 [approvals]
 wait_seconds = 0
 """
@@ -160,18 +185,24 @@ def deployment(
     lb_port = free_socket().getsockname()[1]
     public = f"http://127.0.0.1:{lb_port}"
     recorder = None
+    lab_trace = None
+    lab = ""
     with ExitStack() as stack:
         if upstream is None:
             module = demo_server_module()
             recorder = Recorder(module.server.streamable_http_app(streamable_http_path="/mcp"))
             upstream = stack.enter_context(serve(recorder, free_socket())) + "/mcp"
+            lab_trace = tmp_path / "lab-trace.jsonl"
+            lab_url = stack.enter_context(serve(_lab_app(lab_trace), free_socket())) + "/mcp"
+            lab = LAB_UPSTREAM.format(public=public, url=lab_url)
         replicas: dict[str, str] = {}
         pids: dict[str, int] = {}
         # One after the other: the first start makes the signing keys the second one reads.
         for name in ("a", "b"):
             port = free_socket().getsockname()[1]
             config = _bastion_config(tmp_path / name, port, public, postgres_url, prefix)
-            config.write_text(config.read_text().replace("{upstream}", upstream))
+            text = config.read_text().replace("{upstream}", upstream).replace("{lab}", lab)
+            config.write_text(text)
             process, url = bastion_serve(
                 config, f"http://127.0.0.1:{port}", {"BASTION_ADMIN_KEY": ADMIN_KEY}
             )
@@ -191,9 +222,17 @@ def deployment(
         )
         _wait_for_both(admin, public, haproxy, tmp_path / "haproxy.log")
         try:
-            yield Deployment(public, replicas, postgres_url, recorder, admin, pids)
+            yield Deployment(public, replicas, postgres_url, recorder, lab_trace, admin, pids)
         finally:
             drop_redis_keys(prefix)
+
+
+def _lab_app(trace: Path):
+    """The test lab's MCP server (2026-07-28), noting what its tools do in ``trace``."""
+    lab = fresh_module("lab_server", LAB)
+    lab.TRACE = str(trace)
+    app = lab.server.streamable_http_app(streamable_http_path="/mcp", event_store=MemoryEvents())
+    return LegacyOnly(app, legacy=False)
 
 
 def _wait_for_both(http: httpx.Client, url: str, haproxy: subprocess.Popen, log: Path) -> None:

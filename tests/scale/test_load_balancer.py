@@ -9,7 +9,10 @@ the other answers 404, so HAProxy routes by `Mcp-Session-Id` (docs/operations.md
 from __future__ import annotations
 
 import json
+import socket
 import time
+import uuid
+from urllib.parse import urlsplit
 
 import anyio
 import httpx
@@ -20,7 +23,7 @@ from mcp.client.client import Client as McpClient
 from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.exceptions import MCPError
 
-from tests.gateway.streams import messages, modern_headers, modern_request
+from tests.gateway.streams import messages, modern_headers, modern_request, traced
 from tests.gateway.support import PASSWORD, REDIRECT_URI, access_token
 from tests.oauth.support import MemoryStorage, log_in_and_consent, sdk_auth
 
@@ -434,3 +437,25 @@ def test_sessions_stay_on_their_replica_with_sticky_routing(tmp_path, postgres_u
         # Only the first request of all is refused: 401, the SDK then signs in.
         assert sam.responses[0][::2] == ("initialize", 401)
         assert all(status in (200, 202) for _, _, status in sam.responses[1:]), sam.responses
+
+
+def test_a_client_that_goes_away_cancels_its_call_behind_the_load_balancer(lb):
+    """The 2026-07-28 way to cancel a call is to close its connection: HAProxy must close the
+    replica's connection too (`option abortonclose`, docs/operations.md), so the replica
+    cancels the call upstream. Without it the call ran to its end (30 s here) while nobody
+    waited for its answer."""
+    with httpx.Client(timeout=20) as http:
+        token = access_token(http, lb.url, lb.mcp_url("labhttp"), "sam", PASSWORD, "customers:read")
+    url = urlsplit(lb.mcp_url("labhttp"))
+    for _ in range(2):  # round robin: one call reaches each replica
+        tag = uuid.uuid4().hex
+        call = {"name": "wait", "arguments": {"seconds": 30, "tag": tag}}
+        body = json.dumps(modern_request(3, "tools/call", call)).encode()
+        headers = {**modern_headers(token, "tools/call", "wait"), "content-length": len(body)}
+        head = f"POST {url.path} HTTP/1.1\r\nhost: {url.netloc}\r\n"
+        head += "".join(f"{k}: {v}\r\n" for k, v in headers.items()) + "\r\n"
+        with socket.create_connection((url.hostname, url.port)) as client:
+            client.sendall(head.encode() + body)
+            assert traced(lb, "wait-started", tag)
+        assert traced(lb, "wait-cancelled", tag), "the call went on after its client left"
+        assert not traced(lb, "wait-finished", tag, seconds=0)
