@@ -93,7 +93,7 @@ class ClientMetadataDocuments:
     """Fetches, validates and caches client ID metadata documents.
 
     Every limit here is per process: the caches, the documents remembered per host and the
-    fetches in progress per host live in memory.
+    fetches in progress (per host and in all) live in memory.
     """
 
     def __init__(
@@ -149,8 +149,15 @@ class ClientMetadataDocuments:
 
     def _check_host_limits(self, url: str, host: str, now: float) -> None:
         """Refuse (without remembering it against the URL) a fetch that would exceed the host's
-        share: its fetches in progress, or the documents remembered from it."""
+        share (its fetches in progress, or the documents remembered from it) or all hosts' fetches
+        in progress together."""
         settings = self.settings
+        if sum(self._fetching.values()) >= settings.max_concurrent_fetches:
+            raise ClientMetadataDocumentError(
+                url,
+                f"this server already has {settings.max_concurrent_fetches} client metadata"
+                " document fetch(es) in progress; try again shortly",
+            )
         if self._fetching.get(host, 0) >= settings.max_concurrent_fetches_per_host:
             raise ClientMetadataDocumentError(
                 url,

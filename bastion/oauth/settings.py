@@ -43,6 +43,9 @@ class ClientMetadataDocumentSettings:
     # A URL whose fetch or document failed is not fetched again for this long.
     failure_cache_seconds: int = 30
     max_concurrent_fetches_per_host: int = 2
+    # Fetches in progress from all hosts together: anyone may start one (an /authorize naming a
+    # document URL), and names under a wildcard DNS record are as many hosts as one likes.
+    max_concurrent_fetches: int = 16
     # Distinct document URLs of one host remembered (cached) at a time.
     max_documents_per_host: int = 20
     # Entries of each cache (documents, failures) per process.
@@ -410,6 +413,7 @@ def _client_metadata(value: Any) -> ClientMetadataDocumentSettings:
         "cache_seconds",
         "failure_cache_seconds",
         "max_concurrent_fetches_per_host",
+        "max_concurrent_fetches",
         "max_documents_per_host",
         "max_cached_documents",
     ):

@@ -358,6 +358,34 @@ def test_a_host_gets_a_bounded_number_of_fetches_in_progress(trickling):
     assert host.accepted == 1
 
 
+def test_all_hosts_together_get_a_bounded_number_of_fetches_in_progress(trickling):
+    """Names under one wildcard DNS record are as many hosts as their owner likes: the bound on
+    all fetches in progress holds where the bound per host does not."""
+    host = trickling(pad=1000, interval=0.1)
+    documents = documents_for(host, timeout_seconds=3, max_concurrent_fetches=1)
+    outcome: dict[str, str] = {}
+
+    async def main() -> None:
+        async def first() -> None:
+            with pytest.raises(OAuthError):
+                await documents.client(host.url("/first.json"))
+
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(first)
+            while host.accepted < 1:
+                await anyio.sleep(0.01)
+            other = host.url("/second.json").replace("127.0.0.1", "localhost")
+            try:
+                await documents.client(other)
+            except OAuthError as error:
+                outcome["second"] = error.description
+            tasks.cancel_scope.cancel()
+
+    anyio.run(main)
+    assert "1 client metadata document fetch(es) in progress" in outcome["second"]
+    assert host.accepted == 1
+
+
 def test_a_failing_url_is_not_fetched_again_until_its_failure_is_forgotten(host):
     clock = Clock()
     documents = documents_for(host, clock, failure_cache_seconds=30)

@@ -23,6 +23,7 @@ def test_defaults_are_safe():
     assert settings.client_metadata.timeout_seconds == 5.0
     assert settings.client_metadata.failure_cache_seconds == 30
     assert settings.client_metadata.max_concurrent_fetches_per_host == 2
+    assert settings.client_metadata.max_concurrent_fetches == 16
     assert settings.client_metadata.max_documents_per_host == 20
     assert settings.login.max_failures_per_user == 5
     assert settings.login.max_failures_per_address == 20
@@ -81,6 +82,10 @@ def test_defaults_are_safe():
         (
             {"client_metadata": {"max_concurrent_fetches_per_host": 0}},
             "oauth.client_metadata.max_concurrent_fetches_per_host",
+        ),
+        (
+            {"client_metadata": {"max_concurrent_fetches": 0}},
+            "oauth.client_metadata.max_concurrent_fetches",
         ),
         (
             {"client_metadata": {"failure_cache_seconds": "30"}},
