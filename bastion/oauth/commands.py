@@ -12,6 +12,7 @@ import time
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
+from bastion import untrusted_json
 from bastion.agents.identity import AgentError
 from bastion.audit.actor import cli_actor
 from bastion.db import Database
@@ -136,7 +137,7 @@ def _key_source(args: argparse.Namespace) -> dict:
     if args.jwks_file:
         try:
             with open(args.jwks_file, encoding="utf-8") as f:
-                return {"jwks": json.load(f)}
+                return {"jwks": untrusted_json.loads(f.read())}
         except (OSError, ValueError) as exc:
             raise CommandError(f"--jwks-file {args.jwks_file}: {exc}") from None
     if args.jwks_uri:

@@ -1,4 +1,9 @@
-"""``bastion policy check|test|explain``: work on policy files without a server."""
+"""``bastion policy check|test|explain``: work on policy files without a server.
+
+``check`` and ``test`` exit 1 when the policy they were asked about fails (an error, a failed
+test): that is their answer. What a command cannot use (a file it cannot read, explain's facts,
+actor or context) is a refusal, ``bastion: ...`` and exit 2, as in every other command.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,7 @@ import json
 import sys
 from pathlib import Path
 
+from bastion import untrusted_json
 from bastion.facts.model import Entity, FactError, fact_from_json
 from bastion.policy import LoadedPolicy, load
 from bastion.policy.errors import PolicyError
@@ -51,11 +57,11 @@ _STRICT = (
 
 
 def _load(files: list[Path], strict: bool = False) -> LoadedPolicy | None:
+    """The policy of ``files``, or None once its errors are printed. A file that cannot be read
+    is `bastion.cli.main`'s to say (OSError, UnicodeError), as in every command."""
+    texts = [(str(f), f.read_text(encoding="utf-8")) for f in files]
     try:
-        loaded = load([(str(f), f.read_text()) for f in files], strict=strict)
-    except OSError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return None
+        loaded = load(texts, strict=strict)
     except PolicyError as err:
         for d in err.diagnostics:
             print(d, file=sys.stderr)
@@ -66,21 +72,35 @@ def _load(files: list[Path], strict: bool = False) -> LoadedPolicy | None:
 
 
 def read_facts(path: Path) -> list[tuple]:
-    """Facts from a file: JSON lines (``.jsonl``/``.json``) or one Polar fact per line."""
+    """Facts from a file: JSON lines (``.jsonl``/``.json``, read as a request body is) or one
+    Polar fact per line."""
     facts = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
         line = line.strip()
         if not line or line.startswith("#"):
             continue
         try:
             facts.append(
-                fact_from_json(json.loads(line))
+                fact_from_json(untrusted_json.loads(line))
                 if path.suffix in (".jsonl", ".json")
                 else parse_fact(line)
             )
-        except (FactError, PolicyError, json.JSONDecodeError) as err:
+        except (FactError, PolicyError, untrusted_json.JsonRefused) as err:
             raise FactError(f"{path}:{number}: {err}") from None
     return facts
+
+
+def _context(text: str | None) -> dict | None:
+    """``--context``: a JSON object, read as the API reads a decision's ``context``."""
+    if text is None:
+        return None
+    try:
+        context = untrusted_json.loads(text)
+    except untrusted_json.JsonRefused as err:
+        raise ValueError(f"--context: {err}") from None
+    if not isinstance(context, dict):
+        raise ValueError("--context must be a JSON object, as a decision's context is")
+    return context
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -116,17 +136,17 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
     loaded = _load(args.files)
     if loaded is None:
-        return 1
+        return 2
     authz = Authorizer()
     try:
         authz._swap(loaded)
         for path in args.facts:
             authz.facts.apply(read_facts(path), [])
         actor, resource = Entity.parse(args.actor), Entity.parse(args.resource)
-        context = json.loads(args.context) if args.context else None
-    except (FactError, PolicyError, ValueError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+        context = _context(args.context)
+    except (FactError, PolicyError, ValueError) as err:
+        print(f"bastion: {err}", file=sys.stderr)
+        return 2
     decision = authz.decide(actor, args.action, resource, context=context)
     if args.json:
         print(json.dumps(decision.explanation.to_dict(), indent=2))

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
+from bastion import untrusted_json
 from bastion.audit.actor import cli_actor
 from bastion.cli import add_limit, whole_number
 from bastion.decide import Authorizer
@@ -51,10 +52,11 @@ def _subject(text: str) -> Entity:
 
 
 def _value(text: str) -> Any:
-    """``true``, ``false`` and integers as such; anything else (or a JSON string) as text."""
+    """``true``, ``false`` and integers as such; anything else (or a JSON string) as text. Read
+    as the API reads a body: what it refuses (nesting past its limit, a NUL) is text here."""
     try:
-        value = json.loads(text)
-    except ValueError:
+        value = untrusted_json.loads(text)
+    except untrusted_json.JsonRefused:
         return text
     return value if isinstance(value, (bool, int, str)) else text
 

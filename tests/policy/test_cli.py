@@ -104,8 +104,10 @@ def test_explain_refuses_a_fact_the_policy_cannot_use(tmp_path):
         "read",
         "Repository:anvil",
     )
-    assert result.returncode == 1
-    assert "does not fit any has_role fact" in result.stderr
+    assert result.returncode == 2
+    assert (
+        result.stderr.startswith("bastion: ") and "does not fit any has_role fact" in result.stderr
+    )
 
 
 def test_strict_turns_the_misspelling_guard_into_a_failure(tmp_path):
@@ -131,3 +133,29 @@ def test_strict_refuses_the_oso_examples_only_for_their_undeclared_facts(tmp_pat
         result = bastion("policy", "check", "--strict", str(path))
         errors = [line for line in result.stderr.splitlines() if " error: " in line]
         assert all("is not defined by any rule" in line for line in errors), errors
+
+
+def test_a_file_the_policy_commands_cannot_read_is_one_line_and_exit_2_as_everywhere(tmp_path):
+    """check, test and explain name a policy or facts file they cannot read the way every other
+    command does (`bastion: PATH: reason`, exit 2); exit 1 is their verdict on a policy that
+    was read (an error in it, a failed test), not a missing file."""
+    policy = str(EXAMPLES / "gitclub.polar")
+    missing = str(tmp_path / "missing.polar")
+    (tmp_path / "latin1.polar").write_bytes(b"# caf\xe9\n")
+    explain = ("User:alice", "read", "Repository:anvil")
+    for command, says in (
+        (("check", missing), f"bastion: {missing}: No such file or directory"),
+        (("test", policy, missing), f"bastion: {missing}: No such file or directory"),
+        (("check", str(tmp_path)), f"bastion: {tmp_path}: Is a directory"),
+        (("check", str(tmp_path / "latin1.polar")), "bastion: not UTF-8 text"),
+        (("explain", missing, *explain), f"bastion: {missing}: No such file or directory"),
+        (
+            ("explain", policy, "--facts", str(tmp_path), *explain),
+            f"bastion: {tmp_path}: Is a directory",
+        ),
+        (("explain", policy, *explain[:2], "anvil"), "bastion: not an entity: 'anvil'"),
+    ):
+        result = bastion("policy", *command)
+        assert result.returncode == 2, (command, result.stderr)
+        assert result.stderr.startswith(says) and result.stderr.count("\n") == 1, result.stderr
+        assert result.stdout == ""

@@ -306,3 +306,60 @@ def test_policy_push_strict_refuses_a_misspelt_guardrail_locally_and_remotely(
     r = bastion("policy", "push", str(misspelt), *remote)
     assert r.returncode == 0 and "warning: is_blokced/1" in r.stderr, r.stderr
     assert "policy version 2 is in force" in r.stderr
+
+
+def test_json_a_command_reads_is_held_to_the_limits_of_a_request_body(tmp_path):
+    """JSON given on the command line or in a file (explain's --context and JSON-lines facts,
+    a signal's value, a client's --jwks-file) is read as the API reads a body: nested past the
+    limit, or holding NUL, it is one line and exit 2, never a RecursionError's traceback, and
+    nothing is written. explain's context is an object, as the API's is."""
+    from bastion.facts.store import FactStore
+    from tests.signals.test_api import POLICY as SIGNALS_POLICY
+
+    deep = "[" * 5000 + "]" * 5000
+    (tmp_path / "deep.jsonl").write_text(deep + "\n")
+    (tmp_path / "deep.jwks.json").write_text(deep)
+    database = str(tmp_path / "bastion.db")
+    store = FactStore.open(database)
+    store.put_policy(SIGNALS_POLICY)
+    store.close()
+    gitclub = str(Path(QUICKSTART_CONFIG).parents[1] / "gitclub.polar")
+    db = ("--database", database)
+    explain = ("policy", "explain", gitclub, "User:alice", "read", "Repository:anvil")
+    refused = [
+        ((*explain, "--context", deep), "deeper than"),
+        ((*explain, "--context", '{"ip": "\\u0000"}'), "NUL"),
+        ((*explain, "--context", "[1]"), "--context"),
+        ((*explain, "--facts", str(tmp_path / "deep.jsonl")), "deeper than"),
+        (
+            ("signals", "set", "User:sam", "device_compliant", deep, "--source", "mdm", *db),
+            "256",
+        ),
+        (
+            (
+                "clients",
+                "create",
+                "--name",
+                "nightly",
+                "--jwks-file",
+                str(tmp_path / "deep.jwks.json"),
+                "--config",
+                str(QUICKSTART_CONFIG),
+                *db,
+            ),
+            "deeper than",
+        ),
+    ]
+    for command, says in refused:
+        r = bastion(*command)
+        assert r.returncode == 2, (command[:3], r.stderr[-300:])
+        assert r.stderr.startswith("bastion: ") and says in r.stderr, (command[:3], r.stderr)
+        assert r.stderr.count("\n") == 1, (command[:3], r.stderr[-300:])
+    store = FactStore.open(database)
+    try:
+        assert store.get(("signal", None, None, None, None, None)) == []
+        assert store.head() == 1  # the policy; nothing after it
+    finally:
+        store.close()
+    r = bastion("clients", "list", "--json", *db)
+    assert r.returncode == 0 and json.loads(r.stdout) == [], r.stderr
