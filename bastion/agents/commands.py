@@ -47,7 +47,7 @@ def cmd_resume(store: FactStore, args: argparse.Namespace) -> int:
     s = suspension(args.kind, args.id)
     if not any(x == s for x in (suspension(x.kind, x.id) for x in stored(store))):
         print(f"bastion: {s.kind} {s.id!r} is not suspended", file=sys.stderr)
-        return 1
+        return 2
     result = resume(store, s, cli_actor())
     print(f"resumed {s.kind} {s.id} (sequence {result.seq})")
     return 0

@@ -120,7 +120,7 @@ def cmd_show(args: argparse.Namespace) -> int:
         record = DecisionRecords(db).get(decision_id)
         if record is None:
             print(f"bastion: {_not_recorded(decision_id)}", file=sys.stderr)
-            return 1
+            return 2
         policy = None
         if record.policy_version is not None:
             if (version := FactStore(db).policy(record.policy_version)) is not None:

@@ -96,8 +96,8 @@ def cmd_revoke(args: argparse.Namespace) -> int:
     finally:
         connections.store.db.close()
     if not done:
-        print(f"{args.user} has no connection to {args.upstream}", file=sys.stderr)
-        return 1
+        print(f"bastion: {args.user} has no connection to {args.upstream}", file=sys.stderr)
+        return 2
     print(f"revoked {args.user}'s connection to {args.upstream}")
     return 0
 

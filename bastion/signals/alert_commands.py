@@ -83,10 +83,10 @@ def _run(args: argparse.Namespace) -> int:
             print(_line(alert))
     except AlertNotFound:
         print(f"bastion: no alert has the id {args.id!r} (bastion alerts list)", file=sys.stderr)
-        return 1
+        return 2
     except AlertError as e:
         print(f"bastion: {e}", file=sys.stderr)
-        return 1
+        return 2
     finally:
         alerts.store.db.close()
     return 0

@@ -70,14 +70,14 @@ def test_a_refused_agents_decision_id_finds_its_record_and_the_policy_it_was_dec
     assert policy["created_by"] == in_force.created_by
 
 
-def test_an_id_no_record_holds_is_said_so_with_why_and_exits_1(gateway, capsys):
+def test_an_id_no_record_holds_is_said_so_with_why_and_exits_2(gateway, capsys):
     database = gateway.app.state.config.database
     code, out, err = show(capsys, new_decision_id(), "--database", database)
-    assert code == 1 and out == ""
+    assert code == 2 and out == ""
     assert "no decision record" in err and "audit_retention_days" in err
     # A /v1 decision's id (prefix-count) is kept by the replica that made it, not here.
     code, out, err = show(capsys, "a7ce0d22-1", "--database", database)
-    assert code == 1 and out == ""
+    assert code == 2 and out == ""
     assert "GET /v1/decisions/a7ce0d22-1" in err
 
 

@@ -703,7 +703,7 @@ def test_administrators_list_and_revoke_connections_with_the_cli(lab, tab, capsy
     with ThreadPoolExecutor(1) as pool:  # away from Playwright's event loop
         assert pool.submit(main, revoke).result() == 0
         assert lab.connections.listed("alice") == []
-        assert pool.submit(main, revoke).result() == 1
+        assert pool.submit(main, revoke).result() == 2
     # The OS user who ran it is named; the second, with nothing to revoke, recorded nothing.
     assert connection_events(lab, capsys)[before:] == [
         ("connection.revoked", "alice", "tracker", cli_actor(), ""),

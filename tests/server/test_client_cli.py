@@ -363,3 +363,52 @@ def test_json_a_command_reads_is_held_to_the_limits_of_a_request_body(tmp_path):
         store.close()
     r = bastion("clients", "list", "--json", *db)
     assert r.returncode == 0 and json.loads(r.stdout) == [], r.stderr
+
+
+def test_an_id_that_names_nothing_is_one_line_and_exit_2_in_every_command(
+    database_url, tmp_path, capsys, monkeypatch
+):
+    """A key, user, client, agent, suspension, task, decision record, alert or connection that
+    is not there is the same class of error whichever command met it: `bastion: ...` on stderr,
+    exit 2, nothing on stdout and nothing written. (Some said it with exit 1, the code that
+    `policy check` and `policy test` give a policy that fails, so a script could not tell.)"""
+    from bastion.cli import main
+    from bastion.facts.store import FactStore
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("BASTION_CONFIG", str(tmp_path / "absent.toml"))
+    db = ("--database", database_url)
+    assert main(["keys", "create", "--name", "admin", "--scope", "admin", *db]) == 0
+    config = tmp_path / "per_user.toml"
+    config.write_text(
+        f'[oauth]\nissuer = "https://auth.example.com"\nkey_dir = "{tmp_path / "keys"}"\n'
+        '[[oauth.resources]]\nuri = "https://mcp.example.com/mcp"\nscopes = ["tools:read"]\n'
+        '[[gateway.upstreams]]\nname = "up"\nurl = "https://up.example.com/mcp"\n'
+        'auth = "per_user"\noauth = { scopes = ["tools:read"] }\n'
+    )
+    capsys.readouterr()
+    store = FactStore.open(database_url)
+    head = store.head()
+    store.close()
+    for command in (
+        ("keys", "revoke", "nosuch"),
+        ("users", "disable", "nosuch"),
+        ("clients", "revoke", "nosuch"),
+        ("agents", "show", "nosuch"),
+        ("agents", "resume", "nosuch"),
+        ("tasks", "end", "nosuch"),
+        ("audit", "show", "nosuch"),
+        ("alerts", "show", "nosuch"),
+        ("alerts", "ack", "nosuch", "--as", "ops"),
+        ("connections", "revoke", "sam", "up", "--config", str(config)),
+    ):
+        assert main([*command, *db]) == 2, command
+        out, err = capsys.readouterr()
+        assert err.startswith("bastion: ") and err.count("\n") == 1, (command, err)
+        assert "nosuch" in err or "sam" in err, (command, err)
+        assert out == "", command
+    store = FactStore.open(database_url)
+    try:
+        assert store.head() == head
+    finally:
+        store.close()

@@ -494,7 +494,7 @@ def test_the_cli_lists_shows_and_acknowledges_and_then_nothing_escalates(
     assert alert.id in capsys.readouterr().out
     assert main(["alerts", "show", alert.id, "--json", *database]) == 0
     assert json.loads(capsys.readouterr().out)["decision_ids"] == ["d-cli"]
-    assert main(["alerts", "ack", "nope", "--as", "ops", *database]) == 1
+    assert main(["alerts", "ack", "nope", "--as", "ops", *database]) == 2
     assert "no alert has the id" in capsys.readouterr().err
     assert main(["alerts", "ack", alert.id, "--as", "ops", *database]) == 0
     acked = bastion.app.state.alerts.store.get(alert.id)
@@ -503,7 +503,7 @@ def test_the_cli_lists_shows_and_acknowledges_and_then_nothing_escalates(
         "ops",
         "cli",
     )
-    assert main(["alerts", "ack", alert.id, "--as", "someone", *database]) == 1
+    assert main(["alerts", "ack", alert.id, "--as", "someone", *database]) == 2
     # The OS user who ran the command vouched for "ops"; the refused second ack recorded nothing.
     [event] = acknowledged_events(bastion, capsys, alert.id)
     assert (event["by"], event["channel"], event["via"]) == ("ops", "cli", cli_actor())

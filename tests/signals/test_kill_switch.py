@@ -373,7 +373,7 @@ def test_the_command_line_suspends_and_resumes_on_the_deployments_database(basti
         lambda: call_tool(bastion, token, "deskhttp", "search_customers", QUERY), "result"
     )
     assert "result" in answer
-    assert main(["agents", "resume", agent, "--database", database]) == 1  # nothing to resume
+    assert main(["agents", "resume", agent, "--database", database]) == 2  # nothing to resume
     # Who suspended the agent and who lifted it, each once (nothing to resume: no record).
     events = suspension_events(bastion, capsys, agent)
     assert [(e["kind"], e["client_id"], e["detail"]["actor"]) for e in events] == [
