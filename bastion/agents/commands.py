@@ -38,9 +38,26 @@ def _store(args: argparse.Namespace) -> FactStore:
 def cmd_suspend(store: FactStore, args: argparse.Namespace) -> int:
     expires = time.time() + args.minutes * 60 if args.minutes else None
     s = suspension(args.kind, args.id, expires)
+    if s.kind == "agent" and not args.unregistered and not _known_agent(store, s.id):
+        # A mistyped id would be "suspended" and hold nothing while the agent runs on.
+        print(
+            f"bastion: no agent (OAuth client) {s.id!r} is registered here (bastion agents"
+            " list); for an agent another issuer names (a trusted issuer's agent_claims), give"
+            " --unregistered",
+            file=sys.stderr,
+        )
+        return 2
     result = suspend(store, s, cli_actor())
     print(f"suspended {s.kind} {s.id} {until(s.expires_at)} (sequence {result.seq})")
     return 0
+
+
+def _known_agent(store: FactStore, client_id: str) -> bool:
+    """Whether ``client_id`` is a registered client, or a client id metadata document's URL
+    (fetched when used, never registered)."""
+    from bastion.oauth.client_metadata_document import is_client_id_url
+
+    return is_client_id_url(client_id) or OAuthStore(store.db).client(client_id) is not None
 
 
 def cmd_resume(store: FactStore, args: argparse.Namespace) -> int:
@@ -140,6 +157,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                 type=whole_number(MAX_SUSPENSION_SECONDS // 60),
                 help="lift it by itself after this long (at most 10 years; leave it out: until"
                 " resumed)",
+            )
+            p.add_argument(
+                "--unregistered",
+                action="store_true",
+                help="suspend an agent id no client registered here has (one a trusted issuer"
+                " names); without it such an id is refused as a likely typo",
             )
         if name == "list":
             p.add_argument("--json", action="store_true", help="one JSON object per line")

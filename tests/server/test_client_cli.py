@@ -412,3 +412,51 @@ def test_an_id_that_names_nothing_is_one_line_and_exit_2_in_every_command(
         assert store.head() == head
     finally:
         store.close()
+
+
+def test_suspending_an_agent_bastion_does_not_know_is_refused_unless_said_so(
+    database_url, tmp_path, capsys, monkeypatch
+):
+    """A mistyped client id must not look like a kill switch that holds: `agents suspend` of
+    an id no registered client has is refused, naming the flag for an agent that another
+    issuer names (a trusted issuer's agent_claims); a registered client and a client id
+    metadata document (an https URL, never registered) are suspended as before."""
+    from bastion.cli import main
+    from bastion.facts.store import FactStore
+    from bastion.signals.suspensions import stored
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("BASTION_CONFIG", str(tmp_path / "absent.toml"))
+    db = ("--database", database_url)
+    config = tmp_path / "bastion.toml"
+    config.write_text(
+        f'[oauth]\nissuer = "https://auth.example.com"\nkey_dir = "{tmp_path / "keys"}"\n'
+        '[[oauth.resources]]\nuri = "https://mcp.example.com/mcp"\nscopes = ["tools:read"]\n'
+    )
+    assert (
+        main(
+            ["clients", "create", "--name", "desk", "--confidential", "--config", str(config), *db]
+        )
+        == 0
+    )
+    desk = json.loads(capsys.readouterr().out)["client_id"]
+
+    assert main(["agents", "suspend", desk + "x", *db]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1
+    assert f"no agent (OAuth client) {desk + 'x'!r}" in err and "--unregistered" in err
+    store = FactStore.open(database_url)
+    assert stored(store) == []
+    store.close()
+
+    assert main(["agents", "suspend", desk, *db]) == 0
+    assert main(["agents", "suspend", "https://agent.example.com/client.json", *db]) == 0
+    assert main(["agents", "suspend", "corp-azp-7", "--unregistered", *db]) == 0
+    assert main(["agents", "suspend", "sam", "--kind", "user", *db]) == 0
+    store = FactStore.open(database_url)
+    try:
+        assert sorted(s.id for s in stored(store)) == sorted(
+            [desk, "https://agent.example.com/client.json", "corp-azp-7", "sam"]
+        )
+    finally:
+        store.close()

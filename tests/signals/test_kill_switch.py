@@ -398,7 +398,8 @@ def test_a_suspension_longer_than_ten_years_is_refused_before_anything_is_stored
         assert not stored(store)
     finally:
         store.close()
-    assert main(["agents", "suspend", "nope", "--minutes", "5256000", "--database", database]) == 0
+    longest = ["--minutes", "5256000", "--unregistered", "--database", database]
+    assert main(["agents", "suspend", "nope", *longest]) == 0
     assert capsys.readouterr().out.startswith("suspended agent nope until 20")
 
 
