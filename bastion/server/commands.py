@@ -128,7 +128,10 @@ def _validator(store: FactStore):
 
 def _target_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--url", help="a running server (or BASTION_URL)")
-    parser.add_argument("--api-key", help="an API key for --url (or BASTION_API_KEY)")
+    parser.add_argument(
+        "--api-key",
+        help="an API key for --url; other users of the machine see it in ps: prefer BASTION_API_KEY",
+    )
     parser.add_argument(
         "--database", help="the local store: SQLite path or postgresql:// URL (or BASTION_DATABASE)"
     )
