@@ -9,6 +9,7 @@ leaves the old file (or none) under the name, never part of the new one.
 
 from __future__ import annotations
 
+import errno
 import os
 import secrets
 from collections.abc import Iterator
@@ -42,6 +43,9 @@ def replacing(path: str | os.PathLike, mode: int = 0o600, text: bool = False) ->
         yield out
     try:
         os.replace(draft, path)
+    except OSError as e:
+        draft.unlink(missing_ok=True)
+        raise _about(path, e) from None
     except BaseException:
         draft.unlink(missing_ok=True)
         raise
@@ -52,8 +56,13 @@ def replacing(path: str | os.PathLike, mode: int = 0o600, text: bool = False) ->
 def _draft(path: Path, how: str, mode: int) -> Iterator[tuple[IO, Path]]:
     """A new file beside ``path``, open for the block, then flushed, fsynced and closed; removed
     if the block or any of that fails."""
+    if not path.name or path.is_dir():
+        raise IsADirectoryError(errno.EISDIR, "is a folder, not a file", str(path))
     draft = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
-    fd = os.open(draft, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    try:
+        fd = os.open(draft, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    except OSError as e:
+        raise _about(path, e) from None
     try:
         with os.fdopen(fd, how, encoding="utf-8" if "b" not in how else None) as out:
             yield out, draft
@@ -62,6 +71,13 @@ def _draft(path: Path, how: str, mode: int) -> Iterator[tuple[IO, Path]]:
     except BaseException:
         draft.unlink(missing_ok=True)
         raise
+
+
+def _about(path: Path, error: OSError) -> OSError:
+    """``error`` naming the file asked for, not the draft beside it (a name nobody gave)."""
+    if isinstance(error, FileNotFoundError):
+        return FileNotFoundError(error.errno, f"there is no folder {path.parent}", str(path))
+    return type(error)(error.errno, error.strerror, str(path))
 
 
 def _sync_folder(folder: Path) -> None:

@@ -72,3 +72,24 @@ def test_an_export_replaces_the_previous_one_whole_and_private(tmp_path):
     assert [fact["predicate"] for fact in exported] == ["is_public"]
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # no draft left
+
+
+def test_an_export_to_a_folder_or_into_a_missing_one_names_the_path_given(tmp_path, capsys):
+    """Refused before anything is read, with the path given: the draft beside it is a name
+    nobody gave, and must not be left behind."""
+    database = str(tmp_path / "bastion.db")
+    FactStore.open(database).close()
+    folder = tmp_path / "exports"
+    folder.mkdir()
+    for target, message in (
+        (folder, f"bastion: {folder}: is a folder, not a file"),
+        (folder / "missing" / "facts.jsonl", f"there is no folder {folder / 'missing'}"),
+    ):
+        assert main(["facts", "export", str(target), "--database", database]) == 2
+        err = capsys.readouterr().err
+        assert message in err and ".tmp" not in err, err
+        assert main(["facts", "snapshot", str(target), "--database", database]) == 2
+        err = capsys.readouterr().err
+        assert message in err and ".tmp" not in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bastion.db", "exports"]
+    assert list(folder.iterdir()) == []
