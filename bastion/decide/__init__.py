@@ -530,7 +530,8 @@ class Session:
     def values(self, predicate: str, *args: Any) -> set:
         """The values of the `Variable` (or None) arguments for which ``predicate(*args)`` holds:
         a set of single values when one argument is open, of tuples when several are; with none
-        open, ``{()}`` if it holds. Empty when the policy does not define the predicate."""
+        open, ``{()}`` if it holds. Empty when the policy does not define the predicate.
+        ``allow/3`` holds where `authorize` allows: a ``deny`` rule that holds takes it back."""
         mask = "".join("f" if a is None or isinstance(a, Variable) else "b" for a in args)
         return self.rows(predicate, mask, *(a for a, m in zip(args, mask, strict=True) if m == "b"))
 
@@ -543,12 +544,25 @@ class Session:
                 return set()
             fn = self._active.compiled.function(predicate, len(mask), mask)
             self._active.shapes[(predicate, mask)] = fn
+        deny = self._active.deny if predicate == "allow" and len(mask) == 3 else None
         try:
             if "f" not in mask:
-                return {()} if fn(self._q, *bound) else set()
-            return set(fn(self._q, *bound))
+                held = fn(self._q, *bound) and not (deny and deny(self._q, *bound))
+                return {()} if held else set()
+            found = set(fn(self._q, *bound))
+            if deny is not None:
+                # `allow` is what `authorize` answers, here too: deny wins over it.
+                found = {hit for hit in found if not deny(self._q, *_spread(mask, bound, hit))}
+            return found
         except RecursionError:
             stack_exhausted(self._q)
+
+
+def _spread(mask: str, bound: tuple, hit: Any) -> list:
+    """The arguments of one answer of a query: ``bound`` and the ``hit``'s values (one, or a
+    tuple of several) in the places ``mask`` gives them ("b" bound, "f" open)."""
+    given, found = iter(bound), iter((hit,) if mask.count("f") == 1 else hit)
+    return [next(given) if m == "b" else next(found) for m in mask]
 
 
 def _check_arguments(*args: Any) -> None:

@@ -43,6 +43,10 @@ declare has_label(Repo, String, Integer);
 allow(actor, action, resource) if has_permission(actor, action, resource);
 allow(_user: User, "read", repo: Repo) if is_public(repo);
 
+# bastion's guardrail: deny wins over allow, in authorize and in a query of allow alike.
+declare is_archived(Repo);
+deny(_user: User, "push", repo: Repo) if is_archived(repo);
+
 # What agents did, as their events report it (context.behavior, docs/oso-cloud.md).
 allow(agent: Agent, "call", _tool: Tool) if
   context.behavior.agent.calls.minute.count < 5 and

@@ -208,6 +208,25 @@ def test_query_builder_evaluates_every_shape(oso):
     assert oso.build_query(("has_role", u, "member", org)).evaluate(u) == [alice.id]
 
 
+def test_a_query_of_allow_answers_what_authorize_answers_deny_included(oso):
+    """``build_query(("allow", ...)).evaluate()`` is the SDK's other way to ask ``authorize``
+    (and to list actors, actions and resources at once): it answered allow where a ``deny``
+    rule made ``authorize``, ``list`` and ``actions`` refuse."""
+    alice, _, repo = ids()
+    oso.insert(("has_role", alice, "maintainer", repo))
+    r, action, u = typed_var("Repo"), typed_var("String"), typed_var("User")
+    assert oso.build_query(("allow", alice, "push", repo)).evaluate() is True
+    oso.insert(("is_archived", repo))
+    assert oso.authorize(alice, "push", repo) is False
+    assert oso.actions(alice, repo) == ["read"]
+    assert oso.build_query(("allow", alice, "push", repo)).evaluate() is False
+    assert oso.build_query(("allow", alice, action, repo)).evaluate(action) == ["read"]
+    assert oso.build_query(("allow", alice, "push", r)).evaluate(r) == []
+    assert oso.build_query(("allow", u, "push", repo)).evaluate(u) == []
+    assert oso.build_query(("allow", alice, action, r)).evaluate({r: action}) == {repo.id: ["read"]}
+    assert oso.build_query(("allow", u, "read", repo)).evaluate(u) == [alice.id]
+
+
 def test_a_query_of_allow_answers_nothing_for_a_suspended_actor_and_leaves_it_out(bastion, oso):
     """``build_query(("allow", ...))`` is how the SDK lists what an actor may do: the kill switch
     holds there as in ``authorize`` and ``list``."""

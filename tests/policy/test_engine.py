@@ -61,6 +61,26 @@ def test_deny_wins_over_allow(gitclub):
     assert gitclub.actions(User("carol"), Repo("anvil")) == set()
 
 
+def test_a_query_of_allow_answers_what_authorize_answers_deny_included(gitclub):
+    """``query("allow", ...)`` is the other way to ask what an actor may do (``/v1/query``, the
+    Oso SDK's ``build_query(("allow", ...))``): it answered allow, and listed the actions and
+    resources, that ``authorize`` refuses because a ``deny`` rule fires."""
+    carol = User("carol")
+    gitclub.facts.insert(("is_blocked", carol))
+    assert not gitclub.authorize(carol, "delete", Repo("anvil"))
+    assert gitclub.query("allow", carol, "delete", Repo("anvil")) == []
+    assert gitclub.query("allow", carol, Variable("action"), Repo("anvil")) == []
+    assert gitclub.query("allow", carol, "read", Variable("repo")) == []
+    assert gitclub.query("allow", Variable("who"), "delete", Repo("anvil")) == []
+    assert not gitclub.holds("allow", carol, "delete", Repo("anvil"))
+    # Those no deny rule holds are answered as before.
+    readers = gitclub.query("allow", Variable("who"), "read", Repo("anvil"))
+    assert [row[1] for row in readers] == [User("alice")]
+    assert gitclub.query("allow", User("alice"), Variable("action"), Repo("anvil")) == [
+        ("allow", User("alice"), action, Repo("anvil")) for action in ["create_issue", "read"]
+    ]
+
+
 def test_list_returns_the_ids_a_user_may_act_on(gitclub):
     assert gitclub.list(User("alice"), "read", "Repository") == ["anvil", "gitclub", "rocket"]
     assert gitclub.list(User("alice"), "read", "Issue") == ["i1"]
