@@ -68,13 +68,16 @@ async def readyz(request: Request) -> JSONResponse:
 
 async def database_unavailable(request: Request, exc: Exception) -> JSONResponse:
     """503 for a request that needed the database while it is unavailable: problem+json on the
-    API, the OAuth error shape elsewhere (RFC 6749 ``temporarily_unavailable``)."""
+    API, Oso Cloud's form on its API, the OAuth error shape elsewhere (RFC 6749
+    ``temporarily_unavailable``)."""
     detail = f"the database is unavailable, retry: {exc}"
     retry = {"Retry-After": "1"}
     if request.url.path.startswith("/v1/"):
         response = Problem(503, "Database unavailable", detail).response()
         response.headers.update(retry)
         return response
+    if api.oso_cloud.serves(request.url.path):
+        return api.oso_cloud.error(503, detail, {**retry, **problems.NOT_A_PAGE})
     body = {"error": "temporarily_unavailable", "error_description": detail}
     headers = {**retry, **problems.NOT_A_PAGE, "Cache-Control": "no-store"}
     return JSONResponse(body, status_code=503, headers=headers)
@@ -92,6 +95,8 @@ async def http_problem(request: Request, exc: Exception) -> Response:
     }.get(exc.status_code, str(exc.detail))
     if api.authzen.serves(request.url.path):
         response = api.authzen.error(exc.status_code, detail)
+    elif api.oso_cloud.serves(request.url.path):
+        response = api.oso_cloud.error(exc.status_code, detail, problems.NOT_A_PAGE)
     else:
         response = Problem(exc.status_code, str(exc.detail), detail).response()
     # The Allow header of a 405, among others.
@@ -118,6 +123,8 @@ async def internal_error(request: Request, exc: Exception) -> Response:
     elif api.authzen.serves(request.url.path):
         # AuthZEN's error form: the status and an error message string.
         response = api.authzen.failure(request, detail)
+    elif api.oso_cloud.serves(request.url.path):
+        response = api.oso_cloud.error(500, detail)
     elif request.url.path in request.app.state.oauth_paths:
         # OAuth clients read "error" (RFC 6749 §4.1.2.1 names this one server_error).
         body = {"error": "server_error", "error_description": detail}
@@ -148,6 +155,13 @@ def body_limits(config: ServerConfig, oauth, gateway, signals=None) -> BodyLimit
             "max_body_bytes",
             _authzen_refusal,
             prefix=api.authzen.METADATA_PATH,
+        ),
+        # Oso Cloud's errors are {"message": ...} (bastion.server.api.oso_cloud).
+        BodyLimit(
+            config.max_body_bytes,
+            "max_body_bytes",
+            api.oso_cloud.refusal,
+            prefix=api.oso_cloud.PREFIX,
         ),
     ]
     if oauth is not None:

@@ -10,7 +10,7 @@ import httpx
 import pytest
 from oso_cloud import Oso, OsoException, Value, typed_var
 
-from tests.oso_cloud.conftest import admin
+from tests.oso_cloud.conftest import admin, start
 
 ALICE, ORG, REPO = Value("User", "alice"), Value("Org", "acme"), Value("Repo", "anvil")
 
@@ -19,6 +19,15 @@ def refused(call) -> OsoException:
     with pytest.raises(OsoException) as e:
         call()
     return e.value
+
+
+def message(e: OsoException) -> str:
+    """The message of Oso Cloud's error, ``{"message": ...}``, that ``e`` carries."""
+    head, _, body = str(e).partition("\n")
+    assert head == f"Oso Server error: {e.status_code}"
+    said = httpx.Response(e.status_code, content=body.encode()).json()
+    assert set(said) == {"message"}, said
+    return said["message"]
 
 
 def test_an_unknown_key_is_the_sdks_auth_error(bastion):
@@ -203,3 +212,47 @@ def test_a_policy_with_an_error_is_refused_with_its_place(bastion):
     assert "policy.polar:3:" in str(e), str(e)
     # The policy in force is still the one before.
     assert oso.get_policy_metadata().resources["Repo"].roles == ["maintainer", "reader"]
+
+
+def test_every_refusal_under_api_is_osos_shape(bastion):
+    """Refusals made before a handler runs (no such route or method, a body over
+    ``max_body_bytes``, a NUL in the query) were problem details, not Oso Cloud's ``{"message":
+    ...}``: the SDK's ``OsoException`` carried a JSON document of another API."""
+    oso = bastion.oso("oso:read", "oso:write")
+    # Oso Cloud's operations that bastion does not serve.
+    e = refused(oso.api.clear_data)
+    assert e.status_code == 404
+    assert "/api/clear_data" in message(e)
+    # A batch larger than max_body_bytes (1 MiB): the SDK sends up to 10 MB.
+    with pytest.raises(OsoException) as raised, oso.batch() as tx:
+        for i in range(600):
+            tx.insert(("is_public", Value("Repo", f"{i}-" + "x" * 2000)))
+    e = raised.value
+    assert e.status_code == 413
+    assert "max_body_bytes" in message(e)
+    headers = {"authorization": f"Bearer {oso.api.token}"}
+    with httpx.Client(base_url=bastion.url, headers=headers) as client:
+        r = client.get("/api/authorize")
+        assert r.status_code == 405
+        assert r.headers["content-type"] == "application/json"
+        assert "GET" in r.json()["message"]
+        r = client.get("/api/facts", params={"predicate": "is_public", "args.0.type": "R\0"})
+        assert r.status_code == 400
+        assert "NUL" in r.json()["message"]
+
+
+def test_a_write_while_the_database_is_away_is_osos_503(outage, tmp_path):
+    """The SDK retries a 503 and then raises it; it was the OAuth error shape
+    (``temporarily_unavailable``) on /api."""
+    role = outage.role()
+    running = start(tmp_path, outage.url(role))
+    try:
+        oso = running.oso("oso:read", "oso:write")
+        oso.insert(("is_public", REPO))
+        outage.block(role)
+        e = refused(lambda: oso.insert(("is_public", Value("Repo", "other"))))
+        assert e.status_code == 503
+        assert "the database is unavailable" in message(e)
+    finally:
+        outage.unblock(role)
+        running.server.stop()

@@ -69,6 +69,7 @@ FORMS = {
 LOCATIONS = {
     "an authorization request's client": ("/authorize?client_id=%00&response_type=code", "oauth"),
     "a facts query": ("/v1/facts?predicate=has%00role", "problem"),
+    "an Oso Cloud facts query": ("/api/facts?predicate=has%00role", "oso"),
     "an approval's id": ("/v1/approvals/a%00b", "problem"),
     "an MCP server's name": ("/mcp/desk%00", "rpc"),
     "a metadata document's path": ("/.well-known/oauth-protected-resource/mcp/%00", None),

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import bisect
 import functools
+import json
 import re
 import time
 from collections.abc import Awaitable, Callable
@@ -61,6 +62,25 @@ REFUSAL_HEADER = "Bastion-Refusal"
 SUSPENDED = "suspended"
 
 Handler = Callable[[Request], Awaitable[Response]]
+# Every path of Oso Cloud's API (this module's and `bastion.server.api.oso_agents`'s).
+PREFIX = "/api/"
+
+
+def serves(path: str) -> bool:
+    """Whether ``path`` is Oso Cloud's API: its refusals, those made before a handler runs
+    included (no such route, a body too large), are in Oso Cloud's form (`error`)."""
+    return path.startswith(PREFIX)
+
+
+def error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    """Oso Cloud's error, ``{"message": ...}`` with the status: the SDK raises it as
+    ``OsoException``, whose text carries it."""
+    return JSONResponse({"message": message}, status_code=status, headers=headers)
+
+
+def refusal(status: int, detail: str) -> tuple[str, bytes]:
+    """A refused request (`bastion.server.request_limits`) in Oso Cloud's form."""
+    return "application/json", json.dumps({"message": detail}).encode()
 
 
 def oso_errors(handler: Handler) -> Handler:
@@ -73,7 +93,7 @@ def oso_errors(handler: Handler) -> Handler:
             return await handler(request)
         except Problem as p:
             headers = {"WWW-Authenticate": "Bearer"} if p.status == 401 else None
-            return JSONResponse({"message": p.detail}, status_code=p.status, headers=headers)
+            return error(p.status, p.detail, headers)
 
     return answer
 
