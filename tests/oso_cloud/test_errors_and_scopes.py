@@ -130,6 +130,16 @@ def test_an_undeclared_entity_type(oso):
     e = refused(lambda: oso.authorize(ALICE, "read", Value("Repository", "anvil")))
     assert e.status_code == 422
     assert "'Repository'" in str(e)
+    # A list of them is refused as a check of one is, not answered with nothing.
+    e = refused(lambda: oso.list(ALICE, "read", "Repository"))
+    assert e.status_code == 422
+    assert "'Repository'" in str(e)
+
+
+def test_a_page_of_no_results_is_refused_not_read_as_the_largest(oso):
+    e = refused(lambda: oso.list_paginated(ALICE, "read", "Repo", page_size=0))
+    assert e.status_code == 400
+    assert "page_size must be 1 or more, got 0" in str(e)
 
 
 def test_too_many_context_facts(oso):

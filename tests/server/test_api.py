@@ -115,6 +115,9 @@ def test_list_pages_through_every_allowed_resource_once(api):
         if not cursor:
             break
     assert ids == [f"r{i:02}" for i in range(25)]
+    # A type the policy does not declare is refused, as a check of one is, not listed as none.
+    body = {"actor": entity("User", "alice"), "action": "read", "resource_type": "Repository"}
+    assert_problem(api.post("/v1/list", json=body), 422, "'Repository'", "does not declare")
 
 
 def test_actions_and_query(api):

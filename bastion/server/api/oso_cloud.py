@@ -342,8 +342,10 @@ async def list_resources(request: Request) -> Response:
     _checked(authz, actor, "actor_type")
     action = action_field(body)
     resource_type = entity_type(body, "resource_type")
+    known_type(authz, resource_type, "resource_type")
     most = request.app.state.config.oso_api_max_results
-    page_size = get_field(body, "page_size", int, required=False) or most
+    page_size = get_field(body, "page_size", int, required=False)
+    page_size = most if page_size is None else page_size
     if page_size < 1:
         raise bad_request(f"page_size must be 1 or more, got {page_size}")
     page_size = min(page_size, most)
