@@ -7,21 +7,35 @@ Redis that does not answer fails the caller (which fails closed) instead of hold
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 CLUSTER_SCHEMES = ("redis+cluster", "rediss+cluster")
 
 
-def connect(url: str, timeout: float = 1.0) -> tuple[Any, tuple[type[BaseException], ...]]:
+def connect(
+    url: str,
+    timeout: float = 1.0,
+    on_connect: Callable[[Any], Awaitable[None]] | None = None,
+) -> tuple[Any, tuple[type[BaseException], ...]]:
     """An asyncio client for ``url``, and the exceptions that mean Redis cannot be used (a
-    cluster that cannot be reached raises RedisClusterException, not a RedisError)."""
+    cluster that cannot be reached raises RedisClusterException, not a RedisError).
+    ``on_connect`` is awaited with each new connection to one server, once it is ready for
+    commands (a cluster's node connections are redis-py's own: not called for them)."""
     import redis.asyncio as redis
     from redis.exceptions import RedisClusterException
 
     errors = (redis.RedisError, RedisClusterException, OSError)
     scheme, sep, rest = url.partition("://")
-    timeouts = {"socket_timeout": timeout, "socket_connect_timeout": timeout}
+    options: dict[str, Any] = {"socket_timeout": timeout, "socket_connect_timeout": timeout}
     if scheme in CLUSTER_SCHEMES:
         plain = scheme.removesuffix("+cluster") + sep + rest
-        return redis.RedisCluster.from_url(plain, **timeouts), errors
-    return redis.Redis.from_url(url, **timeouts), errors
+        return redis.RedisCluster.from_url(plain, **options), errors
+    if on_connect is not None:
+
+        async def ready(connection: Any) -> None:
+            await connection.on_connect()  # authenticate, select the database
+            await on_connect(connection)
+
+        options["redis_connect_func"] = ready
+    return redis.Redis.from_url(url, **options), errors

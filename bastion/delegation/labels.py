@@ -12,7 +12,9 @@ the gateway's Redis (``gateway.redis_url``). Labels are written before the resul
 result whose labels cannot be recorded is withheld (`LabelsUnavailable`, or `LabelsFull` when the
 set is at ``gateway.label_max``). They are read only for a policy whose rules read
 ``context.session``; when Redis cannot be read, a decision whose rules read them is refused with
-reason ``labels_unavailable`` (fail closed), others go on. A set is forgotten
+reason ``labels_unavailable`` (fail closed), others go on; when Redis may have lost sets
+(`bastion.redis_state`: flushed, restarted, failed over, evicting), with ``labels_lost``, for
+``gateway.label_ttl_seconds`` after it was noticed. A set is forgotten
 ``gateway.label_ttl_seconds`` after its last label was recorded.
 """
 
@@ -32,6 +34,7 @@ from typing import Any, NamedTuple
 from bastion.policy.errors import EvaluationLimit
 from bastion.redaction import safe_url
 from bastion.redis_client import connect
+from bastion.redis_state import RedisState
 
 log = logging.getLogger("bastion.delegation.labels")
 
@@ -68,6 +71,18 @@ class LabelsUnavailable(EvaluationLimit):
         self.value = 0
 
 
+class LabelsLost(EvaluationLimit):
+    """The Redis holding the label sets may have lost some (`bastion.redis_state`): a decision
+    whose rules read the labels is refused until ``label_ttl_seconds`` after the loss."""
+
+    reason = "labels_lost"
+
+    def __init__(self, detail: str) -> None:
+        Exception.__init__(self, f"the session labels may have been lost ({detail})")
+        self.limit = "labels_lost"
+        self.value = 0
+
+
 class LabelsFull(Exception):
     """The label set holds ``gateway.label_max`` labels: a result that would add another is
     withheld (forgetting a label would let what it marks leak)."""
@@ -80,12 +95,14 @@ class SessionView(dict):
     the policy's field lookup does, with `get`), then kept, in the decision record too. Without
     a source (the shared store could not be read), reading it raises `LabelsUnavailable`."""
 
-    __slots__ = ("key", "_source")
+    __slots__ = ("key", "_source", "_refusal")
 
     def __init__(self, key: LabelKey, source: Callable[[LabelKey], list[str]] | None) -> None:
         super().__init__()
         self.key = key
         self._source = source
+        # Without a source, why (`LabelsLost`); None: the store could not be read.
+        self._refusal: EvaluationLimit | None = None
 
     def get(self, name: Any, default: Any = None) -> Any:
         if name != "labels":
@@ -93,7 +110,7 @@ class SessionView(dict):
         if dict.__contains__(self, name):
             return dict.__getitem__(self, name)
         if self._source is None:
-            raise LabelsUnavailable()
+            raise self._refusal or LabelsUnavailable()
         labels = self._source(self.key)
         dict.__setitem__(self, name, labels)
         return labels
@@ -224,11 +241,18 @@ class RedisLabels:
         prefix: str = "bastion",
         settings: LabelSettings | None = None,
         timeout: float = 1.0,
+        audit: Any = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.url = url
         self.prefix = prefix
         self.settings = settings or LabelSettings()
-        self._redis, self._errors = connect(url, timeout)
+        state: list[RedisState] = []  # the connection hook needs it, it needs the client
+        self._redis, self._errors = connect(url, timeout, lambda c: state[0].on_connect(c))
+        self.state = RedisState(
+            self._redis, self._errors, url, prefix, self.settings.ttl_seconds, audit, clock
+        )
+        state.append(self.state)
         self._record = self._redis.register_script(_RECORD)
         self._wipe = self._redis.register_script(_WIPE)
 
@@ -244,12 +268,25 @@ class RedisLabels:
         return SessionView(key, None)
 
     async def prepare(self, view: SessionView) -> None:
-        """Fetch ``view``'s set in one round trip; if Redis cannot be read, the view stays
-        unavailable (a rule that reads it refuses the decision)."""
+        """Fetch ``view``'s set in one round trip, with the marker that says whether Redis
+        kept it (`RedisState`); if Redis cannot be read, the view stays unavailable, and if it
+        may have lost sets, refused (`LabelsLost`): a rule that reads it refuses the decision."""
         try:
-            members = await self._redis.smembers(self._keys(view.key)[0])
+            await self.state.start()  # once: the first use
+            generation = self.state.generation
+            async with self._redis.pipeline(transaction=False) as pipe:
+                pipe.get(self.state.key)
+                pipe.smembers(self._keys(view.key)[0])
+                marker, members = await pipe.execute()
+            lost = await self.state.check(marker, generation)
         except self._errors as e:
             log.error("session labels cannot be read: Redis at %s: %s", safe_url(self.url), e)
+            return
+        except Exception as e:  # the database, asked once whether Redis was marked
+            log.error("session labels cannot be trusted yet: %s", e)
+            return
+        if lost is not None:
+            view._refusal = LabelsLost(lost)
             return
         labels = sorted(m.decode() if isinstance(m, bytes) else m for m in members)
         view._source = lambda _key: labels
@@ -266,12 +303,16 @@ class RedisLabels:
             return
         s = self.settings
         try:
+            await self.state.start()  # marked before the first label: its loss is seen
             full = await self._record(
                 keys=list(self._keys(key)), args=[s.ttl_seconds, s.max_labels, *new]
             )
         except self._errors as e:
             log.error("session labels cannot be written: Redis at %s: %s", safe_url(self.url), e)
             raise LabelsUnavailable() from None
+        except Exception as e:  # the database, asked once whether Redis was marked
+            log.error("session labels cannot be written yet: %s", e)
+            raise LabelsUnavailable("the database cannot be read") from None
         if int(full):
             raise LabelsFull()
 
@@ -322,8 +363,10 @@ def labels_from_config(
     redis_prefix: str = "bastion",
     settings: LabelSettings | None = None,
     redis_timeout: float = 1.0,
+    audit: Any = None,
 ) -> LocalLabels | RedisLabels:
-    """The label sets a gateway keeps: in Redis when it has one, else in this process."""
+    """The label sets a gateway keeps: in Redis when it has one (``audit``, an `AuditLog`,
+    remembers that it was marked and records its losses), else in this process."""
     if redis_url:
-        return RedisLabels(redis_url, redis_prefix, settings, redis_timeout)
+        return RedisLabels(redis_url, redis_prefix, settings, redis_timeout, audit)
     return LocalLabels(settings)

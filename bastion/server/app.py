@@ -345,13 +345,16 @@ def _agent_counters(config: ServerConfig, gateway):
     return counters, ArgumentDigest(secrets.token_bytes(32))
 
 
-def _labels(gateway):
-    """The gateway's session labels (docs/delegation.md; shared through gateway.redis_url)."""
+def _labels(gateway, db: Database):
+    """The gateway's session labels (docs/delegation.md; shared through gateway.redis_url,
+    whose losses the audit log remembers and records)."""
+    from bastion.audit import AuditLog
     from bastion.delegation.labels import LabelSettings, labels_from_config
 
     c = gateway.config
     settings = LabelSettings(c.label_ttl_seconds, c.label_max, c.label_max_sets)
-    return labels_from_config(c.redis_url, c.redis_prefix, settings, c.redis_timeout_seconds)
+    audit = AuditLog(db) if c.redis_url else None
+    return labels_from_config(c.redis_url, c.redis_prefix, settings, c.redis_timeout_seconds, audit)
 
 
 def _approvals(config: ServerConfig, oauth, replica: Replica):
@@ -537,7 +540,7 @@ def create_app(config: ServerConfig) -> Starlette:
         _delegation(oauth, gateway, replica)
         gateway.enforcer.shadow.on_fire = metrics.shadow_fired
         gateway.enforcer.behavior = _behavior(config, gateway)
-        gateway.enforcer.labels = _labels(gateway)
+        gateway.enforcer.labels = _labels(gateway, db)
     behavior, argument_digest = _agent_counters(config, gateway)
 
     @contextlib.asynccontextmanager

@@ -161,6 +161,34 @@ def test_two_gateways_behaviour_counts_reach_the_cluster(cluster):
     assert asyncio.run(scenario()) == (3, 3, 1)
 
 
+def test_labels_shared_through_the_cluster_and_their_loss_noticed(cluster):
+    """A label set and the marker that says Redis kept it live in different slots (nodes):
+    both are read at once, and a cluster flushed on every node refuses what reads labels."""
+    import redis
+
+    from bastion.delegation.labels import LabelKey, LabelsLost, RedisLabels
+
+    prefix = f"bastion-test-{uuid.uuid4().hex[:12]}"
+    key = LabelKey("sam", "planner", "t-1")
+
+    async def scenario() -> None:
+        first = RedisLabels(f"redis+cluster://127.0.0.1:{cluster[0]}", prefix)
+        second = RedisLabels(f"redis+cluster://127.0.0.1:{cluster[1]}", prefix)
+        try:
+            await first.record(key, ["pii"])
+            assert await second.labels(key) == ["pii"]
+            for port in cluster:
+                redis.Redis(port=port).flushall()
+            for store in (first, second):
+                with pytest.raises(LabelsLost):
+                    await store.labels(key)
+        finally:
+            await first.close()
+            await second.close()
+
+    asyncio.run(scenario())
+
+
 def test_an_unreachable_cluster_refuses(cluster):
     with free_socket() as closed:  # bound, never listening
         url = f"redis+cluster://127.0.0.1:{closed.getsockname()[1]}"
