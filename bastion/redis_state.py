@@ -15,8 +15,10 @@ writes, or eviction under ``maxmemory``. An empty answer then looks like "nothin
   lost it, though no process was connected then (a host rebooted with Redis and bastion on it).
 - **Redis's run_id**, read (``INFO``) on each new connection: another one is another run of
   Redis (a restart, from whatever it kept on disk; a replica promoted), whose data may be behind
-  what was written before. Restarting or failing over drops the connections, so a new run is
-  always seen on a new connection, and the check costs nothing per call.
+  what was written before, unless it keeps an append-only file (a routine restart of a
+  persistent Redis is not a loss; its marker still tells one that came back empty). Restarting
+  or failing over drops the connections, so a new run is always seen on a new connection, and
+  the check costs nothing per call.
 - **its eviction policy**, from the same ``INFO``: with a ``maxmemory`` and any policy but
   ``noeviction`` a key may go at any time, unseen (bastion's keys all have a time to live, so
   ``volatile-*`` evicts them as ``allkeys-*`` does). While that is so, `check` refuses; once it
@@ -63,6 +65,17 @@ def parse_info(text: bytes | str) -> dict[str, str]:
         if sep and not name.startswith("#"):
             fields[name.strip()] = value.strip()
     return fields
+
+
+def _keeps_its_writes(info: dict[str, str]) -> bool:
+    """Whether a Redis with ``info`` logs each write to an append-only file that it can write:
+    then a new run of it (a restart) came back with what it had (up to the last second, with
+    ``appendfsync everysec``)."""
+    return (
+        info.get("aof_enabled") == "1"
+        and info.get("aof_last_write_status", "ok") == "ok"
+        and info.get("aof_last_bgrewrite_status", "ok") == "ok"
+    )
 
 
 def evicting(info: dict[str, str]) -> str | None:
@@ -132,10 +145,23 @@ class RedisState:
         run = info.get("run_id")
         known = self._runs.get(address)
         if run and known is not None and run != known:
-            self._new_run = (
-                f"Redis at {address} is another run (run_id {known[:8]} then {run[:8]}):"
-                " restarted or failed over, its data may be behind"
-            )
+            if _keeps_its_writes(info):
+                # A restart of a Redis that logs every write (a patch, a new host) is routine:
+                # refusing for a day after each would stop the service. Its marker still says
+                # whether it came back empty.
+                log.warning(
+                    "Redis at %s is another run (run_id %s then %s) with its append-only file:"
+                    " session labels are trusted as it kept them",
+                    address,
+                    known[:8],
+                    run[:8],
+                )
+            else:
+                self._new_run = (
+                    f"Redis at {address} is another run (run_id {known[:8]} then {run[:8]}):"
+                    " restarted or failed over without an append-only file, its data may be"
+                    " behind"
+                )
         if run:
             if known is None and info.get("aof_enabled") == "0":
                 log.warning(

@@ -2,7 +2,8 @@
 
 The shared Redis (127.0.0.1:6379) is never flushed or restarted: other tests use it at the same
 time. `PrivateRedis` runs ``redis-server`` on a free loopback port with nothing kept on disk
-(``--save '' --appendonly no``), in a folder of its own, and stops it at the end.
+(``--save '' --appendonly no``; or, if asked, an append-only file), in a folder of its own, and
+stops it at the end.
 """
 
 from __future__ import annotations
@@ -19,9 +20,10 @@ from tests.ports import free_port
 
 
 class PrivateRedis:
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, appendonly: bool = False) -> None:
         require_program("redis-server", shutil.which("redis-server") or "/usr/bin/redis-server")
         self.folder = folder
+        self.appendonly = appendonly
         self.port = free_port()
         self._process: subprocess.Popen | None = None
         self.start()
@@ -35,10 +37,11 @@ class PrivateRedis:
 
     def start(self) -> None:
         """Start it (again): a restarted server loads ``dump.rdb`` from its folder if a
-        ``SAVE`` left one there, and nothing otherwise."""
+        ``SAVE`` left one there, or its append-only file, and nothing otherwise."""
         self._process = subprocess.Popen(
             ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1"]
-            + ["--dir", str(self.folder), "--save", "", "--appendonly", "no"],
+            + ["--dir", str(self.folder), "--save", ""]
+            + ["--appendonly", "yes" if self.appendonly else "no"],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
@@ -54,7 +57,8 @@ class PrivateRedis:
         raise RuntimeError("redis-server did not answer within 30 s")
 
     def stop(self) -> None:
-        """Stop it without saving (what it holds in memory is gone)."""
+        """Stop it without saving (what it holds in memory is gone, but for what its
+        append-only file has)."""
         if self._process is None:
             return
         self._process.terminate()  # SIGTERM: no save, with --save ''

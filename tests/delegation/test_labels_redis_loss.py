@@ -124,6 +124,29 @@ def test_a_redis_back_from_an_older_snapshot_is_noticed(private):
     anyio.run(main)
 
 
+def test_a_restart_of_a_redis_that_keeps_an_append_only_file_is_not_a_loss(tmp_path):
+    """A routine restart of a persistent Redis (a patch, a new host) keeps the sets: refusing
+    what reads them for label_ttl_seconds after each would stop the service for a day."""
+
+    async def main(server: PrivateRedis):
+        store = _store(server)
+        try:
+            await store.record(KEY, ["pii"])
+            server.restart()
+            with pytest.raises(LabelsUnavailable):  # the connection it was made on is gone
+                await store.labels(KEY)
+            assert await store.labels(KEY) == ["pii"]
+            await store.record(KEY, ["secret"])
+            assert await store.labels(KEY) == ["pii", "secret"]
+        finally:
+            await store.close()
+
+    folder = tmp_path / "redis"
+    folder.mkdir()
+    with PrivateRedis(folder, appendonly=True) as server:
+        anyio.run(main, server)
+
+
 def test_a_redis_that_may_evict_is_refused_before_it_evicts_a_label_set(private):
     client = private.client()
     client.config_set("maxmemory", "2mb")
