@@ -1,9 +1,10 @@
 """Where bastion's requests to addresses someone else chose may go: public addresses only.
 
 A client ID metadata document's URL is chosen by whoever names it as a client_id, a registered
-client's ``jwks_uri`` by whoever registered it: fetched as given, they reached the loopback,
-the cloud's metadata service (169.254.169.254) and the operator's private network (SSRF), and
-the refusal told what was there. `pinned` resolves the name once, refuses unless every address
+client's ``jwks_uri`` by whoever registered it, an upstream MCP server's authorization server and
+its endpoints by that upstream's own metadata (`bastion.connections.upstream_oauth`): fetched as
+given, they reached the loopback, the cloud's metadata service (169.254.169.254) and the
+operator's private network (SSRF), and the refusal told what was there. `pinned` resolves the name once, refuses unless every address
 it gave is public, and has the connection made to the address it checked (a name resolved
 again could lead elsewhere: DNS rebinding), with the request and TLS still the name's.
 """

@@ -18,6 +18,7 @@ KNOWN = {
     "flow_seconds",
     "timeout_seconds",
     "cache_seconds",
+    "allow_private_addresses",
 }
 
 
@@ -45,6 +46,10 @@ class UpstreamOAuth:
     # A process may use an opened access token this long without reading its row again; 0: read
     # on every call. A revocation made in another process applies after at most this long.
     cache_seconds: float = 0.0
+    # Whether bastion's requests to the authorization server (its metadata, token, registration
+    # and revocation endpoints, all named by the upstream's own metadata) may go to loopback,
+    # private and other non-public addresses; None: only if the upstream's own url is on one.
+    allow_private_addresses: bool | None = None
 
     @classmethod
     def from_mapping(cls, table: Mapping[str, Any], where: str) -> UpstreamOAuth:
@@ -87,8 +92,12 @@ class UpstreamOAuth:
         cache = table.get("cache_seconds", 0)
         if isinstance(cache, bool) or not isinstance(cache, int | float) or not 0 <= cache <= 300:
             raise ConnectionSettingsError(f"{where}.cache_seconds must be between 0 and 300")
+        private = table.get("allow_private_addresses")
+        if private is not None and not isinstance(private, bool):
+            raise ConnectionSettingsError(f"{where}.allow_private_addresses must be true or false")
         return cls(
             cache_seconds=float(cache),
+            allow_private_addresses=private,
             issuer=issuer.rstrip("/"),
             client_id=table.get("client_id", ""),
             client_secret=table.get("client_secret", ""),

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import ipaddress
 import secrets
 from dataclasses import dataclass
 from typing import Any
@@ -19,7 +20,14 @@ from urllib.parse import urlencode, urlsplit, urlunsplit
 
 from bastion import untrusted_json
 from bastion.connections.settings import UpstreamOAuth
-from bastion.oauth.jwks import FetchLimits, RemoteDocumentError, fetch, fetch_json
+from bastion.egress import is_public_address
+from bastion.oauth.jwks import (
+    CoalescedFetches,
+    FetchLimits,
+    RemoteDocumentError,
+    fetch,
+    fetch_json,
+)
 
 _MAX_BYTES = 65536
 
@@ -75,76 +83,129 @@ def well_known(url: str, name: str) -> str:
 MAX_ISSUER = 1024
 
 
-def _https_or_loopback(url: Any) -> bool:
-    if not isinstance(url, str):
-        return False
+_LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1")
+
+
+def on_private_address(url: str) -> bool:
+    """Whether ``url`` (an upstream as the operator configured it) names a host on a loopback or
+    private address: an IP address that is not public (`bastion.egress`), or ``localhost``."""
     try:
-        parts = urlsplit(url)
-    except ValueError:  # "https://[x": an IPv6 host not closed
+        host = urlsplit(url).hostname or ""
+    except ValueError:
         return False
-    return parts.scheme == "https" or (
-        parts.scheme == "http" and parts.hostname in ("127.0.0.1", "localhost", "::1")
-    )
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return not is_public_address(ipaddress.ip_address(host))
+    except ValueError:
+        return False
 
 
 class UpstreamOAuthClient:
-    """The client side of one upstream's authorization server."""
+    """The client side of one upstream's authorization server.
 
-    def __init__(self, resource: str, settings: UpstreamOAuth) -> None:
+    The upstream's own metadata chooses every URL bastion then sends its client secret and
+    users' refresh tokens to. Unless the upstream is itself on a loopback or private address
+    (`on_private_address`) or ``allow_private_addresses`` says so, they must be https URLs
+    whose names resolve to public addresses only, and each request connects to the address
+    checked (`bastion.egress.pinned`): a hostile upstream cannot make bastion post them to its
+    own loopback services, the cloud's metadata service or the internal network."""
+
+    def __init__(self, resource: str, settings: UpstreamOAuth, name: str = "") -> None:
         self.resource = resource  # the upstream's URL: the token's audience
         self.settings = settings
-        self._limits = FetchLimits(timeout_seconds=settings.timeout_seconds, max_bytes=_MAX_BYTES)
+        allowed = settings.allow_private_addresses
+        self.private = on_private_address(resource) if allowed is None else allowed
+        self.private_setting = f"upstream {name or resource}'s oauth.allow_private_addresses"
+        self._limits = FetchLimits(
+            timeout_seconds=settings.timeout_seconds,
+            max_bytes=_MAX_BYTES,
+            # A failed fetch of the metadata is tried again after this long; the calls that
+            # need it meanwhile are refused at once with its reason (`CoalescedFetches`).
+            refetch_seconds=settings.timeout_seconds,
+            time_setting="oauth.timeout_seconds",
+            public_only=not self.private,
+            private_setting=self.private_setting,
+        )
+        self._fetches = CoalescedFetches(self._limits)
         self._metadata: ServerMetadata | None = None
 
+    async def _discovered_issuer(self) -> str:
+        """The first authorization server the upstream's protected-resource metadata names."""
+        try:
+            found = await fetch_json(
+                well_known(self.resource, "oauth-protected-resource"), self._limits
+            )
+        except RemoteDocumentError as e:
+            raise RemoteDocumentError(f"metadata of {self.resource}: {e}") from None
+        servers = found.get("authorization_servers") if isinstance(found, dict) else None
+        named = servers[0] if isinstance(servers, list) and servers else None
+        why = self._unusable(named)
+        if why or not isinstance(named, str) or not named.isascii() or len(named) > MAX_ISSUER:
+            raise RemoteDocumentError(
+                f"{self.resource}'s protected-resource metadata names no usable authorization"
+                f" server (an https URL of at most {MAX_ISSUER} ASCII characters)"
+                f"{': ' + why if why else ''}; set oauth.issuer"
+            )
+        return named.rstrip("/")
+
+    def _unusable(self, url: Any) -> str:
+        """Why bastion may not send requests to ``url``, or "" if it may (its host's addresses
+        are checked as the request is made)."""
+        if not isinstance(url, str):
+            return "not a URL"
+        try:
+            parts = urlsplit(url)
+            host = parts.hostname
+        except ValueError:  # "https://[x": an IPv6 host not closed
+            return "not a URL"
+        if parts.scheme == "https":
+            return ""
+        if parts.scheme == "http" and host in _LOOPBACK_NAMES:
+            if self.private:
+                return ""
+            return (
+                f"{url} is on the loopback, and an upstream on a public address leads bastion to"
+                f" public addresses only ({self.private_setting})"
+            )
+        return f"{url} is not an https URL"
+
     async def metadata(self) -> ServerMetadata:
-        """The authorization server's metadata, fetched once per process."""
+        """The authorization server's metadata, fetched once per process (one fetch at a time;
+        a failure is remembered for ``timeout_seconds``)."""
         if self._metadata is not None:
             return self._metadata
-        issuer = self.settings.issuer
         try:
-            if not issuer:
-                found = await fetch_json(
-                    well_known(self.resource, "oauth-protected-resource"), self._limits
-                )
-                servers = found.get("authorization_servers") if isinstance(found, dict) else None
-                if (
-                    not isinstance(servers, list)
-                    or not servers
-                    or not _https_or_loopback(servers[0])
-                    or not servers[0].isascii()
-                    or len(servers[0]) > MAX_ISSUER
-                ):
-                    raise UpstreamOAuthError(
-                        "unavailable",
-                        f"{self.resource}'s protected-resource metadata names no usable"
-                        f" authorization server (an https URL of at most {MAX_ISSUER}"
-                        " ASCII characters); set oauth.issuer",
-                    )
-                issuer = servers[0].rstrip("/")
+            return await self._fetches.once(
+                self.resource, self._fetch_metadata, lambda: self._metadata
+            )
+        except RemoteDocumentError as e:
+            raise UpstreamOAuthError("unavailable", str(e)) from None
+
+    async def _fetch_metadata(self) -> ServerMetadata:
+        issuer = self.settings.issuer or await self._discovered_issuer()
+        try:
             document = await fetch_json(
                 well_known(issuer, "oauth-authorization-server"), self._limits
             )
         except RemoteDocumentError as e:
-            raise UpstreamOAuthError(
-                "unavailable", f"metadata of {issuer or self.resource}: {e}"
-            ) from None
+            raise RemoteDocumentError(f"metadata of {issuer}: {e}") from None
         named = document.get("issuer") if isinstance(document, dict) else None
         if not isinstance(named, str) or named.rstrip("/") != issuer:
-            raise UpstreamOAuthError(
-                "unavailable", f"the metadata of {issuer} does not name it as its issuer"
-            )
+            raise RemoteDocumentError(f"the metadata of {issuer} does not name it as its issuer")
         endpoints = {}
         for name in ("authorization_endpoint", "token_endpoint"):
-            if not _https_or_loopback(document.get(name)):
-                raise UpstreamOAuthError("unavailable", f"{issuer} gives no usable {name}")
+            why = self._unusable(document.get(name))
+            if why:
+                raise RemoteDocumentError(f"{issuer} gives no usable {name}: {why}")
             endpoints[name] = document[name]
         for name in ("registration_endpoint", "revocation_endpoint"):
             value = document.get(name)
-            endpoints[name] = value if _https_or_loopback(value) else ""
+            endpoints[name] = "" if self._unusable(value) else value
         methods = document.get("code_challenge_methods_supported")
         if not isinstance(methods, list) or "S256" not in methods:
             # OAuth 2.1 and MCP: no PKCE S256 advertised, no authorization.
-            raise UpstreamOAuthError("unavailable", f"{issuer} does not advertise PKCE S256")
+            raise RemoteDocumentError(f"{issuer} does not advertise PKCE S256")
         sends_iss = document.get("authorization_response_iss_parameter_supported") is True
         self._metadata = ServerMetadata(issuer=issuer, sends_iss=sends_iss, **endpoints)
         return self._metadata

@@ -81,6 +81,10 @@ def _gateway(**upstream):
         ({"auth": "per_user", "oauth": {"refresh_ahead_seconds": 0}}, "refresh_ahead_seconds"),
         ({"auth": "per_user", "oauth": {"flow_seconds": float("inf")}}, "flow_seconds"),
         ({"auth": "per_user", "oauth": "yes"}, "must be a table"),
+        (
+            {"auth": "per_user", "oauth": {"allow_private_addresses": "yes"}},
+            "oauth.allow_private_addresses must be true or false",
+        ),
         ({"oauth": {}}, 'only with auth = "per_user"'),
     ],
 )
@@ -334,3 +338,71 @@ def test_a_token_that_is_not_a_bearer_token_is_refused():
             token_type[0] = kind
             tokens = asyncio.run(client.refresh({"client_id": "bastion"}, "r", 0.0))
             assert tokens.access_token == "upstream-access"
+
+
+def test_the_metadata_is_fetched_once_for_calls_that_need_it_at_once_and_a_failure_is_kept():
+    """Every call of a user whose token needs refreshing needs the authorization server's
+    metadata until it has been fetched once: each started its own fetches (each held up to
+    timeout_seconds by a slow server), and a server that was down was asked again by each."""
+    import threading
+
+    sock = free_socket()
+    base = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    asked: list[str] = []
+    down = [True]
+    release = threading.Event()
+
+    async def resource_metadata(request):
+        asked.append("resource")
+        await asyncio.to_thread(release.wait, 5)  # held until every call is waiting
+        if down[0]:
+            return JSONResponse({}, status_code=503)
+        return JSONResponse({"resource": f"{base}/mcp", "authorization_servers": [base]})
+
+    async def server_metadata(request):
+        asked.append("server")
+        return JSONResponse(
+            {
+                "issuer": base,
+                "authorization_endpoint": f"{base}/authorize",
+                "token_endpoint": f"{base}/token",
+                "code_challenge_methods_supported": ["S256"],
+            }
+        )
+
+    app = Starlette(
+        routes=[
+            Route("/.well-known/oauth-protected-resource/mcp", resource_metadata),
+            Route("/.well-known/oauth-authorization-server", server_metadata),
+        ]
+    )
+
+    async def at_once(client, n):
+        async def one():
+            try:
+                return await client.metadata()
+            except UpstreamOAuthError as e:
+                return e
+
+        tasks = [asyncio.create_task(one()) for _ in range(n)]
+        while not asked:
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.2)  # the others are waiting by now, or would have asked too
+        release.set()
+        return await asyncio.gather(*tasks)
+
+    with serve(app, sock):
+        client = UpstreamOAuthClient(f"{base}/mcp", UpstreamOAuth(timeout_seconds=60))
+        failed = asyncio.run(at_once(client, 5))
+        assert all(isinstance(f, UpstreamOAuthError) and "503" in str(f) for f in failed)
+        assert asked == ["resource"]
+        # Within timeout_seconds of the failure, the calls are refused with its reason at once.
+        down[0] = False
+        with pytest.raises(UpstreamOAuthError, match="503"):
+            asyncio.run(client.metadata())
+        assert asked == ["resource"]
+        release.clear()
+        client = UpstreamOAuthClient(f"{base}/mcp", UpstreamOAuth(timeout_seconds=60))
+        found = asyncio.run(at_once(client, 5))
+        assert {m.issuer for m in found} == {base}
+        assert asked == ["resource", "resource", "server"]

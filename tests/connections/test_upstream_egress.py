@@ -1,0 +1,247 @@
+"""Where bastion's requests to an upstream's authorization server may go.
+
+The upstream MCP server's own metadata (RFC 9728) names its authorization server, whose metadata
+(RFC 8414) names the token, registration and revocation endpoints: a hostile or compromised
+upstream chooses every URL bastion then sends its client_secret and users' refresh tokens to.
+An upstream on a public address may lead bastion to public addresses only (each name resolved
+once and the connection made to the address checked), unless the upstream's
+``oauth.allow_private_addresses`` says otherwise; an upstream the operator put on a private or
+loopback address may use private ones too (its authorization server usually lives beside it).
+
+Here 127.0.0.2 stands for the internet: ``tracker.test`` (the upstream and its authorization
+server, over TLS) resolves to it and is treated as public; ``internal.test`` resolves to the
+loopback, where an internal service records whatever reaches it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import socket
+from urllib.parse import parse_qs, urlsplit
+
+import anyio
+import pytest
+from cryptography.fernet import Fernet
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from bastion import egress, tls
+from bastion.connections.sealing import Sealer
+from bastion.connections.service import Connections, ConnectionUnavailable, FlowRefused
+from bastion.connections.settings import UpstreamOAuth
+from bastion.connections.store import ConnectionStore, StoredConnection
+from bastion.connections.upstream_oauth import UpstreamOAuthClient, UpstreamOAuthError
+from bastion.db import Database
+from tests.oauth.support import free_socket, self_signed_certificate, serve
+
+PUBLIC = ipaddress.ip_address("127.0.0.2")  # the internet, in these tests
+
+
+def _public_socket() -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((str(PUBLIC), 0))
+    return sock
+
+
+class Internal:
+    """A service on the loopback that records every request it gets (path and body)."""
+
+    def __init__(self) -> None:
+        self.got: list[tuple[str, str]] = []
+        self.sock = free_socket()
+        self.port = self.sock.getsockname()[1]
+
+        async def record(request: Request):
+            self.got.append((request.url.path, (await request.body()).decode()))
+            return JSONResponse({"error": "nothing here"}, status_code=404)
+
+        self.app = Starlette(routes=[Route("/{path:path}", record, methods=["GET", "POST"])])
+
+
+class Tracker:
+    """The upstream (tracker.test, "public"): its protected-resource metadata names
+    ``authorization_server`` (by default itself), whose metadata names ``endpoints``."""
+
+    def __init__(self) -> None:
+        self.sock = _public_socket()
+        self.base = f"https://tracker.test:{self.sock.getsockname()[1]}"
+        self.authorization_server = self.base
+        self.endpoints: dict[str, str] = {}
+        self.fetched: list[str] = []
+
+        async def resource(request: Request):
+            self.fetched.append(request.url.path)
+            return JSONResponse(
+                {
+                    "resource": f"{self.base}/mcp",
+                    "authorization_servers": [self.authorization_server],
+                }
+            )
+
+        async def server(request: Request):
+            self.fetched.append(request.url.path)
+            return JSONResponse(
+                {
+                    "issuer": self.base,
+                    "authorization_endpoint": f"{self.base}/authorize",
+                    "token_endpoint": f"{self.base}/token",
+                    "registration_endpoint": f"{self.base}/register",
+                    "revocation_endpoint": f"{self.base}/revoke",
+                    "code_challenge_methods_supported": ["S256"],
+                    **self.endpoints,
+                }
+            )
+
+        async def token(request: Request):
+            return JSONResponse(
+                {"access_token": "a", "token_type": "Bearer", "refresh_token": "r2"}
+            )
+
+        async def register(request: Request):
+            return JSONResponse({"client_id": "registered"}, status_code=201)
+
+        async def revoke(request: Request):
+            return JSONResponse({})
+
+        self.app = Starlette(
+            routes=[
+                Route("/.well-known/oauth-protected-resource/mcp", resource),
+                Route("/.well-known/oauth-authorization-server", server),
+                Route("/token", token, methods=["POST"]),
+                Route("/register", register, methods=["POST"]),
+                Route("/revoke", revoke, methods=["POST"]),
+            ]
+        )
+
+
+@pytest.fixture
+def internet(tmp_path, monkeypatch):
+    """tracker.test on 127.0.0.2 (public, TLS) and the internal service on the loopback."""
+    cert, key = self_signed_certificate(tmp_path, dns_name="tracker.test")
+    real = socket.getaddrinfo
+
+    def resolving(host, port, *args, **kwargs):
+        name = host.decode() if isinstance(host, bytes) else host
+        if name == "tracker.test":
+            return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (str(PUBLIC), port))]
+        if name == "internal.test":
+            return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", port))]
+        return real(host, port, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", resolving)
+    monkeypatch.setattr(egress, "is_public_address", lambda address: address == PUBLIC)
+    monkeypatch.setattr(tls, "httpx_context", lambda: tls.file_context(cert))
+    tracker, internal = Tracker(), Internal()
+    with (
+        serve(tracker.app, tracker.sock, ssl_certfile=cert, ssl_keyfile=key),
+        serve(internal.app, internal.sock),
+    ):
+        yield tracker, internal
+
+
+def _internal_urls(internal: Internal, path: str = "") -> list[str]:
+    return [
+        f"http://127.0.0.1:{internal.port}{path}",
+        f"http://localhost:{internal.port}{path}",
+        f"https://internal.test:{internal.port}{path}",
+        f"http://internal.test:{internal.port}{path}",
+    ]
+
+
+def test_an_upstream_on_a_public_address_cannot_name_an_authorization_server_on_a_private_one(
+    internet,
+):
+    tracker, internal = internet
+    for named in [*_internal_urls(internal), "https://169.254.169.254", "https://10.0.0.1"]:
+        tracker.authorization_server = named
+        client = UpstreamOAuthClient(f"{tracker.base}/mcp", UpstreamOAuth(), "tracker")
+        # (http to any other host than the loopback is refused wherever it leads)
+        refusal = "allow_private_addresses|http://internal.test.* is not an https URL"
+        with pytest.raises(UpstreamOAuthError, match=refusal) as refused:
+            asyncio.run(client.metadata())
+        assert refused.value.error == "unavailable"
+    assert internal.got == []
+    assert tracker.fetched  # the upstream itself, public, was asked
+
+
+def _connections(tmp_path, tracker: Tracker, oauth: UpstreamOAuth) -> Connections:
+    store = ConnectionStore(Database(str(tmp_path / f"egress-{len(list(tmp_path.iterdir()))}.db")))
+    upstreams = {"tracker": (f"{tracker.base}/mcp", oauth)}
+    return Connections(store, Sealer([Fernet.generate_key()]), upstreams, "https://bastion.test")
+
+
+async def _connect_refresh_and_revoke(service: Connections) -> None:
+    """What a person and their agent make bastion send to the authorization server: connect
+    (registration, token endpoint), a refresh, a revocation."""
+    with contextlib.suppress(UpstreamOAuthError, FlowRefused, ConnectionUnavailable):
+        location = await service.start("alice", "tracker")
+        state = parse_qs(urlsplit(location).query)["state"][0]
+        await service.finish("alice", "tracker", state, "the-code")
+    sealed = service.sealer.seal(
+        "alice", "tracker", {"access_token": "old", "refresh_token": "refresh-secret"}
+    )
+    row = StoredConnection("alice", "tracker", sealed, "", 0.0, 0.0, 0.0)
+    await anyio.to_thread.run_sync(service.store.put, row)
+    with contextlib.suppress(ConnectionUnavailable):
+        await service.access_token("alice", "tracker")
+    await anyio.to_thread.run_sync(service.store.put, row)
+    await service.revoke("alice", "tracker", actor="test")
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "client_id"),
+    [
+        ("token_endpoint", ""),
+        ("token_endpoint", "bastion"),  # with its client_secret
+        ("registration_endpoint", ""),
+        ("revocation_endpoint", ""),
+        ("revocation_endpoint", "bastion"),
+    ],
+)
+def test_a_public_authorization_server_cannot_send_secrets_and_refresh_tokens_inside(
+    internet, tmp_path, endpoint, client_id
+):
+    tracker, internal = internet
+    oauth = UpstreamOAuth(client_id=client_id, client_secret="s3cret" if client_id else "")
+    for url in _internal_urls(internal, "/steal"):
+        tracker.endpoints = {endpoint: url}
+        service = _connections(tmp_path, tracker, oauth)
+        try:
+            anyio.run(_connect_refresh_and_revoke, service)
+        finally:
+            service.store.db.close()
+    assert internal.got == []
+
+
+def test_allow_private_addresses_lets_a_public_upstream_lead_bastion_inside(internet, tmp_path):
+    # The setting is the operator's word that this upstream's server lives inside: the same
+    # requests then reach the internal service (which is what the tests above refuse).
+    tracker, internal = internet
+    tracker.endpoints = {"token_endpoint": f"http://127.0.0.1:{internal.port}/steal"}
+    oauth = UpstreamOAuth(client_id="bastion", client_secret="s3cret", allow_private_addresses=True)
+    service = _connections(tmp_path, tracker, oauth)
+    try:
+        anyio.run(_connect_refresh_and_revoke, service)
+    finally:
+        service.store.db.close()
+    assert any("client_secret=s3cret" in body for _, body in internal.got)
+    assert any("refresh-secret" in body for _, body in internal.got)
+
+
+def test_an_upstream_on_the_loopback_may_use_the_loopback_unless_told_not_to(internet):
+    _, internal = internet
+    upstream = f"http://127.0.0.1:{internal.port}/mcp"
+    # By default an upstream the operator put on the loopback may lead bastion there (its
+    # server answers 404 here: the metadata is unavailable, but it was asked).
+    with pytest.raises(UpstreamOAuthError, match="404"):
+        asyncio.run(UpstreamOAuthClient(upstream, UpstreamOAuth(), "tracker").metadata())
+    assert len(internal.got) == 1
+    refusing = UpstreamOAuth(allow_private_addresses=False)
+    with pytest.raises(UpstreamOAuthError, match="allow_private_addresses"):
+        asyncio.run(UpstreamOAuthClient(upstream, refusing, "tracker").metadata())
+    assert len(internal.got) == 1
