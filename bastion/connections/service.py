@@ -147,7 +147,8 @@ class Connections:
         """``subject``'s access token for ``upstream``, refreshed first if it expires soon; None
         if they have no usable connection (never connected, revoked, refresh refused, or sealed
         tokens that cannot be opened: fail closed). `ConnectionUnavailable` if the refresh could
-        not reach the authorization server."""
+        not reach the authorization server, or it refused with another error than
+        ``invalid_grant`` (the connection is kept)."""
         settings = self.settings[upstream]
         ahead = settings.refresh_ahead_seconds
         key = (subject, upstream)
@@ -211,6 +212,15 @@ class Connections:
             if e.error == "unavailable":
                 raise ConnectionUnavailable(
                     f"the connection to {row.upstream} cannot be refreshed now: {e.description}"
+                ) from None
+            if e.error != "invalid_grant":
+                # About bastion's client or the server's state (invalid_client after a secret
+                # changed, a rate limit, ...), not this user's grant: deleting would cost every
+                # user their connection. Kept; the call fails until the server takes it again.
+                raise ConnectionUnavailable(
+                    f"the connection to {row.upstream} cannot be refreshed now: its"
+                    f" authorization server refused bastion's refresh ({e}); the connection is"
+                    " kept"
                 ) from None
             # The grant is gone at the upstream (revoked, expired): forget it; connect again.
             # Only the row refreshed: a connection made meanwhile is not the refused grant's.
