@@ -4,7 +4,7 @@ A person connects once, at bastion's page (`bastion.connections.pages`): bastion
 authorization code flow with the upstream's authorization server for them
 (`bastion.connections.upstream_oauth`), keeps the tokens sealed (`bastion.connections.sealing`)
 in the database (`bastion.connections.store`), refreshes the access token before it expires
-(one refresh at a time per user and upstream in a process), and hands it out only for that
+(one refresh at a time per user and upstream, across replicas), and hands it out only for that
 user's calls to that upstream (`access_token`). A flow finishes only for the person who started
 it, and only at the redirect URI of the upstream it was started for: each upstream has its own
 (``<issuer>/connections/<upstream>/callback``), so an authorization server cannot have the code
@@ -46,6 +46,11 @@ MAX_CACHED = 100_000
 # How many times a refresh's tokens are written again over the same tokens sealed anew (a
 # `rekey` under way) before the call gives up.
 _RESEALS = 5
+# A process claims a connection's refresh for this many times its ``timeout_seconds`` (the
+# metadata, a registration and the token request each have that long); the other processes
+# look at the row every `_REFRESH_POLL_SECONDS` for what the refresh brought back.
+_CLAIMED_TIMEOUTS = 3
+_REFRESH_POLL_SECONDS = 0.05
 
 
 class ConnectionUnavailable(Exception):
@@ -173,7 +178,7 @@ class Connections:
                     return None
                 if row.expires_at - self.clock() > ahead:
                     return self._remember(row, self._open(row).get("access_token"), epoch)
-                return await self._refresh(row, epoch)
+                return await self._refresh_once(row, epoch)
         finally:
             if not lock.locked() and self._refreshing.get(key) is lock:
                 del self._refreshing[key]
@@ -198,6 +203,37 @@ class Connections:
         except Unsealable as e:
             log.warning("connection of %s to %s refused: %s", row.subject, row.upstream, e)
             return {}
+
+    async def _refresh_once(self, row: StoredConnection, epoch: int) -> str | None:
+        """Refresh ``row`` if this process claims its refresh in the database; else another
+        process (replica) is refreshing it: wait for what it brings back, and use that. A server
+        that rotates refresh tokens and revokes the grant when one comes back twice then never
+        sees the same one from two replicas. A claim lasts `_CLAIMED_TIMEOUTS` times
+        ``timeout_seconds`` (a process that died while refreshing holds it that long)."""
+        settings = self.settings[row.upstream]
+        claim = _CLAIMED_TIMEOUTS * settings.timeout_seconds
+        give_up = time.monotonic() + claim + settings.timeout_seconds
+        while True:
+            now = self.clock()
+            if await anyio.to_thread.run_sync(self.store.claim_refresh, row, now, now + claim):
+                try:
+                    return await self._refresh(row, epoch)
+                finally:
+                    with anyio.CancelScope(shield=True):
+                        await anyio.to_thread.run_sync(self.store.release_refresh, row)
+            if time.monotonic() > give_up:
+                raise ConnectionUnavailable(
+                    f"the connection to {row.upstream} is being refreshed by another process"
+                    " that has not finished; retry"
+                )
+            await asyncio.sleep(_REFRESH_POLL_SECONDS)
+            current = await anyio.to_thread.run_sync(self.store.get, row.subject, row.upstream)
+            if current is None:
+                return None  # revoked, or the refresh was refused: connect again
+            if current.sealed != row.sealed:
+                if current.expires_at - self.clock() > settings.refresh_ahead_seconds:
+                    return self._remember(current, self._open(current).get("access_token"), epoch)
+                row = current  # sealed again (`rekey`) or connected again, still to refresh
 
     async def _refresh(self, row: StoredConnection, epoch: int) -> str | None:
         tokens = self._open(row)
@@ -424,7 +460,7 @@ class Connections:
             except Unsealable:
                 log.warning("connection of %s to %s cannot be re-sealed", row.subject, row.upstream)
                 continue
-            done += self.store.replace(row, replace(row, sealed=new))
+            done += self.store.replace(row, replace(row, sealed=new), refreshed=False)
         return done
 
     # -- bastion's client at each upstream ------------------------------------------------------

@@ -35,7 +35,12 @@ _MIGRATIONS = [
         sealed TEXT NOT NULL,
         PRIMARY KEY (upstream, issuer)
     );
+    """,
+    # Until when one process (replica) refreshes the connection: the others wait for it.
     """
+    ALTER TABLE upstream_connections ADD COLUMN refreshing_until DOUBLE PRECISION NOT NULL
+        DEFAULT 0;
+    """,
 ]
 
 
@@ -104,7 +109,8 @@ class ConnectionStore:
             f"INSERT INTO upstream_connections ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)"
             " ON CONFLICT (subject, upstream) DO UPDATE SET sealed = excluded.sealed,"
             " scope = excluded.scope, expires_at = excluded.expires_at,"
-            " created_at = excluded.created_at, refreshed_at = excluded.refreshed_at",
+            " created_at = excluded.created_at, refreshed_at = excluded.refreshed_at,"
+            " refreshing_until = 0",
             (
                 connection.subject,
                 connection.upstream,
@@ -116,15 +122,18 @@ class ConnectionStore:
             ),
         )
 
-    def replace(self, old: StoredConnection, new: StoredConnection) -> bool:
+    def replace(self, old: StoredConnection, new: StoredConnection, refreshed: bool = True) -> bool:
         """Put ``new`` (a refresh, or the same tokens sealed again) in place of ``old``, only if
         the row still holds ``old``'s sealed tokens: False, and nothing written, if it was
         revoked, connected again, refreshed or re-sealed meanwhile (here or on another
-        replica). A sealed value is never made twice (Fernet draws a fresh IV each time)."""
+        replica). A sealed value is never made twice (Fernet draws a fresh IV each time).
+        ``refreshed``: ``new`` is a refresh's, which ends the claim on the row's refresh (the
+        same tokens sealed again leave a refresh under way claimed)."""
         return bool(
             self.db.execute(
                 "UPDATE upstream_connections SET sealed = ?, scope = ?, expires_at = ?,"
-                " refreshed_at = ? WHERE subject = ? AND upstream = ? AND sealed = ?"
+                f" refreshed_at = ?{', refreshing_until = 0' if refreshed else ''}"
+                " WHERE subject = ? AND upstream = ? AND sealed = ?"
                 " RETURNING subject",
                 (
                     new.sealed,
@@ -137,6 +146,28 @@ class ConnectionStore:
                 ),
                 read=False,
             )
+        )
+
+    def claim_refresh(self, row: StoredConnection, now: float, until: float) -> bool:
+        """Whether this process is the one to refresh ``row`` (until ``until``): the row still
+        holds its sealed tokens and no process claimed their refresh beyond ``now``. One
+        statement: of two replicas claiming at once, one gets it."""
+        return bool(
+            self.db.execute(
+                "UPDATE upstream_connections SET refreshing_until = ?"
+                " WHERE subject = ? AND upstream = ? AND sealed = ? AND refreshing_until <= ?"
+                " RETURNING subject",
+                (until, row.subject, row.upstream, row.sealed, now),
+                read=False,
+            )
+        )
+
+    def release_refresh(self, row: StoredConnection) -> None:
+        """End this process's claim on ``row``'s refresh (nothing if the row has moved on)."""
+        self.db.execute(
+            "UPDATE upstream_connections SET refreshing_until = 0"
+            " WHERE subject = ? AND upstream = ? AND sealed = ?",
+            (row.subject, row.upstream, row.sealed),
         )
 
     def delete(
