@@ -217,6 +217,52 @@ def test_a_time_window_read_from_the_request_is_written_in_ascii_digits_or_match
         assert not authz.authorize(u, "call", t, {"time": noon, "start": start}), start
 
 
+def test_a_time_outside_the_calendar_is_no_time_and_never_an_error():
+    """Epoch seconds past the year 9999 (or before year 1), and instants at the calendar's edge
+    that a time zone would move past it, are not times: every time builtin is false for them
+    (as for any value that is not a time), and the decision is answered, not a server error.
+    A deny rule over them does not refuse, as with any other value that is not a time."""
+    policy = """actor User {}
+resource Tool {}
+allow(_u: User, "call", _t: Tool) if in_time_window(context.time, "*", "00:00", "24:00", "Pacific/Kiritimati");
+allow(_u: User, "read", _t: Tool) if time_before(context.time, "2027-01-01T00:00:00Z");
+allow(_u: User, "read", _t: Tool) if time_after(context.time, "2027-01-01T00:00:00Z");
+allow(_u: User, "list", _t: Tool) if in_time_window(context.time, "*", "00:00", "24:00", "America/Los_Angeles");
+"""
+    authz = Authorizer(policy)
+    u, t = User("a"), Entity("Tool", "x")
+    for when in (253402300800, -62135596801, 2**62, -(2**62), 1e300):  # 253402300800: year 10000
+        for action in ("call", "read", "list"):
+            assert not authz.authorize(u, action, t, {"time": when}), (when, action)
+    # The calendar's last second is a time, but not in a zone where it is already year 10000.
+    last = {"time": "9999-12-31T23:59:59+00:00"}
+    assert authz.authorize(u, "read", t, last) and authz.authorize(u, "list", t, last)
+    assert not authz.authorize(u, "call", t, last)
+    # Its first: not in a zone where it is still year 0.
+    first = {"time": "0001-01-01T00:00:00+00:00"}
+    assert authz.authorize(u, "read", t, first) and not authz.authorize(u, "list", t, first)
+
+
+def test_a_time_is_at_most_64_characters():
+    """What a time builtin parses is remembered (a policy reads the same few times again and
+    again); a request's long text is not a time, and is not kept: a caller sending large strings
+    where a policy reads a time cannot make the process hold thousands of them."""
+    from bastion.policy.builtins.time_window import _parse_iso
+
+    policy = (
+        'actor User {}\nresource Tool {}\nallow(_u: User, "call", _t: Tool) if'
+        ' time_before(context.arguments.when, "2027-01-01T00:00:00Z");'
+    )
+    authz = Authorizer(policy)
+    u, t = User("a"), Entity("Tool", "x")
+    assert authz.authorize(u, "call", t, {"arguments": {"when": "2026-11-30T09:00:00.000+00:00"}})
+    held = _parse_iso.cache_info().currsize
+    for n in range(20):
+        padded = f"2026-11-30T09:00:00.{'0' * (100_000 + n)}+00:00"
+        assert not authz.authorize(u, "call", t, {"arguments": {"when": padded}})
+    assert _parse_iso.cache_info().currsize == held
+
+
 def test_in_over_lists_and_cidr_matching():
     policy = """actor User {}\nresource Doc {}
 allow(_u: User, "read", _d: Doc) if "support" in context.groups and cidr_contains("192.168.0.0/16", context.ip);

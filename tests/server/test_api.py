@@ -641,3 +641,32 @@ def test_a_large_context_is_not_kept_for_a_later_explanation(api):
     assert "context" not in api.get(f"/v1/decisions/{large['decision_id']}").json()["request"]
     r = api.get(f"/v1/decisions/{large['decision_id']}/explanation")
     assert_problem(r, 409, '"explain": true')
+
+
+def test_a_time_past_the_calendar_is_answered_not_a_server_error(api):
+    """A context's ``time`` that no calendar holds (epoch seconds of the year 10000, the last
+    second of 9999 seen in a zone where it is already 10000) is a value that is not a time: the
+    business-hours rule does not allow, the guardrail over it does not fire, and the question is
+    answered 200, never a 500 with a traceback in the log."""
+    policy = POLICY + (
+        'allow(_u: User, "read", _r: Repo) if'
+        ' in_time_window(context.time, "*", "00:00", "24:00", "Pacific/Kiritimati");\n'
+        'deny(_u: User, "push", _r: Repo) if time_after(context.time, "2027-01-01T00:00:00Z");\n'
+    )
+    assert api.put("/v1/policy", json={"text": policy}).status_code == 200
+    write_roles(api, role("alice", "maintainer", "Repo", "anvil"))
+    body = {"actor": "User:alice", "resource": "Repo:anvil"}
+    for when in (253402300800, "9999-12-31T23:59:59+00:00"):
+        r = api.post("/v1/authorize", json={**body, "action": "read", "context": {"time": when}})
+        assert r.status_code == 200 and r.json()["allowed"] is True, r.text  # a maintainer reads
+        r = api.post("/v1/authorize", json={**body, "action": "push", "context": {"time": when}})
+        assert r.status_code == 200, r.text
+    r = api.post(
+        "/v1/authorize", json={**body, "action": "push", "context": {"time": 253402300800}}
+    )
+    assert r.json()["allowed"] is True  # not a time: the guardrail does not apply
+    r = api.post(
+        "/v1/authorize",
+        json={**body, "action": "push", "context": {"time": "9999-12-31T23:59:59+00:00"}},
+    )
+    assert r.json()["allowed"] is False  # a time after 2027: refused

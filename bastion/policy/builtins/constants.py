@@ -12,6 +12,8 @@ import time
 from datetime import datetime
 from typing import Any
 
+from bastion.policy.builtins.time_window import MAX_TIME_CHARS
+
 CONSTANTS = frozenset({"current_unix_time"})
 
 
@@ -26,7 +28,7 @@ def current_unix_time(context: dict | None) -> Any:
         return math.floor(given.timestamp()) if given.tzinfo is not None else None
     if isinstance(given, (int, float)) and not isinstance(given, bool):
         return math.floor(given) if math.isfinite(given) else None
-    if isinstance(given, str) and len(given) <= 64:
+    if isinstance(given, str) and len(given) <= MAX_TIME_CHARS:
         try:
             parsed = datetime.fromisoformat(given.replace("Z", "+00:00"))
         except ValueError:

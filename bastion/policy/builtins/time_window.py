@@ -2,7 +2,9 @@
 
 A time is an ISO 8601 string with an offset (``2026-11-30T10:00:00Z``), a naive ISO string (read
 as UTC), or epoch seconds. ``context.time`` is always present: the decision fills it with the
-current time when the caller does not.
+current time when the caller does not. A time is within the calendar of years 1 to 9999 (seen in
+UTC and in the zone of a window) and written in at most `MAX_TIME_CHARS` characters; anything else
+is not a time, and a builtin given it is false, as for any value of the wrong kind.
 """
 
 from __future__ import annotations
@@ -12,14 +14,21 @@ from functools import lru_cache
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 _DAYS = ["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
+# The longest text read as a time: ``2026-11-30T10:00:00.123456+05:30`` is 32. Parsed texts are
+# remembered, so a longer one (a request's, of any size) is not a time rather than a cache entry.
+MAX_TIME_CHARS = 64
 
 
 def to_datetime(value: object) -> datetime | None:
+    """``value`` as an aware instant; None when it is not a time (see the module's docstring)."""
     if isinstance(value, datetime):
         return value if value.tzinfo else value.replace(tzinfo=UTC)
     if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return datetime.fromtimestamp(value, UTC)
-    if isinstance(value, str):
+        try:
+            return datetime.fromtimestamp(value, UTC)
+        except (OverflowError, OSError, ValueError):  # past year 9999, or NaN
+            return None
+    if isinstance(value, str) and len(value) <= MAX_TIME_CHARS:
         return _parse_iso(value)
     return None
 
@@ -81,7 +90,10 @@ def in_time_window(time: object, days: object, start: object, end: object, zone:
     )
     if moment is None or weekdays is None or lo is None or hi is None or tz is None:
         return False
-    local = moment.astimezone(tz)
+    try:
+        local = moment.astimezone(tz)
+    except (OverflowError, ValueError):  # an instant the zone moves past year 1 or 9999
+        return False
     minute = local.hour * 60 + local.minute
     if lo <= hi:
         return local.weekday() in weekdays and lo <= minute < hi
