@@ -18,6 +18,7 @@ from __future__ import annotations
 import difflib
 import itertools
 from collections import defaultdict
+from collections.abc import Callable
 from typing import Any
 
 from bastion.facts.model import Entity
@@ -629,6 +630,7 @@ class _Lowering:
                     builtin := BUILTINS.get((lit.name, len(lit.args)))
                 ):
                     self.check_builtin_types(clause, lit, builtin.types)
+                    self.check_builtin_literals(lit, builtin.literal)
                 key = (lit.name, len(lit.args)) if isinstance(lit, CallLit) else None
                 if key is None or key in known or key in warned:
                     continue
@@ -710,6 +712,17 @@ class _Lowering:
                     lit.location,
                     f"argument {pos} of {lit.name} must be a {want}, not {found}",
                 )
+
+    def check_builtin_literals(
+        self, lit: CallLit, literal: Callable[[int, Any], str | None] | None
+    ) -> None:
+        """A value written in the rule that the builtin cannot read (a time zone that does not
+        exist, a time of day of 25:00) is an error: the builtin would be false on every request."""
+        if literal is None:
+            return
+        for position, arg in enumerate(lit.args):
+            if isinstance(arg, ast.Const) and (problem := literal(position, arg.value)):
+                self.error(lit.location, f"argument {position + 1} of {lit.name}: {problem}")
 
     def check_singletons(self, clauses: dict) -> None:
         for clause in itertools.chain.from_iterable(clauses.values()):

@@ -376,3 +376,87 @@ archived(d: Doc) if status(d, "archived");
 allow(_u: User, "write", d: Doc) if not archived(d);
 """
     assert warnings_of(negated) == []
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        (
+            'in_time_window(context.time, "Sat,Sun", "00:00", "24:00", "Europe/Pariss")',
+            "argument 5 of in_time_window: 'Europe/Pariss' is not an IANA time zone",
+        ),
+        (
+            'in_time_window(context.time, "Sat,Sun", "00:00", "24:00", "")',
+            "argument 5 of in_time_window: '' is not an IANA time zone",
+        ),
+        (
+            'in_time_window(context.time, "Sat-Snu", "00:00", "24:00", "UTC")',
+            "argument 2 of in_time_window: 'Sat-Snu' is not a set of days",
+        ),
+        (
+            'in_time_window(context.time, "*", "9h00", "17:00", "UTC")',
+            "argument 3 of in_time_window: '9h00' is not a time of day",
+        ),
+        (
+            'in_time_window(context.time, "*", "09:00", "25:00", "UTC")',
+            "argument 4 of in_time_window: '25:00' is not a time of day",
+        ),
+        (
+            'in_time_window(context.time, "*", 9, "17:00", "UTC")',
+            "argument 3 of in_time_window: 9 is not a time of day",
+        ),
+        (
+            'time_after(context.time, "2027-13-01T00:00:00Z")',
+            "argument 2 of time_after: '2027-13-01T00:00:00Z' is not a time",
+        ),
+        (
+            'time_before("tomorrow", context.time)',
+            "argument 1 of time_before: 'tomorrow' is not a time",
+        ),
+    ],
+)
+def test_a_time_builtin_given_a_window_or_time_that_cannot_be_is_refused_at_load(body, expected):
+    """A literal the time builtins cannot read would make them false on every request: a
+    business-hours allow that never allows, and worse, a guardrail that never refuses (a
+    weekend freeze in a misspelt zone lets every weekend call through). Refused when the
+    policy loads, with the argument and what it must be."""
+    (message,) = errors_of(BASE + f'deny(_u: User, "read", _o: Org) if {body};')
+    assert expected in message and "p.polar:8:" in message
+
+
+def test_time_builtins_over_request_values_load_and_are_false_for_what_is_not_a_time():
+    """Only literals are checked at load: a window read from the request is checked when asked."""
+    authz = Authorizer(
+        BASE + 'allow(_u: User, "read", _o: Org) if in_time_window(context.time, "*",'
+        ' "00:00", "24:00", context.zone) and time_after(context.time, "2026-01-01");'
+    )
+    user, org = Entity("User", "a"), Entity("Org", "o")
+    assert authz.authorize(
+        user, "read", org, {"time": "2026-11-30T09:00:00Z", "zone": "Asia/Tokyo"}
+    )
+    assert not authz.authorize(user, "read", org, {"time": "2026-11-30T09:00:00Z", "zone": "Mars"})
+
+
+def test_time_zones_need_no_zone_database_on_the_machine(tmp_path):
+    """bastion brings the IANA zone database (the tzdata package) rather than relying on the
+    machine's (absent on Windows and in slim containers): with no system zones at all, a
+    business-hours policy still loads and decides."""
+    import os
+    import subprocess
+    import sys
+
+    script = (
+        "from bastion import Authorizer, Entity\n"
+        'a = Authorizer(\'actor User {}\\nresource Doc {}\\nallow(_u: User, "read", _d: Doc) if'
+        ' in_time_window(context.time, \\"Mon-Fri\\", \\"09:00\\", \\"18:00\\",'
+        ' \\"Europe/Paris\\");\')\n'
+        "u, d = Entity('User', 'a'), Entity('Doc', 'd')\n"
+        "assert a.authorize(u, 'read', d, {'time': '2026-11-30T08:30:00Z'})\n"  # 09:30 in Paris
+        "assert not a.authorize(u, 'read', d, {'time': '2026-11-30T07:30:00Z'})\n"
+        "print('ok')\n"
+    )
+    env = {**os.environ, "PYTHONTZPATH": str(tmp_path)}  # an empty folder: no system zones
+    done = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0 and done.stdout == "ok\n", done.stderr[-2000:]

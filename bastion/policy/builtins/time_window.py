@@ -103,6 +103,30 @@ def in_time_window(time: object, days: object, start: object, end: object, zone:
     return minute < hi and (local.weekday() - 1) % 7 in weekdays
 
 
+def window_literal(position: int, value: object) -> str | None:
+    """What is wrong with ``value``, written in a policy as argument ``position`` (from 0) of
+    `in_time_window`; None when it can be read. Checked when the policy loads: a window that
+    cannot be read makes the builtin false on every request, so a guardrail over it never fires."""
+    if position == 0:
+        return instant_literal(position, value)
+    if position == 1 and (not isinstance(value, str) or _days(value) is None):
+        return f'{value!r} is not a set of days ("Mon-Fri", "Sat,Sun", "Mon-Wed,Fri" or "*")'
+    if position in (2, 3) and (not isinstance(value, str) or _minutes(value) is None):
+        return f'{value!r} is not a time of day ("HH:MM", from "00:00" to "24:00")'
+    if position == 4 and (not isinstance(value, str) or _zone(value) is None):
+        return f'{value!r} is not an IANA time zone ("Europe/Paris", "America/New_York", "UTC")'
+    return None
+
+
+def instant_literal(_position: int, value: object) -> str | None:
+    """What is wrong with ``value`` written in a policy as a time (`window_literal`)."""
+    if to_datetime(value) is None:
+        return (
+            f'{value!r} is not a time (ISO 8601 such as "2027-01-01T00:00:00Z", or epoch seconds)'
+        )
+    return None
+
+
 def time_before(time: object, limit: object) -> bool:
     a, b = to_datetime(time), to_datetime(limit)
     return a is not None and b is not None and a < b
