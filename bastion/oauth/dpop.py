@@ -37,6 +37,7 @@ from joserfc.errors import JoseError
 from joserfc.jwk import JWKRegistry
 from joserfc.jws import JWSRegistry
 
+from bastion import untrusted_json
 from bastion.db import Database
 from bastion.oauth.errors import OAuthError
 from bastion.oauth.jwks import protected_header
@@ -199,10 +200,17 @@ class DPoPProofs:
             )
         key = _public_key(header.get("jwk"))
         try:
-            token = jwt.decode(proof, key, algorithms=[algorithm], registry=self._registry)
+            jwt.decode(proof, key, algorithms=[algorithm], registry=self._registry)
         except (JoseError, ValueError) as exc:
             raise InvalidDPoPProof(f"the DPoP proof's signature does not verify: {exc}") from None
-        claims = dict(token.claims)
+        # Read as every JWT from outside is: joserfc's claims come from Python's json, which
+        # reads NaN, and an iat of NaN is neither too old nor in the future (a proof forever).
+        try:
+            claims = untrusted_json.loads(compact.payload)
+        except untrusted_json.JsonRefused as e:
+            raise InvalidDPoPProof(f"the DPoP proof's claims are refused: {e}") from None
+        if not isinstance(claims, dict):
+            raise InvalidDPoPProof("the DPoP proof's claims must be a JSON object")
         jti = claims.get("jti")
         if not isinstance(jti, str) or not 1 <= len(jti) <= MAX_JTI_CHARS:
             raise InvalidDPoPProof(

@@ -13,6 +13,7 @@ import uuid
 from urllib.parse import parse_qs, urlencode, urlsplit
 
 import pytest
+from joserfc import jws
 from joserfc import jwt as jose_jwt
 from joserfc.jwk import ECKey, OctKey, RSAKey
 
@@ -259,11 +260,22 @@ def test_dpop_bound_access_tokens_must_be_a_boolean(bastion):
         (lambda h, url: h.proof("POST", url + "x"), "htu"),
         (lambda h, url: h.proof("POST", url, iat=int(time.time()) - 600), "older than"),
         (lambda h, url: h.proof("POST", url, iat=int(time.time()) + 600), "future"),
+        (lambda h, url: h.proof("POST", url, iat=float("nan")), "NaN"),
         (lambda h, url: h.proof("POST", url, drop=("jti",)), "jti"),
         (lambda h, url: h.proof("POST", url, jti="j" * 257), "1 to 256 characters"),
         (lambda h, url: h.proof("POST", url, header={"jwk": Holder().key.as_dict(False)}), "sig"),
     ],
-    ids=["typ", "htm", "htu", "old-iat", "future-iat", "no-jti", "overlong-jti", "another-jwk"],
+    ids=[
+        "typ",
+        "htm",
+        "htu",
+        "old-iat",
+        "future-iat",
+        "nan-iat",
+        "no-jti",
+        "overlong-jti",
+        "another-jwk",
+    ],
 )
 def test_a_bad_proof_at_the_token_endpoint_is_refused(bastion, make, words):
     holder = Holder()
@@ -618,6 +630,24 @@ def test_proofs_and_bindings_are_shared_through_either_database(database_url):
     one.bind_grant(grant, "first", time.time() + 60)
     two.bind_grant(grant, "second", time.time() + 60)
     assert two.grant_key(grant) == "first" and one.grant_key(uuid.uuid4().hex) is None
+
+
+@pytest.mark.parametrize("iat", ["NaN", "Infinity", "-Infinity", "1e999"])
+def test_a_proof_whose_iat_is_not_a_number_is_refused_and_spends_nothing(database_url, iat):
+    """A proof's claims are JSON, and ``NaN`` is not JSON: read as a number, an ``iat`` of NaN
+    is neither in the future nor too old (every comparison with it is false), so the proof would
+    never expire; its jti would be kept until NaN (never purged on PostgreSQL, a NOT NULL
+    failure on SQLite). Refused as the claims are read, whatever the clock says."""
+    proofs = DPoPProofs(DPoPSettings(), Database(database_url), leeway_seconds=30)
+    holder, url, jti = Holder(), "https://bastion.example/token", uuid.uuid4().hex
+    head = {"typ": "dpop+jwt", "alg": "ES256", "jwk": holder.key.as_dict(private=False)}
+    claims = f'{{"jti": "{jti}", "htm": "POST", "htu": "{url}", "iat": {iat}}}'
+    # Signed as it is: the holder's own key signs whatever claims it likes.
+    proof = jws.serialize_compact(head, claims.encode(), holder.key, algorithms=["ES256"])
+    with pytest.raises(InvalidDPoPProof, match=r"claims are refused: iat"):
+        proofs.use(proof, "POST", url)
+    # Nothing was spent: the same jti in a good proof is still new.
+    assert proofs.use(holder.proof("POST", url, jti=jti), "POST", url).jti == jti
 
 
 def test_a_bound_token_used_without_its_key_at_the_gateway_is_audited(bastion):
