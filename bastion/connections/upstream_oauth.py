@@ -81,6 +81,8 @@ def well_known(url: str, name: str) -> str:
 # stored in an indexed column (the client bastion registered there), and PostgreSQL indexes no
 # entry over 2,704 bytes (one of 3,000 characters was a 500, after registering a client).
 MAX_ISSUER = 1024
+# The longest an upstream's access token is taken to live, whatever its expires_in says.
+MAX_EXPIRES_IN = 365 * 86_400.0
 
 
 _LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1")
@@ -305,13 +307,15 @@ class UpstreamOAuthClient:
         expires_in = answer.get("expires_in")
         if isinstance(expires_in, bool) or not isinstance(expires_in, int | float):
             expires_in = 3600  # RFC 6749 §5.1 makes it optional; assume an hour
+        # At most a year: a time past the calendar (9e18 s) broke what shows or compares it.
+        expires_in = min(float(expires_in), MAX_EXPIRES_IN)
         refresh = answer.get("refresh_token")
         scope = answer.get("scope")
         return TokenSet(
             access_token=access,
             # A server that does not rotate refresh tokens sends none back on refresh.
             refresh_token=refresh if isinstance(refresh, str) else old_refresh,
-            expires_at=now + max(0.0, float(expires_in)),
+            expires_at=now + max(0.0, expires_in),
             scope=scope if isinstance(scope, str) else " ".join(self.settings.scopes),
         )
 

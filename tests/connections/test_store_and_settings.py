@@ -14,7 +14,12 @@ from starlette.routing import Route
 
 from bastion.connections.settings import UpstreamOAuth
 from bastion.connections.store import ConnectionStore, StoredConnection, StoredFlow
-from bastion.connections.upstream_oauth import MAX_ISSUER, UpstreamOAuthClient, UpstreamOAuthError
+from bastion.connections.upstream_oauth import (
+    MAX_EXPIRES_IN,
+    MAX_ISSUER,
+    UpstreamOAuthClient,
+    UpstreamOAuthError,
+)
 from bastion.db import Database
 from bastion.gateway.config import GatewayConfig
 from bastion.server.config import ConfigError
@@ -406,3 +411,13 @@ def test_the_metadata_is_fetched_once_for_calls_that_need_it_at_once_and_a_failu
         found = asyncio.run(at_once(client, 5))
         assert {m.issuer for m in found} == {base}
         assert asked == ["resource", "resource", "server"]
+
+
+@pytest.mark.parametrize("expires_in", [9e18, 10**30, 366 * 86_400])
+def test_an_upstream_token_lives_at_most_a_year_whatever_expires_in_says(expires_in):
+    """A time past the calendar broke what compares or shows it (``connections list``)."""
+    client = UpstreamOAuthClient("https://mcp.example/mcp", UpstreamOAuth())
+    answer = {"access_token": "a", "token_type": "Bearer", "expires_in": expires_in}
+    tokens = client._tokens(answer, 1_000.0, "")
+    assert tokens.expires_at == 1_000.0 + MAX_EXPIRES_IN
+    assert client._tokens({**answer, "expires_in": 60}, 1_000.0, "").expires_at == 1_060.0
