@@ -19,6 +19,7 @@ COMMAND_MODULES = [
     "bastion.signals.alert_commands",
     "bastion.delegation.task_commands",
     "bastion.connections.commands",
+    "bastion.gateway.tool_commands",
 ]
 
 

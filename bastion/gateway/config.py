@@ -47,6 +47,7 @@ from typing import Any
 from bastion.connections.settings import ConnectionSettingsError, UpstreamOAuth
 from bastion.environment import expand
 from bastion.gateway.sessions import MAX_SUBSCRIPTIONS_PER_USER
+from bastion.gateway.tool_pins import PIN_MODES
 from bastion.identity.trusted_issuers import TrustedIssuer, parse_trusted_issuers
 from bastion.origins import normalized_origin
 from bastion.redaction import safe_url
@@ -90,6 +91,10 @@ class UpstreamConfig:
     max_sessions: int = 256
     # An upstream session unused for this long is closed (per_user, per_client_session).
     session_idle_seconds: float = 900.0
+    # Tool pins (`bastion.gateway.tool_pins`): "off"; "first_use": the first whole tool list is
+    # trusted, a tool that changes or appears later is held until an operator accepts it;
+    # "review": every tool is held until accepted.
+    pin_tools: str = "off"
 
     @property
     def transport(self) -> str:
@@ -279,6 +284,7 @@ def _upstream(index: int, value: Any, env: Mapping[str, str]) -> UpstreamConfig:
             "session",
             "max_sessions",
             "session_idle_seconds",
+            "pin_tools",
         },
         where,
     )
@@ -342,6 +348,11 @@ def _upstream(index: int, value: Any, env: Mapping[str, str]) -> UpstreamConfig:
             f"{where} ({name}): session = {session!r} needs a Streamable HTTP upstream (url); a"
             " stdio upstream is one process, shared by every client"
         )
+    pin_tools = value.get("pin_tools", "off")
+    if pin_tools not in PIN_MODES:
+        raise ConfigError(
+            f"{where}.pin_tools must be one of {', '.join(map(repr, PIN_MODES))}, got {pin_tools!r}"
+        )
     return UpstreamConfig(
         name=name,
         command=str(command),
@@ -360,4 +371,5 @@ def _upstream(index: int, value: Any, env: Mapping[str, str]) -> UpstreamConfig:
         session=session,
         max_sessions=_whole(value, "max_sessions", 256, where),
         session_idle_seconds=_seconds(value, "session_idle_seconds", 900, where),
+        pin_tools=pin_tools,
     )

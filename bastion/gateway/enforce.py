@@ -54,6 +54,7 @@ from bastion.gateway.jsonrpc import (
     RpcError,
 )
 from bastion.gateway.ratelimit import LimitsUnavailable, RateLimiter, RedisRateLimiter
+from bastion.gateway.tool_pins import ToolChange
 from bastion.policy.errors import EvaluationLimit
 from bastion.policy.runtime import context_value
 from bastion.signals.behavior import (
@@ -164,7 +165,14 @@ class ArgumentDigest:
 
 
 # What a refusal's reason means, where its name alone would leave the agent guessing.
-_MEANINGS = {"read_only": READ_ONLY_MEANING}
+_MEANINGS = {
+    "read_only": READ_ONLY_MEANING,
+    "tool_changed": "this tool's definition changed since it was accepted; it is refused until"
+    " an operator accepts the new one (bastion tools show)",
+    "tool_not_reviewed": "this tool is new and is refused until an operator accepts it"
+    " (bastion tools show)",
+    "tool_not_listed": "the upstream does not list this tool now",
+}
 
 
 def refused(target: str, decision_id: str, reason: str, **extra: Any) -> RpcError:
@@ -298,6 +306,7 @@ class Enforcer:
         arguments: Any = None,
         retried: str | None = None,
         annotations_now: Callable[[], Awaitable[dict[str, Any]]] | None = None,
+        unpinned: ToolChange | None = None,
     ) -> Verdict:
         """Allow (with obligations), or raise `StepUp`, `Held` or the `RpcError` to send back.
 
@@ -306,7 +315,10 @@ class Enforcer:
         review of its result); the call must be the one it was made for.
 
         ``annotations_now``: for a tool call, the tool's annotations as its upstream gives them
-        now, asked only when the caller is downgraded to read-only (`_read_now`)."""
+        now, asked only when the caller is downgraded to read-only (`_read_now`).
+
+        ``unpinned``: the tool called is not listed as accepted (``pin_tools``): refused before
+        the policy is asked, after the kill switch."""
         started = time.perf_counter()
         decision_id = new_decision_id()
         if self.facts_stale() or ((heard := self.facts_heard()) is not None and not await heard):
@@ -315,6 +327,10 @@ class Enforcer:
             await self._alert_suspended(suspended, decision_id, server, method, resource)
             self._refuse_suspended(
                 decision_id, caller, server, method, resource, context, arguments, suspended
+            )
+        if unpinned is not None:
+            self._refuse_unpinned(
+                decision_id, caller, server, method, resource, context, arguments, unpinned
             )
         shown = repr(resource)  # as records and counters spell it
         if method in COUNTED_METHODS:
@@ -805,6 +821,33 @@ class Enforcer:
             "suspended",
         )
         raise refused(resource.id, decision_id, "suspended")
+
+    def _refuse_unpinned(
+        self,
+        decision_id: str,
+        caller: Caller,
+        server: str,
+        method: str,
+        resource: Entity,
+        context: dict[str, Any],
+        arguments: Any,
+        change: ToolChange,
+    ) -> None:
+        """Record the refusal of a call to a tool not listed as accepted (``pin_tools``, before
+        any policy), with the accepted and listed digests; raise it."""
+        digests = {"pinned": change.pinned, "listed": change.listed}
+        self._write_early(
+            decision_id,
+            caller,
+            server,
+            method,
+            resource,
+            {**context, "tool_pin": digests},
+            arguments,
+            "deny",
+            change.reason,
+        )
+        raise refused(resource.id, decision_id, change.reason, **digests)
 
     def _write_early(
         self,

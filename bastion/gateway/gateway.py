@@ -41,6 +41,13 @@ from bastion.gateway.sessions import (
     SessionTable,
     may_read,
 )
+from bastion.gateway.tool_pins import (
+    ToolChange,
+    ToolPins,
+    definition_text,
+    digest,
+    tool_change,
+)
 from bastion.gateway.transport import InFlight, StreamableHttpEndpoint, send_json
 from bastion.gateway.upstream import Hear, HttpUpstream, Upstream, open_upstream
 from bastion.gateway.upstream_credentials import UserTokenUpstream
@@ -65,28 +72,45 @@ _HINTS = ("readOnlyHint", "destructiveHint", "idempotentHint", "openWorldHint")
 
 
 class ToolHints:
-    """What one upstream session said of its tools: each tool's annotations (hints)."""
+    """What one upstream session said of its tools: each tool's annotations (hints), and, under
+    ``pin_tools``, the digest of each tool's definition (`bastion.gateway.tool_pins`)."""
 
     def __init__(self) -> None:
         self.annotations: dict[str, dict[str, Any]] = {}
+        self.digests: dict[str, str] = {}
         self.complete = False
 
-    def learn(self, tools: Any) -> None:
+    def learn(self, tools: Any, pinning: bool = False) -> dict[str, tuple[str, str]]:
         """Take the hints of ``tools``, a ``tools/list`` result's tools as the upstream sent them
-        (only a list's objects named as a client could call them count)."""
+        (only a list's objects named as a client could call them count). With ``pinning``, each
+        tool's definition is hashed now, once per list (never on a call): returned as each
+        tool's digest and canonical JSON."""
+        seen: dict[str, tuple[str, str]] = {}
         for tool in tools if isinstance(tools, list) else ():
             if not isinstance(tool, dict) or not nameable(name := tool.get("name")):
                 continue  # no client can call it, and its hints are no other tool's
             notes = tool.get("annotations")
             notes = notes if isinstance(notes, dict) else {}
             self.annotations[name] = {k: notes[k] for k in _HINTS if isinstance(notes.get(k), bool)}
+            if pinning:
+                text = definition_text(tool)
+                self.digests[name] = listed = digest(text)
+                seen[name] = (listed, text)
+        return seen
 
 
 class UpstreamState:
-    """One upstream and what bastion remembers of it: its tools' annotations, and (unless its
-    ``session`` is ``shared``) the upstream sessions of its users or client sessions."""
+    """One upstream and what bastion remembers of it: its tools' annotations, (unless its
+    ``session`` is ``shared``) the upstream sessions of its users or client sessions, and (with
+    ``pin_tools``) its tools' accepted definitions."""
 
-    def __init__(self, upstream: Upstream, sessions: UpstreamSessions | None = None) -> None:
+    def __init__(
+        self,
+        upstream: Upstream,
+        sessions: UpstreamSessions | None = None,
+        pins: ToolPins | None = None,
+        pin_mode: str = "off",
+    ) -> None:
         self.upstream = upstream
         self.name = upstream.name
         self.entity = Entity("McpServer", upstream.name)
@@ -94,6 +118,12 @@ class UpstreamState:
         # Per upstream session: an upstream may describe its tools differently to each user,
         # and what one user's session said never decides another's calls.
         self._hints: weakref.WeakKeyDictionary[Upstream, ToolHints] = weakref.WeakKeyDictionary()
+        # Tool pins: None unless ``pin_tools`` is on. ``pins``: each tool's accepted digest
+        # (None: held, never accepted) as the database said when a list was last read.
+        self.pin_store = pins if pin_mode != "off" else None
+        self.pin_mode = pin_mode
+        self.pins: dict[str, str | None] = {}
+        self._pins_read = False
 
     def _hints_of(self, connection: Upstream | None) -> ToolHints:
         connection = connection or self.upstream
@@ -102,9 +132,83 @@ class UpstreamState:
             hints = self._hints[connection] = ToolHints()
         return hints
 
-    def learn_tools(self, tools: Any, connection: Upstream | None = None) -> None:
-        """Take the hints of ``tools``, a page of ``tools/list`` a client asked for."""
-        self._hints_of(connection).learn(tools)
+    async def learn_tools(
+        self, tools: Any, connection: Upstream | None = None, complete: bool = False
+    ) -> None:
+        """Take the hints of ``tools``, a page of ``tools/list`` a client asked for (``complete``:
+        the whole list, in one page), and under ``pin_tools`` hold them against their pins."""
+        seen = self._hints_of(connection).learn(tools, self.pin_store is not None)
+        if seen:
+            await self._observe(seen, connection or self.upstream, complete)
+
+    async def _observe(
+        self, seen: dict[str, tuple[str, str]], connection: Upstream, complete: bool
+    ) -> None:
+        """Hold a list's definitions against the pins: nothing to do when each is the accepted
+        one; else the database is asked (off the event loop) to pin or hold what is new, and
+        says what is accepted now (an operator may have accepted a definition, here or on
+        another replica). While it cannot be reached, the pins stay as they were (a tool not as
+        pinned stays refused)."""
+        pins = self.pins
+        if self._pins_read and all(pins.get(t) == listed for t, (listed, _) in seen.items()):
+            return
+        store = self.pin_store
+        assert store is not None
+        try:
+            found = await anyio.to_thread.run_sync(
+                store.observe, self.name, seen, self.pin_mode, complete
+            )
+        except DatabaseUnavailable as e:
+            log.warning(
+                "tool pins of %s cannot be read (%s): tools not as pinned are held", self.name, e
+            )
+            return
+        if found is None:  # nothing pinned yet: the first use is of the whole list
+            await self._read_tools(connection)
+            return
+        self.pins, self._pins_read = found, True
+
+    def listed_as_pinned(self, tool: str, connection: Upstream | None = None) -> bool:
+        """Whether ``tool`` is listed on ``connection`` as it was accepted (always, without
+        ``pin_tools``)."""
+        if self.pin_store is None:
+            return True
+        return (
+            tool_change(self.pins.get(tool), self._hints_of(connection).digests.get(tool)) is None
+        )
+
+    def unpinned(self, tool: str, connection: Upstream | None = None) -> ToolChange | None:
+        """On a call: None when ``tool`` is as accepted (or pins are off): two dict lookups of
+        digests taken when its list was read. Else why not, as this process knows it."""
+        if self.pin_store is None:
+            return None
+        return tool_change(self.pins.get(tool), self._hints_of(connection).digests.get(tool))
+
+    async def unpinned_now(
+        self, tool: str, change: ToolChange, connection: Upstream | None = None
+    ) -> ToolChange | None:
+        """A call `unpinned` refuses, looked at once more: a tool this upstream session's last
+        list did not have is looked for in its list read now, since a tool may appear
+        unannounced (a tools/list upstream in place of the call a client would have had
+        forwarded without pins); then the database is asked (off the event loop), since an
+        operator may have accepted the definition since, on another replica or the CLI."""
+        store = self.pin_store
+        if store is None:
+            return change
+        connection = connection or self.upstream
+        if change.listed is None:
+            await self._read_tools(connection)
+            if (change := self.unpinned(tool, connection)) is None or change.listed is None:
+                return change
+        if change.listed is None:
+            return change
+        try:
+            pinned = await anyio.to_thread.run_sync(store.pinned, self.name, tool)
+        except DatabaseUnavailable:
+            return change
+        if pinned is not None:
+            self.pins[tool] = pinned
+        return tool_change(pinned, change.listed)
 
     def forget_tools(self, connection: Upstream | None = None) -> None:
         self._hints.pop(connection or self.upstream, None)
@@ -114,29 +218,37 @@ class UpstreamState:
     ) -> dict[str, Any]:
         """The tool's annotations (hints) on ``connection`` (the caller's upstream session, or
         the shared one): from what the upstream listed last, its tool list read once if need
-        be; with ``fresh``, from its tool list read now."""
+        be; with ``fresh``, from its tool list read now (under ``pin_tools``, none unless the
+        tool is still listed as accepted: a hint flipped since is not believed)."""
         connection = connection or self.upstream
         hints = self._hints_of(connection)
         if fresh or (tool not in hints.annotations and not hints.complete):
             hints = await self._read_tools(connection)
+            if fresh and not self.listed_as_pinned(tool, connection):
+                return {}
         return hints.annotations.get(tool, {})
 
     async def _read_tools(self, connection: Upstream) -> ToolHints:
         """The upstream's whole tool list as it gives it now, kept as what it says of its tools
-        (in place of what it said before: a tool it no longer lists has no hints)."""
+        (in place of what it said before: a tool it no longer lists has no hints), and held
+        against the pins under ``pin_tools``."""
         hints = ToolHints()
+        pinning = self.pin_store is not None
+        seen: dict[str, tuple[str, str]] = {}
         cursor = None
         for _ in range(100):
             params = {"cursor": cursor} if cursor else {}
             response = await connection.request("tools/list", params)
             page = response.get("result")
             page = page if isinstance(page, dict) else {}
-            hints.learn(page.get("tools"))
+            seen.update(hints.learn(page.get("tools"), pinning))
             cursor = page.get("nextCursor")
             if not cursor:
                 break
         hints.complete = True
         self._hints[connection] = hints
+        if pinning:  # the whole list as bastion reads it (at most 100 pages)
+            await self._observe(seen, connection, complete=True)
         return hints
 
     def lease(self, caller: Caller, session_id: str) -> UpstreamSession | None:
@@ -182,8 +294,14 @@ class Gateway:
         trusted: TrustedIssuers | None = None,
         dpop: DPoPProofs | None = None,
         refusals: RefusalLog | None = None,
+        tool_pins: ToolPins | None = None,
     ) -> None:
         self.config = config
+        # The tools' accepted definitions of upstreams with ``pin_tools`` (shared by replicas);
+        self.tool_pins = tool_pins
+        pinned = [u.name for u in config.upstreams if u.pin_tools != "off"]
+        if pinned and tool_pins is None:
+            raise ValueError(f"upstreams {pinned} have pin_tools but the gateway has no ToolPins")
         # [[gateway.trusted_issuers]]: identity providers whose access tokens are accepted too.
         self.trusted = trusted
         # DPoP (RFC 9449): checks the proof a DPoP-bound token comes with; None refuses them.
@@ -243,7 +361,9 @@ class Gateway:
         self.connections: Connections | None = None
         self.upstreams: dict[str, UpstreamState] = {}
         for upstream_config in config.upstreams:
-            state = UpstreamState(open_upstream(upstream_config))
+            state = UpstreamState(
+                open_upstream(upstream_config), pins=tool_pins, pin_mode=upstream_config.pin_tools
+            )
             state.upstream.on_notification = self._notification_handler(state)
             if upstream_config.session != "shared":
                 state.sessions = UpstreamSessions(upstream_config, self._session_opener(state))
@@ -329,6 +449,13 @@ class Gateway:
         return not self.connects(
             self.enforcer.authorizer(), caller.principals, "connect", server, context, caller.scopes
         )
+
+    def tool_accepted(self, server: str, tool: str, digest: str | None) -> None:
+        """An operator accepted ``tool``'s definition through this process: in force here at
+        once (other replicas ask the database when a call or a list finds it not as pinned)."""
+        state = self.upstreams.get(server)
+        if state is not None and state.pin_store is not None:
+            state.pins[tool] = digest
 
     # -- upstream notifications ------------------------------------------------------------------
 
@@ -589,6 +716,8 @@ class Gateway:
         for state in self.upstreams.values():
             with contextlib.suppress(Exception):
                 await state.upstream.close()
+        if self.tool_pins is not None:
+            await anyio.to_thread.run_sync(self.tool_pins.db.close)
         self.tokens.close()
         with contextlib.suppress(Exception):
             await self.limiter.close()

@@ -41,6 +41,7 @@ from bastion.gateway.jsonrpc import (
     notification,
 )
 from bastion.gateway.masks import WHOLE, Paths, compile_paths, mask_notification, mask_result
+from bastion.gateway.tool_pins import ToolChange
 from bastion.gateway.upstream import LOG_LEVEL, LOG_MESSAGE, UpstreamError
 from bastion.gateway.uris import checked_name, resource_uri, spelling_refused
 from bastion.signals.behavior import scope_keys
@@ -458,7 +459,10 @@ async def list_items(ex: Exchange) -> dict[str, Any]:
         and (key != "resources" or spelling_refused(i[field_name]) is None)
     ]
     if key == "tools":
-        ex.upstream.learn_tools(items, ex.connection)
+        whole = not ex.message.params.get("cursor") and not result.get("nextCursor")
+        await ex.upstream.learn_tools(items, ex.connection, complete=whole)
+        # Under pin_tools, a tool not as accepted is not offered (docs/gateway.md, Tool pins).
+        items = [i for i in items if ex.upstream.listed_as_pinned(i["name"], ex.connection)]
         if ex.gateway.enforcer.read_only(ex.caller, ex.context()):
             # Downgraded: a tool it may not call is not offered (fail closed; see signals docs).
             items = [i for i in items if is_read_only_tool(i.get("annotations"))]
@@ -478,6 +482,7 @@ async def _decide_and_forward(
     extra: dict[str, Any],
     arguments: Any,
     annotations_now: Callable[[], Awaitable[dict[str, Any]]] | None = None,
+    unpinned: ToolChange | None = None,
 ) -> dict[str, Any]:
     enforcer = ex.gateway.enforcer
     await ex.gateway.admit(ex)
@@ -499,6 +504,7 @@ async def _decide_and_forward(
                 arguments,
                 retried=request_id,
                 annotations_now=annotations_now,
+                unpinned=unpinned,
             )
         except Held as held:
             if not waits_left:
@@ -622,6 +628,10 @@ async def call_tool(ex: Exchange) -> dict[str, Any]:
     name = _name(ex, params, "name")
     arguments = _arguments(params)
     annotations = await ex.upstream.annotations(name, ex.connection)
+    # Under pin_tools: a tool listed otherwise than accepted is refused (two dict lookups; the
+    # database is asked again only then, in case an operator accepted it meanwhile).
+    if (unpinned := ex.upstream.unpinned(name, ex.connection)) is not None:
+        unpinned = await ex.upstream.unpinned_now(name, unpinned, ex.connection)
     return await _decide_and_forward(
         ex,
         "call",
@@ -630,6 +640,7 @@ async def call_tool(ex: Exchange) -> dict[str, Any]:
         arguments,
         # Asked only for a caller downgraded to read-only (`Enforcer.decide`).
         partial(ex.upstream.annotations, name, ex.connection, fresh=True),
+        unpinned,
     )
 
 

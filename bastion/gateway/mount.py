@@ -12,6 +12,7 @@ from bastion.db import Database
 from bastion.decide import Authorizer
 from bastion.gateway.config import GatewayConfig
 from bastion.gateway.gateway import Gateway, route_path
+from bastion.gateway.tool_pins import ToolPins
 from bastion.identity.trusted_issuers import TrustedIssuers
 from bastion.oauth.keys import ARGUMENT_DIGEST_KEY, deployment_secret
 from bastion.oauth.verifier import VerifiedTokens
@@ -82,6 +83,12 @@ def gateway_from_config(
         Database(config.database, role="bastion-records"), config.decision_records_buffer
     )
     tokens = VerifiedTokens(oauth.verifier, config.database)
+    # Only where an upstream pins its tools: a connection of its own, used off the event loop.
+    pins = (
+        ToolPins(Database(config.database, role="bastion-tool-pins"))
+        if any(u.pin_tools != "off" for u in gateway_config.upstreams)
+        else None
+    )
     gateway = Gateway(
         gateway_config,
         tokens=tokens,
@@ -100,6 +107,7 @@ def gateway_from_config(
         suspensions=suspensions,
         posture=posture_settings(config),
         refusals=oauth.verifier.refusals,
+        tool_pins=pins,
         trusted=TrustedIssuers(
             gateway_config.trusted_issuers,
             refusals=oauth.verifier.refusals,

@@ -45,6 +45,9 @@ SCOPES = (
     # See and revoke users' connections to upstream MCP servers (/v1/connections,
     # docs/identity.md); never their tokens.
     "connections",
+    # Review and accept the tool definitions of upstreams with pin_tools (/v1/tools,
+    # docs/gateway.md, "Tool pins").
+    "tools",
     # The AuthZEN Authorization API (/access/v1/...): for a PEP that asks for decisions.
     "authzen",
     # Oso Cloud's API under /api (docs/oso-cloud.md): decisions and reads of facts and policy;

@@ -32,6 +32,7 @@ from bastion.server.api import labels as labels_api
 from bastion.server.api import signals as signals_api
 from bastion.server.api import suspensions as suspensions_api
 from bastion.server.api import tasks as tasks_api
+from bastion.server.api import tools as tools_api
 from bastion.server.api.decisions import MAX_BATCH, MAX_CHAIN
 from bastion.server.api.decisions import MAX_PAGE as MAX_LIST_PAGE
 from bastion.server.api.facts import MAX_PAGE as MAX_FACTS_PAGE
@@ -404,6 +405,24 @@ SCHEMAS: dict[str, Any] = {
         access_token_expires_at=_NUM,
         created_at=_NUM,
         refreshed_at=_NUM,
+    ),
+    "ToolPin": _response(
+        ["server", "tool", "digest", "definition", "accepted_at", "accepted_by", "pending"],
+        server=_STR,
+        tool=_STR,
+        digest=_nullable(_STR),
+        definition=_nullable({"type": "object"}),
+        accepted_at=_nullable(_NUM),
+        accepted_by=_nullable(_STR),
+        pending=_nullable(
+            _response(
+                ["digest", "definition", "since", "changes"],
+                digest=_STR,
+                definition={"type": "object"},
+                since=_NUM,
+                changes={"type": "array", "items": _STR},
+            )
+        ),
     ),
     "Suspension": _response(
         ["kind", "id", "expires_at"],
@@ -1150,6 +1169,43 @@ PATHS: dict[str, Any] = {
                 },
             ],
             problems=(400, 404),
+        )
+    },
+    "/v1/tools": {
+        "get": _op(
+            "The tools of upstreams with pin_tools: each one's accepted definition, and the one"
+            " waiting for review with a short diff",
+            tools_api.SCOPE,
+            _response(["tools"], tools={"type": "array", "items": _ref("ToolPin")}),
+            params=[
+                _query(
+                    "server",
+                    {**_STR, "minLength": 1, "maxLength": tools_api.MAX_NAME},
+                    "only this upstream's",
+                ),
+                _query("pending", {"enum": ["true", "false"]}, "only those waiting for review"),
+            ],
+            problems=(404,),
+        )
+    },
+    "/v1/tools/{server}/{tool}/accept": {
+        "post": _op(
+            "Accept the definition of a tool waiting for review, named by its digest (409: the"
+            " upstream changed it again since, or nothing waits)",
+            tools_api.SCOPE,
+            _response(["accepted"], accepted=_ref("ToolPin")),
+            body=_request(["digest"], digest={**_STR, "pattern": tools_api.DIGEST_PATTERN}),
+            params=[
+                {
+                    **_path("server", "the upstream's name"),
+                    "schema": {**_STR, "minLength": 1, "maxLength": tools_api.MAX_NAME},
+                },
+                {
+                    **_path("tool", "the tool's name"),
+                    "schema": {**_STR, "minLength": 1, "maxLength": tools_api.MAX_NAME},
+                },
+            ],
+            problems=(404, 409),
         )
     },
     "/v1/suspensions": {

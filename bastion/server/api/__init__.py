@@ -21,6 +21,7 @@ from bastion.server.api import (
     signals,
     suspensions,
     tasks,
+    tools,
 )
 
 
@@ -33,6 +34,7 @@ def routes() -> list[BaseRoute]:
         *approvals.routes,
         *suspensions.routes,
         *connections.routes,
+        *tools.routes,
         *agents.routes,
         *signals.routes,
         *alerts.routes,

@@ -1,0 +1,334 @@
+"""Tool pins: what each tool of an upstream was when it was trusted, so that a tool whose
+definition changes afterwards (the MCP "rug pull": a description that now carries a prompt
+injection, a new argument, a read-only hint flipped, a new tool named to be mistaken for
+another) is held back until an operator accepts the new definition.
+
+A tool's definition is its ``name``, ``title``, ``description``, ``inputSchema``,
+``outputSchema`` and ``annotations`` as the upstream lists them; its digest is the SHA-256 of
+their canonical JSON, computed when bastion reads a tool list (never on a call). With
+``pin_tools`` on an upstream (docs/gateway.md, "Tool pins"), each tool's accepted digest is a
+row of ``tool_pins``, shared by every replica: written on first use (``first_use``, the first
+whole list bastion reads of that upstream) or by an operator's acceptance (`ToolPins.accept`);
+a definition that differs from it waits in the row as ``pending`` until accepted. Each new
+pending definition is audited once (``tool.changed``, ``tool.held``), in the same transaction.
+
+Blocking: call `ToolPins` from a worker thread.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from bastion.audit.decisions import canonical_json
+from bastion.audit.log import AuditLog
+from bastion.db import Database
+
+# What a tool is, to a client and the model behind it: a change in any of these is a change.
+DEFINITION_FIELDS = ("name", "title", "description", "inputSchema", "outputSchema", "annotations")
+# ``pin_tools`` of an upstream: "off"; "first_use": the first whole list read is trusted, and
+# tools that appear later wait for review; "review": every tool waits for review.
+PIN_MODES = ("off", "first_use", "review")
+# The refusal reasons of a call to a tool not as pinned (`bastion.gateway.enforce.refused`).
+CHANGED, UNREVIEWED, UNLISTED = "tool_changed", "tool_not_reviewed", "tool_not_listed"
+# How much of a changed text the short diff shows, and how many changes it names.
+_SHOWN_CHARS = 160
+_SHOWN_CHANGES = 12
+
+_MIGRATIONS = [
+    """
+    CREATE TABLE tool_pins (
+        server TEXT NOT NULL,
+        tool TEXT NOT NULL,
+        digest TEXT,
+        definition TEXT,
+        accepted_at DOUBLE PRECISION,
+        accepted_by TEXT,
+        pending_digest TEXT,
+        pending_definition TEXT,
+        pending_since DOUBLE PRECISION,
+        PRIMARY KEY (server, tool)
+    );
+    """,
+]
+
+
+def definition(tool: dict[str, Any]) -> dict[str, Any]:
+    """The fields of a listed tool that make up its definition."""
+    return {k: tool[k] for k in DEFINITION_FIELDS if k in tool}
+
+
+def definition_text(tool: dict[str, Any]) -> str:
+    """A listed tool's definition as canonical JSON (sorted keys, no spaces)."""
+    return canonical_json(definition(tool))
+
+
+def digest(text: str) -> str:
+    """The digest of a definition's canonical JSON."""
+    return "sha256:" + hashlib.sha256(text.encode()).hexdigest()
+
+
+def _short(value: Any) -> str:
+    text = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+    return text if len(text) <= _SHOWN_CHARS else text[: _SHOWN_CHARS - 1] + "…"
+
+
+def changes(old: dict[str, Any] | None, new: dict[str, Any]) -> list[str]:
+    """A short diff of two definitions, one line per change, for people: a text field's old and
+    new value (cut at 160 characters), the arguments added and removed, the hints changed."""
+    old = old or {}
+    lines: list[str] = []
+    for field in DEFINITION_FIELDS:
+        before, after = old.get(field), new.get(field)
+        if before == after:
+            continue
+        if field in ("inputSchema", "outputSchema") and isinstance(before, dict | None):
+            lines += _schema_changes(field, before or {}, after if isinstance(after, dict) else {})
+        elif field == "annotations" and isinstance(before, dict | None) and isinstance(after, dict):
+            for hint in sorted({*(before or {}), *after}):
+                if (before or {}).get(hint) != after.get(hint):
+                    lines.append(
+                        f"annotations.{hint}: {_short((before or {}).get(hint))} ->"
+                        f" {_short(after.get(hint))}"
+                    )
+        else:
+            lines.append(f"{field}: {_short(before)} -> {_short(after)}")
+    if len(lines) > _SHOWN_CHANGES:
+        lines = [*lines[:_SHOWN_CHANGES], f"... and {len(lines) - _SHOWN_CHANGES} more"]
+    return lines
+
+
+def _schema_changes(field: str, before: dict, after: dict) -> list[str]:
+    props = before.get("properties"), after.get("properties")
+    old_props = props[0] if isinstance(props[0], dict) else {}
+    new_props = props[1] if isinstance(props[1], dict) else {}
+    lines = [f"{field}: argument {name!r} added" for name in new_props if name not in old_props]
+    lines += [f"{field}: argument {name!r} removed" for name in old_props if name not in new_props]
+    lines += [
+        f"{field}: argument {name!r} changed: {_short(old_props[name])} -> {_short(v)}"
+        for name, v in new_props.items()
+        if name in old_props and old_props[name] != v
+    ]
+    rest = {k for k in {*before, *after} if k != "properties" and before.get(k) != after.get(k)}
+    lines += [
+        f"{field}.{k}: {_short(before.get(k))} -> {_short(after.get(k))}" for k in sorted(rest)
+    ]
+    return lines
+
+
+@dataclass(frozen=True, slots=True)
+class ToolPin:
+    """One tool's row: its accepted definition (None: never accepted, a new tool held) and the
+    definition waiting for review, if any."""
+
+    server: str
+    tool: str
+    digest: str | None
+    definition: str | None
+    accepted_at: float | None
+    accepted_by: str | None
+    pending_digest: str | None
+    pending_definition: str | None
+    pending_since: float | None
+
+    def pending_changes(self) -> list[str]:
+        if self.pending_definition is None:
+            return []
+        old = json.loads(self.definition) if self.definition is not None else None
+        return changes(old, json.loads(self.pending_definition))
+
+    def to_json(self) -> dict[str, Any]:
+        pending = self.pending_digest is not None
+        return {
+            "server": self.server,
+            "tool": self.tool,
+            "digest": self.digest,
+            "definition": json.loads(self.definition) if self.definition else None,
+            "accepted_at": self.accepted_at,
+            "accepted_by": self.accepted_by,
+            "pending": {
+                "digest": self.pending_digest,
+                "definition": json.loads(self.pending_definition or "null"),
+                "since": self.pending_since,
+                "changes": self.pending_changes(),
+            }
+            if pending
+            else None,
+        }
+
+
+class PinError(ValueError):
+    """An acceptance that cannot be made as asked; the message says what to do."""
+
+
+_COLUMNS = (
+    "server, tool, digest, definition, accepted_at, accepted_by, pending_digest,"
+    " pending_definition, pending_since"
+)
+
+
+class ToolPins:
+    """The ``tool_pins`` rows (SQLite or PostgreSQL) and the audit events of their changes."""
+
+    def __init__(self, db: Database, clock: Callable[[], float] = time.time) -> None:
+        self.db = db
+        self.clock = clock
+        self.audit = AuditLog(db, clock)
+        db.migrate("tool_pins", _MIGRATIONS)
+
+    def pins(self, server: str) -> dict[str, str | None]:
+        """Each known tool of ``server`` and its accepted digest (None: not accepted)."""
+        rows = self.db.execute("SELECT tool, digest FROM tool_pins WHERE server = ?", (server,))
+        return dict(rows)
+
+    def pinned(self, server: str, tool: str) -> str | None:
+        rows = self.db.execute(
+            "SELECT digest FROM tool_pins WHERE server = ? AND tool = ?", (server, tool)
+        )
+        return rows[0][0] if rows else None
+
+    def listed(self, server: str | None = None, pending_only: bool = False) -> list[ToolPin]:
+        where, params = [], []
+        if server is not None:
+            where.append("server = ?")
+            params.append(server)
+        if pending_only:
+            where.append("pending_digest IS NOT NULL")
+        clause = f" WHERE {' AND '.join(where)}" if where else ""
+        rows = self.db.execute(
+            f"SELECT {_COLUMNS} FROM tool_pins{clause} ORDER BY server, tool", params
+        )
+        return [ToolPin(*row) for row in rows]
+
+    def get(self, server: str, tool: str) -> ToolPin | None:
+        rows = self.db.execute(
+            f"SELECT {_COLUMNS} FROM tool_pins WHERE server = ? AND tool = ?", (server, tool)
+        )
+        return ToolPin(*rows[0]) if rows else None
+
+    def observe(
+        self, server: str, listed: dict[str, tuple[str, str]], mode: str, complete: bool
+    ) -> dict[str, str | None] | None:
+        """Take what ``server`` lists now (each tool's digest and definition text): a tool not
+        known yet is pinned (``first_use``, in the first whole list of the upstream) or held
+        for review; a known tool whose definition differs from its pin has it kept as pending,
+        audited once per new definition. Returns every known tool's accepted digest; None when
+        nothing is pinned yet and ``listed`` is not a whole list (read the whole list first:
+        the first use is of the whole list, not of a page)."""
+        now = self.clock()
+        with self.db.transaction():
+            self.db.lock(f"tool_pins:{server}")
+            known = {pin.tool: pin for pin in self.listed(server)}
+            if not known and not complete:
+                return None
+            trusted = mode == "first_use" and not known
+            for tool, (seen, text) in listed.items():
+                pin = known.get(tool)
+                if pin is None:
+                    self._new(server, tool, seen, text, trusted, now)
+                elif seen != pin.digest and seen != pin.pending_digest:
+                    self._changed(pin, seen, text, now)
+            if trusted and listed:
+                self.audit.record(
+                    "tool.pinned",
+                    server=server,
+                    tools={tool: seen for tool, (seen, _) in sorted(listed.items())},
+                    by="first_use",
+                )
+            return self.pins(server)
+
+    def _new(self, server: str, tool: str, seen: str, text: str, trusted: bool, now: float):
+        if trusted:
+            self.db.execute(
+                "INSERT INTO tool_pins (server, tool, digest, definition, accepted_at,"
+                " accepted_by) VALUES (?, ?, ?, ?, ?, ?)",
+                (server, tool, seen, text, now, "first_use"),
+            )
+            return
+        self.db.execute(
+            "INSERT INTO tool_pins (server, tool, pending_digest, pending_definition,"
+            " pending_since) VALUES (?, ?, ?, ?, ?)",
+            (server, tool, seen, text, now),
+        )
+        self.audit.record(
+            "tool.held",
+            server=server,
+            tool=tool,
+            new_digest=seen,
+            changes=changes(None, json.loads(text)),
+        )
+
+    def _changed(self, pin: ToolPin, seen: str, text: str, now: float) -> None:
+        self.db.execute(
+            "UPDATE tool_pins SET pending_digest = ?, pending_definition = ?, pending_since = ?"
+            " WHERE server = ? AND tool = ?",
+            (seen, text, now, pin.server, pin.tool),
+        )
+        old = json.loads(pin.definition) if pin.definition is not None else None
+        self.audit.record(
+            "tool.changed" if pin.digest is not None else "tool.held",
+            server=pin.server,
+            tool=pin.tool,
+            old_digest=pin.digest,
+            new_digest=seen,
+            changes=changes(old, json.loads(text)),
+        )
+
+    def accept(self, server: str, tool: str, pending_digest: str, actor: str) -> ToolPin:
+        """Accept the definition waiting for review, named by its digest (what the operator
+        saw: one the upstream changed again since is refused). `PinError` otherwise."""
+        with self.db.transaction():
+            self.db.lock(f"tool_pins:{server}")
+            pin = self.get(server, tool)
+            if pin is None:
+                raise PinError(f"bastion has never seen a tool {tool!r} listed by {server!r}")
+            if pin.pending_digest is None:
+                raise PinError(f"{server}/{tool} has no definition waiting for review")
+            if pin.pending_digest != pending_digest:
+                raise PinError(
+                    f"{server}/{tool} waits with definition {pin.pending_digest}, not"
+                    f" {pending_digest}: the upstream changed it again; look at it again"
+                    " (bastion tools show) and accept that one"
+                )
+            now = self.clock()
+            self.db.execute(
+                "UPDATE tool_pins SET digest = pending_digest, definition = pending_definition,"
+                " accepted_at = ?, accepted_by = ?, pending_digest = NULL,"
+                " pending_definition = NULL, pending_since = NULL WHERE server = ? AND tool = ?",
+                (now, actor, server, tool),
+            )
+            self.audit.record(
+                "tool.accepted",
+                actor=actor,
+                server=server,
+                tool=tool,
+                old_digest=pin.digest,
+                new_digest=pending_digest,
+                changes=pin.pending_changes(),
+            )
+            accepted = self.get(server, tool)
+            assert accepted is not None
+            return accepted
+
+
+@dataclass(frozen=True, slots=True)
+class ToolChange:
+    """Why a call to a tool is refused under ``pin_tools``: the tool as listed now (``listed``,
+    None: not listed) is not the one accepted (``pinned``, None: none accepted)."""
+
+    reason: str  # CHANGED, UNREVIEWED or UNLISTED
+    pinned: str | None
+    listed: str | None
+
+
+def tool_change(pinned: str | None, listed: str | None) -> ToolChange | None:
+    """None when ``listed`` is the accepted definition, else why not."""
+    if listed is not None and listed == pinned:
+        return None
+    if listed is None:
+        return ToolChange(UNLISTED, pinned, None)
+    return ToolChange(CHANGED if pinned is not None else UNREVIEWED, pinned, listed)
