@@ -200,8 +200,6 @@ class UpstreamState:
             await self._read_tools(connection)
             if (change := self.unpinned(tool, connection)) is None or change.listed is None:
                 return change
-        if change.listed is None:
-            return change
         try:
             pinned = await anyio.to_thread.run_sync(store.pinned, self.name, tool)
         except DatabaseUnavailable:
