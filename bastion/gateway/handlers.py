@@ -347,8 +347,8 @@ def _name(ex: Exchange, params: dict[str, Any], key: str, where: str = "params")
     return checked_name(params.get(key), ex.gateway.config.max_name_chars, f"{where}.{key}")
 
 
-def _uri(ex: Exchange, value: Any, where: str = "params.uri") -> str:
-    return resource_uri(value, ex.gateway.config.max_name_chars, where)
+def _uri(ex: Exchange, value: Any, where: str = "params.uri", template: bool = False) -> str:
+    return resource_uri(value, ex.gateway.config.max_name_chars, where, template)
 
 
 def _arguments(params: dict[str, Any], where: str = "params") -> dict[str, Any]:
@@ -789,7 +789,7 @@ async def complete(ex: Exchange) -> dict[str, Any]:
         action, resource = "get", Entity("Prompt", f"{ex.server}/{name}")
         extra["prompt"] = name
     else:
-        uri = _uri(ex, ref.get("uri"), "params.ref.uri")
+        uri = _uri(ex, ref.get("uri"), "params.ref.uri", template=True)
         action, resource = "read", Entity("McpResource", f"{ex.server}/{uri}")
         extra["uri"] = uri
     # What is bound (to an approval, a review, the record's digest) is all the upstream gets
