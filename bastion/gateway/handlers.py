@@ -43,7 +43,7 @@ from bastion.gateway.jsonrpc import (
 from bastion.gateway.masks import WHOLE, Paths, compile_paths, mask_notification, mask_result
 from bastion.gateway.tool_pins import ToolChange
 from bastion.gateway.upstream import LOG_LEVEL, LOG_MESSAGE, UpstreamError
-from bastion.gateway.uris import checked_name, resource_uri, spelling_refused
+from bastion.gateway.uris import plain_name, resource_uri, spelling_refused, tool_or_prompt_name
 from bastion.signals.behavior import scope_keys
 from bastion.signals.read_only import is_read_only_tool
 
@@ -344,7 +344,7 @@ def nameable(value: Any) -> bool:
 
 
 def _name(ex: Exchange, params: dict[str, Any], key: str, where: str = "params") -> str:
-    return checked_name(params.get(key), ex.gateway.config.max_name_chars, f"{where}.{key}")
+    return tool_or_prompt_name(params.get(key), ex.gateway.config.max_name_chars, f"{where}.{key}")
 
 
 def _uri(ex: Exchange, value: Any, where: str = "params.uri", template: bool = False) -> str:
@@ -450,13 +450,15 @@ async def list_items(ex: Exchange) -> dict[str, Any]:
     await ex.gateway.enforcer.settled()
     listed = result.get(key)
     # An item a client could not name back (a name that is not text it may send, a resource
-    # URI in a spelling bastion refuses) is not offered.
+    # URI in a spelling bastion refuses, a tool or prompt name that could pass for another) is
+    # not offered.
     items = [
         i
         for i in (listed if isinstance(listed, list) else ())
         if isinstance(i, dict)
         and nameable(i.get(field_name))
         and (key != "resources" or spelling_refused(i[field_name]) is None)
+        and (key not in ("tools", "prompts") or plain_name(i[field_name]))
     ]
     if key == "tools":
         whole = not ex.message.params.get("cursor") and not result.get("nextCursor")

@@ -209,3 +209,27 @@ def checked_name(value: Any, max_chars: int, where: str) -> str:
             http_status=400,
         )
     return value
+
+
+def plain_name(name: str) -> bool:
+    """Whether ``name`` (a tool's or a prompt's) is printable ASCII without surrounding spaces:
+    the only names that a person reading them (an approval page, a decision record, `bastion
+    approvals show`) cannot take for another. Names are matched as written, and ``ѕend_email``
+    (a Cyrillic ``ѕ``), ``send\u200b_email`` (a zero-width space), ``ｓend_email`` (fullwidth) or
+    ``send_email `` would each be another tool shown as ``send_email``. MCP asks tool names to be
+    ASCII letters, digits, ``_``, ``-`` and ``.``."""
+    return name.isascii() and name.isprintable() and name.strip() == name
+
+
+def tool_or_prompt_name(value: Any, max_chars: int, where: str) -> str:
+    """The name of a tool or a prompt a client sent as ``where``: `checked_name`, and a
+    `plain_name`, else refused (-32602)."""
+    checked_name(value, max_chars, where)
+    if not plain_name(value):
+        raise RpcError(
+            INVALID_PARAMS,
+            f"{where} must be printable ASCII without surrounding spaces: a name read by people"
+            " (approvals, records) must not pass for another",
+            http_status=400,
+        )
+    return value

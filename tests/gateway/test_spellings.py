@@ -13,6 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from mcp.server.mcpserver import MCPServer
+from mcp.server.mcpserver.prompts.base import Prompt
 from mcp.shared.exceptions import MCPError
 from mcp.shared.uri_template import UriTemplate
 from pydantic import AnyUrl, ValidationError
@@ -41,6 +42,31 @@ def logs(service: str, level: str = "info") -> str:
     return f"the {level} log of {service}"
 
 
+# A tool, and tools named to pass for it: a Cyrillic s, a zero-width space, a fullwidth s, a
+# trailing space; a prompt, and one with a Cyrillic i.
+LOOK_ALIKES = ["\u0455end_email", "send\u200b_email", "\uff53end_email", "send_email "]
+
+
+def _tool(name: str):
+    def send(to: str) -> str:
+        return f"{name!r} wrote to {to}"
+
+    return send
+
+
+def _prompt(name: str):
+    def say() -> str:
+        return f"{name!r} says hello"
+
+    return say
+
+
+for _name in ["send_email", *LOOK_ALIKES]:
+    NAMES.add_tool(_tool(_name), name=_name)
+for _name in ["greeting", "greet\u0456ng"]:
+    NAMES.add_prompt(Prompt.from_function(_prompt(_name), name=_name))
+
+
 # Each held resource in the one spelling bastion takes (as the SDK's templates expand it), then
 # other spellings the SDK reads as the same resource.
 HELD = {
@@ -65,6 +91,8 @@ HELD = {
 }
 POLICY = (
     '\nallow(_actor, "read", _r: McpResource) if context.server = "names";\n'
+    'allow(_actor, action, _t: Tool) if action in ["list", "call"] and context.server = "names";\n'
+    'allow(_actor, action, _p: Prompt) if action in ["list", "get"] and context.server = "names";\n'
     'requires_approval(_user: User, "read", _r: McpResource) if context.server = "names" and\n'
     f"  context.uri in {list(HELD)!r};\n".replace("'", '"')
 )
@@ -128,6 +156,42 @@ def test_other_resources_of_the_same_templates_are_read(bastion):
         ("ok", "the file team/a b"),
         ("ok", "the info log of api"),
     ]
+
+
+def test_a_tool_or_prompt_named_to_pass_for_another_is_neither_offered_nor_called(bastion):
+    """Names are matched as written, so an allow on ``send_email`` never reaches ``ѕend_email``;
+    but a person reading an approval page or a record could take one for the other. A name that
+    is not printable ASCII without surrounding spaces is not offered, and a request naming one is
+    refused (-32602) before it is decided: it never reaches the upstream."""
+
+    async def script(client, seen):
+        seen["tools"] = [t.name for t in (await client.list_tools()).tools]
+        seen["prompts"] = [p.name for p in (await client.list_prompts()).prompts]
+        seen["calls"] = []
+        for name in ["send_email", *LOOK_ALIKES]:
+            try:
+                result = await client.call_tool(name, {"to": "ada@example.com"})
+                seen["calls"].append(("ok", result.content[0].text))
+            except MCPError as e:
+                seen["calls"].append(("error", e.error.code))
+        try:
+            await client.get_prompt("greet\u0456ng")
+        except MCPError as e:
+            seen["prompt"] = e.error.code
+
+    seen = bastion.sdk("sam", "names", "auto", script)
+    assert seen["tools"] == ["send_email"] and seen["prompts"] == ["greeting"]
+    assert seen["calls"] == [
+        ("ok", "'send_email' wrote to ada@example.com"),
+        *[("error", -32602)] * len(LOOK_ALIKES),
+    ]
+    assert seen["prompt"] == -32602
+    called = [
+        m["params"]["name"]
+        for m in bastion.upstream.messages()
+        if m.get("method") in ("tools/call", "prompts/get")
+    ]
+    assert called == ["send_email"]
 
 
 # -- the rule itself, against the SDK's own readings --------------------------------------------
