@@ -60,7 +60,9 @@ def grant(grants: OAuthStore, grant_id: str, client_id: str = AGENT, user: str =
     grants.create_grant(
         Grant(grant_id, client_id, user, "https://mcp", "read", now, now + 9e4, None)
     )
-    grants.save_access_token(f"jti-{grant_id}", grant_id, now + 600, "a token", "a kid")
+    if "a kid" not in {kid for kid, *_ in grants.signing_keys()}:  # a token needs its key
+        grants.add_signing_key("a kid", "{}", now, actor="test")
+    assert grants.save_access_token(f"jti-{grant_id}", grant_id, now + 600, "a token", "a kid")
     return grant_id
 
 
