@@ -84,6 +84,20 @@ class DatabaseSettingError(ValueError):
     the path or URL and what to give instead."""
 
 
+class SchemaNewer(DatabaseSettingError):
+    """A newer bastion migrated the database past the schema this one knows (a rollback onto
+    it, or an old replica left running in a rolling upgrade). This bastion must not use it: the
+    newer one may keep state there (a revocation, a binding) that this one would not honour.
+    The message names each component and both versions."""
+
+
+# Each component's schema version as this process's code knows it (its number of migrations),
+# for every component migrated here (`Database.migrate`), so a running process can tell when a
+# newer bastion migrates the database under it (`schema_newer`).
+_KNOWN_SCHEMA: dict[str, int] = {}
+_KNOWN_SCHEMA_LOCK = threading.Lock()
+
+
 def _storage_full(error: BaseException) -> bool:
     """SQLite's ``database or disk is full`` (the file's disk, or its temporary files'), or
     PostgreSQL's ``disk_full`` (SQLSTATE 53100)."""
@@ -545,6 +559,8 @@ class Database:
                 (component,),
             )
             current = rows[0][0]
+            if current > len(migrations):
+                raise SchemaNewer(_newer_message([(component, current, len(migrations))]))
             for version, script in enumerate(migrations, start=1):
                 if version <= current:
                     continue
@@ -555,12 +571,40 @@ class Database:
                     "INSERT INTO schema_migrations (component, version) VALUES (?, ?)",
                     (component, version),
                 )
-            return max(current, len(migrations))
+        with _KNOWN_SCHEMA_LOCK:
+            _KNOWN_SCHEMA[component] = max(_KNOWN_SCHEMA.get(component, 0), len(migrations))
+        return len(migrations)
 
     def close(self) -> None:
         with self._lock:
             if self._conn is not None:
                 self._conn.close()
+
+
+def schema_newer(db: Database) -> str | None:
+    """Why this process must stop using ``db``: a component it migrated (`Database.migrate`) is
+    at a later version there than its code knows, so a newer bastion has migrated it since;
+    None while none is."""
+    with _KNOWN_SCHEMA_LOCK:
+        known = dict(_KNOWN_SCHEMA)
+    if not known:
+        return None
+    rows = db.execute("SELECT component, MAX(version) FROM schema_migrations GROUP BY component")
+    ahead = sorted((c, v, known[c]) for c, v in rows if c in known and v > known[c])
+    return _newer_message(ahead) if ahead else None
+
+
+def _newer_message(ahead: list[tuple[str, int, int]]) -> str:
+    """What `SchemaNewer` and `schema_newer` say of ``(component, version there, version known)``."""
+    which = ", ".join(
+        f"{component} version {there} (this bastion knows version {known})"
+        for component, there, known in ahead
+    )
+    return (
+        f"a newer bastion migrated the database: {which}; run that version (or newer), or"
+        " restore the backup taken before the upgrade to run this one (docs/operations.md,"
+        ' "Upgrading")'
+    )
 
 
 def first_line(error: BaseException) -> str:

@@ -37,7 +37,7 @@ from functools import partial
 
 import anyio
 
-from bastion.db import Database, Listener, first_line
+from bastion.db import Database, Listener, first_line, schema_newer
 from bastion.decide import Authorizer
 from bastion.facts import snapshot
 from bastion.facts.model import matches
@@ -61,6 +61,9 @@ _PAGE = 200
 # On PostgreSQL notifications drive the replica; polling is only the safety net, and what
 # confirms, when nothing is written, that the replica is still current.
 _PG_POLL_INTERVAL = 1.0
+# How often a replica asks whether a newer bastion has migrated the database (`_watch_schema`):
+# a replica of the version before stops deciding within this long of the newer one's start.
+_SCHEMA_CHECK_INTERVAL = 1.0
 # After a failed read of the change log, try again this soon.
 _RETRY_INTERVAL = 0.25
 # `_given_up`'s notice when what ran out was the wait for the listener itself (`Listener.behind`).
@@ -309,6 +312,10 @@ class Replica:
         self.follow_error: str | None = None
         # Why the policy in force does not load here (None while the one in force is loaded).
         self.policy_refused: str | None = None
+        # Why this process's code must no longer use the database: a newer bastion migrated it
+        # (`schema_newer`). Set once, for good: a restart refuses to start (`SchemaNewer`).
+        self.schema_refused: str | None = None
+        self._schema_watch: asyncio.Task | None = None
         # The change being applied and when that began: said in a 503 while it takes long.
         self.applying: tuple[Change, float] | None = None
         self.authz: Authorizer = Authorizer("", limits=limits)
@@ -354,6 +361,7 @@ class Replica:
             )
             self._listener.start()
         self._task = asyncio.create_task(self._follow())
+        self._schema_watch = asyncio.create_task(self._watch_schema())
         if self.snapshot_path:
             self._snapshots = asyncio.create_task(self._write_snapshots())
         self.ready = True
@@ -500,11 +508,14 @@ class Replica:
         holds must not decide anything."""
         return (
             self.policy_refused is not None
+            or self.schema_refused is not None
             or time.monotonic() - self.confirmed_at > self.max_staleness
         )
 
     def stale_reason(self) -> str:
         """Why this replica is stale, for the person reading a 503."""
+        if self.schema_refused is not None:
+            return self.schema_refused
         if self.policy_refused is not None:
             return self.policy_refused
         why = f": {self.follow_error}" if self.follow_error else ""
@@ -529,6 +540,8 @@ class Replica:
         """Why this replica should get no traffic now, or None if it is ready."""
         if not self.ready:
             return "loading: the facts and the policy are not loaded yet"
+        if self.schema_refused is not None:
+            return "schema_newer: " + self.schema_refused
         if self.policy_refused is not None:
             return "policy_unloadable: " + self.policy_refused
         if self.stale:
@@ -552,6 +565,8 @@ class Replica:
                     log.warning("cannot write the fact snapshot %s: %s", self.snapshot_path, e)
         if self._task:
             await _cancelled(self._task, "the change-log follower")
+        if self._schema_watch:
+            await _cancelled(self._schema_watch, "the schema watch")
         if self._listener:
             await anyio.to_thread.run_sync(self._listener.stop)
         self.store.close()
@@ -665,6 +680,23 @@ class Replica:
                 await self._wake.wait()
             finally:
                 timer.cancel()
+
+    async def _watch_schema(self) -> None:
+        """Every `_SCHEMA_CHECK_INTERVAL` seconds, ask whether a newer bastion has migrated the
+        database past this process's code (a rolling upgrade); then stop deciding for good
+        (`stale`): the gateway, `/v1` and the token endpoint refuse with the versions, rather
+        than go on under rules the newer schema may have changed (a revocation this code does
+        not read, say). A failed read is tried again at the next turn."""
+        while self.schema_refused is None:
+            await asyncio.sleep(_SCHEMA_CHECK_INTERVAL)
+            try:
+                newer = await anyio.to_thread.run_sync(schema_newer, self.store.db)
+            except Exception as e:
+                log.debug("cannot read the schema's versions (%s); asking again", first_line(e))
+                continue
+            if newer is not None:
+                log.error("%s; this process decides nothing more", newer)
+                self.schema_refused = newer
 
     async def _catch_up(self) -> bool:
         """Read the next page of the change log after `applied` and apply it; True if there may
