@@ -26,9 +26,11 @@ from starlette.types import Receive, Scope, Send
 from bastion import untrusted_json
 from bastion.db import DatabaseUnavailable
 from bastion.gateway.client_requests import kept_capabilities
-from bastion.gateway.enforce import Caller, StepUp
+from bastion.gateway.enforce import Caller, Held, StepUp
 from bastion.gateway.handlers import Exchange, admit_and_start, handler_for
+from bastion.gateway.holds import pending_error
 from bastion.gateway.jsonrpc import (
+    APPROVAL_PENDING,
     FACTS_STALE,
     HEADER_MISMATCH,
     INTERNAL_ERROR,
@@ -505,7 +507,7 @@ class StreamableHttpEndpoint:
             if flight.sending is None:
                 raise
             # The answer has begun as events: a refusal can only be a JSON-RPC error now.
-            body = RpcError(INVALID_REQUEST, _refusal_text(e)).body(message.id)
+            body = _late_refusal(e).body(message.id)
         except asyncio.CancelledError:
             if flight.reason is None:
                 raise
@@ -575,45 +577,7 @@ class StreamableHttpEndpoint:
                     body.pop(key, None)
             return result(ex.message.id, body), 200, {}
         except StepUp as e:
-            scopes = sorted(set(ex.caller.scopes) | set(e.scopes))
-            gateway = self.gateway
-            if e.max_age is not None:
-                # RFC 9470: sign in again; an MCP client authorizes anew on any 401.
-                description = f"this request needs a sign-in within the last {e.max_age} seconds"
-                raise HttpError(
-                    401,
-                    {
-                        "error": SIGN_IN_AGAIN,
-                        "error_description": description,
-                        "max_age": e.max_age,
-                        "decision_id": e.decision_id,
-                    },
-                    {
-                        "www-authenticate": challenge(
-                            gateway.metadata_url(ex.server),
-                            scopes,
-                            error=SIGN_IN_AGAIN,
-                            description=description,
-                            max_age=e.max_age,
-                        )
-                    },
-                ) from None
-            raise HttpError(
-                403,
-                {
-                    "error": "insufficient_scope",
-                    "error_description": f"this request needs scope {' '.join(e.scopes)}",
-                    "decision_id": e.decision_id,
-                },
-                {
-                    "www-authenticate": challenge(
-                        gateway.metadata_url(ex.server),
-                        scopes,
-                        error="insufficient_scope",
-                        description=f"this request needs scope {' '.join(e.scopes)}",
-                    )
-                },
-            ) from None
+            raise self._step_up(e, ex.caller, ex.server) from None
         except RpcError as e:
             refused = await self._refused(e, ex.caller, ex.server, ex.message.method, ex.message.id)
             return refused.body, e.http_status, {}
@@ -624,6 +588,51 @@ class StreamableHttpEndpoint:
                 200,
                 {},
             )
+
+    def _step_up(self, e: StepUp, caller: Caller, server: str) -> HttpError:
+        """The answer to a request a decision sent to step up (a POST, a GET stream, a listen
+        request alike): 401 to sign in again (RFC 9470) or 403 ``insufficient_scope``, with
+        the challenge a client authorizes anew by and the ``decision_id`` whose record says
+        why."""
+        scopes = sorted(set(caller.scopes) | set(e.scopes))
+        gateway = self.gateway
+        if e.max_age is not None:
+            # RFC 9470: sign in again; an MCP client authorizes anew on any 401.
+            description = f"this request needs a sign-in within the last {e.max_age} seconds"
+            return HttpError(
+                401,
+                {
+                    "error": SIGN_IN_AGAIN,
+                    "error_description": description,
+                    "max_age": e.max_age,
+                    "decision_id": e.decision_id,
+                },
+                {
+                    "www-authenticate": challenge(
+                        gateway.metadata_url(server),
+                        scopes,
+                        error=SIGN_IN_AGAIN,
+                        description=description,
+                        max_age=e.max_age,
+                    )
+                },
+            )
+        return HttpError(
+            403,
+            {
+                "error": "insufficient_scope",
+                "error_description": f"this request needs scope {' '.join(e.scopes)}",
+                "decision_id": e.decision_id,
+            },
+            {
+                "www-authenticate": challenge(
+                    gateway.metadata_url(server),
+                    scopes,
+                    error="insufficient_scope",
+                    description=f"this request needs scope {' '.join(e.scopes)}",
+                )
+            },
+        )
 
     async def _answer_with_events(
         self, ex: Exchange, handler, send: Send, headers: dict[str, str], flight: InFlight
@@ -773,10 +782,15 @@ class StreamableHttpEndpoint:
             verdict = await gateway.enforcer.decide(
                 caller, server, "GET", "connect", upstream.entity, context
             )
+        except Held as held:
+            # Recorded as held: the id and the approval to answer, as a POST is told them.
+            refusal = pending_error(held)
+            retry = {"retry-after": str(max(1, round(held.retry_after)))}
+            raise HttpError(_REFUSAL_STATUS[refusal.code], refusal.body(None), retry) from None
         except RpcError as e:
             raise HttpError(_REFUSAL_STATUS.get(e.code, 502), e.body(None)) from None
-        except StepUp:
-            raise HttpError(403, None) from None
+        except StepUp as e:
+            raise self._step_up(e, caller, server) from None
         gateway.enforcer.write(verdict.record)
         # Checked after the last await, so nothing can come in between: the session may have
         # ended (DELETE) or got a GET stream while this one was being decided.
@@ -851,8 +865,8 @@ class StreamableHttpEndpoint:
             raise await self._refused(
                 e, caller, upstream.name, message.method, message.id
             ) from None
-        except StepUp:
-            raise HttpError(403, None) from None
+        except StepUp as e:
+            raise self._step_up(e, caller, upstream.name) from None
         finally:
             ex.release()  # a stream does not keep its upstream session busy
         methods = frozenset(
@@ -1022,6 +1036,7 @@ class InFlight:
 # The HTTP status of a GET stream that is refused when it opens.
 _REFUSAL_STATUS = {
     REFUSED_BY_POLICY: 403,
+    APPROVAL_PENDING: 403,
     RATE_LIMITED: 429,
     RATE_LIMIT_UNAVAILABLE: 503,
     FACTS_STALE: 503,
@@ -1041,9 +1056,14 @@ def _end_at_expiry(listener: Listener) -> asyncio.TimerHandle:
     return asyncio.get_running_loop().call_later(max(left, 0.0), listener.close, True)
 
 
-def _refusal_text(error: HttpError) -> str:
+def _late_refusal(error: HttpError) -> RpcError:
+    """An HTTP refusal (a step-up) as the JSON-RPC error of an answer begun as events, naming
+    the decision that refused it as the HTTP answer would have."""
     body = error.body or {}
-    return f"bastion refused this request: {body.get('error_description') or body.get('error')}"
+    text = f"bastion refused this request: {body.get('error_description') or body.get('error')}"
+    decided = body.get("decision_id")
+    data = {"decision_id": decided, "reason": body.get("error")} if decided else None
+    return RpcError(INVALID_REQUEST, text, data)
 
 
 async def _relay(
