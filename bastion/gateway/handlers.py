@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
@@ -562,14 +562,41 @@ async def _forward(
     except (Exception, asyncio.CancelledError) as e:
         # An allowed decision is recorded however its call ends.
         enforcer.write(verdict.record, reason=_unanswered(e))
-        if ex.masks and isinstance(e, UpstreamError):
-            # Its message and data are the upstream's free text: they could name what is masked.
-            raise RpcError(e.code, WITHHELD_REVIEW_ERROR if reviewed else WITHHELD_ERROR) from None
-        raise
+        if not isinstance(e, RpcError):
+            raise
+        # Its message and data are the upstream's free text: they could name what is masked.
+        masked = ex.masks and isinstance(e, UpstreamError)
+        withheld = (WITHHELD_REVIEW_ERROR if reviewed else WITHHELD_ERROR) if masked else None
+        raise _ended(e, verdict.decision_id, withheld) from None
     if verdict.review_step == "hold":
         return result  # masked when it is released, under the masks in force then
     await enforcer.record_labels(ex.caller, verdict)
     return await _release(ex, verdict, result, uri)
+
+
+def _ended(error: RpcError, decision_id: str, withheld: str | None = None) -> RpcError:
+    """The error a call let through ended in, as its client is answered: naming in
+    ``data.decision_id`` the decision that let it through, whose record says how it ended
+    (`_unanswered`), so that the id leads to it (`bastion audit show`) and the error is not
+    audited as a refusal before any decision (`RequestRefusals.note`). An error of bastion's
+    that names a decision of its own already (a request of the upstream's to the client,
+    refused) keeps it. An upstream's error is its free text: a ``decision_id`` in its data is
+    replaced (an upstream cannot send an agent or an auditor to another record), data that is
+    not an object is relayed as ``data.upstream``, and with ``withheld`` (a mask applies) the
+    message is that and the data is left out."""
+    data = error.data
+    if withheld is not None:
+        return replace(error, message=withheld, data={"decision_id": decision_id})
+    if not isinstance(error, UpstreamError) and data is not None and "decision_id" in data:
+        return error
+    if data is None:
+        named: dict[str, Any] = {}
+    elif isinstance(data, dict):
+        named = dict(data)
+    else:
+        named = {"upstream": data}
+    named["decision_id"] = decision_id
+    return replace(error, data=named)
 
 
 def _unanswered(error: BaseException) -> str:
@@ -686,15 +713,17 @@ async def subscribe(ex: Exchange) -> dict[str, Any]:
         Entity("McpResource", f"{ex.server}/{uri}"),
         ex.context(uri=uri),
     )
-    enforcer.write(verdict.record)
     try:
         # One stream of notifications from the upstream serves every client (Upstream.watch).
         await ex.connection.watch(frozenset((uri,)))
-    except RpcError as e:
-        if verdict.obligations.masks:
-            # The upstream's reason is its free text: it could name what the mask covers.
-            raise RpcError(e.code, WITHHELD_SUBSCRIBE_ERROR) from None
-        raise
+    except (Exception, asyncio.CancelledError) as e:
+        enforcer.write(verdict.record, reason=_unanswered(e))
+        if not isinstance(e, RpcError):
+            raise
+        # The upstream's reason is its free text: it could name what the mask covers.
+        withheld = WITHHELD_SUBSCRIBE_ERROR if verdict.obligations.masks else None
+        raise _ended(e, verdict.decision_id, withheld) from None
+    enforcer.write(verdict.record)
     # Checked again: other subscriptions of this user were made while this one was decided.
     _room_to_subscribe(ex, session, uri)
     session.subscriptions.add(uri)

@@ -288,9 +288,11 @@ def test_an_upstreams_refusal_to_subscribe_to_a_masked_resource_comes_without_it
     error = subscribe(bastion, server, headers, "lab://leaky")["error"]
     assert "withheld by bastion" in error["message"], error
     assert SECRET not in json.dumps(error)
-    # Where no mask applies, the upstream's reason is given (its message, not its data).
+    # Where no mask applies, the upstream's reason is given (its message, not its data), with
+    # the decision that let the subscription through.
     error = subscribe(bastion, server, headers, "lab://locked")["error"]
-    assert f"locked by {SECRET}" in error["message"] and "data" not in error, error
+    assert f"locked by {SECRET}" in error["message"], error
+    assert list(error["data"]) == ["decision_id"], error
 
 
 @pytest.mark.parametrize("server", ["lab", "labold"])

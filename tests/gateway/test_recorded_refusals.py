@@ -1,0 +1,523 @@
+"""Every way the gateway refuses or fails a client's request once its token is verified leads to
+what records it, as docs/gateway.md ("Decision records and `bastion audit tail`") promises:
+
+- a refusal or failure after a decision: the error names ``data.decision_id`` (in the JSON-RPC
+  error, or the body of a 401/403 step-up), and ``bastion audit show <id>`` prints its record,
+  naming the user and the agent, the server, the method, the target, the reason and the policy
+  version the client was decided under;
+- a refusal before any decision (the request itself is bad): no id, and an ``mcp.refused`` audit
+  row naming the user, the agent, the server, the method and the reason;
+- an error the upstream answered with is neither of bastion's refusals: it is relayed with the
+  id of the decision that let the call through, whose record says what the upstream answered,
+  and it leaves no ``mcp.refused`` row saying bastion refused the request.
+
+Each case is driven by the MCP SDK's client where it can send it, by raw HTTP where it cannot.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import pytest
+from mcp.shared.exceptions import MCPError
+
+from bastion.cli import main
+from bastion.gateway import transport
+from bastion.policy.parser import parse_fact
+from bastion.signals.suspensions import suspend, suspension
+
+from .streams import legacy_session, messages, modern_headers, modern_request
+
+LONG = "x" * 5000
+
+
+@dataclass(frozen=True)
+class Expected:
+    """What must record a case: ``kind`` "decision" (a record ``audit show`` finds by the id the
+    client was given), "refused" (an ``mcp.refused`` row of the caller, no id given) or
+    "unrecorded" (refused before the token is looked at, as the docs say: neither)."""
+
+    kind: str
+    reason: str
+    server: str
+    method: str
+    target: str | None = None
+    result: str | None = None  # the record's result (a decision)
+
+
+@dataclass
+class Outcome:
+    """What the client was answered: its error's ``data`` (or a step-up's body), and the agent."""
+
+    data: dict | None
+    client_id: str
+    user: str = "sam"
+
+
+def _claims(token: str) -> dict:
+    payload = token.split(".")[1]
+    return json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+
+
+def _sdk(user: str, server: str, script) -> Callable:
+    """A case driven by the SDK's client (2025-11-25, sessions and all): ``script(client)``
+    must raise the `MCPError` the case is about."""
+
+    def drive(bastion) -> Outcome:
+        async def run(client, seen):
+            with pytest.raises(MCPError) as refused:
+                await script(client)
+            seen["data"] = refused.value.error.data
+
+        seen = bastion.sdk(user, server, "legacy", run)
+        token = seen["tokens"].access_token
+        return Outcome(seen["data"], _claims(token)["client_id"], user)
+
+    return drive
+
+
+def _http(server: str, send, user: str = "sam", status: int = 200) -> Callable:
+    """A case sent as raw HTTP: ``send(bastion, token)`` -> the response (of ``status``)."""
+
+    def drive(bastion) -> Outcome:
+        token = bastion.token(user, server)
+        response = send(bastion, token)
+        assert response.status_code == status, response.text
+        body = messages(response)[-1] if response.content else {}
+        data = body.get("error", {}).get("data") if "jsonrpc" in body else body
+        return Outcome(data, _claims(token)["client_id"], user)
+
+    return drive
+
+
+def _post(server: str, method: str, params: dict, name: str | None = None, **headers):
+    def send(bastion, token):
+        return bastion.http.post(
+            bastion.mcp_url(server),
+            json=modern_request(9, method, params),
+            headers={**modern_headers(token, method, name), **headers},
+        )
+
+    return send
+
+
+def _raw(server: str, content: bytes, **headers):
+    def send(bastion, token):
+        return bastion.http.post(
+            bastion.mcp_url(server),
+            content=content,
+            headers={**modern_headers(token, "tools/call", "search_customers"), **headers},
+        )
+
+    return send
+
+
+def _suspended_agent(bastion, token):
+    """The kill switch on the caller's agent, then a call."""
+    agent = _claims(token)["client_id"]
+    bastion.store.db  # noqa: B018 (the store is open)
+    suspend(bastion.store, suspension("agent", agent), actor="test")
+    bastion.apply()
+    return _post("deskhttp", "tools/call", _search, "search_customers")(bastion, token)
+
+
+_search = {"name": "search_customers", "arguments": {"query": "a"}}
+
+
+def _over_rate(bastion, token):
+    """send_email (open world: 5 a minute per agent) once more than the limit."""
+    params = {
+        "name": "send_email",
+        "arguments": {"to": "a@example.com", "subject": "s", "body": ""},
+    }
+    send = _post("deskhttp", "tools/call", params, "send_email")
+    for _ in range(5):
+        answered = send(bastion, token)
+        assert "error" not in messages(answered)[-1], answered.text
+    return send(bastion, token)
+
+
+def _failing_upstream(bastion, token):
+    """The upstream breaks down (HTTP 502) on the call bastion let through."""
+    bastion.recorder.fail_next("search_customers")
+    return _post("deskhttp", "tools/call", _search, "search_customers")(bastion, token)
+
+
+def _get_without_accept(bastion, token):
+    session = legacy_session(bastion, token, "deskhttp")
+    return bastion.http.get(
+        bastion.mcp_url("deskhttp"), headers={**session, "accept": "application/json"}
+    )
+
+
+def _under(fact: str, send):
+    """``send`` once ``fact`` holds (an obligation on connect), the fact taken back after."""
+
+    def sent(bastion, token):
+        rule = parse_fact(fact)
+        bastion.apply(inserts=[rule])
+        try:
+            return send(bastion, token)
+        finally:
+            bastion.apply(deletes=[rule])
+
+    return sent
+
+
+def _get_stream(server: str, fact: str):
+    """A 2025-11-25 session opened, then its GET stream asked for once ``fact`` holds."""
+
+    def send(bastion, token):
+        session = legacy_session(bastion, token, server)
+        return _under(fact, lambda b, t: b.http.get(b.mcp_url(server), headers=session))(
+            bastion, token
+        )
+
+    return send
+
+
+_listen = {"notifications": {"toolsListChanged": True}}
+
+
+def _begun_as_events(send):
+    """``send`` with every answer begun as an event stream at once, as one is that takes longer
+    than 0.1 s: a refusal decided after that is a JSON-RPC error in the stream, not a 403."""
+
+    def sent(bastion, token):
+        watch_after = transport._WATCH_AFTER
+        transport._WATCH_AFTER = 0
+        try:
+            response = send(bastion, token)
+        finally:
+            transport._WATCH_AFTER = watch_after
+        assert response.headers["content-type"].startswith("text/event-stream")
+        return response
+
+    return sent
+
+
+CASES: dict[str, tuple[Callable, Expected]] = {
+    # -- refused by a decision ---------------------------------------------------------------
+    "the policy refuses the call": (
+        _sdk("sam", "deskhttp", lambda c: c.call_tool("delete_customer", {"customer_id": "c"})),
+        Expected(
+            "decision",
+            "not_permitted",
+            "deskhttp",
+            "tools/call",
+            'Tool{"deskhttp/delete_customer"}',
+            "deny",
+        ),
+    ),
+    "the policy refuses the resource": (
+        _sdk("sam", "labhttp", lambda c: c.read_resource("lab://secret")),
+        Expected(
+            "decision",
+            "not_permitted",
+            "labhttp",
+            "resources/read",
+            'McpResource{"labhttp/lab://secret"}',
+            "deny",
+        ),
+    ),
+    "the call waits for approval": (
+        _sdk("sam", "labhttp", lambda c: c.read_resource("lab://held")),
+        Expected(
+            "decision",
+            "approval_pending",
+            "labhttp",
+            "resources/read",
+            'McpResource{"labhttp/lab://held"}',
+            "held",
+        ),
+    ),
+    "the caller's agent is suspended": (
+        _http("deskhttp", _suspended_agent),
+        # Refused at the connect decision every message goes through, before the call's own.
+        Expected(
+            "decision", "suspended", "deskhttp", "tools/call", 'McpServer{"deskhttp"}', "deny"
+        ),
+    ),
+    "the agent is over its rate limit": (
+        _http("deskhttp", _over_rate, user="avery"),
+        Expected(
+            "decision",
+            "rate_limited",
+            "deskhttp",
+            "tools/call",
+            'Tool{"deskhttp/send_email"}',
+            "rate_limited",
+        ),
+    ),
+    "the token lacks a scope the policy requires (403)": (
+        _http(
+            "labhttp",
+            _post("labhttp", "resources/read", {"uri": "lab://guarded"}, "lab://guarded"),
+            status=403,
+        ),
+        Expected(
+            "decision",
+            "insufficient_scope",
+            "labhttp",
+            "resources/read",
+            'McpResource{"labhttp/lab://guarded"}',
+            "step_up",
+        ),
+    ),
+    "a GET stream held for approval": (
+        _http(
+            "labold",
+            _get_stream("labold", 'connect_held(McpServer{"labold"}, User{"sam"})'),
+            status=403,
+        ),
+        Expected("decision", "approval_pending", "labold", "GET", 'McpServer{"labold"}', "held"),
+    ),
+    "a GET stream needing a scope the token lacks (403)": (
+        _http(
+            "labold",
+            _get_stream("labold", 'connect_scope(McpServer{"labold"}, "customers:write")'),
+            status=403,
+        ),
+        Expected(
+            "decision", "insufficient_scope", "labold", "GET", 'McpServer{"labold"}', "step_up"
+        ),
+    ),
+    "a listen stream needing a scope the token lacks (403)": (
+        _http(
+            "labhttp",
+            _under(
+                'connect_scope(McpServer{"labhttp"}, "customers:write")',
+                _post("labhttp", "subscriptions/listen", _listen),
+            ),
+            status=403,
+        ),
+        Expected(
+            "decision",
+            "insufficient_scope",
+            "labhttp",
+            "subscriptions/listen",
+            'McpServer{"labhttp"}',
+            "step_up",
+        ),
+    ),
+    "a listen stream held for approval": (
+        _http(
+            "labhttp",
+            _under(
+                'connect_held(McpServer{"labhttp"}, User{"sam"})',
+                _post("labhttp", "subscriptions/listen", _listen),
+            ),
+            status=200,
+        ),
+        Expected(
+            "decision",
+            "approval_pending",
+            "labhttp",
+            "subscriptions/listen",
+            'McpServer{"labhttp"}',
+            "held",
+        ),
+    ),
+    # On the stdio desk, which no other case calls: the decision waits for the upstream to start
+    # and list its tools (their hints), so it comes after the answer has begun.
+    "a step-up decided once the answer has begun as events": (
+        _http(
+            "desk",
+            _begun_as_events(
+                _post(
+                    "desk",
+                    "tools/call",
+                    {"name": "delete_customer", "arguments": {"customer_id": "c-1"}},
+                    "delete_customer",
+                )
+            ),
+            user="avery",
+        ),
+        Expected(
+            "decision",
+            "insufficient_scope",
+            "desk",
+            "tools/call",
+            'Tool{"desk/delete_customer"}',
+            "step_up",
+        ),
+    ),
+    # -- failed upstream, after a decision let the call through --------------------------------
+    "the upstream answers an error (masked)": (
+        _sdk("sam", "labhttp", lambda c: c.call_tool("leak_error", {})),
+        Expected(
+            "decision",
+            "upstream error -32602",
+            "labhttp",
+            "tools/call",
+            'Tool{"labhttp/leak_error"}',
+            "allow",
+        ),
+    ),
+    "the upstream answers an error that names a decision of its own": (
+        _sdk("sam", "labhttp", lambda c: c.call_tool("pose_as_bastion", {})),
+        Expected(
+            "decision",
+            "upstream error -32003",
+            "labhttp",
+            "tools/call",
+            'Tool{"labhttp/pose_as_bastion"}',
+            "allow",
+        ),
+    ),
+    "the upstream refuses a subscription": (
+        _sdk("sam", "labold", lambda c: c.subscribe_resource("lab://locked")),
+        Expected(
+            "decision",
+            "upstream error -32000",
+            "labold",
+            "resources/subscribe",
+            'McpResource{"labold/lab://locked"}',
+            "allow",
+        ),
+    ),
+    "the upstream breaks down": (
+        _http("deskhttp", _failing_upstream),
+        Expected(
+            "decision",
+            "upstream error -32000",
+            "deskhttp",
+            "tools/call",
+            'Tool{"deskhttp/search_customers"}',
+            "allow",
+        ),
+    ),
+    # -- refused before any decision --------------------------------------------------------
+    "a tool name past max_name_chars": (
+        _sdk("sam", "deskhttp", lambda c: c.call_tool(LONG, {})),
+        Expected("refused", "invalid_params", "deskhttp", "tools/call"),
+    ),
+    "arguments that are not an object": (
+        # The SDK's client checks a prompt's arguments before it sends them.
+        _http(
+            "deskhttp",
+            _post("deskhttp", "prompts/get", {"name": "apology", "arguments": []}, "apology"),
+            status=400,
+        ),
+        Expected("refused", "invalid_params", "deskhttp", "prompts/get"),
+    ),
+    "an unknown method": (
+        _http("deskhttp", _post("deskhttp", "tools/frobnicate", {}), status=200),
+        Expected("refused", "method_not_found", "deskhttp", "tools/frobnicate"),
+    ),
+    "a body that is not JSON": (
+        _http("deskhttp", _raw("deskhttp", b"{not json"), status=400),
+        Expected("refused", "parse_error", "deskhttp", None),
+    ),
+    "a message that is not JSON-RPC": (
+        _http("deskhttp", _raw("deskhttp", b'{"hello": 1}'), status=400),
+        Expected("refused", "invalid_request", "deskhttp", None),
+    ),
+    "Mcp-Name differs from the body": (
+        _http("deskhttp", _post("deskhttp", "tools/call", _search, "delete_customer"), status=400),
+        Expected("refused", "header_mismatch", "deskhttp", "tools/call"),
+    ),
+    "an unsupported protocol version": (
+        _http(
+            "deskhttp",
+            _post(
+                "deskhttp",
+                "tools/call",
+                _search,
+                "search_customers",
+                **{"mcp-protocol-version": "1999-01-01"},
+            ),
+            status=400,
+        ),
+        Expected("refused", "unsupported_protocol_version", "deskhttp", "tools/call"),
+    ),
+    "an unknown session": (
+        _http(
+            "deskhttp",
+            _post(
+                "deskhttp",
+                "tools/call",
+                _search,
+                "search_customers",
+                **{"mcp-protocol-version": "2025-11-25", "mcp-session-id": "no-such-session"},
+            ),
+            status=404,
+        ),
+        Expected("refused", "session_not_found", "deskhttp", "tools/call"),
+    ),
+    "a body that is not application/json (415)": (
+        _http("deskhttp", _raw("deskhttp", b"{}", **{"content-type": "text/plain"}), status=415),
+        Expected("refused", "unsupported_media_type", "deskhttp", None),
+    ),
+    # -- refused before the token is looked at: it proves nothing, so nothing is recorded
+    # (docs/gateway.md, "Known limits": refusals in the audit trail) ---------------------------
+    "an Origin not allowed (403)": (
+        _http("deskhttp", _raw("deskhttp", b"{}", origin="https://evil.example"), status=403),
+        Expected("unrecorded", "", "deskhttp", None),
+    ),
+    "a body over max_body_bytes (413)": (
+        _http("deskhttp", _raw("deskhttp", b" " * 70000), status=413),
+        Expected("unrecorded", "", "deskhttp", None),
+    ),
+    "a GET stream without Accept: text/event-stream (406)": (
+        _http("deskhttp", _get_without_accept, status=406),
+        Expected("refused", "not_acceptable", "deskhttp", "GET"),
+    ),
+}
+
+
+def _show(capsys, decision_id: str, database: str) -> tuple[int, dict | None, str]:
+    """``bastion audit show <id>`` -> (exit status, what it printed, its error output)."""
+    try:
+        code = main(["audit", "show", decision_id, "--database", database])
+    except SystemExit as e:
+        code = e.code
+    out = capsys.readouterr()
+    return code, json.loads(out.out) if code == 0 else None, out.err
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_every_refusal_leads_to_its_record(bastion, capsys, case):
+    drive, expected = CASES[case]
+    oauth = bastion.app.state.oauth
+    outcome = drive(bastion)
+    rows = [
+        e for e in oauth.audit.events("mcp.refused", 100000) if e.client_id == outcome.client_id
+    ]
+    if expected.kind == "decision":
+        assert outcome.data is not None and "decision_id" in outcome.data, outcome.data
+        bastion.flush()
+        code, shown, err = _show(
+            capsys, outcome.data["decision_id"], bastion.app.state.config.database
+        )
+        assert code == 0, err
+        record = shown["record"]
+        assert record["principals"] == [
+            f'User{{"{outcome.user}"}}',
+            f'Agent{{"{outcome.client_id}"}}',
+        ]
+        assert (record["server"], record["method"], record["target"]) == (
+            expected.server,
+            expected.method,
+            expected.target,
+        )
+        assert (record["result"], record["reason"]) == (expected.result, expected.reason)
+        assert record["policy_version"] == bastion.store.policy().version
+        assert shown["policy"]["version"] == record["policy_version"]
+        # A decision's refusal is in the decision records, not also an mcp.refused row.
+        assert rows == []
+    elif expected.kind == "unrecorded":
+        assert outcome.data is None or "decision_id" not in outcome.data, outcome.data
+        assert rows == []
+    else:
+        assert outcome.data is None or "decision_id" not in outcome.data, outcome.data
+        [row] = rows
+        assert (row.subject, row.detail["server"], row.detail["method"]) == (
+            outcome.user,
+            expected.server,
+            expected.method,
+        )
+        assert row.detail["reason"] == expected.reason
