@@ -95,6 +95,9 @@ class UpstreamConfig:
     # trusted, a tool that changes or appears later is held until an operator accepts it;
     # "review": every tool is held until accepted.
     pin_tools: str = "off"
+    # Prompt pins, as ``pin_tools`` for prompts (their name, title, description and arguments);
+    # as ``pin_tools`` unless set.
+    pin_prompts: str = "off"
 
     @property
     def transport(self) -> str:
@@ -285,6 +288,7 @@ def _upstream(index: int, value: Any, env: Mapping[str, str]) -> UpstreamConfig:
             "max_sessions",
             "session_idle_seconds",
             "pin_tools",
+            "pin_prompts",
         },
         where,
     )
@@ -348,11 +352,8 @@ def _upstream(index: int, value: Any, env: Mapping[str, str]) -> UpstreamConfig:
             f"{where} ({name}): session = {session!r} needs a Streamable HTTP upstream (url); a"
             " stdio upstream is one process, shared by every client"
         )
-    pin_tools = value.get("pin_tools", "off")
-    if pin_tools not in PIN_MODES:
-        raise ConfigError(
-            f"{where}.pin_tools must be one of {', '.join(map(repr, PIN_MODES))}, got {pin_tools!r}"
-        )
+    pin_tools = _pin_mode(value, "pin_tools", "off", where)
+    pin_prompts = _pin_mode(value, "pin_prompts", pin_tools, where)
     return UpstreamConfig(
         name=name,
         command=str(command),
@@ -372,4 +373,14 @@ def _upstream(index: int, value: Any, env: Mapping[str, str]) -> UpstreamConfig:
         max_sessions=_whole(value, "max_sessions", 256, where),
         session_idle_seconds=_seconds(value, "session_idle_seconds", 900, where),
         pin_tools=pin_tools,
+        pin_prompts=pin_prompts,
     )
+
+
+def _pin_mode(value: dict[str, Any], key: str, default: str, where: str) -> str:
+    mode = value.get(key, default)
+    if mode not in PIN_MODES:
+        raise ConfigError(
+            f"{where}.{key} must be one of {', '.join(map(repr, PIN_MODES))}, got {mode!r}"
+        )
+    return mode

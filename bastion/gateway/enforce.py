@@ -54,7 +54,7 @@ from bastion.gateway.jsonrpc import (
     RpcError,
 )
 from bastion.gateway.ratelimit import LimitsUnavailable, RateLimiter, RedisRateLimiter
-from bastion.gateway.tool_pins import ToolChange
+from bastion.gateway.tool_pins import PinChange
 from bastion.policy.errors import EvaluationLimit
 from bastion.policy.runtime import context_value
 from bastion.signals.behavior import (
@@ -172,6 +172,11 @@ _MEANINGS = {
     "tool_not_reviewed": "this tool is new and is refused until an operator accepts it"
     " (bastion tools show)",
     "tool_not_listed": "the upstream does not list this tool now",
+    "prompt_changed": "this prompt's definition changed since it was accepted; it is refused"
+    " until an operator accepts the new one (bastion prompts show)",
+    "prompt_not_reviewed": "this prompt is new and is refused until an operator accepts it"
+    " (bastion prompts show)",
+    "prompt_not_listed": "the upstream does not list this prompt now",
 }
 
 
@@ -306,7 +311,7 @@ class Enforcer:
         arguments: Any = None,
         retried: str | None = None,
         annotations_now: Callable[[], Awaitable[dict[str, Any]]] | None = None,
-        unpinned: ToolChange | None = None,
+        unpinned: PinChange | None = None,
     ) -> Verdict:
         """Allow (with obligations), or raise `StepUp`, `Held` or the `RpcError` to send back.
 
@@ -317,8 +322,8 @@ class Enforcer:
         ``annotations_now``: for a tool call, the tool's annotations as its upstream gives them
         now, asked only when the caller is downgraded to read-only (`_read_now`).
 
-        ``unpinned``: the tool called is not listed as accepted (``pin_tools``): refused before
-        the policy is asked, after the kill switch."""
+        ``unpinned``: the tool called (the prompt got) is not listed as accepted (``pin_tools``,
+        ``pin_prompts``): refused before the policy is asked, after the kill switch."""
         started = time.perf_counter()
         decision_id = new_decision_id()
         if self.facts_stale() or ((heard := self.facts_heard()) is not None and not await heard):
@@ -831,9 +836,9 @@ class Enforcer:
         resource: Entity,
         context: dict[str, Any],
         arguments: Any,
-        change: ToolChange,
+        change: PinChange,
     ) -> None:
-        """Record the refusal of a call to a tool not listed as accepted (``pin_tools``, before
+        """Record the refusal of a call to a tool (a prompt) not listed as accepted (pins, before
         any policy), with the accepted and listed digests; raise it."""
         digests = {"pinned": change.pinned, "listed": change.listed}
         self._write_early(
@@ -842,7 +847,7 @@ class Enforcer:
             server,
             method,
             resource,
-            {**context, "tool_pin": digests},
+            {**context, f"{change.kind}_pin": digests},
             arguments,
             "deny",
             change.reason,

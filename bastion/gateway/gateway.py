@@ -31,6 +31,7 @@ from bastion.gateway.handlers import Exchange, nameable
 from bastion.gateway.holds import RequestStates, pending_error
 from bastion.gateway.jsonrpc import RpcError
 from bastion.gateway.metadata import WELL_KNOWN, ProtectedResourceMetadata, metadata_url
+from bastion.gateway.pinning import Pinning
 from bastion.gateway.ratelimit import RateLimiter, RedisRateLimiter
 from bastion.gateway.refusals import RequestRefusals
 from bastion.gateway.sessions import (
@@ -41,13 +42,7 @@ from bastion.gateway.sessions import (
     SessionTable,
     may_read,
 )
-from bastion.gateway.tool_pins import (
-    ToolChange,
-    ToolPins,
-    definition_text,
-    digest,
-    tool_change,
-)
+from bastion.gateway.tool_pins import PROMPT, TOOL, ToolPins
 from bastion.gateway.transport import InFlight, StreamableHttpEndpoint, send_json
 from bastion.gateway.upstream import Hear, HttpUpstream, Upstream, open_upstream
 from bastion.gateway.upstream_credentials import UserTokenUpstream
@@ -72,44 +67,35 @@ _HINTS = ("readOnlyHint", "destructiveHint", "idempotentHint", "openWorldHint")
 
 
 class ToolHints:
-    """What one upstream session said of its tools: each tool's annotations (hints), and, under
-    ``pin_tools``, the digest of each tool's definition (`bastion.gateway.tool_pins`)."""
+    """What one upstream session said of its tools: each tool's annotations (hints)."""
 
     def __init__(self) -> None:
         self.annotations: dict[str, dict[str, Any]] = {}
-        self.digests: dict[str, str] = {}
         self.complete = False
 
-    def learn(self, tools: Any, pinning: bool = False) -> dict[str, tuple[str, str]]:
+    def learn(self, tools: Any) -> None:
         """Take the hints of ``tools``, a ``tools/list`` result's tools as the upstream sent them
-        (only a list's objects named as a client could call them count). With ``pinning``, each
-        tool's definition is hashed now, once per list (never on a call): returned as each
-        tool's digest and canonical JSON."""
-        seen: dict[str, tuple[str, str]] = {}
+        (only a list's objects named as a client could call them count)."""
         for tool in tools if isinstance(tools, list) else ():
             if not isinstance(tool, dict) or not nameable(name := tool.get("name")):
                 continue  # no client can call it, and its hints are no other tool's
             notes = tool.get("annotations")
             notes = notes if isinstance(notes, dict) else {}
             self.annotations[name] = {k: notes[k] for k in _HINTS if isinstance(notes.get(k), bool)}
-            if pinning:
-                text = definition_text(tool)
-                self.digests[name] = listed = digest(text)
-                seen[name] = (listed, text)
-        return seen
 
 
 class UpstreamState:
     """One upstream and what bastion remembers of it: its tools' annotations, (unless its
     ``session`` is ``shared``) the upstream sessions of its users or client sessions, and (with
-    ``pin_tools``) its tools' accepted definitions."""
+    ``pin_tools``, ``pin_prompts``) its tools' and prompts' accepted definitions."""
 
     def __init__(
         self,
         upstream: Upstream,
         sessions: UpstreamSessions | None = None,
         pins: ToolPins | None = None,
-        pin_mode: str = "off",
+        pin_tools: str = "off",
+        pin_prompts: str = "off",
     ) -> None:
         self.upstream = upstream
         self.name = upstream.name
@@ -118,12 +104,20 @@ class UpstreamState:
         # Per upstream session: an upstream may describe its tools differently to each user,
         # and what one user's session said never decides another's calls.
         self._hints: weakref.WeakKeyDictionary[Upstream, ToolHints] = weakref.WeakKeyDictionary()
-        # Tool pins: None unless ``pin_tools`` is on. ``pins``: each tool's accepted digest
-        # (None: held, never accepted) as the database said when a list was last read.
-        self.pin_store = pins if pin_mode != "off" else None
-        self.pin_mode = pin_mode
-        self.pins: dict[str, str | None] = {}
-        self._pins_read = False
+        # Tool and prompt pins: None where off.
+        self.tool_pins = (
+            Pinning(self.name, TOOL, pins, pin_tools, self._read_tools)
+            if pins is not None and pin_tools != "off"
+            else None
+        )
+        self.prompt_pins = (
+            Pinning(self.name, PROMPT, pins, pin_prompts, self._read_prompts)
+            if pins is not None and pin_prompts != "off"
+            else None
+        )
+
+    def pinning(self, kind: str) -> Pinning | None:
+        return self.tool_pins if kind == TOOL else self.prompt_pins
 
     def _hints_of(self, connection: Upstream | None) -> ToolHints:
         connection = connection or self.upstream
@@ -132,84 +126,34 @@ class UpstreamState:
             hints = self._hints[connection] = ToolHints()
         return hints
 
-    async def learn_tools(
-        self, tools: Any, connection: Upstream | None = None, complete: bool = False
+    async def learn(
+        self, kind: str, items: Any, connection: Upstream | None = None, complete: bool = False
     ) -> None:
-        """Take the hints of ``tools``, a page of ``tools/list`` a client asked for (``complete``:
-        the whole list, in one page), and under ``pin_tools`` hold them against their pins."""
-        seen = self._hints_of(connection).learn(tools, self.pin_store is not None)
-        if seen:
-            await self._observe(seen, connection or self.upstream, complete)
-
-    async def _observe(
-        self, seen: dict[str, tuple[str, str]], connection: Upstream, complete: bool
-    ) -> None:
-        """Hold a list's definitions against the pins: nothing to do when each is the accepted
-        one; else the database is asked (off the event loop) to pin or hold what is new, and
-        says what is accepted now (an operator may have accepted a definition, here or on
-        another replica). While it cannot be reached, the pins stay as they were (a tool not as
-        pinned stays refused)."""
-        pins = self.pins
-        if self._pins_read and all(pins.get(t) == listed for t, (listed, _) in seen.items()):
-            return
-        store = self.pin_store
-        assert store is not None
-        try:
-            found = await anyio.to_thread.run_sync(
-                store.observe, self.name, seen, self.pin_mode, complete
-            )
-        except DatabaseUnavailable as e:
-            log.warning(
-                "tool pins of %s cannot be read (%s): tools not as pinned are held", self.name, e
-            )
-            return
-        if found is None:  # nothing pinned yet: the first use is of the whole list
-            await self._read_tools(connection)
-            return
-        self.pins, self._pins_read = found, True
-
-    def listed_as_pinned(self, tool: str, connection: Upstream | None = None) -> bool:
-        """Whether ``tool`` is listed on ``connection`` as it was accepted (always, without
-        ``pin_tools``)."""
-        if self.pin_store is None:
-            return True
-        return (
-            tool_change(self.pins.get(tool), self._hints_of(connection).digests.get(tool)) is None
-        )
-
-    def unpinned(self, tool: str, connection: Upstream | None = None) -> ToolChange | None:
-        """On a call: None when ``tool`` is as accepted (or pins are off): two dict lookups of
-        digests taken when its list was read. Else why not, as this process knows it."""
-        if self.pin_store is None:
-            return None
-        return tool_change(self.pins.get(tool), self._hints_of(connection).digests.get(tool))
-
-    async def unpinned_now(
-        self, tool: str, change: ToolChange, connection: Upstream | None = None
-    ) -> ToolChange | None:
-        """A call `unpinned` refuses, looked at once more: a tool this upstream session's last
-        list did not have is looked for in its list read now, since a tool may appear
-        unannounced (a tools/list upstream in place of the call a client would have had
-        forwarded without pins); then the database is asked (off the event loop), since an
-        operator may have accepted the definition since, on another replica or the CLI."""
-        store = self.pin_store
-        if store is None:
-            return change
+        """Take ``items``, a page of ``tools/list`` (``prompts/list``) a client asked for
+        (``complete``: the whole list, in one page): a tool's hints, and under pins, what each
+        is, held against its pin."""
         connection = connection or self.upstream
-        if change.listed is None:
-            await self._read_tools(connection)
-            if (change := self.unpinned(tool, connection)) is None or change.listed is None:
-                return change
-        try:
-            pinned = await anyio.to_thread.run_sync(store.pinned, self.name, tool)
-        except DatabaseUnavailable:
-            return change
-        if pinned is not None:
-            self.pins[tool] = pinned
-        return tool_change(pinned, change.listed)
+        if kind == TOOL:
+            self._hints_of(connection).learn(items)
+        pinning = self.pinning(kind)
+        if pinning is not None:
+            await pinning.take(connection, items, complete)
+
+    def listed_as_pinned(self, kind: str, name: str, connection: Upstream | None = None) -> bool:
+        """Whether the tool (prompt) ``name`` is listed on ``connection`` as it was accepted
+        (always, without pins)."""
+        pinning = self.pinning(kind)
+        return pinning is None or pinning.change(name, connection or self.upstream) is None
 
     def forget_tools(self, connection: Upstream | None = None) -> None:
-        self._hints.pop(connection or self.upstream, None)
+        connection = connection or self.upstream
+        self._hints.pop(connection, None)
+        if self.tool_pins is not None:
+            self.tool_pins.forget(connection)
+
+    def forget_prompts(self, connection: Upstream | None = None) -> None:
+        if self.prompt_pins is not None:
+            self.prompt_pins.forget(connection or self.upstream)
 
     async def annotations(
         self, tool: str, connection: Upstream | None = None, fresh: bool = False
@@ -222,32 +166,45 @@ class UpstreamState:
         hints = self._hints_of(connection)
         if fresh or (tool not in hints.annotations and not hints.complete):
             hints = await self._read_tools(connection)
-            if fresh and not self.listed_as_pinned(tool, connection):
+            if fresh and not self.listed_as_pinned(TOOL, tool, connection):
                 return {}
         return hints.annotations.get(tool, {})
+
+    async def _read_list(self, connection: Upstream, method: str, key: str) -> list[Any]:
+        """The upstream's whole list (``tools/list``, ``prompts/list``) as it gives it now (at
+        most 100 pages)."""
+        items: list[Any] = []
+        cursor = None
+        for _ in range(100):
+            params = {"cursor": cursor} if cursor else {}
+            response = await connection.request(method, params)
+            page = response.get("result")
+            page = page if isinstance(page, dict) else {}
+            found = page.get(key)
+            items += found if isinstance(found, list) else []
+            cursor = page.get("nextCursor")
+            if not cursor:
+                break
+        return items
 
     async def _read_tools(self, connection: Upstream) -> ToolHints:
         """The upstream's whole tool list as it gives it now, kept as what it says of its tools
         (in place of what it said before: a tool it no longer lists has no hints), and held
         against the pins under ``pin_tools``."""
+        tools = await self._read_list(connection, "tools/list", "tools")
         hints = ToolHints()
-        pinning = self.pin_store is not None
-        seen: dict[str, tuple[str, str]] = {}
-        cursor = None
-        for _ in range(100):
-            params = {"cursor": cursor} if cursor else {}
-            response = await connection.request("tools/list", params)
-            page = response.get("result")
-            page = page if isinstance(page, dict) else {}
-            seen.update(hints.learn(page.get("tools"), pinning))
-            cursor = page.get("nextCursor")
-            if not cursor:
-                break
+        hints.learn(tools)
         hints.complete = True
         self._hints[connection] = hints
-        if pinning:  # the whole list as bastion reads it (at most 100 pages)
-            await self._observe(seen, connection, complete=True)
+        if self.tool_pins is not None:
+            await self.tool_pins.take(connection, tools, whole=True)
         return hints
+
+    async def _read_prompts(self, connection: Upstream) -> None:
+        """The upstream's whole prompt list as it gives it now, held against the pins."""
+        prompts = await self._read_list(connection, "prompts/list", "prompts")
+        if self.prompt_pins is not None:
+            await self.prompt_pins.take(connection, prompts, whole=True)
 
     def lease(self, caller: Caller, session_id: str) -> UpstreamSession | None:
         """The caller's own upstream session, busy until released (`UpstreamSessions.release`);
@@ -295,11 +252,16 @@ class Gateway:
         tool_pins: ToolPins | None = None,
     ) -> None:
         self.config = config
-        # The tools' accepted definitions of upstreams with ``pin_tools`` (shared by replicas);
+        # The accepted definitions of the tools and prompts of upstreams with ``pin_tools`` or
+        # ``pin_prompts`` (shared by replicas).
         self.tool_pins = tool_pins
-        pinned = [u.name for u in config.upstreams if u.pin_tools != "off"]
+        pinned = [
+            u.name for u in config.upstreams if u.pin_tools != "off" or u.pin_prompts != "off"
+        ]
         if pinned and tool_pins is None:
-            raise ValueError(f"upstreams {pinned} have pin_tools but the gateway has no ToolPins")
+            raise ValueError(
+                f"upstreams {pinned} have pin_tools or pin_prompts but the gateway has no ToolPins"
+            )
         # [[gateway.trusted_issuers]]: identity providers whose access tokens are accepted too.
         self.trusted = trusted
         # DPoP (RFC 9449): checks the proof a DPoP-bound token comes with; None refuses them.
@@ -360,7 +322,10 @@ class Gateway:
         self.upstreams: dict[str, UpstreamState] = {}
         for upstream_config in config.upstreams:
             state = UpstreamState(
-                open_upstream(upstream_config), pins=tool_pins, pin_mode=upstream_config.pin_tools
+                open_upstream(upstream_config),
+                pins=tool_pins,
+                pin_tools=upstream_config.pin_tools,
+                pin_prompts=upstream_config.pin_prompts,
             )
             state.upstream.on_notification = self._notification_handler(state)
             if upstream_config.session != "shared":
@@ -448,12 +413,14 @@ class Gateway:
             self.enforcer.authorizer(), caller.principals, "connect", server, context, caller.scopes
         )
 
-    def tool_accepted(self, server: str, tool: str, digest: str | None) -> None:
-        """An operator accepted ``tool``'s definition through this process: in force here at
-        once (other replicas ask the database when a call or a list finds it not as pinned)."""
+    def pin_accepted(self, server: str, kind: str, name: str, digest: str | None) -> None:
+        """An operator accepted the definition of the tool (prompt) ``name`` through this
+        process: in force here at once (other replicas ask the database when a call or a list
+        finds it not as pinned)."""
         state = self.upstreams.get(server)
-        if state is not None and state.pin_store is not None:
-            state.pins[tool] = digest
+        pinning = state.pinning(kind) if state is not None else None
+        if pinning is not None:
+            pinning.accepted[name] = digest
 
     # -- upstream notifications ------------------------------------------------------------------
 
@@ -563,6 +530,8 @@ class Gateway:
             elif method in LIST_CHANGED:
                 if method == "notifications/tools/list_changed":
                     state.forget_tools(connection)
+                elif method == "notifications/prompts/list_changed":
+                    state.forget_prompts(connection)
                 # Only the method travels on: the upstream's params are about its own streams.
                 for listener in listeners():
                     if method in listener.methods and await self.may_hear(listener, method):

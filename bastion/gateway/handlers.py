@@ -41,7 +41,7 @@ from bastion.gateway.jsonrpc import (
     notification,
 )
 from bastion.gateway.masks import WHOLE, Paths, compile_paths, mask_notification, mask_result
-from bastion.gateway.tool_pins import ToolChange
+from bastion.gateway.tool_pins import PROMPT, TOOL, PinChange
 from bastion.gateway.upstream import LOG_LEVEL, LOG_MESSAGE, UpstreamError
 from bastion.gateway.uris import plain_name, resource_uri, spelling_refused, tool_or_prompt_name
 from bastion.signals.behavior import scope_keys
@@ -443,6 +443,10 @@ LISTS = {
 }
 
 
+# The lists whose items are pinned (``pin_tools``, ``pin_prompts``), and what each item is.
+_PINNED = {"tools": TOOL, "prompts": PROMPT}
+
+
 async def list_items(ex: Exchange) -> dict[str, Any]:
     await ex.gateway.admit(ex)
     key, kind, field_name = LISTS[ex.message.method]
@@ -460,14 +464,15 @@ async def list_items(ex: Exchange) -> dict[str, Any]:
         and (key != "resources" or spelling_refused(i[field_name]) is None)
         and (key not in ("tools", "prompts") or plain_name(i[field_name]))
     ]
-    if key == "tools":
+    if (pinned := _PINNED.get(key)) is not None:
         whole = not ex.message.params.get("cursor") and not result.get("nextCursor")
-        await ex.upstream.learn_tools(items, ex.connection, complete=whole)
-        # Under pin_tools, a tool not as accepted is not offered (docs/gateway.md, Tool pins).
-        items = [i for i in items if ex.upstream.listed_as_pinned(i["name"], ex.connection)]
-        if ex.gateway.enforcer.read_only(ex.caller, ex.context()):
-            # Downgraded: a tool it may not call is not offered (fail closed; see signals docs).
-            items = [i for i in items if is_read_only_tool(i.get("annotations"))]
+        await ex.upstream.learn(pinned, items, ex.connection, complete=whole)
+        # Under pins, one not as accepted is not offered (docs/gateway.md, Tool pins).
+        connection = ex.connection
+        items = [i for i in items if ex.upstream.listed_as_pinned(pinned, i["name"], connection)]
+    if key == "tools" and ex.gateway.enforcer.read_only(ex.caller, ex.context()):
+        # Downgraded: a tool it may not call is not offered (fail closed; see signals docs).
+        items = [i for i in items if is_read_only_tool(i.get("annotations"))]
     entities = [Entity(kind, f"{ex.server}/{i[field_name]}") for i in items]
     shown = ex.gateway.enforcer.visible(ex.caller, entities, ex.context())
     result[key] = [item for item, ok in zip(items, shown, strict=True) if ok]
@@ -484,7 +489,7 @@ async def _decide_and_forward(
     extra: dict[str, Any],
     arguments: Any,
     annotations_now: Callable[[], Awaitable[dict[str, Any]]] | None = None,
-    unpinned: ToolChange | None = None,
+    unpinned: PinChange | None = None,
 ) -> dict[str, Any]:
     enforcer = ex.gateway.enforcer
     await ex.gateway.admit(ex)
@@ -659,8 +664,10 @@ async def call_tool(ex: Exchange) -> dict[str, Any]:
     annotations = await ex.upstream.annotations(name, ex.connection)
     # Under pin_tools: a tool listed otherwise than accepted is refused (two dict lookups; the
     # database is asked again only then, in case an operator accepted it meanwhile).
-    if (unpinned := ex.upstream.unpinned(name, ex.connection)) is not None:
-        unpinned = await ex.upstream.unpinned_now(name, unpinned, ex.connection)
+    unpinned = None
+    pins = ex.upstream.tool_pins
+    if pins is not None and (unpinned := pins.change(name, ex.connection)) is not None:
+        unpinned = await pins.now(name, unpinned, ex.connection)
     return await _decide_and_forward(
         ex,
         "call",
@@ -690,7 +697,17 @@ async def get_prompt(ex: Exchange) -> dict[str, Any]:
         Entity("Prompt", f"{ex.server}/{name}"),
         {"prompt": name, "arguments": arguments},
         arguments,
+        unpinned=await _prompt_unpinned(ex, name),
     )
+
+
+async def _prompt_unpinned(ex: Exchange, name: str) -> PinChange | None:
+    """Under pin_prompts: why the prompt ``name`` is not as accepted, or None (as for a tool's
+    call: two dict lookups, and the database asked again only when it is not)."""
+    pins = ex.upstream.prompt_pins
+    if pins is None or (unpinned := pins.change(name, ex.connection)) is None:
+        return None
+    return await pins.now(name, unpinned, ex.connection)
 
 
 # A session may subscribe to this many resources at most.
@@ -815,10 +832,13 @@ async def complete(ex: Exchange) -> dict[str, Any]:
         "argument": argument["name"],
         "arguments": _arguments(context or {}, "params.context"),
     }
+    unpinned = None
     if ref["type"] == "ref/prompt":
         name = _name(ex, ref, "name", "params.ref")
         action, resource = "get", Entity("Prompt", f"{ex.server}/{name}")
         extra["prompt"] = name
+        # Completing an argument of a prompt not as accepted is refused as getting it is.
+        unpinned = await _prompt_unpinned(ex, name)
     else:
         uri = _uri(ex, ref.get("uri"), "params.ref.uri", template=True)
         action, resource = "read", Entity("McpResource", f"{ex.server}/{uri}")
@@ -827,7 +847,7 @@ async def complete(ex: Exchange) -> dict[str, Any]:
     # to complete: the argument and the context of the prompt's other arguments, which the
     # policy sees too. The argument alone let an approval of one context complete another.
     bound = {"argument": argument, "context": context}
-    return await _decide_and_forward(ex, action, resource, extra, bound)
+    return await _decide_and_forward(ex, action, resource, extra, bound, unpinned=unpinned)
 
 
 async def pass_through(ex: Exchange) -> dict[str, Any]:

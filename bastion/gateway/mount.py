@@ -83,10 +83,10 @@ def gateway_from_config(
         Database(config.database, role="bastion-records"), config.decision_records_buffer
     )
     tokens = VerifiedTokens(oauth.verifier, config.database)
-    # Only where an upstream pins its tools: a connection of its own, used off the event loop.
+    # Only where an upstream pins its tools or prompts: a connection of its own, used off the event loop.
     pins = (
         ToolPins(Database(config.database, role="bastion-tool-pins"))
-        if any(u.pin_tools != "off" for u in gateway_config.upstreams)
+        if any(u.pin_tools != "off" or u.pin_prompts != "off" for u in gateway_config.upstreams)
         else None
     )
     gateway = Gateway(

@@ -1,8 +1,8 @@
-"""CLI: ``bastion tools list|show|accept``: the tool definitions of upstreams with ``pin_tools``
-(docs/gateway.md, "Tool pins"), what waits for review and how it differs from what was
-accepted, and accepting it. Works on the deployment's database (``--database``, or the one in
-bastion.toml); the gateway's replicas take an acceptance at the next call or list that finds
-the tool not as pinned."""
+"""CLI: ``bastion tools list|show|accept`` and ``bastion prompts list|show|accept``: the tool
+(prompt) definitions of upstreams with ``pin_tools`` (``pin_prompts``) (docs/gateway.md, "Tool
+pins"), what waits for review and how it differs from what was accepted, and accepting it.
+Works on the deployment's database (``--database``, or the one in bastion.toml); the gateway's
+replicas take an acceptance at the next call or list that finds it not as pinned."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import sys
 from datetime import UTC, datetime
 
 from bastion.audit.actor import cli_actor
-from bastion.gateway.tool_pins import PinError, ToolPin, ToolPins
+from bastion.gateway.tool_pins import PROMPT, TOOL, PinError, ToolPin, ToolPins
 
 
 def _open(args: argparse.Namespace) -> ToolPins:
@@ -35,7 +35,7 @@ def _state(pin: ToolPin) -> str:
 
 
 def _print_pending(pin: ToolPin) -> None:
-    print(f"{pin.server}/{pin.tool}: {_state(pin)}")
+    print(f"{pin.server}/{pin.name}: {_state(pin)}")
     print(f"  accepted: {pin.digest or '-'} ({pin.accepted_by or '-'}, {_when(pin.accepted_at)})")
     if pin.pending_digest is not None:
         print(f"  waiting:  {pin.pending_digest} (since {_when(pin.pending_since)})")
@@ -46,25 +46,28 @@ def _print_pending(pin: ToolPin) -> None:
 def cmd_list(args: argparse.Namespace) -> int:
     pins = _open(args)
     try:
-        found = pins.listed(args.server, args.pending)
+        found = pins.listed(args.server, args.pending, args.kind)
     finally:
         pins.db.close()
     for pin in found:
         if args.json:
             print(json.dumps(pin.to_json()))
         else:
-            print(f"{pin.server}\t{pin.tool}\t{_state(pin)}\t{pin.pending_digest or pin.digest}")
+            print(f"{pin.server}\t{pin.name}\t{_state(pin)}\t{pin.pending_digest or pin.digest}")
     return 0
 
 
 def cmd_show(args: argparse.Namespace) -> int:
     pins = _open(args)
     try:
-        pin = pins.get(args.server, args.tool)
+        pin = pins.get(args.server, args.kind, args.name)
     finally:
         pins.db.close()
     if pin is None:
-        print(f"bastion tools: no tool {args.tool!r} of {args.server!r} is known", file=sys.stderr)
+        print(
+            f"bastion {args.kind}s: no {args.kind} {args.name!r} of {args.server!r} is known",
+            file=sys.stderr,
+        )
         return 2
     if args.json:
         print(json.dumps(pin.to_json(), indent=2))
@@ -72,7 +75,7 @@ def cmd_show(args: argparse.Namespace) -> int:
     _print_pending(pin)
     if pin.pending_digest is not None:
         print(
-            f"accept with: bastion tools accept {args.server} {args.tool}"
+            f"accept with: bastion {args.kind}s accept {args.server} {args.name}"
             f" --digest {pin.pending_digest}"
         )
     return 0
@@ -81,16 +84,16 @@ def cmd_show(args: argparse.Namespace) -> int:
 def cmd_accept(args: argparse.Namespace) -> int:
     pins = _open(args)
     try:
-        before = pins.get(args.server, args.tool)
+        before = pins.get(args.server, args.kind, args.name)
         if before is not None and before.pending_digest == args.digest:
             _print_pending(before)  # what is accepted, once more
-        pin = pins.accept(args.server, args.tool, args.digest, cli_actor())
+        pin = pins.accept(args.server, args.kind, args.name, args.digest, cli_actor())
     except PinError as e:
-        print(f"bastion tools: {e}", file=sys.stderr)
+        print(f"bastion {args.kind}s: {e}", file=sys.stderr)
         return 2
     finally:
         pins.db.close()
-    print(f"accepted {pin.server}/{pin.tool} as {pin.digest}")
+    print(f"accepted {pin.server}/{pin.name} as {pin.digest}")
     return 0
 
 
@@ -102,26 +105,34 @@ def _common(parser: argparse.ArgumentParser) -> None:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    parser = sub.add_parser("tools", help="tool definitions of upstreams with pin_tools")
-    commands = parser.add_subparsers(dest="tools_command", required=True)
+    for kind in (TOOL, PROMPT):
+        _register(sub, kind)
 
-    p = commands.add_parser("list", help="the pinned and held tools")
+
+def _register(sub: argparse._SubParsersAction, kind: str) -> None:
+    parser = sub.add_parser(f"{kind}s", help=f"{kind} definitions of upstreams with pin_{kind}s")
+    parser.set_defaults(kind=kind)
+    commands = parser.add_subparsers(dest=f"{kind}s_command", required=True)
+
+    p = commands.add_parser("list", help=f"the pinned and held {kind}s")
     p.add_argument("--server", help="only this upstream's")
     p.add_argument("--pending", action="store_true", help="only those waiting for review")
-    p.add_argument("--json", action="store_true", help="one JSON tool per line")
+    p.add_argument("--json", action="store_true", help=f"one JSON {kind} per line")
     _common(p)
     p.set_defaults(func=cmd_list)
 
-    p = commands.add_parser("show", help="a tool's accepted definition and what waits, as a diff")
+    p = commands.add_parser(
+        "show", help=f"a {kind}'s accepted definition and what waits, as a diff"
+    )
     p.add_argument("server")
-    p.add_argument("tool")
+    p.add_argument("name", metavar=kind)
     p.add_argument("--json", action="store_true", help="the definitions in full, as JSON")
     _common(p)
     p.set_defaults(func=cmd_show)
 
     p = commands.add_parser("accept", help="accept the definition waiting for review")
     p.add_argument("server")
-    p.add_argument("tool")
+    p.add_argument("name", metavar=kind)
     p.add_argument(
         "--digest", required=True, help="the waiting definition's digest, as `show` prints it"
     )

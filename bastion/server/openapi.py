@@ -407,9 +407,11 @@ SCHEMAS: dict[str, Any] = {
         refreshed_at=_NUM,
     ),
     "ToolPin": _response(
-        ["server", "tool", "digest", "definition", "accepted_at", "accepted_by", "pending"],
+        ["server", "kind", "digest", "definition", "accepted_at", "accepted_by", "pending"],
         server=_STR,
-        tool=_STR,
+        kind={"enum": ["tool", "prompt"]},
+        tool={**_STR, "description": "the tool's name (kind tool)"},
+        prompt={**_STR, "description": "the prompt's name (kind prompt)"},
         digest=_nullable(_STR),
         definition=_nullable({"type": "object"}),
         accepted_at=_nullable(_NUM),
@@ -1171,42 +1173,52 @@ PATHS: dict[str, Any] = {
             problems=(400, 404),
         )
     },
-    "/v1/tools": {
-        "get": _op(
-            "The tools of upstreams with pin_tools: each one's accepted definition, and the one"
-            " waiting for review with a short diff",
-            tools_api.SCOPE,
-            _response(["tools"], tools={"type": "array", "items": _ref("ToolPin")}),
-            params=[
-                _query(
-                    "server",
-                    {**_STR, "minLength": 1, "maxLength": tools_api.MAX_NAME},
-                    "only this upstream's",
-                ),
-                _query("pending", {"enum": ["true", "false"]}, "only those waiting for review"),
-            ],
-            problems=(404,),
-        )
-    },
-    "/v1/tools/{server}/{tool}/accept": {
-        "post": _op(
-            "Accept the definition of a tool waiting for review, named by its digest (409: the"
-            " upstream changed it again since, or nothing waits)",
-            tools_api.SCOPE,
-            _response(["accepted"], accepted=_ref("ToolPin")),
-            body=_request(["digest"], digest={**_STR, "pattern": tools_api.DIGEST_PATTERN}),
-            params=[
-                {
-                    **_path("server", "the upstream's name"),
-                    "schema": {**_STR, "minLength": 1, "maxLength": tools_api.MAX_NAME},
-                },
-                {
-                    **_path("tool", "the tool's name"),
-                    "schema": {**_STR, "minLength": 1, "maxLength": tools_api.MAX_NAME},
-                },
-            ],
-            problems=(404, 409),
-        )
+    **{
+        path: ops
+        for kind in ("tool", "prompt")
+        for path, ops in {
+            f"/v1/{kind}s": {
+                "get": _op(
+                    f"The {kind}s of upstreams with pin_{kind}s: each one's accepted definition,"
+                    " and the one waiting for review with a short diff",
+                    tools_api.SCOPE,
+                    _response(
+                        [f"{kind}s"], **{f"{kind}s": {"type": "array", "items": _ref("ToolPin")}}
+                    ),
+                    params=[
+                        _query(
+                            "server",
+                            {**_STR, "minLength": 1, "maxLength": tools_api.MAX_NAME},
+                            "only this upstream's",
+                        ),
+                        _query(
+                            "pending", {"enum": ["true", "false"]}, "only those waiting for review"
+                        ),
+                    ],
+                    problems=(404,),
+                )
+            },
+            f"/v1/{kind}s/{{server}}/{{name}}/accept": {
+                "post": _op(
+                    f"Accept the definition of a {kind} waiting for review, named by its digest"
+                    " (409: the upstream changed it again since, or nothing waits)",
+                    tools_api.SCOPE,
+                    _response(["accepted"], accepted=_ref("ToolPin")),
+                    body=_request(["digest"], digest={**_STR, "pattern": tools_api.DIGEST_PATTERN}),
+                    params=[
+                        {
+                            **_path("server", "the upstream's name"),
+                            "schema": {**_STR, "minLength": 1, "maxLength": tools_api.MAX_NAME},
+                        },
+                        {
+                            **_path("name", f"the {kind}'s name"),
+                            "schema": {**_STR, "minLength": 1, "maxLength": tools_api.MAX_NAME},
+                        },
+                    ],
+                    problems=(404, 409),
+                )
+            },
+        }.items()
     },
     "/v1/suspensions": {
         "get": _op(

@@ -1,6 +1,6 @@
-"""Tool pins (scope ``tools``): the definitions of the tools of upstreams with ``pin_tools``,
-what waits for review with a short diff, and accepting a definition (docs/gateway.md, "Tool
-pins"; `bastion.gateway.tool_pins`)."""
+"""Tool pins (scope ``tools``): the definitions of the tools (prompts) of upstreams with
+``pin_tools`` (``pin_prompts``), what waits for review with a short diff, and accepting a
+definition (docs/gateway.md, "Tool pins"; `bastion.gateway.tool_pins`)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from bastion.gateway.tool_pins import PinError, ToolPins
+from bastion.gateway.tool_pins import PROMPT, TOOL, PinError, ToolPins
 from bastion.server.auth import require
 from bastion.server.problems import Problem, bad_request, read_json
 from bastion.server.problems import field as get_field
@@ -22,7 +22,9 @@ DIGEST_PATTERN = "^sha256:[0-9a-f]{64}$"
 def _pins(request: Request) -> ToolPins:
     gateway = request.app.state.gateway
     if gateway is None or gateway.tool_pins is None:
-        raise Problem(404, "No tool pins", "no upstream is configured with pin_tools")
+        raise Problem(
+            404, "No tool pins", "no upstream is configured with pin_tools or pin_prompts"
+        )
     return gateway.tool_pins
 
 
@@ -32,40 +34,52 @@ def _name(value: str | None, what: str) -> str | None:
     return value
 
 
-async def list_all(request: Request) -> JSONResponse:
-    """Every pinned or held tool (of one ``server``; only those waiting with ``pending=true``),
-    each with its accepted definition and what waits for review, with a short diff."""
-    await require(request, SCOPE)
-    server = _name(request.query_params.get("server"), "server")
-    pending = request.query_params.get("pending", "false")
-    if pending not in ("true", "false"):
-        raise bad_request("pending must be true or false")
-    pins = _pins(request)
-    found = await anyio.to_thread.run_sync(lambda: pins.listed(server, pending == "true"))
-    return JSONResponse({"tools": [p.to_json() for p in found]})
+def _list(kind: str):
+    async def list_all(request: Request) -> JSONResponse:
+        """Every pinned or held tool (prompt) (of one ``server``; only those waiting with
+        ``pending=true``), each with its accepted definition and what waits for review, with a
+        short diff."""
+        await require(request, SCOPE)
+        server = _name(request.query_params.get("server"), "server")
+        pending = request.query_params.get("pending", "false")
+        if pending not in ("true", "false"):
+            raise bad_request("pending must be true or false")
+        pins = _pins(request)
+        found = await anyio.to_thread.run_sync(lambda: pins.listed(server, pending == "true", kind))
+        return JSONResponse({f"{kind}s": [p.to_json() for p in found]})
+
+    return list_all
 
 
-async def accept(request: Request) -> JSONResponse:
-    """Accept the definition of a tool that waits for review, named by its ``digest`` (the one
-    the reviewer saw: one the upstream changed again since is refused, 409)."""
-    key = await require(request, SCOPE)
-    server = _name(request.path_params["server"], "server")
-    tool = _name(request.path_params["tool"], "tool")
-    body = await read_json(request)
-    digest = get_field(body, "digest", str)
-    pins = _pins(request)
-    try:
-        pin = await anyio.to_thread.run_sync(
-            lambda: pins.accept(server, tool, digest, f"key:{key.id}")
-        )
-    except PinError as e:
-        found = await anyio.to_thread.run_sync(lambda: pins.get(server, tool))
-        raise Problem(404 if found is None else 409, "Not accepted", str(e)) from None
-    request.app.state.gateway.tool_accepted(server, tool, pin.digest)
-    return JSONResponse({"accepted": pin.to_json()})
+def _accept(kind: str):
+    async def accept(request: Request) -> JSONResponse:
+        """Accept the definition of a tool (prompt) that waits for review, named by its
+        ``digest`` (the one the reviewer saw: one the upstream changed again since is refused,
+        409)."""
+        key = await require(request, SCOPE)
+        server = _name(request.path_params["server"], "server")
+        name = _name(request.path_params["name"], kind)
+        body = await read_json(request)
+        digest = get_field(body, "digest", str)
+        pins = _pins(request)
+        try:
+            pin = await anyio.to_thread.run_sync(
+                lambda: pins.accept(server, kind, name, digest, f"key:{key.id}")
+            )
+        except PinError as e:
+            found = await anyio.to_thread.run_sync(lambda: pins.get(server, kind, name))
+            raise Problem(404 if found is None else 409, "Not accepted", str(e)) from None
+        request.app.state.gateway.pin_accepted(server, kind, name, pin.digest)
+        return JSONResponse({"accepted": pin.to_json()})
+
+    return accept
 
 
 routes = [
-    Route("/v1/tools", list_all, methods=["GET"]),
-    Route("/v1/tools/{server}/{tool:path}/accept", accept, methods=["POST"]),
+    route
+    for kind in (TOOL, PROMPT)
+    for route in (
+        Route(f"/v1/{kind}s", _list(kind), methods=["GET"]),
+        Route(f"/v1/{kind}s/{{server}}/{{name:path}}/accept", _accept(kind), methods=["POST"]),
+    )
 ]
