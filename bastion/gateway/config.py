@@ -98,6 +98,9 @@ class UpstreamConfig:
     # Prompt pins, as ``pin_tools`` for prompts (their name, title, description and arguments);
     # as ``pin_tools`` unless set.
     pin_prompts: str = "off"
+    # Under pins, a call naming a tool (prompt) the last list of its upstream session lacked
+    # reads the list again, at most once per this many seconds per upstream session.
+    pin_relist_seconds: float = 5.0
 
     @property
     def transport(self) -> str:
@@ -289,6 +292,7 @@ def _upstream(index: int, value: Any, env: Mapping[str, str]) -> UpstreamConfig:
             "session_idle_seconds",
             "pin_tools",
             "pin_prompts",
+            "pin_relist_seconds",
         },
         where,
     )
@@ -374,6 +378,7 @@ def _upstream(index: int, value: Any, env: Mapping[str, str]) -> UpstreamConfig:
         session_idle_seconds=_seconds(value, "session_idle_seconds", 900, where),
         pin_tools=pin_tools,
         pin_prompts=pin_prompts,
+        pin_relist_seconds=_seconds(value, "pin_relist_seconds", 5, where),
     )
 
 

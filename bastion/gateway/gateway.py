@@ -96,6 +96,7 @@ class UpstreamState:
         pins: ToolPins | None = None,
         pin_tools: str = "off",
         pin_prompts: str = "off",
+        relist_seconds: float = 5.0,
     ) -> None:
         self.upstream = upstream
         self.name = upstream.name
@@ -106,12 +107,12 @@ class UpstreamState:
         self._hints: weakref.WeakKeyDictionary[Upstream, ToolHints] = weakref.WeakKeyDictionary()
         # Tool and prompt pins: None where off.
         self.tool_pins = (
-            Pinning(self.name, TOOL, pins, pin_tools, self._read_tools)
+            Pinning(self.name, TOOL, pins, pin_tools, self._read_tools, relist_seconds)
             if pins is not None and pin_tools != "off"
             else None
         )
         self.prompt_pins = (
-            Pinning(self.name, PROMPT, pins, pin_prompts, self._read_prompts)
+            Pinning(self.name, PROMPT, pins, pin_prompts, self._read_prompts, relist_seconds)
             if pins is not None and pin_prompts != "off"
             else None
         )
@@ -326,6 +327,7 @@ class Gateway:
                 pins=tool_pins,
                 pin_tools=upstream_config.pin_tools,
                 pin_prompts=upstream_config.pin_prompts,
+                relist_seconds=upstream_config.pin_relist_seconds,
             )
             state.upstream.on_notification = self._notification_handler(state)
             if upstream_config.session != "shared":

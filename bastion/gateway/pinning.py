@@ -5,6 +5,7 @@ dict lookups and the database is asked, off the event loop, only about what is n
 from __future__ import annotations
 
 import logging
+import time
 import weakref
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
@@ -39,7 +40,9 @@ class Pinning:
     read, and the digests each upstream session listed last (an upstream may describe them
     differently to each user, and what one user's session listed never decides another's
     calls). ``read_list`` reads an upstream session's whole list again and hands it back here
-    (`take`)."""
+    (`take`); a call naming what the last list lacked has it read again, but not for
+    ``relist_seconds`` (``pin_relist_seconds``) after such a reading found nothing more, per
+    upstream session, on ``clock``."""
 
     def __init__(
         self,
@@ -48,17 +51,24 @@ class Pinning:
         store: ToolPins,
         mode: str,
         read_list: Callable[[Upstream], Awaitable[Any]],
+        relist_seconds: float = 5.0,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.server = server
         self.kind = kind
         self.store = store
         self.mode = mode
         self.read_list = read_list
+        self.relist_seconds = relist_seconds
+        self.clock = clock
         self.accepted: dict[str, str | None] = {}
         self._accepted_read = False
         self.listed: weakref.WeakKeyDictionary[Upstream, dict[str, str]] = (
             weakref.WeakKeyDictionary()
         )
+        # When a call last had an upstream session's list read again and the name it called
+        # was not in it: no more readings for that session for ``relist_seconds``.
+        self._missed_at: weakref.WeakKeyDictionary[Upstream, float] = weakref.WeakKeyDictionary()
 
     def change(self, name: str, connection: Upstream) -> PinChange | None:
         """On a call: None when ``name`` is listed on ``connection`` as accepted (two dict
@@ -115,13 +125,20 @@ class Pinning:
     async def now(self, name: str, change: PinChange, connection: Upstream) -> PinChange | None:
         """A call `change` refuses, looked at once more: one this upstream session's last list
         did not have is looked for in its list read now, since it may appear unannounced (a
-        list upstream in place of the call a client would have had forwarded without pins);
-        then the database is asked (off the event loop), since an operator may have accepted
-        the definition since, on another replica or the CLI."""
+        list upstream in place of the call a client would have had forwarded without pins),
+        unless such a reading found nothing less than ``relist_seconds`` ago (so a caller
+        naming what is not there cannot make each call cost a whole list upstream); then the
+        database is asked (off the event loop), since an operator may have accepted the
+        definition since, on another replica or the CLI."""
         if change.listed is None:
+            now, missed_at = self.clock(), self._missed_at.get(connection)
+            if missed_at is not None and now - missed_at < self.relist_seconds:
+                return change
+            self._missed_at[connection] = now  # calls meanwhile wait, whatever it finds
             await self.read_list(connection)
             if (change := self.change(name, connection)) is None or change.listed is None:
                 return change
+            self._missed_at.pop(connection, None)  # found: not a reading for nothing
         try:
             pinned = await anyio.to_thread.run_sync(self.store.pinned, self.server, self.kind, name)
         except DatabaseUnavailable:
@@ -131,5 +148,7 @@ class Pinning:
         return pin_change(self.kind, pinned, change.listed)
 
     def forget(self, connection: Upstream) -> None:
-        """``connection``'s list changed (the upstream said so): what it listed is not known."""
+        """``connection``'s list changed (the upstream said so): what it listed is not known,
+        and the next call naming what it lacked reads it again at once."""
         self.listed.pop(connection, None)
+        self._missed_at.pop(connection, None)

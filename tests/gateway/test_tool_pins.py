@@ -19,6 +19,7 @@ from mcp.types import ToolAnnotations
 from bastion.audit.log import AuditLog
 from bastion.cli import main as cli
 from bastion.facts.model import Entity
+from tests.clock import ManualClock
 from tests.gateway.streams import messages, modern_headers, modern_request
 from tests.gateway.support import Recorder
 from tests.oauth.support import free_socket, serve
@@ -87,6 +88,8 @@ def reviewed_tools() -> None:
     define("archive", archive, "Archive a folder (moves it away).", read_only=False)
     with contextlib.suppress(ToolError):
         RUGGED.remove_tool("purge")
+    with contextlib.suppress(ValueError):
+        RUGGED.remove_prompt("shadow")
     define_prompt("weekly", weekly, "Draft the weekly report of a team.")
     define_prompt("standup", weekly, "Draft the standup notes of a team.")
 
@@ -129,6 +132,7 @@ def bastion(tmp_path_factory):
         )
         key, _ = bastion.app.state.keys.create("reviewer", ["tools"], created_by="test")
         bastion.api_key = key
+        bastion.recorder_of_rugged = recorder
         # The operator's review: the first list bastion reads of rugged is pinned.
         listed = bastion.sdk("sam", "rugged", "legacy", list_tools)["tools"]
         assert sorted(listed) == ["archive", "send_report"]
@@ -436,6 +440,51 @@ def test_a_prompt_that_appears_later_is_held_and_not_completed(bastion):
             RUGGED.remove_prompt("shadow")
 
 
+def lists_read(bastion, method: str) -> int:
+    """How many times bastion asked rugged for ``method`` (``tools/list``, ``prompts/list``)."""
+    return sum(1 for m in bastion.recorder_of_rugged.messages() if m.get("method") == method)
+
+
+@pytest.mark.parametrize(
+    ("method", "params", "listing"),
+    [
+        ("tools/call", {"name": "nothing", "arguments": {}}, "tools/list"),
+        ("prompts/get", {"name": "nothing", "arguments": {}}, "prompts/list"),
+    ],
+)
+def test_calls_naming_what_no_list_has_read_the_list_again_at_most_once_per_period(
+    bastion, method, params, listing
+):
+    """A call to a tool (prompt) the upstream session's last list lacked reads the list again,
+    since one may appear unannounced; a caller naming what is not there cannot make every call
+    cost a whole list upstream: once a reading found nothing, none for ``pin_relist_seconds``
+    on that upstream session."""
+    state = bastion.app.state.gateway.upstreams["rugged"]
+    pinning = state.pinning(method.partition("/")[0].removesuffix("s"))
+    assert pinning.relist_seconds == 5  # the default
+    saved = pinning.clock
+    clock = ManualClock(saved() + 3600)  # every list read so far is an hour old
+    pinning.clock = clock
+    try:
+        token = bastion.token("sam", "rugged")
+        before = lists_read(bastion, listing)
+        raw(bastion, bastion.url, token, method, params, "nothing")
+        after_one = lists_read(bastion, listing)
+        assert after_one > before  # looked for: it might have appeared unannounced
+        for _ in range(5):
+            refused = raw(bastion, bastion.url, token, method, params, "nothing")
+            assert refused["error"]["data"]["reason"].endswith("_not_listed")
+        assert lists_read(bastion, listing) == after_one
+        clock.now += 4.9
+        raw(bastion, bastion.url, token, method, params, "nothing")
+        assert lists_read(bastion, listing) == after_one
+        clock.now += 0.1
+        raw(bastion, bastion.url, token, method, params, "nothing")
+        assert lists_read(bastion, listing) == after_one + 1
+    finally:
+        pinning.clock = saved
+
+
 def test_pin_tools_takes_only_its_modes():
     from bastion.gateway.config import GatewayConfig
     from bastion.server.config import ConfigError
@@ -464,6 +513,11 @@ def test_pin_prompts_is_as_pin_tools_unless_set():
     assert read(pin_prompts="first_use").pin_tools == "off"
     with pytest.raises(ConfigError, match="pin_prompts must be one of"):
         read(pin_prompts="on")
+    assert read().pin_relist_seconds == 5
+    assert read(pin_relist_seconds=0.5).pin_relist_seconds == 0.5
+    for wrong in (0, -1, "5", True):
+        with pytest.raises(ConfigError, match="pin_relist_seconds must be a positive number"):
+            read(pin_relist_seconds=wrong)
 
 
 def test_tools_pinned_before_prompts_were_stay_pinned(database_url):
