@@ -47,6 +47,7 @@ from bastion.gateway.transport import InFlight, StreamableHttpEndpoint, send_jso
 from bastion.gateway.upstream import Hear, HttpUpstream, Upstream, open_upstream
 from bastion.gateway.upstream_credentials import UserTokenUpstream
 from bastion.gateway.upstream_sessions import SessionOwner, UpstreamSession, UpstreamSessions
+from bastion.gateway.uris import upstream_uri
 from bastion.identity.trusted_issuers import IssuerUnavailable, TrustedIssuers
 from bastion.oauth.dpop import DPoPProofs
 from bastion.oauth.errors import InvalidToken
@@ -539,7 +540,11 @@ class Gateway:
                     if method in listener.methods and await self.may_hear(listener, method):
                         listener.notify(method)
             elif method == RESOURCE_UPDATED and isinstance(params.get("uri"), str):
-                uri = params["uri"]
+                # Compared and decided in the one spelling clients' URIs are taken in.
+                uri = upstream_uri(params["uri"])
+                if uri is None:
+                    log.debug("%s: an update of a URI no client can name is dropped", state.name)
+                    return
                 for listener in listeners():
                     if uri in listener.uris and await self.may_hear(listener, method, uri):
                         listener.notify(method, {"uri": uri})

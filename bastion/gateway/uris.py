@@ -102,6 +102,39 @@ def spelling_refused(uri: str, template: bool = False) -> str | None:
     return None
 
 
+def upstream_uri(uri: str) -> str | None:
+    """A resource URI an upstream sent (``notifications/resources/updated``) in the one spelling
+    bastion takes from clients, so that it is compared with their subscriptions and decided by
+    the policy as they write it, and neither matches nor misses one by its spelling: as sent if
+    it is in that spelling; else the same URI as RFC 3986 (section 6.2.2) and RFC 3987 (section
+    3.1) read it (the scheme in lower case, a fragment dropped, non-ASCII text percent-encoded
+    in UTF-8, percent-encodings in upper-case hex, those of letters, digits and ``-._~``
+    decoded) if that is in it; else None: no client could have named it, and it is dropped."""
+    if spelling_refused(uri) is None:
+        return uri
+    uri = uri.partition("#")[0]
+    if (scheme := _SCHEME.match(uri)) is not None:
+        uri = scheme.group().lower() + uri[scheme.end() :]
+    try:
+        uri = "".join(c if c.isascii() else _encoded(c) for c in uri)
+    except UnicodeEncodeError:  # a lone surrogate: no URI spells it
+        return None
+    uri = _ANY_ESCAPE.sub(_normal_escape, uri)
+    return uri if spelling_refused(uri) is None else None
+
+
+_ANY_ESCAPE = re.compile(r"%([0-9A-Fa-f]{2})")
+
+
+def _encoded(char: str) -> str:
+    return "".join(f"%{byte:02X}" for byte in char.encode())
+
+
+def _normal_escape(found: re.Match[str]) -> str:
+    char = chr(int(found.group(1), 16))
+    return char if char in _UNRESERVED else f"%{found.group(1).upper()}"
+
+
 def _percent_refused(text: str, literal: frozenset[str]) -> str | None:
     for found in _PERCENT.finditer(text):
         digits = found.group(1)

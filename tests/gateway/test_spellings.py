@@ -293,3 +293,32 @@ def test_a_uri_bastion_takes_is_one_the_sdks_url_type_leaves_as_it_is(
     except ValidationError:
         return
     assert read_as == uri
+
+
+def test_an_upstreams_uri_is_taken_in_the_one_spelling_or_not_at_all():
+    """What an upstream names a resource by is read as RFC 3986 and 3987 read it, into the one
+    spelling clients' URIs are taken in; what has no such spelling is None (dropped)."""
+    from bastion.gateway.uris import spelling_refused, upstream_uri
+
+    same = {
+        "lab://open": "lab://open",
+        "LAB://%6Fpen": "lab://open",
+        "lab://%6fpen": "lab://open",
+        "lab://open#line-3": "lab://open",
+        "notes://émile": "notes://%C3%A9mile",
+        "notes://%c3%a9mile": "notes://%C3%A9mile",
+    }
+    for sent, taken in same.items():
+        assert upstream_uri(sent) == taken, sent
+        assert spelling_refused(taken) is None
+    for none in (
+        "lab://op en",
+        "lab://open%00",
+        "lab://\ud800",
+        "https://EXAMPLE.com/x",
+        "https://example.com:443/x",
+        "lab://a/../b",
+        "lab://open?",
+        "files:///a%2fb",
+    ):
+        assert upstream_uri(none) is None, none

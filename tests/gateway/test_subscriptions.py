@@ -323,3 +323,22 @@ def test_the_bound_on_a_users_subscriptions_is_a_setting_of_gateway():
     for bad in (0, -1, 1.5, True, "many"):
         with pytest.raises(ConfigError, match="gateway.max_subscriptions_per_user"):
             GatewayConfig.from_mapping({"max_subscriptions_per_user": bad}, {})
+
+
+# A 2026-07-28 SDK upstream (labhttp) sends its listen stream only the URIs it was asked for, as
+# written: it never sends another spelling to bastion.
+@pytest.mark.parametrize("server", ["lab", "labold"])
+@pytest.mark.parametrize("sent", ["LAB://%6Fpen", "lab://%6fpen", "lab://open#line-3"])
+def test_an_update_the_upstream_spells_otherwise_reaches_the_subscription_in_bastions_spelling(
+    bastion, server, sent
+):
+    """Clients subscribe in one spelling only (`bastion.gateway.uris`); an upstream that names
+    the same resource in another (an upper-case scheme, a percent-encoded letter, lower-case
+    hex, a fragment) is read as RFC 3986 reads it, so the subscription is not missed, and the
+    update is decided and sent under the client's spelling."""
+    headers = legacy_session(bastion, bastion.token("sam", server), server)
+    with open_get(bastion, server, headers) as response:
+        frames = events(response)
+        subscribe(bastion, server, headers, "lab://open")
+        event = first_event(frames, lambda: announce(bastion, server, "updated", sent), 5)
+        assert event == updated("lab://open")
