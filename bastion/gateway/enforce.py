@@ -330,12 +330,32 @@ class Enforcer:
             self._refuse_stale(decision_id, caller, server, method, resource, context, arguments)
         if (suspended := self.suspended(caller)) is not None:
             await self._alert_suspended(suspended, decision_id, server, method, resource)
-            self._refuse_suspended(
-                decision_id, caller, server, method, resource, context, arguments, suspended
+            noted = {"suspended": repr(suspended)}
+            self._refuse_first(
+                decision_id,
+                caller,
+                server,
+                method,
+                resource,
+                context,
+                arguments,
+                "suspended",
+                noted,
             )
-        if unpinned is not None:
-            self._refuse_unpinned(
-                decision_id, caller, server, method, resource, context, arguments, unpinned
+        if unpinned is not None:  # with the accepted and listed digests
+            digests = {"pinned": unpinned.pinned, "listed": unpinned.listed}
+            noted = {f"{unpinned.kind}_pin": digests}
+            self._refuse_first(
+                decision_id,
+                caller,
+                server,
+                method,
+                resource,
+                context,
+                arguments,
+                unpinned.reason,
+                noted,
+                **digests,
             )
         shown = repr(resource)  # as records and counters spell it
         if method in COUNTED_METHODS:
@@ -802,7 +822,7 @@ class Enforcer:
         raising = ("suspended_still_calling", "high", suspended, detail)
         await self.alerts.raise_all([raising], decision_id)
 
-    def _refuse_suspended(
+    def _refuse_first(
         self,
         decision_id: str,
         caller: Caller,
@@ -811,48 +831,24 @@ class Enforcer:
         resource: Entity,
         context: dict[str, Any],
         arguments: Any,
-        suspended: Entity,
+        reason: str,
+        noted: dict[str, Any],
+        **extra: Any,
     ) -> None:
-        """Record the refusal of a suspended caller (the kill switch, before any policy); raise it."""
+        """Record a refusal made before any policy (the kill switch, a tool or prompt not as
+        pinned), ``noted`` in its context and ``extra`` in its error; raise it."""
         self._write_early(
             decision_id,
             caller,
             server,
             method,
             resource,
-            {**context, "suspended": repr(suspended)},
+            {**context, **noted},
             arguments,
             "deny",
-            "suspended",
+            reason,
         )
-        raise refused(resource.id, decision_id, "suspended")
-
-    def _refuse_unpinned(
-        self,
-        decision_id: str,
-        caller: Caller,
-        server: str,
-        method: str,
-        resource: Entity,
-        context: dict[str, Any],
-        arguments: Any,
-        change: PinChange,
-    ) -> None:
-        """Record the refusal of a call to a tool (a prompt) not listed as accepted (pins, before
-        any policy), with the accepted and listed digests; raise it."""
-        digests = {"pinned": change.pinned, "listed": change.listed}
-        self._write_early(
-            decision_id,
-            caller,
-            server,
-            method,
-            resource,
-            {**context, f"{change.kind}_pin": digests},
-            arguments,
-            "deny",
-            change.reason,
-        )
-        raise refused(resource.id, decision_id, change.reason, **digests)
+        raise refused(resource.id, decision_id, reason, **extra)
 
     def _write_early(
         self,
