@@ -585,13 +585,39 @@ def schema_newer(db: Database) -> str | None:
     """Why this process must stop using ``db``: a component it migrated (`Database.migrate`) is
     at a later version there than its code knows, so a newer bastion has migrated it since;
     None while none is."""
+    return schema_and_clock(db)[0]
+
+
+def schema_and_clock(db: Database) -> tuple[str | None, float | None]:
+    """`schema_newer`'s answer and, on PostgreSQL, `clock_skew` of this process, read by one
+    statement (a replica asks both once a second, `Replica`). On SQLite the database is on
+    this machine and its clock is this process's: None."""
     with _KNOWN_SCHEMA_LOCK:
         known = dict(_KNOWN_SCHEMA)
-    if not known:
-        return None
-    rows = db.execute("SELECT component, MAX(version) FROM schema_migrations GROUP BY component")
-    ahead = sorted((c, v, known[c]) for c, v in rows if c in known and v > known[c])
-    return _newer_message(ahead) if ahead else None
+    query = "SELECT component, MAX(version){} FROM schema_migrations GROUP BY component"
+    skew = None
+    if db.is_postgres:
+        before = time.time()
+        rows = db.execute(query.format(", EXTRACT(EPOCH FROM clock_timestamp())::float8"))
+        skew = clock_skew(before, time.time(), rows[0][2]) if rows else None
+    elif known:
+        rows = db.execute(query.format(""))
+    else:
+        rows = []
+    ahead = sorted((c, v, known[c]) for c, v, *_ in rows if c in known and v > known[c])
+    return (_newer_message(ahead) if ahead else None), skew
+
+
+def clock_skew(before: float, after: float, database_time: float) -> float:
+    """How many seconds this process's clock (`time.time`) is ahead of the database's (negative:
+    behind), given the database's time read between ``before`` and ``after`` on this one: the
+    least consistent with the round trip (0 when the database's time falls within it), so a
+    slow answer never makes a clock look off."""
+    if before > database_time:
+        return before - database_time
+    if after < database_time:
+        return after - database_time
+    return 0.0
 
 
 def _newer_message(ahead: list[tuple[str, int, int]]) -> str:

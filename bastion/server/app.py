@@ -511,6 +511,7 @@ def create_app(config: ServerConfig) -> Starlette:
         limits=config.policy_limits(),
         snapshot_path=config.fact_snapshot_path,
         snapshot_interval=config.fact_snapshot_interval,
+        max_clock_skew=config.max_clock_skew_seconds,
     )
     store.handed = replica.handed  # its changes taken as written, not read back
     metrics = Metrics()

@@ -83,6 +83,10 @@ class ServerConfig:
     # A replica that has not confirmed it is current with the database for this long refuses
     # to decide (503; the gateway refuses calls) rather than decide on old facts.
     max_staleness_seconds: float = 5.0
+    # A replica whose clock is further than this from the database's (PostgreSQL; checked at
+    # start and every second) is not ready and decides nothing until it is back within
+    # (docs/operations.md, "Clocks").
+    max_clock_skew_seconds: float = 2.0
     # A file where this replica keeps a snapshot of the facts, read at start so that it is ready
     # in seconds (docs/operations.md, "Fact snapshots"); empty: none, facts loaded from the
     # database. Written every fact_snapshot_interval seconds while the facts change, and on stop.
@@ -301,6 +305,7 @@ _POSITIVE = (
     "max_connections",
     "keep_alive_timeout",
     "max_staleness_seconds",
+    "max_clock_skew_seconds",
     "fact_snapshot_interval",
     "decision_records_buffer",
     "authzen_max_evaluations",

@@ -37,7 +37,7 @@ from functools import partial
 
 import anyio
 
-from bastion.db import Database, Listener, first_line, schema_newer
+from bastion.db import Database, Listener, first_line, schema_and_clock
 from bastion.decide import Authorizer
 from bastion.facts import snapshot
 from bastion.facts.model import matches
@@ -61,8 +61,10 @@ _PAGE = 200
 # On PostgreSQL notifications drive the replica; polling is only the safety net, and what
 # confirms, when nothing is written, that the replica is still current.
 _PG_POLL_INTERVAL = 1.0
-# How often a replica asks whether a newer bastion has migrated the database (`_watch_schema`):
-# a replica of the version before stops deciding within this long of the newer one's start.
+# How often a replica asks whether a newer bastion has migrated the database, and how far its
+# clock is from the database's (`_watch_database`): a replica of the version before stops
+# deciding within this long of the newer one's start, a replica whose clock jumps within this
+# long of the jump.
 _SCHEMA_CHECK_INTERVAL = 1.0
 # After a failed read of the change log, try again this soon.
 _RETRY_INTERVAL = 0.25
@@ -276,6 +278,7 @@ class Replica:
         limits: PolicyLimits = DEFAULT_LIMITS,
         snapshot_path: str = "",
         snapshot_interval: float = 300.0,
+        max_clock_skew: float = 2.0,
     ) -> None:
         self.database = database
         self.snapshot_path = snapshot_path
@@ -316,6 +319,10 @@ class Replica:
         # (`schema_newer`). Set once, for good: a restart refuses to start (`SchemaNewer`).
         self.schema_refused: str | None = None
         self._schema_watch: asyncio.Task | None = None
+        # Why this process's clock must not be used: further from the database's than
+        # ``max_clock_skew`` seconds (PostgreSQL; `_clock_checked`). Cleared once it is back.
+        self.max_clock_skew = max_clock_skew
+        self.clock_refused: str | None = None
         # The change being applied and when that began: said in a 503 while it takes long.
         self.applying: tuple[Change, float] | None = None
         self.authz: Authorizer = Authorizer("", limits=limits)
@@ -350,6 +357,11 @@ class Replica:
         self._advanced = asyncio.Condition()
         if not (self.snapshot_path and await self._load_snapshot()):
             await self._resync()
+        # The clock is compared before the first decision (a failed read: at the next turn).
+        with contextlib.suppress(Exception):
+            self._clock_checked(
+                (await anyio.to_thread.run_sync(schema_and_clock, self.store.db))[1]
+            )
         if self.is_postgres:
             self._listener = Listener(
                 self.database,
@@ -361,7 +373,7 @@ class Replica:
             )
             self._listener.start()
         self._task = asyncio.create_task(self._follow())
-        self._schema_watch = asyncio.create_task(self._watch_schema())
+        self._schema_watch = asyncio.create_task(self._watch_database())
         if self.snapshot_path:
             self._snapshots = asyncio.create_task(self._write_snapshots())
         self.ready = True
@@ -504,11 +516,13 @@ class Replica:
 
     @property
     def stale(self) -> bool:
-        """Too long without confirming it is current, or without the policy in force: what it
+        """Too long without confirming it is current, without the policy in force, or with a
+        clock too far from the database's (`clock_refused`): what it
         holds must not decide anything."""
         return (
             self.policy_refused is not None
             or self.schema_refused is not None
+            or self.clock_refused is not None
             or time.monotonic() - self.confirmed_at > self.max_staleness
         )
 
@@ -516,6 +530,8 @@ class Replica:
         """Why this replica is stale, for the person reading a 503."""
         if self.schema_refused is not None:
             return self.schema_refused
+        if self.clock_refused is not None:
+            return self.clock_refused
         if self.policy_refused is not None:
             return self.policy_refused
         why = f": {self.follow_error}" if self.follow_error else ""
@@ -542,6 +558,8 @@ class Replica:
             return "loading: the facts and the policy are not loaded yet"
         if self.schema_refused is not None:
             return "schema_newer: " + self.schema_refused
+        if self.clock_refused is not None:
+            return "clock_skew: " + self.clock_refused
         if self.policy_refused is not None:
             return "policy_unloadable: " + self.policy_refused
         if self.stale:
@@ -566,7 +584,7 @@ class Replica:
         if self._task:
             await _cancelled(self._task, "the change-log follower")
         if self._schema_watch:
-            await _cancelled(self._schema_watch, "the schema watch")
+            await _cancelled(self._schema_watch, "the schema and clock watch")
         if self._listener:
             await anyio.to_thread.run_sync(self._listener.stop)
         self.store.close()
@@ -681,22 +699,51 @@ class Replica:
             finally:
                 timer.cancel()
 
-    async def _watch_schema(self) -> None:
-        """Every `_SCHEMA_CHECK_INTERVAL` seconds, ask whether a newer bastion has migrated the
-        database past this process's code (a rolling upgrade); then stop deciding for good
-        (`stale`): the gateway, `/v1` and the token endpoint refuse with the versions, rather
-        than go on under rules the newer schema may have changed (a revocation this code does
-        not read, say). A failed read is tried again at the next turn."""
+    async def _watch_database(self) -> None:
+        """Every `_SCHEMA_CHECK_INTERVAL` seconds, on a worker thread, in one statement
+        (`schema_and_clock`): ask whether a newer bastion has migrated the database past this
+        process's code (a rolling upgrade), then stop deciding for good (`stale`): the gateway,
+        `/v1` and the token endpoint refuse with the versions, rather than go on under rules
+        the newer schema may have changed (a revocation this code does not read, say); and
+        compare this process's clock with the database's (`_clock_checked`). A failed read is
+        tried again at the next turn."""
         while self.schema_refused is None:
             await asyncio.sleep(_SCHEMA_CHECK_INTERVAL)
             try:
-                newer = await anyio.to_thread.run_sync(schema_newer, self.store.db)
+                newer, skew = await anyio.to_thread.run_sync(schema_and_clock, self.store.db)
             except Exception as e:
                 log.debug("cannot read the schema's versions (%s); asking again", first_line(e))
                 continue
+            self._clock_checked(skew)
             if newer is not None:
                 log.error("%s; this process decides nothing more", newer)
                 self.schema_refused = newer
+
+    def _clock_checked(self, skew: float | None) -> None:
+        """Past ``max_clock_skew`` seconds between this process's clock and the database's
+        (``skew``; None: SQLite, one machine), the replica is `stale` until a check finds it
+        back within: the expiries replicas write in shared rows (approvals, spent DPoP proofs,
+        codes, tokens' iat and exp, throttles, claims) are each compared with another
+        replica's clock, and bear a difference of clocks up to the token leeway at most, some
+        none (docs/operations.md, "Clocks")."""
+        if skew is None or abs(skew) <= self.max_clock_skew:
+            if self.clock_refused is not None:
+                log.warning(
+                    "this process's clock is back within %gs of the database's; deciding again",
+                    self.max_clock_skew,
+                )
+            self.clock_refused = None
+            return
+        refused = (
+            f"this process's clock is {abs(skew):.1f} s {'ahead of' if skew > 0 else 'behind'}"
+            f" the database's (PostgreSQL's clock_timestamp()), more than max_clock_skew_seconds"
+            f" ({self.max_clock_skew:g}): the expiries replicas share (tokens, DPoP proofs, codes,"
+            " approvals) would be read differently here than elsewhere, so this replica decides"
+            " nothing, issues no token, until its clock is set right (NTP); ask another replica"
+        )
+        if self.clock_refused is None:
+            log.error("%s", refused)
+        self.clock_refused = refused
 
     async def _catch_up(self) -> bool:
         """Read the next page of the change log after `applied` and apply it; True if there may

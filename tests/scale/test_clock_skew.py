@@ -1,0 +1,254 @@
+"""Replicas whose clocks differ, on one real PostgreSQL: two `bastion serve` processes, the
+second one's wall clock moved (`tests/skewed_clock.py`: its `time.time`, as a machine whose clock
+has drifted; PostgreSQL's and the first one's are the machine's).
+
+Expiries written by one replica and compared by another (tokens' iat/exp, DPoP jtis kept until
+their proof can no longer be accepted, codes, approvals) tolerate a difference of clocks up to
+the token leeway (30 s) at best, and some not at all. A replica whose clock is further from the
+database's than ``max_clock_skew_seconds`` (2 s) is therefore not ready and decides nothing,
+issues no token and spends no proof, until its clock is back (docs/operations.md, "Clocks")."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+from starlette.testclient import TestClient
+
+from bastion.db import Database, schema_and_clock
+from bastion.facts import store
+from bastion.server.app import create_app
+from bastion.server.config import ServerConfig
+from tests.gateway.support import ROOT, bastion_serve, stop
+from tests.identity.test_dpop import Holder
+from tests.oauth.support import free_socket
+from tests.oauth.test_access_tokens import claims_of
+from tests.server.conftest import ADMIN_KEY, POLICY
+from tests.waits import eventually
+
+CONFIG = """\
+[server]
+host = "127.0.0.1"
+port = {port}
+database = "{database}"
+policy_file = "{root}/policy.polar"
+
+[oauth]
+issuer = "{issuer}"
+key_dir = "{root}/keys"
+
+[[oauth.resources]]
+uri = "{issuer}/mcp/desk"
+scopes = ["customers:read"]
+"""
+
+
+@dataclass
+class Replicas:
+    right: str  # the URL of the replica whose clock is the machine's
+    skewed: str  # the URL of the one whose clock is moved
+    issuer: str
+    client: tuple[str, str]  # a confidential client: client_credentials, may introspect
+    http: httpx.Client
+
+
+def _config(root: Path, name: str, port: int, database: str, issuer: str) -> Path:
+    (root / name).mkdir()
+    config = root / name / "bastion.toml"
+    config.write_text(CONFIG.format(port=port, database=database, root=root, issuer=issuer))
+    return config
+
+
+def _serve_skewed(config: Path, url: str, skew: float) -> subprocess.Popen:
+    """`bastion serve` with its clock ``skew`` seconds off, once it answers `/readyz` at all
+    (ready or not)."""
+    log = config.parent / "serve.log"
+    with open(log, "wb") as out:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "tests.skewed_clock", str(skew), "serve"]
+            + ["--config", str(config)],
+            cwd=ROOT,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "BASTION_ADMIN_KEY": ADMIN_KEY},
+        )
+
+    def answers() -> bool:
+        if server.poll() is not None:
+            return True
+        try:
+            return httpx.get(f"{url}/readyz", timeout=1).status_code in (200, 503)
+        except httpx.HTTPError:
+            return False
+
+    if not eventually(answers, within=30, every=0.05) or server.poll() is not None:
+        server.kill()
+        raise AssertionError(f"bastion serve did not come up:\n{log.read_text()}")
+    return server
+
+
+@contextmanager
+def replicas(tmp_path: Path, database: str, skew: float) -> Iterator[Replicas]:
+    (tmp_path / "policy.polar").write_text(POLICY)
+    ports = [free_socket().getsockname()[1] for _ in range(2)]
+    issuer = f"http://127.0.0.1:{ports[0]}"
+    config = _config(tmp_path, "right", ports[0], database, issuer)
+    made = subprocess.run(
+        [sys.executable, "-m", "bastion.cli", "clients", "create", "--name", "nightly agent"]
+        + ["--confidential", "--introspection", "--scope", "customers:read"]
+        + ["--config", str(config)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    assert made.returncode == 0, made.stderr
+    said = json.loads(made.stdout)
+    client = (said["client_id"], said["client_secret"])
+    with ExitStack() as stack:
+        right, url = bastion_serve(config, issuer, {"BASTION_ADMIN_KEY": ADMIN_KEY})
+        stack.callback(stop, right)
+        config = _config(tmp_path, "skewed", ports[1], database, issuer)
+        skewed_url = f"http://127.0.0.1:{ports[1]}"
+        stack.callback(stop, _serve_skewed(config, skewed_url, skew))
+        http = stack.enter_context(httpx.Client(timeout=20))
+        yield Replicas(url, skewed_url, issuer, client, http)
+
+
+def token(replicas: Replicas, at: str, proof: str | None = None) -> httpx.Response:
+    form = {"grant_type": "client_credentials", "resource": f"{replicas.issuer}/mcp/desk"}
+    headers = {} if proof is None else {"DPoP": proof}
+    return replicas.http.post(f"{at}/token", data=form, auth=replicas.client, headers=headers)
+
+
+def introspected(replicas: Replicas, at: str, access_token: str) -> httpx.Response:
+    return replicas.http.post(
+        f"{at}/introspect", data={"token": access_token}, auth=replicas.client
+    )
+
+
+@pytest.mark.parametrize("skew", [-300, 30, 300])
+def test_a_replica_whose_clock_is_off_past_the_bound_is_not_ready_and_decides_nothing(
+    tmp_path, postgres_url, skew
+):
+    with replicas(tmp_path, postgres_url, skew) as running:
+        ready = running.http.get(f"{running.skewed}/readyz")
+        assert ready.status_code == 503, ready.text
+        reason = ready.json()["reason"]
+        assert reason.startswith("clock_skew: "), reason
+        assert "max_clock_skew_seconds" in reason and "2" in reason
+        assert ("ahead of" if skew > 0 else "behind") in reason
+        admin = {"authorization": f"Bearer {ADMIN_KEY}"}
+        question = {"actor": "User:alice", "action": "read", "resource": "Org:acme"}
+        decided = running.http.post(f"{running.skewed}/v1/authorize", json=question, headers=admin)
+        assert decided.status_code == 503, decided.text
+        assert "clock" in decided.text
+        minted = token(running, running.skewed)
+        assert (minted.status_code, minted.json()["error"]) == (503, "temporarily_unavailable")
+        # The replica whose clock is right is unaffected.
+        assert running.http.get(f"{running.right}/readyz").status_code == 200
+        assert token(running, running.right).status_code == 200
+        log = (tmp_path / "skewed" / "serve.log").read_text()
+        assert "max_clock_skew_seconds" in log, log
+
+
+@pytest.mark.parametrize("skew", [-1, 1])
+def test_a_replica_whose_clock_is_off_within_the_bound_serves_and_its_tokens_are_taken_elsewhere(
+    tmp_path, postgres_url, skew
+):
+    with replicas(tmp_path, postgres_url, skew) as running:
+        assert running.http.get(f"{running.skewed}/readyz").status_code == 200
+        for issuer, checker in ((running.skewed, running.right), (running.right, running.skewed)):
+            issued = token(running, issuer)
+            assert issued.status_code == 200, issued.text
+            shown = introspected(running, checker, issued.json()["access_token"])
+            assert shown.json()["active"] is True, (issuer, shown.text)
+
+
+def test_five_minutes_between_two_replicas_clocks_refuse_no_token_and_replay_no_proof(
+    tmp_path, postgres_url
+):
+    """What a replica five minutes ahead did before it was held back: its tokens were issued
+    in the future for the other (inactive there, ``iat``), and its once-a-minute purge of spent
+    DPoP jtis forgot those of proofs the other replica still accepted, so a proof spent there
+    was taken again. Now it issues nothing and purges nothing: every token issued is active on
+    every replica that answers, and a spent proof stays spent."""
+    with replicas(tmp_path, postgres_url, 300) as running:
+        for issuer, checker in ((running.skewed, running.right), (running.right, running.skewed)):
+            issued = token(running, issuer)
+            if issued.status_code != 200:
+                continue
+            shown = introspected(running, checker, issued.json()["access_token"])
+            if shown.status_code == 200:
+                assert shown.json()["active"] is True, (
+                    issuer,
+                    claims_of(issued.json()["access_token"])[1],
+                    shown.text,
+                )
+        holder = Holder()
+        url = f"{running.issuer}/token"
+        spent = holder.proof("POST", url)
+        first = token(running, running.right, spent)
+        assert first.status_code == 200, first.text
+        # A proof the skewed replica takes as new (its clock says now): it spends it, and may
+        # forget the jtis it thinks expired.
+        token(running, running.skewed, holder.proof("POST", url, iat=int(time.time()) + 300))
+        again = token(running, running.right, spent)
+        assert again.status_code == 400, again.text
+        assert "already used" in again.json()["error_description"]
+
+
+@pytest.mark.parametrize("skew", [-300, 300])
+def test_the_clock_is_compared_with_postgresqls_and_sqlite_has_no_other(
+    database_url, monkeypatch, skew
+):
+    db = Database(database_url)
+    try:
+        db.migrate("facts", store._MIGRATIONS)
+        machine = time.time
+        monkeypatch.setattr(time, "time", lambda: machine() + skew)
+        newer, measured = schema_and_clock(db)
+    finally:
+        db.close()
+    assert newer is None
+    if db.is_postgres:
+        assert measured is not None and abs(measured) > 2 and (measured > 0) == (skew > 0)
+    else:
+        assert measured is None  # one machine, one clock: nothing to compare
+
+
+def test_a_replica_decides_again_once_its_clock_is_back_within_the_bound(
+    tmp_path, postgres_url, monkeypatch
+):
+    """The check runs at start and every second, off the event loop: a clock that jumps stops
+    the replica, and one set right again (NTP) lets it decide again, without a restart."""
+    policy = tmp_path / "policy.polar"
+    policy.write_text(POLICY)
+    config = ServerConfig(database=postgres_url, admin_key=ADMIN_KEY, policy_file=str(policy))
+    question = {"actor": "User:alice", "action": "read", "resource": "Org:acme"}
+    machine = time.time
+    with TestClient(create_app(config)) as api:
+        api.headers["authorization"] = f"Bearer {ADMIN_KEY}"
+
+        def reason() -> str:
+            ready = api.get("/readyz")
+            return "" if ready.status_code == 200 else ready.json()["reason"]
+
+        assert api.post("/v1/authorize", json=question).status_code == 200
+        monkeypatch.setattr(time, "time", lambda: machine() - 10)
+        assert eventually(lambda: reason().startswith("clock_skew: "), within=10), reason()
+        assert "behind the database's" in reason()
+        refused = api.post("/v1/authorize", json=question)
+        assert refused.status_code == 503, refused.text
+        assert "max_clock_skew_seconds" in refused.text
+        monkeypatch.setattr(time, "time", machine)
+        assert eventually(lambda: reason() == "", within=10), reason()
+        assert api.post("/v1/authorize", json=question).status_code == 200
