@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
@@ -330,9 +330,14 @@ class Exchange:
 
 
 def _result(response: dict[str, Any]) -> dict[str, Any]:
-    """The result of an upstream's JSON-RPC response, or its error raised as `UpstreamError`."""
+    """The result of an upstream's JSON-RPC response, or its error raised as `UpstreamError`,
+    without a ``decision_id`` of the upstream's in its data: only bastion names decisions (an
+    upstream could send an agent, or the auditor it asks, to another record, or to none)."""
     if "error" in response:
-        raise UpstreamError(*error_parts(response["error"], INTERNAL_ERROR, "upstream error"))
+        code, message, data = error_parts(response["error"], INTERNAL_ERROR, "upstream error")
+        if isinstance(data, dict) and "decision_id" in data:
+            data = {k: v for k, v in data.items() if k != "decision_id"}
+        raise UpstreamError(code, message, data)
     result = response.get("result")
     return result if isinstance(result, dict) else {}
 
@@ -585,13 +590,14 @@ def _ended(error: RpcError, decision_id: str, withheld: str | None = None) -> Rp
     (`_unanswered`), so that the id leads to it (`bastion audit show`) and the error is not
     audited as a refusal before any decision (`RequestRefusals.note`). An error of bastion's
     that names a decision of its own already (a request of the upstream's to the client,
-    refused) keeps it. An upstream's error is its free text: a ``decision_id`` in its data is
-    replaced (an upstream cannot send an agent or an auditor to another record), data that is
-    not an object is relayed as ``data.upstream``, and with ``withheld`` (a mask applies) the
-    message is that and the data is left out."""
+    refused) keeps it. An upstream's error (`_result` took out a ``decision_id`` of its own)
+    keeps its code, message and data (data that is not an object under ``data.upstream``); with
+    ``withheld`` (a mask applies) its message is that and its data is left out. What is
+    returned is bastion's answer, naming its decision: no longer the upstream's error as it
+    came (`RequestRefusals.note`)."""
     data = error.data
     if withheld is not None:
-        return replace(error, message=withheld, data={"decision_id": decision_id})
+        return RpcError(error.code, withheld, {"decision_id": decision_id}, error.http_status)
     if not isinstance(error, UpstreamError) and data is not None and "decision_id" in data:
         return error
     if data is None:
@@ -601,7 +607,7 @@ def _ended(error: RpcError, decision_id: str, withheld: str | None = None) -> Rp
     else:
         named = {"upstream": data}
     named["decision_id"] = decision_id
-    return replace(error, data=named)
+    return RpcError(error.code, error.message, named, error.http_status)
 
 
 def _unanswered(error: BaseException) -> str:

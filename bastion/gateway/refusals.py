@@ -5,6 +5,9 @@ DPoP-bound token used without a proof of its key (RFC 9449: how a stolen token i
 Audited as ``mcp.refused`` events, aggregated by `bastion.audit.refusals.RefusalLog` (address,
 reason, agent; windows of a minute), so that a flood writes a bounded number of rows.
 
+An upstream's failure (its error, or its not answering) is no refusal of bastion's: where no
+decision names it (a list, a method passed through), it is relayed and logged, not audited.
+
 Asked only on the error path: an allowed call never comes here.
 """
 
@@ -28,6 +31,7 @@ from bastion.gateway.jsonrpc import (
     UNSUPPORTED_PROTOCOL_VERSION,
     RpcError,
 )
+from bastion.gateway.upstream import UpstreamFailure
 
 log = logging.getLogger("bastion.gateway")
 
@@ -63,14 +67,29 @@ class RequestRefusals:
 
     async def note(self, error: RpcError, caller: Caller, server: str, method: Any) -> None:
         """Audit ``error``, the answer to ``caller``'s request ``method`` to ``server``, if it
-        is a refusal of the request that no decision record holds. The database being down does
+        is a refusal of the request that no decision record holds; log it if it is an
+        upstream's failure that none holds. The database being down does
         not change the answer: the refusal is still sent, the count kept for later
         (`RefusalLog`), and a warning logged."""
-        reason = HTTP_REASONS.get(error.http_status) or REASONS.get(error.code)
-        if reason is None or self.refusals is None:
+        if isinstance(error, UpstreamFailure):
+            # An upstream's failure where no decision names it (a decided call's is answered
+            # as bastion's, naming it: `handlers._ended`), relayed: no refusal of bastion's.
+            words = error.message.split(maxsplit=FIRST_WORDS)
+            log.info(
+                "%s to upstream %s (user %s, agent %s): upstream error %d %r, relayed",
+                method,
+                server,
+                caller.subject,
+                caller.client_id,
+                error.code,
+                " ".join(words[:FIRST_WORDS]),
+            )
             return
         if error.data is not None and "decision_id" in error.data:
             return  # decided, and in the decision records
+        reason = HTTP_REASONS.get(error.http_status) or REASONS.get(error.code)
+        if reason is None or self.refusals is None:
+            return
         await self.record(reason, caller, server, method, error.code, error.message)
 
     async def record(

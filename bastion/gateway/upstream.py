@@ -79,13 +79,22 @@ _ACKNOWLEDGED = "notifications/subscriptions/acknowledged"
 _OPEN_WAIT = 5.0
 
 
-class UpstreamUnauthorized(RpcError):
+class UpstreamFailure(RpcError):
+    """The upstream failed a request bastion sent it: it did not start or answer in time, went
+    away, or answered with what is no JSON-RPC response (-32000, in bastion's words), or it
+    answered with an error (`UpstreamError`). Neither a refusal of bastion's nor a failure of
+    its own: a decision record names it ``upstream error`` and its code, and where there is no
+    decision it is logged (`bastion.gateway.refusals`)."""
+
+
+class UpstreamUnauthorized(UpstreamFailure):
     """The upstream answered 401 to the user's own token (`HttpUpstream.bearer`)."""
 
 
-class UpstreamError(RpcError):
-    """An error the upstream answered with (a JSON-RPC error, or an HTTP error's text), relayed
-    as it came unless a mask applies: its message is the upstream's free text."""
+class UpstreamError(UpstreamFailure):
+    """An error the upstream answered with (a JSON-RPC error, or an HTTP error's text, or its
+    refusal of a subscription), relayed as it came unless a mask applies: its message is the
+    upstream's free text."""
 
 
 def _b64_header(value: str) -> str:
@@ -167,7 +176,7 @@ class Upstream(abc.ABC):
                         raise
                     self._started = True
         except TimeoutError:
-            raise RpcError(
+            raise UpstreamFailure(
                 UPSTREAM_UNAVAILABLE, f"upstream {self.name} did not start within {timeout:g}s"
             ) from None
 
@@ -214,7 +223,7 @@ class Upstream(abc.ABC):
         finally:
             deadline.end()
         self._abandon(message["id"], "bastion stopped waiting")
-        raise RpcError(
+        raise UpstreamFailure(
             UPSTREAM_UNAVAILABLE,
             f"upstream {self.name} did not answer {method} within {self.config.timeout:g}s",
         ) from None
@@ -259,13 +268,13 @@ class Upstream(abc.ABC):
                 async with asyncio.timeout(self.config.timeout):
                     response = await self._exchange(message)
             except TimeoutError:
-                raise RpcError(
+                raise UpstreamFailure(
                     UPSTREAM_UNAVAILABLE,
                     f"upstream {self.name} did not answer resources/subscribe",
                 ) from None
             if "error" in response:
                 code, reason, _ = error_parts(response["error"], INTERNAL_ERROR, "no reason given")
-                raise RpcError(
+                raise UpstreamError(
                     UPSTREAM_UNAVAILABLE,
                     f"upstream {self.name} refused resources/subscribe for {uri}: {reason}"
                     f" ({code})",
@@ -290,7 +299,7 @@ class Upstream(abc.ABC):
             async with asyncio.timeout(self.config.timeout):
                 response = await self._exchange(message)
         except TimeoutError:
-            raise RpcError(
+            raise UpstreamFailure(
                 UPSTREAM_UNAVAILABLE, f"upstream {self.name} did not answer logging/setLevel"
             ) from None
         if "error" in response:
@@ -399,7 +408,7 @@ class StdioUpstream(Upstream):
                 limit=_MAX_LINE,
             )
         except OSError as e:
-            raise RpcError(
+            raise UpstreamFailure(
                 UPSTREAM_UNAVAILABLE,
                 f"upstream {self.name}: cannot start {self.config.command}: {e}",
             ) from None
@@ -460,20 +469,22 @@ class StdioUpstream(Upstream):
         self._started = False
         for future in self._pending.values():
             if not future.done():
-                future.set_exception(RpcError(UPSTREAM_UNAVAILABLE, reason))
+                future.set_exception(UpstreamFailure(UPSTREAM_UNAVAILABLE, reason))
         self._pending.clear()
 
     async def _write(self, message: dict[str, Any]) -> None:
         process = self._process
         if process is None or process.stdin is None or process.returncode is not None:
-            raise RpcError(UPSTREAM_UNAVAILABLE, f"upstream {self.name} is not running")
+            raise UpstreamFailure(UPSTREAM_UNAVAILABLE, f"upstream {self.name} is not running")
         data = encode(message).encode() + b"\n"
         async with self._write_lock:
             try:
                 process.stdin.write(data)
                 await process.stdin.drain()
             except (ConnectionError, BrokenPipeError):
-                raise RpcError(UPSTREAM_UNAVAILABLE, f"upstream {self.name} closed stdin") from None
+                raise UpstreamFailure(
+                    UPSTREAM_UNAVAILABLE, f"upstream {self.name} closed stdin"
+                ) from None
 
     async def _exchange(
         self,
@@ -664,7 +675,7 @@ class HttpUpstream(Upstream):
                 head = self._post_head()
             return await self._http.send(head, encode(message).encode())
         except HttpClientError as e:
-            raise RpcError(UPSTREAM_UNAVAILABLE, f"upstream {self.name}: {e}") from None
+            raise UpstreamFailure(UPSTREAM_UNAVAILABLE, f"upstream {self.name}: {e}") from None
 
     async def _exchange(
         self,
@@ -702,10 +713,12 @@ class HttpUpstream(Upstream):
                 return await self._from_events(response, message["id"], ask, hear)
             data = _json_body(await response.read())
             if not isinstance(data, dict):
-                raise RpcError(UPSTREAM_UNAVAILABLE, f"upstream {self.name} sent a non-object")
+                raise UpstreamFailure(
+                    UPSTREAM_UNAVAILABLE, f"upstream {self.name} sent a non-object"
+                )
             return data
         except (HttpClientError, ValueError, RecursionError) as e:
-            raise RpcError(UPSTREAM_UNAVAILABLE, f"upstream {self.name}: {e}") from None
+            raise UpstreamFailure(UPSTREAM_UNAVAILABLE, f"upstream {self.name}: {e}") from None
         except asyncio.CancelledError:
             # In 2026-07-28 closing the stream is how a request is cancelled; in 2025-11-25 the
             # notification follows (`_abandon`), and the connection is not reused either way.
@@ -752,7 +765,7 @@ class HttpUpstream(Upstream):
                     elif message.get("id") == request_id:
                         return message
                 if self._modern or stream.last_id is None:
-                    raise RpcError(
+                    raise UpstreamFailure(
                         UPSTREAM_UNAVAILABLE,
                         f"upstream {self.name} ended the stream without an answer",
                     )
@@ -775,7 +788,7 @@ class HttpUpstream(Upstream):
         response = await self._http.request("GET", headers)
         if response.status_code != 200 or not _is_event_stream(response):
             response.close()
-            raise RpcError(
+            raise UpstreamFailure(
                 UPSTREAM_UNAVAILABLE,
                 f"upstream {self.name} answered HTTP {response.status_code} when asked to resume"
                 " a stream",
@@ -876,7 +889,7 @@ class HttpUpstream(Upstream):
             if response.status_code == 405:
                 return False
             if response.status_code != 200 or not _is_event_stream(response):
-                raise RpcError(
+                raise UpstreamFailure(
                     UPSTREAM_UNAVAILABLE,
                     f"upstream {self.name} answered HTTP {response.status_code} to its stream",
                 )

@@ -169,6 +169,15 @@ SECRET_B64 = base64.b64encode(SECRET.encode()).decode()
 # A decision id in bastion's form that no decision of bastion's has.
 POSED_DECISION = "019ad7c2e4f07c3e9b1d5a8f2c6e4b10"
 CUSTOMERS = {"customers": [{"name": "Ada", "email": SECRET}]}
+# Cursors a list is refused for, by the code it is refused with: as a server refuses a cursor it
+# never gave (MCP: -32602), a list it does not serve (-32601), a request it cannot read (-32600);
+# and dressed as bastion's refusal, naming `POSED_DECISION`.
+REFUSED_CURSORS = {
+    "lab-stale": -32602,
+    "lab-unserved": -32601,
+    "lab-unreadable": -32600,
+    "lab-posed": -32003,
+}
 
 
 def _leaky_blocks() -> list:
@@ -258,6 +267,14 @@ async def _raw(ctx, call_next):
     if ctx.method == "tools/call" and params.get("name") == "pose_as_bastion":
         posed = {"decision_id": POSED_DECISION, "reason": "not_permitted"}
         raise MCPError(-32003, "bastion refused this request: not permitted", posed)
+    if ctx.method.endswith("/list") and params.get("cursor") in REFUSED_CURSORS:
+        cursor = params["cursor"]
+        posed = {"decision_id": POSED_DECISION, "reason": "not_permitted"}
+        raise MCPError(
+            REFUSED_CURSORS[cursor],
+            f"lab refuses {ctx.method} at cursor {cursor}",
+            posed if cursor == "lab-posed" else None,
+        )
     if ctx.method == "tools/call" and params.get("name") == "leak_raw":
         return {
             "content": [

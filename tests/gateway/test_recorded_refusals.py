@@ -9,7 +9,9 @@ what records it, as docs/gateway.md ("Decision records and `bastion audit tail`"
   row naming the user, the agent, the server, the method and the reason;
 - an error the upstream answered with is neither of bastion's refusals: it is relayed with the
   id of the decision that let the call through, whose record says what the upstream answered,
-  and it leaves no ``mcp.refused`` row saying bastion refused the request.
+  and it leaves no ``mcp.refused`` row saying bastion refused the request. A list has no
+  decision of its own: an upstream's error there is relayed and logged, and written nowhere
+  else.
 
 Each case is driven by the MCP SDK's client where it can send it, by raw HTTP where it cannot.
 """
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -29,6 +32,7 @@ from bastion.gateway import transport
 from bastion.policy.parser import parse_fact
 from bastion.signals.suspensions import suspend, suspension
 
+from .lab_server import REFUSED_CURSORS
 from .streams import legacy_session, messages, modern_headers, modern_request
 
 LONG = "x" * 5000
@@ -37,8 +41,10 @@ LONG = "x" * 5000
 @dataclass(frozen=True)
 class Expected:
     """What must record a case: ``kind`` "decision" (a record ``audit show`` finds by the id the
-    client was given), "refused" (an ``mcp.refused`` row of the caller, no id given) or
-    "unrecorded" (refused before the token is looked at, as the docs say: neither)."""
+    client was given), "refused" (an ``mcp.refused`` row of the caller, no id given),
+    "upstream" (an upstream's error where there is no decision: relayed as it came, and a line
+    in the log naming ``reason``, the server, the method and the agent, no row) or "unrecorded"
+    (refused before the token is looked at, as the docs say: neither)."""
 
     kind: str
     reason: str
@@ -55,6 +61,7 @@ class Outcome:
     data: dict | None
     client_id: str
     user: str = "sam"
+    code: int | None = None  # the JSON-RPC error's
 
 
 def _claims(token: str) -> dict:
@@ -71,10 +78,11 @@ def _sdk(user: str, server: str, script) -> Callable:
             with pytest.raises(MCPError) as refused:
                 await script(client)
             seen["data"] = refused.value.error.data
+            seen["code"] = refused.value.error.code
 
         seen = bastion.sdk(user, server, "legacy", run)
         token = seen["tokens"].access_token
-        return Outcome(seen["data"], _claims(token)["client_id"], user)
+        return Outcome(seen["data"], _claims(token)["client_id"], user, seen["code"])
 
     return drive
 
@@ -88,7 +96,8 @@ def _http(server: str, send, user: str = "sam", status: int = 200) -> Callable:
         assert response.status_code == status, response.text
         body = messages(response)[-1] if response.content else {}
         data = body.get("error", {}).get("data") if "jsonrpc" in body else body
-        return Outcome(data, _claims(token)["client_id"], user)
+        code = body.get("error", {}).get("code") if "jsonrpc" in body else None
+        return Outcome(data, _claims(token)["client_id"], user, code)
 
     return drive
 
@@ -390,6 +399,23 @@ CASES: dict[str, tuple[Callable, Expected]] = {
             "allow",
         ),
     ),
+    # -- an upstream's error where there is no decision: a list -------------------------------
+    **{
+        f"the upstream refuses {method} ({code})": (
+            _sdk("sam", "labhttp", lambda c, call=call, cursor=cursor: call(c)(cursor=cursor)),
+            Expected("upstream", f"upstream error {code}", "labhttp", method),
+        )
+        for (method, call), (cursor, code) in zip(
+            {
+                "tools/list": lambda c: c.list_tools,
+                "prompts/list": lambda c: c.list_prompts,
+                "resources/list": lambda c: c.list_resources,
+                "resources/templates/list": lambda c: c.list_resource_templates,
+            }.items(),
+            REFUSED_CURSORS.items(),
+            strict=True,
+        )
+    },
     # -- refused before any decision --------------------------------------------------------
     "a tool name past max_name_chars": (
         _sdk("sam", "deskhttp", lambda c: c.call_tool(LONG, {})),
@@ -480,9 +506,10 @@ def _show(capsys, decision_id: str, database: str) -> tuple[int, dict | None, st
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_every_refusal_leads_to_its_record(bastion, capsys, case):
+def test_every_refusal_leads_to_its_record(bastion, capsys, caplog, case):
     drive, expected = CASES[case]
     oauth = bastion.app.state.oauth
+    caplog.set_level(logging.INFO, logger="bastion.gateway")
     outcome = drive(bastion)
     rows = [
         e for e in oauth.audit.events("mcp.refused", 100000) if e.client_id == outcome.client_id
@@ -509,6 +536,18 @@ def test_every_refusal_leads_to_its_record(bastion, capsys, case):
         assert shown["policy"]["version"] == record["policy_version"]
         # A decision's refusal is in the decision records, not also an mcp.refused row.
         assert rows == []
+    elif expected.kind == "upstream":
+        assert outcome.data is None or "decision_id" not in outcome.data, outcome.data
+        assert f"upstream error {outcome.code}" == expected.reason
+        assert rows == []
+        [line] = [
+            r.getMessage()
+            for r in caplog.records
+            if r.name == "bastion.gateway" and outcome.client_id in r.getMessage()
+        ]
+        assert all(part in line for part in (expected.reason, expected.server, expected.method)), (
+            line
+        )
     elif expected.kind == "unrecorded":
         assert outcome.data is None or "decision_id" not in outcome.data, outcome.data
         assert rows == []
