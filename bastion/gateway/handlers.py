@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from functools import partial
@@ -42,7 +43,7 @@ from bastion.gateway.jsonrpc import (
 )
 from bastion.gateway.masks import WHOLE, Paths, compile_paths, mask_notification, mask_result
 from bastion.gateway.tool_pins import PROMPT, TOOL, PinChange
-from bastion.gateway.upstream import LOG_LEVEL, LOG_MESSAGE, UpstreamError
+from bastion.gateway.upstream import LOG_LEVEL, LOG_MESSAGE, UpstreamError, UpstreamFailure
 from bastion.gateway.uris import plain_name, resource_uri, spelling_refused, tool_or_prompt_name
 from bastion.signals.behavior import scope_keys
 from bastion.signals.read_only import is_read_only_tool
@@ -61,6 +62,7 @@ Emit = Callable[[dict[str, Any]], Awaitable[None]]
 INPUT_REQUIRED = ("input_required", "incomplete")
 _MAX_INPUT_ROUNDS = 10
 _tokens = itertools.count(1)
+log = logging.getLogger("bastion.gateway")
 # The 2026-07-28 per-request envelope; bastion speaks the 2025-11-25 era upstream.
 _ENVELOPE_PREFIX = "io.modelcontextprotocol/"
 
@@ -238,12 +240,14 @@ class Exchange:
                 self.gateway.progress_routes.pop(route, None)
         if asking:
             if not modern:
-                raise RpcError(UPSTREAM_UNAVAILABLE, f"upstream {self.server} kept asking")
+                raise UpstreamFailure(UPSTREAM_UNAVAILABLE, f"upstream {self.server} kept asking")
             # A 2026-07-28 client answers the questions itself and retries (a new request,
             # decided again): each question must be one it may be asked.
             questions = result.get("inputRequests") or {}
             if not isinstance(questions, dict):
-                raise RpcError(UPSTREAM_UNAVAILABLE, f"upstream {self.server}: bad inputRequests")
+                raise UpstreamFailure(
+                    UPSTREAM_UNAVAILABLE, f"upstream {self.server}: bad inputRequests"
+                )
             for question in questions.values():
                 self._check_question(question)
             methods = {key: question["method"] for key, question in questions.items()}
@@ -308,7 +312,9 @@ class Exchange:
         params to retry with."""
         questions = result.get("inputRequests") or {}
         if not isinstance(questions, dict):
-            raise RpcError(UPSTREAM_UNAVAILABLE, f"upstream {self.server}: bad inputRequests")
+            raise UpstreamFailure(
+                UPSTREAM_UNAVAILABLE, f"upstream {self.server}: bad inputRequests"
+            )
         answers: dict[str, Any] = {}
         for key, question in questions.items():
             self._check_question(question)
@@ -569,51 +575,76 @@ async def _forward(
         ex.masks = (*ex.masks, WHOLE)
     try:
         result = await ex.forward(params)
+        if reviewed:
+            return result  # masked when it is released, under the masks in force then
+        await enforcer.record_labels(ex.caller, verdict)
+        return await _release(ex, verdict, result, uri)
     except (Exception, asyncio.CancelledError) as e:
-        # An allowed decision is recorded however its call ends.
-        enforcer.write(verdict.record, reason=_unanswered(e))
-        if not isinstance(e, RpcError):
-            raise
-        # Its message and data are the upstream's free text: they could name what is masked.
-        masked = ex.masks and isinstance(e, UpstreamError)
-        withheld = (WITHHELD_REVIEW_ERROR if reviewed else WITHHELD_ERROR) if masked else None
-        raise _ended(e, verdict.decision_id, withheld) from None
-    if verdict.review_step == "hold":
-        return result  # masked when it is released, under the masks in force then
-    await enforcer.record_labels(ex.caller, verdict)
-    return await _release(ex, verdict, result, uri)
+        # An upstream's error is its free text: it could name what is masked.
+        withheld = (WITHHELD_REVIEW_ERROR if reviewed else WITHHELD_ERROR) if ex.masks else None
+        raise _ended(ex, verdict, e, withheld) from None
 
 
-def _ended(error: RpcError, decision_id: str, withheld: str | None = None) -> RpcError:
-    """The error a call let through ended in, as its client is answered: naming in
-    ``data.decision_id`` the decision that let it through, whose record says how it ended
-    (`_unanswered`), so that the id leads to it (`bastion audit show`) and the error is not
-    audited as a refusal before any decision (`RequestRefusals.note`). An error of bastion's
-    that names a decision of its own already (a request of the upstream's to the client,
-    refused) keeps it. An upstream's error (`_result` took out a ``decision_id`` of its own)
-    keeps its code, message and data (data that is not an object under ``data.upstream``); with
-    ``withheld`` (a mask applies) its message is that and its data is left out. What is
-    returned is bastion's answer, naming its decision: no longer the upstream's error as it
-    came (`RequestRefusals.note`)."""
-    data = error.data
-    if withheld is not None:
-        return RpcError(error.code, withheld, {"decision_id": decision_id}, error.http_status)
-    if not isinstance(error, UpstreamError) and data is not None and "decision_id" in data:
+def _ended(
+    ex: Exchange, verdict: Verdict, error: BaseException, withheld: str | None = None
+) -> BaseException:
+    """What to raise for a call ``verdict`` let through that ended in ``error`` with no result,
+    once its record says how (`_unanswered`): the error its client is answered with, naming in
+    ``data.decision_id`` the decision that let it through, so that the id leads to the record
+    (`bastion audit show`) and the error is not audited as a refusal before any decision
+    (`RequestRefusals.note`). A cancellation is raised as it is. bastion's own failure is
+    logged with its traceback and answered -32603. A refusal of bastion's that names this
+    decision has recorded it already (labels that cannot be kept); one that names another
+    (a question of the upstream's that bastion refused to relay) keeps its id. An upstream's
+    error keeps its code, message and data (data that is not an object under
+    ``data.upstream``); with ``withheld`` (a mask applies) its message is that and its data,
+    free text that could name what is masked, is left out."""
+    decision_id = verdict.decision_id
+    named = _decision_named(error)
+    if named != decision_id:
+        ex.gateway.enforcer.write(verdict.record, reason=_unanswered(error))
+    if not isinstance(error, RpcError):
+        if isinstance(error, asyncio.CancelledError):
+            return error
+        log.error(
+            "gateway: %s on %s failed after decision %s",
+            ex.message.method,
+            ex.server,
+            decision_id,
+            exc_info=error,
+        )
+        return RpcError(INTERNAL_ERROR, "internal error in bastion", {"decision_id": decision_id})
+    if named is not None:
         return error
+    if withheld is not None and isinstance(error, UpstreamError):
+        return RpcError(error.code, withheld, {"decision_id": decision_id}, error.http_status)
+    data = error.data
     if data is None:
-        named: dict[str, Any] = {}
+        given: dict[str, Any] = {}
     elif isinstance(data, dict):
-        named = dict(data)
+        given = dict(data)
     else:
-        named = {"upstream": data}
-    named["decision_id"] = decision_id
-    return RpcError(error.code, error.message, named, error.http_status)
+        given = {"upstream": data}
+    given["decision_id"] = decision_id
+    # bastion's answer now, naming its decision: no longer the upstream's error as it came.
+    return RpcError(error.code, error.message, given, error.http_status)
+
+
+def _decision_named(error: BaseException) -> str | None:
+    """The decision a refusal of bastion's names in ``data.decision_id``, if it names one."""
+    if isinstance(error, RpcError) and not isinstance(error, UpstreamFailure) and error.data:
+        return error.data.get("decision_id")
+    return None
 
 
 def _unanswered(error: BaseException) -> str:
-    """The reason an allowed call's record gives for its having no result."""
-    if isinstance(error, RpcError):
+    """The reason an allowed call's record gives for its having no result: the upstream failed
+    it, bastion refused to go on (a limit, a question it would not relay; its code), the client
+    cancelled it, or bastion failed."""
+    if isinstance(error, UpstreamFailure):
         return f"upstream error {error.code}"
+    if isinstance(error, RpcError):
+        return f"bastion error {error.code}"
     if isinstance(error, asyncio.CancelledError):
         return "cancelled by the client"
     return "internal error"
@@ -627,14 +658,17 @@ async def _released(ex: Exchange, verdict: Verdict, uri: str | None) -> dict[str
     # Its labels before it is spent: spending deletes the held result, so one whose labels
     # then could not be recorded (Redis away, the set full) would be withheld and lost. A
     # refusal here leaves it held for the next try.
-    await enforcer.record_labels(ex.caller, verdict)
-    result, refusal = await enforcer.release(verdict)
-    if refusal is not None:
-        enforcer.write(verdict.record, result="deny", reason=refusal)
-        raise refused(verdict.review.target, verdict.decision_id, refusal)
-    withheld = verdict.review.withheld_fields
-    ex.masks = compile_paths(tuple(sorted({*verdict.obligations.masks, *withheld})))
-    return await _release(ex, verdict, result, uri)
+    try:
+        await enforcer.record_labels(ex.caller, verdict)
+        result, refusal = await enforcer.release(verdict)
+        if refusal is not None:
+            enforcer.write(verdict.record, result="deny", reason=refusal)
+            raise refused(verdict.review.target, verdict.decision_id, refusal)
+        withheld = verdict.review.withheld_fields
+        ex.masks = compile_paths(tuple(sorted({*verdict.obligations.masks, *withheld})))
+        return await _release(ex, verdict, result, uri)
+    except (Exception, asyncio.CancelledError) as e:
+        raise _ended(ex, verdict, e) from None
 
 
 async def _release(ex: Exchange, verdict: Verdict, result: dict[str, Any], uri: str | None):
@@ -739,16 +773,14 @@ async def subscribe(ex: Exchange) -> dict[str, Any]:
     try:
         # One stream of notifications from the upstream serves every client (Upstream.watch).
         await ex.connection.watch(frozenset((uri,)))
+        # Checked again: other subscriptions of this user were made while this one was decided
+        # and its upstream answered.
+        _room_to_subscribe(ex, session, uri)
     except (Exception, asyncio.CancelledError) as e:
-        enforcer.write(verdict.record, reason=_unanswered(e))
-        if not isinstance(e, RpcError):
-            raise
         # The upstream's reason is its free text: it could name what the mask covers.
         withheld = WITHHELD_SUBSCRIBE_ERROR if verdict.obligations.masks else None
-        raise _ended(e, verdict.decision_id, withheld) from None
+        raise _ended(ex, verdict, e, withheld) from None
     enforcer.write(verdict.record)
-    # Checked again: other subscriptions of this user were made while this one was decided.
-    _room_to_subscribe(ex, session, uri)
     session.subscriptions.add(uri)
     return {}
 

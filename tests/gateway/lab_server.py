@@ -57,6 +57,17 @@ def trace(kind: str, **detail) -> None:
             out.write(json.dumps({"kind": kind, **detail}) + "\n")
 
 
+def _traced(kind: str, tag: str) -> bool:
+    """Whether the trace holds ``kind`` for ``tag`` (written by this server, or by a test)."""
+    if not TRACE or not os.path.exists(TRACE):
+        return False
+    with open(TRACE) as lines:
+        return any(
+            (entry := json.loads(line))["kind"] == kind and entry.get("tag") == tag
+            for line in lines
+        )
+
+
 @server.tool(annotations=READ_ONLY)
 async def announce(kind: str, ctx: Context, uri: str = "") -> str:
     """Tell listeners that a list changed (kind: tools, prompts, resources) or a resource did."""
@@ -361,9 +372,14 @@ def greeting(name: str) -> str:
 
 async def subscribe(ctx, params: SubscribeRequestParams) -> EmptyResult:
     """resources/subscribe (2025-11-25): noted; ``announce`` sends updates whoever subscribed.
-    A leaky resource's (and lab://locked's) is refused with an error that names the address its
+    lab://slow's is answered once a ``release`` of it is in the trace. A leaky resource's (and lab://locked's) is refused with an error that names the address its
     reads carry."""
     trace("subscribed", tag=str(params.uri))
+    if str(params.uri) == "lab://slow":
+        # Answered once the test says so: a subscription still at its upstream meanwhile.
+        with anyio.fail_after(15):
+            while not _traced("release", "lab://slow"):
+                await anyio.sleep(0.02)
     if str(params.uri).startswith(("lab://leaky", "lab://locked")):
         raise MCPError(-32000, f"locked by {SECRET}", {"owner": SECRET})
     return EmptyResult()

@@ -175,7 +175,8 @@ def test_the_record_of_a_call_whose_client_went_away_says_it_was_cancelled(basti
 
 def test_the_record_of_a_call_bastion_failed_to_forward_says_so(bastion, monkeypatch):
     """An allowed call is recorded however it ends: a failure of bastion's own while it forwards
-    (the call never reaches the upstream) is recorded as an internal error, never left out."""
+    (the call never reaches the upstream) is recorded as an internal error, never left out, and
+    the client's -32603 names that record."""
     upstream = bastion.app.state.gateway.upstreams["labhttp"].upstream
 
     async def fails(*args, **kwargs):
@@ -188,8 +189,12 @@ def test_the_record_of_a_call_bastion_failed_to_forward_says_so(bastion, monkeyp
     response = bastion.http.post(
         bastion.mcp_url("labhttp"), json=_wait_call(4, tag, seconds=0), headers=headers
     )
-    assert response.json()["error"] == {"code": -32603, "message": "internal error in bastion"}
     record = _record_of_wait(bastion, tag, 0, seq)
+    assert response.json()["error"] == {
+        "code": -32603,
+        "message": "internal error in bastion",
+        "data": {"decision_id": record.id},
+    }
     assert (record.method, record.result, record.reason) == (
         "tools/call",
         "allow",

@@ -11,7 +11,11 @@ what records it, as docs/gateway.md ("Decision records and `bastion audit tail`"
   id of the decision that let the call through, whose record says what the upstream answered,
   and it leaves no ``mcp.refused`` row saying bastion refused the request. A list has no
   decision of its own: an upstream's error there is relayed and logged, and written nowhere
-  else.
+  else;
+- a call let through that bastion itself ends (a limit found past once the upstream answered,
+  a question of the upstream's it will not relay, its own failure) names the decision, whose
+  record says so: ``bastion error`` and the code, or ``internal error`` (logged with its
+  traceback), never ``upstream error``.
 
 Each case is driven by the MCP SDK's client where it can send it, by raw HTTP where it cannot.
 """
@@ -21,6 +25,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -28,12 +33,12 @@ import pytest
 from mcp.shared.exceptions import MCPError
 
 from bastion.cli import main
-from bastion.gateway import transport
+from bastion.gateway import handlers, transport
 from bastion.policy.parser import parse_fact
 from bastion.signals.suspensions import suspend, suspension
 
 from .lab_server import REFUSED_CURSORS
-from .streams import legacy_session, messages, modern_headers, modern_request
+from .streams import legacy_session, messages, modern_headers, modern_request, traced
 
 LONG = "x" * 5000
 
@@ -153,6 +158,67 @@ def _failing_upstream(bastion, token):
     """The upstream breaks down (HTTP 502) on the call bastion let through."""
     bastion.recorder.fail_next("search_customers")
     return _post("deskhttp", "tools/call", _search, "search_customers")(bastion, token)
+
+
+def _failing(step: str, send):
+    """``send`` while one step of bastion's own raises, as no input can make it (a monkeypatch:
+    a failure bastion did not foresee): ``forward`` while it forwards the call it let through,
+    ``release`` once the upstream has answered, as it releases the result."""
+
+    def sent(bastion, token):
+        with pytest.MonkeyPatch.context() as patch:
+            if step == "forward":
+                upstream = bastion.app.state.gateway.upstreams["deskhttp"].upstream
+                patch.setattr(upstream, "request", _unforeseen_async)
+            else:
+                patch.setattr(handlers, "mask_result", _unforeseen)
+            return send(bastion, token)
+
+    return sent
+
+
+UNFORESEEN = "a failure bastion did not foresee"
+
+
+async def _unforeseen_async(*args, **kwargs):
+    raise TypeError(UNFORESEEN)
+
+
+def _unforeseen(*args, **kwargs):
+    raise TypeError(UNFORESEEN)
+
+
+def _subscribed_meanwhile(bastion, token):
+    """Two sessions of one user, one subscription short of ``max_subscriptions_per_user``: a
+    subscription is let through and waits at the upstream (lab://slow), another is made
+    meanwhile, then the upstream answers the first. Room is checked again once it has: the user
+    has none left, which bastion finds only after the call was let through."""
+    sessions = bastion.app.state.gateway.sessions
+    slow, quick = legacy_session(bastion, token, "labold"), legacy_session(bastion, token, "labold")
+    answered: list = []
+    with pytest.MonkeyPatch.context() as patch:  # a setting, made small for this case
+        patch.setattr(
+            sessions, "max_subscriptions_per_user", sessions.subscriptions_of("labold", "sam") + 1
+        )
+        waiting = threading.Thread(
+            target=lambda: answered.append(_subscribe(bastion, slow, "lab://slow"))
+        )
+        waiting.start()
+        try:
+            assert traced(bastion, "subscribed", "lab://slow")
+            meanwhile = _subscribe(bastion, quick, "lab://open")
+            assert meanwhile.json() == {"jsonrpc": "2.0", "id": 7, "result": {}}
+        finally:
+            with bastion.lab_trace.open("a") as trace:
+                trace.write(json.dumps({"kind": "release", "tag": "lab://slow"}) + "\n")
+            waiting.join(30)
+    [response] = answered
+    return response
+
+
+def _subscribe(bastion, session: dict, uri: str):
+    body = {"jsonrpc": "2.0", "id": 7, "method": "resources/subscribe", "params": {"uri": uri}}
+    return bastion.http.post(bastion.mcp_url("labold"), json=body, headers=session, timeout=30)
 
 
 def _get_without_accept(bastion, token):
@@ -399,6 +465,59 @@ CASES: dict[str, tuple[Callable, Expected]] = {
             "allow",
         ),
     ),
+    # -- ended by bastion, after a decision let the call through -------------------------------
+    "bastion fails while it forwards a call it let through": (
+        _http(
+            "deskhttp",
+            _failing("forward", _post("deskhttp", "tools/call", _search, "search_customers")),
+        ),
+        Expected(
+            "decision",
+            "internal error",
+            "deskhttp",
+            "tools/call",
+            'Tool{"deskhttp/search_customers"}',
+            "allow",
+        ),
+    ),
+    "bastion fails while it releases the result of a call it let through": (
+        _http(
+            "deskhttp",
+            _failing("release", _post("deskhttp", "tools/call", _search, "search_customers")),
+        ),
+        Expected(
+            "decision",
+            "internal error",
+            "deskhttp",
+            "tools/call",
+            'Tool{"deskhttp/search_customers"}',
+            "allow",
+        ),
+    ),
+    "a question of the upstream's that bastion will not relay": (
+        # labhttp answers input_required asking for elicitation, which this client did not
+        # declare: bastion refuses to ask it, after the call was let through.
+        _sdk("sam", "labhttp", lambda c: c.call_tool("ask_anyway", {})),
+        Expected(
+            "decision",
+            "bastion error -32601",
+            "labhttp",
+            "tools/call",
+            'Tool{"labhttp/ask_anyway"}',
+            "allow",
+        ),
+    ),
+    "a subscription past the limit, found once the upstream answered": (
+        _http("labold", _subscribed_meanwhile, status=400),
+        Expected(
+            "decision",
+            "bastion error -32602",
+            "labold",
+            "resources/subscribe",
+            'McpResource{"labold/lab://slow"}',
+            "allow",
+        ),
+    ),
     # -- an upstream's error where there is no decision: a list -------------------------------
     **{
         f"the upstream refuses {method} ({code})": (
@@ -511,6 +630,7 @@ def test_every_refusal_leads_to_its_record(bastion, capsys, caplog, case):
     oauth = bastion.app.state.oauth
     caplog.set_level(logging.INFO, logger="bastion.gateway")
     outcome = drive(bastion)
+    failures = [r for r in caplog.records if r.exc_info and UNFORESEEN in str(r.exc_info[1])]
     rows = [
         e for e in oauth.audit.events("mcp.refused", 100000) if e.client_id == outcome.client_id
     ]
@@ -536,6 +656,8 @@ def test_every_refusal_leads_to_its_record(bastion, capsys, caplog, case):
         assert shown["policy"]["version"] == record["policy_version"]
         # A decision's refusal is in the decision records, not also an mcp.refused row.
         assert rows == []
+        # bastion's own failure is in the log once, with its traceback, and only it.
+        assert len(failures) == (expected.reason == "internal error")
     elif expected.kind == "upstream":
         assert outcome.data is None or "decision_id" not in outcome.data, outcome.data
         assert f"upstream error {outcome.code}" == expected.reason
