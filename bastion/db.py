@@ -93,7 +93,7 @@ class SchemaNewer(DatabaseSettingError):
 
 # Each component's schema version as this process's code knows it (its number of migrations),
 # for every component migrated here (`Database.migrate`), so a running process can tell when a
-# newer bastion migrates the database under it (`schema_newer`).
+# newer bastion migrates the database under it (`schema_and_clock`).
 _KNOWN_SCHEMA: dict[str, int] = {}
 _KNOWN_SCHEMA_LOCK = threading.Lock()
 
@@ -581,17 +581,12 @@ class Database:
                 self._conn.close()
 
 
-def schema_newer(db: Database) -> str | None:
-    """Why this process must stop using ``db``: a component it migrated (`Database.migrate`) is
-    at a later version there than its code knows, so a newer bastion has migrated it since;
-    None while none is."""
-    return schema_and_clock(db)[0]
-
-
 def schema_and_clock(db: Database) -> tuple[str | None, float | None]:
-    """`schema_newer`'s answer and, on PostgreSQL, `clock_skew` of this process, read by one
-    statement (a replica asks both once a second, `Replica`). On SQLite the database is on
-    this machine and its clock is this process's: None."""
+    """Why this process must stop using ``db`` (a component it migrated, `Database.migrate`, is
+    at a later version there than its code knows: a newer bastion has migrated it since; None
+    while none is) and, on PostgreSQL, the `clock_skew` of this process, read by one statement
+    (a replica asks both once a second, `Replica`). On SQLite the database is on this machine
+    and its clock is this process's: None."""
     with _KNOWN_SCHEMA_LOCK:
         known = dict(_KNOWN_SCHEMA)
     query = "SELECT component, MAX(version){} FROM schema_migrations GROUP BY component"
@@ -621,7 +616,8 @@ def clock_skew(before: float, after: float, database_time: float) -> float:
 
 
 def _newer_message(ahead: list[tuple[str, int, int]]) -> str:
-    """What `SchemaNewer` and `schema_newer` say of ``(component, version there, version known)``."""
+    """What `SchemaNewer` and `schema_and_clock` say of ``(component, version there, version
+    known)``."""
     which = ", ".join(
         f"{component} version {there} (this bastion knows version {known})"
         for component, there, known in ahead

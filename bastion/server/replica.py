@@ -316,7 +316,7 @@ class Replica:
         # Why the policy in force does not load here (None while the one in force is loaded).
         self.policy_refused: str | None = None
         # Why this process's code must no longer use the database: a newer bastion migrated it
-        # (`schema_newer`). Set once, for good: a restart refuses to start (`SchemaNewer`).
+        # (`schema_and_clock`). Set once, for good: a restart refuses to start (`SchemaNewer`).
         self.schema_refused: str | None = None
         self._schema_watch: asyncio.Task | None = None
         # Why this process's clock must not be used: further from the database's than
