@@ -65,7 +65,7 @@ def cmd_show(args: argparse.Namespace) -> int:
         pins.db.close()
     if pin is None:
         print(
-            f"bastion {args.kind}s: no {args.kind} {args.name!r} of {args.server!r} is known",
+            f"bastion: no {args.kind} {args.name!r} of {args.server!r} is known",
             file=sys.stderr,
         )
         return 2
@@ -89,7 +89,7 @@ def cmd_accept(args: argparse.Namespace) -> int:
             _print_pending(before)  # what is accepted, once more
         pin = pins.accept(args.server, args.kind, args.name, args.digest, cli_actor())
     except PinError as e:
-        print(f"bastion {args.kind}s: {e}", file=sys.stderr)
+        print(f"bastion: {e}", file=sys.stderr)
         return 2
     finally:
         pins.db.close()

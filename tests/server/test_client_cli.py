@@ -401,6 +401,9 @@ def test_an_id_that_names_nothing_is_one_line_and_exit_2_in_every_command(
         ("alerts", "show", "nosuch"),
         ("alerts", "ack", "nosuch", "--as", "ops"),
         ("connections", "revoke", "sam", "up", "--config", str(config)),
+        ("tools", "show", "up", "nosuch"),
+        ("prompts", "show", "up", "nosuch"),
+        ("tools", "accept", "up", "nosuch", "--digest", "0" * 64),
     ):
         assert main([*command, *db]) == 2, command
         out, err = capsys.readouterr()
