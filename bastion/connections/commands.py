@@ -50,13 +50,14 @@ def _open(args: argparse.Namespace, keys_needed: bool = True):
         )
     db = Database(command_database(args, config), role="bastion-cli")
     try:
-        return connections_from_config(db, per_user, oauth.key_dir, oauth.issuer)
+        # The key file is the server's to make (`load_keys`).
+        return connections_from_config(db, per_user, oauth.key_dir, oauth.issuer, make_keys=False)
     except ConnectionKeysMissing as e:
         if keys_needed:
             db.close()
             raise CommandError(str(e)) from None
         print(
-            f"bastion connections: {e.path} is missing: the stored tokens cannot be opened, so a"
+            f"bastion: {e.path} is missing: the stored tokens cannot be opened, so a"
             " connection revoked now is not revoked at the upstream",
             file=sys.stderr,
         )
@@ -124,7 +125,7 @@ def _guarded(func):
         try:
             return func(args)
         except CommandError as e:
-            print(f"bastion connections: {e}", file=sys.stderr)
+            print(f"bastion: {e}", file=sys.stderr)
             return 2
 
     return run

@@ -61,11 +61,14 @@ def load_keys(
     key_dir: str | os.PathLike,
     env: Mapping[str, str] | None = None,
     in_use: Callable[[], bool] = lambda: False,
+    make: bool = True,
 ) -> list[bytes]:
     """The connection keys, newest (sealing) first: from the environment, else the key file,
     made with one new key if it does not exist, unless ``in_use()`` (the database holds sealed
     connections): then `ConnectionKeysMissing`. A file that holds no key, or anything but keys
-    (cut short, damaged), is refused, never replaced."""
+    (cut short, damaged), is refused, never replaced. ``make=False`` (the CLI, perhaps run as
+    another user than the server's, who could then not read the file) writes no file: a key
+    of this call only stands in, which opens nothing and seals nothing that is kept."""
     env = os.environ if env is None else env
     text = env.get(ENV, "")
     if text.strip():
@@ -74,6 +77,8 @@ def load_keys(
     if not path.exists():
         if in_use():
             raise ConnectionKeysMissing(path)
+        if not make:
+            return [Fernet.generate_key()]
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         # Whole or not at all; another replica may make it first: theirs is read below.
         atomic_files.create(path, Fernet.generate_key() + b"\n")

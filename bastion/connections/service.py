@@ -497,13 +497,21 @@ class Connections:
 
 
 def connections_from_config(
-    db, upstreams: Mapping[str, tuple[str, UpstreamOAuth]], key_dir: str, issuer: str
+    db,
+    upstreams: Mapping[str, tuple[str, UpstreamOAuth]],
+    key_dir: str,
+    issuer: str,
+    make_keys: bool = True,
 ) -> Connections:
-    """The connections of a deployment: its database, the keys (`bastion.connections.sealing`)
-    and the upstreams configured with ``auth = "per_user"`` (name -> (URL, oauth table))."""
+    """The connections of a deployment: its database, the keys (`bastion.connections.sealing`;
+    ``make_keys``: whether a missing key file is made) and the upstreams configured with
+    ``auth = "per_user"`` (name -> (URL, oauth table))."""
     from bastion.connections.sealing import load_keys
 
     store = ConnectionStore(db)
     return Connections(
-        store, Sealer(load_keys(key_dir, in_use=store.holds_connections)), upstreams, issuer
+        store,
+        Sealer(load_keys(key_dir, in_use=store.holds_connections, make=make_keys)),
+        upstreams,
+        issuer,
     )

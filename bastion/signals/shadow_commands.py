@@ -39,7 +39,7 @@ def cmd_shadow_report(args: argparse.Namespace) -> int:
     try:
         since = since_epoch(args.since, time.time())
     except ValueError as e:
-        print(f"bastion signals shadow-report: {e}", file=sys.stderr)
+        print(f"bastion: {e}", file=sys.stderr)
         return 2
     db = Database(_database(args))
     try:

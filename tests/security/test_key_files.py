@@ -229,6 +229,42 @@ auth = "per_user"
     assert len(load_keys(tmp_path / "keys", env={})) == 1
 
 
+def test_the_cli_makes_no_connection_key_where_only_a_server_should(tmp_path, capsys):
+    """The key file is the server's: the CLI, run by another user (root, an operator) on the
+    same folder, made it when it was missing, owned by that user, and the server could then not
+    read it. With no connection stored there is nothing to open: `connections list`, `revoke`
+    and `rekey` answer without making a key, and the server's first start makes it."""
+    from bastion.cli import main
+
+    database = str(tmp_path / "bastion.db")
+    ConnectionStore(Database(database)).db.close()  # a deployment with no connection yet
+    config = tmp_path / "bastion.toml"
+    config.write_text(
+        f"""[server]
+database = "{database}"
+
+[oauth]
+issuer = "http://127.0.0.1:9"
+key_dir = "{tmp_path / "keys"}"
+resources = [{{ uri = "http://127.0.0.1:9/mcp/tracker" }}]
+
+[[gateway.upstreams]]
+name = "tracker"
+url = "http://127.0.0.1:9/mcp"
+auth = "per_user"
+"""
+    )
+    assert main(["connections", "list", "--config", str(config)]) == 0
+    assert main(["connections", "revoke", "alice", "tracker", "--config", str(config)]) == 2
+    assert main(["connections", "rekey", "--config", str(config)]) == 0
+    said = capsys.readouterr()
+    assert "re-sealed 0 connection(s)" in said.out
+    assert "cannot be opened" not in said.err  # nothing is stored that a key would open
+    assert not (tmp_path / "keys").exists()
+    _open_connections(database, tmp_path / "keys")
+    assert len(load_keys(tmp_path / "keys", env={})) == 1
+
+
 def test_a_damaged_signing_key_is_refused_with_its_path(tmp_path):
     """An empty or cut-short private key of the key that signs: every token issuance failed
     with "Could not deserialize key data", naming no file."""
