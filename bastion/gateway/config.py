@@ -202,7 +202,7 @@ class GatewayConfig:
                 f" port), got {origins!r}"
             )
         try:
-            trusted = parse_trusted_issuers(table.get("trusted_issuers", []), set(names))
+            trusted = parse_trusted_issuers(table.get("trusted_issuers", []), set(names), env)
         except ValueError as e:
             raise ConfigError(str(e)) from None
         return cls(

@@ -30,6 +30,7 @@ from joserfc.jwk import KeySet
 
 from bastion import untrusted_json
 from bastion.audit.refusals import RefusalLog
+from bastion.environment import expand
 from bastion.names import UNVERIFIED_EMAIL, user_prefix_problem, vouched_for
 from bastion.oauth.access_token import TOKEN_TYPE
 from bastion.oauth.client_assertion import algorithms_problem, jwks_problem, url_problem
@@ -113,9 +114,12 @@ class TrustedIssuer:
         return bool(self.introspection_client_id)
 
     @classmethod
-    def from_mapping(cls, where: str, table: Any, servers: set[str]) -> TrustedIssuer:
+    def from_mapping(
+        cls, where: str, table: Any, servers: set[str], env: Mapping[str, str]
+    ) -> TrustedIssuer:
         """Read one table; ``ValueError`` names the key at fault. ``servers`` are the upstreams'
-        names (an audience for a server that does not exist is a mistake)."""
+        names (an audience for a server that does not exist is a mistake); ``${NAME}`` in the
+        introspection secret is taken from ``env``."""
         if not isinstance(table, Mapping):
             raise ValueError(f"{where}: a table with issuer and audiences")
         unknown = sorted(set(table) - _KEYS)
@@ -152,6 +156,10 @@ class TrustedIssuer:
                 if not isinstance(table[name], str) or not table[name]:
                     raise ValueError(f"{where}.{name} must be a non-empty string")
                 values[name] = table[name]
+        if "introspection_client_secret" in values:
+            values["introspection_client_secret"] = expand(
+                values["introspection_client_secret"], env, f"{where}.introspection_client_secret"
+            )
         if "user_prefix" in table:
             if problem := user_prefix_problem(table["user_prefix"]):
                 raise ValueError(f"{where}.user_prefix: {problem}")
@@ -199,12 +207,14 @@ class TrustedIssuer:
         return found
 
 
-def parse_trusted_issuers(value: Any, servers: set[str]) -> tuple[TrustedIssuer, ...]:
+def parse_trusted_issuers(
+    value: Any, servers: set[str], env: Mapping[str, str]
+) -> tuple[TrustedIssuer, ...]:
     """The ``[[gateway.trusted_issuers]]`` array; ``ValueError`` on any mistake."""
     if not isinstance(value, list):
         raise ValueError("gateway.trusted_issuers must be an array of tables")
     issuers = tuple(
-        TrustedIssuer.from_mapping(f"gateway.trusted_issuers[{i}]", t, servers)
+        TrustedIssuer.from_mapping(f"gateway.trusted_issuers[{i}]", t, servers, env)
         for i, t in enumerate(value)
     )
     names = [i.issuer for i in issuers]

@@ -51,7 +51,7 @@ def test_a_trusted_issuers_metadata_is_fetched_once_for_tokens_that_come_togethe
     clock = ManualClock()
     issuer = f"{down['url']}/idp"
     table = {"issuer": issuer, "audiences": {"desk": "api://desk"}, "jwks_refetch_seconds": 30}
-    trusted = TrustedIssuers(parse_trusted_issuers([table], {"desk"}), clock=clock)
+    trusted = TrustedIssuers(parse_trusted_issuers([table], {"desk"}, {}), clock=clock)
     now = int(time.time())
     claims = {"iss": issuer, "sub": "sam", "aud": "api://desk", "iat": now, "exp": now + 300}
     token = jwt.encode({"alg": "ES256", "kid": "k1"}, claims, KEY, registry=ANY_KID)

@@ -194,7 +194,9 @@ def bastion(tmp_path_factory, idp, dead_url):
             "issuer": idp.issuer("b"),
             "audiences": {"deskhttp": "api://desk-b"},
             "introspection_client_id": INTROSPECTION_ID,
-            "introspection_client_secret": INTROSPECTION_SECRET,
+            # From the environment, as docs/identity.md writes it: the provider refuses
+            # anything but the variable's value.
+            "introspection_client_secret": "${BASTION_TEST_INTROSPECTION_SECRET}",
             "introspection_cache_seconds": 1,
             "require_typ": True,
         },
@@ -236,8 +238,10 @@ def bastion(tmp_path_factory, idp, dead_url):
             "max_document_bytes": 4096,
         },
     ]
-    with start(tmp_path_factory.mktemp("issuers"), gateway={"trusted_issuers": trusted}) as b:
-        yield b
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("BASTION_TEST_INTROSPECTION_SECRET", INTROSPECTION_SECRET)
+        with start(tmp_path_factory.mktemp("issuers"), gateway={"trusted_issuers": trusted}) as b:
+            yield b
 
 
 def call(bastion, token: str, server: str = "deskhttp") -> httpx.Response:
@@ -437,7 +441,7 @@ def test_a_remembered_token_is_refused_once_it_expires(idp):
     not outlive the token: past exp and the leeway it is refused, as a new token would be."""
     clock = ManualClock(int(time.time()))
     issuers = parse_trusted_issuers(
-        [{"issuer": idp.issuer("a"), "audiences": {"deskhttp": "api://desk-a"}}], {"deskhttp"}
+        [{"issuer": idp.issuer("a"), "audiences": {"deskhttp": "api://desk-a"}}], {"deskhttp"}, {}
     )
     trusted = TrustedIssuers(issuers, clock=clock)
     token = idp.token("a", exp=clock.now + 60)
@@ -725,6 +729,26 @@ def test_the_configuration_refuses_unknown_keys_and_symmetric_algorithms():
     for prefix in ("corp\n", "x" * 65, 7):
         with pytest.raises(ConfigError, match="user_prefix"):
             GatewayConfig.from_mapping(config(user_prefix=prefix))
+
+
+def test_an_introspection_secret_written_as_a_variable_is_read_from_the_environment():
+    # docs/identity.md writes introspection_client_secret = "${OKTA_INTROSPECTION_SECRET}": the
+    # file holds no secret, and the secret sent to the provider is the variable's value.
+    table = {
+        "upstreams": [{"name": "desk", "url": "http://127.0.0.1:9/mcp"}],
+        "trusted_issuers": [
+            {
+                "issuer": "https://idp.example.com",
+                "audiences": {"desk": "api://desk"},
+                "introspection_client_id": "bastion",
+                "introspection_client_secret": "${IDP_SECRET}",
+            }
+        ],
+    }
+    read = GatewayConfig.from_mapping(table, {"IDP_SECRET": "from-the-environment"})
+    assert read.trusted_issuers[0].introspection_client_secret == "from-the-environment"
+    with pytest.raises(ConfigError, match="introspection_client_secret names \\$\\{IDP_SECRET\\}"):
+        GatewayConfig.from_mapping(table, {})
 
 
 def test_a_refused_tokens_audit_row_is_written_off_the_event_loop(bastion, idp, monkeypatch):
