@@ -1,0 +1,379 @@
+"""What README.md and docs/ tell a person to type works as written: every `bastion ...` command
+names a command, sub-command and options the real parser has (built from bastion/cli.py, never
+run), every TOML example is read by the settings loaders that `bastion serve` uses, and every
+`make <target>` the README names is one the Makefile has. (tests/server/test_docs.py checks the
+other direction: what the server has is named in the docs.)"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import shlex
+from collections.abc import Iterator
+from dataclasses import dataclass, fields, is_dataclass
+from pathlib import Path
+
+from bastion.cli import build_parser
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _documents() -> list[Path]:
+    return [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+
+
+@dataclass(frozen=True)
+class Block:
+    """A fenced code block: where it is, its language tag, its lines."""
+
+    file: str
+    line: int  # of its first line of content, 1-based
+    language: str
+    text: str
+
+
+_FENCE = re.compile(r"^(\s*)```(\w*)\s*$")
+
+
+def _blocks(path: Path) -> Iterator[Block]:
+    lines = path.read_text(encoding="utf-8").splitlines()
+    i = 0
+    while i < len(lines):
+        fence = _FENCE.match(lines[i])
+        if fence is None:
+            i += 1
+            continue
+        indent, language = fence.groups()
+        end = i + 1
+        while end < len(lines) and lines[end].strip() != "```":
+            end += 1
+        body = [
+            line[len(indent) :] if line.startswith(indent) else line for line in lines[i + 1 : end]
+        ]
+        yield Block(str(path.relative_to(ROOT)), i + 2, language, "\n".join(body))
+        i = end + 1
+
+
+# -- bastion commands --------------------------------------------------------------------------
+
+# Code blocks a person types (or reads commands from); polar, python, json, toml and http hold
+# none, and a `bastion` in them is something else.
+_SHELL_LANGUAGES = {"", "sh", "shell", "bash", "console", "text"}
+# `bastion` run as a command: first on its line (after a `$ ` prompt or variable assignments),
+# or after a pipe, `;`, `&&` or `$(`; by its name or a path (.venv/bin/bastion).
+_INVOCATION = re.compile(
+    r"(?:^\s*(?:\$\s+)?(?:\w+=\S*\s+)*|[|;&]\s*|\$\()(?:[\w./$()-]*/)?bastion\s+(?=[a-z-])"
+)
+# Where the command ends: a pipe, a list operator, a redirection, a background `&`.
+_END = re.compile(r"\s(?:\||&&?|;|[12]?>|<<)(?:\s|$)|\)\s*$")
+# A comment, to the end of its line.
+_COMMENT = re.compile(r"(?:^|\s)#.*$")
+# Inline code that names bastion's own words, not a command: its messages quoted in the docs
+# ("bastion refused this request (...)", the JSON-RPC "bastion error -32003").
+_MESSAGES = {"refused", "error"}
+
+
+@dataclass(frozen=True)
+class Command:
+    file: str
+    line: int
+    text: str  # from `bastion` on
+    synopsis: bool  # inline, or written with [optional] parts, <placeholders>, A|B choices
+
+
+def _commands() -> Iterator[Command]:
+    for path in _documents():
+        for block in _blocks(path):
+            if block.language not in _SHELL_LANGUAGES:
+                continue
+            lines = block.text.split("\n")
+            n = 0
+            while n < len(lines):
+                start, line = n, lines[n]
+                while line.rstrip().endswith("\\") and n + 1 < len(lines):
+                    n += 1
+                    line = line.rstrip()[:-1] + " " + lines[n].strip()
+                n += 1
+                line = _COMMENT.sub("", line)
+                for found in _INVOCATION.finditer(line):
+                    text = line[found.end() :]
+                    end = _END.search(text)
+                    text = "bastion " + (text[: end.start()] if end else text).strip()
+                    yield Command(block.file, block.line + start, text, _is_synopsis(text))
+        text = path.read_text(encoding="utf-8")
+        for number, line in enumerate(text.splitlines(), 1):
+            for span in re.findall(r"`((?:\.venv/bin/)?bastion [a-z][^`]*)`", line):
+                span = re.sub(r"^\.venv/bin/", "", span)
+                if span.split()[1] in _MESSAGES:
+                    continue
+                yield Command(str(path.relative_to(ROOT)), number, span, True)
+
+
+def _is_synopsis(text: str) -> bool:
+    return bool(re.search(r"[\[\]<>|]|\.\.\.|…", text))
+
+
+def _words(text: str) -> list[str]:
+    try:
+        return shlex.split(text)
+    except ValueError:  # a quote a synopsis leaves open
+        return text.split()
+
+
+def _subparsers(parser: argparse.ArgumentParser) -> argparse._SubParsersAction | None:
+    return next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)
+
+
+def _option(parser: argparse.ArgumentParser, name: str) -> argparse.Action | None:
+    return next((a for a in parser._actions if name in a.option_strings), None)
+
+
+def _placeholder(word: str) -> bool:
+    """A value the reader fills in: NAME, <id>, $VAR, ..."""
+    return bool(re.fullmatch(r"[A-Z][A-Z0-9_]*|<.*|.*>|\$.*|.*\.\.\.|…", word))
+
+
+def _mistakes(words: list[str], parser: argparse.ArgumentParser) -> list[str]:
+    """What the words (after `bastion`) name that ``parser`` does not have: a command or
+    sub-command, an option of the command named, a value outside an option's choices."""
+    mistakes = []
+    command = ["bastion"]
+    words = [w.strip("[]") for w in words]
+    words = [w for w in words if w not in ("", "...", "…")]
+    i = 0
+    options_ended = False
+    while i < len(words):
+        word = words[i]
+        i += 1
+        if word == "--":
+            options_ended = True
+            continue
+        if word.startswith("-") and len(word) > 1 and not options_ended:
+            name = word.split("=", 1)[0]
+            action = _option(parser, name)
+            if action is None:
+                mistakes.append(f"{' '.join(command)} has no option {name}")
+                continue
+            if action.nargs == 0:
+                continue
+            if "=" in word:
+                value: str | None = word.split("=", 1)[1]
+            elif i < len(words) and not words[i].startswith("-"):
+                value = words[i]
+                i += 1
+            else:
+                value = None
+            if action.choices is not None and value is not None and not _placeholder(value):
+                wrong = [v for v in value.split("|") if v not in action.choices]
+                if wrong:
+                    mistakes.append(
+                        f"{' '.join(command)} {name} takes one of {sorted(action.choices)}, not {wrong}"
+                    )
+            continue
+        sub = _subparsers(parser)
+        if sub is None:
+            continue  # a positional argument
+        if word not in sub.choices:
+            if not _placeholder(word):
+                mistakes.append(f"{' '.join(command)} has no sub-command {word!r}")
+            break
+        command.append(word)
+        parser = sub.choices[word]
+    return mistakes
+
+
+def _parse_error(words: list[str]) -> str | None:
+    """What the parser says of ``words`` taken as given, None when it takes them."""
+    parser = build_parser()
+    errors: list[str] = []
+
+    def refuse(message: str) -> None:
+        errors.append(message)
+        raise SystemExit(2)
+
+    stack = [parser]
+    while stack:
+        p = stack.pop()
+        p.error = refuse  # type: ignore[method-assign]
+        if (sub := _subparsers(p)) is not None:
+            stack.extend(sub.choices.values())
+    try:
+        parser.parse_args(words)
+    except SystemExit:
+        return errors[0] if errors else "exits"
+    return None
+
+
+def test_every_bastion_command_the_docs_show_is_one_the_cli_has():
+    parser = build_parser()
+    wrong = []
+    seen = 0
+    for command in _commands():
+        seen += 1
+        words = _words(command.text)[1:]
+        mistakes = _mistakes(words, parser)
+        if not mistakes and not command.synopsis:
+            error = _parse_error([w for w in words])
+            if error is not None:
+                mistakes = [error]
+        wrong += [f"{command.file}:{command.line}: {command.text!r}: {m}" for m in mistakes]
+    assert seen > 100, f"only {seen} commands found in the docs: is the extraction broken?"
+    assert not wrong, "commands in the docs the CLI does not have:\n" + "\n".join(wrong)
+
+
+# -- TOML examples -----------------------------------------------------------------------------
+
+# A commented-out setting shown with its default (`# user_claim = "sub"`): a reader uncomments it.
+_COMMENTED_KEY = re.compile(r"^(\s*)#\s*([A-Za-z_][\w-]*\s*=\s*\S)", re.M)
+# What an example leaves to the reader's deployment when it shows only a part of bastion.toml:
+# the authorization server's issuer and one protected resource, two upstreams ("desk", "files",
+# the names the guides use) for [gateway] tables that name none.
+_ISSUER = "https://auth.example.com"
+_BASE_OAUTH = {
+    "issuer": _ISSUER,
+    "key_dir": "/var/lib/bastion/oauth-keys",
+    "resources": [{"uri": "https://mcp.example.com/mcp/desk", "scopes": ["tools:call"]}],
+}
+_BASE_UPSTREAMS = [
+    {"name": "desk", "command": "python3", "args": ["server.py"]},
+    {"name": "files", "url": "http://127.0.0.1:9000/mcp"},
+]
+
+
+def _environment(text: str) -> dict[str, str]:
+    """The variables an example names (`${NAME}`, `secret_env = "NAME"`), each set as a reader
+    would: a URL for a *_URL variable, else a secret long enough for every reader."""
+    names = set(re.findall(r"\$\{(\w+)\}", text)) | set(
+        re.findall(r"^\s*#?\s*\w+_env\s*=\s*\"(\w+)\"", text, re.M)
+    )
+    return {
+        name: "https://hooks.example.com/placeholder" if name.endswith("URL") else "s" * 32
+        for name in names
+    }
+
+
+def _read_as_bastion_serve(text: str, tmp: Path) -> list[object]:
+    """Read ``text`` as `bastion serve` reads bastion.toml, each table by the reader that
+    `bastion serve` hands it to (`create_app`): what they read, or what the first refuses."""
+    from bastion.approvals.settings import ApprovalSettings
+    from bastion.gateway.config import GatewayConfig
+    from bastion.identity.providers import IdentitySettings
+    from bastion.oauth.settings import OAuthSettings
+    from bastion.server.config import ServerConfig
+    from bastion.signals.alerts import AlertSettings
+    from bastion.signals.posture import PostureSettings
+    from bastion.signals.settings import SsfSettings
+    from bastion.signals.store import SignalSettings
+
+    env = _environment(text)
+    file = tmp / "bastion.toml"
+    file.write_text(text, encoding="utf-8")
+    # The file's tables, [server]'s keys and values, [signals.behavior] and [tasks].
+    config = ServerConfig.load(file, env={})
+    # (config holds the other tables as written: each is read below by its own reader.)
+    read: list[object] = [config.task_settings()]
+    if config.oauth:
+        read.append(OAuthSettings.from_mapping(_BASE_OAUTH | config.oauth))
+    if config.gateway:
+        table = {"upstreams": _BASE_UPSTREAMS} | config.gateway
+        read.append(GatewayConfig.from_mapping(table, env))
+    if config.identity:
+        read.append(IdentitySettings.from_mapping(config.identity, env))
+    if config.approvals:
+        read.append(ApprovalSettings.from_mapping(config.approvals, env))
+    signals = config.signals
+    if "ssf" in signals:
+        read.append(SsfSettings.from_table(signals["ssf"], issuer=_ISSUER, env=env))
+    if "api" in signals:
+        read.append(SignalSettings.from_mapping(signals["api"]))
+    if "posture" in signals:
+        read.append(PostureSettings.from_mapping(signals["posture"]))
+    if "alerts" in signals:
+        read.append(AlertSettings.from_mapping(signals["alerts"], env))
+    return read
+
+
+def _unexpanded(value: object, where: str = "") -> Iterator[str]:
+    """Where a setting read still holds a `${NAME}` (the variable was not read)."""
+    if isinstance(value, str):
+        if "${" in value:
+            yield f"{where} = {value!r}"
+    elif is_dataclass(value) and not isinstance(value, type):
+        for f in fields(value):
+            yield from _unexpanded(getattr(value, f.name), f"{where}.{f.name}".lstrip("."))
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield from _unexpanded(item, f"{where}.{key}")
+    elif isinstance(value, list | tuple):
+        for i, item in enumerate(value):
+            yield from _unexpanded(item, f"{where}[{i}]")
+
+
+def test_every_toml_example_is_a_configuration_bastion_reads(tmp_path):
+    wrong = []
+    seen = 0
+    for path in _documents():
+        for block in _blocks(path):
+            if block.language != "toml":
+                continue
+            seen += 1
+            # As shown, and with every setting shown commented out put in force.
+            for text in (block.text, _COMMENTED_KEY.sub(r"\1\2", block.text)):
+                try:
+                    read = _read_as_bastion_serve(text, tmp_path)
+                except (ValueError, TypeError) as e:
+                    wrong.append(f"{block.file}:{block.line}: {e}")
+                    break
+                # A ${NAME} the docs show is read from the environment, never kept as written.
+                literal = [w for settings in read for w in _unexpanded(settings)]
+                if literal:
+                    wrong.append(f"{block.file}:{block.line}: taken as written: {literal}")
+                    break
+    assert seen > 10, f"only {seen} TOML examples found in the docs: is the extraction broken?"
+    assert not wrong, "TOML examples bastion refuses:\n" + "\n".join(wrong)
+
+
+# -- make targets ------------------------------------------------------------------------------
+
+
+def _makefile_targets() -> set[str]:
+    """The targets the Makefile has rules for (`name: ...`, not `NAME := ...`)."""
+    text = (ROOT / "Makefile").read_text(encoding="utf-8")
+    targets = set()
+    for rule in re.finditer(r"^([^\s#:=][^:=]*):(?![=])", text, re.M):
+        targets.update(rule.group(1).split())
+    return targets
+
+
+def _make_commands() -> Iterator[tuple[str, int, str]]:
+    """(file, line, target) of each `make <target>` shown as code: in a code block a person
+    types, or inline (`make run`)."""
+    for path in _documents():
+        name = str(path.relative_to(ROOT))
+        shown = [
+            (block.line + n, line)
+            for block in _blocks(path)
+            if block.language in _SHELL_LANGUAGES
+            for n, line in enumerate(block.text.split("\n"))
+        ]
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            shown += [(number, span) for span in re.findall(r"`(make [^`]*)`", line)]
+        for number, text in shown:
+            command = re.match(r"\s*(?:\$\s+)?make\s+(.*)", _COMMENT.sub("", text))
+            if command is None:
+                continue
+            # Variables may come first: make PYTHON=python3.12 run.
+            words = [w for w in command.group(1).split() if "=" not in w]
+            if words:
+                yield name, number, words[0]
+
+
+def test_every_make_target_the_docs_name_is_one_the_makefile_has():
+    targets = _makefile_targets()
+    assert {"run", "test"} <= targets, f"the Makefile's rules were not read: {targets}"
+    named = list(_make_commands())
+    assert any(f == "README.md" for f, _, _ in named), "no `make` command found in README.md"
+    wrong = [f"{f}:{n}: make {t}" for f, n, t in named if t not in targets]
+    assert not wrong, (
+        f"make targets the Makefile does not have (it has {sorted(targets)}):\n" + "\n".join(wrong)
+    )
