@@ -62,7 +62,7 @@ _SHELL_LANGUAGES = {"", "sh", "shell", "bash", "console", "text"}
 # `bastion` run as a command: first on its line (after a `$ ` prompt or variable assignments),
 # or after a pipe, `;`, `&&` or `$(`; by its name or a path (.venv/bin/bastion).
 _INVOCATION = re.compile(
-    r"(?:^\s*(?:\$\s+)?(?:\w+=\S*\s+)*|[|;&]\s*|\$\()(?:[\w./$()-]*/)?bastion\s+(?=[a-z-])"
+    r"(?:^\s*(?:\$\s+)?(?:\w+=\S*\s+)*|[|;&]\s*|\$\()(?P<program>(?:[\w./$()-]*/)?bastion)\s+(?=[a-z-])"
 )
 # Where the command ends: a pipe, a list operator, a redirection, a background `&`.
 _END = re.compile(r"\s(?:\||&&?|;|[12]?>|<<)(?:\s|$)|\)\s*$")
@@ -79,6 +79,7 @@ class Command:
     line: int
     text: str  # from `bastion` on
     synopsis: bool  # inline, or written with [optional] parts, <placeholders>, A|B choices
+    program: str  # as typed: bastion, .venv/bin/bastion ("" inline: named, not typed)
 
 
 def _commands() -> Iterator[Command]:
@@ -99,14 +100,20 @@ def _commands() -> Iterator[Command]:
                     text = line[found.end() :]
                     end = _END.search(text)
                     text = "bastion " + (text[: end.start()] if end else text).strip()
-                    yield Command(block.file, block.line + start, text, _is_synopsis(text))
+                    yield Command(
+                        block.file,
+                        block.line + start,
+                        text,
+                        _is_synopsis(text),
+                        found.group("program"),
+                    )
         text = path.read_text(encoding="utf-8")
         for number, line in enumerate(text.splitlines(), 1):
             for span in re.findall(r"`((?:\.venv/bin/)?bastion [a-z][^`]*)`", line):
                 span = re.sub(r"^\.venv/bin/", "", span)
                 if span.split()[1] in _MESSAGES:
                     continue
-                yield Command(str(path.relative_to(ROOT)), number, span, True)
+                yield Command(str(path.relative_to(ROOT)), number, span, True, "")
 
 
 def _is_synopsis(text: str) -> bool:
@@ -219,6 +226,31 @@ def test_every_bastion_command_the_docs_show_is_one_the_cli_has():
         wrong += [f"{command.file}:{command.line}: {command.text!r}: {m}" for m in mistakes]
     assert seen > 100, f"only {seen} commands found in the docs: is the extraction broken?"
     assert not wrong, "commands in the docs the CLI does not have:\n" + "\n".join(wrong)
+
+
+# A program a code block runs by name: python, python3, python3.11.
+_PYTHON = re.compile(
+    r"(?:^\s*(?:\$\s+)?|[|;&]\s*|\$\()(?P<program>(?:[\w./$()-]*/)?python[\d.]*)\s"
+)
+
+
+def test_the_readme_runs_bastion_and_python_from_the_venv_make_creates():
+    # README.md's newcomer has run `make run`, which creates .venv/ and puts nothing on PATH:
+    # `bastion` is not found, `python` is not found (Debian) or one without bastion installed.
+    readme = ROOT / "README.md"
+    typed = [(c.line, c.program) for c in _commands() if c.file == "README.md" and c.program]
+    typed += [
+        (block.line + n, found.group("program"))
+        for block in _blocks(readme)
+        if block.language in _SHELL_LANGUAGES
+        for n, line in enumerate(block.text.split("\n"))
+        for found in _PYTHON.finditer(_COMMENT.sub("", line))
+    ]
+    assert len(typed) > 5, f"only {len(typed)} commands found in README.md's code blocks"
+    wrong = [
+        f"README.md:{n}: {program}" for n, program in typed if not program.startswith(".venv/bin/")
+    ]
+    assert not wrong, "README.md runs these outside .venv/bin/:\n" + "\n".join(wrong)
 
 
 # -- TOML examples -----------------------------------------------------------------------------
