@@ -1,8 +1,9 @@
 """What README.md and docs/ tell a person to type works as written: every `bastion ...` command
-names a command, sub-command and options the real parser has (built from bastion/cli.py, never
-run), every TOML example is read by the settings loaders that `bastion serve` uses, and every
-`make <target>` the README names is one the Makefile has. (tests/server/test_docs.py checks the
-other direction: what the server has is named in the docs.)"""
+names a command, sub-command, options and choices the real parser has (built from bastion/cli.py,
+never run), and README.md runs bastion and python from the .venv/ that make creates; every TOML
+example is read by the readers `bastion serve` hands each table to; every `make <target>` is a
+rule of the Makefile. (tests/server/test_docs.py checks the other direction: what the server
+has is named in the docs.)"""
 
 from __future__ import annotations
 
@@ -83,6 +84,7 @@ class Command:
 
 
 def _commands() -> Iterator[Command]:
+    """Each `bastion ...` the docs show: run in a code block, or named in inline code."""
     for path in _documents():
         for block in _blocks(path):
             if block.language not in _SHELL_LANGUAGES:
@@ -220,7 +222,7 @@ def test_every_bastion_command_the_docs_show_is_one_the_cli_has():
         words = _words(command.text)[1:]
         mistakes = _mistakes(words, parser)
         if not mistakes and not command.synopsis:
-            error = _parse_error([w for w in words])
+            error = _parse_error(words)
             if error is not None:
                 mistakes = [error]
         wrong += [f"{command.file}:{command.line}: {command.text!r}: {m}" for m in mistakes]
