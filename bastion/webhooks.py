@@ -35,6 +35,7 @@ import anyio
 import httpx
 
 from bastion.db import Database, DatabaseUnavailable, first_line
+from bastion.names import readable
 
 log = logging.getLogger("bastion.webhooks")
 
@@ -278,16 +279,19 @@ class Attempt:
 
 
 def shown(value: str) -> str:
-    """An identifier chosen by someone else (an agent's client id, an upstream's tool name) as a
-    chat tool shows it: letters, digits and a few plain marks kept, anything else (``<``, ``@``,
-    ``*``, brackets, backticks, control and direction marks) replaced by ``?``, in a code span.
-    So a name cannot mention ``@channel``, add a link of its own or restyle the message: in
-    Slack ``<!channel>`` and ``<https://x|approve>`` are markup, in Mattermost and Teams
-    ``[approve](https://x)`` is."""
-    kept = "".join(c if c.isalnum() or c in "-_./:{}\"'=+, " else "?" for c in value)
-    if len(kept) > _SHOWN_CHARS:
-        kept = kept[: _SHOWN_CHARS - 3] + "..."
-    return f"`{kept}`"
+    """An identifier chosen by someone else (an agent's client id, a user id, an upstream's tool
+    name) as a chat tool shows it, in a code span: `bastion.names.readable`, which shows only
+    letters, digits and a few plain marks as they are here; anything else (``<``, ``@``, ``*``,
+    brackets, backticks, control, zero-width and direction characters) as its escape
+    (``\\u003c``), so a name cannot mention ``@channel``, add a link of its own or restyle
+    the message (in Slack ``<!channel>`` and ``<https://x|approve>`` are markup, in Mattermost
+    and Teams ``[approve](https://x)`` is), and two names never read the same. Cut past 120
+    characters, with a mark."""
+    return f"`{readable(value, _SHOWN_CHARS, _plain_in_chat)}`"
+
+
+def _plain_in_chat(char: str) -> bool:
+    return char.isalnum() or char in "-_./:{}\"'=+, "
 
 
 def sign(secret: bytes, body: bytes, timestamp: int) -> str:

@@ -17,6 +17,7 @@ from bastion.agents.registry import STATUSES, list_agents, show_agent, update_ag
 from bastion.audit.actor import cli_actor
 from bastion.cli import whole_number
 from bastion.facts.store import FactStore
+from bastion.names import readable
 from bastion.oauth.store import OAuthStore
 from bastion.server.config import command_database
 from bastion.signals.suspensions import (
@@ -75,7 +76,9 @@ def cmd_list(store: FactStore, args: argparse.Namespace) -> int:
         # The suspensions in force, of every kind (agents, users, sessions).
         for s in stored(store):
             out = (
-                json.dumps(s.to_json()) if args.json else f"{s.kind}\t{s.id}\t{until(s.expires_at)}"
+                json.dumps(s.to_json())
+                if args.json
+                else f"{s.kind}\t{readable(s.id)}\t{until(s.expires_at)}"
             )
             print(out)
         return 0
@@ -84,7 +87,9 @@ def cmd_list(store: FactStore, args: argparse.Namespace) -> int:
             print(json.dumps(a.to_json()))
         else:
             status = f"stopped: {a.stopped}" if a.stopped else a.status
-            print(f"{a.client_id}\t{a.name}\t{status}\towner {a.owner or '-'}\t{a.parent or '-'}")
+            owner = readable(a.owner) if a.owner else "-"
+            parent = readable(a.parent) if a.parent else "-"
+            print(f"{readable(a.client_id)}\t{readable(a.name)}\t{status}\towner {owner}\t{parent}")
     return 0
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from bastion.facts.model import Entity
 from bastion.facts.store import FactStore, WriteResult
+from bastion.names import plain
 
 RELATION = "has_relation"
 OWNER = "owner"
@@ -119,5 +120,5 @@ def record_first_owner(store: FactStore, client_id: str, username: str, actor: s
 
 
 def _check_name(what: str, value: object) -> None:
-    if not isinstance(value, str) or not value or len(value) > 512 or not value.isprintable():
-        raise AgentError(f"{what} must be 1 to 512 printable characters")
+    if not isinstance(value, str) or not value or len(value) > 512 or not plain(value):
+        raise AgentError(f"{what} must be 1 to 512 printable characters, none invisible")

@@ -15,6 +15,7 @@ from bastion.agents import identity
 from bastion.agents.identity import AgentError
 from bastion.facts.model import Entity
 from bastion.facts.store import FactStore
+from bastion.names import visible
 from bastion.oauth.store import Client, OAuthStore
 from bastion.signals.suspensions import stored, until
 
@@ -164,8 +165,11 @@ def show_agent(clients: OAuthStore, facts: FactStore, client_id: str) -> AgentId
 def purpose_problem(purpose: object) -> str | None:
     if not isinstance(purpose, str) or len(purpose) > MAX_PURPOSE_CHARS:
         return f"purpose must be a string of at most {MAX_PURPOSE_CHARS} characters"
-    if not purpose.isprintable():
-        return "purpose must be printable text: no control or format characters"
+    if not all(map(visible, purpose)):
+        return (
+            "purpose must be printable text: no control, format, zero-width or other invisible"
+            " characters"
+        )
     return None
 
 

@@ -23,6 +23,7 @@ from bastion.audit.commands import event_line
 from bastion.cli import add_limit, whole_number
 from bastion.decide import Authorizer
 from bastion.facts.store import FactStore
+from bastion.names import readable
 from bastion.server.config import ServerConfig, command_database
 from bastion.signals.suspensions import PREDICATE as SUSPENDED
 from bastion.signals.suspensions import Suspensions
@@ -120,13 +121,11 @@ def _opened(work: Callable[[Deployment, argparse.Namespace], int]) -> Callable:
     return run
 
 
-def _text(value: object) -> str:
-    """Text a caller wrote (a reason, a name, a target) for a terminal: as it is if printable,
-    else as JSON, so a line break or a control or right-to-left character in it can never pass
-    for another line or field of the output."""
-    if isinstance(value, str) and value.isprintable():
-        return value
-    return json.dumps(value, default=str)
+def _reason(value: str) -> str:
+    """An answer's reason, as `bastion.names.readable` shows a name (a line break, a control,
+    zero-width or right-to-left character escaped, so it can never pass for another line or
+    answer), and whole: it is bounded where it is taken in (`MAX_REASON` characters)."""
+    return readable(value, None)
 
 
 def _found(approvals: Approvals, request_id: str) -> ApprovalRequest:
@@ -139,15 +138,17 @@ def _found(approvals: Approvals, request_id: str) -> ApprovalRequest:
 
 
 def _line(request: ApprovalRequest) -> str:
-    approvers = ",".join(request.approvers) or f"{request.subject} (confirms)"
+    approvers = (
+        ",".join(map(readable, request.approvers)) or f"{readable(request.subject)} (confirms)"
+    )
+    agents = " > ".join(map(readable, request.agents)) or readable(request.client_id)
     return "\t".join(
-        _text(field)
-        for field in (
-            request.id,
+        (
+            readable(request.id),
             request.kind,
             request.status,
-            f"{request.subject} via {' > '.join(request.agents) or request.client_id}",
-            f"{request.server} {request.method} {request.target}",
+            f"{readable(request.subject)} via {agents}",
+            f"{readable(request.server)} {readable(request.method)} {readable(request.target)}",
             f"expires {_when(request.expires_at)}",
             f"approvers {approvers}",
         )
@@ -194,19 +195,23 @@ def cmd_show(deployment: Deployment, args: argparse.Namespace) -> int:
         print(json.dumps(shown, indent=2, default=str))
         return 0
     s = {
-        k: _text(v) if isinstance(v, str) and k != "arguments" else v
+        k: readable(v) if isinstance(v, str) and k != "arguments" else v
         for k, v in request.summary().items()
     }
     print(f"{s['kind']} request {s['id']}: {s['status']}")
     print(f"  user {s['user']}, agent {s['agent']}", end="")
-    print(f" (through {', '.join(map(_text, s['agents'][:-1]))})" if len(s["agents"]) > 1 else "")
+    print(
+        f" (through {', '.join(map(readable, s['agents'][:-1]))})" if len(s["agents"]) > 1 else ""
+    )
     print(f"  {s['server']} {s['method']} {s['target']} (action {s['action']})")
     print("  arguments:")
     for text in json.dumps(s["arguments"], indent=2, sort_keys=True).splitlines():
         print(f"    {text}")
-    rules = ", ".join(map(_text, s["rules"])) or "-"
+    rules = ", ".join(map(readable, s["rules"])) or "-"
     print(f"  why: {rules} (policy version {s['policy_version']})")
-    approvers = ", ".join(map(_text, s["approvers"])) or f"{s['user']} confirms their agent's call"
+    approvers = (
+        ", ".join(map(readable, s["approvers"])) or f"{s['user']} confirms their agent's call"
+    )
     print(f"  approvers: {approvers}; {s['required']} needed", end="")
     print("; self-approval forbidden" if s["self_approval_forbidden"] else "")
     if s["window_minutes"]:
@@ -216,7 +221,7 @@ def cmd_show(deployment: Deployment, args: argparse.Namespace) -> int:
     if s["used_at"]:
         print(f"  used {_when(s['used_at'])} by decision {s['used_by']}")
     if s["withheld_fields"]:
-        print(f"  released with withheld fields: {', '.join(map(_text, s['withheld_fields']))}")
+        print(f"  released with withheld fields: {', '.join(map(readable, s['withheld_fields']))}")
     print(f"  held by decision {s['decision_id']}")
     if reviewed:
         print(f"  result, as {args.person} may see it:")
@@ -226,8 +231,8 @@ def cmd_show(deployment: Deployment, args: argparse.Namespace) -> int:
     print("answers:" if s["answers"] else "answers: none")
     for a in s["answers"]:
         minutes = f" for {a['minutes']} minutes" if a["minutes"] else ""
-        reason = f": {_text(a['reason'])}" if a["reason"] else ""
-        who = f"{_text(a['approver'])} {a['answer']}{minutes} ({_text(a['channel'])})"
+        reason = f": {_reason(a['reason'])}" if a["reason"] else ""
+        who = f"{readable(a['approver'])} {a['answer']}{minutes} ({readable(a['channel'])})"
         print(f"  {_when(a['at'])} {who}{reason}")
     print("audit events:" if events else "audit events: none")
     for event in events:

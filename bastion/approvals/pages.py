@@ -30,6 +30,7 @@ from starlette.routing import Route
 from bastion.approvals.service import Approvals, NotAllowed, Unavailable, UnknownRequest
 from bastion.approvals.store import OPEN, ApprovalRequest
 from bastion.db import DatabaseUnavailable
+from bastion.names import readable
 from bastion.oauth import pages
 from bastion.oauth.sign_in import SESSION_COOKIE, read_cookie, sign_in_url, signed_in_as
 from bastion.oauth.store import Client
@@ -364,21 +365,21 @@ def _json(value: Any) -> str:
 
 
 def _agent(request: ApprovalRequest, client: Client | None) -> str:
-    client_id = f"<code>{escape(request.client_id)}</code>"
+    client_id = f"<code>{pages.shown(request.client_id)}</code>"
     if client is None:
         return f"client {client_id} (not a registered client)"
     if client.source == "admin":
         vouched = "<span class=verified>registered by your administrator</span>"
     else:
         vouched = "(an unverified name: the client registered itself)"
-    return f"<strong>{escape(client.client_name)}</strong> {vouched}, client {client_id}"
+    return f"<strong>{pages.shown(client.client_name)}</strong> {vouched}, client {client_id}"
 
 
 def _chain(request: ApprovalRequest) -> str:
     """A delegated call's chain, as the user's token passed it on: who the calling agent works
     for, so that a call is not judged as the calling agent's own."""
-    steps = [f"<strong>{escape(request.subject)}</strong>"]
-    steps += [f"<code>{escape(agent)}</code>" for agent in request.agents]
+    steps = [f"<strong>{pages.shown(request.subject)}</strong>"]
+    steps += [f"<code>{pages.shown(agent)}</code>" for agent in request.agents]
     return "<span id=chain>" + " &rarr; ".join(steps) + "</span> (delegated)"
 
 
@@ -408,10 +409,10 @@ def _request_page(
     summary = [
         ("Status", f"<strong id=status>{escape(state)}</strong>"),
         ("Expires", escape(_when(request.expires_at, now))),
-        ("User", f"<strong>{escape(request.subject)}</strong>"),
-        ("Server", f"<code>{escape(request.server)}</code>"),
-        ("Method", f"<code>{escape(request.method)}</code>"),
-        ("Target", f"<code>{escape(request.target)}</code>"),
+        ("User", f"<strong>{pages.shown(request.subject)}</strong>"),
+        ("Server", f"<code>{pages.shown(request.server)}</code>"),
+        ("Method", f"<code>{pages.shown(request.method)}</code>"),
+        ("Target", f"<code>{pages.shown(request.target)}</code>"),
     ]
     if shown.involved:
         summary.insert(3, ("Agent", _agent(request, shown.client)))
@@ -423,7 +424,7 @@ def _request_page(
             f"<h2>Arguments</h2><pre id=arguments>{_json(request.arguments)}</pre>"
             "<h2>Why</h2><ul>"
             + (
-                "".join(f"<li><code>{escape(rule)}</code></li>" for rule in request.rules)
+                "".join(f"<li><code>{pages.shown(rule)}</code></li>" for rule in request.rules)
                 or "<li>(no rule was recorded)</li>"
             )
             + "</ul>"
@@ -444,10 +445,10 @@ def _request_page(
 
 def _who_answers(request: ApprovalRequest) -> str:
     if request.approvers:
-        names = ", ".join(f"<strong>{escape(a)}</strong>" for a in request.approvers)
+        names = ", ".join(f"<strong>{pages.shown(a)}</strong>" for a in request.approvers)
         who = f"Approvers named by the policy: {names}"
     else:
-        who = f"No approver is named: <strong>{escape(request.subject)}</strong> confirms"
+        who = f"No approver is named: <strong>{pages.shown(request.subject)}</strong> confirms"
     needed = f"; {request.required} distinct approvals needed" if request.required > 1 else ""
     if request.self_forbidden:
         needed += "; the user may not approve their own call"
@@ -459,10 +460,10 @@ def _answers(request: ApprovalRequest) -> str:
         return "<p>No answer yet.</p>"
     rows = "".join(
         "<tr>"
-        f"<td>{escape(a.approver)}</td>"
+        f"<td>{pages.shown(a.approver)}</td>"
         f"<td>{escape(_VERBS[request.kind].get(a.answer, a.answer))}"
         f"{f' for {a.minutes} minutes' if a.minutes else ''}</td>"
-        f"<td>{escape(a.channel)}</td><td>{escape(a.reason)}</td>"
+        f"<td>{pages.shown(a.channel)}</td><td>{escape(readable(a.reason, None))}</td>"
         f"<td>{escape(_when(a.at, a.at))}</td>"
         "</tr>"
         for a in request.answers
@@ -521,9 +522,9 @@ def _list_page(
     access = "".join(
         "<tr>"
         f"<td><a href='{escape(b['url'], quote=True)}'>allow access</a></td>"
-        f"<td>{escape(person)}</td>"
-        f"<td>{escape(b['client_name'] or b['client_id'])}: <code>{escape(b['scope'])}</code>"
-        f" on <code>{escape(b['resource'])}</code></td>"
+        f"<td>{pages.shown(person)}</td>"
+        f"<td>{pages.shown(b['client_name'] or b['client_id'])}: <code>{pages.shown(b['scope'])}</code>"
+        f" on <code>{pages.shown(b['resource'])}</code></td>"
         f"<td>{escape(_when(b['expires_at'], now))}</td>"
         "</tr>"
         for b in backchannel
@@ -532,7 +533,7 @@ def _list_page(
         "<tr>"
         f"<td><a href='{escape(prefix, quote=True)}/{escape(quote(r.id, safe=''), quote=True)}'>"
         f"{'approve a call' if r.kind == 'approval' else 'review a result'}</a></td>"
-        f"<td>{escape(r.subject)}</td><td><code>{escape(r.target)}</code></td>"
+        f"<td>{pages.shown(r.subject)}</td><td><code>{pages.shown(r.target)}</code></td>"
         f"<td>{escape(_when(r.expires_at, now))}</td>"
         "</tr>"
         for r in waiting

@@ -19,6 +19,7 @@ from bastion.audit.retention import prune
 from bastion.cli import whole_number
 from bastion.db import Database
 from bastion.facts.store import FactStore
+from bastion.names import readable
 from bastion.server.config import ConfigError, ServerConfig, command_database
 from bastion.untrusted_json import MAX_INTEGER
 
@@ -29,12 +30,12 @@ def _when(epoch: float) -> str:
 
 def _line(record: DecisionRecord) -> str:
     at = _when(record.at)
-    who = " ".join(record.principals)
+    who = " ".join(map(readable, record.principals))
     extra = []
     if record.obligations.get("masks"):
         extra.append(f"masked={record.obligations.get('masked_fields', 0)}")
     if record.reason and record.result != "allow":
-        extra.append(f"reason={record.reason}")
+        extra.append(f"reason={shown(record.reason)}")
     if record.rules:
         extra.append(f"rules={len(record.rules)}")
     if record.unexplained:
@@ -56,18 +57,23 @@ def _line(record: DecisionRecord) -> str:
         if value := getattr(record, name):
             extra.append(f"{name.removesuffix('_id')}={shown(value)}")
     return (
-        f"{at} {record.result:<12} {record.method:<15} {record.target} by {who}"
+        f"{at} {shown(record.result):<12} {shown(record.method):<15} {readable(record.target)}"
+        f" by {who}"
         f" {' '.join(extra)} {record.latency_us}us id={record.id}"
     ).rstrip()
 
 
 def shown(value: object) -> str:
-    """A value for a terminal line: printable text as it is; anything else (a line break, a
-    control or right-to-left character a reason or an argument may hold, a number, a list) as
-    JSON, so what a caller wrote can never pass for another line or another field."""
-    if isinstance(value, str) and value.isprintable() and " " not in value:
-        return value
-    return json.dumps(value, default=str)
+    """A value for a terminal line: text as `bastion.names.readable` shows it (a line break, a
+    control, zero-width or right-to-left character escaped, a long one cut), in double quotes if
+    it holds a space or would start with one; anything else (a number, a list) as JSON. So what a
+    caller wrote can never pass for another line or another field, nor for another name."""
+    if not isinstance(value, str):
+        return json.dumps(value, default=str)
+    text = readable(value)
+    if text and " " not in text and not text.startswith('"'):
+        return text
+    return '"' + text.replace('"', '\\"') + '"'
 
 
 def event_line(event: AuditEvent) -> str:

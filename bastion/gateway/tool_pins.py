@@ -30,6 +30,7 @@ from typing import Any
 from bastion.audit.decisions import canonical_json
 from bastion.audit.log import AuditLog
 from bastion.db import Database
+from bastion.names import readable
 
 # What is pinned: tools (``tools/list``) and prompts (``prompts/list``).
 TOOL, PROMPT = "tool", "prompt"
@@ -42,8 +43,7 @@ DEFINITION_FIELDS = {
 # ``pin_tools`` and ``pin_prompts`` of an upstream: "off"; "first_use": the first whole list
 # read is trusted, and what appears later waits for review; "review": everything waits for review.
 PIN_MODES = ("off", "first_use", "review")
-# How much of a changed text the short diff shows, and how many changes it names.
-_SHOWN_CHARS = 160
+# How many changes the short diff names.
 _SHOWN_CHANGES = 12
 
 _MIGRATIONS = [
@@ -102,13 +102,15 @@ def digest(text: str) -> str:
 
 
 def _short(value: Any) -> str:
-    text = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
-    return text if len(text) <= _SHOWN_CHARS else text[: _SHOWN_CHARS - 1] + "…"
+    """A changed value on one line of the diff, as `bastion.names.readable` shows it: an
+    upstream's line break or right-to-left override escaped, a long text cut with a mark."""
+    return readable(value if isinstance(value, str) else json.dumps(value, sort_keys=True))
 
 
 def changes(old: dict[str, Any] | None, new: dict[str, Any], kind: str = TOOL) -> list[str]:
     """A short diff of two definitions, one line per change, for people: a text field's old and
-    new value (cut at 160 characters), the arguments added and removed, the hints changed."""
+    new value (escaped and cut by `bastion.names.readable`), the arguments added and removed,
+    the hints changed."""
     old = old or {}
     lines: list[str] = []
     for field in DEFINITION_FIELDS[kind]:

@@ -28,6 +28,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from bastion.agents.identity import record_first_owner
+from bastion.names import readable, visible
 from bastion.oauth import pages
 from bastion.oauth.errors import (
     InvalidGrant,
@@ -88,15 +89,16 @@ def _is_request_id(value: str) -> bool:
 def binding_message_problem(message: str, most: int) -> str | None:
     """Why ``message`` cannot be shown to the person as a binding message, or None. It is shown
     on the page next to the approve button: no control or format characters (a line break or a
-    right-to-left override would fake a line of the page or turn round what follows)."""
+    right-to-left override would fake a line of the page or turn round what follows, a
+    zero-width character would hide a difference from what the application shows)."""
     if not message.strip():
         return "binding_message, when given, must not be empty"
     if len(message) > most:
         return f"binding_message has {len(message)} characters; at most {most} are allowed"
-    if not message.isprintable():
+    if not all(map(visible, message)):
         return (
-            "binding_message must be printable text: no control, format or"
-            " bidirectional-override characters"
+            "binding_message must be printable text: no control, format,"
+            " bidirectional-override, zero-width or other invisible characters"
         )
     return None
 
@@ -443,10 +445,11 @@ class BackchannelAuthentication:
             record_first_owner(self.server.facts, client.client_id, username, f"consent:{username}")
             return pages.message_page(
                 "Approved",
-                f"{client.client_name} may now get its access token. You can close this page.",
+                f"{readable(client.client_name)} may now get its access token. You can close this page.",
             )
         return pages.message_page(
-            "Denied", f"{client.client_name} was told that you denied it. You can close this page."
+            "Denied",
+            f"{readable(client.client_name)} was told that you denied it. You can close this page.",
         )
 
     def _request_page(
@@ -472,8 +475,8 @@ class BackchannelAuthentication:
     @staticmethod
     def _state(found: BackchannelRequest, client: Client) -> str:
         if found.status == "denied":
-            return f"You denied this request of {client.client_name}."
-        return f"You approved this request of {client.client_name}."
+            return f"You denied this request of {readable(client.client_name)}."
+        return f"You approved this request of {readable(client.client_name)}."
 
     # For the approvals list page: what waits for a person.
 

@@ -17,6 +17,8 @@ from urllib.parse import urlsplit
 
 from starlette.responses import HTMLResponse
 
+from bastion.names import readable
+
 SECURITY_HEADERS = {
     "X-Frame-Options": "DENY",
     "Content-Security-Policy": (
@@ -62,6 +64,13 @@ def page(title: str, body: str, status: int = 200, *, wide: bool = False) -> HTM
     return HTMLResponse(html, status_code=status, headers=SECURITY_HEADERS)
 
 
+def shown(name: str) -> str:
+    """A name someone else chose (a client's, a user's or agent's id, a target), as HTML:
+    `bastion.names.readable` (what does not show as itself escaped, a long name cut), then
+    escaped as any text."""
+    return escape(readable(name))
+
+
 def _hidden(request_id: str, csrf_token: str) -> str:
     return (
         f"<input type=hidden name=request_id value='{escape(request_id, quote=True)}'>"
@@ -94,7 +103,7 @@ class ClientShown:
 
 
 def _client_block(client: ClientShown) -> str:
-    name = escape(client.name)
+    name = shown(client.name)
     if client.verified:
         return (
             f"<p><strong>{name}</strong> <span class=verified>registered by your"
@@ -123,7 +132,7 @@ def _client_block(client: ClientShown) -> str:
 def _technical(client: ClientShown) -> str:
     return (
         "<details><summary>Technical details</summary>"
-        f"<p>Client id: <code>{escape(client.client_id)}</code></p></details>"
+        f"<p>Client id: <code>{shown(client.client_id)}</code></p></details>"
     )
 
 
@@ -215,7 +224,7 @@ def consent_page(
 ) -> HTMLResponse:
     resource, items = _access(resource_name, resource_uri, scopes)
     body = (
-        f"<p>Signed in as <strong>{escape(username)}</strong>.</p>"
+        f"<p>Signed in as <strong>{shown(username)}</strong>.</p>"
         f"{_client_block(client)}"
         f"<p>It wants access to {resource} to:</p><ul>{items}</ul>"
         f"<form method=post action='{escape(action, quote=True)}'>{_hidden(request_id, csrf_token)}"
@@ -242,7 +251,7 @@ def backchannel_request_page(
     """An OpenID CIBA request waiting for the person's answer: who asks, for what, and the
     message that binds it to what the application shows on its side. ``signed_in`` is
     `signed_in_as`'s HTML."""
-    name = escape(client_name)
+    name = shown(client_name)
     if client_verified:
         who = (
             f"<p><strong>{name}</strong> <span class=verified>registered by your"
@@ -256,7 +265,8 @@ def backchannel_request_page(
         )
     message = (
         "<p>It shows this message on its side; approve only if it is the one you see there:</p>"
-        f"<blockquote class=binding><strong>{escape(binding_message)}</strong></blockquote>"
+        f"<blockquote class=binding><strong>{escape(readable(binding_message, None))}</strong>"
+        "</blockquote>"
         if binding_message
         else "<p>It gave no message to compare with what it shows you.</p>"
     )
@@ -277,7 +287,7 @@ def signed_in_as(username: str, sign_out_action: str, csrf_token: str) -> str:
     """Who is signed in, with a button to sign out (a form: a link could be followed by any
     page, `bastion.oauth.sign_in.SignOutEndpoint`)."""
     return (
-        f"<p>Signed in as <strong>{escape(username)}</strong>.</p>"
+        f"<p>Signed in as <strong>{shown(username)}</strong>.</p>"
         f"<form method=post action='{escape(sign_out_action, quote=True)}' class=sign-out>"
         f"<input type=hidden name=csrf_token value='{escape(csrf_token, quote=True)}'>"
         "<button type=submit>Sign out</button></form>"

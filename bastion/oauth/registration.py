@@ -19,6 +19,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from bastion import untrusted_json
+from bastion.names import plain
 from bastion.oauth.ciba import CIBA_GRANT_TYPE
 from bastion.oauth.client_assertion import key_metadata
 from bastion.oauth.dpop import CLIENT_METADATA as DPOP_REQUIRED
@@ -100,14 +101,16 @@ def grant_types_supported(settings: OAuthSettings) -> list[str]:
 
 def client_name_problem(name: Any) -> str | None:
     """Why ``name`` cannot be a client's name, or None. The consent page shows it to people:
-    no control or format characters (a right-to-left override would turn round the warning
-    that follows it, a line break would fake a line of the page)."""
+    nothing that does not show as itself (`bastion.names.plain`: a right-to-left override would
+    turn round the warning that follows it, a line break would fake a line of the page, a
+    zero-width character or a Hangul filler would make ``Trusted Bot`` of another name).
+    Surrounding spaces are taken off when it is stored."""
     if not isinstance(name, str) or len(name) > 200:
         return "client_name must be a string of at most 200 characters"
-    if not name.isprintable():
+    if not plain(name.strip()):
         return (
-            "client_name must be printable text: no control, format or bidirectional-override"
-            " characters"
+            "client_name must be printable text: no control, format, bidirectional-override,"
+            " zero-width or other invisible characters, and no two spaces in a row"
         )
     return None
 

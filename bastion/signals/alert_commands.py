@@ -16,6 +16,7 @@ from datetime import UTC, datetime
 from bastion.audit.actor import cli_actor
 from bastion.cli import add_limit
 from bastion.db import Database
+from bastion.names import readable
 from bastion.server.config import ServerConfig, command_database
 from bastion.signals.alerts import (
     ACKNOWLEDGED,
@@ -37,9 +38,10 @@ def _when(epoch: float | None) -> str:
 
 
 def _line(alert: Alert) -> str:
-    acked = f" acknowledged by {alert.acknowledged_by}" if alert.acknowledged_by else ""
+    acked = f" acknowledged by {readable(alert.acknowledged_by)}" if alert.acknowledged_by else ""
     return (
-        f"{alert.id}  {alert.severity:8} {alert.state:12} {alert.name} for {alert.principal}"
+        f"{alert.id}  {alert.severity:8} {alert.state:12} {readable(alert.name)} for"
+        f" {readable(alert.principal)}"
         f"  x{alert.count}  last {_when(alert.last_at)}{acked}"
     )
 
@@ -71,10 +73,13 @@ def _run(args: argparse.Namespace) -> int:
                 print(json.dumps(alert.public(), indent=2))
             else:
                 print(_line(alert))
-                print(f"  owner: {alert.owner or '-'}; told: {', '.join(alert.recipients) or '-'}")
+                owner = readable(alert.owner) if alert.owner else "-"
+                told = ", ".join(map(readable, alert.recipients)) or "-"
+                print(f"  owner: {owner}; told: {told}")
                 if alert.escalated_at is not None:
                     print(
-                        f"  escalated {_when(alert.escalated_at)} to {', '.join(alert.escalated_to)}"
+                        f"  escalated {_when(alert.escalated_at)} to"
+                        f" {', '.join(map(readable, alert.escalated_to))}"
                     )
                 for decision_id in alert.decision_ids:
                     print(f"  decision {decision_id}")

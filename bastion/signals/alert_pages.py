@@ -22,6 +22,7 @@ from starlette.responses import RedirectResponse, Response
 from starlette.routing import Route
 
 from bastion.db import DatabaseUnavailable
+from bastion.names import readable
 from bastion.oauth import pages
 from bastion.oauth.sign_in import SESSION_COOKIE, read_cookie, sign_in_url
 from bastion.signals.alerts import ACKNOWLEDGED, Alert, AlertError, AlertNotFound, Alerts
@@ -122,19 +123,19 @@ class AlertPages:
         rows = [
             ("Alert", alert.name),
             ("Severity", alert.severity),
-            ("About", alert.principal),
+            ("About", readable(alert.principal)),
             ("State", alert.state),
             ("Raised", f"{alert.count} time(s), last at {_when(alert.last_at)}"),
-            ("Owner", alert.owner or "none"),
-            ("Told", ", ".join(alert.recipients) or "nobody"),
-            ("Escalated to", ", ".join(alert.escalated_to) or "-"),
+            ("Owner", readable(alert.owner) if alert.owner else "none"),
+            ("Told", ", ".join(map(readable, alert.recipients)) or "nobody"),
+            ("Escalated to", ", ".join(map(readable, alert.escalated_to)) or "-"),
             ("Decisions", ", ".join(alert.decision_ids) or "-"),
         ]
         if alert.state == ACKNOWLEDGED:
             rows.append(
                 (
                     "Acknowledged",
-                    f"by {alert.acknowledged_by} ({alert.acknowledged_channel}) at"
+                    f"by {readable(alert.acknowledged_by or '')} ({alert.acknowledged_channel}) at"
                     f" {_when(alert.acknowledged_at)}",
                 )
             )

@@ -197,7 +197,7 @@ def test_what_a_caller_wrote_cannot_pass_for_another_line_of_the_output(deployme
     for argv in (("approvals", "show", held.id), ("audit", "events", "--request", held.id)):
         _, out, _ = bastion(*argv)
         assert not any("mallory" in line and "avery" not in line for line in out.splitlines())
-        assert '"no\\n  2026-01-01T00:00:00Z mallory approve (page)"' in out
+        assert "no\\u000a\\u0020\\u00202026-01-01T00:00:00Z mallory approve (page)" in out
 
 
 def test_an_expired_request_cannot_be_answered(deployment, bastion):
@@ -321,6 +321,35 @@ def test_audit_tail_links_a_held_call_to_its_approval_request(deployment, bastio
     assert "reason=approval_pending" in held_line
     assert allowed_line.split()[1] == "allow" and f"approval={held.id} " in allowed_line
     assert review_line.split()[1] == "held" and f"review={reviewed.id} " in review_line
+
+
+def test_names_that_would_read_as_others_are_shown_escaped_on_every_line(deployment, bastion):
+    """An agent named ``Trusted Bot`` and a Hangul filler, a user whose id turns round with a
+    right-to-left override, a target past a screen's width: shown escaped and cut, never as
+    what they pass for."""
+    held = deployment.holder.hold(SEND, agents=("Trusted Bot\u3164", "bot"))
+    records = DecisionRecords(Database(deployment.database))
+    records.add(
+        DecisionRecord(
+            id=new_decision_id(),
+            at=time.time(),
+            server="crm",
+            method="tools/call",
+            target="crm/" + "x" * 300 + "\u202eexe.",
+            principals=('User{"mallory\u202egnp.exe"}', 'Agent{"Trusted Bot\u3164"}'),
+            result="deny",
+            reason="denied",
+        )
+    )
+    records.flush()
+    records.db.close()
+    for argv in (("approvals", "list"), ("approvals", "show", held.id), ("audit", "tail")):
+        code, out, _ = bastion(*argv)
+        assert code == 0
+        assert "\u3164" not in out and "\u202e" not in out, argv
+        assert "Trusted Bot\\u3164" in out, argv
+    assert 'User{\\"mallory\\u202egnp.exe\\"}' in out or "mallory\\u202egnp.exe" in out
+    assert "x" * 200 not in out and "\u2026 (" in out
 
 
 def test_audit_events_are_found_by_kind_prefix_and_request_on_either_database(database_url):

@@ -488,6 +488,39 @@ def test_the_list_shows_only_what_the_person_may_answer(bastion: Running, tab: T
     assert page.url in (bastion.page_url(sams_email), bastion.page_url(averys_delete))
 
 
+def test_names_that_would_read_as_others_are_shown_escaped_on_the_pages(bastion: Running, tab: Tab):
+    """A user id turned round by a right-to-left override (it reads "mallory" then "exe.png"), an
+    agent named ``Trusted Bot`` and a Hangul filler, an agent whose name is longer than a screen:
+    the approver reads each escaped, and the long one cut with a mark, on the list and the
+    request's page, never as what they pass for."""
+    user = "mallory\u202egnp.exe"
+    long = "x" * 400 + "-the-real-one"
+    fact = parse_fact(f'manager(User{{"{user}"}}, User{{"avery"}})')
+    seq = bastion.app.state.store.apply([fact], actor="test").seq
+    deadline = time.monotonic() + 10
+    while bastion.app.state.replica.applied < seq:
+        assert time.monotonic() < deadline, "the replica did not apply the fact"
+        time.sleep(0.01)
+    request = hold(bastion, subject=user, agents=("Trusted Bot\u3164", long, bastion.agent))
+    page = tab.page
+    page.goto(f"{bastion.url}/approvals")
+    sign_in(tab, "avery")
+    row = page.get_by_role("row").filter(has=page.get_by_role("link")).filter(has_text="mallory")
+    assert " ".join(row.inner_text().split()).startswith("approve a call mallory\\u202egnp.exe")
+    page.goto(bastion.page_url(request))
+    text = text_of(page)
+    for hidden in ("\u202e", "\u3164"):
+        assert hidden not in page.content() and hidden not in text
+    user_row = " ".join(page.get_by_role("row", name="User").inner_text().split())
+    assert user_row == "User mallory\\u202egnp.exe"
+    chain = " ".join(page.get_by_role("row", name="For agents").inner_text().split())
+    assert chain.startswith("For agents mallory\\u202egnp.exe \u2192 Trusted Bot\\u3164 \u2192 xxx")
+    assert (
+        long not in chain and "\u2026 (" in chain and chain.endswith(f"{bastion.agent} (delegated)")
+    )
+    assert tab.console_errors == [] and tab.failed_requests == []
+
+
 def test_with_two_approvers_required_the_first_sees_their_answer_and_the_second_decides(
     bastion: Running, tab: Tab
 ):

@@ -32,7 +32,7 @@ from bastion import Authorizer, Entity
 from bastion.approvals.service import Approvals, Call
 from bastion.approvals.settings import ApprovalSettings, Webhook, webhook_label
 from bastion.approvals.store import ApprovalStore
-from bastion.approvals.webhooks import DELIVERED, FAILED, PENDING, WebhookNotifier
+from bastion.approvals.webhooks import DELIVERED, FAILED, PENDING, WebhookNotifier, payload
 from bastion.audit.log import AuditLog
 from bastion.db import Database, DatabaseUnavailable
 from bastion.facts.store import FactStore
@@ -676,17 +676,47 @@ def test_names_an_agent_or_upstream_chooses_cannot_add_mentions_or_links_to_the_
     anyio.run(scenario)
     sent = json.loads(receiver.got[0].body)
     text = sent["text"]
+    # Each name is escaped (and cut, with a mark): only the marks hold parentheses.
     for mark in ("<", ">", "[", "]", "(", ")", "@", "!", "|", "\u202e"):
-        assert mark not in text, mark
+        assert mark not in re.sub(r"\u2026 \(\d+ more characters\)`", "`", text), mark
     # Outside code spans the only link is the request's page: a name cannot close its span.
     plain = re.sub(r"`[^`]*`", "", text)
     assert re.findall(r"https?://\S+", plain) == [sent["approval"]["url"]]
-    assert text.count("?channel?") == 2, text  # the calling agent, and the one it works for
+    # The calling agent, and the one it works for.
+    assert text.count("`\\u003c\\u0021channel\\u003e \\u0060\\u0040here\\u0060") == 2, text
     # The JSON keeps the names as they are, for a receiver that builds its own message.
     assert sent["approval"]["agent"] == agent
     assert sent["approval"]["agents"] == [agent + " 2", agent]
     [made] = approvals.audit.events(kind="approval.requested")
     assert made.detail["agents"] == [agent + " 2", agent]
+    approvals.store.db.close()
+
+
+def test_two_requests_from_different_users_or_agents_never_read_the_same_in_the_chat_text(
+    sqlite_url,
+):
+    """A character the chat text cannot show as it is (markup, a direction or zero-width
+    character) is shown as its escape, so ``mallory\\u202egnp.exe`` is not read as another user,
+    and a long name is cut with a mark that says so."""
+    approvals = approvals_on(sqlite_url, settings())
+    whos = [
+        ("mallory\u202egnp.exe", "bot"),
+        ("mallory\u200bgnp.exe", "bot"),
+        ("mallory?gnp.exe", "bot"),
+        ("sam", "Trusted Bot<1>"),
+        ("sam", "Trusted Bot[1]"),
+        ("sam", "x" * 300 + "-one"),
+    ]
+
+    async def scenario():
+        return [await hold(approvals, the_call(subject=u, client_id=a)) for u, a in whos]
+
+    held = anyio.run(scenario)
+    texts = [payload(r, "https://bastion.example/approvals/x", "d")["text"] for r in held]
+    assert len(set(texts)) == len(texts), texts
+    assert "`mallory\\u202egnp.exe`" in texts[0] and "\u202e" not in texts[0]
+    assert "`Trusted Bot\\u003c1\\u003e`" in texts[3]
+    assert "x" * 200 not in texts[5] and "\u2026 (" in texts[5]
     approvals.store.db.close()
 
 

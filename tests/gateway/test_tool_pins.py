@@ -19,6 +19,7 @@ from mcp.types import ToolAnnotations
 from bastion.audit.log import AuditLog
 from bastion.cli import main as cli
 from bastion.facts.model import Entity
+from bastion.gateway import tool_pins
 from tests.clock import ManualClock
 from tests.gateway.streams import messages, modern_headers, modern_request
 from tests.gateway.support import Recorder
@@ -560,3 +561,17 @@ def test_tools_pinned_before_prompts_were_stay_pinned(database_url):
         assert store.pins("files", TOOL) == {"summarize": "sha256:a"}
     finally:
         db.close()
+
+
+def test_a_changed_description_is_shown_on_one_line_with_what_would_hide_escaped():
+    """An upstream's new description holds a line break (a second line of `bastion tools
+    show`, as if bastion printed it) and a right-to-left override (it turns round what follows):
+    the diff shows both escaped, on its one line, and a long text cut with a mark."""
+    old = {"name": "send", "description": "Send an email."}
+    new = {"name": "send", "description": "Send an email.\n  accepted: sha256:0\u202etxt.exe"}
+    assert tool_pins.changes(old, new) == [
+        "description: Send an email. -> Send an email.\\u000a\\u0020\\u0020accepted: sha256:0"
+        "\\u202etxt.exe"
+    ]
+    [line] = tool_pins.changes(old, {"name": "send", "description": "x" * 500})
+    assert line.endswith("x\u2026 (340 more characters)")

@@ -150,6 +150,23 @@ def test_set_password_ends_the_sessions_grants_and_tokens_the_old_password_let_i
         assert check_password(bastion.server.store, "alice", new_password)
 
 
+@pytest.mark.parametrize("name", ["avery\u3164", "av\u034fery", "avery\ufe0f", "a  very"])
+def test_a_username_that_would_read_as_another_is_refused_and_creates_nothing(
+    capsys, monkeypatch, sqlite_url, name
+):
+    """Printable to Python, yet shown blank (a Hangul filler, a grapheme joiner, a variation
+    selector, a second space): each would read as another user on every page and line."""
+    OAuthStore(Database(sqlite_url))
+    code, _, err = run(
+        capsys,
+        monkeypatch,
+        *("users", "create", name, "--password-stdin", "--database", sqlite_url),
+        stdin="a long enough password\n",
+    )
+    assert code == 2 and "printable characters" in err
+    assert Database(sqlite_url).execute("SELECT COUNT(*) FROM oauth_users")[0][0] == 0
+
+
 def test_set_password_of_an_unknown_user_changes_nothing(capsys, monkeypatch, sqlite_url):
     OAuthStore(Database(sqlite_url))
     code, _, err = run(

@@ -108,6 +108,11 @@ def test_metadata_is_path_inserted_when_the_issuer_has_a_path(sqlite_url, tmp_pa
         # a right-to-left override would turn round the consent page's warning after the name
         ({"client_name": "Claude\u202eDesktop"}, "invalid_client_metadata"),
         ({"client_name": "Claude\nDesktop"}, "invalid_client_metadata"),
+        # printable to Python, yet blank: each would read as "Trusted Bot" beside the real one
+        ({"client_name": "Trusted Bot\u3164"}, "invalid_client_metadata"),
+        ({"client_name": "Trusted\u034fBot"}, "invalid_client_metadata"),
+        ({"client_name": "Trusted Bot\ufe0f"}, "invalid_client_metadata"),
+        ({"client_name": "Trusted  Bot"}, "invalid_client_metadata"),
         ({"logo_uri": "javascript:x"}, "invalid_client_metadata"),
     ],
 )
