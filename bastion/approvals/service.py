@@ -28,7 +28,7 @@ import anyio
 from bastion.approvals.settings import ApprovalSettings
 from bastion.approvals.store import OPEN, Answer, ApprovalRequest, ApprovalStore
 from bastion.audit.log import AuditLog
-from bastion.decide import Authorizer
+from bastion.decide import Authorizer, Session
 from bastion.facts.model import Entity
 from bastion.facts.store import FactStore, StoredFact, check_storable
 from bastion.policy.errors import EvaluationLimit
@@ -129,6 +129,15 @@ class Terms:
     self_forbidden: bool
     window_minutes: int
     seconds: float
+
+
+@dataclass(frozen=True, slots=True)
+class _Reading:
+    """The policy's say on answering one request, read once (`Approvals._read`): the terms,
+    and why each person asked about may not answer under them (None: they may)."""
+
+    terms: Terms
+    refusals: dict[str, str | None]
 
 
 class Approvals:
@@ -375,34 +384,38 @@ class Approvals:
 
     def terms(self, subject: str, action: str, resource: Entity, context: dict[str, Any]) -> Terms:
         """Who may answer a held call and how, from the policy in force now."""
+        with self.authorizer().session(context) as s:
+            return self._terms_in(s, subject, action, resource)
+
+    def _terms_in(self, s: Session, subject: str, action: str, resource: Entity) -> Terms:
+        """`terms`, asked of the session ``s``."""
         user = Entity("User", subject)
         seconds = self.settings.expiry_seconds
         try:
-            with self.authorizer().session(context) as s:
-                approvers = sorted(
-                    a.id
-                    for a in s.rows("approver", "fbbb", user, action, resource)
-                    if isinstance(a, Entity) and a.type == "User"
-                )
-                required = max(
-                    (
-                        n
-                        for n in s.rows("approvals_required", "bbbf", user, action, resource)
-                        if type(n) is int and n > 0
-                    ),
-                    default=1,
-                )
-                forbidden = bool(s.rows("self_approval_forbidden", "bbb", user, action, resource))
-                windows = [
+            approvers = sorted(
+                a.id
+                for a in s.rows("approver", "fbbb", user, action, resource)
+                if isinstance(a, Entity) and a.type == "User"
+            )
+            required = max(
+                (
                     n
-                    for n in s.rows("approval_window", "bbbf", user, action, resource)
+                    for n in s.rows("approvals_required", "bbbf", user, action, resource)
                     if type(n) is int and n > 0
-                ]
-                shorter = [
-                    n
-                    for n in s.rows("approval_expires", "bbbf", user, action, resource)
-                    if type(n) in (int, float) and n > 0
-                ]
+                ),
+                default=1,
+            )
+            forbidden = bool(s.rows("self_approval_forbidden", "bbb", user, action, resource))
+            windows = [
+                n
+                for n in s.rows("approval_window", "bbbf", user, action, resource)
+                if type(n) is int and n > 0
+            ]
+            shorter = [
+                n
+                for n in s.rows("approval_expires", "bbbf", user, action, resource)
+                if type(n) in (int, float) and n > 0
+            ]
         except EvaluationLimit:
             # Over budget: nobody but the user, once, and never by default for themself if
             # forbidden — the narrowest terms, not the widest.
@@ -419,13 +432,20 @@ class Approvals:
     def may_answer(self, request: ApprovalRequest, person: str) -> str | None:
         """None if ``person`` (a user's name) may answer ``request`` now; else why not. The one
         check of the API, the command line and the pages: a person bastion has disabled, or
-        the kill switch holds, answers nothing, whatever the policy's approver rules say."""
+        the kill switch holds, answers nothing, whatever the policy's approver rules say.
+        What they show; `answer` asks it again, under the request's lock, and that decides."""
         return self._answerable(request, person)[0]
 
-    def _answerable(self, request: ApprovalRequest, person: str) -> tuple[str | None, Terms | None]:
-        """`may_answer`'s refusal, or None and the terms the answer is taken under."""
+    def _answerable(
+        self, request: ApprovalRequest, person: str
+    ) -> tuple[str | None, _Reading | None]:
+        """`may_answer`'s refusal, or None and the one reading of the policy the answer is
+        taken under (`_read`: the terms, and who of ``person`` and those who approved already
+        may answer under them)."""
         if request.status != OPEN:
             return f"this request is {request.status}, not pending", None
+        if _denied(request):
+            return "this request was denied", None
         if request.expires_at <= self.clock():
             return "this request has expired", None
         standing = self.standing_refusal(person)
@@ -433,31 +453,35 @@ class Approvals:
             return standing, None
         if any(a.approver == person for a in request.answers):
             return f"{person} has already answered this request", None
-        terms = self._terms_now(request)
-        return self._entitled(request, person, terms), terms
+        reading = self._read(request, (person, *(a.approver for a in request.approvals)))
+        return reading.refusals[person], reading
 
-    def _terms_now(self, request: ApprovalRequest) -> Terms:
-        """The terms an answer to ``request`` is taken under: the policy's now (so an approver
-        removed meanwhile answers nothing), never wider than those it was held under. The facts
-        they turn on may have changed either way while the call waited; a tool frozen since,
-        or a user put on probation, narrows them (the shorter window, the more approvals),
-        and nothing that happened since widens what the hold asked for."""
-        now = self.terms(
-            request.subject,
-            request.action,
-            Entity.parse(request.target),
-            _call_context(request, self.clock()),
-        )
-        return Terms(
-            approvers=now.approvers,
-            required=max(now.required, request.required),
-            self_forbidden=now.self_forbidden or request.self_forbidden,
-            window_minutes=min(now.window_minutes, request.window_minutes),
-            seconds=now.seconds,
-        )
+    def _read(self, request: ApprovalRequest, people: tuple[str, ...]) -> _Reading:
+        """The policy's say on answering ``request``, read once (one session: one view of the
+        policy and facts), so that no answer is taken under terms read at one moment and an
+        approver's right read at another. The terms are the policy's now (so an approver
+        removed meanwhile answers nothing), never wider than those the call was held under. The
+        facts they turn on may have changed either way while the call waited; a tool frozen
+        since, or a user put on probation, narrows them (the shorter window, the more
+        approvals), and nothing that happened since widens what the hold asked for."""
+        resource = Entity.parse(request.target)
+        with self.authorizer().session(_call_context(request, self.clock())) as s:
+            now = self._terms_in(s, request.subject, request.action, resource)
+            terms = Terms(
+                approvers=now.approvers,
+                required=max(now.required, request.required),
+                self_forbidden=now.self_forbidden or request.self_forbidden,
+                window_minutes=min(now.window_minutes, request.window_minutes),
+                seconds=now.seconds,
+            )
+            refusals = {p: self._entitled(s, request, p, terms) for p in people}
+        return _Reading(terms, refusals)
 
-    def _entitled(self, request: ApprovalRequest, person: str, terms: Terms) -> str | None:
-        """None if the policy lets ``person`` answer ``request`` under ``terms``; else why not."""
+    def _entitled(
+        self, s: Session, request: ApprovalRequest, person: str, terms: Terms
+    ) -> str | None:
+        """None if the policy (the session ``s``) lets ``person`` answer ``request`` under
+        ``terms``; else why not."""
         if person == request.subject:
             if terms.self_forbidden:
                 return "the policy forbids approving one's own call here"
@@ -469,25 +493,22 @@ class Approvals:
         resource = Entity.parse(request.target)
         user = Entity("User", request.subject)
         try:
-            with self.authorizer().session(_call_context(request, self.clock())) as s:
-                if s.rows(
-                    "approver", "bbbb", Entity("User", person), user, request.action, resource
-                ):
-                    return None
+            if s.rows("approver", "bbbb", Entity("User", person), user, request.action, resource):
+                return None
         except EvaluationLimit:
             pass
         return f"{person} is not an approver of this request under the policy"
 
-    def _standing_approvals(self, request: ApprovalRequest, terms: Terms) -> int:
+    def _standing_approvals(self, request: ApprovalRequest, reading: _Reading) -> int:
         """How many of ``request``'s approvals count when it is decided: those of people who may
-        still approve it under ``terms``. One given by an approver the policy has removed since,
-        or who is disabled or suspended since, gives none: it decides nothing, as an answer they
-        gave now would not be taken."""
+        still approve it under ``reading``. One given by an approver the policy has removed
+        since, or who is disabled or suspended since, gives none: it decides nothing, as an
+        answer they gave now would not be taken."""
         return sum(
             1
             for a in request.approvals
-            if self.standing_refusal(a.approver) is None
-            and self._entitled(request, a.approver, terms) is None
+            if reading.refusals.get(a.approver, "not read") is None
+            and self.standing_refusal(a.approver) is None
         )
 
     def standing_refusal(self, person: str) -> str | None:
@@ -523,21 +544,34 @@ class Approvals:
         problem = answer_problem(reason, withheld_fields)
         if problem is not None:
             raise NotAllowed(problem)
+        if minutes and (type(minutes) is not int or minutes < 0):
+            raise NotAllowed("minutes must be a whole number of minutes")
         request = self._settled(self.store.get(request_id))
         if request is None:
             raise UnknownRequest(request_id)
-        why, terms = self._answerable(request, person)
-        if why is not None:
-            raise NotAllowed(why)
-        assert terms is not None
         if request.kind == "review":
             if minutes:
                 raise NotAllowed("a result is released once; it takes no minutes")
         elif withheld_fields:
             raise NotAllowed("fields are withheld from results under review, not from calls")
-        if minutes:
-            if type(minutes) is not int or minutes < 0:
-                raise NotAllowed("minutes must be a whole number of minutes")
+        kind = request.kind
+        verb = _verbs(kind)[answer]
+        # One transaction: the answer, the request's resolution, a grant for a time and their
+        # audit events are written whole or not at all (a process killed between the answer
+        # and the resolution left a denial that decided nothing). Everything that decides
+        # whether the answer is taken and what it decides (the request's state and expiry, the
+        # person's standing, the policy, once) is read under the request's lock: answers are
+        # taken one at a time whichever process takes them (two approvals at once each see
+        # the other's), and a change committed while this answer was checked, or waited for
+        # the lock (an approver removed, disabled or suspended; the expiry passing), counts.
+        with self.store.db.transaction():
+            request = self.store.locked(request.id)
+            assert request is not None
+            why, reading = self._answerable(request, person)
+            if why is not None:
+                raise NotAllowed(why)
+            assert reading is not None
+            terms = reading.terms
             if minutes > terms.window_minutes:
                 raise NotAllowed(
                     f"the policy allows approvals of this call for {terms.window_minutes}"
@@ -545,25 +579,9 @@ class Approvals:
                     if terms.window_minutes
                     else "the policy allows this call to be approved once only, not for a time"
                 )
-            self._check_grant(request)
-        now = self.clock()
-        kind = request.kind
-        verb = _verbs(kind)[answer]
-        # One transaction: the answer, the request's resolution, a grant for a time and their
-        # audit events are written whole or not at all (a process killed between the answer
-        # and the resolution left a denial that decided nothing). The request is read again
-        # under its lock, so that its answers are taken one at a time, whichever process takes
-        # them: two approvals at once each see the other's.
-        with self.store.db.transaction():
-            request = self.store.locked(request.id)
-            assert request is not None
-            if request.status != OPEN or _denied(request):
-                raise NotAllowed("this request was answered meanwhile")
-            # Again in the transaction that records the answer: a disable or a suspension
-            # committed since `may_answer` read it refuses the answer, none is recorded after.
-            standing = self.standing_refusal(person)
-            if standing is not None:
-                raise NotAllowed(standing)
+            if minutes:
+                self._check_grant(request)
+            now = self.clock()
             try:
                 self.store.answer(request.id, Answer(person, answer, minutes, channel, reason, now))
             except ValueError as e:
@@ -583,7 +601,7 @@ class Approvals:
             assert request is not None
             if answer == "deny":
                 self.store.resolve(request.id, verb, from_status=OPEN)
-            elif self._standing_approvals(request, terms) >= terms.required:
+            elif self._standing_approvals(request, reading) >= terms.required:
                 self.store.resolve(
                     request.id, verb, from_status=OPEN, withheld_fields=withheld_fields
                 )

@@ -260,27 +260,27 @@ def test_an_answer_killed_part_way_leaves_nothing_of_it(
 
 
 def test_an_approver_disabled_after_their_answer_was_checked_has_no_answer_recorded(
-    world, database_url
+    world, database_url, monkeypatch
 ):
+    """The page (or the API) found that avery may answer; another process disables her before
+    her answer's transaction takes the request's lock: her standing is read under that lock,
+    and the answer is refused, none recorded."""
     approvals, _authz, _facts, clock = world
-    OAuthStore(approvals.store.db).create_user("avery", "hash", clock(), actor="test")
+    users = OAuthStore(approvals.store.db)
+    users.create_user("avery", "hash", clock(), actor="test")
+    approvals.user_state = users.user_state  # as a server's approvals read it
     request = held(approvals, call(send))
-    checked = OAuthStore(approvals.store.db).user_state
+    assert approvals.may_answer(request, "avery") is None
     disabled: list[bool] = []
 
-    def disabled_elsewhere_once_read(person: str) -> str | None:
-        # Another process disables avery right after this one read her state (`may_answer`):
-        # the answer's transaction must read it again.
-        state = checked(person)
-        if not disabled:
-            other = Database(database_url)
-            try:
-                disabled.append(OAuthStore(other).disable_user(person, clock(), actor="test"))
-            finally:
-                other.close()
-        return state
+    def disabled_elsewhere() -> None:
+        other = Database(database_url)
+        try:
+            disabled.append(OAuthStore(other).disable_user("avery", clock(), actor="test"))
+        finally:
+            other.close()
 
-    approvals.user_state = disabled_elsewhere_once_read
+    meanwhile(monkeypatch, approvals, disabled_elsewhere)
     with pytest.raises(NotAllowed, match="avery is disabled"):
         approvals.answer(request.id, "avery", "approve", channel="api")
     assert disabled == [True]
@@ -660,3 +660,138 @@ def test_a_review_stands_for_an_approval_only_when_that_approval_unlocked_its_ru
     clock.now = review.expires_at  # the review lapsed unanswered: the next call is a new one
     assert approvals.check(call(send)).state == "hold"
     assert approvals.check(call(send), approval.id).reason == "approval_used"
+
+
+def meanwhile(monkeypatch, approvals: Approvals, change) -> None:
+    """``change`` happens once, just before the answer's transaction begins: what another
+    process commits while this one checks the answer, or waits for the request's lock behind
+    another answer (on PostgreSQL up to ``lock_timeout``; on SQLite for the write lock)."""
+    transaction = approvals.store.db.transaction
+    done: list[bool] = []
+
+    def after_change(*args, **kwargs):
+        if not done:
+            done.append(True)
+            change()
+        return transaction(*args, **kwargs)
+
+    monkeypatch.setattr(approvals.store.db, "transaction", after_change)
+
+
+def test_an_approver_removed_while_their_answer_waits_for_the_lock_is_refused(world, monkeypatch):
+    """Who may answer is read once, under the request's lock: avery stops being sam's manager
+    between the check of her answer and its transaction, and her approval is not taken."""
+    approvals, authz, facts, _ = world
+    request = held(approvals, call(send))
+    meanwhile(monkeypatch, approvals, lambda: authz.facts.apply([], [("manager", sam, avery)]))
+    with pytest.raises(NotAllowed, match="not an approver"):
+        approvals.answer(request.id, "avery", "approve", minutes=15, channel="page")
+    after = approvals.get(request.id)
+    assert (after.status, after.answers) == ("pending", ())
+    assert approvals.audit.events(kind_prefix="approval.answer") == []
+    assert list(facts.get(("approval_grant", None, None, None, None))) == []
+
+
+def test_an_approval_whose_approver_is_removed_while_the_deciding_answer_waits_counts_nothing(
+    world, monkeypatch
+):
+    """A wire needs two approvals: avery's is given, then she stops being sam's manager while
+    cfo's answer waits for the lock. cfo's answer is counted with the policy of that moment,
+    where avery's approval no longer counts: the wire waits for another approver."""
+    approvals, authz, _, _ = world
+    request = held(approvals, call(wire))
+    approvals.answer(request.id, "avery", "approve", channel="api")
+    meanwhile(monkeypatch, approvals, lambda: authz.facts.apply([], [("manager", sam, avery)]))
+    assert approvals.answer(request.id, "cfo", "approve", channel="api").status == "pending"
+    assert approvals.check(call(wire)).state == "pending"
+
+
+def test_an_answer_that_reaches_the_lock_after_the_request_expired_is_refused(world, monkeypatch):
+    """The request expires while an approval for minutes waits for its lock: no approval is
+    recorded after the expiry, and no grant is made of it."""
+    approvals, _, facts, clock = world
+    request = held(approvals, call(send))
+
+    def expire() -> None:
+        clock.now = request.expires_at + 1
+
+    meanwhile(monkeypatch, approvals, expire)
+    with pytest.raises(NotAllowed, match="expired"):
+        approvals.answer(request.id, "avery", "approve", minutes=15, channel="api")
+    assert approvals.store.get(request.id).answers == ()
+    assert list(facts.get(("approval_grant", None, None, None, None))) == []
+
+
+def at_once(*work) -> list:
+    """Run each of ``work`` in a thread of its own, released together; what each returned or
+    raised, in order."""
+    start = threading.Barrier(len(work))
+    outcomes: list = [None] * len(work)
+
+    def run(i: int) -> None:
+        start.wait()
+        try:
+            outcomes[i] = work[i]()
+        except Exception as e:  # told by the caller
+            outcomes[i] = e
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(work))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return outcomes
+
+
+def test_an_approval_and_a_denial_given_at_once_on_two_replicas_decide_once(postgres_url):
+    """Either of two approvers decides a payment alone; one approves on one replica as the
+    other denies on another: exactly one answer is taken, the other is refused, and the record
+    holds one answer and one decision."""
+    clock = Clock()
+    dbs = [Database(postgres_url) for _ in range(2)]
+    try:
+        replicas = [approvals_on(db, clock)[0] for db in dbs]
+        for round_ in range(20):
+            request = held(replicas[0], call(pay, {"to": f"{round_}@example.com"}))
+            approved, denied = at_once(
+                lambda r=request: replicas[0].answer(r.id, "avery", "approve", channel="api"),
+                lambda r=request: replicas[1].answer(r.id, "cfo", "deny", channel="page"),
+            )
+            taken = [o for o in (approved, denied) if isinstance(o, ApprovalRequest)]
+            refused = [o for o in (approved, denied) if isinstance(o, NotAllowed)]
+            assert (len(taken), len(refused)) == (1, 1), (round_, approved, denied)
+            done = replicas[1].get(request.id)
+            assert done.status == taken[0].status in ("approved", "denied"), round_
+            assert len(done.answers) == 1, round_
+            kinds = [e.kind for e in replicas[0].audit.events(request_id=request.id)]
+            assert kinds.count("approval.answer") == 1, (round_, kinds)
+            assert kinds.count("approval.approved") + kinds.count("approval.denied") == 1
+    finally:
+        for db in dbs:
+            db.close()
+
+
+def test_an_approval_spent_at_once_on_two_replicas_lets_one_call_through(postgres_url):
+    """The agent retries an approved call twice at the same moment, each retry reaching another
+    replica: the approval is spent by one of them only."""
+    clock = Clock()
+    dbs = [Database(postgres_url) for _ in range(2)]
+    try:
+        replicas = [approvals_on(db, clock)[0] for db in dbs]
+        for round_ in range(20):
+            c = call(send, {"to": f"{round_}@example.com"})
+            request = held(replicas[0], c)
+            replicas[0].answer(request.id, "avery", "approve", channel="api")
+
+            def retry(replica, n, c=c):
+                outcome = replica.check(c)
+                return outcome.state == "approved" and replica.use(outcome.request, f"d{n}")
+
+            spent = at_once(lambda: retry(replicas[0], 1), lambda: retry(replicas[1], 2))
+            assert sorted(spent) == [False, True], (round_, spent)
+            assert replicas[1].check(c).state == "hold"
+            kinds = [e.kind for e in replicas[0].audit.events(request_id=request.id)]
+            assert kinds.count("approval.used") == 1, (round_, kinds)
+    finally:
+        for db in dbs:
+            db.close()
