@@ -219,9 +219,19 @@ class Approvals:
             if request.kind != call.kind:
                 if call.kind == "approval":  # the review of this call: of the run it unlocked?
                     return self._reviewing(call, request)
-                # The approval of this call, named to its review step: the call's latest review.
-                request_id, request = None, self._settled(self.store.latest(call.kind, binding))
+                # The approval of this call, named to its review step: the review of the run it
+                # unlocked, or (not spent) the call's latest review.
+                request_id, request = (
+                    None,
+                    self._settled(
+                        self.store.latest(call.kind, binding)
+                        if request.used_by is None
+                        else self.store.of_run("review", binding, request.used_by)
+                    ),
+                )
         else:
+            if call.kind == "approval" and (delivering := self._awaiting_delivery(call)):
+                return delivering
             request = self._settled(self.store.latest(call.kind, binding))
         if request is None:
             return Outcome("hold")
@@ -249,13 +259,14 @@ class Approvals:
             # not a way around it.
             reason = "approval_denied" if request.status == "denied" else "review_withheld"
             return Outcome("refused", request, reason)
-        if request.status == "used":
+        if request.status == "used" and request.used_by is not None:
             review = self._settled(
-                self.store.latest("review", self.binding(replace(call, kind="review")))
+                self.store.of_run(
+                    "review", self.binding(replace(call, kind="review")), request.used_by
+                )
             )
             if (
                 review is not None
-                and review.decision_id == request.used_by
                 and review.status in (OPEN, "released", "withheld")
                 and now < review.expires_at
             ):
@@ -271,11 +282,30 @@ class Approvals:
 
     def _reviewing(self, call: Call, review: ApprovalRequest) -> Outcome:
         """What a retry naming ``review``, a review of ``call``, makes of the call's approval
-        step: "reviewing" if the review holds the result of the run this call's approval
-        unlocked (the decision that spent it is the one that held the result); else refused."""
-        approval = self._settled(self.store.latest("approval", self.binding(call)))
-        if approval is None or approval.status != "used" or approval.used_by != review.decision_id:
+        step: "reviewing" if the review holds the result of a run an approval of this call
+        unlocked (the decision that spent it is the one that held the result), whatever
+        approvals of the call were asked for or given since; else refused."""
+        approval = self._settled(
+            self.store.of_run("approval", self.binding(call), review.decision_id)
+        )
+        if approval is None or approval.status != "used":
             return Outcome("refused", review, "approval_mismatch")
+        return Outcome("reviewing", approval, review=review)
+
+    def _awaiting_delivery(self, call: Call) -> Outcome | None:
+        """For a retry that names nothing: the oldest run of ``call`` an approval unlocked whose
+        result a review still holds (pending or released), as "reviewing". That run's result is
+        delivered before the call runs again (an approval asked for, or given, while that run
+        was upstream waits for the next retry). None if there is no such run."""
+        found = self.store.awaiting_delivery(
+            self.binding(call), self.binding(replace(call, kind="review")), self.clock()
+        )
+        if found is None:
+            return None
+        approval, review = found
+        review = self._settled(review)
+        if review is None or review.status not in (OPEN, "released"):
+            return None
         return Outcome("reviewing", approval, review=review)
 
     def hold(

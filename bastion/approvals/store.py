@@ -251,11 +251,13 @@ class ApprovalStore:
         agents: tuple[str, ...] = (),
     ) -> tuple[ApprovalRequest, bool]:
         """The pending request of this kind bound to ``binding``, made if there is none; and
-        whether it was made now. Identical pending calls share one request."""
+        whether it was made now. Identical pending calls share one request; a review holds the
+        result of one run (the decision ``decision_id``), and is shared by no other run: what a
+        reviewer releases goes with the run it came from."""
         now = self.clock()
         with self.db.transaction():
             self.db.lock(f"approval:{binding}")
-            found = self._pending(kind, binding, now)
+            found = self._pending(kind, binding, now, decision_id if kind == "review" else None)
             if found is not None:
                 return found, False
             request_id = new_request_id()
@@ -294,11 +296,14 @@ class ApprovalStore:
         assert made is not None
         return made, True
 
-    def _pending(self, kind: str, binding: str, now: float) -> ApprovalRequest | None:
+    def _pending(
+        self, kind: str, binding: str, now: float, decision_id: str | None
+    ) -> ApprovalRequest | None:
+        run = "" if decision_id is None else " AND decision_id = ?"
         rows = self.db.execute(
             f"SELECT {_COLUMNS} FROM approval_requests WHERE binding = ? AND kind = ?"
-            " AND status = ? AND expires_at > ? ORDER BY created_at DESC LIMIT 1",
-            (binding, kind, OPEN, now),
+            f" AND status = ? AND expires_at > ?{run} ORDER BY created_at DESC LIMIT 1",
+            (binding, kind, OPEN, now, *(() if decision_id is None else (decision_id,))),
         )
         return self._request(rows[0]) if rows else None
 
@@ -326,6 +331,36 @@ class ApprovalStore:
             (binding, kind),
         )
         return self._request(rows[0]) if rows else None
+
+    def of_run(self, kind: str, binding: str, decision_id: str) -> ApprovalRequest | None:
+        """The request of this kind for the call ``binding`` names that goes with the run
+        ``decision_id``: the approval that run spent (``used_by``), or the review holding its
+        result (``decision_id``)."""
+        column = "used_by" if kind == "approval" else "decision_id"
+        rows = self.db.execute(
+            f"SELECT {_COLUMNS} FROM approval_requests WHERE binding = ? AND kind = ?"
+            f" AND {column} = ? ORDER BY created_at DESC LIMIT 1",
+            (binding, kind, decision_id),
+        )
+        return self._request(rows[0]) if rows else None
+
+    def awaiting_delivery(
+        self, approval_binding: str, review_binding: str, now: float
+    ) -> tuple[ApprovalRequest, ApprovalRequest] | None:
+        """The oldest run of a call that an approval unlocked whose result a review still holds
+        for it (pending or released, not expired): that approval and that review."""
+        rows = self.db.execute(
+            "SELECT a.id, r.id FROM approval_requests r JOIN approval_requests a"
+            " ON a.used_by = r.decision_id"
+            " WHERE r.binding = ? AND r.kind = 'review' AND r.status IN (?, 'released')"
+            " AND r.expires_at > ? AND a.binding = ? AND a.kind = 'approval' AND a.status = 'used'"
+            " ORDER BY r.created_at LIMIT 1",
+            (review_binding, OPEN, now, approval_binding),
+        )
+        if not rows:
+            return None
+        approval, review = self.get(rows[0][0]), self.get(rows[0][1])
+        return (approval, review) if approval is not None and review is not None else None
 
     def listed(
         self, *, status: str | None = None, approver: str | None = None, limit: int = 100

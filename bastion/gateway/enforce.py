@@ -562,9 +562,14 @@ class Enforcer:
         # reviews now: its call, approved once, never runs again without a new approval.
         if result == "allow" and (chain.obligations.requires_review or under_review is not None):
             call = self._call("review", caller, server, method, action, resource, arguments)
-            # The review under way, named by its id, is pending, released or refused: never
-            # "hold" (which would run the call again).
-            outcome = await self._where(call, under_review.id if under_review else retried)
+            if spend is not None:
+                # A run an approval was given for: its result gets a review of its own, never
+                # an earlier run's (which goes to the retry of that run).
+                outcome = Outcome("hold")
+            else:
+                # The review under way, named by its id, is pending, released or refused:
+                # never "hold" (which would run the call again).
+                outcome = await self._where(call, under_review.id if under_review else retried)
             review = (call, outcome)
             linked = outcome.request or linked
             if outcome.state == "pending":

@@ -57,6 +57,11 @@ requires_review(_user: User, "call", tool: Tool) if
   not review_lifted(tool);
 approver(User{"avery"}, User{"sam"}, "call", Tool{"deskhttp/search_customers"}) if
   lower(context.arguments.query, q) and q in ["lovelace", "turing"];
+# A slow call held for approval and its result for review, which avery answers: its runs,
+# retries and answers can interleave.
+requires_approval(_user: User, "call", Tool{"labhttp/wait"});
+requires_review(_user: User, "call", Tool{"labhttp/wait"});
+approver(User{"avery"}, User{"sam"}, "call", Tool{"labhttp/wait"});
 # Completing the greeting's name waits for the user's own confirmation.
 requires_approval(_user: User, "get", Prompt{"labhttp/greeting"}) if context.argument = "name";
 """
@@ -814,3 +819,120 @@ def test_a_result_under_review_is_not_fetched_by_running_its_call_again(bastion)
         assert searches(bastion, search["query"]) == 1
     finally:
         bastion.apply(deletes=[lifted])
+
+
+def wait_call(bastion, token: str, arguments: dict, request_id: str | None = None) -> dict:
+    """A 2026-07-28 tools/call of the lab's slow ``wait``; with ``request_id``, the retry naming
+    that request (as `retry`)."""
+    params: dict = {"name": "wait", "arguments": arguments}
+    if request_id is not None:
+        states = bastion.app.state.gateway.states
+        params["requestState"] = states.sign(request_id, "sam", (agent_of(token),))
+    response = bastion.http.post(
+        bastion.mcp_url("labhttp"),
+        json=modern_request(1, "tools/call", params),
+        headers=modern_headers(token, "tools/call", "wait"),
+        timeout=30,
+    )
+    assert response.status_code == 200, response.text
+    return messages(response)[-1]
+
+
+def runs(bastion, tag: str) -> int:
+    """How many times the lab's ``wait`` started with ``tag`` (each is a run upstream)."""
+    if not bastion.lab_trace.exists():
+        return 0
+    lines = bastion.lab_trace.read_text().splitlines()
+    return sum(1 for line in lines if json.loads(line) == {"kind": "wait-started", "tag": tag})
+
+
+def test_an_approval_given_while_an_approved_run_of_the_same_call_ran_is_a_run_of_its_own(
+    bastion,
+):
+    """sam's agent retries an approved call while its run is still upstream (nothing holds its
+    result yet), and that retry is held for a second approval, which avery gives. Each approval
+    unlocks one run, and each run's result is reviewed and delivered as that run's: the second
+    approval runs the call again (its result held for a review of its own), never the first
+    run's review; the first run's released result goes to the retry naming its review."""
+    token = bastion.token("sam", "labhttp")
+    tag = f"interleaved-{uuid.uuid4().hex[:8]}"
+    arguments = {"seconds": 1.0, "tag": tag}
+    first = wait_call(bastion, token, arguments)["error"]["data"]
+    assert first["reason"] == "approval_pending", first
+    approvals(bastion).answer(first["approval_id"], "avery", "approve", channel="api")
+    ran: dict = {}
+    run = threading.Thread(
+        target=lambda: ran.update(answer=wait_call(bastion, token, arguments, first["approval_id"]))
+    )
+    run.start()
+    deadline = time.monotonic() + 10
+    while runs(bastion, tag) == 0 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert runs(bastion, tag) == 1
+    again = wait_call(bastion, token, arguments)["error"]["data"]
+    run.join(timeout=20)
+    assert (again["reason"], again["approval_id"] != first["approval_id"]) == (
+        "approval_pending",
+        True,
+    ), again
+    approvals(bastion).answer(again["approval_id"], "avery", "approve", channel="api")
+    review = ran["answer"]["error"]["data"]
+    assert review["reason"] == "review_pending", review
+    second = wait_call(bastion, token, arguments, again["approval_id"])
+    assert "error" in second, second  # not the first run's result
+    assert second["error"]["data"]["reason"] == "review_pending", second
+    assert second["error"]["data"]["approval_id"] != review["approval_id"], second
+    assert runs(bastion, tag) == 2
+    approvals(bastion).answer(review["approval_id"], "avery", "approve", channel="api")
+    released = wait_call(bastion, token, arguments, review["approval_id"])
+    assert "waited 1.0s" in json.dumps(released.get("result")), released
+    assert runs(bastion, tag) == 2
+    a1, a2 = (approvals(bastion).get(a["approval_id"]) for a in (first, again))
+    r1 = approvals(bastion).get(review["approval_id"])
+    r2 = approvals(bastion).get(second["error"]["data"]["approval_id"])
+    assert (a1.status, a2.status, r1.status, r2.status) == ("used", "used", "delivered", "pending")
+    assert (r1.decision_id, r2.decision_id) == (a1.used_by, a2.used_by)
+
+
+def test_an_approved_call_sent_at_once_to_two_replicas_on_postgresql_runs_once(
+    tmp_path_factory, postgres_url
+):
+    """Two bastion replicas on one PostgreSQL: the agent sends its approved call eight times at
+    the same moment, half to each. The upstream runs it once; every other copy is refused
+    (approval_used) or held for a new approval, never run."""
+    with start(
+        tmp_path_factory.mktemp("holds-pg"),
+        approvals={"wait_seconds": 0},
+        policy_extra=RULES,
+        replicas=1,
+        database=postgres_url,
+    ) as running:
+        token = running.token("sam", "deskhttp")
+        email = {**EMAIL, "subject": "at once"}
+        held = raw_call(running, token, email)["error"]["data"]
+        approvals(running).answer(held["approval_id"], "avery", "approve", channel="api")
+        urls = [running.mcp_url("deskhttp"), f"{running.replicas[0]}/mcp/deskhttp"]
+        start_together = threading.Barrier(8)
+        answers: list = [None] * 8
+
+        def send(i: int) -> None:
+            start_together.wait()
+            answers[i] = raw_call(running, token, email, url=urls[i % 2])
+
+        threads = [threading.Thread(target=send, args=(i,)) for i in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        ran = [a for a in answers if "result" in a]
+        assert len(ran) == 1, answers
+        reasons = {a["error"]["data"]["reason"] for a in answers if "error" in a}
+        assert reasons <= {"approval_used", "approval_pending"}, answers
+        sent = [
+            m
+            for m in running.recorder.messages()
+            if m.get("method") == "tools/call"
+            and m.get("params", {}).get("arguments", {}).get("subject") == "at once"
+        ]
+        assert len(sent) == 1
+        assert approvals(running).get(held["approval_id"]).status == "used"

@@ -795,3 +795,59 @@ def test_an_approval_spent_at_once_on_two_replicas_lets_one_call_through(postgre
     finally:
         for db in dbs:
             db.close()
+
+
+def test_each_run_of_a_call_held_for_approval_and_review_goes_with_its_own_review(world):
+    """The approval of a call held for approval and review is spent by its run; a retry while
+    that run is upstream (no review holds its result yet) is held for a second approval, given
+    too, which unlocks a second run. Each run's result is held by a review of its own, and a
+    retry naming an approval or a review finds the review of that approval's run, however the
+    two runs, the retries and the answers interleave; one naming nothing is delivered the
+    oldest run's result first."""
+    approvals, _, _, clock = world
+    c = call(send, {"to": "twice@example.com"})
+    reviewed = dataclasses.replace(c, kind="review")
+    first = held(approvals, c)
+    approvals.answer(first.id, "avery", "approve", channel="api")
+    assert approvals.use(approvals.check(c).request, "d-run1")
+    assert approvals.check(c).state == "hold"  # run 1 is upstream: nothing holds its result
+    second = approvals.hold(c, "d-retry", (), {})
+    approvals.answer(second.id, "avery", "approve", channel="api")
+    r1 = approvals.hold(reviewed, "d-run1", (), {}, {"content": [{"type": "text", "text": "1"}]})
+    for named in (None, first.id, r1.id):
+        outcome = approvals.check(c, named)
+        assert (outcome.state, outcome.reason, outcome.request.id, ids(outcome.review)) == (
+            "reviewing",
+            "",
+            first.id,
+            r1.id,
+        ), named
+    outcome = approvals.check(c, second.id)
+    assert (outcome.state, outcome.request.id) == ("approved", second.id)
+    assert approvals.use(outcome.request, "d-run2")
+    clock.now += 1
+    r2 = approvals.hold(reviewed, "d-run2", (), {}, {"content": [{"type": "text", "text": "2"}]})
+    assert r2.id != r1.id  # run 2's result is not dropped into run 1's review
+    assert approvals.held_result(r2)["content"][0]["text"] == "2"
+    assert approvals.held_result(r1)["content"][0]["text"] == "1"
+    for named, approval, review in (
+        (first.id, first, r1),
+        (r1.id, first, r1),
+        (second.id, second, r2),
+        (r2.id, second, r2),
+    ):
+        outcome = approvals.check(c, named)
+        assert (outcome.state, outcome.reason, outcome.request.id, ids(outcome.review)) == (
+            "reviewing",
+            "",
+            approval.id,
+            review.id,
+        ), named
+    approvals.answer(r1.id, "avery", "approve", channel="api")
+    assert ids(approvals.check(c).review) == r1.id  # the oldest run's result first
+    assert approvals.use(approvals.get(r1.id), "d-delivery")
+    assert ids(approvals.check(c).review) == r2.id
+
+
+def ids(request: ApprovalRequest | None) -> str | None:
+    return None if request is None else request.id
