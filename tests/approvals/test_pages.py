@@ -399,6 +399,38 @@ def test_a_suspended_approver_gets_403_no_form_and_their_answer_is_refused(basti
     assert bastion.get(request.id).status == "approved"
 
 
+def facts_now(bastion: Running, inserts=(), deletes=()) -> None:
+    """Store a fact change and wait until the server decides on it (its replica applied it)."""
+    seq = bastion.app.state.store.apply(inserts, deletes, actor="test").seq
+    deadline = time.monotonic() + 10
+    while bastion.app.state.replica.applied < seq:
+        assert time.monotonic() < deadline, "the replica did not apply the change"
+        time.sleep(0.01)
+
+
+def test_an_approver_the_policy_removes_after_the_page_was_shown_has_their_answer_refused(
+    bastion: Running,
+):
+    """avery is shown sam's request with its form; the policy stops naming her (she is no longer
+    sam's manager) before she presses approve: the answer is refused at post, nothing recorded."""
+    request = hold(bastion)
+    manager = parse_fact(FACTS[0])
+    with signed_in(bastion, "avery") as http:
+        shown = http.get(f"/approvals/{request.id}")
+        assert shown.status_code == 200 and "name=answer" in shown.text, shown.text
+        facts_now(bastion, deletes=[manager])
+        try:
+            answered = http.post(
+                f"/approvals/{request.id}",
+                data={"csrf_token": csrf_of(shown.text), "answer": "approve"},
+            )
+        finally:
+            facts_now(bastion, inserts=[manager])
+    assert answered.status_code == 403, answered.text
+    assert "not an approver" in answered.text and "name=answer" not in answered.text
+    assert bastion.get(request.id).status == "pending" and bastion.get(request.id).answers == ()
+
+
 def test_a_suspended_person_sees_no_more_of_a_request_than_its_summary(bastion: Running):
     """The kill switch holds avery: the requests she is named on, or answered, are shown to her as
     to anyone else (403, the summary), not with the arguments, the rules and the answers that a
