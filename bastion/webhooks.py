@@ -24,6 +24,7 @@ import hmac
 import json
 import logging
 import math
+import re
 import secrets
 import sqlite3
 import time
@@ -286,8 +287,14 @@ def shown(value: str) -> str:
     (``\\u003c``), so a name cannot mention ``@channel``, add a link of its own or restyle
     the message (in Slack ``<!channel>`` and ``<https://x|approve>`` are markup, in Mattermost
     and Teams ``[approve](https://x)`` is), and two names never read the same. Cut past 120
-    characters, with a mark."""
-    return f"`{readable(value, _SHOWN_CHARS, _plain_in_chat)}`"
+    characters, with a mark. An ``@`` after a letter or digit (``sam@example.com``, a common
+    user id) is shown as it is: no chat tool reads a mention there."""
+    return f"`{_ADDRESS_AT.sub('@', readable(value, _SHOWN_CHARS, _plain_in_chat))}`"
+
+
+# An escaped ``@`` that follows a letter or digit shown as it is (not an escape's last digit:
+# `readable` doubles every backslash of the name, so an escape is never preceded by one).
+_ADDRESS_AT = re.compile(r"(?<=[^\W_])(?<!\\u[0-9a-f]{4})(?<!\\U[0-9a-f]{8})\\u0040")
 
 
 def _plain_in_chat(char: str) -> bool:

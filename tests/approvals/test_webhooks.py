@@ -692,6 +692,24 @@ def test_names_an_agent_or_upstream_chooses_cannot_add_mentions_or_links_to_the_
     approvals.store.db.close()
 
 
+@pytest.mark.parametrize(
+    ("name", "reads"),
+    [
+        ("sam@example.com", "`sam@example.com`"),  # a user id as most providers give it
+        ("ops.é@example.com", "`ops.é@example.com`"),
+        ("@channel", "`\\u0040channel`"),
+        ("sam @here", "`sam \\u0040here`"),
+        ("sam_@here", "`sam_\\u0040here`"),
+        ("\u200b@here", "`\\u200b\\u0040here`"),  # after an escape, not after a letter
+        ("x\\u0040y", "`x\\\\u0040y`"),  # the text of an escape is not taken for one
+    ],
+)
+def test_an_at_sign_reads_as_written_in_an_address_and_escaped_where_it_could_mention(name, reads):
+    from bastion.webhooks import shown
+
+    assert shown(name) == reads
+
+
 def test_two_requests_from_different_users_or_agents_never_read_the_same_in_the_chat_text(
     sqlite_url,
 ):
