@@ -40,6 +40,8 @@ def _line(record: DecisionRecord) -> str:
         extra.append(f"rules={len(record.rules)}")
     if record.unexplained:
         extra.append("unexplained")
+    if record.recovered:  # written from the journal of a process that died: outcome unknown
+        extra.append("recovered")
     approval = record.obligations.get("approval")
     if isinstance(approval, dict) and approval.get("id"):
         # The request that held this call, or whose approval (or released result) it used:

@@ -19,11 +19,14 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import MISSING, dataclass, field, fields, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bastion.db import Database, first_line, unstorable
 from bastion.json_encoding import encoder
 from bastion.turns import in_turns
+
+if TYPE_CHECKING:
+    from bastion.audit.journal import DecisionJournal
 
 log = logging.getLogger("bastion.audit")
 
@@ -99,6 +102,10 @@ class DecisionRecord:
     grant_id: str = ""
     task: str = ""
     session: str = ""
+    # Written at a later start from the decision journal (`bastion.audit.journal`): the process
+    # died before the record was; the call may have reached its upstream, its outcome unknown,
+    # and the context, rules and obligations were never recorded.
+    recovered: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         # Field by field, not `dataclasses.asdict`: that deep-copies the context and obligations,
@@ -214,6 +221,8 @@ class DecisionRecords:
         self.max_buffer = max_buffer
         db.migrate("audit_decisions", _MIGRATIONS)
         self._buffer: deque[tuple[DecisionRecord, Callable | None]] = deque()
+        # This process's decision journal (`bastion.audit.journal`), told of what is stored.
+        self.journal: DecisionJournal | None = None
         self._lock = threading.Lock()
         # Held through a whole flush: a flush that finds another under way waits for it, so that
         # what was buffered before a flush began is written (or back in the buffer) when it returns.
@@ -231,8 +240,15 @@ class DecisionRecords:
         with self._lock:
             self._buffer.append((record, rules))
             if len(self._buffer) > self.max_buffer:
-                self._buffer.popleft()
-                self.dropped += 1
+                self._drop_oldest()
+
+    def _drop_oldest(self) -> None:
+        """Let go of the oldest buffered record (counted, logged by the next flush). Called
+        with ``_lock`` held."""
+        record, _ = self._buffer.popleft()
+        self.dropped += 1
+        if self.journal is not None:
+            self.journal.settled((record.id,))
 
     @property
     def waiting(self) -> int:
@@ -271,11 +287,12 @@ class DecisionRecords:
             with self._lock:
                 self._buffer.extendleft(reversed(back))
                 while len(self._buffer) > self.max_buffer:
-                    self._buffer.popleft()
-                    self.dropped += 1
+                    self._drop_oldest()
             if isinstance(e, _Unwritten):
                 raise e.__cause__  # noqa: B904 - what the database said (DatabaseUnavailable, say)
             raise
+        if self.journal is not None:  # stored, or let go of as unstorable (counted, logged)
+            self.journal.settled(record.id for record, _ in pending)
         return len(batch)
 
     def _write_around(self, batch: list[DecisionRecord], error: Exception) -> list[DecisionRecord]:

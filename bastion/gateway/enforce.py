@@ -904,10 +904,11 @@ class Enforcer:
         latency_us: int = 0,
     ) -> dict[str, Any]:
         """The fields of a decision record (`DecisionRecord`): every record the gateway writes
-        is built here. ``position``: the policy version in force and the change-log sequence
-        the facts stood at when it was decided, read with the `Authorizer` that decided."""
+        is built here, and journalled here (`bastion.audit.journal`). ``position``: the policy
+        version in force and the change-log sequence the facts stood at when it was decided,
+        read with the `Authorizer` that decided."""
         policy_version, sequence = position
-        return {
+        fields = {
             "id": decision_id,
             "at": self.clock(),
             "server": server,
@@ -928,6 +929,11 @@ class Enforcer:
             "task": caller.task,
             "session": caller.session_id,
         }
+        # Journalled now, before the call goes upstream: its record is written later, and a
+        # process killed meanwhile would leave no trace of the decision (bastion.audit.journal).
+        if self.records is not None and (journal := self.records.journal) is not None:
+            journal.append(fields)
+        return fields
 
     def _record(
         self,

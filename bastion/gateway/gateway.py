@@ -19,6 +19,12 @@ from starlette.types import Receive, Scope, Send
 from bastion import untrusted_json
 from bastion.approvals.service import Approvals
 from bastion.audit.decisions import DecisionRecords
+from bastion.audit.journal import (
+    SWEEP_SECONDS,
+    DecisionJournal,
+    database_identity,
+    recover_journals,
+)
 from bastion.audit.refusals import RefusalLog
 from bastion.db import DatabaseUnavailable
 from bastion.decide import Authorizer
@@ -252,8 +258,12 @@ class Gateway:
         dpop: DPoPProofs | None = None,
         refusals: RefusalLog | None = None,
         tool_pins: ToolPins | None = None,
+        journal_dir: str | None = None,
     ) -> None:
         self.config = config
+        # Where this process journals its decisions before their records are stored
+        # (`[server] decision_journal_dir`, bastion.audit.journal); None: no journal.
+        self.journal_dir = journal_dir
         # The accepted definitions of the tools and prompts of upstreams with ``pin_tools`` or
         # ``pin_prompts`` (shared by replicas).
         self.tool_pins = tool_pins
@@ -605,6 +615,8 @@ class Gateway:
 
     async def start(self) -> None:
         if self.records is not None:
+            if self.journal_dir is not None:
+                await asyncio.to_thread(self._open_journal)
             self._flusher = asyncio.create_task(self._flush_forever())
         self._end_streams_on_stop_signals()
         # A revocation this process makes or hears of (NOTIFY, on PostgreSQL) cuts the grant's
@@ -640,14 +652,40 @@ class Gateway:
             signal.signal(number, stop)
             self._signal_handlers.append((number, previous, stop))
 
+    def _open_journal(self) -> None:
+        """This process's decision journal, opened before any call is decided; then the
+        journals of dead processes recovered (a failure there is logged, and tried again by
+        the next sweep: the database may be away at start)."""
+        records = self.records
+        assert records is not None and self.journal_dir is not None
+        database = database_identity(records.db.url)
+        records.journal = DecisionJournal(self.journal_dir, database)
+        self._recover_journals()
+
+    def _recover_journals(self) -> None:
+        records = self.records
+        assert records is not None and records.journal is not None
+        try:
+            recover_journals(
+                records.journal.directory, records, records.journal.database, records.journal
+            )
+        except Exception:
+            log.exception("recovering the decision journals of dead processes failed; will retry")
+
     async def _flush_forever(self) -> None:
         """Write the buffered decision records every 0.2 s. While the database is unavailable
-        they stay buffered (bounded: `DecisionRecords`) and every round tries again."""
+        they stay buffered (bounded: `DecisionRecords`) and every round tries again. Every
+        `SWEEP_SECONDS`, recover the decision journals of processes that died meanwhile (replicas
+        sharing the journal directory)."""
         records = self.records
         assert records is not None
         failing = False
+        sweep = asyncio.get_running_loop().time() + SWEEP_SECONDS
         while True:
             await asyncio.sleep(0.2)
+            if records.journal is not None and asyncio.get_running_loop().time() > sweep:
+                sweep += SWEEP_SECONDS
+                await asyncio.to_thread(self._recover_journals)
             if not records.waiting:
                 continue  # idle: no thread woken for nothing (a drop is only made while full)
             try:
@@ -687,6 +725,8 @@ class Gateway:
                     self.records.waiting,
                     e,
                 )
+            if self.records.journal is not None:
+                self.records.journal.close()
         for state in self.upstreams.values():
             with contextlib.suppress(Exception):
                 await state.upstream.close()

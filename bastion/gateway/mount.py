@@ -3,6 +3,7 @@ that sends the gateway's paths to it ahead of the API's routing."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Awaitable, Callable
 
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -82,6 +83,16 @@ def gateway_from_config(
     records = DecisionRecords(
         Database(config.database, role="bastion-records"), config.decision_records_buffer
     )
+    journal_dir = config.decision_journal_directory()
+    try:
+        os.makedirs(journal_dir, mode=0o700, exist_ok=True)
+        if not os.access(journal_dir, os.W_OK | os.X_OK):
+            raise PermissionError(f"{journal_dir} is not writable by this user")
+    except OSError as e:
+        raise ConfigError(
+            f"decision_journal_dir: the gateway journals its decisions in {journal_dir!r}"
+            f" (docs/operations.md, 'Decision journal'), which cannot be used: {e}"
+        ) from None
     tokens = VerifiedTokens(oauth.verifier, config.database)
     # Only where an upstream pins its tools or prompts: a connection of its own, used off the event loop.
     pins = (
@@ -108,6 +119,7 @@ def gateway_from_config(
         posture=posture_settings(config),
         refusals=oauth.verifier.refusals,
         tool_pins=pins,
+        journal_dir=journal_dir,
         trusted=TrustedIssuers(
             gateway_config.trusted_issuers,
             refusals=oauth.verifier.refusals,

@@ -96,6 +96,11 @@ class ServerConfig:
     audit_retention_days: float = 90.0
     # Gateway decision records held in memory while the database cannot take them.
     decision_records_buffer: int = 100_000
+    # A local directory where each gateway process journals its decisions until their records
+    # are stored, so that one killed outright loses none (docs/operations.md, "Decision
+    # journal"). Empty: beside a SQLite database (<file>.decisions), and bastion-decisions in the
+    # working directory with PostgreSQL.
+    decision_journal_dir: str = ""
     # Decisions remembered per process for /v1/decisions/{id}.
     decision_log_size: int = 10_000
     # Policy size limits and the evaluation budget (see `PolicyLimits`, docs/policy-language.md).
@@ -282,6 +287,16 @@ class ServerConfig:
 
         with self.reading("tasks"):
             return TaskSettings.from_mapping(self.tasks)
+
+    def decision_journal_directory(self) -> str:
+        """`decision_journal_dir`, or its default for the database."""
+        if self.decision_journal_dir:
+            return self.decision_journal_dir
+        from bastion.db import is_postgres, sqlite_file
+
+        if is_postgres(self.database):
+            return "bastion-decisions"
+        return sqlite_file(self.database).path + ".decisions"
 
     def policy_limits(self) -> PolicyLimits:
         """The limits on policies and on each evaluation, from the ``policy_*``,

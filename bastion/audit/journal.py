@@ -1,0 +1,390 @@
+"""The decision journal: each decision the gateway takes is appended to a local file before its
+call goes upstream, so that a process killed outright (SIGKILL, the OOM killer) loses no record.
+
+Records are buffered and written in batches (`bastion.audit.decisions`), and an allowed call's
+record only once it is answered: a process that dies in between took decisions the database
+never hears of. Each process appends one line per decision to a file of its own, with one
+``os.write`` on an ``O_APPEND`` descriptor (no fsync: the kernel keeps what was written when the
+process dies; a power loss may not), and holds an ``flock`` on it while it lives. Once every
+decision in it is stored the file is emptied; one that keeps growing is rewritten with only
+the decisions not stored yet. At start, and every `SWEEP_SECONDS` after, a process takes the
+journals of dead ones (their lock free) and writes every decision the database lacks as a
+record marked ``recovered`` (its call may have reached its upstream: the outcome is unknown).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import threading
+import time
+from collections.abc import Iterable, Mapping
+from operator import itemgetter
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from bastion.json_encoding import encoder
+
+if TYPE_CHECKING:
+    from bastion.audit.decisions import DecisionRecords
+
+log = logging.getLogger("bastion.audit")
+
+# What a journal line keeps of a record: enough to say who was let do what, when, on which
+# policy and facts, and with which arguments (their digest). Not the context, rules or
+# obligations: costly to encode on the call path, and known only to the full record.
+JOURNALED = (
+    "id",
+    "at",
+    "server",
+    "method",
+    "target",
+    "principals",
+    "result",
+    "reason",
+    "arguments_digest",
+    "deciding_principal",
+    "policy_version",
+    "sequence",
+    "grant_id",
+    "task",
+    "session",
+)
+SUFFIX = ".journal"
+# A journal past this size, still holding decisions not stored, is rewritten with those only.
+REWRITE_BYTES = 1 << 20
+# How often a live process looks for the journals of dead ones (replicas sharing a directory).
+SWEEP_SECONDS = 30.0
+# Decision ids looked up per statement when recovering.
+LOOKUP_BATCH = 500
+# The first line of every journal: which database its decisions belong to. A journal of another
+# database (a directory shared by two deployments) is left alone.
+FORMAT = 1
+
+# ASCII JSON: no line break can stand in a line, and its bytes are its text's. A line is an
+# array of the `JOURNALED` values, in the order the header names them (half the cost of an
+# object with their names, on the call path).
+_encode = encoder(separators=(",", ":"), default=str, check_circular=False)
+_journaled = itemgetter(*JOURNALED)
+
+
+# Journals of another database found in the directory, named in the log once.
+_LEFT_ALONE: set[str] = set()
+
+
+def database_identity(url: str) -> str:
+    """The database a journal's decisions belong to, as its header names it: a SQLite file's
+    real path, or a PostgreSQL server, database, user and options (never a password)."""
+    from bastion.db import is_postgres, sqlite_file
+
+    if is_postgres(url):
+        from psycopg.conninfo import conninfo_to_dict
+
+        # What names the tables written to: the server, the database, the role and its
+        # options (a search_path: deployments may share a database, each in a schema).
+        info = conninfo_to_dict(url)
+        return _encode(
+            [str(info.get(key, "")) for key in ("host", "port", "dbname", "user", "options")]
+        )
+    return os.path.realpath(sqlite_file(url).path)
+
+
+def _header(database: str) -> bytes:
+    """A journal's first line: its format, its database, and the names of its lines' values."""
+    return (
+        _encode({"bastion_decision_journal": FORMAT, "database": database, "fields": JOURNALED})
+        + "\n"
+    ).encode()
+
+
+class DecisionJournal:
+    """This process's journal. `append` runs on the event loop for each decision; `settled`
+    runs on the record writer's thread once records are stored (or given up, counted and
+    logged by `DecisionRecords`). One lock keeps a line from being appended to a file that is
+    being emptied or replaced."""
+
+    def __init__(self, directory: str | os.PathLike, database: str) -> None:
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.database = database
+        self._header = _header(database)
+        self._lock = threading.Lock()
+        # The lines of decisions not stored yet, by id: what a rewrite keeps.
+        self._waiting: dict[str, bytes] = {}
+        self._fd, self.path = self._new_file(self._header)
+        self._size = len(self._header)
+        self.failed = 0  # appends the disk refused (full, say), logged
+        self._closed = False
+
+    def _new_file(self, content: bytes, path: Path | None = None) -> tuple[int, Path]:
+        """A journal holding ``content``, locked, then put in place at ``path`` (else under a
+        new name): a process sweeping the directory never finds it unlocked or half written."""
+        name = f"{os.getpid()}-{os.urandom(6).hex()}"
+        partial = self.directory / f".{name}.new"
+        fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            os.write(fd, content)
+            path = path or self.directory / f"{name}{SUFFIX}"
+            os.rename(partial, path)
+        except BaseException:
+            os.close(fd)
+            partial.unlink(missing_ok=True)
+            raise
+        return fd, path
+
+    def append(self, fields: Mapping[str, Any]) -> None:
+        """Journal a decision (the fields of its record) before its call goes upstream. A disk
+        that refuses the line is logged; the call goes on, its record written as usual."""
+        line = (_encode(_journaled(fields)) + "\n").encode()
+        with self._lock:
+            if self._closed:
+                return
+            self._waiting[fields["id"]] = line
+            try:
+                written = os.write(self._fd, line)
+            except OSError as e:
+                self._failed(e)
+                return
+            self._size += written
+            if written < len(line):  # the disk filled up mid-line: end it, so later ones parse
+                self._failed(OSError("short write"))
+                with contextlib.suppress(OSError):
+                    self._size += os.write(self._fd, b"\n")
+
+    def _failed(self, error: OSError) -> None:
+        self.failed += 1
+        if self.failed == 1 or self.failed % 10_000 == 0:
+            log.error(
+                "the decision journal %s cannot be written (%s; %d decisions so far): a process"
+                " killed outright now loses the records not yet stored",
+                self.path,
+                error,
+                self.failed,
+            )
+
+    def settled(self, ids: Iterable[str]) -> None:
+        """These decisions need the journal no more. Empties it once none is left, or rewrites
+        it, holding only those left, once it has grown past `REWRITE_BYTES`."""
+        with self._lock:
+            waiting = self._waiting
+            for decision_id in ids:
+                waiting.pop(decision_id, None)
+            if self._closed:
+                return
+            header = len(self._header)
+            try:
+                if not waiting:
+                    if self._size > header:
+                        os.ftruncate(self._fd, header)
+                        self._size = header
+                elif self._size > REWRITE_BYTES:
+                    self._rewrite()
+            except OSError as e:
+                log.error("the decision journal %s cannot be emptied: %s", self.path, e)
+
+    def _rewrite(self) -> None:
+        content = b"".join((self._header, *self._waiting.values()))
+        if len(content) * 2 > self._size:
+            return  # mostly still needed (the database is away): rewriting would free little
+        # The new file takes the old one's place only once it holds every line still needed.
+        fd, _ = self._new_file(content, self.path)
+        old_fd, self._fd, self._size = self._fd, fd, len(content)
+        os.close(old_fd)
+
+    @property
+    def waiting(self) -> int:
+        """Decisions journalled whose records are not stored yet."""
+        return len(self._waiting)
+
+    def close(self) -> None:
+        """On a clean stop, after the last flush: the journal is removed if every decision in
+        it is stored; else it is left for the next start to recover, and the log says so."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            if self._waiting:
+                log.warning(
+                    "%d decisions have no stored record at stop; their journal %s is left for"
+                    " the next start to recover",
+                    len(self._waiting),
+                    self.path,
+                )
+            else:
+                self.path.unlink(missing_ok=True)
+            os.close(self._fd)
+
+
+def recover_journals(
+    directory: str | os.PathLike,
+    records: DecisionRecords,
+    database: str,
+    own: DecisionJournal | None = None,
+) -> int:
+    """Write the decisions of every journal in ``directory`` left by a process that died (no
+    longer locked) and missing from the database, each as a record marked ``recovered``;
+    remove each journal once they are stored. ``own``: this process's, never touched. Returns
+    how many records were recovered. Two processes never recover the same journal: each holds
+    the lock of the journal it recovers."""
+    folder = Path(directory)
+    if not folder.is_dir():
+        return 0
+    recovered = 0
+    _remove_abandoned(folder)
+    for path in sorted(folder.glob(f"*{SUFFIX}")):
+        if own is not None and path == own.path:
+            continue
+        try:
+            recovered += _recover(path, records, database)
+        except FileNotFoundError:
+            continue  # recovered meanwhile by another process, or rewritten by its owner
+    return recovered
+
+
+def _remove_abandoned(folder: Path) -> None:
+    """Remove the journals a process began and never put in place (`DecisionJournal._new_file`:
+    it died in between): unlocked, and older than a sweep, so never one being made now."""
+    for path in folder.glob(".*.new"):
+        try:
+            if os.stat(path).st_mtime > time.time() - SWEEP_SECONDS:
+                continue
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            path.unlink(missing_ok=True)
+        except BlockingIOError:
+            pass
+        finally:
+            os.close(fd)
+
+
+def _recover(path: Path, records: DecisionRecords, database: str) -> int:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return 0  # its process lives
+        if os.fstat(fd).st_ino != os.stat(path).st_ino:
+            return 0  # replaced by its owner's rewrite since it was opened: not this file
+        with os.fdopen(os.dup(fd), "rb") as file:
+            content = file.read()
+        lines = content.split(b"\n")
+        torn = lines.pop()  # after the last line break: empty, or a line cut off mid-write
+        if not lines:
+            path.unlink()  # died before its header was whole: no decision in it
+            return 0
+        names = _names(lines[0], database)
+        if names is None:
+            if path.name in _LEFT_ALONE:
+                return 0
+            _LEFT_ALONE.add(path.name)
+            log.warning(
+                "decision journal %s is not one of this database's (%s): left alone",
+                path,
+                lines[0][:300].decode("utf-8", "replace"),
+            )
+            return 0
+        entries, unreadable = _entries(names, lines[1:])
+        missing = _missing(records, [entry["id"] for entry in entries])
+        from bastion.audit.decisions import DecisionRecord
+
+        recovered = [
+            DecisionRecord.from_dict({**entry, "recovered": True})
+            for entry in entries
+            if entry["id"] in missing
+        ]
+        for record in recovered:
+            records.add(record)
+        if recovered:
+            records.flush()  # raises if they cannot be stored: the journal stays for next time
+        if recovered or unreadable or torn:
+            _report(path, len(recovered), len(entries), unreadable, bool(torn), records)
+        else:
+            log.info("decision journal %s removed: its %d decisions are stored", path, len(entries))
+        path.unlink()  # only now: a process killed before this point leaves it to the next
+        return len(recovered)
+    finally:
+        os.close(fd)
+
+
+def _names(header: bytes, database: str) -> list[str] | None:
+    """The names of the values of a journal's lines, from its header; None if it is not a
+    journal of ``database``."""
+    try:
+        fields = json.loads(header)
+    except ValueError:
+        return None
+    if not isinstance(fields, dict) or fields.get("database") != database:
+        return None
+    names = fields.get("fields")
+    if not isinstance(names, list) or "id" not in names:
+        return None
+    return [str(name) for name in names]
+
+
+def _entries(names: list[str], lines: list[bytes]) -> tuple[list[dict[str, Any]], int]:
+    """The decisions of a journal's lines, each once; and how many lines could not be read."""
+    entries: dict[str, dict[str, Any]] = {}
+    unreadable = 0
+    for line in lines:
+        try:
+            values = json.loads(line)
+            if not isinstance(values, list) or len(values) != len(names):
+                raise ValueError("not a journal line")
+            entry = dict(zip(names, values, strict=True))
+            if not isinstance(entry["id"], str):
+                raise ValueError("no decision id")
+        except ValueError:
+            unreadable += 1
+            continue
+        entries.setdefault(entry["id"], entry)
+    return list(entries.values()), unreadable
+
+
+def _missing(records: DecisionRecords, ids: list[str]) -> set[str]:
+    """The ``ids`` with no record in ``audit_decisions``."""
+    missing = set(ids)
+    for start in range(0, len(ids), LOOKUP_BATCH):
+        batch = ids[start : start + LOOKUP_BATCH]
+        marks = ", ".join("?" * len(batch))
+        rows = records.db.execute(f"SELECT id FROM audit_decisions WHERE id IN ({marks})", batch)
+        missing.difference_update(row[0] for row in rows)
+    return missing
+
+
+def _report(
+    path: Path,
+    recovered: int,
+    entries: int,
+    unreadable: int,
+    torn: bool,
+    records: DecisionRecords,
+) -> None:
+    """The log line and audit event (``decisions.recovered``) of a journal recovered."""
+    log.warning(
+        "recovered %d decision records from the journal %s of a process that died before"
+        " writing them (%d decisions in it, the others stored already; %d lines unreadable%s):"
+        " each is marked recovered, and its call may have reached its upstream",
+        recovered,
+        path.name,
+        entries,
+        unreadable,
+        ", the last cut off mid-write" if torn else "",
+    )
+    from bastion.audit.log import AuditLog
+
+    AuditLog(records.db).record(
+        "decisions.recovered",
+        journal=path.name,
+        recovered=recovered,
+        decisions=entries,
+        unreadable=unreadable,
+        torn=torn,
+    )

@@ -1,0 +1,417 @@
+"""No decision record is lost when a gateway process is killed outright (SIGKILL, the OOM killer):
+each decision is appended to a journal file before its call goes upstream, and the next start
+writes every journalled decision the database lacks, marked as recovered."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from bastion.audit import journal as journal_module
+from bastion.audit.commands import _line
+from bastion.audit.decisions import DecisionRecord, DecisionRecords, new_decision_id
+from bastion.audit.journal import (
+    JOURNALED,
+    DecisionJournal,
+    database_identity,
+    recover_journals,
+)
+from bastion.audit.log import AuditLog
+from bastion.db import Database, DatabaseUnavailable
+from bastion.gateway import gateway as gateway_module
+from tests.gateway.streams import messages, modern_headers, modern_request
+from tests.gateway.support import Running, bastion_serve, serve_quickstart, start, stop
+
+QUICKSTART_PASSWORD = "quickstart-password"  # examples/quickstart/setup.py
+SEARCH = 'Tool{"desk/search_customers"}'
+
+# The quickstart's upstream, but a search for "slow" waits (after noting it was asked) for a
+# minute: a call still at its upstream when bastion dies.
+SLOW_DESK = """
+import sys, time
+sys.path.insert(0, {folder!r})
+import server as desk
+
+noted = desk.trace
+
+def trace(kind, **detail):
+    noted(kind, **detail)
+    if detail.get("query") == "slow":
+        time.sleep(20)
+
+desk.trace = trace
+desk.main()
+"""
+
+
+def _search(http: httpx.Client, url: str, token: str, query: str, request_id: int) -> dict:
+    response = http.post(
+        f"{url}/mcp/desk",
+        json=modern_request(
+            request_id, "tools/call", {"name": "search_customers", "arguments": {"query": query}}
+        ),
+        headers=modern_headers(token, "tools/call", "search_customers"),
+    )
+    assert response.status_code == 200, response.text
+    return messages(response)[-1]
+
+
+def _records(database: Path) -> list[dict]:
+    with sqlite3.connect(database) as db:
+        rows = db.execute("SELECT record FROM audit_decisions ORDER BY seq").fetchall()
+    return [json.loads(row[0]) for row in rows]
+
+
+def _traced(trace: Path, query: str, seconds: float = 20) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if trace.exists() and any(
+            json.loads(line).get("query") == query for line in trace.read_text().splitlines()
+        ):
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def test_a_gateway_killed_outright_loses_no_decision_record(tmp_path):
+    folder = str(Path(__file__).resolve().parents[2] / "examples" / "quickstart")
+    (tmp_path / "slow_desk.py").write_text(SLOW_DESK.format(folder=folder))
+    trace = tmp_path / "upstream-trace.jsonl"
+    server, url = serve_quickstart(
+        tmp_path,
+        env={"DEMO_TRACE": str(trace)},
+        replace={'"examples/quickstart/server.py"': json.dumps(str(tmp_path / "slow_desk.py"))},
+    )
+    try:
+        with httpx.Client(timeout=httpx.Timeout(10, read=60)) as http:
+            running = Running(url, None, None, None, http, None, password=QUICKSTART_PASSWORD)
+            token = running.token("sam", "desk")
+            # One call still at its upstream (which has acted on it) when bastion dies...
+            waiting = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-c",
+                    "import httpx, json, sys;"
+                    "httpx.post(sys.argv[1], json=json.loads(sys.argv[2]),"
+                    " headers=json.loads(sys.argv[3]), timeout=60)",
+                    f"{url}/mcp/desk",
+                    json.dumps(
+                        modern_request(
+                            99,
+                            "tools/call",
+                            {"name": "search_customers", "arguments": {"query": "slow"}},
+                        )
+                    ),
+                    json.dumps(modern_headers(token, "tools/call", "search_customers")),
+                ],
+                stderr=subprocess.DEVNULL,
+            )
+            try:
+                assert _traced(trace, "slow"), "the slow call never reached the upstream"
+                # ...and calls answered, the last just before it dies.
+                answered = 0
+                for n in range(20):
+                    answer = _search(http, url, token, f"ada-{n}", n)
+                    assert "result" in answer, answer
+                    answered += 1
+                server.send_signal(signal.SIGKILL)
+                server.wait(10)
+            finally:
+                waiting.wait(30)
+        searches = [r for r in _records(tmp_path / "bastion.db") if r["target"] == SEARCH]
+        lost_on_kill = answered + 1 - len(searches)
+
+        server, url = bastion_serve(tmp_path / "bastion.toml", url, {"DEMO_TRACE": str(trace)})
+        searches = [r for r in _records(tmp_path / "bastion.db") if r["target"] == SEARCH]
+        # Every call's decision is there, the one at its upstream too; those written from the
+        # journal say so, and are all that SIGKILL had kept from the database.
+        assert len(searches) == answered + 1, (lost_on_kill, searches)
+        assert len({r["id"] for r in searches}) == answered + 1
+        recovered = [r for r in searches if r.get("recovered")]
+        assert len(recovered) == lost_on_kill
+        assert all(r["result"] == "allow" and r["principals"] for r in recovered)
+        assert all(r["arguments_digest"] for r in recovered)
+        # The one at its upstream when bastion died can only have been recovered.
+        assert recovered, "SIGKILL right after the answers kept no decision from the database"
+        log = (tmp_path / "serve.log").read_text()
+        assert f"recovered {lost_on_kill} decision records" in log, log
+        with sqlite3.connect(tmp_path / "bastion.db") as db:
+            detail = db.execute(
+                "SELECT detail FROM audit_events WHERE kind = 'decisions.recovered'"
+            ).fetchall()
+        assert [json.loads(d)["recovered"] for (d,) in detail] == [lost_on_kill]
+        # The dead process's journal is gone; the live one's is all that is left.
+        journals = list((tmp_path / "bastion.db.decisions").glob("*.journal"))
+        assert len(journals) == 1
+    finally:
+        if server.poll() is None:
+            stop(server)
+
+
+def test_a_live_gateway_recovers_the_journal_of_a_replica_that_died_beside_it(
+    tmp_path, monkeypatch
+):
+    """Replicas sharing a journal directory: one that dies is recovered by a live one within a
+    sweep, whether or not it is started again."""
+    monkeypatch.setattr(gateway_module, "SWEEP_SECONDS", 0.3)
+    with start(tmp_path) as running:
+        folder = Path(running.records.journal.directory)
+        dead = DecisionJournal(folder, running.records.journal.database)
+        taken = _decision(1)
+        dead.append(taken)
+        os.close(dead._fd)  # its process is killed
+        deadline = time.monotonic() + 20
+        # Removed once its records are stored.
+        while _journals(folder) != [running.records.journal.path]:
+            assert time.monotonic() < deadline, "the live gateway never recovered the journal"
+            time.sleep(0.05)
+        assert running.records.get(taken["id"]).recovered
+    # Stopped cleanly with every decision stored: its own journal goes too.
+    assert _journals(folder) == []
+
+
+def test_a_gateway_whose_journal_cannot_be_written_does_not_start(tmp_path):
+    """Fail closed: a gateway that could lose its decisions to a kill never takes a call."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    with pytest.raises(AssertionError, match="decision_journal_dir: the gateway journals"):
+        serve_quickstart(tmp_path, env={"BASTION_DECISION_JOURNAL_DIR": str(blocker / "j")})
+
+
+# -- the journal itself, on a real SQLite file or PostgreSQL schema ------------------------------
+
+
+def _decision(n: int, **more) -> dict:
+    """The fields of a decision as the gateway gives them (`Enforcer._fields`)."""
+    return {
+        "id": new_decision_id() + f"{n:04d}",
+        "at": 1_700_000_000.0 + n,
+        "server": "desk",
+        "method": "tools/call",
+        "target": SEARCH,
+        "principals": ('User{"sam"}', 'Agent{"agent-1"}'),
+        "result": "allow",
+        "arguments_digest": f"hmac-sha256:{n:064x}",
+        "context": {"tool": "search_customers"},
+        "deciding_principal": 'Agent{"agent-1"}',
+        "rules": (),
+        "obligations": {},
+        "reason": "",
+        "latency_us": 12,
+        "policy_version": 3,
+        "sequence": 41,
+        "grant_id": "g-1",
+        "task": "",
+        "session": "s-1",
+        **more,
+    }
+
+
+def _journals(folder: Path) -> list[Path]:
+    return sorted(folder.glob("*.journal"))
+
+
+def test_a_journal_is_emptied_once_its_decisions_are_stored_and_removed_on_a_clean_stop(
+    tmp_path, database_url
+):
+    records = DecisionRecords(Database(database_url))
+    journal = records.journal = DecisionJournal(tmp_path / "j", database_identity(database_url))
+    header = journal.path.read_bytes()
+    taken = [_decision(n) for n in range(3)]
+    for fields in taken:
+        journal.append(fields)
+    assert len(journal.path.read_bytes().splitlines()) == 4
+    # Two answered and written; the third still at its upstream: the journal keeps all three.
+    for fields in taken[:2]:
+        records.add(DecisionRecord.of(fields))
+    records.flush()
+    assert journal.waiting == 1 and len(journal.path.read_bytes().splitlines()) == 4
+    records.add(DecisionRecord.of(taken[2]))
+    records.flush()
+    assert journal.waiting == 0 and journal.path.read_bytes() == header
+    journal.close()
+    assert _journals(tmp_path / "j") == []
+
+
+def test_a_journal_past_its_size_is_rewritten_with_only_the_decisions_not_stored(
+    tmp_path, monkeypatch
+):
+    monkeypatch.setattr(journal_module, "REWRITE_BYTES", 4096)
+    database = str(tmp_path / "bastion.db")
+    records = DecisionRecords(Database(database))
+    journal = records.journal = DecisionJournal(tmp_path / "j", database_identity(database))
+    at_upstream = _decision(0)
+    journal.append(at_upstream)
+    answered = [_decision(n) for n in range(1, 40)]
+    for fields in answered:
+        journal.append(fields)
+        records.add(DecisionRecord.of(fields))
+    path = journal.path
+    before = os.stat(path).st_ino
+    records.flush()
+    # A new file in the same place, holding the header and the one decision not stored.
+    assert _journals(tmp_path / "j") == [path] and os.stat(path).st_ino != before
+    lines = path.read_bytes().splitlines()
+    assert len(lines) == 2 and at_upstream["id"].encode() in lines[1]
+    later = _decision(99)
+    journal.append(later)  # goes to the new file
+    assert later["id"].encode() in path.read_bytes()
+    os.close(journal._fd)  # the process dies: nothing flushed, nothing removed
+    assert recover_journals(tmp_path / "j", records, database_identity(database)) == 2
+    assert {r.id for r in _stored(records) if r.recovered} == {at_upstream["id"], later["id"]}
+
+
+def _stored(records: DecisionRecords) -> list[DecisionRecord]:
+    return [record for _, record in records.after(0, limit=10_000)]
+
+
+def test_a_journal_with_a_torn_last_line_is_read_up_to_that_line(tmp_path, database_url):
+    records = DecisionRecords(Database(database_url))
+    database = database_identity(database_url)
+    journal = DecisionJournal(tmp_path / "j", database)
+    taken = [_decision(n) for n in range(3)]
+    for fields in taken:
+        journal.append(fields)
+    records.add(DecisionRecord.of(taken[0]))  # its record was written before the process died
+    records.flush()
+    os.close(journal._fd)
+    # The process died while the disk took a fourth line: half of it is there.
+    last = _decision(3)
+    with open(journal.path, "ab") as file:
+        file.write(b'["' + last["id"].encode() + b'",1700000003.0,"desk","tools/c')
+    assert recover_journals(tmp_path / "j", records, database) == 2
+    stored = {record.id: record for record in _stored(records)}
+    assert set(stored) == {fields["id"] for fields in taken}
+    assert not stored[taken[0]["id"]].recovered
+    for fields in taken[1:]:
+        record = stored[fields["id"]]
+        assert record.recovered
+        # What the journal line kept of the decision, as the record would have said it.
+        for name in JOURNALED:
+            assert getattr(record, name) == fields[name], name
+        assert record.context == {} and record.rules == () and record.obligations == {}
+        assert " recovered " in _line(record)  # as `bastion audit tail` shows it
+    assert _journals(tmp_path / "j") == []
+    events = AuditLog(records.db).events("decisions.recovered")
+    assert [e.detail for e in events] == [
+        {
+            "journal": journal.path.name,
+            "recovered": 2,
+            "decisions": 3,
+            "unreadable": 0,
+            "torn": True,
+        }
+    ]
+
+
+HOLDER = """
+import sys, time
+from bastion.audit.journal import DecisionJournal
+journal = DecisionJournal(sys.argv[1], sys.argv[2])
+journal.append({name: "x" if name != "principals" else [] for name in sys.argv[3:]})
+print(journal.path, flush=True)
+time.sleep(120)
+"""
+
+
+def test_a_journal_locked_by_a_live_process_is_not_touched_by_another(tmp_path):
+    database = str(tmp_path / "bastion.db")
+    records = DecisionRecords(Database(database))
+    identity = database_identity(database)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(tmp_path / "j"), identity, *JOURNALED],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])},
+    )
+    try:
+        path = Path(holder.stdout.readline().strip())
+        content = path.read_bytes()
+        assert recover_journals(tmp_path / "j", records, identity) == 0
+        assert path.read_bytes() == content and _stored(records) == []
+    finally:
+        holder.kill()
+        holder.wait()
+    # Once its process is dead, the next sweep takes it.
+    assert recover_journals(tmp_path / "j", records, identity) == 1
+    assert [record.recovered for record in _stored(records)] == [True]
+    assert _journals(tmp_path / "j") == []
+
+
+def test_two_processes_never_both_recover_the_same_journal(tmp_path, database_url):
+    """Each recovery takes the journal's lock first: with several sweeping the same directory
+    at once, each dead journal is recovered, and reported, by one of them."""
+    database = database_identity(database_url)
+    for n in range(4):
+        journal = DecisionJournal(tmp_path / "j", database)
+        for k in range(25):
+            journal.append(_decision(n * 100 + k))
+        os.close(journal._fd)
+    counts: list[int] = []
+    start = threading.Barrier(4)
+
+    def sweep() -> None:
+        records = DecisionRecords(Database(database_url))
+        start.wait()
+        counts.append(recover_journals(tmp_path / "j", records, database))
+
+    sweepers = [threading.Thread(target=sweep) for _ in range(4)]
+    for thread in sweepers:
+        thread.start()
+    for thread in sweepers:
+        thread.join(60)
+    records = DecisionRecords(Database(database_url))
+    assert sum(counts) == 100 and len(_stored(records)) == 100
+    assert len(AuditLog(records.db).events("decisions.recovered")) == 4
+
+
+def test_a_journal_of_another_database_is_left_alone(tmp_path):
+    ours, theirs = str(tmp_path / "ours.db"), str(tmp_path / "theirs.db")
+    journal = DecisionJournal(tmp_path / "j", database_identity(theirs))
+    journal.append(_decision(1))
+    os.close(journal._fd)
+    records = DecisionRecords(Database(ours))
+    assert recover_journals(tmp_path / "j", records, database_identity(ours)) == 0
+    assert _journals(tmp_path / "j") == [journal.path] and _stored(records) == []
+    assert (
+        recover_journals(
+            tmp_path / "j", DecisionRecords(Database(theirs)), database_identity(theirs)
+        )
+        == 1
+    )
+
+
+def test_a_journal_stays_while_the_database_cannot_take_its_records(tmp_path, outage):
+    """A sweep while the database is away leaves the journal in place; the next one, once it
+    is back, recovers it."""
+    url = outage.url(outage.role())
+    records = DecisionRecords(Database(url))
+    database = database_identity(url)
+    journal = DecisionJournal(tmp_path / "j", database)
+    journal.append(_decision(1))
+    os.close(journal._fd)
+    outage.block(outage.roles[0])
+    with pytest.raises(DatabaseUnavailable):
+        recover_journals(tmp_path / "j", records, database)
+    assert _journals(tmp_path / "j") == [journal.path]
+    outage.unblock(outage.roles[0])
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            assert recover_journals(tmp_path / "j", records, database) == 1
+            break
+        except DatabaseUnavailable:
+            assert time.monotonic() < deadline, "the database never came back"
+            time.sleep(0.2)
+    assert [record.recovered for record in _stored(records)] == [True]
+    assert _journals(tmp_path / "j") == []
