@@ -2,7 +2,8 @@
 ``bastion audit show`` prints one, found by its id, with the policy version it was decided under
 and the events of its approval or review; ``bastion audit events`` prints audit events
 (approvals, tokens, grants...); ``bastion audit prune`` deletes the audit trail older than the
-retention."""
+retention; ``bastion audit verify`` walks its hash chains (`bastion.audit.chain`) and says where
+one was tampered with."""
 
 from __future__ import annotations
 
@@ -12,7 +13,9 @@ import json
 import sys
 from datetime import UTC, datetime
 
+from bastion.audit import decisions, log
 from bastion.audit.actor import cli_actor
+from bastion.audit.chain import GENESIS, Checkpoint, Verdict, verify
 from bastion.audit.decisions import DecisionRecord, DecisionRecords
 from bastion.audit.log import AuditEvent, AuditLog
 from bastion.audit.retention import prune
@@ -201,6 +204,63 @@ def cmd_prune(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_verify(args: argparse.Namespace) -> int:
+    """Walk both chains; exit 1 at the first row out of place, or a checkpoint not confirmed."""
+    db = Database(_database(args))
+    try:
+        DecisionRecords(db), AuditLog(db)  # their tables, as this version keeps them
+        verdicts = [
+            verify(db, decisions.CHAIN, args.checkpoint),
+            verify(db, log.CHAIN, args.events_checkpoint),
+        ]
+    finally:
+        db.close()
+    for verdict in verdicts:
+        print(_verdict(verdict), file=sys.stdout if verdict.ok else sys.stderr)
+    return 0 if all(v.ok for v in verdicts) else 1
+
+
+def _verdict(found: Verdict) -> str:
+    """What verify found in one chain: the first line says OK or BROKEN; notes follow."""
+    chain = found.chain
+    if not found.ok:
+        checked = f" (whole up to seq {found.last})" if found.last is not None else ""
+        return f"{chain.table}: BROKEN at seq {found.broken_at}: {found.problem}{checked}"
+    if found.first is None:
+        lines = [f"{chain.table}: OK, no chained {chain.noun}"]
+    else:
+        lines = [
+            f"{chain.table}: OK, seq {found.first} to {found.last} ({found.rows} {chain.noun},"
+            f" the oldest of {_when(found.first_at or 0)})",
+            f"  head {found.last}:{found.last_hash}",
+        ]
+        if found.anchor == GENESIS:
+            lines.append(f"  starts at seq {found.first}, the chain's first row")
+        else:
+            lines.append(
+                f"  starts at seq {found.first}: rows before seq {found.first} were pruned;"
+                f" its previous hash (the anchor) is {found.anchor}"
+            )
+    if found.before:
+        lines.append(
+            f"  {found.before} {chain.noun} written before the chain began are not covered"
+        )
+    if found.waiting:
+        lines.append(
+            f"  {found.waiting} {chain.noun} not chained yet (a running server chains them"
+            " within a second)"
+        )
+    lines += [f"  checkpoint {c} confirmed" for c in found.checked]
+    return "\n".join(lines)
+
+
+def _checkpoint(text: str) -> Checkpoint:
+    try:
+        return Checkpoint.parse(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     audit = sub.add_parser("audit", help="the audit trail: decision records, retention")
     commands = audit.add_subparsers(dest="audit_command", required=True)
@@ -258,3 +318,30 @@ def register(sub: argparse._SubParsersAction) -> None:
     prune_.add_argument("--database", help="SQLite path or postgresql:// URL (or BASTION_DATABASE)")
     prune_.add_argument("--config", help="bastion.toml to read the database and retention from")
     prune_.set_defaults(func=cmd_prune)
+    verify_ = commands.add_parser(
+        "verify",
+        help="check the hash chains of the decision records and audit events; exit 1 where one"
+        " was altered, or does not lead to a logged checkpoint",
+    )
+    verify_.add_argument(
+        "--checkpoint",
+        type=_checkpoint,
+        action="append",
+        default=[],
+        metavar="SEQ:HASH",
+        help="a head of the decision records the server logged (audit checkpoint: decisions=...);"
+        " the chain must still hold it. Repeatable",
+    )
+    verify_.add_argument(
+        "--events-checkpoint",
+        type=_checkpoint,
+        action="append",
+        default=[],
+        metavar="SEQ:HASH",
+        help="the same for the audit events (audit checkpoint: ... events=...)",
+    )
+    verify_.add_argument(
+        "--database", help="SQLite path or postgresql:// URL (or BASTION_DATABASE)"
+    )
+    verify_.add_argument("--config", help="bastion.toml to read the database from")
+    verify_.set_defaults(func=cmd_verify)

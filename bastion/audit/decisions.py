@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import MISSING, dataclass, field, fields, replace
 from typing import TYPE_CHECKING, Any
 
+from bastion.audit.chain import Chain, link_rows, next_link, prune_oldest
 from bastion.db import Database, first_line, unstorable
 from bastion.json_encoding import encoder
 from bastion.turns import in_turns
@@ -46,11 +47,35 @@ _MIGRATIONS = [
     );
     CREATE INDEX audit_decisions_at ON audit_decisions (at);
     """,
+    # The hash chain (`bastion.audit.chain`): records written before it have neither.
+    """
+    ALTER TABLE audit_decisions ADD COLUMN prev_hash TEXT;
+    ALTER TABLE audit_decisions ADD COLUMN hash TEXT;
+    """,
 ]
+CHAIN = Chain(
+    "audit_decisions",
+    (
+        "seq",
+        "id",
+        "at",
+        "server",
+        "method",
+        "target",
+        "principals",
+        "result",
+        "arguments_digest",
+        "record",
+    ),
+    "decision records",
+    "bastion:audit_decisions",
+)
 # Records kept in memory while they cannot be written (`[server] decision_records_buffer`).
 BUFFER_RECORDS = 100_000
 # Records deleted per statement when pruning, so other writers wait little for the connection.
 PRUNE_BATCH = 5000
+# Ids looked up per statement when a batch is checked for records stored already.
+_ID_QUERY = 500
 # How the `result` column reads: allow, deny, step_up, rate_limited, held, error.
 RESULTS = ("allow", "deny", "step_up", "rate_limited", "held", "error")
 
@@ -185,11 +210,12 @@ def _explained(pending: tuple[DecisionRecord, Callable | None]) -> DecisionRecor
 
 
 def _row(r: DecisionRecord) -> tuple:
-    """A record's row of ``audit_decisions``. Its fields (``vars``) encode as its `to_dict`
-    does: a tuple is a JSON array."""
+    """A record's row of ``audit_decisions``, without its seq and hashes. Its fields (``vars``)
+    encode as its `to_dict` does: a tuple is a JSON array. The time as the column stores it
+    (a float), so that its hash is the hash of what is read back."""
     return (
         r.id,
-        r.at,
+        float(r.at),
         r.server,
         r.method,
         r.target,
@@ -231,6 +257,8 @@ class DecisionRecords:
         self._dropped_logged = 0
         # Records that no write could store (`_write_around`), let go of so as to hold back none.
         self.unstorable = 0
+        # Since a flush failed, until one succeeds: records put back may be stored already.
+        self._unsure = False
 
     def add(
         self, record: DecisionRecord, rules: Callable[[], tuple[str, ...]] | None = None
@@ -288,9 +316,11 @@ class DecisionRecords:
                 self._buffer.extendleft(reversed(back))
                 while len(self._buffer) > self.max_buffer:
                     self._drop_oldest()
+            self._unsure = True
             if isinstance(e, _Unwritten):
                 raise e.__cause__  # noqa: B904 - what the database said (DatabaseUnavailable, say)
             raise
+        self._unsure = False
         if self.journal is not None:  # stored, or let go of as unstorable (counted, logged)
             self.journal.settled(record.id for record, _ in pending)
         return len(batch)
@@ -361,36 +391,44 @@ class DecisionRecords:
     def _write(self, batch: list[DecisionRecord]) -> None:
         rows = in_turns(_row, batch)
         with self.db.transaction():
-            # Sequences give `audit tail` a total order; writers are serialised to assign them.
-            self.db.lock("bastion:audit_decisions")
-            head = self.db.execute("SELECT COALESCE(MAX(seq), 0) FROM audit_decisions")[0][0]
-            rows = [(seq, *row) for seq, row in enumerate(rows, start=head + 1)]
+            # Sequences give `audit tail` a total order and the hash chain its links: writers
+            # (every replica's) are serialised to assign them, and to chain each row to the last.
+            self.db.lock(CHAIN.lock)
             # A batch is written again after a failed flush, and the failure may have been the
-            # answer to a COMMIT that took effect: what is stored already is left as it is (a
-            # sequence number is then skipped), so no record is written twice and the rest of
-            # the batch, and every later one, is still written.
+            # answer to a COMMIT that took effect: what is stored already is left out, before
+            # anything is numbered or chained, so no record is written twice, no sequence
+            # number is skipped, and the chain goes on from the row truly stored last.
+            rows = self._unstored(rows, stored=self._unsure)
+            seq, prev_hash = next_link(self.db, CHAIN)
             self.db.executemany(
                 "INSERT INTO audit_decisions (seq, id, at, server, method, target, principals,"
-                " result, arguments_digest, record) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-                " ON CONFLICT (id) DO NOTHING",
-                rows,
+                " result, arguments_digest, record, prev_hash, hash)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                link_rows(rows, seq, prev_hash),
             )
 
+    def _unstored(self, rows: list[tuple], *, stored: bool) -> list[tuple]:
+        """``rows`` less those of a record that comes twice and, if ``stored``, those whose
+        record is stored already (looked up only then: after a failed flush)."""
+        seen: set[str] = set()
+        for start in range(0, len(rows), _ID_QUERY) if stored else ():
+            ids = [row[0] for row in rows[start : start + _ID_QUERY]]
+            marks = ", ".join("?" * len(ids))
+            found = self.db.execute(f"SELECT id FROM audit_decisions WHERE id IN ({marks})", ids)
+            seen.update(i for (i,) in found)
+        kept = []
+        for row in rows:
+            if row[0] not in seen:
+                seen.add(row[0])
+                kept.append(row)
+        return kept
+
     def prune(self, before: float, batch: int = PRUNE_BATCH) -> int:
-        """Delete records made before ``before`` (epoch seconds), a batch per statement; return
-        how many went. The newest record always stays, so sequences go on from it and a
-        follower (`audit tail -f`) misses nothing."""
-        removed = 0
-        while True:
-            rows = self.db.execute(
-                "DELETE FROM audit_decisions WHERE seq IN (SELECT seq FROM audit_decisions"
-                " WHERE at < ? AND seq < (SELECT MAX(seq) FROM audit_decisions)"
-                " ORDER BY seq LIMIT ?) RETURNING seq",
-                (before, batch),
-            )
-            removed += len(rows)
-            if len(rows) < batch:
-                return removed
+        """Delete the oldest records, up to the first made at or after ``before`` (epoch
+        seconds), a batch per statement; return how many went. The newest record always stays,
+        so sequences go on from it and a follower (`audit tail -f`) misses nothing; the oldest
+        kept one anchors the hash chain (`bastion.audit.chain.prune_oldest`)."""
+        return prune_oldest(self.db, CHAIN, before, batch)
 
     def after(self, seq: int = 0, limit: int = 1000) -> list[tuple[int, DecisionRecord]]:
         """Records written after sequence ``seq``, oldest first, with their sequence."""

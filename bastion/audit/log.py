@@ -1,7 +1,9 @@
 """An append-only audit event log stored in bastion's database (SQLite or PostgreSQL).
 
 Each event has a kind (``token.issued``, ``grant.revoked``...), the actor and subject it concerns,
-the OAuth client when there is one, and a JSON detail. The gateway adds decision records later.
+the OAuth client when there is one, and a JSON detail. An event is written in the transaction of
+the change it records; a running server then numbers and chains it (`AuditLog.chain`, within a
+second), off every request's path, so that writers never wait on one another for it.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from bastion.audit.chain import Chain, link_rows, next_link, prune_oldest
 from bastion.db import Database
 
 _MIGRATIONS = [
@@ -31,7 +34,25 @@ _MIGRATIONS = [
     """
     CREATE INDEX audit_events_at ON audit_events (at);
     """,
+    # The hash chain (`bastion.audit.chain`). Events recorded before it take seq 0: outside
+    # the chain (the default, so that no row is rewritten); a new event is written with none
+    # (NULL) and numbered and chained by `AuditLog.chain`.
+    """
+    ALTER TABLE audit_events ADD COLUMN seq BIGINT DEFAULT 0;
+    ALTER TABLE audit_events ADD COLUMN prev_hash TEXT;
+    ALTER TABLE audit_events ADD COLUMN hash TEXT;
+    CREATE UNIQUE INDEX audit_events_seq ON audit_events (seq) WHERE seq > 0;
+    CREATE INDEX audit_events_unchained ON audit_events (at, id) WHERE seq IS NULL;
+    """,
 ]
+CHAIN = Chain(
+    "audit_events",
+    ("seq", "id", "at", "kind", "subject", "client_id", "detail"),
+    "audit events",
+    "bastion:audit_events",
+)
+# Events numbered and chained per transaction.
+CHAIN_BATCH = 5000
 # Events deleted per statement when pruning, so other writers wait little for the connection.
 PRUNE_BATCH = 5000
 
@@ -71,8 +92,8 @@ class AuditLog:
     ) -> AuditEvent:
         event = AuditEvent(uuid.uuid4().hex, self.clock(), kind, subject, client_id, detail)
         self.db.execute(
-            "INSERT INTO audit_events (id, at, kind, subject, client_id, detail)"
-            " VALUES (?, ?, ?, ?, ?, ?)",
+            "INSERT INTO audit_events (id, at, kind, subject, client_id, detail, seq)"
+            " VALUES (?, ?, ?, ?, ?, ?, NULL)",
             (
                 event.id,
                 event.at,
@@ -117,16 +138,43 @@ class AuditLog:
             found = [e for e in found if e.detail.get("request_id") == request_id]
         return found
 
+    def chain(self, batch: int = CHAIN_BATCH) -> int:
+        """Number and chain the events not chained yet, oldest first, under the chain's lock
+        (every replica's turn in one chain); return how many. Those written meanwhile wait for
+        the next call. Asks first, without the lock, whether there is any."""
+        if not self.db.execute(f"SELECT 1 FROM {CHAIN.table} WHERE seq IS NULL LIMIT 1"):
+            return 0
+        chained = 0
+        while True:
+            with self.db.transaction():
+                self.db.lock(CHAIN.lock)
+                rows = self.db.execute(
+                    "SELECT id, at, kind, subject, client_id, detail FROM audit_events"
+                    " WHERE seq IS NULL ORDER BY at, id LIMIT ?",
+                    (batch,),
+                )
+                seq, prev_hash = next_link(self.db, CHAIN)
+                self.db.executemany(
+                    "UPDATE audit_events SET seq = ?, prev_hash = ?, hash = ?"
+                    " WHERE id = ? AND seq IS NULL",
+                    [(s, p, h, i) for s, i, *_, p, h in link_rows(rows, seq, prev_hash)],
+                )
+            chained += len(rows)
+            if len(rows) < batch:
+                return chained
+
     def prune(self, before: float, batch: int = PRUNE_BATCH) -> int:
         """Delete events recorded before ``before`` (epoch seconds), a batch per statement;
-        return how many went."""
+        return how many went. Those not chained yet are chained first; then only the oldest
+        chained ones go, never the newest (`bastion.audit.chain.prune_oldest`)."""
+        self.chain(batch)
         removed = 0
         while True:
             rows = self.db.execute(
-                "DELETE FROM audit_events WHERE id IN"
-                " (SELECT id FROM audit_events WHERE at < ? LIMIT ?) RETURNING id",
+                "DELETE FROM audit_events WHERE id IN (SELECT id FROM audit_events"
+                " WHERE at < ? AND seq = 0 LIMIT ?) RETURNING id",
                 (before, batch),
             )
             removed += len(rows)
             if len(rows) < batch:
-                return removed
+                return removed + prune_oldest(self.db, CHAIN, before, batch)

@@ -19,6 +19,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
+from bastion.audit.checkpoints import keep_chains_forever
 from bastion.audit.retention import prune_forever
 from bastion.db import Database, DatabaseUnavailable
 from bastion.facts.store import FactStore
@@ -565,6 +566,7 @@ def create_app(config: ServerConfig) -> Starlette:
         )
         task_sweep = asyncio.create_task(tasks.sweep_forever())
         retention = asyncio.create_task(prune_forever(db, config.audit_retention_days))
+        chains = asyncio.create_task(keep_chains_forever(db, config.audit_checkpoint_seconds))
         sweep = (
             asyncio.create_task(approvals.drop_expired_results_forever())
             if approvals is not None
@@ -573,7 +575,7 @@ def create_app(config: ServerConfig) -> Starlette:
         try:
             yield
         finally:
-            for task in (retention, sweep, escalation, repeats, task_sweep):
+            for task in (retention, chains, sweep, escalation, repeats, task_sweep):
                 if task is not None:
                     task.cancel()
                     with contextlib.suppress(asyncio.CancelledError):

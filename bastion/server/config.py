@@ -94,6 +94,9 @@ class ServerConfig:
     fact_snapshot_interval: float = 300.0
     # Audit events and gateway decision records older than this are deleted (0: kept for ever).
     audit_retention_days: float = 90.0
+    # How often the server logs the audit trail's chain heads as a checkpoint line (when they
+    # moved): what `bastion audit verify --checkpoint` checks the database against.
+    audit_checkpoint_seconds: float = 60.0
     # Gateway decision records held in memory while the database cannot take them.
     decision_records_buffer: int = 100_000
     # A local directory where each gateway process journals its decisions until their records
@@ -322,6 +325,7 @@ _POSITIVE = (
     "max_staleness_seconds",
     "max_clock_skew_seconds",
     "fact_snapshot_interval",
+    "audit_checkpoint_seconds",
     "decision_records_buffer",
     "authzen_max_evaluations",
     "authzen_max_page",

@@ -97,8 +97,9 @@ def test_a_record_is_stored_as_the_canonical_json_of_its_fields(tmp_path):
             "SELECT seq, id, principals, record FROM audit_decisions ORDER BY seq"
         ).fetchall()
     later = DecisionRecord("later", 3.0, "desk", "m", "T", (), "allow", rules=("r",))
-    # The second "early" is the same decision: not stored twice (its sequence is skipped).
-    assert [(seq, i) for seq, i, _, _ in rows] == [(1, made[0].id), (2, "early"), (4, "later")]
+    # The second "early" is the same decision: not stored twice, and no sequence is skipped
+    # (the hash chain links each row to the one stored before it).
+    assert [(seq, i) for seq, i, _, _ in rows] == [(1, made[0].id), (2, "early"), (3, "later")]
     for (_, _, principals, text), record in zip(rows, [*made, later], strict=True):
         assert principals == REFERENCE(list(record.principals))
         assert text == REFERENCE(record.to_dict())
@@ -123,9 +124,10 @@ def test_a_flush_in_turns_writes_what_a_flush_in_one_turn_writes(tmp_path, monke
 
     whole = flushed(3600.0)
     assert pauses == []
-    # A turn over after every record: a pause after each, working out the rules and encoding.
+    # A turn over after every record: a pause after each, working out the rules, encoding and
+    # chaining.
     assert flushed(0.0) == whole
-    assert pauses == [turns.PAUSE] * 80
+    assert pauses == [turns.PAUSE] * 120
     assert [seq for seq, _ in whole] == list(range(1, 41))
     assert [r["rules"] for _, r in whole[:3]] == [[], ["rule 1"], ["rule 2"]]
 

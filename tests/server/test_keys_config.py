@@ -226,6 +226,8 @@ def test_remembered_keys_are_bounded_in_characters_as_well_as_in_number(remember
         ("keep_alive_timeout", "inf"),
         ("fact_snapshot_interval", "inf"),
         ("audit_retention_days", "inf"),
+        ("audit_checkpoint_seconds", "0"),  # a checkpoint line without pause
+        ("audit_checkpoint_seconds", "inf"),
     ],
 )
 def test_a_time_that_is_not_a_finite_positive_number_of_seconds_is_refused(tmp_path, key, value):
