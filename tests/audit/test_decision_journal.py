@@ -318,7 +318,7 @@ HOLDER = """
 import sys, time
 from bastion.audit.journal import DecisionJournal
 journal = DecisionJournal(sys.argv[1], sys.argv[2])
-journal.append({name: "x" if name != "principals" else [] for name in sys.argv[3:]})
+journal.append({name: {"principals": [], "at": 1.0}.get(name, "x") for name in sys.argv[3:]})
 print(journal.path, flush=True)
 time.sleep(120)
 """
