@@ -143,6 +143,7 @@ class Held(Exception):
     url: str
     retry_after: float
     reason: str  # approval_pending or review_pending
+    target: str  # the resource, as refusals name it: desk/send_email
 
 
 class ArgumentDigest:
@@ -619,6 +620,7 @@ class Enforcer:
                 self.approvals.url(linked.id),
                 self.approvals.settings.retry_after_seconds,
                 reason,
+                target,
             )
         if result == "rate_limited":
             assert retry_after is not None  # a rate limit refuses with the seconds to wait
@@ -773,6 +775,7 @@ class Enforcer:
             self.approvals.url(request.id),
             self.approvals.settings.retry_after_seconds,
             "review_pending",
+            call.resource.id,
         )
 
     def _why_held(

@@ -654,7 +654,7 @@ async def _released(ex: Exchange, verdict: Verdict, uri: str | None) -> dict[str
     """A result a reviewer released for this very call: delivered once, without calling the
     upstream again, masked as the policy says now and as the reviewer withheld."""
     enforcer = ex.gateway.enforcer
-    assert verdict.review is not None
+    assert verdict.review is not None and verdict.call is not None
     # Its labels before it is spent: spending deletes the held result, so one whose labels
     # then could not be recorded (Redis away, the set full) would be withheld and lost. A
     # refusal here leaves it held for the next try.
@@ -663,7 +663,7 @@ async def _released(ex: Exchange, verdict: Verdict, uri: str | None) -> dict[str
         result, refusal = await enforcer.release(verdict)
         if refusal is not None:
             enforcer.write(verdict.record, result="deny", reason=refusal)
-            raise refused(verdict.review.target, verdict.decision_id, refusal)
+            raise refused(verdict.call.resource.id, verdict.decision_id, refusal)
         withheld = verdict.review.withheld_fields
         ex.masks = compile_paths(tuple(sorted({*verdict.obligations.masks, *withheld})))
         return await _release(ex, verdict, result, uri)

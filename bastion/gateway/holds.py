@@ -192,7 +192,7 @@ def pending_error(held: Held, url_mode: bool = False) -> RpcError:
         if held.reason == "review_pending"
         else "it waits for approval"
     )
-    message = f"bastion holds this request ({request.target}): {what}; retry after it is answered"
+    message = f"bastion holds this request ({held.target}): {what}; retry after it is answered"
     if url_mode:
         data["elicitations"] = [_question(held)]
         return RpcError(URL_ELICITATION_REQUIRED, message, data)
