@@ -2,6 +2,7 @@
 
     python examples/quickstart/client.py sam      # the support agent
     python examples/quickstart/client.py avery    # the admin
+    python examples/quickstart/client.py sam http://127.0.0.1:8001/mcp/desk   # bastion elsewhere
 
 The SDK finds bastion's authorization server from the 401 challenge, registers itself, and opens
 the login page in your browser (or prints its address). Log in with the user's name and the
@@ -10,10 +11,14 @@ password ``quickstart-password``, allow, then paste the address your browser was
 A call that waits for a person (docs/approvals.md) opens the approval page: answer there (as the
 user it names: yourself for a confirmation, avery for sam's email out of hours or for a review),
 then press Enter, and the call is decided again.
+
+What ends the session (bastion refusing sam at connect once his role is gone, bastion not
+running, a sign-in denied) is said in one line, and the client exits with status 1.
 """
 
 from __future__ import annotations
 
+import logging
 import sys
 import webbrowser
 from urllib.parse import parse_qs, urlsplit
@@ -21,7 +26,7 @@ from urllib.parse import parse_qs, urlsplit
 import anyio
 import httpx2
 from mcp import types
-from mcp.client.auth import OAuthClientProvider
+from mcp.client.auth import OAuthClientProvider, OAuthFlowError
 from mcp.client.client import Client
 from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.auth import (
@@ -32,7 +37,7 @@ from mcp.shared.auth import (
 )
 from mcp.shared.exceptions import MCPError
 
-URL = "http://127.0.0.1:8000/mcp/desk"
+URL = "http://127.0.0.1:8000/mcp/desk"  # where `make run` serves the gateway
 REDIRECT_URI = "http://127.0.0.1:33418/callback"  # nothing listens: you copy the address back
 
 
@@ -60,11 +65,16 @@ async def open_browser(url: str) -> None:
 
 
 async def pasted_callback() -> AuthorizationCodeResult:
-    url = await anyio.to_thread.run_sync(input, "Paste the address your browser was sent to: ")
-    query = {k: v[0] for k, v in parse_qs(urlsplit(url.strip()).query).items()}
-    return AuthorizationCodeResult(
-        code=query["code"], state=query.get("state"), iss=query.get("iss")
-    )
+    while True:
+        url = await anyio.to_thread.run_sync(input, "Paste the address your browser was sent to: ")
+        query = {k: v[0] for k, v in parse_qs(urlsplit(url.strip()).query).items()}
+        if "error" in query:  # Deny on the consent page, say
+            raise OAuthFlowError(f"{query['error']}: {query.get('error_description', '')}")
+        if "code" in query:
+            return AuthorizationCodeResult(
+                code=query["code"], state=query.get("state"), iss=query.get("iss")
+            )
+        print("That address has no ?code=: paste the whole address your browser was sent to.")
 
 
 async def open_approval_page(context, params) -> types.ElicitResult:
@@ -81,6 +91,12 @@ async def open_approval_page(context, params) -> types.ElicitResult:
 PENDING = (-32008, -32042)
 
 
+def said(e: MCPError) -> str:
+    """bastion's refusal, and the decision to look up (`bastion audit show <id>`)."""
+    decision = (e.error.data or {}).get("decision_id")
+    return f"{e.error.message} (decision {decision})" if decision else e.error.message
+
+
 async def attempt(label: str, call) -> None:
     """Run ``call``; while it waits for a person, show where to answer and try again once."""
     for retry in (False, True):
@@ -88,20 +104,23 @@ async def attempt(label: str, call) -> None:
             result = await call()
         except MCPError as e:
             data = e.error.data or {}
-            if e.error.code in PENDING and not retry:
+            if e.error.code not in PENDING:
+                print(f"{label:<9} refused: {said(e)}")
+            elif retry:
+                print(f"{label:<9} still waits: {said(e)}")
+            else:
                 print(f"{label:<9} waits: {data.get('reason')}, answer at {data.get('url')}")
                 await anyio.to_thread.run_sync(input, "Press Enter once it is answered: ")
                 continue
-            print(f"{label:<9} refused: {e.error.message} {data}")
             return
         content = result.contents if hasattr(result, "contents") else result.content
         print(f"{label:<9}", getattr(content[0], "text", content[0]))
         return
 
 
-async def main(user: str) -> None:
+async def main(user: str, url: str) -> None:
     auth = OAuthClientProvider(
-        server_url=URL,
+        server_url=url,
         client_metadata=OAuthClientMetadata(
             client_name=f"quickstart client ({user})",
             redirect_uris=[REDIRECT_URI],
@@ -116,7 +135,7 @@ async def main(user: str) -> None:
     async with (
         httpx2.AsyncClient(auth=auth, timeout=30) as http,
         Client(
-            streamable_http_client(URL, http_client=http), elicitation_callback=open_approval_page
+            streamable_http_client(url, http_client=http), elicitation_callback=open_approval_page
         ) as client,
     ):
         print("protocol", client.protocol_version)
@@ -132,5 +151,26 @@ async def main(user: str) -> None:
         await attempt("notes", lambda: client.read_resource("customers://audit-notes"))
 
 
+def ending(error: BaseException, url: str) -> str | None:
+    """The one line for what ends the session; None for anything else (its traceback shows)."""
+    if isinstance(error, BaseExceptionGroup):  # the SDK's task groups wrap what ends them
+        return next(filter(None, (ending(e, url) for e in error.exceptions)), None)
+    if isinstance(error, MCPError):
+        return said(error)
+    if isinstance(error, httpx2.TransportError):
+        return f"cannot reach bastion at {url}: {error} (is `make run` running?)"
+    if isinstance(error, OAuthFlowError):
+        return f"sign-in failed: {error}"
+    return None
+
+
 if __name__ == "__main__":
-    anyio.run(main, sys.argv[1] if len(sys.argv) > 1 else "sam")
+    user = sys.argv[1] if len(sys.argv) > 1 else "sam"
+    url = sys.argv[2] if len(sys.argv) > 2 else URL
+    logging.getLogger("mcp.client.auth").setLevel(logging.CRITICAL)  # said below, in one line
+    try:
+        anyio.run(main, user, url)
+    except Exception as error:
+        if (line := ending(error, url)) is None:
+            raise
+        sys.exit(line)
