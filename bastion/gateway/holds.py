@@ -131,7 +131,7 @@ def _answerable_by_caller(held: Held) -> bool:
 
 def _question(held: Held) -> dict[str, Any]:
     request = held.request
-    what = f"{request.method} {request.target} on {request.server}"
+    what = f"{request.method} {held.target}"  # as a refusal names it: desk/send_email
     return {
         "mode": "url",
         "elicitationId": request.id,

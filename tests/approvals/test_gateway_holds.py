@@ -442,6 +442,11 @@ def test_a_client_with_url_elicitation_is_sent_to_the_page_and_its_call_goes_thr
     assert kind == "ok" and "customers" in text
     [params] = asked
     assert params.mode == "url" and "/approvals/" in str(params.url)
+    # The person reads the target as every refusal and the docs name it.
+    assert params.message == (
+        "bastion holds tools/call deskhttp/search_customers until it is approved: open the page"
+        " to answer"
+    )
     request = approvals(waiting).get(str(params.url).rsplit("/", 1)[1])
     assert request.status == "used"
 
