@@ -581,6 +581,52 @@ class Database:
                 self._conn.close()
 
 
+# Rows a retention deletes per transaction, so other writers wait little for the database.
+PRUNE_BATCH = 5000
+
+
+def prune_rows(
+    db: Database,
+    component: str,
+    table: str,
+    key: str,
+    where: str,
+    params: Sequence[Any],
+    children: Sequence[tuple[str, str]] = (),
+    batch: int = PRUNE_BATCH,
+) -> dict[str, int]:
+    """Delete the rows of ``table`` that ``where`` selects (SQL over its columns, with
+    ``params``), ``batch`` per transaction, each with the rows of its ``children`` (``(table,
+    column)``, the column holding ``table``'s ``key``), deleted first. The rows are locked as
+    they are chosen (PostgreSQL: ``FOR UPDATE``, which reads ``where`` again on a row changed
+    meanwhile; SQLite's writers take turns), so a row changed to be kept stays with its
+    children. Nothing while ``component``, whose migrations make the tables, was never migrated
+    in ``db``. Returns the rows deleted per table, a table with none left out."""
+    if not db.execute("SELECT 1 FROM schema_migrations WHERE component = ?", (component,)):
+        return {}
+    lock = " FOR UPDATE" if db.is_postgres else ""
+    deleted: dict[str, int] = {}
+    while True:
+        with db.transaction():
+            keys = [
+                row[0]
+                for row in db.execute(
+                    f"SELECT {key} FROM {table} WHERE {where} ORDER BY {key} LIMIT ?{lock}",
+                    (*params, batch),
+                )
+            ]
+            marks = ", ".join("?" * len(keys))
+            for name, column in (*children, (table, key)):
+                if keys:
+                    gone = db.execute(
+                        f"DELETE FROM {name} WHERE {column} IN ({marks}) RETURNING 1", keys
+                    )
+                    if gone:
+                        deleted[name] = deleted.get(name, 0) + len(gone)
+        if len(keys) < batch:
+            return deleted
+
+
 def schema_and_clock(db: Database) -> tuple[str | None, float | None]:
     """Why this process must stop using ``db`` (a component it migrated, `Database.migrate`, is
     at a later version there than its code knows: a newer bastion has migrated it since; None

@@ -35,7 +35,7 @@ from typing import Any, Protocol
 import anyio
 import httpx
 
-from bastion.db import Database, DatabaseUnavailable, first_line
+from bastion.db import Database, DatabaseUnavailable, first_line, prune_rows
 from bastion.names import readable
 
 log = logging.getLogger("bastion.webhooks")
@@ -234,6 +234,21 @@ def _migrations(name: str) -> list[str]:
 
 
 PENDING, DELIVERED, FAILED = "pending", "delivered", "failed"
+
+
+def prune_outbox(db: Database, name: str, before: float) -> dict[str, int]:
+    """Delete the deliveries of the ``name`` outbox that finished (delivered, or failed) before
+    ``before``, with their attempts (the audit retention, `bastion.audit.retention`). One not
+    finished stays, whatever its age: it may still be sent."""
+    return prune_rows(
+        db,
+        f"{name}s",
+        f"{name}_outbox",
+        "delivery_id",
+        "state <> ? AND finished_at < ?",
+        (PENDING, before),
+        children=[(f"{name}_deliveries", "delivery_id")],
+    )
 
 
 @dataclass(frozen=True, slots=True)

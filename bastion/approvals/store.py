@@ -22,7 +22,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from bastion.db import Database
+from bastion.db import Database, prune_rows
 from bastion.ids import typed_id
 
 _MIGRATIONS = [
@@ -190,6 +190,21 @@ class ApprovalRequest:
                 for a in self.answers
             ],
         }
+
+
+def prune_requests(db: Database, before: float) -> dict[str, int]:
+    """Delete the requests, with their answers, that expired, were answered and were used
+    before ``before`` (the audit retention, `bastion.audit.retention`): their record is kept
+    as long as the audit trail's. Every answer comes before its request's expiry."""
+    return prune_rows(
+        db,
+        "approvals",
+        "approval_requests",
+        "id",
+        "expires_at < ? AND COALESCE(resolved_at, 0) < ? AND COALESCE(used_at, 0) < ?",
+        (before, before, before),
+        children=[("approval_answers", "request_id")],
+    )
 
 
 def new_request_id() -> str:

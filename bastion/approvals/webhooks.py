@@ -22,6 +22,7 @@ from bastion.webhooks import (
     SWEEP_SECONDS,
     Delivery,
     Outbox,
+    prune_outbox,
     shown,
     sign,
 )
@@ -62,6 +63,16 @@ def payload(request: ApprovalRequest, url: str, delivery_id: str) -> dict:
     }
 
 
+# The outbox's name: its tables are approval_webhook_outbox and approval_webhook_deliveries.
+OUTBOX = "approval_webhook"
+
+
+def prune_deliveries(db: Database, before: float) -> dict[str, int]:
+    """The audit retention's part here: the approval notifications finished before ``before``
+    go, with their attempts (`bastion.webhooks.prune_outbox`)."""
+    return prune_outbox(db, OUTBOX, before)
+
+
 class WebhookNotifier(Outbox):
     """Sends each new approval request to the configured webhooks, in the background.
 
@@ -79,7 +90,7 @@ class WebhookNotifier(Outbox):
         clock: Callable[[], float] = time.time,
         sweep_seconds: float = SWEEP_SECONDS,
     ) -> None:
-        super().__init__("approval_webhook", settings, db, clock=clock, sweep_seconds=sweep_seconds)
+        super().__init__(OUTBOX, settings, db, clock=clock, sweep_seconds=sweep_seconds)
         self.url_of = url_of
 
     def notify(self, request: ApprovalRequest) -> None:

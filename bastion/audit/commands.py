@@ -18,7 +18,7 @@ from bastion.audit.actor import cli_actor
 from bastion.audit.chain import GENESIS, Checkpoint, Verdict, verify
 from bastion.audit.decisions import DecisionRecord, DecisionRecords
 from bastion.audit.log import AuditEvent, AuditLog
-from bastion.audit.retention import prune
+from bastion.audit.retention import prune, pruned_text
 from bastion.cli import whole_number
 from bastion.db import Database
 from bastion.facts.store import FactStore
@@ -196,11 +196,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         pruned = prune(db, days, actor=cli_actor())
     finally:
         db.close()
-    print(
-        f"deleted {pruned.events} audit events and {pruned.decisions} decision records"
-        f" older than {days:g} days",
-        file=sys.stderr,
-    )
+    print(f"deleted {pruned_text(pruned)} older than {days:g} days", file=sys.stderr)
     return 0
 
 

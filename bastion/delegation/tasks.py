@@ -27,7 +27,7 @@ import anyio
 
 from bastion.audit import AuditLog
 from bastion.audit.actor import SERVER
-from bastion.db import Database
+from bastion.db import Database, prune_rows
 from bastion.facts.model import Entity, FactError, fact_from_json, fact_to_json
 from bastion.facts.store import FactStore, StoredFact, check_storable
 from bastion.oauth.store import Grant, OAuthStore
@@ -218,6 +218,21 @@ def _check_text(what: str, value: object, most: int) -> str:
             f"{what} must say something, in printable characters (no line breaks or controls)"
         )
     return value
+
+
+def prune_tasks(db: Database, before: float) -> dict[str, int]:
+    """Delete the tasks that ended and were cleaned up (facts deleted, grants revoked) before
+    ``before``, with their grants' bindings (the audit retention, `bastion.audit.retention`).
+    A task not cleaned up yet stays for the sweep, whatever its age."""
+    return prune_rows(
+        db,
+        "tasks",
+        "tasks",
+        "id",
+        "cleaned_at < ? AND ended_at < ?",
+        (before, before),
+        children=[("task_grants", "task_id")],
+    )
 
 
 class TaskStore:

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from bastion.agents.identity import owned
 from bastion.audit.actor import SERVER
 from bastion.audit.log import AuditLog
-from bastion.db import Database
+from bastion.db import Database, prune_rows
 from bastion.facts.store import FactStore
 
 # The payload of each notification is the grant_id whose tokens (all, or one) were revoked, or
@@ -392,6 +392,33 @@ def _client(row: tuple) -> Client:
     )
 
 
+def prune_grants(db: Database, before: float) -> dict[str, int]:
+    """Delete the grants that expired, and any revocation of them, before ``before``, once no
+    code, refresh token, access token or delegated grant hangs from them (the audit retention,
+    `bastion.audit.retention`; housekeeping deletes those first, `OAuthStore.purge_expired`).
+    A person's grant is the record of their consent, kept as long as the audit trail; a new
+    grant is made for every authorization, CIBA answer and ID-JAG, so kept for ever they grow
+    without end. A self-registered client whose grants are all gone is then unused
+    (`OAuthStore.forget_unused_clients`)."""
+    return prune_rows(
+        db,
+        "oauth",
+        "oauth_grants",
+        "grant_id",
+        "expires_at < ? AND COALESCE(revoked_at, 0) < ?"
+        + "".join(
+            f" AND NOT EXISTS (SELECT 1 FROM {table} t WHERE t.{column} = oauth_grants.grant_id)"
+            for table, column in (
+                ("oauth_codes", "grant_id"),
+                ("oauth_refresh_tokens", "grant_id"),
+                ("oauth_access_tokens", "grant_id"),
+                ("oauth_grants", "parent_grant_id"),
+            )
+        ),
+        (before, before),
+    )
+
+
 class OAuthStore:
     """Data access for the authorization server; one method per thing it needs to know or do."""
 
@@ -506,7 +533,8 @@ class OAuthStore:
     def forget_unused_clients(self, created_before: float) -> int:
         """Delete the clients that registered themselves (open registration, or a metadata
         document's copy) before ``created_before`` and have no grant, no pending authorization
-        and no revocation (a revoked client stays refused). Returns how many."""
+        and no revocation (a revoked client stays refused), and the consents given to them.
+        Returns how many."""
         with self.db.transaction():
             rows = self.db.execute(
                 "DELETE FROM oauth_clients WHERE revoked_at IS NULL AND created_at < ?"
@@ -523,6 +551,10 @@ class OAuthStore:
                 "DELETE FROM oauth_open_registrations WHERE NOT EXISTS"
                 " (SELECT 1 FROM oauth_clients c WHERE c.client_id = oauth_open_registrations.client_id)"
             )
+            # A client registered again under the same id (a metadata document's URL) is asked
+            # for consent again, not given the forgotten one's.
+            if rows:
+                self.db.executemany("DELETE FROM oauth_consents WHERE client_id = ?", rows)
             return len(rows)
 
     def client(self, client_id: str) -> Client | None:
@@ -1302,7 +1334,8 @@ class OAuthStore:
     def purge_expired(self, now: float, keep_seconds: float) -> None:
         """Forget rows that can no longer matter: expired pending requests and sessions, and
         codes and tokens expired for more than ``keep_seconds`` (kept a while so a late replay
-        is still recognised as one). Grants a person consented to stay, as the record of it."""
+        is still recognised as one). Grants a person consented to stay, as the record of it, as
+        long as the audit trail (`prune_grants`)."""
         cutoff = now - keep_seconds
         with self.db.transaction():
             self.db.execute("DELETE FROM oauth_pending_authorizations WHERE expires_at < ?", (now,))

@@ -14,7 +14,7 @@ from typing import Any
 
 from bastion.db import Database
 from bastion.signals.alerts import Alert, AlertSettings
-from bastion.webhooks import SWEEP_SECONDS, Outbox, shown
+from bastion.webhooks import SWEEP_SECONDS, Outbox, prune_outbox, shown
 
 EVENTS = {"raised": "alert.raised", "escalated": "alert.escalated"}
 
@@ -48,6 +48,16 @@ def payload(
     }
 
 
+# The outbox's name: its tables are alert_webhook_outbox and alert_webhook_deliveries.
+OUTBOX = "alert_webhook"
+
+
+def prune_deliveries(db: Database, before: float) -> dict[str, int]:
+    """The audit retention's part here: the alert notifications finished before ``before``
+    go, with their attempts (`bastion.webhooks.prune_outbox`)."""
+    return prune_outbox(db, OUTBOX, before)
+
+
 class AlertWebhooks(Outbox):
     """The alerts' outbox; ``notify`` is `Alerts.notify` (any thread, only inserts rows)."""
 
@@ -60,7 +70,7 @@ class AlertWebhooks(Outbox):
         clock: Callable[[], float] = time.time,
         sweep_seconds: float = SWEEP_SECONDS,
     ) -> None:
-        super().__init__("alert_webhook", settings, db, clock=clock, sweep_seconds=sweep_seconds)
+        super().__init__(OUTBOX, settings, db, clock=clock, sweep_seconds=sweep_seconds)
         self.url_of = url_of
 
     def notify(self, alert: Alert, stage: str, recipients: tuple[str, ...]) -> None:

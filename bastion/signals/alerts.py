@@ -34,7 +34,7 @@ import anyio
 
 from bastion.agents.identity import owner_of
 from bastion.audit.log import AuditLog
-from bastion.db import Database, first_line
+from bastion.db import Database, first_line, prune_rows
 from bastion.decide import Authorizer
 from bastion.facts.model import Entity
 from bastion.facts.store import FactStore
@@ -397,6 +397,21 @@ class _Refusals:
 
     def quiet(self, now: float, window: float) -> bool:
         return not self.latest or self.latest[-1] <= now - window
+
+
+def prune_alerts(db: Database, before: float) -> dict[str, int]:
+    """Delete the alerts last raised, acknowledged and escalated before ``before``, and due to
+    escalate no later (the audit retention, `bastion.audit.retention`): an alert is kept as
+    long as the audit trail, acknowledged or not."""
+    return prune_rows(
+        db,
+        "signals_alerts",
+        "alerts",
+        "id",
+        "last_at < ? AND COALESCE(acknowledged_at, 0) < ? AND COALESCE(escalated_at, 0) < ?"
+        " AND COALESCE(escalate_at, 0) < ?",
+        (before, before, before, before),
+    )
 
 
 class AlertStore:
