@@ -1,4 +1,6 @@
-"""Where bastion's requests to addresses someone else chose may go: public addresses only.
+"""Where bastion's requests to other parties may go: over https, or plain http to the loopback
+only (`cleartext_problem`, checked by every outbound client as each request leaves:
+`bastion.tls.fetching_client`); and, to addresses someone else chose, public addresses only.
 
 A client ID metadata document's URL is chosen by whoever names it as a client_id, a registered
 client's ``jwks_uri`` by whoever registered it, an upstream MCP server's authorization server and
@@ -14,6 +16,7 @@ from __future__ import annotations
 import ipaddress
 import socket
 from typing import Any
+from urllib.parse import urlsplit
 
 import anyio
 import httpx
@@ -54,6 +57,45 @@ def is_public_address(address: ipaddress.IPv4Address | ipaddress.IPv6Address) ->
         if inner is not None:
             return all(is_public_address(v4) for v4 in inner)
     return address.is_global and not address.is_multicast
+
+
+def is_loopback_host(host: str | None) -> bool:
+    """``localhost`` or a loopback IP address (127.0.0.0/8, ::1), as ``urlsplit`` gives it."""
+    if host is None:
+        return False
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def cleartext_problem(url: Any) -> str | None:
+    """Why bastion may not send a request to ``url`` as it stands, or None: it must be https,
+    or plain http to the loopback. Anything else (http across a network) lets whoever is on the
+    way read what is sent (credentials, approval links, people's names) and change the answer;
+    a setting that allows it says so by name, and the caller names that setting."""
+    if not isinstance(url, str):
+        return "is not a URL"
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname
+    except ValueError:  # "https://[x": an IPv6 host not closed
+        return "is not a valid URL"
+    if not host:
+        return "has no host"
+    if parts.scheme == "https":
+        return None
+    if parts.scheme == "http":
+        if is_loopback_host(host):
+            return None
+        return "must be an https URL (plain http only to the loopback)"
+    return "must be an https URL"
+
+
+class CleartextRefused(httpx.TransportError):
+    """A request refused before it left: plain http beyond the loopback (`cleartext_problem`)."""
 
 
 class AddressRefused(Exception):

@@ -1,4 +1,5 @@
-"""The TLS contexts of bastion's outbound HTTPS, each made once per process.
+"""bastion's outbound HTTP: the one trust store of the process, and the one way to make a client
+for requests to other parties (`fetching_client`).
 
 Making a context reads the trust store (tens of milliseconds), and the fetches that need one (a
 client's metadata document, an issuer's key set, an upstream session's connection) run on the
@@ -13,16 +14,16 @@ import ssl
 
 import httpx
 
-
-@functools.cache
-def httpx_context() -> ssl.SSLContext:
-    """What an ``httpx.AsyncClient()`` verifies against by default (its trust store)."""
-    return httpx.create_ssl_context()
+from bastion.egress import CleartextRefused, cleartext_problem
 
 
 @functools.cache
-def default_context() -> ssl.SSLContext:
-    """The system's trust store (`ssl.create_default_context`)."""
+def trust() -> ssl.SSLContext:
+    """The process's one trust store, for every party bastion connects to (the gateway's
+    upstreams, identity providers, key sets, metadata documents, transmitters, webhooks): the
+    system's (`ssl.create_default_context`; OpenSSL's ``SSL_CERT_FILE`` and ``SSL_CERT_DIR``
+    point it elsewhere), so a private CA added there is trusted by all of them or by none.
+    Verification is always on."""
     return ssl.create_default_context()
 
 
@@ -35,15 +36,29 @@ def file_context(ca_file: str) -> ssl.SSLContext:
 def fetching_client(
     transport: httpx.AsyncBaseTransport | None = None,
     verify: ssl.SSLContext | None = None,
+    *,
+    allow_http: bool = False,
     **options: object,
 ) -> httpx.AsyncClient:
-    """A client for one of bastion's fetches from another party (a key set, a metadata
-    document, a provider's or an authorization server's answer): the shared TLS context (or
-    ``verify``), no redirect followed, nothing taken from the environment (proxies, netrc)."""
+    """A client for bastion's requests to another party (a key set, a metadata document, a
+    provider's or an authorization server's answer, a transmitter, a webhook): the process's
+    trust store (`trust`, or ``verify``), no redirect followed (a 3xx is an answer), nothing
+    taken from the environment (proxies, netrc), and each request refused before it leaves
+    (`CleartextRefused`) unless it is https or to the loopback (`cleartext_problem`), or
+    ``allow_http`` (a setting said so: the caller names it)."""
+
+    async def secure(request: httpx.Request) -> None:
+        problem = cleartext_problem(str(request.url))
+        if problem:
+            raise CleartextRefused(
+                f"{request.url.scheme}://{request.url.netloc.decode()} {problem}"
+            )
+
     return httpx.AsyncClient(
         follow_redirects=False,
         trust_env=False,
         transport=transport,
-        verify=verify or httpx_context(),
+        verify=verify or trust(),
+        event_hooks={"request": [] if allow_http else [secure]},
         **options,  # type: ignore[arg-type]
     )

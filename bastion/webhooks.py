@@ -36,7 +36,9 @@ import anyio
 import httpx
 
 from bastion.db import Database, DatabaseUnavailable, first_line, prune_rows
+from bastion.egress import cleartext_problem
 from bastion.names import readable
+from bastion.tls import fetching_client
 
 log = logging.getLogger("bastion.webhooks")
 
@@ -64,6 +66,9 @@ class Webhook:
 
     url: str = field(repr=False)
     secret: bytes = field(repr=False)
+    # Plain http beyond the loopback (``allow_http = true``): the receiver is on a network the
+    # operator trusts with the body (approval links, people's names) and the URL itself.
+    allow_http: bool = False
 
     @property
     def label(self) -> str:
@@ -95,7 +100,7 @@ MIN_SECRET_BYTES = 16
 
 
 # The keys of one ``[[<table>.webhooks]]`` table.
-WEBHOOK_KEYS = frozenset({"url", "url_env", "secret_env"})
+WEBHOOK_KEYS = frozenset({"url", "url_env", "secret_env", "allow_http"})
 
 
 def parse_webhook(where: str, hook: Any, env: dict[str, str], before: list[Webhook]) -> Webhook:
@@ -134,6 +139,16 @@ def parse_webhook(where: str, hook: Any, env: dict[str, str], before: list[Webho
         raise SettingsError(f"{named} is not a valid URL: {e}") from None
     if not host:
         raise SettingsError(f"{named} has no host")
+    allow_http = hook.get("allow_http", False)
+    if not isinstance(allow_http, bool):
+        raise SettingsError(f"{where}.allow_http must be true or false, got {allow_http!r}")
+    problem = cleartext_problem(url)
+    if problem and not allow_http:
+        # Not the URL itself in the message: it is a credential (`webhook_label`).
+        raise SettingsError(
+            f"{named} ({webhook_label(url)}) {problem}; a receiver on a network trusted with"
+            f" what is sent may be named over plain http with {where}.allow_http = true"
+        )
     if any(known.url == url for known in before):
         raise SettingsError(f"{named} names the same URL as an earlier webhook")
     name = hook.get("secret_env")
@@ -148,7 +163,7 @@ def parse_webhook(where: str, hook: Any, env: dict[str, str], before: list[Webho
             f"{where}.secret_env: the secret in {name} is {len(secret)} bytes; a webhook's"
             f" signing secret must be at least {MIN_SECRET_BYTES} (e.g. `openssl rand -hex 32`)"
         )
-    return Webhook(url, secret)
+    return Webhook(url, secret, allow_http)
 
 
 @dataclass(frozen=True)
@@ -374,7 +389,8 @@ class Outbox:
         self._active: dict[str, asyncio.Task] = {}
         self._full = False  # the last sweep filled the queue: more may wait in the outbox
         self.sweeps = 0  # times the sender looked for work
-        self._client: httpx.AsyncClient | None = None
+        # One client per allow_http among the webhooks (`bastion.tls.fetching_client`).
+        self._clients: dict[bool, httpx.AsyncClient] = {}
         db.migrate(f"{name}s", _migrations(name))
 
     # -- the asking side: any thread, never waits on a receiver ---------------------------------
@@ -420,11 +436,14 @@ class Outbox:
         """Begin sending: what the outbox holds unfinished (from before a restart) first."""
         self._loop = asyncio.get_running_loop()
         self._wake = asyncio.Event()
-        self._client = httpx.AsyncClient(
-            follow_redirects=False,
-            timeout=self.settings.webhook_timeout_seconds,
-            headers={"User-Agent": "bastion-webhooks"},
-        )
+        self._clients = {
+            allowed: fetching_client(
+                allow_http=allowed,
+                timeout=self.settings.webhook_timeout_seconds,
+                headers={"User-Agent": "bastion-webhooks"},
+            )
+            for allowed in {False, *(hook.allow_http for hook in self.settings.webhooks)}
+        }
         self._runner = asyncio.create_task(self._run(), name=f"bastion {self.name}s")
 
     async def close(self) -> None:
@@ -438,9 +457,9 @@ class Outbox:
         self._active.clear()
         self._runner = None
         self._loop = self._wake = None
-        if self._client is not None:
-            await self._client.aclose()
-            self._client = None
+        clients, self._clients = self._clients, {}
+        for client in clients.values():
+            await client.aclose()
         try:
             await anyio.to_thread.run_sync(self._release)
         except Exception as e:
@@ -581,7 +600,7 @@ class Outbox:
 
     async def _post(self, delivery: Delivery, hook: Webhook) -> tuple[int | None, str]:
         """One attempt: the status code, or None and what went wrong."""
-        assert self._client is not None
+        client = self._clients[hook.allow_http]
         body = delivery.body.encode()
         headers = {
             "Content-Type": "application/json",
@@ -592,7 +611,7 @@ class Outbox:
         try:
             async with asyncio.timeout(self.settings.webhook_timeout_seconds):
                 # The answer's body is not read: a receiver cannot make bastion hold it.
-                async with self._client.stream(
+                async with client.stream(
                     "POST", hook.url, content=body, headers=headers
                 ) as response:
                     return response.status_code, ""

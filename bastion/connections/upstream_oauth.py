@@ -20,7 +20,7 @@ from urllib.parse import urlencode, urlsplit, urlunsplit
 
 from bastion import untrusted_json
 from bastion.connections.settings import UpstreamOAuth
-from bastion.egress import is_public_address
+from bastion.egress import is_loopback_host, is_public_address
 from bastion.oauth.jwks import (
     CoalescedFetches,
     FetchLimits,
@@ -85,9 +85,6 @@ MAX_ISSUER = 1024
 MAX_EXPIRES_IN = 365 * 86_400.0
 
 
-_LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1")
-
-
 def on_private_address(url: str) -> bool:
     """Whether ``url`` (an upstream as the operator configured it) names a host on a loopback or
     private address: an IP address that is not public (`bastion.egress`), or ``localhost``."""
@@ -128,6 +125,8 @@ class UpstreamOAuthClient:
             time_setting="oauth.timeout_seconds",
             public_only=not self.private,
             private_setting=self.private_setting,
+            # An upstream on the operator's own network may answer over plain http there.
+            allow_http=self.private,
         )
         self._fetches = CoalescedFetches(self._limits)
         self._metadata: ServerMetadata | None = None
@@ -163,7 +162,7 @@ class UpstreamOAuthClient:
             return "not a URL"
         if parts.scheme == "https":
             return ""
-        if parts.scheme == "http" and host in _LOOPBACK_NAMES:
+        if parts.scheme == "http" and is_loopback_host(host):
             if self.private:
                 return ""
             return (

@@ -45,6 +45,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from bastion.connections.settings import ConnectionSettingsError, UpstreamOAuth
+from bastion.egress import cleartext_problem
 from bastion.environment import expand
 from bastion.gateway.sessions import MAX_SUBSCRIPTIONS_PER_USER
 from bastion.gateway.tool_pins import PIN_MODES
@@ -79,6 +80,8 @@ class UpstreamConfig:
     cwd: str = ""
     url: str = ""
     headers: Mapping[str, str] = field(default_factory=dict, repr=False)
+    # Plain http beyond the loopback (`bastion.egress.cleartext_problem`), said by the operator.
+    allow_http: bool = False
     scopes: tuple[str, ...] = ()
     timeout: float = 60.0
     # "none": only ``headers``; "per_user": each user's own OAuth token (`oauth`).
@@ -283,6 +286,7 @@ def _upstream(index: int, value: Any, env: Mapping[str, str]) -> UpstreamConfig:
             "cwd",
             "url",
             "headers",
+            "allow_http",
             "scopes",
             "timeout",
             "auth",
@@ -306,6 +310,15 @@ def _upstream(index: int, value: Any, env: Mapping[str, str]) -> UpstreamConfig:
         raise ConfigError(f"{where} ({name}): give either command (stdio) or url (Streamable HTTP)")
     if url and not (isinstance(url, str) and url.startswith(("http://", "https://"))):
         raise ConfigError(f"{where}.url must be an http(s) URL, got {url!r}")
+    allow_http = value.get("allow_http", False)
+    if not isinstance(allow_http, bool):
+        raise ConfigError(f"{where}.allow_http must be true or false, got {allow_http!r}")
+    if url and not allow_http and (problem := cleartext_problem(url)):
+        raise ConfigError(
+            f"{where}.url {problem}, got {url!r}; an upstream on a network trusted with what"
+            f" the gateway sends it (its credentials, users' tokens) may be named over plain"
+            f" http with {where}.allow_http = true"
+        )
     args = value.get("args", [])
     if not isinstance(args, list) or not all(isinstance(a, str) for a in args):
         raise ConfigError(f"{where}.args must be a list of strings")
@@ -369,6 +382,7 @@ def _upstream(index: int, value: Any, env: Mapping[str, str]) -> UpstreamConfig:
         cwd=str(value.get("cwd", "")),
         url=str(url),
         headers=headers,
+        allow_http=allow_http,
         scopes=tuple(scopes),
         timeout=_seconds(value, "timeout", 60, where),
         auth=auth,

@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 
 import httptools
 
-from bastion.tls import default_context
+from bastion.tls import trust
 
 # An idle connection older than this is closed rather than reused.
 _IDLE_SECONDS = 3.0
@@ -261,7 +261,7 @@ class Http1Client:
         self.target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
         default_port = self.port == (443 if parts.scheme == "https" else 80)
         self._host_header = parts.netloc.rpartition("@")[2] if not default_port else self.host
-        self._ssl = default_context() if parts.scheme == "https" else None
+        self._ssl = trust() if parts.scheme == "https" else None
         self._connect_timeout = connect_timeout
         self._max_idle = max_idle
         self._idle: list[_Connection] = []

@@ -17,7 +17,6 @@ client registered at /register (its registrant chose the URL), from public addre
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -33,6 +32,7 @@ from joserfc.jwk import KeySet
 
 from bastion import untrusted_json
 from bastion.db import Database
+from bastion.egress import cleartext_problem
 from bastion.oauth.errors import InvalidClient, InvalidClientMetadata, InvalidRequest
 from bastion.oauth.jwks import (
     FetchLimits,
@@ -125,20 +125,8 @@ def jwks_uri_problem(uri: Any) -> str | None:
         return "jwks_uri must be a valid URL"
     if parts.fragment or not parts.hostname:
         return "jwks_uri must be an absolute URL without a fragment"
-    if parts.scheme == "https":
-        return None
-    if parts.scheme == "http" and _loopback(parts.hostname):
-        return None
-    return "jwks_uri must be an https URL (http only on a loopback address)"
-
-
-def _loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+    problem = cleartext_problem(uri)
+    return f"jwks_uri {problem}" if problem else None
 
 
 def key_metadata(metadata: Mapping[str, Any], method: str) -> dict[str, Any]:

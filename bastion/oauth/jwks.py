@@ -24,7 +24,7 @@ from joserfc.jwk import Key, KeySet
 from joserfc.jws import CompactSignature
 
 from bastion import untrusted_json
-from bastion.egress import AddressRefused, pinned
+from bastion.egress import AddressRefused, CleartextRefused, pinned
 from bastion.tls import fetching_client
 
 _T = TypeVar("_T")
@@ -53,6 +53,9 @@ class FetchLimits:
     # choice. ``private_setting`` names the setting that allows private ones.
     public_only: bool = False
     private_setting: str = ""
+    # Plain http beyond the loopback too (`bastion.egress.cleartext_problem`): only where a
+    # setting says so, named by ``private_setting``.
+    allow_http: bool = False
 
     @classmethod
     def of_issuer(cls, settings: Any, table: str) -> FetchLimits:
@@ -95,11 +98,12 @@ async def fetch(
     only: tuple[int, ...] | None = None,
     **request: Any,
 ) -> tuple[int, bytes]:
-    """One request to another party (`bastion.tls.fetching_client`: no redirect followed), its
-    whole answer within ``limits``: (the status, the body; the body left unread, empty, when
-    the status is not among ``only``). `RemoteDocumentError` when it does not answer in time,
-    sends more than the limit, cannot be reached, or (``limits.public_only``) its host is not
-    public. ``request``: httpx's (data, json, auth, headers)."""
+    """One request to another party (`bastion.tls.fetching_client`: no redirect followed, https
+    or the loopback), its whole answer within ``limits``: (the status, the body; the body left
+    unread, empty, when the status is not among ``only``). `RemoteDocumentError` when it does
+    not answer in time, sends more than the limit, cannot be reached, is plain http beyond the
+    loopback, or (``limits.public_only``) its host is not public. ``request``: httpx's (data,
+    json, params, headers)."""
     extensions: dict[str, Any] = {}
     try:
         target = httpx.URL(uri)
@@ -108,7 +112,7 @@ async def fetch(
                 target, named, extensions = await pinned(target)
                 request["headers"] = {**request.get("headers", {}), **named}
             async with (
-                fetching_client(transport) as http,
+                fetching_client(transport, allow_http=limits.allow_http) as http,
                 http.stream(method, target, extensions=extensions, **request) as response,
             ):
                 status = response.status_code
@@ -120,6 +124,8 @@ async def fetch(
             f"did not answer within {limits.timeout_seconds} s" + _named(limits.time_setting)
         ) from None
     except AddressRefused as exc:
+        raise RemoteDocumentError(f"{exc}" + _named(limits.private_setting)) from None
+    except CleartextRefused as exc:
         raise RemoteDocumentError(f"{exc}" + _named(limits.private_setting)) from None
     except httpx.HTTPError as exc:
         raise RemoteDocumentError(f"cannot be fetched: {exc}") from None

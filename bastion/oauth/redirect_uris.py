@@ -18,6 +18,8 @@ from collections.abc import Iterable
 from typing import Any
 from urllib.parse import urlsplit
 
+from bastion.egress import is_loopback_host
+
 MAX_LENGTH = 2000
 
 # RFC 3986 §2: unreserved, reserved (gen-delims and sub-delims) and "%". Anything else (controls,
@@ -30,18 +32,6 @@ _LOOPBACK_LITERAL = re.compile(
     r"http://(?P<host>[0-9.]+|\[[0-9A-Fa-f:.]+\])(?::(?P<port>[0-9]{1,5}))?(?P<rest>[/?].*|)",
     re.DOTALL,
 )
-
-
-def is_loopback_host(host: str | None) -> bool:
-    """``localhost`` or a loopback IP address (127.0.0.0/8, ::1), as ``urlsplit`` gives it."""
-    if host is None:
-        return False
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
 
 
 def uri_syntax_problem(uri: str) -> str | None:

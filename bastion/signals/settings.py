@@ -41,6 +41,8 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
+from bastion.egress import cleartext_problem
+
 CAEP = "https://schemas.openid.net/secevent/caep/event-type/"
 RISC = "https://schemas.openid.net/secevent/risc/event-type/"
 SSF = "https://schemas.openid.net/secevent/ssf/event-type/"
@@ -223,16 +225,17 @@ def _transmitter(i: int, t: Any, env: dict[str, str]) -> Transmitter:
         if not isinstance(t.get(key), str) or not t[key]:
             raise SignalsConfigError(f"{where} needs {key} (a string)")
     issuer = t["issuer"]
+    problem = cleartext_problem(issuer)
+    if problem:
+        raise SignalsConfigError(f"{where}.issuer {problem}, got {issuer!r}")
     parts = urlsplit(issuer)
-    loopback = parts.hostname in ("127.0.0.1", "::1", "localhost")
-    if not parts.netloc or not (parts.scheme == "https" or (parts.scheme == "http" and loopback)):
-        raise SignalsConfigError(
-            f"{where}.issuer must be an https URL (http only on loopback), got {issuer!r}"
-        )
     configuration_url = t.get("configuration_url") or (
         # SSF 1.0 §7.2.1: the well-known path goes between the host and the issuer's path.
         f"{parts.scheme}://{parts.netloc}/.well-known/ssf-configuration{parts.path.rstrip('/')}"
     )
+    problem = cleartext_problem(configuration_url)
+    if problem:
+        raise SignalsConfigError(f"{where}.configuration_url {problem}, got {configuration_url!r}")
     delivery = t.get("delivery", "push")
     if delivery not in ("push", "poll"):
         raise SignalsConfigError(f"{where}.delivery must be push or poll, got {delivery!r}")

@@ -22,10 +22,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlsplit
 
 import anyio
-import httpx
 from joserfc.jwk import KeySet
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -35,14 +33,15 @@ from bastion import untrusted_json
 from bastion.audit.actor import SERVER
 from bastion.audit.log import AuditLog
 from bastion.db import Database
+from bastion.egress import cleartext_problem
 from bastion.facts.model import Entity, FactError
 from bastion.facts.store import FactStore, StoredFact, check_storable
 from bastion.oauth.jwks import (
     FetchLimits,
     RemoteDocumentError,
     RemoteKeySets,
+    fetch,
     fetch_json,
-    read_body,
 )
 from bastion.oauth.store import OAuthStore
 from bastion.signals.set_tokens import (
@@ -89,13 +88,11 @@ class Outcome:
 
 
 def secure_url(url: Any, what: str) -> str:
-    """``url`` if it is https (or http on loopback, for tests and sidecars); else ValueError."""
-    parts = urlsplit(url) if isinstance(url, str) else None
-    if parts is None or not parts.netloc:
-        raise ValueError(f"{what} is not a URL")
-    loopback = parts.hostname in ("127.0.0.1", "::1", "localhost")
-    if not (parts.scheme == "https" or (parts.scheme == "http" and loopback)):
-        raise ValueError(f"{what} must be an https URL, got {url!r}")
+    """``url`` if it is https (or http to the loopback, for tests and sidecars:
+    `bastion.egress.cleartext_problem`); else ValueError."""
+    problem = cleartext_problem(url)
+    if problem:
+        raise ValueError(f"{what} {problem}, got {url!r}")
     return url
 
 
@@ -435,7 +432,6 @@ class SsfReceiver:
     # -- stream management (SSF 1.0 §8) and poll (RFC 8936), on the event loop -----------------
 
     async def start(self) -> None:
-        self._client = httpx.AsyncClient(timeout=10, follow_redirects=False)
         for t in self.settings.transmitters:
             self._tasks.append(asyncio.create_task(self._run(t), name=f"ssf {t.name}"))
         self._tasks.append(asyncio.create_task(self._forget_forever(), name="ssf jti retention"))
@@ -446,7 +442,6 @@ class SsfReceiver:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         self._tasks.clear()
-        await self._client.aclose()
 
     async def _forget_forever(self) -> None:
         while True:
@@ -482,17 +477,14 @@ class SsfReceiver:
     async def _call(
         self, t: Transmitter, method: str, url: str, *, json_body: Any = None, params=None
     ) -> tuple[int, bytes]:
-        """A request to the transmitter: its answer's status and body, the whole of it within
-        `ANSWER_SECONDS` and `MAX_ANSWER_BYTES` (a ValueError past either)."""
+        """A request to the transmitter, made as every fetch is (`bastion.oauth.jwks.fetch`):
+        its answer's status and body, the whole of it within `ANSWER_SECONDS` and
+        `MAX_ANSWER_BYTES`; a ValueError past either, or when it cannot be had."""
         headers = {"authorization": f"Bearer {t.bearer}"} if t.bearer else {}
         try:
-            with anyio.fail_after(ANSWER_SECONDS):
-                async with self._client.stream(
-                    method, url, headers=headers, json=json_body, params=params
-                ) as response:
-                    return response.status_code, await read_body(response, MAX_ANSWER_BYTES)
-        except TimeoutError:
-            raise ValueError(f"{url} did not answer within {ANSWER_SECONDS:g} s") from None
+            return await fetch(
+                method, url, self.limits, headers=headers, json=json_body, params=params
+            )
         except RemoteDocumentError as e:
             raise ValueError(f"{url} {e}") from None
 

@@ -84,23 +84,17 @@ def cmd_configure(args: argparse.Namespace) -> int:
 
     async def run() -> None:
         nonlocal failed
-        import httpx
-
-        receiver._client = httpx.AsyncClient(timeout=10, follow_redirects=False)
-        try:
-            for t in receiver.settings.transmitters:
-                if args.transmitter and t.name != args.transmitter:
-                    continue
-                try:
-                    stream = await receiver.configure(t, actor)
-                    print(f"{t.name}: stream {stream['stream_id']} configured; verification asked")
-                except Exception as e:  # noqa: BLE001 - each failure is reported, then the next
-                    failed += 1
-                    message = f"stream not configured: {e}"[:500]
-                    receiver.store.save_stream(t.name, "error", message, actor=actor)
-                    print(f"{t.name}: {message}", file=sys.stderr)
-        finally:
-            await receiver._client.aclose()
+        for t in receiver.settings.transmitters:
+            if args.transmitter and t.name != args.transmitter:
+                continue
+            try:
+                stream = await receiver.configure(t, actor)
+                print(f"{t.name}: stream {stream['stream_id']} configured; verification asked")
+            except Exception as e:  # noqa: BLE001 - each failure is reported, then the next
+                failed += 1
+                message = f"stream not configured: {e}"[:500]
+                receiver.store.save_stream(t.name, "error", message, actor=actor)
+                print(f"{t.name}: {message}", file=sys.stderr)
 
     try:
         anyio.run(run)

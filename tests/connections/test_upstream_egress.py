@@ -135,7 +135,7 @@ def internet(tmp_path, monkeypatch):
 
     monkeypatch.setattr(socket, "getaddrinfo", resolving)
     monkeypatch.setattr(egress, "is_public_address", lambda address: address == PUBLIC)
-    monkeypatch.setattr(tls, "httpx_context", lambda: tls.file_context(cert))
+    monkeypatch.setattr(tls, "trust", lambda: tls.file_context(cert))
     tracker, internal = Tracker(), Internal()
     with (
         serve(tracker.app, tracker.sock, ssl_certfile=cert, ssl_keyfile=key),

@@ -1,4 +1,4 @@
-"""bastion's outbound fetches share one TLS context per trust store: making one reads the trust
+"""bastion's outbound fetches share the process's one TLS context (`bastion.tls.trust`): making one reads the trust
 store (tens of milliseconds) on the event loop, which a fetch from each new host would do again
 (a client metadata document from any host is fetched for anyone who names it)."""
 
@@ -13,12 +13,12 @@ from starlette.routing import Route
 
 from bastion.gateway.http1 import Http1Client
 from bastion.oauth.jwks import FetchLimits, fetch_json
-from bastion.tls import default_context, httpx_context
+from bastion.tls import trust
 from tests.oauth.support import free_socket, serve
 
 
 def test_fetches_make_no_tls_context_of_their_own(monkeypatch):
-    httpx_context(), default_context()  # made once, for the process
+    trust()  # made once, for the process
     made = []
     create = ssl.create_default_context
 
