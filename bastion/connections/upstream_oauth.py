@@ -20,7 +20,7 @@ from urllib.parse import urlencode, urlsplit, urlunsplit
 
 from bastion import untrusted_json
 from bastion.connections.settings import UpstreamOAuth
-from bastion.egress import is_loopback_host, is_public_address
+from bastion.egress import cleartext_problem, is_public_address
 from bastion.oauth.jwks import (
     CoalescedFetches,
     FetchLimits,
@@ -152,24 +152,18 @@ class UpstreamOAuthClient:
 
     def _unusable(self, url: Any) -> str:
         """Why bastion may not send requests to ``url``, or "" if it may (its host's addresses
-        are checked as the request is made)."""
-        if not isinstance(url, str):
-            return "not a URL"
-        try:
-            parts = urlsplit(url)
-            host = parts.hostname
-        except ValueError:  # "https://[x": an IPv6 host not closed
-            return "not a URL"
-        if parts.scheme == "https":
-            return ""
-        if parts.scheme == "http" and is_loopback_host(host):
-            if self.private:
-                return ""
+        are checked as the request is made): https, or plain http to the loopback
+        (`egress.cleartext_problem`), and the loopback only for an upstream that may lead
+        bastion to private addresses."""
+        problem = cleartext_problem(url)
+        if problem is not None:
+            return f"{url} {problem}" if isinstance(url, str) else "not a URL"
+        if urlsplit(url).scheme == "http" and not self.private:
             return (
                 f"{url} is on the loopback, and an upstream on a public address leads bastion to"
                 f" public addresses only ({self.private_setting})"
             )
-        return f"{url} is not an https URL"
+        return ""
 
     async def metadata(self) -> ServerMetadata:
         """The authorization server's metadata, fetched once per process (one fetch at a time;

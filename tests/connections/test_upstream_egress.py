@@ -161,7 +161,7 @@ def test_an_upstream_on_a_public_address_cannot_name_an_authorization_server_on_
         tracker.authorization_server = named
         client = UpstreamOAuthClient(f"{tracker.base}/mcp", UpstreamOAuth(), "tracker")
         # (http to any other host than the loopback is refused wherever it leads)
-        refusal = "allow_private_addresses|http://internal.test.* is not an https URL"
+        refusal = "allow_private_addresses|http://internal.test.* must be an https URL"
         with pytest.raises(UpstreamOAuthError, match=refusal) as refused:
             asyncio.run(client.metadata())
         assert refused.value.error == "unavailable"
