@@ -191,14 +191,8 @@ def test_a_server_whose_connection_keys_are_missing_does_not_start(tmp_path):
         create_app(config)
 
 
-def test_the_cli_revokes_connections_whose_keys_are_lost_so_a_new_key_can_be_made(tmp_path, capsys):
-    """What the refusal says to do can be done: `bastion connections list` and `revoke` work
-    without the keys (the tokens cannot be revoked at the upstream: it says so); `rekey` needs
-    them and says so; once no connection is left, a start makes a new key."""
-    from bastion.cli import main
-
-    database = str(tmp_path / "bastion.db")
-    _connected(database)
+def _per_user_config(tmp_path: Path, database: str) -> Path:
+    """A configuration with one upstream whose users connect their own accounts."""
     config = tmp_path / "bastion.toml"
     config.write_text(
         f"""[server]
@@ -215,6 +209,18 @@ url = "http://127.0.0.1:9/mcp"
 auth = "per_user"
 """
     )
+    return config
+
+
+def test_the_cli_revokes_connections_whose_keys_are_lost_so_a_new_key_can_be_made(tmp_path, capsys):
+    """What the refusal says to do can be done: `bastion connections list` and `revoke` work
+    without the keys (the tokens cannot be revoked at the upstream: it says so); `rekey` needs
+    them and says so; once no connection is left, a start makes a new key."""
+    from bastion.cli import main
+
+    database = str(tmp_path / "bastion.db")
+    _connected(database)
+    config = _per_user_config(tmp_path, database)
     assert main(["connections", "rekey", "--config", str(config)]) == 2
     assert f"{KEY_FILE} is missing" in capsys.readouterr().err
     assert main(["connections", "list", "--config", str(config)]) == 0
@@ -238,22 +244,7 @@ def test_the_cli_makes_no_connection_key_where_only_a_server_should(tmp_path, ca
 
     database = str(tmp_path / "bastion.db")
     ConnectionStore(Database(database)).db.close()  # a deployment with no connection yet
-    config = tmp_path / "bastion.toml"
-    config.write_text(
-        f"""[server]
-database = "{database}"
-
-[oauth]
-issuer = "http://127.0.0.1:9"
-key_dir = "{tmp_path / "keys"}"
-resources = [{{ uri = "http://127.0.0.1:9/mcp/tracker" }}]
-
-[[gateway.upstreams]]
-name = "tracker"
-url = "http://127.0.0.1:9/mcp"
-auth = "per_user"
-"""
-    )
+    config = _per_user_config(tmp_path, database)
     assert main(["connections", "list", "--config", str(config)]) == 0
     assert main(["connections", "revoke", "alice", "tracker", "--config", str(config)]) == 2
     assert main(["connections", "rekey", "--config", str(config)]) == 0
