@@ -68,6 +68,10 @@ def _draft(path: Path, how: str, mode: int) -> Iterator[tuple[IO, Path]]:
             yield out, draft
             out.flush()
             os.fsync(out.fileno())
+    except OSError as e:
+        draft.unlink(missing_ok=True)
+        # A full disk refuses the draft's write or its close: said of the file asked for.
+        raise (_about(path, e) if e.filename is None else e) from None
     except BaseException:
         draft.unlink(missing_ok=True)
         raise

@@ -73,11 +73,14 @@ def input_error(error: BaseException) -> str | None:
 
     import psycopg
 
-    from bastion.db import DatabaseSettingError, DatabaseUnavailable, first_line
+    from bastion.db import DatabaseSettingError, DatabaseUnavailable, first_line, storage_full
     from bastion.server.config import ConfigError
 
     if isinstance(error, (ConfigError, DatabaseSettingError, DatabaseUnavailable)):
         return str(error)
+    if isinstance(error, OSError) and storage_full(error):
+        where = f"{error.filename}: " if error.filename is not None else ""
+        return f"{where}the storage is full ({error.strerror or error}): make room, then retry"
     if isinstance(error, OSError):
         if error.filename is not None and error.strerror:
             return f"{error.filename}: {error.strerror}"

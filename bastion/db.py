@@ -13,6 +13,7 @@ apply it twice, and anything else is a `DatabaseUnavailable` for the caller to a
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import re
@@ -56,8 +57,14 @@ class DatabaseUnavailable(Exception):
     """PostgreSQL cannot be reached, or the connection was lost under a statement that could not
     safely be sent again. A transaction was rolled back, unless the connection was lost while it
     committed; a write outside one may or may not have been applied: the message says which.
-    Also a transaction refused because the database's storage is full (rolled back). Retry
-    later: the API answers 503."""
+    Retry later: the API answers 503."""
+
+
+class StorageFull(DatabaseUnavailable):
+    """A write refused because the database's storage is full (SQLite's file, its WAL or its
+    temporary files; PostgreSQL's ``disk_full``): nothing of it was applied. Reads go on; the
+    write goes in once there is room (`storage_full_report` says so meanwhile). The API answers
+    503, the CLI one line."""
 
 
 _LOCK_REFUSED = (
@@ -98,12 +105,65 @@ _KNOWN_SCHEMA: dict[str, int] = {}
 _KNOWN_SCHEMA_LOCK = threading.Lock()
 
 
-def _storage_full(error: BaseException) -> bool:
-    """SQLite's ``database or disk is full`` (the file's disk, or its temporary files'), or
-    PostgreSQL's ``disk_full`` (SQLSTATE 53100)."""
+# The errors of a file that cannot grow: no space left, a quota reached, a size limit reached.
+_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+
+
+def storage_full(error: BaseException) -> bool:
+    """Whether ``error`` says the storage written to is full: SQLite's ``database or disk is
+    full`` (the file's disk, or its temporary files'), PostgreSQL's ``disk_full`` (SQLSTATE
+    53100), or a file's write refused for want of room (ENOSPC, EDQUOT, EFBIG). The one test of
+    it, for the database's writes and for files (keys, the decision journal, the CLI)."""
+    if isinstance(error, StorageFull):
+        return True
     if isinstance(error, sqlite3.OperationalError):
         return getattr(error, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL
+    if isinstance(error, OSError):
+        return error.errno in _FULL_ERRNOS
     return isinstance(error, psycopg.errors.DiskFull)
+
+
+# Since a write of this process was refused for want of room, until one goes in: what /readyz
+# says (`storage_full_report`). One for the process: its stores share a database.
+_full_since: str | None = None
+
+
+def _refused_for_room(error: BaseException, message: str) -> StorageFull:
+    """The `StorageFull` to raise for ``error``; noted for `storage_full_report`, and logged
+    once until a write goes in again."""
+    global _full_since
+    # A server's log says so once per outage; a command (no log configured) says it in its one
+    # line of refusal, not twice.
+    if _full_since is None and log.hasHandlers():
+        log.error("the database's storage is full (%s): writes are refused", first_line(error))
+    _full_since = message
+    return StorageFull(message)
+
+
+def file_refused(error: OSError) -> StorageFull:
+    """The `StorageFull` to answer for a file's write refused for want of room (a key file
+    made on first use, say); the log names the file, the message does not (a client reads it)."""
+    if log.hasHandlers():
+        log.error("%s cannot be written: %s", error.filename or "a file", error.strerror or error)
+    return _refused_for_room(
+        error,
+        f"the server's storage is full ({error.strerror or error}); nothing was written:"
+        " make room, then retry",
+    )
+
+
+def _written() -> None:
+    global _full_since
+    if _full_since is not None:
+        _full_since = None
+        if log.hasHandlers():
+            log.warning("the database takes writes again")
+
+
+def storage_full_report() -> str | None:
+    """What the last write refused for want of room said, until a write goes in again; None
+    when no write is being refused for it."""
+    return _full_since
 
 
 def unstorable(error: BaseException) -> bool:
@@ -347,20 +407,30 @@ class Database:
         with self._turn():
             if not self.is_postgres:
                 try:
-                    return work(self._conn)
+                    done = work(self._conn)
                 except sqlite3.OperationalError as e:
                     if getattr(e, "sqlite_errorcode", 0) & 0xFF in (
                         sqlite3.SQLITE_BUSY,
                         sqlite3.SQLITE_LOCKED,
                     ):
                         raise DatabaseUnavailable(_SQLITE_BUSY_REFUSED) from e
+                    if storage_full(e):
+                        raise self._full(e, transaction=self._depth > 0) from e
                     raise
+                if not again and not self._depth:
+                    _written()
+                return done
             in_transaction = self._depth > 0
             if in_transaction and self._conn is None:
                 raise DatabaseUnavailable(self._failure)
             conn = self._conn if in_transaction else self._connection()
             try:
-                return work(conn)
+                done = work(conn)
+                if not again and not in_transaction:
+                    _written()
+                return done
+            except psycopg.errors.DiskFull as e:
+                raise self._full(e, transaction=in_transaction) from e
             except psycopg.errors.LockNotAvailable as e:
                 raise DatabaseUnavailable(_LOCK_REFUSED) from e
             except psycopg.errors.QueryCanceled as e:
@@ -387,6 +457,16 @@ class Database:
                 raise DatabaseUnavailable(
                     f"the database connection was lost again ({first_line(e)}); retry"
                 ) from e
+
+    @staticmethod
+    def _full(error: BaseException, *, transaction: bool) -> StorageFull:
+        """A write refused for want of room: a transaction's (rolled back) or a statement's
+        alone (never applied)."""
+        what = "the transaction was rolled back" if transaction else "nothing was written"
+        return _refused_for_room(
+            error,
+            f"the database's storage is full ({first_line(error)}); {what}: make room, then retry",
+        )
 
     # -- statements ------------------------------------------------------------------------------
 
@@ -481,12 +561,11 @@ class Database:
             except BaseException as e:
                 self._after_commit.clear()
                 self._rollback()  # also after a COMMIT that failed (SQLite may leave it open)
-                if _storage_full(e):
-                    raise DatabaseUnavailable(
-                        f"the database's storage is full ({first_line(e)}); the transaction was"
-                        " rolled back: make room, then retry"
-                    ) from e
+                if storage_full(e) and not isinstance(e, StorageFull):  # at COMMIT, say
+                    raise self._full(e, transaction=True) from e
                 raise
+            if not read_only:
+                _written()
             callbacks, self._after_commit = self._after_commit, []
         for callback in callbacks:
             callback()

@@ -15,6 +15,7 @@ record marked ``recovered`` (its call may have reached its upstream: the outcome
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import logging
@@ -117,6 +118,7 @@ class DecisionJournal:
         self._fd, self.path = self._new_file(self._header)
         self._size = len(self._header)
         self.failed = 0  # appends the disk refused (full, say), logged
+        self._failing = False  # since an append failed, until one goes in
         self._closed = False
 
     def _new_file(self, content: bytes, path: Path | None = None) -> tuple[int, Path]:
@@ -149,15 +151,25 @@ class DecisionJournal:
             except OSError as e:
                 self._failed(e)
                 return
-            self._size += written
-            if written < len(line):  # the disk filled up mid-line: end it, so later ones parse
-                self._failed(OSError("short write"))
+            if written < len(line):
+                # The disk filled up mid-line: the part written is taken back (shrinking needs
+                # no room), so that the next line, once there is room, is not glued to it.
                 with contextlib.suppress(OSError):
-                    self._size += os.write(self._fd, b"\n")
+                    os.ftruncate(self._fd, self._size)
+                self._failed(OSError(errno.ENOSPC, f"{written} of {len(line)} bytes written"))
+                return
+            self._size += written
+            if self._failing:
+                self._failing = False
+                log.warning("the decision journal %s is written again", self.path)
 
     def _failed(self, error: OSError) -> None:
+        """Counted (`failed`); logged at the first failure of each outage, and every 10,000.
+        The decision's record still waits in the record writer's buffer, as when the database
+        is away: only a process killed outright meanwhile loses it."""
         self.failed += 1
-        if self.failed == 1 or self.failed % 10_000 == 0:
+        first, self._failing = not self._failing, True
+        if first or self.failed % 10_000 == 0:
             log.error(
                 "the decision journal %s cannot be written (%s; %d decisions so far): a process"
                 " killed outright now loses the records not yet stored",

@@ -75,9 +75,14 @@ class KeyRing:
         if not atomic_files.create(self._private_path(kid), key.as_pem(private=True)):
             raise FileExistsError(f"{self._private_path(kid)} exists already")
         public = {**key.as_dict(private=False), "kid": kid, "use": "sig", "alg": ALGORITHM}
-        self.store.add_signing_key(
-            kid, json.dumps(public, sort_keys=True), self.clock(), actor=actor
-        )
+        try:
+            self.store.add_signing_key(
+                kid, json.dumps(public, sort_keys=True), self.clock(), actor=actor
+            )
+        except BaseException:
+            # Not published (a full database, say): no private key of it is left on disk.
+            self._private_path(kid).unlink(missing_ok=True)
+            raise
         self.forget()
         self.prune()
         return kid

@@ -21,7 +21,14 @@ from starlette.routing import BaseRoute, Route
 
 from bastion.audit.checkpoints import keep_chains_forever
 from bastion.audit.retention import prune_forever
-from bastion.db import Database, DatabaseUnavailable
+from bastion.db import (
+    Database,
+    DatabaseUnavailable,
+    StorageFull,
+    file_refused,
+    storage_full,
+    storage_full_report,
+)
 from bastion.facts.store import FactStore
 from bastion.policy.errors import PolicyError
 from bastion.server import api, problems
@@ -59,6 +66,10 @@ async def readyz(request: Request) -> JSONResponse:
     }
     if reason is not None:
         body["reason"] = reason
+    if full := storage_full_report():
+        # Shown, not counted against readiness: decisions and reads need no write, and every
+        # replica on the same database would be taken out alike (docs/operations.md).
+        body["storage"] = full
     signals = request.app.state.signals
     if signals is not None:
         # Shown, not counted against readiness: a transmitter that is down makes no replica
@@ -71,10 +82,13 @@ async def database_unavailable(request: Request, exc: Exception) -> JSONResponse
     """503 for a request that needed the database while it is unavailable: problem+json on the
     API, Oso Cloud's form on its API, the OAuth error shape elsewhere (RFC 6749
     ``temporarily_unavailable``)."""
-    detail = f"the database is unavailable, retry: {exc}"
+    if isinstance(exc, StorageFull):  # its message says what to do
+        title, detail = "Storage full", str(exc)
+    else:
+        title, detail = "Database unavailable", f"the database is unavailable, retry: {exc}"
     retry = {"Retry-After": "1"}
     if request.url.path.startswith("/v1/"):
-        response = Problem(503, "Database unavailable", detail).response()
+        response = Problem(503, title, detail).response()
         response.headers.update(retry)
         return response
     if api.oso_cloud.serves(request.url.path):
@@ -82,6 +96,15 @@ async def database_unavailable(request: Request, exc: Exception) -> JSONResponse
     body = {"error": "temporarily_unavailable", "error_description": detail}
     headers = {**retry, **problems.NOT_A_PAGE, "Cache-Control": "no-store"}
     return JSONResponse(body, status_code=503, headers=headers)
+
+
+async def file_unwritable(request: Request, exc: Exception) -> Response:
+    """A file this request writes (a deployment secret made on first use) refused for want of
+    room: 503 as for the database's storage; any other OSError is the 500 of `internal_error`."""
+    assert isinstance(exc, OSError)
+    if not storage_full(exc):
+        raise exc
+    return await database_unavailable(request, file_refused(exc))
 
 
 async def openapi(request: Request) -> JSONResponse:
@@ -537,7 +560,11 @@ def create_app(config: ServerConfig) -> Starlette:
         oauth.facts_heard = lambda: replica.heard_not_applied(config.consistency_timeout)
     if gateway is not None and gateway.records is not None:
         records = gateway.records
-        metrics.observe_records_dropped(lambda: records.dropped, lambda: records.unstorable)
+        metrics.observe_records_dropped(
+            lambda: records.dropped,
+            lambda: records.unstorable,
+            lambda: records.journal.failed if records.journal is not None else 0,
+        )
     if gateway is not None:
         _delegation(oauth, gateway, replica)
         gateway.enforcer.shadow.on_fire = metrics.shadow_fired
@@ -634,6 +661,7 @@ def create_app(config: ServerConfig) -> Starlette:
             Problem: problem_handler,
             HTTPException: http_problem,
             DatabaseUnavailable: database_unavailable,
+            OSError: file_unwritable,
             Exception: internal_error,
         },
     )

@@ -13,6 +13,8 @@ from prometheus_client.utils import floatToGoString
 from starlette.requests import Request
 from starlette.responses import Response
 
+from bastion.db import storage_full_report
+
 _LATENCY_BUCKETS = (
     0.00001,
     0.00005,
@@ -156,6 +158,17 @@ class Metrics:
             "Gateway decision records dropped since start because no write could store them.",
             registry=self.registry,
         )
+        self._journal_failures = Gauge(
+            "bastion_decision_journal_failures",
+            "Decisions the gateway's journal could not take since start (a full disk, say).",
+            registry=self.registry,
+        )
+        self._storage_full = Gauge(
+            "bastion_storage_full",
+            "1 while this process's writes are refused for want of room, until one goes in.",
+            registry=self.registry,
+        )
+        self._storage_full.set_function(lambda: storage_full_report() is not None)
 
     def direct_answer(self) -> None:
         """Count one request answered in the protocol (`bastion.server.direct`)."""
@@ -181,10 +194,14 @@ class Metrics:
         self._staleness.set_function(staleness)
 
     def observe_records_dropped(
-        self, dropped: Callable[[], float], unstorable: Callable[[], float]
+        self,
+        dropped: Callable[[], float],
+        unstorable: Callable[[], float],
+        journal_failures: Callable[[], float],
     ) -> None:
         self._records_dropped.set_function(dropped)
         self._records_unstorable.set_function(unstorable)
+        self._journal_failures.set_function(journal_failures)
 
 
 async def metrics_endpoint(request: Request) -> Response:
