@@ -68,6 +68,29 @@ def encoder(**options: Any) -> Callable[[Any], str]:
     return encode
 
 
+def kept(encode: Callable[[Any], str], size: int = 256) -> Callable[[tuple], str]:
+    """``encode`` of a tuple of values that comes again and again (what the decision records of
+    one answer share: its principals, target, rules...), encoded once and kept by the values:
+    at most ``size`` texts, all let go of when full. Only for values whose equality means the
+    same text: text, tuples of text, None (a list among them is encoded each time). Not
+    numbers (``1``, ``1.0`` and ``True`` are equal and read differently): a caller that keeps
+    one puts its type in the tuple too."""
+    texts: dict[tuple, str] = {}
+
+    def encoded(values: tuple) -> str:
+        try:
+            text = texts.get(values)
+        except TypeError:  # a list among them (unhashable): encoded, not kept
+            return encode(values)
+        if text is None:
+            if len(texts) >= size:
+                texts.clear()
+            text = texts[values] = encode(values)
+        return text
+
+    return encoded
+
+
 def decoder(public: JSONDecoder, slow: Callable[[str], Any] | None = None) -> Callable[[str], Any]:
     """``public.decode``, or ``slow`` if given, for a str: the same value, or the same error.
     Text that is one JSON value and nothing else (what encoders write) is read by the

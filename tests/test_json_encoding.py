@@ -178,3 +178,21 @@ def test_a_decoder_with_hooks_reads_as_its_own_decode(before, text, after):
     public = JSONDecoder(parse_float=Decimal, parse_int=str, parse_constant=repr)
     whole = before + text + after
     assert _read(decoder(public), whole) == _read(public.decode, whole)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    tuples=st.lists(
+        st.lists(
+            st.one_of(st.none(), st.text(max_size=6), st.lists(st.text(max_size=3), max_size=2)),
+            max_size=3,
+        ).map(tuple),
+        max_size=8,
+    )
+)
+def test_a_kept_text_is_the_text_of_the_values_asked(tuples):
+    """`kept` gives each tuple its own text, however many were kept before it, or let go of."""
+    encode = encoder(separators=(",", ":"))
+    kept = json_encoding.kept(encode, size=3)
+    for values in tuples + tuples:
+        assert kept(values) == encode(values)

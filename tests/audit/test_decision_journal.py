@@ -16,6 +16,8 @@ from pathlib import Path
 
 import httpx
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from bastion.audit import journal as journal_module
 from bastion.audit.commands import _line
@@ -415,3 +417,31 @@ def test_a_journal_stays_while_the_database_cannot_take_its_records(tmp_path, ou
             time.sleep(0.2)
     assert [record.recovered for record in _stored(records)] == [True]
     assert _journals(tmp_path / "j") == []
+
+
+# -- a line, as written ------------------------------------------------------------------------
+
+texts = st.text(max_size=12)  # any code point: escapes, non-ASCII, quotes
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    shared=st.tuples(*[texts] * 3, st.lists(texts, max_size=3).map(tuple), *[texts] * 6),
+    others=st.lists(
+        st.tuples(*[texts] * 3, st.lists(texts, max_size=3).map(tuple), *[texts] * 6),
+        max_size=3,
+    ),
+    version=st.one_of(st.none(), st.integers()),
+    sequence=st.one_of(st.none(), st.integers()),
+)
+def test_a_line_is_the_json_of_the_journaled_values_of_its_decision(
+    shared, others, version, sequence
+):
+    """Whatever lines were written before it (the part decisions of one answer share is kept),
+    a line holds, in the order the header names them, its own decision's values."""
+    for n, values in enumerate([shared, *others, shared]):
+        fields = _decision(n, policy_version=version, sequence=sequence)
+        fields.update(zip(journal_module._SHARED, values, strict=True))
+        line = journal_module._line(fields)
+        expected = json.dumps([fields[name] for name in JOURNALED], separators=(",", ":"))
+        assert line == (expected + "\n").encode()
