@@ -19,11 +19,12 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import MISSING, dataclass, field, fields, replace
+from operator import itemgetter
 from typing import TYPE_CHECKING, Any
 
 from bastion.audit.chain import Chain, link_rows, next_link, prune_oldest
 from bastion.db import Database, first_line, unstorable
-from bastion.json_encoding import encoder
+from bastion.json_encoding import encoder, kept
 from bastion.turns import in_turns
 
 if TYPE_CHECKING:
@@ -210,20 +211,65 @@ def _explained(pending: tuple[DecisionRecord, Callable | None]) -> DecisionRecor
 
 
 def _row(r: DecisionRecord) -> tuple:
-    """A record's row of ``audit_decisions``, without its seq and hashes. Its fields (``vars``)
-    encode as its `to_dict` does: a tuple is a JSON array. The time as the column stores it
-    (a float), so that its hash is the hash of what is read back."""
+    """A record's row of ``audit_decisions``, without its seq and hashes; the time as the column
+    stores it (a float), so that its hash is the hash of what is read back. Its ``record`` is
+    the canonical JSON of its fields (``vars``, encoded as `to_dict` gives them: a tuple is a
+    JSON array), joined from the runs of them in sorted order: those of the record itself,
+    encoded each time, and those the records of one answer share (its principals, rules,
+    target...), kept (an eighth less to encode)."""
+    values = vars(r)
+    if len(values) == len(_FIELDS):
+        own = _encode({"arguments_digest": r.arguments_digest, "at": r.at, "context": r.context})
+        own_too = _encode(
+            {
+                "id": r.id,
+                "latency_us": r.latency_us,
+                "method": r.method,
+                "obligations": r.obligations,
+            }
+        )
+        shared = _shared_head((r.deciding_principal, r.grant_id))
+        # The numbers' types in the key: a sequence of 1 is not one of True.
+        shared_too = _shared_tail(
+            (*_tail(values), type(r.policy_version), type(r.recovered), type(r.sequence))
+        )
+        record = f"{own[:-1]},{shared[1:-1]},{own_too[1:-1]},{shared_too[1:]}"
+    else:  # fields a later version wrote (`from_dict`)
+        record = _encode(values)
     return (
         r.id,
         float(r.at),
         r.server,
         r.method,
         r.target,
-        _encode(r.principals),
+        _principals(r.principals),
         r.result,
         r.arguments_digest,
-        _encode(vars(r)),
+        record,
     )
+
+
+# The fields the records of one answer share, in the two runs of them in sorted order.
+_HEAD = ("deciding_principal", "grant_id")
+_TAIL = (
+    "policy_version",
+    "principals",
+    "reason",
+    "recovered",
+    "result",
+    "rules",
+    "sequence",
+    "server",
+    "session",
+    "target",
+    "task",
+    "unexplained",
+)
+_tail = itemgetter(*_TAIL)
+_shared_head = kept(lambda values: _encode(dict(zip(_HEAD, values, strict=True))))
+# ``values`` ends with the types of three of them (`_row`), which are not encoded.
+_shared_tail = kept(lambda values: _encode(dict(zip(_TAIL, values[: len(_TAIL)], strict=True))))
+_principals = kept(_encode)
 
 
 class _Unwritten(Exception):  # noqa: N818 - internal, raised on as its cause

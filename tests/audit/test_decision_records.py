@@ -13,6 +13,8 @@ from datetime import UTC, datetime
 from itertools import pairwise
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from bastion import turns
 from bastion.audit import decisions
@@ -337,3 +339,42 @@ def test_a_record_made_from_wrong_fields_is_refused_as_its_constructor_refuses_i
         DecisionRecord.of({**FULL, "extra": 1})
     with pytest.raises(TypeError, match="'result'"):
         DecisionRecord.of({k: v for k, v in FULL.items() if k != "result"})
+
+
+texts = st.text(max_size=8)  # any code point: escapes, non-ASCII, quotes
+numbers = st.one_of(st.none(), st.integers(-2, 2), st.booleans(), st.floats(allow_nan=False))
+records = st.builds(
+    DecisionRecord,
+    id=texts,
+    at=st.floats(),
+    server=texts,
+    method=texts,
+    target=texts,
+    principals=st.lists(texts, max_size=3).map(tuple),
+    result=texts,
+    arguments_digest=texts,
+    context=st.dictionaries(texts, st.one_of(numbers, texts), max_size=3),
+    deciding_principal=texts,
+    rules=st.lists(texts, max_size=2).map(tuple),
+    obligations=st.dictionaries(texts, st.lists(texts, max_size=2), max_size=2),
+    reason=texts,
+    latency_us=st.integers(0, 10**6),
+    unexplained=texts,
+    policy_version=numbers,
+    sequence=numbers,
+    grant_id=texts,
+    task=texts,
+    session=texts,
+    recovered=numbers,
+)
+
+
+@settings(max_examples=500, deadline=None)
+@given(written=st.lists(records, min_size=1, max_size=6))
+def test_a_row_holds_the_canonical_json_of_its_own_record_whatever_came_before(written):
+    """What the records of one answer share is encoded once and kept: each row still holds its
+    own record's text, byte for byte (the same values of another type included: 1 and True)."""
+    for record in written + written[::-1]:
+        row = decisions._row(record)
+        assert row[5] == REFERENCE(list(record.principals))
+        assert row[8] == REFERENCE(record.to_dict())
