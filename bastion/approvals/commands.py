@@ -138,8 +138,8 @@ def _found(approvals: Approvals, request_id: str) -> ApprovalRequest:
 
 
 def _line(request: ApprovalRequest) -> str:
-    approvers = (
-        ",".join(map(readable, request.approvers)) or f"{readable(request.subject)} (confirms)"
+    approvers = ",".join(map(readable, request.approvers)) or (
+        f"{readable(request.confirmer)} (confirms)" if request.confirmer else "nobody"
     )
     agents = " > ".join(map(readable, request.agents)) or readable(request.client_id)
     return "\t".join(

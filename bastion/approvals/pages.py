@@ -131,7 +131,7 @@ class ApprovalPages:
         own = [
             r
             for r in self.approvals.listed(status=OPEN, limit=LIST_LIMIT)
-            if not r.approvers and r.subject == person
+            if not r.approvers and r.confirmer == person
         ]
         seen: set[str] = set()
         found = []
@@ -170,7 +170,7 @@ class ApprovalPages:
         refusal = barred or self.approvals.may_answer(found, person)
         involved = barred is None and (
             refusal is None
-            or person == found.subject
+            or person in (found.subject, found.confirmer)
             or person in found.approvers
             or any(a.approver == person for a in found.answers)
         )
@@ -409,7 +409,11 @@ def _request_page(
     summary = [
         ("Status", f"<strong id=status>{escape(state)}</strong>"),
         ("Expires", escape(_when(request.expires_at, now))),
-        ("User", f"<strong>{pages.shown(request.subject)}</strong>"),
+        (
+            "User",
+            f"<strong>{pages.shown(request.subject)}</strong>"
+            + ("" if request.person else " (the agent itself: no person signed in)"),
+        ),
         ("Server", f"<code>{pages.shown(request.server)}</code>"),
         ("Method", f"<code>{pages.shown(request.method)}</code>"),
         ("Target", f"<code>{pages.shown(request.target)}</code>"),
@@ -448,7 +452,12 @@ def _who_answers(request: ApprovalRequest) -> str:
         names = ", ".join(f"<strong>{pages.shown(a)}</strong>" for a in request.approvers)
         who = f"Approvers named by the policy: {names}"
     else:
-        who = f"No approver is named: <strong>{pages.shown(request.subject)}</strong> confirms"
+        who = (
+            f"No approver is named: <strong>{pages.shown(request.confirmer)}</strong> confirms"
+            + ("" if request.person else ", the owner of the agent acting as itself")
+            if request.confirmer
+            else "No approver is named, and no person can confirm this call"
+        )
     needed = f"; {request.required} distinct approvals needed" if request.required > 1 else ""
     if request.self_forbidden:
         needed += "; the user may not approve their own call"

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
+from bastion.agents import identity
 from bastion.approvals.settings import ApprovalSettings
 from bastion.approvals.store import OPEN, Answer, ApprovalRequest, ApprovalStore
 from bastion.audit.log import AuditLog
@@ -32,7 +33,7 @@ from bastion.decide import Authorizer, Session
 from bastion.facts.model import Entity
 from bastion.facts.store import FactStore, StoredFact, check_storable
 from bastion.policy.errors import EvaluationLimit
-from bastion.signals.suspensions import Suspensions
+from bastion.signals.suspensions import Suspensions, has_person, token_principals
 
 if TYPE_CHECKING:
     from bastion.approvals.webhooks import WebhookNotifier
@@ -86,6 +87,22 @@ class UnknownRequest(Exception):
     """No approval request has this id."""
 
 
+class NoApprover(Exception):
+    """Nobody could ever answer this hold: no approver rule names a person for it, and no
+    person stands behind the call (an agent acting as itself) to confirm it, nor an owner of
+    that agent who is a bastion user. The enforcement point refuses the call at once
+    (``no_approver``) rather than hold it for nobody; the message says what to configure."""
+
+    def __init__(self, agent: str) -> None:
+        super().__init__(
+            f"nobody can approve this call: no approver rule of the policy names a person for"
+            f" it, and the agent {agent!r} acts as itself (no person signed in) with no owner"
+            f" who is a bastion user to confirm it; add an approver rule, or give the agent an"
+            f" owner (bastion agents update {agent} --owner USER)"
+        )
+        self.agent = agent
+
+
 @dataclass(frozen=True, slots=True)
 class Call:
     """The call (or result) being held, as the enforcement point saw it."""
@@ -101,6 +118,16 @@ class Call:
     arguments_digest: str
     # A delegated token's agents, first to calling (`Caller.agents`); empty for a direct grant.
     agents: tuple[str, ...] = ()
+
+    @property
+    def chain(self) -> tuple[str, ...]:
+        """The agents of the call, first to calling (``client_id`` alone for a direct grant)."""
+        return self.agents or (self.client_id,)
+
+    @property
+    def person(self) -> bool:
+        """Whether a person stands behind the call (`has_person`): then they confirm it."""
+        return has_person(token_principals(self.subject, self.chain))
 
 
 @dataclass(frozen=True, slots=True)
@@ -322,8 +349,9 @@ class Approvals:
         outbox rows) are one transaction: a process killed in between leaves no request that
         nothing will announce (the agent's retry finds a request pending, and makes none). An
         announcement that cannot be queued raises, and nothing is kept: the gateway refuses the
-        call (``approval_unavailable``), and holds it again when it comes back."""
-        terms = self.terms(call.subject, call.action, call.resource, context)
+        call (``approval_unavailable``), and holds it again when it comes back. `NoApprover`
+        when nobody could answer it (`answerers`): nothing is kept."""
+        terms, confirmer = self.answerers(call, context)
         with self.store.db.transaction():
             request, made = self.store.create(
                 kind=call.kind,
@@ -346,6 +374,7 @@ class Approvals:
                 seconds=terms.seconds,
                 result=result,
                 agents=call.agents,
+                confirmer=confirmer,
             )
             if made:
                 self._event(request, f"{call.kind}.requested", decision_id=decision_id)
@@ -412,20 +441,47 @@ class Approvals:
 
     # -- the policy's side ---------------------------------------------------------------------
 
-    def terms(self, subject: str, action: str, resource: Entity, context: dict[str, Any]) -> Terms:
-        """Who may answer a held call and how, from the policy in force now."""
+    def answerers(self, call: Call, context: dict[str, Any]) -> tuple[Terms, str | None]:
+        """Who may answer ``call`` if it is held now: the policy's terms, and the person who
+        confirms it where no approver rule names anyone (`confirmer`). `NoApprover` when
+        nobody could: the enforcement point refuses such a call before it holds it, or, for a
+        result to review, before the call runs."""
         with self.authorizer().session(context) as s:
-            return self._terms_in(s, subject, action, resource)
+            terms = self._terms_in(s, call.subject, call.action, call.resource, call.chain)
+        confirmer = self.confirmer(call.subject, call.chain)
+        if not terms.approvers and confirmer is None:
+            raise NoApprover(call.subject)
+        return terms, confirmer
 
-    def _terms_in(self, s: Session, subject: str, action: str, resource: Entity) -> Terms:
-        """`terms`, asked of the session ``s``."""
+    def confirmer(self, subject: str, chain: tuple[str, ...]) -> str | None:
+        """Who confirms a call of ``subject`` through the agents ``chain`` where no approver
+        rule names anyone: the user, when a person stands behind the call; for an agent acting
+        as itself (the subject is its own client id: client credentials, and what it
+        delegates), the owner of that agent (`bastion.agents.identity`) if it has exactly one
+        and that owner is a bastion user (`user_state`), as the kill switch counts the owner
+        where no person is in a chain; else nobody (None). Never the client id taken as a
+        person's name: no user is named like a client, but an approvals key or the CLI could
+        vouch for that name."""
+        if has_person(token_principals(subject, chain)):  # `Call.person`
+            return subject
+        owners = identity.owners(self.facts, subject)
+        if len(owners) != 1 or owners[0] in chain or self.user_state(owners[0]) is None:
+            return None  # several owners are facts written by hand: none is the one
+        return owners[0]
+
+    def _terms_in(
+        self, s: Session, subject: str, action: str, resource: Entity, chain: tuple[str, ...]
+    ) -> Terms:
+        """Who may answer a held call and how, asked of the session ``s``. An approver the
+        rules name who is one of the call's agents (``approver(user, user, ...)`` for an agent
+        acting as itself) is no person: left out."""
         user = Entity("User", subject)
         seconds = self.settings.expiry_seconds
         try:
             approvers = sorted(
                 a.id
                 for a in s.rows("approver", "fbbb", user, action, resource)
-                if isinstance(a, Entity) and a.type == "User"
+                if isinstance(a, Entity) and a.type == "User" and a.id not in chain
             )
             required = max(
                 (
@@ -495,8 +551,9 @@ class Approvals:
         since, or a user put on probation, narrows them (the shorter window, the more
         approvals), and nothing that happened since widens what the hold asked for."""
         resource = Entity.parse(request.target)
+        confirmer = self.confirmer(request.subject, request.chain)
         with self.authorizer().session(_call_context(request, self.clock())) as s:
-            now = self._terms_in(s, request.subject, request.action, resource)
+            now = self._terms_in(s, request.subject, request.action, resource, request.chain)
             terms = Terms(
                 approvers=now.approvers,
                 required=max(now.required, request.required),
@@ -504,20 +561,39 @@ class Approvals:
                 window_minutes=min(now.window_minutes, request.window_minutes),
                 seconds=now.seconds,
             )
-            refusals = {p: self._entitled(s, request, p, terms) for p in people}
+            refusals = {p: self._entitled(s, request, p, terms, confirmer) for p in people}
         return _Reading(terms, refusals)
 
     def _entitled(
-        self, s: Session, request: ApprovalRequest, person: str, terms: Terms
+        self,
+        s: Session,
+        request: ApprovalRequest,
+        person: str,
+        terms: Terms,
+        confirmer: str | None,
     ) -> str | None:
         """None if the policy (the session ``s``) lets ``person`` answer ``request`` under
-        ``terms``; else why not."""
-        if person == request.subject:
+        ``terms``; else why not. ``confirmer``: who confirms the call now where no approver is
+        named (`confirmer`); the request's own, read when it was held, must be that person too
+        (an owner replaced meanwhile confirms nothing, nor does the new one)."""
+        if person in request.chain:  # with no person behind it, the subject is among them
+            return (
+                f"{person} is an agent of this call, not a person: nobody answers in an"
+                " agent's name"
+            )
+        if person in (request.subject, request.confirmer):
             if terms.self_forbidden:
                 return "the policy forbids approving one's own call here"
-            if not terms.approvers or person in terms.approvers:
+            if person in terms.approvers:
                 return None
-            return f"{person} may not approve their own call: the policy names its approvers"
+            if terms.approvers:
+                return f"{person} may not approve their own call: the policy names its approvers"
+            if person == request.confirmer == confirmer:
+                return None
+            return (
+                f"{person} no longer confirms this call: the owner of agent"
+                f" {request.subject!r} who confirms it is another now, or none"
+            )
         if person in terms.approvers:
             return None
         resource = Entity.parse(request.target)

@@ -17,13 +17,14 @@ import json
 import secrets
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from bastion.db import Database, prune_rows
 from bastion.ids import typed_id
+from bastion.signals.suspensions import has_person, token_principals
 
 _MIGRATIONS = [
     """
@@ -71,6 +72,10 @@ _MIGRATIONS = [
     # A delegated call's agents, first to calling, as a JSON list ('[]' for a direct grant): the
     # people asked see whom the calling agent works for.
     "ALTER TABLE approval_requests ADD COLUMN agents TEXT NOT NULL DEFAULT '[]'",
+    # The person who confirms the call when no approver rule names anyone (`confirmer`): the
+    # user, or the owner of an agent acting as itself; '' when there is none. NULL in a row
+    # made before it was kept: read as the user if a person stands behind the call, else none.
+    "ALTER TABLE approval_requests ADD COLUMN confirmer TEXT",
 ]
 
 KINDS = ("approval", "review")
@@ -99,7 +104,7 @@ _COLUMNS = (
     "id, kind, status, binding, subject, client_id, server, method, action, target,"
     " arguments_digest, arguments, policy_version, decision_id, rules, approvers, required,"
     " self_forbidden, window_minutes, created_at, expires_at, resolved_at, used_at, used_by,"
-    " result, withheld_fields, agents"
+    " result, withheld_fields, agents, confirmer"
 )
 
 
@@ -144,11 +149,31 @@ class ApprovalRequest:
     withheld_fields: tuple[str, ...] = ()  # a review released with these paths masked
     # A delegated call's agents, first to calling (the last is ``client_id``); () when direct.
     agents: tuple[str, ...] = ()
+    # Who confirms the call when no approver rule names anyone: the user, if a person stands
+    # behind it; for an agent acting as itself, its owner, if one is a bastion user; else None
+    # (`bastion.approvals.service.Approvals.confirmer`). Never a name of the call's agents.
+    confirmer: str | None = None
     answers: tuple[Answer, ...] = field(default=())
 
     @property
     def approvals(self) -> tuple[Answer, ...]:
         return tuple(a for a in self.answers if a.answer == "approve")
+
+    @property
+    def chain(self) -> tuple[str, ...]:
+        """The agents of the call, first to calling (``client_id`` alone for a direct grant)."""
+        return self.agents or (self.client_id,)
+
+    @property
+    def person(self) -> bool:
+        """Whether a person stands behind the call: its user is not one of its agents (a client
+        credentials token's subject is its own client id)."""
+        return has_person(token_principals(self.subject, self.chain))
+
+    def names(self, person: str) -> bool:
+        """Whether the request, as held, names ``person`` to answer it: among its approvers, or,
+        where none is named, its confirmer. Who may answer now is `Approvals.may_answer`'s."""
+        return person in self.approvers or (not self.approvers and person == self.confirmer)
 
     def summary(self) -> dict[str, Any]:
         """The request as the API and the CLI show it (the arguments in full; never a result)."""
@@ -157,6 +182,8 @@ class ApprovalRequest:
             "kind": self.kind,
             "status": self.status,
             "user": self.subject,
+            "person": self.person,
+            "confirmer": self.confirmer,
             "agent": self.client_id,
             "agents": list(self.agents),
             "server": self.server,
@@ -264,6 +291,7 @@ class ApprovalStore:
         seconds: float,
         result: Any = None,
         agents: tuple[str, ...] = (),
+        confirmer: str | None = None,
     ) -> tuple[ApprovalRequest, bool]:
         """The pending request of this kind bound to ``binding``, made if there is none; and
         whether it was made now. Identical pending calls share one request; a review holds the
@@ -279,7 +307,7 @@ class ApprovalStore:
             self.db.execute(
                 f"INSERT INTO approval_requests ({_COLUMNS}) VALUES"
                 " (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, NULL,"
-                " NULL, ?, ?, ?)",
+                " NULL, ?, ?, ?, ?)",
                 (
                     request_id,
                     kind,
@@ -305,6 +333,7 @@ class ApprovalStore:
                     None if result is None else self.sealed.seal(request_id, result),
                     "[]",
                     json.dumps(list(agents)),
+                    confirmer or "",
                 ),
             )
             made = self.get(request_id)
@@ -380,8 +409,8 @@ class ApprovalStore:
     def listed(
         self, *, status: str | None = None, approver: str | None = None, limit: int = 100
     ) -> list[ApprovalRequest]:
-        """Requests, newest first; with ``approver``, those the person may answer (named among
-        the approvers, or the user's own when they confirm their agent's calls)."""
+        """Requests, newest first; with ``approver``, those that name the person (among the
+        approvers, or as the one who confirms the call where none is named)."""
         sql = f"SELECT {_COLUMNS} FROM approval_requests"
         where, params = [], []
         if status is not None:
@@ -394,11 +423,7 @@ class ApprovalStore:
         rows = self.db.execute(sql, (*params, limit if approver is None else limit * 20))
         found = [self._request(r) for r in rows]
         if approver is not None:
-            found = [
-                r
-                for r in found
-                if approver in r.approvers or (not r.approvers and r.subject == approver)
-            ][:limit]
+            found = [r for r in found if r.names(approver)][:limit]
         return found
 
     def answer(self, request_id: str, answer: Answer) -> None:
@@ -478,7 +503,7 @@ class ApprovalStore:
 
     def _request(self, row: tuple) -> ApprovalRequest:
         request_id = row[0]
-        return ApprovalRequest(
+        request = ApprovalRequest(
             id=request_id,
             kind=row[1],
             status=row[2],
@@ -505,5 +530,9 @@ class ApprovalStore:
             used_by=row[23],
             withheld_fields=tuple(json.loads(row[25])),
             agents=tuple(json.loads(row[26])),
+            confirmer=row[27] or None,
             answers=self._answers(request_id),
         )
+        if row[27] is None and request.person:  # kept before confirmers were
+            request = replace(request, confirmer=request.subject)
+        return request

@@ -20,7 +20,7 @@ from typing import Any
 
 import anyio
 
-from bastion.approvals.service import Approvals, Call, Outcome
+from bastion.approvals.service import Approvals, Call, NoApprover, Outcome
 from bastion.approvals.store import ApprovalRequest
 from bastion.audit.decisions import (
     DecisionRecord,
@@ -178,6 +178,10 @@ _MEANINGS = {
     "prompt_not_reviewed": "this prompt is new and is refused until an operator accepts it"
     " (bastion prompts show)",
     "prompt_not_listed": "the upstream does not list this prompt now",
+    "no_approver": "nobody can approve it: no approver rule of the policy names a person for"
+    " it, and its agent acts as itself (no person signed in) with no owner who is a bastion"
+    " user to confirm it; an administrator adds an approver rule to the policy, or gives the"
+    " agent an owner (bastion agents update CLIENT_ID --owner USER)",
 }
 
 
@@ -419,6 +423,8 @@ class Enforcer:
                     why,
                     context,  # type: ignore[union-attr]
                 )
+            except NoApprover:  # held, it would wait for nobody
+                result, reason, linked = "deny", "no_approver", None
             except Exception:
                 log.exception("the approval store cannot be written: call refused")
                 result, reason, linked = "deny", "approval_unavailable", None
@@ -573,7 +579,10 @@ class Enforcer:
                 outcome = await self._where(call, under_review.id if under_review else retried)
             review = (call, outcome)
             linked = outcome.request or linked
-            if outcome.state == "pending":
+            if outcome.state == "hold" and (refusal := await self._unanswerable(call, context)):
+                # Refused before the call runs: its result would be held for nobody.
+                result, reason = "deny", refusal
+            elif outcome.state == "pending":
                 result, reason = "held", "review_pending"
                 held = (call, outcome)
             elif outcome.state == "refused":
@@ -727,6 +736,23 @@ class Enforcer:
         # here, not on the event loop by the decision that follows.
         await self.settled()
         return outcome
+
+    async def _unanswerable(self, call: Call, context: dict[str, Any]) -> str | None:
+        """Why ``call`` cannot be held for people (``no_approver``: nobody could answer it;
+        ``approval_unavailable``: who could is not known now), or None. Asked of a call whose
+        result would be held for review, before it runs; a call held for approval learns it
+        from `Approvals.hold`."""
+        assert self.approvals is not None
+        if call.person:  # someone can always answer: the user, where nobody is named
+            return None
+        try:
+            await anyio.to_thread.run_sync(self.approvals.answerers, call, context)
+        except NoApprover:
+            return "no_approver"
+        except Exception:
+            log.exception("who may review this result cannot be read: call refused")
+            return "approval_unavailable"
+        return None
 
     async def _spend(self, request: ApprovalRequest, decision_id: str) -> str | None:
         """Spend ``request`` for the call ``decision_id``: None once spent, else why the call

@@ -18,6 +18,7 @@ from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from bastion import untrusted_json
+from bastion.approvals.service import NoApprover
 from bastion.facts.model import Entity
 from bastion.gateway import holds
 from bastion.gateway.client_requests import (
@@ -540,6 +541,9 @@ async def _decide_and_forward(
         # The upstream answered; a reviewer releases the answer, or not.
         try:
             held = await enforcer.hold_result(verdict, result, context)
+        except NoApprover:  # nobody could review it any more (the owner changed meanwhile)
+            enforcer.write(verdict.record, result="deny", reason="no_approver")
+            raise refused(resource.id, verdict.decision_id, "no_approver") from None
         except Exception:
             holds.log.exception("the approval store cannot be written: result withheld")
             enforcer.write(verdict.record, result="deny", reason="approval_unavailable")

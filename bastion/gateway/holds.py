@@ -120,13 +120,12 @@ def _declares_url_elicitation(capabilities: dict[str, Any]) -> bool:
 
 
 def _answerable_by_caller(held: Held) -> bool:
-    """Whether the token's user can answer this hold on the page (a confirmation of their own
-    agent's call, or they are among the approvers): only then is the client asked to open it.
-    Others wait for the people the policy names, who hear of it by the list page or a webhook."""
+    """Whether the token's user can answer this hold on the page (a person, who confirms their
+    own agent's call or is among the approvers): only then is the client asked to open it.
+    Others wait for the people the policy names (or an agent acting as itself for its owner),
+    who hear of it by the list page or a webhook."""
     request = held.request
-    return held.reason == "approval_pending" and (
-        not request.approvers or request.subject in request.approvers
-    )
+    return held.reason == "approval_pending" and request.person and request.names(request.subject)
 
 
 def _question(held: Held) -> dict[str, Any]:

@@ -335,6 +335,8 @@ SCHEMAS: dict[str, Any] = {
             "kind",
             "status",
             "user",
+            "person",
+            "confirmer",
             "agent",
             "agents",
             "server",
@@ -361,7 +363,23 @@ SCHEMAS: dict[str, Any] = {
         id=_STR,
         kind={"enum": list(KINDS), "description": "approval: a held call; review: a held result"},
         status={"enum": list(STATUSES)},
-        user={**_STR, "description": "the user the agent acts for"},
+        user={
+            **_STR,
+            "description": "the user the agent acts for (for an agent acting as itself, by"
+            " client credentials, its own client id)",
+        },
+        person={
+            **_BOOL,
+            "description": "whether a person stands behind the call (false: an agent acting"
+            " as itself, and what it delegates)",
+        },
+        confirmer=_nullable(
+            {
+                **_STR,
+                "description": "who confirms the call when no approver is named: the user, or"
+                " the owner of an agent acting as itself (a bastion user); null: nobody",
+            }
+        ),
         agent={**_STR, "description": "the agent (OAuth client id)"},
         agents={
             "type": "array",
@@ -382,7 +400,7 @@ SCHEMAS: dict[str, Any] = {
             "type": "array",
             "items": _STR,
             "description": "who may answer, as the policy said when it was held (empty: the"
-            " user confirms their own agent's call)",
+            " confirmer confirms the call)",
         },
         self_approval_forbidden=_BOOL,
         window_minutes={

@@ -16,6 +16,7 @@ from bastion.audit.log import AuditLog
 from bastion.db import Database
 from bastion.facts.store import FactStore
 from bastion.oauth.keys import deployment_secret
+from bastion.oauth.store import OAuthStore
 from bastion.policy.parser import parse_fact
 
 # Users, agents and tools; who may call a tool is a role on it; sam's manager is a fact.
@@ -117,6 +118,7 @@ class Holder:
             deployment_secret(key_dir, BINDING_KEY),
             AuditLog(self.db, clock),
             clock,
+            user_state=OAuthStore(self.db).user_state,  # as a server's approvals read it
         )
 
     def hold(
@@ -127,15 +129,18 @@ class Holder:
         kind: str = "approval",
         result=None,
         agents: tuple[str, ...] = (),
+        subject: str = "sam",
+        client_id: str = "bot",
     ) -> ApprovalRequest:
         """A new held call of sam's agent ``bot`` (distinct arguments each time unless given);
-        ``agents``, a delegated token's chain ending with ``bot``."""
+        ``agents``, a delegated token's chain ending with ``bot``; ``subject`` and
+        ``client_id`` the same name for an agent acting as itself."""
         if arguments is None:
             arguments = {"to": f"customer{next(_calls)}@example.com"}
         call = Call(
             kind,
-            "sam",
-            "bot",
+            subject,
+            client_id,
             "crm",
             "tools/call",
             "call",

@@ -10,9 +10,11 @@ import time
 import httpx
 import pytest
 
+from bastion.agents.identity import owner_fact
 from bastion.audit.log import AuditLog
 from bastion.client import Client, RemoteError
 from bastion.db import Database
+from bastion.facts.store import FactStore
 from bastion.oauth.store import OAuthStore
 from bastion.oauth.users import create_user
 from tests.approvals.support import DELETE, REPORT, SEND, Holder, config, store_policy_and_facts
@@ -176,9 +178,9 @@ def test_the_approver_the_policy_names_approves_and_the_key_that_vouched_is_reco
 def test_a_person_the_policy_does_not_name_may_not_approve(bastion):
     held = bastion.holder.hold(SEND)
     with bastion.client() as api:
-        for person in ("mallory", "bot"):  # bot: the agent itself, never an approver
+        for person, why in (("mallory", "not an approver"), ("bot", "is an agent of this call")):
             r = api.post(f"/v1/approvals/{held.id}/approve", json={"approver": person})
-            assert_problem(r, 403, "not an approver")
+            assert_problem(r, 403, why)
     unchanged(bastion, held.id)
 
 
@@ -230,6 +232,30 @@ def test_without_approver_rules_the_user_confirms_and_nobody_else_may(bastion):
         assert_problem(r, 403, "not an approver")
         r = api.post(f"/v1/approvals/{held.id}/approve", json={"approver": "sam"})
     assert r.status_code == 200 and r.json()["status"] == "approved"
+
+
+def test_a_key_vouching_for_an_agents_client_id_does_not_confirm_its_call(bastion):
+    """``nightly`` acts as itself (client credentials): its token's subject is its client id.
+    No approver rule names anyone for a delete, so its owner pat confirms it; a key vouching
+    for a person named ``nightly`` is refused, and the request lists pat as its confirmer."""
+    db = Database(bastion.database)
+    try:
+        create_user(OAuthStore(db), "pat", "owners-test-password", time.time(), actor="test")
+        FactStore(db).apply([owner_fact("nightly", "pat")], actor="test")
+    finally:
+        db.close()
+    held = bastion.holder.hold(DELETE, subject="nightly", client_id="nightly")
+    with bastion.client() as api:
+        r = api.post(f"/v1/approvals/{held.id}/approve", json={"approver": "nightly"})
+        assert_problem(r, 403, "is an agent of this call")
+        unchanged(bastion, held.id)
+        listed = api.get("/v1/approvals", params={"approver": "pat"}).json()["approvals"]
+        assert held.id in [found["id"] for found in listed]
+        as_agent = api.get("/v1/approvals", params={"approver": "nightly"}).json()["approvals"]
+        assert held.id not in [found["id"] for found in as_agent]
+        r = api.post(f"/v1/approvals/{held.id}/approve", json={"approver": "pat"})
+    assert r.status_code == 200 and r.json()["status"] == "approved", r.text
+    assert (r.json()["person"], r.json()["confirmer"]) == (False, "pat")
 
 
 def test_a_second_answer_is_refused(bastion):

@@ -10,12 +10,14 @@ import time
 
 import pytest
 
+from bastion.agents.identity import owner_fact
 from bastion.approvals.store import Answer
 from bastion.audit.decisions import DecisionRecord, DecisionRecords, new_decision_id
 from bastion.audit.log import AuditLog
 from bastion.cli import main
 from bastion.db import Database
 from bastion.facts.store import FactStore
+from bastion.oauth.store import OAuthStore
 from bastion.policy.parser import parse_fact
 from tests.approvals.support import DELETE, REPORT, SEND, Holder, config, store_policy_and_facts
 
@@ -157,7 +159,7 @@ def test_a_person_the_policy_does_not_name_is_refused_and_nothing_changes(deploy
     held = deployment.holder.hold(SEND)
     for person, why in (
         ("mallory", "not an approver"),
-        ("bot", "not an approver"),  # the agent itself
+        ("bot", "is an agent of this call"),  # the agent itself
         ("sam", "may not approve their own call"),
     ):
         code, out, err = bastion("approvals", "approve", held.id, "--as", person)
@@ -167,6 +169,24 @@ def test_a_person_the_policy_does_not_name_is_refused_and_nothing_changes(deploy
     assert code == 2 and "a user name" in err
     assert deployment.status(held.id) == "pending"
     assert deployment.holder.approvals.get(held.id).answers == ()
+
+
+def test_an_agent_acting_as_itself_is_confirmed_by_its_owner_not_as_its_client_id(
+    deployment, bastion
+):
+    """No approver rule names anyone for a delete: the call of ``nightly``, acting as itself
+    (client credentials), is confirmed by its owner pat; ``--as nightly`` is refused."""
+    OAuthStore(deployment.holder.db).create_user("pat", "hash", time.time(), actor="test")
+    FactStore(deployment.holder.db).apply([owner_fact("nightly", "pat")], actor="test")
+    held = deployment.holder.hold(DELETE, subject="nightly", client_id="nightly")
+    code, out, _ = bastion("approvals", "list")
+    assert code == 0 and "approvers pat (confirms)" in out, out
+    code, out, err = bastion("approvals", "approve", held.id, "--as", "nightly")
+    assert code == 2 and out == "" and "is an agent of this call" in err, err
+    assert deployment.status(held.id) == "pending"
+    assert deployment.holder.approvals.get(held.id).answers == ()
+    assert bastion("approvals", "approve", held.id, "--as", "pat")[0] == 0
+    assert deployment.status(held.id) == "approved"
 
 
 def test_the_policy_and_facts_stored_now_decide_who_may_answer(deployment, bastion):

@@ -9,7 +9,8 @@ import threading
 import pytest
 
 from bastion import Authorizer, Entity
-from bastion.approvals.service import MAX_REQUIRED, Approvals, Call, NotAllowed
+from bastion.agents.identity import owner_fact
+from bastion.approvals.service import MAX_REQUIRED, Approvals, Call, NoApprover, NotAllowed
 from bastion.approvals.settings import ApprovalSettings
 from bastion.approvals.store import Answer, ApprovalRequest, ApprovalStore
 from bastion.audit.log import AuditLog
@@ -61,6 +62,9 @@ approver(boss: User, user: User, "call", Tool{"crm/export"}) if manager(user, bo
 approver(User{"cfo"}, _user: User, "call", Tool{"crm/export"});
 approval_window(_user: User, "call", Tool{"crm/export"}, 60) if not frozen(Tool{"crm/export"});
 approvals_required(user: User, "call", Tool{"crm/export"}, 2) if on_probation(user);
+# "The user approves", written as a rule.
+requires_approval(_user: User, "call", Tool{"crm/mine"});
+approver(user: User, user, "call", Tool{"crm/mine"});
 """
 )
 
@@ -75,6 +79,7 @@ refund = Entity("Tool", "crm/refund")
 pay = Entity("Tool", "crm/pay")
 spin, report = Entity("Tool", "crm/spin"), Entity("Tool", "crm/report")
 export = Entity("Tool", "crm/export")
+mine = Entity("Tool", "crm/mine")
 
 
 class Clock:
@@ -157,10 +162,100 @@ def test_the_policy_names_the_approvers_and_the_user_may_not_approve_in_their_pl
 def test_without_approver_rules_the_user_confirms_their_own_agents_call(world):
     approvals, *_ = world
     request = held(approvals, call(delete))
-    assert request.approvers == ()
+    assert (request.approvers, request.confirmer, request.person) == ((), "sam", True)
     with pytest.raises(NotAllowed):
         approvals.answer(request.id, "avery", "approve", channel="api")
     assert approvals.answer(request.id, "sam", "approve", channel="page").status == "approved"
+
+
+def acting_as_itself(resource: Entity, agent: str = "nightly", agents: tuple = ()) -> Call:
+    """A call of an agent acting as itself (client credentials: its token's subject is its own
+    client id); ``agents``, a chain it delegated, ending with the agent calling."""
+    return dataclasses.replace(
+        call(resource, subject=agent), client_id=agents[-1] if agents else agent, agents=agents
+    )
+
+
+@pytest.fixture
+def people(world):
+    """``world`` whose approvals read the users' states, with pat a user who owns ``nightly``."""
+    approvals, authz, facts, clock = world
+    users = OAuthStore(approvals.store.db)
+    for name in ("pat", "lee"):
+        users.create_user(name, "hash", clock(), actor="test")
+    approvals.user_state = users.user_state  # as a server's approvals read it
+    facts.apply([owner_fact("nightly", "pat")], actor="test")
+    return world
+
+
+def test_an_agent_acting_as_itself_is_confirmed_by_its_owner_never_in_its_client_ids_name(people):
+    approvals, *_ = people
+    request = held(approvals, acting_as_itself(delete))
+    assert (request.approvers, request.confirmer, request.person) == ((), "pat", False)
+    for name in ("nightly", "mallory", "lee"):
+        with pytest.raises(NotAllowed):
+            approvals.answer(request.id, name, "approve", channel="api")
+        assert approvals.may_answer(request, name) is not None
+    assert approvals.store.get(request.id).answers == ()
+    assert approvals.answer(request.id, "pat", "approve", channel="cli").status == "approved"
+
+
+def test_a_delegated_chain_an_agent_began_as_itself_is_confirmed_by_that_agents_owner(people):
+    approvals, *_ = people
+    request = held(approvals, acting_as_itself(delete, agents=("nightly", "helper")))
+    assert (request.confirmer, request.person) == ("pat", False)
+    for name in ("nightly", "helper"):
+        with pytest.raises(NotAllowed, match="agent"):
+            approvals.answer(request.id, name, "approve", channel="api")
+    assert approvals.answer(request.id, "pat", "approve", channel="api").status == "approved"
+
+
+def test_an_approver_rule_naming_the_agent_itself_names_no_person(people):
+    """``approver(user, user, ...)``, "the user approves", names the agent acting as itself:
+    that is nobody, and its owner confirms, as with no approver rule."""
+    approvals, *_ = people
+    request = held(approvals, acting_as_itself(mine))
+    assert (request.approvers, request.confirmer) == ((), "pat")
+    with pytest.raises(NotAllowed, match="agent"):
+        approvals.answer(request.id, "nightly", "approve", channel="api")
+    assert approvals.answer(request.id, "pat", "approve", channel="api").status == "approved"
+    # A person's call under the same rule: the user is the approver named.
+    own = held(approvals, call(mine))
+    assert own.approvers == ("sam",)
+    assert approvals.answer(own.id, "sam", "approve", channel="api").status == "approved"
+
+
+def test_a_call_nobody_could_answer_is_refused_at_once_and_nothing_is_held(people):
+    """No approver rule names anyone and no person stands behind the call: an agent with no
+    owner, or whose owner is no bastion user."""
+    approvals, _authz, facts, _ = people
+    facts.apply([owner_fact("ghostly", "ghost")], actor="test")
+    for agent in ("orphan", "ghostly"):
+        c = acting_as_itself(delete, agent=agent)
+        assert approvals.check(c).state == "hold"
+        with pytest.raises(NoApprover, match="approver"):
+            approvals.hold(c, "d1", ("requires_approval(...)",), {})
+        review = dataclasses.replace(c, kind="review")
+        with pytest.raises(NoApprover):
+            approvals.answerers(review, {})
+    assert approvals.listed() == []
+    # An approver rule that names a person is enough.
+    named = held(approvals, acting_as_itself(wire, agent="orphan"))
+    assert (named.approvers, named.confirmer) == (("cfo",), None)
+    assert approvals.check(acting_as_itself(wire, agent="orphan")).state == "pending"
+
+
+def test_an_owner_replaced_while_the_call_waits_no_longer_confirms_it(people):
+    approvals, _authz, facts, _ = people
+    request = held(approvals, acting_as_itself(delete))
+    facts.apply(
+        [owner_fact("nightly", "lee")],
+        [("has_relation", Entity("Agent", "nightly"), "owner", None)],
+    )
+    for name in ("pat", "lee"):
+        with pytest.raises(NotAllowed):
+            approvals.answer(request.id, name, "approve", channel="api")
+    assert approvals.store.get(request.id).status == "pending"
 
 
 def test_identical_pending_calls_share_one_request_and_other_arguments_do_not(world):
