@@ -1,8 +1,9 @@
 """Tamper evidence for the audit trail: a hash chain over the rows of a table.
 
 Each chained row (of ``audit_decisions``, ``audit_events``) stores ``prev_hash``, the ``hash``
-of the row before it, and its own ``hash``: the SHA-256, in hex, of ``prev_hash`` followed by the
-JSON array of its stored columns, in the table's order (`link`). A row altered, deleted from the
+of the row before it, and its own ``hash``: the SHA-256, in hex, of ``prev_hash`` followed by
+its stored columns in the table's order, each written as a field that says its type and, for
+text, its length (`link`). A row altered, deleted from the
 middle or moved no longer hashes to what it stores, or no longer follows the row before it;
 `verify` walks a chain and names the first place where that is so. Retention deletes the oldest
 rows only: the oldest kept row's ``prev_hash`` anchors what is left. A chain kept in the same
@@ -18,7 +19,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from bastion.db import Database
-from bastion.json_encoding import encoder
 from bastion.turns import Turns
 
 # The previous hash of a chain's first row when nothing came before it.
@@ -26,16 +26,33 @@ GENESIS = "0" * 64
 # Rows read per statement while verifying, so a chain of any length is walked in bounded memory.
 PAGE = 1000
 
-# Compact JSON, non-ASCII escaped: a row's text, byte for byte, whoever computes it. The rows
-# are flat arrays of text, numbers and nulls: no containers to check for cycles, so the encoder
-# serves every thread at once.
-_row_text = encoder(separators=(",", ":"), check_circular=False)
+
+def _field(value: Any) -> str:
+    """A column as the hash reads it: text as ``s<length in UTF-8 bytes>:<the text>``, an
+    integer as ``i<decimal>;``, a float as ``f<shortest text that reads back as it>;``
+    (Python's `repr`, as JSON writes it), NULL as ``n;``; the whole in UTF-8. Self-delimiting,
+    so no two rows read the same; and text goes in as it is, where a JSON array escaped every
+    quote of a record (itself JSON) again, which cost more than the hash."""
+    if isinstance(value, str):
+        size = len(value) if value.isascii() else len(value.encode("utf-8", "surrogatepass"))
+        return f"s{size}:{value}"
+    if value is None:
+        return "n;"
+    if isinstance(value, bool):
+        raise TypeError("a chained column holds no boolean")
+    if isinstance(value, int):
+        return f"i{value};"
+    if isinstance(value, float):
+        return f"f{value!r};"
+    raise TypeError(f"a chained column holds no {type(value).__name__}")
 
 
 def link(prev_hash: str, row: Sequence[Any]) -> str:
     """The hash of a row whose stored columns, in the table's order (``seq`` first), are
     ``row`` and whose previous row's hash is ``prev_hash``."""
-    return hashlib.sha256((prev_hash + _row_text(list(row))).encode("ascii")).hexdigest()
+    text = prev_hash + "".join(map(_field, row))
+    # Unstorable text (a lone surrogate) hashes here and fails at its INSERT, as before.
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 def link_rows(rows: Iterable[Sequence[Any]], seq: int, prev_hash: str) -> list[tuple[Any, ...]]:
