@@ -503,8 +503,9 @@ async def _decide_and_forward(
     annotations_now: Callable[[], Awaitable[dict[str, Any]]] | None = None,
     unpinned: PinChange | None = None,
 ) -> dict[str, Any]:
+    """Decide a message its handler has admitted (`Gateway.admit`: ``connect``, before it
+    read anything of the upstream for it), and forward it if allowed."""
     enforcer = ex.gateway.enforcer
-    await ex.gateway.admit(ex)
     request_id, params = holds.retried(ex)
     # Refused before the call is decided (and counted, or spends an approval).
     ex.gateway.client_requests.sealed(ex.caller, ex.server, params)
@@ -705,6 +706,8 @@ async def call_tool(ex: Exchange) -> dict[str, Any]:
     params = ex.message.params
     name = _name(ex, params, "name")
     arguments = _arguments(params)
+    # `connect` first: a caller refused it makes bastion read nothing of the upstream.
+    await ex.gateway.admit(ex)
     annotations = await ex.upstream.annotations(name, ex.connection)
     # Under pin_tools: a tool listed otherwise than accepted is refused (two dict lookups; the
     # database is asked again only then, in case an operator accepted it meanwhile).
@@ -726,6 +729,7 @@ async def call_tool(ex: Exchange) -> dict[str, Any]:
 
 async def read_resource(ex: Exchange) -> dict[str, Any]:
     uri = _uri(ex, ex.message.params.get("uri"))
+    await ex.gateway.admit(ex)
     return await _decide_and_forward(
         ex, "read", Entity("McpResource", f"{ex.server}/{uri}"), {"uri": uri}, None
     )
@@ -735,6 +739,7 @@ async def get_prompt(ex: Exchange) -> dict[str, Any]:
     params = ex.message.params
     name = _name(ex, params, "name")
     arguments = _arguments(params)
+    await ex.gateway.admit(ex)
     return await _decide_and_forward(
         ex,
         "get",
@@ -874,17 +879,17 @@ async def complete(ex: Exchange) -> dict[str, Any]:
         "argument": argument["name"],
         "arguments": _arguments(context or {}, "params.context"),
     }
-    unpinned = None
     if ref["type"] == "ref/prompt":
         name = _name(ex, ref, "name", "params.ref")
         action, resource = "get", Entity("Prompt", f"{ex.server}/{name}")
         extra["prompt"] = name
-        # Completing an argument of a prompt not as accepted is refused as getting it is.
-        unpinned = await _prompt_unpinned(ex, name)
     else:
         uri = _uri(ex, ref.get("uri"), "params.ref.uri", template=True)
         action, resource = "read", Entity("McpResource", f"{ex.server}/{uri}")
         extra["uri"] = uri
+    await ex.gateway.admit(ex)
+    # Completing an argument of a prompt not as accepted is refused as getting it is.
+    unpinned = await _prompt_unpinned(ex, extra["prompt"]) if action == "get" else None
     # What is bound (to an approval, a review, the record's digest) is all the upstream gets
     # to complete: the argument and the context of the prompt's other arguments, which the
     # policy sees too. The argument alone let an approval of one context complete another.

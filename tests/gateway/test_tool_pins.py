@@ -486,6 +486,43 @@ def test_calls_naming_what_no_list_has_read_the_list_again_at_most_once_per_peri
         pinning.clock = saved
 
 
+@pytest.mark.parametrize(
+    ("method", "params", "listing", "hours"),
+    [
+        ("tools/call", {"name": "nothing", "arguments": {}}, "tools/list", 2),
+        ("prompts/get", {"name": "nothing", "arguments": {}}, "prompts/list", 3),
+        (
+            "completion/complete",
+            {
+                "ref": {"type": "ref/prompt", "name": "nothing"},
+                "argument": {"name": "team", "value": "s"},
+            },
+            "prompts/list",
+            4,
+        ),
+    ],
+)
+def test_a_caller_refused_at_connect_makes_bastion_ask_its_upstream_nothing(
+    bastion, method, params, listing, hours
+):
+    """`connect` is decided before anything is read of the upstream for the message: a caller
+    who may not connect to rugged (avery has no role there) cannot make bastion read its tool
+    or prompt list (a call naming what the last list lacked reads it again, `pin_tools`)."""
+    state = bastion.app.state.gateway.upstreams["rugged"]
+    pinning = state.pinning(listing.partition("/")[0].removesuffix("s"))
+    saved = pinning.clock
+    # Every list read so far is hours old, and no other case's reading counts for this one.
+    pinning.clock = ManualClock(saved() + 3600 * hours)
+    try:
+        token = bastion.token("avery", "rugged")
+        before = lists_read(bastion, listing)
+        refused = raw(bastion, bastion.url, token, method, params, "nothing")
+        assert refused["error"]["data"]["reason"] == "not_permitted", refused
+        assert lists_read(bastion, listing) == before
+    finally:
+        pinning.clock = saved
+
+
 def test_pin_tools_takes_only_its_modes():
     from bastion.gateway.config import GatewayConfig
     from bastion.server.config import ConfigError
