@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import socket
 import uuid
+from typing import NoReturn
 
 import pytest
 from argon2 import PasswordHasher
@@ -44,17 +45,17 @@ def drop_redis_keys(prefix: str) -> None:
 def require_service(name: str, host: str, port: int) -> None:
     if _reachable(host, port):
         return
-    _unavailable(f"{name} is not reachable at {host}:{port}")
+    unavailable(f"{name} is not reachable at {host}:{port}")
 
 
 def require_program(name: str, path: str) -> None:
     """Like `require_service`, for a program installed on the machine (e.g. a browser)."""
     if os.access(path, os.X_OK):
         return
-    _unavailable(f"{name} is not installed at {path}")
+    unavailable(f"{name} is not installed at {path}")
 
 
-def _unavailable(message: str) -> None:
+def unavailable(message: str) -> NoReturn:
     if os.environ.get("BASTION_REQUIRE_SERVICES") == "1":
         pytest.fail(f"{message} and BASTION_REQUIRE_SERVICES=1")
     pytest.skip(f"SKIPPED: {message} (set BASTION_REQUIRE_SERVICES=1 to make this a failure)")

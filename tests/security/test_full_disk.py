@@ -29,7 +29,7 @@ from bastion.db import Database
 from bastion.oauth.store import OAuthStore
 from bastion.oauth.users import create_user
 from tests.approvals.support import SEND, Holder, config, store_policy_and_facts
-from tests.conftest import _unavailable
+from tests.conftest import unavailable
 from tests.oauth.support import PASSWORD, log_in_and_consent, pkce_pair
 from tests.server.conftest import ServerProcess
 
@@ -82,7 +82,7 @@ def small_disk(where: Path, size: str = "16m") -> Iterator[Disk]:
         text=True,
     )
     if mounted.returncode != 0:
-        _unavailable(f"a tmpfs cannot be mounted here ({mounted.stderr.strip()}; needs root)")
+        unavailable(f"a tmpfs cannot be mounted here ({mounted.stderr.strip()}; needs root)")
     try:
         yield Disk(where)
     finally:
