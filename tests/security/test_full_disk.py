@@ -6,7 +6,8 @@ goes in once there is room again, without a restart.
 The disk is real: a small tmpfs (mounted for the module, so the tests need root) holding the
 database, its WAL, the key files and the decision journal of a real `bastion serve`; a test fills
 it with a file of zeros and removes that file to make room. SQLite answers ``database or disk
-is full`` (SQLITE_FULL) there, as on a real disk; PostgreSQL's disk cannot be filled here.
+is full`` (SQLITE_FULL) there, as on a real disk. PostgreSQL's full disk is
+`tests/security/test_full_disk_postgres.py`.
 """
 
 from __future__ import annotations
