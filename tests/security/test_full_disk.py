@@ -507,3 +507,50 @@ def test_a_journal_that_failed_says_so_again_at_its_next_failure_once_it_was_wri
                 assert "written again" in caplog.text, caplog.text
         finally:
             journal.close()
+
+
+def test_a_write_past_the_file_size_limit_is_refused_whole_though_not_said_as_storage_full(
+    tmp_path,
+):
+    """A file size limit (RLIMIT_FSIZE, the write failing with EFBIG) on the SQLite files: SQLite
+    answers ``disk I/O error`` (SQLITE_IOERR_WRITE, as for a failing disk; its errno is not
+    exposed to Python), so bastion cannot say "storage full" (docs/operations.md, "Known
+    limits"). The write is refused whole all the same, and goes in once the limit is lifted."""
+    database = str(tmp_path / "bastion.db")
+    code = textwrap.dedent(
+        f"""
+        import os, resource, signal, sqlite3
+        from bastion.db import Database, StorageFull
+        from bastion.facts.store import FactStore
+        from bastion.policy.parser import parse_fact
+
+        store = FactStore(Database({database!r}))
+        store.apply([parse_fact('has_role(User{{"seed"}}, "caller", Tool{{"crm/send"}})')])
+        store.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        facts = [parse_fact(f'has_role(User{{{{"u{{i}}"}}}}, "caller", Tool{{{{"crm/send"}}}})')
+                 for i in range(200)]
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        size = max(os.path.getsize(p) for p in ({database!r}, {database!r} + "-wal"))
+        resource.setrlimit(resource.RLIMIT_FSIZE, (size, resource.RLIM_INFINITY))
+        try:
+            store.apply(facts)
+        except StorageFull:
+            raise SystemExit("said as storage full: update docs/operations.md")
+        except sqlite3.OperationalError as e:
+            assert e.sqlite_errorcode == sqlite3.SQLITE_IOERR_WRITE, e.sqlite_errorname
+        else:
+            raise SystemExit("went in past the limit")
+        resource.setrlimit(resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY,) * 2)
+        assert store.count() == 1, store.count()
+        store.apply(facts)
+        assert store.count() == 201, store.count()
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": os.getcwd()},
+    )
+    assert done.returncode == 0, done.stderr
