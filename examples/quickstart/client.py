@@ -13,12 +13,16 @@ user it names: yourself for a confirmation, avery for sam's email out of hours o
 then press Enter, and the call is decided again.
 
 What ends the session (bastion refusing sam at connect once his role is gone, bastion not
-running, a sign-in denied) is said in one line, and the client exits with status 1.
+running, an address where no MCP gateway answers, a sign-in denied) is said in one line, and the
+client exits with status 1; Ctrl-C ends it at once, at a prompt too, with status 130.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import signal
 import sys
 import webbrowser
 from urllib.parse import parse_qs, urlsplit
@@ -38,6 +42,7 @@ from mcp.shared.auth import (
 from mcp.shared.exceptions import MCPError
 
 URL = "http://127.0.0.1:8000/mcp/desk"  # where `make run` serves the gateway
+CHECK = f"check the address (`make run` serves the gateway at {URL})"
 REDIRECT_URI = "http://127.0.0.1:33418/callback"  # nothing listens: you copy the address back
 
 
@@ -118,6 +123,21 @@ async def attempt(label: str, call) -> None:
         return
 
 
+class NoGateway(Exception):
+    """The address answered the MCP initialize, but not as an MCP gateway: a page not found, a
+    web page, an error of its own."""
+
+
+def answered(response: httpx2.Response | None, error: MCPError) -> str:
+    """What the address answered the initialize with, as a person can check it."""
+    if response is None:
+        return error.error.message
+    kind = response.headers.get("content-type", "").split(";")[0].strip()
+    if 200 <= response.status_code < 300 and kind:
+        return f"HTTP {response.status_code} {kind}, not MCP"
+    return f"HTTP {response.status_code} {response.reason_phrase}".strip()
+
+
 async def main(user: str, url: str) -> None:
     auth = OAuthClientProvider(
         server_url=url,
@@ -132,42 +152,87 @@ async def main(user: str, url: str) -> None:
         redirect_handler=open_browser,
         callback_handler=pasted_callback,
     )
-    async with (
-        httpx2.AsyncClient(auth=auth, timeout=30) as http,
-        Client(
-            streamable_http_client(url, http_client=http), elicitation_callback=open_approval_page
-        ) as client,
-    ):
-        print("protocol", client.protocol_version)
-        print("tools    ", [t.name for t in (await client.list_tools()).tools])
-        print("resources", [str(r.uri) for r in (await client.list_resources()).resources])
-        found = await client.call_tool("search_customers", {"query": ""})
-        print("search   ", found.content[0].text)
-        for name, arguments in [
-            ("send_email", {"to": "ada@example.com", "subject": "Hello", "body": "Hi Ada"}),
-            ("delete_customer", {"customer_id": "c-101"}),
-        ]:
-            await attempt(name, lambda n=name, a=arguments: client.call_tool(n, a))
-        await attempt("notes", lambda: client.read_resource("customers://audit-notes"))
+    last: list[httpx2.Response] = []  # the last answer of the address, said if it is no gateway
+
+    async def heard(response: httpx2.Response) -> None:
+        last[:] = [response]
+
+    async with contextlib.AsyncExitStack() as stack:
+        http = await stack.enter_async_context(
+            httpx2.AsyncClient(auth=auth, timeout=30, event_hooks={"response": [heard]})
+        )
+        try:
+            client = await stack.enter_async_context(
+                Client(
+                    streamable_http_client(url, http_client=http),
+                    elicitation_callback=open_approval_page,
+                )
+            )
+        except Exception as error:
+            refused = first(error, MCPError)
+            if refused is None or "decision_id" in (refused.error.data or {}):
+                raise  # not reached, a sign-in failed, or bastion's refusal: said as it is
+            raise NoGateway(
+                f"no MCP gateway at {url}: initialize was answered"
+                f" {answered(last[0] if last else None, refused)}; {CHECK}"
+            ) from error
+        await session(client)
+
+
+async def session(client: Client) -> None:
+    """What the README's table shows: the lists, a search, an email, a deletion, the notes."""
+    print("protocol", client.protocol_version)
+    print("tools    ", [t.name for t in (await client.list_tools()).tools])
+    print("resources", [str(r.uri) for r in (await client.list_resources()).resources])
+    found = await client.call_tool("search_customers", {"query": ""})
+    print("search   ", found.content[0].text)
+    for name, arguments in [
+        ("send_email", {"to": "ada@example.com", "subject": "Hello", "body": "Hi Ada"}),
+        ("delete_customer", {"customer_id": "c-101"}),
+    ]:
+        await attempt(name, lambda n=name, a=arguments: client.call_tool(n, a))
+    await attempt("notes", lambda: client.read_resource("customers://audit-notes"))
+
+
+def first(error: BaseException, kind: type[BaseException]):
+    """``error`` if it is a ``kind``, or the first ``kind`` in it (the SDK's task groups wrap
+    what ends them); None if there is none."""
+    if isinstance(error, BaseExceptionGroup):
+        return next(filter(None, (first(e, kind) for e in error.exceptions)), None)
+    return error if isinstance(error, kind) else None
 
 
 def ending(error: BaseException, url: str) -> str | None:
     """The one line for what ends the session; None for anything else (its traceback shows)."""
     if isinstance(error, BaseExceptionGroup):  # the SDK's task groups wrap what ends them
         return next(filter(None, (ending(e, url) for e in error.exceptions)), None)
+    if isinstance(error, NoGateway):
+        return str(error)
     if isinstance(error, MCPError):
         return said(error)
     if isinstance(error, httpx2.TransportError):
-        return f"cannot reach bastion at {url}: {error} (is `make run` running?)"
+        return f"cannot reach bastion at {url}: {error}; check that bastion runs there, and {CHECK}"
     if isinstance(error, OAuthFlowError):
         return f"sign-in failed: {error}"
     return None
 
 
+def interrupted(signum, frame) -> None:
+    """Ctrl-C ends the client at once, wherever it is. A prompt waits in a worker thread
+    (``input``) that nothing can interrupt, and the SDK's task groups would turn the interrupt
+    into a traceback: so say one line and leave, without unwinding (bastion ends the session when
+    it idles)."""
+    with contextlib.suppress(Exception):  # a print under way, a closed pipe: no traceback
+        sys.stdout.flush()
+    os.write(2, b"interrupted (Ctrl-C)\n")
+    os._exit(130)
+
+
 if __name__ == "__main__":
+    signal.signal(signal.SIGINT, interrupted)
     user = sys.argv[1] if len(sys.argv) > 1 else "sam"
     url = sys.argv[2] if len(sys.argv) > 2 else URL
-    logging.getLogger("mcp.client.auth").setLevel(logging.CRITICAL)  # said below, in one line
+    logging.getLogger("mcp.client").setLevel(logging.CRITICAL)  # said below, in one line
     try:
         anyio.run(main, user, url)
     except Exception as error:

@@ -14,16 +14,20 @@ from __future__ import annotations
 import json
 import os
 import queue
+import signal
 import subprocess
 import sys
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import httpx
 import pytest
 
 from tests.oauth.support import hidden_fields
-from tests.ports import free_port
+from tests.ports import free_port, free_socket
 
 from .support import serve_quickstart, stop
 
@@ -139,6 +143,19 @@ class Terminal:
             assert page.is_redirect, page.text
         self.type(page.headers["location"])
 
+    def interrupt(self) -> tuple[int, str, str]:
+        """Ctrl-C at the terminal (SIGINT): the client must end at once, whatever it waits on."""
+        self.process.send_signal(signal.SIGINT)
+        try:
+            self.process.wait(10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(10)
+            raise AssertionError(
+                "client.py did not end within 10 s of Ctrl-C:\n" + self.process.stderr.read()
+            ) from None
+        return self.finish()
+
     def finish(self) -> tuple[int, str, str]:
         """Wait for the client to end: its status, all it printed, and its stderr."""
         self.process.stdin.close()
@@ -240,6 +257,7 @@ def test_a_client_started_before_bastion_is_told_in_one_line():
     status, printed, errors = terminal.finish()
     assert status == 1, printed + errors
     assert errors.startswith(f"cannot reach bastion at {down}: ")
+    assert "check that bastion runs there" in errors, errors
     assert errors.count("\n") == 1, errors
 
 
@@ -274,3 +292,72 @@ def test_sam_is_told_what_still_waits_and_what_avery_withheld(quickstart):
         "refused: bastion refused this request (desk/customers://audit-notes): review withheld"
         " (decision "
     )
+
+
+def test_ctrl_c_at_a_prompt_ends_the_client_at_once_in_one_line(quickstart):
+    url, _ = quickstart
+    terminal = Terminal("sam", f"{url}/mcp/desk")
+    terminal.line("/authorize?")  # then it asks for the address the browser was sent to
+    status, printed, errors = terminal.interrupt()
+    assert status == 130, printed + errors
+    assert errors == "interrupted (Ctrl-C)\n", errors
+
+
+def test_ctrl_c_while_bastion_has_not_answered_ends_the_client_at_once():
+    with free_socket() as silent:  # takes the connection, never answers
+        silent.listen()
+        terminal = Terminal("sam", f"http://127.0.0.1:{silent.getsockname()[1]}/mcp/desk")
+        silent.settimeout(30)
+        connection, _ = silent.accept()
+        with connection:
+            status, printed, errors = terminal.interrupt()
+    assert status == 130, printed + errors
+    assert errors == "interrupted (Ctrl-C)\n", errors
+
+
+@contextmanager
+def web_server(status: int, content_type: str, body: bytes) -> Iterator[str]:
+    """A real HTTP server that is not an MCP gateway: every request gets the same answer."""
+
+    class Answer(BaseHTTPRequestHandler):
+        def answer(self) -> None:
+            self.rfile.read(int(self.headers.get("content-length") or 0))
+            self.send_response(status)
+            self.send_header("content-type", content_type)
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        do_GET = do_POST = do_DELETE = answer
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Answer)
+    thread = threading.Thread(target=server.serve_forever)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(10)
+
+
+@pytest.mark.parametrize(
+    "answer, said",
+    [
+        ((404, "text/plain", b"Not Found"), "HTTP 404"),
+        ((200, "text/html", b"<html><body>a web page</body></html>"), "HTTP 200 text/html"),
+    ],
+    ids=["404", "a web page"],
+)
+def test_an_address_with_no_mcp_gateway_is_told_in_one_line_with_what_to_check(answer, said):
+    with web_server(*answer) as site:
+        wrong = f"{site}/mcp/desk"
+        terminal = Terminal("sam", wrong)
+        status, printed, errors = terminal.finish()
+    assert status == 1, printed + errors
+    assert errors.startswith(f"no MCP gateway at {wrong}: initialize was answered {said}"), errors
+    assert "check the address" in errors, errors
+    assert errors.count("\n") == 1, errors
