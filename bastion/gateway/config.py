@@ -141,6 +141,12 @@ class GatewayConfig:
     # Resources one user may follow on one server at once (resources/subscribe in every session,
     # subscriptions/listen streams), all their agents together; one more is refused (-32602).
     max_subscriptions_per_user: int = MAX_SUBSCRIPTIONS_PER_USER
+    # An upstream's errors on requests no decision names (lists, pass_methods) are logged once
+    # per window of this many seconds per server, method, user, agent and code, then counted
+    # (`bastion.gateway.refusals.UpstreamErrorLog`); at most upstream_error_log_max_keys keys
+    # are counted at a time, the rest per server.
+    upstream_error_log_seconds: float = 60.0
+    upstream_error_log_max_keys: int = 1000
     # Identity providers whose JWT access tokens the gateway accepts too (docs/identity.md).
     trusted_issuers: tuple[TrustedIssuer, ...] = ()
 
@@ -170,6 +176,8 @@ class GatewayConfig:
             "label_max_sets",
             "max_name_chars",
             "max_subscriptions_per_user",
+            "upstream_error_log_seconds",
+            "upstream_error_log_max_keys",
             "trusted_issuers",
         }
         _only(table, known, "gateway")
@@ -225,6 +233,10 @@ class GatewayConfig:
             max_name_chars=_whole(table, "max_name_chars", 2048, "gateway"),
             max_subscriptions_per_user=_whole(
                 table, "max_subscriptions_per_user", MAX_SUBSCRIPTIONS_PER_USER, "gateway"
+            ),
+            upstream_error_log_seconds=_seconds(table, "upstream_error_log_seconds", 60, "gateway"),
+            upstream_error_log_max_keys=_whole(
+                table, "upstream_error_log_max_keys", 1000, "gateway"
             ),
         )
 

@@ -39,7 +39,7 @@ from bastion.gateway.jsonrpc import RpcError
 from bastion.gateway.metadata import WELL_KNOWN, ProtectedResourceMetadata, metadata_url
 from bastion.gateway.pinning import Pinning
 from bastion.gateway.ratelimit import RateLimiter, RedisRateLimiter
-from bastion.gateway.refusals import RequestRefusals
+from bastion.gateway.refusals import RequestRefusals, UpstreamErrorLog
 from bastion.gateway.sessions import (
     LIST_CHANGED,
     RESOURCE_UPDATED,
@@ -291,7 +291,13 @@ class Gateway:
         self.records = records
         # Clients' requests refused before any decision, audited aggregated (the OAuth side's
         # `RefusalLog`); None audits none.
-        self.refusals = RequestRefusals(refusals)
+        self.refusals = RequestRefusals(
+            refusals,
+            UpstreamErrorLog(
+                window_seconds=config.upstream_error_log_seconds,
+                max_keys=config.upstream_error_log_max_keys,
+            ),
+        )
         self.limiter = (
             RedisRateLimiter(config.redis_url, config.redis_prefix, config.redis_timeout_seconds)
             if config.redis_url
@@ -683,6 +689,7 @@ class Gateway:
         sweep = asyncio.get_running_loop().time() + SWEEP_SECONDS
         while True:
             await asyncio.sleep(0.2)
+            self.refusals.upstream_errors.sweep()  # in memory: the counts of closed windows
             if records.journal is not None and asyncio.get_running_loop().time() > sweep:
                 sweep += SWEEP_SECONDS
                 await asyncio.to_thread(self._recover_journals)
@@ -707,6 +714,7 @@ class Gateway:
                 signal.signal(number, previous)
         self._signal_handlers.clear()
         self.sessions.close_all()
+        self.refusals.upstream_errors.flush(everything=True)
         if self._sweeper is not None:
             self._sweeper.cancel()
         for pool in self._own_sessions():
