@@ -91,3 +91,21 @@ def test_a_window_that_closed_is_logged_with_its_count_while_bastion_runs(tmp_pa
         lines = _logged(caplog, agent)
     assert any("more times" in line for line in lines), lines
     assert _requests(lines) == FLOOD + 1, lines
+
+
+def test_past_max_keys_an_upstreams_further_errors_are_counted_together(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="bastion.gateway")
+    with start(tmp_path, gateway={"upstream_error_log_max_keys": 1}) as bastion:
+        agent = _failing_lists(bastion, FLOOD, FLOOD)  # two keys: the prompts/list one is past
+    ours = _logged(caplog, agent)
+    assert len(ours) == 2 and all("tools/list" in line for line in ours), ours
+    together = [
+        r.getMessage()
+        for r in caplog.records
+        if r.name == "bastion.gateway"
+        and "upstream labhttp" in r.getMessage()
+        and agent not in r.getMessage()
+    ]
+    assert len(together) == 2, together
+    assert "upstream_error_log_max_keys (1)" in together[0], together
+    assert "(user *, agent *): upstream error * relayed 29 more times" in together[1], together
