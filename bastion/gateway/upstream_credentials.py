@@ -52,20 +52,35 @@ class UserTokenUpstream(HttpUpstream):
         last_known: HttpUpstream,
         end: Callable[[UserTokenUpstream, str], None],
     ) -> None:
+        # What the upstream said at the initialize of any user's session, kept on the
+        # upstream's own (never connected) `HttpUpstream`: a user not yet connected is told that.
+        self._last_known = last_known
         super().__init__(config)
         self.user = user
         # None (no connections service composed) refuses every request.
         self.connections = connections
-        # What the upstream said at the initialize of any user's session, kept on the
-        # upstream's own (never connected) `HttpUpstream`: a user not yet connected is told that.
-        self._last_known = last_known
         # Ends this session in its pool, saying why (in the log).
         self._end = end
-        self.init_result = last_known.init_result or {
-            "protocolVersion": UPSTREAM_PROTOCOL_VERSION,
-            "capabilities": {"tools": {}},
-            "serverInfo": {"name": self.name},
-        }
+
+    @property
+    def init_result(self) -> dict[str, Any]:
+        """What the upstream said at this session's initialize; until it has said it (the user
+        is not connected), what it said last to any user's session in this process, read now
+        (a session lives `session_idle_seconds`: a copy made when it opened would say what was
+        known then); before any, ``tools`` only."""
+        return (
+            self._own_init_result
+            or self._last_known.init_result
+            or {
+                "protocolVersion": UPSTREAM_PROTOCOL_VERSION,
+                "capabilities": {"tools": {}},
+                "serverInfo": {"name": self.name, "version": ""},
+            }
+        )
+
+    @init_result.setter
+    def init_result(self, value: dict[str, Any]) -> None:
+        self._own_init_result = value
 
     async def _authorize(self, connect: bool) -> bool:
         """Carry the user's current access token. False if they have none and ``connect`` is

@@ -365,6 +365,49 @@ def connect_in_browser(page, lab: Lab, url: str, username: str) -> None:
 # -- the flow ------------------------------------------------------------------------------------
 
 
+def offered(lab: Lab, username: str) -> set[str]:
+    """What ``username``'s client is told at initialize that the server offers (2025-11-25)."""
+    storage = MemoryStorage()
+    provider = sdk_auth(
+        lab.mcp_url,
+        lambda url: log_in_and_consent(lab.one_url, url, username, PASSWORD),
+        storage,
+        [],
+        client_name="connections test agent",
+        redirect_uri=REDIRECT_URI,
+    )
+    outcome: dict = {}
+
+    async def main() -> None:
+        async with (
+            httpx2.AsyncClient(auth=provider, timeout=20) as http,
+            McpClient(
+                streamable_http_client(lab.mcp_url, http_client=http), mode="legacy"
+            ) as client,
+        ):
+            capabilities = client.server_capabilities.model_dump(exclude_none=True)
+            outcome["offered"] = {k for k, v in capabilities.items() if v or v == {}}
+
+    run(main)
+    return outcome["offered"]
+
+
+def test_a_user_not_connected_is_told_what_the_upstream_declared_last_not_when_first_seen(lab, tab):
+    # First in the module: carol's upstream session at bastion opens (empty: she never
+    # connects) before anyone has connected, when bastion knows of the upstream only `tools`.
+    offered(lab, "carol")
+    ensure_connected(lab, tab, "alice")  # alice's session hears the upstream's initialize
+    declared = offered(lab, "alice")
+    assert {"tools", "prompts", "resources"} <= declared, declared
+    assert offered(lab, "carol") == declared  # her session, still open, tells the same now
+    from bastion.cli import main
+
+    revoke = ["connections", "revoke", "alice", "tracker", "--config", str(lab.config)]
+    with ThreadPoolExecutor(1) as pool:  # as the module found it: nobody connected
+        assert pool.submit(main, revoke).result() == 0
+    lab.seen.clear()  # and nothing seen upstream
+
+
 def test_a_user_connects_once_and_the_upstream_sees_only_their_own_token(lab, tab):
     first = call(lab, "alice")
     url = elicited_url(first)
