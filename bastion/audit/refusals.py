@@ -12,12 +12,17 @@ claimed client id, a token's header) is cut to ``MAX_DETAIL_CHARS``. The counts 
 memory of the process: those of a window still open are written by `flush` (at shutdown), and
 lost if the process is killed. Counts whose rows the database did not take (an outage) are kept,
 merged per key (at most ``max_keys`` of them, then per kind), and written with the next rows.
+
+An event that concerns something known (an introspection answer about a token this server
+issued) is counted the same way under a key that also holds what it concerns (``counted``: the
+token, the answer, its user), written in every row of the key, the row of repeats too; such a key
+is never merged into the overflow: past ``max_keys`` its event is written as a row of its own.
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,6 +39,11 @@ def _bounded(value: Any) -> Any:
     return value
 
 
+def _overflow(kind: str) -> tuple:
+    """The key every further event of ``kind`` shares once ``max_keys`` are counted."""
+    return (kind, OVERFLOW, OVERFLOW, None, None, ())
+
+
 @dataclass
 class _Window:
     opened_at: float
@@ -42,7 +52,8 @@ class _Window:
 
 
 class RefusalLog:
-    """Aggregates refusals of unauthenticated requests into bounded audit rows (see module)."""
+    """Aggregates refusals of unauthenticated requests (and other frequent events) into bounded
+    audit rows (see module)."""
 
     def __init__(
         self,
@@ -67,19 +78,23 @@ class RefusalLog:
         kind: str,
         *,
         address: str | None,
-        reason: str,
+        reason: str | None,
         client_id: str | None = None,
         subject: str | None = None,
+        counted: Mapping[str, Hashable] | None = None,
         **detail: Any,
     ) -> None:
         """Note one refusal; write its row if it is the first of its key in the window.
 
         ``reason`` must come from a small fixed set (an error code, not a message that quotes the
         request): with the address and client it makes the key. ``detail`` goes only into the
-        first row of a window.
+        first row of a window. ``counted`` (see module): with ``subject``, part of the key and
+        of each of its rows; past ``max_keys`` such an event is written alone, not merged.
         """
         now = self.clock()
-        key = (kind, address, reason, client_id)
+        fields = tuple(sorted(counted.items())) if counted else ()
+        key = (kind, address, reason, client_id, subject if counted else None, fields)
+        alone = False
         with self._lock:
             closed = self._sweep(now) if now >= self._next_sweep else []
             window = self._windows.get(key)
@@ -87,11 +102,16 @@ class RefusalLog:
                 closed.append((key, self._windows.pop(key)))
                 window = None
             if window is None and len(self._windows) >= self.max_keys:
-                key = (kind, OVERFLOW, OVERFLOW, None)
-                window = self._windows.get(key)
-                address, reason, client_id, subject = OVERFLOW, OVERFLOW, None, None
+                if counted:
+                    alone = True
+                else:
+                    key = _overflow(kind)
+                    window = self._windows.get(key)
+                    address, reason, client_id, subject = OVERFLOW, OVERFLOW, None, None
             first = window is None
-            if first:
+            if alone:
+                pass
+            elif first:
                 self._windows[key] = _Window(opened_at=now, last_at=now)
             else:
                 window.repeats += 1
@@ -102,7 +122,7 @@ class RefusalLog:
             if first:
                 bounded = {name: _bounded(value) for name, value in detail.items()}
                 row = dict(subject=subject, client_id=client_id, address=address, reason=reason)
-                self._write_first(key, now, kind, {**row, **bounded})
+                self._write_first(key, now, kind, {**row, **dict(fields), **bounded})
 
     def _write_first(self, key: tuple, now: float, kind: str, fields: dict[str, Any]) -> None:
         """The row of the first refusal of a window; if the database does not take it, the
@@ -141,7 +161,7 @@ class RefusalLog:
     def _keep(self, key: tuple, window: _Window) -> None:
         """Under the lock: hold a count the database did not take, merged with its key's."""
         if key not in self._unwritten and len(self._unwritten) >= self.max_keys:
-            key = (key[0], OVERFLOW, OVERFLOW, None)
+            key = _overflow(key[0])
         kept = self._unwritten.get(key)
         if kept is None:
             self._unwritten[key] = _Window(window.opened_at, window.last_at, window.repeats)
@@ -158,12 +178,14 @@ class RefusalLog:
             return
         try:
             with self.audit.db.transaction():
-                for (kind, address, reason, client_id), window in repeated:
+                for (kind, address, reason, client_id, subject, fields), window in repeated:
                     self.audit.record(
                         kind,
+                        subject=subject,
                         client_id=client_id,
                         address=address,
                         reason=reason,
+                        **dict(fields),
                         repeats=window.repeats,
                         since=window.opened_at,
                         until=window.last_at,

@@ -132,6 +132,41 @@ def test_distinct_keys_are_bounded_so_a_window_writes_a_bounded_number_of_rows(s
     assert any(e.detail["address"] == "*" for e in events)
 
 
+def test_events_about_something_known_are_counted_under_its_name_and_never_merged(sqlite_url):
+    # Introspection answers about tokens this server issued: each key names its token in every
+    # row, and past max_keys an answer is written as a row of its own, never counted as "*".
+    clock = Clock()
+    audit = AuditLog(Database(sqlite_url), clock)
+    answers = RefusalLog(audit, window_seconds=60, max_keys=3, clock=clock)
+    for _ in range(3):
+        for n in range(10):
+            counted = {"jti": f"jti-{n}", "active": True}
+            answers.record(
+                "token.introspected",
+                address="192.0.2.10",
+                reason=None,
+                client_id="resource-server",
+                subject="alice",
+                counted=counted,
+                scope="tools:read",
+            )
+    answers.flush(everything=True)
+    events = audit.events("token.introspected", limit=1000)
+    assert count(events) == 30
+    assert {e.detail["address"] for e in events} == {"192.0.2.10"}
+    for event in events:
+        assert event.subject == "alice" and event.client_id == "resource-server"
+        assert event.detail["active"] is True
+    per_token = {}
+    for event in events:
+        per_token.setdefault(event.detail["jti"], []).append(event.detail.get("repeats", 1))
+    assert {jti: sum(counts) for jti, counts in per_token.items()} == {
+        f"jti-{n}": 3 for n in range(10)
+    }
+    # The first three keys: a first row and a row of two repeats; the others: a row each.
+    assert sorted(len(counts) for counts in per_token.values()) == [2] * 3 + [3] * 7
+
+
 def test_what_a_refused_request_sends_is_kept_bounded_in_its_row(bastion: Bastion):
     # An aggregated row holds what the first refused request sent (a claimed client id, a
     # token's alg): a flood from many addresses writes many such rows, so each is bounded.
@@ -184,10 +219,11 @@ def _confidential(bastion: Bastion) -> tuple[dict, dict[str, str]]:
     return client, {"Authorization": "Basic " + base64.b64encode(secret).decode()}
 
 
-def test_refused_introspections_are_audited_and_answers_are_not(bastion: Bastion):
+def test_refused_introspections_are_audited_apart_from_answers(bastion: Bastion):
     """RFC 7662: a client not allowed to introspect, a wrong secret, a request without a token
     leave ``introspection.refused`` rows (a row each for a client that proved its secret, else
-    aggregated); an allowed client's answers, active or not, leave none."""
+    aggregated); an allowed client's answers, active or not, leave none of those (they are
+    ``token.introspected``: tests/oauth/test_introspection_audit.py)."""
     allowed, allowed_auth = _confidential(bastion)
     bastion.db.execute(
         "UPDATE oauth_clients SET may_introspect = 1 WHERE client_id = ?", (allowed["client_id"],)
