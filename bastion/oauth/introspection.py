@@ -4,25 +4,57 @@ Only confidential clients an admin allowed to introspect (``bastion clients crea
 --introspection``, typically a resource server) may call it. Revoked, expired, unknown or
 malformed tokens are all simply ``{"active": false}``, and so is the token of a user or agent
 (any agent of its chain) the kill switch holds, for as long as it holds them.
+
+Every answer is an audit event, ``token.introspected``: who asked, which token (its kind, grant
+and ``jti``, never its text), whose it is, the answer and, for an inactive one, why (§2.2 keeps
+the reason from the client, not from the audit trail). Answers are counted per window as refusals
+are (`bastion.audit.refusals`): the first of a key is written at once and its repeats as one row
+of ``repeats``. For a token this server issued the key is the asker, the token and the answer, so
+each row names them and a changed answer (revoked, suspended) is written at once; any other token
+(unknown, malformed, forged) proves nothing and shares a key with its like per asker and reason.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from bastion.oauth.errors import InvalidRequest, InvalidToken, OAuthError
 from bastion.oauth.store import Client
+from bastion.oauth.verifier import delegation_chain
 
 if TYPE_CHECKING:
     from bastion.oauth.server import AuthorizationServer
 
 INACTIVE = {"active": False}
+EVENT = "token.introspected"
+
+
+@dataclass(frozen=True)
+class Answer:
+    """An introspection answer and what its audit rows say of it.
+
+    ``token`` names a token this server issued (``token_kind``, ``jti``, ``grant_id``,
+    ``token_client_id``): with ``subject``, the answer and ``reason`` it is written in every row
+    of its count. None: a token nobody can be tied to (unknown, malformed, forged), counted per
+    asker, address and reason alone. ``detail`` goes into the first row of a count."""
+
+    body: dict[str, Any]
+    reason: str | None = None  # why it is inactive: a fixed word (docs/oauth.md), never a quote
+    token: dict[str, str | None] | None = None
+    subject: str | None = None
+    detail: dict[str, Any] = field(default_factory=dict)
 
 
 def introspect(
-    server: AuthorizationServer, client: Client, form: Mapping[str, str]
+    server: AuthorizationServer,
+    client: Client,
+    form: Mapping[str, str],
+    address: str | None = None,
 ) -> dict[str, Any]:
+    """Answer ``client``'s question about ``form``'s token (asked from ``address``), and record
+    the answer."""
     if client.is_public or not client.may_introspect:
         raise OAuthError(
             "unauthorized_client",
@@ -33,34 +65,50 @@ def introspect(
     token = form.get("token")
     if not token:
         raise InvalidRequest("token is required")
+    answer = _answer(server, token)
+    active = answer.body["active"]
+    # A resource server asking about the same token on every request writes a row per window
+    # and a count; a changed answer is another key, so its row is written at once.
+    server.introspections.record(
+        EVENT,
+        address=address,
+        reason=answer.reason,
+        client_id=client.client_id,
+        subject=answer.subject,
+        counted=None if answer.token is None else {"active": active, **answer.token},
+        **answer.detail,
+    )
+    return answer.body
+
+
+def _answer(server: AuthorizationServer, token: str) -> Answer:
     found = server.store.refresh_token(token)
     if found is not None:
-        grant_id, expires_at, used_at = found
-        grant = server.store.grant(grant_id)
-        if grant is None or grant.revoked_at is not None or used_at is not None:
-            return INACTIVE
-        if expires_at <= server.clock():
-            return INACTIVE
-        if server.suspended(grant.username or grant.client_id, (grant.client_id,)) is not None:
-            return INACTIVE
-        return {
-            "active": True,
-            "token_type": "refresh_token",
-            "client_id": grant.client_id,
-            "sub": grant.username or grant.client_id,
-            "aud": grant.resource,
-            "scope": grant.scope,
-            "exp": int(expires_at),
-            "iss": server.settings.issuer,
-        }
+        return _refresh_token_answer(server, *found)
     try:
         verified = server.verifier.verify(token, resource=None, audit=False)
-    except InvalidToken:
-        return INACTIVE
-    if server.suspended(verified.subject, verified.agents or (verified.client_id,)) is not None:
-        return INACTIVE
+    except InvalidToken as refused:
+        return _refused_answer(server, refused)
+    agents = verified.agents or (verified.client_id,)
     claims = verified.claims
-    answer = {
+    which = {
+        "token_kind": "access_token",
+        "jti": verified.jti,
+        "grant_id": verified.grant_id,
+        "token_client_id": verified.client_id,
+    }
+    detail = {
+        "agents": list(agents),
+        "task": verified.task,
+        "aud": claims["aud"],
+        "scope": claims.get("scope", ""),
+        "exp": verified.expires_at,
+    }
+    suspended = server.suspended(verified.subject, agents)
+    if suspended is not None:
+        detail["suspended"] = repr(suspended)
+        return Answer(INACTIVE, "suspended", which, verified.subject, detail)
+    body = {
         "active": True,
         "token_type": "Bearer",
         "client_id": verified.client_id,
@@ -74,11 +122,84 @@ def introspect(
     }
     # A delegated token's chain (RFC 8693 §4.1 allows ``act`` in the answer) and its task.
     if verified.agents:
-        answer["act"] = claims["act"]
+        body["act"] = claims["act"]
     if verified.task is not None:
-        answer["task"] = verified.task
+        body["task"] = verified.task
     # A DPoP-bound token says so, with its key's thumbprint (RFC 9449 §6.2).
     if verified.jkt is not None:
-        answer["token_type"] = "DPoP"
-        answer["cnf"] = {"jkt": verified.jkt}
-    return answer
+        body["token_type"] = "DPoP"
+        body["cnf"] = {"jkt": verified.jkt}
+    return Answer(body, None, which, verified.subject, detail)
+
+
+def _refresh_token_answer(
+    server: AuthorizationServer, grant_id: str, expires_at: float, used_at: float | None
+) -> Answer:
+    grant = server.store.grant(grant_id)
+    which: dict[str, str | None] = {
+        "token_kind": "refresh_token",
+        "jti": None,
+        "grant_id": grant_id,
+        "token_client_id": grant.client_id if grant is not None else None,
+    }
+    if grant is None:
+        return Answer(INACTIVE, "unknown", which)
+    subject = grant.username or grant.client_id
+    detail: dict[str, Any] = {
+        "agents": [grant.client_id],
+        "aud": grant.resource,
+        "scope": grant.scope,
+        "exp": int(expires_at),
+    }
+    reason = None
+    if grant.revoked_at is not None:
+        reason = "revoked"
+    elif used_at is not None:
+        reason = "refresh_token_used"  # rotated out (RFC 9700 §4.14.2)
+    elif expires_at <= server.clock():
+        reason = "expired"
+    else:
+        suspended = server.suspended(subject, (grant.client_id,))
+        if suspended is not None:
+            reason = "suspended"
+            detail["suspended"] = repr(suspended)
+    if reason is not None:
+        return Answer(INACTIVE, reason, which, subject, detail)
+    body = {
+        "active": True,
+        "token_type": "refresh_token",
+        "client_id": grant.client_id,
+        "sub": subject,
+        "aud": grant.resource,
+        "scope": grant.scope,
+        "exp": int(expires_at),
+        "iss": server.settings.issuer,
+    }
+    return Answer(body, None, which, subject, detail)
+
+
+def _refused_answer(server: AuthorizationServer, refused: InvalidToken) -> Answer:
+    """An access token the verifier refused: one this server signed (its claims are known)
+    names its user and agents; any other proves nothing, and is counted with its like.
+    ``reason`` is the verifier's check (`InvalidToken.check`), as in ``token.refused``."""
+    claims = refused.claims
+    if claims is None:
+        # The message may quote the token's header (cut to 200 characters), never the token.
+        return Answer(
+            INACTIVE, refused.check, detail={"active": False, "description": refused.reason}
+        )
+    text = {k: v if isinstance(v, str) else None for k, v in claims.items()}
+    jti = text.get("jti")
+    state = server.store.access_token_state(jti) if jti else None
+    which = {
+        "token_kind": "access_token",
+        "jti": jti,
+        "grant_id": state.grant_id if state is not None else None,
+        "token_client_id": text.get("client_id"),
+    }
+    try:
+        agents: list[str | None] | None = list(delegation_chain(claims) or (text.get("client_id"),))
+    except InvalidToken:
+        agents = None  # a malformed ``act``: the reason (``claims``) says so
+    detail = {"agents": agents, "description": refused.reason}
+    return Answer(INACTIVE, refused.check, which, text.get("sub"), detail)

@@ -148,6 +148,14 @@ class AuthorizationServer:
             max_keys=settings.refusal_audit.max_keys,
             clock=clock,
         )
+        # Introspection answers (`bastion.oauth.introspection`), counted as refusals are, with
+        # the same settings but keys of their own: neither pushes the other into the overflow.
+        self.introspections = RefusalLog(
+            self.audit,
+            window_seconds=settings.refusal_audit.window_seconds,
+            max_keys=settings.refusal_audit.max_keys,
+            clock=clock,
+        )
         self.keys = KeyRing(
             self.store,
             settings.key_dir,
@@ -238,8 +246,9 @@ class AuthorizationServer:
 
     def housekeeping(self) -> None:
         """Delete expired rows, self-registered clients that never got a grant and old login
-        failure counters, and write the counts of closed refusal windows; at most once a minute
-        (called on the request path of the token, registration and login endpoints)."""
+        failure counters, and write the counts of closed refusal and introspection windows; at
+        most once a minute (called on the request path of the token, registration, login and
+        introspection endpoints)."""
         now = self.clock()
         if now - self._last_housekeeping < 60:
             return
@@ -252,6 +261,7 @@ class AuthorizationServer:
             self.login_throttle.forget_old()
             self.assertions.forget_expired(now)
             self.refusals.flush()
+            self.introspections.flush()
         except DatabaseUnavailable:
             # Best effort, after the answer is made: a token already issued is still answered.
             self._last_housekeeping = 0.0
@@ -363,8 +373,11 @@ class AuthorizationServer:
         return self.store.revoke_grant(grant.grant_id, self.clock(), reason, actor=actor)
 
     def close(self) -> None:
-        """At shutdown: write the refusal counts of windows still open."""
-        self.refusals.flush(everything=True)
+        """At shutdown: write the refusal and introspection counts of windows still open."""
+        try:
+            self.refusals.flush(everything=True)
+        finally:
+            self.introspections.flush(everything=True)
 
     @property
     def passwords_allowed(self) -> bool:
@@ -624,9 +637,10 @@ class AuthorizationServer:
 
     async def _introspect(self, request: Request) -> Response:
         """RFC 7662: its refusals (a client not allowed to, a wrong secret, no token) are
-        audited as ``introspection.refused``; its answers, active or not, are not."""
+        audited as ``introspection.refused``; its answers, active or not, as
+        ``token.introspected`` (`bastion.oauth.introspection`)."""
         return await self._client_request(
             request,
-            functools.partial(introspection.introspect, self),
+            functools.partial(introspection.introspect, self, address=client_address(request)),
             "introspection.refused",
         )

@@ -14,7 +14,7 @@ from bastion.facts.model import Entity
 from bastion.facts.store import FactStore
 from bastion.oauth.errors import InvalidToken
 from bastion.oauth.token_exchange import DelegationPolicy
-from bastion.oauth.verifier import VerifiedTokens
+from bastion.oauth.verifier import VerifiedTokens, delegation_chain
 from tests.oauth.support import Bastion, running_bastion
 
 from .support import ACCESS_TOKEN, EXCHANGE, claims
@@ -383,6 +383,17 @@ def test_introspection_shows_the_chain_and_stops_at_a_revoked_parent(database_ur
         ).grant_id
         bastion.server.store.revoke_grant(grant_id, bastion.clock(), "test", actor="test")
         assert introspect(delegated[1]) == {"active": False}
+        # Each answer's audit row names who asked, the user and the whole chain, oldest first.
+        rows = list(reversed(bastion.server.audit.events("token.introspected")))
+        chain = list(delegation_chain(claims(delegated[1])))
+        assert len(chain) == 3 and chain[0] == claims(tokens["access_token"])["client_id"]
+        assert [(e.detail["active"], e.detail["agents"]) for e in rows] == [
+            (True, chain),
+            (True, chain[:1]),
+            (False, chain),
+        ]
+        assert rows[2].detail["reason"] == "revoked"
+        assert {(e.client_id, e.subject) for e in rows} == {(resource_server["client_id"], "alice")}
 
 
 def test_revoking_an_access_token_revokes_the_delegations_exchanged_from_it(database_url, tmp_path):

@@ -17,6 +17,7 @@ import pytest
 
 from bastion.audit.actor import cli_actor
 from bastion.cli import main
+from bastion.facts.model import Entity
 from bastion.facts.store import FactStore
 from bastion.oauth import registration
 from bastion.signals.suspensions import stored
@@ -234,6 +235,14 @@ def test_a_suspended_user_is_issued_no_token_and_their_tokens_introspect_inactiv
     finally:
         resume(bastion, key, "user", "sam")
     assert inactive == [{"active": False}, {"active": False}]
+    # The answers say nothing of why (RFC 7662 §2.2); their audit rows do.
+    answers = bastion.app.state.oauth.audit.events("token.introspected")
+    held = [e for e in answers if e.client_id == resource_server[0] and e.detail["active"] is False]
+    assert sorted(e.detail["token_kind"] for e in held) == ["access_token", "refresh_token"]
+    for row in held:
+        assert row.subject == "sam" and row.detail["reason"] == "suspended"
+        assert row.detail["suspended"] == repr(Entity("User", "sam"))
+        assert row.detail["token_client_id"] == client_id(issued["access_token"])
     refused_while_suspended(refreshed, "user 'sam'")
     refused_while_suspended(redeemed, "user 'sam'")
     # Nothing was spent by the refusals: once resumed the same refresh token and code work.
