@@ -7,15 +7,19 @@ client's ``jwks_uri`` by whoever registered it, an upstream MCP server's authori
 its endpoints by that upstream's own metadata (`bastion.connections.upstream_oauth`): fetched as
 given, they reached the loopback, the cloud's metadata service (169.254.169.254) and the
 operator's private network (SSRF), and the refusal told what was there. `pinned` resolves the name once, refuses unless every address
-it gave is public, and has the connection made to the address it checked (a name resolved
-again could lead elsewhere: DNS rebinding), with the request and TLS still the name's.
+it gave may be reached (`may_connect`: public, or within what the fetch's setting allows), and has
+the connection made to the address it checked (a name resolved again could lead elsewhere: DNS
+rebinding), with the request and TLS still the name's.
+
+A setting that allows non-public addresses (``allow_private_addresses``) is read by one function,
+`private_allowance`: ``false`` (none), ``true`` (every one), or a list of networks (only those).
 """
 
 from __future__ import annotations
 
 import ipaddress
 import socket
-from typing import Any
+from typing import Any, TypeAlias
 from urllib.parse import urlsplit
 
 import anyio
@@ -30,6 +34,12 @@ _NAT64_LOCAL = ipaddress.IPv6Network("64:ff9b:1::/48")
 _SIX_TO_FOUR = ipaddress.IPv6Network("2002::/16")
 _TEREDO = ipaddress.IPv6Network("2001::/32")
 _IPV4_COMPATIBLE = ipaddress.IPv6Network("::/96")
+_IPV4_MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")
+
+Network: TypeAlias = ipaddress.IPv4Network | ipaddress.IPv6Network
+# Which non-public addresses a fetch may reach besides the public ones: every one (True), none
+# (False), or those of the networks listed (never empty: an empty list is False).
+PrivateAllowance: TypeAlias = bool | tuple[Network, ...]
 
 
 def embedded_ipv4(address: ipaddress.IPv6Address) -> tuple[ipaddress.IPv4Address, ...] | None:
@@ -57,6 +67,78 @@ def is_public_address(address: ipaddress.IPv4Address | ipaddress.IPv6Address) ->
         if inner is not None:
             return all(is_public_address(v4) for v4 in inner)
     return address.is_global and not address.is_multicast
+
+
+def may_connect(
+    address: ipaddress.IPv4Address | ipaddress.IPv6Address, private: PrivateAllowance = False
+) -> bool:
+    """Whether a fetch whose setting says ``private`` may connect to ``address``: a public
+    address (`is_public_address`), or a non-public one the setting allows. An IPv6 address
+    that carries IPv4 addresses (mapped, compatible, NAT64, 6to4, Teredo) is judged by those,
+    each of which must be public or allowed: a listed 10.1.0.0/16 lets no
+    ``::ffff:169.254.169.254`` through, nor does a listed IPv6 network that holds it."""
+    if private is True:
+        return True
+    if isinstance(address, ipaddress.IPv6Address) and address not in _NAT64_LOCAL:
+        inner = embedded_ipv4(address)
+        if inner is not None:
+            return all(may_connect(v4, private) for v4 in inner)
+    if is_public_address(address):
+        return True
+    return private is not False and any(address in network for network in private)
+
+
+def _leads_to_ipv4(network: Network) -> bool:
+    """Whether every address of ``network`` carries an IPv4 address (`embedded_ipv4`): listed,
+    it would allow nothing (such an address is judged by the IPv4 one)."""
+    if network.version == 4:
+        return False
+    if network.subnet_of(_IPV4_COMPATIBLE):  # type: ignore[arg-type]
+        return int(network.network_address) > 1  # :: and ::1 are no IPv4 address
+    return any(
+        network.subnet_of(form)  # type: ignore[arg-type]
+        for form in (_IPV4_MAPPED, _NAT64, _SIX_TO_FOUR, _TEREDO)
+    )
+
+
+def private_allowance(value: Any, setting: str) -> PrivateAllowance:
+    """What an ``allow_private_addresses`` setting (named ``setting``) says: ``true`` (every
+    non-public address), ``false`` (none), or a list of networks in CIDR notation (only the
+    non-public addresses within them, e.g. ``["10.1.0.0/16", "fd00:1::/64"]``). `ValueError`
+    naming the setting for anything else: another type, a network that does not parse or has
+    host bits set (``10.1.2.3/16``), or one that only holds IPv6 forms of IPv4 addresses
+    (``::ffff:10.1.0.0/112``: list the IPv4 network)."""
+    if isinstance(value, bool):
+        return value
+    if not isinstance(value, list | tuple):
+        raise ValueError(
+            f'{setting}: true, false or a list of networks (CIDR, e.g. ["10.1.0.0/16"]),'
+            f" got {value!r}"
+        )
+    networks: list[Network] = []
+    for item in value:
+        if not isinstance(item, str):
+            raise ValueError(f"{setting}: each network is a string in CIDR notation, got {item!r}")
+        try:
+            network = ipaddress.ip_network(item, strict=True)
+        except ValueError as e:
+            raise ValueError(f"{setting}: {item!r} is not a network ({e}){_meant(item)}") from None
+        if _leads_to_ipv4(network):
+            raise ValueError(
+                f"{setting}: {item!r} holds only IPv6 forms of IPv4 addresses, which are judged"
+                " by the IPv4 address they lead to: list the IPv4 network instead"
+            )
+        if network not in networks:
+            networks.append(network)
+    return tuple(networks) or False
+
+
+def _meant(text: str) -> str:
+    """The network ``text`` names if its host bits are dropped, as a suggestion, or ""."""
+    try:
+        return f"; did you mean {ipaddress.ip_network(text, strict=False)}?"
+    except ValueError:
+        return ""
 
 
 def is_loopback_host(host: str | None) -> bool:
@@ -99,13 +181,16 @@ class CleartextRefused(httpx.TransportError):
 
 
 class AddressRefused(Exception):
-    """The URL's host cannot be resolved, or resolves to an address that is not public."""
+    """The URL's host cannot be resolved, or resolves to an address that may not be reached."""
 
 
-async def pinned(url: httpx.URL) -> tuple[httpx.URL, dict[str, str], dict[str, Any]]:
+async def pinned(
+    url: httpx.URL, private: PrivateAllowance = False
+) -> tuple[httpx.URL, dict[str, str], dict[str, Any]]:
     """``url`` with its host replaced by the one address to connect to, and the headers and
     request extensions that keep the request and TLS the name's (``Host``, SNI and the
-    certificate's name). `AddressRefused` unless every address the name resolves to is public."""
+    certificate's name). `AddressRefused` unless every address the name resolves to may be
+    reached (`may_connect`: public, or non-public and allowed by ``private``)."""
     name = url.raw_host.decode("ascii")
     default_port = 443 if url.scheme == "https" else 80
     try:
@@ -116,8 +201,11 @@ async def pinned(url: httpx.URL) -> tuple[httpx.URL, dict[str, str], dict[str, A
     if not addresses:
         raise AddressRefused(f"cannot resolve {name}")
     for address in addresses:
-        if not is_public_address(address):
-            raise AddressRefused(f"{name} resolves to non-public address {address}; refused")
+        if not may_connect(address, private):
+            outside = "" if private is False else " outside the networks allowed"
+            raise AddressRefused(
+                f"{name} resolves to non-public address {address}{outside}; refused"
+            )
     headers = {"Host": url.netloc.decode("ascii")}
     extensions: dict[str, Any] = {"sni_hostname": name} if url.scheme == "https" else {}
     return url.copy_with(host=str(addresses[0])), headers, extensions

@@ -9,6 +9,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from bastion.egress import PrivateAllowance, private_allowance
+
 KNOWN = {
     "issuer",
     "client_id",
@@ -46,10 +48,12 @@ class UpstreamOAuth:
     # A process may use an opened access token this long without reading its row again; 0: read
     # on every call. A revocation made in another process applies after at most this long.
     cache_seconds: float = 0.0
-    # Whether bastion's requests to the authorization server (its metadata, token, registration
-    # and revocation endpoints, all named by the upstream's own metadata) may go to loopback,
-    # private and other non-public addresses; None: only if the upstream's own url is on one.
-    allow_private_addresses: bool | None = None
+    # The loopback, private and other non-public addresses bastion's requests to the
+    # authorization server (its metadata, token, registration and revocation endpoints, all
+    # named by the upstream's own metadata) may go to: none, all (true), or those of the
+    # networks listed (`bastion.egress.private_allowance`); None: all if the upstream's own url
+    # is on one, else none.
+    allow_private_addresses: PrivateAllowance | None = None
 
     @classmethod
     def from_mapping(cls, table: Mapping[str, Any], where: str) -> UpstreamOAuth:
@@ -93,8 +97,11 @@ class UpstreamOAuth:
         if isinstance(cache, bool) or not isinstance(cache, int | float) or not 0 <= cache <= 300:
             raise ConnectionSettingsError(f"{where}.cache_seconds must be between 0 and 300")
         private = table.get("allow_private_addresses")
-        if private is not None and not isinstance(private, bool):
-            raise ConnectionSettingsError(f"{where}.allow_private_addresses must be true or false")
+        if private is not None:
+            try:
+                private = private_allowance(private, f"{where}.allow_private_addresses")
+            except ValueError as e:
+                raise ConnectionSettingsError(str(e)) from None
         return cls(
             cache_seconds=float(cache),
             allow_private_addresses=private,

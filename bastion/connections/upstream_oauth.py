@@ -20,7 +20,7 @@ from urllib.parse import urlencode, urlsplit, urlunsplit
 
 from bastion import untrusted_json
 from bastion.connections.settings import UpstreamOAuth
-from bastion.egress import cleartext_problem, is_public_address
+from bastion.egress import PrivateAllowance, cleartext_problem, is_public_address
 from bastion.oauth.jwks import (
     CoalescedFetches,
     FetchLimits,
@@ -108,13 +108,17 @@ class UpstreamOAuthClient:
     (`on_private_address`) or ``allow_private_addresses`` says so, they must be https URLs
     whose names resolve to public addresses only, and each request connects to the address
     checked (`bastion.egress.pinned`): a hostile upstream cannot make bastion post them to its
-    own loopback services, the cloud's metadata service or the internal network."""
+    own loopback services, the cloud's metadata service or the internal network. A list of
+    networks in ``allow_private_addresses`` opens those alone (https, or http to the loopback
+    if it is listed); ``true`` opens every non-public address, and plain http to them."""
 
     def __init__(self, resource: str, settings: UpstreamOAuth, name: str = "") -> None:
         self.resource = resource  # the upstream's URL: the token's audience
         self.settings = settings
         allowed = settings.allow_private_addresses
-        self.private = on_private_address(resource) if allowed is None else allowed
+        self.private: PrivateAllowance = (
+            on_private_address(resource) if allowed is None else allowed
+        )
         self.private_setting = f"upstream {name or resource}'s oauth.allow_private_addresses"
         self._limits = FetchLimits(
             timeout_seconds=settings.timeout_seconds,
@@ -123,10 +127,11 @@ class UpstreamOAuthClient:
             # need it meanwhile are refused at once with its reason (`CoalescedFetches`).
             refetch_seconds=settings.timeout_seconds,
             time_setting="oauth.timeout_seconds",
-            public_only=not self.private,
+            private_addresses=self.private,
             private_setting=self.private_setting,
-            # An upstream on the operator's own network may answer over plain http there.
-            allow_http=self.private,
+            # An upstream on the operator's own network may answer over plain http there; one
+            # allowed only some networks, over https (or http to the loopback, if listed).
+            allow_http=self.private is True,
         )
         self._fetches = CoalescedFetches(self._limits)
         self._metadata: ServerMetadata | None = None

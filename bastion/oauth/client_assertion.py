@@ -11,8 +11,8 @@ every replica shares, until the assertion has expired, and a second use is refus
 asymmetric algorithms of ``[oauth.client_assertion].algorithms`` are accepted (never ``none``,
 never an HMAC keyed with a public key). Signatures are checked in a worker thread; a ``jwks_uri``
 is fetched without blocking the event loop, with a timeout, a size cap and a cache, and, for a
-client registered at /register (its registrant chose the URL), from public addresses only
-(`bastion.egress`) unless ``allow_private_addresses``.
+client registered at /register (its registrant chose the URL), from public addresses and the
+non-public ones ``allow_private_addresses`` allows (none by default; `bastion.egress`).
 """
 
 from __future__ import annotations
@@ -180,7 +180,7 @@ class ClientAssertions:
         # A client registered at /register: its registrant chose the jwks_uri, and anyone who
         # knows the client_id makes bastion fetch it, so only from public addresses (SSRF).
         self.registered_key_sets = RemoteKeySets(
-            replace(limits, public_only=not settings.allow_private_addresses),
+            replace(limits, private_addresses=settings.allow_private_addresses),
             jwks_problem,
             clock,
             transport,

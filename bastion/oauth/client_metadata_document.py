@@ -3,8 +3,9 @@ MCP authorization specification): a ``client_id`` that is an https URL names a J
 client metadata, which the authorization server fetches and validates.
 
 Fetches are bounded (one deadline for all of a fetch, size, no redirects, fetches in progress
-and documents per host) and never reach private, loopback or link-local addresses unless
-``allow_private_addresses`` is configured: the name is resolved once, its addresses checked, and
+and documents per host) and never reach private, loopback or link-local addresses but those
+``allow_private_addresses`` allows (all of them, or the networks it lists,
+`bastion.egress.may_connect`): the name is resolved once, its addresses checked, and
 the connection made to a checked address (a name resolved again could lead elsewhere: DNS
 rebinding), with TLS still verifying the certificate for the name. Valid documents are cached, and failures for a short
 while, so a failing URL is not fetched again on every request that names it.
@@ -31,6 +32,8 @@ from bastion.oauth.store import Client
 from bastion.tls import fetching_client, file_context
 
 _FORBIDDEN_MEMBERS = ("client_secret", "client_secret_expires_at")
+# The setting that allows non-public addresses, named in a refusal.
+PRIVATE_SETTING = "[oauth.client_metadata] allow_private_addresses"
 _GRANT_TYPES = ("authorization_code", "refresh_token")
 
 
@@ -209,13 +212,14 @@ class ClientMetadataDocuments:
         target = httpx.URL(url)
         headers = {"Accept": "application/json"}
         extensions: dict[str, Any] = {}
-        if not self.settings.allow_private_addresses:
+        private = self.settings.allow_private_addresses
+        if private is not True:
             # To the address checked, by the name: Host and TLS (SNI, the certificate's name)
             # are the document's; only where the connection goes is fixed.
             try:
-                target, named, extensions = await pinned(target)
+                target, named, extensions = await pinned(target, private)
             except AddressRefused as exc:
-                raise ClientMetadataDocumentError(url, str(exc)) from None
+                raise ClientMetadataDocumentError(url, f"{exc} ({PRIVATE_SETTING})") from None
             headers.update(named)
         ca_file = self.settings.ca_file
         verify = file_context(ca_file) if ca_file else None

@@ -24,7 +24,7 @@ from joserfc.jwk import Key, KeySet
 from joserfc.jws import CompactSignature
 
 from bastion import untrusted_json
-from bastion.egress import AddressRefused, CleartextRefused, pinned
+from bastion.egress import AddressRefused, CleartextRefused, PrivateAllowance, pinned
 from bastion.tls import fetching_client
 
 _T = TypeVar("_T")
@@ -49,9 +49,12 @@ class FetchLimits:
     time_setting: str = ""
     bytes_setting: str = ""
     refetch_setting: str = ""
-    # Connect only to public addresses (`bastion.egress.pinned`): the URI is someone else's
-    # choice. ``private_setting`` names the setting that allows private ones.
-    public_only: bool = False
+    # The non-public addresses the fetch may connect to (`bastion.egress.PrivateAllowance`):
+    # every one (a URI the deployment chose, fetched as given), or, for a URI that is someone
+    # else's choice, none or the networks a setting lists, each name resolved once and the
+    # connection made to the address checked (`bastion.egress.pinned`). ``private_setting``
+    # names that setting.
+    private_addresses: PrivateAllowance = True
     private_setting: str = ""
     # Plain http beyond the loopback too (`bastion.egress.cleartext_problem`): only where a
     # setting says so, named by ``private_setting``.
@@ -102,14 +105,14 @@ async def fetch(
     or the loopback), its whole answer within ``limits``: (the status, the body; the body left
     unread, empty, when the status is not among ``only``). `RemoteDocumentError` when it does
     not answer in time, sends more than the limit, cannot be reached, is plain http beyond the
-    loopback, or (``limits.public_only``) its host is not public. ``request``: httpx's (data,
-    json, params, headers)."""
+    loopback, or its host resolves to a non-public address ``limits.private_addresses`` does
+    not allow. ``request``: httpx's (data, json, params, headers)."""
     extensions: dict[str, Any] = {}
     try:
         target = httpx.URL(uri)
         with anyio.fail_after(limits.timeout_seconds):
-            if limits.public_only:
-                target, named, extensions = await pinned(target)
+            if limits.private_addresses is not True:
+                target, named, extensions = await pinned(target, limits.private_addresses)
                 request["headers"] = {**request.get("headers", {}), **named}
             async with (
                 fetching_client(transport, allow_http=limits.allow_http) as http,

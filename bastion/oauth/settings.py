@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
+from bastion.egress import PrivateAllowance, private_allowance
 from bastion.oauth.errors import InvalidTarget
 
 REGISTRATION_POLICIES = ("open", "initial_access_token", "closed")
@@ -50,7 +51,9 @@ class ClientMetadataDocumentSettings:
     max_documents_per_host: int = 20
     # Entries of each cache (documents, failures) per process.
     max_cached_documents: int = 10_000
-    allow_private_addresses: bool = False
+    # Non-public addresses a document may be fetched from (`bastion.egress.private_allowance`):
+    # none, all (true), or those of the networks listed.
+    allow_private_addresses: PrivateAllowance = False
     ca_file: str | None = None
 
 
@@ -131,10 +134,10 @@ class ClientAssertionSettings:
     jwks_refetch_seconds: int = 30
     # Key sets of distinct jwks_uris kept per process.
     jwks_max_cached: int = 1000
-    # Fetch the jwks_uri of a client registered at /register (its registrant's choice) from
-    # private, loopback and link-local addresses too. An administrator's client is fetched as
-    # given either way.
-    allow_private_addresses: bool = False
+    # The non-public addresses (private, loopback, link-local...) the jwks_uri of a client
+    # registered at /register (its registrant's choice) may be fetched from: none, all (true),
+    # or those of the networks listed. An administrator's client is fetched as given either way.
+    allow_private_addresses: PrivateAllowance = False
 
 
 @dataclass(frozen=True)
@@ -403,9 +406,11 @@ def _client_metadata(value: Any) -> ClientMetadataDocumentSettings:
     if unknown:
         raise SettingsError(f"oauth.client_metadata: unknown keys {unknown}")
     merged = {**defaults.__dict__, **dict(value)}
-    for key in ("enabled", "allow_private_addresses"):
-        if not isinstance(merged[key], bool):
-            raise SettingsError(f"oauth.client_metadata.{key}: true or false")
+    if not isinstance(merged["enabled"], bool):
+        raise SettingsError("oauth.client_metadata.enabled: true or false")
+    merged["allow_private_addresses"] = _private(
+        "oauth.client_metadata.allow_private_addresses", merged["allow_private_addresses"]
+    )
     if not _is_number(merged["timeout_seconds"]) or merged["timeout_seconds"] <= 0:
         raise SettingsError("oauth.client_metadata.timeout_seconds: a number of seconds > 0")
     for key in (
@@ -436,11 +441,10 @@ def _client_assertion(value: Any) -> ClientAssertionSettings:
     algorithms = value.get("algorithms", list(settings.algorithms))
     if problem := algorithms_problem(algorithms):
         raise SettingsError(f"oauth.client_assertion.algorithms: {problem}")
-    private = value.get("allow_private_addresses", False)
-    if not isinstance(private, bool):
-        raise SettingsError(
-            f"oauth.client_assertion.allow_private_addresses: true or false, got {private!r}"
-        )
+    private = _private(
+        "oauth.client_assertion.allow_private_addresses",
+        value.get("allow_private_addresses", False),
+    )
     return ClientAssertionSettings(
         **{
             **settings.__dict__,
@@ -448,6 +452,13 @@ def _client_assertion(value: Any) -> ClientAssertionSettings:
             "allow_private_addresses": private,
         }
     )
+
+
+def _private(setting: str, value: Any) -> PrivateAllowance:
+    try:
+        return private_allowance(value, setting)
+    except ValueError as e:
+        raise SettingsError(str(e)) from None
 
 
 def _dpop(value: Any) -> DPoPSettings:

@@ -88,7 +88,7 @@ def _gateway(**upstream):
         ({"auth": "per_user", "oauth": "yes"}, "must be a table"),
         (
             {"auth": "per_user", "oauth": {"allow_private_addresses": "yes"}},
-            "oauth.allow_private_addresses must be true or false",
+            r"oauth.allow_private_addresses: true, false or a list of networks",
         ),
         ({"oauth": {}}, 'only with auth = "per_user"'),
     ],

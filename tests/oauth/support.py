@@ -393,9 +393,11 @@ class TricklingHost:
         self.listener.close()
 
 
-def self_signed_certificate(directory, dns_name: str | None = None) -> tuple[str, str]:
-    """A certificate for 127.0.0.1 (or for the name ``dns_name`` alone) and its key, as PEM
-    files: for https servers on loopback."""
+def self_signed_certificate(
+    directory, dns_name: str | None = None, addresses: tuple[str, ...] = ("127.0.0.1",)
+) -> tuple[str, str]:
+    """A certificate for ``addresses`` (127.0.0.1; or for the name ``dns_name`` alone) and its
+    key, as PEM files: for https servers on loopback."""
     import datetime
     import ipaddress
 
@@ -406,8 +408,10 @@ def self_signed_certificate(directory, dns_name: str | None = None) -> tuple[str
 
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, dns_name or "127.0.0.1")])
-    alternative = (
-        x509.DNSName(dns_name) if dns_name else x509.IPAddress(ipaddress.ip_address("127.0.0.1"))
+    alternatives: list[x509.GeneralName] = (
+        [x509.DNSName(dns_name)]
+        if dns_name
+        else [x509.IPAddress(ipaddress.ip_address(a)) for a in addresses]
     )
     now = datetime.datetime.now(datetime.UTC)
     certificate = (
@@ -419,7 +423,7 @@ def self_signed_certificate(directory, dns_name: str | None = None) -> tuple[str
         .not_valid_before(now - datetime.timedelta(minutes=5))
         .not_valid_after(now + datetime.timedelta(hours=1))
         .add_extension(
-            x509.SubjectAlternativeName([alternative]),
+            x509.SubjectAlternativeName(alternatives),
             critical=False,
         )
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
