@@ -269,6 +269,15 @@ class Enforcer:
             return None
         return self.suspensions.first(caller.principals, caller.session_id)
 
+    async def may_decide(self) -> bool:
+        """Whether this replica may decide now: its facts not stale (`facts_stale`: behind the
+        database, a policy it cannot load, a newer schema, or its clock further than
+        ``max_clock_skew_seconds`` from the database's) and every fact change it has heard of
+        applied in time, as `decide` asks first. Asked before anything a refusal would waste
+        is spent (a DPoP proof's jti): a replica that decides nothing spends nothing, so the
+        client's retry of the same request on another replica goes through."""
+        return not self.facts_stale() and ((heard := self.facts_heard()) is None or await heard)
+
     async def settled(self) -> None:
         """Return once no fact change is being put in force. Before a decision taken after the
         message waited for something else (its upstream's answer, say): a change that began

@@ -287,7 +287,9 @@ class StreamableHttpEndpoint:
     ) -> None:
         """RFC 9449 §7: a DPoP-bound token is taken only as ``Authorization: DPoP`` with a proof
         of its key made for this very request (method, URL, the token's hash), and the DPoP
-        scheme only with a bound token. One signature check and one jti write, off the loop."""
+        scheme only with a bound token. One signature check and one jti write, off the loop,
+        and only on a replica that may decide (`Enforcer.may_decide`): one that will refuse
+        the call anyway answers 503 first, its proof unspent."""
         dpop = self.gateway.dpop
 
         def refused(error: str, description: str) -> HttpError:
@@ -309,6 +311,18 @@ class StreamableHttpEndpoint:
             raise refused(
                 "invalid_token",
                 "this access token is not DPoP-bound: send it as 'Authorization: Bearer <token>'",
+            )
+        if not await self.gateway.enforcer.may_decide():
+            # Refused before the proof's jti is spent: the same request is good elsewhere.
+            raise HttpError(
+                503,
+                {
+                    "error": "temporarily_unavailable",
+                    "error_description": "this replica decides nothing now (its facts may be"
+                    " out of date, or its clock is off): retry, or ask another replica; the"
+                    " DPoP proof is not spent",
+                },
+                {"retry-after": "1"},
             )
         proofs = [v.decode("latin-1") for k, v in scope["headers"] if k == DPOP_HEADER]
         try:

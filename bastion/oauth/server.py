@@ -549,19 +549,21 @@ class AuthorizationServer:
         """A form-encoded request of an authenticated client (the token, CIBA, introspection
         and revocation endpoints' way): ``work(client, form)`` in a worker thread answers it,
         once this replica's facts are current unless ``facts_current`` is False; a refusal is
-        recorded as ``refused_kind`` unless its error is in ``quiet``."""
+        recorded as ``refused_kind`` unless its error is in ``quiet``. Facts are checked before
+        the client is authenticated: a replica that will refuse (behind, or its clock off)
+        spends no client assertion's jti, so the same request is good on another replica."""
         form: dict[str, str] = {}
         client: Client | None = None
         try:
             form = await _form(request)
+            if facts_current:
+                await self.facts_current()
             client = await authenticate_client(
                 request.headers.get("authorization"),
                 form,
                 functools.partial(self.find_client, address=client_address(request)),
                 self.assertions,
             )
-            if facts_current:
-                await self.facts_current()
             body = await run_in_threadpool(work, client, form)
             await run_in_threadpool(self.housekeeping)
         except OAuthError as error:

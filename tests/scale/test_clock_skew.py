@@ -28,8 +28,9 @@ from bastion.db import Database, schema_and_clock
 from bastion.facts import store
 from bastion.server.app import create_app
 from bastion.server.config import ServerConfig
-from tests.gateway.support import ROOT, bastion_serve, stop
-from tests.identity.test_dpop import Holder
+from tests.delegation.agent_support import ASSERTION_TYPE, assertion, new_key, public_jwks
+from tests.gateway.support import ROOT, bastion_serve, start, stop
+from tests.identity.test_dpop import SERVER, Holder, bound_tokens, call
 from tests.oauth.support import free_socket
 from tests.oauth.test_access_tokens import claims_of
 from tests.server.conftest import ADMIN_KEY, POLICY
@@ -252,3 +253,65 @@ def test_a_replica_decides_again_once_its_clock_is_back_within_the_bound(
         monkeypatch.setattr(time, "time", machine)
         assert eventually(lambda: reason() == "", within=10), reason()
         assert api.post("/v1/authorize", json=question).status_code == 200
+
+
+def test_a_skewed_replica_refuses_before_it_spends_a_proof_or_an_assertion(
+    tmp_path, postgres_url, monkeypatch
+):
+    """A replica past max_clock_skew_seconds decides nothing; it refused a gateway call with a
+    DPoP proof, and a token request authenticated by a client assertion, only after it had
+    recorded the proof's (the assertion's) jti as spent, so the client's retry of the very same
+    request on a healthy replica was refused as a replay. Now it refuses first and spends
+    nothing: the retry goes through. (Both replicas run in this process, so both clocks move,
+    and the retry waits for them to come back; a jti spent is spent on every replica.)"""
+    initial = "initial-access-token-of-the-skew-test"
+    with start(
+        tmp_path, replicas=1, database=postgres_url, oauth={"initial_access_tokens": [initial]}
+    ) as bastion:
+        holder = Holder()
+        token = bound_tokens(bastion, holder)[1]["access_token"]
+        key = new_key("skewed")
+        registered = bastion.http.post(
+            f"{bastion.url}/register",
+            headers={"Authorization": f"Bearer {initial}"},
+            json={
+                "client_name": "agent signing its requests",
+                "token_endpoint_auth_method": "private_key_jwt",
+                "grant_types": ["client_credentials"],
+                "scope": "customers:read",
+                "jwks": public_jwks(key),
+            },
+        )
+        assert registered.status_code == 201, registered.text
+        client_id = registered.json()["client_id"]
+        proof = holder.proof("POST", bastion.mcp_url(SERVER), token)
+        form = {
+            "grant_type": "client_credentials",
+            "resource": bastion.mcp_url(SERVER),
+            "client_assertion_type": ASSERTION_TYPE,
+            "client_assertion": assertion(key, client_id, bastion.url),
+        }
+
+        def reasons() -> list[str]:
+            answers = [
+                bastion.http.get(f"{url}/readyz") for url in (bastion.url, *bastion.replicas)
+            ]
+            return ["" if a.status_code == 200 else a.json()["reason"] for a in answers]
+
+        machine = time.time
+        monkeypatch.setattr(time, "time", lambda: machine() - 10)
+        assert eventually(lambda: all(r.startswith("clock_skew: ") for r in reasons()), within=10)
+        refused = call(bastion, token, [proof])
+        assert refused.status_code == 503, refused.text
+        assert refused.json()["error"] == "temporarily_unavailable"
+        assert "the DPoP proof is not spent" in refused.json()["error_description"]
+        minted = bastion.http.post(f"{bastion.url}/token", data=form)
+        assert (minted.status_code, minted.json()["error"]) == (503, "temporarily_unavailable")
+
+        monkeypatch.setattr(time, "time", machine)
+        assert eventually(lambda: reasons() == ["", ""], within=10), reasons()
+        healthy = bastion.replicas[0]
+        retried = call(bastion, token, [proof], url=f"{healthy}/mcp/{SERVER}")
+        assert retried.status_code == 200, retried.text
+        minted = bastion.http.post(f"{healthy}/token", data=form)
+        assert minted.status_code == 200, minted.text
