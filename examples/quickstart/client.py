@@ -13,8 +13,8 @@ user it names: yourself for a confirmation, avery for sam's email out of hours o
 then press Enter, and the call is decided again.
 
 What ends the session (bastion refusing sam at connect once his role is gone, bastion not
-running, an address where no MCP gateway answers, a sign-in denied) is said in one line, and the
-client exits with status 1; Ctrl-C ends it at once, at a prompt too, with status 130.
+running, an address where no MCP gateway answers, a sign-in denied, input ending at a prompt) is
+said in one line, and the client exits with status 1; Ctrl-C ends it at once, at a prompt too, with status 130.
 """
 
 from __future__ import annotations
@@ -214,6 +214,8 @@ def ending(error: BaseException, url: str) -> str | None:
         return f"cannot reach bastion at {url}: {error}; check that bastion runs there, and {CHECK}"
     if isinstance(error, OAuthFlowError):
         return f"sign-in failed: {error}"
+    if isinstance(error, EOFError):  # `input` at a prompt
+        return "input ended at a prompt (Ctrl-D, or nothing more piped in)"
     return None
 
 

@@ -303,6 +303,16 @@ def test_ctrl_c_at_a_prompt_ends_the_client_at_once_in_one_line(quickstart):
     assert errors == "interrupted (Ctrl-C)\n", errors
 
 
+def test_input_ending_at_a_prompt_ends_the_client_in_one_line(quickstart):
+    """Ctrl-D at the terminal, or a script that pipes too few lines: no traceback."""
+    url, _ = quickstart
+    terminal = Terminal("sam", f"{url}/mcp/desk")
+    terminal.line("/authorize?")  # then it asks for the address the browser was sent to
+    status, printed, errors = terminal.finish()  # its input ends
+    assert status == 1, printed + errors
+    assert errors == "input ended at a prompt (Ctrl-D, or nothing more piped in)\n", errors
+
+
 def test_ctrl_c_while_bastion_has_not_answered_ends_the_client_at_once():
     with free_socket() as silent:  # takes the connection, never answers
         silent.listen()
