@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import re
 import sys
 from collections.abc import Callable
+from datetime import UTC, datetime
 
 # Modules that define ``register(subparsers)``; each adds its commands and sets ``func``.
 COMMAND_MODULES = [
@@ -45,6 +47,27 @@ def whole_number(most: int, least: int = 1) -> Callable[[str], int]:
         return value
 
     return parse
+
+
+_DURATION = re.compile(r"^(\d+)([smhd])$")
+_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def since_epoch(text: str, now: float, option: str = "--since") -> float:
+    """A time given as ``--since`` (``option``) is: a duration back from now (``90s``, ``30m``,
+    ``24h``, ``7d``) or an ISO 8601 time (``2026-12-01T09:00:00Z``), as epoch seconds.
+    `ValueError` names ``option`` and what it may be."""
+    m = _DURATION.match(text.strip())
+    if m:
+        return now - int(m.group(1)) * _SECONDS[m.group(2)]
+    try:
+        when = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+    except ValueError:
+        raise ValueError(
+            f"{option} {text!r}: give a duration (90s, 30m, 24h, 7d) or an ISO 8601 time"
+            " (2026-12-01T09:00:00Z)"
+        ) from None
+    return (when if when.tzinfo else when.replace(tzinfo=UTC)).timestamp()
 
 
 def add_limit(parser: argparse.ArgumentParser, most: int) -> None:

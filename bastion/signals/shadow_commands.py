@@ -5,34 +5,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 import time
-from datetime import UTC, datetime
 
 from bastion.audit.commands import _database
 from bastion.audit.decisions import DecisionRecords
+from bastion.cli import since_epoch
 from bastion.db import Database
 from bastion.signals.shadow import report
-
-_DURATION = re.compile(r"^(\d+)([smhd])$")
-_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-
-
-def since_epoch(text: str, now: float) -> float:
-    """``--since``: a duration back from now (``90s``, ``30m``, ``24h``, ``7d``) or an ISO 8601
-    time (``2026-12-01T09:00:00Z``)."""
-    m = _DURATION.match(text.strip())
-    if m:
-        return now - int(m.group(1)) * _SECONDS[m.group(2)]
-    try:
-        when = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
-    except ValueError:
-        raise ValueError(
-            f"--since {text!r}: give a duration (90s, 30m, 24h, 7d) or an ISO 8601 time"
-            " (2026-12-01T09:00:00Z)"
-        ) from None
-    return (when if when.tzinfo else when.replace(tzinfo=UTC)).timestamp()
 
 
 def cmd_shadow_report(args: argparse.Namespace) -> int:

@@ -12,7 +12,7 @@ import time
 import pytest
 from mcp.shared.exceptions import MCPError
 
-from bastion.signals.shadow_commands import since_epoch
+from bastion.cli import since_epoch
 from tests.gateway.support import ROOT, start
 
 WRITE = "customers:read customers:write"
