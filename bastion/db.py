@@ -24,6 +24,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
+from pathlib import Path
 from typing import Any, NamedTuple
 from urllib.parse import parse_qsl
 
@@ -216,15 +217,18 @@ CONNECTION_DEFAULTS = {
 SESSION_DEFAULTS = "-c lock_timeout=30s -c idle_in_transaction_session_timeout=60s"
 
 
-def connect(url: str, role: str) -> psycopg.Connection:
+def connect(url: str, role: str, read_only: bool = False) -> psycopg.Connection:
     """A PostgreSQL connection as bastion opens every one: autocommit, named after ``role``,
     with `CONNECTION_DEFAULTS` for what the URL does not set, and `SESSION_DEFAULTS` before
-    the URL's own ``options``. An error names the URL without its password (libpq quotes a URL
-    it cannot parse)."""
+    the URL's own ``options``; with ``read_only``, one whose every transaction is read-only
+    (after the URL's options: it cannot be undone by them). An error names the URL without its
+    password (libpq quotes a URL it cannot parse)."""
     try:
         given = conninfo_to_dict(url)
         defaults = {k: v for k, v in CONNECTION_DEFAULTS.items() if k not in given}
         options = f"{SESSION_DEFAULTS} {given.get('options', '')}".strip()
+        if read_only:
+            options += " -c default_transaction_read_only=on"
         return psycopg.connect(
             url,
             autocommit=True,
@@ -291,10 +295,18 @@ class Database:
     """
 
     def __init__(
-        self, url: str, *, role: str = "bastion", busy_timeout: float | None = None
+        self,
+        url: str,
+        *,
+        role: str = "bastion",
+        busy_timeout: float | None = None,
+        read_only: bool = False,
     ) -> None:
         self.url = url
         self.role = role
+        # Reads only: a SQLite file opened read-only (never created), a PostgreSQL session whose
+        # transactions are read-only; `migrate` checks the schema instead of changing it.
+        self.read_only = read_only
         self.is_postgres = is_postgres(url)
         self._lock = threading.RLock()
         self._depth = 0
@@ -308,12 +320,21 @@ class Database:
             self._connection()
         else:
             file = sqlite_file(url)
-            _create_private(file.path)
             self._wait = file.busy_timeout if busy_timeout is None else busy_timeout
-            self._conn = sqlite3.connect(
-                file.path, check_same_thread=False, isolation_level=None, timeout=self._wait
-            )
-            _use_wal(self._conn)
+            if read_only:
+                self._conn = sqlite3.connect(
+                    f"{Path(file.path).resolve().as_uri()}?mode=ro",
+                    uri=True,
+                    check_same_thread=False,
+                    isolation_level=None,
+                    timeout=self._wait,
+                )
+            else:
+                _create_private(file.path)
+                self._conn = sqlite3.connect(
+                    file.path, check_same_thread=False, isolation_level=None, timeout=self._wait
+                )
+                _use_wal(self._conn)
             self._conn.execute(f"PRAGMA synchronous={file.synchronous}")
             self._conn.execute("PRAGMA foreign_keys=ON")
 
@@ -353,7 +374,7 @@ class Database:
         if time.monotonic() < self._retry_at:
             raise DatabaseUnavailable(self._failure)
         try:
-            conn = connect(self.url, self.role)
+            conn = connect(self.url, self.role, self.read_only)
             try:
                 self._wait = _lock_wait(conn)
             except psycopg.Error:
@@ -624,8 +645,11 @@ class Database:
         """Apply the component's migrations not yet applied; return the schema version reached.
 
         ``migrations[i]`` is the SQL script of version ``i + 1``; statements are separated by
-        ``;`` at line ends. Safe to call from several processes at once.
+        ``;`` at line ends. Safe to call from several processes at once. On a read-only
+        `Database`, nothing is applied: `DatabaseSettingError` unless every one is already.
         """
+        if self.read_only:
+            return self._migrated(component, len(migrations))
         with self.transaction():
             self.lock(f"bastion:{component}")
             self.execute(
@@ -653,6 +677,28 @@ class Database:
         with _KNOWN_SCHEMA_LOCK:
             _KNOWN_SCHEMA[component] = max(_KNOWN_SCHEMA.get(component, 0), len(migrations))
         return len(migrations)
+
+    def _migrated(self, component: str, known: int) -> int:
+        """`migrate` on a read-only `Database`: the schema version reached, if it is this
+        code's (``known``); else `SchemaNewer`, or `DatabaseSettingError` for one not reached
+        yet (which only a process that may write can reach)."""
+        try:
+            rows = self.execute(
+                "SELECT COALESCE(MAX(version), 0) FROM schema_migrations WHERE component = ?",
+                (component,),
+            )
+        except (sqlite3.Error, psycopg.Error):
+            rows = [(0,)]
+        current = rows[0][0]
+        if current > known:
+            raise SchemaNewer(_newer_message([(component, current, known)]))
+        if current < known:
+            raise DatabaseSettingError(
+                f"the database's {component} tables are not at this bastion's version ({current}"
+                f" of {known}) and it is read here without writing: start bastion serve on it"
+                " once (it migrates them), then try again"
+            )
+        return known
 
     def close(self) -> None:
         with self._lock:
