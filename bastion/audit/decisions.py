@@ -1,8 +1,8 @@
 """Decision records: one row per decision the gateway enforced, enough to explain it later.
 
-A record holds the decision id, the time, the principals, the MCP method and target, a SHA-256
-digest of the arguments (never the arguments: they may hold personal data), the context the
-policy saw, the result, the rules that decided, the obligations applied, the latency, the
+A record holds the decision id, the time, the principals, the MCP method, action and target, a
+SHA-256 digest of the arguments (never the arguments: they may hold personal data), the context
+the policy saw, the result, the rules that decided, the obligations applied, the latency, the
 policy version and change-log sequence decided on, and the caller's grant, task and session.
 Records are buffered in memory and written in batches off the request path. While the database
 cannot take them they stay buffered, up to a bound; beyond it the oldest are dropped, counted
@@ -132,6 +132,10 @@ class DecisionRecord:
     # died before the record was; the call may have reached its upstream, its outcome unknown,
     # and the context, rules and obligations were never recorded.
     recovered: bool = False
+    # The action the policy was asked about (``call``, ``read``, ``connect``...): with the
+    # principals and target, the question a record asked (`bastion.audit.replay`); "" in records
+    # written before it was recorded.
+    action: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         # Field by field, not `dataclasses.asdict`: that deep-copies the context and obligations,
@@ -142,6 +146,12 @@ class DecisionRecord:
         if len(self.__dict__) > len(_FIELDS):  # fields a later version wrote (`from_dict`)
             data.update((k, v) for k, v in self.__dict__.items() if k not in _NAMES)
         return data
+
+    def later_fields(self) -> tuple[str, ...]:
+        """The fields a later version wrote that this one does not know (`from_dict`)."""
+        if len(self.__dict__) == len(_FIELDS):
+            return ()
+        return tuple(k for k in self.__dict__ if k not in _NAMES)
 
     @classmethod
     def of(cls, given: dict[str, Any]) -> DecisionRecord:
@@ -219,7 +229,14 @@ def _row(r: DecisionRecord) -> tuple:
     target...), kept (an eighth less to encode)."""
     values = vars(r)
     if len(values) == len(_FIELDS):
-        own = _encode({"arguments_digest": r.arguments_digest, "at": r.at, "context": r.context})
+        own = _encode(
+            {
+                "action": r.action,
+                "arguments_digest": r.arguments_digest,
+                "at": r.at,
+                "context": r.context,
+            }
+        )
         own_too = _encode(
             {
                 "id": r.id,
@@ -483,6 +500,28 @@ class DecisionRecords:
             (seq, limit),
         )
         return [(s, DecisionRecord.from_dict(json.loads(text))) for s, text in rows]
+
+    def window(
+        self, since: float, until: float, server: str | None = None, page: int = 1000
+    ) -> Iterator[DecisionRecord]:
+        """Records made from ``since`` up to (not at) ``until`` (epoch seconds), of ``server``
+        if given, oldest first: read a page of ``page`` at a time, so that a week of them is
+        never held at once."""
+        at, seq = since, -1
+        where = "((at = ? AND seq > ?) OR at > ?) AND at < ?"
+        if server is not None:
+            where += " AND server = ?"
+        while True:
+            given = (at, seq, at, until, *((server,) if server is not None else ()), page)
+            rows = self.db.execute(
+                f"SELECT at, seq, record FROM audit_decisions WHERE {where}"
+                " ORDER BY at, seq LIMIT ?",
+                given,
+            )
+            for at, seq, text in rows:  # noqa: B007 - the last one's carry on
+                yield DecisionRecord.from_dict(json.loads(text))
+            if len(rows) < page:
+                return
 
     def last_seq(self, back: int = 0) -> int:
         """The sequence ``back`` records before the newest one (0: the newest)."""

@@ -52,7 +52,7 @@ with the policy (`bastion.decide.CONTRACT_SHAPES`), never while serving.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Generic, TypeVar
@@ -61,8 +61,9 @@ from bastion.decide import Authorizer, Session
 from bastion.facts.model import Entity
 from bastion.policy.errors import EvaluationLimit
 from bastion.policy.runtime import ReadContext
-from bastion.signals.read_only import read_only_holds
-from bastion.signals.step_up import required_auth_age
+from bastion.signals.read_only import read_only_holds, refuses_write
+from bastion.signals.step_up import ERROR as SIGN_IN_AGAIN
+from bastion.signals.step_up import needs_sign_in, required_auth_age
 
 Answer = TypeVar("Answer")
 
@@ -248,6 +249,35 @@ def _decide_chain(
         ),
         generation=generation,
     )
+
+
+def policy_result(
+    chain: ChainDecision,
+    action: str,
+    resource: Entity,
+    context: Mapping[str, Any],
+    auth_time: int | None,
+    now: float,
+) -> tuple[str, str]:
+    """What the policy alone makes of ``chain``, as the gateway records it: its result
+    (``allow``, ``deny`` or ``step_up``) and the reason of a refusal: a scope the token lacks,
+    the budget spent, a principal not allowed, a write under its read-only mode, a sign-in
+    (``auth_time``) older than it accepts at ``now``. What people, counters and stores then make
+    of an allowed one (approvals, reviews, rate limits, labels) is not the policy's alone."""
+    if chain.missing_scopes:
+        return "step_up", "insufficient_scope"
+    if chain.reason is not None:  # the evaluation spent its budget: refused, not stuck
+        return "deny", chain.reason
+    if not chain.allowed:
+        return "deny", "not_permitted"
+    obligations = chain.obligations
+    # Asked only of an answer with either obligation: nothing more on the usual path.
+    if obligations.read_only or obligations.max_auth_age is not None:
+        if refuses_write(obligations.read_only, action, resource, context):
+            return "deny", "read_only"
+        if needs_sign_in(obligations.max_auth_age, auth_time, now):
+            return "step_up", SIGN_IN_AGAIN
+    return "allow", ""
 
 
 def plainly_allowed(

@@ -23,6 +23,7 @@ import secrets
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
+from bastion.decide.mcp import CLIENT_REQUESTS
 from bastion.facts.model import Entity
 from bastion.gateway.enforce import Caller, Held, StepUp, refused
 from bastion.gateway.jsonrpc import (
@@ -43,12 +44,6 @@ if TYPE_CHECKING:
     from bastion.gateway.sessions import Session
     from bastion.gateway.upstream import Upstream
 
-# The requests an upstream may send a client, and the capability the client must have declared.
-CLIENT_REQUESTS = {
-    "sampling/createMessage": "sampling",
-    "elicitation/create": "elicitation",
-    "roots/list": "roots",
-}
 # The capabilities a client declares that bastion relays; a 2025-11-25 session keeps these only,
 # in at most this many characters of JSON (`kept_capabilities`).
 RELAYED_CAPABILITIES = frozenset(CLIENT_REQUESTS.values())

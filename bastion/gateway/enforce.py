@@ -33,6 +33,7 @@ from bastion.decide.contract import (
     ChainDecision,
     Obligations,
     decide_chain,
+    policy_result,
     remembered_calls,
     same_value,
 )
@@ -66,10 +67,9 @@ from bastion.signals.behavior import (
 )
 from bastion.signals.posture import RequestPosture
 from bastion.signals.read_only import MEANING as READ_ONLY_MEANING
-from bastion.signals.read_only import read_only_holds, refuses_write
+from bastion.signals.read_only import read_only_holds
 from bastion.signals.shadow import Shadow
 from bastion.signals.step_up import ERROR as SIGN_IN_AGAIN
-from bastion.signals.step_up import needs_sign_in
 from bastion.signals.suspensions import Suspensions, token_principals
 
 log = logging.getLogger("bastion.gateway")
@@ -341,7 +341,9 @@ class Enforcer:
         started = time.perf_counter()
         decision_id = new_decision_id()
         if self.facts_stale() or ((heard := self.facts_heard()) is not None and not await heard):
-            self._refuse_stale(decision_id, caller, server, method, resource, context, arguments)
+            self._refuse_stale(
+                decision_id, caller, server, method, action, resource, context, arguments
+            )
         if (suspended := self.suspended(caller)) is not None:
             await self._alert_suspended(suspended, decision_id, server, method, resource)
             noted = {"suspended": repr(suspended)}
@@ -350,6 +352,7 @@ class Enforcer:
                 caller,
                 server,
                 method,
+                action,
                 resource,
                 context,
                 arguments,
@@ -364,6 +367,7 @@ class Enforcer:
                 caller,
                 server,
                 method,
+                action,
                 resource,
                 context,
                 arguments,
@@ -388,18 +392,10 @@ class Enforcer:
                 caller, action, resource, context, annotations_now
             )
         obligations = chain.obligations
-        result, reason, retry_after = "allow", "", None
-        if chain.missing_scopes:
-            result, reason = "step_up", "insufficient_scope"
-        elif chain.reason is not None:  # the evaluation spent its budget: refused, not stuck
-            result, reason = "deny", chain.reason
-        elif not chain.allowed:
-            result, reason = "deny", "not_permitted"
-        # Asked only of an answer with either obligation: a call less on the usual path.
-        elif (obligations.read_only or obligations.max_auth_age is not None) and (
-            refusal := self._posture_refusal(caller, obligations, action, resource, context)
-        ):
-            result, reason = refusal
+        result, reason = policy_result(
+            chain, action, resource, context, caller.auth_time, self.clock()
+        )
+        retry_after = None
         held: tuple[Call, Outcome] | None = None
         review: tuple[Call, Outcome] | None = None
         linked: ApprovalRequest | None = None
@@ -489,23 +485,6 @@ class Enforcer:
         chain = self.decisions(authz, caller.principals, action, resource, context, caller.scopes)
         return context, authz, position, chain
 
-    def _posture_refusal(
-        self,
-        caller: Caller,
-        obligations: Obligations,
-        action: str,
-        resource: Entity,
-        context: dict[str, Any],
-    ) -> tuple[str, str] | None:
-        """The result and reason refusing an allowed message for its obligations' read-only
-        mode (a write refused) or sign-in age (a step-up), or None (always, for an answer with
-        neither obligation)."""
-        if refuses_write(obligations.read_only, action, resource, context):
-            return "deny", "read_only"
-        if needs_sign_in(obligations.max_auth_age, caller.auth_time, self.clock()):
-            return "step_up", SIGN_IN_AGAIN
-        return None
-
     async def _obligations(
         self,
         authz: Authorizer,
@@ -557,14 +536,15 @@ class Enforcer:
                     {**context, "approval": approval},
                     granted_scopes=caller.scopes,
                 )
+                decided = policy_result(
+                    chain, action, resource, context, caller.auth_time, self.clock()
+                )
                 if not chain.allowed or chain.missing_scopes or chain.reason is not None:
                     result, reason = "deny", chain.reason or "not_permitted"
-                elif refusal := self._posture_refusal(
-                    caller, chain.obligations, action, resource, context
-                ):
+                elif decided[0] != "allow":
                     # What the call is allowed with is this decision's: its read-only mode and
                     # the sign-in it asks for hold as much as the first decision's.
-                    result, reason = refusal
+                    result, reason = decided
                 elif outcome.state == "approved":
                     spend = outcome.request  # once everything else has let it through
                 else:
@@ -838,6 +818,7 @@ class Enforcer:
         caller: Caller,
         server: str,
         method: str,
+        action: str,
         resource: Entity,
         context: dict[str, Any],
         arguments: Any,
@@ -845,7 +826,16 @@ class Enforcer:
         """Record the refusal of a decision that would have been made on stale facts; raise it."""
         reason = "facts_stale"
         self._write_early(
-            decision_id, caller, server, method, resource, context, arguments, "unavailable", reason
+            decision_id,
+            caller,
+            server,
+            method,
+            action,
+            resource,
+            context,
+            arguments,
+            "unavailable",
+            reason,
         )
         raise RpcError(
             FACTS_STALE,
@@ -871,6 +861,7 @@ class Enforcer:
         caller: Caller,
         server: str,
         method: str,
+        action: str,
         resource: Entity,
         context: dict[str, Any],
         arguments: Any,
@@ -885,6 +876,7 @@ class Enforcer:
             caller,
             server,
             method,
+            action,
             resource,
             {**context, **noted},
             arguments,
@@ -899,6 +891,7 @@ class Enforcer:
         caller: Caller,
         server: str,
         method: str,
+        action: str,
         resource: Entity,
         context: dict[str, Any],
         arguments: Any,
@@ -920,6 +913,7 @@ class Enforcer:
                 context,
                 reason,
                 self.position(),
+                action=action,
             )
         )
 
@@ -940,11 +934,13 @@ class Enforcer:
         rules: tuple[str, ...] = (),
         obligations: dict[str, Any] | None = None,
         latency_us: int = 0,
+        action: str = "",
     ) -> dict[str, Any]:
         """The fields of a decision record (`DecisionRecord`): every record the gateway writes
         is built here, and journalled here (`bastion.audit.journal`). ``position``: the policy
         version in force and the change-log sequence the facts stood at when it was decided,
-        read with the `Authorizer` that decided."""
+        read with the `Authorizer` that decided; ``action``: the action it asked of the policy
+        (a record's question, as `bastion audit replay` asks it again)."""
         policy_version, sequence = position
         fields = {
             "id": decision_id,
@@ -966,6 +962,7 @@ class Enforcer:
             "grant_id": caller.grant_id,
             "task": caller.task,
             "session": caller.session_id,
+            "action": action,
         }
         # Journalled now, before the call goes upstream: its record is written later, and a
         # process killed meanwhile would leave no trace of the decision (bastion.audit.journal).
@@ -1029,6 +1026,7 @@ class Enforcer:
             rules or (),
             obligations,
             int((time.perf_counter() - started) * 1e6),
+            action,
         )
         self._signals(authz, chain, action, resource, context, record)
         if result != "allow":

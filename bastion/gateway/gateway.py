@@ -29,6 +29,7 @@ from bastion.audit.refusals import RefusalLog
 from bastion.db import DatabaseUnavailable
 from bastion.decide import Authorizer
 from bastion.decide.contract import remembered_connects
+from bastion.decide.mcp import message_action
 from bastion.facts.model import Entity
 from bastion.gateway.client_requests import ClientRequests
 from bastion.gateway.config import GatewayConfig, UpstreamConfig
@@ -416,7 +417,12 @@ class Gateway:
         ):
             try:
                 verdict = await enforcer.decide(
-                    ex.caller, ex.server, ex.message.method or "", "connect", server, context
+                    ex.caller,
+                    ex.server,
+                    ex.message.method or "",
+                    message_action(server),
+                    server,
+                    context,
                 )
             except Held as held:
                 # Approved, the next message connects: a grant for minutes covers a session.
@@ -429,7 +435,12 @@ class Gateway:
         if self.enforcer.suspended(caller) is not None:
             return True  # refused (and recorded) by `Enforcer.decide`
         return not self.connects(
-            self.enforcer.authorizer(), caller.principals, "connect", server, context, caller.scopes
+            self.enforcer.authorizer(),
+            caller.principals,
+            message_action(server),
+            server,
+            context,
+            caller.scopes,
         )
 
     def pin_accepted(self, server: str, kind: str, name: str, digest: str | None) -> None:
@@ -607,7 +618,7 @@ class Gateway:
             # Decided again in full, so that a refusal is recorded (with its rules).
             try:
                 verdict = await enforcer.decide(
-                    caller, listener.server, method, "connect", server, context
+                    caller, listener.server, method, message_action(server), server, context
                 )
             except (RpcError, StepUp, Held):
                 listener.close(refused=True)

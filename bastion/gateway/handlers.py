@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from bastion import untrusted_json
 from bastion.approvals.service import NoApprover
+from bastion.decide.mcp import message_action
 from bastion.facts.model import Entity
 from bastion.gateway import holds
 from bastion.gateway.client_requests import (
@@ -496,16 +497,17 @@ async def list_items(ex: Exchange) -> dict[str, Any]:
 
 async def _decide_and_forward(
     ex: Exchange,
-    action: str,
     resource: Entity,
     extra: dict[str, Any],
     arguments: Any,
     annotations_now: Callable[[], Awaitable[dict[str, Any]]] | None = None,
     unpinned: PinChange | None = None,
 ) -> dict[str, Any]:
-    """Decide a message its handler has admitted (`Gateway.admit`: ``connect``, before it
-    read anything of the upstream for it), and forward it if allowed."""
+    """Decide a message on ``resource`` its handler has admitted (`Gateway.admit`: ``connect``,
+    before it read anything of the upstream for it), as the MCP mapping's action on it
+    (`message_action`), and forward it if allowed."""
     enforcer = ex.gateway.enforcer
+    action = message_action(resource)
     request_id, params = holds.retried(ex)
     # Refused before the call is decided (and counted, or spends an approval).
     ex.gateway.client_requests.sealed(ex.caller, ex.server, params)
@@ -717,7 +719,6 @@ async def call_tool(ex: Exchange) -> dict[str, Any]:
         unpinned = await pins.now(name, unpinned, ex.connection)
     return await _decide_and_forward(
         ex,
-        "call",
         Entity("Tool", f"{ex.server}/{name}"),
         {"tool": name, "arguments": arguments, "annotations": annotations},
         arguments,
@@ -731,7 +732,7 @@ async def read_resource(ex: Exchange) -> dict[str, Any]:
     uri = _uri(ex, ex.message.params.get("uri"))
     await ex.gateway.admit(ex)
     return await _decide_and_forward(
-        ex, "read", Entity("McpResource", f"{ex.server}/{uri}"), {"uri": uri}, None
+        ex, Entity("McpResource", f"{ex.server}/{uri}"), {"uri": uri}, None
     )
 
 
@@ -742,7 +743,6 @@ async def get_prompt(ex: Exchange) -> dict[str, Any]:
     await ex.gateway.admit(ex)
     return await _decide_and_forward(
         ex,
-        "get",
         Entity("Prompt", f"{ex.server}/{name}"),
         {"prompt": name, "arguments": arguments},
         arguments,
@@ -771,12 +771,13 @@ async def subscribe(ex: Exchange) -> dict[str, Any]:
     _room_to_subscribe(ex, session, uri)
     enforcer = ex.gateway.enforcer
     await ex.gateway.admit(ex)
+    resource = Entity("McpResource", f"{ex.server}/{uri}")
     verdict = await enforcer.decide(
         ex.caller,
         ex.server,
         ex.message.method,
-        "read",
-        Entity("McpResource", f"{ex.server}/{uri}"),
+        message_action(resource),
+        resource,
         ex.context(uri=uri),
     )
     try:
@@ -881,20 +882,20 @@ async def complete(ex: Exchange) -> dict[str, Any]:
     }
     if ref["type"] == "ref/prompt":
         name = _name(ex, ref, "name", "params.ref")
-        action, resource = "get", Entity("Prompt", f"{ex.server}/{name}")
+        resource = Entity("Prompt", f"{ex.server}/{name}")
         extra["prompt"] = name
     else:
         uri = _uri(ex, ref.get("uri"), "params.ref.uri", template=True)
-        action, resource = "read", Entity("McpResource", f"{ex.server}/{uri}")
+        resource = Entity("McpResource", f"{ex.server}/{uri}")
         extra["uri"] = uri
     await ex.gateway.admit(ex)
     # Completing an argument of a prompt not as accepted is refused as getting it is.
-    unpinned = await _prompt_unpinned(ex, extra["prompt"]) if action == "get" else None
+    unpinned = await _prompt_unpinned(ex, extra["prompt"]) if "prompt" in extra else None
     # What is bound (to an approval, a review, the record's digest) is all the upstream gets
     # to complete: the argument and the context of the prompt's other arguments, which the
     # policy sees too. The argument alone let an approval of one context complete another.
     bound = {"argument": argument, "context": context}
-    return await _decide_and_forward(ex, action, resource, extra, bound, unpinned=unpinned)
+    return await _decide_and_forward(ex, resource, extra, bound, unpinned=unpinned)
 
 
 async def pass_through(ex: Exchange) -> dict[str, Any]:

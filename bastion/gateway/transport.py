@@ -25,6 +25,7 @@ from starlette.types import Receive, Scope, Send
 
 from bastion import untrusted_json
 from bastion.db import DatabaseUnavailable
+from bastion.decide.mcp import message_action
 from bastion.gateway.client_requests import kept_capabilities
 from bastion.gateway.enforce import Caller, Held, StepUp
 from bastion.gateway.handlers import Exchange, admit_and_start, handler_for
@@ -794,7 +795,7 @@ class StreamableHttpEndpoint:
             with upstream.connection(caller, session.id) as connection:
                 await connection.ensure_started()
             verdict = await gateway.enforcer.decide(
-                caller, server, "GET", "connect", upstream.entity, context
+                caller, server, "GET", message_action(upstream.entity), upstream.entity, context
             )
         except Held as held:
             # Recorded as held: the id and the approval to answer, as a POST is told them.

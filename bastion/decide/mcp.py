@@ -1,0 +1,37 @@
+"""The MCP mapping (docs/gateway.md): the action each MCP message is decided as, by the entity it
+is decided on. The gateway asks its questions with it, and `bastion audit replay` reads back,
+with it, the question a decision record asked."""
+
+from __future__ import annotations
+
+from bastion.facts.model import Entity
+
+# A message on each entity: connect to the server, call a tool, read a resource, get a prompt.
+MESSAGE_ACTIONS = {"McpServer": "connect", "Tool": "call", "McpResource": "read", "Prompt": "get"}
+# The requests an upstream may send a client, and the capability the client must have declared.
+# Each is decided as the action its method names, on the upstream's ``McpServer``.
+CLIENT_REQUESTS = {
+    "sampling/createMessage": "sampling",
+    "elicitation/create": "elicitation",
+    "roots/list": "roots",
+}
+
+
+def message_action(resource: Entity) -> str:
+    """The action a client's message on ``resource`` is decided as (`MESSAGE_ACTIONS`)."""
+    return MESSAGE_ACTIONS[resource.type]
+
+
+def recorded_action(method: str, resource: Entity, action: str = "") -> str | None:
+    """The action a decision record's question asked: the one it names (``action``); for a
+    record written before records named it, the one `message_action` gives, where nothing else
+    could have been asked. None where something else could: an upstream's request to a client
+    (`CLIENT_REQUESTS`) is decided on its server as its method, just after the ``connect`` it
+    reaches that client under, and both records name the same method and target."""
+    if action:
+        return action
+    if resource.type not in MESSAGE_ACTIONS:
+        return None
+    if resource.type == "McpServer" and method in CLIENT_REQUESTS:
+        return None
+    return message_action(resource)
