@@ -3,7 +3,8 @@
 and the events of its approval or review; ``bastion audit events`` prints audit events
 (approvals, tokens, grants...); ``bastion audit prune`` deletes the audit trail older than the
 retention; ``bastion audit verify`` walks its hash chains (`bastion.audit.chain`) and says where
-one was tampered with."""
+one was tampered with; ``bastion audit replay`` (`bastion.audit.replay_commands`) decides the
+recorded decisions again with a candidate policy."""
 
 from __future__ import annotations
 
@@ -341,3 +342,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     verify_.add_argument("--config", help="bastion.toml to read the database from")
     verify_.set_defaults(func=cmd_verify)
+    from bastion.audit.replay_commands import add_replay  # it reads this module's helpers
+
+    add_replay(commands)

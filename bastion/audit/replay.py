@@ -1,0 +1,237 @@
+"""Replaying decision records with a candidate policy (``bastion audit replay``): which of the
+gateway's real decisions would it decide differently?
+
+Each record is asked again as the question it asked (`question_of`): its principals, its
+action (`bastion.decide.mcp.recorded_action`), its target, its token's scopes and its context,
+with the time it was recorded at as ``context.time``, so that a time-window rule answers as at
+the call. It is decided by the gateway's own contract (`decide_chain`, `policy_result`) on the
+facts the `Authorizer` holds: the store's as they are now, for facts keep no history. What the
+policy alone did not decide is never guessed at: `NotReplayable` says why (`NOT_REPLAYABLE`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from bastion.audit.decisions import DecisionRecord
+from bastion.decide import Authorizer
+from bastion.decide.contract import ChainDecision, decide_chain, policy_result
+from bastion.decide.mcp import recorded_action
+from bastion.delegation.labels import CONTEXT_FIELD
+from bastion.facts.model import Entity
+from bastion.policy.errors import EvaluationLimit
+from bastion.policy.runtime import ReadContext
+
+# Why a record is not replayed, each counted on its own.
+NOT_REPLAYABLE = {
+    "later_format": "written by a later bastion, with fields this one does not know",
+    "recovered": "recovered from the journal of a process that died: no context, no outcome",
+    "no_context": "its context, or the time in it, was not recorded",
+    "facts_stale": "refused because the facts were too old to decide on",
+    "refused_before_decision": "refused before any policy was asked (the kill switch, a tool"
+    " or prompt not as pinned)",
+    "rate_limit": "decided by a rate limit's counters",
+    "approval": "decided by people (an approval or a review) or the approval store",
+    "session_labels": "decided by the session label store",
+    "not_decided_by_policy": "its result or reason is not the policy's alone",
+    "action_not_recorded": "written before records named their action, and another action"
+    " than the usual one may have been asked",
+    "unreadable": "its principals or target cannot be read as entities",
+    "arguments_not_recorded": "the candidate reads the call's arguments, which records keep"
+    " only as a digest",
+    "context_not_recorded": "the candidate reads behaviour figures or session labels that were"
+    " not worked out (so not recorded) at the call",
+}
+# The results the policy alone gives, and the refusals' reasons it gives them with.
+_POLICY_RESULTS = frozenset({"allow", "deny", "step_up"})
+_POLICY_REFUSALS = frozenset({"not_permitted", "evaluation_limit", "signal_stale", "read_only"})
+_APPROVAL_REASONS = frozenset(
+    {"no_approver", "approval_unavailable", "approval_used", "approval_pending", "review_pending"}
+)
+_LABEL_REASONS = frozenset({"labels_unavailable", "labels_lost", "labels_full"})
+# Context fields the gateway works out only where a rule reads them: what the policy in force
+# then did not read is not in the record, and a candidate's answer on it would be a guess.
+_WORKED_OUT = frozenset({"behavior", CONTEXT_FIELD})
+_ABSENT = object()
+
+
+class NotReplayable(Exception):  # noqa: N818 - an answer, not a failure
+    """A record that is not replayed; ``reason`` is a key of `NOT_REPLAYABLE`."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(NOT_REPLAYABLE[reason])
+        self.reason = reason
+
+
+@dataclass(frozen=True, slots=True)
+class Question:
+    """What a decision record asked the policy, as the gateway asked it."""
+
+    principals: tuple[Entity, ...]
+    action: str
+    resource: Entity
+    context: dict[str, Any]
+    scopes: frozenset[str]
+    auth_time: int | None
+    at: float
+
+
+@dataclass(frozen=True, slots=True)
+class Replayed:
+    """A record decided again: the candidate's result and reason; when it differs from the
+    record's, the rules that decided it (empty over budget: explaining would spend it again)."""
+
+    record: DecisionRecord
+    question: Question
+    result: str
+    reason: str
+    rules: tuple[str, ...] = ()
+
+    @property
+    def same(self) -> bool:
+        return self.result == self.record.result
+
+    @property
+    def over_budget(self) -> bool:
+        return self.reason == EvaluationLimit.reason
+
+
+def question_of(record: DecisionRecord) -> Question:
+    """The question ``record`` asked, or `NotReplayable` when the policy alone did not answer
+    it, or what it asked cannot be told."""
+    if record.later_fields():
+        raise NotReplayable("later_format")
+    if record.recovered:
+        raise NotReplayable("recovered")
+    if record.reason == "facts_stale":
+        raise NotReplayable("facts_stale")
+    if not record.deciding_principal:  # only the refusals made before any policy name none
+        raise NotReplayable("refused_before_decision")
+    reason = record.reason
+    if record.result == "rate_limited" or reason == "rate_limit_unavailable":
+        raise NotReplayable("rate_limit")
+    if record.result == "held" or reason in _APPROVAL_REASONS or record.obligations.get("approval"):
+        raise NotReplayable("approval")
+    if reason in _LABEL_REASONS:
+        raise NotReplayable("session_labels")
+    if record.result not in _POLICY_RESULTS or (
+        record.result == "deny" and reason not in _POLICY_REFUSALS
+    ):
+        raise NotReplayable("not_decided_by_policy")
+    context = dict(record.context)
+    when = context.get("time")
+    try:
+        context["time"] = datetime.fromisoformat(when)  # as the gateway gave it: a datetime
+    except (TypeError, ValueError):
+        raise NotReplayable("no_context") from None
+    if context["time"].tzinfo is None:
+        raise NotReplayable("no_context")
+    try:
+        principals = tuple(Entity.parse(p) for p in record.principals)
+        resource = Entity.parse(record.target)
+    except (TypeError, ValueError):
+        raise NotReplayable("unreadable") from None
+    action = recorded_action(record.method, resource, record.action)
+    if action is None or not principals:
+        raise NotReplayable("action_not_recorded" if principals else "unreadable")
+    scopes = context.get("scopes")
+    token = context.get("token")
+    auth_time = token.get("auth_time") if isinstance(token, dict) else None
+    return Question(
+        principals,
+        action,
+        resource,
+        context,
+        frozenset(s for s in scopes if isinstance(s, str))
+        if isinstance(scopes, list)
+        else frozenset(),
+        auth_time if type(auth_time) is int else None,
+        record.at,
+    )
+
+
+def replay(authz: Authorizer, record: DecisionRecord) -> Replayed:
+    """``record`` decided again by ``authz``'s policy and facts, as the gateway decides: every
+    principal of its chain, within one evaluation budget (over it: refused, as the gateway
+    refuses). `NotReplayable` when the answer would rest on what the record does not hold."""
+    question = question_of(record)
+    reading = ReadContext(question.context)
+    chain = decide_chain(
+        authz,
+        question.principals,
+        question.action,
+        question.resource,
+        reading,
+        question.scopes,
+    )
+    _check_reads(reading, record.context)
+    result, reason = policy_result(
+        chain,
+        question.action,
+        question.resource,
+        question.context,
+        question.auth_time,
+        question.at,
+    )
+    if result == "allow":
+        result, reason = _held(chain)
+    if result == record.result:
+        return Replayed(record, question, result, reason)
+    return Replayed(
+        record, question, result, reason, _rules(authz, question, chain, result, reason)
+    )
+
+
+def _check_reads(reading: ReadContext, recorded: dict[str, Any]) -> None:
+    """`NotReplayable` if the candidate read what the record cannot tell: the arguments (kept
+    as a digest), or a worked-out field (`_WORKED_OUT`) the gateway did not work out then."""
+    paths = reading.paths.union((name,) for name in reading.fields)
+    if any(path[0] == "arguments" for path in paths):
+        raise NotReplayable("arguments_not_recorded")
+    for path in paths:
+        if path[0] in _WORKED_OUT and _at(recorded, path) is _ABSENT:
+            raise NotReplayable("context_not_recorded")
+
+
+def _at(value: Any, path: tuple) -> Any:
+    for name in path:
+        if not isinstance(value, dict) or name not in value:
+            return _ABSENT
+        value = value[name]
+    return value
+
+
+def _held(chain: ChainDecision) -> tuple[str, str]:
+    """An allowed answer that a person must approve, or whose result a person must review, is
+    held (as the gateway holds it): a record allowed without either was not."""
+    obligations = chain.obligations
+    if obligations.requires_approval and not obligations.approval_granted:
+        return "held", "approval_required"
+    if obligations.requires_review:
+        return "held", "review_required"
+    return "allow", ""
+
+
+def _rules(
+    authz: Authorizer, question: Question, chain: ChainDecision, result: str, reason: str
+) -> tuple[str, ...]:
+    """The rules that decided the candidate's different answer: of the principal it turned on
+    (the one refused, else the last), as the gateway's records name them; those that require
+    the hold, for a held one. None over budget, or where explaining spends its own budget."""
+    if reason == EvaluationLimit.reason:
+        return ()
+    asked = (question.action, question.resource)
+    try:
+        with authz.session(question.context) as s:
+            if result != "held":
+                deciding = chain.refused_by or chain.principals[-1]
+                return tuple(s.explain(deciding, *asked).rules())
+            held = "requires_approval" if reason == "approval_required" else "requires_review"
+            rules: list[str] = []
+            for principal in question.principals:
+                rules += (r for r in s.prove(held, principal, *asked).rules() if r not in rules)
+            return tuple(rules)
+    except EvaluationLimit:
+        return ()
