@@ -263,6 +263,16 @@ def test_what_the_policy_alone_did_not_decide_is_counted_not_replayable_by_reaso
     assert report["replayed"] == report["same"] > 0
 
 
+def test_the_gateway_records_the_action_each_decision_asked(gateway):
+    written = [r for r in _records(gateway) if not r.recovered and not r.later_fields()]
+    asked = {(r.method, r.target.split("{")[0], r.action) for r in written}
+    assert ("resources/read", "McpResource", "read") in asked
+    assert ("tools/call", "Tool", "call") in asked
+    assert ("prompts/get", "Prompt", "get") in asked
+    assert ("initialize", "McpServer", "connect") in asked
+    assert all(action for _, _, action in asked)
+
+
 def test_a_policy_file_that_does_not_load_is_refused_with_its_line_and_exit_2(
     gateway, tmp_path, capsys
 ):
