@@ -112,7 +112,8 @@ def question_of(record: DecisionRecord) -> Question:
     reason = record.reason
     if record.result == "rate_limited" or reason == "rate_limit_unavailable":
         raise NotReplayable("rate_limit")
-    if record.result == "held" or reason in _APPROVAL_REASONS or record.obligations.get("approval"):
+    obligations = record.obligations if isinstance(record.obligations, dict) else {}
+    if record.result == "held" or reason in _APPROVAL_REASONS or obligations.get("approval"):
         raise NotReplayable("approval")
     if reason in _LABEL_REASONS:
         raise NotReplayable("session_labels")
@@ -120,6 +121,8 @@ def question_of(record: DecisionRecord) -> Question:
         record.result == "deny" and reason not in _POLICY_REFUSALS
     ):
         raise NotReplayable("not_decided_by_policy")
+    if not isinstance(record.context, dict):
+        raise NotReplayable("no_context")
     context = dict(record.context)
     when = context.get("time")
     try:
@@ -129,9 +132,9 @@ def question_of(record: DecisionRecord) -> Question:
     if context["time"].tzinfo is None:
         raise NotReplayable("no_context")
     try:
-        principals = tuple(Entity.parse(p) for p in record.principals)
-        resource = Entity.parse(record.target)
-    except (TypeError, ValueError):
+        principals = tuple(map(_entity, record.principals))
+        resource = _entity(record.target)
+    except (AttributeError, TypeError, ValueError):
         raise NotReplayable("unreadable") from None
     action = recorded_action(record.method, resource, record.action)
     if action is None or not principals:
@@ -150,6 +153,15 @@ def question_of(record: DecisionRecord) -> Question:
         auth_time if type(auth_time) is int else None,
         record.at,
     )
+
+
+def _entity(text: str) -> Entity:
+    """The entity a record spells as ``text``; `ValueError` unless it spells it back the same
+    (an id with a quote or a backslash in it is written escaped, and not read back here)."""
+    entity = Entity.parse(text)
+    if repr(entity) != text:
+        raise ValueError(f"not read back the same: {text!r}")
+    return entity
 
 
 def replay(authz: Authorizer, record: DecisionRecord) -> Replayed:
