@@ -185,7 +185,7 @@ def replay(authz: Authorizer, record: DecisionRecord) -> Replayed:
         question.resource,
         question.context,
         question.auth_time,
-        question.at,
+        lambda: question.at,
     )
     if result == "allow":
         result, reason = _held(chain)

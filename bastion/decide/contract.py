@@ -257,13 +257,14 @@ def policy_result(
     resource: Entity,
     context: Mapping[str, Any],
     auth_time: int | None,
-    now: float,
+    clock: Callable[[], float],
 ) -> tuple[str, str]:
     """What the policy alone makes of ``chain``, as the gateway records it: its result
     (``allow``, ``deny`` or ``step_up``) and the reason of a refusal: a scope the token lacks,
     the budget spent, a principal not allowed, a write under its read-only mode, a sign-in
-    (``auth_time``) older than it accepts at ``now``. What people, counters and stores then make
-    of an allowed one (approvals, reviews, rate limits, labels) is not the policy's alone."""
+    (``auth_time``) older than it accepts now (``clock``, read only for an answer that asks for
+    a recent sign-in). What people, counters and stores then make of an allowed one
+    (approvals, reviews, rate limits, labels) is not the policy's alone."""
     if chain.missing_scopes:
         return "step_up", "insufficient_scope"
     if chain.reason is not None:  # the evaluation spent its budget: refused, not stuck
@@ -275,7 +276,7 @@ def policy_result(
     if obligations.read_only or obligations.max_auth_age is not None:
         if refuses_write(obligations.read_only, action, resource, context):
             return "deny", "read_only"
-        if needs_sign_in(obligations.max_auth_age, auth_time, now):
+        if needs_sign_in(obligations.max_auth_age, auth_time, clock()):
             return "step_up", SIGN_IN_AGAIN
     return "allow", ""
 

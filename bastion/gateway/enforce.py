@@ -393,7 +393,7 @@ class Enforcer:
             )
         obligations = chain.obligations
         result, reason = policy_result(
-            chain, action, resource, context, caller.auth_time, self.clock()
+            chain, action, resource, context, caller.auth_time, self.clock
         )
         retry_after = None
         held: tuple[Call, Outcome] | None = None
@@ -537,7 +537,7 @@ class Enforcer:
                     granted_scopes=caller.scopes,
                 )
                 decided = policy_result(
-                    chain, action, resource, context, caller.auth_time, self.clock()
+                    chain, action, resource, context, caller.auth_time, self.clock
                 )
                 if not chain.allowed or chain.missing_scopes or chain.reason is not None:
                     result, reason = "deny", chain.reason or "not_permitted"
