@@ -377,6 +377,110 @@ def test_two_processes_never_both_recover_the_same_journal(tmp_path, database_ur
     assert len(AuditLog(records.db).events("decisions.recovered")) == 4
 
 
+# A gateway's journal and record writer, in a process of its own, told over stdin which decisions
+# it takes (journalled, their calls at their upstreams) and which are answered (their records
+# written); it answers with its journal's inode once the records are stored.
+OWNER = """
+import json, os, sys
+from bastion.audit import journal
+from bastion.audit.decisions import DecisionRecord, DecisionRecords
+from bastion.db import Database
+journal.REWRITE_BYTES = 4096
+records = DecisionRecords(Database(sys.argv[1]))
+records.journal = journal.DecisionJournal(sys.argv[2], journal.database_identity(sys.argv[1]))
+print(records.journal.path, flush=True)
+for line in sys.stdin:
+    command, decisions = json.loads(line)
+    for fields in decisions:
+        if command == "take":
+            records.journal.append(fields)
+        else:
+            records.add(DecisionRecord.of(fields))
+    records.flush()
+    print(os.stat(records.journal.path).st_ino, flush=True)
+"""
+
+
+def _tell(owner: subprocess.Popen, command: str, decisions: list[dict]) -> int:
+    owner.stdin.write(json.dumps([command, decisions]) + "\n")
+    owner.stdin.flush()
+    return int(owner.stdout.readline())
+
+
+def test_a_journal_rewritten_while_another_process_recovers_it_loses_no_decision_and_none_twice(
+    tmp_path, database_url
+):
+    """A sweeper opens a live process's journal, and before it tries the lock the owner
+    rewrites that journal (past `REWRITE_BYTES`: a new file put in its place, the old one
+    closed, its lock with it). The lock the sweeper then gets is the old file's, no sign that
+    its owner died: it recovers nothing and leaves the new file be. The call still at its
+    upstream is stored once, by its owner; a decision the owner takes later is recovered once
+    the owner is killed outright."""
+    folder, database = tmp_path / "j", database_identity(database_url)
+    owner = subprocess.Popen(
+        [sys.executable, "-c", OWNER, database_url, str(folder)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])},
+    )
+    try:
+        path = Path(owner.stdout.readline().strip())
+        at_upstream, answered = _decision(0), [_decision(n) for n in range(1, 40)]
+        first = _tell(owner, "take", [at_upstream, *answered])
+
+        # The sweeper, in a thread, stops once it has opened the journal, before its lock.
+        opened, go_on = threading.Event(), threading.Event()
+
+        def pause(frame, event, arg) -> None:
+            if (
+                event == "c_return"
+                and arg is os.open
+                and frame.f_code is journal_module._recover.__code__
+            ):
+                opened.set()
+                go_on.wait(60)
+
+        swept: list[int] = []
+
+        def sweep() -> None:
+            records = DecisionRecords(Database(database_url))
+            sys.setprofile(pause)
+            try:
+                swept.append(recover_journals(folder, records, database))
+            finally:
+                sys.setprofile(None)
+
+        sweeper = threading.Thread(target=sweep)
+        sweeper.start()
+        try:
+            assert opened.wait(60), "the sweeper never opened the journal"
+            # Thirty-nine answered and stored: the journal, past 4 KiB, is rewritten.
+            assert _tell(owner, "answered", answered) != first
+        finally:
+            go_on.set()
+            sweeper.join(60)
+        assert swept == [0]
+        records = DecisionRecords(Database(database_url))
+        assert [r.id for r in _stored(records)] == [fields["id"] for fields in answered]
+        assert _journals(folder) == [path] and at_upstream["id"].encode() in path.read_bytes()
+
+        # The call at its upstream is answered; another is taken; then the owner is killed.
+        later = _decision(40)
+        _tell(owner, "answered", [at_upstream])
+        _tell(owner, "take", [later])
+    finally:
+        owner.kill()
+        owner.wait()
+    assert recover_journals(folder, records, database) == 1
+    stored = _stored(records)
+    assert sorted(r.id for r in stored) == sorted(
+        fields["id"] for fields in [*answered, at_upstream, later]
+    )
+    assert [r.id for r in stored if r.recovered] == [later["id"]]
+    assert _journals(folder) == []
+
+
 def test_a_journal_of_another_database_is_left_alone(tmp_path):
     ours, theirs = str(tmp_path / "ours.db"), str(tmp_path / "theirs.db")
     journal = DecisionJournal(tmp_path / "j", database_identity(theirs))
