@@ -1,6 +1,8 @@
-"""What README.md and docs/ tell a person to type works as written: every `bastion ...` command
-names a command, sub-command, options and choices the real parser has (built from bastion/cli.py,
-never run), and README.md runs bastion and python from the .venv/ that make creates; every TOML
+"""What README.md and docs/ tell a person to type works as written: every `bastion ...` command,
+in a code block or inline, names a command, sub-command, options and choices the real parser has
+(built from bastion/cli.py, never run), and that parser takes it (a synopsis in each of its
+forms, a placeholder standing for a value; inline code that only names a command or its options
+is not parsed); README.md runs bastion and python from the .venv/ that make creates; every TOML
 example is read by the readers `bastion serve` hands each table to; every `make <target>` is a
 rule of the Makefile. (tests/server/test_docs.py checks the other direction: what the server
 has is named in the docs.)"""
@@ -10,7 +12,7 @@ from __future__ import annotations
 import argparse
 import re
 import shlex
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, fields, is_dataclass
 from pathlib import Path
 
@@ -65,8 +67,19 @@ _SHELL_LANGUAGES = {"", "sh", "shell", "bash", "console", "text"}
 _INVOCATION = re.compile(
     r"(?:^\s*(?:\$\s+)?(?:\w+=\S*\s+)*|[|;&]\s*|\$\()(?P<program>(?:[\w./$()-]*/)?bastion)\s+(?=[a-z-])"
 )
-# Where the command ends: a pipe, a list operator, a redirection, a background `&`.
+# Where the command ends: a pipe, a list operator, a redirection, a background `&` (a `|` inside
+# a synopsis's [ ] separates alternatives: `[--parent ID | --no-parent]`).
 _END = re.compile(r"\s(?:\||&&?|;|[12]?>|<<)(?:\s|$)|\)\s*$")
+
+
+def _end(text: str) -> int:
+    """Where the command that ``text`` begins with ends."""
+    for end in _END.finditer(text):
+        if text.count("[", 0, end.start()) <= text.count("]", 0, end.start()):
+            return end.start()
+    return len(text)
+
+
 # A comment, to the end of its line.
 _COMMENT = re.compile(r"(?:^|\s)#.*$")
 # Inline code that names bastion's own words, not a command: its messages quoted in the docs
@@ -79,7 +92,6 @@ class Command:
     file: str
     line: int
     text: str  # from `bastion` on
-    synopsis: bool  # inline, or written with [optional] parts, <placeholders>, A|B choices
     program: str  # as typed: bastion, .venv/bin/bastion ("" inline: named, not typed)
 
 
@@ -100,29 +112,39 @@ def _commands() -> Iterator[Command]:
                 line = _COMMENT.sub("", line)
                 for found in _INVOCATION.finditer(line):
                     text = line[found.end() :]
-                    end = _END.search(text)
-                    text = "bastion " + (text[: end.start()] if end else text).strip()
+                    text = "bastion " + text[: _end(text)].strip()
                     yield Command(
                         block.file,
                         block.line + start,
                         text,
-                        _is_synopsis(text),
                         found.group("program"),
                     )
-        text = path.read_text(encoding="utf-8")
-        for number, line in enumerate(text.splitlines(), 1):
-            for span in re.findall(r"`((?:\.venv/bin/)?bastion [a-z][^`]*)`", line):
-                span = re.sub(r"^\.venv/bin/", "", span)
-                if span.split()[1] in _MESSAGES:
-                    continue
-                yield Command(str(path.relative_to(ROOT)), number, span, True, "")
+        for number, span in _inline_code(path):
+            span = re.sub(r"^\.venv/bin/", "", span)
+            if not span.startswith("bastion ") or not re.match(r"[a-z]", span[8:]):
+                continue
+            if span.split()[1] in _MESSAGES:
+                continue
+            yield Command(str(path.relative_to(ROOT)), number, span, "")
 
 
-def _is_synopsis(text: str) -> bool:
-    return bool(re.search(r"[\[\]<>|]|\.\.\.|…", text))
+def _inline_code(path: Path) -> Iterator[tuple[int, str]]:
+    """(line, text) of each inline code span: in the prose, its line breaks (a span may run
+    over two lines of a paragraph) as spaces; in a fenced block, within one line."""
+    lines = path.read_text(encoding="utf-8").splitlines()
+    for block in _blocks(path):  # (blanked: a fence's backticks would pair with the prose's)
+        for n in range(block.line - 2, block.line + block.text.count("\n") + 1):
+            for span in re.findall(r"`([^`]+)`", lines[n]):
+                yield n + 1, span
+            lines[n] = ""
+    text = "\n".join(lines)
+    for span in re.finditer(r"(?<!`)`(?!`)((?:[^`\n]|\n(?!\s*\n))+)`(?!`)", text):
+        yield text.count("\n", 0, span.start()) + 1, " ".join(span.group(1).split())
 
 
 def _words(text: str) -> list[str]:
+    # A placeholder of several words (`<client id>`) is one.
+    text = re.sub(r"<[^<>]*>", lambda m: "_".join(m.group().split()), text)
     try:
         return shlex.split(text)
     except ValueError:  # a quote a synopsis leaves open
@@ -138,8 +160,12 @@ def _option(parser: argparse.ArgumentParser, name: str) -> argparse.Action | Non
 
 
 def _placeholder(word: str) -> bool:
-    """A value the reader fills in: NAME, <id>, $VAR, ..."""
-    return bool(re.fullmatch(r"[A-Z][A-Z0-9_]*|<.*|.*>|\$.*|.*\.\.\.|…", word))
+    """A value the reader fills in: NAME, SEQ:HASH, <id>, $VAR, a value elided (sha256:...)."""
+    return bool(
+        re.fullmatch(
+            r"[A-Z][A-Z0-9_]*(?:[:=.,/-][A-Z][A-Z0-9_]*)*|<.*|.*>|\$.*|.*(?:\.\.\.|…).*", word
+        )
+    )
 
 
 def _mistakes(words: list[str], parser: argparse.ArgumentParser) -> list[str]:
@@ -191,6 +217,20 @@ def _mistakes(words: list[str], parser: argparse.ArgumentParser) -> list[str]:
     return mistakes
 
 
+def _or_placeholder(convert: Callable[[str], object]) -> Callable[[str], object]:
+    def value(text: str) -> object:
+        return text if _placeholder(text) else convert(text)
+
+    return value
+
+
+class _Choices(list):
+    """An option's choices, and any placeholder."""
+
+    def __contains__(self, value: object) -> bool:
+        return (isinstance(value, str) and _placeholder(value)) or super().__contains__(value)
+
+
 def _parse_error(words: list[str]) -> str | None:
     """What the parser says of ``words`` taken as given, None when it takes them."""
     parser = build_parser()
@@ -204,6 +244,12 @@ def _parse_error(words: list[str]) -> str | None:
     while stack:
         p = stack.pop()
         p.error = refuse  # type: ignore[method-assign]
+        for action in p._actions:
+            # A placeholder stands for a value the option or argument takes.
+            if action.type is not None and callable(action.type):
+                action.type = _or_placeholder(action.type)
+            if action.choices is not None and not isinstance(action, argparse._SubParsersAction):
+                action.choices = _Choices(action.choices)
         if (sub := _subparsers(p)) is not None:
             stack.extend(sub.choices.values())
     try:
@@ -213,20 +259,95 @@ def _parse_error(words: list[str]) -> str | None:
     return None
 
 
+def _forms(words: list[str]) -> list[list[str]]:
+    """The commands a synopsis stands for: without its [optional] parts, and with all of them,
+    taking the first of each `A|B` (a word) or `[A | B]` (a part's) alternatives, then the
+    second, ... A `...` after an option stands for its value; elsewhere (`[--scope ...]`,
+    `--name N ...`) for more of what came before, and is left out."""
+
+    def parse(i: int, stop: str) -> tuple[list, int]:
+        # -> (alternatives, each a list of items: a word, or ("optional", alternatives))
+        alternatives: list[list] = [[]]
+        while i < len(words):
+            word = words[i]
+            if word == stop:
+                return alternatives, i + 1
+            if word == "|":
+                alternatives.append([])
+                i += 1
+            elif word == "[":
+                inner, i = parse(i + 1, "]")
+                alternatives[-1].append(("optional", inner))
+            else:
+                alternatives[-1].append(word)
+                i += 1
+        return alternatives, i
+
+    split: list[str] = []  # the brackets off their words: "[--json]" -> "[", "--json", "]"
+    for word in words:
+        opening = len(word) - len(word.lstrip("["))
+        closing = len(word) - len(word.rstrip("]"))
+        core = word[opening : len(word) - closing] if closing < len(word) else ""
+        split += ["["] * opening + ([core] if core else []) + ["]"] * closing
+    words = split
+    tree, _ = parse(0, "")
+    tree = tree[0] if len(tree) == 1 else [("optional", tree)]
+
+    def expand(items: list, choice: int, optional: bool) -> list[str]:
+        out: list[str] = []
+        for item in items:
+            if isinstance(item, tuple):
+                if optional:
+                    alternatives = item[1]
+                    out += expand(alternatives[min(choice, len(alternatives) - 1)], choice, True)
+            elif item in ("...", "…"):
+                if out and out[-1].startswith("-") and "=" not in out[-1]:
+                    out.append("VALUE")
+            else:
+                alternatives = item.split("|") if "|" in item.strip("|") else [item]
+                out.append(alternatives[min(choice, len(alternatives) - 1)])
+        return out
+
+    most = max(1, words.count("|") + 1, *(len(word.split("|")) for word in words))
+    forms = [expand(tree, 0, False)]
+    for choice in range(most):
+        form = expand(tree, choice, True)
+        if form not in forms:
+            forms.append(form)
+    return forms
+
+
+def _named_only(words: list[str], parser: argparse.ArgumentParser) -> bool:
+    """Whether ``words`` name a command (`bastion users disable`), or its options, their values
+    elided (`bastion approvals list --limit`, `bastion clients create --scope ...`), in prose,
+    rather than write out a command to type."""
+    for word in words:
+        sub = _subparsers(parser)
+        if sub is not None and word in sub.choices:
+            parser = sub.choices[word]
+        elif not word.startswith("-") and word not in ("...", "…"):
+            return False
+    return True
+
+
 def test_every_bastion_command_the_docs_show_is_one_the_cli_has():
     parser = build_parser()
     wrong = []
-    seen = 0
+    seen = parsed = 0
     for command in _commands():
         seen += 1
         words = _words(command.text)[1:]
         mistakes = _mistakes(words, parser)
-        if not mistakes and not command.synopsis:
-            error = _parse_error(words)
-            if error is not None:
-                mistakes = [error]
+        if not mistakes and not (command.program == "" and _named_only(words, parser)):
+            parsed += 1
+            for form in _forms(words):
+                error = _parse_error(form)
+                if error is not None:
+                    mistakes = [f"{error} (as {' '.join(['bastion', *form])!r})"]
+                    break
         wrong += [f"{command.file}:{command.line}: {command.text!r}: {m}" for m in mistakes]
     assert seen > 100, f"only {seen} commands found in the docs: is the extraction broken?"
+    assert parsed > 100, f"only {parsed} commands parsed: is the extraction broken?"
     assert not wrong, "commands in the docs the CLI does not have:\n" + "\n".join(wrong)
 
 
