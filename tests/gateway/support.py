@@ -13,7 +13,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -609,11 +609,13 @@ def serve_quickstart(
     env: dict[str, str] | None = None,
     replace: dict[str, str] | None = None,
     port: int | None = None,
+    prepare: Callable[[Path], None] | None = None,
 ) -> tuple[subprocess.Popen, str]:
     """`bastion serve` of examples/quickstart/bastion.toml in a process of its own, as `make run`
     starts it, but on a free port with a fresh database in ``directory`` (set up by the
     quickstart's setup.py). ``env`` adds environment variables (``BASTION_*`` settings);
-    ``replace`` changes more of the configuration's text. Returns the process and its URL once it
+    ``replace`` changes more of the configuration's text; ``prepare``, given the configuration's
+    path, adds to the database before bastion starts. Returns the process and its URL once it
     is ready; the caller stops it. ``port``: a port chosen before (else a free one).
     """
     port = port or free_socket().getsockname()[1]
@@ -634,6 +636,8 @@ def serve_quickstart(
         cwd=ROOT,
         check=True,
     )
+    if prepare is not None:
+        prepare(path)
     return bastion_serve(path, f"http://127.0.0.1:{port}", env)
 
 
