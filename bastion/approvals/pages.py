@@ -125,21 +125,11 @@ class ApprovalPages:
         )
 
     def _waiting_for(self, person: str) -> list[ApprovalRequest]:
-        """Pending requests that name ``person`` among their approvers, and their own calls that
-        name nobody (they confirm their agent), each one `may_answer` allows now."""
+        """Pending requests that name ``person`` (`ApprovalRequest.names`: among their approvers,
+        or, where none is named, as the one who confirms: the user, or the owner of an agent
+        acting as itself), newest first, each one `may_answer` allows now."""
         named = self.approvals.listed(status=OPEN, approver=person, limit=LIST_LIMIT)
-        own = [
-            r
-            for r in self.approvals.listed(status=OPEN, limit=LIST_LIMIT)
-            if not r.approvers and r.confirmer == person
-        ]
-        seen: set[str] = set()
-        found = []
-        for r in sorted([*named, *own], key=lambda r: r.created_at, reverse=True):
-            if r.id not in seen and self.approvals.may_answer(r, person) is None:
-                seen.add(r.id)
-                found.append(r)
-        return found[:LIST_LIMIT]
+        return [r for r in named if self.approvals.may_answer(r, person) is None]
 
     # -- GET /approvals/<id> -------------------------------------------------------------------
 
