@@ -23,6 +23,7 @@ from bastion.audit.decisions import DecisionRecords
 from bastion.audit.log import AuditLog
 from bastion.db import Database, first_line
 from bastion.delegation.tasks import prune_tasks
+from bastion.facts.store import prune_changes_before
 from bastion.oauth.store import prune_grants
 from bastion.signals import alert_webhooks
 from bastion.signals.alerts import prune_alerts
@@ -43,6 +44,7 @@ ROWS: tuple[Callable[[Database, float], dict[str, int]], ...] = (
     alert_webhooks.prune_deliveries,
     prune_tasks,
     prune_grants,
+    prune_changes_before,
 )
 
 

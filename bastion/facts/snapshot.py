@@ -25,7 +25,13 @@ from typing import Any
 
 from bastion import atomic_files
 from bastion.facts.model import Entity
-from bastion.facts.store import SCHEMA_VERSION, FactStore, PolicyVersion, StoredFact
+from bastion.facts.store import (
+    SCHEMA_VERSION,
+    SNAPSHOT_SCHEMAS,
+    FactStore,
+    PolicyVersion,
+    StoredFact,
+)
 from bastion.turns import Turns, collector_paused
 
 MAGIC = b"bastion-facts\n"
@@ -371,7 +377,7 @@ def _decode(r: _Reader) -> Snapshot:
 def check_origin(store: FactStore, origin: SnapshotOrigin) -> PolicyVersion | None:
     """The policy version the snapshot was taken under, if the snapshot may be used with this
     store and its log replayed after it; `SnapshotRefused` saying why not otherwise."""
-    if origin.schema != SCHEMA_VERSION:
+    if origin.schema not in SNAPSHOT_SCHEMAS:
         raise SnapshotRefused(
             f"it was written for schema version {origin.schema}, the database is at"
             f" {SCHEMA_VERSION}"

@@ -17,7 +17,7 @@ from datetime import datetime
 from json.encoder import encode_basestring_ascii
 from typing import Any
 
-from bastion.db import Database
+from bastion.db import PRUNE_BATCH, Database
 from bastion.facts.model import (
     Entity,
     FactError,
@@ -49,6 +49,8 @@ MAX_ENTITY_ID = MAX_FACT_KEY - 12 - 1
 # bound, the decision log kept a megabyte-long action whole in each of its records.
 MAX_STRING = MAX_ENTITY_ID
 CHANGES_CHANNEL = "bastion_changes"
+# The writers' lock (`Database.lock`): every write of facts, policies or the log takes it.
+WRITERS_LOCK = "bastion:changes"
 # Batches at least this large go through a scratch table (`FactStore._upsert`).
 _SCRATCH_THRESHOLD = 500
 _FACT_COLUMNS = ("key", "predicate", "arity", "a1", "a2", "a3", "a4", "args", "expires_at")
@@ -89,9 +91,17 @@ _MIGRATIONS = [
         id TEXT NOT NULL
     );
     """,
+    # Expired rows are found and deleted by their expiry (`FactStore.purge_expired`); most facts
+    # have none, and are left out of the index.
+    """
+    CREATE INDEX facts_expires_at ON facts (expires_at) WHERE expires_at IS NOT NULL;
+    """,
 ]
 # The schema version of the facts tables, written in every fact snapshot.
 SCHEMA_VERSION = len(_MIGRATIONS)
+# The schema versions whose snapshots this code reads: those that hold facts as this one does
+# (version 3 only added an index), so an upgrade does not throw every replica's snapshot away.
+SNAPSHOT_SCHEMAS = frozenset({2, 3})
 
 
 def _arg_key(arg: Any) -> str:
@@ -356,7 +366,7 @@ class FactStore:
 
     def _begin_write(self) -> int:
         """Inside a transaction: take the writers' lock and return the next sequence number."""
-        self.db.lock("bastion:changes")
+        self.db.lock(WRITERS_LOCK)
         return self.db.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM changes")[0][0]
 
     def _log(self, seq: int, actor: str, kind: str, payload: str) -> float:
@@ -535,6 +545,39 @@ class FactStore:
     def count(self) -> int:
         return self.db.execute("SELECT COUNT(*) FROM facts")[0][0]
 
+    # -- retention -------------------------------------------------------------------------
+
+    def purge_expired(self, grace: float, *, batch: int = PRUNE_BATCH) -> int:
+        """Delete the rows of facts that expired more than ``grace`` seconds ago, by the
+        database's clock on PostgreSQL (this machine's on SQLite), ``batch`` per transaction
+        under the writers' lock; return how many went.
+
+        No reader sees them (every read and every replica leaves an expired fact out), so this
+        writes no change-log entry and moves no sequence. A row written again meanwhile with a
+        later expiry, or none, is kept: the expiry is checked by the DELETE itself, after the
+        lock is had, never from an earlier read.
+        """
+        if self.db.is_postgres:
+            now = self.db.execute("SELECT EXTRACT(EPOCH FROM clock_timestamp())::float8")[0][0]
+        else:
+            now = time.time()
+        before = now - grace
+        purged = 0
+        while True:
+            with self.db.transaction():
+                self.db.lock(WRITERS_LOCK)
+                gone = len(
+                    self.db.execute(
+                        "DELETE FROM facts WHERE key IN (SELECT key FROM facts"
+                        " WHERE expires_at IS NOT NULL AND expires_at < ? ORDER BY expires_at"
+                        " LIMIT ?) AND expires_at < ? RETURNING key",
+                        (before, batch, before),
+                    )
+                )
+            purged += gone
+            if gone < batch:
+                return purged
+
     def snapshot(
         self, turns: Turns | None = None
     ) -> tuple[int, list[StoredFact], PolicyVersion | None]:
@@ -680,3 +723,38 @@ class FactStore:
         return self.put_policy(
             old.text, source=old.source, actor=actor, note=f"rollback to version {version}"
         )
+
+
+def prune_changes_before(db: Database, before: float, batch: int = PRUNE_BATCH) -> dict[str, int]:
+    """The audit retention's part here (`bastion.audit.retention`): the change-log entries
+    committed before ``before``, the record of who wrote which facts, oldest first, ``batch``
+    per transaction under the writers' lock; the latest entry always stays, so sequences go on
+    from it. Only ever the log's beginning goes, up to the first entry kept (an entry stamped
+    later by a writer's clock ahead of the others' keeps those after it): a replica needing a
+    pruned entry sees the log start past it and reloads, where a hole in the log would go
+    unnoticed. Nothing while the facts tables were never made in ``db``."""
+    if not db.execute("SELECT 1 FROM schema_migrations WHERE component = 'facts'"):
+        return {}
+    pruned = 0
+    while True:
+        with db.transaction():
+            db.lock(WRITERS_LOCK)
+            old = 0
+            rows = db.execute(
+                "SELECT seq, at FROM changes WHERE seq < (SELECT MAX(seq) FROM changes)"
+                " ORDER BY seq LIMIT ?",
+                (batch,),
+            )
+            for _, at in rows:
+                if at >= before:
+                    break
+                old += 1
+            if old:
+                old = len(
+                    db.execute(
+                        "DELETE FROM changes WHERE seq <= ? RETURNING seq", (rows[old - 1][0],)
+                    )
+                )
+        pruned += old
+        if old < batch:
+            return {"changes": pruned} if pruned else {}

@@ -29,6 +29,7 @@ from bastion.db import (
     storage_full,
     storage_full_report,
 )
+from bastion.facts.retention import purge_expired_forever
 from bastion.facts.store import FactStore
 from bastion.policy.errors import PolicyError
 from bastion.server import api, problems
@@ -593,6 +594,9 @@ def create_app(config: ServerConfig) -> Starlette:
         )
         task_sweep = asyncio.create_task(tasks.sweep_forever())
         retention = asyncio.create_task(prune_forever(db, config.audit_retention_days))
+        expired = asyncio.create_task(
+            purge_expired_forever(store, config.fact_expired_grace_seconds)
+        )
         chains = asyncio.create_task(keep_chains_forever(db, config.audit_checkpoint_seconds))
         sweep = (
             asyncio.create_task(approvals.drop_expired_results_forever())
@@ -602,7 +606,7 @@ def create_app(config: ServerConfig) -> Starlette:
         try:
             yield
         finally:
-            for task in (retention, chains, sweep, escalation, repeats, task_sweep):
+            for task in (retention, expired, chains, sweep, escalation, repeats, task_sweep):
                 if task is not None:
                     task.cancel()
                     with contextlib.suppress(asyncio.CancelledError):

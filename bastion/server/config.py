@@ -92,6 +92,10 @@ class ServerConfig:
     # database. Written every fact_snapshot_interval seconds while the facts change, and on stop.
     fact_snapshot_path: str = ""
     fact_snapshot_interval: float = 300.0
+    # The row of a fact whose expiry passed more than this many seconds ago is deleted by the
+    # server, hourly (decisions leave it out from its expiry on); the wait covers the clocks
+    # of replicas and writers that differ (docs/operations.md, "Audit retention").
+    fact_expired_grace_seconds: float = 3600.0
     # Audit events and gateway decision records older than this are deleted (0: kept for ever).
     audit_retention_days: float = 90.0
     # How often the server logs the audit trail's chain heads as a checkpoint line (when they
@@ -394,6 +398,8 @@ def _check_value(key: str, value: Any) -> None:
         raise ConfigError(f"log_level must be one of {', '.join(LOG_LEVELS)}, got {value!r}")
     if key == "decision_log_size" and value < 0:
         raise ConfigError(f"decision_log_size must be 0 (keep none) or more, got {value}")
+    if key == "fact_expired_grace_seconds" and value < 0:
+        raise ConfigError(f"fact_expired_grace_seconds must be 0 or more seconds, got {value!r}")
     if key == "audit_retention_days" and value < 0:
         raise ConfigError("audit_retention_days must be a number of days, 0 to keep everything")
     if key == "database":

@@ -225,6 +225,8 @@ def test_remembered_keys_are_bounded_in_characters_as_well_as_in_number(remember
         ("body_timeout", "inf"),
         ("keep_alive_timeout", "inf"),
         ("fact_snapshot_interval", "inf"),
+        ("fact_expired_grace_seconds", "-1"),  # a fact's row deleted before it expired
+        ("fact_expired_grace_seconds", "inf"),
         ("audit_retention_days", "inf"),
         ("audit_checkpoint_seconds", "0"),  # a checkpoint line without pause
         ("audit_checkpoint_seconds", "inf"),
