@@ -75,7 +75,7 @@ _CALLERS = 4096
 # is made again each time rather than its header text kept (up to the 64 KiB of a head).
 _REMEMBERED_HEADER = 64
 # The DPoP refusals of a verified token that are audited (`_authenticate`).
-_DPOP_REFUSALS = frozenset({"invalid_token", "invalid_dpop_proof"})
+_AUDITED_DPOP_REFUSALS = frozenset({"invalid_token", "invalid_dpop_proof", "facts_stale"})
 _NAME_PARAMS = {"tools/call": "name", "prompts/get": "name", "resources/read": "uri"}
 _ENVELOPE_VERSION = "io.modelcontextprotocol/protocolVersion"
 _ENVELOPE_CAPABILITIES = "io.modelcontextprotocol/clientCapabilities"
@@ -88,6 +88,26 @@ class HttpError(Exception):
         self, status: int, body: dict[str, Any] | None = None, headers: dict[str, str] | None = None
     ) -> None:
         self.status, self.body, self.headers = status, body, headers or {}
+
+
+class _Undecided(HttpError):
+    """A DPoP-bound call refused by a replica that decides nothing now (stale facts, its clock
+    off) before its proof was spent: 503, and audited (``facts_stale``), since no decision
+    record holds it."""
+
+    REASON = "facts_stale"
+
+    def __init__(self) -> None:
+        super().__init__(
+            503,
+            {
+                "error": "temporarily_unavailable",
+                "error_description": "this replica decides nothing now (its facts may be out of"
+                " date, or its clock is off): retry, or ask another replica; the DPoP proof is"
+                " not spent",
+            },
+            {"retry-after": "1"},
+        )
 
 
 def _decode_name(value: str | None) -> str | None:
@@ -241,10 +261,12 @@ class StreamableHttpEndpoint:
                 await self._check_dpop(server, kind, token, verified.jkt, scope)
             except HttpError as e:
                 # A verified token without a proof of its key (not a nonce to retry with, nor
-                # a database that is down): audited as other refused requests are.
-                error = (e.body or {}).get("error")
-                if error in _DPOP_REFUSALS:
-                    description = (e.body or {}).get("error_description", "")
+                # a database that is down), or a replica that decides nothing now: audited as
+                # other refused requests are.
+                body = e.body or {}
+                error = _Undecided.REASON if isinstance(e, _Undecided) else body.get("error")
+                if error in _AUDITED_DPOP_REFUSALS:
+                    description = body.get("error_description", "")
                     await gateway.refusals.record(error, caller, server, None, None, description)
                 raise
         return caller
@@ -314,17 +336,7 @@ class StreamableHttpEndpoint:
                 "this access token is not DPoP-bound: send it as 'Authorization: Bearer <token>'",
             )
         if not await self.gateway.enforcer.may_decide():
-            # Refused before the proof's jti is spent: the same request is good elsewhere.
-            raise HttpError(
-                503,
-                {
-                    "error": "temporarily_unavailable",
-                    "error_description": "this replica decides nothing now (its facts may be"
-                    " out of date, or its clock is off): retry, or ask another replica; the"
-                    " DPoP proof is not spent",
-                },
-                {"retry-after": "1"},
-            )
+            raise _Undecided  # before the proof's jti is spent: the request is good elsewhere
         proofs = [v.decode("latin-1") for k, v in scope["headers"] if k == DPOP_HEADER]
         try:
             proof = one_proof(proofs)

@@ -305,6 +305,11 @@ def test_a_skewed_replica_refuses_before_it_spends_a_proof_or_an_assertion(
         assert refused.status_code == 503, refused.text
         assert refused.json()["error"] == "temporarily_unavailable"
         assert "the DPoP proof is not spent" in refused.json()["error_description"]
+        # Refused before any decision, so in no decision record: audited as such a refusal is.
+        refusals = bastion.app.state.oauth.audit.events("mcp.refused", 1000)
+        assert [(e.detail["reason"], e.detail["server"]) for e in refusals] == [
+            ("facts_stale", SERVER)
+        ], refusals
         minted = bastion.http.post(f"{bastion.url}/token", data=form)
         assert (minted.status_code, minted.json()["error"]) == (503, "temporarily_unavailable")
 
