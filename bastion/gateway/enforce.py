@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import partial
-from typing import Any
+from typing import Any, NoReturn
 
 import anyio
 
@@ -195,6 +195,16 @@ def refused(target: str, decision_id: str, reason: str, **extra: Any) -> RpcErro
     )
 
 
+def stale(resource: Entity, decision_id: str) -> RpcError:
+    """The error of a message refused because this process cannot confirm its facts current."""
+    return RpcError(
+        FACTS_STALE,
+        f"bastion refused this request ({resource.id}): its facts may be out of date (the"
+        " decision service cannot reach its database); try again later",
+        {"decision_id": decision_id, "reason": "facts_stale"},
+    )
+
+
 class Enforcer:
     def __init__(
         self,
@@ -340,41 +350,21 @@ class Enforcer:
         ``pin_prompts``): refused before the policy is asked, after the kill switch."""
         started = time.perf_counter()
         decision_id = new_decision_id()
+        # Refusals made before the policy is asked: recorded, with what they noted.
+        asked = (decision_id, caller, server, method, action, resource, arguments)
         if self.facts_stale() or ((heard := self.facts_heard()) is not None and not await heard):
-            self._refuse_stale(
-                decision_id, caller, server, method, action, resource, context, arguments
-            )
+            why = stale(resource, decision_id)
+            self._refuse_early(*asked, context, "unavailable", "facts_stale", why)
         if (suspended := self.suspended(caller)) is not None:
             await self._alert_suspended(suspended, decision_id, server, method, resource)
-            noted = {"suspended": repr(suspended)}
-            self._refuse_first(
-                decision_id,
-                caller,
-                server,
-                method,
-                action,
-                resource,
-                context,
-                arguments,
-                "suspended",
-                noted,
-            )
+            noted = {**context, "suspended": repr(suspended)}
+            why = refused(resource.id, decision_id, "suspended")
+            self._refuse_early(*asked, noted, "deny", "suspended", why)
         if unpinned is not None:  # with the accepted and listed digests
             digests = {"pinned": unpinned.pinned, "listed": unpinned.listed}
-            noted = {f"{unpinned.kind}_pin": digests}
-            self._refuse_first(
-                decision_id,
-                caller,
-                server,
-                method,
-                action,
-                resource,
-                context,
-                arguments,
-                unpinned.reason,
-                noted,
-                **digests,
-            )
+            noted = {**context, f"{unpinned.kind}_pin": digests}
+            why = refused(resource.id, decision_id, unpinned.reason, **digests)
+            self._refuse_early(*asked, noted, "deny", unpinned.reason, why)
         shown = repr(resource)  # as records and counters spell it
         if method in COUNTED_METHODS:
             context = await self._behavior_context(caller, shown, context)
@@ -812,38 +802,6 @@ class Enforcer:
                         rules.append(rule)
         return tuple(rules)
 
-    def _refuse_stale(
-        self,
-        decision_id: str,
-        caller: Caller,
-        server: str,
-        method: str,
-        action: str,
-        resource: Entity,
-        context: dict[str, Any],
-        arguments: Any,
-    ) -> None:
-        """Record the refusal of a decision that would have been made on stale facts; raise it."""
-        reason = "facts_stale"
-        self._write_early(
-            decision_id,
-            caller,
-            server,
-            method,
-            action,
-            resource,
-            context,
-            arguments,
-            "unavailable",
-            reason,
-        )
-        raise RpcError(
-            FACTS_STALE,
-            f"bastion refused this request ({resource.id}): its facts may be out of date (the"
-            " decision service cannot reach its database); try again later",
-            {"decision_id": decision_id, "reason": reason},
-        )
-
     async def _alert_suspended(
         self, suspended: Entity, decision_id: str, server: str, method: str, resource: Entity
     ) -> None:
@@ -855,7 +813,7 @@ class Enforcer:
         raising = ("suspended_still_calling", "high", suspended, detail)
         await self.alerts.raise_all([raising], decision_id)
 
-    def _refuse_first(
+    def _refuse_early(
         self,
         decision_id: str,
         caller: Caller,
@@ -863,42 +821,14 @@ class Enforcer:
         method: str,
         action: str,
         resource: Entity,
-        context: dict[str, Any],
         arguments: Any,
-        reason: str,
-        noted: dict[str, Any],
-        **extra: Any,
-    ) -> None:
-        """Record a refusal made before any policy (the kill switch, a tool or prompt not as
-        pinned), ``noted`` in its context and ``extra`` in its error; raise it."""
-        self._write_early(
-            decision_id,
-            caller,
-            server,
-            method,
-            action,
-            resource,
-            {**context, **noted},
-            arguments,
-            "deny",
-            reason,
-        )
-        raise refused(resource.id, decision_id, reason, **extra)
-
-    def _write_early(
-        self,
-        decision_id: str,
-        caller: Caller,
-        server: str,
-        method: str,
-        action: str,
-        resource: Entity,
         context: dict[str, Any],
-        arguments: Any,
         result: str,
         reason: str,
-    ) -> None:
-        """The record of a refusal made before the policy was asked."""
+        error: Exception,
+    ) -> NoReturn:
+        """Record a refusal made before the policy was asked (stale facts, the kill switch, a
+        tool or prompt not as pinned; what it noted is in ``context``), and raise ``error``."""
         principals = tuple(repr(p) for p in caller.principals)
         self.write(
             self._fields(
@@ -916,6 +846,7 @@ class Enforcer:
                 action=action,
             )
         )
+        raise error
 
     def _fields(
         self,
