@@ -185,6 +185,13 @@ def _mistakes(words: list[str], parser: argparse.ArgumentParser) -> list[str]:
             continue
         if word.startswith("-") and len(word) > 1 and not options_ended:
             name = word.split("=", 1)[0]
+            if "|" in name:  # options that are alternatives (`--decisions|--events`): each
+                mistakes += [
+                    f"{' '.join(command)} has no option {alternative}"
+                    for alternative in name.split("|")
+                    if _option(parser, alternative) is None
+                ]
+                continue
             action = _option(parser, name)
             if action is None:
                 mistakes.append(f"{' '.join(command)} has no option {name}")

@@ -3,7 +3,8 @@
 and the events of its approval or review; ``bastion audit events`` prints audit events
 (approvals, tokens, grants...); ``bastion audit prune`` deletes the audit trail older than the
 retention; ``bastion audit verify`` walks its hash chains (`bastion.audit.chain`) and says where
-one was tampered with; ``bastion audit replay`` (`bastion.audit.replay_commands`) decides the
+one was tampered with, and checks exported copies (``bastion audit export``,
+`bastion.audit.export_commands`); ``bastion audit replay`` (`bastion.audit.replay_commands`) decides the
 recorded decisions again with a candidate policy."""
 
 from __future__ import annotations
@@ -202,7 +203,16 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    """Walk both chains; exit 1 at the first row out of place, or a checkpoint not confirmed."""
+    """Walk both chains; exit 1 at the first row out of place, or a checkpoint not confirmed.
+    With ``--export``, check each copy on its own, then the database against it."""
+    from bastion.audit.export import CopyRefused, compare, read_copy
+    from bastion.audit.export_commands import export_verdicts
+
+    try:
+        copies, empty = read_copy(args.export)
+    except CopyRefused as e:
+        print(f"bastion: {e}", file=sys.stderr)
+        return 2
     db = Database(_database(args))
     try:
         DecisionRecords(db), AuditLog(db)  # their tables, as this version keeps them
@@ -210,11 +220,14 @@ def cmd_verify(args: argparse.Namespace) -> int:
             verify(db, decisions.CHAIN, args.checkpoint),
             verify(db, log.CHAIN, args.events_checkpoint),
         ]
+        compared = {table: compare(db, copy) for table, copy in copies.items() if copy.ok}
     finally:
         db.close()
-    for verdict in verdicts:
-        print(_verdict(verdict), file=sys.stdout if verdict.ok else sys.stderr)
-    return 0 if all(v.ok for v in verdicts) else 1
+    said = [(verdict.ok, _verdict(verdict)) for verdict in verdicts]
+    said += export_verdicts(copies, empty, compared)
+    for ok, text in said:
+        print(text, file=sys.stdout if ok else sys.stderr)
+    return 0 if all(ok for ok, _ in said) else 1
 
 
 def _verdict(found: Verdict) -> str:
@@ -338,10 +351,22 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="the same for the audit events (audit checkpoint: ... events=...)",
     )
     verify_.add_argument(
+        "--export",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="a copy made by audit export: checked line by line, and the database against it"
+        " (rows altered, deleted or cut from the end since; pruned ones said so). Repeatable:"
+        " the files of one table in the order they were made",
+    )
+    verify_.add_argument(
         "--database", help="SQLite path or postgresql:// URL (or BASTION_DATABASE)"
     )
     verify_.add_argument("--config", help="bastion.toml to read the database from")
     verify_.set_defaults(func=cmd_verify)
-    from bastion.audit.replay_commands import add_replay  # it reads this module's helpers
+    # They read this module's helpers.
+    from bastion.audit.export_commands import add_export
+    from bastion.audit.replay_commands import add_replay
 
+    add_export(commands)
     add_replay(commands)
