@@ -147,8 +147,12 @@ def read_copy(paths: Sequence[str]) -> tuple[dict[str, Copy], list[str]]:
 
 def rows_of(path: str) -> Iterator[tuple[Row, Chain]]:
     """The rows of an export file, one line at a time."""
-    with open(path, encoding="utf-8", newline="\n") as lines:
-        for number, text in enumerate(lines, start=1):
+    with open(path, "rb") as lines:
+        for number, raw in enumerate(lines, start=1):
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise CopyRefused(f"{path}:{number}: not UTF-8 text ({e.reason})") from None
             yield _row(path, number, text)
 
 
@@ -280,6 +284,7 @@ class Comparison:
     matched: int = 0  # rows found as they were exported
     matched_first: int | None = None
     matched_last: int | None = None
+    before_matched: int = 0  # rows from before the chain found as they were exported
     gone: int = 0  # rows from before the chain no longer there (never chained)
     broken_at: int | None = None
     problem: str = ""
@@ -388,6 +393,7 @@ def _numbered(found: Comparison, stored: _Stored, row: Row) -> bool:
     if differs:
         return _broken_at(found, seq, f"altered since the export: {differs}")
     found.matched += 1
+    found.before_matched += row.before_chain
     if found.matched_first is None:
         found.matched_first = seq
     found.matched_last = seq
@@ -420,6 +426,7 @@ def _by_id(db: Database, found: Comparison, rows: list[Row]) -> None:
             return
         else:
             found.matched += 1
+            found.before_matched += 1
 
 
 def _goes_on(db: Database, found: Comparison) -> None:

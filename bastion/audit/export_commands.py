@@ -190,8 +190,9 @@ def _notes(copy: Copy, found: Comparison) -> list[str]:
                 + (", which follows its last" if found.oldest == (copy.last or 0) + 1 else "")
             )
     if copy.before:
-        kept = copy.before - found.gone
-        notes.append(f"  {copy.before} rows from before the chain: {kept} stored as exported")
+        notes.append(
+            f"  {copy.before} rows from before the chain: {found.before_matched} stored as exported"
+        )
     if found.gone:
         notes.append(
             f"  {found.gone} rows from before the chain gone since (pruned, or deleted: they"

@@ -350,6 +350,7 @@ CORRUPT = {
     "a column missing": (lambda text: text.replace('"hash":', '"hush":'), "no hash; unknown hush"),
     "not a table of the trail": (lambda text: text.replace("audit_", "x_"), "table must be"),
     "a number that is not JSON": (lambda text: text.replace('"seq":3', '"seq":NaN'), "NaN"),
+    "not UTF-8": (lambda text: text.replace("grant", "gr\udcffnt"), "not UTF-8 text"),
 }
 
 
@@ -366,7 +367,7 @@ def test_a_corrupted_export_line_is_refused_with_its_line_number(
     lines[index] = corrupt(lines[index])
     if corruption == "a line cut short":
         lines[index] += "\n"
-    file.write_text("".join(lines), encoding="utf-8")
+    file.write_bytes("".join(lines).encode("utf-8", "surrogateescape"))
 
     code, _, err = verify(capsys, sqlite_url, "--export", str(file))
     assert code == 2
@@ -426,3 +427,38 @@ def test_events_from_before_the_chain_are_exported_marked_so_and_compared(
     code, _, err = verify(capsys, database_url, "--export", str(exported_before))
     assert code == 1
     assert "id old2, from before the chain, altered: kind differs" in err
+
+
+def test_decision_records_from_before_the_chain_pruned_since_are_said_pruned(
+    database_url, tmp_path, capsys
+):
+    """Decision records from before the chain have their seq and no hash: exported marked so,
+    compared by seq, and the oldest of them pruned since are counted with the pruned rows."""
+    db = Database(database_url)
+    db.migrate("audit_decisions", decisions._MIGRATIONS[:1])
+    for n in (1, 2, 3):
+        db.execute(
+            "INSERT INTO audit_decisions (seq, id, at, server, method, target, principals,"
+            " result, arguments_digest, record) VALUES (?, ?, ?, 'desk', 'tools/call', 'T',"
+            " '[]', 'allow', '', '{}')",
+            (n, f"old{n}", NOW - 100 * DAY),
+        )
+    db.close()
+    db = _trail(database_url, records=4, events=1)
+    file = tmp_path / "copy.jsonl"
+    lines = exported(capsys, database_url, "decisions", file)
+    assert [(r["seq"], r.get("before_chain")) for r in lines] == [
+        (1, True),
+        (2, True),
+        (3, True),
+        (4, None),
+        (5, None),
+        (6, None),
+        (7, None),
+    ]
+    assert DecisionRecords(db).prune(NOW - 90 * DAY) == 3
+    db.close()
+    code, out, err = verify(capsys, database_url, "--export", str(file))
+    assert code == 0, err
+    assert "seqs 1 to 3 pruned since the export" in out
+    assert "3 rows from before the chain: 0 stored as exported" in out
