@@ -553,6 +553,36 @@ def test_names_that_would_read_as_others_are_shown_escaped_on_the_pages(bastion:
     assert tab.console_errors == [] and tab.failed_requests == []
 
 
+def test_a_user_whose_id_reads_as_the_approvers_own_is_shown_escaped(bastion: Running, tab: Tab):
+    """``аvery`` with a Cyrillic а (an id a company provider may hold: bastion takes its ids as
+    written) asks to send an email, and avery approves it as their manager: avery reads
+    ``\\u0430very`` on the list and the request's page, never her own name. ``Борис``, one
+    script, reads as it is."""
+    user, boris = "\u0430very", "\u0411\u043e\u0440\u0438\u0441"
+    facts = [parse_fact(f'manager(User{{"{u}"}}, User{{"avery"}})') for u in (user, boris)]
+    seq = bastion.app.state.store.apply(facts, actor="test").seq
+    deadline = time.monotonic() + 10
+    while bastion.app.state.replica.applied < seq:
+        assert time.monotonic() < deadline, "the replica did not apply the facts"
+        time.sleep(0.01)
+    request = hold(bastion, subject=user)
+    hold(bastion, subject=boris)
+    page = tab.page
+    page.goto(f"{bastion.url}/approvals")
+    sign_in(tab, "avery")
+    rows = page.get_by_role("row").filter(has=page.get_by_role("link"))
+    mixed = " ".join(rows.filter(has_text="\\u0430very").first.inner_text().split())
+    assert mixed.startswith("approve a call \\u0430very")
+    single = " ".join(rows.filter(has_text=boris).first.inner_text().split())
+    assert single.startswith(f"approve a call {boris}")
+    assert user not in text_of(page)
+    page.goto(bastion.page_url(request))
+    assert user not in text_of(page)
+    user_row = " ".join(page.get_by_role("row", name="User").inner_text().split())
+    assert user_row == "User \\u0430very"
+    assert tab.console_errors == [] and tab.failed_requests == []
+
+
 def test_with_two_approvers_required_the_first_sees_their_answer_and_the_second_decides(
     bastion: Running, tab: Tab
 ):

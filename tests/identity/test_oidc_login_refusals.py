@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import html
 import json
+import re
 import time
 import uuid
 from urllib.parse import parse_qs, urlencode, urlsplit
@@ -686,6 +687,34 @@ def test_another_person_of_the_provider_with_the_same_user_claim_cannot_take_the
     refused(login("lin-1"), 403, "belongs to another account")
 
 
+def test_a_providers_user_id_is_kept_as_written_and_shown_escaped_where_it_reads_as_another(
+    bastion, idp, client
+):
+    """The provider vouches for its ids: ``аda`` (a Cyrillic а) signs in, and ``José`` in NFC
+    and in NFD are two users, as at the provider (one in NFC, the second person would be held
+    out of the first's account, or, with a ``user_claim`` other than ``sub``, be them). The
+    page says whom it signed in, escaped where the id would read as another."""
+    shown = {}
+    for sub in ("\u0430da", "Jos\u00e9", "Jose\u0301"):
+        person = Person(bastion)
+        try:
+            query = person.sent_to_provider(client, "a")
+            code = idp.issue("a", query, sub=sub)
+            page = person.back_from_provider(
+                "a", code=code, state=query["state"], iss=idp.issuer("a")
+            )
+            assert page.status_code == 200, page.text
+            shown[sub] = re.search("Signed in as <strong>(.*?)</strong>", page.text)[1]
+        finally:
+            person.close()
+    assert shown == {
+        "\u0430da": "a:\\u0430da",
+        "Jos\u00e9": "a:Jos\u00e9",
+        "Jose\u0301": "a:Jose\\u0301",
+    }
+    assert {"a:\u0430da", "a:Jos\u00e9", "a:Jose\u0301"} <= set(users(bastion))
+
+
 def test_a_provider_user_cannot_take_the_name_of_a_client(bastion, idp, person, client):
     """With ``user_prefix = ""`` the provider names bastion's users; a name that is a client's
     id would make the person the ``User{<client id>}`` of that agent acting as itself (client
@@ -803,6 +832,21 @@ def test_an_email_the_provider_does_not_vouch_for_names_no_user(
                 ]
             },
             "user_prefix: a string of at most 64 printable characters",
+        ),
+        (
+            {
+                "providers": [
+                    {
+                        "id": "x",
+                        "issuer": "https://i.example",
+                        "client_id": "c",
+                        "token_endpoint_auth_method": "none",
+                        "user_prefix": "\u0441orp:",  # a Cyrillic с: reads as corp:
+                    }
+                ]
+            },
+            "user_prefix: a prefix that reads as itself: this one mixes scripts in one word"
+            " (Latin and Cyrillic: \\u0441orp)",
         ),
     ],
     ids=lambda v: str(v)[:30],

@@ -588,6 +588,24 @@ def test_a_user_prefix_keeps_the_issuers_users_apart_from_bastions_own(bastion, 
     assert "'corp:quinn' is disabled" in refused(call(bastion, idp.token("p", sub="quinn")))
 
 
+def test_an_issuers_user_id_is_taken_as_written_even_one_that_reads_as_another(bastion, idp):
+    """The issuer vouches for its ids, and bastion cannot tell whether it holds two people whose
+    ids differ only in their Unicode spelling: ``аvery`` (a Cyrillic а) is served, never
+    refused, and ``José`` in NFC and in NFD stay two users (one in NFC, they would share roles,
+    standing and approvals). People read them apart: `bastion.names.readable` escapes the
+    second spelling and the Cyrillic а."""
+    principals = []
+    for sub in ("\u0430very", "Jos\u00e9", "Jose\u0301"):
+        body = call(bastion, idp.token("p", sub=sub)).json()
+        bastion.flush()
+        principals.append(bastion.records.get(body["error"]["data"]["decision_id"]).principals[0])
+    assert principals == [
+        'User{"corp:\u0430very"}',
+        'User{"corp:Jos\u00e9"}',
+        'User{"corp:Jose\u0301"}',
+    ]
+
+
 def test_a_user_enabled_again_is_served_only_with_tokens_issued_after_the_disable(bastion, idp):
     """The provider's token from before the disable is still valid at the provider; bastion
     keeps refusing it once the user is enabled, and serves one issued after."""
