@@ -19,7 +19,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from bastion import untrusted_json
-from bastion.names import plain
+from bastion.names import lookalike_problem, plain
 from bastion.oauth.ciba import CIBA_GRANT_TYPE
 from bastion.oauth.client_assertion import key_metadata
 from bastion.oauth.dpop import CLIENT_METADATA as DPOP_REQUIRED
@@ -103,8 +103,10 @@ def client_name_problem(name: Any) -> str | None:
     """Why ``name`` cannot be a client's name, or None. The consent page shows it to people:
     nothing that does not show as itself (`bastion.names.plain`: a right-to-left override would
     turn round the warning that follows it, a line break would fake a line of the page, a
-    zero-width character or a Hangul filler would make ``Trusted Bot`` of another name).
-    Surrounding spaces are taken off when it is stored."""
+    zero-width character or a Hangul filler would make ``Trusted Bot`` of another name), and
+    nothing that reads as another name (`bastion.names.lookalike_problem`: ``Trusted Вot`` with
+    a Cyrillic В, fullwidth letters, a spelling not in NFC). Surrounding spaces are taken off
+    when it is stored."""
     if not isinstance(name, str) or len(name) > 200:
         return "client_name must be a string of at most 200 characters"
     if not plain(name.strip()):
@@ -112,6 +114,8 @@ def client_name_problem(name: Any) -> str | None:
             "client_name must be printable text: no control, format, bidirectional-override,"
             " zero-width or other invisible characters, and no two spaces in a row"
         )
+    if problem := lookalike_problem(name):
+        return f"client_name {problem}"
     return None
 
 

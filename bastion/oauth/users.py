@@ -7,7 +7,7 @@ import functools
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
 
-from bastion.names import check_name
+from bastion.names import check_name, check_new_name
 from bastion.oauth.store import OAuthStore
 
 _HASHER = PasswordHasher()
@@ -24,6 +24,7 @@ class UserError(ValueError):
 
 
 def validate_username(username: str) -> None:
+    """Whether ``username`` could name a user at all (one from a provider too)."""
     check_name(username, "a username", UserError)
 
 
@@ -33,8 +34,9 @@ def validate_password(password: str) -> None:
 
 
 def validate_new_user(username: str, password: str) -> None:
-    """What `create_user` checks before it reads the store: the name, then the password."""
-    validate_username(username)
+    """What `create_user` checks before it reads the store: the name (one made here must not
+    read as another: `bastion.names.lookalike_problem`), then the password."""
+    check_new_name(username, "a username", UserError)
     validate_password(password)
 
 

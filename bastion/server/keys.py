@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from bastion.audit.log import AuditLog
 from bastion.db import Database
-from bastion.names import check_name
+from bastion.names import check_new_name
 
 SCOPES = (
     "decide",
@@ -128,7 +128,7 @@ def check_new_key(
 ) -> frozenset[str]:
     """The scopes of a key to be made with ``name`` and ``expires_in``, or the error that names
     what is wrong with them: checked before anything is opened or written."""
-    check_name(name, "a key's name", KeyNameError)
+    check_new_name(name, "a key's name", KeyNameError)
     scope_set = check_scopes(list(scopes))
     if expires_in is not None and not 0 < expires_in <= MAX_KEY_SECONDS:
         raise ValueError(

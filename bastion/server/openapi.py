@@ -1007,7 +1007,10 @@ PATHS: dict[str, Any] = {
                     **_STR,
                     "minLength": 1,
                     "maxLength": MAX_NAME_LENGTH,
-                    "description": "printable, without surrounding spaces (422 otherwise)",
+                    "description": (
+                        "printable, without surrounding spaces, not reading as another name"
+                        " (no word mixing scripts, nothing NFKC changes, NFC): 422 otherwise"
+                    ),
                 },
                 scopes={"type": "array", "items": {"enum": list(SCOPES)}, "minItems": 1},
                 expires_in=_nullable(

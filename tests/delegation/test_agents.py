@@ -239,6 +239,15 @@ def test_bastion_agents_update_records_the_old_and_new_name_and_purpose(bastion,
     ]
 
 
+def test_bastion_agents_update_refuses_a_name_that_reads_as_another(bastion, config, capsys):
+    client_id = register(bastion, "report bot")
+    code, _, err = cli(capsys, "agents", "update", client_id, "--name", "rep\u043ert bot",
+                       "--config", config)  # fmt: skip
+    assert code == 2
+    assert "client_name mixes scripts in one word (Latin and Cyrillic: rep\\u043ert)" in err
+    assert agent_updates(capsys, config, client_id) == []
+
+
 def api(bastion, scopes: list[str]) -> httpx.Client:
     key, _ = bastion.app.state.keys.create("agents test", scopes, created_by="test")
     return httpx.Client(

@@ -529,3 +529,9 @@ def test_a_document_url_outside_rfc_3986_is_refused_before_any_fetch(url):
 
 def test_a_document_whose_name_holds_control_characters_is_refused(host):
     refused(host, host.document("/rlo.json", client_name="Claude\u202eDesktop"), "client_name")
+
+
+def test_a_document_whose_name_reads_as_another_is_refused(host):
+    """``Сlaude`` with a Cyrillic С reads as Claude on the consent page."""
+    url = host.document("/cyrillic.json", client_name="\u0421laude")
+    refused(host, url, "client_name mixes scripts in one word")

@@ -167,6 +167,43 @@ def test_a_username_that_would_read_as_another_is_refused_and_creates_nothing(
     assert Database(sqlite_url).execute("SELECT COUNT(*) FROM oauth_users")[0][0] == 0
 
 
+@pytest.mark.parametrize(
+    ("name", "problem"),
+    [
+        ("\u0430very", "mixes scripts in one word (Latin and Cyrillic: \\u0430very)"),
+        ("\uff53am", "has compatibility characters that Unicode's NFKC changes"),
+        ("Jose\u0301", "is not in Unicode's normal form NFC (write Jose\\u0301 as Jos\\u00e9)"),
+    ],
+)
+def test_a_username_that_looks_like_another_is_refused_saying_why_and_creates_nothing(
+    capsys, monkeypatch, sqlite_url, name, problem
+):
+    """``аvery`` with a Cyrillic а, a fullwidth ``ｓam``, ``José`` spelt as e and a combining
+    accent: each reads as another user (avery, sam, the José in NFC) wherever it is shown."""
+    OAuthStore(Database(sqlite_url))
+    code, _, err = run(
+        capsys,
+        monkeypatch,
+        *("users", "create", name, "--password-stdin", "--database", sqlite_url),
+        stdin="a long enough password\n",
+    )
+    assert code == 2 and f"a username {problem}" in err
+    assert Database(sqlite_url).execute("SELECT COUNT(*) FROM oauth_users")[0][0] == 0
+
+
+@pytest.mark.parametrize("name", ["Борис", "田中", "José", "Γιώργος"])
+def test_a_username_in_one_script_is_created(capsys, monkeypatch, sqlite_url, name):
+    OAuthStore(Database(sqlite_url))
+    code, out, err = run(
+        capsys,
+        monkeypatch,
+        *("users", "create", name, "--password-stdin", "--database", sqlite_url),
+        stdin="a long enough password\n",
+    )
+    assert code == 0, err
+    assert Database(sqlite_url).execute("SELECT username FROM oauth_users") == [(name,)]
+
+
 def test_set_password_of_an_unknown_user_changes_nothing(capsys, monkeypatch, sqlite_url):
     OAuthStore(Database(sqlite_url))
     code, _, err = run(

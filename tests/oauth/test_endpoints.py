@@ -113,6 +113,9 @@ def test_metadata_is_path_inserted_when_the_issuer_has_a_path(sqlite_url, tmp_pa
         ({"client_name": "Trusted\u034fBot"}, "invalid_client_metadata"),
         ({"client_name": "Trusted Bot\ufe0f"}, "invalid_client_metadata"),
         ({"client_name": "Trusted  Bot"}, "invalid_client_metadata"),
+        # visible, yet each reads as "Trusted Bot": a Cyrillic В, fullwidth letters
+        ({"client_name": "Trusted \u0412ot"}, "invalid_client_metadata"),
+        ({"client_name": "\uff34rusted Bot"}, "invalid_client_metadata"),
         ({"logo_uri": "javascript:x"}, "invalid_client_metadata"),
     ],
 )
@@ -125,6 +128,27 @@ def test_bad_client_metadata_is_refused_and_registers_nothing(bastion: Bastion, 
     before = bastion.rows()
     assert_oauth_error(bastion.http.post(f"{bastion.url}/register", json=body), error)
     assert bastion.rows() == before
+
+
+def test_a_client_name_that_reads_as_another_is_refused_saying_why(bastion: Bastion):
+    body = {"redirect_uris": ["https://example.com/cb"], "token_endpoint_auth_method": "none"}
+    response = bastion.http.post(
+        f"{bastion.url}/register", json={**body, "client_name": "Trusted \u0412ot"}
+    )
+    assert response.json()["error_description"] == (
+        "client_name mixes scripts in one word (Latin and Cyrillic: \\u0412ot)"
+    )
+    response = bastion.http.post(
+        f"{bastion.url}/register", json={**body, "client_name": "Cafe\u0301 Bot"}
+    )
+    assert "client_name is not in Unicode's normal form NFC" in response.text
+    # A name in one script, or in two words of two scripts, is a name.
+    for name in ("Помощник Бориса", "Борис's helper", "東京 Bot", "Café Bot"):
+        registered = bastion.http.post(
+            f"{bastion.url}/register", json={**body, "client_name": name}
+        )
+        assert registered.status_code == 201, registered.text
+        assert registered.json()["client_name"] == name
 
 
 def test_registration_body_must_be_a_json_object(bastion: Bastion):

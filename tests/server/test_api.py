@@ -540,6 +540,16 @@ def test_a_key_name_that_is_empty_long_or_not_printable_is_refused_and_stores_no
     assert api.get("/v1/keys").json()["keys"] == []
 
 
+def test_a_key_name_that_reads_as_another_is_refused_saying_why_and_stores_nothing(api):
+    """``ci-ѕtaging`` with a Cyrillic ѕ would read as the key ``ci-staging`` in `keys list` and
+    in the records of what the key changed."""
+    r = api.post("/v1/keys", json={"name": "ci-\u0455taging", "scopes": ["decide"]})
+    assert_problem(
+        r, 422, "a key's name mixes scripts in one word (Latin and Cyrillic: \\u0455taging)"
+    )
+    assert api.get("/v1/keys").json()["keys"] == []
+
+
 # -- service -----------------------------------------------------------------------------------
 
 

@@ -281,6 +281,19 @@ def test_keys_create_refuses_a_name_that_would_forge_a_line_of_keys_list(tmp_pat
     assert r.stdout == ""
 
 
+def test_keys_create_refuses_a_name_in_fullwidth_letters(tmp_path):
+    database = str(tmp_path / "bastion.db")
+    r = bastion(
+        "keys", "create", "--name", "\uff53taging", "--scope", "admin", "--database", database
+    )
+    assert r.returncode == 2
+    assert r.stderr.endswith(
+        "bastion: a key's name has compatibility characters that Unicode's NFKC changes"
+        " (\\uff53taging is staging)\n"
+    )
+    assert r.stdout == ""
+
+
 def test_policy_push_strict_refuses_a_misspelt_guardrail_locally_and_remotely(
     sqlite_url, tmp_path, serve
 ):
