@@ -1,4 +1,5 @@
-"""The Redis client every shared store uses (rate limits, behaviour counters, session labels).
+"""The Redis client every shared store uses (rate limits, behaviour counters, session labels,
+subscription counts).
 
 ``redis://``, ``rediss://`` and ``unix://`` URLs name one server; ``redis+cluster://`` (or
 ``rediss+cluster://``) any node of a Redis Cluster. Every call is bounded by ``timeout``, so a
@@ -7,6 +8,7 @@ Redis that does not answer fails the caller (which fails closed) instead of hold
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -39,3 +41,38 @@ def connect(
 
         options["redis_connect_func"] = ready
     return redis.Redis.from_url(url, **options), errors
+
+
+async def run_script(
+    redis: Any, script: Any, calls: list[tuple[list[str], list[Any]]], cluster: bool
+) -> list[Any]:
+    """Run ``script`` (registered on ``redis``) once per call of ``calls`` (its keys, its
+    arguments), in one round trip: pipelined by its digest (EVALSHA) on one server, a server
+    without it (restarted, or its scripts flushed) having it loaded and the calls it missed sent
+    once more; on a cluster, whose pipelines refuse scripts, each call to its own node at once.
+    Their results, in order; the first error is raised."""
+    from redis.exceptions import NoScriptError
+
+    if cluster:
+        return list(await asyncio.gather(*(script(keys=k, args=a) for k, a in calls)))
+    results: list[Any] = [None] * len(calls)
+    todo = list(range(len(calls)))
+    for _ in range(2):
+        async with redis.pipeline(transaction=False) as pipe:
+            for i in todo:
+                keys, args = calls[i]
+                pipe.evalsha(script.sha, len(keys), *keys, *args)
+            answers = await pipe.execute(raise_on_error=False)
+        missing = []
+        for i, answer in zip(todo, answers, strict=True):
+            if isinstance(answer, NoScriptError):
+                missing.append(i)
+            elif isinstance(answer, Exception):
+                raise answer
+            else:
+                results[i] = answer
+        if not missing:
+            return results
+        await redis.script_load(script.script)
+        todo = missing
+    raise NoScriptError("a script could not be loaded")

@@ -40,7 +40,7 @@ from typing import Any
 
 from bastion.policy.errors import EvaluationLimit
 from bastion.redaction import safe_url
-from bastion.redis_client import CLUSTER_SCHEMES, connect
+from bastion.redis_client import CLUSTER_SCHEMES, connect, run_script
 
 log = logging.getLogger("bastion.signals.behavior")
 
@@ -627,37 +627,10 @@ class RedisBehavior(_Counting):
                 sets.append(f"{base}:{name}:seen:{index}")
             calls.append(([*hashes, *sets], args))
         try:
-            if self._cluster:
-                # A cluster's pipelines refuse scripts: each key's call goes to its own node
-                # (the script loaded there first if it is not).
-                await asyncio.gather(*(self._script(keys=k, args=a) for k, a in calls))
-            else:
-                await self._pipelined(calls)
+            # One round trip (a cluster: one script call per key, each to its node, at once).
+            await run_script(self._redis, self._script, calls, self._cluster)
         except self._errors as e:
             log.error("behaviour counts lost: Redis at %s: %s", safe_url(self.url), e)
-
-    async def _pipelined(self, calls: list[tuple[list[str], list[Any]]]) -> None:
-        """The count script for each of ``calls`` in one round trip, by its digest (EVALSHA).
-        A server without the script (restarted, or its scripts flushed) runs none of those
-        calls: it is loaded, and they are sent once more."""
-        from redis.exceptions import NoScriptError
-
-        for _ in range(2):
-            async with self._redis.pipeline(transaction=False) as pipe:
-                for keys, args in calls:
-                    pipe.evalsha(self._script.sha, len(keys), *keys, *args)
-                results = await pipe.execute(raise_on_error=False)
-            missing = []
-            for call, result in zip(calls, results, strict=True):
-                if isinstance(result, NoScriptError):
-                    missing.append(call)
-                elif isinstance(result, Exception):
-                    raise result
-            if not missing:
-                return
-            await self._redis.script_load(self._script.script)
-            calls = missing
-        raise NoScriptError("the count script could not be loaded")
 
     async def close(self) -> None:
         if self._pending:
