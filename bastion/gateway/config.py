@@ -47,6 +47,7 @@ from typing import Any
 from bastion.connections.settings import ConnectionSettingsError, UpstreamOAuth
 from bastion.egress import cleartext_problem
 from bastion.environment import expand
+from bastion.gateway.follows import LEASE_SECONDS
 from bastion.gateway.sessions import MAX_SUBSCRIPTIONS_PER_USER
 from bastion.gateway.tool_pins import PIN_MODES
 from bastion.identity.trusted_issuers import TrustedIssuer, parse_trusted_issuers
@@ -141,6 +142,9 @@ class GatewayConfig:
     # Resources one user may follow on one server at once (resources/subscribe in every session,
     # subscriptions/listen streams), all their agents together; one more is refused (-32602).
     max_subscriptions_per_user: int = MAX_SUBSCRIPTIONS_PER_USER
+    # With redis_url, each follow is a leased entry in Redis (`bastion.gateway.follows`), renewed
+    # every third of this while it lives: a process that dies frees its places after this long.
+    subscription_lease_seconds: float = LEASE_SECONDS
     # An upstream's errors on requests no decision names (lists, pass_methods) are logged once
     # per window of this many seconds per server, method, user, agent and code, then counted
     # (`bastion.gateway.refusals.UpstreamErrorLog`); at most upstream_error_log_max_keys keys
@@ -176,6 +180,7 @@ class GatewayConfig:
             "label_max_sets",
             "max_name_chars",
             "max_subscriptions_per_user",
+            "subscription_lease_seconds",
             "upstream_error_log_seconds",
             "upstream_error_log_max_keys",
             "trusted_issuers",
@@ -233,6 +238,9 @@ class GatewayConfig:
             max_name_chars=_whole(table, "max_name_chars", 2048, "gateway"),
             max_subscriptions_per_user=_whole(
                 table, "max_subscriptions_per_user", MAX_SUBSCRIPTIONS_PER_USER, "gateway"
+            ),
+            subscription_lease_seconds=_seconds(
+                table, "subscription_lease_seconds", LEASE_SECONDS, "gateway"
             ),
             upstream_error_log_seconds=_seconds(table, "upstream_error_log_seconds", 60, "gateway"),
             upstream_error_log_max_keys=_whole(

@@ -9,7 +9,7 @@ import secrets
 import signal
 import threading
 import weakref
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
@@ -34,6 +34,7 @@ from bastion.facts.model import Entity
 from bastion.gateway.client_requests import ClientRequests
 from bastion.gateway.config import GatewayConfig, UpstreamConfig
 from bastion.gateway.enforce import Caller, Enforcer, Held, StepUp, refused
+from bastion.gateway.follows import FollowLeases, FollowsUnavailable, follows_unavailable
 from bastion.gateway.handlers import Exchange, nameable
 from bastion.gateway.holds import RequestStates, pending_error
 from bastion.gateway.jsonrpc import RpcError
@@ -324,6 +325,18 @@ class Gateway:
             config.session_idle_seconds,
             max_subscriptions_per_user=config.max_subscriptions_per_user,
         )
+        # With Redis, what each user follows is counted across processes (`FollowLeases`).
+        self.follows = (
+            FollowLeases(
+                config.redis_url,
+                config.redis_prefix,
+                config.redis_timeout_seconds,
+                config.subscription_lease_seconds,
+            )
+            if config.redis_url
+            else None
+        )
+        self._renewer: asyncio.Task | None = None
         self.resource_scopes = resource_scopes
         # bastion's progress token for a request -> where its progress goes (`Exchange.hear`)
         self.progress_routes: dict[str, Hear] = {}
@@ -458,7 +471,10 @@ class Gateway:
         return [state.sessions for state in self.upstreams.values() if state.sessions is not None]
 
     def _client_session_ended(self, session: Session) -> None:
-        """A client session ended: so does its upstream session, if it has one of its own."""
+        """A client session ended: so do its follows, and its upstream session if it has one
+        of its own."""
+        if self.follows is not None:
+            self.follows.release(session.server, session.subject, session.id, session.subscriptions)
         state = self.upstreams.get(session.server)
         if state is None or state.sessions is None or state.sessions.per_user:
             return
@@ -628,6 +644,57 @@ class Gateway:
             await enforcer.settled()
         return uri is None or may_read(enforcer.authorizer(), caller, listener.server, uri, context)
 
+    # -- what users follow (max_subscriptions_per_user) -----------------------------------------
+
+    async def follow(self, server: str, subject: str, holder: str, uris: Iterable[str]) -> None:
+        """With Redis, count ``holder``'s follows of ``uris`` for ``subject`` on ``server``
+        across processes, atomically: `RpcError` (-32602, HTTP 400) past
+        ``gateway.max_subscriptions_per_user``, (-32006) if Redis cannot be reached. Without
+        Redis, nothing to do (`SessionTable.room_to_follow` counts this process's)."""
+        if self.follows is None:
+            return
+        try:
+            held = await self.follows.take(
+                server, subject, holder, uris, self.sessions.max_subscriptions_per_user
+            )
+        except FollowsUnavailable:
+            raise follows_unavailable() from None
+        if held is not None:
+            raise self.sessions.too_many(held)
+
+    async def listen(self, listener: Listener) -> None:
+        """`SessionTable.listen` for a ``subscriptions/listen`` stream, its resources counted
+        across processes first (`follow`)."""
+        await self.follow(
+            listener.server, listener.caller.subject, listener.follow_id, listener.uris
+        )
+        try:
+            self.sessions.listen(listener)
+        except RpcError:
+            self._unfollow(listener)
+            raise
+
+    def unlisten(self, listener: Listener) -> None:
+        if self.sessions.unlisten(listener):
+            self._unfollow(listener)
+
+    def _unfollow(self, listener: Listener) -> None:
+        if self.follows is not None:
+            self.follows.release(
+                listener.server, listener.caller.subject, listener.follow_id, listener.uris
+            )
+
+    async def _renew_follows_forever(self) -> None:
+        """Renew this process's follows in Redis every third of their lease."""
+        follows = self.follows
+        assert follows is not None
+        while True:
+            await asyncio.sleep(follows.lease_seconds / 3)
+            try:
+                await follows.renew(self.sessions.followed)
+            except Exception:
+                log.exception("renewing subscriptions in Redis failed; will retry")
+
     # -- lifecycle and routes --------------------------------------------------------------------
 
     async def start(self) -> None:
@@ -636,6 +703,8 @@ class Gateway:
                 await asyncio.to_thread(self._open_journal)
             self._flusher = asyncio.create_task(self._flush_forever())
         self._end_streams_on_stop_signals()
+        if self.follows is not None:
+            self._renewer = asyncio.create_task(self._renew_follows_forever())
         # A revocation this process makes or hears of (NOTIFY, on PostgreSQL) cuts the grant's
         # streams off at once, not at their next notification.
         loop = asyncio.get_running_loop()
@@ -728,6 +797,8 @@ class Gateway:
         self.refusals.upstream_errors.flush(everything=True)
         if self._sweeper is not None:
             self._sweeper.cancel()
+        if self._renewer is not None:
+            self._renewer.cancel()
         for pool in self._own_sessions():
             with contextlib.suppress(Exception):
                 await pool.close_all()
@@ -754,6 +825,9 @@ class Gateway:
         self.tokens.close()
         with contextlib.suppress(Exception):
             await self.limiter.close()
+        if self.follows is not None:
+            with contextlib.suppress(Exception):
+                await self.follows.close()  # the sessions' follows removed first
         with contextlib.suppress(Exception):
             await self.enforcer.behavior.close()
         with contextlib.suppress(Exception):

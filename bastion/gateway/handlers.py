@@ -784,14 +784,18 @@ async def subscribe(ex: Exchange) -> dict[str, Any]:
         # One stream of notifications from the upstream serves every client (Upstream.watch).
         await ex.connection.watch(frozenset((uri,)))
         # Checked again: other subscriptions of this user were made while this one was decided
-        # and its upstream answered.
+        # and its upstream answered. With Redis, then counted with other processes' at once.
         _room_to_subscribe(ex, session, uri)
+        if uri not in session.subscriptions:
+            await ex.gateway.follow(session.server, session.subject, session.id, (uri,))
     except (Exception, asyncio.CancelledError) as e:
         # The upstream's reason is its free text: it could name what the mask covers.
         withheld = WITHHELD_SUBSCRIBE_ERROR if verdict.obligations.masks else None
         raise _ended(ex, verdict, e, withheld) from None
     enforcer.write(verdict.record)
     session.subscriptions.add(uri)
+    if session.closed and ex.gateway.follows is not None:  # it ended while Redis counted
+        ex.gateway.follows.release(session.server, session.subject, session.id, (uri,))
     return {}
 
 
@@ -815,7 +819,11 @@ async def unsubscribe(ex: Exchange) -> dict[str, Any]:
     session = _subscriber(ex)
     uri = _uri(ex, ex.message.params.get("uri"))
     await ex.gateway.admit(ex)
-    session.subscriptions.discard(uri)
+    if uri in session.subscriptions:
+        session.subscriptions.discard(uri)
+        if ex.gateway.follows is not None:
+            # Ended here whatever Redis answers: its entry lapses if it cannot be removed.
+            await ex.gateway.follows.drop(session.server, session.subject, session.id, (uri,))
     return {}
 
 

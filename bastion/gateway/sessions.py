@@ -51,7 +51,8 @@ MAX_SESSIONS_PER_USER = 64
 # Resources a user may follow on one server at once (``gateway.max_subscriptions_per_user``):
 # their sessions' subscriptions and their listen streams' resources, all their agents together.
 # Each is a URI kept while it is followed (up to ``gateway.max_name_chars`` characters), so more
-# sessions or streams buy no more memory.
+# sessions or streams buy no more memory. Counted here per process; with ``gateway.redis_url``
+# across processes too (`bastion.gateway.follows`).
 MAX_SUBSCRIPTIONS_PER_USER = 2000
 
 
@@ -118,6 +119,8 @@ class Listener:
     # True when the stream ends because its token or its ``connect`` was refused: it is then
     # cut off without the listen request's result, and the client has to listen again.
     refused: bool = False
+    # Names its follows in Redis (`bastion.gateway.follows`) as a session's id names its own.
+    follow_id: str = field(default_factory=lambda: secrets.token_hex(8))
 
     def notify(self, method: str, params: dict[str, Any] | None = None) -> None:
         """Send a notification on the stream; a listen stream's carry the listen request's id.
@@ -256,15 +259,30 @@ class SessionTable:
         """`RpcError` (-32602, HTTP 400) unless ``subject`` may follow ``more`` resources more on
         ``server`` (``gateway.max_subscriptions_per_user``)."""
         held = self.subscriptions_of(server, subject)
+        if held + more > self.max_subscriptions_per_user:
+            raise self.too_many(held)
+
+    def too_many(self, held: int) -> RpcError:
+        """The refusal of one follow more for a user who follows ``held`` resources."""
         most = self.max_subscriptions_per_user
-        if held + more > most:
-            raise RpcError(
-                INVALID_PARAMS,
-                f"a user may follow at most {most} resources on a server, all their sessions,"
-                f" listen streams and agents together (gateway.max_subscriptions_per_user);"
-                f" {held} are followed: unsubscribe from some, or end a session or stream, first",
-                http_status=400,
-            )
+        return RpcError(
+            INVALID_PARAMS,
+            f"a user may follow at most {most} resources on a server, all their sessions,"
+            f" listen streams and agents together (gateway.max_subscriptions_per_user);"
+            f" {held} are followed: unsubscribe from some, or end a session or stream, first",
+            http_status=400,
+        )
+
+    def followed(self) -> Iterator[tuple[str, str, str, str]]:
+        """Every resource followed in this process, as (server, user, holder, uri): a session's
+        subscriptions (held by its id) and a listen stream's resources (by its `follow_id`)."""
+        for session in list(self._sessions.values()):
+            for uri in list(session.subscriptions):
+                yield session.server, session.subject, session.id, uri
+        for listener in list(self._listeners):
+            if listener.id is not None:
+                for uri in listener.uris:
+                    yield listener.server, listener.caller.subject, listener.follow_id, uri
 
     def listen(self, listener: Listener) -> None:
         """Start sending ``listener`` its notifications; `RpcError` (HTTP 429) if its user
@@ -285,9 +303,10 @@ class SessionTable:
         self._streams[key] = held + 1
         self._listeners.add(listener)
 
-    def unlisten(self, listener: Listener) -> None:
+    def unlisten(self, listener: Listener) -> bool:
+        """Stop sending ``listener`` notifications; False if it was not listening."""
         if listener not in self._listeners:
-            return
+            return False
         self._listeners.discard(listener)
         key = (listener.server, listener.caller.subject)
         held = self._streams.pop(key, 1) - 1
@@ -297,6 +316,7 @@ class SessionTable:
             followed = self._listened.pop(key, 0) - len(listener.uris)
             if followed > 0:
                 self._listened[key] = followed
+        return True
 
     def listeners_of(self, server: str) -> Iterator[Listener]:
         return (s for s in list(self._listeners) if s.server == server)

@@ -920,7 +920,7 @@ class StreamableHttpEndpoint:
             granted["resourceSubscriptions"] = sorted(readable)
         meta = {SUBSCRIPTION_ID: message.id}
         try:
-            gateway.sessions.listen(listener)
+            await gateway.listen(listener)
         except RpcError as e:
             raise HttpError(e.http_status, e.body(message.id)) from None
         expiry = _end_at_expiry(listener)
@@ -947,7 +947,7 @@ class StreamableHttpEndpoint:
                 await send({"type": "http.response.body", "body": end, "more_body": False})
         finally:
             expiry.cancel()
-            gateway.sessions.unlisten(listener)
+            gateway.unlisten(listener)
 
     async def _delete(self, server: str, caller: Caller, headers: dict[str, str]) -> None:
         try:

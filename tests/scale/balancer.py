@@ -117,7 +117,9 @@ def _haproxy_config(port: int, replicas: dict[str, str], sticky: bool) -> str:
     return HAPROXY_CONFIG.format(port=port, sticky=STICKY if sticky else "", servers=servers)
 
 
-def _bastion_config(directory: Path, port: int, public: str, database: str, prefix: str) -> Path:
+def _bastion_config(
+    directory: Path, port: int, public: str, database: str, prefix: str, gateway: str = ""
+) -> Path:
     directory.mkdir(exist_ok=True)
     config = directory / "bastion.toml"
     root = directory.parent
@@ -144,7 +146,7 @@ scopes = ["customers:read", "customers:write"]
 public_url = "{public}"
 redis_url = "{REDIS_URL}"
 redis_prefix = "{prefix}"
-
+{gateway}
 [[gateway.upstreams]]
 name = "deskhttp"
 url = "{{upstream}}"
@@ -159,12 +161,17 @@ wait_seconds = 0
 
 @contextmanager
 def deployment(
-    tmp_path: Path, postgres_url: str, sticky: bool = False, upstream: str | None = None
+    tmp_path: Path,
+    postgres_url: str,
+    sticky: bool = False,
+    upstream: str | None = None,
+    gateway: str = "",
 ) -> Iterator[Deployment]:
     """Everything started, stopped after; skips (or fails under BASTION_REQUIRE_SERVICES=1)
     without HAProxy or Redis. ``upstream``: the Streamable HTTP URL of a quickstart MCP server
     already running (the benchmark's, in a process of its own); by default one is started in
-    a thread of this process, behind a `Recorder`."""
+    a thread of this process, behind a `Recorder`. ``gateway``: more lines of both replicas'
+    ``[gateway]`` table."""
     require_program("HAProxy (Debian package haproxy)", HAPROXY)
     require_service("Redis", "127.0.0.1", 6379)
 
@@ -200,7 +207,7 @@ def deployment(
         # One after the other: the first start makes the signing keys the second one reads.
         for name in ("a", "b"):
             port = free_socket().getsockname()[1]
-            config = _bastion_config(tmp_path / name, port, public, postgres_url, prefix)
+            config = _bastion_config(tmp_path / name, port, public, postgres_url, prefix, gateway)
             text = config.read_text().replace("{upstream}", upstream).replace("{lab}", lab)
             config.write_text(text)
             process, url = bastion_serve(

@@ -1,0 +1,68 @@
+"""A replica killed outright (SIGKILL: nothing removed, nothing said) frees the places its users
+followed once their lease lapses: two real `bastion serve` replicas on one PostgreSQL and one
+Redis, where a user may follow one resource on a server (``max_subscriptions_per_user``) and
+a follow's lease is a few seconds (``subscription_lease_seconds``). The rest of the shared count
+(across replicas, unsubscribe, races, Redis away): tests/gateway/test_shared_subscriptions.py."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import httpx
+
+from tests.gateway.streams import events, modern_headers, modern_request
+from tests.gateway.support import PASSWORD, access_token
+
+from .balancer import deployment
+
+LEASE = 5
+GATEWAY = f"max_subscriptions_per_user = 1\nsubscription_lease_seconds = {LEASE}\n"
+
+
+def listen(http: httpx.Client, base: str, token: str):
+    body = modern_request("watch", "subscriptions/listen", {"notifications": {
+        "resourceSubscriptions": ["lab://open"]}})  # fmt: skip
+    headers = modern_headers(token, "subscriptions/listen")
+    return http.stream("POST", f"{base}/mcp/labhttp", json=body, headers=headers)
+
+
+def granted(http: httpx.Client, base: str, token: str) -> bool:
+    """Whether a listen stream for lab://open opens on ``base`` (closed again at once), or is
+    refused as one follow too many."""
+    with listen(http, base, token) as response:
+        if response.headers.get("content-type", "").startswith("text/event-stream"):
+            ack = next(events(response))
+            return ack["params"]["notifications"].get("resourceSubscriptions") == ["lab://open"]
+        response.read()
+        error = response.json()["error"]
+        assert response.status_code == 400 and error["code"] == -32602, response.text
+        assert "gateway.max_subscriptions_per_user" in error["message"]
+        return False
+
+
+def test_a_replica_killed_outright_frees_its_places_once_their_lease_lapses(tmp_path, postgres_url):
+    with (
+        deployment(tmp_path, postgres_url, gateway=GATEWAY) as lb,
+        httpx.Client(timeout=20) as http,
+    ):
+        token = access_token(
+            http, lb.url, lb.mcp_url("labhttp"), "avery", PASSWORD, "customers:read"
+        )
+        doomed, survivor = lb.replicas["a"], lb.replicas["b"]
+        with listen(http, doomed, token) as stream:
+            frames = events(stream)  # held: the stream stays open while it is read
+            ack = next(frames)
+            assert ack["params"]["notifications"]["resourceSubscriptions"] == ["lab://open"]
+            # Held past its first lease: renewed by its replica, the place stays taken.
+            time.sleep(LEASE * 1.5)
+            assert not granted(http, survivor, token)
+            os.kill(lb.pids["a"], signal.SIGKILL)
+        # Nobody removes the dead replica's entry: it is still counted for now...
+        assert not granted(http, survivor, token)
+        # ... and lapses with its lease: the place is free again.
+        deadline = time.monotonic() + LEASE + 20
+        while not granted(http, survivor, token):
+            assert time.monotonic() < deadline, "the killed replica's follow was never freed"
+            time.sleep(0.5)
