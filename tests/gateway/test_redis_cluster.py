@@ -7,7 +7,8 @@ where any connection of the suite may hold it (the node then exits at start). Th
 call (the user's and the agent's) must be counted atomically in one script, which a cluster only
 allows within one hash slot: these tests count across two limiters (two bastion processes) and
 across principals, and check that targets spread. Behaviour counts are written by a script too,
-which no node has until it is loaded there: two gateways' counts must reach the cluster.
+which no node has until it is loaded there: two gateways' counts must reach the cluster. So are
+the resources a user follows (``max_subscriptions_per_user``), one key per user and server.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import pytest
 
 from bastion.decide.contract import RateLimit
 from bastion.facts.model import Entity
+from bastion.gateway.follows import FollowLeases
 from bastion.gateway.ratelimit import LimitsUnavailable, RedisRateLimiter
 from bastion.signals.behavior import RedisBehavior, scope_keys
 from tests.conftest import require_program
@@ -187,6 +189,34 @@ def test_labels_shared_through_the_cluster_and_their_loss_noticed(cluster):
             await second.close()
 
     asyncio.run(scenario())
+
+
+def test_two_gateways_count_a_users_follows_through_the_cluster(cluster):
+    # Two processes' subscription counts (bastion.gateway.follows): checked and added in one
+    # script on the user's one key, renewed (several users' keys, on several nodes) and dropped.
+    prefix = f"bastion-test-{uuid.uuid4().hex[:12]}"
+
+    async def scenario() -> list:
+        first = FollowLeases(f"redis+cluster://127.0.0.1:{cluster[0]}", prefix)
+        second = FollowLeases(f"redis+cluster://127.0.0.1:{cluster[2]}", prefix)
+        held = {("lab", f"user{n}", "s1", "lab://open") for n in range(6)}
+        held.add(("lab", "user5", "s1", "lab://lost"))  # held here, missing in Redis
+        try:
+            seen = [await first.take("lab", "user0", "s1", ["lab://open", "lab://b"], 2)]
+            seen.append(await second.take("lab", "user0", "s2", ["lab://open"], 2))
+            for n in range(1, 6):  # users whose keys fall on other nodes
+                seen.append(await first.take("lab", f"user{n}", "s1", ["lab://open"], 2))
+            # lab://b of user0 is no longer held; user5's lab://lost is written again.
+            seen.append(await first.renew(lambda: held))
+            await first.drop("lab", "user0", "s1", ["lab://b"])
+            seen.append(await second.take("lab", "user0", "s2", ["lab://open"], 2))
+            return seen
+        finally:
+            await first.close()
+            await second.close()
+
+    seen = asyncio.run(scenario())
+    assert seen == [None, 2, None, None, None, None, None, 1, None]
 
 
 def test_an_unreachable_cluster_refuses(cluster):
