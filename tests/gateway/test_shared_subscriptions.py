@@ -10,8 +10,6 @@ tests/scale/test_shared_subscriptions.py."""
 from __future__ import annotations
 
 import asyncio
-import shutil
-import subprocess
 import threading
 import time
 import uuid
@@ -22,8 +20,9 @@ import pytest
 import redis
 
 from bastion.gateway.follows import FollowLeases
-from tests.conftest import REDIS_URL, drop_redis_keys, require_program, require_service
+from tests.conftest import REDIS_URL, drop_redis_keys, require_service
 from tests.ports import free_port
+from tests.private_redis import PrivateRedis
 
 from .streams import events, legacy_session, modern_headers, modern_request
 from .support import start
@@ -161,50 +160,17 @@ def test_two_replicas_racing_for_the_last_place_cannot_both_take_it(two_replicas
     assert follows_in_redis(prefix, "lab", "avery") == 2
 
 
-@pytest.fixture
-def own_redis(tmp_path):
-    """A Redis server of this test's own, which it may stop (never the shared one)."""
-    program = shutil.which("redis-server") or "/usr/bin/redis-server"
-    require_program("redis-server", program)
-    port = free_port()
-    node = subprocess.Popen(
-        [program, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(tmp_path)]
-        + ["--save", "", "--appendonly", "no"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"redis://127.0.0.1:{port}/0"
-    client = redis.Redis.from_url(url)
-    deadline = time.monotonic() + 30
-    try:
-        while True:
-            assert node.poll() is None, f"redis-server exited with {node.returncode}"
-            try:
-                client.ping()
-                break
-            except redis.ConnectionError:
-                assert time.monotonic() < deadline, "redis-server never answered"
-                time.sleep(0.05)
-        yield url, node
-    finally:
-        client.close()
-        if node.poll() is None:
-            node.terminate()
-            node.wait(10)
-
-
-def test_a_follow_redis_cannot_count_is_refused_and_an_unsubscribe_still_ends_it(
-    tmp_path, own_redis, caplog
-):
-    url, node = own_redis
-    settings = {"redis_url": url, "redis_timeout_seconds": 0.5}
-    with start(tmp_path, gateway=settings) as bastion:
+def test_a_follow_redis_cannot_count_is_refused_and_an_unsubscribe_still_ends_it(tmp_path, caplog):
+    folder = tmp_path / "redis"
+    folder.mkdir()
+    own = PrivateRedis(folder)  # this test's own, which it stops (never the shared one)
+    settings = {"redis_url": own.url, "redis_timeout_seconds": 0.5}
+    with own, start(tmp_path, gateway=settings) as bastion:
         at = Replica(bastion.url, bastion.http)
         token = bastion.token("avery", "lab")
         headers = legacy_session(at, token, "lab")
         assert subscribed(post(at, headers, "resources/subscribe", {"uri": "lab://open"}))
-        node.terminate()  # this test's own Redis
-        node.wait(10)
+        own.stop()
         refused = post(at, headers, "resources/subscribe", {"uri": "lab://secret"})
         error = refused.json()["error"]
         assert error["code"] == -32006, refused.text
