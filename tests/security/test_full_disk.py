@@ -219,8 +219,9 @@ def fact(user: str) -> dict:
     }
 
 
-def may_send(bastion: Bastion, user: str) -> bool:
-    with bastion.admin() as api:
+def may_send(server: ServerProcess, user: str) -> bool:
+    """Whether ``user`` may call Tool{"crm/send"}: a decision, which needs no write."""
+    with server.client() as api:
         r = api.post(
             "/v1/authorize",
             json={
@@ -243,10 +244,10 @@ def test_a_fact_written_on_a_full_disk_is_refused_and_goes_in_once_there_is_room
         with bastion.disk.full():
             assert_full(api.post("/v1/facts", json={"facts": [fact(user)]}))
             assert api.get("/readyz").json()["sequence"] == before
-            assert not may_send(bastion, user)  # decisions are still answered
+            assert not may_send(bastion.server, user)  # decisions are still answered
         r = api.post("/v1/facts", json={"facts": [fact(user)]})
         assert r.status_code == 200, r.text
-    assert may_send(bastion, user)
+    assert may_send(bastion.server, user)
 
 
 def test_an_api_key_made_on_a_full_disk_is_refused_and_none_is_left(bastion):
@@ -356,7 +357,7 @@ def test_the_cli_says_a_fact_was_refused_for_want_of_room_in_one_line(bastion):
     assert done.returncode != 0
     assert done.stderr.startswith("bastion: ") and FULL in done.stderr, done.stderr
     assert len(done.stderr.strip().splitlines()) == 1, done.stderr
-    assert not may_send(bastion, "cli-user")
+    assert not may_send(bastion.server, "cli-user")
     assert bastion.cli("facts", "insert", "--database", database, line).returncode == 0
 
 

@@ -33,7 +33,7 @@ import pytest
 from bastion.db import Database, StorageFull, storage_full_report
 from tests.approvals.support import store_policy_and_facts
 from tests.conftest import POSTGRES_URL, require_service, unavailable
-from tests.security.test_full_disk import FULL, Disk, _record, assert_full, fact
+from tests.security.test_full_disk import FULL, Disk, _record, assert_full, fact, may_send
 from tests.server.conftest import ServerProcess
 
 # Writes a test makes at most before one needs a page the full disk cannot give: far more than
@@ -136,21 +136,6 @@ def server(postgres_disk, tmp_path_factory) -> Iterator[ServerProcess]:
         process.stop()
 
 
-def allowed(server: ServerProcess, user: str) -> bool:
-    """Whether ``user`` may call Tool{"crm/send"}: a decision, which needs no write."""
-    with server.client() as api:
-        r = api.post(
-            "/v1/authorize",
-            json={
-                "actor": {"type": "User", "id": user},
-                "action": "call",
-                "resource": {"type": "Tool", "id": "crm/send"},
-            },
-        )
-    assert r.status_code == 200, r.text
-    return r.json()["allowed"]
-
-
 def facts_stored(url: str, mark: str) -> int:
     """How many facts whose arguments contain ``mark`` the database holds: read there, not from
     a replica that may not have caught up yet."""
@@ -182,12 +167,12 @@ def test_facts_written_on_a_full_postgres_disk_are_refused_whole_and_go_in_once_
             # Nothing of the batch refused is logged or decided; the batches before it are.
             assert api.get("/readyz").json()["sequence"] == last
             assert facts_stored(url, f"{run}-{batch}-") == 0
-            assert not any(allowed(server, u) for u in users)
-            assert batch == 0 or allowed(server, f"{run}-{batch - 1}-19")
+            assert not any(may_send(server, u) for u in users)
+            assert batch == 0 or may_send(server, f"{run}-{batch - 1}-19")
         r = api.post("/v1/facts", json={"facts": [fact(u) for u in users]})
         assert r.status_code == 200, r.text
         assert r.json()["sequence"] == last + 1
-    assert all(allowed(server, u) for u in users)
+    assert all(may_send(server, u) for u in users)
     assert facts_stored(url, f"{run}-{batch}-") == 20
 
 
