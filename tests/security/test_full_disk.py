@@ -219,6 +219,19 @@ def fact(user: str) -> dict:
     }
 
 
+def run_python(code: str) -> None:
+    """Run ``code`` in a Python process of its own (limits it sets, and its death, stay its
+    own), with this tree on its path; it must end with status 0."""
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": os.getcwd()},
+    )
+    assert done.returncode == 0, done.stderr
+
+
 def may_send(server: ServerProcess, user: str) -> bool:
     """Whether ``user`` may call Tool{"crm/send"}: a decision, which needs no write."""
     with server.client() as api:
@@ -462,14 +475,7 @@ def test_a_journal_line_cut_short_by_a_full_disk_costs_no_later_decision(tmp_pat
         os._exit(0)  # killed outright: the journal is left for recovery
         """
     )
-    done = subprocess.run(
-        [sys.executable, "-c", code],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env={**os.environ, "PYTHONPATH": os.getcwd()},
-    )
-    assert done.returncode == 0, done.stderr
+    run_python(code)
     try:
         assert recover_journals(tmp_path / "journal", records, records_identity(database)) >= 1
         stored = {r.id for _, r in records.after()}
@@ -547,11 +553,4 @@ def test_a_write_past_the_file_size_limit_is_refused_whole_though_not_said_as_st
         assert store.count() == 201, store.count()
         """
     )
-    done = subprocess.run(
-        [sys.executable, "-c", code],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env={**os.environ, "PYTHONPATH": os.getcwd()},
-    )
-    assert done.returncode == 0, done.stderr
+    run_python(code)
