@@ -22,6 +22,7 @@ import sqlite3
 import stat
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from pathlib import Path
@@ -268,6 +269,51 @@ def _is_read(sql: str) -> bool:
     return sql.lstrip()[:6].upper() == "SELECT"
 
 
+# The listeners that confirm what they hear (`Listener` with ``confirms``), a row each, and the
+# numbers of the barriers `Database.confirm_heard` sends them. PostgreSQL only.
+LISTENER_MIGRATIONS = [
+    """
+    CREATE TABLE IF NOT EXISTS listener_marks (
+        listener TEXT PRIMARY KEY,
+        channel TEXT NOT NULL,
+        backend_pid INTEGER NOT NULL,
+        backend_start TIMESTAMPTZ,
+        heard BIGINT NOT NULL
+    );
+    CREATE SEQUENCE IF NOT EXISTS listener_barriers
+    """,
+]
+# A barrier's payload: this, the schema whose sequence numbered it (notices are the database's,
+# and deployments in other schemas of it have barriers and listeners of their own), ``:`` and its
+# number. No other notice's payload begins so (grant ids, sequence numbers and `USERS_CHANGED` do
+# not), and no listener hands one to its owner.
+BARRIER_PREFIX = "barrier:"
+# The listeners on a channel whose connection is open (the backend of that pid, started when the
+# row says: a pid reused by another session is not the listener) and that have not handled a
+# barrier. A backend whose start another role's session cannot read (NULL) counts as open.
+_UNCONFIRMED = """
+    SELECT m.listener FROM listener_marks m
+    JOIN pg_stat_activity a ON a.pid = m.backend_pid
+    WHERE m.channel = ? AND m.heard < ?
+      AND (a.backend_start IS NULL OR m.backend_start IS NULL OR a.backend_start = m.backend_start)
+"""
+# `Listener`'s defaults: how often it asks its connection, and how long after the last answer it
+# stops trusting it (`Listener.healthy`).
+_HEARTBEAT = 0.5
+_STALE_AFTER = 2.0
+# How long `Database.confirm_heard` waits. A listener that has handled no barrier by then has
+# answered nothing for `_STALE_AFTER` (so it reads the database instead of its memory), or has the
+# barrier waiting on its socket (`Listener.behind`), unless its owner set other bounds.
+CONFIRM_WAIT = _STALE_AFTER + _HEARTBEAT
+
+
+def ensure_listener_marks(db: Database) -> None:
+    """PostgreSQL: create the tables of confirming listeners if they are missing (every store
+    whose writes are confirmed, and every owner of a confirming `Listener`, asks)."""
+    if db.is_postgres:
+        db.migrate("listeners", LISTENER_MIGRATIONS)
+
+
 class Database:
     """A connection to SQLite (a file path or ``sqlite:///path``) or PostgreSQL (``postgresql://``).
 
@@ -311,6 +357,7 @@ class Database:
         self._lock = threading.RLock()
         self._depth = 0
         self._after_commit: list[Callable[[], None]] = []
+        self._confirming: set[str] = set()  # channels `confirm_after_commit` waits for
         self._conn: Any = None
         self._retry_at = 0.0
         self._failure = ""
@@ -581,6 +628,7 @@ class Database:
                 self._commit()
             except BaseException as e:
                 self._after_commit.clear()
+                self._confirming.clear()
                 self._rollback()  # also after a COMMIT that failed (SQLite may leave it open)
                 if storage_full(e) and not isinstance(e, StorageFull):  # at COMMIT, say
                     raise self._full(e, transaction=True) from e
@@ -640,6 +688,65 @@ class Database:
         transaction in progress commits (at once outside one). SQLite: nothing (no listeners)."""
         if self.is_postgres:
             self.execute("SELECT pg_notify(?, ?)", (channel, payload), read=False)
+
+    def confirm_after_commit(self, channel: str) -> None:
+        """PostgreSQL: once the transaction in progress has committed (at once outside one),
+        `confirm_heard` on ``channel``, once however often this is asked in the transaction:
+        its commit returns only when every listener that confirms has handled its notices.
+        SQLite: nothing (each process reads the file's state itself)."""
+        if not self.is_postgres:
+            return
+        with self._lock:
+            if channel in self._confirming:
+                return
+            self._confirming.add(channel)
+        self.after_commit(lambda: self.confirm_heard(channel))
+
+    def confirm_heard(self, channel: str, timeout: float = CONFIRM_WAIT) -> bool:
+        """PostgreSQL: wait until every listener that confirms (`Listener` with ``confirms``,
+        in any process) and whose connection is open has handled every notice on ``channel``
+        committed before this call; whether they all did within ``timeout`` seconds (those that
+        did not are logged). A barrier (`BARRIER_PREFIX` and a number of the ``listener_barriers``
+        sequence, taken after those commits) is sent on the channel; notices of one channel
+        arrive in commit order, so a listener that has handled it has handled them, and it
+        writes the number to its row of ``listener_marks``. One that has not within
+        `CONFIRM_WAIT` has stopped trusting what it remembers (`Listener.healthy`), or reads
+        the notice it has not handled yet (`Listener.behind`). A database that fails meanwhile
+        ends the wait (logged): what was committed stays committed."""
+        with self._lock:
+            self._confirming.discard(channel)
+        try:
+            [(barrier, _)] = self.execute(
+                "SELECT n, pg_notify(?, ?::text || current_schema() || ':' || n)"
+                " FROM (SELECT nextval('listener_barriers') AS n) b",
+                (channel, BARRIER_PREFIX),
+                read=False,
+            )
+            deadline = time.monotonic() + timeout
+            pause = 0.0005
+            while True:
+                waiting = [row[0] for row in self.execute(_UNCONFIRMED, (channel, barrier))]
+                left = deadline - time.monotonic()
+                if not waiting or left <= 0:
+                    break
+                time.sleep(min(pause, left))
+                pause = min(pause * 2, 0.025)
+        except (DatabaseUnavailable, psycopg.Error) as e:
+            log.warning(
+                "could not confirm that every listener on %s heard a commit: %s",
+                channel,
+                first_line(e),
+            )
+            return False
+        if waiting:
+            log.warning(
+                "listeners on %s did not confirm a commit within %g s (they read the database"
+                " until they do): %s",
+                channel,
+                timeout,
+                ", ".join(waiting),
+            )
+        return not waiting
 
     def migrate(self, component: str, migrations: Sequence[str]) -> int:
         """Apply the component's migrations not yet applied; return the schema version reached.
@@ -942,6 +1049,14 @@ class Listener:
     for the GIL while a request is decided): `behind` tells, so that a caller who must not act
     on what the notice would change (a revoked token, a changed fact) waits for it
     (`caught_up`) or reads the database.
+
+    With ``confirms`` the listener says what it has heard, so that a writer can answer only once
+    every process knows (`Database.confirm_heard`): it keeps a row of ``listener_marks`` (its
+    owner creates the table: `ensure_listener_marks`) naming its connection's backend, written
+    before it LISTENs, and writes there the number of each barrier it handles, after every
+    notice before it. Once LISTENing it writes the number of the last barrier taken before
+    ``on_listening``: whatever was committed before that barrier, the owner catches up on
+    there. Barriers are never handed to ``on_notify``, whether or not the listener confirms.
     """
 
     def __init__(
@@ -952,10 +1067,14 @@ class Listener:
         on_notify: Callable[[str], None],
         on_listening: Callable[[], None],
         name: str,
-        heartbeat: float = 0.5,
-        stale_after: float = 2.0,
+        heartbeat: float = _HEARTBEAT,
+        stale_after: float = _STALE_AFTER,
+        confirms: bool = False,
     ) -> None:
         self.url = url
+        self.confirms = confirms
+        self.mark = f"{name}:{os.getpid()}:{uuid.uuid4().hex[:12]}"  # its row of listener_marks
+        self._schema = ""  # the schema of its connection (`_register`): its barriers name it
         self.channel = channel
         self.name = name
         self.heartbeat = heartbeat
@@ -1013,13 +1132,20 @@ class Listener:
         while not self._stopping.is_set():
             try:
                 with connect(self.url, self.name) as conn:
+                    if self.confirms:
+                        self._register(conn)
                     conn.execute(f"LISTEN {self.channel}")
                     self.backend_pid = conn.info.backend_pid
+                    barrier = _last_barrier(conn) if self.confirms else 0
                     self._on_listening()
+                    if self.confirms:
+                        self._confirm(conn, barrier)
                     self._answered_at = time.monotonic()
                     self._fd = conn.fileno()
                     self._connected = True
                     self._follow(conn)
+                    if self.confirms:
+                        conn.execute("DELETE FROM listener_marks WHERE listener = %s", (self.mark,))
             except Exception as e:  # a dropped connection: reconnect, then catch up
                 self._lost()
                 if not self._stopping.is_set():
@@ -1059,9 +1185,51 @@ class Listener:
                 self._handle(conn)  # those the query read, kept for the next ``notifies``
 
     def _handle(self, conn: psycopg.Connection) -> bool:
-        """Handle the notifications read, waiting for none; whether there were any."""
+        """Handle the notifications read, waiting for none; whether there were any. The last
+        barrier among them is confirmed once all of them are handled."""
         heard = False
+        barrier = 0
         for note in conn.notifies(timeout=0):
             heard = True
-            self._on_notify(note.payload)
+            if note.payload.startswith(BARRIER_PREFIX):
+                schema, _, number = note.payload[len(BARRIER_PREFIX) :].rpartition(":")
+                if schema == self._schema and number.isdigit():
+                    barrier = max(barrier, int(number))
+            else:
+                self._on_notify(note.payload)
+        if barrier and self.confirms:
+            self._confirm(conn, barrier)
         return heard
+
+    def _register(self, conn: psycopg.Connection) -> None:
+        """Before LISTEN: this listener's row, for its connection's backend, confirming the
+        barriers taken so far (what was committed before them, ``on_listening`` catches up on
+        before this listener is healthy), and no more rows of listeners whose connection is
+        gone."""
+        self._schema = conn.execute("SELECT current_schema()").fetchone()[0]  # type: ignore[index]
+        conn.execute(
+            "DELETE FROM listener_marks m WHERE NOT EXISTS"
+            " (SELECT 1 FROM pg_stat_activity a WHERE a.pid = m.backend_pid)"
+        )
+        conn.execute(
+            "INSERT INTO listener_marks (listener, channel, backend_pid, backend_start, heard)"
+            " SELECT %s, %s, pid, backend_start, %s FROM pg_stat_activity"
+            " WHERE pid = pg_backend_pid()"
+            " ON CONFLICT (listener) DO UPDATE SET backend_pid = EXCLUDED.backend_pid,"
+            " backend_start = EXCLUDED.backend_start, heard = EXCLUDED.heard",
+            (self.mark, self.channel, _last_barrier(conn)),
+        )
+
+    def _confirm(self, conn: psycopg.Connection, barrier: int) -> None:
+        conn.execute(
+            "UPDATE listener_marks SET heard = GREATEST(heard, %s) WHERE listener = %s",
+            (barrier, self.mark),
+        )
+
+
+def _last_barrier(conn: psycopg.Connection) -> int:
+    """The number of the last barrier taken (0 before the first)."""
+    row = conn.execute(
+        "SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM listener_barriers"
+    ).fetchone()
+    return int(row[0]) if row else 0

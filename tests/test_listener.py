@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator
 import psycopg
 import pytest
 
-from bastion.db import Listener
+from bastion.db import Database, Listener, ensure_listener_marks
 from tests.conftest import POSTGRES_URL
 from tests.waits import eventually
 
@@ -44,14 +44,14 @@ def notify(channel) -> Iterator[Callable[[str], None]]:
         yield lambda payload: conn.execute("SELECT pg_notify(%s, %s)", (channel, payload))
 
 
-def listening(channel: str, heard: Heard, **timing: float) -> Listener:
+def listening(channel: str, heard: Heard, url: str = POSTGRES_URL, **options) -> Listener:
     listener = Listener(
-        POSTGRES_URL,
+        url,
         channel,
         on_notify=heard,
         on_listening=lambda: None,
         name="test-listener",
-        **timing,
+        **options,
     )
     listener.start()
     assert eventually(lambda: listener.healthy and not listener.behind()), "never listened"
@@ -128,3 +128,98 @@ def test_a_connection_the_server_ends_is_never_caught_up_on(channel, notify):
         assert eventually(lambda: heard.payloads == ["after"])
     finally:
         listener.stop()
+
+
+# Confirmed commits (`Database.confirm_heard`): each test on a schema of its own (its
+# ``listener_marks`` and barrier numbers), on a channel of its own.
+
+
+@pytest.fixture
+def marks_db(postgres_url) -> Iterator[Database]:
+    db = Database(postgres_url)
+    ensure_listener_marks(db)
+    yield db
+    db.close()
+
+
+def heard_of(db: Database, listener: Listener) -> int:
+    return db.execute("SELECT heard FROM listener_marks WHERE listener = ?", (listener.mark,))[0][0]
+
+
+def test_a_confirmed_commit_returns_once_the_listener_has_handled_it(
+    channel, postgres_url, marks_db
+):
+    heard = Heard()
+    listener = listening(channel, heard, postgres_url, confirms=True)
+    try:
+        heard.release.clear()
+        threading.Timer(0.2, heard.release.set).start()
+        with marks_db.transaction():
+            marks_db.notify(channel, "revoked")
+            marks_db.confirm_after_commit(channel)
+            marks_db.confirm_after_commit(channel)  # once per transaction however often asked
+        # The handler was held when the commit was made: the call returned after it finished.
+        assert heard.payloads == ["revoked"]  # the barrier itself is never handed on
+        assert heard_of(marks_db, listener) == 1
+        # Nothing notified in a transaction rolled back is waited for.
+        with pytest.raises(RuntimeError), marks_db.transaction():
+            marks_db.confirm_after_commit(channel)
+            raise RuntimeError("rolled back")
+        assert heard_of(marks_db, listener) == 1
+    finally:
+        heard.release.set()
+        listener.stop()
+    # Stopped, it leaves no row behind to wait for.
+    assert marks_db.execute("SELECT count(*) FROM listener_marks")[0][0] == 0
+
+
+def test_a_listener_that_never_confirms_holds_a_commit_only_up_to_the_bound(
+    channel, postgres_url, marks_db
+):
+    """A row whose connection is open but whose listener confirms nothing (stuck, say) is waited
+    for up to the bound, then the commit returns, saying so; a row whose connection is gone (a
+    process killed) is not waited for at all."""
+    with psycopg.connect(postgres_url, autocommit=True) as stuck:
+        stuck.execute(
+            "INSERT INTO listener_marks (listener, channel, backend_pid, backend_start, heard)"
+            " SELECT 'stuck', %s, pid, backend_start, 0 FROM pg_stat_activity"
+            " WHERE pid = pg_backend_pid()",
+            (channel,),
+        )
+        assert marks_db.confirm_heard(channel, timeout=0.2) is False
+        pid = stuck.info.backend_pid
+    with psycopg.connect(postgres_url, autocommit=True) as admin:
+        assert eventually(
+            lambda: (
+                not admin.execute(
+                    "SELECT 1 FROM pg_stat_activity WHERE pid = %s", (pid,)
+                ).fetchall()
+            )
+        )
+    assert marks_db.confirm_heard(channel, timeout=20) is True
+
+
+def test_a_barrier_of_another_schema_confirms_nothing(channel, postgres_url, marks_db):
+    """Notices are the database's: a deployment in another schema of it, on the same channel,
+    sends barriers numbered by its own sequence. Before they named their schema, a listener took
+    another schema's barrier 1,001 for its own, and its writers' next thousand commits were
+    taken for confirmed without it having heard them."""
+    heard = Heard()
+    listener = listening(channel, heard, postgres_url, confirms=True)
+    other = f"t_{uuid.uuid4().hex[:12]}"
+    try:
+        with psycopg.connect(POSTGRES_URL, autocommit=True) as admin:
+            admin.execute(f"CREATE SCHEMA {other}")
+        elsewhere = Database(f"{POSTGRES_URL}?options=-csearch_path%3D{other}")
+        ensure_listener_marks(elsewhere)
+        elsewhere.execute("SELECT setval('listener_barriers', 1000)")
+        assert elsewhere.confirm_heard(channel) is True  # nobody listens there
+        elsewhere.close()
+        # Handled after the other schema's barrier (one channel: commit order).
+        assert marks_db.confirm_heard(channel) is True
+        assert heard_of(marks_db, listener) == 1
+        assert heard.payloads == []
+    finally:
+        listener.stop()
+        with psycopg.connect(POSTGRES_URL, autocommit=True) as admin:
+            admin.execute(f"DROP SCHEMA IF EXISTS {other} CASCADE")

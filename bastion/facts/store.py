@@ -17,7 +17,7 @@ from datetime import datetime
 from json.encoder import encode_basestring_ascii
 from typing import Any
 
-from bastion.db import PRUNE_BATCH, Database
+from bastion.db import PRUNE_BATCH, Database, ensure_listener_marks
 from bastion.facts.model import (
     Entity,
     FactError,
@@ -332,6 +332,7 @@ class FactStore:
     def __init__(self, db: Database) -> None:
         self.db = db
         db.migrate("facts", _MIGRATIONS)
+        ensure_listener_marks(db)
         self._identity: str | None = None
         # Where the changes of facts written here are handed over, by sequence, with their
         # entry in the log (`Replica.handed`): put there before the commit, as a reader can read
@@ -376,8 +377,10 @@ class FactStore:
             "INSERT INTO changes (seq, at, actor, kind, payload) VALUES (?, ?, ?, ?, ?)",
             (seq, at, actor, kind, payload),
         )
-        # Delivered at commit (PostgreSQL); listeners then catch up by sequence.
+        # Delivered at commit (PostgreSQL); listeners then catch up by sequence, and the commit
+        # returns once every replica has heard of it.
         self.db.notify(CHANGES_CHANNEL, str(seq))
+        self.db.confirm_after_commit(CHANGES_CHANNEL)
         return at
 
     def apply(

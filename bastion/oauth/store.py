@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from bastion.agents.identity import owned
 from bastion.audit.actor import SERVER
 from bastion.audit.log import AuditLog
-from bastion.db import Database, prune_rows
+from bastion.db import Database, ensure_listener_marks, prune_rows
 from bastion.facts.store import FactStore
 
 # The payload of each notification is the grant_id whose tokens (all, or one) were revoked, or
@@ -426,6 +426,7 @@ class OAuthStore:
         self.db = db
         self._revocation_subscribers: list[Callable[[str], None]] = []
         db.migrate("oauth", _MIGRATIONS)
+        ensure_listener_marks(db)
         # The record of each change made here, written in the change's own transaction.
         self.audit = AuditLog(db, clock)
 
@@ -449,6 +450,8 @@ class OAuthStore:
         self.db.notify(REVOCATIONS_CHANNEL, payload)
         for callback in self._revocation_subscribers:
             self.db.after_commit(lambda callback=callback: callback(payload))
+        # The commit returns once every process's token cache has heard of it.
+        self.db.confirm_after_commit(REVOCATIONS_CHANNEL)
 
     # clients
 

@@ -355,6 +355,7 @@ class VerifiedTokens:
                 on_notify=self._notified,
                 on_listening=self._forget_all,
                 name="bastion-revocations",
+                confirms=True,
             )
             self.listener.start()
 

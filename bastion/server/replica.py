@@ -367,9 +367,11 @@ class Replica:
                 self.database,
                 CHANGES_CHANNEL,
                 on_notify=self._notified,
-                # catch up on whatever was written while not listening
-                on_listening=self.kick,
+                # Catch up on whatever was written while not listening, before the next decision
+                # (heard of: `heard_not_applied`), as for a notice: the listener confirms writes.
+                on_listening=partial(self._notified, ""),
                 name="bastion-listen",
+                confirms=True,
             )
             self._listener.start()
         self._task = asyncio.create_task(self._follow())

@@ -22,6 +22,7 @@ from bastion.oauth import InvalidToken, verifier
 from bastion.oauth.store import OAuthStore
 from bastion.oauth.users import create_user
 from bastion.oauth.verifier import VerifiedTokens
+from tests.delayed_relay import DelayedRelay
 from tests.waits import eventually
 
 from .support import PASSWORD, Bastion, running_bastion
@@ -122,6 +123,34 @@ def test_a_revocation_by_another_replica_is_refused_once_notified_without_a_read
         assert eventually(lambda: replicas.remembered(sibling) is None)
 
 
+@pytest.mark.parametrize("revocation", REVOCATIONS_BY_ANOTHER_REPLICA)
+def test_a_revocation_by_another_replica_is_refused_on_the_first_use_after_it_returns(
+    postgres_url, tmp_path, revocation
+):
+    """The revoking call returns only once every process's token cache has heard of it, however
+    late its notice: here everything PostgreSQL sends A's cache arrives half a second late (a
+    loaded machine's tens of milliseconds, made long and certain), and A's listener asks its
+    connection rarely, so only the notice can tell it. Before, the call returned at its commit,
+    and the next use in A was answered from memory: the revoked token was accepted."""
+    with running_bastion(postgres_url, tmp_path) as a, DelayedRelay(0.5) as relay:
+        tokens = VerifiedTokens(a.server.verifier, relay.url(postgres_url))
+        assert tokens.listener is not None
+        tokens.listener.heartbeat, tokens.listener.stale_after = 30.0, 60.0
+        b = OAuthStore(Database(postgres_url))
+        try:
+            assert eventually(lambda: tokens.local, within=30), "the listener never came up"
+            replicas = Replicas(a, tokens, b)
+            token, jti, grant_id = replicas.issue()
+            assert replicas.remembered(token) is not None
+
+            REVOCATIONS_BY_ANOTHER_REPLICA[revocation](b, jti, grant_id)
+
+            assert replicas.remembered(token) is None
+        finally:
+            tokens.close()
+            b.db.close()
+
+
 USER_CHANGES_BY_ANOTHER_REPLICA = {
     "disabled": lambda b, user, now: b.disable_user(user, now, actor="test"),
     "all grants revoked": lambda b, user, now: b.revoke_user_grants(
@@ -216,7 +245,10 @@ def test_a_revocation_whose_notice_has_arrived_but_is_not_handled_yet_is_refused
     assert eventually(from_memory)
 
     reads.count = 0
-    replicas.b.revoke_access_token(jti, time.time())
+    # The revoking call waits for every listener to confirm it, this one too, held below: it
+    # runs aside, and what is asked meanwhile is what a call made while it waits would find.
+    revoking = threading.Thread(target=replicas.b.revoke_access_token, args=(jti, time.time()))
+    revoking.start()
     assert slow_notices.arrived.wait(20)
     # The notice is here, its handling is not done: on the event loop nothing is answered (nor
     # waited for, nor read); from a worker thread the token's state is read, not trusted.
@@ -225,17 +257,26 @@ def test_a_revocation_whose_notice_has_arrived_but_is_not_handled_yet_is_refused
     assert reads.count == 0
     assert replicas.remembered(token) is None
     assert reads.count == 1
+    slow_notices.release.set()
+    revoking.join(20)
+    slow_notices.release.clear()
 
     # Handled while a call waits for it: the notice refuses, without a read. The wait is bounded
     # (CATCH_UP, then the use reads, as above); a loaded machine can outlast the bound's tenth of
     # a second while the notice is handled, so here it is long enough that only a read the
     # product chose to make, not a slow moment, counts.
     monkeypatch.setattr(verifier, "CATCH_UP", 30.0)
-    replicas.b.revoke_access_token(waited_jti, time.time())
+    slow_notices.arrived.clear()
+    revoking = threading.Thread(
+        target=replicas.b.revoke_access_token, args=(waited_jti, time.time())
+    )
+    revoking.start()
+    assert slow_notices.arrived.wait(20)
     threading.Timer(0.02, slow_notices.release.set).start()
     before = reads.count
     assert eventually(lambda: replicas.remembered(waited) is None)
     assert reads.count == before
+    revoking.join(20)
 
 
 def revoke_at_the_endpoint(replicas: Replicas, issued: dict) -> None:

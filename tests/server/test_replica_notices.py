@@ -19,6 +19,7 @@ from bastion.facts.model import Entity
 from bastion.facts.store import FactStore, StoredFact
 from bastion.server import replica as replica_module
 from bastion.server.replica import Replica
+from tests.delayed_relay import DelayedRelay
 from tests.waits import reads_held
 
 POLICY = """
@@ -144,8 +145,12 @@ def test_a_notice_that_has_arrived_but_is_not_handled_yet_is_waited_for(postgres
             await settled(replica)
             release.clear()
             arrived.clear()
-            seq = (await asyncio.to_thread(writer.apply, [StoredFact(READER)])).seq
+            # The write waits for every listener to confirm it, this one too, held here: it
+            # runs aside, and what is asked meanwhile is what a message sent while it waits
+            # would find.
+            writing = asyncio.create_task(asyncio.to_thread(writer.apply, [StoredFact(READER)]))
             assert await asyncio.to_thread(arrived.wait, 20)
+            seq = await asyncio.to_thread(writer.head)
             assert replica.applied < seq and not replica.authz.authorize(ADA, "read", REPO)
             # Not handled within the time given: False (the gateway refuses, as on stale facts),
             # and the same task (a message's second ask) is refused at once, without a second
@@ -164,7 +169,47 @@ def test_a_notice_that_has_arrived_but_is_not_handled_yet_is_waited_for(postgres
 
             assert await asyncio.create_task(another_message()) is True
             assert replica.applied >= seq and replica.authz.authorize(ADA, "read", REPO)
+            assert (await writing).seq == seq
         finally:
             release.set()
 
     with_a_listening_replica(postgres_url, scenario)
+
+
+def test_a_fact_written_by_another_process_is_decided_on_once_the_write_returns(postgres_url):
+    """The writer's call returns only once every replica has heard of its commit, however late
+    the notice: here everything PostgreSQL sends the replica arrives half a second late, and its
+    listener asks its connection rarely, so only the notice can tell it. The gateway's next
+    message then waits for the change (`heard_not_applied`) and is decided on it. Before, the
+    write returned at its commit, and a message decided at once was decided without it."""
+    writer = FactStore.open(postgres_url)
+    writer.put_policy(POLICY)
+
+    async def run():
+        with DelayedRelay(0.5) as relay:
+            replica = Replica(relay.url(postgres_url), max_staleness=60)
+            await replica.start()
+            try:
+                listener = replica._listener
+                assert listener is not None
+                listener.heartbeat, listener.stale_after = 30.0, 60.0
+                deadline = time.monotonic() + 30
+                while not (replica.listening and listener.healthy and not listener.behind()):
+                    assert time.monotonic() < deadline, "the replica never listened"
+                    await asyncio.sleep(0.01)
+                await settled(replica)
+                assert not replica.authz.authorize(ADA, "read", REPO)
+
+                await asyncio.to_thread(writer.apply, [StoredFact(READER)])
+
+                waiting = replica.heard_not_applied(30)
+                assert waiting is not None, "the write returned before the replica heard of it"
+                assert await waiting is True
+                assert replica.authz.authorize(ADA, "read", REPO)
+            finally:
+                await replica.stop()
+
+    try:
+        asyncio.run(run())
+    finally:
+        writer.close()
