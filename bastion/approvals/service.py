@@ -135,8 +135,10 @@ class Outcome:
     """What `Approvals.check` found for a call.
 
     ``state``: "hold" (no request counts: hold it), "pending", "approved" (an unused approval for
-    this exact call; use it), "reviewing" (of an approval: it was spent on this very call, whose
-    result ``review`` holds; the review decides, the call does not run again), "released" (a
+    this exact call; use it), "in_progress" (of an approval: it was spent on this very call,
+    whose run is still upstream; the call does not run again, nor is it held for a new
+    approval), "reviewing" (of an approval: it was spent on this very call, whose result
+    ``review`` holds; the review decides, the call does not run again), "released" (a
     reviewed result to deliver) or "refused" (``reason`` says why: approval_denied,
     approval_expired, approval_mismatch, approval_used, review_withheld, review_expired).
     """
@@ -300,6 +302,11 @@ class Approvals:
                 # The call this approval unlocked ran, and its result stands under review: the
                 # retry is that call's, not a new one to approve.
                 return Outcome("reviewing", request, review=review)
+            if request.running(now):
+                # The call this approval unlocked is still upstream (nothing holds its result
+                # yet): the retry is that call's too. Held for a new approval, it would ask the
+                # people again, who could not tell it from a new call, and run it again.
+                return Outcome("in_progress", request)
         if request_id is not None:
             reason = {"used": "approval_used", "delivered": "approval_used"}.get(
                 request.status, f"{prefix}_expired"
@@ -382,16 +389,29 @@ class Approvals:
                     hook(request)
         return request
 
-    def use(self, request: ApprovalRequest, decision_id: str) -> bool:
+    def use(self, request: ApprovalRequest, decision_id: str, runs_for: float = 0.0) -> bool:
         """Spend an approval (or deliver a released result) for the call ``decision_id``; False
-        if it was spent already (two retries at once: one goes through)."""
+        if it was spent already (two retries at once: one goes through). ``runs_for``: the
+        longest the call an approval unlocks may stay upstream; until `run_ended` says it has
+        ended, or that long, the same call is told its run is in progress (`check`)."""
         from_status = "approved" if request.kind == "approval" else "released"
+        running_until = (
+            self.clock() + runs_for if runs_for > 0 and request.kind == "approval" else None
+        )
         with self.store.db.transaction():
-            used = self.store.use(request.id, decision_id, from_status=from_status)
+            used = self.store.use(
+                request.id, decision_id, from_status=from_status, running_until=running_until
+            )
             if used:
                 kind = "approval.used" if request.kind == "approval" else "review.delivered"
                 self._event(request, kind, decision_id=decision_id)
         return used
+
+    def run_ended(self, request_id: str, decision_id: str) -> None:
+        """The run of the call ``decision_id``, which spent the approval ``request_id``, has
+        ended: it answered (its result held for review first, where it is), or failed. The
+        same call is then what it was before: a result to review, or a new call."""
+        self.store.end_run(request_id, decision_id)
 
     def held_result(self, request: ApprovalRequest) -> Any:
         return self.store.held_result(request.id)

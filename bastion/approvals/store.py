@@ -5,10 +5,11 @@ result (kind ``review``: the upstream answered; a person releases the answer or 
 is bound to the exact call by ``binding`` (a keyed digest of the user, agent, server, method,
 target and arguments), carries the policy version it was held under and an expiry, and moves
 ``pending`` -> ``approved`` | ``denied`` | ``expired``, then ``approved`` -> ``used`` once the call
-it unlocked runs (single use). A review moves ``pending`` -> ``released`` | ``withheld`` |
-``expired``, and ``released`` -> ``delivered``. The arguments and a held result are encrypted at
-rest (AES-GCM, `cryptography`) under a key of the deployment; a held result is deleted when it is
-delivered, withheld or expires.
+it unlocked runs (single use; ``running_until`` while that run may still be upstream). A review
+moves ``pending`` -> ``released`` | ``withheld`` | ``expired``, and ``released`` ->
+``delivered``. The arguments and a held result are encrypted at rest (AES-GCM, `cryptography`)
+under a key of the deployment; a held result is deleted when it is delivered, withheld or
+expires.
 """
 
 from __future__ import annotations
@@ -76,6 +77,10 @@ _MIGRATIONS = [
     # user, or the owner of an agent acting as itself; '' when there is none. NULL in a row
     # made before it was kept: read as the user if a person stands behind the call, else none.
     "ALTER TABLE approval_requests ADD COLUMN confirmer TEXT",
+    # Until when the run an approval was spent on may still be upstream (NULL: it has ended, or
+    # was never marked): an identical call meanwhile is told the run is in progress, not held
+    # for a new approval. Bounded, so that a replica that died mid-run blocks nothing for long.
+    "ALTER TABLE approval_requests ADD COLUMN running_until DOUBLE PRECISION",
 ]
 
 KINDS = ("approval", "review")
@@ -104,7 +109,7 @@ _COLUMNS = (
     "id, kind, status, binding, subject, client_id, server, method, action, target,"
     " arguments_digest, arguments, policy_version, decision_id, rules, approvers, required,"
     " self_forbidden, window_minutes, created_at, expires_at, resolved_at, used_at, used_by,"
-    " result, withheld_fields, agents, confirmer"
+    " result, withheld_fields, agents, confirmer, running_until"
 )
 
 
@@ -153,6 +158,8 @@ class ApprovalRequest:
     # behind it; for an agent acting as itself, its owner, if one is a bastion user; else None
     # (`bastion.approvals.service.Approvals.confirmer`). Never a name of the call's agents.
     confirmer: str | None = None
+    # Of a used approval: until when the run it unlocked may still be upstream (None: ended).
+    running_until: float | None = None
     answers: tuple[Answer, ...] = field(default=())
 
     @property
@@ -169,6 +176,11 @@ class ApprovalRequest:
         """Whether a person stands behind the call: its user is not one of its agents (a client
         credentials token's subject is its own client id)."""
         return has_person(token_principals(self.subject, self.chain))
+
+    def running(self, now: float) -> bool:
+        """Whether the run this approval unlocked may still be upstream at ``now``: it was
+        spent on a call whose end is not written yet, within the bound it was spent with."""
+        return self.status == "used" and self.running_until is not None and now < self.running_until
 
     def names(self, person: str) -> bool:
         """Whether the request, as held, names ``person`` to answer it: among its approvers, or,
@@ -307,7 +319,7 @@ class ApprovalStore:
             self.db.execute(
                 f"INSERT INTO approval_requests ({_COLUMNS}) VALUES"
                 " (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, NULL,"
-                " NULL, ?, ?, ?, ?)",
+                " NULL, ?, ?, ?, ?, NULL)",
                 (
                     request_id,
                     kind,
@@ -468,14 +480,34 @@ class ApprovalStore:
         )
         return bool(rows)
 
-    def use(self, request_id: str, decision_id: str, *, from_status: str) -> bool:
+    def use(
+        self,
+        request_id: str,
+        decision_id: str,
+        *,
+        from_status: str,
+        running_until: float | None = None,
+    ) -> bool:
         """Mark an approved (or released) request used by the call ``decision_id`` unlocked:
-        once only, whoever tries at the same time. A delivered result is deleted."""
+        once only, whoever tries at the same time. A delivered result is deleted. With
+        ``running_until``, the run it unlocked is marked in progress until then (`end_run`),
+        in the same statement: no retry finds the approval spent and its run not marked."""
         to = "used" if from_status == "approved" else "delivered"
         rows = self.db.execute(
-            "UPDATE approval_requests SET status = ?, used_at = ?, used_by = ?, result = NULL"
-            " WHERE id = ? AND status = ? RETURNING id",
-            (to, self.clock(), decision_id, request_id, from_status),
+            "UPDATE approval_requests SET status = ?, used_at = ?, used_by = ?, result = NULL,"
+            " running_until = ? WHERE id = ? AND status = ? RETURNING id",
+            (to, self.clock(), decision_id, running_until, request_id, from_status),
+        )
+        return bool(rows)
+
+    def end_run(self, request_id: str, decision_id: str) -> bool:
+        """The run of the call ``decision_id`` that ``request_id`` was spent on has ended (it
+        answered, or failed); False if it was not marked in progress (another run's, or ended
+        already)."""
+        rows = self.db.execute(
+            "UPDATE approval_requests SET running_until = NULL"
+            " WHERE id = ? AND used_by = ? AND running_until IS NOT NULL RETURNING id",
+            (request_id, decision_id),
         )
         return bool(rows)
 
@@ -531,6 +563,7 @@ class ApprovalStore:
             withheld_fields=tuple(json.loads(row[25])),
             agents=tuple(json.loads(row[26])),
             confirmer=row[27] or None,
+            running_until=row[28],
             answers=self._answers(request_id),
         )
         if row[27] is None and request.person:  # kept before confirmers were

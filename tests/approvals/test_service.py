@@ -893,9 +893,10 @@ def test_an_approval_spent_at_once_on_two_replicas_lets_one_call_through(postgre
 
 
 def test_each_run_of_a_call_held_for_approval_and_review_goes_with_its_own_review(world):
-    """The approval of a call held for approval and review is spent by its run; a retry while
-    that run is upstream (no review holds its result yet) is held for a second approval, given
-    too, which unlocks a second run. Each run's result is held by a review of its own, and a
+    """The approval of a call held for approval and review is spent by a run not marked in
+    progress (a run past its bound, or spent before runs were marked); a retry while that run
+    is upstream (no review holds its result yet) is held for a second approval, given too,
+    which unlocks a second run. Each run's result is held by a review of its own, and a
     retry naming an approval or a review finds the review of that approval's run, however the
     two runs, the retries and the answers interleave; one naming nothing is delivered the
     oldest run's result first."""
@@ -946,3 +947,58 @@ def test_each_run_of_a_call_held_for_approval_and_review_goes_with_its_own_revie
 
 def ids(request: ApprovalRequest | None) -> str | None:
     return None if request is None else request.id
+
+
+def test_a_retry_while_the_approved_run_is_upstream_is_in_progress_until_the_run_ends(world):
+    """An approval spent by a run that goes upstream for at most ``runs_for`` seconds: the same
+    call meanwhile (naming nothing, or the approval) is "in_progress", never "hold" (held for a
+    new approval) nor refused as used; once that run has ended it is what it was before: a new
+    call, or ``approval_used``. Another run's end does not end it."""
+    approvals, *_ = world
+    c = call(send, {"to": "in-flight@example.com"})
+    request = held(approvals, c)
+    approvals.answer(request.id, "avery", "approve", channel="api")
+    assert approvals.use(approvals.check(c).request, "d-run", runs_for=120)
+    for named in (None, request.id):
+        outcome = approvals.check(c, named)
+        assert (outcome.state, outcome.request.id) == ("in_progress", request.id), named
+    other = call(send, {"to": "other@example.com"})
+    assert approvals.check(other).state == "hold"  # only the very call is in progress
+    approvals.run_ended(request.id, "d-other")
+    assert approvals.check(c).state == "in_progress"
+    approvals.run_ended(request.id, "d-run")
+    assert approvals.check(c).state == "hold"
+    assert approvals.check(c, request.id).reason == "approval_used"
+
+
+def test_a_run_whose_end_is_never_told_holds_its_retries_no_longer_than_runs_for(world):
+    """The replica running the call died (or its end could not be written): its retries are in
+    progress until ``runs_for`` after the approval was spent, then the call is a new one."""
+    approvals, _, _, clock = world
+    c = call(send, {"to": "crashed@example.com"})
+    request = held(approvals, c)
+    approvals.answer(request.id, "avery", "approve", channel="api")
+    assert approvals.use(approvals.check(c).request, "d-run", runs_for=120)
+    clock.now += 119
+    assert approvals.check(c).state == "in_progress"
+    clock.now += 1
+    assert approvals.check(c).state == "hold"
+
+
+def test_a_run_ends_before_its_result_is_held_for_review_never_between(world):
+    """For a call held for approval and review the run's end is written after its result is held
+    (`Approvals.hold` of the review): a retry finds the run in progress, then its review, never
+    a moment where it would be held for a new approval."""
+    approvals, *_ = world
+    c = call(send, {"to": "reviewed@example.com"})
+    reviewed = dataclasses.replace(c, kind="review")
+    request = held(approvals, c)
+    approvals.answer(request.id, "avery", "approve", channel="api")
+    assert approvals.use(approvals.check(c).request, "d-run", runs_for=120)
+    assert approvals.check(c).state == "in_progress"
+    review = approvals.hold(reviewed, "d-run", (), {}, {"content": []})
+    outcome = approvals.check(c)
+    assert (outcome.state, ids(outcome.review)) == ("reviewing", review.id)
+    approvals.run_ended(request.id, "d-run")
+    outcome = approvals.check(c)
+    assert (outcome.state, ids(outcome.review)) == ("reviewing", review.id)
