@@ -48,7 +48,14 @@ NOT_REPLAYABLE = {
 _POLICY_RESULTS = frozenset({"allow", "deny", "step_up"})
 _POLICY_REFUSALS = frozenset({"not_permitted", "evaluation_limit", "signal_stale", "read_only"})
 _APPROVAL_REASONS = frozenset(
-    {"no_approver", "approval_unavailable", "approval_used", "approval_pending", "review_pending"}
+    {
+        "no_approver",
+        "approval_unavailable",
+        "approval_used",
+        "approval_pending",
+        "approval_in_progress",
+        "review_pending",
+    }
 )
 _LABEL_REASONS = frozenset({"labels_unavailable", "labels_lost", "labels_full"})
 # Context fields the gateway works out only where a rule reads them: what the policy in force

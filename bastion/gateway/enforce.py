@@ -132,6 +132,8 @@ class Verdict:
     review: ApprovalRequest | None = None
     # The call, as bound to requests (for holding its result).
     call: Call | None = None
+    # The approval this call's run spent, marked in progress until `Enforcer.run_ended`.
+    spent: ApprovalRequest | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,7 +144,7 @@ class Held(Exception):
     decision_id: str
     url: str
     retry_after: float
-    reason: str  # approval_pending or review_pending
+    reason: str  # approval_pending, approval_in_progress or review_pending
     target: str  # the resource, as refusals name it: desk/send_email
 
 
@@ -336,6 +338,7 @@ class Enforcer:
         retried: str | None = None,
         annotations_now: Callable[[], Awaitable[dict[str, Any]]] | None = None,
         unpinned: PinChange | None = None,
+        runs_for: float = 0.0,
     ) -> Verdict:
         """Allow (with obligations), or raise `StepUp`, `Held` or the `RpcError` to send back.
 
@@ -347,7 +350,11 @@ class Enforcer:
         now, asked only when the caller is downgraded to read-only (`_read_now`).
 
         ``unpinned``: the tool called (the prompt got) is not listed as accepted (``pin_tools``,
-        ``pin_prompts``): refused before the policy is asked, after the kill switch."""
+        ``pin_prompts``): refused before the policy is asked, after the kill switch.
+
+        ``runs_for``: the longest the message's run upstream may take, for a message that is
+        forwarded once decided: an approval it spends marks the run in progress that long, or
+        until `run_ended` (`Verdict.spent`). 0: nothing is marked (``connect``)."""
         started = time.perf_counter()
         decision_id = new_decision_id()
         # Refusals made before the policy is asked: recorded, with what they noted.
@@ -389,11 +396,21 @@ class Enforcer:
         held: tuple[Call, Outcome] | None = None
         review: tuple[Call, Outcome] | None = None
         linked: ApprovalRequest | None = None
+        spent: ApprovalRequest | None = None
         if result == "allow" and (
             obligations.requires_approval or obligations.requires_review or obligations.rate_limits
         ):
             # Decided again, with the approval, when one was given: ``chain`` is that decision.
-            chain, result, reason, retry_after, held, review, linked = await self._obligations(
+            (
+                chain,
+                result,
+                reason,
+                retry_after,
+                held,
+                review,
+                linked,
+                spent,
+            ) = await self._obligations(
                 authz,
                 decision_id,
                 caller,
@@ -405,6 +422,7 @@ class Enforcer:
                 arguments,
                 chain,
                 retried,
+                runs_for,
             )
         if held is not None and held[1].state == "hold":
             try:
@@ -452,9 +470,15 @@ class Enforcer:
         if review is not None:
             step = "release" if review[1].state == "released" else "hold"
             return Verdict(
-                decision_id, chain.obligations, record, step, review[1].request, review[0]
+                decision_id,
+                chain.obligations,
+                record,
+                step,
+                review[1].request,
+                review[0],
+                spent,
             )
-        return Verdict(decision_id, chain.obligations, record)
+        return Verdict(decision_id, chain.obligations, record, spent=spent)
 
     async def _read_now(
         self,
@@ -488,6 +512,7 @@ class Enforcer:
         arguments: Any,
         chain: ChainDecision,
         retried: str | None,
+        runs_for: float,
     ) -> tuple[
         ChainDecision,
         str,
@@ -496,11 +521,13 @@ class Enforcer:
         tuple[Call, Outcome] | None,
         tuple[Call, Outcome] | None,
         ApprovalRequest | None,
+        ApprovalRequest | None,
     ]:
         """What an allowed message's approval, review and rate limits make of it: the decision
         (decided again with the approval in the context when one was given), its result, reason
-        and retry delay, the hold to place (call, outcome), the review it is under and the
-        approval request it is linked to."""
+        and retry delay, the hold to place (call, outcome), the review it is under, the
+        approval request it is linked to and the approval it spent (marked in progress for
+        ``runs_for``)."""
         result, reason, retry_after = "allow", "", None
         held: tuple[Call, Outcome] | None = None
         review: tuple[Call, Outcome] | None = None
@@ -542,6 +569,10 @@ class Enforcer:
             elif outcome.state in ("hold", "pending"):
                 result, reason = "held", "approval_pending"
                 held = (call, outcome)
+            elif outcome.state == "in_progress":
+                # Its approval was spent on this very call, still upstream: told so, neither
+                # run again nor held for a new approval.
+                result, reason = "held", "approval_in_progress"
             else:
                 result, reason = "deny", outcome.reason
         # A result under review is the reviewer's to release, whatever the policy says of
@@ -581,10 +612,11 @@ class Enforcer:
         if (
             result == "allow"
             and spend is not None
-            and (refusal := await self._spend(spend, decision_id)) is not None
+            and (refusal := await self._spend(spend, decision_id, runs_for)) is not None
         ):
             result, reason = "deny", refusal
-        return chain, result, reason, retry_after, held, review, linked
+        spent = spend if result == "allow" else None
+        return chain, result, reason, retry_after, held, review, linked, spent
 
     def _refuse(
         self,
@@ -733,18 +765,37 @@ class Enforcer:
             return "approval_unavailable"
         return None
 
-    async def _spend(self, request: ApprovalRequest, decision_id: str) -> str | None:
-        """Spend ``request`` for the call ``decision_id``: None once spent, else why the call
-        is refused: ``approval_used`` (spent already; of two retries at once, one goes
-        through) or ``approval_unavailable`` (the store cannot be written, a lock wait ran
-        out: not known spent, so the client may try again, not told it was used)."""
+    async def _spend(
+        self, request: ApprovalRequest, decision_id: str, runs_for: float = 0.0
+    ) -> str | None:
+        """Spend ``request`` for the call ``decision_id`` (an approval: its run marked in
+        progress for ``runs_for``): None once spent, else why the call is refused:
+        ``approval_used`` (spent already; of two retries at once, one goes through) or
+        ``approval_unavailable`` (the store cannot be written, a lock wait ran out: not known
+        spent, so the client may try again, not told it was used)."""
         assert self.approvals is not None
         try:
-            used = await anyio.to_thread.run_sync(self.approvals.use, request, decision_id)
+            used = await anyio.to_thread.run_sync(
+                self.approvals.use, request, decision_id, runs_for
+            )
         except Exception:
             log.exception("the approval store cannot be written: call refused")
             return "approval_unavailable"
         return None if used else "approval_used"
+
+    async def run_ended(self, verdict: Verdict) -> None:
+        """The run of ``verdict``'s call has ended (answered, its result held for review first
+        where it is; or failed): the approval it spent no longer tells the same call its run
+        is in progress. Nothing to do for a call that spent none. Not written (the store
+        away), the mark lapses at the bound it was spent with."""
+        if verdict.spent is None or self.approvals is None:
+            return
+        try:
+            await anyio.to_thread.run_sync(
+                self.approvals.run_ended, verdict.spent.id, verdict.decision_id
+            )
+        except Exception:
+            log.exception("the end of an approved run cannot be written: its mark lapses")
 
     async def release(self, verdict: Verdict) -> tuple[Any, str | None]:
         """The reviewed result of this call, spent once, and None; or None and why it is not

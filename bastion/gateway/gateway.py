@@ -129,6 +129,12 @@ class UpstreamState:
     def pinning(self, kind: str) -> Pinning | None:
         return self.tool_pins if kind == TOOL else self.prompt_pins
 
+    @property
+    def run_seconds(self) -> float:
+        """The longest a call's run at this upstream takes: starting it (its process or
+        connection and the MCP handshake), then its answer, each within its ``timeout``."""
+        return 2 * self.upstream.config.timeout
+
     def _hints_of(self, connection: Upstream | None) -> ToolHints:
         connection = connection or self.upstream
         hints = self._hints.get(connection)

@@ -527,6 +527,7 @@ async def _decide_and_forward(
                 retried=request_id,
                 annotations_now=annotations_now,
                 unpinned=unpinned,
+                runs_for=ex.upstream.run_seconds,
             )
         except Held as held:
             if not waits_left:
@@ -538,28 +539,19 @@ async def _decide_and_forward(
             continue
         if verdict.review_step == "release":
             return await _released(ex, verdict, extra.get("uri"))
-        result = await _forward(ex, verdict, params, extra.get("uri"))
+        # An approval this run spent says it is in progress until it has ended: its result
+        # held first, where it is reviewed, so that a retry finds one or the other. Not on a
+        # cancellation: the upstream may still be acting; the mark then lapses at its bound.
+        try:
+            result = await _forward(ex, verdict, params, extra.get("uri"))
+            if verdict.review_step == "hold":
+                held = await _held_for_review(ex, verdict, result, context, resource)
+        except Exception:
+            await enforcer.run_ended(verdict)
+            raise
+        await enforcer.run_ended(verdict)
         if verdict.review_step != "hold":
             return result
-        # The upstream answered; a reviewer releases the answer, or not.
-        try:
-            held = await enforcer.hold_result(verdict, result, context)
-        except NoApprover:  # nobody could review it any more (the owner changed meanwhile)
-            enforcer.write(verdict.record, result="deny", reason="no_approver")
-            raise refused(resource.id, verdict.decision_id, "no_approver") from None
-        except Exception:
-            holds.log.exception("the approval store cannot be written: result withheld")
-            enforcer.write(verdict.record, result="deny", reason="approval_unavailable")
-            raise refused(resource.id, verdict.decision_id, "approval_unavailable") from None
-        enforcer.write(
-            verdict.record,
-            result="held",
-            reason="review_pending",
-            obligations={
-                **verdict.record["obligations"],
-                "approval": {"id": held.request.id, "kind": "review"},
-            },
-        )
         if not waits_left:
             raise holds.pending_error(held)
         answer = await holds.answer_held(ex, held, retry=True)
@@ -567,6 +559,33 @@ async def _decide_and_forward(
             return answer
         request_id = held.request.id
     raise AssertionError("unreachable: the last round raises or returns")
+
+
+async def _held_for_review(
+    ex: Exchange, verdict: Verdict, result: Any, context: dict[str, Any], resource: Entity
+) -> Held:
+    """The upstream answered; a reviewer releases the answer, or not: the result held, and
+    recorded so."""
+    enforcer = ex.gateway.enforcer
+    try:
+        held = await enforcer.hold_result(verdict, result, context)
+    except NoApprover:  # nobody could review it any more (the owner changed meanwhile)
+        enforcer.write(verdict.record, result="deny", reason="no_approver")
+        raise refused(resource.id, verdict.decision_id, "no_approver") from None
+    except Exception:
+        holds.log.exception("the approval store cannot be written: result withheld")
+        enforcer.write(verdict.record, result="deny", reason="approval_unavailable")
+        raise refused(resource.id, verdict.decision_id, "approval_unavailable") from None
+    enforcer.write(
+        verdict.record,
+        result="held",
+        reason="review_pending",
+        obligations={
+            **verdict.record["obligations"],
+            "approval": {"id": held.request.id, "kind": "review"},
+        },
+    )
+    return held
 
 
 async def _forward(

@@ -10,6 +10,10 @@
   again at once. Not answered: a JSON-RPC error with ``reason`` approval_pending (or
   review_pending), the ``approval_id``, the page's ``url`` and ``retry_after``; an identical
   retry after the answer is decided again.
+- A retry of a call whose approved run is still upstream waits the same way for that run to end
+  (its result then held for review, where it is), and is then decided again; not ended, it is
+  answered the same error with ``reason`` approval_in_progress. It is never held for a new
+  approval meanwhile.
 """
 
 from __future__ import annotations
@@ -186,12 +190,20 @@ def pending_error(held: Held, url_mode: bool = False) -> RpcError:
         "retry_after": held.retry_after,
         "expires_at": request.expires_at,
     }
-    what = (
-        "its result is held for review"
-        if held.reason == "review_pending"
-        else "it waits for approval"
-    )
-    message = f"bastion holds this request ({held.target}): {what}; retry after it is answered"
+    if held.reason == "approval_in_progress":
+        data["running_until"] = request.running_until
+        message = (
+            f"bastion holds this request ({held.target}): the approved run of this same call is"
+            " in progress upstream, and it is not run again on that approval; retry after it"
+            " ends (a result it leaves for review is then found by the retry)"
+        )
+    else:
+        what = (
+            "its result is held for review"
+            if held.reason == "review_pending"
+            else "it waits for approval"
+        )
+        message = f"bastion holds this request ({held.target}): {what}; retry after it is answered"
     if url_mode:
         data["elicitations"] = [_question(held)]
         return RpcError(URL_ELICITATION_REQUIRED, message, data)
@@ -199,8 +211,9 @@ def pending_error(held: Held, url_mode: bool = False) -> RpcError:
 
 
 async def _wait(ex: Exchange, held: Held, asked: asyncio.Task | None) -> bool:
-    """Whether people answered (or the request expired) within ``wait_seconds``; not waited
-    further once the client says its user declined or cancelled the elicitation."""
+    """Whether people answered (or the request expired) within ``wait_seconds``, or, for
+    a call whose approved run is in progress, that run ended; not waited further once the
+    client says its user declined or cancelled the elicitation."""
     approvals = ex.gateway.enforcer.approvals
     assert approvals is not None
     deadline = time.monotonic() + approvals.settings.wait_seconds
@@ -208,12 +221,15 @@ async def _wait(ex: Exchange, held: Held, asked: asyncio.Task | None) -> bool:
     token = meta.get("progressToken") if isinstance(meta, dict) else None
     beat = time.monotonic() + PROGRESS_SECONDS
     beats = 0
+    running = held.reason == "approval_in_progress"
+    waiting_for = "waiting for the approved run" if running else "waiting for people"
     while time.monotonic() < deadline:
         request = await anyio.to_thread.run_sync(approvals.get, held.request.id)
-        if (
-            request is None
-            or request.status != "pending"
-            or request.expires_at <= approvals.clock()
+        now = approvals.clock()
+        if request is None or (
+            not request.running(now)
+            if running
+            else request.status != "pending" or request.expires_at <= now
         ):
             return True
         if token is not None and ex.progress is not None and time.monotonic() >= beat:
@@ -222,7 +238,7 @@ async def _wait(ex: Exchange, held: Held, asked: asyncio.Task | None) -> bool:
             await ex.progress(
                 notification(
                     "notifications/progress",
-                    {"progressToken": token, "progress": beats, "message": "waiting for people"},
+                    {"progressToken": token, "progress": beats, "message": waiting_for},
                 )
             )
         if asked is not None and asked.done() and _declined(asked):

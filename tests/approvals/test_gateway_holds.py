@@ -2,7 +2,8 @@
 call that needs approval waits for people, goes through once approved, exactly once, and only
 for the arguments that were approved; a result held for review reaches the agent only once a
 reviewer releases it, without a second upstream call; a call held for both runs once, after its
-approval, and its released result reaches that user and agent once."""
+approval, and its released result reaches that user and agent once; a retry sent while the
+approved run is upstream is told so, never held for a new approval."""
 
 from __future__ import annotations
 
@@ -57,11 +58,13 @@ requires_review(_user: User, "call", tool: Tool) if
   not review_lifted(tool);
 approver(User{"avery"}, User{"sam"}, "call", Tool{"deskhttp/search_customers"}) if
   lower(context.arguments.query, q) and q in ["lovelace", "turing"];
-# A slow call held for approval and its result for review, which avery answers: its runs,
-# retries and answers can interleave.
-requires_approval(_user: User, "call", Tool{"labhttp/wait"});
-requires_review(_user: User, "call", Tool{"labhttp/wait"});
-approver(User{"avery"}, User{"sam"}, "call", Tool{"labhttp/wait"});
+# A call that stays upstream until the test releases it, held for approval (and its result
+# for review when its arguments say so), which avery answers: retries reach bastion while the
+# approved run is upstream.
+requires_approval(_user: User, "call", Tool{"labhttp/run_until_released"});
+requires_review(_user: User, "call", Tool{"labhttp/run_until_released"}) if
+  context.arguments.reviewed = true;
+approver(User{"avery"}, User{"sam"}, "call", Tool{"labhttp/run_until_released"});
 # Completing the greeting's name waits for the user's own confirmation.
 requires_approval(_user: User, "get", Prompt{"labhttp/greeting"}) if context.argument = "name";
 """
@@ -826,77 +829,192 @@ def test_a_result_under_review_is_not_fetched_by_running_its_call_again(bastion)
         bastion.apply(deletes=[lifted])
 
 
-def wait_call(bastion, token: str, arguments: dict, request_id: str | None = None) -> dict:
-    """A 2026-07-28 tools/call of the lab's slow ``wait``; with ``request_id``, the retry naming
-    that request (as `retry`)."""
-    params: dict = {"name": "wait", "arguments": arguments}
+# -- a retry while the approved run is upstream ---------------------------------------------
+
+LONG_RUN = "run_until_released"
+
+
+def lab_call(
+    bastion, token: str, arguments: dict, request_id: str | None = None, url: str | None = None
+) -> dict:
+    """A 2026-07-28 tools/call of the lab's ``run_until_released`` (to ``url``: another
+    replica's /mcp/labhttp); with ``request_id``, the retry naming that request (as `retry`)."""
+    params: dict = {"name": LONG_RUN, "arguments": arguments}
     if request_id is not None:
         states = bastion.app.state.gateway.states
         params["requestState"] = states.sign(request_id, "sam", (agent_of(token),))
     response = bastion.http.post(
-        bastion.mcp_url("labhttp"),
+        url or bastion.mcp_url("labhttp"),
         json=modern_request(1, "tools/call", params),
-        headers=modern_headers(token, "tools/call", "wait"),
-        timeout=30,
+        headers=modern_headers(token, "tools/call", LONG_RUN),
+        timeout=60,
     )
     assert response.status_code == 200, response.text
     return messages(response)[-1]
 
 
 def runs(bastion, tag: str) -> int:
-    """How many times the lab's ``wait`` started with ``tag`` (each is a run upstream)."""
+    """How many times the lab's ``run_until_released`` started with ``tag`` (each is a run
+    upstream)."""
     if not bastion.lab_trace.exists():
         return 0
     lines = bastion.lab_trace.read_text().splitlines()
-    return sum(1 for line in lines if json.loads(line) == {"kind": "wait-started", "tag": tag})
+    return sum(1 for line in lines if json.loads(line) == {"kind": "run-started", "tag": tag})
 
 
-def test_an_approval_given_while_an_approved_run_of_the_same_call_ran_is_a_run_of_its_own(
+def release_run(bastion, tag: str) -> None:
+    """Let the lab's runs of ``tag`` answer."""
+    with bastion.lab_trace.open("a") as trace:
+        trace.write(json.dumps({"kind": "release", "tag": tag}) + "\n")
+
+
+def wait_for(condition, what: str) -> None:
+    deadline = time.monotonic() + 20
+    while not condition():
+        assert time.monotonic() < deadline, f"never: {what}"
+        time.sleep(0.02)
+
+
+def approved_run(bastion, token: str, arguments: dict) -> tuple[str, threading.Thread, dict]:
+    """Hold the call, have avery approve it, and send it again in the background, named by its
+    approval: the approval's id, the thread waiting for that call's answer (in ``ran``), once
+    its run has started upstream (and stays there until `release_run`)."""
+    held = lab_call(bastion, token, arguments)["error"]["data"]
+    assert held["reason"] == "approval_pending", held
+    approvals(bastion).answer(held["approval_id"], "avery", "approve", channel="api")
+    ran: dict = {}
+
+    def run() -> None:
+        ran["answer"] = lab_call(bastion, token, arguments, held["approval_id"])
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    wait_for(lambda: runs(bastion, arguments["tag"]) == 1, "the approved run started")
+    return held["approval_id"], thread, ran
+
+
+def requests_of(bastion, tag: str) -> list:
+    """The approval requests (approvals and reviews) of the lab calls of ``tag``, oldest first."""
+    found = approvals(bastion).listed(limit=200)
+    return sorted(
+        (r for r in found if isinstance(r.arguments, dict) and r.arguments.get("tag") == tag),
+        key=lambda r: r.created_at,
+    )
+
+
+def in_progress(answer: dict) -> tuple:
+    error = answer.get("error") or {}
+    data = error.get("data") or {}
+    return error.get("code"), data.get("reason"), data.get("approval_id")
+
+
+def test_a_retry_while_the_approved_run_is_upstream_is_told_so_and_finds_its_review_after(
     bastion,
 ):
-    """sam's agent retries an approved call while its run is still upstream (nothing holds its
-    result yet), and that retry is held for a second approval, which avery gives. Each approval
-    unlocks one run, and each run's result is reviewed and delivered as that run's: the second
-    approval runs the call again (its result held for a review of its own), never the first
-    run's review; the first run's released result goes to the retry naming its review."""
+    """sam's agent retries an approved call held for approval and review while its run is still
+    upstream (nothing holds its result yet): on this replica naming nothing, on the other, and
+    naming the approval. Each retry is told the approved run is in progress (-32008,
+    ``approval_in_progress``, naming the approval): none is held for a new approval, nor
+    refused as used. Once the run ends, the retry finds its result under review; the call ran
+    once, and the only requests are its approval and its review. (Before, the retry naming
+    nothing was held for a new approval, which, given, ran the call again.)"""
     token = bastion.token("sam", "labhttp")
-    tag = f"interleaved-{uuid.uuid4().hex[:8]}"
-    arguments = {"seconds": 1.0, "tag": tag}
-    first = wait_call(bastion, token, arguments)["error"]["data"]
-    assert first["reason"] == "approval_pending", first
-    approvals(bastion).answer(first["approval_id"], "avery", "approve", channel="api")
-    ran: dict = {}
-    run = threading.Thread(
-        target=lambda: ran.update(answer=wait_call(bastion, token, arguments, first["approval_id"]))
-    )
-    run.start()
-    deadline = time.monotonic() + 10
-    while runs(bastion, tag) == 0 and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert runs(bastion, tag) == 1
-    again = wait_call(bastion, token, arguments)["error"]["data"]
-    run.join(timeout=20)
-    assert (again["reason"], again["approval_id"] != first["approval_id"]) == (
-        "approval_pending",
-        True,
-    ), again
-    approvals(bastion).answer(again["approval_id"], "avery", "approve", channel="api")
+    tag = f"in-progress-{uuid.uuid4().hex[:8]}"
+    arguments = {"tag": tag, "reviewed": True}
+    approval, thread, ran = approved_run(bastion, token, arguments)
+    try:
+        here = lab_call(bastion, token, arguments)
+        there = lab_call(bastion, token, arguments, url=f"{bastion.replicas[0]}/mcp/labhttp")
+        named = lab_call(bastion, token, arguments, approval)
+    finally:
+        release_run(bastion, tag)
+        thread.join(timeout=30)
+    for answer in (here, there, named):
+        assert in_progress(answer) == (-32008, "approval_in_progress", approval), answer
+    assert "in progress" in here["error"]["message"], here
     review = ran["answer"]["error"]["data"]
     assert review["reason"] == "review_pending", review
-    second = wait_call(bastion, token, arguments, again["approval_id"])
-    assert "error" in second, second  # not the first run's result
-    assert second["error"]["data"]["reason"] == "review_pending", second
-    assert second["error"]["data"]["approval_id"] != review["approval_id"], second
-    assert runs(bastion, tag) == 2
+    after = lab_call(bastion, token, arguments)["error"]["data"]
+    assert (after["reason"], after["approval_id"]) == ("review_pending", review["approval_id"])
+    assert runs(bastion, tag) == 1
+    assert [(r.kind, r.id) for r in requests_of(bastion, tag)] == [
+        ("approval", approval),
+        ("review", review["approval_id"]),
+    ]
     approvals(bastion).answer(review["approval_id"], "avery", "approve", channel="api")
-    released = wait_call(bastion, token, arguments, review["approval_id"])
-    assert "waited 1.0s" in json.dumps(released.get("result")), released
-    assert runs(bastion, tag) == 2
-    a1, a2 = (approvals(bastion).get(a["approval_id"]) for a in (first, again))
-    r1 = approvals(bastion).get(review["approval_id"])
-    r2 = approvals(bastion).get(second["error"]["data"]["approval_id"])
-    assert (a1.status, a2.status, r1.status, r2.status) == ("used", "used", "delivered", "pending")
-    assert (r1.decision_id, r2.decision_id) == (a1.used_by, a2.used_by)
+    released = lab_call(bastion, token, arguments)
+    assert f"released {tag}" in json.dumps(released.get("result")), released
+    assert runs(bastion, tag) == 1
+
+
+def test_a_retry_of_a_call_held_for_approval_only_never_runs_it_again_while_it_runs(bastion):
+    """The same for a call held for approval only, whose single-use approval its run in flight
+    has spent: the retries meanwhile are told the run is in progress, not held for a new
+    approval. Once the run has answered its own request, a retry naming the approval is
+    refused ``approval_used``, and one naming nothing is a new call, held anew."""
+    token = bastion.token("sam", "labhttp")
+    tag = f"in-progress-only-{uuid.uuid4().hex[:8]}"
+    arguments = {"tag": tag}
+    approval, thread, ran = approved_run(bastion, token, arguments)
+    try:
+        here = lab_call(bastion, token, arguments)
+        there = lab_call(bastion, token, arguments, url=f"{bastion.replicas[0]}/mcp/labhttp")
+    finally:
+        release_run(bastion, tag)
+        thread.join(timeout=30)
+    for answer in (here, there):
+        assert in_progress(answer) == (-32008, "approval_in_progress", approval), answer
+    assert f"released {tag}" in json.dumps(ran["answer"].get("result")), ran
+    assert [(r.kind, r.id) for r in requests_of(bastion, tag)] == [("approval", approval)]
+    used = lab_call(bastion, token, arguments, approval)["error"]["data"]
+    assert used["reason"] == "approval_used", used
+    anew = lab_call(bastion, token, arguments)["error"]["data"]
+    assert (anew["reason"], anew["approval_id"] != approval) == ("approval_pending", True), anew
+    assert runs(bastion, tag) == 1
+
+
+def test_a_waiting_retry_waits_for_the_approved_run_then_for_its_review(waiting):
+    """A client that waits (``wait_seconds``) and retries while the approved run is upstream
+    waits for that run in the same request, then for the review of its result: it is answered
+    ``review_pending`` naming that run's review, never held for a new approval."""
+    token = waiting.token("sam", "labhttp")
+    tag = f"in-progress-waiting-{uuid.uuid4().hex[:8]}"
+    arguments = {"tag": tag, "reviewed": True}
+    first: dict = {}
+    thread = threading.Thread(
+        target=lambda: first.update(answer=lab_call(waiting, token, arguments)), daemon=True
+    )
+    thread.start()  # held, and waits for avery
+    wait_for(lambda: requests_of(waiting, tag), "the call was held")
+    [approval] = requests_of(waiting, tag)
+    approvals(waiting).answer(approval.id, "avery", "approve", channel="api")
+    wait_for(lambda: runs(waiting, tag) == 1, "the approved run started")
+    retried: dict = {}
+    retry = threading.Thread(
+        target=lambda: retried.update(answer=lab_call(waiting, token, arguments)), daemon=True
+    )
+    digest = waiting.app.state.gateway.enforcer.digest(arguments)
+    try:
+        retry.start()
+
+        def told_in_progress() -> bool:
+            waiting.flush()
+            return any(
+                r.arguments_digest == digest and r.reason == "approval_in_progress"
+                for _, r in waiting.records.after(0, 100000)
+            )
+
+        wait_for(told_in_progress, "the retry was held while the run is upstream")
+    finally:
+        release_run(waiting, tag)
+        thread.join(timeout=30)
+        retry.join(timeout=30)
+    review = first["answer"]["error"]["data"]
+    assert review["reason"] == "review_pending", first
+    answer = retried["answer"]["error"]["data"]
+    assert (answer["reason"], answer["approval_id"]) == ("review_pending", review["approval_id"])
+    assert runs(waiting, tag) == 1
+    assert [r.kind for r in requests_of(waiting, tag)] == ["approval", "review"]
 
 
 def test_an_approved_call_sent_at_once_to_two_replicas_on_postgresql_runs_once(
@@ -904,7 +1022,8 @@ def test_an_approved_call_sent_at_once_to_two_replicas_on_postgresql_runs_once(
 ):
     """Two bastion replicas on one PostgreSQL: the agent sends its approved call eight times at
     the same moment, half to each. The upstream runs it once; every other copy is refused
-    (approval_used) or held for a new approval, never run."""
+    (approval_used), told that run is in progress, or (once it has ended) held for a new
+    approval, never run."""
     with start(
         tmp_path_factory.mktemp("holds-pg"),
         approvals={"wait_seconds": 0},
@@ -932,7 +1051,8 @@ def test_an_approved_call_sent_at_once_to_two_replicas_on_postgresql_runs_once(
         ran = [a for a in answers if "result" in a]
         assert len(ran) == 1, answers
         reasons = {a["error"]["data"]["reason"] for a in answers if "error" in a}
-        assert reasons <= {"approval_used", "approval_pending"}, answers
+        # Sent while the run is upstream: told it is in progress; after: a new call.
+        assert reasons <= {"approval_used", "approval_in_progress", "approval_pending"}, answers
         sent = [
             m
             for m in running.recorder.messages()

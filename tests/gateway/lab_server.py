@@ -1,7 +1,8 @@
 """An MCP server for the gateway's transport tests, written with the official MCP Python SDK.
 
 Its lists change (it says so on request), it sends resource updates (and takes
-``resources/subscribe``), it takes its time (and notes when a call is cancelled), it asks
+``resources/subscribe``), it takes its time (and notes when a call is cancelled; or runs until
+the test releases it), it asks
 the client for input (elicitation, sampling), it logs (and takes ``logging/setLevel``), it
 completes arguments, and it leaks `SECRET` through every place of a result and of the
 notifications of a call that MCP defines, and some it does not (``leak*``: the tests' policy
@@ -98,6 +99,18 @@ async def wait(seconds: float, tag: str) -> str:
         raise
     trace("wait-finished", tag=tag)
     return f"waited {seconds}s"
+
+
+@server.tool(annotations=READ_ONLY)
+async def run_until_released(tag: str, reviewed: bool = False) -> str:
+    """Run until the trace holds a ``release`` of ``tag`` (a test writes it: the call stays at
+    its upstream meanwhile), at most 30 s. ``reviewed`` does nothing here: a policy reads it."""
+    trace("run-started", tag=tag)
+    with anyio.fail_after(30):
+        while not _traced("release", tag):
+            await anyio.sleep(0.02)
+    trace("run-finished", tag=tag)
+    return f"released {tag}"
 
 
 class Name(BaseModel):
