@@ -3,16 +3,20 @@ only (`cleartext_problem`, checked by every outbound client as each request leav
 `bastion.tls.fetching_client`); and, to addresses someone else chose, public addresses only.
 
 A client ID metadata document's URL is chosen by whoever names it as a client_id, a registered
-client's ``jwks_uri`` by whoever registered it, an upstream MCP server's authorization server and
-its endpoints by that upstream's own metadata (`bastion.connections.upstream_oauth`): fetched as
-given, they reached the loopback, the cloud's metadata service (169.254.169.254) and the
-operator's private network (SSRF), and the refusal told what was there. `pinned` resolves the name once, refuses unless every address
-it gave may be reached (`may_connect`: public, or within what the fetch's setting allows), and has
+client's ``jwks_uri`` by whoever registered it, and the endpoints a peer's own metadata names by
+that peer: an upstream MCP server's authorization server and its endpoints
+(`bastion.connections.upstream_oauth`), an identity provider's, a trusted issuer's or an ID-JAG
+provider's key set, token, UserInfo and introspection endpoints, a Shared Signals transmitter's
+key set, stream management and poll endpoints. Fetched as given, they reached the loopback, the
+cloud's metadata service (169.254.169.254) and the operator's private network (SSRF), and the
+refusal told what was there. `pinned` resolves the name once, refuses unless every address it
+gave may be reached (`may_connect`: public, or within what the fetch's setting allows), and has
 the connection made to the address it checked (a name resolved again could lead elsewhere: DNS
 rebinding), with the request and TLS still the name's.
 
 A setting that allows non-public addresses (``allow_private_addresses``) is read by one function,
-`private_allowance`: ``false`` (none), ``true`` (every one), or a list of networks (only those).
+`private_allowance`: ``false`` (none), ``true`` (every one), or a list of networks (only those);
+unset on a peer, `metadata_allowance` says what its metadata may lead to.
 """
 
 from __future__ import annotations
@@ -131,6 +135,30 @@ def private_allowance(value: Any, setting: str) -> PrivateAllowance:
         if network not in networks:
             networks.append(network)
     return tuple(networks) or False
+
+
+def on_private_address(url: str) -> bool:
+    """Whether ``url`` (as the operator configured it) names a host on a loopback or private
+    address: an IP address that is not public (`is_public_address`), or ``localhost``."""
+    try:
+        host = urlsplit(url).hostname or ""
+    except ValueError:
+        return False
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return not is_public_address(ipaddress.ip_address(host))
+    except ValueError:
+        return False
+
+
+def metadata_allowance(configured: str, setting: PrivateAllowance | None) -> PrivateAllowance:
+    """The non-public addresses the endpoints a peer's metadata names may be reached at, for a
+    peer the operator configured at ``configured`` (an upstream's url, an issuer, a
+    transmitter's configuration URL): what its ``allow_private_addresses`` says (``setting``),
+    else, unset (None), every one if ``configured`` is itself on a loopback or private address
+    (`on_private_address`: its endpoints usually live beside it), and none otherwise."""
+    return on_private_address(configured) if setting is None else setting
 
 
 def _meant(text: str) -> str:

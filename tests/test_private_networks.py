@@ -1,6 +1,7 @@
 """``allow_private_addresses`` as a list of networks: a fetch whose URL is someone else's choice
 (a client ID metadata document, a registered client's ``jwks_uri``, an upstream's authorization
-server and its endpoints) may reach the non-public addresses of the networks listed, and no other
+server and its endpoints, the endpoints an identity provider's, a trusted issuer's, an ID-JAG
+provider's or a transmitter's metadata names: `tests/test_metadata_egress.py`) may reach the non-public addresses of the networks listed, and no other
 non-public address. ``true`` opened every one (the loopback, the cloud's metadata service, every
 private network) for an operator whose identity provider lives at one private address.
 
@@ -121,15 +122,62 @@ SETTINGS = {
 }
 
 
+# The peers whose own metadata names the endpoints bastion then reaches: the table that
+# configures one (its allow_private_addresses appended), and where errors name it.
+PEERS = {
+    "identity provider": (
+        '[identity]\n[[identity.providers]]\nid = "corp"\nissuer = "https://idp.example"\n'
+        'client_id = "bastion"\ntoken_endpoint_auth_method = "none"\n',
+        "identity.providers[0]",
+    ),
+    "trusted issuer": (
+        '[gateway]\npublic_url = "http://127.0.0.1:9"\n[[gateway.upstreams]]\nname = "crm"\n'
+        'url = "https://crm.example/mcp"\n[[gateway.trusted_issuers]]\n'
+        'issuer = "https://idp.example"\naudiences = { crm = "api://crm" }\n',
+        "gateway.trusted_issuers[0]",
+    ),
+    "id-jag provider": (
+        '[[oauth.id_jag.issuers]]\nissuer = "https://idp.example"\n',
+        "oauth.id_jag.issuers[0]",
+    ),
+    "transmitter": (
+        '[signals.ssf]\n[[signals.ssf.transmitters]]\nname = "idp"\n'
+        'issuer = "https://idp.example"\naudience = "http://127.0.0.1:9"\ndelivery = "poll"\n',
+        "[[signals.ssf.transmitters]] #1",
+    ),
+}
+
+
+def _read_peer(config: ServerConfig, setting: str) -> object:
+    """The allow_private_addresses of the peer ``setting`` names, as bastion reads it."""
+    if setting == "identity provider":
+        from bastion.identity.providers import IdentitySettings
+
+        return IdentitySettings.from_mapping(config.identity, {}).providers[0]
+    if setting == "trusted issuer":
+        from bastion.gateway.config import GatewayConfig
+
+        return GatewayConfig.from_mapping(config.gateway, env={}).trusted_issuers[0]
+    if setting == "id-jag provider":
+        from bastion.oauth.settings import OAuthSettings
+
+        return OAuthSettings.from_mapping(config.oauth).id_jag.issuers[0]
+    from bastion.signals.settings import SsfSettings
+
+    return SsfSettings.from_table(config.signals["ssf"], env={}).transmitters[0]
+
+
 def _config(tmp_path: Path, setting: str, value: object) -> ServerConfig:
-    """A bastion.toml whose setting (one of `SETTINGS`, or an upstream's) is ``value``, read as
-    `bastion serve` reads it."""
+    """A bastion.toml whose setting (one of `SETTINGS`, `PEERS`, or an upstream's) is ``value``,
+    read as `bastion serve` reads it."""
     lines = [f'[server]\ndatabase = "{tmp_path / "b.db"}"\n']
     lines.append(
         f'[oauth]\nissuer = "http://127.0.0.1:9"\nkey_dir = "{tmp_path / "keys"}"\n'
         '[[oauth.resources]]\nuri = "http://127.0.0.1:9/mcp/crm"\nscopes = ["a"]\n'
     )
-    if setting == "upstream":
+    if setting in PEERS:
+        lines.append(f"{PEERS[setting][0]}allow_private_addresses = {json.dumps(value)}\n")
+    elif setting == "upstream":
         lines.append(
             '[gateway]\npublic_url = "http://127.0.0.1:9"\n[[gateway.upstreams]]\nname = "crm"\n'
             'url = "https://crm.example/mcp"\nauth = "per_user"\n'
@@ -143,7 +191,7 @@ def _config(tmp_path: Path, setting: str, value: object) -> ServerConfig:
     return ServerConfig.load(path, env={})
 
 
-@pytest.mark.parametrize("setting", [*SETTINGS, "upstream"])
+@pytest.mark.parametrize("setting", [*SETTINGS, "upstream", *PEERS])
 @pytest.mark.parametrize(
     ("value", "words"),
     [
@@ -163,14 +211,21 @@ def test_a_wrong_network_list_is_refused_at_start_naming_the_setting(
         create_app(_config(tmp_path, setting, value))
     message = str(refused.value)
     assert words in message, message
-    named = "upstreams[0].oauth" if setting == "upstream" else ".".join(SETTINGS[setting][:2])
+    if setting in PEERS:
+        named = PEERS[setting][1]
+    elif setting == "upstream":
+        named = "upstreams[0].oauth"
+    else:
+        named = ".".join(SETTINGS[setting][:2])
     assert f"{named}.allow_private_addresses" in message, message
 
 
-@pytest.mark.parametrize("setting", [*SETTINGS, "upstream"])
+@pytest.mark.parametrize("setting", [*SETTINGS, "upstream", *PEERS])
 def test_a_network_list_is_read_as_the_networks_it_names(tmp_path, setting):
     config = _config(tmp_path, setting, ["10.1.0.0/16", "fd00:1::/64", "10.1.0.0/16"])
-    if setting == "upstream":
+    if setting in PEERS:
+        read = _read_peer(config, setting).allow_private_addresses
+    elif setting == "upstream":
         from bastion.gateway.config import GatewayConfig
 
         gateway = GatewayConfig.from_mapping(config.gateway, env={})
@@ -181,6 +236,22 @@ def test_a_network_list_is_read_as_the_networks_it_names(tmp_path, setting):
         oauth = OAuthSettings.from_mapping(config.oauth)
         read = getattr(oauth, SETTINGS[setting][1]).allow_private_addresses
     assert read == (ipaddress.ip_network("10.1.0.0/16"), ipaddress.ip_network("fd00:1::/64"))
+
+
+@pytest.mark.parametrize("setting", PEERS)
+def test_a_peer_without_the_setting_leaves_it_to_where_the_operator_put_the_peer(tmp_path, setting):
+    """Unset (None), not false: `bastion.egress.metadata_allowance` decides from the issuer or
+    configuration URL the operator wrote; true and false are read as they are."""
+    assert _read_peer(_config(tmp_path, setting, True), setting).allow_private_addresses is True
+    assert _read_peer(_config(tmp_path, setting, False), setting).allow_private_addresses is False
+    table = PEERS[setting][0]
+    (tmp_path / "bastion.toml").write_text(
+        f'[server]\ndatabase = "{tmp_path / "b.db"}"\n[oauth]\nissuer = "http://127.0.0.1:9"\n'
+        f'key_dir = "{tmp_path / "keys"}"\n[[oauth.resources]]\n'
+        f'uri = "http://127.0.0.1:9/mcp/crm"\nscopes = ["a"]\n{table}'
+    )
+    config = ServerConfig.load(tmp_path / "bastion.toml", env={})
+    assert _read_peer(config, setting).allow_private_addresses is None
 
 
 # -- client ID metadata documents -----------------------------------------------------------------

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import ipaddress
 import secrets
 from dataclasses import dataclass
 from typing import Any
@@ -20,7 +19,7 @@ from urllib.parse import urlencode, urlsplit, urlunsplit
 
 from bastion import untrusted_json
 from bastion.connections.settings import UpstreamOAuth
-from bastion.egress import PrivateAllowance, cleartext_problem, is_public_address
+from bastion.egress import PrivateAllowance, cleartext_problem, metadata_allowance
 from bastion.oauth.jwks import (
     CoalescedFetches,
     FetchLimits,
@@ -85,29 +84,14 @@ MAX_ISSUER = 1024
 MAX_EXPIRES_IN = 365 * 86_400.0
 
 
-def on_private_address(url: str) -> bool:
-    """Whether ``url`` (an upstream as the operator configured it) names a host on a loopback or
-    private address: an IP address that is not public (`bastion.egress`), or ``localhost``."""
-    try:
-        host = urlsplit(url).hostname or ""
-    except ValueError:
-        return False
-    if host == "localhost" or host.endswith(".localhost"):
-        return True
-    try:
-        return not is_public_address(ipaddress.ip_address(host))
-    except ValueError:
-        return False
-
-
 class UpstreamOAuthClient:
     """The client side of one upstream's authorization server.
 
     The upstream's own metadata chooses every URL bastion then sends its client secret and
-    users' refresh tokens to. Unless the upstream is itself on a loopback or private address
-    (`on_private_address`) or ``allow_private_addresses`` says so, they must be https URLs
-    whose names resolve to public addresses only, and each request connects to the address
-    checked (`bastion.egress.pinned`): a hostile upstream cannot make bastion post them to its
+    users' refresh tokens to. Unless the upstream is itself on a loopback or private address or
+    ``allow_private_addresses`` says so (`bastion.egress.metadata_allowance`, the rule of every
+    peer's metadata), they must be https URLs whose names resolve to public addresses only, and
+    each request connects to the address checked (`bastion.egress.pinned`): a hostile upstream cannot make bastion post them to its
     own loopback services, the cloud's metadata service or the internal network. A list of
     networks in ``allow_private_addresses`` opens those alone (https, or http to the loopback
     if it is listed); ``true`` opens every non-public address, and plain http to them."""
@@ -115,9 +99,8 @@ class UpstreamOAuthClient:
     def __init__(self, resource: str, settings: UpstreamOAuth, name: str = "") -> None:
         self.resource = resource  # the upstream's URL: the token's audience
         self.settings = settings
-        allowed = settings.allow_private_addresses
-        self.private: PrivateAllowance = (
-            on_private_address(resource) if allowed is None else allowed
+        self.private: PrivateAllowance = metadata_allowance(
+            resource, settings.allow_private_addresses
         )
         self.private_setting = f"upstream {name or resource}'s oauth.allow_private_addresses"
         self._limits = FetchLimits(

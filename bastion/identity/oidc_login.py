@@ -149,9 +149,11 @@ class OpenIDLogin:
             p.id: CoalescedFetches(FetchLimits.of_issuer(p, PROVIDERS_TABLE), self.clock)
             for p in settings.providers
         }
+        # The key set, token and UserInfo endpoints are named by the provider's discovery
+        # document, not by the operator: reached only where its allow_private_addresses allows.
         self._key_sets = {
             p.id: RemoteKeySets(
-                FetchLimits.of_issuer(p, PROVIDERS_TABLE),
+                FetchLimits.of_issuer_metadata(p, PROVIDERS_TABLE),
                 check=jwks_problem,
                 clock=self.clock,
                 transport=transport,
@@ -400,9 +402,11 @@ class OpenIDLogin:
         form: dict[str, str] | None,
         headers: dict[str, str],
     ) -> tuple[int, Any]:
-        """POST ``form`` (or GET, without one) to one of the provider's endpoints, within its
-        deadline and size cap, no redirects followed; (status, the JSON body or None)."""
-        limits = FetchLimits.of_issuer(provider, PROVIDERS_TABLE)
+        """POST ``form`` (or GET, without one) to one of the endpoints the provider's discovery
+        document names, within its deadline and size cap, no redirects followed, and only at
+        the addresses its ``allow_private_addresses`` allows (`FetchLimits.of_issuer_metadata`);
+        (status, the JSON body or None)."""
+        limits = FetchLimits.of_issuer_metadata(provider, PROVIDERS_TABLE)
         method = "POST" if form is not None else "GET"
         try:
             status, body = await fetch(

@@ -9,6 +9,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from bastion.egress import PrivateAllowance, private_allowance
 from bastion.environment import expand
 from bastion.facts.model import Entity
 from bastion.names import user_prefix_problem
@@ -37,6 +38,7 @@ _PROVIDER_KEYS = {
     "jwks_refetch_seconds",
     "userinfo",
     "facts",
+    "allow_private_addresses",
 }
 _IDENTITY_KEYS = {"providers", "local_passwords", "fact_seconds", "login_seconds"}
 _FACT_MAPPING_KEYS = {"claim", "predicate", "name", "resource", "values"}
@@ -120,6 +122,11 @@ class OpenIDProvider:
     # Read the UserInfo endpoint too (its claims complete the ID token's).
     userinfo: bool = False
     facts: tuple[FactMapping, ...] = ()
+    # The non-public addresses the endpoints its discovery document names (token, UserInfo,
+    # key set) may be reached at (`bastion.egress.private_allowance`): none, all (true), or those
+    # of the networks listed; None: all if the issuer is itself on one, else none
+    # (`bastion.egress.metadata_allowance`).
+    allow_private_addresses: PrivateAllowance | None = None
 
     @property
     def shown_name(self) -> str:
@@ -262,6 +269,13 @@ def _provider(index: int, table: Any, env: Mapping[str, str]) -> OpenIDProvider:
     if not isinstance(userinfo, bool):
         raise IdentityConfigError(f"{where}.userinfo: true or false")
     values["userinfo"] = userinfo
+    if "allow_private_addresses" in table:
+        try:
+            values["allow_private_addresses"] = private_allowance(
+                table["allow_private_addresses"], f"{where}.allow_private_addresses"
+            )
+        except ValueError as e:
+            raise IdentityConfigError(str(e)) from None
     raw = table.get("facts", [])
     if not isinstance(raw, list):
         raise IdentityConfigError(f"{where}.facts must be an array of tables")

@@ -30,6 +30,7 @@ from joserfc.jwk import KeySet
 
 from bastion import untrusted_json
 from bastion.audit.refusals import RefusalLog
+from bastion.egress import PrivateAllowance, private_allowance
 from bastion.environment import expand
 from bastion.names import UNVERIFIED_EMAIL, user_prefix_problem, vouched_for
 from bastion.oauth.access_token import TOKEN_TYPE
@@ -75,6 +76,7 @@ _KEYS = {
     "max_document_bytes",
     "jwks_cache_seconds",
     "jwks_refetch_seconds",
+    "allow_private_addresses",
 }
 
 
@@ -108,6 +110,10 @@ class TrustedIssuer:
     max_document_bytes: int = 65536
     jwks_cache_seconds: int = 300
     jwks_refetch_seconds: int = 30
+    # The non-public addresses the jwks_uri and introspection endpoint its metadata names may be
+    # reached at (`bastion.egress.private_allowance`); None: all if the issuer is itself on one,
+    # else none (`bastion.egress.metadata_allowance`). Those configured here are fetched as given.
+    allow_private_addresses: PrivateAllowance | None = None
 
     @property
     def introspects(self) -> bool:
@@ -195,6 +201,10 @@ class TrustedIssuer:
                 if isinstance(value, bool) or not isinstance(value, int) or value < least:
                     raise ValueError(f"{where}.{name} must be a whole number >= {least}")
                 values[name] = value
+        if "allow_private_addresses" in table:
+            values["allow_private_addresses"] = private_allowance(
+                table["allow_private_addresses"], f"{where}.allow_private_addresses"
+            )
         found = cls(**values)
         has_id = bool(found.introspection_client_id)
         if has_id != bool(found.introspection_client_secret):
@@ -276,9 +286,13 @@ class TrustedIssuers:
         self.clock = clock
         self.max_tokens = max_tokens
         self.transport = transport
+        # A jwks_uri configured is the operator's choice, fetched as given; one the issuer's
+        # metadata names is reached only where its allow_private_addresses allows.
         self._key_sets = {
             i.issuer: RemoteKeySets(
-                FetchLimits.of_issuer(i, ISSUERS_TABLE),
+                FetchLimits.of_issuer(i, ISSUERS_TABLE)
+                if i.jwks_uri
+                else FetchLimits.of_issuer_metadata(i, ISSUERS_TABLE),
                 check=jwks_problem,
                 clock=clock,
                 transport=transport,
@@ -562,11 +576,16 @@ class TrustedIssuers:
         """RFC 7662: refuse a token its issuer says is not active; `IssuerUnavailable` when the
         answer cannot be had (fail closed)."""
         _, endpoint = await self._endpoints_of(issuer)
+        limits = (
+            FetchLimits.of_issuer(issuer, ISSUERS_TABLE)
+            if issuer.introspection_endpoint  # configured: fetched as given
+            else FetchLimits.of_issuer_metadata(issuer, ISSUERS_TABLE)
+        )
         try:
             status, content = await fetch(
                 "POST",
                 endpoint,
-                FetchLimits.of_issuer(issuer, ISSUERS_TABLE),
+                limits,
                 self.transport,
                 only=(200,),
                 data={"token": token, "token_type_hint": "access_token"},

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
@@ -24,7 +24,13 @@ from joserfc.jwk import Key, KeySet
 from joserfc.jws import CompactSignature
 
 from bastion import untrusted_json
-from bastion.egress import AddressRefused, CleartextRefused, PrivateAllowance, pinned
+from bastion.egress import (
+    AddressRefused,
+    CleartextRefused,
+    PrivateAllowance,
+    metadata_allowance,
+    pinned,
+)
 from bastion.tls import fetching_client
 
 _T = TypeVar("_T")
@@ -74,6 +80,19 @@ class FetchLimits:
             time_setting=f"{table} timeout_seconds",
             bytes_setting=f"{table} max_document_bytes",
             refetch_setting=f"{table} jwks_refetch_seconds",
+        )
+
+    @classmethod
+    def of_issuer_metadata(cls, settings: Any, table: str) -> FetchLimits:
+        """`of_issuer`'s limits for the endpoints the issuer's own metadata names (its key set,
+        token, UserInfo and introspection endpoints: the issuer's choice, not the operator's):
+        reached only at the addresses `bastion.egress.metadata_allowance` allows for its
+        ``issuer`` and ``allow_private_addresses``, each name resolved once and the connection
+        made to the address checked (`bastion.egress.pinned`)."""
+        return replace(
+            cls.of_issuer(settings, table),
+            private_addresses=metadata_allowance(settings.issuer, settings.allow_private_addresses),
+            private_setting=f"{table} allow_private_addresses",
         )
 
 

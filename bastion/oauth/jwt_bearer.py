@@ -35,6 +35,7 @@ from joserfc.errors import JoseError
 from joserfc.jwk import KeySet
 
 from bastion import untrusted_json
+from bastion.egress import PrivateAllowance, private_allowance
 from bastion.names import MAX_NAME_LENGTH, UNVERIFIED_EMAIL, user_prefix_problem, vouched_for
 from bastion.oauth.client_assertion import (
     algorithms_problem,
@@ -78,6 +79,7 @@ _ISSUER_KEYS = {
     "max_document_bytes",
     "jwks_cache_seconds",
     "jwks_refetch_seconds",
+    "allow_private_addresses",
 }
 
 
@@ -99,6 +101,10 @@ class TrustedIdp:
     max_document_bytes: int = 65536
     jwks_cache_seconds: int = 300
     jwks_refetch_seconds: int = 30
+    # The non-public addresses the jwks_uri its metadata names may be reached at
+    # (`bastion.egress.private_allowance`); None: all if the issuer is itself on one, else none
+    # (`bastion.egress.metadata_allowance`). A jwks_uri configured here is fetched as given.
+    allow_private_addresses: PrivateAllowance | None = None
 
     @classmethod
     def from_mapping(cls, where: str, table: Any) -> TrustedIdp:
@@ -143,6 +149,10 @@ class TrustedIdp:
                 if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                     raise ValueError(f"{where}.{name} must be a whole number >= 1")
                 values[name] = value
+        if "allow_private_addresses" in table:
+            values["allow_private_addresses"] = private_allowance(
+                table["allow_private_addresses"], f"{where}.allow_private_addresses"
+            )
         return cls(**values)
 
 
@@ -211,9 +221,13 @@ class IdentityAssertionGrant:
         self.transport = transport
         # The jtis of client assertions and DPoP proofs live there too, under other signers.
         self.spent: SpentJtis = server.assertions.spent
+        # A jwks_uri configured is the operator's choice, fetched as given; one the provider's
+        # metadata names is reached only where its allow_private_addresses allows.
         self._key_sets = {
             i.issuer: RemoteKeySets(
-                FetchLimits.of_issuer(i, ID_JAG_TABLE),
+                FetchLimits.of_issuer(i, ID_JAG_TABLE)
+                if i.jwks_uri
+                else FetchLimits.of_issuer_metadata(i, ID_JAG_TABLE),
                 check=jwks_problem,
                 clock=self.clock,
                 transport=transport,

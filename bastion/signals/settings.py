@@ -24,6 +24,10 @@ push_token_env = "BASTION_SSF_IDP_PUSH"      # push only: the bearer the transmi
 poll_interval_seconds = 30
 max_events = 100
 fact_expiry_seconds = 0                      # facts written from events expire (0: never)
+# allow_private_addresses = ["10.1.0.0/16"]  # the non-public addresses the endpoints its
+                                             # metadata and stream name may be at (or true,
+                                             # false); unset: all if configuration_url is on
+                                             # one, else none
 [signals.ssf.transmitters.users]             # RFC 9493 subjects -> bastion users, explicitly
 "email:sam@example.com" = "sam"
 "iss_sub:https://idp.example.com|00u1" = "sam"
@@ -41,7 +45,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
-from bastion.egress import cleartext_problem
+from bastion.egress import PrivateAllowance, cleartext_problem, private_allowance
 
 CAEP = "https://schemas.openid.net/secevent/caep/event-type/"
 RISC = "https://schemas.openid.net/secevent/risc/event-type/"
@@ -92,6 +96,10 @@ class Transmitter:
     fact_expiry_seconds: float = 0.0
     users: dict[str, str] = field(default_factory=dict)
     effects: dict[str, str] = field(default_factory=dict)
+    # The non-public addresses the endpoints its metadata and stream name (key set, stream
+    # management, poll) may be reached at (`bastion.egress.private_allowance`); None: all if
+    # configuration_url is itself on one, else none (`bastion.egress.metadata_allowance`).
+    allow_private_addresses: PrivateAllowance | None = None
 
     def effect(self, event_type: str) -> str:
         """What an event of this type does: the override, the default, else ``record``."""
@@ -208,7 +216,7 @@ def _secret(where: str, key: str, t: dict, env: dict[str, str]) -> str:
 TRANSMITTER_KEYS = frozenset({
     "name", "issuer", "configuration_url", "audience", "delivery", "bearer_env",
     "push_token_env", "poll_interval_seconds", "max_events", "fact_expiry_seconds", "users",
-    "effects",
+    "effects", "allow_private_addresses",
 })  # fmt: skip
 
 
@@ -271,6 +279,14 @@ def _transmitter(i: int, t: Any, env: dict[str, str]) -> Transmitter:
             raise SignalsConfigError(
                 f"{where}.effects[{event!r}]: only {', '.join(sorted(FACT_EVENTS))} become facts"
             )
+    private = None
+    if "allow_private_addresses" in t:
+        try:
+            private = private_allowance(
+                t["allow_private_addresses"], f"{where}.allow_private_addresses"
+            )
+        except ValueError as e:
+            raise SignalsConfigError(str(e)) from None
     return Transmitter(
         name=t["name"],
         issuer=issuer,
@@ -290,6 +306,7 @@ def _transmitter(i: int, t: Any, env: dict[str, str]) -> Transmitter:
         ),
         users=users,
         effects=dict(effects),
+        allow_private_addresses=private,
     )
 
 

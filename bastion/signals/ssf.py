@@ -20,7 +20,7 @@ import math
 import secrets
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import anyio
@@ -33,7 +33,7 @@ from bastion import untrusted_json
 from bastion.audit.actor import SERVER
 from bastion.audit.log import AuditLog
 from bastion.db import Database
-from bastion.egress import cleartext_problem
+from bastion.egress import cleartext_problem, metadata_allowance
 from bastion.facts.model import Entity, FactError
 from bastion.facts.store import FactStore, StoredFact, check_storable
 from bastion.oauth.jwks import (
@@ -71,6 +71,7 @@ POLL_METHOD = "urn:ietf:rfc:8936"
 # A transmitter's metadata, stream and poll answers larger than this are not read, nor waited
 # for longer than this (the whole answer).
 MAX_ANSWER_BYTES = 1_048_576
+TRANSMITTERS_TABLE = "[[signals.ssf.transmitters]]"
 ANSWER_SECONDS = 10.0
 
 
@@ -142,10 +143,26 @@ class SsfReceiver:
             max_cached=max(1, len(settings.transmitters)),
             refetch_setting="[signals.ssf] jwks_refresh_seconds",
         )
-        self.key_sets = RemoteKeySets(
-            self.limits,
-            check=lambda document: transmitter_jwks_problem(document, settings.jwks_max_keys),
-        )
+        # The configuration URL is the operator's (fetched as given); every other endpoint (the
+        # key set, stream management, poll) is named by the transmitter's metadata or stream:
+        # reached only where its allow_private_addresses allows (`egress.metadata_allowance`).
+        self.peer_limits = {
+            t.name: replace(
+                self.limits,
+                private_addresses=metadata_allowance(
+                    t.configuration_url, t.allow_private_addresses
+                ),
+                private_setting=f"{TRANSMITTERS_TABLE} allow_private_addresses",
+            )
+            for t in settings.transmitters
+        }
+        self.key_sets = {
+            t.name: RemoteKeySets(
+                self.peer_limits[t.name],
+                check=lambda document: transmitter_jwks_problem(document, settings.jwks_max_keys),
+            )
+            for t in settings.transmitters
+        }
         self._tasks: list[asyncio.Task] = []
 
     # -- the transmitter's metadata and keys (on the event loop) -----------------------------
@@ -180,7 +197,7 @@ class SsfReceiver:
             jwks_uri = (await self.metadata(t)).get("jwks_uri")
             if not isinstance(jwks_uri, str):
                 raise ValueError(f"{t.configuration_url} has no jwks_uri")
-            return await self.key_sets.keys(jwks_uri, kid)
+            return await self.key_sets[t.name].keys(jwks_uri, kid)
         except (ValueError, RemoteDocumentError) as e:
             raise SetRefused(
                 "invalid_key", f"the transmitter's JWKS could not be read: {e}"
@@ -477,14 +494,16 @@ class SsfReceiver:
     async def _call(
         self, t: Transmitter, method: str, url: str, *, json_body: Any = None, params=None
     ) -> tuple[int, bytes]:
-        """A request to the transmitter, made as every fetch is (`bastion.oauth.jwks.fetch`):
-        its answer's status and body, the whole of it within `ANSWER_SECONDS` and
+        """A request to an endpoint the transmitter's metadata or stream names, made as every
+        fetch is (`bastion.oauth.jwks.fetch`) and only where its ``allow_private_addresses``
+        allows: its answer's status and body, the whole of it within `ANSWER_SECONDS` and
         `MAX_ANSWER_BYTES`; a ValueError past either, or when it cannot be had."""
         headers = {"authorization": f"Bearer {t.bearer}"} if t.bearer else {}
         try:
             return await fetch(
-                method, url, self.limits, headers=headers, json=json_body, params=params
-            )
+                method, url, self.peer_limits[t.name], headers=headers, json=json_body,
+                params=params,
+            )  # fmt: skip
         except RemoteDocumentError as e:
             raise ValueError(f"{url} {e}") from None
 

@@ -177,7 +177,7 @@ def test_an_unknown_kid_refetches_the_jwks_but_not_more_often_than_allowed(
     published_keys["keys"] = [old.as_dict(private=False)]
     receiver, t, db = receiver_of(published_keys, tmp_path, jwks_refresh_seconds=60)
     now = [1000.0]
-    receiver.key_sets.clock = lambda: now[0]
+    receiver.key_sets[t.name].clock = lambda: now[0]
     try:
         assert anyio.run(receiver.keys, t, set_with_kid("old")).get_by_kid("old")
         published_keys["keys"].append(new.as_dict(private=False))  # the transmitter rotates
