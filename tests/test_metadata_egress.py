@@ -19,7 +19,6 @@ whatever reaches it (`tests.connections.test_upstream_egress.Internal`).
 from __future__ import annotations
 
 import contextlib
-import ipaddress
 import json
 import socket
 import time
@@ -37,7 +36,6 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from bastion import egress, tls
 from bastion.db import Database
 from bastion.facts.store import FactStore
 from bastion.identity.oidc_login import compose
@@ -53,17 +51,15 @@ from bastion.oauth.users import create_user
 from bastion.signals.set_tokens import SetRefused
 from bastion.signals.settings import SsfSettings
 from bastion.signals.ssf import SsfReceiver
-from tests.connections.test_upstream_egress import Internal
+from tests.connections.test_upstream_egress import PUBLIC, Internal, pretend_internet
 from tests.oauth.support import (
     ANY_KID,
     Clock,
     hidden_fields,
     make_settings,
-    self_signed_certificate,
     serve,
 )
 
-PUBLIC = ipaddress.ip_address("127.0.0.2")  # the internet, in these tests
 KEY = ECKey.generate_key("P-256", parameters={"kid": "k1"})
 
 
@@ -94,20 +90,7 @@ class Peer:
 @pytest.fixture
 def internet(tmp_path, monkeypatch):
     """peer.test on 127.0.0.2 (public, TLS) and the internal service on the loopback."""
-    cert, key = self_signed_certificate(tmp_path, dns_name="peer.test")
-    real = socket.getaddrinfo
-
-    def resolving(host, port, *args, **kwargs):
-        name = host.decode() if isinstance(host, bytes) else host
-        if name == "peer.test":
-            return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (str(PUBLIC), port))]
-        if name == "internal.test":
-            return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", port))]
-        return real(host, port, *args, **kwargs)
-
-    monkeypatch.setattr(socket, "getaddrinfo", resolving)
-    monkeypatch.setattr(egress, "is_public_address", lambda address: address == PUBLIC)
-    monkeypatch.setattr(tls, "trust", lambda: tls.file_context(cert))
+    cert, key = pretend_internet(tmp_path, monkeypatch, "peer.test")
     peer, internal = Peer(), Internal()
     with (
         serve(peer.app, peer.sock, ssl_certfile=cert, ssl_keyfile=key),

@@ -119,15 +119,16 @@ class Tracker:
         )
 
 
-@pytest.fixture
-def internet(tmp_path, monkeypatch):
-    """tracker.test on 127.0.0.2 (public, TLS) and the internal service on the loopback."""
-    cert, key = self_signed_certificate(tmp_path, dns_name="tracker.test")
+def pretend_internet(tmp_path, monkeypatch, public_name: str) -> tuple[str, str]:
+    """``public_name`` resolves to 127.0.0.2, taken for the only public address, whose TLS
+    certificate (returned with its key) bastion trusts; ``internal.test`` resolves to the
+    loopback."""
+    cert, key = self_signed_certificate(tmp_path, dns_name=public_name)
     real = socket.getaddrinfo
 
     def resolving(host, port, *args, **kwargs):
         name = host.decode() if isinstance(host, bytes) else host
-        if name == "tracker.test":
+        if name == public_name:
             return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (str(PUBLIC), port))]
         if name == "internal.test":
             return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", port))]
@@ -136,6 +137,13 @@ def internet(tmp_path, monkeypatch):
     monkeypatch.setattr(socket, "getaddrinfo", resolving)
     monkeypatch.setattr(egress, "is_public_address", lambda address: address == PUBLIC)
     monkeypatch.setattr(tls, "trust", lambda: tls.file_context(cert))
+    return cert, key
+
+
+@pytest.fixture
+def internet(tmp_path, monkeypatch):
+    """tracker.test on 127.0.0.2 (public, TLS) and the internal service on the loopback."""
+    cert, key = pretend_internet(tmp_path, monkeypatch, "tracker.test")
     tracker, internal = Tracker(), Internal()
     with (
         serve(tracker.app, tracker.sock, ssl_certfile=cert, ssl_keyfile=key),
