@@ -390,6 +390,29 @@ class FactSet:
         yield b
         self.apply(b.inserts, b.deletes)
 
+    def crowded_expiry(self, limit: int) -> float | None:
+        """The earliest time by which more than ``limit`` facts will have expired, or infinity
+        (`FactIndex.crowded_expiry`): cheap, whatever the facts held. None, without waiting,
+        while the fact lock is held (a change going in, on a worker thread, say)."""
+        index = self._index
+        if not index.lock.acquire(blocking=False):
+            return None
+        try:
+            return index.crowded_expiry(limit)
+        finally:
+            index.lock.release()
+
+    def purge_at(self, at: float, turns: Turns) -> int:
+        """On a worker thread: once ``at`` has passed, drop every fact expired by then, under one
+        hold of the fact lock and in ``turns`` (`FactIndex.purge_expired`); return how many.
+        Decisions wait for the lock meanwhile, and see all those facts or none: each decision
+        drops what has expired before it evaluates, so none uses a fact past its expiry,
+        whoever drops it."""
+        while (left := at - time.time()) > 0:
+            time.sleep(left)
+        with self._index.lock:
+            return self._index.purge_expired(time.time(), turns)
+
     def _purge(self) -> None:
         """Drop expired facts; the caller holds the lock."""
         if self._index.next_expiry <= time.time():

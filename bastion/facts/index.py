@@ -21,6 +21,9 @@ from typing import Any
 from bastion.facts.model import Entity
 from bastion.turns import Turns
 
+# `FactIndex.crowded_expiry` and `FactIndex.purge_expired` walk the expiries from the earliest.
+INFINITY = float("inf")
+
 
 def _key(values: tuple, positions: tuple[int, ...]) -> Any:
     if len(positions) == 1:
@@ -75,6 +78,51 @@ def _fill(index: dict, rows: Iterable[tuple], bound: tuple, free: tuple) -> None
             found.append(item)
         else:
             index[k] = Many((found, item))
+
+
+def _drop(index: dict, rows: list[tuple], bound: tuple, free: tuple, turns: Turns | None) -> None:
+    """`_discard` every row's free parts from under its bound ones, with fewer steps per row: a
+    key's `Many` is filtered once for all the rows under it, rather than searched for each (which
+    made a key held by 200,000 facts cost seconds). With ``turns``, a tick after each `CHUNK`."""
+    key, part = _getter(bound), _getter(free)
+    several: dict[Any, set] = {}
+    for chunk in _parts(rows, turns):
+        for values in chunk:
+            k = key(values)
+            found = index[k]
+            if found.__class__ is Many:
+                items = several.get(k)
+                if items is None:
+                    items = several[k] = set()
+                items.add(part(values))
+            else:
+                del index[k]  # its one fact
+    for k, items in several.items():
+        kept: list = []
+        for chunk in _parts(index[k], turns):
+            kept += [item for item in chunk if item not in items]
+        if not kept:
+            del index[k]
+        else:
+            index[k] = kept[0] if len(kept) == 1 else Many(kept)
+
+
+def _parts(items: Any, turns: Turns | None) -> Iterable[Any]:
+    """``items`` whole, or with ``turns`` a `CHUNK` at a time, a tick after each."""
+    return (items,) if turns is None else turns.chunks(items)
+
+
+def _by_pinned(rows: Iterable[tuple], pinned: tuple[int, ...]) -> dict[Any, list[tuple]]:
+    """The rows by their values at the ``pinned`` positions (one value for one position)."""
+    pick, out = itemgetter(*pinned), {}
+    for values in rows:
+        key = pick(values)
+        found = out.get(key)
+        if found is None:
+            out[key] = [values]
+        else:
+            found.append(values)
+    return out
 
 
 def items_of(found: Any) -> Any:
@@ -154,15 +202,7 @@ class PredicateFacts:
             return set()
         for pinned, routes in self._routes.items():
             if pinned:
-                # The new facts by their pinned values, in one pass.
-                pick, by_pinned = itemgetter(*pinned), {}
-                for values in ordered:
-                    key = pick(values)
-                    found = by_pinned.get(key)
-                    if found is None:
-                        by_pinned[key] = [values]
-                    else:
-                        found.append(values)
+                by_pinned = _by_pinned(ordered, pinned)  # the new facts, in one pass
             for wanted, indexes in routes.items():
                 if pinned:
                     selected = by_pinned.get(wanted[0] if len(pinned) == 1 else wanted, ())
@@ -179,6 +219,40 @@ class PredicateFacts:
         for index, bound, free in self._indexes_for(values):
             _discard(index, _key(values, bound), _key(values, free))
         return True
+
+    def remove_many(self, rows: Iterable[tuple], turns: Turns | None = None) -> set[tuple]:
+        """Remove many argument tuples at once; return those that were held. The same as
+        `remove` for each, with fewer steps per fact: taken out of each lookup index together
+        (`_drop`), or, when more go than stay, each index emptied and filled again with those
+        that stay. With ``turns``, no C call is handed more than a `CHUNK` of them."""
+        held, gone = self.all, set()
+        for chunk in _parts(rows if isinstance(rows, list) else list(rows), turns):
+            found = held.intersection(chunk)
+            held.difference_update(found)
+            gone |= found
+        if not gone or not self._routes:
+            return gone
+        refill = len(gone) > len(held)
+        changed = list(held if refill else gone)
+        for pinned, routes in self._routes.items():
+            if pinned:
+                by_pinned = _by_pinned(changed, pinned)
+            for wanted, indexes in routes.items():
+                if pinned:
+                    selected = by_pinned.get(wanted[0] if len(pinned) == 1 else wanted, [])
+                else:
+                    selected = changed
+                for index, bound, free in indexes:
+                    if refill:
+                        if turns is None:
+                            index.clear()
+                        else:
+                            turns.empty(index)
+                        for chunk in _parts(selected, turns):
+                            _fill(index, chunk, bound, free)
+                    elif selected:
+                        _drop(index, selected, bound, free, turns)
+        return gone
 
     def candidates(self, args: tuple) -> list[tuple]:
         """Argument tuples that may fit ``args`` (``None`` = any): read from the existing index
@@ -246,9 +320,16 @@ class FactIndex:
         # Shared entities that removed facts named: let go of by `let_go_of_released` if
         # nothing refers to them any more.
         self._released: set[Entity] = set()
+        # When each fact that expires does; and by expiry, the facts given it (one, or a `Many`;
+        # one given another expiry since, or removed, is left there until it is due), with a heap
+        # of those expiries: facts that share one are one entry, taken out together.
         self._expiry: dict[tuple, float] = {}
-        self._expiry_heap: list[tuple[float, tuple]] = []
-        self.next_expiry = float("inf")
+        self._expiring: dict[float, Any] = {}
+        self._expiry_times: list[float] = []
+        self.next_expiry = INFINITY
+        # `crowded_expiry`'s last answer, and the limit it answers for (-1: none since the
+        # expiries changed).
+        self._crowded: tuple[int, float] = (-1, INFINITY)
         self._entity_types: dict[str, dict[Entity, int]] | None = None
         self.count = 0
         # Renewed by every change to the facts (and by a new policy), from a counter shared by
@@ -304,8 +385,7 @@ class FactIndex:
         full = (fact[0], *values)
         if expires_at is not None:
             self._expiry[full] = expires_at
-            heapq.heappush(self._expiry_heap, (expires_at, full))
-            self.next_expiry = self._expiry_heap[0][0]
+            self._expire([(full, expires_at)])
         elif full in self._expiry:
             del self._expiry[full]  # re-inserted without an expiry: it no longer expires
         return added
@@ -344,19 +424,35 @@ class FactIndex:
             for full, at in timed:
                 if at is not None:
                     expiry[full] = at
-                    pushes.append((at, full))
+                    pushes.append((full, at))
                 else:
                     expiry.pop(full, None)  # given again without an expiry: it no longer expires
             if pushes:
-                heap = self._expiry_heap
-                if len(pushes) < len(heap) // 8:  # a few into many (one part of a fill, say)
-                    for entry in pushes:
-                        heapq.heappush(heap, entry)
-                else:
-                    heap += pushes
-                    heapq.heapify(heap)
-                self.next_expiry = heap[0][0]
+                self._expire(pushes)
         return added
+
+    def _expire(self, pairs: Iterable[tuple[tuple, float]]) -> None:
+        """Note when each ``(fact, expires_at)`` expires, as `purge_expired` finds them (the
+        caller sets `_expiry`)."""
+        expiring, times, new = self._expiring, self._expiry_times, []
+        self._crowded = (-1, INFINITY)
+        for full, at in pairs:
+            found = expiring.get(at)
+            if found is None:
+                expiring[at] = full
+                new.append(at)
+            elif found.__class__ is Many:
+                found.append(full)
+            else:
+                expiring[at] = Many((found, full))
+        if len(new) < len(times) // 8:  # a few into many (one part of a fill, say)
+            for at in new:
+                heapq.heappush(times, at)
+        elif new:
+            times += new
+            heapq.heapify(times)
+        if times:
+            self.next_expiry = times[0]
 
     def add_rows(
         self,
@@ -377,12 +473,9 @@ class FactIndex:
             for values in new:
                 self._count_entities(values, +1)
         if expiries:
-            for values, at in expiries.items():
-                full = (name, *values)
-                self._expiry[full] = at
-                self._expiry_heap.append((at, full))
-            heapq.heapify(self._expiry_heap)
-            self.next_expiry = self._expiry_heap[0][0]
+            pairs = [((name, *values), at) for values, at in expiries.items()]
+            self._expiry.update(pairs)
+            self._expire(pairs)
         return len(new)
 
     def rows(self) -> CopiedRows:
@@ -423,9 +516,16 @@ class FactIndex:
             for index in pf.modes.values():
                 turns.empty(index)
             turns.empty(pf.all)
-        for each in (self._interned, self._released, self._expiry, self._expiry_heap):
+        for each in (
+            self._interned,
+            self._released,
+            self._expiry,
+            self._expiring,
+            self._expiry_times,
+        ):
             turns.empty(each)
-        self.count, self.next_expiry, self._entity_types = 0, float("inf"), None
+        self.count, self.next_expiry, self._entity_types = 0, INFINITY, None
+        self._crowded = (-1, INFINITY)
         self.generation = next(GENERATIONS)
 
     def remove(self, fact: tuple) -> bool:
@@ -438,6 +538,52 @@ class FactIndex:
         self._expiry.pop(fact, None)
         self._release(fact)
         return True
+
+    def remove_all(self, facts: list[tuple], turns: Turns | None = None) -> int:
+        """`remove` for each fact, with fewer steps per fact: the facts of each predicate are
+        removed together (`PredicateFacts.remove_many`). Returns how many were held. With
+        ``turns`` (on a worker thread, the lock held), a tick after each `CHUNK`, so that no
+        C call holds the GIL long. The caller holds the lock."""
+        facts = facts if isinstance(facts, list) else list(facts)
+        by_predicate: dict[tuple[str, int], list[tuple]] = {}
+        for chunk in _parts(facts, turns):
+            for fact in chunk:
+                rows = by_predicate.get((fact[0], len(fact) - 1))
+                if rows is None:
+                    rows = by_predicate[fact[0], len(fact) - 1] = []
+                rows.append(fact[1:])
+        removed, named = 0, set()
+        for (name, arity), rows in by_predicate.items():
+            pf = self.predicates.get((name, arity))
+            if pf is None:
+                continue
+            gone = list(pf.remove_many(rows, turns))
+            removed += len(gone)
+            if self._entity_types is not None:
+                for chunk in _parts(gone, turns):
+                    for values in chunk:
+                        self._count_entities(values, -1)
+            for i in range(arity):
+                for chunk in _parts(gone, turns):
+                    named.update(map(itemgetter(i), chunk))
+            if turns is not None:
+                # What only these lists held, let go of a part at a time too.
+                turns.empty(gone)
+                turns.empty(rows)
+        # Only facts held have an expiry: each fact given that has one was removed.
+        pop = self._expiry.pop
+        for chunk in _parts(facts, turns):
+            for fact in chunk:
+                pop(fact, None)
+        interned, released = self._interned, self._released
+        for chunk in _parts(list(named), turns):
+            for value in chunk:
+                if value.__class__ is Entity and (shared := interned.get(value)) is not None:
+                    released.add(shared)
+        if removed:
+            self.count -= removed
+            self.generation = next(GENERATIONS)
+        return removed
 
     def _release(self, fact: tuple) -> None:
         """Note the shared entities ``fact`` names, for `let_go_of_released`."""
@@ -461,21 +607,56 @@ class FactIndex:
                 gone += 1
         return gone
 
-    def purge_expired(self, now: float) -> int:
-        """Remove facts whose expiry has passed; return how many. The caller holds the lock."""
-        removed = 0
-        heap = self._expiry_heap
-        while heap and heap[0][0] <= now:
-            at, fact = heapq.heappop(heap)
-            if self._expiry.get(fact) == at and self.remove(fact):
-                removed += 1
-            else:
-                # Removed before it expired: its entry here held its entities until now.
-                self._release(fact)
-        self.next_expiry = heap[0][0] if heap else float("inf")
-        fact = None  # the last fact popped: no reference of this frame's keeps its entities
+    def purge_expired(self, now: float, turns: Turns | None = None) -> int:
+        """Remove facts whose expiry has passed, together (`remove_all`); return how many. With
+        ``turns`` (on a worker thread), a tick after each `CHUNK`. The caller holds the lock."""
+        times, expiring, expiry = self._expiry_times, self._expiring, self._expiry
+        self._crowded = (-1, INFINITY)
+        due: list[tuple] = []
+        while times and times[0] <= now:
+            at = heapq.heappop(times)
+            for chunk in _parts(items_of(expiring.pop(at)), turns):
+                for fact in chunk:
+                    if expiry.get(fact) == at:
+                        due.append(fact)
+                    else:
+                        # Removed, or given another expiry, since: its entry here held its
+                        # entities until now.
+                        self._release(fact)
+        self.next_expiry = times[0] if times else INFINITY
+        removed = self.remove_all(due, turns) if due else 0
+        fact = chunk = None  # no reference of this frame's keeps the facts' entities
+        if turns is not None:
+            turns.empty(due)
+        else:
+            del due
         self.let_go_of_released()
         return removed
+
+    def crowded_expiry(self, limit: int) -> float:
+        """The earliest time by which more than ``limit`` facts will have expired (counting
+        those given another expiry or removed since), or infinity: the expiries are walked
+        from the earliest, at most ``limit + 1`` of them, once until the expiries change (a
+        replica asks at every turn of its follower). The caller holds the lock."""
+        if self._crowded[0] == limit:
+            return self._crowded[1]
+        at = self._crowded_expiry(limit)
+        self._crowded = (limit, at)
+        return at
+
+    def _crowded_expiry(self, limit: int) -> float:
+        times, expiring = self._expiry_times, self._expiring
+        count, frontier = 0, [(times[0], 0)] if times else []
+        while frontier:
+            at, i = heapq.heappop(frontier)
+            found = expiring[at]
+            count += len(found) if found.__class__ is Many else 1
+            if count > limit:
+                return at
+            for child in (2 * i + 1, 2 * i + 2):
+                if child < len(times):
+                    heapq.heappush(frontier, (times[child], child))
+        return INFINITY
 
     def expiry_of(self, fact: tuple) -> float | None:
         return self._expiry.get(fact)

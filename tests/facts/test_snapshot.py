@@ -977,7 +977,7 @@ def test_facts_added_all_at_once_are_indexed_as_facts_added_one_by_one(shared, p
     next `Authorizer` is filled, `FactSet.fill`)."""
     import random
 
-    from bastion.facts.index import FactIndex, Many
+    from bastion.facts.index import FactIndex, Many, items_of
 
     rng = random.Random(11)
     users = [Entity("User", f"u{i}") for i in range(12)]
@@ -1012,7 +1012,8 @@ def test_facts_added_all_at_once_are_indexed_as_facts_added_one_by_one(shared, p
                 for key, pf in index.predicates.items()
             },
             dict(index._expiry),
-            sorted(index._expiry_heap, key=repr),
+            sorted(index._expiry_times),
+            {at: sorted(items_of(b), key=repr) for at, b in index._expiring.items()},
             index.next_expiry,
             index._entity_types,
         )
