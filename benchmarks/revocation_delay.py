@@ -24,6 +24,7 @@ from bastion.db import Database
 from bastion.oauth import AuthorizationServer, OAuthSettings
 from bastion.oauth.access_token import mint_access_token
 from bastion.oauth.store import Grant
+from bastion.oauth.users import create_user
 from bastion.oauth.verifier import VerifiedTokens
 
 BASE = os.environ.get("BASTION_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
@@ -58,6 +59,7 @@ try:
         }
     )
     server = AuthorizationServer(settings, Database(url))
+    create_user(server.store, "alice", "a long password for alice", time.time(), actor="benchmark")
     tokens = VerifiedTokens(server.verifier, url)
     while not tokens.local:
         time.sleep(0.01)
