@@ -64,9 +64,9 @@ class DatabaseUnavailable(Exception):
 
 class StorageFull(DatabaseUnavailable):
     """A write refused because the database's storage is full (SQLite's file, its WAL or its
-    temporary files; PostgreSQL's ``disk_full``): nothing of it was applied. Reads go on; the
-    write goes in once there is room (`storage_full_report` says so meanwhile). The API answers
-    503, the CLI one line."""
+    temporary files; PostgreSQL's ``disk_full``, or a quota or file size limit reached): nothing
+    of it was applied. Reads go on; the write goes in once there is room (`storage_full_report`
+    says so meanwhile). The API answers 503, the CLI one line."""
 
 
 _LOCK_REFUSED = (
@@ -111,17 +111,29 @@ _KNOWN_SCHEMA_LOCK = threading.Lock()
 _FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 
 
+# PostgreSQL gives ``disk_full`` (53100) to ENOSPC alone: a quota (EDQUOT) or a file size limit
+# (EFBIG) reached on a table's or a temporary file's write is ``internal_error`` (XX000), told
+# only by its message, ``could not extend file "base/...": Disk quota exceeded`` (md.c, fd.c:
+# the OS's text last). Read in English, the server's default ``lc_messages``.
+_POSTGRES_FULL_WRITES = ("could not extend file", "could not write")
+_POSTGRES_FULL_TEXTS = tuple(f": {os.strerror(n)}" for n in (errno.EDQUOT, errno.EFBIG))
+
+
 def storage_full(error: BaseException) -> bool:
     """Whether ``error`` says the storage written to is full: SQLite's ``database or disk is
     full`` (the file's disk, or its temporary files'), PostgreSQL's ``disk_full`` (SQLSTATE
-    53100), or a file's write refused for want of room (ENOSPC, EDQUOT, EFBIG). The one test of
-    it, for the database's writes and for files (keys, the decision journal, the CLI)."""
+    53100) or a quota or file size limit its write reached (XX000 saying so), or a file's write
+    refused for want of room (ENOSPC, EDQUOT, EFBIG). The one test of it, for the database's
+    writes and for files (keys, the decision journal, the CLI)."""
     if isinstance(error, StorageFull):
         return True
     if isinstance(error, sqlite3.OperationalError):
         return getattr(error, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL
     if isinstance(error, OSError):
         return error.errno in _FULL_ERRNOS
+    if isinstance(error, psycopg.errors.InternalError_):
+        said = error.diag.message_primary or ""
+        return said.startswith(_POSTGRES_FULL_WRITES) and said.endswith(_POSTGRES_FULL_TEXTS)
     return isinstance(error, psycopg.errors.DiskFull)
 
 
@@ -497,7 +509,9 @@ class Database:
                 if not again and not in_transaction:
                     _written()
                 return done
-            except psycopg.errors.DiskFull as e:
+            except (psycopg.errors.DiskFull, psycopg.errors.InternalError_) as e:
+                if not storage_full(e):
+                    raise
                 raise self._full(e, transaction=in_transaction) from e
             except psycopg.errors.LockNotAvailable as e:
                 raise DatabaseUnavailable(_LOCK_REFUSED) from e

@@ -17,6 +17,7 @@ needs no new page and goes in: so each test writes until one is refused.
 
 from __future__ import annotations
 
+import errno
 import os
 import subprocess
 import sys
@@ -29,12 +30,15 @@ from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
 import pytest
+from starlette.testclient import TestClient
 
 from bastion.db import Database, StorageFull, storage_full_report
+from bastion.server.app import create_app
+from bastion.server.config import ServerConfig
 from tests.approvals.support import store_policy_and_facts
 from tests.conftest import POSTGRES_URL, require_service, unavailable
 from tests.security.test_full_disk import FULL, Disk, _record, assert_full, fact, may_send
-from tests.server.conftest import ServerProcess
+from tests.server.conftest import ADMIN_KEY, POLICY, ServerProcess, role
 
 # Writes a test makes at most before one needs a page the full disk cannot give: far more than
 # the free room of a few pages.
@@ -344,3 +348,108 @@ def test_a_read_whose_sort_spills_to_a_full_postgres_disk_is_refused_as_storage_
         assert db.execute(sort) == [(500000,)]
     finally:
         db.close()
+
+
+# -- a quota or a file size limit: XX000, told by its message ----------------------------------
+#
+# PostgreSQL gives ``disk_full`` (53100) to ENOSPC alone: a quota (EDQUOT) or a file size limit
+# (EFBIG) reached on a table's or a temporary file's write is ``internal_error`` (XX000), with
+# the OS's text in its message: ``could not extend file "base/...": Disk quota exceeded``. No
+# quota can be set in this kernel, nor a file size limit on a server that is not the tests' to
+# restart: so the server raises that very error by hand (RAISE ... ERRCODE 'XX000' from
+# plpgsql), and it reaches bastion as a real one does: a server error on the statement, psycopg's
+# InternalError_ with its SQLSTATE and message, through `Database` and the API's handlers.
+
+QUOTA = f'could not extend file "base/16384/16385": {os.strerror(errno.EDQUOT)}'
+SIZE_LIMIT = f'could not extend file "base/16384/16385.1": {os.strerror(errno.EFBIG)}'
+BLOCK = f'could not write block 7 in file "base/16384/16385": {os.strerror(errno.EDQUOT)}'
+TEMPORARY = f'could not write to file "base/pgsql_tmp/pgsql_tmp9.0": {os.strerror(errno.EFBIG)}'
+
+
+def raise_(message: str, code: str = "XX000") -> str:
+    """plpgsql that raises ``message`` under SQLSTATE ``code``, with the hint PostgreSQL gives
+    a file it could not extend."""
+    assert "'" not in message and "$" not in message
+    return (
+        f"RAISE EXCEPTION USING ERRCODE = '{code}', MESSAGE = '{message}',"
+        " HINT = 'Check free disk space.';"
+    )
+
+
+def raised(message: str, code: str = "XX000") -> str:
+    """A statement on which the server raises ``message`` under SQLSTATE ``code``."""
+    return f"DO $$ BEGIN {raise_(message, code)} END $$"
+
+
+@pytest.mark.parametrize("message", [QUOTA, SIZE_LIMIT, BLOCK, TEMPORARY])
+def test_a_quota_or_file_size_limit_on_postgres_is_refused_as_storage_full(postgres_url, message):
+    db = Database(postgres_url)
+    try:
+        db.execute("CREATE TABLE t (n integer)")
+        with pytest.raises(StorageFull, match="nothing was written") as refused:
+            db.execute(raised(message))
+        assert isinstance(refused.value.__cause__, psycopg.errors.InternalError_)
+        assert message in str(refused.value)
+        assert storage_full_report() == str(refused.value)
+        with pytest.raises(StorageFull, match="the transaction was rolled back"), db.transaction():
+            db.execute("INSERT INTO t VALUES (1)")
+            db.execute(raised(message))
+        assert db.execute("SELECT count(*) FROM t") == [(0,)]
+        db.execute("INSERT INTO t VALUES (2)")  # there is room again: /readyz says so
+        assert storage_full_report() is None
+    finally:
+        db.close()
+
+
+@pytest.mark.parametrize(
+    ("code", "message"),
+    [
+        # Another I/O error on the same file: not for want of room, so not a 503 to retry.
+        ("XX000", 'could not extend file "base/16384/16385": Input/output error'),
+        ("XX000", 'could not read block 7 in file "base/16384/16385": Input/output error'),
+        # The OS's text alone, in another error's message (a function's own), is not the OS's.
+        ("XX000", f"an extension failed: {os.strerror(errno.EDQUOT)}"),
+        ("P0001", QUOTA),
+    ],
+)
+def test_other_postgres_errors_that_read_alike_are_not_storage_full(postgres_url, code, message):
+    db = Database(postgres_url)
+    try:
+        with pytest.raises(psycopg.Error) as refused:
+            db.execute(raised(message, code))
+        assert not isinstance(refused.value, StorageFull)
+        assert refused.value.sqlstate == code
+    finally:
+        db.close()
+
+
+def test_a_facts_write_refused_by_a_quota_on_postgres_is_a_503_storage_full(postgres_url, tmp_path):
+    """Through the API: a trigger on the facts table raises the quota's error under the facts
+    write (COPY or INSERT alike), as the server does when the table's file cannot grow."""
+    policy = tmp_path / "policy.polar"
+    policy.write_text(POLICY)
+    config = ServerConfig(database=postgres_url, admin_key=ADMIN_KEY, policy_file=str(policy))
+    with TestClient(create_app(config)) as api:
+        api.headers["authorization"] = f"Bearer {ADMIN_KEY}"
+        facts = {"facts": [role("quota-alice", "member", "Org", "acme")]}
+        db = Database(postgres_url)
+        try:
+            db.execute(
+                "CREATE FUNCTION over_quota() RETURNS trigger LANGUAGE plpgsql AS"
+                f" $$ BEGIN {raise_(QUOTA)} RETURN NULL; END $$"
+            )
+            db.execute(
+                "CREATE TRIGGER over_quota BEFORE INSERT ON facts"
+                " FOR EACH STATEMENT EXECUTE FUNCTION over_quota()"
+            )
+            body = assert_full(api.post("/v1/facts", json=facts))
+            assert body["title"] == "Storage full" and QUOTA in body["detail"]
+            # (Not /readyz: only the facts table is "full" here, so another write of the app's
+            # own, an audit checkpoint's, may go in meanwhile and rightly clear it.)
+            assert facts_stored(postgres_url, "quota-alice") == 0
+            db.execute("DROP TRIGGER over_quota ON facts")
+        finally:
+            db.close()
+        r = api.post("/v1/facts", json=facts)
+        assert r.status_code == 200, r.text
+        assert facts_stored(postgres_url, "quota-alice") == 1
