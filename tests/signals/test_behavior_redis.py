@@ -7,8 +7,6 @@ still do once the server has lost its scripts (on a Redis Cluster: tests/gateway
 from __future__ import annotations
 
 import asyncio
-import shutil
-import subprocess
 import time
 import uuid
 from collections.abc import Iterator
@@ -17,11 +15,11 @@ import anyio
 import pytest
 
 from bastion.signals.behavior import RedisBehavior, scope_keys
-from tests.conftest import REDIS_URL, drop_redis_keys, require_program, require_service
+from tests.conftest import REDIS_URL, drop_redis_keys, require_service
 from tests.gateway.support import start
 from tests.gateway.test_shared_rate_limits import call_tool
 from tests.oauth.support import free_socket
-from tests.ports import free_port
+from tests.private_redis import PrivateRedis
 
 from .test_behavior import BULK, _reference_figures
 
@@ -135,34 +133,8 @@ def test_unreachable_redis_refuses_what_reads_behaviour_and_only_that(tmp_path, 
 @pytest.fixture(scope="module")
 def own_redis(tmp_path_factory) -> Iterator[str]:
     """A Redis server of this module's own, whose command counts no other test adds to."""
-    require_program("redis-server", shutil.which("redis-server") or "/usr/bin/redis-server")
-    import redis
-
-    port = free_port()
-    work = tmp_path_factory.mktemp("own-redis")
-    node = subprocess.Popen(
-        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--dir", str(work)]
-        + ["--save", "", "--appendonly", "no"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"redis://127.0.0.1:{port}/0"
-    try:
-        deadline = time.monotonic() + 30
-        client = redis.Redis.from_url(url)
-        while True:
-            assert node.poll() is None, f"redis-server exited with {node.returncode}"
-            try:
-                client.ping()
-                break
-            except redis.ConnectionError:
-                assert time.monotonic() < deadline, "redis-server never answered"
-                time.sleep(0.05)
-        client.close()
-        yield url
-    finally:
-        node.terminate()
-        node.wait(10)
+    with PrivateRedis(tmp_path_factory.mktemp("own-redis")) as node:
+        yield node.url
 
 
 @pytest.mark.parametrize("seed", range(4))
