@@ -21,6 +21,7 @@ import httpx
 
 from bastion.facts.model import Entity, arg_from_json, arg_to_json, fact_from_json, fact_to_json
 from bastion.facts.store import StoredFact, epoch
+from bastion.names import readable
 
 
 class RemoteError(Exception):
@@ -344,7 +345,9 @@ def _check_response(response: httpx.Response) -> Any:
         raise RemoteError(
             response.status_code,
             body.get("title", response.reason_phrase),
-            body.get("detail", response.text[:500]),
+            # Not bastion's answer (a proxy's page, say): its start, to say what answered,
+            # escaped, so it cannot forge a line of a log or drive a terminal.
+            body.get("detail", readable(response.text, 200)),
             body,
         )
     return response.json()

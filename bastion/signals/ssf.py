@@ -542,10 +542,9 @@ class SsfReceiver:
                            "description": "bastion"},
             )  # fmt: skip
             if code not in (200, 201):
-                raise ValueError(
-                    f"creating the stream at {endpoint} answered HTTP {code}:"
-                    f" {content[:200].decode(errors='replace')}"
-                )
+                # Its status alone: the transmitter's words may carry a secret or forge a line
+                # of the log, and the stream's status is shown to anyone (/readyz).
+                raise ValueError(f"creating the stream at {endpoint} answered HTTP {code}")
             stream = untrusted_json.loads(content)
         if not isinstance(stream, dict) or not isinstance(stream.get("stream_id"), str):
             raise ValueError(f"{endpoint} answered no stream_id")

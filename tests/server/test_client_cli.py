@@ -50,6 +50,36 @@ def test_the_client_speaks_the_authorizer_method_names(sqlite_url, serve):
         assert refused.value.status == 422 and "no_such_fact" in refused.value.detail
 
 
+def test_an_error_answer_that_is_not_bastions_is_quoted_short_and_escaped():
+    """A proxy in front of bastion (the operator's own) may answer an error page of its own: the
+    client quotes its start, to say what answered, with a line break and a terminal escape
+    written as escapes, so the quote cannot forge a line of a log or drive a terminal."""
+    from starlette.applications import Starlette
+    from starlette.responses import Response
+    from starlette.routing import Route
+
+    from tests.oauth.support import free_socket
+    from tests.oauth.support import serve as serve_app
+
+    page = "bad gateway\nERROR forged line \x1b[2J\x1b[31m" + "x" * 1000
+
+    async def proxy(request):
+        return Response(page, status_code=502, media_type="text/plain")
+
+    app = Starlette(routes=[Route("/v1/authorize", proxy, methods=["POST"])])
+    with (
+        serve_app(app, free_socket()) as url,
+        Client(url, ADMIN_KEY) as client,
+        pytest.raises(RemoteError) as refused,
+    ):
+        client.authorize(ALICE, "read", ANVIL)
+    detail = refused.value.detail
+    assert refused.value.status == 502
+    assert detail.startswith("bad gateway\\u000aERROR forged line \\u001b[2J"), detail
+    assert "\n" not in str(refused.value) and "\x1b" not in str(refused.value)
+    assert len(detail) < 300, detail
+
+
 def test_the_async_client_has_the_same_methods(sqlite_url, serve):
     server = serve(sqlite_url)
 

@@ -528,11 +528,11 @@ def created(state: dict) -> JSONResponse:
 def test_a_transmitters_words_no_database_can_hold_are_recorded_and_its_stream_tried_again(
     database_url,
 ):
-    """A transmitter whose answers hold what a database cannot store (a NUL byte in an error's
-    text; a key that is half of a surrogate pair, quoted by the refusal of a number under it):
-    the stream's status is recorded with them written as escapes, and the stream's task goes on
-    (on PostgreSQL the status write failed inside the task's handler, and the task stopped for
-    good: no signal came in after it)."""
+    """A transmitter whose answers hold what a database cannot store (a key that is half of a
+    surrogate pair, quoted by the refusal of a number under it; a NUL byte in an error's text,
+    which is not quoted: below): the stream's status is recorded with them written as escapes,
+    and the stream's task goes on (on PostgreSQL the status write failed inside the task's
+    handler, and the task stopped for good: no signal came in after it)."""
 
     async def stream(request, state):
         if state["creates"] <= 2:  # refused, with bytes no text column takes
@@ -545,10 +545,40 @@ def test_a_transmitters_words_no_database_can_hold_are_recorded_and_its_stream_t
 
     seen, state = streamed(database_url, stream, poll, polls=4)
     details = " | ".join(x["detail"] for x in seen)
-    assert "stream not configured" in details and "\\x00" in details, seen
+    assert "stream not configured" in details and "HTTP 500" in details, seen
     assert "poll failed" in details and "\\ud800: 1e999 is too large" in details, seen
     assert all("\x00" not in x["detail"] and x["detail"].isprintable() for x in seen), seen
     assert state["creates"] == 3 and state["polls"] >= 4
+
+
+def test_a_transmitters_error_answer_is_not_echoed_into_the_streams_status_or_the_log(
+    sqlite_url, caplog
+):
+    """What a transmitter answers with an error is its own text, which may carry a secret or
+    forge a log line (a line break, a terminal escape): the stream's status (shown by /readyz,
+    which anyone may read) and the log say the status it answered, never its words."""
+    hostile = (
+        b"denied\n2026-01-01 00:00:00 ERROR bastion: forged line"
+        b" \x1b[2J\x1b[31mtoken=sk-hostile-secret\x1b[0m"
+    )
+
+    async def stream(request, state):
+        if state["creates"] <= 1:
+            return Response(hostile, status_code=400, media_type="text/plain")
+        return created(state)
+
+    async def poll(request, state):
+        return Response(b'{"sets": {}}', media_type="application/json")
+
+    with caplog.at_level("INFO", logger="bastion"):
+        seen, state = streamed(sqlite_url, stream, poll, polls=1)
+    refused = [x["detail"] for x in seen if "stream not configured" in x["detail"]]
+    assert refused and all("answered HTTP 400" in d for d in refused), seen
+    logged = [r.getMessage() for r in caplog.records if "stream not configured" in r.getMessage()]
+    assert logged, caplog.records
+    for said in refused + logged:
+        for echoed in ("denied", "forged", "\x1b", "\n", "sk-hostile-secret"):
+            assert echoed not in said, said
 
 
 def test_a_transmitters_answer_too_large_or_too_slow_is_not_read_and_its_stream_tried_again(
