@@ -529,10 +529,10 @@ def test_a_transmitters_words_no_database_can_hold_are_recorded_and_its_stream_t
     database_url,
 ):
     """A transmitter whose answers hold what a database cannot store (a key that is half of a
-    surrogate pair, quoted by the refusal of a number under it; a NUL byte in an error's text,
-    which is not quoted: below): the stream's status is recorded with them written as escapes,
-    and the stream's task goes on (on PostgreSQL the status write failed inside the task's
-    handler, and the task stopped for good: no signal came in after it)."""
+    surrogate pair, quoted by the refusal of a number under it): the stream's status is recorded
+    with it written as an escape, and the stream's task goes on (on PostgreSQL the status write
+    failed inside the task's handler, and the task stopped for good: no signal came in after
+    it). An error answer's body (here with a NUL byte) is not quoted at all, only its status."""
 
     async def stream(request, state):
         if state["creates"] <= 2:  # refused, with bytes no text column takes
