@@ -88,19 +88,62 @@ class UnknownRequest(Exception):
 
 
 class NoApprover(Exception):
-    """Nobody could ever answer this hold: no approver rule names a person for it, and no
-    person stands behind the call (an agent acting as itself) to confirm it, nor an owner of
-    that agent who is a bastion user. The enforcement point refuses the call at once
-    (``no_approver``) rather than hold it for nobody; the message says what to configure."""
+    """Nobody could ever answer this hold. The enforcement point refuses the call at once
+    rather than hold it for nobody: ``reason`` is its refusal's reason, ``meaning`` what the
+    agent is told of it; the message says what to configure (`nobody_behind`,
+    `self_forbidden`, `over_budget`)."""
 
-    def __init__(self, agent: str) -> None:
-        super().__init__(
+    def __init__(self, message: str, meaning: str, reason: str = "no_approver") -> None:
+        super().__init__(message)
+        self.meaning = meaning
+        self.reason = reason
+
+    @classmethod
+    def nobody_behind(cls, agent: str) -> NoApprover:
+        """No approver rule names a person, and no person stands behind the call (an agent
+        acting as itself) to confirm it, nor an owner of that agent who is a bastion user."""
+        return cls(
             f"nobody can approve this call: no approver rule of the policy names a person for"
             f" it, and the agent {agent!r} acts as itself (no person signed in) with no owner"
             f" who is a bastion user to confirm it; add an approver rule, or give the agent an"
-            f" owner (bastion agents update {agent} --owner USER)"
+            f" owner (bastion agents update {agent} --owner USER)",
+            "nobody can approve it: no approver rule of the policy names a person for it, and"
+            " its agent acts as itself (no person signed in) with no owner who is a bastion"
+            " user to confirm it; an administrator adds an approver rule to the policy, or"
+            " gives the agent an owner (bastion agents update CLIENT_ID --owner USER)",
         )
-        self.agent = agent
+
+    @classmethod
+    def self_forbidden(cls, call: Call, confirmer: str) -> NoApprover:
+        """The person who would confirm the call (its user, or the owner of the agent acting
+        as itself) may not (``self_approval_forbidden``), and no approver rule names anyone
+        else."""
+        who = (
+            f"its user {confirmer!r}"
+            if call.person
+            else f"{confirmer!r}, the owner of the agent {call.subject!r} acting as itself,"
+        )
+        return cls(
+            f"nobody can approve this call: the policy forbids approving one's own call here"
+            f" (self_approval_forbidden), so {who} may not confirm it, and no approver rule of"
+            f" the policy names anyone else for it; add an approver rule naming who approves it",
+            "nobody can approve it: self-approval is forbidden by the policy for this call, and"
+            " no approver rule of the policy names anyone else for it; an administrator adds an"
+            " approver rule to the policy",
+        )
+
+    @classmethod
+    def over_budget(cls, limit: EvaluationLimit) -> NoApprover:
+        """The rules on who may answer spent the evaluation budget: under the narrowest terms
+        (`Approvals._terms_in`) nobody may. Fail closed, as any decision over budget is."""
+        return cls(
+            f"nobody can approve this call: the policy's approver rules for it (approver,"
+            f" approvals_required, self_approval_forbidden, approval_window, approval_expires)"
+            f" spent the evaluation budget ({limit}); simplify them, or raise the limit",
+            "nobody can approve it: the policy's approver rules for it ran out of their"
+            " evaluation budget; an administrator simplifies them (docs/policy-language.md)",
+            reason=EvaluationLimit.reason,
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,6 +201,8 @@ class Terms:
     self_forbidden: bool
     window_minutes: int
     seconds: float
+    # The budget the rules spent when they were read (then the terms are the narrowest).
+    over_budget: EvaluationLimit | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -464,14 +509,38 @@ class Approvals:
     def answerers(self, call: Call, context: dict[str, Any]) -> tuple[Terms, str | None]:
         """Who may answer ``call`` if it is held now: the policy's terms, and the person who
         confirms it where no approver rule names anyone (`confirmer`). `NoApprover` when
-        nobody could: the enforcement point refuses such a call before it holds it, or, for a
-        result to review, before the call runs."""
+        nobody could, as `_entitled` would take answers: no approver named but those forbidden
+        to answer their own call, no confirmer who may, and no approver rule open to people the
+        facts do not name; or rules over the evaluation budget (the narrowest terms). The
+        enforcement point refuses such a call before it holds it, or, for a result to review,
+        before the call runs."""
         with self.authorizer().session(context) as s:
             terms = self._terms_in(s, call.subject, call.action, call.resource, call.chain)
+        if terms.over_budget is not None:
+            raise NoApprover.over_budget(terms.over_budget)
         confirmer = self.confirmer(call.subject, call.chain)
-        if not terms.approvers and confirmer is None:
-            raise NoApprover(call.subject)
-        return terms, confirmer
+        own = (call.subject, confirmer)  # forbidden to answer under self_approval_forbidden
+        if any(a not in own or not terms.self_forbidden for a in terms.approvers):
+            return terms, confirmer
+        if not terms.approvers and confirmer is not None and not terms.self_forbidden:
+            return terms, confirmer
+        if self._open_to_anyone(call, context):
+            return terms, confirmer
+        if terms.self_forbidden and confirmer is not None:
+            raise NoApprover.self_forbidden(call, confirmer)
+        raise NoApprover.nobody_behind(call.subject)
+
+    def _open_to_anyone(self, call: Call, context: dict[str, Any]) -> bool:
+        """Whether the approver rules let a person answer ``call`` whom no fact names (and so
+        whom they cannot list): ``approver(other, user, ...) if other != user``. Asked of a
+        name no user can have; such a rule lets any other person answer (`_entitled`)."""
+        nobody = Entity("User", "\x00 anyone the policy does not list")
+        user = Entity("User", call.subject)
+        try:
+            with self.authorizer().session(context) as s:
+                return bool(s.rows("approver", "bbbb", nobody, user, call.action, call.resource))
+        except EvaluationLimit as limit:
+            raise NoApprover.over_budget(limit) from None
 
     def confirmer(self, subject: str, chain: tuple[str, ...]) -> str | None:
         """Who confirms a call of ``subject`` through the agents ``chain`` where no approver
@@ -522,10 +591,14 @@ class Approvals:
                 for n in s.rows("approval_expires", "bbbf", user, action, resource)
                 if type(n) in (int, float) and n > 0
             ]
-        except EvaluationLimit:
+        except EvaluationLimit as limit:
             # Over budget: nobody but the user, once, and never by default for themself if
-            # forbidden — the narrowest terms, not the widest.
+            # forbidden — the narrowest terms, not the widest (nobody may answer: a call is not
+            # held under them, `answerers`).
             approvers, required, forbidden, windows, shorter = [], 1, True, [], []
+            over_budget = limit
+        else:
+            over_budget = None
         window = min(min(windows, default=0), self.settings.max_window_minutes)
         return Terms(
             approvers=tuple(approvers),
@@ -533,6 +606,7 @@ class Approvals:
             self_forbidden=forbidden,
             window_minutes=window,
             seconds=min([seconds, *shorter]),
+            over_budget=over_budget,
         )
 
     def may_answer(self, request: ApprovalRequest, person: str) -> str | None:

@@ -180,16 +180,16 @@ _MEANINGS = {
     "prompt_not_reviewed": "this prompt is new and is refused until an operator accepts it"
     " (bastion prompts show)",
     "prompt_not_listed": "the upstream does not list this prompt now",
-    "no_approver": "nobody can approve it: no approver rule of the policy names a person for"
-    " it, and its agent acts as itself (no person signed in) with no owner who is a bastion"
-    " user to confirm it; an administrator adds an approver rule to the policy, or gives the"
-    " agent an owner (bastion agents update CLIENT_ID --owner USER)",
 }
 
 
-def refused(target: str, decision_id: str, reason: str, **extra: Any) -> RpcError:
-    """The error an agent sees: refused, and the decision id to quote; no policy internals."""
-    meaning = _MEANINGS.get(reason) or reason.replace("_", " ")
+def refused(
+    target: str, decision_id: str, reason: str, meaning: str | None = None, **extra: Any
+) -> RpcError:
+    """The error an agent sees: refused, and the decision id to quote; no policy internals.
+    ``meaning``: what the reason means here, where the reason alone does not say (a hold
+    nobody could answer: `NoApprover.meaning`)."""
+    meaning = meaning or _MEANINGS.get(reason) or reason.replace("_", " ")
     return RpcError(
         REFUSED_BY_POLICY,
         f"bastion refused this request ({target}): {meaning}",
@@ -397,6 +397,8 @@ class Enforcer:
         review: tuple[Call, Outcome] | None = None
         linked: ApprovalRequest | None = None
         spent: ApprovalRequest | None = None
+        nobody: NoApprover | None = None  # why nobody could answer the hold, where nobody could
+        unheld = ""  # the kind of that hold ("approval" or "review")
         if result == "allow" and (
             obligations.requires_approval or obligations.requires_review or obligations.rate_limits
         ):
@@ -410,6 +412,7 @@ class Enforcer:
                 review,
                 linked,
                 spent,
+                nobody,
             ) = await self._obligations(
                 authz,
                 decision_id,
@@ -424,6 +427,7 @@ class Enforcer:
                 retried,
                 runs_for,
             )
+            unheld = "review" if nobody is not None else ""  # refused before the call runs
         if held is not None and held[1].state == "hold":
             try:
                 why = self._why_held(
@@ -436,8 +440,9 @@ class Enforcer:
                     why,
                     context,  # type: ignore[union-attr]
                 )
-            except NoApprover:  # held, it would wait for nobody
-                result, reason, linked = "deny", "no_approver", None
+            except NoApprover as refusal:  # held, it would wait for nobody
+                result, reason, linked, nobody = "deny", refusal.reason, None, refusal
+                unheld = held[0].kind
             except Exception:
                 log.exception("the approval store cannot be written: call refused")
                 result, reason, linked = "deny", "approval_unavailable", None
@@ -459,14 +464,25 @@ class Enforcer:
             reason,
             started,
             position,
-            approval={"id": linked.id, "kind": linked.kind} if linked is not None else None,
+            approval=(
+                {"id": linked.id, "kind": linked.kind}
+                if linked is not None
+                # A hold nobody could answer, refused: no request, but the hold's refusal, not
+                # the decision's (`bastion.audit.replay` does not replay an ``evaluation_limit``
+                # of the approver rules as the policy's).
+                else {"kind": unheld}
+                if unheld
+                else None
+            ),
         )
         # The decision's alert rules, the built-in ``behaving`` alerts, a refusal counted
         # towards a refusal burst: without any, nothing to raise.
         if self.alerts is not None and (chain.obligations.alerts or behaving or result == "deny"):
             await self._raise_alerts(caller, chain, decision_id, result, reason, record, behaving)
         if result != "allow":
-            self._refuse(decision_id, resource.id, chain, result, reason, retry_after, linked)
+            self._refuse(
+                decision_id, resource.id, chain, result, reason, retry_after, linked, nobody
+            )
         if review is not None:
             step = "release" if review[1].state == "released" else "hold"
             return Verdict(
@@ -522,13 +538,15 @@ class Enforcer:
         tuple[Call, Outcome] | None,
         ApprovalRequest | None,
         ApprovalRequest | None,
+        NoApprover | None,
     ]:
         """What an allowed message's approval, review and rate limits make of it: the decision
         (decided again with the approval in the context when one was given), its result, reason
         and retry delay, the hold to place (call, outcome), the review it is under, the
-        approval request it is linked to and the approval it spent (marked in progress for
-        ``runs_for``)."""
+        approval request it is linked to, the approval it spent (marked in progress for
+        ``runs_for``), and why nobody could review its result, where nobody could."""
         result, reason, retry_after = "allow", "", None
+        nobody: NoApprover | None = None
         held: tuple[Call, Outcome] | None = None
         review: tuple[Call, Outcome] | None = None
         linked: ApprovalRequest | None = None
@@ -591,7 +609,7 @@ class Enforcer:
             linked = outcome.request or linked
             if outcome.state == "hold" and (refusal := await self._unanswerable(call, context)):
                 # Refused before the call runs: its result would be held for nobody.
-                result, reason = "deny", refusal
+                result, (reason, nobody) = "deny", refusal
             elif outcome.state == "pending":
                 result, reason = "held", "review_pending"
                 held = (call, outcome)
@@ -616,7 +634,7 @@ class Enforcer:
         ):
             result, reason = "deny", refusal
         spent = spend if result == "allow" else None
-        return chain, result, reason, retry_after, held, review, linked, spent
+        return chain, result, reason, retry_after, held, review, linked, spent, nobody
 
     def _refuse(
         self,
@@ -627,8 +645,10 @@ class Enforcer:
         reason: str,
         retry_after: float | None,
         linked: ApprovalRequest | None,
+        nobody: NoApprover | None = None,
     ) -> None:
-        """Raise what a message that is not allowed answers: `StepUp`, `Held` or an `RpcError`."""
+        """Raise what a message that is not allowed answers: `StepUp`, `Held` or an `RpcError`
+        (``nobody``: why nobody could answer its hold, where that refused it)."""
         if result == "step_up":
             max_age = chain.obligations.max_auth_age if reason == SIGN_IN_AGAIN else None
             raise StepUp(chain.missing_scopes, decision_id, max_age)
@@ -661,7 +681,8 @@ class Enforcer:
                 {"decision_id": decision_id, "reason": reason},
             )
         extra = {"approval_id": linked.id} if linked is not None else {}
-        raise refused(target, decision_id, reason, **extra)
+        meaning = nobody.meaning if nobody is not None else None
+        raise refused(target, decision_id, reason, meaning, **extra)
 
     def _behavior_alerts(self, context: dict[str, Any]) -> list[tuple[str, str, dict]]:
         """The built-in alerts the calling agent's behaviour figures call for (none without
@@ -748,21 +769,23 @@ class Enforcer:
         await self.settled()
         return outcome
 
-    async def _unanswerable(self, call: Call, context: dict[str, Any]) -> str | None:
-        """Why ``call`` cannot be held for people (``no_approver``: nobody could answer it;
-        ``approval_unavailable``: who could is not known now), or None. Asked of a call whose
-        result would be held for review, before it runs; a call held for approval learns it
-        from `Approvals.hold`."""
+    async def _unanswerable(
+        self, call: Call, context: dict[str, Any]
+    ) -> tuple[str, NoApprover | None] | None:
+        """Why ``call`` cannot be held for people, or None: the reason, and the `NoApprover`
+        that says why nobody could answer it (``no_approver``; ``evaluation_limit``: the rules
+        on who may answer spent the budget), or None (``approval_unavailable``: who could is not
+        known now). Asked of a call whose result would be held for review, before it runs,
+        whoever stands behind it (a user forbidden to review their own call's result answers
+        nothing); a call held for approval learns it from `Approvals.hold`."""
         assert self.approvals is not None
-        if call.person:  # someone can always answer: the user, where nobody is named
-            return None
         try:
             await anyio.to_thread.run_sync(self.approvals.answerers, call, context)
-        except NoApprover:
-            return "no_approver"
+        except NoApprover as why:
+            return why.reason, why
         except Exception:
             log.exception("who may review this result cannot be read: call refused")
-            return "approval_unavailable"
+            return "approval_unavailable", None
         return None
 
     async def _spend(

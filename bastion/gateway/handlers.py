@@ -569,9 +569,14 @@ async def _held_for_review(
     enforcer = ex.gateway.enforcer
     try:
         held = await enforcer.hold_result(verdict, result, context)
-    except NoApprover:  # nobody could review it any more (the owner changed meanwhile)
-        enforcer.write(verdict.record, result="deny", reason="no_approver")
-        raise refused(resource.id, verdict.decision_id, "no_approver") from None
+    except NoApprover as why:  # nobody could review it any more (the owner changed meanwhile)
+        enforcer.write(
+            verdict.record,
+            result="deny",
+            reason=why.reason,
+            obligations={**verdict.record["obligations"], "approval": {"kind": "review"}},
+        )
+        raise refused(resource.id, verdict.decision_id, why.reason, why.meaning) from None
     except Exception:
         holds.log.exception("the approval store cannot be written: result withheld")
         enforcer.write(verdict.record, result="deny", reason="approval_unavailable")

@@ -65,6 +65,18 @@ approvals_required(user: User, "call", Tool{"crm/export"}, 2) if on_probation(us
 # "The user approves", written as a rule.
 requires_approval(_user: User, "call", Tool{"crm/mine"});
 approver(user: User, user, "call", Tool{"crm/mine"});
+# Nobody could ever answer: the user may not approve their own call, and no approver rule
+# names anyone else (none at all, or only the user).
+requires_approval(_user: User, "call", Tool{"crm/purge"});
+requires_review(_user: User, "call", Tool{"crm/purge"});
+self_approval_forbidden(_user: User, "call", Tool{"crm/purge"});
+requires_approval(_user: User, "call", Tool{"crm/ownonly"});
+approver(user: User, user, "call", Tool{"crm/ownonly"});
+self_approval_forbidden(_user: User, "call", Tool{"crm/ownonly"});
+# Anyone but the user approves: any person, whether the facts name them or not.
+requires_approval(_user: User, "call", Tool{"crm/peer"});
+approver(other: User, user: User, "call", Tool{"crm/peer"}) if other != user;
+self_approval_forbidden(_user: User, "call", Tool{"crm/peer"});
 """
 )
 
@@ -80,6 +92,11 @@ pay = Entity("Tool", "crm/pay")
 spin, report = Entity("Tool", "crm/spin"), Entity("Tool", "crm/report")
 export = Entity("Tool", "crm/export")
 mine = Entity("Tool", "crm/mine")
+purge, ownonly, peer = (
+    Entity("Tool", "crm/purge"),
+    Entity("Tool", "crm/ownonly"),
+    Entity("Tool", "crm/peer"),
+)
 
 
 class Clock:
@@ -243,6 +260,41 @@ def test_a_call_nobody_could_answer_is_refused_at_once_and_nothing_is_held(peopl
     named = held(approvals, acting_as_itself(wire, agent="orphan"))
     assert (named.approvers, named.confirmer) == (("cfo",), None)
     assert approvals.check(acting_as_itself(wire, agent="orphan")).state == "pending"
+
+
+def test_a_call_only_its_user_could_confirm_under_self_approval_forbidden_is_refused_at_once(
+    people,
+):
+    """Self-approval forbidden, and no approver rule names anyone else: the user (or the owner
+    who confirms an agent acting as itself) may not answer, and nobody else may. Refused as a
+    call with nobody behind it is, for approval and for review, and nothing is held. Before, it
+    was held for nobody until it expired."""
+    approvals, *_ = people
+    for c in (call(purge), call(ownonly), acting_as_itself(purge)):
+        assert approvals.check(c).state == "hold"
+        with pytest.raises(NoApprover, match="forbids approving one's own call") as refused:
+            approvals.hold(c, "d1", ("requires_approval(...)",), {})
+        assert refused.value.reason == "no_approver"
+        assert "approver" in refused.value.meaning and "self-approval" in refused.value.meaning
+        with pytest.raises(NoApprover, match="forbids approving one's own call"):
+            approvals.answerers(dataclasses.replace(c, kind="review"), {})
+    assert approvals.listed() == []
+    # An approver the rules name other than the user is enough, as before.
+    refunding = held(approvals, call(refund))
+    assert refunding.approvers == ("avery", "sam") and refunding.self_forbidden
+
+
+def test_an_approver_rule_open_to_any_person_but_the_user_holds_the_call(world):
+    """``approver(other, user, ...) if other != user`` lists only the people the facts name;
+    with none named but the user, someone can still answer (a person no fact names): held, not
+    refused, and such a person approves it."""
+    approvals, *_ = world
+    approvals.authorizer = lambda: Authorizer(POLICY)  # no facts: nobody the rule can list
+    request = held(approvals, call(peer))
+    assert (request.approvers, request.self_forbidden) == ((), True)
+    with pytest.raises(NotAllowed, match="forbids approving one's own call"):
+        approvals.answer(request.id, "sam", "approve", channel="api")
+    assert approvals.answer(request.id, "lee", "approve", channel="api").status == "approved"
 
 
 def test_an_owner_replaced_while_the_call_waits_no_longer_confirms_it(people):
@@ -592,13 +644,40 @@ def test_an_approval_for_negative_minutes_is_refused_and_records_nothing(world):
     assert list(facts.get(("approval_grant", None, None, None, None))) == []
 
 
-def test_terms_the_policy_cannot_say_within_its_budget_are_the_narrowest(world):
-    # The approver rule spends the budget: nobody but the user may answer, once, and not even
-    # the user, as if approving their own call were forbidden.
+SPUN = 'approver(User{"cfo"}, _user: User, "call", Tool{"crm/spin"}) if spin(0);'
+
+
+def held_calmly(approvals: Approvals, authz: Authorizer, c: Call, result=None) -> ApprovalRequest:
+    """``c`` held under rules where cfo approves crm/spin without spinning; ``authz`` (whose
+    approver rule for it spends the budget) decides again from then on."""
+    approvals.authorizer = lambda: Authorizer(POLICY.replace(SPUN, SPUN.replace(" if spin(0)", "")))
+    try:
+        return approvals.hold(c, "d1", ("requires_approval(...)",), {}, result=result)
+    finally:
+        approvals.authorizer = lambda: authz
+
+
+def test_a_call_whose_approver_rules_spend_the_evaluation_budget_is_refused_at_once(world):
+    """Terms the policy cannot say within its budget are the narrowest: nobody may answer. The
+    call is refused (fail closed) with ``evaluation_limit``, not held for nobody until it
+    expires; the message says the approver rules ran out of budget."""
     approvals, *_ = world
-    request = approvals.hold(call(spin), "d1", ("requires_approval(...)",), {})
-    terms = (request.approvers, request.required, request.self_forbidden, request.window_minutes)
-    assert terms == ((), 1, True, 0)
+    for kind in ("approval", "review"):
+        c = dataclasses.replace(call(spin), kind=kind)
+        with pytest.raises(NoApprover, match="evaluation budget") as refused:
+            approvals.hold(c, "d1", ("requires_approval(...)",), {})
+        assert refused.value.reason == "evaluation_limit"
+        assert "budget" in refused.value.meaning
+    assert approvals.listed() == []
+
+
+def test_terms_the_policy_cannot_say_within_its_budget_when_answered_are_the_narrowest(world):
+    # Held under rules that name cfo; when answered, the approver rule spends the budget:
+    # nobody but the user may answer, once, and not even the user, as if approving their own
+    # call were forbidden.
+    approvals, authz, *_ = world
+    request = held_calmly(approvals, authz, call(spin))
+    assert (request.approvers, request.window_minutes) == (("cfo",), 60)
     with pytest.raises(NotAllowed, match="forbids approving one's own call"):
         approvals.answer(request.id, "sam", "approve", channel="api")
     with pytest.raises(NotAllowed, match="not an approver"):
@@ -612,9 +691,9 @@ def reviewed(approvals: Approvals, resource: Entity, result) -> ApprovalRequest:
 
 
 def test_a_reviewers_mask_over_the_evaluation_budget_withholds_the_whole_result(world):
-    approvals, *_ = world
+    approvals, authz, *_ = world
     result = {"structuredContent": {"customers": [{"name": "Ada", "email": "ada@example.com"}]}}
-    request = reviewed(approvals, spin, result)
+    request = held_calmly(approvals, authz, dataclasses.replace(call(spin), kind="review"), result)
     assert approvals.reviewer_masks(request, "cfo") == ("",)
     seen = approvals.review_view(request, "cfo")
     assert "Ada" not in repr(seen) and "ada@example.com" not in repr(seen)
