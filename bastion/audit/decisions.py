@@ -348,9 +348,15 @@ class DecisionRecords:
 
     def flush(self) -> int:
         """Write every buffered record; on failure keep them for the next flush, and raise. A
-        flush under way in another thread (the record writer's) is waited for first."""
+        flush under way in another thread (the record writer's) is waited for first. Then, stored
+        or not, the journal is forced to the disk if it is to be (`DecisionJournal.sync`): the
+        lines of the calls still at their upstreams, and of records the database did not take."""
         with self._flushing:
-            return self._flush()
+            try:
+                return self._flush()
+            finally:
+                if self.journal is not None:
+                    self.journal.sync()
 
     def _flush(self) -> int:
         with self._lock:

@@ -4,10 +4,13 @@ call goes upstream, so that a process killed outright (SIGKILL, the OOM killer) 
 Records are buffered and written in batches (`bastion.audit.decisions`), and an allowed call's
 record only once it is answered: a process that dies in between took decisions the database
 never hears of. Each process appends one line per decision to a file of its own, with one
-``os.write`` on an ``O_APPEND`` descriptor (no fsync: the kernel keeps what was written when the
-process dies; a power loss may not), and holds an ``flock`` on it while it lives. Once every
-decision in it is stored the file is emptied; one that keeps growing is rewritten with only
-the decisions not stored yet. At start, and every `SWEEP_SECONDS` after, a process takes the
+``os.write`` on an ``O_APPEND`` descriptor (the kernel keeps what was written when the process
+dies), and holds an ``flock`` on it while it lives. With ``fsync`` (`[server]
+decision_journal_fsync`), the record writer forces what was appended to the disk at each flush,
+off the event loop, so that a power loss or an operating system crash loses only the lines
+appended since the last flush; without it, any line not written out by the kernel yet. Once
+every decision in it is stored the file is emptied; one that keeps growing is rewritten with
+only the decisions not stored yet. At start, and every `SWEEP_SECONDS` after, a process takes the
 journals of dead ones (their lock free) and writes every decision the database lacks as a
 record marked ``recovered`` (its call may have reached its upstream: the outcome is unknown).
 """
@@ -110,40 +113,64 @@ def _header(database: str) -> bytes:
 
 class DecisionJournal:
     """This process's journal. `append` runs on the event loop for each decision; `settled`
-    runs on the record writer's thread once records are stored (or given up, counted and
-    logged by `DecisionRecords`). One lock keeps a line from being appended to a file that is
-    being emptied or replaced."""
+    and `sync` run on the record writer's thread once records are stored (or given up, counted
+    and logged by `DecisionRecords`). One lock keeps a line from being appended to a file that
+    is being emptied or replaced; no disk wait (an fsync, a rewrite's writing) happens under it,
+    so a call never waits for the disk. ``fsync``: force the journal to the disk at each flush
+    (`sync`)."""
 
-    def __init__(self, directory: str | os.PathLike, database: str) -> None:
+    def __init__(self, directory: str | os.PathLike, database: str, fsync: bool = False) -> None:
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.database = database
+        self.fsync = fsync
         self._header = _header(database)
         self._lock = threading.Lock()
         # The lines of decisions not stored yet, by id: what a rewrite keeps.
         self._waiting: dict[str, bytes] = {}
-        self._fd, self.path = self._new_file(self._header)
+        fd, partial = self._begin_file(self._header)
+        self.path = self._place(fd, partial, None)
+        self._fd = fd
         self._size = len(self._header)
+        # What `sync` knows is on the disk: the file's first ``_synced`` bytes; whether the
+        # directory holds a name given since (a new or rewritten file) not forced to the disk
+        # yet; and ``_epoch``, changed whenever the file is emptied or replaced, so that a sync
+        # that raced with either does not take what it forced for what the file holds now.
+        self._synced = 0
+        self._named = True
+        self._epoch = 0
+        self._rewriting = False  # a rewrite is writing its new file, outside the lock
         self.failed = 0  # appends the disk refused (full, say), logged
         self._failing = False  # since an append failed, until one goes in
+        self._sync_failing = False  # since a sync failed, until one succeeds
         self._closed = False
 
-    def _new_file(self, content: bytes, path: Path | None = None) -> tuple[int, Path]:
-        """A journal holding ``content``, locked, then put in place at ``path`` (else under a
-        new name): a process sweeping the directory never finds it unlocked or half written."""
-        name = f"{os.getpid()}-{os.urandom(6).hex()}"
-        partial = self.directory / f".{name}.new"
+    def _begin_file(self, content: bytes) -> tuple[int, Path]:
+        """A journal holding ``content`` under a hidden name, locked (with ``fsync``, forced to
+        the disk): a process sweeping the directory never finds it unlocked or half written."""
+        partial = self.directory / f".{os.getpid()}-{os.urandom(6).hex()}.new"
         fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             os.write(fd, content)
-            path = path or self.directory / f"{name}{SUFFIX}"
+            if self.fsync:
+                os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            partial.unlink(missing_ok=True)
+            raise
+        return fd, partial
+
+    def _place(self, fd: int, partial: Path, path: Path | None) -> Path:
+        """Put the journal begun at ``partial`` in place at ``path`` (else under its own name)."""
+        path = path or self.directory / f"{partial.name[1:].removesuffix('.new')}{SUFFIX}"
+        try:
             os.rename(partial, path)
         except BaseException:
             os.close(fd)
             partial.unlink(missing_ok=True)
             raise
-        return fd, path
+        return path
 
     def append(self, fields: Mapping[str, Any]) -> None:
         """Journal a decision (the fields of its record) before its call goes upstream. A disk
@@ -195,24 +222,109 @@ class DecisionJournal:
             if self._closed:
                 return
             header = len(self._header)
+            content = None
             try:
                 if not waiting:
                     if self._size > header:
                         os.ftruncate(self._fd, header)
                         self._size = header
-                elif self._size > REWRITE_BYTES:
-                    self._rewrite()
+                        self._synced = min(self._synced, header)
+                        self._epoch += 1
+                elif self._size > REWRITE_BYTES and not self._rewriting:
+                    content = b"".join((self._header, *waiting.values()))
+                    if len(content) * 2 > self._size:
+                        content = None  # mostly still needed (the database is away): frees little
+                    else:
+                        self._rewriting, taken = True, set(waiting)
             except OSError as e:
                 log.error("the decision journal %s cannot be emptied: %s", self.path, e)
+        if content is not None:
+            try:
+                self._rewrite(content, taken)
+            except OSError as e:
+                log.error("the decision journal %s cannot be rewritten: %s", self.path, e)
+            finally:
+                self._rewriting = False
 
-    def _rewrite(self) -> None:
-        content = b"".join((self._header, *self._waiting.values()))
-        if len(content) * 2 > self._size:
-            return  # mostly still needed (the database is away): rewriting would free little
-        # The new file takes the old one's place only once it holds every line still needed.
-        fd, _ = self._new_file(content, self.path)
-        old_fd, self._fd, self._size = self._fd, fd, len(content)
-        os.close(old_fd)
+    def _rewrite(self, content: bytes, taken: set[str]) -> None:
+        """Replace the journal by one holding ``content`` (the lines of ``taken``), written (and
+        with ``fsync`` forced to the disk) outside the lock, then given under it the lines
+        appended meanwhile: it takes the old one's place only once it holds every line still
+        needed."""
+        fd, partial = self._begin_file(content)
+        with self._lock:
+            if self._closed:
+                os.close(fd)
+                partial.unlink(missing_ok=True)
+                return
+            later = b"".join(line for id_, line in self._waiting.items() if id_ not in taken)
+            try:
+                if later:
+                    os.write(fd, later)
+            except BaseException:
+                os.close(fd)
+                partial.unlink(missing_ok=True)
+                raise
+            self._place(fd, partial, self.path)
+            old_fd, self._fd, self._size = self._fd, fd, len(content) + len(later)
+            self._synced = len(content) if self.fsync else 0
+            self._named = True
+            self._epoch += 1
+            os.close(old_fd)
+
+    @property
+    def unsynced(self) -> bool:
+        """With ``fsync``: whether anything was appended (or a file named) since the last
+        `sync`."""
+        return self.fsync and (self._size > self._synced or self._named)
+
+    def sync(self) -> None:
+        """With ``fsync``, force what was appended since the last sync to the disk, and the
+        journal's name in its directory if it is new: run by the record writer at each flush,
+        off the event loop and outside the lock `append` takes, on a duplicate of the file's
+        descriptor (a rewrite meanwhile closes the journal's own). A failure is logged, at the
+        first of an outage and when it ends, and tried again at the next flush."""
+        if not self.fsync:
+            return
+        with self._lock:
+            if self._closed or not self.unsynced:
+                return
+            size, epoch, named = self._size, self._epoch, self._named
+            try:
+                fd = os.dup(self._fd)
+            except OSError as e:
+                self._sync_failed(e)
+                return
+        try:
+            os.fsync(fd)
+            if named:
+                folder = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY)
+                try:
+                    os.fsync(folder)
+                finally:
+                    os.close(folder)
+        except OSError as e:
+            self._sync_failed(e)
+            return
+        finally:
+            os.close(fd)
+        if self._sync_failing:
+            self._sync_failing = False
+            log.warning("the decision journal %s is forced to the disk again", self.path)
+        with self._lock:
+            if self._epoch == epoch:  # neither emptied nor replaced meanwhile
+                self._synced = max(self._synced, size)
+                self._named = False
+
+    def _sync_failed(self, error: OSError) -> None:
+        if not self._sync_failing:
+            self._sync_failing = True
+            log.error(
+                "the decision journal %s cannot be forced to the disk (%s): a power loss or an"
+                " operating system crash now may lose the decisions in it",
+                self.path,
+                error,
+            )
 
     @property
     def waiting(self) -> int:
@@ -221,7 +333,10 @@ class DecisionJournal:
 
     def close(self) -> None:
         """On a clean stop, after the last flush: the journal is removed if every decision in
-        it is stored; else it is left for the next start to recover, and the log says so."""
+        it is stored; else it is left for the next start to recover, and the log says so (with
+        ``fsync``, forced to the disk first)."""
+        if self._waiting:
+            self.sync()
         with self._lock:
             if self._closed:
                 return

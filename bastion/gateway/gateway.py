@@ -267,11 +267,14 @@ class Gateway:
         refusals: RefusalLog | None = None,
         tool_pins: ToolPins | None = None,
         journal_dir: str | None = None,
+        journal_fsync: bool = False,
     ) -> None:
         self.config = config
         # Where this process journals its decisions before their records are stored
         # (`[server] decision_journal_dir`, bastion.audit.journal); None: no journal.
         self.journal_dir = journal_dir
+        # Whether it is forced to the disk at each flush (`[server] decision_journal_fsync`).
+        self.journal_fsync = journal_fsync
         # The accepted definitions of the tools and prompts of upstreams with ``pin_tools`` or
         # ``pin_prompts`` (shared by replicas).
         self.tool_pins = tool_pins
@@ -751,7 +754,7 @@ class Gateway:
         records = self.records
         assert records is not None and self.journal_dir is not None
         database = database_identity(records.db.url)
-        records.journal = DecisionJournal(self.journal_dir, database)
+        records.journal = DecisionJournal(self.journal_dir, database, self.journal_fsync)
         self._recover_journals()
 
     def _recover_journals(self) -> None:
@@ -779,8 +782,11 @@ class Gateway:
             if records.journal is not None and asyncio.get_running_loop().time() > sweep:
                 sweep += SWEEP_SECONDS
                 await asyncio.to_thread(self._recover_journals)
-            if not records.waiting:
-                continue  # idle: no thread woken for nothing (a drop is only made while full)
+            if not records.waiting and not (records.journal and records.journal.unsynced):
+                # Idle: no thread woken for nothing (a drop is only made while full). Lines of
+                # calls still at their upstreams, with no record to write yet, are forced to
+                # the disk all the same (`[server] decision_journal_fsync`).
+                continue
             try:
                 await asyncio.to_thread(records.flush)
             except DatabaseUnavailable as e:
@@ -822,7 +828,7 @@ class Gateway:
                     e,
                 )
             if self.records.journal is not None:
-                self.records.journal.close()
+                await asyncio.to_thread(self.records.journal.close)
         for state in self.upstreams.values():
             with contextlib.suppress(Exception):
                 await state.upstream.close()

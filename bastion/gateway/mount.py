@@ -120,6 +120,7 @@ def gateway_from_config(
         refusals=oauth.verifier.refusals,
         tool_pins=pins,
         journal_dir=journal_dir,
+        journal_fsync=config.decision_journal_fsync,
         trusted=TrustedIssuers(
             gateway_config.trusted_issuers,
             refusals=oauth.verifier.refusals,

@@ -108,6 +108,10 @@ class ServerConfig:
     # journal"). Empty: beside a SQLite database (<file>.decisions), and bastion-decisions in the
     # working directory with PostgreSQL.
     decision_journal_dir: str = ""
+    # Force the journal to the disk (fsync) at each flush of the decision records (every 0.2 s),
+    # on the record writer's thread: a power loss or an operating system crash then loses the
+    # decisions of the last flush's 0.2 s at most, not every line the kernel had not written out.
+    decision_journal_fsync: bool = True
     # Decisions remembered per process for /v1/decisions/{id}.
     decision_log_size: int = 10_000
     # Policy size limits and the evaluation budget (see `PolicyLimits`, docs/policy-language.md).

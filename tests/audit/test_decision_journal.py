@@ -31,6 +31,7 @@ from bastion.audit.journal import (
 from bastion.audit.log import AuditLog
 from bastion.db import Database, DatabaseUnavailable
 from bastion.gateway import gateway as gateway_module
+from bastion.server.config import ConfigError, ServerConfig
 from tests.gateway.streams import messages, modern_headers, modern_request
 from tests.gateway.support import Running, bastion_serve, serve_quickstart, start, stop
 
@@ -271,6 +272,148 @@ def test_a_journal_past_its_size_is_rewritten_with_only_the_decisions_not_stored
     os.close(journal._fd)  # the process dies: nothing flushed, nothing removed
     assert recover_journals(tmp_path / "j", records, database_identity(database)) == 2
     assert {r.id for r in _stored(records) if r.recovered} == {at_upstream["id"], later["id"]}
+
+
+# -- forced to the disk (`[server] decision_journal_fsync`) -------------------------------------
+#
+# A real power loss cannot be made here: the tests run on a kernel and a disk they do not own
+# (cutting either would take the test with it, and a virtual disk's host may keep what the guest
+# forced in a cache of its own). What they check is bastion's part: that the writer asks the
+# kernel to put the journal on the disk (fsync on the journal's own file, counted by a wrapper of
+# `os.fsync`) at each flush after something was appended, never on the call path (`append`), and
+# not at all with the setting off.
+
+
+def _forced(monkeypatch) -> list[tuple[int, str]]:
+    """`os.fsync`, wrapped: the inode and name of each file or directory forced to the disk."""
+    forced: list[tuple[int, str]] = []
+    fsync = os.fsync
+
+    def counted(fd: int) -> None:
+        forced.append((os.fstat(fd).st_ino, os.path.basename(os.readlink(f"/proc/self/fd/{fd}"))))
+        fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", counted)
+    return forced
+
+
+def _times(forced: list[tuple[int, str]], inode: int) -> int:
+    return sum(1 for synced, _ in forced if synced == inode)
+
+
+def _appended_and_flushed(tmp_path, database_url, fsync: bool, forced) -> tuple[int, int, list]:
+    """Three calls decided, two answered and written, one at its upstream; then flushes with
+    nothing new, and after one more call. The journal's and its directory's inodes, and how
+    often the journal was forced once made (its first line), and after each step."""
+    records = DecisionRecords(Database(database_url))
+    journal = DecisionJournal(tmp_path / "j", database_identity(database_url), fsync=fsync)
+    records.journal = journal
+    inode, folder = os.stat(journal.path).st_ino, os.stat(tmp_path / "j").st_ino
+    counts = [_times(forced, inode)]
+    taken = [_decision(n) for n in range(3)]
+    for fields in taken:
+        journal.append(fields)
+    counts.append(_times(forced, inode))  # appended: the call path forces nothing
+    for fields in taken[:2]:
+        records.add(DecisionRecord.of(fields))
+    records.flush()
+    counts.append(_times(forced, inode))
+    records.flush()  # nothing appended since
+    counts.append(_times(forced, inode))
+    journal.append(_decision(3))  # a call at its upstream, with no record to write yet
+    records.flush()
+    counts.append(_times(forced, inode))
+    journal.close()
+    return inode, folder, counts
+
+
+def test_with_fsync_the_journal_is_forced_to_the_disk_at_each_flush(
+    tmp_path, database_url, monkeypatch
+):
+    forced = _forced(monkeypatch)
+    inode, folder, counts = _appended_and_flushed(tmp_path, database_url, True, forced)
+    # Made (its first line, before it is put in place), then once per flush that follows an
+    # append, never by the append itself.
+    assert counts == [1, 1, 2, 2, 3]
+    # Its name in the directory too, once (a new file's entry is the directory's to keep).
+    assert _times(forced, folder) == 1
+
+
+def test_without_fsync_the_journal_is_never_forced_to_the_disk(tmp_path, database_url, monkeypatch):
+    forced = _forced(monkeypatch)
+    inode, folder, counts = _appended_and_flushed(tmp_path, database_url, False, forced)
+    assert counts == [0, 0, 0, 0, 0]
+    assert _times(forced, folder) == 0
+
+
+def test_with_fsync_a_rewritten_journal_is_on_the_disk_before_it_takes_the_old_ones_place(
+    tmp_path, monkeypatch
+):
+    monkeypatch.setattr(journal_module, "REWRITE_BYTES", 4096)
+    forced = _forced(monkeypatch)
+    database = str(tmp_path / "bastion.db")
+    records = DecisionRecords(Database(database))
+    journal = DecisionJournal(tmp_path / "j", database_identity(database), fsync=True)
+    records.journal = journal
+    at_upstream = _decision(0)
+    journal.append(at_upstream)
+    for fields in [_decision(n) for n in range(1, 40)]:
+        journal.append(fields)
+        records.add(DecisionRecord.of(fields))
+    before = os.stat(journal.path).st_ino
+    del forced[:]
+    records.flush()
+    after = os.stat(journal.path).st_ino
+    assert after != before  # rewritten
+    # Forced under its hidden name, before it was put in place; then its name in the directory.
+    assert forced[0][0] == after and forced[0][1].endswith(".new"), forced
+    assert _times(forced, os.stat(tmp_path / "j").st_ino) == 1
+    journal.close()
+
+
+def test_a_gateway_forces_its_journal_to_the_disk_by_default_while_calls_are_at_their_upstreams(
+    tmp_path, monkeypatch
+):
+    forced = _forced(monkeypatch)
+    with start(tmp_path) as running:
+        journal = running.records.journal
+        inode = os.stat(journal.path).st_ino
+        before = _times(forced, inode)
+        # A call let through and still at its upstream: no record waits to be written.
+        taken = _decision(1)
+        journal.append(taken)
+        deadline = time.monotonic() + 20
+        while _times(forced, inode) == before:
+            assert time.monotonic() < deadline, "the gateway never forced its journal to the disk"
+            time.sleep(0.05)
+        running.records.add(DecisionRecord.of(taken))  # answered
+
+
+@pytest.mark.parametrize(
+    ("toml", "env"),
+    [('decision_journal_fsync = "sometimes"', {}), ("", {"BASTION_DECISION_JOURNAL_FSYNC": "2"})],
+)
+def test_decision_journal_fsync_is_true_or_false_and_nothing_else(tmp_path, toml, env):
+    file = tmp_path / "bastion.toml"
+    file.write_text(f"[server]\n{toml}\n")
+    with pytest.raises(ConfigError, match="decision_journal_fsync must be true or false, got"):
+        ServerConfig.load(file, env=env)
+    file.write_text("[server]\ndecision_journal_fsync = false\n")
+    assert ServerConfig.load(file, env={}).decision_journal_fsync is False
+    assert (
+        ServerConfig.load(
+            tmp_path / "bastion.toml", env={"BASTION_DECISION_JOURNAL_FSYNC": "on"}
+        ).decision_journal_fsync
+        is True
+    )
+
+
+def test_a_server_given_a_bad_decision_journal_fsync_does_not_start(tmp_path):
+    with pytest.raises(
+        AssertionError,
+        match="BASTION_DECISION_JOURNAL_FSYNC: decision_journal_fsync must be true or false",
+    ):
+        serve_quickstart(tmp_path, env={"BASTION_DECISION_JOURNAL_FSYNC": "maybe"})
 
 
 def _stored(records: DecisionRecords) -> list[DecisionRecord]:
