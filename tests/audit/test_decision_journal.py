@@ -4,7 +4,9 @@ writes every journalled decision the database lacks, marked as recovered."""
 
 from __future__ import annotations
 
+import errno
 import json
+import logging
 import os
 import signal
 import sqlite3
@@ -368,6 +370,41 @@ def test_with_fsync_a_rewritten_journal_is_on_the_disk_before_it_takes_the_old_o
     # Forced under its hidden name, before it was put in place; then its name in the directory.
     assert forced[0][0] == after and forced[0][1].endswith(".new"), forced
     assert _times(forced, os.stat(tmp_path / "j").st_ino) == 1
+    journal.close()
+
+
+def test_a_journal_that_cannot_be_forced_to_the_disk_is_logged_once_and_tried_again(
+    tmp_path, monkeypatch, caplog
+):
+    """An fsync refused (an I/O error, a full disk) stops no flush and no call: logged at the
+    first failure of the outage, tried again at each flush, and logged again once it succeeds."""
+    caplog.set_level(logging.WARNING, logger="bastion.audit")
+    database = str(tmp_path / "bastion.db")
+    records = DecisionRecords(Database(database))
+    journal = DecisionJournal(tmp_path / "j", database_identity(database), fsync=True)
+    records.journal = journal
+    inode = os.stat(journal.path).st_ino
+    fsync, refused = os.fsync, []
+
+    def failing(fd: int) -> None:
+        if os.fstat(fd).st_ino == inode:
+            refused.append(fd)
+            raise OSError(errno.EIO, "Input/output error")
+        fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", failing)
+    for n in range(3):
+        journal.append(_decision(n))  # calls still at their upstreams
+        records.flush()
+    assert len(refused) == 3
+    errors = [r for r in caplog.records if "cannot be forced to the disk" in r.getMessage()]
+    assert len(errors) == 1 and errors[0].levelname == "ERROR"
+    monkeypatch.setattr(os, "fsync", fsync)  # the disk is back
+    forced = _forced(monkeypatch)
+    records.flush()  # nothing appended since the last try: tried again all the same
+    assert _times(forced, inode) == 1
+    assert any("is forced to the disk again" in r.getMessage() for r in caplog.records)
+    assert not journal.unsynced
     journal.close()
 
 
