@@ -4,7 +4,8 @@
 rewriting it with the decisions not stored yet); with ``--fsync`` (`[server]
 decision_journal_fsync`), what `DecisionJournal.sync` waits for the disk at each flush.
 
-    .venv/bin/python benchmarks/journal_bench.py [--calls 200000] [--batch 140] [--dir DIR] [--fsync]
+    .venv/bin/python benchmarks/journal_bench.py [--calls 200000] [--batch 140] [--dir DIR]
+        [--fsync] [--each]
 
 Each decision has the fields the gateway gives its record (`Enforcer._fields`: the support
 agent's search, two principals, a digest, a context), with an id from ``new_decision_id``. Calls
