@@ -51,7 +51,7 @@ from bastion.identity.providers import (
     ProviderUnavailable,
     url_problem,
 )
-from bastion.names import UNVERIFIED_EMAIL, vouched_for
+from bastion.names import UNVERIFIED_EMAIL, readable, vouched_for
 from bastion.oauth import pages, pkce
 from bastion.oauth.client_assertion import jwks_problem
 from bastion.oauth.jwks import (
@@ -300,7 +300,7 @@ class OpenIDLogin:
         query = request.query_params
         repeated = sorted({k for k in query if len(query.getlist(k)) > 1})
         if repeated:
-            raise LoginRefused("request", f"The answer repeats {repeated}.")
+            raise LoginRefused("request", f"The answer repeats {readable(', '.join(repeated))}.")
         state = query.get("state", "")
         if not state:
             raise LoginRefused("state", "The provider's answer has no state: start again.")
@@ -319,16 +319,19 @@ class OpenIDLogin:
         endpoints = await self._provider_endpoints(provider)
         iss = query.get("iss")
         if iss is not None and iss != provider.issuer:
-            raise LoginRefused("mix_up", f"The answer comes from {iss!r}, not {provider.issuer}.")
+            raise LoginRefused(
+                "mix_up", f"The answer comes from {readable(iss)}, not {provider.issuer}."
+            )
         if iss is None and endpoints.sends_iss:
             raise LoginRefused("mix_up", "The answer lacks the iss its provider always sends.")
-        if query.get("error"):
+        if error := query.get("error"):
+            # Anyone can send a browser here with any error text: shown (and recorded) as
+            # `readable` shows what others wrote, escaped and cut, never as it came.
+            described = query.get("error_description")
             raise LoginRefused(
                 "provider_error",
-                f"The provider refused: {query.get('error')}"
-                + (
-                    f" ({query.get('error_description')})" if query.get("error_description") else ""
-                ),
+                f"The provider refused: {readable(error)}"
+                + (f" ({readable(described)})" if described else ""),
                 403,
             )
         code = query.get("code")

@@ -566,6 +566,42 @@ def test_a_provider_that_sends_an_error_signs_nobody_in(idp, person, client):
     refused(response, 403, "The provider refused: access_denied")
 
 
+def test_a_providers_error_text_is_shown_and_recorded_escaped_and_bounded(
+    bastion, idp, person, client
+):
+    """``error`` and ``error_description`` come in the callback's query, which anyone can send a
+    browser to: markup, a line break, an ANSI escape or a right-to-left override in them must
+    neither render, nor forge a line of a log or of ``bastion audit``, nor reverse the page's
+    text, and 10 KB of them is not shown nor kept whole."""
+    bastion.clock.advance(bastion.server.refusals.window_seconds + 1)  # a window of its own
+    query = person.sent_to_provider(client, "b")
+    description = "<script>alert(1)</script>\nforged line \x1b[31mred\u202eevil" + "x" * 10_000
+    response = person.back_from_provider(
+        "b", error="access_denied\u202e\n", error_description=description, state=query["state"]
+    )
+    assert response.status_code == 403, response.text
+    assert "<script>" not in response.text
+    shown = html.unescape(response.text)
+    assert "The provider refused: access_denied\\u202e\\u000a (<script>alert(1)</script>" in shown
+    assert "\\u000aforged line \\u001b[31mred\\u202eevil" in shown
+    for raw in ("\n", "\x1b", "\u202e"):
+        assert raw not in shown
+    assert "more characters)" in shown and "x" * 1000 not in shown
+    [(detail,)] = bastion.db.execute(
+        "SELECT detail FROM audit_events WHERE kind = 'login.refused' AND detail LIKE ?",
+        ("%forged line%",),
+    )
+    recorded = json.loads(detail)
+    assert recorded["reason"] == "provider_error"
+    assert recorded["description"].startswith(
+        "The provider refused: access_denied\\u202e\\u000a (<script>alert(1)</script>"
+        "\\u000aforged line \\u001b[31mred\\u202eevil"
+    )
+    for raw in ("\n", "\x1b", "\u202e"):
+        assert raw not in recorded["description"]
+    assert len(recorded["description"]) < 300
+
+
 def test_a_provider_that_is_down_shows_a_clear_page_and_no_login(bastion, person, client):
     before = sessions(bastion)
     response = person.choose(person.open_authorization(client), "down")
