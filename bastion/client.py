@@ -342,6 +342,8 @@ def _check_response(response: httpx.Response) -> Any:
             body = response.json()
         except ValueError:
             body = {}
+        if not isinstance(body, dict):
+            body = {}  # JSON, but not a problem object (a list, a string, null): not bastion's
         raise RemoteError(
             response.status_code,
             body.get("title", response.reason_phrase),

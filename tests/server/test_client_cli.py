@@ -80,6 +80,43 @@ def test_an_error_answer_that_is_not_bastions_is_quoted_short_and_escaped():
     assert len(detail) < 300, detail
 
 
+@pytest.mark.parametrize(
+    "body", ["[1,2]", '"x"', "null", '"forged\\nline \u202egnp.exe"', "3", "true"]
+)
+def test_an_error_answer_in_json_that_is_not_an_object_is_a_remote_error(body):
+    """An error answer whose body is JSON but not bastion's problem object (a list, a string,
+    null: a proxy's, or a server that is not bastion) is the client's usual `RemoteError` with
+    the status and the body's start, escaped, not an AttributeError from reading it as one."""
+    from starlette.applications import Starlette
+    from starlette.responses import Response
+    from starlette.routing import Route
+
+    from tests.oauth.support import free_socket
+    from tests.oauth.support import serve as serve_app
+
+    async def proxy(request):
+        return Response(body, status_code=502, media_type="application/json")
+
+    app = Starlette(routes=[Route("/v1/authorize", proxy, methods=["POST"])])
+    with serve_app(app, free_socket()) as url:
+        with Client(url, ADMIN_KEY) as client, pytest.raises(RemoteError) as refused:
+            client.authorize(ALICE, "read", ANVIL)
+        assert refused.value.status == 502
+        assert refused.value.title == "Bad Gateway"
+        assert refused.value.body == {}
+        assert refused.value.detail.startswith(body.split("\\", 1)[0]), refused.value.detail
+        for raw in ("\n", "\x1b", "\u202e"):
+            assert raw not in str(refused.value)
+
+        async def remotely() -> None:
+            async with AsyncClient(url, ADMIN_KEY) as client:
+                await client.authorize(ALICE, "read", ANVIL)
+
+        with pytest.raises(RemoteError) as refused:
+            asyncio.run(remotely())
+        assert refused.value.status == 502 and refused.value.body == {}
+
+
 def test_the_async_client_has_the_same_methods(sqlite_url, serve):
     server = serve(sqlite_url)
 
