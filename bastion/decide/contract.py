@@ -46,7 +46,7 @@ count. The rules about who may approve (``approver`` and its companions) are ask
 
 A request whose evaluation spends its budget is refused with ``reason`` "evaluation_limit": the
 enforcement point fails closed, and goes on answering. The questions asked here are compiled
-with the policy (`bastion.decide.CONTRACT_SHAPES`), never while serving.
+with the policy (`bastion.decide.authorizer.CONTRACT_SHAPES`), never while serving.
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Generic, TypeVar
 
-from bastion.decide import Authorizer, Session
+from bastion.decide.authorizer import Authorizer, Session
 from bastion.facts.model import Entity
 from bastion.policy.errors import EvaluationLimit
 from bastion.policy.runtime import ReadContext
