@@ -3,15 +3,19 @@ recorded so that a flood of them writes a bounded number of audit rows.
 
 Refusals are counted per key (kind, address, reason, and the client when one was identified) in
 windows of ``window_seconds``: the first refusal of a key in a window is written at once, with
-its detail; the ones after it in that window are only counted, and written as one more row of
-the same kind with ``repeats`` (how many), ``since`` and ``until`` once the window has closed.
-At most ``max_keys`` keys are counted at a time; past that, each kind's further refusals share
-one key with address and reason ``*``. So a window writes at most ``2 * (max_keys + kinds)``
-rows whatever the flood, each of bounded size: a text of the detail (what the request sent: a
-claimed client id, a token's header) is cut to ``MAX_DETAIL_CHARS``. The counts live in the
-memory of the process: those of a window still open are written by `flush` (at shutdown), and
-lost if the process is killed. Counts whose rows the database did not take (an outage) are kept,
-merged per key (at most ``max_keys`` of them, then per kind), and written with the next rows.
+its detail; the ones after it in that window are only counted, and written as rows of the same
+kind with ``repeats`` (how many), ``since`` and ``until`` (the repeats came after ``since`` and
+at ``until`` at the latest): by `write_progress` while the window is open (every
+``repeat_write_seconds`` of a running server, the repeats counted since the key's last row), and
+once more when it has closed (those counted since). Rows are only ever added, never updated (the
+audit hash chain, `bastion.audit.chain`): a key's rows add up to its refusals, and a process
+killed outright loses only what it counted since its last write. At most ``max_keys`` keys are
+counted at a time; past that, each kind's further refusals share one key with address and reason
+``*``. So a window writes at most ``(2 + window_seconds / repeat_write_seconds) * (max_keys +
+kinds)`` rows whatever the flood, each of bounded size: a text of the detail (what the request
+sent: a claimed client id, a token's header) is cut to ``MAX_DETAIL_CHARS``. Counts whose rows
+the database did not take (an outage) are kept, merged per key (at most ``max_keys`` of them,
+then per kind), and written with the next rows.
 
 An event that concerns something known (an introspection answer about a token this server
 issued) is counted the same way under a key that also holds what it concerns (``counted``: the
@@ -23,7 +27,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Hashable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from bastion.audit.log import AuditLog
@@ -48,6 +52,9 @@ def _overflow(kind: str) -> tuple:
 class _Window:
     opened_at: float
     last_at: float
+    # The repeats counted and not written yet, those after ``since`` (the window's first row,
+    # or the key's last row of repeats).
+    since: float
     repeats: int = 0
 
 
@@ -112,7 +119,7 @@ class RefusalLog:
             if alone:
                 pass
             elif first:
-                self._windows[key] = _Window(opened_at=now, last_at=now)
+                self._windows[key] = _Window(opened_at=now, last_at=now, since=now)
             else:
                 window.repeats += 1
                 window.last_at = now
@@ -131,8 +138,27 @@ class RefusalLog:
             self.audit.record(kind, **fields)
         except BaseException:
             with self._lock:
-                self._keep(key, _Window(opened_at=now, last_at=now, repeats=1))
+                self._keep(key, _Window(opened_at=now, last_at=now, since=now, repeats=1))
             raise
+
+    def write_progress(self) -> None:
+        """Write the rows of windows that have closed and, for each window still open, the
+        repeats counted since its key's last row; the window stays open (so a process killed
+        outright loses only the repeats counted since)."""
+        now = self.clock()
+        with self._lock:
+            closed = self._sweep(now)
+            for key, window in self._windows.items():
+                if window.repeats:
+                    closed.append((key, replace(window)))
+                    window.repeats = 0
+                    window.since = window.last_at
+        self._write_closed(closed)
+
+    @property
+    def counting(self) -> bool:
+        """Whether a window is open or a count waits to be written (no I/O)."""
+        return bool(self._windows or self._unwritten)
 
     def flush(self, *, everything: bool = False) -> None:
         """Write the rows of windows that have closed (of every window, with ``everything``: at
@@ -164,10 +190,11 @@ class RefusalLog:
             key = _overflow(key[0])
         kept = self._unwritten.get(key)
         if kept is None:
-            self._unwritten[key] = _Window(window.opened_at, window.last_at, window.repeats)
+            self._unwritten[key] = replace(window)
         else:
             kept.repeats += window.repeats
             kept.opened_at = min(kept.opened_at, window.opened_at)
+            kept.since = min(kept.since, window.since)
             kept.last_at = max(kept.last_at, window.last_at)
 
     def _write_closed(self, closed: list[tuple[tuple, _Window]]) -> None:
@@ -187,7 +214,7 @@ class RefusalLog:
                         reason=reason,
                         **dict(fields),
                         repeats=window.repeats,
-                        since=window.opened_at,
+                        since=window.since,
                         until=window.last_at,
                     )
         except BaseException:

@@ -3,7 +3,9 @@ routes under the issuer's path. Each endpoint's rules live in the module of its 
 
 from __future__ import annotations
 
+import asyncio
 import functools
+import logging
 import time
 from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from dataclasses import replace
@@ -17,7 +19,7 @@ from starlette.routing import Route
 from bastion import untrusted_json
 from bastion.agents.identity import owners
 from bastion.audit.refusals import RefusalLog
-from bastion.db import Database, DatabaseUnavailable
+from bastion.db import Database, DatabaseUnavailable, first_line
 from bastion.facts.model import Entity
 from bastion.facts.store import FactStore
 from bastion.oauth import introspection, pages, registration, revocation
@@ -53,6 +55,8 @@ from bastion.signals.suspensions import Suspensions, describe, token_principals
 
 if TYPE_CHECKING:
     from bastion.identity.oidc_login import OpenIDLogin
+
+log = logging.getLogger("bastion.oauth.server")
 
 FORM_TOKEN_KEY = "form-tokens.key"
 DPOP_NONCE_KEY = "dpop-nonces.key"
@@ -246,8 +250,8 @@ class AuthorizationServer:
 
     def housekeeping(self) -> None:
         """Delete expired rows, self-registered clients that never got a grant and old login
-        failure counters, and write the counts of closed refusal and introspection windows; at
-        most once a minute (called on the request path of the token, registration, login and
+        failure counters, and write the counts of closed refusal and introspection windows (those
+        of open ones: `write_counts_forever`); at most once a minute (called on the request path of the token, registration, login and
         introspection endpoints)."""
         now = self.clock()
         if now - self._last_housekeeping < 60:
@@ -371,6 +375,21 @@ class AuthorizationServer:
         """Revoke ``grant`` and all it issued, recorded with ``reason`` and ``actor``
         (`OAuthStore.revoke_grant`); False if it was revoked already (nothing recorded then)."""
         return self.store.revoke_grant(grant.grant_id, self.clock(), reason, actor=actor)
+
+    async def write_counts_forever(self) -> None:
+        """The background task: every ``[oauth.refusal_audit] repeat_write_seconds``, write
+        the refusal and introspection counts of windows still open (`RefusalLog.write_progress`,
+        in a worker thread), so a process killed outright loses at most that long of them."""
+        while True:
+            await asyncio.sleep(self.settings.refusal_audit.repeat_write_seconds)
+            for counts in (self.refusals, self.introspections):
+                if not counts.counting:
+                    continue  # idle: no thread woken for nothing
+                try:
+                    await run_in_threadpool(counts.write_progress)
+                except Exception as e:
+                    # Kept in memory (`RefusalLog`), written by a later round.
+                    log.warning("counted refusals not written (%s); trying again", first_line(e))
 
     def close(self) -> None:
         """At shutdown: write the refusal and introspection counts of windows still open."""

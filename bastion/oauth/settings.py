@@ -95,6 +95,9 @@ class RefusalAuditSettings:
 
     window_seconds: int = 60
     max_keys: int = 1000
+    # How often a running server writes the repeats counted in windows still open, so that a
+    # process killed outright (kill -9, the OOM killer) loses at most this long of them.
+    repeat_write_seconds: int = 5
 
 
 @dataclass(frozen=True)

@@ -598,6 +598,8 @@ def create_app(config: ServerConfig) -> Starlette:
             purge_expired_forever(store, config.fact_expired_grace_seconds)
         )
         chains = asyncio.create_task(keep_chains_forever(db, config.audit_checkpoint_seconds))
+        # The counts of open refusal windows, written as they go (docs/oauth.md).
+        counts = asyncio.create_task(oauth.write_counts_forever()) if oauth is not None else None
         sweep = (
             asyncio.create_task(approvals.drop_expired_results_forever())
             if approvals is not None
@@ -606,7 +608,16 @@ def create_app(config: ServerConfig) -> Starlette:
         try:
             yield
         finally:
-            for task in (retention, expired, chains, sweep, escalation, repeats, task_sweep):
+            for task in (
+                retention,
+                expired,
+                chains,
+                counts,
+                sweep,
+                escalation,
+                repeats,
+                task_sweep,
+            ):
                 if task is not None:
                     task.cancel()
                     with contextlib.suppress(asyncio.CancelledError):

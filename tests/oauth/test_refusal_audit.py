@@ -7,12 +7,19 @@ from __future__ import annotations
 import base64
 import contextlib
 import json
+import signal
+import sqlite3
+import time
+from pathlib import Path
 from urllib.parse import urlencode
+
+import httpx
 
 from bastion.audit import AuditLog
 from bastion.audit.refusals import RefusalLog
 from bastion.db import Database
 from bastion.oauth import InvalidToken
+from tests.gateway.support import serve_quickstart
 
 from .support import Bastion, Clock, hidden_fields, pkce_pair
 
@@ -179,6 +186,79 @@ def test_what_a_refused_request_sends_is_kept_bounded_in_its_row(bastion: Bastio
     assert len(rows) == 2
     for row in rows:
         assert len(json.dumps(row.detail)) < 2000, row.detail
+
+
+def test_the_counts_of_an_open_window_are_written_as_they_go_and_add_up(sqlite_url):
+    # Every `write_progress` writes the repeats counted since the key's last row (a row of
+    # repeats with its own since and until) and leaves the window open: the rows of a key add
+    # up to its refusals, and each stretch starts where the one before it ended.
+    clock = Clock()
+    audit = AuditLog(Database(sqlite_url), clock)
+    refusals = RefusalLog(audit, window_seconds=60, clock=clock)
+    for _ in range(10):
+        refusals.record("login.failed", address="192.0.2.9", reason="no_password")
+        clock.advance(1)
+    refusals.write_progress()
+    assert [e.detail.get("repeats") for e in audit.events("login.failed")] == [9, None]
+    refusals.write_progress()  # nothing counted since: no row
+    assert len(audit.events("login.failed")) == 2
+    for _ in range(5):
+        refusals.record("login.failed", address="192.0.2.9", reason="no_password")
+        clock.advance(1)
+    clock.advance(60)
+    refusals.flush()  # the window has closed: its last stretch
+    rows = sorted(audit.events("login.failed"), key=lambda e: e.at)
+    assert count(rows) == 15 and "repeats" not in rows[0].detail
+    first, second = rows[1].detail, rows[2].detail
+    assert (first["repeats"], second["repeats"]) == (9, 5)
+    assert first["since"] <= rows[0].at < first["until"] == second["since"] < second["until"]
+    assert {r.detail["address"] for r in rows} == {"192.0.2.9"}
+
+
+def _refusal_rows(database: Path, kind: str) -> list[dict]:
+    with sqlite3.connect(database) as db:
+        rows = db.execute("SELECT detail FROM audit_events WHERE kind = ?", (kind,)).fetchall()
+    return [json.loads(row[0]) for row in rows]
+
+
+def _counted(database: Path, kind: str) -> int:
+    return sum(row.get("repeats", 1) for row in _refusal_rows(database, kind))
+
+
+def test_a_process_killed_outright_keeps_the_refusals_counted_until_its_last_write(tmp_path):
+    """A burst of refused token requests (a password-guessing burst), then `kill -9` well
+    inside the refusal window: the database holds the repeats counted up to the last periodic
+    write (``repeat_write_seconds``), not only the burst's first row."""
+    server, url = serve_quickstart(tmp_path)
+    database = tmp_path / "bastion.db"
+    try:
+        with httpx.Client(timeout=10) as http:
+
+            def refuse(n: int) -> None:
+                response = http.post(
+                    f"{url}/token",
+                    data={"grant_type": "authorization_code", "client_id": f"nobody-{n}"},
+                )
+                assert response.status_code == 401, response.text
+
+            for n in range(40):
+                refuse(n)
+            # Waits for the first periodic write (every 5 s by default), far less than the
+            # window (60 s) whose close would write the count otherwise.
+            deadline = time.monotonic() + 30
+            while _counted(database, "token.refused") < 40 and time.monotonic() < deadline:
+                time.sleep(0.2)
+            for n in range(40, 50):  # counted after the last write: these may be lost
+                refuse(n)
+        server.send_signal(signal.SIGKILL)
+        server.wait(10)
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
+    rows = _refusal_rows(database, "token.refused")
+    assert "repeats" not in rows[0] and rows[0]["claimed_client_id"] == "nobody-0"
+    assert _counted(database, "token.refused") >= 40, rows
 
 
 def test_counts_whose_rows_could_not_be_written_are_written_later(sqlite_url):

@@ -102,6 +102,10 @@ def test_defaults_are_safe():
         ({"login": []}, "oauth.login: a table"),
         ({"open_registration": {"max_per_address": -1}}, "oauth.open_registration.max_per_address"),
         ({"refusal_audit": {"window_seconds": "60"}}, "oauth.refusal_audit.window_seconds"),
+        (
+            {"refusal_audit": {"repeat_write_seconds": 0}},
+            "oauth.refusal_audit.repeat_write_seconds",
+        ),
         ({"issuer_url": "https://x"}, "unknown keys"),
     ],
 )
