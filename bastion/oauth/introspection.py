@@ -9,9 +9,10 @@ Every answer is an audit event, ``token.introspected``: who asked, which token (
 and ``jti``, never its text), whose it is, the answer and, for an inactive one, why (§2.2 keeps
 the reason from the client, not from the audit trail). Answers are counted per window as refusals
 are (`bastion.audit.refusals`): the first of a key is written at once and its repeats as rows of
-``repeats`` (every few seconds, and when the window closes). For a token this server issued the key is the asker, the token and the answer, so
-each row names them and a changed answer (revoked, suspended) is written at once; any other token
-(unknown, malformed, forged) proves nothing and shares a key with its like per asker and reason.
+``repeats`` (every few seconds, and when the window closes). For a token this server issued the
+key is the asker, the token and the answer, so each row names them and a changed answer (revoked,
+suspended) is written at once; any other token (unknown, malformed, forged) proves nothing and
+shares a key with its like per asker and reason.
 """
 
 from __future__ import annotations

@@ -251,8 +251,8 @@ class AuthorizationServer:
     def housekeeping(self) -> None:
         """Delete expired rows, self-registered clients that never got a grant and old login
         failure counters, and write the counts of closed refusal and introspection windows (those
-        of open ones: `write_counts_forever`); at most once a minute (called on the request path of the token, registration, login and
-        introspection endpoints)."""
+        of open ones: `write_counts_forever`); at most once a minute (called on the request path
+        of the token, registration, login and introspection endpoints)."""
         now = self.clock()
         if now - self._last_housekeeping < 60:
             return
