@@ -636,15 +636,25 @@ class Replica:
         next asks about that notice say False at once: a gateway message, which asks twice (its
         ``connect``, then its own decision), is refused after one wait, not two; any other task
         waits as ever. A notice can reach this process before the listener's thread has handled
-        it (`Listener.behind`): then the listener is waited for first. A change being put in
-        force (`in_force`) is waited for before all of that, without a bound."""
+        it (`Listener.behind`): then the listener is waited for first. While the listener is
+        not healthy, every message waits for a read begun after it, unless the log cannot be
+        read. A change being put in force (`in_force`) is waited for before all of that,
+        without a bound."""
         if (changing := self._changing) is not None:
             return self._in_force_then_heard(changing, timeout)
         listener = self._listener
-        if listener is not None and listener.healthy and listener.behind():
-            if self._given_up == (_BEHIND, asyncio.current_task()):
-                return _refused()
-            return self._caught_up_then_heard(listener, timeout)
+        if listener is not None:
+            if listener.healthy:
+                if listener.behind():
+                    if self._given_up == (_BEHIND, asyncio.current_task()):
+                        return _refused()
+                    return self._caught_up_then_heard(listener, timeout)
+            elif self.follow_error is None:
+                # Deaf (starting, reconnecting, silent): a commit may have gone unheard, so the
+                # message waits for a read of the log begun after it, as a token is read while
+                # the revocation listener is down. Not while the log cannot be read (the
+                # database away): then the facts held decide, up to `max_staleness`.
+                self.noticed = time.monotonic()
         return self._heard_of(timeout)
 
     def _heard_of(self, timeout: float) -> Awaitable[bool] | None:

@@ -12,6 +12,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 
+import psycopg
 import pytest
 
 from bastion.facts import store as store_module
@@ -208,6 +209,49 @@ def test_a_fact_written_by_another_process_is_decided_on_once_the_write_returns(
                 assert replica.authz.authorize(ADA, "read", REPO)
             finally:
                 await replica.stop()
+
+    try:
+        asyncio.run(run())
+    finally:
+        writer.close()
+
+
+def test_while_its_listener_is_down_a_message_waits_for_a_read_of_the_log(
+    postgres_url, monkeypatch
+):
+    """A replica whose listener cannot connect (a network fault for it alone) hears of no commit,
+    and confirms none: a writer does not wait for it. Each message then waits for a read of the
+    log begun after it, as a token is read while the revocation listener is down. Before, it was
+    decided on the facts held until the next poll (every second). While the log cannot be read,
+    the facts held decide (`max_staleness`): see test_replicas."""
+    connect = psycopg.connect
+
+    def deaf(*args, **kwargs):
+        if kwargs.get("application_name") == "bastion-listen":
+            raise psycopg.OperationalError("connection refused (held down by the test)")
+        return connect(*args, **kwargs)
+
+    monkeypatch.setattr(psycopg, "connect", deaf)
+    writer = FactStore.open(postgres_url)
+    writer.put_policy(POLICY)
+
+    async def run():
+        replica = Replica(postgres_url, max_staleness=60)
+        await replica.start()
+        try:
+            assert not replica.listening
+            if (started := replica.heard_not_applied(30)) is not None:
+                assert await started is True  # read since it began: nothing granted yet
+            assert not replica.authz.authorize(ADA, "read", REPO)
+
+            await asyncio.to_thread(writer.apply, [StoredFact(READER)])
+
+            waiting = replica.heard_not_applied(30)
+            assert waiting is not None, "decided on the facts held, with the listener down"
+            assert await waiting is True
+            assert replica.authz.authorize(ADA, "read", REPO)
+        finally:
+            await replica.stop()
 
     try:
         asyncio.run(run())
