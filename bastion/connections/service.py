@@ -36,6 +36,7 @@ from bastion.connections.upstream_oauth import (
     pkce_pair,
 )
 from bastion.db import first_line
+from bastion.names import readable
 
 log = logging.getLogger("bastion.connections")
 
@@ -347,8 +348,8 @@ class Connections:
             # Mix-up: a server other than the flow's sent the person back with a code it issued;
             # redeemed at the flow's server, the code (and the PKCE verifier) would be its.
             raise FlowRefused(
-                f"This answer came back for {upstream}, but the connection was started with"
-                f" {flow.upstream}: nothing was connected. Start again from the application.",
+                f"This answer came back for {readable(upstream)}, but the connection was started"
+                f" with {flow.upstream}: nothing was connected. Start again from the application.",
                 400,
             )
         now = self.clock()
@@ -364,8 +365,9 @@ class Connections:
             meta = await self.clients[flow.upstream].metadata()
             if iss is not None and iss.rstrip("/") != meta.issuer:
                 raise FlowRefused(
-                    f"This answer comes from {iss!r}, not from {flow.upstream}'s authorization"
-                    " server: nothing was connected. Start again from the application.",
+                    f"This answer comes from {readable(iss)}, not from {flow.upstream}'s"
+                    " authorization server: nothing was connected. Start again from the"
+                    " application.",
                     400,
                 )
             if iss is None and meta.sends_iss:

@@ -20,6 +20,7 @@ from urllib.parse import urlencode, urlsplit, urlunsplit
 from bastion import untrusted_json
 from bastion.connections.settings import UpstreamOAuth
 from bastion.egress import PrivateAllowance, cleartext_problem, metadata_allowance
+from bastion.names import readable
 from bastion.oauth.jwks import (
     CoalescedFetches,
     FetchLimits,
@@ -33,7 +34,8 @@ _MAX_BYTES = 65536
 
 class UpstreamOAuthError(Exception):
     """The upstream's authorization server refused, or could not be reached. ``error`` is its
-    OAuth error code (``invalid_grant``: the grant is gone) or ``unavailable``."""
+    OAuth error code (``invalid_grant``: the grant is gone) or ``unavailable``; what the server
+    wrote in it, and in ``description``, as `bastion.names.readable` shows it."""
 
     def __init__(self, error: str, description: str) -> None:
         super().__init__(f"{error}: {description}")
@@ -309,12 +311,13 @@ class UpstreamOAuthClient:
         expect: tuple[int, ...] = (200,),
     ) -> dict[str, Any]:
         headers = {"Accept": "application/json"}
+        shown = readable(url)  # the server's own metadata chose it
         try:
             status, body = await fetch(
                 "POST", url, self._limits, data=form, json=json_body, headers=headers
             )
         except RemoteDocumentError as e:
-            raise UpstreamOAuthError("unavailable", f"{url} {e}") from None
+            raise UpstreamOAuthError("unavailable", f"{shown} {e}") from None
         try:
             answer = untrusted_json.loads(body) if body else {}
         except untrusted_json.JsonRefused:
@@ -322,10 +325,13 @@ class UpstreamOAuthClient:
         if status not in expect:
             error = answer.get("error") if isinstance(answer, dict) else None
             description = answer.get("error_description") if isinstance(answer, dict) else None
+            # The server writes both: they reach logs, pages, audit records and the agent's
+            # error as `readable` shows them (a line break, an ANSI escape, U+202E escaped, and
+            # cut), so an error here can neither forge a line nor flood one.
             raise UpstreamOAuthError(
-                error if isinstance(error, str) and status < 500 else "unavailable",
-                str(description or f"{url} answered HTTP {status}"),
+                readable(error) if isinstance(error, str) and status < 500 else "unavailable",
+                readable(str(description)) if description else f"{shown} answered HTTP {status}",
             )
         if not isinstance(answer, dict):
-            raise UpstreamOAuthError("unavailable", f"{url} sent no JSON object")
+            raise UpstreamOAuthError("unavailable", f"{shown} sent no JSON object")
         return answer

@@ -16,7 +16,7 @@ import base64
 import hashlib
 import secrets
 import time
-from urllib.parse import parse_qs, urlencode, urlsplit
+from urllib.parse import parse_qs, quote, urlencode, urlsplit
 
 import httpx
 import pytest
@@ -28,6 +28,7 @@ from starlette.routing import Route
 from bastion.oauth.users import create_user
 from bastion.server.app import create_app
 from bastion.server.config import ServerConfig
+from tests.connections.hostile_text import HOSTILE, assert_escaped_and_cut
 from tests.connections.test_upstream_connections import POLICY, run
 from tests.oauth.support import free_socket, serve
 
@@ -44,6 +45,8 @@ class HonestServer:
         self.clients: dict[str, list[str]] = {}  # client_id -> its redirect URIs
         self.codes: dict[str, dict] = {}
         self.issued: list[dict] = []  # each token issued: to which client, for whom
+        # When set, the token endpoint answers this OAuth error (a 400 with its JSON) to all.
+        self.refusal: dict | None = None
 
     def app(self) -> Starlette:
         async def metadata(request: Request) -> JSONResponse:
@@ -82,6 +85,8 @@ class HonestServer:
 
         async def token(request: Request) -> JSONResponse:
             form = await request.form()
+            if self.refusal is not None:
+                return JSONResponse(self.refusal, status_code=400)
             grant = self.codes.pop(str(form.get("code", "")), None)
             verifier = str(form.get("code_verifier", ""))
             challenge = base64.urlsafe_b64encode(hashlib.sha256(verifier.encode()).digest())
@@ -321,3 +326,29 @@ def test_a_registration_made_for_the_shared_callback_is_made_again_for_the_upstr
     assert link["redirect_uri"] == [f"{one_url}/connections/honest/callback"]
     assert honest.clients[link["client_id"][0]] == link["redirect_uri"]
     assert connections.store.client("honest", honest.base) != old
+
+
+def test_a_token_endpoints_refusal_reaches_the_callback_page_escaped_and_cut(peers):
+    one, honest, _, one_url = peers
+    honest.refusal = {"error": "invalid_request", "error_description": HOSTILE}
+    query = _answer_of(run(one.state.connections.start, "alice", "honest"))
+    page = _callback(one, one_url, "honest", query)
+    assert page.status_code == 502
+    assert_escaped_and_cut(page.text, page=True)
+    assert one.state.connections.listed("alice") == []
+
+
+def test_the_iss_and_upstream_of_a_callback_query_are_shown_escaped_and_cut(peers):
+    """Anyone can send a signed-in person back to a callback with any ``iss`` and upstream
+    name in the URL: the refusal shows them as `bastion.names.readable` does."""
+    one, _, _, one_url = peers
+    connections = one.state.connections
+    query = _answer_of(run(connections.start, "alice", "honest"))
+    page = _callback(one, one_url, "honest", {**query, "iss": HOSTILE})
+    assert page.status_code == 400 and "nothing was connected" in page.text
+    assert_escaped_and_cut(page.text, page=True)
+
+    query = _answer_of(run(connections.start, "alice", "honest"))
+    page = _callback(one, one_url, quote(HOSTILE, safe=""), query)
+    assert page.status_code == 400 and "nothing was connected" in page.text
+    assert_escaped_and_cut(page.text, page=True)

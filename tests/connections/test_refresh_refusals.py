@@ -10,6 +10,8 @@ those made one misconfiguration or a 429 cost every user their connection.
 
 from __future__ import annotations
 
+import logging
+
 import anyio
 import pytest
 from cryptography.fernet import Fernet
@@ -23,6 +25,8 @@ from bastion.connections.service import Connections, ConnectionUnavailable
 from bastion.connections.settings import UpstreamOAuth
 from bastion.connections.store import ConnectionStore, StoredConnection
 from bastion.db import Database
+from bastion.names import SHOWN_CHARS
+from tests.connections.hostile_text import HOSTILE, assert_escaped_and_cut
 from tests.oauth.support import free_socket, serve
 
 NOW = 1000.0
@@ -111,3 +115,26 @@ def test_invalid_grant_deletes_the_connection_and_the_user_connects_again(servic
     assert service.store.get("alice", "tracker") is None
     answer[0] = None
     assert anyio.run(service.access_token, "alice", "tracker") is None  # no refresh, no loop
+
+
+def test_a_refusals_error_and_description_are_logged_and_told_escaped_and_cut(
+    service, server, caplog
+):
+    """The server writes its ``error`` and ``error_description``: the log line and the call's
+    error hold them escaped and cut (`bastion.names.readable`)."""
+    _, answer = server
+    answer[0] = (400, {"error": "invalid_grant", "error_description": HOSTILE})
+    with caplog.at_level(logging.INFO, logger="bastion.connections"):
+        assert anyio.run(service.access_token, "alice", "tracker") is None
+    [line] = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
+    assert_escaped_and_cut(line)
+    assert len(line) < 2 * SHOWN_CHARS + 200
+
+    sealed = service.sealer.seal("alice", "tracker", {"refresh_token": "refresh-1"})
+    service.store.put(StoredConnection("alice", "tracker", sealed, "", NOW, 0.0, 0.0))
+    answer[0] = (400, {"error": "slow_down\n\x1b[2J" + "y" * 500, "error_description": HOSTILE})
+    with pytest.raises(ConnectionUnavailable) as refused:
+        anyio.run(service.access_token, "alice", "tracker")
+    said = str(refused.value)
+    assert_escaped_and_cut(said)
+    assert "slow_down\\u000a\\u001b[2Jy" in said and "y" * 200 not in said
