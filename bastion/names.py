@@ -185,7 +185,10 @@ def _lookalikes(name: str) -> set[int]:
 
 
 def readable(
-    name: str, most: int | None = SHOWN_CHARS, shows: Callable[[str], bool] = visible
+    name: str,
+    most: int | None = SHOWN_CHARS,
+    shows: Callable[[str], bool] = visible,
+    doubles: bool = True,
 ) -> str:
     """``name`` (an id or a name someone else chose) as people read it on a page, in a chat
     message or on a terminal: every character that does not show as itself (a right-to-left
@@ -198,14 +201,17 @@ def readable(
     characters the rest is cut, and the mark says how many characters it leaves out (None: text
     that is bounded where it is taken in, such as a reason, is shown whole). ``shows``
     narrows what a medium shows as it is (a chat tool's markup is escaped too); HTML escapes the
-    result as any text."""
+    result as any text. ``doubles`` False keeps a backslash as it is, for text that may be
+    this function's own output already (a record that kept what it took in as shown here): an
+    escape it holds is then shown once, not as ``\\\\u001b``, and a raw character is escaped
+    all the same; the price is that a literal ``\\u001b`` reads as the escape."""
     shown: list[str] = []
     length = 0
     last = len(name) - 1
     lookalikes = _lookalikes(name)
     for i, char in enumerate(name):
         if char == "\\":
-            piece = "\\\\"
+            piece = "\\\\" if doubles else char
         elif (
             visible(char)
             and shows(char)

@@ -71,16 +71,38 @@ def _line(record: DecisionRecord) -> str:
 
 
 def shown(value: object) -> str:
-    """A value for a terminal line: text as `bastion.names.readable` shows it (a line break, a
-    control, zero-width or right-to-left character escaped, a long one cut), in double quotes if
-    it holds a space or would start with one; anything else (a number, a list) as JSON. So what a
+    """A value for a terminal line, escaped once (`recorded`), in double quotes if it holds a
+    space; anything else than text as JSON whose strings are escaped the same way. So what a
     caller wrote can never pass for another line or another field, nor for another name."""
-    if not isinstance(value, str):
-        return json.dumps(value, default=str)
-    text = readable(value)
-    if text and " " not in text and not text.startswith('"'):
-        return text
-    return '"' + text.replace('"', '\\"') + '"'
+    if isinstance(value, str):
+        text = recorded(value)
+        return text if text and " " not in text else f'"{text}"'
+    return _json(value)
+
+
+def recorded(text: str) -> str:
+    """Recorded text as `bastion.names.readable` shows it, with a double quote escaped too (a
+    quoted value ends at its own quote). A record holds text others wrote as it came, or as
+    ``readable`` showed it where it was taken in (an upstream's refusal, a tool's changed
+    description): either is shown escaped once (``doubles=False``), never its raw control,
+    line break or right-to-left character, nor an escape escaped again."""
+    return readable(text, shows=_unquoted, doubles=False)
+
+
+def _unquoted(char: str) -> bool:
+    return char != '"'
+
+
+def _json(value: object) -> str:
+    if isinstance(value, str):
+        return f'"{recorded(value)}"'
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{_json(str(k))}: {_json(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(map(_json, value)) + "]"
+    if value is None or isinstance(value, bool | int | float):
+        return json.dumps(value)
+    return _json(str(value))
 
 
 def event_line(event: AuditEvent) -> str:
