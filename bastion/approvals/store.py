@@ -5,7 +5,8 @@ result (kind ``review``: the upstream answered; a person releases the answer or 
 is bound to the exact call by ``binding`` (a keyed digest of the user, agent, server, method,
 target and arguments), carries the policy version it was held under and an expiry, and moves
 ``pending`` -> ``approved`` | ``denied`` | ``expired``, then ``approved`` -> ``used`` once the call
-it unlocked runs (single use; ``running_until`` while that run may still be upstream). A review
+it unlocked runs (single use; ``running_until`` while that run may still be upstream; back to
+``approved`` if that run never reached the upstream). A review
 moves ``pending`` -> ``released`` | ``withheld`` | ``expired``, and ``released`` ->
 ``delivered``. The arguments and a held result are encrypted at rest (AES-GCM, `cryptography`)
 under a key of the deployment; a held result is deleted when it is delivered, withheld or
@@ -507,6 +508,19 @@ class ApprovalStore:
         rows = self.db.execute(
             "UPDATE approval_requests SET running_until = NULL"
             " WHERE id = ? AND used_by = ? AND running_until IS NOT NULL RETURNING id",
+            (request_id, decision_id),
+        )
+        return bool(rows)
+
+    def unspend(self, request_id: str, decision_id: str) -> bool:
+        """Move an approval the call ``decision_id`` spent back to approved (its expiry as it
+        was, no longer used nor in progress): that call's run never reached the upstream. One
+        statement, and only while it is that call's: False if it is not (not used, or used by
+        another call)."""
+        rows = self.db.execute(
+            "UPDATE approval_requests SET status = 'approved', used_at = NULL, used_by = NULL,"
+            " running_until = NULL WHERE id = ? AND status = 'used' AND used_by = ?"
+            " RETURNING id",
             (request_id, decision_id),
         )
         return bool(rows)

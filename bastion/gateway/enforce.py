@@ -806,17 +806,25 @@ class Enforcer:
             return "approval_unavailable"
         return None if used else "approval_used"
 
-    async def run_ended(self, verdict: Verdict) -> None:
+    async def run_ended(self, verdict: Verdict, unsent: str | None = None) -> None:
         """The run of ``verdict``'s call has ended (answered, its result held for review first
         where it is; or failed): the approval it spent no longer tells the same call its run
-        is in progress. Nothing to do for a call that spent none. Not written (the store
-        away), the mark lapses at the bound it was spent with."""
+        is in progress. ``unsent``: it failed before anything of it reached the upstream (the
+        class of the error that proves it): the approval is given back, approved as it was, for
+        the retry (`Approvals.unspend`). Nothing to do for a call that spent none. Not written
+        (the store away), the mark lapses at the bound it was spent with, and the approval
+        stays spent."""
         if verdict.spent is None or self.approvals is None:
             return
         try:
-            await anyio.to_thread.run_sync(
-                self.approvals.run_ended, verdict.spent.id, verdict.decision_id
-            )
+            if unsent is not None:
+                await anyio.to_thread.run_sync(
+                    self.approvals.unspend, verdict.spent, verdict.decision_id, unsent
+                )
+            else:
+                await anyio.to_thread.run_sync(
+                    self.approvals.run_ended, verdict.spent.id, verdict.decision_id
+                )
         except Exception:
             log.exception("the end of an approved run cannot be written: its mark lapses")
 

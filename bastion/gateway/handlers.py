@@ -45,7 +45,13 @@ from bastion.gateway.jsonrpc import (
 )
 from bastion.gateway.masks import WHOLE, Paths, compile_paths, mask_notification, mask_result
 from bastion.gateway.tool_pins import PROMPT, TOOL, PinChange
-from bastion.gateway.upstream import LOG_LEVEL, LOG_MESSAGE, UpstreamError, UpstreamFailure
+from bastion.gateway.upstream import (
+    LOG_LEVEL,
+    LOG_MESSAGE,
+    UpstreamError,
+    UpstreamFailure,
+    UpstreamUnreachable,
+)
 from bastion.gateway.uris import plain_name, resource_uri, spelling_refused, tool_or_prompt_name
 from bastion.signals.behavior import scope_keys
 from bastion.signals.read_only import is_read_only_tool
@@ -233,7 +239,10 @@ class Exchange:
                 # A 2025-11-25 client: ask it each question, then retry for it.
                 rounds += 1
                 params = {**params, **await self._answers(result)}
-                result = _result(await request(params))
+                try:
+                    result = _result(await request(params))
+                except UpstreamUnreachable as e:
+                    raise e.after_sending() from None  # its first round reached the upstream
                 asking = result.get("resultType") in INPUT_REQUIRED
         finally:
             if masked:
@@ -542,13 +551,14 @@ async def _decide_and_forward(
         # An approval this run spent says it is in progress until it has ended: its result
         # held first, where it is reviewed, so that a retry finds one or the other. Not on a
         # cancellation: the upstream may still be acting; the mark then lapses at its bound.
-        try:
-            result = await _forward(ex, verdict, params, extra.get("uri"))
-            if verdict.review_step == "hold":
+        # A run that fails has ended in `_forward`.
+        result = await _forward(ex, verdict, params, extra.get("uri"))
+        if verdict.review_step == "hold":
+            try:
                 held = await _held_for_review(ex, verdict, result, context, resource)
-        except Exception:
-            await enforcer.run_ended(verdict)
-            raise
+            except Exception:
+                await enforcer.run_ended(verdict)
+                raise
         await enforcer.run_ended(verdict)
         if verdict.review_step != "hold":
             return result
@@ -596,7 +606,9 @@ async def _held_for_review(
 async def _forward(
     ex: Exchange, verdict: Verdict, params: dict[str, Any], uri: str | None
 ) -> dict[str, Any]:
-    """Send the decided request upstream and apply its obligations to the answer."""
+    """Send the decided request upstream and apply its obligations to the answer. A run that
+    fails (but for a cancellation) has ended (`Enforcer.run_ended`); one that provably never
+    reached the upstream (`UpstreamUnreachable`) gives back the approval it spent."""
     enforcer = ex.gateway.enforcer
     ex.masks = compile_paths(verdict.obligations.masks)
     reviewed = verdict.review_step == "hold"
@@ -613,7 +625,11 @@ async def _forward(
     except (Exception, asyncio.CancelledError) as e:
         # An upstream's error is its free text: it could name what is masked.
         withheld = (WITHHELD_REVIEW_ERROR if reviewed else WITHHELD_ERROR) if ex.masks else None
-        raise _ended(ex, verdict, e, withheld) from None
+        ended = _ended(ex, verdict, e, withheld)
+        if not isinstance(e, asyncio.CancelledError):
+            unsent = e.cause if isinstance(e, UpstreamUnreachable) else None
+            await enforcer.run_ended(verdict, unsent)
+        raise ended from None
 
 
 def _ended(

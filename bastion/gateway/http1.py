@@ -47,6 +47,16 @@ class HttpClientError(Exception):
     """The upstream could not be reached, or its answer was not HTTP/1.1 we can read."""
 
 
+class HttpConnectError(HttpClientError):
+    """No connection to the upstream could be made (refused, timed out, its name not resolved,
+    its TLS handshake failed): nothing of the request was written. ``cause``: the class of the
+    error behind it (``ConnectionRefusedError``, ``gaierror``, ``SSLError``, ``TimeoutError``)."""
+
+    def __init__(self, message: str, cause: str) -> None:
+        super().__init__(message)
+        self.cause = cause
+
+
 _BAD_NAME = re.compile("[\r\n\0:]")
 _BAD_VALUE = re.compile("[\r\n\0]")
 
@@ -284,8 +294,8 @@ class Http1Client:
                     server_hostname=self.host if self._ssl else None,
                 )
         except (OSError, TimeoutError) as e:
-            raise HttpClientError(
-                f"cannot connect to {self.host}:{self.port}: {e or 'timed out'}"
+            raise HttpConnectError(
+                f"cannot connect to {self.host}:{self.port}: {e or 'timed out'}", type(e).__name__
             ) from None
         return connection
 

@@ -28,11 +28,17 @@ import json
 import logging
 import os
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from bastion.gateway.config import UpstreamConfig
-from bastion.gateway.http1 import MAX_MESSAGE, Http1Client, HttpClientError, Response
+from bastion.gateway.http1 import (
+    MAX_MESSAGE,
+    Http1Client,
+    HttpClientError,
+    HttpConnectError,
+    Response,
+)
 from bastion.gateway.jsonrpc import (
     INTERNAL_ERROR,
     INVALID_REQUEST,
@@ -89,6 +95,23 @@ class UpstreamFailure(RpcError):
 
 class UpstreamUnauthorized(UpstreamFailure):
     """The upstream answered 401 to the user's own token (`HttpUpstream.bearer`)."""
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamUnreachable(UpstreamFailure):
+    """The upstream could not be reached for a request, which so never left bastion: its
+    connection was refused or timed out, its name did not resolve, its TLS handshake failed,
+    its process could not be started. Out of `Upstream.request` only when nothing of that
+    request was sent (what failed came before it: connecting, starting the connection); a
+    failure to connect once any of it was sent (a new session, an answer to the upstream's
+    question, a second round) is raised as an `UpstreamFailure` (`after_sending`), since the
+    upstream may have acted. ``cause``: the class of the error behind it, for the record."""
+
+    cause: str = field(default="", kw_only=True)
+
+    def after_sending(self) -> UpstreamFailure:
+        """This failure, where the request, or part of it, had been sent already."""
+        return UpstreamFailure(self.code, self.message, self.data)
 
 
 class UpstreamError(UpstreamFailure):
@@ -408,9 +431,10 @@ class StdioUpstream(Upstream):
                 limit=_MAX_LINE,
             )
         except OSError as e:
-            raise UpstreamFailure(
+            raise UpstreamUnreachable(
                 UPSTREAM_UNAVAILABLE,
                 f"upstream {self.name}: cannot start {self.config.command}: {e}",
+                cause=type(e).__name__,
             ) from None
         self._tasks = [
             asyncio.create_task(self._read(self._process)),
@@ -674,6 +698,10 @@ class HttpUpstream(Upstream):
             else:
                 head = self._post_head()
             return await self._http.send(head, encode(message).encode())
+        except HttpConnectError as e:  # nothing of the message was written
+            raise UpstreamUnreachable(
+                UPSTREAM_UNAVAILABLE, f"upstream {self.name}: {e}", cause=e.cause
+            ) from None
         except HttpClientError as e:
             raise UpstreamFailure(UPSTREAM_UNAVAILABLE, f"upstream {self.name}: {e}") from None
 
@@ -719,6 +747,10 @@ class HttpUpstream(Upstream):
             return data
         except (HttpClientError, ValueError, RecursionError) as e:
             raise UpstreamFailure(UPSTREAM_UNAVAILABLE, f"upstream {self.name}: {e}") from None
+        except UpstreamUnreachable as e:
+            # The message was sent (a new session for it, an answer to what the upstream asked
+            # while answering it, could not connect): the upstream may have acted on it.
+            raise e.after_sending() from None
         except asyncio.CancelledError:
             # In 2026-07-28 closing the stream is how a request is cancelled; in 2025-11-25 the
             # notification follows (`_abandon`), and the connection is not reused either way.

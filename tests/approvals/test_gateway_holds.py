@@ -8,19 +8,27 @@ approved run is upstream is told so, never held for a new approval."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
+import shlex
+import socket
+import sys
 import threading
 import time
 import uuid
+from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 from mcp import types
 from mcp.shared.exceptions import MCPError
 
 from bastion.facts.model import Entity
+from bastion.policy.parser import parse_fact
 from tests.conftest import drop_redis_keys, require_service
 from tests.gateway.streams import messages, modern_headers, modern_request
-from tests.gateway.support import start
+from tests.gateway.support import LAB, Recorder, Running, fresh_module, start
+from tests.oauth.support import free_socket, serve
 from tests.redis_outage import RedisRelay
 
 ERAS = ["legacy", "auto"]  # 2025-11-25, 2026-07-28
@@ -1061,3 +1069,231 @@ def test_an_approved_call_sent_at_once_to_two_replicas_on_postgresql_runs_once(
         ]
         assert len(sent) == 1
         assert approvals(running).get(held["approval_id"]).status == "used"
+
+
+# -- a failed run that never reached the upstream ----------------------------------------------
+
+# Reads of the lab's open note through three more upstreams wait for the user's confirmation:
+# one that nothing listens for yet ("labgone": its connections are refused), one over stdio
+# whose program is not there yet ("labspawn"), and one behind a relay that drops the requests
+# it is sent once told to ("labcut").
+UNSENT_SERVERS = ("labgone", "labspawn", "labcut")
+UNSENT_RULES = "".join(
+    f'requires_approval(_user: User, "read", McpResource{{"{server}/lab://open"}});\n'
+    for server in UNSENT_SERVERS
+)
+
+
+class DroppingRelay:
+    """A TCP relay to ``target``; once told to `drop`, it reads each request sent to it (its
+    head, whole) and closes the connection without an answer, as an upstream that fails
+    mid-request, after taking it; its open connections are ended then too."""
+
+    def __init__(self, target: tuple[str, int]) -> None:
+        self.target = target
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self._dropping = False
+        self._open: list[socket.socket] = []
+        self._lock = threading.Lock()
+        threading.Thread(target=self._accept, name="dropping-relay", daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self._listener.getsockname()[1]}"
+
+    def drop(self) -> None:
+        with self._lock:
+            self._dropping = True
+            ended, self._open = self._open, []
+        for sock in ended:
+            _end(sock)
+
+    def close(self) -> None:
+        self.drop()
+        _end(self._listener)
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            with self._lock:
+                dropping = self._dropping
+            if dropping:
+                threading.Thread(target=_read_then_end, args=(client,), daemon=True).start()
+                continue
+            server = socket.create_connection(self.target, timeout=5)
+            server.settimeout(None)
+            with self._lock:
+                self._open += [client, server]
+            for a, b in ((client, server), (server, client)):
+                threading.Thread(target=_pump, args=(a, b), daemon=True).start()
+
+
+def _read_then_end(sock: socket.socket) -> None:
+    sock.settimeout(5)
+    taken = b""
+    with contextlib.suppress(OSError):
+        while b"\r\n\r\n" not in taken and (chunk := sock.recv(65536)):
+            taken += chunk
+    _end(sock)
+
+
+def _pump(source: socket.socket, sink: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        while chunk := source.recv(65536):
+            sink.sendall(chunk)
+    _end(source)
+    _end(sink)
+
+
+def _end(sock: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_RDWR)
+    sock.close()
+
+
+def lab_app() -> Recorder:
+    """The lab MCP server as an ASGI app (2026-07-28), recording what reaches it."""
+    lab = fresh_module("lab_server_unsent", LAB)
+    return Recorder(lab.server.streamable_http_app(streamable_http_path="/mcp"))
+
+
+@dataclass
+class Unsent:
+    bastion: Running
+    gone_sock: socket.socket  # labgone's port: bound, nothing listening until a test serves
+    program: Path  # labspawn's program, not there until a test writes it
+    cut_app: Recorder  # the lab behind the relay
+    relay: DroppingRelay
+
+
+@pytest.fixture(scope="module")
+def unsent(tmp_path_factory):
+    """bastion with "labgone", "labspawn" and "labcut" (`UNSENT_RULES`)."""
+    folder = tmp_path_factory.mktemp("holds-unsent")
+    gone_sock = free_socket()
+    gone_url = f"http://127.0.0.1:{gone_sock.getsockname()[1]}"
+    program = folder / "lab-later"
+    cut_app = lab_app()
+    with contextlib.ExitStack() as stack:
+        cut_url = stack.enter_context(serve(cut_app, free_socket()))
+        relay = DroppingRelay(("127.0.0.1", int(cut_url.rsplit(":", 1)[1])))
+        stack.callback(relay.close)
+        more = (
+            {"name": "labgone", "url": f"{gone_url}/mcp"},
+            {"name": "labspawn", "command": str(program)},
+            {"name": "labcut", "url": f"{relay.url}/mcp"},
+        )
+        running = stack.enter_context(
+            start(
+                folder,
+                approvals={"wait_seconds": 0},
+                policy_extra=RULES + UNSENT_RULES,
+                more_upstreams=more,
+            )
+        )
+        running.apply(
+            [
+                parse_fact(line)
+                for server in UNSENT_SERVERS
+                for line in (
+                    f'has_relation(McpServer{{"{server}"}}, "team", Team{{"support"}})',
+                    f'has_relation(McpResource{{"{server}/lab://open"}}, "server",'
+                    f' McpServer{{"{server}"}})',
+                )
+            ]
+        )
+        yield Unsent(running, gone_sock, program, cut_app, relay)
+
+
+def read_on(bastion, server: str, token: str, uri: str = "lab://open") -> dict:
+    response = bastion.http.post(
+        bastion.mcp_url(server),
+        json=modern_request(1, "resources/read", {"uri": uri}),
+        headers=modern_headers(token, "resources/read", uri),
+    )
+    assert response.status_code == 200, response.text
+    return messages(response)[-1]
+
+
+def test_an_approval_whose_upstream_refused_the_connection_is_not_spent(unsent):
+    """Nothing listens at the upstream's address: its connection is refused, so the approved
+    read provably never left bastion. The person is not asked again: the approval is approved
+    still (its expiry unchanged), and the retry, once the upstream is up, goes through with it."""
+    bastion = unsent.bastion
+    token = bastion.token("sam", "labgone")
+    held = read_on(bastion, "labgone", token)["error"]["data"]
+    assert held["reason"] == "approval_pending", held
+    approvals(bastion).answer(held["approval_id"], "sam", "approve", channel="api")
+    approved = approvals(bastion).get(held["approval_id"])
+    failed = read_on(bastion, "labgone", token)["error"]
+    assert failed["code"] == -32000 and "connect" in failed["message"], failed
+    kept = approvals(bastion).get(held["approval_id"])
+    assert kept.status == "approved", kept
+    assert (kept.used_by, kept.used_at, kept.running_until) == (None, None, None)
+    assert kept.expires_at == approved.expires_at
+    (event,) = approvals(bastion).audit.events(kind="approval.unspent", request_id=kept.id)
+    assert event.detail["decision_id"] == failed["data"]["decision_id"]
+    assert event.detail["error"] == "ConnectionRefusedError"
+    bastion.flush()
+    record = bastion.records.get(failed["data"]["decision_id"])
+    assert record.result == "allow" and record.reason == "upstream error -32000"
+    app = lab_app()
+    with serve(app, unsent.gone_sock):
+        answer = read_on(bastion, "labgone", token)
+    assert answer["result"]["contents"][0]["text"] == "anyone on the team may read this", answer
+    assert app.count("resources/read", uri="lab://open") == 1
+    used = approvals(bastion).get(held["approval_id"])
+    assert used.status == "used" and used.used_by != failed["data"]["decision_id"]
+
+
+def test_an_approval_whose_upstream_took_the_request_and_dropped_it_is_spent(unsent):
+    """The upstream took the connection, and the request, then closed it without an answer:
+    bastion cannot tell whether it acted, so the approval is spent and the retry is held anew."""
+    bastion, cut_app, relay = unsent.bastion, unsent.cut_app, unsent.relay
+    token = bastion.token("sam", "labcut")
+    listed = bastion.http.post(
+        bastion.mcp_url("labcut"),
+        json=modern_request(1, "resources/list", {}),
+        headers=modern_headers(token, "resources/list"),
+    )
+    assert "result" in messages(listed)[-1], listed.text  # the upstream was reached once
+    held = read_on(bastion, "labcut", token)["error"]["data"]
+    assert held["reason"] == "approval_pending", held
+    approvals(bastion).answer(held["approval_id"], "sam", "approve", channel="api")
+    relay.drop()
+    failed = read_on(bastion, "labcut", token)["error"]
+    assert failed["code"] == -32000 and list(failed["data"]) == ["decision_id"], failed
+    spent = approvals(bastion).get(held["approval_id"])
+    assert spent.status == "used" and spent.used_by == failed["data"]["decision_id"]
+    assert approvals(bastion).audit.events(kind="approval.unspent", request_id=spent.id) == []
+    again = read_on(bastion, "labcut", token)["error"]["data"]
+    assert again["reason"] == "approval_pending" and again["approval_id"] != spent.id, again
+    assert cut_app.count("resources/read", uri="lab://open") == 0
+
+
+def test_an_approval_whose_upstream_program_could_not_be_started_is_not_spent(unsent):
+    """The stdio upstream's program is not there: it cannot be started, so the approved read
+    never left bastion. The approval is given back, and the retry, once the program is there,
+    goes through with it."""
+    bastion = unsent.bastion
+    token = bastion.token("sam", "labspawn")
+    held = read_on(bastion, "labspawn", token)["error"]["data"]
+    assert held["reason"] == "approval_pending", held
+    approvals(bastion).answer(held["approval_id"], "sam", "approve", channel="api")
+    failed = read_on(bastion, "labspawn", token)["error"]
+    assert failed["code"] == -32000 and "cannot start" in failed["message"], failed
+    assert approvals(bastion).get(held["approval_id"]).status == "approved"
+    (event,) = approvals(bastion).audit.events(
+        kind="approval.unspent", request_id=held["approval_id"]
+    )
+    assert event.detail["error"] == "FileNotFoundError"
+    unsent.program.write_text(
+        f"#!/bin/sh\nexec {shlex.quote(sys.executable)} {shlex.quote(str(LAB))}\n"
+    )
+    unsent.program.chmod(0o755)
+    answer = read_on(bastion, "labspawn", token)
+    assert answer["result"]["contents"][0]["text"] == "anyone on the team may read this", answer
+    assert approvals(bastion).get(held["approval_id"]).status == "used"

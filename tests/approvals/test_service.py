@@ -1081,3 +1081,36 @@ def test_a_run_ends_before_its_result_is_held_for_review_never_between(world):
     approvals.run_ended(request.id, "d-run")
     outcome = approvals.check(c)
     assert (outcome.state, ids(outcome.review)) == ("reviewing", review.id)
+
+
+def test_an_approval_is_given_back_only_by_the_call_that_spent_it_and_only_once(world):
+    """A run that never reached the upstream gives its approval back: approved again, its expiry
+    as it was, neither used nor in progress, with one audit event. Only the call that spent it
+    can (another call's decision id changes nothing), and only while it is spent."""
+    approvals, *_ = world
+    c = call(send, {"to": "unsent@example.com"})
+    request = held(approvals, c)
+    approvals.answer(request.id, "avery", "approve", channel="api")
+    approved = approvals.get(request.id)
+    assert approvals.use(approvals.check(c).request, "d-run", runs_for=120)
+    assert not approvals.unspend(request, "d-other", "ConnectionRefusedError")
+    assert approvals.check(c).state == "in_progress"
+    assert approvals.unspend(request, "d-run", "ConnectionRefusedError")
+    back = approvals.get(request.id)
+    assert (back.status, back.used_by, back.used_at, back.running_until) == (
+        "approved",
+        None,
+        None,
+        None,
+    )
+    assert back.expires_at == approved.expires_at
+    assert not approvals.unspend(request, "d-run", "ConnectionRefusedError")  # not spent now
+    (event,) = approvals.audit.events(kind="approval.unspent", request_id=request.id)
+    assert (event.detail["decision_id"], event.detail["error"]) == (
+        "d-run",
+        "ConnectionRefusedError",
+    )
+    outcome = approvals.check(c)
+    assert (outcome.state, outcome.request.id) == ("approved", request.id)
+    assert approvals.use(outcome.request, "d-retry", runs_for=120)  # the retry spends it
+    assert approvals.get(request.id).used_by == "d-retry"
