@@ -91,7 +91,8 @@ class NoApprover(Exception):
     """Nobody could ever answer this hold. The enforcement point refuses the call at once
     rather than hold it for nobody: ``reason`` is its refusal's reason, ``meaning`` what the
     agent is told of it; the message says what to configure (`nobody_behind`,
-    `self_forbidden`, `over_budget`)."""
+    `self_forbidden`, `over_budget`), or, of a pending request nobody may answer any more
+    (`Approvals.stranded`), what changed (`owner_replaced`)."""
 
     def __init__(self, message: str, meaning: str, reason: str = "no_approver") -> None:
         super().__init__(message)
@@ -111,6 +112,19 @@ class NoApprover(Exception):
             " its agent acts as itself (no person signed in) with no owner who is a bastion"
             " user to confirm it; an administrator adds an approver rule to the policy, or"
             " gives the agent an owner (bastion agents update CLIENT_ID --owner USER)",
+        )
+
+    @classmethod
+    def owner_replaced(cls, agent: str) -> NoApprover:
+        """The owner who was to confirm a pending call of an agent acting as itself is not its
+        owner any more, and nobody else may answer it: the new owner confirms the call sent
+        again, not the request made for the old one."""
+        return cls(
+            f"nobody can approve this request any more: the owner of the agent {agent!r} who"
+            f" was to confirm it is not its owner now, and no approver rule names anyone else;"
+            f" the call sent again is held for its owner now",
+            "nobody can approve it any more: the owner of its agent who was to confirm it is"
+            " another now; send the call again to ask the agent's owner now",
         )
 
     @classmethod
@@ -183,13 +197,16 @@ class Outcome:
     approval), "reviewing" (of an approval: it was spent on this very call, whose result
     ``review`` holds; the review decides, the call does not run again), "released" (a
     reviewed result to deliver) or "refused" (``reason`` says why: approval_denied,
-    approval_expired, approval_mismatch, approval_used, review_withheld, review_expired).
+    approval_expired, approval_mismatch, approval_used, review_withheld, review_expired;
+    no_approver or evaluation_limit: nobody may answer the pending request any more, closed
+    now, and ``nobody`` says why).
     """
 
     state: str
     request: ApprovalRequest | None = None
     reason: str = ""
     review: ApprovalRequest | None = None
+    nobody: NoApprover | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -309,6 +326,9 @@ class Approvals:
             request = self._settled(self.store.latest(call.kind, binding))
         if request is None:
             return Outcome("hold")
+        request, nobody = self._close_if_stranded(request)
+        if nobody is not None:
+            return Outcome("refused", request, nobody.reason, nobody=nobody)
         now = self.clock()
         prefix = "approval" if call.kind == "approval" else "review"
         if request.status in _LIVE and request.expires_at <= now:
@@ -530,16 +550,66 @@ class Approvals:
         if terms.over_budget is not None:
             raise NoApprover.over_budget(terms.over_budget)
         confirmer = self.confirmer(call.subject, call.chain)
+        nobody = self._nobody(call, context, terms, confirmer)
+        if nobody is not None:
+            raise nobody
+        return terms, confirmer
+
+    def stranded(self, request: ApprovalRequest) -> NoApprover | None:
+        """Why nobody may answer the pending ``request`` any more, or None: `answerers`' rule,
+        asked now of the call it holds (its context as `_call_context` keeps it), under the
+        terms an answer would be taken under (`_read`: the policy's now, forbidding
+        self-approval if either reading did), with the person who confirms it only if the
+        request's own confirmer still does (`_entitled`). Disabled or suspended approvers still
+        count, as when a call is held: they answer again once enabled or resumed."""
+        context = _call_context(request, self.clock())
+        call = Call(
+            request.kind,
+            request.subject,
+            request.client_id,
+            request.server,
+            request.method,
+            request.action,
+            Entity.parse(request.target),
+            request.arguments,
+            request.arguments_digest,
+            request.agents,
+        )
+        with self.authorizer().session(context) as s:
+            now = self._terms_in(s, call.subject, call.action, call.resource, call.chain)
+        if now.over_budget is not None:
+            return NoApprover.over_budget(now.over_budget)
+        terms = replace(now, self_forbidden=now.self_forbidden or request.self_forbidden)
+        confirmer = self.confirmer(request.subject, request.chain)
+        replaced = confirmer != request.confirmer  # neither confirms it (`_entitled`)
+        try:
+            nobody = self._nobody(call, context, terms, None if replaced else confirmer)
+            if (
+                nobody is not None
+                and replaced
+                and confirmer is not None
+                and self._nobody(call, context, terms, confirmer) is None
+            ):
+                return NoApprover.owner_replaced(request.subject)
+            return nobody
+        except NoApprover as over_budget:  # the open approver rule spent the budget
+            return over_budget
+
+    def _nobody(
+        self, call: Call, context: dict[str, Any], terms: Terms, confirmer: str | None
+    ) -> NoApprover | None:
+        """Why nobody could answer ``call`` under ``terms`` with ``confirmer`` confirming it
+        where no approver is named, or None (`answerers`)."""
         own = (call.subject, confirmer)  # forbidden to answer under self_approval_forbidden
         if any(a not in own or not terms.self_forbidden for a in terms.approvers):
-            return terms, confirmer
+            return None
         if not terms.approvers and confirmer is not None and not terms.self_forbidden:
-            return terms, confirmer
+            return None
         if self._open_to_anyone(call, context):
-            return terms, confirmer
+            return None
         if terms.self_forbidden and confirmer is not None:
-            raise NoApprover.self_forbidden(call, confirmer)
-        raise NoApprover.nobody_behind(call.subject)
+            return NoApprover.self_forbidden(call, confirmer)
+        return NoApprover.nobody_behind(call.subject)
 
     def _open_to_anyone(self, call: Call, context: dict[str, Any]) -> bool:
         """Whether the approver rules let a person answer ``call`` whom no fact names (and so
@@ -839,15 +909,50 @@ class Approvals:
             settled = self.store.get(request.id)
         return settled
 
-    def get(self, request_id: str) -> ApprovalRequest | None:
-        return self._settled(self.store.get(request_id))
+    def get(self, request_id: str, *, look: bool = True) -> ApprovalRequest | None:
+        """The request ``request_id``, or None. ``look``: a person looks at it (the page, the
+        API, the CLI), so a pending request nobody may answer any more is closed first
+        (`_close_if_stranded`); the gateway's wait polls without, and asks `stranded` itself."""
+        request = self._settled(self.store.get(request_id))
+        return self._looked_at(request) if look else request
 
     def listed(
         self, *, status: str | None = None, approver: str | None = None, limit: int = 100
     ) -> list[ApprovalRequest]:
+        """Requests, newest first; those pending that nobody may answer any more are closed
+        first (`_close_if_stranded`), so a listing of what is pending leaves them out."""
         found = self.store.listed(status=status, approver=approver, limit=limit)
-        settled = [self._settled(r) for r in found]
+        settled = [self._looked_at(self._settled(r)) for r in found]
         return [r for r in settled if r is not None and status in (None, r.status)]
+
+    def _looked_at(self, request: ApprovalRequest | None) -> ApprovalRequest | None:
+        """``request`` as a person is shown it: closed if nobody may answer it any more. Where
+        the policy cannot be read here now (`Unavailable`), shown as it is: showing it pending
+        grants nothing, and the call's retry is refused all the same."""
+        try:
+            return self._close_if_stranded(request)[0]
+        except Unavailable:
+            return request
+
+    def _close_if_stranded(
+        self, request: ApprovalRequest | None
+    ) -> tuple[ApprovalRequest | None, NoApprover | None]:
+        """``request``, closed (``expired``, and its audit event with the ``reason``) if it is
+        pending and nobody may answer it now (`stranded`), and why; else as it is, and None.
+        Answered meanwhile, it is as it was answered (the answer decides)."""
+        if request is None or request.status != OPEN or request.expires_at <= self.clock():
+            return request, None
+        nobody = self.stranded(request)
+        if nobody is None:
+            return request, None
+        with self.store.db.transaction():
+            closed = self.store.resolve(request.id, "expired", from_status=OPEN)
+            if closed:
+                self._event(
+                    request, f"{request.kind}.expired", reason=nobody.reason, why=str(nobody)
+                )
+            after = self.store.get(request.id)
+        return after, nobody if closed else None
 
     # -- time-bounded grants -------------------------------------------------------------------
 

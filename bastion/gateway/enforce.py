@@ -427,7 +427,8 @@ class Enforcer:
                 retried,
                 runs_for,
             )
-            unheld = "review" if nobody is not None else ""  # refused before the call runs
+            # Refused before the call runs (a request nobody may answer any more is ``linked``).
+            unheld = "review" if nobody is not None else ""
         if held is not None and held[1].state == "hold":
             try:
                 why = self._why_held(
@@ -544,7 +545,8 @@ class Enforcer:
         (decided again with the approval in the context when one was given), its result, reason
         and retry delay, the hold to place (call, outcome), the review it is under, the
         approval request it is linked to, the approval it spent (marked in progress for
-        ``runs_for``), and why nobody could review its result, where nobody could."""
+        ``runs_for``), and why nobody could review its result, where nobody could (or answer
+        its pending request any more: `Approvals.check` closed it)."""
         result, reason, retry_after = "allow", "", None
         nobody: NoApprover | None = None
         held: tuple[Call, Outcome] | None = None
@@ -592,7 +594,7 @@ class Enforcer:
                 # run again nor held for a new approval.
                 result, reason = "held", "approval_in_progress"
             else:
-                result, reason = "deny", outcome.reason
+                result, reason, nobody = "deny", outcome.reason, outcome.nobody
         # A result under review is the reviewer's to release, whatever the policy says of
         # reviews now: its call, approved once, never runs again without a new approval.
         if result == "allow" and (chain.obligations.requires_review or under_review is not None):
@@ -614,7 +616,7 @@ class Enforcer:
                 result, reason = "held", "review_pending"
                 held = (call, outcome)
             elif outcome.state == "refused":
-                result, reason = "deny", outcome.reason
+                result, reason, nobody = "deny", outcome.reason, outcome.nobody
         if result == "allow" and chain.obligations.rate_limits:
             try:
                 retry_after = await self.limiter.admit(

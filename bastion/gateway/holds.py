@@ -10,6 +10,8 @@
   again at once. Not answered: a JSON-RPC error with ``reason`` approval_pending (or
   review_pending), the ``approval_id``, the page's ``url`` and ``retry_after``; an identical
   retry after the answer is decided again.
+- A wait ends early, once a second at most, when nobody may answer its request any more (an
+  approver removed meanwhile): decided again, the call is refused ``no_approver``.
 - A retry of a call whose approved run is still upstream waits the same way for that run to end
   (its result then held for review, where it is), and is then decided again; not ended, it is
   answered the same error with ``reason`` approval_in_progress. It is never held for a new
@@ -28,6 +30,8 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
+from bastion.approvals.service import Approvals, Unavailable
+from bastion.approvals.store import ApprovalRequest
 from bastion.gateway.enforce import Held
 from bastion.gateway.jsonrpc import (
     APPROVAL_PENDING,
@@ -52,6 +56,9 @@ STATE_PREFIX = "bastion-hold.v1."
 # request alive.
 POLL_SECONDS = 0.25
 PROGRESS_SECONDS = 5.0
+# How often a waiting request asks whether anyone may still answer it (a policy evaluation;
+# the polls between only read its status).
+LOOK_SECONDS = 1.0
 
 
 class RequestStates:
@@ -223,8 +230,10 @@ async def _wait(ex: Exchange, held: Held, asked: asyncio.Task | None) -> bool:
     beats = 0
     running = held.reason == "approval_in_progress"
     waiting_for = "waiting for the approved run" if running else "waiting for people"
+    # Held just now, by people who could answer it then: asked again a second on.
+    look = time.monotonic() + LOOK_SECONDS
     while time.monotonic() < deadline:
-        request = await anyio.to_thread.run_sync(approvals.get, held.request.id)
+        request = await anyio.to_thread.run_sync(lambda: approvals.get(held.request.id, look=False))
         now = approvals.clock()
         if request is None or (
             not request.running(now)
@@ -232,6 +241,10 @@ async def _wait(ex: Exchange, held: Held, asked: asyncio.Task | None) -> bool:
             else request.status != "pending" or request.expires_at <= now
         ):
             return True
+        if not running and time.monotonic() >= look:
+            look = time.monotonic() + LOOK_SECONDS
+            if await _stranded(approvals, request):
+                return True  # decided again: the retry closes it and is refused
         if token is not None and ex.progress is not None and time.monotonic() >= beat:
             beats += 1
             beat += PROGRESS_SECONDS
@@ -245,6 +258,16 @@ async def _wait(ex: Exchange, held: Held, asked: asyncio.Task | None) -> bool:
             return False
         await asyncio.sleep(min(POLL_SECONDS, max(0.0, deadline - time.monotonic())))
     return False
+
+
+async def _stranded(approvals: Approvals, request: ApprovalRequest) -> bool:
+    """Whether nobody may answer ``request`` any more (`Approvals.stranded`). Not known (the
+    policy cannot be read here now): waited on; the decision after the wait refuses the call
+    if it still cannot tell."""
+    try:
+        return await anyio.to_thread.run_sync(approvals.stranded, request) is not None
+    except Unavailable:
+        return False
 
 
 def _declined(asked: asyncio.Task) -> bool:

@@ -77,6 +77,10 @@ self_approval_forbidden(_user: User, "call", Tool{"crm/ownonly"});
 requires_approval(_user: User, "call", Tool{"crm/peer"});
 approver(other: User, user: User, "call", Tool{"crm/peer"}) if other != user;
 self_approval_forbidden(_user: User, "call", Tool{"crm/peer"});
+# Only the user's manager closes an account, never the user: with no manager, nobody can.
+requires_approval(_user: User, "call", Tool{"crm/close"});
+approver(boss: User, user: User, "call", Tool{"crm/close"}) if manager(user, boss);
+self_approval_forbidden(_user: User, "call", Tool{"crm/close"});
 """
 )
 
@@ -97,6 +101,7 @@ purge, ownonly, peer = (
     Entity("Tool", "crm/ownonly"),
     Entity("Tool", "crm/peer"),
 )
+close = Entity("Tool", "crm/close")
 
 
 class Clock:
@@ -308,6 +313,86 @@ def test_an_owner_replaced_while_the_call_waits_no_longer_confirms_it(people):
         with pytest.raises(NotAllowed):
             approvals.answer(request.id, name, "approve", channel="api")
     assert approvals.store.get(request.id).status == "pending"
+
+
+def test_a_request_nobody_may_answer_any_more_is_closed_when_its_call_comes_back(world):
+    """Closing an account waits for sam's manager, never sam. The manager fact is deleted while
+    it waits: nobody may answer it now, so the retry closes it (expired, with its audit event)
+    and is refused ``no_approver``, as a call held now would be. Before, it stayed pending for
+    nobody until it expired (the retry was told ``approval_pending``)."""
+    approvals, authz, *_ = world
+    request = held(approvals, call(close))
+    assert request.approvers == ("avery",) and request.self_forbidden
+    assert approvals.check(call(close)).state == "pending"
+    authz.facts.apply([], [("manager", sam, avery)])
+    outcome = approvals.check(call(close))
+    assert (outcome.state, outcome.reason) == ("refused", "no_approver")
+    assert outcome.request.id == request.id
+    assert "self-approval" in outcome.nobody.meaning and "approver" in outcome.nobody.meaning
+    assert approvals.store.get(request.id).status == "expired"
+    (closed,) = approvals.audit.events("approval.expired", request_id=request.id)
+    assert closed.detail["reason"] == "no_approver"
+    with pytest.raises(NotAllowed):
+        approvals.answer(request.id, "avery", "approve", channel="api")
+    # Asked again, it is refused at once, and nothing more is held.
+    assert approvals.check(call(close)).state == "hold"
+    with pytest.raises(NoApprover):
+        approvals.hold(call(close), "d2", (), {})
+
+
+def test_a_request_its_approver_may_still_answer_stays_pending(world):
+    approvals, authz, *_ = world
+    request = held(approvals, call(close))
+    authz.facts.apply([("manager", sam, cfo)], [])  # another manager besides: still avery
+    assert approvals.check(call(close)).state == "pending"
+    assert approvals.get(request.id).status == "pending"
+    assert [r.id for r in approvals.listed(status="pending")] == [request.id]
+    assert approvals.answer(request.id, "avery", "approve", channel="api").status == "approved"
+
+
+def test_a_request_nobody_may_answer_any_more_is_closed_when_a_person_looks_at_it(world):
+    """Opened (`get`: the page, the API, the CLI) or listed, as when its call comes back."""
+    approvals, authz, *_ = world
+    opened = held(approvals, call(close, {"to": "opened@example.com"}))
+    listed = held(approvals, call(close, {"to": "listed@example.com"}))
+    authz.facts.apply([], [("manager", sam, avery)])
+    assert approvals.get(opened.id).status == "expired"
+    assert approvals.listed(status="pending") == []
+    assert approvals.store.get(listed.id).status == "expired"
+    assert len(approvals.audit.events("approval.expired")) == 2
+
+
+def test_a_request_whose_confirming_owner_was_replaced_is_closed_and_asked_anew(people):
+    """The owner who confirms an agent acting as itself is replaced while its call waits: the
+    old owner confirms it no more, nor does the new one, so nobody may answer it. The retry
+    closes it and is refused; the next is held for the new owner. Before, it waited for
+    nobody until it expired."""
+    approvals, _authz, facts, _ = people
+    request = held(approvals, acting_as_itself(delete))
+    facts.apply(
+        [owner_fact("nightly", "lee")],
+        [("has_relation", Entity("Agent", "nightly"), "owner", None)],
+    )
+    outcome = approvals.check(acting_as_itself(delete))
+    assert (outcome.state, outcome.reason) == ("refused", "no_approver")
+    assert "owner" in outcome.nobody.meaning and "send the call again" in outcome.nobody.meaning
+    assert approvals.store.get(request.id).status == "expired"
+    anew = held(approvals, acting_as_itself(delete))
+    assert anew.id != request.id and anew.confirmer == "lee"
+    assert approvals.answer(anew.id, "lee", "approve", channel="api").status == "approved"
+
+
+def test_a_request_whose_approver_rules_spend_the_budget_now_is_closed(world):
+    """Rules on who may answer that now spend the evaluation budget close it as they refuse a
+    call at once (``evaluation_limit``): fail closed, never approved."""
+    approvals, *_ = world
+    request = held(approvals, call(close))
+    rule = 'Tool{"crm/close"}) if manager(user, boss);'
+    over = Authorizer(POLICY.replace(rule, rule.replace(";", " and spin(0);")))
+    approvals.authorizer = lambda: over
+    outcome = approvals.check(call(close))
+    assert (outcome.state, outcome.reason) == ("refused", "evaluation_limit")
+    assert approvals.store.get(request.id).status == "expired"
 
 
 def test_identical_pending_calls_share_one_request_and_other_arguments_do_not(world):
@@ -682,7 +767,9 @@ def test_terms_the_policy_cannot_say_within_its_budget_when_answered_are_the_nar
         approvals.answer(request.id, "sam", "approve", channel="api")
     with pytest.raises(NotAllowed, match="not an approver"):
         approvals.answer(request.id, "cfo", "approve", channel="api")
-    assert approvals.get(request.id).status == "pending"
+    assert approvals.store.get(request.id).status == "pending"
+    # Nobody may answer it, then: looked at, it is closed (before, it waited for nobody).
+    assert approvals.get(request.id).status == "expired"
 
 
 def reviewed(approvals: Approvals, resource: Entity, result) -> ApprovalRequest:
