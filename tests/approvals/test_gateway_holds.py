@@ -30,6 +30,7 @@ from tests.gateway.streams import messages, modern_headers, modern_request
 from tests.gateway.support import LAB, Recorder, Running, fresh_module, start
 from tests.oauth.support import free_socket, serve
 from tests.redis_outage import RedisRelay
+from tests.relays import Relay
 
 ERAS = ["legacy", "auto"]  # 2025-11-25, 2026-07-28
 
@@ -1084,76 +1085,6 @@ UNSENT_RULES = "".join(
 )
 
 
-class DroppingRelay:
-    """A TCP relay to ``target``; once told to `drop`, it reads each request sent to it (its
-    head, whole) and closes the connection without an answer, as an upstream that fails
-    mid-request, after taking it; its open connections are ended then too."""
-
-    def __init__(self, target: tuple[str, int]) -> None:
-        self.target = target
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        self._dropping = False
-        self._open: list[socket.socket] = []
-        self._lock = threading.Lock()
-        threading.Thread(target=self._accept, name="dropping-relay", daemon=True).start()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self._listener.getsockname()[1]}"
-
-    def drop(self) -> None:
-        with self._lock:
-            self._dropping = True
-            ended, self._open = self._open, []
-        for sock in ended:
-            _end(sock)
-
-    def close(self) -> None:
-        self.drop()
-        _end(self._listener)
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self._listener.accept()
-            except OSError:
-                return
-            with self._lock:
-                dropping = self._dropping
-            if dropping:
-                threading.Thread(target=_read_then_end, args=(client,), daemon=True).start()
-                continue
-            server = socket.create_connection(self.target, timeout=5)
-            server.settimeout(None)
-            with self._lock:
-                self._open += [client, server]
-            for a, b in ((client, server), (server, client)):
-                threading.Thread(target=_pump, args=(a, b), daemon=True).start()
-
-
-def _read_then_end(sock: socket.socket) -> None:
-    sock.settimeout(5)
-    taken = b""
-    with contextlib.suppress(OSError):
-        while b"\r\n\r\n" not in taken and (chunk := sock.recv(65536)):
-            taken += chunk
-    _end(sock)
-
-
-def _pump(source: socket.socket, sink: socket.socket) -> None:
-    with contextlib.suppress(OSError):
-        while chunk := source.recv(65536):
-            sink.sendall(chunk)
-    _end(source)
-    _end(sink)
-
-
-def _end(sock: socket.socket) -> None:
-    with contextlib.suppress(OSError):
-        sock.shutdown(socket.SHUT_RDWR)
-    sock.close()
-
-
 def lab_app() -> Recorder:
     """The lab MCP server as an ASGI app (2026-07-28), recording what reaches it."""
     lab = fresh_module("lab_server_unsent", LAB)
@@ -1166,7 +1097,7 @@ class Unsent:
     gone_sock: socket.socket  # labgone's port: bound, nothing listening until a test serves
     program: Path  # labspawn's program, not there until a test writes it
     cut_app: Recorder  # the lab behind the relay
-    relay: DroppingRelay
+    relay: Relay  # to the lab; `Relay.drop` makes it an upstream that takes a request and fails
 
 
 @pytest.fixture(scope="module")
@@ -1179,12 +1110,12 @@ def unsent(tmp_path_factory):
     cut_app = lab_app()
     with contextlib.ExitStack() as stack:
         cut_url = stack.enter_context(serve(cut_app, free_socket()))
-        relay = DroppingRelay(("127.0.0.1", int(cut_url.rsplit(":", 1)[1])))
+        relay = Relay(("127.0.0.1", int(cut_url.rsplit(":", 1)[1])))
         stack.callback(relay.close)
         more = (
             {"name": "labgone", "url": f"{gone_url}/mcp"},
             {"name": "labspawn", "command": str(program)},
-            {"name": "labcut", "url": f"{relay.url}/mcp"},
+            {"name": "labcut", "url": f"http://127.0.0.1:{relay.port}/mcp"},
         )
         running = stack.enter_context(
             start(
