@@ -54,22 +54,27 @@ async def settled(replica: Replica) -> None:
     raise AssertionError("notices never stopped coming")
 
 
-def with_a_listening_replica(
-    postgres_url: str, scenario: Callable[[Replica, FactStore], Awaitable[None]]
+def with_a_replica(
+    postgres_url: str,
+    scenario: Callable[[Replica, FactStore], Awaitable[None]],
+    *,
+    replica_url: str | None = None,
+    listening: bool = True,
 ) -> None:
-    """Run ``scenario(replica, writer)`` with a replica of ``POLICY`` that listens for commits,
-    and a writer of its own."""
+    """Run ``scenario(replica, writer)`` with a replica of ``POLICY`` (reaching the database at
+    ``replica_url``, by default ``postgres_url``) that listens for commits unless ``listening``
+    is False, and a writer of its own."""
     writer = FactStore.open(postgres_url)
     writer.put_policy(POLICY)
 
     async def run():
-        replica = Replica(postgres_url, max_staleness=30)
+        replica = Replica(replica_url or postgres_url, max_staleness=30)
         await replica.start()
         try:
             # Its LISTEN in force (a thread of its own makes it): a commit before would go
             # unheard, found by the next poll instead.
             deadline = time.monotonic() + 30
-            while not replica.listening:
+            while listening and not replica.listening:
                 assert time.monotonic() < deadline, "the replica never listened"
                 await asyncio.sleep(0.01)
             await scenario(replica, writer)
@@ -80,6 +85,17 @@ def with_a_listening_replica(
         asyncio.run(run())
     finally:
         writer.close()
+
+
+async def written_then_decided(replica: Replica, writer: FactStore, unheard: str) -> None:
+    """A grant written by ``writer``: the replica's next message waits for it (``unheard``:
+    what it means if it does not) and is decided on it."""
+    assert not replica.authz.authorize(ADA, "read", REPO)
+    await asyncio.to_thread(writer.apply, [StoredFact(READER)])
+    waiting = replica.heard_not_applied(30)
+    assert waiting is not None, unheard
+    assert await waiting is True
+    assert replica.authz.authorize(ADA, "read", REPO)
 
 
 def test_a_heard_commit_is_applied_before_anything_is_decided(postgres_url):
@@ -123,7 +139,7 @@ def test_a_heard_commit_is_applied_before_anything_is_decided(postgres_url):
             await settled(replica)
             assert replica.applied == seq
 
-    with_a_listening_replica(postgres_url, scenario)
+    with_a_replica(postgres_url, scenario)
 
 
 def test_a_notice_that_has_arrived_but_is_not_handled_yet_is_waited_for(postgres_url, monkeypatch):
@@ -174,7 +190,7 @@ def test_a_notice_that_has_arrived_but_is_not_handled_yet_is_waited_for(postgres
         finally:
             release.set()
 
-    with_a_listening_replica(postgres_url, scenario)
+    with_a_replica(postgres_url, scenario)
 
 
 def test_a_fact_written_by_another_process_is_decided_on_once_the_write_returns(postgres_url):
@@ -183,37 +199,22 @@ def test_a_fact_written_by_another_process_is_decided_on_once_the_write_returns(
     listener asks its connection rarely, so only the notice can tell it. The gateway's next
     message then waits for the change (`heard_not_applied`) and is decided on it. Before, the
     write returned at its commit, and a message decided at once was decided without it."""
-    writer = FactStore.open(postgres_url)
-    writer.put_policy(POLICY)
 
-    async def run():
-        with DelayedRelay(0.5) as relay:
-            replica = Replica(relay.url(postgres_url), max_staleness=60)
-            await replica.start()
-            try:
-                listener = replica._listener
-                assert listener is not None
-                listener.heartbeat, listener.stale_after = 30.0, 60.0
-                deadline = time.monotonic() + 30
-                while not (replica.listening and listener.healthy and not listener.behind()):
-                    assert time.monotonic() < deadline, "the replica never listened"
-                    await asyncio.sleep(0.01)
-                await settled(replica)
-                assert not replica.authz.authorize(ADA, "read", REPO)
+    async def scenario(replica: Replica, writer: FactStore) -> None:
+        listener = replica._listener
+        assert listener is not None
+        listener.heartbeat, listener.stale_after = 30.0, 60.0
+        deadline = time.monotonic() + 30
+        while not (listener.healthy and not listener.behind()):
+            assert time.monotonic() < deadline, "the replica's listener never caught up"
+            await asyncio.sleep(0.01)
+        await settled(replica)
+        await written_then_decided(
+            replica, writer, "the write returned before the replica heard of it"
+        )
 
-                await asyncio.to_thread(writer.apply, [StoredFact(READER)])
-
-                waiting = replica.heard_not_applied(30)
-                assert waiting is not None, "the write returned before the replica heard of it"
-                assert await waiting is True
-                assert replica.authz.authorize(ADA, "read", REPO)
-            finally:
-                await replica.stop()
-
-    try:
-        asyncio.run(run())
-    finally:
-        writer.close()
+    with DelayedRelay(0.5) as relay:
+        with_a_replica(postgres_url, scenario, replica_url=relay.url(postgres_url))
 
 
 def test_while_its_listener_is_down_a_message_waits_for_a_read_of_the_log(
@@ -232,28 +233,13 @@ def test_while_its_listener_is_down_a_message_waits_for_a_read_of_the_log(
         return connect(*args, **kwargs)
 
     monkeypatch.setattr(psycopg, "connect", deaf)
-    writer = FactStore.open(postgres_url)
-    writer.put_policy(POLICY)
 
-    async def run():
-        replica = Replica(postgres_url, max_staleness=60)
-        await replica.start()
-        try:
-            assert not replica.listening
-            if (started := replica.heard_not_applied(30)) is not None:
-                assert await started is True  # read since it began: nothing granted yet
-            assert not replica.authz.authorize(ADA, "read", REPO)
+    async def scenario(replica: Replica, writer: FactStore) -> None:
+        assert not replica.listening
+        if (started := replica.heard_not_applied(30)) is not None:
+            assert await started is True  # read since it began: nothing granted yet
+        await written_then_decided(
+            replica, writer, "decided on the facts held, with the listener down"
+        )
 
-            await asyncio.to_thread(writer.apply, [StoredFact(READER)])
-
-            waiting = replica.heard_not_applied(30)
-            assert waiting is not None, "decided on the facts held, with the listener down"
-            assert await waiting is True
-            assert replica.authz.authorize(ADA, "read", REPO)
-        finally:
-            await replica.stop()
-
-    try:
-        asyncio.run(run())
-    finally:
-        writer.close()
+    with_a_replica(postgres_url, scenario, listening=False)
