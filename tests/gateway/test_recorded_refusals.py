@@ -192,9 +192,14 @@ def _subscribed_meanwhile(bastion, token):
     """Two sessions of one user, one subscription short of ``max_subscriptions_per_user``: a
     subscription is let through and waits at the upstream (lab://slow), another is made
     meanwhile, then the upstream answers the first. Room is checked again once it has: the user
-    has none left, which bastion finds only after the call was let through."""
+    has none left, which bastion finds only after the call was let through.
+
+    The held subscription accepts JSON only: a request still running after 0.1 s whose client
+    accepts events has its answer begun as an event stream (a 200, the refusal an event in it),
+    and how long this one is held depends on how quickly this test gets to release it."""
     sessions = bastion.app.state.gateway.sessions
     slow, quick = legacy_session(bastion, token, "labold"), legacy_session(bastion, token, "labold")
+    slow["accept"] = "application/json"
     answered: list = []
     with pytest.MonkeyPatch.context() as patch:  # a setting, made small for this case
         patch.setattr(
