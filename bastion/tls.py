@@ -14,6 +14,7 @@ import ssl
 
 import httpx
 
+from bastion import outbound_proxy
 from bastion.egress import CleartextRefused, cleartext_problem
 
 
@@ -45,7 +46,8 @@ def fetching_client(
     trust store (`trust`, or ``verify``), no redirect followed (a 3xx is an answer), nothing
     taken from the environment (proxies, netrc), and each request refused before it leaves
     (`CleartextRefused`) unless it is https or to the loopback (`cleartext_problem`), or
-    ``allow_http`` (a setting said so: the caller names it)."""
+    ``allow_http`` (a setting said so: the caller names it). Through the configured proxy
+    (`bastion.outbound_proxy`) unless ``transport`` is given."""
 
     async def secure(request: httpx.Request) -> None:
         problem = cleartext_problem(str(request.url))
@@ -54,11 +56,15 @@ def fetching_client(
                 f"{request.url.scheme}://{request.url.netloc.decode()} {problem}"
             )
 
+    verify = verify or trust()
+    proxy = outbound_proxy.configured()
+    if transport is None and proxy is not None:
+        transport = outbound_proxy.RoutedTransport(proxy, verify)
     return httpx.AsyncClient(
         follow_redirects=False,
         trust_env=False,
         transport=transport,
-        verify=verify or trust(),
+        verify=verify,
         event_hooks={"request": [] if allow_http else [secure]},
         **options,  # type: ignore[arg-type]
     )

@@ -18,6 +18,8 @@ from urllib.parse import urlsplit
 
 import httptools
 
+from bastion import outbound_proxy
+from bastion.outbound_proxy import TunnelRefused, tunnel_socket
 from bastion.tls import trust
 
 # An idle connection older than this is closed rather than reused.
@@ -273,6 +275,9 @@ class Http1Client:
         self._host_header = parts.netloc.rpartition("@")[2] if not default_port else self.host
         self._ssl = trust() if parts.scheme == "https" else None
         self._connect_timeout = connect_timeout
+        # Through the configured proxy's tunnel unless the upstream is exempt or on the loopback.
+        proxy = outbound_proxy.configured()
+        self._proxy = None if proxy is None or proxy.bypasses(self.host) else proxy
         self._max_idle = max_idle
         self._idle: list[_Connection] = []
         # Encoded request heads by method and headers (`_encode`), at most _HEADS of them.
@@ -286,16 +291,24 @@ class Http1Client:
             # Not asyncio.wait_for: on Python 3.11 it returns a connection made as the caller's
             # own deadline ends and drops that cancellation, so the caller waits on unbounded.
             async with asyncio.timeout(self._connect_timeout):
+                where: dict = {"host": self.host, "port": self.port}
+                if self._proxy is not None:
+                    where = {"sock": await tunnel_socket(self._proxy, self.host, self.port)}
                 _, connection = await loop.create_connection(
                     functools.partial(_Connection, loop),
-                    self.host,
-                    self.port,
+                    **where,
                     ssl=self._ssl,
                     server_hostname=self.host if self._ssl else None,
                 )
-        except (OSError, TimeoutError) as e:
+        except TunnelRefused as e:  # its message names the proxy
             raise HttpConnectError(
-                f"cannot connect to {self.host}:{self.port}: {e or 'timed out'}", type(e).__name__
+                f"cannot connect to {self.host}:{self.port}: {e}", "ProxyError"
+            ) from None
+        except (OSError, TimeoutError) as e:
+            via = f" through the proxy {self._proxy.shown}" if self._proxy is not None else ""
+            raise HttpConnectError(
+                f"cannot connect to {self.host}:{self.port}{via}: {e or 'timed out'}",
+                type(e).__name__,
             ) from None
         return connection
 

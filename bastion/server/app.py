@@ -19,6 +19,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
+from bastion import outbound_proxy
 from bastion.audit.checkpoints import keep_chains_forever
 from bastion.audit.retention import prune_forever
 from bastion.db import (
@@ -525,6 +526,8 @@ def _tasks(config: ServerConfig, db: Database, store: FactStore, oauth, replica:
 def create_app(config: ServerConfig) -> Starlette:
     """The whole server for one configuration. State is opened by the lifespan."""
     # Writes and key checks use this connection; the replica reads the log on its own.
+    # The proxy every outbound client uses, or none (one per process: bastion.outbound_proxy).
+    outbound_proxy.configure(config.outbound_proxy())
     db = Database(config.database)
     store = FactStore(db)
     keys = KeyStore(db, env_admin_key=config.admin_key or None)

@@ -21,6 +21,7 @@ from bastion.policy.limits import DEFAULT_LIMITS, PolicyLimits
 
 if TYPE_CHECKING:
     from bastion.delegation.tasks import TaskSettings
+    from bastion.outbound_proxy import OutboundProxy
 
 DEFAULT_CONFIG_FILE = "bastion.toml"
 # The tables a configuration file holds; anything else in it is refused (a misspelt [gateway]
@@ -69,6 +70,11 @@ class ServerConfig:
     # both or neither (docs/operations.md, "TLS"). Without them, plain HTTP behind a proxy.
     tls_certificate: str = ""
     tls_key: str = ""
+    # The HTTP proxy bastion's requests to other parties go through (http://[user:password@]
+    # host:port; CONNECT tunnels), and the host names and IP networks reached directly
+    # (comma-separated); the loopback always is (bastion.outbound_proxy, docs/operations.md).
+    egress_proxy: str = field(default="", repr=False)
+    egress_no_proxy: str = ""
     # The URL clients reach this server at (https; http only on loopback): the AuthZEN PDP
     # identifier and the base of its endpoint URLs. Empty: the URL of each metadata request.
     public_url: str = ""
@@ -282,6 +288,7 @@ class ServerConfig:
             )
         if self.public_url:
             _check_public_url(self.public_url)
+        self.outbound_proxy()
         try:
             self.policy_limits()
         except ValueError as e:
@@ -291,6 +298,16 @@ class ServerConfig:
         with self.reading("signals.behavior"):
             BehaviorSettings.from_table(self.signals.get("behavior", {}))
         self.task_settings()
+
+    def outbound_proxy(self) -> OutboundProxy | None:
+        """The proxy ``egress_proxy`` and ``egress_no_proxy`` name (`ConfigError` for one that
+        cannot be used, naming it without its password), or None."""
+        from bastion.outbound_proxy import parse_outbound_proxy
+
+        try:
+            return parse_outbound_proxy(self.egress_proxy, self.egress_no_proxy)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
 
     def task_settings(self) -> TaskSettings:
         """The [tasks] table read (`bastion.delegation.tasks.TaskSettings`)."""

@@ -1,0 +1,278 @@
+"""The HTTP proxy bastion's requests to other parties go through, when the operator names one
+(``[server] egress_proxy`` and ``egress_no_proxy``): each connection is a tunnel the proxy opens
+with CONNECT (RFC 9110 §9.3.6), TLS inside it end to end with the party, whose name and
+certificate bastion checks as without a proxy.
+
+Where the address rule applies (`bastion.egress.pinned`), bastion resolves the name and checks
+its addresses first, then asks the proxy for a tunnel to the address it checked, not to the name:
+the proxy resolves nothing, so it cannot be led where the rule refuses (a name that resolves to
+169.254.169.254). The loopback, and the hosts and networks of ``egress_no_proxy``, are reached
+directly. Only this setting names a proxy: HTTP_PROXY and the like are never read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import functools
+import ipaddress
+import socket
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+from urllib.parse import unquote, urlsplit
+
+import anyio
+import httpcore
+import httpx
+
+from bastion.egress import Network, is_loopback_host
+
+# The most bytes of the proxy's answer to CONNECT bastion reads before giving up on it.
+_MAX_ANSWER = 16 * 1024
+
+
+class TunnelRefused(Exception):
+    """The proxy did not open the tunnel asked for (its status, or an answer that is not HTTP)."""
+
+
+@dataclass(frozen=True)
+class OutboundProxy:
+    host: str
+    port: int
+    # The URL with its password replaced by ***: what every message names.
+    shown: str
+    # A Proxy-Authorization value from the URL's credentials (Basic), or None.
+    authorization: str | None = field(default=None, repr=False)
+    # Reached directly: host names (each with its subdomains) and IP networks.
+    no_proxy: tuple[str | Network, ...] = ()
+
+    def bypasses(self, name: str, address: str | None = None) -> bool:
+        """Whether a connection to ``name`` (at ``address`` where bastion resolved it, else the
+        name is the address) is made directly: the loopback, or an entry of ``no_proxy``."""
+        name = name.strip("[]").lower().rstrip(".")
+        address = (address or name).strip("[]")
+        if is_loopback_host(name) or is_loopback_host(address):
+            return True
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            ip = None
+        for entry in self.no_proxy:
+            if isinstance(entry, str):
+                if name == entry or name.endswith("." + entry):
+                    return True
+            elif ip is not None and ip in entry:
+                return True
+        return False
+
+    def connect_request(self, host: str, port: int) -> bytes:
+        """The CONNECT request for a tunnel to ``host`` (a name or an address) and ``port``."""
+        target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        lines = [f"CONNECT {target} HTTP/1.1", f"Host: {target}"]
+        if self.authorization:
+            lines.append(f"Proxy-Authorization: {self.authorization}")
+        return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+
+def _redacted(url: str) -> str:
+    scheme, sep, rest = url.partition("://")
+    authority, slash, path = rest.partition("/")
+    if "@" in authority:
+        authority = "***@" + authority.rpartition("@")[2]
+    return scheme + sep + authority + slash + path
+
+
+def parse_outbound_proxy(url: str, no_proxy: str = "") -> OutboundProxy | None:
+    """The proxy ``egress_proxy`` names (None when empty), with ``egress_no_proxy`` (host names
+    and IP networks, comma-separated). `ValueError` naming the setting, the URL shown without
+    its password: only ``http://[user:password@]host[:port]``."""
+    if not url:
+        if no_proxy.strip():
+            raise ValueError("egress_no_proxy is set but egress_proxy is not: name the proxy")
+        return None
+    shown = _redacted(url)
+    try:
+        parts = urlsplit(url)
+        port = parts.port or 80
+    except ValueError as e:
+        raise ValueError(f"egress_proxy: {shown!r} is not a URL ({e})") from None
+    if parts.scheme != "http":
+        raise ValueError(
+            f"egress_proxy: {shown!r} must be an http:// URL (the proxy's own address; https"
+            " to the parties still goes end to end through its CONNECT tunnel)"
+        )
+    if not parts.hostname or parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise ValueError(
+            f"egress_proxy: {shown!r} must be http://[user:password@]host[:port], nothing more"
+        )
+    authorization = None
+    if parts.username is not None:
+        pair = f"{unquote(parts.username)}:{unquote(parts.password or '')}"
+        authorization = "Basic " + base64.b64encode(pair.encode()).decode("ascii")
+    return OutboundProxy(
+        parts.hostname, port, shown, authorization, _no_proxy_entries(no_proxy.split(","))
+    )
+
+
+def _no_proxy_entries(items: Iterable[str]) -> tuple[str | Network, ...]:
+    entries: list[str | Network] = []
+    for item in (i.strip() for i in items):
+        if not item:
+            continue
+        try:
+            entries.append(ipaddress.ip_network(item.strip("[]"), strict=True))
+            continue
+        except ValueError:
+            pass
+        name = item.lower().removeprefix("*.").removeprefix(".").rstrip(".")
+        if not name or any(c in name for c in "/:@ *"):
+            raise ValueError(
+                f"egress_no_proxy: {item!r} is neither a host name (example.com, which covers"
+                " its subdomains) nor an IP network (10.0.0.0/8, 192.0.2.7)"
+            )
+        entries.append(name)
+    return tuple(entries)
+
+
+_configured: OutboundProxy | None = None
+
+
+def configure(proxy: OutboundProxy | None) -> None:
+    """Set the process's proxy (at start: a change needs a restart), or none."""
+    global _configured
+    _configured = proxy
+
+
+def configured() -> OutboundProxy | None:
+    """The process's proxy, or None: every connection is then direct."""
+    return _configured
+
+
+async def open_tunnel(
+    proxy: OutboundProxy,
+    host: str,
+    port: int,
+    read: Callable[[], Awaitable[bytes]],
+    write: Callable[[bytes], Awaitable[object]],
+) -> None:
+    """Ask the proxy, over a connection to it (``read``, ``write``), for a tunnel to ``host``
+    and ``port``; `TunnelRefused` unless it answers 2xx and nothing more (TLS speaks first)."""
+    await write(proxy.connect_request(host, port))
+    answer = b""
+    while b"\r\n\r\n" not in answer:
+        chunk = await read()
+        if not chunk:
+            raise TunnelRefused(f"the proxy {proxy.shown} closed the connection")
+        answer += chunk
+        if len(answer) > _MAX_ANSWER:
+            raise TunnelRefused(f"the proxy {proxy.shown} answered CONNECT at unending length")
+    status = answer.split(b"\r\n", 1)[0].decode("latin-1")
+    words = status.split(" ", 2)
+    if len(words) < 2 or not words[0].startswith("HTTP/1.") or not words[1].startswith("2"):
+        raise TunnelRefused(
+            f"the proxy {proxy.shown} refused a tunnel to {host}:{port}: {status[:200]!r}"
+        )
+    if not answer.endswith(b"\r\n\r\n"):
+        raise TunnelRefused(f"the proxy {proxy.shown} sent data into the tunnel before bastion")
+
+
+async def tunnel_socket(proxy: OutboundProxy, host: str, port: int) -> socket.socket:
+    """A socket to the proxy whose tunnel to ``host`` and ``port`` is open, for asyncio's
+    ``create_connection(sock=...)``. `OSError` when the proxy cannot be reached,
+    `TunnelRefused` when it does not open the tunnel."""
+    loop = asyncio.get_running_loop()
+    infos = await loop.getaddrinfo(proxy.host, proxy.port, type=socket.SOCK_STREAM)
+    error: OSError = OSError(f"cannot resolve {proxy.host}")
+    for family, kind, protocol, _, address in infos:
+        sock = socket.socket(family, kind, protocol)
+        sock.setblocking(False)
+        try:
+            await loop.sock_connect(sock, address)
+        except OSError as e:
+            sock.close()
+            error = e
+            continue
+        try:
+            await open_tunnel(
+                proxy,
+                host,
+                port,
+                functools.partial(loop.sock_recv, sock, 4096),
+                functools.partial(loop.sock_sendall, sock),
+            )
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+    raise error
+
+
+class _Tunnelling(httpcore.AsyncNetworkBackend):
+    """httpcore's connections, each a tunnel through ``proxy`` to the host and port asked for
+    (the address bastion checked, where it pinned one); httpcore then starts TLS inside with
+    the request's ``sni_hostname``, as over a direct connection."""
+
+    def __init__(self, proxy: OutboundProxy) -> None:
+        self._proxy = proxy
+        self._tcp = httpcore.AnyIOBackend()
+
+    async def connect_tcp(
+        self,
+        host: str,
+        port: int,
+        timeout: float | None = None,
+        local_address: str | None = None,
+        socket_options: Iterable | None = None,
+    ) -> httpcore.AsyncNetworkStream:
+        proxy = self._proxy
+        try:
+            stream = await self._tcp.connect_tcp(
+                proxy.host, proxy.port, timeout, local_address, socket_options
+            )
+        except httpcore.ConnectError as e:
+            raise httpcore.ProxyError(f"cannot connect to the proxy {proxy.shown}: {e}") from None
+        try:
+            with anyio.fail_after(timeout):
+                await open_tunnel(proxy, host, port, lambda: stream.read(4096), stream.write)
+        except TunnelRefused as e:
+            await stream.aclose()
+            raise httpcore.ProxyError(str(e)) from None
+        except TimeoutError:
+            await stream.aclose()
+            raise httpcore.ConnectTimeout(f"the proxy {proxy.shown} did not answer") from None
+        except BaseException:
+            await stream.aclose()
+            raise
+        return stream
+
+    async def sleep(self, seconds: float) -> None:
+        await self._tcp.sleep(seconds)
+
+
+class RoutedTransport(httpx.AsyncBaseTransport):
+    """Each request directly or through the proxy's tunnel, by the name it is for (a pinned
+    request's ``sni_hostname``) and the address it goes to (`OutboundProxy.bypasses`)."""
+
+    def __init__(self, proxy: OutboundProxy, verify: object) -> None:
+        self._proxy = proxy
+        self._direct = httpx.AsyncHTTPTransport(verify=verify, trust_env=False)  # type: ignore[arg-type]
+        self._tunnelled = httpx.AsyncHTTPTransport(verify=verify, trust_env=False)  # type: ignore[arg-type]
+        # httpx takes no network backend: its pool is replaced by one with the tunnelling
+        # backend, with httpx's own default limits.
+        self._tunnelled._pool = httpcore.AsyncConnectionPool(
+            ssl_context=verify,  # type: ignore[arg-type]
+            max_connections=100,
+            max_keepalive_connections=20,
+            keepalive_expiry=5.0,
+            network_backend=_Tunnelling(proxy),
+        )
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        name = request.extensions.get("sni_hostname") or request.url.host
+        direct = self._proxy.bypasses(name, request.url.host)
+        via = self._direct if direct else self._tunnelled
+        return await via.handle_async_request(request)
+
+    async def aclose(self) -> None:
+        await self._direct.aclose()
+        await self._tunnelled.aclose()
