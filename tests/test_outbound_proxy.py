@@ -236,3 +236,27 @@ def test_bastion_serve_refuses_a_proxy_setting_it_cannot_use(tmp_path):
     assert ran.returncode != 0
     assert "egress_proxy" in ran.stderr and "must be an http:// URL" in ran.stderr
     assert PASSWORD not in ran.stderr + ran.stdout
+
+
+def test_a_command_that_reaches_a_transmitter_goes_through_the_configured_proxy(
+    world, tmp_path, monkeypatch, capsys
+):
+    """`bastion signals streams configure` runs outside the server: it reads the proxy from the
+    configuration as `bastion serve` does (the peer answers no SSF metadata: the command fails,
+    after fetching it through the proxy)."""
+    from bastion.cli import main
+    from bastion.db import Database
+
+    monkeypatch.setenv("BASTION_SSF_PEER_BEARER", "b" * 32)
+    config = tmp_path / "bastion.toml"
+    config.write_text(
+        f'[server]\ndatabase = "{tmp_path / "b.db"}"\negress_proxy = "{world["proxy"].url}"\n'
+        '[oauth]\nissuer = "http://127.0.0.1:8000"\n'
+        "[signals.ssf]\n[[signals.ssf.transmitters]]\n"
+        f'name = "peer"\nissuer = "{world["numbered"]}"\naudience = "http://127.0.0.1:8000"\n'
+        'delivery = "poll"\nbearer_env = "BASTION_SSF_PEER_BEARER"\n'
+    )
+    Database(str(tmp_path / "b.db")).close()  # as `bastion serve` leaves it
+    assert main(["signals", "streams", "configure", "--config", str(config)]) == 1
+    assert "stream not configured" in capsys.readouterr().err
+    assert world["proxy"].connects() == [world["numbered"].removeprefix("https://") + " HTTP/1.1"]

@@ -29,6 +29,7 @@ def _open(args: argparse.Namespace, keys_needed: bool = True):
     that is how an administrator gives them up (`ConnectionKeysMissing` says so)."""
     from cryptography.fernet import Fernet
 
+    from bastion import outbound_proxy
     from bastion.connections.sealing import ConnectionKeysError, ConnectionKeysMissing, Sealer
     from bastion.connections.service import Connections, connections_from_config
     from bastion.connections.store import ConnectionStore
@@ -38,6 +39,8 @@ def _open(args: argparse.Namespace, keys_needed: bool = True):
     from bastion.server.config import ServerConfig, command_database
 
     config = ServerConfig.load(args.config)
+    # `revoke` reaches the upstream's authorization server: through the server's proxy too.
+    outbound_proxy.configure(config.outbound_proxy())
     with config.reading("gateway"):
         gateway = GatewayConfig.from_mapping(config.gateway or {})
     with config.reading("oauth"):

@@ -28,12 +28,15 @@ def _when(epoch: float | None) -> str:
 
 
 def _receiver(args: argparse.Namespace):
+    from bastion import outbound_proxy
     from bastion.facts.store import FactStore
     from bastion.oauth.store import OAuthStore
     from bastion.signals.settings import SsfSettings
     from bastion.signals.ssf import SsfReceiver
 
     config = ServerConfig.load(args.config)
+    # `configure` reaches the transmitters: through the server's proxy too.
+    outbound_proxy.configure(config.outbound_proxy())
     table = (config.signals or {}).get("ssf")
     if not table:
         raise ConfigError(f"{config.named} has no [signals.ssf] table: no transmitters to show")
