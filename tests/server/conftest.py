@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -83,6 +84,8 @@ class ServerProcess:
         self.log = tmp / f"serve-{self.port}.log"
         self.policy_file = policy_file
         self.env = env or {}
+        # Run in the child before `bastion serve` starts: a resource limit it is to run under.
+        self.preexec_fn: Callable[[], None] | None = None
         self.proc: subprocess.Popen | None = None
 
     def start(self, timeout: float = 20.0) -> ServerProcess:
@@ -93,7 +96,9 @@ class ServerProcess:
         if self.policy_file:
             cmd += ["--policy-file", self.policy_file]
         with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+            self.proc = subprocess.Popen(
+                cmd, stdout=log, stderr=subprocess.STDOUT, env=env, preexec_fn=self.preexec_fn
+            )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
