@@ -17,6 +17,7 @@ import errno
 import logging
 import os
 import re
+import resource
 import select
 import sqlite3
 import stat
@@ -119,22 +120,74 @@ _POSTGRES_FULL_WRITES = ("could not extend file", "could not write")
 _POSTGRES_FULL_TEXTS = tuple(f": {os.strerror(n)}" for n in (errno.EDQUOT, errno.EFBIG))
 
 
-def storage_full(error: BaseException) -> bool:
+def storage_full(error: BaseException, sqlite_path: str | None = None) -> bool:
     """Whether ``error`` says the storage written to is full: SQLite's ``database or disk is
-    full`` (the file's disk, or its temporary files'), PostgreSQL's ``disk_full`` (SQLSTATE
-    53100) or a quota or file size limit its write reached (XX000 saying so), or a file's write
-    refused for want of room (ENOSPC, EDQUOT, EFBIG). The one test of it, for the database's
-    writes and for files (keys, the decision journal, the CLI)."""
+    full`` (the file's disk, or its temporary files'), or its ``disk I/O error`` on a write to
+    the database ``sqlite_path`` where a quota or file size limit is found reached
+    (`_sqlite_limit_reached`), PostgreSQL's ``disk_full`` (SQLSTATE 53100) or a quota or file
+    size limit its write reached (XX000 saying so), or a file's write refused for want of room
+    (ENOSPC, EDQUOT, EFBIG). The one test of it, for the database's writes and for files (keys,
+    the decision journal, the CLI)."""
     if isinstance(error, StorageFull):
         return True
     if isinstance(error, sqlite3.OperationalError):
-        return getattr(error, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL
+        code = getattr(error, "sqlite_errorcode", None)
+        if code in _SQLITE_WRITE_FAILED and sqlite_path is not None:
+            return _sqlite_limit_reached(sqlite_path)
+        return code == sqlite3.SQLITE_FULL
     if isinstance(error, OSError):
         return error.errno in _FULL_ERRNOS
     if isinstance(error, psycopg.errors.InternalError_):
         said = error.diag.message_primary or ""
         return said.startswith(_POSTGRES_FULL_WRITES) and said.endswith(_POSTGRES_FULL_TEXTS)
     return isinstance(error, psycopg.errors.DiskFull)
+
+
+# SQLite's codes for a write the OS refused: ENOSPC is SQLITE_FULL, but a quota (EDQUOT) or a file
+# size limit (EFBIG) is one of these, as an I/O failure is, and Python's sqlite3 does not expose
+# the errno (``sqlite3_system_errno``).
+_SQLITE_WRITE_FAILED = frozenset(
+    {
+        sqlite3.SQLITE_IOERR_WRITE,
+        sqlite3.SQLITE_IOERR_FSYNC,
+        sqlite3.SQLITE_IOERR_TRUNCATE,
+        sqlite3.SQLITE_IOERR_SHMSIZE,
+    }
+)
+# How near a file size limit a database file is when a write past it failed: the largest page
+# SQLite writes (64 KiB) and a WAL frame's header.
+_A_PAGE_OR_SO = 65536 + 24
+_PROBE = bytes(8192)
+
+
+def _sqlite_limit_reached(path: str) -> bool:
+    """After SQLite's I/O error on a write to the database ``path``: whether a limit refused it
+    rather than the disk. Looked at once per such error, on the thread of the statement (a
+    worker's, never the event loop's): RLIMIT_FSIZE is set and a file of the database is within
+    a page of it, or a probe (8 KiB written, forced to disk and removed, beside the file) is
+    refused for want of room (EDQUOT, EFBIG, ENOSPC). Anything else is the I/O error it is."""
+    limit, _ = resource.getrlimit(resource.RLIMIT_FSIZE)
+    if limit != resource.RLIM_INFINITY:
+        for suffix in ("", "-wal", "-journal", "-shm"):
+            with suppress(OSError):
+                if os.path.getsize(path + suffix) >= limit - _A_PAGE_OR_SO:
+                    return True
+    probe = f"{path}.room-{uuid.uuid4().hex}"
+    try:
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            left = memoryview(_PROBE)
+            while left:  # a short write, then the refusal
+                left = left[os.write(fd, left) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as e:
+        return e.errno in _FULL_ERRNOS
+    finally:
+        with suppress(OSError):
+            os.unlink(probe)
+    return False
 
 
 # Since a write of this process was refused for want of room, until one goes in: what /readyz
@@ -371,6 +424,7 @@ class Database:
         self._after_commit: list[Callable[[], None]] = []
         self._confirming: set[str] = set()  # channels `confirm_after_commit` waits for
         self._conn: Any = None
+        self._sqlite_path: str | None = None  # the SQLite file written, for `storage_full`
         self._retry_at = 0.0
         self._failure = ""
         self._down = False  # between a lost connection and the next one that opens
@@ -390,6 +444,7 @@ class Database:
                 )
             else:
                 _create_private(file.path)
+                self._sqlite_path = file.path
                 self._conn = sqlite3.connect(
                     file.path, check_same_thread=False, isolation_level=None, timeout=self._wait
                 )
@@ -494,7 +549,7 @@ class Database:
                         sqlite3.SQLITE_LOCKED,
                     ):
                         raise DatabaseUnavailable(_SQLITE_BUSY_REFUSED) from e
-                    if storage_full(e):
+                    if storage_full(e, self._sqlite_path):
                         raise self._full(e, transaction=self._depth > 0) from e
                     raise
                 if not again and not self._depth:
@@ -644,7 +699,7 @@ class Database:
                 self._after_commit.clear()
                 self._confirming.clear()
                 self._rollback()  # also after a COMMIT that failed (SQLite may leave it open)
-                if storage_full(e) and not isinstance(e, StorageFull):  # at COMMIT, say
+                if storage_full(e) and not isinstance(e, StorageFull):  # PostgreSQL COMMIT
                     raise self._full(e, transaction=True) from e
                 raise
             if not read_only:
@@ -680,6 +735,10 @@ class Database:
             raise DatabaseUnavailable(self._failure)
         try:
             conn.execute("COMMIT")
+        except sqlite3.OperationalError as e:
+            if storage_full(e, self._sqlite_path):
+                raise self._full(e, transaction=True) from e
+            raise
         except _CONNECTION_ERRORS as e:
             if not self._lost(conn, e):
                 raise
