@@ -478,15 +478,23 @@ class Approvals:
         same call is then what it was before: a result to review, or a new call."""
         self.store.end_run(request_id, decision_id)
 
-    def unspend(self, request: ApprovalRequest, decision_id: str, cause: str) -> bool:
+    def unspend(
+        self, request: ApprovalRequest, decision_id: str, cause: str, message: str = ""
+    ) -> bool:
         """Give back the approval ``request`` that the call ``decision_id`` spent on a run that
-        failed before anything of it reached the upstream (``cause``: the class of the error
-        that proves it): approved again as it was, for the retry, with its audit event. False
-        if it is no longer spent by that call."""
+        failed before anything of it left bastion (``cause``: the class of the error, and
+        ``message`` bastion's message for it): approved again as it was, for the retry, with
+        its audit event. False if it is no longer spent by that call."""
         with self.store.db.transaction():
             given_back = self.store.unspend(request.id, decision_id)
             if given_back:
-                self._event(request, "approval.unspent", decision_id=decision_id, error=cause)
+                self._event(
+                    request,
+                    "approval.unspent",
+                    decision_id=decision_id,
+                    error=cause,
+                    message=message,
+                )
         return given_back
 
     def held_result(self, request: ApprovalRequest) -> Any:

@@ -808,12 +808,12 @@ class Enforcer:
             return "approval_unavailable"
         return None if used else "approval_used"
 
-    async def run_ended(self, verdict: Verdict, unsent: str | None = None) -> None:
+    async def run_ended(self, verdict: Verdict, unsent: tuple[str, str] | None = None) -> None:
         """The run of ``verdict``'s call has ended (answered, its result held for review first
         where it is; or failed): the approval it spent no longer tells the same call its run
-        is in progress. ``unsent``: it failed before anything of it reached the upstream (the
-        class of the error that proves it): the approval is given back, approved as it was, for
-        the retry (`Approvals.unspend`). Nothing to do for a call that spent none. Not written
+        is in progress. ``unsent``: it failed before anything of it left bastion (the class and
+        the message of the error): the approval is given back, approved as it was, for the
+        retry (`Approvals.unspend`). Nothing to do for a call that spent none. Not written
         (the store away), the mark lapses at the bound it was spent with, and the approval
         stays spent."""
         if verdict.spent is None or self.approvals is None:
@@ -821,7 +821,7 @@ class Enforcer:
         try:
             if unsent is not None:
                 await anyio.to_thread.run_sync(
-                    self.approvals.unspend, verdict.spent, verdict.decision_id, unsent
+                    self.approvals.unspend, verdict.spent, verdict.decision_id, *unsent
                 )
             else:
                 await anyio.to_thread.run_sync(

@@ -108,6 +108,9 @@ class Exchange:
     _progress_token: Any = None
     # The caller's own upstream session while this request uses it (not ``shared``).
     _lease: UpstreamSession | None = None
+    # Whether the request's own bytes were handed to the upstream's transport (`forward`): a
+    # failure before that is one of a request that never left bastion.
+    sent: bool = False
 
     @property
     def connection(self) -> Upstream:
@@ -225,6 +228,7 @@ class Exchange:
             ask=self._relay_request,
             log_level=level,
             hear=hear,
+            sent=self._sent,
         )
         # What the upstream asks on its standing stream meanwhile names no call: refused
         # while this one is masked (`ClientRequests.from_standing_stream`).
@@ -239,10 +243,7 @@ class Exchange:
                 # A 2025-11-25 client: ask it each question, then retry for it.
                 rounds += 1
                 params = {**params, **await self._answers(result)}
-                try:
-                    result = _result(await request(params))
-                except UpstreamUnreachable as e:
-                    raise e.after_sending() from None  # its first round reached the upstream
+                result = _result(await request(params))
                 asking = result.get("resultType") in INPUT_REQUIRED
         finally:
             if masked:
@@ -299,6 +300,9 @@ class Exchange:
         return await self.gateway.client_requests.ask(
             self.owner, self.emit, method, params, timeout
         )
+
+    def _sent(self) -> None:
+        self.sent = True
 
     async def _relay_request(self, message: dict[str, Any]) -> dict[str, Any]:
         """A request from a 2025-11-25 upstream, sent while it answers ours: the answer (result
@@ -607,8 +611,10 @@ async def _forward(
     ex: Exchange, verdict: Verdict, params: dict[str, Any], uri: str | None
 ) -> dict[str, Any]:
     """Send the decided request upstream and apply its obligations to the answer. A run that
-    fails (but for a cancellation) has ended (`Enforcer.run_ended`); one that provably never
-    reached the upstream (`UpstreamUnreachable`) gives back the approval it spent."""
+    fails (but for a cancellation) has ended (`Enforcer.run_ended`); one that failed before its
+    own bytes were handed to the upstream's transport (`Exchange.sent`: a session with no room,
+    a connection or handshake that failed, a header bastion will not send) gives back the
+    approval it spent."""
     enforcer = ex.gateway.enforcer
     ex.masks = compile_paths(verdict.obligations.masks)
     reviewed = verdict.review_step == "hold"
@@ -627,9 +633,20 @@ async def _forward(
         withheld = (WITHHELD_REVIEW_ERROR if reviewed else WITHHELD_ERROR) if ex.masks else None
         ended = _ended(ex, verdict, e, withheld)
         if not isinstance(e, asyncio.CancelledError):
-            unsent = e.cause if isinstance(e, UpstreamUnreachable) else None
-            await enforcer.run_ended(verdict, unsent)
+            await enforcer.run_ended(verdict, None if ex.sent else _unsent(e))
         raise ended from None
+
+
+def _unsent(error: Exception) -> tuple[str, str]:
+    """What failed a call before it left bastion, for its approval's ``approval.unspent``
+    event: the class of the error (for a connection not made or a program not started, that of
+    the error behind it: ``ConnectionRefusedError``, ``FileNotFoundError``) and bastion's
+    message."""
+    if isinstance(error, UpstreamUnreachable):
+        return error.cause, error.message
+    if isinstance(error, RpcError):
+        return type(error).__name__, error.message
+    return type(error).__name__, "internal error in bastion"
 
 
 def _ended(

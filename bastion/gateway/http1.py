@@ -13,7 +13,7 @@ import collections
 import functools
 import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from urllib.parse import urlsplit
 
 import httptools
@@ -340,11 +340,14 @@ class Http1Client:
         reads the body and must `Response.close` it."""
         return await self._send(self._encode(method, headers, body))
 
-    def send(self, head: bytes, body: bytes = b"") -> Awaitable[Response]:
-        """`request`, with a head `head` made."""
-        return self._send(_framed(head, body))
+    def send(
+        self, head: bytes, body: bytes = b"", sent: Callable[[], None] | None = None
+    ) -> Awaitable[Response]:
+        """`request`, with a head `head` made. ``sent`` is called as the request is written,
+        once connected: what fails before it, nothing of the request was written."""
+        return self._send(_framed(head, body), sent)
 
-    async def _send(self, data: bytes) -> Response:
+    async def _send(self, data: bytes, sent: Callable[[], None] | None = None) -> Response:
         if self._closed:
             raise HttpClientError("the client is closed")
         connection = None
@@ -353,12 +356,21 @@ class Http1Client:
             candidate = self._idle.pop()
             # Servers close idle connections (uvicorn after 5 s): a request is never retried,
             # since it may have reached the upstream, so one that may be closing is not used.
-            if not candidate.lost and now - candidate.idle_since < _IDLE_SECONDS:
+            # One closed already (its end read, not yet reported) would drop the request's
+            # bytes unsent; one whose end is still on the way takes them: they count as sent.
+            transport = candidate.transport
+            if (
+                not candidate.lost
+                and not transport.is_closing()  # type: ignore[union-attr]
+                and now - candidate.idle_since < _IDLE_SECONDS
+            ):
                 connection = candidate
                 break
-            candidate.transport.close()  # type: ignore[union-attr]
+            transport.close()  # type: ignore[union-attr]
         if connection is None:
             connection = await self._connect()
+        if sent is not None:
+            sent()
         try:
             await connection.send(data)
         except BaseException:

@@ -65,6 +65,9 @@ Ask = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
 # Takes a notification the upstream sent on the stream of one of bastion's requests (a log
 # message), for the client that sent that request.
 Hear = Callable[[dict[str, Any]], Awaitable[None]]
+# Called as a request's own bytes are handed to the transport: from then on the upstream may
+# have them. A failure before it is one of a request that never left bastion.
+Sent = Callable[[], None]
 # The resources bastion asks one upstream connection for the updates of, for all its clients
 # together, at most (it never asks the upstream to stop; docs/gateway.md).
 MAX_WATCHED = 10_000
@@ -99,19 +102,12 @@ class UpstreamUnauthorized(UpstreamFailure):
 
 @dataclass(frozen=True, slots=True)
 class UpstreamUnreachable(UpstreamFailure):
-    """The upstream could not be reached for a request, which so never left bastion: its
-    connection was refused or timed out, its name did not resolve, its TLS handshake failed,
-    its process could not be started. Out of `Upstream.request` only when nothing of that
-    request was sent (what failed came before it: connecting, starting the connection); a
-    failure to connect once any of it was sent (a new session, an answer to the upstream's
-    question, a second round) is raised as an `UpstreamFailure` (`after_sending`), since the
-    upstream may have acted. ``cause``: the class of the error behind it, for the record."""
+    """The upstream could not be reached: its connection was refused or timed out, its name did
+    not resolve, its TLS handshake failed, its process could not be started. ``cause``: the
+    class of the error behind it, for the record. (Whether a request had left bastion when it
+    failed is told by `Sent`, not by the class of the failure.)"""
 
     cause: str = field(default="", kw_only=True)
-
-    def after_sending(self) -> UpstreamFailure:
-        """This failure, where the request, or part of it, had been sent already."""
-        return UpstreamFailure(self.code, self.message, self.data)
 
 
 class UpstreamError(UpstreamFailure):
@@ -215,13 +211,17 @@ class Upstream(abc.ABC):
         ask: Ask | None = None,
         log_level: str | None = None,
         hear: Hear | None = None,
+        sent: Sent | None = None,
     ) -> dict[str, Any]:
         """Send one request; return the upstream's JSON-RPC response (with result or error).
 
         ``capabilities``: what the client behind this request declared (sampling, elicitation,
         roots), told to a 2026-07-28 upstream. ``ask``: where requests the upstream sends while
         answering this one go (else they are refused). ``log_level``: the level of log messages
-        that client wants, if any; ``hear`` takes those the upstream sends about this request."""
+        that client wants, if any; ``hear`` takes those the upstream sends about this request.
+        ``sent`` is called as the request's own bytes are handed to the transport: whatever
+        fails before (starting the connection, its handshake, a header bastion will not send,
+        connecting) fails a request that never left bastion."""
         if not self._started:
             await self.ensure_started()
         message: dict[str, Any] = {"jsonrpc": "2.0", "id": next(self._ids), "method": method}
@@ -235,7 +235,9 @@ class Upstream(abc.ABC):
             message["params"] = params
         deadline = _Deadline(self.config.timeout)
         try:
-            return await self._exchange(message, capabilities=capabilities, ask=ask, hear=hear)
+            return await self._exchange(
+                message, capabilities=capabilities, ask=ask, hear=hear, sent=sent
+            )
         except asyncio.CancelledError:
             if not deadline.end():
                 # Its client cancelled or went away: the upstream may stop working on it.
@@ -395,8 +397,9 @@ class Upstream(abc.ABC):
         capabilities: dict[str, Any] | None = None,
         ask: Ask | None = None,
         hear: Hear | None = None,
+        sent: Sent | None = None,
     ) -> dict[str, Any]:
-        """Send one request; return the response with its id."""
+        """Send one request; return the response with its id. ``sent``: as in `request`."""
 
     @abc.abstractmethod
     async def _send_notification(self, message: dict[str, Any]) -> None:
@@ -496,12 +499,16 @@ class StdioUpstream(Upstream):
                 future.set_exception(UpstreamFailure(UPSTREAM_UNAVAILABLE, reason))
         self._pending.clear()
 
-    async def _write(self, message: dict[str, Any]) -> None:
+    async def _write(self, message: dict[str, Any], sent: Sent | None = None) -> None:
         process = self._process
         if process is None or process.stdin is None or process.returncode is not None:
             raise UpstreamFailure(UPSTREAM_UNAVAILABLE, f"upstream {self.name} is not running")
         data = encode(message).encode() + b"\n"
         async with self._write_lock:
+            if process.stdin.is_closing():  # a write now would be dropped: not sent
+                raise UpstreamFailure(UPSTREAM_UNAVAILABLE, f"upstream {self.name} closed stdin")
+            if sent is not None:
+                sent()
             try:
                 process.stdin.write(data)
                 await process.stdin.drain()
@@ -517,13 +524,14 @@ class StdioUpstream(Upstream):
         capabilities: dict[str, Any] | None = None,
         ask: Ask | None = None,
         hear: Hear | None = None,
+        sent: Sent | None = None,
     ) -> dict[str, Any]:
         # A request or a log message the server sends over stdio names no request of ours:
         # never relayed.
         future = asyncio.get_running_loop().create_future()
         self._pending[message["id"]] = future
         try:
-            await self._write(message)
+            await self._write(message, sent)
             return await future
         finally:
             self._pending.pop(message["id"], None)
@@ -683,7 +691,10 @@ class HttpUpstream(Upstream):
         return self._head
 
     async def _post(
-        self, message: dict[str, Any], capabilities: dict[str, Any] | None = None
+        self,
+        message: dict[str, Any],
+        capabilities: dict[str, Any] | None = None,
+        sent: Sent | None = None,
     ) -> Response:
         try:
             if self._modern and "method" in message:
@@ -697,7 +708,7 @@ class HttpUpstream(Upstream):
                 head = self._post_head(method, name if isinstance(name, str) else None)
             else:
                 head = self._post_head()
-            return await self._http.send(head, encode(message).encode())
+            return await self._http.send(head, encode(message).encode(), sent)
         except HttpConnectError as e:  # nothing of the message was written
             raise UpstreamUnreachable(
                 UPSTREAM_UNAVAILABLE, f"upstream {self.name}: {e}", cause=e.cause
@@ -712,9 +723,10 @@ class HttpUpstream(Upstream):
         capabilities: dict[str, Any] | None = None,
         ask: Ask | None = None,
         hear: Hear | None = None,
+        sent: Sent | None = None,
         retry: bool = True,
     ) -> dict[str, Any]:
-        response = await self._post(message, capabilities)
+        response = await self._post(message, capabilities, sent)
         status = response.status_code
         try:
             if status == 404 and self._session_id and retry:
@@ -747,10 +759,6 @@ class HttpUpstream(Upstream):
             return data
         except (HttpClientError, ValueError, RecursionError) as e:
             raise UpstreamFailure(UPSTREAM_UNAVAILABLE, f"upstream {self.name}: {e}") from None
-        except UpstreamUnreachable as e:
-            # The message was sent (a new session for it, an answer to what the upstream asked
-            # while answering it, could not connect): the upstream may have acted on it.
-            raise e.after_sending() from None
         except asyncio.CancelledError:
             # In 2026-07-28 closing the stream is how a request is cancelled; in 2025-11-25 the
             # notification follows (`_abandon`), and the connection is not reused either way.

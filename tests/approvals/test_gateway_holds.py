@@ -1074,11 +1074,22 @@ def test_an_approved_call_sent_at_once_to_two_replicas_on_postgresql_runs_once(
 
 # -- a failed run that never reached the upstream ----------------------------------------------
 
-# Reads of the lab's open note through three more upstreams wait for the user's confirmation:
-# one that nothing listens for yet ("labgone": its connections are refused), one over stdio
-# whose program is not there yet ("labspawn"), and one behind a relay that drops the requests
-# it is sent once told to ("labcut").
-UNSENT_SERVERS = ("labgone", "labspawn", "labcut")
+# Reads of the lab's open note through more upstreams wait for the user's confirmation: one that
+# nothing listens for yet ("labgone": its connections are refused), one over stdio whose program
+# is not there yet ("labspawn"), one behind a relay that drops the requests it is sent once told
+# to ("labcut"); over stdio, programs each test writes ("labexit", "labrefuse", "labquit"); an
+# HTTP upstream whose initialize names a protocol version no header can carry ("labheader");
+# and the lab with one upstream session per user, one at most ("labroom").
+UNSENT_SERVERS = (
+    "labgone",
+    "labspawn",
+    "labcut",
+    "labexit",
+    "labrefuse",
+    "labquit",
+    "labheader",
+    "labroom",
+)
 UNSENT_RULES = "".join(
     f'requires_approval(_user: User, "read", McpResource{{"{server}/lab://open"}});\n'
     for server in UNSENT_SERVERS
@@ -1091,6 +1102,49 @@ def lab_app() -> Recorder:
     return Recorder(lab.server.streamable_http_app(streamable_http_path="/mcp"))
 
 
+class BadVersion:
+    """An HTTP MCP server (2025-11-25 only) whose ``initialize`` names the protocol version
+    ``2025-11-25`` followed by a line break and a header of its own: bastion would send it back
+    in ``MCP-Protocol-Version``. It answers any other request, and keeps their methods."""
+
+    def __init__(self) -> None:
+        self.methods: list[str] = []
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "lifespan":
+            while (await receive())["type"] != "lifespan.shutdown":
+                await send({"type": "lifespan.startup.complete"})
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+        body, more = b"", True
+        while more:
+            part = await receive()
+            body, more = body + part.get("body", b""), part.get("more_body", False)
+        message = json.loads(body)
+        if "id" not in message:
+            await send({"type": "http.response.start", "status": 202, "headers": []})
+            await send({"type": "http.response.body", "body": b""})
+            return
+        self.methods.append(message["method"])
+        if message["method"] == "server/discover":
+            answer = {"error": {"code": -32601, "message": "no server/discover"}}
+        elif message["method"] == "initialize":
+            info = {"name": "badversion", "version": "1"}
+            answer = {
+                "result": {
+                    "protocolVersion": "2025-11-25\r\nx-injected: 1",
+                    "capabilities": {"resources": {}},
+                    "serverInfo": info,
+                }
+            }
+        else:
+            answer = {"result": {"contents": [{"uri": "lab://open", "text": "read"}]}}
+        data = json.dumps({"jsonrpc": "2.0", "id": message["id"], **answer}).encode()
+        headers = [(b"content-type", b"application/json")]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": data})
+
+
 @dataclass
 class Unsent:
     bastion: Running
@@ -1098,6 +1152,17 @@ class Unsent:
     program: Path  # labspawn's program, not there until a test writes it
     cut_app: Recorder  # the lab behind the relay
     relay: Relay  # to the lab; `Relay.drop` makes it an upstream that takes a request and fails
+    folder: Path  # where the programs of labexit, labrefuse and labquit are written
+    bad_version: BadVersion  # labheader's server
+    room_trace: Path  # the trace of labroom's lab (`release_run`)
+
+    def program_of(self, server: str) -> Path:
+        return self.folder / server
+
+    def write_program(self, server: str, text: str) -> None:
+        program = self.program_of(server)
+        program.write_text(text)
+        program.chmod(0o755)
 
 
 @pytest.fixture(scope="module")
@@ -1108,14 +1173,26 @@ def unsent(tmp_path_factory):
     gone_url = f"http://127.0.0.1:{gone_sock.getsockname()[1]}"
     program = folder / "lab-later"
     cut_app = lab_app()
+    bad_version = BadVersion()
+    room_lab = fresh_module("lab_server_room", LAB)
+    room_lab.TRACE = str(folder / "room-trace.jsonl")
+    room_app = room_lab.server.streamable_http_app(streamable_http_path="/mcp")
     with contextlib.ExitStack() as stack:
         cut_url = stack.enter_context(serve(cut_app, free_socket()))
         relay = Relay(("127.0.0.1", int(cut_url.rsplit(":", 1)[1])))
         stack.callback(relay.close)
+        header_url = stack.enter_context(serve(bad_version, free_socket()))
+        room_url = stack.enter_context(serve(room_app, free_socket()))
         more = (
             {"name": "labgone", "url": f"{gone_url}/mcp"},
             {"name": "labspawn", "command": str(program)},
             {"name": "labcut", "url": f"http://127.0.0.1:{relay.port}/mcp"},
+            *(
+                {"name": server, "command": str(folder / server), "timeout": 10}
+                for server in ("labexit", "labrefuse", "labquit")
+            ),
+            {"name": "labheader", "url": f"{header_url}/mcp"},
+            {"name": "labroom", "url": f"{room_url}/mcp", "session": "per_user", "max_sessions": 1},
         )
         running = stack.enter_context(
             start(
@@ -1135,8 +1212,23 @@ def unsent(tmp_path_factory):
                     f' McpServer{{"{server}"}})',
                 )
             ]
+            + [
+                parse_fact(
+                    f'has_relation(Tool{{"labroom/{LONG_RUN}"}}, "server", McpServer{{"labroom"}})'
+                ),
+                parse_fact('has_role(User{"avery"}, "admin", McpServer{"labroom"})'),
+            ]
         )
-        yield Unsent(running, gone_sock, program, cut_app, relay)
+        yield Unsent(
+            running,
+            gone_sock,
+            program,
+            cut_app,
+            relay,
+            folder,
+            bad_version,
+            Path(room_lab.TRACE),
+        )
 
 
 def read_on(bastion, server: str, token: str, uri: str = "lab://open") -> dict:
@@ -1228,3 +1320,162 @@ def test_an_approval_whose_upstream_program_could_not_be_started_is_not_spent(un
     answer = read_on(bastion, "labspawn", token)
     assert answer["result"]["contents"][0]["text"] == "anyone on the team may read this", answer
     assert approvals(bastion).get(held["approval_id"]).status == "used"
+
+
+LAB_PROGRAM = f"#!/bin/sh\nexec {shlex.quote(sys.executable)} {shlex.quote(str(LAB))}\n"
+
+
+def approved_read(unsent: Unsent, server: str) -> tuple[str, str]:
+    """sam's read on ``server``, held and approved by sam: sam's token and the approval's id."""
+    bastion = unsent.bastion
+    token = bastion.token("sam", server)
+    held = read_on(bastion, server, token)["error"]["data"]
+    assert held["reason"] == "approval_pending", held
+    approvals(bastion).answer(held["approval_id"], "sam", "approve", channel="api")
+    return token, held["approval_id"]
+
+
+def given_back(bastion, approval_id: str, failed: dict) -> dict:
+    """The approval the read that ``failed`` spent is approved again, as it was, with an event
+    `approval.unspent` naming that read's decision: that event's detail."""
+    kept = approvals(bastion).get(approval_id)
+    assert kept.status == "approved", kept
+    assert (kept.used_by, kept.used_at, kept.running_until) == (None, None, None)
+    events = approvals(bastion).audit.events(kind="approval.unspent", request_id=approval_id)
+    (event,) = [e for e in events if e.detail["decision_id"] == failed["data"]["decision_id"]]
+    return event.detail
+
+
+def test_an_approval_whose_stdio_program_exits_before_its_handshake_answers_is_not_spent(unsent):
+    """The program starts and exits before it answers ``initialize``: the connection was never
+    made, so the approved read never left bastion. The approval is given back, and the retry,
+    once the program is the lab, goes through with it (the person is not asked again)."""
+    bastion = unsent.bastion
+    unsent.write_program("labexit", "#!/bin/sh\nexit 3\n")
+    token, approval_id = approved_read(unsent, "labexit")
+    failed = read_on(bastion, "labexit", token)["error"]
+    assert failed["code"] == -32000 and "labexit" in failed["message"], failed
+    detail = given_back(bastion, approval_id, failed)
+    assert detail["error"] == "UpstreamFailure" and detail["message"] == failed["message"]
+    unsent.write_program("labexit", LAB_PROGRAM)
+    answer = read_on(bastion, "labexit", token)
+    assert answer["result"]["contents"][0]["text"] == "anyone on the team may read this", answer
+    assert approvals(bastion).get(approval_id).status == "used"
+
+
+REFUSES_INITIALIZE = """\
+import json, sys
+for line in sys.stdin:
+    message = json.loads(line)
+    if "id" in message:
+        error = {"code": -32602, "message": "unsupported protocol version"}
+        print(json.dumps({"jsonrpc": "2.0", "id": message["id"], "error": error}), flush=True)
+"""
+
+
+def test_an_approval_whose_stdio_program_refuses_initialize_is_not_spent(unsent):
+    """The program answers ``initialize`` with an error: bastion never sent the read. The
+    approval is given back, and the retry, once the program is the lab, goes through."""
+    bastion = unsent.bastion
+    unsent.write_program("labrefuse", f"#!{sys.executable}\n{REFUSES_INITIALIZE}")
+    token, approval_id = approved_read(unsent, "labrefuse")
+    failed = read_on(bastion, "labrefuse", token)["error"]
+    assert failed["code"] == -32000 and "refused initialize" in failed["message"], failed
+    assert given_back(bastion, approval_id, failed)["error"] == "UpstreamError"
+    unsent.write_program("labrefuse", LAB_PROGRAM)
+    answer = read_on(bastion, "labrefuse", token)
+    assert answer["result"]["contents"][0]["text"] == "anyone on the team may read this", answer
+    assert approvals(bastion).get(approval_id).status == "used"
+
+
+QUITS_ON_THE_CALL = """\
+import json, sys
+for line in sys.stdin:
+    message = json.loads(line)
+    if message.get("method") == "initialize":
+        result = {
+            "protocolVersion": "2025-11-25",
+            "capabilities": {"resources": {}},
+            "serverInfo": {"name": "quits", "version": "1"},
+        }
+        print(json.dumps({"jsonrpc": "2.0", "id": message["id"], "result": result}), flush=True)
+    elif "id" in message:
+        with open(sys.argv[1], "a") as received:
+            received.write(message["method"] + "\\n")
+        sys.exit(1)
+"""
+
+
+def test_an_approval_whose_stdio_program_took_the_call_and_exited_is_spent(unsent):
+    """The program answers its handshake, reads the approved call, and exits without answering:
+    it may have acted, so the approval is spent and the retry is held anew."""
+    bastion = unsent.bastion
+    received = unsent.folder / "labquit-received"
+    unsent.write_program(
+        "labquit",
+        f"#!/bin/sh\nexec {shlex.quote(sys.executable)} -c "
+        f"{shlex.quote(QUITS_ON_THE_CALL)} {shlex.quote(str(received))}\n",
+    )
+    token, approval_id = approved_read(unsent, "labquit")
+    failed = read_on(bastion, "labquit", token)["error"]
+    assert failed["code"] == -32000, failed
+    assert received.read_text() == "resources/read\n"
+    spent = approvals(bastion).get(approval_id)
+    assert spent.status == "used" and spent.used_by == failed["data"]["decision_id"]
+    assert approvals(bastion).audit.events(kind="approval.unspent", request_id=approval_id) == []
+    again = read_on(bastion, "labquit", token)["error"]["data"]
+    assert again["reason"] == "approval_pending" and again["approval_id"] != approval_id, again
+
+
+def test_an_approval_whose_request_has_a_header_bastion_refuses_to_send_is_not_spent(unsent):
+    """The upstream's ``initialize`` named a protocol version with a line break in it, which
+    bastion refuses to send in the ``MCP-Protocol-Version`` header of the read (it would start a
+    header of the upstream's own choosing): nothing of the read was written. The approval is
+    given back each time, and the retry runs without the person being asked again."""
+    bastion = unsent.bastion
+    token, approval_id = approved_read(unsent, "labheader")
+    failed = read_on(bastion, "labheader", token)["error"]
+    assert failed["code"] == -32000 and "header" in failed["message"], failed
+    given_back(bastion, approval_id, failed)
+    again = read_on(bastion, "labheader", token)["error"]
+    assert again["code"] == -32000 and "header" in again["message"], again
+    given_back(bastion, approval_id, again)
+    assert "resources/read" not in unsent.bad_version.methods
+    assert "initialize" in unsent.bad_version.methods
+
+
+def test_an_approval_whose_per_user_upstream_session_had_no_room_is_not_spent(unsent):
+    """labroom keeps one upstream session per user, one at most, and avery's is busy with a call
+    that stays upstream: sam's approved read finds no room for a session of sam's, so it never
+    left bastion. The approval is given back; once avery's call ends, the retry goes through."""
+    bastion, trace = unsent.bastion, unsent.room_trace
+    avery = bastion.token("avery", "labroom")
+    ran: dict = {}
+
+    def run() -> None:
+        response = bastion.http.post(
+            bastion.mcp_url("labroom"),
+            json=modern_request(1, "tools/call", {"name": LONG_RUN, "arguments": {"tag": "room"}}),
+            headers=modern_headers(avery, "tools/call", LONG_RUN),
+            timeout=60,
+        )
+        ran["answer"] = messages(response)[-1]
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    wait_for(
+        lambda: "answer" in ran or (trace.exists() and "run-started" in trace.read_text()),
+        "avery's call runs",
+    )
+    assert "answer" not in ran, ran
+    token, approval_id = approved_read(unsent, "labroom")
+    failed = read_on(bastion, "labroom", token)["error"]
+    assert failed["code"] == -32000 and "max_sessions" in failed["message"], failed
+    assert given_back(bastion, approval_id, failed)["error"] == "RpcError"
+    with trace.open("a") as out:
+        out.write(json.dumps({"kind": "release", "tag": "room"}) + "\n")
+    thread.join(30)
+    assert ran["answer"]["result"]["content"][0]["text"] == "released room", ran
+    answer = read_on(bastion, "labroom", token)
+    assert answer["result"]["contents"][0]["text"] == "anyone on the team may read this", answer
+    assert approvals(bastion).get(approval_id).status == "used"
