@@ -1077,7 +1077,8 @@ def test_an_approved_call_sent_at_once_to_two_replicas_on_postgresql_runs_once(
 # Reads of the lab's open note through more upstreams wait for the user's confirmation: one that
 # nothing listens for yet ("labgone": its connections are refused), one over stdio whose program
 # is not there yet ("labspawn"), one behind a relay that drops the requests it is sent once told
-# to ("labcut"); over stdio, programs each test writes ("labexit", "labrefuse", "labquit"); an
+# to ("labcut"); over stdio, programs each test writes ("labexit", "labrefuse", "labquit", and
+# "labmute", with a timeout of 2 s); an
 # HTTP upstream whose initialize names a protocol version no header can carry ("labheader");
 # and the lab with one upstream session per user, one at most ("labroom").
 UNSENT_SERVERS = (
@@ -1087,6 +1088,7 @@ UNSENT_SERVERS = (
     "labexit",
     "labrefuse",
     "labquit",
+    "labmute",
     "labheader",
     "labroom",
 )
@@ -1152,7 +1154,7 @@ class Unsent:
     program: Path  # labspawn's program, not there until a test writes it
     cut_app: Recorder  # the lab behind the relay
     relay: Relay  # to the lab; `Relay.drop` makes it an upstream that takes a request and fails
-    folder: Path  # where the programs of labexit, labrefuse and labquit are written
+    folder: Path  # where the programs of the stdio upstreams are written (`write_program`)
     bad_version: BadVersion  # labheader's server
     room_trace: Path  # the trace of labroom's lab (`release_run`)
 
@@ -1191,6 +1193,7 @@ def unsent(tmp_path_factory):
                 {"name": server, "command": str(folder / server), "timeout": 10}
                 for server in ("labexit", "labrefuse", "labquit")
             ),
+            {"name": "labmute", "command": str(folder / "labmute"), "timeout": 2},
             {"name": "labheader", "url": f"{header_url}/mcp"},
             {"name": "labroom", "url": f"{room_url}/mcp", "session": "per_user", "max_sessions": 1},
         )
@@ -1361,6 +1364,19 @@ def test_an_approval_whose_stdio_program_exits_before_its_handshake_answers_is_n
     answer = read_on(bastion, "labexit", token)
     assert answer["result"]["contents"][0]["text"] == "anyone on the team may read this", answer
     assert approvals(bastion).get(approval_id).status == "used"
+
+
+def test_an_approval_whose_stdio_program_never_answers_its_handshake_is_not_spent(unsent):
+    """The program starts and never answers ``initialize``: its start fails at the upstream's
+    timeout, before the approved read was sent. The approval is given back each time, and the
+    retry runs without the person being asked again."""
+    bastion = unsent.bastion
+    unsent.write_program("labmute", "#!/bin/sh\nexec sleep 60\n")
+    token, approval_id = approved_read(unsent, "labmute")
+    for _ in range(2):
+        failed = read_on(bastion, "labmute", token)["error"]
+        assert failed["code"] == -32000 and "did not start" in failed["message"], failed
+        given_back(bastion, approval_id, failed)
 
 
 REFUSES_INITIALIZE = """\
