@@ -91,8 +91,8 @@ class NoApprover(Exception):
     """Nobody could ever answer this hold. The enforcement point refuses the call at once
     rather than hold it for nobody: ``reason`` is its refusal's reason, ``meaning`` what the
     agent is told of it; the message says what to configure (`nobody_behind`,
-    `self_forbidden`, `over_budget`), or, of a pending request nobody may answer any more
-    (`Approvals.stranded`), what changed (`owner_replaced`)."""
+    `self_forbidden`, `unable`, `too_few`, `over_budget`), or, of a pending request nobody may
+    answer any more (`Approvals.stranded`), what changed (`owner_replaced`)."""
 
     def __init__(self, message: str, meaning: str, reason: str = "no_approver") -> None:
         super().__init__(message)
@@ -144,6 +144,35 @@ class NoApprover(Exception):
             "nobody can approve it: self-approval is forbidden by the policy for this call, and"
             " no approver rule of the policy names anyone else for it; an administrator adds an"
             " approver rule to the policy",
+        )
+
+    @classmethod
+    def unable(cls, states: set[str]) -> NoApprover:
+        """Everyone who could answer (the approvers the rules name, or the person who confirms
+        the call) answers nothing now: ``states``, disabled or suspended (`Approvals._standing`).
+        Nobody is named: the agent is told no more than the other refusals tell it."""
+        why = " or ".join(sorted(states))
+        return cls(
+            f"nobody can approve this call: every person who may approve it is {why}; enable"
+            f" (bastion users enable USER) or resume (bastion agents resume USER --kind user)"
+            f" one of them, or add an approver rule naming someone else",
+            f"nobody can approve it: every person who may approve it is {why}; an"
+            f" administrator enables or resumes one of them, or names another approver in the"
+            f" policy",
+        )
+
+    @classmethod
+    def too_few(cls, required: int, able: int, states: set[str]) -> NoApprover:
+        """The call needs more approvals (``approvals_required``) than the approvers the rules
+        name, less those who answer nothing now (``states``), could give."""
+        others = f", the others being {' or '.join(sorted(states))}" if states else ""
+        return cls(
+            f"nobody can approve this call: it needs {required} approvals (approvals_required)"
+            f" and only {able} of the people who may approve it can give one{others}; name more"
+            f" approvers, {'enable or resume them, ' if states else ''}or require fewer",
+            "nobody can approve it: it needs more approvals (approvals_required) than the"
+            " people who may approve it can give; an administrator names more approvers in the"
+            " policy, or requires fewer",
         )
 
     @classmethod
@@ -548,8 +577,9 @@ class Approvals:
     def answerers(self, call: Call, context: dict[str, Any]) -> tuple[Terms, str | None]:
         """Who may answer ``call`` if it is held now: the policy's terms, and the person who
         confirms it where no approver rule names anyone (`confirmer`). `NoApprover` when
-        nobody could, as `_entitled` would take answers: no approver named but those forbidden
-        to answer their own call, no confirmer who may, and no approver rule open to people the
+        nobody could, as `_entitled` would take answers (`_nobody`): no approver named but those
+        forbidden to answer their own call, no confirmer who may, or only disabled or suspended
+        ones, or fewer than the approvals it needs, and no approver rule open to people the
         facts do not name; or rules over the evaluation budget (the narrowest terms). The
         enforcement point refuses such a call before it holds it, or, for a result to review,
         before the call runs."""
@@ -568,8 +598,9 @@ class Approvals:
         asked now of the call it holds (its context as `_call_context` keeps it), under the
         terms an answer would be taken under (`_read`: the policy's now, forbidding
         self-approval if either reading did), with the person who confirms it only if the
-        request's own confirmer still does (`_entitled`). Disabled or suspended approvers still
-        count, as when a call is held: they answer again once enabled or resumed."""
+        request's own confirmer still does (`_entitled`), and the more approvals of the two
+        readings (`_read`). Approvers disabled or suspended since count for nobody, as when a
+        call is held (`_nobody`): enabled or resumed, they answer the call sent again."""
         context = _call_context(request, self.clock())
         call = Call(
             request.kind,
@@ -587,7 +618,11 @@ class Approvals:
             now = self._terms_in(s, call.subject, call.action, call.resource, call.chain)
         if now.over_budget is not None:
             return NoApprover.over_budget(now.over_budget)
-        terms = replace(now, self_forbidden=now.self_forbidden or request.self_forbidden)
+        terms = replace(
+            now,
+            required=max(now.required, request.required),
+            self_forbidden=now.self_forbidden or request.self_forbidden,
+        )
         confirmer = self.confirmer(request.subject, request.chain)
         replaced = confirmer != request.confirmer  # neither confirms it (`_entitled`)
         try:
@@ -607,14 +642,29 @@ class Approvals:
         self, call: Call, context: dict[str, Any], terms: Terms, confirmer: str | None
     ) -> NoApprover | None:
         """Why nobody could answer ``call`` under ``terms`` with ``confirmer`` confirming it
-        where no approver is named, or None (`answerers`)."""
+        where no approver is named, or None (`answerers`): fewer people who may answer it, as
+        `_entitled` takes answers, and who answer at all (`_standing`: not disabled, not
+        suspended), than the approvals it needs. Each who approved already and still may
+        counts as one (`_standing_approvals`). An approver rule open to people the facts do
+        not name (`_open_to_anyone`) is not counted: someone may always answer it."""
         own = (call.subject, confirmer)  # forbidden to answer under self_approval_forbidden
-        if any(a not in own or not terms.self_forbidden for a in terms.approvers):
-            return None
-        if not terms.approvers and confirmer is not None and not terms.self_forbidden:
-            return None
+        if terms.approvers:
+            people = [a for a in terms.approvers if a not in own or not terms.self_forbidden]
+        else:
+            people = [confirmer] if confirmer is not None and not terms.self_forbidden else []
+        able, states = 0, set()
+        for person in people:
+            state = self._standing(person)
+            if state is not None:
+                states.add(state)
+            elif (able := able + 1) >= terms.required:
+                return None
         if self._open_to_anyone(call, context):
             return None
+        if able == 0 and states:
+            return NoApprover.unable(states)
+        if people:
+            return NoApprover.too_few(terms.required, able, states)
         if terms.self_forbidden and confirmer is not None:
             return NoApprover.self_forbidden(call, confirmer)
         return NoApprover.nobody_behind(call.subject)
@@ -803,13 +853,23 @@ class Approvals:
     def standing_refusal(self, person: str) -> str | None:
         """Why ``person`` answers nothing, and sees no more of a request than anyone, whatever
         the policy says (disabled, or held by the kill switch), or None."""
-        if self.user_state(person) == "disabled":
+        state = self._standing(person)
+        if state == "disabled":
             return f"{person} is disabled: a disabled user answers no request"
+        if state == "suspended":
+            return f"{person} is suspended (the kill switch): a suspended user answers no request"
+        return None
+
+    def _standing(self, person: str) -> str | None:
+        """Why ``person`` answers nothing whatever the policy says, "disabled" or "suspended";
+        else None (a name that is no bastion user has no state to be disabled)."""
+        if self.user_state(person) == "disabled":
+            return "disabled"
         if (
             self.suspensions is not None
             and self.suspensions.first((Entity("User", person),)) is not None
         ):
-            return f"{person} is suspended (the kill switch): a suspended user answers no request"
+            return "suspended"
         return None
 
     def answer(

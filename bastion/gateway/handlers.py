@@ -583,7 +583,7 @@ async def _held_for_review(
     enforcer = ex.gateway.enforcer
     try:
         held = await enforcer.hold_result(verdict, result, context)
-    except NoApprover as why:  # nobody could review it any more (the owner changed meanwhile)
+    except NoApprover as why:  # nobody could review it any more (owner changed, reviewer disabled)
         enforcer.write(
             verdict.record,
             result="deny",

@@ -11,7 +11,8 @@
   review_pending), the ``approval_id``, the page's ``url`` and ``retry_after``; an identical
   retry after the answer is decided again.
 - A wait ends early, once a second at most, when nobody may answer its request any more (an
-  approver removed meanwhile): decided again, the call is refused ``no_approver``.
+  approver removed, disabled or suspended meanwhile): decided again, the call is refused
+  ``no_approver``.
 - A retry of a call whose approved run is still upstream waits the same way for that run to end
   (its result then held for review, where it is), and is then decided again; not ended, it is
   answered the same error with ``reason`` approval_in_progress. It is never held for a new

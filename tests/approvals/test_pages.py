@@ -373,12 +373,18 @@ def test_a_person_who_is_not_an_approver_gets_403_no_form_and_a_forged_answer_is
 
 
 def test_a_suspended_approver_gets_403_no_form_and_their_answer_is_refused(bastion: Running):
-    request = hold(bastion)
+    """sam's email may be approved by either of his managers, avery or dana: while avery is
+    suspended it waits for dana (with avery its only approver it would be closed when shown:
+    nobody could answer it, tests/approvals/test_service.py)."""
+    second = parse_fact('manager(User{"sam"}, User{"dana"})')
+    facts_now(bastion, inserts=[second])
     with signed_in(bastion, "avery") as http:
-        session = http.cookies[SESSION_COOKIE]
-        token = bastion.app.state.oauth.form_tokens.token(f"approval:{request.id}", session)
-        kill_switch(bastion, suspend)
         try:
+            request = hold(bastion)
+            assert request.approvers == ("avery", "dana")
+            session = http.cookies[SESSION_COOKIE]
+            token = bastion.app.state.oauth.form_tokens.token(f"approval:{request.id}", session)
+            kill_switch(bastion, suspend)
             shown = http.get(f"/approvals/{request.id}")
             listed = http.get("/approvals")
             answered = http.post(
@@ -386,6 +392,7 @@ def test_a_suspended_approver_gets_403_no_form_and_their_answer_is_refused(basti
             )
         finally:
             kill_switch(bastion, resume)
+            facts_now(bastion, deletes=[second])
         assert shown.status_code == answered.status_code == 403
         for page in (shown, answered):
             assert "avery is suspended" in page.text and "name=answer" not in page.text

@@ -16,9 +16,10 @@ from bastion.approvals.store import Answer, ApprovalRequest, ApprovalStore
 from bastion.audit.log import AuditLog
 from bastion.db import Database
 from bastion.decide.contract import decide_chain, plainly_allowed
-from bastion.facts.store import FactStore
+from bastion.facts.store import FactStore, StoredFact
 from bastion.oauth.store import OAuthStore
 from bastion.server.config import ConfigError
+from bastion.signals.suspensions import Suspensions
 from tests.approvals.support import POLICY_HEAD
 
 POLICY = (
@@ -34,7 +35,7 @@ approver(User{"cfo"}, _user: User, "call", Tool{"crm/wire"});
 approvals_required(_user: User, "call", Tool{"crm/wire"}, 2);
 approval_window(_user: User, "call", Tool{"crm/send"}, 30);
 requires_approval(_user: User, "call", Tool{"crm/huge"});
-approver(User{"cfo"}, _user: User, "call", Tool{"crm/huge"});
+approver(other: User, user: User, "call", Tool{"crm/huge"}) if other != user;
 approvals_required(_user: User, "call", Tool{"crm/huge"}, 3000000000);
 # Admins approve refunds, but never their own.
 requires_approval(_user: User, "call", Tool{"crm/refund"});
@@ -262,9 +263,9 @@ def test_a_call_nobody_could_answer_is_refused_at_once_and_nothing_is_held(peopl
             approvals.answerers(review, {})
     assert approvals.listed() == []
     # An approver rule that names a person is enough.
-    named = held(approvals, acting_as_itself(wire, agent="orphan"))
+    named = held(approvals, acting_as_itself(pay, agent="orphan"))
     assert (named.approvers, named.confirmer) == (("cfo",), None)
-    assert approvals.check(acting_as_itself(wire, agent="orphan")).state == "pending"
+    assert approvals.check(acting_as_itself(pay, agent="orphan")).state == "pending"
 
 
 def test_a_call_only_its_user_could_confirm_under_self_approval_forbidden_is_refused_at_once(
@@ -393,6 +394,129 @@ def test_a_request_whose_approver_rules_spend_the_budget_now_is_closed(world):
     outcome = approvals.check(call(close))
     assert (outcome.state, outcome.reason) == ("refused", "evaluation_limit")
     assert approvals.store.get(request.id).status == "expired"
+
+
+# -- who may answer: only people who can (not disabled, not suspended) ------------------------
+
+
+@pytest.fixture
+def standing(world):
+    """``world`` whose approvals read the users' states and the kill switch, as a server's do:
+    avery, cfo, dana and pat are bastion users, pat owns the agent ``nightly``."""
+    approvals, authz, facts, clock = world
+    users = OAuthStore(approvals.store.db)
+    for name in ("avery", "cfo", "dana", "pat"):
+        users.create_user(name, "hash", clock(), actor="test")
+    approvals.user_state = users.user_state
+    approvals.suspensions = Suspensions(clock)  # the replica's view, fed as the replica feeds it
+    facts.apply([owner_fact("nightly", "pat")], actor="test")
+    return approvals, authz, users, clock
+
+
+def kill_switch(approvals: Approvals, name: str, on: bool = True) -> None:
+    """Suspend (or resume) the user ``name``: the change the replica hands its view."""
+    fact = ("suspended", Entity("User", name))
+    if on:
+        approvals.suspensions.apply([StoredFact(fact)], [])
+    else:
+        approvals.suspensions.apply([], [fact])
+
+
+def test_a_call_held_only_for_a_disabled_or_suspended_approver_is_refused_at_once(standing):
+    """sam's email waits for avery alone (his manager). Disabled, or suspended, she answers
+    nothing: holding it would wait for nobody until it expired (before: held, the client told
+    ``approval_pending``). Refused ``no_approver``, saying why, naming nobody; nothing held.
+    An agent acting as itself whose owner (its confirmer) is disabled is refused so too."""
+    approvals, _authz, users, clock = standing
+    users.disable_user("avery", clock(), actor="test")
+    with pytest.raises(NoApprover, match="disabled") as disabled:
+        approvals.hold(call(send, {"to": "d@example.com"}), "d1", (), {})
+    assert disabled.value.reason == "no_approver"
+    assert "disabled" in disabled.value.meaning and "avery" not in disabled.value.meaning
+    users.enable_user("avery", actor="test")
+    kill_switch(approvals, "avery")
+    with pytest.raises(NoApprover, match="suspended") as suspended:
+        approvals.hold(call(send, {"to": "s@example.com"}), "d1", (), {})
+    assert "suspended" in suspended.value.meaning and "avery" not in suspended.value.meaning
+    with pytest.raises(NoApprover, match="suspended"):  # nor is a result held for her review
+        approvals.answerers(dataclasses.replace(call(send), kind="review"), {})
+    users.disable_user("pat", clock(), actor="test")
+    with pytest.raises(NoApprover, match="disabled"):
+        approvals.hold(acting_as_itself(delete), "d1", (), {})
+    assert approvals.listed() == []
+    kill_switch(approvals, "avery", on=False)
+    assert held(approvals, call(send)).approvers == ("avery",)  # resumed: held for her again
+
+
+def test_a_request_whose_only_approver_is_suspended_while_it_waits_is_closed_when_looked_at(
+    standing,
+):
+    """avery is suspended (or disabled) while sam's email waits for her: nobody may answer it
+    now. The retry closes it (expired, its audit event saying ``no_approver``) and is refused;
+    a person opening it closes it too. Before, it waited for nobody until it expired."""
+    approvals, _authz, users, clock = standing
+    retried = held(approvals, call(send, {"to": "retried@example.com"}))
+    opened = held(approvals, call(send, {"to": "opened@example.com"}))
+    kill_switch(approvals, "avery")
+    outcome = approvals.check(call(send, retried.arguments))
+    assert (outcome.state, outcome.reason) == ("refused", "no_approver")
+    assert outcome.request.id == retried.id and "suspended" in outcome.nobody.meaning
+    assert approvals.get(opened.id).status == "expired"
+    for request in (retried, opened):
+        (closed,) = approvals.audit.events("approval.expired", request_id=request.id)
+        assert closed.detail["reason"] == "no_approver" and "suspended" in closed.detail["why"]
+    kill_switch(approvals, "avery", on=False)
+    disabled = held(approvals, call(send, {"to": "disabled@example.com"}))
+    users.disable_user("avery", clock(), actor="test")
+    assert [r.id for r in approvals.listed(status="pending")] == []
+    assert approvals.store.get(disabled.id).status == "expired"
+    # Resumed or enabled, nobody answers the closed requests: the call is asked anew.
+    users.enable_user("avery", actor="test")
+    with pytest.raises(NotAllowed, match="expired, not pending"):
+        approvals.answer(retried.id, "avery", "approve", channel="api")
+
+
+def test_a_request_with_one_able_approver_among_disabled_and_suspended_ones_waits_for_them(
+    standing,
+):
+    """sam's payment may be approved by any of his managers (avery, dana) or cfo. dana is
+    disabled and avery suspended: cfo still may, so the call is held, stays pending when looked
+    at, the others' answers are refused, and cfo's approves it."""
+    approvals, authz, users, clock = standing
+    authz.facts.apply([("manager", sam, Entity("User", "dana"))], [])
+    users.disable_user("dana", clock(), actor="test")
+    kill_switch(approvals, "avery")
+    request = held(approvals, call(pay))
+    assert request.approvers == ("avery", "cfo", "dana")
+    assert approvals.check(call(pay)).state == "pending"
+    assert approvals.get(request.id).status == "pending"
+    for person, why in (("dana", "dana is disabled"), ("avery", "avery is suspended")):
+        for answer in ("approve", "deny"):
+            with pytest.raises(NotAllowed, match=why):
+                approvals.answer(request.id, person, answer, channel="api")
+    assert approvals.store.get(request.id).answers == ()
+    assert approvals.answer(request.id, "cfo", "approve", channel="api").status == "approved"
+
+
+def test_a_call_needing_more_approvals_than_people_who_may_give_them_is_refused(standing):
+    """A wire needs two approvals, from avery and cfo. With cfo disabled one person may
+    approve: held, it would wait for nobody. Refused at once; and a wire held while both could
+    is closed when looked at once avery is suspended. Before, both waited until they expired."""
+    approvals, _authz, users, clock = standing
+    both = held(approvals, call(wire, {"to": "both@example.com"}))
+    assert both.required == 2
+    users.disable_user("cfo", clock(), actor="test")
+    with pytest.raises(NoApprover, match="2 approvals") as refused:
+        approvals.hold(call(wire, {"to": "one@example.com"}), "d1", (), {})
+    assert refused.value.reason == "no_approver"
+    assert "approvals_required" in refused.value.meaning and "cfo" not in refused.value.meaning
+    users.enable_user("cfo", actor="test")
+    assert approvals.check(call(wire, both.arguments)).state == "pending"
+    approvals.answer(both.id, "avery", "approve", channel="api")
+    kill_switch(approvals, "avery")  # her approval no longer counts: one may approve of two
+    outcome = approvals.check(call(wire, both.arguments))
+    assert (outcome.state, outcome.reason) == ("refused", "no_approver")
+    assert approvals.store.get(both.id).status == "expired"
 
 
 def test_identical_pending_calls_share_one_request_and_other_arguments_do_not(world):
@@ -576,8 +700,10 @@ def test_two_distinct_approvers_when_the_policy_requires_two(world):
 def test_an_approval_counts_only_while_its_approver_may_still_approve(world):
     """A wire needs two approvers. avery approves, then stops being sam's manager (or is
     disabled) before cfo approves: what decides is the second answer, and at that moment only
-    cfo may approve, so the wire waits for another approver. avery's approval made it approved."""
+    cfo may approve, so the wire waits for another approver (dana, sam's other manager).
+    avery's approval made it approved."""
     approvals, authz, _, clock = world
+    authz.facts.apply([("manager", sam, Entity("User", "dana"))], [])
     users = OAuthStore(approvals.store.db)
     users.create_user("avery", "hash", clock(), actor="test")
     approvals.user_state = users.user_state  # as a server's approvals read it
@@ -858,7 +984,9 @@ def test_the_policy_may_forbid_approving_ones_own_call_even_to_an_approver(world
 def test_a_number_of_approvals_past_any_column_is_held_and_can_never_be_met(world):
     """The policy may require any 64-bit number of approvals; PostgreSQL's INTEGER column holds
     32 bits, so a call held under 3,000,000,000 was a failed write there (the gateway's 500).
-    The number is bounded at MAX_REQUIRED: as before, more answers than anyone can give."""
+    The number is bounded at MAX_REQUIRED: as before, more answers than anyone can give. Its
+    approver rule is open to anyone but the user, so it is held (approvers the facts name
+    could not give as many: refused at once, `_nobody`)."""
     approvals, *_ = world
     huge = Entity("Tool", "crm/huge")
     request = held(approvals, call(huge))
@@ -958,8 +1086,9 @@ def test_an_approval_whose_approver_is_removed_while_the_deciding_answer_waits_c
 ):
     """A wire needs two approvals: avery's is given, then she stops being sam's manager while
     cfo's answer waits for the lock. cfo's answer is counted with the policy of that moment,
-    where avery's approval no longer counts: the wire waits for another approver."""
+    where avery's approval no longer counts: the wire waits for another approver (dana)."""
     approvals, authz, _, _ = world
+    authz.facts.apply([("manager", sam, Entity("User", "dana"))], [])
     request = held(approvals, call(wire))
     approvals.answer(request.id, "avery", "approve", channel="api")
     meanwhile(monkeypatch, approvals, lambda: authz.facts.apply([], [("manager", sam, avery)]))

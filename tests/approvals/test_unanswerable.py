@@ -9,10 +9,13 @@ named, the call stays pending."""
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 
 from bastion.facts.model import Entity
+from bastion.oauth.users import create_user
+from bastion.signals.suspensions import suspend, suspension
 from tests.approvals.test_agents_acting_as_themselves import call, recorded
 from tests.signals.support import running
 
@@ -124,3 +127,49 @@ def test_a_waiting_call_whose_request_nobody_may_answer_any_more_is_refused(wait
     assert error["data"]["reason"] == "no_approver", answers
     assert error["data"]["approval_id"] == found[0].id
     assert approvals.store.get(found[0].id).status == "expired"
+
+
+def approver(bastion, name: str, query: str) -> None:
+    """``name``, a bastion user, signs for ``query``: its only approver."""
+    create_user(bastion.app.state.oauth.store, name, "approver-password", time.time(), actor="t")
+    bastion.apply([("signs_for", Entity("User", name), query)])
+
+
+@pytest.mark.parametrize("era", ["legacy", "modern"])
+def test_a_call_held_only_for_a_disabled_approver_is_refused_no_approver_at_once(bastion, era):
+    """Its only approver is disabled (`bastion users disable`): they answer nothing, so held it
+    would wait for nobody until it expired (before: ``approval_pending``). Refused at once,
+    saying why without naming them, and recorded; nothing is held."""
+    name, query = f"blair-{era}", f"held-disabled-{era}"
+    approver(bastion, name, query)
+    bastion.app.state.oauth.store.disable_user(name, time.time(), actor="test")
+    before = len(bastion.app.state.approvals.listed(status="pending", limit=200))
+    refused = call(bastion, bastion.token("sam", "deskhttp"), {"query": query}, era)
+    error = refused["error"]
+    assert (error["code"], error["data"]["reason"]) == (-32003, "no_approver"), refused
+    assert "disabled" in error["message"] and name not in error["message"]
+    assert "approval_id" not in error["data"]
+    record = recorded(bastion, error["data"]["decision_id"])
+    assert (record.result, record.reason) == ("deny", "no_approver")
+    assert len(bastion.app.state.approvals.listed(status="pending", limit=200)) == before
+
+
+def test_a_retry_whose_only_approver_was_suspended_meanwhile_is_refused_no_approver(bastion):
+    """The kill switch holds the only approver while the call waits: its retry closes the
+    request and is refused ``no_approver`` (before: ``approval_pending`` until it expired)."""
+    name, query = "casey", "held-suspended"
+    approver(bastion, name, query)
+    token = bastion.token("sam", "deskhttp")
+    data = call(bastion, token, {"query": query})["error"]["data"]
+    assert data["reason"] == "approval_pending", data
+    seq = suspend(bastion.store, suspension("user", name), "test").seq
+    deadline = time.monotonic() + 10
+    while bastion.app.state.replica.applied < seq:
+        assert time.monotonic() < deadline, "the replica did not apply the suspension"
+        time.sleep(0.01)
+    refused = call(bastion, token, {"query": query})
+    error = refused["error"]
+    assert error["data"]["reason"] == "no_approver", refused
+    assert error["data"]["approval_id"] == data["approval_id"]
+    assert "suspended" in error["message"] and name not in error["message"]
+    assert bastion.app.state.approvals.store.get(data["approval_id"]).status == "expired"
