@@ -181,18 +181,33 @@ def is_loopback_host(host: str | None) -> bool:
         return False
 
 
-def cleartext_problem(url: Any) -> str | None:
-    """Why bastion may not send a request to ``url`` as it stands, or None: it must be https,
-    or plain http to the loopback. Anything else (http across a network) lets whoever is on the
-    way read what is sent (credentials, approval links, people's names) and change the answer;
-    a setting that allows it says so by name, and the caller names that setting."""
+def url_syntax_problem(url: Any) -> str | None:
+    """Why ``url`` is not a URL a request can be sent to, or None: one with a space or a
+    control character (which ``urlsplit`` drops or keeps as it is, and httpx refuses at the
+    request, or which would break the gateway's request line), a port beyond 65535 or an IPv6
+    host not closed. Settings are checked with it where they are read, not at their first use."""
     if not isinstance(url, str):
         return "is not a URL"
+    if any(c <= " " or c == "\x7f" for c in url):
+        return "is not a valid URL: it holds a space, a line break or another control character"
     try:
         parts = urlsplit(url)
-        host = parts.hostname
-    except ValueError:  # "https://[x": an IPv6 host not closed
+        parts.port  # noqa: B018 -- raises ValueError for a port out of range
+    except ValueError:
         return "is not a valid URL"
+    return None
+
+
+def cleartext_problem(url: Any) -> str | None:
+    """Why bastion may not send a request to ``url`` as it stands, or None: it must be a valid
+    URL (`url_syntax_problem`), https, or plain http to the loopback. Anything else (http across a
+    network) lets whoever is on the way read what is sent (credentials, approval links, people's
+    names) and change the answer; a setting that allows it says so by name, and the caller names
+    that setting."""
+    if problem := url_syntax_problem(url):
+        return problem
+    parts = urlsplit(url)
+    host = parts.hostname
     if not host:
         return "has no host"
     if parts.scheme == "https":

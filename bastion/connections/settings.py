@@ -9,7 +9,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from bastion.egress import PrivateAllowance, private_allowance
+from bastion.egress import PrivateAllowance, cleartext_problem, private_allowance
+from bastion.http_fields import field_value_problem
 
 KNOWN = {
     "issuer",
@@ -69,9 +70,13 @@ class UpstreamOAuth:
             issuer and not issuer.startswith(("http://", "https://"))
         ):
             raise ConnectionSettingsError(f"{where}.issuer must be an http(s) URL")
+        if issuer and (problem := cleartext_problem(issuer)):
+            raise ConnectionSettingsError(f"{where}.issuer {problem}")
         for key in ("client_id", "client_secret"):
             if not isinstance(table.get(key, ""), str):
                 raise ConnectionSettingsError(f"{where}.{key} must be a string")
+        if problem := field_value_problem(table.get("client_secret", "")):
+            raise ConnectionSettingsError(f"{where}.client_secret {problem}")
         if table.get("client_secret") and not table.get("client_id"):
             raise ConnectionSettingsError(f"{where}.client_secret needs {where}.client_id")
         scopes = table.get("scopes", [])

@@ -45,11 +45,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from bastion.connections.settings import ConnectionSettingsError, UpstreamOAuth
-from bastion.egress import cleartext_problem
+from bastion.egress import cleartext_problem, url_syntax_problem
 from bastion.environment import expand
 from bastion.gateway.follows import LEASE_SECONDS
 from bastion.gateway.sessions import MAX_SUBSCRIPTIONS_PER_USER
 from bastion.gateway.tool_pins import PIN_MODES
+from bastion.http_fields import field_name_problem, field_value_problem
 from bastion.identity.trusted_issuers import TrustedIssuer, parse_trusted_issuers
 from bastion.origins import normalized_origin
 from bastion.redaction import safe_url
@@ -195,6 +196,8 @@ class GatewayConfig:
         public_url = str(table.get("public_url", "")).rstrip("/")
         if public_url and not public_url.startswith(("http://", "https://")):
             raise ConfigError(f"gateway.public_url must be an http(s) URL, got {public_url!r}")
+        if public_url and (problem := url_syntax_problem(public_url)):
+            raise ConfigError(f"gateway.public_url {problem}, got {public_url!r}")
         pass_methods = table.get("pass_methods", list(DEFAULT_PASS_METHODS))
         if not isinstance(pass_methods, list) or not all(isinstance(m, str) for m in pass_methods):
             raise ConfigError("gateway.pass_methods must be a list of method names")
@@ -292,6 +295,16 @@ def _expand(value: str, env: Mapping[str, str], where: str) -> str:
     return expand(value, env, where, ConfigError)
 
 
+def _header(name: str, value: str, where: str) -> str:
+    """A header bastion sends the upstream, refused here rather than at the first call; its
+    value (a credential, often, from the environment) stripped of leading and trailing spaces
+    and tabs, and never named in the message."""
+    problem = field_name_problem(name) or field_value_problem(value)
+    if problem:
+        raise ConfigError(f"{where} {problem}")
+    return value.strip(" \t")
+
+
 def _upstream(index: int, value: Any, env: Mapping[str, str]) -> UpstreamConfig:
     where = f"gateway.upstreams[{index}]"
     if not isinstance(value, dict):
@@ -330,6 +343,8 @@ def _upstream(index: int, value: Any, env: Mapping[str, str]) -> UpstreamConfig:
         raise ConfigError(f"{where} ({name}): give either command (stdio) or url (Streamable HTTP)")
     if url and not (isinstance(url, str) and url.startswith(("http://", "https://"))):
         raise ConfigError(f"{where}.url must be an http(s) URL, got {url!r}")
+    if url and (problem := url_syntax_problem(url)):
+        raise ConfigError(f"{where}.url {problem}, got {url!r}")
     allow_http = value.get("allow_http", False)
     if not isinstance(allow_http, bool):
         raise ConfigError(f"{where}.allow_http must be true or false, got {allow_http!r}")
@@ -342,11 +357,16 @@ def _upstream(index: int, value: Any, env: Mapping[str, str]) -> UpstreamConfig:
     args = value.get("args", [])
     if not isinstance(args, list) or not all(isinstance(a, str) for a in args):
         raise ConfigError(f"{where}.args must be a list of strings")
+    program_env = {
+        k: _expand(v, env, f"{where}.env.{k}")
+        for k, v in _strings(value.get("env", {}), f"{where}.env").items()
+    }
+    _check_program(where, command, args, program_env, value.get("cwd", ""))
     scopes = value.get("scopes", [])
     if not isinstance(scopes, list) or not all(isinstance(s, str) and " " not in s for s in scopes):
         raise ConfigError(f"{where}.scopes must be a list of scope names")
     headers = {
-        k: _expand(v, env, f"{where}.headers.{k}")
+        k: _header(k, _expand(v, env, f"{where}.headers.{k}"), f"{where}.headers.{k} ({name})")
         for k, v in _strings(value.get("headers", {}), f"{where}.headers").items()
     }
     if any(k.lower() in ("host", "content-length", "mcp-session-id") for k in headers):
@@ -395,10 +415,7 @@ def _upstream(index: int, value: Any, env: Mapping[str, str]) -> UpstreamConfig:
         name=name,
         command=str(command),
         args=tuple(args),
-        env={
-            k: _expand(v, env, f"{where}.env.{k}")
-            for k, v in _strings(value.get("env", {}), f"{where}.env").items()
-        },
+        env=program_env,
         cwd=str(value.get("cwd", "")),
         url=str(url),
         headers=headers,
@@ -414,6 +431,30 @@ def _upstream(index: int, value: Any, env: Mapping[str, str]) -> UpstreamConfig:
         pin_prompts=pin_prompts,
         pin_relist_seconds=_seconds(value, "pin_relist_seconds", 5, where),
     )
+
+
+def _check_program(
+    where: str, command: Any, args: list[str], env: Mapping[str, str], cwd: Any
+) -> None:
+    """A stdio upstream's command line, environment and directory, refused here rather than
+    when the process is started at the first call: a NUL ends a C string (the operating system
+    cannot take one), and an environment variable's name is neither empty nor holds ``=``."""
+    if not isinstance(command, str) or not isinstance(cwd, str):
+        raise ConfigError(f"{where}.command and {where}.cwd must be strings")
+    for key, text in (
+        ("command", command),
+        ("cwd", cwd),
+        *((f"args[{i}]", a) for i, a in enumerate(args)),
+    ):
+        if "\0" in text:
+            raise ConfigError(f"{where}.{key} holds a NUL character, which no program can be given")
+    for key, text in env.items():
+        if not key or "=" in key or "\0" in key:
+            raise ConfigError(f"{where}.env: {key!r} is not an environment variable name")
+        if "\0" in text:
+            raise ConfigError(
+                f"{where}.env.{key} holds a NUL character, which no program can be given"
+            )
 
 
 def _pin_mode(value: dict[str, Any], key: str, default: str, where: str) -> str:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import functools
-import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from urllib.parse import urlsplit
@@ -19,6 +18,7 @@ from urllib.parse import urlsplit
 import httptools
 
 from bastion import outbound_proxy
+from bastion.http_fields import field_name_problem, field_value_problem
 from bastion.outbound_proxy import TunnelRefused, tunnel_socket
 from bastion.tls import trust
 
@@ -59,14 +59,11 @@ class HttpConnectError(HttpClientError):
         self.cause = cause
 
 
-_BAD_NAME = re.compile("[\r\n\0:]")
-_BAD_VALUE = re.compile("[\r\n\0]")
-
-
 def _check_header(name: str, value: str) -> None:
     # A CR, LF or NUL in a header would let a value start a new header or request upstream.
-    if _BAD_NAME.search(name) or _BAD_VALUE.search(value):
-        raise HttpClientError(f"header {name!r} has a character HTTP/1.1 does not allow")
+    problem = field_name_problem(name) or field_value_problem(value)
+    if problem:
+        raise HttpClientError(f"header {name!r} {problem}")
 
 
 class _Connection(asyncio.Protocol):
@@ -313,9 +310,9 @@ class Http1Client:
         return connection
 
     def head(self, method: str, headers: Mapping[str, str]) -> bytes:
-        """The head of a request, checked (`HttpClientError` for a CR, LF or NUL in a header)
-        and encoded up to its Content-Length's value: what `send` takes. A caller that sends
-        the same head again may keep it and send it again."""
+        """The head of a request, checked (`HttpClientError` for a header HTTP does not allow:
+        `bastion.http_fields`) and encoded up to its Content-Length's value: what `send` takes.
+        A caller that sends the same head again may keep it and send it again."""
         # The head but for its length is the same from call to call (the same upstream, tool
         # and credentials): checked and encoded once, then looked up.
         key = (method, *headers.items())

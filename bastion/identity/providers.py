@@ -12,6 +12,7 @@ from typing import Any
 from bastion.egress import PrivateAllowance, private_allowance
 from bastion.environment import expand
 from bastion.facts.model import Entity
+from bastion.http_fields import field_value_problem
 from bastion.names import user_prefix_problem
 from bastion.oauth.client_assertion import algorithms_problem, url_problem
 
@@ -223,6 +224,8 @@ def _provider(index: int, table: Any, env: Mapping[str, str]) -> OpenIDProvider:
         values["client_secret"] = _expand(
             f"{where}.client_secret", _text(f"{where}.client_secret", table["client_secret"]), env
         )
+        if problem := field_value_problem(values["client_secret"]):
+            raise IdentityConfigError(f"{where}.client_secret {problem}")
     for key in ("name", "user_claim"):
         if key in table:
             values[key] = _text(f"{where}.{key}", table[key])

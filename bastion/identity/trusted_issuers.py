@@ -32,6 +32,7 @@ from bastion import untrusted_json
 from bastion.audit.refusals import RefusalLog
 from bastion.egress import PrivateAllowance, private_allowance
 from bastion.environment import expand
+from bastion.http_fields import field_value_problem
 from bastion.names import UNVERIFIED_EMAIL, user_prefix_problem, vouched_for
 from bastion.oauth.access_token import TOKEN_TYPE
 from bastion.oauth.client_assertion import algorithms_problem, jwks_problem, url_problem
@@ -163,9 +164,11 @@ class TrustedIssuer:
                     raise ValueError(f"{where}.{name} must be a non-empty string")
                 values[name] = table[name]
         if "introspection_client_secret" in values:
-            values["introspection_client_secret"] = expand(
+            values["introspection_client_secret"] = secret = expand(
                 values["introspection_client_secret"], env, f"{where}.introspection_client_secret"
             )
+            if problem := field_value_problem(secret):
+                raise ValueError(f"{where}.introspection_client_secret {problem}")
         if "user_prefix" in table:
             if problem := user_prefix_problem(table["user_prefix"]):
                 raise ValueError(f"{where}.user_prefix: {problem}")

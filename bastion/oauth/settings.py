@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
-from bastion.egress import PrivateAllowance, private_allowance
+from bastion.egress import PrivateAllowance, private_allowance, url_syntax_problem
 from bastion.oauth.errors import InvalidTarget
 
 REGISTRATION_POLICIES = ("open", "initial_access_token", "closed")
@@ -346,6 +346,9 @@ class OAuthSettings:
 def _issuer(value: Any) -> str:
     if not isinstance(value, str):
         raise SettingsError('oauth.issuer: required, e.g. issuer = "https://auth.example.com"')
+    if problem := url_syntax_problem(value):
+        # It is in headers (WWW-Authenticate) and links bastion sends: refused here, not there.
+        raise SettingsError(f"oauth.issuer {problem}, got {value!r}")
     parts = urlsplit(value)
     loopback = parts.hostname in ("127.0.0.1", "localhost", "::1")
     if parts.scheme != "https" and not (parts.scheme == "http" and loopback):

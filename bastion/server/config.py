@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
+from bastion.http_fields import field_value_problem
 from bastion.policy.limits import DEFAULT_LIMITS, PolicyLimits
 
 if TYPE_CHECKING:
@@ -397,6 +398,10 @@ def command_database(args: argparse.Namespace, config: ServerConfig | None = Non
 
 
 def _check_public_url(url: str) -> None:
+    from bastion.egress import url_syntax_problem
+
+    if problem := url_syntax_problem(url):
+        raise ConfigError(f"public_url {problem}, got {url!r}")
     parts = urlsplit(url)
     loopback = parts.hostname in ("localhost", "127.0.0.1", "::1")
     if parts.scheme != "https" and not (parts.scheme == "http" and loopback):
@@ -423,6 +428,9 @@ def _check_value(key: str, value: Any) -> None:
         raise ConfigError(f"fact_expired_grace_seconds must be 0 or more seconds, got {value!r}")
     if key == "audit_retention_days" and value < 0:
         raise ConfigError("audit_retention_days must be a number of days, 0 to keep everything")
+    if key == "admin_key" and (problem := field_value_problem(value)):
+        # Compared with the key a client sends in Authorization, which cannot hold it.
+        raise ConfigError(f"admin_key {problem}")
     if key == "database":
         from bastion.db import DatabaseSettingError, is_postgres, sqlite_file
 

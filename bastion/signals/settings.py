@@ -46,6 +46,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from bastion.egress import PrivateAllowance, cleartext_problem, private_allowance
+from bastion.http_fields import field_value_problem
 
 CAEP = "https://schemas.openid.net/secevent/caep/event-type/"
 RISC = "https://schemas.openid.net/secevent/risc/event-type/"
@@ -204,6 +205,11 @@ def _secret(where: str, key: str, t: dict, env: dict[str, str]) -> str:
     if not var:
         return ""
     value = env.get(str(var), "")
+    # A bearer token, sent in Authorization (bearer_env) or compared with the one a transmitter
+    # sends there (push_token_env): one HTTP cannot carry would fail every request.
+    if problem := field_value_problem(value):
+        raise SignalsConfigError(f"{where}.{key}: the environment variable {var} {problem}")
+    value = value.strip(" \t")
     if len(value) < 16:
         raise SignalsConfigError(
             f"{where}.{key}: the environment variable {var} must hold a secret of 16 characters"

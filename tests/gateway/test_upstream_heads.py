@@ -100,7 +100,7 @@ def test_a_token_that_would_start_another_header_is_never_sent():
         upstream.bearer = "bad\r\nx-injected: 1"
         try:
             for _ in range(2):  # refused each time, not remembered
-                with pytest.raises(RpcError, match="character HTTP/1.1 does not allow"):
+                with pytest.raises(RpcError, match="HTTP does not allow in a header value"):
                     await upstream._post({"jsonrpc": "2.0", "id": 1, "method": "ping"})
         finally:
             await upstream._http.aclose()

@@ -1,0 +1,36 @@
+"""HTTP field (header) names and values as RFC 9110 §5 allows them: the one check for a header
+bastion sends, used where a setting is read (so a bad one stops the start) and where the gateway
+encodes a request's head.
+
+A field name is a token (§5.1, §5.6.2). A field value (§5.5) is visible ASCII and obs-text
+(the bytes 0x80-0xFF, here the characters U+0080-U+00FF that encode to them in Latin-1), with
+spaces and horizontal tabs between them: no CR, LF, NUL or other control character, which
+would end the header early or start another one. Leading and trailing spaces and tabs are not
+part of a value (a recipient strips them); `field_value_problem` allows them, so that what the
+gateway relays is checked as it is, and a setting is stripped of them where it is read.
+"""
+
+from __future__ import annotations
+
+import re
+
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_VALUE = re.compile(r"[\t\x20-\x7e\x80-\xff]*")
+
+
+def field_name_problem(name: str) -> str | None:
+    """Why ``name`` cannot be an HTTP field name, or None."""
+    if _TOKEN.fullmatch(name):
+        return None
+    return "is not an HTTP field name (letters, digits and !#$%&'*+-.^_`|~ only, RFC 9110 §5.1)"
+
+
+def field_value_problem(value: str) -> str | None:
+    """Why ``value`` cannot be an HTTP field value, or None. The message does not hold the value
+    (it is often a credential)."""
+    if _VALUE.fullmatch(value):
+        return None
+    return (
+        "holds a character HTTP does not allow in a header value: a line break, NUL or other"
+        " control character, or one beyond Latin-1 (RFC 9110 §5.5)"
+    )
