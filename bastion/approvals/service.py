@@ -300,6 +300,8 @@ class Approvals:
         self.on_new_request: list[Callable[[ApprovalRequest], None]] = []
         # Sends them to the configured webhooks; started and closed with the server.
         self.webhooks: WebhookNotifier | None = None
+        # Where the last pass of `sweep_stranded` stopped (a request's created_at and id).
+        self._swept_to: tuple[float, str] | None = None
 
     # -- the enforcement point's side ---------------------------------------------------------
 
@@ -537,6 +539,39 @@ class Approvals:
             except Exception:  # the database is away: the next round tries again
                 log.warning("approvals: expired results could not be deleted", exc_info=True)
             await anyio.sleep(seconds)
+
+    def sweep_stranded(self) -> int:
+        """One pass of the sweep: close the pending requests nobody may answer any more
+        (`_close_if_stranded`, as when one is looked at: one outcome and one audit event,
+        whichever process closes it), looking at ``stranded_sweep_limit`` of them at most, the
+        next after those of the last pass (oldest first; from the first again once all were
+        seen). A request younger than ``stranded_sweep_seconds`` waits for the next pass: a
+        replica behind the one that held it may not have read the facts it was held under yet.
+        Returns how many it closed. Reads the database and the policy: off the event loop."""
+        limit = self.settings.stranded_sweep_limit
+        made_before = self.clock() - self.settings.stranded_sweep_seconds
+        found = self.store.pending(made_before=made_before, after=self._swept_to, limit=limit)
+        closed = 0
+        for request in found:
+            if self._close_if_stranded(self._settled(request))[1] is not None:
+                closed += 1
+        # Moved on only once the pass is done: one the policy could not be read for is retried.
+        self._swept_to = (found[-1].created_at, found[-1].id) if len(found) == limit else None
+        return closed
+
+    async def sweep_stranded_forever(self) -> None:
+        """`sweep_stranded` every ``stranded_sweep_seconds``, once this replica has the changes
+        it has heard of (`current`), until cancelled. Where the policy cannot be read here
+        (`Unavailable`), the pass waits for the next."""
+        while True:
+            try:
+                await self.current()
+                await anyio.to_thread.run_sync(self.sweep_stranded)
+            except Unavailable as e:
+                log.debug("approvals: no sweep of stranded requests on this replica now: %s", e)
+            except Exception:  # the database is away: the next pass tries again
+                log.warning("approvals: stranded requests could not be swept", exc_info=True)
+            await anyio.sleep(self.settings.stranded_sweep_seconds)
 
     def reviewer_masks(self, request: ApprovalRequest, person: str) -> tuple[str, ...]:
         """The mask paths the policy puts on what ``person`` sees of ``request``'s held result:

@@ -8,6 +8,9 @@ wait_seconds = 20           # how long a held HTTP request waits for an answer b
                             # answered approval_pending (the client retries)
 retry_after_seconds = 5     # what approval_pending tells the client to wait before retrying
 max_window_minutes = 480    # no time-bounded grant is longer, whatever the policy allows
+stranded_sweep_seconds = 30 # how often each server closes pending requests nobody may answer
+                            # any more (an approver disabled, suspended or removed meanwhile)
+stranded_sweep_limit = 100  # the most pending requests one such pass looks at
 webhook_attempts = 5        # POSTs per webhook notification before it is given up
 webhook_backoff_seconds = 1 # the wait after the first failed attempt, doubled after each next
 webhook_timeout_seconds = 5 # one attempt is abandoned (and retried) after this long
@@ -44,6 +47,9 @@ __all__ = ["MIN_SECRET_BYTES", "ApprovalSettings", "Webhook", "webhook_label"]
 # The longest `max_window_minutes` (a year): the windows are kept in INTEGER columns, 32 bits on
 # PostgreSQL.
 MAX_WINDOW_MINUTES = 525_600
+# The most pending requests one pass of the stranded sweep looks at, whatever the setting says:
+# each costs a reading of the policy, and a pass holds one worker thread while it runs.
+MAX_SWEEP_LIMIT = 10_000
 
 
 @dataclass(frozen=True)
@@ -52,6 +58,8 @@ class ApprovalSettings(WebhookDelivery):
     wait_seconds: float = 20.0
     retry_after_seconds: float = 5.0
     max_window_minutes: int = 480
+    stranded_sweep_seconds: float = 30.0
+    stranded_sweep_limit: int = 100
 
     @classmethod
     def from_mapping(
@@ -65,7 +73,12 @@ class ApprovalSettings(WebhookDelivery):
                     f"unknown key [approvals].{key}; known keys: {', '.join(sorted(known))}"
                 )
         values: dict[str, Any] = {}
-        for key in ("expiry_seconds", "wait_seconds", "retry_after_seconds"):
+        for key in (
+            "expiry_seconds",
+            "wait_seconds",
+            "retry_after_seconds",
+            "stranded_sweep_seconds",
+        ):
             if key in table:
                 values[key] = _checked(
                     positive_seconds,
@@ -83,6 +96,14 @@ class ApprovalSettings(WebhookDelivery):
                         f" {MAX_WINDOW_MINUTES} (a year), got {value!r}"
                     )
                 values[key] = value
+        if "stranded_sweep_limit" in table:
+            value = table["stranded_sweep_limit"]
+            if type(value) is not int or not 1 <= value <= MAX_SWEEP_LIMIT:
+                raise ConfigError(
+                    f"approvals.stranded_sweep_limit must be a whole number of requests from 1"
+                    f" to {MAX_SWEEP_LIMIT}, got {value!r}"
+                )
+            values["stranded_sweep_limit"] = value
         return cls(**values)
 
 

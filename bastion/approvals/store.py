@@ -439,6 +439,23 @@ class ApprovalStore:
             found = [r for r in found if r.names(approver)][:limit]
         return found
 
+    def pending(
+        self, *, made_before: float, after: tuple[float, str] | None, limit: int
+    ) -> list[ApprovalRequest]:
+        """At most ``limit`` pending requests, not expired, made before ``made_before``, oldest
+        first (by creation, then id), after ``after`` (a request's ``created_at`` and ``id``) or
+        from the first."""
+        sql = (
+            f"SELECT {_COLUMNS} FROM approval_requests"
+            " WHERE status = ? AND expires_at > ? AND created_at <= ?"
+        )
+        params: list[Any] = [OPEN, self.clock(), made_before]
+        if after is not None:
+            sql += " AND (created_at > ? OR (created_at = ? AND id > ?))"
+            params += [after[0], after[0], after[1]]
+        rows = self.db.execute(sql + " ORDER BY created_at, id LIMIT ?", (*params, limit))
+        return [self._request(r) for r in rows]
+
     def answer(self, request_id: str, answer: Answer) -> None:
         """Record one person's answer (a second answer by the same person replaces nothing:
         `ValueError`). One statement, so two answers at once from two processes (a page and

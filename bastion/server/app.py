@@ -608,6 +608,12 @@ def create_app(config: ServerConfig) -> Starlette:
             if approvals is not None
             else None
         )
+        # Pending requests nobody may answer any more closed with nobody looking at them.
+        stranded = (
+            asyncio.create_task(approvals.sweep_stranded_forever())
+            if approvals is not None
+            else None
+        )
         try:
             yield
         finally:
@@ -617,6 +623,7 @@ def create_app(config: ServerConfig) -> Starlette:
                 chains,
                 counts,
                 sweep,
+                stranded,
                 escalation,
                 repeats,
                 task_sweep,

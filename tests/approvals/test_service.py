@@ -498,6 +498,108 @@ def test_a_request_with_one_able_approver_among_disabled_and_suspended_ones_wait
     assert approvals.answer(request.id, "cfo", "approve", channel="api").status == "approved"
 
 
+# -- the sweep: closed with nobody looking ---------------------------------------------------
+
+
+def swept(approvals: Approvals, clock: Clock) -> int:
+    """One pass of the sweep, one interval later (it leaves requests younger than that)."""
+    clock.now += approvals.settings.stranded_sweep_seconds
+    return approvals.sweep_stranded()
+
+
+def test_the_sweep_closes_a_request_whose_only_approver_was_disabled_with_nobody_looking(
+    standing,
+):
+    """avery is disabled while sam's email waits for her, and nobody retries, opens or lists
+    it: the sweep closes it as a look would (expired, its audit event saying no_approver). The
+    payment cfo may still approve stays pending. Before, the email waited until it expired."""
+    approvals, _authz, users, clock = standing
+    kept = held(approvals, call(pay))
+    stranded = held(approvals, call(send))
+    users.disable_user("avery", clock(), actor="test")
+    assert swept(approvals, clock) == 1
+    assert approvals.store.get(stranded.id).status == "expired"
+    (closed,) = approvals.audit.events("approval.expired", request_id=stranded.id)
+    assert closed.detail["reason"] == "no_approver" and "disabled" in closed.detail["why"]
+    assert approvals.store.get(kept.id).status == "pending"
+    assert approvals.audit.events("approval.expired", request_id=kept.id) == []
+
+
+def test_the_sweep_looks_at_a_bounded_number_a_pass_and_goes_on_where_it_stopped(standing):
+    """Two answerable requests held first fill a pass of two: the next pass goes on after
+    them and closes the two stranded ones, rather than looking at the first two again."""
+    approvals, _authz, users, clock = standing
+    approvals.settings = dataclasses.replace(approvals.settings, stranded_sweep_limit=2)
+    requests = []
+    for tool in (pay, pay, send, send):  # one a second: the pass takes them in this order
+        clock.now += 1
+        requests.append(held(approvals, call(tool, {"to": f"{len(requests)}@example.com"})))
+    users.disable_user("avery", clock(), actor="test")
+    assert [swept(approvals, clock) for _ in range(3)] == [0, 2, 0]
+    assert [approvals.store.get(r.id).status for r in requests] == [
+        "pending",
+        "pending",
+        "expired",
+        "expired",
+    ]
+
+
+def test_the_sweep_reads_no_policy_when_nothing_is_pending_nor_one_just_held(world):
+    """Nothing pending: nothing is read but the list. A request younger than the interval is
+    left to the next pass (a replica behind the one that held it may not have its facts)."""
+    approvals, authz, _facts, clock = world
+
+    def unread():
+        raise AssertionError("the sweep read the policy")
+
+    approvals.authorizer = unread
+    assert swept(approvals, clock) == 0
+    approvals.authorizer = lambda: authz
+    request = held(approvals, call(close))
+    authz.facts.apply([], [("manager", sam, avery)])
+    approvals.authorizer = unread
+    assert approvals.sweep_stranded() == 0
+    approvals.authorizer = lambda: authz
+    assert swept(approvals, clock) == 1
+    assert approvals.store.get(request.id).status == "expired"
+
+
+def test_two_replicas_sweeping_at_once_close_a_request_once(postgres_url):
+    """Two processes find the same stranded request in the same moment: one closes it, with
+    one audit event; the other finds it closed (the close's conditional update)."""
+    clock = Clock()
+    dbs = [Database(postgres_url) for _ in range(2)]
+    try:
+        replicas = [approvals_on(db, clock)[0] for db in dbs]
+        users = OAuthStore(dbs[0])
+        users.create_user("avery", "hash", clock(), actor="test")
+        for replica in replicas:
+            replica.user_state = OAuthStore(replica.store.db).user_state
+        for round_ in range(20):
+            request = held(replicas[0], call(send, {"to": f"{round_}@example.com"}))
+            users.disable_user("avery", clock(), actor="test")
+            clock.now += replicas[0].settings.stranded_sweep_seconds
+            start = threading.Barrier(2)
+            closed: list[int] = []
+
+            def sweep(replica, start=start, closed=closed):
+                start.wait()
+                closed.append(replica.sweep_stranded())
+
+            threads = [threading.Thread(target=sweep, args=(r,)) for r in replicas]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+            events = replicas[1].audit.events("approval.expired", request_id=request.id)
+            assert (sorted(closed), len(events)) == ([0, 1], 1), round_
+            assert replicas[1].store.get(request.id).status == "expired"
+            users.enable_user("avery", actor="test")
+    finally:
+        for db in dbs:
+            db.close()
+
+
 def test_a_call_needing_more_approvals_than_people_who_may_give_them_is_refused(standing):
     """A wire needs two approvals, from avery and cfo. With cfo disabled one person may
     approve: held, it would wait for nobody. Refused at once; and a wire held while both could
@@ -1001,6 +1103,27 @@ def test_a_window_past_a_year_or_not_a_whole_number_is_refused_by_the_settings(b
     with pytest.raises(ConfigError, match="approvals.max_window_minutes must be a whole number"):
         ApprovalSettings.from_mapping({"max_window_minutes": bad}, env={})
     assert ApprovalSettings.from_mapping({"max_window_minutes": 525_600}, env={})
+
+
+@pytest.mark.parametrize(
+    ("key", "bad"),
+    [
+        ("stranded_sweep_limit", 0),
+        ("stranded_sweep_limit", 10_001),
+        ("stranded_sweep_limit", 2.5),
+        ("stranded_sweep_limit", True),
+        ("stranded_sweep_seconds", 0),
+        ("stranded_sweep_seconds", -1),
+        ("stranded_sweep_seconds", "30"),
+    ],
+)
+def test_a_sweep_setting_out_of_bounds_is_refused_by_the_settings(key, bad):
+    with pytest.raises(ConfigError, match=f"approvals.{key} must be"):
+        ApprovalSettings.from_mapping({key: bad}, env={})
+    chosen = ApprovalSettings.from_mapping(
+        {"stranded_sweep_limit": 10_000, "stranded_sweep_seconds": 0.5}, env={}
+    )
+    assert (chosen.stranded_sweep_limit, chosen.stranded_sweep_seconds) == (10_000, 0.5)
 
 
 @pytest.mark.parametrize(
