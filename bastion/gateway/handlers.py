@@ -829,14 +829,18 @@ async def subscribe(ex: Exchange) -> dict[str, Any]:
     enforcer = ex.gateway.enforcer
     await ex.gateway.admit(ex)
     resource = Entity("McpResource", f"{ex.server}/{uri}")
-    verdict = await enforcer.decide(
-        ex.caller,
-        ex.server,
-        ex.message.method,
-        message_action(resource),
-        resource,
-        ex.context(uri=uri),
-    )
+    try:
+        verdict = await enforcer.decide(
+            ex.caller,
+            ex.server,
+            ex.message.method,
+            message_action(resource),
+            resource,
+            ex.context(uri=uri),
+        )
+    except Held as held:
+        # Approved, the retry subscribes (2025-11-25: no requestState; found by its binding).
+        raise holds.pending_error(held) from None
     try:
         # One stream of notifications from the upstream serves every client (Upstream.watch).
         await ex.connection.watch(frozenset((uri,)))

@@ -26,8 +26,16 @@ from mcp.shared.exceptions import MCPError
 from bastion.facts.model import Entity
 from bastion.policy.parser import parse_fact
 from tests.conftest import drop_redis_keys, require_service
-from tests.gateway.streams import messages, modern_headers, modern_request
-from tests.gateway.support import LAB, Recorder, Running, fresh_module, start
+from tests.gateway.streams import legacy_session, messages, modern_headers, modern_request
+from tests.gateway.support import (
+    LAB,
+    LegacyOnly,
+    MemoryEvents,
+    Recorder,
+    Running,
+    fresh_module,
+    start,
+)
 from tests.oauth.support import free_socket, serve
 from tests.redis_outage import RedisRelay
 from tests.relays import Relay
@@ -1080,7 +1088,8 @@ def test_an_approved_call_sent_at_once_to_two_replicas_on_postgresql_runs_once(
 # to ("labcut"); over stdio, programs each test writes ("labexit", "labrefuse", "labquit", and
 # "labmute", with a timeout of 2 s); an
 # HTTP upstream whose initialize names a protocol version no header can carry ("labheader");
-# and the lab with one upstream session per user, one at most ("labroom").
+# the lab with one upstream session per user, one at most ("labroom"); and the lab in 2025-11-25,
+# which offers subscriptions, served only while a test serves it ("labsub").
 UNSENT_SERVERS = (
     "labgone",
     "labspawn",
@@ -1091,6 +1100,7 @@ UNSENT_SERVERS = (
     "labmute",
     "labheader",
     "labroom",
+    "labsub",
 )
 UNSENT_RULES = "".join(
     f'requires_approval(_user: User, "read", McpResource{{"{server}/lab://open"}});\n'
@@ -1157,6 +1167,8 @@ class Unsent:
     folder: Path  # where the programs of the stdio upstreams are written (`write_program`)
     bad_version: BadVersion  # labheader's server
     room_trace: Path  # the trace of labroom's lab (`release_run`)
+    # labsub's port, kept bound (nothing listening) for it: a test serves on a socket of its own.
+    sub_sock: socket.socket
 
     def program_of(self, server: str) -> Path:
         return self.folder / server
@@ -1173,6 +1185,7 @@ def unsent(tmp_path_factory):
     folder = tmp_path_factory.mktemp("holds-unsent")
     gone_sock = free_socket()
     gone_url = f"http://127.0.0.1:{gone_sock.getsockname()[1]}"
+    sub_sock = free_socket()
     program = folder / "lab-later"
     cut_app = lab_app()
     bad_version = BadVersion()
@@ -1196,6 +1209,7 @@ def unsent(tmp_path_factory):
             {"name": "labmute", "command": str(folder / "labmute"), "timeout": 2},
             {"name": "labheader", "url": f"{header_url}/mcp"},
             {"name": "labroom", "url": f"{room_url}/mcp", "session": "per_user", "max_sessions": 1},
+            {"name": "labsub", "url": f"http://127.0.0.1:{sub_sock.getsockname()[1]}/mcp"},
         )
         running = stack.enter_context(
             start(
@@ -1231,6 +1245,7 @@ def unsent(tmp_path_factory):
             folder,
             bad_version,
             Path(room_lab.TRACE),
+            sub_sock,
         )
 
 
@@ -1494,4 +1509,45 @@ def test_an_approval_whose_per_user_upstream_session_had_no_room_is_not_spent(un
     assert ran["answer"]["result"]["content"][0]["text"] == "released room", ran
     answer = read_on(bastion, "labroom", token)
     assert answer["result"]["contents"][0]["text"] == "anyone on the team may read this", answer
+    assert approvals(bastion).get(approval_id).status == "used"
+
+
+def legacy_lab() -> Recorder:
+    """The lab MCP server in 2025-11-25 only (it offers resource subscriptions then)."""
+    lab = fresh_module("lab_server_subscribed", LAB)
+    app = lab.server.streamable_http_app(streamable_http_path="/mcp", event_store=MemoryEvents())
+    return Recorder(LegacyOnly(app))
+
+
+def subscribe_on(bastion, headers: dict) -> dict:
+    response = bastion.http.post(
+        bastion.mcp_url("labsub"),
+        json={
+            "jsonrpc": "2.0",
+            "id": 7,
+            "method": "resources/subscribe",
+            "params": {"uri": "lab://open"},
+        },
+        headers=headers,
+    )
+    assert response.status_code == 200, response.text
+    return messages(response)[-1]
+
+
+def test_a_held_subscribe_is_answered_pending_and_its_approval_lets_the_retry_subscribe(unsent):
+    """A subscribe held for approval is told so (code -32008, ``approval_pending``, the request
+    to answer), as a held read is; approved, the retry subscribes and spends the approval.
+    Before, the hold reached the client as bastion's internal error (-32603)."""
+    bastion = unsent.bastion
+    port = unsent.sub_sock.getsockname()[1]
+    app = legacy_lab()
+    with serve(app, socket.create_server(("127.0.0.1", port))):
+        headers = legacy_session(bastion, bastion.token("sam", "labsub"), "labsub")
+        held = subscribe_on(bastion, headers)["error"]
+        assert (held["code"], held["data"]["reason"]) == (-32008, "approval_pending"), held
+        assert app.count("resources/subscribe", uri="lab://open") == 0
+        approval_id = held["data"]["approval_id"]
+        approvals(bastion).answer(approval_id, "sam", "approve", channel="api")
+        assert subscribe_on(bastion, headers) == {"jsonrpc": "2.0", "id": 7, "result": {}}
+        assert app.count("resources/subscribe", uri="lab://open") == 1
     assert approvals(bastion).get(approval_id).status == "used"
