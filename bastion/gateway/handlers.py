@@ -631,10 +631,19 @@ async def _forward(
     except (Exception, asyncio.CancelledError) as e:
         # An upstream's error is its free text: it could name what is masked.
         withheld = (WITHHELD_REVIEW_ERROR if reviewed else WITHHELD_ERROR) if ex.masks else None
-        ended = _ended(ex, verdict, e, withheld)
-        if not isinstance(e, asyncio.CancelledError):
-            await enforcer.run_ended(verdict, None if ex.sent else _unsent(e))
-        raise ended from None
+        raise await _failed(ex, verdict, e, withheld) from None
+
+
+async def _failed(
+    ex: Exchange, verdict: Verdict, error: BaseException, withheld: str | None
+) -> BaseException:
+    """What to raise for a run ``verdict`` let through that failed (`_ended`), once it has
+    ended (`Enforcer.run_ended`): the approval it spent given back if nothing of it left
+    bastion (`Exchange.sent`). Not on a cancellation: the upstream may still be acting."""
+    ended = _ended(ex, verdict, error, withheld)
+    if not isinstance(error, asyncio.CancelledError):
+        await ex.gateway.enforcer.run_ended(verdict, None if ex.sent else _unsent(error))
+    return ended
 
 
 def _unsent(error: Exception) -> tuple[str, str]:
@@ -843,7 +852,7 @@ async def subscribe(ex: Exchange) -> dict[str, Any]:
         raise holds.pending_error(held) from None
     try:
         # One stream of notifications from the upstream serves every client (Upstream.watch).
-        await ex.connection.watch(frozenset((uri,)))
+        await ex.connection.watch(frozenset((uri,)), sent=ex._sent)
         # Checked again: other subscriptions of this user were made while this one was decided
         # and its upstream answered. With Redis, then counted with other processes' at once.
         _room_to_subscribe(ex, session, uri)
@@ -852,7 +861,7 @@ async def subscribe(ex: Exchange) -> dict[str, Any]:
     except (Exception, asyncio.CancelledError) as e:
         # The upstream's reason is its free text: it could name what the mask covers.
         withheld = WITHHELD_SUBSCRIBE_ERROR if verdict.obligations.masks else None
-        raise _ended(ex, verdict, e, withheld) from None
+        raise await _failed(ex, verdict, e, withheld) from None
     enforcer.write(verdict.record)
     session.subscriptions.add(uri)
     if session.closed and ex.gateway.follows is not None:  # it ended while Redis counted

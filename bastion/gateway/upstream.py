@@ -253,14 +253,15 @@ class Upstream(abc.ABC):
             f"upstream {self.name} did not answer {method} within {self.config.timeout:g}s",
         ) from None
 
-    async def watch(self, uris: frozenset[str]) -> None:
+    async def watch(self, uris: frozenset[str], sent: Sent | None = None) -> None:
         """Make sure the upstream's notifications reach bastion: list changes, and updates of
         the resources ``uris`` (`RpcError` if the upstream refuses to send them). Over stdio
-        they always arrive; resources are subscribed to with ``resources/subscribe``."""
+        they always arrive; resources are subscribed to with ``resources/subscribe``. ``sent``
+        is called as the first of those is handed to the transport (as `request`'s)."""
         await self.ensure_started()
         new = uris - self._watched
         self._room_for(new)
-        await self._subscribe(new)
+        await self._subscribe(new, sent)
         self._watched |= new
 
     def _room_for(self, new: frozenset[str]) -> None:
@@ -277,7 +278,7 @@ class Upstream(abc.ABC):
         resources = (self.init_result.get("capabilities") or {}).get("resources")
         return isinstance(resources, dict) and resources.get("subscribe") is True
 
-    async def _subscribe(self, uris: frozenset[str]) -> None:
+    async def _subscribe(self, uris: frozenset[str], sent: Sent | None = None) -> None:
         """``resources/subscribe`` (2025-11-25) to each of ``uris``, on bastion's connection.
         Called while connecting too, so it sends through `_exchange`, not `request`."""
         if not uris or not self.offers_subscribe():
@@ -291,7 +292,7 @@ class Upstream(abc.ABC):
             }
             try:
                 async with asyncio.timeout(self.config.timeout):
-                    response = await self._exchange(message)
+                    response = await self._exchange(message, sent=sent)
             except TimeoutError:
                 raise UpstreamFailure(
                     UPSTREAM_UNAVAILABLE,
@@ -865,11 +866,12 @@ class HttpUpstream(Upstream):
 
     # -- the standing stream: notifications that belong to no request ----------------------------
 
-    async def watch(self, uris: frozenset[str]) -> None:
+    async def watch(self, uris: frozenset[str], sent: Sent | None = None) -> None:
         """One notification stream from the upstream, shared by every client: in 2026-07-28 a
         ``subscriptions/listen`` for every list and the resources ``uris`` (opened again when
-        they grow), in 2025-11-25 the GET stream, and ``resources/subscribe`` for new ``uris``.
-        Returns once the stream is open (or after a few seconds: it keeps trying)."""
+        they grow), in 2025-11-25 the GET stream, and ``resources/subscribe`` for new ``uris``
+        (``sent``: as the base class's). Returns once the stream is open (or after a few
+        seconds: it keeps trying)."""
         await self.ensure_started()
         watcher = self._watcher
         running = watcher is not None and not watcher.done()
@@ -890,7 +892,7 @@ class HttpUpstream(Upstream):
         if not self._modern:
             new = uris - self._watched
             self._room_for(new)
-            await self._subscribe(new)
+            await self._subscribe(new, sent)
             self._watched |= new
 
     async def _watch_forever(self, uris: frozenset[str], opened: asyncio.Event) -> None:

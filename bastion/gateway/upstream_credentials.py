@@ -21,7 +21,12 @@ from typing import TYPE_CHECKING, Any
 
 from bastion.gateway.config import UpstreamConfig
 from bastion.gateway.jsonrpc import UPSTREAM_UNAVAILABLE, URL_ELICITATION_REQUIRED, RpcError
-from bastion.gateway.upstream import UPSTREAM_PROTOCOL_VERSION, HttpUpstream, UpstreamUnauthorized
+from bastion.gateway.upstream import (
+    UPSTREAM_PROTOCOL_VERSION,
+    HttpUpstream,
+    Sent,
+    UpstreamUnauthorized,
+)
 
 if TYPE_CHECKING:
     from bastion.connections.service import Connections
@@ -149,10 +154,10 @@ class UserTokenUpstream(HttpUpstream):
             except UpstreamUnauthorized:
                 self._refused()
 
-    async def watch(self, uris: frozenset[str]) -> None:
+    async def watch(self, uris: frozenset[str], sent: Sent | None = None) -> None:
         await self._authorize(connect=True)
         try:
-            await super().watch(uris)
+            await super().watch(uris, sent)
         except UpstreamUnauthorized:
             raise self._refused() from None
 

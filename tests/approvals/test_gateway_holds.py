@@ -1106,6 +1106,10 @@ UNSENT_RULES = "".join(
     f'requires_approval(_user: User, "read", McpResource{{"{server}/lab://open"}});\n'
     for server in UNSENT_SERVERS
 )
+# labsub's second resource: one no test has subscribed to before (the upstream's subscriptions
+# serve every client: one subscribed to already is not asked for again).
+LATER = "lab://later"
+UNSENT_RULES += f'requires_approval(_user: User, "read", McpResource{{"labsub/{LATER}"}});\n'
 
 
 def lab_app() -> Recorder:
@@ -1232,6 +1236,9 @@ def unsent(tmp_path_factory):
             + [
                 parse_fact(
                     f'has_relation(Tool{{"labroom/{LONG_RUN}"}}, "server", McpServer{{"labroom"}})'
+                ),
+                parse_fact(
+                    f'has_relation(McpResource{{"labsub/{LATER}"}}, "server", McpServer{{"labsub"}})'
                 ),
                 parse_fact('has_role(User{"avery"}, "admin", McpServer{"labroom"})'),
             ]
@@ -1519,15 +1526,10 @@ def legacy_lab() -> Recorder:
     return Recorder(LegacyOnly(app))
 
 
-def subscribe_on(bastion, headers: dict) -> dict:
+def subscribe_on(bastion, headers: dict, uri: str = "lab://open") -> dict:
     response = bastion.http.post(
         bastion.mcp_url("labsub"),
-        json={
-            "jsonrpc": "2.0",
-            "id": 7,
-            "method": "resources/subscribe",
-            "params": {"uri": "lab://open"},
-        },
+        json={"jsonrpc": "2.0", "id": 7, "method": "resources/subscribe", "params": {"uri": uri}},
         headers=headers,
     )
     assert response.status_code == 200, response.text
@@ -1551,3 +1553,30 @@ def test_a_held_subscribe_is_answered_pending_and_its_approval_lets_the_retry_su
         assert subscribe_on(bastion, headers) == {"jsonrpc": "2.0", "id": 7, "result": {}}
         assert app.count("resources/subscribe", uri="lab://open") == 1
     assert approvals(bastion).get(approval_id).status == "used"
+
+
+def test_an_approval_whose_subscribe_found_its_upstream_gone_is_not_spent(unsent):
+    """sam's 2025-11-25 session subscribes to a note of the lab, which waits for his confirmation;
+    the upstream, there when the session opened, is gone when the confirmed subscribe comes
+    back: its connection is refused, so the subscribe never left bastion. The approval is given
+    back (before: spent, and the person asked again), and the retry, once the upstream is back,
+    subscribes with it."""
+    bastion = unsent.bastion
+    token = bastion.token("sam", "labsub")
+    port = unsent.sub_sock.getsockname()[1]
+    first, back = legacy_lab(), legacy_lab()
+    # Served on a socket of its own, closed when it ends: then its connections are refused.
+    with serve(first, socket.create_server(("127.0.0.1", port))):
+        headers = legacy_session(bastion, token, "labsub")
+        held = subscribe_on(bastion, headers, LATER)["error"]["data"]
+        assert held["reason"] == "approval_pending", held
+    approvals(bastion).answer(held["approval_id"], "sam", "approve", channel="api")
+    failed = subscribe_on(bastion, headers, LATER)["error"]
+    assert failed["code"] == -32000 and "connect" in failed["message"], failed
+    assert given_back(bastion, held["approval_id"], failed)["error"] == "ConnectionRefusedError"
+    with serve(back, socket.create_server(("127.0.0.1", port))):
+        assert subscribe_on(bastion, headers, LATER) == {"jsonrpc": "2.0", "id": 7, "result": {}}
+        # (Sent again in a new upstream session if the first was answered 404: a new server.)
+        assert back.count("resources/subscribe", uri=LATER) > 0
+    assert first.count("resources/subscribe", uri=LATER) == 0
+    assert approvals(bastion).get(held["approval_id"]).status == "used"
