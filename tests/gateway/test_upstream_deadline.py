@@ -26,7 +26,7 @@ class Scripted(Upstream):
     async def _connect(self) -> None:
         pass
 
-    async def _exchange(self, message, *, capabilities=None, ask=None, hear=None):
+    async def _exchange(self, message, *, capabilities=None, ask=None, hear=None, sent=None):
         await asyncio.sleep(self.delay)
         if self.error is not None:
             raise self.error
@@ -145,7 +145,7 @@ def test_an_error_past_the_deadline_is_that_error():
     and the task is not left cancelling."""
 
     class Converts(Scripted):
-        async def _exchange(self, message, *, capabilities=None, ask=None, hear=None):
+        async def _exchange(self, message, *, capabilities=None, ask=None, hear=None, sent=None):
             try:
                 await asyncio.sleep(10)
             except asyncio.CancelledError:
