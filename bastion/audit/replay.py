@@ -7,6 +7,9 @@ with the time it was recorded at as ``context.time``, so that a time-window rule
 the call. It is decided by the gateway's own contract (`decide_chain`, `policy_result`) on the
 facts the `Authorizer` holds: the store's as they are now, for facts keep no history. What the
 policy alone did not decide is never guessed at: `NotReplayable` says why (`NOT_REPLAYABLE`).
+A record decided differently is decided again by the policy in force when it was recorded, on
+the same facts (`cause_of`): what that policy decides so today too is the facts' doing, not the
+candidate's.
 """
 
 from __future__ import annotations
@@ -62,6 +65,16 @@ _LABEL_REASONS = frozenset({"labels_unavailable", "labels_lost", "labels_full"})
 # then did not read is not in the record, and a candidate's answer on it would be a guess.
 _WORKED_OUT = frozenset({"behavior", CONTEXT_FIELD})
 _ABSENT = object()
+# Why the cause of a difference cannot be told (`Cause` ``unknown``), said with the record's
+# policy version; such a difference is counted as the candidate's.
+UNKNOWN_CAUSE = {
+    "no_version": "the record names no policy version",
+    "version_not_held": "policy version {version} is not held any more",
+    "version_not_loaded": "policy version {version} does not load here",
+    "not_replayable": "policy version {version}, in force then, reads what the record does not"
+    " hold",
+    "over_budget": "policy version {version}, in force then, goes over the evaluation budget today",
+}
 
 
 class NotReplayable(Exception):  # noqa: N818 - an answer, not a failure
@@ -176,6 +189,49 @@ def replay(authz: Authorizer, record: DecisionRecord) -> Replayed:
     principal of its chain, within one evaluation budget (over it: refused, as the gateway
     refuses). `NotReplayable` when the answer would rest on what the record does not hold."""
     question = question_of(record)
+    chain, result, reason = _decide(authz, question, record.context)
+    if result == record.result:
+        return Replayed(record, question, result, reason)
+    return Replayed(
+        record, question, result, reason, _rules(authz, question, chain, result, reason)
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Cause:
+    """Why a record is decided differently: ``policy``, the candidate's; ``facts``, the facts'
+    changed since (the policy in force when it was recorded decides it so today too); or
+    ``unknown`` (``why``, a key of `UNKNOWN_CAUSE`). ``result`` and ``reason``: the policy of the
+    time's answer today, None where it gave none."""
+
+    name: str
+    result: str | None = None
+    reason: str | None = None
+    why: str | None = None
+
+
+def cause_of(replayed: Replayed, then: Authorizer) -> Cause:
+    """Why ``replayed``, decided differently from its record, is: its question decided again
+    by ``then``, the policy in force when it was recorded, on the facts and within the budget
+    the candidate had. Decided as the candidate decides it: the facts' doing. Over the budget
+    then: not told (the facts may have grown, the budget shrunk). Over it with the candidate
+    only: the candidate's, for all else was the same."""
+    try:
+        _, result, reason = _decide(then, replayed.question, replayed.record.context)
+    except NotReplayable:
+        return Cause("unknown", why="not_replayable")
+    if reason == EvaluationLimit.reason:
+        return Cause("unknown", result, reason, "over_budget")
+    if replayed.over_budget or result != replayed.result:
+        return Cause("policy", result, reason)
+    return Cause("facts", result, reason)
+
+
+def _decide(
+    authz: Authorizer, question: Question, recorded: dict[str, Any]
+) -> tuple[ChainDecision, str, str]:
+    """``question`` decided by ``authz`` as the gateway decides it: the chain, the result and
+    its reason; `NotReplayable` if it read what ``recorded`` (the record's context) cannot tell."""
     reading = ReadContext(question.context)
     chain = decide_chain(
         authz,
@@ -185,7 +241,7 @@ def replay(authz: Authorizer, record: DecisionRecord) -> Replayed:
         reading,
         question.scopes,
     )
-    _check_reads(reading, record.context)
+    _check_reads(reading, recorded)
     result, reason = policy_result(
         chain,
         question.action,
@@ -196,15 +252,11 @@ def replay(authz: Authorizer, record: DecisionRecord) -> Replayed:
     )
     if result == "allow":
         result, reason = _held(chain)
-    if result == record.result:
-        return Replayed(record, question, result, reason)
-    return Replayed(
-        record, question, result, reason, _rules(authz, question, chain, result, reason)
-    )
+    return chain, result, reason
 
 
 def _check_reads(reading: ReadContext, recorded: dict[str, Any]) -> None:
-    """`NotReplayable` if the candidate read what the record cannot tell: the arguments (kept
+    """`NotReplayable` if the policy read what the record cannot tell: the arguments (kept
     as a digest), or a worked-out field (`_WORKED_OUT`) the gateway did not work out then."""
     paths = reading.paths.union((name,) for name in reading.fields)
     if any(path[0] == "arguments" for path in paths):

@@ -2,12 +2,15 @@
 recorded would a candidate policy decide differently? Each record is decided again with the
 candidate, on the facts stored now, as the question it asked (its principals, action, target,
 scopes and context, its recorded time as the time); what the policy alone did not decide is
-counted as not replayable, never guessed. Records are written by a real gateway (on a real
-SQLite file and a real PostgreSQL schema) from real MCP calls."""
+counted as not replayable, never guessed. A difference the policy of the record's time decides
+so today too is the facts' (changed since), not the candidate's, and does not fail the push.
+Records are written by a real gateway (on a real SQLite file and a real PostgreSQL schema) from
+real MCP calls."""
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import sqlite3
 import time
@@ -22,12 +25,16 @@ from bastion.audit.decisions import DecisionRecord, DecisionRecords, new_decisio
 from bastion.cli import main
 from bastion.db import Database, DatabaseSettingError
 from bastion.facts.model import Entity
+from bastion.policy.parser import parse_fact
 from bastion.signals.suspensions import resume, suspend, suspension
 from tests.conftest import POSTGRES_URL, require_service
 from tests.gateway import support
 
 # The quickstart's rule that lets a user of a server read its resources (support.test_policy).
 READ_RULE = '"read" if "user" on "server";'
+# What sam's prompt was got on: its relation to the server (deleted by tests below, as if ended
+# since the call, then put back).
+PROMPT_FACT = 'has_relation(Prompt{"desk/apology"}, "server", McpServer{"desk"})'
 # How far back the calls of the time-window test are made (the gateway's clock set back).
 DAYS_BACK = 4
 
@@ -316,6 +323,7 @@ def test_the_json_report_names_each_change_and_counts_the_rest(gateway, tmp_path
         "over_budget",
         "not_replayable",
         "changed",
+        "different_by_cause",
     }
     assert report["different"] == len(report["changed"]) > 0
     assert report["policy"] == {"files": [candidate]}
@@ -330,9 +338,15 @@ def test_the_json_report_names_each_change_and_counts_the_rest(gateway, tmp_path
         "principals",
         "old",
         "new",
+        "cause",
+        "policy_of_the_time",
     }
     assert set(change["old"]) == {"result", "reason", "rules", "policy_version"}
     assert set(change["new"]) == {"result", "reason", "rules"}
+    # Why: the candidate's (the policy of the time, today, still decides it as recorded).
+    assert change["cause"] == "policy"
+    assert set(change["policy_of_the_time"]) == {"result", "reason", "unknown"}
+    assert report["different_by_cause"] == {"policy": report["different"], "facts": 0, "unknown": 0}
     assert change["new"]["rules"] == [] or all(isinstance(r, str) for r in change["new"]["rules"])
     # Another server's records are not read.
     code, out, _ = replay(
@@ -402,3 +416,149 @@ def test_a_read_only_database_refuses_writes_and_changes_no_schema(database_url,
     with pytest.raises(sqlite3.Error):
         Database(str(missing), read_only=True)
     assert not missing.exists()
+
+
+@contextlib.contextmanager
+def _deleted(gw, fact: str):
+    """``fact`` deleted from the store while the block runs (as if ended since the calls)."""
+    gw.apply(deletes=[parse_fact(fact)])
+    try:
+        yield
+    finally:
+        gw.apply(inserts=[parse_fact(fact)])
+
+
+def _got_prompt(gw) -> DecisionRecord:
+    """sam's prompt, allowed today through the relation `PROMPT_FACT`."""
+    (got,) = (
+        r
+        for r in _records(gw)
+        if r.method == "prompts/get" and r.result == "allow" and r.at > time.time() - 86400
+    )
+    return got
+
+
+def test_a_decision_changed_by_a_fact_deleted_since_is_the_facts_and_exits_0(
+    gateway, tmp_path, capsys
+):
+    got = _got_prompt(gateway)
+    assert got.policy_version == gateway.store.policy().version
+    # Another text than the version in force, which decides every recorded call as it does.
+    candidate = _policy(
+        tmp_path, support.test_policy() + '\ndeny(_u: User, "call", Tool{"desk/nothing"});\n'
+    )
+    with _deleted(gateway, PROMPT_FACT):
+        code, out, err = replay(
+            capsys, "--policy", candidate, "--database", _database(gateway), "--json"
+        )
+        assert code == 0, out + err
+        report = json.loads(out)
+        assert [(c["id"], c["cause"]) for c in report["changed"]] == [(got.id, "facts")]
+        change = report["changed"][0]
+        assert (change["old"]["result"], change["new"]["result"]) == ("allow", "deny")
+        assert change["policy_of_the_time"] == {
+            "result": "deny",
+            "reason": "not_permitted",
+            "unknown": None,
+        }
+        assert report["different"] == 1
+        assert report["different_by_cause"] == {"policy": 0, "facts": 1, "unknown": 0}
+
+        code, out, err = replay(capsys, "--policy", candidate, "--database", _database(gateway))
+    assert code == 0, out + err
+    facts_part = out.split("the facts changed since:")[1]
+    assert f"id={got.id}" in facts_part
+    assert "1 decided differently: 0 by the candidate, 0 of unknown cause, 1 by the facts" in out
+
+
+def test_replaying_the_policy_in_force_finds_every_difference_the_facts(gateway, capsys):
+    got = _got_prompt(gateway)
+    version = gateway.store.policy().version
+    with _deleted(gateway, PROMPT_FACT):
+        code, out, err = replay(
+            capsys, "--version", str(version), "--database", _database(gateway), "--json"
+        )
+    assert code == 0, out + err
+    report = json.loads(out)
+    assert [(c["id"], c["cause"]) for c in report["changed"]] == [(got.id, "facts")]
+    assert report["different_by_cause"] == {"policy": 0, "facts": 1, "unknown": 0}
+
+
+def test_a_candidate_that_changes_a_decision_is_the_cause_and_exits_1(gateway, tmp_path, capsys):
+    candidate = _policy(tmp_path, support.test_policy().replace(READ_RULE, ""))
+    code, out, err = replay(
+        capsys, "--policy", candidate, "--database", _database(gateway), "--json"
+    )
+    assert code == 1, err
+    report = json.loads(out)
+    assert report["changed"]
+    for change in report["changed"]:
+        assert change["method"] == "resources/read"
+        assert change["cause"] == "policy"
+        # The policy of the time, on today's facts, still decides it as it was decided.
+        assert change["policy_of_the_time"]["result"] == change["old"]["result"] == "allow"
+    assert report["different_by_cause"] == {
+        "policy": len(report["changed"]),
+        "facts": 0,
+        "unknown": 0,
+    }
+
+
+def test_a_window_with_both_causes_lists_each_with_its_own_and_exits_1(gateway, tmp_path, capsys):
+    got = _got_prompt(gateway)
+    candidate = _policy(tmp_path, support.test_policy().replace(READ_RULE, ""))
+    with _deleted(gateway, PROMPT_FACT):
+        code, out, err = replay(
+            capsys, "--policy", candidate, "--database", _database(gateway), "--json"
+        )
+        assert code == 1, err
+        report = json.loads(out)
+        causes = {c["id"]: c["cause"] for c in report["changed"]}
+        assert causes.pop(got.id) == "facts"
+        assert causes and set(causes.values()) == {"policy"}
+        assert report["different_by_cause"] == {"policy": len(causes), "facts": 1, "unknown": 0}
+
+        code, out, err = replay(capsys, "--policy", candidate, "--database", _database(gateway))
+    assert code == 1, err
+    candidates_part, facts_part = out.split("the facts changed since:")
+    assert f"id={got.id}" in facts_part and f"id={got.id}" not in candidates_part
+    assert all(f"id={i}" in candidates_part for i in causes)
+    assert (
+        f"{len(causes) + 1} decided differently: {len(causes)} by the candidate,"
+        " 0 of unknown cause, 1 by the facts"
+    ) in out
+
+
+# Last: the records it writes stay in the database of the tests after it.
+def test_a_record_whose_policy_version_is_not_held_is_of_unknown_cause_and_exits_1(
+    gateway, tmp_path, capsys
+):
+    got = _got_prompt(gateway)
+    database = _database(gateway)
+    writer = DecisionRecords(Database(database))
+    gone = dataclasses.replace(got, id=new_decision_id(), policy_version=10**6)
+    unnamed = dataclasses.replace(got, id=new_decision_id(), policy_version=None)
+    writer.add(gone)
+    writer.add(unnamed)
+    writer.flush()
+    writer.db.close()
+    version = gateway.store.policy().version
+    # The policy in force, on facts that refuse the prompt now: only the record of a version
+    # held is the facts'; the others cannot be told, and count as the candidate's.
+    with _deleted(gateway, PROMPT_FACT):
+        code, out, err = replay(capsys, "--version", str(version), "--database", database, "--json")
+        assert code == 1, out + err
+        report = json.loads(out)
+        causes = {c["id"]: (c["cause"], c["policy_of_the_time"]) for c in report["changed"]}
+        assert causes == {
+            got.id: ("facts", {"result": "deny", "reason": "not_permitted", "unknown": None}),
+            gone.id: ("unknown", {"result": None, "reason": None, "unknown": "version_not_held"}),
+            unnamed.id: ("unknown", {"result": None, "reason": None, "unknown": "no_version"}),
+        }
+        assert report["different_by_cause"] == {"policy": 0, "facts": 1, "unknown": 2}
+
+        code, out, err = replay(capsys, "--version", str(version), "--database", database)
+    assert code == 1, err
+    assert f"policy version {10**6} is not held any more" in out
+    assert "the record names no policy version" in out
+    assert "2 of unknown cause" in out
