@@ -529,6 +529,28 @@ def test_a_window_with_both_causes_lists_each_with_its_own_and_exits_1(gateway, 
     ) in out
 
 
+def test_a_version_of_the_time_that_does_not_load_now_is_of_unknown_cause_and_said_once(
+    gateway, tmp_path, capsys, monkeypatch
+):
+    version = gateway.store.policy().version
+    # A candidate that allows nothing the gateway was asked, under a size limit (as the server
+    # reads it) that the policy in force then is over.
+    candidate = _policy(tmp_path, 'allow(_u: User, "read", McpResource{"nowhere"});\n')
+    monkeypatch.setenv("BASTION_POLICY_MAX_BYTES", str(len(support.test_policy().encode()) - 1))
+    code, out, err = replay(
+        capsys, "--policy", candidate, "--database", _database(gateway), "--json"
+    )
+    assert code == 1, err
+    report = json.loads(out)
+    assert report["changed"]
+    for change in report["changed"]:
+        assert change["cause"] == "unknown"
+        assert change["policy_of_the_time"]["unknown"] == "version_not_loaded"
+    assert report["different_by_cause"] == {"policy": 0, "facts": 0, "unknown": report["different"]}
+    assert err.count("does not load here") == 1
+    assert f"policy version {version} does not load here" in err
+
+
 # Last: the records it writes stay in the database of the tests after it.
 def test_a_record_whose_policy_version_is_not_held_is_of_unknown_cause_and_exits_1(
     gateway, tmp_path, capsys
