@@ -1,7 +1,10 @@
 """The HTTP proxy bastion's requests to other parties go through, when the operator names one
 (``[server] egress_proxy`` and ``egress_no_proxy``): each connection is a tunnel the proxy opens
 with CONNECT (RFC 9110 §9.3.6), TLS inside it end to end with the party, whose name and
-certificate bastion checks as without a proxy.
+certificate bastion checks as without a proxy. An ``https://`` proxy is spoken to over TLS
+itself, its certificate checked against the process's trust store for its host: the CONNECT
+request, its credentials and the party's TLS (TLS in TLS, the stdlib's `ssl` over memory
+buffers through asyncio or anyio) all travel inside that TLS.
 
 Where the address rule applies (`bastion.egress.pinned`), bastion resolves the name and checks
 its addresses first, then asks the proxy for a tunnel to the address it checked, not to the name:
@@ -17,6 +20,7 @@ import base64
 import functools
 import ipaddress
 import socket
+import ssl
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from urllib.parse import unquote, urlsplit
@@ -32,7 +36,8 @@ _MAX_ANSWER = 16 * 1024
 
 
 class TunnelRefused(Exception):
-    """The proxy did not open the tunnel asked for (its status, or an answer that is not HTTP)."""
+    """The proxy did not open the tunnel asked for (its status, an answer that is not HTTP, or
+    for an https proxy, TLS with it failed: its certificate not trusted or not for its host)."""
 
 
 @dataclass(frozen=True)
@@ -45,6 +50,8 @@ class OutboundProxy:
     authorization: str | None = field(default=None, repr=False)
     # Reached directly: host names (each with its subdomains) and IP networks.
     no_proxy: tuple[str | Network, ...] = ()
+    # An https:// proxy: TLS to the proxy itself, the tunnel inside it.
+    tls: bool = False
 
     def bypasses(self, name: str, address: str | None = None) -> bool:
         """Whether a connection to ``name`` (at ``address`` where bastion resolved it, else the
@@ -85,7 +92,7 @@ def _redacted(url: str) -> str:
 def parse_outbound_proxy(url: str, no_proxy: str = "") -> OutboundProxy | None:
     """The proxy ``egress_proxy`` names (None when empty), with ``egress_no_proxy`` (host names
     and IP networks, comma-separated). `ValueError` naming the setting, the URL shown without
-    its password: only ``http://[user:password@]host[:port]``."""
+    its password: only ``http://`` or ``https://[user:password@]host[:port]``."""
     if not url:
         if no_proxy.strip():
             raise ValueError("egress_no_proxy is set but egress_proxy is not: name the proxy")
@@ -93,24 +100,31 @@ def parse_outbound_proxy(url: str, no_proxy: str = "") -> OutboundProxy | None:
     shown = _redacted(url)
     try:
         parts = urlsplit(url)
-        port = parts.port or 80
+        port = parts.port or (443 if parts.scheme == "https" else 80)
     except ValueError as e:
         raise ValueError(f"egress_proxy: {shown!r} is not a URL ({e})") from None
-    if parts.scheme != "http":
+    if parts.scheme not in ("http", "https"):
         raise ValueError(
-            f"egress_proxy: {shown!r} must be an http:// URL (the proxy's own address; https"
-            " to the parties still goes end to end through its CONNECT tunnel)"
+            f"egress_proxy: {shown!r} must be an http:// or https:// URL (the proxy's own"
+            " address, spoken to in the clear or over TLS; https to the parties goes end to end"
+            " through its CONNECT tunnel either way)"
         )
     if not parts.hostname or parts.path not in ("", "/") or parts.query or parts.fragment:
         raise ValueError(
-            f"egress_proxy: {shown!r} must be http://[user:password@]host[:port], nothing more"
+            f"egress_proxy: {shown!r} must be {parts.scheme}://[user:password@]host[:port],"
+            " nothing more"
         )
     authorization = None
     if parts.username is not None:
         pair = f"{unquote(parts.username)}:{unquote(parts.password or '')}"
         authorization = "Basic " + base64.b64encode(pair.encode()).decode("ascii")
     return OutboundProxy(
-        parts.hostname, port, shown, authorization, _no_proxy_entries(no_proxy.split(","))
+        parts.hostname,
+        port,
+        shown,
+        authorization,
+        _no_proxy_entries(no_proxy.split(",")),
+        tls=parts.scheme == "https",
     )
 
 
@@ -177,8 +191,8 @@ async def open_tunnel(
 
 
 async def tunnel_socket(proxy: OutboundProxy, host: str, port: int) -> socket.socket:
-    """A socket to the proxy whose tunnel to ``host`` and ``port`` is open, for asyncio's
-    ``create_connection(sock=...)``. `OSError` when the proxy cannot be reached,
+    """A socket to an http:// proxy whose tunnel to ``host`` and ``port`` is open, for
+    asyncio's ``create_connection(sock=...)``. `OSError` when the proxy cannot be reached,
     `TunnelRefused` when it does not open the tunnel."""
     loop = asyncio.get_running_loop()
     infos = await loop.getaddrinfo(proxy.host, proxy.port, type=socket.SOCK_STREAM)
@@ -207,13 +221,90 @@ async def tunnel_socket(proxy: OutboundProxy, host: str, port: int) -> socket.so
     raise error
 
 
+class _TunnelOpening(asyncio.Protocol):
+    """The proxy's side of a TLS connection to it while CONNECT is asked and answered: what it
+    sends, read in turn (b"" once it has closed)."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self._received: asyncio.Queue[bytes] = asyncio.Queue()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        self._received.put_nowait(data)
+
+    def eof_received(self) -> None:
+        self._received.put_nowait(b"")
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._received.put_nowait(b"")
+
+    async def read(self) -> bytes:
+        return await self._received.get()
+
+    async def write(self, data: bytes) -> None:
+        assert self.transport is not None
+        self.transport.write(data)
+
+
+async def tunnel_connection(
+    proxy: OutboundProxy,
+    host: str,
+    port: int,
+    protocol_factory: Callable[[], asyncio.Protocol],
+    *,
+    ssl_context: ssl.SSLContext | None,
+    proxy_trust: ssl.SSLContext,
+) -> tuple[asyncio.BaseTransport, asyncio.Protocol]:
+    """asyncio's connection to ``host`` and ``port`` through the proxy's tunnel (TLS inside
+    for ``host`` where ``ssl_context`` is given), as ``loop.create_connection`` returns it. An
+    https proxy's certificate is checked with ``proxy_trust`` for its host. `OSError` when the
+    proxy or the party cannot be reached (or the party's TLS fails), `TunnelRefused` when TLS
+    with the proxy fails or it does not open the tunnel."""
+    loop = asyncio.get_running_loop()
+    tls_host = host if ssl_context is not None else None
+    if not proxy.tls:
+        sock = await tunnel_socket(proxy, host, port)
+        return await loop.create_connection(
+            protocol_factory, sock=sock, ssl=ssl_context, server_hostname=tls_host
+        )
+    try:
+        transport, opening = await loop.create_connection(
+            _TunnelOpening, proxy.host, proxy.port, ssl=proxy_trust, server_hostname=proxy.host
+        )
+    except ssl.SSLError as e:
+        raise TunnelRefused(f"cannot connect to the proxy {proxy.shown}: {e}") from None
+    try:
+        await open_tunnel(proxy, host, port, opening.read, opening.write)
+        protocol = protocol_factory()
+        tunnel: asyncio.BaseTransport | None = transport
+        if ssl_context is None:
+            transport.set_protocol(protocol)
+        else:
+            # The party's TLS over the proxy's: asyncio's TLS runs over any transport.
+            tunnel = await loop.start_tls(
+                transport, protocol, ssl_context, server_hostname=tls_host
+            )
+        if tunnel is None:  # closed as the handshake ended
+            raise ConnectionResetError(f"{host}:{port} closed the connection")
+    except BaseException:
+        transport.close()
+        raise
+    protocol.connection_made(tunnel)
+    return tunnel, protocol
+
+
 class _Tunnelling(httpcore.AsyncNetworkBackend):
     """httpcore's connections, each a tunnel through ``proxy`` to the host and port asked for
     (the address bastion checked, where it pinned one); httpcore then starts TLS inside with
-    the request's ``sni_hostname``, as over a direct connection."""
+    the request's ``sni_hostname``, as over a direct connection. An https proxy is spoken to
+    over TLS checked with ``proxy_trust``; anyio's TLS wraps any stream, that one too."""
 
-    def __init__(self, proxy: OutboundProxy) -> None:
+    def __init__(self, proxy: OutboundProxy, proxy_trust: ssl.SSLContext) -> None:
         self._proxy = proxy
+        self._proxy_trust = proxy_trust
         self._tcp = httpcore.AnyIOBackend()
 
     async def connect_tcp(
@@ -231,6 +322,13 @@ class _Tunnelling(httpcore.AsyncNetworkBackend):
             )
         except httpcore.ConnectError as e:
             raise httpcore.ProxyError(f"cannot connect to the proxy {proxy.shown}: {e}") from None
+        if proxy.tls:
+            try:  # start_tls closes the stream when it fails
+                stream = await stream.start_tls(self._proxy_trust, proxy.host, timeout)
+            except httpcore.ConnectError as e:
+                raise httpcore.ProxyError(
+                    f"cannot connect to the proxy {proxy.shown}: {e}"
+                ) from None
         try:
             with anyio.fail_after(timeout):
                 await open_tunnel(proxy, host, port, lambda: stream.read(4096), stream.write)
@@ -251,9 +349,11 @@ class _Tunnelling(httpcore.AsyncNetworkBackend):
 
 class RoutedTransport(httpx.AsyncBaseTransport):
     """Each request directly or through the proxy's tunnel, by the name it is for (a pinned
-    request's ``sni_hostname``) and the address it goes to (`OutboundProxy.bypasses`)."""
+    request's ``sni_hostname``) and the address it goes to (`OutboundProxy.bypasses`). The
+    parties' certificates are checked with ``verify``, an https proxy's with ``proxy_trust``
+    (the process's trust store, whatever a party's ``verify``)."""
 
-    def __init__(self, proxy: OutboundProxy, verify: object) -> None:
+    def __init__(self, proxy: OutboundProxy, verify: object, proxy_trust: ssl.SSLContext) -> None:
         self._proxy = proxy
         self._direct = httpx.AsyncHTTPTransport(verify=verify, trust_env=False)  # type: ignore[arg-type]
         self._tunnelled = httpx.AsyncHTTPTransport(verify=verify, trust_env=False)  # type: ignore[arg-type]
@@ -264,7 +364,7 @@ class RoutedTransport(httpx.AsyncBaseTransport):
             max_connections=100,
             max_keepalive_connections=20,
             keepalive_expiry=5.0,
-            network_backend=_Tunnelling(proxy),
+            network_backend=_Tunnelling(proxy, proxy_trust),
         )
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:

@@ -47,7 +47,8 @@ def fetching_client(
     taken from the environment (proxies, netrc), and each request refused before it leaves
     (`CleartextRefused`) unless it is https or to the loopback (`cleartext_problem`), or
     ``allow_http`` (a setting said so: the caller names it). Through the configured proxy
-    (`bastion.outbound_proxy`) unless ``transport`` is given."""
+    (`bastion.outbound_proxy`; an https one's certificate checked against `trust`) unless
+    ``transport`` is given."""
 
     async def secure(request: httpx.Request) -> None:
         problem = cleartext_problem(str(request.url))
@@ -59,7 +60,7 @@ def fetching_client(
     verify = verify or trust()
     proxy = outbound_proxy.configured()
     if transport is None and proxy is not None:
-        transport = outbound_proxy.RoutedTransport(proxy, verify)
+        transport = outbound_proxy.RoutedTransport(proxy, verify, trust())
     return httpx.AsyncClient(
         follow_redirects=False,
         trust_env=False,

@@ -1,12 +1,16 @@
 """bastion's requests to other parties through the operator's HTTP proxy ([server] egress_proxy,
 `bastion.outbound_proxy`), against a real proxy: Debian's tinyproxy, started here on a port of
 its own with a configuration of its own (Basic credentials required), whose log shows each
-CONNECT. The parties are https servers on this machine's own non-loopback address (the loopback
-never goes through the proxy): ``peer.test`` resolves to it, and the address rule lets it through
-as a listed private network; ``metadata.test`` resolves to the cloud's metadata service."""
+CONNECT; for an ``https://`` proxy, Debian's HAProxy in front of it terminating TLS with a
+certificate made here. The parties are https servers on this machine's own non-loopback address
+(the loopback never goes through the proxy): ``peer.test`` resolves to it, and the address rule
+lets it through as a listed private network; ``metadata.test`` resolves to the cloud's metadata
+service. bastion trusts the parties' and the proxy's certificates as an operator makes it trust a
+private CA: OpenSSL's ``SSL_CERT_FILE`` names a bundle holding them."""
 
 from __future__ import annotations
 
+import datetime
 import ipaddress
 import logging
 import os
@@ -15,18 +19,21 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import anyio
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from bastion import outbound_proxy, tls
-from bastion.gateway import http1
 from bastion.gateway.http1 import Http1Client, HttpConnectError
 from bastion.oauth.jwks import FetchLimits, RemoteDocumentError, fetch_json
 from bastion.outbound_proxy import parse_outbound_proxy
@@ -38,7 +45,19 @@ from tests.ports import free_port
 from tests.test_egress import deliver, own_address
 
 TINYPROXY = "/usr/bin/tinyproxy"
+HAPROXY = "/usr/sbin/haproxy"
 PASSWORD = "pr0xy-s3cret"
+
+
+def _wait_for_port(port: int, process: subprocess.Popen, what: str) -> None:
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            assert time.monotonic() < deadline and process.poll() is None, f"{what} did not start"
+            time.sleep(0.05)
 
 
 class Tinyproxy:
@@ -56,22 +75,99 @@ class Tinyproxy:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
-                break
-            except OSError:
-                assert time.monotonic() < deadline and self.process.poll() is None, (
-                    "tinyproxy did not start"
-                )
-                time.sleep(0.05)
+        _wait_for_port(self.port, self.process, "tinyproxy")
         self.url = f"http://bastion:{PASSWORD}@127.0.0.1:{self.port}"
 
     def connects(self) -> list[str]:
         text = self.log_file.read_text() if self.log_file.exists() else ""
         asked = "): CONNECT "  # "Request (file descriptor 5): CONNECT host:port HTTP/1.1"
         return [line.split(asked, 1)[1] for line in text.splitlines() if asked in line]
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(10)
+
+
+class _CertificateAuthority:
+    """A CA made here (``cryptography``) and the server certificates it issues."""
+
+    def __init__(self, name: str) -> None:
+        self.key = ec.generate_private_key(ec.SECP256R1())
+        self.name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+        self.certificate = (
+            _valid_now(x509.CertificateBuilder())
+            .subject_name(self.name)
+            .issuer_name(self.name)
+            .public_key(self.key.public_key())
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .add_extension(
+                x509.SubjectKeyIdentifier.from_public_key(self.key.public_key()), critical=False
+            )
+            .sign(self.key, hashes.SHA256())
+        )
+        self.pem = self.certificate.public_bytes(serialization.Encoding.PEM).decode()
+
+    def issue(self, directory: Path, host: str | ipaddress.IPv4Address) -> Path:
+        """A certificate for ``host`` and its key in one PEM file in ``directory``."""
+        directory.mkdir()
+        key = ec.generate_private_key(ec.SECP256R1())
+        named = x509.IPAddress(host) if not isinstance(host, str) else x509.DNSName(host)
+        certificate = (
+            _valid_now(x509.CertificateBuilder())
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, str(host))]))
+            .issuer_name(self.name)
+            .public_key(key.public_key())
+            .add_extension(x509.SubjectAlternativeName([named]), critical=False)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_public_key(self.key.public_key()),
+                critical=False,
+            )
+            .sign(self.key, hashes.SHA256())
+        )
+        path = directory / "front.pem"
+        path.write_bytes(
+            certificate.public_bytes(serialization.Encoding.PEM)
+            + key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            )
+        )
+        return path
+
+
+def _valid_now(builder: x509.CertificateBuilder) -> x509.CertificateBuilder:
+    now = datetime.datetime.now(datetime.UTC)
+    return (
+        builder.serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+    )
+
+
+class TlsFront:
+    """HAProxy terminating TLS with ``certificate`` (a PEM file holding the certificate and its
+    key) on a port of its own, passing the bytes inside to ``tinyproxy``: an https:// proxy."""
+
+    def __init__(self, directory: Path, certificate: Path, tinyproxy: Tinyproxy) -> None:
+        self.port = free_port()
+        config = directory / f"haproxy-{self.port}.cfg"
+        config.write_text(
+            "global\n    maxconn 100\n"
+            "defaults\n    mode tcp\n    timeout connect 5s\n    timeout client 30s\n"
+            "    timeout server 30s\n"
+            f"frontend tls\n    bind 127.0.0.1:{self.port} ssl crt {certificate}\n"
+            "    default_backend tinyproxy\n"
+            f"backend tinyproxy\n    server tinyproxy 127.0.0.1:{tinyproxy.port}\n"
+        )
+        self.process = subprocess.Popen(
+            [HAPROXY, "-db", "-f", str(config)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        _wait_for_port(self.port, self.process, "HAProxy")
+        self.url = f"https://bastion:{PASSWORD}@127.0.0.1:{self.port}"
 
     def stop(self) -> None:
         self.process.terminate()
@@ -85,7 +181,7 @@ async def _answer(request: Request) -> JSONResponse:
 @pytest.fixture
 def world(tmp_path, monkeypatch) -> Iterator[dict]:
     """tinyproxy; peer.test (https, its certificate for the name) and the same address by number
-    (its certificate for the address), both trusted; the process's proxy set, and unset after."""
+    (its certificate for the address), both trusted, and by number over plain http; the process's proxy set, and unset after."""
     if not os.path.exists(TINYPROXY):
         unavailable("tinyproxy is not installed (Debian package tinyproxy)")
     own = own_address()
@@ -93,11 +189,19 @@ def world(tmp_path, monkeypatch) -> Iterator[dict]:
         (tmp_path / part).mkdir()
     named_cert, named_key = self_signed_certificate(tmp_path / "n", dns_name="peer.test")
     number_cert, number_key = self_signed_certificate(tmp_path / "a", addresses=(own,))
+    # The https proxies' certificates, each with its key (as HAProxy takes them): from the
+    # proxy CA, for 127.0.0.1 ("p") or for another name ("m"); from a CA bastion does not
+    # trust, for 127.0.0.1 ("u").
+    proxy_ca, other_ca = _CertificateAuthority("Proxy CA"), _CertificateAuthority("Other CA")
+    fronts = {
+        "p": proxy_ca.issue(tmp_path / "p", ipaddress.ip_address("127.0.0.1")),
+        "m": proxy_ca.issue(tmp_path / "m", "elsewhere.test"),
+        "u": other_ca.issue(tmp_path / "u", ipaddress.ip_address("127.0.0.1")),
+    }
     trusted = tmp_path / "trusted.pem"
-    trusted.write_text(Path(named_cert).read_text() + Path(number_cert).read_text())
-    context = tls.file_context(str(trusted))
-    monkeypatch.setattr(tls, "trust", lambda: context)
-    monkeypatch.setattr(http1, "trust", lambda: context)
+    trusted.write_text(Path(named_cert).read_text() + Path(number_cert).read_text() + proxy_ca.pem)
+    monkeypatch.setenv("SSL_CERT_FILE", str(trusted))
+    tls.trust.cache_clear()
     real = socket.getaddrinfo
 
     def resolving(host, port, *args, **kwargs):
@@ -109,25 +213,49 @@ def world(tmp_path, monkeypatch) -> Iterator[dict]:
 
     monkeypatch.setattr(socket, "getaddrinfo", resolving)
     app = Starlette(routes=[Route("/{path:path}", _answer, methods=["GET", "POST"])])
-    named, numbered = (socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(2))
-    for sock in (named, numbered):
+    named, numbered, plain = (socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(3))
+    for sock in (named, numbered, plain):
         sock.bind((own, 0))
     proxy = Tinyproxy(tmp_path)
     try:
         with (
             serve(app, named, ssl_certfile=named_cert, ssl_keyfile=named_key),
             serve(app, numbered, ssl_certfile=number_cert, ssl_keyfile=number_key),
+            serve(app, plain),
         ):
             yield {
                 "own": own,
                 "proxy": proxy,
+                "fronts": fronts,
                 "peer": f"https://peer.test:{named.getsockname()[1]}",
                 "numbered": f"https://{own}:{numbered.getsockname()[1]}",
+                "plain": f"http://{own}:{plain.getsockname()[1]}",
                 "limits": FetchLimits(private_addresses=(ipaddress.ip_network(f"{own}/32"),)),
             }
     finally:
         outbound_proxy.configure(None)
         proxy.stop()
+        monkeypatch.delenv("SSL_CERT_FILE")
+        tls.trust.cache_clear()
+
+
+@pytest.fixture
+def tls_front(world, tmp_path) -> Iterator[Callable[[str], TlsFront]]:
+    """HAProxy in front of the world's tinyproxy, with the certificate asked for: "p" (trusted,
+    for 127.0.0.1), "m" (trusted, for elsewhere.test), "u" (for 127.0.0.1, not trusted)."""
+    if not os.path.exists(HAPROXY):
+        unavailable("HAProxy is not installed (Debian package haproxy)")
+    started: list[TlsFront] = []
+
+    def front(certificate: str) -> TlsFront:
+        started.append(TlsFront(tmp_path, world["fronts"][certificate], world["proxy"]))
+        return started[-1]
+
+    try:
+        yield front
+    finally:
+        for each in started:
+            each.stop()
 
 
 def _use(url: str, no_proxy: str = "") -> None:
@@ -209,8 +337,10 @@ def test_a_proxy_that_is_down_or_refuses_is_a_clear_failure_naming_no_password(w
 @pytest.mark.parametrize(
     ("proxy", "no_proxy", "said"),
     [
-        (f"https://bastion:{PASSWORD}@proxy.example:3128", "", "must be an http:// URL"),
-        (f"socks5://bastion:{PASSWORD}@proxy.example:1080", "", "must be an http:// URL"),
+        (f"socks5://bastion:{PASSWORD}@proxy.example:1080", "", "must be an http:// or https://"),
+        (f"ftp://bastion:{PASSWORD}@proxy.example:21", "", "must be an http:// or https://"),
+        (f"https://bastion:{PASSWORD}@proxy.example:3128/path", "", "nothing more"),
+        (f"https://bastion:{PASSWORD}@proxy.example:99999", "", "is not a URL"),
         (f"http://bastion:{PASSWORD}@proxy.example:99999", "", "is not a URL"),
         (f"http://bastion:{PASSWORD}@proxy.example:3128/path", "", "nothing more"),
         ("http://proxy.example:3128", "example.com/x", "neither a host name"),
@@ -227,14 +357,14 @@ def test_bastion_serve_refuses_a_proxy_setting_it_cannot_use(tmp_path):
     bastion = shutil.which("bastion", path=str(Path(sys.executable).parent))
     env = {
         **os.environ,
-        "BASTION_EGRESS_PROXY": f"https://bastion:{PASSWORD}@proxy.example:3128",
+        "BASTION_EGRESS_PROXY": f"socks5://bastion:{PASSWORD}@proxy.example:1080",
         "BASTION_DATABASE": str(tmp_path / "b.db"),
     }
     ran = subprocess.run(
         [bastion or "bastion", "serve"], env=env, capture_output=True, text=True, timeout=60
     )
     assert ran.returncode != 0
-    assert "egress_proxy" in ran.stderr and "must be an http:// URL" in ran.stderr
+    assert "egress_proxy" in ran.stderr and "must be an http:// or https:// URL" in ran.stderr
     assert PASSWORD not in ran.stderr + ran.stdout
 
 
@@ -260,3 +390,92 @@ def test_a_command_that_reaches_a_transmitter_goes_through_the_configured_proxy(
     assert main(["signals", "streams", "configure", "--config", str(config)]) == 1
     assert "stream not configured" in capsys.readouterr().err
     assert world["proxy"].connects() == [world["numbered"].removeprefix("https://") + " HTTP/1.1"]
+
+
+async def _post_upstream(url: str) -> bytes:
+    """One request by the gateway's upstream client (`Http1Client`) to ``url``: the body."""
+    client = Http1Client(url)
+    try:
+        response = await client.request("POST", {"content-type": "application/json"}, b"{}")
+        try:
+            return await response.read()
+        finally:
+            response.close()
+    finally:
+        await client.aclose()
+
+
+def test_an_https_proxy_is_accepted_at_start_and_shown_without_its_password():
+    config = ServerConfig.load(
+        env={}, overrides={"egress_proxy": f"https://bastion:{PASSWORD}@proxy.example:3129"}
+    )
+    proxy = config.outbound_proxy()
+    assert proxy is not None and proxy.tls and (proxy.host, proxy.port) == ("proxy.example", 3129)
+    assert proxy.shown == "https://***@proxy.example:3129" and PASSWORD not in repr(proxy)
+    assert parse_outbound_proxy("https://proxy.example").port == 443
+
+
+def test_a_document_and_an_upstream_are_reached_through_a_proxy_spoken_to_over_tls(
+    world, tls_front, caplog
+):
+    caplog.set_level(logging.DEBUG)
+    _use(tls_front("p").url)
+    document = anyio.run(fetch_json, world["peer"] + "/jwks", world["limits"])
+    port = world["peer"].rsplit(":", 1)[1]
+    assert document == {"path": "/jwks", "host": f"peer.test:{port}"}
+    assert b'"path":"/mcp"' in anyio.run(_post_upstream, world["numbered"] + "/mcp")
+    # An http:// party (an upstream with allow_http): only the proxy's TLS around it.
+    assert b'"path":"/plain"' in anyio.run(_post_upstream, world["plain"] + "/plain")
+    # tinyproxy, behind HAProxy's TLS, checked the credentials and was asked for the addresses.
+    assert world["proxy"].connects() == [
+        f"{world['own']}:{port} HTTP/1.1",
+        world["numbered"].removeprefix("https://") + " HTTP/1.1",
+        world["plain"].removeprefix("http://") + " HTTP/1.1",
+    ]
+    assert PASSWORD not in caplog.text
+
+
+def test_a_proxy_whose_certificate_is_untrusted_or_for_another_name_is_refused(world, tls_front):
+    for certificate in ("u", "m"):
+        front = tls_front(certificate)
+        _use(front.url)
+        shown = f"https://***@127.0.0.1:{front.port}"
+        with pytest.raises(RemoteDocumentError) as fetched:
+            anyio.run(fetch_json, world["peer"] + "/jwks", world["limits"])
+        with pytest.raises(HttpConnectError) as connected:
+            anyio.run(_post_upstream, world["numbered"] + "/mcp")
+        for message in (str(fetched.value), str(connected.value)):
+            assert f"cannot connect to the proxy {shown}" in message
+            assert "CERTIFICATE_VERIFY_FAILED" in message and PASSWORD not in message
+    # No CONNECT reached tinyproxy: bastion sent nothing once the proxy's TLS failed.
+    assert world["proxy"].connects() == []
+
+
+def test_a_name_resolving_to_the_metadata_service_is_refused_before_an_https_proxy_is_asked(
+    world, tls_front
+):
+    _use(tls_front("p").url)
+    with pytest.raises(RemoteDocumentError, match="non-public address 169.254.169.254"):
+        anyio.run(fetch_json, "https://metadata.test/latest/meta-data/", world["limits"])
+    assert world["proxy"].connects() == []
+
+
+def test_the_credentials_of_an_https_proxy_go_inside_its_tls_and_a_wrong_one_is_refused(
+    world, tls_front
+):
+    """tinyproxy behind HAProxy requires Basic credentials: the right ones open the tunnel
+    (last); the wrong ones (tinyproxy answers 401) or none (407) are refused: HAProxy passed
+    it what bastion sent inside the TLS."""
+    front = tls_front("p")
+    wrong = front.url.replace(PASSWORD, "not-the-password")
+    for url, status in ((wrong, "401 Unauthorized"), (f"https://127.0.0.1:{front.port}", "407")):
+        _use(url)
+        with pytest.raises(RemoteDocumentError) as fetched:
+            anyio.run(fetch_json, world["peer"] + "/jwks", world["limits"])
+        with pytest.raises(HttpConnectError) as connected:
+            anyio.run(_post_upstream, world["numbered"] + "/mcp")
+        for message in (str(fetched.value), str(connected.value)):
+            assert "refused a tunnel" in message and status in message
+            assert "not-the-password" not in message
+    _use(front.url)
+    assert anyio.run(fetch_json, world["peer"] + "/jwks", world["limits"])["path"] == "/jwks"

@@ -19,7 +19,7 @@ import httptools
 
 from bastion import outbound_proxy
 from bastion.http_fields import field_name_problem, field_value_problem
-from bastion.outbound_proxy import TunnelRefused, tunnel_socket
+from bastion.outbound_proxy import TunnelRefused, tunnel_connection
 from bastion.tls import trust
 
 # An idle connection older than this is closed rather than reused.
@@ -288,15 +288,24 @@ class Http1Client:
             # Not asyncio.wait_for: on Python 3.11 it returns a connection made as the caller's
             # own deadline ends and drops that cancellation, so the caller waits on unbounded.
             async with asyncio.timeout(self._connect_timeout):
-                where: dict = {"host": self.host, "port": self.port}
+                protocol = functools.partial(_Connection, loop)
                 if self._proxy is not None:
-                    where = {"sock": await tunnel_socket(self._proxy, self.host, self.port)}
-                _, connection = await loop.create_connection(
-                    functools.partial(_Connection, loop),
-                    **where,
-                    ssl=self._ssl,
-                    server_hostname=self.host if self._ssl else None,
-                )
+                    _, connection = await tunnel_connection(
+                        self._proxy,
+                        self.host,
+                        self.port,
+                        protocol,
+                        ssl_context=self._ssl,
+                        proxy_trust=trust(),
+                    )
+                else:
+                    _, connection = await loop.create_connection(
+                        protocol,
+                        self.host,
+                        self.port,
+                        ssl=self._ssl,
+                        server_hostname=self.host if self._ssl else None,
+                    )
         except TunnelRefused as e:  # its message names the proxy
             raise HttpConnectError(
                 f"cannot connect to {self.host}:{self.port}: {e}", "ProxyError"

@@ -71,8 +71,9 @@ class ServerConfig:
     # both or neither (docs/operations.md, "TLS"). Without them, plain HTTP behind a proxy.
     tls_certificate: str = ""
     tls_key: str = ""
-    # The HTTP proxy bastion's requests to other parties go through (http://[user:password@]
-    # host:port; CONNECT tunnels), and the host names and IP networks reached directly
+    # The HTTP proxy bastion's requests to other parties go through (http:// or https://
+    # [user:password@]host:port; CONNECT tunnels, inside TLS to an https:// proxy), and the
+    # host names and IP networks reached directly
     # (comma-separated); the loopback always is (bastion.outbound_proxy, docs/operations.md).
     egress_proxy: str = field(default="", repr=False)
     egress_no_proxy: str = ""
