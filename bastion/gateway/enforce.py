@@ -7,6 +7,7 @@ policy sees, asks `decide_chain` (every principal must be allowed), turns the an
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 import secrets
@@ -73,6 +74,12 @@ from bastion.signals.step_up import ERROR as SIGN_IN_AGAIN
 from bastion.signals.suspensions import Suspensions, token_principals
 
 log = logging.getLogger("bastion.gateway")
+
+# How long a call cancelled before it was sent waits for its approval to be given back; the
+# write goes on after, in a task of its own (`Enforcer.run_cancelled`).
+GIVE_BACK_WAIT_SECONDS = 5.0
+# Those writes still under way (a task the loop holds only weakly could be collected midway).
+_giving_back: set[asyncio.Task] = set()
 
 
 @dataclass(frozen=True, slots=True)
@@ -829,6 +836,28 @@ class Enforcer:
                 )
         except Exception:
             log.exception("the end of an approved run cannot be written: its mark lapses")
+
+    async def run_cancelled(self, verdict: Verdict, unsent: tuple[str, str]) -> None:
+        """`run_ended` for a run cancelled (its client cancelled it or went away, or bastion is
+        stopping) before anything of it left bastion: its approval given back. Called while its
+        task is being cancelled, where a cancel scope would cancel every further await again:
+        the write runs in a task of its own, waited for shielded, at most
+        `GIVE_BACK_WAIT_SECONDS` (it goes on after that, or after another cancellation)."""
+        if verdict.spent is None or self.approvals is None:
+            return
+        giving_back = asyncio.ensure_future(self.run_ended(verdict, unsent))
+        _giving_back.add(giving_back)
+        giving_back.add_done_callback(_giving_back.discard)
+        with anyio.CancelScope(shield=True):
+            try:
+                async with asyncio.timeout(GIVE_BACK_WAIT_SECONDS):
+                    await asyncio.shield(giving_back)
+            except TimeoutError:
+                log.warning(
+                    "giving back the approval of a call cancelled before it was sent takes"
+                    " longer than %gs: it goes on meanwhile",
+                    GIVE_BACK_WAIT_SECONDS,
+                )
 
     async def release(self, verdict: Verdict) -> tuple[Any, str | None]:
         """The reviewed result of this call, spent once, and None; or None and why it is not

@@ -554,8 +554,8 @@ async def _decide_and_forward(
             return await _released(ex, verdict, extra.get("uri"))
         # An approval this run spent says it is in progress until it has ended: its result
         # held first, where it is reviewed, so that a retry finds one or the other. Not on a
-        # cancellation: the upstream may still be acting; the mark then lapses at its bound.
-        # A run that fails has ended in `_forward`.
+        # cancellation once sent: the upstream may still be acting; the mark then lapses at its
+        # bound. A run that fails (or is cancelled before it was sent) has ended in `_forward`.
         result = await _forward(ex, verdict, params, extra.get("uri"))
         if verdict.review_step == "hold":
             try:
@@ -611,10 +611,10 @@ async def _forward(
     ex: Exchange, verdict: Verdict, params: dict[str, Any], uri: str | None
 ) -> dict[str, Any]:
     """Send the decided request upstream and apply its obligations to the answer. A run that
-    fails (but for a cancellation) has ended (`Enforcer.run_ended`); one that failed before its
-    own bytes were handed to the upstream's transport (`Exchange.sent`: a session with no room,
-    a connection or handshake that failed, a header bastion will not send) gives back the
-    approval it spent."""
+    fails (but for a cancellation once sent) has ended (`Enforcer.run_ended`); one that failed
+    or was cancelled before its own bytes were handed to the upstream's transport
+    (`Exchange.sent`: a session with no room, a connection or handshake that failed or was
+    still under way, a header bastion will not send) gives back the approval it spent."""
     enforcer = ex.gateway.enforcer
     ex.masks = compile_paths(verdict.obligations.masks)
     reviewed = verdict.review_step == "hold"
@@ -639,14 +639,17 @@ async def _failed(
 ) -> BaseException:
     """What to raise for a run ``verdict`` let through that failed (`_ended`), once it has
     ended (`Enforcer.run_ended`): the approval it spent given back if nothing of it left
-    bastion (`Exchange.sent`). Not on a cancellation: the upstream may still be acting."""
+    bastion (`Exchange.sent`), a cancelled run's too (`Enforcer.run_cancelled`). Not on a
+    cancellation once sent: the upstream may still be acting."""
     ended = _ended(ex, verdict, error, withheld)
     if not isinstance(error, asyncio.CancelledError):
         await ex.gateway.enforcer.run_ended(verdict, None if ex.sent else _unsent(error))
+    elif not ex.sent and verdict.spent is not None:
+        await ex.gateway.enforcer.run_cancelled(verdict, _unsent(error))
     return ended
 
 
-def _unsent(error: Exception) -> tuple[str, str]:
+def _unsent(error: BaseException) -> tuple[str, str]:
     """What failed a call before it left bastion, for its approval's ``approval.unspent``
     event: the class of the error (for a connection not made or a program not started, that of
     the error behind it: ``ConnectionRefusedError``, ``FileNotFoundError``) and bastion's
@@ -655,6 +658,8 @@ def _unsent(error: Exception) -> tuple[str, str]:
         return error.cause, error.message
     if isinstance(error, RpcError):
         return type(error).__name__, error.message
+    if isinstance(error, asyncio.CancelledError):
+        return type(error).__name__, "cancelled before it was sent"
     return type(error).__name__, "internal error in bastion"
 
 

@@ -18,6 +18,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 from mcp import types
@@ -1085,11 +1086,12 @@ def test_an_approved_call_sent_at_once_to_two_replicas_on_postgresql_runs_once(
 # Reads of the lab's open note through more upstreams wait for the user's confirmation: one that
 # nothing listens for yet ("labgone": its connections are refused), one over stdio whose program
 # is not there yet ("labspawn"), one behind a relay that drops the requests it is sent once told
-# to ("labcut"); over stdio, programs each test writes ("labexit", "labrefuse", "labquit", and
-# "labmute", with a timeout of 2 s); an
-# HTTP upstream whose initialize names a protocol version no header can carry ("labheader");
-# the lab with one upstream session per user, one at most ("labroom"); and the lab in 2025-11-25,
-# which offers subscriptions, served only while a test serves it ("labsub").
+# to ("labcut"); over stdio, programs each test writes ("labexit", "labrefuse", "labquit",
+# "labmute", with a timeout of 2 s, "labstall" and "labstop", with one of 30 s); an HTTP upstream
+# whose initialize names a protocol version no header can carry ("labheader"); the lab with one
+# upstream session per user, one at most ("labroom"); the lab in 2025-11-25, which offers
+# subscriptions, served only while a test serves it ("labsub"); and the lab behind each user's
+# own credentials, which nobody has connected ("labconnect").
 UNSENT_SERVERS = (
     "labgone",
     "labspawn",
@@ -1101,6 +1103,9 @@ UNSENT_SERVERS = (
     "labheader",
     "labroom",
     "labsub",
+    "labstall",
+    "labstop",
+    "labconnect",
 )
 UNSENT_RULES = "".join(
     f'requires_approval(_user: User, "read", McpResource{{"{server}/lab://open"}});\n'
@@ -1214,6 +1219,11 @@ def unsent(tmp_path_factory):
             {"name": "labheader", "url": f"{header_url}/mcp"},
             {"name": "labroom", "url": f"{room_url}/mcp", "session": "per_user", "max_sessions": 1},
             {"name": "labsub", "url": f"http://127.0.0.1:{sub_sock.getsockname()[1]}/mcp"},
+            *(
+                {"name": server, "command": str(folder / server), "timeout": 30}
+                for server in ("labstall", "labstop")
+            ),
+            {"name": "labconnect", "url": f"{room_url}/mcp", "auth": "per_user"},
         )
         running = stack.enter_context(
             start(
@@ -1580,3 +1590,194 @@ def test_an_approval_whose_subscribe_found_its_upstream_gone_is_not_spent(unsent
         assert back.count("resources/subscribe", uri=LATER) > 0
     assert first.count("resources/subscribe", uri=LATER) == 0
     assert approvals(bastion).get(held["approval_id"]).status == "used"
+
+
+def test_an_approval_whose_user_has_not_connected_their_per_user_upstream_is_not_spent(unsent):
+    """labconnect takes each user's own credentials, and sam has not connected his account to
+    it: his approved read is refused before anything of it is sent (he is told where to
+    connect). The approval is given back each time: the person is not asked again for a call
+    that never ran."""
+    bastion = unsent.bastion
+    token, approval_id = approved_read(unsent, "labconnect")
+    for _ in range(2):
+        failed = read_on(bastion, "labconnect", token)["error"]
+        assert failed["code"] == -32009 and "connect your account" in failed["message"], failed
+        assert given_back(bastion, approval_id, failed)["error"] == "RpcError"
+
+
+# -- a call its client cancels ----------------------------------------------------------------
+
+
+def starts_of(path: Path) -> int:
+    """How many times a program of labstall's (labstop's) started (each start notes a line in
+    ``path``)."""
+    return len(path.read_text().splitlines()) if path.exists() else 0
+
+
+def given_back_on_cancel(bastion, approval_id: str) -> None:
+    """The approval the cancelled read spent is approved again (waiting for it: the cancellation
+    is handled after the client's request), with its event `approval.unspent` naming that
+    read's decision, whose record says the client cancelled it."""
+    wait_for(
+        lambda: approvals(bastion).get(approval_id).status == "approved",
+        "the approval of the cancelled read was given back",
+    )
+    kept = approvals(bastion).get(approval_id)
+    assert (kept.used_by, kept.used_at, kept.running_until) == (None, None, None), kept
+    (event,) = approvals(bastion).audit.events(kind="approval.unspent", request_id=approval_id)
+    assert event.detail["error"] == "CancelledError", event.detail
+    bastion.flush()
+    record = bastion.records.get(event.detail["decision_id"])
+    assert (record.method, record.result) == ("resources/read", "allow")
+    assert record.reason == "cancelled by the client"
+
+
+def test_an_approval_whose_call_was_cancelled_by_its_client_leaving_before_it_was_sent_is_not_spent(
+    unsent,
+):
+    """labstall's program never answers its handshake (its timeout is 30 s), so the approved
+    read of sam's 2026-07-28 client waits for it, and the client goes away (its connection
+    closed) meanwhile. Nothing of the read left bastion: the approval is given back (before:
+    spent, marked in progress until its bound, and the person asked again), and the retry,
+    once the program is the lab, goes through with it."""
+    bastion = unsent.bastion
+    starts = unsent.folder / "labstall-starts"
+    unsent.write_program(
+        "labstall", f"#!/bin/sh\necho started >> {shlex.quote(str(starts))}\nexec sleep 60\n"
+    )
+    token, approval_id = approved_read(unsent, "labstall")
+    before = starts_of(starts)
+    body = json.dumps(modern_request(1, "resources/read", {"uri": "lab://open"})).encode()
+    headers = {
+        **modern_headers(token, "resources/read", "lab://open"),
+        "content-length": str(len(body)),
+    }
+    url = urlsplit(bastion.mcp_url("labstall"))
+    raw = f"POST {url.path} HTTP/1.1\r\nhost: {url.netloc}\r\n"
+    raw += "".join(f"{k}: {v}\r\n" for k, v in headers.items()) + "\r\n"
+    with socket.create_connection((url.hostname, url.port)) as client:
+        client.sendall(raw.encode() + body)
+        wait_for(lambda: starts_of(starts) > before, "the read started the program")
+        assert approvals(bastion).get(approval_id).status == "used"  # spent by the read
+    given_back_on_cancel(bastion, approval_id)
+    unsent.write_program("labstall", LAB_PROGRAM)
+    answer = read_on(bastion, "labstall", token)
+    assert answer["result"]["contents"][0]["text"] == "anyone on the team may read this", answer
+    assert approvals(bastion).get(approval_id).status == "used"
+
+
+# Answers its handshake at its first start, then exits; at any later start it never answers it.
+STALLS_ONCE_STARTED = """\
+import json, sys, time
+with open(sys.argv[1], "a") as starts:
+    starts.write("started\\n")
+with open(sys.argv[1]) as starts:
+    if len(starts.read().splitlines()) > 1:
+        time.sleep(60)
+        sys.exit(0)
+for line in sys.stdin:
+    message = json.loads(line)
+    if message.get("method") == "initialize":
+        result = {
+            "protocolVersion": "2025-11-25",
+            "capabilities": {"resources": {}},
+            "serverInfo": {"name": "stalls", "version": "1"},
+        }
+        print(json.dumps({"jsonrpc": "2.0", "id": message["id"], "result": result}), flush=True)
+    elif message.get("method") == "notifications/initialized":
+        sys.exit(0)
+"""
+
+
+def test_an_approval_whose_call_its_client_cancelled_before_it_was_sent_is_not_spent(unsent):
+    """sam's 2025-11-25 session on labstop opens (its program answers that handshake, then
+    exits); the approved read starts the program again, whose handshake never answers now, and
+    the client cancels the read meanwhile (``notifications/cancelled``). Nothing of the read
+    left bastion: the approval is given back, and the retry in the same session, once the
+    program is the lab, goes through with it."""
+    bastion = unsent.bastion
+    starts = unsent.folder / "labstop-starts"
+    unsent.write_program(
+        "labstop",
+        f"#!/bin/sh\nexec {shlex.quote(sys.executable)} -c "
+        f"{shlex.quote(STALLS_ONCE_STARTED)} {shlex.quote(str(starts))}\n",
+    )
+    token, approval_id = approved_read(unsent, "labstop")
+    session = legacy_session(bastion, token, "labstop")
+    assert starts_of(starts) == 1
+    # Read by the gateway only once it has seen the program exit: then the read starts it again.
+    stdio = bastion.app.state.gateway.upstreams["labstop"].upstream
+    wait_for(lambda: not stdio._started, "bastion saw the program exit")
+    read = {"jsonrpc": "2.0", "id": 21, "method": "resources/read", "params": {"uri": "lab://open"}}
+    answered: dict = {}
+
+    def send() -> None:
+        answered["response"] = bastion.http.post(
+            bastion.mcp_url("labstop"), json=read, headers=session, timeout=60
+        )
+
+    thread = threading.Thread(target=send, daemon=True)
+    thread.start()
+    wait_for(lambda: starts_of(starts) == 2, "the read started the program again")
+    assert approvals(bastion).get(approval_id).status == "used"  # spent by the read
+    cancel = {
+        "jsonrpc": "2.0",
+        "method": "notifications/cancelled",
+        "params": {"requestId": 21, "reason": "the user pressed stop"},
+    }
+    cancelled = bastion.http.post(bastion.mcp_url("labstop"), json=cancel, headers=session)
+    assert cancelled.status_code == 202, cancelled.text
+    thread.join(30)
+    assert "jsonrpc" not in answered["response"].text  # a cancelled request is not answered
+    given_back_on_cancel(bastion, approval_id)
+    unsent.write_program("labstop", LAB_PROGRAM)
+    response = bastion.http.post(bastion.mcp_url("labstop"), json=read, headers=session)
+    answer = messages(response)[-1]
+    assert answer["result"]["contents"][0]["text"] == "anyone on the team may read this", answer
+    assert approvals(bastion).get(approval_id).status == "used"
+
+
+def test_an_approved_call_its_client_cancelled_after_it_was_sent_stays_spent_and_in_progress(
+    bastion,
+):
+    """The approved call reached its upstream, and its 2025-11-25 client cancels it there: the
+    upstream may have acted, so the approval stays spent and its run marked in progress until
+    its bound (a retry is told so), never given back."""
+    token = bastion.token("sam", "labhttp")
+    tag = f"cancelled-sent-{uuid.uuid4().hex[:8]}"
+    arguments = {"tag": tag}
+    held = lab_call(bastion, token, arguments)["error"]["data"]
+    approval = held["approval_id"]
+    approvals(bastion).answer(approval, "avery", "approve", channel="api")
+    session = legacy_session(bastion, token, "labhttp")
+    call = {
+        "jsonrpc": "2.0",
+        "id": 31,
+        "method": "tools/call",
+        "params": {"name": LONG_RUN, "arguments": arguments},
+    }
+    thread = threading.Thread(
+        target=lambda: bastion.http.post(
+            bastion.mcp_url("labhttp"), json=call, headers=session, timeout=60
+        ),
+        daemon=True,
+    )
+    thread.start()
+    try:
+        wait_for(lambda: runs(bastion, tag) == 1, "the approved run started upstream")
+        cancel = {
+            "jsonrpc": "2.0",
+            "method": "notifications/cancelled",
+            "params": {"requestId": 31, "reason": "the user pressed stop"},
+        }
+        cancelled = bastion.http.post(bastion.mcp_url("labhttp"), json=cancel, headers=session)
+        assert cancelled.status_code == 202, cancelled.text
+        thread.join(30)
+        spent = approvals(bastion).get(approval)
+        assert spent.status == "used" and spent.running_until is not None, spent
+        assert approvals(bastion).audit.events(kind="approval.unspent", request_id=approval) == []
+        retried = lab_call(bastion, token, arguments)
+        assert in_progress(retried) == (-32008, "approval_in_progress", approval), retried
+    finally:
+        release_run(bastion, tag)
+    assert runs(bastion, tag) == 1
