@@ -509,6 +509,14 @@ class Approvals:
         same call is then what it was before: a result to review, or a new call."""
         self.store.end_run(request_id, decision_id)
 
+    def renew_run(self, request_id: str, decision_id: str, runs_for: float) -> bool:
+        """The run of the call ``decision_id``, which spent the approval ``request_id``, is still
+        in flight in this process: the same call is told its run is in progress for
+        ``runs_for`` from now (a lease, renewed while the run lasts: a process that dies stops
+        renewing, and the mark lapses). False if that run is no longer marked (ended, given
+        back)."""
+        return self.store.renew_run(request_id, decision_id, self.clock() + runs_for)
+
     def unspend(
         self, request: ApprovalRequest, decision_id: str, cause: str, message: str = ""
     ) -> bool:

@@ -5,8 +5,8 @@ result (kind ``review``: the upstream answered; a person releases the answer or 
 is bound to the exact call by ``binding`` (a keyed digest of the user, agent, server, method,
 target and arguments), carries the policy version it was held under and an expiry, and moves
 ``pending`` -> ``approved`` | ``denied`` | ``expired``, then ``approved`` -> ``used`` once the call
-it unlocked runs (single use; ``running_until`` while that run may still be upstream; back to
-``approved`` if that run never reached the upstream). A review
+it unlocked runs (single use; ``running_until`` while that run may still be upstream, renewed
+while it is in flight; back to ``approved`` if that run never reached the upstream). A review
 moves ``pending`` -> ``released`` | ``withheld`` | ``expired``, and ``released`` ->
 ``delivered``. The arguments and a held result are encrypted at rest (AES-GCM, `cryptography`)
 under a key of the deployment; a held result is deleted when it is delivered, withheld or
@@ -526,6 +526,19 @@ class ApprovalStore:
             "UPDATE approval_requests SET running_until = NULL"
             " WHERE id = ? AND used_by = ? AND running_until IS NOT NULL RETURNING id",
             (request_id, decision_id),
+        )
+        return bool(rows)
+
+    def renew_run(self, request_id: str, decision_id: str, running_until: float) -> bool:
+        """The run of the call ``decision_id`` that ``request_id`` was spent on is still in
+        flight: marked in progress until ``running_until`` now. One statement, and only while
+        that run is marked (used by that call and not ended: an ended run, or an approval given
+        back, is never marked again); False if it is not."""
+        rows = self.db.execute(
+            "UPDATE approval_requests SET running_until = ?"
+            " WHERE id = ? AND used_by = ? AND status = 'used' AND running_until IS NOT NULL"
+            " RETURNING id",
+            (running_until, request_id, decision_id),
         )
         return bool(rows)
 

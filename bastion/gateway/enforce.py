@@ -815,6 +815,36 @@ class Enforcer:
             return "approval_unavailable"
         return None if used else "approval_used"
 
+    def keep_running(self, verdict: Verdict, runs_for: float) -> asyncio.Task[None]:
+        """Renew the mark of the run ``verdict``'s call spent its approval on (`Verdict.spent`)
+        while that run is in flight here: every half ``runs_for`` (the upstream's ``timeout``),
+        to ``runs_for`` from then, so that a run longer than the bound it was spent with (an
+        upstream that asks the client round after round) keeps its retries told it is in
+        progress. The caller cancels the task returned once the run has ended, failed or been
+        cancelled: the mark then ends (`run_ended`) or lapses at most ``runs_for`` after its
+        last renewal, as it does when the process dies. Asked only for a call that spent an
+        approval."""
+        assert verdict.spent is not None
+        return asyncio.create_task(self._renew_run(verdict.spent.id, verdict.decision_id, runs_for))
+
+    async def _renew_run(self, request_id: str, decision_id: str, runs_for: float) -> None:
+        assert self.approvals is not None
+        every = runs_for / 2
+        while True:
+            await asyncio.sleep(every)
+            try:
+                marked = await anyio.to_thread.run_sync(
+                    self.approvals.renew_run, request_id, decision_id, runs_for
+                )
+            except Exception:
+                log.exception(
+                    "the mark of an approved run in flight cannot be renewed: tried again in %gs",
+                    every,
+                )
+                continue
+            if not marked:
+                return  # ended, or given back: nothing is marked any more
+
     async def run_ended(self, verdict: Verdict, unsent: tuple[str, str] | None = None) -> None:
         """The run of ``verdict``'s call has ended (answered, its result held for review first
         where it is; or failed): the approval it spent no longer tells the same call its run

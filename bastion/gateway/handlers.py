@@ -552,17 +552,27 @@ async def _decide_and_forward(
             continue
         if verdict.review_step == "release":
             return await _released(ex, verdict, extra.get("uri"))
-        # An approval this run spent says it is in progress until it has ended: its result
-        # held first, where it is reviewed, so that a retry finds one or the other. Not on a
-        # cancellation once sent: the upstream may still be acting; the mark then lapses at its
-        # bound. A run that fails (or is cancelled before it was sent) has ended in `_forward`.
-        result = await _forward(ex, verdict, params, extra.get("uri"))
-        if verdict.review_step == "hold":
-            try:
-                held = await _held_for_review(ex, verdict, result, context, resource)
-            except Exception:
-                await enforcer.run_ended(verdict)
-                raise
+        # An approval this run spent says it is in progress until it has ended (renewed while
+        # it is in flight here): its result held first, where it is reviewed, so that a retry
+        # finds one or the other. Not on a cancellation once sent: the upstream may still be
+        # acting; the mark then lapses at its bound. A run that fails (or is cancelled before it
+        # was sent) has ended in `_forward`. A call that spent none renews nothing.
+        lease = (
+            enforcer.keep_running(verdict, ex.upstream.run_seconds)
+            if verdict.spent is not None
+            else None
+        )
+        try:
+            result = await _forward(ex, verdict, params, extra.get("uri"))
+            if verdict.review_step == "hold":
+                try:
+                    held = await _held_for_review(ex, verdict, result, context, resource)
+                except Exception:
+                    await enforcer.run_ended(verdict)
+                    raise
+        finally:
+            if lease is not None:
+                lease.cancel()
         await enforcer.run_ended(verdict)
         if verdict.review_step != "hold":
             return result

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import anyio
 import pytest
 from mcp import types
 from mcp.shared.exceptions import MCPError
@@ -1090,8 +1091,9 @@ def test_an_approved_call_sent_at_once_to_two_replicas_on_postgresql_runs_once(
 # "labmute", with a timeout of 2 s, "labstall" and "labstop", with one of 30 s); an HTTP upstream
 # whose initialize names a protocol version no header can carry ("labheader"); the lab with one
 # upstream session per user, one at most ("labroom"); the lab in 2025-11-25, which offers
-# subscriptions, served only while a test serves it ("labsub"); and the lab behind each user's
-# own credentials, which nobody has connected ("labconnect").
+# subscriptions, served only while a test serves it ("labsub"); the lab with a timeout of 1 s
+# ("labrounds"); and the lab behind each user's own credentials, which nobody has connected
+# ("labconnect").
 UNSENT_SERVERS = (
     "labgone",
     "labspawn",
@@ -1105,6 +1107,7 @@ UNSENT_SERVERS = (
     "labsub",
     "labstall",
     "labstop",
+    "labrounds",
     "labconnect",
 )
 UNSENT_RULES = "".join(
@@ -1115,6 +1118,10 @@ UNSENT_RULES = "".join(
 # serve every client: one subscribed to already is not asked for again).
 LATER = "lab://later"
 UNSENT_RULES += f'requires_approval(_user: User, "read", McpResource{{"labsub/{LATER}"}});\n'
+# labrounds' tool asks its client round after round (each round within its timeout of 1 s): the
+# user confirms each call of it.
+ROUNDS = "ask_until_done"
+UNSENT_RULES += f'requires_approval(_user: User, "call", Tool{{"labrounds/{ROUNDS}"}});\n'
 
 
 def lab_app() -> Recorder:
@@ -1178,6 +1185,7 @@ class Unsent:
     room_trace: Path  # the trace of labroom's lab (`release_run`)
     # labsub's port, kept bound (nothing listening) for it: a test serves on a socket of its own.
     sub_sock: socket.socket
+    rounds_app: Recorder  # labrounds' lab (its requests, one per round of a run)
 
     def program_of(self, server: str) -> Path:
         return self.folder / server
@@ -1201,12 +1209,14 @@ def unsent(tmp_path_factory):
     room_lab = fresh_module("lab_server_room", LAB)
     room_lab.TRACE = str(folder / "room-trace.jsonl")
     room_app = room_lab.server.streamable_http_app(streamable_http_path="/mcp")
+    rounds_app = lab_app()
     with contextlib.ExitStack() as stack:
         cut_url = stack.enter_context(serve(cut_app, free_socket()))
         relay = Relay(("127.0.0.1", int(cut_url.rsplit(":", 1)[1])))
         stack.callback(relay.close)
         header_url = stack.enter_context(serve(bad_version, free_socket()))
         room_url = stack.enter_context(serve(room_app, free_socket()))
+        rounds_url = stack.enter_context(serve(rounds_app, free_socket()))
         more = (
             {"name": "labgone", "url": f"{gone_url}/mcp"},
             {"name": "labspawn", "command": str(program)},
@@ -1223,6 +1233,7 @@ def unsent(tmp_path_factory):
                 {"name": server, "command": str(folder / server), "timeout": 30}
                 for server in ("labstall", "labstop")
             ),
+            {"name": "labrounds", "url": f"{rounds_url}/mcp", "timeout": 1},
             {"name": "labconnect", "url": f"{room_url}/mcp", "auth": "per_user"},
         )
         running = stack.enter_context(
@@ -1250,6 +1261,9 @@ def unsent(tmp_path_factory):
                 parse_fact(
                     f'has_relation(McpResource{{"labsub/{LATER}"}}, "server", McpServer{{"labsub"}})'
                 ),
+                parse_fact(
+                    f'has_relation(Tool{{"labrounds/{ROUNDS}"}}, "server", McpServer{{"labrounds"}})'
+                ),
                 parse_fact('has_role(User{"avery"}, "admin", McpServer{"labroom"})'),
             ]
         )
@@ -1263,6 +1277,7 @@ def unsent(tmp_path_factory):
             bad_version,
             Path(room_lab.TRACE),
             sub_sock,
+            rounds_app,
         )
 
 
@@ -1781,3 +1796,76 @@ def test_an_approved_call_its_client_cancelled_after_it_was_sent_stays_spent_and
     finally:
         release_run(bastion, tag)
     assert runs(bastion, tag) == 1
+
+
+# -- an approved run longer than its bound ------------------------------------------------------
+
+
+def test_a_retry_past_the_bound_of_an_approved_run_still_upstream_is_told_it_is_in_progress(
+    unsent,
+):
+    """labrounds answers each request within its timeout of 1 s, but its tool asks the client
+    round after round, each round a request of its own: the approved run lasts as long as its
+    2025-11-25 client makes it, here past twice that timeout (the bound its approval was spent
+    with). The process running it renews its mark meanwhile: a retry of the same call sent
+    past that bound is told the run is in progress (before: held for a new approval, which,
+    given, would have run the call again). Once the run has answered, a retry is a new call,
+    held anew; the tool ran once."""
+    bastion, app = unsent.bastion, unsent.rounds_app
+    bound = 2 * 1.0  # twice labrounds' timeout
+    arguments = {"tag": f"rounds-{uuid.uuid4().hex[:8]}"}
+    first_round: list[float] = []
+    asked: list[bool] = []
+
+    async def elicit(context, params):
+        if getattr(params, "mode", None) == "url":  # bastion's question while the call is held
+            return types.ElicitResult(action="decline")
+        if not first_round:
+            first_round.append(time.monotonic())
+        # Done once the retry was answered (at the tenth round at most: bastion's limit).
+        done = "retry" in seen_here or len(asked) >= 9
+        asked.append(done)
+        if not done:
+            await anyio.sleep(0.4)  # the client takes its time, within the timeout
+        return types.ElicitResult(action="accept", content={"done": done})
+
+    seen_here: dict = {}
+
+    async def script(client, seen):
+        await attempt(client, seen, "calls", ROUNDS, arguments)
+        held = seen["held"] = last_error(seen)
+        approvals(bastion).answer(held["approval_id"], "sam", "approve", channel="api")
+        async with anyio.create_task_group() as group:
+            group.start_soon(attempt, client, seen, "run", ROUNDS, arguments)
+            # The approval was spent before the first round: past this, past its bound.
+            while "run" not in seen and not (
+                first_round and time.monotonic() > first_round[0] + bound + 0.2
+            ):
+                await anyio.sleep(0.02)
+            await attempt(client, seen, "retry", ROUNDS, arguments)
+            seen_here["retry"] = seen["retry"]
+        await attempt(client, seen, "after", ROUNDS, arguments)
+
+    seen = bastion.sdk("sam", "labrounds", "legacy", script, elicitation_callback=elicit)
+    approval = seen["held"]["approval_id"]
+    assert seen["held"]["reason"] == "approval_pending", seen["held"]
+    [run] = seen["run"]
+    assert run[0] == "ok" and run[1].startswith(f"done {arguments['tag']}"), run
+    [retry] = seen["retry"]
+    assert retry[0] == "error", retry
+    assert (retry[1], retry[2]["reason"], retry[2]["approval_id"]) == (
+        -32008,
+        "approval_in_progress",
+        approval,
+    ), retry
+    [after] = seen["after"]
+    assert after[0] == "error" and after[2]["reason"] == "approval_pending", after
+    assert after[2]["approval_id"] != approval
+    calls = [
+        m["params"]
+        for m in app.messages()
+        if m.get("method") == "tools/call" and m["params"].get("arguments") == arguments
+    ]
+    assert sum(1 for params in calls if "inputResponses" not in params) == 1  # one run
+    used = approvals(bastion).get(approval)
+    assert (used.status, used.running_until) == ("used", None)  # its run has ended

@@ -1403,6 +1403,40 @@ def test_a_run_whose_end_is_never_told_holds_its_retries_no_longer_than_runs_for
     assert approvals.check(c).state == "hold"
 
 
+def test_a_run_still_in_flight_renews_its_mark_and_only_its_own_and_only_while_marked(world):
+    """The process running the call renews its mark (a lease): each renewal keeps its retries
+    in progress ``runs_for`` from then, past the bound it was spent with. Another call's
+    renewal changes nothing; nor does a renewal once the run has ended, or once its approval
+    was given back: neither is marked again."""
+    approvals, _, _, clock = world
+    c = call(send, {"to": "long-run@example.com"})
+    request = held(approvals, c)
+    approvals.answer(request.id, "avery", "approve", channel="api")
+    assert approvals.use(approvals.check(c).request, "d-run", runs_for=120)
+    clock.now += 100
+    assert not approvals.renew_run(request.id, "d-other", 120)
+    assert approvals.renew_run(request.id, "d-run", 120)
+    clock.now += 100  # past the bound it was spent with
+    assert approvals.check(c).state == "in_progress"
+    assert approvals.renew_run(request.id, "d-run", 120)
+    clock.now += 119
+    assert approvals.check(c).state == "in_progress"
+    clock.now += 1  # no renewal for one bound (the process is gone): the mark lapses
+    assert approvals.check(c).state == "hold"
+    approvals.run_ended(request.id, "d-run")
+    assert not approvals.renew_run(request.id, "d-run", 120)
+    assert approvals.check(c).state == "hold"
+    # Given back: approved again, and no renewal marks it used nor in progress.
+    again = call(send, {"to": "long-run-unsent@example.com"})
+    request = held(approvals, again)
+    approvals.answer(request.id, "avery", "approve", channel="api")
+    assert approvals.use(approvals.check(again).request, "d-unsent", runs_for=120)
+    assert approvals.unspend(request, "d-unsent", "CancelledError")
+    assert not approvals.renew_run(request.id, "d-unsent", 120)
+    back = approvals.get(request.id)
+    assert (back.status, back.used_by, back.running_until) == ("approved", None, None)
+
+
 def test_a_run_ends_before_its_result_is_held_for_review_never_between(world):
     """For a call held for approval and review the run's end is written after its result is held
     (`Approvals.hold` of the review): a retry finds the run in progress, then its review, never

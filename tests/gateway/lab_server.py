@@ -172,6 +172,25 @@ async def ask_by_url(ctx: Context) -> CallToolResult | InputRequiredResult:
     return InputRequiredResult(input_requests={"q": question}, request_state="lab-state")
 
 
+@server.tool(annotations=READ_ONLY)
+async def ask_until_done(tag: str, ctx: Context) -> CallToolResult | InputRequiredResult:
+    """Ask the client (2026-07-28, input_required) whether it is done, round after round, until
+    it answers ``done``: each round is a request of its own, so a run lasts as long as the
+    client makes it, whatever the timeout of each request. ``tag`` names the run."""
+    rounds = int(ctx.request_state or 0)
+    answer = (ctx.input_responses or {}).get("q")
+    content = getattr(answer, "content", None)
+    if isinstance(content, dict) and content.get("done") is True:
+        return CallToolResult(content=[TextContent(type="text", text=f"done {tag} in {rounds}")])
+    question = ElicitRequest(
+        params=ElicitRequestFormParams(
+            message="Done?",
+            requested_schema={"type": "object", "properties": {"done": {"type": "boolean"}}},
+        )
+    )
+    return InputRequiredResult(input_requests={"q": question}, request_state=str(rounds + 1))
+
+
 @server.resource("lab://open", mime_type="text/plain")
 def open_note() -> str:
     return "anyone on the team may read this"
