@@ -817,10 +817,10 @@ class Enforcer:
 
     def keep_running(self, verdict: Verdict, runs_for: float) -> asyncio.Task[None]:
         """Renew the mark of the run ``verdict``'s call spent its approval on (`Verdict.spent`)
-        while that run is in flight here: every half ``runs_for`` (the upstream's ``timeout``),
-        to ``runs_for`` from then, so that a run longer than the bound it was spent with (an
-        upstream that asks the client round after round) keeps its retries told it is in
-        progress. The caller cancels the task returned once the run has ended, failed or been
+        while that run is in flight here: every third of ``runs_for`` (one renewal that fails
+        still leaves a third of it), to ``runs_for`` from then, so that a run longer than the
+        bound it was spent with (an upstream that asks the client round after round) keeps its
+        retries told it is in progress. The caller cancels the task returned once the run has ended, failed or been
         cancelled: the mark then ends (`run_ended`) or lapses at most ``runs_for`` after its
         last renewal, as it does when the process dies. Asked only for a call that spent an
         approval."""
@@ -829,7 +829,7 @@ class Enforcer:
 
     async def _renew_run(self, request_id: str, decision_id: str, runs_for: float) -> None:
         assert self.approvals is not None
-        every = runs_for / 2
+        every = runs_for / 3
         while True:
             await asyncio.sleep(every)
             try:

@@ -133,7 +133,7 @@ class UpstreamState:
     def run_seconds(self) -> float:
         """The longest one round of a call's run at this upstream takes: starting it (its process
         or connection and the MCP handshake), then its answer, each within its ``timeout``. An
-        approved run's mark holds that long, renewed every half of it while the run lasts
+        approved run's mark holds that long, renewed every third of it while the run lasts
         (`Enforcer.keep_running`: a run that asks its client round after round lasts longer)."""
         return 2 * self.upstream.config.timeout
 
