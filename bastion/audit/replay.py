@@ -1,5 +1,5 @@
 """Replaying decision records with a candidate policy (``bastion audit replay``): which of the
-gateway's real decisions would it decide differently?
+gateway's real decisions would pushing it change?
 
 Each record is asked again as the question it asked (`question_of`): its principals, its
 action (`bastion.decide.mcp.recorded_action`), its target, its token's scopes and its context,
@@ -7,14 +7,15 @@ with the time it was recorded at as ``context.time``, so that a time-window rule
 the call. It is decided by the gateway's own contract (`decide_chain`, `policy_result`) on the
 facts the `Authorizer` holds: the store's as they are now, for facts keep no history. What the
 policy alone did not decide is never guessed at: `NotReplayable` says why (`NOT_REPLAYABLE`).
-A record decided differently is decided again by the policy in force when it was recorded, on
-the same facts (`cause_of`): what that policy decides so today too is the facts' doing, not the
-candidate's.
+Each is decided too by the policy in force today (`in_force`): what the candidate decides
+otherwise than it, the push changes (`InForce.changed_by`), whatever the record says. A record
+both decide alike, otherwise than recorded, is decided again by the policy in force when it was
+recorded, on the same facts (`cause_of`): the facts changed since, or a push since did.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
@@ -65,8 +66,8 @@ _LABEL_REASONS = frozenset({"labels_unavailable", "labels_lost", "labels_full"})
 # then did not read is not in the record, and a candidate's answer on it would be a guess.
 _WORKED_OUT = frozenset({"behavior", CONTEXT_FIELD})
 _ABSENT = object()
-# Why the cause of a difference cannot be told (`Cause` ``unknown``), said with the record's
-# policy version; such a difference is counted as the candidate's.
+# Why the cause of a difference the push does not make cannot be told (`Cause` ``unknown``),
+# said with the record's policy version.
 UNKNOWN_CAUSE = {
     "no_version": "the record names no policy version",
     "version_not_held": "policy version {version} is not held any more",
@@ -74,6 +75,13 @@ UNKNOWN_CAUSE = {
     "not_replayable": "policy version {version}, in force then, reads what the record does not"
     " hold",
     "over_budget": "policy version {version}, in force then, goes over the evaluation budget today",
+}
+# Why the policy in force today gives no answer to a record (`InForce` ``why``), said with its
+# name: what the push does to such a record is unknown, and counted as a change.
+UNKNOWN_EFFECT = {
+    "not_replayable": "{policy}, in force, reads what the record does not hold",
+    "over_budget": "{policy}, in force, goes over the evaluation budget where the candidate"
+    " does not",
 }
 
 
@@ -101,13 +109,15 @@ class Question:
 @dataclass(frozen=True, slots=True)
 class Replayed:
     """A record decided again: the candidate's result and reason; when it differs from the
-    record's, the rules that decided it (empty over budget: explaining would spend it again)."""
+    record's (or `explained`), the rules that decided it (empty over budget: explaining would
+    spend it again)."""
 
     record: DecisionRecord
     question: Question
     result: str
     reason: str
     rules: tuple[str, ...] = ()
+    chain: ChainDecision | None = field(default=None, repr=False, compare=False)
 
     @property
     def same(self) -> bool:
@@ -190,19 +200,62 @@ def replay(authz: Authorizer, record: DecisionRecord) -> Replayed:
     refuses). `NotReplayable` when the answer would rest on what the record does not hold."""
     question = question_of(record)
     chain, result, reason = _decide(authz, question, record.context)
-    if result == record.result:
-        return Replayed(record, question, result, reason)
-    return Replayed(
-        record, question, result, reason, _rules(authz, question, chain, result, reason)
-    )
+    replayed = Replayed(record, question, result, reason, chain=chain)
+    return replayed if replayed.same else explained(authz, replayed)
+
+
+def explained(authz: Authorizer, replayed: Replayed) -> Replayed:
+    """``replayed`` with the rules of ``authz`` (its candidate) that decided it."""
+    if replayed.chain is None:
+        return replayed
+    rules = _rules(authz, replayed.question, replayed.chain, replayed.result, replayed.reason)
+    return replace(replayed, rules=rules)
+
+
+@dataclass(frozen=True, slots=True)
+class InForce:
+    """The policy in force today's answer to a replayed record's question: ``result`` and
+    ``reason``, None where it gave none (``why``, a key of `UNKNOWN_EFFECT`)."""
+
+    result: str | None = None
+    reason: str | None = None
+    why: str | None = None
+
+    def changed_by(self, replayed: Replayed) -> bool | None:
+        """Whether pushing the candidate changes ``replayed``'s decision: it decides another
+        result, or goes over the budget where the policy in force does not; None where the
+        policy in force gave no answer (the push's effect unknown)."""
+        if self.why is not None:
+            return None
+        if replayed.over_budget:
+            return self.reason != EvaluationLimit.reason
+        return self.result != replayed.result
+
+
+def in_force(replayed: Replayed, now: Authorizer) -> InForce:
+    """``replayed``'s question decided by ``now``, the policy in force today, on the facts and
+    within the budget the candidate had. Over the budget where the candidate is not, its answer
+    is not told: the push may change it or not. Over it both: alike (the gateway refuses it
+    before the push and after)."""
+    try:
+        _, result, reason = _decide(now, replayed.question, replayed.record.context)
+    except NotReplayable:
+        return InForce(why="not_replayable")
+    if reason == EvaluationLimit.reason and not replayed.over_budget:
+        return InForce(result, reason, "over_budget")
+    return InForce(result, reason)
 
 
 @dataclass(frozen=True, slots=True)
 class Cause:
-    """Why a record is decided differently: ``policy``, the candidate's; ``facts``, the facts'
-    changed since (the policy in force when it was recorded decides it so today too); or
-    ``unknown`` (``why``, a key of `UNKNOWN_CAUSE`). ``result`` and ``reason``: the policy of the
-    time's answer today, None where it gave none."""
+    """Why a record is listed: ``policy``, the push changes it (the candidate decides it
+    otherwise than the policy in force), or ``unknown`` where that cannot be told (`InForce`
+    ``why``). Of a record the push does not change, why it is decided otherwise than recorded
+    (`cause_of`): ``facts``, the facts changed since (the policy in force when it was recorded
+    decides it so today too); ``earlier_push``, a policy pushed since (that policy still decides
+    it otherwise); or ``unknown`` (``why``, a key of `UNKNOWN_CAUSE`). ``result`` and
+    ``reason``: the policy of the time's answer today, None where it gave none or was not
+    asked."""
 
     name: str
     result: str | None = None
@@ -211,11 +264,12 @@ class Cause:
 
 
 def cause_of(replayed: Replayed, then: Authorizer) -> Cause:
-    """Why ``replayed``, decided differently from its record, is: its question decided again
-    by ``then``, the policy in force when it was recorded, on the facts and within the budget
-    the candidate had. Decided as the candidate decides it: the facts' doing. Over the budget
-    then: not told (the facts may have grown, the budget shrunk). Over it with the candidate
-    only: the candidate's, for all else was the same."""
+    """Why ``replayed``, decided as the policy in force today decides it but otherwise than its
+    record, is: its question decided again by ``then``, the policy in force when it was
+    recorded, on the facts and within the budget the candidate had. Decided as today: the
+    facts' doing. Otherwise (as recorded, or some third way; or over the budget today only): a
+    policy pushed since. Over the budget then: not told (the facts may have grown, the budget
+    shrunk)."""
     try:
         _, result, reason = _decide(then, replayed.question, replayed.record.context)
     except NotReplayable:
@@ -223,7 +277,7 @@ def cause_of(replayed: Replayed, then: Authorizer) -> Cause:
     if reason == EvaluationLimit.reason:
         return Cause("unknown", result, reason, "over_budget")
     if replayed.over_budget or result != replayed.result:
-        return Cause("policy", result, reason)
+        return Cause("earlier_push", result, reason)
     return Cause("facts", result, reason)
 
 

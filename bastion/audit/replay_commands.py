@@ -1,8 +1,9 @@
-"""CLI: ``bastion audit replay``: which of the gateway's recorded decisions a candidate policy
-(files, or a stored version) would decide differently, before it is pushed (`bastion.audit.replay`),
-and why: the candidate, or the facts changed since (`cause_of`). Exit 0 when none is the
-candidate's (or of unknown cause), 1 when some are (so that CI can hold a push back), 2 on bad
-input. It writes nothing: the database is opened read-only."""
+"""CLI: ``bastion audit replay``: which of the gateway's recorded decisions pushing a candidate
+policy (files, or a stored version) would change, before it is pushed (`bastion.audit.replay`):
+those it decides otherwise than the policy in force today; and those decided otherwise than
+recorded that the push does not change, and why (the facts or an earlier push, `cause_of`).
+Exit 0 when the push changes none, 1 when it changes some or cannot tell (so that CI can hold a
+push back), 2 on bad input. It writes nothing: the database is opened read-only."""
 
 from __future__ import annotations
 
@@ -21,16 +22,20 @@ from bastion.audit.commands import _when, shown
 from bastion.audit.decisions import DecisionRecord, DecisionRecords
 from bastion.audit.replay import (
     UNKNOWN_CAUSE,
+    UNKNOWN_EFFECT,
     Cause,
+    InForce,
     NotReplayable,
     Replayed,
     cause_of,
+    explained,
+    in_force,
     replay,
 )
 from bastion.cli import since_epoch, whole_number
 from bastion.db import Database
 from bastion.decide import Authorizer
-from bastion.facts.store import FactStore
+from bastion.facts.store import FactStore, PolicyVersion
 from bastion.names import readable
 from bastion.policy import LoadedPolicy, load
 from bastion.policy.errors import PolicyError
@@ -71,16 +76,16 @@ def _replay(args: argparse.Namespace) -> int:
         held.callback(db.close)
         store = FactStore(db)
         authz, text = _candidate(args, store, config)
-        _, facts, _ = store.snapshot()
+        _, facts, current = store.snapshot()  # the policy in force as of the facts read
         pairs = [(f.fact, f.expires_at) for f in facts]
         del facts
         authz.facts.load(pairs)  # what it cannot use: unused
-        then = _PoliciesOfTheTime(store, config, pairs, authz, text)
+        policies = _StoredPolicies(store, config, pairs, authz, text, current)
         records = DecisionRecords(db).window(since, until, args.server, PAGE)
-        # The text report keeps the facts' differences aside until the end, in a file.
+        # The text report keeps the differences the push does not make aside until the end.
         apart = held.enter_context(tempfile.TemporaryFile("w+", encoding="utf-8"))
         out = _JsonReport(sys.stdout) if args.json else _TextReport(sys.stdout, apart)
-        out.begin(since, until, _named(args))
+        out.begin(since, until, _named(args), policies.version)
         tally = _Tally()
         for n, record in enumerate(records):
             if args.limit is not None and n >= args.limit:
@@ -90,12 +95,20 @@ def _replay(args: argparse.Namespace) -> int:
             except NotReplayable as skipped:
                 tally.not_replayable[skipped.reason] += 1
                 continue
-            cause = None if replayed.same else then.cause(replayed)
-            tally.add(replayed, cause)
+            now = policies.in_force(replayed)
+            pushed = now.changed_by(replayed)
+            if pushed is None:
+                cause: Cause | None = Cause("unknown")
+            elif pushed:
+                cause = Cause("policy")
+                replayed = explained(authz, replayed)  # the rules, when decided as recorded
+            else:
+                cause = None if replayed.same else policies.cause(replayed)
+            tally.add(replayed, pushed, cause)
             if cause is not None:
-                out.change(replayed, cause)
+                out.change(replayed, now, pushed, cause)
         out.end(tally)
-    return 1 if tally.candidates else 0
+    return 1 if tally.by_push else 0
 
 
 def _named(args: argparse.Namespace) -> dict[str, Any]:
@@ -127,12 +140,15 @@ def _candidate(
     return authz, sources[0][1] if len(sources) == 1 else None
 
 
-class _PoliciesOfTheTime:
-    """The policy in force when each record was made (its ``policy_version``), to tell what the
-    candidate changes from what the facts did (`cause_of`): each version read, checked and
-    compiled once, the first time a record of it is decided differently, as a replica loads a
-    stored version (under the same limits and budget as the candidate), over the same facts the
-    candidate decides on. The candidate itself where it is that version's text."""
+class _StoredPolicies:
+    """The policy in force today (the database's latest version, read with the facts), against
+    which the candidate's answers are compared, and the policy in force when each record was
+    made (its ``policy_version``), to tell why one the push does not change is decided otherwise
+    than recorded (`cause_of`). Each version read, checked and compiled once (the one in force
+    at the start, the others the first time a record of theirs needs it), as a replica loads a
+    stored version, under the same limits and budget as the candidate, over the same facts the
+    candidate decides on; the candidate itself where it is that version's text. No policy in
+    force: the empty one, which denies everything, as a replica with none does."""
 
     def __init__(
         self,
@@ -141,6 +157,7 @@ class _PoliciesOfTheTime:
         facts: list[tuple],
         candidate: Authorizer,
         text: str | None,
+        current: PolicyVersion | None,
     ) -> None:
         self.store = store
         self.limits = config.policy_limits()
@@ -148,64 +165,110 @@ class _PoliciesOfTheTime:
         self.candidate = candidate
         self.text = text
         self.versions: dict[int, Authorizer | str] = {}  # an `Authorizer`, or why there is none
+        self.version = current.version if current is not None else None
+        if current is None:
+            self.now = Authorizer("", limits=self.limits)
+            self.now.facts.load(facts)
+            return
+        try:
+            self.now = self._load(current)
+        except PolicyError as err:
+            raise _Refused(
+                f"policy version {current.version}, in force, does not load here"
+                f" ({_first(err)}): what the push would change cannot be told; compare the"
+                " policy_* settings with the servers'"
+            ) from None
+        self.versions[current.version] = self.now
+
+    def in_force(self, replayed: Replayed) -> InForce:
+        if self.now is self.candidate:
+            return InForce(replayed.result, replayed.reason)
+        return in_force(replayed, self.now)
 
     def cause(self, replayed: Replayed) -> Cause:
         version = replayed.record.policy_version
         if type(version) is not int:
             return Cause("unknown", why="no_version")
         if version not in self.versions:
-            self.versions[version] = self._load(version)
+            self.versions[version] = self._of_the_time(version)
         then = self.versions[version]
         return Cause("unknown", why=then) if isinstance(then, str) else cause_of(replayed, then)
 
-    def _load(self, version: int) -> Authorizer | str:
+    def _of_the_time(self, version: int) -> Authorizer | str:
         stored = self.store.policy(version)
         if stored is None:
             return "version_not_held"
-        if stored.text == self.text:
-            return self.candidate
-        authz = Authorizer("", limits=self.limits)
         try:
-            authz.load_policy(stored.text, source=stored.source or "policy.polar")
+            return self._load(stored)
         except PolicyError as err:
-            first = str(err.diagnostics[0]) if err.diagnostics else str(err)
             print(
-                f"policy version {version} does not load here ({first}): what its records are"
-                " decided differently is of unknown cause",
+                f"policy version {version} does not load here ({_first(err)}): what its"
+                " records are decided differently is of unknown cause",
                 file=sys.stderr,
             )
             return "version_not_loaded"
+
+    def _load(self, stored: PolicyVersion) -> Authorizer:
+        """``stored`` checked and compiled with the facts, or `PolicyError`."""
+        if stored.text == self.text:
+            return self.candidate
+        authz = Authorizer("", limits=self.limits)
+        authz.load_policy(stored.text, source=stored.source or "policy.polar")
         authz.facts.load(self.facts)
         return authz
+
+
+def _first(err: PolicyError) -> str:
+    return str(err.diagnostics[0]) if err.diagnostics else str(err)
 
 
 class _Tally:
     def __init__(self) -> None:
         self.replayed = self.same = self.different = self.over_budget = 0
+        # The push's: those it changes (some decided as recorded), those of unknown effect.
+        self.changed_by_push = self.as_recorded = self.push_effect_unknown = 0
         self.not_replayable: Counter[str] = Counter()
-        self.causes: Counter[str] = Counter({"policy": 0, "facts": 0, "unknown": 0})
+        # The records decided otherwise than recorded, by cause; and apart, the causes of those
+        # the push does not change.
+        self.causes: Counter[str] = Counter(dict.fromkeys(_CAUSES, 0))
+        self.apart: Counter[str] = Counter()
 
-    def add(self, replayed: Replayed, cause: Cause | None) -> None:
+    def add(self, replayed: Replayed, pushed: bool | None, cause: Cause | None) -> None:
         self.replayed += 1
-        if cause is None:
+        if pushed is None:
+            self.push_effect_unknown += 1
+        elif pushed:
+            self.changed_by_push += 1
+            self.as_recorded += replayed.same
+        if replayed.same:
             self.same += 1
         else:
             self.different += 1
+        if cause is not None and not replayed.same:
             self.causes[cause.name] += 1
+        if cause is not None and pushed is False:
+            self.apart[cause.name] += 1
         if replayed.over_budget:
             self.over_budget += 1
 
     @property
-    def candidates(self) -> int:
-        """The differences the push makes, as far as can be told: those of unknown cause too."""
-        return self.causes["policy"] + self.causes["unknown"]
+    def by_push(self) -> int:
+        """The decisions the push changes, as far as can be told: those of unknown effect too."""
+        return self.changed_by_push + self.push_effect_unknown
+
+
+_CAUSES = ("policy", "earlier_push", "facts", "unknown")
 
 
 def _unknown(cause: Cause, record: DecisionRecord) -> str:
     return UNKNOWN_CAUSE[cause.why or ""].format(version=record.policy_version)
 
 
-def _change(replayed: Replayed, cause: Cause) -> dict[str, Any]:
+def _answer(result: str | None, reason: str | None) -> str:
+    return shown(result) + (f" ({shown(reason)})" if reason else "")
+
+
+def _change(replayed: Replayed, now: InForce, pushed: bool | None, cause: Cause) -> dict[str, Any]:
     record, question = replayed.record, replayed.question
     return {
         "id": record.id,
@@ -226,12 +289,13 @@ def _change(replayed: Replayed, cause: Cause) -> dict[str, Any]:
             "reason": replayed.reason,
             "rules": list(replayed.rules),
         },
+        "in_force": {"result": now.result, "reason": now.reason, "unknown": now.why},
+        "changed_by_push": pushed,
         "cause": cause.name,
-        "policy_of_the_time": {
-            "result": cause.result,
-            "reason": cause.reason,
-            "unknown": cause.why,
-        },
+        # Asked only of what the push does not change: why it is decided otherwise than recorded.
+        "policy_of_the_time": None
+        if pushed is not False
+        else {"result": cause.result, "reason": cause.reason, "unknown": cause.why},
     }
 
 
@@ -242,12 +306,17 @@ class _JsonReport:
         self.out = out
         self.first = True
 
-    def begin(self, since: float, until: float, policy: dict[str, Any]) -> None:
-        head = json.dumps({"since": since, "until": until, "policy": policy})
+    def begin(
+        self, since: float, until: float, policy: dict[str, Any], in_force: int | None
+    ) -> None:
+        head = json.dumps(
+            {"since": since, "until": until, "policy": policy, "in_force_version": in_force}
+        )
         self.out.write(head[:-1] + ', "changed": [')
 
-    def change(self, replayed: Replayed, cause: Cause) -> None:
-        self.out.write(("\n  " if self.first else ",\n  ") + json.dumps(_change(replayed, cause)))
+    def change(self, replayed: Replayed, now: InForce, pushed: bool | None, cause: Cause) -> None:
+        entry = json.dumps(_change(replayed, now, pushed, cause))
+        self.out.write(("\n  " if self.first else ",\n  ") + entry)
         self.first = False
 
     def end(self, tally: _Tally) -> None:
@@ -256,6 +325,8 @@ class _JsonReport:
             "same": tally.same,
             "different": tally.different,
             "different_by_cause": dict(tally.causes),
+            "changed_by_push": tally.changed_by_push,
+            "push_effect_unknown": tally.push_effect_unknown,
             "over_budget": tally.over_budget,
             "not_replayable": dict(sorted(tally.not_replayable.items())),
         }
@@ -263,21 +334,29 @@ class _JsonReport:
 
 
 class _TextReport:
-    """A line per change as it is found (with the rules that decide it now, and its cause),
-    then those the facts changed (kept aside in a temporary file, however many), then the
-    counts."""
+    """A line per decision the push changes (or may) as it is found, with the rules that decide
+    it now and the answer of the policy in force; then those decided otherwise than recorded
+    that it does not change, with their cause (kept aside in a temporary file, however many);
+    then the counts."""
 
     def __init__(self, out: TextIO, apart: TextIO) -> None:
         self.out = out
         self.apart = apart
 
-    def begin(self, since: float, until: float, policy: dict[str, Any]) -> None:
+    def begin(
+        self, since: float, until: float, policy: dict[str, Any], in_force: int | None
+    ) -> None:
         self.window = f"{_when(since)} to {_when(until)}"
+        self.in_force = (
+            f"policy version {in_force}"
+            if in_force is not None
+            else "the empty policy (the database holds none)"
+        )
 
-    def change(self, replayed: Replayed, cause: Cause) -> None:
+    def change(self, replayed: Replayed, now: InForce, pushed: bool | None, cause: Cause) -> None:
         record = replayed.record
         who = " ".join(map(readable, record.principals))
-        write: Callable[[str], Any] = (self.apart if cause.name == "facts" else self.out).write
+        write: Callable[[str], Any] = (self.apart if pushed is False else self.out).write
         write(
             f"{shown(record.result)} -> {shown(replayed.result)}  {_when(record.at)}"
             f" {shown(record.method)} {replayed.question.action} {readable(record.target)}"
@@ -287,36 +366,53 @@ class _TextReport:
             write(f"    now: {shown(replayed.reason)}\n")
         for rule in replayed.rules:
             write(f"    rule: {readable(rule)}\n")
-        if cause.name == "policy":
-            then = f"{shown(cause.result)}" + (f" ({shown(cause.reason)})" if cause.reason else "")
+        version = record.policy_version
+        if pushed:
             write(
-                f"    cause: the candidate (policy version {record.policy_version}, in force"
-                f" then, decides it {then} today)\n"
+                f"    cause: the push ({self.in_force}, in force, decides it"
+                f" {_answer(now.result, now.reason)})\n"
             )
-        elif cause.name == "unknown":
-            write(f"    cause unknown: {_unknown(cause, record)}; counted as the candidate's\n")
+        elif pushed is None:
+            effect = UNKNOWN_EFFECT[now.why or ""].format(policy=self.in_force)
+            write(f"    effect unknown: {effect}; counted as the push's\n")
+        elif cause.name == "facts":
+            write(
+                f"    cause: the facts changed since (policy version {version}, in force then,"
+                " decides it so today too)\n"
+            )
+        elif cause.name == "earlier_push":
+            write(
+                f"    cause: an earlier push (policy version {version}, in force then, decides it"
+                f" {_answer(cause.result, cause.reason)} today)\n"
+            )
+        else:
+            write(f"    cause unknown: {_unknown(cause, record)}\n")
 
     def end(self, tally: _Tally) -> None:
-        if tally.causes["facts"]:
+        apart = tally.apart
+        if apart:
             self.out.write(
-                "the facts changed since: the policy of the time decides it so today too"
-                f" ({tally.causes['facts']}, not counted in the exit status):\n"
+                f"not the push's: {self.in_force}, in force, decides these so too"
+                f" ({apart.total()}, not counted in the exit status):\n"
             )
             self.apart.seek(0)
             while chunk := self.apart.read(1 << 16):
                 self.out.write(chunk)
         line = (
             f"replayed {tally.replayed} decisions of {self.window}: {tally.same} the same,"
-            f" {tally.different} decided differently"
+            f" {tally.different} decided differently; the push changes {tally.changed_by_push}"
         )
-        if tally.different:
-            causes = tally.causes
+        if tally.as_recorded:
+            line += f" ({tally.as_recorded} of them decided as recorded)"
+        if tally.push_effect_unknown:
+            line += f", {tally.push_effect_unknown} of unknown effect (counted as changed)"
+        if apart:
             line += (
-                f": {causes['policy']} by the candidate, {causes['unknown']} of unknown cause,"
-                f" {causes['facts']} by the facts changed since"
+                f"; not the push's: {apart['facts']} by the facts changed since,"
+                f" {apart['earlier_push']} by an earlier push, {apart['unknown']} of unknown cause"
             )
         if tally.over_budget:
-            line += f", {tally.over_budget} over the evaluation budget (refused)"
+            line += f"; {tally.over_budget} over the evaluation budget (refused)"
         self.out.write(line + "\n")
         skipped = tally.not_replayable
         if skipped:
@@ -328,9 +424,10 @@ def add_replay(commands: argparse._SubParsersAction) -> None:
     """Add ``replay`` to the ``bastion audit`` commands (`bastion.audit.commands`)."""
     replay_ = commands.add_parser(
         "replay",
-        help="decide the recorded decisions again with a candidate policy and list those it"
-        " decides differently, each with its cause (the candidate, or the facts changed since);"
-        " exit 1 if any is the candidate's (before bastion policy push)",
+        help="decide the recorded decisions again with a candidate policy and with the policy in"
+        " force, and list those the push of the candidate changes, and those decided otherwise"
+        " than recorded, each with its cause (the push, the facts changed since, an earlier"
+        " push); exit 1 if the push changes any (before bastion policy push)",
     )
     candidate = replay_.add_mutually_exclusive_group(required=True)
     candidate.add_argument(

@@ -317,6 +317,7 @@ def test_the_json_report_names_each_change_and_counts_the_rest(gateway, tmp_path
         "since",
         "until",
         "policy",
+        "in_force_version",
         "replayed",
         "same",
         "different",
@@ -324,8 +325,11 @@ def test_the_json_report_names_each_change_and_counts_the_rest(gateway, tmp_path
         "not_replayable",
         "changed",
         "different_by_cause",
+        "changed_by_push",
+        "push_effect_unknown",
     }
-    assert report["different"] == len(report["changed"]) > 0
+    assert report["in_force_version"] == gateway.store.policy().version
+    assert report["different"] == report["changed_by_push"] == len(report["changed"]) > 0
     assert report["policy"] == {"files": [candidate]}
     change = report["changed"][0]
     assert set(change) == {
@@ -338,15 +342,24 @@ def test_the_json_report_names_each_change_and_counts_the_rest(gateway, tmp_path
         "principals",
         "old",
         "new",
+        "in_force",
+        "changed_by_push",
         "cause",
         "policy_of_the_time",
     }
     assert set(change["old"]) == {"result", "reason", "rules", "policy_version"}
     assert set(change["new"]) == {"result", "reason", "rules"}
-    # Why: the candidate's (the policy of the time, today, still decides it as recorded).
-    assert change["cause"] == "policy"
-    assert set(change["policy_of_the_time"]) == {"result", "reason", "unknown"}
-    assert report["different_by_cause"] == {"policy": report["different"], "facts": 0, "unknown": 0}
+    assert set(change["in_force"]) == {"result", "reason", "unknown"}
+    # Why: the push's (the policy in force decides it otherwise); the policy of the time is not
+    # asked.
+    assert change["cause"] == "policy" and change["changed_by_push"] is True
+    assert change["policy_of_the_time"] is None
+    assert report["different_by_cause"] == {
+        "policy": report["different"],
+        "earlier_push": 0,
+        "facts": 0,
+        "unknown": 0,
+    }
     assert change["new"]["rules"] == [] or all(isinstance(r, str) for r in change["new"]["rules"])
     # Another server's records are not read.
     code, out, _ = replay(
@@ -393,12 +406,16 @@ def test_a_decision_over_the_evaluation_budget_is_reported_as_refused_not_a_cras
         _database(gateway),
         "--json",
     )
-    assert code == 1, err
+    # The policy in force is over it alike: the gateway refuses them before the push and after.
+    assert code == 0, err
     report = json.loads(out)
     assert report["over_budget"] > 0
     refused = [c for c in report["changed"] if c["new"]["reason"] == "evaluation_limit"]
     assert refused and all(c["new"]["result"] == "deny" for c in refused)
     assert all(c["new"]["rules"] == [] for c in refused)
+    assert all(c["in_force"]["reason"] == "evaluation_limit" for c in refused)
+    assert all(c["changed_by_push"] is False for c in refused)
+    assert {c["policy_of_the_time"]["unknown"] for c in refused} == {"over_budget"}
 
 
 def test_a_read_only_database_refuses_writes_and_changes_no_schema(database_url, tmp_path):
@@ -461,14 +478,25 @@ def test_a_decision_changed_by_a_fact_deleted_since_is_the_facts_and_exits_0(
             "reason": "not_permitted",
             "unknown": None,
         }
-        assert report["different"] == 1
-        assert report["different_by_cause"] == {"policy": 0, "facts": 1, "unknown": 0}
+        assert change["in_force"] == change["policy_of_the_time"]
+        assert change["changed_by_push"] is False
+        assert report["different"] == 1 and report["changed_by_push"] == 0
+        assert report["different_by_cause"] == {
+            "policy": 0,
+            "earlier_push": 0,
+            "facts": 1,
+            "unknown": 0,
+        }
 
         code, out, err = replay(capsys, "--policy", candidate, "--database", _database(gateway))
     assert code == 0, out + err
-    facts_part = out.split("the facts changed since:")[1]
+    facts_part = out.split("not the push's:")[1]
     assert f"id={got.id}" in facts_part
-    assert "1 decided differently: 0 by the candidate, 0 of unknown cause, 1 by the facts" in out
+    assert "cause: the facts changed since (policy version" in facts_part
+    assert (
+        "1 decided differently; the push changes 0; not the push's: 1 by the facts changed"
+        " since, 0 by an earlier push, 0 of unknown cause"
+    ) in out
 
 
 def test_replaying_the_policy_in_force_finds_every_difference_the_facts(gateway, capsys):
@@ -481,7 +509,44 @@ def test_replaying_the_policy_in_force_finds_every_difference_the_facts(gateway,
     assert code == 0, out + err
     report = json.loads(out)
     assert [(c["id"], c["cause"]) for c in report["changed"]] == [(got.id, "facts")]
-    assert report["different_by_cause"] == {"policy": 0, "facts": 1, "unknown": 0}
+    assert report["different_by_cause"] == {
+        "policy": 0,
+        "earlier_push": 0,
+        "facts": 1,
+        "unknown": 0,
+    }
+
+
+def test_a_call_the_facts_no_longer_allow_that_the_candidate_allows_again_is_the_pushs_and_exits_1(
+    gateway, tmp_path, capsys
+):
+    got = _got_prompt(gateway)
+    # The policy in force, and a rule that lets anyone get the prompt, related to the server or
+    # not: the relation ended since the call, and the push would let the call through again.
+    candidate = _policy(
+        tmp_path, support.test_policy() + '\nallow(_actor, "get", Prompt{"desk/apology"});\n'
+    )
+    with _deleted(gateway, PROMPT_FACT):
+        code, out, err = replay(
+            capsys, "--policy", candidate, "--database", _database(gateway), "--json"
+        )
+        assert code == 1, out + err
+        report = json.loads(out)
+        assert [c["id"] for c in report["changed"]] == [got.id]
+        change = report["changed"][0]
+        # Decided as recorded, but not as the policy in force decides it today.
+        assert (change["old"]["result"], change["new"]["result"]) == ("allow", "allow")
+        assert change["in_force"] == {"result": "deny", "reason": "not_permitted", "unknown": None}
+        assert change["changed_by_push"] is True and change["cause"] == "policy"
+        assert any('Prompt{"desk/apology"}' in rule for rule in change["new"]["rules"])
+        assert report["different"] == 0 and report["same"] == report["replayed"]
+        assert report["changed_by_push"] == 1 and report["push_effect_unknown"] == 0
+
+        code, out, err = replay(capsys, "--policy", candidate, "--database", _database(gateway))
+    assert code == 1, out + err
+    assert "allow -> allow  " in out and f"id={got.id}" in out
+    assert "cause: the push (policy version" in out
+    assert "the push changes 1 (1 of them decided as recorded)" in out
 
 
 def test_a_candidate_that_changes_a_decision_is_the_cause_and_exits_1(gateway, tmp_path, capsys):
@@ -494,14 +559,16 @@ def test_a_candidate_that_changes_a_decision_is_the_cause_and_exits_1(gateway, t
     assert report["changed"]
     for change in report["changed"]:
         assert change["method"] == "resources/read"
-        assert change["cause"] == "policy"
-        # The policy of the time, on today's facts, still decides it as it was decided.
-        assert change["policy_of_the_time"]["result"] == change["old"]["result"] == "allow"
+        assert change["cause"] == "policy" and change["changed_by_push"] is True
+        # The policy in force, on today's facts, still decides it as it was decided.
+        assert change["in_force"]["result"] == change["old"]["result"] == "allow"
     assert report["different_by_cause"] == {
         "policy": len(report["changed"]),
+        "earlier_push": 0,
         "facts": 0,
         "unknown": 0,
     }
+    assert report["changed_by_push"] == len(report["changed"])
 
 
 def test_a_window_with_both_causes_lists_each_with_its_own_and_exits_1(gateway, tmp_path, capsys):
@@ -516,43 +583,27 @@ def test_a_window_with_both_causes_lists_each_with_its_own_and_exits_1(gateway, 
         causes = {c["id"]: c["cause"] for c in report["changed"]}
         assert causes.pop(got.id) == "facts"
         assert causes and set(causes.values()) == {"policy"}
-        assert report["different_by_cause"] == {"policy": len(causes), "facts": 1, "unknown": 0}
+        assert report["different_by_cause"] == {
+            "policy": len(causes),
+            "earlier_push": 0,
+            "facts": 1,
+            "unknown": 0,
+        }
+        assert report["changed_by_push"] == len(causes)
 
         code, out, err = replay(capsys, "--policy", candidate, "--database", _database(gateway))
     assert code == 1, err
-    candidates_part, facts_part = out.split("the facts changed since:")
+    candidates_part, facts_part = out.split("not the push's:", 1)
     assert f"id={got.id}" in facts_part and f"id={got.id}" not in candidates_part
     assert all(f"id={i}" in candidates_part for i in causes)
     assert (
-        f"{len(causes) + 1} decided differently: {len(causes)} by the candidate,"
-        " 0 of unknown cause, 1 by the facts"
+        f"{len(causes) + 1} decided differently; the push changes {len(causes)}; not the push's:"
+        " 1 by the facts changed since, 0 by an earlier push, 0 of unknown cause"
     ) in out
 
 
-def test_a_version_of_the_time_that_does_not_load_now_is_of_unknown_cause_and_said_once(
-    gateway, tmp_path, capsys, monkeypatch
-):
-    version = gateway.store.policy().version
-    # A candidate that allows nothing the gateway was asked, under a size limit (as the server
-    # reads it) that the policy in force then is over.
-    candidate = _policy(tmp_path, 'allow(_u: User, "read", McpResource{"nowhere"});\n')
-    monkeypatch.setenv("BASTION_POLICY_MAX_BYTES", str(len(support.test_policy().encode()) - 1))
-    code, out, err = replay(
-        capsys, "--policy", candidate, "--database", _database(gateway), "--json"
-    )
-    assert code == 1, err
-    report = json.loads(out)
-    assert report["changed"]
-    for change in report["changed"]:
-        assert change["cause"] == "unknown"
-        assert change["policy_of_the_time"]["unknown"] == "version_not_loaded"
-    assert report["different_by_cause"] == {"policy": 0, "facts": 0, "unknown": report["different"]}
-    assert err.count("does not load here") == 1
-    assert f"policy version {version} does not load here" in err
-
-
 # Last: the records it writes stay in the database of the tests after it.
-def test_a_record_whose_policy_version_is_not_held_is_of_unknown_cause_and_exits_1(
+def test_a_record_whose_policy_version_is_not_held_is_of_unknown_cause_and_not_the_pushs(
     gateway, tmp_path, capsys
 ):
     got = _got_prompt(gateway)
@@ -566,10 +617,11 @@ def test_a_record_whose_policy_version_is_not_held_is_of_unknown_cause_and_exits
     writer.db.close()
     version = gateway.store.policy().version
     # The policy in force, on facts that refuse the prompt now: only the record of a version
-    # held is the facts'; the others cannot be told, and count as the candidate's.
+    # held is the facts'; the others' cause cannot be told. None is the push's: it changes
+    # nothing the policy in force decides.
     with _deleted(gateway, PROMPT_FACT):
         code, out, err = replay(capsys, "--version", str(version), "--database", database, "--json")
-        assert code == 1, out + err
+        assert code == 0, out + err
         report = json.loads(out)
         causes = {c["id"]: (c["cause"], c["policy_of_the_time"]) for c in report["changed"]}
         assert causes == {
@@ -577,10 +629,140 @@ def test_a_record_whose_policy_version_is_not_held_is_of_unknown_cause_and_exits
             gone.id: ("unknown", {"result": None, "reason": None, "unknown": "version_not_held"}),
             unnamed.id: ("unknown", {"result": None, "reason": None, "unknown": "no_version"}),
         }
-        assert report["different_by_cause"] == {"policy": 0, "facts": 1, "unknown": 2}
+        assert report["different_by_cause"] == {
+            "policy": 0,
+            "earlier_push": 0,
+            "facts": 1,
+            "unknown": 2,
+        }
+        assert report["changed_by_push"] == 0
 
         code, out, err = replay(capsys, "--version", str(version), "--database", database)
-    assert code == 1, err
-    assert f"policy version {10**6} is not held any more" in out
-    assert "the record names no policy version" in out
+    assert code == 0, err
+    assert f"cause unknown: policy version {10**6} is not held any more" in out
+    assert "cause unknown: the record names no policy version" in out
+    assert "the push changes 0; not the push's: 1 by the facts changed since" in out
     assert "2 of unknown cause" in out
+
+
+# Last: these put a later version in force than the one the records were made under.
+def _pushed_without_read_rule(gw) -> int:
+    """The test policy less `READ_RULE` in force (pushed once), as if pushed after the calls:
+    sam's reads, allowed when recorded, are refused by it. Its version."""
+    text = support.test_policy().replace(READ_RULE, "")
+    now = gw.store.policy()
+    if now.text != text:
+        gw.store.put_policy(text, actor="test", note="without the read rule")
+    return gw.store.policy().version
+
+
+def _sams_reads(gw) -> list[DecisionRecord]:
+    """The resources sam read today through the gateway (not the records tests wrote)."""
+    return [
+        r
+        for r in _records(gw)
+        if not r.recovered
+        and not r.later_fields()
+        and r.method == "resources/read"
+        and r.result == "allow"
+        and r.principals[0] == 'User{"sam"}'
+        and r.at > time.time() - 86400
+    ]
+
+
+def test_a_change_an_earlier_push_made_is_not_the_candidates_and_exits_0(gateway, tmp_path, capsys):
+    reads = _sams_reads(gateway)
+    assert len(reads) == 2
+    then = reads[0].policy_version
+    version = _pushed_without_read_rule(gateway)
+    assert version > then
+    # The version in force, and an edit that changes none of the recorded calls.
+    candidate = _policy(
+        tmp_path,
+        gateway.store.policy().text + '\ndeny(_u: User, "call", Tool{"desk/nothing"});\n',
+    )
+    code, out, err = replay(
+        capsys, "--policy", candidate, "--database", _database(gateway), "--json"
+    )
+    assert code == 0, out + err
+    report = json.loads(out)
+    assert report["in_force_version"] == version
+    changed = {c["id"]: c for c in report["changed"]}
+    assert set(changed) == {r.id for r in reads}
+    for record in reads:
+        change = changed[record.id]
+        assert (change["old"]["result"], change["new"]["result"]) == ("allow", "deny")
+        assert change["in_force"] == {"result": "deny", "reason": "not_permitted", "unknown": None}
+        assert change["changed_by_push"] is False and change["cause"] == "earlier_push"
+        # The policy of the time still decides it as it was decided.
+        assert change["policy_of_the_time"]["result"] == "allow"
+    assert report["changed_by_push"] == 0
+    assert report["different_by_cause"] == {
+        "policy": 0,
+        "earlier_push": 2,
+        "facts": 0,
+        "unknown": 0,
+    }
+
+    code, out, err = replay(capsys, "--policy", candidate, "--database", _database(gateway))
+    assert code == 0, out + err
+    pushs, apart = out.split("not the push's:", 1)
+    assert all(f"id={r.id}" in apart and f"id={r.id}" not in pushs for r in reads)
+    assert f"cause: an earlier push (policy version {then}, in force then, decides it allow" in out
+
+
+def test_replaying_the_version_in_force_changes_nothing_the_push_would_and_exits_0(
+    gateway, tmp_path, capsys
+):
+    reads = _sams_reads(gateway)
+    version = _pushed_without_read_rule(gateway)
+    database = _database(gateway)
+    code, out, err = replay(capsys, "--version", str(version), "--database", database, "--json")
+    assert code == 0, out + err
+    report = json.loads(out)
+    assert report["changed_by_push"] == 0 and report["push_effect_unknown"] == 0
+    assert {c["id"] for c in report["changed"]} == {r.id for r in reads}
+    assert {c["cause"] for c in report["changed"]} == {"earlier_push"}
+    # The same text, given as a file.
+    text = gateway.store.policy().text
+    code, out, err = replay(
+        capsys, "--policy", _policy(tmp_path, text), "--database", database, "--json"
+    )
+    assert code == 0, out + err
+    assert json.loads(out)["changed_by_push"] == 0
+
+
+def test_a_version_of_the_time_that_does_not_load_now_is_of_unknown_cause_and_said_once(
+    gateway, tmp_path, capsys, monkeypatch
+):
+    reads = _sams_reads(gateway)
+    then = reads[0].policy_version
+    version = _pushed_without_read_rule(gateway)
+    # A size limit (as the server reads it) that the version in force meets and the version
+    # the records were made under is over.
+    in_force = gateway.store.policy().text
+    monkeypatch.setenv("BASTION_POLICY_MAX_BYTES", str(len(in_force.encode())))
+    assert len(gateway.store.policy(then).text.encode()) > len(in_force.encode())
+    # A candidate that allows nothing the gateway was asked: it changes what the policy in force
+    # allows (the push's), and refuses sam's reads as the policy in force does (not the push's).
+    candidate = _policy(tmp_path, 'allow(_u: User, "read", McpResource{"nowhere"});\n')
+    code, out, err = replay(
+        capsys, "--policy", candidate, "--database", _database(gateway), "--json"
+    )
+    assert code == 1, err
+    report = json.loads(out)
+    changed = {c["id"]: c for c in report["changed"]}
+    for record in reads:
+        change = changed[record.id]
+        assert change["changed_by_push"] is False and change["cause"] == "unknown"
+        assert change["policy_of_the_time"]["unknown"] == "version_not_loaded"
+    pushs = [c for c in report["changed"] if c["changed_by_push"]]
+    assert pushs and {c["cause"] for c in pushs} == {"policy"}
+    assert report["changed_by_push"] == len(pushs)
+    assert err.count("does not load here") == 1
+    assert f"policy version {then} does not load here" in err
+    # Under a limit the version in force is over too, what the push changes cannot be told.
+    monkeypatch.setenv("BASTION_POLICY_MAX_BYTES", str(len(in_force.encode()) - 1))
+    code, out, err = replay(capsys, "--policy", candidate, "--database", _database(gateway))
+    assert code == 2 and out == ""
+    assert f"policy version {version}, in force, does not load here" in err
