@@ -137,6 +137,9 @@ def context_roots(program: Program) -> frozenset[str]:
         elif isinstance(t, ListTerm):
             for item in t.items:
                 term(item)
+        elif isinstance(t, Arith):
+            term(t.left)
+            term(t.right)
 
     def literal(lit: Any) -> None:
         if isinstance(lit, CallLit):

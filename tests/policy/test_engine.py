@@ -449,3 +449,13 @@ allow(_u: User, "read", _d: Doc) if starts_with(context.uri, "customers://") and
     # The explanation of a decision names the value lower produced.
     rules = authz.decide(u, "send", d, {"to": "Ann@ACME.example"}).explanation.rules()
     assert any("lower" in r for r in rules)
+
+
+def test_a_field_read_only_in_arithmetic_counts_as_read():
+    """A caller skips working out a field no rule reads (`Authorizer.reads_context`): one read
+    only inside arithmetic must count, or a guardrail on it would never see it."""
+    authz = Authorizer(
+        'actor User {}\nresource Tool {}\ndeny(_: User, "call", _t: Tool) if'
+        " context.session.count + 0 > 3;"
+    )
+    assert authz.reads_context("session")
