@@ -9,6 +9,10 @@
 # no new token. Production servers go further: nothing runs on them without a compliance report
 # from the MDM of the last hour (requires_signal: missing or older, refused as signal_stale).
 # The request's posture (context.network, context.device, context.token) narrows it again.
+# A device can be reported on its own (a CAEP device-compliance-change naming it writes
+# device_compliance(Device{"laptop-7"}, "not-compliant")): the device a call comes from
+# (context.device.id, from a token claim or a trusted proxy's header) then loses writes, and
+# its user's other devices keep them.
 
 actor User {}
 actor Agent {}
@@ -23,8 +27,12 @@ resource Tool {
   relations = { server: McpServer };
 }
 
+resource Device {}
+
 # What a signal source says: value, the source that said it, when (epoch seconds).
 declare signal(User, String, Boolean, String, Integer);
+# What a CAEP device-compliance-change says of a device: "compliant" or "not-compliant".
+declare device_compliance(Device, String);
 # The gateway names the server in context.server.
 declare production_server(String);
 
@@ -38,6 +46,12 @@ allow(_agent: Agent, "connect", _server: McpServer);
 # source cannot lift or impose it) leaves its user the read-only tools.
 deny(user: User, "call", _tool: Tool) if
   signal(user, "device_compliant", false, "mdm", _set_at) and
+  not context.annotations.readOnlyHint = true;
+
+# The same for the device the call comes from, reported on its own (bastion's extension:
+# an entity whose id is a value of the request; a call that names no device is not refused).
+deny(_user: User, "call", _tool: Tool) if
+  device_compliance(Device{context.device.id}, "not-compliant") and
   not context.annotations.readOnlyHint = true;
 
 # Production: a compliance report of the last hour is required, and writes come from the
@@ -88,4 +102,22 @@ test "production writes come from the corporate network or the VPN" {
     with context {server: "prod", network: {zone: "public"}, annotations: {}};
   assert requires_signal(User{"sam"}, "device_compliant", 3600) with context {server: "prod"};
   assert_not requires_signal(User{"sam"}, "device_compliant", 3600) with context {server: "desk"};
+}
+
+test "a device reported not compliant loses writes; its user's other device keeps them" {
+  setup {
+    has_role(User{"sam"}, "user", McpServer{"desk"});
+    has_relation(Tool{"desk/search"}, "server", McpServer{"desk"});
+    has_relation(Tool{"desk/delete"}, "server", McpServer{"desk"});
+    device_compliance(Device{"laptop-7"}, "not-compliant");
+    device_compliance(Device{"phone-2"}, "compliant");
+  }
+  assert_not allow(User{"sam"}, "call", Tool{"desk/delete"})
+    with context {device: {id: "laptop-7"}, annotations: {destructiveHint: true}};
+  assert allow(User{"sam"}, "call", Tool{"desk/search"})
+    with context {device: {id: "laptop-7"}, annotations: {readOnlyHint: true}};
+  assert allow(User{"sam"}, "call", Tool{"desk/delete"})
+    with context {device: {id: "phone-2"}, annotations: {destructiveHint: true}};
+  assert allow(User{"sam"}, "call", Tool{"desk/delete"})
+    with context {device: {}, annotations: {destructiveHint: true}};
 }

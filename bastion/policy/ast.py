@@ -56,7 +56,18 @@ class DictTerm:
     location: Location = field(compare=False)
 
 
-Term = Var | Const | ContextPath | ListTerm | Arith | DictTerm
+@dataclass(frozen=True, slots=True)
+class EntityOf:
+    """``Device{context.device.id}``, ``Device{x}``: the entity of ``type`` whose id is the
+    value of ``id``, made at evaluation. An id that is not a non-empty string makes the
+    condition that reads it false (a literal id, ``Device{"a"}``, is a `Const`)."""
+
+    type: str
+    id: Term
+    location: Location = field(compare=False)
+
+
+Term = Var | Const | ContextPath | ListTerm | Arith | DictTerm | EntityOf
 
 # Expressions (rule bodies) -------------------------------------------------------------------
 

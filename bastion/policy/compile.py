@@ -36,9 +36,10 @@ from typing import Any
 
 from bastion.facts.index import FactIndex, Many
 from bastion.facts.model import Entity, same_value
-from bastion.policy.ast import Arith, Const, ContextPath, ListTerm, Var
+from bastion.policy.ast import Arith, Const, ContextPath, EntityOf, ListTerm, Var
 from bastion.policy.builtins import BUILTINS
 from bastion.policy.builtins.arithmetic import arith
+from bastion.policy.builtins.entities import entity_of
 from bastion.policy.errors import Diagnostic, EvaluationLimit, Location, PolicyError
 from bastion.policy.limits import DEFAULT_LIMITS, PolicyLimits
 from bastion.policy.plan import PlanError, negations_shared, plan
@@ -221,6 +222,7 @@ class CompiledPolicy:
             "_exhausted": exhausted,
             "_spent": spent,
             "_arith": arith,
+            "_entity_of": entity_of,
         }
         for (name, arity), builtin in BUILTINS.items():
             self.namespace[f"B_{name}_{arity}"] = builtin.function
@@ -756,6 +758,13 @@ class CompiledPolicy:
             tmp = f"c{next(self._counter)}"
             lookups.append((tmp, (term.op, left, right), "arith"))
             return tmp
+        if isinstance(term, EntityOf):
+            # Made with the context fields, before the condition that uses it: an id that is
+            # not a non-empty string makes no entity (MISSING), and that condition false.
+            made = self._expr(term.id, env, lookups)
+            tmp = f"c{next(self._counter)}"
+            lookups.append((tmp, (term.type, made), "entity"))
+            return tmp
         # A list of values known at compile time is made once, of a known size; one built from
         # run-time values is measured against the budget.
         if _constant(term):
@@ -771,6 +780,9 @@ class CompiledPolicy:
             if read == "arith":
                 op, left, right = path
                 out.emit(depth, f"{tmp} = _arith({op!r}, {left}, {right})")
+            elif read == "entity":
+                type_name, made = path
+                out.emit(depth, f"{tmp} = _entity_of({type_name!r}, {made})")
             else:
                 out.emit(depth, f"{tmp} = q.{read}({path!r})")
         out.emit(depth, f"if {' and '.join(f'{tmp} is not MISSING' for tmp, _, _ in lookups)}:")
@@ -1040,7 +1052,12 @@ class CompiledPolicy:
         mask, consts, bound_args, targets, checks, types = [], [], [], [], [], []
         new_vars: dict[str, str] = {}
         for a in lit.args:
-            types.append(self._vtypes.get(a.name) if isinstance(a, Var) and a.name in env else None)
+            if isinstance(a, EntityOf):  # of its type, or no value at all
+                types.append(frozenset([a.type]))
+            else:
+                types.append(
+                    self._vtypes.get(a.name) if isinstance(a, Var) and a.name in env else None
+                )
             if isinstance(a, Var) and a.name not in env:
                 if a.name in new_vars:  # the same unbound variable twice: compare after binding
                     tmp = f"t{next(self._counter)}"

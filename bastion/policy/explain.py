@@ -14,9 +14,10 @@ from typing import Any
 
 from bastion.facts.index import FactIndex
 from bastion.facts.model import format_arg, format_fact
-from bastion.policy.ast import Arith, Const, ContextPath, Var
+from bastion.policy.ast import Arith, Const, ContextPath, EntityOf, Var
 from bastion.policy.builtins import BUILTINS
 from bastion.policy.builtins.arithmetic import arith
+from bastion.policy.builtins.entities import entity_of
 from bastion.policy.errors import EvaluationLimit
 from bastion.policy.limits import DEFAULT_LIMITS, PolicyLimits
 from bastion.policy.plan import PlanError, plan
@@ -179,6 +180,8 @@ class _Interpreter:
         if isinstance(term, Arith):
             left, right = self.value(term.left, env), self.value(term.right, env)
             return arith(term.op, left, right)
+        if isinstance(term, EntityOf):
+            return entity_of(term.type, self.value(term.id, env))
         items = [self.value(t, env) for t in term.items]
         if any(i is MISSING or i is None for i in items):
             return MISSING
@@ -438,9 +441,9 @@ class _Interpreter:
                     if not any(a is MISSING for a in args):
                         failed = self.why_not(lit.name, args, depth + 1, budget)
                     else:
-                        failed.reason = "a context field it needs is missing"
+                        failed.reason = "a context field it needs is missing or unusable"
                 elif _touches_missing(lit, current, self):
-                    failed.reason = "a context field it needs is missing"
+                    failed.reason = "a context field it needs is missing or unusable"
                 return Step(
                     "",
                     False,
@@ -462,7 +465,9 @@ def _touches_missing(lit: Literal, env: dict, interp: _Interpreter) -> bool:
         terms = [lit.left, lit.right]
     elif isinstance(lit, TypeLit):
         terms = [lit.term]
-    return any(isinstance(t, ContextPath) and interp.value(t, env) is MISSING for t in terms)
+    return any(
+        isinstance(t, (ContextPath, EntityOf)) and interp.value(t, env) is MISSING for t in terms
+    )
 
 
 def _replace_var(text: str, name: str, value: str) -> str:

@@ -36,6 +36,7 @@ from bastion.policy.program import (
     Program,
     TypeLit,
     format_clause,
+    format_term,
     has_type,
     literal_vars,
     term_vars,
@@ -81,6 +82,7 @@ class _Lowering:
         self.blocks: dict[str, ast.Block] = {}
         self.global_roles: dict[str, Location] = {}
         self.fresh = itertools.count(1)
+        self.entities_checked: set[tuple[Location, str]] = set()
 
     def error(self, location: Location, message: str) -> None:
         self.diagnostics.append(Diagnostic(location, message))
@@ -436,6 +438,8 @@ class _Lowering:
         if isinstance(term, ast.Arith):
             left, right = self.rename_anonymous(term.left), self.rename_anonymous(term.right)
             return ast.Arith(term.op, left, right, term.location)
+        if isinstance(term, ast.EntityOf):
+            return ast.EntityOf(term.type, self.rename_anonymous(term.id), term.location)
         return term
 
     def dnf(self, expr: ast.Expr) -> list[list[Literal]]:
@@ -497,7 +501,9 @@ class _Lowering:
         checks: list[Literal] = []
         for param in rule.params:
             term = self.rename_anonymous(param.term)
-            if isinstance(term, (ast.ContextPath, ast.ListTerm, ast.DictTerm, ast.Arith)):
+            if isinstance(
+                term, (ast.ContextPath, ast.ListTerm, ast.DictTerm, ast.Arith, ast.EntityOf)
+            ):
                 self.error(param.location, "a rule parameter is a variable or a value")
                 continue
             head.append(term)
@@ -511,6 +517,7 @@ class _Lowering:
         clauses = []
         for body in bodies:
             clause = Clause(rule.name, tuple(head), tuple(checks + body), rule.location)
+            self.check_entities_of(clause)
             clauses.append(
                 Clause(
                     clause.name,
@@ -705,12 +712,44 @@ class _Lowering:
                 found = {"str": "String", "int": "Integer", "bool": "Boolean"}.get(found, found)
             elif isinstance(arg, ast.ListTerm):
                 found = "a list"
+            elif isinstance(arg, ast.EntityOf):
+                found = arg.type
             elif isinstance(arg, ast.Var) and arg.name in typed and want not in typed[arg.name]:
                 found = " or ".join(sorted(typed[arg.name]))
             if found is not None:
                 self.error(
                     lit.location,
                     f"argument {pos} of {lit.name} must be a {want}, not {found}",
+                )
+
+    def check_entities_of(self, clause: Clause) -> None:
+        """Each ``Type{id}`` whose id is computed (`ast.EntityOf`): the type must be one an
+        entity can have (declared, or taken as a type of its own with the misspelling guard's
+        warning), and an id known when the policy loads not to be a String is an error where
+        it is written (at evaluation such an id would make the condition false every time)."""
+        typed = {
+            lit.term.name: lit.types
+            for lit in clause.body
+            if isinstance(lit, TypeLit) and isinstance(lit.term, ast.Var)
+        }
+        for made in _entities_of(clause.body):
+            if (made.location, made.type) in self.entities_checked:
+                continue  # each alternative of an 'or' repeats the rule's terms
+            self.entities_checked.add((made.location, made.type))
+            if made.type in VALUE_TYPES or made.type in ("Actor", "Resource"):
+                self.error(
+                    made.location,
+                    f"{made.type} is not an entity type: name the type of the entity"
+                    f" ({made.type}{{...}} makes no entity)",
+                )
+                continue
+            self.resolve_type(made.type, made.location)
+            found = _not_a_string(made.id, typed)
+            if found is not None:
+                self.error(
+                    made.location,
+                    f"the id of a {made.type} must be a String, not {found}"
+                    f" ({format_term(made)} would match nothing)",
                 )
 
     def check_builtin_literals(
@@ -864,6 +903,8 @@ def _arg_shape(arg: ast.Term, types: dict[str, frozenset[str]]) -> Any:
         return ("c", type(arg.value), arg.value)
     if isinstance(arg, ast.Var) and arg.name in types:
         return ("t", types[arg.name])
+    if isinstance(arg, ast.EntityOf):
+        return ("e", arg.type)
     return None
 
 
@@ -879,6 +920,8 @@ def _call_fits(args: tuple, types: dict[str, frozenset[str]], signature: tuple) 
         elif isinstance(arg, ast.Var) and arg.name in types:
             mine = types[arg.name]
             fits = "String" in mine if kind == "values" else bool(mine & allowed)
+        elif isinstance(arg, ast.EntityOf):
+            fits = kind == "types" and arg.type in allowed
         else:
             fits = True  # an untyped variable, a context field: may be anything
         if not fits:
@@ -899,6 +942,8 @@ def _spec_of(term: ast.Term, types: dict[str, frozenset[str]]) -> tuple:
             return _type_spec(frozenset([term.value.type]))
         name = _VALUE_TYPE_OF.get(type(term.value))
         return _ANY if name is None else _type_spec(frozenset([name]))
+    if isinstance(term, ast.EntityOf):
+        return _type_spec(frozenset([term.type]))
     return _ANY
 
 
@@ -934,6 +979,47 @@ def _context_reads(lit: Literal, negated: bool, where: Location, out: list) -> N
             terms.extend(term.items)
         elif isinstance(term, ast.Arith):
             terms.extend((term.left, term.right))
+        elif isinstance(term, ast.EntityOf):
+            terms.append(term.id)
+
+
+def _entities_of(body: tuple[Literal, ...]):
+    """Every `ast.EntityOf` in ``body``, those inside another's id and under a 'not' too."""
+    terms: list[Any] = []
+    for lit in _walk(body):
+        if isinstance(lit, CallLit):
+            terms.extend(lit.args)
+        elif isinstance(lit, CmpLit):
+            terms.extend((lit.left, lit.right))
+        elif isinstance(lit, TypeLit):
+            terms.append(lit.term)
+    while terms:
+        term = terms.pop()
+        if isinstance(term, ast.EntityOf):
+            yield term
+            terms.append(term.id)
+        elif isinstance(term, ast.ListTerm):
+            terms.extend(term.items)
+        elif isinstance(term, ast.Arith):
+            terms.extend((term.left, term.right))
+
+
+def _not_a_string(term: ast.Term, typed: dict[str, frozenset[str]]) -> str | None:
+    """What ``term`` is known, when the policy loads, to be instead of a String, if it is."""
+    if isinstance(term, ast.Const):
+        value = term.value
+        if isinstance(value, Entity):
+            return value.type
+        return None if value.__class__ is str else _VALUE_TYPE_OF.get(type(value), "a value")
+    if isinstance(term, ast.ListTerm):
+        return "a list"
+    if isinstance(term, ast.EntityOf):
+        return term.type
+    if isinstance(term, ast.Arith):
+        return "a number"
+    if isinstance(term, ast.Var) and term.name in typed and "String" not in typed[term.name]:
+        return " or ".join(sorted(typed[term.name]))
+    return None
 
 
 def _always_there(path: tuple[str, ...]) -> bool:

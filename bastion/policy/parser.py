@@ -539,12 +539,19 @@ class _Parser:
         if t.kind == "name":
             self.advance()
             if self.at("{"):
-                self.advance()
-                id_tok = self.expect_kind(
-                    "string", f'the id of the {t.value}, e.g. {t.value}{{"id"}}'
-                )
-                self.expect("}")
-                return ast.Const(Entity(t.value, id_tok.value), t.location)
+                brace = self.advance()
+                if self.tok.kind == "string" and self.peek().value == "}":
+                    id_tok = self.advance()
+                    self.advance()
+                    return ast.Const(Entity(t.value, id_tok.value), t.location)
+                # bastion's extension: an id computed at evaluation (``Device{context.device.id}``).
+                if self.at("}"):
+                    raise self.fail(f'the id of the {t.value}, e.g. {t.value}{{"id"}}')
+                self.nest(brace)
+                id_term = self.term()
+                self.expect("}", "an operator or '}'")
+                self.depth -= 1
+                return ast.EntityOf(t.value, id_term, t.location)
             if t.value == "context":
                 path = []
                 while self.at("."):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import heapq
 
-from bastion.policy.ast import Arith, ListTerm, Var
+from bastion.policy.ast import Arith, EntityOf, ListTerm, Var
 from bastion.policy.builtins import BUILTINS
 from bastion.policy.errors import Location
 from bastion.policy.program import (
@@ -60,7 +60,7 @@ def _cost(lit: Literal, bound: set[str]) -> float | None:
             return 0
         # A builtin that produces its last argument binds an unbound variable there.
         return 0.5 if builtin.produce is not None and isinstance(last, Var) else None
-    if any(isinstance(a, (ListTerm, Arith)) and not _bound(a, bound) for a in lit.args):
+    if any(isinstance(a, (ListTerm, Arith, EntityOf)) and not _bound(a, bound) for a in lit.args):
         return None
     free = sum(1 for a in lit.args if not _bound(a, bound))
     if free == 0:

@@ -10,10 +10,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from bastion.facts.model import Entity
-from bastion.policy.ast import Arith, Const, ContextPath, ListTerm, Var
+from bastion.policy.ast import Arith, Const, ContextPath, EntityOf, ListTerm, Var
 from bastion.policy.errors import Location
 
-Term = Var | Const | ContextPath | ListTerm | Arith
+Term = Var | Const | ContextPath | ListTerm | Arith | EntityOf
 
 VALUE_TYPES = {"String": str, "Integer": int, "Boolean": bool, "Float": float}
 
@@ -112,6 +112,8 @@ def term_vars(term: Term) -> list[str]:
         return [v for item in term.items for v in term_vars(item)]
     if isinstance(term, Arith):
         return term_vars(term.left) + term_vars(term.right)
+    if isinstance(term, EntityOf):
+        return term_vars(term.id)
     return []
 
 
@@ -140,6 +142,8 @@ def context_roots(program: Program) -> frozenset[str]:
         elif isinstance(t, Arith):
             term(t.left)
             term(t.right)
+        elif isinstance(t, EntityOf):
+            term(t.id)
 
     def literal(lit: Any) -> None:
         if isinstance(lit, CallLit):
@@ -176,6 +180,8 @@ def format_term(term: Term) -> str:
         return ".".join(("context", *term.path))
     if isinstance(term, Arith):
         return f"({format_term(term.left)} {term.op} {format_term(term.right)})"
+    if isinstance(term, EntityOf):
+        return f"{term.type}{{{format_term(term.id)}}}"
     return "[" + ", ".join(format_term(t) for t in term.items) + "]"
 
 

@@ -12,7 +12,7 @@ import itertools
 from typing import Any
 
 from bastion.facts.model import Entity
-from bastion.policy.ast import Arith, Const, ContextPath, ListTerm, Var
+from bastion.policy.ast import Arith, Const, ContextPath, EntityOf, ListTerm, Var
 from bastion.policy.builtins import BUILTINS
 from bastion.policy.program import VALUE_TYPES, CallLit, Clause, CmpLit, NotLit, Program, TypeLit
 
@@ -226,6 +226,9 @@ class Reference:
             return _lookup(self.context, term.path)
         if isinstance(term, Arith):
             return _arith(term.op, self._value(term.left, env), self._value(term.right, env))
+        if isinstance(term, EntityOf):  # the entity with that id: a string, and not ""
+            made = self._value(term.id, env)
+            return Entity(term.type, made) if type(made) is str and made != "" else _MISSING
         items = [self._value(t, env) for t in term.items]
         return _MISSING if _MISSING in items else tuple(items)
 
@@ -236,6 +239,8 @@ class Reference:
             return all(self._bound(t, env) for t in term.items)
         if isinstance(term, Arith):
             return self._bound(term.left, env) and self._bound(term.right, env)
+        if isinstance(term, EntityOf):
+            return self._bound(term.id, env)
         return True
 
     def _solve(self, body: list, env: dict):
@@ -257,9 +262,13 @@ class Reference:
 
     def _ready(self, lit: Any, env: dict) -> bool:
         if isinstance(lit, CallLit):
-            return (lit.name, len(lit.args)) not in BUILTINS or all(
-                self._bound(a, env) for a in lit.args
+            # An entity made from a value needs that value: it is no pattern to match facts by.
+            needed = (
+                lit.args
+                if (lit.name, len(lit.args)) in BUILTINS
+                else [a for a in lit.args if isinstance(a, EntityOf)]
             )
+            return all(self._bound(a, env) for a in needed)
         if isinstance(lit, NotLit):
             return all(v in env for v in self.shared.get(id(lit), ()))
         return all(v in env for v in _vars(lit))

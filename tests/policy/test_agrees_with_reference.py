@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from bastion import Authorizer, Entity
@@ -214,4 +214,66 @@ def test_string_builtins_agree(context):
     ref = Reference(authz.policy.program, [], context, [actor, tool, *lowered])
     for action in ("send", "read", "list"):
         assert authz.authorize(actor, action, tool, context) == ref.allowed(actor, action, tool)
+    assert authz.actions(actor, tool, context) == ref.actions(actor, tool)
+
+
+DEVICE_POLICY = """
+actor User {}
+resource Tool {}
+resource Device {}
+declare device_compliance(Device, String);
+declare owns(User, Device);
+
+allow(_u: User, "call", _t: Tool) if device_compliance(Device{context.device.id}, "compliant");
+allow(u: User, "read", _t: Tool) if d = Device{context.device.id} and owns(u, d);
+allow(u: User, "list", _t: Tool) if owns(u, d) and not d = Device{context.other};
+deny(_u: User, "read", _t: Tool) if device_compliance(Device{context.device.id}, "not-compliant");
+deny(u: User, "list", _t: Tool) if
+  id = context.other and owns(u, Device{id}) and not device_compliance(Device{id}, "compliant");
+"""
+# Device{""} may be stored, but no request's "" names it.
+devices = st.sampled_from([Entity("Device", d) for d in ("laptop-7", "phone-2", "")])
+device_fact = st.one_of(
+    st.tuples(
+        st.just("device_compliance"), devices, st.sampled_from(["compliant", "not-compliant"])
+    ),
+    st.tuples(st.just("owns"), users, devices),
+)
+# Ids of devices, and values that name none: empty, a number, a boolean, a list, an object.
+device_ids = st.one_of(
+    st.sampled_from(["laptop-7", "phone-2", "tablet-1", ""]),
+    st.sampled_from([0, 1, True, False, ["Device", "laptop-7"], {"id": "laptop-7"}]),
+)
+
+
+@SETTINGS
+@example(
+    facts=[("device_compliance", Entity("Device", ""), "compliant")],
+    actor=Entity("User", "alice"),
+    context={"device": {"id": ""}},
+)
+@given(
+    facts=st.lists(device_fact, max_size=8),
+    actor=users,
+    context=st.fixed_dictionaries(
+        {},
+        optional={
+            "device": st.fixed_dictionaries({}, optional={"id": device_ids}),
+            "other": device_ids,
+        },
+    ),
+)
+def test_entities_made_from_context_values_agree(facts, actor, context):
+    authz = _engine(DEVICE_POLICY, facts)
+    tool = Entity("Tool", "t")
+    # Variables range over the domain: give it the context's values.
+    given = [context.get("other"), context.get("device", {}).get("id")]
+    extra = [v for v in given if isinstance(v, (str, int))]
+    ref = Reference(
+        authz.policy.program, facts, context, [actor, tool, "call", "read", "list", *extra]
+    )
+    for action in ("call", "read", "list"):
+        assert authz.authorize(actor, action, tool, context) == ref.allowed(actor, action, tool)
+        explanation = authz.decide(actor, action, tool, context).explanation
+        assert explanation.allowed == ref.allowed(actor, action, tool)
     assert authz.actions(actor, tool, context) == ref.actions(actor, tool)

@@ -41,6 +41,10 @@ deny(_user: User, "call", _tool: Tool) if
   context.arguments.query = "laptop-7-only" and not context.device.id = "laptop-7";
 deny(_user: User, "call", _tool: Tool) if
   context.arguments.query = "new-token-only" and not context.token.age_seconds < 600;
+# The device the call comes from, reported not compliant, loses access (not its user's others).
+resource Device {}
+deny(_user: User, "call", _tool: Tool) if
+  device_compliance(Device{context.device.id}, "not-compliant");
 """
 
 

@@ -107,7 +107,7 @@ def test_the_device_compliance_example_passes_its_own_tests():
         text=True,
     )
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "3 passed, 0 failed" in done.stdout
+    assert "4 passed, 0 failed" in done.stdout
 
 
 # -- through the gateway ----------------------------------------------------------------------

@@ -171,3 +171,31 @@ def test_a_spoofed_posture_header_from_an_untrusted_address_is_ignored(bastion, 
 
 def test_the_token_s_age_reaches_the_policy(bastion, token):
     assert refusal(search(bastion, token, "new-token-only")) is None
+
+
+def test_a_device_reported_not_compliant_is_refused_and_its_user_s_other_device_is_not(
+    bastion, token
+):
+    """The guardrail reads the fact about the device the trusted proxy names, not one about the
+    user: writing it refuses that device's next call and leaves the same user's phone alone."""
+    laptop, phone = {"X-Device-Id": "laptop-9"}, {"X-Device-Id": "phone-9"}
+    assert refusal(search(bastion, token, "anything", headers=laptop)) is None
+    key, _ = bastion.app.state.keys.create("fleet", ["facts:write"], created_by="test")
+    fact = {
+        "predicate": "device_compliance",
+        "args": [{"type": "Device", "id": "laptop-9"}, "not-compliant"],
+    }
+    written = bastion.http.post(
+        f"{bastion.url}/v1/facts",
+        json={"facts": [fact]},
+        headers={"authorization": f"Bearer {key}"},
+    )
+    assert written.status_code == 200, written.text
+    answer = search(bastion, token, "anything", headers=laptop)
+    assert refusal(answer) == "not_permitted"
+    assert refusal(search(bastion, token, "anything", headers=phone)) is None
+    # From an address that is not the proxy, the header names no device: nothing to refuse.
+    assert refusal(search(bastion, token, "anything", CORP, laptop)) is None
+    bastion.flush()
+    record = bastion.records.get(answer["error"]["data"]["decision_id"])
+    assert any("device_compliance(Device{context.device.id}" in rule for rule in record.rules)
