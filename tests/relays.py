@@ -5,7 +5,9 @@ or slowed: the processes under test reach them through a `Relay` of their own (i
 relay can be `cut` (the service is down: its connections end, new ones are closed at once), made
 to `drop` (each request is read whole, then its connection closed unanswered: a peer that took
 the request and failed), `restore`d, and can deliver what the service sends ``delay`` seconds
-late, in order (what the client sends goes at once).
+late, in order (what the client sends goes at once). The delay can be set when the relay is
+made or changed at any time (`delay`): a test can set its processes up at full speed, then slow
+what they hear from the moment that matters on.
 """
 
 from __future__ import annotations
@@ -18,9 +20,11 @@ import time
 
 
 class Relay:
-    """A TCP relay on a free loopback port to ``target``."""
+    """A TCP relay on a free loopback port to ``target``. With ``delay`` (seconds, None for a
+    relay that never delays), each chunk the service sends is due ``delay`` seconds after it
+    reached the relay, ``delay`` read as it arrives: set `delay` later to slow what follows."""
 
-    def __init__(self, target: tuple[str, int], delay: float = 0.0) -> None:
+    def __init__(self, target: tuple[str, int], delay: float | None = None) -> None:
         self.target = target
         self.delay = delay
         self._listener = socket.create_server(("127.0.0.1", 0))
@@ -89,9 +93,9 @@ class Relay:
             with self._lock:
                 self._open += [client, server]
             threading.Thread(target=_pump, args=(client, server), daemon=True).start()
-            if self.delay:
+            if self.delay is not None:
                 late: queue.Queue = queue.Queue()
-                threading.Thread(target=_late, args=(server, late, self.delay), daemon=True).start()
+                threading.Thread(target=_late, args=(server, late, self), daemon=True).start()
                 threading.Thread(target=_deliver, args=(late, client), daemon=True).start()
             else:
                 threading.Thread(target=_pump, args=(server, client), daemon=True).start()
@@ -105,12 +109,12 @@ def _pump(source: socket.socket, sink: socket.socket) -> None:
     _end(sink)
 
 
-def _late(source: socket.socket, late: queue.Queue, delay: float) -> None:
-    """Each chunk read, with the time it is due."""
+def _late(source: socket.socket, late: queue.Queue, relay: Relay) -> None:
+    """Each chunk read, with the time it is due (the relay's delay as it arrived)."""
     with contextlib.suppress(OSError):
         while chunk := source.recv(65536):
-            late.put((time.monotonic() + delay, chunk))
-    late.put((time.monotonic() + delay, b""))
+            late.put((time.monotonic() + relay.delay, chunk))
+    late.put((time.monotonic() + relay.delay, b""))
 
 
 def _deliver(late: queue.Queue, sink: socket.socket) -> None:

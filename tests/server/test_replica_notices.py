@@ -195,10 +195,11 @@ def test_a_notice_that_has_arrived_but_is_not_handled_yet_is_waited_for(postgres
 
 def test_a_fact_written_by_another_process_is_decided_on_once_the_write_returns(postgres_url):
     """The writer's call returns only once every replica has heard of its commit, however late
-    the notice: here everything PostgreSQL sends the replica arrives half a second late, and its
-    listener asks its connection rarely, so only the notice can tell it. The gateway's next
-    message then waits for the change (`heard_not_applied`) and is decided on it. Before, the
-    write returned at its commit, and a message decided at once was decided without it."""
+    the notice: here, once the replica is up, everything PostgreSQL sends it arrives half a
+    second late, and its listener asks its connection rarely, so only the notice can tell it.
+    The gateway's next message then waits for the change (`heard_not_applied`) and is decided
+    on it. Before, the write returned at its commit, and a message decided at once was decided
+    without it."""
 
     async def scenario(replica: Replica, writer: FactStore) -> None:
         listener = replica._listener
@@ -209,11 +210,12 @@ def test_a_fact_written_by_another_process_is_decided_on_once_the_write_returns(
             assert time.monotonic() < deadline, "the replica's listener never caught up"
             await asyncio.sleep(0.01)
         await settled(replica)
+        relay.delay = 0.5  # from here on: the replica's start is not what is tested
         await written_then_decided(
             replica, writer, "the write returned before the replica heard of it"
         )
 
-    with DelayedRelay(0.5) as relay:
+    with DelayedRelay() as relay:
         with_a_replica(postgres_url, scenario, replica_url=relay.url(postgres_url))
 
 
