@@ -22,7 +22,7 @@ REDIS_URL = os.environ.get("BASTION_TEST_REDIS", "redis://127.0.0.1:6379/0")
 
 
 # The files that take longest (seconds on two shared cores, `--durations` and junit times summed
-# per file, December 2025), started first. `make test` hands whole files to its two processes
+# per file, December 2026), started first. `make test` hands whole files to its two processes
 # (`--dist loadfile`) in collection order (`--no-loadscope-reorder`, pyproject.toml): a long file
 # handed out last keeps one core busy while the other has nothing left, so the longest go first
 # and the short ones even the two processes out at the end. A file that grows past the last one
