@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 import socket
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import NoReturn
 
 import pytest
@@ -30,7 +32,6 @@ REDIS_URL = os.environ.get("BASTION_TEST_REDIS", "redis://127.0.0.1:6379/0")
 LONG_FILES = (
     "tests/server/test_openapi.py",  # 130: schemathesis, 60 s each on SQLite and PostgreSQL
     "tests/oso_cloud/test_openapi.py",  # 62: schemathesis, 60 s
-    "tests/scale/test_load_balancer.py",  # 55
     "tests/server/test_replicas.py",  # 42
     "tests/approvals/test_gateway_holds.py",  # 37
     "tests/delegation/test_exchange_rules.py",  # 36
@@ -48,6 +49,7 @@ LONG_FILES = (
     "tests/gateway/test_quickstart_client.py",  # 20
     "tests/approvals/test_pages.py",  # 20
     "tests/policy/test_cli.py",  # 19
+    "tests/scale/test_load_balancer.py",  # 18: one deployment for 9 of its 10 tests
 )
 
 
@@ -109,18 +111,28 @@ def light_password_hashing():
     users._HASHER = saved
 
 
-@pytest.fixture
-def postgres_url() -> str:
-    """A PostgreSQL URL whose search_path is a fresh schema, dropped after the test."""
+@contextmanager
+def postgres_schema() -> Iterator[str]:
+    """A PostgreSQL URL whose search_path is a fresh schema, dropped after. For a fixture that
+    several tests share (scope="module"); a test of its own takes `postgres_url`."""
     require_service("PostgreSQL", "127.0.0.1", 5432)
     import psycopg
 
     schema = f"t_{uuid.uuid4().hex[:12]}"
     with psycopg.connect(POSTGRES_URL, autocommit=True) as conn:
         conn.execute(f"CREATE SCHEMA {schema}")
-    yield f"{POSTGRES_URL}?options=-csearch_path%3D{schema}"
-    with psycopg.connect(POSTGRES_URL, autocommit=True) as conn:
-        conn.execute(f"DROP SCHEMA {schema} CASCADE")
+    try:
+        yield f"{POSTGRES_URL}?options=-csearch_path%3D{schema}"
+    finally:
+        with psycopg.connect(POSTGRES_URL, autocommit=True) as conn:
+            conn.execute(f"DROP SCHEMA {schema} CASCADE")
+
+
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    """A PostgreSQL URL whose search_path is a fresh schema, dropped after the test."""
+    with postgres_schema() as url:
+        yield url
 
 
 @pytest.fixture

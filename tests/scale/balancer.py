@@ -17,6 +17,7 @@ from pathlib import Path
 import httpx
 
 from bastion.db import Database
+from bastion.facts.model import Entity
 from bastion.facts.store import FactStore
 from bastion.oauth.store import OAuthStore
 from bastion.oauth.users import create_user
@@ -39,6 +40,9 @@ from tests.oauth.support import free_socket, serve
 HAPROXY = "/usr/sbin/haproxy"
 ADMIN_KEY = "lb-test-admin-key-" + "x" * 32
 REPLICA_HEADER = "x-bastion-replica"
+# riley is on the support team as sam is: a test that changes a support member's facts changes
+# riley's, so that a deployment shared by several tests keeps sam's as they were.
+RILEY = ("has_role", Entity("User", "riley"), "member", Entity("Team", "support"))
 # The quickstart's delete waits for a person here (tests/gateway's policy takes that out).
 APPROVAL = 'requires_approval(_user: User, "call", Tool{"deskhttp/delete_customer"});\n'
 
@@ -179,12 +183,12 @@ def deployment(
     (tmp_path / "policy.polar").write_text(gateway_test_policy() + APPROVAL)
     store = FactStore.open(postgres_url)
     try:
-        store.apply(facts(), actor="test")
+        store.apply(facts() + [RILEY], actor="test")
     finally:
         store.close()
     db = Database(postgres_url)
     try:
-        for name in ("sam", "avery"):
+        for name in ("sam", "avery", "riley"):
             create_user(OAuthStore(db), name, PASSWORD, time.time(), actor="test")
     finally:
         db.close()

@@ -23,6 +23,7 @@ from mcp.client.client import Client as McpClient
 from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.exceptions import MCPError
 
+from tests.conftest import postgres_schema
 from tests.gateway.streams import messages, modern_headers, modern_request, traced
 from tests.gateway.support import PASSWORD, REDIRECT_URI, access_token
 from tests.oauth.support import MemoryStorage, log_in_and_consent, sdk_auth
@@ -36,9 +37,18 @@ NOTES = "customers://audit-notes"
 NOTES_TEXT = "2026-01-12: exported customer list for the yearly review."
 
 
-@pytest.fixture
-def lb(tmp_path, postgres_url):
-    with deployment(tmp_path, postgres_url) as running:
+@pytest.fixture(scope="module")
+def lb(tmp_path_factory):
+    """One deployment for the tests of this file (its start and stop are most of their time).
+    Each test keeps to what is its own, so none can find another's traces or miss what it left:
+    a new agent (OAuth client: its own grant, rate-limit counters, behaviour counters), decision
+    records and upstream requests counted from its own start or by its own agent, approvals by
+    their ids. What the others rely on stays as it was: the fact deleted is riley's, which no
+    other test reads, and sticky routing has a deployment of its own."""
+    with (
+        postgres_schema() as database,
+        deployment(tmp_path_factory.mktemp("lb"), database) as running,
+    ):
         yield running
 
 
@@ -105,14 +115,19 @@ class Agent:
         self.calls.append((name, replica, outcome))
         return outcome
 
+    @property
+    def principal(self) -> str:
+        """The agent as its decision records name it (one of their principals)."""
+        return f'Agent{{"{self.storage.client_info.client_id}"}}'
+
     def replicas_of(self, tool: str, outcome: str | None = None) -> set[str]:
         return {r for n, r, o in self.calls if n == tool and (outcome is None or o == outcome)}
 
 
-def decision_records(database: str, expected: int) -> list[tuple[str, str, dict]]:
-    """The gateway's decision records of `tools/call` in PostgreSQL (written by each replica
-    in the background, so in the order of their time, not of their sequence): (target, result,
-    record), once ``expected`` are there."""
+def decision_records(database: str, agent: Agent, expected: int) -> list[tuple[str, str, dict]]:
+    """The gateway's decision records of ``agent``'s `tools/call` in PostgreSQL (written by
+    each replica in the background, so in the order of their time, not of their sequence):
+    (target, result, record), once ``expected`` are there."""
     deadline = time.monotonic() + 10
     while True:
         with psycopg.connect(database, autocommit=True) as conn:
@@ -120,13 +135,16 @@ def decision_records(database: str, expected: int) -> list[tuple[str, str, dict]
                 "SELECT target, result, record FROM audit_decisions"
                 " WHERE method = 'tools/call' ORDER BY at"
             ).fetchall()
-        if len(rows) >= expected or time.monotonic() > deadline:
-            return [(t, r, json.loads(record)) for t, r, record in rows]
+        records = [(t, r, json.loads(record)) for t, r, record in rows]
+        records = [rec for rec in records if agent.principal in rec[2]["principals"]]
+        if len(records) >= expected or time.monotonic() > deadline:
+            return records
         time.sleep(0.05)
 
 
 def test_every_call_is_decided_and_recorded_the_same_whichever_replica_answers(lb):
     sam = Agent(lb, "sam")
+    earlier = len(lb.recorder.messages())  # what reached the upstream before this test
 
     async def script(client, seen):
         # Two of each in a row, then the other tool: round robin cannot put one tool on one
@@ -147,12 +165,11 @@ def test_every_call_is_decided_and_recorded_the_same_whichever_replica_answers(l
         "ok",
         "not_permitted",
     ]
-    assert len(lb.recorder.messages()) > 0
-    assert not any(
-        m.get("params", {}).get("name") == "delete_customer" for m in lb.recorder.messages()
-    )
+    upstream = lb.recorder.messages()[earlier:]
+    assert len(upstream) > 0
+    assert not any(m.get("params", {}).get("name") == "delete_customer" for m in upstream)
 
-    records = decision_records(lb.database, 6)
+    records = decision_records(lb.database, sam, 6)
     assert [(t, r) for t, r, _ in records] == [
         ('Tool{"deskhttp/search_customers"}', "allow"),
         ('Tool{"deskhttp/search_customers"}', "allow"),
@@ -204,12 +221,12 @@ def test_a_rate_limit_is_counted_once_across_replicas(lb):
 
 
 def test_a_fact_deleted_through_one_replica_is_enforced_by_the_other_on_its_next_call(lb):
-    sam = Agent(lb, "sam")
+    riley = Agent(lb, "riley")
 
     async def script(client, seen):
-        assert await sam.call(client, SEARCH) == "ok"
-        changed_on = sam.calls[-1][1]
-        # sam leaves the support team, through the replica that just served him.
+        assert await riley.call(client, SEARCH) == "ok"
+        changed_on = riley.calls[-1][1]
+        # riley leaves the support team, through the replica that just served him.
         response = lb.admin_post(
             changed_on,
             "/v1/facts/delete",
@@ -218,7 +235,7 @@ def test_a_fact_deleted_through_one_replica_is_enforced_by_the_other_on_its_next
                     {
                         "predicate": "has_role",
                         "args": [
-                            {"type": "User", "id": "sam"},
+                            {"type": "User", "id": "riley"},
                             "member",
                             {"type": "Team", "id": "support"},
                         ],
@@ -229,13 +246,13 @@ def test_a_fact_deleted_through_one_replica_is_enforced_by_the_other_on_its_next
         assert response.status_code == 200, response.text
         assert response.json()["deleted"] == 1
         # Every call after it is refused, the first one the other replica serves included.
-        while len({r for _, r, _ in sam.calls[1:]}) < 2:
-            assert await sam.call(client, SEARCH) == "not_permitted"
-            assert len(sam.calls) < 6
+        while len({r for _, r, _ in riley.calls[1:]}) < 2:
+            assert await riley.call(client, SEARCH) == "not_permitted"
+            assert len(riley.calls) < 6
         seen["changed_on"] = changed_on
 
-    seen = sam.run(script)
-    first_elsewhere = next(c for c in sam.calls[1:] if c[1] != seen["changed_on"])
+    seen = riley.run(script)
+    first_elsewhere = next(c for c in riley.calls[1:] if c[1] != seen["changed_on"])
     assert first_elsewhere[2] == "not_permitted"
 
 
@@ -274,7 +291,7 @@ def test_a_grant_revoked_through_one_replica_is_refused_by_the_other_on_its_next
             assert len(served) < 6
     first_elsewhere = next(s for s in served[1:] if s[0] != revoked_on)
     assert first_elsewhere[1] == 401
-    records = decision_records(lb.database, 2)
+    records = decision_records(lb.database, sam, 2)
     assert [r["context"]["client"]["ip"] for _, _, r in records] == ["127.0.0.1"] * 2
 
 
@@ -317,6 +334,7 @@ def test_a_result_held_for_review_through_one_replica_is_released_by_the_other(l
 
     sam.run(sign_in)
     token = sam.storage.tokens.access_token
+    earlier = lb.recorder.count("resources/read", uri=NOTES)  # read before this test
 
     with httpx.Client(timeout=20) as http:
 
@@ -333,7 +351,7 @@ def test_a_result_held_for_review_through_one_replica_is_released_by_the_other(l
         held_on, answer = read(lb.url)
         held = answer["error"]["data"]
         assert held["reason"] == "review_pending"
-        assert lb.recorder.count("resources/read", uri=NOTES) == 1
+        assert lb.recorder.count("resources/read", uri=NOTES) == earlier + 1
         other = "b" if held_on == "a" else "a"
         path = f"/v1/approvals/{held['approval_id']}"
         shown = lb.admin.get(f"{lb.replicas[other]}{path}", params={"reviewer": "avery"})
@@ -345,12 +363,12 @@ def test_a_result_held_for_review_through_one_replica_is_released_by_the_other(l
         _, answer = read(lb.replicas[other])
         assert answer["result"]["contents"][0]["text"] == NOTES_TEXT
         # Delivered from the store, not read again.
-        assert lb.recorder.count("resources/read", uri=NOTES) == 1
+        assert lb.recorder.count("resources/read", uri=NOTES) == earlier + 1
         assert lb.admin.get(f"{lb.replicas[held_on]}{path}").json()["status"] == "delivered"
         _, again = read(lb.url)
         assert again["error"]["data"]["reason"] == "review_pending"
         assert again["error"]["data"]["approval_id"] != held["approval_id"]
-    assert lb.recorder.count("resources/read", uri=NOTES) == 2
+    assert lb.recorder.count("resources/read", uri=NOTES) == earlier + 2
 
 
 def test_a_2025_11_25_session_is_not_found_on_the_other_replica(lb):
