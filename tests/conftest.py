@@ -41,7 +41,7 @@ LONG_FILES = (
     "tests/oauth/test_revocation_push.py",  # 28
     "tests/security/test_policy.py",  # 27
     "tests/security/test_storage.py",  # 26
-    "tests/scale/test_replica_races.py",  # 25
+    "tests/scale/test_replica_races.py",  # 23
     "tests/facts/test_snapshot.py",  # 24
     "tests/gateway/test_conformance.py",  # 15, and 9 more for its first npm install
     "tests/gateway/test_inspector_cli.py",  # 6, and 13 more for its first npm install

@@ -10,6 +10,7 @@ import httpx
 import pytest
 
 from bastion.facts.model import Entity
+from tests.conftest import postgres_schema
 from tests.gateway.support import start
 from tests.oauth.test_access_tokens import claims_of
 from tests.signals.test_kill_switch import authorization_code, client_id, confidential_client
@@ -21,14 +22,26 @@ IMPORT = 100_000
 
 @pytest.fixture
 def two_replicas(tmp_path, postgres_url):
+    """Two replicas of the test's own, for a test that changes what every other would see."""
     with start(tmp_path, replicas=1, database=postgres_url) as bastion:
         yield bastion
 
 
+@pytest.fixture(scope="module")
+def shared_replicas(tmp_path_factory):
+    """Two replicas shared by the tests of this file that each use their own clients, codes and
+    grants, and leave the signing keys, settings and policy as they were."""
+    with (
+        postgres_schema() as database,
+        start(tmp_path_factory.mktemp("replicas"), replicas=1, database=database) as bastion,
+    ):
+        yield bastion
+
+
 def test_an_agent_suspended_through_one_replica_gets_no_token_and_is_inactive_on_the_other(
-    two_replicas,
+    shared_replicas,
 ):
-    bastion = two_replicas
+    bastion = shared_replicas
     key, _ = bastion.app.state.keys.create("kill switch", ["suspensions"], created_by="test")
     admin = {"authorization": f"Bearer {key}"}
     agent = confidential_client(bastion, "nightly agent")
@@ -189,11 +202,11 @@ def _both_at_once(urls: list[str], form: dict) -> list[httpx.Response]:
 
 
 def test_a_code_or_refresh_token_sent_to_both_replicas_at_once_is_redeemed_once_then_revoked(
-    two_replicas,
+    shared_replicas,
 ):
     """RFC 9700 §4.14.2 across replicas: of two uses at once one wins, the other is a replay,
     and the replay revokes the grant, the winner's new tokens with it."""
-    bastion = two_replicas
+    bastion = shared_replicas
     urls = [bastion.url, bastion.replicas[0]]
     for _ in range(3):
         code = authorization_code(bastion, "sam")
