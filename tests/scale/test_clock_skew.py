@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,8 +29,9 @@ from bastion.db import Database, schema_and_clock
 from bastion.facts import store
 from bastion.server.app import create_app
 from bastion.server.config import ServerConfig
+from tests.conftest import postgres_schema
 from tests.delegation.agent_support import ASSERTION_TYPE, assertion, new_key, public_jwks
-from tests.gateway.support import ROOT, bastion_serve, start, stop
+from tests.gateway.support import ROOT, bastion_serve, start
 from tests.identity.test_dpop import SERVER, Holder, bound_tokens, call
 from tests.oauth.support import free_socket
 from tests.oauth.test_access_tokens import claims_of
@@ -60,9 +62,11 @@ class Replicas:
     issuer: str
     client: tuple[str, str]  # a confidential client: client_credentials, may introspect
     http: httpx.Client
+    log: Path  # what the skewed one wrote
 
 
 def _config(root: Path, name: str, port: int, database: str, issuer: str) -> Path:
+    """The configuration of one replica, in ``root / name``."""
     (root / name).mkdir()
     config = root / name / "bastion.toml"
     config.write_text(CONFIG.format(port=port, database=database, root=root, issuer=issuer))
@@ -70,8 +74,9 @@ def _config(root: Path, name: str, port: int, database: str, issuer: str) -> Pat
 
 
 def _serve_skewed(config: Path, url: str, skew: float) -> subprocess.Popen:
-    """`bastion serve` with its clock ``skew`` seconds off, once it answers `/readyz` at all
-    (ready or not)."""
+    """`bastion serve` with its clock ``skew`` seconds off, once its `/readyz` answers what it
+    will go on answering: ready, or not ready for its clock. (Just started, it is not ready
+    for a moment for another reason: its notification connection is not up yet.)"""
     log = config.parent / "serve.log"
     with open(log, "wb") as out:
         server = subprocess.Popen(
@@ -83,45 +88,85 @@ def _serve_skewed(config: Path, url: str, skew: float) -> subprocess.Popen:
             env={**os.environ, "BASTION_ADMIN_KEY": ADMIN_KEY},
         )
 
-    def answers() -> bool:
+    def settled() -> bool:
         if server.poll() is not None:
             return True
         try:
-            return httpx.get(f"{url}/readyz", timeout=1).status_code in (200, 503)
+            ready = httpx.get(f"{url}/readyz", timeout=1)
         except httpx.HTTPError:
             return False
+        if ready.status_code == 503:
+            return ready.json().get("reason", "").startswith("clock_skew: ")
+        return ready.status_code == 200
 
-    if not eventually(answers, within=30, every=0.05) or server.poll() is not None:
+    if not eventually(settled, within=30, every=0.05) or server.poll() is not None:
         server.kill()
         raise AssertionError(f"bastion serve did not come up:\n{log.read_text()}")
     return server
 
 
-@contextmanager
-def replicas(tmp_path: Path, database: str, skew: float) -> Iterator[Replicas]:
-    (tmp_path / "policy.polar").write_text(POLICY)
-    ports = [free_socket().getsockname()[1] for _ in range(2)]
-    issuer = f"http://127.0.0.1:{ports[0]}"
-    config = _config(tmp_path, "right", ports[0], database, issuer)
-    made = subprocess.run(
-        [sys.executable, "-m", "bastion.cli", "clients", "create", "--name", "nightly agent"]
-        + ["--confidential", "--introspection", "--scope", "customers:read"]
-        + ["--config", str(config)],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-    )
-    assert made.returncode == 0, made.stderr
-    said = json.loads(made.stdout)
-    client = (said["client_id"], said["client_secret"])
-    with ExitStack() as stack:
-        right, url = bastion_serve(config, issuer, {"BASTION_ADMIN_KEY": ADMIN_KEY})
-        stack.callback(stop, right)
-        config = _config(tmp_path, "skewed", ports[1], database, issuer)
-        skewed_url = f"http://127.0.0.1:{ports[1]}"
-        stack.callback(stop, _serve_skewed(config, skewed_url, skew))
-        http = stack.enter_context(httpx.Client(timeout=20))
-        yield Replicas(url, skewed_url, issuer, client, http)
+class Cluster:
+    """One replica whose clock is the machine's, and beside it one whose clock is moved per
+    skew a test asks for, started on first demand and kept for the tests that ask for the same
+    skew. Each test reads what it is given (readiness, decisions, the tokens it is issued) and
+    spends only proofs of its own; a skewed replica past the bound purges nothing."""
+
+    def __init__(self, root: Path, database: str, stack: ExitStack) -> None:
+        self.root, self.database = root, database
+        (root / "policy.polar").write_text(POLICY)
+        port = free_socket().getsockname()[1]
+        self.issuer = f"http://127.0.0.1:{port}"
+        config = _config(root, "right", port, database, self.issuer)
+        made = subprocess.run(
+            [sys.executable, "-m", "bastion.cli", "clients", "create", "--name", "nightly agent"]
+            + ["--confidential", "--introspection", "--scope", "customers:read"]
+            + ["--config", str(config)],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+        )
+        assert made.returncode == 0, made.stderr
+        said = json.loads(made.stdout)
+        self.client = (said["client_id"], said["client_secret"])
+        self.processes: list[subprocess.Popen] = []
+        stack.callback(_stop_all, self.processes)
+        right, self.right = bastion_serve(config, self.issuer, {"BASTION_ADMIN_KEY": ADMIN_KEY})
+        self.processes.append(right)
+        self.http = stack.enter_context(httpx.Client(timeout=20))
+        self.skewed: dict[float, str] = {}
+
+    def with_skew(self, skew: float) -> Replicas:
+        if skew not in self.skewed:
+            port = free_socket().getsockname()[1]
+            config = _config(self.root, _name(skew), port, self.database, self.issuer)
+            url = f"http://127.0.0.1:{port}"
+            self.processes.append(_serve_skewed(config, url, skew))
+            self.skewed[skew] = url
+        log = self.root / _name(skew) / "serve.log"
+        return Replicas(self.right, self.skewed[skew], self.issuer, self.client, self.http, log)
+
+
+def _stop_all(processes: list[subprocess.Popen]) -> None:
+    """Stop every replica as `stop` does (SIGTERM, or kill), told all at once: each takes a
+    while to stop."""
+    for process in processes:
+        process.send_signal(signal.SIGTERM)
+    for process in processes:
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def _name(skew: float) -> str:
+    return f"skewed{skew:+g}"
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory) -> Iterator[Cluster]:
+    with postgres_schema() as database, ExitStack() as stack:
+        yield Cluster(tmp_path_factory.mktemp("clocks"), database, stack)
 
 
 def token(replicas: Replicas, at: str, proof: str | None = None) -> httpx.Response:
@@ -138,73 +183,72 @@ def introspected(replicas: Replicas, at: str, access_token: str) -> httpx.Respon
 
 @pytest.mark.parametrize("skew", [-300, 30, 300])
 def test_a_replica_whose_clock_is_off_past_the_bound_is_not_ready_and_decides_nothing(
-    tmp_path, postgres_url, skew
+    cluster, skew
 ):
-    with replicas(tmp_path, postgres_url, skew) as running:
-        ready = running.http.get(f"{running.skewed}/readyz")
-        assert ready.status_code == 503, ready.text
-        reason = ready.json()["reason"]
-        assert reason.startswith("clock_skew: "), reason
-        assert "max_clock_skew_seconds" in reason and "2" in reason
-        assert ("ahead of" if skew > 0 else "behind") in reason
-        admin = {"authorization": f"Bearer {ADMIN_KEY}"}
-        question = {"actor": "User:alice", "action": "read", "resource": "Org:acme"}
-        decided = running.http.post(f"{running.skewed}/v1/authorize", json=question, headers=admin)
-        assert decided.status_code == 503, decided.text
-        assert "clock" in decided.text
-        minted = token(running, running.skewed)
-        assert (minted.status_code, minted.json()["error"]) == (503, "temporarily_unavailable")
-        # The replica whose clock is right is unaffected.
-        assert running.http.get(f"{running.right}/readyz").status_code == 200
-        assert token(running, running.right).status_code == 200
-        log = (tmp_path / "skewed" / "serve.log").read_text()
-        assert "max_clock_skew_seconds" in log, log
+    running = cluster.with_skew(skew)
+    ready = running.http.get(f"{running.skewed}/readyz")
+    assert ready.status_code == 503, ready.text
+    reason = ready.json()["reason"]
+    assert reason.startswith("clock_skew: "), reason
+    assert "max_clock_skew_seconds" in reason and "2" in reason
+    assert ("ahead of" if skew > 0 else "behind") in reason
+    admin = {"authorization": f"Bearer {ADMIN_KEY}"}
+    question = {"actor": "User:alice", "action": "read", "resource": "Org:acme"}
+    decided = running.http.post(f"{running.skewed}/v1/authorize", json=question, headers=admin)
+    assert decided.status_code == 503, decided.text
+    assert "clock" in decided.text
+    minted = token(running, running.skewed)
+    assert (minted.status_code, minted.json()["error"]) == (503, "temporarily_unavailable")
+    # The replica whose clock is right is unaffected.
+    assert running.http.get(f"{running.right}/readyz").status_code == 200
+    assert token(running, running.right).status_code == 200
+    log = running.log.read_text()
+    assert "max_clock_skew_seconds" in log, log
 
 
 @pytest.mark.parametrize("skew", [-1, 1])
 def test_a_replica_whose_clock_is_off_within_the_bound_serves_and_its_tokens_are_taken_elsewhere(
-    tmp_path, postgres_url, skew
+    cluster, skew
 ):
-    with replicas(tmp_path, postgres_url, skew) as running:
-        assert running.http.get(f"{running.skewed}/readyz").status_code == 200
-        for issuer, checker in ((running.skewed, running.right), (running.right, running.skewed)):
-            issued = token(running, issuer)
-            assert issued.status_code == 200, issued.text
-            shown = introspected(running, checker, issued.json()["access_token"])
-            assert shown.json()["active"] is True, (issuer, shown.text)
+    running = cluster.with_skew(skew)
+    ready = running.http.get(f"{running.skewed}/readyz")
+    assert ready.status_code == 200, ready.text
+    for issuer, checker in ((running.skewed, running.right), (running.right, running.skewed)):
+        issued = token(running, issuer)
+        assert issued.status_code == 200, issued.text
+        shown = introspected(running, checker, issued.json()["access_token"])
+        assert shown.json()["active"] is True, (issuer, shown.text)
 
 
-def test_five_minutes_between_two_replicas_clocks_refuse_no_token_and_replay_no_proof(
-    tmp_path, postgres_url
-):
+def test_five_minutes_between_two_replicas_clocks_refuse_no_token_and_replay_no_proof(cluster):
     """What a replica five minutes ahead did before it was held back: its tokens were issued
     in the future for the other (inactive there, ``iat``), and its once-a-minute purge of spent
     DPoP jtis forgot those of proofs the other replica still accepted, so a proof spent there
     was taken again. Now it issues nothing and purges nothing: every token issued is active on
     every replica that answers, and a spent proof stays spent."""
-    with replicas(tmp_path, postgres_url, 300) as running:
-        for issuer, checker in ((running.skewed, running.right), (running.right, running.skewed)):
-            issued = token(running, issuer)
-            if issued.status_code != 200:
-                continue
-            shown = introspected(running, checker, issued.json()["access_token"])
-            if shown.status_code == 200:
-                assert shown.json()["active"] is True, (
-                    issuer,
-                    claims_of(issued.json()["access_token"])[1],
-                    shown.text,
-                )
-        holder = Holder()
-        url = f"{running.issuer}/token"
-        spent = holder.proof("POST", url)
-        first = token(running, running.right, spent)
-        assert first.status_code == 200, first.text
-        # A proof the skewed replica takes as new (its clock says now): it spends it, and may
-        # forget the jtis it thinks expired.
-        token(running, running.skewed, holder.proof("POST", url, iat=int(time.time()) + 300))
-        again = token(running, running.right, spent)
-        assert again.status_code == 400, again.text
-        assert "already used" in again.json()["error_description"]
+    running = cluster.with_skew(300)
+    for issuer, checker in ((running.skewed, running.right), (running.right, running.skewed)):
+        issued = token(running, issuer)
+        if issued.status_code != 200:
+            continue
+        shown = introspected(running, checker, issued.json()["access_token"])
+        if shown.status_code == 200:
+            assert shown.json()["active"] is True, (
+                issuer,
+                claims_of(issued.json()["access_token"])[1],
+                shown.text,
+            )
+    holder = Holder()
+    url = f"{running.issuer}/token"
+    spent = holder.proof("POST", url)
+    first = token(running, running.right, spent)
+    assert first.status_code == 200, first.text
+    # A proof the skewed replica takes as new (its clock says now): it spends it, and may
+    # forget the jtis it thinks expired.
+    token(running, running.skewed, holder.proof("POST", url, iat=int(time.time()) + 300))
+    again = token(running, running.right, spent)
+    assert again.status_code == 400, again.text
+    assert "already used" in again.json()["error_description"]
 
 
 @pytest.mark.parametrize("skew", [-300, 300])
