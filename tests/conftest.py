@@ -34,7 +34,6 @@ LONG_FILES = (
     "tests/oso_cloud/test_openapi.py",  # 62: schemathesis, 60 s
     "tests/server/test_replicas.py",  # 42
     "tests/approvals/test_gateway_holds.py",  # 37
-    "tests/delegation/test_exchange_rules.py",  # 36
     "tests/security/test_edge.py",  # 36
     "tests/server/test_client_cli.py",  # 33
     "tests/oauth/test_revocation_push.py",  # 28

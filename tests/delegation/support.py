@@ -6,9 +6,11 @@ flow) and sub-agents (confidential clients that get their own tokens by client_c
 from __future__ import annotations
 
 import base64
+import io
 import json
 import subprocess
 import sys
+from contextlib import redirect_stderr, redirect_stdout
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import parse_qs, urlencode, urlsplit
@@ -82,6 +84,27 @@ class Studio:
         assert done.returncode == 0, done.stderr
         return done.stdout
 
+    def command(self, *args: str, stdin: str | None = None) -> str:
+        """What `cli` runs, run in this process on the same database: it spares the second a
+        new Python takes to start and import bastion, for each of the many users and clients
+        a module makes. (`cli` is for a test whose point is another process.)"""
+        from bastion.cli import main
+
+        out, err = io.StringIO(), io.StringIO()
+        saved = sys.stdin
+        sys.stdin = io.StringIO(stdin or "")
+        try:
+            with redirect_stdout(out), redirect_stderr(err):
+                code = main([*args, "--config", str(self.config)])
+        finally:
+            sys.stdin = saved
+        assert code == 0, err.getvalue()
+        return out.getvalue()
+
+    def register(self, *args: str) -> dict:
+        """`bastion clients create *args`, run by `command`: the client as it printed it."""
+        return json.loads(self.command("clients", "create", *args))
+
     def admin(self, path: str, body: dict) -> dict:
         response = self.http.post(
             f"{self.url}{path}", json=body, headers={"authorization": f"Bearer {ADMIN_KEY}"}
@@ -110,20 +133,19 @@ class Studio:
 
     def coding_agent(self, name: str = "coder") -> Agent:
         """A public client (as MCP clients are) that may exchange its tokens."""
-        out = self.cli(
-            "clients", "create", "--name", name, "--redirect-uri", REDIRECT_URI,
+        created = self.register(
+            "--name", name, "--redirect-uri", REDIRECT_URI,
             "--grant-type", "authorization_code", "--grant-type", "refresh_token",
             "--grant-type", EXCHANGE, "--scope", " ".join(SCOPES),
         )  # fmt: skip
-        return Agent(json.loads(out)["client_id"])
+        return Agent(created["client_id"])
 
     def sub_agent(self, name: str, scope: str = " ".join(SCOPES)) -> Agent:
         """A confidential client that gets tokens for itself (and may delegate further)."""
-        out = self.cli(
-            "clients", "create", "--name", name, "--confidential",
+        created = self.register(
+            "--name", name, "--confidential",
             "--grant-type", "client_credentials", "--grant-type", EXCHANGE, "--scope", scope,
         )  # fmt: skip
-        created = json.loads(out)
         return Agent(created["client_id"], created["client_secret"])
 
     def user_token(self, agent: Agent, username: str, scope: str = " ".join(SCOPES)) -> dict:
@@ -259,8 +281,8 @@ url = "{upstream_url}/mcp"
 {settings}"""
             )
             studio = Studio(url, directory, config, upstream)
-            studio.cli("users", "create", "sam", "--password-stdin", stdin=PASSWORD)
-            studio.cli("users", "create", "avery", "--password-stdin", stdin=PASSWORD)
+            studio.command("users", "create", "sam", "--password-stdin", stdin=PASSWORD)
+            studio.command("users", "create", "avery", "--password-stdin", stdin=PASSWORD)
             server, _ = bastion_serve(config, url, {"BASTION_ADMIN_KEY": ADMIN_KEY})
             try:
                 facts = [("has_role", "User:sam", "designer", "McpServer:studio")]

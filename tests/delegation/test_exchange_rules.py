@@ -7,7 +7,6 @@ refuse them."""
 
 from __future__ import annotations
 
-import json
 import time
 import uuid
 
@@ -208,11 +207,9 @@ def test_no_agent_of_a_chain_may_be_suspended_for_a_token_to_be_exchanged_or_int
     studio,
 ):
     coder, sub = cast(studio, "kill-switch")
-    resource_server = json.loads(
-        studio.cli(
-            "clients", "create", "--name", "kill-switch-rs", "--confidential",
-            "--grant-type", "client_credentials", "--introspection",
-        )
+    resource_server = studio.register(
+        "--name", "kill-switch-rs", "--confidential",
+        "--grant-type", "client_credentials", "--introspection",
     )  # fmt: skip
     rs = (resource_server["client_id"], resource_server["client_secret"])
 
@@ -342,14 +339,12 @@ def test_a_refresh_token_is_never_issued_or_accepted(studio):
 
 
 def test_a_client_not_registered_for_the_grant_cannot_exchange(studio):
-    out = studio.cli(
-        "clients", "create", "--name", "plain", "--redirect-uri", "http://127.0.0.1:9/callback",
+    created = studio.register(
+        "--name", "plain", "--redirect-uri", "http://127.0.0.1:9/callback",
     )  # fmt: skip
-    import json
-
     from .support import Agent
 
-    plain = Agent(json.loads(out)["client_id"])
+    plain = Agent(created["client_id"])
     _, sub = cast(studio, "plain-sub")
     subject = studio.user_token(plain, "sam")["access_token"]
     assert error(studio.exchange(plain, subject, studio.own_token(sub))) == (
