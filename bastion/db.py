@@ -1163,6 +1163,9 @@ class Listener:
         self._waiting = False
         self._parked = threading.Condition()  # told each time the thread parks (`caught_up`)
         self._stopping = threading.Event()
+        # Written by `stop` to wake the thread parked on the socket (`_follow`), which would
+        # otherwise end only at its next heartbeat; made by `start`.
+        self._wake: tuple[int, int] | None = None
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
 
     @property
@@ -1194,12 +1197,21 @@ class Listener:
         return True
 
     def start(self) -> None:
+        self._wake = os.pipe()
         self._thread.start()
 
     def stop(self, timeout: float = 2.0) -> None:
         self._stopping.set()
+        if self._wake is None:
+            return  # never started
+        with suppress(OSError):
+            os.write(self._wake[1], b"\0")
         if self._thread.is_alive():
             self._thread.join(timeout)
+        if not self._thread.is_alive():  # a thread still at work keeps reading them
+            wake, self._wake = self._wake, None
+            for fd in wake:
+                os.close(fd)
 
     def _run(self) -> None:
         while not self._stopping.is_set():
@@ -1243,6 +1255,8 @@ class Listener:
         a connection the server ends is known lost before the thread parks on it again."""
         parked = select.poll()
         parked.register(self._fd, select.POLLIN)
+        if self._wake is not None:
+            parked.register(self._wake[0], select.POLLIN)  # `stop`
         beat = time.monotonic() + self.heartbeat
         while not self._stopping.is_set():
             self._waiting = True
@@ -1250,6 +1264,8 @@ class Listener:
                 self._parked.notify_all()
             woke = parked.poll(max(0, (beat - time.monotonic()) * 1000))
             self._waiting = False
+            if self._stopping.is_set():
+                return
             heard = self._handle(conn)
             if (woke and not heard) or time.monotonic() >= beat:
                 conn.execute("SELECT 1")

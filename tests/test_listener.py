@@ -223,3 +223,12 @@ def test_a_barrier_of_another_schema_confirms_nothing(channel, postgres_url, mar
         listener.stop()
         with psycopg.connect(POSTGRES_URL, autocommit=True) as admin:
             admin.execute(f"DROP SCHEMA IF EXISTS {other} CASCADE")
+
+
+def test_a_stopped_listener_ends_at_once_not_at_its_next_heartbeat(channel):
+    """`stop` wakes the thread parked on the socket: a process stopping (a replica shut down)
+    does not wait out the heartbeat of each of its listeners. The heartbeat here is far beyond
+    the stop's bound, so a thread left to wake by itself is still alive when the bound ends."""
+    listener = listening(channel, Heard(), heartbeat=600)
+    listener.stop(timeout=10)
+    assert not listener._thread.is_alive(), "the thread waited for its heartbeat"
