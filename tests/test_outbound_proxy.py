@@ -49,12 +49,14 @@ HAPROXY = "/usr/sbin/haproxy"
 PASSWORD = "pr0xy-s3cret"
 
 
-def _wait_for_port(port: int, process: subprocess.Popen, what: str) -> None:
+def _started(command: list[str], port: int, what: str) -> subprocess.Popen:
+    """``command`` run quietly, once it accepts connections on ``port``."""
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 10
     while True:
         try:
             socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
+            return process
         except OSError:
             assert time.monotonic() < deadline and process.poll() is None, f"{what} did not start"
             time.sleep(0.05)
@@ -70,12 +72,7 @@ class Tinyproxy:
             f'LogFile "{self.log_file}"\nLogLevel Info\nAllow 127.0.0.1\n'
             f"BasicAuth bastion {PASSWORD}\n"
         )
-        self.process = subprocess.Popen(
-            [TINYPROXY, "-d", "-c", str(config)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        _wait_for_port(self.port, self.process, "tinyproxy")
+        self.process = _started([TINYPROXY, "-d", "-c", str(config)], self.port, "tinyproxy")
         self.url = f"http://bastion:{PASSWORD}@127.0.0.1:{self.port}"
 
     def connects(self) -> list[str]:
@@ -161,12 +158,7 @@ class TlsFront:
             "    default_backend tinyproxy\n"
             f"backend tinyproxy\n    server tinyproxy 127.0.0.1:{tinyproxy.port}\n"
         )
-        self.process = subprocess.Popen(
-            [HAPROXY, "-db", "-f", str(config)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        _wait_for_port(self.port, self.process, "HAProxy")
+        self.process = _started([HAPROXY, "-db", "-f", str(config)], self.port, "HAProxy")
         self.url = f"https://bastion:{PASSWORD}@127.0.0.1:{self.port}"
 
     def stop(self) -> None:
