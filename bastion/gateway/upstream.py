@@ -27,6 +27,7 @@ import itertools
 import json
 import logging
 import os
+import shutil
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -411,6 +412,25 @@ class Upstream(abc.ABC):
         """Stop the process or close the connections."""
 
 
+def _program_missing(config: UpstreamConfig) -> str | None:
+    """What is missing for a stdio upstream's program to start, if found so now: its working
+    directory, or its command (a path, from that directory; a name, on the PATH its process
+    gets, as the operating system looks it up)."""
+    cwd = config.cwd or None
+    if cwd is not None and not os.path.isdir(cwd):
+        return f"its directory {cwd!r} does not exist"
+    command = config.command
+    if os.sep in command:
+        path = os.path.join(cwd or "", command)
+        if not (os.path.isfile(path) and os.access(path, os.X_OK)):
+            return f"its command {command!r} is not an executable file"
+        return None
+    search = {**os.environ, **config.env}.get("PATH", os.defpath)
+    if shutil.which(command, path=search) is None:
+        return f"its command {command!r} is not found on its PATH"
+    return None
+
+
 class StdioUpstream(Upstream):
     """A child process speaking newline-delimited JSON-RPC on stdin/stdout (MCP stdio transport)."""
 
@@ -420,6 +440,9 @@ class StdioUpstream(Upstream):
         self._pending: dict[Any, asyncio.Future] = {}
         self._write_lock = asyncio.Lock()
         self._tasks: list[asyncio.Task] = []
+        if (missing := _program_missing(config)) is not None:
+            # Said at start, not first met at a call; not refused: it may be installed later.
+            log.warning("upstream %s: %s; its calls fail until it is there", self.name, missing)
 
     async def _connect(self) -> None:
         env = {**os.environ, **self.config.env}

@@ -69,3 +69,35 @@ def test_crafted_ids_from_a_stdio_upstream_are_dropped_and_the_answer_arrives(tm
     assert first_pid == second_pid and running  # the same process throughout, still running
     # Only the notification whose method is text reaches the handler (one per answer).
     assert heard == ["notifications/tools/list_changed"] * 2
+
+
+def test_a_program_that_is_not_there_is_said_at_start_naming_its_upstream(tmp_path, caplog):
+    """A stdio upstream's command or directory that does not exist is logged when bastion
+    starts, not met first at a call; one that is there says nothing."""
+    tool = tmp_path / "bin" / "desk-server"
+    tool.parent.mkdir()
+    tool.write_text("#!/bin/sh\n")
+    tool.chmod(0o755)
+    cases = {
+        "gone": UpstreamConfig(name="gone", command="no-such-mcp-server-7f3a"),
+        "nodir": UpstreamConfig(name="nodir", command=sys.executable, cwd=str(tmp_path / "nope")),
+        "notexec": UpstreamConfig(name="notexec", command=str(tmp_path / "bin")),
+        "relative": UpstreamConfig(name="relative", command="./bin/desk-server", cwd=str(tmp_path)),
+        "onpath": UpstreamConfig(
+            name="onpath", command="desk-server", env={"PATH": str(tool.parent)}
+        ),
+        "python": UpstreamConfig(name="python", command=sys.executable),
+    }
+    said = {}
+    for name, config in cases.items():
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="bastion.gateway"):
+            StdioUpstream(config)
+        said[name] = [r.getMessage() for r in caplog.records]
+    assert said["gone"] == [
+        "upstream gone: its command 'no-such-mcp-server-7f3a' is not found on its PATH;"
+        " its calls fail until it is there"
+    ]
+    assert said["nodir"] and "its directory" in said["nodir"][0] and "nope" in said["nodir"][0]
+    assert said["notexec"] and "is not an executable file" in said["notexec"][0]
+    assert said["relative"] == said["onpath"] == said["python"] == []
