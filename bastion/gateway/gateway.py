@@ -52,7 +52,13 @@ from bastion.gateway.sessions import (
 )
 from bastion.gateway.tool_pins import PROMPT, TOOL, ToolPins
 from bastion.gateway.transport import InFlight, StreamableHttpEndpoint, send_json
-from bastion.gateway.upstream import Hear, HttpUpstream, Upstream, open_upstream
+from bastion.gateway.upstream import (
+    Hear,
+    HttpUpstream,
+    Upstream,
+    open_upstream,
+    say_if_program_missing,
+)
 from bastion.gateway.upstream_credentials import UserTokenUpstream
 from bastion.gateway.upstream_sessions import SessionOwner, UpstreamSession, UpstreamSessions
 from bastion.gateway.uris import upstream_uri
@@ -364,6 +370,8 @@ class Gateway:
         self.connections: Connections | None = None
         self.upstreams: dict[str, UpstreamState] = {}
         for upstream_config in config.upstreams:
+            if upstream_config.transport == "stdio":
+                say_if_program_missing(upstream_config)
             state = UpstreamState(
                 open_upstream(upstream_config),
                 pins=tool_pins,

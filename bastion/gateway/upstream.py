@@ -412,7 +412,14 @@ class Upstream(abc.ABC):
         """Stop the process or close the connections."""
 
 
-def _program_missing(config: UpstreamConfig) -> str | None:
+def say_if_program_missing(config: UpstreamConfig) -> None:
+    """At start, log what is missing for a stdio upstream's program to start (`program_missing`),
+    rather than have its first call meet it; not refused: it may be installed later."""
+    if (missing := program_missing(config)) is not None:
+        log.warning("upstream %s: %s; its calls fail until it is there", config.name, missing)
+
+
+def program_missing(config: UpstreamConfig) -> str | None:
     """What is missing for a stdio upstream's program to start, if found so now: its working
     directory, or its command (a path, from that directory; a name, on the PATH its process
     gets, as the operating system looks it up)."""
@@ -440,9 +447,6 @@ class StdioUpstream(Upstream):
         self._pending: dict[Any, asyncio.Future] = {}
         self._write_lock = asyncio.Lock()
         self._tasks: list[asyncio.Task] = []
-        if (missing := _program_missing(config)) is not None:
-            # Said at start, not first met at a call; not refused: it may be installed later.
-            log.warning("upstream %s: %s; its calls fail until it is there", self.name, missing)
 
     async def _connect(self) -> None:
         env = {**os.environ, **self.config.env}

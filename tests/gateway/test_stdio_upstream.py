@@ -9,7 +9,7 @@ import sys
 import textwrap
 
 from bastion.gateway.config import UpstreamConfig
-from bastion.gateway.upstream import StdioUpstream
+from bastion.gateway.upstream import StdioUpstream, say_if_program_missing
 
 # A raw MCP stdio server (no SDK): before each answer it writes messages with crafted ids.
 SERVER = textwrap.dedent(
@@ -73,7 +73,8 @@ def test_crafted_ids_from_a_stdio_upstream_are_dropped_and_the_answer_arrives(tm
 
 def test_a_program_that_is_not_there_is_said_at_start_naming_its_upstream(tmp_path, caplog):
     """A stdio upstream's command or directory that does not exist is logged when bastion
-    starts, not met first at a call; one that is there says nothing."""
+    starts (the gateway says so of each stdio upstream it is given), not met first at a call;
+    one that is there says nothing."""
     tool = tmp_path / "bin" / "desk-server"
     tool.parent.mkdir()
     tool.write_text("#!/bin/sh\n")
@@ -92,7 +93,7 @@ def test_a_program_that_is_not_there_is_said_at_start_naming_its_upstream(tmp_pa
     for name, config in cases.items():
         caplog.clear()
         with caplog.at_level("WARNING", logger="bastion.gateway"):
-            StdioUpstream(config)
+            say_if_program_missing(config)
         said[name] = [r.getMessage() for r in caplog.records]
     assert said["gone"] == [
         "upstream gone: its command 'no-such-mcp-server-7f3a' is not found on its PATH;"
