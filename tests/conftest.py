@@ -35,7 +35,6 @@ LONG_FILES = (
     "tests/server/test_replicas.py",  # 42
     "tests/approvals/test_gateway_holds.py",  # 37
     "tests/security/test_edge.py",  # 36
-    "tests/server/test_client_cli.py",  # 33
     "tests/oauth/test_revocation_push.py",  # 28
     "tests/security/test_policy.py",  # 27
     "tests/security/test_storage.py",  # 26
