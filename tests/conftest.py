@@ -34,8 +34,8 @@ LONG_FILES = (
     "tests/oso_cloud/test_openapi.py",  # 62: schemathesis, 60 s
     "tests/server/test_replicas.py",  # 42
     "tests/approvals/test_gateway_holds.py",  # 37
-    "tests/security/test_edge.py",  # 36
     "tests/oauth/test_revocation_push.py",  # 28
+    "tests/security/test_edge.py",  # 27: header and body deadlines of 2 s, a server per setting
     "tests/security/test_policy.py",  # 27
     "tests/security/test_storage.py",  # 26
     "tests/scale/test_replica_races.py",  # 23

@@ -10,11 +10,11 @@ from __future__ import annotations
 import base64
 import contextlib
 import json
+import os
 import select
 import socket
 import sqlite3
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -24,6 +24,7 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 
+from tests.command_line import bastion_in_process
 from tests.gateway.support import ROOT, serve_quickstart
 from tests.ports import free_socket
 from tests.server.conftest import ServerProcess
@@ -669,10 +670,10 @@ def test_the_cli_refuses_the_same_numbers(quickstart, tmp_path):
     database = str(quickstart.directory / "bastion.db")
 
     def bastion(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run(
-            [sys.executable, "-m", "bastion.cli", *args, "--database", database],
-            capture_output=True,
-            text=True,
+        return bastion_in_process(
+            *args,
+            "--database",
+            database,
             env={"PATH": "/usr/bin:/bin", "BASTION_CONFIG": "/nonexistent"},
         )
 
@@ -754,14 +755,13 @@ def test_deeply_nested_registration_is_refused_naming_the_limit(quickstart):
 def confidential_client(served: Served, name: str, *flags: str) -> dict:
     """A confidential client registered with `bastion clients create` on the served store: its
     id and secret."""
-    done = subprocess.run(
-        [sys.executable, "-m", "bastion.cli", "clients", "create", "--name", name]
-        + ["--confidential", *flags, "--config", str(served.directory / "bastion.toml")],
-        capture_output=True,
-        text=True,
-        check=True,
+    done = bastion_in_process(
+        *("clients", "create", "--name", name, "--confidential", *flags),
+        *("--config", str(served.directory / "bastion.toml")),
+        env=os.environ,
         cwd=ROOT,
     )
+    assert done.returncode == 0, done.stderr
     return json.loads(done.stdout)
 
 
