@@ -33,15 +33,14 @@ def bastion_in_process(
     from bastion import outbound_proxy, tls
     from bastion.cli import main
 
-    given = dict(env)  # before os.environ, which ``env`` may be, is cleared
+    given = dict(env)  # before os.environ, which ``env`` may be, is changed
     out, err = io.StringIO(), io.StringIO()
     last_resort = logging.StreamHandler(err)
     last_resort.setLevel(logging.WARNING)
     saved_environ = os.environ.copy()
     saved_proxy = outbound_proxy.configured()
     saved_cwd = os.getcwd()
-    os.environ.clear()
-    os.environ.update(given)
+    _become(given)
     logging.getLogger().addHandler(last_resort)
     try:
         if cwd is not None:
@@ -65,9 +64,19 @@ def bastion_in_process(
     finally:
         logging.getLogger().removeHandler(last_resort)
         os.chdir(saved_cwd)
-        os.environ.clear()
-        os.environ.update(saved_environ)
+        _become(saved_environ)
         outbound_proxy.configure(saved_proxy)
         tls.trust.cache_clear()
         tls.file_context.cache_clear()
     return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
+
+
+def _become(environment: dict[str, str]) -> None:
+    """``os.environ`` made ``environment`` key by key, never emptied on the way: a thread of
+    the test process (a server an in-process fixture runs) reading it meanwhile sees no
+    variable missing that both have."""
+    for name in [name for name in os.environ if name not in environment]:
+        del os.environ[name]
+    for name, value in environment.items():
+        if os.environ.get(name) != value:
+            os.environ[name] = value

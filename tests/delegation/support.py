@@ -6,17 +6,17 @@ flow) and sub-agents (confidential clients that get their own tokens by client_c
 from __future__ import annotations
 
 import base64
-import io
 import json
+import os
 import subprocess
 import sys
-from contextlib import redirect_stderr, redirect_stdout
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import parse_qs, urlencode, urlsplit
 
 import httpx
 
+from tests.command_line import bastion_in_process
 from tests.gateway.streams import messages, modern_headers, modern_request
 from tests.gateway.support import bastion_serve, fresh_module
 from tests.oauth.support import free_socket, log_in_and_consent, pkce_pair, serve
@@ -88,18 +88,9 @@ class Studio:
         """What `cli` runs, run in this process on the same database: it spares the second a
         new Python takes to start and import bastion, for each of the many users and clients
         a module makes. (`cli` is for a test whose point is another process.)"""
-        from bastion.cli import main
-
-        out, err = io.StringIO(), io.StringIO()
-        saved = sys.stdin
-        sys.stdin = io.StringIO(stdin or "")
-        try:
-            with redirect_stdout(out), redirect_stderr(err):
-                code = main([*args, "--config", str(self.config)])
-        finally:
-            sys.stdin = saved
-        assert code == 0, err.getvalue()
-        return out.getvalue()
+        done = bastion_in_process(*args, "--config", str(self.config), env=os.environ, stdin=stdin)
+        assert done.returncode == 0, done.stderr
+        return done.stdout
 
     def register(self, *args: str) -> dict:
         """`bastion clients create *args`, run by `command`: the client as it printed it."""
