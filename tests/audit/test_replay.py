@@ -604,6 +604,36 @@ def test_a_window_with_both_causes_lists_each_with_its_own_and_exits_1(gateway, 
 
 
 # Last: the records it writes stay in the database of the tests after it.
+def test_with_no_policy_stored_the_push_of_a_candidate_that_allows_changes_what_it_allows(
+    gateway, tmp_path, capsys
+):
+    """A database that holds records and no policy version: what is in force is the empty
+    policy, which denies everything (as a server with none does), so a candidate that allows a
+    recorded call changes it, and the run fails."""
+    got = _got_prompt(gateway)
+    assert got.result == "allow"
+    empty = str(tmp_path / "no-policy.db")
+    db = Database(empty)
+    try:
+        FactStore(db)  # the facts' tables, and no version among them
+        writer = DecisionRecords(db)
+        writer.add(got)
+        writer.flush()
+    finally:
+        db.close()
+    candidate = _policy(
+        tmp_path, support.test_policy() + '\nallow(_actor, "get", Prompt{"desk/apology"});\n'
+    )
+    code, out, err = replay(capsys, "--policy", candidate, "--database", empty, "--json")
+    assert code == 1, out + err
+    report = json.loads(out)
+    assert report["in_force_version"] is None
+    assert report["changed_by_push"] == 1 and report["replayed"] == 1
+    (change,) = report["changed"]
+    assert change["id"] == got.id and change["changed_by_push"] is True
+    assert change["in_force"]["result"] == "deny" and change["new"]["result"] == "allow"
+
+
 def test_a_record_whose_policy_version_is_not_held_is_of_unknown_cause_and_not_the_pushs(
     gateway, tmp_path, capsys
 ):
@@ -644,36 +674,6 @@ def test_a_record_whose_policy_version_is_not_held_is_of_unknown_cause_and_not_t
     assert "cause unknown: the record names no policy version" in out
     assert "the push changes 0; not the push's: 1 by the facts changed since" in out
     assert "2 of unknown cause" in out
-
-
-def test_with_no_policy_stored_the_push_of_a_candidate_that_allows_changes_what_it_allows(
-    gateway, tmp_path, capsys
-):
-    """A database that holds records and no policy version: what is in force is the empty
-    policy, which denies everything (as a server with none does), so a candidate that allows a
-    recorded call changes it, and the run fails."""
-    got = _got_prompt(gateway)
-    assert got.result == "allow"
-    empty = str(tmp_path / "no-policy.db")
-    db = Database(empty)
-    try:
-        FactStore(db)  # the facts' tables, and no version among them
-        writer = DecisionRecords(db)
-        writer.add(got)
-        writer.flush()
-    finally:
-        db.close()
-    candidate = _policy(
-        tmp_path, support.test_policy() + '\nallow(_actor, "get", Prompt{"desk/apology"});\n'
-    )
-    code, out, err = replay(capsys, "--policy", candidate, "--database", empty, "--json")
-    assert code == 1, out + err
-    report = json.loads(out)
-    assert report["in_force_version"] is None
-    assert report["changed_by_push"] == 1 and report["replayed"] == 1
-    (change,) = report["changed"]
-    assert change["id"] == got.id and change["changed_by_push"] is True
-    assert change["in_force"]["result"] == "deny" and change["new"]["result"] == "allow"
 
 
 # Last: these put a later version in force than the one the records were made under.
