@@ -291,19 +291,7 @@ def test_a_webhook_is_delivered_through_the_proxy(world, tmp_path, caplog):
 
 def test_an_upstream_is_reached_through_the_proxy(world):
     _use(world["proxy"].url)
-
-    async def call() -> bytes:
-        client = Http1Client(world["numbered"] + "/mcp")
-        try:
-            response = await client.request("POST", {"content-type": "application/json"}, b"{}")
-            try:
-                return await response.read()
-            finally:
-                response.close()
-        finally:
-            await client.aclose()
-
-    assert b'"path":"/mcp"' in anyio.run(call)
+    assert b'"path":"/mcp"' in anyio.run(_post_upstream, world["numbered"] + "/mcp")
     assert world["proxy"].connects() == [world["numbered"].removeprefix("https://") + " HTTP/1.1"]
 
 
