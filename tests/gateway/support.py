@@ -38,11 +38,11 @@ from tests.conftest import require_program
 from tests.gateway.lab_server import SECRET as LAB_SECRET
 from tests.oauth.support import (
     MemoryStorage,
+    Servers,
     free_socket,
     log_in_and_consent,
     pkce_pair,
     sdk_auth,
-    serve,
 )
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -512,7 +512,7 @@ def start(
     settings; ``signals`` is the ``[signals]`` table, ``tasks`` the ``[tasks]`` table;
     ``more_upstreams`` are more ``[[gateway.upstreams]]`` (each a resource too); ``database``
     is a PostgreSQL URL to use instead of a SQLite file in ``tmp_path``."""
-    from contextlib import ExitStack, contextmanager
+    from contextlib import contextmanager
 
     @contextmanager
     def running():
@@ -537,11 +537,11 @@ def start(
         old_app = LegacyOnly(
             old.server.streamable_http_app(streamable_http_path="/mcp", event_store=MemoryEvents())
         )
-        with (
-            serve(recorder, upstream_sock) as upstream_url,
-            serve(lab_app, lab_sock) as lab_url,
-            serve(old_app, free_socket()) as old_url,
-        ):
+        # All stopped together: bastion's shutdown ends its upstream sessions, or finds them gone.
+        with Servers() as servers:
+            upstream_url = servers.serve(recorder, upstream_sock)
+            lab_url = servers.serve(lab_app, lab_sock)
+            old_url = servers.serve(old_app, free_socket())
             config = ServerConfig(
                 database=database or str(tmp_path / "bastion.db"),
                 policy_file=str(policy),
@@ -595,11 +595,9 @@ def start(
             for name in ("sam", "avery"):
                 create_user(app.state.oauth.store, name, PASSWORD, time.time(), actor="test")
             app.state.store.apply(facts(), actor="test")
-            with serve(app, sock) as url, httpx.Client(timeout=20) as http, ExitStack() as more:
-                others = [
-                    more.enter_context(serve(create_app(config), free_socket()))
-                    for _ in range(replicas)
-                ]
+            with httpx.Client(timeout=20) as http:
+                url = servers.serve(app, sock)
+                others = [servers.serve(create_app(config), free_socket()) for _ in range(replicas)]
                 yield Running(url, app, recorder, trace, http, lab_trace, replicas=others)
 
     return running()

@@ -54,24 +54,44 @@ class Clock:
         self.offset += seconds
 
 
+class Servers:
+    """ASGI apps run with uvicorn, each in a thread on an already bound loopback socket, and
+    stopped together: uvicorn sees a stop only at its next tick (0.1 s) and then shuts down, so
+    servers stopped one after another wait that long each."""
+
+    def __init__(self) -> None:
+        self._running: list[tuple[uvicorn.Server, threading.Thread]] = []
+
+    def serve(self, app, sock: socket.socket, **ssl) -> str:
+        """Start ``app`` on ``sock``; its base URL once it listens."""
+        config = uvicorn.Config(app, log_level="warning", lifespan="on", **ssl)
+        server = uvicorn.Server(config)
+        thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+        thread.start()
+        self._running.append((server, thread))
+        deadline = time.monotonic() + 10
+        while not server.started:
+            if time.monotonic() > deadline or not thread.is_alive():
+                raise RuntimeError("uvicorn did not start")
+            time.sleep(0.01)
+        scheme = "https" if ssl else "http"
+        return f"{scheme}://127.0.0.1:{sock.getsockname()[1]}"
+
+    def __enter__(self) -> Servers:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for server, _thread in self._running:
+            server.should_exit = True
+        for _server, thread in self._running:
+            thread.join(10)
+
+
 @contextmanager
 def serve(app, sock: socket.socket, **ssl) -> Iterator[str]:
     """Run an ASGI app with uvicorn on an already bound loopback socket; yield its base URL."""
-    config = uvicorn.Config(app, log_level="warning", lifespan="on", **ssl)
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError("uvicorn did not start")
-        time.sleep(0.01)
-    scheme = "https" if ssl else "http"
-    try:
-        yield f"{scheme}://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
+    with Servers() as servers:
+        yield servers.serve(app, sock, **ssl)
 
 
 def pkce_pair() -> tuple[str, str]:
