@@ -9,20 +9,37 @@ import sys
 from collections.abc import Callable
 from datetime import UTC, datetime
 
-# Modules that define ``register(subparsers)``; each adds its commands and sets ``func``.
-COMMAND_MODULES = [
-    "bastion.policy.commands",
-    "bastion.server.commands",
-    "bastion.oauth.commands",
-    "bastion.audit.commands",
-    "bastion.approvals.commands",
-    "bastion.signals.commands",
-    "bastion.agents.commands",
-    "bastion.signals.alert_commands",
-    "bastion.delegation.task_commands",
-    "bastion.connections.commands",
-    "bastion.gateway.tool_commands",
-]
+# The module whose ``register(subparsers)`` adds each command (the first word after `bastion`)
+# and sets its ``func``; for a command several modules add to, each of its sub-commands. A
+# command given is parsed with its own module alone: `bastion policy check` need not import the
+# server, the gateway and the authorization server (most of a second of CPU) to check a file.
+# Anything else (`bastion --help`, `bastion policy --help`, a word that is no command) builds the
+# whole parser. tests/test_cli_commands.py holds this table to what each module registers.
+COMMANDS = {
+    "policy check": "bastion.policy.commands",
+    "policy test": "bastion.policy.commands",
+    "policy explain": "bastion.policy.commands",
+    "policy push": "bastion.server.commands",
+    "policy versions": "bastion.server.commands",
+    "policy rollback": "bastion.server.commands",
+    "serve": "bastion.server.commands",
+    "keys": "bastion.server.commands",
+    "facts": "bastion.server.commands",
+    "changes": "bastion.server.commands",
+    "users": "bastion.oauth.commands",
+    "clients": "bastion.oauth.commands",
+    "signing-keys": "bastion.oauth.commands",
+    "audit": "bastion.audit.commands",
+    "approvals": "bastion.approvals.commands",
+    "signals": "bastion.signals.commands",
+    "agents": "bastion.agents.commands",
+    "alerts": "bastion.signals.alert_commands",
+    "tasks": "bastion.delegation.task_commands",
+    "connections": "bastion.connections.commands",
+    "tools": "bastion.gateway.tool_commands",
+    "prompts": "bastion.gateway.tool_commands",
+}
+COMMAND_MODULES = list(dict.fromkeys(COMMANDS.values()))
 
 
 def count_in(text: str, most: int, least: int = 1) -> int | None:
@@ -77,12 +94,15 @@ def add_limit(parser: argparse.ArgumentParser, most: int) -> None:
     )
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The parser of every command, or only of the command ``argv`` names (`COMMANDS`)."""
     parser = argparse.ArgumentParser(
         prog="bastion", description="Authorization for AI agents and MCP."
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    for name in COMMAND_MODULES:
+    given = {" ".join((argv or [])[:n]) for n in (1, 2)}
+    named = [module for command, module in COMMANDS.items() if command in given]
+    for name in named or COMMAND_MODULES:
         importlib.import_module(name).register(sub)
     return parser
 
@@ -118,7 +138,8 @@ def input_error(error: BaseException) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(argv).parse_args(argv)
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
