@@ -21,7 +21,7 @@ from typing import Any
 
 from bastion.audit.decisions import DecisionRecord
 from bastion.decide import Authorizer
-from bastion.decide.contract import ChainDecision, decide_chain, policy_result
+from bastion.decide.contract import ChainDecision, decide_chain, explained_principal, policy_result
 from bastion.decide.mcp import recorded_action
 from bastion.delegation.labels import CONTEXT_FIELD
 from bastion.facts.model import Entity
@@ -351,8 +351,7 @@ def _rules(
     try:
         with authz.session(question.context) as s:
             if result != "held":
-                deciding = chain.refused_by or chain.principals[-1]
-                return tuple(s.explain(deciding, *asked).rules())
+                return tuple(s.explain(explained_principal(chain), *asked).rules())
             held = "requires_approval" if reason == "approval_required" else "requires_review"
             rules: list[str] = []
             for principal in question.principals:

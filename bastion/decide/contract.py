@@ -13,7 +13,7 @@ for. The policy can attach obligations with these rules (each optional):
 | ``requires_review(actor, action, resource)`` | hold the result for a person before release |
 | ``read_only(actor, McpServer{server})`` | only tools annotated ``readOnlyHint`` may be called |
 | ``requires_recent_auth(actor, action, resource, seconds)`` | signed in at most ``seconds`` ago |
-| ``requires_signal(actor, name, max_age_seconds)`` | refuse unless a fresh signal ``name`` holds |
+| ``requires_signal(actor, name, max_age_seconds)`` | refuse unless ``actor`` (each principal, and the call's ``Device``) holds a fresh signal ``name`` |
 | ``alert(actor, name, severity)`` | raise the alert ``name`` (`bastion.signals.alerts`) |
 | ``label(resource, label)`` | the result, once released, adds ``label`` to the caller's label set (`bastion.delegation.labels`), read back as ``context.session.labels`` |
 
@@ -31,9 +31,13 @@ exchange's ``context`` (`decide_delegation`): without a ``delegated_scope`` rule
 ``requires_signal`` is answered by ``signal(actor, name, value, source, set_at)`` facts (see
 `bastion.signals.store`): a required signal the actor does not have, or one set more than
 ``max_age_seconds`` before the decision's time (``context.time``), refuses the request with
-``reason`` "signal_stale", naming the signals in ``stale_signals``. Each required signal is
-checked on its own; a requirement that cannot be checked (a name that is not text, an age that
-is not a whole number of seconds) counts as stale: fail closed.
+``reason`` "signal_stale", naming the signals in ``stale_signals`` and the actor in
+``refused_by``. Each required signal is checked on its own; a requirement that cannot be checked
+(a name that is not text, an age that is not a whole number of seconds) counts as stale: fail
+closed. It is asked of each principal of the chain, then of the call's device,
+``Device{context.device.id}`` (`call_device`), when a rule may hold for a ``Device``; a call
+that names no device is asked about as `NO_DEVICE`, ``Device{""}``, for which no signal counts:
+a device requirement that holds whatever the device refuses it.
 
 Alerts are asked of every principal on every decision, allowed or refused (``context`` says
 what happened); they never change the answer.
@@ -106,7 +110,9 @@ class ChainDecision:
 
     allowed: bool
     principals: tuple[Entity, ...]
-    refused_by: Entity | None = None  # the first principal the policy did not allow
+    # The first principal the policy did not allow; or, refused "signal_stale", the principal
+    # or the call's device (`call_device`, not one of ``principals``) that lacked the signals.
+    refused_by: Entity | None = None
     missing_scopes: tuple[str, ...] = ()  # required scopes the token lacks (403 step-up)
     obligations: Obligations = NO_OBLIGATIONS
     generation: int = -1  # the facts and policy it was decided on (`Session.generation`)
@@ -116,6 +122,16 @@ class ChainDecision:
     limit: str | None = None
     # "signal_stale": the required signals missing or too old.
     stale_signals: tuple[str, ...] = ()
+
+
+def explained_principal(decision: ChainDecision) -> Entity:
+    """The actor whose ``allow`` explains ``decision``: the principal refused, else the last of
+    the chain. A refusal by the call's device is explained as the last principal's ``allow``
+    (a ``Device`` is no actor of it); ``refused_by`` and ``stale_signals`` say what refused."""
+    refused = decision.refused_by
+    if refused is not None and refused in decision.principals:
+        return refused
+    return decision.principals[-1]
 
 
 def decide_chain(
@@ -128,8 +144,9 @@ def decide_chain(
 ) -> ChainDecision:
     """Decide ``action`` on ``resource`` for every principal of the chain, with obligations.
 
-    Refused with ``reason`` "signal_stale" when a principal lacks a fresh signal that
-    ``requires_signal`` asks for (measured at ``context["time"]``, else now).
+    Refused with ``reason`` "signal_stale" when a principal, or the call's device
+    (`call_device`), lacks a fresh signal that ``requires_signal`` asks for (measured at
+    ``context["time"]``, else now).
 
     ``granted_scopes`` are the token's scopes; when given, a scope that ``requires_scope``
     demands and the token lacks refuses the request with ``missing_scopes`` set. All of it is
@@ -610,28 +627,60 @@ def _approval_granted(s: Any, chain: tuple[Entity, ...], action: str, resource: 
     )
 
 
+# What `requires_signal` is asked about for a call that names no device (`call_device`): no
+# signal counts for it, so each requirement that holds for it is stale.
+NO_DEVICE = Entity("Device", "")
+
+
+def call_device(context: Mapping[str, Any] | None) -> Entity:
+    """The device of the call as `requires_signal` asks about it: ``Device{context.device.id}``,
+    or `NO_DEVICE` when the context names none (no ``device``, or an ``id`` that is not a
+    non-empty string). Reads ``context.device`` whole, so a remembered answer (`Remembered`) is
+    given again only for the same device."""
+    device = context.get("device") if context else None
+    found = device.get("id") if isinstance(device, dict) else None
+    return Entity("Device", found) if type(found) is str and found else NO_DEVICE
+
+
 def _stale_signals(s: Any, chain: tuple[Entity, ...], context: dict | None) -> tuple | None:
-    """The first principal missing a fresh required signal, and the names it misses; None
-    when every required signal is fresh. The decision's time is read only if a signal is
-    required (`Remembered` keeps answers that did not read it)."""
-    now: float | None = None
+    """The first principal of the chain, else the call's device (`call_device`, asked only when
+    a ``requires_signal`` rule may hold for a ``Device``), missing a fresh required signal, and
+    the names it misses; None when every required signal is fresh. The decision's time is read
+    only if a signal is required (`Remembered` keeps answers that did not read it)."""
+    clock: list[float] = []
     for principal in chain:
-        stale = []
-        for name, max_age in sorted(s.rows("requires_signal", "bff", principal), key=repr):
-            if not isinstance(name, str) or type(max_age) is not int or max_age < 0:
-                stale.append(str(name))  # a requirement that cannot be checked is not met
-                continue
-            if now is None:
-                now = _decision_time(context)
-            fresh = any(
-                type(set_at) is int and now - set_at <= max_age
-                for _value, _source, set_at in s.rows("signal", "bbfff", principal, name)
-            )
-            if not fresh:
-                stale.append(name)
+        stale = _stale_of(s, principal, context, clock)
         if stale:
-            return principal, tuple(stale)
+            return principal, stale
+    if s.device_signals:
+        device = call_device(context)
+        stale = _stale_of(s, device, context, clock)
+        if stale:
+            return device, stale
     return None
+
+
+def _stale_of(s: Any, subject: Entity, context: dict | None, clock: list[float]) -> tuple:
+    """The names of the signals ``requires_signal`` asks of ``subject`` that it lacks fresh.
+    ``clock`` holds the decision's time once read. `NO_DEVICE` lacks every one it is asked."""
+    stale = []
+    for name, max_age in sorted(s.rows("requires_signal", "bff", subject), key=repr):
+        if not isinstance(name, str) or type(max_age) is not int or max_age < 0:
+            stale.append(str(name))  # a requirement that cannot be checked is not met
+            continue
+        if subject is NO_DEVICE:
+            stale.append(name)  # never a signal of a device nobody named
+            continue
+        if not clock:
+            clock.append(_decision_time(context))
+        now = clock[0]
+        fresh = any(
+            type(set_at) is int and now - set_at <= max_age
+            for _value, _source, set_at in s.rows("signal", "bbfff", subject, name)
+        )
+        if not fresh:
+            stale.append(name)
+    return tuple(stale)
 
 
 def _alerts(s, chain: tuple[Entity, ...]) -> tuple[tuple[Entity, str, str], ...]:

@@ -34,6 +34,7 @@ from bastion.decide.contract import (
     ChainDecision,
     Obligations,
     decide_chain,
+    explained_principal,
     policy_result,
     remembered_calls,
     same_value,
@@ -1066,8 +1067,7 @@ class Enforcer:
         """The decision record of ``chain`` (``shown``: ``resource`` as records spell it),
         counted and written if it is a refusal; an allowed one is written once its obligations
         are applied."""
-        deciding = chain.refused_by or chain.principals[-1]
-        question = (deciding, action, resource)
+        question = (explained_principal(chain), action, resource)
         rules = self.explained.get(chain.generation, question, context)
         if (
             rules is None

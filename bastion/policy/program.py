@@ -167,6 +167,27 @@ def context_roots(program: Program) -> frozenset[str]:
     return frozenset(roots)
 
 
+def may_hold_for(program: Program, name: str, arity: int, entity_type: str) -> bool:
+    """Whether ``name/arity`` may hold with an entity of ``entity_type`` as its first argument:
+    a fact predicate, or a clause whose first parameter is such an entity or a variable that no
+    specializer keeps to other types. What it cannot rule out counts as may (a caller skips a
+    question only when it cannot hold)."""
+    if (name, arity) in program.fact_predicates:
+        return True
+    for clause in program.clauses.get((name, arity), ()):
+        first = clause.head[0]
+        if isinstance(first, Const):
+            if isinstance(first.value, Entity) and first.value.type == entity_type:
+                return True
+            continue
+        if not any(
+            isinstance(lit, TypeLit) and lit.term == first and entity_type not in lit.types
+            for lit in clause.body
+        ):
+            return True
+    return False
+
+
 def format_term(term: Term) -> str:
     from bastion.facts.model import format_arg
 

@@ -33,7 +33,12 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from bastion.decide import Authorizer
-from bastion.decide.contract import ChainDecision, decide_chain, decide_chain_in
+from bastion.decide.contract import (
+    ChainDecision,
+    decide_chain,
+    decide_chain_in,
+    explained_principal,
+)
 from bastion.facts.model import Entity, arg_from_json, arg_to_json
 from bastion.policy.errors import EvaluationLimit, PolicyError
 from bastion.server.api.policy import policy_problem
@@ -360,7 +365,7 @@ def _authorize_chain(asked: Asked, body: dict, replica: Replica) -> dict:
     explanation = None
     if explain and held is None:
         # Why the principal that refused was refused (or, allowed, why the last one was).
-        explained = authz.decide(decision.refused_by or chain[-1], action, resource, context)
+        explained = authz.decide(explained_principal(decision), action, resource, context)
         explanation = _explanation_json(explained)
     req = {**_chain_request(chain, action, resource), "refused_by": answer["refused_by"]}
     _keep_context(req, context, asked.keeps_context)
@@ -789,8 +794,10 @@ async def explain(request: Request) -> JSONResponse:
         return JSONResponse(out)
     r = record.request
     if "principals" in r:
-        # A chain: explain the principal that refused, or (allowed) the last of the chain.
-        who = r.get("refused_by") or r["principals"][-1]
+        # A chain: explain the principal that refused, or (allowed, or refused by the call's
+        # device, which is no principal) the last of the chain, as `explained_principal` does.
+        refused = r.get("refused_by")
+        who = refused if refused in r["principals"] else r["principals"][-1]
         r = {**r, "actor": who}
     if r.get("context_omitted"):
         raise Problem(
