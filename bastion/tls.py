@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import ssl
+from collections.abc import AsyncIterator
 
 import httpx
 
@@ -34,6 +35,36 @@ def file_context(ca_file: str) -> ssl.SSLContext:
     return ssl.create_default_context(cafile=ca_file)
 
 
+class CompressedAnswerRefused(httpx.DecodingError):
+    """An answer's body in a content coding (``Content-Encoding: gzip``), refused as it is read:
+    bastion asks for none, and inflating one is unbounded (httpx inflates what each read brings
+    in one call, so 273 bytes of ``gzip, gzip`` became 64 MiB before a size bound saw any)."""
+
+
+class _Uninflated(httpx.AsyncByteStream):
+    """The body of an answer in a content coding: refused when read, never inflated."""
+
+    def __init__(self, stream: httpx.AsyncByteStream, codings: str) -> None:
+        self._stream = stream
+        self._codings = codings
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        raise CompressedAnswerRefused(
+            f"answered compressed (Content-Encoding: {self._codings[:100]}) though asked for"
+            " Accept-Encoding: identity; bastion reads no compressed answer"
+        )
+        yield b""  # pragma: no cover -- makes this an async generator
+
+    async def aclose(self) -> None:
+        await self._stream.aclose()
+
+
+async def _uncompressed(response: httpx.Response) -> None:
+    codings = response.headers.get("content-encoding", "")
+    if codings.strip().lower() not in ("", "identity"):
+        response.stream = _Uninflated(response.stream, codings)  # type: ignore[arg-type]
+
+
 def fetching_client(
     transport: httpx.AsyncBaseTransport | None = None,
     verify: ssl.SSLContext | None = None,
@@ -46,7 +77,9 @@ def fetching_client(
     trust store (`trust`, or ``verify``), no redirect followed (a 3xx is an answer), nothing
     taken from the environment (proxies, netrc), and each request refused before it leaves
     (`CleartextRefused`) unless it is https or to the loopback (`cleartext_problem`), or
-    ``allow_http`` (a setting said so: the caller names it). Through the configured proxy
+    ``allow_http`` (a setting said so: the caller names it). It asks for answers uncompressed
+    (``Accept-Encoding: identity``), and a compressed one is refused when its body is read
+    (`CompressedAnswerRefused`), never inflated. Through the configured proxy
     (`bastion.outbound_proxy`; an https one's certificate checked against `trust`) unless
     ``transport`` is given."""
 
@@ -61,11 +94,13 @@ def fetching_client(
     proxy = outbound_proxy.configured()
     if transport is None and proxy is not None:
         transport = outbound_proxy.RoutedTransport(proxy, verify, trust())
+    headers = {"Accept-Encoding": "identity", **options.pop("headers", {})}  # type: ignore[dict-item]
     return httpx.AsyncClient(
         follow_redirects=False,
         trust_env=False,
         transport=transport,
         verify=verify,
-        event_hooks={"request": [] if allow_http else [secure]},
+        headers=headers,
+        event_hooks={"request": [] if allow_http else [secure], "response": [_uncompressed]},
         **options,  # type: ignore[arg-type]
     )

@@ -3,10 +3,12 @@ they lie about themselves or live on an address the server must not reach."""
 
 from __future__ import annotations
 
+import gzip
 import ipaddress
 import json
 import socket
 import threading
+import tracemalloc
 from contextlib import contextmanager
 from urllib.parse import urlencode
 
@@ -149,6 +151,20 @@ def test_redirects_are_not_followed(host):
     target = host.document("/real.json")
     url = host.raw("/moved.json", 302, b"", {"location": target})
     refused(host, url, "HTTP 302")
+
+
+def test_a_compressed_document_is_refused_before_it_is_inflated(host):
+    # 273 bytes on the wire, "gzip, gzip": httpx inflated them to 64 MiB in one call (141 MiB
+    # held) before the size bound saw a byte; a layer more reaches gigabytes.
+    body = gzip.compress(gzip.compress(b" " * (64 << 20), 9), 9)
+    url = host.raw("/bomb.json", 200, body, {"content-encoding": "gzip, gzip"})
+    tracemalloc.start()
+    try:
+        refused(host, url, "compressed")
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 << 20, f"{peak >> 20} MiB held while refusing {len(body)} bytes"
 
 
 def test_non_json_and_missing_documents_are_refused(host):
