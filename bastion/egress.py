@@ -184,8 +184,11 @@ def is_loopback_host(host: str | None) -> bool:
 def url_syntax_problem(url: Any) -> str | None:
     """Why ``url`` is not a URL a request can be sent to, or None: one with a space or a
     control character (which ``urlsplit`` drops or keeps as it is, and httpx refuses at the
-    request, or which would break the gateway's request line), a port beyond 65535 or an IPv6
-    host not closed. Settings are checked with it where they are read, not at their first use."""
+    request, or which would break the gateway's request line), a port beyond 65535, an IPv6
+    host not closed, or a host httpx (every outbound request's client) will not parse though
+    ``urlsplit`` does: an IPv4 address with a leading zero (``0177.0.0.1``, octal to some
+    resolvers) or a part beyond 255. Settings are checked with it where they are read, not at
+    their first use; a URL someone else chose, before it is fetched."""
     if not isinstance(url, str):
         return "is not a URL"
     if any(c <= " " or c == "\x7f" for c in url):
@@ -193,7 +196,8 @@ def url_syntax_problem(url: Any) -> str | None:
     try:
         parts = urlsplit(url)
         parts.port  # noqa: B018 -- raises ValueError for a port out of range
-    except ValueError:
+        httpx.URL(url)
+    except (ValueError, httpx.InvalidURL):
         return "is not a valid URL"
     return None
 

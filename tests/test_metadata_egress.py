@@ -223,6 +223,27 @@ def test_a_providers_metadata_cannot_lead_bastion_inside(internet, tmp_path, end
     assert "/.well-known/openid-configuration" in peer.got  # the provider itself was asked
 
 
+@pytest.mark.parametrize("endpoint", ["token_endpoint", "jwks_uri", "userinfo_endpoint"])
+def test_a_providers_metadata_naming_a_url_no_request_can_go_to_is_refused(
+    internet, tmp_path, endpoint
+):
+    # httpx cannot parse the host (a leading zero): it raised InvalidURL out of the fetch.
+    peer, _ = internet
+    _provider_documents(peer, {endpoint: "https://0177.0.0.1/steal"})
+    provider = {"id": "peer", "issuer": peer.base, "client_id": "bastion", "client_secret": "s"}
+    provider["userinfo"] = True
+
+    async def press_the_button() -> httpx.Response:
+        async with _authorization_server(tmp_path, {"providers": [provider]}) as (_, http):
+            form = hidden_fields((await http.get("/sign-in?next=/approvals")).text)
+            return await http.post("/login/peer", data=form)
+
+    answer = anyio.run(press_the_button)
+    assert answer.status_code == 503, answer.text
+    assert f"no usable {endpoint}: " in answer.text
+    assert "not a valid URL" in answer.text or "0177.0.0.1" in answer.text
+
+
 def test_a_providers_allow_private_addresses_lets_its_metadata_lead_inside(internet, tmp_path):
     # The setting is the operator's word that the provider's endpoints live inside: the same
     # token endpoint is then reached (the internal service answers 404: the login fails).
@@ -279,6 +300,14 @@ def test_a_trusted_issuers_metadata_cannot_lead_bastion_inside(internet, endpoin
         _refusal_of(str(refused.value), "[[gateway.trusted_issuers]] allow_private_addresses")
     assert internal.got == []
     assert "/.well-known/openid-configuration" in peer.got
+
+
+def test_a_trusted_issuers_metadata_naming_a_url_no_request_can_go_to_is_refused(internet):
+    # httpx cannot parse the host (a leading zero): it raised InvalidURL out of the fetch.
+    peer, _ = internet
+    _issuer_documents(peer, {"jwks_uri": "https://0177.0.0.1/keys"})
+    with pytest.raises(IssuerUnavailable, match="no usable jwks_uri"):
+        _present(peer.base)
 
 
 def test_a_trusted_issuers_allow_private_addresses_lets_its_metadata_lead_inside(internet):

@@ -112,7 +112,7 @@ def url_problem(value: Any) -> str | None:
     """Why ``value`` cannot be an issuer's URL (or another of its endpoints), or None: https, or
     http to a loopback address; no fragment."""
     problem = jwks_uri_problem(value)
-    return problem.replace("jwks_uri must be", "must be") if problem else None
+    return problem.removeprefix("jwks_uri ") if problem else None
 
 
 def jwks_uri_problem(uri: Any) -> str | None:

@@ -22,7 +22,7 @@ import anyio
 import httpx
 
 from bastion import untrusted_json
-from bastion.egress import AddressRefused, pinned
+from bastion.egress import AddressRefused, pinned, url_syntax_problem
 from bastion.oauth.errors import OAuthError
 from bastion.oauth.jwks import RemoteDocumentError, read_body
 from bastion.oauth.redirect_uris import redirect_uri_problem, uri_syntax_problem
@@ -65,11 +65,9 @@ def client_id_url_problem(url: str) -> str | None:
     syntax = uri_syntax_problem(url)
     if syntax:
         return syntax
-    try:
-        parts = urlsplit(url)
-        parts.port  # noqa: B018 - raises ValueError for a malformed port
-    except ValueError:
+    if url_syntax_problem(url):
         return "not a valid URL"
+    parts = urlsplit(url)
     if parts.scheme != "https" or not parts.hostname:
         return "must be an https URL"
     if parts.path in ("", "/"):

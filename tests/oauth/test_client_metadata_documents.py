@@ -543,6 +543,21 @@ def test_a_document_url_outside_rfc_3986_is_refused_before_any_fetch(url):
     assert caught.value.error == "invalid_client"
 
 
+@pytest.mark.parametrize("host_part", ["0177.0.0.1", "127.000.000.001", "256.1.1.1"])
+def test_a_client_id_whose_host_no_request_can_go_to_is_refused_not_an_error(
+    host_part, sqlite_url, tmp_path
+):
+    # An IPv4 address with a leading zero (octal to some resolvers) or beyond 255: httpx
+    # refuses to parse it, and /authorize answered 500 to anyone who named it.
+    with running_bastion(sqlite_url, tmp_path) as bastion:
+        _, challenge = pkce_pair()
+        client = {"client_id": f"https://{host_part}/agent.json", "redirect_uris": [REDIRECT]}
+        params = bastion.authorize_params(client, challenge)
+        response = bastion.http.get(f"{bastion.url}/authorize?{urlencode(params)}")
+    assert response.status_code == 400, response.text
+    assert "not a valid URL" in response.text
+
+
 def test_a_document_whose_name_holds_control_characters_is_refused(host):
     refused(host, host.document("/rlo.json", client_name="Claude\u202eDesktop"), "client_name")
 
