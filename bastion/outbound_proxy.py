@@ -81,25 +81,30 @@ class OutboundProxy:
         return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
 
 
-def _redacted(url: str) -> str:
+def _credentials(url: str) -> tuple[str, str | None]:
+    """``url`` without its credentials (shown ``***@``), and the credentials (None: none). They
+    end at the last "@": a password as generated may hold "/", "?" or "#" unencoded, where
+    ``urlsplit`` ends the authority, and then took part of it for the host or port and quoted it
+    in its error."""
     scheme, sep, rest = url.partition("://")
-    authority, slash, path = rest.partition("/")
-    if "@" in authority:
-        authority = "***@" + authority.rpartition("@")[2]
-    return scheme + sep + authority + slash + path
+    credentials, at, host = rest.rpartition("@")
+    if not sep or not at:
+        return url, None
+    return f"{scheme}://***@{host}", credentials
 
 
 def parse_outbound_proxy(url: str, no_proxy: str = "") -> OutboundProxy | None:
     """The proxy ``egress_proxy`` names (None when empty), with ``egress_no_proxy`` (host names
     and IP networks, comma-separated). `ValueError` naming the setting, the URL shown without
-    its password: only ``http://`` or ``https://[user:password@]host[:port]``."""
+    its password: only ``http://`` or ``https://[user:password@]host[:port]`` (the credentials
+    percent-encoded, or as they are up to the last "@")."""
     if not url:
         if no_proxy.strip():
             raise ValueError("egress_no_proxy is set but egress_proxy is not: name the proxy")
         return None
-    shown = _redacted(url)
+    shown, credentials = _credentials(url)
     try:
-        parts = urlsplit(url)
+        parts = urlsplit(shown)
         port = parts.port or (443 if parts.scheme == "https" else 80)
     except ValueError as e:
         raise ValueError(f"egress_proxy: {shown!r} is not a URL ({e})") from None
@@ -115,8 +120,9 @@ def parse_outbound_proxy(url: str, no_proxy: str = "") -> OutboundProxy | None:
             " nothing more"
         )
     authorization = None
-    if parts.username is not None:
-        pair = f"{unquote(parts.username)}:{unquote(parts.password or '')}"
+    if credentials is not None:
+        user, _, password = credentials.partition(":")
+        pair = f"{unquote(user)}:{unquote(password)}"
         authorization = "Basic " + base64.b64encode(pair.encode()).decode("ascii")
     return OutboundProxy(
         parts.hostname,

@@ -10,10 +10,12 @@ private CA: OpenSSL's ``SSL_CERT_FILE`` names a bundle holding them."""
 
 from __future__ import annotations
 
+import base64
 import datetime
 import ipaddress
 import logging
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -331,6 +333,37 @@ def test_a_proxy_setting_that_cannot_be_used_is_refused_at_start(proxy, no_proxy
     with pytest.raises(ConfigError, match=said) as refused:
         ServerConfig.load(env={}, overrides=overrides)
     assert PASSWORD not in str(refused.value)
+
+
+# A password as generated, with characters that end a URL's authority unless percent-encoded.
+DELIMITED = "Zq9w/Vx7k?Lp3m#Tr5n"
+
+
+@pytest.mark.parametrize(
+    "proxy",
+    [
+        f"http://bastion:{DELIMITED}@proxy.example:99999",
+        f"https://bastion:{DELIMITED}@proxy.example:3128/path",
+        f"socks5://bastion:{DELIMITED}@proxy.example:1080",
+        f"http://bastion:{DELIMITED}@",
+    ],
+)
+def test_a_refused_proxy_setting_shows_no_part_of_a_password_with_delimiters(proxy):
+    # The URL was cut at its first "/" to hide the credentials, and urllib's own error quoted
+    # the "port" it found: the password's first part.
+    with pytest.raises(ConfigError) as refused:
+        ServerConfig.load(env={}, overrides={"egress_proxy": proxy})
+    for part in re.split("[/?#]", DELIMITED):
+        assert part not in str(refused.value), refused.value
+
+
+def test_a_password_with_delimiters_is_the_password():
+    proxy = parse_outbound_proxy(f"http://bastion:{DELIMITED}@proxy.example:3128")
+    assert proxy is not None and (proxy.host, proxy.port) == ("proxy.example", 3128)
+    assert proxy.shown == "http://***@proxy.example:3128"
+    assert proxy.authorization == "Basic " + base64.b64encode(
+        f"bastion:{DELIMITED}".encode()
+    ).decode("ascii")
 
 
 def test_bastion_serve_refuses_a_proxy_setting_it_cannot_use(tmp_path):
