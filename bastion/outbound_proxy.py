@@ -189,6 +189,8 @@ async def open_tunnel(
     status = answer.split(b"\r\n", 1)[0].decode("latin-1")
     words = status.split(" ", 2)
     if len(words) < 2 or not words[0].startswith("HTTP/1.") or not words[1].startswith("2"):
+        if proxy.authorization:  # a proxy that echoes what it was sent: not into bastion's logs
+            status = status.replace(proxy.authorization, "Basic ***")
         raise TunnelRefused(
             f"the proxy {proxy.shown} refused a tunnel to {host}:{port}: {status[:200]!r}"
         )

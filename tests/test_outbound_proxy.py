@@ -11,6 +11,7 @@ private CA: OpenSSL's ``SSL_CERT_FILE`` names a bundle holding them."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import datetime
 import ipaddress
 import logging
@@ -20,6 +21,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -314,6 +316,78 @@ def test_a_proxy_that_is_down_or_refuses_is_a_clear_failure_naming_no_password(w
         assert "***@127.0.0.1" in str(connected.value)
         for message in (str(fetched.value), str(connected.value)):
             assert "not-the-password" not in message and PASSWORD not in message
+
+
+class HostileProxy:
+    """A proxy on the loopback that reads the CONNECT request and answers ``answer(request)``
+    (None: nothing, the connection held open until the test ends)."""
+
+    def __init__(self, answer: Callable[[bytes], bytes | None]) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://bastion:{PASSWORD}@127.0.0.1:{self.sock.getsockname()[1]}"
+        self.held: list[socket.socket] = []
+        self.thread = threading.Thread(target=self._serve, args=(answer,), daemon=True)
+        self.thread.start()
+
+    def _serve(self, answer: Callable[[bytes], bytes | None]) -> None:
+        with contextlib.suppress(OSError):  # closed by `close`
+            while True:
+                connection, _ = self.sock.accept()
+                self.held.append(connection)
+                said = answer(connection.recv(65536))
+                if said is not None:
+                    connection.sendall(said)
+
+    def close(self) -> None:
+        self.sock.shutdown(socket.SHUT_RDWR)  # wakes the accept (close alone does not)
+        self.sock.close()
+        for connection in self.held:
+            connection.close()
+        self.thread.join(10)
+
+
+def _refusals_through(proxy: HostileProxy) -> list[str]:
+    """What a fetch and the gateway's upstream client say through ``proxy``."""
+    _use(proxy.url)
+    limits = FetchLimits(private_addresses=True, timeout_seconds=2)
+    with pytest.raises(RemoteDocumentError) as fetched:
+        anyio.run(fetch_json, "https://upstream.example/jwks", limits)
+
+    async def connect() -> None:
+        await Http1Client("https://upstream.example/mcp", connect_timeout=0.5)._connect()
+
+    with pytest.raises(HttpConnectError) as connected:
+        anyio.run(connect)
+    return [str(fetched.value), str(connected.value)]
+
+
+def test_a_proxy_that_never_answers_connect_is_a_failure_saying_so():
+    proxy = HostileProxy(lambda request: None)
+    try:
+        fetched, connected = _refusals_through(proxy)
+    finally:
+        outbound_proxy.configure(None)
+        proxy.close()
+    assert "did not answer within 2 s" in fetched
+    # It ended "through the proxy http://***@127.0.0.1:port: ", the reason empty.
+    assert connected.endswith("no connection within 0.5 s"), connected
+
+
+def test_a_proxy_that_echoes_its_credentials_in_its_refusal_has_them_hidden():
+    def echo(request: bytes) -> bytes:
+        return b"HTTP/1.1 407 " + request.strip().replace(b"\r\n", b" ") + b"\r\n\r\n"
+
+    proxy = HostileProxy(echo)
+    try:
+        refusals = _refusals_through(proxy)
+    finally:
+        outbound_proxy.configure(None)
+        proxy.close()
+    token = base64.b64encode(f"bastion:{PASSWORD}".encode()).decode("ascii")
+    for refusal in refusals:
+        assert "refused a tunnel to upstream.example:443" in refusal, refusal
+        assert "Proxy-Authorization: Basic ***" in refusal, refusal
+        assert token not in refusal and PASSWORD not in refusal
 
 
 @pytest.mark.parametrize(

@@ -313,7 +313,8 @@ class Http1Client:
         except (OSError, TimeoutError) as e:
             via = f" through the proxy {self._proxy.shown}" if self._proxy is not None else ""
             raise HttpConnectError(
-                f"cannot connect to {self.host}:{self.port}{via}: {e or 'timed out'}",
+                f"cannot connect to {self.host}:{self.port}{via}:"
+                f" {str(e) or f'no connection within {self._connect_timeout:g} s'}",
                 type(e).__name__,
             ) from None
         return connection
