@@ -29,7 +29,7 @@ from bastion.policy.errors import Diagnostic, EvaluationLimit
 from bastion.policy.explain import Explanation, explain, over_budget, prove
 from bastion.policy.limits import DEFAULT_LIMITS, PolicyLimits
 from bastion.policy.parser import parse_fact
-from bastion.policy.program import context_roots, has_type, may_hold_for
+from bastion.policy.program import context_roots, has_type, names_type
 from bastion.policy.runtime import Query, stack_exhausted
 from bastion.turns import Turns
 
@@ -114,9 +114,10 @@ class _Active:
     ) -> None:
         self.loaded = loaded
         self.context_roots = context_roots(loaded.program)
-        # Whether a requires_signal rule may hold for a Device: only then is the call's device
-        # asked about (`bastion.decide.contract`), so a policy without one pays nothing for it.
-        self.device_signals = may_hold_for(loaded.program, "requires_signal", 3, "Device")
+        # Whether a requires_signal rule names a Device: only then is the call's device asked
+        # about (`bastion.decide.contract`), so a policy without one pays nothing for it and its
+        # rules about any actor (untyped) go on asking the chain's principals alone.
+        self.device_signals = names_type(loaded.program, "requires_signal", 3, "Device")
         self.fact_shapes: set[tuple] = set()  # shapes of facts already found acceptable
         self.shapes: dict[tuple[str, str], Any] = {}  # (predicate, mask) -> compiled function
         # ``index_lock``: compiled beside running decisions, holding the fact lock only to read
@@ -564,7 +565,7 @@ class Session:
 
     @property
     def device_signals(self) -> bool:
-        """Whether a ``requires_signal`` rule of the policy in force may hold for a ``Device``."""
+        """Whether a ``requires_signal`` rule of the policy in force names a ``Device``."""
         return self._active.device_signals
 
     def values(self, predicate: str, *args: Any) -> set:

@@ -35,7 +35,7 @@ exchange's ``context`` (`decide_delegation`): without a ``delegated_scope`` rule
 ``refused_by``. Each required signal is checked on its own; a requirement that cannot be checked
 (a name that is not text, an age that is not a whole number of seconds) counts as stale: fail
 closed. It is asked of each principal of the chain, then of the call's device,
-``Device{context.device.id}`` (`call_device`), when a rule may hold for a ``Device``; a call
+``Device{context.device.id}`` (`call_device`), when a rule names a ``Device``; a call
 that names no device is asked about as `NO_DEVICE`, ``Device{""}``, for which no signal counts:
 a device requirement that holds whatever the device refuses it.
 
@@ -644,7 +644,7 @@ def call_device(context: Mapping[str, Any] | None) -> Entity:
 
 def _stale_signals(s: Any, chain: tuple[Entity, ...], context: dict | None) -> tuple | None:
     """The first principal of the chain, else the call's device (`call_device`, asked only when
-    a ``requires_signal`` rule may hold for a ``Device``), missing a fresh required signal, and
+    a ``requires_signal`` rule names a ``Device``), missing a fresh required signal, and
     the names it misses; None when every required signal is fresh. The decision's time is read
     only if a signal is required (`Remembered` keeps answers that did not read it)."""
     clock: list[float] = []

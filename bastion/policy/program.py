@@ -167,11 +167,11 @@ def context_roots(program: Program) -> frozenset[str]:
     return frozenset(roots)
 
 
-def may_hold_for(program: Program, name: str, arity: int, entity_type: str) -> bool:
-    """Whether ``name/arity`` may hold with an entity of ``entity_type`` as its first argument:
-    a fact predicate, or a clause whose first parameter is such an entity or a variable that no
-    specializer keeps to other types. What it cannot rule out counts as may (a caller skips a
-    question only when it cannot hold)."""
+def names_type(program: Program, name: str, arity: int, entity_type: str) -> bool:
+    """Whether a clause of ``name/arity`` is about ``entity_type`` by its first parameter: an
+    entity of that type, or a parameter specialized to it (``_d: Device``); or whether facts
+    of ``name/arity`` may be stored (any may name such an entity). An unspecialized parameter
+    does not count: a policy names the type to be asked about it."""
     if (name, arity) in program.fact_predicates:
         return True
     for clause in program.clauses.get((name, arity), ()):
@@ -179,9 +179,8 @@ def may_hold_for(program: Program, name: str, arity: int, entity_type: str) -> b
         if isinstance(first, Const):
             if isinstance(first.value, Entity) and first.value.type == entity_type:
                 return True
-            continue
-        if not any(
-            isinstance(lit, TypeLit) and lit.term == first and entity_type not in lit.types
+        elif any(
+            isinstance(lit, TypeLit) and lit.term == first and entity_type in lit.types
             for lit in clause.body
         ):
             return True

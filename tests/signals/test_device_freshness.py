@@ -101,23 +101,36 @@ def test_a_rule_that_reads_the_device_s_facts_holds_only_for_that_device():
     assert decide(a, None, server="vault").allowed
 
 
-def test_only_a_policy_whose_rules_may_hold_for_a_device_asks_about_it():
+def test_only_a_policy_whose_rules_name_a_device_asks_about_it():
     typed = 'actor User {}\nresource Tool {}\nallow(_: User, "call", _: Tool);\n'
-    # rule -> (the call's device is asked about, a call without one is allowed)
+    fresh_x = ("signal", SAM, "x", True, "mdm", NOW - 10)
+    # rule -> (the call's device is asked about, who refuses a call naming no device: the
+    # principal whose fresh "x" it holds is none)
     cases = {
-        "": (False, True),
-        'requires_signal(_: User, "x", 60) if context.server = "desk";': (False, True),
-        'requires_signal(User{"avery"}, "x", 60);': (False, True),
-        'requires_signal(_: Device, "x", 60);': (True, False),
-        'requires_signal(Device{"laptop-7"}, "x", 60);': (True, True),
-        # Untyped, it is about any actor: the device too.
-        'requires_signal(_actor, "x", 60) if context.server = "prod";': (True, False),
+        "": (False, None),
+        'requires_signal(_: User, "x", 60) if context.server = "desk";': (False, None),
+        'requires_signal(User{"avery"}, "x", 60);': (False, None),
+        'requires_signal(_: Device, "x", 60);': (True, NO_DEVICE),
+        'requires_signal(Device{"laptop-7"}, "x", 60);': (True, None),
+        # Untyped, it is about any actor; a policy that names no Device is not asked about one,
+        # so a rule written before devices were asked keeps its meaning.
+        'requires_signal(_actor, "x", 60) if context.server = "prod";': (False, None),
+        # One that names a Device is: then an untyped rule holds for the device too.
+        'requires_signal(_actor, "x", 60);\nrequires_signal(_: Device, "y", 60) if 1 = 2;': (
+            True,
+            NO_DEVICE,
+        ),
     }
-    for rule, (asks, allowed) in cases.items():
-        a = authz(policy=typed + rule)
+    for rule, (asks, refused_by) in cases.items():
+        a = authz(
+            fresh_x,
+            policy=typed + "declare signal(User, String, Boolean, String, Integer);\n" + rule,
+        )
         with a.session() as s:
             assert s.device_signals is asks, rule
-        assert decide_chain(a, (SAM,), "call", TOOL, {"server": "prod"}).allowed is allowed, rule
+        context = {"server": "prod", "time": datetime.fromtimestamp(NOW, UTC)}
+        decision = decide_chain(a, (SAM,), "call", TOOL, context)
+        assert (decision.allowed, decision.refused_by) == (refused_by is None, refused_by), rule
 
 
 # -- answers from memory (`Remembered`): the device is part of the question ------------------
