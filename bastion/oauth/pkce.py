@@ -10,10 +10,11 @@ import re
 
 from bastion.oauth.errors import InvalidGrant, InvalidRequest
 
-# RFC 7636 §4.1: 43 to 128 characters from the unreserved set.
-_VERIFIER = re.compile(r"^[A-Za-z0-9\-._~]{43,128}$")
+# RFC 7636 §4.1: 43 to 128 characters from the unreserved set. Both are matched whole
+# (fullmatch): "$" would also match before a final line break, one character more.
+_VERIFIER = re.compile(r"[A-Za-z0-9\-._~]{43,128}")
 # An S256 challenge is the base64url (unpadded) encoding of a SHA-256 digest: 43 characters.
-_S256_CHALLENGE = re.compile(r"^[A-Za-z0-9\-_]{43}$")
+_S256_CHALLENGE = re.compile(r"[A-Za-z0-9\-_]{43}")
 
 
 def s256(verifier: str) -> str:
@@ -30,7 +31,7 @@ def require_s256_challenge(challenge: str | None, method: str | None) -> str:
             f"code_challenge_method must be S256; {method or 'a missing method (plain)'!r}"
             " is not accepted"
         )
-    if not _S256_CHALLENGE.match(challenge):
+    if not _S256_CHALLENGE.fullmatch(challenge):
         raise InvalidRequest("code_challenge must be 43 base64url characters (an S256 digest)")
     return challenge
 
@@ -39,7 +40,7 @@ def check_verifier(verifier: str | None, challenge: str) -> None:
     """Raise ``invalid_grant`` unless the verifier hashes to the code's challenge."""
     if not verifier:
         raise InvalidRequest("code_verifier is required")
-    if not _VERIFIER.match(verifier):
+    if not _VERIFIER.fullmatch(verifier):
         raise InvalidGrant("code_verifier must be 43 to 128 unreserved characters (RFC 7636 §4.1)")
     if not hmac.compare_digest(s256(verifier), challenge):
         raise InvalidGrant("code_verifier does not match the code_challenge of this code")

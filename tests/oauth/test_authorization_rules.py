@@ -63,6 +63,8 @@ def assert_oauth_error(response: httpx.Response, error: str, status: int = 400) 
         ({"code_challenge": "a" * 42}, "invalid_request"),
         ({"code_challenge": "a" * 44}, "invalid_request"),
         ({"code_challenge": "a" * 42 + "="}, "invalid_request"),
+        # A regex's "$" matches before a final line break: the challenge is matched whole.
+        ({"code_challenge": "a" * 43 + "\n"}, "invalid_request"),
         ({"response_type": "token"}, "unsupported_response_type"),
         ({"resource": None}, "invalid_target"),
         ({"resource": "http://127.0.0.1:9/not-configured"}, "invalid_target"),
@@ -75,6 +77,7 @@ def assert_oauth_error(response: httpx.Response, error: str, status: int = 400) 
         "challenge-of-42",
         "challenge-of-44",
         "challenge-not-base64url",
+        "challenge-with-a-line-break",
         "implicit",
         "no-resource",
         "unknown-resource",
@@ -240,7 +243,9 @@ def test_a_code_verifier_of_43_to_128_unreserved_characters_only_is_accepted(bas
     """RFC 7636 §4.1, checked on its own: each code's challenge is the verifier's own S256
     digest, so only the verifier's form can refuse it."""
     client = bastion.register()
-    for verifier in ("a" * 42, "a" * 129, "a" * 42 + "!"):
+    # A line break at the end makes 129 characters of 128 allowed ones, or adds one not
+    # allowed: refused, though the challenge is the S256 of exactly that verifier.
+    for verifier in ("a" * 42, "a" * 129, "a" * 42 + "!", "a" * 128 + "\n", "a" * 43 + "\n"):
         code, _ = bastion.code_for(client, code_challenge=pkce.s256(verifier))
         assert_oauth_error(exchange(bastion, client, code, verifier), "invalid_grant")
     for verifier in ("a" * 43, "~._-" * 32):
