@@ -69,8 +69,8 @@ MAX_ID_LENGTH = 512
 MAX_LIST = 500
 MAX_PURPOSE_LENGTH = 1000
 MAX_REASON_LENGTH = 500
-_PRINTABLE = re.compile(r"^[\x21-\x7e][\x20-\x7e]*$")
-_TASK_ID = re.compile(r"^task_[A-Za-z0-9_-]{24}$")
+_PRINTABLE = re.compile(r"[\x21-\x7e][\x20-\x7e]*")
+_TASK_ID = re.compile(r"task_[A-Za-z0-9_-]{24}")
 
 
 class TaskError(ValueError):
@@ -201,7 +201,7 @@ def _check_id(what: str, value: object) -> str:
         not isinstance(value, str)
         or not value
         or len(value) > MAX_ID_LENGTH
-        or not _PRINTABLE.match(value)
+        or not _PRINTABLE.fullmatch(value)
     ):
         raise TaskError(
             f"{what} must be 1 to {MAX_ID_LENGTH} printable ASCII characters, not starting with"
@@ -486,7 +486,7 @@ class Tasks:
     # -- reading -------------------------------------------------------------------------------
 
     def get(self, task_id: str) -> Task | None:
-        if not isinstance(task_id, str) or not _TASK_ID.match(task_id):
+        if not isinstance(task_id, str) or not _TASK_ID.fullmatch(task_id):
             return None
         return self.store.get(task_id)
 

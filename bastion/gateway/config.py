@@ -68,7 +68,7 @@ DEFAULT_PASS_METHODS = (
 )
 # How clients' requests map onto upstream sessions (docs/gateway.md, "Upstream sessions").
 SESSION_MODES = ("shared", "per_user", "per_client_session")
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 
 @dataclass(frozen=True)
@@ -209,7 +209,7 @@ class GatewayConfig:
                 f" redis+cluster:// (rediss+cluster://) for a Redis Cluster, got {safe_url(redis_url)!r}"
             )
         redis_prefix = table.get("redis_prefix", "bastion")
-        if not isinstance(redis_prefix, str) or not _NAME.match(redis_prefix):
+        if not isinstance(redis_prefix, str) or not _NAME.fullmatch(redis_prefix):
             raise ConfigError("gateway.redis_prefix: letters, digits, '.', '_' or '-'")
         origins = table.get("allowed_origins", [])
         if not isinstance(origins, list) or not all(
@@ -334,7 +334,7 @@ def _upstream(index: int, value: Any, env: Mapping[str, str]) -> UpstreamConfig:
         where,
     )
     name = value.get("name")
-    if not isinstance(name, str) or not _NAME.match(name):
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
         raise ConfigError(
             f"{where}.name: letters, digits, '.', '_' or '-' (it is the URL path /mcp/<name>)"
         )

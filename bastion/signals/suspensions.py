@@ -48,7 +48,7 @@ PREDICATE = "suspended"
 KINDS = {"agent": "Agent", "user": "User", "session": "McpSession"}
 # An id names one client, user or session: printable, bounded, never a pattern.
 MAX_ID_LENGTH = 512
-_PRINTABLE = re.compile(r"^[\x21-\x7e][\x20-\x7e]*$")
+_PRINTABLE = re.compile(r"[\x21-\x7e][\x20-\x7e]*")
 # The longest a suspension may be given (10 years; `/v1/suspensions`' expires_at and `bastion
 # agents suspend --minutes` alike); longer is until resumed, so leave the expiry out.
 MAX_SUSPENSION_SECONDS = 10 * 365 * 86400
@@ -118,7 +118,7 @@ def suspension(kind: str, id: str, expires_at: float | None = None) -> Suspensio
     """A checked `Suspension`; `SuspensionError` says what is wrong with ``kind`` or ``id``."""
     if kind not in KINDS:
         raise SuspensionError(f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
-    if not isinstance(id, str) or not id or len(id) > MAX_ID_LENGTH or not _PRINTABLE.match(id):
+    if not isinstance(id, str) or not id or len(id) > MAX_ID_LENGTH or not _PRINTABLE.fullmatch(id):
         raise SuspensionError(
             f"id must be 1 to {MAX_ID_LENGTH} printable ASCII characters (the {kind}'s id as"
             " bastion knows it), not starting with a space"

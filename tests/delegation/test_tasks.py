@@ -256,6 +256,9 @@ def test_a_task_cannot_grant_anyone_but_its_agent_nor_outlast_the_cap(bastion, k
     refused(422, expires_in=-5)
     refused(400, expires_in=None)
     refused(400, expires_at=time.time() + 60)  # both
+    # A name with a line break at its end is no user's or agent's (printable ASCII only).
+    refused(400, user="sam\n")
+    refused(400, agent=agent + "\n")
     refused(400, facts=[{**reader(agent), "expires_at": time.time() + 10**6}])
     # Without the scope: the facts scope does not open tasks, and no key writes through them.
     refused(403, key=keys["facts-reader"])

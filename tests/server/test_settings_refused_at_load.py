@@ -53,6 +53,19 @@ def test_an_upstream_header_name_that_is_not_an_http_token_is_refused_at_load(na
         GatewayConfig.from_mapping(_upstream(headers={name: "v"}), env={})
 
 
+@pytest.mark.parametrize(
+    ("table", "setting"),
+    [
+        ({"upstreams": [{"name": "files\n", "url": "https://files.example.com/mcp"}]}, "name"),
+        ({**_upstream(), "redis_prefix": "bastion\n"}, "gateway.redis_prefix"),
+    ],
+)
+def test_a_name_with_a_line_break_at_its_end_is_refused_at_load(table, setting):
+    """A name is matched whole: a pattern's "$" also matches before a final line break."""
+    with pytest.raises(ConfigError, match=setting):
+        GatewayConfig.from_mapping(table, env={})
+
+
 def test_an_upstream_header_value_is_stripped_of_surrounding_spaces_and_keeps_inner_ones():
     config = GatewayConfig.from_mapping(
         _upstream(headers={"Authorization": " Bearer ${KEY}\t", "X-Note": "café au lait"}),

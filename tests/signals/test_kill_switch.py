@@ -431,6 +431,8 @@ def until(call, key: str) -> dict:
         ({"kind": "agent", "id": ""}, 400),
         ({"kind": "agent", "id": "x" * 513}, 400),
         ({"kind": "agent", "id": "line\nbreak"}, 400),
+        # Else stored as "x\n" and answered 201, while agent "x" is not held (fail open).
+        ({"kind": "agent", "id": "x\n"}, 400),
         ({"kind": "agent", "id": 7}, 400),
         ({"kind": "agent", "id": "x", "expires_at": "soon"}, 400),
         ({"kind": "agent", "id": "x", "expires_at": 1}, 422),  # already over
