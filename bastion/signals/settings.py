@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import math
 import os
+import string
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
@@ -316,7 +317,13 @@ def _transmitter(i: int, t: Any, env: dict[str, str]) -> Transmitter:
     )
 
 
+# Only A-Z: str.lower() also makes the Kelvin sign (U+212A) a "k", so "\u212aim@example.com",
+# an address anyone might hold at the transmitter, would be kim's.
+_ASCII_LOWER = str.maketrans(string.ascii_uppercase, string.ascii_lowercase)
+
+
 def normal_subject_key(key: str) -> str:
-    """How a subject is looked up in ``users``: emails compare without case."""
+    """How a subject is looked up in ``users``: emails compare without ASCII case; any other
+    character compares as it is."""
     fmt, _, rest = key.partition(":")
-    return f"email:{rest.lower()}" if fmt == "email" else key
+    return f"email:{rest.translate(_ASCII_LOWER)}" if fmt == "email" else key

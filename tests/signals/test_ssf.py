@@ -666,6 +666,18 @@ def test_an_unmapped_subject_changes_nothing(signals):
     assert "error" not in call(signals, token).json()
 
 
+def test_an_address_that_only_unicode_case_folding_makes_a_mapped_one_names_no_user(signals):
+    """Emails compare without ASCII case only: an account at the transmitter whose address is
+    another character that Unicode lowers to a mapped user's letter is not that user (its
+    revocation must not lock kim out, its compliance must not be kim's)."""
+    # KELVIN SIGN, which str.lower() makes the letter k: "\u212aim@example.com" is not kim's.
+    event = signals.pusher.set_token(CAEP + "session-revoked", {}, email("\u212aim@example.com"))
+    assert signals.pusher.push(event).status_code == 202
+    effect = received(signals, jti_of(event)).detail["effects"][0]
+    assert "user" not in effect, effect
+    assert "maps to no user" in effect["result"]
+
+
 def test_a_set_polled_twice_is_acknowledged_twice_and_applied_once(signals):
     event = signals.poller.set_token(
         RISC + "credential-compromise", {"credential_type": "password"}, email("nobody@x.example")
