@@ -613,7 +613,8 @@ class SsfReceiver:
         self, t: Transmitter, url: str, ack: list[str], errs: dict[str, dict[str, str]]
     ) -> tuple[bool, list[str], dict[str, dict[str, str]]]:
         """One RFC 8936 §2.2 request: acknowledge ``ack``, report ``errs``, take new SETs.
-        Returns (more available, jtis to acknowledge next, errors to report next)."""
+        Returns (more available: said by an answer that held SETs, jtis to acknowledge next,
+        errors to report next)."""
         body: dict[str, Any] = {"maxEvents": t.max_events, "returnImmediately": True}
         if ack:
             body["ack"] = ack
@@ -645,4 +646,7 @@ class SsfReceiver:
                     "ssf transmitter %s: SET keyed %s carries jti %s", t.name, jti, outcome.jti
                 )
             next_ack.append(str(jti))
-        return bool(answer.get("moreAvailable")), next_ack, next_errs
+        # More is taken at its word only from an answer that held SETs: one saying it with none,
+        # again and again (a broken or hostile transmitter), was polled with no pause for ever.
+        more = bool(answer.get("moreAvailable")) and bool(sets)
+        return more, next_ack, next_errs

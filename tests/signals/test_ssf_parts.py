@@ -653,3 +653,32 @@ def test_a_streams_change_is_audited_with_its_actor_in_the_changing_transaction(
         assert all("nonce-7f3" not in str(e.detail) for e in audit.events("ssf.stream_changed"))
     finally:
         db.close()
+
+
+def test_a_transmitter_saying_more_is_available_but_sending_nothing_is_not_polled_at_once(
+    database_url,
+):
+    """``moreAvailable`` is a reason to poll again at once only when the answer held SETs: a
+    transmitter (broken or hostile) that says it always, with none, was polled in a loop with
+    no pause, a core of bastion's and a stream of requests at the transmitter for ever."""
+    from bastion.facts.store import FactStore
+    from bastion.signals.ssf import SsfReceiver
+
+    polls = []
+
+    async def poll(request):
+        polls.append(await request.json())
+        return JSONResponse({"sets": {}, "moreAvailable": True})
+
+    db = Database(database_url)
+    try:
+        with serve(
+            Starlette(routes=[Route("/poll", poll, methods=["POST"])]), free_socket()
+        ) as url:
+            s = settings(delivery="poll", configuration_url=f"{url}/.well-known/ssf-configuration")
+            receiver = SsfReceiver(s, db, OAuthStore(db), FactStore(db), lambda: None)
+            answer = anyio.run(receiver.poll_once, s.transmitters[0], f"{url}/poll", [], {})
+    finally:
+        db.close()
+    assert len(polls) == 1
+    assert answer == (False, [], {})
