@@ -9,7 +9,8 @@
 # no new token. Production servers go further: nothing runs on them without a compliance report
 # from the MDM of the last hour (requires_signal: missing or older, refused as signal_stale).
 # The request's posture (context.network, context.device, context.token) narrows it again.
-# A device can be reported on its own (a CAEP device-compliance-change naming it writes
+# A device can be reported on its own (a CAEP device-compliance-change naming it, from a
+# transmitter with devices = true, writes
 # device_compliance(Device{"laptop-7"}, "not-compliant")): the device a call comes from
 # (context.device.id, from a token claim or a trusted proxy's header) then loses writes, and
 # its user's other devices keep them.

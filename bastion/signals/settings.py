@@ -24,6 +24,7 @@ push_token_env = "BASTION_SSF_IDP_PUSH"      # push only: the bearer the transmi
 poll_interval_seconds = 30
 max_events = 100
 fact_expiry_seconds = 0                      # facts written from events expire (0: never)
+devices = false                              # true: its events set Device facts (an MDM's)
 # allow_private_addresses = ["10.1.0.0/16"]  # the non-public addresses the endpoints its
                                              # metadata and stream name may be at (or true,
                                              # false); unset: all if configuration_url is on
@@ -98,6 +99,9 @@ class Transmitter:
     fact_expiry_seconds: float = 0.0
     users: dict[str, str] = field(default_factory=dict)
     effects: dict[str, str] = field(default_factory=dict)
+    # Whether its events set devices' facts: a device is named without any mapping, so only a
+    # transmitter that manages devices (the MDM) may say one is compliant, or is not.
+    devices: bool = False
     # The non-public addresses the endpoints its metadata and stream name (key set, stream
     # management, poll) may be reached at (`bastion.egress.private_allowance`); None: all if
     # configuration_url is itself on one, else none (`bastion.egress.metadata_allowance`).
@@ -223,7 +227,7 @@ def _secret(where: str, key: str, t: dict, env: dict[str, str]) -> str:
 TRANSMITTER_KEYS = frozenset({
     "name", "issuer", "configuration_url", "audience", "delivery", "bearer_env",
     "push_token_env", "poll_interval_seconds", "max_events", "fact_expiry_seconds", "users",
-    "effects", "allow_private_addresses",
+    "effects", "allow_private_addresses", "devices",
 })  # fmt: skip
 
 
@@ -286,6 +290,9 @@ def _transmitter(i: int, t: Any, env: dict[str, str]) -> Transmitter:
             raise SignalsConfigError(
                 f"{where}.effects[{event!r}]: only {', '.join(sorted(FACT_EVENTS))} become facts"
             )
+    devices = t.get("devices", False)
+    if not isinstance(devices, bool):
+        raise SignalsConfigError(f"{where}.devices must be true or false, got {devices!r}")
     private = None
     if "allow_private_addresses" in t:
         try:
@@ -314,6 +321,7 @@ def _transmitter(i: int, t: Any, env: dict[str, str]) -> Transmitter:
         users=users,
         effects=dict(effects),
         allow_private_addresses=private,
+        devices=devices,
     )
 
 

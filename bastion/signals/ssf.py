@@ -352,10 +352,18 @@ class SsfReceiver:
         retried, a poll queue): a device found compliant, delivered after it was found not
         compliant, must not be compliant again."""
         entities = [Entity("User", user)] if user is not None else []
-        if subject.device is not None:
+        skipped: list[str] = []
+        if subject.device is not None and t.devices:
             entities.append(Entity("Device", subject.device))
+        elif subject.device is not None:
+            skipped.append(
+                f"Device{{{subject.device!r}}}: transmitter {t.name} does not speak for devices"
+                f" ({TRANSMITTERS_TABLE} devices = true)"
+            )
         if not entities:
-            return "ignored: the subject maps to no user or device"
+            return "ignored: the subject maps to no user or device" + "".join(
+                f"; {s}" for s in skipped
+            )
         values: list[tuple] = []  # each fact with its last term as the new value
         name = event_type.removeprefix(CAEP)
         for entity in entities:
@@ -377,7 +385,7 @@ class SsfReceiver:
                     if isinstance(value, (str, bool, int)) and len(str(value)) <= 512:
                         values.append(("token_claim", entity, claim, value))
         authz = self.authz()
-        kept, skipped = [], []
+        kept = []
         for fact in values:
             try:
                 authz.facts.validate(fact)

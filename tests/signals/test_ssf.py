@@ -29,6 +29,7 @@ PUSH_TOKEN = "push-credential-of-the-idp-stream"
 POLICY = """
 declare device_compliance(User, String);
 declare token_claim(User, String, String);
+declare device_compliance(Device, String);
 deny(user: User, "call", _tool: Tool) if device_compliance(user, "not-compliant");
 """
 CALL = {
@@ -96,6 +97,7 @@ def signals(tmp_path_factory):
                             "poll_interval_seconds": 0.1,
                             "fact_expiry_seconds": 3600,
                             "users": mapping,
+                            "devices": True,
                         },
                         {
                             # Nothing listens here: its stream fails, and bastion serves on.
@@ -346,7 +348,8 @@ def test_device_compliance_change_becomes_a_fact_the_policy_sees(signals):
     fact = parse_fact('device_compliance(User{"sam"}, "not-compliant")')
     assert [f.fact for f in signals.store.get(("device_compliance", fact[1], None))] == [fact]
     result = received(signals, jti_of(bad)).detail["effects"][0]["result"]
-    # The policy declares no Device facts: that one is skipped, and the record says why.
+    # The push transmitter does not speak for devices: that one is skipped, and the record says
+    # why.
     assert result.startswith("wrote 1 fact(s)") and "skipped" in result and "Device" in result
     wait_until(lambda: "error" in call(signals, token).json())
     good = signals.pusher.set_token(
@@ -404,6 +407,37 @@ def test_an_event_dated_ahead_cannot_hold_its_value_against_later_events(signals
     assert [f.fact[2] for f in signals.store.get(("device_compliance", user, None))] == [
         "not-compliant"
     ]
+
+
+def test_a_transmitter_that_does_not_speak_for_devices_cannot_make_one_compliant(signals):
+    """A device is named by a ``complex`` subject without any mapping, so only a transmitter
+    told to speak for devices (the MDM: ``devices = true``) sets their facts: the identity
+    provider's SET saying laptop-9 is compliant, newer than the MDM's saying it is not, must
+    not make it compliant again (nor could any transmitter's say the opposite of a device it
+    does not manage)."""
+    device = parse_fact('x(Device{"laptop-9"})')[1]
+    laptop = {"format": "complex", "device": {"format": "opaque", "id": "laptop-9"}}
+    bad = signals.poller.queue(
+        signals.poller.set_token(
+            CAEP + "device-compliance-change",
+            {"current_status": "not-compliant"},
+            laptop,
+            iat=int(time.time()) - 5,
+        )
+    )
+    wait_until(lambda: bad in signals.poller.acked)
+    assert [f.fact[2] for f in signals.store.get(("device_compliance", device, None))] == [
+        "not-compliant"
+    ]
+    good = signals.pusher.set_token(
+        CAEP + "device-compliance-change", {"current_status": "compliant"}, laptop
+    )
+    assert signals.pusher.push(good).status_code == 202
+    assert [f.fact[2] for f in signals.store.get(("device_compliance", device, None))] == [
+        "not-compliant"
+    ]
+    result = received(signals, jti_of(good)).detail["effects"][0]["result"]
+    assert "does not speak for devices" in result, result
 
 
 def test_an_event_the_policy_cannot_hold_is_skipped_and_recorded(signals):

@@ -80,6 +80,7 @@ def test_defaults_and_the_derived_configuration_url():
         ({}, {"surprise": 1}, "unknown key"),
         ({}, {"fact_expiry_seconds": -5}, "positive"),
         ({}, {"fact_expiry_seconds": float("inf")}, "positive"),
+        ({}, {"devices": "yes"}, "true or false"),
     ],
 )
 def test_settings_that_would_weaken_verification_are_refused(table, changes, message):
