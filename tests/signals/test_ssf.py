@@ -582,6 +582,14 @@ def _refusals(t: Transmitter):
         "bad signature": (stranger.set_token(revoke, {}, sam), {}, "invalid_key"),
         "wrong iss": (t.set_token(revoke, {}, sam, iss="https://evil.example"), {}, "invalid_issuer"),
         "wrong aud": (t.set_token(revoke, {}, sam, aud="https://other.example"), {}, "invalid_audience"),
+        "no aud": (t.set_token(revoke, {}, sam, aud=None), {}, "invalid_audience"),
+        "aud of others only": (
+            t.set_token(revoke, {}, sam, aud=["https://other.example", AUDIENCE + "/"]), {},
+            "invalid_audience",
+        ),
+        "aud nested in a list": (
+            t.set_token(revoke, {}, sam, aud=[[AUDIENCE]]), {}, "invalid_audience"
+        ),
         "wrong typ": (t.set_token(revoke, {}, sam, header={"typ": "JWT"}), {}, "invalid_request"),
         "alg none": (unsigned, {}, "invalid_request"),
         "alg HS256": (hs, {}, "invalid_request"),
@@ -609,7 +617,8 @@ def _refusals(t: Transmitter):
 
 
 CASES = [
-    "bad signature", "wrong iss", "wrong aud", "wrong typ", "alg none", "alg HS256", "stale iat",
+    "bad signature", "wrong iss", "wrong aud", "no aud", "aud of others only",
+    "aud nested in a list", "wrong typ", "alg none", "alg HS256", "stale iat",
     "future iat", "no bearer", "wrong bearer", "wrong content type", "oversized body", "no jti",
     "empty jti", "a jti that is a number", "an exp claim",
 ]  # fmt: skip
