@@ -100,8 +100,9 @@ class Transmitter:
     users: dict[str, str] = field(default_factory=dict)
     effects: dict[str, str] = field(default_factory=dict)
     # Whether its events set devices' facts: a device is named without any mapping, so only a
-    # transmitter that manages devices (the MDM) may say one is compliant, or is not.
-    devices: bool = False
+    # transmitter that manages devices (the MDM) may say one is compliant, or is not. None: not
+    # stated, taken as false and said at start (`SsfReceiver.start`).
+    devices: bool | None = None
     # The non-public addresses the endpoints its metadata and stream name (key set, stream
     # management, poll) may be reached at (`bastion.egress.private_allowance`); None: all if
     # configuration_url is itself on one, else none (`bastion.egress.metadata_allowance`).
@@ -290,8 +291,8 @@ def _transmitter(i: int, t: Any, env: dict[str, str]) -> Transmitter:
             raise SignalsConfigError(
                 f"{where}.effects[{event!r}]: only {', '.join(sorted(FACT_EVENTS))} become facts"
             )
-    devices = t.get("devices", False)
-    if not isinstance(devices, bool):
+    devices = t.get("devices")
+    if devices is not None and not isinstance(devices, bool):
         raise SignalsConfigError(f"{where}.devices must be true or false, got {devices!r}")
     private = None
     if "allow_private_addresses" in t:

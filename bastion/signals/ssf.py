@@ -458,6 +458,16 @@ class SsfReceiver:
 
     async def start(self) -> None:
         for t in self.settings.transmitters:
+            if t.devices is None:
+                # Before devices = true was asked for, every transmitter set devices' facts: an
+                # MDM configured then no longer does, which its operator must hear of.
+                log.warning(
+                    "ssf transmitter %s: devices is not set, so the devices its SETs name are"
+                    " ignored; set devices = true in %s if it manages devices (an MDM),"
+                    " devices = false otherwise",
+                    t.name,
+                    TRANSMITTERS_TABLE,
+                )
             self._tasks.append(asyncio.create_task(self._run(t), name=f"ssf {t.name}"))
         self._tasks.append(asyncio.create_task(self._forget_forever(), name="ssf jti retention"))
 

@@ -683,3 +683,44 @@ def test_a_transmitter_saying_more_is_available_but_sending_nothing_is_not_polle
         db.close()
     assert len(polls) == 1
     assert answer == (False, [], {})
+
+
+def test_a_transmitter_that_does_not_say_whether_it_speaks_for_devices_is_named_at_start(
+    tmp_path, caplog
+):
+    """Before ``devices`` was asked for, every transmitter set devices' facts: an MDM configured
+    then sets none now, and its operator is told so when bastion starts, naming it; one that
+    says ``devices = false`` (or true) is not named."""
+    from bastion.facts.store import FactStore
+    from bastion.signals.ssf import SsfReceiver
+
+    table = {
+        "transmitters": [
+            transmitter(name="mdm", delivery="poll", push_token_env=None),
+            transmitter(name="idp", issuer="https://idp2.example.com", devices=False),
+            transmitter(
+                name="mdm2",
+                issuer="https://mdm2.example.com",
+                delivery="poll",
+                push_token_env=None,
+                devices=True,
+            ),
+        ]
+    }
+    s = SsfSettings.from_table(table, issuer="https://bastion.example.com", env=ENV)
+    assert [t.devices for t in s.transmitters] == [None, False, True]
+    db = Database(str(tmp_path / "b.db"))
+    receiver = SsfReceiver(s, db, OAuthStore(db), FactStore(db), lambda: None)
+
+    async def started_and_closed() -> None:
+        await receiver.start()
+        await receiver.close()
+
+    try:
+        with caplog.at_level("WARNING", logger="bastion.signals.ssf"):
+            asyncio.run(started_and_closed())
+    finally:
+        db.close()
+    named = [r.getMessage() for r in caplog.records if "devices is not set" in r.getMessage()]
+    assert len(named) == 1 and named[0].startswith("ssf transmitter mdm:"), named
+    assert "devices = true" in named[0]
