@@ -7,6 +7,7 @@ spellings not in NFC, stacked combining marks."""
 
 from __future__ import annotations
 
+import json
 import unicodedata
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -227,6 +228,33 @@ def readable(
         shown.append(piece)
         length += len(piece)
     return "".join(shown)
+
+
+def readable_json(value: Any) -> str:
+    """``value`` (a held call's arguments, a held result) as indented JSON for people to read,
+    with every character `readable` would escape in a name written as its JSON escape: one
+    that does not show as itself (a right-to-left override, a zero-width or line separator, a
+    Hangul filler, half of a surrogate pair) and the non-ASCII letters of a word that could
+    read as another (``p\\u0430ypal.com``). Other text beyond ASCII reads as it is. The text is
+    JSON that reads back as ``value``, so what a person approves is what runs."""
+    text = json.dumps(value, indent=2, ensure_ascii=False, sort_keys=True, default=str)
+    if text.isascii():
+        return text
+    lookalikes = _lookalikes(text)
+    # json.dumps escapes every control character inside a string: a line break left in the
+    # text is the indentation's.
+    return "".join(
+        char if char == "\n" or (visible(char) and i not in lookalikes) else _json_escape(char)
+        for i, char in enumerate(text)
+    )
+
+
+def _json_escape(char: str) -> str:
+    code = ord(char)
+    if code <= 0xFFFF:
+        return f"\\u{code:04x}"
+    code -= 0x10000
+    return f"\\u{0xD800 + (code >> 10):04x}\\u{0xDC00 + (code & 0x3FF):04x}"
 
 
 def vouched_for(claims: Mapping[str, Any], user_claim: str) -> bool:

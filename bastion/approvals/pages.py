@@ -13,7 +13,6 @@ scripts, no framing, no caching (`bastion.oauth.pages.page`).
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from dataclasses import dataclass
@@ -30,11 +29,10 @@ from starlette.routing import Route
 from bastion.approvals.service import Approvals, NotAllowed, Unavailable, UnknownRequest
 from bastion.approvals.store import OPEN, ApprovalRequest
 from bastion.db import DatabaseUnavailable
-from bastion.names import readable
+from bastion.names import readable, readable_json
 from bastion.oauth import pages
 from bastion.oauth.sign_in import SESSION_COOKIE, read_cookie, sign_in_url, signed_in_as
 from bastion.oauth.store import Client
-from bastion.untrusted_json import writable
 
 if TYPE_CHECKING:
     from bastion.oauth.server import AuthorizationServer
@@ -348,10 +346,9 @@ def _status(request: ApprovalRequest, now: float) -> str:
 
 
 def _json(value: Any) -> str:
-    """``value`` as JSON to read on a page: text beyond ASCII as it is, half of a surrogate pair
-    (which an upstream's result may hold) as its escape, as no UTF-8 page can hold it."""
-    text = json.dumps(value, indent=2, ensure_ascii=False, sort_keys=True, default=str)
-    return escape(writable(text))
+    """``value`` as JSON to read on a page (`bastion.names.readable_json`: what would read as
+    something else, or as nothing, as its escape), then escaped as any text."""
+    return escape(readable_json(value))
 
 
 def _agent(request: ApprovalRequest, client: Client | None) -> str:

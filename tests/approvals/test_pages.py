@@ -8,6 +8,7 @@ policy's, and the page is only a way to answer: every refusal is the model's.
 
 from __future__ import annotations
 
+import json
 import re
 import time
 import uuid
@@ -587,6 +588,53 @@ def test_a_user_whose_id_reads_as_the_approvers_own_is_shown_escaped(bastion: Ru
     assert user not in text_of(page)
     user_row = " ".join(page.get_by_role("row", name="User").inner_text().split())
     assert user_row == "User \\u0430very"
+    assert tab.console_errors == [] and tab.failed_requests == []
+
+
+# What would make the page show one thing while another runs: a right-to-left override, a
+# zero-width space, a line separator (a browser breaks the line there, so a value can draw a key
+# of its own), a Hangul filler, a Latin word with a Cyrillic letter (a domain that reads as
+# paypal.com), and a tag character past U+FFFF. Plain text in other scripts reads as it is.
+DECEPTIVE = {
+    "to": "ceo@p\u0430ypal.com",
+    "path": "/home/sam/report\u202efdp.exe",
+    "amount": "100\u200b0",
+    "cc": 'ada@example.com\u2028  "bcc": "nobody"',
+    "note\u3164": "\U000e0041",
+    "name": "\u0411\u043e\u0440\u0438\u0441 caf\u00e9 \u7530\u4e2d",
+}
+HIDDEN = ("\u202e", "\u200b", "\u2028", "\u3164", "\U000e0041", "p\u0430ypal")
+
+
+def test_arguments_and_a_held_result_show_what_would_read_as_something_else_escaped(
+    bastion: Running, tab: Tab
+):
+    """Arguments (and a held result) holding characters that show as something else, or as
+    nothing, are shown with those characters as JSON escapes: the approver reads exactly what
+    will run (the text on the page is JSON that reads back as the arguments), and nothing on the
+    page is turned round, hidden or broken onto a line of its own. Text in one script reads as it
+    is."""
+    request = hold(bastion, arguments=DECEPTIVE)
+    review = hold(
+        bastion,
+        resource=NOTES,
+        kind="review",
+        result={**HELD_RESULT, "structuredContent": {"customers": [], **DECEPTIVE}},
+    )
+    page = tab.page
+    open_signed_in(tab, bastion, request, "avery")
+    shown = page.locator("#arguments").inner_text()
+    for hidden in HIDDEN:
+        assert hidden not in page.content() and hidden not in shown, repr(hidden)
+    assert json.loads(shown) == request.arguments
+    assert '"to": "ceo@p\\u0430ypal.com"' in shown
+    assert '"path": "/home/sam/report\\u202efdp.exe"' in shown
+    assert '"\u0411\u043e\u0440\u0438\u0441 caf\u00e9 \u7530\u4e2d"' in shown
+    page.goto(bastion.page_url(review))
+    result = page.locator("#result").inner_text()
+    for hidden in HIDDEN:
+        assert hidden not in page.content() and hidden not in result, repr(hidden)
+    assert json.loads(result)["structuredContent"]["path"] == DECEPTIVE["path"]
     assert tab.console_errors == [] and tab.failed_requests == []
 
 
