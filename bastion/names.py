@@ -273,15 +273,19 @@ def check_name(
     which would forge a line of `bastion keys list` or `users list`, or of a log, and nothing
     that shows blank (a zero-width or bidirectional character, a Hangul filler, a second space),
     which would let one name read as another."""
-    if (
-        not isinstance(value, str)
-        or not value
-        or len(value) > most
-        or not plain(value)
-        or value.strip() != value
-    ):
+    if not is_name(value, most):
         raise error(f"{what} is 1 to {most} printable characters without surrounding spaces")
     return value
+
+
+def is_name(value: object, most: int = MAX_NAME_LENGTH) -> bool:
+    """Whether `check_name` takes ``value``: whether a user (or a key) can have it as a name."""
+    return (
+        isinstance(value, str)
+        and 0 < len(value) <= most
+        and plain(value)
+        and value.strip() == value
+    )
 
 
 def check_new_name(

@@ -23,7 +23,7 @@ from bastion.audit.commands import event_line
 from bastion.cli import add_limit, whole_number
 from bastion.decide import Authorizer
 from bastion.facts.store import FactStore
-from bastion.names import readable
+from bastion.names import is_name, readable
 from bastion.server.config import ServerConfig, command_database
 from bastion.signals.suspensions import PREDICATE as SUSPENDED
 from bastion.signals.suspensions import Suspensions
@@ -241,7 +241,7 @@ def cmd_show(deployment: Deployment, args: argparse.Namespace) -> int:
 
 
 def _check_person(person: str) -> None:
-    if not person or not person.isprintable() or person.strip() != person:
+    if not is_name(person):
         raise CommandError("--as names a person: a user name")
 
 

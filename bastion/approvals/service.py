@@ -32,6 +32,7 @@ from bastion.audit.log import AuditLog
 from bastion.decide import Authorizer, Session
 from bastion.facts.model import Entity
 from bastion.facts.store import FactStore, StoredFact, check_storable
+from bastion.names import is_name, readable
 from bastion.policy.errors import EvaluationLimit
 from bastion.signals.suspensions import Suspensions, has_person, token_principals
 
@@ -804,6 +805,10 @@ class Approvals:
         """`may_answer`'s refusal, or None and the one reading of the policy the answer is
         taken under (`_read`: the terms, and who of ``person`` and those who approved already
         may answer under them)."""
+        if not is_name(person):
+            # Another spelling of a person (a blank letter after the name, a second space)
+            # would count as one more approver, or pass for someone other than the user.
+            return f"{readable(person)} cannot be a user's name: nobody answers in it", None
         if request.status != OPEN:
             return f"this request is {request.status}, not pending", None
         if _denied(request):

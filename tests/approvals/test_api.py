@@ -422,7 +422,7 @@ def test_a_bad_body_is_refused_with_what_to_fix_and_changes_nothing(bastion, bod
     unchanged(bastion, held.id)
 
 
-@pytest.mark.parametrize("name", [" avery", "avery\n", "av\u202eery"])
+@pytest.mark.parametrize("name", [" avery", "avery\n", "av\u202eery", "avery\u3164", "a  very"])
 def test_a_name_no_user_can_have_is_refused_before_the_policy_is_asked(bastion, name):
     held = bastion.holder.hold(SEND)
     with bastion.client() as api:

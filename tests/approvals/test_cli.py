@@ -165,8 +165,9 @@ def test_a_person_the_policy_does_not_name_is_refused_and_nothing_changes(deploy
         code, out, err = bastion("approvals", "approve", held.id, "--as", person)
         assert code == 2 and out == ""
         assert f"{person} may not approve request {held.id}" in err and why in err
-    code, _, err = bastion("approvals", "approve", held.id, "--as", " avery")
-    assert code == 2 and "a user name" in err
+    for variant in (" avery", "avery\u3164", "a  very"):
+        code, _, err = bastion("approvals", "approve", held.id, "--as", variant)
+        assert code == 2 and "a user name" in err, variant
     assert deployment.status(held.id) == "pending"
     assert deployment.holder.approvals.get(held.id).answers == ()
 

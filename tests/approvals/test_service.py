@@ -78,6 +78,11 @@ self_approval_forbidden(_user: User, "call", Tool{"crm/ownonly"});
 requires_approval(_user: User, "call", Tool{"crm/peer"});
 approver(other: User, user: User, "call", Tool{"crm/peer"}) if other != user;
 self_approval_forbidden(_user: User, "call", Tool{"crm/peer"});
+# Any two people but the user approve.
+requires_approval(_user: User, "call", Tool{"crm/quorum"});
+approver(other: User, user: User, "call", Tool{"crm/quorum"}) if other != user;
+approvals_required(_user: User, "call", Tool{"crm/quorum"}, 2);
+self_approval_forbidden(_user: User, "call", Tool{"crm/quorum"});
 # Only the user's manager closes an account, never the user: with no manager, nobody can.
 requires_approval(_user: User, "call", Tool{"crm/close"});
 approver(boss: User, user: User, "call", Tool{"crm/close"}) if manager(user, boss);
@@ -103,6 +108,7 @@ purge, ownonly, peer = (
     Entity("Tool", "crm/peer"),
 )
 close = Entity("Tool", "crm/close")
+quorum = Entity("Tool", "crm/quorum")
 
 
 class Clock:
@@ -300,6 +306,24 @@ def test_an_approver_rule_open_to_any_person_but_the_user_holds_the_call(world):
     assert (request.approvers, request.self_forbidden) == ((), True)
     with pytest.raises(NotAllowed, match="forbids approving one's own call"):
         approvals.answer(request.id, "sam", "approve", channel="api")
+    assert approvals.answer(request.id, "lee", "approve", channel="api").status == "approved"
+
+
+@pytest.mark.parametrize("variant", ["avery\u3164", "a  very", "sam\u3164", "\u3164"])
+def test_a_name_no_user_can_have_answers_nothing_so_one_person_never_counts_twice(world, variant):
+    """Under a rule open to any person but the user, two approvals needed: avery's name with a
+    Hangul filler after it (shown blank), or with a second space, is no name a user can have
+    (`bastion.names.check_name`), so it is not a second approver beside avery, nor sam passing
+    for someone else past ``self_approval_forbidden``. Before, each counted as a person of its
+    own: avery and her variant approved the call, or sam approved his own."""
+    approvals, *_ = world
+    approvals.authorizer = lambda: Authorizer(POLICY)
+    request = held(approvals, call(quorum))
+    assert approvals.answer(request.id, "avery", "approve", channel="api").status == "pending"
+    assert approvals.may_answer(approvals.store.get(request.id), variant) is not None
+    with pytest.raises(NotAllowed, match="cannot be a user's name"):
+        approvals.answer(request.id, variant, "approve", channel="api")
+    assert [a.approver for a in approvals.store.get(request.id).answers] == ["avery"]
     assert approvals.answer(request.id, "lee", "approve", channel="api").status == "approved"
 
 

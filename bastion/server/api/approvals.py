@@ -28,6 +28,7 @@ from bastion.approvals.service import (
 )
 from bastion.approvals.store import MAX_LIST as MAX_PAGE
 from bastion.approvals.store import STATUSES, ApprovalRequest
+from bastion.names import is_name
 from bastion.server.auth import require
 from bastion.server.problems import Problem, bad_request, page_limit, read_json, unprocessable
 from bastion.server.problems import field as get_field
@@ -61,10 +62,10 @@ def _person(value: Any, name: str) -> str:
 
 def _user_name(value: str, name: str) -> str:
     """A name no user can have is nobody who may answer (and is never written to the record)."""
-    if not value.isprintable() or value.strip() != value:
+    if not is_name(value):
         raise unprocessable(
             f"{name} {value!r:.80} cannot be a user's name: user names are printable, without"
-            " surrounding spaces"
+            " surrounding spaces, and nothing in them shows blank (a second space, a filler)"
         )
     return value
 
