@@ -13,9 +13,16 @@ async def require(request: Request, scope: str) -> ApiKey:
     """The caller's key if it is valid and grants ``scope``; 401 or 403 otherwise.
 
     A key checked in the last second is answered from memory; any other is read from the
-    database off the event loop (`DatabaseUnavailable` there is a 503, never a 401).
+    database off the event loop (`DatabaseUnavailable` there is a 503, never a 401). A request
+    with more than one Authorization header is a 400: one reader taking the first and another
+    the last would read two callers into one request (`bastion.server.direct` hands it here).
     """
-    header = request.headers.get("authorization", "")
+    sent = request.headers.getlist("authorization")
+    if len(sent) > 1:
+        raise Problem(
+            400, "Bad request", f"send one Authorization header, not {len(sent)}: 'Bearer <key>'"
+        )
+    header = sent[0] if sent else ""
     kind, _, token = header.partition(" ")
     if kind.lower() != "bearer" or not token.strip():
         raise Problem(401, "Unauthorized", "send an API key as 'Authorization: Bearer <key>'")

@@ -98,6 +98,8 @@ class DirectDecisions:
         authorization = None
         for name, value in headers:
             if name == b"authorization":
+                if authorization is not None:
+                    return None  # two: the application refuses them (`bastion.server.auth`)
                 authorization = value
             elif (
                 name == b"content-type"

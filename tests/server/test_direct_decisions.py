@@ -271,3 +271,24 @@ def test_a_multipart_body_is_refused_in_the_protocol_as_by_the_application(http)
     )
     assert answer.status_code == 415 and "multipart" in answer.json()["detail"]
     assert direct_answers(http) == before
+
+
+@pytest.mark.parametrize("unknown_first", [True, False])
+def test_two_authorization_headers_are_refused_in_the_protocol_as_by_the_application(
+    server, http, unknown_first
+):
+    # The protocol read the last header and the application the first: a known key after an
+    # unknown one was answered 200 here and 401 through the application.
+    warm(http)
+    before = direct_answers(http)
+    keys = ["bst_x_y", ADMIN_KEY] if unknown_first else [ADMIN_KEY, "bst_x_y"]
+    body = httpx.Request("POST", "/", json=ALLOWED).read()
+    asked = raw_request(body, keys[0]).replace(
+        b"\r\nContent-Type", f"\r\nAuthorization: Bearer {keys[1]}\r\nContent-Type".encode()
+    )
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as s:
+        s.sendall(asked)
+        (answer,) = answers_on(s, 1)
+    assert status_of(answer) == 400
+    assert "one Authorization header" in head_and_body(answer)[1]["detail"]
+    assert direct_answers(http) == before
