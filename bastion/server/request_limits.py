@@ -15,15 +15,22 @@ name or an identifier a NUL is the classic way to make two programs read one str
 answered 400 before the application sees it, on every route alike. A form may only be sent as
 ``application/x-www-form-urlencoded`` (what OAuth and HTML forms send): no route takes
 ``multipart/form-data``, whose parts may name a character set that writes a NUL without one.
+
+A client that goes away before its body is complete is no failure of the server: what the
+application raises at that (Starlette's ``ClientDisconnect``) ends here, with one line in the log,
+not a traceback.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+log = logging.getLogger("bastion.server")
 
 # (status, sentence) -> (content type, body): the answer in a route family's own form.
 Refusal = Callable[[int, str], tuple[str, bytes]]
@@ -132,6 +139,14 @@ class RequestBodyLimits:
         try:
             await self.app(scope, reading.receive, reading.send)
         except Exception:
+            if reading.gone:
+                # No one to answer: whatever the application made of it is no failure.
+                log.info(
+                    "the client went away before its request body was complete: %s %s",
+                    scope["method"],
+                    path,
+                )
+                return
             # Whatever the application made of the refusal raised into it, the refusal answers.
             if reading.refused is None:
                 raise
@@ -151,7 +166,7 @@ class _Reading:
     refused (too large, or past its deadline)."""
 
     __slots__ = ("limit", "_receive", "_send", "deadline", "size", "complete", "started")
-    __slots__ += ("refused", "expired", "waiting", "drainable", "form_tail")
+    __slots__ += ("refused", "expired", "waiting", "drainable", "form_tail", "gone")
 
     def __init__(self, limit: BodyLimit, receive: Receive, send: Send) -> None:
         self.limit = limit
@@ -170,6 +185,8 @@ class _Reading:
         # In a form body, the last two bytes read, for a ``%00`` split across two messages; None
         # for any other body.
         self.form_tail: bytes | None = None
+        # Whether the client went away before the body was complete.
+        self.gone = False
 
     async def receive(self) -> Message:
         if self.complete:
@@ -203,6 +220,8 @@ class _Reading:
                 self.form_tail = seen[-2:]
             if not message.get("more_body", False):
                 self.complete = True
+        elif message["type"] == "http.disconnect":
+            self.gone = True
         return message
 
     def expire(self) -> None:

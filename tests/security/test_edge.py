@@ -28,6 +28,7 @@ from tests.command_line import bastion_in_process
 from tests.gateway.support import ROOT, serve_quickstart
 from tests.ports import free_socket
 from tests.server.conftest import ServerProcess
+from tests.waits import eventually
 
 ADMIN_KEY = "edge-test-admin-key-" + "x" * 32
 GIB = 1 << 30
@@ -322,6 +323,36 @@ def test_an_answer_before_a_small_body_is_read_keeps_the_connection_for_the_next
         time.sleep(0.5)
         s.sendall(SMALL_BODY + healthz)
         assert [status_of(a) for a in answers_on(s, 2)] == [401, 200]
+
+
+@pytest.mark.parametrize(
+    ("path", "content_type"),
+    [
+        ("/v1/authorize", "application/json"),
+        ("/api/authorize", "application/json"),
+        ("/access/v1/evaluation", "application/json"),
+        ("/token", FORM),
+    ],
+)
+def test_a_client_gone_before_its_body_is_complete_is_no_server_error(
+    quickstart, path, content_type
+):
+    # Starlette's ClientDisconnect reached uvicorn as an unhandled exception: a traceback in
+    # the log, as for a failure, for each connection that sent half a body and hung up.
+    tracebacks = quickstart.log.count("Traceback")
+    head = (
+        f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {ADMIN_KEY}\r\n"
+        f"Content-Type: {content_type}\r\nContent-Length: 100\r\n\r\n"
+    )
+    with socket.create_connection(("127.0.0.1", quickstart.port), timeout=30) as s:
+        s.sendall(head.encode() + b'{"actor": ')
+    said = f"the client went away before its request body was complete: POST {path}"
+    assert eventually(
+        lambda: said in quickstart.log or quickstart.log.count("Traceback") > tracebacks
+    )
+    assert quickstart.log.count("Traceback") == tracebacks
+    with quickstart.api() as api:
+        assert api.get("/healthz").status_code == 200
 
 
 # -- slow clients ------------------------------------------------------------------------------
