@@ -82,10 +82,12 @@ _HINTS = ("readOnlyHint", "destructiveHint", "idempotentHint", "openWorldHint")
 
 
 class ToolHints:
-    """What one upstream session said of its tools: each tool's annotations (hints)."""
+    """What one upstream session said of its tools: each tool's annotations (hints), and the
+    schema of its arguments (`bastion.gateway.input_types`)."""
 
     def __init__(self) -> None:
         self.annotations: dict[str, dict[str, Any]] = {}
+        self.input_schemas: dict[str, dict[str, Any]] = {}
         self.complete = False
 
     def learn(self, tools: Any) -> None:
@@ -97,6 +99,11 @@ class ToolHints:
             notes = tool.get("annotations")
             notes = notes if isinstance(notes, dict) else {}
             self.annotations[name] = {k: notes[k] for k in _HINTS if isinstance(notes.get(k), bool)}
+            schema = tool.get("inputSchema")
+            if isinstance(schema, dict):
+                self.input_schemas[name] = schema
+            else:
+                self.input_schemas.pop(name, None)
 
 
 class UpstreamState:
@@ -193,6 +200,11 @@ class UpstreamState:
             if fresh and not self.listed_as_pinned(TOOL, tool, connection):
                 return {}
         return hints.annotations.get(tool, {})
+
+    def input_schema(self, tool: str, connection: Upstream | None = None) -> dict[str, Any] | None:
+        """The ``inputSchema`` the upstream listed last for ``tool`` on ``connection``, if any
+        (read with its annotations: `annotations` first)."""
+        return self._hints_of(connection).input_schemas.get(tool)
 
     async def _read_list(self, connection: Upstream, method: str, key: str) -> list[Any]:
         """The upstream's whole list (``tools/list``, ``prompts/list``) as it gives it now (at

@@ -29,6 +29,7 @@ from bastion.gateway.client_requests import (
     check_client_request,
 )
 from bastion.gateway.enforce import Caller, Held, Verdict, refused
+from bastion.gateway.input_types import type_refused
 from bastion.gateway.jsonrpc import (
     INTERNAL_ERROR,
     INVALID_PARAMS,
@@ -792,6 +793,11 @@ async def call_tool(ex: Exchange) -> dict[str, Any]:
     # `connect` first: a caller refused it makes bastion read nothing of the upstream.
     await ex.gateway.admit(ex)
     annotations = await ex.upstream.annotations(name, ex.connection)
+    # Arguments the tool would convert to its declared types are refused: decided as sent, they
+    # would run as something else (bastion.gateway.input_types).
+    refused_type = type_refused(ex.upstream.input_schema(name, ex.connection), arguments)
+    if refused_type is not None:
+        raise RpcError(INVALID_PARAMS, refused_type, http_status=400)
     # Under pin_tools: a tool listed otherwise than accepted is refused (two dict lookups; the
     # database is asked again only then, in case an operator accepted it meanwhile).
     unpinned = None

@@ -1,0 +1,114 @@
+"""Tool arguments of the JSON types their tool declares (its ``inputSchema``), or refused.
+
+An MCP server converts an argument to the type its schema declares before acting on it: the
+official SDK validates with pydantic in lax mode, which reads ``"5000"``, ``" 5000 "``,
+``"5_000"`` and ``true`` as the integer asked for and ``"yes"`` or ``1`` as ``true``, and the SDK
+itself reads a list or an object given as JSON text as that list or object. bastion decides on
+the arguments as JSON reads them, so a rule on the number, the boolean or the list would not see
+what ran. An argument of a JSON type its schema does not allow is therefore refused before it is
+decided: what is decided is what the tool acts on.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from bastion.untrusted_json import place
+
+# How many schemas one check may step through: nesting, ``$ref`` and ``anyOf`` branches together
+# (a schema that refers to itself in a loop ends here, and is taken as saying nothing more).
+_MAX_STEPS = 10_000
+_NAMES = {str: "string", bool: "boolean", dict: "object", list: "array", type(None): "null"}
+
+
+def type_refused(schema: Any, arguments: dict[str, Any]) -> str | None:
+    """Why ``arguments`` do not have the JSON types ``schema`` (a tool's ``inputSchema``)
+    declares, naming the first that does not, or None. Only types are checked (``type``, through
+    ``properties``, ``additionalProperties``, ``items``, ``prefixItems``, ``$ref`` to the
+    schema's own definitions, ``allOf``, ``anyOf``, ``oneOf``): a value the tool would convert."""
+    if not isinstance(schema, dict):
+        return None
+    return _refused(schema, arguments, schema, ("params", "arguments"), [_MAX_STEPS])
+
+
+def _json_type(value: Any) -> str:
+    if value.__class__ is int:
+        return "integer"
+    if value.__class__ is float:
+        return "number"
+    return _NAMES.get(value.__class__, "unknown")
+
+
+def _admits(types: Any, value: Any) -> bool:
+    if isinstance(types, str):
+        types = (types,)
+    if not isinstance(types, list | tuple) or not all(isinstance(t, str) for t in types):
+        return True  # no type this can read: nothing said
+    kind = _json_type(value)
+    if kind in types:
+        return True
+    if kind == "integer":
+        return "number" in types
+    # JSON Schema's integer is a number with no fraction: 1000.0 is one (the SDK reads 1000).
+    return kind == "number" and "integer" in types and value.is_integer()
+
+
+def _refused(schema: Any, value: Any, root: dict, path: tuple, steps: list[int]) -> str | None:
+    steps[0] -= 1
+    if steps[0] < 0 or not isinstance(schema, dict):
+        return None
+    ref = schema.get("$ref")
+    target = _definition(root, ref) if isinstance(ref, str) else None
+    if target is not None and (why := _refused(target, value, root, path, steps)):
+        return why
+    types = schema.get("type")
+    if types is not None and not _admits(types, value):
+        said = " or ".join(types) if isinstance(types, list) else types
+        return f"{place(path)}: the tool's inputSchema says {said}, not {_json_type(value)}"
+    for branch in _branches(schema, "allOf"):
+        if why := _refused(branch, value, root, path, steps):
+            return why
+    for key in ("anyOf", "oneOf"):
+        branches = _branches(schema, key)
+        if branches:
+            whys = [_refused(branch, value, root, path, steps) for branch in branches]
+            if all(whys):
+                return whys[0]
+    if value.__class__ is dict:
+        properties = schema.get("properties")
+        properties = properties if isinstance(properties, dict) else {}
+        other = schema.get("additionalProperties")
+        for key, item in value.items():
+            below = properties.get(key, other)
+            if isinstance(below, dict) and (
+                why := _refused(below, item, root, (*path, key), steps)
+            ):
+                return why
+    elif value.__class__ is list:
+        first = schema.get("prefixItems")
+        first = first if isinstance(first, list) else []
+        rest = schema.get("items")
+        for i, item in enumerate(value):
+            below = first[i] if i < len(first) else rest
+            if isinstance(below, dict) and (why := _refused(below, item, root, (*path, i), steps)):
+                return why
+    return None
+
+
+def _branches(schema: dict, key: str) -> list:
+    branches = schema.get(key)
+    return branches if isinstance(branches, list) else []
+
+
+def _definition(root: dict, ref: str) -> Any:
+    """The schema ``ref`` names within ``root`` (``#/$defs/Name``, ``#/definitions/Name``),
+    or None: a reference elsewhere is not fetched, and says nothing here."""
+    if not ref.startswith("#/"):
+        return None
+    found: Any = root
+    for part in ref[2:].split("/"):
+        part = part.replace("~1", "/").replace("~0", "~")
+        if not isinstance(found, dict) or part not in found:
+            return None
+        found = found[part]
+    return found

@@ -1,0 +1,125 @@
+"""A tool call is decided on the arguments the upstream acts on: the same bytes, read by bastion
+and then by a real MCP server (the official SDK's, pydantic behind it), may not mean two things.
+
+The policy denies transfers above 1000, to mallory, copied to mallory, or confirmed; each attempt
+here sends what the upstream would take for one of those in a spelling bastion reads otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from .streams import ENVELOPE, messages, modern_headers
+from .support import start
+
+TYPED = Path(__file__).resolve().parent / "typed_server.py"
+POLICY = """
+allow(_actor, _action: String, _it: McpServer) if context.server = "typed";
+allow(_actor, _action: String, _it: Tool) if context.server = "typed";
+deny(_user: User, "call", Tool{"typed/transfer"}) if context.arguments.amount > 1000;
+deny(_user: User, "call", Tool{"typed/transfer"}) if context.arguments.to = "mallory";
+deny(_user: User, "call", Tool{"typed/transfer"}) if "mallory" in context.arguments.cc;
+deny(_user: User, "call", Tool{"typed/transfer"}) if context.arguments.confirm = true;
+"""
+
+
+@pytest.fixture(scope="module")
+def bastion(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("meaning")
+    trace = folder / "typed-trace.jsonl"
+    typed = {
+        "name": "typed",
+        "command": sys.executable,
+        "args": [str(TYPED)],
+        "env": {"TYPED_TRACE": str(trace)},
+    }
+    with start(folder, policy_extra=POLICY, more_upstreams=(typed,)) as running:
+        running.typed_trace = trace
+        yield running
+
+
+@pytest.fixture(scope="module")
+def token(bastion):
+    return bastion.token("sam", "typed")
+
+
+def received(bastion) -> list[dict]:
+    """The arguments each call that ran got, as the tool's Python function read them."""
+    if not bastion.typed_trace.exists():
+        return []
+    return [json.loads(line) for line in bastion.typed_trace.read_text().splitlines()]
+
+
+def post(bastion, token, arguments_text: str):
+    """tools/call of ``transfer`` whose ``arguments`` are ``arguments_text``, as it is."""
+    envelope = json.dumps(ENVELOPE)
+    body = (
+        '{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"transfer",'
+        f'"arguments":{arguments_text},"_meta":{{"io.modelcontextprotocol/protocolVersion":'
+        f'"2026-07-28","io.modelcontextprotocol/clientCapabilities":{{}}}}}}}}'
+    )
+    assert json.loads(body)["params"]["_meta"] == json.loads(envelope)
+    return bastion.http.post(
+        bastion.mcp_url("typed"),
+        content=body.encode(),
+        headers=modern_headers(token, "tools/call", "transfer"),
+    )
+
+
+def outcome(response) -> str:
+    """``ran``, ``denied`` (by the policy) or ``refused`` (before any decision)."""
+    message = messages(response)[-1]
+    if "result" in message and not message["result"].get("isError"):
+        return "ran"
+    code = message["error"]["code"]
+    return {-32003: "denied", -32602: "refused"}.get(code, f"error {code}: {message}")
+
+
+def test_a_key_given_twice_is_read_as_the_upstream_reads_it(bastion, token):
+    before = len(received(bastion))
+    # The last of two keys counts, for bastion as for the upstream: what was decided runs.
+    assert outcome(post(bastion, token, '{"to":"alice","to":"mallory","amount":5}')) == "denied"
+    assert outcome(post(bastion, token, '{"to":"mallory","to":"alice","amount":5}')) == "ran"
+    assert outcome(post(bastion, token, '{"to":"bob","amount":5,"amount":5000}')) == "denied"
+    # The whole arguments object given twice.
+    twice = '{"to":"bob","amount":5},"arguments":{"to":"mallory","amount":5}'
+    assert outcome(post(bastion, token, twice)) == "denied"
+    assert received(bastion)[before:] == [
+        {"to": "alice", "amount": 5, "confirm": False, "cc": None}
+    ]
+
+
+def test_numbers_are_read_as_the_upstream_reads_them(bastion, token):
+    before = len(received(bastion))
+    for text, expected in (("1000.0", "ran"), ("1e3", "ran"), ("-0", "ran"), ("1001.0", "denied")):
+        assert outcome(post(bastion, token, f'{{"to":"bob","amount":{text}}}')) == expected, text
+    huge = '{"to":"bob","amount":10000000000000000000001}'
+    assert outcome(post(bastion, token, huge)) == "denied"
+    assert [r["amount"] for r in received(bastion)[before:]] == [1000, 1000, 0]
+
+
+@pytest.mark.parametrize(
+    "arguments",
+    [
+        '{"to":"bob","amount":"5000"}',
+        '{"to":"bob","amount":" 5000 "}',
+        '{"to":"bob","amount":"5_000"}',
+        '{"to":"bob","amount":true}',
+        '{"to":"bob","amount":5,"confirm":"yes"}',
+        '{"to":"bob","amount":5,"confirm":1}',
+        '{"to":"bob","amount":5,"cc":"[\\"mallory\\"]"}',
+    ],
+)
+def test_an_argument_of_another_type_than_the_tool_declares_is_refused(bastion, token, arguments):
+    """The upstream converts it to the declared type (pydantic's lax mode; the SDK reads a list
+    given as JSON text), after bastion decided on the text: a rule on the number, the boolean or
+    the list never saw what ran."""
+    before = len(received(bastion))
+    response = post(bastion, token, arguments)
+    assert outcome(response) == "refused", received(bastion)[before:]
+    assert "inputSchema" in messages(response)[-1]["error"]["message"]
+    assert received(bastion)[before:] == []
