@@ -123,3 +123,53 @@ def test_an_argument_of_another_type_than_the_tool_declares_is_refused(bastion, 
     assert outcome(response) == "refused", received(bastion)[before:]
     assert "inputSchema" in messages(response)[-1]["error"]["message"]
     assert received(bastion)[before:] == []
+
+
+CALL = (
+    b'{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"transfer","arguments":'
+    b'{"to":"mallory","amount":5000},"_meta":{"io.modelcontextprotocol/protocolVersion":'
+    b'"2026-07-28","io.modelcontextprotocol/clientCapabilities":{}}}}'
+)
+
+
+@pytest.mark.parametrize(
+    ("body", "content_type"),
+    [
+        (b"\xef\xbb\xbf" + CALL, "application/json"),  # a byte order mark first
+        (CALL + CALL, "application/json"),  # a second message after the first
+        (CALL + b" garbage", "application/json"),
+        (CALL.replace(b'"mallory"', b'"mall\xc1\xafory"'), "application/json"),  # overlong "/"
+        (CALL.decode().encode("utf-16-le"), "application/json; charset=utf-16"),
+    ],
+    ids=["BOM", "two values", "garbage after", "overlong UTF-8", "UTF-16"],
+)
+def test_a_body_a_parser_could_read_otherwise_is_refused_unread(bastion, token, body, content_type):
+    before = len(received(bastion))
+    headers = {**modern_headers(token, "tools/call", "transfer"), "content-type": content_type}
+    response = bastion.http.post(bastion.mcp_url("typed"), content=body, headers=headers)
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["code"] == -32700
+    assert received(bastion)[before:] == []
+
+
+def test_a_call_without_an_id_is_not_forwarded(bastion, token):
+    """A notification carrying a call: acknowledged, and nothing runs."""
+    before = len(received(bastion))
+    body = CALL.replace(b'"id":1,', b"").replace(b"5000", b"5").replace(b"mallory", b"bob")
+    response = bastion.http.post(
+        bastion.mcp_url("typed"),
+        content=body,
+        headers=modern_headers(token, "tools/call", "transfer"),
+    )
+    assert response.status_code == 202, response.text
+    assert received(bastion)[before:] == []
+
+
+def test_text_reaches_a_stdio_upstream_as_it_was_decided(bastion, token):
+    """Newlines as escapes, line and paragraph separators, and a message longer than a pipe's
+    buffer (64 KiB as bastion writes it, each character escaped): one message, read whole."""
+    before = len(received(bastion))
+    to = "a\nb\r\nc\u2028d\u2029e" + "\u2028" * 20_000
+    arguments = json.dumps({"to": to, "amount": 5}, ensure_ascii=False)
+    assert outcome(post(bastion, token, arguments)) == "ran"
+    assert [r["to"] for r in received(bastion)[before:]] == [to]
