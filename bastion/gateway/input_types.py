@@ -32,19 +32,22 @@ def type_refused(schema: Any, arguments: dict[str, Any]) -> str | None:
 
 
 def _json_type(value: Any) -> str:
-    if value.__class__ is int:
+    cls = value.__class__
+    if cls is int:
         return "integer"
-    if value.__class__ is float:
+    if cls is float:
         return "number"
-    return _NAMES.get(value.__class__, "unknown")
+    return _NAMES.get(cls, "unknown")
 
 
 def _admits(types: Any, value: Any) -> bool:
-    if isinstance(types, str):
-        types = (types,)
-    if not isinstance(types, list | tuple) or not all(isinstance(t, str) for t in types):
-        return True  # no type this can read: nothing said
     kind = _json_type(value)
+    if types.__class__ is str:
+        if types == kind:  # the usual case: one type, the one sent
+            return True
+        types = (types,)
+    elif not isinstance(types, list) or not all(isinstance(t, str) for t in types):
+        return True  # no type this can read: nothing said
     if kind in types:
         return True
     if kind == "integer":
@@ -55,42 +58,46 @@ def _admits(types: Any, value: Any) -> bool:
 
 def _refused(schema: Any, value: Any, root: dict, path: tuple, steps: list[int]) -> str | None:
     steps[0] -= 1
-    if steps[0] < 0 or not isinstance(schema, dict):
+    if steps[0] < 0 or schema.__class__ is not dict:
         return None
-    ref = schema.get("$ref")
-    target = _definition(root, ref) if isinstance(ref, str) else None
-    if target is not None and (why := _refused(target, value, root, path, steps)):
-        return why
+    if "$ref" in schema:
+        ref = schema["$ref"]
+        target = _definition(root, ref) if isinstance(ref, str) else None
+        if target is not None and (why := _refused(target, value, root, path, steps)):
+            return why
     types = schema.get("type")
     if types is not None and not _admits(types, value):
         said = " or ".join(types) if isinstance(types, list) else types
         return f"{place(path)}: the tool's inputSchema says {said}, not {_json_type(value)}"
-    for branch in _branches(schema, "allOf"):
-        if why := _refused(branch, value, root, path, steps):
-            return why
+    if "allOf" in schema:
+        for branch in _branches(schema, "allOf"):
+            if why := _refused(branch, value, root, path, steps):
+                return why
     for key in ("anyOf", "oneOf"):
-        branches = _branches(schema, key)
+        branches = _branches(schema, key) if key in schema else None
         if branches:
             whys = [_refused(branch, value, root, path, steps) for branch in branches]
             if all(whys):
                 return whys[0]
-    if value.__class__ is dict:
+    cls = value.__class__
+    if cls is dict:
         properties = schema.get("properties")
-        properties = properties if isinstance(properties, dict) else {}
+        if properties.__class__ is not dict:
+            properties = {}
         other = schema.get("additionalProperties")
         for key, item in value.items():
             below = properties.get(key, other)
-            if isinstance(below, dict) and (
+            if below.__class__ is dict and (
                 why := _refused(below, item, root, (*path, key), steps)
             ):
                 return why
-    elif value.__class__ is list:
+    elif cls is list:
         first = schema.get("prefixItems")
         first = first if isinstance(first, list) else []
         rest = schema.get("items")
         for i, item in enumerate(value):
             below = first[i] if i < len(first) else rest
-            if isinstance(below, dict) and (why := _refused(below, item, root, (*path, i), steps)):
+            if below.__class__ is dict and (why := _refused(below, item, root, (*path, i), steps)):
                 return why
     return None
 
