@@ -140,6 +140,9 @@ class GatewayConfig:
     # what the gateway keeps (decision records, behaviour counters, rate-limit windows,
     # subscriptions), so one longer is refused (-32602) before anything is decided or kept.
     max_name_chars: int = 2048
+    # Schema steps one tool call's arguments may take to check against its inputSchema
+    # (`bastion.gateway.input_types`); more: the call is refused, its types unchecked.
+    max_argument_checks: int = 100_000
     # Resources one user may follow on one server at once (resources/subscribe in every session,
     # subscriptions/listen streams), all their agents together; one more is refused (-32602).
     max_subscriptions_per_user: int = MAX_SUBSCRIPTIONS_PER_USER
@@ -180,6 +183,7 @@ class GatewayConfig:
             "label_max",
             "label_max_sets",
             "max_name_chars",
+            "max_argument_checks",
             "max_subscriptions_per_user",
             "subscription_lease_seconds",
             "upstream_error_log_seconds",
@@ -239,6 +243,7 @@ class GatewayConfig:
             label_max=_whole(table, "label_max", 256, "gateway"),
             label_max_sets=_whole(table, "label_max_sets", 100_000, "gateway"),
             max_name_chars=_whole(table, "max_name_chars", 2048, "gateway"),
+            max_argument_checks=_whole(table, "max_argument_checks", 100_000, "gateway"),
             max_subscriptions_per_user=_whole(
                 table, "max_subscriptions_per_user", MAX_SUBSCRIPTIONS_PER_USER, "gateway"
             ),

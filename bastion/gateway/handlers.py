@@ -795,7 +795,11 @@ async def call_tool(ex: Exchange) -> dict[str, Any]:
     annotations = await ex.upstream.annotations(name, ex.connection)
     # Arguments the tool would convert to its declared types are refused: decided as sent, they
     # would run as something else (bastion.gateway.input_types).
-    refused_type = type_refused(ex.upstream.input_schema(name, ex.connection), arguments)
+    refused_type = type_refused(
+        ex.upstream.input_schema(name, ex.connection),
+        arguments,
+        ex.gateway.config.max_argument_checks,
+    )
     if refused_type is not None:
         raise RpcError(INVALID_PARAMS, refused_type, http_status=400)
     # Under pin_tools: a tool listed otherwise than accepted is refused (two dict lookups; the

@@ -15,20 +15,30 @@ from typing import Any
 
 from bastion.untrusted_json import place
 
-# How many schemas one check may step through: nesting, ``$ref`` and ``anyOf`` branches together
-# (a schema that refers to itself in a loop ends here, and is taken as saying nothing more).
-_MAX_STEPS = 10_000
 _NAMES = {str: "string", bool: "boolean", dict: "object", list: "array", type(None): "null"}
 
 
-def type_refused(schema: Any, arguments: dict[str, Any]) -> str | None:
+def type_refused(schema: Any, arguments: dict[str, Any], most: int) -> str | None:
     """Why ``arguments`` do not have the JSON types ``schema`` (a tool's ``inputSchema``)
     declares, naming the first that does not, or None. Only types are checked (``type``, through
     ``properties``, ``additionalProperties``, ``items``, ``prefixItems``, ``$ref`` to the
-    schema's own definitions, ``allOf``, ``anyOf``, ``oneOf``): a value the tool would convert."""
+    schema's own definitions, ``allOf``, ``anyOf``, ``oneOf``): a value the tool would convert.
+    A check that would take more than ``most`` steps (a schema and a value each visited, ``anyOf``
+    branches each tried: many arguments, or a schema that refers to itself in a loop) refuses
+    them: what goes unchecked could be what runs otherwise than decided."""
     if not isinstance(schema, dict):
         return None
-    return _refused(schema, arguments, schema, ("params", "arguments"), [_MAX_STEPS])
+    steps = [most]
+    try:
+        why = _refused(schema, arguments, schema, ("params", "arguments"), steps, ())
+    except RecursionError:
+        return "params.arguments: the tool's inputSchema nests too deeply to check them against"
+    if steps[0] < 0:
+        return (
+            f"params.arguments: more than {most} steps to check against the tool's inputSchema"
+            " ([gateway] max_argument_checks)"
+        )
+    return why
 
 
 def _json_type(value: Any) -> str:
@@ -56,14 +66,20 @@ def _admits(types: Any, value: Any) -> bool:
     return kind == "number" and "integer" in types and value.is_integer()
 
 
-def _refused(schema: Any, value: Any, root: dict, path: tuple, steps: list[int]) -> str | None:
+def _refused(
+    schema: Any, value: Any, root: dict, path: tuple, steps: list[int], refs: tuple
+) -> str | None:
+    """``refs``: the references followed to ``schema`` at this value; one met again is a loop,
+    which says nothing more than it did the first time."""
     steps[0] -= 1
-    if steps[0] < 0 or schema.__class__ is not dict:
+    if steps[0] < 0:
+        return "too many steps"  # `type_refused` says so
+    if schema.__class__ is not dict:
         return None
     if "$ref" in schema:
         ref = schema["$ref"]
-        target = _definition(root, ref) if isinstance(ref, str) else None
-        if target is not None and (why := _refused(target, value, root, path, steps)):
+        target = _definition(root, ref) if isinstance(ref, str) and ref not in refs else None
+        if target is not None and (why := _refused(target, value, root, path, steps, (*refs, ref))):
             return why
     types = schema.get("type")
     if types is not None and not _admits(types, value):
@@ -71,12 +87,12 @@ def _refused(schema: Any, value: Any, root: dict, path: tuple, steps: list[int])
         return f"{place(path)}: the tool's inputSchema says {said}, not {_json_type(value)}"
     if "allOf" in schema:
         for branch in _branches(schema, "allOf"):
-            if why := _refused(branch, value, root, path, steps):
+            if why := _refused(branch, value, root, path, steps, refs):
                 return why
     for key in ("anyOf", "oneOf"):
         branches = _branches(schema, key) if key in schema else None
         if branches:
-            whys = [_refused(branch, value, root, path, steps) for branch in branches]
+            whys = [_refused(branch, value, root, path, steps, refs) for branch in branches]
             if all(whys):
                 return whys[0]
     cls = value.__class__
@@ -88,7 +104,7 @@ def _refused(schema: Any, value: Any, root: dict, path: tuple, steps: list[int])
         for key, item in value.items():
             below = properties.get(key, other)
             if below.__class__ is dict and (
-                why := _refused(below, item, root, (*path, key), steps)
+                why := _refused(below, item, root, (*path, key), steps, ())
             ):
                 return why
     elif cls is list:
@@ -97,7 +113,9 @@ def _refused(schema: Any, value: Any, root: dict, path: tuple, steps: list[int])
         rest = schema.get("items")
         for i, item in enumerate(value):
             below = first[i] if i < len(first) else rest
-            if below.__class__ is dict and (why := _refused(below, item, root, (*path, i), steps)):
+            if below.__class__ is dict and (
+                why := _refused(below, item, root, (*path, i), steps, ())
+            ):
                 return why
     return None
 

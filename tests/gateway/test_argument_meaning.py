@@ -173,3 +173,70 @@ def test_text_reaches_a_stdio_upstream_as_it_was_decided(bastion, token):
     arguments = json.dumps({"to": to, "amount": 5}, ensure_ascii=False)
     assert outcome(post(bastion, token, arguments)) == "ran"
     assert [r["to"] for r in received(bastion)[before:]] == [to]
+
+
+# -- the check's bound: what it cannot finish checking is refused, not let through ------------
+
+TRANSFER_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "to": {"type": "string"},
+        "amount": {"type": "integer"},
+        "cc": {"anyOf": [{"type": "array", "items": {"type": "string"}}, {"type": "null"}]},
+    },
+}
+
+
+def test_arguments_the_check_cannot_finish_within_its_bound_are_refused():
+    from bastion.gateway.input_types import type_refused
+
+    # Past the bound, the number in the last place would go unchecked (and "5000" run as 5000).
+    for arguments in ({"cc": ["ok"] * 40 + [5]}, {"cc": ["ok"] * 40, "amount": "5000"}):
+        why = type_refused(TRANSFER_SCHEMA, arguments, 30)
+        assert why is not None and "max_argument_checks" in why, why
+    # Within it, they are checked as ever.
+    assert type_refused(TRANSFER_SCHEMA, {"cc": ["ok"] * 40}, 100) is None
+    assert "not string" in type_refused(TRANSFER_SCHEMA, {"cc": ["ok"] * 40, "amount": "5"}, 100)
+    assert "not integer" in type_refused(TRANSFER_SCHEMA, {"cc": ["ok"] * 40 + [5]}, 100)
+
+
+def test_a_schema_that_refers_to_itself_in_a_loop_is_checked_once_round_it():
+    """A loop of references (no value read on the way) says nothing more the second time round:
+    it neither overflows the stack nor stops the types it does say from being checked."""
+    from bastion.gateway.input_types import type_refused
+
+    empty = {"$ref": "#/$defs/a", "$defs": {"a": {"$ref": "#/$defs/a"}}}
+    assert type_refused(empty, {"amount": "5000"}, 100_000) is None
+    typed = {
+        "$ref": "#/$defs/a",
+        "$defs": {
+            "a": {
+                "type": "object",
+                "properties": {"amount": {"type": "integer"}, "next": {"$ref": "#/$defs/a"}},
+                "allOf": [{"$ref": "#/$defs/b"}],
+            },
+            "b": {"$ref": "#/$defs/a"},
+        },
+    }
+    assert "not string" in type_refused(typed, {"amount": "5000"}, 100_000)
+    nested = {"next": {"next": {"amount": "5000"}}}
+    assert "next.next.amount" in type_refused(typed, nested, 100_000)
+
+
+def test_a_schema_nested_past_the_stack_refuses_the_call():
+    from bastion.gateway.input_types import type_refused
+
+    deep: dict = {"type": "object"}
+    for _ in range(5000):
+        deep = {"allOf": [deep]}
+    why = type_refused(deep, {"amount": 1}, 100_000)
+    assert why is not None and "nests too deeply" in why, why
+
+
+def test_the_bound_is_a_setting_of_at_least_one():
+    from bastion.gateway.config import GatewayConfig
+
+    assert GatewayConfig.from_mapping({}).max_argument_checks == 100_000
+    assert GatewayConfig.from_mapping({"max_argument_checks": 7}).max_argument_checks == 7
+    with pytest.raises(ValueError, match="max_argument_checks"):
+        GatewayConfig.from_mapping({"max_argument_checks": 0})
