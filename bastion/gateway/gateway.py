@@ -367,8 +367,9 @@ class Gateway:
         )
         self._renewer: asyncio.Task | None = None
         self.resource_scopes = resource_scopes
-        # bastion's progress token for a request -> where its progress goes (`Exchange.hear`)
-        self.progress_routes: dict[str, Hear] = {}
+        # bastion's progress token for a request -> the upstream connection the request went
+        # on, the only one whose progress for it is heard, and where it goes (`Exchange.hear`)
+        self.progress_routes: dict[str, tuple[Upstream, Hear]] = {}
         # (server, user, chain of agents, session id or None, the client's request id) -> its
         # request
         self.in_flight: dict[tuple, InFlight] = {}
@@ -586,6 +587,10 @@ class Gateway:
         owner: SessionOwner | None = None,
         connection: Upstream | None = None,
     ):
+        # The connection whose notifications these are: a request's progress is heard from
+        # the connection it went on only.
+        source = connection if connection is not None else state.upstream
+
         def listeners() -> list[Listener]:
             found = self.sessions.listeners_of(state.name)
             if owner is None:
@@ -601,9 +606,9 @@ class Gateway:
             params = message.get("params")
             params = params if isinstance(params, dict) else {}
             if method == "notifications/progress":
-                hear = self.progress_routes.get(str(params.get("progressToken")))
-                if hear is not None:
-                    await hear(message)
+                route = self.progress_routes.get(str(params.get("progressToken")))
+                if route is not None and route[0] is source:
+                    await route[1](message)
             elif method in LIST_CHANGED:
                 if method == "notifications/tools/list_changed":
                     state.forget_tools(connection)

@@ -195,6 +195,7 @@ class Exchange:
             params = await self.gateway.client_requests.answered(
                 self.caller, self.server, params, self.decides_client_requests
             )
+        connection = self.connection
         meta = params.get("_meta")
         route = None
         if isinstance(meta, dict):
@@ -202,10 +203,12 @@ class Exchange:
             token = meta.get("progressToken")
             if token is not None and self.progress is not None:
                 # Tokens are the client's; upstream they must be unique across all clients.
+                # Heard only from the connection the request goes on: another upstream, or
+                # another user's upstream session, naming this token reaches no one.
                 route = f"bastion-{next(_tokens)}"
                 meta["progressToken"] = route
                 self._progress_token = token
-                self.gateway.progress_routes[route] = self.hear
+                self.gateway.progress_routes[route] = (connection, self.hear)
             elif token is not None:
                 meta.pop("progressToken")
             if meta:
@@ -221,7 +224,6 @@ class Exchange:
         # Log messages only for a client that asked for them and reads the answer's stream.
         level = (self.log_level if self.progress is not None else None) or None
         hear = self.hear if level else None
-        connection = self.connection
         request = partial(
             connection.request,
             self.message.method,

@@ -87,3 +87,14 @@ async def hold(tag: str) -> str:
     while tag not in RELEASED:
         await anyio.sleep(0.01)
     return f"released {tag}"
+
+
+@server.tool()
+async def nudge(tokens: list[str], message: str, ctx: Context) -> str:
+    """Send progress for each of ``tokens`` (tokens of other requests than this one's) on this
+    call's own stream, saying ``message``: what an upstream could try to reach other clients."""
+    for token in tokens:
+        await ctx.session.send_progress_notification(
+            token, 1, 2, message, related_request_id=ctx.request_id
+        )
+    return f"nudged {len(tokens)}"

@@ -15,6 +15,7 @@ import json
 import threading
 import time
 from contextlib import AsyncExitStack
+from functools import partial
 from pathlib import Path
 
 import anyio
@@ -343,6 +344,53 @@ def test_a_shared_upstream_session_is_one_for_everyone_and_relays_no_standing_re
     assert standing == "refused: bastion does not relay server requests"
     assert in_call == "answer: file:///home/alice"
     assert asked == [("roots", "")]
+
+
+def test_an_upstream_session_reaches_no_other_users_call_with_progress(bastion):
+    # bastion's progress tokens upstream are its own (and counted: easy to guess). An upstream
+    # session that sends progress under the tokens of other requests reaches none of them: not
+    # another user's call on the same upstream, nor a call on another upstream. Before, each
+    # reached the call holding that token, whichever connection it came from.
+    heard: dict[str, list] = {"bob": [], "bob elsewhere": []}
+    tag = "progress-crossing"
+
+    async def main():
+        async with AsyncExitStack() as stack:
+            alice = await connect(bastion, stack, "alice", "solo", [])
+            bob = await connect(bastion, stack, "bob", "solo", [])
+            again = await connect(bastion, stack, "bob", "solo", [])
+            elsewhere = await connect(bastion, stack, "bob", "together", [])
+
+            def noted(who: str):
+                async def progress(progress, total, message):
+                    heard[who].append(message)
+
+                return progress
+
+            async with anyio.create_task_group() as tasks:
+                for client, who, held in (
+                    (bob, "bob", tag),
+                    (elsewhere, "bob elsewhere", tag + "2"),
+                ):
+                    tasks.start_soon(
+                        partial(
+                            client.call_tool, "hold", {"tag": held}, progress_callback=noted(who)
+                        )
+                    )
+                with anyio.fail_after(15):
+                    while not {tag, tag + "2"} <= SERVER.HELD:
+                        await anyio.sleep(0.02)
+                routes = list(bastion.app.state.gateway.progress_routes)
+                assert len(routes) >= 2
+                said = await text(alice, "nudge", tokens=routes, message="alice's session says hi")
+                # Bob's own upstream session still reaches his call (and only that one).
+                await text(again, "nudge", tokens=routes, message="bob's session says hi")
+                SERVER.RELEASED.update({tag, tag + "2"})
+            return said
+
+    said = anyio.run(main)
+    assert said.startswith("nudged")
+    assert heard == {"bob": ["bob's session says hi"], "bob elsewhere": []}
 
 
 def test_a_2026_client_cannot_be_asked_on_a_standing_stream(bastion):
