@@ -14,6 +14,7 @@ import time
 import pytest
 
 from bastion.gateway.enforce import Caller
+from bastion.gateway.jsonrpc import SESSION_NOT_FOUND
 from bastion.gateway.sessions import LIST_CHANGED, MAX_BACKLOG, MAX_STREAMS_PER_USER, Listener
 
 from .streams import events, legacy_session, messages, modern_headers, modern_request
@@ -214,3 +215,35 @@ def test_a_user_holds_a_bounded_number_of_sessions_and_the_least_used_goes_first
     assert table.find(
         table.open("labold", "sam", ("agent-0",), "2025-11-25").id, "labold", "sam", ("agent-0",)
     )
+
+
+def test_another_users_session_id_serves_nothing_and_ends_nothing(bastion):
+    """A 2025-11-25 session id is bound to the user (and chain) that opened it: avery, with a
+    token of the very agent sam uses, holding sam's session id, is answered 404 on every method
+    (a call, the GET stream resumed with ``Last-Event-ID``, DELETE), and sam's session goes on.
+    Once sam ends it, its id serves no one, sam included."""
+    from .support import register_public_client
+
+    agent = register_public_client(bastion.http, bastion.url)
+    sams = legacy_session(bastion, bastion.token("sam", "deskhttp", client_id=agent), "deskhttp")
+    averys_token = bastion.token("avery", "deskhttp", client_id=agent)
+    theirs = {**sams, "authorization": f"Bearer {averys_token}"}
+    call = {"jsonrpc": "2.0", "id": 1, "method": "tools/call"}
+    call["params"] = {"name": "search_customers", "arguments": {"query": "a"}}
+    url = bastion.mcp_url("deskhttp")
+    attempts = [
+        bastion.http.post(url, json=call, headers=theirs),
+        bastion.http.get(
+            url,
+            headers={**theirs, "accept": "text/event-stream", "last-event-id": "0"},
+            timeout=5,
+        ),
+        bastion.http.delete(url, headers=theirs),
+    ]
+    assert [r.status_code for r in attempts] == [404, 404, 404]
+    assert all(r.json()["error"]["code"] == SESSION_NOT_FOUND for r in attempts)
+    served = bastion.http.post(url, json=call, headers=sams)
+    assert served.status_code == 200 and "result" in messages(served)[-1]
+    assert bastion.http.delete(url, headers=sams).status_code == 204
+    after = [bastion.http.post(url, json=call, headers=h) for h in (sams, theirs)]
+    assert [r.status_code for r in after] == [404, 404]
