@@ -56,17 +56,15 @@ def uvicorn_serving(app, sock, **options):
         thread.join(10)
 
 
-@contextlib.contextmanager
-def served_like_bastion_serve(app, sock):
-    """tests.oauth.support.serve, with `bastion serve`'s protocol and options for bastion's own
-    application."""
-    state = getattr(app, "state", None)
-    if state is None or getattr(state, "gateway", None) is None:
-        with oauth_support.serve(app, sock) as url:
-            yield url
-        return
-    with uvicorn_serving(app, sock, lifespan="on", **connection_limits(state.config, app)) as url:
-        yield url
+class ServedLikeBastionServe(oauth_support.Servers):
+    """tests.oauth.support.Servers, with `bastion serve`'s protocol and options for bastion's
+    own application."""
+
+    def serve(self, app, sock, **options) -> str:
+        state = getattr(app, "state", None)
+        if state is not None and getattr(state, "gateway", None) is not None:
+            options = {"access_log": False, **connection_limits(state.config, app), **options}
+        return super().serve(app, sock, **options)
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +77,7 @@ def bastion(tmp_path_factory):
     try:
         with (
             mock.patch.object(support, "ServerConfig", config),
-            mock.patch.object(support, "serve", served_like_bastion_serve),
+            mock.patch.object(support, "Servers", ServedLikeBastionServe),
             support.start(tmp_path_factory.mktemp("direct-gateway")) as running,
         ):
             # As `bastion serve` without access_log (whose lines the protocol leaves to the

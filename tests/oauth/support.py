@@ -62,9 +62,10 @@ class Servers:
     def __init__(self) -> None:
         self._running: list[tuple[uvicorn.Server, threading.Thread]] = []
 
-    def serve(self, app, sock: socket.socket, **ssl) -> str:
-        """Start ``app`` on ``sock``; its base URL once it listens."""
-        config = uvicorn.Config(app, log_level="warning", lifespan="on", **ssl)
+    def serve(self, app, sock: socket.socket, **options) -> str:
+        """Start ``app`` on ``sock``, with uvicorn's ``options`` (``ssl_certfile``...); its base
+        URL once it listens."""
+        config = uvicorn.Config(app, **{"log_level": "warning", "lifespan": "on", **options})
         server = uvicorn.Server(config)
         thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
         thread.start()
@@ -74,7 +75,7 @@ class Servers:
             if time.monotonic() > deadline or not thread.is_alive():
                 raise RuntimeError("uvicorn did not start")
             time.sleep(0.01)
-        scheme = "https" if ssl else "http"
+        scheme = "https" if "ssl_certfile" in options else "http"
         return f"{scheme}://127.0.0.1:{sock.getsockname()[1]}"
 
     def __enter__(self) -> Servers:
@@ -88,10 +89,10 @@ class Servers:
 
 
 @contextmanager
-def serve(app, sock: socket.socket, **ssl) -> Iterator[str]:
+def serve(app, sock: socket.socket, **options) -> Iterator[str]:
     """Run an ASGI app with uvicorn on an already bound loopback socket; yield its base URL."""
     with Servers() as servers:
-        yield servers.serve(app, sock, **ssl)
+        yield servers.serve(app, sock, **options)
 
 
 def pkce_pair() -> tuple[str, str]:
