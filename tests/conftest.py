@@ -23,31 +23,41 @@ POSTGRES_URL = os.environ.get("BASTION_TEST_POSTGRES", "postgresql://postgres@12
 REDIS_URL = os.environ.get("BASTION_TEST_REDIS", "redis://127.0.0.1:6379/0")
 
 
-# The files that take longest (seconds on two shared cores, `--durations` and junit times summed
-# per file, December 2026), started first. `make test` hands whole files to its two processes
-# (`--dist loadfile`) in collection order (`--no-loadscope-reorder`, pyproject.toml): a long file
-# handed out last keeps one core busy while the other has nothing left, so the longest go first
-# and the short ones even the two processes out at the end. A file that grows past the last one
-# here (about 20 s) belongs in the list, in its place; a name no longer in the tree is ignored.
+# The files that take longest (seconds of junit time on two cores shared with other work,
+# December 2026, after `make test` compiled bytecode), started first. `make test` hands whole
+# files to its two processes (`--dist loadfile`) in collection order (`--no-loadscope-reorder`,
+# pyproject.toml): a long file handed out last keeps one core busy while the other has nothing
+# left, so the longest go first and the short ones even the two processes out at the end. A file
+# that grows past the last one here (about 25 s) belongs in the list, in its place; a name no
+# longer in the tree is ignored.
 LONG_FILES = (
-    "tests/server/test_openapi.py",  # 130: schemathesis, 60 s each on SQLite and PostgreSQL
-    "tests/oso_cloud/test_openapi.py",  # 62: schemathesis, 60 s
-    "tests/server/test_replicas.py",  # 42
-    "tests/approvals/test_gateway_holds.py",  # 37
-    "tests/oauth/test_revocation_push.py",  # 28
-    "tests/security/test_edge.py",  # 27: header and body deadlines of 2 s, a server per setting
-    "tests/security/test_policy.py",  # 27
-    "tests/security/test_storage.py",  # 26
-    "tests/scale/test_replica_races.py",  # 23
-    "tests/facts/test_snapshot.py",  # 24
-    "tests/gateway/test_conformance.py",  # 15, and 9 more for its first npm install
-    "tests/gateway/test_inspector_cli.py",  # 6, and 13 more for its first npm install
-    "tests/security/test_nul.py",  # 21
-    "tests/gateway/test_quickstart_client.py",  # 20
-    "tests/approvals/test_pages.py",  # 20
-    "tests/policy/test_cli.py",  # 19
-    "tests/scale/test_load_balancer.py",  # 18: one deployment for 9 of its 10 tests
-    "tests/scale/test_clock_skew.py",  # 18: one replica per skew, shared
+    "tests/server/test_openapi.py",  # 178: schemathesis, 60 s each on SQLite and PostgreSQL
+    "tests/security/test_policy.py",  # 125
+    "tests/server/test_replicas.py",  # 114
+    "tests/security/test_storage.py",  # 87
+    "tests/oso_cloud/test_openapi.py",  # 71: schemathesis, 60 s
+    "tests/security/test_edge.py",  # 69: header and body deadlines of 2 s, a server per setting
+    "tests/approvals/test_gateway_holds.py",  # 67
+    "tests/gateway/test_conformance.py",  # 60, and more for its first npm install
+    "tests/gateway/test_inspector_cli.py",  # 49, with its first npm install
+    "tests/gateway/test_quickstart_approvals.py",  # 49
+    "tests/policy/test_agrees_with_reference.py",  # 47
+    "tests/scale/test_replica_races.py",  # 45
+    "tests/oauth/test_revocation_push.py",  # 37
+    "tests/connections/test_upstream_connections.py",  # 35
+    "tests/approvals/test_pages_confirmer.py",  # 33
+    "tests/facts/test_snapshot.py",  # 32
+    "tests/policy/test_limits.py",  # 31
+    "tests/audit/test_decision_journal.py",  # 30
+    "tests/gateway/test_quickstart_client.py",  # 30
+    "tests/scale/test_load_balancer.py",  # 29: one deployment for 9 of its 10 tests
+    "tests/approvals/test_service.py",  # 29
+    "tests/delegation/test_delegated_grants.py",  # 28
+    "tests/delegation/test_exchange_rules.py",  # 28
+    "tests/security/test_nul.py",  # 28
+    "tests/policy/test_oso_polar.py",  # 27
+    "tests/gateway/test_shared_subscriptions.py",  # 26
+    "tests/approvals/test_pages.py",  # 26
 )
 
 
