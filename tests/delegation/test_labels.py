@@ -100,6 +100,8 @@ async def send(client, arguments: dict) -> tuple:
         result = await client.call_tool("send_email", arguments)
         return ("sent", result.content[0].text)
     except MCPError as e:
+        if e.error.code == -32602:  # refused before any decision (invalid params)
+            return ("invalid", e.error.message)
         return ("refused", e.error.data["reason"])
 
 
@@ -138,7 +140,13 @@ def test_an_agent_shown_pii_cannot_email_outside_and_still_can_inside(bastion, m
 
     ((first, shown, before, after),) = sessions(bastion, token, mode, script)
     assert first[0] == "sent" and "customers" in shown
-    assert after[:3] == [("refused", "not_permitted")] * 3
+    assert after[:2] == [("refused", "not_permitted")] * 2
+    # A number where the tool takes a string is refused before it is decided (its inputSchema:
+    # docs/gateway.md), so no label rule that reads text can be passed with one.
+    assert after[2] == (
+        "invalid",
+        "params.arguments.to: the tool's inputSchema says string, not integer",
+    )
     assert after[3][0] == "sent"
     assert sent_outside(bastion, before) == [], "a refused email never reaches the upstream"
 
@@ -198,6 +206,8 @@ async def _outcome(call) -> tuple:
         await call
         return ("ok",)
     except MCPError as e:
+        if e.error.code == -32602:  # refused before any decision (invalid params)
+            return ("invalid", e.error.message)
         return ("refused", e.error.data["reason"])
 
 
