@@ -32,11 +32,13 @@ run-oidc: $(STAMP)
 # The tests start many Python processes (bastion serve, the CLI, test programs): compiled
 # once here, each reads bastion's bytecode instead of compiling it again, which costs nearly a
 # second of CPU per process where PYTHONDONTWRITEBYTECODE is set (Python then writes no cache).
+# Three processes on two cores: a third of the suite's time is spent waiting (servers starting,
+# deadlines, sleeps), which a third process fills (README, "Tests").
 test: $(STAMP)
 	$(BIN)/ruff check bastion tests benchmarks
 	$(BIN)/ruff format --check bastion tests benchmarks
 	$(BIN)/python -m compileall -q bastion tests benchmarks
-	$(BIN)/pytest -q -n 2 --dist loadfile
+	$(BIN)/pytest -q -n 3 --dist loadfile
 
 lint: $(STAMP)
 	$(BIN)/ruff check bastion tests benchmarks

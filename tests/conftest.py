@@ -25,9 +25,9 @@ REDIS_URL = os.environ.get("BASTION_TEST_REDIS", "redis://127.0.0.1:6379/0")
 
 # The files that take longest (seconds of junit time on two cores shared with other work,
 # December 2026, after `make test` compiled bytecode), started first. `make test` hands whole
-# files to its two processes (`--dist loadfile`) in collection order (`--no-loadscope-reorder`,
+# files to its three processes (`--dist loadfile`) in collection order (`--no-loadscope-reorder`,
 # pyproject.toml): a long file handed out last keeps one core busy while the other has nothing
-# left, so the longest go first and the short ones even the two processes out at the end. A file
+# left, so the longest go first and the short ones even the processes out at the end. A file
 # that grows past the last one here (about 25 s) belongs in the list, in its place; a name no
 # longer in the tree is ignored.
 LONG_FILES = (
