@@ -138,13 +138,15 @@ class RequestBodyLimits:
         self.deadlines.add(reading, self.body_timeout)
         try:
             await self.app(scope, reading.receive, reading.send)
-        except Exception:
+        except Exception as e:
             if reading.gone:
-                # No one to answer: whatever the application made of it is no failure.
+                # No one to answer: whatever the application made of it is no failure (named, in
+                # case a fault of its own met the client's leaving).
                 log.info(
-                    "the client went away before its request body was complete: %s %s",
+                    "the client went away before its request body was complete: %s %s (%s)",
                     scope["method"],
                     path,
+                    type(e).__name__,
                 )
                 return
             # Whatever the application made of the refusal raised into it, the refusal answers.

@@ -346,7 +346,9 @@ def test_a_client_gone_before_its_body_is_complete_is_no_server_error(
     )
     with socket.create_connection(("127.0.0.1", quickstart.port), timeout=30) as s:
         s.sendall(head.encode() + b'{"actor": ')
-    said = f"the client went away before its request body was complete: POST {path}"
+    said = (
+        f"the client went away before its request body was complete: POST {path} (ClientDisconnect)"
+    )
     assert eventually(
         lambda: said in quickstart.log or quickstart.log.count("Traceback") > tracebacks
     )
