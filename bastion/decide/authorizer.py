@@ -573,7 +573,7 @@ class Session:
         a set of single values when one argument is open, of tuples when several are; with none
         open, ``{()}`` if it holds. Empty when the policy does not define the predicate.
         ``allow/3`` holds where `authorize` allows: a ``deny`` rule that holds takes it back."""
-        mask = "".join("f" if a is None or isinstance(a, Variable) else "b" for a in args)
+        mask = mask_of(args)
         return self.rows(predicate, mask, *(a for a, m in zip(args, mask, strict=True) if m == "b"))
 
     def rows(self, predicate: str, mask: str, *bound: Any) -> set:
@@ -597,6 +597,12 @@ class Session:
             return found
         except RecursionError:
             stack_exhausted(self._q)
+
+
+def mask_of(args: Sequence[Any]) -> str:
+    """The shape of a question's arguments: "f" for each open one (a `Variable` or None), "b"
+    for each given."""
+    return "".join("f" if a is None or isinstance(a, Variable) else "b" for a in args)
 
 
 def _spread(mask: str, bound: tuple, hit: Any) -> list:
@@ -948,6 +954,41 @@ class Authorizer:
         """True when ``predicate(*args)`` holds (every argument bound); False if undefined."""
         with self.session(context) as s:
             return bool(s.values(predicate, *args))
+
+    def prepared(self, shapes: Iterable[tuple[str, str]]) -> bool:
+        """Whether each shape of question (``(predicate, mask)``, as `Session.rows` takes them)
+        is compiled for the policy in force, so asking it compiles nothing."""
+        active = self._active
+        return all(
+            shape in active.shapes or not active.compiled.defines(shape[0], len(shape[1]))
+            for shape in shapes
+        )
+
+    def prepare(self, shapes: Iterable[tuple[str, str]]) -> None:
+        """Compile the shapes of question not compiled yet for the policy in force, on the
+        calling thread (a worker thread of a server), beside the decisions made meanwhile: the
+        fact lock is held only to read the facts, as when a policy is loaded. A server's event
+        loop then asks them without compiling (a new shape of `query` may compile for seconds
+        on a large policy). Raises what asking them would (`PolicyError`, `EvaluationLimit`
+        once the compile budget is spent)."""
+        active = self._active
+        compiled = active.compiled
+        wanted = [
+            (name, mask)
+            for name, mask in shapes
+            if (name, mask) not in active.shapes and compiled.defines(name, len(mask))
+        ]
+        if not wanted:
+            return
+        try:
+            with compiled.beside_decisions(self._index.lock) as compile_shape:
+                for name, mask in wanted:
+                    active.shapes[(name, mask)] = compile_shape(name, len(mask), mask)
+        except Exception:
+            if self._active is active:
+                raise
+            # Replaced meanwhile (and closed: `_swap`): the shapes are asked of the policy in
+            # force, which compiles them in turn.
 
     def query(self, predicate: str, *args: Any, context: dict | None = None) -> list[tuple]:
         """Every ``(predicate, *values)`` that holds, with `Variable` (or None) args left open."""

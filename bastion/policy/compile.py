@@ -29,8 +29,9 @@ from __future__ import annotations
 import contextlib
 import itertools
 import re
+import threading
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,7 +41,13 @@ from bastion.policy.ast import Arith, Const, ContextPath, EntityOf, ListTerm, Va
 from bastion.policy.builtins import BUILTINS
 from bastion.policy.builtins.arithmetic import arith
 from bastion.policy.builtins.entities import entity_of
-from bastion.policy.errors import Diagnostic, EvaluationLimit, Location, PolicyError
+from bastion.policy.errors import (
+    CompilerBusy,
+    Diagnostic,
+    EvaluationLimit,
+    Location,
+    PolicyError,
+)
 from bastion.policy.limits import DEFAULT_LIMITS, PolicyLimits
 from bastion.policy.plan import PlanError, negations_shared, plan
 from bastion.policy.program import (
@@ -210,6 +217,8 @@ class CompiledPolicy:
         # Past loading, a question that needs more compiling than the budget allows is refused
         # (`EvaluationLimit`), not the policy.
         self.serving = False
+        # Held while shapes are generated: one compile at a time (see `beside_decisions`).
+        self._compiling = threading.Lock()
         self.namespace: dict[str, Any] = {
             "MISSING": MISSING,
             "Entity": Entity,
@@ -271,8 +280,39 @@ class CompiledPolicy:
         """The compiled function for ``name/arity`` called with ``mask`` ("b"/"f" per argument).
 
         Raises `PolicyError` if it cannot be compiled; once `serving`, `EvaluationLimit` if the
-        compile budget is spent.
+        compile budget is spent, and `CompilerBusy` if it must be compiled while a worker thread
+        compiles another shape (`beside_decisions`).
         """
+        fname = self._names.get(Node(name, arity, mask))
+        if fname is not None and (fn := self.namespace.get(fname)) is not None:
+            # Defined, and so are the shapes it calls (a group is defined after the groups it
+            # calls: `_finish_group`): nothing of the compiler's state is read, so this is
+            # safe beside a compile on another thread.
+            return fn
+        if not self._compiling.acquire(blocking=False):
+            # Held by a compile beside the decisions, which may wait for the fact lock that
+            # this caller holds: not waited for here.
+            raise CompilerBusy(name, arity, mask)
+        try:
+            return self._compiled(name, arity, mask)
+        finally:
+            self._compiling.release()
+
+    @contextlib.contextmanager
+    def beside_decisions(self, facts_lock: Any) -> Iterator[Callable[[str, int, str], Any]]:
+        """Compile shapes on a worker thread while decisions go on: gives `function` without its
+        fast path, for the holder alone; ``facts_lock`` is held only to read or index the facts
+        (`index_lock`), as when a policy is loaded. `function` on another thread, for a shape not
+        yet defined, meanwhile raises `CompilerBusy` rather than wait."""
+        with self._compiling:
+            self.index_lock = facts_lock
+            try:
+                yield self._compiled
+            finally:
+                self.index_lock = None
+
+    def _compiled(self, name: str, arity: int, mask: str) -> Any:
+        """`function`, the caller holding `_compiling`."""
         try:
             fname = self._ensure(Node(name, arity, mask))
         except BaseException as err:

@@ -48,3 +48,13 @@ class EvaluationLimit(Exception):
         self.limit = limit
         self.value = value
         super().__init__(f"evaluation stopped: {what} (the limit is {limit} = {value})")
+
+
+class CompilerBusy(Exception):
+    """A shape of question not compiled yet, asked while a worker thread compiles another for
+    the same policy (`CompiledPolicy.beside_decisions`): compile it there too, then ask again.
+    Never a refusal: a server answers the question once its shapes are compiled."""
+
+    def __init__(self, name: str, arity: int, mask: str) -> None:
+        self.shape = (name, mask)
+        super().__init__(f"{name}/{arity} ({mask}) is not compiled yet, and the compiler is busy")

@@ -22,10 +22,10 @@ import bisect
 import itertools
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
 from starlette.requests import Request
@@ -33,6 +33,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from bastion.decide import Authorizer
+from bastion.decide.authorizer import mask_of
 from bastion.decide.contract import (
     ChainDecision,
     decide_chain,
@@ -40,9 +41,10 @@ from bastion.decide.contract import (
     explained_principal,
 )
 from bastion.facts.model import Entity, arg_from_json, arg_to_json
-from bastion.policy.errors import EvaluationLimit, PolicyError
+from bastion.policy.errors import CompilerBusy, EvaluationLimit, PolicyError
 from bastion.server.api.policy import policy_problem
 from bastion.server.auth import require
+from bastion.server.keys import ApiKey
 from bastion.server.metrics import Metrics
 from bastion.server.problems import (
     Problem,
@@ -57,6 +59,8 @@ from bastion.server.problems import action as action_field
 from bastion.server.problems import field as get_field
 from bastion.server.replica import ConsistencyTimeout, Replica
 from bastion.signals.suspensions import Held, asks_allow
+
+T = TypeVar("T")
 
 MAX_BATCH = 1000
 # What a refusal's record keeps of its answer.
@@ -197,6 +201,44 @@ async def fresh(request: Request, body: dict) -> Replica:
             ) from None
         _current(request)  # it may have gone stale while it waited
     return replica
+
+
+class Uncompiled(Exception):
+    """Raised by `require_compiled` before a question whose shapes are not compiled yet."""
+
+    def __init__(self, shapes: list[tuple[str, str]]) -> None:
+        self.shapes = shapes
+        super().__init__(f"not compiled yet: {shapes}")
+
+
+def require_compiled(authz: Authorizer, shapes: list[tuple[str, str]], tried: bool) -> None:
+    """Raise `Uncompiled` unless each shape of question (``(predicate, mask)``) is compiled for
+    the policy in force, or ``tried`` (`compiled_first` tried and failed: asked, it raises
+    what that compile raised, and is answered so)."""
+    if not tried and not authz.prepared(shapes):
+        raise Uncompiled(shapes)
+
+
+async def compiled_first(
+    replica_now: Callable[[], Awaitable[Replica]], answer: Callable[[Replica, bool], T]
+) -> T:
+    """``answer(replica, tried)`` on the event loop, the replica as ``replica_now`` gives it
+    (`fresh`); where ``answer``
+    stops at a shape of question not compiled yet (`require_compiled`, `CompilerBusy`), it is
+    compiled on a worker thread (`Authorizer.prepare`) and ``answer`` runs again from the start
+    on the replica as it then is: never compiled on the loop, where a new shape of a large
+    policy would hold every other request for as long as it compiles."""
+    tried = False
+    while True:
+        replica = await replica_now()
+        try:
+            return answer(replica, tried)
+        except (Uncompiled, CompilerBusy) as stopped:
+            shapes = stopped.shapes if isinstance(stopped, Uncompiled) else [stopped.shape]
+        try:
+            await anyio.to_thread.run_sync(replica.authz.prepare, shapes)
+        except (PolicyError, EvaluationLimit):
+            tried = True
 
 
 def answerable_now(replica: Replica, body: dict) -> bool:
@@ -699,11 +741,16 @@ async def actions(request: Request) -> JSONResponse:
 
 
 async def query(request: Request) -> JSONResponse:
-    from bastion.decide import Variable
-
     key = await require(request, "decide")
     body = await read_json(request)
-    replica = await fresh(request, body)
+    return await compiled_first(partial(fresh, request, body), partial(_query, request, key, body))
+
+
+def _query(
+    request: Request, key: ApiKey, body: dict, replica: Replica, tried: bool
+) -> JSONResponse:
+    from bastion.decide import Variable
+
     predicate = get_field(body, "predicate", str)
     raw_args = get_field(body, "args", list, required=False) or []
     if not key.allows("facts:read") and replica.authz.stores_facts(predicate, len(raw_args)):
@@ -735,6 +782,7 @@ async def query(request: Request) -> JSONResponse:
         if held is not None:
             rows, refusal = [], _held(held)  # the kill switch, before the policy
         else:
+            require_compiled(replica.authz, [(predicate, mask_of(args))], tried)
             rows = replica.authz.query(predicate, *args, context=_context(body))
             if asks_allow(predicate, len(args)):
                 rows = [row for row in rows if not suspensions.holds_value(row[1])]

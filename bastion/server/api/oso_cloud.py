@@ -31,7 +31,14 @@ from bastion.facts.model import Entity, FactError, check_fact
 from bastion.facts.store import FactStore, StoredFact, WriteResult, check_entity_size, fact_key
 from bastion.policy.errors import EvaluationLimit, PolicyError
 from bastion.policy.parser import parse
-from bastion.server.api.decisions import fresh, known_type, observe_decision, record_decision
+from bastion.server.api.decisions import (
+    compiled_first,
+    fresh,
+    known_type,
+    observe_decision,
+    record_decision,
+    require_compiled,
+)
 from bastion.server.api.policy import await_applied, policy_problem, policy_warnings
 from bastion.server.auth import require
 from bastion.server.problems import (
@@ -405,7 +412,12 @@ async def evaluate_query(request: Request) -> Response:
     variables, answered as one row per solution (variable id -> value id)."""
     await require(request, READ)
     body = await read_json(request)
-    replica = await _replica(request)
+    return await compiled_first(
+        functools.partial(_replica, request), functools.partial(_query, request, body)
+    )
+
+
+def _query(request: Request, body: dict, replica: Any, tried: bool) -> Response:
     authz: Authorizer = replica.authz
     calls = [_call(get_field(body, "predicate", list), "predicate")]
     for i, call in enumerate(get_field(body, "calls", list, required=False) or []):
@@ -424,11 +436,12 @@ async def evaluate_query(request: Request) -> Response:
     suspensions = replica.suspensions
     # The actor of every allow/3 call: given and held, no answer; left open, its held values out.
     actors = [args[0] for name, args in calls if asks_allow(name, len(args))]
-    given = [v for var in actors if (v := constraints[var][1]) is not None and len(v) == 1]
+    given = [v for var in actors if _single(v := constraints[var][1])]
     try:
         if any(suspensions.holds_value(next(iter(v))) for v in given):
             rows, refused = [], SUSPENDED  # the kill switch, before the policy
         else:
+            require_compiled(authz, _shapes(calls, constraints), tried)
             with authz.session(None, facts=facts) as session:
                 rows = _solve(session, calls, constraints, most)
             rows = [r for r in rows if not any(suspensions.holds_value(r[v]) for v in actors)]
@@ -477,22 +490,32 @@ def _constraints(raw: dict) -> dict[str, tuple[str, frozenset | None]]:
     return out
 
 
-def _solve(session: Any, calls: list, constraints: dict, most: int) -> list[dict]:
-    """Join the calls left to right: each binds what earlier ones left open. A variable with
-    exactly one allowed value is given; one with several is left open and checked."""
-    rows: list[dict] = [{}]
+def _shapes(calls: list, constraints: dict) -> list[tuple[str, str]]:
+    """The shape of question (`Session.rows`) of each call as `_solve` asks it: a variable that
+    an earlier call binds, or that has exactly one allowed value, is given; the others open."""
+    shapes, known = [], set()
     for name, args in calls:
+        mask = "".join("b" if var in known or _single(constraints[var][1]) else "f" for var in args)
+        shapes.append((name, mask))
+        known.update(args)
+    return shapes
+
+
+def _single(values: frozenset | None) -> bool:
+    return values is not None and len(values) == 1
+
+
+def _solve(session: Any, calls: list, constraints: dict, most: int) -> list[dict]:
+    """Join the calls left to right: each binds what earlier ones left open (`_shapes`)."""
+    rows: list[dict] = [{}]
+    for (name, args), (_, mask) in zip(calls, _shapes(calls, constraints), strict=True):
         grown = []
         for row in rows:
-            mask, bound = "", []
-            for var in args:
-                type_, values = constraints[var]
-                if var in row:
-                    mask, bound = mask + "b", [*bound, row[var]]
-                elif values is not None and len(values) == 1:
-                    mask, bound = mask + "b", [*bound, next(iter(values))]
-                else:
-                    mask += "f"
+            bound = [
+                row[var] if var in row else next(iter(constraints[var][1]))
+                for var, m in zip(args, mask, strict=True)
+                if m == "b"
+            ]
             open_vars = [v for v, m in zip(args, mask, strict=True) if m == "f"]
             for hit in session.rows(name, mask, *bound):
                 values_ = (hit,) if len(open_vars) == 1 else hit

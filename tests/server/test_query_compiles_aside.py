@@ -1,0 +1,68 @@
+"""A new shape of question asked through `/v1/query` or Oso Cloud's `/api/evaluate_query` is
+compiled on a worker thread, never on the event loop: while it compiles, the server goes on
+deciding (a large policy's new shape may compile for seconds, and a client may ask many)."""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from bastion.policy.compile import CompiledPolicy
+from tests.server.conftest import entity, role
+
+ALICE, ANVIL = entity("User", "alice"), entity("Repo", "anvil")
+
+# `has_permission` with its actor and resource open is compiled by neither a decision nor
+# `list` nor `actions`: asking it is the first time it is needed.
+QUESTIONS = {
+    "/v1/query": (
+        {"predicate": "has_permission", "args": [{"var": "who"}, "push", {"var": "what"}]},
+        lambda answer: answer["results"] == [["has_permission", ALICE, "push", ANVIL]],
+    ),
+    "/api/evaluate_query": (
+        {
+            "predicate": ["has_permission", ["who", "action", "what"]],
+            "constraints": {
+                "who": {"type": "User", "ids": None},
+                "action": {"type": "String", "ids": ["push"]},
+                "what": {"type": "Repo", "ids": None},
+            },
+        },
+        lambda answer: answer["results"] == [{"who": "alice", "action": "push", "what": "anvil"}],
+    ),
+}
+
+
+@pytest.mark.parametrize("path", sorted(QUESTIONS))
+def test_a_new_shape_of_question_compiles_while_decisions_go_on(api, monkeypatch, path):
+    facts = {"facts": [role("alice", "maintainer", "Repo", "anvil")]}
+    api.post("/v1/facts", json=facts).raise_for_status()
+    question, answered_right = QUESTIONS[path]
+    compiling, go_on = threading.Event(), threading.Event()
+    released: list[bool] = []  # per generated group: let go by the test (True) or its deadline
+    define = CompiledPolicy._define
+
+    def held(self, text, filename, location):
+        compiling.set()
+        released.append(go_on.wait(15))
+        return define(self, text, filename, location)
+
+    monkeypatch.setattr(CompiledPolicy, "_define", held)
+    decision = {"actor": ALICE, "action": "read", "resource": ANVIL}
+    with ThreadPoolExecutor(2) as pool:
+        asked = pool.submit(api.post, path, json=question)
+        assert compiling.wait(30), "the question compiled nothing"
+        # On the event loop, the compile would hold this decision until its deadline.
+        decided = pool.submit(api.post, "/v1/authorize", json=decision).result(timeout=60)
+        go_on.set()
+        answer = asked.result(timeout=60)
+    assert decided.status_code == 200 and decided.json()["allowed"] is True
+    assert released and all(released), "the decision waited for the compile to time out"
+    assert answer.status_code == 200, answer.text
+    assert answered_right(answer.json()), answer.json()
+    # Compiled once: asked again, nothing more is generated.
+    compiling.clear()
+    assert answered_right(api.post(path, json=question).json())
+    assert not compiling.is_set()
