@@ -160,7 +160,8 @@ class KeyStore:
         # Each key made or revoked is recorded, in the transaction that does it.
         self.audit = AuditLog(db)
         # Verified keys are remembered briefly so decisions do not wait on the database; a
-        # revocation therefore reaches every replica within ``cache_seconds``. By the exact key
+        # revocation therefore reaches every replica within ``cache_seconds`` (an expiry at
+        # once: a key is remembered no longer than it lives). By the exact key
         # sent: a key remembered costs a dictionary look-up, not a SHA-256, on every request.
         self._cache: dict[str, tuple[float, ApiKey | None]] = {}
         self._cache_chars = 0
@@ -252,7 +253,12 @@ class KeyStore:
             self._cache_chars = 0
         if key not in self._cache:
             self._cache_chars += len(key)
-        self._cache[key] = (now + self._cache_seconds, record)
+        until = now + self._cache_seconds
+        if record is not None and record.expires_at is not None:
+            # Remembered no longer than it lives: a key verified just before its expiry was
+            # accepted for the rest of the cache's lifetime after it.
+            until = min(until, now + (record.expires_at - time.time()))
+        self._cache[key] = (until, record)
         return record
 
     def _verify(self, key: str) -> ApiKey | None:

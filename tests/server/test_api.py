@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import time
 
 import pytest
 from starlette.testclient import TestClient
@@ -537,6 +538,20 @@ def test_a_revoked_key_is_refused(api):
     api.app.state.keys._cache.clear()
     r = api.get("/v1/facts", headers={"authorization": f"Bearer {created['key']}"})
     assert_problem(r, 401, "revoked")
+
+
+def test_an_expired_key_is_refused_even_while_it_is_remembered(api):
+    """A key verified just before its expiry was remembered, valid, for the whole of the key
+    cache's lifetime: accepted after it expired. Its expiry is known when it is remembered, so
+    it is remembered no longer than it lives."""
+    api.app.state.keys._cache_seconds = 3600  # remembered far past the key's expiry
+    body = {"name": "brief", "scopes": ["facts:read"], "expires_in": 1}
+    created = api.post("/v1/keys", json=body).json()
+    h = {"authorization": f"Bearer {created['key']}"}
+    assert api.get("/v1/facts", headers=h).status_code == 200  # verified, and remembered
+    while time.time() <= created["expires_at"]:
+        time.sleep(0.05)
+    assert_problem(api.get("/v1/facts", headers=h), 401, "expired")
 
 
 def test_keys_with_unknown_scopes_are_refused(api):

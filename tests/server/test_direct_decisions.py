@@ -142,6 +142,21 @@ def test_a_key_revoked_while_remembered_is_refused_on_its_next_decision(http):
     assert r.status_code == 401 and "revoked" in r.json()["detail"]
 
 
+def test_a_key_is_refused_from_its_expiry_on_though_it_was_remembered(http):
+    """Decided on until its expiry, the key was remembered (and answered in the protocol) for
+    up to the key cache's second after it; the first decision after the expiry is refused."""
+    created = http.post(
+        "/v1/keys", json={"name": "brief", "scopes": ["decide"], "expires_in": 2}
+    ).json()
+    h = {"authorization": f"Bearer {created['key']}"}
+    while time.time() < created["expires_at"] - 0.02:
+        assert http.post("/v1/authorize", json=ALLOWED, headers=h).status_code == 200
+    while time.time() <= created["expires_at"]:
+        time.sleep(0.005)
+    r = http.post("/v1/authorize", json=ALLOWED, headers=h)
+    assert r.status_code == 401 and "expired" in r.json()["detail"]
+
+
 @pytest.mark.parametrize(
     ("body", "status", "says"),
     [
