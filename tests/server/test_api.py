@@ -554,6 +554,51 @@ def test_an_expired_key_is_refused_even_while_it_is_remembered(api):
     assert_problem(api.get("/v1/facts", headers=h), 401, "expired")
 
 
+def _filled(path: str) -> str:
+    return re.sub(r"\{[^}]+\}", "x", path)
+
+
+def test_every_route_refuses_every_key_without_the_scope_its_document_names(api):
+    """Each operation of the OpenAPI document names one scope (``x-scope``); a key holding any
+    other single scope is refused with a 403 that names it, whatever the route would do with
+    the request, and a key of that scope (or ``admin``) is let past the check."""
+    from bastion.server.keys import SCOPES
+
+    keys = {
+        scope: api.post("/v1/keys", json={"name": f"k-{i}", "scopes": [scope]}).json()["key"]
+        for i, scope in enumerate(SCOPES)
+    }
+    operations = [
+        (method.upper(), path, op["x-scope"])
+        for path, ops in openapi_document()["paths"].items()
+        for method, op in ops.items()
+        if "x-scope" in op
+    ]
+    guarded = ("/v1/", "/api/", "/access/")
+    unscoped = [
+        (method, path)
+        for path, ops in openapi_document()["paths"].items()
+        for method, op in ops.items()
+        if path.startswith(guarded) and path != "/v1/openapi.json" and "x-scope" not in op
+    ]
+    assert unscoped == []
+    assert len(operations) > 70
+    for method, path, needed in operations:
+        for scope, key in keys.items():
+            h = {"authorization": f"Bearer {key}"}
+            r = api.request(method, _filled(path), json={}, headers=h)
+            if scope in (needed, "admin"):
+                let_past = r.status_code != 401 and "lacks the scope" not in r.text
+                assert let_past, (method, path, scope, r.text)
+            else:
+                assert r.status_code == 403, (method, path, scope, r.status_code, r.text)
+                assert repr(needed) in r.text, (method, path, scope, r.text)
+                if method == "GET":  # HEAD is answered by the GET route
+                    assert api.head(_filled(path), headers=h).status_code == 403, (path, scope)
+        r = api.request(method, _filled(path), json={}, headers={"authorization": ""})
+        assert r.status_code == 401, (method, path, r.text)
+
+
 def test_keys_with_unknown_scopes_are_refused(api):
     assert_problem(api.post("/v1/keys", json={"name": "x", "scopes": ["root"]}), 400, "root")
 
