@@ -13,10 +13,11 @@ while, so a failing URL is not fetched again on every request that names it.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import anyio
 import httpx
@@ -76,9 +77,24 @@ def client_id_url_problem(url: str) -> str | None:
         return "must not have a fragment"
     if parts.username or parts.password:
         return "must not carry user information"
-    if any(segment in (".", "..") for segment in parts.path.split("/")):
-        return "must not have dot segments"
+    if _has_dot_segment(parts.path):
+        return "must not have dot segments, in any spelling (%2e, ..%2f, ..%5c, ..;)"
     return None
+
+
+def _has_dot_segment(path: str) -> bool:
+    """Whether ``path`` has a ``.`` or ``..`` segment as a server may read it: percent-decoded
+    (``%2e%2e`` is ``..``, RFC 3986 §6.2.2.2; decoded again while that changes it, for a server
+    that decodes twice), split at ``/`` and at ``\\`` (``%2f``, ``%5c``: some servers split
+    there), and without a segment's ``;`` parameters (``..;x`` is ``..`` to some). Such a URL
+    names a document at another path of the host than the one it shows: under
+    ``/official/%2e%2e/users/evil/``, what any user of the host may have written."""
+    previous = None
+    while path != previous:
+        previous, path = path, unquote(path)
+    return any(
+        segment.partition(";")[0] in (".", "..") for segment in re.split(r"[/\\]", path)
+    )
 
 
 @dataclass(frozen=True)

@@ -180,6 +180,33 @@ def test_urls_that_cannot_be_client_ids_are_refused(host):
     refused(host, host.url("/agent.json") + "#frag", "fragment")
 
 
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/official/%2e%2e/users/evil/agent.json",
+        "/official/%2E%2E/users/evil/agent.json",
+        "/official/.%2e/users/evil/agent.json",
+        "/official/%2e/agent.json",
+        "/official%2f..%2fusers/evil/agent.json",
+        "/official/..%5cusers/evil/agent.json",
+        "/official/..;x=1/users/evil/agent.json",
+        "/official/%252e%252e/users/evil/agent.json",
+    ],
+)
+def test_dot_segments_in_another_spelling_are_refused_before_any_fetch(host, path):
+    """``%2e%2e`` is ``..`` spelt another way (RFC 3986 §2.3, §6.2.2.2), and so, to the servers
+    that read them so, are ``..%2f``, ``..%5c`` (a backslash) and ``..;x`` (a path parameter):
+    the host received ``/official/../users/evil/agent.json`` and, resolving it as servers do,
+    served a document any user of it could have written under ``/users/evil/``, as the client
+    of ``/official/``."""
+    url = host.url(path)
+    body = {"client_id": url, "client_name": "Official agent", "redirect_uris": [REDIRECT]}
+    for served in ("/official/../users/evil/agent.json", "/official/./agent.json", path):
+        host.raw(served, 200, json.dumps(body).encode())
+    refused(host, url, "dot segments")
+    assert host.fetches == []
+
+
 def test_loopback_and_private_addresses_are_refused_by_default(host):
     url = host.document("/agent.json")
     host.fetches.clear()
