@@ -28,7 +28,11 @@ from bastion.oauth.authorize import AuthorizationEndpoint
 from bastion.oauth.ciba import POLLING_ERRORS, BackchannelAuthentication
 from bastion.oauth.client_assertion import ClientAssertions
 from bastion.oauth.client_auth import authenticate_client
-from bastion.oauth.client_metadata_document import ClientMetadataDocuments, is_client_id_url
+from bastion.oauth.client_metadata_document import (
+    ClientMetadataDocumentError,
+    ClientMetadataDocuments,
+    is_client_id_url,
+)
 from bastion.oauth.csrf import FormTokens, foreign_origin
 from bastion.oauth.dpop import HEADER as DPOP_HEADER
 from bastion.oauth.dpop import NONCE_HEADER, DPoPProofs, UseDPoPNonce
@@ -234,8 +238,17 @@ class AuthorizationServer:
         """A registered client, or the client a metadata document URL describes (fetched).
 
         A document seen for the first time is an open registration, asked for from ``address``:
-        its copy is kept within the limits of ``[oauth.open_registration]``."""
+        its copy is kept within the limits of ``[oauth.open_registration]``. With documents
+        turned off, that copy (kept for admins to list and revoke) is no client: it is used
+        only as the document is, fetched again every ``cache_seconds``."""
         client = await run_in_threadpool(self.store.client, client_id)
+        if client is not None and client.source == "metadata_document":
+            if not self.settings.client_metadata.enabled:
+                raise ClientMetadataDocumentError(
+                    client_id,
+                    "client ID metadata documents are turned off on this server"
+                    " ([oauth.client_metadata] enabled = false)",
+                )
         if not (is_client_id_url(client_id) and self.settings.client_metadata.enabled):
             return client
         if client is not None and client.revoked_at is not None:

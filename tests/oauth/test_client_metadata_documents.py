@@ -10,6 +10,7 @@ import socket
 import threading
 import tracemalloc
 from contextlib import contextmanager
+from dataclasses import replace
 from urllib.parse import urlencode
 
 import anyio
@@ -21,6 +22,7 @@ from starlette.routing import Route
 
 from bastion import egress
 from bastion.egress import is_public_address
+from bastion.oauth import AuthorizationServer
 from bastion.oauth.client_metadata_document import ClientMetadataDocuments
 from bastion.oauth.errors import OAuthError
 from bastion.oauth.settings import ClientMetadataDocumentSettings
@@ -255,6 +257,41 @@ def test_an_error_for_a_document_client_is_shown_not_redirected(host, sqlite_url
         response = bastion.http.get(f"{bastion.url}/authorize?{urlencode(params)}")
         assert response.status_code == 400 and "location" not in response.headers
         assert "unsupported_response_type" in response.text and "127.0.0.1:9" in response.text
+
+
+def test_a_document_client_is_refused_once_documents_are_turned_off(host, sqlite_url, tmp_path):
+    """``enabled = false`` is the operator's way to stop clients named by a URL: the copy kept
+    of a document seen before (for admins to list and revoke) is no client then. It was: that
+    copy, never fetched again, went on starting authorizations and refreshing tokens."""
+    url = host.document("/agent.json", grant_types=["authorization_code", "refresh_token"])
+    settings = {"allow_private_addresses": True, "ca_file": host.ca_file}
+    with running_bastion(sqlite_url, tmp_path, client_metadata=settings) as bastion:
+        client = {"client_id": url, "redirect_uris": [REDIRECT]}
+        tokens = bastion.tokens_for(client)
+        assert "refresh_token" in tokens
+        off = replace(
+            bastion.server.settings,
+            client_metadata=replace(bastion.server.settings.client_metadata, enabled=False),
+        )
+        restarted = AuthorizationServer(off, bastion.db, clock=bastion.clock)
+        host.fetches.clear()
+        with serve(Starlette(routes=restarted.routes()), free_socket()) as base:
+            _, challenge = pkce_pair()
+            params = urlencode(bastion.authorize_params(client, challenge))
+            page = bastion.http.get(f"{base}/authorize?{params}")
+            refresh = bastion.http.post(
+                f"{base}/token",
+                data={
+                    "grant_type": "refresh_token",
+                    "refresh_token": tokens["refresh_token"],
+                    "client_id": url,
+                },
+            )
+        assert page.status_code == 400 and "location" not in page.headers, page.text
+        assert "client ID metadata documents are turned off" in page.text
+        assert refresh.status_code == 401, refresh.text
+        assert refresh.json()["error"] == "invalid_client"
+        assert host.fetches == []
 
 
 def test_revoked_document_client_stays_refused(host, sqlite_url, tmp_path):
