@@ -97,6 +97,19 @@ def _has_dot_segment(path: str) -> bool:
     )
 
 
+# The draft's §4: application/json, or a more specific application/<AS-defined>+json.
+_JSON_MEDIA_TYPE = re.compile(r"application/(?:json|[a-z0-9!#$&^_.+-]+\+json)")
+
+
+def _is_json_media_type(content_type: str) -> bool:
+    """Whether a ``Content-Type`` names JSON as the draft asks of a document (parameters such
+    as ``charset`` aside). Any other type is an error: a file that users of a host may upload
+    (a paste, an attachment) is served as text or bytes, and would otherwise pass for a client
+    of that host, whose name is what the consent page shows."""
+    media_type = content_type.partition(";")[0].strip().lower()
+    return _JSON_MEDIA_TYPE.fullmatch(media_type) is not None
+
+
 @dataclass(frozen=True)
 class _Remembered:
     """A document's client, or why it could not be used, until ``expires_at``."""
@@ -246,6 +259,13 @@ class ClientMetadataDocuments:
                 if response.status_code != 200:
                     raise ClientMetadataDocumentError(
                         url, f"answered HTTP {response.status_code}, expected 200"
+                    )
+                content_type = response.headers.get("content-type", "")
+                if not _is_json_media_type(content_type):
+                    raise ClientMetadataDocumentError(
+                        url,
+                        f"was served with content type {content_type!r}; a client metadata"
+                        " document is application/json (or application/<type>+json)",
                     )
                 body = await read_body(response, limit)
         except RemoteDocumentError:

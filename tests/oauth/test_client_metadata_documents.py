@@ -176,6 +176,33 @@ def test_non_json_and_missing_documents_are_refused(host):
     refused(host, host.raw("/deep.json", 200, b"[" * 2500 + b"]" * 2500), "not JSON")
 
 
+@pytest.mark.parametrize(
+    "content_type",
+    ["text/plain", "text/html", "application/octet-stream", "application/jsonp", "json", ""],
+)
+def test_a_document_not_served_as_json_is_refused(host, content_type):
+    """A file anyone may upload to a host (a paste, an attachment) is served as text or bytes,
+    and its host's name is what the consent page shows: the draft (§4) has a document served
+    as ``application/json`` (or ``application/<AS-defined>+json``), every other content type an
+    error."""
+    url = host.url(f"/uploads/{len(content_type)}.txt")
+    body = {"client_id": url, "client_name": "Doc agent", "redirect_uris": [REDIRECT]}
+    host.raw(url.removeprefix(host.url("")), 200, json.dumps(body).encode(),
+             {"content-type": content_type})
+    refused(host, url, "content type")
+
+
+@pytest.mark.parametrize(
+    "content_type",
+    ["application/json", "Application/JSON; charset=utf-8", "application/client-metadata+json"],
+)
+def test_a_document_served_as_json_is_taken(host, content_type):
+    url = host.url("/agent.json")
+    body = {"client_id": url, "client_name": "Doc agent", "redirect_uris": [REDIRECT]}
+    host.raw("/agent.json", 200, json.dumps(body).encode(), {"content-type": content_type})
+    assert resolve(host, url).client_id == url
+
+
 def test_urls_that_cannot_be_client_ids_are_refused(host):
     refused(host, host.url("/"), "must have a path")
     refused(host, host.url("/a/../b.json"), "dot segments")
