@@ -75,7 +75,7 @@ def client_id_url_problem(url: str) -> str | None:
         return "must have a path"
     if parts.fragment or "#" in url:
         return "must not have a fragment"
-    if parts.username or parts.password:
+    if "@" in parts.netloc:  # even an empty one, "https://@host/": user information all the same
         return "must not carry user information"
     if _has_dot_segment(parts.path):
         return "must not have dot segments, in any spelling (%2e, ..%2f, ..%5c, ..;)"

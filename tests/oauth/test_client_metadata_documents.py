@@ -209,6 +209,17 @@ def test_urls_that_cannot_be_client_ids_are_refused(host):
     refused(host, host.url("/agent.json") + "#frag", "fragment")
 
 
+@pytest.mark.parametrize("userinfo", ["@", ":@", "%20@"])
+def test_an_empty_user_information_is_user_information_too(host, userinfo):
+    """``https://@host/agent.json`` has user information, empty (RFC 3986 §3.2.1), which the
+    draft (§3) forbids: it was fetched and taken, a second client_id for one document URL."""
+    url = host.url("/agent.json").replace("https://", f"https://{userinfo}")
+    body = {"client_id": url, "client_name": "Doc agent", "redirect_uris": [REDIRECT]}
+    host.raw("/agent.json", 200, json.dumps(body).encode())
+    refused(host, url, "user information")
+    assert host.fetches == []
+
+
 @pytest.mark.parametrize(
     "path",
     [
