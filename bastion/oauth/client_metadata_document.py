@@ -92,9 +92,7 @@ def _has_dot_segment(path: str) -> bool:
     previous = None
     while path != previous:
         previous, path = path, unquote(path)
-    return any(
-        segment.partition(";")[0] in (".", "..") for segment in re.split(r"[/\\]", path)
-    )
+    return any(segment.partition(";")[0] in (".", "..") for segment in re.split(r"[/\\]", path))
 
 
 # The draft's §4: application/json, or a more specific application/<AS-defined>+json.

@@ -242,13 +242,16 @@ class AuthorizationServer:
         turned off, that copy (kept for admins to list and revoke) is no client: it is used
         only as the document is, fetched again every ``cache_seconds``."""
         client = await run_in_threadpool(self.store.client, client_id)
-        if client is not None and client.source == "metadata_document":
-            if not self.settings.client_metadata.enabled:
-                raise ClientMetadataDocumentError(
-                    client_id,
-                    "client ID metadata documents are turned off on this server"
-                    " ([oauth.client_metadata] enabled = false)",
-                )
+        if (
+            client is not None
+            and client.source == "metadata_document"
+            and not self.settings.client_metadata.enabled
+        ):
+            raise ClientMetadataDocumentError(
+                client_id,
+                "client ID metadata documents are turned off on this server"
+                " ([oauth.client_metadata] enabled = false)",
+            )
         if not (is_client_id_url(client_id) and self.settings.client_metadata.enabled):
             return client
         if client is not None and client.revoked_at is not None:

@@ -187,8 +187,12 @@ def test_a_document_not_served_as_json_is_refused(host, content_type):
     error."""
     url = host.url(f"/uploads/{len(content_type)}.txt")
     body = {"client_id": url, "client_name": "Doc agent", "redirect_uris": [REDIRECT]}
-    host.raw(url.removeprefix(host.url("")), 200, json.dumps(body).encode(),
-             {"content-type": content_type})
+    host.raw(
+        url.removeprefix(host.url("")),
+        200,
+        json.dumps(body).encode(),
+        {"content-type": content_type},
+    )
     refused(host, url, "content type")
 
 
