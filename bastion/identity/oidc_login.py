@@ -100,6 +100,21 @@ _MIGRATIONS = [
     """,
     # Which sub of a provider a user id is bound to (`OpenIDLogin._signed_in`).
     "CREATE INDEX identity_accounts_username ON identity_accounts (username, provider);",
+    # Every user id a sub of a provider signed in to, kept when that sub later signs in under
+    # another (identity_accounts holds only its latest): one sub per user id of a provider.
+    # The WHERE is SQLite's: without it, ON CONFLICT after a SELECT reads as a join's ON.
+    """
+    CREATE TABLE identity_user_bindings (
+        provider TEXT NOT NULL,
+        username TEXT NOT NULL,
+        subject TEXT NOT NULL,
+        bound_at DOUBLE PRECISION NOT NULL,
+        PRIMARY KEY (provider, username)
+    );
+    INSERT INTO identity_user_bindings (provider, username, subject, bound_at)
+        SELECT provider, username, subject, last_login_at FROM identity_accounts WHERE 1 = 1
+        ON CONFLICT (provider, username) DO NOTHING;
+    """,
 ]
 
 # The ID token and the token endpoint's answer: far larger than any real one.
@@ -480,11 +495,22 @@ class OpenIDLogin:
             # The account is the person's whose sub first signed in to it: a user_claim other
             # than sub (an email, a login name) can pass to another person of the provider,
             # who would otherwise sign in as the first, with their grants, facts, approvals
-            # and upstream connections. Released only by an administrator (`release_account`).
+            # and upstream connections. It stays theirs when they sign in under another name
+            # (their address changed, and the old one may be given to someone else). Released
+            # only by an administrator (`release_account`). Bound first, then read: of two
+            # first logins at once, the key lets one bind and the other find it bound.
+            self.db.execute(
+                "INSERT INTO identity_user_bindings (provider, username, subject, bound_at)"
+                " VALUES (?, ?, ?, ?) ON CONFLICT (provider, username) DO NOTHING",
+                (provider.id, username, claims["sub"], now),
+            )
+            # identity_accounts too: two subs that signed in to one user before the bindings
+            # were kept are both refused.
             bound = self.db.execute(
-                "SELECT subject FROM identity_accounts WHERE username = ? AND provider = ?"
-                " AND subject <> ?",
-                (username, provider.id, claims["sub"]),
+                "SELECT subject FROM identity_user_bindings WHERE provider = ? AND username = ?"
+                " AND subject <> ? UNION SELECT subject FROM identity_accounts"
+                " WHERE provider = ? AND username = ? AND subject <> ?",
+                (provider.id, username, claims["sub"]) * 2,
             )
             if bound:
                 raise LoginRefused(
@@ -689,14 +715,19 @@ def release_account(db: Database, username: str, *, actor: str) -> int:
             "DELETE FROM identity_accounts WHERE username = ? RETURNING provider, subject",
             (username,),
         )
-        if rows:
+        rows += db.execute(
+            "DELETE FROM identity_user_bindings WHERE username = ? RETURNING provider, subject",
+            (username,),
+        )
+        released = sorted({(p, sub) for p, sub in rows})
+        if released:
             AuditLog(db).record(
                 "user.unlinked",
                 subject=username,
                 actor=actor,
-                accounts=[{"provider": p, "sub": sub} for p, sub in rows],
+                accounts=[{"provider": p, "sub": sub} for p, sub in released],
             )
-    return len(rows)
+    return len(released)
 
 
 def compose(server: AuthorizationServer, table: Any, env: Mapping[str, str]) -> OpenIDLogin | None:

@@ -768,6 +768,91 @@ def test_a_provider_user_cannot_take_the_name_of_a_client(bastion, idp, person, 
     assert not bastion.db.execute("SELECT 1 FROM identity_accounts WHERE provider = 'n'")
 
 
+def test_a_user_stays_bound_to_its_sub_after_that_person_signs_in_under_another_name(
+    bastion, idp, person, client
+):
+    """A person whose email changes at the provider (``jo.doe@`` to ``jo.roe@``) signs in to
+    a new user; the user of the old address keeps its grants, facts, approvals and upstream
+    connections, and stays theirs: when the provider gives the old address to someone else,
+    that person is refused (``account_taken``) until an administrator releases the user."""
+    old, new = "jo.doe@corp.example", "jo.roe@corp.example"
+
+    def login(sub: str, email: str) -> httpx.Response:
+        query = person.sent_to_provider(client, "e")
+        code = idp.issue("e", query, sub=sub, email=email, email_verified=True)
+        return person.back_from_provider("e", code=code, state=query["state"])
+
+    assert login("jo-1", old).status_code == 200
+    assert login("jo-1", new).status_code == 200  # the same person, renamed
+    before = sessions(bastion)
+    refused(login("new-hire-9", old), 403, "belongs to another account")
+    assert sessions(bastion) == before
+    assert login("jo-1", old).status_code == 200  # still theirs
+
+    from bastion.cli import main
+
+    database = ["--database", bastion.db.url]
+    assert main(["users", "unlink", f"e:{old}", *database]) == 0
+    unlinked = bastion.db.execute(
+        "SELECT detail FROM audit_events WHERE kind = 'user.unlinked' AND subject = ?",
+        (f"e:{old}",),
+    )
+    assert [json.loads(d)["accounts"] for (d,) in unlinked] == [[{"provider": "e", "sub": "jo-1"}]]
+    assert login("new-hire-9", old).status_code == 200  # released: the new person's now
+    assert login("jo-1", new).status_code == 200  # the other user stays bound to jo-1
+    refused(login("new-hire-9", new), 403, "belongs to another account")
+
+
+def test_accounts_bound_before_an_upgrade_stay_bound_on_either_database(
+    database_url, tmp_path, idp
+):
+    """A database from before the bindings were kept (identity schema 2): the user a sub signed
+    in to stays its own, and a user two subs signed in to refuses both until it is released."""
+    from bastion.db import Database
+    from bastion.identity.oidc_login import _MIGRATIONS
+
+    old = Database(database_url)
+    try:
+        assert old.migrate("identity", _MIGRATIONS[:2]) == 2
+        for sub, user in (("jo-1", "e:jo@corp.example"), ("x-1", "e:x@c"), ("x-2", "e:x@c")):
+            old.execute(
+                "INSERT INTO identity_accounts (provider, subject, username, facts,"
+                " last_login_at) VALUES ('e', ?, ?, '[]', 1)",
+                (sub, user),
+            )
+    finally:
+        old.close()
+    identity = {
+        "providers": [
+            {
+                "id": "e",
+                "issuer": idp.issuer("e"),
+                "client_id": "bastion-e",
+                "client_secret": SECRETS["bastion-e"],
+                "user_claim": "email",
+            }
+        ]
+    }
+    with bastion_with_providers(
+        database_url, str(tmp_path / "keys"), free_socket(), identity
+    ) as bastion:
+        person = Person(bastion)
+        client = bastion.register()
+
+        def login(sub: str, email: str) -> httpx.Response:
+            query = person.sent_to_provider(client, "e")
+            code = idp.issue("e", query, sub=sub, email=email, email_verified=True)
+            return person.back_from_provider("e", code=code, state=query["state"])
+
+        try:
+            assert login("jo-1", "jo.roe@corp.example").status_code == 200  # renamed
+            refused(login("new-hire-9", "jo@corp.example"), 403, "belongs to another account")
+            for sub in ("x-1", "x-2"):
+                refused(login(sub, "x@c"), 403, "belongs to another account")
+        finally:
+            person.close()
+
+
 @pytest.mark.parametrize("verified", [False, "true", None])
 def test_an_email_the_provider_does_not_vouch_for_names_no_user(
     bastion, idp, person, client, verified
