@@ -853,6 +853,88 @@ def test_accounts_bound_before_an_upgrade_stay_bound_on_either_database(
             person.close()
 
 
+def _blocked_by(conn, pid: int) -> int:
+    """How many backends wait, directly or through another waiter, on the backend ``pid``."""
+    waiting = conn.execute(
+        "SELECT pid, pg_blocking_pids(pid) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+    ).fetchall()
+    blocked, grew = {pid}, True
+    while grew:
+        before = len(blocked)
+        blocked |= {waiter for waiter, blockers in waiting if blocked & set(blockers)}
+        grew = len(blocked) > before
+    return len(blocked) - 1
+
+
+def test_two_first_logins_at_once_on_two_replicas_bind_the_user_to_one_sub(
+    postgres_url, tmp_path, idp
+):
+    """Two people whose ``user_claim`` names one user sign in for the first time at the same
+    moment, each through a replica of its own: one gets the user, the other ``account_taken``.
+    Both logins are held at the user's row (another connection locks the users' table) until
+    both wait, then let go together."""
+    import threading
+
+    import psycopg
+
+    identity = {
+        "providers": [
+            {
+                "id": "e",
+                "issuer": idp.issuer("e"),
+                "client_id": "bastion-e",
+                "client_secret": SECRETS["bastion-e"],
+                "user_claim": "email",
+            }
+        ]
+    }
+    email = "shared@corp.example"
+    with (
+        bastion_with_providers(postgres_url, str(tmp_path / "k1"), free_socket(), identity) as one,
+        bastion_with_providers(postgres_url, str(tmp_path / "k2"), free_socket(), identity) as two,
+    ):
+        people = [Person(one), Person(two)]
+        answers: dict[str, httpx.Response] = {}
+        try:
+            queries = [
+                p.sent_to_provider(b.register(), "e")
+                for p, b in zip(people, (one, two), strict=True)
+            ]
+            codes = [
+                idp.issue("e", q, sub=sub, email=email, email_verified=True)
+                for q, sub in zip(queries, ("first-1", "second-2"), strict=True)
+            ]
+
+            def back(i: int) -> None:
+                answers[f"s{i}"] = people[i].back_from_provider(
+                    "e", code=codes[i], state=queries[i]["state"]
+                )
+
+            threads = [threading.Thread(target=back, args=(i,)) for i in (0, 1)]
+            with psycopg.connect(postgres_url) as locker:
+                locker.execute("LOCK TABLE oauth_users IN SHARE MODE")
+                for t in threads:
+                    t.start()
+                with psycopg.connect(postgres_url, autocommit=True) as watcher:
+                    me = locker.info.backend_pid
+                    deadline = time.monotonic() + 30
+                    while _blocked_by(watcher, me) < 2 and time.monotonic() < deadline:
+                        time.sleep(0.05)
+                    assert _blocked_by(watcher, me) == 2
+                locker.rollback()
+            for t in threads:
+                t.join(timeout=30)
+        finally:
+            for p in people:
+                p.close()
+        statuses = sorted(a.status_code for a in answers.values())
+        assert statuses == [200, 403], {k: a.text[-300:] for k, a in answers.items()}
+        bound = one.db.execute(
+            "SELECT subject FROM identity_user_bindings WHERE username = ?", (f"e:{email}",)
+        )
+        assert len(bound) == 1
+
+
 @pytest.mark.parametrize("verified", [False, "true", None])
 def test_an_email_the_provider_does_not_vouch_for_names_no_user(
     bastion, idp, person, client, verified
