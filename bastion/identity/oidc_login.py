@@ -520,12 +520,14 @@ class OpenIDLogin:
                     " (bastion users unlink) before this account can use it.",
                     403,
                 )
-            self.db.execute(
+            made = self.db.execute(
                 "INSERT INTO oauth_users (username, password_hash, created_at) VALUES (?, ?, ?)"
-                " ON CONFLICT (username) DO NOTHING",
+                " ON CONFLICT (username) DO NOTHING RETURNING username",
                 # Not an Argon2 hash: no password ever matches it.
                 (username, f"!identity:{provider.id}", now),
             )
+            if made:
+                self.server.store.user_made()
             disabled = self.db.execute(
                 "SELECT disabled_at FROM oauth_users WHERE username = ?", (username,)
             )[0][0]

@@ -348,7 +348,8 @@ class TrustedIssuers:
         ``session-revoked``, a password changed, a disable), as a grant resting on a sign-in
         from before it is. A user bastion neither holds nor revoked is the provider's to vouch
         for. A token of an agent acting as itself (its subject is its client id) is refused
-        while an owner of the agent (`owners`) is disabled."""
+        while its name is one of bastion's users, and while an owner of the agent (`owners`)
+        is disabled."""
         user_standing = self.user_standing
         if user_standing is None:
             return
@@ -360,8 +361,18 @@ class TrustedIssuers:
         if refusal is not None:
             check, reason = refusal
             raise InvalidToken(reason, check)
-        if user != verified.client_id or self.owners is None:
+        if user != verified.client_id:
             return  # a person's token: that person bounds the agent
+        if standing.person:
+            # Its name is the agent's, unprefixed (`_read`): as one of bastion's users, the
+            # agent would be that person, with their roles, label sets and upstream connections.
+            raise InvalidToken(
+                f"the agent {user!r} acts as itself (its subject is its client id) and names one"
+                " of bastion's users: an agent cannot be a person",
+                "claims",
+            )
+        if self.owners is None:
+            return
         # An agent acting as itself never outlasts its owner: a disabled owner refuses it.
         for owner in self.owners(user):
             standing = user_standing(owner, True)

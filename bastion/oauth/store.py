@@ -340,6 +340,9 @@ class UserStanding:
     disabled: bool
     revoked_at: float | None
     client: bool = False
+    # Whether the name is one of bastion's users (local, or made at a provider's first login):
+    # then no agent acting as itself may bear it (`TrustedIssuers`).
+    person: bool = False
 
     def refusal(self, username: str, issued_at: float) -> tuple[str, str] | None:
         """(check, reason) refusing a token of ``username`` issued at ``issued_at``, or None:
@@ -640,6 +643,13 @@ class OAuthStore:
                 (username, password_hash, now),
             )
             self.audit.record("user.created", subject=username, actor=actor)
+            self.user_made()
+
+    def user_made(self) -> None:
+        """Inside the transaction that made a user (here, or at a provider's
+        first login): a trusted issuer's agent acting as itself under that name is refused from
+        now on (`UserStanding.person`), so whoever remembers users' standing reads it again."""
+        self._announce_revocation(USERS_CHANGED)
 
     def user_password_hash(self, username: str) -> str | None:
         """The stored hash of an enabled user, or None."""
@@ -671,15 +681,18 @@ class OAuthStore:
         return "enabled" if rows[0][0] is None else "disabled"
 
     def user_standing(self, username: str) -> UserStanding:
-        """Whether ``username`` is disabled, when all their grants were last revoked, and
-        whether it is a client's id."""
-        disabled_at, revoked_at, client = self.db.execute(
+        """Whether ``username`` is disabled, when all their grants were last revoked, whether
+        it is a client's id, and whether it is one of bastion's users."""
+        disabled_at, revoked_at, client, person = self.db.execute(
             "SELECT (SELECT disabled_at FROM oauth_users WHERE username = ?),"
             " (SELECT revoked_at FROM oauth_user_revocations WHERE username = ?),"
-            " (SELECT 1 FROM oauth_clients WHERE client_id = ?)",
-            (username, username, username),
+            " (SELECT 1 FROM oauth_clients WHERE client_id = ?),"
+            " (SELECT 1 FROM oauth_users WHERE username = ?)",
+            (username, username, username, username),
         )[0]
-        return UserStanding(disabled_at is not None, revoked_at, client is not None)
+        return UserStanding(
+            disabled_at is not None, revoked_at, client is not None, person is not None
+        )
 
     def rehash_password(self, username: str, password_hash: str) -> None:
         """Store the user's same password hashed again (under parameters that have grown): not

@@ -588,6 +588,32 @@ def test_a_user_prefix_keeps_the_issuers_users_apart_from_bastions_own(bastion, 
     assert "'corp:quinn' is disabled" in refused(call(bastion, idp.token("p", sub="quinn")))
 
 
+def test_a_providers_agent_acting_as_itself_cannot_take_the_name_of_one_of_bastions_users(
+    bastion, idp
+):
+    """An agent acting as itself (``sub`` = its client id) is ``User{"<client id>"}`` without the
+    issuer's ``user_prefix``: a provider's client registered as "wren" would be bastion's person
+    wren, with her roles, label sets and per-user upstream connections (her own token toward a
+    ``per_user`` upstream sent on the agent's calls). Refused on every call, as a person named
+    like one of bastion's clients is, whichever prefix the issuer has; also when the person is
+    made after the token was first taken."""
+    token = idp.token("p", sub="wren", client_id="wren")
+    assert call(bastion, token).status_code == 200  # no such person yet: an agent like any
+    create_user(bastion.app.state.oauth.store, "wren", PASSWORD, time.time(), actor="test")
+    for refused_token in (
+        token,
+        idp.token("p", sub="wren", client_id="wren"),
+        idp.token("a", sub="wren", client_id="wren"),  # no prefix: the same rule
+    ):
+        said = refused(call(bastion, refused_token))
+        assert "names one of bastion's users" in said, said
+    # wren herself, through an agent of the provider's, is served as before.
+    body = call(bastion, idp.token("a", sub="wren")).json()
+    bastion.flush()
+    record = bastion.records.get(body["error"]["data"]["decision_id"])
+    assert record.principals[:2] == ('User{"wren"}', 'Agent{"helpdesk-agent"}')
+
+
 def test_an_issuers_user_id_is_taken_as_written_even_one_that_reads_as_another(bastion, idp):
     """The issuer vouches for its ids, and bastion cannot tell whether it holds two people whose
     ids differ only in their Unicode spelling: ``аvery`` (a Cyrillic а) is served, never
