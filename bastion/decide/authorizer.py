@@ -25,7 +25,7 @@ from bastion.facts.index import GENERATIONS, CopiedRows, FactIndex
 from bastion.facts.model import Entity, FactError, check_fact, format_fact
 from bastion.policy import LoadedPolicy, load
 from bastion.policy.compile import CompiledPolicy
-from bastion.policy.errors import Diagnostic, EvaluationLimit
+from bastion.policy.errors import Diagnostic, EvaluationLimit, PolicyError
 from bastion.policy.explain import Explanation, explain, over_budget, prove
 from bastion.policy.limits import DEFAULT_LIMITS, PolicyLimits
 from bastion.policy.parser import parse_fact
@@ -142,6 +142,16 @@ class _Active:
                 self.shapes[(name, mask)] = _undefined
         self.compiled.index_lock = None
         self.compiled.serving = True
+
+
+def _refusing(refused: Exception) -> Any:
+    """A shape of question that could not be compiled (`Authorizer.prepare`): asked, it raises
+    what compiling it raised."""
+
+    def refusal(q: Query, *bound: Any) -> Any:
+        raise refused.with_traceback(None)  # not a traceback grown by each asking
+
+    return refusal
 
 
 def _undefined(q: Query, *bound: Any) -> tuple:
@@ -969,8 +979,9 @@ class Authorizer:
         calling thread (a worker thread of a server), beside the decisions made meanwhile: the
         fact lock is held only to read the facts, as when a policy is loaded. A server's event
         loop then asks them without compiling (a new shape of `query` may compile for seconds
-        on a large policy). Raises what asking them would (`PolicyError`, `EvaluationLimit`
-        once the compile budget is spent)."""
+        on a large policy). A shape that cannot be compiled (`PolicyError`, `EvaluationLimit`
+        once the compile budget is spent) is kept as what it raised: asked, it raises that
+        again, and is not compiled again on the loop."""
         active = self._active
         compiled = active.compiled
         wanted = [
@@ -983,7 +994,11 @@ class Authorizer:
         try:
             with compiled.beside_decisions(self._index.lock) as compile_shape:
                 for name, mask in wanted:
-                    active.shapes[(name, mask)] = compile_shape(name, len(mask), mask)
+                    try:
+                        fn = compile_shape(name, len(mask), mask)
+                    except (PolicyError, EvaluationLimit) as refused:
+                        fn = _refusing(refused)
+                    active.shapes[(name, mask)] = fn
         except Exception:
             if self._active is active:
                 raise

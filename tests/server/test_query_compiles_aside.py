@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from bastion.policy.compile import CompiledPolicy
-from tests.server.conftest import entity, role
+from tests.server.conftest import POLICY, entity, role
 
 ALICE, ANVIL = entity("User", "alice"), entity("Repo", "anvil")
 
@@ -66,3 +66,26 @@ def test_a_new_shape_of_question_compiles_while_decisions_go_on(api, monkeypatch
     compiling.clear()
     assert answered_right(api.post(path, json=question).json())
     assert not compiling.is_set()
+
+
+def test_a_shape_that_cannot_be_compiled_is_refused_alike_each_time_and_compiled_once(
+    api, monkeypatch
+):
+    """Compiling it failed on the worker thread: asked again, the same refusal, from what was
+    kept (`Authorizer.prepare`), not a compile started again on the event loop."""
+    tries: list[str] = []
+    compiled = CompiledPolicy._compiled
+
+    def counted(self, name, arity, mask):
+        tries.append(f"{name}/{arity} {mask}")
+        return compiled(self, name, arity, mask)
+
+    monkeypatch.setattr(CompiledPolicy, "_compiled", counted)
+    # Both arguments of `twin` open, and nothing binds them (docs/policy-language.md).
+    api.put("/v1/policy", json={"text": POLICY + "twin(a, b) if a = b;\n"}).raise_for_status()
+    question = {"predicate": "twin", "args": [{"var": "a"}, {"var": "b"}]}
+    answers = [api.post("/v1/query", json=question) for _ in range(3)]
+    assert [a.status_code for a in answers] == [422, 422, 422], answers[0].text
+    assert len({a.json()["detail"] for a in answers}) == 1
+    assert "never bound" in answers[0].json()["detail"]
+    assert tries.count("twin/2 ff") == 1, tries

@@ -61,6 +61,8 @@ from bastion.server.replica import ConsistencyTimeout, Replica
 from bastion.signals.suspensions import Held, asks_allow
 
 T = TypeVar("T")
+# Rounds of `compiled_first`: compiled, then asked, each round for the policy then in force.
+_COMPILE_ROUNDS = 8
 
 MAX_BATCH = 1000
 # What a refusal's record keeps of its answer.
@@ -211,34 +213,35 @@ class Uncompiled(Exception):
         super().__init__(f"not compiled yet: {shapes}")
 
 
-def require_compiled(authz: Authorizer, shapes: list[tuple[str, str]], tried: bool) -> None:
+def require_compiled(authz: Authorizer, shapes: list[tuple[str, str]]) -> None:
     """Raise `Uncompiled` unless each shape of question (``(predicate, mask)``) is compiled for
-    the policy in force, or ``tried`` (`compiled_first` tried and failed: asked, it raises
-    what that compile raised, and is answered so)."""
-    if not tried and not authz.prepared(shapes):
+    the policy in force (or kept as the refusal compiling it raised: `Authorizer.prepare`)."""
+    if not authz.prepared(shapes):
         raise Uncompiled(shapes)
 
 
 async def compiled_first(
-    replica_now: Callable[[], Awaitable[Replica]], answer: Callable[[Replica, bool], T]
+    replica_now: Callable[[], Awaitable[Replica]], answer: Callable[[Replica], T]
 ) -> T:
-    """``answer(replica, tried)`` on the event loop, the replica as ``replica_now`` gives it
-    (`fresh`); where ``answer``
-    stops at a shape of question not compiled yet (`require_compiled`, `CompilerBusy`), it is
-    compiled on a worker thread (`Authorizer.prepare`) and ``answer`` runs again from the start
-    on the replica as it then is: never compiled on the loop, where a new shape of a large
-    policy would hold every other request for as long as it compiles."""
-    tried = False
-    while True:
+    """``answer(replica)`` on the event loop, the replica as ``replica_now`` gives it (`fresh`);
+    where ``answer`` stops at a shape of question not compiled yet (`require_compiled`,
+    `CompilerBusy`), it is compiled on a worker thread (`Authorizer.prepare`) and ``answer``
+    runs again from the start on the replica as it then is: never compiled on the loop, where
+    a new shape of a large policy would hold every other request for as long as it compiles."""
+    for _ in range(_COMPILE_ROUNDS):
         replica = await replica_now()
         try:
-            return answer(replica, tried)
+            return answer(replica)
         except (Uncompiled, CompilerBusy) as stopped:
             shapes = stopped.shapes if isinstance(stopped, Uncompiled) else [stopped.shape]
-        try:
-            await anyio.to_thread.run_sync(replica.authz.prepare, shapes)
-        except (PolicyError, EvaluationLimit):
-            tried = True
+        await anyio.to_thread.run_sync(replica.authz.prepare, shapes)
+    # Each round but the first follows a policy put in force while the last one compiled.
+    raise Problem(
+        503,
+        "Policy changing",
+        f"the policy in force changed {_COMPILE_ROUNDS - 1} times while this question was being"
+        " compiled for it; ask again",
+    )
 
 
 def answerable_now(replica: Replica, body: dict) -> bool:
@@ -746,9 +749,7 @@ async def query(request: Request) -> JSONResponse:
     return await compiled_first(partial(fresh, request, body), partial(_query, request, key, body))
 
 
-def _query(
-    request: Request, key: ApiKey, body: dict, replica: Replica, tried: bool
-) -> JSONResponse:
+def _query(request: Request, key: ApiKey, body: dict, replica: Replica) -> JSONResponse:
     from bastion.decide import Variable
 
     predicate = get_field(body, "predicate", str)
@@ -782,7 +783,7 @@ def _query(
         if held is not None:
             rows, refusal = [], _held(held)  # the kill switch, before the policy
         else:
-            require_compiled(replica.authz, [(predicate, mask_of(args))], tried)
+            require_compiled(replica.authz, [(predicate, mask_of(args))])
             rows = replica.authz.query(predicate, *args, context=_context(body))
             if asks_allow(predicate, len(args)):
                 rows = [row for row in rows if not suspensions.holds_value(row[1])]

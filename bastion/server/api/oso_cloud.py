@@ -417,7 +417,7 @@ async def evaluate_query(request: Request) -> Response:
     )
 
 
-def _query(request: Request, body: dict, replica: Any, tried: bool) -> Response:
+def _query(request: Request, body: dict, replica: Any) -> Response:
     authz: Authorizer = replica.authz
     calls = [_call(get_field(body, "predicate", list), "predicate")]
     for i, call in enumerate(get_field(body, "calls", list, required=False) or []):
@@ -441,7 +441,7 @@ def _query(request: Request, body: dict, replica: Any, tried: bool) -> Response:
         if any(suspensions.holds_value(next(iter(v))) for v in given):
             rows, refused = [], SUSPENDED  # the kill switch, before the policy
         else:
-            require_compiled(authz, _shapes(calls, constraints), tried)
+            require_compiled(authz, _shapes(calls, constraints))
             with authz.session(None, facts=facts) as session:
                 rows = _solve(session, calls, constraints, most)
             rows = [r for r in rows if not any(suspensions.holds_value(r[v]) for v in actors)]
