@@ -121,7 +121,7 @@ class DirectDecisions:
             parsed = parse_json(body, self.max_json_depth) if body else None
             if parsed.__class__ is not dict or not answerable_now(replica, parsed):
                 return None
-            out = route.answer(Asked(self.log, self.metrics, len(body)), parsed, replica)
+            out = route.answer(Asked(self.log, self.metrics, len(body), key.id), parsed, replica)
         except Problem:
             return None
         except Exception:

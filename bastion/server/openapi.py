@@ -801,7 +801,8 @@ PATHS: dict[str, Any] = {
     "/v1/decisions/{decision_id}": {
         "get": {
             **_op(
-                "A recent decision of this server process",
+                "A recent decision of this server process that this key asked for (404: unknown,"
+                " or another key's; an admin key reads every one)",
                 "decide",
                 _ref("Decision"),
                 problems=(404,),
@@ -812,7 +813,8 @@ PATHS: dict[str, Any] = {
     },
     "/v1/decisions/{decision_id}/explanation": {
         "get": _op(
-            "Why an authorize decision came out as it did",
+            "Why an authorize decision this key asked for came out as it did (404: unknown, or"
+            " another key's; an admin key reads every one)",
             "decide",
             {
                 "allOf": [

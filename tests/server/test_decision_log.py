@@ -4,6 +4,7 @@ by their exact id, the oldest forgotten first."""
 from __future__ import annotations
 
 from bastion.server.api.decisions import DecisionLog
+from bastion.server.keys import ApiKey
 
 
 def keep(log: DecisionLog, n: int) -> list[str]:
@@ -62,3 +63,19 @@ def test_a_log_of_size_zero_keeps_nothing_but_still_names_each_decision():
     ids = keep(log, 3)
     assert len(set(ids)) == 3
     assert all(log.get(i) is None and log.made_here(i) for i in ids)
+
+
+def test_a_record_is_read_by_the_key_that_asked_for_it_and_by_admin_keys_only():
+    def api_key(key_id: str, *scopes: str) -> ApiKey:
+        return ApiKey(key_id, key_id, frozenset(scopes), 0.0, "test")
+
+    log = DecisionLog(10)
+    asked = log.get(log.record("authorize", {}, True, 1, 1, None, None, "k1"))
+    nobody = log.get(log.record("authorize", {}, True, 1, 1))
+    assert asked is not None and nobody is not None and asked.asked_by == "k1"
+    assert asked.readable_by(api_key("k1", "decide"))
+    assert not asked.readable_by(api_key("k2", "decide", "facts:read", "authzen", "oso:read"))
+    assert asked.readable_by(api_key("k2", "admin"))
+    # A record no key asked for is read by admin keys only.
+    assert not nobody.readable_by(api_key("k1", "decide"))
+    assert nobody.readable_by(api_key("k2", "admin"))

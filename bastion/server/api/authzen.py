@@ -28,6 +28,7 @@ from bastion.policy.errors import EvaluationLimit, PolicyError
 from bastion.server.api.decisions import fresh, keep_context, observe_decision, record_decision
 from bastion.server.auth import require
 from bastion.server.config import ServerConfig
+from bastion.server.keys import ApiKey
 from bastion.server.problems import Problem, read_json
 
 SCOPE = "authzen"
@@ -117,23 +118,24 @@ def _route(handler: Handler) -> Handler:
     return route
 
 
-async def _body(request: Request) -> dict:
+async def _body(request: Request) -> tuple[ApiKey, dict]:
     """The caller's key (scope ``authzen``), then the body: a JSON object sent as JSON."""
-    await require(request, SCOPE)
+    key = await require(request, SCOPE)
     media = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
     if media != "application/json":
         raise authzen.AuthzenError(
             f"send the body as Content-Type: application/json (got {media or 'none'})"
         )
-    return await read_json(request)
+    return key, await read_json(request)
 
 
 def _config(request: Request) -> ServerConfig:
     return request.app.state.config
 
 
-def _log(request: Request, question: authzen.Evaluation, reply: dict, decision) -> str:
-    """Keep the decision for `/v1/decisions/{id}` (and its explanation); return its id."""
+def _log(request: Request, key: ApiKey, question: authzen.Evaluation, reply: dict, decision) -> str:
+    """Keep the decision for `/v1/decisions/{id}` (and its explanation), for ``key`` (and
+    admin keys) to read; return its id."""
     req = question.request_json()
     keep_context(request, req, question.context)
     refusal = (
@@ -141,7 +143,7 @@ def _log(request: Request, question: authzen.Evaluation, reply: dict, decision) 
         if decision is not None and decision.reason == EvaluationLimit.reason
         else None
     )
-    return record_decision(request, "authorize", req, reply["decision"], refusal=refusal)
+    return record_decision(request, key, "authorize", req, reply["decision"], refusal=refusal)
 
 
 # -- routes ------------------------------------------------------------------------------------
@@ -160,25 +162,25 @@ async def configuration(request: Request) -> Response:
 
 
 async def evaluation(request: Request) -> Response:
-    body = await _body(request)
-    return await _evaluate(request, body)
+    key, body = await _body(request)
+    return await _evaluate(request, key, body)
 
 
-async def _evaluate(request: Request, body: dict) -> Response:
+async def _evaluate(request: Request, key: ApiKey, body: dict) -> Response:
     question = authzen.read_evaluation(body)
     replica = await fresh(request, body)
     started = time.perf_counter()
     reply, decision = authzen.decide(replica.authz, question, replica.suspensions.holds)
     observe_decision(request, "authorize", started, "allow" if reply["decision"] else "deny")
-    decision_id = _log(request, question, reply, decision)
+    decision_id = _log(request, key, question, reply, decision)
     return JSONResponse(reply, headers={"X-Bastion-Decision-Id": decision_id})
 
 
 async def evaluations(request: Request) -> Response:
-    body = await _body(request)
+    key, body = await _body(request)
     batch = authzen.read_batch(body, _config(request).authzen_max_evaluations)
     if batch is None:  # no evaluations: an Access Evaluation request, as the spec says
-        return await _evaluate(request, body)
+        return await _evaluate(request, key, body)
     replica = await fresh(request, body)
     started = time.perf_counter()
     answered = await anyio.to_thread.run_sync(
@@ -190,7 +192,7 @@ async def evaluations(request: Request) -> Response:
         result = "allow" if reply["decision"] else "deny"
         request.app.state.metrics.decision("authorize", result, each)
         if isinstance(item, authzen.Evaluation):
-            ids.append(_log(request, item, reply, decision))
+            ids.append(_log(request, key, item, reply, decision))
     # The ids are kept one after the other, with no wait between them, so they are one range
     # of this process's log; as a list, 1,000 ids overflowed a proxy's buffer for the head.
     headers = {"X-Bastion-Decision-Ids": f"{ids[0]}..{ids[-1]}"} if ids else None
@@ -199,7 +201,7 @@ async def evaluations(request: Request) -> Response:
 
 def _search(kind: str) -> Handler:
     async def search(request: Request) -> Response:
-        body = await _body(request)
+        _, body = await _body(request)
         question = authzen.read_search(body, kind, _config(request).authzen_max_page)
         replica = await fresh(request, body)
         started = time.perf_counter()

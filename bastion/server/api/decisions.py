@@ -14,6 +14,11 @@ suspended principal, or an agent asked about as itself whose owner is suspended,
 before the policy is asked, with ``"reason": "suspended"`` and ``suspended`` naming who is held;
 a query of ``allow/3`` likewise (`asks_allow`), and one with its actor left open leaves the
 held actors out of its rows.
+
+A decision record is read (``/v1/decisions/{id}`` and its explanation) by the key that asked
+for it, whichever API it asked through, and by an ``admin`` key; another key's record is
+answered as an id no record holds (`_find`): services sharing one bastion do not read each
+other's questions, nor their contexts.
 """
 
 from __future__ import annotations
@@ -87,6 +92,13 @@ class DecisionRecord:
     at: float
     explanation: dict | None = field(default=None)
     refusal: dict | None = field(default=None)  # reason and limit, when over budget
+    # The id of the API key that asked: only it, and an admin key, read the record.
+    asked_by: str | None = field(default=None)
+
+    def readable_by(self, key: ApiKey) -> bool:
+        """Whether ``key`` may read this record: the key that asked for it, or an admin key
+        (a record no key asked for, admin keys only)."""
+        return "admin" in key.scopes or (self.asked_by is not None and self.asked_by == key.id)
 
     def to_json(self) -> dict:
         return {
@@ -125,13 +137,25 @@ class DecisionLog:
         policy_version: int | None,
         explanation: dict | None = None,
         refusal: dict | None = None,
+        asked_by: str | None = None,
     ) -> str:
-        """Keep a decision made now; its new id."""
+        """Keep a decision made now, asked for by the key ``asked_by`` (its id); its new id."""
         n = next(self._counter)
         decision_id = f"{self._prefix}-{n}"
         if self.size:
             at = time.time()
-            record = (decision_id, kind, req, result, seq, policy_version, at, explanation, refusal)
+            record = (
+                decision_id,
+                kind,
+                req,
+                result,
+                seq,
+                policy_version,
+                at,
+                explanation,
+                refusal,
+                asked_by,
+            )
             ring = self._ring
             if len(ring) < self.size:
                 ring.append(record)
@@ -416,7 +440,7 @@ def _authorize_chain(asked: Asked, body: dict, replica: Replica) -> dict:
     _keep_context(req, context, asked.keeps_context)
     refusal = {k: answer[k] for k in _REFUSAL_FIELDS if k in answer} or None
     decision_id = _record(
-        asked.log, replica, "authorize", req, decision.allowed, explanation, refusal
+        asked.log, replica, "authorize", req, decision.allowed, explanation, refusal, asked.by
     )
     out = {
         "allowed": decision.allowed,
@@ -431,14 +455,16 @@ def _authorize_chain(asked: Asked, body: dict, replica: Replica) -> dict:
 
 def record_decision(
     request: Request,
+    key: ApiKey,
     kind: str,
     req: dict,
     result: Any,
     explanation: dict | None = None,
     refusal: dict | None = None,
 ) -> str:
+    """Keep a decision that ``key`` asked for; its id (only ``key``, and admin keys, read it)."""
     state = request.app.state
-    return _record(state.decisions, state.replica, kind, req, result, explanation, refusal)
+    return _record(state.decisions, state.replica, kind, req, result, explanation, refusal, key.id)
 
 
 def _record(
@@ -447,28 +473,32 @@ def _record(
     kind: str,
     req: dict,
     result: Any,
-    explanation: dict | None = None,
-    refusal: dict | None = None,
+    explanation: dict | None,
+    refusal: dict | None,
+    asked_by: str,
 ) -> str:
     return log.record(
-        kind, req, result, replica.applied, replica.policy_version, explanation, refusal
+        kind, req, result, replica.applied, replica.policy_version, explanation, refusal, asked_by
     )
 
 
 @dataclass(frozen=True, slots=True)
 class Asked:
     """What answering a decision request needs besides its body: where the process records and
-    counts its decisions, and the body's size (`keep_context`). Taken from the application's
-    state by the routes, or given by `bastion.server.direct`."""
+    counts its decisions, the body's size (`keep_context`), and the id of the key that asked
+    (whose records they are). Taken from the application's state by the routes, or given by
+    `bastion.server.direct`."""
 
     log: DecisionLog
     metrics: Metrics
     body_size: int
+    by: str
 
     @classmethod
-    def of(cls, request: Request) -> Asked:
+    def of(cls, request: Request, key: ApiKey) -> Asked:
         state = request.app.state
-        return cls(state.decisions, state.metrics, getattr(request.state, "body_size", 0))
+        size = getattr(request.state, "body_size", 0)
+        return cls(state.decisions, state.metrics, size, key.id)
 
     @property
     def keeps_context(self) -> bool:
@@ -516,10 +546,10 @@ def _entity_json(e: Entity) -> dict:
 
 
 async def authorize(request: Request) -> JSONResponse:
-    await require(request, "decide")
+    key = await require(request, "decide")
     body = await read_json(request)
     replica = await fresh(request, body)
-    return JSONResponse(authorize_answer(Asked.of(request), body, replica))
+    return JSONResponse(authorize_answer(Asked.of(request, key), body, replica))
 
 
 def authorize_answer(asked: Asked, body: dict, replica: Replica) -> dict:
@@ -558,7 +588,14 @@ def authorize_answer(asked: Asked, body: dict, replica: Replica) -> dict:
     if context is not None:
         _keep_context(req, context, asked.keeps_context)
     decision_id = asked.log.record(
-        "authorize", req, allowed, replica.applied, replica.policy_version, explanation, refusal
+        "authorize",
+        req,
+        allowed,
+        replica.applied,
+        replica.policy_version,
+        explanation,
+        refusal,
+        asked.by,
     )
     out = {"allowed": allowed, "decision_id": decision_id, "sequence": replica.applied}
     if refusal is not None:
@@ -569,10 +606,10 @@ def authorize_answer(asked: Asked, body: dict, replica: Replica) -> dict:
 
 
 async def authorize_batch(request: Request) -> JSONResponse:
-    await require(request, "decide")
+    key = await require(request, "decide")
     body = await read_json(request)
     replica = await fresh(request, body)
-    return JSONResponse(authorize_batch_answer(Asked.of(request), body, replica))
+    return JSONResponse(authorize_batch_answer(Asked.of(request, key), body, replica))
 
 
 def authorize_batch_answer(asked: Asked, body: dict, replica: Replica) -> dict:
@@ -603,7 +640,7 @@ def authorize_batch_answer(asked: Asked, body: dict, replica: Replica) -> dict:
             raise Problem(p.status, p.title, f"checks[{i}]: {p.detail}") from None
     results = []
     # Looked up once for the whole batch; the decisions are counted once, when it is done.
-    record, kept, clock = asked.log.record, asked.keeps_context, time.perf_counter
+    record, kept, clock, by = asked.log.record, asked.keeps_context, time.perf_counter, asked.by
     seconds: list[float] = []
     allowed_count = 0
     try:
@@ -630,7 +667,7 @@ def authorize_batch_answer(asked: Asked, body: dict, replica: Replica) -> dict:
                     _keep_context(req, context, kept)
                     refusal = {k: answer[k] for k in _REFUSAL_FIELDS if k in answer} or None
                     decision_id = _record(
-                        asked.log, replica, "authorize", req, decision.allowed, refusal=refusal
+                        asked.log, replica, "authorize", req, decision.allowed, None, refusal, by
                     )
                     results.append(
                         {"allowed": decision.allowed, "decision_id": decision_id, **answer}
@@ -657,6 +694,7 @@ def authorize_batch_answer(asked: Asked, body: dict, replica: Replica) -> dict:
                     replica.policy_version,
                     None,
                     refusal,
+                    by,
                 )
                 result = {"allowed": allowed, "decision_id": decision_id}
                 if refusal is not None:
@@ -668,7 +706,7 @@ def authorize_batch_answer(asked: Asked, body: dict, replica: Replica) -> dict:
 
 
 async def list_resources(request: Request) -> JSONResponse:
-    await require(request, "decide")
+    key = await require(request, "decide")
     body = await read_json(request)
     replica = await fresh(request, body)
     authz = replica.authz
@@ -698,7 +736,7 @@ async def list_resources(request: Request) -> JSONResponse:
     page = ids[start : start + limit]
     more = bool(page) and page[-1] != ids[-1]
     req = {"actor": _entity_json(actor), "action": action, "resource_type": resource_type}
-    decision_id = record_decision(request, "list", req, {"count": len(ids)}, refusal=refusal)
+    decision_id = record_decision(request, key, "list", req, {"count": len(ids)}, refusal=refusal)
     return JSONResponse(
         {
             "ids": page,
@@ -711,7 +749,7 @@ async def list_resources(request: Request) -> JSONResponse:
 
 
 async def actions(request: Request) -> JSONResponse:
-    await require(request, "decide")
+    key = await require(request, "decide")
     body = await read_json(request)
     replica = await fresh(request, body)
     authz = replica.authz
@@ -732,7 +770,7 @@ async def actions(request: Request) -> JSONResponse:
             result, refusal = [], _refusal(over)
     observe_decision(request, "actions", started, "allow" if result else "deny")
     req = {"actor": _entity_json(actor), "resource": _entity_json(resource)}
-    decision_id = record_decision(request, "actions", req, result, refusal=refusal)
+    decision_id = record_decision(request, key, "actions", req, result, refusal=refusal)
     return JSONResponse(
         {
             "actions": result,
@@ -799,7 +837,7 @@ def _query(request: Request, key: ApiKey, body: dict, replica: Replica) -> JSONR
     observe_decision(request, "query", started, "allow" if rows else "deny")
     results = [[arg_to_json(v) for v in row] for row in rows]
     req = {"predicate": predicate, "args": raw_args}
-    decision_id = record_decision(request, "query", req, len(rows), refusal=refusal)
+    decision_id = record_decision(request, key, "query", req, len(rows), refusal=refusal)
     return JSONResponse(
         {
             "results": results,
@@ -821,15 +859,15 @@ def _explanation_json(decision: Any) -> dict:
 
 
 async def get_decision(request: Request) -> JSONResponse:
-    await require(request, "decide")
-    record = _find(request)
+    key = await require(request, "decide")
+    record = _find(request, key)
     return JSONResponse(record.to_json())
 
 
 async def explain(request: Request) -> JSONResponse:
     """The explanation of an authorize decision: kept if asked for, otherwise evaluated again."""
-    await require(request, "decide")
-    record = _find(request)
+    key = await require(request, "decide")
+    record = _find(request, key)
     if record.kind != "authorize":
         raise Problem(
             409,
@@ -871,13 +909,17 @@ async def explain(request: Request) -> JSONResponse:
     return JSONResponse(out)
 
 
-def _find(request: Request) -> DecisionRecord:
+def _find(request: Request, key: ApiKey) -> DecisionRecord:
+    """The record ``key`` asks for, if it may read it (`DecisionRecord.readable_by`). Another
+    key's record is the 404 of an id no record holds, word for word: the ids are a count, so
+    any other answer would tell a key which of them another key asked for."""
     log: DecisionLog = request.app.state.decisions
     decision_id = request.path_params["decision_id"]
     record = log.get(decision_id)
-    if record is None:
+    if record is None or not record.readable_by(key):
         where = (
-            "it is older than the last decisions this server remembers (decision_log_size)"
+            "this key asked for none of that id among the last decisions this server remembers"
+            " (decision_log_size); a key reads the decisions it asked for, an admin key all"
             if log.made_here(decision_id)
             else "it was not made by this server process; ask the replica that made it"
         )

@@ -41,6 +41,7 @@ from bastion.server.api.decisions import (
 )
 from bastion.server.api.policy import await_applied, policy_problem, policy_warnings
 from bastion.server.auth import require
+from bastion.server.keys import ApiKey
 from bastion.server.problems import (
     Problem,
     bad_request,
@@ -306,7 +307,7 @@ def _behavior(request: Request, actor: Any, resource: Any) -> dict | None:
 
 @oso_errors
 async def authorize(request: Request) -> Response:
-    await require(request, READ)
+    key = await require(request, READ)
     body = await read_json(request)
     replica = await _replica(request)
     authz: Authorizer = replica.authz
@@ -334,14 +335,14 @@ async def authorize(request: Request) -> Response:
     if facts:
         req["context_facts"] = len(facts)
     record_decision(
-        request, "authorize", req, allowed, refusal={"reason": refused} if refused else None
+        request, key, "authorize", req, allowed, refusal={"reason": refused} if refused else None
     )
     return _json({"allowed": allowed}, refused=refused)
 
 
 @oso_errors
 async def list_resources(request: Request) -> Response:
-    await require(request, READ)
+    key = await require(request, READ)
     body = await read_json(request)
     replica = await _replica(request)
     authz: Authorizer = replica.authz
@@ -373,14 +374,19 @@ async def list_resources(request: Request) -> Response:
     more = bool(page) and page[-1] != ids[-1]
     req = {"actor": value_to_oso(actor), "action": action, "resource_type": resource_type}
     record_decision(
-        request, "list", req, {"count": len(ids)}, refusal={"reason": refused} if refused else None
+        request,
+        key,
+        "list",
+        req,
+        {"count": len(ids)},
+        refusal={"reason": refused} if refused else None,
     )
     return _json({"results": page, "next_page_token": page[-1] if more else None}, refused=refused)
 
 
 @oso_errors
 async def actions(request: Request) -> Response:
-    await require(request, READ)
+    key = await require(request, READ)
     body = await read_json(request)
     replica = await _replica(request)
     authz: Authorizer = replica.authz
@@ -401,7 +407,7 @@ async def actions(request: Request) -> Response:
     observe_decision(request, "actions", started, "allow" if found else "deny")
     req = {"actor": value_to_oso(actor), "resource": value_to_oso(resource)}
     record_decision(
-        request, "actions", req, found, refusal={"reason": refused} if refused else None
+        request, key, "actions", req, found, refusal={"reason": refused} if refused else None
     )
     return _json({"results": found}, refused=refused)
 
@@ -410,14 +416,14 @@ async def actions(request: Request) -> Response:
 async def evaluate_query(request: Request) -> Response:
     """``build_query(...).and_(...).in_(...).evaluate(...)``: a conjunction of calls over typed
     variables, answered as one row per solution (variable id -> value id)."""
-    await require(request, READ)
+    key = await require(request, READ)
     body = await read_json(request)
     return await compiled_first(
-        functools.partial(_replica, request), functools.partial(_query, request, body)
+        functools.partial(_replica, request), functools.partial(_query, request, key, body)
     )
 
 
-def _query(request: Request, body: dict, replica: Any) -> Response:
+def _query(request: Request, key: ApiKey, body: dict, replica: Any) -> Response:
     authz: Authorizer = replica.authz
     calls = [_call(get_field(body, "predicate", list), "predicate")]
     for i, call in enumerate(get_field(body, "calls", list, required=False) or []):
@@ -452,7 +458,7 @@ def _query(request: Request, body: dict, replica: Any) -> Response:
     observe_decision(request, "query", started, "allow" if rows else "deny")
     req = {"predicate": calls[0][0], "calls": len(calls)}
     record_decision(
-        request, "query", req, len(rows), refusal={"reason": refused} if refused else None
+        request, key, "query", req, len(rows), refusal={"reason": refused} if refused else None
     )
     out = [{var: _oso_id(row[var]) for var in constraints if var in row} for row in rows]
     return _json({"results": out}, refused=refused)
