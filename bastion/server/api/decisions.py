@@ -918,8 +918,8 @@ def _find(request: Request, key: ApiKey) -> DecisionRecord:
     record = log.get(decision_id)
     if record is None or not record.readable_by(key):
         where = (
-            "this key asked for none of that id among the last decisions this server remembers"
-            " (decision_log_size); a key reads the decisions it asked for, an admin key all"
+            "it is not among the last decisions this server remembers (decision_log_size)"
+            " that this key asked for; a key reads only its own decisions, an admin key all"
             if log.made_here(decision_id)
             else "it was not made by this server process; ask the replica that made it"
         )
