@@ -10,6 +10,8 @@ redirect URI of a client the deployment vouches for (an administrator registered
 other, anyone could have registered that URI, so the error is shown on bastion's page with a link
 there rather than redirected (RFC 9700 §4.11.2: bastion is no open redirect). Once the person has
 acted (they denied consent), the answer goes back to the client either way.
+
+A remembered consent skips the page only where RFC 8252 §8.6 allows it (`consent_is_remembered`).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from starlette.responses import RedirectResponse, Response
 from bastion.agents.identity import record_first_owner
 from bastion.oauth import pages, pkce
 from bastion.oauth.errors import InvalidScope, InvalidTarget, OAuthError
-from bastion.oauth.redirect_uris import redirect_uri_allowed
+from bastion.oauth.redirect_uris import is_claimed_https, redirect_uri_allowed
 from bastion.oauth.sign_in import (
     BROWSER_COOKIE,
     FORM_SECONDS,
@@ -128,6 +130,20 @@ def select_scope(requested: str | None, resource_scopes: tuple[str, ...], client
             f" available: {sorted(allowed)}"
         )
     return " ".join(wanted)
+
+
+def consent_is_remembered(client: Client, redirect_uri: str) -> bool:
+    """Whether a consent given at ``redirect_uri`` may later stand for the person's answer, so
+    that a request to exactly that redirect URI (port included) gets its code without the page.
+
+    RFC 8252 §8.6: unless the client's identity can be assured, a request is processed as if none
+    had been approved before. A confidential client proves itself at the token endpoint: a code
+    sent to its redirect URI is of no use to whoever else listens there. A public client is
+    assured only by a claimed https redirect (`is_claimed_https`). At a loopback one, any
+    program on the device can listen (on any port, or on the client's own while the client is not
+    running), open the person's browser on a request of its own with the client's id and its own
+    PKCE challenge, and redeem the code: so its person is asked every time."""
+    return not client.is_public or is_claimed_https(redirect_uri)
 
 
 class AuthorizationEndpoint:
@@ -399,9 +415,15 @@ class AuthorizationEndpoint:
                 OAuthError("access_denied", "the user denied the request"),
                 status=303,
             )
-        self.store.remember_consent(
-            username, client.client_id, pending.resource, pending.scope, self.server.clock()
-        )
+        if consent_is_remembered(client, pending.redirect_uri):
+            self.store.remember_consent(
+                username,
+                client.client_id,
+                pending.resource,
+                pending.redirect_uri,
+                pending.scope,
+                self.server.clock(),
+            )
         # The first person to consent to an agent owns it (unless an administrator named one).
         record_first_owner(self.server.facts, client.client_id, username, f"consent:{username}")
         self.server.audit.record(
@@ -470,7 +492,13 @@ class AuthorizationEndpoint:
         auth_time: float | None = None,
     ) -> Response:
         self._refuse_suspended(username)
-        consented = self.store.consented_scope(username, client.client_id, pending.resource)
+        consented = (
+            self.store.consented_scope(
+                username, client.client_id, pending.resource, pending.redirect_uri
+            )
+            if consent_is_remembered(client, pending.redirect_uri)
+            else None
+        )
         if (
             prompt != "consent"
             and consented is not None

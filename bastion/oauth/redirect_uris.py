@@ -8,6 +8,8 @@ port may differ, because a native app listens on whatever port the system gives 
 ``http://localhost`` can be registered (MCP clients use it and the MCP specification names it)
 but is matched exactly, port included: RFC 8252 §8.3 recommends the IP literal, whose port may
 vary; a name is resolved by the device and may reach beyond the loopback interface.
+
+Whether a redirect URI proves who receives at it (RFC 8252 §8.6) is `is_claimed_https`.
 """
 
 from __future__ import annotations
@@ -28,6 +30,9 @@ _URI_CHARACTERS = re.compile(r"[A-Za-z0-9\-._~:/?#\[\]@!$&'()*+,;=%]*")
 _SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*:")
 _BAD_PERCENT = re.compile(r"%(?![0-9A-Fa-f]{2})")
 # http://<loopback IP literal>[:port]<path and query>, split so the port can be left out.
+# The last label of a host a browser reads as an IPv4 address (WHATWG URL: decimal or 0x-hex
+# numbers, so ``2130706433`` and ``0x7f.1`` are 127.0.0.1).
+_NUMERIC_LABEL = re.compile(r"[0-9]+|0[xX][0-9A-Fa-f]*")
 _LOOPBACK_LITERAL = re.compile(
     r"http://(?P<host>[0-9.]+|\[[0-9A-Fa-f:.]+\])(?::(?P<port>[0-9]{1,5}))?(?P<rest>[/?].*|)",
     re.DOTALL,
@@ -98,3 +103,18 @@ def redirect_uri_allowed(registered: Iterable[str], presented: str) -> bool:
         return True
     key = _without_loopback_port(presented)
     return key is not None and any(_without_loopback_port(uri) == key for uri in registered)
+
+
+def is_claimed_https(uri: str) -> bool:
+    """Whether ``uri`` is a claimed https redirect (RFC 8252 §8.6, §7.2): https on a DNS name of
+    its own, where the browser hands the code only to a server holding a certificate for that
+    name. Not http; not an IP address in any form a browser reads (any program on the device,
+    or the network, may answer at one); not ``localhost`` or a name under it (RFC 6761: the
+    device itself), where a locally trusted certificate (a developer's own CA) is enough."""
+    parts = urlsplit(uri)
+    host = (parts.hostname or "").rstrip(".")
+    if parts.scheme != "https" or not host or ":" in host:
+        return False
+    if _NUMERIC_LABEL.fullmatch(host.rsplit(".", 1)[-1]):
+        return False
+    return host != "localhost" and not host.endswith(".localhost")

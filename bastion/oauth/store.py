@@ -200,6 +200,21 @@ _MIGRATIONS = [
     ALTER TABLE oauth_grants ADD COLUMN parent_jti TEXT;
     CREATE INDEX oauth_grants_parent_jti ON oauth_grants (parent_jti);
     """,
+    # A remembered consent answers only at the redirect URI it was given at (RFC 8252 §8.6).
+    # Those remembered before named none, so could answer at any: they are forgotten, and each
+    # person is asked once more (docs/oauth.md, "Remembered consent").
+    """
+    DROP TABLE oauth_consents;
+    CREATE TABLE oauth_consents (
+        username TEXT NOT NULL,
+        client_id TEXT NOT NULL,
+        resource TEXT NOT NULL,
+        redirect_uri TEXT NOT NULL,
+        scope TEXT NOT NULL,
+        granted_at DOUBLE PRECISION NOT NULL,
+        PRIMARY KEY (username, client_id, resource, redirect_uri)
+    );
+    """,
 ]
 
 
@@ -797,25 +812,38 @@ class OAuthStore:
 
     # consents
 
-    def consented_scope(self, username: str, client_id: str, resource: str) -> set[str] | None:
+    def consented_scope(
+        self, username: str, client_id: str, resource: str, redirect_uri: str
+    ) -> set[str] | None:
+        """The scope the person last consented to for this client and resource at exactly this
+        redirect URI (port included), or None."""
         rows = self.db.execute(
-            "SELECT scope FROM oauth_consents WHERE username = ? AND client_id = ? AND resource = ?",
-            (username, client_id, resource),
+            "SELECT scope FROM oauth_consents WHERE username = ? AND client_id = ?"
+            " AND resource = ? AND redirect_uri = ?",
+            (username, client_id, resource, redirect_uri),
         )
         return set(rows[0][0].split()) if rows else None
 
     def remember_consent(
-        self, username: str, client_id: str, resource: str, scope: str, now: float
+        self,
+        username: str,
+        client_id: str,
+        resource: str,
+        redirect_uri: str,
+        scope: str,
+        now: float,
     ) -> None:
         with self.db.transaction():
             self.db.execute(
-                "DELETE FROM oauth_consents WHERE username = ? AND client_id = ? AND resource = ?",
-                (username, client_id, resource),
+                "DELETE FROM oauth_consents WHERE username = ? AND client_id = ? AND resource = ?"
+                " AND redirect_uri = ?",
+                (username, client_id, resource, redirect_uri),
             )
             self.db.execute(
-                "INSERT INTO oauth_consents (username, client_id, resource, scope, granted_at)"
-                " VALUES (?, ?, ?, ?, ?)",
-                (username, client_id, resource, scope, now),
+                "INSERT INTO oauth_consents"
+                " (username, client_id, resource, redirect_uri, scope, granted_at)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                (username, client_id, resource, redirect_uri, scope, now),
             )
 
     # pending authorization requests and login sessions

@@ -201,7 +201,7 @@ def test_expired_grants_go_after_the_retention_and_then_their_self_registered_cl
         ("dyn-1", "192.0.2.1", OLD - 2 * DAY),
     )
     store.save_client(client)
-    store.remember_consent("sam", "dyn-1", "https://mcp", "read", OLD - DAY)
+    store.remember_consent("sam", "dyn-1", "https://mcp", "http://127.0.0.1/cb", "read", OLD - DAY)
     old = grant("dyn-1", OLD)
     recent = grant("admin-client", NEW)
     live = grant("admin-client", NOW + DAY)
@@ -214,9 +214,10 @@ def test_expired_grants_go_after_the_retention_and_then_their_self_registered_cl
     assert pruned_rows(db) == {"oauth_grants": 1}
     # With its grants gone, the self-registered client is unused: housekeeping deletes it, and
     # the consent given to it, which a client registered again under its id must not inherit.
+    assert store.consented_scope("sam", "dyn-1", "https://mcp", "http://127.0.0.1/cb") == {"read"}
     assert store.forget_unused_clients(NOW - DAY) == 1
     assert store.client("dyn-1") is None
-    assert store.consented_scope("sam", "dyn-1", "https://mcp") is None
+    assert store.consented_scope("sam", "dyn-1", "https://mcp", "http://127.0.0.1/cb") is None
 
 
 # -- the record -----------------------------------------------------------------------------------

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import html
 import re
+from dataclasses import replace
 from urllib.parse import parse_qs, urlencode, urlsplit
 
 import httpx
 import pytest
 
-from bastion.oauth import InvalidToken, pkce
+from bastion.db import Database
+from bastion.oauth import InvalidToken, pkce, registration, store
+from bastion.oauth.users import create_user
 
-from .support import Bastion, hidden_fields, pkce_pair
+from .support import PASSWORD, Bastion, hidden_fields, pkce_pair, running_bastion
 
 
 def redirect_query(response: httpx.Response) -> dict[str, str]:
@@ -465,8 +468,12 @@ def test_denied_consent_returns_access_denied(bastion: Bastion):
     assert query["error"] == "access_denied" and query["state"] == "xyz-state"
 
 
-def test_consent_is_remembered_per_user_client_and_scopes(bastion: Bastion):
-    client = bastion.register()
+def test_consent_is_remembered_per_user_client_redirect_uri_and_scopes(bastion: Bastion):
+    # A public client whose redirect is a claimed https one (RFC 8252 §8.6); a loopback one is
+    # asked every time (test_a_program_on_the_device_gets_no_code_...).
+    client = bastion.register(
+        redirect_uris=["https://agent.example/callback", "https://agent.example/elsewhere"]
+    )
     browser = httpx.Client()
     _, challenge = pkce_pair()
     first = bastion.log_in_and_consent(
@@ -482,12 +489,153 @@ def test_consent_is_remembered_per_user_client_and_scopes(bastion: Bastion):
     wider = bastion.authorize_params(client, challenge, scope="tools:read tools:call")
     page = browser.get(f"{bastion.url}/authorize?{urlencode(wider)}")
     assert page.status_code == 200 and "tools:call" in page.text
+    # Another of the client's redirect URIs: asked again, and shown where it sends them.
+    elsewhere = bastion.authorize_params(
+        client, challenge, redirect_uri="https://agent.example/elsewhere"
+    )
+    page = browser.get(f"{bastion.url}/authorize?{urlencode(elsewhere)}")
+    assert page.status_code == 200 and "/authorize/consent" in page.text
     # Another client: asked again.
-    other = bastion.register(client_name="Other agent")
+    other = bastion.register(
+        client_name="Other agent", redirect_uris=["https://agent.example/callback"]
+    )
     page = browser.get(
         f"{bastion.url}/authorize?{urlencode(bastion.authorize_params(other, challenge))}"
     )
     assert page.status_code == 200 and "Other agent" in page.text
+    # Another user, same client and request: asked, once signed in.
+    create_user(bastion.server.store, "bob", PASSWORD, bastion.clock(), actor="test")
+    bobs = httpx.Client()
+    login = bobs.get(
+        f"{bastion.url}/authorize?{urlencode(bastion.authorize_params(client, challenge))}"
+    )
+    page = bobs.post(
+        f"{bastion.url}/authorize/login",
+        data={**hidden_fields(login.text), "username": "bob", "password": PASSWORD},
+    )
+    assert page.status_code == 200 and "Signed in as <strong>bob</strong>" in page.text
+    assert "/authorize/consent" in page.text
+
+
+def consented(bastion: Bastion, client: dict, redirect_uri: str) -> httpx.Client:
+    """alice's browser after she signed in and allowed ``client`` at ``redirect_uri``."""
+    browser = httpx.Client(timeout=10)
+    _, challenge = pkce_pair()
+    params = bastion.authorize_params(client, challenge, redirect_uri=redirect_uri)
+    first = bastion.log_in_and_consent(f"{bastion.url}/authorize?{urlencode(params)}", browser)
+    assert "code" in redirect_query(first)
+    return browser
+
+
+def asks_consent(page: httpx.Response) -> bool:
+    return page.status_code == 200 and "/authorize/consent" in page.text
+
+
+@pytest.mark.parametrize(
+    ("registered", "consented_at", "attacked_at"),
+    [
+        # Another port: RFC 8252 §7.3 lets a loopback client come back on any.
+        ("http://127.0.0.1:9/callback", ":9", ":4444"),
+        # The very URI consented at, taken while the client is not listening on it.
+        ("http://127.0.0.1:9/callback", ":9", ":9"),
+        ("http://127.0.0.1:9/callback", ":51234", ":51234"),
+        ("http://[::1]:9/callback", ":9", ":4444"),
+        ("http://localhost:8765/callback", ":8765", ":8765"),
+    ],
+)
+def test_a_program_on_the_device_gets_no_code_from_a_public_loopback_clients_consent(
+    bastion: Bastion, registered: str, consented_at: str, attacked_at: str
+):
+    """RFC 8252 §8.6: any program on the device can listen on a loopback port and open the
+    person's browser on an authorization request of its own, with the client's id and its own
+    PKCE challenge. A public client's identity cannot be assured there, so the person is asked
+    again, and the page names where the code would go."""
+    client = bastion.register(redirect_uris=[registered])
+    port = urlsplit(registered).port
+    consented_at = registered.replace(f":{port}/", f"{consented_at}/")
+    attacked_at = registered.replace(f":{port}/", f"{attacked_at}/")
+    browser = consented(bastion, client, consented_at)
+    codes = bastion.rows()["oauth_codes"]
+    _, challenge = pkce_pair()  # the other program's own
+    params = bastion.authorize_params(client, challenge, redirect_uri=attacked_at, state="theirs")
+    page = browser.get(f"{bastion.url}/authorize?{urlencode(params)}")
+    assert asks_consent(page), page.headers.get("location")
+    assert urlsplit(attacked_at).netloc in page.text
+    assert bastion.rows()["oauth_codes"] == codes
+
+
+def test_a_remembered_consent_answers_only_at_the_redirect_uri_it_was_given_at(bastion: Bastion):
+    """A public client with a claimed https redirect (RFC 8252 §8.6) is remembered, but only for
+    the redirect URI the person saw on the page: another one of the client's asks again."""
+    client = bastion.register(
+        redirect_uris=["https://agent.example/callback", "https://agent.example/elsewhere"]
+    )
+    browser = consented(bastion, client, "https://agent.example/callback")
+    _, challenge = pkce_pair()
+    elsewhere = bastion.authorize_params(
+        client, challenge, redirect_uri="https://agent.example/elsewhere"
+    )
+    page = browser.get(f"{bastion.url}/authorize?{urlencode(elsewhere)}")
+    assert asks_consent(page), page.headers.get("location")
+    same = bastion.authorize_params(
+        client, challenge, redirect_uri="https://agent.example/callback"
+    )
+    assert "code" in redirect_query(browser.get(f"{bastion.url}/authorize?{urlencode(same)}"))
+
+
+def test_a_confidential_clients_consent_holds_at_its_redirect_uri_where_a_code_needs_its_secret(
+    bastion: Bastion,
+):
+    """A confidential client proves who it is at the token endpoint: a code taken at its
+    loopback redirect by another program is refused without the client's secret, so its consent
+    is remembered, for the exact redirect URI (port included) the person saw."""
+    client = bastion.register_as_admin(token_endpoint_auth_method="client_secret_basic")
+    browser = consented(bastion, client, "http://127.0.0.1:9/callback")
+    verifier, challenge = pkce_pair()
+    same = bastion.authorize_params(client, challenge)
+    code = redirect_query(browser.get(f"{bastion.url}/authorize?{urlencode(same)}"))["code"]
+    # Whoever listened on the port holds the code and the verifier, not the secret.
+    before = bastion.rows()
+    assert_oauth_error(exchange(bastion, client, code, verifier), "invalid_client", 401)
+    assert bastion.rows() == before
+    other_port = bastion.authorize_params(
+        client, challenge, redirect_uri="http://127.0.0.1:4444/callback"
+    )
+    page = browser.get(f"{bastion.url}/authorize?{urlencode(other_port)}")
+    assert asks_consent(page), page.headers.get("location")
+
+
+def test_a_consent_remembered_before_the_upgrade_asks_again(database_url, tmp_path):
+    """A consent remembered before consents named their redirect URI could answer at any: after
+    the upgrade it answers at none (fail closed), and the person is asked once more."""
+    before = next(i for i, m in enumerate(store._MIGRATIONS) if "DROP TABLE oauth_consents" in m)
+    db = Database(database_url)
+    db.migrate("oauth", store._MIGRATIONS[:before])  # consents named no redirect URI then
+    resource = "http://127.0.0.1:9/mcp"
+    db.execute(
+        "INSERT INTO oauth_consents (username, client_id, resource, scope, granted_at)"
+        " VALUES ('alice', 'web-agent', ?, 'tools:read', 0)",
+        (resource,),
+    )
+    db.close()
+    with running_bastion(database_url, tmp_path) as bastion:
+        values = registration.validate_client_metadata(
+            {"client_name": "Web agent", "redirect_uris": ["https://agent.example/callback"]},
+            bastion.server.settings,
+        )
+        made = registration.new_client(values, source="dynamic", now=bastion.clock())
+        bastion.server.store.save_client(replace(made.client, client_id="web-agent"))
+        client = {"client_id": "web-agent", "redirect_uris": ["https://agent.example/callback"]}
+        _, challenge = pkce_pair()
+        browser = httpx.Client(timeout=10)
+        login = browser.get(
+            f"{bastion.url}/authorize?{urlencode(bastion.authorize_params(client, challenge))}"
+        )
+        page = browser.post(
+            f"{bastion.url}/authorize/login",
+            data={**hidden_fields(login.text), "username": "alice", "password": PASSWORD},
+        )
+        assert asks_consent(page), page.headers.get("location")
 
 
 def test_pages_forbid_framing(bastion: Bastion):

@@ -33,6 +33,7 @@ from .support import (
     TricklingHost,
     free_socket,
     hidden_fields,
+    log_in_and_consent,
     pkce_pair,
     running_bastion,
     self_signed_certificate,
@@ -551,6 +552,35 @@ def test_the_consent_page_shows_the_documents_host_and_calls_the_client_unverifi
             assert (
                 "&ldquo;Claude Desktop (example)&rdquo;, is whatever 127.0.0.1 wrote there" in page
             )
+
+
+def test_a_document_clients_consent_is_remembered_only_at_a_claimed_https_redirect(
+    host, sqlite_url, tmp_path
+):
+    """A metadata document's client is public: at its loopback redirect URI any program on the
+    device could listen and take the code (RFC 8252 §8.6), so the person is asked each time;
+    at its https one the consent is remembered, for that URI."""
+    claimed = "https://agent.example/callback"
+    url = host.document("/agent.json", redirect_uris=[REDIRECT, claimed])
+    settings = {"allow_private_addresses": True, "ca_file": host.ca_file}
+    with running_bastion(sqlite_url, tmp_path, client_metadata=settings) as bastion:
+        browser = httpx.Client(timeout=10)
+
+        def authorization(redirect_uri: str) -> str:
+            _, challenge = pkce_pair()
+            client = {"client_id": url, "redirect_uris": [redirect_uri]}
+            params = bastion.authorize_params(client, challenge)
+            return f"{bastion.url}/authorize?{urlencode(params)}"
+
+        for redirect_uri in (REDIRECT, claimed):
+            allowed = log_in_and_consent(
+                bastion.url, authorization(redirect_uri), "alice", PASSWORD, browser
+            )
+            assert "code=" in allowed.headers["location"]
+        again = browser.get(authorization(REDIRECT))
+        assert again.status_code == 200, again.headers.get("location")
+        assert "/authorize/consent" in again.text
+        assert "code=" in browser.get(authorization(claimed)).headers["location"]
 
 
 def test_a_name_that_rebinds_to_loopback_after_the_check_is_not_connected_to(monkeypatch):

@@ -8,7 +8,11 @@ from urllib.parse import parse_qs, urlencode, urlsplit
 
 import pytest
 
-from bastion.oauth.redirect_uris import redirect_uri_allowed, redirect_uri_problem
+from bastion.oauth.redirect_uris import (
+    is_claimed_https,
+    redirect_uri_allowed,
+    redirect_uri_problem,
+)
 
 from .support import Bastion, pkce_pair
 
@@ -118,6 +122,30 @@ def test_rfc_3986_uris_can_be_registered(uri):
 )
 def test_only_the_port_of_a_loopback_ip_literal_may_differ(registered, presented, allowed):
     assert redirect_uri_allowed([registered], presented) is allowed
+
+
+@pytest.mark.parametrize(
+    ("uri", "claimed"),
+    [
+        ("https://agent.example/callback", True),
+        ("https://agent.example:8443/callback?x=1", True),
+        ("https://agent.example./callback", True),
+        ("http://agent.example/callback", False),
+        ("https://127.0.0.1/callback", False),
+        ("https://10.0.0.5/callback", False),
+        ("https://2130706433/callback", False),  # 127.0.0.1 to a browser
+        ("https://0x7f.1/callback", False),
+        ("https://127.1/callback", False),
+        ("https://[::1]/callback", False),
+        ("https://[::ffff:127.0.0.1]/callback", False),
+        ("https://localhost/callback", False),
+        ("https://LOCALHOST./callback", False),
+        ("https://agent.localhost/callback", False),
+    ],
+)
+def test_only_https_on_a_name_of_its_own_is_a_claimed_redirect(uri, claimed):
+    """RFC 8252 §8.6: what a public client's remembered consent may rest on (docs/oauth.md)."""
+    assert is_claimed_https(uri) is claimed
 
 
 def _authorize(bastion: Bastion, client: dict, redirect_uri: str):
