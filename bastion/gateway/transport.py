@@ -447,7 +447,10 @@ class StreamableHttpEndpoint:
                         http_status=400,
                     )
             elif method == "server/discover":
-                pass  # a probe: answered without a session
+                # A probe: answered without a session. One it names is the caller's, or
+                # refused, as on any request: its decision record names it (``session``).
+                if "mcp-session-id" in headers:
+                    session = self._session(upstream.name, caller, headers)
             else:
                 session = self._session(upstream.name, caller, headers)
         except RpcError as e:

@@ -600,3 +600,35 @@ def test_refused_gets_and_deletes_are_audited_as_mcp_refusals_of_their_caller(ba
     assert sum(e.detail.get("repeats", 1) for e in rows()) == len(refused)
     # The session the refused requests named is still its owner's.
     assert bastion.http.delete(url, headers=mine).status_code == 204
+
+
+def test_a_discover_is_recorded_under_no_session_but_the_callers_own(bastion, token):
+    """``server/discover`` is answered without a session in 2025-11-25 (a probe), and its
+    decision record names the ``Mcp-Session-Id`` it came with (``session``, what `bastion audit`
+    filters by). Another user's session id, or a made-up one, is refused there as on any other
+    request (404), so no one's decisions are filed under a session that is not theirs; without
+    one, or with the caller's own, the probe is answered and recorded so."""
+    sams = legacy_session(bastion, token, "deskhttp")["mcp-session-id"]
+    avery = bastion.token("avery", "deskhttp")
+    discover = {"jsonrpc": "2.0", "id": 4, "method": "server/discover", "params": {}}
+    bastion.flush()
+    seq = bastion.records.last_seq()
+    for headers in (
+        {"mcp-session-id": sams, "mcp-protocol-version": "2025-11-25"},
+        {"mcp-session-id": sams},
+        {"mcp-session-id": "made-up"},
+    ):
+        response = post(bastion, avery, body=discover, **headers)
+        assert response.status_code == 404, response.text
+        assert response.json()["error"]["code"] == -32005
+    bastion.flush()
+    assert [r.session for _, r in bastion.records.after(seq)] == []
+    own = legacy_session(bastion, avery, "deskhttp")["mcp-session-id"]
+    bastion.flush()
+    seq = bastion.records.last_seq()
+    for headers in ({}, {"mcp-session-id": own}):
+        response = post(bastion, avery, body=discover, **headers)
+        assert response.status_code == 200 and "result" in response.json(), response.text
+    bastion.flush()
+    assert [r.session for _, r in bastion.records.after(seq)] == ["", own]
+
