@@ -79,6 +79,19 @@ _AUDITED_DPOP_REFUSALS = frozenset({"invalid_token", "invalid_dpop_proof", "fact
 _NAME_PARAMS = {"tools/call": "name", "prompts/get": "name", "resources/read": "uri"}
 _ENVELOPE_VERSION = "io.modelcontextprotocol/protocolVersion"
 _ENVELOPE_CAPABILITIES = "io.modelcontextprotocol/clientCapabilities"
+# Headers read as one value: who calls, from which page, the body's type, the era, the session
+# and (2026-07-28) the routing. Sent twice, one reader (a proxy, a load balancer keeping sessions
+# on their replica, a log) could take the first where bastion takes the last, and the request
+# reads as two: refused (400, -32020) in every method and era. These two before the token is
+# read (whose would it be?), the others once it is, audited as refusals are.
+_BEFORE_TOKEN = frozenset({"authorization", "origin"})
+_READ_ONCE = _BEFORE_TOKEN | {
+    "content-type",
+    "mcp-protocol-version",
+    "mcp-session-id",
+    "mcp-method",
+    "mcp-name",
+}
 
 
 class HttpError(Exception):
@@ -177,6 +190,10 @@ class StreamableHttpEndpoint:
             # bytes.decode, or one decode of them joined, split again, run fewer bytecodes but
             # half again as many instructions, by callgrind.)
             headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+            # A name came more than once (the dict kept the last): looked at only then.
+            twice = _sent_twice(scope) if len(headers) != len(scope["headers"]) else ()
+            if twice and not _BEFORE_TOKEN.isdisjoint(twice):
+                raise HttpError(400, _twice(min(_BEFORE_TOKEN & set(twice))).body(None))
             origin = headers.get("origin")
             if origin is not None and not self.gateway.allows_origin(origin):
                 # MCP's transport: a page of another origin (DNS rebinding) gets 403, whatever
@@ -192,6 +209,9 @@ class StreamableHttpEndpoint:
                 raise HttpError(404, {"error": f"no MCP server named {server!r} behind bastion"})
             caller = await self._authenticate(server, headers, scope)
             method = scope["method"]
+            if twice:
+                named = None if method == "POST" else method[:20]
+                raise await self._refused(_twice(twice[0]), caller, server, named, None)
             if method == "POST":
                 await self._post(upstream, caller, headers, scope, receive, send)
             elif method == "GET":
@@ -436,7 +456,7 @@ class StreamableHttpEndpoint:
             if method == "initialize":
                 kept = kept_capabilities(message.params.get("capabilities"))
             if modern:
-                self._check_modern(message, headers, scope)
+                self._check_modern(message, headers)
             elif version and version not in LEGACY_VERSIONS:
                 raise _unsupported(version)
             elif method == "initialize":
@@ -713,19 +733,9 @@ class StreamableHttpEndpoint:
 
     # -- era checks --------------------------------------------------------------------------------
 
-    def _check_modern(self, message, headers: dict[str, str], scope: Scope) -> None:
-        """2026-07-28: the routing headers must agree with the body (HEADER_MISMATCH if not)."""
-        if len(headers) != len(scope["headers"]):
-            # A header name came more than once (the dict kept one): not a routing header.
-            seen: set[str] = set()
-            for name, _ in scope["headers"]:
-                key = name.decode("latin-1")
-                if key in ("mcp-protocol-version", "mcp-method", "mcp-name"):
-                    if key in seen:
-                        raise RpcError(
-                            HEADER_MISMATCH, f"the {key} header is sent twice", http_status=400
-                        )
-                    seen.add(key)
+    def _check_modern(self, message, headers: dict[str, str]) -> None:
+        """2026-07-28: the routing headers must agree with the body (HEADER_MISMATCH if not;
+        one sent twice is refused before, in every era: `_sent_twice`)."""
         if "mcp-session-id" in headers:
             raise RpcError(
                 INVALID_REQUEST,
@@ -959,6 +969,24 @@ class StreamableHttpEndpoint:
         except RpcError as e:
             raise await self._refused_stream(e, caller, server, "DELETE") from None
         self.gateway.sessions.end(session)
+
+
+def _sent_twice(scope: Scope) -> tuple[str, ...]:
+    """The headers of `_READ_ONCE` that ``scope`` holds more than once (names are lowercased by
+    ASGI servers), in the order their second copy came."""
+    seen: set[str] = set()
+    twice: list[str] = []
+    for name, _ in scope["headers"]:
+        key = name.decode("latin-1")
+        if key in _READ_ONCE:
+            if key in seen and key not in twice:
+                twice.append(key)
+            seen.add(key)
+    return tuple(twice)
+
+
+def _twice(name: str) -> RpcError:
+    return RpcError(HEADER_MISMATCH, f"the {name} header is sent twice", http_status=400)
 
 
 def _unsupported(version: str) -> RpcError:

@@ -632,3 +632,51 @@ def test_a_discover_is_recorded_under_no_session_but_the_callers_own(bastion, to
     bastion.flush()
     assert [r.session for _, r in bastion.records.after(seq)] == ["", own]
 
+
+def _twice(name: str, other: str, mine: dict, second: dict, own: str) -> list[tuple[str, str]]:
+    """The headers of a 2025-11-25 request on ``mine`` with ``name`` sent twice: first a value
+    that would make another request of it, then the one it was answered by (the last)."""
+    first = {
+        "authorization": f"Bearer {other}",
+        "mcp-protocol-version": "2026-07-28",
+        "mcp-session-id": second["mcp-session-id"],
+        "origin": "https://evil.example",
+        "content-type": "text/plain",
+    }[name]
+    return [
+        *((k, v) for k, v in mine.items() if k != name),
+        (name, first),
+        (name.upper(), mine.get(name, own)),
+    ]
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["authorization", "mcp-protocol-version", "mcp-session-id", "origin", "content-type"],
+)
+def test_a_header_that_names_the_caller_session_or_era_sent_twice_is_refused_in_either_era(
+    bastion, token, name
+):
+    """A header bastion reads as one value, sent twice, reads as two requests: one reader (a
+    proxy, a load balancer keeping sessions on their replica, a log) takes the first, bastion
+    took the last. 2026-07-28 routing headers were refused twice already, but only once the
+    last MCP-Protocol-Version said 2026-07-28: a first one saying it and a last saying
+    2025-11-25 skipped the check. Each such header sent twice is refused (400), in either era
+    and for every HTTP method, and nothing is forwarded or ended."""
+    other = bastion.token("avery", "deskhttp")
+    mine = legacy_session(bastion, token, "deskhttp")
+    second = legacy_session(bastion, token, "deskhttp")
+    url = bastion.mcp_url("deskhttp")
+    listing = {"jsonrpc": "2.0", "id": 5, "method": "tools/list"}
+    before = len(bastion.recorder.requests)
+    headers = _twice(name, other, mine, second, bastion.url)
+    response = bastion.http.post(url, json=listing, headers=headers)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["code"] == -32020 and "sent twice" in error["message"]
+    deleted = bastion.http.delete(url, headers=headers)
+    assert deleted.status_code == 400, deleted.text
+    assert len(bastion.recorder.requests) == before
+    # Both sessions go on.
+    for session in (mine, second):
+        assert bastion.http.post(url, json=listing, headers=session).status_code == 200
