@@ -35,7 +35,7 @@ from bastion.gateway.client_requests import ClientRequests
 from bastion.gateway.config import GatewayConfig, UpstreamConfig
 from bastion.gateway.enforce import Caller, Enforcer, Held, StepUp, refused
 from bastion.gateway.follows import FollowLeases, FollowsUnavailable, follows_unavailable
-from bastion.gateway.handlers import Exchange, nameable
+from bastion.gateway.handlers import Exchange, listed_once
 from bastion.gateway.holds import RequestStates, pending_error
 from bastion.gateway.jsonrpc import RpcError
 from bastion.gateway.metadata import WELL_KNOWN, ProtectedResourceMetadata, metadata_url
@@ -92,10 +92,10 @@ class ToolHints:
 
     def learn(self, tools: Any) -> None:
         """Take the hints of ``tools``, a ``tools/list`` result's tools as the upstream sent them
-        (only a list's objects named as a client could call them count)."""
-        for tool in tools if isinstance(tools, list) else ():
-            if not isinstance(tool, dict) or not nameable(name := tool.get("name")):
-                continue  # no client can call it, and its hints are no other tool's
+        (only a list's objects named as a client could call them count, and not a name the
+        list gives twice: `listed_once`; such a tool has no hints, so it is a write)."""
+        for tool in listed_once(tools, "name"):
+            name = tool["name"]
             notes = tool.get("annotations")
             notes = notes if isinstance(notes, dict) else {}
             self.annotations[name] = {k: notes[k] for k in _HINTS if isinstance(notes.get(k), bool)}

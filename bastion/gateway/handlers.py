@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from functools import partial
@@ -372,6 +373,21 @@ def nameable(value: Any) -> bool:
     return isinstance(value, str) and value != "" and untrusted_json.is_text(value)
 
 
+def listed_once(items: Any, field: str) -> list[dict[str, Any]]:
+    """The objects of ``items`` (a list page as an upstream sent it) whose ``field`` is a
+    `nameable` name no other object of the page has. A name listed twice is taken as neither:
+    the upstream says two things of it (two descriptions, a hint true and false), and which
+    one it runs when called is its own choice, so neither is offered, believed for the
+    read-only downgrade, or held against a pin (docs/gateway.md, "Tool pins")."""
+    named = [
+        item
+        for item in (items if isinstance(items, list) else ())
+        if isinstance(item, dict) and nameable(item.get(field))
+    ]
+    counts = Counter(item[field] for item in named)
+    return [item for item in named if counts[item[field]] == 1]
+
+
 def _name(ex: Exchange, params: dict[str, Any], key: str, where: str = "params") -> str:
     return tool_or_prompt_name(params.get(key), ex.gateway.config.max_name_chars, f"{where}.{key}")
 
@@ -481,16 +497,13 @@ async def list_items(ex: Exchange) -> dict[str, Any]:
     key, kind, field_name = LISTS[ex.message.method]
     result = await ex.forward()
     await ex.gateway.enforcer.settled()
-    listed = result.get(key)
-    # An item a client could not name back (a name that is not text it may send, a resource
-    # URI in a spelling bastion refuses, a tool or prompt name that could pass for another) is
-    # not offered.
+    # An item a client could not name back (a name that is not text it may send, or that the
+    # page gives twice, a resource URI in a spelling bastion refuses, a tool or prompt name
+    # that could pass for another) is not offered.
     items = [
         i
-        for i in (listed if isinstance(listed, list) else ())
-        if isinstance(i, dict)
-        and nameable(i.get(field_name))
-        and (key != "resources" or spelling_refused(i[field_name]) is None)
+        for i in listed_once(result.get(key), field_name)
+        if (key != "resources" or spelling_refused(i[field_name]) is None)
         and (key not in ("tools", "prompts") or plain_name(i[field_name]))
     ]
     if (pinned := _PINNED.get(key)) is not None:

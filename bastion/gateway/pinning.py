@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 
 from bastion.db import DatabaseUnavailable
-from bastion.gateway.handlers import nameable
+from bastion.gateway.handlers import listed_once
 from bastion.gateway.tool_pins import PinChange, ToolPins, definition_text, digest, pin_change
 
 if TYPE_CHECKING:
@@ -24,13 +24,13 @@ log = logging.getLogger("bastion.gateway")
 
 def listed_definitions(kind: str, items: Any) -> dict[str, tuple[str, str]]:
     """Each of ``items`` (a ``tools/list`` or ``prompts/list`` result's, as the upstream sent
-    them) that a client could name, and its definition's digest and canonical JSON: hashed
-    now, once per list (never on a call)."""
+    them) that a client could name (`listed_once`: one the list gives twice is not listed),
+    and its definition's digest and canonical JSON: hashed now, once per list (never on a
+    call)."""
     seen: dict[str, tuple[str, str]] = {}
-    for item in items if isinstance(items, list) else ():
-        if isinstance(item, dict) and nameable(name := item.get("name")):
-            text = definition_text(item, kind)
-            seen[name] = (digest(text), text)
+    for item in listed_once(items, "name"):
+        text = definition_text(item, kind)
+        seen[item["name"]] = (digest(text), text)
     return seen
 
 
