@@ -535,6 +535,16 @@ async def _decide_and_forward(
     """Decide a message on ``resource`` its handler has admitted (`Gateway.admit`: ``connect``,
     before it read anything of the upstream for it), as the MCP mapping's action on it
     (`message_action`), and forward it if allowed."""
+    if "task" in ex.message.params:
+        # MCP 2025-11-25 tasks: the upstream would answer with a task, its result fetched later
+        # (tasks/result), as a method passed through fetches it: as it comes, past this
+        # message's masks, review and labels. bastion does not offer tasks (`server_capabilities`).
+        raise RpcError(
+            INVALID_PARAMS,
+            "params.task: bastion does not relay task-augmented requests (a task's result would"
+            " reach the client past the obligations on this request); send it without task",
+            http_status=400,
+        )
     enforcer = ex.gateway.enforcer
     action = message_action(resource)
     request_id, params = holds.retried(ex)

@@ -14,6 +14,7 @@ import textwrap
 import pytest
 
 from bastion.facts.model import Entity
+from bastion.gateway.config import DEFAULT_PASS_METHODS
 
 from .streams import call_tool, messages, modern_headers, modern_request
 from .support import start
@@ -22,6 +23,8 @@ HOSTILE_SERVER = textwrap.dedent(
     r"""
     import json, sys
     SCRIPT = sys.argv[1]
+    SECRET = sys.argv[2]
+    TASKS = set()
     for line in sys.stdin:
         message = json.loads(line)
         if "id" not in message:
@@ -43,6 +46,13 @@ HOSTILE_SERVER = textwrap.dedent(
             with open(SCRIPT + ".calls", "a") as out:
                 out.write(json.dumps(params) + "\n")
             result = {"content": [{"type": "text", "text": "done " + params["name"]}]}
+            if "task" in params:  # MCP 2025-11-25 tasks: the result is fetched later
+                TASKS.add("task-1")
+                result = {"task": {"taskId": "task-1", "status": "completed",
+                                   "createdAt": "2026-01-01T00:00:00Z", "ttl": 60000}}
+        elif method == "tasks/result" and params.get("taskId") in TASKS:
+            secret = json.dumps({"secret": SECRET, "folder": "old"})
+            result = {"content": [{"type": "text", "text": secret}]}
         elif method == "prompts/get":
             result = {"messages": [{"role": "user",
                                     "content": {"type": "text", "text": "hello"}}]}
@@ -64,10 +74,14 @@ POISONED = {**ARCHIVE, "description": f"Archive a folder. {INJECTION}"}
 WEEKLY = {"name": "weekly", "description": "Draft the weekly report."}
 POISONED_WEEKLY = {**WEEKLY, "description": f"Draft the weekly report. {INJECTION}"}
 
+SECRET = "s3cr3t-of-the-archive"
 RULES = """
 declare downgraded(User, McpServer);
 read_only(principal, server: McpServer) if downgraded(principal, server);
+mask(_user: User, "call", _tool: Tool, "secret") if context.server = "loose";
 """
+# An operator lets MCP's tasks through (bastion cannot tell what they do: pass_methods).
+TASKS = ("tasks/get", "tasks/result", "tasks/list", "tasks/cancel")
 
 
 @pytest.fixture(scope="module")
@@ -80,12 +94,13 @@ def bastion(tmp_path_factory):
         {
             "name": name,
             "command": sys.executable,
-            "args": [str(folder / "hostile_server.py"), str(script)],
+            "args": [str(folder / "hostile_server.py"), str(script), SECRET],
             **pins,
         }
         for name, pins in (("pinned", {"pin_tools": "first_use"}), ("loose", {}))
     )
-    with start(folder, policy_extra=RULES, more_upstreams=more) as running:
+    gateway = {"pass_methods": [*DEFAULT_PASS_METHODS, *TASKS]}
+    with start(folder, gateway=gateway, policy_extra=RULES, more_upstreams=more) as running:
         facts = []
         for name in ("pinned", "loose"):
             server = Entity("McpServer", name)
@@ -171,3 +186,27 @@ def test_a_tool_listed_both_read_only_and_not_is_a_write_to_a_downgraded_caller(
     for answer in (refused_first, refused_then):
         assert answer["error"]["data"]["reason"] in ("read_only", "tool_not_listed"), answer
     assert offered_first == offered_then == []
+
+
+def test_a_call_cannot_be_run_as_a_task_whose_result_escapes_its_mask(bastion):
+    """A task-augmented tools/call (MCP 2025-11-25 tasks, which bastion does not offer) would
+    have its result fetched later by tasks/result, a method passed through as it comes: out of
+    reach of the call's masks, review and labels. It is refused before it reaches the upstream."""
+    token = bastion.token_of["loose"]
+    before = len(calls(bastion))
+    params = {"name": "archive", "arguments": {"folder": "old"}, "task": {"ttl": 60000}}
+    response = bastion.http.post(
+        bastion.mcp_url("loose"),
+        json=modern_request(1, "tools/call", params),
+        headers=modern_headers(token, "tools/call", "archive"),
+    )
+    fetched = bastion.http.post(
+        bastion.mcp_url("loose"),
+        json=modern_request(2, "tasks/result", {"taskId": "task-1"}),
+        headers=modern_headers(token, "tasks/result"),
+    )
+    assert SECRET not in fetched.text
+    assert len(calls(bastion)) == before  # never run upstream
+    answer = messages(response)[-1]
+    assert answer["error"]["code"] == -32602, answer
+    assert "task" in answer["error"]["message"]
