@@ -113,6 +113,11 @@ class Exchange:
     # Whether the request's own bytes were handed to the upstream's transport (`forward`): a
     # failure before that is one of a request that never left bastion.
     sent: bool = False
+    # The decision whose target's labels go into the caller's set before anything the upstream
+    # says of it reaches the client (`labelled`): its result, and before that what it relays
+    # during the call (progress, log messages, questions) or the error it answers with.
+    labels_due: Verdict | None = None
+    _labelling: asyncio.Future | None = None
 
     @property
     def connection(self) -> Upstream:
@@ -186,7 +191,25 @@ class Exchange:
             if masked is None:
                 return
             params = masked
+        try:
+            await self.labelled()
+        except RpcError:
+            return  # withheld: its labels cannot be kept (the result will be too)
         await self.progress(notification(method, params))
+
+    async def labelled(self) -> None:
+        """Put the labels of the target of `labels_due` in the caller's label set, once per
+        request, before the first thing the upstream says of that target reaches the client.
+        Raises the refusal (recorded once: `Enforcer.record_labels`) when they cannot be kept,
+        each time it is asked again: nothing more of the target may reach the client then."""
+        if self._labelling is None:
+            if self.labels_due is None:
+                return
+            record = self.gateway.enforcer.record_labels(self.caller, self.labels_due)
+            self._labelling = asyncio.ensure_future(record)
+        # Shielded: a message relayed meanwhile, or the request's cancellation, does not cancel
+        # the recording others wait for (more labels than needed is the safe side).
+        await asyncio.shield(self._labelling)
 
     async def forward(self, params: dict[str, Any] | None = None) -> dict[str, Any]:
         """Send this request upstream (bastion's own connection) and return its result."""
@@ -289,6 +312,9 @@ class Exchange:
         """Send the client a request on its answer's event stream; return its response
         (``result`` or ``error``). Only this request's user, chain and session may answer."""
         self._check_question({"method": method, "params": params})
+        # What the upstream asks the client (a question to its model, a form) is its own text
+        # about the target: labelled before it leaves, refused if it cannot be.
+        await self.labelled()
         if self.caller.protocol_version in MODERN_VERSIONS:
             # 2026-07-28 has no requests to the client mid-request (only input_required results),
             # and a 2025-11-25 upstream's pending call cannot wait for a retry.
@@ -651,18 +677,19 @@ async def _forward(
     or was cancelled before its own bytes were handed to the upstream's transport
     (`Exchange.sent`: a session with no room, a connection or handshake that failed or was
     still under way, a header bastion will not send) gives back the approval it spent."""
-    enforcer = ex.gateway.enforcer
     ex.masks = compile_paths(verdict.obligations.masks)
     reviewed = verdict.review_step == "hold"
     if reviewed:
         # Nothing the upstream says reaches the client before a reviewer releases its result:
         # what it sends during the call is masked whole, and it may not ask the client.
         ex.masks = (*ex.masks, WHOLE)
+    else:
+        ex.labels_due = verdict
     try:
         result = await ex.forward(params)
         if reviewed:
             return result  # masked when it is released, under the masks in force then
-        await enforcer.record_labels(ex.caller, verdict)
+        await ex.labelled()
         return await _release(ex, verdict, result, uri)
     except (Exception, asyncio.CancelledError) as e:
         # An upstream's error is its free text: it could name what is masked.
@@ -677,6 +704,14 @@ async def _failed(
     ended (`Enforcer.run_ended`): the approval it spent given back if nothing of it left
     bastion (`Exchange.sent`), a cancelled run's too (`Enforcer.run_cancelled`). Not on a
     cancellation once sent: the upstream may still be acting."""
+    if isinstance(error, UpstreamError) and withheld is None:
+        # The upstream's own error, relayed as it came: its free text about the target (a
+        # customer it did not find) reaches the client, so the target's labels go first.
+        ex.labels_due = ex.labels_due or verdict
+        try:
+            await ex.labelled()
+        except RpcError as refusal:
+            error = refusal  # withheld: its labels cannot be kept
     ended = _ended(ex, verdict, error, withheld)
     if not isinstance(error, asyncio.CancelledError):
         await ex.gateway.enforcer.run_ended(verdict, None if ex.sent else _unsent(error))

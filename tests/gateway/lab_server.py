@@ -370,6 +370,30 @@ def leaky() -> list:
     ]
 
 
+def ask_about_secret() -> Sample:
+    question = SamplingMessage(
+        role="user", content=TextContent(type="text", text=f"Shall I write to {SECRET}?")
+    )
+    return Sample([question], max_tokens=20)
+
+
+@server.tool(annotations=READ_ONLY)
+async def confide(how: str, ctx: Context) -> str:
+    """Tell the client SECRET, then fail with a JSON-RPC error that names it: in a log message
+    (``how`` = "log"), a progress message ("progress"), or the error alone ("error")."""
+    if how == "log":
+        await ctx.log("info", f"found {SECRET}", logger_name="lab")
+    elif how == "progress":
+        await ctx.report_progress(1, 2, f"looking up {SECRET}")
+    raise MCPError(-32001, f"no invoice for {SECRET}")
+
+
+@server.tool(annotations=READ_ONLY)
+async def confide_asking(answer: Annotated[object, Resolve(ask_about_secret)]) -> str:
+    """Ask the client's model a question that names SECRET (sampling), then fail."""
+    raise MCPError(-32001, "no answer today")
+
+
 @server.tool(annotations=READ_ONLY)
 async def chatter(ctx: Context) -> str:
     """Log one message at each of four levels."""
