@@ -203,7 +203,8 @@ class Exchange:
         Raises the refusal (recorded once: `Enforcer.record_labels`) when they cannot be kept,
         each time it is asked again: nothing more of the target may reach the client then."""
         if self._labelling is None:
-            if self.labels_due is None:
+            # A target without labels (most calls) costs two attribute reads, no task.
+            if self.labels_due is None or not self.labels_due.obligations.labels:
                 return
             record = self.gateway.enforcer.record_labels(self.caller, self.labels_due)
             self._labelling = asyncio.ensure_future(record)
