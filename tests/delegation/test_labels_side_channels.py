@@ -130,4 +130,8 @@ def test_what_cannot_be_labelled_is_not_relayed(tmp_path):
                 seen = confided(down, "labold", "legacy", tool, arguments)
                 assert not any(SECRET in text for text in seen["heard"]), (tool, arguments, seen)
                 assert SECRET not in seen["error"], (tool, arguments)
-                assert seen["error"].endswith("labels unavailable"), (tool, arguments, seen["error"])
+                assert seen["error"].endswith("labels unavailable"), (
+                    tool,
+                    arguments,
+                    seen["error"],
+                )
