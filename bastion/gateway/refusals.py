@@ -32,6 +32,7 @@ from bastion.gateway.jsonrpc import (
     INVALID_REQUEST,
     METHOD_NOT_FOUND,
     PARSE_ERROR,
+    RATE_LIMIT_UNAVAILABLE,
     SESSION_NOT_FOUND,
     UNSUPPORTED_PROTOCOL_VERSION,
     RpcError,
@@ -53,6 +54,9 @@ REASONS = {
     SESSION_NOT_FOUND: "session_not_found",
     HEADER_MISMATCH: "header_mismatch",
     UNSUPPORTED_PROTOCOL_VERSION: "unsupported_protocol_version",
+    # With no decision named: a listen stream's follows that Redis cannot count
+    # (`bastion.gateway.follows.follows_unavailable`; a decided one names its decision).
+    RATE_LIMIT_UNAVAILABLE: "subscriptions_unavailable",
 }
 # Refusals of the HTTP request itself, by their status: these come before the JSON-RPC code.
 HTTP_REASONS = {

@@ -935,7 +935,12 @@ class StreamableHttpEndpoint:
         try:
             await gateway.listen(listener)
         except RpcError as e:
-            raise HttpError(e.http_status, e.body(message.id)) from None
+            # Refused once ``connect`` was decided (one stream past a user's, one follow past
+            # theirs, or one Redis cannot count): no decision names it, so it is audited as a
+            # refused request is, as a GET stream refused at this step is.
+            raise await self._refused(
+                e, caller, upstream.name, message.method, message.id
+            ) from None
         expiry = _end_at_expiry(listener)
         try:
             try:

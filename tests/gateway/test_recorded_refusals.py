@@ -262,6 +262,20 @@ def _get_stream(server: str, fact: str):
 _listen = {"notifications": {"toolsListChanged": True}}
 
 
+def _listen_past_the_limit(bastion, token):
+    """A listen stream for one resource more than ``max_subscriptions_per_user`` lets the user
+    follow: ``connect`` is allowed (and recorded), then the stream is refused (HTTP 400). A GET
+    stream refused at that step (a second one, one past the streams a user may hold) leaves an
+    ``mcp.refused`` row: so must a listen stream."""
+    sessions = bastion.app.state.gateway.sessions
+    with pytest.MonkeyPatch.context() as patch:  # a setting, made small for this case
+        patch.setattr(
+            sessions, "max_subscriptions_per_user", sessions.subscriptions_of("labhttp", "sam")
+        )
+        wanted = {"notifications": {"resourceSubscriptions": ["lab://open"]}}
+        return _post("labhttp", "subscriptions/listen", wanted)(bastion, token)
+
+
 def _begun_as_events(send):
     """``send`` with every answer begun as an event stream at once, as one is that takes longer
     than 0.1 s: a refusal decided after that is a JSON-RPC error in the stream, not a 403."""
@@ -611,6 +625,10 @@ CASES: dict[str, tuple[Callable, Expected]] = {
     "a body over max_body_bytes (413)": (
         _http("deskhttp", _raw("deskhttp", b" " * 70000), status=413),
         Expected("unrecorded", "", "deskhttp", None),
+    ),
+    "a listen stream past max_subscriptions_per_user (400)": (
+        _http("labhttp", _listen_past_the_limit, status=400),
+        Expected("refused", "invalid_params", "labhttp", "subscriptions/listen"),
     ),
     "a GET stream without Accept: text/event-stream (406)": (
         _http("deskhttp", _get_without_accept, status=406),

@@ -10,6 +10,8 @@ tests/scale/test_shared_subscriptions.py."""
 from __future__ import annotations
 
 import asyncio
+import base64
+import json
 import threading
 import time
 import uuid
@@ -197,6 +199,22 @@ def test_a_closed_port_refuses_every_follow(tmp_path):
         refused = post(at, headers, "resources/subscribe", {"uri": SAM_READS})
         assert refused.json()["error"]["code"] == -32006, refused.text
         assert bastion.app.state.gateway.sessions.subscriptions_of("lab", "sam") == 0
+        # A listen stream is refused too, once its connect was decided: no decision names the
+        # refusal, so it is audited as a refused request is (an mcp.refused row), not lost.
+        token = bastion.token("sam", "lab")
+        with listen(at, token, [SAM_READS]) as response:
+            response.read()
+            assert response.json()["error"]["code"] == -32006, response.text
+        payload = token.split(".")[1]
+        agent = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))[
+            "client_id"
+        ]
+        rows = [
+            (e.detail["method"], e.detail["reason"], e.detail["code"])
+            for e in bastion.app.state.oauth.audit.events("mcp.refused")
+            if e.client_id == agent
+        ]
+        assert rows == [("subscriptions/listen", "subscriptions_unavailable", -32006)]
 
 
 def test_entries_redis_lost_are_counted_again_by_the_process_that_holds_them():
