@@ -1109,6 +1109,42 @@ class Enforcer:
             record["_explain"] = (authz, question, context)
         return record
 
+    def record_heard(
+        self,
+        authz: Authorizer,
+        position: tuple[int | None, int | None],
+        caller: Caller,
+        server: str,
+        method: str,
+        resource: Entity,
+        context: dict[str, Any],
+        chain: ChainDecision,
+        heard: bool,
+        started: float,
+    ) -> None:
+        """Record whether ``caller`` is to hear of ``resource``, decided outside `decide` with no
+        obligation applied (`bastion.gateway.sessions.read_decision`: a listen filter's
+        resources): ``heard``, allowed; otherwise denied with the policy's reason, or the
+        obligation that would have had a person approve or review a read. So a filter cannot
+        learn what its caller may read and leave no trace."""
+        if heard:
+            result, reason = "allow", ""
+        else:
+            result, reason = policy_result(
+                chain, "read", resource, context, caller.auth_time, self.clock
+            )
+            if result == "allow":
+                duties = chain.obligations
+                reason = "requires_approval" if duties.requires_approval else "requires_review"
+            result = "deny"
+        shown = repr(resource)
+        record = self._record(
+            authz, new_decision_id(), caller, server, method, "read", resource, shown,
+            context, None, chain, result, reason, started, position,
+        )  # fmt: skip
+        if heard:
+            self.write(record)
+
     # -- behaviour and shadow rules (bastion.signals) ------------------------------------------
 
     async def _behavior_context(

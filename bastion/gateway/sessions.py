@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from bastion.decide import Authorizer
-from bastion.decide.contract import decide_chain
+from bastion.decide.contract import ChainDecision, decide_chain
 from bastion.facts.model import Entity
 from bastion.gateway.enforce import Caller
 from bastion.gateway.jsonrpc import (
@@ -59,20 +59,29 @@ MAX_SUBSCRIPTIONS_PER_USER = 2000
 def may_read(
     authz: Authorizer, caller: Caller, server: str, uri: str, context: dict[str, Any]
 ) -> bool:
-    """Whether ``caller`` may hear of the resource ``uri`` now: every principal may ``read`` it,
-    the token has every scope that requires, and no person has to approve it or review it (as
-    ``resources/read`` would be decided; a notification is not counted by rate limits)."""
+    """Whether ``caller`` may hear of the resource ``uri`` now (`read_decision`)."""
+    return read_decision(authz, caller, server, uri, context)[2]
+
+
+def read_decision(
+    authz: Authorizer, caller: Caller, server: str, uri: str, context: dict[str, Any]
+) -> tuple[Entity, ChainDecision, bool]:
+    """The resource ``uri`` names, the policy's answer on its ``read`` (the chain's), and
+    whether ``caller`` may hear of it now: every principal may ``read`` it, the token has every
+    scope that requires, and no person has to approve it or review it (as ``resources/read``
+    would be decided; a notification is not counted by rate limits)."""
+    resource = Entity("McpResource", f"{server}/{uri}")
     chain = decide_chain(
         authz,
         caller.principals,
         "read",
-        Entity("McpResource", f"{server}/{uri}"),
+        resource,
         {**context, "uri": uri},
         granted_scopes=caller.scopes,
     )
     duties = chain.obligations
     held = (duties.requires_approval and not duties.approval_granted) or duties.requires_review
-    return chain.allowed and not held
+    return resource, chain, chain.allowed and not held
 
 
 @dataclass(eq=False)

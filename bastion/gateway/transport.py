@@ -52,7 +52,7 @@ from bastion.gateway.jsonrpc import (
     result,
 )
 from bastion.gateway.metadata import challenge
-from bastion.gateway.sessions import LIST_CHANGED, SUBSCRIPTION_ID, Listener, may_read
+from bastion.gateway.sessions import LIST_CHANGED, SUBSCRIPTION_ID, Listener, read_decision
 from bastion.gateway.upstream_credentials import client_declared
 from bastion.gateway.uris import resource_uri
 from bastion.identity.trusted_issuers import IssuerUnavailable
@@ -917,13 +917,21 @@ class StreamableHttpEndpoint:
             if wanted.get(flag) and flag.removesuffix("ListChanged") in offered
         )
         context = ex.context()
-        await gateway.enforcer.settled()
-        authz = gateway.enforcer.authorizer()
-        readable = frozenset(
-            uri
-            for uri in uris
-            if "resources" in offered and may_read(authz, caller, upstream.name, uri, context)
-        )
+        enforcer = gateway.enforcer
+        await enforcer.settled()
+        authz, position = enforcer.authorizer(), enforcer.position()
+        heard_of = []
+        for uri in uris if "resources" in offered else ():
+            # Each resource of the filter decided and recorded, as a resources/subscribe is.
+            started = time.perf_counter()
+            resource, chain, heard = read_decision(authz, caller, upstream.name, uri, context)
+            enforcer.record_heard(
+                authz, position, caller, upstream.name, message.method, resource,
+                {**context, "uri": uri}, chain, heard, started,
+            )  # fmt: skip
+            if heard:
+                heard_of.append(uri)
+        readable = frozenset(heard_of)
         _, _, token = headers.get("authorization", "").partition(" ")
         listener = Listener(message.id, upstream.name, caller, token.strip(), methods, readable)
         granted: dict[str, Any] = {

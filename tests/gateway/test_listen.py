@@ -124,6 +124,30 @@ def test_an_update_is_decided_again_when_it_comes(bastion, server):
             bastion.apply(inserts=[admin], deletes=[member])
 
 
+@pytest.mark.parametrize("server", ["lab", "labhttp"])
+def test_each_resource_a_listen_filter_asks_for_is_a_recorded_decision(bastion, server):
+    """What a filter is granted tells its caller what it may read: each resource it names is
+    decided and recorded as a resources/subscribe is, the refused ones too, so no caller learns
+    what it may read without a trace."""
+    token = bastion.token("sam", server)  # a member of the team: lab://secret is for admins
+    seq = bastion.records.last_seq()
+    wanted = {"resourceSubscriptions": ["lab://secret", "lab://open"]}
+    with _open_listen(bastion, token, server, wanted) as response:
+        granted = next(events(response))["params"]["notifications"]
+    assert granted == {"resourceSubscriptions": ["lab://open"]}
+    bastion.flush()
+    heard = {
+        r.target: (r.result, r.reason, r.action, tuple(r.principals))
+        for _, r in bastion.records.after(seq)
+        if r.method == "subscriptions/listen" and r.target.startswith("McpResource")
+    }
+    principals = ('User{"sam"}', f'Agent{{"{_client_id(bastion, token)}"}}')
+    assert heard == {
+        f'McpResource{{"{server}/lab://secret"}}': ("deny", "not_permitted", "read", principals),
+        f'McpResource{{"{server}/lab://open"}}': ("allow", "", "read", principals),
+    }
+
+
 def _client_id(bastion, token: str) -> str:
     payload = token.split(".")[1]
     return json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))["client_id"]
