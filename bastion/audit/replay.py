@@ -187,7 +187,7 @@ def question_of(record: DecisionRecord) -> Question:
 
 def _entity(text: str) -> Entity:
     """The entity a record spells as ``text``; `ValueError` unless it spells it back the same
-    (an id with a quote or a backslash in it is written escaped, and not read back here)."""
+    (a record not written as `Entity.__repr__` writes it)."""
     entity = Entity.parse(text)
     if repr(entity) != text:
         raise ValueError(f"not read back the same: {text!r}")

@@ -6,6 +6,7 @@ values (str, int, bool). A pattern is the same shape where ``None`` stands for "
 
 from __future__ import annotations
 
+import re
 from typing import Any, NamedTuple
 
 from bastion.untrusted_json import MAX_INTEGER, MIN_INTEGER, quoted
@@ -26,13 +27,16 @@ class Entity(NamedTuple):
 
     @classmethod
     def parse(cls, text: str) -> Entity:
-        """Parse ``Type:id`` (the CLI form) or ``Type{"id"}`` (the Polar form)."""
+        """Parse ``Type:id`` (the CLI form) or ``Type{"id"}`` (the Polar form, as `repr` writes
+        it: ``\\\\`` and ``\\"`` in the id are a backslash and a quote). ``parse(repr(e)) == e``
+        for every entity: a target kept as text (an approval request's) is read back as the
+        entity it was, never as one whose id holds the escapes."""
         text = text.strip()
         if text.endswith("}") and "{" in text:
             type_, _, rest = text.partition("{")
             inner = rest[:-1].strip()
             if len(inner) >= 2 and inner[0] == inner[-1] == '"':
-                return cls(type_.strip(), inner[1:-1])
+                return cls(type_.strip(), _unquote(inner[1:-1]))
         elif ":" in text:
             type_, _, id_ = text.partition(":")
             if type_ and id_:
@@ -46,6 +50,15 @@ class FactError(ValueError):
 
 def _quote(s: str) -> str:
     return '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+_ESCAPED = re.compile(r'\\([\\"])')
+
+
+def _unquote(s: str) -> str:
+    """The id `_quote` (and `Entity.__repr__`) wrote as ``s``: ``\\\\`` and ``\\"`` back to a
+    backslash and a quote; any other backslash (an id typed by hand, ``C:\\tools``) is kept."""
+    return _ESCAPED.sub(r"\1", s) if "\\" in s else s
 
 
 def format_arg(arg: Any) -> str:

@@ -83,6 +83,12 @@ requires_approval(_user: User, "call", Tool{"crm/quorum"});
 approver(other: User, user: User, "call", Tool{"crm/quorum"}) if other != user;
 approvals_required(_user: User, "call", Tool{"crm/quorum"}, 2);
 self_approval_forbidden(_user: User, "call", Tool{"crm/quorum"});
+# A tool whose name holds a backslash and a quote (printable ASCII, as a client may name one):
+# sam's manager approves it (for up to 30 minutes) and reviews its result with emails masked.
+requires_approval(_user: User, "call", Tool{"crm/wire\\\\out\\"now"});
+approver(boss: User, user: User, "call", Tool{"crm/wire\\\\out\\"now"}) if manager(user, boss);
+approval_window(_user: User, "call", Tool{"crm/wire\\\\out\\"now"}, 30);
+mask(User{"avery"}, "call", Tool{"crm/wire\\\\out\\"now"}, "customers.*.email");
 # Only the user's manager closes an account, never the user: with no manager, nobody can.
 requires_approval(_user: User, "call", Tool{"crm/close"});
 approver(boss: User, user: User, "call", Tool{"crm/close"}) if manager(user, boss);
@@ -108,6 +114,7 @@ purge, ownonly, peer = (
     Entity("Tool", "crm/peer"),
 )
 close = Entity("Tool", "crm/close")
+odd = Entity("Tool", 'crm/wire\\out"now')
 quorum = Entity("Tool", "crm/quorum")
 
 
@@ -1048,6 +1055,29 @@ def test_a_held_result_that_is_not_an_mcp_result_is_hidden_from_a_masked_reviewe
     assert approvals.review_view(request, "avery") is None
     # A reviewer the policy masks nothing for sees it as held.
     assert approvals.review_view(request, "cfo") == ["ada@example.com"]
+
+
+def test_a_target_whose_name_holds_a_backslash_or_a_quote_is_answered_as_itself(world):
+    """A request keeps its target as the record spells it, its backslash and quote escaped;
+    read back, it is that very tool. Read back as another (the escapes kept as characters of
+    the name), who may answer, the grant for minutes and the reviewer's masks were the policy's
+    for a tool nobody named: sam confirmed the call his manager must approve, and avery saw the
+    emails masked for her."""
+    approvals, authz, facts, _ = world
+    request = held(approvals, call(odd))
+    assert request.approvers == ("avery",)
+    assert approvals.may_answer(request, "sam") is not None
+    with pytest.raises(NotAllowed):
+        approvals.answer(request.id, "sam", "approve", channel="api")
+    approvals.answer(request.id, "avery", "approve", minutes=15, channel="api")
+    [stored] = list(facts.get(("approval_grant", None, None, None, None)))
+    assert stored.fact[-1] == odd
+    authz.facts.apply([("has_role", sam, "caller", odd), stored.fact], [])
+    assert decide_chain(authz, (sam, bot), "call", odd, {}).obligations.approval_granted
+    result = {"structuredContent": {"customers": [{"name": "Ada", "email": "ada@example.com"}]}}
+    review = reviewed(approvals, odd, result)
+    assert approvals.reviewer_masks(review, "avery") == ("customers.*.email",)
+    assert "ada@example.com" not in repr(approvals.review_view(review, "avery"))
 
 
 def test_a_call_only_policy_refuses_an_approval_for_minutes(world):
