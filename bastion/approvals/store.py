@@ -507,14 +507,17 @@ class ApprovalStore:
         running_until: float | None = None,
     ) -> bool:
         """Mark an approved (or released) request used by the call ``decision_id`` unlocked:
-        once only, whoever tries at the same time. A delivered result is deleted. With
+        once only, whoever tries at the same time, and not once it has expired. A delivered
+        result is deleted. With
         ``running_until``, the run it unlocked is marked in progress until then (`end_run`),
         in the same statement: no retry finds the approval spent and its run not marked."""
         to = "used" if from_status == "approved" else "delivered"
+        now = self.clock()
+        # Not past its expiry either: the call found it in force an instant before (`check`).
         rows = self.db.execute(
             "UPDATE approval_requests SET status = ?, used_at = ?, used_by = ?, result = NULL,"
-            " running_until = ? WHERE id = ? AND status = ? RETURNING id",
-            (to, self.clock(), decision_id, running_until, request_id, from_status),
+            " running_until = ? WHERE id = ? AND status = ? AND expires_at > ? RETURNING id",
+            (to, now, decision_id, running_until, request_id, from_status, now),
         )
         return bool(rows)
 

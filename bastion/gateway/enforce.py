@@ -803,9 +803,10 @@ class Enforcer:
     ) -> str | None:
         """Spend ``request`` for the call ``decision_id`` (an approval: its run marked in
         progress for ``runs_for``): None once spent, else why the call is refused:
-        ``approval_used`` (spent already; of two retries at once, one goes through) or
-        ``approval_unavailable`` (the store cannot be written, a lock wait ran out: not known
-        spent, so the client may try again, not told it was used)."""
+        ``approval_used`` (spent already; of two retries at once, one goes through),
+        ``approval_expired`` / ``review_expired`` (its expiry came between the check that found
+        it and this) or ``approval_unavailable`` (the store cannot be written, a lock wait ran
+        out: not known spent, so the client may try again, not told it was used)."""
         assert self.approvals is not None
         try:
             used = await anyio.to_thread.run_sync(
@@ -814,7 +815,11 @@ class Enforcer:
         except Exception:
             log.exception("the approval store cannot be written: call refused")
             return "approval_unavailable"
-        return None if used else "approval_used"
+        if used:
+            return None
+        if request.expires_at <= self.clock():
+            return "approval_expired" if request.kind == "approval" else "review_expired"
+        return "approval_used"
 
     def keep_running(self, verdict: Verdict, runs_for: float) -> asyncio.Task[None]:
         """Renew the mark of the run ``verdict``'s call spent its approval on (`Verdict.spent`)

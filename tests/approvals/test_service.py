@@ -1541,3 +1541,21 @@ def test_an_approval_is_given_back_only_by_the_call_that_spent_it_and_only_once(
     assert (outcome.state, outcome.request.id) == ("approved", request.id)
     assert approvals.use(outcome.request, "d-retry", runs_for=120)  # the retry spends it
     assert approvals.get(request.id).used_by == "d-retry"
+
+
+def test_an_approval_checked_before_its_expiry_is_not_spent_after_it(world):
+    """The call found its approval in force (`check`), and the expiry passed before it was
+    spent (`use`): not spent, nothing unlocked; a released result likewise is not delivered."""
+    approvals, _, _, clock = world
+    c = call(send, {"to": "boundary@example.com"})
+    request = held(approvals, c)
+    approvals.answer(request.id, "avery", "approve", channel="api")
+    found = approvals.check(c)
+    assert found.state == "approved"
+    clock.now = found.request.expires_at  # an instant later than the check: expired
+    assert not approvals.use(found.request, "d-late", runs_for=120)
+    late = approvals.get(request.id)
+    assert (late.status, late.used_by, late.running_until) == ("approved", None, None)
+    assert [e.kind for e in approvals.audit.events(request_id=request.id)].count(
+        "approval.used"
+    ) == 0
