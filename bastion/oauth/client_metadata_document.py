@@ -71,6 +71,10 @@ def client_id_url_problem(url: str) -> str | None:
     parts = urlsplit(url)
     if parts.scheme != "https" or not parts.hostname:
         return "must be an https URL"
+    if parts.hostname.endswith("."):
+        # "example.com." is "example.com" (RFC 1034 §3.1): one document, two client_ids, each
+        # with limits of its own per host.
+        return "must name its host without a trailing dot"
     if parts.path in ("", "/"):
         return "must have a path"
     if parts.fragment or "#" in url:

@@ -214,6 +214,16 @@ def test_urls_that_cannot_be_client_ids_are_refused(host):
     refused(host, host.url("/agent.json") + "#frag", "fragment")
 
 
+def test_a_host_spelt_with_its_trailing_dot_is_refused_before_any_fetch(host):
+    """``localhost.`` is ``localhost`` (a fully qualified name, RFC 1034 §3.1) spelt another way:
+    a second client_id for the same document, each with limits of its own per host."""
+    url = host.url("/agent.json").replace("127.0.0.1", "localhost.")
+    body = {"client_id": url, "client_name": "Doc agent", "redirect_uris": [REDIRECT]}
+    host.raw("/agent.json", 200, json.dumps(body).encode())
+    refused(host, url, "trailing dot")
+    assert host.fetches == []
+
+
 @pytest.mark.parametrize("userinfo", ["@", ":@", "%20@"])
 def test_an_empty_user_information_is_user_information_too(host, userinfo):
     """``https://@host/agent.json`` has user information, empty (RFC 3986 §3.2.1), which the
