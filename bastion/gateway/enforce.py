@@ -370,11 +370,10 @@ class Enforcer:
         if self.facts_stale() or ((heard := self.facts_heard()) is not None and not await heard):
             why = stale(resource, decision_id)
             self._refuse_early(*asked, context, "unavailable", "facts_stale", why)
-        if (suspended := self.suspended(caller)) is not None:
-            await self._alert_suspended(suspended, decision_id, server, method, resource)
-            noted = {**context, "suspended": repr(suspended)}
-            why = refused(resource.id, decision_id, "suspended")
-            self._refuse_early(*asked, noted, "deny", "suspended", why)
+        if self.suspended(caller) is not None:
+            await self.refuse_suspended(
+                caller, server, method, action, resource, context, decision_id, arguments
+            )
         if unpinned is not None:  # with the accepted and listed digests
             digests = {"pinned": unpinned.pinned, "listed": unpinned.listed}
             noted = {**context, f"{unpinned.kind}_pin": digests}
@@ -950,6 +949,30 @@ class Enforcer:
                     if rule not in rules:
                         rules.append(rule)
         return tuple(rules)
+
+    async def refuse_suspended(
+        self,
+        caller: Caller,
+        server: str,
+        method: str,
+        action: str,
+        resource: Entity,
+        context: dict[str, Any],
+        decision_id: str | None = None,
+        arguments: Any = None,
+    ) -> None:
+        """The kill switch: if the caller's agent, user or session is suspended, raise the
+        refusal (reason ``suspended``), recorded and alerted. `decide` asks it first; so do the
+        messages no decision is made for (``ping``, a client's notification or response)."""
+        suspended = self.suspended(caller)
+        if suspended is None:
+            return
+        decision_id = decision_id or new_decision_id()
+        await self._alert_suspended(suspended, decision_id, server, method, resource)
+        noted = {**context, "suspended": repr(suspended)}
+        why = refused(resource.id, decision_id, "suspended")
+        asked = (decision_id, caller, server, method, action, resource, arguments)
+        self._refuse_early(*asked, noted, "deny", "suspended", why)
 
     async def _alert_suspended(
         self, suspended: Entity, decision_id: str, server: str, method: str, resource: Entity

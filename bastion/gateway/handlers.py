@@ -501,7 +501,25 @@ async def discover(ex: Exchange) -> dict[str, Any]:
 
 
 async def ping(ex: Exchange) -> dict[str, Any]:
+    """Answered by bastion, with no decision of its own; the kill switch refuses it still."""
+    await refuse_suspended(ex)
     return {}
+
+
+async def refuse_suspended(ex: Exchange) -> None:
+    """Refuse (reason ``suspended``, recorded as the message's ``connect``) a message no policy
+    decides (``ping``, a client's notification or response) if its caller's agent, user or
+    session is suspended: every message of a suspended principal is refused. One lookup in
+    memory while nothing is suspended."""
+    enforcer = ex.gateway.enforcer
+    if enforcer.suspended(ex.caller) is None:
+        return
+    server = ex.upstream.entity
+    method = ex.message.method or "(response)"
+    context = enforcer.context(ex.caller, ex.server, method)
+    await enforcer.refuse_suspended(
+        ex.caller, ex.server, method, message_action(server), server, context
+    )
 
 
 # -- lists -------------------------------------------------------------------------------------

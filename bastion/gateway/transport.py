@@ -28,7 +28,7 @@ from bastion.db import DatabaseUnavailable
 from bastion.decide.mcp import message_action
 from bastion.gateway.client_requests import kept_capabilities
 from bastion.gateway.enforce import Caller, Held, StepUp
-from bastion.gateway.handlers import Exchange, admit_and_start, handler_for
+from bastion.gateway.handlers import Exchange, admit_and_start, handler_for, refuse_suspended
 from bastion.gateway.holds import pending_error
 from bastion.gateway.jsonrpc import (
     APPROVAL_PENDING,
@@ -76,6 +76,7 @@ _CALLERS = 4096
 _REMEMBERED_HEADER = 64
 # The DPoP refusals of a verified token that are audited (`_authenticate`).
 _AUDITED_DPOP_REFUSALS = frozenset({"invalid_token", "invalid_dpop_proof", "facts_stale"})
+CANCELLED = "notifications/cancelled"
 _NAME_PARAMS = {"tools/call": "name", "prompts/get": "name", "resources/read": "uri"}
 _ENVELOPE_VERSION = "io.modelcontextprotocol/protocolVersion"
 _ENVELOPE_CAPABILITIES = "io.modelcontextprotocol/clientCapabilities"
@@ -476,6 +477,17 @@ class StreamableHttpEndpoint:
         except RpcError as e:
             raise await self._refused(e, caller, upstream.name, method, message.id) from None
         owner = (upstream.name, caller.subject, caller.chain, session and session.id)
+        if (
+            (method is None or not message.is_request)
+            and method != CANCELLED
+            and gateway.enforcer.suspended(caller) is not None
+        ):
+            # Answered 202 with no decision: the kill switch refuses it still, 403 (a
+            # cancellation only stops what the caller started, so it stays allowed).
+            try:
+                await refuse_suspended(Exchange(gateway, upstream, caller, message))
+            except RpcError as e:
+                raise HttpError(_REFUSAL_STATUS.get(e.code, 403), e.body(None)) from None
         if method is None:
             # A response to what bastion asked this client for an upstream (sampling...).
             try:
@@ -486,7 +498,7 @@ class StreamableHttpEndpoint:
             return
         if not message.is_request:
             # Notifications from the client are acknowledged and not forwarded.
-            if method == "notifications/cancelled":
+            if method == CANCELLED:
                 named = message.params.get("requestId")
                 # Only an id a request can have (a list or an object is no key: a 500 if tried).
                 if isinstance(named, str | int) and not isinstance(named, bool):

@@ -124,6 +124,45 @@ def test_a_suspended_agent_is_refused_at_its_next_call_and_works_again_once_resu
     assert alert.severity == "high" and data["decision_id"] in alert.decision_ids
 
 
+def test_a_suspended_agent_gets_no_ping_notification_or_response_through(bastion, key):
+    """ping, a notification and a response to bastion's request were answered (200, 202) with
+    no decision: the kill switch refuses them as every other message, recorded as the calls'
+    refusals are. A DELETE of the agent's own session, or a cancellation of its own request,
+    only ends what it holds: they stay allowed."""
+    token = bastion.token("sam", "deskhttp")
+    headers = legacy_session(bastion, token, "deskhttp")
+    url = bastion.mcp_url("deskhttp")
+    ping = {"jsonrpc": "2.0", "id": 7, "method": "ping"}
+    initialized = {"jsonrpc": "2.0", "method": "notifications/initialized"}
+    answer = {"jsonrpc": "2.0", "id": "bastion-1", "result": {}}
+    cancel = {"jsonrpc": "2.0", "method": "notifications/cancelled", "params": {"requestId": 9}}
+    assert bastion.http.post(url, json=ping, headers=headers).json()["result"] == {}
+    agent = client_id(token)
+    suspend(bastion, key, "agent", agent)
+    try:
+        pinged = bastion.http.post(url, json=ping, headers=headers)
+        modern = bastion.http.post(
+            url, json=modern_request(8, "ping", {}), headers=modern_headers(token, "ping")
+        )
+        notified = bastion.http.post(url, json=initialized, headers=headers)
+        responded = bastion.http.post(url, json=answer, headers=headers)
+        cancelled = bastion.http.post(url, json=cancel, headers=headers)
+        deleted = bastion.http.delete(url, headers=headers)
+    finally:
+        resume(bastion, key, "agent", agent)
+    refusals = [error_of(pinged.json()), error_of(modern.json())]
+    for sent in (notified, responded):
+        assert sent.status_code == 403, sent.text
+        refusals.append(error_of(sent.json()))
+    assert [(e["code"], e["data"]["reason"]) for e in refusals] == [(-32003, "suspended")] * 4
+    bastion.flush()
+    for refusal in refusals:
+        record = bastion.records.get(refusal["data"]["decision_id"])
+        assert (record.result, record.reason) == ("deny", "suspended")
+        assert record.context["suspended"] == f'Agent{{"{agent}"}}'
+    assert cancelled.status_code == 202 and deleted.status_code == 204
+
+
 def test_suspending_a_user_refuses_all_their_agents_and_no_one_else(bastion, key):
     sam, avery = bastion.token("sam", "deskhttp"), bastion.token("avery", "deskhttp")
     suspend(bastion, key, "user", "sam")
