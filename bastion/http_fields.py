@@ -16,6 +16,8 @@ import re
 
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _VALUE = re.compile(r"[\t\x20-\x7e\x80-\xff]*")
+# RFC 9110 §8.3.1: type "/" subtype, each a token.
+_MEDIA_TYPE = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+/[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 
 
 def field_name_problem(name: str) -> str | None:
@@ -34,3 +36,13 @@ def field_value_problem(value: str) -> str | None:
         "holds a character HTTP does not allow in a header value: a line break, NUL or other"
         " control character, or one beyond Latin-1 (RFC 9110 §5.5)"
     )
+
+
+def media_type(content_type: str) -> str:
+    """The media type of a ``Content-Type`` value (RFC 9110 §8.3.1): its ``type/subtype``,
+    lowercased (the names are case-insensitive), without the parameters after ``;`` or the
+    spaces around it; ``""`` when that is no type/subtype of two tokens. Compared whole, never
+    by its start: ``application/jsonp`` is not ``application/json``."""
+    media = content_type.partition(";")[0].strip(" \t")
+    # Checked before it is lowercased: str.lower maps some letters beyond ASCII into it.
+    return media.lower() if _MEDIA_TYPE.fullmatch(media) else ""

@@ -55,6 +55,7 @@ from bastion.gateway.metadata import challenge
 from bastion.gateway.sessions import LIST_CHANGED, SUBSCRIPTION_ID, Listener, read_decision
 from bastion.gateway.upstream_credentials import client_declared
 from bastion.gateway.uris import resource_uri
+from bastion.http_fields import media_type
 from bastion.identity.trusted_issuers import IssuerUnavailable
 from bastion.oauth.dpop import NONCE_HEADER, InvalidDPoPProof, UseDPoPNonce, one_proof
 from bastion.oauth.errors import InvalidToken
@@ -68,6 +69,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("bastion.gateway")
 
 DPOP_HEADER = b"dpop"
+JSON = "application/json"
 # At most this many callers are kept for requests to come (`StreamableHttpEndpoint._caller`).
 _CALLERS = 4096
 # The longest Mcp-Session-Id or MCP-Protocol-Version a remembered caller is kept with: longer than
@@ -413,7 +415,9 @@ class StreamableHttpEndpoint:
         send: Send,
     ) -> None:
         gateway = self.gateway
-        if not headers.get("content-type", "").lower().startswith("application/json"):
+        content_type = headers.get("content-type", "")
+        # What clients send, compared at once; any other spelling read as RFC 9110 reads it.
+        if content_type != JSON and media_type(content_type) != JSON:
             refusal = RpcError(
                 INVALID_REQUEST, "POST a JSON-RPC message as application/json", http_status=415
             )

@@ -50,6 +50,7 @@ from bastion.gateway.jsonrpc import (
     encode,
     error_parts,
 )
+from bastion.http_fields import media_type
 from bastion.json_encoding import decode
 
 log = logging.getLogger("bastion.gateway.upstream")
@@ -770,14 +771,14 @@ class HttpUpstream(Upstream):
                 )
             if message.get("method") == "initialize" and "mcp-session-id" in response.headers:
                 self._session_id = response.headers["mcp-session-id"]
-            kind = response.headers.get("content-type", "")
-            if status >= 400 and "json" not in kind:
+            kind = _media_type(response)
+            if status >= 400 and kind != _JSON:
                 text = (await response.read()).decode(errors="replace")[:200]
                 raise UpstreamError(
                     UPSTREAM_UNAVAILABLE,
                     f"upstream {self.name} answered HTTP {status}: {text}",
                 )
-            if kind.startswith(_EVENT_STREAM):
+            if kind == _EVENT_STREAM:
                 return await self._from_events(response, message["id"], ask, hear)
             data = _json_body(await response.read())
             if not isinstance(data, dict):
@@ -1019,10 +1020,19 @@ class EventStream:
 
 
 _EVENT_STREAM = "text/event-stream"
+_JSON = "application/json"
+# As upstreams usually write them: taken without being parsed.
+_PLAIN = frozenset({_JSON, _EVENT_STREAM})
+
+
+def _media_type(response: Response) -> str:
+    """The media type of ``response``'s body (`bastion.http_fields.media_type`)."""
+    value = response.headers.get("content-type", "")
+    return value if value in _PLAIN else media_type(value)
 
 
 def _is_event_stream(response: Response) -> bool:
-    return response.headers.get("content-type", "").startswith(_EVENT_STREAM)
+    return _media_type(response) == _EVENT_STREAM
 
 
 def _json_body(data: bytes) -> Any:

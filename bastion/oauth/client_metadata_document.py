@@ -24,6 +24,7 @@ import httpx
 
 from bastion import untrusted_json
 from bastion.egress import AddressRefused, pinned, url_syntax_problem
+from bastion.http_fields import media_type
 from bastion.oauth.errors import OAuthError
 from bastion.oauth.jwks import RemoteDocumentError, read_body
 from bastion.oauth.redirect_uris import redirect_uri_problem, uri_syntax_problem
@@ -108,8 +109,7 @@ def _is_json_media_type(content_type: str) -> bool:
     as ``charset`` aside). Any other type is an error: a file that users of a host may upload
     (a paste, an attachment) is served as text or bytes, and would otherwise pass for a client
     of that host, whose name is what the consent page shows."""
-    media_type = content_type.partition(";")[0].strip().lower()
-    return _JSON_MEDIA_TYPE.fullmatch(media_type) is not None
+    return _JSON_MEDIA_TYPE.fullmatch(media_type(content_type)) is not None
 
 
 @dataclass(frozen=True)

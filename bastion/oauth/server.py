@@ -22,6 +22,7 @@ from bastion.audit.refusals import RefusalLog
 from bastion.db import Database, DatabaseUnavailable, first_line
 from bastion.facts.model import Entity
 from bastion.facts.store import FactStore
+from bastion.http_fields import media_type
 from bastion.oauth import introspection, pages, registration, revocation
 from bastion.oauth.access_token import IssuedAccessToken, mint_access_token
 from bastion.oauth.authorize import AuthorizationEndpoint
@@ -84,8 +85,7 @@ def error_response(error: OAuthError) -> JSONResponse:
 
 async def _form(request: Request) -> dict[str, str]:
     """A token-style request body: form-encoded, each parameter at most once (RFC 6749 §3.2)."""
-    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if content_type != "application/x-www-form-urlencoded":
+    if media_type(request.headers.get("content-type", "")) != "application/x-www-form-urlencoded":
         raise InvalidRequest("the body must be application/x-www-form-urlencoded")
     # The body's size is capped while it arrives ([server].max_oauth_body_bytes), in front of
     # these routes, by bastion.server.request_limits.

@@ -25,6 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from bastion.http_fields import media_type
 from bastion.server.api.decisions import (
     Asked,
     answerable_now,
@@ -32,7 +33,7 @@ from bastion.server.api.decisions import (
     authorize_batch_answer,
 )
 from bastion.server.problems import Problem, parse_json
-from bastion.server.request_limits import BodyLimit, media_type
+from bastion.server.request_limits import BodyLimit
 
 log = logging.getLogger("bastion.server")
 
@@ -104,7 +105,7 @@ class DirectDecisions:
             elif (
                 name == b"content-type"
                 and value != b"application/json"  # what clients send, compared at once
-                and media_type(value) == b"multipart/form-data"
+                and media_type(value.decode("latin-1")) == "multipart/form-data"
             ):
                 return None
         if authorization is None:

@@ -30,6 +30,8 @@ from dataclasses import dataclass
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from bastion.http_fields import media_type
+
 log = logging.getLogger("bastion.server")
 
 # (status, sentence) -> (content type, body): the answer in a route family's own form.
@@ -113,13 +115,14 @@ class RequestBodyLimits:
                 chunked = True
             elif name == b"expect":
                 expecting = True
-            elif name == b"content-type":
-                # If the header is sent twice, either may be read.
-                media = media_type(value)
-                if media == b"multipart/form-data":
+            elif name == b"content-type" and value != b"application/json":
+                # If the header is sent twice, either may be read. Read as the form parser reads
+                # it: a value it takes for a form's is one `media_type` names so.
+                media = media_type(value.decode("latin-1"))
+                if media == "multipart/form-data":
                     await _answer(send, limit, 415, MULTIPART)
                     return
-                form = form or media == b"application/x-www-form-urlencoded"
+                form = form or media == "application/x-www-form-urlencoded"
         if declared is not None and declared > limit.max_bytes:
             await _answer(send, limit, 413, _too_large(limit))
             return
@@ -156,11 +159,6 @@ class RequestBodyLimits:
             self.deadlines.discard(reading)
         if reading.refused is not None and not reading.started:
             await _answer(send, limit, reading.refused.status, reading.refused.detail)
-
-
-def media_type(content_type: bytes) -> bytes:
-    """The media type of a Content-Type header's value, as the form parser reads it."""
-    return content_type.split(b";", 1)[0].strip().lower()
 
 
 class _Reading:

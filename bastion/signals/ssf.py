@@ -36,6 +36,7 @@ from bastion.db import Database
 from bastion.egress import cleartext_problem, metadata_allowance
 from bastion.facts.model import Entity, FactError
 from bastion.facts.store import FactStore, StoredFact, check_storable
+from bastion.http_fields import media_type
 from bastion.oauth.jwks import (
     FetchLimits,
     RemoteDocumentError,
@@ -433,8 +434,7 @@ class SsfReceiver:
                 "send the stream's bearer token (its authorization_header) in Authorization",
                 **{"WWW-Authenticate": 'Bearer realm="ssf"'},
             )
-        media = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        if media != SET_MEDIA_TYPE:
+        if media_type(request.headers.get("content-type", "")) != SET_MEDIA_TYPE:
             return _error(400, "invalid_request", f"Content-Type must be {SET_MEDIA_TYPE}")
         # Capped while it arrives (64 KiB, `PUSH_PATH` in bastion.server.app.body_limits), in
         # front of this route, by bastion.server.request_limits.

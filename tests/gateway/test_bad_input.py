@@ -163,6 +163,42 @@ def test_bad_input_gets_a_clear_error_and_nothing_is_forwarded(bastion, token, c
     assert len(bastion.recorder.requests) == before  # the upstream saw nothing
 
 
+@pytest.mark.parametrize(
+    "content_type",
+    [
+        "application/jsonp",
+        "application/json-seq",
+        "application/json+x",
+        "application/jsonfoo; charset=utf-8",
+        "application/json garbage",
+        "application/json/x",
+        "text/plain; x=application/json",
+        "",
+    ],
+)
+def test_a_body_not_sent_as_application_json_is_refused_and_nothing_is_forwarded(
+    bastion, token, content_type
+):
+    """The media type was compared with "starts with": application/jsonp passed for JSON."""
+    before = len(bastion.recorder.requests)
+    response = post(bastion, token, call(), **{**MODERN, "content-type": content_type})
+    assert response.status_code == 415, response.text
+    assert response.json()["error"]["code"] == -32600
+    assert len(bastion.recorder.requests) == before  # the upstream saw nothing
+
+
+@pytest.mark.parametrize(
+    "content_type",
+    ["Application/JSON", "application/json; charset=utf-8", "application/json ;charset=UTF-8"],
+)
+def test_application_json_is_taken_in_any_case_and_with_parameters(bastion, token, content_type):
+    response = post(
+        bastion, token, call(arguments={"query": "a"}), **{**MODERN, "content-type": content_type}
+    )
+    assert response.status_code == 200, response.text
+    assert "result" in response.json()
+
+
 @pytest.mark.parametrize("name", ["mcp-method", "mcp-name", "mcp-protocol-version"])
 def test_a_routing_header_sent_twice_is_refused(bastion, token, name):
     # Twice with the same value, and the second spelt in capitals: still one header twice.

@@ -23,6 +23,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from bastion.db import DatabaseUnavailable
+from bastion.http_fields import media_type
 from bastion.pdp import authzen
 from bastion.policy.errors import EvaluationLimit, PolicyError
 from bastion.server.api.decisions import fresh, keep_context, observe_decision, record_decision
@@ -121,10 +122,11 @@ def _route(handler: Handler) -> Handler:
 async def _body(request: Request) -> tuple[ApiKey, dict]:
     """The caller's key (scope ``authzen``), then the body: a JSON object sent as JSON."""
     key = await require(request, SCOPE)
-    media = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    content_type = request.headers.get("content-type", "")
+    media = media_type(content_type)
     if media != "application/json":
         raise authzen.AuthzenError(
-            f"send the body as Content-Type: application/json (got {media or 'none'})"
+            f"send the body as Content-Type: application/json (got {content_type[:100] or 'none'!r})"
         )
     return key, await read_json(request)
 
