@@ -86,7 +86,9 @@ _ENVELOPE_CAPABILITIES = "io.modelcontextprotocol/clientCapabilities"
 # and (2026-07-28) the routing. Sent twice, one reader (a proxy, a load balancer keeping sessions
 # on their replica, a log) could take the first where bastion takes the last, and the request
 # reads as two: refused (400, -32020) in every method and era. These two before the token is
-# read (whose would it be?), the others once it is, audited as refusals are.
+# read (whose would it be?), the others once it is, audited as refusals are. So are the device
+# and posture headers of a trusted proxy (`PostureSettings.proxy_headers`), whose copy and the
+# client's could not be told apart.
 _BEFORE_TOKEN = frozenset({"authorization", "origin"})
 _READ_ONCE = _BEFORE_TOKEN | {
     "content-type",
@@ -184,6 +186,8 @@ class StreamableHttpEndpoint:
         # (the token's verified facts, address, protocol version, session, posture, by the
         # identity of the first and last) -> (those two, the `Caller` made of them): see `_caller`.
         self._callers: dict[tuple, tuple[VerifiedToken, RequestPosture, Caller]] = {}
+        # Read as one value here: bastion's own, and the device headers of a trusted proxy.
+        self._read_once = _READ_ONCE | gateway.posture.proxy_headers
 
     async def serve(self, server: str, scope: Scope, receive: Receive, send: Send) -> None:
         """Answer one HTTP request (ASGI) for the upstream named ``server``."""
@@ -194,7 +198,9 @@ class StreamableHttpEndpoint:
             # half again as many instructions, by callgrind.)
             headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
             # A name came more than once (the dict kept the last): looked at only then.
-            twice = _sent_twice(scope) if len(headers) != len(scope["headers"]) else ()
+            twice = (
+                _sent_twice(scope, self._read_once) if len(headers) != len(scope["headers"]) else ()
+            )
             if twice and not _BEFORE_TOKEN.isdisjoint(twice):
                 raise HttpError(400, _twice(min(_BEFORE_TOKEN & set(twice))).body(None))
             origin = headers.get("origin")
@@ -1000,14 +1006,14 @@ class StreamableHttpEndpoint:
         self.gateway.sessions.end(session)
 
 
-def _sent_twice(scope: Scope) -> tuple[str, ...]:
-    """The headers of `_READ_ONCE` that ``scope`` holds more than once (names are lowercased by
+def _sent_twice(scope: Scope, read_once: frozenset[str]) -> tuple[str, ...]:
+    """The headers of ``read_once`` that ``scope`` holds more than once (names are lowercased by
     ASGI servers), in the order their second copy came."""
     seen: set[str] = set()
     twice: list[str] = []
     for name, _ in scope["headers"]:
         key = name.decode("latin-1")
-        if key in _READ_ONCE:
+        if key in read_once:
             if key in seen and key not in twice:
                 twice.append(key)
             seen.add(key)

@@ -7,6 +7,7 @@ import asyncio
 import functools
 import logging
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
@@ -554,10 +555,14 @@ class AuthorizationServer:
 
     async def _token(self, request: Request) -> Response:
         # A CIBA client polls: its "not yet" answers are not refusals worth a record.
-        origin = RequestOrigin(
-            client_address(request) or "",
-            {k.lower(): v for k, v in request.headers.items()},
+        pairs = request.headers.items()
+        headers = {k.lower(): v for k, v in pairs}
+        repeated = (
+            frozenset(k for k, n in Counter(k.lower() for k, _ in pairs).items() if n > 1)
+            if len(headers) != len(pairs)
+            else frozenset()
         )
+        origin = RequestOrigin(client_address(request) or "", headers, repeated)
         return await self._client_request(
             request,
             functools.partial(

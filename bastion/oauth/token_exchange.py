@@ -67,10 +67,12 @@ class TaskBinder(Protocol):
 
 @dataclass(frozen=True)
 class RequestOrigin:
-    """Where a token request came from: the client's address and its (lower-case) headers."""
+    """Where a token request came from: the client's address and its (lower-case) headers, the
+    last copy of each, and the names of those it holds more than once."""
 
     address: str
     headers: Mapping[str, str] = field(default_factory=dict)
+    repeated: frozenset[str] = frozenset()
 
 
 @dataclass
@@ -356,6 +358,13 @@ class TokenExchange:
             "time": datetime.fromtimestamp(now, UTC),
         }
         if delegation.posture is not None:
+            twice = origin.repeated & delegation.posture.proxy_headers
+            if twice:
+                # Which copy is the trusted proxy's cannot be told: the device is not guessed.
+                raise InvalidRequest(
+                    f"the {min(twice)} header is sent twice: a device header is read as one"
+                    " value, set by the trusted proxy"
+                )
             posture = delegation.posture.read(origin.address, origin.headers, subject.claims)
             context.update(posture.context(now))
         decision = decide_delegation(

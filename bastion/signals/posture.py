@@ -7,7 +7,8 @@ What the gateway adds to the ``context`` of every decision (docs/signals.md, fie
 - ``context.device``: ``id`` and ``posture`` from the token's claims (``device_claim``,
   ``posture_claim``) or, failing those, from headers a trusted proxy sets (``device_header``,
   ``posture_header``), honoured only from the ``trusted_proxies`` addresses: anyone else's are
-  ignored; ``source`` says which (``token`` or ``proxy``);
+  ignored; ``source`` says which (``token`` or ``proxy``); one of these headers sent twice is
+  refused by whoever reads it (`PostureSettings.proxy_headers`);
 - ``context.token``: ``issued_at`` and ``age_seconds`` (the token's ``iat``, RFC 7519 §4.1.6) and
   ``auth_time`` when the token carries it (OpenID Connect Core §2).
 
@@ -165,6 +166,14 @@ class PostureSettings:
     @property
     def uses_proxy_headers(self) -> bool:
         return bool(self.device_header or self.posture_header)
+
+    @property
+    def proxy_headers(self) -> frozenset[str]:
+        """The headers read from a trusted proxy (lower case). Each is read as one value: a
+        request that holds one of them twice is refused where it is read (the gateway, a token
+        exchange), since which copy is the proxy's and which the client's cannot be told (a
+        proxy may append its copy after the client's, or put it first)."""
+        return frozenset(name for name in (self.device_header, self.posture_header) if name)
 
     def zone(self, ip: ipaddress.IPv4Address | ipaddress.IPv6Address | None) -> str:
         if ip is not None:

@@ -393,3 +393,38 @@ def test_the_gateway_refuses_a_malformed_act_claim(studio, act):
     assert answer["http"] == 401 and "act" in answer["body"]
     # The same token with its act intact is served: only the claim refused it.
     assert "result" in studio.call(delegated, "read_file", folder="icons", name="logo.svg")
+
+
+@pytest.fixture(scope="module")
+def posture_studio(tmp_path_factory):
+    """A studio whose token endpoint reads a device header from a trusted proxy (loopback)."""
+    settings = (
+        '[signals.posture]\ntrusted_proxies = ["127.0.0.1/32"]\ndevice_header = "X-Device-Id"\n'
+    )
+    with start_studio(tmp_path_factory.mktemp("posture"), settings=settings) as running:
+        yield running
+
+
+@pytest.mark.parametrize("order", [("laptop-7", "phone-2"), ("phone-2", "laptop-7")])
+def test_an_exchange_with_a_device_header_sent_twice_is_refused(posture_studio, order):
+    """The exchange's policy reads the request's posture as the gateway's does: with the
+    device header twice, the last copy was read, whichever was the proxy's; now refused, as at
+    the gateway, and nothing is issued."""
+    studio = posture_studio
+    coder, sub = cast(studio, f"device-twice-{order[0]}")
+    subject = studio.user_token(coder, "sam")["access_token"]
+    form = {
+        "grant_type": "urn:ietf:params:oauth:grant-type:token-exchange",
+        "subject_token": subject,
+        "subject_token_type": ACCESS_TOKEN,
+        "actor_token": studio.own_token(sub),
+        "actor_token_type": ACCESS_TOKEN,
+        "client_id": coder.client_id,
+    }
+    once = [("X-Device-Id", order[0])]
+    answer = studio.http.post(
+        f"{studio.url}/token", data=form, headers=[*once, ("X-Device-Id", order[1])]
+    )
+    assert error(answer) == (400, "invalid_request"), answer.text
+    assert "x-device-id" in answer.json()["error_description"]
+    assert studio.http.post(f"{studio.url}/token", data=form, headers=once).status_code == 200

@@ -6,12 +6,14 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import httpx
 import pytest
 
 import bastion.signals.posture as posture_module
 from bastion.gateway.mount import posture_settings
 from bastion.server.config import ConfigError, ServerConfig
 from bastion.signals.posture import PostureError, PostureSettings, RequestPosture
+from tests.gateway.streams import modern_headers, modern_request
 from tests.signals.conftest import CORP, PROXY, VPN, refusal, search
 
 SETTINGS = PostureSettings.from_mapping(
@@ -167,6 +169,32 @@ def test_a_spoofed_posture_header_from_an_untrusted_address_is_ignored(bastion, 
     record = bastion.records.get(answer["error"]["data"]["decision_id"])
     assert record.context["network"] == {"ip": CORP, "zone": "corp"}
     assert record.context["device"] == {}
+
+
+@pytest.mark.parametrize("header", ["X-Device-Id", "X-Device-Posture"])
+@pytest.mark.parametrize("order", [("laptop-7", "phone-2"), ("phone-2", "laptop-7")])
+def test_a_device_or_posture_header_sent_twice_is_refused_and_nothing_is_forwarded(
+    bastion, token, header, order
+):
+    """Read into a dict, the last copy won: behind a proxy that appends its own, a client's copy
+    sent first was dropped, and behind one that prepends, the client's came last and won. Which
+    copy is the proxy's cannot be told, so the request is refused, audited, whoever sends it."""
+    before = len(bastion.recorder.requests)
+    with httpx.Client(timeout=20) as http:
+        response = http.post(
+            bastion.mcp_url("deskhttp"),
+            json=modern_request(
+                1, "tools/call", {"name": "search_customers", "arguments": {"query": "a"}}
+            ),
+            headers=[
+                *modern_headers(token, "tools/call", "search_customers").items(),
+                *((header, value) for value in order),
+            ],
+        )
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["code"] == -32020 and header.lower() in error["message"]
+    assert len(bastion.recorder.requests) == before  # the upstream saw nothing
 
 
 def test_the_token_s_age_reaches_the_policy(bastion, token):
