@@ -39,10 +39,9 @@ from starlette.responses import RedirectResponse, Response
 from starlette.routing import Route
 
 from bastion import untrusted_json
-from bastion.audit.log import AuditLog
-from bastion.db import Database
 from bastion.facts.model import Entity, FactError, fact_from_json, fact_to_json
 from bastion.facts.store import StoredFact, check_storable
+from bastion.identity.accounts import MIGRATIONS, account_taken, bound_elsewhere
 from bastion.identity.id_token import check_claims, signed_claims
 from bastion.identity.providers import (
     IdentitySettings,
@@ -76,46 +75,6 @@ from bastion.oauth.throttle import client_address
 
 if TYPE_CHECKING:
     from bastion.oauth.server import AuthorizationServer
-
-_MIGRATIONS = [
-    """
-    CREATE TABLE identity_login_states (
-        state_digest TEXT PRIMARY KEY,
-        provider TEXT NOT NULL,
-        browser_digest TEXT NOT NULL,
-        nonce TEXT NOT NULL,
-        code_verifier TEXT NOT NULL,
-        request_id TEXT,
-        next_path TEXT,
-        expires_at DOUBLE PRECISION NOT NULL
-    );
-    CREATE TABLE identity_accounts (
-        provider TEXT NOT NULL,
-        subject TEXT NOT NULL,
-        username TEXT NOT NULL,
-        facts TEXT NOT NULL,
-        last_login_at DOUBLE PRECISION NOT NULL,
-        PRIMARY KEY (provider, subject)
-    );
-    """,
-    # Which sub of a provider a user id is bound to (`OpenIDLogin._signed_in`).
-    "CREATE INDEX identity_accounts_username ON identity_accounts (username, provider);",
-    # Every user id a sub of a provider signed in to, kept when that sub later signs in under
-    # another (identity_accounts holds only its latest): one sub per user id of a provider.
-    # The WHERE is SQLite's: without it, ON CONFLICT after a SELECT reads as a join's ON.
-    """
-    CREATE TABLE identity_user_bindings (
-        provider TEXT NOT NULL,
-        username TEXT NOT NULL,
-        subject TEXT NOT NULL,
-        bound_at DOUBLE PRECISION NOT NULL,
-        PRIMARY KEY (provider, username)
-    );
-    INSERT INTO identity_user_bindings (provider, username, subject, bound_at)
-        SELECT provider, username, subject, last_login_at FROM identity_accounts WHERE 1 = 1
-        ON CONFLICT (provider, username) DO NOTHING;
-    """,
-]
 
 # The ID token and the token endpoint's answer: far larger than any real one.
 PROVIDERS_TABLE = "[[identity.providers]]"
@@ -158,7 +117,7 @@ class OpenIDLogin:
         self.clock = server.clock
         self.transport = transport
         self.db = server.db
-        self.db.migrate("identity", _MIGRATIONS)
+        self.db.migrate("identity", MIGRATIONS)
         self._endpoints: dict[str, _Endpoints] = {}
         self._discovery = {
             p.id: CoalescedFetches(FetchLimits.of_issuer(p, PROVIDERS_TABLE), self.clock)
@@ -497,28 +456,10 @@ class OpenIDLogin:
             # who would otherwise sign in as the first, with their grants, facts, approvals
             # and upstream connections. It stays theirs when they sign in under another name
             # (their address changed, and the old one may be given to someone else). Released
-            # only by an administrator (`release_account`). Bound first, then read: of two
-            # first logins at once, the key lets one bind and the other find it bound.
-            self.db.execute(
-                "INSERT INTO identity_user_bindings (provider, username, subject, bound_at)"
-                " VALUES (?, ?, ?, ?) ON CONFLICT (provider, username) DO NOTHING",
-                (provider.id, username, claims["sub"], now),
-            )
-            # identity_accounts too: two subs that signed in to one user before the bindings
-            # were kept are both refused.
-            bound = self.db.execute(
-                "SELECT subject FROM identity_user_bindings WHERE provider = ? AND username = ?"
-                " AND subject <> ? UNION SELECT subject FROM identity_accounts"
-                " WHERE provider = ? AND username = ? AND subject <> ?",
-                (provider.id, username, claims["sub"]) * 2,
-            )
-            if bound:
+            # only by an administrator (`release_account`).
+            if bound_elsewhere(self.db, provider.id, username, claims["sub"], now) is not None:
                 raise LoginRefused(
-                    "account_taken",
-                    f"The user {username} belongs to another account of"
-                    f" {provider.shown_name} (another sub): an administrator must release it"
-                    " (bastion users unlink) before this account can use it.",
-                    403,
+                    "account_taken", account_taken(username, provider.shown_name), 403
                 )
             made = self.db.execute(
                 "INSERT INTO oauth_users (username, password_hash, created_at) VALUES (?, ?, ?)"
@@ -703,33 +644,6 @@ class OpenIDLogin:
         )
         response.headers["Retry-After"] = "5"
         return response
-
-
-def release_account(db: Database, username: str, *, actor: str) -> int:
-    """Unbind ``username`` from the provider accounts (sub) that signed in to it, so that the
-    next account of a provider whose ``user_claim`` names it gets it (the one that had it was
-    deleted at the provider, or its email or login name given to someone else). The user, their
-    grants and facts stay; the facts the login kept in step with the claims are the next
-    login's to put in step. Audited as ``user.unlinked``. Returns how many were unbound."""
-    db.migrate("identity", _MIGRATIONS)
-    with db.transaction():
-        rows = db.execute(
-            "DELETE FROM identity_accounts WHERE username = ? RETURNING provider, subject",
-            (username,),
-        )
-        rows += db.execute(
-            "DELETE FROM identity_user_bindings WHERE username = ? RETURNING provider, subject",
-            (username,),
-        )
-        released = sorted({(p, sub) for p, sub in rows})
-        if released:
-            AuditLog(db).record(
-                "user.unlinked",
-                subject=username,
-                actor=actor,
-                accounts=[{"provider": p, "sub": sub} for p, sub in released],
-            )
-    return len(released)
 
 
 def compose(server: AuthorizationServer, table: Any, env: Mapping[str, str]) -> OpenIDLogin | None:

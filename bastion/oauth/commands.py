@@ -118,7 +118,7 @@ def users_enable(args: argparse.Namespace) -> int:
 
 def users_unlink(args: argparse.Namespace) -> int:
     # identity/ builds on oauth/; the command reaches down to it only when it runs.
-    from bastion.identity.oidc_login import release_account
+    from bastion.identity.accounts import release_account
 
     count = release_account(_database(args), args.username, actor=cli_actor())
     if not count:

@@ -809,7 +809,7 @@ def test_accounts_bound_before_an_upgrade_stay_bound_on_either_database(
     """A database from before the bindings were kept (identity schema 2): the user a sub signed
     in to stays its own, and a user two subs signed in to refuses both until it is released."""
     from bastion.db import Database
-    from bastion.identity.oidc_login import _MIGRATIONS
+    from bastion.identity.accounts import MIGRATIONS as _MIGRATIONS
 
     old = Database(database_url)
     try:
