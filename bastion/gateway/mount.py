@@ -4,6 +4,7 @@ that sends the gateway's paths to it ahead of the API's routing."""
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Awaitable, Callable
 
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -14,6 +15,8 @@ from bastion.decide import Authorizer
 from bastion.gateway.config import GatewayConfig
 from bastion.gateway.gateway import Gateway, route_path
 from bastion.gateway.tool_pins import ToolPins
+from bastion.identity.accounts import MIGRATIONS as IDENTITY_MIGRATIONS
+from bastion.identity.accounts import bound_elsewhere
 from bastion.identity.trusted_issuers import TrustedIssuers
 from bastion.oauth.keys import ARGUMENT_DIGEST_KEY, deployment_secret
 from bastion.oauth.verifier import VerifiedTokens
@@ -126,6 +129,7 @@ def gateway_from_config(
             refusals=oauth.verifier.refusals,
             user_standing=tokens.user_standing,
             owners=None if suspensions is None else suspensions.owner_names,
+            bound_elsewhere=subject_bindings(tokens.db, gateway_config),
         )
         if gateway_config.trusted_issuers
         else None,
@@ -139,6 +143,24 @@ def gateway_from_config(
                 + ("" if gateway_config.public_url else " (or set gateway.public_url)")
             )
     return gateway
+
+
+def subject_bindings(
+    db: Database, gateway_config: GatewayConfig
+) -> Callable[[str, str, str], str | None] | None:
+    """(provider, user, account) -> the account another person bound the user to, or None, for
+    trusted issuers that name users by a claim other than their account_claim
+    (`bastion.identity.accounts`), on ``db``
+    (the tokens' connection, which also reads users' standing off the event loop, and is closed
+    with them), once per token verified. None where no issuer names users so."""
+    if all(i.user_claim == i.account_claim for i in gateway_config.trusted_issuers):
+        return None
+    db.migrate("identity", IDENTITY_MIGRATIONS)
+
+    def bound(provider: str, username: str, subject: str) -> str | None:
+        return bound_elsewhere(db, provider, username, subject, time.time())
+
+    return bound
 
 
 def posture_settings(config: ServerConfig) -> PostureSettings:

@@ -9,7 +9,9 @@ again), ``iss`` exactly, ``aud`` the value configured for the MCP server called,
 ``nbf`` and ``iat`` with the issuer's leeway, ``typ`` ``at+jwt`` when required, and, where the
 issuer offers it, RFC 7662 introspection (a revoked token is refused once the short cache of its
 answer ends; an introspection endpoint that cannot be reached refuses every token of the issuer:
-fail closed). Claims map to the user, the agent and the scopes the policy sees.
+fail closed). Claims map to the user, the agent and the scopes the policy sees. Where a claim
+other than ``account_claim`` (``sub``) names the user, the user stays bound to the first account
+that named it (`bastion.identity.accounts`), checked once per token verified, never per call.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from bastion.audit.refusals import RefusalLog
 from bastion.egress import PrivateAllowance, private_allowance
 from bastion.environment import expand
 from bastion.http_fields import field_value_problem
+from bastion.identity.accounts import MAX_ACCOUNT_CHARS, account_taken, gateway_issuer
 from bastion.names import UNVERIFIED_EMAIL, user_prefix_problem, vouched_for
 from bastion.oauth.access_token import TOKEN_TYPE
 from bastion.oauth.client_assertion import algorithms_problem, jwks_problem, url_problem
@@ -65,6 +68,7 @@ _KEYS = {
     "audiences",
     "user_claim",
     "user_prefix",
+    "account_claim",
     "agent_claims",
     "algorithms",
     "require_typ",
@@ -99,6 +103,10 @@ class TrustedIssuer:
     # The user is this then the claim's value; "" (as before the setting): bastion's users of
     # the same name, local ones included.
     user_prefix: str = ""
+    # The claim naming the person's account at the issuer, never given to another person: the
+    # user ``user_claim`` names is bound to its first value (`bastion.identity.accounts`), unless
+    # both are the same claim.
+    account_claim: str = "sub"
     agent_claims: tuple[str, ...] = ("client_id", "azp")
     algorithms: tuple[str, ...] = ("RS256", "PS256", "ES256", "EdDSA")
     require_typ: bool = False
@@ -158,7 +166,12 @@ class TrustedIssuer:
                 if problem:
                     raise ValueError(f"{where}.{name}: {problem}")
                 values[name] = table[name]
-        for name in ("user_claim", "introspection_client_id", "introspection_client_secret"):
+        for name in (
+            "user_claim",
+            "account_claim",
+            "introspection_client_id",
+            "introspection_client_secret",
+        ):
             if name in table:
                 if not isinstance(table[name], str) or not table[name]:
                     raise ValueError(f"{where}.{name} must be a non-empty string")
@@ -277,8 +290,20 @@ class TrustedIssuers:
         transport: httpx.AsyncBaseTransport | None = None,
         user_standing: Callable[..., UserStanding | Literal["off_loop"]] | None = None,
         owners: Callable[[str], Sequence[str]] | None = None,
+        bound_elsewhere: Callable[[str, str, str], str | None] | None = None,
     ) -> None:
         self.issuers = {i.issuer: i for i in issuers}
+        # (provider, username, account) -> None when the user is that account's (bound now if
+        # it was nobody's), else the account it belongs to (`bastion.identity.accounts.
+        # bound_elsewhere`, a database read: in a worker thread). Needed by an issuer whose
+        # user_claim is not its account_claim: without it, a name the issuer gives to another
+        # person would be theirs.
+        self.bound_elsewhere = bound_elsewhere
+        if bound_elsewhere is None and any(i.user_claim != i.account_claim for i in issuers):
+            raise ValueError(
+                "a trusted issuer naming users by a claim other than its account_claim needs"
+                " bound_elsewhere"
+            )
         self.refusals = refusals
         # (username, on_loop) -> whether bastion has disabled the user, and when it last revoked
         # all their grants (`VerifiedTokens.user_standing`); None: not asked.
@@ -385,6 +410,27 @@ class TrustedIssuers:
                     "disabled",
                 )
 
+    async def _refuse_another_person(self, verified: VerifiedToken, issuer: TrustedIssuer) -> None:
+        """Once per token verified (a remembered one is not asked again): with a ``user_claim``
+        other than the ``account_claim`` (an email, a login name, which the issuer may give to
+        another person: a moved person's old address to a new hire), the user is the person's
+        whose account (``sub`` by default) first named it, until an administrator releases it
+        (``bastion users unlink``). A token of another account is refused; so is every later
+        use of it, as it is not remembered."""
+        claim = issuer.account_claim
+        if issuer.user_claim == claim or self.bound_elsewhere is None:
+            return  # the user's name is its account's: no other account can name it
+        check = partial(
+            self.bound_elsewhere,
+            gateway_issuer(issuer.issuer),
+            verified.subject,
+            verified.claims[claim],
+        )
+        if await anyio.to_thread.run_sync(check) is not None:
+            raise InvalidToken(
+                account_taken(verified.subject, issuer.issuer, claim), "account_taken"
+            )
+
     async def _verify(self, token: str, server: str) -> VerifiedToken:
         key = (hashlib.sha256(token.encode()).digest(), server)
         now = self.clock()
@@ -410,6 +456,7 @@ class TrustedIssuers:
         verified, issuer = await self._check(token, server)
         if issuer.introspects:
             await self._introspect(issuer, token)
+        await self._refuse_another_person(verified, issuer)
         with self._lock:
             if len(self._tokens) >= self.max_tokens:
                 self._tokens.pop(next(iter(self._tokens)))
@@ -496,6 +543,17 @@ class TrustedIssuers:
             raise InvalidToken(f"claim {issuer.user_claim!r} (the user) is missing", "claims")
         if not vouched_for(claims, issuer.user_claim):
             raise InvalidToken(UNVERIFIED_EMAIL, "claims")
+        account = claims.get(issuer.account_claim)
+        if issuer.user_claim != issuer.account_claim and (
+            not isinstance(account, str) or not account or len(account) > MAX_ACCOUNT_CHARS
+        ):
+            # The user is bound to the account (`_refuse_another_person`): with none, the
+            # issuer could give the name to another person unseen.
+            raise InvalidToken(
+                f"claim {issuer.account_claim!r} is missing or longer than {MAX_ACCOUNT_CHARS}"
+                f" characters: the user {issuer.user_claim!r} names is bound to it",
+                "claims",
+            )
         agent = next(
             (a for c in issuer.agent_claims if isinstance(a := claims.get(c), str) and a), None
         )

@@ -124,8 +124,9 @@ def users_unlink(args: argparse.Namespace) -> int:
     if not count:
         raise CommandError(f"{args.username!r} is bound to no account of an identity provider")
     print(
-        f"released {args.username} from {count} provider account(s); the next person of the"
-        " provider whose user_claim names it signs in to it"
+        f"released {args.username} from {count} provider account(s); the next person of a"
+        " provider whose user_claim names it (signing in, or by a token or an ID-JAG) is bound"
+        " to it"
     )
     return 0
 
@@ -332,7 +333,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     _common(p)
     p.set_defaults(func=_guarded(users_enable))
     p = users_sub.add_parser(
-        "unlink", help="release a user from the identity-provider account (sub) bound to it"
+        "unlink",
+        help="release a user from the identity-provider accounts (sub) bound to it: sign-in,"
+        " trusted issuers' tokens, ID-JAGs",
     )
     p.add_argument("username")
     _common(p)

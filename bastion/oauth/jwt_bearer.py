@@ -14,7 +14,9 @@ absent, the request's own ``resource``); ``scope`` holds only that resource's sc
 carries the scopes of the ID-JAG that the request asked for and the client is registered for.
 The user is the provider's ``user_prefix`` then the value of its ``user_claim``: a bastion user
 (a disabled one is refused; never a client's id, which names an agent acting as itself), and the
-policy decides every call of the token as for any other. Every refusal is ``invalid_grant``
+policy decides every call of the token as for any other. With a ``user_claim`` other than its
+``account_claim`` (``sub``; an email, which the provider may give to another person), the user
+stays bound to the first account that got a token for it (`bastion.identity.accounts`). Every refusal is ``invalid_grant``
 (RFC 7521 §5.2) but a request that asks for more than the ID-JAG grants (``invalid_scope``) or
 another resource (``invalid_target``). No refresh token is issued: the
 client asks its provider for a fresh ID-JAG, so the provider stays in charge.
@@ -36,6 +38,13 @@ from joserfc.jwk import KeySet
 
 from bastion import untrusted_json
 from bastion.egress import PrivateAllowance, private_allowance
+from bastion.identity.accounts import (
+    MAX_ACCOUNT_CHARS,
+    account_taken,
+    bound_elsewhere,
+    id_jag_issuer,
+)
+from bastion.identity.accounts import MIGRATIONS as IDENTITY_MIGRATIONS
 from bastion.names import MAX_NAME_LENGTH, UNVERIFIED_EMAIL, user_prefix_problem, vouched_for
 from bastion.oauth.client_assertion import (
     algorithms_problem,
@@ -73,6 +82,7 @@ _ISSUER_KEYS = {
     "jwks_uri",
     "user_claim",
     "user_prefix",
+    "account_claim",
     "users",
     "algorithms",
     "timeout_seconds",
@@ -93,6 +103,10 @@ class TrustedIdp:
     # The user is this then the claim's value; "" (as before the setting): bastion's users of
     # the same name, local ones included.
     user_prefix: str = ""
+    # The claim naming the person's account at the provider, never given to another person: the
+    # user ``user_claim`` names is bound to its first value (`bastion.identity.accounts`), unless
+    # both are the same claim.
+    account_claim: str = "sub"
     # "existing": the user must be one of bastion's (created by an admin or at first sign-in);
     # "any": the claim's value is the user whether bastion knows them or not.
     users: str = "existing"
@@ -122,10 +136,11 @@ class TrustedIdp:
                 if problem := url_problem(table.get(name)):
                     raise ValueError(f"{where}.{name}: {problem}")
                 values[name] = table[name]
-        if "user_claim" in table:
-            if not isinstance(table["user_claim"], str) or not table["user_claim"]:
-                raise ValueError(f"{where}.user_claim must be a claim name")
-            values["user_claim"] = table["user_claim"]
+        for name in ("user_claim", "account_claim"):
+            if name in table:
+                if not isinstance(table[name], str) or not table[name]:
+                    raise ValueError(f"{where}.{name} must be a claim name")
+                values[name] = table[name]
         if "user_prefix" in table:
             if problem := user_prefix_problem(table["user_prefix"]):
                 raise ValueError(f"{where}.user_prefix: {problem}")
@@ -239,6 +254,8 @@ class IdentityAssertionGrant:
             i.issuer: CoalescedFetches(FetchLimits.of_issuer(i, ID_JAG_TABLE), self.clock)
             for i in self.id_jag.issuers
         }
+        if any(i.user_claim != i.account_claim for i in self.id_jag.issuers):
+            server.db.migrate("identity", IDENTITY_MIGRATIONS)  # `_bound_to_its_account`
 
     # -- the grant (a worker thread: `TokenEndpoint.exchange`) ---------------------------------
 
@@ -268,6 +285,7 @@ class IdentityAssertionGrant:
         resource = self._resource(form, found)
         scope = self._scope(form, found, resource.scopes, client)
         user = self._user(idp, found)
+        self._bound_to_its_account(idp, user, found)
         now = self.clock()
         if not self.spent.use_once(
             f"id-jag {idp.issuer}", found.jti, found.expires_at + self.settings.leeway_seconds
@@ -483,6 +501,24 @@ class IdentityAssertionGrant:
                 f"user {user!r} (claim {idp.user_claim!r} of {idp.issuer}) is not a user of bastion"
             )
         return user
+
+    def _bound_to_its_account(self, idp: TrustedIdp, user: str, found: IdJag) -> None:
+        """With a ``user_claim`` other than the ``account_claim`` (an email, a login name, which
+        the provider may give to another person: a moved person's old address to a new hire),
+        the user is the person's whose account (``sub`` by default) first got a token for it,
+        until an administrator releases it (``bastion users unlink``); another is refused."""
+        claim = idp.account_claim
+        if idp.user_claim == claim:
+            return  # the user's name is its account's: no other account can name it
+        account = found.claims.get(claim)
+        if not isinstance(account, str) or not account or len(account) > MAX_ACCOUNT_CHARS:
+            raise InvalidGrant(
+                f"the ID-JAG's {claim!r} claim names no account of at most {MAX_ACCOUNT_CHARS}"
+                " characters (the user is bound to it)"
+            )
+        provider = id_jag_issuer(idp.issuer)
+        if bound_elsewhere(self.server.db, provider, user, account, self.clock()) is not None:
+            raise InvalidGrant(account_taken(user, idp.issuer, claim))
 
 
 def _auth_time(claims: Mapping[str, Any]) -> float | None:

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import base64
 import json
+import os
+import subprocess
+import sys
 import time
 import uuid
 
@@ -412,6 +415,71 @@ def test_an_email_the_issuer_vouches_for_names_the_user(bastion, idp, agent):
     assert claims["sub"] == "lee@acme.test"
 
 
+def test_a_user_named_by_email_stays_bound_to_its_first_sub_on_either_database(
+    database_url, tmp_path, idp
+):
+    """With ``user_claim = "email"`` the user of an address stays the person's whose ``sub``
+    first got a token for it: when the provider moves that person to another address and gives
+    the old one to a new hire, the new hire's ID-JAG gets no token for the old user (its
+    grants, facts, approvals and upstream connections) until an administrator unlinks it. An
+    ID-JAG's ``sub`` binds per provider: another provider's ``sub`` of that name is another
+    person's."""
+    oauth = {
+        "initial_access_tokens": [INITIAL_TOKEN],
+        "id_jag": {
+            "issuers": [
+                {
+                    "issuer": idp.issuer("mail"),
+                    "jwks_uri": f"{idp.issuer('mail')}/jwks",
+                    "users": "any",
+                    "user_claim": "email",
+                },
+                # Okta's way: sub is the login (an email), uid the person's for good.
+                {
+                    "issuer": idp.issuer("corp"),
+                    "jwks_uri": f"{idp.issuer('corp')}/jwks",
+                    "users": "any",
+                    "account_claim": "uid",
+                },
+            ]
+        },
+    }
+    old, new = "jo.doe@acme.test", "jo.roe@acme.test"
+    with start(tmp_path, oauth=oauth, database=database_url) as b:
+        agent = register(b)
+
+        def token(sub: str, email: str) -> httpx.Response:
+            jag = idp.id_jag(
+                b, agent["client_id"], iss=idp.issuer("mail"), signer="mail",
+                sub=sub, email=email, email_verified=True,
+            )  # fmt: skip
+            return present(b, agent, jag)
+
+        assert token("jo-1", old).status_code == 200
+        assert token("jo-1", new).status_code == 200  # the same person, renamed
+        assert "belongs to another" in refused(token("new-hire-9", old))
+        assert token("jo-1", old).status_code == 200  # still theirs
+        done = subprocess.run(
+            [sys.executable, "-m", "bastion.cli", "users", "unlink", old, "--database",
+             b.app.state.oauth.store.db.url],
+            capture_output=True, text=True, env=os.environ, timeout=60,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        assert token("new-hire-9", old).status_code == 200  # released: the new person's now
+        assert "belongs to another" in refused(token("jo-1", old))
+
+        def by_login(uid: str | None) -> httpx.Response:
+            jag = idp.id_jag(
+                b, agent["client_id"], iss=idp.issuer("corp"), signer="corp", sub=old, uid=uid
+            )
+            return present(b, agent, jag)
+
+        assert by_login("u-1").status_code == 200
+        said = refused(by_login("u-2"))
+        assert "belongs to another account" in said and "another uid" in said, said
+        assert "'uid' claim names no account" in refused(by_login(None))
+
+
 def test_a_disabled_user_gets_no_token(bastion, idp, agent):
     store = bastion.app.state.oauth.store
     store.create_user("kim", "not-a-real-hash", time.time(), actor="test")
@@ -497,6 +565,7 @@ def test_the_client_must_authenticate_and_be_confidential(bastion, idp, agent):
             {"issuers": [{"issuer": "https://idp.example.com", "user_prefix": "a\tb"}]},
             "user_prefix",
         ),
+        ({"issuers": [{"issuer": "https://idp.example.com", "account_claim": ""}]}, "account"),
         ({"max_lifetime_seconds": 0}, "max_lifetime_seconds"),
     ],
 )

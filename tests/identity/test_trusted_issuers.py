@@ -225,6 +225,14 @@ def bastion(tmp_path_factory, idp, dead_url):
             "audiences": {"deskhttp": "api://desk-h"},
             "user_claim": "email",
         },
+        # Entra ID's way: sub is pairwise per API app, oid the person's for good.
+        {
+            "issuer": idp.issuer("o"),
+            "jwks_uri": f"{idp.url}/jwks",
+            "audiences": {"deskhttp": "api://desk-o"},
+            "user_claim": "preferred_username",
+            "account_claim": "oid",
+        },
         {
             "issuer": idp.issuer("p"),
             "jwks_uri": f"{idp.url}/jwks",
@@ -405,6 +413,7 @@ def test_the_resource_metadata_lists_the_issuers_of_each_server(bastion, idp, de
         f"{dead_url}/d",
         idp.issuer("f"),
         idp.issuer("h"),
+        idp.issuer("o"),
         idp.issuer("p"),
     ]
     lab = bastion.http.get(f"{bastion.url}/.well-known/oauth-protected-resource/mcp/labhttp")
@@ -632,6 +641,56 @@ def test_an_issuers_user_id_is_taken_as_written_even_one_that_reads_as_another(b
     ]
 
 
+def test_a_user_named_by_email_stays_bound_to_its_first_sub_on_either_database(
+    database_url, tmp_path, idp
+):
+    """With ``user_claim = "email"`` a person whose address changes at the issuer (``jo.doe@``
+    to ``jo.roe@``) keeps the user of the old address: the issuer giving ``jo.doe@`` to a new
+    hire (another ``sub``) does not give the new hire that user's grants, facts, approvals and
+    upstream connections. Refused on every call, until an administrator unlinks the user; a
+    token with no ``sub`` to bind is refused."""
+    trusted = [
+        {
+            "issuer": idp.issuer("h"),
+            "jwks_uri": f"{idp.url}/jwks",
+            "audiences": {"deskhttp": "api://desk-h"},
+            "user_claim": "email",
+        }
+    ]
+    old, new = "jo.doe@corp.example", "jo.roe@corp.example"
+
+    def token(sub: str | None, email: str) -> str:
+        return idp.token("h", sub=sub, email=email, email_verified=True)
+
+    with start(tmp_path, gateway={"trusted_issuers": trusted}, database=database_url) as b:
+        assert call(b, token("jo-1", old)).status_code == 200
+        assert call(b, token("jo-1", new)).status_code == 200  # the same person, renamed
+        taken = token("new-hire-9", old)
+        for _ in range(2):  # every call: a refused token is not remembered
+            assert "belongs to another" in refused(call(b, taken))
+        assert call(b, token("jo-1", old)).status_code == 200  # still theirs
+        assert "'sub'" in refused(call(b, token(None, "nobody@corp.example")))
+        users_command(b, "unlink", old)
+        assert call(b, taken).status_code == 200  # released: the new person's now
+        assert "belongs to another" in refused(call(b, token("jo-1", old)))
+        assert "belongs to another" in refused(call(b, token("new-hire-9", new)))
+
+
+def test_a_user_is_bound_to_the_account_claim_the_issuer_names(bastion, idp):
+    """``account_claim = "oid"`` (Entra ID, whose ``sub`` is pairwise per API app): the user
+    ``preferred_username`` names is bound to the first ``oid``, whatever the ``sub``; another
+    ``oid`` is refused, and a token without one too."""
+
+    def token(oid: str | None, sub: str) -> str:
+        return idp.token("o", sub=sub, oid=oid, preferred_username="kai@corp.example")
+
+    assert call(bastion, token("oid-1", "pairwise-app-1")).status_code == 200
+    assert call(bastion, token("oid-1", "pairwise-app-2")).status_code == 200
+    said = refused(call(bastion, token("oid-2", "pairwise-app-1")))
+    assert "belongs to another account" in said and "another oid" in said, said
+    assert "claim 'oid' is missing" in refused(call(bastion, token(None, "pairwise-app-1")))
+
+
 def test_a_user_enabled_again_is_served_only_with_tokens_issued_after_the_disable(bastion, idp):
     """The provider's token from before the disable is still valid at the provider; bastion
     keeps refusing it once the user is enabled, and serves one issued after."""
@@ -769,6 +828,9 @@ def test_the_configuration_refuses_unknown_keys_and_symmetric_algorithms():
         GatewayConfig.from_mapping(config(issuer="http://idp.example.com"))
     with pytest.raises(ConfigError, match="both"):
         GatewayConfig.from_mapping(config(introspection_client_id="x"))
+    assert GatewayConfig.from_mapping(config()).trusted_issuers[0].account_claim == "sub"
+    with pytest.raises(ConfigError, match="account_claim must be a non-empty string"):
+        GatewayConfig.from_mapping(config(account_claim=""))
     assert GatewayConfig.from_mapping(config()).trusted_issuers[0].user_prefix == ""
     for prefix in ("corp\n", "x" * 65, 7):
         with pytest.raises(ConfigError, match="user_prefix"):
