@@ -18,6 +18,22 @@ from bastion.db import Database
 # The longest account id (OpenID Connect's bound on ``sub``) a user is bound to.
 MAX_ACCOUNT_CHARS = 255
 
+# Claims that name a person in words an identity provider may give to another person later (an
+# address, a login name): a ``user_claim`` among them is bound to ``sub`` unless the provider's
+# ``account_claim`` says otherwise. Any other ``user_claim`` (``sub``, Entra's ``oid``, Okta's
+# ``uid``, an employee number) is taken to name one account for good: bound to itself, that is,
+# not bound, as before the binding existed (an existing configuration keeps its meaning).
+REASSIGNABLE_CLAIMS = frozenset(
+    {"email", "preferred_username", "upn", "unique_name", "login", "username", "name", "nickname"}
+)
+
+
+def default_account_claim(user_claim: str) -> str:
+    """The ``account_claim`` of a provider that names none: ``sub`` for a ``user_claim`` a
+    provider may give to another person (`REASSIGNABLE_CLAIMS`), else the ``user_claim``."""
+    return "sub" if user_claim in REASSIGNABLE_CLAIMS else user_claim
+
+
 MIGRATIONS = [
     """
     CREATE TABLE identity_login_states (

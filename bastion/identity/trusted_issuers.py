@@ -35,7 +35,12 @@ from bastion.audit.refusals import RefusalLog
 from bastion.egress import PrivateAllowance, private_allowance
 from bastion.environment import expand
 from bastion.http_fields import field_value_problem
-from bastion.identity.accounts import MAX_ACCOUNT_CHARS, account_taken, gateway_issuer
+from bastion.identity.accounts import (
+    MAX_ACCOUNT_CHARS,
+    account_taken,
+    default_account_claim,
+    gateway_issuer,
+)
 from bastion.names import UNVERIFIED_EMAIL, user_prefix_problem, vouched_for
 from bastion.oauth.access_token import TOKEN_TYPE
 from bastion.oauth.client_assertion import algorithms_problem, jwks_problem, url_problem
@@ -105,7 +110,7 @@ class TrustedIssuer:
     user_prefix: str = ""
     # The claim naming the person's account at the issuer, never given to another person: the
     # user ``user_claim`` names is bound to its first value (`bastion.identity.accounts`), unless
-    # both are the same claim.
+    # both are the same claim. Unset: `default_account_claim` of the ``user_claim``.
     account_claim: str = "sub"
     agent_claims: tuple[str, ...] = ("client_id", "azp")
     algorithms: tuple[str, ...] = ("RS256", "PS256", "ES256", "EdDSA")
@@ -221,6 +226,8 @@ class TrustedIssuer:
             values["allow_private_addresses"] = private_allowance(
                 table["allow_private_addresses"], f"{where}.allow_private_addresses"
             )
+        if "account_claim" not in values:
+            values["account_claim"] = default_account_claim(values.get("user_claim", "sub"))
         found = cls(**values)
         has_id = bool(found.introspection_client_id)
         if has_id != bool(found.introspection_client_secret):

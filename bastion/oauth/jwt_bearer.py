@@ -42,6 +42,7 @@ from bastion.identity.accounts import (
     MAX_ACCOUNT_CHARS,
     account_taken,
     bound_elsewhere,
+    default_account_claim,
     id_jag_issuer,
 )
 from bastion.identity.accounts import MIGRATIONS as IDENTITY_MIGRATIONS
@@ -105,7 +106,7 @@ class TrustedIdp:
     user_prefix: str = ""
     # The claim naming the person's account at the provider, never given to another person: the
     # user ``user_claim`` names is bound to its first value (`bastion.identity.accounts`), unless
-    # both are the same claim.
+    # both are the same claim. Unset: `default_account_claim` of the ``user_claim``.
     account_claim: str = "sub"
     # "existing": the user must be one of bastion's (created by an admin or at first sign-in);
     # "any": the claim's value is the user whether bastion knows them or not.
@@ -168,6 +169,8 @@ class TrustedIdp:
             values["allow_private_addresses"] = private_allowance(
                 table["allow_private_addresses"], f"{where}.allow_private_addresses"
             )
+        if "account_claim" not in values:
+            values["account_claim"] = default_account_claim(values.get("user_claim", "sub"))
         return cls(**values)
 
 

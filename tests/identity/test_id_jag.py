@@ -29,7 +29,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from bastion.oauth.jwt_bearer import ID_JAG_PROFILE, JWT_BEARER_GRANT_TYPE
+from bastion.oauth.jwt_bearer import ID_JAG_PROFILE, JWT_BEARER_GRANT_TYPE, IdJagSettings
 from bastion.oauth.metadata import authorization_server_metadata
 from bastion.oauth.settings import OAuthSettings, SettingsError
 from tests.gateway.support import start
@@ -579,3 +579,16 @@ def test_a_wrong_id_jag_setting_names_its_key(tmp_path, table, message):
                 "id_jag": table,
             }
         )
+
+
+@pytest.mark.parametrize(
+    ("user_claim", "account_claim"), [("sub", "sub"), ("email", "sub"), ("uid", "uid")]
+)
+def test_an_unset_account_claim_binds_only_a_claim_a_provider_may_give_to_another(
+    user_claim, account_claim
+):
+    """Unset, ``account_claim`` is ``sub`` for a ``user_claim`` a provider may give to another
+    person (an address, a login name), and the ``user_claim`` itself (nothing bound) for one that
+    names an account for good: an existing configuration by ``uid`` keeps working."""
+    table = {"issuers": [{"issuer": "https://idp.example.com", "user_claim": user_claim}]}
+    assert IdJagSettings.from_mapping(table).issuers[0].account_claim == account_claim

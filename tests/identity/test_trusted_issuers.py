@@ -829,6 +829,14 @@ def test_the_configuration_refuses_unknown_keys_and_symmetric_algorithms():
     with pytest.raises(ConfigError, match="both"):
         GatewayConfig.from_mapping(config(introspection_client_id="x"))
     assert GatewayConfig.from_mapping(config()).trusted_issuers[0].account_claim == "sub"
+    # Unset, a user_claim an issuer may give to another person is bound to sub; one that names
+    # an account for good (Entra's oid) is bound to nothing new: a configuration of before the
+    # binding, several API apps each with its pairwise sub, keeps working.
+    for user_claim, account_claim in [("email", "sub"), ("upn", "sub"), ("oid", "oid")]:
+        read = GatewayConfig.from_mapping(config(user_claim=user_claim)).trusted_issuers[0]
+        assert read.account_claim == account_claim, user_claim
+    set_ = GatewayConfig.from_mapping(config(user_claim="oid", account_claim="sub"))
+    assert set_.trusted_issuers[0].account_claim == "sub"
     with pytest.raises(ConfigError, match="account_claim must be a non-empty string"):
         GatewayConfig.from_mapping(config(account_claim=""))
     assert GatewayConfig.from_mapping(config()).trusted_issuers[0].user_prefix == ""
