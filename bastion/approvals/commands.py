@@ -16,7 +16,7 @@ import sys
 from collections.abc import Callable
 from datetime import UTC, datetime
 
-from bastion.approvals.service import Approvals, NotAllowed, UnknownRequest
+from bastion.approvals.service import Approvals, NotAllowed, UnknownRequest, UnmatchedField
 from bastion.approvals.store import MAX_LIST, STATUSES, ApprovalRequest
 from bastion.audit.actor import cli_actor
 from bastion.audit.commands import event_line
@@ -263,6 +263,8 @@ def _answer(deployment: Deployment, args: argparse.Namespace, answer: str) -> in
         raise CommandError(
             f"no approval request has the id {args.id!r} (bastion approvals list)"
         ) from None
+    except UnmatchedField as e:
+        raise CommandError(f"--withhold: {e}") from None
     except NotAllowed as e:
         raise CommandError(f"{args.person} may not {answer} request {args.id}: {e}") from None
     print(_line(request))

@@ -84,6 +84,12 @@ class NotAllowed(Exception):
     """This person may not give this answer; the message says why."""
 
 
+class UnmatchedField(NotAllowed):
+    """A field a reviewer would withhold names nothing in the held result as they may see it
+    (a mistyped path), or cannot be read as a path: nothing is answered or released. The
+    message names each such path."""
+
+
 class UnknownRequest(Exception):
     """No approval request has this id."""
 
@@ -616,6 +622,36 @@ class Approvals:
         masked, _ = mask_result(result, paths, uri)
         return masked
 
+    def unmatched_fields(
+        self, request: ApprovalRequest, person: str, withheld_fields: tuple[str, ...]
+    ) -> str | None:
+        """Why some of the fields ``person`` would withhold on releasing ``request``'s held
+        result withhold nothing, naming each, or None when every one does. A path counts when
+        it reaches the result as the reviewer may see it (`review_view`; `masks.reaches`), in
+        any of the JSON values a mask reaches into (`masks.json_values`): a mistyped key is
+        refused, while a key whose list is empty here is taken (nothing there to withhold).
+        Matched against the reviewer's view, not the held result, so that which paths are
+        refused tells nothing of what the policy masks for them."""
+        from bastion.gateway.masks import json_values, path_keys, reaches
+
+        values = json_values(self.review_view(request, person))
+        problems = []
+        for path in dict.fromkeys(withheld_fields):
+            keys = path_keys(path)
+            if keys is None:
+                problems.append(
+                    f"the withheld field {path!r} cannot be read as a path (keys separated by"
+                    " dots, * for every element or key: customers.*.email)"
+                )
+            elif not any(reaches(value, keys) for value in values):
+                problems.append(
+                    f"the withheld field {path!r} matches nothing in the held result as you"
+                    " may see it (check its spelling against the result shown)"
+                )
+        if not problems:
+            return None
+        return "; ".join(problems) + "; nothing was released"
+
     # -- the policy's side ---------------------------------------------------------------------
 
     def answerers(self, call: Call, context: dict[str, Any]) -> tuple[Terms, str | None]:
@@ -978,9 +1014,14 @@ class Approvals:
                 )
             if minutes:
                 self._check_grant(request)
+            if withheld_fields and answer == "approve":
+                unmatched = self.unmatched_fields(request, person, withheld_fields)
+                if unmatched is not None:
+                    raise UnmatchedField(unmatched)
             now = self.clock()
+            given = Answer(person, answer, minutes, channel, reason, now, withheld_fields)
             try:
-                self.store.answer(request.id, Answer(person, answer, minutes, channel, reason, now))
+                self.store.answer(request.id, given)
             except ValueError as e:
                 raise NotAllowed(str(e)) from None
             self._event(
@@ -999,8 +1040,11 @@ class Approvals:
             if answer == "deny":
                 self.store.resolve(request.id, verb, from_status=OPEN)
             elif self._standing_approvals(request, reading) >= terms.required:
+                # Every field any reviewer withheld: a later release never gives back what an
+                # earlier reviewer held back (before, only the deciding answer's were kept).
+                withheld = {p for a in request.approvals for p in a.withheld_fields}
                 self.store.resolve(
-                    request.id, verb, from_status=OPEN, withheld_fields=withheld_fields
+                    request.id, verb, from_status=OPEN, withheld_fields=tuple(sorted(withheld))
                 )
                 window = min(a.minutes for a in request.approvals)
                 if kind == "approval" and window > 0:

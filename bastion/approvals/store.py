@@ -82,6 +82,9 @@ _MIGRATIONS = [
     # was never marked): an identical call meanwhile is told the run is in progress, not held
     # for a new approval. Bounded, so that a replica that died mid-run blocks nothing for long.
     "ALTER TABLE approval_requests ADD COLUMN running_until DOUBLE PRECISION",
+    # The fields each reviewer withheld, as a JSON list: a result released by several reviewers
+    # goes out with every field any of them withheld ('[]' in a row made before: not kept then).
+    "ALTER TABLE approval_answers ADD COLUMN withheld_fields TEXT NOT NULL DEFAULT '[]'",
 ]
 
 KINDS = ("approval", "review")
@@ -124,6 +127,7 @@ class Answer:
     channel: str
     reason: str
     at: float
+    withheld_fields: tuple[str, ...] = ()  # a reviewer's release: these paths masked
 
 
 @dataclass(frozen=True, slots=True)
@@ -226,6 +230,7 @@ class ApprovalRequest:
                     "channel": a.channel,
                     "reason": a.reason,
                     "at": a.at,
+                    "withheld_fields": list(a.withheld_fields),
                 }
                 for a in self.answers
             ],
@@ -462,8 +467,8 @@ class ApprovalStore:
         the CLI, two replicas) cannot both pass a check made before either wrote."""
         rows = self.db.execute(
             "INSERT INTO approval_answers"
-            " (request_id, approver, answer, minutes, channel, reason, at)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?)"
+            " (request_id, approver, answer, minutes, channel, reason, at, withheld_fields)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
             " ON CONFLICT (request_id, approver) DO NOTHING RETURNING request_id",
             (
                 request_id,
@@ -473,6 +478,7 @@ class ApprovalStore:
                 answer.channel,
                 answer.reason,
                 answer.at,
+                json.dumps(list(answer.withheld_fields)),
             ),
         )
         if not rows:
@@ -574,11 +580,11 @@ class ApprovalStore:
 
     def _answers(self, request_id: str) -> tuple[Answer, ...]:
         rows = self.db.execute(
-            "SELECT approver, answer, minutes, channel, reason, at FROM approval_answers"
-            " WHERE request_id = ? ORDER BY at",
+            "SELECT approver, answer, minutes, channel, reason, at, withheld_fields"
+            " FROM approval_answers WHERE request_id = ? ORDER BY at",
             (request_id,),
         )
-        return tuple(Answer(*r) for r in rows)
+        return tuple(Answer(*r[:6], tuple(json.loads(r[6]))) for r in rows)
 
     def _request(self, row: tuple) -> ApprovalRequest:
         request_id = row[0]

@@ -77,12 +77,20 @@ def compile_paths(paths: tuple[str, ...]) -> Paths:
     which stands for the whole value: a mask that names nothing bastion can find fails closed."""
     compiled = []
     for path in paths:
-        keys = tuple(_INDEX.sub(r".\1", path).removeprefix("$").removeprefix(".").split("."))
-        if any(not key or "[" in key or "]" in key for key in keys):
+        keys = path_keys(path)
+        if keys is None:
             log.warning("mask path %r cannot be read: every JSON value under it is withheld", path)
             keys = WHOLE
         compiled.append(keys)
     return tuple(compiled)
+
+
+def path_keys(path: str) -> tuple[str, ...] | None:
+    """``path``'s keys, or None where it cannot be read (`compile_paths`)."""
+    keys = tuple(_INDEX.sub(r".\1", path).removeprefix("$").removeprefix(".").split("."))
+    if any(not key or "[" in key or "]" in key for key in keys):
+        return None
+    return keys
 
 
 def _mask_json(data: dict | list, paths: Paths) -> int | None:
@@ -132,6 +140,84 @@ def _redact(value: Any, path: tuple[str, ...]) -> int:
             value[slot] = MASKED
             count += 1
     return count
+
+
+def json_values(result: Any) -> list[dict | list]:
+    """The JSON objects and lists of an MCP result that `mask_result` masks field by field:
+    ``structuredContent``, and the JSON in the ``text`` of a text block, of an embedded
+    resource, of ``resources/read`` contents and of a prompt's messages. Nothing else of a
+    result is reached by a path (it is kept as it is, or withheld whole)."""
+    if not isinstance(result, dict):
+        return []
+    found: list[dict | list] = []
+
+    def text(value: Any) -> None:
+        if isinstance(value, str):
+            try:
+                data = decode(value)
+            except (ValueError, RecursionError):
+                return
+            if isinstance(data, dict | list):
+                found.append(data)
+
+    def block(value: Any) -> None:
+        if not isinstance(value, dict):
+            return
+        if value.get("type") == "text":
+            text(value.get("text"))
+        elif value.get("type") == "resource" and isinstance(value.get("resource"), dict):
+            text(value["resource"].get("text"))
+
+    def each(key: str) -> list:
+        value = result.get(key)
+        return value if isinstance(value, list) else []
+
+    if isinstance(result.get("structuredContent"), dict | list):
+        found.append(result["structuredContent"])
+    for item in each("content"):
+        block(item)
+    for item in each("contents"):
+        if isinstance(item, dict):
+            text(item.get("text"))
+    for message in each("messages"):
+        if isinstance(message, dict) and message.get("role") in _ROLES:
+            block(message.get("content"))
+    return found
+
+
+def reaches(data: dict | list, path: tuple[str, ...]) -> bool:
+    """Whether the compiled ``path`` names something in ``data`` as `_redact` walks it: a field
+    it masks, or a value it masks whole because the path goes on into what it cannot look into,
+    or an empty list or object, or ``null``, where every key before it is there (nothing to
+    mask there in this value, but the path is right). A key absent where the path names it, an
+    index past the end of a list, or a path that cannot be read (`WHOLE`) reaches nothing."""
+    if not path:
+        return False
+    head, rest = path[0], path[1:]
+    children: list[Any]
+    if isinstance(data, dict):
+        if head == "*":
+            children = list(data.values())
+        elif head in data:
+            children = [data[head]]
+        else:
+            return False
+    elif head == "*":
+        children = list(data)
+    elif head.isdecimal() and int(head) < len(data):
+        children = [data[int(head)]]
+    else:
+        return False
+    if not rest or not children:
+        return True
+    into_lists = rest[0] == "*" or rest[0].isdecimal()
+    for child in children:
+        if isinstance(child, dict) or (into_lists and isinstance(child, list)):
+            if reaches(child, rest):
+                return True
+        else:  # masked whole (text, a number, a list a key names), or holds nothing
+            return True
+    return False
 
 
 # A masker takes a field's value, the mask's paths and the URI the client asked for; it returns

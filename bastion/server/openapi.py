@@ -277,13 +277,14 @@ SCHEMAS: dict[str, Any] = {
         at=_NUM,
     ),
     "ApprovalAnswer": _response(
-        ["approver", "answer", "minutes", "channel", "reason", "at"],
+        ["approver", "answer", "minutes", "channel", "reason", "at", "withheld_fields"],
         approver=_STR,
         answer={"enum": ["approve", "deny"]},
         minutes=_INT,
         channel=_STR,
         reason=_STR,
         at=_NUM,
+        withheld_fields={"type": "array", "items": _STR},
     ),
     "Alert": _response(
         [
@@ -1131,7 +1132,9 @@ PATHS: dict[str, Any] = {
                             "maxLength": approvals_service.MAX_PATH,
                         },
                         "description": "a review only: paths of the result to withhold, such"
-                        ' as "customers.*.email"',
+                        ' as "customers.*.email"; one that matches nothing in the held result'
+                        " as the reviewer may see it, or cannot be read, is refused (422,"
+                        " naming it) and nothing is released",
                     }
                 ),
             ),

@@ -316,7 +316,8 @@ def test_an_approval_for_minutes_is_bounded_by_the_policy_and_stored_as_an_expir
 
 
 def test_a_held_result_is_released_with_fields_withheld_and_takes_no_minutes(bastion):
-    held = bastion.holder.hold(REPORT, kind="review", result={"customers": [{"email": "a@b"}]})
+    result = {"structuredContent": {"customers": [{"email": "a@b"}]}}
+    held = bastion.holder.hold(REPORT, kind="review", result=result)
     with bastion.client() as api:
         r = api.post(f"/v1/approvals/{held.id}/approve", json={"approver": "avery", "minutes": 5})
         assert_problem(r, 403, "takes no minutes")
@@ -329,6 +330,21 @@ def test_a_held_result_is_released_with_fields_withheld_and_takes_no_minutes(bas
     assert (released["kind"], released["status"]) == ("review", "released")
     assert released["withheld_fields"] == ["customers.*.email"]
     assert "result" not in released  # a held result is never shown by the API
+
+
+def test_a_withheld_field_that_matches_nothing_is_refused_naming_it_and_changes_nothing(bastion):
+    """A mistyped field to withhold: before, the result was released (200) with the mistyped
+    path withholding nothing; now a 422 names the path, and the review stays pending."""
+    result = {"structuredContent": {"customers": [{"email": "ada@example.com"}]}}
+    held = bastion.holder.hold(REPORT, kind="review", result=result)
+    with bastion.client() as api:
+        r = api.post(
+            f"/v1/approvals/{held.id}/approve",
+            json={"approver": "avery", "withheld_fields": ["customers.*.email", "customers.*.emial"]},
+        )
+    body = assert_problem(r, 422, "'customers.*.emial' matches nothing", "nothing was released")
+    assert "'customers.*.email'" not in body["detail"]
+    unchanged(bastion, held.id)
 
 
 def test_a_reviewer_sees_the_held_result_masked_for_them_and_nobody_else_sees_it(bastion):

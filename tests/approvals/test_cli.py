@@ -245,7 +245,9 @@ def test_an_approval_for_minutes_is_bounded_by_the_policy_and_stored_as_a_fact(d
 
 
 def test_a_held_result_is_released_with_fields_withheld(deployment, bastion):
-    held = deployment.holder.hold(REPORT, kind="review", result={"customers": [{"email": "x"}]})
+    held = deployment.holder.hold(
+        REPORT, kind="review", result={"structuredContent": {"customers": [{"email": "x"}]}}
+    )
     code, out, _ = bastion(
         "approvals", "approve", held.id, "--as", "avery", "--withhold", "customers.*.email"
     )
@@ -254,6 +256,23 @@ def test_a_held_result_is_released_with_fields_withheld(deployment, bastion):
     _, out, _ = bastion("approvals", "show", held.id)
     assert "released with withheld fields: customers.*.email" in out
     assert "email" not in out.split("answers:")[0].split("arguments:")[1].split("why:")[0]
+
+
+def test_a_withheld_field_that_matches_nothing_is_refused_naming_it_and_nothing_released(
+    deployment, bastion
+):
+    """A mistyped field to withhold: before, the result was released with it withholding
+    nothing (the emails went out); now the command says which path matches nothing, exits 2,
+    and the review stays pending."""
+    result = {"structuredContent": {"customers": [{"email": "ada@example.com"}]}}
+    held = deployment.holder.hold(REPORT, kind="review", result=result)
+    code, out, err = bastion(
+        "approvals", "approve", held.id, "--as", "avery", "--withhold", "customers.*.emial"
+    )
+    assert code == 2 and out == ""
+    assert "'customers.*.emial' matches nothing in the held result" in err
+    after = deployment.holder.approvals.get(held.id)
+    assert after.status == "pending" and after.answers == ()
 
 
 def test_show_as_a_reviewer_prints_the_held_result_masked_for_them(deployment, bastion):

@@ -1559,3 +1559,101 @@ def test_an_approval_checked_before_its_expiry_is_not_spent_after_it(world):
     assert [e.kind for e in approvals.audit.events(request_id=request.id)].count(
         "approval.used"
     ) == 0
+
+
+# -- fields withheld on release ------------------------------------------------------------------
+
+CUSTOMERS = {
+    "customers": [{"name": "Ada", "email": "ada@example.com", "card": {"number": "4111"}}],
+    "invoices": [],
+}
+HELD_REPORT = {
+    "content": [{"type": "text", "text": '{"customers": [{"name": "Ada"}]}'}],
+    "structuredContent": CUSTOMERS,
+}
+
+
+@pytest.mark.parametrize(
+    ("path", "says"),
+    [
+        ("customers.*.emial", "matches nothing"),  # a typo of the last key
+        ("customer.*.email", "matches nothing"),  # a typo of the first key
+        ("customers.3.email", "matches nothing"),  # past the end of the list
+        ("customers.*.card.numbr", "matches nothing"),  # a typo under an object
+        ("content.0.text", "matches nothing"),  # MCP's own fields are not the result's JSON
+        ("$..email", "cannot be read"),  # JSONPath's descent: bastion reads no such path
+    ],
+)
+def test_a_withheld_field_that_matches_nothing_in_the_held_result_is_refused_unreleased(
+    world, path, says
+):
+    """A reviewer who mistypes a field to withhold is told so, naming it, and nothing is
+    released: before, the mistyped path withheld nothing and the result went out whole."""
+    approvals, *_ = world
+    request = reviewed(approvals, send, HELD_REPORT)
+    with pytest.raises(NotAllowed, match=says) as refused:
+        approvals.answer(
+            request.id,
+            "avery",
+            "approve",
+            channel="api",
+            withheld_fields=("customers.*.name", path),
+        )
+    assert repr(path) in str(refused.value)
+    after = approvals.get(request.id)
+    assert after.status == "pending" and after.answers == () and after.withheld_fields == ()
+    assert approvals.held_result(after) == HELD_REPORT
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "customers.*.email",
+        "$.customers[*].email",  # the JSONPath spelling of the same path
+        "customers.0.card",
+        "customers.*.email.domain",  # into text: the email is masked whole
+        "invoices.*.amount",  # an empty list: nothing in it to withhold, in this result
+        "invoices",
+    ],
+)
+def test_a_withheld_field_that_reaches_the_held_result_is_taken(world, path):
+    approvals, *_ = world
+    request = reviewed(approvals, send, HELD_REPORT)
+    answered = approvals.answer(
+        request.id, "avery", "approve", channel="api", withheld_fields=(path,)
+    )
+    assert (answered.status, answered.withheld_fields) == ("released", (path,))
+
+
+def test_a_withheld_field_is_matched_against_what_the_reviewer_sees_so_it_tells_nothing_masked(
+    world,
+):
+    """avery reviews the odd wire's results with their emails masked: a path under an email is
+    taken whether or not the hidden value holds it, so a reviewer cannot learn what is masked
+    for them by which paths are refused."""
+    approvals, *_ = world
+    hidden = {"structuredContent": {"customers": [{"email": {"private": "ada@example.com"}}]}}
+    for path in ("customers.*.email.private", "customers.*.email.anything"):
+        request = reviewed(approvals, odd, hidden)
+        assert approvals.reviewer_masks(request, "avery") == ("customers.*.email",)
+        answered = approvals.answer(
+            request.id, "avery", "approve", channel="api", withheld_fields=(path,)
+        )
+        assert answered.status == "released"
+
+
+def test_with_two_reviewers_required_what_each_withholds_is_withheld_on_release(world):
+    """A wire's result needs two reviewers: the first withholds the emails, the second releases
+    it as it is. Before, only the deciding answer's fields were kept: the emails went out."""
+    approvals, *_ = world
+    request = reviewed(approvals, wire, HELD_REPORT)
+    assert request.required == 2
+    first = approvals.answer(
+        request.id, "avery", "approve", channel="page", withheld_fields=("customers.*.email",)
+    )
+    assert first.status == "pending"
+    second = approvals.answer(
+        request.id, "cfo", "approve", channel="api", withheld_fields=("customers.*.card",)
+    )
+    assert second.status == "released"
+    assert second.withheld_fields == ("customers.*.card", "customers.*.email")

@@ -24,6 +24,7 @@ from bastion.approvals.service import (
     NotAllowed,
     Unavailable,
     UnknownRequest,
+    UnmatchedField,
     answer_problem,
 )
 from bastion.approvals.store import MAX_LIST as MAX_PAGE
@@ -204,6 +205,8 @@ async def _answer(request: Request, answer: str) -> JSONResponse:
         answered = await _decided(approvals, run)
     except UnknownRequest:
         raise _unknown(request_id) from None
+    except UnmatchedField as e:
+        raise unprocessable(f"withheld_fields: {e}") from None
     except NotAllowed as e:
         raise Problem(403, "Not allowed", str(e)) from None
     return JSONResponse(answered.summary())
