@@ -26,9 +26,17 @@ from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 from starlette.routing import Route
 
-from bastion.approvals.service import Approvals, NotAllowed, Unavailable, UnknownRequest
+from bastion.approvals.service import (
+    Approvals,
+    NotAllowed,
+    Unavailable,
+    UnknownRequest,
+    UnmatchedField,
+)
 from bastion.approvals.store import OPEN, ApprovalRequest
 from bastion.db import DatabaseUnavailable
+from bastion.decide.mcp import DECIDED_AS
+from bastion.facts.model import Entity
 from bastion.names import readable, readable_json
 from bastion.oauth import pages
 from bastion.oauth.sign_in import SESSION_COOKIE, read_cookie, sign_in_url, signed_in_as
@@ -169,9 +177,15 @@ class ApprovalPages:
         return _Shown(found, person, refusal, involved, client, result)
 
     def _page(
-        self, shown: _Shown, session: str, message: str | None = None, status: int | None = None
+        self,
+        shown: _Shown,
+        session: str,
+        message: str | None = None,
+        status: int | None = None,
+        typed: dict[str, str] | None = None,
     ) -> Response:
-        """In a worker thread: the page of a request (a held result in it can be large)."""
+        """In a worker thread: the page of a request (a held result in it can be large).
+        ``typed``: what the person typed in the form whose answer was refused, shown again."""
         request = shown.request
         if status is None:
             # Who may not answer gets 403; who answered already, or took part in a request that
@@ -187,6 +201,7 @@ class ApprovalPages:
                 f"{self.prefix}/{quote(request.id, safe='')}",
                 self._csrf_token(session, request.id),
                 shown.result,
+                typed or {},
             )
         signed_in = signed_in_as(self.oauth, session, shown.person)
         return _request_page(shown, self.approvals.clock(), signed_in, form, message, status)
@@ -211,22 +226,19 @@ class ApprovalPages:
             if shown.refusal is not None:
                 message = f"Your answer was not taken: {shown.refusal}."
                 return await run_in_threadpool(self._page, shown, session, message, 403)
+            # A refused answer's page keeps what was typed, to correct rather than type again.
+            typed = {name: str(form.get(name, "")) for name in ("withheld", "reason")}
             try:
                 given = _read_answer(form, shown.request)
+                outcome = await run_in_threadpool(self._answered, request_id, person, given)
             except _Refused as refused:
-                shown = await run_in_threadpool(self._shown, request_id, person)
-                if shown is None:
-                    return _not_found()
-                return await run_in_threadpool(
-                    self._page, shown, session, refused.message, refused.status
-                )
-            outcome = await run_in_threadpool(self._answered, request_id, person, given)
+                outcome = refused
             if isinstance(outcome, _Refused):
                 shown = await run_in_threadpool(self._shown, request_id, person)
                 if shown is None:
                     return _not_found()
                 return await run_in_threadpool(
-                    self._page, shown, session, outcome.message, outcome.status
+                    self._page, shown, session, outcome.message, outcome.status, typed
                 )
         except (DatabaseUnavailable, Unavailable):
             return _unavailable()
@@ -244,6 +256,8 @@ class ApprovalPages:
                 reason=given.reason,
                 withheld_fields=given.withheld,
             )
+        except UnmatchedField as e:
+            return _Refused(f"Nothing was answered: {e}.", 422)
         except NotAllowed as e:
             return _Refused(f"Your answer was not taken: {e}.", 403)
         except UnknownRequest:
@@ -470,17 +484,23 @@ def _answers(request: ApprovalRequest) -> str:
     )
 
 
-def _answer_form(request: ApprovalRequest, action: str, csrf_token: str, result: Any) -> str:
+def _answer_form(
+    request: ApprovalRequest, action: str, csrf_token: str, result: Any, typed: dict[str, str]
+) -> str:
     head = (
         f"<form method=post action='{escape(action, quote=True)}'>"
         f"<input type=hidden name=csrf_token value='{escape(csrf_token, quote=True)}'>"
     )
-    reason = "<label for=reason>Reason (optional)</label><input id=reason name=reason>"
+    reason = (
+        "<label for=reason>Reason (optional)</label><input id=reason name=reason"
+        f" value='{escape(typed.get('reason', ''), quote=True)}'>"
+    )
     if request.kind == "review":
         return (
             f"{head}<label for=withheld>Fields to withhold (mask paths such as"
             " <code>customers.*.email</code>, separated by commas or spaces)</label>"
-            f"<input id=withheld name=withheld>{reason}"
+            f"<input id=withheld name=withheld"
+            f" value='{escape(typed.get('withheld', ''), quote=True)}'>{reason}"
             "<button type=submit name=answer value=release>Release</button>"
             "<button type=submit name=answer value=release_withheld>Release with these fields"
             " withheld</button>"
@@ -493,7 +513,7 @@ def _answer_form(request: ApprovalRequest, action: str, csrf_token: str, result:
             "<fieldset><legend>Approve</legend>"
             "<label><input type=radio name=duration value=once checked> this call only</label>"
             "<div><label class=inline><input type=radio name=duration value=minutes>"
-            " this tool, any arguments, for</label> <input aria-label=Minutes name=minutes"
+            f" {_granted(request)}, for</label> <input aria-label=Minutes name=minutes"
             f" type=number min=1 max={window} value={min(window, 15)}> minutes (at most"
             f" {window})</div></fieldset>"
         )
@@ -501,6 +521,19 @@ def _answer_form(request: ApprovalRequest, action: str, csrf_token: str, result:
         f"{head}{duration}{reason}"
         "<button type=submit name=answer value=approve>Approve</button>"
         "<button type=submit name=answer value=deny>Deny</button></form>"
+    )
+
+
+def _granted(request: ApprovalRequest) -> str:
+    """What an approval for minutes lets through, as the grant says it (`approval_grant(user,
+    agent, action, target)`): the action and target as the policy sees them, for this user
+    through this agent, with any arguments, and the MCP requests decided so."""
+    resource = Entity.parse(request.target)
+    requests = DECIDED_AS.get(resource.type)
+    return (
+        f"any <code>{pages.shown(request.action)}</code> of <code>{pages.shown(request.target)}"
+        f"</code> by <strong>{pages.shown(request.subject)}</strong> through this agent, with"
+        " any arguments" + (f" ({escape(requests)})" if requests else "")
     )
 
 

@@ -8,6 +8,16 @@ from bastion.facts.model import Entity
 
 # A message on each entity: connect to the server, call a tool, read a resource, get a prompt.
 MESSAGE_ACTIONS = {"McpServer": "connect", "Tool": "call", "McpResource": "read", "Prompt": "get"}
+# The client's requests decided as that action on each entity (`message_action`), as people read
+# them: what a grant of that action on that entity (an approval for minutes) lets through.
+DECIDED_AS = {
+    "McpServer": "every request to the server",
+    "Tool": "tools/call",
+    "McpResource": (
+        "resources/read, resources/subscribe, and completion/complete of its template's arguments"
+    ),
+    "Prompt": "prompts/get, and completion/complete of its arguments",
+}
 # The requests an upstream may send a client, and the capability the client must have declared.
 # Each is decided as the action its method names, on the upstream's ``McpServer``.
 CLIENT_REQUESTS = {

@@ -54,6 +54,10 @@ requires_approval(_user: User, "call", Tool{"desk/wire"});
 approver(boss: User, user: User, "call", Tool{"desk/wire"}) if manager(user, boss);
 approver(User{"cfo"}, _user: User, "call", Tool{"desk/wire"});
 approvals_required(_user: User, "call", Tool{"desk/wire"}, 2);
+# sam's manager approves getting the summary prompt (completing its arguments is getting it).
+requires_approval(_user: User, "get", Prompt{"desk/summary"});
+approver(boss: User, user: User, "get", Prompt{"desk/summary"}) if manager(user, boss);
+approval_window(_user: User, "get", Prompt{"desk/summary"}, 30);
 """
 )
 FACTS = ['manager(User{"sam"}, User{"avery"})']
@@ -287,7 +291,7 @@ def test_approve_for_minutes_gives_a_grant_that_expires(bastion: Running, tab: T
     page = tab.page
     open_signed_in(tab, bastion, request, "avery")
     assert page.get_by_text("minutes (at most 30)").is_visible()
-    page.get_by_label("this tool, any arguments, for").check()
+    page.get_by_label('any call of Tool{"desk/send_email"}').check()
     page.get_by_label("Minutes").fill("10")
     assert press(tab, "Approve") == 200
     answered = bastion.get(request.id)
@@ -299,6 +303,35 @@ def test_approve_for_minutes_gives_a_grant_that_expires(bastion: Running, tab: T
         for g in grants
     )
     assert "approved for 10 minutes" in text_of(page)
+
+
+def test_approval_for_minutes_says_the_action_and_target_it_covers_as_the_policy_sees_them(
+    bastion: Running, tab: Tab
+):
+    """A prompt's completion is decided as ``get`` of the prompt: a grant for minutes covers
+    ``prompts/get`` of it too, with any arguments. Before, the page offered "this tool, any
+    arguments" (it is no tool, and its other requests were not named)."""
+    call = Call(
+        "approval",
+        "sam",
+        bastion.agent,
+        "desk",
+        "completion/complete",
+        "get",
+        Entity("Prompt", "desk/summary"),
+        {"argument": {"name": "customer", "value": "A"}, "context": None},
+        uuid.uuid4().hex,
+    )
+    rule = 'requires_approval(User{"sam"}, "get", Prompt{"desk/summary"})'
+    request = bastion.approvals.hold(call, uuid.uuid4().hex, (rule,), {}, None)
+    page = tab.page
+    open_signed_in(tab, bastion, request, "avery")
+    option = " ".join(page.locator("label:has(input[value=minutes])").inner_text().split())
+    assert "tool" not in option
+    assert option == (
+        'any get of Prompt{"desk/summary"} by sam through this agent, with any arguments'
+        " (prompts/get, and completion/complete of its arguments), for"
+    )
 
 
 def test_minutes_past_the_policys_window_are_refused_and_change_nothing(bastion: Running):
@@ -734,6 +767,36 @@ def test_review_release_with_a_withheld_field(bastion: Running, tab: Tab, tmp_pa
     assert released.status == "released"
     assert released.withheld_fields == ("customers.*.email", "customers.*.name")
     assert page.locator("#status").inner_text() == "released"
+
+
+def test_a_mistyped_field_to_withhold_is_refused_naming_it_and_the_form_keeps_what_was_typed(
+    bastion: Running, tab: Tab
+):
+    """Before, ``customers.*.emial`` withheld nothing and the result was released with the
+    emails (303, released); now the page says which path matches nothing, keeps the fields and
+    the reason as typed, and nothing is released."""
+    request = hold(bastion, resource=NOTES, kind="review", result=HELD_RESULT)
+    page = tab.page
+    assert open_signed_in(tab, bastion, request, "avery") == 200
+    page.get_by_label("Fields to withhold").fill("customers.*.name customers.*.emial")
+    page.get_by_label("Reason (optional)").fill("no emails")
+    assert press(tab, "Release with these fields withheld") == 422
+    alert = page.get_by_role("alert").inner_text()
+    assert "'customers.*.emial' matches nothing" in alert and "nothing was released" in alert
+    assert "'customers.*.name'" not in alert
+    assert page.get_by_label("Fields to withhold").input_value() == (
+        "customers.*.name customers.*.emial"
+    )
+    assert page.get_by_label("Reason (optional)").input_value() == "no emails"
+    after = bastion.get(request.id)
+    assert after.status == "pending" and after.answers == ()
+    # Corrected, it is taken.
+    page.get_by_label("Fields to withhold").fill("customers.*.name customers.*.email")
+    assert press(tab, "Release with these fields withheld") == 200
+    released = bastion.get(request.id)
+    assert released.status == "released"
+    assert released.withheld_fields == ("customers.*.email", "customers.*.name")
+    assert released.answers[0].reason == "no emails"
 
 
 def test_review_withheld(bastion: Running, tab: Tab):
