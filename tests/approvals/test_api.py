@@ -340,7 +340,10 @@ def test_a_withheld_field_that_matches_nothing_is_refused_naming_it_and_changes_
     with bastion.client() as api:
         r = api.post(
             f"/v1/approvals/{held.id}/approve",
-            json={"approver": "avery", "withheld_fields": ["customers.*.email", "customers.*.emial"]},
+            json={
+                "approver": "avery",
+                "withheld_fields": ["customers.*.email", "customers.*.emial"],
+            },
         )
     body = assert_problem(r, 422, "'customers.*.emial' matches nothing", "nothing was released")
     assert "'customers.*.email'" not in body["detail"]
