@@ -30,6 +30,7 @@ from bastion.approvals.settings import ApprovalSettings
 from bastion.approvals.store import OPEN, Answer, ApprovalRequest, ApprovalStore
 from bastion.audit.log import AuditLog
 from bastion.decide import Authorizer, Session
+from bastion.decide.contract import path_keys
 from bastion.facts.model import Entity
 from bastion.facts.store import FactStore, StoredFact, check_storable
 from bastion.names import is_name, readable
@@ -632,7 +633,7 @@ class Approvals:
         refused, while a key whose list is empty here is taken (nothing there to withhold).
         Matched against the reviewer's view, not the held result, so that which paths are
         refused tells nothing of what the policy masks for them."""
-        from bastion.gateway.masks import json_values, path_keys, reaches
+        from bastion.gateway.masks import json_values, reaches
 
         values = json_values(self.review_view(request, person))
         problems = []

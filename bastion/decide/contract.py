@@ -55,6 +55,7 @@ with the policy (`bastion.decide.authorizer.CONTRACT_SHAPES`), never while servi
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -63,7 +64,9 @@ from typing import Any, Generic, TypeVar
 
 from bastion.decide.authorizer import Authorizer, Session
 from bastion.facts.model import Entity
-from bastion.policy.errors import EvaluationLimit
+from bastion.policy.ast import Const
+from bastion.policy.errors import Diagnostic, EvaluationLimit
+from bastion.policy.program import Program
 from bastion.policy.runtime import ReadContext
 from bastion.signals.read_only import read_only_holds, refuses_write
 from bastion.signals.step_up import ERROR as SIGN_IN_AGAIN
@@ -696,3 +699,45 @@ def _alerts(s, chain: tuple[Entity, ...]) -> tuple[tuple[Entity, str, str], ...]
                 )
             )
     return tuple(found)
+
+
+# ``items[0]``, ``items[*]``: JSONPath's spellings of ``items.0``, ``items.*``.
+_INDEX = re.compile(r"\[(\*|\d+)\]")
+
+
+def path_keys(path: str) -> tuple[str, ...] | None:
+    """The keys of a ``mask`` path (dot-separated keys, ``*`` for every element of a list or key
+    of an object; ``$.customers[*].email`` is ``customers.*.email``), or None where it cannot be
+    read: empty, ``$``, ``$..x``, a quoted key, an empty key (`bastion.gateway.masks` then
+    withholds every JSON value of the result whole)."""
+    keys = tuple(_INDEX.sub(r".\1", path).removeprefix("$").removeprefix(".").split("."))
+    if any(not key or "[" in key or "]" in key for key in keys):
+        return None
+    return keys
+
+
+def mask_path_warnings(program: Program) -> list[Diagnostic]:
+    """A warning for each ``mask`` rule whose path, written in its head, cannot be read (or is
+    not a string): under it every JSON value of a result is withheld whole, which is safe but
+    surely not what its author meant. Warnings only: such a policy loads as it always did. A
+    path that names a key no result has cannot be told from the policy alone."""
+    found = []
+    for clause in program.clauses.get(("mask", 4), ()):
+        path = clause.head[3]
+        if not isinstance(path, Const):
+            continue
+        if not isinstance(path.value, str):
+            message = (
+                f"a mask path is a string, not {path.value!r}: every JSON value of a result it"
+                " applies to is withheld whole"
+            )
+        elif path_keys(path.value) is None:
+            message = (
+                f"the mask path {path.value!r} cannot be read (keys separated by dots, * for"
+                " every element or key, as customers.*.email): every JSON value of a result it"
+                " applies to is withheld whole"
+            )
+        else:
+            continue
+        found.append(Diagnostic(path.location, message, "warning"))
+    return found

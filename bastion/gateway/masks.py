@@ -35,6 +35,7 @@ import re
 from collections.abc import Callable
 from typing import Any
 
+from bastion.decide.contract import path_keys
 from bastion.gateway.jsonrpc import LOG_LEVELS
 from bastion.json_encoding import decode, encoder
 
@@ -51,7 +52,6 @@ WITHHELD_URI = "bastion:withheld"
 
 Paths = tuple[tuple[str, ...], ...]
 
-_INDEX = re.compile(r"\[(\*|\d+)\]")
 # Tuples, not sets: what they are asked about is the upstream's JSON, and a list or an object
 # asked of a set is a TypeError (unhashable); a tuple compares it.
 _ROLES = ("user", "assistant")
@@ -83,14 +83,6 @@ def compile_paths(paths: tuple[str, ...]) -> Paths:
             keys = WHOLE
         compiled.append(keys)
     return tuple(compiled)
-
-
-def path_keys(path: str) -> tuple[str, ...] | None:
-    """``path``'s keys, or None where it cannot be read (`compile_paths`)."""
-    keys = tuple(_INDEX.sub(r".\1", path).removeprefix("$").removeprefix(".").split("."))
-    if any(not key or "[" in key or "]" in key for key in keys):
-        return None
-    return keys
 
 
 def _mask_json(data: dict | list, paths: Paths) -> int | None:

@@ -49,6 +49,25 @@ def test_check_reports_errors_with_locations_and_exits_nonzero(tmp_path):
     assert ok.returncode == 0 and ok.stdout.startswith("ok: 1 file(s)")
 
 
+def test_check_warns_of_a_mask_path_that_cannot_be_read_and_still_loads_the_policy(tmp_path):
+    """A mask path bastion cannot read withholds every JSON value of the results it applies to
+    (fail closed, logged only when a call meets it): the author hears of it from check, with its
+    place, and the policy still loads as it did."""
+    policy = tmp_path / "masks.polar"
+    policy.write_text(
+        "actor User {}\nresource Tool {}\n"
+        'mask(_u: User, "call", Tool{"crm/report"}, "customers.*.email");\n'
+        'mask(_u: User, "call", Tool{"crm/report"}, "$..email");\n'
+        'mask(_u: User, "call", Tool{"crm/report"}, 7);\n'
+    )
+    result = bastion("policy", "check", str(policy))
+    assert result.returncode == 0, result.stderr
+    assert f"{policy}:4:44: warning: the mask path '$..email' cannot be read" in result.stderr
+    assert f"{policy}:5:44: warning: a mask path is a string, not 7" in result.stderr
+    assert result.stderr.count(": warning: ") == 2  # none for the path that can be read
+    assert result.stdout.rstrip().endswith("2 warning(s)")
+
+
 def test_explain_one_decision_from_a_facts_file():
     result = bastion(
         "policy",
