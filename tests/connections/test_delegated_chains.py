@@ -31,15 +31,17 @@ import httpx
 import pytest
 
 from bastion.agents import identity
-from bastion.db import Database
 from bastion.oauth import registration
-from bastion.oauth.store import OAuthStore
 from bastion.oauth.users import create_user
 from bastion.policy.parser import parse_fact
 from bastion.server.app import create_app
 from bastion.server.config import ServerConfig
 from tests.conftest import postgres_schema
-from tests.connections.test_upstream_connections import JwtVerifier, upstream_app
+from tests.connections.test_upstream_connections import (
+    JwtVerifier,
+    upstream_app,
+    upstream_issuer,
+)
 from tests.delegation.support import claims
 from tests.gateway.streams import legacy_session, messages, modern_headers, modern_request
 from tests.gateway.support import (
@@ -120,26 +122,8 @@ def _lab(tmp, database: str):
     one_url = f"http://127.0.0.1:{one_sock.getsockname()[1]}/one"
     two_url = f"http://127.0.0.1:{two_sock.getsockname()[1]}/two"
     upstream_url = f"http://127.0.0.1:{up_sock.getsockname()[1]}/mcp"
-    two_port = two_sock.getsockname()[1]
-    two_sock.close()
-    (tmp / "two.toml").write_text(
-        f"""[server]
-host = "127.0.0.1"
-port = {two_port}
-database = "{tmp / "two.db"}"
-policy_file = "{policy}"
-
-[oauth]
-issuer = "{two_url}"
-key_dir = "{tmp / "two-keys"}"
-resources = [{{ uri = "{upstream_url}", scopes = ["issues:read"] }}]
-open_registration = {{ max_per_address = 1000 }}
-"""
-    )
-    db = Database(str(tmp / "two.db"))
-    for name in ("alice", "bob", "carol"):
-        create_user(OAuthStore(db), name, PASSWORD, time.time(), actor="test")
-    db.close()
+    users = ("alice", "bob", "carol")
+    upstream_issuer(tmp, policy, two_sock, two_url, upstream_url, users, PASSWORD)
     origin = one_url.removesuffix("/one")
     config = ServerConfig(
         database=database,

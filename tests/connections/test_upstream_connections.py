@@ -18,10 +18,12 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import socket
 import sqlite3
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AsyncExitStack
+from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 import anyio
@@ -166,6 +168,40 @@ def upstream_app(checks: JwtVerifier, seen: list[dict]):
     return server.streamable_http_app(streamable_http_path="/mcp")
 
 
+def upstream_issuer(
+    tmp: Path,
+    policy: Path,
+    sock: socket.socket,
+    issuer: str,
+    upstream_url: str,
+    users: tuple[str, ...],
+    password: str = PASSWORD,
+) -> None:
+    """The configuration (``two.toml``) of the upstream's authorization server, a `bastion serve`
+    of its own on ``sock``'s port (let go of here, for that process to take), and its ``users``
+    with ``password``."""
+    port = sock.getsockname()[1]
+    sock.close()
+    (tmp / "two.toml").write_text(
+        f"""[server]
+host = "127.0.0.1"
+port = {port}
+database = "{tmp / "two.db"}"
+policy_file = "{policy}"
+
+[oauth]
+issuer = "{issuer}"
+key_dir = "{tmp / "two-keys"}"
+resources = [{{ uri = "{upstream_url}", scopes = ["issues:read"] }}]
+open_registration = {{ max_per_address = 1000 }}
+"""
+    )
+    db = Database(str(tmp / "two.db"))
+    for name in users:
+        create_user(OAuthStore(db), name, password, time.time(), actor="test")
+    db.close()
+
+
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory):
     yield from _lab(tmp_path_factory)
@@ -183,26 +219,7 @@ def _lab(tmp_path_factory):
     two_url = f"http://127.0.0.1:{two_sock.getsockname()[1]}/two"
     upstream_url = f"http://127.0.0.1:{up_sock.getsockname()[1]}/mcp"
     # The upstream's authorization server: `bastion serve`, a process of its own.
-    two_port = two_sock.getsockname()[1]
-    two_sock.close()
-    (tmp / "two.toml").write_text(
-        f"""[server]
-host = "127.0.0.1"
-port = {two_port}
-database = "{tmp / "two.db"}"
-policy_file = "{policy}"
-
-[oauth]
-issuer = "{two_url}"
-key_dir = "{tmp / "two-keys"}"
-resources = [{{ uri = "{upstream_url}", scopes = ["issues:read"] }}]
-open_registration = {{ max_per_address = 1000 }}
-"""
-    )
-    db = Database(str(tmp / "two.db"))
-    for name in ("alice", "bob"):
-        create_user(OAuthStore(db), name, PASSWORD, time.time(), actor="test")
-    db.close()
+    upstream_issuer(tmp, policy, two_sock, two_url, upstream_url, ("alice", "bob"))
     origin = one_url.removesuffix("/one")
     one = create_app(
         ServerConfig(

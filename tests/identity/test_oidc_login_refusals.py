@@ -40,6 +40,21 @@ SECRETS = {
 }
 
 
+def by_email(idp) -> dict:
+    """An ``[identity]`` table of one provider, ``e``, naming its users by their email."""
+    return {
+        "providers": [
+            {
+                "id": "e",
+                "issuer": idp.issuer("e"),
+                "client_id": "bastion-e",
+                "client_secret": SECRETS["bastion-e"],
+                "user_claim": "email",
+            }
+        ]
+    }
+
+
 def _b64(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
@@ -822,17 +837,7 @@ def test_accounts_bound_before_an_upgrade_stay_bound_on_either_database(
             )
     finally:
         old.close()
-    identity = {
-        "providers": [
-            {
-                "id": "e",
-                "issuer": idp.issuer("e"),
-                "client_id": "bastion-e",
-                "client_secret": SECRETS["bastion-e"],
-                "user_claim": "email",
-            }
-        ]
-    }
+    identity = by_email(idp)
     with bastion_with_providers(
         database_url, str(tmp_path / "keys"), free_socket(), identity
     ) as bastion:
@@ -877,17 +882,7 @@ def test_two_first_logins_at_once_on_two_replicas_bind_the_user_to_one_sub(
 
     import psycopg
 
-    identity = {
-        "providers": [
-            {
-                "id": "e",
-                "issuer": idp.issuer("e"),
-                "client_id": "bastion-e",
-                "client_secret": SECRETS["bastion-e"],
-                "user_claim": "email",
-            }
-        ]
-    }
+    identity = by_email(idp)
     email = "shared@corp.example"
     with (
         bastion_with_providers(postgres_url, str(tmp_path / "k1"), free_socket(), identity) as one,
