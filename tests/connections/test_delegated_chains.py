@@ -37,6 +37,7 @@ from bastion.policy.parser import parse_fact
 from bastion.server.app import create_app
 from bastion.server.config import ServerConfig
 from tests.conftest import postgres_schema
+from tests.connections.test_upstream_connections import POLICY as CONNECTIONS_POLICY
 from tests.connections.test_upstream_connections import (
     JwtVerifier,
     upstream_app,
@@ -59,22 +60,17 @@ PASSWORD = "delegated-connections-password"
 EXCHANGE = "urn:ietf:params:oauth:grant-type:token-exchange"
 ACCESS_TOKEN = "urn:ietf:params:oauth:token-type:access_token"
 URL_ELICITATION = {"elicitation": {"url": {}}}
-POLICY = """
-actor User {}
-actor Agent {}
-resource McpServer {}
-resource Tool {}
-allow(_user: User, _action: String, _server: McpServer);
-allow(_agent: Agent, _action: String, _server: McpServer);
-allow(_user: User, _action: String, _tool: Tool);
-allow(_agent: Agent, _action: String, _tool: Tool);
-
+# The connection tests' policy, and delegation between agents.
+POLICY = (
+    CONNECTIONS_POLICY
+    + """
 may_delegate(from: Agent, to: Agent, server: McpServer) if
   has_role(from, "delegator", server) and
   has_role(to, "helper", server);
 delegated_scope(_user: User, _from: Agent, _to: Agent, _server: McpServer, _scope: String);
 deny(agent: Agent, "call", _tool: Tool) if has_role(agent, "barred", McpServer{"tracker"});
 """
+)
 
 
 class Agent:
