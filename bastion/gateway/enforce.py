@@ -72,7 +72,7 @@ from bastion.signals.read_only import MEANING as READ_ONLY_MEANING
 from bastion.signals.read_only import read_only_holds
 from bastion.signals.shadow import Shadow
 from bastion.signals.step_up import ERROR as SIGN_IN_AGAIN
-from bastion.signals.suspensions import Suspensions, token_principals
+from bastion.signals.suspensions import Suspensions, has_person, token_principals
 
 log = logging.getLogger("bastion.gateway")
 
@@ -455,7 +455,7 @@ class Enforcer:
                 log.exception("the approval store cannot be written: call refused")
                 result, reason, linked = "deny", "approval_unavailable", None
         # Read before this message is counted (`_record`): the figures the decision saw.
-        behaving = self._behavior_alerts(context)
+        behaving = self._behavior_alerts(caller, context)
         record = self._record(
             authz,
             decision_id,
@@ -693,18 +693,26 @@ class Enforcer:
         meaning = nobody.meaning if nobody is not None else None
         raise refused(target, decision_id, reason, meaning, **extra)
 
-    def _behavior_alerts(self, context: dict[str, Any]) -> list[tuple[str, str, dict]]:
-        """The built-in alerts the calling agent's behaviour figures call for (none without
+    def _behavior_alerts(
+        self, caller: Caller, context: dict[str, Any]
+    ) -> list[tuple[Entity, str, str, dict]]:
+        """The built-in alerts the caller's behaviour figures call for, each with the principal
+        it is raised for: the calling agent, or the user its figures add up to (none without
         alerts or counters; counters that cannot be read raise nothing: the decision took care
         of itself)."""
         behavior = context.get("behavior")
         if self.alerts is None or not isinstance(behavior, BehaviorView):
             return []
         destructive = (context.get("annotations") or {}).get("destructiveHint") is True
+        principals = caller.principals
         try:
-            return self.alerts.behavior_alerts(behavior, destructive)
+            raised = self.alerts.behavior_alerts(
+                behavior, destructive, person=has_person(principals)
+            )
         except BehaviorUnavailable:
             return []
+        by_scope = {"agent": principals[-1], "user": principals[0]}
+        return [(by_scope[scope], name, severity, more) for scope, name, severity, more in raised]
 
     async def _raise_alerts(
         self,
@@ -714,7 +722,7 @@ class Enforcer:
         result: str,
         reason: str,
         record: dict[str, Any],
-        behaving: list[tuple[str, str, dict]],
+        behaving: list[tuple[Entity, str, str, dict]],
     ) -> None:
         """The decision's ``alert`` rules, the built-in ``behaving`` alerts, and a refusal
         counted towards a refusal burst (`decide` calls it when there is one of them)."""
@@ -727,10 +735,10 @@ class Enforcer:
             "result": result,
             "reason": reason,
         }
-        agent = caller.principals[-1]
         raisings = [(name, severity, principal, detail) for principal, name, severity in raised]
         raisings += [
-            (name, severity, agent, {**detail, **more}) for name, severity, more in behaving
+            (name, severity, principal, {**detail, **more})
+            for principal, name, severity, more in behaving
         ]
         if result == "deny":
             for principal in caller.principals:

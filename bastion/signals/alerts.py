@@ -756,29 +756,46 @@ class Alerts:
         )
 
     def behavior_alerts(
-        self, behavior: BehaviorView, destructive: bool
-    ) -> list[tuple[str, str, dict[str, Any]]]:
-        """The built-in alerts the calling agent's behaviour figures (``context.behavior`` as
-        the decision saw them, before this message) call for: (name, severity, detail).
-        Reads no more figures than the enabled ones need, through the view, so the decision
-        record shows the figures that raised an alert; a `BehaviorUnavailable` propagates."""
+        self, behavior: BehaviorView, destructive: bool, person: bool = True
+    ) -> list[tuple[str, str, str, dict[str, Any]]]:
+        """The built-in alerts the caller's behaviour figures (``context.behavior`` as the
+        decision saw them, before this message) call for: (scope, name, severity, detail), the
+        scope ``agent`` (raised for the calling agent) or ``user`` (for the user it acts for).
+        The agent's figures first; where they call for nothing, the user's (``person``: a
+        person is in the chain), which add up every agent of the user: an agent that spreads
+        its calls over new OAuth clients (dynamic registration is open) or sub-agents, each
+        under the threshold or without a baseline, is still one user in bulk. Reads no more
+        figures than the enabled ones need, through the view, so the decision record shows the
+        figures that raised an alert; a `BehaviorUnavailable` propagates."""
         raised = []
         settings = self.settings
+        scopes = ("agent", "user") if person else ("agent",)
         if destructive and settings.bulk_destructive_count > 0:
-            count = behavior["agent"]["destructive"]["minute"]["count"] + 1
-            if count > settings.bulk_destructive_count:
-                detail = {"destructive_calls": count, "within_seconds": 60}
-                raised.append((BULK_DESTRUCTIVE, settings.bulk_destructive_severity, detail))
+            for scope in scopes:
+                count = behavior[scope]["destructive"]["minute"]["count"] + 1
+                if count > settings.bulk_destructive_count:
+                    detail = {"destructive_calls": count, "within_seconds": 60, "scope": scope}
+                    raised.append(
+                        (scope, BULK_DESTRUCTIVE, settings.bulk_destructive_severity, detail)
+                    )
+                    break
         if settings.spike_ratio > 0 and settings.spike_min_calls > 0:
-            calls = behavior["agent"]["calls"]["ten_minutes"]
-            # An agent without history (baseline 0) has nothing to be far above yet.
-            if (
-                calls["baseline"] > 0
-                and calls["count"] >= settings.spike_min_calls
-                and calls["ratio"] > settings.spike_ratio
-            ):
-                detail = {"calls": calls["count"], "baseline": calls["baseline"], "seconds": 600}
-                raised.append((BEHAVIOR_SPIKE, settings.spike_severity, detail))
+            for scope in scopes:
+                calls = behavior[scope]["calls"]["ten_minutes"]
+                # Without history (baseline 0) there is nothing to be far above yet.
+                if (
+                    calls["baseline"] > 0
+                    and calls["count"] >= settings.spike_min_calls
+                    and calls["ratio"] > settings.spike_ratio
+                ):
+                    detail = {
+                        "calls": calls["count"],
+                        "baseline": calls["baseline"],
+                        "seconds": 600,
+                        "scope": scope,
+                    }
+                    raised.append((scope, BEHAVIOR_SPIKE, settings.spike_severity, detail))
+                    break
         return raised
 
     # -- escalation ------------------------------------------------------------------------------

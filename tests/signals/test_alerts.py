@@ -293,14 +293,60 @@ def test_bulk_deletion_is_held_and_alerts_the_owner_then_the_manager(bastion, re
     assert [bastion.records.get(d).result for d in built_in.decision_ids] == ["held", "held"]
 
 
+def test_bulk_deletion_spread_over_new_clients_of_one_user_still_alerts(bastion):
+    """An agent that dodges the per-agent count by registering a new OAuth client for every
+    two deletes (dynamic registration is open) is still one user deleting in bulk: the fourth
+    delete of the user within the minute raises ``bulk_destructive`` for the user, though no
+    single client went past the threshold of three."""
+
+    async def script(client, seen):
+        for i in range(2):
+            await client.call_tool("delete_customer", {"customer_id": f"s-{i}"})
+            seen.setdefault("calls", []).append("ok")
+
+    from bastion.oauth.users import create_user
+
+    create_user(bastion.app.state.oauth.store, "riley", bastion.password, time.time(), actor="test")
+    bastion.apply(
+        inserts=[("has_role", Entity("User", "riley"), "admin", Entity("McpServer", "deskhttp"))]
+    )
+    clients = []
+    plain = type(bastion).register
+
+    def register(scope):  # each run a client of its own, as dynamic registration allows
+        info = plain(bastion, scope)
+        clients.append(info.client_id)
+        return info
+
+    bastion.register = register
+    try:
+        for _ in range(2):  # two deletes each: no client goes past the threshold of three
+            seen = bastion.sdk(
+                "riley", "deskhttp", "legacy", script, registered_scope="customers:write"
+            )
+            assert seen["calls"] == ["ok", "ok"]
+    finally:
+        del bastion.register
+    assert len(set(clients)) == 2
+    for client_id in clients:
+        assert not alerts_of(bastion, "bulk_destructive", f'Agent{{"{client_id}"}}')
+    [alert] = wait_for(
+        lambda: alerts_of(bastion, "bulk_destructive", 'User{"riley"}'), "the user's alert"
+    )
+    assert alert.detail["destructive_calls"] == 4 and alert.detail["scope"] == "user"
+    assert alert.recipients == ('User{"oncall"}',)  # a user has no owner: the fallback
+
+
 def test_the_built_in_behaviour_alerts_need_their_thresholds_and_a_baseline():
     now = [0.0]
     counters = LocalBehavior(clock=lambda: now[0])
     settings = AlertSettings(bulk_destructive_count=2, spike_ratio=3.0, spike_min_calls=20)
     alerts = Alerts(None, settings, lambda: None, "https://bastion.example")  # type: ignore[arg-type]
 
-    def call(destructive: bool = False, agent: str = "bot") -> list[tuple[str, str, dict]]:
-        view = counters.view("sam", agent, 'Tool{"desk/delete"}')
+    def call(
+        destructive: bool = False, agent: str = "bot", user: str = "sam"
+    ) -> list[tuple[str, str, str, dict]]:
+        view = counters.view(user, agent, 'Tool{"desk/delete"}')
         raised = alerts.behavior_alerts(view, destructive)
         record = {"result": "allow", "target": 'Tool{"desk/delete"}', "arguments_digest": "d"}
         counters.observe_decision(
@@ -310,31 +356,49 @@ def test_the_built_in_behaviour_alerts_need_their_thresholds_and_a_baseline():
 
     # Two destructive calls in a minute are within the threshold; the third is above it.
     assert call(True) == [] and call(True) == []
-    [(name, severity, detail)] = call(True)
-    assert (name, severity, detail["destructive_calls"]) == ("bulk_destructive", "critical", 3)
+    [(scope, name, severity, detail)] = call(True)
+    assert (scope, name, severity) == ("agent", "bulk_destructive", "critical")
+    assert detail["destructive_calls"] == 3
+    # Spread over two agents of one user, within the threshold each: the user's third.
+    assert call(True, "one", "kim") == [] and call(True, "two", "kim") == []
+    [(scope, name, _, detail)] = call(True, "three", "kim")
+    assert (scope, name, detail["destructive_calls"]) == ("user", "bulk_destructive", 3)
     assert call(False) == []  # a read is no destructive call
     # A brand-new agent has no baseline: however busy, it is not "far above" anything yet.
     assert all(call() == [] for _ in range(40))
     # Fifteen quiet ten-minute windows of 4 calls teach a baseline; no call among them spikes.
     for w in range(1, 16):
         now[0] = w * 600 + 1
-        assert all(call(agent="steady") == [] for _ in range(4))
+        assert all(call(agent="steady", user="ann") == [] for _ in range(4))
     # Then a burst: the spike is raised from the first call that sees at least spike_min_calls
     # calls in ten minutes at more than spike_ratio times the baseline, and not before.
     now[0] = 16 * 600 + 1
     raised, seen = [], []
     for _ in range(40):
-        seen.append(counters.view("sam", "steady", "t")["agent"]["calls"]["ten_minutes"])
-        raised.append(call(agent="steady"))
+        seen.append(counters.view("ann", "steady", "t")["agent"]["calls"]["ten_minutes"])
+        raised.append(call(agent="steady", user="ann"))
     first = next(i for i, r in enumerate(raised) if r)
     assert 0 < first < 40 and all(raised[first:])
     figure = seen[first]
     assert figure["count"] >= 20 and figure["ratio"] > 3 and figure["baseline"] > 0
     before = seen[first - 1]
     assert before["count"] < 20 or before["ratio"] <= 3
-    [(name, severity, detail)] = raised[first]
-    assert (name, severity) == ("behavior_spike", "high")
-    assert detail == {"calls": figure["count"], "baseline": figure["baseline"], "seconds": 600}
+    [(scope, name, severity, detail)] = raised[first]
+    assert (scope, name, severity) == ("agent", "behavior_spike", "high")
+    assert detail == {
+        "calls": figure["count"],
+        "baseline": figure["baseline"],
+        "seconds": 600,
+        "scope": "agent",
+    }
+    # A new agent of the same user, with no baseline of its own, bursting ten minutes later:
+    # the user's baseline judges it.
+    now[0] = 18 * 600 + 1
+    fresh = [call(agent=f"fresh-{i}", user="ann") for i in range(40)]
+    assert any(r and r[0][:2] == ("user", "behavior_spike") for r in fresh)
+    # Without a person in the chain only the agent's figures count (the user is the agent).
+    view = counters.view("ann", "fresh-0", "t")
+    assert alerts.behavior_alerts(view, False, person=False) == []
     # Off when set to 0.
     off = Alerts(None, AlertSettings(bulk_destructive_count=0, spike_ratio=0), lambda: None, "x")  # type: ignore[arg-type]
     assert off.behavior_alerts(counters.view("sam", "bot", "t"), True) == []

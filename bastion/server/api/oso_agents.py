@@ -127,13 +127,18 @@ async def _alerts(request: Request, event: AgentEvent) -> None:
     from bastion.signals.behavior import BehaviorUnavailable
 
     try:
-        raised = alerts.behavior_alerts(view, event.destructive)
+        raised = alerts.behavior_alerts(view, event.destructive, person=bool(event.users))
     except BehaviorUnavailable:
         return
-    agent = Entity("Agent", event.agent)
+    by_scope = {"agent": Entity("Agent", event.agent)}
+    if event.users:
+        by_scope["user"] = Entity("User", event.users[0])
     source = {"tool": event.tool, "source": "oso-cloud agent event"}
     await alerts.raise_all(
-        [(name, severity, agent, {**detail, **source}) for name, severity, detail in raised]
+        [
+            (name, severity, by_scope[scope], {**detail, **source})
+            for scope, name, severity, detail in raised
+        ]
     )
 
 
