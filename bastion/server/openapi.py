@@ -267,7 +267,16 @@ SCHEMAS: dict[str, Any] = {
         detail=_nullable({"type": "object"}),
     ),
     "Decision": _response(
-        ["decision_id", "kind", "request", "result", "sequence", "policy_version", "at"],
+        [
+            "decision_id",
+            "kind",
+            "request",
+            "result",
+            "sequence",
+            "policy_version",
+            "at",
+            "asked_by",
+        ],
         decision_id=_STR,
         kind={"enum": ["authorize", "list", "actions", "query"]},
         request={"type": "object"},
@@ -275,6 +284,7 @@ SCHEMAS: dict[str, Any] = {
         sequence=_INT,
         policy_version=_nullable(_INT),
         at=_NUM,
+        asked_by=_nullable(_STR),
     ),
     "ApprovalAnswer": _response(
         ["approver", "answer", "minutes", "channel", "reason", "at", "withheld_fields"],

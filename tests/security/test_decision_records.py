@@ -142,10 +142,13 @@ def test_a_key_reads_and_explains_its_own_decisions_and_admin_reads_every_one(se
         server.client() as admin,
     ):
         mine = decide_everywhere(a)
+        ids = {k["name"]: k["id"] for k in admin.get("/v1/keys").json()["keys"]}
         for decision_id in mine:
             record = a.get(f"/v1/decisions/{decision_id}")
             assert record.status_code == 200, (decision_id, record.text)
             assert record.json()["decision_id"] == decision_id
+            # Which key asked is part of the record, for whoever explains it later.
+            assert record.json()["asked_by"] == ids["pep-a"], (decision_id, record.text)
             assert admin.get(f"/v1/decisions/{decision_id}").json() == record.json()
         kept = a.get(f"/v1/decisions/{mine[0]}").json()
         assert kept["request"]["context"] == SECRET
@@ -158,7 +161,7 @@ def test_a_key_reads_and_explains_its_own_decisions_and_admin_reads_every_one(se
         # A list is no authorize decision: its owner is told so, as before.
         assert a.get(f"/v1/decisions/{mine[4]}/explanation").status_code == 409
         theirs = b.post("/v1/authorize", json=ALLOWED).json()["decision_id"]
-        assert b.get(f"/v1/decisions/{theirs}").status_code == 200
+        assert b.get(f"/v1/decisions/{theirs}").json()["asked_by"] == ids["pep-b"]
         assert admin.get(f"/v1/decisions/{theirs}").status_code == 200
         assert a.get(f"/v1/decisions/{theirs}").status_code == 404
         # The admin key's own decisions are its own: a decide key reads none of them.

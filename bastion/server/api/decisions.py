@@ -109,6 +109,7 @@ class DecisionRecord:
             "sequence": self.seq,
             "policy_version": self.policy_version,
             "at": self.at,
+            "asked_by": self.asked_by,
             **(self.refusal or {}),
         }
 
