@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import anyio
 from starlette.requests import Request
 
 from bastion.server.keys import ApiKey, KeyStore
 from bastion.server.problems import Problem
+from bastion.signals import suspensions
 
 
 async def require(request: Request, scope: str) -> ApiKey:
@@ -40,3 +43,18 @@ async def require(request: Request, scope: str) -> ApiKey:
             f"this key lacks the scope {scope!r}; create a key with it (bastion keys create)",
         )
     return key
+
+
+def require_for_facts(key: ApiKey, facts: Iterable[tuple]) -> None:
+    """403 unless ``key`` may write these facts (or delete what these patterns match) through
+    a fact API, which its route's scope allowed: a suspension, the kill switch, needs the
+    ``suspensions`` scope too, so that the key of an application whose agents are suspended
+    cannot lift their suspension (`bastion.signals.suspensions.names_suspensions`)."""
+    if not key.allows(suspensions.SCOPE) and suspensions.names_suspensions(facts):
+        raise Problem(
+            403,
+            "Forbidden",
+            f"'{suspensions.PREDICATE}' facts are the kill switch: writing or deleting them"
+            f" needs a key with the scope {suspensions.SCOPE!r} too; suspend and resume"
+            " through /v1/suspensions (or bastion agents suspend), which also audits it",
+        )

@@ -44,6 +44,8 @@ from bastion.facts.model import Entity, matches
 from bastion.facts.store import FactStore, StoredFact, WriteResult
 
 PREDICATE = "suspended"
+# The API key scope of the kill switch's routes, and of a fact write that touches suspensions.
+SCOPE = "suspensions"
 # What the API and the command line call each kind, and its entity type.
 KINDS = {"agent": "Agent", "user": "User", "session": "McpSession"}
 # An id names one client, user or session: printable, bounded, never a pattern.
@@ -52,6 +54,14 @@ _PRINTABLE = re.compile(r"[\x21-\x7e][\x20-\x7e]*")
 # The longest a suspension may be given (10 years; `/v1/suspensions`' expires_at and `bastion
 # agents suspend --minutes` alike); longer is until resumed, so leave the expiry out.
 MAX_SUSPENSION_SECONDS = 10 * 365 * 86400
+
+
+def names_suspensions(facts: Iterable[tuple]) -> bool:
+    """Whether any of these facts, or fact patterns, is or matches a suspension (a pattern names
+    its predicate): written through the fact APIs rather than `suspend` and `resume`, it needs
+    the kill switch's own scope too (`bastion.server.auth.require_for_facts`), or the key of an
+    application whose agents were suspended could lift the suspension."""
+    return any(fact[0] == PREDICATE for fact in facts)
 
 
 class SuspensionError(ValueError):

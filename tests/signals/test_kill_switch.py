@@ -20,7 +20,7 @@ from bastion.cli import main
 from bastion.facts.model import Entity
 from bastion.facts.store import FactStore
 from bastion.oauth import registration
-from bastion.signals.suspensions import stored
+from bastion.signals.suspensions import SCOPE, stored
 from tests.gateway.streams import (
     call_tool,
     events,
@@ -28,7 +28,7 @@ from tests.gateway.streams import (
     modern_headers,
     modern_request,
 )
-from tests.gateway.support import REDIRECT_URI, register_public_client
+from tests.gateway.support import REDIRECT_URI, register_public_client, start
 from tests.oauth.support import hidden_fields, log_in_and_consent, pkce_pair
 from tests.signals.support import ERAS, attempt, latest_agent, running
 
@@ -496,6 +496,68 @@ def test_suspensions_need_a_key_with_their_scope(bastion, key):
     assert api(bastion, facts_only, "GET").status_code == 403
     assert api(bastion, facts_only, "DELETE", "/agent/x").status_code == 403
     assert not stored(bastion.store)
+
+
+ONE = {"predicate": "suspended", "args": [{"type": "Agent", "id": "stopped-app"}]}
+# Oso Cloud's spelling: a typed value, or a wildcard.
+OSO_ANYONE = {"predicate": "suspended", "args": [{"type": None, "id": None}]}
+
+
+def fact_writes(bastion, key: str) -> list[httpx.Response]:
+    """Each fact API's way to lift the suspension of ``Agent{"stopped-app"}`` or to suspend
+    it, tried with ``key``: deletes by value and by wildcard, a batch, an insert, an import,
+    and Oso Cloud's batch (its SDK's ``insert``, ``delete`` and ``batch``)."""
+    anyone = {"predicate": "suspended", "args": [None]}
+    attempts = [
+        ("/v1/facts/delete", {"json": {"patterns": [ONE]}}),
+        ("/v1/facts/delete", {"json": {"patterns": [anyone]}}),
+        ("/v1/facts/batch", {"json": {"delete": [anyone], "insert": []}}),
+        ("/v1/facts", {"json": {"facts": [ONE]}}),
+        ("/v1/facts/import", {"content": json.dumps(ONE).encode() + b"\n"}),
+        ("/api/batch", {"json": [{"deletes": [ONE]}]}),
+        ("/api/batch", {"json": [{"deletes": [OSO_ANYONE]}]}),
+        ("/api/batch", {"json": [{"inserts": [ONE]}]}),
+    ]
+    return [
+        bastion.http.post(
+            f"{bastion.url}{path}", headers={"authorization": f"Bearer {key}"}, **body
+        )
+        for path, body in attempts
+    ]
+
+
+@pytest.mark.parametrize("declared", [False, True])
+def test_no_key_of_the_fact_apis_lifts_or_makes_a_suspension_without_the_scope(tmp_path, declared):
+    """A suspension is a fact, but the keys that write facts (``facts:write``, Oso Cloud's
+    ``oso:write``: an application running its own agents holds one) must not lift the kill
+    switch that stops those agents, nor suspend anyone: every fact write that touches a
+    ``suspended`` fact is refused 403 and changes nothing, unless the key has ``suspensions``
+    (a restore of an export, say). Inserts pass the policy's check first: where it does not
+    declare ``suspended`` they are 422, as before."""
+    rules = "declare suspended(Agent);" if declared else ""
+    with start(tmp_path, policy_extra=rules) as bastion:
+        keys = bastion.app.state.keys
+        kill_switch, _ = keys.create("kill switch", ["suspensions"], created_by="test")
+        writer, _ = keys.create("app", ["facts:write", "oso:write"], created_by="test")
+        suspend(bastion, kill_switch, "agent", "stopped-app")
+        held = stored(bastion.store)
+        assert held
+        for answer in fact_writes(bastion, writer):
+            request = answer.request
+            inserts = request.url.path in ("/v1/facts", "/v1/facts/import")
+            expected = 422 if not declared and (inserts or b'"inserts"' in request.content) else 403
+            assert answer.status_code == expected, (request.url.path, request.content, answer.text)
+            if expected == 403:
+                assert "'suspensions'" in answer.text, answer.text
+            assert stored(bastion.store) == held, request.content
+        restore, _ = keys.create("restore", ["facts:write", "oso:write", SCOPE], created_by="test")
+        answer = bastion.http.post(
+            f"{bastion.url}/v1/facts/delete",
+            headers={"authorization": f"Bearer {restore}"},
+            json={"patterns": [ONE]},
+        )
+        assert answer.status_code == 200 and answer.json()["deleted"] == 1, answer.text
+        assert not stored(bastion.store)
 
 
 def test_resuming_what_is_not_suspended_is_404_and_listing_shows_what_is(bastion, key, capsys):

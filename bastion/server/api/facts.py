@@ -18,7 +18,7 @@ from starlette.routing import Route
 
 from bastion.facts.model import FactError, fact_from_json
 from bastion.facts.store import FactStore, StoredFact, WriteResult, epoch, fact_key
-from bastion.server.auth import require
+from bastion.server.auth import require, require_for_facts
 from bastion.server.problems import bad_request, fact_problem, page_limit, parse_json, read_json
 from bastion.server.problems import field as get_field
 from bastion.server.replica import ConsistencyTimeout, Replica
@@ -49,6 +49,7 @@ def _pattern(obj: Any, index: int | None = None) -> tuple:
 
 async def _write(request: Request, inserts: list[StoredFact], deletes: list[tuple]) -> dict:
     """Commit the write, wait (bounded) until this replica reflects it, return the counts."""
+    require_for_facts(request.state.key, [*(f.fact for f in inserts), *deletes])
     store: FactStore = request.app.state.store
     actor = request.state.key.principal
     try:

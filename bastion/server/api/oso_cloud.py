@@ -40,7 +40,7 @@ from bastion.server.api.decisions import (
     require_compiled,
 )
 from bastion.server.api.policy import await_applied, policy_problem, policy_warnings
-from bastion.server.auth import require
+from bastion.server.auth import require, require_for_facts
 from bastion.server.keys import ApiKey
 from bastion.server.problems import (
     Problem,
@@ -626,6 +626,7 @@ async def batch(request: Request) -> Response:
     inserts, patterns = await anyio.to_thread.run_sync(_changesets, authz, raw)
     if not inserts and not patterns:
         return _json({"message": "success"})  # nothing to change: no write
+    require_for_facts(key, [*inserts, *(p.fact for p in patterns)])
     store: FactStore = request.app.state.store
     most = request.app.state.config.oso_api_max_results
 

@@ -22,6 +22,7 @@ from bastion.server.problems import field as get_field
 from bastion.server.replica import ConsistencyTimeout, Replica
 from bastion.signals.suspensions import (
     MAX_ID_LENGTH,
+    SCOPE,
     AlreadyOver,
     Suspension,
     SuspensionError,
@@ -32,7 +33,6 @@ from bastion.signals.suspensions import (
     suspension,
 )
 
-SCOPE = "suspensions"
 # The id as the OpenAPI document states it (`bastion.signals.suspensions.suspension` checks it).
 ID_PATTERN = "^[!-~][ -~]*$"
 __all__ = ["ID_PATTERN", "MAX_ID_LENGTH", "SCOPE", "routes"]
