@@ -9,8 +9,11 @@ user's calls to that upstream (`access_token`). A flow finishes only for the per
 it, and only at the redirect URI of the upstream it was started for: each upstream has its own
 (``<issuer>/connections/<upstream>/callback``), so an authorization server cannot have the code
 another one issued redeemed at its own token endpoint (the mix-up of RFC 9700 §4.4.2.2), and an
-``iss`` in the answer (RFC 9207) must name the flow's server. Revoking deletes the tokens here
-and, where the server has RFC 7009 revocation, there too.
+``iss`` in the answer (RFC 9207) must name the flow's server. A flow and a connection keep the
+authorization server they were made with, and their code, verifier and tokens go to no other
+(`upstream_oauth.IssuerChanged`: another process, or a restart, may read another server in the
+upstream's metadata). Revoking deletes the tokens here and, where the server has RFC 7009
+revocation, there too.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from bastion.connections.sealing import Sealer, Unsealable
 from bastion.connections.settings import UpstreamOAuth
 from bastion.connections.store import ConnectionStore, StoredConnection, StoredFlow
 from bastion.connections.upstream_oauth import (
+    IssuerChanged,
     TokenSet,
     UpstreamOAuthClient,
     UpstreamOAuthError,
@@ -96,10 +100,20 @@ def _shown(row: StoredConnection) -> Connection:
     )
 
 
+def _sealed_value(tokens: TokenSet) -> dict[str, str]:
+    """What a connection keeps of ``tokens``: them, and the server that issued them (the only
+    one its refresh token and its revocation go to)."""
+    return {
+        "access_token": tokens.access_token,
+        "refresh_token": tokens.refresh_token,
+        "issuer": tokens.issuer,
+    }
+
+
 def _new_tokens(fresh: TokenSet, old: Mapping) -> dict[str, str]:
     """What a refresh brought back that the connection did not hold already (a server that
     does not rotate refresh tokens sends none, and bastion keeps the one it had)."""
-    new = {"access_token": fresh.access_token}
+    new = {"access_token": fresh.access_token, "issuer": fresh.issuer}
     if fresh.refresh_token != old.get("refresh_token"):
         new["refresh_token"] = fresh.refresh_token
     return new
@@ -242,9 +256,16 @@ class Connections:
         if not refresh_token:
             return None  # expired, and nothing to refresh it with: connect again
         now = self.clock()
+        oauth = self.clients[row.upstream]
         try:
+            await oauth.metadata_of(tokens.get("issuer"))  # before a registration there, if any
             client = await self._client(row.upstream)
-            fresh = await self.clients[row.upstream].refresh(client, refresh_token, now)
+            fresh = await oauth.refresh(client, refresh_token, now, tokens.get("issuer"))
+        except IssuerChanged as e:
+            # The upstream names another server now: its refresh token goes there never. The
+            # connection is kept (an administrator's revocation names it); connect again.
+            log.warning("connection of %s to %s not refreshed: %s", row.subject, row.upstream, e)
+            return None
         except UpstreamOAuthError as e:
             if e.error == "unavailable":
                 raise ConnectionUnavailable(
@@ -273,11 +294,7 @@ class Connections:
         revoked while the refresh was under way stays revoked (here or on another replica), and
         the tokens are revoked at the upstream; one connected again or refreshed elsewhere
         meanwhile is kept, and this call uses it."""
-        sealed = self.sealer.seal(
-            row.subject,
-            row.upstream,
-            {"access_token": fresh.access_token, "refresh_token": fresh.refresh_token},
-        )
+        sealed = self.sealer.seal(row.subject, row.upstream, _sealed_value(fresh))
         updated = StoredConnection(
             row.subject, row.upstream, sealed, fresh.scope, fresh.expires_at, row.created_at, now
         )
@@ -318,7 +335,7 @@ class Connections:
             state,
             subject,
             upstream,
-            self.sealer.seal(subject, upstream, {"verifier": verifier}),
+            self.sealer.seal(subject, upstream, {"verifier": verifier, "issuer": meta.issuer}),
             now,
         )
         older = now - self.settings[upstream].flow_seconds
@@ -334,9 +351,10 @@ class Connections:
         URI with ``code`` for ``state`` (and ``iss``, RFC 9207, when it sends one): exchange it
         and keep the tokens. Refused (`FlowRefused`) for an unknown or used state, a flow older
         than ``flow_seconds``, a person other than the one who started it, an answer at another
-        upstream's redirect URI than the flow's, or an ``iss`` other than the flow's server (or
-        none from a server that says it sends it): the flow is then spent, nobody can finish it,
-        and the code is sent nowhere."""
+        upstream's redirect URI than the flow's, an ``iss`` other than the flow's server (or
+        none from a server that says it sends it), or an upstream that names another server
+        now than the one the flow was started with: the flow is then spent, nobody can finish
+        it, and the code is sent nowhere."""
         flow = await anyio.to_thread.run_sync(self.store.take_flow, state)
         if flow is None or flow.upstream not in self.clients:
             raise FlowRefused("This connection link is unknown or was already used.", 400)
@@ -356,13 +374,14 @@ class Connections:
         if now - flow.created_at > self.settings[flow.upstream].flow_seconds:
             raise FlowRefused("This connection took too long; start again.", 400)
         try:
-            verifier = self.sealer.open(subject, flow.upstream, flow.sealed)["verifier"]
+            opened = self.sealer.open(subject, flow.upstream, flow.sealed)
+            verifier, started_with = opened["verifier"], opened.get("issuer")
         except (Unsealable, KeyError):
             raise FlowRefused("This connection cannot be finished; start again.", 400) from None
         try:
+            meta = await self.clients[flow.upstream].metadata_of(started_with)
             # The client too: after a restart its registration (or the metadata) is read again.
             client = await self._client(flow.upstream)
-            meta = await self.clients[flow.upstream].metadata()
             if iss is not None and iss.rstrip("/") != meta.issuer:
                 raise FlowRefused(
                     f"This answer comes from {readable(iss)}, not from {flow.upstream}'s"
@@ -377,19 +396,23 @@ class Connections:
                     400,
                 )
             tokens = await self.clients[flow.upstream].exchange_code(
-                client, code, verifier, self.redirect_uri(flow.upstream), now
+                client, code, verifier, self.redirect_uri(flow.upstream), now, meta.issuer
             )
+        except IssuerChanged as e:
+            raise FlowRefused(
+                f"This connection was started with the authorization server"
+                f" {readable(e.issued_by)}, and"
+                f" {flow.upstream} now names another: nothing was connected. Start again from"
+                " the application.",
+                400,
+            ) from None
         except UpstreamOAuthError as e:
             raise FlowRefused(
                 f"{flow.upstream} refused the connection: {e.description}", 502
             ) from None
         except ConnectionUnavailable as e:
             raise FlowRefused(f"{flow.upstream} cannot be connected now: {e}", 502) from None
-        sealed = self.sealer.seal(
-            subject,
-            flow.upstream,
-            {"access_token": tokens.access_token, "refresh_token": tokens.refresh_token},
-        )
+        sealed = self.sealer.seal(subject, flow.upstream, _sealed_value(tokens))
         row = StoredConnection(
             subject, flow.upstream, sealed, tokens.scope, tokens.expires_at, now, now
         )
@@ -441,13 +464,17 @@ class Connections:
         oauth = self.clients.get(upstream)
         if oauth is None or not tokens:
             return "not offered"
+        issuer = tokens.get("issuer")
         try:
+            await oauth.metadata_of(issuer)  # before a registration there, if any
             client = await self._client(upstream)
             offered = False
-            if tokens.get("refresh_token"):
-                offered = await oauth.revoke(client, tokens["refresh_token"], "refresh_token")
-            if tokens.get("access_token"):
-                offered = await oauth.revoke(client, tokens["access_token"], "access_token")
+            for hint in ("refresh_token", "access_token"):
+                if tokens.get(hint):
+                    offered = await oauth.revoke(client, tokens[hint], hint, issuer)
+        except IssuerChanged as e:
+            log.warning("%s's tokens not revoked at %s: %s", subject, upstream, e.description)
+            return f"failed: {e.description}"
         except (UpstreamOAuthError, ConnectionUnavailable) as e:
             log.warning("revocation of %s's tokens at %s failed: %s", subject, upstream, e)
             return f"failed: {first_line(e)}"

@@ -48,7 +48,7 @@ _MIGRATIONS = [
 class StoredConnection:
     subject: str
     upstream: str
-    sealed: str  # {"access_token", "refresh_token"} sealed by `bastion.connections.sealing`
+    sealed: str  # {"access_token", "refresh_token", "issuer"} sealed (`connections.sealing`)
     scope: str
     expires_at: float
     created_at: float

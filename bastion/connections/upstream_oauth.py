@@ -6,6 +6,9 @@ registration (RFC 7591) as a public client. The authorization code flow with PKC
 7636), ``state``, and ``resource`` = the upstream's URL (RFC 8707); refresh (RFC 6749 §6);
 revocation (RFC 7009) when the server offers it. Every request has a deadline, a size cap and
 follows no redirect; every refusal is an `UpstreamOAuthError` carrying the server's ``error``.
+A grant (a code and its PKCE verifier, a refresh token, a token to revoke) is sent only to the
+server that issued it (`IssuerChanged`): the metadata read by another process, or after a
+restart, may name another server.
 """
 
 from __future__ import annotations
@@ -43,6 +46,20 @@ class UpstreamOAuthError(Exception):
         self.description = description
 
 
+class IssuerChanged(UpstreamOAuthError):
+    """A grant of one authorization server that the upstream no longer names: it is not sent to
+    the server it names now, which could redeem it at the first one (a code with its PKCE
+    verifier, a refresh token; RFC 9700 §4.4)."""
+
+    def __init__(self, issued_by: str, current: str) -> None:
+        super().__init__(
+            "issuer_changed",
+            f"issued by {readable(issued_by)}, and the upstream's authorization server is now"
+            f" {readable(current)}: not sent there",
+        )
+        self.issued_by = issued_by
+
+
 @dataclass(frozen=True)
 class ServerMetadata:
     """What bastion uses of an authorization server's metadata (RFC 8414)."""
@@ -62,6 +79,7 @@ class TokenSet:
     refresh_token: str
     expires_at: float
     scope: str
+    issuer: str  # the authorization server that issued them: the only one they go back to
 
 
 def pkce_pair() -> tuple[str, str]:
@@ -195,6 +213,15 @@ class UpstreamOAuthClient:
         self._metadata = ServerMetadata(issuer=issuer, sends_iss=sends_iss, **endpoints)
         return self._metadata
 
+    async def metadata_of(self, issuer: str | None) -> ServerMetadata:
+        """The metadata of the server that issued a grant (``issuer``), to send the grant to;
+        `IssuerChanged` if the upstream names another server now. None: a grant kept before
+        bastion recorded its issuer, taken as the current server's."""
+        meta = await self.metadata()
+        if issuer is not None and issuer != meta.issuer:
+            raise IssuerChanged(issuer, meta.issuer)
+        return meta
+
     async def register(self, redirect_uri: str, client_name: str) -> dict[str, str]:
         """A dynamic registration (RFC 7591) as a public client: ``{"client_id": ...}``."""
         meta = await self.metadata()
@@ -238,9 +265,16 @@ class UpstreamOAuthClient:
         return f"{meta.authorization_endpoint}{separator}{urlencode(params)}"
 
     async def exchange_code(
-        self, client: dict[str, str], code: str, verifier: str, redirect_uri: str, now: float
+        self,
+        client: dict[str, str],
+        code: str,
+        verifier: str,
+        redirect_uri: str,
+        now: float,
+        issuer: str | None,
     ) -> TokenSet:
-        meta = await self.metadata()
+        """Redeem ``code`` of a flow started with ``issuer``'s authorization server."""
+        meta = await self.metadata_of(issuer)
         form = {
             "grant_type": "authorization_code",
             "code": code,
@@ -248,20 +282,26 @@ class UpstreamOAuthClient:
             "code_verifier": verifier,
             "resource": self.resource,
         }
-        return self._tokens(await self._token_request(meta, client, form), now, "")
+        return self._tokens(await self._token_request(meta, client, form), now, "", meta)
 
-    async def refresh(self, client: dict[str, str], refresh_token: str, now: float) -> TokenSet:
-        meta = await self.metadata()
+    async def refresh(
+        self, client: dict[str, str], refresh_token: str, now: float, issuer: str | None
+    ) -> TokenSet:
+        """Refresh with ``refresh_token``, which ``issuer`` issued."""
+        meta = await self.metadata_of(issuer)
         form = {
             "grant_type": "refresh_token",
             "refresh_token": refresh_token,
             "resource": self.resource,
         }
-        return self._tokens(await self._token_request(meta, client, form), now, refresh_token)
+        return self._tokens(await self._token_request(meta, client, form), now, refresh_token, meta)
 
-    async def revoke(self, client: dict[str, str], token: str, hint: str) -> bool:
-        """RFC 7009 revocation of ``token``; False if the server offers none."""
-        meta = await self.metadata()
+    async def revoke(
+        self, client: dict[str, str], token: str, hint: str, issuer: str | None
+    ) -> bool:
+        """RFC 7009 revocation of ``token``, which ``issuer`` issued; False if the server
+        offers none."""
+        meta = await self.metadata_of(issuer)
         if not meta.revocation_endpoint:
             return False
         form = {"token": token, "token_type_hint": hint}
@@ -282,7 +322,9 @@ class UpstreamOAuthClient:
     ) -> dict[str, Any]:
         return await self._post(meta.token_endpoint, form=self._authenticated(client, form))
 
-    def _tokens(self, answer: dict[str, Any], now: float, old_refresh: str) -> TokenSet:
+    def _tokens(
+        self, answer: dict[str, Any], now: float, old_refresh: str, meta: ServerMetadata
+    ) -> TokenSet:
         access = answer.get("access_token")
         kind = str(answer.get("token_type", "")).lower()
         if not isinstance(access, str) or not access or kind != "bearer":
@@ -300,6 +342,7 @@ class UpstreamOAuthClient:
             refresh_token=refresh if isinstance(refresh, str) else old_refresh,
             expires_at=now + max(0.0, expires_in),
             scope=scope if isinstance(scope, str) else " ".join(self.settings.scopes),
+            issuer=meta.issuer,
         )
 
     async def _post(

@@ -209,6 +209,7 @@ def test_a_refresh_during_a_rekey_keeps_its_fresh_tokens(service, held):
     assert _tokens(service) == {
         "access_token": "fresh-access-1",
         "refresh_token": "fresh-refresh-1",
+        "issuer": held.base,  # the server that issued them, the only one they go back to
     }
     assert held.revoked == []
 

@@ -17,6 +17,7 @@ from bastion.connections.store import ConnectionStore, StoredConnection, StoredF
 from bastion.connections.upstream_oauth import (
     MAX_EXPIRES_IN,
     MAX_ISSUER,
+    ServerMetadata,
     UpstreamOAuthClient,
     UpstreamOAuthError,
 )
@@ -338,10 +339,10 @@ def test_a_token_that_is_not_a_bearer_token_is_refused():
         for kind in ("DPoP", "mac", "", None):
             token_type[0] = kind
             with pytest.raises(UpstreamOAuthError, match="no bearer token"):
-                asyncio.run(client.refresh({"client_id": "bastion"}, "r", 0.0))
+                asyncio.run(client.refresh({"client_id": "bastion"}, "r", 0.0, None))
         for kind in ("Bearer", "bearer"):
             token_type[0] = kind
-            tokens = asyncio.run(client.refresh({"client_id": "bastion"}, "r", 0.0))
+            tokens = asyncio.run(client.refresh({"client_id": "bastion"}, "r", 0.0, None))
             assert tokens.access_token == "upstream-access"
 
 
@@ -418,6 +419,7 @@ def test_an_upstream_token_lives_at_most_a_year_whatever_expires_in_says(expires
     """A time past the calendar broke what compares or shows it (``connections list``)."""
     client = UpstreamOAuthClient("https://mcp.example/mcp", UpstreamOAuth())
     answer = {"access_token": "a", "token_type": "Bearer", "expires_in": expires_in}
-    tokens = client._tokens(answer, 1_000.0, "")
+    meta = ServerMetadata("https://as.example", "https://as.example/a", "https://as.example/t")
+    tokens = client._tokens(answer, 1_000.0, "", meta)
     assert tokens.expires_at == 1_000.0 + MAX_EXPIRES_IN
-    assert client._tokens({**answer, "expires_in": 60}, 1_000.0, "").expires_at == 1_060.0
+    assert client._tokens({**answer, "expires_in": 60}, 1_000.0, "", meta).expires_at == 1_060.0
