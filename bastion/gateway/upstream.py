@@ -703,6 +703,16 @@ class HttpUpstream(Upstream):
         await super()._handshake()
         self._protocol_version = self.init_result.get("protocolVersion", UPSTREAM_PROTOCOL_VERSION)
 
+    def _check_authorized(self, status: int) -> None:
+        """`UpstreamUnauthorized` if ``status`` is the upstream's 401 to the user's own token,
+        wherever it answers (a request, a notification, the standing stream, a stream resumed):
+        one refusal, which ends the session, never a failure to try again with the same token.
+        Nothing of its ``WWW-Authenticate`` is followed (nor a ``resource_metadata`` URL)."""
+        if status == 401 and self.bearer is not None:
+            raise UpstreamUnauthorized(
+                UPSTREAM_UNAVAILABLE, f"upstream {self.name} no longer accepts the user's token"
+            )
+
     def _post_head(self, method: str | None = None, name: str | None = None) -> bytes:
         """The head of a POST (with 2026-07-28's Mcp-Method and Mcp-Name for ``method`` and
         ``name``): made again only when it would differ from the last one (another user's token,
@@ -765,10 +775,7 @@ class HttpUpstream(Upstream):
                 return await self._exchange(
                     message, capabilities=capabilities, ask=ask, hear=hear, retry=False
                 )
-            if status == 401 and self.bearer is not None:
-                raise UpstreamUnauthorized(
-                    UPSTREAM_UNAVAILABLE, f"upstream {self.name} no longer accepts the user's token"
-                )
+            self._check_authorized(status)
             if message.get("method") == "initialize" and "mcp-session-id" in response.headers:
                 self._session_id = response.headers["mcp-session-id"]
             kind = _media_type(response)
@@ -857,6 +864,7 @@ class HttpUpstream(Upstream):
         response = await self._http.request("GET", headers)
         if response.status_code != 200 or not _is_event_stream(response):
             response.close()
+            self._check_authorized(response.status_code)
             raise UpstreamFailure(
                 UPSTREAM_UNAVAILABLE,
                 f"upstream {self.name} answered HTTP {response.status_code} when asked to resume"
@@ -958,6 +966,7 @@ class HttpUpstream(Upstream):
         try:
             if response.status_code == 405:
                 return False
+            self._check_authorized(response.status_code)
             if response.status_code != 200 or not _is_event_stream(response):
                 raise UpstreamFailure(
                     UPSTREAM_UNAVAILABLE,
@@ -979,6 +988,7 @@ class HttpUpstream(Upstream):
             return  # 2026-07-28 has no client-to-server notifications over HTTP
         response = await self._post(message)
         try:
+            self._check_authorized(response.status_code)
             await response.read()
         finally:
             response.close()

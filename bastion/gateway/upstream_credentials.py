@@ -7,8 +7,9 @@ adds the credential. Before each request, and before its standing stream is open
 session reads its user's current access token (refreshed when it expires soon). A user without a
 usable connection gets MCP's URLElicitationRequiredError (-32042, MCP 2025-11-25, Elicitation,
 URL mode) naming bastion's connect page if their client declared URL elicitation, and otherwise
-an error carrying the same URL; nothing is sent upstream. A token the upstream refuses (401) is
-forgotten, the session is ended, and the user is sent to connect again. The client's own token
+an error carrying the same URL; nothing is sent upstream. A token the upstream refuses (401, to a
+request or on the standing stream) is forgotten, the session is ended, and the user is sent to
+connect again. The client's own token
 never travels: the session's only credential is the user's upstream token.
 """
 
@@ -175,4 +176,10 @@ class UserTokenUpstream(HttpUpstream):
         if not await self._authorize(connect=False):
             opened.set()
             return False  # no longer connected: no stream
-        return await super()._watch_once(uris, opened)
+        try:
+            return await super()._watch_once(uris, opened)
+        except UpstreamUnauthorized:
+            # Refused: the session ends; opened again each second, the stream would send the
+            # refused token each second for as long as the session lived.
+            self._refused()
+            return False
