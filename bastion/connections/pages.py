@@ -7,8 +7,8 @@ connections and revokes them.
 .../connections/<upstream>/revoke``. The person signs in with bastion's own sign-in. MCP's URL
 elicitation requires the page to check that the person there is the user the elicitation was
 for (MCP 2025-11-25, Elicitation, URL mode): a link naming another user is refused (403), and
-the callback finishes a connection only for the person who started it. Forms carry a CSRF token
-bound to the session (`bastion.oauth.csrf`); pages use bastion's frame (`bastion.oauth.pages`).
+the callback finishes a connection only for the person who started it, in the browser session
+that started it. Forms carry a CSRF token bound to the session (`bastion.oauth.csrf`); pages use bastion's frame (`bastion.oauth.pages`).
 """
 
 from __future__ import annotations
@@ -186,7 +186,7 @@ class ConnectionPages:
         if refused is not None:
             return refused
         try:
-            location = await self.connections.start(person, upstream)
+            location = await self.connections.start(person, upstream, browser=session)
         except (UpstreamOAuthError, ConnectionUnavailable) as e:
             return pages.message_page("Cannot connect now", f"{upstream}: {e}", 502)
         except DatabaseUnavailable:
@@ -201,7 +201,7 @@ class ConnectionPages:
         code = request.query_params.get("code", "")
         iss = request.query_params.get("iss")
         try:
-            _, person = await self._person(request)
+            session, person = await self._person(request)
             if person is None:
                 return self._sign_in(request)
             if (suspended := self._suspended(person)) is not None:
@@ -213,7 +213,9 @@ class ConnectionPages:
                 return pages.message_page(
                     "Not connected", _refusal(request.query_params.get("error"), code), 400
                 )
-            connection = await self.connections.finish(person, upstream, state, code, iss)
+            connection = await self.connections.finish(
+                person, upstream, state, code, iss, browser=session
+            )
         except FlowRefused as e:
             return pages.message_page("Not connected", e.message, e.status)
         except DatabaseUnavailable:

@@ -6,7 +6,8 @@ authorization code flow with the upstream's authorization server for them
 in the database (`bastion.connections.store`), refreshes the access token before it expires
 (one refresh at a time per user and upstream, across replicas), and hands it out only for that
 user's calls to that upstream (`access_token`). A flow finishes only for the person who started
-it, and only at the redirect URI of the upstream it was started for: each upstream has its own
+it, in the browser session that started it (RFC 9700 §4.7), and only at the redirect URI of the
+upstream it was started for: each upstream has its own
 (``<issuer>/connections/<upstream>/callback``), so an authorization server cannot have the code
 another one issued redeemed at its own token endpoint (the mix-up of RFC 9700 §4.4.2.2), and an
 ``iss`` in the answer (RFC 9207) must name the flow's server. A flow and a connection keep the
@@ -19,6 +20,8 @@ revocation, there too.
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
 import logging
 import secrets
 import time
@@ -108,6 +111,12 @@ def _sealed_value(tokens: TokenSet) -> dict[str, str]:
         "refresh_token": tokens.refresh_token,
         "issuer": tokens.issuer,
     }
+
+
+def _browser_digest(session: str) -> str:
+    """What a flow keeps of the browser session that started it: a digest (the session id is
+    a credential of its own, and a flow's sealed value should hold none it does not need)."""
+    return hashlib.sha256(f"bastion connection flow\0{session}".encode()).hexdigest()
 
 
 def _new_tokens(fresh: TokenSet, old: Mapping) -> dict[str, str]:
@@ -322,8 +331,9 @@ class Connections:
 
     # -- connecting (the pages) -------------------------------------------------------------------
 
-    async def start(self, subject: str, upstream: str) -> str:
-        """Begin ``subject``'s connection to ``upstream``: the URL of the upstream's
+    async def start(self, subject: str, upstream: str, *, browser: str) -> str:
+        """Begin ``subject``'s connection to ``upstream`` in the browser session ``browser``
+        (bastion's session id; only that session finishes it): the URL of the upstream's
         authorization page to send their browser to."""
         oauth = self.clients[upstream]
         meta = await oauth.metadata()
@@ -335,7 +345,15 @@ class Connections:
             state,
             subject,
             upstream,
-            self.sealer.seal(subject, upstream, {"verifier": verifier, "issuer": meta.issuer}),
+            self.sealer.seal(
+                subject,
+                upstream,
+                {
+                    "verifier": verifier,
+                    "issuer": meta.issuer,
+                    "browser": _browser_digest(browser),
+                },
+            ),
             now,
         )
         older = now - self.settings[upstream].flow_seconds
@@ -345,12 +363,20 @@ class Connections:
         )
 
     async def finish(
-        self, subject: str, upstream: str, state: str, code: str, iss: str | None = None
+        self,
+        subject: str,
+        upstream: str,
+        state: str,
+        code: str,
+        iss: str | None = None,
+        *,
+        browser: str,
     ) -> Connection:
-        """The authorization server sent ``subject``'s browser back to ``upstream``'s redirect
-        URI with ``code`` for ``state`` (and ``iss``, RFC 9207, when it sends one): exchange it
-        and keep the tokens. Refused (`FlowRefused`) for an unknown or used state, a flow older
-        than ``flow_seconds``, a person other than the one who started it, an answer at another
+        """The authorization server sent ``subject``'s browser (session ``browser``) back to
+        ``upstream``'s redirect URI with ``code`` for ``state`` (and ``iss``, RFC 9207, when it
+        sends one): exchange it and keep the tokens. Refused (`FlowRefused`) for an unknown or
+        used state, a flow older than ``flow_seconds``, a person other than the one who started
+        it or another browser session than the one that started it, an answer at another
         upstream's redirect URI than the flow's, an ``iss`` other than the flow's server (or
         none from a server that says it sends it), or an upstream that names another server
         now than the one the flow was started with: the flow is then spent, nobody can finish
@@ -378,6 +404,17 @@ class Connections:
             verifier, started_with = opened["verifier"], opened.get("issuer")
         except (Unsealable, KeyError):
             raise FlowRefused("This connection cannot be finished; start again.", 400) from None
+        started_in = opened.get("browser")
+        if not isinstance(started_in, str) or not hmac.compare_digest(
+            started_in, _browser_digest(browser)
+        ):
+            # Sent through another browser's flow (one signed in as its starter by a login
+            # CSRF), the person would attach their own upstream account to its starter.
+            raise FlowRefused(
+                "This connection was started in another browser session: nothing was connected."
+                " Start again from the application, in this browser.",
+                403,
+            )
         try:
             meta = await self.clients[flow.upstream].metadata_of(started_with)
             # The client too: after a restart its registration (or the metadata) is read again.

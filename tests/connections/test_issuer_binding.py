@@ -138,19 +138,19 @@ def _authorized(link: str) -> tuple[str, str]:
 
 
 def _connected(connections: Connections) -> None:
-    state, code = _authorized(anyio.run(connections.start, "alice", "tracker"))
-    anyio.run(connections.finish, "alice", "tracker", state, code)
+    state, code = _authorized(anyio.run(lambda: connections.start("alice", "tracker", browser="b")))
+    anyio.run(lambda: connections.finish("alice", "tracker", state, code, browser="b"))
 
 
 def test_a_code_goes_only_to_the_server_its_flow_was_started_with(moved):
     first, second, named, _, replica = moved
     one = replica()
-    link = anyio.run(one.start, "alice", "tracker")
+    link = anyio.run(lambda: one.start("alice", "tracker", browser="b"))
     named[0] = second.base  # the upstream now names another server; replica two reads that
     state, code = _authorized(link)
 
     with pytest.raises(FlowRefused, match="started with .* authorization server") as refused:
-        anyio.run(replica().finish, "alice", "tracker", state, code)
+        anyio.run(lambda: replica().finish("alice", "tracker", state, code, browser="b"))
 
     assert refused.value.status == 400
     assert second.posted == []  # neither the code nor the PKCE verifier reached it

@@ -232,10 +232,23 @@ def peers(tmp_path):
         yield one, honest, hostile, one_url
 
 
-def _browser_through(one, one_url: str, first: str, person: str) -> httpx.Response:
-    """``person``'s browser, signed in at bastion, follows the redirects from ``first`` through
-    the authorization servers back to bastion; bastion's last answer."""
-    session = one.state.oauth.store.create_session(person, time.time(), 600)
+def _session(one, person: str) -> str:
+    """A browser session signed in at bastion as ``person`` (connections start in one)."""
+    return one.state.oauth.store.create_session(person, time.time(), 600)
+
+
+def _started(one, person: str, upstream: str, session: str = "") -> tuple[str, str]:
+    """``person`` starts a connection to ``upstream`` in a browser session (``session``, or a
+    new one): the authorization URL, and the session."""
+    session = session or _session(one, person)
+    return run(lambda: one.state.connections.start(person, upstream, browser=session)), session
+
+
+def _browser_through(one_url: str, started: tuple[str, str]) -> httpx.Response:
+    """The browser session of a connection ``started`` follows the redirects from its
+    authorization URL through the authorization servers back to bastion; bastion's last
+    answer."""
+    first, session = started
     with httpx.Client(cookies={"bastion_session": session}, timeout=10) as browser:
         answer = browser.get(first)
         while answer.is_redirect:
@@ -250,7 +263,7 @@ def test_a_hostile_upstreams_server_never_gets_the_code_another_server_issued(pe
     connections = one.state.connections
     # mallory, a user of bastion, reads bastion's client at the honest server from a connection
     # link of her own, and gives it to the server she controls.
-    link = parse_qs(urlsplit(run(connections.start, "mallory", "honest")).query)
+    link = parse_qs(urlsplit(_started(one, "mallory", "honest")[0]).query)
     hostile.victim_client = {
         "client_id": link["client_id"][0],
         "redirect_uri": link["redirect_uri"][0],
@@ -258,7 +271,7 @@ def test_a_hostile_upstreams_server_never_gets_the_code_another_server_issued(pe
 
     # alice connects to the hostile upstream (its tool looked useful), signed in at both bastion
     # and the honest server.
-    answer = _browser_through(one, one_url, run(connections.start, "alice", "hostile"), "alice")
+    answer = _browser_through(one_url, _started(one, "alice", "hostile"))
 
     assert hostile.stolen == []  # the hostile server holds no token of alice's at the honest one
     assert honest.issued == []  # nobody redeemed the code the honest server issued for alice
@@ -269,22 +282,22 @@ def test_a_hostile_upstreams_server_never_gets_the_code_another_server_issued(pe
 def test_a_connection_to_an_honest_server_still_completes(peers):
     one, honest, _, one_url = peers
     connections = one.state.connections
-    answer = _browser_through(one, one_url, run(connections.start, "alice", "honest"), "alice")
+    answer = _browser_through(one_url, _started(one, "alice", "honest"))
     assert answer.status_code == 200 and "Connected" in answer.text, answer.text
     assert [c.upstream for c in connections.listed("alice")] == ["honest"]
     assert honest.issued == [{"client_id": list(honest.clients)[0], "user": "alice@honest"}]
 
 
-def _answer_of(honest_link: str) -> dict[str, str]:
+def _answer_of(started: tuple[str, str]) -> tuple[dict[str, str], str]:
     """The honest server's answer for an authorization request bastion started (the query it
-    sends the browser back with)."""
+    sends the browser back with), and the browser session that started it."""
+    honest_link, session = started
     with httpx.Client(timeout=10) as browser:
         location = browser.get(honest_link).headers["location"]
-    return {k: v[0] for k, v in parse_qs(urlsplit(location).query).items()}
+    return {k: v[0] for k, v in parse_qs(urlsplit(location).query).items()}, session
 
 
-def _callback(one, one_url: str, upstream: str, query: dict[str, str]) -> httpx.Response:
-    session = one.state.oauth.store.create_session("alice", time.time(), 600)
+def _callback(one_url: str, upstream: str, query: dict[str, str], session: str) -> httpx.Response:
     with httpx.Client(cookies={"bastion_session": session}, timeout=10) as browser:
         return browser.get(f"{one_url}/connections/{upstream}/callback?{urlencode(query)}")
 
@@ -296,14 +309,14 @@ def test_an_answer_whose_iss_is_not_its_servers_or_is_missing_when_promised_is_r
     honest.sends_iss = True
     connections = one.state.connections
     for wrong in ({"iss": hostile.base}, {"iss": None}):
-        query = _answer_of(run(connections.start, "alice", "honest"))
+        query, session = _answer_of(_started(one, "alice", "honest"))
         assert query["iss"] == honest.base
         query = {k: v for k, v in {**query, **wrong}.items() if v is not None}
-        answer = _callback(one, one_url, "honest", query)
+        answer = _callback(one_url, "honest", query, session)
         assert answer.status_code == 400 and "nothing was connected" in answer.text, wrong
     assert honest.issued == []  # neither code was redeemed
-    query = _answer_of(run(connections.start, "alice", "honest"))
-    assert _callback(one, one_url, "honest", query).status_code == 200
+    query, session = _answer_of(_started(one, "alice", "honest"))
+    assert _callback(one_url, "honest", query, session).status_code == 200
     assert [c.upstream for c in connections.listed("alice")] == ["honest"]
 
 
@@ -320,7 +333,7 @@ def test_a_registration_made_for_the_shared_callback_is_made_again_for_the_upstr
     honest.clients["old-client"] = [f"{one_url}/connections/callback"]
     connections.store.add_client("honest", honest.base, old)
 
-    link = parse_qs(urlsplit(run(connections.start, "alice", "honest")).query)
+    link = parse_qs(urlsplit(_started(one, "alice", "honest")[0]).query)
 
     assert link["client_id"] != ["old-client"]
     assert link["redirect_uri"] == [f"{one_url}/connections/honest/callback"]
@@ -331,8 +344,8 @@ def test_a_registration_made_for_the_shared_callback_is_made_again_for_the_upstr
 def test_a_token_endpoints_refusal_reaches_the_callback_page_escaped_and_cut(peers):
     one, honest, _, one_url = peers
     honest.refusal = {"error": "invalid_request", "error_description": HOSTILE}
-    query = _answer_of(run(one.state.connections.start, "alice", "honest"))
-    page = _callback(one, one_url, "honest", query)
+    query, session = _answer_of(_started(one, "alice", "honest"))
+    page = _callback(one_url, "honest", query, session)
     assert page.status_code == 502
     assert_escaped_and_cut(page.text, page=True)
     assert one.state.connections.listed("alice") == []
@@ -342,13 +355,12 @@ def test_the_iss_and_upstream_of_a_callback_query_are_shown_escaped_and_cut(peer
     """Anyone can send a signed-in person back to a callback with any ``iss`` and upstream
     name in the URL: the refusal shows them as `bastion.names.readable` does."""
     one, _, _, one_url = peers
-    connections = one.state.connections
-    query = _answer_of(run(connections.start, "alice", "honest"))
-    page = _callback(one, one_url, "honest", {**query, "iss": HOSTILE})
+    query, session = _answer_of(_started(one, "alice", "honest"))
+    page = _callback(one_url, "honest", {**query, "iss": HOSTILE}, session)
     assert page.status_code == 400 and "nothing was connected" in page.text
     assert_escaped_and_cut(page.text, page=True)
 
-    query = _answer_of(run(connections.start, "alice", "honest"))
-    page = _callback(one, one_url, quote(HOSTILE, safe=""), query)
+    query, session = _answer_of(_started(one, "alice", "honest"))
+    page = _callback(one_url, quote(HOSTILE, safe=""), query, session)
     assert page.status_code == 400 and "nothing was connected" in page.text
     assert_escaped_and_cut(page.text, page=True)

@@ -485,16 +485,16 @@ def test_the_link_of_one_user_is_refused_to_another(lab, tab):
 
 
 def test_a_connection_is_finished_only_by_the_person_who_started_it(lab):
-    location = run(lab.connections.start, "bob", "tracker")
+    location = run(lambda: lab.connections.start("bob", "tracker", browser="b"))
     state = parse_qs(urlsplit(location).query)["state"][0]
     from bastion.connections.service import FlowRefused
 
     with pytest.raises(FlowRefused) as refused:
-        run(lab.connections.finish, "alice", "tracker", state, "any-code")
+        run(lambda: lab.connections.finish("alice", "tracker", state, "any-code", browser="b"))
     assert refused.value.status == 403
     # Spent: bob cannot finish it either, after alice tried.
     with pytest.raises(FlowRefused):
-        run(lab.connections.finish, "bob", "tracker", state, "any-code")
+        run(lambda: lab.connections.finish("bob", "tracker", state, "any-code", browser="b"))
     assert lab.connections.listed("bob") == []
 
 
@@ -504,18 +504,18 @@ def test_a_connection_older_than_flow_seconds_is_refused_at_its_end(lab):
     clock = ManualClock(time.time())
     saved, lab.connections.clock = lab.connections.clock, clock
     try:
-        location = run(lab.connections.start, "bob", "tracker")
+        location = run(lambda: lab.connections.start("bob", "tracker", browser="b"))
         state = parse_qs(urlsplit(location).query)["state"][0]
         clock.now += lab.connections.settings["tracker"].flow_seconds + 1
         with pytest.raises(FlowRefused) as refused:
-            run(lab.connections.finish, "bob", "tracker", state, "any-code")
+            run(lambda: lab.connections.finish("bob", "tracker", state, "any-code", browser="b"))
     finally:
         lab.connections.clock = saved
     assert refused.value.status == 400
     assert refused.value.message == "This connection took too long; start again."
     # Spent: the same link is refused now, as unknown.
     with pytest.raises(FlowRefused, match="unknown or was already used"):
-        run(lab.connections.finish, "bob", "tracker", state, "any-code")
+        run(lambda: lab.connections.finish("bob", "tracker", state, "any-code", browser="b"))
     assert lab.connections.listed("bob") == []
 
 
@@ -525,7 +525,7 @@ def test_a_connection_whose_authorization_server_is_gone_at_its_end_is_refused_n
     reason), where reading bastion's registration there was an error no page caught (a 500)."""
     from bastion.connections.service import FlowRefused
 
-    location = run(lab.connections.start, "bob", "tracker")
+    location = run(lambda: lab.connections.start("bob", "tracker", browser="b"))
     state = parse_qs(urlsplit(location).query)["state"][0]
     oauth = lab.connections.clients["tracker"]
     saved = (oauth._metadata, oauth.resource, oauth.settings)
@@ -535,7 +535,7 @@ def test_a_connection_whose_authorization_server_is_gone_at_its_end_is_refused_n
     oauth.settings = dataclasses.replace(oauth.settings, issuer="")
     try:
         with pytest.raises(FlowRefused) as refused:
-            run(lab.connections.finish, "bob", "tracker", state, "any-code")
+            run(lambda: lab.connections.finish("bob", "tracker", state, "any-code", browser="b"))
     finally:
         oauth._metadata, oauth.resource, oauth.settings = saved
         dead.close()
@@ -737,7 +737,7 @@ def test_the_callback_says_only_errors_oauth_defines_in_bastions_words(lab, erro
     error; ``error_description`` is never shown."""
     session = lab.one.state.oauth.store.create_session("alice", time.time(), 600)
     query = f"error={error}&error_description=Call+the+spoofer+now" if error else ""
-    location = run(lab.connections.start, "alice", "tracker")
+    location = run(lambda: lab.connections.start("alice", "tracker", browser="b"))
     state = parse_qs(urlsplit(location).query)["state"][0]
     with httpx.Client(cookies={"bastion_session": session}, timeout=10) as http:
         answer = http.get(f"{lab.one_url}/connections/tracker/callback?state={state}&{query}")
@@ -747,7 +747,7 @@ def test_the_callback_says_only_errors_oauth_defines_in_bastions_words(lab, erro
     from bastion.connections.service import FlowRefused
 
     with pytest.raises(FlowRefused):  # the flow is spent
-        run(lab.connections.finish, "alice", "tracker", state, "any-code")
+        run(lambda: lab.connections.finish("alice", "tracker", state, "any-code", browser="b"))
 
 
 def test_administrators_list_and_revoke_connections_with_the_cli(lab, tab, capsys):
@@ -1017,7 +1017,7 @@ def test_a_suspended_person_connects_nothing_and_finishes_no_connection(lab):
     from tests.oauth.support import hidden_fields
 
     create_user(lab.one.state.oauth.store, "held", PASSWORD, time.time(), actor="test")
-    location = run(lab.connections.start, "held", "tracker")
+    location = run(lambda: lab.connections.start("held", "tracker", browser="b"))
     state = parse_qs(urlsplit(location).query)["state"][0]
 
     def kill_switch(change) -> None:

@@ -187,9 +187,9 @@ async def _connect_refresh_and_revoke(service: Connections) -> None:
     """What a person and their agent make bastion send to the authorization server: connect
     (registration, token endpoint), a refresh, a revocation."""
     with contextlib.suppress(UpstreamOAuthError, FlowRefused, ConnectionUnavailable):
-        location = await service.start("alice", "tracker")
+        location = await service.start("alice", "tracker", browser="b")
         state = parse_qs(urlsplit(location).query)["state"][0]
-        await service.finish("alice", "tracker", state, "the-code")
+        await service.finish("alice", "tracker", state, "the-code", browser="b")
     sealed = service.sealer.seal(
         "alice", "tracker", {"access_token": "old", "refresh_token": "refresh-secret"}
     )
