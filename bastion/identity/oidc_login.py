@@ -65,10 +65,10 @@ from bastion.oauth.jwks import (
 from bastion.oauth.sign_in import (
     CSRF_PURPOSE,
     FORM_SECONDS,
-    SESSION_COOKIE,
     browser_cookie,
     local_path,
-    set_cookie,
+    set_session_cookie,
+    start_session,
 )
 from bastion.oauth.store import digest, new_secret
 from bastion.oauth.throttle import client_address
@@ -548,10 +548,8 @@ class OpenIDLogin:
             response = RedirectResponse(
                 next_path, status_code=303, headers={"Cache-Control": "no-store"}
             )
-        session = await run_in_threadpool(
-            self.server.store.create_session, username, self.clock(), settings.session_seconds
-        )
-        set_cookie(response, settings, SESSION_COOKIE, session, settings.session_seconds)
+        session = await run_in_threadpool(start_session, self.server, request, username)
+        set_session_cookie(response, settings, session)
         return response
 
     # -- the provider's metadata -----------------------------------------------------------

@@ -40,6 +40,8 @@ from bastion.oauth.sign_in import (
     check_login,
     read_cookie,
     set_cookie,
+    set_session_cookie,
+    start_session,
 )
 from bastion.oauth.store import (
     Client,
@@ -289,7 +291,7 @@ class AuthorizationEndpoint:
             refused = await self._refuse_login(request, pending, client, username, password)
             if refused is not None:
                 return refused
-            return await run_in_threadpool(self._signed_in, pending, client, username)
+            return await run_in_threadpool(self._signed_in, request, pending, client, username)
         except _PageError as error:
             return error.response
 
@@ -306,17 +308,17 @@ class AuthorizationEndpoint:
         except _PageError as error:
             return error.response
 
-    def _signed_in(self, pending: PendingAuthorization, client: Client, username: str) -> Response:
-        """In a worker thread (the database): a session for the person, then consent or the
-        code."""
+    def _signed_in(
+        self, request: Request, pending: PendingAuthorization, client: Client, username: str
+    ) -> Response:
+        """In a worker thread (the database): a session for the person (the one the browser
+        held ended: `start_session`), then consent or the code."""
         self.server.audit.record("login.succeeded", subject=username, client_id=client.client_id)
-        session = self.store.create_session(
-            username, self.server.clock(), self.settings.session_seconds
-        )
+        session = start_session(self.server, request, username)
         response = self._after_login(
             pending, client, username, prompt=None, status=303, auth_time=self.server.clock()
         )
-        self._set_cookie(response, SESSION_COOKIE, session, self.settings.session_seconds)
+        set_session_cookie(response, self.settings, session)
         return response
 
     async def _refuse_login(

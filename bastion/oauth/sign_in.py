@@ -204,6 +204,24 @@ def clear_cookie(response: Response, settings: OAuthSettings, name: str) -> None
     )
 
 
+def start_session(server: AuthorizationServer, request: Request, username: str) -> str:
+    """In a worker thread (the database): a new session for ``username``, who just signed in,
+    and the end of the session the request's cookie named, whoever's it was. Every sign-in
+    comes here (this page, an authorization request's login, an identity provider's): a
+    session id that was in the browser before the sign-in, planted or copied out of it, is
+    never worth anything after it (session fixation, OWASP Session Management Cheat Sheet,
+    "Renew the Session ID After Any Privilege Level Change")."""
+    previous = read_cookie(request, server.settings, SESSION_COOKIE)
+    if previous:
+        server.store.end_session(previous)
+    return server.store.create_session(username, server.clock(), server.settings.session_seconds)
+
+
+def set_session_cookie(response: Response, settings: OAuthSettings, session: str) -> None:
+    """The session cookie of a session `start_session` made, for as long as it lasts."""
+    set_cookie(response, settings, SESSION_COOKIE, session, settings.session_seconds)
+
+
 def signed_in_as(server: AuthorizationServer, session: str, username: str) -> str:
     """The line of bastion's pages that says who is signed in, with the sign-out button (its
     form token bound to the session it ends)."""
@@ -328,17 +346,15 @@ class SignInEndpoint:
             if refusal.retry_after is not None:
                 response.headers["Retry-After"] = str(refusal.retry_after)
             return response
-        session = await run_in_threadpool(self._signed_in, username)
+        session = await run_in_threadpool(self._signed_in, request, username)
         response = _see_other(next_path)
-        set_cookie(response, self.settings, SESSION_COOKIE, session, self.settings.session_seconds)
+        set_session_cookie(response, self.settings, session)
         return response
 
-    def _signed_in(self, username: str) -> str:
+    def _signed_in(self, request: Request, username: str) -> str:
         """In a worker thread (the database): the audit record and a new session."""
         self.server.audit.record("login.succeeded", subject=username, page="sign-in")
-        return self.server.store.create_session(
-            username, self.server.clock(), self.settings.session_seconds
-        )
+        return start_session(self.server, request, username)
 
 
 class SignOutEndpoint:

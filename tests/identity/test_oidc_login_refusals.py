@@ -27,6 +27,7 @@ from starlette.routing import Route
 from bastion.facts.model import Entity
 from bastion.identity.providers import IdentityConfigError, IdentitySettings
 from bastion.oauth.pkce import s256
+from bastion.oauth.users import create_user
 from tests.oauth.support import free_socket, hidden_fields, serve
 
 from .oidc_support import Person, bastion_with_providers, buttons
@@ -413,6 +414,25 @@ def test_sign_in_page_offers_providers_and_goes_back_to_the_local_page(bastion, 
     back = person.back_from_provider("b", code=code, state=query["state"])
     assert back.status_code == 303 and back.headers["location"] == "/approvals"
     assert "bastion_session" in back.headers["set-cookie"]
+
+
+def test_a_provider_login_ends_the_session_the_browser_held_before(bastion, idp, person):
+    """Signed in through a provider, the browser's earlier session (another person's on a
+    shared browser, or a value planted in it) is ended on the server, not only replaced in the
+    cookie jar (`bastion.oauth.sign_in.start_session`, as for a password)."""
+    if "pat" not in users(bastion):
+        create_user(bastion.server.store, "pat", "pat-password", bastion.clock(), actor="test")
+    earlier = bastion.server.store.create_session("pat", bastion.clock(), 3600)
+    assert bastion.server.store.session_login(earlier, bastion.clock()) is not None
+    page = person.http.get(f"{bastion.url}/sign-in?next=/approvals")
+    response = person.http.post(f"{bastion.url}/login/b", data=hidden_fields(page.text))
+    query = dict(httpx.URL(response.headers["location"]).params)
+    person.http.cookies.set("bastion_session", earlier)
+    back = person.back_from_provider("b", code=idp.issue("b", query), state=query["state"])
+    assert back.status_code == 303 and back.headers["location"] == "/approvals"
+    now = bastion.clock()
+    assert bastion.server.store.session_login(earlier, now) is None
+    assert bastion.server.store.session_login(back.cookies["bastion_session"], now)
 
 
 def test_userinfo_completes_the_id_tokens_claims(bastion, idp, person, client):

@@ -12,6 +12,7 @@ import httpx
 import pytest
 from starlette.routing import Route
 
+from bastion.oauth.users import create_user
 from tests.gateway.support import start
 
 from .support import PASSWORD, Bastion, hidden_fields, pkce_pair, running_bastion
@@ -218,3 +219,39 @@ def test_every_page_form_of_a_whole_server_refuses_another_sites_post_and_no_api
                 assert answer.status_code == 403 and REFUSED in answer.text, path
             else:
                 assert REFUSED not in answer.text, path
+
+
+def test_signing_in_ends_the_session_the_browser_held_before(bastion: Bastion):
+    """A sign-in replaces the browser's session, and the session it held before is ended with
+    it, not left live on the server: the sign-in page, an authorization request's login
+    (``prompt=login``) and a sign-in as another person on a shared browser alike. A session
+    value copied out of the browser (or planted in it) is worth nothing after the next sign-in."""
+    create_user(bastion.server.store, "bob", PASSWORD, bastion.clock(), actor="test")
+    before = signed_in(bastion, "alice").cookies["bastion_session"]
+    # The sign-in page's form, posted by a browser that still holds a session (the form was
+    # opened before, in another tab; another person at the same browser).
+    with httpx.Client(timeout=10, follow_redirects=False) as shared:
+        page = shared.get(f"{bastion.url}/sign-in", params={"next": "/approvals"})
+        form = {**hidden_fields(page.text), "username": "bob", "password": PASSWORD}
+        shared.cookies.set("bastion_session", before)
+        done = shared.post(f"{bastion.url}/sign-in", data=form)
+        assert done.status_code == 303, done.text
+        after = done.cookies["bastion_session"]
+    assert after != before
+    assert not still_signed_in(bastion, before)
+    assert still_signed_in(bastion, after)
+    # An authorization request's login with prompt=login, in a browser signed in already.
+    _, challenge = pkce_pair()
+    params = {**bastion.authorize_params(bastion.register(), challenge), "prompt": "login"}
+    with httpx.Client(timeout=10, follow_redirects=False) as again:
+        again.cookies.set("bastion_session", after)
+        page = again.get(f"{bastion.url}/authorize?{urlencode(params)}")
+        assert page.status_code == 200 and "name=password" in page.text, page.text
+        done = again.post(
+            f"{bastion.url}/authorize/login",
+            data={**hidden_fields(page.text), "username": "alice", "password": PASSWORD},
+        )
+        assert done.status_code in (200, 303), done.text
+        newest = done.cookies["bastion_session"]
+    assert not still_signed_in(bastion, after)
+    assert still_signed_in(bastion, newest)
