@@ -8,10 +8,10 @@ the browser (its session, or the browser cookie before sign-in). Another site ca
 browser send the cookie but cannot read it, so it cannot make a token that matches; a token
 copied from one form is refused by another, and every token is refused after ``max_age``.
 
-A form is also refused when its request's ``Origin`` header names another site than the
-issuer's (`foreign_origin`, the cheat sheet's "verifying origin with standard headers"): every
-current browser sends it with a POST, so another site's page cannot submit one of bastion's forms
-even with a token and cookies it managed to plant.
+A form is also refused when its request's ``Origin`` header (or, without one, its ``Referer``)
+names another site than the issuer's (`foreign_origin`, the cheat sheet's "verifying origin with
+standard headers"): every current browser sends ``Origin`` with a POST, so another site's page
+cannot submit one of bastion's forms even with a token and cookies it managed to plant.
 
 The browser cookie's value is bastion's own too (`FormTokens.browser_id`: random, with a MAC), so
 a value someone else chose and planted in a browser (from a sibling subdomain, or over plain HTTP)
@@ -78,11 +78,19 @@ class FormTokens:
 
 
 def foreign_origin(request: Request, issuer: str) -> str | None:
-    """The request's ``Origin`` when it is there and is not the issuer's origin (``null``, a
-    sandboxed or hidden origin, is not the issuer's either); None otherwise. A browser sends
-    ``Origin`` with every POST, so a form one of bastion's own pages sent has the issuer's."""
+    """Where the request says it was sent from when that is not the issuer's origin; None when
+    it is, or when the request says nothing. That is its ``Origin`` (``null``, a sandboxed or
+    hidden origin, is not the issuer's either); without one, the origin of its ``Referer``
+    (the cheat sheet's fallback: a browser that sends no ``Origin``, or whose extension strips
+    it, still names the page, and bastion's pages send it to bastion, ``Referrer-Policy:
+    same-origin``). A browser sends ``Origin`` with every POST, so a form one of bastion's own
+    pages sent has the issuer's; a request with neither header (a script) is left to the form's
+    CSRF token."""
     sent = request.headers.get("origin")
     if sent is None:
-        return None
+        referer = request.headers.get("referer")
+        if referer is None:
+            return None
+        sent = origin_of(referer) or referer
     own = origin_of(issuer)
     return None if own is not None and normalized_origin(sent) == own else sent[:200]

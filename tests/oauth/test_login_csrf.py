@@ -213,12 +213,21 @@ def test_every_page_form_of_a_whole_server_refuses_another_sites_post_and_no_api
         for wanted in ("/sign-in", "/sign-out", "/authorize/consent", "/approvals/x", "/alerts/x"):
             assert wanted in pages, pages
         assert "/connections/x/connect" in pages and "/connections/x/revoke" in pages, pages
+        # A browser that sends no Origin (an older one, or one an extension strips it from)
+        # still says where the form came from in Referer; another site's page, a sibling
+        # subdomain's, or a page with an opaque origin is refused the same.
+        referers = [
+            {"Referer": "https://evil.example/page"},
+            {"Referer": f"{running.url.replace('127.0.0.1', 'localhost')}/approvals"},
+            {"Referer": "about:blank"},
+        ]
         for path in posts:
-            answer = running.http.post(f"{running.url}{path}", data={"a": "b"}, headers=FOREIGN)
-            if path in pages:
-                assert answer.status_code == 403 and REFUSED in answer.text, path
-            else:
-                assert REFUSED not in answer.text, path
+            for headers in (FOREIGN, *referers):
+                answer = running.http.post(f"{running.url}{path}", data={"a": "b"}, headers=headers)
+                if path in pages:
+                    assert answer.status_code == 403 and REFUSED in answer.text, (path, headers)
+                else:
+                    assert REFUSED not in answer.text, path
 
 
 def test_signing_in_ends_the_session_the_browser_held_before(bastion: Bastion):
