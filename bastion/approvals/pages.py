@@ -23,7 +23,7 @@ from urllib.parse import quote
 
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
-from starlette.responses import RedirectResponse, Response
+from starlette.responses import Response
 from starlette.routing import Route
 
 from bastion.approvals.service import (
@@ -114,7 +114,7 @@ class ApprovalPages:
             session = self._session(request)
             person = await run_in_threadpool(self._person, session)
             if person is None:
-                return _see_other(sign_in_url(self.oauth.settings, self.prefix))
+                return pages.redirect(sign_in_url(self.oauth.settings, self.prefix))
             await self.approvals.current()
             waiting = await run_in_threadpool(self._waiting_for, person)
             # An agent's request for access ahead of time (OpenID CIBA) waits here too.
@@ -145,7 +145,7 @@ class ApprovalPages:
             session = self._session(request)
             person = await run_in_threadpool(self._person, session)
             if person is None:
-                return _see_other(sign_in_url(self.oauth.settings, request.url.path))
+                return pages.redirect(sign_in_url(self.oauth.settings, request.url.path))
             await self.approvals.current()
             shown = await run_in_threadpool(self._shown, request_id, person)
         except (DatabaseUnavailable, Unavailable):
@@ -242,7 +242,7 @@ class ApprovalPages:
                 )
         except (DatabaseUnavailable, Unavailable):
             return _unavailable()
-        return _see_other(request.url.path)
+        return pages.redirect(request.url.path)
 
     def _answered(self, request_id: str, person: str, given: _Answer) -> _Refused | None:
         """In a worker thread: the answer, or why it is refused (the model says)."""
@@ -338,10 +338,6 @@ def _read_answer(form: Any, request: ApprovalRequest) -> _Answer:
 
 
 # -- rendering ---------------------------------------------------------------------------------
-
-
-def _see_other(location: str) -> RedirectResponse:
-    return RedirectResponse(location, status_code=303, headers=pages.SECURITY_HEADERS)
 
 
 def _when(epoch: float, now: float) -> str:

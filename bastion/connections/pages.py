@@ -20,7 +20,7 @@ from urllib.parse import quote
 
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
-from starlette.responses import RedirectResponse, Response
+from starlette.responses import Response
 from starlette.routing import Route
 
 from bastion.connections.service import PATH, Connections, ConnectionUnavailable, FlowRefused
@@ -31,10 +31,6 @@ from bastion.oauth.sign_in import SESSION_COOKIE, read_cookie, sign_in_url, sign
 
 if TYPE_CHECKING:
     from bastion.oauth.server import AuthorizationServer
-
-
-def _see_other(location: str) -> RedirectResponse:
-    return RedirectResponse(location, status_code=303, headers=pages.SECURITY_HEADERS)
 
 
 def _when(epoch: float) -> str:
@@ -77,7 +73,7 @@ class ConnectionPages:
 
     def _sign_in(self, request: Request) -> Response:
         target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
-        return _see_other(sign_in_url(self.oauth.settings, target))
+        return pages.redirect(sign_in_url(self.oauth.settings, target))
 
     # -- GET /connections ----------------------------------------------------------------------
 
@@ -191,7 +187,7 @@ class ConnectionPages:
             return pages.message_page("Cannot connect now", f"{upstream}: {e}", 502)
         except DatabaseUnavailable:
             return _unavailable()
-        return _see_other(location)
+        return pages.redirect(location)
 
     # -- GET /connections/<upstream>/callback --------------------------------------------------
 
@@ -243,7 +239,7 @@ class ConnectionPages:
             await self.connections.revoke(person, upstream, actor=f"user:{person}")
         except DatabaseUnavailable:
             return _unavailable()
-        return _see_other(self.prefix)
+        return pages.redirect(self.prefix)
 
 
 # The error codes of an authorization response (RFC 6749 §4.1.2.1, and RFC 8707 §2 for the

@@ -35,7 +35,7 @@ from joserfc import jws
 from joserfc.errors import JoseError
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
-from starlette.responses import RedirectResponse, Response
+from starlette.responses import Response
 from starlette.routing import Route
 
 from bastion import untrusted_json
@@ -191,11 +191,7 @@ class OpenIDLogin:
             "code_challenge_method": "S256",
         }
         separator = "&" if "?" in endpoints.authorization else "?"
-        return RedirectResponse(
-            f"{endpoints.authorization}{separator}{urlencode(query)}",
-            status_code=303,
-            headers={"Cache-Control": "no-store"},
-        )
+        return pages.redirect(f"{endpoints.authorization}{separator}{urlencode(query)}")
 
     async def _resumed(self, request: Request, form, browser: str) -> tuple[str | None, str]:
         """What the login resumes, once the form's CSRF token and the browser are checked: an
@@ -545,9 +541,7 @@ class OpenIDLogin:
             next_path = local_path(login.next_path or "")
             if next_path is None:  # checked when the login started; checked again here
                 raise LoginRefused("next", "The address to go to is not a page of this server.")
-            response = RedirectResponse(
-                next_path, status_code=303, headers={"Cache-Control": "no-store"}
-            )
+            response = pages.redirect(next_path)
         session = await run_in_threadpool(start_session, self.server, request, username)
         set_session_cookie(response, settings, session)
         return response

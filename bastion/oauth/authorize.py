@@ -105,7 +105,7 @@ def with_query(uri: str, params: dict[str, str | None]) -> str:
 def redirect_with(uri: str, params: dict[str, str | None], status: int = 302) -> RedirectResponse:
     """Redirect to ``uri`` with ``params`` added to its query (keeping the query it already has)."""
     location = with_query(uri, params)
-    return RedirectResponse(location, status_code=status, headers={"Cache-Control": "no-store"})
+    return pages.redirect(location, status)
 
 
 def select_scope(requested: str | None, resource_scopes: tuple[str, ...], client: Client) -> str:

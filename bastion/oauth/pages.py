@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from html import escape
 from urllib.parse import urlsplit
 
-from starlette.responses import HTMLResponse
+from starlette.responses import HTMLResponse, RedirectResponse
 
 from bastion.names import readable
 
@@ -62,6 +62,12 @@ def page(title: str, body: str, status: int = 200, *, wide: bool = False) -> HTM
         f"<h1>{escape(title)}</h1>{body}</body></html>"
     )
     return HTMLResponse(html, status_code=status, headers=SECURITY_HEADERS)
+
+
+def redirect(location: str, status: int = 303) -> RedirectResponse:
+    """A redirect from one of bastion's pages (to another, to sign in, to a client or a
+    provider), with `SECURITY_HEADERS` as every page: never cached, never framed."""
+    return RedirectResponse(location, status_code=status, headers=SECURITY_HEADERS)
 
 
 def shown(name: str) -> str:

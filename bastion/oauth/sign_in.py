@@ -23,7 +23,7 @@ from urllib.parse import urlencode, urlsplit
 
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
-from starlette.responses import RedirectResponse, Response
+from starlette.responses import Response
 
 from bastion.oauth import pages
 from bastion.oauth.throttle import client_address
@@ -253,10 +253,6 @@ def sign_in_url(settings: OAuthSettings, next_path: str) -> str:
     return f"{settings.issuer_path}/sign-in?{urlencode({'next': next_path})}"
 
 
-def _see_other(location: str) -> RedirectResponse:
-    return RedirectResponse(location, status_code=303, headers={"Cache-Control": "no-store"})
-
-
 def _refused_next() -> Response:
     body = (
         "<p class=error role=alert>The address to go to after signing in must be a page of"
@@ -303,7 +299,7 @@ class SignInEndpoint:
         if session and await run_in_threadpool(
             self.server.store.session_user, session, self.server.clock()
         ):
-            return _see_other(next_path)
+            return pages.redirect(next_path)
         return self._form(browser_binding(request, self.server), next_path)
 
     async def submit(self, request: Request) -> Response:
@@ -347,7 +343,7 @@ class SignInEndpoint:
                 response.headers["Retry-After"] = str(refusal.retry_after)
             return response
         session = await run_in_threadpool(self._signed_in, request, username)
-        response = _see_other(next_path)
+        response = pages.redirect(next_path)
         set_session_cookie(response, self.settings, session)
         return response
 

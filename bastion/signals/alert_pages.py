@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
-from starlette.responses import RedirectResponse, Response
+from starlette.responses import Response
 from starlette.routing import Route
 
 from bastion.db import DatabaseUnavailable
@@ -73,9 +73,7 @@ class AlertPages:
         try:
             person = await run_in_threadpool(self._person, session)
             if person is None:
-                return RedirectResponse(
-                    sign_in_url(self.oauth.settings, request.url.path), status_code=303
-                )
+                return pages.redirect(sign_in_url(self.oauth.settings, request.url.path))
             alert = await run_in_threadpool(self._get, alert_id, person)
         except DatabaseUnavailable:
             return _message("Try again", "bastion cannot read its alerts right now.", 503)
@@ -117,7 +115,7 @@ class AlertPages:
                 return _message("Already acknowledged", escape(str(e)), 409)
         except DatabaseUnavailable:
             return _message("Try again", "bastion cannot write its alerts right now.", 503)
-        return RedirectResponse(request.url.path, status_code=303)
+        return pages.redirect(request.url.path)
 
     def _page(self, alert: Alert, person: str, session: str) -> Response:
         rows = [
