@@ -13,6 +13,7 @@ import pytest
 from starlette.routing import Route
 
 from bastion.oauth.users import create_user
+from tests.gateway.support import PASSWORD as GATEWAY_PASSWORD
 from tests.gateway.support import start
 
 from .support import PASSWORD, Bastion, hidden_fields, pkce_pair, running_bastion
@@ -228,6 +229,24 @@ def test_every_page_form_of_a_whole_server_refuses_another_sites_post_and_no_api
                     assert answer.status_code == 403 and REFUSED in answer.text, (path, headers)
                 else:
                     assert REFUSED not in answer.text, path
+        # No API takes a person's session cookie for credentials: a signed-in browser that
+        # another site's page makes send a body no preflight stops (text/plain) to any of them,
+        # on any method, is unauthenticated there (401), so the Origin rule is not needed.
+        with httpx.Client(base_url=running.url, timeout=20) as browser:
+            page = browser.get("/sign-in", params={"next": "/approvals"})
+            form = {**hidden_fields(page.text), "username": "sam", "password": GATEWAY_PASSWORD}
+            assert browser.post("/sign-in", data=form).status_code == 303
+            for route in running.app.routes:
+                if not (isinstance(route, Route) and route.path.startswith(API_PREFIXES)):
+                    continue
+                path = re.sub(r"\{[^}]*\}", "x", route.path)
+                for method in sorted((route.methods or set()) - {"HEAD"}):
+                    if path == "/v1/openapi.json":
+                        continue  # public: it describes the API
+                    answer = browser.request(
+                        method, path, content=b"{}", headers={"Content-Type": "text/plain"}
+                    )
+                    assert answer.status_code == 401, (method, path, answer.status_code)
 
 
 def test_signing_in_ends_the_session_the_browser_held_before(bastion: Bastion):
