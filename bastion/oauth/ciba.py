@@ -15,8 +15,6 @@ and a refresh token when the client has that grant, both ending with the grant (
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import math
 import uuid
 from collections.abc import Callable, Mapping
@@ -103,12 +101,11 @@ def binding_message_problem(message: str, most: int) -> str | None:
     return None
 
 
-def answer_csrf_token(session_id: str, request_id: str) -> str:
-    """The CSRF token of the answer form: bound to the person's login session and to this one
-    request, so neither a form of another session nor one of another request is accepted."""
-    return hmac.new(
-        session_id.encode(), f"bastion:bc-approve:{request_id}".encode(), hashlib.sha256
-    ).hexdigest()
+def answer_purpose(request_id: str) -> str:
+    """What the answer form's CSRF token is made for (`bastion.oauth.csrf`, bound to the
+    person's session): this one request, so neither a form of another session nor one of
+    another request is accepted."""
+    return f"bc-approve:{request_id}"
 
 
 class BackchannelAuthentication:
@@ -409,8 +406,12 @@ class BackchannelAuthentication:
         address: str | None,
         now: float,
     ) -> Response:
-        csrf = form.get("csrf_token", "")
-        if not (csrf and hmac.compare_digest(csrf, answer_csrf_token(session, found.request_id))):
+        if not self.server.form_tokens.valid(
+            form.get("csrf_token", ""),
+            answer_purpose(found.request_id),
+            session,
+            self.settings.session_seconds,
+        ):
             self.server.refusals.record(
                 "ciba.answer_refused", address=address, reason="csrf", client_id=client.client_id
             )
@@ -458,7 +459,7 @@ class BackchannelAuthentication:
         resource = self.settings.resource(found.resource)
         return pages.backchannel_request_page(
             action=self.url(found.request_id),
-            csrf_token=answer_csrf_token(session, found.request_id),
+            csrf_token=self.server.form_tokens.token(answer_purpose(found.request_id), session),
             signed_in=signed_in_as(self.server, session, username),
             client_name=client.client_name,
             client_verified=client.vouched_for,
