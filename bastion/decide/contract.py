@@ -68,6 +68,7 @@ from bastion.policy.ast import Const
 from bastion.policy.errors import Diagnostic, EvaluationLimit
 from bastion.policy.program import Program
 from bastion.policy.runtime import ReadContext
+from bastion.signals.read_only import REASON as READ_ONLY
 from bastion.signals.read_only import read_only_holds, refuses_write
 from bastion.signals.step_up import ERROR as SIGN_IN_AGAIN
 from bastion.signals.step_up import needs_sign_in, required_auth_age
@@ -247,7 +248,7 @@ def _decide_chain(
         approval = approval or bool(s.rows("requires_approval", "bbb", principal, action, resource))
         review = review or bool(s.rows("requires_review", "bbb", principal, action, resource))
     granted = approval and _approval_granted(s, chain, action, resource)
-    read_only = read_only_holds(s, chain, context)
+    read_only = read_only_holds(s, chain, context, resource)
     max_auth_age = required_auth_age(s, chain, action, resource)
     labels = tuple(
         sorted(v if isinstance(v, str) else repr(v) for v in s.rows("label", "bf", resource))
@@ -299,6 +300,22 @@ def policy_result(
         if needs_sign_in(obligations.max_auth_age, auth_time, clock()):
             return "step_up", SIGN_IN_AGAIN
     return "allow", ""
+
+
+def refusing_writes(
+    decision: ChainDecision, action: str, resource: Entity, context: Mapping[str, Any]
+) -> ChainDecision:
+    """``decision``, unless it allows a write that its read-only downgrade refuses
+    (`refuses_write`: a call of a tool not annotated read-only, a method passed through): then
+    that refusal, ``reason`` "read_only", as the gateway refuses it (`policy_result`). For a
+    decision API whose answer a PEP may read as a plain permit (AuthZEN)."""
+    if decision.allowed and refuses_write(
+        decision.obligations.read_only, action, resource, context
+    ):
+        return ChainDecision(
+            False, decision.principals, generation=decision.generation, reason=READ_ONLY
+        )
+    return decision
 
 
 def plainly_allowed(

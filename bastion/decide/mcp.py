@@ -32,6 +32,18 @@ def message_action(resource: Entity) -> str:
     return MESSAGE_ACTIONS[resource.type]
 
 
+def server_of(resource: Entity) -> str | None:
+    """The server an entity of the MCP mapping is on: an ``McpServer``'s id, or the name before
+    the first ``/`` of a ``Tool``'s, ``McpResource``'s or ``Prompt``'s id (a server's name holds
+    no ``/``); None for any other entity, or one whose id names no server."""
+    if resource.__class__ is not Entity or resource.type not in MESSAGE_ACTIONS:
+        return None
+    if resource.type == "McpServer":
+        return resource.id
+    server, slash, _ = resource.id.partition("/")
+    return server if slash and server else None
+
+
 def recorded_action(method: str, resource: Entity, action: str = "") -> str | None:
     """The action a decision record's question asked: the one it names (``action``); for a
     record written before records named it, the one `message_action` gives, where nothing else

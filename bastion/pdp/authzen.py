@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from bastion.decide import Authorizer
-from bastion.decide.contract import ChainDecision, decide_chain, decide_chain_in
+from bastion.decide.contract import ChainDecision, decide_chain, decide_chain_in, refusing_writes
 from bastion.facts.model import Entity, FactError
 from bastion.facts.store import check_entity_size, check_string_size
 
@@ -355,13 +355,16 @@ def decide(
     if held(question.subject):
         decision = _held(question.subject)
     else:
-        decision = decide_chain(
-            authz,
-            (question.subject,),
-            question.action,
-            question.resource,
-            question.context,
-            question.scopes,
+        decision = _decided(
+            question,
+            decide_chain(
+                authz,
+                (question.subject,),
+                question.action,
+                question.resource,
+                question.context,
+                question.scopes,
+            ),
         )
     return answer(decision), decision
 
@@ -386,8 +389,16 @@ def decide_batch(
                 if held(item.subject):
                     decision = _held(item.subject)
                 else:
-                    decision = decide_chain_in(
-                        s, (item.subject,), item.action, item.resource, item.context, item.scopes
+                    decision = _decided(
+                        item,
+                        decide_chain_in(
+                            s,
+                            (item.subject,),
+                            item.action,
+                            item.resource,
+                            item.context,
+                            item.scopes,
+                        ),
                     )
                 reply = answer(decision)
             out.append((reply, decision))
@@ -396,6 +407,13 @@ def decide_batch(
             if batch.semantic == "permit_on_first_permit" and reply["decision"]:
                 break
     return out
+
+
+def _decided(question: Evaluation, decision: ChainDecision) -> ChainDecision:
+    """The contract's ``decision`` as AuthZEN answers it: a write the read-only downgrade
+    refuses is a denial (`refusing_writes`), as at the gateway, never a permit a PEP could
+    take for a plain one."""
+    return refusing_writes(decision, question.action, question.resource, question.context)
 
 
 def answer(decision: ChainDecision) -> dict:
@@ -419,6 +437,9 @@ def answer(decision: ChainDecision) -> dict:
             obligations.append(_obligation("requires_review"))
         if found.max_auth_age is not None:
             obligations.append(_obligation("requires_recent_auth", max_age=found.max_auth_age))
+        if found.read_only:
+            # Downgraded on the target's server: only tools annotated read-only may be called.
+            obligations.append(_obligation("read_only"))
     elif decision.missing_scopes:
         obligations.append(
             _obligation(

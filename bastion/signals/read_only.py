@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
+from bastion.decide.mcp import server_of
 from bastion.facts.model import Entity
 
 if TYPE_CHECKING:
@@ -31,14 +32,28 @@ MEANING = (
 PASSED_THROUGH = "passed_through"
 
 
-def read_only_holds(s: Session, principals: Iterable[Entity], context: Mapping | None) -> bool:
-    """Whether the policy downgrades any principal to read-only on the request's server
-    (``context.server``, set by the gateway; no server, no downgrade to ask about)."""
-    server = context.get("server") if context else None
-    if not isinstance(server, str):
-        return False
-    entity = Entity("McpServer", server)
-    return any(s.rows(PREDICATE, "bb", p, entity) for p in principals)
+def read_only_holds(
+    s: Session,
+    principals: Iterable[Entity],
+    context: Mapping | None,
+    resource: Entity | None = None,
+) -> bool:
+    """Whether the policy downgrades any principal to read-only on the request's server: the
+    one ``resource`` is on (`server_of`: a tool, resource or prompt names its server), and
+    ``context.server`` (set by the gateway; a decision API's caller writes it) where it names
+    another or the target names none. Both are asked: a context that names no server, or
+    another one, never drops the downgrade of the server the target is on."""
+    named = context.get("server") if context else None
+    servers = [named] if isinstance(named, str) else []
+    on = server_of(resource) if resource is not None else None
+    if on is not None and on != named:
+        servers.append(on)
+    principals = tuple(principals)
+    return any(
+        s.rows(PREDICATE, "bb", p, Entity("McpServer", server))
+        for server in servers
+        for p in principals
+    )
 
 
 def is_read_only_tool(annotations: Any) -> bool:

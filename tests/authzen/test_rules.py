@@ -18,6 +18,7 @@ BOB = {"type": "user", "id": "bob"}
 RECORD_1 = {"type": "record", "id": "record-1"}
 RECORD_2 = {"type": "record", "id": "record-2"}
 READ, WRITE = {"name": "read"}, {"name": "write"}
+DOC = {"type": "doc", "id": "d1"}
 ALLOWED = {"subject": ALICE, "action": READ, "resource": RECORD_1}
 EVALUATION = "/access/v1/evaluation"
 EVALUATIONS = "/access/v1/evaluations"
@@ -297,6 +298,13 @@ rate_limit(_u: user, "export", _d: doc, 10, 60);
 requires_scope("delete", _d: doc, "docs:delete");
 requires_approval(_u: user, "share", _d: doc);
 requires_review(_u: user, "review", _d: doc);
+resource Tool {
+  roles = ["caller"];
+  permissions = ["call"];
+  "call" if "caller";
+}
+resource McpServer {}
+read_only(_u: user, McpServer{"prod"});
 """
 
 
@@ -308,22 +316,29 @@ def obligations_pdp(tmp_path_factory, certificate):
     server = HttpsServer(tmp, policy, certificate).start()
     try:
         with server.client(ADMIN_KEY) as admin:
-            fact = {
-                "predicate": "has_role",
-                "args": [ALICE, "reader", {"type": "doc", "id": "d1"}],
-            }
-            assert admin.post("/v1/facts", json={"facts": [fact]}).status_code == 200
+            facts = [
+                {"predicate": "has_role", "args": [ALICE, "reader", {"type": "doc", "id": "d1"}]},
+                *(
+                    {"predicate": "has_role", "args": [ALICE, "caller", tool]}
+                    for tool in (PROD_TOOL, DEV_TOOL)
+                ),
+            ]
+            assert admin.post("/v1/facts", json={"facts": facts}).status_code == 200
         server.key = server.create_key("authzen")
         yield server
     finally:
         server.stop()
 
 
-def ask(server: HttpsServer, action: str, subject: dict = ALICE, **context) -> dict:
-    body = {"subject": subject, "action": {"name": action}, "resource": {"type": "doc", "id": "d1"}}
+PROD_TOOL = {"type": "Tool", "id": "prod/delete"}
+DEV_TOOL = {"type": "Tool", "id": "dev/delete"}
+
+
+def ask(pdp: HttpsServer, action: str, subject: dict = ALICE, on: dict = DOC, **context) -> dict:
+    body = {"subject": subject, "action": {"name": action}, "resource": on}
     if context:
         body["context"] = context
-    with server.client(server.key) as pep:
+    with pdp.client(pdp.key) as pep:
         response = pep.post(EVALUATION, json=body)
     assert response.status_code == 200, response.text
     return response.json()
@@ -399,6 +414,45 @@ def test_obligations_never_turn_a_denial_into_a_permit(obligations_pdp):
     assert ask(obligations_pdp, "delete", subject=stranger, scopes=["docs:delete"]) == {
         "decision": False
     }
+
+
+def test_a_tool_call_under_read_only_is_a_denial_whatever_server_the_context_names(
+    obligations_pdp,
+):
+    """`read_only(actor, McpServer{...})` is the gateway's downgrade: only tools annotated
+    readOnlyHint may be called on that server. An AuthZEN answer had no word for it, so a PEP
+    was told a plain permit for a write; and it was asked only of the server the context named,
+    so a PEP that named none (or another) lost it. Now a write under it is refused, asked of the
+    server the tool is on, as the gateway refuses it."""
+    refused = {"decision": False, "context": {"reason": "read_only"}}
+    contexts = (
+        {"server": "prod"},
+        {},
+        {"server": "dev"},
+        {"server": "prod", "annotations": {"readOnlyHint": False}},
+        {"server": "prod", "annotations": {"readOnlyHint": True}, "passed_through": True},
+    )
+    for context in contexts:
+        assert ask(obligations_pdp, "call", on=PROD_TOOL, **context) == refused, context
+    assert ask(obligations_pdp, "call", on=DEV_TOOL, server="dev") == {"decision": True}
+    batch = {
+        "subject": ALICE,
+        "action": {"name": "call"},
+        "evaluations": [{"resource": PROD_TOOL}, {"resource": DEV_TOOL}],
+    }
+    with obligations_pdp.client(obligations_pdp.key) as pep:
+        answers = pep.post(EVALUATIONS, json=batch).json()["evaluations"]
+    assert answers == [refused, {"decision": True}]
+
+
+def test_a_read_only_tool_under_read_only_is_a_permit_that_carries_the_downgrade(
+    obligations_pdp,
+):
+    """A tool the PEP says is annotated read-only may be called, and the answer says the caller
+    is downgraded, as `/v1/authorize` says `read_only`: the PEP offers it no other tool."""
+    answer = ask(obligations_pdp, "call", on=PROD_TOOL, annotations={"readOnlyHint": True})
+    assert answer["decision"] is True
+    assert obligation(answer) == {"vendor": "bastion", "name": "read_only"}
 
 
 def test_each_evaluation_of_a_batch_carries_its_own_obligations(obligations_pdp):

@@ -33,16 +33,28 @@ allow(actor, action, resource) if has_permission(actor, action, resource);
 # What an agent reads of a document, its salary field is masked.
 mask(_agent: Agent, "read", _doc: Doc, "salary");
 requires_scope("write", _doc: Doc, "docs:write");
+
+resource Tool {
+  roles = ["caller"];
+  permissions = ["call"];
+  "call" if "caller";
+}
+resource McpServer {}
+# The coder agent is downgraded to read-only on the prod server.
+read_only(Agent{"coder"}, McpServer{"prod"});
 """
 FACTS = """
 has_role(User{"sam"}, "writer", Doc{"plan"})
 has_role(User{"sam"}, "reader", Doc{"secret"})
 has_role(Agent{"coder"}, "writer", Doc{"plan"})
 has_role(User{"mallory"}, "reader", Doc{"other"})
+has_role(User{"sam"}, "caller", Tool{"prod/deploy"})
+has_role(Agent{"coder"}, "caller", Tool{"prod/deploy"})
 """
 SAM, MALLORY = Entity("User", "sam"), Entity("User", "mallory")
 CODER, SVG = Entity("Agent", "coder"), Entity("Agent", "svg")
 PLAN, SECRET = Entity("Doc", "plan"), Entity("Doc", "secret")
+DEPLOY = Entity("Tool", "prod/deploy")
 
 
 def ent(e: Entity) -> dict:
@@ -100,6 +112,21 @@ def test_the_callers_scopes_are_held_to_requires_scope(http):
     assert answer["allowed"] is False and answer["reason"] == "insufficient_scope"
     assert answer["missing_scopes"] == ["docs:write"]
     assert authorize(http, [SAM, CODER], "write", PLAN, scopes=["docs:write"])["allowed"] is True
+
+
+def test_read_only_is_asked_of_the_server_the_target_is_on_whatever_the_context_names(http):
+    """The gateway sets ``context.server``; here the caller writes the context. A context that
+    named no server, or another one, left the agent's downgrade out of the obligations of a
+    call of a tool on prod: an allowed answer that said nothing of it."""
+    for context in ({"server": "prod"}, None, {}, {"server": "dev"}, {"server": 7}):
+        more = {} if context is None else {"context": context}
+        answer = authorize(http, [SAM, CODER], "call", DEPLOY, **more)
+        assert answer["allowed"] is True
+        assert answer["obligations"]["read_only"] is True, context
+        check = {"principals": [ent(SAM), ent(CODER)], "action": "call", "resource": ent(DEPLOY)}
+        batch = http.post("/v1/authorize/batch", json={"checks": [{**check, **more}]})
+        assert batch.json()["results"][0]["obligations"]["read_only"] is True, context
+    assert authorize(http, [SAM], "call", DEPLOY)["obligations"]["read_only"] is False
 
 
 def test_a_refused_chain_is_explained_for_the_principal_that_refused(http):
