@@ -259,6 +259,49 @@ def test_a_query_of_allow_answers_nothing_for_a_suspended_actor_and_leaves_it_ou
     assert answers() == before
 
 
+def test_context_facts_never_lift_the_kill_switch(bastion, oso):
+    """A context fact holds for its question as a stored one would, but the kill switch is read
+    from the stored suspensions before the policy is asked, and a context fact only adds: the
+    role it gives, or a suspension of its own, changes nothing for a suspended actor."""
+    erin, org, repo = ids()
+    oso.insert(("has_relation", repo, "parent", org))
+    member = ("has_role", erin, "member", org)
+    assert oso.authorize(erin, "read", repo, [member]) is True
+    with admin(bastion) as http:
+        made = http.post("/v1/suspensions", json={"kind": "user", "id": erin.id})
+        assert made.status_code == 201, made.text
+        try:
+            assert oso.authorize(erin, "read", repo, [member]) is False
+            assert oso.list(erin, "read", "Repo", [member]) == []
+            assert oso.actions(erin, repo, [member]) == []
+            query = oso.build_query(("allow", erin, "read", repo)).with_context_facts([member])
+            assert query.evaluate() is False
+            body = {
+                "actor_type": "User",
+                "actor_id": erin.id,
+                "action": "read",
+                "resource_type": "Repo",
+                "resource_id": repo.id,
+                "context_facts": [
+                    {
+                        "predicate": "has_role",
+                        "args": [
+                            {"type": "User", "id": erin.id},
+                            {"type": "String", "id": "member"},
+                            {"type": "Org", "id": org.id},
+                        ],
+                    }
+                ],
+            }
+            answer = http.post("/api/authorize", json=body)
+            assert answer.json() == {"allowed": False}
+            assert answer.headers["bastion-refusal"] == "suspended"
+        finally:
+            lifted = http.delete(f"/v1/suspensions/user/{erin.id}")
+            assert lifted.status_code in (200, 204), lifted.text
+    assert oso.authorize(erin, "read", repo, [member]) is True
+
+
 def test_in_with_tens_of_thousands_of_ids_keeps_exactly_those_the_rules_allow(oso):
     """Each row of the join is checked against the ids by hash: a list searched once per row
     held the event loop for seconds (60,000 ids against 2,000 repos: 9 s)."""
