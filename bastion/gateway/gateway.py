@@ -8,6 +8,7 @@ import logging
 import secrets
 import signal
 import threading
+import time
 import weakref
 from collections.abc import Awaitable, Callable, Iterable
 from functools import partial
@@ -48,7 +49,7 @@ from bastion.gateway.sessions import (
     Listener,
     Session,
     SessionTable,
-    may_read,
+    read_decision,
 )
 from bastion.gateway.tool_pins import PROMPT, TOOL, ToolPins
 from bastion.gateway.transport import InFlight, StreamableHttpEndpoint, send_json
@@ -652,7 +653,8 @@ class Gateway:
         """Decided again for each notification of a stream (a listen stream, a session's GET
         stream): the token that opened it must still be valid and every principal may still
         ``connect`` (else the stream ends, and a refused ``connect`` is recorded), and for a
-        resource's update, ``read`` it (else that notification is not sent)."""
+        resource's update, ``read`` it (else that notification is not sent): recorded when the
+        answer for that resource differs from the stream's last one (`Listener.withheld`)."""
         try:
             await self.verify_token(
                 listener.token, listener.server, listener.caller.address or None
@@ -678,7 +680,20 @@ class Gateway:
             enforcer.write(verdict.record)  # allowed after all: the facts changed meanwhile
             # Facts may have changed during the decision's own waits: read as they are now.
             await enforcer.settled()
-        return uri is None or may_read(enforcer.authorizer(), caller, listener.server, uri, context)
+        if uri is None:
+            return True
+        started = time.perf_counter()
+        authz = enforcer.authorizer()
+        resource, chain, heard = read_decision(authz, caller, listener.server, uri, context)
+        if heard == (uri in listener.withheld):
+            # The answer changed since the last update (withheld now, or heard again): a
+            # decision record says so, once, rather than one per update per stream.
+            enforcer.record_heard(
+                authz, enforcer.position(), caller, listener.server, method, resource,
+                {**context, "uri": uri}, chain, heard, started,
+            )  # fmt: skip
+            (listener.withheld.discard if heard else listener.withheld.add)(uri)
+        return heard
 
     # -- what users follow (max_subscriptions_per_user) -----------------------------------------
 

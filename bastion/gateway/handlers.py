@@ -968,6 +968,7 @@ async def subscribe(ex: Exchange) -> dict[str, Any]:
         raise await _failed(ex, verdict, e, withheld) from None
     enforcer.write(verdict.record)
     session.subscriptions.add(uri)
+    session.withheld.discard(uri)  # granted again, recorded: heard of from here
     if session.closed and ex.gateway.follows is not None:  # it ended while Redis counted
         ex.gateway.follows.release(session.server, session.subject, session.id, (uri,))
     return {}
@@ -995,6 +996,7 @@ async def unsubscribe(ex: Exchange) -> dict[str, Any]:
     await ex.gateway.admit(ex)
     if uri in session.subscriptions:
         session.subscriptions.discard(uri)
+        session.withheld.discard(uri)
         if ex.gateway.follows is not None:
             # Ended here whatever Redis answers: its entry lapses if it cannot be removed.
             await ex.gateway.follows.drop(session.server, session.subject, session.id, (uri,))

@@ -56,13 +56,6 @@ MAX_SESSIONS_PER_USER = 64
 MAX_SUBSCRIPTIONS_PER_USER = 2000
 
 
-def may_read(
-    authz: Authorizer, caller: Caller, server: str, uri: str, context: dict[str, Any]
-) -> bool:
-    """Whether ``caller`` may hear of the resource ``uri`` now (`read_decision`)."""
-    return read_decision(authz, caller, server, uri, context)[2]
-
-
 def read_decision(
     authz: Authorizer, caller: Caller, server: str, uri: str, context: dict[str, Any]
 ) -> tuple[Entity, ChainDecision, bool]:
@@ -98,6 +91,9 @@ class Session:
     # The resources the client subscribed to (``resources/subscribe``), each allowed ``read``
     # when it did; their updates go on the GET stream, decided again each time.
     subscriptions: set[str] = field(default_factory=set)
+    # Those of them whose updates were withheld at the last update (`Listener.withheld`), kept
+    # with the session so that a GET stream opened again goes on from there.
+    withheld: set[str] = field(default_factory=set)
     # The level of log messages the client asked for (``logging/setLevel``): its own, kept
     # here, never the upstream's for everyone. None: no log messages.
     log_level: str | None = None
@@ -130,6 +126,11 @@ class Listener:
     refused: bool = False
     # Names its follows in Redis (`bastion.gateway.follows`) as a session's id names its own.
     follow_id: str = field(default_factory=lambda: secrets.token_hex(8))
+    # The resources among ``uris`` whose last update was withheld (the caller may no longer
+    # read them): a decision record is written when an update's answer differs from the last
+    # one, not for every update (`Gateway.may_hear`). Every one of ``uris`` was heard of when
+    # it was granted (its own record), so none is withheld at first.
+    withheld: set[str] = field(default_factory=set)
 
     def notify(self, method: str, params: dict[str, Any] | None = None) -> None:
         """Send a notification on the stream; a listen stream's carry the listen request's id.

@@ -858,7 +858,13 @@ class StreamableHttpEndpoint:
         # ended (DELETE) or got a GET stream while this one was being decided.
         _, _, token = headers.get("authorization", "").partition(" ")
         listener = Listener(
-            None, server, caller, token.strip(), frozenset(LIST_CHANGED), session.subscriptions
+            None,
+            server,
+            caller,
+            token.strip(),
+            frozenset(LIST_CHANGED),
+            session.subscriptions,
+            withheld=session.withheld,
         )
         try:
             if session.closed:

@@ -131,7 +131,7 @@ def test_a_streams_notification_is_decided_on_the_facts_in_force_after_its_conne
     from bastion import Authorizer
     from bastion.gateway.enforce import Caller, Enforcer
     from bastion.gateway.gateway import Gateway
-    from bastion.gateway.sessions import Listener, may_read
+    from bastion.gateway.sessions import Listener, read_decision
 
     types = "actor User {}\nactor Agent {}\nresource McpResource {}\n"
     readable = Authorizer(types + 'allow(_, "read", _: McpResource);')
@@ -145,7 +145,9 @@ def test_a_streams_notification_is_decided_on_the_facts_in_force_after_its_conne
     async def verify_token(*args):
         return None
 
+    recorded = []
     enforcer.decide, enforcer.write = decide, lambda record: None
+    enforcer.record_heard = lambda *args: recorded.append(args[-2])  # heard or not
     gateway = SimpleNamespace(
         verify_token=verify_token, enforcer=enforcer, _connect_needs_deciding=lambda *a: True
     )
@@ -153,7 +155,7 @@ def test_a_streams_notification_is_decided_on_the_facts_in_force_after_its_conne
     listener = Listener(None, "desk", caller, "token", frozenset(), frozenset({"notes/a"}))
     method = "notifications/resources/updated"
     heard = asyncio.run(Gateway.may_hear(gateway, listener, method, "notes/a"))
-    assert heard is False
+    assert heard is False and recorded == [False] and listener.withheld == {"notes/a"}
     # Before the change it could be heard: what refused it is the change.
     context = enforcer.context(caller, "desk", method)
-    assert may_read(readable, caller, "desk", "notes/a", context) is True
+    assert read_decision(readable, caller, "desk", "notes/a", context)[2] is True

@@ -126,13 +126,28 @@ def test_losing_read_mid_session_stops_the_updates(bastion, server):
         admin = parse_fact(f'has_role(User{{"avery"}}, "admin", McpServer{{"{server}"}})')
         member = parse_fact('has_role(User{"avery"}, "member", Team{"support"})')
         # avery stays a user of the server, but may no longer read the secret.
+        seq = bastion.records.last_seq()
         bastion.apply(inserts=[member], deletes=[admin])
         try:
+            announce(bastion, server, "updated", "lab://secret")
             announce(bastion, server, "updated", "lab://secret")
             announce(bastion, server, "updated", "lab://open")
             assert next(frames) == updated("lab://open")
         finally:
             bastion.apply(inserts=[admin], deletes=[member])
+        # Readable again: the next update is heard.
+        announce(bastion, server, "updated", "lab://secret")
+        assert next(frames) == updated("lab://secret")
+    # Each change of what the stream hears is a decision record, not each update: withheld
+    # once (twice announced), heard again once; the open resource, never withheld, none.
+    bastion.flush()
+    heard = [
+        (r.result, r.reason, r.target)
+        for _, r in bastion.records.after(seq)
+        if r.method == "notifications/resources/updated"
+    ]
+    secret = f'McpResource{{"{server}/lab://secret"}}'
+    assert heard == [("deny", "not_permitted", secret), ("allow", "", secret)]
 
 
 def test_unsubscribe_stops_the_updates(bastion):
