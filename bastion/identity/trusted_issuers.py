@@ -56,6 +56,7 @@ from bastion.oauth.jwks import (
     issuer_metadata,
     protected_header,
     signing_key,
+    typ_is,
 )
 from bastion.oauth.store import UserStanding
 from bastion.oauth.verifier import VerifiedToken
@@ -494,10 +495,7 @@ class TrustedIssuers:
                 f" {list(issuer.algorithms)}",
                 "alg",
             )
-        if issuer.require_typ and header.get("typ") not in (
-            TOKEN_TYPE,
-            f"application/{TOKEN_TYPE}",
-        ):
+        if issuer.require_typ and not typ_is(header.get("typ"), TOKEN_TYPE):
             raise InvalidToken(f"typ {header.get('typ')!r} is not {TOKEN_TYPE!r}", "typ")
         kid = header.get("kid")
         if kid is not None and not isinstance(kid, str):

@@ -31,6 +31,7 @@ from bastion.egress import (
     metadata_allowance,
     pinned,
 )
+from bastion.http_fields import media_type
 from bastion.tls import fetching_client
 
 _T = TypeVar("_T")
@@ -182,6 +183,16 @@ def protected_header(compact: CompactSignature) -> dict[str, Any]:
     if not isinstance(header, dict):
         raise ValueError("the JWS header is not a JSON object")
     return dict(header)
+
+
+def typ_is(typ: Any, expected: str) -> bool:
+    """Whether a JOSE header's ``typ`` is the media type ``expected`` (``"secevent+jwt"``):
+    RFC 7515 §4.1.9, a media type, so compared without case and with ``application/`` written
+    or left out; no parameters, nothing around it."""
+    if not isinstance(typ, str) or typ != typ.strip(" \t"):
+        return False
+    full = typ if "/" in typ else f"application/{typ}"
+    return ";" not in full and media_type(full) == f"application/{expected}"
 
 
 def has_kid(keys: KeySet, kid: str) -> bool:

@@ -62,6 +62,7 @@ from bastion.oauth.jwks import (
     issuer_metadata,
     protected_header,
     signing_key,
+    typ_is,
 )
 from bastion.oauth.settings import ProtectedResource
 from bastion.oauth.spent_jtis import SpentJtis
@@ -326,7 +327,7 @@ class IdentityAssertionGrant:
         self, header: Mapping[str, Any], claims: Mapping[str, Any]
     ) -> tuple[TrustedIdp, KeySet]:
         typ = header.get("typ")
-        if typ not in (ID_JAG_TYPE, f"application/{ID_JAG_TYPE}"):
+        if not typ_is(typ, ID_JAG_TYPE):
             raise InvalidGrant(f"the assertion's typ is {typ!r}, not {ID_JAG_TYPE!r} (an ID-JAG)")
         issuer = claims.get("iss")
         idp = self.idps.get(issuer) if isinstance(issuer, str) else None

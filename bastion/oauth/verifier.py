@@ -31,6 +31,7 @@ from bastion.db import Database, Listener
 from bastion.oauth.access_token import TOKEN_TYPE
 from bastion.oauth.dpop import token_key
 from bastion.oauth.errors import InvalidToken
+from bastion.oauth.jwks import typ_is
 from bastion.oauth.keys import ALGORITHM, KeyRing
 from bastion.oauth.store import (
     REVOCATIONS_CHANNEL,
@@ -171,7 +172,7 @@ class TokenVerifier:
             raise InvalidToken(
                 f"alg {header.get('alg')!r} is not accepted; tokens are {ALGORITHM}", "alg"
             )
-        if header.get("typ") not in (TOKEN_TYPE, f"application/{TOKEN_TYPE}"):
+        if not typ_is(header.get("typ"), TOKEN_TYPE):
             raise InvalidToken(
                 f"typ {header.get('typ')!r} is not {TOKEN_TYPE!r} (RFC 9068 §4)", "typ"
             )

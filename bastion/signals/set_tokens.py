@@ -21,7 +21,7 @@ from joserfc.jwk import KeySet
 
 from bastion import untrusted_json
 from bastion.oauth.client_assertion import jwks_problem
-from bastion.oauth.jwks import signing_key
+from bastion.oauth.jwks import signing_key, typ_is
 
 SET_TYPE = "secevent+jwt"
 MAX_JTI = 256
@@ -103,8 +103,11 @@ def verify_set(
             "invalid_request",
             f"alg {alg!r} is not accepted; sign SETs with one of {', '.join(algorithms)}",
         )
-    if header.get("typ") != SET_TYPE:
-        raise SetRefused("invalid_request", f"typ must be {SET_TYPE!r} (SSF 1.0, RFC 8417 §2.3)")
+    if not typ_is(header.get("typ"), SET_TYPE):
+        raise SetRefused(
+            "invalid_request",
+            f"typ must be {SET_TYPE!r} or application/{SET_TYPE} (SSF 1.0, RFC 8417 §2.3)",
+        )
     kid = header.get("kid")
     if kid is not None and not isinstance(kid, str):
         raise SetRefused("invalid_request", "kid must be a string")

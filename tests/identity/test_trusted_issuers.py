@@ -533,6 +533,10 @@ def test_typ_is_required_only_where_configured(bastion, idp):
     assert "error" not in call(bastion, idp.token("a", typ=None)).json()
     assert "typ" in refused(call(bastion, idp.token("b", typ=None)))
     assert "error" not in call(bastion, idp.token("b", typ="at+jwt")).json()
+    # A media type (RFC 7515 §4.1.9): without case, application/ written or not.
+    assert "error" not in call(bastion, idp.token("b", typ="application/AT+JWT")).json()
+    for other in ("JWT", "application/at+jwt; x=1", "text/at+jwt"):
+        assert "typ" in refused(call(bastion, idp.token("b", typ=other)))
 
 
 # -- bastion's disabled users ---------------------------------------------------------------------

@@ -760,3 +760,43 @@ def test_facts_from_a_transmitter_with_a_fact_expiry_expire(signals):
     (stored,) = signals.store.get(("device_compliance", parse_fact('x(User{"avery"})')[1], None))
     assert stored.fact[2] == "not-compliant"
     assert time.time() < stored.expires_at <= time.time() + 3600
+
+
+@pytest.mark.parametrize(
+    "typ", ["application/secevent+jwt", "SECEVENT+JWT", "Application/Secevent+JWT"]
+)
+def test_a_set_typed_with_the_full_or_other_case_media_type_is_applied(signals, typ):
+    """``typ`` is a media type (RFC 7515 §4.1.9): compared without case, ``application/`` may be
+    omitted or not. A transmitter writing it whole (or in capitals) revokes as any other; its
+    revocation refused, the user's access stood."""
+    token = signals.token("sam", "deskhttp")
+    assert "error" not in call(signals, token).json()
+    event = signals.pusher.set_token(
+        CAEP + "session-revoked", {}, email("sam@example.com"), header={"typ": typ}
+    )
+    response = signals.pusher.push(event)
+    assert response.status_code == 202, response.text
+    assert call(signals, token).status_code == 401
+
+
+@pytest.mark.parametrize(
+    "typ",
+    [
+        "jwt",
+        "application/jwt",
+        "secevent+jwt; x=1",
+        "text/secevent+jwt",
+        "application/secevent+jwt+x",
+        "secevent+jwt ",
+        None,
+    ],
+)
+def test_a_set_typed_as_anything_else_is_refused(signals, typ):
+    token = signals.token("sam", "deskhttp")
+    event = signals.pusher.set_token(
+        CAEP + "session-revoked", {}, email("sam@example.com"), header={"typ": typ}
+    )
+    response = signals.pusher.push(event)
+    assert response.status_code == 400, response.text
+    assert response.json()["err"] == "invalid_request"
+    assert "error" not in call(signals, token).json()

@@ -60,7 +60,13 @@ class Transmitter:
             **({"sub_id": sub_id} if sub_id is not None else {}),
             **claims,
         }
-        protected = {"alg": "ES256", "typ": "secevent+jwt", "kid": "k1", **(header or {})}
+        # A header member given as None is left out (a SET without typ, say).
+        protected = {
+            name: value
+            for name, value in {"alg": "ES256", "typ": "secevent+jwt", "kid": "k1",
+                                **(header or {})}.items()
+            if value is not None
+        }  # fmt: skip
         return jws.serialize_compact(
             protected,
             json.dumps(payload).encode(),
