@@ -61,7 +61,7 @@ from bastion.signals.settings import (
     Transmitter,
 )
 from bastion.signals.ssf_store import SsfStore
-from bastion.signals.subjects import Subject, SubjectError, parse_subject
+from bastion.signals.subjects import Subject, SubjectError, parse_subject, user_of
 
 log = logging.getLogger("bastion.signals.ssf")
 
@@ -301,11 +301,11 @@ class SsfReceiver:
                 continue
             try:
                 subject = self._subject(verified, body)
+                done["subject"] = subject.describe()
+                user = user_of(subject, t.users)
             except SubjectError as e:
                 done["result"] = f"ignored: {e}"
                 continue
-            done["subject"] = subject.describe()
-            user = t.users.get(subject.user_key) if subject.user_key else None
             if user is not None:
                 users.add(user)
                 done["user"] = user

@@ -61,6 +61,7 @@ def signals(tmp_path_factory):
         "email:dana@example.com": "dana",
         "opaque:avery-0001": "avery",
         "email:lee@example.com": "lee",
+        "email:rowan@example.com": "rowan",
         # Not users of bastion: the trusted issuer's alone.
         "email:kim@example.com": "kim",
         "email:jo@example.com": "jo",
@@ -116,7 +117,7 @@ def signals(tmp_path_factory):
                 signals=table,
                 gateway={"trusted_issuers": trusted},
             ) as running:
-                for name in ("dana", "lee"):
+                for name in ("dana", "lee", "rowan"):
                     create_user(
                         running.app.state.oauth.store, name, PASSWORD, time.time(), actor="test"
                     )
@@ -800,3 +801,42 @@ def test_a_set_typed_as_anything_else_is_refused(signals, typ):
     assert response.status_code == 400, response.text
     assert response.json()["err"] == "invalid_request"
     assert "error" not in call(signals, token).json()
+
+
+def test_a_revocation_naming_the_user_among_aliases_revokes_and_one_naming_two_users_nothing(
+    signals,
+):
+    """RFC 9493 ``aliases``: a session-revoked naming sam by one of several identifiers
+    revokes sam's grants (it was ignored: the user kept access); identifiers that map to two
+    users name neither, and nothing is revoked."""
+    rowan = signals.token("rowan", "deskhttp")
+    assert call(signals, rowan).status_code == 200
+    both = signals.pusher.set_token(
+        CAEP + "session-revoked",
+        {},
+        {
+            "format": "aliases",
+            "identifiers": [email("rowan@example.com"), email("sam@example.com")],
+        },
+    )
+    assert signals.pusher.push(both).status_code == 202
+    assert "more than one user" in received(signals, jti_of(both)).detail["effects"][0]["result"]
+    # rowan's token stands (the policy answers her call; it is not 401 invalid_token).
+    assert call(signals, rowan).status_code == 200
+    sam = signals.token("sam", "deskhttp")
+    assert "error" not in call(signals, sam).json()
+    event = signals.pusher.set_token(
+        CAEP + "session-revoked",
+        {},
+        {
+            "format": "aliases",
+            "identifiers": [
+                {"format": "iss_sub", "iss": "https://idp.example", "sub": "00u9"},
+                email("SAM@example.com"),
+            ],
+        },
+    )
+    assert signals.pusher.push(event).status_code == 202
+    assert call(signals, sam).status_code == 401
+    effect = received(signals, jti_of(event)).detail["effects"][0]
+    assert effect["user"] == "sam" and effect["result"].startswith("revoked ")

@@ -24,7 +24,7 @@ from bastion.server.config import ConfigError, ServerConfig
 from bastion.signals.set_tokens import SetRefused
 from bastion.signals.settings import SignalsConfigError, SsfSettings
 from bastion.signals.ssf_store import SsfStore
-from bastion.signals.subjects import SubjectError, parse_subject
+from bastion.signals.subjects import SubjectError, parse_subject, user_of
 from tests.oauth.support import free_socket, serve
 
 ISSUER = "https://idp.example.com/tenant"
@@ -106,13 +106,13 @@ def test_the_signals_table_is_read_from_bastion_toml(tmp_path):
 
 
 def test_subjects_of_every_format():
-    assert parse_subject({"format": "email", "email": "Sam@Example.COM"}).user_key == (
-        "email:sam@example.com"
+    assert parse_subject({"format": "email", "email": "Sam@Example.COM"}).user_keys == (
+        "email:sam@example.com",
     )
-    assert parse_subject({"format": "iss_sub", "iss": "https://i", "sub": "1"}).user_key == (
-        "iss_sub:https://i|1"
+    assert parse_subject({"format": "iss_sub", "iss": "https://i", "sub": "1"}).user_keys == (
+        "iss_sub:https://i|1",
     )
-    assert parse_subject({"format": "opaque", "id": "x"}).user_key == "opaque:x"
+    assert parse_subject({"format": "opaque", "id": "x"}).user_keys == ("opaque:x",)
     complex_ = parse_subject(
         {
             "format": "complex",
@@ -121,7 +121,7 @@ def test_subjects_of_every_format():
             "session": {"format": "opaque", "id": "s1"},
         }
     )
-    assert (complex_.user_key, complex_.device, complex_.session) == ("email:a@b.c", "d1", "s1")
+    assert (complex_.user_keys, complex_.device, complex_.session) == (("email:a@b.c",), "d1", "s1")
     for bad in ({"format": "phone_number", "phone_number": "+1"}, {"format": "email"}, "x",
                 {"format": "complex"}, {"format": "opaque", "id": "x" * 600}):  # fmt: skip
         with pytest.raises(SubjectError):
@@ -724,3 +724,43 @@ def test_a_transmitter_that_does_not_say_whether_it_speaks_for_devices_is_named_
     named = [r.getMessage() for r in caplog.records if "devices is not set" in r.getMessage()]
     assert len(named) == 1 and named[0].startswith("ssf transmitter mdm:"), named
     assert "devices = true" in named[0]
+
+
+def test_an_issuer_holding_the_separator_cannot_make_another_accounts_key():
+    """``iss_sub`` keys are ``iss_sub:<iss>|<sub>``; subs often hold ``|`` (``auth0|abc``). An
+    issuer holding one (no URL does: RFC 3986) made the key of another issuer's account:
+    ``https://t.example/|auth0`` + ``abc`` was ``https://t.example/`` + ``auth0|abc``."""
+    mapped = parse_subject({"format": "iss_sub", "iss": "https://t.example/", "sub": "auth0|abc"})
+    assert mapped.user_keys == ("iss_sub:https://t.example/|auth0|abc",)
+    with pytest.raises(SubjectError, match="iss"):
+        parse_subject({"format": "iss_sub", "iss": "https://t.example/|auth0", "sub": "abc"})
+
+
+def test_aliases_name_a_user_through_any_of_their_identifiers_and_never_two_users():
+    """RFC 9493 ``aliases``: identifiers all of one subject. It names the user any of
+    them maps to; identifiers mapping to two users name no one (nothing is applied to either)."""
+    users = {"email:sam@example.com": "sam", "opaque:d-1": "dana"}
+    sam = {"format": "email", "email": "Sam@example.com"}
+    other = {"format": "email", "email": "sam@elsewhere.example"}
+    subject = parse_subject({"format": "aliases", "identifiers": [other, sam]})
+    assert user_of(subject, users) == "sam"
+    assert user_of(parse_subject(sam), users) == "sam"
+    assert user_of(parse_subject(other), users) is None
+    both = parse_subject(
+        {"format": "aliases", "identifiers": [sam, {"format": "opaque", "id": "d-1"}]}
+    )
+    with pytest.raises(SubjectError, match="more than one user"):
+        user_of(both, users)
+    in_complex = parse_subject(
+        {"format": "complex", "user": {"format": "aliases", "identifiers": [other, sam]}}
+    )
+    assert user_of(in_complex, users) == "sam"
+    for bad in (
+        {"format": "aliases", "identifiers": []},
+        {"format": "aliases", "identifiers": "x"},
+        {"format": "aliases", "identifiers": [{"format": "aliases", "identifiers": [sam]}]},
+        {"format": "aliases", "identifiers": [sam] * 33},
+        {"format": "complex", "device": {"format": "aliases", "identifiers": [sam]}},
+    ):
+        with pytest.raises(SubjectError):
+            parse_subject(bad)
