@@ -8,7 +8,8 @@ max_body_bytes = 65536          # a pushed SET larger than this is refused (413)
 clock_skew_seconds = 60         # a SET issued further in the future is refused
 max_event_age_seconds = 3600    # a SET issued longer ago is refused (stale)
 jti_retention_seconds = 86400   # jtis remembered (replay refused); >= the age limit + the skew
-jwks_refresh_seconds = 60       # an unknown kid refetches the JWKS at most this often
+jwks_refresh_seconds = 60       # an unknown kid (or a failed fetch of the JWKS or the
+                                # metadata) fetches again at most this often
 jwks_max_keys = 20              # a JWKS with more keys is refused
 algorithms = ["RS256", "PS256", "ES256", "EdDSA"]   # never none, never HS*
 

@@ -38,6 +38,7 @@ from bastion.facts.model import Entity, FactError
 from bastion.facts.store import FactStore, StoredFact, check_storable
 from bastion.http_fields import media_type
 from bastion.oauth.jwks import (
+    CoalescedFetches,
     FetchLimits,
     RemoteDocumentError,
     RemoteKeySets,
@@ -164,30 +165,43 @@ class SsfReceiver:
             )
             for t in settings.transmitters
         }
+        self.discovery = CoalescedFetches(self.limits)
         self._tasks: list[asyncio.Task] = []
 
     # -- the transmitter's metadata and keys (on the event loop) -----------------------------
 
     async def metadata(self, t: Transmitter) -> dict[str, Any]:
-        """The transmitter's configuration metadata (SSF 1.0 §7), read once and checked."""
+        """The transmitter's configuration metadata (SSF 1.0 §7), read once and checked; fetched
+        as its key set is (`CoalescedFetches`): the SETs that need it meanwhile wait for one
+        fetch, and one that failed is not tried again for jwks_refresh_seconds (each SET pushed
+        fetched it again, as many at once as came)."""
         found = self._metadata.get(t.name)
-        if found is None:
-            try:
-                found = await fetch_json(t.configuration_url, self.limits)
-            except RemoteDocumentError as e:
-                raise ValueError(f"{t.configuration_url} {e}") from None
+        if found is not None:
+            return found
+        try:
+            return await self.discovery.once(
+                t.name, lambda: self._fetch_metadata(t), lambda: self._metadata.get(t.name)
+            )
+        except RemoteDocumentError as e:
+            raise ValueError(f"{t.configuration_url} {e}") from None
+
+    async def _fetch_metadata(self, t: Transmitter) -> dict[str, Any]:
+        found = await fetch_json(t.configuration_url, self.limits)
+        try:
             if not isinstance(found, dict) or found.get("issuer") != t.issuer:
                 raise ValueError(
-                    f"{t.configuration_url} names issuer {found.get('issuer')!r}"
-                    f" where {t.issuer!r} is configured"
+                    f"names issuer {found.get('issuer')!r} where {t.issuer!r} is configured"
                     if isinstance(found, dict)
-                    else f"{t.configuration_url} is not a JSON object"
+                    else "is not a JSON object"
                 )
             for key in ("jwks_uri", "configuration_endpoint", "status_endpoint",
                         "verification_endpoint"):  # fmt: skip
                 if key in found:
-                    secure_url(found[key], f"{t.configuration_url}: {key}")
-            self._metadata[t.name] = found
+                    secure_url(found[key], key)
+        except ValueError as e:
+            # A wrong answer is a failure as one not had is: remembered, not asked per SET.
+            raise RemoteDocumentError(str(e)) from None
+        self._metadata[t.name] = found
         return found
 
     async def keys(self, t: Transmitter, token: str) -> KeySet:

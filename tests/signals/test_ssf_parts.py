@@ -132,9 +132,12 @@ def test_subjects_of_every_format():
 def published_keys():
     """A transmitter's metadata and JWKS over real HTTP: ``keys`` is what the JWKS publishes,
     ``fetches`` counts its fetches."""
-    state = {"keys": [], "fetches": 0, "url": ""}
+    state = {"keys": [], "fetches": 0, "url": "", "metadata_fetches": 0, "metadata_status": 200}
 
     async def metadata(request):
+        state["metadata_fetches"] += 1
+        if state["metadata_status"] != 200:
+            return JSONResponse({}, state["metadata_status"])
         return JSONResponse({"issuer": ISSUER, "jwks_uri": f"{state['url']}/jwks"})
 
     async def jwks(request):
@@ -764,3 +767,45 @@ def test_aliases_name_a_user_through_any_of_their_identifiers_and_never_two_user
     ):
         with pytest.raises(SubjectError):
             parse_subject(bad)
+
+
+def test_a_transmitters_metadata_that_cannot_be_had_is_not_fetched_for_every_set(
+    published_keys, tmp_path
+):
+    """Its key set's failures are remembered for jwks_refresh_seconds, and so must the
+    metadata's that names it: each SET pushed while it answered 503 fetched it again (each up
+    to 10 s), as many at once as SETs came."""
+    key = ECKey.generate_key("P-256", parameters={"kid": "k1"})
+    published_keys["keys"] = [key.as_dict(private=False)]
+    published_keys["metadata_status"] = 503
+    receiver, t, db = receiver_of(published_keys, tmp_path, jwks_refresh_seconds=60)
+    now = [1000.0]
+    receiver.discovery.clock = lambda: now[0]
+
+    async def many(count: int) -> list:
+        results: list = []
+
+        async def one() -> None:
+            try:
+                results.append(await receiver.keys(t, set_with_kid("k1")))
+            except SetRefused as e:
+                results.append(e)
+
+        async with anyio.create_task_group() as tg:
+            for _ in range(count):
+                tg.start_soon(one)
+        return results
+
+    try:
+        refused = anyio.run(many, 5)
+        assert all(isinstance(r, SetRefused) and r.err == "invalid_key" for r in refused)
+        assert "503" in refused[0].description
+        refused = anyio.run(many, 5)
+        assert all(isinstance(r, SetRefused) for r in refused)
+        assert published_keys["metadata_fetches"] == 1
+        published_keys["metadata_status"] = 200
+        now[0] += 61  # past jwks_refresh_seconds: fetched again, and kept
+        assert all(r.get_by_kid("k1") for r in anyio.run(many, 3))
+        assert published_keys["metadata_fetches"] == 2
+    finally:
+        db.close()
