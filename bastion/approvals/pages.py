@@ -523,12 +523,14 @@ def _answer_form(
 def _granted(request: ApprovalRequest) -> str:
     """What an approval for minutes lets through, as the grant says it (`approval_grant(user,
     agent, action, target)`): the action and target as the policy sees them, for this user
-    through this agent, with any arguments, and the MCP requests decided so."""
+    through this agent (a delegated call's: this chain of agents), with any arguments, and the MCP
+    requests decided so."""
     resource = Entity.parse(request.target)
     requests = DECIDED_AS.get(resource.type)
+    through = "this chain of agents" if request.agents else "this agent"
     return (
         f"any <code>{pages.shown(request.action)}</code> of <code>{pages.shown(request.target)}"
-        f"</code> by <strong>{pages.shown(request.subject)}</strong> through this agent, with"
+        f"</code> by <strong>{pages.shown(request.subject)}</strong> through {through}, with"
         " any arguments" + (f" ({escape(requests)})" if requests else "")
     )
 

@@ -30,7 +30,7 @@ from bastion.approvals.settings import ApprovalSettings
 from bastion.approvals.store import OPEN, Answer, ApprovalRequest, ApprovalStore
 from bastion.audit.log import AuditLog
 from bastion.decide import Authorizer, Session
-from bastion.decide.contract import path_keys
+from bastion.decide.contract import approval_grant_agent, path_keys
 from bastion.facts.model import Entity
 from bastion.facts.store import FactStore, StoredFact, check_storable
 from bastion.names import is_name, readable
@@ -1121,7 +1121,7 @@ class Approvals:
         return (
             GRANT,
             Entity("User", request.subject),
-            Entity("Agent", request.client_id),
+            approval_grant_agent(request.chain),
             request.action,
             Entity.parse(request.target),
         )

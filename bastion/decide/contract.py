@@ -43,9 +43,8 @@ Alerts are asked of every principal on every decision, allowed or refused (``con
 what happened); they never change the answer.
 
 An ``approval_grant(user, agent, action, resource)`` fact (an approval for N minutes, stored
-with an expiry) satisfies ``requires_approval`` for that user and agent: the agent calling, the
-last of the chain, whose call was held; in a chain the grant of an agent before it does not
-count. The rules about who may approve (``approver`` and its companions) are asked by
+with an expiry) satisfies ``requires_approval`` for that user and chain of agents: the chain whose
+call was held (`approval_grant_agent` names it), no shorter, longer or other one. The rules about who may approve (``approver`` and its companions) are asked by
 `bastion.approvals.service`.
 
 A request whose evaluation spends its budget is refused with ``reason`` "evaluation_limit": the
@@ -55,6 +54,7 @@ with the policy (`bastion.decide.authorizer.CONTRACT_SHAPES`), never while servi
 
 from __future__ import annotations
 
+import json
 import re
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -638,13 +638,27 @@ def _decision_time(context: dict | None) -> float:
     return at.timestamp() if isinstance(at, datetime) else time.time()
 
 
+def approval_grant_agent(agents: Sequence[str]) -> Entity:
+    """The agent an ``approval_grant`` fact names for a call through ``agents`` (first to
+    calling): the agent itself for a direct grant (one agent), else the whole chain as the JSON
+    list of its client ids (``Agent{"[\\"coder\\",\\"icons\\"]"}``). A grant for minutes is
+    bound to the chain of the held call, as a single-use approval is: a sub-agent's grant working
+    for one agent counts neither for its direct calls nor working for another, and an agent's
+    grant for its direct calls never covers it as a sub-agent. bastion's client ids never start
+    with ``[`` (a uuid, an https URL); an agent a trusted issuer names so is written as a list of
+    one, so no chain reads as one agent, nor one agent as a chain."""
+    if len(agents) == 1 and not agents[0].startswith("["):
+        return Entity("Agent", agents[0])
+    return Entity("Agent", json.dumps(list(agents), separators=(",", ":")))
+
+
 def _approval_granted(s: Any, chain: tuple[Entity, ...], action: str, resource: Entity) -> bool:
-    """Whether a live ``approval_grant`` covers this call: one for the user and the agent calling
-    now (the last of the chain), which is whose call the approval held and granted. A sub-agent
-    never inherits a grant given to an agent before it in the chain."""
-    return len(chain) > 1 and bool(
-        s.rows("approval_grant", "bbbb", chain[0], chain[-1], action, resource)
-    )
+    """Whether a live ``approval_grant`` covers this call: one for the user and this chain of
+    agents (`approval_grant_agent`), whose call the approval held and granted."""
+    if len(chain) < 2:
+        return False
+    agent = approval_grant_agent(tuple(p.id for p in chain[1:]))
+    return bool(s.rows("approval_grant", "bbbb", chain[0], agent, action, resource))
 
 
 # What `requires_signal` is asked about for a call that names no device (`call_device`): no

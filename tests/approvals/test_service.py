@@ -904,17 +904,21 @@ def test_an_approval_for_minutes_is_an_expiring_fact_the_contract_sees(world):
     assert not other.obligations.approval_granted
 
 
-def test_an_approval_for_minutes_covers_the_agent_whose_call_was_held_not_its_sub_agents(world):
-    """In a chain (sam, A, B), the call is B's (the gateway holds it with B as its client): A's
-    grant for minutes does not let B through on A's behalf; B's own grant does."""
+def test_an_approval_for_minutes_covers_the_chain_whose_call_was_held_and_no_other(world):
+    """A grant for minutes is bound to the whole chain of the held call, as a single-use
+    approval is: in (sam, A, B) the call is B's through A. A's grant for its own calls does not
+    let B through on A's behalf; B's grant for its direct calls does not let it through working
+    for A, nor the grant of B working for A its direct calls or its calls working for C."""
     approvals, authz, facts, _ = world
-    first, sub = Entity("Agent", "A"), Entity("Agent", "B")
-    chain = (sam, first, sub)
+    first, sub, other = Entity("Agent", "A"), Entity("Agent", "B"), Entity("Agent", "C")
 
-    def grant_for(agent: Entity) -> tuple:
-        request = held(approvals, dataclasses.replace(call(send), client_id=agent.id))
+    def grant_for(agents: tuple[str, ...]) -> tuple:
+        held_call = dataclasses.replace(
+            call(send), client_id=agents[-1], agents=agents[1:] and agents
+        )
+        request = held(approvals, held_call)
         approvals.answer(request.id, "avery", "approve", minutes=15, channel="api")
-        [stored] = list(facts.get(("approval_grant", sam, agent, None, None)))
+        [stored] = list(facts.get(("approval_grant", sam, None, None, None)))
         authz.facts.apply([stored.fact], [])  # what a replica does when it reads the change
         return stored.fact
 
@@ -925,12 +929,21 @@ def test_an_approval_for_minutes_covers_the_agent_whose_call_was_held_not_its_su
         assert plainly == decided.approval_granted  # the gateway's two questions agree
         return decided.approval_granted
 
-    a_grant = grant_for(first)
-    assert granted((sam, first)) and not granted(chain)
-    facts.apply(deletes=[a_grant])
-    authz.facts.apply([], [a_grant])
-    grant_for(sub)
-    assert granted(chain) and granted((sam, sub)) and not granted((sam, first))
+    def revoke(fact: tuple) -> None:
+        facts.apply(deletes=[fact])
+        authz.facts.apply([], [fact])
+
+    a_grant = grant_for(("A",))
+    assert granted((sam, first)) and not granted((sam, first, sub))
+    revoke(a_grant)
+    b_grant = grant_for(("B",))
+    assert granted((sam, sub))
+    assert not granted((sam, first, sub)) and not granted((sam, other, sub))
+    revoke(b_grant)
+    grant_for(("A", "B"))
+    assert granted((sam, first, sub))
+    assert not granted((sam, sub)) and not granted((sam, other, sub)) and not granted((sam, first))
+    assert not granted((sam, other, first, sub))
 
 
 def test_an_approval_for_minutes_the_store_cannot_hold_is_refused_before_it_is_written(world):

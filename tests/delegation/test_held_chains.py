@@ -16,6 +16,8 @@ requires_approval(_user: User, "call", Tool{"studio/write_svg"});
 requires_review(_user: User, "call", Tool{"studio/read_file"});
 approver(User{"avery"}, _user: User, "call", Tool{"studio/write_svg"});
 approver(User{"avery"}, _user: User, "call", Tool{"studio/read_file"});
+approval_window(_user: User, "call", Tool{"studio/write_svg"}, 30);
+declare approval_grant(User, Agent, String, Tool);
 """
 
 
@@ -53,10 +55,10 @@ def held(studio, token: str, tool: str, arguments: dict, reason: str) -> str:
     return answer["error"]["data"]["approval_id"]
 
 
-def answer_as_avery(studio, request_id: str) -> None:
+def answer_as_avery(studio, request_id: str, **terms) -> None:
     response = studio.http.post(
         f"{studio.url}/v1/approvals/{request_id}/approve",
-        json={"approver": "avery"},
+        json={"approver": "avery", **terms},
         headers={"authorization": f"Bearer {ADMIN_KEY}"},
     )
     assert response.status_code == 200, response.text
@@ -83,6 +85,24 @@ def test_an_approval_given_for_one_chain_is_not_spent_by_another(studio):
     assert studio.upstream.written == written, "nothing the other chain sent reached the studio"
     assert refusal(studio.call(first, "write_svg", **draw)) == ("ok",)
     assert studio.upstream.written == [*written, ("write_svg", "icons", "approved.svg")]
+
+
+def test_an_approval_for_minutes_given_for_one_chain_lets_no_other_through(studio):
+    """A grant for minutes is bound to the chain whose call was held, as a single-use approval
+    is: the sub-agent working for the other coding agent, or on its own grant from sam, is held
+    on a request of its own. (Before, the grant named the sub-agent alone and let both through.)"""
+    first, second = two_chains(studio, "window")
+    draw = {"folder": "icons", "name": "window.svg", "svg": "<svg/>"}
+    request = held(studio, first, "write_svg", draw, "approval_pending")
+    answer_as_avery(studio, request, minutes=15)
+    # A fact written through /v1/facts is answered once this replica has applied it, and so the
+    # grant written before it.
+    studio.facts(("has_role", "User:window-witness", "designer", "McpServer:studio"))
+    written = list(studio.upstream.written)
+    again = {**draw, "name": "again.svg"}
+    assert refusal(studio.call(first, "write_svg", **again)) == ("ok",)
+    assert held(studio, second, "write_svg", again, "approval_pending") != request
+    assert studio.upstream.written == [*written, ("write_svg", "icons", "again.svg")]
 
 
 def test_the_people_asked_see_whom_the_calling_agent_works_for(studio):
