@@ -26,6 +26,7 @@ import contextlib
 import itertools
 import json
 import logging
+import math
 import os
 import shutil
 from collections.abc import Awaitable, Callable
@@ -51,7 +52,7 @@ from bastion.gateway.jsonrpc import (
     error_parts,
 )
 from bastion.http_fields import media_type
-from bastion.json_encoding import decode
+from bastion.json_encoding import decoder
 
 log = logging.getLogger("bastion.gateway.upstream")
 
@@ -480,7 +481,7 @@ class StdioUpstream(Upstream):
         try:
             while line := await process.stdout.readline():
                 try:
-                    message = json.loads(line)
+                    message = _message(line)
                 except (ValueError, RecursionError):  # not JSON, or nested past Python's stack
                     log.warning("upstream %s wrote a line that is not JSON", self.name)
                     continue
@@ -787,7 +788,7 @@ class HttpUpstream(Upstream):
                 )
             if kind == _EVENT_STREAM:
                 return await self._from_events(response, message["id"], ask, hear)
-            data = _json_body(await response.read())
+            data = _message(await response.read())
             if not isinstance(data, dict):
                 raise UpstreamFailure(
                     UPSTREAM_UNAVAILABLE, f"upstream {self.name} sent a non-object"
@@ -1045,12 +1046,35 @@ def _is_event_stream(response: Response) -> bool:
     return _media_type(response) == _EVENT_STREAM
 
 
-def _json_body(data: bytes) -> Any:
-    """``json.loads(data)``, skipping its guess of the encoding for a body that opens an object
-    with a byte that is not NUL (which it reads as UTF-8 too: no BOM, no UTF-16 or UTF-32)."""
-    if data[:1] == b"{" and data[1:2] != b"\0":
-        return decode(data.decode("utf-8", "surrogatepass"))
-    return json.loads(data)
+def _not_json(constant: str) -> Any:
+    raise ValueError(f"a message holds {constant}, which is not JSON (RFC 8259 §6)")
+
+
+def _finite(text: str) -> float:
+    number = float(text)
+    if number in _INFINITE:
+        raise ValueError(f"a message holds {text[:40]}, a number past what a float holds")
+    return number
+
+
+_INFINITE = (math.inf, -math.inf)
+# An upstream's message as JSON reads it: ``NaN``, ``Infinity`` and a number a float cannot hold
+# (which Python's reader takes as infinity) are refused as not JSON, never written on to a
+# client that could not read them. The C scanner calls neither hook for the usual numbers.
+_decode_message = decoder(json.JSONDecoder(parse_constant=_not_json, parse_float=_finite))
+
+
+def _message(data: bytes | str) -> Any:
+    """An upstream's message (a line of a stdio upstream, an event, a JSON body) as
+    ``json.loads`` reads it (the same value, or the same error), but strictly: ``NaN``,
+    ``Infinity`` and a number past a float's range raise `ValueError` (`_decode_message`). A
+    body that opens an object is read as UTF-8 without ``json.loads``'s guess of the encoding
+    (which reads it so too: no BOM, no UTF-16 or UTF-32)."""
+    if data.__class__ is not str:
+        if data[:1] != b"{" or data[1:2] == b"\0":
+            return json.loads(data, parse_constant=_not_json, parse_float=_finite)
+        data = data.decode("utf-8", "surrogatepass")
+    return _decode_message(data)
 
 
 async def _events(response: Response, stream: EventStream | None = None):
@@ -1088,7 +1112,7 @@ async def _events(response: Response, stream: EventStream | None = None):
         if not text.strip():
             continue
         try:
-            message = json.loads(text)
+            message = _message(text)
         except (ValueError, RecursionError):  # not JSON, or nested past Python's stack
             log.warning("an upstream sent an event that is not JSON")
             continue

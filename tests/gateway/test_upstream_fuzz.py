@@ -117,6 +117,8 @@ class Scripted:
         self.initialized = INITIALIZED if initialized is None else initialized
         self.answer: dict = answer or {"result": {}}
         self.raw: bytes | None = None
+        # Or the answer as an event stream of these texts, "ID" standing for the request's id.
+        self.raw_events: list[str] | None = None
         self.notes: list[dict] = []
         self.app = Starlette(routes=[Route("/mcp", self.post, methods=["POST"])])
 
@@ -130,6 +132,10 @@ class Scripted:
         if self.raw is not None:  # the answer as bytes, "ID" standing for the request's id
             body = self.raw.replace(b'"ID"', json.dumps(message["id"]).encode())
             return Response(body, media_type="application/json")
+        if self.raw_events is not None:
+            texts = [e.replace('"ID"', json.dumps(message["id"])) for e in self.raw_events]
+            body = "".join(f"event: message\ndata: {e}\n\n" for e in texts)
+            return Response(body, media_type="text/event-stream")
         answer = {**self.answer, "jsonrpc": "2.0", "id": message["id"]}
         if not self.notes:
             return JSONResponse(answer)
@@ -687,3 +693,48 @@ def test_an_upstream_that_never_answers_its_start_fails_each_call_in_its_timeout
         for answer in answers:
             assert answer["error"]["code"] == -32000, answer
             assert "did not start within 1s" in answer["error"]["message"], answer
+
+
+def _not_json(constant: str):
+    raise AssertionError(f"the client was sent {constant}, which is not JSON")
+
+
+@pytest.mark.parametrize("number", ["NaN", "Infinity", "-Infinity", "1e999", "-1e400"])
+@pytest.mark.parametrize("where", ["answer", "answer as an event", "notification"])
+@pytest.mark.parametrize("old", [False, True])
+def test_a_number_json_has_not_from_an_upstream_never_reaches_the_client(
+    bastion, token, upstream, legacy, number, where, old
+):
+    """``NaN``, ``Infinity`` and a number past a float's range (which Python's reader takes as
+    infinity) are not JSON (RFC 8259 §6): an upstream's message holding one is refused as not
+    JSON, never written on to the client, which could not read what it got."""
+    text = f'{{"jsonrpc": "2.0", "id": "ID", "result": {{"structuredContent": {{"n": {number}}}}}}}'
+    note = f'{{"method": "notifications/message", "params": {{"level": "info", "data": {number}}}}}'
+    if where == "answer":
+        upstream.raw = text.encode()
+    elif where == "answer as an event":
+        upstream.raw_events = [json.dumps({"method": "notifications/x"}), text]
+    else:
+        upstream.raw_events = [note, '{"jsonrpc": "2.0", "id": "ID", "result": {}}']
+    try:
+        body, headers = (
+            modern_request(9, "tools/call", {"name": "plain", "arguments": {}}),
+            modern_headers(token, "tools/call", "plain"),
+        )
+        if old:
+            body = {"jsonrpc": "2.0", "id": 9, "method": "tools/call"}
+            body["params"], headers = {"name": "plain", "arguments": {}}, legacy
+        response = bastion.http.post(bastion.mcp_url("fuzz"), json=body, headers=headers)
+    finally:
+        upstream.raw = upstream.raw_events = None
+    assert response.status_code == 200, response.text
+    if response.headers["content-type"].startswith("text/event-stream"):
+        frames = [line[5:] for line in response.text.splitlines() if line.startswith("data:")]
+    else:
+        frames = [response.text]
+    got = [json.loads(frame, parse_constant=_not_json) for frame in frames if frame.strip()]
+    assert got and got[-1].get("id") == 9, got
+    if where == "notification":
+        assert "result" in got[-1], got  # the notification dropped, the answer relayed
+    else:
+        assert "error" in got[-1] and "upstream" in got[-1]["error"]["message"], got
