@@ -69,11 +69,14 @@ from bastion.policy.runtime import (
     PolicyList,
     built,
     compare,
+    compare_negated,
     contains,
     counted_members,
     exhausted,
+    proved_or_undecided,
     same,
     spent,
+    undecided,
 )
 
 # Blocks one generated function may nest before the rest of a body moves to a continuation.
@@ -224,6 +227,9 @@ class CompiledPolicy:
             "Entity": Entity,
             "Many": Many,
             "_compare": compare,
+            "_compare_negated": compare_negated,
+            "_proved_or_undecided": proved_or_undecided,
+            "_undecided": undecided,
             "_contains": contains,
             "_same": same,
             "_members": counted_members,
@@ -240,6 +246,9 @@ class CompiledPolicy:
         self._names: dict[Node, str] = {}
         self._constants: dict[Any, str] = {}
         self._counter = itertools.count()
+        # 'not's open around the code being emitted, within one rule: inside one, a condition
+        # that has values but cannot be decided raises `Undecided` (see `_negation`).
+        self._negating = 0
         self._groups = itertools.count()
         # Tarjan's algorithm, run over shapes as they are generated.
         self._tick = itertools.count()
@@ -487,6 +496,14 @@ class CompiledPolicy:
         return "\n".join(out.lines) + "\n"
 
     def _generate_lines(self, node: Node) -> _Emitter:
+        # A predicate called from inside a 'not' is compiled once for every caller: as outside.
+        negating, self._negating = self._negating, 0
+        try:
+            return self._generate_clauses(node)
+        finally:
+            self._negating = negating
+
+    def _generate_clauses(self, node: Node) -> _Emitter:
         out = _Emitter()
         params = [f"a{i}" for i, m in enumerate(node.mask) if m == "b"]
         is_bool = "f" not in node.mask
@@ -820,6 +837,13 @@ class CompiledPolicy:
             if read == "arith":
                 op, left, right = path
                 out.emit(depth, f"{tmp} = _arith({op!r}, {left}, {right})")
+                if self._negating:  # values that give no result: not a missing field
+                    given = "".join(
+                        f" and {operand} is not MISSING"
+                        for operand in (left, right)
+                        if operand.isidentifier()  # a constant in the rule is a value
+                    )
+                    out.emit(depth, f"if {tmp} is MISSING{given}: _undecided()")
             elif read == "entity":
                 type_name, made = path
                 out.emit(depth, f"{tmp} = _entity_of({type_name!r}, {made})")
@@ -950,7 +974,8 @@ class CompiledPolicy:
         elif lit.op == "in":
             out.emit(depth, f"if _contains(q, {right}, {left}):")
         else:
-            out.emit(depth, f"if _compare({lit.op!r}, {left}, {right}):")
+            compare = "_compare_negated" if self._negating else "_compare"
+            out.emit(depth, f"if {compare}({lit.op!r}, {left}, {right}):")
         return depth + 1
 
     def _negation(
@@ -965,13 +990,20 @@ class CompiledPolicy:
         inner_statics = {v: statics[v] for v in shared if v in statics}
         order = plan(lit.body, set(shared), set(shared), lit.location)
         negated = _body_of(lit.body, order, set(shared), True, _succeed, set())
+        self._negating += 1
         try:
             self._body(inner, negated, order, inner_env, inner_statics, 1)
         except _DeadClause:
             return depth  # the negated conjunction can never hold: 'not' is always true
+        finally:
+            self._negating -= 1
         inner.emit(1, "return False")
         self._helpers[self._callers[-1]].append("\n".join(inner.lines) + "\n")
-        out.emit(depth, f"if not {fname}(q{''.join(', ' + p for p in params)}):")
+        args = "".join(", " + p for p in params)
+        if self._negating:  # an inner 'not': what it cannot decide, the outermost cannot
+            out.emit(depth, f"if not {fname}(q{args}):")
+        else:  # cannot be decided: taken as proved, so the 'not' fails (fails closed)
+            out.emit(depth, f"if not _proved_or_undecided({fname}, q{args}):")
         return depth + 1
 
     def _output_types(

@@ -38,8 +38,10 @@ from bastion.policy.program import (
 from bastion.policy.runtime import (
     MISSING,
     Query,
+    Undecided,
     built,
     compare,
+    compare_negated,
     contains,
     counted_members,
     exhausted,
@@ -168,6 +170,8 @@ class _Interpreter:
         self.q.steps = limits.explanation_max_steps
         self.in_progress: set[tuple] = set()
         self.reads: dict[tuple[str, ...], Any] = {}
+        # 'not's open around the literal being solved, within one rule (as compiled code).
+        self.negating = 0
 
     def value(self, term: Any, env: dict) -> Any:
         if isinstance(term, Const):
@@ -179,7 +183,10 @@ class _Interpreter:
             return value
         if isinstance(term, Arith):
             left, right = self.value(term.left, env), self.value(term.right, env)
-            return arith(term.op, left, right)
+            result = arith(term.op, left, right)
+            if result is MISSING and self.negating and left is not MISSING and right is not MISSING:
+                raise Undecided  # values that give no result: not a missing field
+            return result
         if isinstance(term, EntityOf):
             return entity_of(term.type, self.value(term.id, env))
         items = [self.value(t, env) for t in term.items]
@@ -201,6 +208,7 @@ class _Interpreter:
             return []
         self.spend(1)
         self.in_progress.add(key)
+        negating, self.negating = self.negating, 0  # a called rule decides as anywhere else
         try:
             out: list[tuple[tuple, Step]] = []
             facts = (name, len(args)) in self.program.fact_predicates
@@ -218,6 +226,7 @@ class _Interpreter:
             return out
         finally:
             self.in_progress.discard(key)
+            self.negating = negating
 
     def kinds_fit(self, name: str, args: tuple) -> bool:
         """Whether a fact lookup of ``args`` may find what it finds, as the compiled lookup
@@ -318,8 +327,16 @@ class _Interpreter:
             order = self.program.plans.get(key)
             if order is None:
                 order = self.program.plans[key] = plan(lit.body, set(env), set(env), lit.location)
-            for _ in self.solve_body(order, env, lit.body, depth + 1):
-                return
+            self.negating += 1
+            try:
+                for _ in self.solve_body(order, env, lit.body, depth + 1):
+                    return
+            except Undecided:
+                if self.negating > 1:
+                    raise  # an inner 'not': what it cannot decide, the outermost cannot
+                return  # cannot be decided: the 'not' fails (fails closed)
+            finally:
+                self.negating -= 1
             yield env, Step(self.describe(lit, env), True, "not")
             return
         builtin = BUILTINS.get((lit.name, len(lit.args)))
@@ -378,6 +395,8 @@ class _Interpreter:
             ok = not same(left, right)
         elif lit.op == "in":
             ok = contains(self.q, right, left)
+        elif self.negating:
+            ok = compare_negated(lit.op, left, right)
         else:
             ok = compare(lit.op, left, right)
         if ok:

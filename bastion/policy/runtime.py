@@ -435,6 +435,43 @@ def counted_members(q: Query, container: Any) -> Any:
     return items
 
 
+class Undecided(Exception):
+    """Raised inside a ``not`` by a condition that has values but cannot be decided (an
+    ordering of two kinds, arithmetic with no result); the outermost ``not`` then fails.
+
+    Oso's Polar stops the whole query with an error there; taking the condition as false would
+    make the ``not`` hold and widen access.
+    """
+
+
+def undecided() -> NoReturn:
+    raise Undecided
+
+
+def proved_or_undecided(negated: Any, q: Query, *args: Any) -> bool:
+    """Whether the body of an outermost ``not`` holds, or cannot be decided (`Undecided`)."""
+    try:
+        return negated(q, *args)
+    except Undecided:
+        return True
+
+
+def orderable(left: Any, right: Any) -> bool:
+    """Whether ``<`` and the like can order the two: two numbers (not booleans), or two
+    strings."""
+    lcls, rcls = left.__class__, right.__class__
+    return (
+        (lcls is int or lcls is float) and (rcls is int or rcls is float) or (lcls is rcls is str)
+    )
+
+
+def compare_negated(op: str, left: Any, right: Any) -> bool:
+    """`compare` inside a ``not``: two values that cannot be ordered are `Undecided`."""
+    if left is not MISSING and right is not MISSING and not orderable(left, right):
+        raise Undecided
+    return compare(op, left, right)
+
+
 def compare(op: str, left: Any, right: Any) -> bool:
     """Ordering comparisons between values of one kind (numbers, or strings); else false."""
     if left is MISSING or right is MISSING:

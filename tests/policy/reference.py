@@ -19,6 +19,12 @@ from bastion.policy.program import VALUE_TYPES, CallLit, Clause, CmpLit, NotLit,
 _MISSING = object()
 
 
+class _Undecided(Exception):
+    """Inside a ``not``: a condition over values that cannot be decided (an ordering of two
+    kinds, arithmetic with no result). The outermost ``not`` then fails, as Oso's Polar stops
+    with an error; a field the request leaves out is no such value (negation as failure)."""
+
+
 def _unix_time(context: dict | None) -> Any:
     """``@current_unix_time``: whole seconds of ``context.time`` (epoch seconds or ISO 8601 with
     an offset), or of now when the context has no time."""
@@ -140,6 +146,7 @@ class Reference:
     ) -> None:
         self.program = program
         self.context = context
+        self.negating = 0  # 'not's open around the literal being solved
         self.db: set[tuple] = set(facts)
         # list() can only name resources that something mentions: those in the facts.
         self.known = {a for f in facts for a in f[1:] if isinstance(a, Entity)}
@@ -200,10 +207,15 @@ class Reference:
         # A negation's variables that are used elsewhere must be bound before it runs; the
         # others are local to it ("there is no ... such that").
         self.shared = {}
-        for lit in clause.body:
-            if isinstance(lit, NotLit):
-                elsewhere = set(head).union(*(set(_vars(o)) for o in clause.body if o is not lit))
-                self.shared[id(lit)] = set(_vars(lit)) & elsewhere
+
+        def share(body: tuple, outside: set) -> None:  # a negation inside one too (forall)
+            for lit in body:
+                if isinstance(lit, NotLit):
+                    elsewhere = outside.union(*(set(_vars(o)) for o in body if o is not lit))
+                    self.shared[id(lit)] = set(_vars(lit)) & elsewhere
+                    share(lit.body, self.shared[id(lit)])
+
+        share(clause.body, set(head))
         for env in self._solve(list(clause.body), {}):
             head_vars = [t.name for t in clause.head if isinstance(t, Var) and t.name not in env]
             for values in itertools.product(self.domain, repeat=len(set(head_vars))):
@@ -225,7 +237,11 @@ class Reference:
         if isinstance(term, ContextPath):
             return _lookup(self.context, term.path)
         if isinstance(term, Arith):
-            return _arith(term.op, self._value(term.left, env), self._value(term.right, env))
+            left, right = self._value(term.left, env), self._value(term.right, env)
+            result = _arith(term.op, left, right)
+            if result is _MISSING and self.negating and _MISSING not in (left, right):
+                raise _Undecided
+            return result
         if isinstance(term, EntityOf):  # the entity with that id: a string, and not ""
             made = self._value(term.id, env)
             return Entity(term.type, made) if type(made) is str and made != "" else _MISSING
@@ -298,7 +314,16 @@ class Reference:
                 if ok:
                     yield env2
         elif isinstance(lit, NotLit):
-            if next(iter(self._solve(list(lit.body), env)), None) is None:
+            self.negating += 1
+            try:
+                proved = next(iter(self._solve(list(lit.body), env)), None) is not None
+            except _Undecided:
+                if self.negating > 1:
+                    raise
+                proved = True  # the outermost 'not' fails
+            finally:
+                self.negating -= 1
+            if not proved:
                 yield env
         elif isinstance(lit, TypeLit):
             if _has_type(self._value(lit.term, env), lit.types):
@@ -318,6 +343,8 @@ class Reference:
                     isinstance(x, (int, float)) and not isinstance(x, bool) for x in (a, b)
                 )
                 if not (numbers or type(a) is type(b) is str):
+                    if self.negating:
+                        raise _Undecided
                     return
                 ok = {
                     "<": lambda: a < b,

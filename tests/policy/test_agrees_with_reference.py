@@ -277,3 +277,42 @@ def test_entities_made_from_context_values_agree(facts, actor, context):
         explanation = authz.decide(actor, action, tool, context).explanation
         assert explanation.allowed == ref.allowed(actor, action, tool)
     assert authz.actions(actor, tool, context) == ref.actions(actor, tool)
+
+
+NEGATED_POLICY = """
+actor User {}
+resource Tool {}
+
+allow(_u: User, "call", _t: Tool) if not context.amount > 1000;
+allow(_u: User, "read", _t: Tool) if not (context.a / context.b >= 1 or context.tier < "m");
+allow(_u: User, "list", _t: Tool) if forall(x in context.xs, not x * 2 > context.amount);
+"""
+# Values of every kind, zero (a division by it), a number past 64 bits once doubled, and none.
+odd_values = st.one_of(
+    st.sampled_from([0, 1, 2, 5000, 2**62, -0.0, 1.5, True, False, "", "a", "z", "5000"]),
+    st.lists(st.sampled_from([0, 2**62, "x", True]), max_size=2),
+)
+
+
+@SETTINGS
+@given(
+    context=st.fixed_dictionaries(
+        {},
+        optional={
+            "amount": odd_values,
+            "a": odd_values,
+            "b": odd_values,
+            "tier": odd_values,
+            "xs": st.lists(odd_values.filter(lambda v: not isinstance(v, list)), max_size=3),
+        },
+    )
+)
+def test_negations_over_values_that_cannot_be_decided_agree(context):
+    authz = Authorizer(NEGATED_POLICY)
+    tool, actor = Entity("Tool", "t"), Entity("User", "u")
+    # Variables range over the domain: give it the list's items.
+    ref = Reference(authz.policy.program, [], context, [actor, tool, *context.get("xs", [])])
+    for action in ("call", "read", "list"):
+        assert authz.authorize(actor, action, tool, context) == ref.allowed(actor, action, tool)
+        explanation = authz.decide(actor, action, tool, context).explanation
+        assert explanation.allowed == ref.allowed(actor, action, tool)

@@ -133,3 +133,55 @@ def test_a_fact_holding_a_number_is_not_found_by_a_boolean_nor_the_other_way(rul
     assert allowed(booleans, {"n": True}, facts)
     assert not allowed(booleans, {"n": 1}, facts)
     assert not allowed(booleans, {"n": 1.0}, facts)
+
+
+# Under a 'not', a condition that cannot be decided must not count as false: Oso's Polar stops
+# with an error there (and so refuses), and "not false" would let the request through. A field
+# the request leaves out is the one exception (negation as failure, docs/policy-language.md).
+@pytest.mark.parametrize(
+    ("rule", "context", "facts"),
+    [
+        # A limit written as a negation, given a value of another kind.
+        ('allow(_u: User, "read", _r: Repo) if not context.amount > 1000;', {"amount": "5000"}, ()),
+        ('allow(_u: User, "read", _r: Repo) if not context.amount > 1000;', {"amount": True}, ()),
+        ('allow(_u: User, "read", _r: Repo) if not context.tier < "b";', {"tier": 0}, ()),
+        (
+            'allow(_u: User, "read", _r: Repo) if not context.amount * 2 > 1000;',
+            {"amount": "x"},
+            (),
+        ),
+        # Arithmetic with no value: division by zero, mod 0, a result outside 64 bits.
+        (
+            'allow(_u: User, "read", r: Repo) if\n  used(r, u) and seats(r, s) and not u / s >= 1;',
+            {},
+            (("used", REPO, 3), ("seats", REPO, 0)),
+        ),
+        ('allow(_u: User, "read", _r: Repo) if not context.n mod 0 = 0;', {"n": 4}, ()),
+        ('allow(_u: User, "read", _r: Repo) if not context.n + 1 > 0;', {"n": 2**63 - 1}, ()),
+        # Nested: the negation inside does not turn the failure back into a success.
+        (
+            'allow(_u: User, "read", _r: Repo) if not (true and not context.n / 0 > 1);',
+            {"n": 1},
+            (),
+        ),
+        # forall is a negation too.
+        (
+            'allow(_u: User, "read", _r: Repo) if forall(x in context.xs, x < 10);',
+            {"xs": [1, "99"]},
+            (),
+        ),
+    ],
+)
+def test_a_negation_over_a_condition_that_cannot_be_decided_refuses(rule, context, facts):
+    assert not allowed(rule, context, facts)
+
+
+def test_a_negation_over_a_field_left_out_or_decided_still_holds():
+    rule = 'allow(_u: User, "read", _r: Repo) if not context.amount > 1000;'
+    assert allowed(rule, {})
+    assert allowed(rule, {"amount": 10})
+    assert allowed(rule, {"amount": 10.5})
+    assert not allowed(rule, {"amount": 5000})
+    div = 'allow(_u: User, "read", _r: Repo) if not context.n / 2 >= 1;'
+    assert allowed(div, {"n": 1})
+    assert allowed(div, {})
