@@ -109,6 +109,15 @@ def parse_message(value: Any) -> Message:
         raise RpcError(INVALID_REQUEST, "the message has no method", http_status=400)
     if not isinstance(method, str) or not method:
         raise RpcError(INVALID_REQUEST, "method must be a non-empty string", http_status=400)
+    if "id" in value and method.startswith("notifications/"):
+        # A notification's method with an id is a request no MCP revision defines: forwarded as
+        # one, an upstream reading the method alone would act on it (cancel its request
+        # ``requestId``, bastion's id there, perhaps another user's call).
+        raise RpcError(
+            INVALID_REQUEST,
+            f"{method} is a notification: send it without an id",
+            http_status=400,
+        )
     params = value.get("params", {})
     if params is None:
         params = {}

@@ -1,0 +1,48 @@
+"""What one protocol era allows is not taken from the other's, and what bastion reads of a
+request (its headers, its body) is what every other reader of it reads: a request bastion would
+read one way while a proxy in front of it, or the upstream behind it, reads another is refused
+before anything reaches the upstream."""
+
+from __future__ import annotations
+
+import pytest
+
+from .streams import legacy_session, modern_headers, modern_request
+
+
+@pytest.fixture(scope="module")
+def token(bastion):
+    return bastion.token("sam", "deskhttp")
+
+
+def _refused(bastion, response, status: int, code: int, before: int) -> dict:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["code"] == code and error["message"]
+    assert len(bastion.recorder.requests) == before  # the upstream saw nothing
+    return error
+
+
+@pytest.mark.parametrize("method", ["notifications/cancelled", "notifications/initialized"])
+@pytest.mark.parametrize("era", ["2025-11-25", "2026-07-28"])
+def test_a_notification_sent_with_an_id_is_refused_and_nothing_is_forwarded(
+    bastion, token, method, era
+):
+    """A notification's method with an id is a request no MCP revision defines. Both of these are
+    in the default pass_methods (for their notifications, which are never forwarded), so it went
+    upstream as a request, decided as ``connect`` only: an upstream that reads the method alone
+    cancels its request ``requestId`` (bastion's id upstream, on a session shared by every user)."""
+    params = {"requestId": 1, "reason": "x"}
+    if era == "2026-07-28":
+        body, headers = modern_request(5, method, params), modern_headers(token, method)
+    else:
+        headers = legacy_session(bastion, token, "deskhttp")
+        body = {"jsonrpc": "2.0", "id": 5, "method": method, "params": params}
+    before = len(bastion.recorder.requests)
+    response = bastion.http.post(bastion.mcp_url("deskhttp"), json=body, headers=headers)
+    error = _refused(bastion, response, 400, -32600, before)
+    assert "notification" in error["message"]
+    # Sent as the notification it is, it is acknowledged.
+    del body["id"]
+    response = bastion.http.post(bastion.mcp_url("deskhttp"), json=body, headers=headers)
+    assert response.status_code == 202, response.text
