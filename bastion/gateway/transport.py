@@ -38,6 +38,7 @@ from bastion.gateway.jsonrpc import (
     INVALID_PARAMS,
     INVALID_REQUEST,
     LEGACY_VERSIONS,
+    METHOD_NOT_FOUND,
     MODERN_VERSIONS,
     PARSE_ERROR,
     RATE_LIMIT_UNAVAILABLE,
@@ -538,8 +539,9 @@ class StreamableHttpEndpoint:
             owner=owner,
             session=session,
         )
-        if method == "initialize" and not modern:
-            # Chosen now: a session's own upstream session is opened for it at initialize.
+        if method == "initialize":
+            # 2025-11-25 only (`_check_modern`). Chosen now: a session's own upstream session is
+            # opened for it at initialize.
             exchange.opening = gateway.sessions.new_id()
         handler = handler_for(method, gateway.config.pass_methods)
         wants_events = "text/event-stream" in headers.get("accept", "")
@@ -766,6 +768,16 @@ class StreamableHttpEndpoint:
             )
         if message.method is None:
             return
+        if message.method == "initialize":
+            # No 2026-07-28 method (versioning: "initialize is an unknown method"): it opened a
+            # 2025-11-25 session for a request whose every header said the stateless era.
+            raise RpcError(
+                METHOD_NOT_FOUND,
+                "MCP 2026-07-28 has no initialize: send server/discover, or initialize with"
+                f" MCP-Protocol-Version {LEGACY_VERSIONS[0]} to open a session",
+                {"supported": [*MODERN_VERSIONS, *LEGACY_VERSIONS]},
+                http_status=400,
+            )
         if headers.get("mcp-method") != message.method:
             raise RpcError(
                 HEADER_MISMATCH,

@@ -46,3 +46,27 @@ def test_a_notification_sent_with_an_id_is_refused_and_nothing_is_forwarded(
     del body["id"]
     response = bastion.http.post(bastion.mcp_url("deskhttp"), json=body, headers=headers)
     assert response.status_code == 202, response.text
+
+
+def test_initialize_is_no_2026_method_and_opens_no_session(bastion, token):
+    """2026-07-28 has no initialize (versioning: "initialize is an unknown method"): a request
+    carrying that era's header and envelope is served statelessly, or not at all. It opened a
+    2025-11-25 session, answered in 2026-07-28's shape, for a request whose every header said
+    the stateless era."""
+    body = modern_request(
+        0,
+        "initialize",
+        {
+            "protocolVersion": "2025-11-25",
+            "capabilities": {"sampling": {}},
+            "clientInfo": {"name": "x", "version": "1"},
+        },
+    )
+    before = len(bastion.recorder.requests)
+    response = bastion.http.post(
+        bastion.mcp_url("deskhttp"), json=body, headers=modern_headers(token, "initialize")
+    )
+    assert "mcp-session-id" not in response.headers
+    error = _refused(bastion, response, 400, -32601, before)
+    assert error["data"]["supported"] == ["2026-07-28", "2025-11-25", "2025-06-18"]
+    assert "server/discover" in error["message"]
