@@ -46,6 +46,7 @@ from bastion.gateway.jsonrpc import (
     REFUSED_BY_POLICY,
     SESSION_NOT_FOUND,
     UNSUPPORTED_PROTOCOL_VERSION,
+    Message,
     RpcError,
     encode,
     notification,
@@ -130,13 +131,39 @@ class _Undecided(HttpError):
 
 
 def _decode_name(value: str | None) -> str | None:
-    """Mcp-Name values that are not plain ASCII come as ``=?base64?...?=``."""
+    """Mcp-Name values that are not plain ASCII come as ``=?base64?...?=``: read in base64's
+    own alphabet only (None if anything else is in it), as a strict reader in front reads it,
+    where b64decode by default skips what is not in it."""
     if value and value.startswith("=?base64?") and value.endswith("?="):
         try:
-            return base64.b64decode(value[9:-2]).decode()
+            return base64.b64decode(value[9:-2], validate=True).decode()
         except ValueError:
             return None
     return value
+
+
+def _check_routing(message: Message, headers: dict[str, str], required: bool) -> None:
+    """The 2026-07-28 routing headers (Mcp-Method, Mcp-Name) agree with the body, or
+    HEADER_MISMATCH: ``required`` in that era; in 2025-11-25, where sent (bastion reads the
+    body, and a proxy, a load balancer or a log in front may route or count by them). One sent
+    twice is refused before, in every era (`_sent_twice`)."""
+    method = headers.get("mcp-method")
+    if method != message.method and (required or method is not None):
+        raise RpcError(
+            HEADER_MISMATCH,
+            "the Mcp-Method header does not match the body's method",
+            http_status=400,
+        )
+    key = _NAME_PARAMS.get(message.method or "")
+    name = headers.get("mcp-name")
+    if (
+        key is not None
+        and (required or name is not None)
+        and _decode_name(name) != message.params.get(key)
+    ):
+        raise RpcError(
+            HEADER_MISMATCH, f"the Mcp-Name header does not match params.{key}", http_status=400
+        )
 
 
 async def send_json(
@@ -469,22 +496,12 @@ class StreamableHttpEndpoint:
                 kept = kept_capabilities(message.params.get("capabilities"))
             if modern:
                 self._check_modern(message, headers)
-            elif version and version not in LEGACY_VERSIONS:
-                raise _unsupported(version)
-            elif method == "initialize":
-                if "mcp-session-id" in headers:
-                    raise RpcError(
-                        INVALID_REQUEST,
-                        "initialize opens a session; send it without Mcp-Session-Id",
-                        http_status=400,
-                    )
-            elif method == "server/discover":
-                # A probe: answered without a session. One it names is the caller's, or
-                # refused, as on any request: its decision record names it (``session``).
-                if "mcp-session-id" in headers:
-                    session = self._session(upstream.name, caller, headers)
             else:
-                session = self._session(upstream.name, caller, headers)
+                if version and version not in LEGACY_VERSIONS:
+                    raise _unsupported(version)
+                if method is not None and ("mcp-method" in headers or "mcp-name" in headers):
+                    _check_routing(message, headers, False)
+                session = self._legacy_session(upstream.name, caller, method, headers)
         except RpcError as e:
             raise await self._refused(e, caller, upstream.name, method, message.id) from None
         owner = (upstream.name, caller.subject, caller.chain, session and session.id)
@@ -778,17 +795,7 @@ class StreamableHttpEndpoint:
                 {"supported": [*MODERN_VERSIONS, *LEGACY_VERSIONS]},
                 http_status=400,
             )
-        if headers.get("mcp-method") != message.method:
-            raise RpcError(
-                HEADER_MISMATCH,
-                "the Mcp-Method header does not match the body's method",
-                http_status=400,
-            )
-        key = _NAME_PARAMS.get(message.method)
-        if key is not None and _decode_name(headers.get("mcp-name")) != message.params.get(key):
-            raise RpcError(
-                HEADER_MISMATCH, f"the Mcp-Name header does not match params.{key}", http_status=400
-            )
+        _check_routing(message, headers, True)
         if message.is_request:
             meta = message.params.get("_meta")
             if (
@@ -807,6 +814,25 @@ class StreamableHttpEndpoint:
                     "the MCP-Protocol-Version header does not match the body's protocol version",
                     http_status=400,
                 )
+
+    def _legacy_session(
+        self, server: str, caller: Caller, method: str | None, headers: dict[str, str]
+    ):
+        """The 2025-11-25 session a POST goes in: none for initialize (which opens one) or a
+        server/discover that names none; else the one it names, the caller's own."""
+        if method == "initialize":
+            if "mcp-session-id" in headers:
+                raise RpcError(
+                    INVALID_REQUEST,
+                    "initialize opens a session; send it without Mcp-Session-Id",
+                    http_status=400,
+                )
+            return None
+        if method == "server/discover" and "mcp-session-id" not in headers:
+            # A probe: answered without a session. One it names is the caller's, or refused,
+            # as on any request: its decision record names it (``session``).
+            return None
+        return self._session(server, caller, headers)
 
     def _session(self, server: str, caller: Caller, headers: dict[str, str]):
         session_id = headers.get("mcp-session-id")
