@@ -53,6 +53,8 @@ from bastion.gateway.jsonrpc import (
     parse_message,
     result,
 )
+from bastion.gateway.mcp_name import NAME_PARAMS
+from bastion.gateway.mcp_name import decode as decode_name
 from bastion.gateway.metadata import challenge
 from bastion.gateway.sessions import LIST_CHANGED, SUBSCRIPTION_ID, Listener, read_decision
 from bastion.gateway.upstream_credentials import client_declared
@@ -81,7 +83,6 @@ _REMEMBERED_HEADER = 64
 # The DPoP refusals of a verified token that are audited (`_authenticate`).
 _AUDITED_DPOP_REFUSALS = frozenset({"invalid_token", "invalid_dpop_proof", "facts_stale"})
 CANCELLED = "notifications/cancelled"
-_NAME_PARAMS = {"tools/call": "name", "prompts/get": "name", "resources/read": "uri"}
 _ENVELOPE_VERSION = "io.modelcontextprotocol/protocolVersion"
 _ENVELOPE_CAPABILITIES = "io.modelcontextprotocol/clientCapabilities"
 # Headers read as one value: who calls, from which page, the body's type, the era, the session
@@ -130,18 +131,6 @@ class _Undecided(HttpError):
         )
 
 
-def _decode_name(value: str | None) -> str | None:
-    """Mcp-Name values that are not plain ASCII come as ``=?base64?...?=``: read in base64's
-    own alphabet only (None if anything else is in it), as a strict reader in front reads it,
-    where b64decode by default skips what is not in it."""
-    if value and value.startswith("=?base64?") and value.endswith("?="):
-        try:
-            return base64.b64decode(value[9:-2], validate=True).decode()
-        except ValueError:
-            return None
-    return value
-
-
 def _check_routing(message: Message, headers: dict[str, str], required: bool) -> None:
     """The 2026-07-28 routing headers (Mcp-Method, Mcp-Name) agree with the body, or
     HEADER_MISMATCH: ``required`` in that era; in 2025-11-25, where sent (bastion reads the
@@ -154,12 +143,12 @@ def _check_routing(message: Message, headers: dict[str, str], required: bool) ->
             "the Mcp-Method header does not match the body's method",
             http_status=400,
         )
-    key = _NAME_PARAMS.get(message.method or "")
+    key = NAME_PARAMS.get(message.method or "")
     name = headers.get("mcp-name")
     if (
         key is not None
         and (required or name is not None)
-        and _decode_name(name) != message.params.get(key)
+        and decode_name(name) != message.params.get(key)
     ):
         raise RpcError(
             HEADER_MISMATCH, f"the Mcp-Name header does not match params.{key}", http_status=400

@@ -51,6 +51,8 @@ from bastion.gateway.jsonrpc import (
     encode,
     error_parts,
 )
+from bastion.gateway.mcp_name import NAME_PARAMS
+from bastion.gateway.mcp_name import encode as encode_name
 from bastion.http_fields import media_type
 from bastion.json_encoding import decoder
 
@@ -84,7 +86,6 @@ _ENVELOPE = {
     _CAPABILITIES: {},
     "io.modelcontextprotocol/clientInfo": CLIENT_INFO,
 }
-_NAME_PARAMS = {"tools/call": "name", "prompts/get": "name", "resources/read": "uri"}
 _LIST_FLAGS = ("toolsListChanged", "promptsListChanged", "resourcesListChanged")
 _ACKNOWLEDGED = "notifications/subscriptions/acknowledged"
 # How long `HttpUpstream.watch` waits for its stream to open before it lets the client go on.
@@ -117,12 +118,6 @@ class UpstreamError(UpstreamFailure):
     """An error the upstream answered with (a JSON-RPC error, or an HTTP error's text, or its
     refusal of a subscription), relayed as it came unless a mask applies: its message is the
     upstream's free text."""
-
-
-def _b64_header(value: str) -> str:
-    import base64
-
-    return "=?base64?" + base64.b64encode(value.encode()).decode() + "?="
 
 
 class _Deadline:
@@ -724,8 +719,7 @@ class HttpUpstream(Upstream):
             if method is not None:
                 headers["mcp-method"] = method
             if name is not None:
-                plain = name.isascii() and name.isprintable()
-                headers["mcp-name"] = name if plain else _b64_header(name)
+                headers["mcp-name"] = encode_name(name)
             self._head = self._http.head("POST", headers)
             self._head_key = key
         return self._head
@@ -744,7 +738,7 @@ class HttpUpstream(Upstream):
                 if capabilities:
                     params["_meta"][_CAPABILITIES] = capabilities
                 message = {**message, "params": params}
-                name = params.get(_NAME_PARAMS.get(method, ""))
+                name = params.get(NAME_PARAMS.get(method, ""))
                 head = self._post_head(method, name if isinstance(name, str) else None)
             else:
                 head = self._post_head()

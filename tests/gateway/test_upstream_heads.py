@@ -106,3 +106,27 @@ def test_a_token_that_would_start_another_header_is_never_sent():
             await upstream._http.aclose()
 
     asyncio.run(main())
+
+
+def test_a_name_that_reads_as_encoded_goes_upstream_encoded():
+    """MCP 2026-07-28: a plain name that looks like the base64 form (``=?base64?...?=``) is
+    sent encoded too, else the upstream (and any reader before it) decodes it and reads another
+    name: ``=?base64?YQ==?=`` went as it is, read upstream as the tool ``a``."""
+
+    async def main():
+        server, url, seen = await serving([OK])
+        upstream = HttpUpstream(UpstreamConfig(name="u", url=url))
+        upstream._modern, upstream._protocol_version = True, "2026-07-28"
+        message = {"jsonrpc": "2.0", "id": 1, "method": "tools/call"}
+        message["params"] = {"name": "=?base64?YQ==?="}
+        try:
+            response = await upstream._post(message)
+            await response.read()
+            response.close()
+        finally:
+            await upstream._http.aclose()
+            server.close()
+        return seen[0][1]
+
+    head = asyncio.run(main())
+    assert b"\r\nmcp-name: =?base64?PT9iYXNlNjQ/WVE9PT89?=\r\n" in head, head
