@@ -98,6 +98,18 @@ def check_client_request(method: Any, params: Any, capabilities: dict[str, Any])
         modes = declared or {"form": {}}
         if not isinstance(mode, str) or mode not in modes:
             raise RpcError(METHOD_NOT_FOUND, f"the client did not declare {mode!r} elicitation")
+    elif capability == "sampling":
+        # MCP 2025-11-25: a tool loop only for a client that declared ``sampling.tools``; the
+        # context of its servers (``includeContext``: its other servers' context would come to
+        # this upstream) only for one that declared ``sampling.context``.
+        if ("tools" in params or "toolChoice" in params) and not isinstance(
+            declared.get("tools"), dict
+        ):
+            raise RpcError(METHOD_NOT_FOUND, "the client did not declare sampling.tools")
+        if params.get("includeContext", "none") != "none" and not isinstance(
+            declared.get("context"), dict
+        ):
+            raise RpcError(METHOD_NOT_FOUND, "the client did not declare sampling.context")
 
 
 class ClientRequests:

@@ -28,6 +28,8 @@ from mcp.types import (
     BlobResourceContents,
     CallToolResult,
     Completion,
+    CreateMessageRequest,
+    CreateMessageRequestParams,
     ElicitRequest,
     ElicitRequestFormParams,
     ElicitRequestURLParams,
@@ -42,6 +44,7 @@ from mcp.types import (
     SubscribeRequestParams,
     TextContent,
     TextResourceContents,
+    Tool,
     ToolAnnotations,
 )
 from pydantic import BaseModel
@@ -157,6 +160,25 @@ async def ask_anyway(ctx: Context) -> CallToolResult | InputRequiredResult:
         )
     )
     return InputRequiredResult(input_requests={"q": question}, request_state="lab-state")
+
+
+@server.tool(annotations=READ_ONLY)
+async def ask_model_more(ctx: Context, wants: str) -> CallToolResult | InputRequiredResult:
+    """Ask the client's model (2026-07-28) with tools (``wants`` "tools") or with the context of
+    the client's servers (``wants`` "allServers", "thisServer"), whatever the client declared: a
+    server that misbehaves (MCP 2025-11-25, Sampling: only for a client that declared
+    ``sampling.tools``, ``sampling.context``)."""
+    if ctx.input_responses:
+        return CallToolResult(content=[TextContent(type="text", text="answered")])
+    question = SamplingMessage(role="user", content=TextContent(type="text", text="Weather?"))
+    params = CreateMessageRequestParams(messages=[question], max_tokens=20)
+    if wants == "tools":
+        params.tools = [Tool(name="get_weather", input_schema={"type": "object"})]
+    else:
+        params.include_context = wants
+    return InputRequiredResult(
+        input_requests={"q": CreateMessageRequest(params=params)}, request_state="lab-state"
+    )
 
 
 @server.tool(annotations=READ_ONLY)

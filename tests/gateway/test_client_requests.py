@@ -95,6 +95,28 @@ def test_an_upstream_that_asks_anyway_is_refused(bastion, mode):
     assert "error" in seen and "did not declare the elicitation capability" in str(seen["error"])
 
 
+@pytest.mark.parametrize("wants", ["tools", "allServers", "thisServer"])
+@pytest.mark.parametrize("mode", ["legacy", "auto"])
+def test_a_sampling_request_is_relayed_only_with_what_the_client_declared(bastion, mode, wants):
+    """A client that declared plain sampling (the SDK's, with a sampling callback) is not asked
+    for a tool loop (``tools``) nor for the context of its servers (``includeContext``: its
+    other servers' context would reach this upstream): MCP 2025-11-25 has the server send them
+    only to a client that declared ``sampling.tools`` or ``sampling.context``."""
+    asked: dict = {}
+
+    async def script(client, seen):
+        try:
+            result = await client.call_tool("ask_model_more", {"wants": wants})
+            seen["text"] = result.content[0].text
+        except MCPError as e:
+            seen["error"] = e
+
+    seen = bastion.sdk("sam", "labhttp", mode, script, **callbacks(asked))
+    assert "asked" not in asked, (wants, asked)
+    declared = "tools" if wants == "tools" else "context"
+    assert f"did not declare sampling.{declared}" in str(seen.get("error")), seen
+
+
 @pytest.mark.parametrize("server", HTTP_LABS)
 @pytest.mark.parametrize("mode", ["legacy", "auto"])
 def test_a_call_whose_result_is_masked_cannot_ask_its_client(bastion, server, mode):
