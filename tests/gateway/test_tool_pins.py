@@ -8,6 +8,7 @@ SDK client through the gateway, to a real SDK upstream whose tools change betwee
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 
 import pytest
 from mcp.server.mcpserver import MCPServer
@@ -612,3 +613,20 @@ def test_a_changed_description_is_shown_on_one_line_with_what_would_hide_escaped
     ]
     [line] = tool_pins.changes(old, {"name": "send", "description": "x" * 500})
     assert line.endswith("x\u2026 (340 more characters)")
+
+
+def test_the_tools_api_takes_the_names_the_gateway_takes(bastion):
+    """A name is as long as ``gateway.max_name_chars`` lets the gateway take it: raised, the
+    API finds (here: finds no pin of) a tool with a longer name than the default, rather than
+    refusing it as malformed; lowered, it refuses what the gateway would."""
+    gateway = bastion.app.state.gateway
+    default = gateway.config
+    long_name = "t" * 3000
+    try:
+        gateway.config = dataclasses.replace(default, max_name_chars=4096)
+        assert accept(bastion, long_name, "sha256:" + "0" * 64).status_code == 404
+        gateway.config = dataclasses.replace(default, max_name_chars=10)
+        refused = accept(bastion, "t" * 11, "sha256:" + "0" * 64)
+        assert refused.status_code == 400 and "1 to 10 characters" in refused.text
+    finally:
+        gateway.config = default

@@ -15,7 +15,8 @@ from bastion.server.problems import Problem, bad_request, read_json
 from bastion.server.problems import field as get_field
 
 SCOPE = "tools"
-MAX_NAME = 2048  # a tool's name, as gateway.max_name_chars allows by default
+# gateway.max_name_chars by default, as the OpenAPI document states it; the routes take the setting.
+MAX_NAME = 2048
 DIGEST_PATTERN = "^sha256:[0-9a-f]{64}$"
 
 
@@ -28,9 +29,13 @@ def _pins(request: Request) -> ToolPins:
     return gateway.tool_pins
 
 
-def _name(value: str | None, what: str) -> str | None:
-    if value is not None and not (0 < len(value) <= MAX_NAME):
-        raise bad_request(f"{what} must be 1 to {MAX_NAME} characters")
+def _name(request: Request, value: str | None, what: str) -> str | None:
+    """A server's or a tool's (prompt's) name, as long as the gateway takes names
+    (``gateway.max_name_chars``; asked once `_pins` found the gateway): one it could never have
+    listed is malformed (400)."""
+    most = request.app.state.gateway.config.max_name_chars
+    if value is not None and not (0 < len(value) <= most):
+        raise bad_request(f"{what} must be 1 to {most} characters")
     return value
 
 
@@ -40,11 +45,11 @@ def _list(kind: str):
         ``pending=true``), each with its accepted definition and what waits for review, with a
         short diff."""
         await require(request, SCOPE)
-        server = _name(request.query_params.get("server"), "server")
+        pins = _pins(request)
+        server = _name(request, request.query_params.get("server"), "server")
         pending = request.query_params.get("pending", "false")
         if pending not in ("true", "false"):
             raise bad_request("pending must be true or false")
-        pins = _pins(request)
         found = await anyio.to_thread.run_sync(lambda: pins.listed(server, pending == "true", kind))
         return JSONResponse({f"{kind}s": [p.to_json() for p in found]})
 
@@ -57,11 +62,11 @@ def _accept(kind: str):
         ``digest`` (the one the reviewer saw: one the upstream changed again since is refused,
         409)."""
         key = await require(request, SCOPE)
-        server = _name(request.path_params["server"], "server")
-        name = _name(request.path_params["name"], kind)
+        pins = _pins(request)
+        server = _name(request, request.path_params["server"], "server")
+        name = _name(request, request.path_params["name"], kind)
         body = await read_json(request)
         digest = get_field(body, "digest", str)
-        pins = _pins(request)
         try:
             pin = await anyio.to_thread.run_sync(
                 lambda: pins.accept(server, kind, name, digest, f"key:{key.id}")
