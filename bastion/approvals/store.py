@@ -277,6 +277,12 @@ class Sealed:
         return json.loads(self._aead.decrypt(blob[:12], blob[12:], request_id.encode()))
 
 
+def _like_literal(text: str) -> str:
+    """``text`` matched as it is by LIKE with ``ESCAPE '\\'``: its ``%``, ``_`` and ``\\``
+    escaped."""
+    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+
+
 class ApprovalStore:
     """Reads and writes requests. Every method does I/O: call it off the event loop."""
 
@@ -434,15 +440,24 @@ class ApprovalStore:
         if status is not None:
             where.append("status = ?")
             params.append(status)
+        if approver is not None:
+            # Filtered in the database, so that requests for other people (anyone's calls may
+            # be held) never push this person's off a bounded list: the approvers' JSON list
+            # holds the name as json.dumps writes it; matched exactly below (SQLite's LIKE
+            # ignores the case of ASCII letters).
+            where.append("(approvers LIKE ? ESCAPE '\\' OR (approvers = '[]' AND confirmer = ?))")
+            params += [f"%{_like_literal(json.dumps(approver))}%", approver]
         if where:
             sql += " WHERE " + " AND ".join(where)
         sql += " ORDER BY created_at DESC LIMIT ?"
-        # The approver filter reads the JSON list, so rows are filtered here, from a bounded scan.
-        rows = self.db.execute(sql, (*params, limit if approver is None else limit * 20))
-        found = [self._request(r) for r in rows]
-        if approver is not None:
-            found = [r for r in found if r.names(approver)][:limit]
-        return found
+        found = []
+        offset = 0
+        while True:
+            rows = self.db.execute(sql + " OFFSET ?", (*params, limit, offset))
+            found += [r for r in map(self._request, rows) if approver is None or r.names(approver)]
+            offset += len(rows)
+            if len(found) >= limit or len(rows) < limit:
+                return found[:limit]
 
     def pending(
         self, *, made_before: float, after: tuple[float, str] | None, limit: int

@@ -1670,3 +1670,36 @@ def test_with_two_reviewers_required_what_each_withholds_is_withheld_on_release(
     )
     assert second.status == "released"
     assert second.withheld_fields == ("customers.*.card", "customers.*.email")
+
+
+def test_a_persons_requests_are_listed_however_many_name_others(database_url):
+    """The list of what waits for a person (their page, ``GET /v1/approvals?approver=``) is
+    filtered in the database: requests made later for other people, however many (anyone can
+    have calls held), never push an earlier one for this person off it. Names are matched
+    exactly (``%`` and ``_`` are no patterns, ``Avery`` is not ``avery``)."""
+    db = Database(database_url)
+    clock = Clock()
+    store = ApprovalStore(db, b"k" * 32, clock)
+
+    def held(n: int, approvers: tuple[str, ...], confirmer: str | None = None) -> None:
+        clock.now += 1
+        store.create(
+            kind="approval", binding=f"b{n}", subject="sam", client_id="bot", server="crm",
+            method="tools/call", action="call", target='Tool{"crm/send"}',
+            arguments_digest="d", arguments={}, policy_version=1, decision_id=f"d{n}",
+            rules=(), approvers=approvers, required=1, self_forbidden=False, window_minutes=0,
+            seconds=3600, confirmer=confirmer,
+        )  # fmt: skip
+
+    held(0, ("avery",))
+    held(1, (), confirmer="avery")  # no approver named: the person who confirms the call
+    for n in range(2, 2100):
+        held(n, ("av%ry", "Avery", "avery_x", "x") if n % 2 else ("cfo",))
+    mine = store.listed(status="pending", approver="avery", limit=100)
+    assert [r.binding for r in mine] == ["b1", "b0"]
+    assert [r.binding for r in store.listed(approver="av%ry", limit=3)] == [
+        "b2099",
+        "b2097",
+        "b2095",
+    ]
+    assert store.listed(approver="av_ry") == []
