@@ -389,8 +389,9 @@ class Outbox:
         self._active: dict[str, asyncio.Task] = {}
         self._full = False  # the last sweep filled the queue: more may wait in the outbox
         self.sweeps = 0  # times the sender looked for work
-        # One client per allow_http among the webhooks (`bastion.tls.fetching_client`).
-        self._clients: dict[bool, httpx.AsyncClient] = {}
+        # One client per webhook, by label (`bastion.tls.fetching_client`): each its own
+        # connection pool, so a receiver that holds its connections open holds only its own.
+        self._clients: dict[str, httpx.AsyncClient] = {}
         db.migrate(f"{name}s", _migrations(name))
 
     # -- the asking side: any thread, never waits on a receiver ---------------------------------
@@ -437,12 +438,12 @@ class Outbox:
         self._loop = asyncio.get_running_loop()
         self._wake = asyncio.Event()
         self._clients = {
-            allowed: fetching_client(
-                allow_http=allowed,
+            label: fetching_client(
+                allow_http=hook.allow_http,
                 timeout=self.settings.webhook_timeout_seconds,
                 headers={"User-Agent": "bastion-webhooks"},
             )
-            for allowed in {False, *(hook.allow_http for hook in self.settings.webhooks)}
+            for label, hook in self._hooks.items()
         }
         self._runner = asyncio.create_task(self._run(), name=f"bastion {self.name}s")
 
@@ -600,7 +601,7 @@ class Outbox:
 
     async def _post(self, delivery: Delivery, hook: Webhook) -> tuple[int | None, str]:
         """One attempt: the status code, or None and what went wrong."""
-        client = self._clients[hook.allow_http]
+        client = self._clients[delivery.webhook]
         body = delivery.body.encode()
         headers = {
             "Content-Type": "application/json",

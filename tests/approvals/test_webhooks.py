@@ -1022,3 +1022,41 @@ def test_a_database_outage_while_a_delivery_is_under_way_loses_nothing(outage, r
     # The sender waited for the database rather than send the delivered notification again.
     assert [r.verified for r in receiver.got] == [True, True]
     approvals.store.db.close()
+
+
+def test_a_receiver_that_never_answers_cannot_hold_up_another_webhooks_deliveries(
+    sqlite_url, receivers
+):
+    # A receiver whose connections are accepted (by the kernel) and never answered: each
+    # delivery to it holds a connection until webhook_timeout_seconds. More of them at once than
+    # a shared connection pool holds left the other webhook's deliveries waiting for a
+    # connection until they too ran out of time.
+    tarpit = free_socket()
+    tarpit.listen(1024)
+    stuck = f"http://127.0.0.1:{tarpit.getsockname()[1]}/hook"
+    receiver = Receiver()
+    url = receivers(receiver)
+    approvals = approvals_on(
+        sqlite_url, settings(stuck, url, webhook_attempts=1, webhook_timeout_seconds=3.0)
+    )
+    notifier = approvals.webhooks
+
+    async def scenario():
+        # Made while no sender runs: the sender starts with all of them to send at once.
+        held = [await hold(approvals, the_call({"n": n})) for n in range(150)]
+        await notifier.start()
+        try:
+            for r in held:
+                await eventually(
+                    lambda r=r: state(notifier, r.id)[url] != PENDING, "the answering one ended"
+                )
+        finally:
+            await notifier.close()
+        return held
+
+    held = anyio.run(scenario)
+    tarpit.close()
+    ended = [state(notifier, r.id)[url] for r in held]
+    assert ended == [DELIVERED] * 150, ended.count(FAILED)
+    assert len(receiver.got) == 150
+    approvals.store.db.close()
