@@ -10,7 +10,8 @@ FIPS 180-4 SHA-256) under the webhook's own secret.
 Delivery is at least once and survives restarts: `Outbox.enqueue` writes one row per webhook
 to the outbox table (``<name>_outbox``) in the thread that asks and returns; a background task
 on the server's event loop claims due rows under a lease, posts them, and records every attempt
-(``<name>_deliveries``). A process that stops or dies leaves its rows for the next one (or
+(``<name>_deliveries``); a retry due later than the next sweep waits in the outbox, not in
+memory. A process that stops or dies leaves its rows for the next one (or
 another replica) to take once the lease ends. Receivers dedupe on the delivery id
 (``Bastion-Delivery``, and signed in the body), the same across retries.
 """
@@ -176,8 +177,8 @@ class WebhookDelivery:
     webhook_attempts: int = 5
     webhook_backoff_seconds: float = 1.0
     webhook_timeout_seconds: float = 5.0
-    # Deliveries one process holds in memory at once (sending, or waiting to retry); more wait
-    # in the database's outbox until there is room.
+    # Deliveries one process holds in memory at once (sending, or waiting for a retry due by the
+    # next sweep); more wait in the database's outbox until there is room.
     webhook_queue_size: int = 1000
 
 
@@ -472,7 +473,7 @@ class Outbox:
 
     @property
     def holding(self) -> int:
-        """Deliveries this process holds now (sending, or waiting to retry)."""
+        """Deliveries this process holds now (sending, or waiting for a retry due soon)."""
         return len(self._active)
 
     async def _run(self) -> None:
@@ -568,8 +569,8 @@ class Outbox:
                         attempt,
                         error or f"HTTP {status_code}",
                     )
-                if state != PENDING:
-                    return
+                if state != PENDING or not self._waits_here(delay):
+                    return  # done, or back in the outbox until its next attempt is near
                 delivery = Delivery(
                     delivery.id,
                     delivery.request_id,
@@ -627,14 +628,23 @@ class Outbox:
     def _lease(self, due: float) -> float:
         return max(due, self.clock()) + self.settings.webhook_timeout_seconds + LEASE_MARGIN_SECONDS
 
+    def _waits_here(self, delay: float) -> bool:
+        """Whether a delivery whose next attempt is ``delay`` seconds away waits for it in this
+        process. One due later goes back to the outbox and gives up its place in the queue, so
+        that a receiver failing everything under a long backoff cannot hold every place with
+        its retries (the next webhook's deliveries waited behind them): a sweep takes it again
+        within `sweep_seconds` of its time."""
+        return delay <= self.sweep_seconds
+
     def _claim(self, limit: int) -> list[Delivery]:
-        """Take up to ``limit`` unfinished deliveries nobody holds, soonest due first."""
+        """Take up to ``limit`` unfinished deliveries nobody holds that are due by the next
+        sweep, soonest due first."""
         now = self.clock()
         with self.db.transaction():
             rows = self.db.execute(
                 f"SELECT delivery_id, next_at FROM {self.name}_outbox"
-                " WHERE state = ? AND lease_until <= ? ORDER BY next_at LIMIT ?",
-                (PENDING, now, limit),
+                " WHERE state = ? AND lease_until <= ? AND next_at <= ? ORDER BY next_at LIMIT ?",
+                (PENDING, now, now + self.sweep_seconds, limit),
             )
             claimed = []
             for delivery_id, next_at in rows:
@@ -661,7 +671,7 @@ class Outbox:
                     attempt.attempt,
                     state,
                     next_at,
-                    self._lease(next_at) if state == PENDING else 0.0,
+                    self._lease(next_at) if state == PENDING and self._waits_here(delay) else 0.0,
                     None if state == PENDING else attempt.at,
                     attempt.delivery_id,
                     self.owner,

@@ -152,7 +152,7 @@ def settings(*urls: str, **values) -> ApprovalSettings:
     return ApprovalSettings(webhooks=tuple(Webhook(u, SECRET) for u in urls), **values)
 
 
-def approvals_on(database: str, chosen: ApprovalSettings) -> Approvals:
+def approvals_on(database: str, chosen: ApprovalSettings, sweep_seconds: float = 0.05) -> Approvals:
     db = Database(database)
     authz = Authorizer(POLICY)
     approvals = Approvals(
@@ -165,7 +165,7 @@ def approvals_on(database: str, chosen: ApprovalSettings) -> Approvals:
         b"b" * 32,
         AuditLog(db),
     )
-    approvals.webhooks = WebhookNotifier(chosen, db, approvals.url, sweep_seconds=0.05)
+    approvals.webhooks = WebhookNotifier(chosen, db, approvals.url, sweep_seconds=sweep_seconds)
     approvals.on_new_request.append(approvals.webhooks.notify)
     return approvals
 
@@ -985,7 +985,9 @@ def test_a_database_outage_while_a_delivery_is_under_way_loses_nothing(outage, r
     url = receivers(receiver)
     role = outage.role()
     chosen = settings(url, webhook_backoff_seconds=0.5)
-    approvals = approvals_on(outage.url(role), chosen)
+    # Sweeps further apart than the backoff: the second attempt waits for its time in memory,
+    # and is sent while the database is away.
+    approvals = approvals_on(outage.url(role), chosen, sweep_seconds=1.0)
     notifier = approvals.webhooks
 
     def failed_to_record() -> bool:
@@ -1059,4 +1061,49 @@ def test_a_receiver_that_never_answers_cannot_hold_up_another_webhooks_deliverie
     ended = [state(notifier, r.id)[url] for r in held]
     assert ended == [DELIVERED] * 150, ended.count(FAILED)
     assert len(receiver.got) == 150
+    approvals.store.db.close()
+
+
+def test_a_receiver_that_keeps_failing_cannot_fill_the_queue_with_its_retries(
+    sqlite_url, receivers
+):
+    # A receiver that answers 503 to everything, under a long backoff: each of its deliveries
+    # waits a minute for its next attempt. Waiting in memory, they held every slot of the queue
+    # and the other webhook's deliveries waited in the outbox behind them (until the requests
+    # expired, then were never sent).
+    failing = Receiver(otherwise=503)
+    receiver = Receiver()
+    failing_url, url = receivers(failing), receivers(receiver)
+    approvals = approvals_on(
+        sqlite_url,
+        settings(
+            failing_url,
+            url,
+            webhook_queue_size=4,
+            webhook_attempts=3,
+            webhook_backoff_seconds=60.0,
+        ),
+    )
+    notifier = approvals.webhooks
+
+    async def scenario():
+        held = [await hold(approvals, the_call({"n": n})) for n in range(8)]
+        await notifier.start()
+        try:
+            for r in held:
+                await eventually(
+                    lambda r=r: state(notifier, r.id)[url] == DELIVERED, "the other one's sent"
+                )
+                await eventually(
+                    lambda r=r: len(notifier.attempts(r.id)) == 2, "the failing one tried once"
+                )
+            # Their second attempts wait in the outbox, held by no process meanwhile.
+            assert notifier.holding == 0
+        finally:
+            await notifier.close()
+        return held
+
+    held = anyio.run(scenario)
+    assert [state(notifier, r.id)[failing_url] for r in held] == [PENDING] * 8
+    assert len(receiver.got) == 8 and len(failing.got) == 8
     approvals.store.db.close()
