@@ -27,7 +27,7 @@ import anyio
 
 from bastion.agents import identity
 from bastion.approvals.settings import ApprovalSettings
-from bastion.approvals.store import OPEN, Answer, ApprovalRequest, ApprovalStore
+from bastion.approvals.store import OPEN, Answer, ApprovalRequest, ApprovalStore, TooManyPending
 from bastion.audit.log import AuditLog
 from bastion.decide import Authorizer, Session
 from bastion.decide.contract import approval_grant_agent, path_keys
@@ -120,6 +120,19 @@ class NoApprover(Exception):
             " its agent acts as itself (no person signed in) with no owner who is a bastion"
             " user to confirm it; an administrator adds an approver rule to the policy, or"
             " gives the agent an owner (bastion agents update CLIENT_ID --owner USER)",
+        )
+
+    @classmethod
+    def too_many_pending(cls, most: int) -> NoApprover:
+        """The agent has ``most`` calls waiting for people already: held, the call would ask
+        them once more (an agent varying its arguments could ask without end)."""
+        return cls(
+            f"this agent has {most} calls waiting for people already"
+            " ([approvals] max_pending_per_agent): nobody is asked about another until one is"
+            " answered or expires",
+            f"this agent has {most} calls waiting for people already: wait for them to be"
+            " answered or to expire, then call again",
+            "approval_limit",
         )
 
     @classmethod
@@ -461,36 +474,43 @@ class Approvals:
         nothing will announce (the agent's retry finds a request pending, and makes none). An
         announcement that cannot be queued raises, and nothing is kept: the gateway refuses the
         call (``approval_unavailable``), and holds it again when it comes back. `NoApprover`
-        when nobody could answer it (`answerers`): nothing is kept."""
+        when nobody could answer it (`answerers`), or when its agent has
+        ``max_pending_per_agent`` calls waiting already (an identical call's request is still
+        found): nothing is kept."""
         terms, confirmer = self.answerers(call, context)
-        with self.store.db.transaction():
-            request, made = self.store.create(
-                kind=call.kind,
-                binding=self.binding(call),
-                subject=call.subject,
-                client_id=call.client_id,
-                server=call.server,
-                method=call.method,
-                action=call.action,
-                target=repr(call.resource),
-                arguments_digest=call.arguments_digest,
-                arguments=call.arguments,
-                policy_version=self.policy_version() or 0,
-                decision_id=decision_id,
-                rules=rules,
-                approvers=terms.approvers,
-                required=terms.required,
-                self_forbidden=terms.self_forbidden,
-                window_minutes=terms.window_minutes,
-                seconds=terms.seconds,
-                result=result,
-                agents=call.agents,
-                confirmer=confirmer,
-            )
-            if made:
-                self._event(request, f"{call.kind}.requested", decision_id=decision_id)
-                for hook in self.on_new_request:
-                    hook(request)
+        most = self.settings.max_pending_per_agent if call.kind == "approval" else None
+        try:
+            with self.store.db.transaction():
+                request, made = self.store.create(
+                    kind=call.kind,
+                    binding=self.binding(call),
+                    subject=call.subject,
+                    client_id=call.client_id,
+                    server=call.server,
+                    method=call.method,
+                    action=call.action,
+                    target=repr(call.resource),
+                    arguments_digest=call.arguments_digest,
+                    arguments=call.arguments,
+                    policy_version=self.policy_version() or 0,
+                    decision_id=decision_id,
+                    rules=rules,
+                    approvers=terms.approvers,
+                    required=terms.required,
+                    self_forbidden=terms.self_forbidden,
+                    window_minutes=terms.window_minutes,
+                    seconds=terms.seconds,
+                    result=result,
+                    agents=call.agents,
+                    confirmer=confirmer,
+                    max_pending=most,
+                )
+                if made:
+                    self._event(request, f"{call.kind}.requested", decision_id=decision_id)
+                    for hook in self.on_new_request:
+                        hook(request)
+        except TooManyPending:
+            raise NoApprover.too_many_pending(most or 0) from None
         return request
 
     def use(self, request: ApprovalRequest, decision_id: str, runs_for: float = 0.0) -> bool:

@@ -11,6 +11,8 @@ max_window_minutes = 480    # no time-bounded grant is longer, whatever the poli
 stranded_sweep_seconds = 30 # how often each server closes pending requests nobody may answer
                             # any more (an approver disabled, suspended or removed meanwhile)
 stranded_sweep_limit = 100  # the most pending requests one such pass looks at
+max_pending_per_agent = 20  # calls one user's agent may have waiting for people at once;
+                            # past it, a new one is refused (approval_limit), nobody asked
 webhook_attempts = 5        # POSTs per webhook notification before it is given up
 webhook_backoff_seconds = 1 # the wait after the first failed attempt, doubled after each next
 webhook_timeout_seconds = 5 # one attempt is abandoned (and retried) after this long
@@ -50,6 +52,8 @@ MAX_WINDOW_MINUTES = 525_600
 # The most pending requests one pass of the stranded sweep looks at, whatever the setting says:
 # each costs a reading of the policy, and a pass holds one worker thread while it runs.
 MAX_SWEEP_LIMIT = 10_000
+# The most ``max_pending_per_agent`` may be set to.
+MAX_PENDING_PER_AGENT = 1_000_000
 
 
 @dataclass(frozen=True)
@@ -60,6 +64,8 @@ class ApprovalSettings(WebhookDelivery):
     max_window_minutes: int = 480
     stranded_sweep_seconds: float = 30.0
     stranded_sweep_limit: int = 100
+    # Calls one user's agent has waiting for people at once; past it, a new one is refused.
+    max_pending_per_agent: int = 20
 
     @classmethod
     def from_mapping(
@@ -96,14 +102,18 @@ class ApprovalSettings(WebhookDelivery):
                         f" {MAX_WINDOW_MINUTES} (a year), got {value!r}"
                     )
                 values[key] = value
-        if "stranded_sweep_limit" in table:
-            value = table["stranded_sweep_limit"]
-            if type(value) is not int or not 1 <= value <= MAX_SWEEP_LIMIT:
-                raise ConfigError(
-                    f"approvals.stranded_sweep_limit must be a whole number of requests from 1"
-                    f" to {MAX_SWEEP_LIMIT}, got {value!r}"
-                )
-            values["stranded_sweep_limit"] = value
+        for key, most in (
+            ("stranded_sweep_limit", MAX_SWEEP_LIMIT),
+            ("max_pending_per_agent", MAX_PENDING_PER_AGENT),
+        ):
+            if key in table:
+                value = table[key]
+                if type(value) is not int or not 1 <= value <= most:
+                    raise ConfigError(
+                        f"approvals.{key} must be a whole number of requests from 1 to {most},"
+                        f" got {value!r}"
+                    )
+                values[key] = value
         return cls(**values)
 
 

@@ -85,6 +85,8 @@ _MIGRATIONS = [
     # The fields each reviewer withheld, as a JSON list: a result released by several reviewers
     # goes out with every field any of them withheld ('[]' in a row made before: not kept then).
     "ALTER TABLE approval_answers ADD COLUMN withheld_fields TEXT NOT NULL DEFAULT '[]'",
+    # The approvals one user's agent has waiting, counted at each new one (`max_pending`).
+    "CREATE INDEX approval_requests_agent ON approval_requests (subject, client_id, status)",
 ]
 
 KINDS = ("approval", "review")
@@ -277,6 +279,14 @@ class Sealed:
         return json.loads(self._aead.decrypt(blob[:12], blob[12:], request_id.encode()))
 
 
+class TooManyPending(Exception):
+    """A new request would be past the most its agent may have waiting (`create`)."""
+
+    def __init__(self, waiting: int) -> None:
+        super().__init__(f"{waiting} requests wait already")
+        self.waiting = waiting
+
+
 def _like_literal(text: str) -> str:
     """``text`` matched as it is by LIKE with ``ESCAPE '\\'``: its ``%``, ``_`` and ``\\``
     escaped."""
@@ -316,17 +326,30 @@ class ApprovalStore:
         result: Any = None,
         agents: tuple[str, ...] = (),
         confirmer: str | None = None,
+        max_pending: int | None = None,
     ) -> tuple[ApprovalRequest, bool]:
         """The pending request of this kind bound to ``binding``, made if there is none; and
         whether it was made now. Identical pending calls share one request; a review holds the
         result of one run (the decision ``decision_id``), and is shared by no other run: what a
-        reviewer releases goes with the run it came from."""
+        reviewer releases goes with the run it came from. `TooManyPending` if a new one would
+        be past ``max_pending`` of its kind waiting for ``subject``'s agent ``client_id``."""
         now = self.clock()
         with self.db.transaction():
             self.db.lock(f"approval:{binding}")
             found = self._pending(kind, binding, now, decision_id if kind == "review" else None)
             if found is not None:
                 return found, False
+            if max_pending is not None:
+                # Counted under a lock of the agent's, so that two processes holding two of its
+                # calls at once count each other's.
+                self.db.lock(json.dumps(["approvals pending", subject, client_id]))
+                waiting = self.db.execute(
+                    "SELECT COUNT(*) FROM approval_requests WHERE subject = ? AND client_id = ?"
+                    " AND status = ? AND kind = ? AND expires_at > ?",
+                    (subject, client_id, OPEN, kind, now),
+                )[0][0]
+                if waiting >= max_pending:
+                    raise TooManyPending(waiting)
             request_id = new_request_id()
             self.db.execute(
                 f"INSERT INTO approval_requests ({_COLUMNS}) VALUES"

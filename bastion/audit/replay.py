@@ -54,6 +54,7 @@ _POLICY_REFUSALS = frozenset({"not_permitted", "evaluation_limit", "signal_stale
 _APPROVAL_REASONS = frozenset(
     {
         "no_approver",
+        "approval_limit",
         "approval_unavailable",
         "approval_used",
         "approval_pending",

@@ -113,7 +113,8 @@ class Holder:
             FactStore(self.db),
             lambda: authz,
             lambda: 1,
-            ApprovalSettings(),
+            # A module's tests hold many calls of one agent, each waiting as a test left it.
+            ApprovalSettings(max_pending_per_agent=10_000),
             issuer,
             deployment_secret(key_dir, BINDING_KEY),
             AuditLog(self.db, clock),

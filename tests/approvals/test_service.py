@@ -1703,3 +1703,39 @@ def test_a_persons_requests_are_listed_however_many_name_others(database_url):
         "b2095",
     ]
     assert store.listed(approver="av_ry") == []
+
+
+def test_an_agent_has_at_most_max_pending_per_agent_calls_waiting_for_people(world):
+    """Each held call asks people (a page entry, a chat message): an agent varying its arguments
+    could ask without end, burying the requests that matter and wearing the approvers down. Past
+    ``max_pending_per_agent`` requests of one user's agent waiting at once, a new call is refused
+    at once (``approval_limit``), nothing stored or announced; the same call again still finds
+    its request, another agent of the user is counted apart, and an answered or expired request
+    makes room."""
+    approvals, _, _, clock = world
+    approvals.settings = dataclasses.replace(approvals.settings, max_pending_per_agent=2)
+    first = held(approvals, call(send, {"to": "1@example.com"}))
+    held(approvals, call(send, {"to": "2@example.com"}))
+    before = approvals.store.listed(status="pending")
+    with pytest.raises(NoApprover, match="max_pending_per_agent") as refused:
+        approvals.hold(call(send, {"to": "3@example.com"}), "d3", (), {})
+    assert refused.value.reason == "approval_limit" and "2 calls" in refused.value.meaning
+    assert approvals.store.listed(status="pending") == before
+    assert approvals.hold(call(send, {"to": "1@example.com"}), "d4", (), {}).id == first.id
+    other_agent = dataclasses.replace(call(send, {"to": "3@example.com"}), client_id="bot2")
+    assert approvals.hold(other_agent, "d5", (), {}).status == "pending"
+    approvals.answer(first.id, "avery", "deny", channel="api")
+    assert approvals.hold(call(send, {"to": "3@example.com"}), "d6", (), {}).status == "pending"
+    clock.now += approvals.settings.expiry_seconds + 1  # the two left expire
+    for n in (4, 5):
+        assert (
+            approvals.hold(call(send, {"to": f"{n}@example.com"}), "d", (), {}).status == "pending"
+        )
+
+
+def test_max_pending_per_agent_is_a_whole_number_from_one():
+    assert ApprovalSettings.from_mapping({}).max_pending_per_agent == 20
+    assert ApprovalSettings.from_mapping({"max_pending_per_agent": 5}).max_pending_per_agent == 5
+    for bad in (0, -1, 1.5, "5", True, 1_000_001):
+        with pytest.raises(ConfigError, match="max_pending_per_agent"):
+            ApprovalSettings.from_mapping({"max_pending_per_agent": bad})

@@ -149,6 +149,8 @@ def closed_port_url() -> str:
 def settings(*urls: str, **values) -> ApprovalSettings:
     values.setdefault("webhook_backoff_seconds", 0.02)
     values.setdefault("webhook_timeout_seconds", 5.0)
+    # Some tests hold a hundred calls of one agent, to load the receivers.
+    values.setdefault("max_pending_per_agent", 10_000)
     return ApprovalSettings(webhooks=tuple(Webhook(u, SECRET) for u in urls), **values)
 
 
