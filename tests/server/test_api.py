@@ -727,6 +727,29 @@ def test_a_large_context_is_not_kept_for_a_later_explanation(api):
     assert_problem(r, 409, '"explain": true')
 
 
+def test_list_actions_and_query_records_keep_the_context_they_were_decided_with(api):
+    """A list, an actions or a query decision read the request's context as an authorize does,
+    and its record keeps it (64 KiB and less), so it can be explained later. Before, only
+    authorize records did: a list whose answer turned on ``context`` left no trace of it."""
+    write_roles(api, role("alice", "reader", "Repo", "anvil"))
+    context = {"ip": "10.0.0.7"}
+    bodies = {
+        "/v1/list": {"actor": "User:alice", "action": "read", "resource_type": "Repo"},
+        "/v1/actions": {"actor": "User:alice", "resource": "Repo:anvil"},
+        "/v1/query": {"predicate": "allow", "args": ["User:alice", "read", {"var": "r"}]},
+    }
+    for path, body in bodies.items():
+        answer = api.post(path, json={**body, "context": context})
+        assert answer.status_code == 200, answer.text
+        record = api.get(f"/v1/decisions/{answer.json()['decision_id']}").json()
+        assert record["request"].get("context") == context, path
+        large = api.post(path, json={**body, "context": {"blob": "x" * 70_000}}).json()
+        record = api.get(f"/v1/decisions/{large['decision_id']}").json()
+        assert record["request"].get("context_omitted") is True, path
+        plain = api.post(path, json=body).json()
+        assert "context" not in api.get(f"/v1/decisions/{plain['decision_id']}").json()["request"]
+
+
 def test_a_time_past_the_calendar_is_answered_not_a_server_error(api):
     """A context's ``time`` that no calendar holds (epoch seconds of the year 10000, the last
     second of 9999 seen in a zone where it is already 10000) is a value that is not a time: the

@@ -226,3 +226,25 @@ def test_the_client_and_the_in_process_authorizer_answer_alike(server):
         assert remote.authorize_many(
             [([SAM, CODER], "read", SECRET), (SAM, "read", SECRET), ([SAM, CODER], "read", PLAN)]
         ) == [False, True, True]
+
+
+def test_a_chains_record_keeps_the_scopes_and_what_the_answer_said(http):
+    """What a chain's answer turned on is in its record: the scopes it was asked with, the
+    scopes missing, and the obligations an allowed chain was given to enforce. Before, the
+    record of an ``insufficient_scope`` refusal named neither the scopes given nor those
+    missing, and an allowed chain's record none of the masks its caller was told to apply."""
+    refused = authorize(http, [SAM, CODER], "write", PLAN, scopes=["docs:read"])
+    record = http.get(f"/v1/decisions/{refused['decision_id']}").json()
+    assert record["request"]["scopes"] == ["docs:read"]
+    assert record["reason"] == "insufficient_scope"
+    assert record["missing_scopes"] == ["docs:write"]
+    allowed = authorize(http, [SAM, CODER], "read", PLAN)
+    record = http.get(f"/v1/decisions/{allowed['decision_id']}").json()
+    assert record["result"] is True and "scopes" not in record["request"]
+    assert record["obligations"] == allowed["obligations"]
+    assert record["obligations"]["masks"] == ["salary"]
+    check = {"principals": [ent(SAM), ent(CODER)], "action": "write", "resource": ent(PLAN)}
+    batch = http.post("/v1/authorize/batch", json={"checks": [{**check, "scopes": ["x"]}]})
+    record = http.get(f"/v1/decisions/{batch.json()['results'][0]['decision_id']}").json()
+    assert record["request"]["scopes"] == ["x"]
+    assert record["missing_scopes"] == ["docs:write"]

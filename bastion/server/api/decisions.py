@@ -70,8 +70,9 @@ T = TypeVar("T")
 _COMPILE_ROUNDS = 8
 
 MAX_BATCH = 1000
-# What a refusal's record keeps of its answer.
-_REFUSAL_FIELDS = ("reason", "limit", "suspended")
+# What a record keeps of its answer beyond ``allowed``: why it was refused (the scopes missing,
+# the signals stale), and the obligations an allowed chain's caller was told to enforce.
+_ANSWER_FIELDS = ("reason", "limit", "suspended", "missing_scopes", "stale_signals", "obligations")
 # Principals in one chain: a user, an agent and its sub-agents.
 MAX_CHAIN = 8
 MAX_PAGE = 1000
@@ -91,7 +92,8 @@ class DecisionRecord:
     policy_version: int | None
     at: float
     explanation: dict | None = field(default=None)
-    refusal: dict | None = field(default=None)  # reason and limit, when over budget
+    # Why it was refused (reason, limit...), and an allowed chain's obligations.
+    refusal: dict | None = field(default=None)
     # The id of the API key that asked: only it, and an admin key, read the record.
     asked_by: str | None = field(default=None)
 
@@ -411,12 +413,19 @@ def _decide_or_held(
     return decision, {**_chain_answer(decision), **_held(held)}
 
 
-def _chain_request(chain: tuple[Entity, ...], action: str, resource: Entity) -> dict:
-    return {
+def _chain_request(
+    chain: tuple[Entity, ...], action: str, resource: Entity, scopes: list[str] | None
+) -> dict:
+    """What a chain decision's record says was asked: with the caller's OAuth ``scopes`` when
+    given (`requires_scope` is held to them)."""
+    req = {
         "principals": [_entity_json(p) for p in chain],
         "action": action,
         "resource": _entity_json(resource),
     }
+    if scopes is not None:
+        req["scopes"] = scopes
+    return req
 
 
 def _authorize_chain(asked: Asked, body: dict, replica: Replica) -> dict:
@@ -437,9 +446,9 @@ def _authorize_chain(asked: Asked, body: dict, replica: Replica) -> dict:
         # Why the principal that refused was refused (or, allowed, why the last one was).
         explained = authz.decide(explained_principal(decision), action, resource, context)
         explanation = _explanation_json(explained)
-    req = {**_chain_request(chain, action, resource), "refused_by": answer["refused_by"]}
+    req = {**_chain_request(chain, action, resource, scopes), "refused_by": answer["refused_by"]}
     _keep_context(req, context, asked.keeps_context)
-    refusal = {k: answer[k] for k in _REFUSAL_FIELDS if k in answer} or None
+    refusal = {k: answer[k] for k in _ANSWER_FIELDS if k in answer} or None
     decision_id = _record(
         asked.log, replica, "authorize", req, decision.allowed, explanation, refusal, asked.by
     )
@@ -662,11 +671,11 @@ def authorize_batch_answer(asked: Asked, body: dict, replica: Replica) -> dict:
                     seconds.append(clock() - started)
                     allowed_count += decision.allowed
                     req = {
-                        **_chain_request(actor, action, resource),
+                        **_chain_request(actor, action, resource, scopes),
                         "refused_by": answer["refused_by"],
                     }
                     _keep_context(req, context, kept)
-                    refusal = {k: answer[k] for k in _REFUSAL_FIELDS if k in answer} or None
+                    refusal = {k: answer[k] for k in _ANSWER_FIELDS if k in answer} or None
                     decision_id = _record(
                         asked.log, replica, "authorize", req, decision.allowed, None, refusal, by
                     )
@@ -737,6 +746,7 @@ async def list_resources(request: Request) -> JSONResponse:
     page = ids[start : start + limit]
     more = bool(page) and page[-1] != ids[-1]
     req = {"actor": _entity_json(actor), "action": action, "resource_type": resource_type}
+    keep_context(request, req, context)
     decision_id = record_decision(request, key, "list", req, {"count": len(ids)}, refusal=refusal)
     return JSONResponse(
         {
@@ -771,6 +781,7 @@ async def actions(request: Request) -> JSONResponse:
             result, refusal = [], _refusal(over)
     observe_decision(request, "actions", started, "allow" if result else "deny")
     req = {"actor": _entity_json(actor), "resource": _entity_json(resource)}
+    keep_context(request, req, context)
     decision_id = record_decision(request, key, "actions", req, result, refusal=refusal)
     return JSONResponse(
         {
@@ -812,6 +823,7 @@ def _query(request: Request, key: ApiKey, body: dict, replica: Replica) -> JSONR
             except ValueError as e:
                 raise bad_request(f'args[{i}]: {e}; a variable is {{"var": "name"}}') from None
             args.append(sized(arg, f"args[{i}]") if arg.__class__ in (Entity, str) else arg)
+    context = _context(body)
     started = time.perf_counter()
     refusal = None
     suspensions = replica.suspensions
@@ -823,7 +835,7 @@ def _query(request: Request, key: ApiKey, body: dict, replica: Replica) -> JSONR
             rows, refusal = [], _held(held)  # the kill switch, before the policy
         else:
             require_compiled(replica.authz, [(predicate, mask_of(args))])
-            rows = replica.authz.query(predicate, *args, context=_context(body))
+            rows = replica.authz.query(predicate, *args, context=context)
             if asks_allow(predicate, len(args)):
                 rows = [row for row in rows if not suspensions.holds_value(row[1])]
     except ValueError as e:
@@ -838,6 +850,7 @@ def _query(request: Request, key: ApiKey, body: dict, replica: Replica) -> JSONR
     observe_decision(request, "query", started, "allow" if rows else "deny")
     results = [[arg_to_json(v) for v in row] for row in rows]
     req = {"predicate": predicate, "args": raw_args}
+    keep_context(request, req, context)
     decision_id = record_decision(request, key, "query", req, len(rows), refusal=refusal)
     return JSONResponse(
         {
