@@ -168,3 +168,31 @@ def test_a_key_reads_and_explains_its_own_decisions_and_admin_reads_every_one(se
         admins = admin.post("/v1/authorize", json=ALLOWED).json()["decision_id"]
         assert admin.get(f"/v1/decisions/{admins}").status_code == 200
         assert b.get(f"/v1/decisions/{admins}").status_code == 404
+
+
+def test_a_decision_that_rested_on_context_facts_is_not_explained_without_them(server):
+    """Oso Cloud's context facts hold for their one question and the record keeps only how many
+    there were: explained again later without them, an allow that rested on one would read as a
+    refusal called exact. Such a record is answered 409, saying why."""
+    with key(server, "pep", "decide", "oso:read") as pep:
+        own = pep.post("/v1/authorize", json=ALLOWED).json()["decision_id"]
+        prefix, count = own.rsplit("-", 1)
+        bob = {"type": "User", "id": "bob"}
+        asked = {
+            "actor_type": "User",
+            "actor_id": "bob",
+            "action": "read",
+            "resource_type": "Repo",
+            "resource_id": "anvil",
+            "context_facts": [
+                {"predicate": "has_role", "args": [bob, {"type": "String", "id": "reader"},
+                                                   {"type": "Repo", "id": "anvil"}]}
+            ],
+        }  # fmt: skip
+        answer = pep.post("/api/authorize", json=asked)
+        assert answer.status_code == 200 and answer.json() == {"allowed": True}, answer.text
+        decision_id = f"{prefix}-{int(count) + 1}"
+        assert pep.get(f"/v1/decisions/{decision_id}").json()["result"] is True
+        explained = pep.get(f"/v1/decisions/{decision_id}/explanation")
+        assert explained.status_code == 409, explained.text
+        assert "context facts" in explained.json()["detail"]

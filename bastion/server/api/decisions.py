@@ -907,6 +907,15 @@ async def explain(request: Request) -> JSONResponse:
             "the request was too large for its context to be kept; send it again with"
             ' "explain": true to get the explanation in the answer',
         )
+    if r.get("context_facts"):
+        # Oso Cloud's context facts held for that one question and are not kept: explained
+        # without them, what rested on one would read otherwise, and be called exact.
+        raise Problem(
+            409,
+            "Not explainable",
+            f"it was decided with {r['context_facts']} context facts, which the record does not"
+            " keep; explained without them it could read otherwise",
+        )
     replica = _current(request)
     if (changing := replica.in_force()) is not None:
         await changing  # a change going in holds the fact lock: not waited for on the loop
