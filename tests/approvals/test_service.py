@@ -1693,15 +1693,13 @@ def test_a_persons_requests_are_listed_however_many_name_others(database_url):
 
     held(0, ("avery",))
     held(1, (), confirmer="avery")  # no approver named: the person who confirms the call
-    for n in range(2, 2100):
+    # More than twenty times the page's length: what the bounded scan before read.
+    for n in range(2, 62):
         held(n, ("av%ry", "Avery", "avery_x", "x") if n % 2 else ("cfo",))
-    mine = store.listed(status="pending", approver="avery", limit=100)
+    mine = store.listed(status="pending", approver="avery", limit=2)
     assert [r.binding for r in mine] == ["b1", "b0"]
-    assert [r.binding for r in store.listed(approver="av%ry", limit=3)] == [
-        "b2099",
-        "b2097",
-        "b2095",
-    ]
+    found = store.listed(approver="av%ry", limit=3)
+    assert [r.binding for r in found] == ["b61", "b59", "b57"]
     assert store.listed(approver="av_ry") == []
 
 
