@@ -570,12 +570,14 @@ def _guard(func):
     def run(args: argparse.Namespace) -> int:
         import httpx
 
-        from bastion.client import RemoteError
+        from bastion.client import RemoteError, Unanswered
 
         try:
             return func(args)
         except httpx.TransportError as e:
             return _fail(f"the server cannot be reached, or its answer broke off: {e}")
+        except Unanswered as e:
+            return _fail(f"the server cannot be reached, or its answer broke off: {e.detail}")
         except RemoteError as e:
             return _fail(f"the server refused: {e.detail} ({e.status} {e.title})")
         except (FactError, LookupError, ValueError) as e:
