@@ -239,7 +239,15 @@ class _Lowering:
         if kind == "permission":
             return ast.Call("has_permission", (actor, ast.Const(name, loc), subject), loc)
         if kind == "relation":
-            return ast.Call("has_relation", (subject, ast.Const(name, loc), actor), loc)
+            # The actor is the related entity: of the type the block declares, as in Oso,
+            # whatever a has_relation rule relates.
+            typ = block.relations[name][0]
+            return ast.And(
+                (
+                    ast.Call("has_relation", (subject, ast.Const(name, loc), actor), loc),
+                    ast.Matches(actor, typ, loc),
+                )
+            )
         declared = [*block.roles, *block.permissions, *block.relations]
         self.error(
             loc,
@@ -314,7 +322,10 @@ class _Lowering:
             if inner is None:
                 return None
             hop = ast.Call("has_relation", (resource, ast.Const(expr.relation, loc), related), loc)
-            return ast.And((hop, inner))
+            # Only an entity of the relation's declared type is followed: a has_relation rule
+            # that relates another type must not pass that entity's roles off as the parent's.
+            typed = ast.Matches(related, block.relations[expr.relation][0], loc)
+            return ast.And((hop, typed, inner))
         if isinstance(expr, ast.And):
             items = [self.expand(block, item, subst) for item in expr.items]
             return None if None in items else ast.And(tuple(items))
@@ -571,6 +582,8 @@ class _Lowering:
                 written.append((clause, True))
         for rule in self.policy.rules:
             key = (rule.name, len(rule.params))
+            if key == ("has_relation", 3):
+                self.check_relation_rule(rule)
             if key in BUILTINS:
                 self.error(rule.location, f"{rule.name} is a builtin and cannot be redefined")
                 continue
@@ -624,6 +637,30 @@ class _Lowering:
             has_deny=("deny", 3) in clauses,
             subtypes=dict(self._subtypes),
         )
+
+    def check_relation_rule(self, rule: ast.Rule) -> None:
+        """A has_relation rule for a relation a block declares relates entities of the declared
+        type (Oso refuses the rule otherwise); one that names another type is an error."""
+        resource, name, related = rule.params
+        if not isinstance(name.term, ast.Const) or related.type is None:
+            return
+        holders = self.resource_types
+        if resource.type is not None:
+            holders = self.resolve_type(resource.type, resource.location) or frozenset()
+        declared = [
+            (block.name, block.relations[name.term.value][0])
+            for block in self.blocks.values()
+            if name.term.value in block.relations
+            and (block.name in holders or holders & self.subtypes(block.name))
+        ]
+        relates = self.resolve_type(related.type, related.location) or frozenset()
+        if declared and not any(relates <= self.subtypes(typ) for _, typ in declared):
+            owner, typ = declared[0]
+            self.error(
+                related.location,
+                f"relation {name.term.value!r} of {owner} is declared as {typ}; this rule"
+                f" relates a {related.type}",
+            )
 
     def check_calls(self, clauses: dict, fact_predicates: set, written: list) -> None:
         """The misspelling guard: a call to a predicate that no rule, declaration, block or

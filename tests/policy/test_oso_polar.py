@@ -457,6 +457,66 @@ def test_a_subtype_is_accepted_wherever_its_supertype_is():
         authz.facts.insert(("has_relation", Entity("Folder", "x"), "parent", Entity("Folder", "f")))
 
 
+RELATION_TYPES = """
+actor User {}
+actor Bot {}
+resource Org { roles = ["member"]; relations = { owner: User }; }
+resource Repo {
+  roles = ["member", "reader"];
+  permissions = ["read", "push", "admin"];
+  relations = { parent: Org, owner: User };
+  "reader" if "member" on "parent";
+  "read" if "reader";
+  "push" if "owner";
+  "admin" if "owner" on "parent";
+}
+has_relation(repo: Repo, "parent", other) if repo = Repo{"r1"} and other = Repo{"r2"};
+has_relation(repo: Repo, "owner", bot) if repo = Repo{"r1"} and bot = Bot{"b1"};
+has_relation(org: Org, "owner", bot) if org = Org{"o1"} and bot = Bot{"b1"};
+"""
+
+
+def test_a_relation_reaches_only_entities_of_the_type_its_block_declares():
+    # Repo's parent is an Org: a rule that makes another Repo its "parent" does not pass
+    # Repo r2's own "member" off as membership of the parent; an owner is a User, not a Bot.
+    authz = Authorizer(RELATION_TYPES)
+    repo, bot = Entity("Repo", "r1"), Entity("Bot", "b1")
+    put(
+        authz,
+        [
+            ("has_role", U("u1"), "member", Entity("Repo", "r2")),
+            ("has_role", U("u2"), "member", Entity("Org", "o1")),
+            ("has_relation", Entity("Repo", "r3"), "parent", Entity("Org", "o1")),
+            ("has_relation", Entity("Repo", "r3"), "owner", U("u3")),
+            ("has_relation", Entity("Org", "o1"), "owner", U("u4")),
+        ],
+    )
+    assert not authz.authorize(U("u1"), "read", repo)
+    assert not authz.authorize(bot, "push", repo)
+    assert not authz.authorize(bot, "admin", repo)
+    # Related entities of the declared types still count.
+    assert authz.authorize(U("u2"), "read", Entity("Repo", "r3"))
+    assert authz.authorize(U("u3"), "push", Entity("Repo", "r3"))
+    assert authz.authorize(U("u4"), "admin", Entity("Repo", "r3"))
+
+
+@pytest.mark.parametrize(
+    ("rule", "expected"),
+    [
+        (
+            'has_relation(_: Repo, "owner", _: Bot) if true;',
+            "relation 'owner' of Repo is declared as User; this rule relates a Bot",
+        ),
+        (
+            'has_relation(_: Repo, "parent", _: Repo) if true;',
+            "relation 'parent' of Repo is declared as Org; this rule relates a Repo",
+        ),
+    ],
+)
+def test_a_has_relation_rule_of_another_type_than_its_block_declares_is_refused(rule, expected):
+    assert any(expected in m for m in errors_of(RELATION_TYPES + rule))
+
+
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
