@@ -83,6 +83,23 @@ class _Lowering:
         self.global_roles: dict[str, Location] = {}
         self.fresh = itertools.count(1)
         self.entities_checked: set[tuple[Location, str]] = set()
+        # Whether a rule of the policy relates entities (``has_relation`` rules): only then may
+        # a relation hold an entity of another type than its block declares (stored facts are
+        # checked against the declaration when written), and only then does a shorthand rule
+        # check the type of what it follows (`relation_typed`).
+        self.rules_relate = any(
+            rule.name == "has_relation" and len(rule.params) == 3 for rule in policy.rules
+        )
+
+    def relation_typed(
+        self, block: ast.Block, relation: str, hop: ast.Call, related: Any
+    ) -> tuple[Any, ...]:
+        """``hop`` (a has_relation call), and, where rules relate entities too, ``related`` of
+        the type ``block`` declares for ``relation`` (or a subtype), as in Oso: a rule that
+        relates another type must not pass that entity's roles off as the declared one's."""
+        if not self.rules_relate:
+            return (hop,)
+        return (hop, ast.Matches(related, block.relations[relation][0], hop.location))
 
     def error(self, location: Location, message: str) -> None:
         self.diagnostics.append(Diagnostic(location, message))
@@ -241,13 +258,9 @@ class _Lowering:
         if kind == "relation":
             # The actor is the related entity: of the type the block declares, as in Oso,
             # whatever a has_relation rule relates.
-            typ = block.relations[name][0]
-            return ast.And(
-                (
-                    ast.Call("has_relation", (subject, ast.Const(name, loc), actor), loc),
-                    ast.Matches(actor, typ, loc),
-                )
-            )
+            hop = ast.Call("has_relation", (subject, ast.Const(name, loc), actor), loc)
+            typed = self.relation_typed(block, name, hop, actor)
+            return typed[0] if len(typed) == 1 else ast.And(typed)
         declared = [*block.roles, *block.permissions, *block.relations]
         self.error(
             loc,
@@ -322,10 +335,7 @@ class _Lowering:
             if inner is None:
                 return None
             hop = ast.Call("has_relation", (resource, ast.Const(expr.relation, loc), related), loc)
-            # Only an entity of the relation's declared type is followed: a has_relation rule
-            # that relates another type must not pass that entity's roles off as the parent's.
-            typed = ast.Matches(related, block.relations[expr.relation][0], loc)
-            return ast.And((hop, typed, inner))
+            return ast.And((*self.relation_typed(block, expr.relation, hop, related), inner))
         if isinstance(expr, ast.And):
             items = [self.expand(block, item, subst) for item in expr.items]
             return None if None in items else ast.And(tuple(items))
