@@ -270,6 +270,20 @@ class BehaviorView(_Lazy):
             raise BehaviorUnavailable()
         return _Counters(self._source, key, self._now)
 
+    def peek(self, scope: str, counter: str, window: str) -> dict:
+        """What ``self[scope][counter][window]`` reads, without keeping it in the view, and so
+        out of the decision record that holds the view: for a check that most often finds
+        nothing to say (`bastion.signals.alerts.Alerts.behavior_alerts`), which reads it
+        through the view where it does."""
+        counters = dict.get(self, scope)
+        windows = dict.get(counters, counter) if counters is not None else None
+        if windows is not None and window in windows:
+            return dict.__getitem__(windows, window)
+        if self._source is None:
+            raise BehaviorUnavailable()
+        key = self.counter_keys[SCOPES.index(scope)]
+        return self._source(key, self._now, _COUNTER_INDEX[counter], _WINDOW_INDEX[window])
+
 
 class _Counters(_Lazy):
     """One scope's counters: counter -> window -> figures."""

@@ -399,6 +399,12 @@ def test_the_built_in_behaviour_alerts_need_their_thresholds_and_a_baseline():
     # Without a person in the chain only the agent's figures count (the user is the agent).
     view = counters.view("ann", "fresh-0", "t")
     assert alerts.behavior_alerts(view, False, person=False) == []
+    # The user's figures are kept in the view (and so in the decision record) only where they
+    # raise an alert; the agent's, as before, always.
+    quiet = counters.view("sam", "bot", "t")
+    assert alerts.behavior_alerts(quiet, True) == []
+    assert set(quiet) == {"agent"}
+    assert quiet.peek("user", "calls", "ten_minutes") == quiet["user"]["calls"]["ten_minutes"]
     # Off when set to 0.
     off = Alerts(None, AlertSettings(bulk_destructive_count=0, spike_ratio=0), lambda: None, "x")  # type: ignore[arg-type]
     assert off.behavior_alerts(counters.view("sam", "bot", "t"), True) == []
