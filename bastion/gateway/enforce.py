@@ -109,11 +109,16 @@ class Caller:
     chain: tuple[str, ...] = field(init=False)
     # The user and every agent of the chain, as the policy sees them (every one must be allowed).
     principals: tuple[Entity, ...] = field(init=False)
+    # Whether a person is among them (`has_person`): worked out once, as a caller is made once
+    # per token and request shape, and asked on every call (`_behavior_alerts`).
+    person: bool = field(init=False)
 
     def __post_init__(self) -> None:
         chain = self.agents or (self.client_id,)
         object.__setattr__(self, "chain", chain)
-        object.__setattr__(self, "principals", token_principals(self.subject, chain))
+        principals = token_principals(self.subject, chain)
+        object.__setattr__(self, "principals", principals)
+        object.__setattr__(self, "person", has_person(principals))
 
 
 @dataclass(frozen=True, slots=True)
@@ -704,13 +709,13 @@ class Enforcer:
         if self.alerts is None or not isinstance(behavior, BehaviorView):
             return []
         destructive = (context.get("annotations") or {}).get("destructiveHint") is True
-        principals = caller.principals
         try:
-            raised = self.alerts.behavior_alerts(
-                behavior, destructive, person=has_person(principals)
-            )
+            raised = self.alerts.behavior_alerts(behavior, destructive, person=caller.person)
         except BehaviorUnavailable:
             return []
+        if not raised:
+            return []
+        principals = caller.principals
         by_scope = {"agent": principals[-1], "user": principals[0]}
         return [(by_scope[scope], name, severity, more) for scope, name, severity, more in raised]
 
