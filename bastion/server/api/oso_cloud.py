@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import bisect
 import functools
+import itertools
 import json
 import re
 import time
@@ -626,11 +627,12 @@ async def batch(request: Request) -> Response:
     inserts, patterns = await anyio.to_thread.run_sync(_changesets, authz, raw)
     if not inserts and not patterns:
         return _json({"message": "success"})  # nothing to change: no write
-    require_for_facts(key, [*inserts, *(p.fact for p in patterns)])
     store: FactStore = request.app.state.store
     most = request.app.state.config.oso_api_max_results
 
     def write() -> WriteResult:
+        # In the worker thread: a batch may hold many facts.
+        require_for_facts(key, itertools.chain(inserts, (p.fact for p in patterns)))
         deletes = []
         for p in patterns:
             if p.typed:
