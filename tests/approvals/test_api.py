@@ -17,6 +17,7 @@ from bastion.db import Database
 from bastion.facts.store import FactStore
 from bastion.oauth.store import OAuthStore
 from bastion.oauth.users import create_user
+from tests import clients
 from tests.approvals.support import DELETE, REPORT, SEND, Holder, config, store_policy_and_facts
 from tests.server.conftest import ADMIN_KEY, ServerProcess
 
@@ -27,7 +28,7 @@ class Bastion:
 
     def client(self, scope: str | None = "approvals") -> httpx.Client:
         headers = {"authorization": f"Bearer {self.keys[scope]}"} if scope else {}
-        return httpx.Client(base_url=self.server.url, headers=headers, timeout=30)
+        return clients.client(base_url=self.server.url, headers=headers, timeout=30)
 
 
 @pytest.fixture(scope="module")

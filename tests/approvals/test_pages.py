@@ -31,6 +31,7 @@ from bastion.policy.parser import parse_fact
 from bastion.server.app import create_app
 from bastion.server.config import ServerConfig
 from bastion.signals.suspensions import resume, suspend, suspension
+from tests import clients
 from tests.approvals.support import POLICY_HEAD
 from tests.browser import ClientSite, Tab, browser_fixture, tab_fixture  # noqa: F401 (fixtures)
 from tests.oauth.support import Clock, free_socket, hidden_fields, serve
@@ -174,7 +175,7 @@ def hold(
 @contextmanager
 def signed_in(bastion: Running, username: str) -> Iterator[httpx.Client]:
     """An HTTP client with ``username``'s session, by the sign-in page."""
-    with httpx.Client(base_url=bastion.url, follow_redirects=False, timeout=10) as http:
+    with clients.client(base_url=bastion.url, follow_redirects=False, timeout=10) as http:
         page = http.get("/sign-in", params={"next": "/approvals"})
         assert page.status_code == 200, page.text
         fields = {**hidden_fields(page.text), "username": username, "password": PASSWORD}
@@ -873,7 +874,7 @@ def test_an_unknown_request_is_404_not_500(bastion: Running):
     ],
 )
 def test_sign_in_refuses_a_next_that_is_not_a_local_path(bastion: Running, next_path: str):
-    with httpx.Client(base_url=bastion.url, follow_redirects=False, timeout=10) as http:
+    with clients.client(base_url=bastion.url, follow_redirects=False, timeout=10) as http:
         page = http.get("/sign-in", params={"next": next_path})
         assert page.status_code == 400
         assert "must be a page of this server" in page.text

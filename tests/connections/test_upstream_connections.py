@@ -53,6 +53,7 @@ from bastion.oauth.store import OAuthStore
 from bastion.oauth.users import create_user
 from bastion.server.app import create_app
 from bastion.server.config import ServerConfig
+from tests import clients
 from tests.browser import browser_fixture, tab_fixture  # noqa: F401 (fixtures)
 from tests.clock import ManualClock
 from tests.gateway.support import LegacyOnly, Recorder, bastion_serve, stop
@@ -327,7 +328,7 @@ def call(
 
     async def main() -> None:
         async with (
-            httpx2.AsyncClient(auth=provider, timeout=20) as http,
+            httpx2.AsyncClient(auth=provider, timeout=20, verify=clients.TRUST) as http,
             McpClient(
                 streamable_http_client(lab.mcp_url, http_client=http),
                 mode=mode,

@@ -34,6 +34,7 @@ from bastion.oauth.users import create_user
 from bastion.policy.parser import parse_fact
 from bastion.server.app import create_app
 from bastion.server.config import ServerConfig
+from tests import clients
 from tests.conftest import require_program
 from tests.gateway.lab_server import SECRET as LAB_SECRET
 from tests.oauth.support import (
@@ -414,7 +415,7 @@ class Running:
 
         async def main() -> None:
             async with (
-                httpx2.AsyncClient(auth=provider, timeout=20) as http,
+                httpx2.AsyncClient(auth=provider, timeout=20, verify=clients.TRUST) as http,
                 McpClient(
                     streamable_http_client(self.mcp_url(server), http_client=http),
                     mode=mode,
@@ -596,7 +597,7 @@ def start(
             for name in ("sam", "avery"):
                 create_user(app.state.oauth.store, name, PASSWORD, time.time(), actor="test")
             app.state.store.apply(facts(), actor="test")
-            with httpx.Client(timeout=20) as http:
+            with clients.client(timeout=20) as http:
                 url = servers.serve(app, sock)
                 others = [servers.serve(create_app(config), free_socket()) for _ in range(replicas)]
                 yield Running(url, app, recorder, trace, http, lab_trace, replicas=others)
@@ -662,7 +663,7 @@ def bastion_serve(
             server.kill()
             raise AssertionError(f"bastion serve did not come up:\n{log.read_text()}")
         try:
-            if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
+            if clients.get(f"{url}/readyz", timeout=1).status_code == 200:
                 return server, url
         except httpx.HTTPError:
             pass

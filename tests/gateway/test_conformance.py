@@ -22,6 +22,7 @@ import anyio
 import httpx
 import pytest
 
+from tests import clients
 from tests.oauth.support import free_socket, serve
 
 from .support import (
@@ -88,7 +89,7 @@ class BearerForwarder:
         if scope["query_string"]:
             url += "?" + scope["query_string"].decode()
         async with (
-            httpx.AsyncClient(timeout=None) as client,
+            httpx.AsyncClient(timeout=None, verify=clients.TRUST) as client,
             anyio.create_task_group() as streaming,
         ):
 

@@ -33,6 +33,7 @@ from bastion.oauth import registration
 from bastion.oauth.token_exchange import ACCESS_TOKEN_TYPE, TOKEN_EXCHANGE_GRANT_TYPE
 from bastion.oauth.users import create_user
 from bastion.server.config import ConfigError
+from tests import clients
 from tests.oauth.support import MemoryStorage, free_socket, sdk_auth, serve
 
 from .streams import legacy_session, messages, modern_headers, modern_request
@@ -153,7 +154,9 @@ async def connect(
         client_name=f"{user}'s agent",
         redirect_uri=REDIRECT_URI,
     )
-    http = await stack.enter_async_context(httpx2.AsyncClient(auth=provider, timeout=30))
+    http = await stack.enter_async_context(
+        httpx2.AsyncClient(auth=provider, timeout=30, verify=clients.TRUST)
+    )
     return await stack.enter_async_context(
         McpClient(
             streamable_http_client(bastion.mcp_url(server), http_client=http),

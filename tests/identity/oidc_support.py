@@ -15,6 +15,7 @@ from starlette.applications import Starlette
 from bastion.db import Database
 from bastion.identity.oidc_login import compose
 from bastion.oauth import AuthorizationServer
+from tests import clients
 from tests.oauth.support import Bastion, Clock, hidden_fields, make_settings, pkce_pair, serve
 
 OTHER_RESOURCE = "http://127.0.0.1:9/other-mcp"
@@ -60,7 +61,7 @@ class Person:
 
     def __init__(self, bastion: Bastion) -> None:
         self.bastion = bastion
-        self.http = httpx.Client(follow_redirects=False, timeout=20)
+        self.http = clients.client(follow_redirects=False, timeout=20)
         self.verifier = ""
         self.client: dict = {}
 

@@ -34,6 +34,7 @@ from starlette.applications import Starlette
 from bastion.db import Database
 from bastion.oauth import AuthorizationServer, OAuthSettings, registration
 from bastion.oauth.users import create_user
+from tests import clients
 from tests.ports import free_socket  # noqa: F401 (re-exported: many tests import it here)
 
 PASSWORD = "correct horse battery staple"
@@ -106,7 +107,7 @@ def log_in_and_consent(
 ) -> httpx.Response:
     """Act as the person: open the authorization URL, sign in if asked, allow. Returns the
     response that sends the browser back to the client."""
-    browser = browser or httpx.Client(follow_redirects=False, timeout=10)
+    browser = browser or clients.client(follow_redirects=False, timeout=10)
     page = browser.get(url)
     if page.is_redirect:
         return page
@@ -342,7 +343,10 @@ def running_bastion(
     create_user(server.store, "alice", PASSWORD, clock(), actor="test")
     app = Starlette(routes=server.routes())
     trust = ssl.create_default_context(cafile=tls["ssl_certfile"]) if tls else None
-    with serve(app, sock, **tls) as base, httpx.Client(timeout=10, verify=trust or True) as http:
+    with (
+        serve(app, sock, **tls) as base,
+        clients.client(timeout=10, verify=trust or clients.TRUST) as http,
+    ):
         assert base == url
         yield Bastion(
             server,

@@ -18,6 +18,7 @@ from bastion.facts.model import Entity
 from bastion.oauth import registration
 from bastion.oauth.ciba import CIBA_GRANT_TYPE
 from bastion.oauth.users import create_user
+from tests import clients
 
 from .support import (
     PASSWORD,
@@ -98,7 +99,7 @@ def wait_and_poll(bastion: Bastion, client: dict, auth_req_id: str) -> httpx.Res
 def signed_in(bastion: Bastion, username: str) -> httpx.Client:
     """A browser with a real login session of ``username``: it signed in through the
     /authorize login flow of a public client, as a person would."""
-    browser = httpx.Client(follow_redirects=False, timeout=10)
+    browser = clients.client(follow_redirects=False, timeout=10)
     public = bastion.register()
     _, challenge = pkce_pair()
     url = f"{bastion.url}/authorize?{urlencode(bastion.authorize_params(public, challenge))}"

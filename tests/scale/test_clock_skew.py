@@ -29,6 +29,7 @@ from bastion.db import Database, schema_and_clock
 from bastion.facts import store
 from bastion.server.app import create_app
 from bastion.server.config import ServerConfig
+from tests import clients
 from tests.conftest import postgres_schema
 from tests.delegation.agent_support import ASSERTION_TYPE, assertion, new_key, public_jwks
 from tests.gateway.support import ROOT, bastion_serve, start
@@ -92,7 +93,7 @@ def _serve_skewed(config: Path, url: str, skew: float) -> subprocess.Popen:
         if server.poll() is not None:
             return True
         try:
-            ready = httpx.get(f"{url}/readyz", timeout=1)
+            ready = clients.get(f"{url}/readyz", timeout=1)
         except httpx.HTTPError:
             return False
         if ready.status_code == 503:

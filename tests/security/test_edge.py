@@ -24,6 +24,7 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 
+from tests import clients
 from tests.command_line import bastion_in_process
 from tests.gateway.support import ROOT, serve_quickstart
 from tests.ports import free_socket
@@ -58,7 +59,7 @@ class Served:
         raise AssertionError("no VmRSS")
 
     def api(self) -> httpx.Client:
-        return httpx.Client(
+        return clients.client(
             base_url=self.url, headers={"authorization": f"Bearer {ADMIN_KEY}"}, timeout=60
         )
 

@@ -32,6 +32,7 @@ import pytest
 from bastion.db import Database
 from bastion.oauth.store import OAuthStore
 from bastion.oauth.users import create_user
+from tests import clients
 from tests.approvals.support import SEND, Holder, config, store_policy_and_facts
 from tests.conftest import unavailable
 from tests.oauth.support import PASSWORD, log_in_and_consent, pkce_pair
@@ -109,7 +110,7 @@ class Bastion:
         return self.server.client()
 
     def anonymous(self) -> httpx.Client:
-        return httpx.Client(base_url=self.url, timeout=60, follow_redirects=False)
+        return clients.client(base_url=self.url, timeout=60, follow_redirects=False)
 
     def register(self) -> dict:
         with self.anonymous() as http:

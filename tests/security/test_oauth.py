@@ -18,6 +18,7 @@ from urllib.parse import urlencode
 import httpx
 import pytest
 
+from tests import clients
 from tests.oauth.support import TricklingHost, free_socket, hidden_fields, pkce_pair
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -42,7 +43,7 @@ class Served:
 
     def login_form(self, client_id: str, redirect_uri: str = REDIRECT) -> tuple[httpx.Client, dict]:
         """A browser at the login page of a new authorization request."""
-        browser = httpx.Client(timeout=60)
+        browser = clients.client(timeout=60)
         _, challenge = pkce_pair()
         params = {
             "response_type": "code",
@@ -112,12 +113,12 @@ name = "Customer desk"
             process.kill()
             raise AssertionError(f"bastion serve did not come up:\n{log.read_text()}")
         try:
-            if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
+            if clients.get(f"{url}/readyz", timeout=1).status_code == 200:
                 break
         except httpx.HTTPError:
             pass
         time.sleep(0.05)
-    return Served(process, url, f"{url}/mcp/desk", database, httpx.Client(timeout=60))
+    return Served(process, url, f"{url}/mcp/desk", database, clients.client(timeout=60))
 
 
 @pytest.fixture

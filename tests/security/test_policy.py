@@ -17,6 +17,7 @@ from mcp.shared.exceptions import MCPError
 
 from bastion.facts.model import Entity
 from bastion.facts.store import FactStore
+from tests import clients
 from tests.gateway import support
 from tests.server.conftest import POLICY, ServerProcess, entity, serve_policy
 
@@ -35,7 +36,7 @@ def key_for(server: ServerProcess, *scopes: str) -> httpx.Client:
     with server.client() as admin:
         created = admin.post("/v1/keys", json={"name": "-".join(scopes), "scopes": list(scopes)})
         assert created.status_code == 201, created.text
-    return httpx.Client(
+    return clients.client(
         base_url=server.url,
         headers={"authorization": f"Bearer {created.json()['key']}"},
         timeout=300,

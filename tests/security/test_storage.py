@@ -26,6 +26,7 @@ from bastion.db import Database, DatabaseUnavailable
 from bastion.facts.store import FactStore
 from bastion.oauth.store import OAuthStore
 from bastion.oauth.users import create_user
+from tests import clients
 from tests.gateway import support as gateway_support
 from tests.gateway.streams import modern_headers, modern_request
 from tests.gateway.support import PASSWORD, QUICKSTART, Running
@@ -308,7 +309,7 @@ def gateway(outage, tmp_path, served):
 
 
 def call(server: ServerProcess, token: str, n: int = 1) -> httpx.Response:
-    return httpx.post(
+    return clients.post(
         f"{server.url}/mcp/desk",
         json=modern_request(n, "tools/call", {"name": "search_customers", "arguments": {}}),
         headers={

@@ -16,6 +16,7 @@ from starlette.testclient import TestClient
 
 from bastion.server.app import create_app
 from bastion.server.config import ServerConfig
+from tests import clients
 from tests.ports import free_port  # noqa: F401 (re-exported for tests/server)
 
 ADMIN_KEY = "test-admin-key-" + "x" * 32
@@ -104,7 +105,7 @@ class ServerProcess:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"bastion serve exited:\n{self.log.read_text()}")
             try:
-                if httpx.get(f"{self.url}/readyz", timeout=1).status_code == 200:
+                if clients.get(f"{self.url}/readyz", timeout=1).status_code == 200:
                     return self
             except httpx.HTTPError:
                 pass
@@ -112,7 +113,7 @@ class ServerProcess:
         raise RuntimeError(f"bastion serve did not become ready:\n{self.log.read_text()}")
 
     def client(self) -> httpx.Client:
-        return httpx.Client(
+        return clients.client(
             base_url=self.url, headers={"authorization": f"Bearer {ADMIN_KEY}"}, timeout=60
         )
 

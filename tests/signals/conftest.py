@@ -8,6 +8,7 @@ from __future__ import annotations
 import httpx
 import pytest
 
+from tests import clients
 from tests.gateway.streams import call_tool as modern_call
 from tests.gateway.streams import messages, modern_headers, modern_request
 from tests.gateway.support import start
@@ -80,7 +81,7 @@ def search(bastion, token: str, query: str, source: str = PROXY, headers: dict |
     answer."""
     if source == PROXY and not headers:
         return modern_call(bastion, token, "deskhttp", "search_customers", {"query": query})
-    transport = httpx.HTTPTransport(local_address=source)
+    transport = httpx.HTTPTransport(local_address=source, verify=clients.TRUST)
     with httpx.Client(transport=transport, timeout=20) as http:
         response = http.post(
             bastion.mcp_url("deskhttp"),

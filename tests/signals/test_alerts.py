@@ -25,6 +25,7 @@ from bastion.server.config import ConfigError
 from bastion.signals.alerts import AlertError, AlertNotFound, Alerts, AlertSettings, severity_of
 from bastion.signals.behavior import LocalBehavior
 from bastion.webhooks import SettingsError
+from tests import clients
 from tests.approvals.test_pages import csrf_of, press
 from tests.approvals.test_webhooks import SECRET, Receiver
 from tests.browser import browser_fixture, tab_fixture  # noqa: F401 (fixtures)
@@ -587,7 +588,7 @@ def test_the_cli_lists_shows_and_acknowledges_and_then_nothing_escalates(
 @contextmanager
 def signed_in(bastion, username: str):
     """An HTTP client with ``username``'s session, by the sign-in page."""
-    with httpx.Client(base_url=bastion.url, follow_redirects=False, timeout=10) as http:
+    with clients.client(base_url=bastion.url, follow_redirects=False, timeout=10) as http:
         page = http.get("/sign-in", params={"next": "/"})
         fields = {**hidden_fields(page.text), "username": username, "password": bastion.password}
         assert http.post("/sign-in", data=fields).status_code == 303

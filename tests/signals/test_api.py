@@ -10,6 +10,7 @@ import httpx
 import pytest
 
 from bastion.facts.store import FactStore
+from tests import clients
 from tests.server.conftest import ADMIN_KEY, ServerProcess
 from tests.signals.conftest import set_signal
 
@@ -51,7 +52,7 @@ def bastion(tmp_path_factory):
 
 def client(bastion, scope: str | None = "signals") -> httpx.Client:
     headers = {"authorization": f"Bearer {bastion.keys[scope]}"} if scope else {}
-    return httpx.Client(base_url=bastion.url, headers=headers, timeout=30)
+    return clients.client(base_url=bastion.url, headers=headers, timeout=30)
 
 
 def allowed(bastion, user: str) -> bool:

@@ -16,6 +16,7 @@ import httpx
 import pytest
 
 from bastion.oauth.authorize import MAX_AGE_LIMIT
+from tests import clients
 from tests.gateway.streams import modern_headers, modern_request
 from tests.gateway.support import REDIRECT_URI
 from tests.oauth.support import hidden_fields, pkce_pair
@@ -119,7 +120,7 @@ class Browser:
 
     def __init__(self, bastion) -> None:
         self.bastion = bastion
-        self.http = httpx.Client(follow_redirects=False, timeout=10)
+        self.http = clients.client(follow_redirects=False, timeout=10)
         self.client_id = bastion.http.post(
             f"{bastion.url}/register",
             json={

@@ -19,6 +19,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from tests import clients
 from tests.oauth.support import ANY_KID
 
 CAEP = "https://schemas.openid.net/secevent/caep/event-type/"
@@ -94,7 +95,7 @@ class Transmitter:
     def push(self, token: str, *, authorization: str | None = None, content_type=None):
         stream = self.stream("urn:ietf:rfc:8935")
         delivery = stream["delivery"]
-        response = httpx.post(
+        response = clients.post(
             delivery["endpoint_url"],
             content=token,
             headers={
