@@ -259,6 +259,39 @@ def new_request_id() -> str:
     return typed_id(18)
 
 
+def keeps_requests(db: Database) -> bool:
+    """Whether ``db`` keeps approval requests (a server with a gateway made their tables),
+    brought up to this version's schema if it does, as `ApprovalStore` brings it."""
+    rows = db.execute(
+        "SELECT COALESCE(MAX(version), 0) FROM schema_migrations WHERE component = 'approvals'"
+    )
+    if not rows[0][0]:
+        return False
+    db.migrate("approvals", _MIGRATIONS)
+    return True
+
+
+def resolve_request(
+    db: Database,
+    request_id: str,
+    status: str,
+    *,
+    from_status: str,
+    at: float,
+    withheld_fields: tuple[str, ...] = (),
+) -> bool:
+    """`ApprovalStore.resolve` on ``db``, at ``at``: for a writer that holds no sealing key
+    (a suspension closing the requests it covers, `bastion.approvals.suspension`)."""
+    keep_result = status == "released"
+    rows = db.execute(
+        "UPDATE approval_requests SET status = ?, resolved_at = ?, withheld_fields = ?"
+        + ("" if keep_result else ", result = NULL")
+        + " WHERE id = ? AND status = ? RETURNING id",
+        (status, at, json.dumps(list(withheld_fields)), request_id, from_status),
+    )
+    return bool(rows)
+
+
 class Sealed:
     """AES-GCM under a key of the deployment, for what a request holds that is data (arguments,
     a held result): a reader of the database alone does not see it. The request id is the
@@ -533,14 +566,14 @@ class ApprovalStore:
         """Move a request from ``from_status`` to ``status``; False if it was no longer in
         ``from_status`` (answered or used meanwhile). Any status but released deletes a held
         result."""
-        keep_result = status == "released"
-        rows = self.db.execute(
-            "UPDATE approval_requests SET status = ?, resolved_at = ?, withheld_fields = ?"
-            + ("" if keep_result else ", result = NULL")
-            + " WHERE id = ? AND status = ? RETURNING id",
-            (status, self.clock(), json.dumps(list(withheld_fields)), request_id, from_status),
+        return resolve_request(
+            self.db,
+            request_id,
+            status,
+            from_status=from_status,
+            at=self.clock(),
+            withheld_fields=withheld_fields,
         )
-        return bool(rows)
 
     def use(
         self,

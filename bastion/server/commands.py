@@ -30,6 +30,7 @@ from bastion.server.config import (
     environment_value,
 )
 from bastion.server.keys import SCOPES
+from bastion.signals.suspensions import apply_facts
 from bastion.untrusted_json import MAX_INTEGER
 
 # -- helpers -----------------------------------------------------------------------------------
@@ -315,7 +316,7 @@ def cmd_facts_insert(args: argparse.Namespace) -> int:
         try:
             validate = _validator(store)
             stored = [StoredFact(validate(f), expires_at) for f in facts]
-            seq = store.apply(stored, actor=cli_actor()).seq
+            seq = apply_facts(store, stored, [], cli_actor()).seq
         finally:
             store.close()
     print(f"inserted {len(facts)} fact(s) at sequence {seq}", file=sys.stderr)
@@ -409,7 +410,7 @@ def cmd_facts_import(args: argparse.Namespace) -> int:
             progress.add(1)
         progress.finish()
         print(f"writing {len(facts)} facts in one transaction...", file=sys.stderr)
-        result = store.apply(facts, actor=cli_actor())
+        result = apply_facts(store, facts, [], cli_actor())
     finally:
         store.close()
     print(f"imported {result.inserted} facts at sequence {result.seq}", file=sys.stderr)

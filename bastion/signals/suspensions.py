@@ -27,7 +27,9 @@ actors it holds (`Suspensions.holds_value`), as every other decision route is.
 
 `suspend` and `resume` are the one write path (the API and the command line both use them); each
 records ``suspension.created`` or ``suspension.lifted`` in the audit log, in the write's
-transaction.
+transaction. A suspension also takes back, in that transaction, the approvals it covers
+(`bastion.approvals.suspension`): they do not outlive it. The fact APIs write through
+`apply_facts`, which does the same for the suspensions they insert.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from bastion.agents.identity import AGENT, OWNER, RELATION, USER
 from bastion.audit.log import AuditLog
 from bastion.facts.model import Entity, matches
 from bastion.facts.store import FactStore, StoredFact, WriteResult
+from bastion.turns import Turns
 
 PREDICATE = "suspended"
 # The API key scope of the kill switch's routes, and of a fact write that touches suspensions.
@@ -156,8 +159,39 @@ def suspend(store: FactStore, s: Suspension, actor: str) -> WriteResult:
     as ``suspension.created``."""
     with store.db.transaction():
         result = store.apply([StoredFact((PREDICATE, s.entity), s.expires_at)], actor=actor)
+        _take_back(store, (s.entity,), actor)
         _record(store, "suspension.created", s, actor, result.seq)
     return result
+
+
+def apply_facts(
+    store: FactStore, inserts: Sequence[StoredFact], deletes: Sequence[tuple], actor: str
+) -> WriteResult:
+    """`FactStore.apply` for the fact APIs (``/v1/facts``, Oso Cloud's, ``bastion facts``): a
+    write that inserts suspensions takes back, in its transaction, what `suspend` takes back
+    (the approvals they cover), so that no way of suspending leaves them to outlive it."""
+    held = [  # in turns: an import writes hundreds of thousands of facts (`bastion.turns`)
+        f.fact[1]
+        for f in Turns().each(inserts)
+        if f.fact[0] == PREDICATE and len(f.fact) == 2 and isinstance(f.fact[1], Entity)
+    ]
+    if not held:
+        return store.apply(inserts, deletes, actor=actor)
+    with store.db.transaction():
+        result = store.apply(inserts, deletes, actor=actor)
+        _take_back(store, held, actor)
+    return result
+
+
+def _take_back(store: FactStore, suspended: Iterable[Entity], actor: str) -> None:
+    """What the suspension of each of ``suspended`` takes back of the approvals
+    (`bastion.approvals.suspension`), in the caller's transaction."""
+    # Imported here: the approvals import this module (`has_person`), and load what they
+    # need of it before this runs.
+    from bastion.approvals.suspension import take_back
+
+    for entity in dict.fromkeys(suspended):
+        take_back(store, entity, actor)
 
 
 def resume(store: FactStore, s: Suspension, actor: str) -> WriteResult:

@@ -23,6 +23,7 @@ from bastion.server.auth import require, require_for_facts
 from bastion.server.problems import bad_request, fact_problem, page_limit, parse_json, read_json
 from bastion.server.problems import field as get_field
 from bastion.server.replica import ConsistencyTimeout, Replica
+from bastion.signals.suspensions import apply_facts
 from bastion.turns import Turns, full_passes_held
 
 MAX_PAGE = 1000
@@ -56,7 +57,7 @@ async def _write(request: Request, inserts: list[StoredFact], deletes: list[tupl
     def write() -> WriteResult:
         # In the worker thread too: an import holds hundreds of thousands of facts.
         require_for_facts(key, itertools.chain((f.fact for f in inserts), deletes))
-        return store.apply(inserts, deletes, actor=key.principal)
+        return apply_facts(store, inserts, deletes, key.principal)
 
     try:
         result: WriteResult = await anyio.to_thread.run_sync(write)

@@ -52,7 +52,7 @@ from bastion.server.problems import (
 )
 from bastion.server.problems import action as action_field
 from bastion.server.problems import field as get_field
-from bastion.signals.suspensions import asks_allow
+from bastion.signals.suspensions import apply_facts, asks_allow
 from bastion.untrusted_json import MAX_INTEGER, MIN_INTEGER, writable
 
 # API key scopes (bastion keys create --scope ...): decisions and reads of facts and policy;
@@ -640,7 +640,7 @@ async def batch(request: Request) -> Response:
                 deletes += [f.fact for f in _matching(store, p, most)]
             else:
                 deletes.append(p.fact)
-        return store.apply(list(inserts.values()), deletes, actor=key.principal)
+        return apply_facts(store, list(inserts.values()), deletes, key.principal)
 
     try:
         result = await anyio.to_thread.run_sync(write)
