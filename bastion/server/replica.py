@@ -196,9 +196,10 @@ _MALLOC_TRIM = _malloc_trim()
 
 def _thaw() -> None:
     """Give what a replica's loads froze (`_bulk_load`) back to the collector, which then walks
-    it in its next full pass and frees whatever of it has become garbage."""
-    if gc.get_freeze_count():
-        gc.unfreeze()
+    it in its next full pass and frees whatever of it has become garbage. Unconditionally: the
+    unfreeze is one splice of two lists, where `gc.get_freeze_count` walks every frozen object
+    (26 ms at 3 M, on the event loop)."""
+    gc.unfreeze()
 
 
 def _let_go(held: list[Authorizer]) -> None:
