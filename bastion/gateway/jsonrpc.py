@@ -45,9 +45,14 @@ LOG_LEVELS = ("debug", "info", "notice", "warning", "error", "critical", "alert"
 encode = encoder(separators=(",", ":"))
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, eq=False)
 class RpcError(Exception):
-    """A JSON-RPC error to send back; ``http_status`` is the status of the HTTP response."""
+    """A JSON-RPC error to send back; ``http_status`` is the status of the HTTP response.
+
+    Not frozen, as no exception dataclass of the gateway is: Python sets attributes of an
+    exception as it travels (``__traceback__`` when it passes through a ``with`` of a generator's
+    context manager, ``__notes__``), and a frozen dataclass with slots turned each of those into
+    a TypeError that replaced the error. ``eq=False``: compared and hashed as itself."""
 
     code: int
     message: str

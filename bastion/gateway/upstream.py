@@ -104,7 +104,7 @@ class UpstreamUnauthorized(UpstreamFailure):
     """The upstream answered 401 to the user's own token (`HttpUpstream.bearer`)."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, eq=False)  # an exception: see `bastion.gateway.jsonrpc.RpcError`
 class UpstreamUnreachable(UpstreamFailure):
     """The upstream could not be reached: its connection was refused or timed out, its name did
     not resolve, its TLS handshake failed, its process could not be started. ``cause``: the
