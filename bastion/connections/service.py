@@ -4,7 +4,8 @@ A person connects once, at bastion's page (`bastion.connections.pages`): bastion
 authorization code flow with the upstream's authorization server for them
 (`bastion.connections.upstream_oauth`), keeps the tokens sealed (`bastion.connections.sealing`)
 in the database (`bastion.connections.store`), refreshes the access token before it expires
-(one refresh at a time per user and upstream, across replicas), and hands it out only for that
+(one refresh at a time per user and upstream, across replicas; a connection that can no longer
+be refreshed is dropped), and hands it out only for that
 user's calls to that upstream (`access_token`). A flow finishes only for the person who started
 it, in the browser session that started it (RFC 9700 §4.7), and only at the redirect URI of the
 upstream it was started for: each upstream has its own
@@ -271,9 +272,11 @@ class Connections:
             client = await self._client(row.upstream)
             fresh = await oauth.refresh(client, refresh_token, now, tokens.get("issuer"))
         except IssuerChanged as e:
-            # The upstream names another server now: its refresh token goes there never. The
-            # connection is kept (an administrator's revocation names it); connect again.
-            log.warning("connection of %s to %s not refreshed: %s", row.subject, row.upstream, e)
+            # The upstream names another server now: its refresh token goes there never, and
+            # the connection can never be refreshed again. Dropped (recorded): connect again.
+            log.warning("connection of %s to %s dropped: %s", row.subject, row.upstream, e)
+            reason = f"its authorization server changed: {e.description}"
+            await anyio.to_thread.run_sync(self.store.drop, row, reason)
             return None
         except UpstreamOAuthError as e:
             if e.error == "unavailable":
@@ -292,7 +295,7 @@ class Connections:
             # The grant is gone at the upstream (revoked, expired): forget it; connect again.
             # Only the row refreshed: a connection made meanwhile is not the refused grant's.
             log.info("refresh of %s's connection to %s refused: %s", row.subject, row.upstream, e)
-            await anyio.to_thread.run_sync(self.store.delete, row.subject, row.upstream, row.sealed)
+            await anyio.to_thread.run_sync(self.store.drop, row, f"its refresh was refused: {e}")
             return None
         return await self._keep(row, tokens, fresh, now, epoch)
 

@@ -185,6 +185,19 @@ class ConnectionStore:
         )
         return StoredConnection(*rows[0]) if rows else None
 
+    def drop(self, row: StoredConnection, reason: str) -> bool:
+        """Delete ``row``, a connection that can no longer be used (its refresh refused, its
+        authorization server no longer the upstream's), only if it still holds its sealed
+        tokens, and in the same transaction record ``connection.dropped`` with ``reason``
+        (nothing recorded for a row revoked, connected again or refreshed meanwhile)."""
+        with self.db.transaction():
+            gone = self.delete(row.subject, row.upstream, row.sealed)
+            if gone is not None:
+                AuditLog(self.db).record(
+                    "connection.dropped", subject=row.subject, upstream=row.upstream, reason=reason
+                )
+        return gone is not None
+
     def revoke(self, subject: str, upstream: str, actor: str) -> StoredConnection | None:
         """Delete the connection as `delete` does and, in the same transaction, record
         ``connection.revoked`` naming ``actor``; None (nothing recorded) if there was none."""

@@ -189,3 +189,23 @@ def test_a_token_is_revoked_only_at_the_server_that_issued_it(moved):
     assert two.store.get("alice", "tracker") is None  # gone from bastion either way
     [event] = AuditLog(two.store.db).events("connection.upstream_revocation")
     assert event.detail["outcome"].startswith("failed: issued by ")
+
+
+def test_a_connection_whose_server_changed_is_dropped_and_recorded(moved):
+    """Its refresh token can go nowhere now: the connection is deleted (not kept to fail each
+    refresh again), the user is asked to connect anew, and the drop is audited."""
+    first, second, named, now, replica = moved
+    one = replica()
+    _connected(one)
+    named[0] = second.base
+    two = replica()
+    now[0] += 7200
+    assert anyio.run(two.access_token, "alice", "tracker") is None
+
+    assert two.store.get("alice", "tracker") is None
+    assert anyio.run(one.access_token, "alice", "tracker") is None  # on every replica
+    assert second.posted == []
+    [event] = AuditLog(two.store.db).events("connection.dropped")
+    assert (event.subject, event.detail["upstream"]) == ("alice", "tracker")
+    assert f"issued by {first.base}" in event.detail["reason"]
+    assert second.base in event.detail["reason"]
