@@ -3,9 +3,9 @@
 A person connects once, at bastion's page (`bastion.connections.pages`): bastion runs the
 authorization code flow with the upstream's authorization server for them
 (`bastion.connections.upstream_oauth`), keeps the tokens sealed (`bastion.connections.sealing`)
-in the database (`bastion.connections.store`), refreshes the access token before it expires
-(one refresh at a time per user and upstream, across replicas; a connection that can no longer
-be refreshed is dropped), and hands it out only for that
+in the database (`bastion.connections.store`), refreshes the access token before it expires or
+once the upstream refuses it (one refresh at a time per user and upstream, across replicas;
+a connection that can no longer be refreshed is dropped), and hands it out only for that
 user's calls to that upstream (`access_token`). A flow finishes only for the person who started
 it, in the browser session that started it (RFC 9700 §4.7), and only at the redirect URI of the
 upstream it was started for: each upstream has its own
@@ -194,6 +194,23 @@ class Connections:
             return None
         if row.expires_at - self.clock() > ahead:
             return self._remember(row, self._open(row).get("access_token"), epoch)
+        return await self._refreshed(subject, upstream, epoch)
+
+    async def access_token_refused(self, subject: str, upstream: str, refused: str) -> str | None:
+        """The upstream answered 401 to ``refused``, ``subject``'s access token for it: their
+        token refreshed once, or the one another call or replica got meanwhile (one refresh at
+        a time per connection, across replicas, as before expiry: N calls refused at once make
+        one refresh). None if they have no usable connection (the refresh was refused, or there
+        is nothing to refresh with): connect again. `ConnectionUnavailable` as `access_token`."""
+        self._cached.pop((subject, upstream), None)
+        return await self._refreshed(subject, upstream, self._revocations, refused)
+
+    async def _refreshed(
+        self, subject: str, upstream: str, epoch: int, refused: str | None = None
+    ) -> str | None:
+        """The connection's access token once it is neither about to expire nor ``refused``:
+        as it is if another call made it so meanwhile, else refreshed (`_refresh_once`)."""
+        key = (subject, upstream)
         lock = self._refreshing.setdefault(key, asyncio.Lock())
         try:
             async with lock:
@@ -201,12 +218,21 @@ class Connections:
                 row = await anyio.to_thread.run_sync(self.store.get, subject, upstream)
                 if row is None:
                     return None
-                if row.expires_at - self.clock() > ahead:
-                    return self._remember(row, self._open(row).get("access_token"), epoch)
-                return await self._refresh_once(row, epoch)
+                token = self._usable(row, refused)
+                if token is not None:
+                    return self._remember(row, token, epoch)
+                return await self._refresh_once(row, epoch, refused)
         finally:
             if not lock.locked() and self._refreshing.get(key) is lock:
                 del self._refreshing[key]
+
+    def _usable(self, row: StoredConnection, refused: str | None) -> str | None:
+        """``row``'s access token if it can be sent without a refresh: further from its expiry
+        than ``refresh_ahead_seconds``, and not the token the upstream ``refused``."""
+        if row.expires_at - self.clock() <= self.settings[row.upstream].refresh_ahead_seconds:
+            return None
+        token = self._open(row).get("access_token")
+        return token if token != refused else None
 
     def _remember(self, row: StoredConnection, token: str | None, epoch: int) -> str | None:
         """``token``, cached when ``cache_seconds`` says so and no revocation in this process
@@ -229,12 +255,15 @@ class Connections:
             log.warning("connection of %s to %s refused: %s", row.subject, row.upstream, e)
             return {}
 
-    async def _refresh_once(self, row: StoredConnection, epoch: int) -> str | None:
+    async def _refresh_once(
+        self, row: StoredConnection, epoch: int, refused: str | None = None
+    ) -> str | None:
         """Refresh ``row`` if this process claims its refresh in the database; else another
-        process (replica) is refreshing it: wait for what it brings back, and use that. A server
-        that rotates refresh tokens and revokes the grant when one comes back twice then never
-        sees the same one from two replicas. A claim lasts `_CLAIMED_TIMEOUTS` times
-        ``timeout_seconds`` (a process that died while refreshing holds it that long)."""
+        process (replica) is refreshing it: wait for what it brings back, and use that (unless
+        it is the ``refused`` token still). A server that rotates refresh tokens and revokes
+        the grant when one comes back twice then never sees the same one from two replicas. A
+        claim lasts `_CLAIMED_TIMEOUTS` times ``timeout_seconds`` (a process that died while
+        refreshing holds it that long)."""
         settings = self.settings[row.upstream]
         claim = _CLAIMED_TIMEOUTS * settings.timeout_seconds
         give_up = time.monotonic() + claim + settings.timeout_seconds
@@ -256,8 +285,9 @@ class Connections:
             if current is None:
                 return None  # revoked, or the refresh was refused: connect again
             if current.sealed != row.sealed:
-                if current.expires_at - self.clock() > settings.refresh_ahead_seconds:
-                    return self._remember(current, self._open(current).get("access_token"), epoch)
+                token = self._usable(current, refused)
+                if token is not None:
+                    return self._remember(current, token, epoch)
                 row = current  # sealed again (`rekey`) or connected again, still to refresh
 
     async def _refresh(self, row: StoredConnection, epoch: int) -> str | None:

@@ -100,8 +100,15 @@ class UpstreamFailure(RpcError):
     decision it is logged (`bastion.gateway.refusals`)."""
 
 
+@dataclass(frozen=True, slots=True)
 class UpstreamUnauthorized(UpstreamFailure):
-    """The upstream answered 401 to the user's own token (`HttpUpstream.bearer`)."""
+    """The upstream answered 401 to the user's own token (`HttpUpstream.bearer`).
+    ``before_acting``: the 401 answered the message itself (a request's POST, a notification,
+    the opening of a stream), which the upstream therefore did not act on (RFC 6750 §3.1), so
+    it may be sent again; False when it came after the upstream had taken the request (the
+    resumption of its stream, an answer bastion sent on it): sent again, it could run twice."""
+
+    before_acting: bool = field(default=False, kw_only=True)
 
 
 @dataclass(slots=True, eq=False)  # an exception: see `bastion.gateway.jsonrpc.RpcError`
@@ -679,6 +686,8 @@ class HttpUpstream(Upstream):
                 },
                 retry=False,
             )
+        except UpstreamUnauthorized:
+            raise  # the user's token refused: no era answers it
         except RpcError:
             response = {}
         found = response.get("result") if isinstance(response, dict) else None
@@ -699,14 +708,18 @@ class HttpUpstream(Upstream):
         await super()._handshake()
         self._protocol_version = self.init_result.get("protocolVersion", UPSTREAM_PROTOCOL_VERSION)
 
-    def _check_authorized(self, status: int) -> None:
+    def _check_authorized(self, status: int, *, before_acting: bool = False) -> None:
         """`UpstreamUnauthorized` if ``status`` is the upstream's 401 to the user's own token,
         wherever it answers (a request, a notification, the standing stream, a stream resumed):
-        one refusal, which ends the session, never a failure to try again with the same token.
-        Nothing of its ``WWW-Authenticate`` is followed (nor a ``resource_metadata`` URL)."""
+        never a failure to try again with the same token (`UserTokenUpstream` refreshes it
+        once). ``before_acting``: ``status`` answers the message itself, not the stream of a
+        request the upstream took. Nothing of its ``WWW-Authenticate`` is followed (nor a
+        ``resource_metadata`` URL)."""
         if status == 401 and self.bearer is not None:
             raise UpstreamUnauthorized(
-                UPSTREAM_UNAVAILABLE, f"upstream {self.name} no longer accepts the user's token"
+                UPSTREAM_UNAVAILABLE,
+                f"upstream {self.name} no longer accepts the user's token",
+                before_acting=before_acting,
             )
 
     def _post_head(self, method: str | None = None, name: str | None = None) -> bytes:
@@ -770,7 +783,7 @@ class HttpUpstream(Upstream):
                 return await self._exchange(
                     message, capabilities=capabilities, ask=ask, hear=hear, retry=False
                 )
-            self._check_authorized(status)
+            self._check_authorized(status, before_acting=True)
             if message.get("method") == "initialize" and "mcp-session-id" in response.headers:
                 self._session_id = response.headers["mcp-session-id"]
             kind = _media_type(response)
@@ -781,7 +794,12 @@ class HttpUpstream(Upstream):
                     f"upstream {self.name} answered HTTP {status}: {text}",
                 )
             if kind == _EVENT_STREAM:
-                return await self._from_events(response, message["id"], ask, hear)
+                try:
+                    return await self._from_events(response, message["id"], ask, hear)
+                except UpstreamUnauthorized as e:
+                    # Refused on the stream of a request the upstream took (an answer bastion
+                    # sent there, the stream resumed): the request itself was not refused.
+                    raise UpstreamUnauthorized(e.code, e.message) from None
             data = _message(await response.read())
             if not isinstance(data, dict):
                 raise UpstreamFailure(
@@ -961,7 +979,7 @@ class HttpUpstream(Upstream):
         try:
             if response.status_code == 405:
                 return False
-            self._check_authorized(response.status_code)
+            self._check_authorized(response.status_code, before_acting=True)
             if response.status_code != 200 or not _is_event_stream(response):
                 raise UpstreamFailure(
                     UPSTREAM_UNAVAILABLE,
@@ -983,7 +1001,7 @@ class HttpUpstream(Upstream):
             return  # 2026-07-28 has no client-to-server notifications over HTTP
         response = await self._post(message)
         try:
-            self._check_authorized(response.status_code)
+            self._check_authorized(response.status_code, before_acting=True)
             await response.read()
         finally:
             response.close()

@@ -8,17 +8,23 @@ session reads its user's current access token (refreshed when it expires soon). 
 usable connection gets MCP's URLElicitationRequiredError (-32042, MCP 2025-11-25, Elicitation,
 URL mode) naming bastion's connect page if their client declared URL elicitation, and otherwise
 an error carrying the same URL; nothing is sent upstream. A token the upstream refuses (401, to a
-request or on the standing stream) is forgotten, the session is ended, and the user is sent to
-connect again. The client's own token
-never travels: the session's only credential is the user's upstream token.
+request or on the standing stream) is refreshed once (`Connections.access_token_refused`) and
+the refused message sent once more with the fresh token: a 401 answers a message the upstream
+did not act on, so sending it again runs it once. A 401 on the stream of a request the upstream
+took (its resumption) is no such refusal: that request is not sent again. If the refresh fails,
+or the fresh token is refused too, the token is forgotten, the session is ended, and the user
+is sent to connect again. The client's own token never travels: the session's only credential
+is the user's upstream token.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import secrets
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from bastion.gateway.config import UpstreamConfig
 from bastion.gateway.jsonrpc import UPSTREAM_UNAVAILABLE, URL_ELICITATION_REQUIRED, RpcError
@@ -35,6 +41,15 @@ if TYPE_CHECKING:
 
 # A client that did not declare URL elicitation gets this error, with the URL in its data.
 CONNECTION_REQUIRED = -32009
+
+T = TypeVar("T")
+
+
+class TokenRefused(RpcError):
+    """The upstream refused the user's token, and one refresh did not get the message through
+    (`UserTokenUpstream._refreshing_once`): the error for the client (connect again, or
+    -32000 when no refresh can be had now or the request may have acted)."""
+
 
 # Whether the client of the message being handled takes URL elicitations (set by the transport
 # for each message; read when a request of that message finds its user not connected).
@@ -67,6 +82,9 @@ class UserTokenUpstream(HttpUpstream):
         self.connections = connections
         # Ends this session in its pool, saying why (in the log).
         self._end = end
+        # The tasks inside `_refreshing_once`: a start nested in a request of the same task
+        # leaves a refusal to the request's, so one call makes one refresh.
+        self._answering: set[asyncio.Task] = set()
 
     @property
     def init_result(self) -> dict[str, Any]:
@@ -108,7 +126,7 @@ class UserTokenUpstream(HttpUpstream):
         self.bearer = token
         return True
 
-    def _connect_first(self) -> RpcError:
+    def _connect_first(self, error: type[RpcError] = RpcError) -> RpcError:
         assert self.connections is not None
         url = self.connections.connect_url(self.user, self.name)
         message = f"connect your account to {self.name} first: open {url}"
@@ -119,8 +137,8 @@ class UserTokenUpstream(HttpUpstream):
             "message": f"{self.name} needs your own authorization: connect your account.",
         }
         if _url_elicitation.get():
-            return RpcError(URL_ELICITATION_REQUIRED, message, {"elicitations": [question]})
-        return RpcError(CONNECTION_REQUIRED, message, {"url": url})
+            return error(URL_ELICITATION_REQUIRED, message, {"elicitations": [question]})
+        return error(CONNECTION_REQUIRED, message, {"url": url})
 
     def _refused(self) -> RpcError:
         """The upstream refused the user's token: forget it, end this session; connect again."""
@@ -128,39 +146,80 @@ class UserTokenUpstream(HttpUpstream):
         self.connections.forget_token(self.user, self.name)
         self.bearer = None
         self._end(self, "(the upstream refused the user's token)")
-        return self._connect_first()
+        return self._connect_first(TokenRefused)
+
+    async def _refreshing_once(self, send: Callable[[], Awaitable[T]]) -> T:
+        """``send()``; if the upstream refuses the user's token (401), the token refreshed once
+        and, if the upstream refused the message before acting on it, ``send()`` once more with
+        the fresh token. `TokenRefused` (`_refused`: connect again) if the refresh fails or the
+        fresh token is refused too: never a second refresh, never a third try."""
+        task = asyncio.current_task()
+        if task in self._answering:
+            return await send()  # within a call of this task that answers its refusal itself
+        assert task is not None and self.connections is not None
+        self._answering.add(task)
+        # What was sent: another call of this session may move the token on meanwhile, and
+        # a token another call refreshed is used as it is, never refreshed again for this one.
+        refused = self.bearer
+        try:
+            try:
+                return await send()
+            except UpstreamUnauthorized as e:
+                before_acting = e.before_acting
+            if refused is None:
+                raise self._refused()
+            from bastion.connections.service import ConnectionUnavailable
+
+            try:
+                token = await self.connections.access_token_refused(self.user, self.name, refused)
+            except ConnectionUnavailable as e:
+                # Refused, and no fresh token to be had now: the session ends (its standing
+                # stream would send the refused token again each second); the next call tries.
+                self.connections.forget_token(self.user, self.name)
+                self._end(self, "(the upstream refused the user's token; no refresh now)")
+                raise TokenRefused(
+                    UPSTREAM_UNAVAILABLE, f"upstream {self.name} refused the user's token: {e}"
+                ) from None
+            if token is None:
+                raise self._refused()
+            self.bearer = token
+            if not before_acting:
+                raise TokenRefused(
+                    UPSTREAM_UNAVAILABLE,
+                    f"upstream {self.name} refused the user's token after it had taken the"
+                    " request, which may have acted: not sent again (the token is refreshed)",
+                )
+            try:
+                return await send()
+            except UpstreamUnauthorized:
+                raise self._refused() from None
+        finally:
+            self._answering.discard(task)
 
     # -- what the gateway calls ------------------------------------------------------------------
 
     async def ensure_started(self) -> None:
         if self._started or not await self._authorize(connect=False):
             return  # a user not connected yet: nothing to start (their first call asks them)
-        try:
-            await super().ensure_started()
-        except UpstreamUnauthorized:
-            raise self._refused() from None
+        await self._refreshing_once(super().ensure_started)
         self._last_known.init_result = self.init_result
 
     async def request(self, method: str, params: dict[str, Any] | None, **options: Any):
         await self._authorize(connect=True)
-        try:
-            return await super().request(method, params, **options)
-        except UpstreamUnauthorized:
-            raise self._refused() from None
+        send = super().request
+        return await self._refreshing_once(lambda: send(method, params, **options))
 
     async def notify(self, method: str, params: dict[str, Any] | None = None) -> None:
         if await self._authorize(connect=False):
-            try:
-                await super().notify(method, params)
-            except UpstreamUnauthorized:
-                self._refused()
+            send = super().notify
+            # A notification has no answer to carry the refusal: the session has ended.
+            with contextlib.suppress(TokenRefused):
+                await self._refreshing_once(lambda: send(method, params))
 
     async def watch(self, uris: frozenset[str], sent: Sent | None = None) -> None:
         await self._authorize(connect=True)
-        try:
-            await super().watch(uris, sent)
-        except UpstreamUnauthorized:
-            raise self._refused() from None
+        send = super().watch
+        await self._refreshing_once(lambda: send(uris, sent))
 
     async def _from_server(self, message: dict[str, Any]) -> None:
         # What the upstream sends on a stream opened with the user's token goes on only while
@@ -176,10 +235,11 @@ class UserTokenUpstream(HttpUpstream):
         if not await self._authorize(connect=False):
             opened.set()
             return False  # no longer connected: no stream
+        send = super()._watch_once
         try:
-            return await super()._watch_once(uris, opened)
-        except UpstreamUnauthorized:
-            # Refused: the session ends; opened again each second, the stream would send the
-            # refused token each second for as long as the session lived.
-            self._refused()
+            return await self._refreshing_once(lambda: send(uris, opened))
+        except TokenRefused:
+            # Refused, and not taken after one refresh: the session has ended; opened again
+            # each second, the stream would send the refused token each second.
+            opened.set()
             return False

@@ -191,16 +191,22 @@ def test_a_token_is_revoked_only_at_the_server_that_issued_it(moved):
     assert event.detail["outcome"].startswith("failed: issued by ")
 
 
-def test_a_connection_whose_server_changed_is_dropped_and_recorded(moved):
+@pytest.mark.parametrize("why", ["expired", "refused"])
+def test_a_connection_whose_server_changed_is_dropped_and_recorded(moved, why):
     """Its refresh token can go nowhere now: the connection is deleted (not kept to fail each
-    refresh again), the user is asked to connect anew, and the drop is audited."""
+    refresh again), the user is asked to connect anew, and the drop is audited; whether the
+    refresh was due to the token's expiry or to the upstream's 401."""
     first, second, named, now, replica = moved
     one = replica()
     _connected(one)
+    token = anyio.run(one.access_token, "alice", "tracker")
     named[0] = second.base
     two = replica()
-    now[0] += 7200
-    assert anyio.run(two.access_token, "alice", "tracker") is None
+    if why == "expired":
+        now[0] += 7200
+        assert anyio.run(two.access_token, "alice", "tracker") is None
+    else:
+        assert anyio.run(two.access_token_refused, "alice", "tracker", token) is None
 
     assert two.store.get("alice", "tracker") is None
     assert anyio.run(one.access_token, "alice", "tracker") is None  # on every replica

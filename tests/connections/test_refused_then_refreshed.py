@@ -1,0 +1,260 @@
+"""An upstream that answers 401 to a user's access token: bastion refreshes it once, then sends
+the call once more.
+
+A 401 is a refusal before acting (RFC 6750 §3.1, ``invalid_token``): the upstream did nothing
+with the request, so sending it again with a fresh token runs it once, whatever it does. Before,
+bastion asked the user to connect again at the first 401, without trying the refresh token it
+held. Now: one refresh (one at a time per connection, across replicas, as a refresh before
+expiry), one more try; the user is asked to connect again only if the refresh fails or the
+fresh token is refused too. A 401 that comes after the upstream took the call (on a resumed
+stream) is not a refusal before acting: the call is not sent again.
+
+Real parts: an upstream served by uvicorn that takes only the tokens it is told to, and the
+authorization server of `test_refresh_races` (its token endpoint holds each refresh until the
+test lets it go), over SQLite or PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import anyio
+import pytest
+from cryptography.fernet import Fernet
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from bastion.audit.log import AuditLog
+from bastion.connections.sealing import Sealer
+from bastion.connections.service import Connections
+from bastion.connections.settings import UpstreamOAuth
+from bastion.connections.store import ConnectionStore, StoredConnection
+from bastion.db import Database
+from bastion.gateway.config import UpstreamConfig
+from bastion.gateway.jsonrpc import UPSTREAM_UNAVAILABLE, RpcError
+from bastion.gateway.upstream import HttpUpstream
+from bastion.gateway.upstream_credentials import CONNECTION_REQUIRED, UserTokenUpstream
+from tests.connections.test_refresh_races import held  # noqa: F401 (the fixture)
+from tests.oauth.support import free_socket, serve
+
+NOW = 1000.0
+CALL = {"name": "file_issue", "arguments": {"title": "once"}}
+
+
+class TokenCheckingUpstream:
+    """A 2025-11-25 MCP server that takes only the access tokens in ``accepted`` (401 to any
+    other, on a POST or a GET), and records every POST's method and token. Its tool ``slow``
+    takes the call, stops taking the token it came with, and ends its stream before answering:
+    the answer is to come on the stream's resumption (SEP-1699)."""
+
+    def __init__(self) -> None:
+        self.accepted: set[str] = set()
+        self.posts: list[tuple[str, str]] = []  # (method, token)
+        self.url = ""
+
+    def app(self) -> Starlette:
+        def refused() -> Response:
+            challenge = 'Bearer error="invalid_token"'
+            return Response(status_code=401, headers={"www-authenticate": challenge})
+
+        async def post(request: Request) -> Response:
+            message = json.loads(await request.body())
+            token = request.headers.get("authorization", "").removeprefix("Bearer ")
+            self.posts.append((str(message.get("method")), token))
+            if token not in self.accepted:
+                return refused()
+            if "id" not in message:
+                return Response(status_code=202)
+            if message["method"] == "initialize":
+                result = {
+                    "protocolVersion": "2025-11-25",
+                    "capabilities": {"tools": {}},
+                    "serverInfo": {"name": "tracker", "version": "1"},
+                }
+                answer = {"jsonrpc": "2.0", "id": message["id"], "result": result}
+                return JSONResponse(answer, headers={"mcp-session-id": "s-1"})
+            if message["method"] == "tools/call" and message["params"]["name"] == "slow":
+                self.accepted.discard(token)  # revoked at the upstream once it took the call
+                primed = "id: e-1\nretry: 10\ndata: \n\n"
+                return Response(primed, media_type="text/event-stream")
+            result = {"content": [{"type": "text", "text": f"done with {token}"}]}
+            return JSONResponse({"jsonrpc": "2.0", "id": message["id"], "result": result})
+
+        async def get(request: Request) -> Response:
+            token = request.headers.get("authorization", "").removeprefix("Bearer ")
+            if token not in self.accepted:
+                return refused()
+            return Response(status_code=405)
+
+        return Starlette(
+            routes=[Route("/mcp", post, methods=["POST"]), Route("/mcp", get, methods=["GET"])]
+        )
+
+    def calls(self) -> list[str]:
+        """The token of each ``tools/call`` that reached the upstream, in order."""
+        return [token for method, token in self.posts if method == "tools/call"]
+
+
+@pytest.fixture
+def upstream():
+    server = TokenCheckingUpstream()
+    sock = free_socket()
+    server.url = f"http://127.0.0.1:{sock.getsockname()[1]}/mcp"
+    with serve(server.app(), sock):
+        yield server
+
+
+@pytest.fixture
+def replicas(database_url, held, upstream):  # noqa: F811 (the fixture)
+    """A function making a replica (`Connections`) over one database and key, whose upstream
+    ``tracker`` is `upstream` and whose authorization server is `held`; alice is connected with
+    an access token that has not expired (``old-access``) and a refresh token."""
+    db = Database(database_url)
+    store = ConnectionStore(db)
+    key = Fernet.generate_key()
+
+    def replica() -> Connections:
+        oauth = UpstreamOAuth(issuer=held.base, client_id="bastion", timeout_seconds=10)
+        upstreams = {"tracker": (upstream.url, oauth)}
+        return Connections(store, Sealer([key]), upstreams, "https://b", lambda: NOW)
+
+    first = replica()
+    tokens = {"access_token": "old-access", "refresh_token": "old-refresh", "issuer": held.base}
+    sealed = first.sealer.seal("alice", "tracker", tokens)
+    store.put(StoredConnection("alice", "tracker", sealed, "", NOW + 3600, NOW, NOW))
+    yield replica
+    db.close()
+
+
+def _session(connections: Connections, url: str, ended: list[str]) -> UserTokenUpstream:
+    config = UpstreamConfig(name="tracker", url=url, auth="per_user", timeout=10)
+    return UserTokenUpstream(
+        config, "alice", connections, HttpUpstream(config), lambda _, why: ended.append(why)
+    )
+
+
+async def _started(
+    connections: Connections, upstream: TokenCheckingUpstream, ended: list[str]
+) -> UserTokenUpstream:
+    """A session of alice's, started (initialized) with her token while the upstream took it;
+    from then on it takes only ``fresh-access-1``."""
+    session = _session(connections, upstream.url, ended)
+    upstream.accepted.add("old-access")
+    await session.ensure_started()
+    upstream.accepted = {"fresh-access-1"}
+    return session
+
+
+async def _call(session: UserTokenUpstream, call: dict = CALL) -> dict:
+    try:
+        return await session.request("tools/call", call)
+    finally:
+        await session.close()
+
+
+def test_a_refused_token_is_refreshed_once_and_the_call_sent_again(held, upstream, replicas):  # noqa: F811
+    held.release.set()
+    connections, ended = replicas(), []
+
+    async def scenario():
+        return await _call(await _started(connections, upstream, ended))
+
+    answer = anyio.run(scenario)
+
+    assert answer["result"]["content"][0]["text"] == "done with fresh-access-1"
+    assert upstream.calls() == ["old-access", "fresh-access-1"]  # refused, then sent once more
+    assert held.issued == 1
+    assert held.revoked == []
+    assert ended == []  # the session goes on, with the fresh token
+    assert anyio.run(connections.access_token, "alice", "tracker") == "fresh-access-1"
+
+
+def test_a_fresh_token_refused_too_asks_to_connect_without_a_second_refresh(
+    held,  # noqa: F811
+    upstream,
+    replicas,
+):
+    held.release.set()
+    connections, ended = replicas(), []
+
+    async def scenario():
+        session = await _started(connections, upstream, ended)
+        upstream.accepted = set()  # it takes no token of alice's now
+        return await _call(session)
+
+    with pytest.raises(RpcError) as refused:
+        anyio.run(scenario)
+
+    assert refused.value.code == CONNECTION_REQUIRED
+    assert "connect your account to tracker" in refused.value.message
+    assert held.issued == 1  # one refresh, never a loop
+    assert upstream.calls() == ["old-access", "fresh-access-1"]
+    assert ended == ["(the upstream refused the user's token)"]
+
+
+def test_a_refused_refresh_asks_to_connect_and_sends_the_call_once(held, upstream, replicas):  # noqa: F811
+    held.refusal = "invalid_grant"
+    held.release.set()
+    connections, ended = replicas(), []
+
+    async def scenario():
+        return await _call(await _started(connections, upstream, ended))
+
+    with pytest.raises(RpcError) as refused:
+        anyio.run(scenario)
+
+    assert refused.value.code == CONNECTION_REQUIRED
+    assert upstream.calls() == ["old-access"]
+    assert connections.store.get("alice", "tracker") is None  # the grant is gone: connect again
+    [event] = AuditLog(connections.store.db).events("connection.dropped")
+    assert event.subject == "alice"
+    assert event.detail["upstream"] == "tracker"
+    assert "invalid_grant" in event.detail["reason"]
+
+
+def test_replicas_refused_at_once_refresh_once_and_both_send_again(held, upstream, replicas):  # noqa: F811
+    one, two = replicas(), replicas()
+    ended: list[str] = []
+
+    async def scenario():
+        sessions = [await _started(one, upstream, ended), await _started(two, upstream, ended)]
+        calls = [asyncio.create_task(_call(session)) for session in sessions]
+        # Both replicas' first tries refused, and one refresh held at the token endpoint.
+        assert await anyio.to_thread.run_sync(held.arrived.wait, 30)
+        with anyio.fail_after(30):
+            while upstream.calls().count("old-access") < 2:
+                await asyncio.sleep(0.02)
+        await asyncio.sleep(0.2)  # the other replica waits on the claimed refresh
+        held.release.set()
+        return await asyncio.gather(*calls)
+
+    answers = anyio.run(scenario)
+
+    assert [a["result"]["content"][0]["text"] for a in answers] == ["done with fresh-access-1"] * 2
+    assert held.issued == 1  # the refresh token went to the server once
+    assert sorted(upstream.calls()) == ["fresh-access-1", "fresh-access-1"] + ["old-access"] * 2
+    assert ended == []
+
+
+def test_a_call_refused_after_the_upstream_took_it_is_not_sent_again(held, upstream, replicas):  # noqa: F811
+    held.release.set()
+    connections, ended = replicas(), []
+
+    async def scenario():
+        session = await _started(connections, upstream, ended)
+        upstream.accepted.add("old-access")  # taken by the call, which then revokes it
+        return await _call(session, {"name": "slow"})
+
+    with pytest.raises(RpcError) as failed:
+        anyio.run(scenario)
+
+    # The 401 came on the resumed stream of a call the upstream had taken: it may have acted,
+    # so the call is not sent again; the token is refreshed for the next call.
+    assert failed.value.code == UPSTREAM_UNAVAILABLE
+    assert "not sent again" in failed.value.message
+    assert upstream.calls() == ["old-access"]
+    assert held.issued == 1
+    assert anyio.run(connections.access_token, "alice", "tracker") == "fresh-access-1"
