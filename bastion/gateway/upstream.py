@@ -100,7 +100,7 @@ class UpstreamFailure(RpcError):
     decision it is logged (`bastion.gateway.refusals`)."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, eq=False)  # an exception: see `bastion.gateway.jsonrpc.RpcError`
 class UpstreamUnauthorized(UpstreamFailure):
     """The upstream answered 401 to the user's own token (`HttpUpstream.bearer`).
     ``before_acting``: the 401 answered the message itself (a request's POST, a notification,

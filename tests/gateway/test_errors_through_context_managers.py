@@ -25,6 +25,7 @@ ERRORS = [
     RpcError(-32000, "failed"),
     UpstreamFailure(-32000, "failed"),
     UpstreamUnauthorized(-32000, "refused"),
+    UpstreamUnauthorized(-32000, "refused", before_acting=True),
     UpstreamUnreachable(-32000, "unreachable", cause="ConnectError"),
     UpstreamError(-32001, "its own error"),
     StepUp(("mail:send",), "d-1"),
