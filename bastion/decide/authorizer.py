@@ -25,12 +25,12 @@ from bastion.facts.index import GENERATIONS, CopiedRows, FactIndex
 from bastion.facts.model import Entity, FactError, check_fact, format_fact
 from bastion.policy import LoadedPolicy, load
 from bastion.policy.compile import CompiledPolicy
-from bastion.policy.errors import Diagnostic, EvaluationLimit, PolicyError
+from bastion.policy.errors import Diagnostic, EvaluationLimit, Location, PolicyError
 from bastion.policy.explain import Explanation, explain, over_budget, prove
 from bastion.policy.limits import DEFAULT_LIMITS, PolicyLimits
 from bastion.policy.parser import parse_fact
 from bastion.policy.program import context_roots, has_type, names_type
-from bastion.policy.runtime import Query, stack_exhausted
+from bastion.policy.runtime import Query, Undecided, proved_or_undecided, stack_exhausted
 from bastion.turns import Turns
 
 if TYPE_CHECKING:
@@ -125,23 +125,35 @@ class _Active:
         self.compiled = CompiledPolicy(loaded.program, index, limits, index_lock)
         defines = self.compiled.defines
         self.allow = self.compiled.function("allow", 3, "bbb") if defines("allow", 3) else None
-        self.deny = self.compiled.function("deny", 3, "bbb") if defines("deny", 3) else None
+        # Strict (`Node.strict`): a deny rule whose body may hold but cannot be decided holds.
+        # Every caller asks it through `proved_or_undecided` (or catches `Undecided`).
+        self.deny = (
+            self.compiled.function("deny", 3, "bbb", strict=True) if defines("deny", 3) else None
+        )
         # Compile the shapes that list and actions use now, and every rule with all its
         # arguments given (the easiest shape): a rule that cannot run even so is a load error.
         if self.allow is not None:
             self.compiled.function("allow", 3, "bbf")
             self.compiled.function("allow", 3, "bfb")
         for name, arity in loaded.program.clauses:
-            self.compiled.function(name, arity, "b" * arity)
+            self.compiled.function(name, arity, "b" * arity, strict(name, arity))
         for name, mask in CONTRACT_SHAPES:
             if defines(name, len(mask)):
-                self.shapes[(name, mask)] = self.compiled.function(name, len(mask), mask)
+                self.shapes[(name, mask)] = self.compiled.function(
+                    name, len(mask), mask, strict(name, len(mask))
+                )
             else:
                 # Asked of every decision whether the policy has the rule or not: answered
                 # at once, not by looking the predicate up each time.
                 self.shapes[(name, mask)] = _undefined
         self.compiled.index_lock = None
         self.compiled.serving = True
+
+
+def strict(predicate: str, arity: int) -> bool:
+    """Whether ``predicate/arity`` is asked as strict code (`Node.strict`): ``deny``, whose
+    holding refuses, so that what its rules cannot decide refuses too."""
+    return arity == 3 and predicate == "deny"
 
 
 def _refusing(refused: Exception) -> Any:
@@ -590,23 +602,47 @@ class Session:
         """`values` with the shape given: ``mask`` has "b" per bound argument (given in order in
         ``bound``) and "f" per open one. For callers that ask the same shape many times."""
         fn = self._active.shapes.get((predicate, mask))
+        is_strict = strict(predicate, len(mask))
         if fn is None:
             if not self._active.compiled.defines(predicate, len(mask)):
                 return set()
-            fn = self._active.compiled.function(predicate, len(mask), mask)
+            fn = self._active.compiled.function(predicate, len(mask), mask, is_strict)
             self._active.shapes[(predicate, mask)] = fn
         deny = self._active.deny if predicate == "allow" and len(mask) == 3 else None
+        q = self._q
         try:
             if "f" not in mask:
-                held = fn(self._q, *bound) and not (deny and deny(self._q, *bound))
+                if is_strict:
+                    return {()} if proved_or_undecided(fn, q, *bound) else set()
+                held = fn(q, *bound) and not (deny and proved_or_undecided(deny, q, *bound))
                 return {()} if held else set()
-            found = set(fn(self._q, *bound))
+            found = set(fn(q, *bound))
             if deny is not None:
                 # `allow` is what `authorize` answers, here too: deny wins over it.
-                found = {hit for hit in found if not deny(self._q, *_spread(mask, bound, hit))}
+                found = {
+                    hit
+                    for hit in found
+                    if not proved_or_undecided(deny, q, *_spread(mask, bound, hit))
+                }
             return found
+        except Undecided:
+            # Strict code with an answer left open: arithmetic with no result, whose value a
+            # rule binds or passes on, leaves no answer to give (with every argument given,
+            # the rule holds instead).
+            clauses = self._active.loaded.program.clauses.get((predicate, len(mask)), ())
+            where = clauses[0].location if clauses else Location("<policy>", 1, 1)
+            raise PolicyError(
+                [
+                    Diagnostic(
+                        where,
+                        f"{predicate}/{len(mask)} cannot be decided for some answer of this"
+                        " question (arithmetic with no result, bound or passed on); ask with"
+                        " every argument given",
+                    )
+                ]
+            ) from None
         except RecursionError:
-            stack_exhausted(self._q)
+            stack_exhausted(q)
 
 
 def mask_of(args: Sequence[Any]) -> str:
@@ -801,6 +837,8 @@ class Authorizer:
             if active.allow is None or not active.allow(q, actor, action, resource):
                 return False
             return active.deny is None or not active.deny(q, actor, action, resource)
+        except Undecided:
+            return False  # a deny rule that may hold but cannot be decided refuses
         except TypeError:
             _check_arguments(actor, action, resource)  # say which argument is wrong
             raise
@@ -831,6 +869,8 @@ class Authorizer:
             if active.allow is None or not active.allow(q, actor, action, resource):
                 return False
             return active.deny is None or not active.deny(q, actor, action, resource)
+        except Undecided:
+            return False  # a deny rule that may hold but cannot be decided refuses
         except TypeError:
             _check_arguments(actor, action, resource)  # say which argument is wrong
             raise
@@ -894,7 +934,9 @@ class Authorizer:
                 r for r in fn(q, actor, action) if r.__class__ is Entity and r[0] == resource_type
             }
             if active.deny is not None:
-                found = {r for r in found if not active.deny(q, actor, action, r)}
+                found = {
+                    r for r in found if not proved_or_undecided(active.deny, q, actor, action, r)
+                }
             # Ids, not the entities: a context fact's entity is let go of with the fact.
             ids = sorted(r[1] for r in found)
             del found
@@ -926,7 +968,9 @@ class Authorizer:
             fn = active.compiled.function("allow", 3, "bfb")  # compiled on first use, locked
             found = {a for a in fn(q, actor, resource) if isinstance(a, str)}
             if active.deny is not None:
-                found = {a for a in found if not active.deny(q, actor, a, resource)}
+                found = {
+                    a for a in found if not proved_or_undecided(active.deny, q, actor, a, resource)
+                }
         except RecursionError:
             stack_exhausted(q)
         finally:
@@ -995,7 +1039,7 @@ class Authorizer:
             with compiled.beside_decisions(self._index.lock) as compile_shape:
                 for name, mask in wanted:
                     try:
-                        fn = compile_shape(name, len(mask), mask)
+                        fn = compile_shape(name, len(mask), mask, strict(name, len(mask)))
                     except (PolicyError, EvaluationLimit) as refused:
                         fn = _refusing(refused)
                     active.shapes[(name, mask)] = fn

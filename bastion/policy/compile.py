@@ -14,6 +14,11 @@ and dicts, which the generated code holds by reference. Shapes that call each ot
 (found with Tarjan's algorithm as they are generated) are evaluated with tabling, so recursion
 over cyclic data terminates.
 
+A shape is ordinary or strict (`Node.strict`): strict where holding refuses (a ``deny`` rule,
+what a ``not`` in ordinary code negates, and the rules they call; each ``not`` turns it over).
+There a condition that has values but cannot be decided holds, or raises `Undecided` where
+evaluation cannot go on, which the caller takes as holding; in ordinary code it is false.
+
 Each literal of a body opens one block inside the previous one. Past `_MAX_DEPTH` blocks the
 rest of the body moves into a function of its own (a continuation), so that a rule of any
 length compiles within CPython's limits (100 indentation levels, 20 nested loops). The
@@ -69,7 +74,7 @@ from bastion.policy.runtime import (
     PolicyList,
     built,
     compare,
-    compare_negated,
+    compare_strict,
     contains,
     counted_members,
     exhausted,
@@ -103,6 +108,9 @@ class Node:
     consts: tuple = ()
     facts: bool = True  # False for the specialised functions a dispatcher calls after its facts
     types: tuple = ()  # per argument: the entity types a bound argument is known to have, or None
+    # Strict code: where holding refuses (a deny rule, what a 'not' in ordinary code negates,
+    # and what they call), so what cannot be decided holds (see `CompiledPolicy._negation`).
+    strict: bool = False
 
     def type_of(self, pos: int) -> frozenset | None:
         return self.types[pos] if self.types else None
@@ -227,7 +235,7 @@ class CompiledPolicy:
             "Entity": Entity,
             "Many": Many,
             "_compare": compare,
-            "_compare_negated": compare_negated,
+            "_compare_strict": compare_strict,
             "_proved_or_undecided": proved_or_undecided,
             "_undecided": undecided,
             "_contains": contains,
@@ -246,9 +254,9 @@ class CompiledPolicy:
         self._names: dict[Node, str] = {}
         self._constants: dict[Any, str] = {}
         self._counter = itertools.count()
-        # 'not's open around the code being emitted, within one rule: inside one, a condition
-        # that has values but cannot be decided raises `Undecided` (see `_negation`).
-        self._negating = 0
+        # Whether the code being emitted is strict (`Node.strict`): there, a condition that has
+        # values but cannot be decided holds, or raises `Undecided` (see `_negation`).
+        self._strict = False
         self._groups = itertools.count()
         # Tarjan's algorithm, run over shapes as they are generated.
         self._tick = itertools.count()
@@ -285,14 +293,16 @@ class CompiledPolicy:
 
     # -- entry points -----------------------------------------------------------------------
 
-    def function(self, name: str, arity: int, mask: str) -> Any:
-        """The compiled function for ``name/arity`` called with ``mask`` ("b"/"f" per argument).
+    def function(self, name: str, arity: int, mask: str, strict: bool = False) -> Any:
+        """The compiled function for ``name/arity`` called with ``mask`` ("b"/"f" per argument);
+        ``strict``, as a ``deny`` rule is asked (`Node.strict`: it may raise `Undecided`, which
+        `proved_or_undecided` takes as holding).
 
         Raises `PolicyError` if it cannot be compiled; once `serving`, `EvaluationLimit` if the
         compile budget is spent, and `CompilerBusy` if it must be compiled while a worker thread
         compiles another shape (`beside_decisions`).
         """
-        fname = self._names.get(Node(name, arity, mask))
+        fname = self._names.get(Node(name, arity, mask, strict=strict))
         if fname is not None and (fn := self.namespace.get(fname)) is not None:
             # Defined, and so are the shapes it calls (a group is defined after the groups it
             # calls: `_finish_group`): nothing of the compiler's state is read, so this is
@@ -303,7 +313,7 @@ class CompiledPolicy:
             # this caller holds: not waited for here.
             raise CompilerBusy(name, arity, mask)
         try:
-            return self._compiled(name, arity, mask)
+            return self._compiled(name, arity, mask, strict)
         finally:
             self._compiling.release()
 
@@ -320,10 +330,10 @@ class CompiledPolicy:
             finally:
                 self.index_lock = None
 
-    def _compiled(self, name: str, arity: int, mask: str) -> Any:
+    def _compiled(self, name: str, arity: int, mask: str, strict: bool = False) -> Any:
         """`function`, the caller holding `_compiling`."""
         try:
-            fname = self._ensure(Node(name, arity, mask))
+            fname = self._ensure(Node(name, arity, mask, strict=strict))
         except BaseException as err:
             # Forget the shapes this call left half made, so a later call starts clean.
             self._stack.clear()
@@ -416,7 +426,10 @@ class CompiledPolicy:
             if caller is not None and node in self._on_stack:
                 self._low[caller] = min(self._low[caller], self._index[node])
             return name
-        name = self._names[node] = f"p_{node.name}_{node.arity}_{node.mask}_{next(self._counter)}"
+        strict = "s" if node.strict else ""
+        name = self._names[node] = (
+            f"p_{node.name}_{node.arity}_{node.mask}{strict}_{next(self._counter)}"
+        )
         self._index[node] = self._low[node] = next(self._tick)
         self._stack.append(node)
         self._on_stack.add(node)
@@ -496,12 +509,12 @@ class CompiledPolicy:
         return "\n".join(out.lines) + "\n"
 
     def _generate_lines(self, node: Node) -> _Emitter:
-        # A predicate called from inside a 'not' is compiled once for every caller: as outside.
-        negating, self._negating = self._negating, 0
+        # A rule called from strict code is strict too: compiled apart from its ordinary shape.
+        strict, self._strict = self._strict, node.strict
         try:
             return self._generate_clauses(node)
         finally:
-            self._negating = negating
+            self._strict = strict
 
     def _generate_clauses(self, node: Node) -> _Emitter:
         out = _Emitter()
@@ -675,7 +688,9 @@ class CompiledPolicy:
             targets = {}
             for _, value in groups:
                 consts = node.consts[:before] + (value,) + node.consts[before:]
-                targets[value] = Node(node.name, node.arity, mask, consts, False, node.types)
+                targets[value] = Node(
+                    node.name, node.arity, mask, consts, False, node.types, node.strict
+                )
             rest_params = [f"a{i}" for i, mm in enumerate(node.mask) if mm == "b" and i != pos]
             self._emit_dispatch(out, f"a{pos}", targets, rest_params, is_bool)
             return rest
@@ -705,7 +720,7 @@ class CompiledPolicy:
                 types = list(node.types or (None,) * node.arity)
                 types[pos] = frozenset([typ])
                 targets[typ] = Node(
-                    node.name, node.arity, node.mask, node.consts, False, tuple(types)
+                    node.name, node.arity, node.mask, node.consts, False, tuple(types), node.strict
                 )
             params = [f"a{i}" for i, mm in enumerate(node.mask) if mm == "b"]
             key = f"a{pos}[0] if a{pos}.__class__ is Entity else None"
@@ -829,28 +844,56 @@ class CompiledPolicy:
         items = "(" + "".join(self._expr(item, env, lookups) + ", " for item in term.items) + ")"
         return f"_built(q, {items})"
 
-    def _guard(self, out: _Emitter, lookups: list[tuple[str, tuple, str]], depth: int) -> int:
-        """Read the context fields an expression needs; the rest runs only if all are there."""
+    def _guard(
+        self,
+        out: _Emitter,
+        lookups: list[tuple[str, tuple, str]],
+        depth: int,
+        check: str | None = None,
+    ) -> int:
+        """Read the context fields an expression needs; the rest runs only if all are there,
+        and ``check`` (a condition over them, if given) holds.
+
+        In strict code, arithmetic whose operands have values but that gives none cannot be
+        decided: under a ``check`` the condition holds; elsewhere (its value bound, passed on,
+        or checked for a type) there is no value to go on with, and it raises `Undecided`.
+        """
         if not lookups:
-            return depth
+            if check is None:
+                return depth
+            out.emit(depth, f"if {check}:")
+            return depth + 1
+        undecided = []
         for tmp, path, read in lookups:
             if read == "arith":
                 op, left, right = path
                 out.emit(depth, f"{tmp} = _arith({op!r}, {left}, {right})")
-                if self._negating:  # values that give no result: not a missing field
+                if self._strict:  # values that give no result: not a missing field
                     given = "".join(
                         f" and {operand} is not MISSING"
                         for operand in (left, right)
                         if operand.isidentifier()  # a constant in the rule is a value
                     )
-                    out.emit(depth, f"if {tmp} is MISSING{given}: _undecided()")
+                    if check is None:
+                        out.emit(depth, f"if {tmp} is MISSING{given}: _undecided()")
+                    else:
+                        undecided.append(f"{tmp} is MISSING{given}")
             elif read == "entity":
                 type_name, made = path
                 out.emit(depth, f"{tmp} = _entity_of({type_name!r}, {made})")
             else:
                 out.emit(depth, f"{tmp} = q.{read}({path!r})")
+        if undecided:
+            plain = [f"{tmp} is not MISSING" for tmp, _, read in lookups if read != "arith"]
+            computed = [f"{tmp} is not MISSING" for tmp, _, read in lookups if read == "arith"]
+            holds = " or ".join([*undecided, f"({' and '.join(computed)} and {check})"])
+            out.emit(depth, f"if {''.join(g + ' and ' for g in plain)}({holds}):")
+            return depth + 1
         out.emit(depth, f"if {' and '.join(f'{tmp} is not MISSING' for tmp, _, _ in lookups)}:")
-        return depth + 1
+        if check is None:
+            return depth + 1
+        out.emit(depth + 1, f"if {check}:")
+        return depth + 2
 
     def _value(self, out: _Emitter, term: Any, env: dict, depth: int) -> tuple[str, int]:
         """An expression for a bound term, with its context fields read and checked first."""
@@ -966,17 +1009,16 @@ class CompiledPolicy:
             lookups.append((right, lit.right.path, "read"))
         else:
             right = self._expr(lit.right, env, lookups)
-        depth = self._guard(out, lookups, depth)
         if lit.op in ("=", "=="):
-            out.emit(depth, f"if {_equal(left, right, lit.left, lit.right)}:")
+            check = _equal(left, right, lit.left, lit.right)
         elif lit.op == "!=":
-            out.emit(depth, f"if not ({_equal(left, right, lit.left, lit.right)}):")
+            check = f"not ({_equal(left, right, lit.left, lit.right)})"
         elif lit.op == "in":
-            out.emit(depth, f"if _contains(q, {right}, {left}):")
+            check = f"_contains(q, {right}, {left})"
         else:
-            compare = "_compare_negated" if self._negating else "_compare"
-            out.emit(depth, f"if {compare}({lit.op!r}, {left}, {right}):")
-        return depth + 1
+            compare = "_compare_strict" if self._strict else "_compare"
+            check = f"{compare}({lit.op!r}, {left}, {right})"
+        return self._guard(out, lookups, depth, check)
 
     def _negation(
         self, out: _Emitter, lit: NotLit, body: _Body, env: dict, statics: dict, depth: int
@@ -990,19 +1032,24 @@ class CompiledPolicy:
         inner_statics = {v: statics[v] for v in shared if v in statics}
         order = plan(lit.body, set(shared), set(shared), lit.location)
         negated = _body_of(lit.body, order, set(shared), True, _succeed, set())
-        self._negating += 1
+        # A 'not' turns the polarity: the body of one in ordinary code is strict (what cannot
+        # be decided may hold, so the 'not' fails), and the body of one in strict code is
+        # ordinary (what cannot be decided is false, so the 'not' holds, and the strict code
+        # around it, a deny rule say, holds too). Either way the answer fails closed.
+        outer = self._strict
+        self._strict = not outer
         try:
             self._body(inner, negated, order, inner_env, inner_statics, 1)
         except _DeadClause:
             return depth  # the negated conjunction can never hold: 'not' is always true
         finally:
-            self._negating -= 1
+            self._strict = outer
         inner.emit(1, "return False")
         self._helpers[self._callers[-1]].append("\n".join(inner.lines) + "\n")
         args = "".join(", " + p for p in params)
-        if self._negating:  # an inner 'not': what it cannot decide, the outermost cannot
+        if outer:  # an ordinary body: it raises nothing
             out.emit(depth, f"if not {fname}(q{args}):")
-        else:  # cannot be decided: taken as proved, so the 'not' fails (fails closed)
+        else:  # a strict body that cannot be decided: taken as holding, so the 'not' fails
             out.emit(depth, f"if not _proved_or_undecided({fname}, q{args}):")
         return depth + 1
 
@@ -1151,7 +1198,13 @@ class CompiledPolicy:
         depth = self._guard(out, lookups, depth)
         typed = tuple(t if m == "b" else None for t, m in zip(types, mask, strict=True))
         target_node = Node(
-            lit.name, len(lit.args), "".join(mask), tuple(consts), True, typed if any(typed) else ()
+            lit.name,
+            len(lit.args),
+            "".join(mask),
+            tuple(consts),
+            True,
+            typed if any(typed) else (),
+            self._strict and key in self.program.clauses,  # facts decide alike either way
         )
         fname = self._ensure(target_node)
         self._fanout[-1] += self._weights.get(target_node, 0)

@@ -41,15 +41,20 @@ from bastion.policy.runtime import (
     Undecided,
     built,
     compare,
-    compare_negated,
+    compare_strict,
     contains,
     counted_members,
     exhausted,
+    orderable,
     same,
     stack_exhausted,
 )
 
 MAX_DEPTH = 64
+# What an explanation says of a condition that strict code takes as holding (`compare_strict`).
+UNDECIDED = (
+    "cannot be decided (values of two kinds, or arithmetic with no result): taken as holding"
+)
 MAX_SOLUTIONS = 64
 MAX_FAILED_PATHS = 16
 
@@ -170,8 +175,9 @@ class _Interpreter:
         self.q.steps = limits.explanation_max_steps
         self.in_progress: set[tuple] = set()
         self.reads: dict[tuple[str, ...], Any] = {}
-        # 'not's open around the literal being solved, within one rule (as compiled code).
-        self.negating = 0
+        # Whether the literal being solved is in strict code (`Node.strict`: a deny rule, the
+        # body of a 'not' in ordinary code, what they call), as compiled code decides it.
+        self.strict = False
 
     def value(self, term: Any, env: dict) -> Any:
         if isinstance(term, Const):
@@ -184,7 +190,7 @@ class _Interpreter:
         if isinstance(term, Arith):
             left, right = self.value(term.left, env), self.value(term.right, env)
             result = arith(term.op, left, right)
-            if result is MISSING and self.negating and left is not MISSING and right is not MISSING:
+            if result is MISSING and self.strict and left is not MISSING and right is not MISSING:
                 raise Undecided  # values that give no result: not a missing field
             return result
         if isinstance(term, EntityOf):
@@ -203,12 +209,11 @@ class _Interpreter:
 
     def solve(self, name: str, args: tuple, depth: int) -> list[tuple[tuple, Step]]:
         """Solutions of ``name(args)`` (None = unbound): the full argument tuples and proofs."""
-        key = (name, args)
+        key = (name, args, self.strict)  # a called rule is as strict as its caller
         if depth > MAX_DEPTH or key in self.in_progress:
             return []
         self.spend(1)
         self.in_progress.add(key)
-        negating, self.negating = self.negating, 0  # a called rule decides as anywhere else
         try:
             out: list[tuple[tuple, Step]] = []
             facts = (name, len(args)) in self.program.fact_predicates
@@ -226,7 +231,6 @@ class _Interpreter:
             return out
         finally:
             self.in_progress.discard(key)
-            self.negating = negating
 
     def kinds_fit(self, name: str, args: tuple) -> bool:
         """Whether a fact lookup of ``args`` may find what it finds, as the compiled lookup
@@ -327,16 +331,17 @@ class _Interpreter:
             order = self.program.plans.get(key)
             if order is None:
                 order = self.program.plans[key] = plan(lit.body, set(env), set(env), lit.location)
-            self.negating += 1
+            outer = self.strict
+            self.strict = not outer  # a 'not' turns the polarity (`CompiledPolicy._negation`)
             try:
                 for _ in self.solve_body(order, env, lit.body, depth + 1):
                     return
             except Undecided:
-                if self.negating > 1:
-                    raise  # an inner 'not': what it cannot decide, the outermost cannot
-                return  # cannot be decided: the 'not' fails (fails closed)
+                if outer:
+                    raise  # an ordinary body raises nothing; kept for what called it
+                return  # a strict body that cannot be decided may hold: the 'not' fails
             finally:
-                self.negating -= 1
+                self.strict = outer
             yield env, Step(self.describe(lit, env), True, "not")
             return
         builtin = BUILTINS.get((lit.name, len(lit.args)))
@@ -386,21 +391,27 @@ class _Interpreter:
             for item in counted_members(self.q, self.value(lit.right, env)):
                 yield {**env, lit.left.name: item}, None
             return
-        left, right = self.value(lit.left, env), self.value(lit.right, env)
+        try:
+            left, right = self.value(lit.left, env), self.value(lit.right, env)
+        except Undecided:  # strict code: arithmetic with no result, in a check that may hold
+            yield env, Step(self.describe(lit, env), True, "check", reason=UNDECIDED)
+            return
         if left is MISSING or right is MISSING:
             return
+        reason = None
         if lit.op in ("=", "=="):
             ok = same(left, right)
         elif lit.op == "!=":
             ok = not same(left, right)
         elif lit.op == "in":
             ok = contains(self.q, right, left)
-        elif self.negating:
-            ok = compare_negated(lit.op, left, right)
+        elif self.strict:
+            ok = compare_strict(lit.op, left, right)
+            reason = None if orderable(left, right) else UNDECIDED
         else:
             ok = compare(lit.op, left, right)
         if ok:
-            yield env, Step(self.describe(lit, env), True, "check")
+            yield env, Step(self.describe(lit, env), True, "check", reason=reason)
 
     def describe(self, lit: Literal, env: dict) -> str:
         """The literal's text with bound variables replaced by their values."""
@@ -539,7 +550,13 @@ def _explain(interp: _Interpreter, program: Program, query: tuple, allowed: bool
     elif proofs:
         steps.append(proofs[0][1])
         if program.has_deny:
-            denials = interp.solve("deny", query, 0)
+            interp.strict = True  # as `Authorizer` asks deny (`Node.strict`)
+            try:
+                denials = interp.solve("deny", query, 0)
+            except Undecided:  # arithmetic with no result, bound or passed on: it may hold
+                denials = [((), Step(_goal("deny", query), True, "rule", reason=UNDECIDED))]
+            finally:
+                interp.strict = False
             if denials:
                 steps.append(denials[0][1])
             else:

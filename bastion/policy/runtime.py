@@ -339,6 +339,13 @@ class Query:
                     self.dirty[scc] = outer_dirty
                     break
                 self.iteration[scc] = self.iteration.get(scc, 0) + 1
+        except Undecided:
+            # Strict code that cannot be decided stops the whole group: its half-made answers
+            # are forgotten, so that a later call works them out again rather than reads them.
+            tables = self.tables
+            for done in [k for k, other in tables.items() if other.scc == scc]:
+                del tables[done]
+            raise
         finally:
             self.active[scc] -= 1
             self.depth -= 1
@@ -436,11 +443,14 @@ def counted_members(q: Query, container: Any) -> Any:
 
 
 class Undecided(Exception):
-    """Raised inside a ``not`` by a condition that has values but cannot be decided (an
-    ordering of two kinds, arithmetic with no result); the outermost ``not`` then fails.
+    """Raised by strict code (see `compare_strict`) where a condition that has values cannot be
+    decided and evaluation cannot go on past it: arithmetic with no result whose value is bound
+    to a variable, passed to a rule or a builtin, or checked for a type. Caught where the
+    polarity turns back (`proved_or_undecided`): a ``not`` in ordinary code then fails, and a
+    ``deny`` rule holds.
 
     Oso's Polar stops the whole query with an error there; taking the condition as false would
-    make the ``not`` hold and widen access.
+    make the ``not`` hold, or the ``deny`` not fire, and widen access.
     """
 
 
@@ -448,10 +458,13 @@ def undecided() -> NoReturn:
     raise Undecided
 
 
-def proved_or_undecided(negated: Any, q: Query, *args: Any) -> bool:
-    """Whether the body of an outermost ``not`` holds, or cannot be decided (`Undecided`)."""
+def proved_or_undecided(strict: Any, q: Query, *args: Any) -> bool:
+    """Whether strict code (the body of a ``not`` in ordinary code, or a ``deny`` rule) holds,
+    or may hold: one that cannot be decided (`Undecided`) is taken as holding, so the ``not``
+    fails and the ``deny`` refuses. The answer tables of the rules it left unfinished are
+    forgotten (`Query.tabled`)."""
     try:
-        return negated(q, *args)
+        return strict(q, *args)
     except Undecided:
         return True
 
@@ -465,11 +478,24 @@ def orderable(left: Any, right: Any) -> bool:
     )
 
 
-def compare_negated(op: str, left: Any, right: Any) -> bool:
-    """`compare` inside a ``not``: two values that cannot be ordered are `Undecided`."""
-    if left is not MISSING and right is not MISSING and not orderable(left, right):
-        raise Undecided
-    return compare(op, left, right)
+def compare_strict(op: str, left: Any, right: Any) -> bool:
+    """`compare` in strict code (where holding refuses: a ``deny`` rule, the body of a ``not``
+    in ordinary code, and the rules they call): two values that cannot be ordered may be in
+    order, so the comparison holds. A missing value is still false (the rule does not apply)."""
+    if left is MISSING or right is MISSING:
+        return False
+    lcls, rcls = left.__class__, right.__class__
+    if not (
+        (lcls is int or lcls is float) and (rcls is int or rcls is float) or lcls is rcls is str
+    ):
+        return True  # not `orderable` (written out: this is a deny rule's hot path)
+    if op == "<":
+        return left < right
+    if op == "<=":
+        return left <= right
+    if op == ">":
+        return left > right
+    return left >= right
 
 
 def compare(op: str, left: Any, right: Any) -> bool:

@@ -17,12 +17,10 @@ from bastion.policy.builtins import BUILTINS
 from bastion.policy.program import VALUE_TYPES, CallLit, Clause, CmpLit, NotLit, Program, TypeLit
 
 _MISSING = object()
-
-
-class _Undecided(Exception):
-    """Inside a ``not``: a condition over values that cannot be decided (an ordering of two
-    kinds, arithmetic with no result). The outermost ``not`` then fails, as Oso's Polar stops
-    with an error; a field the request leaves out is no such value (negation as failure)."""
+# Arithmetic over values that gives none (a division by zero, a string operand): unlike a
+# field left out, it may have held. Only a comparison of it is modelled (the engine's other
+# uses of it, bound or passed on, stop the strict code around them; not generated here).
+_UNDECIDED = object()
 
 
 def _unix_time(context: dict | None) -> Any:
@@ -146,8 +144,12 @@ class Reference:
     ) -> None:
         self.program = program
         self.context = context
-        self.negating = 0  # 'not's open around the literal being solved
+        # Two readings of every predicate: what holds (``db``), and what may hold (``maybe``),
+        # where a condition that cannot be decided (values of two kinds, arithmetic with no
+        # result) holds. A deny rule is read as ``maybe`` and a 'not' swaps the two for its
+        # body: either way, what cannot be decided refuses (Kleene's three values, in two sets).
         self.db: set[tuple] = set(facts)
+        self.maybe: set[tuple] = set(facts)
         # list() can only name resources that something mentions: those in the facts.
         self.known = {a for f in facts for a in f[1:] if isinstance(a, Entity)}
         domain = {a for f in facts for a in f[1:]} | set(extra)
@@ -192,16 +194,17 @@ class Reference:
 
     def _run(self) -> None:
         for group in self._strata():
-            while True:
-                new = set()
-                for pred in group:
-                    for clause in self.program.clauses[pred]:
-                        new |= self._apply(clause)
-                if new <= self.db:
-                    break
-                self.db |= new
+            for strict, db in ((False, self.db), (True, self.maybe)):
+                while True:
+                    new = set()
+                    for pred in group:
+                        for clause in self.program.clauses[pred]:
+                            new |= self._apply(clause, strict)
+                    if new <= db:
+                        break
+                    db |= new
 
-    def _apply(self, clause: Clause) -> set[tuple]:
+    def _apply(self, clause: Clause, strict: bool) -> set[tuple]:
         out = set()
         head = {v for t in clause.head if isinstance(t, Var) for v in [t.name]}
         # A negation's variables that are used elsewhere must be bound before it runs; the
@@ -216,7 +219,7 @@ class Reference:
                     share(lit.body, self.shared[id(lit)])
 
         share(clause.body, set(head))
-        for env in self._solve(list(clause.body), {}):
+        for env in self._solve(list(clause.body), {}, strict):
             head_vars = [t.name for t in clause.head if isinstance(t, Var) and t.name not in env]
             for values in itertools.product(self.domain, repeat=len(set(head_vars))):
                 full = dict(env)
@@ -238,15 +241,17 @@ class Reference:
             return _lookup(self.context, term.path)
         if isinstance(term, Arith):
             left, right = self._value(term.left, env), self._value(term.right, env)
+            if _MISSING in (left, right):
+                return _MISSING
+            if _UNDECIDED in (left, right):
+                return _UNDECIDED
             result = _arith(term.op, left, right)
-            if result is _MISSING and self.negating and _MISSING not in (left, right):
-                raise _Undecided
-            return result
+            return _UNDECIDED if result is _MISSING else result
         if isinstance(term, EntityOf):  # the entity with that id: a string, and not ""
             made = self._value(term.id, env)
             return Entity(term.type, made) if type(made) is str and made != "" else _MISSING
         items = [self._value(t, env) for t in term.items]
-        return _MISSING if _MISSING in items else tuple(items)
+        return _MISSING if _MISSING in items or _UNDECIDED in items else tuple(items)
 
     def _bound(self, term: Any, env: dict) -> bool:
         if isinstance(term, Var):
@@ -259,7 +264,8 @@ class Reference:
             return self._bound(term.id, env)
         return True
 
-    def _solve(self, body: list, env: dict):
+    def _solve(self, body: list, env: dict, strict: bool):
+        """Every way ``body`` holds (``strict``: may hold) in ``env``."""
         if not body:
             yield env
             return
@@ -267,14 +273,14 @@ class Reference:
         for i, lit in enumerate(body):
             if self._ready(lit, env):
                 rest = body[:i] + body[i + 1 :]
-                for env2 in self._literal(lit, env):
-                    yield from self._solve(rest, env2)
+                for env2 in self._literal(lit, env, strict):
+                    yield from self._solve(rest, env2, strict)
                 return
         lit = body[0]
         candidates = self.shared.get(id(lit), set()) if isinstance(lit, NotLit) else _vars(lit)
         var = next(v for v in sorted(candidates) if v not in env)
         for value in self.domain:
-            yield from self._solve(body, {**env, var: value})
+            yield from self._solve(body, {**env, var: value}, strict)
 
     def _ready(self, lit: Any, env: dict) -> bool:
         if isinstance(lit, CallLit):
@@ -289,17 +295,17 @@ class Reference:
             return all(v in env for v in self.shared.get(id(lit), ()))
         return all(v in env for v in _vars(lit))
 
-    def _literal(self, lit: Any, env: dict):
+    def _literal(self, lit: Any, env: dict, strict: bool):
         if isinstance(lit, CallLit):
             args = [self._value(a, env) if self._bound(a, env) else None for a in lit.args]
-            if _MISSING in args:
+            if _MISSING in args or _UNDECIDED in args:
                 return
             if (lit.name, len(args)) in BUILTINS:
                 # An unbound output (lower's) was not ready: it ranges over the domain.
                 if _builtin(lit.name, args):
                     yield env
                 return
-            for atom in self.db:
+            for atom in self.maybe if strict else self.db:
                 if atom[0] != lit.name or len(atom) != len(args) + 1:
                     continue
                 env2 = dict(env)
@@ -314,16 +320,9 @@ class Reference:
                 if ok:
                     yield env2
         elif isinstance(lit, NotLit):
-            self.negating += 1
-            try:
-                proved = next(iter(self._solve(list(lit.body), env)), None) is not None
-            except _Undecided:
-                if self.negating > 1:
-                    raise
-                proved = True  # the outermost 'not' fails
-            finally:
-                self.negating -= 1
-            if not proved:
+            # Holds when its body cannot hold: read the other way (what may hold, in ordinary
+            # code; what holds, in strict code).
+            if next(iter(self._solve(list(lit.body), env, not strict)), None) is None:
                 yield env
         elif isinstance(lit, TypeLit):
             if _has_type(self._value(lit.term, env), lit.types):
@@ -331,6 +330,10 @@ class Reference:
         elif isinstance(lit, CmpLit):
             a, b = self._value(lit.left, env), self._value(lit.right, env)
             if a is _MISSING or b is _MISSING:
+                return
+            if a is _UNDECIDED or b is _UNDECIDED:
+                if strict:
+                    yield env
                 return
             ok = {
                 "=": lambda: _same(a, b),
@@ -343,8 +346,8 @@ class Reference:
                     isinstance(x, (int, float)) and not isinstance(x, bool) for x in (a, b)
                 )
                 if not (numbers or type(a) is type(b) is str):
-                    if self.negating:
-                        raise _Undecided
+                    if strict:
+                        yield env
                     return
                 ok = {
                     "<": lambda: a < b,
@@ -358,12 +361,13 @@ class Reference:
     # -- the three questions ----------------------------------------------------------------
 
     def allowed(self, actor: Any, action: Any, resource: Any) -> bool:
+        """Allowed, and no deny rule may hold."""
         return ("allow", actor, action, resource) in self.db and (
             "deny",
             actor,
             action,
             resource,
-        ) not in self.db
+        ) not in self.maybe
 
     def list(self, actor: Any, action: Any, resource_type: str) -> list[str]:
         return sorted(

@@ -470,7 +470,12 @@ def test_a_call_that_read_the_time_or_a_live_view_is_never_remembered(answered):
     later = {"time": datetime.fromtimestamp(NOW + 400, UTC)}
     assert remembered(a, (ann, bot), "call", search, now, frozenset()).allowed
     assert not remembered(a, (ann, bot), "call", search, later, frozenset()).allowed
-    window = CALLS + 'deny(_: User, "call", _: Tool) if context.time > "2027-01-01T00:00:00Z";'
+    # A time is ordered by the builtins (``context.time > "..."`` orders a time and a string:
+    # it cannot be decided, so a deny rule so written always refuses).
+    window = (
+        CALLS
+        + 'deny(_: User, "call", _: Tool) if time_after(context.time, "2027-01-01T00:00:00Z");'
+    )
     a, remembered = call_memory(window)
     for _ in range(2):
         assert remembered(a, (ann, bot), "call", search, {}, frozenset()).allowed

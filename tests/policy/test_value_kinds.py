@@ -185,3 +185,105 @@ def test_a_negation_over_a_field_left_out_or_decided_still_holds():
     div = 'allow(_u: User, "read", _r: Repo) if not context.n / 2 >= 1;'
     assert allowed(div, {"n": 1})
     assert allowed(div, {})
+
+
+def answers(rules: str, context: dict, facts: tuple = ()) -> bool:
+    """Whether alice may read the repo, asked every way the engine answers (authorize, decide and
+    its explanation, actions, list, query of allow and of deny): each must say the same."""
+    authz = Authorizer(BLOCKS + "declare seen(Repo);\n" + rules)
+    for fact in (("seen", REPO), *facts):
+        authz.facts.insert(fact)
+    answer = authz.authorize(ALICE, "read", REPO, context)
+    assert authz.decide(ALICE, "read", REPO, context).allowed == answer
+    assert ("read" in authz.actions(ALICE, REPO, context)) == answer
+    assert authz.list(ALICE, "read", "Repo", context) == (["r"] if answer else [])
+    rows = authz.query("allow", ALICE, Variable("a"), REPO, context=context)
+    assert (("allow", ALICE, "read", REPO) in rows) == answer
+    if authz.defines("deny", 3) and authz.holds("allow", ALICE, "read", REPO, context=context):
+        assert authz.holds("deny", ALICE, "read", REPO, context=context) == (not answer)
+    return answer
+
+
+# A deny rule is a guardrail: one whose body may hold but cannot be decided refuses, as a 'not'
+# over such a condition does in an allow rule; taken as false, a string would bypass it.
+GUARDED = 'allow(_u: User, "read", _r: Repo);\n'
+
+
+@pytest.mark.parametrize(
+    ("deny", "context", "facts"),
+    [
+        ("context.amount > 1000", {"amount": "5000"}, ()),
+        ("context.amount > 1000", {"amount": True}, ()),
+        ("context.amount >= 1000", {"amount": [5000]}, ()),
+        ('context.tier < "b"', {"tier": 0}, ()),
+        # Arithmetic with no value, in a comparison, bound to a variable, passed to a rule.
+        ("context.amount * 2 > 1000", {"amount": "x"}, ()),
+        ("used(r, u) and seats(r, s) and u / s >= 1", {}, (("used", REPO, 3), ("seats", REPO, 0))),
+        ("x = context.n + 1 and x > 0", {"n": 2**63 - 1}, ()),
+        ("big(context.n mod 0)", {"n": 4}, ()),
+        # In a rule the deny rule calls, however deep.
+        ("over_limit(context.amount)", {"amount": "5000"}, ()),
+        ("checked(context.amount)", {"amount": "5000"}, ()),
+        # A negation in a deny rule turns the other way: its undecided body is false.
+        ("not context.amount <= 1000", {"amount": "5000"}, ()),
+        ("not within(context.amount)", {"amount": "5000"}, ()),
+        ("forall(x in context.xs, x < 10)", {"xs": ["1"]}, ()),
+    ],
+)
+def test_a_deny_rule_that_cannot_be_decided_refuses(deny, context, facts):
+    helpers = (
+        "declare used(Repo, Integer);\ndeclare seats(Repo, Integer);\n"
+        "big(n) if n > 10;\nover_limit(x) if x > 1000;\nchecked(x) if over_limit(x);\n"
+        "within(x) if x <= 1000;\n"
+    )
+    rules = GUARDED + helpers + f'deny(_u: User, "read", r: Repo) if {deny};'
+    assert not answers(rules, context, facts)
+
+
+def test_a_deny_rule_that_could_not_have_held_or_lacks_its_field_does_not_refuse():
+    """Undecided is not "true": a deny rule with another condition decided false, or reading a
+    field the request leaves out (the rule does not apply), lets the allow stand."""
+    rules = (
+        GUARDED
+        + 'deny(_u: User, "read", _r: Repo) if context.amount > 1000 and context.hold = true;'
+    )
+    assert answers(rules, {"amount": "5000", "hold": False})
+    assert not answers(rules, {"amount": "5000", "hold": True})
+    assert answers(rules, {"hold": True})
+    assert answers(rules, {"amount": 50, "hold": True})
+    assert not answers(rules, {"amount": 5000, "hold": True})
+
+
+@pytest.mark.parametrize(
+    ("called", "context"),
+    [
+        ("over_limit(x) if x > 1000;", {"amount": "5000"}),
+        ("over_limit(x) if x > 1000;", {"amount": True}),
+        ("over_limit(x) if x * 2 > 1000;", {"amount": "x"}),
+        ("over_limit(x) if y = x + 1 and y > 1000;", {"amount": 2**63 - 1}),
+        ("over_limit(x) if above(x, 1000);\nabove(x, y) if x > y;", {"amount": "5000"}),
+        # Recursive: the tables of a group that cannot be decided are not kept half made.
+        (
+            "over_limit(x) if step(x, 0);\nstep(x, n) if n < 3 and x > 1000;\n"
+            "step(x, n) if n < 3 and step(x, n + 1);",
+            {"amount": "5000"},
+        ),
+    ],
+)
+def test_a_negation_over_a_rule_that_cannot_decide_refuses(called, context):
+    rules = f'allow(_u: User, "read", _r: Repo) if not over_limit(context.amount);\n{called}'
+    assert not answers(rules, context)
+    assert answers(rules, {"amount": 10})
+    assert answers(rules, {})  # negation as failure: a field left out is no value
+
+
+def test_what_cannot_be_decided_under_two_negations_is_false_again():
+    """Each 'not' turns the polarity: under two, an undecided comparison is false, so a body that
+    could not have held without it (``flag`` false) does not refuse."""
+    rules = (
+        'allow(_u: User, "read", _r: Repo) if not (context.flag = true and not small(context.amount));\n'
+        "small(x) if x < 1000;\n"
+    )
+    assert answers(rules, {"flag": False, "amount": "5000"})
+    assert not answers(rules, {"flag": True, "amount": "5000"})
+    assert answers(rules, {"flag": True, "amount": 5})

@@ -46,6 +46,41 @@ def assert_problem(r, status: int, *words: str) -> dict:
 # -- decisions ---------------------------------------------------------------------------------
 
 
+GUARDED = (
+    POLICY
+    + """
+resource Payment {}
+allow(_: User, "pay", _: Payment) if context.amount matches Integer or context.amount matches String;
+deny(_: User, "pay", _: Payment) if context.amount > 1000;
+allow(_: User, "refund", _: Payment) if not over_limit(context.amount);
+over_limit(amount) if amount > 1000;
+"""
+)
+
+
+def test_a_guardrail_sent_an_amount_of_another_kind_refuses_on_every_question(api):
+    """``deny ... if context.amount > 1000`` cannot order "5000" and 1000: the guardrail may
+    hold, so it refuses, and so does a ``not`` over a rule that compares it; authorize, actions,
+    query and the explanation all say the same."""
+    assert api.put("/v1/policy", json={"text": GUARDED}).status_code == 200
+    body = {"actor": entity("User", "mallory"), "resource": entity("Payment", "p1")}
+    for amount, expected in ((50, {"pay", "refund"}), (5000, set()), ("5000", set())):
+        context = {"amount": amount}
+        for action in ("pay", "refund"):
+            r = api.post("/v1/authorize", json={**body, "action": action, "context": context})
+            assert r.json()["allowed"] is (action in expected), (amount, action)
+        r = api.post("/v1/actions", json={**body, "context": context})
+        assert set(r.json()["actions"]) == expected, amount
+        args = [body["actor"], {"var": "a"}, body["resource"]]
+        r = api.post("/v1/query", json={"predicate": "allow", "args": args, "context": context})
+        assert {row[2] for row in r.json()["results"]} == expected, amount
+    decided = api.post(
+        "/v1/authorize", json={**body, "action": "pay", "context": {"amount": "5000"}}
+    ).json()
+    text = api.get(f"/v1/decisions/{decided['decision_id']}/explanation").json()["explanation"]
+    assert "context.amount > 1000" in text["text"] and "cannot be decided" in text["text"]
+
+
 def test_a_role_on_the_parent_org_lets_a_member_read_the_repo(api):
     api.post(
         "/v1/facts/batch",
