@@ -10,7 +10,9 @@ capability. Never to another user's client. From an upstream session of one owne
 decided by the policy as the action named by its method on the ``McpServer``, for every
 principal of the client it would reach, and the client's answer is masked as a result is.
 Refused (a JSON-RPC error back to the upstream) when no such client can be asked or the policy
-says no.
+says no. A decided request's record is written once it is known what reached the other side
+(`relay_outcome`): refused when bastion withheld the request, or the client's answer, after the
+policy allowed it.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from bastion.decide.mcp import CLIENT_REQUESTS
 from bastion.facts.model import Entity
-from bastion.gateway.enforce import Caller, Held, StepUp, refused
+from bastion.gateway.enforce import Caller, Held, StepUp, Verdict, refused
 from bastion.gateway.jsonrpc import (
     INTERNAL_ERROR,
     INVALID_PARAMS,
@@ -64,6 +66,53 @@ WITHHELD_CLIENT_ERROR = (
     "the client answered with an error; its message is withheld by bastion because a field of"
     " its answer is masked"
 )
+# What the upstream is told of a client's answer that a mask cannot reach into.
+WITHHELD_ANSWER = (
+    "the client's answer is withheld by bastion: a field of it is masked and the answer has no"
+    " such field"
+)
+
+
+class Unanswered(RpcError):
+    """The client did not answer a request bastion relayed to it in time."""
+
+
+def relay_outcome(
+    sent: dict[str, Any] | None = None, error: BaseException | None = None
+) -> tuple[str, str]:
+    """The result and reason of the record of a request the policy let an upstream send a
+    client, from what became of it: ``sent``, what went back to the upstream, or ``error``,
+    why nothing did. Refused (``deny``) where bastion withheld the request or the answer:
+    ``masked_call`` (the call it came in is masked or held for review), ``answer_withheld``
+    (the answer has no field for a mask to reach), the reason of a refusal of bastion's (the
+    labels that could not be kept, another question of the same round refused), or ``bastion
+    error <code>`` (the client could not be asked: not declared, no stream). Allowed where the
+    client had the request: with ``client error <code>`` for its error, ``client did not
+    answer`` when it did not in time."""
+    if sent is not None:
+        if "result" in sent:
+            return "allow", ""
+        failure = sent.get("error") or {}
+        if failure.get("message") == WITHHELD_ANSWER:
+            return "deny", "answer_withheld"
+        return "allow", f"client error {failure.get('code')}"
+    if isinstance(error, Unanswered):
+        return "allow", "client did not answer"
+    if isinstance(error, RpcError):
+        if error.message == MASKED_CALL_ASKS:
+            return "deny", "masked_call"
+        data = error.data if isinstance(error.data, dict) else {}
+        if isinstance(data.get("reason"), str):
+            return "deny", data["reason"]
+        return "deny", f"bastion error {error.code}"
+    if isinstance(error, asyncio.CancelledError):
+        return "error", "cancelled"
+    return "error", "internal error"
+
+
+def answer_masks(verdict: Verdict | None) -> Paths:
+    """The masks a client's answer goes back to the upstream under (none, undecided)."""
+    return compile_paths(verdict.obligations.masks) if verdict is not None else ()
 
 
 def kept_capabilities(declared: Any) -> dict[str, Any]:
@@ -134,16 +183,18 @@ class ClientRequests:
                 async with asyncio.timeout(timeout):
                     return await future
             except TimeoutError:
-                raise RpcError(
+                raise Unanswered(
                     UPSTREAM_UNAVAILABLE, f"the client did not answer {method} within {timeout:g}s"
                 ) from None
         finally:
             pending.pop(request_id, None)
 
-    async def decide(self, caller: Caller, server: str, method: str) -> Paths:
-        """May the upstream ``server`` send ``caller``'s client ``method``? Decided (and
-        recorded) as the action ``method`` on ``McpServer{server}``; returns the masks its
-        answer goes back under. A hold or a step-up cannot be waited for here: refused."""
+    async def decide(self, caller: Caller, server: str, method: str) -> Verdict:
+        """May the upstream ``server`` send ``caller``'s client ``method``? Decided as the
+        action ``method`` on ``McpServer{server}``: a refusal is recorded and raised; an allowed
+        one is recorded by `settle`, once what reached the other side is known (its answer goes
+        back under the masks of `answer_masks`). A hold or a step-up cannot be waited for here:
+        refused."""
         enforcer = self.gateway.enforcer
         context = enforcer.context(caller, server, method)
         resource = Entity("McpServer", server)
@@ -153,8 +204,31 @@ class ClientRequests:
             raise refused(server, e.decision_id, "insufficient_scope") from None
         except Held as held:
             raise refused(server, held.decision_id, held.reason) from None
-        enforcer.write(verdict.record)
-        return compile_paths(verdict.obligations.masks)
+        return verdict
+
+    def settle(self, verdict: Verdict | None, result: str, reason: str) -> None:
+        """Write the record of an allowed request (`decide`; None: not decided, no record)
+        with what became of it (`relay_outcome`)."""
+        if verdict is None:
+            return
+        if result == "allow":
+            self.gateway.enforcer.write(verdict.record, reason=reason)
+        else:
+            self.gateway.enforcer.write(verdict.record, result=result, reason=reason)
+
+    async def relayed(
+        self, verdict: Verdict | None, method: str, asking: Awaitable[dict[str, Any]]
+    ) -> dict[str, Any]:
+        """The client's answer to ``method`` (``asking`` asks it) as it goes back upstream
+        (`answer_for_upstream`), the record of ``verdict`` written with what became of it."""
+        try:
+            answer = await asking
+        except BaseException as e:
+            self.settle(verdict, *relay_outcome(error=e))
+            raise
+        sent = answer_for_upstream(answer, answer_masks(verdict), method)
+        self.settle(verdict, *relay_outcome(sent))
+        return sent
 
     def seal(
         self, caller: Caller, server: str, result: dict[str, Any], methods: dict[str, str]
@@ -226,16 +300,27 @@ class ClientRequests:
             upstream["requestState"] = sealed["state"]
         given = params.get("inputResponses", {})
         answers = {}
-        for key, method in sealed["methods"].items():
-            if key not in given:
-                continue
-            if not isinstance(given[key], dict):
-                raise RpcError(INVALID_PARAMS, f"inputResponses[{key!r}] must be an object")
-            masks = await self.decide(caller, server, method) if decides else ()
-            answer = answer_for_upstream({"result": given[key]}, masks, method)
-            if "result" not in answer:
-                raise RpcError(answer["error"]["code"], answer["error"]["message"])
-            answers[key] = answer["result"]
+        # The answers let through so far: none goes upstream if a later one is refused.
+        decided: list[Verdict | None] = []
+        try:
+            for key, method in sealed["methods"].items():
+                if key not in given:
+                    continue
+                if not isinstance(given[key], dict):
+                    raise RpcError(INVALID_PARAMS, f"inputResponses[{key!r}] must be an object")
+                verdict = await self.decide(caller, server, method) if decides else None
+                answer = answer_for_upstream({"result": given[key]}, answer_masks(verdict), method)
+                if "result" not in answer:
+                    self.settle(verdict, *relay_outcome(answer))
+                    raise RpcError(answer["error"]["code"], answer["error"]["message"])
+                decided.append(verdict)
+                answers[key] = answer["result"]
+        except BaseException:
+            for verdict in decided:
+                self.settle(verdict, "deny", "another_answer_refused")
+            raise
+        for verdict in decided:
+            self.settle(verdict, "allow", "")
         if answers:
             upstream["inputResponses"] = answers
         return upstream
@@ -262,15 +347,15 @@ class ClientRequests:
             # The token of its stream must still be good, and ``connect`` still allowed.
             if not await self.gateway.may_hear(listener, str(method)):
                 raise RpcError(INVALID_REQUEST, "the client's stream was closed: ask again later")
-            masks = await self.decide(listener.caller, state.name, str(method))
+            verdict = await self.decide(listener.caller, state.name, str(method))
 
             async def send(request: dict[str, Any]) -> None:
                 listener.ask(request)
 
             owner_key = (state.name, session.subject, session.chain, session.id)
             timeout = state.upstream.config.timeout
-            answer = await self.ask(owner_key, send, str(method), params, timeout)
-            return answer_for_upstream(answer, masks, str(method))
+            asking = self.ask(owner_key, send, str(method), params, timeout)
+            return await self.relayed(verdict, str(method), asking)
         except RpcError as e:
             return {"error": e.body(None)["error"]}
         except Exception:
@@ -332,13 +417,7 @@ def answer_for_upstream(answer: dict[str, Any], masks: Paths, method: str) -> di
     if isinstance(answer.get("result"), dict):
         result = mask_answer(answer["result"], masks, method)
         if result is None:
-            return {
-                "error": {
-                    "code": INVALID_REQUEST,
-                    "message": "the client's answer is withheld by bastion: a field of it is"
-                    " masked and the answer has no such field",
-                }
-            }
+            return {"error": {"code": INVALID_REQUEST, "message": WITHHELD_ANSWER}}
         return {"result": result}
     error = answer.get("error")
     if not isinstance(error, dict):

@@ -26,8 +26,8 @@ from bastion.gateway import holds
 from bastion.gateway.client_requests import (
     MASKED_CALL_ASKS,
     RELAYED_CAPABILITIES,
-    answer_for_upstream,
     check_client_request,
+    relay_outcome,
 )
 from bastion.gateway.enforce import Caller, Held, Verdict, refused
 from bastion.gateway.input_types import type_refused
@@ -291,10 +291,22 @@ class Exchange:
             for question in questions.values():
                 self._check_question(question)
             methods = {key: question["method"] for key, question in questions.items()}
-            for method in methods.values():
-                await self._decide_question(method)
+            client_requests = self.gateway.client_requests
+            decided: list[Verdict | None] = []
+            try:
+                for method in methods.values():
+                    decided.append(await self._decide_question(method))
+                # The questions are the upstream's text about the target: labelled before
+                # they leave, withheld (and recorded so) if they cannot be.
+                await self.labelled()
+            except BaseException as e:
+                for verdict in decided:
+                    client_requests.settle(verdict, *relay_outcome(error=e))
+                raise
+            for verdict in decided:
+                client_requests.settle(verdict, "allow", "")
             # Its answers come back in a retry, taken only as answers to these questions.
-            self.gateway.client_requests.seal(self.caller, self.server, result, methods)
+            client_requests.seal(self.caller, self.server, result, methods)
         return result
 
     # -- requests to the client (sampling, elicitation, roots) ----------------------------------
@@ -339,18 +351,20 @@ class Exchange:
         """A request from a 2025-11-25 upstream, sent while it answers ours: the answer (result
         or error) to send back to it."""
         method, params = str(message.get("method")), message.get("params")
+        client_requests = self.gateway.client_requests
         try:
-            masks = await self._decide_question(method)
-            answer = await self.ask_client(method, params or {})
+            verdict = await self._decide_question(method)
+            asking = self.ask_client(method, params or {})
+            return await client_requests.relayed(verdict, method, asking)
         except RpcError as e:
             return {"error": e.body(None)["error"]}
-        return answer_for_upstream(answer, masks, method)
 
-    async def _decide_question(self, method: str) -> Paths:
-        """The masks of the client's answer, once the policy lets the upstream ask it
-        (`decides_client_requests`; else none)."""
+    async def _decide_question(self, method: str) -> Verdict | None:
+        """The decision that lets the upstream ask the client ``method``
+        (`decides_client_requests`; else None), its record written once the request is
+        relayed or withheld (`ClientRequests.settle`)."""
         if not self.decides_client_requests:
-            return ()
+            return None
         return await self.gateway.client_requests.decide(self.caller, self.server, method)
 
     async def _answers(self, result: dict[str, Any]) -> dict[str, Any]:
@@ -362,13 +376,13 @@ class Exchange:
                 UPSTREAM_UNAVAILABLE, f"upstream {self.server}: bad inputRequests"
             )
         answers: dict[str, Any] = {}
+        client_requests = self.gateway.client_requests
         for key, question in questions.items():
             self._check_question(question)
             method = question["method"]
-            masks = await self._decide_question(method)
-            answer = answer_for_upstream(
-                await self.ask_client(method, question["params"]), masks, method
-            )
+            verdict = await self._decide_question(method)
+            asking = self.ask_client(method, question["params"])
+            answer = await client_requests.relayed(verdict, method, asking)
             if not isinstance(answer.get("result"), dict):
                 code, message, _ = error_parts(
                     answer.get("error"), INVALID_REQUEST, "the client did not answer"

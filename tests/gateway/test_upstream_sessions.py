@@ -107,12 +107,15 @@ def bastion(tmp_path_factory):
             yield running
 
 
-def callbacks(user: str, seen: list, declines: bool = False) -> dict:
+def callbacks(user: str, seen: list, declines: bool = False, refuses: bool = False) -> dict:
     """An SDK client's answers: each request it is asked is noted in ``seen``. One that
-    ``declines`` answers an elicitation with an error that names its secret."""
+    ``declines`` answers an elicitation with an error that names its secret; one that
+    ``refuses`` answers it with MCP's ``decline`` (no content)."""
 
     async def elicit(context, params):
         seen.append(("elicit", params.message))
+        if refuses:
+            return types.ElicitResult(action="decline")
         if declines:
             secret = f"{user}-secret"
             return types.ErrorData(code=-32042, message=f"not {secret}", data={"secret": secret})
@@ -144,6 +147,7 @@ async def connect(
     seen: list,
     mode="legacy",
     declines: bool = False,
+    refuses: bool = False,
 ):
     """An official SDK client of ``user`` on ``server`` (signed in through OAuth)."""
     provider = sdk_auth(
@@ -161,7 +165,7 @@ async def connect(
         McpClient(
             streamable_http_client(bastion.mcp_url(server), http_client=http),
             mode=mode,
-            **callbacks(user, seen, declines),
+            **callbacks(user, seen, declines, refuses),
         )
     )
 
@@ -299,6 +303,72 @@ def test_an_upstream_cannot_ask_the_client_about_what_a_masked_call_holds_on_any
     assert address not in result.model_dump_json()
     sent = b"".join(r["body"] for r in bastion.upstream_requests[before:])
     assert b"masked or held for review" in sent  # the upstream was told why
+
+
+def relayed_records(bastion, after: int, server: str, method: str) -> list:
+    """The decision records of ``method`` requests ``server`` sent a client, written since
+    sequence ``after``."""
+    bastion.flush()
+    return [
+        r
+        for _, r in bastion.records.after(after, 10_000)
+        if r.server == server and r.method == method
+    ]
+
+
+@pytest.mark.parametrize("kind", ["elicit", "sample"])
+def test_a_request_withheld_from_a_masked_call_is_recorded_as_refused(bastion, kind):
+    # The policy allows the upstream to ask; bastion withholds it all the same, as the call's
+    # result is masked: the record says what reached the client (nothing), not "allow".
+    method = "elicitation/create" if kind == "elicit" else "sampling/createMessage"
+    asked: list = []
+
+    async def main():
+        async with AsyncExitStack() as stack:
+            alice = await connect(bastion, stack, "alice", "hushed", asked)
+            return await alice.call_tool("ask_in_call", {"kind": kind})
+
+    bastion.flush()
+    after = bastion.records.last_seq()
+    anyio.run(main)
+    assert asked == []
+    [record] = relayed_records(bastion, after, "hushed", method)
+    assert (record.result, record.reason) == ("deny", "masked_call")
+
+
+@pytest.mark.parametrize("tool", ["ask", "ask_in_call"])
+def test_a_clients_answer_withheld_from_the_upstream_is_recorded_as_refused(bastion, tool):
+    # The answer (a decline: no content) has no field for the mask to reach, so bastion
+    # withholds it whole; the upstream hears a refusal, and the record says so.
+    asked: list = []
+
+    async def main():
+        async with AsyncExitStack() as stack:
+            alice = await connect(bastion, stack, "alice", "solo", asked, refuses=True)
+            await streams_open(bastion, "solo", 1)
+            return await text(alice, tool, kind="elicit")
+
+    bastion.flush()
+    after = bastion.records.last_seq()
+    answer = anyio.run(main)
+    assert answer.startswith("refused: the client's answer is withheld by bastion"), answer
+    assert [kind for kind, _ in asked] == ["elicit"]
+    [record] = relayed_records(bastion, after, "solo", "elicitation/create")
+    assert (record.result, record.reason) == ("deny", "answer_withheld")
+
+
+def test_a_relayed_request_answered_in_full_is_recorded_as_allowed(bastion):
+    async def main():
+        async with AsyncExitStack() as stack:
+            alice = await connect(bastion, stack, "alice", "solo", [])
+            await streams_open(bastion, "solo", 1)
+            return await text(alice, "ask_in_call", kind="sample")
+
+    bastion.flush()
+    after = bastion.records.last_seq()
+    assert anyio.run(main) == "answer: alice's model"
+    [record] = relayed_records(bastion, after, "solo", "sampling/createMessage")
+    assert (record.result, record.reason) == ("allow", "")
 
 
 def test_each_client_session_has_its_own_upstream_session_closed_with_it(bastion):
